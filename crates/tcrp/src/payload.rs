@@ -1,0 +1,513 @@
+//! The JSON payloads carried in TCRP frames.
+//!
+//! REQUEST payload, three accepted forms, tried in this order:
+//! 1. a JSON string, `"alice"`: what the original Python client sends (`json.dumps(name)`);
+//! 2. a JSON object, `{"username": "alice", "keepalive": 10, "caps": ["seq"]}`: the door for
+//!    ocm extensions; unknown keys are ignored so later clients stay compatible;
+//! 3. failing both, the payload's UTF-8 text, taken whole as the username.
+//!
+//! Replies are written the way Python's `json.dumps` writes them (`{"success": true}`, one
+//! space after `:` and `,`), so that an original client sees the bytes it always saw:
+//! - success: COMPLIANCE `{"success": true}` then COMPLETE `{"token": "<hex>"}`;
+//! - refusal: COMPLIANCE `{"success": false, "error": CODE, "message": TEXT}`, no COMPLETE.
+//!
+//! Parsers for replies are lenient the way the original server needs: `success` may be a
+//! boolean or the numbers 1/0.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::Error;
+
+/// Why a request was refused: the `error` field of a failed COMPLIANCE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// Create: a room of that name exists.
+    RoomExists,
+    /// Join (and other room operations): no room of that name.
+    RoomNotFound,
+    /// Join: a member of the room already has that username.
+    NameTaken,
+    /// The room name is empty, too long, not UTF-8 or holds control characters.
+    InvalidRoomName,
+    /// The username is empty, too long or holds control characters.
+    InvalidUsername,
+    /// The operation byte is not one this server serves.
+    UnsupportedOperation,
+    /// The frame or its payload could not be understood.
+    MalformedRequest,
+    /// A server-wide cap (rooms, members, tokens) is reached.
+    ServerFull,
+    /// The peer sent requests faster than its rate limit allows.
+    RateLimited,
+    /// The room has a password and the request did not give it.
+    BadPassword,
+}
+
+impl ErrorCode {
+    /// Every code, for tests and documentation.
+    pub const ALL: [ErrorCode; 10] = [
+        ErrorCode::RoomExists,
+        ErrorCode::RoomNotFound,
+        ErrorCode::NameTaken,
+        ErrorCode::InvalidRoomName,
+        ErrorCode::InvalidUsername,
+        ErrorCode::UnsupportedOperation,
+        ErrorCode::MalformedRequest,
+        ErrorCode::ServerFull,
+        ErrorCode::RateLimited,
+        ErrorCode::BadPassword,
+    ];
+
+    /// The code as written on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::RoomExists => "room_exists",
+            ErrorCode::RoomNotFound => "room_not_found",
+            ErrorCode::NameTaken => "name_taken",
+            ErrorCode::InvalidRoomName => "invalid_room_name",
+            ErrorCode::InvalidUsername => "invalid_username",
+            ErrorCode::UnsupportedOperation => "unsupported_operation",
+            ErrorCode::MalformedRequest => "malformed_request",
+            ErrorCode::ServerFull => "server_full",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::BadPassword => "bad_password",
+        }
+    }
+
+    /// Parses a wire code; `None` for codes this version does not know.
+    pub fn parse(code: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| c.as_str() == code)
+    }
+}
+
+/// Optional capabilities a client asks for in its JSON-object request (`"caps": [...]`).
+/// Unknown names are ignored. A client that sends no caps sees only original frames.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Caps(u8);
+
+impl Caps {
+    /// `"notices"`: join/leave notices for the room.
+    pub const NOTICES: Caps = Caps(0x01);
+    /// `"seq"`: relayed messages carry a per-room sequence number.
+    pub const SEQ: Caps = Caps(0x02);
+    /// `"batch"`: several messages may arrive in one datagram.
+    pub const BATCH: Caps = Caps(0x04);
+    const NAMES: [(&'static str, Caps); 3] = [
+        ("notices", Caps::NOTICES),
+        ("seq", Caps::SEQ),
+        ("batch", Caps::BATCH),
+    ];
+
+    /// No capabilities: an original client.
+    pub const fn none() -> Caps {
+        Caps(0)
+    }
+    /// Whether every capability in `other` is present.
+    pub const fn contains(self, other: Caps) -> bool {
+        self.0 & other.0 == other.0
+    }
+    /// Whether no capability is present.
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+    /// The union of two sets.
+    pub const fn with(self, other: Caps) -> Caps {
+        Caps(self.0 | other.0)
+    }
+    /// The raw bit set, for persistence.
+    pub const fn bits(self) -> u8 {
+        self.0
+    }
+    /// Rebuilds a set from [`Caps::bits`], dropping unknown bits.
+    pub const fn from_bits(bits: u8) -> Caps {
+        Caps(bits & 0x07)
+    }
+    /// Builds a set from wire names, ignoring names it does not know.
+    pub fn from_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Caps {
+        names.into_iter().fold(Caps::none(), |caps, name| {
+            match Caps::NAMES.iter().find(|(n, _)| *n == name) {
+                Some((_, cap)) => caps.with(*cap),
+                None => caps,
+            }
+        })
+    }
+    /// The wire names of the capabilities present.
+    pub fn names(self) -> impl Iterator<Item = &'static str> {
+        Caps::NAMES
+            .into_iter()
+            .filter(move |(_, cap)| self.contains(*cap))
+            .map(|(name, _)| name)
+    }
+}
+
+/// Which form a REQUEST payload had; the server treats original-form members exactly as the
+/// original server did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestForm {
+    /// A JSON string: the original client.
+    JsonString,
+    /// A JSON object: an ocm-aware client.
+    JsonObject,
+    /// Plain UTF-8 text.
+    Text,
+}
+
+/// A decoded REQUEST payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// The username; may be empty or invalid (check with [`crate::names::check_username`]).
+    pub username: String,
+    /// The payload's form.
+    pub form: RequestForm,
+    /// Seconds between the client's keepalive REGISTERs, if it promises them.
+    pub keepalive_secs: Option<u32>,
+    /// Extensions the client understands.
+    pub caps: Caps,
+    /// Room password (create sets it, join must match it).
+    pub password: Option<String>,
+    /// Create: whether the room shows in room listings (default true).
+    pub listed: Option<bool>,
+    /// History: return messages with a sequence number below this.
+    pub before: Option<u64>,
+    /// History: at most this many messages.
+    pub limit: Option<u32>,
+}
+
+impl Request {
+    /// A request in the original client's form.
+    pub fn original(username: &str) -> Request {
+        Request {
+            username: username.to_owned(),
+            form: RequestForm::JsonString,
+            keepalive_secs: None,
+            caps: Caps::none(),
+            password: None,
+            listed: None,
+            before: None,
+            limit: None,
+        }
+    }
+
+    /// Appends the payload bytes for this request: a bare JSON string when nothing but the
+    /// username is set (exactly what the original client sends), else a JSON object.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let plain = self.keepalive_secs.is_none()
+            && self.caps.is_empty()
+            && self.password.is_none()
+            && self.listed.is_none()
+            && self.before.is_none()
+            && self.limit.is_none();
+        if plain && self.form != RequestForm::JsonObject {
+            out.extend_from_slice(json_string(&self.username).as_bytes());
+            return;
+        }
+        let mut fields: Vec<(&str, Value)> =
+            vec![("username", Value::from(self.username.as_str()))];
+        if let Some(k) = self.keepalive_secs {
+            fields.push(("keepalive", Value::from(k)));
+        }
+        if !self.caps.is_empty() {
+            fields.push(("caps", Value::from(self.caps.names().collect::<Vec<_>>())));
+        }
+        if let Some(p) = &self.password {
+            fields.push(("password", Value::from(p.as_str())));
+        }
+        if let Some(l) = self.listed {
+            fields.push(("listed", Value::from(l)));
+        }
+        if let Some(b) = self.before {
+            fields.push(("before", Value::from(b)));
+        }
+        if let Some(l) = self.limit {
+            fields.push(("limit", Value::from(l)));
+        }
+        write_object(&fields, out);
+    }
+}
+
+#[derive(Deserialize)]
+struct ObjectRequest {
+    #[serde(default)]
+    username: String,
+    keepalive: Option<u32>,
+    #[serde(default)]
+    caps: Vec<String>,
+    password: Option<String>,
+    listed: Option<bool>,
+    before: Option<u64>,
+    limit: Option<u32>,
+}
+
+/// Decodes a REQUEST payload (see the module docs for the three forms).
+pub fn parse_request(payload: &[u8]) -> Result<Request, Error> {
+    let text = std::str::from_utf8(payload).map_err(|_| Error::PayloadNotUtf8)?;
+    let mut request = Request::original("");
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::String(name)) => request.username = name,
+        Ok(object @ Value::Object(_)) => {
+            let parsed: ObjectRequest =
+                serde_json::from_value(object).map_err(|e| Error::MalformedJson {
+                    reason: e.to_string(),
+                })?;
+            request = Request {
+                username: parsed.username,
+                form: RequestForm::JsonObject,
+                keepalive_secs: parsed.keepalive,
+                caps: Caps::from_names(parsed.caps.iter().map(String::as_str)),
+                password: parsed.password,
+                listed: parsed.listed,
+                before: parsed.before,
+                limit: parsed.limit,
+            };
+        }
+        _ => {
+            request.username = text.to_owned();
+            request.form = RequestForm::Text;
+        }
+    }
+    Ok(request)
+}
+
+/// A COMPLIANCE payload as a client reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Compliance {
+    /// The request will be completed.
+    Success,
+    /// The request was refused.
+    Failure {
+        /// The machine-readable code, when the server sent one this version knows.
+        code: Option<ErrorCode>,
+        /// The human-readable reason, when the server sent one.
+        message: Option<String>,
+    },
+}
+
+/// Appends `{"success": true}`.
+pub fn encode_success(out: &mut Vec<u8>) {
+    out.extend_from_slice(b"{\"success\": true}");
+}
+
+/// Appends `{"success": false, "error": CODE, "message": TEXT}`.
+pub fn encode_failure(code: ErrorCode, message: &str, out: &mut Vec<u8>) {
+    write_object(
+        &[
+            ("success", Value::Bool(false)),
+            ("error", Value::from(code.as_str())),
+            ("message", Value::from(message)),
+        ],
+        out,
+    );
+}
+
+/// Appends `{"token": "<token>"}`.
+pub fn encode_complete(token: &str, out: &mut Vec<u8>) {
+    write_object(&[("token", Value::from(token))], out);
+}
+
+/// Reads a COMPLIANCE payload; `success` may be `true`/`false` or `1`/`0`.
+pub fn parse_compliance(payload: &[u8]) -> Result<Compliance, Error> {
+    let value: Value = serde_json::from_slice(payload).map_err(|e| Error::MalformedJson {
+        reason: e.to_string(),
+    })?;
+    let success = match value.get("success") {
+        Some(Value::Bool(b)) => *b,
+        Some(Value::Number(n)) if n.as_i64() == Some(1) => true,
+        Some(Value::Number(n)) if n.as_i64() == Some(0) => false,
+        _ => {
+            return Err(Error::MalformedJson {
+                reason: "COMPLIANCE has no boolean or 0/1 \"success\"".into(),
+            })
+        }
+    };
+    if success {
+        return Ok(Compliance::Success);
+    }
+    Ok(Compliance::Failure {
+        code: value
+            .get("error")
+            .and_then(Value::as_str)
+            .and_then(ErrorCode::parse),
+        message: value
+            .get("message")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+    })
+}
+
+/// Reads the token out of a COMPLETE payload.
+pub fn parse_complete(payload: &[u8]) -> Result<String, Error> {
+    let value: Value = serde_json::from_slice(payload).map_err(|e| Error::MalformedJson {
+        reason: e.to_string(),
+    })?;
+    value
+        .get("token")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or(Error::MissingToken)
+}
+
+/// Writes a JSON string the way serde does (which matches Python for ASCII).
+fn json_string(s: &str) -> String {
+    Value::from(s).to_string()
+}
+
+/// Writes a flat JSON object in Python's `json.dumps` layout: `{"a": 1, "b": "x"}`.
+pub fn write_object(fields: &[(&str, Value)], out: &mut Vec<u8>) {
+    out.push(b'{');
+    for (i, (key, value)) in fields.iter().enumerate() {
+        if i > 0 {
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(json_string(key).as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.to_string().as_bytes());
+    }
+    out.push(b'}');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn original_json_string_request() {
+        let r = parse_request(b"\"alice\"").unwrap();
+        assert_eq!(r.username, "alice");
+        assert_eq!(r.form, RequestForm::JsonString);
+        assert!(r.caps.is_empty());
+        // Python escapes non-ASCII by default: "\u00e9" must decode to é.
+        assert_eq!(parse_request(b"\"\\u00e9mile\"").unwrap().username, "émile");
+    }
+
+    #[test]
+    fn json_object_request_with_extensions() {
+        let r = parse_request(
+            br#"{"username": "bob", "keepalive": 10, "caps": ["seq", "future", "notices"], "x": 1}"#,
+        )
+        .unwrap();
+        assert_eq!(r.username, "bob");
+        assert_eq!(r.form, RequestForm::JsonObject);
+        assert_eq!(r.keepalive_secs, Some(10));
+        assert!(r.caps.contains(Caps::SEQ.with(Caps::NOTICES)));
+        assert!(!r.caps.contains(Caps::BATCH));
+    }
+
+    #[test]
+    fn plain_text_request_is_the_username() {
+        let r = parse_request(b"carol").unwrap();
+        assert_eq!(r.username, "carol");
+        assert_eq!(r.form, RequestForm::Text);
+        // JSON that is neither string nor object is taken as text too.
+        assert_eq!(parse_request(b"42").unwrap().username, "42");
+    }
+
+    #[test]
+    fn request_errors() {
+        assert_eq!(parse_request(&[0xff, 0x00]), Err(Error::PayloadNotUtf8));
+        assert!(matches!(
+            parse_request(br#"{"username": 5}"#),
+            Err(Error::MalformedJson { .. })
+        ));
+        assert!(matches!(
+            parse_request(br#"{"username": "a", "keepalive": -1}"#),
+            Err(Error::MalformedJson { .. })
+        ));
+        assert_eq!(parse_request(br#"{"caps": []}"#).unwrap().username, "");
+    }
+
+    #[test]
+    fn request_encoding_round_trips_both_forms() {
+        let mut out = Vec::new();
+        Request::original("alice").encode(&mut out);
+        assert_eq!(out, b"\"alice\"");
+        let rich = Request {
+            keepalive_secs: Some(10),
+            caps: Caps::SEQ,
+            form: RequestForm::JsonObject,
+            ..Request::original("bob")
+        };
+        out.clear();
+        rich.encode(&mut out);
+        assert_eq!(
+            out,
+            br#"{"username": "bob", "keepalive": 10, "caps": ["seq"]}"#
+        );
+        assert_eq!(parse_request(&out).unwrap(), rich);
+    }
+
+    #[test]
+    fn replies_are_written_like_python() {
+        let mut out = Vec::new();
+        encode_success(&mut out);
+        assert_eq!(out, br#"{"success": true}"#);
+        out.clear();
+        encode_complete("00ff", &mut out);
+        assert_eq!(out, br#"{"token": "00ff"}"#);
+        out.clear();
+        encode_failure(ErrorCode::NameTaken, "say \"hi\"", &mut out);
+        assert_eq!(
+            out,
+            br#"{"success": false, "error": "name_taken", "message": "say \"hi\""}"#
+        );
+    }
+
+    #[test]
+    fn compliance_parsing_accepts_original_forms() {
+        assert_eq!(
+            parse_compliance(br#"{"success": true}"#),
+            Ok(Compliance::Success)
+        );
+        assert_eq!(
+            parse_compliance(br#"{"success": 1}"#),
+            Ok(Compliance::Success)
+        );
+        assert_eq!(
+            parse_compliance(br#"{"success": 0}"#),
+            Ok(Compliance::Failure {
+                code: None,
+                message: None
+            })
+        );
+        assert_eq!(
+            parse_compliance(br#"{"success": false, "error": "room_not_found", "message": "no"}"#),
+            Ok(Compliance::Failure {
+                code: Some(ErrorCode::RoomNotFound),
+                message: Some("no".into())
+            })
+        );
+        assert!(parse_compliance(br#"{"success": 2}"#).is_err());
+        assert!(parse_compliance(b"nope").is_err());
+    }
+
+    #[test]
+    fn complete_parsing() {
+        assert_eq!(
+            parse_complete(br#"{"token": "abc", "x": 1}"#),
+            Ok("abc".into())
+        );
+        assert_eq!(
+            parse_complete(br#"{"tok": "abc"}"#),
+            Err(Error::MissingToken)
+        );
+        assert!(matches!(
+            parse_complete(b"{"),
+            Err(Error::MalformedJson { .. })
+        ));
+    }
+
+    #[test]
+    fn error_codes_round_trip() {
+        for code in ErrorCode::ALL {
+            assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
+        }
+        assert_eq!(ErrorCode::parse("nope"), None);
+    }
+
+    #[test]
+    fn caps_bits_round_trip() {
+        let caps = Caps::from_names(["batch", "notices"]);
+        assert_eq!(Caps::from_bits(caps.bits()), caps);
+        assert_eq!(caps.names().collect::<Vec<_>>(), ["notices", "batch"]);
+    }
+}

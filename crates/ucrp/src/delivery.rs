@@ -1,0 +1,344 @@
+//! Server-to-client datagrams.
+//!
+//! Original frames, the only ones an original client ever receives:
+//!
+//! | offset | size | field                          |
+//! |-------:|------|--------------------------------|
+//! | 0      | 1    | sender name size `S` (1..=255) |
+//! | 1      | `S`  | sender name, UTF-8             |
+//! | 1+`S`  | rest | message, UTF-8                 |
+//!
+//! and the bare 15-byte notice `__ROOM_CLOSED__` (`5f 5f 52 4f 4f 4d ...`).
+//!
+//! Extension frames, sent only to members that asked for them with `caps` at join, start with a
+//! zero byte (a sender size no real sender has) and a kind byte:
+//!
+//! | kind | name      | body after `00 kind`                                        |
+//! |-----:|-----------|-------------------------------------------------------------|
+//! | 0x01 | batch     | repeated `[u16 BE length][an inner non-batch frame]`        |
+//! | 0x02 | sequenced | `[u64 BE seq][u8 S][sender][message]`                       |
+//! | 0x03 | notice    | `[u8 what: 1 joined, 2 left, 3 timed out][u8 S][name]`      |
+
+use crate::Error;
+
+/// The room-closed notice, as text.
+pub const ROOM_CLOSED_STR: &str = "__ROOM_CLOSED__";
+/// The room-closed notice, as sent: exactly these 15 bytes.
+pub const ROOM_CLOSED: &[u8] = ROOM_CLOSED_STR.as_bytes();
+/// First byte of every extension frame.
+pub const EXTENSION: u8 = 0x00;
+/// Extension kind: several frames in one datagram.
+pub const KIND_BATCH: u8 = 0x01;
+/// Extension kind: a chat message with a room sequence number.
+pub const KIND_SEQUENCED: u8 = 0x02;
+/// Extension kind: a membership notice.
+pub const KIND_NOTICE: u8 = 0x03;
+/// Bytes a batch spends on each entry's length prefix.
+pub const BATCH_ENTRY_OVERHEAD: usize = 2;
+/// Bytes a batch spends on its own header.
+pub const BATCH_HEADER_LEN: usize = 2;
+
+/// What a membership notice says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    /// 1: the member joined the room.
+    Joined,
+    /// 2: the member left with `__LEAVE__`.
+    Left,
+    /// 3: the member was removed after missing its keepalives.
+    TimedOut,
+}
+
+impl Notice {
+    fn byte(self) -> u8 {
+        match self {
+            Notice::Joined => 0x01,
+            Notice::Left => 0x02,
+            Notice::TimedOut => 0x03,
+        }
+    }
+}
+
+/// A decoded server datagram, borrowing from the receive buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery<'a> {
+    /// An original chat frame.
+    Chat {
+        /// Who sent it.
+        sender: &'a str,
+        /// The text.
+        message: &'a str,
+    },
+    /// `__ROOM_CLOSED__`: the host left, the room is gone.
+    RoomClosed,
+    /// A chat message with the room's sequence number.
+    Sequenced {
+        /// Per-room sequence number, counting from 1.
+        seq: u64,
+        /// Who sent it.
+        sender: &'a str,
+        /// The text.
+        message: &'a str,
+    },
+    /// A membership notice.
+    Notice {
+        /// What happened.
+        what: Notice,
+        /// To whom.
+        name: &'a str,
+    },
+    /// Several frames; walk them with [`batch_entries`].
+    Batch(&'a [u8]),
+}
+
+fn text(bytes: &[u8]) -> Result<&str, Error> {
+    std::str::from_utf8(bytes).map_err(|_| Error::NotUtf8)
+}
+
+/// Splits `[u8 S][S bytes][rest]`.
+fn sized(d: &[u8]) -> Result<(&[u8], &[u8]), Error> {
+    let [len, rest @ ..] = d else {
+        return Err(Error::TooShort { len: 0, min: 1 });
+    };
+    let len = usize::from(*len);
+    if rest.len() < len {
+        return Err(Error::LengthMismatch {
+            declared: 1 + len,
+            actual: d.len(),
+        });
+    }
+    Ok(rest.split_at(len))
+}
+
+/// Decodes one server datagram (or one batch entry).
+pub fn parse(d: &[u8]) -> Result<Delivery<'_>, Error> {
+    if d == ROOM_CLOSED {
+        return Ok(Delivery::RoomClosed);
+    }
+    match d {
+        [] => Err(Error::TooShort { len: 0, min: 1 }),
+        [EXTENSION] => Err(Error::TooShort { len: 1, min: 2 }),
+        [EXTENSION, KIND_BATCH, body @ ..] => Ok(Delivery::Batch(body)),
+        [EXTENSION, KIND_SEQUENCED, rest @ ..] => {
+            let (seq, rest) = rest.split_first_chunk::<8>().ok_or(Error::TooShort {
+                len: d.len(),
+                min: 11,
+            })?;
+            let (sender, message) = sized(rest)?;
+            Ok(Delivery::Sequenced {
+                seq: u64::from_be_bytes(*seq),
+                sender: text(sender)?,
+                message: text(message)?,
+            })
+        }
+        [EXTENSION, KIND_NOTICE, what, rest @ ..] => {
+            let what = match what {
+                0x01 => Notice::Joined,
+                0x02 => Notice::Left,
+                0x03 => Notice::TimedOut,
+                _ => return Err(Error::UnknownKind { kind: *what }),
+            };
+            let (name, _) = sized(rest)?;
+            Ok(Delivery::Notice {
+                what,
+                name: text(name)?,
+            })
+        }
+        [EXTENSION, kind, ..] => Err(Error::UnknownKind { kind: *kind }),
+        _ => {
+            let (sender, message) = sized(d)?;
+            Ok(Delivery::Chat {
+                sender: text(sender)?,
+                message: text(message)?,
+            })
+        }
+    }
+}
+
+/// Walks the entries of a batch body; each item is one frame for [`parse`].
+pub fn batch_entries(mut body: &[u8]) -> impl Iterator<Item = Result<&[u8], Error>> {
+    std::iter::from_fn(move || {
+        if body.is_empty() {
+            return None;
+        }
+        let Some((len, rest)) = body.split_first_chunk::<2>() else {
+            body = &[];
+            return Some(Err(Error::TooShort { len: 1, min: 2 }));
+        };
+        let len = usize::from(u16::from_be_bytes(*len));
+        if rest.len() < len {
+            let err = Error::LengthMismatch {
+                declared: len,
+                actual: rest.len(),
+            };
+            body = &[];
+            return Some(Err(err));
+        }
+        let (entry, rest) = rest.split_at(len);
+        body = rest;
+        Some(Ok(entry))
+    })
+}
+
+fn push_sized(field: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
+    let len = u8::try_from(field.len()).map_err(|_| Error::FieldTooLong { len: field.len() })?;
+    out.push(len);
+    out.extend_from_slice(field);
+    Ok(())
+}
+
+/// Appends an original chat frame `[S][sender][message]`.
+pub fn encode_chat(sender: &str, message: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
+    push_sized(sender.as_bytes(), out)?;
+    out.extend_from_slice(message);
+    Ok(())
+}
+
+/// Appends a sequenced chat frame.
+pub fn encode_sequenced(
+    seq: u64,
+    sender: &str,
+    message: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), Error> {
+    out.extend_from_slice(&[EXTENSION, KIND_SEQUENCED]);
+    out.extend_from_slice(&seq.to_be_bytes());
+    encode_chat(sender, message, out)
+}
+
+/// Appends a membership notice.
+pub fn encode_notice(what: Notice, name: &str, out: &mut Vec<u8>) -> Result<(), Error> {
+    out.extend_from_slice(&[EXTENSION, KIND_NOTICE, what.byte()]);
+    push_sized(name.as_bytes(), out)
+}
+
+/// Appends a batch header; follow with [`push_batch_entry`] calls.
+pub fn begin_batch(out: &mut Vec<u8>) {
+    out.extend_from_slice(&[EXTENSION, KIND_BATCH]);
+}
+
+/// Appends one entry (a whole non-batch frame) to a batch begun with [`begin_batch`].
+pub fn push_batch_entry(entry: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
+    let len = u16::try_from(entry.len()).map_err(|_| Error::FieldTooLong { len: entry.len() })?;
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(entry);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn original_chat_golden_vector() {
+        let mut out = Vec::new();
+        encode_chat("bob", b"hi", &mut out).unwrap();
+        assert_eq!(hex::encode(&out), "03626f626869");
+        assert_eq!(
+            parse(&out),
+            Ok(Delivery::Chat {
+                sender: "bob",
+                message: "hi"
+            })
+        );
+    }
+
+    #[test]
+    fn room_closed_is_the_bare_fifteen_bytes() {
+        assert_eq!(hex::encode(ROOM_CLOSED), "5f5f524f4f4d5f434c4f5345445f5f");
+        assert_eq!(parse(ROOM_CLOSED), Ok(Delivery::RoomClosed));
+    }
+
+    #[test]
+    fn extension_frames_round_trip() {
+        let mut out = Vec::new();
+        encode_sequenced(7, "al", b"yo", &mut out).unwrap();
+        assert_eq!(hex::encode(&out), "0002000000000000000702616c796f");
+        assert_eq!(
+            parse(&out),
+            Ok(Delivery::Sequenced {
+                seq: 7,
+                sender: "al",
+                message: "yo"
+            })
+        );
+        out.clear();
+        encode_notice(Notice::Joined, "bob", &mut out).unwrap();
+        assert_eq!(hex::encode(&out), "00030103626f62");
+        assert_eq!(
+            parse(&out),
+            Ok(Delivery::Notice {
+                what: Notice::Joined,
+                name: "bob"
+            })
+        );
+    }
+
+    #[test]
+    fn batch_carries_several_frames() {
+        let mut a = Vec::new();
+        encode_chat("a", b"1", &mut a).unwrap();
+        let mut b = Vec::new();
+        encode_sequenced(2, "b", b"2", &mut b).unwrap();
+        let mut batch = Vec::new();
+        begin_batch(&mut batch);
+        push_batch_entry(&a, &mut batch).unwrap();
+        push_batch_entry(&b, &mut batch).unwrap();
+        let Ok(Delivery::Batch(body)) = parse(&batch) else {
+            panic!("not a batch")
+        };
+        let entries: Vec<_> = batch_entries(body).collect::<Result<_, _>>().unwrap();
+        assert_eq!(entries, vec![&a[..], &b[..]]);
+    }
+
+    #[test]
+    fn malformed_server_frames() {
+        assert_eq!(parse(&[]), Err(Error::TooShort { len: 0, min: 1 }));
+        assert_eq!(parse(&[0x00]), Err(Error::TooShort { len: 1, min: 2 }));
+        assert_eq!(parse(&[0x00, 0x09]), Err(Error::UnknownKind { kind: 9 }));
+        assert_eq!(
+            parse(&[0x05, b'a']),
+            Err(Error::LengthMismatch {
+                declared: 6,
+                actual: 2
+            })
+        );
+        assert_eq!(parse(&[0x01, 0xff]), Err(Error::NotUtf8));
+        assert!(matches!(
+            parse(&[0x00, 0x02, 1, 2]),
+            Err(Error::TooShort { .. })
+        ));
+        assert_eq!(
+            parse(&[0x00, 0x03, 0x09, 0x00]),
+            Err(Error::UnknownKind { kind: 9 })
+        );
+        let broken: Vec<_> = batch_entries(&[0x00, 0x05, b'x']).collect();
+        assert_eq!(broken.len(), 1);
+        assert!(broken[0].is_err());
+        let mut out = Vec::new();
+        assert_eq!(
+            encode_chat(&"x".repeat(256), b"", &mut out),
+            Err(Error::FieldTooLong { len: 256 })
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            if let Ok(Delivery::Batch(body)) = parse(&bytes) {
+                for entry in batch_entries(body).flatten() {
+                    let _ = parse(entry);
+                }
+            }
+        }
+
+        #[test]
+        fn chat_round_trips(sender in "[a-z]{1,64}", message in ".{0,100}") {
+            let mut out = Vec::new();
+            encode_chat(&sender, message.as_bytes(), &mut out).unwrap();
+            prop_assume!(out != ROOM_CLOSED);
+            prop_assert_eq!(parse(&out), Ok(Delivery::Chat { sender: &sender, message: &message }));
+        }
+    }
+}
