@@ -1,0 +1,187 @@
+//! The client's one error type, [`ClientError`], and the exit code each error maps to.
+//!
+//! Every variant carries what a user needs to act on it (the address that did not answer, the
+//! room that was refused, the rule a name broke). `main` prints `ocm: {error}` and exits with
+//! [`ClientError::exit_code`]: 2 when the request itself was wrong or refused, 1 for everything
+//! else (network, protocol and local I/O failures).
+
+use std::io;
+use std::time::Duration;
+
+use tcrp::names::NameRule;
+use tcrp::ErrorCode;
+use thiserror::Error;
+
+use crate::handshake::Verb;
+
+/// Exit code for a request the server refused or that was invalid before it was sent.
+pub const EXIT_REFUSED: u8 = 2;
+/// Exit code for every other failure.
+pub const EXIT_FAILURE: u8 = 1;
+
+/// Everything that stops `ocm`.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// The room name given on the command line breaks the naming rules; found before any
+    /// connection is made.
+    #[error("invalid room name {room:?}: it {rule}")]
+    InvalidRoomName {
+        /// The name as given.
+        room: String,
+        /// The rule it broke.
+        rule: NameRule,
+    },
+    /// The username given with `--name` breaks the naming rules; found before any connection
+    /// is made.
+    #[error("invalid username {name:?}: it {rule}")]
+    InvalidUsername {
+        /// The name as given.
+        name: String,
+        /// The rule it broke.
+        rule: NameRule,
+    },
+    /// The server host name could not be resolved, or resolved to no address.
+    #[error("cannot resolve server {host:?}: {source}")]
+    Resolve {
+        /// The `--server` value.
+        host: String,
+        /// Why resolution failed.
+        source: io::Error,
+    },
+    /// No resolved address accepted the TCP connection (refused, unreachable or timed out).
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// The last address tried, as `host:port`.
+        addr: String,
+        /// The error of that last attempt.
+        source: io::Error,
+    },
+    /// The server's handshake bytes could not be decoded (bad header, oversized payload,
+    /// malformed JSON, COMPLETE without a token).
+    #[error("bad handshake reply from the server: {0}")]
+    Handshake(#[from] tcrp::Error),
+    /// The server closed the TCP connection before sending a whole frame.
+    #[error("the server closed the connection before sending its {expected} frame")]
+    HandshakeClosed {
+        /// The frame that was awaited: `COMPLIANCE` or `COMPLETE`.
+        expected: &'static str,
+    },
+    /// The server did not send a whole frame within the handshake timeout.
+    #[error("the server did not send its {expected} frame within {} s", .after.as_secs())]
+    HandshakeTimeout {
+        /// The frame that was awaited: `COMPLIANCE` or `COMPLETE`.
+        expected: &'static str,
+        /// How long the client waited.
+        after: Duration,
+    },
+    /// The server sent a frame in a state other than the one the exchange is at.
+    #[error("the server sent a {got:?} frame where {expected:?} was expected")]
+    UnexpectedFrame {
+        /// The state the exchange expected.
+        expected: tcrp::State,
+        /// The state received.
+        got: tcrp::State,
+    },
+    /// The server answered with a failed COMPLIANCE.
+    #[error("cannot {verb} room {room:?}: {}", refusal_text(*.code, .message.as_deref()))]
+    Refused {
+        /// Whether the request was to create or to join.
+        verb: Verb,
+        /// The room asked for.
+        room: String,
+        /// The machine-readable reason, when the server sent one this version knows.
+        code: Option<ErrorCode>,
+        /// The server's own words, when it sent some (already made safe to print).
+        message: Option<String>,
+    },
+    /// The COMPLETE token cannot be carried in a UCRP datagram (empty or over 255 bytes).
+    #[error("the server issued an unusable token of {len} bytes (must be 1 to 255)")]
+    BadToken {
+        /// The token's length in bytes.
+        len: usize,
+    },
+    /// An I/O error on a socket, on standard input or output, or while setting up signals.
+    #[error("{context}: {source}")]
+    Io {
+        /// What the client was doing, e.g. "sending the request".
+        context: &'static str,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+impl ClientError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientError::InvalidRoomName { .. }
+            | ClientError::InvalidUsername { .. }
+            | ClientError::Refused { .. } => EXIT_REFUSED,
+            _ => EXIT_FAILURE,
+        }
+    }
+
+    /// Wraps an I/O error with what the client was doing.
+    pub fn io(context: &'static str) -> impl FnOnce(io::Error) -> ClientError {
+        move |source| ClientError::Io { context, source }
+    }
+}
+
+/// The reason shown for a refusal: the server's message, else its error code, else a generic
+/// text (the original server sends a bare `{"success": 0}`).
+fn refusal_text(code: Option<ErrorCode>, message: Option<&str>) -> String {
+    match (message, code) {
+        (Some(message), _) if !message.is_empty() => message.to_owned(),
+        (_, Some(code)) => code.as_str().to_owned(),
+        _ => "the server refused the request".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_prefers_the_message_then_the_code() {
+        let refused = |code, message: Option<&str>| ClientError::Refused {
+            verb: Verb::Create,
+            room: "lobby".into(),
+            code,
+            message: message.map(str::to_owned),
+        };
+        assert_eq!(
+            refused(Some(ErrorCode::RoomExists), Some("room lobby exists")).to_string(),
+            "cannot create room \"lobby\": room lobby exists"
+        );
+        assert_eq!(
+            refused(Some(ErrorCode::RoomExists), None).to_string(),
+            "cannot create room \"lobby\": room_exists"
+        );
+        assert_eq!(
+            refused(None, Some("")).to_string(),
+            "cannot create room \"lobby\": the server refused the request"
+        );
+        assert_eq!(refused(None, None).exit_code(), EXIT_REFUSED);
+    }
+
+    #[test]
+    fn exit_codes_split_bad_requests_from_failures() {
+        let invalid = ClientError::InvalidUsername {
+            name: "a\tb".into(),
+            rule: NameRule::ControlCharacter,
+        };
+        assert_eq!(
+            invalid.to_string(),
+            "invalid username \"a\\tb\": it contains a control character"
+        );
+        assert_eq!(invalid.exit_code(), EXIT_REFUSED);
+        let connect = ClientError::Connect {
+            addr: "127.0.0.1:9".into(),
+            source: io::Error::from(io::ErrorKind::ConnectionRefused),
+        };
+        assert!(connect
+            .to_string()
+            .starts_with("cannot connect to 127.0.0.1:9: "));
+        assert_eq!(connect.exit_code(), EXIT_FAILURE);
+    }
+}

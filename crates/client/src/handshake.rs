@@ -1,0 +1,562 @@
+//! The TCP half of a session: connect to the daemon, send one REQUEST, read COMPLIANCE and, on
+//! success, COMPLETE with the member's token.
+//!
+//! [`connect`] owns the socket options (no Nagle, connect/read/write timeouts);
+//! [`exchange`] owns the REQUEST → COMPLIANCE → COMPLETE conversation and is generic over
+//! `Read + Write`, so it is tested against an in-memory server. All bytes go through
+//! [`tcrp`]. The reader is tolerant the way the original server needs: `{"success": 1}` counts
+//! as success, and the COMPLETE that the original server sends even after a refusal is never
+//! read.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use log::debug;
+use tcrp::payload::{self, Compliance, RequestForm};
+use tcrp::{Caps, Frame, Operation, Request, State};
+
+use crate::error::ClientError;
+use crate::render::printable;
+
+/// How long to wait for the TCP connection to be accepted, per resolved address.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one read or write of the handshake may block.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest reply payload accepted, in bytes. Replies are a few dozen bytes; the cap only
+/// stops a broken server from making us buffer without end.
+pub const MAX_REPLY_PAYLOAD: usize = tcrp::DEFAULT_MAX_PAYLOAD;
+/// Longest token a UCRP datagram can carry (its size field is one byte), in bytes.
+pub const MAX_TOKEN_LEN: usize = u8::MAX as usize;
+
+/// Which of the two room operations the user asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    /// `ocm create`: create the room and become its host.
+    Create,
+    /// `ocm join`: join an existing room.
+    Join,
+}
+
+impl Verb {
+    /// The TCRP operation for this verb.
+    pub fn operation(self) -> Operation {
+        match self {
+            Verb::Create => Operation::CreateRoom,
+            Verb::Join => Operation::JoinRoom,
+        }
+    }
+
+    /// The past tense, for the "* joined ROOM as NAME" line.
+    pub fn past(self) -> &'static str {
+        match self {
+            Verb::Create => "created",
+            Verb::Join => "joined",
+        }
+    }
+}
+
+impl fmt::Display for Verb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Verb::Create => "create",
+            Verb::Join => "join",
+        })
+    }
+}
+
+/// The member's secret token from COMPLETE. A bearer secret: `Debug` shows only a prefix.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    /// Wraps a token, refusing one a UCRP datagram cannot carry.
+    pub fn new(token: String) -> Result<Token, ClientError> {
+        if token.is_empty() || token.len() > MAX_TOKEN_LEN {
+            return Err(ClientError::BadToken { len: token.len() });
+        }
+        Ok(Token(token))
+    }
+
+    /// The token bytes as they go into a datagram.
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let prefix: String = self.0.chars().take(4).collect();
+        write!(f, "Token({prefix}…)")
+    }
+}
+
+/// Builds the REQUEST payload: the JSON-object form with keepalive and capabilities, or with
+/// `original` the bare JSON string the original client sends.
+pub fn build_request(username: &str, keepalive_secs: u32, original: bool) -> Request {
+    if original {
+        return Request::original(username);
+    }
+    Request {
+        form: RequestForm::JsonObject,
+        keepalive_secs: Some(keepalive_secs),
+        caps: Caps::NOTICES.with(Caps::SEQ).with(Caps::BATCH),
+        ..Request::original(username)
+    }
+}
+
+/// Opens the TCP connection to `host:port`, trying each resolved address in turn.
+pub fn connect(host: &str, port: u16) -> Result<TcpStream, ClientError> {
+    let addrs: Vec<_> = (host, port)
+        .to_socket_addrs()
+        .map_err(|source| ClientError::Resolve {
+            host: host.to_owned(),
+            source,
+        })?
+        .collect();
+    let mut last = Err(ClientError::Resolve {
+        host: host.to_owned(),
+        source: io::Error::new(io::ErrorKind::NotFound, "no address found"),
+    });
+    for addr in addrs {
+        debug!("connecting to {addr}");
+        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+            Ok(stream) => {
+                last = Ok(stream);
+                break;
+            }
+            Err(source) => {
+                // Name the address the user gave, and the one that failed if it differs.
+                let addr = if host.parse::<IpAddr>().is_ok() {
+                    addr.to_string()
+                } else {
+                    format!("{host} ({addr})")
+                };
+                last = Err(ClientError::Connect { addr, source });
+            }
+        }
+    }
+    let stream = last?;
+    stream
+        .set_nodelay(true)
+        .and_then(|()| stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)))
+        .and_then(|()| stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT)))
+        .map_err(ClientError::io("setting TCP socket options"))?;
+    Ok(stream)
+}
+
+/// Runs the handshake on an open stream and returns the token.
+///
+/// A refusal is [`ClientError::Refused`] carrying the server's code and message; bytes the
+/// server sends after it (the original server's COMPLETE) are left unread.
+pub fn exchange<S: Read + Write>(
+    stream: &mut S,
+    verb: Verb,
+    room_name: &str,
+    request: &Request,
+) -> Result<Token, ClientError> {
+    let mut payload = Vec::new();
+    request.encode(&mut payload);
+    let mut out = Vec::new();
+    Frame {
+        operation: verb.operation(),
+        state: State::Request,
+        room_name: room_name.as_bytes(),
+        payload: &payload,
+    }
+    .encode(&mut out)?;
+    stream
+        .write_all(&out)
+        .and_then(|()| stream.flush())
+        .map_err(ClientError::io("sending the request"))?;
+
+    let mut buf = Vec::new();
+    let compliance = read_frame(stream, &mut buf, State::Compliance)?;
+    match payload::parse_compliance(&compliance)? {
+        Compliance::Success => {}
+        Compliance::Failure { code, message } => {
+            return Err(ClientError::Refused {
+                verb,
+                room: room_name.to_owned(),
+                code,
+                message: message.map(|m| printable(&m).into_owned()),
+            })
+        }
+    }
+    let complete = read_frame(stream, &mut buf, State::Complete)?;
+    let token = Token::new(payload::parse_complete(&complete)?)?;
+    debug!("{verb} {room_name:?}: token {token:?}");
+    Ok(token)
+}
+
+/// The frame name used in messages.
+fn state_name(state: State) -> &'static str {
+    match state {
+        State::Request => "REQUEST",
+        State::Compliance => "COMPLIANCE",
+        State::Complete => "COMPLETE",
+    }
+}
+
+/// Reads until one whole frame is buffered, checks its state and returns its payload. Bytes
+/// after the frame stay in `buf` for the next call.
+fn read_frame<S: Read>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    expected: State,
+) -> Result<Vec<u8>, ClientError> {
+    let mut chunk = [0u8; 1024];
+    loop {
+        if let Some((frame, used)) = tcrp::decode(buf, MAX_REPLY_PAYLOAD)? {
+            if frame.state != expected {
+                return Err(ClientError::UnexpectedFrame {
+                    expected,
+                    got: frame.state,
+                });
+            }
+            let payload = frame.payload.to_vec();
+            buf.drain(..used);
+            return Ok(payload);
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => {
+                return Err(ClientError::HandshakeClosed {
+                    expected: state_name(expected),
+                })
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(ClientError::HandshakeTimeout {
+                    expected: state_name(expected),
+                    after: HANDSHAKE_TIMEOUT,
+                })
+            }
+            Err(source) => {
+                return Err(ClientError::Io {
+                    context: "reading the server's reply",
+                    source,
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use tcrp::ErrorCode;
+
+    /// An in-memory server: hands out the scripted reply in the given chunks (one per
+    /// `read`), then end of stream, and records everything written to it.
+    struct FakeServer {
+        chunks: VecDeque<Vec<u8>>,
+        written: Vec<u8>,
+        fail_reads_with: Option<io::ErrorKind>,
+    }
+
+    impl FakeServer {
+        fn new(chunks: Vec<Vec<u8>>) -> FakeServer {
+            FakeServer {
+                chunks: chunks.into(),
+                written: Vec::new(),
+                fail_reads_with: None,
+            }
+        }
+    }
+
+    impl Read for FakeServer {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            if let Some(kind) = self.fail_reads_with {
+                return Err(kind.into());
+            }
+            let Some(mut chunk) = self.chunks.pop_front() else {
+                return Ok(0);
+            };
+            let n = chunk.len().min(out.len());
+            out[..n].copy_from_slice(&chunk[..n]);
+            if n < chunk.len() {
+                self.chunks.push_front(chunk.split_off(n));
+            }
+            Ok(n)
+        }
+    }
+
+    impl Write for FakeServer {
+        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            self.written.extend_from_slice(data);
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn frame(operation: Operation, state: State, room: &str, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        Frame {
+            operation,
+            state,
+            room_name: room.as_bytes(),
+            payload,
+        }
+        .encode(&mut out)
+        .expect("test frame fits");
+        out
+    }
+
+    fn success_reply(op: Operation, room: &str, success: &[u8], token: &str) -> Vec<u8> {
+        let mut bytes = frame(op, State::Compliance, room, success);
+        let mut complete = Vec::new();
+        payload::encode_complete(token, &mut complete);
+        bytes.extend(frame(op, State::Complete, room, &complete));
+        bytes
+    }
+
+    fn join(server: &mut FakeServer, original: bool) -> Result<Token, ClientError> {
+        exchange(
+            server,
+            Verb::Join,
+            "lobby",
+            &build_request("alice", 10, original),
+        )
+    }
+
+    #[test]
+    fn sends_one_json_object_request_with_keepalive_and_caps() {
+        let reply = success_reply(
+            Operation::JoinRoom,
+            "lobby",
+            br#"{"success": true}"#,
+            "00ff",
+        );
+        let mut server = FakeServer::new(vec![reply]);
+        assert_eq!(join(&mut server, false).unwrap().as_bytes(), b"00ff");
+        let (sent, used) = tcrp::decode(&server.written, 1024).unwrap().unwrap();
+        assert_eq!(used, server.written.len(), "exactly one frame is sent");
+        assert_eq!(sent.operation, Operation::JoinRoom);
+        assert_eq!(sent.state, State::Request);
+        assert_eq!(sent.room_name, b"lobby");
+        assert!(sent
+            .payload
+            .starts_with(br#"{"username": "alice", "keepalive": 10, "caps": ["#));
+        let parsed = payload::parse_request(sent.payload).unwrap();
+        assert_eq!(parsed.form, RequestForm::JsonObject);
+        assert_eq!(parsed.username, "alice");
+        assert_eq!(parsed.keepalive_secs, Some(10));
+        assert_eq!(parsed.caps, Caps::NOTICES.with(Caps::SEQ).with(Caps::BATCH));
+    }
+
+    #[test]
+    fn original_flag_sends_the_bare_json_string() {
+        let reply = success_reply(Operation::CreateRoom, "lobby", br#"{"success": 1}"#, "ab");
+        let mut server = FakeServer::new(vec![reply]);
+        let token = exchange(
+            &mut server,
+            Verb::Create,
+            "lobby",
+            &build_request("alice", 10, true),
+        )
+        .unwrap();
+        assert_eq!(token.as_bytes(), b"ab");
+        let (sent, _) = tcrp::decode(&server.written, 1024).unwrap().unwrap();
+        assert_eq!(sent.operation, Operation::CreateRoom);
+        assert_eq!(sent.payload, b"\"alice\"");
+    }
+
+    #[test]
+    fn reply_split_across_many_reads() {
+        let reply = success_reply(
+            Operation::JoinRoom,
+            "lobby",
+            br#"{"success": true}"#,
+            "c0ffee",
+        );
+        // Every split point, including one byte per read.
+        for cut in 1..reply.len() {
+            let mut server = FakeServer::new(vec![reply[..cut].to_vec(), reply[cut..].to_vec()]);
+            assert_eq!(
+                join(&mut server, false).unwrap().as_bytes(),
+                b"c0ffee",
+                "cut at {cut}"
+            );
+        }
+        let mut server = FakeServer::new(reply.iter().map(|&b| vec![b]).collect());
+        assert_eq!(join(&mut server, false).unwrap().as_bytes(), b"c0ffee");
+    }
+
+    #[test]
+    fn refusal_carries_the_servers_code_and_message() {
+        let mut failure = Vec::new();
+        payload::encode_failure(ErrorCode::RoomNotFound, "no room \"lobby\"", &mut failure);
+        let reply = frame(Operation::JoinRoom, State::Compliance, "lobby", &failure);
+        let mut server = FakeServer::new(vec![reply]);
+        let err = join(&mut server, false).unwrap_err();
+        assert!(matches!(
+            &err,
+            ClientError::Refused {
+                verb: Verb::Join,
+                code: Some(ErrorCode::RoomNotFound),
+                message: Some(m),
+                ..
+            } if m == "no room \"lobby\""
+        ));
+        assert_eq!(
+            err.to_string(),
+            "cannot join room \"lobby\": no room \"lobby\""
+        );
+    }
+
+    #[test]
+    fn refusal_message_is_made_safe_to_print() {
+        let failure = br#"{"success": false, "message": "bad\u001b[2Jthing"}"#;
+        let reply = frame(Operation::JoinRoom, State::Compliance, "lobby", failure);
+        let err = join(&mut FakeServer::new(vec![reply]), false).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cannot join room \"lobby\": bad\\u{1b}[2Jthing"
+        );
+    }
+
+    #[test]
+    fn original_servers_complete_after_a_failed_compliance_is_ignored() {
+        let mut reply = frame(
+            Operation::CreateRoom,
+            State::Compliance,
+            "lobby",
+            br#"{"success": 0}"#,
+        );
+        reply.extend(frame(
+            Operation::CreateRoom,
+            State::Complete,
+            "lobby",
+            br#"{"token": "ab"}"#,
+        ));
+        let mut server = FakeServer::new(vec![reply]);
+        let err = exchange(
+            &mut server,
+            Verb::Create,
+            "lobby",
+            &build_request("alice", 10, true),
+        )
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            ClientError::Refused {
+                verb: Verb::Create,
+                code: None,
+                message: None,
+                ..
+            }
+        ));
+        assert_eq!(
+            err.to_string(),
+            "cannot create room \"lobby\": the server refused the request"
+        );
+    }
+
+    #[test]
+    fn truncated_stream_is_an_error_at_every_length() {
+        let reply = success_reply(
+            Operation::JoinRoom,
+            "lobby",
+            br#"{"success": true}"#,
+            "00ff",
+        );
+        let compliance_len = tcrp::decode(&reply, 1024).unwrap().unwrap().1;
+        for cut in 0..reply.len() {
+            let mut server = FakeServer::new(vec![reply[..cut].to_vec()]);
+            let expected = if cut < compliance_len {
+                "COMPLIANCE"
+            } else {
+                "COMPLETE"
+            };
+            match join(&mut server, false) {
+                Err(ClientError::HandshakeClosed { expected: e }) => {
+                    assert_eq!(e, expected, "cut at {cut}")
+                }
+                other => panic!("cut at {cut}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn read_timeout_is_reported_as_such() {
+        let mut server = FakeServer::new(vec![]);
+        server.fail_reads_with = Some(io::ErrorKind::WouldBlock);
+        assert!(matches!(
+            join(&mut server, false),
+            Err(ClientError::HandshakeTimeout {
+                expected: "COMPLIANCE",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn protocol_violations_are_errors() {
+        // COMPLETE where COMPLIANCE belongs.
+        let reply = frame(Operation::JoinRoom, State::Complete, "lobby", b"{}");
+        assert!(matches!(
+            join(&mut FakeServer::new(vec![reply]), false),
+            Err(ClientError::UnexpectedFrame {
+                expected: State::Compliance,
+                got: State::Complete
+            })
+        ));
+        // COMPLIANCE without a success field.
+        let reply = frame(Operation::JoinRoom, State::Compliance, "lobby", b"{}");
+        assert!(matches!(
+            join(&mut FakeServer::new(vec![reply]), false),
+            Err(ClientError::Handshake(tcrp::Error::MalformedJson { .. }))
+        ));
+        // COMPLETE without a token.
+        let mut reply = frame(
+            Operation::JoinRoom,
+            State::Compliance,
+            "lobby",
+            br#"{"success": true}"#,
+        );
+        reply.extend(frame(Operation::JoinRoom, State::Complete, "lobby", b"{}"));
+        assert!(matches!(
+            join(&mut FakeServer::new(vec![reply]), false),
+            Err(ClientError::Handshake(tcrp::Error::MissingToken))
+        ));
+        // An oversized reply is refused from its header alone.
+        let mut header = vec![0x05, 0x02, 0x01];
+        header.extend_from_slice(&[0xff; 29]);
+        assert!(matches!(
+            join(&mut FakeServer::new(vec![header]), false),
+            Err(ClientError::Handshake(tcrp::Error::PayloadTooLarge { .. }))
+        ));
+    }
+
+    #[test]
+    fn tokens_a_datagram_cannot_carry_are_refused() {
+        for token in [String::new(), "a".repeat(256)] {
+            let reply = success_reply(
+                Operation::JoinRoom,
+                "lobby",
+                br#"{"success": true}"#,
+                &token,
+            );
+            assert!(matches!(
+                join(&mut FakeServer::new(vec![reply]), false),
+                Err(ClientError::BadToken { len }) if len == token.len()
+            ));
+        }
+    }
+
+    #[test]
+    fn token_debug_shows_only_a_prefix() {
+        let token = Token::new("0123456789abcdef".into()).unwrap();
+        assert_eq!(format!("{token:?}"), "Token(0123…)");
+    }
+}

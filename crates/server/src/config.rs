@@ -1,0 +1,401 @@
+//! Settings: embedded defaults, the TOML file (`--config`), and command-line overrides.
+//!
+//! Every key has a default, so `ocmd` runs with no file at all. Unknown keys, wrong types and
+//! impossible values stop start-up with a message naming the key and the file.
+//! `config/ocmd.toml` is the annotated example of every key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::handshake::RequestLimits;
+use crate::rooms::Limits;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Listening addresses.
+    pub listen: Listen,
+    /// The state file.
+    pub state: StateConfig,
+    /// Keepalive and closed-room settings.
+    pub liveness: Liveness,
+    /// Caps on connections, sizes and counts.
+    pub limits: LimitsConfig,
+    /// Rate limits.
+    pub rate: Rate,
+    /// UDP socket tuning.
+    pub udp: Udp,
+    /// Logging.
+    pub log: Log,
+}
+
+/// `[listen]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    /// TCP address for TCRP handshakes.
+    pub tcp: SocketAddr,
+    /// UDP address for UCRP datagrams.
+    pub udp: SocketAddr,
+    /// HTTP address for `/metrics` and `/healthz`; `"off"` turns it off.
+    pub metrics: String,
+}
+
+/// `[state]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// Path of `room_manager.json`; the journal and lock file live beside it.
+    pub path: PathBuf,
+}
+
+/// `[liveness]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Liveness {
+    /// Missed keepalive intervals after which a member that promised keepalives is expired.
+    pub keepalive_misses: u32,
+    /// Shortest keepalive interval honoured, seconds.
+    pub min_keepalive_secs: u64,
+    /// How long tokens of closed rooms are remembered, seconds.
+    pub tombstone_ttl_secs: u64,
+    /// How many closed-room tokens are remembered.
+    pub tombstone_capacity: usize,
+    /// Least time between two `__ROOM_CLOSED__` replies to one address, milliseconds.
+    pub closed_reply_interval_ms: u64,
+    /// How often silent members are looked for, milliseconds.
+    pub sweep_interval_ms: u64,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest TCRP payload accepted, bytes.
+    pub max_payload_bytes: usize,
+    /// A TCP connection that does not complete a frame within this many seconds is closed.
+    pub handshake_timeout_secs: u64,
+    /// Open TCP connections in all.
+    pub max_connections: usize,
+    /// Open TCP connections per source IP.
+    pub max_connections_per_ip: usize,
+    /// Unsent reply bytes per connection before the peer counts as not reading.
+    pub max_output_bytes: usize,
+    /// Rooms in all (0: no cap).
+    pub max_rooms: usize,
+    /// Members per room (0: no cap).
+    pub max_members_per_room: usize,
+    /// Tokens in all (0: no cap).
+    pub max_tokens: usize,
+}
+
+/// `[rate]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Rate {
+    /// Chat datagrams per second per member (0: unlimited).
+    pub chat_per_sec: f64,
+    /// Chat burst per member.
+    pub chat_burst: f64,
+    /// Create/join requests per second per source IP (0: unlimited).
+    pub requests_per_sec: f64,
+    /// Request burst per source IP.
+    pub requests_burst: f64,
+    /// Log lines per second about dropped input (the rest are counted, not logged).
+    pub drop_logs_per_sec: f64,
+}
+
+/// `[udp]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Udp {
+    /// `SO_RCVBUF` asked for, bytes (0: the system default).
+    pub recv_buffer_bytes: usize,
+    /// `SO_SNDBUF` asked for, bytes (0: the system default).
+    pub send_buffer_bytes: usize,
+    /// Datagrams handled per wakeup before TCP gets a turn.
+    pub datagrams_per_wakeup: usize,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// `error`, `warn`, `info`, `debug` or `trace`; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for Listen {
+    fn default() -> Listen {
+        Listen {
+            tcp: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            udp: SocketAddr::from(([127, 0, 0, 1], 9091)),
+            metrics: "127.0.0.1:9092".into(),
+        }
+    }
+}
+
+impl Default for StateConfig {
+    fn default() -> StateConfig {
+        StateConfig {
+            path: PathBuf::from("room_manager.json"),
+        }
+    }
+}
+
+impl Default for Liveness {
+    fn default() -> Liveness {
+        Liveness {
+            keepalive_misses: 3,
+            min_keepalive_secs: 1,
+            tombstone_ttl_secs: 3600,
+            tombstone_capacity: 100_000,
+            closed_reply_interval_ms: 1000,
+            sweep_interval_ms: 500,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> LimitsConfig {
+        LimitsConfig {
+            max_payload_bytes: tcrp::DEFAULT_MAX_PAYLOAD,
+            handshake_timeout_secs: 10,
+            max_connections: 4096,
+            max_connections_per_ip: 256,
+            max_output_bytes: 64 * 1024,
+            max_rooms: 10_000,
+            max_members_per_room: 1024,
+            max_tokens: 200_000,
+        }
+    }
+}
+
+impl Default for Rate {
+    fn default() -> Rate {
+        Rate {
+            chat_per_sec: 50.0,
+            chat_burst: 100.0,
+            requests_per_sec: 100.0,
+            requests_burst: 200.0,
+            drop_logs_per_sec: 5.0,
+        }
+    }
+}
+
+impl Default for Udp {
+    fn default() -> Udp {
+        Udp {
+            recv_buffer_bytes: 4 * 1024 * 1024,
+            send_buffer_bytes: 4 * 1024 * 1024,
+            datagrams_per_wakeup: 1024,
+        }
+    }
+}
+
+impl Default for Log {
+    fn default() -> Log {
+        Log {
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn from_file(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::Config(format!("cannot read config file {}: {e}", path.display()))
+        })?;
+        Config::from_toml(&text)
+            .map_err(|e| Error::Config(format!("config file {}: {e}", path.display())))
+    }
+
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but make no sense; the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            (
+                "limits.max_payload_bytes",
+                self.limits.max_payload_bytes as f64,
+            ),
+            (
+                "limits.handshake_timeout_secs",
+                self.limits.handshake_timeout_secs as f64,
+            ),
+            ("limits.max_connections", self.limits.max_connections as f64),
+            (
+                "limits.max_connections_per_ip",
+                self.limits.max_connections_per_ip as f64,
+            ),
+            (
+                "limits.max_output_bytes",
+                self.limits.max_output_bytes as f64,
+            ),
+            (
+                "liveness.keepalive_misses",
+                f64::from(self.liveness.keepalive_misses),
+            ),
+            (
+                "liveness.sweep_interval_ms",
+                self.liveness.sweep_interval_ms as f64,
+            ),
+            (
+                "udp.datagrams_per_wakeup",
+                self.udp.datagrams_per_wakeup as f64,
+            ),
+        ];
+        for (key, value) in positive {
+            if value <= 0.0 {
+                return Err(format!("{key} must be greater than 0"));
+            }
+        }
+        let rates = [
+            (
+                "rate.chat_per_sec",
+                self.rate.chat_per_sec,
+                "rate.chat_burst",
+                self.rate.chat_burst,
+            ),
+            (
+                "rate.requests_per_sec",
+                self.rate.requests_per_sec,
+                "rate.requests_burst",
+                self.rate.requests_burst,
+            ),
+        ];
+        for (key, rate, burst_key, burst) in rates {
+            if !rate.is_finite() || rate < 0.0 {
+                return Err(format!("{key} must be 0 (unlimited) or a positive number"));
+            }
+            if rate > 0.0 && (!burst.is_finite() || burst < 1.0) {
+                return Err(format!("{burst_key} must be at least 1 when {key} is set"));
+            }
+        }
+        if !self.rate.drop_logs_per_sec.is_finite() || self.rate.drop_logs_per_sec < 0.0 {
+            return Err("rate.drop_logs_per_sec must be 0 or a positive number".into());
+        }
+        self.metrics_addr()?;
+        if self.state.path.as_os_str().is_empty() {
+            return Err("state.path must not be empty".into());
+        }
+        if log_level(&self.log.level).is_none() {
+            return Err(format!(
+                "log.level {:?} is not one of off, error, warn, info, debug, trace",
+                self.log.level
+            ));
+        }
+        Ok(())
+    }
+
+    /// The metrics address, or `None` when turned off.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, String> {
+        match self.listen.metrics.trim() {
+            "" | "off" | "false" | "none" => Ok(None),
+            addr => addr.parse().map(Some).map_err(|_| {
+                format!("listen.metrics {addr:?} is not an address like 127.0.0.1:9092 or \"off\"")
+            }),
+        }
+    }
+
+    /// The registry's limits.
+    pub fn registry_limits(&self) -> Limits {
+        Limits {
+            max_rooms: self.limits.max_rooms,
+            max_members_per_room: self.limits.max_members_per_room,
+            max_tokens: self.limits.max_tokens,
+            keepalive_misses: self.liveness.keepalive_misses,
+            min_keepalive: Duration::from_secs(self.liveness.min_keepalive_secs),
+            tombstone_ttl: Duration::from_secs(self.liveness.tombstone_ttl_secs),
+            tombstone_capacity: self.liveness.tombstone_capacity,
+            closed_reply_interval: Duration::from_millis(self.liveness.closed_reply_interval_ms),
+            chat_rate: self.rate.chat_per_sec,
+            chat_burst: self.rate.chat_burst,
+        }
+    }
+
+    /// The per-IP request limits.
+    pub fn request_limits(&self) -> RequestLimits {
+        RequestLimits {
+            rate: self.rate.requests_per_sec,
+            burst: self.rate.requests_burst,
+        }
+    }
+
+    /// The effective configuration as TOML, for `--check-config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// Parses a log level name.
+pub fn log_level(name: &str) -> Option<log::LevelFilter> {
+    name.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn shipped_example_matches_the_defaults() {
+        let text = include_str!("../../../config/ocmd.toml");
+        assert_eq!(Config::from_toml(text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn defaults_round_trip_through_toml() {
+        let text = Config::default().to_toml();
+        assert_eq!(Config::from_toml(&text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("[listen]\ntcp = \"127.0.0.1:70000\"", "tcp"),
+            (
+                "[limits]\nhandshake_timeout_secs = -1",
+                "handshake_timeout_secs",
+            ),
+            ("[limits]\nbogus = 1", "bogus"),
+            ("[limits]\nmax_connections = \"many\"", "max_connections"),
+            (
+                "[limits]\nhandshake_timeout_secs = 0",
+                "limits.handshake_timeout_secs",
+            ),
+            (
+                "[rate]\nchat_per_sec = 5.0\nchat_burst = 0.5",
+                "rate.chat_burst",
+            ),
+            ("[listen]\nmetrics = \"nowhere\"", "listen.metrics"),
+            ("[log]\nlevel = \"loud\"", "log.level"),
+        ];
+        for (text, key) in cases {
+            let err = Config::from_toml(text).unwrap_err();
+            assert!(err.contains(key), "{text:?} gave {err:?}");
+        }
+    }
+
+    #[test]
+    fn metrics_can_be_turned_off() {
+        let c = Config::from_toml("[listen]\nmetrics = \"off\"").unwrap();
+        assert_eq!(c.metrics_addr(), Ok(None));
+    }
+}

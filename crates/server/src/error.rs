@@ -1,0 +1,88 @@
+//! The server's error types: what can stop start-up, and what can fail in the store.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// A failure of the state file or its journal.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The state file or journal exists but could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// The state file is not valid JSON of the expected shape.
+    #[error("cannot parse state file {path}: {source} (the file was left untouched)")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's error, with line and column.
+        source: serde_json::Error,
+    },
+    /// A journal line before the last one is corrupt.
+    #[error("journal {path} is corrupt at line {line}: {reason} (the file was left untouched)")]
+    Journal {
+        /// The journal file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What the parser said.
+        reason: String,
+    },
+    /// Writing, syncing or renaming failed.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file being written.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// Serializing the state failed (should not happen: the model is plain data).
+    #[error("cannot serialize state: {0}")]
+    Serialize(serde_json::Error),
+    /// Another process holds the state file's lock.
+    #[error("state file {state} is in use by another ocmd ({holder}); lock file {lock}")]
+    Locked {
+        /// The state file.
+        state: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+        /// What the lock file says about its holder (e.g. `pid 1234`).
+        holder: String,
+    },
+}
+
+/// Anything that stops the daemon from starting or running.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// A listening socket could not be set up.
+    #[error("cannot bind {what} socket on {addr}: {source}")]
+    Bind {
+        /// `TCP`, `UDP` or `metrics`.
+        what: &'static str,
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// The state could not be loaded or saved.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The configuration is invalid.
+    #[error("{0}")]
+    Config(String),
+    /// Another I/O failure during set-up (poll, signals, threads).
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: &'static str,
+        /// The I/O error.
+        source: io::Error,
+    },
+}

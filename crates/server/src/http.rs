@@ -1,0 +1,89 @@
+//! A minimal HTTP/1.x responder for `/metrics` and `/healthz`, served from the event loop.
+//!
+//! It reads one request head (at most [`MAX_REQUEST_BYTES`]), answers it and closes: enough for
+//! Prometheus and health checks, nothing more. Rendering is a few microseconds, so it never
+//! stalls relaying.
+
+/// Largest request head accepted.
+pub const MAX_REQUEST_BYTES: usize = 8192;
+
+/// What a request asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `GET /metrics`
+    Metrics,
+    /// `GET /healthz`
+    Health,
+    /// Any other path.
+    NotFound,
+    /// Not a GET/HEAD, or not HTTP.
+    BadRequest,
+}
+
+/// Parses the request head in `input`; `None` until the blank line has arrived.
+pub fn parse(input: &[u8]) -> Option<(Route, bool)> {
+    let end = input.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&input[..end]);
+    let mut parts = head.lines().next().unwrap_or("").split(' ');
+    let (method, path, version) = (parts.next(), parts.next(), parts.next());
+    let head_only = method == Some("HEAD");
+    let route = match (method, path, version) {
+        (Some("GET" | "HEAD"), Some(path), Some(v)) if v.starts_with("HTTP/1.") => {
+            match path.split('?').next() {
+                Some("/metrics") => Route::Metrics,
+                Some("/healthz") => Route::Health,
+                _ => Route::NotFound,
+            }
+        }
+        _ => Route::BadRequest,
+    };
+    Some((route, head_only))
+}
+
+/// A complete response with `Connection: close`.
+pub fn response(status: &str, content_type: &str, body: &str, head_only: bool) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    if !head_only {
+        out.extend_from_slice(body.as_bytes());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(
+            parse(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Some((Route::Metrics, false))
+        );
+        assert_eq!(
+            parse(b"HEAD /healthz HTTP/1.0\r\n\r\n"),
+            Some((Route::Health, true))
+        );
+        assert_eq!(
+            parse(b"GET /x HTTP/1.1\r\n\r\n"),
+            Some((Route::NotFound, false))
+        );
+        assert_eq!(
+            parse(b"POST /metrics HTTP/1.1\r\n\r\n"),
+            Some((Route::BadRequest, false))
+        );
+        assert_eq!(parse(b"\x00\xff\r\n\r\n"), Some((Route::BadRequest, false)));
+        assert_eq!(parse(b"GET /metrics HTTP/1.1\r\n"), None);
+    }
+
+    #[test]
+    fn response_has_length() {
+        let r = response("200 OK", "text/plain", "ok\n", false);
+        assert!(String::from_utf8(r)
+            .unwrap()
+            .ends_with("Content-Length: 3\r\nConnection: close\r\n\r\nok\n"));
+    }
+}

@@ -1,0 +1,31 @@
+//! `ocmd`, the Online Chat Messenger daemon, as a library: the binary in `main.rs` only parses
+//! flags and sets up logging.
+//!
+//! - [`rooms`]: the pure room/token registry and every relay decision;
+//! - [`handshake`]: TCRP requests to reply bytes;
+//! - [`store`], [`record`], [`persist`]: the state file, its journal and the writer thread;
+//! - [`event_loop`]: the mio shell that owns every socket;
+//! - [`config`], [`metrics`], [`notify`], [`http`]: what operators see.
+//!
+//! Wire formats live in the `tcrp` and `ucrp` crates, which know nothing of sockets.
+
+pub mod config;
+pub mod conn;
+pub mod error;
+pub mod event_loop;
+pub mod handshake;
+pub mod http;
+pub mod metrics;
+pub mod notify;
+pub mod outbox;
+pub mod persist;
+pub mod rate;
+pub mod record;
+pub mod rooms;
+pub mod store;
+pub mod token;
+pub mod udp;
+
+pub use config::Config;
+pub use error::Error;
+pub use event_loop::Server;

@@ -1,0 +1,288 @@
+//! Counters and gauges, and their Prometheus text rendering.
+//!
+//! The event loop owns a [`Metrics`] and bumps plain integers (it is single-threaded, so no
+//! atomics); `/metrics` renders them in the Prometheus text exposition format, version 0.0.4.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tcrp::Operation;
+
+use crate::rooms::Stats;
+
+/// Every counter the daemon keeps.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Unix time the process started, seconds.
+    pub start_time: f64,
+    /// TCP connections accepted.
+    pub tcp_accepted: u64,
+    /// TCP connections refused by reason (`max_connections`, `max_connections_per_ip`).
+    pub tcp_rejected: BTreeMap<&'static str, u64>,
+    /// TCP connections closed by reason.
+    pub tcp_closed: BTreeMap<&'static str, u64>,
+    /// TCP connections open now.
+    pub tcp_open: u64,
+    /// Handshakes by operation and result.
+    pub handshakes: BTreeMap<(&'static str, &'static str), u64>,
+    /// Datagrams received on the UDP socket.
+    pub datagrams_received: u64,
+    /// Chat messages relayed (each counted once, whatever its fan-out).
+    pub messages_relayed: u64,
+    /// Datagrams sent.
+    pub datagrams_sent: u64,
+    /// Messages delivered (a batch datagram carries several).
+    pub deliveries: u64,
+    /// Datagrams dropped, by reason.
+    pub datagrams_dropped: BTreeMap<&'static str, u64>,
+    /// Sends that failed, by reason.
+    pub send_errors: BTreeMap<&'static str, u64>,
+    /// Rate-limit hits by kind (`chat`, `request`).
+    pub rate_limited: BTreeMap<&'static str, u64>,
+    /// `__ROOM_CLOSED__` answers to tokens of closed rooms.
+    pub closed_room_replies: u64,
+    /// Members expired for missing keepalives.
+    pub keepalive_expiries: u64,
+    /// Journal batches made durable.
+    pub state_writes: u64,
+    /// Records in them.
+    pub state_write_records: u64,
+    /// Total time spent writing them.
+    pub state_write_seconds: f64,
+    /// Longest single write.
+    pub state_write_max_seconds: f64,
+    /// The kernel's count of datagrams dropped for a full receive buffer.
+    pub udp_kernel_drops: u64,
+    /// Configuration reloads by result.
+    pub reloads: BTreeMap<&'static str, u64>,
+}
+
+/// Name of an operation for labels.
+pub fn operation_label(op: Operation) -> &'static str {
+    match op {
+        Operation::CreateRoom => "create_room",
+        Operation::JoinRoom => "join_room",
+        Operation::ListRooms => "list_rooms",
+        Operation::Presence => "presence",
+        Operation::History => "history",
+        Operation::Other(_) => "other",
+    }
+}
+
+impl Metrics {
+    /// Fresh counters stamped with the start time.
+    pub fn new() -> Metrics {
+        Metrics {
+            start_time: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or(Duration::ZERO)
+                .as_secs_f64(),
+            ..Metrics::default()
+        }
+    }
+
+    /// Adds one to a labelled counter.
+    pub fn bump(map: &mut BTreeMap<&'static str, u64>, label: &'static str) {
+        *map.entry(label).or_insert(0) += 1;
+    }
+
+    /// Records a finished journal write.
+    pub fn state_write(&mut self, records: usize, elapsed: Duration) {
+        self.state_writes += 1;
+        self.state_write_records += records as u64;
+        let secs = elapsed.as_secs_f64();
+        self.state_write_seconds += secs;
+        self.state_write_max_seconds = self.state_write_max_seconds.max(secs);
+    }
+
+    /// Renders everything, with the registry's gauges, as Prometheus text.
+    pub fn render(&self, stats: Stats) -> String {
+        let mut out = String::with_capacity(4096);
+        let mut gauge = |name: &str, help: &str, value: f64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        };
+        gauge("ocm_rooms", "Rooms open.", stats.rooms as f64);
+        gauge(
+            "ocm_members",
+            "Members (tokens) in all rooms.",
+            stats.members as f64,
+        );
+        gauge(
+            "ocm_members_registered",
+            "Members with a registered UDP address.",
+            stats.registered as f64,
+        );
+        gauge(
+            "ocm_tombstones",
+            "Tokens of closed rooms remembered.",
+            stats.tombstones as f64,
+        );
+        gauge(
+            "ocm_tcp_connections_open",
+            "TCP connections open.",
+            self.tcp_open as f64,
+        );
+        gauge(
+            "ocm_process_start_time_seconds",
+            "Start time of the process, Unix seconds.",
+            self.start_time,
+        );
+        gauge(
+            "ocm_state_write_max_seconds",
+            "Longest journal write (write and fsync), seconds.",
+            self.state_write_max_seconds,
+        );
+        let counters: [(&str, &str, f64); 11] = [
+            (
+                "ocm_tcp_connections_accepted_total",
+                "TCP connections accepted.",
+                self.tcp_accepted as f64,
+            ),
+            (
+                "ocm_datagrams_received_total",
+                "Datagrams received.",
+                self.datagrams_received as f64,
+            ),
+            (
+                "ocm_messages_relayed_total",
+                "Chat messages relayed (once each, whatever the fan-out).",
+                self.messages_relayed as f64,
+            ),
+            (
+                "ocm_datagrams_sent_total",
+                "Datagrams sent.",
+                self.datagrams_sent as f64,
+            ),
+            (
+                "ocm_deliveries_total",
+                "Messages delivered to members (a batch datagram carries several).",
+                self.deliveries as f64,
+            ),
+            (
+                "ocm_closed_room_replies_total",
+                "__ROOM_CLOSED__ answers to tokens of closed rooms.",
+                self.closed_room_replies as f64,
+            ),
+            (
+                "ocm_keepalive_expiries_total",
+                "Members expired for missing keepalives.",
+                self.keepalive_expiries as f64,
+            ),
+            (
+                "ocm_state_writes_total",
+                "Journal batches written and fsync'd.",
+                self.state_writes as f64,
+            ),
+            (
+                "ocm_state_write_records_total",
+                "Records in those batches.",
+                self.state_write_records as f64,
+            ),
+            (
+                "ocm_state_write_seconds_total",
+                "Time spent writing them, seconds.",
+                self.state_write_seconds,
+            ),
+            (
+                "ocm_udp_receive_buffer_drops_total",
+                "Datagrams the kernel dropped for a full receive buffer.",
+                self.udp_kernel_drops as f64,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        }
+        let labelled: [(&str, &str, &str, &BTreeMap<&'static str, u64>); 6] = [
+            (
+                "ocm_tcp_connections_rejected_total",
+                "TCP connections refused at accept.",
+                "reason",
+                &self.tcp_rejected,
+            ),
+            (
+                "ocm_tcp_connections_closed_total",
+                "TCP connections closed.",
+                "reason",
+                &self.tcp_closed,
+            ),
+            (
+                "ocm_datagrams_dropped_total",
+                "Datagrams dropped.",
+                "reason",
+                &self.datagrams_dropped,
+            ),
+            (
+                "ocm_send_errors_total",
+                "Datagram sends that failed.",
+                "reason",
+                &self.send_errors,
+            ),
+            (
+                "ocm_rate_limited_total",
+                "Rate-limit hits.",
+                "kind",
+                &self.rate_limited,
+            ),
+            (
+                "ocm_config_reloads_total",
+                "Configuration reloads.",
+                "result",
+                &self.reloads,
+            ),
+        ];
+        for (name, help, label, map) in labelled {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (value, count) in map {
+                let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {count}");
+            }
+        }
+        let name = "ocm_handshakes_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} TCRP requests by operation and result.\n# TYPE {name} counter"
+        );
+        for ((op, result), count) in &self.handshakes {
+            let _ = writeln!(
+                out,
+                "{name}{{operation=\"{op}\",result=\"{result}\"}} {count}"
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let mut m = Metrics::new();
+        Metrics::bump(&mut m.datagrams_dropped, "unknown_token");
+        Metrics::bump(&mut m.datagrams_dropped, "unknown_token");
+        *m.handshakes.entry(("join_room", "ok")).or_insert(0) += 3;
+        m.state_write(4, Duration::from_millis(2));
+        let text = m.render(Stats {
+            rooms: 2,
+            members: 5,
+            registered: 4,
+            tombstones: 0,
+        });
+        assert!(text.contains("ocm_rooms 2\n"));
+        assert!(text.contains("ocm_datagrams_dropped_total{reason=\"unknown_token\"} 2\n"));
+        assert!(text.contains("ocm_handshakes_total{operation=\"join_room\",result=\"ok\"} 3\n"));
+        assert!(text.contains("ocm_state_write_records_total 4\n"));
+        // Every sample line belongs to a family declared with # TYPE.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let family = line.split(['{', ' ']).next().unwrap();
+            assert!(text.contains(&format!("# TYPE {family} ")), "{line}");
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! The send list the registry fills and the UDP shell drains.
+//!
+//! A relayed message is encoded once into [`Outbox::bytes`]; each recipient gets a [`Send`]
+//! that points at those bytes, so fan-out to 256 members copies nothing. The shell sends the
+//! list after each pass over the socket, batching where it can (see `udp.rs`).
+
+use std::net::SocketAddr;
+use std::ops::Range;
+
+/// One datagram to send: where, and which bytes of the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Send {
+    /// Destination.
+    pub to: SocketAddr,
+    /// The payload's range in [`Outbox::bytes`].
+    pub bytes: Range<usize>,
+    /// Whether the recipient accepts batch frames (several messages in one datagram).
+    pub batchable: bool,
+}
+
+/// Encoded payloads and the datagrams that carry them.
+#[derive(Debug, Default)]
+#[must_use = "an outbox holds datagrams that must be sent"]
+pub struct Outbox {
+    /// Every payload, back to back.
+    pub bytes: Vec<u8>,
+    /// Datagrams in the order they were decided.
+    pub sends: Vec<Send>,
+}
+
+impl Outbox {
+    /// Appends a payload written by `encode` and returns its range.
+    pub fn payload(&mut self, encode: impl FnOnce(&mut Vec<u8>)) -> Range<usize> {
+        let start = self.bytes.len();
+        encode(&mut self.bytes);
+        start..self.bytes.len()
+    }
+
+    /// Queues `bytes` (a range returned by [`Outbox::payload`]) for `to`.
+    pub fn send(&mut self, to: SocketAddr, bytes: Range<usize>, batchable: bool) {
+        self.sends.push(Send {
+            to,
+            bytes,
+            batchable,
+        });
+    }
+
+    /// The bytes of one send.
+    pub fn bytes_of(&self, send: &Send) -> &[u8] {
+        &self.bytes[send.bytes.clone()]
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.sends.is_empty()
+    }
+
+    /// Forgets everything, keeping the allocations.
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.sends.clear();
+    }
+}

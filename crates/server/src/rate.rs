@@ -1,0 +1,106 @@
+//! Token-bucket rate limits: one bucket per member for chat, and a bounded map of buckets per
+//! source IP for create/join requests.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::time::Instant;
+
+/// A token bucket: `burst` tokens at most, refilled at `rate` per second.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenBucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn full(burst: f64, now: Instant) -> TokenBucket {
+        TokenBucket {
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    /// Takes one token if there is one. Rate and burst are passed in so that a configuration
+    /// reload applies to existing buckets.
+    pub fn take(&mut self, now: Instant, rate: f64, burst: f64) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Buckets per key (a source IP), bounded in memory: when full, buckets that have refilled
+/// completely are forgotten (they are indistinguishable from new ones).
+#[derive(Debug)]
+pub struct KeyedLimiter<K> {
+    buckets: HashMap<K, TokenBucket>,
+    capacity: usize,
+}
+
+impl<K: Hash + Eq + Copy> KeyedLimiter<K> {
+    /// A limiter remembering at most `capacity` keys.
+    pub fn new(capacity: usize) -> KeyedLimiter<K> {
+        KeyedLimiter {
+            buckets: HashMap::new(),
+            capacity,
+        }
+    }
+
+    /// Takes a token from `key`'s bucket; `rate <= 0` means unlimited.
+    pub fn allow(&mut self, key: K, now: Instant, rate: f64, burst: f64) -> bool {
+        if rate <= 0.0 {
+            return true;
+        }
+        if self.buckets.len() >= self.capacity && !self.buckets.contains_key(&key) {
+            let refill = burst / rate;
+            self.buckets
+                .retain(|_, b| now.saturating_duration_since(b.last).as_secs_f64() < refill);
+            if self.buckets.len() >= self.capacity {
+                // Everyone is active: refuse newcomers rather than grow without bound.
+                return false;
+            }
+        }
+        self.buckets
+            .entry(key)
+            .or_insert_with(|| TokenBucket::full(burst, now))
+            .take(now, rate, burst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn bucket_allows_burst_then_refills_at_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::full(3.0, t0);
+        assert!((0..3).all(|_| b.take(t0, 10.0, 3.0)));
+        assert!(!b.take(t0, 10.0, 3.0));
+        assert!(b.take(t0 + Duration::from_millis(100), 10.0, 3.0));
+        assert!(!b.take(t0 + Duration::from_millis(100), 10.0, 3.0));
+    }
+
+    #[test]
+    fn keyed_limiter_is_bounded_and_forgets_idle_keys() {
+        let t0 = Instant::now();
+        let mut l = KeyedLimiter::new(2);
+        assert!(l.allow(1, t0, 1.0, 1.0));
+        assert!(!l.allow(1, t0, 1.0, 1.0));
+        assert!(l.allow(2, t0, 1.0, 1.0));
+        assert!(!l.allow(3, t0, 1.0, 1.0), "full of active keys");
+        assert!(
+            l.allow(3, t0 + Duration::from_secs(2), 1.0, 1.0),
+            "idle keys forgotten"
+        );
+        assert!(l.allow(9, t0, 0.0, 0.0), "rate 0 is unlimited");
+    }
+}

@@ -1,0 +1,101 @@
+//! Journal records: one per state change that must outlive the process.
+//!
+//! The registry emits a [`Record`] for every mutation (create, join, register, leave, close);
+//! the writer appends them to the journal and applies them to its copy of the state file's
+//! model ([`crate::store::State::apply`]). Records are JSON objects, one per journal line,
+//! tagged by `"op"`.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// A persisted member, as written in a create or join record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    /// The member's secret token.
+    pub token: String,
+    /// The member's display name.
+    pub username: String,
+    /// Seconds between keepalives the member promised, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keepalive: Option<u32>,
+    /// Capability bits ([`tcrp::Caps::bits`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub caps: u8,
+}
+
+fn is_zero(v: &u8) -> bool {
+    *v == 0
+}
+
+/// One state change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Record {
+    /// A room was created; `host` is its first member.
+    CreateRoom {
+        /// Room name.
+        room: String,
+        /// The host.
+        host: MemberRecord,
+        /// Unix time of creation, in seconds.
+        created_at: f64,
+        /// Whether the room shows in listings.
+        #[serde(default = "yes", skip_serializing_if = "is_true")]
+        listed: bool,
+        /// PHC-format password hash, if the room has a password.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        password_hash: Option<String>,
+    },
+    /// A member joined a room.
+    Join {
+        /// Room name.
+        room: String,
+        /// The new member.
+        member: MemberRecord,
+    },
+    /// A token's address was bound or changed.
+    Register {
+        /// The token.
+        token: String,
+        /// Its new address.
+        address: SocketAddr,
+    },
+    /// A member (not the host) left or was expired.
+    Leave {
+        /// The token that is gone.
+        token: String,
+    },
+    /// A room closed; all its tokens are gone.
+    CloseRoom {
+        /// Room name.
+        room: String,
+    },
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(v: &bool) -> bool {
+    *v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_serialize_as_tagged_lines() {
+        let r = Record::Register {
+            token: "ab".into(),
+            address: "127.0.0.1:5000".parse().unwrap(),
+        };
+        let line = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            line,
+            r#"{"op":"register","token":"ab","address":"127.0.0.1:5000"}"#
+        );
+        assert_eq!(serde_json::from_str::<Record>(&line).unwrap(), r);
+    }
+}

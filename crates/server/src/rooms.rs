@@ -1,0 +1,1292 @@
+//! The room registry: rooms, members and tokens, and every decision about them.
+//!
+//! Pure logic, no I/O: the event loop hands it requests and datagrams with the current time,
+//! and it answers with replies, sends queued in an [`Outbox`], and journal [`Record`]s to
+//! persist. Its tests run without a socket.
+//!
+//! Room lifecycle (see also `docs/PROTOCOL.md`):
+//! 1. **Created** by a TCRP create: the room exists with its host as only member; the host's
+//!    token is issued once its record is durable.
+//! 2. **Joined** by TCRP joins: each member gets its own token; names are unique per room.
+//! 3. **Registered**: a member's `__REGISTER__` binds its UDP source address to its token (a
+//!    later one from another address rebinds). Only registered members receive relays.
+//! 4. **Relaying**: chat from a member's registered address goes to every other registered
+//!    member, never back to the sender.
+//! 5. **Leaving**: a member's `__LEAVE__` (or, for members that promised keepalives, silence
+//!    past the timeout) removes it. When the member is the host, the room **closes**: every
+//!    other registered member gets `__ROOM_CLOSED__`, the room and all its tokens are deleted,
+//!    and the tokens are remembered for a while as tombstones so that a late datagram with one
+//!    learns the room is gone.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use hashbrown::HashTable;
+use log::{debug, info, warn};
+use rand::RngCore;
+use slab::Slab;
+use tcrp::payload::{Caps, ErrorCode, Request};
+use ucrp::delivery::{self, Notice};
+use ucrp::Message;
+
+use crate::outbox::Outbox;
+use crate::rate::TokenBucket;
+use crate::record::{MemberRecord, Record};
+use crate::store::State;
+use crate::token::{Short, Token};
+
+/// Index of a room in the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RoomId(usize);
+
+/// Index of a member in the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MemberId(usize);
+
+/// Caps and timings the registry enforces. `0` turns a cap off.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Rooms in all.
+    pub max_rooms: usize,
+    /// Members in one room, host included.
+    pub max_members_per_room: usize,
+    /// Tokens (members) in all.
+    pub max_tokens: usize,
+    /// Missed keepalive intervals after which a silent member is expired.
+    pub keepalive_misses: u32,
+    /// Shortest keepalive interval a client may announce; shorter ones are raised to it.
+    pub min_keepalive: Duration,
+    /// How long tokens of closed rooms are remembered.
+    pub tombstone_ttl: Duration,
+    /// How many closed-room tokens are remembered at most.
+    pub tombstone_capacity: usize,
+    /// Least time between two `__ROOM_CLOSED__` replies to one source address.
+    pub closed_reply_interval: Duration,
+    /// Chat datagrams per second per member (0: unlimited).
+    pub chat_rate: f64,
+    /// Chat burst per member.
+    pub chat_burst: f64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_rooms: 10_000,
+            max_members_per_room: 1_024,
+            max_tokens: 200_000,
+            keepalive_misses: 3,
+            min_keepalive: Duration::from_secs(1),
+            tombstone_ttl: Duration::from_secs(3600),
+            tombstone_capacity: 100_000,
+            closed_reply_interval: Duration::from_secs(1),
+            chat_rate: 50.0,
+            chat_burst: 100.0,
+        }
+    }
+}
+
+/// Why a datagram was dropped. Each has a stable label for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// The bytes did not decode (the label is the codec's reason).
+    Malformed(&'static str),
+    /// No live member has this token.
+    UnknownToken,
+    /// The token belongs to another room than the datagram names.
+    WrongRoom,
+    /// Chat or leave from a token that has not registered an address yet.
+    Unregistered,
+    /// Chat or leave from an address other than the token's registered one.
+    AddressMismatch,
+    /// The member is over its chat rate.
+    RateLimited,
+}
+
+impl DropReason {
+    /// Every reason that is not a codec error, for metrics.
+    pub const REGISTRY: [DropReason; 5] = [
+        DropReason::UnknownToken,
+        DropReason::WrongRoom,
+        DropReason::Unregistered,
+        DropReason::AddressMismatch,
+        DropReason::RateLimited,
+    ];
+
+    /// Stable label for counters and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::Malformed(reason) => reason,
+            DropReason::UnknownToken => "unknown_token",
+            DropReason::WrongRoom => "wrong_room",
+            DropReason::Unregistered => "unregistered",
+            DropReason::AddressMismatch => "address_mismatch",
+            DropReason::RateLimited => "rate_limited",
+        }
+    }
+}
+
+/// What the registry did with a datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// A `__REGISTER__`; `changed` when the address is new for the token.
+    Registered {
+        /// Whether the token's address changed (and a record was written).
+        changed: bool,
+    },
+    /// Chat relayed to this many members.
+    Relayed {
+        /// Datagrams queued.
+        deliveries: usize,
+    },
+    /// A member left.
+    Left,
+    /// The host left and the room closed; this many members were told.
+    Closed {
+        /// `__ROOM_CLOSED__` datagrams queued.
+        notified: usize,
+    },
+    /// A token of a closed room: `__ROOM_CLOSED__` was queued back to the sender.
+    ClosedReply,
+    /// Dropped, for this reason.
+    Dropped(DropReason),
+}
+
+/// A successful create or join: the token to send once its record is durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issued {
+    /// The new member's token.
+    pub token: Token,
+}
+
+/// A room as listed to clients.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoomInfo {
+    /// Room name.
+    pub name: String,
+    /// Members, host included.
+    pub members: usize,
+    /// Unix time of creation, seconds.
+    pub created_at: f64,
+    /// Whether joining needs a password.
+    pub has_password: bool,
+}
+
+/// Who is in a room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    /// The host's username.
+    pub host: String,
+    /// Every member's username (host first) and whether it has registered an address.
+    pub members: Vec<(String, bool)>,
+}
+
+/// Counts for status lines and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Live rooms.
+    pub rooms: usize,
+    /// Live members (tokens).
+    pub members: usize,
+    /// Members with a registered address.
+    pub registered: usize,
+    /// Tokens of closed rooms remembered.
+    pub tombstones: usize,
+}
+
+struct Room {
+    name: Box<str>,
+    host: MemberId,
+    members: Vec<MemberId>,
+    created_at: f64,
+    listed: bool,
+    password_hash: Option<Box<str>>,
+    next_seq: u64,
+}
+
+struct Member {
+    token: Token,
+    username: Box<str>,
+    room: RoomId,
+    is_host: bool,
+    address: Option<SocketAddr>,
+    keepalive: Option<Duration>,
+    last_seen: Instant,
+    caps: Caps,
+    chat: TokenBucket,
+}
+
+/// Tokens of rooms that closed recently, and when each source was last told.
+struct Tombstones {
+    hasher: RandomState,
+    by_hash: HashMap<u64, Instant>,
+    order: VecDeque<(Instant, u64)>,
+    last_reply: HashMap<SocketAddr, Instant>,
+}
+
+impl Tombstones {
+    fn new() -> Tombstones {
+        Tombstones {
+            hasher: RandomState::new(),
+            by_hash: HashMap::new(),
+            order: VecDeque::new(),
+            last_reply: HashMap::new(),
+        }
+    }
+
+    fn insert(&mut self, token: &[u8], now: Instant, limits: &Limits) {
+        if limits.tombstone_capacity == 0 {
+            return;
+        }
+        while self.order.len() >= limits.tombstone_capacity {
+            self.evict_oldest();
+        }
+        let hash = self.hasher.hash_one(token);
+        self.by_hash.insert(hash, now);
+        self.order.push_back((now, hash));
+    }
+
+    fn evict_oldest(&mut self) {
+        if let Some((at, hash)) = self.order.pop_front() {
+            if self.by_hash.get(&hash) == Some(&at) {
+                self.by_hash.remove(&hash);
+            }
+        }
+    }
+
+    fn expire(&mut self, now: Instant, limits: &Limits) {
+        while let Some(&(at, _)) = self.order.front() {
+            if now.saturating_duration_since(at) < limits.tombstone_ttl {
+                break;
+            }
+            self.evict_oldest();
+        }
+        self.last_reply
+            .retain(|_, at| now.saturating_duration_since(*at) < limits.closed_reply_interval);
+    }
+
+    fn contains(&self, token: &[u8]) -> bool {
+        self.by_hash.contains_key(&self.hasher.hash_one(token))
+    }
+
+    /// Whether `src` may be told again now; records the reply if so.
+    fn may_reply(&mut self, src: SocketAddr, now: Instant, limits: &Limits) -> bool {
+        match self.last_reply.get(&src) {
+            Some(at) if now.saturating_duration_since(*at) < limits.closed_reply_interval => false,
+            _ => {
+                self.last_reply.insert(src, now);
+                true
+            }
+        }
+    }
+}
+
+/// All rooms and members.
+pub struct Registry {
+    limits: Limits,
+    rng: Box<dyn RngCore + Send>,
+    rooms: Slab<Room>,
+    room_index: HashMap<Box<str>, RoomId>,
+    members: Slab<Member>,
+    token_index: HashTable<MemberId>,
+    hasher: RandomState,
+    tombstones: Tombstones,
+    registered: usize,
+    records: Vec<Record>,
+    scratch: Vec<MemberId>,
+}
+
+impl Registry {
+    /// An empty registry drawing tokens from `rng`.
+    pub fn new(limits: Limits, rng: Box<dyn RngCore + Send>) -> Registry {
+        Registry {
+            limits,
+            rng,
+            rooms: Slab::new(),
+            room_index: HashMap::new(),
+            members: Slab::new(),
+            token_index: HashTable::new(),
+            hasher: RandomState::new(),
+            tombstones: Tombstones::new(),
+            registered: 0,
+            records: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Rebuilds the registry from a loaded state file. Entries that do not hang together (a
+    /// member token with no entry, a room whose host is missing) are skipped with a warning.
+    /// Every member counts as seen `now`, so keepalive members get a full timeout to return.
+    pub fn from_state(
+        state: &State,
+        limits: Limits,
+        rng: Box<dyn RngCore + Send>,
+        now: Instant,
+    ) -> Registry {
+        let mut registry = Registry::new(limits, rng);
+        for (name, room) in &state.rooms {
+            let Some(host_entry) = state.tokens.get(&room.host_token) else {
+                warn!("state: room {name:?} has no entry for its host token; room skipped");
+                continue;
+            };
+            let room_id = RoomId(registry.rooms.insert(Room {
+                name: name.as_str().into(),
+                host: MemberId(usize::MAX),
+                members: Vec::new(),
+                created_at: room.created_at,
+                listed: room.listed,
+                password_hash: room.password_hash.as_deref().map(Into::into),
+                next_seq: 1,
+            }));
+            registry.room_index.insert(name.as_str().into(), room_id);
+            let mut tokens = vec![&room.host_token];
+            tokens.extend(room.members.iter().filter(|t| **t != room.host_token));
+            for token in tokens {
+                let entry = if *token == room.host_token {
+                    host_entry
+                } else if let Some(entry) = state.tokens.get(token) {
+                    entry
+                } else {
+                    warn!("state: room {name:?} lists a token with no entry; skipped");
+                    continue;
+                };
+                let id = registry.insert_member(Member {
+                    token: Token::from_stored(token),
+                    username: entry.username.as_str().into(),
+                    room: room_id,
+                    is_host: *token == room.host_token,
+                    address: entry.address,
+                    keepalive: entry.keepalive.map(|k| Duration::from_secs(k.into())),
+                    last_seen: now,
+                    caps: Caps::from_bits(entry.caps),
+                    chat: TokenBucket::full(registry.limits.chat_burst, now),
+                });
+                if *token == room.host_token {
+                    registry.rooms[room_id.0].host = id;
+                }
+            }
+        }
+        registry
+    }
+
+    /// Applies new limits (a configuration reload). Existing members keep their state.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// Room, member and registration counts.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            rooms: self.rooms.len(),
+            members: self.members.len(),
+            registered: self.registered,
+            tombstones: self.tombstones.order.len(),
+        }
+    }
+
+    /// The listed rooms, by name.
+    pub fn list_rooms(&self) -> Vec<RoomInfo> {
+        let mut rooms: Vec<RoomInfo> = self
+            .rooms
+            .iter()
+            .filter(|(_, r)| r.listed)
+            .map(|(_, r)| RoomInfo {
+                name: r.name.to_string(),
+                members: r.members.len(),
+                created_at: r.created_at,
+                has_password: r.password_hash.is_some(),
+            })
+            .collect();
+        rooms.sort_by(|a, b| a.name.cmp(&b.name));
+        rooms
+    }
+
+    /// Who is in `room_name`, host first.
+    pub fn presence(&self, room_name: &str) -> Option<Presence> {
+        let room = &self.rooms[self.room_index.get(room_name)?.0];
+        Some(Presence {
+            host: self.members[room.host.0].username.to_string(),
+            members: room
+                .members
+                .iter()
+                .map(|m| {
+                    let member = &self.members[m.0];
+                    (member.username.to_string(), member.address.is_some())
+                })
+                .collect(),
+        })
+    }
+
+    /// Takes the records of every change since the last call, for the journal.
+    pub fn take_records(&mut self) -> Vec<Record> {
+        std::mem::take(&mut self.records)
+    }
+
+    /// Whether changes are waiting to be persisted.
+    pub fn has_records(&self) -> bool {
+        !self.records.is_empty()
+    }
+
+    fn insert_member(&mut self, member: Member) -> MemberId {
+        let hash = self.hasher.hash_one(member.token.as_str().as_bytes());
+        let room = member.room;
+        if member.address.is_some() {
+            self.registered += 1;
+        }
+        let id = MemberId(self.members.insert(member));
+        let members = &self.members;
+        self.token_index.insert_unique(hash, id, |m| {
+            self.hasher.hash_one(members[m.0].token.as_str().as_bytes())
+        });
+        self.rooms[room.0].members.push(id);
+        id
+    }
+
+    fn find_token(&self, token: &[u8]) -> Option<MemberId> {
+        let hash = self.hasher.hash_one(token);
+        self.token_index
+            .find(hash, |m| self.members[m.0].token.matches(token))
+            .copied()
+    }
+
+    fn new_member(
+        &mut self,
+        room: RoomId,
+        request: &Request,
+        is_host: bool,
+        now: Instant,
+    ) -> (MemberId, MemberRecord) {
+        let mut token = Token::generate(&mut *self.rng);
+        // 128 random bits do not collide, but a loaded file may hold any string: stay unique.
+        while self.find_token(token.as_str().as_bytes()).is_some() {
+            token = Token::generate(&mut *self.rng);
+        }
+        let keepalive = request
+            .keepalive_secs
+            .filter(|&k| k > 0)
+            .map(|k| Duration::from_secs(k.into()).max(self.limits.min_keepalive));
+        let record = MemberRecord {
+            token: token.as_str().to_owned(),
+            username: request.username.clone(),
+            keepalive: keepalive.map(|k| k.as_secs() as u32),
+            caps: request.caps.bits(),
+        };
+        let id = self.insert_member(Member {
+            token,
+            username: request.username.as_str().into(),
+            room,
+            is_host,
+            address: None,
+            keepalive,
+            last_seen: now,
+            caps: request.caps,
+            chat: TokenBucket::full(self.limits.chat_burst, now),
+        });
+        (id, record)
+    }
+
+    fn tokens_full(&self) -> bool {
+        self.limits.max_tokens != 0 && self.members.len() >= self.limits.max_tokens
+    }
+
+    /// Creates `room_name` with the requester as host. `password_hash` is already hashed.
+    pub fn create_room(
+        &mut self,
+        room_name: &str,
+        request: &Request,
+        password_hash: Option<String>,
+        now: Instant,
+        unix_now: f64,
+    ) -> Result<Issued, ErrorCode> {
+        if self.room_index.contains_key(room_name) {
+            return Err(ErrorCode::RoomExists);
+        }
+        if (self.limits.max_rooms != 0 && self.rooms.len() >= self.limits.max_rooms)
+            || self.tokens_full()
+        {
+            return Err(ErrorCode::ServerFull);
+        }
+        let listed = request.listed.unwrap_or(true);
+        let room = RoomId(self.rooms.insert(Room {
+            name: room_name.into(),
+            host: MemberId(usize::MAX),
+            members: Vec::new(),
+            created_at: unix_now,
+            listed,
+            password_hash: password_hash.as_deref().map(Into::into),
+            next_seq: 1,
+        }));
+        self.room_index.insert(room_name.into(), room);
+        let (host, record) = self.new_member(room, request, true, now);
+        self.rooms[room.0].host = host;
+        let token = self.members[host.0].token.clone();
+        info!(
+            "room {room_name:?} created by {:?} (token {})",
+            request.username,
+            token.short()
+        );
+        self.records.push(Record::CreateRoom {
+            room: room_name.to_owned(),
+            host: record,
+            created_at: unix_now,
+            listed,
+            password_hash,
+        });
+        Ok(Issued { token })
+    }
+
+    /// The password hash of a room, for the caller to verify before [`Registry::join_room`].
+    pub fn password_hash(&self, room_name: &str) -> Option<&str> {
+        let room = self.room_index.get(room_name)?;
+        self.rooms[room.0].password_hash.as_deref()
+    }
+
+    /// Adds the requester to `room_name`. Password checks are the caller's (they are slow and
+    /// belong outside this pure module).
+    pub fn join_room(
+        &mut self,
+        room_name: &str,
+        request: &Request,
+        now: Instant,
+        out: &mut Outbox,
+    ) -> Result<Issued, ErrorCode> {
+        let Some(&room) = self.room_index.get(room_name) else {
+            return Err(ErrorCode::RoomNotFound);
+        };
+        let taken = self.rooms[room.0]
+            .members
+            .iter()
+            .any(|m| *self.members[m.0].username == *request.username);
+        if taken {
+            return Err(ErrorCode::NameTaken);
+        }
+        let full_room = self.limits.max_members_per_room != 0
+            && self.rooms[room.0].members.len() >= self.limits.max_members_per_room;
+        if full_room || self.tokens_full() {
+            return Err(ErrorCode::ServerFull);
+        }
+        let (id, record) = self.new_member(room, request, false, now);
+        let token = self.members[id.0].token.clone();
+        debug!(
+            "room {room_name:?}: {:?} joined (token {})",
+            request.username,
+            token.short()
+        );
+        self.notify(room, Some(id), Notice::Joined, &request.username, out);
+        self.records.push(Record::Join {
+            room: room_name.to_owned(),
+            member: record,
+        });
+        Ok(Issued { token })
+    }
+
+    /// Decides what to do with one datagram from `src`.
+    pub fn handle_datagram(
+        &mut self,
+        src: SocketAddr,
+        bytes: &[u8],
+        now: Instant,
+        out: &mut Outbox,
+    ) -> Handled {
+        let datagram = match ucrp::parse(bytes) {
+            Ok(d) => d,
+            Err(e) => return Handled::Dropped(DropReason::Malformed(e.reason())),
+        };
+        let Some(id) = self.find_token(datagram.token) else {
+            return self.unknown_token(src, bytes.len(), datagram.token, now, out);
+        };
+        let member = &mut self.members[id.0];
+        if *self.rooms[member.room.0].name.as_bytes() != *datagram.room_name {
+            return Handled::Dropped(DropReason::WrongRoom);
+        }
+        match datagram.message {
+            Message::Register => {
+                member.last_seen = now;
+                let changed = member.address != Some(src);
+                if changed {
+                    if member.address.is_none() {
+                        self.registered += 1;
+                    }
+                    member.address = Some(src);
+                    debug!("token {} registered from {src}", member.token.short());
+                    self.records.push(Record::Register {
+                        token: member.token.as_str().to_owned(),
+                        address: src,
+                    });
+                }
+                Handled::Registered { changed }
+            }
+            _ if member.address.is_none() => Handled::Dropped(DropReason::Unregistered),
+            _ if member.address != Some(src) => Handled::Dropped(DropReason::AddressMismatch),
+            Message::Leave => {
+                member.last_seen = now;
+                self.remove_member(id, Notice::Left, now, out)
+            }
+            Message::Chat(text) => {
+                member.last_seen = now;
+                if self.limits.chat_rate > 0.0
+                    && !member
+                        .chat
+                        .take(now, self.limits.chat_rate, self.limits.chat_burst)
+                {
+                    return Handled::Dropped(DropReason::RateLimited);
+                }
+                let deliveries = self.relay(id, text.as_bytes(), out);
+                Handled::Relayed { deliveries }
+            }
+        }
+    }
+
+    fn unknown_token(
+        &mut self,
+        src: SocketAddr,
+        len: usize,
+        token: &[u8],
+        now: Instant,
+        out: &mut Outbox,
+    ) -> Handled {
+        // Never answer with more bytes than we were sent (no amplification), and at most once
+        // per interval per source.
+        if len >= delivery::ROOM_CLOSED.len()
+            && self.tombstones.contains(token)
+            && self.tombstones.may_reply(src, now, &self.limits)
+        {
+            debug!(
+                "token {} of a closed room from {src}: told",
+                Short::of(token)
+            );
+            let bytes = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
+            out.send(src, bytes, false);
+            return Handled::ClosedReply;
+        }
+        Handled::Dropped(DropReason::UnknownToken)
+    }
+
+    /// Queues `text` from `from` to every other registered member; returns the count.
+    fn relay(&mut self, from: MemberId, text: &[u8], out: &mut Outbox) -> usize {
+        let sender = &self.members[from.0];
+        let room = &mut self.rooms[sender.room.0];
+        let seq = room.next_seq;
+        room.next_seq += 1;
+        let mut plain = None;
+        let mut sequenced = None;
+        let mut deliveries = 0;
+        for &m in &room.members {
+            if m == from {
+                continue;
+            }
+            let member = &self.members[m.0];
+            let Some(to) = member.address else { continue };
+            let bytes = if member.caps.contains(Caps::SEQ) {
+                sequenced
+                    .get_or_insert_with(|| {
+                        out.payload(|b| {
+                            // Usernames are checked to fit the size byte at join.
+                            let _ = delivery::encode_sequenced(seq, &sender.username, text, b);
+                        })
+                    })
+                    .clone()
+            } else {
+                plain
+                    .get_or_insert_with(|| {
+                        out.payload(|b| {
+                            let _ = delivery::encode_chat(&sender.username, text, b);
+                        })
+                    })
+                    .clone()
+            };
+            out.send(to, bytes, member.caps.contains(Caps::BATCH));
+            deliveries += 1;
+        }
+        deliveries
+    }
+
+    /// Sends a notice about `subject` to the room's notice-capable registered members.
+    fn notify(
+        &mut self,
+        room: RoomId,
+        subject: Option<MemberId>,
+        what: Notice,
+        name: &str,
+        out: &mut Outbox,
+    ) {
+        let mut bytes = None;
+        for &m in &self.rooms[room.0].members {
+            if Some(m) == subject {
+                continue;
+            }
+            let member = &self.members[m.0];
+            let (Some(to), true) = (member.address, member.caps.contains(Caps::NOTICES)) else {
+                continue;
+            };
+            let range = bytes
+                .get_or_insert_with(|| {
+                    out.payload(|b| {
+                        let _ = delivery::encode_notice(what, name, b);
+                    })
+                })
+                .clone();
+            out.send(to, range, member.caps.contains(Caps::BATCH));
+        }
+    }
+
+    /// Removes a member; a host's removal closes its room.
+    fn remove_member(
+        &mut self,
+        id: MemberId,
+        why: Notice,
+        now: Instant,
+        out: &mut Outbox,
+    ) -> Handled {
+        let room = self.members[id.0].room;
+        if self.members[id.0].is_host {
+            let notified = self.close_room(room, now, out);
+            return Handled::Closed { notified };
+        }
+        let member = self.unlink(id, now);
+        let room_entry = &mut self.rooms[room.0];
+        room_entry.members.retain(|&m| m != id);
+        debug!(
+            "room {:?}: {:?} left ({why:?})",
+            room_entry.name, member.username
+        );
+        self.notify(room, None, why, &member.username, out);
+        self.records.push(Record::Leave {
+            token: member.token.as_str().to_owned(),
+        });
+        Handled::Left
+    }
+
+    /// Takes a member out of the slab and the token index, keeping its token as a tombstone.
+    fn unlink(&mut self, id: MemberId, now: Instant) -> Member {
+        let member = self.members.remove(id.0);
+        let hash = self.hasher.hash_one(member.token.as_str().as_bytes());
+        if let Ok(entry) = self.token_index.find_entry(hash, |m| *m == id) {
+            entry.remove();
+        }
+        if member.address.is_some() {
+            self.registered -= 1;
+        }
+        self.tombstones
+            .insert(member.token.as_str().as_bytes(), now, &self.limits);
+        member
+    }
+
+    fn close_room(&mut self, room: RoomId, now: Instant, out: &mut Outbox) -> usize {
+        let entry = self.rooms.remove(room.0);
+        self.room_index.remove(&entry.name);
+        let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
+        let mut notified = 0;
+        for &m in &entry.members {
+            let member = self.unlink(m, now);
+            if let (Some(to), false) = (member.address, m == entry.host) {
+                out.send(to, closed.clone(), false);
+                notified += 1;
+            }
+        }
+        info!(
+            "room {:?} closed: host left; {notified} members told",
+            entry.name
+        );
+        self.records.push(Record::CloseRoom {
+            room: entry.name.into_string(),
+        });
+        notified
+    }
+
+    /// Expires members that promised keepalives and went silent, and old tombstones.
+    /// Returns how many members were expired.
+    pub fn poll_expired(&mut self, now: Instant, out: &mut Outbox) -> usize {
+        self.tombstones.expire(now, &self.limits);
+        let misses = self.limits.keepalive_misses.max(1);
+        self.scratch.clear();
+        for (i, member) in &self.members {
+            if let Some(interval) = member.keepalive {
+                if now.saturating_duration_since(member.last_seen) > interval * misses {
+                    self.scratch.push(MemberId(i));
+                }
+            }
+        }
+        let mut expired = 0;
+        let silent = std::mem::take(&mut self.scratch);
+        for &id in &silent {
+            // A host's expiry may already have removed this member with its room.
+            if let Some(member) = self.members.get(id.0) {
+                info!(
+                    "token {} ({:?}) expired after missing keepalives",
+                    member.token.short(),
+                    member.username
+                );
+                self.remove_member(id, Notice::TimedOut, now, out);
+                expired += 1;
+            }
+        }
+        self.scratch = silent;
+        expired
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, SeedableRng};
+    use ucrp::delivery::Delivery;
+
+    fn registry() -> Registry {
+        Registry::new(Limits::default(), Box::new(StdRng::seed_from_u64(7)))
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn dgram(room: &str, token: &Token, msg: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        ucrp::datagram::encode(room.as_bytes(), token.as_str().as_bytes(), msg, &mut b).unwrap();
+        b
+    }
+
+    /// The sends of an outbox as (destination, decoded delivery) pairs, rendered as text.
+    fn sent(out: &Outbox) -> Vec<(SocketAddr, String)> {
+        out.sends
+            .iter()
+            .map(|s| {
+                let text = match ucrp::delivery::parse(out.bytes_of(s)).unwrap() {
+                    Delivery::Chat { sender, message } => format!("{sender}: {message}"),
+                    Delivery::Sequenced {
+                        seq,
+                        sender,
+                        message,
+                    } => format!("#{seq} {sender}: {message}"),
+                    Delivery::RoomClosed => "CLOSED".into(),
+                    Delivery::Notice { what, name } => format!("* {name} {what:?}"),
+                    Delivery::Batch(_) => "BATCH".into(),
+                };
+                (s.to, text)
+            })
+            .collect()
+    }
+
+    struct Room3 {
+        reg: Registry,
+        host: Token,
+        bob: Token,
+        cy: Token,
+        now: Instant,
+    }
+
+    fn room_of_three() -> Room3 {
+        let mut reg = registry();
+        let now = Instant::now();
+        let mut out = Outbox::default();
+        let host = reg
+            .create_room("r", &Request::original("host"), None, now, 1.0)
+            .unwrap()
+            .token;
+        let bob = reg
+            .join_room("r", &Request::original("bob"), now, &mut out)
+            .unwrap()
+            .token;
+        let cy = reg
+            .join_room("r", &Request::original("cy"), now, &mut out)
+            .unwrap()
+            .token;
+        for (t, p) in [(&host, 1), (&bob, 2), (&cy, 3)] {
+            let h = reg.handle_datagram(addr(p), &dgram("r", t, "__REGISTER__"), now, &mut out);
+            assert_eq!(h, Handled::Registered { changed: true });
+        }
+        assert!(out.is_empty(), "original clients get no notices");
+        Room3 {
+            reg,
+            host,
+            bob,
+            cy,
+            now,
+        }
+    }
+
+    #[test]
+    fn seeded_rng_gives_known_tokens() {
+        let a = registry()
+            .create_room("r", &Request::original("a"), None, Instant::now(), 0.0)
+            .unwrap();
+        let b = registry()
+            .create_room("r", &Request::original("a"), None, Instant::now(), 0.0)
+            .unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn create_join_refusals() {
+        let mut t = room_of_three();
+        let mut out = Outbox::default();
+        assert_eq!(
+            t.reg
+                .create_room("r", &Request::original("z"), None, t.now, 0.0),
+            Err(ErrorCode::RoomExists)
+        );
+        assert_eq!(
+            t.reg
+                .join_room("nope", &Request::original("z"), t.now, &mut out),
+            Err(ErrorCode::RoomNotFound)
+        );
+        assert_eq!(
+            t.reg
+                .join_room("r", &Request::original("bob"), t.now, &mut out),
+            Err(ErrorCode::NameTaken)
+        );
+        assert_eq!(
+            t.reg.stats(),
+            Stats {
+                rooms: 1,
+                members: 3,
+                registered: 3,
+                tombstones: 0
+            }
+        );
+    }
+
+    #[test]
+    fn chat_is_relayed_to_the_others_and_not_echoed() {
+        let mut t = room_of_three();
+        let mut out = Outbox::default();
+        let h = t
+            .reg
+            .handle_datagram(addr(2), &dgram("r", &t.bob, "hello"), t.now, &mut out);
+        assert_eq!(h, Handled::Relayed { deliveries: 2 });
+        assert_eq!(
+            sent(&out),
+            vec![
+                (addr(1), "bob: hello".into()),
+                (addr(3), "bob: hello".into())
+            ]
+        );
+        // One encoding shared by both sends.
+        assert_eq!(out.sends[0].bytes, out.sends[1].bytes);
+    }
+
+    #[test]
+    fn drops_wrong_room_unknown_token_and_foreign_address() {
+        let mut t = room_of_three();
+        let mut out = Outbox::default();
+        let h = t
+            .reg
+            .handle_datagram(addr(2), &dgram("other", &t.bob, "x"), t.now, &mut out);
+        assert_eq!(h, Handled::Dropped(DropReason::WrongRoom));
+        let fake = Token::from_stored("00000000000000000000000000000000");
+        let h = t
+            .reg
+            .handle_datagram(addr(2), &dgram("r", &fake, "x"), t.now, &mut out);
+        assert_eq!(h, Handled::Dropped(DropReason::UnknownToken));
+        let h = t
+            .reg
+            .handle_datagram(addr(9), &dgram("r", &t.bob, "x"), t.now, &mut out);
+        assert_eq!(h, Handled::Dropped(DropReason::AddressMismatch));
+        let h = t
+            .reg
+            .handle_datagram(addr(9), &dgram("r", &t.bob, "__LEAVE__"), t.now, &mut out);
+        assert_eq!(h, Handled::Dropped(DropReason::AddressMismatch));
+        let h = t.reg.handle_datagram(addr(2), b"\x01", t.now, &mut out);
+        assert_eq!(h, Handled::Dropped(DropReason::Malformed("too_short")));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn unregistered_member_cannot_chat() {
+        let mut t = room_of_three();
+        let mut out = Outbox::default();
+        let dee = t
+            .reg
+            .join_room("r", &Request::original("dee"), t.now, &mut out)
+            .unwrap()
+            .token;
+        let h = t
+            .reg
+            .handle_datagram(addr(4), &dgram("r", &dee, "hi"), t.now, &mut out);
+        assert_eq!(h, Handled::Dropped(DropReason::Unregistered));
+        // Relays skip it until it registers.
+        let h = t
+            .reg
+            .handle_datagram(addr(1), &dgram("r", &t.host, "hi"), t.now, &mut out);
+        assert_eq!(h, Handled::Relayed { deliveries: 2 });
+    }
+
+    #[test]
+    fn register_from_a_new_address_rebinds() {
+        let mut t = room_of_three();
+        let mut out = Outbox::default();
+        t.reg.take_records();
+        let h = t.reg.handle_datagram(
+            addr(2),
+            &dgram("r", &t.bob, "__REGISTER__"),
+            t.now,
+            &mut out,
+        );
+        assert_eq!(h, Handled::Registered { changed: false });
+        assert!(!t.reg.has_records(), "a repeated REGISTER writes nothing");
+        let h = t.reg.handle_datagram(
+            addr(22),
+            &dgram("r", &t.bob, "__REGISTER__"),
+            t.now,
+            &mut out,
+        );
+        assert_eq!(h, Handled::Registered { changed: true });
+        assert_eq!(t.reg.take_records().len(), 1);
+        t.reg
+            .handle_datagram(addr(1), &dgram("r", &t.host, "hi"), t.now, &mut out);
+        assert!(sent(&out).contains(&(addr(22), "host: hi".into())));
+    }
+
+    #[test]
+    fn member_leave_then_host_leave_closes_the_room() {
+        let mut t = room_of_three();
+        let mut out = Outbox::default();
+        let h = t
+            .reg
+            .handle_datagram(addr(3), &dgram("r", &t.cy, "__LEAVE__"), t.now, &mut out);
+        assert_eq!(h, Handled::Left);
+        assert!(out.is_empty());
+        let h = t
+            .reg
+            .handle_datagram(addr(1), &dgram("r", &t.host, "__LEAVE__"), t.now, &mut out);
+        assert_eq!(h, Handled::Closed { notified: 1 });
+        assert_eq!(sent(&out), vec![(addr(2), "CLOSED".into())]);
+        assert_eq!(t.reg.stats().rooms, 0);
+        assert_eq!(t.reg.stats().members, 0);
+        assert_eq!(t.reg.stats().registered, 0);
+        let records = t.reg.take_records();
+        assert!(matches!(records.last(), Some(Record::CloseRoom { room }) if room == "r"));
+        // The room name is free again.
+        assert!(t
+            .reg
+            .create_room("r", &Request::original("x"), None, t.now, 0.0)
+            .is_ok());
+    }
+
+    #[test]
+    fn tombstoned_token_gets_room_closed_once_per_interval() {
+        let mut t = room_of_three();
+        let mut out = Outbox::default();
+        t.reg
+            .handle_datagram(addr(1), &dgram("r", &t.host, "__LEAVE__"), t.now, &mut out);
+        out.clear();
+        let late = dgram("r", &t.bob, "anyone?");
+        assert_eq!(
+            t.reg.handle_datagram(addr(2), &late, t.now, &mut out),
+            Handled::ClosedReply
+        );
+        assert_eq!(sent(&out), vec![(addr(2), "CLOSED".into())]);
+        assert!(out.sends[0].bytes.len() <= late.len());
+        assert_eq!(
+            t.reg
+                .handle_datagram(addr(2), &late, t.now + Duration::from_millis(500), &mut out),
+            Handled::Dropped(DropReason::UnknownToken)
+        );
+        assert_eq!(
+            t.reg
+                .handle_datagram(addr(2), &late, t.now + Duration::from_secs(2), &mut out),
+            Handled::ClosedReply
+        );
+        // After the tombstone's lifetime, nothing.
+        let later = t.now + Duration::from_secs(3601);
+        t.reg.poll_expired(later, &mut out);
+        assert_eq!(
+            t.reg.handle_datagram(addr(2), &late, later, &mut out),
+            Handled::Dropped(DropReason::UnknownToken)
+        );
+    }
+
+    #[test]
+    fn keepalive_members_expire_and_original_members_never_do() {
+        let mut reg = registry();
+        let now = Instant::now();
+        let mut out = Outbox::default();
+        let live = Request {
+            keepalive_secs: Some(10),
+            caps: Caps::NOTICES,
+            form: tcrp::payload::RequestForm::JsonObject,
+            ..Request::original("host")
+        };
+        let host = reg.create_room("r", &live, None, now, 0.0).unwrap().token;
+        let old = reg
+            .join_room("r", &Request::original("old"), now, &mut out)
+            .unwrap()
+            .token;
+        let quiet = reg
+            .join_room(
+                "r",
+                &Request {
+                    username: "quiet".into(),
+                    ..live.clone()
+                },
+                now,
+                &mut out,
+            )
+            .unwrap()
+            .token;
+        for (t, p) in [(&host, 1), (&old, 2), (&quiet, 3)] {
+            reg.handle_datagram(addr(p), &dgram("r", t, "__REGISTER__"), now, &mut out);
+        }
+        out.clear();
+        // At 25 s the host has sent keepalives; quiet has not.
+        let t25 = now + Duration::from_secs(25);
+        reg.handle_datagram(addr(1), &dgram("r", &host, "__REGISTER__"), t25, &mut out);
+        assert_eq!(reg.poll_expired(now + Duration::from_secs(31), &mut out), 1);
+        assert_eq!(sent(&out), vec![(addr(1), "* quiet TimedOut".into())]);
+        out.clear();
+        // The host falls silent: at 56 s the room closes; the original member is told.
+        assert_eq!(reg.poll_expired(t25 + Duration::from_secs(31), &mut out), 1);
+        assert_eq!(sent(&out), vec![(addr(2), "CLOSED".into())]);
+        assert_eq!(reg.stats().rooms, 0);
+    }
+
+    #[test]
+    fn caps_members_get_sequenced_frames_and_notices() {
+        let mut reg = registry();
+        let now = Instant::now();
+        let mut out = Outbox::default();
+        let host = reg
+            .create_room("r", &Request::original("host"), None, now, 0.0)
+            .unwrap()
+            .token;
+        reg.handle_datagram(addr(1), &dgram("r", &host, "__REGISTER__"), now, &mut out);
+        let rich = Request {
+            caps: Caps::SEQ.with(Caps::NOTICES),
+            form: tcrp::payload::RequestForm::JsonObject,
+            ..Request::original("rich")
+        };
+        let rich_token = reg.join_room("r", &rich, now, &mut out).unwrap().token;
+        reg.handle_datagram(
+            addr(2),
+            &dgram("r", &rich_token, "__REGISTER__"),
+            now,
+            &mut out,
+        );
+        assert!(out.is_empty(), "the original host hears no notice");
+        reg.join_room("r", &Request::original("late"), now, &mut out)
+            .unwrap();
+        assert_eq!(sent(&out), vec![(addr(2), "* late Joined".into())]);
+        out.clear();
+        reg.handle_datagram(addr(1), &dgram("r", &host, "one"), now, &mut out);
+        reg.handle_datagram(addr(1), &dgram("r", &host, "two"), now, &mut out);
+        assert_eq!(
+            sent(&out),
+            vec![
+                (addr(2), "#1 host: one".into()),
+                (addr(2), "#2 host: two".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn chat_rate_limit_drops_and_refills() {
+        let limits = Limits {
+            chat_rate: 10.0,
+            chat_burst: 2.0,
+            ..Limits::default()
+        };
+        let mut t = room_of_three();
+        t.reg.set_limits(limits);
+        let mut out = Outbox::default();
+        // The bucket was filled with the default burst at join; drain it.
+        let d = dgram("r", &t.bob, "x");
+        let mut relayed = 0;
+        for _ in 0..200 {
+            if let Handled::Relayed { .. } = t.reg.handle_datagram(addr(2), &d, t.now, &mut out) {
+                relayed += 1;
+            }
+        }
+        assert!(relayed <= 100, "burst bounded: {relayed}");
+        assert_eq!(
+            t.reg.handle_datagram(addr(2), &d, t.now, &mut out),
+            Handled::Dropped(DropReason::RateLimited)
+        );
+        let later = t.now + Duration::from_millis(150);
+        assert!(matches!(
+            t.reg.handle_datagram(addr(2), &d, later, &mut out),
+            Handled::Relayed { .. }
+        ));
+    }
+
+    #[test]
+    fn listing_and_presence() {
+        let mut t = room_of_three();
+        let hidden = Request {
+            listed: Some(false),
+            ..Request::original("h")
+        };
+        t.reg
+            .create_room("secret", &hidden, None, t.now, 2.0)
+            .unwrap();
+        let rooms = t.reg.list_rooms();
+        assert_eq!(
+            rooms,
+            vec![RoomInfo {
+                name: "r".into(),
+                members: 3,
+                created_at: 1.0,
+                has_password: false
+            }]
+        );
+        let p = t.reg.presence("r").unwrap();
+        assert_eq!(p.host, "host");
+        assert_eq!(p.members.len(), 3);
+        assert!(p.members.iter().all(|(_, registered)| *registered));
+        assert_eq!(t.reg.presence("nope"), None);
+    }
+
+    #[test]
+    fn caps_are_enforced() {
+        let limits = Limits {
+            max_rooms: 1,
+            max_members_per_room: 2,
+            ..Limits::default()
+        };
+        let mut reg = Registry::new(limits, Box::new(StdRng::seed_from_u64(1)));
+        let now = Instant::now();
+        let mut out = Outbox::default();
+        reg.create_room("a", &Request::original("h"), None, now, 0.0)
+            .unwrap();
+        assert_eq!(
+            reg.create_room("b", &Request::original("h"), None, now, 0.0),
+            Err(ErrorCode::ServerFull)
+        );
+        reg.join_room("a", &Request::original("m"), now, &mut out)
+            .unwrap();
+        assert_eq!(
+            reg.join_room("a", &Request::original("n"), now, &mut out),
+            Err(ErrorCode::ServerFull)
+        );
+    }
+
+    #[test]
+    fn rebuilt_from_state_keeps_rooms_tokens_and_addresses() {
+        let mut t = room_of_three();
+        let mut state = State::default();
+        for r in t.reg.take_records() {
+            state.apply(&r);
+        }
+        let mut reg = Registry::from_state(
+            &state,
+            Limits::default(),
+            Box::new(StdRng::seed_from_u64(3)),
+            t.now,
+        );
+        assert_eq!(
+            reg.stats(),
+            Stats {
+                rooms: 1,
+                members: 3,
+                registered: 3,
+                tombstones: 0
+            }
+        );
+        let mut out = Outbox::default();
+        let h = reg.handle_datagram(addr(2), &dgram("r", &t.bob, "still here"), t.now, &mut out);
+        assert_eq!(h, Handled::Relayed { deliveries: 2 });
+        let h = reg.handle_datagram(addr(1), &dgram("r", &t.host, "__LEAVE__"), t.now, &mut out);
+        assert_eq!(h, Handled::Closed { notified: 2 });
+        let _ = &t.cy;
+    }
+}

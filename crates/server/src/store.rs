@@ -1,0 +1,549 @@
+//! The state file `room_manager.json` and its journal: the on-disk model, loading, and
+//! crash-safe writing.
+//!
+//! The file keeps the original project's shape so that its files load and its tools can read
+//! ours:
+//!
+//! ```json
+//! { "version": 1,
+//!   "rooms":  { "lobby": { "host_token": "…", "members": ["…"], "created_at": 1700000000.5 } },
+//!   "tokens": { "…": { "username": "alice", "room_name": "lobby", "is_host": true,
+//!                      "address": ["127.0.0.1", 50000] } },
+//!   "saved_at": "2026-11-21T23:00:00Z", "journal_seq": 42 }
+//! ```
+//!
+//! Beside it, `room_manager.json.journal` holds the changes made since the file was last
+//! written, one JSON [`Record`] per line with a sequence number `n`. Loading reads the file,
+//! then replays the journal lines whose `n` is above the file's `journal_seq`. A torn last
+//! line (a crash in the middle of an append that was never acknowledged) is ignored; a bad
+//! line anywhere else stops the load. See `docs/PERSISTENCE.md`.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::StoreError;
+use crate::record::{MemberRecord, Record};
+
+/// Version written in the `version` field. Files without one (the original's) are version 0.
+pub const STATE_VERSION: u32 = 1;
+
+/// The whole persisted state, in the file's shape.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    /// Format version; 0 for files written by the original server.
+    #[serde(default)]
+    pub version: u32,
+    /// Rooms by name.
+    #[serde(default)]
+    pub rooms: BTreeMap<String, RoomEntry>,
+    /// Members by token.
+    #[serde(default)]
+    pub tokens: BTreeMap<String, TokenEntry>,
+    /// When the file was written (RFC 3339); informational.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_at: Option<String>,
+    /// The last journal record this file includes.
+    #[serde(default)]
+    pub journal_seq: u64,
+}
+
+/// One room in the file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoomEntry {
+    /// The host's token.
+    pub host_token: String,
+    /// Every member's token, host first.
+    pub members: Vec<String>,
+    /// Unix time of creation, seconds.
+    #[serde(default)]
+    pub created_at: f64,
+    /// Whether the room shows in listings.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub listed: bool,
+    /// PHC-format password hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_hash: Option<String>,
+}
+
+/// One member in the file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenEntry {
+    /// Display name.
+    pub username: String,
+    /// The room the token belongs to.
+    pub room_name: String,
+    /// Whether this member hosts its room.
+    #[serde(default)]
+    pub is_host: bool,
+    /// The registered UDP address, written `["ip", port]` as the original does.
+    #[serde(default, with = "address_format")]
+    pub address: Option<SocketAddr>,
+    /// Keepalive interval the member promised, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keepalive: Option<u32>,
+    /// Capability bits.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub caps: u8,
+}
+
+fn yes() -> bool {
+    true
+}
+fn is_true(v: &bool) -> bool {
+    *v
+}
+fn is_zero(v: &u8) -> bool {
+    *v == 0
+}
+
+/// `address` is `["127.0.0.1", 5000]` in the original's files (a Python tuple); we also read
+/// `"127.0.0.1:5000"`, and a value that is neither (or an unparsable IP) counts as no address.
+mod address_format {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Any {
+        Pair(String, u16),
+        Text(String),
+        Other(serde::de::IgnoredAny),
+    }
+
+    pub fn serialize<S: Serializer>(addr: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match addr {
+            Some(a) => (a.ip().to_string(), a.port()).serialize(s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        Ok(match Option::<Any>::deserialize(d)? {
+            Some(Any::Pair(ip, port)) => ip
+                .parse::<IpAddr>()
+                .ok()
+                .map(|ip| SocketAddr::new(ip, port)),
+            Some(Any::Text(text)) => text.parse().ok(),
+            Some(Any::Other(_)) | None => None,
+        })
+    }
+}
+
+impl State {
+    /// Applies one journal record. Records that refer to rooms or tokens that are gone are
+    /// no-ops, so replay is safe whatever the file already holds.
+    pub fn apply(&mut self, record: &Record) {
+        match record {
+            Record::CreateRoom {
+                room,
+                host,
+                created_at,
+                listed,
+                password_hash,
+            } => {
+                self.close_room(room);
+                self.rooms.insert(
+                    room.clone(),
+                    RoomEntry {
+                        host_token: host.token.clone(),
+                        members: vec![host.token.clone()],
+                        created_at: *created_at,
+                        listed: *listed,
+                        password_hash: password_hash.clone(),
+                    },
+                );
+                self.tokens
+                    .insert(host.token.clone(), token_entry(host, room, true));
+            }
+            Record::Join { room, member } => {
+                if let Some(entry) = self.rooms.get_mut(room) {
+                    if !entry.members.contains(&member.token) {
+                        entry.members.push(member.token.clone());
+                    }
+                    self.tokens
+                        .insert(member.token.clone(), token_entry(member, room, false));
+                }
+            }
+            Record::Register { token, address } => {
+                if let Some(entry) = self.tokens.get_mut(token) {
+                    entry.address = Some(*address);
+                }
+            }
+            Record::Leave { token } => {
+                if let Some(entry) = self.tokens.remove(token) {
+                    if let Some(room) = self.rooms.get_mut(&entry.room_name) {
+                        room.members.retain(|t| t != token);
+                    }
+                }
+            }
+            Record::CloseRoom { room } => self.close_room(room),
+        }
+    }
+
+    fn close_room(&mut self, room: &str) {
+        if let Some(entry) = self.rooms.remove(room) {
+            for token in &entry.members {
+                self.tokens.remove(token);
+            }
+        }
+    }
+
+    /// Fixes what the original server wrote differently: it stored the username exactly as
+    /// the client sent it, a JSON string with its quotes (`"\"alice\""`).
+    fn normalize(&mut self) {
+        for entry in self.tokens.values_mut() {
+            if entry.username.len() >= 2 && entry.username.starts_with('"') {
+                if let Ok(name) = serde_json::from_str::<String>(&entry.username) {
+                    entry.username = name;
+                }
+            }
+        }
+    }
+
+    /// Serializes the state for the file, stamping `version` and `saved_at`.
+    pub fn to_file_bytes(&mut self, now: SystemTime) -> Result<Vec<u8>, StoreError> {
+        self.version = STATE_VERSION;
+        self.saved_at = Some(humantime::format_rfc3339_seconds(now).to_string());
+        let mut bytes = serde_json::to_vec_pretty(self).map_err(StoreError::Serialize)?;
+        bytes.push(b'\n');
+        Ok(bytes)
+    }
+}
+
+fn token_entry(member: &MemberRecord, room: &str, is_host: bool) -> TokenEntry {
+    TokenEntry {
+        username: member.username.clone(),
+        room_name: room.to_owned(),
+        is_host,
+        address: None,
+        keepalive: member.keepalive,
+        caps: member.caps,
+    }
+}
+
+/// Where the state file's companions live.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// `room_manager.json`.
+    pub state: PathBuf,
+    /// `room_manager.json.journal`.
+    pub journal: PathBuf,
+    /// `room_manager.json.lock`.
+    pub lock: PathBuf,
+}
+
+impl Paths {
+    /// Derives the companion paths from the state file's path.
+    pub fn new(state: &Path) -> Paths {
+        let with = |suffix: &str| {
+            let mut name = state.as_os_str().to_owned();
+            name.push(suffix);
+            PathBuf::from(name)
+        };
+        Paths {
+            state: state.to_owned(),
+            journal: with(".journal"),
+            lock: with(".lock"),
+        }
+    }
+}
+
+/// What [`load`] found.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// The state after replaying the journal.
+    pub state: State,
+    /// The highest journal sequence number seen (file or journal).
+    pub last_seq: u64,
+    /// Journal records replayed.
+    pub replayed: usize,
+    /// Whether a torn final journal line was ignored.
+    pub torn_tail: bool,
+}
+
+/// Reads the state file (a missing file is a fresh start) and replays the journal.
+pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
+    let mut state = match fs::read(&paths.state) {
+        Ok(bytes) => parse_state(&bytes).map_err(|source| StoreError::Parse {
+            path: paths.state.clone(),
+            source,
+        })?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => State::default(),
+        Err(source) => {
+            return Err(StoreError::Read {
+                path: paths.state.clone(),
+                source,
+            })
+        }
+    };
+    state.normalize();
+    let mut loaded = Loaded {
+        last_seq: state.journal_seq,
+        ..Loaded::default()
+    };
+    let journal = match fs::read(&paths.journal) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(source) => {
+            return Err(StoreError::Read {
+                path: paths.journal.clone(),
+                source,
+            })
+        }
+    };
+    let replay = parse_journal(&journal).map_err(|(line, reason)| StoreError::Journal {
+        path: paths.journal.clone(),
+        line,
+        reason,
+    })?;
+    loaded.torn_tail = replay.torn_tail;
+    for (n, record) in replay.records {
+        if n > state.journal_seq {
+            state.apply(&record);
+            loaded.replayed += 1;
+        }
+        loaded.last_seq = loaded.last_seq.max(n);
+    }
+    loaded.state = state;
+    Ok(loaded)
+}
+
+/// Parses the state file's bytes.
+pub fn parse_state(bytes: &[u8]) -> Result<State, serde_json::Error> {
+    serde_json::from_slice(bytes)
+}
+
+/// One journal line: a sequence number and a record.
+#[derive(Serialize, Deserialize)]
+pub struct JournalLine<R> {
+    /// Sequence number, increasing by one per record.
+    pub n: u64,
+    /// The record.
+    #[serde(flatten)]
+    pub record: R,
+}
+
+/// The records of a journal, and whether its last line was torn.
+#[derive(Debug, Default)]
+pub struct Replay {
+    /// `(n, record)` in file order.
+    pub records: Vec<(u64, Record)>,
+    /// The last line had no newline or did not parse, and was ignored.
+    pub torn_tail: bool,
+}
+
+/// Parses journal bytes. A final line without its newline, or a final line that does not parse,
+/// is a torn append and is ignored; a bad line before the last is an error `(line, reason)`.
+pub fn parse_journal(bytes: &[u8]) -> Result<Replay, (usize, String)> {
+    let mut replay = Replay::default();
+    let mut lines = bytes
+        .split_inclusive(|&b| b == b'\n')
+        .enumerate()
+        .peekable();
+    while let Some((index, line)) = lines.next() {
+        let is_last = lines.peek().is_none();
+        let complete = line.ends_with(b"\n");
+        let body = line.strip_suffix(b"\n").unwrap_or(line);
+        if body.iter().all(u8::is_ascii_whitespace) && complete {
+            continue;
+        }
+        match serde_json::from_slice::<JournalLine<Record>>(body) {
+            Ok(parsed) if complete => replay.records.push((parsed.n, parsed.record)),
+            _ if is_last => replay.torn_tail = true,
+            Ok(_) => unreachable!("only the last line can lack its newline"),
+            Err(e) => return Err((index + 1, e.to_string())),
+        }
+    }
+    Ok(replay)
+}
+
+/// Writes `bytes` to `path` so that a crash leaves either the old or the new file whole:
+/// a temporary file created exclusively beside it with mode 0600, written, fsync'd, renamed
+/// over `path`, and the directory fsync'd.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
+    let mut file = match create_private(&tmp) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            // Left over by a crash mid-write; the lock file guarantees it is not in use.
+            fs::remove_file(&tmp)?;
+            create_private(&tmp)?
+        }
+        other => other?,
+    };
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    fs::rename(&tmp, path)?;
+    sync_dir(path)
+}
+
+/// Creates a new file with mode 0600, failing if it exists.
+pub fn create_private(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// Fsyncs the directory holding `path`, making a rename or a creation durable.
+pub fn sync_dir(path: &Path) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(token: &str, name: &str) -> MemberRecord {
+        MemberRecord {
+            token: token.into(),
+            username: name.into(),
+            keepalive: None,
+            caps: 0,
+        }
+    }
+
+    fn create(room: &str, token: &str) -> Record {
+        Record::CreateRoom {
+            room: room.into(),
+            host: member(token, "host"),
+            created_at: 1.5,
+            listed: true,
+            password_hash: None,
+        }
+    }
+
+    #[test]
+    fn the_original_servers_file_keeps_loading() {
+        let bytes = include_bytes!("../tests/data/original_room_manager.json");
+        let mut state = parse_state(bytes).expect("original file parses");
+        state.normalize();
+        assert_eq!(state.version, 0);
+        let room = &state.rooms["lobby"];
+        assert_eq!(room.members.len(), 2);
+        let host = &state.tokens[&room.host_token];
+        assert!(host.is_host);
+        assert_eq!(
+            host.username, "alice",
+            "quoted JSON-string usernames are unquoted"
+        );
+        assert_eq!(host.address, Some("127.0.0.1:50001".parse().unwrap()));
+        let guest = &state.tokens[&room.members[1]];
+        assert_eq!(guest.address, None);
+    }
+
+    #[test]
+    fn save_then_load_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(&dir.path().join("room_manager.json"));
+        let mut state = State::default();
+        state.apply(&create("r", "t1"));
+        state.apply(&Record::Join {
+            room: "r".into(),
+            member: member("t2", "bob"),
+        });
+        state.apply(&Record::Register {
+            token: "t2".into(),
+            address: "[::1]:9".parse().unwrap(),
+        });
+        let bytes = state.to_file_bytes(SystemTime::UNIX_EPOCH).unwrap();
+        write_atomic(&paths.state, &bytes).unwrap();
+        let loaded = load(&paths).unwrap();
+        assert_eq!(loaded.state, state);
+        let mode = fs::metadata(&paths.state).unwrap().permissions();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(mode.mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn journal_replays_above_the_files_seq_and_ignores_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(&dir.path().join("s.json"));
+        let mut file_state = State::default();
+        file_state.apply(&create("a", "ta"));
+        file_state.journal_seq = 1;
+        write_atomic(
+            &paths.state,
+            &file_state.to_file_bytes(SystemTime::now()).unwrap(),
+        )
+        .unwrap();
+        let mut journal = Vec::new();
+        for (n, r) in [
+            (1, create("a", "ta")),
+            (2, create("b", "tb")),
+            (3, Record::Leave { token: "zz".into() }),
+        ] {
+            serde_json::to_writer(&mut journal, &JournalLine { n, record: r }).unwrap();
+            journal.push(b'\n');
+        }
+        journal.extend_from_slice(br#"{"n":4,"op":"close_ro"#);
+        fs::write(&paths.journal, &journal).unwrap();
+        let loaded = load(&paths).unwrap();
+        assert!(loaded.torn_tail);
+        assert_eq!(loaded.replayed, 2);
+        assert_eq!(loaded.last_seq, 3);
+        assert!(loaded.state.rooms.contains_key("a") && loaded.state.rooms.contains_key("b"));
+    }
+
+    #[test]
+    fn a_bad_line_before_the_end_is_an_error() {
+        let bytes = b"{\"n\":1,\"op\":\"leave\",\"token\":\"x\"}\ngarbage\n{\"n\":3,\"op\":\"leave\",\"token\":\"y\"}\n";
+        let err = parse_journal(bytes).unwrap_err();
+        assert_eq!(err.0, 2);
+    }
+
+    #[test]
+    fn corrupt_state_file_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(&dir.path().join("s.json"));
+        fs::write(&paths.state, b"{ not json").unwrap();
+        let err = load(&paths).unwrap_err();
+        assert!(err.to_string().contains("s.json"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_a_fresh_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let loaded = load(&Paths::new(&dir.path().join("none.json"))).unwrap();
+        assert!(loaded.state.rooms.is_empty());
+        assert_eq!(loaded.last_seq, 0);
+    }
+
+    #[test]
+    fn replaying_twice_changes_nothing() {
+        let records = [
+            create("a", "h"),
+            Record::Join {
+                room: "a".into(),
+                member: member("m", "bob"),
+            },
+            Record::Leave { token: "m".into() },
+            Record::CloseRoom { room: "a".into() },
+            create("a", "h2"),
+            Record::Join {
+                room: "a".into(),
+                member: member("m2", "cy"),
+            },
+        ];
+        let mut once = State::default();
+        records.iter().for_each(|r| once.apply(r));
+        let mut twice = once.clone();
+        records.iter().for_each(|r| twice.apply(r));
+        assert_eq!(once, twice);
+        assert_eq!(once.rooms["a"].members, vec!["h2", "m2"]);
+    }
+}
