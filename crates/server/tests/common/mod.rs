@@ -1,0 +1,570 @@
+//! Test harness: the real `ocmd` on free loopback ports with a temporary state file, raw
+//! TCRP/UCRP clients built on the protocol crates, and the real `ocm` binary.
+//!
+//! Every wait has a deadline; nothing sleeps blindly. A [`Daemon`] kills and reaps its child
+//! on drop and prints its stderr if the test panicked.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tcrp::payload::{self, Compliance};
+use tcrp::{Frame, Operation, State};
+use ucrp::delivery::{self, Delivery};
+
+/// How long any single expectation may take before the test fails (generous for a loaded
+/// 2-core machine).
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Path of a binary built beside `ocmd` (e.g. `ocm`).
+pub fn sibling_binary(name: &str) -> PathBuf {
+    let ocmd = Path::new(env!("CARGO_BIN_EXE_ocmd"));
+    let path = ocmd.with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build every binary first (cargo build --workspace --bins, as scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `condition` until it holds or [`PATIENCE`] runs out.
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// How to start a daemon.
+#[derive(Clone, Default)]
+pub struct Options {
+    /// TOML written to a config file passed with `--config`.
+    pub config: Option<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    /// Fixed TCP/UDP addresses (for restarts on the same ports); free ports otherwise.
+    pub tcp: Option<SocketAddr>,
+    /// See `tcp`.
+    pub udp: Option<SocketAddr>,
+    /// Serve metrics on a free port.
+    pub metrics: bool,
+}
+
+/// A running `ocmd`.
+pub struct Daemon {
+    child: Option<Child>,
+    /// Bound TCRP address.
+    pub tcp: SocketAddr,
+    /// Bound UCRP address.
+    pub udp: SocketAddr,
+    /// Bound metrics address.
+    pub metrics: Option<SocketAddr>,
+    /// The temporary directory holding the state.
+    pub dir: Arc<tempfile::TempDir>,
+    /// `room_manager.json` inside `dir`.
+    pub state: PathBuf,
+    options: Options,
+    log: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    /// A daemon with default settings and a fresh state directory.
+    pub fn start() -> Daemon {
+        Daemon::start_with(Options::default())
+    }
+
+    /// A daemon with `options` and a fresh state directory.
+    pub fn start_with(options: Options) -> Daemon {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        Daemon::spawn(dir, options).expect("ocmd starts")
+    }
+
+    /// Starts `ocmd` on `dir`; returns its stderr if it exits before listening.
+    pub fn spawn(dir: Arc<tempfile::TempDir>, options: Options) -> Result<Daemon, String> {
+        let state = dir.path().join("room_manager.json");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocmd"));
+        cmd.arg("--tcp")
+            .arg(options.tcp.map_or("127.0.0.1:0".to_owned(), |a| a.to_string()))
+            .arg("--udp")
+            .arg(options.udp.map_or("127.0.0.1:0".to_owned(), |a| a.to_string()))
+            .arg("--state")
+            .arg(&state)
+            .arg("--metrics")
+            .arg(if options.metrics { "127.0.0.1:0" } else { "off" });
+        if let Some(text) = &options.config {
+            let path = dir.path().join("ocmd.toml");
+            std::fs::write(&path, text).expect("write config");
+            cmd.arg("--config").arg(path);
+        }
+        cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()));
+        cmd.env_remove("NOTIFY_SOCKET");
+        for (k, v) in &options.env {
+            cmd.env(k, v);
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn ocmd");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel::<String>();
+        {
+            let log = Arc::clone(&log);
+            thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    log.lock().unwrap().push_str(&line);
+                    log.lock().unwrap().push('\n');
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.split("listening ").nth(1) {
+                        let field = |name: &str| {
+                            rest.split_whitespace()
+                                .find_map(|kv| kv.strip_prefix(name))
+                                .map(str::to_owned)
+                        };
+                        let tcp = field("tcp=").and_then(|a| a.parse().ok()).expect("tcp address");
+                        let udp = field("udp=").and_then(|a| a.parse().ok()).expect("udp address");
+                        let metrics = field("metrics=").and_then(|a| a.parse().ok());
+                        return Ok(Daemon {
+                            child: Some(child),
+                            tcp,
+                            udp,
+                            metrics,
+                            dir,
+                            state,
+                            options,
+                            log,
+                        });
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    // Let the reader thread collect the rest.
+                    thread::sleep(Duration::from_millis(50));
+                    return Err(log.lock().unwrap().clone());
+                }
+            }
+        }
+    }
+
+    /// Everything the daemon wrote to stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the daemon's log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str) {
+        wait_until(&format!("log line {needle:?}"), || self.log().contains(needle));
+    }
+
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, signal: i32) {
+        let rc = unsafe { libc::kill(self.pid() as i32, signal) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    /// Waits for the child to exit (with a deadline) and returns its status.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "ocmd did not exit");
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        self.wait_exit();
+    }
+
+    /// SIGTERM; returns the exit status and how long it took.
+    pub fn terminate(&mut self) -> (ExitStatus, Duration) {
+        let t = Instant::now();
+        self.signal(libc::SIGTERM);
+        let status = self.wait_exit();
+        (status, t.elapsed())
+    }
+
+    /// Starts a new daemon on the same state directory and the same ports (the old one
+    /// must have exited).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the daemon first");
+        let mut options = self.options.clone();
+        options.tcp = Some(self.tcp);
+        options.udp = Some(self.udp);
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            match Daemon::spawn(Arc::clone(&self.dir), options.clone()) {
+                Ok(mut fresh) => {
+                    self.child = fresh.child.take();
+                    self.log = Arc::clone(&fresh.log);
+                    self.metrics = fresh.metrics;
+                    return;
+                }
+                // The old ports can take a moment to be free again.
+                Err(log) if log.contains("Address already in use") && Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(50));
+                }
+                Err(log) => panic!("restart failed:\n{log}"),
+            }
+        }
+    }
+
+    /// `GET path` on the metrics listener; returns the body.
+    pub fn http_get(&self, path: &str) -> String {
+        let addr = self.metrics.expect("metrics enabled");
+        let mut s = TcpStream::connect(addr).expect("connect metrics");
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("read response");
+        let (head, body) = text.split_once("\r\n\r\n").expect("http response");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        body.to_owned()
+    }
+
+    /// One sample from `/metrics` (0 when absent), e.g. `ocm_rooms` or
+    /// `ocm_datagrams_dropped_total{reason="unknown_token"}`.
+    pub fn metric(&self, sample: &str) -> f64 {
+        let body = self.http_get("/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|r| r.strip_prefix(' ')))
+            .map_or(0.0, |v| v.trim().parse().expect("number"))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if thread::panicking() {
+            eprintln!("---- ocmd stderr ----\n{}---------------------", self.log());
+        }
+    }
+}
+
+/// What a TCRP exchange returned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// The COMPLIANCE payload, parsed.
+    pub compliance: Compliance,
+    /// The token from COMPLETE, on success.
+    pub token: Option<String>,
+}
+
+/// Reads whole TCRP frames from a stream, keeping bytes that arrive early.
+#[derive(Default)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    /// The next frame's state and payload; `None` on EOF.
+    pub fn next(&mut self, stream: &mut TcpStream) -> Option<(State, Vec<u8>)> {
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some((frame, used)) = tcrp::decode(&self.buf, 1 << 20).expect("valid frame") {
+                let parsed = (frame.state, frame.payload.to_vec());
+                self.buf.drain(..used);
+                return Some(parsed);
+            }
+            let n = stream.read(&mut chunk).expect("read reply");
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Reads one reply: COMPLIANCE, and COMPLETE after a success.
+    pub fn reply(&mut self, stream: &mut TcpStream) -> Reply {
+        let (state, body) = self.next(stream).expect("COMPLIANCE frame");
+        assert_eq!(state, State::Compliance);
+        let compliance = payload::parse_compliance(&body).expect("COMPLIANCE payload");
+        let token = if compliance == Compliance::Success {
+            let (state, body) = self.next(stream).expect("COMPLETE frame");
+            assert_eq!(state, State::Complete);
+            Some(payload::parse_complete(&body).expect("token"))
+        } else {
+            None
+        };
+        Reply { compliance, token }
+    }
+}
+
+/// Sends one request's bytes on `stream` and reads its reply.
+pub fn exchange(stream: &mut TcpStream, request: &[u8]) -> Reply {
+    stream.write_all(request).expect("send request");
+    FrameReader::default().reply(stream)
+}
+
+/// The bytes of a REQUEST frame.
+pub fn request_bytes(op: Operation, room: &str, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    Frame {
+        operation: op,
+        state: State::Request,
+        room_name: room.as_bytes(),
+        payload,
+    }
+    .encode(&mut out)
+    .expect("room name fits");
+    out
+}
+
+/// A fresh connection with TCP_NODELAY and a read timeout.
+pub fn connect(daemon: &Daemon) -> TcpStream {
+    let s = TcpStream::connect(daemon.tcp).expect("connect");
+    s.set_nodelay(true).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    s
+}
+
+/// One request on its own connection, as the original client does.
+pub fn request(daemon: &Daemon, op: Operation, room: &str, payload: &[u8]) -> Reply {
+    let mut s = connect(daemon);
+    exchange(&mut s, &request_bytes(op, room, payload))
+}
+
+/// Creates `room` as `name` with the original client's payload; returns the token.
+pub fn create(daemon: &Daemon, room: &str, name: &str) -> String {
+    let r = request(daemon, Operation::CreateRoom, room, format!("\"{name}\"").as_bytes());
+    r.token.unwrap_or_else(|| panic!("create {room} refused: {:?}", r.compliance))
+}
+
+/// Joins `room` as `name` with the original client's payload; returns the token.
+pub fn join(daemon: &Daemon, room: &str, name: &str) -> String {
+    let r = request(daemon, Operation::JoinRoom, room, format!("\"{name}\"").as_bytes());
+    r.token.unwrap_or_else(|| panic!("join {room} refused: {:?}", r.compliance))
+}
+
+/// A chat participant speaking raw UCRP from its own UDP socket.
+pub struct Member {
+    /// The socket.
+    pub socket: UdpSocket,
+    /// The daemon's UDP address.
+    pub server: SocketAddr,
+    /// Room name.
+    pub room: String,
+    /// Token.
+    pub token: String,
+}
+
+impl Member {
+    /// A member with a fresh socket, not yet registered.
+    pub fn new(daemon: &Daemon, room: &str, token: &str) -> Member {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        socket.set_read_timeout(Some(PATIENCE)).unwrap();
+        Member {
+            socket,
+            server: daemon.udp,
+            room: room.to_owned(),
+            token: token.to_owned(),
+        }
+    }
+
+    /// A member that has registered and been acknowledged by the probe of `witness` (see
+    /// [`Member::registered`]).
+    pub fn joined(daemon: &Daemon, room: &str, token: &str) -> Member {
+        let m = Member::new(daemon, room, token);
+        m.send("__REGISTER__");
+        m
+    }
+
+    /// The member's local address.
+    pub fn addr(&self) -> SocketAddr {
+        self.socket.local_addr().unwrap()
+    }
+
+    /// Sends a UCRP datagram with this member's room and token.
+    pub fn send(&self, message: &str) {
+        let mut b = Vec::new();
+        ucrp::datagram::encode(self.room.as_bytes(), self.token.as_bytes(), message, &mut b).expect("fits");
+        self.send_raw(&b);
+    }
+
+    /// Sends arbitrary bytes to the daemon's UDP socket.
+    pub fn send_raw(&self, bytes: &[u8]) {
+        self.socket.send_to(bytes, self.server).expect("send");
+    }
+
+    /// Waits for the next datagram from the daemon (panics after [`PATIENCE`]).
+    pub fn recv_raw(&self) -> Vec<u8> {
+        let mut buf = [0u8; 8192];
+        let (n, from) = self.socket.recv_from(&mut buf).expect("a datagram within the deadline");
+        assert_eq!(from, self.server, "datagram from the daemon");
+        buf[..n].to_vec()
+    }
+
+    /// The next datagram, rendered: `sender: text`, `CLOSED`, `#seq sender: text`,
+    /// `* name Joined`, or the entries of a batch joined by ` | `.
+    pub fn recv(&self) -> String {
+        render(&self.recv_raw())
+    }
+
+    /// Receives until a datagram renders as `expected`, skipping others; returns the skipped.
+    pub fn recv_until(&self, expected: &str) -> Vec<String> {
+        let mut skipped = Vec::new();
+        loop {
+            let got = self.recv();
+            if got == expected {
+                return skipped;
+            }
+            skipped.push(got);
+        }
+    }
+
+    /// Sends `__REGISTER__` until `other` sees a message from us: proof that the daemon has
+    /// bound our address (UDP gives no acknowledgement).
+    pub fn registered_with(&self, other: &Member, name: &str) {
+        self.send("__REGISTER__");
+        let probe = format!("probe from {name}");
+        self.send(&probe);
+        assert_eq!(other.recv(), format!("{name}: {probe}"));
+    }
+}
+
+/// Renders a server datagram as text for assertions.
+pub fn render(bytes: &[u8]) -> String {
+    match delivery::parse(bytes).expect("well-formed delivery") {
+        Delivery::Chat { sender, message } => format!("{sender}: {message}"),
+        Delivery::Sequenced { seq, sender, message } => format!("#{seq} {sender}: {message}"),
+        Delivery::RoomClosed => "CLOSED".into(),
+        Delivery::Notice { what, name } => format!("* {name} {what:?}"),
+        Delivery::Batch(body) => delivery::batch_entries(body)
+            .map(|e| render(e.expect("batch entry")))
+            .collect::<Vec<_>>()
+            .join(" | "),
+    }
+}
+
+/// The real `ocm` client, driven through pipes.
+pub struct Ocm {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: Receiver<String>,
+    /// stderr lines collected so far.
+    pub stderr: Arc<Mutex<String>>,
+}
+
+impl Ocm {
+    /// Starts `ocm ARGS... --server 127.0.0.1 --tcp-port T --udp-port U`.
+    pub fn start(daemon: &Daemon, args: &[&str]) -> Ocm {
+        let mut child = Command::new(sibling_binary("ocm"))
+            .arg("--server")
+            .arg("127.0.0.1")
+            .arg("--tcp-port")
+            .arg(daemon.tcp.port().to_string())
+            .arg("--udp-port")
+            .arg(daemon.udp.port().to_string())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ocm");
+        let stdin = child.stdin.take();
+        let (tx, stdout) = mpsc::channel();
+        let out = child.stdout.take().expect("stdout");
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let err = child.stderr.take().expect("stderr");
+        {
+            let stderr = Arc::clone(&stderr);
+            thread::spawn(move || {
+                for line in BufReader::new(err).lines() {
+                    let Ok(line) = line else { break };
+                    let mut s = stderr.lock().unwrap();
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+            });
+        }
+        Ocm { child, stdin, stdout, stderr }
+    }
+
+    /// Types a line.
+    pub fn type_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").expect("write to ocm");
+        stdin.flush().unwrap();
+    }
+
+    /// Closes standard input (end of input).
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// The next stdout line.
+    pub fn line(&self) -> String {
+        self.stdout
+            .recv_timeout(PATIENCE)
+            .unwrap_or_else(|_| panic!("no output from ocm; stderr:\n{}", self.stderr.lock().unwrap()))
+    }
+
+    /// Waits until stderr contains `needle`.
+    pub fn wait_stderr(&self, needle: &str) {
+        wait_until(&format!("ocm stderr {needle:?}"), || self.stderr.lock().unwrap().contains(needle));
+    }
+
+    /// Waits for exit and returns the status.
+    pub fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "ocm did not exit; stderr:\n{}", self.stderr.lock().unwrap());
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGKILL.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Ocm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,264 @@
+//! The core path against the real daemon: handshakes, relay, leave, close, restart, and the
+//! real `ocm` client.
+
+mod common;
+
+use common::*;
+use tcrp::payload::{Compliance, ErrorCode};
+use tcrp::Operation;
+
+fn refused(reply: &Reply) -> Option<ErrorCode> {
+    match &reply.compliance {
+        Compliance::Failure { code, .. } => *code,
+        Compliance::Success => None,
+    }
+}
+
+#[test]
+fn original_client_bytes_get_original_reply_bytes() {
+    let d = Daemon::start();
+    let mut s = connect(&d);
+    // Exactly what the original Python client writes for create "lobby" as alice.
+    // Header: name size 5, operation 1, state 0, then the 29-byte size written as a zero
+    // byte and 28 big-endian bytes (the original's layout); then "lobby" and "\"alice\"".
+    let hex_request = format!("050100{}{}{}{}", "00", "00".repeat(27), "07", "6c6f62627922616c69636522");
+    let request = hex::decode(hex_request).unwrap();
+    assert_eq!(request.len(), 32 + 5 + 7);
+    std::io::Write::write_all(&mut s, &request).unwrap();
+    let mut reader = FrameReader::default();
+    let (state, body) = reader.next(&mut s).unwrap();
+    assert_eq!(state, tcrp::State::Compliance);
+    assert_eq!(body, b"{\"success\": true}");
+    let (state, body) = reader.next(&mut s).unwrap();
+    assert_eq!(state, tcrp::State::Complete);
+    let text = String::from_utf8(body).unwrap();
+    let token = text
+        .strip_prefix("{\"token\": \"")
+        .and_then(|t| t.strip_suffix("\"}"))
+        .expect("original COMPLETE layout");
+    assert_eq!(token.len(), 32);
+    assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
+}
+
+#[test]
+fn chat_is_relayed_both_ways_and_never_echoed() {
+    let d = Daemon::start();
+    let host_token = create(&d, "lobby", "alice");
+    let bob_token = join(&d, "lobby", "bob");
+    let alice = Member::joined(&d, "lobby", &host_token);
+    let bob = Member::new(&d, "lobby", &bob_token);
+    bob.registered_with(&alice, "bob");
+    alice.send("hi bob");
+    assert_eq!(bob.recv(), "alice: hi bob");
+    bob.send("hi alice");
+    assert_eq!(alice.recv(), "bob: hi alice");
+    // Not echoed: the next thing alice gets is bob's next message, not her own.
+    alice.send("echo?");
+    assert_eq!(bob.recv(), "alice: echo?");
+    bob.send("after");
+    assert_eq!(alice.recv(), "bob: after");
+}
+
+#[test]
+fn refusals_name_their_reason() {
+    let d = Daemon::start();
+    create(&d, "lobby", "alice");
+    join(&d, "lobby", "bob");
+    let cases: Vec<(Operation, &str, &[u8], ErrorCode)> = vec![
+        (Operation::CreateRoom, "lobby", b"\"zed\"", ErrorCode::RoomExists),
+        (Operation::JoinRoom, "nowhere", b"\"zed\"", ErrorCode::RoomNotFound),
+        (Operation::JoinRoom, "lobby", b"\"bob\"", ErrorCode::NameTaken),
+        (Operation::JoinRoom, "lobby", b"\"alice\"", ErrorCode::NameTaken),
+        (Operation::CreateRoom, "bad\nname", b"\"zed\"", ErrorCode::InvalidRoomName),
+        (Operation::CreateRoom, "", b"\"zed\"", ErrorCode::InvalidRoomName),
+        (Operation::JoinRoom, "lobby", b"\"\"", ErrorCode::InvalidUsername),
+        (Operation::JoinRoom, "lobby", "\"x\u{7}\"".as_bytes(), ErrorCode::InvalidUsername),
+        (Operation::Other(0x42), "lobby", b"\"zed\"", ErrorCode::UnsupportedOperation),
+        (Operation::JoinRoom, "lobby", br#"{"username": 1}"#, ErrorCode::MalformedRequest),
+    ];
+    for (op, room, payload, code) in cases {
+        let reply = request(&d, op, room, payload);
+        assert_eq!(refused(&reply), Some(code), "{op:?} {room:?} {payload:?}: {reply:?}");
+        assert_eq!(reply.token, None);
+        if let Compliance::Failure { message, .. } = &reply.compliance {
+            assert!(message.as_deref().is_some_and(|m| !m.is_empty()), "refusal has a message");
+        }
+    }
+    // The JSON-object and plain-text forms of the username work too.
+    let r = request(&d, Operation::JoinRoom, "lobby", br#"{"username": "carol", "future": true}"#);
+    assert!(r.token.is_some());
+    let r = request(&d, Operation::JoinRoom, "lobby", b"dave");
+    assert!(r.token.is_some());
+    let r = request(&d, Operation::JoinRoom, "lobby", b"\"dave\"");
+    assert_eq!(refused(&r), Some(ErrorCode::NameTaken), "plain-text dave is the same dave");
+}
+
+#[test]
+fn several_requests_on_one_connection_are_answered_in_order() {
+    let d = Daemon::start();
+    let mut s = connect(&d);
+    // Pipelined: all three requests in one write.
+    let mut bytes = request_bytes(Operation::CreateRoom, "pipe", b"\"h\"");
+    bytes.extend(request_bytes(Operation::JoinRoom, "pipe", b"\"h\""));
+    bytes.extend(request_bytes(Operation::JoinRoom, "pipe", b"\"m\""));
+    std::io::Write::write_all(&mut s, &bytes).unwrap();
+    let mut reader = FrameReader::default();
+    let first = reader.reply(&mut s);
+    let second = reader.reply(&mut s);
+    let third = reader.reply(&mut s);
+    assert!(first.token.is_some());
+    assert_eq!(refused(&second), Some(ErrorCode::NameTaken));
+    assert!(third.token.is_some());
+    assert_ne!(first.token, third.token);
+    // And one after another on the same connection.
+    let fourth = exchange(&mut s, &request_bytes(Operation::JoinRoom, "pipe", b"\"n\""));
+    assert!(fourth.token.is_some());
+}
+
+#[test]
+fn bad_tokens_rooms_and_addresses_are_dropped_and_counted() {
+    let d = Daemon::start_with(Options {
+        metrics: true,
+        ..Options::default()
+    });
+    let host = create(&d, "a", "host");
+    let bob_token = join(&d, "a", "bob");
+    let other_host = create(&d, "b", "other");
+    let alice = Member::joined(&d, "a", &host);
+    let bob = Member::new(&d, "a", &bob_token);
+    bob.registered_with(&alice, "bob");
+
+    // Wrong token, token of another room, right token from a foreign address, a member that
+    // never registered: none of these may reach alice.
+    let intruder = Member::new(&d, "a", "0123456789abcdef0123456789abcdef");
+    intruder.send("spoof 1");
+    let cross = Member::new(&d, "a", &other_host);
+    cross.send("spoof 2");
+    let thief = Member::new(&d, "a", &bob_token);
+    thief.send("spoof 3");
+    let carol_token = join(&d, "a", "carol");
+    let carol = Member::new(&d, "a", &carol_token);
+    carol.send("spoof 4");
+    // Datagrams from one socket arrive in order; the probe after them must be next.
+    bob.send("real");
+    assert_eq!(alice.recv(), "bob: real");
+
+    wait_until("drop counters", || {
+        d.metric("ocm_datagrams_dropped_total{reason=\"unknown_token\"}") >= 1.0
+            && d.metric("ocm_datagrams_dropped_total{reason=\"wrong_room\"}") >= 1.0
+            && d.metric("ocm_datagrams_dropped_total{reason=\"address_mismatch\"}") >= 1.0
+            && d.metric("ocm_datagrams_dropped_total{reason=\"unregistered\"}") >= 1.0
+    });
+    // Nobody was told anything back: the intruders' sockets stay silent. Prove it by letting
+    // the daemon answer a later valid request first (TCP round trip), then checking them.
+    join(&d, "a", "dave");
+    for m in [&intruder, &cross, &thief, &carol] {
+        m.socket.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 64];
+        assert!(m.socket.recv_from(&mut buf).is_err(), "no reply to a dropped datagram");
+    }
+}
+
+#[test]
+fn member_leave_and_host_leave_closes_the_room_for_everyone() {
+    let d = Daemon::start();
+    let host_token = create(&d, "r", "host");
+    let host = Member::joined(&d, "r", &host_token);
+    let names = ["m1", "m2", "m3"];
+    let members: Vec<Member> = names
+        .iter()
+        .map(|n| {
+            let m = Member::new(&d, "r", &join(&d, "r", n));
+            m.registered_with(&host, n);
+            m
+        })
+        .collect();
+    // Each probe also reached the members registered before it: catch everyone up.
+    host.send("sync");
+    for m in &members {
+        m.recv_until("host: sync");
+    }
+    // m3 leaves: the others no longer relay to it, and its token is dead.
+    members[2].send("__LEAVE__");
+    members[0].send("after m3 left");
+    assert_eq!(host.recv(), "m1: after m3 left");
+    assert_eq!(members[1].recv(), "m1: after m3 left");
+    let r = request(&d, Operation::JoinRoom, "r", b"\"m3\"");
+    assert!(r.token.is_some(), "the name is free again after leaving: {r:?}");
+
+    host.send("__LEAVE__");
+    assert_eq!(members[0].recv(), "CLOSED");
+    assert_eq!(members[1].recv_raw(), b"__ROOM_CLOSED__");
+    // The room is gone: joining fails, creating works.
+    let r = request(&d, Operation::JoinRoom, "r", b"\"late\"");
+    assert_eq!(refused(&r), Some(ErrorCode::RoomNotFound));
+    create(&d, "r", "newhost");
+}
+
+#[test]
+fn restart_keeps_rooms_tokens_and_addresses() {
+    let mut d = Daemon::start();
+    let host_token = create(&d, "keep", "host");
+    let bob_token = join(&d, "keep", "bob");
+    let host = Member::joined(&d, "keep", &host_token);
+    let bob = Member::new(&d, "keep", &bob_token);
+    bob.registered_with(&host, "bob");
+
+    let (status, took) = d.terminate();
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+    assert!(took < std::time::Duration::from_secs(2), "stopped in {took:?}");
+    let saved = std::fs::read_to_string(&d.state).expect("state file written on shutdown");
+    assert!(saved.contains("\"keep\"") && saved.contains(&host_token) && saved.contains(&bob_token));
+
+    d.restart();
+    // Registered addresses survived: bob talks without registering again.
+    bob.send("after restart");
+    assert_eq!(host.recv(), "bob: after restart");
+    // Names are still taken, the room still exists.
+    assert_eq!(
+        refused(&request(&d, Operation::JoinRoom, "keep", b"\"bob\"")),
+        Some(ErrorCode::NameTaken)
+    );
+    assert_eq!(
+        refused(&request(&d, Operation::CreateRoom, "keep", b"\"x\"")),
+        Some(ErrorCode::RoomExists)
+    );
+}
+
+#[test]
+fn ocm_clients_chat_and_the_host_closes_the_room() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    let mut bob = Ocm::start(&d, &["join", "lobby", "--name", "bob"]);
+    bob.wait_stderr("* joined lobby as bob");
+    // ocm announces notices, so alice hears bob join once he registered.
+    assert_eq!(alice.line(), "* bob joined");
+    // Bob's REGISTER may still be in flight when alice speaks: repeat until he hears her.
+    let mut heard = false;
+    for i in 0..50 {
+        alice.type_line(&format!("hello {i}"));
+        let line = bob.line();
+        if line.starts_with("alice: hello") {
+            heard = true;
+            break;
+        }
+    }
+    assert!(heard);
+    bob.type_line("hi alice");
+    wait_until("alice hears bob", || alice.line() == "bob: hi alice");
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+    wait_until("bob hears the room close", || bob.line().contains("was closed by its host"));
+    assert!(bob.wait().success());
+}
+
+#[test]
+fn ocm_reports_a_refused_join_and_exits_non_zero() {
+    let d = Daemon::start();
+    let mut ocm = Ocm::start(&d, &["join", "ghost-town", "--name", "bob"]);
+    let status = ocm.wait();
+    assert!(!status.success());
+    let err = ocm.stderr.lock().unwrap().clone();
+    assert!(err.contains("ghost-town") && err.contains("does not exist"), "{err}");
+}
