@@ -21,7 +21,13 @@ fn original_client_bytes_get_original_reply_bytes() {
     // Exactly what the original Python client writes for create "lobby" as alice.
     // Header: name size 5, operation 1, state 0, then the 29-byte size written as a zero
     // byte and 28 big-endian bytes (the original's layout); then "lobby" and "\"alice\"".
-    let hex_request = format!("050100{}{}{}{}", "00", "00".repeat(27), "07", "6c6f62627922616c69636522");
+    let hex_request = format!(
+        "050100{}{}{}{}",
+        "00",
+        "00".repeat(27),
+        "07",
+        "6c6f62627922616c69636522"
+    );
     let request = hex::decode(hex_request).unwrap();
     assert_eq!(request.len(), 32 + 5 + 7);
     std::io::Write::write_all(&mut s, &request).unwrap();
@@ -65,32 +71,98 @@ fn refusals_name_their_reason() {
     create(&d, "lobby", "alice");
     join(&d, "lobby", "bob");
     let cases: Vec<(Operation, &str, &[u8], ErrorCode)> = vec![
-        (Operation::CreateRoom, "lobby", b"\"zed\"", ErrorCode::RoomExists),
-        (Operation::JoinRoom, "nowhere", b"\"zed\"", ErrorCode::RoomNotFound),
-        (Operation::JoinRoom, "lobby", b"\"bob\"", ErrorCode::NameTaken),
-        (Operation::JoinRoom, "lobby", b"\"alice\"", ErrorCode::NameTaken),
-        (Operation::CreateRoom, "bad\nname", b"\"zed\"", ErrorCode::InvalidRoomName),
-        (Operation::CreateRoom, "", b"\"zed\"", ErrorCode::InvalidRoomName),
-        (Operation::JoinRoom, "lobby", b"\"\"", ErrorCode::InvalidUsername),
-        (Operation::JoinRoom, "lobby", "\"x\u{7}\"".as_bytes(), ErrorCode::InvalidUsername),
-        (Operation::Other(0x42), "lobby", b"\"zed\"", ErrorCode::UnsupportedOperation),
-        (Operation::JoinRoom, "lobby", br#"{"username": 1}"#, ErrorCode::MalformedRequest),
+        (
+            Operation::CreateRoom,
+            "lobby",
+            b"\"zed\"",
+            ErrorCode::RoomExists,
+        ),
+        (
+            Operation::JoinRoom,
+            "nowhere",
+            b"\"zed\"",
+            ErrorCode::RoomNotFound,
+        ),
+        (
+            Operation::JoinRoom,
+            "lobby",
+            b"\"bob\"",
+            ErrorCode::NameTaken,
+        ),
+        (
+            Operation::JoinRoom,
+            "lobby",
+            b"\"alice\"",
+            ErrorCode::NameTaken,
+        ),
+        (
+            Operation::CreateRoom,
+            "bad\nname",
+            b"\"zed\"",
+            ErrorCode::InvalidRoomName,
+        ),
+        (
+            Operation::CreateRoom,
+            "",
+            b"\"zed\"",
+            ErrorCode::InvalidRoomName,
+        ),
+        (
+            Operation::JoinRoom,
+            "lobby",
+            b"\"\"",
+            ErrorCode::InvalidUsername,
+        ),
+        (
+            Operation::JoinRoom,
+            "lobby",
+            "\"x\u{7}\"".as_bytes(),
+            ErrorCode::InvalidUsername,
+        ),
+        (
+            Operation::Other(0x42),
+            "lobby",
+            b"\"zed\"",
+            ErrorCode::UnsupportedOperation,
+        ),
+        (
+            Operation::JoinRoom,
+            "lobby",
+            br#"{"username": 1}"#,
+            ErrorCode::MalformedRequest,
+        ),
     ];
     for (op, room, payload, code) in cases {
         let reply = request(&d, op, room, payload);
-        assert_eq!(refused(&reply), Some(code), "{op:?} {room:?} {payload:?}: {reply:?}");
+        assert_eq!(
+            refused(&reply),
+            Some(code),
+            "{op:?} {room:?} {payload:?}: {reply:?}"
+        );
         assert_eq!(reply.token, None);
         if let Compliance::Failure { message, .. } = &reply.compliance {
-            assert!(message.as_deref().is_some_and(|m| !m.is_empty()), "refusal has a message");
+            assert!(
+                message.as_deref().is_some_and(|m| !m.is_empty()),
+                "refusal has a message"
+            );
         }
     }
     // The JSON-object and plain-text forms of the username work too.
-    let r = request(&d, Operation::JoinRoom, "lobby", br#"{"username": "carol", "future": true}"#);
+    let r = request(
+        &d,
+        Operation::JoinRoom,
+        "lobby",
+        br#"{"username": "carol", "future": true}"#,
+    );
     assert!(r.token.is_some());
     let r = request(&d, Operation::JoinRoom, "lobby", b"dave");
     assert!(r.token.is_some());
     let r = request(&d, Operation::JoinRoom, "lobby", b"\"dave\"");
-    assert_eq!(refused(&r), Some(ErrorCode::NameTaken), "plain-text dave is the same dave");
+    assert_eq!(
+        refused(&r),
+        Some(ErrorCode::NameTaken),
+        "plain-text dave is the same dave"
+    );
 }
 
 #[test]
@@ -111,7 +183,10 @@ fn several_requests_on_one_connection_are_answered_in_order() {
     assert!(third.token.is_some());
     assert_ne!(first.token, third.token);
     // And one after another on the same connection.
-    let fourth = exchange(&mut s, &request_bytes(Operation::JoinRoom, "pipe", b"\"n\""));
+    let fourth = exchange(
+        &mut s,
+        &request_bytes(Operation::JoinRoom, "pipe", b"\"n\""),
+    );
     assert!(fourth.token.is_some());
 }
 
@@ -155,7 +230,10 @@ fn bad_tokens_rooms_and_addresses_are_dropped_and_counted() {
     for m in [&intruder, &cross, &thief, &carol] {
         m.socket.set_nonblocking(true).unwrap();
         let mut buf = [0u8; 64];
-        assert!(m.socket.recv_from(&mut buf).is_err(), "no reply to a dropped datagram");
+        assert!(
+            m.socket.recv_from(&mut buf).is_err(),
+            "no reply to a dropped datagram"
+        );
     }
 }
 
@@ -184,7 +262,10 @@ fn member_leave_and_host_leave_closes_the_room_for_everyone() {
     assert_eq!(host.recv(), "m1: after m3 left");
     assert_eq!(members[1].recv(), "m1: after m3 left");
     let r = request(&d, Operation::JoinRoom, "r", b"\"m3\"");
-    assert!(r.token.is_some(), "the name is free again after leaving: {r:?}");
+    assert!(
+        r.token.is_some(),
+        "the name is free again after leaving: {r:?}"
+    );
 
     host.send("__LEAVE__");
     assert_eq!(members[0].recv(), "CLOSED");
@@ -206,9 +287,14 @@ fn restart_keeps_rooms_tokens_and_addresses() {
 
     let (status, took) = d.terminate();
     assert!(status.success(), "clean exit on SIGTERM: {status:?}");
-    assert!(took < std::time::Duration::from_secs(2), "stopped in {took:?}");
+    assert!(
+        took < std::time::Duration::from_secs(2),
+        "stopped in {took:?}"
+    );
     let saved = std::fs::read_to_string(&d.state).expect("state file written on shutdown");
-    assert!(saved.contains("\"keep\"") && saved.contains(&host_token) && saved.contains(&bob_token));
+    assert!(
+        saved.contains("\"keep\"") && saved.contains(&host_token) && saved.contains(&bob_token)
+    );
 
     d.restart();
     // Registered addresses survived: bob talks without registering again.
@@ -249,7 +335,9 @@ fn ocm_clients_chat_and_the_host_closes_the_room() {
     wait_until("alice hears bob", || alice.line() == "bob: hi alice");
     alice.type_line("/quit");
     assert!(alice.wait().success());
-    wait_until("bob hears the room close", || bob.line().contains("was closed by its host"));
+    wait_until("bob hears the room close", || {
+        bob.line().contains("was closed by its host")
+    });
     assert!(bob.wait().success());
 }
 
@@ -260,5 +348,8 @@ fn ocm_reports_a_refused_join_and_exits_non_zero() {
     let status = ocm.wait();
     assert!(!status.success());
     let err = ocm.stderr.lock().unwrap().clone();
-    assert!(err.contains("ghost-town") && err.contains("does not exist"), "{err}");
+    assert!(
+        err.contains("ghost-town") && err.contains("does not exist"),
+        "{err}"
+    );
 }

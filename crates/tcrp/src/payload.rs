@@ -14,7 +14,7 @@
 //! Parsers for replies are lenient the way the original server needs: `success` may be a
 //! boolean or the numbers 1/0.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::Error;
@@ -42,11 +42,13 @@ pub enum ErrorCode {
     RateLimited,
     /// The room has a password and the request did not give it.
     BadPassword,
+    /// A members-only request (history) without a token of that room.
+    NotMember,
 }
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 11] = [
         ErrorCode::RoomExists,
         ErrorCode::RoomNotFound,
         ErrorCode::NameTaken,
@@ -57,6 +59,7 @@ impl ErrorCode {
         ErrorCode::ServerFull,
         ErrorCode::RateLimited,
         ErrorCode::BadPassword,
+        ErrorCode::NotMember,
     ];
 
     /// The code as written on the wire.
@@ -72,6 +75,7 @@ impl ErrorCode {
             ErrorCode::ServerFull => "server_full",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::BadPassword => "bad_password",
+            ErrorCode::NotMember => "not_member",
         }
     }
 
@@ -172,6 +176,8 @@ pub struct Request {
     pub before: Option<u64>,
     /// History: at most this many messages.
     pub limit: Option<u32>,
+    /// History: the requester's member token (history is for members only).
+    pub token: Option<String>,
 }
 
 impl Request {
@@ -186,6 +192,7 @@ impl Request {
             listed: None,
             before: None,
             limit: None,
+            token: None,
         }
     }
 
@@ -197,7 +204,8 @@ impl Request {
             && self.password.is_none()
             && self.listed.is_none()
             && self.before.is_none()
-            && self.limit.is_none();
+            && self.limit.is_none()
+            && self.token.is_none();
         if plain && self.form != RequestForm::JsonObject {
             out.extend_from_slice(json_string(&self.username).as_bytes());
             return;
@@ -222,6 +230,9 @@ impl Request {
         if let Some(l) = self.limit {
             fields.push(("limit", Value::from(l)));
         }
+        if let Some(t) = &self.token {
+            fields.push(("token", Value::from(t.as_str())));
+        }
         write_object(&fields, out);
     }
 }
@@ -237,6 +248,7 @@ struct ObjectRequest {
     listed: Option<bool>,
     before: Option<u64>,
     limit: Option<u32>,
+    token: Option<String>,
 }
 
 /// Decodes a REQUEST payload (see the module docs for the three forms).
@@ -259,6 +271,7 @@ pub fn parse_request(payload: &[u8]) -> Result<Request, Error> {
                 listed: parsed.listed,
                 before: parsed.before,
                 limit: parsed.limit,
+                token: parsed.token,
             };
         }
         _ => {
@@ -345,6 +358,75 @@ pub fn parse_complete(payload: &[u8]) -> Result<String, Error> {
         .and_then(Value::as_str)
         .map(str::to_owned)
         .ok_or(Error::MissingToken)
+}
+
+/// One room in a ListRooms COMPLETE payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListedRoom {
+    /// Room name.
+    pub name: String,
+    /// Members, host included.
+    pub members: usize,
+    /// Unix time of creation, seconds.
+    pub created_at: f64,
+    /// Whether joining needs a password.
+    pub password: bool,
+}
+
+/// COMPLETE payload of ListRooms (operation 3): `{"rooms": [...]}`, sorted by name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoomList {
+    /// The listed rooms.
+    pub rooms: Vec<ListedRoom>,
+}
+
+/// One member in a Presence COMPLETE payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresentMember {
+    /// Username.
+    pub name: String,
+    /// Whether it has registered a UDP address (can receive messages).
+    pub registered: bool,
+}
+
+/// COMPLETE payload of Presence (operation 4).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomPresence {
+    /// Room name.
+    pub room: String,
+    /// The host's username.
+    pub host: String,
+    /// Every member, host first.
+    pub members: Vec<PresentMember>,
+}
+
+/// One message in a History COMPLETE payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryMessage {
+    /// The room's sequence number of the message.
+    pub seq: u64,
+    /// Sender's username.
+    pub sender: String,
+    /// The text.
+    pub text: String,
+    /// Unix time it was relayed, seconds.
+    pub at: f64,
+}
+
+/// COMPLETE payload of History (operation 5): oldest first; `more` when older messages exist.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryPage {
+    /// Messages, oldest first.
+    pub messages: Vec<HistoryMessage>,
+    /// Whether messages older than the first one exist.
+    pub more: bool,
+}
+
+/// Decodes any JSON COMPLETE payload of an extension operation.
+pub fn parse_json<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, Error> {
+    serde_json::from_slice(payload).map_err(|e| Error::MalformedJson {
+        reason: e.to_string(),
+    })
 }
 
 /// Writes a JSON string the way serde does (which matches Python for ASCII).

@@ -92,24 +92,41 @@ impl Daemon {
         let state = dir.path().join("room_manager.json");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocmd"));
         cmd.arg("--tcp")
-            .arg(options.tcp.map_or("127.0.0.1:0".to_owned(), |a| a.to_string()))
+            .arg(
+                options
+                    .tcp
+                    .map_or("127.0.0.1:0".to_owned(), |a| a.to_string()),
+            )
             .arg("--udp")
-            .arg(options.udp.map_or("127.0.0.1:0".to_owned(), |a| a.to_string()))
+            .arg(
+                options
+                    .udp
+                    .map_or("127.0.0.1:0".to_owned(), |a| a.to_string()),
+            )
             .arg("--state")
             .arg(&state)
             .arg("--metrics")
-            .arg(if options.metrics { "127.0.0.1:0" } else { "off" });
+            .arg(if options.metrics {
+                "127.0.0.1:0"
+            } else {
+                "off"
+            });
         if let Some(text) = &options.config {
             let path = dir.path().join("ocmd.toml");
             std::fs::write(&path, text).expect("write config");
             cmd.arg("--config").arg(path);
         }
-        cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()));
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
+        );
         cmd.env_remove("NOTIFY_SOCKET");
         for (k, v) in &options.env {
             cmd.env(k, v);
         }
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn ocmd");
         let stderr = child.stderr.take().expect("stderr piped");
         let log = Arc::new(Mutex::new(String::new()));
@@ -136,8 +153,12 @@ impl Daemon {
                                 .find_map(|kv| kv.strip_prefix(name))
                                 .map(str::to_owned)
                         };
-                        let tcp = field("tcp=").and_then(|a| a.parse().ok()).expect("tcp address");
-                        let udp = field("udp=").and_then(|a| a.parse().ok()).expect("udp address");
+                        let tcp = field("tcp=")
+                            .and_then(|a| a.parse().ok())
+                            .expect("tcp address");
+                        let udp = field("udp=")
+                            .and_then(|a| a.parse().ok())
+                            .expect("udp address");
                         let metrics = field("metrics=").and_then(|a| a.parse().ok());
                         return Ok(Daemon {
                             child: Some(child),
@@ -169,7 +190,9 @@ impl Daemon {
 
     /// Waits until the daemon's log contains `needle`.
     pub fn wait_for_log(&self, needle: &str) {
-        wait_until(&format!("log line {needle:?}"), || self.log().contains(needle));
+        wait_until(&format!("log line {needle:?}"), || {
+            self.log().contains(needle)
+        });
     }
 
     /// The child's pid.
@@ -357,14 +380,26 @@ pub fn request(daemon: &Daemon, op: Operation, room: &str, payload: &[u8]) -> Re
 
 /// Creates `room` as `name` with the original client's payload; returns the token.
 pub fn create(daemon: &Daemon, room: &str, name: &str) -> String {
-    let r = request(daemon, Operation::CreateRoom, room, format!("\"{name}\"").as_bytes());
-    r.token.unwrap_or_else(|| panic!("create {room} refused: {:?}", r.compliance))
+    let r = request(
+        daemon,
+        Operation::CreateRoom,
+        room,
+        format!("\"{name}\"").as_bytes(),
+    );
+    r.token
+        .unwrap_or_else(|| panic!("create {room} refused: {:?}", r.compliance))
 }
 
 /// Joins `room` as `name` with the original client's payload; returns the token.
 pub fn join(daemon: &Daemon, room: &str, name: &str) -> String {
-    let r = request(daemon, Operation::JoinRoom, room, format!("\"{name}\"").as_bytes());
-    r.token.unwrap_or_else(|| panic!("join {room} refused: {:?}", r.compliance))
+    let r = request(
+        daemon,
+        Operation::JoinRoom,
+        room,
+        format!("\"{name}\"").as_bytes(),
+    );
+    r.token
+        .unwrap_or_else(|| panic!("join {room} refused: {:?}", r.compliance))
 }
 
 /// A chat participant speaking raw UCRP from its own UDP socket.
@@ -408,7 +443,8 @@ impl Member {
     /// Sends a UCRP datagram with this member's room and token.
     pub fn send(&self, message: &str) {
         let mut b = Vec::new();
-        ucrp::datagram::encode(self.room.as_bytes(), self.token.as_bytes(), message, &mut b).expect("fits");
+        ucrp::datagram::encode(self.room.as_bytes(), self.token.as_bytes(), message, &mut b)
+            .expect("fits");
         self.send_raw(&b);
     }
 
@@ -420,7 +456,10 @@ impl Member {
     /// Waits for the next datagram from the daemon (panics after [`PATIENCE`]).
     pub fn recv_raw(&self) -> Vec<u8> {
         let mut buf = [0u8; 8192];
-        let (n, from) = self.socket.recv_from(&mut buf).expect("a datagram within the deadline");
+        let (n, from) = self
+            .socket
+            .recv_from(&mut buf)
+            .expect("a datagram within the deadline");
         assert_eq!(from, self.server, "datagram from the daemon");
         buf[..n].to_vec()
     }
@@ -457,7 +496,11 @@ impl Member {
 pub fn render(bytes: &[u8]) -> String {
     match delivery::parse(bytes).expect("well-formed delivery") {
         Delivery::Chat { sender, message } => format!("{sender}: {message}"),
-        Delivery::Sequenced { seq, sender, message } => format!("#{seq} {sender}: {message}"),
+        Delivery::Sequenced {
+            seq,
+            sender,
+            message,
+        } => format!("#{seq} {sender}: {message}"),
         Delivery::RoomClosed => "CLOSED".into(),
         Delivery::Notice { what, name } => format!("* {name} {what:?}"),
         Delivery::Batch(body) => delivery::batch_entries(body)
@@ -516,7 +559,12 @@ impl Ocm {
                 }
             });
         }
-        Ocm { child, stdin, stdout, stderr }
+        Ocm {
+            child,
+            stdin,
+            stdout,
+            stderr,
+        }
     }
 
     /// Types a line.
@@ -533,14 +581,19 @@ impl Ocm {
 
     /// The next stdout line.
     pub fn line(&self) -> String {
-        self.stdout
-            .recv_timeout(PATIENCE)
-            .unwrap_or_else(|_| panic!("no output from ocm; stderr:\n{}", self.stderr.lock().unwrap()))
+        self.stdout.recv_timeout(PATIENCE).unwrap_or_else(|_| {
+            panic!(
+                "no output from ocm; stderr:\n{}",
+                self.stderr.lock().unwrap()
+            )
+        })
     }
 
     /// Waits until stderr contains `needle`.
     pub fn wait_stderr(&self, needle: &str) {
-        wait_until(&format!("ocm stderr {needle:?}"), || self.stderr.lock().unwrap().contains(needle));
+        wait_until(&format!("ocm stderr {needle:?}"), || {
+            self.stderr.lock().unwrap().contains(needle)
+        });
     }
 
     /// Waits for exit and returns the status.
@@ -550,7 +603,11 @@ impl Ocm {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s;
             }
-            assert!(Instant::now() < deadline, "ocm did not exit; stderr:\n{}", self.stderr.lock().unwrap());
+            assert!(
+                Instant::now() < deadline,
+                "ocm did not exit; stderr:\n{}",
+                self.stderr.lock().unwrap()
+            );
             thread::sleep(Duration::from_millis(5));
         }
     }
