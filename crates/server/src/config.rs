@@ -14,6 +14,9 @@ use crate::error::Error;
 use crate::handshake::RequestLimits;
 use crate::rooms::Limits;
 
+/// Largest `history.messages` accepted.
+pub const MAX_HISTORY: usize = 10_000;
+
 /// The whole configuration.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -30,6 +33,8 @@ pub struct Config {
     pub rate: Rate,
     /// UDP socket tuning.
     pub udp: Udp,
+    /// Room history.
+    pub history: History,
     /// Logging.
     pub log: Log,
 }
@@ -108,6 +113,11 @@ pub struct Rate {
     pub requests_burst: f64,
     /// Log lines per second about dropped input (the rest are counted, not logged).
     pub drop_logs_per_sec: f64,
+    /// Failed password attempts per minute per source IP; past it, attempts are refused
+    /// with `rate_limited` without being checked.
+    pub password_failures_per_min: f64,
+    /// Burst of failed password attempts per source IP.
+    pub password_failures_burst: f64,
 }
 
 /// `[udp]`
@@ -120,6 +130,25 @@ pub struct Udp {
     pub send_buffer_bytes: usize,
     /// Datagrams handled per wakeup before TCP gets a turn.
     pub datagrams_per_wakeup: usize,
+}
+
+/// `[history]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct History {
+    /// Messages kept per room for the History operation (0 turns history off).
+    pub messages: usize,
+    /// How often changed room histories are written to the journal, seconds.
+    pub checkpoint_secs: u64,
+}
+
+impl Default for History {
+    fn default() -> History {
+        History {
+            messages: 100,
+            checkpoint_secs: 5,
+        }
+    }
 }
 
 /// `[log]`
@@ -184,6 +213,8 @@ impl Default for Rate {
             requests_per_sec: 100.0,
             requests_burst: 200.0,
             drop_logs_per_sec: 5.0,
+            password_failures_per_min: 10.0,
+            password_failures_burst: 5.0,
         }
     }
 }
@@ -284,6 +315,16 @@ impl Config {
                 return Err(format!("{burst_key} must be at least 1 when {key} is set"));
             }
         }
+        if self.history.messages > MAX_HISTORY {
+            return Err(format!("history.messages must be at most {MAX_HISTORY}"));
+        }
+        let pw = (
+            self.rate.password_failures_per_min,
+            self.rate.password_failures_burst,
+        );
+        if !pw.0.is_finite() || pw.0 < 0.0 || (pw.0 > 0.0 && (!pw.1.is_finite() || pw.1 < 1.0)) {
+            return Err("rate.password_failures_per_min must be 0 or positive, with rate.password_failures_burst at least 1".into());
+        }
         if !self.rate.drop_logs_per_sec.is_finite() || self.rate.drop_logs_per_sec < 0.0 {
             return Err("rate.drop_logs_per_sec must be 0 or a positive number".into());
         }
@@ -323,6 +364,7 @@ impl Config {
             closed_reply_interval: Duration::from_millis(self.liveness.closed_reply_interval_ms),
             chat_rate: self.rate.chat_per_sec,
             chat_burst: self.rate.chat_burst,
+            history: self.history.messages,
         }
     }
 
@@ -331,6 +373,8 @@ impl Config {
         RequestLimits {
             rate: self.rate.requests_per_sec,
             burst: self.rate.requests_burst,
+            password_failure_rate: self.rate.password_failures_per_min / 60.0,
+            password_failure_burst: self.rate.password_failures_burst,
         }
     }
 

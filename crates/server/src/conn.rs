@@ -54,6 +54,8 @@ pub struct Conn {
     pub close_after_flush: bool,
     /// The interest currently registered with the poll.
     pub interest: Interest,
+    /// The ticket of the password check the first buffered frame waits for.
+    pub awaiting_password: Option<u64>,
 }
 
 impl Conn {
@@ -71,6 +73,7 @@ impl Conn {
             read_closed: false,
             close_after_flush: false,
             interest: Interest::READABLE,
+            awaiting_password: None,
         }
     }
 
@@ -150,7 +153,7 @@ impl Conn {
 
     /// Whether the connection has nothing left to do and should be closed.
     pub fn finished(&self) -> bool {
-        let idle = !self.wants_write() && self.held.is_empty();
+        let idle = !self.wants_write() && self.held.is_empty() && self.awaiting_password.is_none();
         idle && (self.close_after_flush || self.read_closed)
     }
 

@@ -29,11 +29,12 @@ use tcrp::{Operation, HEADER_LEN};
 use crate::config::{self, Config};
 use crate::conn::{Conn, Filled, Kind};
 use crate::error::Error;
-use crate::handshake::{self, Context};
+use crate::handshake::{self, Context, Step};
 use crate::http::{self, Route};
 use crate::metrics::{operation_label, Metrics};
 use crate::notify::{self, Notifier};
 use crate::outbox::Outbox;
+use crate::password::{self, Outcome};
 use crate::persist::{self, Persister};
 use crate::rate::{KeyedLimiter, TokenBucket};
 use crate::rooms::{DropReason, Handled, Registry};
@@ -96,6 +97,11 @@ pub struct Server {
     per_ip: HashMap<IpAddr, usize>,
     registry: Registry,
     limiter: KeyedLimiter<IpAddr>,
+    password_failures: KeyedLimiter<IpAddr>,
+    passwords: password::Worker,
+    password_tickets: HashMap<u64, ConnId>,
+    next_ticket: u64,
+    next_checkpoint: Instant,
     persister: Option<Persister>,
     outbox: Outbox,
     sender: udp::Sender,
@@ -191,7 +197,9 @@ impl Server {
             .map_err(io_err("cannot register signals"))?;
         let waker =
             Arc::new(Waker::new(registry_handle, WAKER).map_err(io_err("cannot create waker"))?);
-        let persister = Persister::start(paths, loaded, waker)?;
+        let persister = Persister::start(paths, loaded, Arc::clone(&waker))?;
+        let passwords =
+            password::Worker::start(waker).map_err(io_err("cannot start the password thread"))?;
 
         let bound = Bound {
             tcp: tcp.local_addr().map_err(io_err("TCP local address"))?,
@@ -205,6 +213,11 @@ impl Server {
         Ok(Server {
             poll,
             limiter: KeyedLimiter::new(LIMITER_KEYS),
+            password_failures: KeyedLimiter::new(LIMITER_KEYS),
+            passwords,
+            password_tickets: HashMap::new(),
+            next_ticket: 0,
+            next_checkpoint: now + Duration::from_secs(config.history.checkpoint_secs),
             drop_log: TokenBucket::full(config.rate.drop_logs_per_sec.max(1.0), now),
             next_sweep: now + Duration::from_millis(config.liveness.sweep_interval_ms),
             config,
@@ -265,7 +278,10 @@ impl Server {
                     TCP_LISTENER => self.accept(Kind::Tcrp, now),
                     METRICS_LISTENER => self.accept(Kind::Http, now),
                     UDP_SOCKET => self.udp_ready = true,
-                    WAKER => self.collect_durable(),
+                    WAKER => {
+                        self.collect_durable();
+                        self.collect_passwords(now);
+                    }
                     SIGNALS => {
                         if self.handle_signals() {
                             self.shutdown();
@@ -292,7 +308,10 @@ impl Server {
         if self.udp_ready {
             return Duration::ZERO;
         }
-        let mut next = self.next_sweep.min(self.next_status);
+        let mut next = self
+            .next_sweep
+            .min(self.next_status)
+            .min(self.next_checkpoint);
         if !self.conns.is_empty() {
             next = next.min(self.next_deadline_check);
         }
@@ -436,9 +455,8 @@ impl Server {
 
     /// Reads and answers TCRP frames; returns a close reason on I/O failure.
     fn read_tcrp(&mut self, id: ConnId, now: Instant) -> Option<&'static str> {
-        let max_payload = self.config.limits.max_payload_bytes;
-        let cap = HEADER_LEN + usize::from(u8::MAX) + max_payload + READ_SLACK;
-        let timeout = Duration::from_secs(self.config.limits.handshake_timeout_secs);
+        let cap =
+            HEADER_LEN + usize::from(u8::MAX) + self.config.limits.max_payload_bytes + READ_SLACK;
         loop {
             let conn = self.conns.get_mut(id.0)?;
             if conn.close_after_flush {
@@ -451,69 +469,122 @@ impl Server {
                     return Some("io_error");
                 }
             };
-            let peer = conn.peer;
-            let mut consumed = 0;
-            loop {
-                let conn = self.conns.get_mut(id.0)?;
-                let decoded = tcrp::decode(&conn.input[consumed..], max_payload);
-                let response = match decoded {
-                    Ok(None) => break,
-                    Ok(Some((frame, used))) => {
-                        consumed += used;
-                        let mut ctx = Context {
-                            registry: &mut self.registry,
-                            limiter: &mut self.limiter,
-                            limits: self.config.request_limits(),
-                            out: &mut self.outbox,
-                            peer: peer.ip(),
-                            now,
-                            unix_now: unix_now(),
-                        };
-                        handshake::handle_frame(&frame, &mut ctx)
-                    }
-                    Err(e) => {
-                        let header = &conn.input[consumed..];
-                        let op = Operation::from(header.get(1).copied().unwrap_or(0));
-                        if self
-                            .drop_log
-                            .take(now, self.config.rate.drop_logs_per_sec, 5.0)
-                        {
-                            warn!("{peer} conn {id:?}: bad frame: {e}; closing");
-                        }
-                        handshake::refusal(
-                            op,
-                            &[],
-                            ErrorCode::MalformedRequest,
-                            &e.to_string(),
-                            true,
-                        )
-                    }
-                };
-                let op = operation_label(response.operation);
-                let result = response.result.map_or_else(|c| c.as_str(), |()| "ok");
-                *self.metrics.handshakes.entry((op, result)).or_insert(0) += 1;
-                if response.result == Err(ErrorCode::RateLimited) {
-                    Metrics::bump(&mut self.metrics.rate_limited, "request");
-                }
-                let wait_for = match (response.needs_durability, self.persister.as_mut()) {
-                    (true, Some(p)) => Some(p.submit(self.registry.take_records())),
-                    _ => None,
-                };
-                let conn = self.conns.get_mut(id.0)?;
-                conn.queue(response.bytes, wait_for);
-                conn.deadline = now + timeout;
-                if response.close {
-                    conn.close_after_flush = true;
-                    conn.input.clear();
-                    return None;
-                }
-            }
+            self.process_input(id, now, None);
             let conn = self.conns.get_mut(id.0)?;
-            conn.input.drain(..consumed);
+            // While a password is being checked the input waits; reading resumes after.
+            if conn.awaiting_password.is_some() {
+                return None;
+            }
             match filled {
                 Filled::Full => continue,
                 Filled::WouldBlock | Filled::Eof => return None,
             }
+        }
+    }
+
+    /// Answers the whole frames in a connection's input. `outcome` is the password result the
+    /// first frame waited for. A frame that needs a password check stays at the front of the
+    /// input, and the connection waits for the check.
+    fn process_input(&mut self, id: ConnId, now: Instant, mut outcome: Option<Outcome>) {
+        let max_payload = self.config.limits.max_payload_bytes;
+        let timeout = Duration::from_secs(self.config.limits.handshake_timeout_secs);
+        let Some(conn) = self.conns.get(id.0) else {
+            return;
+        };
+        let peer = conn.peer;
+        let mut consumed = 0;
+        loop {
+            let Some(conn) = self.conns.get_mut(id.0) else {
+                return;
+            };
+            if conn.close_after_flush || (conn.awaiting_password.is_some() && outcome.is_none()) {
+                break;
+            }
+            conn.awaiting_password = None;
+            let decoded = tcrp::decode(&conn.input[consumed..], max_payload);
+            let response = match decoded {
+                Ok(None) => break,
+                Ok(Some((frame, used))) => {
+                    let mut ctx = Context {
+                        registry: &mut self.registry,
+                        limiter: &mut self.limiter,
+                        password_failures: &mut self.password_failures,
+                        limits: self.config.request_limits(),
+                        out: &mut self.outbox,
+                        peer: peer.ip(),
+                        now,
+                        unix_now: unix_now(),
+                    };
+                    match handshake::handle_frame(&frame, &mut ctx, outcome.take().as_ref()) {
+                        Step::Reply(response) => {
+                            consumed += used;
+                            response
+                        }
+                        Step::Password(job) => {
+                            self.next_ticket += 1;
+                            let ticket = self.next_ticket;
+                            self.password_tickets.insert(ticket, id);
+                            self.passwords.submit(ticket, job);
+                            conn.awaiting_password = Some(ticket);
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    let header = &conn.input[consumed..];
+                    let op = Operation::from(header.get(1).copied().unwrap_or(0));
+                    if self
+                        .drop_log
+                        .take(now, self.config.rate.drop_logs_per_sec, 5.0)
+                    {
+                        warn!("{peer} conn {id:?}: bad frame: {e}; closing");
+                    }
+                    handshake::refusal(op, &[], ErrorCode::MalformedRequest, &e.to_string(), true)
+                }
+            };
+            let op = operation_label(response.operation);
+            let result = response.result.map_or_else(|c| c.as_str(), |()| "ok");
+            *self.metrics.handshakes.entry((op, result)).or_insert(0) += 1;
+            if response.result == Err(ErrorCode::RateLimited) {
+                Metrics::bump(&mut self.metrics.rate_limited, "request");
+            }
+            let wait_for = match (response.needs_durability, self.persister.as_mut()) {
+                (true, Some(p)) => Some(p.submit(self.registry.take_records())),
+                _ => None,
+            };
+            let Some(conn) = self.conns.get_mut(id.0) else {
+                return;
+            };
+            conn.queue(response.bytes, wait_for);
+            conn.deadline = now + timeout;
+            if response.close {
+                conn.close_after_flush = true;
+                conn.input.clear();
+                return;
+            }
+        }
+        if let Some(conn) = self.conns.get_mut(id.0) {
+            conn.input.drain(..consumed);
+        }
+    }
+
+    /// Password checks finished: resume the connections that waited for them.
+    fn collect_passwords(&mut self, now: Instant) {
+        for (ticket, outcome) in self.passwords.poll() {
+            let Some(id) = self.password_tickets.remove(&ticket) else {
+                continue;
+            };
+            let waiting = self
+                .conns
+                .get(id.0)
+                .is_some_and(|c| c.awaiting_password == Some(ticket));
+            if !waiting {
+                continue; // the connection closed meanwhile
+            }
+            self.process_input(id, now, Some(outcome));
+            // Input that arrived while waiting may hold more frames, and the socket more bytes.
+            let close = self.read_tcrp(id, now);
+            self.after_io(id, close);
         }
     }
 
@@ -626,7 +697,9 @@ impl Server {
             let late: Vec<ConnId> = self
                 .conns
                 .iter()
-                .filter(|(_, c)| c.deadline <= now && !c.has_held())
+                .filter(|(_, c)| {
+                    c.deadline <= now && !c.has_held() && c.awaiting_password.is_none()
+                })
                 .map(|(k, _)| ConnId(k))
                 .collect();
             for id in late {
@@ -635,6 +708,10 @@ impl Server {
                 }
                 self.close(id, "timeout");
             }
+        }
+        if now >= self.next_checkpoint {
+            self.registry.checkpoint_history();
+            self.next_checkpoint = now + Duration::from_secs(self.config.history.checkpoint_secs);
         }
         if now >= self.next_status {
             self.next_status = now + STATUS_INTERVAL;
@@ -776,6 +853,7 @@ impl Server {
             let _ = self.poll.registry().deregister(&mut tcp);
         }
         self.flush_outbox();
+        self.registry.checkpoint_history();
         self.persist();
         if let Some(mut persister) = self.persister.take() {
             // Let waiting joins get their tokens: wait (bounded) for the batches in flight.

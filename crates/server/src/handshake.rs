@@ -13,17 +13,27 @@ use tcrp::payload::{self, ErrorCode, Request};
 use tcrp::{Frame, Operation, State};
 
 use crate::outbox::Outbox;
+use crate::password::{self, Outcome};
 use crate::rate::KeyedLimiter;
 use crate::rooms::Registry;
 
 /// Per-IP request rate limit settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RequestLimits {
-    /// Create/join requests per second per source IP (0: unlimited).
+    /// Requests per second per source IP (0: unlimited).
     pub rate: f64,
     /// Burst of requests per source IP.
     pub burst: f64,
+    /// Failed password attempts per second per source IP (0: unlimited).
+    pub password_failure_rate: f64,
+    /// Burst of failed password attempts.
+    pub password_failure_burst: f64,
 }
+
+/// Default page size of a History request.
+pub const HISTORY_PAGE: usize = 20;
+/// Largest page a History request may ask for.
+pub const MAX_HISTORY_PAGE: usize = 100;
 
 /// What the event loop must do with a request's reply.
 #[derive(Debug)]
@@ -40,13 +50,24 @@ pub struct Response {
     pub result: Result<(), ErrorCode>,
 }
 
+/// The next step for a request.
+pub enum Step {
+    /// The reply is ready.
+    Reply(Response),
+    /// A password must be hashed or checked first (off the loop); call [`handle_frame`] again
+    /// with the outcome.
+    Password(password::Job),
+}
+
 /// Everything a request needs besides the frame.
 pub struct Context<'a> {
     /// The room registry.
     pub registry: &'a mut Registry,
     /// Per-IP request limiter.
     pub limiter: &'a mut KeyedLimiter<IpAddr>,
-    /// Its settings.
+    /// Per-IP failed-password limiter.
+    pub password_failures: &'a mut KeyedLimiter<IpAddr>,
+    /// Their settings.
     pub limits: RequestLimits,
     /// Where notices to members go.
     pub out: &'a mut Outbox,
@@ -58,29 +79,42 @@ pub struct Context<'a> {
     pub unix_now: f64,
 }
 
-/// Answers one decoded frame.
-pub fn handle_frame(frame: &Frame<'_>, ctx: &mut Context<'_>) -> Response {
-    match answer(frame, ctx) {
-        Ok(token) => {
-            let mut bytes = Vec::with_capacity(128 + 2 * frame.room_name.len());
+/// Answers one decoded frame. `password` is the outcome of the [`Step::Password`] job this
+/// frame asked for, on the second call.
+pub fn handle_frame(frame: &Frame<'_>, ctx: &mut Context<'_>, password: Option<&Outcome>) -> Step {
+    match answer(frame, ctx, password) {
+        Ok(Answer::Password(job)) => Step::Password(job),
+        Ok(Answer::Token(token)) => {
             let mut body = Vec::new();
-            payload::encode_success(&mut body);
-            push_frame(frame, State::Compliance, &body, &mut bytes);
-            body.clear();
             payload::encode_complete(&token, &mut body);
-            push_frame(frame, State::Complete, &body, &mut bytes);
-            Response {
-                bytes,
-                needs_durability: true,
-                close: false,
-                operation: frame.operation,
-                result: Ok(()),
-            }
+            Step::Reply(success(frame, &body, true))
         }
+        Ok(Answer::Json(body)) => Step::Reply(success(frame, &body, false)),
         Err((code, message)) => {
             debug!("{}: {:?} refused: {}", ctx.peer, frame.operation, message);
-            refusal(frame.operation, frame.room_name, code, &message, false)
+            Step::Reply(refusal(
+                frame.operation,
+                frame.room_name,
+                code,
+                &message,
+                false,
+            ))
         }
+    }
+}
+
+fn success(frame: &Frame<'_>, complete: &[u8], needs_durability: bool) -> Response {
+    let mut bytes = Vec::with_capacity(96 + 2 * frame.room_name.len() + complete.len());
+    let mut body = Vec::new();
+    payload::encode_success(&mut body);
+    push_frame(frame, State::Compliance, &body, &mut bytes);
+    push_frame(frame, State::Complete, complete, &mut bytes);
+    Response {
+        bytes,
+        needs_durability,
+        close: false,
+        operation: frame.operation,
+        result: Ok(()),
     }
 }
 
@@ -122,48 +156,226 @@ fn push_frame(request: &Frame<'_>, state: State, body: &[u8], out: &mut Vec<u8>)
     let _ = reply.encode(out);
 }
 
-fn answer(frame: &Frame<'_>, ctx: &mut Context<'_>) -> Result<String, (ErrorCode, String)> {
+enum Answer {
+    /// A new member's token (create, join).
+    Token(String),
+    /// A JSON COMPLETE payload (list, presence, history).
+    Json(Vec<u8>),
+    /// Hash or verify a password first.
+    Password(password::Job),
+}
+
+type Refusal = (ErrorCode, String);
+
+fn answer(
+    frame: &Frame<'_>,
+    ctx: &mut Context<'_>,
+    password: Option<&Outcome>,
+) -> Result<Answer, Refusal> {
     if frame.state != State::Request {
         return Err((
             ErrorCode::MalformedRequest,
             format!("expected a REQUEST frame, got {:?}", frame.state),
         ));
     }
-    if !matches!(frame.operation, Operation::CreateRoom | Operation::JoinRoom) {
+    let op = frame.operation;
+    if let Operation::Other(byte) = op {
         return Err((
             ErrorCode::UnsupportedOperation,
-            format!("operation {} is not supported", u8::from(frame.operation)),
+            format!("operation {byte} is not supported"),
         ));
     }
-    let room_name = check_room_name(frame.room_name)
-        .map_err(|rule| (ErrorCode::InvalidRoomName, format!("room name {rule}")))?;
     let request: Request = payload::parse_request(frame.payload).map_err(|e| {
         (
             ErrorCode::MalformedRequest,
             format!("bad request payload: {e}"),
         )
     })?;
-    check_username(&request.username)
-        .map_err(|rule| (ErrorCode::InvalidUsername, format!("username {rule}")))?;
-    if !ctx
-        .limiter
-        .allow(ctx.peer, ctx.now, ctx.limits.rate, ctx.limits.burst)
+    // A second call (with the password outcome) was already counted.
+    if password.is_none()
+        && !ctx
+            .limiter
+            .allow(ctx.peer, ctx.now, ctx.limits.rate, ctx.limits.burst)
     {
         return Err((
             ErrorCode::RateLimited,
             "too many requests; try again shortly".into(),
         ));
     }
-    let issued = if frame.operation == Operation::CreateRoom {
-        ctx.registry
-            .create_room(room_name, &request, None, ctx.now, ctx.unix_now)
-    } else {
-        ctx.registry
-            .join_room(room_name, &request, ctx.now, ctx.out)
+    if op == Operation::ListRooms {
+        return Ok(Answer::Json(list_rooms(ctx.registry)));
+    }
+    let room_name = check_room_name(frame.room_name)
+        .map_err(|rule| (ErrorCode::InvalidRoomName, format!("room name {rule}")))?;
+    match op {
+        Operation::CreateRoom | Operation::JoinRoom => {
+            check_username(&request.username)
+                .map_err(|rule| (ErrorCode::InvalidUsername, format!("username {rule}")))?;
+        }
+        _ => {}
+    }
+    let exists = ctx.registry.password_hash(room_name).is_some()
+        || ctx.registry.presence(room_name).is_some();
+    match op {
+        Operation::CreateRoom => {
+            let hash = match (&request.password, password) {
+                (Some(pw), None) if !pw.is_empty() && !exists => {
+                    return Ok(Answer::Password(password::Job::Hash {
+                        password: pw.clone(),
+                    }))
+                }
+                (Some(_), Some(Outcome::Hashed(Ok(hash)))) => Some(hash.clone()),
+                (Some(_), Some(Outcome::Hashed(Err(e)))) => {
+                    return Err((
+                        ErrorCode::MalformedRequest,
+                        format!("cannot hash the password: {e}"),
+                    ))
+                }
+                _ => None,
+            };
+            ctx.registry
+                .create_room(room_name, &request, hash, ctx.now, ctx.unix_now)
+                .map(|i| Answer::Token(i.token.as_str().to_owned()))
+                .map_err(|code| (code, refusal_text(code, room_name, &request.username)))
+        }
+        Operation::JoinRoom => {
+            if let Some(job) = check_password(ctx, room_name, &request, password, false)? {
+                return Ok(Answer::Password(job));
+            }
+            ctx.registry
+                .join_room(room_name, &request, ctx.now, ctx.out)
+                .map(|i| Answer::Token(i.token.as_str().to_owned()))
+                .map_err(|code| (code, refusal_text(code, room_name, &request.username)))
+        }
+        Operation::Presence => {
+            if !exists {
+                return Err((
+                    ErrorCode::RoomNotFound,
+                    refusal_text(ErrorCode::RoomNotFound, room_name, ""),
+                ));
+            }
+            if let Some(job) = check_password(ctx, room_name, &request, password, true)? {
+                return Ok(Answer::Password(job));
+            }
+            let presence = ctx.registry.presence(room_name).ok_or((
+                ErrorCode::RoomNotFound,
+                refusal_text(ErrorCode::RoomNotFound, room_name, ""),
+            ))?;
+            let body = payload::RoomPresence {
+                room: room_name.to_owned(),
+                host: presence.host,
+                members: presence
+                    .members
+                    .into_iter()
+                    .map(|(name, registered)| payload::PresentMember { name, registered })
+                    .collect(),
+            };
+            Ok(Answer::Json(serde_json::to_vec(&body).unwrap_or_default()))
+        }
+        Operation::History => {
+            let token = request.token.as_deref().unwrap_or("");
+            let limit = request
+                .limit
+                .map_or(HISTORY_PAGE, |l| (l as usize).min(MAX_HISTORY_PAGE));
+            let (messages, more) = ctx
+                .registry
+                .history_page(room_name, token.as_bytes(), request.before, limit)
+                .map_err(|code| match code {
+                    ErrorCode::NotMember => (
+                        code,
+                        format!("history of room {room_name:?} is for its members only"),
+                    ),
+                    other => (other, refusal_text(other, room_name, "")),
+                })?;
+            let body = payload::HistoryPage {
+                messages: messages
+                    .into_iter()
+                    .map(|m| payload::HistoryMessage {
+                        seq: m.seq,
+                        sender: m.sender,
+                        text: m.text,
+                        at: m.at,
+                    })
+                    .collect(),
+                more,
+            };
+            Ok(Answer::Json(serde_json::to_vec(&body).unwrap_or_default()))
+        }
+        Operation::ListRooms | Operation::Other(_) => unreachable!("handled above"),
+    }
+}
+
+/// Decides whether a request may enter a password-protected room: `Ok(None)` to go on,
+/// `Ok(Some(job))` to verify first, or a refusal. A member token of the room also opens it
+/// when `token_opens` (presence from inside the room).
+fn check_password(
+    ctx: &mut Context<'_>,
+    room_name: &str,
+    request: &Request,
+    outcome: Option<&Outcome>,
+    token_opens: bool,
+) -> Result<Option<password::Job>, Refusal> {
+    let Some(hash) = ctx.registry.password_hash(room_name) else {
+        return Ok(None);
     };
-    issued
-        .map(|i| i.token.as_str().to_owned())
-        .map_err(|code| (code, refusal_text(code, room_name, &request.username)))
+    if token_opens {
+        if let Some(token) = &request.token {
+            if ctx.registry.is_member(room_name, token.as_bytes()) {
+                return Ok(None);
+            }
+        }
+    }
+    let limits = ctx.limits;
+    let bad = |ctx: &mut Context<'_>| {
+        // Spend one failure from the source's allowance.
+        ctx.password_failures.allow(
+            ctx.peer,
+            ctx.now,
+            limits.password_failure_rate,
+            limits.password_failure_burst,
+        );
+        (
+            ErrorCode::BadPassword,
+            format!("wrong or missing password for room {room_name:?}"),
+        )
+    };
+    match (outcome, &request.password) {
+        (Some(Outcome::Verified(true)), _) => Ok(None),
+        (Some(_), _) | (None, None) => Err(bad(ctx)),
+        (None, Some(pw)) => {
+            if !ctx.password_failures.has_budget(
+                ctx.peer,
+                ctx.now,
+                limits.password_failure_rate,
+                limits.password_failure_burst,
+            ) {
+                return Err((
+                    ErrorCode::RateLimited,
+                    "too many wrong passwords; try again later".into(),
+                ));
+            }
+            Ok(Some(password::Job::Verify {
+                password: pw.clone(),
+                hash: hash.to_owned(),
+            }))
+        }
+    }
+}
+
+fn list_rooms(registry: &Registry) -> Vec<u8> {
+    let list = payload::RoomList {
+        rooms: registry
+            .list_rooms()
+            .into_iter()
+            .map(|r| payload::ListedRoom {
+                name: r.name,
+                members: r.members,
+                created_at: r.created_at,
+                password: r.has_password,
+            })
+            .collect(),
+    };
+    serde_json::to_vec(&list).unwrap_or_default()
 }
 
 fn refusal_text(code: ErrorCode, room: &str, user: &str) -> String {
@@ -182,22 +394,41 @@ mod tests {
     use crate::rooms::Limits;
     use rand::{rngs::StdRng, SeedableRng};
 
+    /// Runs a request to its reply, doing any password job inline.
     fn run(reg: &mut Registry, limiter: &mut KeyedLimiter<IpAddr>, bytes: &[u8]) -> Response {
         let (frame, _) = tcrp::decode(bytes, 4096).unwrap().unwrap();
         let mut out = Outbox::default();
+        let mut failures = KeyedLimiter::new(8);
         let mut ctx = Context {
             registry: reg,
             limiter,
+            password_failures: &mut failures,
             limits: RequestLimits {
                 rate: 0.0,
                 burst: 0.0,
+                password_failure_rate: 0.0,
+                password_failure_burst: 0.0,
             },
             out: &mut out,
             peer: "127.0.0.1".parse().unwrap(),
             now: Instant::now(),
             unix_now: 0.0,
         };
-        handle_frame(&frame, &mut ctx)
+        match handle_frame(&frame, &mut ctx, None) {
+            Step::Reply(r) => r,
+            Step::Password(job) => {
+                let outcome = match job {
+                    password::Job::Hash { password } => Outcome::Hashed(password::hash(&password)),
+                    password::Job::Verify { password, hash } => {
+                        Outcome::Verified(password::verify(&password, &hash))
+                    }
+                };
+                match handle_frame(&frame, &mut ctx, Some(&outcome)) {
+                    Step::Reply(r) => r,
+                    Step::Password(_) => panic!("asked for a password twice"),
+                }
+            }
+        }
     }
 
     fn request(op: Operation, room: &[u8], payload: &[u8]) -> Vec<u8> {
@@ -300,6 +531,100 @@ mod tests {
                 })
             );
         }
+    }
+
+    fn completion(r: &Response) -> serde_json::Value {
+        let (_, used) = tcrp::decode(&r.bytes, 1 << 20).unwrap().unwrap();
+        let (complete, _) = tcrp::decode(&r.bytes[used..], 1 << 20).unwrap().unwrap();
+        serde_json::from_slice(complete.payload).unwrap()
+    }
+
+    #[test]
+    fn passwords_list_presence_and_history() {
+        let mut reg = Registry::new(Limits::default(), Box::new(StdRng::seed_from_u64(5)));
+        let mut limiter = KeyedLimiter::new(8);
+        let r = run(
+            &mut reg,
+            &mut limiter,
+            &request(
+                Operation::CreateRoom,
+                b"vault",
+                br#"{"username": "h", "password": "pw"}"#,
+            ),
+        );
+        let host_token = completion(&r)["token"].as_str().unwrap().to_owned();
+        assert!(reg
+            .password_hash("vault")
+            .unwrap()
+            .starts_with("$argon2id$"));
+        for (payload, code) in [
+            (&br#"{"username": "m"}"#[..], Some(ErrorCode::BadPassword)),
+            (
+                br#"{"username": "m", "password": "no"}"#,
+                Some(ErrorCode::BadPassword),
+            ),
+            (b"\"m\"", Some(ErrorCode::BadPassword)),
+            (br#"{"username": "m", "password": "pw"}"#, None),
+        ] {
+            let r = run(
+                &mut reg,
+                &mut limiter,
+                &request(Operation::JoinRoom, b"vault", payload),
+            );
+            assert_eq!(r.result.err(), code);
+        }
+        run(
+            &mut reg,
+            &mut limiter,
+            &request(
+                Operation::CreateRoom,
+                b"hidden",
+                br#"{"username": "h", "listed": false}"#,
+            ),
+        );
+        let list = completion(&run(
+            &mut reg,
+            &mut limiter,
+            &request(Operation::ListRooms, b"", b"{}"),
+        ));
+        assert_eq!(list["rooms"][0]["name"], "vault");
+        assert_eq!(list["rooms"][0]["members"], 2);
+        assert_eq!(list["rooms"][0]["password"], true);
+        assert_eq!(
+            list["rooms"].as_array().unwrap().len(),
+            1,
+            "unlisted room left out"
+        );
+        // Presence: the password or a member token opens it.
+        let r = run(
+            &mut reg,
+            &mut limiter,
+            &request(Operation::Presence, b"vault", b"{}"),
+        );
+        assert_eq!(r.result, Err(ErrorCode::BadPassword));
+        let who = format!(r#"{{"token": "{host_token}"}}"#);
+        let p = completion(&run(
+            &mut reg,
+            &mut limiter,
+            &request(Operation::Presence, b"vault", who.as_bytes()),
+        ));
+        assert_eq!(p["host"], "h");
+        assert_eq!(p["members"][1]["name"], "m");
+        assert_eq!(p["members"][1]["registered"], false);
+        // History: members only.
+        let r = run(
+            &mut reg,
+            &mut limiter,
+            &request(Operation::History, b"vault", b"{}"),
+        );
+        assert_eq!(r.result, Err(ErrorCode::NotMember));
+        let h = completion(&run(
+            &mut reg,
+            &mut limiter,
+            &request(Operation::History, b"vault", who.as_bytes()),
+        ));
+        assert_eq!(h["messages"].as_array().unwrap().len(), 0);
+        assert_eq!(h["more"], false);
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod http;
 pub mod metrics;
 pub mod notify;
 pub mod outbox;
+pub mod password;
 pub mod persist;
 pub mod rate;
 pub mod record;

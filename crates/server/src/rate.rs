@@ -21,6 +21,12 @@ impl TokenBucket {
         }
     }
 
+    /// Tokens available at `now`, without taking any.
+    pub fn peek(&self, now: Instant, rate: f64, burst: f64) -> f64 {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        (self.tokens + elapsed * rate).min(burst)
+    }
+
     /// Takes one token if there is one. Rate and burst are passed in so that a configuration
     /// reload applies to existing buckets.
     pub fn take(&mut self, now: Instant, rate: f64, burst: f64) -> bool {
@@ -51,6 +57,16 @@ impl<K: Hash + Eq + Copy> KeyedLimiter<K> {
             buckets: HashMap::new(),
             capacity,
         }
+    }
+
+    /// Whether `key` has a token left, without taking it.
+    pub fn has_budget(&self, key: K, now: Instant, rate: f64, burst: f64) -> bool {
+        if rate <= 0.0 {
+            return true;
+        }
+        self.buckets
+            .get(&key)
+            .is_none_or(|b| b.peek(now, rate, burst) >= 1.0)
     }
 
     /// Takes a token from `key`'s bucket; `rate <= 0` means unlimited.

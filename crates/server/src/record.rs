@@ -71,6 +71,29 @@ pub enum Record {
         /// Room name.
         room: String,
     },
+    /// A checkpoint of a room's recent messages (written every few seconds when it changed,
+    /// replacing the previous one).
+    History {
+        /// Room name.
+        room: String,
+        /// The sequence number the room's next message gets.
+        next_seq: u64,
+        /// The kept messages, oldest first.
+        messages: Vec<HistoryEntry>,
+    },
+}
+
+/// One kept chat message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// The message's sequence number in its room.
+    pub seq: u64,
+    /// Sender's username.
+    pub sender: String,
+    /// The text.
+    pub text: String,
+    /// Unix time it was relayed, seconds.
+    pub at: f64,
 }
 
 fn yes() -> bool {

@@ -33,7 +33,7 @@ use ucrp::Message;
 
 use crate::outbox::Outbox;
 use crate::rate::TokenBucket;
-use crate::record::{MemberRecord, Record};
+use crate::record::{HistoryEntry, MemberRecord, Record};
 use crate::store::State;
 use crate::token::{Short, Token};
 
@@ -68,6 +68,8 @@ pub struct Limits {
     pub chat_rate: f64,
     /// Chat burst per member.
     pub chat_burst: f64,
+    /// Messages kept per room for the History operation (0: none).
+    pub history: usize,
 }
 
 impl Default for Limits {
@@ -83,6 +85,7 @@ impl Default for Limits {
             closed_reply_interval: Duration::from_secs(1),
             chat_rate: 50.0,
             chat_burst: 100.0,
+            history: 100,
         }
     }
 }
@@ -203,6 +206,24 @@ struct Room {
     listed: bool,
     password_hash: Option<Box<str>>,
     next_seq: u64,
+    history: VecDeque<HistoryEntry>,
+    history_dirty: bool,
+}
+
+impl Room {
+    fn new(name: &str, created_at: f64, listed: bool, password_hash: Option<Box<str>>) -> Room {
+        Room {
+            name: name.into(),
+            host: MemberId(usize::MAX),
+            members: Vec::new(),
+            created_at,
+            listed,
+            password_hash,
+            next_seq: 1,
+            history: VecDeque::new(),
+            history_dirty: false,
+        }
+    }
 }
 
 struct Member {
@@ -295,6 +316,7 @@ pub struct Registry {
     registered: usize,
     records: Vec<Record>,
     scratch: Vec<MemberId>,
+    wall_clock: Option<(Instant, f64)>,
 }
 
 impl Registry {
@@ -312,6 +334,20 @@ impl Registry {
             registered: 0,
             records: Vec::new(),
             scratch: Vec::new(),
+            wall_clock: None,
+        }
+    }
+
+    /// Tells the registry which wall-clock time (Unix seconds) `now` is, so history entries
+    /// carry times without the registry reading a clock.
+    pub fn set_wall_clock(&mut self, now: Instant, unix_now: f64) {
+        self.wall_clock = Some((now, unix_now));
+    }
+
+    fn unix_time(&self, now: Instant) -> f64 {
+        match self.wall_clock {
+            Some((base, unix)) => unix + now.saturating_duration_since(base).as_secs_f64(),
+            None => 0.0,
         }
     }
 
@@ -330,15 +366,17 @@ impl Registry {
                 warn!("state: room {name:?} has no entry for its host token; room skipped");
                 continue;
             };
-            let room_id = RoomId(registry.rooms.insert(Room {
-                name: name.as_str().into(),
-                host: MemberId(usize::MAX),
-                members: Vec::new(),
-                created_at: room.created_at,
-                listed: room.listed,
-                password_hash: room.password_hash.as_deref().map(Into::into),
-                next_seq: 1,
-            }));
+            let mut entry = Room::new(
+                name,
+                room.created_at,
+                room.listed,
+                room.password_hash.as_deref().map(Into::into),
+            );
+            entry.next_seq = room.next_seq.max(1);
+            let keep = registry.limits.history;
+            let skip = room.history.len().saturating_sub(keep);
+            entry.history = room.history.iter().skip(skip).cloned().collect();
+            let room_id = RoomId(registry.rooms.insert(entry));
             registry.room_index.insert(name.as_str().into(), room_id);
             let mut tokens = vec![&room.host_token];
             tokens.extend(room.members.iter().filter(|t| **t != room.host_token));
@@ -416,6 +454,54 @@ impl Registry {
                 })
                 .collect(),
         })
+    }
+
+    /// Whether `token` belongs to a member of `room_name` (constant-time token match).
+    pub fn is_member(&self, room_name: &str, token: &[u8]) -> bool {
+        match (self.room_index.get(room_name), self.find_token(token)) {
+            (Some(room), Some(member)) => self.members[member.0].room == *room,
+            _ => false,
+        }
+    }
+
+    /// A page of `room_name`'s kept messages with a sequence number below `before`, oldest
+    /// first, at most `limit`; and whether older ones exist. Members only.
+    pub fn history_page(
+        &self,
+        room_name: &str,
+        token: &[u8],
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<HistoryEntry>, bool), ErrorCode> {
+        let room = self
+            .room_index
+            .get(room_name)
+            .ok_or(ErrorCode::RoomNotFound)?;
+        if !self.is_member(room_name, token) {
+            return Err(ErrorCode::NotMember);
+        }
+        let history = &self.rooms[room.0].history;
+        let before = before.unwrap_or(u64::MAX);
+        let end = history.partition_point(|m| m.seq < before);
+        let start = end.saturating_sub(limit);
+        let page = history.range(start..end).cloned().collect();
+        Ok((page, start > 0))
+    }
+
+    /// Queues a history record for each room whose kept messages changed since the last
+    /// checkpoint; returns how many.
+    pub fn checkpoint_history(&mut self) -> usize {
+        let mut written = 0;
+        for (_, room) in self.rooms.iter_mut().filter(|(_, r)| r.history_dirty) {
+            room.history_dirty = false;
+            self.records.push(Record::History {
+                room: room.name.to_string(),
+                next_seq: room.next_seq,
+                messages: room.history.iter().cloned().collect(),
+            });
+            written += 1;
+        }
+        written
     }
 
     /// Takes the records of every change since the last call, for the journal.
@@ -508,15 +594,12 @@ impl Registry {
             return Err(ErrorCode::ServerFull);
         }
         let listed = request.listed.unwrap_or(true);
-        let room = RoomId(self.rooms.insert(Room {
-            name: room_name.into(),
-            host: MemberId(usize::MAX),
-            members: Vec::new(),
-            created_at: unix_now,
+        let room = RoomId(self.rooms.insert(Room::new(
+            room_name,
+            unix_now,
             listed,
-            password_hash: password_hash.as_deref().map(Into::into),
-            next_seq: 1,
-        }));
+            password_hash.as_deref().map(Into::into),
+        )));
         self.room_index.insert(room_name.into(), room);
         let (host, record) = self.new_member(room, request, true, now);
         self.rooms[room.0].host = host;
@@ -632,7 +715,7 @@ impl Registry {
                 {
                     return Handled::Dropped(DropReason::RateLimited);
                 }
-                let deliveries = self.relay(id, text.as_bytes(), out);
+                let deliveries = self.relay(id, text, now, out);
                 Handled::Relayed { deliveries }
             }
         }
@@ -664,11 +747,26 @@ impl Registry {
     }
 
     /// Queues `text` from `from` to every other registered member; returns the count.
-    fn relay(&mut self, from: MemberId, text: &[u8], out: &mut Outbox) -> usize {
+    fn relay(&mut self, from: MemberId, message: &str, now: Instant, out: &mut Outbox) -> usize {
+        let at = self.unix_time(now);
+        let keep = self.limits.history;
         let sender = &self.members[from.0];
         let room = &mut self.rooms[sender.room.0];
         let seq = room.next_seq;
         room.next_seq += 1;
+        if keep > 0 {
+            while room.history.len() >= keep {
+                room.history.pop_front();
+            }
+            room.history.push_back(HistoryEntry {
+                seq,
+                sender: sender.username.to_string(),
+                text: message.to_owned(),
+                at,
+            });
+            room.history_dirty = true;
+        }
+        let text = message.as_bytes();
         let mut plain = None;
         let mut sequenced = None;
         let mut deliveries = 0;
@@ -1234,6 +1332,79 @@ mod tests {
         assert_eq!(p.members.len(), 3);
         assert!(p.members.iter().all(|(_, registered)| *registered));
         assert_eq!(t.reg.presence("nope"), None);
+    }
+
+    #[test]
+    fn history_keeps_the_last_messages_and_pages_back() {
+        let mut t = room_of_three();
+        t.reg.set_limits(Limits {
+            history: 3,
+            chat_rate: 0.0,
+            ..Limits::default()
+        });
+        t.reg.set_wall_clock(t.now, 1000.0);
+        let mut out = Outbox::default();
+        for i in 1..=5 {
+            let later = t.now + Duration::from_secs(i);
+            t.reg.handle_datagram(
+                addr(2),
+                &dgram("r", &t.bob, &format!("m{i}")),
+                later,
+                &mut out,
+            );
+        }
+        let token = t.cy.as_str().as_bytes();
+        let (page, more) = t.reg.history_page("r", token, None, 2).unwrap();
+        assert_eq!(
+            page.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(),
+            ["m4", "m5"]
+        );
+        assert!(more);
+        assert_eq!(page[1].seq, 5);
+        assert_eq!(page[1].sender, "bob");
+        assert_eq!(page[1].at, 1005.0);
+        let (older, more) = t.reg.history_page("r", token, Some(4), 2).unwrap();
+        assert_eq!(older.iter().map(|m| m.seq).collect::<Vec<_>>(), [3]);
+        assert!(!more, "only three kept");
+        assert_eq!(
+            t.reg.history_page("r", b"nope", None, 2),
+            Err(ErrorCode::NotMember)
+        );
+        assert_eq!(
+            t.reg.history_page("x", token, None, 2),
+            Err(ErrorCode::RoomNotFound)
+        );
+        // A checkpoint carries it to the file model, and a rebuilt registry continues the
+        // sequence.
+        t.reg.take_records();
+        assert_eq!(t.reg.checkpoint_history(), 1);
+        assert_eq!(t.reg.checkpoint_history(), 0, "nothing new");
+        let mut state = State::default();
+        state.apply(&Record::CreateRoom {
+            room: "r".into(),
+            host: MemberRecord {
+                token: t.host.as_str().into(),
+                username: "host".into(),
+                keepalive: None,
+                caps: 0,
+            },
+            created_at: 0.0,
+            listed: true,
+            password_hash: None,
+        });
+        for r in t.reg.take_records() {
+            state.apply(&r);
+        }
+        assert_eq!(state.rooms["r"].next_seq, 6);
+        assert_eq!(state.rooms["r"].history.len(), 3);
+        let reg = Registry::from_state(
+            &state,
+            Limits::default(),
+            Box::new(StdRng::seed_from_u64(3)),
+            t.now,
+        );
+        let host = t.host.as_str().as_bytes();
+        assert_eq!(reg.history_page("r", host, None, 10).unwrap().0.len(), 3);
     }
 
     #[test]

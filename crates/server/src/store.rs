@@ -29,7 +29,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
-use crate::record::{MemberRecord, Record};
+use crate::record::{HistoryEntry, MemberRecord, Record};
 
 /// Version written in the `version` field. Files without one (the original's) are version 0.
 pub const STATE_VERSION: u32 = 1;
@@ -70,6 +70,16 @@ pub struct RoomEntry {
     /// PHC-format password hash.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_hash: Option<String>,
+    /// The sequence number the next message gets (0: start at 1).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub next_seq: u64,
+    /// Recent messages, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<HistoryEntry>,
+}
+
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
 }
 
 /// One member in the file.
@@ -157,6 +167,8 @@ impl State {
                         created_at: *created_at,
                         listed: *listed,
                         password_hash: password_hash.clone(),
+                        next_seq: 0,
+                        history: Vec::new(),
                     },
                 );
                 self.tokens
@@ -184,6 +196,16 @@ impl State {
                 }
             }
             Record::CloseRoom { room } => self.close_room(room),
+            Record::History {
+                room,
+                next_seq,
+                messages,
+            } => {
+                if let Some(entry) = self.rooms.get_mut(room) {
+                    entry.next_seq = *next_seq;
+                    entry.history = messages.clone();
+                }
+            }
         }
     }
 
