@@ -16,6 +16,7 @@ pub mod event_loop;
 pub mod handshake;
 pub mod http;
 pub mod metrics;
+pub mod mmsg;
 pub mod notify;
 pub mod outbox;
 pub mod password;

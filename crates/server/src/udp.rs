@@ -1,9 +1,9 @@
 //! The UDP socket: buffer sizing, sending an [`Outbox`] (packing batch-capable recipients'
-//! messages into batch frames), and reading the kernel's drop count.
+//! messages into batch frames, `sendmmsg` underneath), and reading the kernel's drop count.
 
 use std::collections::HashMap;
-use std::io;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 
 use mio::net::UdpSocket;
@@ -11,6 +11,7 @@ use ucrp::delivery;
 use ucrp::MAX_DATAGRAM_LEN;
 
 use crate::metrics::Metrics;
+use crate::mmsg;
 use crate::outbox::Outbox;
 
 /// Asks for socket buffer sizes; returns what the kernel granted `(recv, send)`.
@@ -56,34 +57,73 @@ pub fn size_buffers(socket: &UdpSocket, recv: usize, send: usize) -> (usize, usi
     (get(libc::SO_RCVBUF), get(libc::SO_SNDBUF))
 }
 
-/// Sends everything in `outbox` and clears it. Recipients that accept batches and have
-/// several messages waiting in this pass get them packed into batch frames, never delayed:
-/// only what is already in the outbox is packed. Order per recipient is kept.
+/// Sends everything in an [`Outbox`]. Recipients that accept batches and have several
+/// messages waiting in this pass get them packed into batch frames, never delayed: only what
+/// is already in the outbox is packed. Order per recipient is kept. Datagrams leave through
+/// `sendmmsg`, [`mmsg::BATCH`] per system call.
+#[derive(Default)]
 pub struct Sender {
-    batches: HashMap<SocketAddr, Vec<u8>>,
-    order: Vec<SocketAddr>,
+    /// Datagrams to send, in order: destination, where the bytes are, messages carried.
+    plan: Vec<(SocketAddr, Bytes, usize)>,
+    /// Batch frames being filled, reused between passes.
+    batches: Vec<Vec<u8>>,
+    used_batches: usize,
+    /// Open batch per recipient: index into `plan`.
+    open: HashMap<SocketAddr, usize>,
     counts: HashMap<SocketAddr, usize>,
+    scratch: mmsg::SendScratch,
 }
 
-impl Default for Sender {
-    fn default() -> Self {
-        Sender::new()
-    }
+#[derive(Clone)]
+enum Bytes {
+    Outbox(Range<usize>),
+    Batch(usize),
 }
 
 impl Sender {
     /// A sender with empty scratch space.
     pub fn new() -> Sender {
-        Sender {
-            batches: HashMap::new(),
-            order: Vec::new(),
-            counts: HashMap::new(),
-        }
+        Sender::default()
     }
 
     /// Sends and clears `outbox`.
     pub fn send_all(&mut self, socket: &UdpSocket, outbox: &mut Outbox, metrics: &mut Metrics) {
-        // How many batchable messages each recipient has in this pass.
+        self.plan(outbox);
+        let datagrams: Vec<(SocketAddr, &[u8])> = self
+            .plan
+            .iter()
+            .map(|(to, bytes, _)| {
+                let bytes: &[u8] = match bytes {
+                    Bytes::Outbox(range) => &outbox.bytes[range.clone()],
+                    Bytes::Batch(i) => &self.batches[*i],
+                };
+                (*to, bytes)
+            })
+            .collect();
+        let sent = mmsg::send(socket.as_raw_fd(), &datagrams, &mut self.scratch);
+        metrics.datagrams_sent += sent.sent as u64;
+        // Deliveries: messages carried by the datagrams that went out (they go in order).
+        metrics.deliveries += self
+            .plan
+            .iter()
+            .take(sent.sent)
+            .map(|(_, _, n)| *n as u64)
+            .sum::<u64>();
+        if sent.would_block > 0 {
+            *metrics.send_errors.entry("would_block").or_insert(0) += sent.would_block as u64;
+        }
+        if sent.failed > 0 {
+            *metrics.send_errors.entry("other").or_insert(0) += sent.failed as u64;
+        }
+        outbox.clear();
+    }
+
+    /// Decides the datagrams: one per send, or batch frames for batchable recipients with
+    /// several messages in this pass.
+    fn plan(&mut self, outbox: &Outbox) {
+        self.plan.clear();
+        self.open.clear();
+        self.used_batches = 0;
         self.counts.clear();
         for send in outbox.sends.iter().filter(|s| s.batchable) {
             *self.counts.entry(send.to).or_insert(0) += 1;
@@ -93,78 +133,38 @@ impl Sender {
             let worth_batching =
                 send.batchable && self.counts.get(&send.to).is_some_and(|&n| n > 1);
             if !worth_batching {
-                // Keep order: whatever is packed for this recipient goes first.
-                self.flush_one(socket, send.to, metrics);
-                send_one(socket, send.to, bytes, 1, metrics);
+                // Whatever is packed for this recipient stays before this datagram.
+                self.open.remove(&send.to);
+                self.plan
+                    .push((send.to, Bytes::Outbox(send.bytes.clone()), 1));
                 continue;
             }
-            let batch = self.batches.entry(send.to).or_insert_with(|| {
-                self.order.push(send.to);
-                Vec::with_capacity(MAX_DATAGRAM_LEN)
-            });
             let entry_len = delivery::BATCH_ENTRY_OVERHEAD + bytes.len();
-            let header = if batch.is_empty() {
-                delivery::BATCH_HEADER_LEN
-            } else {
-                0
-            };
-            if batch.len() + header + entry_len > MAX_DATAGRAM_LEN && !batch.is_empty() {
-                let full = std::mem::take(batch);
-                let count = count_entries(&full);
-                send_one(socket, send.to, &full, count, metrics);
+            let fits = self
+                .open
+                .get(&send.to)
+                .is_some_and(|&p| match &self.plan[p].1 {
+                    Bytes::Batch(i) => self.batches[*i].len() + entry_len <= MAX_DATAGRAM_LEN,
+                    Bytes::Outbox(_) => false,
+                });
+            if !fits {
+                let index = self.used_batches;
+                self.used_batches += 1;
+                if self.batches.len() <= index {
+                    self.batches.push(Vec::with_capacity(MAX_DATAGRAM_LEN));
+                }
+                let batch = &mut self.batches[index];
                 batch.clear();
-            }
-            if batch.is_empty() {
                 delivery::begin_batch(batch);
+                self.open.insert(send.to, self.plan.len());
+                self.plan.push((send.to, Bytes::Batch(index), 0));
             }
-            let _ = delivery::push_batch_entry(bytes, batch);
-        }
-        for to in std::mem::take(&mut self.order) {
-            self.flush_one(socket, to, metrics);
-        }
-        outbox.clear();
-    }
-
-    fn flush_one(&mut self, socket: &UdpSocket, to: SocketAddr, metrics: &mut Metrics) {
-        if let Some(batch) = self.batches.remove(&to) {
-            if !batch.is_empty() {
-                let count = count_entries(&batch);
-                send_one(socket, to, &batch, count, metrics);
-            }
-        }
-    }
-}
-
-fn count_entries(batch: &[u8]) -> usize {
-    batch
-        .get(delivery::BATCH_HEADER_LEN..)
-        .map_or(0, |body| delivery::batch_entries(body).count())
-}
-
-fn send_one(
-    socket: &UdpSocket,
-    to: SocketAddr,
-    bytes: &[u8],
-    messages: usize,
-    metrics: &mut Metrics,
-) {
-    loop {
-        match socket.send_to(bytes, to) {
-            Ok(_) => {
-                metrics.datagrams_sent += 1;
-                metrics.deliveries += messages as u64;
-                return;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            // UDP gives no guarantee; a full send buffer drops the datagram, counted, and the
-            // loop goes on rather than block.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                Metrics::bump(&mut metrics.send_errors, "would_block");
-                return;
-            }
-            Err(_) => {
-                Metrics::bump(&mut metrics.send_errors, "other");
-                return;
+            let Some(&p) = self.open.get(&send.to) else {
+                continue;
+            };
+            if let (_, Bytes::Batch(i), count) = &mut self.plan[p] {
+                let _ = delivery::push_batch_entry(bytes, &mut self.batches[*i]);
+                *count += 1;
             }
         }
     }
@@ -195,4 +195,81 @@ pub fn kernel_drops(socket: &UdpSocket) -> Option<u64> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ucrp::delivery::Delivery;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn chat(out: &mut Outbox, text: &str) -> Range<usize> {
+        out.payload(|b| delivery::encode_chat("s", text.as_bytes(), b).unwrap())
+    }
+
+    #[test]
+    fn batchable_recipients_get_batches_in_order_and_others_single_datagrams() {
+        let mut out = Outbox::default();
+        let one = chat(&mut out, "one");
+        let two = chat(&mut out, "two");
+        let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
+        out.send(addr(1), one.clone(), true);
+        out.send(addr(2), one.clone(), false);
+        out.send(addr(1), two.clone(), true);
+        out.send(addr(2), two, false);
+        out.send(addr(3), one, true); // alone: no batch needed
+        out.send(addr(1), closed, false);
+        let mut sender = Sender::new();
+        sender.plan(&out);
+        let shown: Vec<(u16, String, usize)> = sender
+            .plan
+            .iter()
+            .map(|(to, bytes, n)| {
+                let b: &[u8] = match bytes {
+                    Bytes::Outbox(r) => &out.bytes[r.clone()],
+                    Bytes::Batch(i) => &sender.batches[*i],
+                };
+                let text = match delivery::parse(b).unwrap() {
+                    Delivery::Batch(body) => {
+                        delivery::batch_entries(body).count().to_string() + " in batch"
+                    }
+                    Delivery::Chat { message, .. } => message.to_owned(),
+                    Delivery::RoomClosed => "closed".into(),
+                    other => format!("{other:?}"),
+                };
+                (to.port(), text, *n)
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            vec![
+                (1, "2 in batch".into(), 2),
+                (2, "one".into(), 1),
+                (2, "two".into(), 1),
+                (3, "one".into(), 1),
+                (1, "closed".into(), 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn batches_never_exceed_the_datagram_limit() {
+        let mut out = Outbox::default();
+        let big = chat(&mut out, &"x".repeat(1500));
+        for _ in 0..5 {
+            out.send(addr(1), big.clone(), true);
+        }
+        let mut sender = Sender::new();
+        sender.plan(&out);
+        let sizes: Vec<usize> = sender.plan.iter().map(|(_, _, n)| *n).collect();
+        assert_eq!(sizes, vec![2, 2, 1]);
+        for (_, bytes, _) in &sender.plan {
+            if let Bytes::Batch(i) = bytes {
+                assert!(sender.batches[*i].len() <= MAX_DATAGRAM_LEN);
+            }
+        }
+    }
 }

@@ -1,0 +1,299 @@
+//! Batched datagram system calls: `recvmmsg(2)` and `sendmmsg(2)` through libc.
+//!
+//! One call moves up to [`BATCH`] datagrams, which is what lets fan-out approach the kernel's
+//! per-datagram cost instead of paying a system call per datagram. All unsafe code of the
+//! daemon's data path is here, behind two safe types.
+
+use std::io;
+use std::mem;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::RawFd;
+
+/// Datagrams per system call.
+pub const BATCH: usize = 256;
+
+fn to_storage(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+            mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: as above, for sockaddr_in6.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+            mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+fn from_storage(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match i32::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let sin: &libc::sockaddr_in =
+                unsafe { &*(storage as *const libc::sockaddr_storage).cast() };
+            let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let sin6: &libc::sockaddr_in6 =
+                unsafe { &*(storage as *const libc::sockaddr_storage).cast() };
+            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                ip,
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// Receive buffers for [`BATCH`] datagrams of up to `slot` bytes each.
+pub struct Receiver {
+    slot: usize,
+    buf: Vec<u8>,
+    addrs: Vec<libc::sockaddr_storage>,
+    lens: Vec<usize>,
+    count: usize,
+}
+
+impl Receiver {
+    /// Buffers for datagrams of up to `slot` bytes (longer ones are truncated to `slot`).
+    pub fn new(slot: usize) -> Receiver {
+        Receiver {
+            slot,
+            buf: vec![0u8; slot * BATCH],
+            // SAFETY: all-zero sockaddr_storage is valid.
+            addrs: vec![unsafe { mem::zeroed() }; BATCH],
+            lens: vec![0; BATCH],
+            count: 0,
+        }
+    }
+
+    /// Receives up to `max` (≤ [`BATCH`]) datagrams without blocking; returns how many.
+    pub fn recv(&mut self, fd: RawFd, max: usize) -> io::Result<usize> {
+        let n = max.clamp(1, BATCH);
+        let mut iovecs: Vec<libc::iovec> = self
+            .buf
+            .chunks_mut(self.slot)
+            .take(n)
+            .map(|chunk| libc::iovec {
+                iov_base: chunk.as_mut_ptr().cast(),
+                iov_len: chunk.len(),
+            })
+            .collect();
+        // SAFETY: mmsghdr is plain old data.
+        let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { mem::zeroed() }; n];
+        for (i, msg) in msgs.iter_mut().enumerate() {
+            msg.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+            msg.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            msg.msg_hdr.msg_iov = &mut iovecs[i];
+            msg.msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: every pointer in msgs points into buffers that outlive the call, with the
+        // lengths given; the kernel writes at most that much.
+        let rc = unsafe {
+            libc::recvmmsg(
+                fd,
+                msgs.as_mut_ptr(),
+                n as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc < 0 {
+            self.count = 0;
+            return Err(io::Error::last_os_error());
+        }
+        self.count = rc as usize;
+        for (len, msg) in self.lens.iter_mut().zip(&msgs).take(self.count) {
+            *len = (msg.msg_len as usize).min(self.slot);
+        }
+        Ok(self.count)
+    }
+
+    /// The `i`th datagram of the last [`Receiver::recv`]: its source and bytes.
+    pub fn datagram(&self, i: usize) -> Option<(SocketAddr, &[u8])> {
+        if i >= self.count {
+            return None;
+        }
+        let start = i * self.slot;
+        Some((
+            from_storage(&self.addrs[i])?,
+            &self.buf[start..start + self.lens[i]],
+        ))
+    }
+}
+
+/// What a [`send`] managed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    /// Datagrams the kernel took.
+    pub sent: usize,
+    /// Datagrams dropped because the socket's send buffer was full.
+    pub would_block: usize,
+    /// Datagrams dropped for another error.
+    pub failed: usize,
+}
+
+/// Scratch space for [`send`], kept between calls to avoid allocating per batch.
+#[derive(Default)]
+pub struct SendScratch {
+    addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)>,
+    iovecs: Vec<libc::iovec>,
+    msgs: Vec<libc::mmsghdr>,
+}
+
+/// Sends every `(destination, bytes)` with as few `sendmmsg` calls as it takes. Never blocks:
+/// when the send buffer is full the rest is dropped and counted.
+pub fn send(fd: RawFd, datagrams: &[(SocketAddr, &[u8])], scratch: &mut SendScratch) -> Sent {
+    let mut result = Sent::default();
+    for chunk in datagrams.chunks(BATCH) {
+        scratch.addrs.clear();
+        scratch
+            .addrs
+            .extend(chunk.iter().map(|(to, _)| to_storage(to)));
+        scratch.iovecs.clear();
+        scratch
+            .iovecs
+            .extend(chunk.iter().map(|(_, bytes)| libc::iovec {
+                iov_base: bytes.as_ptr() as *mut libc::c_void,
+                iov_len: bytes.len(),
+            }));
+        scratch.msgs.clear();
+        for i in 0..chunk.len() {
+            // SAFETY: mmsghdr is plain old data.
+            let mut msg: libc::mmsghdr = unsafe { mem::zeroed() };
+            msg.msg_hdr.msg_name = (&mut scratch.addrs[i].0 as *mut libc::sockaddr_storage).cast();
+            msg.msg_hdr.msg_namelen = scratch.addrs[i].1;
+            msg.msg_hdr.msg_iov = &mut scratch.iovecs[i];
+            msg.msg_hdr.msg_iovlen = 1;
+            scratch.msgs.push(msg);
+        }
+        let mut done = 0;
+        while done < chunk.len() {
+            let left = chunk.len() - done;
+            // SAFETY: the headers point at addresses and iovecs in scratch and at the caller's
+            // byte slices, all alive for the call; the kernel only reads them.
+            let rc = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    scratch.msgs[done..].as_mut_ptr(),
+                    left as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if rc > 0 {
+                done += rc as usize;
+                result.sent += rc as usize;
+                continue;
+            }
+            let err = io::Error::last_os_error();
+            match err.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => {
+                    result.would_block += left;
+                    return result;
+                }
+                // The first datagram of the rest failed on its own (e.g. unreachable): skip it.
+                _ => {
+                    result.failed += 1;
+                    done += 1;
+                }
+            }
+        }
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn addresses_round_trip_through_sockaddr_storage() {
+        for addr in ["127.0.0.1:9091", "[::1]:65535", "10.1.2.3:1"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            assert_eq!(from_storage(&to_storage(&addr).0), Some(addr));
+        }
+    }
+
+    #[test]
+    fn send_and_receive_in_batches() {
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        // Room for all 300 in the receive queue (the default may hold fewer small datagrams).
+        let size: libc::c_int = 4 << 20;
+        // SAFETY: setsockopt on a live socket with a c_int value.
+        unsafe {
+            libc::setsockopt(
+                b.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&size as *const libc::c_int).cast(),
+                mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        let to = b.local_addr().unwrap();
+        let payloads: Vec<Vec<u8>> = (0..300u32).map(|i| i.to_be_bytes().to_vec()).collect();
+        let datagrams: Vec<(SocketAddr, &[u8])> = payloads.iter().map(|p| (to, &p[..])).collect();
+        let sent = send(a.as_raw_fd(), &datagrams, &mut SendScratch::default());
+        assert_eq!(sent.sent, 300);
+        let mut rx = Receiver::new(16);
+        let mut got = Vec::new();
+        while got.len() < 300 {
+            let n = rx
+                .recv(b.as_raw_fd(), BATCH)
+                .expect("datagrams are queued on loopback");
+            for i in 0..n {
+                let (from, bytes) = rx.datagram(i).unwrap();
+                assert_eq!(from, a.local_addr().unwrap());
+                got.push(u32::from_be_bytes(bytes.try_into().unwrap()));
+            }
+        }
+        assert_eq!(got, (0..300).collect::<Vec<_>>());
+        let err = rx.recv(b.as_raw_fd(), BATCH).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn long_datagrams_are_cut_to_the_slot() {
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        a.send_to(&[7u8; 100], b.local_addr().unwrap()).unwrap();
+        let mut rx = Receiver::new(10);
+        b.set_nonblocking(false).unwrap();
+        assert_eq!(rx.recv(b.as_raw_fd(), 1).unwrap(), 1);
+        assert_eq!(rx.datagram(0).unwrap().1.len(), 10);
+        assert!(rx.datagram(1).is_none());
+    }
+}
