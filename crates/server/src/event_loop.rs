@@ -716,6 +716,7 @@ impl Server {
         }
         if now >= self.next_status {
             self.next_status = now + STATUS_INTERVAL;
+            self.check_kernel_drops();
             if self.notifier.enabled() {
                 let s = self.registry.stats();
                 self.notifier.send(&format!(
@@ -732,6 +733,23 @@ impl Server {
                 self.notifier.send("WATCHDOG=1");
                 self.watchdog = Some((every, now));
             }
+        }
+    }
+
+    /// Reads the kernel's drop count for the UDP socket and warns when it grew: an overloaded
+    /// daemon must never lose datagrams silently.
+    fn check_kernel_drops(&mut self) {
+        let Some(drops) = udp::kernel_drops(&self.udp) else {
+            return;
+        };
+        let before = self.metrics.udp_kernel_drops;
+        self.metrics.udp_kernel_drops = drops;
+        if drops > before {
+            warn!(
+                "the kernel dropped {} datagrams for a full UDP receive buffer (total {drops}); \
+                 consider raising udp.recv_buffer_bytes and net.core.rmem_max",
+                drops - before
+            );
         }
     }
 
