@@ -842,7 +842,7 @@ impl Registry {
             let notified = self.close_room(room, now, out);
             return Handled::Closed { notified };
         }
-        let member = self.unlink(id, now);
+        let member = self.unlink(id);
         let room_entry = &mut self.rooms[room.0];
         room_entry.members.retain(|&m| m != id);
         debug!(
@@ -856,8 +856,8 @@ impl Registry {
         Handled::Left
     }
 
-    /// Takes a member out of the slab and the token index, keeping its token as a tombstone.
-    fn unlink(&mut self, id: MemberId, now: Instant) -> Member {
+    /// Takes a member out of the slab and the token index.
+    fn unlink(&mut self, id: MemberId) -> Member {
         let member = self.members.remove(id.0);
         let hash = self.hasher.hash_one(member.token.as_str().as_bytes());
         if let Ok(entry) = self.token_index.find_entry(hash, |m| *m == id) {
@@ -866,8 +866,6 @@ impl Registry {
         if member.address.is_some() {
             self.registered -= 1;
         }
-        self.tombstones
-            .insert(member.token.as_str().as_bytes(), now, &self.limits);
         member
     }
 
@@ -877,7 +875,11 @@ impl Registry {
         let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
         let mut notified = 0;
         for &m in &entry.members {
-            let member = self.unlink(m, now);
+            let member = self.unlink(m);
+            // Only tokens of closed rooms are remembered: a late datagram with one learns the
+            // room is gone. A member that left a live room is simply unknown.
+            self.tombstones
+                .insert(member.token.as_str().as_bytes(), now, &self.limits);
             if let (Some(to), false) = (member.address, m == entry.host) {
                 out.send(to, closed.clone(), false);
                 notified += 1;
@@ -1160,6 +1162,21 @@ mod tests {
             .reg
             .create_room("r", &Request::original("x"), None, t.now, 0.0)
             .is_ok());
+    }
+
+    #[test]
+    fn a_member_that_left_a_live_room_is_not_told_the_room_closed() {
+        let mut t = room_of_three();
+        let mut out = Outbox::default();
+        t.reg
+            .handle_datagram(addr(3), &dgram("r", &t.cy, "__LEAVE__"), t.now, &mut out);
+        let late = dgram("r", &t.cy, "still there?");
+        assert_eq!(
+            t.reg.handle_datagram(addr(3), &late, t.now, &mut out),
+            Handled::Dropped(DropReason::UnknownToken)
+        );
+        assert!(out.is_empty());
+        assert_eq!(t.reg.stats().tombstones, 0);
     }
 
     #[test]
