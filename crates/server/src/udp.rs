@@ -61,6 +61,9 @@ pub fn size_buffers(socket: &UdpSocket, recv: usize, send: usize) -> (usize, usi
 /// messages waiting in this pass get them packed into batch frames, never delayed: only what
 /// is already in the outbox is packed. Order per recipient is kept. Datagrams leave through
 /// `sendmmsg`, [`mmsg::BATCH`] per system call.
+/// Batch buffers (4 KiB each) kept for reuse between passes.
+const MAX_POOLED_BATCHES: usize = 1024;
+
 #[derive(Default)]
 pub struct Sender {
     /// Datagrams to send, in order: destination, where the bytes are, messages carried.
@@ -116,6 +119,8 @@ impl Sender {
             *metrics.send_errors.entry("other").or_insert(0) += sent.failed as u64;
         }
         outbox.clear();
+        // Keep a bounded pool of batch buffers between passes.
+        self.batches.truncate(MAX_POOLED_BATCHES);
     }
 
     /// Decides the datagrams: one per send, or batch frames for batchable recipients with
