@@ -57,13 +57,13 @@ pub fn size_buffers(socket: &UdpSocket, recv: usize, send: usize) -> (usize, usi
     (get(libc::SO_RCVBUF), get(libc::SO_SNDBUF))
 }
 
+/// Batch buffers (4 KiB each) kept for reuse between passes.
+const MAX_POOLED_BATCHES: usize = 1024;
+
 /// Sends everything in an [`Outbox`]. Recipients that accept batches and have several
 /// messages waiting in this pass get them packed into batch frames, never delayed: only what
 /// is already in the outbox is packed. Order per recipient is kept. Datagrams leave through
 /// `sendmmsg`, [`mmsg::BATCH`] per system call.
-/// Batch buffers (4 KiB each) kept for reuse between passes.
-const MAX_POOLED_BATCHES: usize = 1024;
-
 #[derive(Default)]
 pub struct Sender {
     /// Datagrams to send, in order: destination, where the bytes are, messages carried.
