@@ -1,11 +1,17 @@
-//! The UDP half of a session: register, chat, keep alive, leave.
+//! The UDP half of a session: register, chat, keep alive, leave; and the chat's commands.
 //!
 //! [`Session`] owns the UDP socket and turns text into datagrams with [`ucrp::datagram`].
 //! [`run`] is the chat loop. Three helper threads feed one channel of [`Event`]s and the main
 //! thread alone decides what to send:
-//! - the *receiver* reads datagrams, ignores any whose source is not the server, renders them
-//!   with [`Renderer`] to standard output and reports the room's closing;
-//! - the *stdin reader* sends each typed line, then end of input;
+//! - the *receiver* reads datagrams, ignores any whose source is not the server, hands them
+//!   to the shared [`Screen`] (which renders and prints them) and reports the room's closing;
+//! - the *input thread* reads typed lines, either line by line from standard input or, when
+//!   standard input and output are a terminal, through a `rustyline` editor whose external
+//!   printer keeps incoming messages above the line being typed. It answers the local
+//!   commands itself (`/help`, `/who`, `/history`), each query on a short-lived TCP
+//!   connection, so neither the receiver nor the keepalive waits on one; chat text and
+//!   `/quit` go to the main thread. On `ocm join` it first fetches the recent history and
+//!   releases the screen, which held the live messages meanwhile;
 //! - the *signal watcher* reports SIGINT, SIGTERM and SIGHUP, so that Ctrl+C, `kill` and a
 //!   closed terminal all leave the room properly instead of waiting for the server's timeout.
 //!
@@ -14,31 +20,45 @@
 //! our address. Every way out sends `__LEAVE__` except the room's closing, where the room is
 //! already gone.
 
-use std::io::{self, BufRead, Write};
+use std::io::{self, BufRead};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
+use rustyline::error::ReadlineError;
+use rustyline::DefaultEditor;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+use tcrp::payload::HistoryPage;
+use tcrp::ErrorCode;
 use ucrp::datagram::{self, LEAVE, REGISTER};
 
 use crate::error::ClientError;
-use crate::handshake::{Token, Verb};
+use crate::handshake::{self, Token, Verb};
 use crate::input::{self, Input};
-use crate::render::{printable, Flow, Renderer};
+use crate::listing;
+use crate::query::{self, HistoryPager, PageRequest, DEFAULT_HISTORY_LIMIT};
+use crate::render::{printable, Flow};
+use crate::screen::{EditorPrinter, PlainPrinter, Screen};
 
 /// Receive buffer size, in bytes. The server sends at most [`ucrp::MAX_DATAGRAM_LEN`]; a
 /// larger buffer means an oversized datagram is parsed (and likely dropped) rather than cut.
 const RECV_BUFFER_LEN: usize = 64 * 1024;
 
+/// The line editor's prompt.
+const PROMPT: &str = "> ";
+
 /// What the helper threads tell the main loop.
 #[derive(Debug)]
 enum Event {
-    /// A line from standard input, line ending included.
-    Line(String),
+    /// Chat text to send to the room.
+    Send(String),
+    /// `/quit`, Ctrl+C or Ctrl+D in the line editor.
+    Quit,
     /// Standard input reached its end.
     Eof,
     /// A termination signal arrived.
@@ -47,6 +67,23 @@ enum Event {
     RoomClosed,
     /// A helper thread hit an error it cannot go on after.
     Failed(ClientError),
+}
+
+/// How a chat runs, beyond the session itself.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Whether the room was created or joined (for the greeting line).
+    pub verb: Verb,
+    /// The member's name (for the greeting line).
+    pub username: String,
+    /// Time between keepalives.
+    pub keepalive: Duration,
+    /// The daemon's TCP address, for `/who` and `/history`.
+    pub tcp: SocketAddr,
+    /// Fetch and show the recent history before the live messages.
+    pub join_history: bool,
+    /// Read input through the line editor (standard input and output are a terminal).
+    pub line_editor: bool,
 }
 
 /// A member's UDP endpoint: the socket, the server's chat address and the credentials every
@@ -116,18 +153,24 @@ impl Session {
     }
 }
 
+/// Locks the screen. A panic elsewhere while printing leaves nothing half-done that matters,
+/// so a poisoned lock is used as is.
+fn lock(screen: &Mutex<Screen>) -> MutexGuard<'_, Screen> {
+    screen.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Runs the chat until the user leaves or the host closes the room. Prints
 /// `* joined ROOM as NAME (type /quit to leave)` to standard error once registered.
-pub fn run(
-    session: Session,
-    verb: Verb,
-    username: &str,
-    keepalive: Duration,
-) -> Result<(), ClientError> {
+pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
     let (events, inbox) = mpsc::channel();
     // Signals first: from here on Ctrl+C must not kill us before we can say __LEAVE__.
     spawn_signal_watcher(events.clone())?;
-    spawn_receiver(&session, events.clone())?;
+    let screen = Arc::new(Mutex::new(Screen::new(
+        &session.room_name,
+        Box::new(PlainPrinter),
+        options.join_history,
+    )));
+    spawn_receiver(&session, Arc::clone(&screen), events.clone())?;
 
     session
         .send_control(REGISTER)
@@ -136,15 +179,27 @@ pub fn run(
         "registered with {} in {:?}",
         session.server, session.room_name
     );
-    eprintln!(
-        "* {} {} as {} (type /quit to leave)",
-        verb.past(),
+    lock(&screen).err(&format!(
+        "* {} {} as {} (type /quit to leave, /help for commands)",
+        options.verb.past(),
         printable(&session.room_name),
-        printable(username)
-    );
-    spawn_stdin_reader(events);
+        printable(&options.username)
+    ));
+    // Restores the terminal mode however we leave, even while the editor holds it raw.
+    let terminal = options.line_editor.then(TerminalGuard::save);
+    let commands = Commands {
+        tcp: options.tcp,
+        room_name: session.room_name.clone(),
+        token: session.token.clone(),
+        pager: HistoryPager::default(),
+        screen: Arc::clone(&screen),
+        events: events.clone(),
+    };
+    let reading = terminal.as_ref().map(|guard| Arc::clone(&guard.reading));
+    spawn_input(commands, options.join_history, reading);
+    drop(events);
 
-    let mut next_keepalive = Instant::now() + keepalive;
+    let mut next_keepalive = Instant::now() + options.keepalive;
     loop {
         let wait = next_keepalive.saturating_duration_since(Instant::now());
         let event = match inbox.recv_timeout(wait) {
@@ -153,17 +208,17 @@ pub fn run(
                 if let Err(e) = session.send_control(REGISTER) {
                     warn!("keepalive to {} failed: {e}", session.server);
                 }
-                next_keepalive = Instant::now() + keepalive;
+                next_keepalive = Instant::now() + options.keepalive;
                 continue;
             }
             // Every helper is gone; nothing more can happen.
             Err(RecvTimeoutError::Disconnected) => Event::Eof,
         };
         match event {
-            Event::Line(line) => {
-                if handle_line(&session, &line) == LineOutcome::Quit {
-                    break;
-                }
+            Event::Send(text) => send_text(&session, &screen, &text),
+            Event::Quit => {
+                debug!("quit");
+                break;
             }
             Event::Eof => {
                 debug!("end of input");
@@ -184,35 +239,168 @@ pub fn run(
     Ok(())
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum LineOutcome {
-    Continue,
-    Quit,
+/// Sends one chat message; local feedback goes to standard error.
+fn send_text(session: &Session, screen: &Mutex<Screen>, text: &str) {
+    let complaint = match session.send(text) {
+        Ok(Ok(())) => return,
+        Ok(Err(ucrp::Error::TooLarge { .. })) => format!(
+            "* message too long (max {} bytes)",
+            session.max_message_len()
+        ),
+        Ok(Err(e)) => format!("* message not sent: {e}"),
+        Err(e) => format!("* message not sent: {e}"),
+    };
+    lock(screen).err(&complaint);
 }
 
-/// Acts on one typed line; local feedback goes to standard error.
-fn handle_line(session: &Session, line: &str) -> LineOutcome {
-    match input::classify(line) {
-        Input::Send(text) => match session.send(text) {
-            Ok(Ok(())) => {}
-            Ok(Err(ucrp::Error::TooLarge { .. })) => {
-                eprintln!(
-                    "* message too long (max {} bytes)",
-                    session.max_message_len()
-                )
+/// What the input thread needs to act on typed lines: local commands are answered here,
+/// chat text and `/quit` are passed to the main loop.
+struct Commands {
+    /// The daemon's TCP address.
+    tcp: SocketAddr,
+    room_name: String,
+    token: Token,
+    pager: HistoryPager,
+    screen: Arc<Mutex<Screen>>,
+    events: Sender<Event>,
+}
+
+impl Commands {
+    /// Acts on one typed line; returns `false` when input should stop (after `/quit`, or
+    /// when the main loop is gone).
+    fn handle_line(&mut self, line: &str) -> bool {
+        match input::classify(line) {
+            Input::Send(text) => return self.events.send(Event::Send(text.to_owned())).is_ok(),
+            Input::Quit => {
+                let _ = self.events.send(Event::Quit);
+                return false;
             }
-            Ok(Err(e)) => eprintln!("* message not sent: {e}"),
-            Err(e) => eprintln!("* message not sent: {e}"),
-        },
-        Input::Quit => return LineOutcome::Quit,
-        Input::Help => eprintln!("{}", input::HELP),
-        Input::Unknown(command) => {
-            eprintln!("* unknown command {} (try /help)", printable(command))
+            Input::Help => self.err(input::HELP),
+            Input::Who => self.who(),
+            Input::History { count } => self.history(count),
+            Input::Usage(text) => self.err(text),
+            Input::Unknown(command) => {
+                self.err(&format!(
+                    "* unknown command {} (try /help)",
+                    printable(command)
+                ));
+            }
+            Input::Reserved => self.err("* reserved word not sent"),
+            Input::Empty => {}
         }
-        Input::Reserved => eprintln!("* reserved word not sent"),
-        Input::Empty => {}
+        true
     }
-    LineOutcome::Continue
+
+    fn err(&self, line: &str) {
+        lock(&self.screen).err(line);
+    }
+
+    /// `/who`: the room's host and members, as remarks.
+    fn who(&mut self) {
+        let answer = handshake::connect_addr(self.tcp).and_then(|mut stream| {
+            query::presence(&mut stream, &self.room_name, Some(&self.token), None)
+        });
+        match answer {
+            Ok(presence) => {
+                let mut screen = lock(&self.screen);
+                for line in listing::presence_lines(&presence) {
+                    screen.err(&format!("* {line}"));
+                }
+            }
+            Err(e) => self.err(&format!("* {e}")),
+        }
+    }
+
+    /// `/history N`: the next page back, oldest first, then `* no more history` at the end.
+    fn history(&mut self, count: u32) {
+        let before = match self.pager.next() {
+            PageRequest::Fetch { before } => before,
+            PageRequest::Exhausted => return self.err("* no more history"),
+        };
+        let page = match self.fetch_history(before, count) {
+            Ok(page) => page,
+            Err(e) => return self.err(&format!("* {e}")),
+        };
+        let more = self.pager.observe(&page);
+        let mut screen = lock(&self.screen);
+        for message in &page.messages {
+            if let Err(e) = screen.out(&listing::history_line(message)) {
+                warn!("cannot print the history: {e}");
+                return;
+            }
+        }
+        if !more {
+            screen.err("* no more history");
+        }
+    }
+
+    fn fetch_history(&self, before: Option<u64>, limit: u32) -> Result<HistoryPage, ClientError> {
+        let mut stream = handshake::connect_addr(self.tcp)?;
+        query::history(&mut stream, &self.room_name, &self.token, before, limit)
+    }
+
+    /// On join: fetches the latest messages and releases the screen with them. A server
+    /// without the extension (the original one) is passed over in silence.
+    fn show_recent_history(&mut self) {
+        let page = match self.fetch_history(None, DEFAULT_HISTORY_LIMIT) {
+            Ok(page) => Some(page),
+            Err(ClientError::QueryRefused {
+                code: Some(ErrorCode::UnsupportedOperation),
+                ..
+            }) => {
+                debug!("the server keeps no history");
+                None
+            }
+            Err(e) => {
+                self.err(&format!("* history unavailable: {e}"));
+                None
+            }
+        };
+        let released = lock(&self.screen).release(page.as_ref());
+        let event = match released {
+            Ok(Flow::Continue) => return,
+            Ok(Flow::RoomClosed) => Event::RoomClosed,
+            Err(source) => Event::Failed(ClientError::Io {
+                context: "writing to standard output",
+                source,
+            }),
+        };
+        let _ = self.events.send(event);
+    }
+}
+
+/// The terminal mode as it was before the line editor ran, put back on drop.
+struct TerminalGuard {
+    saved: Option<nix::sys::termios::Termios>,
+    /// Set while the editor waits for a line (the cursor is on the prompt line).
+    reading: Arc<AtomicBool>,
+}
+
+impl TerminalGuard {
+    fn save() -> TerminalGuard {
+        let saved = nix::sys::termios::tcgetattr(io::stdin())
+            .inspect_err(|e| debug!("cannot read the terminal mode: {e}"))
+            .ok();
+        TerminalGuard {
+            saved,
+            reading: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+impl Drop for TerminalGuard {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.saved {
+            use nix::sys::termios::{tcsetattr, SetArg};
+            if let Err(e) = tcsetattr(io::stdin(), SetArg::TCSADRAIN, saved) {
+                debug!("cannot restore the terminal mode: {e}");
+            }
+            if self.reading.load(Ordering::SeqCst) {
+                // Leave the prompt line, so the shell's prompt starts on a line of its own.
+                eprintln!();
+            }
+        }
+    }
 }
 
 fn spawn_signal_watcher(events: Sender<Event>) -> Result<(), ClientError> {
@@ -229,33 +417,30 @@ fn spawn_signal_watcher(events: Sender<Event>) -> Result<(), ClientError> {
     Ok(())
 }
 
-fn spawn_receiver(session: &Session, events: Sender<Event>) -> Result<(), ClientError> {
+fn spawn_receiver(
+    session: &Session,
+    screen: Arc<Mutex<Screen>>,
+    events: Sender<Event>,
+) -> Result<(), ClientError> {
     let socket = session
         .socket
         .try_clone()
         .map_err(ClientError::io("cloning the UDP socket"))?;
     let server = session.server;
-    let mut renderer = Renderer::new(&session.room_name);
     thread::Builder::new()
         .name("receiver".into())
         .spawn(move || {
-            let event = receive(&socket, server, &mut renderer, &mut io::stdout());
+            let event = receive(&socket, server, &screen);
             let _ = events.send(event);
         })
         .map_err(ClientError::io("starting the receiver thread"))?;
     Ok(())
 }
 
-/// Receives and prints to `out` until the room closes or an error ends it; returns the event
-/// that ended it.
-fn receive(
-    socket: &UdpSocket,
-    server: SocketAddr,
-    renderer: &mut Renderer,
-    out: &mut impl Write,
-) -> Event {
+/// Receives and hands each datagram to the screen until the room closes or an error ends
+/// it; returns the event that ended it.
+fn receive(socket: &UdpSocket, server: SocketAddr, screen: &Mutex<Screen>) -> Event {
     let mut buf = vec![0u8; RECV_BUFFER_LEN];
-    let mut lines = Vec::new();
     loop {
         let (len, from) = match socket.recv_from(&mut buf) {
             Ok(received) => received,
@@ -284,35 +469,40 @@ fn receive(
             continue;
         }
         // `len <= buf.len()`: recv_from never reports more than the buffer holds.
-        let flow = renderer.handle_datagram(&buf[..len], &mut lines);
-        if let Err(source) = print_lines(&lines, out) {
-            return Event::Failed(ClientError::Io {
-                context: "writing to standard output",
-                source,
-            });
-        }
-        lines.clear();
-        if flow == Flow::RoomClosed {
-            return Event::RoomClosed;
+        match lock(screen).handle_datagram(&buf[..len]) {
+            Ok(Flow::Continue) => {}
+            Ok(Flow::RoomClosed) => return Event::RoomClosed,
+            Err(source) => {
+                return Event::Failed(ClientError::Io {
+                    context: "writing to standard output",
+                    source,
+                })
+            }
         }
     }
 }
 
-/// Prints and flushes, so that a reader on a pipe sees each line at once.
-fn print_lines(lines: &[String], out: &mut impl Write) -> io::Result<()> {
-    if lines.is_empty() {
-        return Ok(());
-    }
-    for line in lines {
-        writeln!(out, "{line}")?;
-    }
-    out.flush()
-}
-
-fn spawn_stdin_reader(events: Sender<Event>) {
-    let spawned = thread::Builder::new().name("stdin".into()).spawn(move || {
-        let event = read_stdin(&events);
-        let _ = events.send(event);
+/// Starts the input thread. `reading` is set when the line editor is to be used (and is
+/// the flag the terminal guard reads).
+fn spawn_input(mut commands: Commands, join_history: bool, reading: Option<Arc<AtomicBool>>) {
+    let spawned = thread::Builder::new().name("input".into()).spawn(move || {
+        let mut editor = reading.and_then(|reading| match start_editor(&commands.screen) {
+            Ok(editor) => Some((editor, reading)),
+            Err(e) => {
+                warn!("line editing unavailable, reading plain lines: {e}");
+                None
+            }
+        });
+        if join_history {
+            commands.show_recent_history();
+        }
+        let end = match &mut editor {
+            Some((editor, reading)) => read_edited(&mut commands, editor, reading),
+            None => read_lines(&mut commands, &mut io::stdin().lock()),
+        };
+        if let Some(event) = end {
+            let _ = commands.events.send(event);
+        }
     });
     if let Err(e) = spawned {
         // Without input we can still receive; leaving is then up to a signal.
@@ -320,27 +510,67 @@ fn spawn_stdin_reader(events: Sender<Event>) {
     }
 }
 
-/// Sends each line of standard input as an event; returns the event that ends the input.
-fn read_stdin(events: &Sender<Event>) -> Event {
-    let stdin = io::stdin();
-    let mut stdin = stdin.lock();
+/// A line editor with in-memory history, whose external printer becomes the screen's.
+fn start_editor(screen: &Mutex<Screen>) -> Result<DefaultEditor, ReadlineError> {
+    let mut editor = DefaultEditor::new()?;
+    let printer = editor.create_external_printer()?;
+    lock(screen).set_printer(Box::new(EditorPrinter::new(printer)));
+    Ok(editor)
+}
+
+/// Acts on each line of `input`; returns the event that ends the input, or `None` when
+/// `/quit` already told the main loop.
+fn read_lines(commands: &mut Commands, input: &mut impl BufRead) -> Option<Event> {
     let mut raw = Vec::new();
     loop {
         raw.clear();
-        match stdin.read_until(b'\n', &mut raw) {
-            Ok(0) => return Event::Eof,
+        match input.read_until(b'\n', &mut raw) {
+            Ok(0) => return Some(Event::Eof),
             Ok(_) => {
-                let line = String::from_utf8_lossy(&raw).into_owned();
-                if events.send(Event::Line(line)).is_err() {
-                    return Event::Eof;
+                let line = String::from_utf8_lossy(&raw);
+                if !commands.handle_line(&line) {
+                    return None;
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(source) => {
-                return Event::Failed(ClientError::Io {
+                return Some(Event::Failed(ClientError::Io {
                     context: "reading standard input",
                     source,
-                })
+                }))
+            }
+        }
+    }
+}
+
+/// The line editor's loop: Enter acts on the line, Ctrl+C and Ctrl+D leave.
+fn read_edited(
+    commands: &mut Commands,
+    editor: &mut DefaultEditor,
+    reading: &AtomicBool,
+) -> Option<Event> {
+    loop {
+        reading.store(true, Ordering::SeqCst);
+        let line = editor.readline(PROMPT);
+        reading.store(false, Ordering::SeqCst);
+        match line {
+            Ok(line) => {
+                if !line.trim().is_empty() {
+                    if let Err(e) = editor.add_history_entry(line.as_str()) {
+                        debug!("line not kept in the history: {e}");
+                    }
+                }
+                if !commands.handle_line(&line) {
+                    return None;
+                }
+            }
+            Err(ReadlineError::Interrupted) => return Some(Event::Quit),
+            Err(ReadlineError::Eof) => return Some(Event::Eof),
+            Err(e) => {
+                return Some(Event::Failed(ClientError::Io {
+                    context: "reading the terminal",
+                    source: io::Error::other(e.to_string()),
+                }))
             }
         }
     }
@@ -349,6 +579,10 @@ fn read_stdin(events: &Sender<Event>) -> Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::screen::tests::Recorder;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+    use tcrp::{payload, Frame, Operation, State};
 
     /// A session aimed at a local socket that plays the server.
     fn pair(room: &str, token: &str) -> (Session, UdpSocket) {
@@ -371,19 +605,153 @@ mod tests {
         buf[..n].to_vec()
     }
 
+    fn screen(hold: bool) -> (Arc<Mutex<Screen>>, Recorder) {
+        let rec = Recorder::default();
+        let screen = Screen::new("lobby", Box::new(rec.clone()), hold);
+        (Arc::new(Mutex::new(screen)), rec)
+    }
+
+    /// Commands for room "lobby" with token "00ff", the daemon's TCP port at `tcp`.
+    fn commands(tcp: SocketAddr, screen: &Arc<Mutex<Screen>>) -> (Commands, mpsc::Receiver<Event>) {
+        let (events, inbox) = mpsc::channel();
+        let commands = Commands {
+            tcp,
+            room_name: "lobby".into(),
+            token: Token::new("00ff".into()).unwrap(),
+            pager: HistoryPager::default(),
+            screen: Arc::clone(screen),
+            events,
+        };
+        (commands, inbox)
+    }
+
+    /// A TCP address where nothing listens.
+    fn dead_tcp() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    }
+
+    /// What a fake daemon was asked: operation, room name, payload.
+    type Asked = Arc<Mutex<Vec<(Operation, String, String)>>>;
+
+    /// A fake daemon on a local TCP port answering one connection per scripted reply
+    /// (COMPLIANCE, plus COMPLETE when `Ok`), recording each request.
+    fn fake_daemon(
+        replies: Vec<Result<&'static str, (tcrp::ErrorCode, &'static str)>>,
+    ) -> (SocketAddr, Asked) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let asked = Asked::default();
+        let log = Arc::clone(&asked);
+        thread::spawn(move || {
+            for reply in replies {
+                let Ok((mut stream, _)) = listener.accept() else {
+                    return;
+                };
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 512];
+                let op = loop {
+                    if let Some((f, _)) = tcrp::decode(&buf, 1 << 16).unwrap() {
+                        log.lock().unwrap().push((
+                            f.operation,
+                            String::from_utf8_lossy(f.room_name).into_owned(),
+                            String::from_utf8_lossy(f.payload).into_owned(),
+                        ));
+                        break f.operation;
+                    }
+                    let n = stream.read(&mut chunk).unwrap();
+                    assert!(n > 0, "request cut short");
+                    buf.extend_from_slice(&chunk[..n]);
+                };
+                let frame = |state, body: &[u8]| {
+                    let mut out = Vec::new();
+                    Frame {
+                        operation: op,
+                        state,
+                        room_name: b"lobby",
+                        payload: body,
+                    }
+                    .encode(&mut out)
+                    .unwrap();
+                    out
+                };
+                let mut out = Vec::new();
+                match reply {
+                    Ok(complete) => {
+                        out.extend(frame(State::Compliance, br#"{"success": true}"#));
+                        out.extend(frame(State::Complete, complete.as_bytes()));
+                    }
+                    Err((code, message)) => {
+                        let mut failure = Vec::new();
+                        payload::encode_failure(code, message, &mut failure);
+                        out.extend(frame(State::Compliance, &failure));
+                    }
+                }
+                stream.write_all(&out).unwrap();
+            }
+        });
+        (addr, asked)
+    }
+
+    fn sequenced(seq: u64, text: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        ucrp::delivery::encode_sequenced(seq, "bob", text.as_bytes(), &mut out).unwrap();
+        out
+    }
+
     #[test]
-    fn lines_become_datagrams_and_commands_do_not() {
+    fn chat_and_quit_go_to_the_main_loop_and_the_rest_is_answered_here() {
+        let (screen, rec) = screen(false);
+        let (mut commands, inbox) = commands(dead_tcp(), &screen);
+        let mut input =
+            io::Cursor::new("/help\n__LEAVE__\nhello\n\n/shrug\n/history 0\n/quit\nnever sent\n");
+        assert!(read_lines(&mut commands, &mut input).is_none());
+        let events: Vec<Event> = inbox.try_iter().collect();
+        assert!(
+            matches!(&events[..], [Event::Send(text), Event::Quit] if text == "hello"),
+            "{events:?}"
+        );
+        assert_eq!(
+            rec.lines(),
+            [
+                format!("err: {}", input::HELP),
+                "err: * reserved word not sent".into(),
+                "err: * unknown command /shrug (try /help)".into(),
+                format!("err: {}", input::HISTORY_USAGE),
+            ]
+        );
+    }
+
+    #[test]
+    fn end_of_input_ends_the_chat() {
+        let (screen, _) = screen(false);
+        let (mut commands, inbox) = commands(dead_tcp(), &screen);
+        let end = read_lines(&mut commands, &mut io::Cursor::new("a\r\nb"));
+        assert!(matches!(end, Some(Event::Eof)), "{end:?}");
+        let sent: Vec<String> = inbox
+            .try_iter()
+            .map(|e| match e {
+                Event::Send(text) => text,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(sent, ["a", "b"]);
+    }
+
+    #[test]
+    fn lines_become_datagrams() {
         let (session, server) = pair("lobby", "00ff");
-        assert_eq!(handle_line(&session, "/help\n"), LineOutcome::Continue);
-        assert_eq!(handle_line(&session, "__LEAVE__\n"), LineOutcome::Continue);
-        assert_eq!(handle_line(&session, "hello\n"), LineOutcome::Continue);
-        // Only the chat line went out.
+        let (screen, rec) = screen(false);
+        send_text(&session, &screen, "hello");
         let bytes = recv(&server);
         let d = ucrp::parse(&bytes).unwrap();
         assert_eq!(d.room_name, b"lobby");
         assert_eq!(d.token, b"00ff");
         assert_eq!(d.message, ucrp::Message::Chat("hello"));
-        assert_eq!(handle_line(&session, "/quit\n"), LineOutcome::Quit);
+        assert!(rec.lines().is_empty());
     }
 
     #[test]
@@ -398,7 +766,12 @@ mod tests {
                 max: ucrp::MAX_DATAGRAM_LEN
             })
         );
-        handle_line(&session, &"y".repeat(max + 1));
+        let (screen, rec) = screen(false);
+        send_text(&session, &screen, &"y".repeat(max + 1));
+        assert_eq!(
+            rec.lines(),
+            [format!("err: * message too long (max {max} bytes)")]
+        );
         session.send(&"z".repeat(max)).unwrap().unwrap();
         // The first datagram to arrive is the one that fits.
         assert_eq!(recv(&server).len(), ucrp::MAX_DATAGRAM_LEN);
@@ -429,18 +802,156 @@ mod tests {
         server.send_to(&[0x00, 0x09], me).unwrap();
         server.send_to(ucrp::ROOM_CLOSED, me).unwrap();
         server.send_to(&chat("bob", "after the end"), me).unwrap();
-        let mut renderer = Renderer::new("lobby");
-        let mut out = Vec::new();
-        let event = receive(
-            &session.socket,
-            server.local_addr().unwrap(),
-            &mut renderer,
-            &mut out,
-        );
+        let (screen, rec) = screen(false);
+        let event = receive(&session.socket, server.local_addr().unwrap(), &screen);
         assert!(matches!(event, Event::RoomClosed), "{event:?}");
         assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "bob: hi\n* room lobby was closed by its host\n"
+            rec.lines(),
+            ["out: bob: hi", "out: * room lobby was closed by its host"]
         );
+    }
+
+    #[test]
+    fn who_asks_with_the_members_token() {
+        let (tcp, asked) = fake_daemon(vec![
+            Ok(
+                r#"{"room": "lobby", "host": "alice", "members": [{"name": "alice", "registered": true}, {"name": "bob", "registered": false}]}"#,
+            ),
+            Err((tcrp::ErrorCode::RoomNotFound, "no room \"lobby\"")),
+        ]);
+        let (screen, rec) = screen(false);
+        let (mut commands, _inbox) = commands(tcp, &screen);
+        assert!(commands.handle_line("/who\n"));
+        assert!(commands.handle_line("/who\n"));
+        assert_eq!(
+            rec.lines(),
+            [
+                "err: * host: alice",
+                "err: * alice (registered)",
+                "err: * bob (not registered)",
+                "err: * cannot see who is in room \"lobby\": no room \"lobby\"",
+            ]
+        );
+        assert_eq!(
+            asked.lock().unwrap()[0],
+            (
+                Operation::Presence,
+                "lobby".into(),
+                r#"{"token": "00ff"}"#.into()
+            )
+        );
+    }
+
+    #[test]
+    fn history_pages_back_until_there_is_no_more() {
+        let (tcp, asked) = fake_daemon(vec![
+            Ok(
+                r#"{"messages": [{"seq": 9, "sender": "bob", "text": "nine", "at": 1700000000.0}, {"seq": 10, "sender": "bob", "text": "ten", "at": 1700000060.0}], "more": true}"#,
+            ),
+            Ok(
+                r#"{"messages": [{"seq": 8, "sender": "amy", "text": "eight", "at": 1699999940.0}], "more": false}"#,
+            ),
+        ]);
+        let (screen, rec) = screen(false);
+        let (mut commands, _inbox) = commands(tcp, &screen);
+        assert!(commands.handle_line("/history 2\n"));
+        assert!(commands.handle_line("/history\n"));
+        // Nothing older exists: no third request.
+        assert!(commands.handle_line("/history\n"));
+        assert_eq!(
+            rec.lines(),
+            [
+                "out: [22:13] bob: nine",
+                "out: [22:14] bob: ten",
+                "out: [22:12] amy: eight",
+                "err: * no more history",
+                "err: * no more history",
+            ]
+        );
+        let asked = asked.lock().unwrap();
+        let payloads: Vec<&str> = asked.iter().map(|(_, _, p)| p.as_str()).collect();
+        assert_eq!(
+            payloads,
+            [
+                r#"{"token": "00ff", "limit": 2}"#,
+                r#"{"token": "00ff", "before": 9, "limit": 20}"#
+            ]
+        );
+        assert!(asked
+            .iter()
+            .all(|(op, room, _)| *op == Operation::History && room == "lobby"));
+    }
+
+    #[test]
+    fn recent_history_is_shown_before_the_held_live_messages() {
+        let (tcp, asked) = fake_daemon(vec![Ok(
+            r#"{"messages": [{"seq": 4, "sender": "bob", "text": "m4", "at": 1700000000.0}], "more": false}"#,
+        )]);
+        let (screen, rec) = screen(true);
+        assert_eq!(
+            lock(&screen).handle_datagram(&sequenced(4, "m4")).unwrap(),
+            Flow::Continue
+        );
+        assert_eq!(
+            lock(&screen).handle_datagram(&sequenced(5, "m5")).unwrap(),
+            Flow::Continue
+        );
+        let (mut commands, inbox) = commands(tcp, &screen);
+        commands.show_recent_history();
+        assert_eq!(
+            rec.lines(),
+            [
+                "out: [22:13] bob: m4",
+                "err: * --- live ---",
+                "out: bob: m5"
+            ]
+        );
+        assert_eq!(
+            asked.lock().unwrap()[0].2,
+            r#"{"token": "00ff", "limit": 20}"#
+        );
+        assert!(inbox.try_recv().is_err(), "nothing for the main loop");
+    }
+
+    #[test]
+    fn a_server_without_history_is_passed_over_in_silence() {
+        let (tcp, _) = fake_daemon(vec![Err((
+            tcrp::ErrorCode::UnsupportedOperation,
+            "operation 5 is not supported",
+        ))]);
+        let (screen, rec) = screen(true);
+        assert_eq!(
+            lock(&screen).handle_datagram(&sequenced(1, "hi")).unwrap(),
+            Flow::Continue
+        );
+        let (mut commands, _inbox) = commands(tcp, &screen);
+        commands.show_recent_history();
+        assert_eq!(rec.lines(), ["out: bob: hi"]);
+    }
+
+    #[test]
+    fn other_history_failures_are_told_and_the_chat_goes_on() {
+        let (screen, rec) = screen(true);
+        assert_eq!(
+            lock(&screen).handle_datagram(&sequenced(1, "hi")).unwrap(),
+            Flow::Continue
+        );
+        assert_eq!(
+            lock(&screen).handle_datagram(ucrp::ROOM_CLOSED).unwrap(),
+            Flow::Continue
+        );
+        let (mut commands, inbox) = commands(dead_tcp(), &screen);
+        commands.show_recent_history();
+        let lines = rec.lines();
+        assert!(
+            lines[0].starts_with("err: * history unavailable: cannot connect to 127.0.0.1:"),
+            "{lines:?}"
+        );
+        assert_eq!(
+            lines[1..],
+            ["out: bob: hi", "out: * room lobby was closed by its host"]
+        );
+        // The room closed while the screen was held: the main loop is told.
+        assert!(matches!(inbox.try_recv(), Ok(Event::RoomClosed)));
     }
 }

@@ -2,10 +2,12 @@
 //!
 //! Every variant carries what a user needs to act on it (the address that did not answer, the
 //! room that was refused, the rule a name broke). `main` prints `ocm: {error}` and exits with
-//! [`ClientError::exit_code`]: 2 when the request itself was wrong or refused, 1 for everything
-//! else (network, protocol and local I/O failures).
+//! [`ClientError::exit_code`]: 2 when the request itself was wrong or refused (including an
+//! unreadable `--password-file`), 1 for everything else (network, protocol and local I/O
+//! failures).
 
 use std::io;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tcrp::names::NameRule;
@@ -94,6 +96,33 @@ pub enum ClientError {
         /// The server's own words, when it sent some (already made safe to print).
         message: Option<String>,
     },
+    /// The server answered a list, presence or history request with a failed COMPLIANCE.
+    #[error("cannot {what}: {}", refusal_text(*.code, .message.as_deref()))]
+    QueryRefused {
+        /// What was asked, e.g. `list the rooms` or `see who is in room "lobby"`.
+        what: String,
+        /// The machine-readable reason, when the server sent one this version knows.
+        code: Option<ErrorCode>,
+        /// The server's own words, when it sent some (already made safe to print).
+        message: Option<String>,
+    },
+    /// The file named by `--password-file` cannot be read.
+    #[error("cannot read the password file {}: {source}", .path.display())]
+    PasswordFile {
+        /// The path as given.
+        path: PathBuf,
+        /// Why reading failed.
+        source: io::Error,
+    },
+    /// The password given cannot be used: it is empty (the server would take it for no
+    /// password at all) or, from the environment, not UTF-8 (JSON cannot carry it).
+    #[error("the password from {from} {problem}")]
+    UnusablePassword {
+        /// Where it came from: `--password`, `--password-file` or `OCM_PASSWORD`.
+        from: &'static str,
+        /// What is wrong with it: `is empty` or `is not UTF-8`.
+        problem: &'static str,
+    },
     /// The COMPLETE token cannot be carried in a UCRP datagram (empty or over 255 bytes).
     #[error("the server issued an unusable token of {len} bytes (must be 1 to 255)")]
     BadToken {
@@ -116,7 +145,10 @@ impl ClientError {
         match self {
             ClientError::InvalidRoomName { .. }
             | ClientError::InvalidUsername { .. }
-            | ClientError::Refused { .. } => EXIT_REFUSED,
+            | ClientError::Refused { .. }
+            | ClientError::QueryRefused { .. }
+            | ClientError::PasswordFile { .. }
+            | ClientError::UnusablePassword { .. } => EXIT_REFUSED,
             _ => EXIT_FAILURE,
         }
     }
@@ -162,6 +194,34 @@ mod tests {
             "cannot create room \"lobby\": the server refused the request"
         );
         assert_eq!(refused(None, None).exit_code(), EXIT_REFUSED);
+    }
+
+    #[test]
+    fn query_refusals_and_password_errors_are_refusals() {
+        let refused = ClientError::QueryRefused {
+            what: "list the rooms".into(),
+            code: Some(ErrorCode::UnsupportedOperation),
+            message: None,
+        };
+        assert_eq!(
+            refused.to_string(),
+            "cannot list the rooms: unsupported_operation"
+        );
+        assert_eq!(refused.exit_code(), EXIT_REFUSED);
+        let file = ClientError::PasswordFile {
+            path: "/nope/pw".into(),
+            source: io::Error::from(io::ErrorKind::NotFound),
+        };
+        assert!(file
+            .to_string()
+            .starts_with("cannot read the password file /nope/pw: "));
+        assert_eq!(file.exit_code(), EXIT_REFUSED);
+        let empty = ClientError::UnusablePassword {
+            from: "OCM_PASSWORD",
+            problem: "is empty",
+        };
+        assert_eq!(empty.to_string(), "the password from OCM_PASSWORD is empty");
+        assert_eq!(empty.exit_code(), EXIT_REFUSED);
     }
 
     #[test]

@@ -10,12 +10,12 @@
 
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use log::debug;
 use tcrp::payload::{self, Compliance, RequestForm};
-use tcrp::{Caps, Frame, Operation, Request, State};
+use tcrp::{Caps, ErrorCode, Frame, Operation, Request, State};
 
 use crate::error::ClientError;
 use crate::render::printable;
@@ -83,6 +83,11 @@ impl Token {
     pub fn as_bytes(&self) -> &[u8] {
         self.0.as_bytes()
     }
+
+    /// The token as it goes into a JSON request (`/who`, `/history`).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 impl fmt::Debug for Token {
@@ -138,12 +143,30 @@ pub fn connect(host: &str, port: u16) -> Result<TcpStream, ClientError> {
         }
     }
     let stream = last?;
+    set_options(&stream)?;
+    Ok(stream)
+}
+
+/// Opens a TCP connection to an address already resolved: the short-lived connections of
+/// `/who` and `/history` go to the very address the handshake reached.
+pub fn connect_addr(addr: SocketAddr) -> Result<TcpStream, ClientError> {
+    debug!("connecting to {addr}");
+    let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|source| {
+        ClientError::Connect {
+            addr: addr.to_string(),
+            source,
+        }
+    })?;
+    set_options(&stream)?;
+    Ok(stream)
+}
+
+fn set_options(stream: &TcpStream) -> Result<(), ClientError> {
     stream
         .set_nodelay(true)
         .and_then(|()| stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)))
         .and_then(|()| stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT)))
-        .map_err(ClientError::io("setting TCP socket options"))?;
-    Ok(stream)
+        .map_err(ClientError::io("setting TCP socket options"))
 }
 
 /// Runs the handshake on an open stream and returns the token.
@@ -158,12 +181,45 @@ pub fn exchange<S: Read + Write>(
 ) -> Result<Token, ClientError> {
     let mut payload = Vec::new();
     request.encode(&mut payload);
+    match round_trip(stream, verb.operation(), room_name, &payload)? {
+        Ok(complete) => {
+            let token = Token::new(payload::parse_complete(&complete)?)?;
+            debug!("{verb} {room_name:?}: token {token:?}");
+            Ok(token)
+        }
+        Err(Refusal { code, message }) => Err(ClientError::Refused {
+            verb,
+            room: room_name.to_owned(),
+            code,
+            message,
+        }),
+    }
+}
+
+/// A failed COMPLIANCE, as the server worded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The machine-readable reason, when the server sent one this version knows.
+    pub code: Option<ErrorCode>,
+    /// The server's own words, already made safe to print.
+    pub message: Option<String>,
+}
+
+/// Sends one REQUEST frame and reads its answer: the COMPLETE payload after a successful
+/// COMPLIANCE, or the [`Refusal`]. Every TCRP operation (create, join and the extensions)
+/// goes through here.
+pub fn round_trip<S: Read + Write>(
+    stream: &mut S,
+    operation: Operation,
+    room_name: &str,
+    payload: &[u8],
+) -> Result<Result<Vec<u8>, Refusal>, ClientError> {
     let mut out = Vec::new();
     Frame {
-        operation: verb.operation(),
+        operation,
         state: State::Request,
         room_name: room_name.as_bytes(),
-        payload: &payload,
+        payload,
     }
     .encode(&mut out)?;
     stream
@@ -176,18 +232,13 @@ pub fn exchange<S: Read + Write>(
     match payload::parse_compliance(&compliance)? {
         Compliance::Success => {}
         Compliance::Failure { code, message } => {
-            return Err(ClientError::Refused {
-                verb,
-                room: room_name.to_owned(),
+            return Ok(Err(Refusal {
                 code,
                 message: message.map(|m| printable(&m).into_owned()),
-            })
+            }))
         }
     }
-    let complete = read_frame(stream, &mut buf, State::Complete)?;
-    let token = Token::new(payload::parse_complete(&complete)?)?;
-    debug!("{verb} {room_name:?}: token {token:?}");
-    Ok(token)
+    Ok(Ok(read_frame(stream, &mut buf, State::Complete)?))
 }
 
 /// The frame name used in messages.

@@ -9,12 +9,19 @@
 use ucrp::datagram::{LEAVE, REGISTER};
 use ucrp::delivery::ROOM_CLOSED_STR;
 
+use crate::query::{DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT};
+
 /// The `/help` text, printed to standard error.
 pub const HELP: &str = "\
-* /quit    leave the room (so do end of input and Ctrl+C)
-* /help    show this text
-* //text   send a message that starts with a slash: /text
+* /who           who is in the room, and who hosts it
+* /history [N]   the N (default 20, max 100) messages before the ones shown; repeat to page back
+* /quit          leave the room (so do end of input, Ctrl+D and Ctrl+C)
+* /help          show this text
+* //text         send a message that starts with a slash: /text
 * anything else is sent to the room";
+
+/// The usage line for a `/history` with a bad count.
+pub const HISTORY_USAGE: &str = "* usage: /history [N], N from 1 to 100";
 
 /// One line of input, classified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +32,15 @@ pub enum Input<'a> {
     Quit,
     /// `/help`: show the commands.
     Help,
+    /// `/who`: show the room's host and members.
+    Who,
+    /// `/history [N]`: show the next page of `count` older messages.
+    History {
+        /// Messages to ask for, 1 to [`MAX_HISTORY_LIMIT`].
+        count: u32,
+    },
+    /// A known command used wrongly; the text to show.
+    Usage(&'static str),
     /// A `/command` this client does not know (the command word, with its slash).
     Unknown(&'a str),
     /// One of the protocol's control words, which is not sent.
@@ -45,14 +61,30 @@ pub fn classify(line: &str) -> Input<'_> {
     }
     if line.starts_with('/') {
         // `line` is not empty and starts with '/', so there is a first word.
-        let word = line.split_whitespace().next().unwrap_or(line);
+        let mut words = line.split_whitespace();
+        let word = words.next().unwrap_or(line);
         return match word {
             "/quit" => Input::Quit,
             "/help" => Input::Help,
+            "/who" => Input::Who,
+            "/history" => history(words.next(), words.next()),
             other => Input::Unknown(other),
         };
     }
     reserved_or_send(line)
+}
+
+/// `/history`, `/history N`; anything else is a usage error.
+fn history(count: Option<&str>, extra: Option<&str>) -> Input<'static> {
+    let count = match (count, extra) {
+        (None, _) => Some(DEFAULT_HISTORY_LIMIT),
+        (Some(n), None) => n.parse::<u32>().ok(),
+        (Some(_), Some(_)) => None,
+    };
+    match count {
+        Some(count) if (1..=MAX_HISTORY_LIMIT).contains(&count) => Input::History { count },
+        _ => Input::Usage(HISTORY_USAGE),
+    }
 }
 
 fn reserved_or_send(text: &str) -> Input<'_> {
@@ -92,6 +124,25 @@ mod tests {
         assert_eq!(classify("/\n"), Input::Unknown("/"));
         assert_eq!(classify("//shrug\n"), Input::Send("/shrug"));
         assert_eq!(classify("//\n"), Input::Send("/"));
+    }
+
+    #[test]
+    fn who_and_history() {
+        assert_eq!(classify("/who\n"), Input::Who);
+        assert_eq!(classify("/history\n"), Input::History { count: 20 });
+        assert_eq!(classify("/history 5\r\n"), Input::History { count: 5 });
+        assert_eq!(classify("/history  100 \n"), Input::History { count: 100 });
+        for bad in [
+            "/history 0",
+            "/history 101",
+            "/history -1",
+            "/history x",
+            "/history 5 6",
+        ] {
+            assert_eq!(classify(bad), Input::Usage(HISTORY_USAGE), "{bad}");
+        }
+        assert_eq!(classify("//who\n"), Input::Send("/who"));
+        assert!(HELP.contains("/who") && HELP.contains("/history [N]"));
     }
 
     #[test]

@@ -1,26 +1,42 @@
 //! `ocm`: the terminal client of Online Chat Messenger.
 //!
 //! ```text
-//! ocm [--server HOST] [--tcp-port N] [--udp-port N] create ROOM --name NAME [--keepalive SECS] [--original]
-//! ocm [--server HOST] [--tcp-port N] [--udp-port N] join   ROOM --name NAME [--keepalive SECS] [--original]
+//! ocm [--server HOST] [--tcp-port N] [--udp-port N] create ROOM --name NAME [--keepalive SECS]
+//!     [--password PW | --password-file PATH] [--unlisted] [--original]
+//! ocm [--server HOST] [--tcp-port N] [--udp-port N] join   ROOM --name NAME [--keepalive SECS]
+//!     [--password PW | --password-file PATH] [--original]
+//! ocm [--server HOST] [--tcp-port N] rooms
+//! ocm [--server HOST] [--tcp-port N] who ROOM [--password PW | --password-file PATH]
 //! ```
 //!
-//! This file owns the command line, the logger and the exit codes; the work is in
-//! [`handshake`] (TCP: REQUEST → COMPLIANCE → COMPLETE for the token) and [`chat`] (UDP:
-//! register, relay, keepalive, leave), which get their bytes from the `tcrp` and `ucrp`
-//! crates. Messages from the room go to standard output, one per line; the client's own
-//! remarks (`* joined ...`, `* message too long ...`) and errors go to standard error.
+//! A password may also come from the `OCM_PASSWORD` environment variable, read only when
+//! neither flag is given, so that it need not appear in `ps`.
 //!
-//! Exit codes: 0 after leaving or when the host closed the room; 1 when the server cannot be
-//! reached or misbehaves; 2 for a bad command line, an invalid name, or a refusal.
+//! This file owns the command line, the logger and the exit codes; the work is in
+//! [`handshake`] (TCP: REQUEST → COMPLIANCE → COMPLETE for the token), [`query`] (the list,
+//! presence and history extensions) and [`chat`] (UDP: register, relay, keepalive, leave),
+//! which get their bytes from the `tcrp` and `ucrp` crates. Messages from the room go to
+//! standard output, one per line; the client's own remarks (`* joined ...`, `* message too
+//! long ...`) and errors go to standard error. `rooms` and `who` print their answer to
+//! standard output.
+//!
+//! Exit codes: 0 after leaving, when the host closed the room, or after `rooms`/`who`
+//! answered; 1 when the server cannot be reached or misbehaves; 2 for a bad command line,
+//! an invalid name, an unusable password, or a refusal.
 
 mod chat;
 mod error;
 mod handshake;
 mod input;
+mod listing;
+mod query;
 mod render;
+mod screen;
 
+use std::ffi::OsString;
+use std::io::IsTerminal;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -30,6 +46,9 @@ use tcrp::names;
 use crate::error::ClientError;
 use crate::handshake::Verb;
 
+/// The environment variable a password is read from when no flag gives one.
+const PASSWORD_ENV: &str = "OCM_PASSWORD";
+
 /// Terminal client for the ocmd chat daemon.
 #[derive(Debug, Parser)]
 #[command(name = "ocm", version)]
@@ -37,7 +56,7 @@ struct Cli {
     /// Host name or IP address of the daemon.
     #[arg(long, global = true, default_value = "127.0.0.1")]
     server: String,
-    /// TCP port of the handshake (create/join).
+    /// TCP port of the handshake (create/join) and of the rooms/who/history requests.
     #[arg(long, global = true, default_value_t = 9090, value_parser = clap::value_parser!(u16).range(1..))]
     tcp_port: u16,
     /// UDP port of the chat.
@@ -50,9 +69,22 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Create a room, host it and chat in it (the room closes when you leave).
-    Create(RoomArgs),
-    /// Join an existing room and chat in it.
+    Create(CreateArgs),
+    /// Join an existing room and chat in it; the recent messages are shown first.
     Join(RoomArgs),
+    /// List the rooms on the server (rooms created with --unlisted are left out).
+    Rooms,
+    /// Show who hosts a room and who is in it.
+    Who(WhoArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CreateArgs {
+    #[command(flatten)]
+    room: RoomArgs,
+    /// Leave the room out of `ocm rooms` listings (it can still be joined by name).
+    #[arg(long, conflicts_with = "original")]
+    unlisted: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -66,9 +98,76 @@ struct RoomArgs {
     #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     keepalive: u32,
     /// Send the original client's request (a bare JSON name: no keepalive promise, no
-    /// notices, sequence numbers or batches).
-    #[arg(long)]
+    /// notices, sequence numbers, batches, history or password).
+    #[arg(long, conflicts_with_all = ["password", "password_file"])]
     original: bool,
+    #[command(flatten)]
+    password: PasswordArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct WhoArgs {
+    /// The room's name.
+    room: String,
+    #[command(flatten)]
+    password: PasswordArgs,
+}
+
+/// Where the room password comes from. Without either flag it is read from the
+/// `OCM_PASSWORD` environment variable, if set and not empty.
+#[derive(Debug, Clone, Default, clap::Args)]
+struct PasswordArgs {
+    /// The room's password (create: sets it; join, who: gives it). Other users can see it
+    /// in `ps`: prefer --password-file, or the OCM_PASSWORD environment variable, which is
+    /// read when neither flag is given.
+    #[arg(long, value_name = "PW", conflicts_with = "password_file")]
+    password: Option<String>,
+    /// Read the room's password from this file (one trailing newline is dropped).
+    #[arg(long, value_name = "PATH")]
+    password_file: Option<PathBuf>,
+}
+
+impl PasswordArgs {
+    /// The password to send, from `--password`, `--password-file` or else `env` (the value
+    /// of `OCM_PASSWORD`); `None` when none gives one.
+    fn resolve(&self, env: Option<OsString>) -> Result<Option<String>, ClientError> {
+        let (password, from) = if let Some(password) = &self.password {
+            (password.clone(), "--password")
+        } else if let Some(path) = &self.password_file {
+            let text =
+                std::fs::read_to_string(path).map_err(|source| ClientError::PasswordFile {
+                    path: path.clone(),
+                    source,
+                })?;
+            let line = text
+                .strip_suffix('\n')
+                .map(|t| t.strip_suffix('\r').unwrap_or(t))
+                .unwrap_or(&text);
+            (line.to_owned(), "--password-file")
+        } else {
+            match env {
+                // An empty variable counts as unset, as shells make it easy to export one.
+                None => return Ok(None),
+                Some(value) if value.is_empty() => return Ok(None),
+                Some(value) => (
+                    value
+                        .into_string()
+                        .map_err(|_| ClientError::UnusablePassword {
+                            from: PASSWORD_ENV,
+                            problem: "is not UTF-8",
+                        })?,
+                    PASSWORD_ENV,
+                ),
+            }
+        };
+        if password.is_empty() {
+            return Err(ClientError::UnusablePassword {
+                from,
+                problem: "is empty",
+            });
+        }
+        Ok(Some(password))
+    }
 }
 
 fn main() -> ExitCode {
@@ -85,37 +184,95 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<(), ClientError> {
-    let (verb, args) = match cli.command {
-        Command::Create(args) => (Verb::Create, args),
-        Command::Join(args) => (Verb::Join, args),
-    };
-    let room_name = names::check_room_name(args.room.as_bytes()).map_err(|rule| {
-        ClientError::InvalidRoomName {
-            room: args.room.clone(),
-            rule,
+    let Cli {
+        server,
+        tcp_port,
+        udp_port,
+        command,
+    } = cli;
+    match command {
+        Command::Rooms => {
+            let mut stream = handshake::connect(&server, tcp_port)?;
+            let list = query::list_rooms(&mut stream)?;
+            print_lines(&listing::room_list_lines(&list))
         }
-    })?;
+        Command::Who(args) => {
+            let room_name = check_room_name(&args.room)?;
+            let password = args.password.resolve(std::env::var_os(PASSWORD_ENV))?;
+            let mut stream = handshake::connect(&server, tcp_port)?;
+            let presence = query::presence(&mut stream, room_name, None, password.as_deref())?;
+            print_lines(&listing::presence_lines(&presence))
+        }
+        Command::Create(args) => chat(
+            &server,
+            tcp_port,
+            udp_port,
+            Verb::Create,
+            &args.room,
+            !args.unlisted,
+        ),
+        Command::Join(args) => chat(&server, tcp_port, udp_port, Verb::Join, &args, true),
+    }
+}
+
+fn check_room_name(room: &str) -> Result<&str, ClientError> {
+    names::check_room_name(room.as_bytes()).map_err(|rule| ClientError::InvalidRoomName {
+        room: room.to_owned(),
+        rule,
+    })
+}
+
+/// Prints an answer to standard output.
+fn print_lines(lines: &[String]) -> Result<(), ClientError> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    lines
+        .iter()
+        .try_for_each(|line| writeln!(out, "{line}"))
+        .and_then(|()| out.flush())
+        .map_err(ClientError::io("writing to standard output"))
+}
+
+/// `create` and `join`: the handshake, then the chat.
+fn chat(
+    server: &str,
+    tcp_port: u16,
+    udp_port: u16,
+    verb: Verb,
+    args: &RoomArgs,
+    listed: bool,
+) -> Result<(), ClientError> {
+    let room_name = check_room_name(&args.room)?;
     names::check_username(&args.name).map_err(|rule| ClientError::InvalidUsername {
         name: args.name.clone(),
         rule,
     })?;
 
-    let request = handshake::build_request(&args.name, args.keepalive, args.original);
-    let mut stream = handshake::connect(&cli.server, cli.tcp_port)?;
+    let mut request = handshake::build_request(&args.name, args.keepalive, args.original);
+    if !args.original {
+        // The original request is a bare name: it carries neither field.
+        request.password = args.password.resolve(std::env::var_os(PASSWORD_ENV))?;
+        request.listed = (!listed).then_some(false);
+    }
+    let mut stream = handshake::connect(server, tcp_port)?;
     let token = handshake::exchange(&mut stream, verb, room_name, &request)?;
     // Chat with the very address the handshake reached, not a fresh resolution of the name.
-    let server_ip = stream
+    let tcp = stream
         .peer_addr()
-        .map_err(ClientError::io("reading the server's address"))?
-        .ip();
+        .map_err(ClientError::io("reading the server's address"))?;
     drop(stream);
 
-    let session = chat::Session::open(SocketAddr::new(server_ip, cli.udp_port), room_name, token)?;
+    let session = chat::Session::open(SocketAddr::new(tcp.ip(), udp_port), room_name, token)?;
     chat::run(
         session,
-        verb,
-        &args.name,
-        Duration::from_secs(u64::from(args.keepalive)),
+        chat::Options {
+            verb,
+            username: args.name.clone(),
+            keepalive: Duration::from_secs(u64::from(args.keepalive)),
+            tcp,
+            join_history: verb == Verb::Join && !args.original,
+            line_editor: std::io::stdin().is_terminal() && std::io::stdout().is_terminal(),
+        },
     )
 }
 
@@ -129,6 +286,12 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    fn parse(argv: &[&str]) -> Command {
+        Cli::try_parse_from(argv)
+            .unwrap_or_else(|e| panic!("{argv:?}: {e}"))
+            .command
+    }
+
     #[test]
     fn defaults_and_flags() {
         let cli = Cli::try_parse_from(["ocm", "join", "lobby", "--name", "alice"]).unwrap();
@@ -140,6 +303,8 @@ mod tests {
         assert_eq!((args.room.as_str(), args.name.as_str()), ("lobby", "alice"));
         assert_eq!(args.keepalive, 10);
         assert!(!args.original);
+        assert_eq!(args.password.password, None);
+        assert_eq!(args.password.password_file, None);
 
         let cli = Cli::try_parse_from([
             "ocm",
@@ -165,8 +330,59 @@ mod tests {
         let Command::Create(args) = cli.command else {
             panic!("not a create: {:?}", cli.command)
         };
-        assert_eq!(args.keepalive, 3);
-        assert!(args.original);
+        assert_eq!(args.room.keepalive, 3);
+        assert!(args.room.original);
+        assert!(!args.unlisted);
+    }
+
+    #[test]
+    fn rooms_and_who() {
+        assert!(matches!(parse(&["ocm", "rooms"]), Command::Rooms));
+        let cli = Cli::try_parse_from(["ocm", "rooms", "--server", "10.0.0.1", "--tcp-port", "7"])
+            .unwrap();
+        assert_eq!((cli.server.as_str(), cli.tcp_port), ("10.0.0.1", 7));
+        let Command::Who(args) = parse(&["ocm", "who", "lobby"]) else {
+            panic!("not a who")
+        };
+        assert_eq!(args.room, "lobby");
+        assert_eq!(args.password.password, None);
+        let Command::Who(args) = parse(&["ocm", "who", "vault", "--password", "pw"]) else {
+            panic!("not a who")
+        };
+        assert_eq!(args.password.password.as_deref(), Some("pw"));
+    }
+
+    #[test]
+    fn passwords_and_unlisted_rooms() {
+        let Command::Create(args) = parse(&[
+            "ocm",
+            "create",
+            "vault",
+            "--name",
+            "a",
+            "--password",
+            "pw",
+            "--unlisted",
+        ]) else {
+            panic!("not a create")
+        };
+        assert!(args.unlisted);
+        assert_eq!(args.room.password.password.as_deref(), Some("pw"));
+        let Command::Join(args) = parse(&[
+            "ocm",
+            "join",
+            "vault",
+            "--name",
+            "b",
+            "--password-file",
+            "/run/pw",
+        ]) else {
+            panic!("not a join")
+        };
+        assert_eq!(
+            args.password.password_file.as_deref(),
+            Some(std::path::Path::new("/run/pw"))
+        );
     }
 
     #[test]
@@ -177,9 +393,141 @@ mod tests {
             &["ocm", "join", "r", "--name", "a", "--keepalive", "0"],
             &["ocm", "--tcp-port", "0", "join", "r", "--name", "a"],
             &["ocm", "leave", "r", "--name", "a"],
+            &["ocm", "who"],
+            &["ocm", "rooms", "extra"],
+            // --unlisted is for create only.
+            &["ocm", "join", "r", "--name", "a", "--unlisted"],
+            // One source of password at a time.
+            &[
+                "ocm",
+                "join",
+                "r",
+                "--name",
+                "a",
+                "--password",
+                "x",
+                "--password-file",
+                "f",
+            ],
+            &["ocm", "who", "r", "--password", "x", "--password-file", "f"],
+            // The original request cannot carry a password or the listing flag.
+            &[
+                "ocm",
+                "join",
+                "r",
+                "--name",
+                "a",
+                "--original",
+                "--password",
+                "x",
+            ],
+            &[
+                "ocm",
+                "create",
+                "r",
+                "--name",
+                "a",
+                "--original",
+                "--password-file",
+                "f",
+            ],
+            &[
+                "ocm",
+                "create",
+                "r",
+                "--name",
+                "a",
+                "--original",
+                "--unlisted",
+            ],
         ] {
             assert!(Cli::try_parse_from(argv).is_err(), "{argv:?}");
         }
+    }
+
+    #[test]
+    fn help_says_how_to_keep_the_password_out_of_ps() {
+        let mut cmd = Cli::command();
+        let join = cmd.find_subcommand_mut("join").unwrap();
+        let help = join.render_long_help().to_string();
+        assert!(help.contains("--password-file"), "{help}");
+        assert!(help.contains("OCM_PASSWORD"), "{help}");
+        assert!(help.contains("ps"), "{help}");
+    }
+
+    fn from_flag(password: Option<&str>, file: Option<PathBuf>) -> PasswordArgs {
+        PasswordArgs {
+            password: password.map(str::to_owned),
+            password_file: file,
+        }
+    }
+
+    #[test]
+    fn password_sources_in_order() {
+        let dir = std::env::temp_dir().join(format!("ocm-pw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("pw");
+        std::fs::write(&file, "from file\r\n").unwrap();
+        let env = || Some(OsString::from("from env"));
+
+        // The flag, then the file, then the environment.
+        assert_eq!(
+            from_flag(Some("flag"), None).resolve(env()).unwrap(),
+            Some("flag".into())
+        );
+        assert_eq!(
+            from_flag(None, Some(file.clone())).resolve(env()).unwrap(),
+            Some("from file".into())
+        );
+        assert_eq!(
+            from_flag(None, None).resolve(env()).unwrap(),
+            Some("from env".into())
+        );
+        assert_eq!(from_flag(None, None).resolve(None).unwrap(), None);
+        assert_eq!(
+            from_flag(None, None)
+                .resolve(Some(OsString::new()))
+                .unwrap(),
+            None,
+            "an empty variable is no password"
+        );
+
+        // Only one line ending is dropped; inner spaces are kept.
+        std::fs::write(&file, " two words \n\n").unwrap();
+        assert_eq!(
+            from_flag(None, Some(file.clone())).resolve(None).unwrap(),
+            Some(" two words \n".into())
+        );
+
+        // Unusable sources are refusals (exit 2), before any connection.
+        std::fs::write(&file, "\n").unwrap();
+        let err = from_flag(None, Some(file.clone()))
+            .resolve(None)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the password from --password-file is empty"
+        );
+        assert_eq!(err.exit_code(), error::EXIT_REFUSED);
+        let err = from_flag(Some(""), None).resolve(None).unwrap_err();
+        assert_eq!(err.to_string(), "the password from --password is empty");
+        let err = from_flag(None, Some(dir.join("missing")))
+            .resolve(None)
+            .unwrap_err();
+        assert!(matches!(err, ClientError::PasswordFile { .. }), "{err:?}");
+        assert_eq!(err.exit_code(), error::EXIT_REFUSED);
+        #[cfg(unix)]
+        {
+            use std::os::unix::ffi::OsStringExt;
+            let err = from_flag(None, None)
+                .resolve(Some(OsString::from_vec(vec![0xff])))
+                .unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "the password from OCM_PASSWORD is not UTF-8"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -208,5 +556,11 @@ mod tests {
             );
             assert_eq!(err.exit_code(), error::EXIT_REFUSED);
         }
+        let cli = Cli::try_parse_from(["ocm", "--server", "0.0.0.0", "--tcp-port", "1", "who", ""])
+            .unwrap();
+        assert!(matches!(
+            run(cli).unwrap_err(),
+            ClientError::InvalidRoomName { .. }
+        ));
     }
 }

@@ -64,6 +64,12 @@ impl SeqTracker {
         self.last = Some(seq);
         SeqVerdict::Deliver { lost }
     }
+
+    /// Counts every message up to `seq` as shown (they were printed from the history), so
+    /// live copies of them are dropped as duplicates.
+    pub fn skip_through(&mut self, seq: u64) {
+        self.last = Some(self.last.map_or(seq, |last| last.max(seq)));
+    }
 }
 
 /// Renders one room's datagrams.
@@ -80,6 +86,11 @@ impl Renderer {
             room_name: room_name.to_owned(),
             seq: SeqTracker::default(),
         }
+    }
+
+    /// Marks the messages up to `seq` as already shown (see [`SeqTracker::skip_through`]).
+    pub fn skip_through(&mut self, seq: u64) {
+        self.seq.skip_through(seq);
     }
 
     /// Handles one datagram from the server, appending the lines to print to `out`.
@@ -290,6 +301,25 @@ mod tests {
         assert_eq!(t.observe(1), SeqVerdict::Deliver { lost: 0 });
         assert_eq!(t.observe(1), SeqVerdict::Duplicate);
         assert_eq!(t.observe(2), SeqVerdict::Deliver { lost: 0 });
+    }
+
+    #[test]
+    fn history_shown_makes_live_copies_duplicates() {
+        let mut renderer = Renderer::new("lobby");
+        renderer.skip_through(7);
+        let mut lines = Vec::new();
+        for d in [
+            sequenced(6, "a", "six"),
+            sequenced(7, "a", "seven"),
+            sequenced(8, "a", "eight"),
+        ] {
+            let _ = renderer.handle_datagram(&d, &mut lines);
+        }
+        assert_eq!(lines, ["a: eight"]);
+        let mut t = SeqTracker::default();
+        t.observe(9);
+        t.skip_through(4);
+        assert_eq!(t.observe(9), SeqVerdict::Duplicate);
     }
 
     #[test]

@@ -1,0 +1,339 @@
+//! Where a chat's lines go, shared by the receiver, the input thread and the main loop.
+//!
+//! [`Screen`] owns the [`Renderer`] and a [`Printer`]. Lines from the room go to the
+//! printer's standard output, the client's own remarks (`* ...`) to its standard error. The
+//! printer is [`PlainPrinter`] (`println!`/`eprintln!`) for pipes and tests, or
+//! [`EditorPrinter`] when a line editor owns the terminal: it prints above the line being
+//! typed instead of through it.
+//!
+//! On `ocm join` the screen starts *held*: datagrams that arrive while the recent history is
+//! being fetched are kept unrendered. [`Screen::release`] then prints the history, marks its
+//! sequence numbers as shown and renders the held datagrams, so the room reads in order and a
+//! message that is both in the history and live is printed once.
+
+use std::io::{self, IsTerminal, Write};
+
+use log::debug;
+use rustyline::ExternalPrinter;
+use tcrp::payload::HistoryPage;
+
+use crate::listing;
+use crate::render::{Flow, Renderer};
+
+/// Most datagrams kept while the screen is held. The hold lasts one TCP round trip (at most
+/// the handshake timeout); past this, datagrams are dropped and show up as lost messages.
+pub const MAX_HELD_DATAGRAMS: usize = 1024;
+
+/// The line printed to standard error between the history and the live messages.
+pub const LIVE_LINE: &str = "* --- live ---";
+
+/// Prints whole lines (without their newline).
+pub trait Printer: Send {
+    /// A line of the room: a message, a history entry, a notice.
+    fn print_out(&mut self, line: &str) -> io::Result<()>;
+    /// A remark of the client itself. Best effort: a remark that cannot be shown is dropped.
+    fn print_err(&mut self, line: &str);
+}
+
+/// Standard output and standard error, flushed per line so a reader on a pipe sees each line
+/// at once.
+#[derive(Debug, Default)]
+pub struct PlainPrinter;
+
+impl Printer for PlainPrinter {
+    fn print_out(&mut self, line: &str) -> io::Result<()> {
+        let mut out = io::stdout().lock();
+        writeln!(out, "{line}")?;
+        out.flush()
+    }
+
+    fn print_err(&mut self, line: &str) {
+        eprintln!("{line}");
+    }
+}
+
+/// Prints through a line editor's external printer, which redraws the line being typed
+/// below the printed text. Remarks take the same way when standard error is the terminal too;
+/// when it is redirected they go there as usual.
+pub struct EditorPrinter<P> {
+    printer: P,
+    stderr_is_terminal: bool,
+}
+
+impl<P: ExternalPrinter> EditorPrinter<P> {
+    /// Wraps a printer from `Editor::create_external_printer`.
+    pub fn new(printer: P) -> EditorPrinter<P> {
+        EditorPrinter {
+            printer,
+            stderr_is_terminal: io::stderr().is_terminal(),
+        }
+    }
+}
+
+impl<P: ExternalPrinter + Send> Printer for EditorPrinter<P> {
+    fn print_out(&mut self, line: &str) -> io::Result<()> {
+        self.printer
+            .print(format!("{line}\n"))
+            .map_err(|e| io::Error::other(e.to_string()))
+    }
+
+    fn print_err(&mut self, line: &str) {
+        if self.stderr_is_terminal {
+            if let Err(e) = self.printer.print(format!("{line}\n")) {
+                debug!("cannot print a remark: {e}");
+            }
+        } else {
+            eprintln!("{line}");
+        }
+    }
+}
+
+/// The chat's output: renders datagrams and prints lines (see the module docs).
+pub struct Screen {
+    printer: Box<dyn Printer>,
+    renderer: Renderer,
+    /// `Some` while held: the datagrams received since, in order.
+    held: Option<Vec<Vec<u8>>>,
+    /// The room closed: nothing more is shown.
+    closed: bool,
+}
+
+impl Screen {
+    /// A screen for `room_name`, held until [`Screen::release`] when `hold` is set.
+    pub fn new(room_name: &str, printer: Box<dyn Printer>, hold: bool) -> Screen {
+        Screen {
+            printer,
+            renderer: Renderer::new(room_name),
+            held: hold.then(Vec::new),
+            closed: false,
+        }
+    }
+
+    /// Swaps the printer (when the line editor takes over the terminal).
+    pub fn set_printer(&mut self, printer: Box<dyn Printer>) {
+        self.printer = printer;
+    }
+
+    /// Handles one datagram from the server: renders and prints it, or keeps it while held.
+    pub fn handle_datagram(&mut self, bytes: &[u8]) -> io::Result<Flow> {
+        if self.closed {
+            return Ok(Flow::RoomClosed);
+        }
+        if let Some(held) = &mut self.held {
+            if held.len() < MAX_HELD_DATAGRAMS {
+                held.push(bytes.to_vec());
+            } else {
+                debug!("dropping a datagram: {MAX_HELD_DATAGRAMS} already held");
+            }
+            return Ok(Flow::Continue);
+        }
+        self.render(bytes)
+    }
+
+    /// Ends the hold: prints `history` (when it was fetched) and the [`LIVE_LINE`], then the
+    /// datagrams held meanwhile, skipping those the history already showed. Returns
+    /// [`Flow::RoomClosed`] when one of them closed the room. Does nothing when not held.
+    pub fn release(&mut self, history: Option<&HistoryPage>) -> io::Result<Flow> {
+        let Some(held) = self.held.take() else {
+            return Ok(Flow::Continue);
+        };
+        if let Some(page) = history {
+            for message in &page.messages {
+                self.printer.print_out(&listing::history_line(message))?;
+            }
+            if let Some(newest) = page.messages.iter().map(|m| m.seq).max() {
+                self.renderer.skip_through(newest);
+            }
+            self.printer.print_err(LIVE_LINE);
+        }
+        for bytes in held {
+            if self.render(&bytes)? == Flow::RoomClosed {
+                return Ok(Flow::RoomClosed);
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Prints a line of the room (a history entry, a `/who` answer).
+    pub fn out(&mut self, line: &str) -> io::Result<()> {
+        self.printer.print_out(line)
+    }
+
+    /// Prints a remark of the client.
+    pub fn err(&mut self, line: &str) {
+        self.printer.print_err(line);
+    }
+
+    fn render(&mut self, bytes: &[u8]) -> io::Result<Flow> {
+        let mut lines = Vec::new();
+        let flow = self.renderer.handle_datagram(bytes, &mut lines);
+        for line in &lines {
+            self.printer.print_out(line)?;
+        }
+        if flow == Flow::RoomClosed {
+            self.closed = true;
+        }
+        Ok(flow)
+    }
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use tcrp::payload::HistoryMessage;
+    use ucrp::delivery;
+
+    /// A printer that records `out: line` and `err: line`.
+    #[derive(Clone, Default)]
+    pub struct Recorder(pub Arc<Mutex<Vec<String>>>);
+
+    impl Recorder {
+        /// Everything printed so far.
+        pub fn lines(&self) -> Vec<String> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    impl Printer for Recorder {
+        fn print_out(&mut self, line: &str) -> io::Result<()> {
+            self.0.lock().unwrap().push(format!("out: {line}"));
+            Ok(())
+        }
+        fn print_err(&mut self, line: &str) {
+            self.0.lock().unwrap().push(format!("err: {line}"));
+        }
+    }
+
+    fn sequenced(seq: u64, text: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        delivery::encode_sequenced(seq, "bob", text.as_bytes(), &mut out).unwrap();
+        out
+    }
+
+    fn notice(name: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        delivery::encode_notice(delivery::Notice::Joined, name, &mut out).unwrap();
+        out
+    }
+
+    fn page(seqs: &[u64]) -> HistoryPage {
+        HistoryPage {
+            messages: seqs
+                .iter()
+                .map(|&seq| HistoryMessage {
+                    seq,
+                    sender: "bob".into(),
+                    text: format!("m{seq}"),
+                    at: 1_700_000_000.0 + seq as f64 * 60.0,
+                })
+                .collect(),
+            more: false,
+        }
+    }
+
+    #[test]
+    fn unheld_screen_prints_at_once() {
+        let rec = Recorder::default();
+        let mut screen = Screen::new("lobby", Box::new(rec.clone()), false);
+        assert_eq!(
+            screen.handle_datagram(&sequenced(1, "hi")).unwrap(),
+            Flow::Continue
+        );
+        screen.err("* note");
+        assert_eq!(rec.lines(), ["out: bob: hi", "err: * note"]);
+        // Releasing a screen that is not held does nothing.
+        assert_eq!(screen.release(Some(&page(&[1]))).unwrap(), Flow::Continue);
+        assert_eq!(rec.lines().len(), 2);
+    }
+
+    #[test]
+    fn held_datagrams_follow_the_history_without_duplicates() {
+        let rec = Recorder::default();
+        let mut screen = Screen::new("lobby", Box::new(rec.clone()), true);
+        for d in [sequenced(5, "m5"), notice("carol"), sequenced(6, "m6")] {
+            assert_eq!(screen.handle_datagram(&d).unwrap(), Flow::Continue);
+        }
+        assert!(rec.lines().is_empty(), "nothing shown while held");
+        assert_eq!(
+            screen.release(Some(&page(&[4, 5]))).unwrap(),
+            Flow::Continue
+        );
+        assert_eq!(
+            rec.lines(),
+            [
+                "out: [22:17] bob: m4",
+                "out: [22:18] bob: m5",
+                "err: * --- live ---",
+                "out: * carol joined",
+                "out: bob: m6",
+            ]
+        );
+        // Live from now on.
+        assert_eq!(
+            screen.handle_datagram(&sequenced(7, "m7")).unwrap(),
+            Flow::Continue
+        );
+        assert_eq!(rec.lines().last().unwrap(), "out: bob: m7");
+    }
+
+    #[test]
+    fn release_without_history_prints_no_live_line() {
+        let rec = Recorder::default();
+        let mut screen = Screen::new("lobby", Box::new(rec.clone()), true);
+        assert_eq!(
+            screen.handle_datagram(&sequenced(3, "m3")).unwrap(),
+            Flow::Continue
+        );
+        assert_eq!(screen.release(None).unwrap(), Flow::Continue);
+        assert_eq!(rec.lines(), ["out: bob: m3"]);
+        // An empty history still marks where the live part starts.
+        let rec = Recorder::default();
+        let mut screen = Screen::new("lobby", Box::new(rec.clone()), true);
+        assert_eq!(screen.release(Some(&page(&[]))).unwrap(), Flow::Continue);
+        assert_eq!(rec.lines(), ["err: * --- live ---"]);
+    }
+
+    #[test]
+    fn room_closed_while_held_is_reported_by_release() {
+        let rec = Recorder::default();
+        let mut screen = Screen::new("lobby", Box::new(rec.clone()), true);
+        assert_eq!(
+            screen.handle_datagram(&sequenced(1, "bye")).unwrap(),
+            Flow::Continue
+        );
+        assert_eq!(
+            screen.handle_datagram(delivery::ROOM_CLOSED).unwrap(),
+            Flow::Continue
+        );
+        assert_eq!(
+            screen.handle_datagram(&sequenced(2, "never")).unwrap(),
+            Flow::Continue
+        );
+        assert_eq!(screen.release(None).unwrap(), Flow::RoomClosed);
+        assert_eq!(
+            rec.lines(),
+            ["out: bob: bye", "out: * room lobby was closed by its host"]
+        );
+        // Closed for good.
+        assert_eq!(
+            screen.handle_datagram(&sequenced(3, "late")).unwrap(),
+            Flow::RoomClosed
+        );
+        assert_eq!(rec.lines().len(), 2);
+    }
+
+    #[test]
+    fn holding_is_bounded() {
+        let rec = Recorder::default();
+        let mut screen = Screen::new("lobby", Box::new(rec.clone()), true);
+        for seq in 1..=(MAX_HELD_DATAGRAMS as u64 + 5) {
+            assert_eq!(
+                screen.handle_datagram(&sequenced(seq, "x")).unwrap(),
+                Flow::Continue
+            );
+        }
+        assert_eq!(screen.release(None).unwrap(), Flow::Continue);
+        assert_eq!(rec.lines().len(), MAX_HELD_DATAGRAMS);
+    }
+}

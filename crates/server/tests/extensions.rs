@@ -1,0 +1,369 @@
+//! The ocm extensions against the real daemon, driven mostly through the real `ocm` client:
+//! room listing, presence, room passwords, history, and the guarantee that original-format
+//! members never see an extension frame.
+
+mod common;
+
+use std::io::Write;
+use std::time::Duration;
+
+use common::*;
+use tcrp::payload::{self, Compliance, HistoryPage};
+use tcrp::{Operation, State};
+use ucrp::delivery::{self, Delivery};
+
+/// A create request in the JSON-object form with extra fields, e.g. `"listed": false`.
+fn create_with(daemon: &Daemon, room: &str, fields: &str) -> String {
+    let r = request(
+        daemon,
+        Operation::CreateRoom,
+        room,
+        format!("{{{fields}}}").as_bytes(),
+    );
+    r.token
+        .unwrap_or_else(|| panic!("create {room} refused: {:?}", r.compliance))
+}
+
+/// One extension request on its own connection; the COMPLETE payload, or the refusal.
+fn ask(daemon: &Daemon, op: Operation, room: &str, body: &[u8]) -> Result<Vec<u8>, Compliance> {
+    let mut s = connect(daemon);
+    s.write_all(&request_bytes(op, room, body)).unwrap();
+    let mut reader = FrameReader::default();
+    let (state, body) = reader.next(&mut s).expect("COMPLIANCE");
+    assert_eq!(state, State::Compliance);
+    match payload::parse_compliance(&body).expect("COMPLIANCE payload") {
+        Compliance::Success => {
+            let (state, body) = reader.next(&mut s).expect("COMPLETE");
+            assert_eq!(state, State::Complete);
+            Ok(body)
+        }
+        refusal => Err(refusal),
+    }
+}
+
+/// Reads stdout lines until one equals `expected`; returns the lines before it.
+fn lines_until(ocm: &Ocm, expected: &str) -> Vec<String> {
+    let mut before = Vec::new();
+    loop {
+        let line = ocm.line();
+        if line == expected {
+            return before;
+        }
+        before.push(line);
+    }
+}
+
+/// Runs a one-shot `ocm` command (`rooms`, `who`, a refused join) to its end; returns its
+/// exit code, stdout lines and stderr. `ocm` bounds its own waits (connect and handshake
+/// timeouts), so this cannot hang.
+fn run_ocm(daemon: &Daemon, args: &[&str]) -> (Option<i32>, Vec<String>, String) {
+    let output = std::process::Command::new(sibling_binary("ocm"))
+        .arg("--server")
+        .arg("127.0.0.1")
+        .arg("--tcp-port")
+        .arg(daemon.tcp.port().to_string())
+        .arg("--udp-port")
+        .arg(daemon.udp.port().to_string())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run ocm");
+    let out = String::from_utf8(output.stdout).expect("UTF-8 stdout");
+    (
+        output.status.code(),
+        out.lines().map(str::to_owned).collect(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Reads stdout lines up to and including the first history line (`[hh:mm] ...`) that
+/// ends with `text`.
+fn history_until(ocm: &Ocm, text: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    loop {
+        let line = ocm.line();
+        let done = line.starts_with('[') && line.ends_with(&format!("] {text}"));
+        lines.push(line);
+        if done {
+            return lines;
+        }
+    }
+}
+
+#[test]
+fn ocm_rooms_lists_rooms_and_hides_unlisted_ones() {
+    let d = Daemon::start();
+    let (code, out, err) = run_ocm(&d, &["rooms"]);
+    assert_eq!((code, out), (Some(0), vec!["no rooms".to_owned()]), "{err}");
+
+    create(&d, "lobby", "alice");
+    join(&d, "lobby", "bob");
+    create_with(&d, "vault", r#""username": "carol", "password": "pw""#);
+    create_with(&d, "secret", r#""username": "dave", "listed": false"#);
+    // The client's own --unlisted.
+    let mut hidden = Ocm::start(&d, &["create", "hideout", "--name", "erin", "--unlisted"]);
+    hidden.wait_stderr("* created hideout as erin");
+
+    let (code, out, err) = run_ocm(&d, &["rooms"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert!(
+        out[0].starts_with("lobby  2 members  created 20") && out[0].ends_with(" UTC"),
+        "{out:?}"
+    );
+    assert!(
+        out[1].starts_with("vault  1 member  created ") && out[1].ends_with(" UTC  [password]"),
+        "{out:?}"
+    );
+    // Unlisted rooms exist all the same.
+    join(&d, "secret", "zed");
+    join(&d, "hideout", "zed");
+    hidden.type_line("/quit");
+    assert!(hidden.wait().success());
+}
+
+#[test]
+fn ocm_who_shows_the_host_and_the_members() {
+    let d = Daemon::start();
+    let host = create(&d, "lobby", "alice");
+    join(&d, "lobby", "bob");
+    let carol_token = join(&d, "lobby", "carol");
+    let alice = Member::joined(&d, "lobby", &host);
+    let carol = Member::new(&d, "lobby", &carol_token);
+    carol.registered_with(&alice, "carol");
+
+    let (code, out, err) = run_ocm(&d, &["who", "lobby"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        out,
+        [
+            "host: alice",
+            "alice (registered)",
+            "bob (not registered)",
+            "carol (registered)"
+        ]
+    );
+
+    let (code, out, err) = run_ocm(&d, &["who", "nowhere"]);
+    assert_eq!(code, Some(2));
+    assert!(out.is_empty());
+    assert!(
+        err.contains("cannot see who is in room \"nowhere\""),
+        "{err}"
+    );
+
+    // A room with a password shows its members to those who know it.
+    create_with(&d, "vault", r#""username": "vic", "password": "pw""#);
+    let (code, _, err) = run_ocm(&d, &["who", "vault"]);
+    assert_eq!(code, Some(2), "{err}");
+    let (code, out, err) = run_ocm(&d, &["who", "vault", "--password", "pw"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, ["host: vic", "vic (not registered)"]);
+}
+
+#[test]
+fn passwords_gate_the_join_and_are_never_stored_or_logged() {
+    const PASSWORD: &str = "correct-horse-7731";
+    let mut d = Daemon::start();
+    let file = d.dir.path().join("pw.txt");
+    std::fs::write(&file, format!("{PASSWORD}\n")).unwrap();
+    let file = file.to_str().unwrap().to_owned();
+
+    let mut alice = Ocm::start(
+        &d,
+        &[
+            "create",
+            "vault",
+            "--name",
+            "alice",
+            "--password-file",
+            &file,
+        ],
+    );
+    alice.wait_stderr("* created vault as alice");
+
+    for wrong in [&[][..], &["--password", "battery-staple"][..]] {
+        let mut args = vec!["join", "vault", "--name", "bob"];
+        args.extend_from_slice(wrong);
+        let (code, _, err) = run_ocm(&d, &args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("ocm: cannot join room \"vault\": ") && err.contains("password"),
+            "{args:?}: {err}"
+        );
+    }
+
+    let mut bob = Ocm::start(
+        &d,
+        &["join", "vault", "--name", "bob", "--password", PASSWORD],
+    );
+    bob.wait_stderr("* joined vault as bob");
+    lines_until(&alice, "* bob joined");
+    bob.type_line("hello alice");
+    lines_until(&alice, "bob: hello alice");
+    bob.type_line("/quit");
+    assert!(bob.wait().success());
+
+    let (status, _) = d.terminate();
+    assert!(status.success());
+    let saved = std::fs::read_to_string(&d.state).expect("state file");
+    assert!(saved.contains("\"vault\""), "{saved}");
+    assert!(!saved.contains(PASSWORD), "password in the state file");
+    let log = d.log();
+    assert!(!log.contains(PASSWORD), "password in the daemon log");
+    assert!(
+        !log.contains("battery-staple"),
+        "wrong password in the daemon log"
+    );
+    // The host's client goes away with the daemon; do not wait for it.
+    alice.kill9();
+}
+
+#[test]
+fn join_shows_recent_history_and_history_pages_back() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    // A raw member proves the daemon relayed (and so recorded) every message.
+    let watcher = Member::joined(&d, "lobby", &join(&d, "lobby", "watcher"));
+    let mut heard = false;
+    for i in 0..50 {
+        alice.type_line(&format!("warm-up {i}"));
+        if watcher.recv().starts_with("alice: warm-up") {
+            heard = true;
+            break;
+        }
+    }
+    assert!(heard, "the watcher hears alice");
+    for i in 1..=3 {
+        alice.type_line(&format!("m{i}"));
+    }
+    watcher.recv_until("alice: m3");
+
+    let mut bob = Ocm::start(&d, &["join", "lobby", "--name", "bob"]);
+    // The recent history comes first, then the live part starts.
+    let shown = history_until(&bob, "alice: m3");
+    assert!(
+        shown.iter().all(|l| l.starts_with('['))
+            && shown.iter().any(|l| l.ends_with("] alice: m1")),
+        "{shown:?}"
+    );
+    bob.wait_stderr("* --- live ---");
+    alice.type_line("live one");
+    assert_eq!(bob.line(), "alice: live one");
+
+    // /history pages back from the latest messages, oldest first within a page.
+    bob.type_line("/history 2");
+    let page = [bob.line(), bob.line()];
+    assert!(
+        page[0].ends_with("] alice: m3") && page[1].ends_with("] alice: live one"),
+        "{page:?}"
+    );
+    bob.type_line("/history 3");
+    let page = [bob.line(), bob.line(), bob.line()];
+    assert!(
+        page[0].contains("] alice: warm-up ")
+            && page[1].ends_with("] alice: m1")
+            && page[2].ends_with("] alice: m2"),
+        "{page:?}"
+    );
+    // The rest of the warm-up (if alice needed more than one), then the end.
+    bob.type_line("/history 100");
+    bob.wait_stderr("* no more history");
+    alice.type_line("end marker");
+    let rest = lines_until(&bob, "alice: end marker");
+    assert!(
+        rest.iter().all(|l| l.contains("] alice: warm-up ")),
+        "{rest:?}"
+    );
+    bob.type_line("/who");
+    bob.wait_stderr("* host: alice");
+    bob.wait_stderr("* bob (registered)");
+    bob.type_line("/quit");
+    assert!(bob.wait().success());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
+
+#[test]
+fn original_members_never_see_an_extension_frame() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "mixed", "--name", "alice"]);
+    alice.wait_stderr("* created mixed as alice");
+    // An original member: JSON-string join, raw UDP.
+    let orig = Member::new(&d, "mixed", &join(&d, "mixed", "orig"));
+    let mut registered = false;
+    for _ in 0..50 {
+        orig.send("__REGISTER__");
+        orig.send("probe");
+        if alice.line() == "orig: probe" {
+            registered = true;
+            break;
+        }
+    }
+    assert!(registered, "alice hears the original member");
+
+    let mut bob = Ocm::start(&d, &["join", "mixed", "--name", "bob"]);
+    bob.wait_stderr("* joined mixed as bob");
+    lines_until(&alice, "* bob joined");
+    bob.type_line("hi from bob");
+    lines_until(&alice, "bob: hi from bob");
+    bob.type_line("/quit");
+    assert!(bob.wait().success());
+    lines_until(&alice, "* bob left");
+
+    // A second ocm member in the original form, for good measure.
+    let mut carol = Ocm::start(&d, &["join", "mixed", "--name", "carol", "--original"]);
+    carol.wait_stderr("* joined mixed as carol");
+    carol.type_line("hi from carol");
+    lines_until(&alice, "carol: hi from carol");
+    carol.type_line("/quit");
+    assert!(carol.wait().success());
+    assert!(
+        !carol.stderr.lock().unwrap().contains("--- live ---"),
+        "--original skips the history"
+    );
+
+    alice.type_line("bye all");
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+
+    let mut texts = Vec::new();
+    loop {
+        let bytes = orig.recv_raw();
+        match delivery::parse(&bytes) {
+            Ok(Delivery::Chat { sender, message }) => texts.push(format!("{sender}: {message}")),
+            Ok(Delivery::RoomClosed) => break,
+            other => panic!("an original member got an extension frame: {other:?} {bytes:02x?}"),
+        }
+    }
+    for expected in ["bob: hi from bob", "carol: hi from carol", "alice: bye all"] {
+        assert!(texts.iter().any(|t| t == expected), "{expected}: {texts:?}");
+    }
+}
+
+#[test]
+#[ignore = "BUG: history entries carry \"at\": 0.0 (1970): the event loop never calls Registry::set_wall_clock, so rooms.rs unix_time() falls back to 0.0; ocm shows every history line as [00:00]"]
+fn history_entries_carry_the_time_they_were_relayed() {
+    let d = Daemon::start();
+    let host = create(&d, "lobby", "alice");
+    let bob_token = join(&d, "lobby", "bob");
+    let alice = Member::joined(&d, "lobby", &host);
+    let bob = Member::new(&d, "lobby", &bob_token);
+    bob.registered_with(&alice, "bob");
+    let body = format!(r#"{{"token": "{host}"}}"#);
+    let page: HistoryPage = payload::parse_json(
+        &ask(&d, Operation::History, "lobby", body.as_bytes()).expect("history"),
+    )
+    .unwrap();
+    let message = page.messages.last().expect("the probe is in the history");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (now - message.at).abs() < Duration::from_secs(600).as_secs_f64(),
+        "at = {} for a message relayed just now ({now})",
+        message.at
+    );
+}
