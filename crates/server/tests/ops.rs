@@ -1,0 +1,1420 @@
+//! Operating `ocmd`: the systemd notify protocol and watchdog, `/metrics` and `/healthz`,
+//! configuration checks and precedence, SIGHUP reloads, journald-style logs, the systemd
+//! unit (`scripts/check-unit`) and `scripts/install.sh`.
+//!
+//! Like every integration test here, these drive the real binary with deadlines, never fixed
+//! ports or bare sleeps. Checks that need outside tools (`systemd-analyze`, `promtool`,
+//! `unshare`) run when the tool is installed and print a note when it is not.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use tcrp::payload::{Compliance, ErrorCode};
+use tcrp::Operation;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn refused(reply: &Reply) -> Option<ErrorCode> {
+    match &reply.compliance {
+        Compliance::Failure { code, .. } => *code,
+        Compliance::Success => None,
+    }
+}
+
+/// Whether `program` is on `PATH`.
+fn installed(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            std::fs::metadata(dir.join(program))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+/// Runs a command to completion with a deadline (a hung script fails the test).
+fn run_with_deadline(mut cmd: Command) -> Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(PATIENCE * 6) {
+        Ok(output) => output.expect("wait for command"),
+        Err(_) => {
+            // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("{cmd:?} did not finish in time");
+        }
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `ocmd ARGS...` to completion (for `--check-config`).
+fn ocmd(args: &[&std::ffi::OsStr]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocmd"));
+    cmd.args(args).env_remove("NOTIFY_SOCKET");
+    run_with_deadline(cmd)
+}
+
+/// The systemd side of the notify protocol: a datagram socket the daemon writes to.
+struct NotifyListener {
+    socket: UnixDatagram,
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+    /// Every notification received, in order.
+    seen: Vec<String>,
+}
+
+impl NotifyListener {
+    fn bind() -> NotifyListener {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("notify.sock");
+        let socket = UnixDatagram::bind(&path).expect("bind notify socket");
+        NotifyListener {
+            socket,
+            path,
+            _dir: dir,
+            seen: Vec::new(),
+        }
+    }
+
+    fn env(&self) -> (String, String) {
+        (
+            "NOTIFY_SOCKET".into(),
+            self.path.to_str().expect("utf-8 path").to_owned(),
+        )
+    }
+
+    /// The next notification, within `wait`.
+    fn next_within(&mut self, wait: Duration) -> Option<String> {
+        let deadline = Instant::now() + wait;
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.socket
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        match self.socket.recv(&mut buf) {
+            Ok(n) => {
+                let msg = text(&buf[..n]);
+                self.seen.push(msg.clone());
+                Some(msg)
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// The next notification (fails after `PATIENCE`).
+    fn next(&mut self) -> String {
+        self.next_within(PATIENCE)
+            .unwrap_or_else(|| panic!("no notification; so far: {:?}", self.seen))
+    }
+
+    /// Skips periodic notifications (`STATUS=`, `WATCHDOG=1`) and returns the next other one.
+    fn next_event(&mut self) -> String {
+        loop {
+            let msg = self.next();
+            if !msg.starts_with("STATUS=") && msg != "WATCHDOG=1" {
+                return msg;
+            }
+        }
+    }
+
+    /// Waits (up to `wait`) for a notification satisfying `want`.
+    fn wait_for(&mut self, wait: Duration, want: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "notification not seen; got {:?}",
+                self.seen
+            );
+            if let Some(msg) = self.next_within(left) {
+                if want(&msg) {
+                    return msg;
+                }
+            }
+        }
+    }
+}
+
+fn monotonic_usec() -> u128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u128) * 1_000_000 + (ts.tv_nsec as u128) / 1000
+}
+
+/// One raw HTTP exchange; returns the status line and the body.
+fn http(addr: SocketAddr, request: &str) -> (String, String) {
+    let mut s = TcpStream::connect(addr).expect("connect metrics");
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).expect("read response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("http response");
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
+}
+
+/// Samples of a Prometheus text body: `name{labels}` → value.
+fn samples(body: &str) -> BTreeMap<String, f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (name, value) = l.rsplit_once(' ').expect("sample line");
+            (name.to_owned(), value.parse().expect("sample value"))
+        })
+        .collect()
+}
+
+fn sample(samples: &BTreeMap<String, f64>, name: &str) -> f64 {
+    samples.get(name).copied().unwrap_or(0.0)
+}
+
+/// Rewrites the daemon's config file (`Options::config` puts it at `dir/ocmd.toml`).
+fn rewrite_config(d: &Daemon, text: &str) {
+    let path = d.dir.path().join("ocmd.toml");
+    assert!(path.exists(), "the daemon was started with a config file");
+    std::fs::write(path, text).expect("rewrite config");
+}
+
+/// A room with a host and one member, both registered and heard.
+fn room_of_two(d: &Daemon, room: &str) -> (Member, Member) {
+    let host_token = create(d, room, "alice");
+    let bob_token = join(d, room, "bob");
+    let alice = Member::joined(d, room, &host_token);
+    let bob = Member::new(d, room, &bob_token);
+    bob.registered_with(&alice, "bob");
+    (alice, bob)
+}
+
+fn chat_flows(alice: &Member, bob: &Member, what: &str) {
+    alice.send(&format!("a {what}"));
+    assert_eq!(bob.recv(), format!("alice: a {what}"));
+    bob.send(&format!("b {what}"));
+    assert_eq!(alice.recv(), format!("bob: b {what}"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// systemd notify protocol
+
+#[test]
+fn notify_ready_status_reloading_and_stopping() {
+    let mut sd = NotifyListener::bind();
+    let mut d = Daemon::start_with(Options {
+        // A config file, so that SIGHUP has something to reload.
+        config: Some("[log]\nlevel = \"debug\"\n".into()),
+        // 0: no watchdog (also guards against a WATCHDOG_USEC inherited from the test's own
+        // environment).
+        env: vec![sd.env(), ("WATCHDOG_USEC".into(), "0".into())],
+        ..Options::default()
+    });
+    // Start-up: READY=1 is the first notification, and it is sent only after the listening
+    // line (Daemon::start_with returned once that line was logged); the daemon serves then.
+    assert_eq!(sd.next(), "READY=1");
+    assert!(d.log().contains("listening tcp="));
+    let status = sd.next();
+    assert!(
+        status.starts_with("STATUS=0 rooms, 0 members (0 registered)"),
+        "{status:?}"
+    );
+    // The status is live: it follows the registry (refreshed every 5 s).
+    let (_alice, _bob) = room_of_two(&d, "lobby");
+    let status = sd.wait_for(PATIENCE, |m| m.starts_with("STATUS=1 rooms"));
+    assert!(status.contains("2 members (2 registered)"), "{status:?}");
+
+    // Reload: RELOADING=1 with the monotonic time of the request, then READY=1 again.
+    let before = monotonic_usec();
+    d.signal(libc::SIGHUP);
+    let reloading = sd.next_event();
+    let after = monotonic_usec();
+    let usec: u128 = reloading
+        .strip_prefix("RELOADING=1\nMONOTONIC_USEC=")
+        .unwrap_or_else(|| panic!("{reloading:?}"))
+        .trim()
+        .parse()
+        .expect("MONOTONIC_USEC is a number");
+    assert!(
+        before <= usec && usec <= after,
+        "MONOTONIC_USEC {usec} outside [{before}, {after}]"
+    );
+    assert_eq!(sd.next_event(), "READY=1");
+    d.wait_for_log("configuration reloaded");
+
+    // Shutdown: STOPPING=1, then a clean exit.
+    let (status, _) = d.terminate();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(sd.next_event(), "STOPPING=1");
+    // STOPPING=1 is the last word.
+    assert_eq!(sd.next_within(Duration::from_millis(100)), None);
+    assert!(
+        !sd.seen.iter().any(|m| m.contains("WATCHDOG")),
+        "no watchdog pings without WATCHDOG_USEC: {:?}",
+        sd.seen
+    );
+}
+
+#[test]
+fn notify_watchdog_pings_at_half_the_interval() {
+    let mut sd = NotifyListener::bind();
+    // 200 ms asked: a ping every 100 ms. WATCHDOG_PID is left unset: the child's pid is not
+    // known before it is spawned, and an unset WATCHDOG_PID means "you".
+    let d = Daemon::start_with(Options {
+        env: vec![sd.env(), ("WATCHDOG_USEC".into(), "200000".into())],
+        ..Options::default()
+    });
+    sd.wait_for(PATIENCE, |m| m == "WATCHDOG=1");
+    let start = Instant::now();
+    for _ in 0..5 {
+        sd.wait_for(PATIENCE, |m| m == "WATCHDOG=1");
+    }
+    // Five more pings at 100 ms are 0.5 s; allow a loaded machine a lot of slack, but far less
+    // than the 5 s status interval (which would mean pings ride on other timers only).
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(4), "5 pings took {took:?}");
+    // And the daemon pings from a working loop: it still serves.
+    create(&d, "alive", "host");
+}
+
+#[test]
+fn notify_watchdog_meant_for_another_pid_is_ignored() {
+    let mut sd = NotifyListener::bind();
+    // WATCHDOG_PID names pid 1, not ocmd: no pings, whatever WATCHDOG_USEC says.
+    let d = Daemon::start_with(Options {
+        env: vec![
+            sd.env(),
+            ("WATCHDOG_USEC".into(), "20000".into()),
+            ("WATCHDOG_PID".into(), "1".into()),
+        ],
+        ..Options::default()
+    });
+    assert_eq!(sd.next(), "READY=1");
+    // Pings would come every 10 ms; a TCP round trip plus 300 ms of listening is plenty.
+    create(&d, "r", "host");
+    while let Some(msg) = sd.next_within(Duration::from_millis(300)) {
+        assert_ne!(msg, "WATCHDOG=1");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// /metrics and /healthz
+
+#[test]
+fn metrics_count_traffic_exactly() {
+    let test_start = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let d = Daemon::start_with(Options {
+        metrics: true,
+        ..Options::default()
+    });
+    let host_token = create(&d, "m", "alice");
+    let bob_token = join(&d, "m", "bob");
+    let r = request(&d, Operation::JoinRoom, "nowhere", b"\"carol\"");
+    assert_eq!(refused(&r), Some(ErrorCode::RoomNotFound));
+
+    // Datagrams: 1 alice REGISTER, 2 bob REGISTER, 3 bob's probe (relayed), 4 an unknown
+    // token (dropped), 5 alice's hello (relayed). One socket's datagrams, and datagrams sent
+    // one after another from this thread, reach the daemon in order: bob hearing the hello
+    // proves all five were handled.
+    let alice = Member::joined(&d, "m", &host_token);
+    let bob = Member::new(&d, "m", &bob_token);
+    bob.registered_with(&alice, "bob");
+    let intruder = Member::new(&d, "m", "0123456789abcdef0123456789abcdef");
+    intruder.send("let me in");
+    alice.send("hello");
+    assert_eq!(bob.recv(), "alice: hello");
+
+    let body = d.http_get("/metrics");
+    let m = samples(&body);
+    let expect = [
+        ("ocm_rooms", 1.0),
+        ("ocm_members", 2.0),
+        ("ocm_members_registered", 2.0),
+        (
+            "ocm_handshakes_total{operation=\"create_room\",result=\"ok\"}",
+            1.0,
+        ),
+        (
+            "ocm_handshakes_total{operation=\"join_room\",result=\"ok\"}",
+            1.0,
+        ),
+        (
+            "ocm_handshakes_total{operation=\"join_room\",result=\"room_not_found\"}",
+            1.0,
+        ),
+        ("ocm_messages_relayed_total", 2.0),
+        ("ocm_deliveries_total", 2.0),
+        ("ocm_datagrams_received_total", 5.0),
+        ("ocm_datagrams_dropped_total{reason=\"unknown_token\"}", 1.0),
+        ("ocm_closed_room_replies_total", 0.0),
+        ("ocm_keepalive_expiries_total", 0.0),
+    ];
+    for (name, value) in expect {
+        assert_eq!(sample(&m, name), value, "{name}\n{body}");
+    }
+    // Nothing else was dropped or refused.
+    let dropped: f64 = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("ocm_datagrams_dropped_total"))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(dropped, 1.0, "{body}");
+    let handshakes: f64 = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("ocm_handshakes_total"))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(handshakes, 3.0, "{body}");
+    // The create and join were acknowledged only once durable, so writes happened.
+    assert!(sample(&m, "ocm_state_writes_total") >= 1.0, "{body}");
+    assert!(sample(&m, "ocm_state_write_records_total") >= 2.0, "{body}");
+    let started = sample(&m, "ocm_process_start_time_seconds");
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        test_start - 1.0 <= started && started <= now,
+        "start time {started} not in [{test_start}, {now}]"
+    );
+    // Every sample belongs to a declared family, and every family has HELP and TYPE.
+    for name in m.keys() {
+        let family = name.split('{').next().unwrap();
+        assert!(body.contains(&format!("# TYPE {family} ")), "{name}");
+        assert!(body.contains(&format!("# HELP {family} ")), "{name}");
+    }
+
+    if installed("promtool") {
+        let mut child = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn promtool");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(body.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().expect("promtool");
+        assert!(
+            out.status.success(),
+            "promtool check metrics: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        eprintln!("promtool check metrics: OK");
+    } else {
+        eprintln!("note: promtool not installed (apt-get install prometheus); format lint skipped");
+    }
+}
+
+#[test]
+fn healthz_and_unknown_paths() {
+    let d = Daemon::start_with(Options {
+        metrics: true,
+        ..Options::default()
+    });
+    let addr = d.metrics.expect("metrics on");
+    assert_eq!(d.http_get("/healthz"), "ok\n");
+    let (status, body) = http(addr, "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(status, "HTTP/1.1 404 Not Found", "{body}");
+    let (status, _) = http(addr, "GET /metricsx HTTP/1.1\r\n\r\n");
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+    let (status, _) = http(addr, "POST /metrics HTTP/1.1\r\n\r\n");
+    assert_eq!(status, "HTTP/1.1 400 Bad Request");
+    // HEAD gets the head only; a query string is ignored.
+    let (status, body) = http(addr, "HEAD /healthz HTTP/1.0\r\n\r\n");
+    assert_eq!((status.as_str(), body.as_str()), ("HTTP/1.1 200 OK", ""));
+    let (status, body) = http(addr, "GET /metrics?x=1 HTTP/1.1\r\n\r\n");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(body.contains("# TYPE ocm_rooms gauge"));
+}
+
+#[test]
+fn a_stalled_metrics_client_does_not_stall_relaying() {
+    let d = Daemon::start_with(Options {
+        metrics: true,
+        config: Some("[limits]\nhandshake_timeout_secs = 2\n".into()),
+        ..Options::default()
+    });
+    let (alice, bob) = room_of_two(&d, "busy");
+    // Half a request head, then silence.
+    let mut stalled = TcpStream::connect(d.metrics.unwrap()).unwrap();
+    stalled
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    for i in 0..20 {
+        chat_flows(&alice, &bob, &i.to_string());
+    }
+    // Other scrapes and handshakes are answered meanwhile.
+    assert_eq!(d.http_get("/healthz"), "ok\n");
+    join(&d, "busy", "carol");
+    // And the silent client is cut off at the handshake deadline instead of holding its slot.
+    stalled.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut buf = [0u8; 64];
+    let n = stalled.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "closed without a reply: {:?}", text(&buf[..n]));
+    wait_until("timeout close counted", || {
+        d.metric("ocm_tcp_connections_closed_total{reason=\"timeout\"}") >= 1.0
+    });
+}
+
+/// Floods the UDP socket of a stopped daemon so that the kernel drops datagrams, then checks
+/// that `ocm_udp_receive_buffer_drops_total` shows them. Returns the counter.
+fn kernel_drop_counter_after_flood(d: &Daemon) -> f64 {
+    let flood = UdpSocket::bind("127.0.0.1:0").unwrap();
+    d.signal(libc::SIGSTOP);
+    let payload = [0x41u8; 1000];
+    for _ in 0..2000 {
+        let _ = flood.send_to(&payload, d.udp);
+    }
+    d.signal(libc::SIGCONT);
+    let mut value = 0.0;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        value = d.metric("ocm_udp_receive_buffer_drops_total");
+        if value > 0.0 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    value
+}
+
+#[test]
+fn kernel_receive_buffer_drops_are_counted() {
+    let d = Daemon::start_with(Options {
+        metrics: true,
+        // The smallest buffer the kernel grants: 2000 datagrams of 1000 bytes overflow it.
+        config: Some("[udp]\nrecv_buffer_bytes = 4096\n".into()),
+        ..Options::default()
+    });
+    let drops = kernel_drop_counter_after_flood(&d);
+    assert!(
+        drops > 0.0,
+        "ocm_udp_receive_buffer_drops_total stayed {drops}"
+    );
+}
+
+/// `ProcSubset=pid` in the unit mounts /proc with `subset=pid`, which hides /proc/net but
+/// keeps /proc/self/net. Runs ocmd that way (a private mount namespace via `unshare`, root
+/// only) and checks the kernel drop counter still works.
+#[test]
+#[ignore = "BUG: udp::kernel_drops reads /proc/net/udp, hidden by ProcSubset=pid; /proc/self/net/udp (or SO_MEMINFO) is not"]
+fn kernel_drops_are_counted_under_proc_subset_pid() {
+    if !installed("unshare") {
+        eprintln!("note: unshare not installed; skipped");
+        return;
+    }
+    let probe = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "true"])
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("note: cannot create a mount namespace here (not root?); skipped");
+        return;
+    }
+    // A wrapper script: ocmd under a /proc mounted like ProcSubset=pid does.
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let wrapper = dir.path().join("ocmd-proc-subset");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec unshare -m --propagation private sh -c 'mount -t proc -o subset=pid proc /proc && exec \"$0\" \"$@\"' {} \"$@\"\n",
+            env!("CARGO_BIN_EXE_ocmd")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let raw = RawDaemon::spawn_program(
+        &wrapper,
+        &dir,
+        "[udp]\nrecv_buffer_bytes = 4096\n",
+        &[("RUST_LOG", "info")],
+        true,
+    );
+    assert!(raw.proc_net_hidden(), "the wrapper hides /proc/net");
+    let flood = UdpSocket::bind("127.0.0.1:0").unwrap();
+    raw.signal(libc::SIGSTOP);
+    for _ in 0..2000 {
+        let _ = flood.send_to(&[0x41u8; 1000], raw.udp);
+    }
+    raw.signal(libc::SIGCONT);
+    let mut value = 0.0;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline && value == 0.0 {
+        let (_, body) = http(
+            raw.metrics.unwrap(),
+            "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+        );
+        value = sample(&samples(&body), "ocm_udp_receive_buffer_drops_total");
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(value > 0.0, "drops not counted under subset=pid");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration
+
+#[test]
+fn check_config_accepts_the_shipped_file_and_prints_toml() {
+    let shipped = repo_root().join("config/ocmd.toml");
+    let out = ocmd(&[
+        "--check-config".as_ref(),
+        "--config".as_ref(),
+        shipped.as_os_str(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("configuration OK"));
+    let printed: ocm_server::Config =
+        toml::from_str(&text(&out.stdout)).expect("--check-config prints valid TOML");
+    let file = ocm_server::Config::from_file(&shipped).expect("shipped config loads");
+    assert_eq!(printed, file);
+}
+
+#[test]
+fn bad_configs_name_the_key_and_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("unknown key", "[limits]\nbogus_key = 1\n", "bogus_key"),
+        (
+            "wrong type",
+            "[limits]\nmax_connections = \"many\"\n",
+            "max_connections",
+        ),
+        ("port 70000", "[listen]\ntcp = \"127.0.0.1:70000\"\n", "tcp"),
+        (
+            "negative",
+            "[limits]\nhandshake_timeout_secs = -1\n",
+            "handshake_timeout_secs",
+        ),
+        (
+            "zero",
+            "[limits]\nhandshake_timeout_secs = 0\n",
+            "limits.handshake_timeout_secs",
+        ),
+        ("unknown section", "[nonsense]\nx = 1\n", "nonsense"),
+        ("bad level", "[log]\nlevel = \"loud\"\n", "log.level"),
+    ];
+    for (what, body, key) in cases {
+        let path = dir.path().join(format!("{}.toml", what.replace(' ', "-")));
+        std::fs::write(&path, body).unwrap();
+        let out = ocmd(&[
+            "--check-config".as_ref(),
+            "--config".as_ref(),
+            path.as_os_str(),
+        ]);
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{what}: accepted");
+        assert_eq!(out.status.code(), Some(2), "{what}: {err}");
+        assert!(err.contains(key), "{what}: {err:?} does not name {key}");
+        assert!(
+            err.contains(&path.display().to_string()),
+            "{what}: {err:?} does not name the file"
+        );
+        assert!(out.stdout.is_empty(), "{what}: printed a configuration");
+    }
+    // A missing file is an error too, naming it.
+    let missing = dir.path().join("missing.toml");
+    let out = ocmd(&[
+        "--check-config".as_ref(),
+        "--config".as_ref(),
+        missing.as_os_str(),
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains(&missing.display().to_string()));
+    // The daemon itself refuses to start on a bad file, before it listens.
+    let err = Daemon::spawn(
+        Arc::new(tempfile::tempdir().unwrap()),
+        Options {
+            config: Some("[limits]\nhandshake_timeout_secs = 0\n".into()),
+            ..Options::default()
+        },
+    )
+    .err()
+    .expect("ocmd refuses a bad config");
+    assert!(err.contains("limits.handshake_timeout_secs"), "{err}");
+}
+
+#[test]
+fn command_line_flags_override_the_file() {
+    // 192.0.2.0/24 is TEST-NET-1: no host has it, so binding there fails. The file names it
+    // for every listener; the flags must win.
+    let file =
+        "[listen]\ntcp = \"192.0.2.1:9\"\nudp = \"192.0.2.1:9\"\nmetrics = \"192.0.2.1:9\"\n\
+                [state]\npath = \"/nonexistent/dir/room_manager.json\"\n";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ocmd.toml");
+    std::fs::write(&path, file).unwrap();
+    let out = ocmd(&[
+        "--check-config".as_ref(),
+        "--config".as_ref(),
+        path.as_os_str(),
+        "--tcp".as_ref(),
+        "127.0.0.1:5555".as_ref(),
+        "--metrics".as_ref(),
+        "off".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let printed: ocm_server::Config = toml::from_str(&text(&out.stdout)).unwrap();
+    assert_eq!(printed.listen.tcp, "127.0.0.1:5555".parse().unwrap());
+    assert_eq!(printed.listen.metrics, "off");
+    // Not given on the command line: the file's value stands.
+    assert_eq!(printed.listen.udp, "192.0.2.1:9".parse().unwrap());
+
+    // The harness passes --tcp/--udp/--state/--metrics: the daemon starts, on loopback.
+    let d = Daemon::start_with(Options {
+        config: Some(file.into()),
+        metrics: true,
+        ..Options::default()
+    });
+    assert!(d.tcp.ip().is_loopback() && d.tcp.port() != 9, "{}", d.tcp);
+    assert!(d.log().contains(&format!("listening tcp={}", d.tcp)));
+    // The state went where --state said, not to the file's /nonexistent path.
+    create(&d, "flags", "host");
+    let journal = d.state.with_file_name("room_manager.json.journal");
+    assert!(
+        journal.exists() || d.state.exists(),
+        "{}",
+        journal.display()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// SIGHUP reloads
+
+#[test]
+fn reload_applies_rate_limits_without_dropping_anyone() {
+    let d = Daemon::start_with(Options {
+        config: Some("[rate]\nrequests_per_sec = 0.0\n".into()),
+        metrics: true,
+        ..Options::default()
+    });
+    let (alice, bob) = room_of_two(&d, "r");
+    // Unlimited: a burst of joins from one IP all succeed.
+    for i in 0..30 {
+        join(&d, "r", &format!("early{i}"));
+    }
+    chat_flows(&alice, &bob, "before");
+
+    rewrite_config(&d, "[rate]\nrequests_per_sec = 1.0\nrequests_burst = 1.0\n");
+    d.signal(libc::SIGHUP);
+    d.wait_for_log("configuration reloaded");
+    // Now one request per second: of back-to-back requests, some are refused as rate_limited
+    // (a slow machine may let one more through per second it spends).
+    let mut limited = 0;
+    for i in 0..20 {
+        let r = request(
+            &d,
+            Operation::JoinRoom,
+            "r",
+            format!("\"late{i}\"").as_bytes(),
+        );
+        match refused(&r) {
+            Some(ErrorCode::RateLimited) => limited += 1,
+            None => {}
+            other => panic!("unexpected refusal {other:?}"),
+        }
+    }
+    assert!(limited >= 5, "only {limited} of 20 rate_limited");
+    assert_eq!(
+        d.metric("ocm_rate_limited_total{kind=\"request\"}"),
+        f64::from(limited)
+    );
+    // The members from before the reload still chat, and nobody was dropped.
+    chat_flows(&alice, &bob, "after");
+    assert_eq!(d.metric("ocm_config_reloads_total{result=\"ok\"}"), 1.0);
+    assert!(d.metric("ocm_members") >= 32.0);
+}
+
+#[test]
+fn reload_of_a_setting_fixed_at_start_says_restart() {
+    let d = Daemon::start_with(Options {
+        config: Some(String::new()),
+        ..Options::default()
+    });
+    let (alice, bob) = room_of_two(&d, "r");
+    rewrite_config(&d, "[listen]\ntcp = \"127.0.0.1:1\"\n");
+    d.signal(libc::SIGHUP);
+    d.wait_for_log("configuration reloaded");
+    let file = d.dir.path().join("ocmd.toml").display().to_string();
+    assert!(
+        d.log().lines().any(|l| l.contains("WARN")
+            && l.contains(&format!("listen.tcp changed in {file}"))
+            && l.contains("takes effect only after a restart")),
+        "{}",
+        d.log()
+    );
+    // Still served on the old address.
+    join(&d, "r", "carol");
+    chat_flows(&alice, &bob, "after");
+}
+
+/// With a file that does not mention [listen] or [state], the running values come from the
+/// command line (as under the shipped unit: --state), and an unchanged file must not be
+/// reported as changing them.
+#[test]
+#[ignore = "BUG: reload compares the new file against flag-overridden values; an unchanged file logs spurious 'needs a restart' warnings"]
+fn reload_of_an_unchanged_file_warns_about_nothing() {
+    let d = Daemon::start_with(Options {
+        config: Some("[state]\npath = \"room_manager.json\"\n[rate]\nchat_per_sec = 10.0\n".into()),
+        ..Options::default()
+    });
+    d.signal(libc::SIGHUP);
+    d.wait_for_log("configuration reloaded");
+    assert!(
+        !d.log().contains("only after a restart"),
+        "spurious restart warning:\n{}",
+        d.log()
+    );
+}
+
+#[test]
+fn reload_of_a_broken_file_keeps_the_running_settings() {
+    let d = Daemon::start_with(Options {
+        config: Some("[rate]\nrequests_per_sec = 1.0\nrequests_burst = 1.0\n".into()),
+        metrics: true,
+        ..Options::default()
+    });
+    let host = create(&d, "r", "alice");
+    let alice = Member::joined(&d, "r", &host);
+    // The burst of one is spent by the create; wait for the bucket to refill for bob.
+    let bob_token = {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let r = request(&d, Operation::JoinRoom, "r", b"\"bob\"");
+            if let Some(token) = r.token {
+                break token;
+            }
+            assert_eq!(refused(&r), Some(ErrorCode::RateLimited));
+            assert!(Instant::now() < deadline, "bob never got in");
+            thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let bob = Member::new(&d, "r", &bob_token);
+    bob.registered_with(&alice, "bob");
+
+    rewrite_config(&d, "[rate\nrequests_per_sec = \n");
+    d.signal(libc::SIGHUP);
+    d.wait_for_log("keeping the running configuration");
+    let log = d.log();
+    let file = d.dir.path().join("ocmd.toml").display().to_string();
+    let line = log
+        .lines()
+        .find(|l| l.contains("SIGHUP: config file"))
+        .unwrap_or_else(|| panic!("no reload error line:\n{log}"));
+    assert!(line.contains("ERROR"), "logged as an error: {line}");
+    assert!(line.contains(&file), "names the file: {line}");
+    assert_eq!(d.metric("ocm_config_reloads_total{result=\"error\"}"), 1.0);
+    // Still running, still limited to one request per second.
+    chat_flows(&alice, &bob, "after");
+    let limited = (0..5)
+        .filter(|i| {
+            let r = request(&d, Operation::JoinRoom, "r", format!("\"x{i}\"").as_bytes());
+            refused(&r) == Some(ErrorCode::RateLimited)
+        })
+        .count();
+    assert!(limited >= 2, "old limits kept: {limited} of 5 limited");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logs
+
+/// `ocmd` started directly (not through the harness) so that `RUST_LOG` can be unset: the
+/// level then comes from the config file.
+struct RawDaemon {
+    child: Child,
+    tcp: SocketAddr,
+    udp: SocketAddr,
+    metrics: Option<SocketAddr>,
+    log: Arc<Mutex<String>>,
+    _dir: Arc<tempfile::TempDir>,
+}
+
+impl RawDaemon {
+    fn spawn(config: &str, env: &[(&str, &str)]) -> RawDaemon {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        RawDaemon::spawn_program(
+            Path::new(env!("CARGO_BIN_EXE_ocmd")),
+            &dir,
+            config,
+            env,
+            false,
+        )
+    }
+
+    fn spawn_program(
+        program: &Path,
+        dir: &Arc<tempfile::TempDir>,
+        config: &str,
+        env: &[(&str, &str)],
+        metrics: bool,
+    ) -> RawDaemon {
+        let config_path = dir.path().join("ocmd.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut cmd = Command::new(program);
+        cmd.args(["--tcp", "127.0.0.1:0", "--udp", "127.0.0.1:0", "--metrics"])
+            .arg(if metrics { "127.0.0.1:0" } else { "off" })
+            .arg("--state")
+            .arg(dir.path().join("room_manager.json"))
+            .arg("--config")
+            .arg(&config_path)
+            .env_remove("RUST_LOG")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("WATCHDOG_USEC")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn ocmd");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx): (_, Receiver<String>) = mpsc::channel();
+        {
+            let log = Arc::clone(&log);
+            thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    let mut l = log.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                    drop(l);
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = rx.recv_timeout(left) else {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("ocmd did not start:\n{}", log.lock().unwrap());
+            };
+            if let Some(rest) = line.split("listening ").nth(1) {
+                let field = |name: &str| {
+                    rest.split_whitespace()
+                        .find_map(|kv| kv.strip_prefix(name))
+                        .and_then(|a| a.parse().ok())
+                };
+                return RawDaemon {
+                    child,
+                    tcp: field("tcp=").expect("tcp"),
+                    udp: field("udp=").expect("udp"),
+                    metrics: field("metrics="),
+                    log,
+                    _dir: Arc::clone(dir),
+                };
+            }
+        }
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(rc, 0);
+    }
+
+    /// Whether the daemon's view of /proc lacks /proc/net (it runs in its own mount
+    /// namespace; its /proc/PID/root shows its mounts).
+    fn proc_net_hidden(&self) -> bool {
+        !Path::new(&format!("/proc/{}/root/proc/net", self.child.id())).exists()
+    }
+
+    /// SIGTERM, wait for exit, and return the whole log.
+    fn stop(mut self) -> String {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + PATIENCE;
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "ocmd did not stop");
+            thread::sleep(Duration::from_millis(5));
+        }
+        // The reader thread ends at EOF; give it the deadline to get there.
+        wait_until("log complete", || {
+            self.log.lock().unwrap().contains("stopped:")
+        });
+        let log = self.log.lock().unwrap().clone();
+        log
+    }
+
+    fn request(&self, op: Operation, room: &str, name: &str) -> Reply {
+        let mut s = TcpStream::connect(self.tcp).unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        exchange(
+            &mut s,
+            &request_bytes(op, room, format!("\"{name}\"").as_bytes()),
+        )
+    }
+
+    fn member(&self, room: &str, token: &str) -> Member {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_read_timeout(Some(PATIENCE)).unwrap();
+        Member {
+            socket,
+            server: self.udp,
+            room: room.into(),
+            token: token.into(),
+        }
+    }
+}
+
+impl Drop for RawDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if thread::panicking() {
+            eprintln!("---- ocmd stderr ----\n{}", self.log.lock().unwrap());
+        }
+    }
+}
+
+#[test]
+fn journald_lines_carry_priorities_and_never_whole_tokens() {
+    // RUST_LOG unset: the level comes from the file. JOURNAL_STREAM set: journald format.
+    let d = RawDaemon::spawn(
+        "[log]\nlevel = \"debug\"\n",
+        &[("JOURNAL_STREAM", "8:1234")],
+    );
+    let mut tokens = Vec::new();
+    let host = d.request(Operation::CreateRoom, "logs", "alice");
+    let host_token = host.token.expect("created");
+    let bob_token = d
+        .request(Operation::JoinRoom, "logs", "bob")
+        .token
+        .expect("joined");
+    let carol_token = d
+        .request(Operation::JoinRoom, "logs", "carol")
+        .token
+        .expect("joined");
+    assert_eq!(
+        refused(&d.request(Operation::JoinRoom, "logs", "bob")),
+        Some(ErrorCode::NameTaken)
+    );
+    tokens.extend([host_token.clone(), bob_token.clone(), carol_token.clone()]);
+    let alice = d.member("logs", &host_token);
+    alice.send("__REGISTER__");
+    let bob = d.member("logs", &bob_token);
+    bob.registered_with(&alice, "bob");
+    alice.send("hi");
+    assert_eq!(bob.recv(), "alice: hi");
+    // Carol's token from a stranger's address, and carol leaving: both logged at debug.
+    let thief = d.member("logs", &carol_token);
+    thief.send("spoof");
+    let carol = d.member("logs", &carol_token);
+    carol.send("__REGISTER__");
+    carol.send("__LEAVE__");
+    // A token that does not exist, sent as chat.
+    let unknown = "feedfacefeedfacefeedfacefeedface".to_owned();
+    d.member("logs", &unknown).send("who?");
+    tokens.push(unknown);
+    // The host leaves: room closed.
+    alice.send("__LEAVE__");
+    assert_eq!(bob.recv(), "CLOSED");
+
+    let log = d.stop();
+    let mut priorities = BTreeMap::new();
+    for line in log.lines() {
+        let priority = line
+            .strip_prefix('<')
+            .and_then(|r| r.split_once('>'))
+            .and_then(|(p, rest)| p.parse::<u8>().ok().map(|p| (p, rest)));
+        let Some((p, rest)) = priority else {
+            panic!("line without a <N> priority: {line:?}");
+        };
+        assert!(p <= 7, "{line}");
+        // No timestamp of our own (journald adds one), no level word, no brackets.
+        assert!(
+            !rest.starts_with('[') && !rest.starts_with("20"),
+            "line with its own timestamp: {line:?}"
+        );
+        *priorities.entry(p).or_insert(0) += 1;
+    }
+    assert!(priorities.contains_key(&6), "info lines: {log}");
+    assert!(
+        priorities.contains_key(&7),
+        "debug lines (level from the file, RUST_LOG unset): {log}"
+    );
+    assert!(log.contains("<6>listening tcp="), "{log}");
+    for token in &tokens {
+        assert!(
+            !log.contains(token.as_str()),
+            "token {token} logged whole:\n{log}"
+        );
+    }
+    // The log does identify tokens, by a short prefix, so the check above is not vacuous.
+    assert!(
+        tokens.iter().any(|t| log.contains(&t[..4])),
+        "no token prefix at all in:\n{log}"
+    );
+}
+
+/// A config error is several lines (the TOML parser's snippet); under journald each stderr
+/// line is an entry of its own, so the continuation lines would lose the `<3>` priority.
+#[test]
+#[ignore = "BUG: a failed reload logs the multi-line TOML error as-is; journald continuation lines carry no <N> priority"]
+fn journald_a_failed_reload_is_logged_on_lines_with_priorities() {
+    let d = RawDaemon::spawn("", &[("JOURNAL_STREAM", "8:1234")]);
+    std::fs::write(
+        d._dir.path().join("ocmd.toml"),
+        "[rate\nrequests_per_sec = \n",
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    wait_until("reload error logged", || {
+        d.log
+            .lock()
+            .unwrap()
+            .contains("keeping the running configuration")
+    });
+    let log = d.stop();
+    for line in log.lines() {
+        assert!(
+            line.starts_with('<') && line[1..].split_once('>').is_some(),
+            "line without a priority: {line:?}\n{log}"
+        );
+    }
+    assert!(log.contains("<3>SIGHUP: config file"), "{log}");
+}
+
+#[test]
+fn without_journal_stream_lines_have_timestamps_and_info_is_the_default() {
+    let d = RawDaemon::spawn("", &[]);
+    d.request(Operation::CreateRoom, "plain", "alice")
+        .token
+        .expect("created");
+    let log = d.stop();
+    let listening = log
+        .lines()
+        .find(|l| l.contains("listening tcp="))
+        .expect("listening line");
+    assert!(
+        listening.starts_with("[20") && listening.contains(" INFO "),
+        "{listening}"
+    );
+    assert!(
+        !log.contains(" DEBUG "),
+        "info is the default level:\n{log}"
+    );
+    assert!(!log.lines().any(|l| l.starts_with('<')), "{log}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The systemd unit and the installer
+
+#[test]
+fn the_unit_file_is_valid_and_sandboxed() {
+    let unit_path = repo_root().join("config/ocmd.service");
+    let unit = std::fs::read_to_string(&unit_path).expect("config/ocmd.service");
+    // Static checks, always: the lines that matter, uncommented.
+    let keys: BTreeMap<&str, Vec<&str>> = unit
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#') && !l.starts_with('['))
+        .filter_map(|l| l.split_once('='))
+        .fold(BTreeMap::new(), |mut m, (k, v)| {
+            m.entry(k).or_insert_with(Vec::new).push(v);
+            m
+        });
+    let one = |key: &str| -> &str {
+        keys.get(key)
+            .and_then(|v| v.first().copied())
+            .unwrap_or_else(|| panic!("{key}= missing from the unit"))
+    };
+    assert_eq!(one("Type"), "notify");
+    let exec = one("ExecStart");
+    assert!(
+        exec.starts_with("/usr/local/bin/ocmd ")
+            && exec.contains("--config /etc/ocmd/ocmd.toml")
+            && exec.contains("--state /var/lib/ocmd/room_manager.json"),
+        "{exec}"
+    );
+    assert_eq!(one("ExecReload"), "/bin/kill -HUP $MAINPID");
+    assert_eq!(one("StateDirectory"), "ocmd");
+    assert_eq!(one("StateDirectoryMode"), "0700");
+    assert_eq!(one("CapabilityBoundingSet"), "");
+    assert_eq!(one("UMask"), "0077");
+    assert_eq!(one("WatchdogSec"), "30");
+    assert_eq!(one("Restart"), "on-failure");
+    assert_eq!(one("RestrictAddressFamilies"), "AF_INET AF_INET6 AF_UNIX");
+    assert_eq!(one("SystemCallFilter"), "@system-service");
+    assert_eq!(one("ProtectSystem"), "strict");
+    assert_eq!(one("ProtectProc"), "invisible");
+    assert_eq!(one("LimitNOFILE"), "65536");
+    for key in [
+        "DynamicUser",
+        "NoNewPrivileges",
+        "ProtectHome",
+        "PrivateTmp",
+        "PrivateDevices",
+        "MemoryDenyWriteExecute",
+        "LockPersonality",
+        "RestrictRealtime",
+        "RestrictNamespaces",
+        "RestrictSUIDSGID",
+        "ProtectKernelTunables",
+        "ProtectKernelModules",
+        "ProtectKernelLogs",
+        "ProtectControlGroups",
+        "ProtectClock",
+        "ProtectHostname",
+    ] {
+        assert_eq!(one(key), "yes", "{key}");
+    }
+    // The state file the unit names is inside its StateDirectory.
+    assert!(exec.contains(&format!("/var/lib/{}/", one("StateDirectory"))));
+    // The daemon reads /proc/net/udp for its kernel drop counter; the unit must not hide it
+    // until the daemon reads /proc/self/net instead (see the ignored test above).
+    assert!(
+        !keys.contains_key("ProcSubset"),
+        "ProcSubset=pid hides /proc/net/udp"
+    );
+
+    if !installed("systemd-analyze") {
+        eprintln!("note: systemd-analyze not installed; static checks only");
+        return;
+    }
+    let mut cmd = Command::new(repo_root().join("scripts/check-unit"));
+    cmd.arg(env!("CARGO_BIN_EXE_ocmd"));
+    let out = run_with_deadline(cmd);
+    assert!(
+        out.status.success(),
+        "scripts/check-unit:\n{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(text(&out.stdout).contains("check-unit: OK"));
+    // And the check has teeth: a misspelt key fails it.
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("ocmd.service");
+    std::fs::write(
+        &broken,
+        unit.replace("ProtectClock=yes", "ProtectClocks=yes"),
+    )
+    .unwrap();
+    let mut cmd = Command::new(repo_root().join("scripts/check-unit"));
+    cmd.arg(env!("CARGO_BIN_EXE_ocmd"))
+        .env("OCMD_UNIT", &broken);
+    let out = run_with_deadline(cmd);
+    assert!(!out.status.success(), "a misspelt key passed");
+    assert!(
+        text(&out.stderr).contains("ProtectClocks"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+fn install_sh(args: &[&std::ffi::OsStr]) -> Output {
+    let mut cmd = Command::new(repo_root().join("scripts/install.sh"));
+    cmd.args(args);
+    run_with_deadline(cmd)
+}
+
+fn build_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_ocmd"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+#[test]
+fn install_dry_run_plans_every_action_and_does_none() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = tmp.path().join("usr");
+    let out = install_sh(&[
+        "--dry-run".as_ref(),
+        "--no-build".as_ref(),
+        "--prefix".as_ref(),
+        prefix.as_os_str(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    let p = prefix.display();
+    let planned_line = |start: &str, end: &str| {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(start) && l.ends_with(end)),
+            "no line {start:?}...{end:?} in:\n{stdout}"
+        );
+    };
+    planned_line(
+        "would run: install -d -m 0755 ",
+        &format!("{p}/share/doc/ocmd"),
+    );
+    planned_line(
+        "would run: install -m 0755 ",
+        &format!("/release/ocmd {p}/bin/ocmd"),
+    );
+    planned_line(
+        "would run: install -m 0755 ",
+        &format!("/release/ocm {p}/bin/ocm"),
+    );
+    planned_line(
+        "would run: install -m 0644 ",
+        &format!("docs/OPERATIONS.md {p}/share/doc/ocmd/OPERATIONS.md"),
+    );
+    planned_line(
+        "would write: /etc/systemd/system/ocmd.service (mode 0644)",
+        "",
+    );
+    planned_line("would write: /etc/ocmd/ocmd.toml (mode 0644)", "");
+    assert!(stdout.contains("systemctl daemon-reload && systemctl enable --now ocmd"));
+    assert!(!stdout.contains("cargo build"), "--no-build: {stdout}");
+    assert!(!prefix.exists(), "dry run created {}", prefix.display());
+    // Every action line is a plan, not a deed.
+    assert!(!stdout.lines().any(|l| l.starts_with("+ ")), "{stdout}");
+
+    // Without --no-build the plan starts with the release build.
+    let out = install_sh(&[
+        "--dry-run".as_ref(),
+        "--prefix".as_ref(),
+        prefix.as_os_str(),
+    ]);
+    let stdout = text(&out.stdout);
+    if out.status.success() {
+        assert!(
+            stdout.contains("would run: cargo build --release --locked")
+                && stdout.contains("-p ocm-server -p ocm-client"),
+            "{stdout}"
+        );
+    } else {
+        // No cargo on PATH (it is there whenever cargo runs this test, but be exact).
+        assert!(text(&out.stderr).contains("cargo not found"));
+    }
+
+    let out = install_sh(&["--help".as_ref()]);
+    assert!(out.status.success());
+    for flag in [
+        "--prefix",
+        "--dry-run",
+        "--no-build",
+        "--unit-dir",
+        "--config-dir",
+    ] {
+        assert!(text(&out.stdout).contains(flag), "--help lacks {flag}");
+    }
+    let out = install_sh(&["--frobnicate".as_ref()]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn install_puts_files_in_place_and_keeps_a_changed_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = tmp.path().join("usr");
+    let units = tmp.path().join("units");
+    let etc = tmp.path().join("etc");
+    let build = build_dir();
+    let args = [
+        "--no-build".as_ref(),
+        "--prefix".as_ref(),
+        prefix.as_os_str(),
+        "--unit-dir".as_ref(),
+        units.as_os_str(),
+        "--config-dir".as_ref(),
+        etc.as_os_str(),
+        "--build-dir".as_ref(),
+        build.as_os_str(),
+    ];
+    let out = install_sh(&args);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let mode = |p: &Path| {
+        std::fs::metadata(p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    let ocmd = prefix.join("bin/ocmd");
+    assert_eq!(mode(&ocmd), 0o755);
+    assert_eq!(mode(&prefix.join("bin/ocm")), 0o755);
+    assert_eq!(
+        std::fs::read(&ocmd).unwrap(),
+        std::fs::read(env!("CARGO_BIN_EXE_ocmd")).unwrap()
+    );
+    assert_eq!(mode(&prefix.join("share/doc/ocmd/OPERATIONS.md")), 0o644);
+    let unit_path = units.join("ocmd.service");
+    assert_eq!(mode(&unit_path), 0o644);
+    let unit = std::fs::read_to_string(&unit_path).unwrap();
+    assert!(
+        unit.contains(&format!(
+            "ExecStart={} --config {} --state /var/lib/ocmd/room_manager.json",
+            ocmd.display(),
+            etc.join("ocmd.toml").display()
+        )),
+        "ExecStart follows --prefix and --config-dir:\n{unit}"
+    );
+    let config_path = etc.join("ocmd.toml");
+    assert_eq!(mode(&config_path), 0o644);
+    let installed_config = std::fs::read_to_string(&config_path).unwrap();
+    assert!(installed_config.contains("path = \"/var/lib/ocmd/room_manager.json\""));
+    // The installed binary accepts the installed config.
+    let out = Command::new(&ocmd)
+        .args(["--check-config", "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // Second run: an operator's change survives; the new example lands beside it.
+    let mine = format!("{installed_config}\n# changed by the operator\n");
+    std::fs::write(&config_path, &mine).unwrap();
+    let out = install_sh(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read_to_string(&config_path).unwrap(), mine);
+    let new = etc.join("ocmd.toml.new");
+    assert_eq!(std::fs::read_to_string(&new).unwrap(), installed_config);
+    assert_eq!(mode(&new), 0o644);
+    assert!(text(&out.stdout).contains("ocmd.toml.new"));
+
+    // Third run with the config back to the example: nothing to write.
+    std::fs::write(&config_path, &installed_config).unwrap();
+    std::fs::remove_file(&new).unwrap();
+    let out = install_sh(&args);
+    assert!(out.status.success());
+    assert!(!new.exists());
+    assert!(text(&out.stdout).contains("keep:"));
+}

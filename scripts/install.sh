@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Builds and installs ocmd and ocm, the systemd unit and the example configuration.
+# Run `scripts/install.sh --help` for the options; docs/OPERATIONS.md for what comes next.
+set -euo pipefail
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+prefix=/usr/local
+unit_dir=/etc/systemd/system
+config_dir=/etc/ocmd
+build_dir=""
+dry_run=0
+build=1
+
+usage() {
+  cat <<EOF
+Usage: scripts/install.sh [OPTIONS]
+
+Builds ocmd and ocm (cargo build --release --locked) and installs:
+  PREFIX/bin/ocmd, PREFIX/bin/ocm            mode 0755
+  PREFIX/share/doc/ocmd/OPERATIONS.md        mode 0644
+  UNIT_DIR/ocmd.service                      mode 0644 (ExecStart= follows PREFIX and
+                                             CONFIG_DIR)
+  CONFIG_DIR/ocmd.toml                       mode 0644, never overwritten: when a different
+                                             one exists, the new one goes to ocmd.toml.new
+
+Options:
+  --prefix DIR      installation prefix [default: /usr/local]
+  --unit-dir DIR    where the systemd unit goes [default: /etc/systemd/system]
+  --config-dir DIR  where ocmd.toml goes [default: /etc/ocmd]
+  --build-dir DIR   where the built ocmd and ocm are [default: \$CARGO_TARGET_DIR/release,
+                    else target/release]
+  --no-build        do not run cargo; install the binaries already built
+  --dry-run         print every action without doing any of it
+  -h, --help        this text
+
+The installed ocmd.toml keeps its state in /var/lib/ocmd (the unit's StateDirectory=).
+Nothing is started: the next steps are printed at the end.
+EOF
+}
+
+die() {
+  echo "install.sh: $*" >&2
+  exit 2
+}
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --prefix) [[ $# -ge 2 ]] || die "--prefix needs a directory"; prefix="$2"; shift 2 ;;
+    --prefix=*) prefix="${1#*=}"; shift ;;
+    --unit-dir) [[ $# -ge 2 ]] || die "--unit-dir needs a directory"; unit_dir="$2"; shift 2 ;;
+    --unit-dir=*) unit_dir="${1#*=}"; shift ;;
+    --config-dir) [[ $# -ge 2 ]] || die "--config-dir needs a directory"; config_dir="$2"; shift 2 ;;
+    --config-dir=*) config_dir="${1#*=}"; shift ;;
+    --build-dir) [[ $# -ge 2 ]] || die "--build-dir needs a directory"; build_dir="$2"; shift 2 ;;
+    --build-dir=*) build_dir="${1#*=}"; shift ;;
+    --no-build) build=0; shift ;;
+    --dry-run) dry_run=1; shift ;;
+    -h | --help) usage; exit 0 ;;
+    *) usage >&2; die "unknown option: $1" ;;
+  esac
+done
+for d in "$prefix" "$unit_dir" "$config_dir"; do
+  [[ "$d" == /* ]] || die "directories must be absolute: $d"
+done
+if [[ -z "$build_dir" ]]; then
+  build_dir="${CARGO_TARGET_DIR:-$root/target}/release"
+fi
+
+# Every action goes through here: printed always, carried out unless --dry-run.
+run() {
+  if [[ $dry_run -eq 1 ]]; then
+    echo "would run: $*"
+  else
+    echo "+ $*"
+    "$@"
+  fi
+}
+
+# Writes stdin to a file (for generated files: the unit with its ExecStart= and the config
+# with its state path adjusted).
+write_file() {
+  local mode="$1" dest="$2" tmp
+  if [[ $dry_run -eq 1 ]]; then
+    echo "would write: $dest (mode $mode)"
+    cat >/dev/null
+    return
+  fi
+  echo "+ write $dest (mode $mode)"
+  tmp="$(mktemp "$dest.XXXXXX")"
+  cat >"$tmp"
+  chmod "$mode" "$tmp"
+  mv -f "$tmp" "$dest"
+}
+
+if [[ $build -eq 1 ]]; then
+  command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (https://rustup.rs) or pass --no-build"
+  run cargo build --release --locked --manifest-path "$root/Cargo.toml" -p ocm-server -p ocm-client
+fi
+for bin in ocmd ocm; do
+  if [[ ! -x "$build_dir/$bin" ]]; then
+    if [[ $dry_run -eq 1 ]]; then
+      echo "note: $build_dir/$bin does not exist yet"
+    else
+      die "$build_dir/$bin is missing: build it (drop --no-build) or pass --build-dir"
+    fi
+  fi
+done
+
+# Binaries and the operations guide.
+run install -d -m 0755 "$prefix/bin" "$prefix/share/doc/ocmd"
+run install -m 0755 "$build_dir/ocmd" "$prefix/bin/ocmd"
+run install -m 0755 "$build_dir/ocm" "$prefix/bin/ocm"
+run install -m 0644 "$root/docs/OPERATIONS.md" "$prefix/share/doc/ocmd/OPERATIONS.md"
+
+# The unit, pointed at this prefix and config directory. It is ours and is replaced on every install; local
+# changes belong in a drop-in (systemctl edit ocmd).
+run install -d -m 0755 "$unit_dir"
+sed -e "s#^ExecStart=/usr/local/bin/ocmd #ExecStart=$prefix/bin/ocmd #" \
+  -e "s# --config /etc/ocmd/ocmd.toml # --config $config_dir/ocmd.toml #" \
+  -e "s#^Documentation=file:/usr/local/share/doc/ocmd/#Documentation=file:$prefix/share/doc/ocmd/#" \
+  "$root/config/ocmd.service" | write_file 0644 "$unit_dir/ocmd.service"
+
+# The configuration is the operator's: never overwritten. Its [state] path is set to the
+# one the unit passes with --state, so that the file tells the truth and a reload does not
+# see a difference. Mode 0644: the unit's dynamic user must read it, and it holds no secret.
+run install -d -m 0755 "$config_dir"
+config_text="$(sed 's#^path = "room_manager.json"#path = "/var/lib/ocmd/room_manager.json"#' "$root/config/ocmd.toml")"
+config_dest="$config_dir/ocmd.toml"
+if [[ -e "$config_dest" ]]; then
+  if [[ "$(cat "$config_dest")" == "$config_text" ]]; then
+    echo "keep: $config_dest (already the shipped example)"
+    config_dest=""
+  else
+    echo "keep: $config_dest (changed locally); the shipped example goes to $config_dest.new"
+    config_dest="$config_dest.new"
+  fi
+fi
+if [[ -n "$config_dest" ]]; then
+  printf '%s\n' "$config_text" | write_file 0644 "$config_dest"
+fi
+
+cat <<EOF
+
+$(if [[ $dry_run -eq 1 ]]; then echo "Dry run: nothing was changed. After a real run, the next steps are:"; else echo "Installed. Next steps:"; fi)
+  1. edit $config_dir/ocmd.toml ([listen] addresses, limits), then check it:
+       $prefix/bin/ocmd --config $config_dir/ocmd.toml --check-config
+  2. start the service now and at every boot:
+       systemctl daemon-reload && systemctl enable --now ocmd
+  3. watch it:
+       systemctl status ocmd; journalctl -u ocmd -f; curl -s http://127.0.0.1:9092/metrics
+See $prefix/share/doc/ocmd/OPERATIONS.md.
+EOF
