@@ -589,6 +589,11 @@ impl Ocm {
         })
     }
 
+    /// The next stdout line if one comes within `wait` (for bounded retry loops).
+    pub fn line_within(&self, wait: Duration) -> Option<String> {
+        self.stdout.recv_timeout(wait).ok()
+    }
+
     /// Waits until stderr contains `needle`.
     pub fn wait_stderr(&self, needle: &str) {
         wait_until(&format!("ocm stderr {needle:?}"), || {

@@ -1,0 +1,652 @@
+//! "No acknowledged join is ever lost": crashes (SIGKILL) and stops (SIGTERM) in the middle of
+//! join storms, restarts on the same state, corrupt and torn state files, the state lock,
+//! keepalive expiry of crashed clients, and tombstones of closed rooms.
+//!
+//! Every token a client received before a crash must still work after the restart: the
+//! daemon releases a COMPLETE only after the journal record holding its token is fsync'd.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tcrp::payload::{self, Compliance, ErrorCode};
+use tcrp::{Operation, State};
+
+/// Short keepalive timings: a member that promised 1 s keepalives is expired after 2 s.
+const FAST_LIVENESS: &str =
+    "[liveness]\nkeepalive_misses = 2\nsweep_interval_ms = 100\nmin_keepalive_secs = 1\n";
+
+/// Join storms must not be slowed by the per-IP request limit.
+const NO_REQUEST_LIMIT: &str = "[rate]\nrequests_per_sec = 0.0\n";
+
+/// A seed from `OCM_SEED` or the clock, printed so that a failure can be replayed.
+fn seed() -> u64 {
+    let seed = std::env::var("OCM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("seed {seed} (replay with OCM_SEED={seed})");
+    seed
+}
+
+/// One request on its own connection that never panics: `None` when the daemon went away
+/// before the whole reply arrived (the token, if any, was then never received).
+fn try_request(addr: SocketAddr, op: Operation, room: &str, body: &[u8]) -> Option<Reply> {
+    let mut s = TcpStream::connect_timeout(&addr, PATIENCE).ok()?;
+    s.set_nodelay(true).ok()?;
+    s.set_read_timeout(Some(PATIENCE)).ok()?;
+    s.write_all(&request_bytes(op, room, body)).ok()?;
+    let mut buf = Vec::new();
+    let mut frames: Vec<(State, Vec<u8>)> = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        loop {
+            let parsed = match tcrp::decode(&buf, 1 << 20) {
+                Ok(Some((frame, used))) => Some((frame.state, frame.payload.to_vec(), used)),
+                Ok(None) => None,
+                Err(e) => panic!("daemon sent a bad frame: {e}"),
+            };
+            let Some((state, body, used)) = parsed else {
+                break;
+            };
+            buf.drain(..used);
+            frames.push((state, body));
+        }
+        if let Some((_, body)) = frames.first() {
+            let compliance = payload::parse_compliance(body).expect("COMPLIANCE payload");
+            if compliance != Compliance::Success {
+                return Some(Reply {
+                    compliance,
+                    token: None,
+                });
+            }
+            if let Some((state, body)) = frames.get(1) {
+                assert_eq!(*state, State::Complete);
+                let token = payload::parse_complete(body).expect("COMPLETE payload");
+                return Some(Reply {
+                    compliance,
+                    token: Some(token),
+                });
+            }
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// A token some client received.
+#[derive(Debug, Clone)]
+struct Received {
+    room: String,
+    name: String,
+    token: String,
+}
+
+/// Members joined after each create in a storm.
+const STORM_MEMBERS: usize = 3;
+
+/// Starts `threads` clients that create rooms `PREFIX-tN-K` and join them with
+/// [`STORM_MEMBERS`] members, each request on a fresh connection, until `stop` is set or the
+/// daemon goes away. Every token received lands in `got`.
+fn start_storm(
+    addr: SocketAddr,
+    threads: usize,
+    prefix: &str,
+    stop: &Arc<AtomicBool>,
+    got: &Arc<Mutex<Vec<Received>>>,
+) -> Vec<thread::JoinHandle<()>> {
+    (0..threads)
+        .map(|t| {
+            let stop = Arc::clone(stop);
+            let got = Arc::clone(got);
+            let prefix = format!("{prefix}-t{t}");
+            thread::spawn(move || {
+                for k in 0.. {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let room = format!("{prefix}-{k}");
+                    let Some(r) = try_request(addr, Operation::CreateRoom, &room, b"\"host\"")
+                    else {
+                        return;
+                    };
+                    let token = r
+                        .token
+                        .unwrap_or_else(|| panic!("create {room} refused: {:?}", r.compliance));
+                    got.lock().unwrap().push(Received {
+                        room: room.clone(),
+                        name: "host".into(),
+                        token,
+                    });
+                    for m in 0..STORM_MEMBERS {
+                        if stop.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        let name = format!("m{m}");
+                        let body = format!("\"{name}\"");
+                        let Some(r) =
+                            try_request(addr, Operation::JoinRoom, &room, body.as_bytes())
+                        else {
+                            return;
+                        };
+                        let token = r.token.unwrap_or_else(|| {
+                            panic!("join {room} as {name} refused: {:?}", r.compliance)
+                        });
+                        got.lock().unwrap().push(Received {
+                            room: room.clone(),
+                            name,
+                            token,
+                        });
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+fn join_storm(handles: Vec<thread::JoinHandle<()>>) {
+    for h in handles {
+        h.join().expect("storm client panicked");
+    }
+}
+
+/// Checks that every received token works on the running daemon: each registers (the count
+/// of registered members grows by exactly their number and nothing is dropped), and each
+/// member's message is relayed to its host.
+fn verify_tokens(d: &Daemon, received: &[Received]) {
+    let registered_before = d.metric("ocm_members_registered");
+    let mut rooms: BTreeMap<&str, Vec<&Received>> = BTreeMap::new();
+    for r in received {
+        rooms.entry(&r.room).or_default().push(r);
+    }
+    for (room, members) in &rooms {
+        let host = members
+            .iter()
+            .find(|r| r.name == "host")
+            .unwrap_or_else(|| panic!("room {room}: members received but no host token"));
+        let host = Member::joined(d, room, &host.token);
+        for m in members.iter().filter(|r| r.name != "host") {
+            let member = Member::new(d, room, &m.token);
+            member.registered_with(&host, &m.name);
+        }
+    }
+    let expected = registered_before + received.len() as f64;
+    wait_until("every received token registered", || {
+        d.metric("ocm_members_registered") >= expected
+    });
+    assert_eq!(d.metric("ocm_members_registered"), expected);
+    for reason in [
+        "unknown_token",
+        "wrong_room",
+        "unregistered",
+        "address_mismatch",
+    ] {
+        assert_eq!(
+            d.metric(&format!(
+                "ocm_datagrams_dropped_total{{reason=\"{reason}\"}}"
+            )),
+            0.0,
+            "no datagram dropped as {reason} after restart"
+        );
+    }
+}
+
+/// Asserts that a (re)started daemon logged nothing alarming about its state.
+fn assert_clean_start(log: &str) {
+    for bad in ["ERROR", "corrupt", "cannot parse", "skipped"] {
+        assert!(!log.contains(bad), "start-up log mentions {bad:?}:\n{log}");
+    }
+}
+
+/// The state file's tokens after a clean stop.
+fn saved_tokens(d: &Daemon) -> HashSet<String> {
+    let bytes = std::fs::read(&d.state).expect("state file written on shutdown");
+    let state: serde_json::Value = serde_json::from_slice(&bytes).expect("state file is JSON");
+    state["tokens"]
+        .as_object()
+        .expect("tokens object")
+        .keys()
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn sigkill_during_a_join_storm_loses_no_acknowledged_token() {
+    const ROUNDS: usize = 20;
+    let started = Instant::now();
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut d = Daemon::start_with(Options {
+        config: Some(NO_REQUEST_LIMIT.into()),
+        metrics: true,
+        ..Options::default()
+    });
+    let mut all = Vec::new();
+    for round in 0..ROUNDS {
+        let stop = Arc::new(AtomicBool::new(false));
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let delay = Duration::from_millis(rng.gen_range(5..=80));
+        let storm = start_storm(d.tcp, 4, &format!("r{round}"), &stop, &got);
+        thread::sleep(delay); // the random kill moment, not a wait for correctness
+        d.kill9();
+        stop.store(true, Ordering::SeqCst);
+        join_storm(storm);
+        let received = std::mem::take(&mut *got.lock().unwrap());
+        eprintln!(
+            "round {round}: killed after {delay:?}; {} tokens received",
+            received.len()
+        );
+        d.restart();
+        assert_clean_start(&d.log());
+        verify_tokens(&d, &received);
+        all.extend(received);
+    }
+    assert!(
+        !all.is_empty(),
+        "the storms got no token at all: the test proved nothing"
+    );
+    // A clean stop folds everything into the state file: every token is in it.
+    let (status, _) = d.terminate();
+    assert!(status.success());
+    let saved = saved_tokens(&d);
+    for r in &all {
+        assert!(
+            saved.contains(&r.token),
+            "{r:?} missing from the state file"
+        );
+    }
+    eprintln!(
+        "{ROUNDS} crash rounds, {} tokens, in {:?}",
+        all.len(),
+        started.elapsed()
+    );
+}
+
+#[test]
+fn sigterm_during_a_join_storm_exits_cleanly_and_keeps_every_token() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut d = Daemon::start_with(Options {
+        config: Some(NO_REQUEST_LIMIT.into()),
+        metrics: true,
+        ..Options::default()
+    });
+    for round in 0..3 {
+        let stop = Arc::new(AtomicBool::new(false));
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let delay = Duration::from_millis(rng.gen_range(20..=80));
+        let storm = start_storm(d.tcp, 4, &format!("t{round}"), &stop, &got);
+        thread::sleep(delay); // the random stop moment, not a wait for correctness
+        let (status, took) = d.terminate();
+        stop.store(true, Ordering::SeqCst);
+        join_storm(storm);
+        assert!(status.success(), "SIGTERM exit status: {status:?}");
+        assert!(took < Duration::from_secs(2), "stopped in {took:?}");
+        let received = std::mem::take(&mut *got.lock().unwrap());
+        eprintln!(
+            "round {round}: stopped after {delay:?} in {took:?}; {} tokens received",
+            received.len()
+        );
+        let saved = saved_tokens(&d);
+        for r in &received {
+            assert!(
+                saved.contains(&r.token),
+                "{r:?} acknowledged but missing from the state file"
+            );
+        }
+        d.restart();
+        assert_clean_start(&d.log());
+        verify_tokens(&d, &received);
+    }
+}
+
+#[test]
+fn a_crashed_ocm_host_closes_its_room_and_a_crashed_member_times_out() {
+    let d = Daemon::start_with(Options {
+        config: Some(FAST_LIVENESS.into()),
+        metrics: true,
+        ..Options::default()
+    });
+
+    // The host crashes: the member hears the room close and exits 0.
+    let mut alice = Ocm::start(
+        &d,
+        &["create", "crash1", "--name", "alice", "--keepalive", "1"],
+    );
+    alice.wait_stderr("* created crash1 as alice");
+    let mut bob = Ocm::start(&d, &["join", "crash1", "--name", "bob", "--keepalive", "1"]);
+    bob.wait_stderr("* joined crash1 as bob");
+    assert_eq!(alice.line(), "* bob joined");
+    alice.kill9();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let line = bob
+            .line_within(deadline.saturating_duration_since(Instant::now()))
+            .expect("bob hears that the room closed");
+        if line == "* room crash1 was closed by its host" {
+            break;
+        }
+    }
+    assert!(bob.wait().success(), "bob exits 0 after the room closed");
+
+    // A silent member crashes: the host hears it timed out.
+    let mut carol = Ocm::start(
+        &d,
+        &["create", "crash2", "--name", "carol", "--keepalive", "1"],
+    );
+    carol.wait_stderr("* created crash2 as carol");
+    let mut dave = Ocm::start(
+        &d,
+        &["join", "crash2", "--name", "dave", "--keepalive", "1"],
+    );
+    dave.wait_stderr("* joined crash2 as dave");
+    assert_eq!(carol.line(), "* dave joined");
+    dave.kill9();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let line = carol
+            .line_within(deadline.saturating_duration_since(Instant::now()))
+            .expect("carol hears that dave timed out");
+        if line == "* dave timed out" {
+            break;
+        }
+    }
+    assert!(d.metric("ocm_keepalive_expiries_total") >= 2.0);
+    carol.type_line("/quit");
+    assert!(carol.wait().success());
+}
+
+#[test]
+fn original_members_are_never_expired_for_silence() {
+    let d = Daemon::start_with(Options {
+        config: Some(FAST_LIVENESS.into()),
+        metrics: true,
+        ..Options::default()
+    });
+    let host_token = create(&d, "quiet", "host");
+    let host = Member::joined(&d, "quiet", &host_token);
+    let orig = Member::new(&d, "quiet", &join(&d, "quiet", "orig"));
+    orig.registered_with(&host, "orig");
+    // A member that promises keepalives every second, registers once and goes silent.
+    let r = request(
+        &d,
+        Operation::JoinRoom,
+        "quiet",
+        br#"{"username": "ka", "keepalive": 1}"#,
+    );
+    let ka = Member::new(&d, "quiet", &r.token.expect("keepalive member joins"));
+    ka.registered_with(&host, "ka");
+    let silent_since = Instant::now();
+    // Sweeps ran past the timeout: the keepalive member (seen after orig) is gone.
+    wait_until("the keepalive member expires", || {
+        d.metric("ocm_keepalive_expiries_total") >= 1.0
+    });
+    assert!(silent_since.elapsed() >= Duration::from_secs(2));
+    assert_eq!(d.metric("ocm_keepalive_expiries_total"), 1.0);
+    // Silent longer than ka, orig still relays, and the host (original too) still hears.
+    orig.send("still here");
+    assert_eq!(host.recv(), "orig: still here");
+    host.send("me too");
+    // orig heard ka's probe while ka was alive, and nothing since.
+    assert_eq!(orig.recv_until("host: me too"), ["ka: probe from ka"]);
+    assert_eq!(d.metric("ocm_members"), 2.0);
+}
+
+#[test]
+fn a_live_ocm_chat_survives_a_daemon_restart() {
+    let mut d = Daemon::start();
+    let mut alice = Ocm::start(
+        &d,
+        &["create", "live", "--name", "alice", "--keepalive", "1"],
+    );
+    alice.wait_stderr("* created live as alice");
+    let mut bob = Ocm::start(&d, &["join", "live", "--name", "bob", "--keepalive", "1"]);
+    bob.wait_stderr("* joined live as bob");
+    assert_eq!(alice.line(), "* bob joined");
+
+    fn deliver(from: &mut Ocm, to: &Ocm, sender: &str, text: &str) {
+        let deadline = Instant::now() + PATIENCE;
+        for i in 0.. {
+            assert!(
+                Instant::now() < deadline,
+                "{text:?} from {sender} never arrived"
+            );
+            from.type_line(&format!("{text} {i}"));
+            if let Some(line) = to.line_within(Duration::from_millis(300)) {
+                if line.starts_with(&format!("{sender}: {text}")) {
+                    return;
+                }
+            }
+        }
+    }
+
+    deliver(&mut alice, &bob, "alice", "first");
+    let (status, took) = d.terminate();
+    assert!(status.success(), "SIGTERM exit status: {status:?}");
+    assert!(took < Duration::from_secs(2), "stopped in {took:?}");
+    d.restart();
+    deliver(&mut bob, &alice, "bob", "second");
+    deliver(&mut alice, &bob, "alice", "third");
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+    assert!(bob.wait().success(), "bob exits 0 when the host leaves");
+}
+
+fn spawn_on(dir: &Arc<tempfile::TempDir>) -> Result<Daemon, String> {
+    Daemon::spawn(Arc::clone(dir), Options::default())
+}
+
+#[test]
+fn a_corrupt_state_file_stops_the_start_and_is_left_untouched() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let state = dir.path().join("room_manager.json");
+    let garbage = b"{\"rooms\": {\"lobby\": \x00\xff garbage".to_vec();
+    std::fs::write(&state, &garbage).unwrap();
+    let log = match spawn_on(&dir) {
+        Ok(_) => panic!("ocmd started on a corrupt state file"),
+        Err(log) => log,
+    };
+    assert!(
+        log.contains("cannot parse state file") && log.contains(&state.display().to_string()),
+        "the refusal names the file:\n{log}"
+    );
+    assert_eq!(std::fs::read(&state).unwrap(), garbage, "file unchanged");
+}
+
+/// A daemon on `dir` that created `journal` and joined `m1`, `m2`, then was killed, so the
+/// records are only in the journal. Returns the tokens.
+fn journal_only_state(dir: &Arc<tempfile::TempDir>) -> Vec<String> {
+    let mut d = spawn_on(dir).expect("ocmd starts");
+    let tokens = vec![
+        create(&d, "journal", "host"),
+        join(&d, "journal", "m1"),
+        join(&d, "journal", "m2"),
+    ];
+    d.kill9();
+    tokens
+}
+
+#[test]
+fn a_corrupt_journal_line_stops_the_start_and_is_left_untouched() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    journal_only_state(&dir);
+    let journal = dir.path().join("room_manager.json.journal");
+    let text = std::fs::read(&journal).unwrap();
+    let lines: Vec<&[u8]> = text.split_inclusive(|&b| b == b'\n').collect();
+    assert_eq!(lines.len(), 3, "one line per record");
+    let mut corrupt = lines[0].to_vec();
+    corrupt.extend_from_slice(b"{\"n\": 2, \"op\": \x01 not a record\n");
+    corrupt.extend_from_slice(lines[1]);
+    corrupt.extend_from_slice(lines[2]);
+    std::fs::write(&journal, &corrupt).unwrap();
+    let state_before = std::fs::read(dir.path().join("room_manager.json")).ok();
+    let log = match spawn_on(&dir) {
+        Ok(_) => panic!("ocmd started on a corrupt journal"),
+        Err(log) => log,
+    };
+    assert!(
+        log.contains(&journal.display().to_string()) && log.contains("line 2"),
+        "the refusal names the journal and the line:\n{log}"
+    );
+    assert_eq!(
+        std::fs::read(&journal).unwrap(),
+        corrupt,
+        "journal unchanged"
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("room_manager.json")).ok(),
+        state_before,
+        "state file unchanged"
+    );
+}
+
+#[test]
+fn a_torn_final_journal_line_is_ignored() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let tokens = journal_only_state(&dir);
+    let journal = dir.path().join("room_manager.json.journal");
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&journal)
+        .unwrap();
+    file.write_all(br#"{"n":4,"op":"join","room":"journal","member":{"tok"#)
+        .unwrap();
+    drop(file);
+    let d = spawn_on(&dir).expect("ocmd starts despite a torn last line");
+    assert!(
+        d.log().contains("torn final line was ignored"),
+        "{}",
+        d.log()
+    );
+    // Every acknowledged record survived: all three tokens relay.
+    let host = Member::joined(&d, "journal", &tokens[0]);
+    for (name, token) in ["m1", "m2"].iter().zip(&tokens[1..]) {
+        Member::new(&d, "journal", token).registered_with(&host, name);
+    }
+    let r = request(&d, Operation::JoinRoom, "journal", b"\"m2\"");
+    assert_eq!(r.token, None, "m2 is still taken");
+}
+
+#[test]
+fn a_second_daemon_on_the_same_state_refuses_and_names_the_holder() {
+    let first = Daemon::start();
+    let token = create(&first, "mine", "host");
+    let log = match Daemon::spawn(Arc::clone(&first.dir), Options::default()) {
+        Ok(_) => panic!("a second ocmd started on the same state file"),
+        Err(log) => log,
+    };
+    assert!(
+        log.contains("in use by another ocmd") && log.contains(&format!("pid {}", first.pid())),
+        "the refusal names the holder:\n{log}"
+    );
+    // The first one is unharmed.
+    let bob = join(&first, "mine", "bob");
+    let host = Member::joined(&first, "mine", &token);
+    Member::new(&first, "mine", &bob).registered_with(&host, "bob");
+}
+
+#[test]
+fn tombstones_answer_once_per_interval_and_never_for_unknown_tokens() {
+    let d = Daemon::start_with(Options {
+        metrics: true,
+        ..Options::default()
+    });
+    let host_token = create(&d, "tomb", "host");
+    let bob_token = join(&d, "tomb", "bob");
+    let host = Member::joined(&d, "tomb", &host_token);
+    let bob = Member::new(&d, "tomb", &bob_token);
+    bob.registered_with(&host, "bob");
+    host.send("__LEAVE__");
+    assert_eq!(bob.recv_raw(), b"__ROOM_CLOSED__");
+
+    // A late datagram with the dead token is told, once.
+    bob.send("anyone?");
+    assert_eq!(bob.recv_raw(), b"__ROOM_CLOSED__");
+    let told = Instant::now();
+    bob.send("anyone at all?");
+    let second_sent = told.elapsed();
+    // A never-issued token gets nothing.
+    let stranger = Member::new(&d, "tomb", "00112233445566778899aabbccddeeff");
+    stranger.send("hello?");
+    // A TCP round trip, then the counters: both datagrams were handled before it.
+    create(&d, "after", "x");
+    wait_until("the stranger's drop is counted", || {
+        d.metric("ocm_datagrams_dropped_total{reason=\"unknown_token\"}") >= 2.0
+    });
+    assert!(
+        second_sent < Duration::from_millis(900),
+        "the machine stalled for {second_sent:?}: the second datagram was not within the interval"
+    );
+    assert_eq!(d.metric("ocm_closed_room_replies_total"), 1.0);
+    for (who, m) in [("bob", &bob), ("stranger", &stranger)] {
+        m.socket.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 64];
+        let got = m.socket.recv_from(&mut buf);
+        assert!(
+            matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "{who} got a reply: {got:?}"
+        );
+        m.socket.set_nonblocking(false).unwrap();
+    }
+    // After the interval the dead token is told again (bounded retries, not a sleep).
+    let deadline = Instant::now() + PATIENCE;
+    bob.socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    loop {
+        assert!(Instant::now() < deadline, "never told again");
+        bob.send("still anyone?");
+        let mut buf = [0u8; 64];
+        if let Ok((n, _)) = bob.socket.recv_from(&mut buf) {
+            assert_eq!(&buf[..n], b"__ROOM_CLOSED__");
+            break;
+        }
+    }
+    assert!(told.elapsed() >= Duration::from_millis(1000));
+}
+
+#[test]
+fn refusal_codes_survive_restart() {
+    // Names stay taken and rooms stay existing across a crash: the journal replays joins.
+    let mut d = Daemon::start();
+    create(&d, "keep", "host");
+    join(&d, "keep", "bob");
+    d.kill9();
+    d.restart();
+    let r = request(&d, Operation::JoinRoom, "keep", b"\"bob\"");
+    assert!(
+        matches!(
+            r.compliance,
+            Compliance::Failure {
+                code: Some(ErrorCode::NameTaken),
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    let r = request(&d, Operation::CreateRoom, "keep", b"\"x\"");
+    assert!(
+        matches!(
+            r.compliance,
+            Compliance::Failure {
+                code: Some(ErrorCode::RoomExists),
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+}

@@ -1,0 +1,815 @@
+//! "Every malformed frame, flood and spoof gets a clear error or a counted drop, and the
+//! daemon keeps serving."
+//!
+//! Each test sends one class of bad input to the real daemon, then checks (a) the refusal,
+//! close or counted drop, (b) that a well-behaved client can still create, join and chat
+//! ([`assert_still_serves`]), and (c) that the state file is intact after a clean stop
+//! ([`assert_state_intact`]).
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::os::fd::FromRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rand::rngs::StdRng;
+use rand::{Rng, RngCore, SeedableRng};
+use tcrp::payload::{self, Compliance, ErrorCode};
+use tcrp::{Frame, Operation, State};
+
+/// A daemon with metrics on and `config` as its TOML.
+fn daemon(config: &str) -> Daemon {
+    Daemon::start_with(Options {
+        config: Some(config.into()),
+        metrics: true,
+        ..Options::default()
+    })
+}
+
+fn refused(reply: &Reply) -> Option<ErrorCode> {
+    match &reply.compliance {
+        Compliance::Failure { code, .. } => *code,
+        Compliance::Success => None,
+    }
+}
+
+fn dropped(d: &Daemon, reason: &str) -> f64 {
+    d.metric(&format!(
+        "ocm_datagrams_dropped_total{{reason=\"{reason}\"}}"
+    ))
+}
+
+fn closed(d: &Daemon, reason: &str) -> f64 {
+    d.metric(&format!(
+        "ocm_tcp_connections_closed_total{{reason=\"{reason}\"}}"
+    ))
+}
+
+/// The sum of every `ocm_datagrams_dropped_total{reason=...}` sample.
+fn dropped_total(d: &Daemon) -> f64 {
+    d.http_get("/metrics")
+        .lines()
+        .filter(|l| l.starts_with("ocm_datagrams_dropped_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+/// A well-behaved client can still create a fresh room, join it, register two members and
+/// relay a message. Returns the room's name.
+fn assert_still_serves(d: &Daemon) -> String {
+    static ROOMS: AtomicUsize = AtomicUsize::new(0);
+    let room = format!("good-{}", ROOMS.fetch_add(1, Ordering::SeqCst));
+    let host_token = create(d, &room, "alice");
+    let bob_token = join(d, &room, "bob");
+    let alice = Member::joined(d, &room, &host_token);
+    let bob = Member::new(d, &room, &bob_token);
+    bob.registered_with(&alice, "bob");
+    alice.send("still serving");
+    assert_eq!(bob.recv(), "alice: still serving");
+    room
+}
+
+/// Stops the daemon with SIGTERM (exit 0) and checks that the state file parses and holds
+/// `rooms`.
+fn assert_state_intact(mut d: Daemon, rooms: &[String]) {
+    let (status, took) = d.terminate();
+    assert!(status.success(), "SIGTERM exit status: {status:?}");
+    assert!(took < Duration::from_secs(2), "stopped in {took:?}");
+    let bytes = std::fs::read(&d.state).expect("state file written on shutdown");
+    let state: serde_json::Value =
+        serde_json::from_slice(&bytes).expect("state file parses as JSON");
+    for room in rooms {
+        assert!(
+            state["rooms"].get(room).is_some(),
+            "room {room} missing from the state file"
+        );
+    }
+}
+
+/// Reads until EOF or reset; returns what arrived before it. Panics after [`PATIENCE`].
+fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return got,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => panic!("expected the daemon to close the connection, got {e}"),
+        }
+    }
+}
+
+/// The bytes of a 32-byte header announcing `size` payload bytes.
+fn header(room_len: u8, op: u8, state: u8, size: u64) -> Vec<u8> {
+    let mut h = vec![room_len, op, state];
+    h.extend_from_slice(&[0u8; 21]);
+    h.extend_from_slice(&size.to_be_bytes());
+    assert_eq!(h.len(), tcrp::HEADER_LEN);
+    h
+}
+
+/// A REQUEST frame with raw room-name bytes.
+fn raw_request(op: Operation, state: State, room: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    Frame {
+        operation: op,
+        state,
+        room_name: room,
+        payload: body,
+    }
+    .encode(&mut out)
+    .unwrap();
+    out
+}
+
+/// A TCP connection to `to` from the local address `from` (any 127.0.0.0/8 address works on
+/// loopback), optionally with a small receive buffer set before connecting.
+fn connect_from(from: Ipv4Addr, to: SocketAddr, rcvbuf: Option<i32>) -> TcpStream {
+    let SocketAddr::V4(to) = to else {
+        panic!("IPv4 daemon address expected")
+    };
+    let sockaddr = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor we own; the addresses outlive the calls.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let stream = TcpStream::from_raw_fd(fd);
+        if let Some(bytes) = rcvbuf {
+            let rc = libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                &bytes as *const i32 as *const libc::c_void,
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            );
+            assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+        }
+        let local = sockaddr(from, 0);
+        let rc = libc::bind(fd, &local as *const _ as *const libc::sockaddr, len);
+        assert_eq!(rc, 0, "bind {from}: {}", std::io::Error::last_os_error());
+        let remote = sockaddr(*to.ip(), to.port());
+        let rc = libc::connect(fd, &remote as *const _ as *const libc::sockaddr, len);
+        assert_eq!(rc, 0, "connect: {}", std::io::Error::last_os_error());
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        stream
+    }
+}
+
+/// Raises this process's open-file limit to at least `want` (up to the hard limit).
+fn raise_fd_limit(want: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write to and read from the struct we own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        if lim.rlim_cur < want as libc::rlim_t {
+            lim.rlim_cur = (want as libc::rlim_t).min(lim.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        }
+    }
+    assert!(
+        lim.rlim_cur >= want as libc::rlim_t,
+        "need {want} open files, the hard limit is {}",
+        lim.rlim_max
+    );
+}
+
+// ---- TCP framing ----
+
+#[test]
+fn a_truncated_header_then_close_is_closed_without_a_reply() {
+    let d = daemon("");
+    let mut s = connect(&d);
+    s.write_all(&header(5, 1, 0, 7)[..10]).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_until_closed(&mut s), b"", "no reply to half a header");
+    wait_until("the close is counted", || closed(&d, "peer_closed") >= 1.0);
+    assert_eq!(closed(&d, "peer_closed"), 1.0);
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room]);
+}
+
+#[test]
+fn a_truncated_header_then_silence_is_closed_at_the_handshake_timeout() {
+    let d = daemon("[limits]\nhandshake_timeout_secs = 1\n");
+    let mut s = connect(&d);
+    let t = Instant::now();
+    s.write_all(&header(5, 1, 0, 7)[..10]).unwrap();
+    assert_eq!(read_until_closed(&mut s), b"", "no reply to half a header");
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed after {waited:?}, before the timeout"
+    );
+    wait_until("the timeout is counted", || closed(&d, "timeout") >= 1.0);
+    assert_eq!(closed(&d, "timeout"), 1.0);
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room]);
+}
+
+#[test]
+fn a_huge_payload_size_is_refused_at_once_and_the_connection_closed() {
+    let d = daemon("");
+    for size in [1u64 << 40, u64::MAX, tcrp::DEFAULT_MAX_PAYLOAD as u64 + 1] {
+        let mut s = connect(&d);
+        // Only the header: the refusal must come without the payload ever being sent.
+        s.write_all(&header(5, 1, 0, size)).unwrap();
+        let mut reader = FrameReader::default();
+        let (state, body) = reader.next(&mut s).expect("a COMPLIANCE frame");
+        assert_eq!(state, State::Compliance);
+        let compliance = payload::parse_compliance(&body).unwrap();
+        assert!(
+            matches!(
+                &compliance,
+                Compliance::Failure {
+                    code: Some(ErrorCode::MalformedRequest),
+                    message: Some(m),
+                } if m.contains(&size.to_string())
+            ),
+            "size {size}: {compliance:?}"
+        );
+        assert_eq!(reader.next(&mut s), None, "closed after the refusal");
+    }
+    // The original's 29-byte field with high bytes set saturates and is refused the same way.
+    let mut s = connect(&d);
+    let mut h = header(5, 1, 0, 7);
+    h[3] = 0xff;
+    s.write_all(&h).unwrap();
+    let reply = FrameReader::default().reply(&mut s);
+    assert_eq!(refused(&reply), Some(ErrorCode::MalformedRequest));
+    assert_eq!(read_until_closed(&mut s), b"");
+    wait_until("the closes are counted", || closed(&d, "protocol") >= 4.0);
+    assert_eq!(
+        d.metric("ocm_handshakes_total{operation=\"create_room\",result=\"malformed_request\"}"),
+        4.0
+    );
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room]);
+}
+
+#[test]
+fn an_unknown_operation_is_refused_and_the_connection_stays_usable() {
+    let d = daemon("");
+    let mut s = connect(&d);
+    for op in [0x00, 0x42, 0xff] {
+        let reply = exchange(
+            &mut s,
+            &request_bytes(Operation::Other(op), "lobby", b"\"zed\""),
+        );
+        assert_eq!(
+            refused(&reply),
+            Some(ErrorCode::UnsupportedOperation),
+            "op {op}"
+        );
+    }
+    let reply = exchange(
+        &mut s,
+        &request_bytes(Operation::CreateRoom, "lobby", b"\"zed\""),
+    );
+    assert!(
+        reply.token.is_some(),
+        "same connection, next request: {reply:?}"
+    );
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room, "lobby".into()]);
+}
+
+#[test]
+fn a_request_with_a_reply_state_or_an_unknown_state_is_malformed() {
+    let d = daemon("");
+    // COMPLIANCE (1) and COMPLETE (2) are the server's states, not requests.
+    for state in [State::Compliance, State::Complete] {
+        let mut s = connect(&d);
+        let reply = exchange(
+            &mut s,
+            &raw_request(Operation::CreateRoom, state, b"lobby", b"\"zed\""),
+        );
+        assert_eq!(
+            refused(&reply),
+            Some(ErrorCode::MalformedRequest),
+            "{state:?}"
+        );
+        assert_eq!(reply.token, None);
+    }
+    // 7 is no state at all: refused, then closed (the stream can no longer be trusted).
+    let mut bytes = request_bytes(Operation::CreateRoom, "lobby", b"\"zed\"");
+    bytes[2] = 7;
+    let mut s = connect(&d);
+    let reply = exchange(&mut s, &bytes);
+    assert_eq!(refused(&reply), Some(ErrorCode::MalformedRequest));
+    assert_eq!(read_until_closed(&mut s), b"");
+    // Nothing was created by any of them.
+    assert_eq!(d.metric("ocm_rooms"), 0.0);
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room]);
+}
+
+#[test]
+fn invalid_utf8_in_the_room_name_or_payload_is_refused() {
+    let d = daemon("");
+    let cases: [(&[u8], &[u8], ErrorCode); 4] = [
+        (&[0xc3, 0x28], b"\"zed\"", ErrorCode::InvalidRoomName),
+        (&[b'a', 0xff, b'b'], b"\"zed\"", ErrorCode::InvalidRoomName),
+        (b"lobby", &[0xff, 0xfe, 0xfd], ErrorCode::MalformedRequest),
+        (b"lobby", b"\"\xff\"", ErrorCode::MalformedRequest),
+    ];
+    for op in [Operation::CreateRoom, Operation::JoinRoom] {
+        for (room, body, code) in cases {
+            let reply = request_raw(&d, &raw_request(op, State::Request, room, body));
+            assert_eq!(refused(&reply), Some(code), "{op:?} {room:?} {body:?}");
+            if let Compliance::Failure { message, .. } = &reply.compliance {
+                assert!(message.as_deref().is_some_and(|m| !m.is_empty()));
+            }
+        }
+    }
+    assert_eq!(d.metric("ocm_rooms"), 0.0);
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room]);
+}
+
+fn request_raw(d: &Daemon, bytes: &[u8]) -> Reply {
+    let mut s = connect(d);
+    exchange(&mut s, bytes)
+}
+
+// ---- UDP ----
+
+#[test]
+fn garbage_datagrams_are_dropped_counted_and_never_answered() {
+    let seed = std::env::var("OCM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("seed {seed} (replay with OCM_SEED={seed})");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let d = daemon("");
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let send = |bytes: &[u8]| {
+        sock.send_to(bytes, d.udp).expect("send");
+    };
+    // Known cases first, each with its reason.
+    let known: Vec<(Vec<u8>, &str)> = vec![
+        (vec![], "too_short"),
+        (vec![5], "too_short"),
+        (vec![0, 0, b'x'], "empty_token"),
+        (vec![9, 9, b'x'], "length_mismatch"),
+        (vec![1, 1, b'r', b't'], "empty_message"),
+        (vec![1, 1, b'r', b't', 0xff], "not_utf8"),
+        (vec![0x41; 4097], "too_large"),
+        (vec![0; 5000], "too_large"),
+    ];
+    for (bytes, _) in &known {
+        send(bytes);
+    }
+    wait_until("the known garbage is handled", || {
+        d.metric("ocm_datagrams_received_total") >= known.len() as f64
+    });
+    for (bytes, reason) in &known {
+        assert!(
+            dropped(&d, reason) >= 1.0,
+            "{} bytes: no {reason} drop",
+            bytes.len()
+        );
+    }
+    assert_eq!(dropped_total(&d), known.len() as f64);
+    // Then random bytes, paced so that the kernel's receive buffer never overflows.
+    let mut sent = known.len();
+    for _ in 0..20 {
+        for _ in 0..20 {
+            let len = rng.gen_range(0..5000);
+            let mut bytes = vec![0u8; len];
+            rng.fill_bytes(&mut bytes);
+            send(&bytes);
+            sent += 1;
+        }
+        wait_until("the daemon reads the garbage", || {
+            d.metric("ocm_datagrams_received_total") >= sent as f64
+        });
+    }
+    assert_eq!(d.metric("ocm_datagrams_received_total"), sent as f64);
+    assert_eq!(
+        dropped_total(&d),
+        sent as f64,
+        "every datagram is a counted drop"
+    );
+    assert_eq!(
+        d.metric("ocm_datagrams_sent_total"),
+        0.0,
+        "nothing answered"
+    );
+    sock.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(sock.recv_from(&mut buf).is_err(), "no reply to garbage");
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room]);
+}
+
+#[test]
+fn spoofed_and_foreign_tokens_are_dropped_and_the_room_stays_open() {
+    let d = daemon("");
+    let host_token = create(&d, "a", "alice");
+    let bob_token = join(&d, "a", "bob");
+    let other_host = create(&d, "b", "other");
+    let alice = Member::joined(&d, "a", &host_token);
+    let bob = Member::new(&d, "a", &bob_token);
+    bob.registered_with(&alice, "bob");
+
+    let intruder = Member::new(&d, "a", "0123456789abcdef0123456789abcdef");
+    intruder.send("wrong token");
+    intruder.send("__LEAVE__");
+    let cross = Member::new(&d, "a", &other_host);
+    cross.send("token of another room");
+    cross.send("__LEAVE__");
+    // The right tokens from another socket: chat, and __LEAVE__ as the host and as bob.
+    let thief_of_bob = Member::new(&d, "a", &bob_token);
+    thief_of_bob.send("spoofed chat");
+    thief_of_bob.send("__LEAVE__");
+    let thief_of_host = Member::new(&d, "a", &host_token);
+    thief_of_host.send("spoofed host chat");
+    thief_of_host.send("__LEAVE__");
+    // The server's own notice is not chat.
+    bob.send("__ROOM_CLOSED__");
+    bob.send("real");
+    assert_eq!(alice.recv(), "bob: real", "nothing spoofed came first");
+    alice.send("still open");
+    assert_eq!(bob.recv(), "alice: still open", "the room did not close");
+    wait_until("every drop is counted", || dropped_total(&d) >= 9.0);
+    assert_eq!(dropped(&d, "unknown_token"), 2.0);
+    assert_eq!(dropped(&d, "wrong_room"), 2.0);
+    assert_eq!(dropped(&d, "address_mismatch"), 4.0);
+    assert_eq!(dropped(&d, "reserved_word"), 1.0);
+    assert_eq!(dropped_total(&d), 9.0);
+    assert_eq!(d.metric("ocm_rooms"), 2.0);
+    assert_eq!(d.metric("ocm_members"), 3.0);
+    for m in [&intruder, &cross, &thief_of_bob, &thief_of_host] {
+        m.socket.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 64];
+        assert!(m.socket.recv_from(&mut buf).is_err(), "no reply to a spoof");
+    }
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room, "a".into(), "b".into()]);
+}
+
+#[test]
+fn a_chat_flood_is_rate_limited_per_member() {
+    let d = daemon("[rate]\nchat_per_sec = 20.0\nchat_burst = 20.0\n");
+    let host_token = create(&d, "loud", "alice");
+    let alice = Member::joined(&d, "loud", &host_token);
+    let bob = Member::new(&d, "loud", &join(&d, "loud", "bob"));
+    bob.registered_with(&alice, "bob");
+    let carol = Member::new(&d, "loud", &join(&d, "loud", "carol"));
+    carol.registered_with(&alice, "carol");
+    const FLOOD: usize = 200;
+    let t = Instant::now();
+    for i in 0..FLOOD {
+        bob.send(&format!("flood {i}"));
+    }
+    let flood_took = t.elapsed();
+    carol.send("carol still talks");
+    let delivered = alice.recv_until("carol: carol still talks");
+    assert!(delivered.iter().all(|m| m.starts_with("bob: flood ")));
+    let limited = FLOOD - delivered.len();
+    eprintln!(
+        "{} of {FLOOD} delivered (sent in {flood_took:?})",
+        delivered.len()
+    );
+    // The burst minus the probe, plus what refilled while the flood was being handled.
+    assert!(delivered.len() >= 19, "{} delivered", delivered.len());
+    assert!(limited > 0, "nothing was rate limited");
+    wait_until("the drops are counted", || {
+        dropped(&d, "rate_limited") >= limited as f64
+    });
+    assert_eq!(dropped(&d, "rate_limited"), limited as f64);
+    assert_eq!(
+        d.metric("ocm_rate_limited_total{kind=\"chat\"}"),
+        limited as f64
+    );
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room, "loud".into()]);
+}
+
+// ---- TCP floods and caps ----
+
+#[test]
+fn a_request_flood_from_one_ip_is_rate_limited_and_others_are_served() {
+    let d = daemon("[rate]\nrequests_per_sec = 2.0\nrequests_burst = 5.0\n");
+    // The flood comes from 127.0.0.2 on one connection, pipelined.
+    const FLOOD: usize = 40;
+    let mut s = connect_from(Ipv4Addr::new(127, 0, 0, 2), d.tcp, None);
+    let mut bytes = Vec::new();
+    for i in 0..FLOOD {
+        bytes.extend(request_bytes(
+            Operation::CreateRoom,
+            &format!("flood-{i}"),
+            b"\"f\"",
+        ));
+    }
+    let t = Instant::now();
+    s.write_all(&bytes).unwrap();
+    let mut reader = FrameReader::default();
+    let replies: Vec<Reply> = (0..FLOOD).map(|_| reader.reply(&mut s)).collect();
+    let took = t.elapsed();
+    let ok = replies.iter().filter(|r| r.token.is_some()).count();
+    let limited = replies
+        .iter()
+        .filter(|r| refused(r) == Some(ErrorCode::RateLimited))
+        .count();
+    eprintln!("{ok} created, {limited} rate limited in {took:?}");
+    assert_eq!(ok + limited, FLOOD, "only successes and rate_limited");
+    assert!(ok >= 5, "the burst is served: {ok}");
+    let allowed = 5.0 + 2.0 * took.as_secs_f64() + 1.0;
+    assert!(
+        ok as f64 <= allowed,
+        "{ok} served, at most {allowed} allowed"
+    );
+    assert_eq!(
+        d.metric("ocm_rate_limited_total{kind=\"request\"}"),
+        limited as f64
+    );
+    // 127.0.0.1 has its own budget.
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room]);
+}
+
+#[test]
+fn a_64_member_room_joining_at_once_is_normal_use() {
+    let d = daemon("");
+    let host = create(&d, "party", "host");
+    let t = Instant::now();
+    let d = Arc::new(d);
+    let handles: Vec<_> = (0..8)
+        .map(|t| {
+            let d = Arc::clone(&d);
+            thread::spawn(move || {
+                (0..8)
+                    .filter(|i| !(t == 0 && *i == 0))
+                    .map(|i| {
+                        let name = format!("guest{t}-{i}");
+                        let token = join(&d, "party", &name);
+                        (name, token)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let tokens: Vec<(String, String)> = handles
+        .into_iter()
+        .flat_map(|h| h.join().expect("every join succeeds"))
+        .collect();
+    eprintln!("63 joins in {:?}", t.elapsed());
+    assert_eq!(tokens.len(), 63);
+    assert_eq!(d.metric("ocm_members"), 64.0);
+    assert_eq!(d.metric("ocm_rate_limited_total{kind=\"request\"}"), 0.0);
+    // They all chat.
+    let hostm = Member::joined(&d, "party", &host);
+    for (name, token) in tokens.iter().step_by(9) {
+        Member::new(&d, "party", token).registered_with(&hostm, name);
+    }
+    let d = Arc::into_inner(d).expect("threads are done");
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room, "party".into()]);
+}
+
+#[test]
+fn five_hundred_slow_connections_do_not_stop_a_good_client() {
+    const SLOW: usize = 500;
+    raise_fd_limit(4 * SLOW as u64);
+    let d = daemon(
+        "[limits]\nmax_connections_per_ip = 1000\nmax_connections = 2000\nhandshake_timeout_secs = 2\n",
+    );
+    let t = Instant::now();
+    let mut slow: Vec<TcpStream> = Vec::with_capacity(SLOW);
+    // In batches: the listen backlog is 128, and a SYN dropped for a full backlog is only
+    // retried after a second, which would eat the handshake timeout.
+    while slow.len() < SLOW {
+        for _ in 0..50 {
+            let mut s = TcpStream::connect(d.tcp).expect("connect");
+            s.write_all(&[5]).unwrap();
+            slow.push(s);
+        }
+        wait_until("the slow connections are accepted", || {
+            d.metric("ocm_tcp_connections_accepted_total") >= slow.len() as f64
+        });
+    }
+    let opened_in = t.elapsed();
+    let open = d.metric("ocm_tcp_connections_open");
+    let t = Instant::now();
+    let room = assert_still_serves(&d);
+    let took = t.elapsed();
+    eprintln!("{open} connections open after {opened_in:?}; the good client took {took:?}");
+    assert!(open > SLOW as f64, "the slow connections were open: {open}");
+    assert!(took < Duration::from_secs(5), "good client took {took:?}");
+    wait_until("every slow connection timed out", || {
+        closed(&d, "timeout") >= SLOW as f64
+    });
+    assert_eq!(closed(&d, "timeout"), SLOW as f64);
+    for s in &mut slow {
+        assert_eq!(read_until_closed(s), b"", "closed without a reply");
+    }
+    assert_state_intact(d, &[room]);
+}
+
+#[test]
+fn connections_over_the_per_ip_cap_are_closed_at_once() {
+    let d = daemon("[limits]\nmax_connections_per_ip = 3\n");
+    let mut held: Vec<TcpStream> = (0..3).map(|_| connect(&d)).collect();
+    wait_until("three connections accepted", || {
+        d.metric("ocm_tcp_connections_accepted_total") >= 3.0
+    });
+    let mut fourth = connect(&d);
+    // Whatever it sends, it is closed without an answer.
+    let _ = fourth.write_all(&request_bytes(Operation::CreateRoom, "x", b"\"y\""));
+    assert_eq!(read_until_closed(&mut fourth), b"");
+    assert_eq!(
+        d.metric("ocm_tcp_connections_rejected_total{reason=\"max_connections_per_ip\"}"),
+        1.0
+    );
+    // The three held connections still work.
+    for (i, s) in held.iter_mut().enumerate() {
+        let r = exchange(
+            s,
+            &request_bytes(Operation::CreateRoom, &format!("held-{i}"), b"\"h\""),
+        );
+        assert!(r.token.is_some(), "held connection {i}: {r:?}");
+    }
+    drop(held);
+    wait_until("the held connections are closed", || {
+        closed(&d, "peer_closed") >= 3.0
+    });
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room, "held-0".into()]);
+}
+
+#[test]
+#[ignore = "BUG: accept() counts metrics (HTTP) connections in per_ip, so an open /metrics connection uses up the TCRP max_connections_per_ip cap"]
+fn metrics_connections_do_not_use_up_the_per_ip_handshake_cap() {
+    let d = daemon("[limits]\nmax_connections_per_ip = 1\n");
+    // A scraper's connection, open and idle (it has not sent its request yet).
+    let _scraper = TcpStream::connect(d.metrics.expect("metrics on")).unwrap();
+    wait_until("the scraper's connection is accepted", || {
+        // This query's own connection is open too while it is answered.
+        d.metric("ocm_tcp_connections_open") >= 2.0
+    });
+    let mut s = connect(&d);
+    s.write_all(&request_bytes(Operation::CreateRoom, "one", b"\"h\""))
+        .unwrap();
+    let mut first = [0u8; 1];
+    let answered = s.read(&mut first);
+    assert!(
+        matches!(answered, Ok(1)),
+        "the only handshake connection from 127.0.0.1 was refused ({answered:?}); rejected: {}",
+        d.metric("ocm_tcp_connections_rejected_total{reason=\"max_connections_per_ip\"}")
+    );
+}
+
+#[test]
+fn a_peer_that_never_reads_is_disconnected() {
+    let d = daemon("[limits]\nmax_output_bytes = 1024\n");
+    // 200 joins in one write, and no read: their replies pile up. (From 127.0.0.2, so that
+    // the per-IP request budget of 127.0.0.1 stays for the good client.)
+    let host = create(&d, "deaf", "host");
+    let mut s = connect_from(Ipv4Addr::new(127, 0, 0, 2), d.tcp, None);
+    let mut bytes = Vec::new();
+    for i in 0..200 {
+        bytes.extend(request_bytes(
+            Operation::JoinRoom,
+            "deaf",
+            format!("\"m{i}\"").as_bytes(),
+        ));
+    }
+    s.write_all(&bytes).unwrap();
+    wait_until("the deaf peer is dropped", || {
+        closed(&d, "output_overflow") >= 1.0
+    });
+    assert_eq!(closed(&d, "output_overflow"), 1.0);
+    let room = assert_still_serves(&d);
+    // The room it flooded still works for its host.
+    let hostm = Member::joined(&d, "deaf", &host);
+    Member::new(&d, "deaf", &join(&d, "deaf", "late")).registered_with(&hostm, "late");
+    assert_state_intact(d, &[room, "deaf".into()]);
+}
+
+/// Peak resident memory of a process, in bytes (`VmHWM`).
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("VmHWM line");
+    kb * 1024
+}
+
+#[test]
+#[ignore = "BUG: read_tcrp keeps reading a pipelining peer (Filled::Full => continue) and only checks max_output_bytes after the read loop, so one peer that writes without reading stalls the loop and grows its output without bound"]
+fn a_peer_that_writes_without_reading_is_cut_off_and_others_stay_served() {
+    // Refusals need no durability, so their bytes go straight to the output buffer: a peer
+    // that keeps writing requests and never reads makes them pile up in the daemon.
+    let d = daemon("[limits]\nmax_output_bytes = 1024\n");
+    let rss_before = peak_rss(d.pid());
+    let s = connect_from(Ipv4Addr::LOCALHOST, d.tcp, Some(4096));
+    let one = request_bytes(Operation::Other(0x42), &"r".repeat(255), b"\"x\"");
+    let chunk: Vec<u8> = one.repeat((256 << 10) / one.len());
+    const MAX_FLOOD: usize = 32 << 20;
+    let sent = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let mut s = s.try_clone().unwrap();
+        s.set_write_timeout(Some(PATIENCE)).unwrap();
+        let sent = Arc::clone(&sent);
+        thread::spawn(move || {
+            while sent.load(Ordering::SeqCst) < MAX_FLOOD {
+                if s.write_all(&chunk).is_err() {
+                    break;
+                }
+                sent.fetch_add(chunk.len(), Ordering::SeqCst);
+            }
+        })
+    };
+    // While the flood goes on, another client is answered promptly.
+    wait_until("the flood is under way", || {
+        sent.load(Ordering::SeqCst) >= 1 << 20
+    });
+    let mut other = connect(&d);
+    // Generous: with the bug this waits for the whole flood; the assertion comes later.
+    other.set_read_timeout(Some(6 * PATIENCE)).unwrap();
+    let t = Instant::now();
+    other
+        .write_all(&request_bytes(Operation::CreateRoom, "meanwhile", b"\"m\""))
+        .unwrap();
+    let mut first = [0u8; 1];
+    let answered = other.read(&mut first);
+    let waited = t.elapsed();
+    assert!(matches!(answered, Ok(1)), "no answer: {answered:?}");
+    writer.join().unwrap();
+    let _ = s.shutdown(Shutdown::Both);
+    let flooded = sent.load(Ordering::SeqCst);
+    let grew = peak_rss(d.pid()).saturating_sub(rss_before);
+    eprintln!(
+        "meanwhile answered in {waited:?}; {flooded} bytes written; peak memory grew by {grew} bytes"
+    );
+    assert!(
+        waited < Duration::from_secs(1),
+        "another client waited {waited:?} during the flood"
+    );
+    wait_until("the peer is cut off", || {
+        closed(&d, "output_overflow") >= 1.0
+    });
+    assert!(
+        flooded < MAX_FLOOD,
+        "the daemon read all {flooded} bytes without cutting the peer off"
+    );
+    assert!(
+        grew < 8 << 20,
+        "the daemon's memory grew by {grew} bytes for one peer with max_output_bytes = 1024"
+    );
+    let good = assert_still_serves(&d);
+    assert_state_intact(d, &[good]);
+}
+
+#[test]
+fn room_and_member_caps_answer_server_full() {
+    let d = daemon("[limits]\nmax_rooms = 2\n");
+    let first = create(&d, "one", "h1");
+    create(&d, "two", "h2");
+    let r = request(&d, Operation::CreateRoom, "three", b"\"h3\"");
+    assert_eq!(refused(&r), Some(ErrorCode::ServerFull), "{r:?}");
+    // A room that closes frees its place.
+    let h1 = Member::joined(&d, "one", &first);
+    h1.send("__LEAVE__");
+    wait_until("room one closes", || d.metric("ocm_rooms") == 1.0);
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room, "two".into()]);
+
+    let d = daemon("[limits]\nmax_members_per_room = 2\n");
+    create(&d, "pair", "h");
+    join(&d, "pair", "m1");
+    let r = request(&d, Operation::JoinRoom, "pair", b"\"m2\"");
+    assert_eq!(refused(&r), Some(ErrorCode::ServerFull), "{r:?}");
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room, "pair".into()]);
+}
