@@ -228,7 +228,10 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
                 debug!("signal {signal}");
                 break;
             }
-            Event::RoomClosed => return Ok(()),
+            Event::RoomClosed => {
+                finish_closed(&screen, terminal);
+                return Ok(());
+            }
             Event::Failed(error) => {
                 session.leave();
                 return Err(error);
@@ -237,6 +240,29 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
     }
     session.leave();
     Ok(())
+}
+
+/// How long the line editor gets to draw the lines it was handed just before the room
+/// closed. rustyline's external printer has no flush; its thread draws each line as soon as
+/// it takes it, well within this.
+const EDITOR_DRAIN: Duration = Duration::from_millis(100);
+
+/// The room closed: with the line editor, let it draw what it has, give the terminal back,
+/// then print the closing lines the screen kept. Without it they are printed already.
+fn finish_closed(screen: &Mutex<Screen>, terminal: Option<TerminalGuard>) {
+    let Some(terminal) = terminal else {
+        return;
+    };
+    thread::sleep(EDITOR_DRAIN);
+    let closing = lock(screen).take_closing();
+    // Restores the terminal mode and leaves the prompt line.
+    drop(terminal);
+    let mut screen = lock(screen);
+    for line in &closing {
+        if let Err(e) = screen.out(line) {
+            debug!("cannot print the closing line: {e}");
+        }
+    }
 }
 
 /// Sends one chat message; local feedback goes to standard error.
@@ -514,7 +540,7 @@ fn spawn_input(mut commands: Commands, join_history: bool, reading: Option<Arc<A
 fn start_editor(screen: &Mutex<Screen>) -> Result<DefaultEditor, ReadlineError> {
     let mut editor = DefaultEditor::new()?;
     let printer = editor.create_external_printer()?;
-    lock(screen).set_printer(Box::new(EditorPrinter::new(printer)));
+    lock(screen).set_editor_printer(Box::new(EditorPrinter::new(printer)));
     Ok(editor)
 }
 

@@ -96,6 +96,11 @@ pub struct Screen {
     held: Option<Vec<Vec<u8>>>,
     /// The room closed: nothing more is shown.
     closed: bool,
+    /// Keep the lines of the datagram that closes the room for [`Screen::take_closing`]
+    /// instead of printing them (see [`Screen::set_editor_printer`]).
+    defer_closing: bool,
+    /// The lines kept that way.
+    closing: Vec<String>,
 }
 
 impl Screen {
@@ -106,12 +111,25 @@ impl Screen {
             renderer: Renderer::new(room_name),
             held: hold.then(Vec::new),
             closed: false,
+            defer_closing: false,
+            closing: Vec::new(),
         }
     }
 
-    /// Swaps the printer (when the line editor takes over the terminal).
-    pub fn set_printer(&mut self, printer: Box<dyn Printer>) {
+    /// Hands printing to the line editor. The editor draws what it is given on its own
+    /// thread, and the process exits as soon as the room closes, so the closing lines are
+    /// kept for the main thread to print itself after it restored the terminal.
+    pub fn set_editor_printer(&mut self, printer: Box<dyn Printer>) {
         self.printer = printer;
+        self.defer_closing = true;
+    }
+
+    /// The lines kept when the room closed (empty unless [`Screen::set_editor_printer`]);
+    /// printing goes back to plain standard output and error.
+    pub fn take_closing(&mut self) -> Vec<String> {
+        self.printer = Box::new(PlainPrinter);
+        self.defer_closing = false;
+        std::mem::take(&mut self.closing)
     }
 
     /// Handles one datagram from the server: renders and prints it, or keeps it while held.
@@ -167,11 +185,15 @@ impl Screen {
     fn render(&mut self, bytes: &[u8]) -> io::Result<Flow> {
         let mut lines = Vec::new();
         let flow = self.renderer.handle_datagram(bytes, &mut lines);
-        for line in &lines {
-            self.printer.print_out(line)?;
-        }
         if flow == Flow::RoomClosed {
             self.closed = true;
+            if self.defer_closing {
+                self.closing = lines;
+                return Ok(flow);
+            }
+        }
+        for line in &lines {
+            self.printer.print_out(line)?;
         }
         Ok(flow)
     }
@@ -321,6 +343,28 @@ pub mod tests {
             Flow::RoomClosed
         );
         assert_eq!(rec.lines().len(), 2);
+    }
+
+    #[test]
+    fn with_an_editor_the_closing_lines_are_kept_for_the_main_thread() {
+        let rec = Recorder::default();
+        let mut screen = Screen::new("lobby", Box::new(PlainPrinter), false);
+        screen.set_editor_printer(Box::new(rec.clone()));
+        assert_eq!(
+            screen.handle_datagram(&sequenced(1, "bye")).unwrap(),
+            Flow::Continue
+        );
+        let mut batch = Vec::new();
+        delivery::begin_batch(&mut batch);
+        delivery::push_batch_entry(&sequenced(2, "last"), &mut batch).unwrap();
+        delivery::push_batch_entry(delivery::ROOM_CLOSED, &mut batch).unwrap();
+        assert_eq!(screen.handle_datagram(&batch).unwrap(), Flow::RoomClosed);
+        assert_eq!(rec.lines(), ["out: bob: bye"]);
+        assert_eq!(
+            screen.take_closing(),
+            ["bob: last", "* room lobby was closed by its host"]
+        );
+        assert!(screen.take_closing().is_empty());
     }
 
     #[test]
