@@ -1,12 +1,13 @@
 //! The TCP half of a session: connect to the daemon, send one REQUEST, read COMPLIANCE and, on
 //! success, COMPLETE with the member's token.
 //!
-//! [`connect`] owns the socket options (no Nagle, connect/read/write timeouts);
-//! [`exchange`] owns the REQUEST → COMPLIANCE → COMPLETE conversation and is generic over
-//! `Read + Write`, so it is tested against an in-memory server. All bytes go through
-//! [`tcrp`]. The reader is tolerant the way the original server needs: `{"success": 1}` counts
-//! as success, and the COMPLETE that the original server sends even after a refusal is never
-//! read.
+//! [`connect`] and [`connect_addr`] own the socket options (no Nagle, connect/read/write
+//! timeouts); [`round_trip`] owns the REQUEST → COMPLIANCE → COMPLETE conversation for any
+//! operation (the extensions in [`crate::query`] use it too) and [`exchange`] reads the token
+//! out of it. Both are generic over `Read + Write`, so they are tested against an in-memory
+//! server. All bytes go through [`tcrp`]. The reader is tolerant the way the original server
+//! needs: `{"success": 1}` counts as success, and the COMPLETE that the original server sends
+//! even after a refusal is never read.
 
 use std::fmt;
 use std::io::{self, Read, Write};

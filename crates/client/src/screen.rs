@@ -367,6 +367,36 @@ pub mod tests {
         assert!(screen.take_closing().is_empty());
     }
 
+    /// Stands in for rustyline's external printer.
+    #[derive(Clone, Default)]
+    struct FakeExternal(Arc<Mutex<Vec<String>>>);
+
+    impl ExternalPrinter for FakeExternal {
+        fn print(&mut self, msg: String) -> rustyline::Result<()> {
+            self.0.lock().unwrap().push(msg);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn editor_printer_hands_whole_lines_to_the_editor() {
+        let external = FakeExternal::default();
+        let mut printer = EditorPrinter {
+            printer: external.clone(),
+            stderr_is_terminal: true,
+        };
+        printer.print_out("bob: hi").unwrap();
+        printer.print_err("* note");
+        assert_eq!(*external.0.lock().unwrap(), ["bob: hi\n", "* note\n"]);
+        // With standard error redirected, remarks go there instead.
+        let mut printer = EditorPrinter {
+            printer: external.clone(),
+            stderr_is_terminal: false,
+        };
+        printer.print_err("* to the log");
+        assert_eq!(external.0.lock().unwrap().len(), 2);
+    }
+
     #[test]
     fn holding_is_bounded() {
         let rec = Recorder::default();

@@ -226,15 +226,23 @@ fn join_shows_recent_history_and_history_pages_back() {
     alice.wait_stderr("* created lobby as alice");
     // A raw member proves the daemon relayed (and so recorded) every message.
     let watcher = Member::joined(&d, "lobby", &join(&d, "lobby", "watcher"));
+    // Its REGISTER may still be in flight: repeat until it hears alice, with short waits.
+    watcher
+        .socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let mut heard = false;
     for i in 0..50 {
         alice.type_line(&format!("warm-up {i}"));
-        if watcher.recv().starts_with("alice: warm-up") {
+        let mut buf = [0u8; 2048];
+        if let Ok((n, _)) = watcher.socket.recv_from(&mut buf) {
+            assert!(render(&buf[..n]).starts_with("alice: warm-up"));
             heard = true;
             break;
         }
     }
     assert!(heard, "the watcher hears alice");
+    watcher.socket.set_read_timeout(Some(PATIENCE)).unwrap();
     for i in 1..=3 {
         alice.type_line(&format!("m{i}"));
     }
