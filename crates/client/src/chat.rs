@@ -160,7 +160,8 @@ fn lock(screen: &Mutex<Screen>) -> MutexGuard<'_, Screen> {
 }
 
 /// Runs the chat until the user leaves or the host closes the room. Prints
-/// `* joined ROOM as NAME (type /quit to leave)` to standard error once registered.
+/// `* joined ROOM as NAME (type /quit to leave, /help for commands)` to standard error once
+/// registered.
 pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
     let (events, inbox) = mpsc::channel();
     // Signals first: from here on Ctrl+C must not kill us before we can say __LEAVE__.
