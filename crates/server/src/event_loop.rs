@@ -27,7 +27,7 @@ use slab::Slab;
 use tcrp::payload::ErrorCode;
 use tcrp::{Operation, HEADER_LEN};
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, Overrides};
 use crate::conn::{Conn, Filled, Kind};
 use crate::error::Error;
 use crate::handshake::{self, Context, Step};
@@ -59,6 +59,8 @@ const LIMITER_KEYS: usize = 65_536;
 /// Largest UDP datagram read (anything longer than a UCRP datagram is truncated, then dropped
 /// as too large).
 const RECV_BUF_LEN: usize = ucrp::MAX_DATAGRAM_LEN + 1;
+/// Input buffers read from one connection per readiness event.
+const READS_PER_EVENT: usize = 4;
 /// Extra bytes each connection may read beyond one frame.
 const READ_SLACK: usize = 4096;
 
@@ -91,6 +93,9 @@ pub struct Server {
     poll: Poll,
     config: Config,
     config_path: Option<PathBuf>,
+    /// The configuration file as last read, before command-line overrides.
+    file_config: Config,
+    overrides: Overrides,
     tcp: Option<TcpListener>,
     udp: UdpSocket,
     metrics_listener: Option<TcpListener>,
@@ -111,6 +116,8 @@ pub struct Server {
     notifier: Notifier,
     receiver: mmsg::Receiver,
     udp_ready: bool,
+    /// Connections with input left unread by their read budget.
+    revisit: Vec<ConnId>,
     next_deadline_check: Instant,
     next_sweep: Instant,
     next_status: Instant,
@@ -133,19 +140,29 @@ fn io_err(context: &'static str) -> impl FnOnce(io::Error) -> Error {
 
 impl Server {
     /// Locks and loads the state, binds every socket and starts the writer. Any failure here
-    /// stops the daemon before it serves anyone.
-    pub fn bind(config: Config, config_path: Option<PathBuf>) -> Result<Server, Error> {
+    /// stops the daemon before it serves anyone. `file_config` is the configuration file as
+    /// read (the defaults when there is none); `overrides` (the command-line flags) are applied
+    /// on top of it, now and at every reload.
+    pub fn bind(
+        file_config: Config,
+        config_path: Option<PathBuf>,
+        overrides: Overrides,
+    ) -> Result<Server, Error> {
+        let mut config = file_config.clone();
+        overrides.apply(&mut config);
+        config.validate().map_err(Error::Config)?;
         let paths = Paths::new(&config.state.path);
         let lock = persist::lock(&paths)?;
         let started = Instant::now();
         let loaded = store::load(&paths)?;
         let now = Instant::now();
-        let registry = Registry::from_state(
+        let mut registry = Registry::from_state(
             &loaded.state,
             config.registry_limits(),
             Box::new(rand::rngs::OsRng),
             now,
         );
+        registry.set_wall_clock(now, unix_now());
         let stats = registry.stats();
         info!(
             "state {}: {} rooms, {} tokens loaded in {:?}",
@@ -224,6 +241,8 @@ impl Server {
             next_sweep: now + Duration::from_millis(config.liveness.sweep_interval_ms),
             config,
             config_path,
+            file_config,
+            overrides,
             tcp: Some(tcp),
             udp,
             metrics_listener,
@@ -238,6 +257,7 @@ impl Server {
             notifier: Notifier::from_env(),
             receiver: mmsg::Receiver::new(RECV_BUF_LEN),
             udp_ready: true,
+            revisit: Vec::new(),
             next_deadline_check: now + DEADLINE_CHECK,
             next_status: now,
             watchdog,
@@ -297,6 +317,12 @@ impl Server {
                     }
                 }
             }
+            for id in std::mem::take(&mut self.revisit) {
+                if self.conns.contains(id.0) {
+                    let close = self.read_tcrp(id, now);
+                    self.after_io(id, close);
+                }
+            }
             if self.udp_ready {
                 self.udp_ready = self.drain_udp(now);
             }
@@ -307,7 +333,7 @@ impl Server {
     }
 
     fn poll_timeout(&self, now: Instant) -> Duration {
-        if self.udp_ready {
+        if self.udp_ready || !self.revisit.is_empty() {
             return Duration::ZERO;
         }
         let mut next = self
@@ -379,7 +405,9 @@ impl Server {
             }
             let deadline = now + Duration::from_secs(self.config.limits.handshake_timeout_secs);
             entry.insert(Conn::new(stream, peer, kind, deadline));
-            *self.per_ip.entry(peer.ip()).or_insert(0) += 1;
+            if kind == Kind::Tcrp {
+                *self.per_ip.entry(peer.ip()).or_insert(0) += 1;
+            }
             self.metrics.tcp_accepted += 1;
             self.metrics.tcp_open += 1;
             debug!("{peer} conn {id:?}: accepted ({kind:?})");
@@ -444,7 +472,8 @@ impl Server {
         }
         let mut conn = self.conns.remove(id.0);
         let _ = self.poll.registry().deregister(&mut conn.stream);
-        if let Some(count) = self.per_ip.get_mut(&conn.peer.ip()) {
+        let counted = conn.kind == Kind::Tcrp;
+        if let Some(count) = self.per_ip.get_mut(&conn.peer.ip()).filter(|_| counted) {
             *count -= 1;
             if *count == 0 {
                 self.per_ip.remove(&conn.peer.ip());
@@ -455,11 +484,13 @@ impl Server {
         debug!("{} conn {id:?}: closed ({reason})", conn.peer);
     }
 
-    /// Reads and answers TCRP frames; returns a close reason on I/O failure.
+    /// Reads and answers TCRP frames; returns a close reason on I/O failure. Reads at most
+    /// [`READS_PER_EVENT`] buffers per call so one busy peer cannot hold the loop; a connection
+    /// with more to read is revisited on the next pass.
     fn read_tcrp(&mut self, id: ConnId, now: Instant) -> Option<&'static str> {
         let cap =
             HEADER_LEN + usize::from(u8::MAX) + self.config.limits.max_payload_bytes + READ_SLACK;
-        loop {
+        for _ in 0..READS_PER_EVENT {
             let conn = self.conns.get_mut(id.0)?;
             if conn.close_after_flush {
                 return None;
@@ -473,6 +504,10 @@ impl Server {
             };
             self.process_input(id, now, None);
             let conn = self.conns.get_mut(id.0)?;
+            // A peer that keeps sending requests but does not read the replies.
+            if conn.pending_bytes() > self.config.limits.max_output_bytes {
+                return Some("output_overflow");
+            }
             // While a password is being checked the input waits; reading resumes after.
             if conn.awaiting_password.is_some() {
                 return None;
@@ -482,6 +517,8 @@ impl Server {
                 Filled::WouldBlock | Filled::Eof => return None,
             }
         }
+        self.revisit.push(id);
+        None
     }
 
     /// Answers the whole frames in a connection's input. `outcome` is the password result the
@@ -814,33 +851,58 @@ impl Server {
         self.notifier
             .send(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
         match Config::from_file(&path) {
-            Ok(mut new) => {
-                // Fixed at start: keep the running values and say so.
+            Ok(file) => {
+                // Settings fixed at start: compare the file with what the file said before
+                // (not with flag-overridden values), keep the running values, and say so.
+                let old = &self.file_config;
                 let fixed = [
-                    ("listen.tcp", new.listen.tcp != self.config.listen.tcp),
-                    ("listen.udp", new.listen.udp != self.config.listen.udp),
+                    (
+                        "listen.tcp",
+                        file.listen.tcp != old.listen.tcp,
+                        self.overrides.tcp.is_some(),
+                    ),
+                    (
+                        "listen.udp",
+                        file.listen.udp != old.listen.udp,
+                        self.overrides.udp.is_some(),
+                    ),
                     (
                         "listen.metrics",
-                        new.listen.metrics != self.config.listen.metrics,
+                        file.listen.metrics != old.listen.metrics,
+                        self.overrides.metrics.is_some(),
                     ),
-                    ("state.path", new.state.path != self.config.state.path),
+                    (
+                        "state.path",
+                        file.state.path != old.state.path,
+                        self.overrides.state.is_some(),
+                    ),
                     (
                         "udp.recv_buffer_bytes",
-                        new.udp.recv_buffer_bytes != self.config.udp.recv_buffer_bytes,
+                        file.udp.recv_buffer_bytes != old.udp.recv_buffer_bytes,
+                        false,
                     ),
                     (
                         "udp.send_buffer_bytes",
-                        new.udp.send_buffer_bytes != self.config.udp.send_buffer_bytes,
+                        file.udp.send_buffer_bytes != old.udp.send_buffer_bytes,
+                        false,
                     ),
                 ];
-                for (key, changed) in fixed {
-                    if changed {
-                        warn!(
+                for (key, changed, overridden) in fixed {
+                    match (changed, overridden) {
+                        (true, false) => warn!(
                             "SIGHUP: {key} changed in {}; it takes effect only after a restart",
                             path.display()
-                        );
+                        ),
+                        (true, true) => warn!(
+                            "SIGHUP: {key} changed in {}, but a command-line flag overrides it",
+                            path.display()
+                        ),
+                        _ => {}
                     }
                 }
+                let mut new = file.clone();
+                self.overrides.apply(&mut new);
+                self.file_config = file;
                 new.listen = self.config.listen.clone();
                 new.state = self.config.state.clone();
                 new.udp.recv_buffer_bytes = self.config.udp.recv_buffer_bytes;

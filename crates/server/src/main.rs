@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use ocm_server::{config, Config, Server};
+use ocm_server::config::{self, Overrides};
+use ocm_server::{Config, Server};
 
 /// The Online Chat Messenger daemon: TCRP handshakes over TCP, chat relay over UDP.
 #[derive(Debug, Parser)]
@@ -32,25 +33,27 @@ struct Args {
     check_config: bool,
 }
 
-fn effective_config(args: &Args) -> Result<Config, ocm_server::Error> {
-    let mut config = match &args.config {
+impl Args {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            tcp: self.tcp,
+            udp: self.udp,
+            state: self.state.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// The file as read (or the defaults) and the effective configuration with flags applied.
+fn load_config(args: &Args) -> Result<(Config, Config), ocm_server::Error> {
+    let file = match &args.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
     };
-    if let Some(tcp) = args.tcp {
-        config.listen.tcp = tcp;
-    }
-    if let Some(udp) = args.udp {
-        config.listen.udp = udp;
-    }
-    if let Some(state) = &args.state {
-        config.state.path = state.clone();
-    }
-    if let Some(metrics) = &args.metrics {
-        config.listen.metrics = metrics.clone();
-    }
+    let mut config = file.clone();
+    args.overrides().apply(&mut config);
     config.validate().map_err(ocm_server::Error::Config)?;
-    Ok(config)
+    Ok((file, config))
 }
 
 /// env_logger to stderr. `RUST_LOG` wins; otherwise the configured level. Under journald
@@ -73,7 +76,12 @@ fn init_logging(level: &str) {
                 log::Level::Info => 6,
                 log::Level::Debug | log::Level::Trace => 7,
             };
-            writeln!(buf, "<{priority}>{}", record.args())
+            // journald makes each line an entry: every line needs its priority.
+            let text = record.args().to_string();
+            for line in text.lines() {
+                writeln!(buf, "<{priority}>{line}")?;
+            }
+            Ok(())
         });
     }
     builder.init();
@@ -84,7 +92,7 @@ fn init_logging(level: &str) {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match effective_config(&args) {
+    let (file_config, config) = match load_config(&args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("ocmd: {e}");
@@ -97,7 +105,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&config.log.level);
-    let server = match Server::bind(config, args.config.clone()) {
+    let server = match Server::bind(file_config, args.config.clone(), args.overrides()) {
         Ok(s) => s,
         Err(e) => {
             log::error!("{e}");

@@ -176,7 +176,7 @@ impl Sender {
 }
 
 /// The kernel's count of datagrams dropped on this socket (full receive buffer and other
-/// receive errors), from its line in `/proc/net/udp` or `/proc/net/udp6`.
+/// receive errors), from its line in `/proc/self/net/udp` or `/proc/self/net/udp6`.
 pub fn kernel_drops(socket: &UdpSocket) -> Option<u64> {
     let fd = socket.as_raw_fd();
     // SAFETY: fstat on a live descriptor into a zeroed stat buffer.
@@ -188,7 +188,8 @@ pub fn kernel_drops(socket: &UdpSocket) -> Option<u64> {
         st.st_ino
     };
     let inode = inode.to_string();
-    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+    // /proc/self/net, not /proc/net: the unit's ProcSubset=pid hides the latter.
+    for table in ["/proc/self/net/udp", "/proc/self/net/udp6"] {
         let Ok(text) = std::fs::read_to_string(table) else {
             continue;
         };

@@ -351,7 +351,6 @@ fn original_members_never_see_an_extension_frame() {
 }
 
 #[test]
-#[ignore = "BUG: history entries carry \"at\": 0.0 (1970): the event loop never calls Registry::set_wall_clock, so rooms.rs unix_time() falls back to 0.0; ocm shows every history line as [00:00]"]
 fn history_entries_carry_the_time_they_were_relayed() {
     let d = Daemon::start();
     let host = create(&d, "lobby", "alice");

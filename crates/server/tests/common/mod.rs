@@ -517,6 +517,7 @@ pub struct Ocm {
     stdout: Receiver<String>,
     /// stderr lines collected so far.
     pub stderr: Arc<Mutex<String>>,
+    stderr_reader: Option<thread::JoinHandle<()>>,
 }
 
 impl Ocm {
@@ -548,22 +549,23 @@ impl Ocm {
         });
         let stderr = Arc::new(Mutex::new(String::new()));
         let err = child.stderr.take().expect("stderr");
-        {
+        let stderr_reader = {
             let stderr = Arc::clone(&stderr);
-            thread::spawn(move || {
+            Some(thread::spawn(move || {
                 for line in BufReader::new(err).lines() {
                     let Ok(line) = line else { break };
                     let mut s = stderr.lock().unwrap();
                     s.push_str(&line);
                     s.push('\n');
                 }
-            });
-        }
+            }))
+        };
         Ocm {
             child,
             stdin,
             stdout,
             stderr,
+            stderr_reader,
         }
     }
 
@@ -606,6 +608,10 @@ impl Ocm {
         let deadline = Instant::now() + PATIENCE;
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
+                // The pipe is closed now: let the reader take the last lines.
+                if let Some(reader) = self.stderr_reader.take() {
+                    let _ = reader.join();
+                }
                 return s;
             }
             assert!(
