@@ -782,13 +782,20 @@ fn reload_of_a_setting_fixed_at_start_says_restart() {
         })
     };
     assert!(warned("udp.recv_buffer_bytes"), "{}", d.log());
-    // A [listen] change in the file is moot while --tcp overrides it: no warning.
+    // A [listen] change in the file is moot while --tcp overrides it, and the log says so.
     rewrite_config(&d, "[listen]\ntcp = \"127.0.0.1:1\"\n");
     d.signal(libc::SIGHUP);
     wait_until("second reload", || {
         d.log().matches("configuration reloaded").count() >= 2
     });
     assert!(!warned("listen.tcp"), "{}", d.log());
+    assert!(
+        d.log().contains(&format!(
+            "listen.tcp changed in {file}, but a command-line flag overrides it"
+        )),
+        "{}",
+        d.log()
+    );
     join(&d, "r", "carol");
     chat_flows(&alice, &bob, "after");
 }
