@@ -650,3 +650,79 @@ fn refusal_codes_survive_restart() {
         "{r:?}"
     );
 }
+
+#[test]
+fn sigterm_under_hostile_load_still_stops_within_two_seconds() {
+    let mut d = Daemon::start_with(Options {
+        config: Some(format!(
+            "{NO_REQUEST_LIMIT}[limits]\nmax_output_bytes = 4096\n"
+        )),
+        metrics: true,
+        ..Options::default()
+    });
+    // Half-open connections that never finish a frame.
+    let mut slow = Vec::new();
+    while slow.len() < 200 {
+        for _ in 0..50 {
+            let mut s = TcpStream::connect(d.tcp).unwrap();
+            s.write_all(&[5, 1]).unwrap();
+            slow.push(s);
+        }
+        wait_until("the slow connections are accepted", || {
+            d.metric("ocm_tcp_connections_accepted_total") >= slow.len() as f64
+        });
+    }
+    // A peer that pipelines requests and never reads.
+    let deaf = {
+        let mut s = TcpStream::connect(d.tcp).unwrap();
+        s.set_write_timeout(Some(PATIENCE)).unwrap();
+        let one = request_bytes(Operation::Other(0x42), &"r".repeat(200), b"\"x\"");
+        let chunk = one.repeat(512);
+        thread::spawn(move || {
+            for _ in 0..64 {
+                if s.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    // A datagram flood.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let stop = Arc::clone(&stop);
+        let to = d.udp;
+        thread::spawn(move || {
+            let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let mut bytes = Vec::new();
+            ucrp::datagram::encode(b"x", &[b'f'; 32], "flood", &mut bytes).unwrap();
+            while !stop.load(Ordering::SeqCst) {
+                for _ in 0..64 {
+                    let _ = sock.send_to(&bytes, to);
+                }
+            }
+        })
+    };
+    // And a join storm.
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let storm = start_storm(d.tcp, 2, "hostile", &stop, &got);
+    wait_until("the storm got tokens", || got.lock().unwrap().len() >= 8);
+    let (status, took) = d.terminate();
+    stop.store(true, Ordering::SeqCst);
+    join_storm(storm);
+    flood.join().unwrap();
+    deaf.join().unwrap();
+    drop(slow);
+    assert!(status.success(), "SIGTERM exit status: {status:?}");
+    assert!(took < Duration::from_secs(2), "stopped in {took:?}");
+    let received = std::mem::take(&mut *got.lock().unwrap());
+    let saved = saved_tokens(&d);
+    for r in &received {
+        assert!(
+            saved.contains(&r.token),
+            "{r:?} missing from the state file"
+        );
+    }
+    d.restart();
+    assert_clean_start(&d.log());
+    verify_tokens(&d, &received);
+}

@@ -844,3 +844,67 @@ fn deeply_nested_json_payloads_are_refused_without_harm() {
     let room = assert_still_serves(&d);
     assert_state_intact(d, &[room]);
 }
+
+#[test]
+fn a_datagram_flood_does_not_starve_handshakes() {
+    let d = daemon("");
+    let host = create(&d, "busy", "host");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooded = Arc::new(AtomicUsize::new(0));
+    let flooders: Vec<_> = (0..2)
+        .map(|i| {
+            let stop = Arc::clone(&stop);
+            let flooded = Arc::clone(&flooded);
+            let to = d.udp;
+            thread::spawn(move || {
+                let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+                let mut bytes = Vec::new();
+                let token = format!("{i:032x}");
+                ucrp::datagram::encode(b"busy", token.as_bytes(), "flood", &mut bytes).unwrap();
+                while !stop.load(Ordering::SeqCst) {
+                    for _ in 0..256 {
+                        let _ = sock.send_to(&bytes, to);
+                    }
+                    flooded.fetch_add(256, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    wait_until("the flood is under way", || {
+        dropped(&d, "unknown_token") >= 10_000.0
+    });
+    let mut slowest = Duration::ZERO;
+    for i in 0..10 {
+        let t = Instant::now();
+        join(&d, "busy", &format!("m{i}"));
+        slowest = slowest.max(t.elapsed());
+    }
+    let t = Instant::now();
+    create(&d, "during", "x");
+    slowest = slowest.max(t.elapsed());
+    // (Chat is checked after the flood: under it the kernel may drop any datagram, ours too.)
+    stop.store(true, Ordering::SeqCst);
+    for f in flooders {
+        f.join().unwrap();
+    }
+    let mut last = -1.0;
+    wait_until("the daemon drains what the flood left queued", || {
+        let received = d.metric("ocm_datagrams_received_total");
+        let drained = received == last;
+        last = received;
+        drained
+    });
+    let room = assert_still_serves(&d);
+    eprintln!(
+        "{} datagrams flooded; slowest handshake {slowest:?}",
+        flooded.load(Ordering::SeqCst)
+    );
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a handshake took {slowest:?} during the flood"
+    );
+    // The room the flood aimed at is unharmed.
+    let hostm = Member::joined(&d, "busy", &host);
+    Member::new(&d, "busy", &join(&d, "busy", "late")).registered_with(&hostm, "late");
+    assert_state_intact(d, &[room, "busy".into(), "during".into()]);
+}
