@@ -467,6 +467,42 @@ fn a_corrupt_state_file_stops_the_start_and_is_left_untouched() {
     assert_eq!(std::fs::read(&state).unwrap(), garbage, "file unchanged");
 }
 
+#[test]
+#[ignore = "BUG: store::parse_state accepts a JSON array as State (serde's sequence form of a struct), so a state file like `[1]` loads as an empty state and is overwritten at shutdown"]
+fn a_state_file_of_the_wrong_shape_stops_the_start_and_is_left_untouched() {
+    for text in [
+        "[]",
+        "[1]",
+        "[1, {}, {}, null, 0]",
+        "{\"rooms\": 5}",
+        "null",
+        "\"x\"",
+    ] {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let state = dir.path().join("room_manager.json");
+        std::fs::write(&state, text).unwrap();
+        match spawn_on(&dir) {
+            Ok(mut d) => {
+                let (status, _) = d.terminate();
+                panic!(
+                    "ocmd started on the state file {text:?} (exit {status:?}); it now holds:\n{}",
+                    std::fs::read_to_string(&state).unwrap_or_default()
+                );
+            }
+            Err(log) => assert!(
+                log.contains("cannot parse state file")
+                    && log.contains(&state.display().to_string()),
+                "{text:?}: the refusal names the file:\n{log}"
+            ),
+        }
+        assert_eq!(
+            std::fs::read_to_string(&state).unwrap(),
+            text,
+            "file unchanged"
+        );
+    }
+}
+
 /// A daemon on `dir` that created `journal` and joined `m1`, `m2`, then was killed, so the
 /// records are only in the journal. Returns the tokens.
 fn journal_only_state(dir: &Arc<tempfile::TempDir>) -> Vec<String> {
