@@ -1,1 +1,253 @@
-fn main() {}
+//! `ocm-bench`: a load generator and benchmark for `ocmd`.
+//!
+//! It speaks TCRP and UCRP through the `tcrp` and `ucrp` codecs (no code from the daemon),
+//! starts its own `ocmd` on free loopback ports for every run, and reports throughput, loss
+//! (attributed with the daemon's metrics and the kernel's socket counters), latency, handshake
+//! rates, memory and start-up time. See `docs/BENCHMARKS.md` for the modes and the results.
+
+mod ceiling;
+mod cli;
+mod daemon;
+mod error;
+mod fanout;
+mod handshake;
+mod matrix;
+mod members;
+mod memory;
+mod receivers;
+mod report;
+mod smoke;
+mod svg;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Common, Mode};
+use crate::daemon::{is_tmpfs, Launcher, StateDir};
+use crate::error::{Error, Result};
+use crate::fanout::Pace;
+use crate::report::print_json;
+
+/// Builds the launcher from the shared flags: `ocmd` defaults to the binary beside this one,
+/// the state root to `bench-state` in the target directory (a real disk, unlike a tmpfs /tmp).
+fn launcher(common: &Common) -> Result<Launcher> {
+    let exe = std::env::current_exe().map_err(|source| Error::Io {
+        context: "find own executable".into(),
+        source,
+    })?;
+    let exe_dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    let ocmd = common.ocmd.clone().unwrap_or_else(|| exe_dir.join("ocmd"));
+    if !ocmd.exists() {
+        return Err(Error::Usage(format!(
+            "{} does not exist: build it (cargo build --release --bins) or pass --ocmd",
+            ocmd.display()
+        )));
+    }
+    if !common.config.exists() {
+        return Err(Error::Usage(format!(
+            "{} does not exist: run from the workspace root or pass --config",
+            common.config.display()
+        )));
+    }
+    let state_root = common.state_dir.clone().unwrap_or_else(|| {
+        exe_dir
+            .parent()
+            .map_or_else(|| exe_dir.clone(), PathBuf::from)
+            .join("bench-state")
+    });
+    std::fs::create_dir_all(&state_root).map_err(|source| Error::Io {
+        context: format!("create {}", state_root.display()),
+        source,
+    })?;
+    if is_tmpfs(&state_root) {
+        eprintln!(
+            "ocm-bench: warning: {} is on tmpfs; fsync is free there, so handshake rates overstate a disk",
+            state_root.display()
+        );
+    }
+    Ok(Launcher {
+        ocmd,
+        config: common.config.clone(),
+        state_root,
+    })
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.05))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let common = &cli.common;
+    let threads = common.receivers;
+    let json = common.json;
+    match cli.mode {
+        Mode::Ceiling {
+            members,
+            bytes,
+            duration,
+        } => {
+            let r = ceiling::run(
+                members,
+                bytes,
+                secs(duration),
+                threads,
+                common.client_rcvbuf,
+            )?;
+            r.print();
+            print_json(json, "ceiling", &r);
+        }
+        Mode::Fanout(args) => {
+            let launcher = launcher(common)?;
+            let ceiling = if args.no_ceiling {
+                None
+            } else {
+                let c = ceiling::run(
+                    args.members,
+                    args.bytes,
+                    secs(args.duration.min(3.0)),
+                    threads,
+                    common.client_rcvbuf,
+                )?;
+                c.print();
+                Some(c.received_per_sec)
+            };
+            let dir = StateDir::new(&launcher.state_root)?;
+            let mut daemon = launcher.spawn(&dir)?;
+            let room = members::build_room(
+                daemon.tcp,
+                daemon.udp,
+                "bench",
+                args.members,
+                args.caps,
+                common.client_rcvbuf,
+            )?;
+            let pace = args.rate.map_or(Pace::Max, Pace::Rate);
+            let mut r = fanout::measure(
+                &mut daemon,
+                &room,
+                args.senders,
+                args.bytes,
+                args.caps,
+                pace,
+                secs(args.duration),
+                threads,
+            )?;
+            r.ceiling_per_sec = ceiling;
+            r.print();
+            print_json(json, "fanout", &r);
+        }
+        Mode::Sweep {
+            members,
+            senders,
+            bytes,
+            caps,
+            step,
+            steps,
+            loss_pct,
+        } => {
+            let launcher = launcher(common)?;
+            let c = ceiling::run(
+                members,
+                bytes,
+                secs(step.max(2.0)),
+                threads,
+                common.client_rcvbuf,
+            )?;
+            c.print();
+            let dir = StateDir::new(&launcher.state_root)?;
+            let mut daemon = launcher.spawn(&dir)?;
+            let room = members::build_room(
+                daemon.tcp,
+                daemon.udp,
+                "sweep",
+                members,
+                caps,
+                common.client_rcvbuf,
+            )?;
+            let r = fanout::sweep(
+                &mut daemon,
+                &room,
+                senders,
+                bytes,
+                caps,
+                secs(step),
+                steps,
+                loss_pct,
+                threads,
+                c.received_per_sec,
+            )?;
+            r.print();
+            print_json(json, "sweep", &r);
+        }
+        Mode::Handshakes {
+            rooms,
+            joins,
+            concurrency,
+            preload,
+        } => {
+            let launcher = launcher(common)?;
+            let dir = StateDir::new(&launcher.state_root)?;
+            let mut daemon = launcher.spawn(&dir)?;
+            let r = handshake::run(
+                &daemon,
+                is_tmpfs(dir.path()),
+                rooms,
+                joins,
+                concurrency,
+                preload,
+            )?;
+            daemon.check_alive()?;
+            r.print();
+            print_json(json, "handshakes", &r);
+        }
+        Mode::Memory {
+            members,
+            room_size,
+            concurrency,
+        } => {
+            let launcher = launcher(common)?;
+            let r = memory::run(&launcher, members, room_size, concurrency)?;
+            r.print();
+            print_json(json, "memory", &r);
+        }
+        Mode::Smoke => {
+            let launcher = launcher(common)?;
+            smoke::run(&launcher, threads, common.client_rcvbuf)?;
+        }
+        Mode::Matrix {
+            markdown,
+            svg,
+            json_out,
+            duration,
+            state_tokens,
+            command,
+        } => {
+            let launcher = launcher(common)?;
+            let plan = matrix::Plan {
+                duration: secs(duration),
+                state_tokens,
+                receivers: threads,
+                client_rcvbuf: common.client_rcvbuf,
+                command,
+            };
+            let results = matrix::run(&launcher, &plan)?;
+            matrix::write(&results, &markdown, &svg, json_out.as_deref())?;
+            println!("wrote {} and {}", markdown.display(), svg.display());
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ocm-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Command-line flags. Every mode starts its own `ocmd` (see [`crate::daemon`]); the flags
+//! shared by all modes live in [`Common`].
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Load generator and benchmark for `ocmd`, speaking TCRP/UCRP from its own code.
+#[derive(Debug, Parser)]
+#[command(name = "ocm-bench", version)]
+pub struct Cli {
+    /// Flags every mode takes.
+    #[command(flatten)]
+    pub common: Common,
+    /// The mode to run.
+    #[command(subcommand)]
+    pub mode: Mode,
+}
+
+/// Flags shared by every mode.
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// The daemon binary [default: `ocmd` next to this executable].
+    #[arg(long, global = true, value_name = "PATH")]
+    pub ocmd: Option<PathBuf>,
+    /// Daemon configuration passed with `--config`.
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        default_value = "config/bench.toml"
+    )]
+    pub config: PathBuf,
+    /// Parent directory of the daemons' state directories; must be a real disk, not tmpfs,
+    /// for durable handshakes to mean anything [default: `bench-state` in the target dir].
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Receiver threads draining the members' sockets.
+    #[arg(long, global = true, default_value_t = 2)]
+    pub receivers: usize,
+    /// SO_RCVBUF asked for on each client socket, bytes (forced past rmem_max when root).
+    #[arg(long, global = true, default_value_t = 4 << 20)]
+    pub client_rcvbuf: usize,
+    /// Also print each result as one JSON line.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// What the members ask for at join.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CapsArg {
+    /// The original JSON-string join payload: one datagram per delivery.
+    Plain,
+    /// A JSON-object join with `"caps": ["batch"]`: several deliveries per datagram.
+    Batch,
+}
+
+impl std::fmt::Display for CapsArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CapsArg::Plain => "plain",
+            CapsArg::Batch => "batch",
+        })
+    }
+}
+
+/// Flags of a fan-out run.
+#[derive(Debug, Clone, Args)]
+pub struct FanoutArgs {
+    /// Members in the room, host included.
+    #[arg(long, default_value_t = 64)]
+    pub members: usize,
+    /// Members that send.
+    #[arg(long, default_value_t = 2)]
+    pub senders: usize,
+    /// Chat text size per message, bytes (the delivery datagram adds 1 + sender name).
+    #[arg(long, default_value_t = 128)]
+    pub bytes: usize,
+    /// Total offered messages per second over all senders.
+    #[arg(long, conflicts_with = "max")]
+    pub rate: Option<f64>,
+    /// Send as fast as possible (the default when no --rate is given).
+    #[arg(long)]
+    pub max: bool,
+    /// Seconds of sending.
+    #[arg(long, default_value_t = 5.0)]
+    pub duration: f64,
+    /// Join payload form of the members.
+    #[arg(long, value_enum, default_value_t = CapsArg::Plain)]
+    pub caps: CapsArg,
+    /// Skip the sendto ceiling measurement (no ratio is printed then).
+    #[arg(long)]
+    pub no_ceiling: bool,
+}
+
+/// The modes.
+#[derive(Debug, Subcommand)]
+pub enum Mode {
+    /// Fan-out throughput and latency of one room.
+    Fanout(FanoutArgs),
+    /// The machine's ceiling: one thread, plain sendto round-robin to M loopback sockets.
+    Ceiling {
+        /// Receiving sockets.
+        #[arg(long, default_value_t = 64)]
+        members: usize,
+        /// Chat text size, bytes (datagrams are sized like one delivery of it).
+        #[arg(long, default_value_t = 128)]
+        bytes: usize,
+        /// Seconds of sending.
+        #[arg(long, default_value_t = 3.0)]
+        duration: f64,
+    },
+    /// Highest offered rate with loss under --loss-pct, then p99 at half of it.
+    Sweep {
+        /// Members in the room.
+        #[arg(long, default_value_t = 64)]
+        members: usize,
+        /// Members that send.
+        #[arg(long, default_value_t = 2)]
+        senders: usize,
+        /// Chat text size, bytes.
+        #[arg(long, default_value_t = 128)]
+        bytes: usize,
+        /// Join payload form of the members.
+        #[arg(long, value_enum, default_value_t = CapsArg::Plain)]
+        caps: CapsArg,
+        /// Seconds per step.
+        #[arg(long, default_value_t = 2.0)]
+        step: f64,
+        /// Binary-search steps after the max-rate probe.
+        #[arg(long, default_value_t = 7)]
+        steps: usize,
+        /// Loss allowed at the sustained rate, percent.
+        #[arg(long, default_value_t = 0.1)]
+        loss_pct: f64,
+    },
+    /// Create/join handshake throughput with durable (fsync'd) journal writes.
+    Handshakes {
+        /// Rooms created.
+        #[arg(long, default_value_t = 200)]
+        rooms: usize,
+        /// Joins per room.
+        #[arg(long, default_value_t = 16)]
+        joins: usize,
+        /// Concurrent client threads (one TCP connection per request).
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Tokens to create first (in rooms of 10) so the state is large.
+        #[arg(long, default_value_t = 0)]
+        preload: usize,
+    },
+    /// RSS per registered member, and start-up time on that state after SIGTERM + restart.
+    Memory {
+        /// Members (tokens) to create and register.
+        #[arg(long, default_value_t = 100_000)]
+        members: usize,
+        /// Members per room.
+        #[arg(long, default_value_t = 64)]
+        room_size: usize,
+        /// Concurrent join threads.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+    },
+    /// A short run of every mode with small sizes, for CI: fails only if the daemon fails,
+    /// nothing is delivered or no handshake completes.
+    Smoke,
+    /// The standard matrix; writes the Markdown report and the SVG chart.
+    Matrix {
+        /// Markdown report to write.
+        #[arg(long, default_value = "docs/BENCHMARKS.md")]
+        markdown: PathBuf,
+        /// SVG chart to write.
+        #[arg(long, default_value = "docs/bench.svg")]
+        svg: PathBuf,
+        /// Raw results as JSON.
+        #[arg(long)]
+        json_out: Option<PathBuf>,
+        /// Seconds per fan-out run.
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+        /// Tokens for the preload, memory and start-up runs.
+        #[arg(long, default_value_t = 100_000)]
+        state_tokens: usize,
+        /// The command line to record in the report.
+        #[arg(long, default_value = "scripts/bench")]
+        command: String,
+    },
+}

@@ -1,0 +1,354 @@
+//! Starting and stopping `ocmd`, reading its bound addresses from stderr, scraping its
+//! `/metrics`, and reading its memory and CPU use from `/proc`.
+//!
+//! The daemon runs as `ocmd --config CONFIG --tcp 127.0.0.1:0 --udp 127.0.0.1:0 --state
+//! DIR/room_manager.json --metrics 127.0.0.1:0`; the bench waits for the line
+//! `listening tcp=ADDR udp=ADDR metrics=ADDR`. The bench config logs at `warn`, which would hide
+//! that `info` line, so `RUST_LOG` lifts just the event loop's and the store's targets to `info`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::error::{Context, Error, Result};
+
+/// How long the daemon may take to print its listening line (a 100k-token state loads first).
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a SIGTERM'd daemon may take to flush and exit.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Daemon stderr lines kept for error reports.
+const LOG_LINES_KEPT: usize = 40;
+/// `RUST_LOG` for the child: warnings, plus the lifecycle lines the bench reads.
+const CHILD_RUST_LOG: &str = "warn,ocm_server::event_loop=info,ocm_server::persist=info";
+/// statfs magic of tmpfs.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+/// Where and how to start daemons.
+#[derive(Debug, Clone)]
+pub struct Launcher {
+    /// The `ocmd` binary.
+    pub ocmd: PathBuf,
+    /// The configuration file.
+    pub config: PathBuf,
+    /// Parent of the per-daemon state directories.
+    pub state_root: PathBuf,
+}
+
+/// A state directory removed on drop.
+#[derive(Debug)]
+pub struct StateDir {
+    path: PathBuf,
+}
+
+impl StateDir {
+    /// A fresh, empty directory under `root`.
+    pub fn new(root: &Path) -> Result<StateDir> {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = root.join(format!("run-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).ctx(format!("create {}", path.display()))?;
+        Ok(StateDir { path })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The state file the daemon is told to use.
+    pub fn state_file(&self) -> PathBuf {
+        self.path.join("room_manager.json")
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Whether `path` is on tmpfs (where fsync is free and durability numbers mean nothing).
+pub fn is_tmpfs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into a zeroed struct we own; the path is NUL-terminated.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == TMPFS_MAGIC
+    }
+}
+
+/// A running `ocmd`; killed and reaped on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    /// Bound TCRP address.
+    pub tcp: SocketAddr,
+    /// Bound UCRP address.
+    pub udp: SocketAddr,
+    /// Bound metrics address.
+    pub metrics: SocketAddr,
+    /// Time from spawn to the listening line.
+    pub startup: Duration,
+    log: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl Launcher {
+    /// Starts a daemon on free loopback ports with its state in `dir`.
+    pub fn spawn(&self, dir: &StateDir) -> Result<Daemon> {
+        let started = Instant::now();
+        let mut child = Command::new(&self.ocmd)
+            .arg("--config")
+            .arg(&self.config)
+            .args(["--tcp", "127.0.0.1:0", "--udp", "127.0.0.1:0"])
+            .arg("--state")
+            .arg(dir.state_file())
+            .args(["--metrics", "127.0.0.1:0"])
+            .env("RUST_LOG", CHILD_RUST_LOG)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .ctx(format!("spawn {}", self.ocmd.display()))?;
+        let log = Arc::new(Mutex::new(VecDeque::new()));
+        let (tx, rx) = mpsc::channel();
+        if let Some(stderr) = child.stderr.take() {
+            let log = Arc::clone(&log);
+            thread::spawn(move || read_stderr(stderr, &log, &tx));
+        }
+        let daemon_log = |log: &Arc<Mutex<VecDeque<String>>>| joined(log);
+        let line = match rx.recv_timeout(STARTUP_TIMEOUT) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+                return Err(Error::DaemonStart {
+                    reason: format!("no listening line within {STARTUP_TIMEOUT:?} ({status})"),
+                    log: daemon_log(&log),
+                });
+            }
+        };
+        let startup = started.elapsed();
+        let addr = |key: &str| -> Result<SocketAddr> {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .and_then(|a| a.parse().ok())
+                .ok_or_else(|| Error::DaemonStart {
+                    reason: format!("no {key}ADDR in {line:?}"),
+                    log: joined(&log),
+                })
+        };
+        let (tcp, udp, metrics) = (addr("tcp=")?, addr("udp=")?, addr("metrics=")?);
+        Ok(Daemon {
+            child: Some(child),
+            tcp,
+            udp,
+            metrics,
+            startup,
+            log,
+        })
+    }
+}
+
+fn joined(log: &Mutex<VecDeque<String>>) -> String {
+    log.lock()
+        .map(|l| l.iter().cloned().collect::<Vec<_>>().join("\n"))
+        .unwrap_or_default()
+}
+
+/// Keeps the last lines of the daemon's stderr and hands over the listening line.
+fn read_stderr(stderr: impl Read, log: &Mutex<VecDeque<String>>, listening: &mpsc::Sender<String>) {
+    for line in BufReader::new(stderr).lines() {
+        let Ok(line) = line else { break };
+        if line.contains("listening tcp=") {
+            let _ = listening.send(line.clone());
+        }
+        if let Ok(mut log) = log.lock() {
+            if log.len() == LOG_LINES_KEPT {
+                log.pop_front();
+            }
+            log.push_back(line);
+        }
+    }
+}
+
+impl Daemon {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Fails if the daemon has exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(child) = self.child.as_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Err(Error::DaemonExited {
+                    status: status.to_string(),
+                    log: joined(&self.log),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then waits for a clean exit (the daemon flushes its state first).
+    pub fn stop(&mut self) -> Result<Duration> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(Duration::ZERO);
+        };
+        let started = Instant::now();
+        let pid = libc::pid_t::try_from(child.id()).unwrap_or(0);
+        // SAFETY: plain kill(2) on our own child's pid, which we have not reaped yet.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        while started.elapsed() < STOP_TIMEOUT {
+            match child.try_wait() {
+                Ok(Some(status)) if status.success() => return Ok(started.elapsed()),
+                Ok(Some(status)) => {
+                    return Err(Error::DaemonExited {
+                        status: format!("{status} after SIGTERM"),
+                        log: joined(&self.log),
+                    })
+                }
+                Ok(None) => thread::sleep(Duration::from_millis(5)),
+                Err(e) => return Err(e).ctx("wait for ocmd"),
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        Err(Error::DaemonExited {
+            status: format!("did not exit within {STOP_TIMEOUT:?} of SIGTERM; killed"),
+            log: joined(&self.log),
+        })
+    }
+
+    /// Reads `/metrics`.
+    pub fn scrape(&self) -> Result<Scrape> {
+        let err = |reason: String| Error::Metrics {
+            addr: self.metrics,
+            reason,
+        };
+        let mut stream = TcpStream::connect_timeout(&self.metrics, Duration::from_secs(5))
+            .map_err(|e| err(e.to_string()))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| err(e.to_string()))?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .map_err(|e| err(e.to_string()))?;
+        let mut text = String::new();
+        stream
+            .read_to_string(&mut text)
+            .map_err(|e| err(e.to_string()))?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b)
+            .ok_or_else(|| err("no HTTP body".into()))?;
+        Ok(Scrape::parse(body))
+    }
+
+    /// Resident memory, KiB (`VmRSS` of `/proc/PID/status`).
+    pub fn rss_kib(&self) -> Result<u64> {
+        let path = format!("/proc/{}/status", self.pid());
+        let text = std::fs::read_to_string(&path).ctx(format!("read {path}"))?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// CPU time used so far (user + system).
+    pub fn cpu_time(&self) -> Duration {
+        cpu_time_of(&format!("/proc/{}/stat", self.pid()))
+    }
+}
+
+/// CPU time (user + system) of this process.
+pub fn own_cpu_time() -> Duration {
+    cpu_time_of("/proc/self/stat")
+}
+
+fn cpu_time_of(path: &str) -> Duration {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Duration::ZERO;
+    };
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let Some((_, rest)) = text.rsplit_once(')') else {
+        return Duration::ZERO;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|&h| h > 0).unwrap_or(100);
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// One `/metrics` reading: every sample line, keyed by its name with labels.
+#[derive(Debug, Clone, Default)]
+pub struct Scrape {
+    samples: BTreeMap<String, f64>,
+}
+
+impl Scrape {
+    /// Parses Prometheus text.
+    pub fn parse(text: &str) -> Scrape {
+        let samples = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (key, value) = l.rsplit_once(' ')?;
+                Some((key.to_owned(), value.trim().parse().ok()?))
+            })
+            .collect();
+        Scrape { samples }
+    }
+
+    /// The sum of a family over all its labels (0 when absent).
+    pub fn total(&self, family: &str) -> f64 {
+        self.samples
+            .iter()
+            .filter(|(k, _)| {
+                k.strip_prefix(family)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('{'))
+            })
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// Each labelled sample of a family whose value grew since `before`, as `labels=delta`.
+    pub fn grown(&self, before: &Scrape, family: &str) -> Vec<String> {
+        self.samples
+            .iter()
+            .filter_map(|(k, v)| {
+                let labels = k.strip_prefix(family)?.strip_prefix('{')?;
+                let delta = v - before.samples.get(k).copied().unwrap_or(0.0);
+                (delta > 0.0).then(|| format!("{}={delta}", labels.trim_end_matches('}')))
+            })
+            .collect()
+    }
+}

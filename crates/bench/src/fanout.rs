@@ -1,0 +1,571 @@
+//! Fan-out: S members of one room send (paced or flat out), every member's socket is
+//! drained, and deliveries, loss and latency are counted. Also the sweep for the highest
+//! rate with loss under a threshold.
+
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::cli::CapsArg;
+use crate::daemon::{own_cpu_time, Daemon};
+use crate::error::{Context, Error, Result};
+use crate::members::Room;
+use crate::receivers::{kernel_drops, write_text, Clock, Receivers};
+use crate::report::{si, CpuUse, LossAttribution, Percentiles};
+
+/// Messages per `sendmmsg` call.
+const SEND_BATCH: usize = 32;
+/// Nothing received for this long after the senders stop ends the drain.
+const DRAIN_QUIET: Duration = Duration::from_millis(300);
+/// The drain never takes longer than this.
+const DRAIN_MAX: Duration = Duration::from_secs(30);
+/// The daemon counts as idle once its sent counter holds still this long.
+const SETTLE_QUIET: Duration = Duration::from_millis(300);
+/// Waiting for an idle daemon gives up after this long.
+const SETTLE_MAX: Duration = Duration::from_secs(30);
+
+/// Reads and discards whatever waits in `sockets` until a whole pass finds nothing.
+fn discard_backlog(sockets: &[Arc<UdpSocket>]) {
+    let mut buf = vec![0u8; ucrp::MAX_DATAGRAM_LEN];
+    loop {
+        let mut any = false;
+        for s in sockets {
+            loop {
+                // SAFETY: buf is a live, writable buffer of the length passed.
+                let n = unsafe {
+                    libc::recv(
+                        s.as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                if n < 0 {
+                    break;
+                }
+                any = true;
+            }
+        }
+        if !any {
+            return;
+        }
+    }
+}
+
+/// Waits until the daemon has stopped sending (a flat-out step leaves a backlog in its
+/// socket buffer that takes seconds to relay), so the next step starts from idle.
+fn settle(daemon: &Daemon) -> Result<()> {
+    let started = Instant::now();
+    let mut last = daemon.scrape()?.total("ocm_datagrams_sent_total");
+    let mut since = Instant::now();
+    while started.elapsed() < SETTLE_MAX {
+        thread::sleep(Duration::from_millis(50));
+        let now = daemon.scrape()?.total("ocm_datagrams_sent_total");
+        if now != last {
+            last = now;
+            since = Instant::now();
+        } else if since.elapsed() >= SETTLE_QUIET {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// How fast to send.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum Pace {
+    /// As fast as the senders can.
+    Max,
+    /// This many messages per second over all senders.
+    Rate(f64),
+}
+
+/// One fan-out measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct FanoutResult {
+    /// Members in the room.
+    pub members: usize,
+    /// Sending members.
+    pub senders: usize,
+    /// Text bytes per message.
+    pub bytes: usize,
+    /// Join form of the members.
+    pub caps: CapsArg,
+    /// Asked-for pace.
+    pub pace: Pace,
+    /// Seconds of sending.
+    pub seconds: f64,
+    /// Messages handed to the kernel by the senders.
+    pub offered: u64,
+    /// Offered messages per second actually achieved.
+    pub offered_per_sec: f64,
+    /// Sends the bench's own sockets refused (ENOBUFS and the like).
+    pub client_send_errors: u64,
+    /// offered × (members − 1).
+    pub expected: u64,
+    /// Deliveries received and decoded.
+    pub received: u64,
+    /// Datagrams received (fewer than deliveries with batching).
+    pub datagrams: u64,
+    /// Datagrams or entries that did not decode as benchmark messages.
+    pub undecodable: u64,
+    /// Messages of an earlier step still arriving (not counted).
+    pub stale: u64,
+    /// 100 × (1 − received / expected).
+    pub loss_pct: f64,
+    /// Deliveries per second (first send to last delivery).
+    pub deliveries_per_sec: f64,
+    /// Delivery latency, microseconds.
+    pub latency_us: Percentiles,
+    /// Where loss happened.
+    pub loss: LossAttribution,
+    /// CPU of daemon and bench over the sending window.
+    pub cpu: CpuUse,
+    /// The sendto ceiling measured in the same run, datagrams/s, if any.
+    pub ceiling_per_sec: Option<f64>,
+    /// 1-minute load average at the start.
+    pub loadavg: f64,
+    /// SO_RCVBUF granted to each member socket, bytes.
+    pub client_rcvbuf: usize,
+}
+
+impl FanoutResult {
+    /// Whether a step paced at `rate` was sustained: loss under `loss_pct`, the senders kept
+    /// the pace, and the daemon kept up in real time: the deliveries were relayed at ≥ 90% of
+    /// the offered delivery rate, so no backlog built up in its socket buffer (a short step
+    /// can otherwise hide an overload in a 16 MiB buffer, with no loss but seconds of delay).
+    pub fn sustainable(&self, rate: f64, loss_pct: f64) -> bool {
+        let offered_deliveries = self.offered_per_sec * (self.members - 1) as f64;
+        self.loss_pct < loss_pct
+            && self.offered_per_sec >= 0.95 * rate
+            && self.deliveries_per_sec >= 0.9 * offered_deliveries
+    }
+
+    /// deliveries/s as a percentage of the ceiling.
+    pub fn of_ceiling_pct(&self) -> Option<f64> {
+        self.ceiling_per_sec
+            .filter(|c| *c > 0.0)
+            .map(|c| 100.0 * self.deliveries_per_sec / c)
+    }
+
+    /// The human-readable report.
+    pub fn print(&self) {
+        let pace = match self.pace {
+            Pace::Max => "max".to_owned(),
+            Pace::Rate(r) => format!("{r:.0} msg/s"),
+        };
+        println!(
+            "fanout M={} S={} B={} caps={} pace={} {:.1}s",
+            self.members, self.senders, self.bytes, self.caps, pace, self.seconds
+        );
+        println!(
+            "  offered {} msgs ({}/s), expected {} deliveries, received {} in {} datagrams, loss {:.3}%",
+            self.offered,
+            si(self.offered_per_sec),
+            self.expected,
+            self.received,
+            self.datagrams,
+            self.loss_pct
+        );
+        let ratio = self
+            .of_ceiling_pct()
+            .map(|p| {
+                format!(
+                    " = {p:.1}% of the sendto ceiling ({}/s)",
+                    si(self.ceiling_per_sec.unwrap_or(0.0))
+                )
+            })
+            .unwrap_or_default();
+        println!("  deliveries/s {}{ratio}", si(self.deliveries_per_sec));
+        let l = &self.latency_us;
+        println!(
+            "  latency µs p50 {:.0} p90 {:.0} p99 {:.0} max {:.0}",
+            l.p50, l.p90, l.p99, l.max
+        );
+        println!("  {}", self.loss.line());
+        println!(
+            "  cpu: ocmd {:.0}% of a core, ocm-bench {:.0}%; client send errors {}; undecodable {}; stale {}; client SO_RCVBUF {}; loadavg {:.2}",
+            self.cpu.daemon_pct,
+            self.cpu.bench_pct,
+            self.client_send_errors,
+            self.undecodable,
+            self.stale,
+            self.client_rcvbuf,
+            self.loadavg
+        );
+    }
+}
+
+/// What one sender thread did.
+#[derive(Debug, Default, Clone, Copy)]
+struct Sent {
+    messages: u64,
+    errors: u64,
+}
+
+/// `sendmmsg` scratch for one connected socket.
+struct SendBatch {
+    slot: usize,
+    bufs: Vec<u8>,
+    lens: [usize; SEND_BATCH],
+}
+
+impl SendBatch {
+    fn new(prefix: &[u8], text_len: usize) -> SendBatch {
+        // Room for the text even when the header words are longer than asked.
+        let slot = prefix.len() + text_len.max(64) + 64;
+        let mut bufs = vec![0u8; slot * SEND_BATCH];
+        for chunk in bufs.chunks_mut(slot) {
+            chunk[..prefix.len()].copy_from_slice(prefix);
+        }
+        SendBatch {
+            slot,
+            bufs,
+            lens: [0; SEND_BATCH],
+        }
+    }
+
+    /// Writes message `i` of this batch.
+    fn fill(&mut self, i: usize, prefix_len: usize, text: &[u8]) {
+        let start = i * self.slot + prefix_len;
+        let len = text.len().min(self.slot - prefix_len);
+        self.bufs[start..start + len].copy_from_slice(&text[..len]);
+        self.lens[i] = prefix_len + len;
+    }
+
+    /// Sends the first `n` messages; returns how many the kernel took.
+    fn send(&mut self, fd: i32, n: usize) -> std::io::Result<usize> {
+        let base = self.bufs.as_mut_ptr();
+        let mut iovecs: [libc::iovec; SEND_BATCH] = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; SEND_BATCH];
+        // SAFETY: mmsghdr is plain data; all-zero is valid.
+        let mut headers: [libc::mmsghdr; SEND_BATCH] = unsafe { std::mem::zeroed() };
+        for i in 0..n {
+            // SAFETY: i * slot is within bufs (SEND_BATCH slots).
+            iovecs[i].iov_base = unsafe { base.add(i * self.slot) }.cast();
+            iovecs[i].iov_len = self.lens[i];
+            headers[i].msg_hdr.msg_iov = &mut iovecs[i];
+            headers[i].msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: the headers point at iovecs into bufs, all alive for the call; the socket is
+        // connected, so no address is needed.
+        let rc = unsafe { libc::sendmmsg(fd, headers.as_mut_ptr(), n as libc::c_uint, 0) };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(rc as usize)
+    }
+}
+
+/// Sends from one member until `duration` is over, paced at `rate` msgs/s when given.
+fn send_loop(
+    socket: &UdpSocket,
+    prefix: &[u8],
+    sender: usize,
+    text_len: usize,
+    rate: Option<f64>,
+    duration: Duration,
+    clock: Clock,
+) -> Sent {
+    let fd = socket.as_raw_fd();
+    let mut batch = SendBatch::new(prefix, text_len);
+    let mut text = Vec::with_capacity(text_len + 64);
+    let mut sent = Sent::default();
+    let mut seq = 0u64;
+    let start = Instant::now();
+    loop {
+        let elapsed = start.elapsed();
+        if elapsed >= duration {
+            break;
+        }
+        let due = match rate {
+            None => SEND_BATCH as u64,
+            Some(r) => {
+                let target = (elapsed.as_secs_f64() * r) as u64 + 1;
+                let due = target.saturating_sub(seq);
+                if due == 0 {
+                    let next = Duration::from_secs_f64((seq + 1) as f64 / r);
+                    let wait = next.saturating_sub(start.elapsed());
+                    if wait > Duration::from_micros(60) {
+                        thread::sleep(wait - Duration::from_micros(50));
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                    continue;
+                }
+                due
+            }
+        };
+        let n = (due as usize).min(SEND_BATCH);
+        let now = clock.nanos();
+        for i in 0..n {
+            text.clear();
+            write_text(&mut text, sender, seq + i as u64, now, text_len);
+            batch.fill(i, prefix.len(), &text);
+        }
+        match batch.send(fd, n) {
+            Ok(k) => {
+                sent.messages += k as u64;
+                sent.errors += (n - k) as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => sent.errors += n as u64,
+        }
+        // Sequence numbers advance for every attempt so pacing does not retry forever.
+        seq += n as u64;
+    }
+    sent
+}
+
+/// Runs one measurement in an already registered room.
+#[allow(clippy::too_many_arguments)]
+pub fn measure(
+    daemon: &mut Daemon,
+    room: &Room,
+    senders: usize,
+    bytes: usize,
+    caps: CapsArg,
+    pace: Pace,
+    duration: Duration,
+    receiver_threads: usize,
+) -> Result<FanoutResult> {
+    let m = room.members.len();
+    if senders == 0 || senders > m {
+        return Err(Error::Usage(format!("--senders must be 1..={m}")));
+    }
+    let sockets = room.sockets();
+    settle(daemon)?;
+    discard_backlog(&sockets);
+    let loadavg = crate::report::loadavg();
+    let clock = Clock::new();
+    let drops_before = kernel_drops(&sockets);
+    let before = daemon.scrape()?;
+    let receivers = Receivers::spawn(&sockets, receiver_threads, clock, clock.nanos())?;
+    let prefixes: Vec<Vec<u8>> = (0..senders)
+        .map(|s| room.prefix(s))
+        .collect::<Result<_>>()?;
+    let per_sender = match pace {
+        Pace::Max => None,
+        Pace::Rate(r) => Some(r / senders as f64),
+    };
+    let cpu0 = (daemon.cpu_time(), own_cpu_time());
+    let send_start = clock.nanos();
+    let t0 = Instant::now();
+    let sent: Vec<Sent> = thread::scope(|s| {
+        let handles: Vec<_> = prefixes
+            .iter()
+            .enumerate()
+            .map(|(i, prefix)| {
+                let socket = Arc::clone(&room.members[i].socket);
+                s.spawn(move || send_loop(&socket, prefix, i, bytes, per_sender, duration, clock))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let wall = t0.elapsed();
+    let cpu1 = (daemon.cpu_time(), own_cpu_time());
+    let offered: u64 = sent.iter().map(|s| s.messages).sum();
+    let client_send_errors = sent.iter().map(|s| s.errors).sum();
+    let expected = offered * (m as u64 - 1);
+    let got = receivers.finish(expected, DRAIN_QUIET, DRAIN_MAX)?;
+    daemon.check_alive()?;
+    let after = daemon.scrape()?;
+    let drops = kernel_drops(&sockets).saturating_sub(drops_before);
+    let window_ns = got.last_at_ns.saturating_sub(send_start).max(1);
+    Ok(FanoutResult {
+        members: m,
+        senders,
+        bytes,
+        caps,
+        pace,
+        seconds: wall.as_secs_f64(),
+        offered,
+        offered_per_sec: offered as f64 / wall.as_secs_f64().max(1e-9),
+        client_send_errors,
+        expected,
+        received: got.deliveries,
+        datagrams: got.datagrams,
+        undecodable: got.undecodable,
+        stale: got.stale,
+        loss_pct: if expected == 0 {
+            0.0
+        } else {
+            100.0 * (1.0 - got.deliveries as f64 / expected as f64)
+        },
+        deliveries_per_sec: got.deliveries as f64 * 1e9 / window_ns as f64,
+        latency_us: Percentiles::scaled(&got.latency_ns, 1e3),
+        loss: LossAttribution::between(&before, &after, drops),
+        cpu: CpuUse::of((cpu0.0, cpu1.0), (cpu0.1, cpu1.1), wall),
+        ceiling_per_sec: None,
+        loadavg,
+        client_rcvbuf: room.rcvbuf,
+    })
+}
+
+/// Result of a sweep.
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepResult {
+    /// The flat-out probe.
+    pub max: FanoutResult,
+    /// Every paced step, in order.
+    pub steps: Vec<FanoutResult>,
+    /// The highest offered rate (msgs/s) whose step lost less than the threshold.
+    pub sustained_rate: f64,
+    /// That step.
+    pub sustained: Option<FanoutResult>,
+    /// The run at half the sustained rate.
+    pub half: Option<FanoutResult>,
+    /// Loss threshold, percent.
+    pub loss_pct: f64,
+    /// The sendto ceiling for the same M and B, datagrams/s.
+    pub ceiling_per_sec: f64,
+}
+
+impl SweepResult {
+    /// The human-readable summary.
+    pub fn print(&self) {
+        let m = &self.max;
+        println!(
+            "sweep M={} S={} B={} caps={}: loss < {}%",
+            m.members, m.senders, m.bytes, m.caps, self.loss_pct
+        );
+        for s in &self.steps {
+            if let Pace::Rate(r) = s.pace {
+                println!(
+                    "  step {:>9.0} msg/s: loss {:.3}% deliveries/s {} p99 {:.0} µs",
+                    r,
+                    s.loss_pct,
+                    si(s.deliveries_per_sec),
+                    s.latency_us.p99
+                );
+            }
+        }
+        match &self.sustained {
+            Some(s) => println!(
+                "  sustained: {:.0} msg/s offered = {} deliveries/s = {:.1}% of the sendto ceiling ({}/s)",
+                self.sustained_rate,
+                si(s.deliveries_per_sec),
+                100.0 * s.deliveries_per_sec / self.ceiling_per_sec.max(1.0),
+                si(self.ceiling_per_sec)
+            ),
+            None => println!("  no step met the loss threshold"),
+        }
+        if let Some(h) = &self.half {
+            println!(
+                "  at half ({:.0} msg/s): loss {:.3}% p50 {:.0} µs p99 {:.0} µs max {:.0} µs",
+                self.sustained_rate / 2.0,
+                h.loss_pct,
+                h.latency_us.p50,
+                h.latency_us.p99,
+                h.latency_us.max
+            );
+        }
+    }
+}
+
+/// Flat-out probe, then a binary search over the offered rate, then half the best rate.
+#[allow(clippy::too_many_arguments)]
+pub fn sweep(
+    daemon: &mut Daemon,
+    room: &Room,
+    senders: usize,
+    bytes: usize,
+    caps: CapsArg,
+    step: Duration,
+    steps: usize,
+    loss_pct: f64,
+    receiver_threads: usize,
+    ceiling_per_sec: f64,
+) -> Result<SweepResult> {
+    let fanout = room.members.len().saturating_sub(1).max(1) as f64;
+    let max = measure(
+        daemon,
+        room,
+        senders,
+        bytes,
+        caps,
+        Pace::Max,
+        step,
+        receiver_threads,
+    )?;
+    // Upper bound: what went through flat out (a bit more, in case the probe was unlucky),
+    // and never more than was offered.
+    let delivered_msgs = max.deliveries_per_sec / fanout;
+    let mut hi = (delivered_msgs * 1.3).min(max.offered_per_sec).max(100.0);
+    let mut lo = 0.0;
+    let mut best: Option<FanoutResult> = None;
+    let mut all = Vec::new();
+    // Until a step fails, each passing step raises the bound by half; then bisect.
+    let mut bracketed = false;
+    for _ in 0..steps {
+        let rate = if bracketed { (lo + hi) / 2.0 } else { hi };
+        let r = measure(
+            daemon,
+            room,
+            senders,
+            bytes,
+            caps,
+            Pace::Rate(rate),
+            step,
+            receiver_threads,
+        )?;
+        if r.sustainable(rate, loss_pct) {
+            lo = rate;
+            best = Some(r.clone());
+            if !bracketed {
+                hi = rate * 1.5;
+            }
+        } else {
+            hi = rate;
+            bracketed = true;
+        }
+        all.push(r);
+        if bracketed && (hi - lo) / hi.max(1.0) < 0.03 {
+            break;
+        }
+    }
+    let sustained_rate = lo;
+    let half = if sustained_rate > 0.0 {
+        Some(measure(
+            daemon,
+            room,
+            senders,
+            bytes,
+            caps,
+            Pace::Rate(sustained_rate / 2.0),
+            step.max(Duration::from_secs(2)),
+            receiver_threads,
+        )?)
+    } else {
+        None
+    };
+    Ok(SweepResult {
+        max,
+        steps: all,
+        sustained_rate,
+        sustained: best,
+        half,
+        loss_pct,
+        ceiling_per_sec,
+    })
+}
+
+/// Receivers' sockets for the ceiling: `count` sockets bound on loopback.
+pub fn bind_sockets(count: usize, rcvbuf: usize) -> Result<Vec<Arc<UdpSocket>>> {
+    (0..count)
+        .map(|_| {
+            let s = UdpSocket::bind("127.0.0.1:0").ctx("bind socket")?;
+            crate::receivers::size_rcvbuf(&s, rcvbuf);
+            Ok(Arc::new(s))
+        })
+        .collect()
+}

@@ -1,0 +1,376 @@
+//! The TCRP client (one TCP connection per request, as the original client does: connect,
+//! REQUEST, read COMPLIANCE then COMPLETE, close) and the handshake-throughput mode.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tcrp::payload::{self, Caps, Compliance, Request, RequestForm};
+use tcrp::{Frame, Operation, State};
+
+use crate::error::{Context, Error, Result};
+use crate::report::{Percentiles, RateWindows};
+
+/// Longest wait for any reply.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Creates (`create = true`) or joins `room` as `username`; returns the token.
+pub fn request_token(
+    tcp: SocketAddr,
+    create: bool,
+    room: &str,
+    username: &str,
+    caps: Caps,
+) -> Result<String> {
+    let (operation, name) = if create {
+        (Operation::CreateRoom, "create")
+    } else {
+        (Operation::JoinRoom, "join")
+    };
+    let fail = |reason: String| Error::Handshake {
+        operation: name,
+        room: room.to_owned(),
+        reason,
+    };
+    let request = if caps.is_empty() {
+        Request::original(username)
+    } else {
+        Request {
+            caps,
+            form: RequestForm::JsonObject,
+            ..Request::original(username)
+        }
+    };
+    let mut body = Vec::new();
+    request.encode(&mut body);
+    let mut bytes = Vec::new();
+    Frame {
+        operation,
+        state: State::Request,
+        room_name: room.as_bytes(),
+        payload: &body,
+    }
+    .encode(&mut bytes)?;
+    let mut stream = TcpStream::connect(tcp).ctx(format!("connect {tcp}"))?;
+    stream
+        .set_read_timeout(Some(REPLY_TIMEOUT))
+        .ctx("set read timeout")?;
+    let _ = stream.set_nodelay(true);
+    stream.write_all(&bytes).ctx("send REQUEST")?;
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 1024];
+    let mut compliant = false;
+    loop {
+        // Decode every whole frame buffered so far.
+        while let Some((frame, used)) = tcrp::decode(&buf, tcrp::DEFAULT_MAX_PAYLOAD)? {
+            match frame.state {
+                State::Compliance => match payload::parse_compliance(frame.payload)? {
+                    Compliance::Success => compliant = true,
+                    Compliance::Failure { code, message } => {
+                        return Err(fail(format!(
+                            "refused: {} {}",
+                            code.map_or("?", |c| c.as_str()),
+                            message.unwrap_or_default()
+                        )))
+                    }
+                },
+                State::Complete if compliant => return Ok(payload::parse_complete(frame.payload)?),
+                state => return Err(fail(format!("unexpected {state:?} frame"))),
+            }
+            buf.drain(..used);
+        }
+        let n = stream.read(&mut chunk).ctx("read reply")?;
+        if n == 0 {
+            return Err(fail("connection closed before COMPLETE".into()));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// One timed request: when it finished (since the run's start) and how long it took.
+#[derive(Debug, Clone, Copy)]
+struct Op {
+    done_at: Duration,
+    took: Duration,
+}
+
+/// Runs `jobs` requests over `concurrency` threads; `job(i)` makes request `i`.
+/// Returns the timed successes (in no particular order) and the error count.
+fn run_jobs(
+    jobs: usize,
+    concurrency: usize,
+    job: &(dyn Fn(usize) -> Result<()> + Sync),
+) -> (Vec<Op>, usize, Option<Error>, Duration) {
+    let next = AtomicUsize::new(0);
+    let ops = Mutex::new(Vec::with_capacity(jobs));
+    let errors = AtomicUsize::new(0);
+    let first_error = Mutex::new(None);
+    let start = Instant::now();
+    thread::scope(|s| {
+        for _ in 0..concurrency.max(1) {
+            s.spawn(|| {
+                let mut mine = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= jobs {
+                        break;
+                    }
+                    let t = Instant::now();
+                    match job(i) {
+                        Ok(()) => mine.push(Op {
+                            done_at: start.elapsed(),
+                            took: t.elapsed(),
+                        }),
+                        Err(e) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            if let Ok(mut first) = first_error.lock() {
+                                first.get_or_insert(e);
+                            }
+                        }
+                    }
+                }
+                if let Ok(mut ops) = ops.lock() {
+                    ops.extend(mine);
+                }
+            });
+        }
+    });
+    let elapsed = start.elapsed();
+    let mut ops = ops.into_inner().unwrap_or_default();
+    ops.sort_by_key(|o| o.done_at);
+    let first_error = first_error.into_inner().unwrap_or(None);
+    (ops, errors.into_inner(), first_error, elapsed)
+}
+
+/// The result of a timed batch of requests.
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseResult {
+    /// Requests that got a token.
+    pub ok: usize,
+    /// Requests that failed.
+    pub errors: usize,
+    /// The first failure, if any.
+    pub first_error: Option<String>,
+    /// Wall time, seconds.
+    pub seconds: f64,
+    /// Successes per second.
+    pub per_sec: f64,
+    /// Rate in the first and last 10% of the requests.
+    pub windows: RateWindows,
+    /// Latency percentiles, microseconds.
+    pub latency_us: Percentiles,
+}
+
+fn phase(ops: &[Op], errors: usize, first_error: Option<Error>, elapsed: Duration) -> PhaseResult {
+    let mut hist = crate::report::histogram();
+    for op in ops {
+        let _ = hist.record((op.took.as_micros() as u64).max(1));
+    }
+    let done: Vec<Duration> = ops.iter().map(|o| o.done_at).collect();
+    PhaseResult {
+        ok: ops.len(),
+        errors,
+        first_error: first_error.map(|e| e.to_string()),
+        seconds: elapsed.as_secs_f64(),
+        per_sec: ops.len() as f64 / elapsed.as_secs_f64().max(1e-9),
+        windows: RateWindows::of(&done),
+        latency_us: Percentiles::of(&hist),
+    }
+}
+
+/// Each room's name and the tokens issued in it.
+pub type RoomTokens = Vec<(String, Vec<String>)>;
+
+/// What [`populate`] did.
+#[derive(Debug)]
+pub struct Populated {
+    /// Every room's create.
+    pub creates: PhaseResult,
+    /// Then every join; its first and last 10% show whether the join rate stays flat while
+    /// the state grows.
+    pub joins: PhaseResult,
+    /// The tokens, by room.
+    pub rooms: RoomTokens,
+}
+
+/// Grows the state by `tokens` tokens in rooms of `room_size` named `{prefix}{i}`:
+/// every room's create, then every join.
+pub fn populate(
+    tcp: SocketAddr,
+    prefix: &str,
+    tokens: usize,
+    room_size: usize,
+    concurrency: usize,
+) -> Result<Populated> {
+    let room_size = room_size.max(1);
+    let rooms = tokens.div_ceil(room_size);
+    let names: Vec<String> = (0..rooms).map(|r| format!("{prefix}{r}")).collect();
+    let creates: Vec<Mutex<Vec<String>>> = (0..rooms).map(|_| Mutex::new(Vec::new())).collect();
+    let create = |r: usize| -> Result<()> {
+        let token = request_token(tcp, true, &names[r], "m0", Caps::none())?;
+        if let Ok(mut t) = creates[r].lock() {
+            t.push(token);
+        }
+        Ok(())
+    };
+    let (ops, errors, first, t) = run_jobs(rooms, concurrency, &create);
+    let creates_phase = phase(&ops, errors, first, t);
+    let join_jobs: Vec<(usize, usize)> = (0..rooms)
+        .flat_map(|r| {
+            let members = (tokens - r * room_size).min(room_size);
+            (1..members).map(move |m| (r, m))
+        })
+        .collect();
+    let join = |i: usize| -> Result<()> {
+        let (r, m) = join_jobs[i];
+        let token = request_token(tcp, false, &names[r], &format!("m{m}"), Caps::none())?;
+        if let Ok(mut t) = creates[r].lock() {
+            t.push(token);
+        }
+        Ok(())
+    };
+    let (ops, errors, first, t) = run_jobs(join_jobs.len(), concurrency, &join);
+    let joins = phase(&ops, errors, first, t);
+    let rooms = names
+        .into_iter()
+        .zip(creates)
+        .map(|(n, t)| (n, t.into_inner().unwrap_or_default()))
+        .collect();
+    Ok(Populated {
+        creates: creates_phase,
+        joins,
+        rooms,
+    })
+}
+
+/// Result of the handshakes mode.
+#[derive(Debug, Clone, Serialize)]
+pub struct HandshakeResult {
+    /// Rooms created in the measured run.
+    pub rooms: usize,
+    /// Joins per room.
+    pub joins_per_room: usize,
+    /// Client threads.
+    pub concurrency: usize,
+    /// Tokens in the state before the measured run.
+    pub preload: usize,
+    /// The preload's creates, when there was a preload.
+    pub preload_creates: Option<PhaseResult>,
+    /// The preload's joins (the state grows from preload/10 to preload tokens meanwhile).
+    pub preload_joins: Option<PhaseResult>,
+    /// The measured creates.
+    pub creates: PhaseResult,
+    /// The measured joins.
+    pub joins: PhaseResult,
+    /// Journal batches written during the joins (group commit when fewer than joins).
+    pub journal_writes: f64,
+    /// Journal records in them.
+    pub journal_records: f64,
+    /// Whether the state dir is on tmpfs (then fsync costs nothing).
+    pub state_on_tmpfs: bool,
+}
+
+/// R creates, then R×K joins, over C threads, after an optional preload.
+pub fn run(
+    daemon: &crate::daemon::Daemon,
+    state_on_tmpfs: bool,
+    rooms: usize,
+    joins: usize,
+    concurrency: usize,
+    preload: usize,
+) -> Result<HandshakeResult> {
+    let (preload_creates, preload_joins) = if preload > 0 {
+        let p = populate(daemon.tcp, "pre", preload, 10, concurrency)?;
+        (Some(p.creates), Some(p.joins))
+    } else {
+        (None, None)
+    };
+    let tcp = daemon.tcp;
+    let names: Vec<String> = (0..rooms).map(|r| format!("h{r}")).collect();
+    let create = |r: usize| request_token(tcp, true, &names[r], "host", Caps::none()).map(drop);
+    let (ops, errors, first, t) = run_jobs(rooms, concurrency, &create);
+    let creates = phase(&ops, errors, first, t);
+    let before = daemon.scrape()?;
+    // Spread consecutive joins over rooms so concurrent threads rarely share one.
+    let join = |i: usize| {
+        let (r, k) = (i % rooms.max(1), i / rooms.max(1));
+        request_token(tcp, false, &names[r], &format!("j{k}"), Caps::none()).map(drop)
+    };
+    let (ops, errors, first, t) = run_jobs(rooms * joins, concurrency, &join);
+    let joins_phase = phase(&ops, errors, first, t);
+    let after = daemon.scrape()?;
+    Ok(HandshakeResult {
+        rooms,
+        joins_per_room: joins,
+        concurrency,
+        preload,
+        preload_creates,
+        preload_joins,
+        creates,
+        joins: joins_phase,
+        journal_writes: after.total("ocm_state_writes_total")
+            - before.total("ocm_state_writes_total"),
+        journal_records: after.total("ocm_state_write_records_total")
+            - before.total("ocm_state_write_records_total"),
+        state_on_tmpfs,
+    })
+}
+
+impl PhaseResult {
+    fn line(&self, what: &str) -> String {
+        let l = &self.latency_us;
+        let mut s = format!(
+            "{what}: {} ok, {} failed in {:.2}s = {:.0}/s (first 10% {:.0}/s, last 10% {:.0}/s); latency µs p50 {:.0} p90 {:.0} p99 {:.0} max {:.0}",
+            self.ok,
+            self.errors,
+            self.seconds,
+            self.per_sec,
+            self.windows.first_10pct_per_sec,
+            self.windows.last_10pct_per_sec,
+            l.p50,
+            l.p90,
+            l.p99,
+            l.max
+        );
+        if let Some(e) = &self.first_error {
+            s.push_str(&format!("\n    first failure: {e}"));
+        }
+        s
+    }
+}
+
+impl HandshakeResult {
+    /// The human-readable report.
+    pub fn print(&self) {
+        println!(
+            "handshakes R={} K={} C={} preload={}{}",
+            self.rooms,
+            self.joins_per_room,
+            self.concurrency,
+            self.preload,
+            if self.state_on_tmpfs {
+                " (state on tmpfs!)"
+            } else {
+                ""
+            }
+        );
+        if let Some(p) = &self.preload_creates {
+            println!("  {}", p.line("preload creates"));
+        }
+        if let Some(p) = &self.preload_joins {
+            println!("  {}", p.line("preload joins"));
+        }
+        println!("  {}", self.creates.line("creates"));
+        println!("  {}", self.joins.line("joins"));
+        println!(
+            "  journal: {} fsync'd batches for {} records during the joins ({:.1} records/batch)",
+            self.journal_writes,
+            self.journal_records,
+            self.journal_records / self.journal_writes.max(1.0)
+        );
+    }
+}

@@ -1,0 +1,533 @@
+//! The standard matrix behind `scripts/bench`: fan-out at M = 16, 64, 256 (S = 2, B = 128,
+//! flat out and at half the delivered rate, plain and batch members) beside the sendto
+//! ceiling; the loss < 0.1% sweep at M = 64; handshakes (R = 200, K = 16, C = 16) on an empty
+//! and a preloaded state; memory per member and start-up time. Writes `docs/BENCHMARKS.md`
+//! and `docs/bench.svg`.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::ceiling::{self, CeilingResult};
+use crate::cli::CapsArg;
+use crate::daemon::{is_tmpfs, Launcher, StateDir};
+use crate::error::{Context, Result};
+use crate::fanout::{self, FanoutResult, Pace, SweepResult};
+use crate::handshake::{self, HandshakeResult};
+use crate::memory::{self, MemoryResult};
+use crate::report::{loadavg, machine_busy_pct, si, Machine};
+use crate::{members, svg};
+
+/// Room sizes of the fan-out rows.
+pub const SIZES: [usize; 3] = [16, 64, 256];
+/// Senders per room.
+const SENDERS: usize = 2;
+/// Text bytes per message.
+const BYTES: usize = 128;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Seconds per fan-out run.
+    pub duration: Duration,
+    /// Tokens for the preload and memory runs.
+    pub state_tokens: usize,
+    /// Receiver threads.
+    pub receivers: usize,
+    /// Client socket receive buffer.
+    pub client_rcvbuf: usize,
+    /// The command recorded in the report.
+    pub command: String,
+}
+
+/// One room size.
+#[derive(Debug, Clone, Serialize)]
+pub struct SizeRow {
+    /// Members.
+    pub members: usize,
+    /// The sendto ceiling.
+    pub ceiling: CeilingResult,
+    /// Plain members, flat out.
+    pub plain_max: FanoutResult,
+    /// Plain members at half the flat-out delivered rate.
+    pub plain_half: FanoutResult,
+    /// Batch members, flat out.
+    pub batch_max: FanoutResult,
+    /// Batch members at half the flat-out delivered rate.
+    pub batch_half: FanoutResult,
+}
+
+/// Everything the matrix measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Results {
+    /// UTC date and time of the start.
+    pub date: String,
+    /// The machine.
+    pub machine: Machine,
+    /// The workspace revision measured.
+    pub revision: String,
+    /// The command.
+    pub command: String,
+    /// Whole-machine busy CPU over 2 s just before the start, % (other load, e.g. a fuzzer).
+    pub busy_before_pct: f64,
+    /// 1-minute load average before and after.
+    pub loadavg_before: f64,
+    /// See `loadavg_before`.
+    pub loadavg_after: f64,
+    /// Seconds the matrix took.
+    pub seconds: f64,
+    /// Receiver threads.
+    pub receivers: usize,
+    /// Fan-out rows.
+    pub rows: Vec<SizeRow>,
+    /// Sweeps at M = 64, plain then batch.
+    pub sweeps: Vec<SweepResult>,
+    /// Handshakes on an empty state.
+    pub handshakes: HandshakeResult,
+    /// Handshakes after the preload.
+    pub handshakes_preloaded: HandshakeResult,
+    /// Memory and start-up.
+    pub memory: MemoryResult,
+}
+
+/// `git rev-parse --short HEAD`, marked dirty when crates/server has local changes.
+fn revision() -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .map(|s| s.trim().to_owned())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        Some(rev) if !rev.is_empty() => {
+            let dirty = git(&[
+                "status",
+                "--porcelain",
+                "crates/server",
+                "crates/ucrp",
+                "crates/tcrp",
+            ])
+            .is_some_and(|s| !s.is_empty());
+            if dirty {
+                format!("{rev} (with uncommitted daemon changes)")
+            } else {
+                rev
+            }
+        }
+        _ => "?".into(),
+    }
+}
+
+fn utc_now() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|| "?".into())
+}
+
+fn fanout_pair(
+    launcher: &Launcher,
+    plan: &Plan,
+    m: usize,
+    caps: CapsArg,
+    ceiling: f64,
+) -> Result<(FanoutResult, FanoutResult)> {
+    let dir = StateDir::new(&launcher.state_root)?;
+    let mut daemon = launcher.spawn(&dir)?;
+    let room = members::build_room(daemon.tcp, daemon.udp, "bench", m, caps, plan.client_rcvbuf)?;
+    let run = |daemon: &mut _, pace| {
+        fanout::measure(
+            daemon,
+            &room,
+            SENDERS,
+            BYTES,
+            caps,
+            pace,
+            plan.duration,
+            plan.receivers,
+        )
+    };
+    let mut max = run(&mut daemon, Pace::Max)?;
+    max.ceiling_per_sec = Some(ceiling);
+    max.print();
+    let delivered_msgs = max.deliveries_per_sec / (m - 1) as f64;
+    let mut half = run(&mut daemon, Pace::Rate((delivered_msgs / 2.0).max(10.0)))?;
+    half.ceiling_per_sec = Some(ceiling);
+    half.print();
+    Ok((max, half))
+}
+
+/// Runs the matrix, printing each result as it comes.
+pub fn run(launcher: &Launcher, plan: &Plan) -> Result<Results> {
+    let date = utc_now();
+    let started = std::time::Instant::now();
+    let loadavg_before = loadavg();
+    let busy_before_pct = machine_busy_pct(Duration::from_secs(2));
+    println!(
+        "matrix: machine busy {busy_before_pct:.0}% before start, loadavg {loadavg_before:.2}"
+    );
+    let mut rows = Vec::new();
+    for m in SIZES {
+        let c = ceiling::run(
+            m,
+            BYTES,
+            plan.duration.min(Duration::from_secs(3)),
+            plan.receivers,
+            plan.client_rcvbuf,
+        )?;
+        c.print();
+        let (plain_max, plain_half) =
+            fanout_pair(launcher, plan, m, CapsArg::Plain, c.received_per_sec)?;
+        let (batch_max, batch_half) =
+            fanout_pair(launcher, plan, m, CapsArg::Batch, c.received_per_sec)?;
+        rows.push(SizeRow {
+            members: m,
+            ceiling: c,
+            plain_max,
+            plain_half,
+            batch_max,
+            batch_half,
+        });
+    }
+    let mut sweeps = Vec::new();
+    for caps in [CapsArg::Plain, CapsArg::Batch] {
+        let ceiling = rows
+            .iter()
+            .find(|r| r.members == 64)
+            .map_or(0.0, |r| r.ceiling.received_per_sec);
+        let dir = StateDir::new(&launcher.state_root)?;
+        let mut daemon = launcher.spawn(&dir)?;
+        let room = members::build_room(
+            daemon.tcp,
+            daemon.udp,
+            "sweep",
+            64,
+            caps,
+            plan.client_rcvbuf,
+        )?;
+        let s = fanout::sweep(
+            &mut daemon,
+            &room,
+            SENDERS,
+            BYTES,
+            caps,
+            Duration::from_secs(2),
+            7,
+            0.1,
+            plan.receivers,
+            ceiling,
+        )?;
+        s.print();
+        sweeps.push(s);
+    }
+    let mut hs = Vec::new();
+    for preload in [0, plan.state_tokens] {
+        let dir = StateDir::new(&launcher.state_root)?;
+        let mut daemon = launcher.spawn(&dir)?;
+        let h = handshake::run(&daemon, is_tmpfs(dir.path()), 200, 16, 16, preload)?;
+        daemon.check_alive()?;
+        h.print();
+        hs.push(h);
+    }
+    let memory = memory::run(launcher, plan.state_tokens, 64, 16)?;
+    memory.print();
+    let handshakes_preloaded = hs
+        .pop()
+        .ok_or_else(|| crate::error::Error::Usage("no run".into()))?;
+    let handshakes = hs
+        .pop()
+        .ok_or_else(|| crate::error::Error::Usage("no run".into()))?;
+    Ok(Results {
+        date,
+        machine: Machine::probe(),
+        revision: revision(),
+        command: plan.command.clone(),
+        busy_before_pct,
+        loadavg_before,
+        loadavg_after: loadavg(),
+        seconds: started.elapsed().as_secs_f64(),
+        receivers: plan.receivers,
+        rows,
+        sweeps,
+        handshakes,
+        handshakes_preloaded,
+        memory,
+    })
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "**met**"
+    } else {
+        "**not met**"
+    }
+}
+
+fn pct_of(x: f64, of: f64) -> f64 {
+    100.0 * x / of.max(1.0)
+}
+
+/// The Markdown report.
+pub fn markdown(r: &Results) -> String {
+    let mut s = String::new();
+    let w = &mut s;
+    let _ = writeln!(w, "# ocmd benchmarks\n");
+    let _ = writeln!(
+        w,
+        "Measured by `ocm-bench` (crate `crates/bench`), a load generator that speaks TCRP/UCRP through the `tcrp`/`ucrp` codecs and starts its own `ocmd` (release build) with `config/bench.toml` on loopback for every run. Regenerate with `{}`; this file and `docs/bench.svg` are written by it.\n",
+        r.command
+    );
+    let m = &r.machine;
+    let _ = writeln!(w, "## Machine and load\n");
+    let _ = writeln!(w, "- date: {}; revision: {}", r.date, r.revision);
+    let _ = writeln!(w, "- CPUs (`nproc`): {}; model: {}", m.cpus, m.cpu_model);
+    let _ = writeln!(w, "- kernel: {}", m.kernel);
+    let _ = writeln!(
+        w,
+        "- net.core.rmem_max = {}, wmem_max = {} (`scripts/bench` raises them with `sysctl -w` when it can; the daemon's 16 MiB socket buffers are capped there otherwise)",
+        m.rmem_max, m.wmem_max
+    );
+    let _ = writeln!(
+        w,
+        "- load: whole machine {:.0}% busy (of {} cores × 100%) in the 2 s before the start; 1-min loadavg {:.2} before, {:.2} after; the matrix took {:.0} s",
+        r.busy_before_pct,
+        m.cpus,
+        r.loadavg_before,
+        r.loadavg_after,
+        r.seconds
+    );
+    let _ = writeln!(
+        w,
+        "- everything (daemon, senders, {} receiver threads) shares the same {} cores, so the generator's own CPU use is part of every figure\n",
+        r.receivers,
+        m.cpus
+    );
+
+    let _ = writeln!(w, "## Targets\n");
+    let _ = writeln!(w, "| target | measured | verdict |\n|---|---|---|");
+    let plain = r.sweeps.first();
+    let batch = r.sweeps.get(1);
+    if let Some(p) = plain {
+        let d = p.sustained.as_ref().map_or(0.0, |s| s.deliveries_per_sec);
+        let pct = pct_of(d, p.ceiling_per_sec);
+        let _ = writeln!(
+            w,
+            "| sustained fan-out M=64 B=128 (loss < 0.1%) ≥ 90% of the sendto ceiling | {} deliveries/s = {:.1}% of {}/s | {} |",
+            si(d),
+            pct,
+            si(p.ceiling_per_sec),
+            verdict(pct >= 90.0)
+        );
+        let p99 = p.half.as_ref().map_or(f64::INFINITY, |h| h.latency_us.p99);
+        let _ = writeln!(
+            w,
+            "| p99 < 1 ms at half the sustained rate, M=64 (plain) | p99 {:.0} µs at {:.0} msg/s | {} |",
+            p99,
+            p.sustained_rate / 2.0,
+            verdict(p99 < 1000.0)
+        );
+    }
+    let h0 = &r.handshakes;
+    let hp = &r.handshakes_preloaded;
+    let flat = hp.joins.per_sec >= 0.8 * h0.joins.per_sec
+        && hp.preload_joins.as_ref().map_or(true, |j| {
+            j.windows.last_10pct_per_sec >= 0.8 * j.windows.first_10pct_per_sec
+        });
+    let _ = writeln!(
+        w,
+        "| ≥ 20,000 joins/s, durable group commit, flat to {} tokens | {:.0} joins/s empty, {:.0} joins/s at {} tokens | {} |",
+        hp.preload,
+        h0.joins.per_sec,
+        hp.joins.per_sec,
+        hp.preload,
+        verdict(h0.joins.per_sec >= 20_000.0 && hp.joins.per_sec >= 20_000.0 && flat)
+    );
+    let mem = &r.memory;
+    let _ = writeln!(
+        w,
+        "| RSS per registered member < 1 KiB at {} members | {:.0} bytes | {} |",
+        mem.members,
+        mem.bytes_per_member,
+        verdict(mem.bytes_per_member < 1024.0)
+    );
+    if let Some(b) = batch {
+        let d = b.sustained.as_ref().map_or(0.0, |s| s.deliveries_per_sec);
+        let _ = writeln!(
+            w,
+            "| batch members M=64: ≥ 6M deliveries/s with loss < 0.1% | {} deliveries/s | {} |",
+            si(d),
+            verdict(d >= 6e6)
+        );
+    }
+    let _ = writeln!(w);
+
+    let _ = writeln!(w, "## Fan-out (S = 2 senders, B = 128-byte texts)\n");
+    let _ = writeln!(
+        w,
+        "`max`: senders flat out; `half`: paced at half the message rate `max` delivered. Deliveries/s counts messages received by members (a batch datagram carries several). The ceiling is one thread doing one plain `sendto` per {}-byte datagram to M loopback sockets, same receivers.\n",
+        r.rows.first().map_or(0, |x| x.ceiling.datagram_bytes)
+    );
+    let _ = writeln!(
+        w,
+        "| M | ceiling dgram/s | caps | pace | offered msg/s | deliveries/s | % of ceiling | loss % | p50 µs | p99 µs | max µs | daemon rcvbuf drops | send errors | client drops | ocmd CPU % | bench CPU % |"
+    );
+    let _ = writeln!(
+        w,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for row in &r.rows {
+        for (caps, pace, f) in [
+            ("plain", "max", &row.plain_max),
+            ("plain", "half", &row.plain_half),
+            ("batch", "max", &row.batch_max),
+            ("batch", "half", &row.batch_half),
+        ] {
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} | {} | {} | {:.1} | {:.3} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {:.0} | {:.0} |",
+                row.members,
+                si(row.ceiling.received_per_sec),
+                caps,
+                pace,
+                si(f.offered_per_sec),
+                si(f.deliveries_per_sec),
+                pct_of(f.deliveries_per_sec, row.ceiling.received_per_sec),
+                f.loss_pct,
+                f.latency_us.p50,
+                f.latency_us.p99,
+                f.latency_us.max,
+                f.loss.daemon_rcvbuf_drops,
+                f.loss.daemon_send_errors_total,
+                f.loss.client_rcvbuf_drops,
+                f.cpu.daemon_pct,
+                f.cpu.bench_pct
+            );
+        }
+    }
+    let _ = writeln!(w, "\n![deliveries/s and p99 by room size](bench.svg)\n");
+
+    let _ = writeln!(
+        w,
+        "## Sweep: highest rate with loss < 0.1% (M = 64, S = 2, B = 128)\n"
+    );
+    let _ = writeln!(w, "Binary search over the offered rate, 2 s per step, after a flat-out probe; a step passes when loss < 0.1% and the senders kept the pace.\n");
+    let _ = writeln!(w, "| caps | sustained msg/s | deliveries/s | % of ceiling | p50 µs at half | p99 µs at half | max µs at half | steps (rate → loss %) |");
+    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|");
+    for s in &r.sweeps {
+        let d = s.sustained.as_ref().map_or(0.0, |x| x.deliveries_per_sec);
+        let steps: Vec<String> = s
+            .steps
+            .iter()
+            .filter_map(|x| match x.pace {
+                Pace::Rate(rate) => Some(format!("{} → {:.2}", si(rate), x.loss_pct)),
+                Pace::Max => None,
+            })
+            .collect();
+        let (p50, p99, max) = s.half.as_ref().map_or((0.0, 0.0, 0.0), |h| {
+            (h.latency_us.p50, h.latency_us.p99, h.latency_us.max)
+        });
+        let _ = writeln!(
+            w,
+            "| {} | {:.0} | {} | {:.1} | {:.0} | {:.0} | {:.0} | {} |",
+            s.max.caps,
+            s.sustained_rate,
+            si(d),
+            pct_of(d, s.ceiling_per_sec),
+            p50,
+            p99,
+            max,
+            steps.join("; ")
+        );
+    }
+    let _ = writeln!(w);
+
+    let _ = writeln!(
+        w,
+        "## Handshakes (durable: the daemon fsyncs its journal before replying)\n"
+    );
+    let _ = writeln!(w, "R = 200 rooms created, then R × K = 3,200 joins over C = 16 threads, one TCP connection per request. State under the target directory (tmpfs: {}).\n", h0.state_on_tmpfs);
+    let _ = writeln!(w, "| state before | joins/s | first 10% /s | last 10% /s | p50 µs | p90 µs | p99 µs | max µs | creates/s | records per fsync | errors |");
+    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|---|");
+    for h in [h0, hp] {
+        let l = &h.joins.latency_us;
+        let _ = writeln!(
+            w,
+            "| {} tokens | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {} |",
+            h.preload,
+            h.joins.per_sec,
+            h.joins.windows.first_10pct_per_sec,
+            h.joins.windows.last_10pct_per_sec,
+            l.p50,
+            l.p90,
+            l.p99,
+            l.max,
+            h.creates.per_sec,
+            h.journal_records / h.journal_writes.max(1.0),
+            h.joins.errors + h.creates.errors
+        );
+    }
+    if let (Some(c), Some(j)) = (&hp.preload_creates, &hp.preload_joins) {
+        let _ = writeln!(
+            w,
+            "\nGrowing the state to {} tokens (C = 16): {} creates at {:.0}/s, then {} joins (rooms of 10) at {:.0}/s: {:.0}/s over the first 10% of the joins (state ≈ {}–{} tokens) and {:.0}/s over the last 10% (≈ {}–{} tokens); join p99 {:.0} µs.\n",
+            hp.preload,
+            c.ok,
+            c.per_sec,
+            j.ok,
+            j.per_sec,
+            j.windows.first_10pct_per_sec,
+            c.ok,
+            c.ok + j.ok / 10,
+            j.windows.last_10pct_per_sec,
+            c.ok + j.ok - j.ok / 10,
+            c.ok + j.ok,
+            j.latency_us.p99
+        );
+    }
+
+    let _ = writeln!(w, "## Memory and start-up\n");
+    let _ = writeln!(w, "| members | room size | VmRSS fresh | after joins | after REGISTER | per member | REGISTER alone | state on disk | start-up (empty) | SIGTERM → exit | start-up on that state |");
+    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        w,
+        "| {} | {} | {} KiB | {} KiB | {} KiB | {:.0} B | {:.0} B | {:.1} MB | {:.1} ms | {:.0} ms | {:.1} ms |\n",
+        mem.members,
+        mem.room_size,
+        mem.rss_fresh_kib,
+        mem.rss_joined_kib,
+        mem.rss_registered_kib,
+        mem.bytes_per_member,
+        mem.bytes_per_registration,
+        mem.state_bytes as f64 / 1e6,
+        mem.startup_empty_ms,
+        mem.stop_ms,
+        mem.startup_loaded_ms
+    );
+    let _ = writeln!(w, "Members are registered from {} shared sockets (member i of every room uses socket i): REGISTER binds its source address to the token it names, and tokens of different rooms may share an address.\n", mem.room_size);
+    s
+}
+
+/// Writes the Markdown, the SVG and (optionally) the raw JSON.
+pub fn write(r: &Results, md: &Path, svg_path: &Path, json: Option<&Path>) -> Result<()> {
+    let mut text = markdown(r);
+    text.push_str(&notes());
+    std::fs::write(md, text).ctx(format!("write {}", md.display()))?;
+    std::fs::write(svg_path, svg::chart(r)).ctx(format!("write {}", svg_path.display()))?;
+    if let Some(path) = json {
+        let body = serde_json::to_string_pretty(r).unwrap_or_default();
+        std::fs::write(path, body).ctx(format!("write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Hand-written notes (how to run, method, observations) appended after the tables.
+fn notes() -> String {
+    include_str!("../NOTES.md").to_owned()
+}

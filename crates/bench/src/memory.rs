@@ -1,0 +1,216 @@
+//! Memory per registered member, and start-up time on a large state.
+//!
+//! N members are joined in rooms of `room_size` (one TCP connection each), then registered:
+//! member `i` of every room sends its REGISTER from shared socket `i`, so addresses are
+//! unique within a room (as with real clients) while only `room_size` sockets are needed:
+//! REGISTER binds the datagram's source address to the token named in it, and tokens of
+//! different rooms may share an address. VmRSS is read fresh, after the joins and after the
+//! registrations. Then the daemon gets SIGTERM and is restarted on the same state; the time
+//! from spawn to its listening line is the start-up time.
+
+use std::net::UdpSocket;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use ucrp::datagram;
+
+use crate::daemon::{Daemon, Launcher, StateDir};
+use crate::error::{Context, Error, Result};
+use crate::handshake::{populate, PhaseResult};
+
+/// REGISTERs sent before waiting for the daemon to catch up.
+const REGISTER_CHUNK: usize = 2_000;
+/// Passes over all members before giving up on registering them.
+const REGISTER_PASSES: usize = 4;
+
+/// Result of the memory mode.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryResult {
+    /// Members created and registered.
+    pub members: usize,
+    /// Members per room.
+    pub room_size: usize,
+    /// Start-up time of the empty daemon, ms.
+    pub startup_empty_ms: f64,
+    /// VmRSS right after start, KiB.
+    pub rss_fresh_kib: u64,
+    /// VmRSS after the joins, KiB.
+    pub rss_joined_kib: u64,
+    /// VmRSS after the registrations, KiB.
+    pub rss_registered_kib: u64,
+    /// (registered − fresh) / members, bytes.
+    pub bytes_per_member: f64,
+    /// (registered − joined) / members, bytes: what registration alone adds.
+    pub bytes_per_registration: f64,
+    /// The joins (after every room's create).
+    pub joins: PhaseResult,
+    /// `ocm_members_registered` at the end.
+    pub registered: f64,
+    /// Time to register them all, seconds.
+    pub register_seconds: f64,
+    /// SIGTERM to exit (state flushed), ms.
+    pub stop_ms: f64,
+    /// Spawn to listening line on the saved state, ms.
+    pub startup_loaded_ms: f64,
+    /// `ocm_members` after the restart.
+    pub members_after_restart: f64,
+    /// Size of the state directory after the stop, bytes.
+    pub state_bytes: u64,
+}
+
+impl MemoryResult {
+    /// The human-readable report.
+    pub fn print(&self) {
+        println!(
+            "memory: {} members in rooms of {} ({} joins/s while growing)",
+            self.members,
+            self.room_size,
+            crate::report::si(self.joins.per_sec)
+        );
+        println!(
+            "  VmRSS fresh {} KiB, joined {} KiB, registered {} KiB ({} registered in {:.1}s)",
+            self.rss_fresh_kib,
+            self.rss_joined_kib,
+            self.rss_registered_kib,
+            self.registered,
+            self.register_seconds
+        );
+        println!(
+            "  RSS per registered member {:.0} bytes (registration alone {:.0} bytes)",
+            self.bytes_per_member, self.bytes_per_registration
+        );
+        println!(
+            "startup: empty state {:.1} ms; SIGTERM→exit {:.0} ms; restart on {} tokens ({} bytes of state) {:.1} ms, {} members restored",
+            self.startup_empty_ms,
+            self.stop_ms,
+            self.members,
+            self.state_bytes,
+            self.startup_loaded_ms,
+            self.members_after_restart
+        );
+    }
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Sends REGISTER for every token until the daemon reports them all registered.
+fn register_all(daemon: &Daemon, rooms: &[(String, Vec<String>)], room_size: usize) -> Result<f64> {
+    let sockets: Vec<UdpSocket> = (0..room_size.max(1))
+        .map(|_| UdpSocket::bind("127.0.0.1:0").ctx("bind register socket"))
+        .collect::<Result<_>>()?;
+    let total: usize = rooms.iter().map(|(_, t)| t.len()).sum();
+    let registered = || daemon.scrape().map(|s| s.total("ocm_members_registered"));
+    let received = || {
+        daemon
+            .scrape()
+            .map(|s| s.total("ocm_datagrams_received_total"))
+    };
+    let mut d = Vec::new();
+    for _ in 0..REGISTER_PASSES {
+        let baseline = received()?;
+        let mut sent = 0usize;
+        for (room, tokens) in rooms {
+            for (i, token) in tokens.iter().enumerate() {
+                d.clear();
+                datagram::encode(
+                    room.as_bytes(),
+                    token.as_bytes(),
+                    datagram::REGISTER,
+                    &mut d,
+                )?;
+                sockets[i % sockets.len()]
+                    .send_to(&d, daemon.udp)
+                    .ctx("send REGISTER")?;
+                sent += 1;
+                if sent % REGISTER_CHUNK == 0 {
+                    // Keep at most one chunk in flight so the daemon's socket never overflows.
+                    let target = baseline + (sent - REGISTER_CHUNK) as f64;
+                    let deadline = Instant::now() + Duration::from_secs(2);
+                    while received()? < target && Instant::now() < deadline {
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let now = registered()?;
+            if now >= total as f64 {
+                return Ok(now);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let now = registered()?;
+    if now <= 0.0 {
+        return Err(Error::Register("no REGISTER took effect".into()));
+    }
+    Ok(now)
+}
+
+/// Runs the memory and start-up measurement.
+pub fn run(
+    launcher: &Launcher,
+    members: usize,
+    room_size: usize,
+    concurrency: usize,
+) -> Result<MemoryResult> {
+    if room_size < 1 || members < 1 {
+        return Err(Error::Usage(
+            "--members and --room-size must be at least 1".into(),
+        ));
+    }
+    let dir = StateDir::new(&launcher.state_root)?;
+    let mut daemon = launcher.spawn(&dir)?;
+    let startup_empty_ms = daemon.startup.as_secs_f64() * 1e3;
+    thread::sleep(Duration::from_millis(100));
+    let rss_fresh_kib = daemon.rss_kib()?;
+    let populated = populate(daemon.tcp, "mem", members, room_size, concurrency)?;
+    for p in [&populated.creates, &populated.joins] {
+        if let Some(e) = &p.first_error {
+            eprintln!("memory: {} requests failed; first: {e}", p.errors);
+        }
+    }
+    let (joins, rooms) = (populated.joins, populated.rooms);
+    let created = populated.creates.ok + joins.ok;
+    daemon.check_alive()?;
+    let rss_joined_kib = daemon.rss_kib()?;
+    let t = Instant::now();
+    let registered = register_all(&daemon, &rooms, room_size)?;
+    let register_seconds = t.elapsed().as_secs_f64();
+    let rss_registered_kib = daemon.rss_kib()?;
+    let stop_ms = daemon.stop()?.as_secs_f64() * 1e3;
+    let state_bytes = dir_bytes(dir.path());
+    let restarted = launcher.spawn(&dir)?;
+    let members_after_restart = restarted.scrape()?.total("ocm_members");
+    let startup_loaded_ms = restarted.startup.as_secs_f64() * 1e3;
+    drop(restarted);
+    let n = created.max(1) as f64;
+    Ok(MemoryResult {
+        members: created,
+        room_size,
+        startup_empty_ms,
+        rss_fresh_kib,
+        rss_joined_kib,
+        rss_registered_kib,
+        bytes_per_member: (rss_registered_kib.saturating_sub(rss_fresh_kib) * 1024) as f64 / n,
+        bytes_per_registration: (rss_registered_kib.saturating_sub(rss_joined_kib) * 1024) as f64
+            / n,
+        joins,
+        registered,
+        register_seconds,
+        stop_ms,
+        startup_loaded_ms,
+        members_after_restart,
+        state_bytes,
+    })
+}

@@ -1,0 +1,481 @@
+//! Receiver threads: each owns an epoll set over a share of the members' sockets and drains
+//! ready sockets with `recvmmsg` (64 datagrams per call) until `EAGAIN`, decoding deliveries
+//! and batch frames with `ucrp` and recording latency from the send time carried in the text.
+//!
+//! The text of every benchmark message is `s<sender> <seq> <nanos> ` padded with `x`, where
+//! `nanos` is the send time since the process-wide [`Clock`] origin (`CLOCK_MONOTONIC` via
+//! `Instant`, shared by senders and receivers). Messages sent before a measurement began
+//! (a backlog still draining from an earlier step) are counted apart as stale.
+
+use std::net::UdpSocket;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use ucrp::delivery::{self, Delivery};
+
+use crate::error::{Context, Result};
+use crate::report::histogram;
+
+/// Datagrams per `recvmmsg` call.
+const RECV_BATCH: usize = 64;
+/// Receive buffer per datagram (the protocol's maximum).
+const DATAGRAM_BUF_LEN: usize = ucrp::MAX_DATAGRAM_LEN;
+/// epoll_wait timeout, so the stop flag is seen promptly.
+const EPOLL_TIMEOUT_MS: i32 = 20;
+
+/// The process-wide time origin, so that send times stay comparable across measurements.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    start: Instant,
+}
+
+static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+impl Clock {
+    /// The clock (its origin is fixed on first use).
+    pub fn new() -> Clock {
+        Clock {
+            start: *ORIGIN.get_or_init(Instant::now),
+        }
+    }
+    /// Nanoseconds since the start.
+    pub fn nanos(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+/// Writes the message text for `(sender, seq)` sent at `nanos`, padded to `len` bytes.
+pub fn write_text(out: &mut Vec<u8>, sender: usize, seq: u64, nanos: u64, len: usize) {
+    use std::io::Write;
+    let start = out.len();
+    let _ = write!(out, "s{sender} {seq} {nanos} ");
+    let written = out.len() - start;
+    if written < len {
+        out.resize(start + len, b'x');
+    }
+}
+
+/// Reads `(sender, seq, nanos)` back out of a message text.
+pub fn read_text(text: &str) -> Option<(usize, u64, u64)> {
+    let mut words = text.strip_prefix('s')?.split(' ');
+    let sender = words.next()?.parse().ok()?;
+    let seq = words.next()?.parse().ok()?;
+    let nanos = words.next()?.parse().ok()?;
+    Some((sender, seq, nanos))
+}
+
+/// What the receivers saw.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// Datagrams read.
+    pub datagrams: u64,
+    /// Benchmark messages decoded (batch entries counted one by one).
+    pub deliveries: u64,
+    /// Datagrams or entries that did not decode, or texts that were not benchmark messages.
+    pub undecodable: u64,
+    /// Benchmark messages sent before this measurement began (an earlier step's backlog).
+    pub stale: u64,
+    /// Latency of each delivery, nanoseconds.
+    pub latency_ns: Histogram<u64>,
+    /// When the last delivery arrived, nanoseconds on the run's clock.
+    pub last_at_ns: u64,
+    /// Messages sent before this are stale.
+    since_ns: u64,
+}
+
+impl Received {
+    fn new(since_ns: u64) -> Received {
+        Received {
+            since_ns,
+            datagrams: 0,
+            deliveries: 0,
+            undecodable: 0,
+            stale: 0,
+            latency_ns: histogram(),
+            last_at_ns: 0,
+        }
+    }
+
+    fn merge(&mut self, other: &Received) {
+        self.datagrams += other.datagrams;
+        self.deliveries += other.deliveries;
+        self.undecodable += other.undecodable;
+        self.stale += other.stale;
+        let _ = self.latency_ns.add(&other.latency_ns);
+        self.last_at_ns = self.last_at_ns.max(other.last_at_ns);
+    }
+
+    fn record_text(&mut self, text: &str, now: u64) {
+        match read_text(text) {
+            Some((_, _, sent)) if sent < self.since_ns => self.stale += 1,
+            Some((_, _, sent)) => {
+                self.deliveries += 1;
+                let _ = self.latency_ns.record(now.saturating_sub(sent).max(1));
+                self.last_at_ns = now;
+            }
+            // Registration probes start with 'p' and are not counted.
+            None if text.starts_with('p') => {}
+            None => self.undecodable += 1,
+        }
+    }
+
+    /// Decodes one datagram (an original chat frame, a sequenced frame or a batch).
+    pub fn handle(&mut self, bytes: &[u8], now: u64) {
+        self.datagrams += 1;
+        match delivery::parse(bytes) {
+            Ok(Delivery::Chat { message, .. }) | Ok(Delivery::Sequenced { message, .. }) => {
+                self.record_text(message, now)
+            }
+            Ok(Delivery::Batch(body)) => {
+                for entry in delivery::batch_entries(body) {
+                    match entry.map(delivery::parse) {
+                        Ok(Ok(Delivery::Chat { message, .. }))
+                        | Ok(Ok(Delivery::Sequenced { message, .. })) => {
+                            self.record_text(message, now)
+                        }
+                        _ => self.undecodable += 1,
+                    }
+                }
+            }
+            Ok(_) | Err(_) => self.undecodable += 1,
+        }
+    }
+}
+
+/// Running receiver threads.
+pub struct Receivers {
+    stop: Arc<AtomicBool>,
+    progress: Arc<AtomicU64>,
+    handles: Vec<JoinHandle<Result<Received>>>,
+}
+
+impl Receivers {
+    /// Starts `threads` receivers over `sockets` (split round-robin); messages sent before
+    /// `since_ns` on `clock` count as stale.
+    pub fn spawn(
+        sockets: &[Arc<UdpSocket>],
+        threads: usize,
+        clock: Clock,
+        since_ns: u64,
+    ) -> Result<Receivers> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let progress = Arc::new(AtomicU64::new(0));
+        let threads = threads.clamp(1, sockets.len().max(1));
+        let mut handles = Vec::with_capacity(threads);
+        for t in 0..threads {
+            let mine: Vec<Arc<UdpSocket>> = sockets
+                .iter()
+                .skip(t)
+                .step_by(threads)
+                .map(Arc::clone)
+                .collect();
+            let (stop, progress) = (Arc::clone(&stop), Arc::clone(&progress));
+            let handle = thread::Builder::new()
+                .name(format!("recv-{t}"))
+                .spawn(move || receive_loop(&mine, &stop, &progress, clock, since_ns))
+                .ctx("spawn receiver thread")?;
+            handles.push(handle);
+        }
+        Ok(Receivers {
+            stop,
+            progress,
+            handles,
+        })
+    }
+
+    /// Deliveries counted so far by all threads (updated after each `recvmmsg`).
+    pub fn progress(&self) -> u64 {
+        self.progress.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `expected` deliveries arrived, or nothing arrived for `quiet`, or `max`
+    /// passed; then stops the threads and merges what they saw.
+    pub fn finish(self, expected: u64, quiet: Duration, max: Duration) -> Result<Received> {
+        let started = Instant::now();
+        let mut last = self.progress();
+        let mut last_change = Instant::now();
+        while started.elapsed() < max {
+            thread::sleep(Duration::from_millis(10));
+            let now = self.progress();
+            if now >= expected {
+                break;
+            }
+            if now != last {
+                last = now;
+                last_change = Instant::now();
+            } else if last_change.elapsed() >= quiet {
+                break;
+            }
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = Received::new(0);
+        for handle in self.handles {
+            match handle.join() {
+                Ok(r) => total.merge(&r?),
+                Err(_) => {
+                    return Err(crate::error::Error::Io {
+                        context: "receiver thread".into(),
+                        source: std::io::Error::other("panicked"),
+                    })
+                }
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// An epoll set that closes itself.
+struct Epoll(RawFd);
+
+impl Epoll {
+    fn new(sockets: &[Arc<UdpSocket>]) -> Result<Epoll> {
+        // SAFETY: epoll_create1 has no memory preconditions.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).ctx("epoll_create1");
+        }
+        let epoll = Epoll(fd);
+        for (i, socket) in sockets.iter().enumerate() {
+            let mut event = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: i as u64,
+            };
+            // SAFETY: both descriptors are live; event is a valid epoll_event.
+            let rc =
+                unsafe { libc::epoll_ctl(fd, libc::EPOLL_CTL_ADD, socket.as_raw_fd(), &mut event) };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error()).ctx("epoll_ctl");
+            }
+        }
+        Ok(epoll)
+    }
+}
+
+impl Drop for Epoll {
+    fn drop(&mut self) {
+        // SAFETY: we own this descriptor.
+        unsafe {
+            libc::close(self.0);
+        }
+    }
+}
+
+/// `recvmmsg` scratch: buffers, iovecs and headers for [`RECV_BATCH`] datagrams.
+struct Batch {
+    bufs: Vec<u8>,
+    iovecs: Vec<libc::iovec>,
+    headers: Vec<libc::mmsghdr>,
+}
+
+impl Batch {
+    fn new() -> Batch {
+        let mut bufs = vec![0u8; RECV_BATCH * DATAGRAM_BUF_LEN];
+        let iovecs: Vec<libc::iovec> = bufs
+            .chunks_mut(DATAGRAM_BUF_LEN)
+            .map(|c| libc::iovec {
+                iov_base: c.as_mut_ptr().cast(),
+                iov_len: c.len(),
+            })
+            .collect();
+        // SAFETY: mmsghdr is plain data; all-zero is a valid (empty) value.
+        let headers = (0..RECV_BATCH)
+            .map(|_| unsafe { std::mem::zeroed::<libc::mmsghdr>() })
+            .collect();
+        let mut batch = Batch {
+            bufs,
+            iovecs,
+            headers,
+        };
+        for (h, iov) in batch.headers.iter_mut().zip(batch.iovecs.iter_mut()) {
+            h.msg_hdr.msg_iov = iov;
+            h.msg_hdr.msg_iovlen = 1;
+        }
+        batch
+    }
+
+    /// Reads up to [`RECV_BATCH`] datagrams without blocking; 0 when none is waiting.
+    fn recv(&mut self, fd: RawFd) -> usize {
+        for h in &mut self.headers {
+            h.msg_len = 0;
+        }
+        // SAFETY: headers point at iovecs that point into `bufs`, all owned by self and alive
+        // for the call; the count matches the headers' length.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.headers.as_mut_ptr(),
+                RECV_BATCH as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        usize::try_from(n).unwrap_or(0)
+    }
+
+    fn datagram(&self, i: usize) -> &[u8] {
+        let len = (self.headers[i].msg_len as usize).min(DATAGRAM_BUF_LEN);
+        let start = i * DATAGRAM_BUF_LEN;
+        &self.bufs[start..start + len]
+    }
+}
+
+fn receive_loop(
+    sockets: &[Arc<UdpSocket>],
+    stop: &AtomicBool,
+    progress: &AtomicU64,
+    clock: Clock,
+    since_ns: u64,
+) -> Result<Received> {
+    let epoll = Epoll::new(sockets)?;
+    let mut batch = Batch::new();
+    let mut seen = Received::new(since_ns);
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; sockets.len().max(1)];
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: events has room for the count passed.
+        let n = unsafe {
+            libc::epoll_wait(
+                epoll.0,
+                events.as_mut_ptr(),
+                events.len() as i32,
+                EPOLL_TIMEOUT_MS,
+            )
+        };
+        let n = usize::try_from(n).unwrap_or(0);
+        for event in &events[..n] {
+            let Some(socket) = sockets.get(event.u64 as usize) else {
+                continue;
+            };
+            let fd = socket.as_raw_fd();
+            loop {
+                let got = batch.recv(fd);
+                if got == 0 {
+                    break;
+                }
+                let now = clock.nanos();
+                let before = seen.deliveries;
+                for i in 0..got {
+                    seen.handle(batch.datagram(i), now);
+                }
+                progress.fetch_add(seen.deliveries - before, Ordering::Relaxed);
+                if got < RECV_BATCH {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(seen)
+}
+
+/// Sum of the kernel's drop counters (full receive buffer) of these sockets, from
+/// `/proc/net/udp`: the client-side loss.
+pub fn kernel_drops(sockets: &[Arc<UdpSocket>]) -> u64 {
+    let inodes: std::collections::HashSet<String> = sockets
+        .iter()
+        .filter_map(|s| {
+            // SAFETY: fstat on a live descriptor into a zeroed stat buffer.
+            unsafe {
+                let mut st: libc::stat = std::mem::zeroed();
+                (libc::fstat(s.as_raw_fd(), &mut st) == 0).then(|| st.st_ino.to_string())
+            }
+        })
+        .collect();
+    let Ok(text) = std::fs::read_to_string("/proc/net/udp") else {
+        return 0;
+    };
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let inode = fields.get(9)?;
+            if !inodes.contains(*inode) {
+                return None;
+            }
+            fields.last()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// Asks for a receive buffer of `bytes`: `SO_RCVBUFFORCE` (root may pass `rmem_max`), else
+/// `SO_RCVBUF`. Returns what the kernel granted.
+pub fn size_rcvbuf(socket: &UdpSocket, bytes: usize) -> usize {
+    let fd = socket.as_raw_fd();
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: live socket; the option value is a c_int of the given size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&value as *const libc::c_int).cast(),
+                len,
+            )
+        };
+        if rc == 0 {
+            break;
+        }
+    }
+    let mut got: libc::c_int = 0;
+    let mut got_len = len;
+    // SAFETY: as above, with a c_int out-parameter.
+    unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&mut got as *mut libc::c_int).cast(),
+            &mut got_len,
+        );
+    }
+    usize::try_from(got).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_round_trips_and_pads() {
+        let mut out = Vec::new();
+        write_text(&mut out, 3, 42, 123_456_789, 64);
+        assert_eq!(out.len(), 64);
+        let text = std::str::from_utf8(&out).unwrap();
+        assert_eq!(read_text(text), Some((3, 42, 123_456_789)));
+        assert_eq!(read_text("probe 1"), None);
+    }
+
+    #[test]
+    fn batch_frames_are_counted_entry_by_entry() {
+        let mut text = Vec::new();
+        write_text(&mut text, 1, 7, 10, 40);
+        let mut chat = Vec::new();
+        delivery::encode_chat("m1", &text, &mut chat).unwrap();
+        let mut batch = Vec::new();
+        delivery::begin_batch(&mut batch);
+        delivery::push_batch_entry(&chat, &mut batch).unwrap();
+        delivery::push_batch_entry(&chat, &mut batch).unwrap();
+        let mut r = Received::new(5);
+        r.handle(&batch, 1_000);
+        r.handle(&chat, 1_000);
+        r.handle(&[0x00, 0x09], 1_000);
+        assert_eq!((r.datagrams, r.deliveries, r.undecodable), (3, 3, 1));
+        let mut stale = Vec::new();
+        write_text(&mut stale, 1, 8, 2, 40);
+        let mut chat = Vec::new();
+        delivery::encode_chat("m1", &stale, &mut chat).unwrap();
+        r.handle(&chat, 1_000);
+        assert_eq!((r.deliveries, r.stale), (3, 1));
+        assert_eq!(r.latency_ns.max(), 990);
+    }
+}

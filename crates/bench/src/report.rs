@@ -1,0 +1,277 @@
+//! Result summaries shared by the modes: percentiles, rate windows, loss attribution from the
+//! daemon's metrics, and facts about the machine and its load.
+
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::daemon::Scrape;
+
+/// A histogram with 3 significant figures, auto-resizing.
+pub fn histogram() -> Histogram<u64> {
+    // Local invariant: 3 significant figures is within hdrhistogram's 0..=5.
+    let mut h = Histogram::new(3).expect("3 significant figures is valid");
+    h.auto(true);
+    h
+}
+
+/// Latency percentiles in the histogram's unit.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Percentiles {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+impl Percentiles {
+    /// Percentiles of `h`, unchanged unit.
+    pub fn of(h: &Histogram<u64>) -> Percentiles {
+        Percentiles::scaled(h, 1.0)
+    }
+
+    /// Percentiles of `h` divided by `divisor` (e.g. 1000 for ns → µs).
+    pub fn scaled(h: &Histogram<u64>, divisor: f64) -> Percentiles {
+        if h.is_empty() {
+            return Percentiles::default();
+        }
+        Percentiles {
+            count: h.len(),
+            p50: h.value_at_quantile(0.50) as f64 / divisor,
+            p90: h.value_at_quantile(0.90) as f64 / divisor,
+            p99: h.value_at_quantile(0.99) as f64 / divisor,
+            max: h.max() as f64 / divisor,
+        }
+    }
+}
+
+/// Throughput at the start and the end of a run, to show whether it stays flat.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct RateWindows {
+    /// Operations per second over the first 10% of operations.
+    pub first_10pct_per_sec: f64,
+    /// Operations per second over the last 10% of operations.
+    pub last_10pct_per_sec: f64,
+}
+
+impl RateWindows {
+    /// From sorted completion times (since the run's start).
+    pub fn of(done: &[Duration]) -> RateWindows {
+        let n = done.len();
+        let tenth = n / 10;
+        if tenth == 0 {
+            return RateWindows::default();
+        }
+        let first = done[tenth - 1].as_secs_f64();
+        let last = (done[n - 1] - done[n - 1 - tenth]).as_secs_f64();
+        RateWindows {
+            first_10pct_per_sec: tenth as f64 / first.max(1e-9),
+            last_10pct_per_sec: tenth as f64 / last.max(1e-9),
+        }
+    }
+}
+
+/// Where datagrams were lost, from the daemon's metrics (deltas over the run) and the client
+/// sockets' kernel counters.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LossAttribution {
+    /// `ocm_udp_receive_buffer_drops_total`: the daemon's socket overflowed (inbound lost).
+    pub daemon_rcvbuf_drops: f64,
+    /// `ocm_datagrams_dropped_total` by reason (the daemon refused the datagram).
+    pub daemon_dropped: Vec<String>,
+    /// `ocm_send_errors_total` by reason (the daemon's sendto failed, e.g. would_block).
+    pub daemon_send_errors: Vec<String>,
+    /// Sum of the send errors.
+    pub daemon_send_errors_total: f64,
+    /// Client sockets' kernel drop counters (the bench's receive buffers overflowed).
+    pub client_rcvbuf_drops: u64,
+    /// `ocm_datagrams_received_total` delta.
+    pub daemon_received: f64,
+    /// `ocm_datagrams_sent_total` delta.
+    pub daemon_sent: f64,
+    /// `ocm_deliveries_total` delta.
+    pub daemon_deliveries: f64,
+}
+
+impl LossAttribution {
+    /// The deltas between two scrapes plus the client-side drops.
+    pub fn between(before: &Scrape, after: &Scrape, client_drops: u64) -> LossAttribution {
+        let delta = |f: &str| after.total(f) - before.total(f);
+        LossAttribution {
+            daemon_rcvbuf_drops: delta("ocm_udp_receive_buffer_drops_total"),
+            daemon_dropped: after.grown(before, "ocm_datagrams_dropped_total"),
+            daemon_send_errors: after.grown(before, "ocm_send_errors_total"),
+            daemon_send_errors_total: delta("ocm_send_errors_total"),
+            client_rcvbuf_drops: client_drops,
+            daemon_received: delta("ocm_datagrams_received_total"),
+            daemon_sent: delta("ocm_datagrams_sent_total"),
+            daemon_deliveries: delta("ocm_deliveries_total"),
+        }
+    }
+
+    /// One line for the text report.
+    pub fn line(&self) -> String {
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "0".to_owned()
+            } else {
+                v.join(",")
+            }
+        };
+        format!(
+            "daemon: received {} datagrams, sent {} datagrams / {} deliveries; loss: daemon rcvbuf drops {}, daemon dropped {}, daemon send errors {}, client rcvbuf drops {}",
+            self.daemon_received,
+            self.daemon_sent,
+            self.daemon_deliveries,
+            self.daemon_rcvbuf_drops,
+            list(&self.daemon_dropped),
+            list(&self.daemon_send_errors),
+            self.client_rcvbuf_drops
+        )
+    }
+}
+
+/// CPU used by the daemon and by the bench over a window, as % of one core.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct CpuUse {
+    /// The daemon's user + system time / wall time, percent of one core.
+    pub daemon_pct: f64,
+    /// The bench's (all its threads), same unit.
+    pub bench_pct: f64,
+}
+
+impl CpuUse {
+    /// From CPU times before and after a window of `wall`.
+    pub fn of(daemon: (Duration, Duration), bench: (Duration, Duration), wall: Duration) -> CpuUse {
+        let pct = |(a, b): (Duration, Duration)| {
+            100.0 * b.saturating_sub(a).as_secs_f64() / wall.as_secs_f64().max(1e-9)
+        };
+        CpuUse {
+            daemon_pct: pct(daemon),
+            bench_pct: pct(bench),
+        }
+    }
+}
+
+/// The 1-minute load average (includes the bench itself while it runs).
+pub fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Busy CPU fraction of the whole machine over `window` (all cores, 0..=100 × cores).
+pub fn machine_busy_pct(window: Duration) -> f64 {
+    fn sample() -> Option<(u64, u64)> {
+        let text = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = text.lines().next()?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+        Some((v.iter().sum(), idle))
+    }
+    let Some((t0, i0)) = sample() else { return 0.0 };
+    std::thread::sleep(window);
+    let Some((t1, i1)) = sample() else { return 0.0 };
+    let total = t1.saturating_sub(t0).max(1);
+    let busy = total - i1.saturating_sub(i0).min(total);
+    100.0 * busy as f64 / total as f64
+}
+
+/// The machine, for the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// `nproc`.
+    pub cpus: usize,
+    /// `model name` from /proc/cpuinfo.
+    pub cpu_model: String,
+    /// Kernel release.
+    pub kernel: String,
+    /// net.core.rmem_max.
+    pub rmem_max: String,
+    /// net.core.wmem_max.
+    pub wmem_max: String,
+}
+
+impl Machine {
+    /// Reads /proc.
+    pub fn probe() -> Machine {
+        let read = |p: &str| {
+            std::fs::read_to_string(p)
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_else(|_| "?".into())
+        };
+        let cpuinfo = read("/proc/cpuinfo");
+        Machine {
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cpu_model: cpuinfo
+                .lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+                .unwrap_or_else(|| "?".into()),
+            kernel: read("/proc/sys/kernel/osrelease"),
+            rmem_max: read("/proc/sys/net/core/rmem_max"),
+            wmem_max: read("/proc/sys/net/core/wmem_max"),
+        }
+    }
+}
+
+/// Prints `value` as one JSON line when asked.
+pub fn print_json<T: Serialize>(enabled: bool, kind: &str, value: &T) {
+    if enabled {
+        let line = serde_json::json!({ "kind": kind, "result": value });
+        println!("{line}");
+    }
+}
+
+/// `12345678.9` → `12.35M`.
+pub fn si(x: f64) -> String {
+    if x >= 1e6 {
+        format!("{:.2}M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.1}k", x / 1e3)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_of_a_steady_run_are_equal() {
+        let done: Vec<Duration> = (1..=100).map(|i| Duration::from_millis(i * 10)).collect();
+        let w = RateWindows::of(&done);
+        assert!((w.first_10pct_per_sec - 100.0).abs() < 1.0);
+        assert!((w.last_10pct_per_sec - 100.0).abs() < 12.0);
+    }
+
+    #[test]
+    fn scrape_totals_and_deltas() {
+        let before = Scrape::parse("a_total{reason=\"x\"} 1\na_total{reason=\"y\"} 2\nb 5\n");
+        let after =
+            Scrape::parse("# HELP a\na_total{reason=\"x\"} 4\na_total{reason=\"y\"} 2\nb 7\n");
+        assert_eq!(after.total("a_total"), 6.0);
+        assert_eq!(after.total("b"), 7.0);
+        assert_eq!(after.grown(&before, "a_total"), vec!["reason=\"x\"=3"]);
+    }
+
+    #[test]
+    fn si_units() {
+        assert_eq!(si(6_123_000.0), "6.12M");
+        assert_eq!(si(300_400.0), "300.4k");
+        assert_eq!(si(12.0), "12");
+    }
+}

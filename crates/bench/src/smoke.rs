@@ -1,0 +1,75 @@
+//! `smoke`: every mode once, briefly and small, for CI. No timing is asserted; it fails only
+//! when the daemon fails, nothing is delivered or no handshake completes. Its last line is
+//! `smoke: deliveries=N handshakes=N`, which the crate's test reads.
+
+use std::time::Duration;
+
+use crate::cli::CapsArg;
+use crate::daemon::{is_tmpfs, Launcher, StateDir};
+use crate::error::{Error, Result};
+use crate::fanout::{self, Pace};
+use crate::{ceiling, handshake, members, memory};
+
+/// Runs the smoke checks.
+pub fn run(launcher: &Launcher, receivers: usize, rcvbuf: usize) -> Result<()> {
+    let second = Duration::from_secs(1);
+    let c = ceiling::run(8, 64, second, receivers, rcvbuf)?;
+    c.print();
+    let dir = StateDir::new(&launcher.state_root)?;
+    let mut daemon = launcher.spawn(&dir)?;
+    let mut deliveries = 0;
+    for (caps, pace) in [
+        (CapsArg::Plain, Pace::Rate(2_000.0)),
+        (CapsArg::Batch, Pace::Max),
+    ] {
+        let room = members::build_room(
+            daemon.tcp,
+            daemon.udp,
+            &format!("smoke-{caps}"),
+            8,
+            caps,
+            rcvbuf,
+        )?;
+        let mut r = fanout::measure(&mut daemon, &room, 2, 64, caps, pace, second, receivers)?;
+        r.ceiling_per_sec = Some(c.received_per_sec);
+        r.print();
+        deliveries += r.received;
+    }
+    let room = members::build_room(
+        daemon.tcp,
+        daemon.udp,
+        "smoke-sweep",
+        8,
+        CapsArg::Plain,
+        rcvbuf,
+    )?;
+    let s = fanout::sweep(
+        &mut daemon,
+        &room,
+        2,
+        64,
+        CapsArg::Plain,
+        Duration::from_millis(500),
+        2,
+        0.1,
+        receivers,
+        c.received_per_sec,
+    )?;
+    s.print();
+    deliveries += s.max.received;
+    let h = handshake::run(&daemon, is_tmpfs(dir.path()), 5, 4, 2, 50)?;
+    h.print();
+    daemon.check_alive()?;
+    drop(daemon);
+    let m = memory::run(launcher, 300, 16, 4)?;
+    m.print();
+    let handshakes = h.joins.ok + h.creates.ok;
+    println!("smoke: deliveries={deliveries} handshakes={handshakes}");
+    if deliveries == 0 {
+        return Err(Error::Smoke("nothing was delivered".into()));
+    }
+    if handshakes == 0 {
+        return Err(Error::Smoke("no handshake completed".into()));
+    }
+    Ok(())
+}

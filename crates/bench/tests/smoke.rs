@@ -1,0 +1,46 @@
+//! Runs `ocm-bench smoke` against the debug `ocmd` built beside it (scripts/test builds every
+//! binary first) and checks that messages were delivered and handshakes completed. No timing
+//! is asserted: CI machines are shared.
+
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn smoke_delivers_and_handshakes() {
+    let bench = Path::new(env!("CARGO_BIN_EXE_ocm-bench"));
+    let ocmd = bench.with_file_name("ocmd");
+    assert!(
+        ocmd.exists(),
+        "{} is missing: build every binary first (cargo build --workspace --bins, as scripts/test does)",
+        ocmd.display()
+    );
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let output = Command::new(bench)
+        .arg("--ocmd")
+        .arg(&ocmd)
+        .arg("--config")
+        .arg(workspace.join("config/bench.toml"))
+        .arg("smoke")
+        .output()
+        .expect("run ocm-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "ocm-bench smoke failed ({})\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+        output.status
+    );
+    let summary = stdout
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("smoke: "))
+        .unwrap_or_else(|| panic!("no summary line\n{stdout}"));
+    let count = |key: &str| -> u64 {
+        summary
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {summary:?}"))
+    };
+    assert!(count("deliveries=") > 0, "{stdout}");
+    assert!(count("handshakes=") > 0, "{stdout}");
+}
