@@ -59,6 +59,8 @@ const LIMITER_KEYS: usize = 65_536;
 /// Largest UDP datagram read (anything longer than a UCRP datagram is truncated, then dropped
 /// as too large).
 const RECV_BUF_LEN: usize = ucrp::MAX_DATAGRAM_LEN + 1;
+/// Open metrics connections at most (they do not count against `limits.max_connections`).
+const MAX_HTTP_CONNECTIONS: usize = 16;
 /// Input buffers read from one connection per readiness event.
 const READS_PER_EVENT: usize = 4;
 /// Extra bytes each connection may read beyond one frame.
@@ -102,6 +104,8 @@ pub struct Server {
     signals: Signals,
     conns: Slab<Conn>,
     per_ip: HashMap<IpAddr, usize>,
+    /// Open metrics (HTTP) connections.
+    http_open: usize,
     registry: Registry,
     limiter: KeyedLimiter<IpAddr>,
     password_failures: KeyedLimiter<IpAddr>,
@@ -249,6 +253,7 @@ impl Server {
             signals,
             conns: Slab::new(),
             per_ip: HashMap::new(),
+            http_open: 0,
             registry,
             persister: Some(persister),
             outbox: Outbox::default(),
@@ -373,12 +378,18 @@ impl Server {
             };
             let limits = &self.config.limits;
             let from_ip = self.per_ip.get(&peer.ip()).copied().unwrap_or(0);
-            let refusal = if self.conns.len() >= limits.max_connections {
-                Some("max_connections")
-            } else if kind == Kind::Tcrp && from_ip >= limits.max_connections_per_ip {
-                Some("max_connections_per_ip")
-            } else {
-                None
+            let tcrp_open = self.conns.len() - self.http_open;
+            let refusal = match kind {
+                Kind::Tcrp if tcrp_open >= limits.max_connections => Some("max_connections"),
+                Kind::Tcrp if from_ip >= limits.max_connections_per_ip => {
+                    Some("max_connections_per_ip")
+                }
+                // Scrapers and health checks have their own small allowance, so they can
+                // neither fill the handshake table nor be locked out by it.
+                Kind::Http if self.http_open >= MAX_HTTP_CONNECTIONS => {
+                    Some("max_metrics_connections")
+                }
+                _ => None,
             };
             if let Some(reason) = refusal {
                 Metrics::bump(&mut self.metrics.tcp_rejected, reason);
@@ -405,8 +416,9 @@ impl Server {
             }
             let deadline = now + Duration::from_secs(self.config.limits.handshake_timeout_secs);
             entry.insert(Conn::new(stream, peer, kind, deadline));
-            if kind == Kind::Tcrp {
-                *self.per_ip.entry(peer.ip()).or_insert(0) += 1;
+            match kind {
+                Kind::Tcrp => *self.per_ip.entry(peer.ip()).or_insert(0) += 1,
+                Kind::Http => self.http_open += 1,
             }
             self.metrics.tcp_accepted += 1;
             self.metrics.tcp_open += 1;
@@ -472,6 +484,9 @@ impl Server {
         }
         let mut conn = self.conns.remove(id.0);
         let _ = self.poll.registry().deregister(&mut conn.stream);
+        if conn.kind == Kind::Http {
+            self.http_open -= 1;
+        }
         let counted = conn.kind == Kind::Tcrp;
         if let Some(count) = self.per_ip.get_mut(&conn.peer.ip()).filter(|_| counted) {
             *count -= 1;

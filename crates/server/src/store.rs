@@ -338,8 +338,21 @@ pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
 }
 
 /// Parses the state file's bytes.
+///
+/// The file must be a JSON object with a `rooms` or `tokens` key (the original server always
+/// writes both): anything else is refused rather than taken for an empty state, so pointing
+/// `--state` at the wrong JSON file never overwrites it.
 pub fn parse_state(bytes: &[u8]) -> Result<State, serde_json::Error> {
-    serde_json::from_slice(bytes)
+    let value: serde_json::Value = serde_json::from_slice(bytes)?;
+    let looks_like_state = value
+        .as_object()
+        .is_some_and(|o| o.contains_key("rooms") || o.contains_key("tokens"));
+    if !looks_like_state {
+        return Err(serde::de::Error::custom(
+            "not an ocm state file: expected a JSON object with \"rooms\" and \"tokens\"",
+        ));
+    }
+    serde_json::from_value(value)
 }
 
 /// One journal line: a sequence number and a record.
@@ -535,6 +548,15 @@ mod tests {
         fs::write(&paths.state, b"{ not json").unwrap();
         let err = load(&paths).unwrap_err();
         assert!(err.to_string().contains("s.json"), "{err}");
+    }
+
+    #[test]
+    fn json_of_another_shape_is_refused() {
+        for text in ["[]", "[1]", "{}", "{\"unknown\": 1}", "3", "\"rooms\""] {
+            assert!(parse_state(text.as_bytes()).is_err(), "{text} accepted");
+        }
+        assert!(parse_state(b"{\"rooms\": {}}").is_ok());
+        assert!(parse_state(b"{\"tokens\": {}, \"rooms\": {}}").is_ok());
     }
 
     #[test]

@@ -355,16 +355,7 @@ fn request_raw(d: &Daemon, bytes: &[u8]) -> Reply {
 
 #[test]
 fn garbage_datagrams_are_dropped_counted_and_never_answered() {
-    let seed = std::env::var("OCM_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!("seed {seed} (replay with OCM_SEED={seed})");
+    let seed = seed();
     let mut rng = StdRng::seed_from_u64(seed);
     let d = daemon("");
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -683,6 +674,41 @@ fn metrics_connections_do_not_use_up_the_per_ip_handshake_cap() {
         "the only handshake connection from 127.0.0.1 was refused ({answered:?}); rejected: {}",
         d.metric("ocm_tcp_connections_rejected_total{reason=\"max_connections_per_ip\"}")
     );
+}
+
+#[test]
+fn idle_metrics_connections_cannot_fill_the_connection_table() {
+    let d = daemon("[limits]\nmax_connections = 4\n");
+    let metrics = d.metrics.expect("metrics on");
+    // Sixteen idle scrapers fill the metrics allowance, not the handshake table.
+    let idle: Vec<TcpStream> = (0..16)
+        .map(|_| TcpStream::connect(metrics).unwrap())
+        .collect();
+    let room = assert_still_serves(&d);
+    // The seventeenth scraper is closed at once.
+    let mut extra = TcpStream::connect(metrics).unwrap();
+    extra.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut byte = [0u8; 1];
+    assert!(
+        matches!(extra.read(&mut byte), Ok(0) | Err(_)),
+        "the 17th metrics connection was not refused"
+    );
+    drop(idle);
+    // Scrape once the daemon has seen the idle ones close (until then a scrape is refused too).
+    let sample = "ocm_tcp_connections_rejected_total{reason=\"max_metrics_connections\"} ";
+    wait_until("the refusal is counted", || {
+        let Ok(mut s) = TcpStream::connect(metrics) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(PATIENCE));
+        let mut body = String::new();
+        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").is_ok()
+            && s.read_to_string(&mut body).is_ok()
+            && body
+                .lines()
+                .any(|l| l.strip_prefix(sample).is_some_and(|v| v.trim() != "0"))
+    });
+    assert_state_intact(d, &[room]);
 }
 
 #[test]

@@ -34,6 +34,21 @@ pub fn sibling_binary(name: &str) -> PathBuf {
     path
 }
 
+/// A seed from `OCM_SEED` or the clock, printed so that a failure can be replayed.
+pub fn seed() -> u64 {
+    let seed = std::env::var("OCM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("seed {seed} (replay with OCM_SEED={seed})");
+    seed
+}
+
 /// Polls `condition` until it holds or [`PATIENCE`] runs out.
 pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + PATIENCE;
