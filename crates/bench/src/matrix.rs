@@ -17,7 +17,7 @@ use crate::error::{Context, Result};
 use crate::fanout::{self, FanoutResult, Pace, SweepResult};
 use crate::handshake::{self, HandshakeResult};
 use crate::memory::{self, MemoryResult};
-use crate::report::{loadavg, machine_busy_pct, si, Machine};
+use crate::report::{loadavg, machine_busy_pct, micros, si, Machine};
 use crate::{members, svg};
 
 /// Room sizes of the fan-out rows.
@@ -358,6 +358,14 @@ pub fn markdown(r: &Results) -> String {
         verdict(mem.bytes_per_member < 1024.0)
     );
     if let Some(b) = batch {
+        let p99 = b.half.as_ref().map_or(f64::INFINITY, |h| h.latency_us.p99);
+        let _ = writeln!(
+            w,
+            "| p99 < 1 ms at half the sustained rate, M=64 (batch) | p99 {:.0} µs at {:.0} msg/s | {} |",
+            p99,
+            b.sustained_rate / 2.0,
+            verdict(p99 < 1000.0)
+        );
         let d = b.sustained.as_ref().map_or(0.0, |s| s.deliveries_per_sec);
         let _ = writeln!(
             w,
@@ -376,7 +384,7 @@ pub fn markdown(r: &Results) -> String {
     );
     let _ = writeln!(
         w,
-        "| M | ceiling dgram/s | caps | pace | offered msg/s | deliveries/s | % of ceiling | loss % | p50 µs | p99 µs | max µs | daemon rcvbuf drops | send errors | client drops | ocmd CPU % | bench CPU % |"
+        "| M | ceiling dgram/s | caps | pace | offered msg/s | deliveries/s | % of ceiling | loss % | p50 | p99 | max | daemon rcvbuf drops | send errors | client drops | ocmd CPU % | bench CPU % |"
     );
     let _ = writeln!(
         w,
@@ -391,7 +399,7 @@ pub fn markdown(r: &Results) -> String {
         ] {
             let _ = writeln!(
                 w,
-                "| {} | {} | {} | {} | {} | {} | {:.1} | {:.3} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {:.0} | {:.0} |",
+                "| {} | {} | {} | {} | {} | {} | {:.1} | {:.3} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} |",
                 row.members,
                 si(row.ceiling.received_per_sec),
                 caps,
@@ -400,9 +408,9 @@ pub fn markdown(r: &Results) -> String {
                 si(f.deliveries_per_sec),
                 pct_of(f.deliveries_per_sec, row.ceiling.received_per_sec),
                 f.loss_pct,
-                f.latency_us.p50,
-                f.latency_us.p99,
-                f.latency_us.max,
+                micros(f.latency_us.p50),
+                micros(f.latency_us.p99),
+                micros(f.latency_us.max),
                 f.loss.daemon_rcvbuf_drops,
                 f.loss.daemon_send_errors_total,
                 f.loss.client_rcvbuf_drops,
@@ -418,7 +426,7 @@ pub fn markdown(r: &Results) -> String {
         "## Sweep: highest rate with loss < 0.1% (M = 64, S = 2, B = 128)\n"
     );
     let _ = writeln!(w, "Binary search over the offered rate, 2 s per step, after a flat-out probe; a step passes when loss < 0.1% and the senders kept the pace.\n");
-    let _ = writeln!(w, "| caps | sustained msg/s | deliveries/s | % of ceiling | p50 µs at half | p99 µs at half | max µs at half | steps (rate → loss %) |");
+    let _ = writeln!(w, "| caps | sustained msg/s | deliveries/s | % of ceiling | p50 at half | p99 at half | max at half | steps (msg/s → loss %, p99) |");
     let _ = writeln!(w, "|---|---|---|---|---|---|---|---|");
     for s in &r.sweeps {
         let d = s.sustained.as_ref().map_or(0.0, |x| x.deliveries_per_sec);
@@ -426,7 +434,12 @@ pub fn markdown(r: &Results) -> String {
             .steps
             .iter()
             .filter_map(|x| match x.pace {
-                Pace::Rate(rate) => Some(format!("{} → {:.2}", si(rate), x.loss_pct)),
+                Pace::Rate(rate) => Some(format!(
+                    "{} → {:.2}%, {}",
+                    si(rate),
+                    x.loss_pct,
+                    micros(x.latency_us.p99)
+                )),
                 Pace::Max => None,
             })
             .collect();
@@ -435,14 +448,14 @@ pub fn markdown(r: &Results) -> String {
         });
         let _ = writeln!(
             w,
-            "| {} | {:.0} | {} | {:.1} | {:.0} | {:.0} | {:.0} | {} |",
+            "| {} | {:.0} | {} | {:.1} | {} | {} | {} | {} |",
             s.max.caps,
             s.sustained_rate,
             si(d),
             pct_of(d, s.ceiling_per_sec),
-            p50,
-            p99,
-            max,
+            micros(p50),
+            micros(p99),
+            micros(max),
             steps.join("; ")
         );
     }

@@ -235,6 +235,17 @@ pub fn print_json<T: Serialize>(enabled: bool, kind: &str, value: &T) {
     }
 }
 
+/// `850` → `850 µs`, `12500` → `12.5 ms`, `2500000` → `2500 ms`.
+pub fn micros(us: f64) -> String {
+    if us < 1000.0 {
+        format!("{us:.0} µs")
+    } else if us < 100_000.0 {
+        format!("{:.1} ms", us / 1000.0)
+    } else {
+        format!("{:.0} ms", us / 1000.0)
+    }
+}
+
 /// `12345678.9` → `12.35M`.
 pub fn si(x: f64) -> String {
     if x >= 1e6 {

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::matrix::Results;
-use crate::report::si;
+use crate::report::{micros, si};
 
 const WIDTH: f64 = 960.0;
 const HEIGHT: f64 = 420.0;
@@ -108,15 +108,6 @@ fn panel(
             COLORS[(s + color_offset) % COLORS.len()],
             x + 16.0
         );
-    }
-}
-
-/// `850` → `850 µs`, `12500` → `12.5 ms`.
-fn micros(us: f64) -> String {
-    if us < 1000.0 {
-        format!("{us:.0} µs")
-    } else {
-        format!("{:.1} ms", us / 1000.0)
     }
 }
 
