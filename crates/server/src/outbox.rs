@@ -14,6 +14,9 @@ pub struct Send {
     pub to: SocketAddr,
     /// The payload's range in [`Outbox::bytes`].
     pub bytes: Range<usize>,
+    /// The recipient's member slot in the registry, when it is a member (a dense small
+    /// number the sender uses to group a member's messages without hashing addresses).
+    pub member: Option<u32>,
     /// Whether the recipient accepts batch frames (several messages in one datagram).
     pub batchable: bool,
 }
@@ -36,11 +39,30 @@ impl Outbox {
         start..self.bytes.len()
     }
 
-    /// Queues `bytes` (a range returned by [`Outbox::payload`]) for `to`.
-    pub fn send(&mut self, to: SocketAddr, bytes: Range<usize>, batchable: bool) {
+    /// Queues `bytes` (a range returned by [`Outbox::payload`]) for `to`, alone in its
+    /// datagram.
+    pub fn send(&mut self, to: SocketAddr, bytes: Range<usize>) {
         self.sends.push(Send {
             to,
             bytes,
+            member: None,
+            batchable: false,
+        });
+    }
+
+    /// Queues `bytes` for the member in registry slot `member`, at `to`; `batchable` when the
+    /// member accepts batch frames.
+    pub fn send_to_member(
+        &mut self,
+        to: SocketAddr,
+        bytes: Range<usize>,
+        member: u32,
+        batchable: bool,
+    ) {
+        self.sends.push(Send {
+            to,
+            bytes,
+            member: Some(member),
             batchable,
         });
     }

@@ -45,6 +45,13 @@ pub struct RoomId(usize);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MemberId(usize);
 
+impl MemberId {
+    /// The slab index as a compact number for the send plan (members never number 2^32).
+    fn slot(self) -> u32 {
+        u32::try_from(self.0).unwrap_or(u32::MAX)
+    }
+}
+
 /// Caps and timings the registry enforces. `0` turns a cap off.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
@@ -740,7 +747,7 @@ impl Registry {
                 Short::of(token)
             );
             let bytes = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
-            out.send(src, bytes, false);
+            out.send(src, bytes);
             return Handled::ClosedReply;
         }
         Handled::Dropped(DropReason::UnknownToken)
@@ -794,7 +801,7 @@ impl Registry {
                     })
                     .clone()
             };
-            out.send(to, bytes, member.caps.contains(Caps::BATCH));
+            out.send_to_member(to, bytes, m.slot(), member.caps.contains(Caps::BATCH));
             deliveries += 1;
         }
         deliveries
@@ -825,7 +832,7 @@ impl Registry {
                     })
                 })
                 .clone();
-            out.send(to, range, member.caps.contains(Caps::BATCH));
+            out.send_to_member(to, range, m.slot(), member.caps.contains(Caps::BATCH));
         }
     }
 
@@ -881,7 +888,7 @@ impl Registry {
             self.tombstones
                 .insert(member.token.as_str().as_bytes(), now, &self.limits);
             if let (Some(to), false) = (member.address, m == entry.host) {
-                out.send(to, closed.clone(), false);
+                out.send_to_member(to, closed.clone(), m.slot(), false);
                 notified += 1;
             }
         }

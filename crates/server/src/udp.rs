@@ -1,7 +1,6 @@
 //! The UDP socket: buffer sizing, sending an [`Outbox`] (packing batch-capable recipients'
 //! messages into batch frames, `sendmmsg` underneath), and reading the kernel's drop count.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
@@ -60,10 +59,10 @@ pub fn size_buffers(socket: &UdpSocket, recv: usize, send: usize) -> (usize, usi
 /// Batch buffers (4 KiB each) kept for reuse between passes.
 const MAX_POOLED_BATCHES: usize = 1024;
 
-/// Sends everything in an [`Outbox`]. Recipients that accept batches and have several
-/// messages waiting in this pass get them packed into batch frames, never delayed: only what
-/// is already in the outbox is packed. Order per recipient is kept. Datagrams leave through
-/// `sendmmsg`, [`mmsg::BATCH`] per system call.
+/// Sends everything in an [`Outbox`]. Messages for a batch-capable member in the same pass
+/// are packed into batch frames, never delayed: only what is already in the outbox is packed,
+/// and a "batch" of one leaves as the plain frame. Order per member is kept. Datagrams leave
+/// through `sendmmsg`, [`mmsg::BATCH`] per system call.
 #[derive(Default)]
 pub struct Sender {
     /// Datagrams to send, in order: destination, where the bytes are, messages carried.
@@ -71,9 +70,10 @@ pub struct Sender {
     /// Batch frames being filled, reused between passes.
     batches: Vec<Vec<u8>>,
     used_batches: usize,
-    /// Open batch per recipient: index into `plan`.
-    open: HashMap<SocketAddr, usize>,
-    counts: HashMap<SocketAddr, usize>,
+    /// Open batch per member slot: plan index + 1 (0: none). Indexed by slot, so no hashing.
+    open: Vec<u32>,
+    /// Slots set in `open` during this pass, to reset them after.
+    touched: Vec<u32>,
     scratch: mmsg::SendScratch,
 }
 
@@ -81,6 +81,23 @@ pub struct Sender {
 enum Bytes {
     Outbox(Range<usize>),
     Batch(usize),
+}
+
+/// The bytes of a planned datagram: a batch of one leaves as its single frame.
+fn bytes_of<'a>(
+    batches: &'a [Vec<u8>],
+    outbox: &'a Outbox,
+    bytes: &Bytes,
+    count: usize,
+) -> &'a [u8] {
+    match bytes {
+        Bytes::Outbox(range) => &outbox.bytes[range.clone()],
+        Bytes::Batch(i) if count == 1 => {
+            let skip = delivery::BATCH_HEADER_LEN + delivery::BATCH_ENTRY_OVERHEAD;
+            batches[*i].get(skip..).unwrap_or_default()
+        }
+        Bytes::Batch(i) => &batches[*i],
+    }
 }
 
 impl Sender {
@@ -95,15 +112,10 @@ impl Sender {
         let datagrams: Vec<(SocketAddr, &[u8])> = self
             .plan
             .iter()
-            .map(|(to, bytes, _)| {
-                let bytes: &[u8] = match bytes {
-                    Bytes::Outbox(range) => &outbox.bytes[range.clone()],
-                    Bytes::Batch(i) => &self.batches[*i],
-                };
-                (*to, bytes)
-            })
+            .map(|(to, bytes, count)| (*to, bytes_of(&self.batches, outbox, bytes, *count)))
             .collect();
         let sent = mmsg::send(socket.as_raw_fd(), &datagrams, &mut self.scratch);
+        drop(datagrams);
         metrics.datagrams_sent += sent.sent as u64;
         // Deliveries: messages carried by the datagrams that went out (they go in order).
         metrics.deliveries += self
@@ -123,49 +135,58 @@ impl Sender {
         self.batches.truncate(MAX_POOLED_BATCHES);
     }
 
-    /// Decides the datagrams: one per send, or batch frames for batchable recipients with
-    /// several messages in this pass.
+    fn close_batch(&mut self, slot: u32) {
+        if let Some(open) = self.open.get_mut(slot as usize) {
+            *open = 0;
+        }
+    }
+
+    /// Decides the datagrams: one per send, or batch frames for batch-capable members.
     fn plan(&mut self, outbox: &Outbox) {
         self.plan.clear();
-        self.open.clear();
         self.used_batches = 0;
-        self.counts.clear();
-        for send in outbox.sends.iter().filter(|s| s.batchable) {
-            *self.counts.entry(send.to).or_insert(0) += 1;
+        for slot in self.touched.drain(..) {
+            if let Some(open) = self.open.get_mut(slot as usize) {
+                *open = 0;
+            }
         }
         for send in &outbox.sends {
-            let bytes = outbox.bytes_of(send);
-            let worth_batching =
-                send.batchable && self.counts.get(&send.to).is_some_and(|&n| n > 1);
-            if !worth_batching {
-                // Whatever is packed for this recipient stays before this datagram.
-                self.open.remove(&send.to);
+            let (Some(slot), true) = (send.member, send.batchable) else {
+                // Whatever is packed for this member stays before this datagram.
+                if let Some(slot) = send.member {
+                    self.close_batch(slot);
+                }
                 self.plan
                     .push((send.to, Bytes::Outbox(send.bytes.clone()), 1));
                 continue;
+            };
+            let bytes = outbox.bytes_of(send);
+            let index = slot as usize;
+            if self.open.len() <= index {
+                self.open.resize(index + 1, 0);
             }
             let entry_len = delivery::BATCH_ENTRY_OVERHEAD + bytes.len();
-            let fits = self
-                .open
-                .get(&send.to)
-                .is_some_and(|&p| match &self.plan[p].1 {
+            let open = self.open[index] as usize;
+            let fits = open > 0
+                && match &self.plan[open - 1].1 {
                     Bytes::Batch(i) => self.batches[*i].len() + entry_len <= MAX_DATAGRAM_LEN,
                     Bytes::Outbox(_) => false,
-                });
-            if !fits {
-                let index = self.used_batches;
+                };
+            let p = if fits {
+                open - 1
+            } else {
+                let batch_index = self.used_batches;
                 self.used_batches += 1;
-                if self.batches.len() <= index {
+                if self.batches.len() <= batch_index {
                     self.batches.push(Vec::with_capacity(MAX_DATAGRAM_LEN));
                 }
-                let batch = &mut self.batches[index];
+                let batch = &mut self.batches[batch_index];
                 batch.clear();
                 delivery::begin_batch(batch);
-                self.open.insert(send.to, self.plan.len());
-                self.plan.push((send.to, Bytes::Batch(index), 0));
-            }
-            let Some(&p) = self.open.get(&send.to) else {
-                continue;
+                self.plan.push((send.to, Bytes::Batch(batch_index), 0));
+                self.open[index] = self.plan.len() as u32;
+                self.touched.push(slot);
+                self.plan.len() - 1
             };
             if let (_, Bytes::Batch(i), count) = &mut self.plan[p] {
                 let _ = delivery::push_batch_entry(bytes, &mut self.batches[*i]);
@@ -222,22 +243,19 @@ mod tests {
         let one = chat(&mut out, "one");
         let two = chat(&mut out, "two");
         let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
-        out.send(addr(1), one.clone(), true);
-        out.send(addr(2), one.clone(), false);
-        out.send(addr(1), two.clone(), true);
-        out.send(addr(2), two, false);
-        out.send(addr(3), one, true); // alone: no batch needed
-        out.send(addr(1), closed, false);
+        out.send_to_member(addr(1), one.clone(), 1, true);
+        out.send_to_member(addr(2), one.clone(), 2, false);
+        out.send_to_member(addr(1), two.clone(), 1, true);
+        out.send_to_member(addr(2), two, 2, false);
+        out.send_to_member(addr(3), one, 3, true); // alone: leaves as a plain frame
+        out.send_to_member(addr(1), closed, 1, false);
         let mut sender = Sender::new();
         sender.plan(&out);
         let shown: Vec<(u16, String, usize)> = sender
             .plan
             .iter()
             .map(|(to, bytes, n)| {
-                let b: &[u8] = match bytes {
-                    Bytes::Outbox(r) => &out.bytes[r.clone()],
-                    Bytes::Batch(i) => &sender.batches[*i],
-                };
+                let b = bytes_of(&sender.batches, &out, bytes, *n);
                 let text = match delivery::parse(b).unwrap() {
                     Delivery::Batch(body) => {
                         delivery::batch_entries(body).count().to_string() + " in batch"
@@ -266,7 +284,7 @@ mod tests {
         let mut out = Outbox::default();
         let big = chat(&mut out, &"x".repeat(1500));
         for _ in 0..5 {
-            out.send(addr(1), big.clone(), true);
+            out.send_to_member(addr(1), big.clone(), 7, true);
         }
         let mut sender = Sender::new();
         sender.plan(&out);
