@@ -8,6 +8,9 @@
 //! send the outbox; hand the new records to the writer. A reply that carries a token is queued
 //! on its connection and released only when the writer reports its batch durable.
 
+mod lifecycle;
+mod requests;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
@@ -17,26 +20,22 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use log::{debug, error, info, warn};
+use log::{debug, info, warn};
 use mio::event::Event;
 use mio::net::{TcpListener, UdpSocket};
 use mio::{Events, Interest, Poll, Token, Waker};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
-use tcrp::payload::ErrorCode;
-use tcrp::{Operation, HEADER_LEN};
 
-use crate::config::{self, Config, Overrides};
-use crate::conn::{Conn, Filled, Kind};
+use crate::config::{Config, Overrides};
+use crate::conn::{Conn, Kind};
 use crate::error::Error;
-use crate::handshake::{self, Context, Step};
-use crate::http::{self, Route};
-use crate::metrics::{operation_label, Metrics};
+use crate::metrics::Metrics;
 use crate::mmsg;
 use crate::notify::{self, Notifier};
 use crate::outbox::Outbox;
-use crate::password::{self, Outcome};
+use crate::password;
 use crate::persist::{self, Persister};
 use crate::rate::{KeyedLimiter, TokenBucket};
 use crate::rooms::{DropReason, Handled, Registry};
@@ -499,193 +498,6 @@ impl Server {
         debug!("{} conn {id:?}: closed ({reason})", conn.peer);
     }
 
-    /// Reads and answers TCRP frames; returns a close reason on I/O failure. Reads at most
-    /// [`READS_PER_EVENT`] buffers per call so one busy peer cannot hold the loop; a connection
-    /// with more to read is revisited on the next pass.
-    fn read_tcrp(&mut self, id: ConnId, now: Instant) -> Option<&'static str> {
-        let cap =
-            HEADER_LEN + usize::from(u8::MAX) + self.config.limits.max_payload_bytes + READ_SLACK;
-        for _ in 0..READS_PER_EVENT {
-            let conn = self.conns.get_mut(id.0)?;
-            if conn.close_after_flush {
-                return None;
-            }
-            let filled = match conn.fill(cap) {
-                Ok(f) => f,
-                Err(e) => {
-                    debug!("{} conn {id:?}: read failed: {e}", conn.peer);
-                    return Some("io_error");
-                }
-            };
-            self.process_input(id, now, None);
-            let conn = self.conns.get_mut(id.0)?;
-            // A peer that keeps sending requests but does not read the replies.
-            if conn.pending_bytes() > self.config.limits.max_output_bytes {
-                return Some("output_overflow");
-            }
-            // While a password is being checked the input waits; reading resumes after.
-            if conn.awaiting_password.is_some() {
-                return None;
-            }
-            match filled {
-                Filled::Full => continue,
-                Filled::WouldBlock | Filled::Eof => return None,
-            }
-        }
-        self.revisit.push(id);
-        None
-    }
-
-    /// Answers the whole frames in a connection's input. `outcome` is the password result the
-    /// first frame waited for. A frame that needs a password check stays at the front of the
-    /// input, and the connection waits for the check.
-    fn process_input(&mut self, id: ConnId, now: Instant, mut outcome: Option<Outcome>) {
-        let max_payload = self.config.limits.max_payload_bytes;
-        let timeout = Duration::from_secs(self.config.limits.handshake_timeout_secs);
-        let Some(conn) = self.conns.get(id.0) else {
-            return;
-        };
-        let peer = conn.peer;
-        let mut consumed = 0;
-        loop {
-            let Some(conn) = self.conns.get_mut(id.0) else {
-                return;
-            };
-            if conn.close_after_flush || (conn.awaiting_password.is_some() && outcome.is_none()) {
-                break;
-            }
-            conn.awaiting_password = None;
-            let decoded = tcrp::decode(&conn.input[consumed..], max_payload);
-            let response = match decoded {
-                Ok(None) => break,
-                Ok(Some((frame, used))) => {
-                    let mut ctx = Context {
-                        registry: &mut self.registry,
-                        limiter: &mut self.limiter,
-                        password_failures: &mut self.password_failures,
-                        limits: self.config.request_limits(),
-                        out: &mut self.outbox,
-                        peer: peer.ip(),
-                        now,
-                        unix_now: unix_now(),
-                    };
-                    match handshake::handle_frame(&frame, &mut ctx, outcome.take().as_ref()) {
-                        Step::Reply(response) => {
-                            consumed += used;
-                            response
-                        }
-                        Step::Password(job) => {
-                            self.next_ticket += 1;
-                            let ticket = self.next_ticket;
-                            self.password_tickets.insert(ticket, id);
-                            self.passwords.submit(ticket, job);
-                            conn.awaiting_password = Some(ticket);
-                            break;
-                        }
-                    }
-                }
-                Err(e) => {
-                    let header = &conn.input[consumed..];
-                    let op = Operation::from(header.get(1).copied().unwrap_or(0));
-                    if self
-                        .drop_log
-                        .take(now, self.config.rate.drop_logs_per_sec, 5.0)
-                    {
-                        warn!("{peer} conn {id:?}: bad frame: {e}; closing");
-                    }
-                    handshake::refusal(op, &[], ErrorCode::MalformedRequest, &e.to_string(), true)
-                }
-            };
-            let op = operation_label(response.operation);
-            let result = response.result.map_or_else(|c| c.as_str(), |()| "ok");
-            *self.metrics.handshakes.entry((op, result)).or_insert(0) += 1;
-            if response.result == Err(ErrorCode::RateLimited) {
-                Metrics::bump(&mut self.metrics.rate_limited, "request");
-            }
-            let wait_for = match (response.needs_durability, self.persister.as_mut()) {
-                (true, Some(p)) => Some(p.submit(self.registry.take_records())),
-                _ => None,
-            };
-            let Some(conn) = self.conns.get_mut(id.0) else {
-                return;
-            };
-            conn.queue(response.bytes, wait_for);
-            conn.deadline = now + timeout;
-            if response.close {
-                conn.close_after_flush = true;
-                conn.input.clear();
-                return;
-            }
-        }
-        if let Some(conn) = self.conns.get_mut(id.0) {
-            conn.input.drain(..consumed);
-        }
-    }
-
-    /// Password checks finished: resume the connections that waited for them.
-    fn collect_passwords(&mut self, now: Instant) {
-        for (ticket, outcome) in self.passwords.poll() {
-            let Some(id) = self.password_tickets.remove(&ticket) else {
-                continue;
-            };
-            let waiting = self
-                .conns
-                .get(id.0)
-                .is_some_and(|c| c.awaiting_password == Some(ticket));
-            if !waiting {
-                continue; // the connection closed meanwhile
-            }
-            self.process_input(id, now, Some(outcome));
-            // Input that arrived while waiting may hold more frames, and the socket more bytes.
-            let close = self.read_tcrp(id, now);
-            self.after_io(id, close);
-        }
-    }
-
-    fn read_http(&mut self, id: ConnId) -> Option<&'static str> {
-        let conn = self.conns.get_mut(id.0)?;
-        if conn.close_after_flush {
-            return None;
-        }
-        if let Err(e) = conn.fill(http::MAX_REQUEST_BYTES) {
-            debug!("{} metrics conn: read failed: {e}", conn.peer);
-            return Some("io_error");
-        }
-        let parsed = http::parse(&conn.input);
-        let reply = match parsed {
-            Some((Route::Metrics, head)) => {
-                self.metrics.udp_kernel_drops =
-                    udp::kernel_drops(&self.udp).unwrap_or(self.metrics.udp_kernel_drops);
-                let body = self.metrics.render(self.registry.stats());
-                http::response(
-                    "200 OK",
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    &body,
-                    head,
-                )
-            }
-            Some((Route::Health, head)) => http::response("200 OK", "text/plain", "ok\n", head),
-            Some((Route::NotFound, head)) => {
-                http::response("404 Not Found", "text/plain", "not found\n", head)
-            }
-            Some((Route::BadRequest, _)) => {
-                http::response("400 Bad Request", "text/plain", "bad request\n", false)
-            }
-            None if conn.input.len() >= http::MAX_REQUEST_BYTES => http::response(
-                "431 Request Header Fields Too Large",
-                "text/plain",
-                "too large\n",
-                false,
-            ),
-            None if conn.read_closed => return Some("peer_closed"),
-            None => return None,
-        };
-        let conn = self.conns.get_mut(id.0)?;
-        conn.queue(reply, None);
-        conn.close_after_flush = true;
-        None
-    }
-
     /// Reads datagrams (`recvmmsg`, a batch per call) until the socket is drained or the
     /// per-wakeup budget is spent. Returns whether the socket may still hold datagrams.
     fn drain_udp(&mut self, now: Instant) -> bool {
@@ -842,135 +654,6 @@ impl Server {
             self.after_io(id, None);
         }
     }
-
-    /// Returns true when the daemon should stop.
-    fn handle_signals(&mut self) -> bool {
-        let pending: Vec<i32> = self.signals.pending().collect();
-        let mut stop = false;
-        for signal in pending {
-            match signal {
-                SIGHUP => self.reload(),
-                SIGTERM | SIGINT => stop = true,
-                _ => {}
-            }
-        }
-        stop
-    }
-
-    fn reload(&mut self) {
-        let Some(path) = self.config_path.clone() else {
-            info!("SIGHUP: no --config file; nothing to reload");
-            Metrics::bump(&mut self.metrics.reloads, "no_file");
-            return;
-        };
-        self.notifier
-            .send(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
-        match Config::from_file(&path) {
-            Ok(file) => {
-                // Settings fixed at start: compare the file with what the file said before
-                // (not with flag-overridden values), keep the running values, and say so.
-                let old = &self.file_config;
-                let fixed = [
-                    (
-                        "listen.tcp",
-                        file.listen.tcp != old.listen.tcp,
-                        self.overrides.tcp.is_some(),
-                    ),
-                    (
-                        "listen.udp",
-                        file.listen.udp != old.listen.udp,
-                        self.overrides.udp.is_some(),
-                    ),
-                    (
-                        "listen.metrics",
-                        file.listen.metrics != old.listen.metrics,
-                        self.overrides.metrics.is_some(),
-                    ),
-                    (
-                        "state.path",
-                        file.state.path != old.state.path,
-                        self.overrides.state.is_some(),
-                    ),
-                    (
-                        "udp.recv_buffer_bytes",
-                        file.udp.recv_buffer_bytes != old.udp.recv_buffer_bytes,
-                        false,
-                    ),
-                    (
-                        "udp.send_buffer_bytes",
-                        file.udp.send_buffer_bytes != old.udp.send_buffer_bytes,
-                        false,
-                    ),
-                ];
-                for (key, changed, overridden) in fixed {
-                    match (changed, overridden) {
-                        (true, false) => warn!(
-                            "SIGHUP: {key} changed in {}; it takes effect only after a restart",
-                            path.display()
-                        ),
-                        (true, true) => warn!(
-                            "SIGHUP: {key} changed in {}, but a command-line flag overrides it",
-                            path.display()
-                        ),
-                        _ => {}
-                    }
-                }
-                let mut new = file.clone();
-                self.overrides.apply(&mut new);
-                self.file_config = file;
-                new.listen = self.config.listen.clone();
-                new.state = self.config.state.clone();
-                new.udp.recv_buffer_bytes = self.config.udp.recv_buffer_bytes;
-                new.udp.send_buffer_bytes = self.config.udp.send_buffer_bytes;
-                self.registry.set_limits(new.registry_limits());
-                if std::env::var_os("RUST_LOG").is_none() {
-                    if let Some(level) = config::log_level(&new.log.level) {
-                        log::set_max_level(level);
-                    }
-                }
-                self.config = new;
-                info!("SIGHUP: configuration reloaded from {}", path.display());
-                Metrics::bump(&mut self.metrics.reloads, "ok");
-            }
-            Err(e) => {
-                error!("SIGHUP: {e}; keeping the running configuration");
-                Metrics::bump(&mut self.metrics.reloads, "error");
-            }
-        }
-        self.notifier.send("READY=1");
-    }
-
-    /// Stops accepting, answers what can be answered, makes every change durable, and folds
-    /// the journal into the state file.
-    fn shutdown(&mut self) {
-        info!("stopping: flushing state");
-        self.notifier.send("STOPPING=1");
-        if let Some(mut tcp) = self.tcp.take() {
-            let _ = self.poll.registry().deregister(&mut tcp);
-        }
-        self.flush_outbox();
-        self.registry.checkpoint_history();
-        self.persist();
-        if let Some(mut persister) = self.persister.take() {
-            // Let waiting joins get their tokens: wait (bounded) for the batches in flight.
-            let deadline = Instant::now() + Duration::from_millis(1500);
-            while persister.busy() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(1));
-                persister.poll_done();
-            }
-            let durable = persister.durable();
-            let ids: Vec<ConnId> = self.conns.iter().map(|(k, _)| ConnId(k)).collect();
-            for id in ids {
-                if let Some(conn) = self.conns.get_mut(id.0) {
-                    conn.release(durable);
-                    let _ = conn.flush();
-                }
-            }
-            persister.shutdown();
-        }
-        let s = self.registry.stats();
-        info!("stopped: {} rooms, {} members saved", s.rooms, s.members);
-    }
 }
 
 /// Counts what the registry did with a datagram (a free function so that the receive loop
@@ -997,14 +680,4 @@ fn account(
         }
         Handled::Registered { .. } | Handled::Left | Handled::Closed { .. } => {}
     }
-}
-
-fn monotonic_usec() -> u128 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u128) * 1_000_000 + (ts.tv_nsec as u128) / 1000
 }

@@ -1,0 +1,152 @@
+//! The daemon's lifecycle inside the loop: signals, configuration reload (SIGHUP) and the
+//! orderly shutdown (SIGTERM, SIGINT).
+
+use std::time::{Duration, Instant};
+
+use log::{error, info, warn};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+
+use super::{ConnId, Server};
+use crate::config::{self, Config};
+use crate::metrics::Metrics;
+
+impl Server {
+    /// Returns true when the daemon should stop.
+    pub(super) fn handle_signals(&mut self) -> bool {
+        let pending: Vec<i32> = self.signals.pending().collect();
+        let mut stop = false;
+        for signal in pending {
+            match signal {
+                SIGHUP => self.reload(),
+                SIGTERM | SIGINT => stop = true,
+                _ => {}
+            }
+        }
+        stop
+    }
+
+    fn reload(&mut self) {
+        let Some(path) = self.config_path.clone() else {
+            info!("SIGHUP: no --config file; nothing to reload");
+            Metrics::bump(&mut self.metrics.reloads, "no_file");
+            return;
+        };
+        self.notifier
+            .send(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
+        match Config::from_file(&path) {
+            Ok(file) => {
+                // Settings fixed at start: compare the file with what the file said before
+                // (not with flag-overridden values), keep the running values, and say so.
+                let old = &self.file_config;
+                let fixed = [
+                    (
+                        "listen.tcp",
+                        file.listen.tcp != old.listen.tcp,
+                        self.overrides.tcp.is_some(),
+                    ),
+                    (
+                        "listen.udp",
+                        file.listen.udp != old.listen.udp,
+                        self.overrides.udp.is_some(),
+                    ),
+                    (
+                        "listen.metrics",
+                        file.listen.metrics != old.listen.metrics,
+                        self.overrides.metrics.is_some(),
+                    ),
+                    (
+                        "state.path",
+                        file.state.path != old.state.path,
+                        self.overrides.state.is_some(),
+                    ),
+                    (
+                        "udp.recv_buffer_bytes",
+                        file.udp.recv_buffer_bytes != old.udp.recv_buffer_bytes,
+                        false,
+                    ),
+                    (
+                        "udp.send_buffer_bytes",
+                        file.udp.send_buffer_bytes != old.udp.send_buffer_bytes,
+                        false,
+                    ),
+                ];
+                for (key, changed, overridden) in fixed {
+                    match (changed, overridden) {
+                        (true, false) => warn!(
+                            "SIGHUP: {key} changed in {}; it takes effect only after a restart",
+                            path.display()
+                        ),
+                        (true, true) => warn!(
+                            "SIGHUP: {key} changed in {}, but a command-line flag overrides it",
+                            path.display()
+                        ),
+                        _ => {}
+                    }
+                }
+                let mut new = file.clone();
+                self.overrides.apply(&mut new);
+                self.file_config = file;
+                new.listen = self.config.listen.clone();
+                new.state = self.config.state.clone();
+                new.udp.recv_buffer_bytes = self.config.udp.recv_buffer_bytes;
+                new.udp.send_buffer_bytes = self.config.udp.send_buffer_bytes;
+                self.registry.set_limits(new.registry_limits());
+                if std::env::var_os("RUST_LOG").is_none() {
+                    if let Some(level) = config::log_level(&new.log.level) {
+                        log::set_max_level(level);
+                    }
+                }
+                self.config = new;
+                info!("SIGHUP: configuration reloaded from {}", path.display());
+                Metrics::bump(&mut self.metrics.reloads, "ok");
+            }
+            Err(e) => {
+                error!("SIGHUP: {e}; keeping the running configuration");
+                Metrics::bump(&mut self.metrics.reloads, "error");
+            }
+        }
+        self.notifier.send("READY=1");
+    }
+
+    /// Stops accepting, answers what can be answered, makes every change durable, and folds
+    /// the journal into the state file.
+    pub(super) fn shutdown(&mut self) {
+        info!("stopping: flushing state");
+        self.notifier.send("STOPPING=1");
+        if let Some(mut tcp) = self.tcp.take() {
+            let _ = self.poll.registry().deregister(&mut tcp);
+        }
+        self.flush_outbox();
+        self.registry.checkpoint_history();
+        self.persist();
+        if let Some(mut persister) = self.persister.take() {
+            // Let waiting joins get their tokens: wait (bounded) for the batches in flight.
+            let deadline = Instant::now() + Duration::from_millis(1500);
+            while persister.busy() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+                persister.poll_done();
+            }
+            let durable = persister.durable();
+            let ids: Vec<ConnId> = self.conns.iter().map(|(k, _)| ConnId(k)).collect();
+            for id in ids {
+                if let Some(conn) = self.conns.get_mut(id.0) {
+                    conn.release(durable);
+                    let _ = conn.flush();
+                }
+            }
+            persister.shutdown();
+        }
+        let s = self.registry.stats();
+        info!("stopped: {} rooms, {} members saved", s.rooms, s.members);
+    }
+}
+
+fn monotonic_usec() -> u128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u128) * 1_000_000 + (ts.tv_nsec as u128) / 1000
+}

@@ -1,0 +1,205 @@
+//! The TCRP and HTTP side of the loop: reading connections, answering frames (handing
+//! password checks to their thread and resuming after), and the metrics responder.
+
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+use tcrp::payload::ErrorCode;
+use tcrp::{Operation, HEADER_LEN};
+
+use super::{unix_now, ConnId, Server, READS_PER_EVENT, READ_SLACK};
+use crate::conn::Filled;
+use crate::handshake::{self, Context, Step};
+use crate::http::{self, Route};
+use crate::metrics::{operation_label, Metrics};
+use crate::password::Outcome;
+use crate::udp;
+
+impl Server {
+    /// Reads and answers TCRP frames; returns a close reason on I/O failure. Reads at most
+    /// [`READS_PER_EVENT`] buffers per call so one busy peer cannot hold the loop; a connection
+    /// with more to read is revisited on the next pass.
+    pub(super) fn read_tcrp(&mut self, id: ConnId, now: Instant) -> Option<&'static str> {
+        let cap =
+            HEADER_LEN + usize::from(u8::MAX) + self.config.limits.max_payload_bytes + READ_SLACK;
+        for _ in 0..READS_PER_EVENT {
+            let conn = self.conns.get_mut(id.0)?;
+            if conn.close_after_flush {
+                return None;
+            }
+            let filled = match conn.fill(cap) {
+                Ok(f) => f,
+                Err(e) => {
+                    debug!("{} conn {id:?}: read failed: {e}", conn.peer);
+                    return Some("io_error");
+                }
+            };
+            self.process_input(id, now, None);
+            let conn = self.conns.get_mut(id.0)?;
+            // A peer that keeps sending requests but does not read the replies.
+            if conn.pending_bytes() > self.config.limits.max_output_bytes {
+                return Some("output_overflow");
+            }
+            // While a password is being checked the input waits; reading resumes after.
+            if conn.awaiting_password.is_some() {
+                return None;
+            }
+            match filled {
+                Filled::Full => continue,
+                Filled::WouldBlock | Filled::Eof => return None,
+            }
+        }
+        self.revisit.push(id);
+        None
+    }
+
+    /// Answers the whole frames in a connection's input. `outcome` is the password result the
+    /// first frame waited for. A frame that needs a password check stays at the front of the
+    /// input, and the connection waits for the check.
+    fn process_input(&mut self, id: ConnId, now: Instant, mut outcome: Option<Outcome>) {
+        let max_payload = self.config.limits.max_payload_bytes;
+        let timeout = Duration::from_secs(self.config.limits.handshake_timeout_secs);
+        let Some(conn) = self.conns.get(id.0) else {
+            return;
+        };
+        let peer = conn.peer;
+        let mut consumed = 0;
+        loop {
+            let Some(conn) = self.conns.get_mut(id.0) else {
+                return;
+            };
+            if conn.close_after_flush || (conn.awaiting_password.is_some() && outcome.is_none()) {
+                break;
+            }
+            conn.awaiting_password = None;
+            let decoded = tcrp::decode(&conn.input[consumed..], max_payload);
+            let response = match decoded {
+                Ok(None) => break,
+                Ok(Some((frame, used))) => {
+                    let mut ctx = Context {
+                        registry: &mut self.registry,
+                        limiter: &mut self.limiter,
+                        password_failures: &mut self.password_failures,
+                        limits: self.config.request_limits(),
+                        out: &mut self.outbox,
+                        peer: peer.ip(),
+                        now,
+                        unix_now: unix_now(),
+                    };
+                    match handshake::handle_frame(&frame, &mut ctx, outcome.take().as_ref()) {
+                        Step::Reply(response) => {
+                            consumed += used;
+                            response
+                        }
+                        Step::Password(job) => {
+                            self.next_ticket += 1;
+                            let ticket = self.next_ticket;
+                            self.password_tickets.insert(ticket, id);
+                            self.passwords.submit(ticket, job);
+                            conn.awaiting_password = Some(ticket);
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    let header = &conn.input[consumed..];
+                    let op = Operation::from(header.get(1).copied().unwrap_or(0));
+                    if self
+                        .drop_log
+                        .take(now, self.config.rate.drop_logs_per_sec, 5.0)
+                    {
+                        warn!("{peer} conn {id:?}: bad frame: {e}; closing");
+                    }
+                    handshake::refusal(op, &[], ErrorCode::MalformedRequest, &e.to_string(), true)
+                }
+            };
+            let op = operation_label(response.operation);
+            let result = response.result.map_or_else(|c| c.as_str(), |()| "ok");
+            *self.metrics.handshakes.entry((op, result)).or_insert(0) += 1;
+            if response.result == Err(ErrorCode::RateLimited) {
+                Metrics::bump(&mut self.metrics.rate_limited, "request");
+            }
+            let wait_for = match (response.needs_durability, self.persister.as_mut()) {
+                (true, Some(p)) => Some(p.submit(self.registry.take_records())),
+                _ => None,
+            };
+            let Some(conn) = self.conns.get_mut(id.0) else {
+                return;
+            };
+            conn.queue(response.bytes, wait_for);
+            conn.deadline = now + timeout;
+            if response.close {
+                conn.close_after_flush = true;
+                conn.input.clear();
+                return;
+            }
+        }
+        if let Some(conn) = self.conns.get_mut(id.0) {
+            conn.input.drain(..consumed);
+        }
+    }
+
+    /// Password checks finished: resume the connections that waited for them.
+    pub(super) fn collect_passwords(&mut self, now: Instant) {
+        for (ticket, outcome) in self.passwords.poll() {
+            let Some(id) = self.password_tickets.remove(&ticket) else {
+                continue;
+            };
+            let waiting = self
+                .conns
+                .get(id.0)
+                .is_some_and(|c| c.awaiting_password == Some(ticket));
+            if !waiting {
+                continue; // the connection closed meanwhile
+            }
+            self.process_input(id, now, Some(outcome));
+            // Input that arrived while waiting may hold more frames, and the socket more bytes.
+            let close = self.read_tcrp(id, now);
+            self.after_io(id, close);
+        }
+    }
+
+    pub(super) fn read_http(&mut self, id: ConnId) -> Option<&'static str> {
+        let conn = self.conns.get_mut(id.0)?;
+        if conn.close_after_flush {
+            return None;
+        }
+        if let Err(e) = conn.fill(http::MAX_REQUEST_BYTES) {
+            debug!("{} metrics conn: read failed: {e}", conn.peer);
+            return Some("io_error");
+        }
+        let parsed = http::parse(&conn.input);
+        let reply = match parsed {
+            Some((Route::Metrics, head)) => {
+                self.metrics.udp_kernel_drops =
+                    udp::kernel_drops(&self.udp).unwrap_or(self.metrics.udp_kernel_drops);
+                let body = self.metrics.render(self.registry.stats());
+                http::response(
+                    "200 OK",
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    &body,
+                    head,
+                )
+            }
+            Some((Route::Health, head)) => http::response("200 OK", "text/plain", "ok\n", head),
+            Some((Route::NotFound, head)) => {
+                http::response("404 Not Found", "text/plain", "not found\n", head)
+            }
+            Some((Route::BadRequest, _)) => {
+                http::response("400 Bad Request", "text/plain", "bad request\n", false)
+            }
+            None if conn.input.len() >= http::MAX_REQUEST_BYTES => http::response(
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "too large\n",
+                false,
+            ),
+            None if conn.read_closed => return Some("peer_closed"),
+            None => return None,
+        };
+        let conn = self.conns.get_mut(id.0)?;
+        conn.queue(reply, None);
+        conn.close_after_flush = true;
+        None
+    }
+}
