@@ -23,7 +23,8 @@ use ucrp::delivery::{self, Delivery, Notice};
 pub enum Flow {
     /// Keep receiving.
     Continue,
-    /// The host closed the room: print nothing more and exit.
+    /// The chat is over for us (the host closed the room, or the server removed us after
+    /// missed keepalives): print nothing more and exit.
     RoomClosed,
 }
 
@@ -138,6 +139,18 @@ impl Renderer {
                 }
                 SeqVerdict::Duplicate => debug!("dropping duplicate message {seq}"),
             },
+            // A timed-out notice without a name is about us: the server expired us (our
+            // keepalives did not reach it, e.g. a laptop asleep) and no longer knows our token.
+            Delivery::Notice {
+                what: Notice::TimedOut,
+                name: "",
+            } => {
+                out.push(format!(
+                    "* you were removed from room {} after missing keepalives; join again to go on",
+                    printable(&self.room_name)
+                ));
+                return Flow::RoomClosed;
+            }
             Delivery::Notice { what, name } => {
                 let what = match what {
                     Notice::Joined => "joined",
@@ -350,6 +363,22 @@ mod tests {
         d.extend_from_slice(&[0x00, 0x09, b'x']);
         let (lines, _) = render(&[d]);
         assert_eq!(lines, ["a: kept"]);
+    }
+
+    #[test]
+    fn a_nameless_timed_out_notice_means_we_were_removed() {
+        let (lines, flow) = render(&[notice(Notice::TimedOut, "")]);
+        assert_eq!(
+            lines,
+            ["* you were removed from room lobby after missing keepalives; join again to go on"]
+        );
+        assert_eq!(flow, Flow::RoomClosed);
+        let (_, flow) = render(&[notice(Notice::TimedOut, "carol")]);
+        assert_eq!(
+            flow,
+            Flow::Continue,
+            "another member timing out is only news"
+        );
     }
 
     #[test]

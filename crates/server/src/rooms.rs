@@ -245,10 +245,24 @@ struct Member {
     chat: TokenBucket,
 }
 
-/// Tokens of rooms that closed recently, and when each source was last told.
+/// Why a token is no longer live, and so what a late datagram carrying it is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gone {
+    /// Its room closed: `__ROOM_CLOSED__`.
+    RoomClosed,
+    /// The member was expired for missed keepalives: a nameless timed-out notice ("you"),
+    /// when the member accepts notices; nothing otherwise.
+    Expired {
+        /// Whether the member asked for notices.
+        notices: bool,
+    },
+}
+
+/// Tokens that died recently (their room closed, or the member was expired), and when each
+/// source was last told.
 struct Tombstones {
     hasher: RandomState,
-    by_hash: HashMap<u64, Instant>,
+    by_hash: HashMap<u64, (Instant, Gone)>,
     order: VecDeque<(Instant, u64)>,
     last_reply: HashMap<SocketAddr, Instant>,
 }
@@ -263,7 +277,7 @@ impl Tombstones {
         }
     }
 
-    fn insert(&mut self, token: &[u8], now: Instant, limits: &Limits) {
+    fn insert(&mut self, token: &[u8], gone: Gone, now: Instant, limits: &Limits) {
         if limits.tombstone_capacity == 0 {
             return;
         }
@@ -271,13 +285,13 @@ impl Tombstones {
             self.evict_oldest();
         }
         let hash = self.hasher.hash_one(token);
-        self.by_hash.insert(hash, now);
+        self.by_hash.insert(hash, (now, gone));
         self.order.push_back((now, hash));
     }
 
     fn evict_oldest(&mut self) {
         if let Some((at, hash)) = self.order.pop_front() {
-            if self.by_hash.get(&hash) == Some(&at) {
+            if self.by_hash.get(&hash).map(|(t, _)| *t) == Some(at) {
                 self.by_hash.remove(&hash);
             }
         }
@@ -294,8 +308,10 @@ impl Tombstones {
             .retain(|_, at| now.saturating_duration_since(*at) < limits.closed_reply_interval);
     }
 
-    fn contains(&self, token: &[u8]) -> bool {
-        self.by_hash.contains_key(&self.hasher.hash_one(token))
+    fn get(&self, token: &[u8]) -> Option<Gone> {
+        self.by_hash
+            .get(&self.hasher.hash_one(token))
+            .map(|(_, gone)| *gone)
     }
 
     /// Whether `src` may be told again now; records the reply if so.
@@ -736,17 +752,22 @@ impl Registry {
         now: Instant,
         out: &mut Outbox,
     ) -> Handled {
+        let mut reply = Vec::new();
+        match self.tombstones.get(token) {
+            Some(Gone::RoomClosed) => reply.extend_from_slice(delivery::ROOM_CLOSED),
+            Some(Gone::Expired { notices: true }) => {
+                let _ = delivery::encode_notice(Notice::TimedOut, "", &mut reply);
+            }
+            Some(Gone::Expired { notices: false }) | None => {}
+        }
         // Never answer with more bytes than we were sent (no amplification), and at most once
         // per interval per source.
-        if len >= delivery::ROOM_CLOSED.len()
-            && self.tombstones.contains(token)
+        if !reply.is_empty()
+            && reply.len() <= len
             && self.tombstones.may_reply(src, now, &self.limits)
         {
-            debug!(
-                "token {} of a closed room from {src}: told",
-                Short::of(token)
-            );
-            let bytes = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
+            debug!("dead token {} from {src}: told", Short::of(token));
+            let bytes = out.payload(|b| b.extend_from_slice(&reply));
             out.send(src, bytes);
             return Handled::ClosedReply;
         }
@@ -845,11 +866,23 @@ impl Registry {
         out: &mut Outbox,
     ) -> Handled {
         let room = self.members[id.0].room;
+        let expired = Gone::Expired {
+            notices: self.members[id.0].caps.contains(Caps::NOTICES),
+        };
         if self.members[id.0].is_host {
-            let notified = self.close_room(room, now, out);
+            let host_gone = if why == Notice::TimedOut {
+                expired
+            } else {
+                Gone::RoomClosed
+            };
+            let notified = self.close_room(room, host_gone, now, out);
             return Handled::Closed { notified };
         }
         let member = self.unlink(id);
+        if why == Notice::TimedOut {
+            self.tombstones
+                .insert(member.token.as_str().as_bytes(), expired, now, &self.limits);
+        }
         let room_entry = &mut self.rooms[room.0];
         room_entry.members.retain(|&m| m != id);
         debug!(
@@ -876,7 +909,15 @@ impl Registry {
         member
     }
 
-    fn close_room(&mut self, room: RoomId, now: Instant, out: &mut Outbox) -> usize {
+    /// Deletes a room, telling its registered members; `host_gone` is what the host's token
+    /// will answer later (the room closed, or the host itself was expired).
+    fn close_room(
+        &mut self,
+        room: RoomId,
+        host_gone: Gone,
+        now: Instant,
+        out: &mut Outbox,
+    ) -> usize {
         let entry = self.rooms.remove(room.0);
         self.room_index.remove(&entry.name);
         let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
@@ -885,8 +926,13 @@ impl Registry {
             let member = self.unlink(m);
             // Only tokens of closed rooms are remembered: a late datagram with one learns the
             // room is gone. A member that left a live room is simply unknown.
+            let gone = if m == entry.host {
+                host_gone
+            } else {
+                Gone::RoomClosed
+            };
             self.tombstones
-                .insert(member.token.as_str().as_bytes(), now, &self.limits);
+                .insert(member.token.as_str().as_bytes(), gone, now, &self.limits);
             if let (Some(to), false) = (member.address, m == entry.host) {
                 out.send_to_member(to, closed.clone(), m.slot(), false);
                 notified += 1;
@@ -1261,6 +1307,57 @@ mod tests {
         assert_eq!(reg.poll_expired(t25 + Duration::from_secs(31), &mut out), 1);
         assert_eq!(sent(&out), vec![(addr(2), "CLOSED".into())]);
         assert_eq!(reg.stats().rooms, 0);
+    }
+
+    #[test]
+    fn an_expired_member_that_comes_back_is_told_if_it_reads_notices() {
+        let mut reg = registry();
+        let now = Instant::now();
+        let mut out = Outbox::default();
+        let host = reg
+            .create_room("r", &Request::original("host"), None, now, 0.0)
+            .unwrap()
+            .token;
+        let sleepy = |name: &str, caps| Request {
+            keepalive_secs: Some(1),
+            caps,
+            form: tcrp::payload::RequestForm::JsonObject,
+            ..Request::original(name)
+        };
+        let aware = reg
+            .join_room("r", &sleepy("aware", Caps::NOTICES), now, &mut out)
+            .unwrap()
+            .token;
+        let plain = reg
+            .join_room("r", &sleepy("plain", Caps::none()), now, &mut out)
+            .unwrap()
+            .token;
+        for (t, p) in [(&host, 1), (&aware, 2), (&plain, 3)] {
+            reg.handle_datagram(addr(p), &dgram("r", t, "__REGISTER__"), now, &mut out);
+        }
+        let later = now + Duration::from_secs(10);
+        assert_eq!(reg.poll_expired(later, &mut out), 2);
+        out.clear();
+        // Back from sleep: the notice-aware member learns it was removed ("you": no name).
+        let h = reg.handle_datagram(
+            addr(2),
+            &dgram("r", &aware, "__REGISTER__"),
+            later,
+            &mut out,
+        );
+        assert_eq!(h, Handled::ClosedReply);
+        assert_eq!(sent(&out), vec![(addr(2), "*  TimedOut".into())]);
+        out.clear();
+        let h = reg.handle_datagram(
+            addr(3),
+            &dgram("r", &plain, "__REGISTER__"),
+            later,
+            &mut out,
+        );
+        assert_eq!(h, Handled::Dropped(DropReason::UnknownToken));
+        assert!(out.is_empty());
+        // The room lives on for the host.
+        assert_eq!(reg.stats().rooms, 1);
     }
 
     #[test]

@@ -355,6 +355,40 @@ fn a_crashed_ocm_host_closes_its_room_and_a_crashed_member_times_out() {
     assert!(carol.wait().success());
 }
 
+/// A laptop that slept through its keepalives: the member is expired, and when it wakes its
+/// next keepalive is answered with "you timed out", so `ocm` says so and exits instead of
+/// talking to nobody.
+#[test]
+fn an_ocm_member_that_slept_past_its_timeout_is_told_and_exits() {
+    let d = Daemon::start_with(Options {
+        config: Some(FAST_LIVENESS.into()),
+        ..Options::default()
+    });
+    let mut host = Ocm::start(&d, &["create", "nap", "--name", "host", "--keepalive", "1"]);
+    host.wait_stderr("* created nap as host");
+    let mut sleepy = Ocm::start(&d, &["join", "nap", "--name", "sleepy", "--keepalive", "1"]);
+    sleepy.wait_stderr("* joined nap as sleepy");
+    assert_eq!(host.line(), "* sleepy joined");
+    sleepy.signal(libc::SIGSTOP);
+    let deadline = Instant::now() + PATIENCE;
+    while host
+        .line_within(deadline.saturating_duration_since(Instant::now()))
+        .expect("the host hears sleepy time out")
+        != "* sleepy timed out"
+    {}
+    sleepy.signal(libc::SIGCONT);
+    let deadline = Instant::now() + PATIENCE;
+    while !sleepy
+        .line_within(deadline.saturating_duration_since(Instant::now()))
+        .expect("sleepy is told")
+        .starts_with("* you were removed from room nap")
+    {}
+    assert!(sleepy.wait().success());
+    // The room lives on for the host.
+    host.type_line("/quit");
+    assert!(host.wait().success());
+}
+
 #[test]
 fn original_members_are_never_expired_for_silence() {
     let d = Daemon::start_with(Options {

@@ -611,6 +611,12 @@ impl Ocm {
         self.stdout.recv_timeout(wait).ok()
     }
 
+    /// Sends a signal to the `ocm` process (e.g. SIGSTOP/SIGCONT to fake a sleeping laptop).
+    pub fn signal(&self, signal: i32) {
+        let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
     /// Waits until stderr contains `needle`.
     pub fn wait_stderr(&self, needle: &str) {
         wait_until(&format!("ocm stderr {needle:?}"), || {
