@@ -1,0 +1,72 @@
+//! Parses arbitrary bytes as every handshake payload and name: `parse_request`,
+//! `parse_compliance`, `parse_complete`, `names::check_room_name`, `names::check_username`.
+//!
+//! Properties:
+//! - a request in JSON-object or JSON-string form survives `Request::encode` then
+//!   `parse_request` unchanged (username, keepalive, caps, password, listed, before, limit,
+//!   token, form);
+//! - a parsed COMPLIANCE or COMPLETE survives `encode_*` then `parse_*` unchanged;
+//! - an accepted room name is the input bytes, 1..=255 of them, with no control character;
+//!   an accepted username has 1..=64 characters in at most 255 bytes, no control character.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use tcrp::names::{self, MAX_ROOM_NAME_BYTES, MAX_USERNAME_BYTES, MAX_USERNAME_CHARS};
+use tcrp::payload::{self, Compliance, RequestForm};
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(request) = payload::parse_request(data) {
+        if matches!(
+            request.form,
+            RequestForm::JsonObject | RequestForm::JsonString
+        ) {
+            let mut out = Vec::new();
+            request.encode(&mut out);
+            let again = payload::parse_request(&out).expect("an encoded request parses");
+            assert_eq!(again, request, "request changed through encode: {out:?}");
+        }
+    }
+
+    match payload::parse_compliance(data) {
+        Ok(Compliance::Success) => {
+            let mut out = Vec::new();
+            payload::encode_success(&mut out);
+            assert_eq!(payload::parse_compliance(&out), Ok(Compliance::Success));
+        }
+        Ok(Compliance::Failure {
+            code: Some(code),
+            message: Some(message),
+        }) => {
+            let mut out = Vec::new();
+            payload::encode_failure(code, &message, &mut out);
+            assert_eq!(
+                payload::parse_compliance(&out),
+                Ok(Compliance::Failure {
+                    code: Some(code),
+                    message: Some(message)
+                })
+            );
+        }
+        Ok(Compliance::Failure { .. }) | Err(_) => {}
+    }
+
+    if let Ok(token) = payload::parse_complete(data) {
+        let mut out = Vec::new();
+        payload::encode_complete(&token, &mut out);
+        assert_eq!(payload::parse_complete(&out), Ok(token));
+    }
+
+    if let Ok(name) = names::check_room_name(data) {
+        assert_eq!(name.as_bytes(), data);
+        assert!((1..=MAX_ROOM_NAME_BYTES).contains(&name.len()));
+        assert!(!name.chars().any(char::is_control));
+    }
+
+    if let Ok(text) = std::str::from_utf8(data) {
+        if names::check_username(text).is_ok() {
+            assert!(!text.is_empty() && text.len() <= MAX_USERNAME_BYTES);
+            assert!(text.chars().count() <= MAX_USERNAME_CHARS);
+            assert!(!text.chars().any(char::is_control));
+        }
+    }
+});
