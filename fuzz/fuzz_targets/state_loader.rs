@@ -78,22 +78,7 @@ fn check_save_load(state: &State) {
     );
 }
 
-/// Whether the state holds a room whose sequence number the chats below would overflow: a
-/// known bug (`rooms.rs` `relay` does `next_seq += 1` on a number read from disk; reproducer
-/// `fuzz/regressions/state_loader-next-seq-overflow`). Skipped so that fuzzing can look for
-/// other bugs; set `FUZZ_KNOWN_BUGS=1` to check it again. Remove once fixed.
-fn known_next_seq_overflow(state: &State) -> bool {
-    std::env::var_os("FUZZ_KNOWN_BUGS").is_none()
-        && state
-            .rooms
-            .values()
-            .any(|r| r.next_seq > u64::MAX - MAX_DRIVEN_TOKENS as u64)
-}
-
 fn drive(state: &State, now: Instant) {
-    if known_next_seq_overflow(state) {
-        return;
-    }
     let mut reg = registry(state, now);
     let stats = reg.stats();
     assert!(stats.rooms <= state.rooms.len());

@@ -21,7 +21,8 @@ pub fn room_list_lines(list: &RoomList) -> Vec<String> {
     if list.rooms.is_empty() {
         return vec!["no rooms".to_owned()];
     }
-    list.rooms
+    let mut lines: Vec<String> = list
+        .rooms
         .iter()
         .map(|room| {
             let members = if room.members == 1 {
@@ -39,7 +40,11 @@ pub fn room_list_lines(list: &RoomList) -> Vec<String> {
             }
             line
         })
-        .collect()
+        .collect();
+    if list.more {
+        lines.push("(more rooms than fit in one reply; not all are shown)".to_owned());
+    }
+    lines
 }
 
 /// `host: NAME`, then every member (host included, as the server lists them) with whether
@@ -132,6 +137,7 @@ mod tests {
                 room("lobby", 3, 1_795_734_602.75, true),
                 room("quiet", 1, 0.0, false),
             ],
+            more: false,
         };
         assert_eq!(
             room_list_lines(&list),
@@ -140,13 +146,25 @@ mod tests {
                 "quiet  1 member  created 1970-01-01 00:00:00 UTC"
             ]
         );
-        assert_eq!(room_list_lines(&RoomList { rooms: vec![] }), ["no rooms"]);
+        assert_eq!(
+            room_list_lines(&RoomList {
+                rooms: vec![],
+                more: false
+            }),
+            ["no rooms"]
+        );
+        let cut = RoomList {
+            rooms: vec![room("a", 1, 0.0, false)],
+            more: true,
+        };
+        assert_eq!(room_list_lines(&cut).len(), 2);
     }
 
     #[test]
     fn room_names_are_made_safe() {
         let list = RoomList {
             rooms: vec![room("a\u{1b}[2J", 2, 0.0, false)],
+            more: false,
         };
         assert!(room_list_lines(&list)[0].starts_with("a\\u{1b}[2J  2 members"));
     }

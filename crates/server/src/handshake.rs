@@ -362,19 +362,32 @@ fn check_password(
     }
 }
 
+/// Largest ListRooms COMPLETE payload: under the default payload cap (16 KiB) that clients
+/// read replies with, and far under `limits.max_output_bytes`.
+pub const MAX_LIST_BYTES: usize = 15 * 1024;
+
 fn list_rooms(registry: &Registry) -> Vec<u8> {
-    let list = payload::RoomList {
-        rooms: registry
-            .list_rooms()
-            .into_iter()
-            .map(|r| payload::ListedRoom {
-                name: r.name,
-                members: r.members,
-                created_at: r.created_at,
-                password: r.has_password,
-            })
-            .collect(),
+    let mut list = payload::RoomList {
+        rooms: Vec::new(),
+        more: false,
     };
+    // `{"rooms":[...],"more":true}`: 27 bytes of frame, plus a comma per entry.
+    let mut size: usize = 27;
+    for r in registry.list_rooms() {
+        let entry = payload::ListedRoom {
+            name: r.name,
+            members: r.members,
+            created_at: r.created_at,
+            password: r.has_password,
+        };
+        let entry_len = serde_json::to_vec(&entry).map_or(usize::MAX, |b| b.len() + 1);
+        if size.saturating_add(entry_len) > MAX_LIST_BYTES {
+            list.more = true;
+            break;
+        }
+        size += entry_len;
+        list.rooms.push(entry);
+    }
     serde_json::to_vec(&list).unwrap_or_default()
 }
 
@@ -625,6 +638,39 @@ mod tests {
         ));
         assert_eq!(h["messages"].as_array().unwrap().len(), 0);
         assert_eq!(h["more"], false);
+    }
+
+    #[test]
+    fn a_long_room_list_is_cut_to_fit_one_reply() {
+        let mut reg = Registry::new(
+            Limits {
+                max_rooms: 0,
+                ..Limits::default()
+            },
+            Box::new(StdRng::seed_from_u64(9)),
+        );
+        let mut limiter = KeyedLimiter::new(8);
+        for i in 0..400 {
+            let name = format!("{i:03}-{}", "r".repeat(200));
+            reg.create_room(&name, &Request::original("h"), None, Instant::now(), 0.0)
+                .unwrap();
+        }
+        let r = run(
+            &mut reg,
+            &mut limiter,
+            &request(Operation::ListRooms, b"", b"{}"),
+        );
+        let (_, used) = tcrp::decode(&r.bytes, 1 << 20).unwrap().unwrap();
+        let (complete, _) = tcrp::decode(&r.bytes[used..], 1 << 20).unwrap().unwrap();
+        assert!(
+            complete.payload.len() <= MAX_LIST_BYTES,
+            "{}",
+            complete.payload.len()
+        );
+        let list: payload::RoomList = payload::parse_json(complete.payload).unwrap();
+        assert!(list.more);
+        assert!(list.rooms.len() > 10);
+        assert!(list.rooms[0].name.starts_with("000-"));
     }
 
     #[test]

@@ -385,6 +385,10 @@ impl Registry {
     ) -> Registry {
         let mut registry = Registry::new(limits, rng);
         for (name, room) in &state.rooms {
+            if let Err(rule) = tcrp::names::check_room_name(name.as_bytes()) {
+                warn!("state: room name {name:?} {rule}; room skipped");
+                continue;
+            }
             let Some(host_entry) = state.tokens.get(&room.host_token) else {
                 warn!("state: room {name:?} has no entry for its host token; room skipped");
                 continue;
@@ -412,6 +416,14 @@ impl Registry {
                     warn!("state: room {name:?} lists a token with no entry; skipped");
                     continue;
                 };
+                if registry.find_token(token.as_bytes()).is_some() {
+                    warn!("state: room {name:?} lists a token already loaded; skipped");
+                    continue;
+                }
+                if let Err(rule) = tcrp::names::check_username(&entry.username) {
+                    warn!("state: a member of room {name:?} has a username that {rule}; skipped");
+                    continue;
+                }
                 let id = registry.insert_member(Member {
                     token: Token::from_stored(token),
                     username: entry.username.as_str().into(),
@@ -425,6 +437,15 @@ impl Registry {
                 });
                 if *token == room.host_token {
                     registry.rooms[room_id.0].host = id;
+                }
+            }
+            // A room whose host could not be loaded cannot close properly: leave it out.
+            if registry.rooms[room_id.0].host.0 == usize::MAX {
+                warn!("state: room {name:?} has no usable host; room skipped");
+                let entry = registry.rooms.remove(room_id.0);
+                registry.room_index.remove(&entry.name);
+                for m in entry.members {
+                    registry.unlink(m);
                 }
             }
         }
@@ -781,7 +802,8 @@ impl Registry {
         let sender = &self.members[from.0];
         let room = &mut self.rooms[sender.room.0];
         let seq = room.next_seq;
-        room.next_seq += 1;
+        // Saturating: the number may come from a state file.
+        room.next_seq = room.next_seq.saturating_add(1);
         if keep > 0 {
             while room.history.len() >= keep {
                 room.history.pop_front();
@@ -1526,6 +1548,94 @@ mod tests {
         );
         let host = t.host.as_str().as_bytes();
         assert_eq!(reg.history_page("r", host, None, 10).unwrap().0.len(), 3);
+    }
+
+    #[test]
+    fn a_hostile_state_file_cannot_break_the_registry() {
+        let member = |t: &str, n: &str| MemberRecord {
+            token: t.into(),
+            username: n.into(),
+            keepalive: None,
+            caps: 0,
+        };
+        let create = |room: &str, host: MemberRecord| Record::CreateRoom {
+            room: room.into(),
+            host,
+            created_at: 0.0,
+            listed: true,
+            password_hash: None,
+        };
+        let now = Instant::now();
+        let limits = Limits {
+            chat_rate: 0.0,
+            ..Limits::default()
+        };
+        // Rooms that do not hang together are left out: a host name too long to send, a room
+        // name with a control character, a token listed by two rooms (the second loses it, and
+        // a room without its host is dropped whole).
+        let mut state = State::default();
+        state.apply(&create("badhost", member("h2", &"x".repeat(300))));
+        state.apply(&create("bad\nname", member("h4", "d")));
+        state.apply(&create("dup", member("h3", "b")));
+        state.apply(&create("zz", member("h5", "e")));
+        state.apply(&Record::Join {
+            room: "dup".into(),
+            member: member("h5", "c"),
+        });
+        let reg = Registry::from_state(
+            &state,
+            limits.clone(),
+            Box::new(StdRng::seed_from_u64(1)),
+            now,
+        );
+        assert_eq!(
+            reg.stats(),
+            Stats {
+                rooms: 1,
+                members: 2,
+                registered: 0,
+                tombstones: 0
+            }
+        );
+        assert_eq!(reg.presence("dup").unwrap().members.len(), 2);
+        assert!(reg.presence("badhost").is_none() && reg.presence("zz").is_none());
+        // A sequence number at its limit saturates instead of overflowing.
+        let mut state = State::default();
+        state.apply(&create("seq", member("h1", "a")));
+        state.apply(&Record::History {
+            room: "seq".into(),
+            next_seq: u64::MAX,
+            messages: vec![],
+        });
+        let mut reg = Registry::from_state(&state, limits, Box::new(StdRng::seed_from_u64(1)), now);
+        let mut out = Outbox::default();
+        let h1 = Token::from_stored("h1");
+        reg.handle_datagram(addr(1), &dgram("seq", &h1, "__REGISTER__"), now, &mut out);
+        for _ in 0..3 {
+            let h = reg.handle_datagram(addr(1), &dgram("seq", &h1, "hi"), now, &mut out);
+            assert_eq!(h, Handled::Relayed { deliveries: 0 });
+        }
+    }
+
+    /// The state file the `state_loader` fuzz target found: `next_seq` at `u64::MAX`.
+    #[test]
+    fn fuzz_regression_next_seq_overflow() {
+        let bytes = include_bytes!("../../../fuzz/regressions/state_loader-next-seq-overflow");
+        let state = crate::store::parse_state(bytes).expect("the reproducer parses");
+        let now = Instant::now();
+        let mut reg = Registry::from_state(
+            &state,
+            Limits::default(),
+            Box::new(StdRng::seed_from_u64(2)),
+            now,
+        );
+        let mut out = Outbox::default();
+        let h = Token::from_stored("h");
+        reg.handle_datagram(addr(1), &dgram("r", &h, "__REGISTER__"), now, &mut out);
+        assert_eq!(
+            reg.handle_datagram(addr(1), &dgram("r", &h, "chat"), now, &mut out),
+            Handled::Relayed { deliveries: 0 }
+        );
     }
 
     #[test]

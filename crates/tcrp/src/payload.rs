@@ -378,6 +378,9 @@ pub struct ListedRoom {
 pub struct RoomList {
     /// The listed rooms.
     pub rooms: Vec<ListedRoom>,
+    /// More rooms exist than fit in one reply (the reply stays under the default payload cap).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub more: bool,
 }
 
 /// One member in a Presence COMPLETE payload.
