@@ -6,7 +6,7 @@
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use ucrp::delivery;
 
 use crate::error::{Context, Result};
@@ -15,7 +15,7 @@ use crate::receivers::{kernel_drops, write_text, Clock, Receivers};
 use crate::report::{si, Percentiles};
 
 /// A ceiling measurement.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CeilingResult {
     /// Receiving sockets.
     pub members: usize,

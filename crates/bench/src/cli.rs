@@ -47,7 +47,7 @@ pub struct Common {
 }
 
 /// What the members ask for at join.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CapsArg {
     /// The original JSON-string join payload: one datagram per delivery.
@@ -185,5 +185,8 @@ pub enum Mode {
         /// The command line to record in the report.
         #[arg(long, default_value = "scripts/bench")]
         command: String,
+        /// Do not measure: re-render the report from a JSON file written by --json-out.
+        #[arg(long, value_name = "FILE")]
+        from_json: Option<PathBuf>,
     },
 }

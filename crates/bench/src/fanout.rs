@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cli::CapsArg;
 use crate::daemon::{own_cpu_time, Daemon};
@@ -76,7 +76,7 @@ fn settle(daemon: &Daemon) -> Result<()> {
 }
 
 /// How fast to send.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum Pace {
     /// As fast as the senders can.
     Max,
@@ -85,7 +85,7 @@ pub enum Pace {
 }
 
 /// One fan-out measurement.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FanoutResult {
     /// Members in the room.
     pub members: usize,
@@ -412,7 +412,7 @@ pub fn measure(
 }
 
 /// Result of a sweep.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SweepResult {
     /// The flat-out probe.
     pub max: FanoutResult,

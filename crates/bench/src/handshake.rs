@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tcrp::payload::{self, Caps, Compliance, Request, RequestForm};
 use tcrp::{Frame, Operation, State};
 
@@ -147,7 +147,7 @@ fn run_jobs(
 }
 
 /// The result of a timed batch of requests.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PhaseResult {
     /// Requests that got a token.
     pub ok: usize,
@@ -248,7 +248,7 @@ pub fn populate(
 }
 
 /// Result of the handshakes mode.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HandshakeResult {
     /// Rooms created in the measured run.
     pub rooms: usize,

@@ -224,7 +224,19 @@ fn run(cli: Cli) -> Result<()> {
             duration,
             state_tokens,
             command,
+            from_json,
         } => {
+            if let Some(path) = from_json {
+                let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+                    context: format!("read {}", path.display()),
+                    source,
+                })?;
+                let results: matrix::Results = serde_json::from_str(&text)
+                    .map_err(|e| Error::Usage(format!("{}: {e}", path.display())))?;
+                matrix::write(&results, &markdown, &svg, None)?;
+                println!("wrote {} and {}", markdown.display(), svg.display());
+                return Ok(());
+            }
             let launcher = launcher(common)?;
             let plan = matrix::Plan {
                 duration: secs(duration),

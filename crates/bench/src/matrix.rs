@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::ceiling::{self, CeilingResult};
 use crate::cli::CapsArg;
@@ -43,7 +43,7 @@ pub struct Plan {
 }
 
 /// One room size.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SizeRow {
     /// Members.
     pub members: usize,
@@ -60,7 +60,7 @@ pub struct SizeRow {
 }
 
 /// Everything the matrix measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Results {
     /// UTC date and time of the start.
     pub date: String,
@@ -425,7 +425,7 @@ pub fn markdown(r: &Results) -> String {
         w,
         "## Sweep: highest rate with loss < 0.1% (M = 64, S = 2, B = 128)\n"
     );
-    let _ = writeln!(w, "Binary search over the offered rate, 2 s per step, after a flat-out probe; a step passes when loss < 0.1% and the senders kept the pace.\n");
+    let _ = writeln!(w, "A flat-out probe bounds the rate; paced 2 s steps then go up by half while they pass and bisect once one fails. A step passes when loss < 0.1%, the senders kept the pace, and deliveries kept up with the offered deliveries (≥ 97%, so no backlog grew in the daemon's socket buffer).\n");
     let _ = writeln!(w, "| caps | sustained msg/s | deliveries/s | % of ceiling | p50 at half | p99 at half | max at half | steps (msg/s → loss %, p99) |");
     let _ = writeln!(w, "|---|---|---|---|---|---|---|---|");
     for s in &r.sweeps {

@@ -12,7 +12,7 @@ use std::net::UdpSocket;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use ucrp::datagram;
 
 use crate::daemon::{Daemon, Launcher, StateDir};
@@ -25,7 +25,7 @@ const REGISTER_CHUNK: usize = 2_000;
 const REGISTER_PASSES: usize = 4;
 
 /// Result of the memory mode.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MemoryResult {
     /// Members created and registered.
     pub members: usize,

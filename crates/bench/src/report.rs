@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::daemon::Scrape;
 
@@ -17,7 +17,7 @@ pub fn histogram() -> Histogram<u64> {
 }
 
 /// Latency percentiles in the histogram's unit.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct Percentiles {
     /// Samples.
     pub count: u64,
@@ -53,7 +53,7 @@ impl Percentiles {
 }
 
 /// Throughput at the start and the end of a run, to show whether it stays flat.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct RateWindows {
     /// Operations per second over the first 10% of operations.
     pub first_10pct_per_sec: f64,
@@ -80,7 +80,7 @@ impl RateWindows {
 
 /// Where datagrams were lost, from the daemon's metrics (deltas over the run) and the client
 /// sockets' kernel counters.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LossAttribution {
     /// `ocm_udp_receive_buffer_drops_total`: the daemon's socket overflowed (inbound lost).
     pub daemon_rcvbuf_drops: f64,
@@ -139,7 +139,7 @@ impl LossAttribution {
 }
 
 /// CPU used by the daemon and by the bench over a window, as % of one core.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct CpuUse {
     /// The daemon's user + system time / wall time, percent of one core.
     pub daemon_pct: f64,
@@ -190,7 +190,7 @@ pub fn machine_busy_pct(window: Duration) -> f64 {
 }
 
 /// The machine, for the report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     /// `nproc`.
     pub cpus: usize,
