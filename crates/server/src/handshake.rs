@@ -214,8 +214,7 @@ fn answer(
         }
         _ => {}
     }
-    let exists = ctx.registry.password_hash(room_name).is_some()
-        || ctx.registry.presence(room_name).is_some();
+    let exists = ctx.registry.room_exists(room_name);
     match op {
         Operation::CreateRoom => {
             let hash = match (&request.password, password) {

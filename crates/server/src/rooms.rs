@@ -663,6 +663,11 @@ impl Registry {
         Ok(Issued { token })
     }
 
+    /// Whether a room of that name is open.
+    pub fn room_exists(&self, room_name: &str) -> bool {
+        self.room_index.contains_key(room_name)
+    }
+
     /// The password hash of a room, for the caller to verify before [`Registry::join_room`].
     pub fn password_hash(&self, room_name: &str) -> Option<&str> {
         let room = self.room_index.get(room_name)?;
