@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::handshake::RequestLimits;
+use crate::persist::DEFAULT_COMPACT_JOURNAL_BYTES;
 use crate::rooms::Limits;
 
 /// Largest `history.messages` accepted.
@@ -57,6 +58,9 @@ pub struct Listen {
 pub struct StateConfig {
     /// Path of `room_manager.json`; the journal and lock file live beside it.
     pub path: PathBuf,
+    /// The journal is compacted (rotated, then folded into the state file on its own thread)
+    /// once it is larger than this many bytes and larger than the last state file.
+    pub compact_journal_bytes: u64,
 }
 
 /// `[liveness]`
@@ -130,6 +134,9 @@ pub struct Udp {
     pub send_buffer_bytes: usize,
     /// Datagrams handled per wakeup before TCP gets a turn.
     pub datagrams_per_wakeup: usize,
+    /// The daemon's cap on batch frames, bytes (512..=65507). A member's batches are also
+    /// capped by the `max_datagram` it announced (4096 if it did not).
+    pub max_batch_datagram_bytes: usize,
 }
 
 /// `[history]`
@@ -173,6 +180,7 @@ impl Default for StateConfig {
     fn default() -> StateConfig {
         StateConfig {
             path: PathBuf::from("room_manager.json"),
+            compact_journal_bytes: DEFAULT_COMPACT_JOURNAL_BYTES,
         }
     }
 }
@@ -225,6 +233,7 @@ impl Default for Udp {
             recv_buffer_bytes: 4 * 1024 * 1024,
             send_buffer_bytes: 4 * 1024 * 1024,
             datagrams_per_wakeup: 1024,
+            max_batch_datagram_bytes: 65507,
         }
     }
 }
@@ -287,6 +296,10 @@ impl Config {
                 "udp.datagrams_per_wakeup",
                 self.udp.datagrams_per_wakeup as f64,
             ),
+            (
+                "state.compact_journal_bytes",
+                self.state.compact_journal_bytes as f64,
+            ),
         ];
         for (key, value) in positive {
             if value <= 0.0 {
@@ -314,6 +327,12 @@ impl Config {
             if rate > 0.0 && (!burst.is_finite() || burst < 1.0) {
                 return Err(format!("{burst_key} must be at least 1 when {key} is set"));
             }
+        }
+        let batch = self.udp.max_batch_datagram_bytes;
+        if !(512..=65507).contains(&batch) {
+            return Err(format!(
+                "udp.max_batch_datagram_bytes must be between 512 and 65507, got {batch}"
+            ));
         }
         if self.history.messages > MAX_HISTORY {
             return Err(format!("history.messages must be at most {MAX_HISTORY}"));
@@ -461,11 +480,33 @@ mod tests {
             ),
             ("[listen]\nmetrics = \"nowhere\"", "listen.metrics"),
             ("[log]\nlevel = \"loud\"", "log.level"),
+            (
+                "[udp]\nmax_batch_datagram_bytes = 65508",
+                "udp.max_batch_datagram_bytes",
+            ),
+            (
+                "[udp]\nmax_batch_datagram_bytes = 100",
+                "udp.max_batch_datagram_bytes",
+            ),
         ];
         for (text, key) in cases {
             let err = Config::from_toml(text).unwrap_err();
             assert!(err.contains(key), "{text:?} gave {err:?}");
         }
+    }
+
+    #[test]
+    fn the_compaction_threshold_is_read_from_the_state_section() {
+        let c = Config::from_toml("[state]\ncompact_journal_bytes = 4096").unwrap();
+        assert_eq!(c.state.compact_journal_bytes, 4096);
+        assert_eq!(
+            crate::persist::Options::from(&c.state).compact_journal_bytes,
+            4096
+        );
+        assert_eq!(
+            Config::default().state.compact_journal_bytes,
+            8 * 1024 * 1024
+        );
     }
 
     #[test]
