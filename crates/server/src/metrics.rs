@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tcrp::Operation;
 
+use crate::persist::Compactions;
 use crate::rooms::Stats;
 
 /// Every counter the daemon keeps.
@@ -52,6 +53,9 @@ pub struct Metrics {
     pub state_write_seconds: f64,
     /// Longest single write.
     pub state_write_max_seconds: f64,
+    /// State file writes by the compactor (and the fold at start), as last reported by the
+    /// writer.
+    pub compactions: Compactions,
     /// The kernel's count of datagrams dropped for a full receive buffer.
     pub udp_kernel_drops: u64,
     /// Configuration reloads by result.
@@ -96,6 +100,12 @@ impl Metrics {
         self.state_write_max_seconds = self.state_write_max_seconds.max(secs);
     }
 
+    /// Records the writer's compaction counters (they are kept by the persister, which the
+    /// compactor thread updates).
+    pub fn state_compactions(&mut self, compactions: Compactions) {
+        self.compactions = compactions;
+    }
+
     /// Renders everything, with the registry's gauges, as Prometheus text.
     pub fn render(&self, stats: Stats) -> String {
         let mut out = String::with_capacity(4096);
@@ -136,7 +146,17 @@ impl Metrics {
             "Longest journal write (write and fsync), seconds.",
             self.state_write_max_seconds,
         );
-        let counters: [(&str, &str, f64); 11] = [
+        gauge(
+            "ocm_state_compaction_last_seconds",
+            "Time the last state file write took (a journal compaction, or the fold at start), seconds.",
+            self.compactions.last_seconds,
+        );
+        gauge(
+            "ocm_state_compaction_max_seconds",
+            "Longest state file write, seconds.",
+            self.compactions.max_seconds,
+        );
+        let counters: [(&str, &str, f64); 14] = [
             (
                 "ocm_tcp_connections_accepted_total",
                 "TCP connections accepted.",
@@ -186,6 +206,21 @@ impl Metrics {
                 "ocm_state_write_seconds_total",
                 "Time spent writing them, seconds.",
                 self.state_write_seconds,
+            ),
+            (
+                "ocm_state_compactions_total",
+                "State files written: the fold at start and each journal compaction.",
+                self.compactions.written as f64,
+            ),
+            (
+                "ocm_state_compaction_failures_total",
+                "Journal compactions that failed (retried; nothing is lost).",
+                self.compactions.failed as f64,
+            ),
+            (
+                "ocm_state_compaction_seconds_total",
+                "Time spent writing state files, seconds.",
+                self.compactions.seconds,
             ),
             (
                 "ocm_udp_receive_buffer_drops_total",
@@ -269,6 +304,13 @@ mod tests {
         Metrics::bump(&mut m.datagrams_dropped, "unknown_token");
         *m.handshakes.entry(("join_room", "ok")).or_insert(0) += 3;
         m.state_write(4, Duration::from_millis(2));
+        m.state_compactions(Compactions {
+            written: 3,
+            failed: 1,
+            seconds: 0.25,
+            last_seconds: 0.125,
+            max_seconds: 0.125,
+        });
         let text = m.render(Stats {
             rooms: 2,
             members: 5,
@@ -279,6 +321,9 @@ mod tests {
         assert!(text.contains("ocm_datagrams_dropped_total{reason=\"unknown_token\"} 2\n"));
         assert!(text.contains("ocm_handshakes_total{operation=\"join_room\",result=\"ok\"} 3\n"));
         assert!(text.contains("ocm_state_write_records_total 4\n"));
+        assert!(text.contains("ocm_state_compactions_total 3\n"));
+        assert!(text.contains("ocm_state_compaction_failures_total 1\n"));
+        assert!(text.contains("ocm_state_compaction_last_seconds 0.125\n"));
         // Every sample line belongs to a family declared with # TYPE.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let family = line.split(['{', ' ']).next().unwrap();

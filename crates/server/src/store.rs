@@ -13,10 +13,13 @@
 //! ```
 //!
 //! Beside it, `room_manager.json.journal` holds the changes made since the file was last
-//! written, one JSON [`Record`] per line with a sequence number `n`. Loading reads the file,
-//! then replays the journal lines whose `n` is above the file's `journal_seq`. A torn last
-//! line (a crash in the middle of an append that was never acknowledged) is ignored; a bad
-//! line anywhere else stops the load. See `docs/PERSISTENCE.md`.
+//! written, one JSON [`Record`] per line with a sequence number `n`. While a compaction runs,
+//! the journal it folds has been renamed `room_manager.json.journal.old` and a fresh journal
+//! takes the new records, so every record in `journal.old` precedes every record in `journal`.
+//! Loading reads the file, then replays `journal.old` and then `journal`, keeping the lines
+//! whose `n` is above the file's `journal_seq` and above every line replayed before. In either journal a torn last line (a crash in
+//! the middle of an append, which was never acknowledged) is ignored; a bad line anywhere else
+//! stops the load. See `docs/PERSISTENCE.md`.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -257,6 +260,8 @@ pub struct Paths {
     pub state: PathBuf,
     /// `room_manager.json.journal`.
     pub journal: PathBuf,
+    /// `room_manager.json.journal.old`: the journal being folded into the state file.
+    pub journal_old: PathBuf,
     /// `room_manager.json.lock`.
     pub lock: PathBuf,
 }
@@ -272,6 +277,7 @@ impl Paths {
         Paths {
             state: state.to_owned(),
             journal: with(".journal"),
+            journal_old: with(".journal.old"),
             lock: with(".lock"),
         }
     }
@@ -286,55 +292,71 @@ pub struct Loaded {
     pub last_seq: u64,
     /// Journal records replayed.
     pub replayed: usize,
-    /// Whether a torn final journal line was ignored.
+    /// Whether a torn final line was ignored (in either journal).
     pub torn_tail: bool,
+    /// Whether `journal.old` was there: a compaction was interrupted.
+    pub journal_old: bool,
 }
 
-/// Reads the state file (a missing file is a fresh start) and replays the journal.
+/// Reads the state file (a missing file is a fresh start) and replays `journal.old`, then the
+/// journal (a missing journal is an empty one).
+///
+/// A torn last line is accepted at the end of `journal.old` too. Records are appended to
+/// `journal.old` only before its rotation, and the rotation happens after an append succeeded,
+/// so its tail can only be torn if the daemon crashed mid-append while it was still the
+/// journal; then that record was never acknowledged, exactly as for a torn tail of the journal.
 pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
-    let mut state = match fs::read(&paths.state) {
-        Ok(bytes) => parse_state(&bytes).map_err(|source| StoreError::Parse {
+    let mut state = match read_if_exists(&paths.state)? {
+        Some(bytes) => parse_state(&bytes).map_err(|source| StoreError::Parse {
             path: paths.state.clone(),
             source,
         })?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => State::default(),
-        Err(source) => {
-            return Err(StoreError::Read {
-                path: paths.state.clone(),
-                source,
-            })
-        }
+        None => State::default(),
     };
     state.normalize();
     let mut loaded = Loaded {
         last_seq: state.journal_seq,
         ..Loaded::default()
     };
-    let journal = match fs::read(&paths.journal) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-        Err(source) => {
-            return Err(StoreError::Read {
-                path: paths.journal.clone(),
-                source,
-            })
+    // journal.old holds the older records: replay it first. A record is applied only if it
+    // is newer than the file and than every record applied before it. The daemon's own files
+    // never overlap, but a live backup can: its copy of the journal may be older than its
+    // copy of journal.old, which then holds the same records and newer ones.
+    let mut applied = state.journal_seq;
+    for (path, is_old) in [(&paths.journal_old, true), (&paths.journal, false)] {
+        let Some(bytes) = read_if_exists(path)? else {
+            continue;
+        };
+        loaded.journal_old |= is_old;
+        let replay = parse_journal(&bytes).map_err(|(line, reason)| StoreError::Journal {
+            path: path.clone(),
+            line,
+            reason,
+        })?;
+        loaded.torn_tail |= replay.torn_tail;
+        for (n, record) in replay.records {
+            if n > applied {
+                state.apply(&record);
+                loaded.replayed += 1;
+                applied = n;
+            }
+            loaded.last_seq = loaded.last_seq.max(n);
         }
-    };
-    let replay = parse_journal(&journal).map_err(|(line, reason)| StoreError::Journal {
-        path: paths.journal.clone(),
-        line,
-        reason,
-    })?;
-    loaded.torn_tail = replay.torn_tail;
-    for (n, record) in replay.records {
-        if n > state.journal_seq {
-            state.apply(&record);
-            loaded.replayed += 1;
-        }
-        loaded.last_seq = loaded.last_seq.max(n);
     }
     loaded.state = state;
     Ok(loaded)
+}
+
+/// The file's bytes, or `None` when it does not exist.
+fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(StoreError::Read {
+            path: path.to_owned(),
+            source,
+        }),
+    }
 }
 
 /// Parses the state file's bytes.
@@ -532,6 +554,188 @@ mod tests {
         assert_eq!(loaded.replayed, 2);
         assert_eq!(loaded.last_seq, 3);
         assert!(loaded.state.rooms.contains_key("a") && loaded.state.rooms.contains_key("b"));
+    }
+
+    /// Journal bytes holding `records` as lines numbered from their `n`.
+    fn journal_bytes(records: &[(u64, Record)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (n, record) in records {
+            serde_json::to_writer(&mut out, &JournalLine { n: *n, record }).unwrap();
+            out.push(b'\n');
+        }
+        out
+    }
+
+    fn write_state(paths: &Paths, state: &State) {
+        let mut state = state.clone();
+        write_atomic(
+            &paths.state,
+            &state.to_file_bytes(SystemTime::UNIX_EPOCH).unwrap(),
+        )
+        .unwrap();
+    }
+
+    fn join(room: &str, token: &str) -> Record {
+        Record::Join {
+            room: room.into(),
+            member: member(token, token),
+        }
+    }
+
+    #[test]
+    fn the_old_journal_sits_beside_the_journal() {
+        let paths = Paths::new(Path::new("/var/lib/ocmd/room_manager.json"));
+        assert_eq!(
+            paths.journal_old,
+            Path::new("/var/lib/ocmd/room_manager.json.journal.old")
+        );
+    }
+
+    /// A compaction in progress: the snapshot (seq 2) is older than journal.old (records 1..=4,
+    /// the first two already in the snapshot), and the fresh journal holds 5..=7. Records are
+    /// applied old journal first: closing and re-creating `a` in the journal only gives host
+    /// `h2` if the old journal's create of `a` came before.
+    #[test]
+    fn records_split_across_the_old_journal_and_the_journal_replay_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(&dir.path().join("s.json"));
+        let mut snapshot = State::default();
+        snapshot.apply(&create("x", "hx"));
+        snapshot.journal_seq = 2;
+        write_state(&paths, &snapshot);
+        let old = [
+            (1, create("x", "hx")),
+            // Already in the snapshot: replaying it would close x.
+            (2, Record::CloseRoom { room: "x".into() }),
+            (3, create("a", "h1")),
+            (4, join("a", "m1")),
+        ];
+        let new = [
+            (5, Record::CloseRoom { room: "a".into() }),
+            (6, create("a", "h2")),
+            (7, join("a", "m2")),
+        ];
+        fs::write(&paths.journal_old, journal_bytes(&old)).unwrap();
+        fs::write(&paths.journal, journal_bytes(&new)).unwrap();
+        let loaded = load(&paths).unwrap();
+        assert!(loaded.journal_old && !loaded.torn_tail);
+        assert_eq!(loaded.replayed, 5);
+        assert_eq!(loaded.last_seq, 7);
+        let mut expected = snapshot.clone();
+        for (_, r) in old.iter().chain(&new).filter(|(n, _)| *n > 2) {
+            expected.apply(r);
+        }
+        assert_eq!(loaded.state.rooms, expected.rooms);
+        assert_eq!(loaded.state.tokens, expected.tokens);
+        assert!(loaded.state.rooms.contains_key("x"), "record 2 was skipped");
+        assert_eq!(loaded.state.rooms["a"].members, ["h2", "m2"]);
+        assert!(!loaded.state.tokens.contains_key("m1"));
+    }
+
+    /// A crash after the new snapshot was renamed into place but before journal.old was
+    /// removed: every record of journal.old is at or below the snapshot's seq and is skipped.
+    #[test]
+    fn an_old_journal_the_snapshot_already_holds_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(&dir.path().join("s.json"));
+        let old = [
+            (1, create("a", "h1")),
+            (2, join("a", "m1")),
+            (3, Record::Leave { token: "m1".into() }),
+        ];
+        let mut snapshot = State::default();
+        old.iter().for_each(|(_, r)| snapshot.apply(r));
+        // Changed after record 3 in a way replaying 1..=3 would undo.
+        snapshot.apply(&join("a", "m1"));
+        snapshot.journal_seq = 3;
+        write_state(&paths, &snapshot);
+        fs::write(&paths.journal_old, journal_bytes(&old)).unwrap();
+        fs::write(&paths.journal, journal_bytes(&[(4, join("a", "m4"))])).unwrap();
+        let loaded = load(&paths).unwrap();
+        assert_eq!(loaded.replayed, 1);
+        assert_eq!(loaded.last_seq, 4);
+        assert_eq!(loaded.state.rooms["a"].members, ["h1", "m1", "m4"]);
+    }
+
+    /// A live backup copies the journal, then journal.old, then the snapshot; a rotation in
+    /// between leaves the journal's copy holding records that journal.old's copy holds too,
+    /// followed there by newer ones. They are replayed once, in order.
+    #[test]
+    fn overlapping_journals_replay_each_record_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(&dir.path().join("s.json"));
+        let old = [
+            (1, create("a", "h1")),
+            (2, join("a", "m1")),
+            (3, Record::Leave { token: "m1".into() }),
+        ];
+        fs::write(&paths.journal_old, journal_bytes(&old)).unwrap();
+        fs::write(&paths.journal, journal_bytes(&old[..2])).unwrap();
+        let loaded = load(&paths).unwrap();
+        assert_eq!(loaded.replayed, 3);
+        assert_eq!(loaded.last_seq, 3);
+        assert_eq!(
+            loaded.state.rooms["a"].members,
+            ["h1"],
+            "m1 left, at record 3"
+        );
+        assert!(!loaded.state.tokens.contains_key("m1"));
+    }
+
+    /// A crash between the rotation's rename and the creation of the fresh journal.
+    #[test]
+    fn an_old_journal_without_a_journal_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(&dir.path().join("s.json"));
+        fs::write(
+            &paths.journal_old,
+            journal_bytes(&[(1, create("a", "h1")), (2, join("a", "m1"))]),
+        )
+        .unwrap();
+        let loaded = load(&paths).unwrap();
+        assert!(loaded.journal_old);
+        assert_eq!(loaded.replayed, 2);
+        assert_eq!(loaded.state.rooms["a"].members, ["h1", "m1"]);
+    }
+
+    #[test]
+    fn a_torn_tail_of_either_journal_is_ignored() {
+        let torn = br#"{"n":9,"op":"join","room":"a","member":{"tok"#;
+        for torn_in_old in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let paths = Paths::new(&dir.path().join("s.json"));
+            let mut old = journal_bytes(&[(1, create("a", "h1")), (2, join("a", "m2"))]);
+            let mut new = journal_bytes(&[(3, join("a", "m3"))]);
+            if torn_in_old {
+                old.extend_from_slice(torn);
+            } else {
+                new.extend_from_slice(torn);
+            }
+            fs::write(&paths.journal_old, &old).unwrap();
+            fs::write(&paths.journal, &new).unwrap();
+            let loaded = load(&paths).unwrap();
+            assert!(loaded.torn_tail, "torn in old: {torn_in_old}");
+            assert_eq!(loaded.replayed, 3);
+            assert_eq!(loaded.last_seq, 3);
+            assert_eq!(loaded.state.rooms["a"].members, ["h1", "m2", "m3"]);
+        }
+    }
+
+    #[test]
+    fn a_bad_line_inside_the_old_journal_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(&dir.path().join("s.json"));
+        let mut old = journal_bytes(&[(1, create("a", "h1"))]);
+        old.extend_from_slice(b"garbage\n");
+        old.extend_from_slice(&journal_bytes(&[(3, join("a", "m3"))]));
+        fs::write(&paths.journal_old, &old).unwrap();
+        fs::write(&paths.journal, journal_bytes(&[(4, join("a", "m4"))])).unwrap();
+        let err = load(&paths).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Journal { path, line: 2, .. } if *path == paths.journal_old),
+            "{err}"
+        );
+        assert!(err.to_string().contains("s.json.journal.old"), "{err}");
     }
 
     #[test]
