@@ -45,8 +45,8 @@ use crate::query::{self, HistoryPager, PageRequest, DEFAULT_HISTORY_LIMIT};
 use crate::render::{printable, Flow};
 use crate::screen::{EditorPrinter, PlainPrinter, Screen};
 
-/// Receive buffer size, in bytes. The server sends at most [`ucrp::MAX_DATAGRAM_LEN`]; a
-/// larger buffer means an oversized datagram is parsed (and likely dropped) rather than cut.
+/// Receive buffer size, in bytes: room for the largest UDP datagram, so batch frames up to the
+/// `max_datagram` announced at join (65507 bytes on loopback) are read whole.
 const RECV_BUFFER_LEN: usize = 64 * 1024;
 
 /// The line editor's prompt.

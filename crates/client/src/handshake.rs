@@ -112,6 +112,14 @@ pub fn build_request(username: &str, keepalive_secs: u32, original: bool) -> Req
     }
 }
 
+/// The `max_datagram` to announce to a daemon at `server`: the largest UDP datagram (65507
+/// bytes, which the chat socket reads whole) when the daemon is on this host, where loopback's
+/// 64 KiB MTU carries it unfragmented; otherwise nothing, so batches stay at the daemon's
+/// default of 4096 bytes.
+pub fn max_datagram_for(server: IpAddr) -> Option<u16> {
+    server.is_loopback().then_some(payload::MAX_MAX_DATAGRAM)
+}
+
 /// Opens the TCP connection to `host:port`, trying each resolved address in turn.
 pub fn connect(host: &str, port: u16) -> Result<TcpStream, ClientError> {
     let addrs: Vec<_> = (host, port)
@@ -404,6 +412,13 @@ mod tests {
         assert_eq!(parsed.username, "alice");
         assert_eq!(parsed.keepalive_secs, Some(10));
         assert_eq!(parsed.caps, Caps::NOTICES.with(Caps::SEQ).with(Caps::BATCH));
+    }
+
+    #[test]
+    fn large_batches_are_asked_for_only_on_loopback() {
+        assert_eq!(max_datagram_for("127.0.0.1".parse().unwrap()), Some(65507));
+        assert_eq!(max_datagram_for("::1".parse().unwrap()), Some(65507));
+        assert_eq!(max_datagram_for("192.0.2.7".parse().unwrap()), None);
     }
 
     #[test]

@@ -255,6 +255,11 @@ fn chat(
         request.listed = (!listed).then_some(false);
     }
     let mut stream = handshake::connect(server, tcp_port)?;
+    if !args.original {
+        if let Ok(peer) = stream.peer_addr() {
+            request.max_datagram = handshake::max_datagram_for(peer.ip());
+        }
+    }
     let token = handshake::exchange(&mut stream, verb, room_name, &request)?;
     // Chat with the very address the handshake reached, not a fresh resolution of the name.
     let tcp = stream

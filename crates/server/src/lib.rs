@@ -5,12 +5,13 @@
 //! - [`handshake`]: TCRP requests to reply bytes;
 //! - [`store`], [`record`], [`persist`]: the state file, its journal and the writer thread;
 //! - [`event_loop`]: the mio shell that owns every socket;
-//! - [`config`], [`metrics`], [`notify`], [`http`]: what operators see.
+//! - [`config`], [`metrics`], [`delay`], [`notify`], [`http`]: what operators see.
 //!
 //! Wire formats live in the `tcrp` and `ucrp` crates, which know nothing of sockets.
 
 pub mod config;
 pub mod conn;
+pub mod delay;
 pub mod error;
 pub mod event_loop;
 pub mod handshake;

@@ -60,6 +60,8 @@ pub struct Metrics {
     pub udp_kernel_drops: u64,
     /// Configuration reloads by result.
     pub reloads: BTreeMap<&'static str, u64>,
+    /// Time from a datagram's arrival on the socket until what it caused was sent.
+    pub relay_delay: crate::delay::DelayHistogram,
 }
 
 /// Name of an operation for labels.
@@ -289,6 +291,11 @@ impl Metrics {
                 "{name}{{operation=\"{op}\",result=\"{result}\"}} {count}"
             );
         }
+        self.relay_delay.render(
+            "ocm_relay_delay_seconds",
+            "Time from a datagram's arrival on the UDP socket (kernel timestamp) until every datagram it caused was handed to the kernel.",
+            &mut out,
+        );
         out
     }
 }
@@ -324,10 +331,18 @@ mod tests {
         assert!(text.contains("ocm_state_compactions_total 3\n"));
         assert!(text.contains("ocm_state_compaction_failures_total 1\n"));
         assert!(text.contains("ocm_state_compaction_last_seconds 0.125\n"));
-        // Every sample line belongs to a family declared with # TYPE.
+        // Every sample line belongs to a family declared with # TYPE (a histogram's samples
+        // add _bucket, _sum and _count to its name).
         for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let family = line.split(['{', ' ']).next().unwrap();
-            assert!(text.contains(&format!("# TYPE {family} ")), "{line}");
+            let sample = line.split(['{', ' ']).next().unwrap();
+            let declared = |family: &str| text.contains(&format!("# TYPE {family} "));
+            let histogram = ["_bucket", "_sum", "_count"].iter().any(|suffix| {
+                sample
+                    .strip_suffix(suffix)
+                    .is_some_and(|family| text.contains(&format!("# TYPE {family} histogram")))
+            });
+            assert!(declared(sample) || histogram, "{line}");
         }
+        assert!(text.contains("ocm_relay_delay_seconds_bucket{le=\"+Inf\"} 0\n"));
     }
 }

@@ -8,6 +8,7 @@ use std::io;
 use std::mem;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::RawFd;
+use std::time::Duration;
 
 /// Datagrams per system call.
 pub const BATCH: usize = 256;
@@ -75,12 +76,39 @@ fn from_storage(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
+/// Control-message space per datagram, in `u64` words (8-byte aligned, as `cmsghdr` needs):
+/// room for one `SCM_TIMESTAMPNS` (a 16-byte header and a 16-byte `timespec`) and slack.
+const CONTROL_WORDS: usize = 8;
+
+/// Asks the kernel to stamp every datagram received on `fd` with its arrival time
+/// (`SO_TIMESTAMPNS`); [`Receiver::arrived`] reads the stamps.
+pub fn enable_timestamps(fd: RawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: a live socket and a c_int option value of the stated size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            (&on as *const libc::c_int).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Receive buffers for [`BATCH`] datagrams of up to `slot` bytes each.
 pub struct Receiver {
     slot: usize,
     buf: Vec<u8>,
     addrs: Vec<libc::sockaddr_storage>,
     lens: Vec<usize>,
+    control: Vec<u64>,
+    arrived: Vec<Option<Duration>>,
     count: usize,
 }
 
@@ -93,6 +121,8 @@ impl Receiver {
             // SAFETY: all-zero sockaddr_storage is valid.
             addrs: vec![unsafe { mem::zeroed() }; BATCH],
             lens: vec![0; BATCH],
+            control: vec![0; CONTROL_WORDS * BATCH],
+            arrived: vec![None; BATCH],
             count: 0,
         }
     }
@@ -111,11 +141,17 @@ impl Receiver {
             .collect();
         // SAFETY: mmsghdr is plain old data.
         let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { mem::zeroed() }; n];
-        for (i, msg) in msgs.iter_mut().enumerate() {
+        for (i, (msg, control)) in msgs
+            .iter_mut()
+            .zip(self.control.chunks_mut(CONTROL_WORDS))
+            .enumerate()
+        {
             msg.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
             msg.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             msg.msg_hdr.msg_iov = &mut iovecs[i];
             msg.msg_hdr.msg_iovlen = 1;
+            msg.msg_hdr.msg_control = control.as_mut_ptr().cast();
+            msg.msg_hdr.msg_controllen = mem::size_of_val(control) as _;
         }
         // SAFETY: every pointer in msgs points into buffers that outlive the call, with the
         // lengths given; the kernel writes at most that much.
@@ -133,10 +169,20 @@ impl Receiver {
             return Err(io::Error::last_os_error());
         }
         self.count = rc as usize;
-        for (len, msg) in self.lens.iter_mut().zip(&msgs).take(self.count) {
-            *len = (msg.msg_len as usize).min(self.slot);
+        for (i, msg) in msgs.iter().enumerate().take(self.count) {
+            self.lens[i] = (msg.msg_len as usize).min(self.slot);
+            self.arrived[i] = timestamp(&msg.msg_hdr);
         }
         Ok(self.count)
+    }
+
+    /// When the `i`th datagram of the last [`Receiver::recv`] reached the socket, since the
+    /// Unix epoch, if the socket stamps datagrams ([`enable_timestamps`]).
+    pub fn arrived(&self, i: usize) -> Option<Duration> {
+        if i >= self.count {
+            return None;
+        }
+        self.arrived[i]
     }
 
     /// The `i`th datagram of the last [`Receiver::recv`]: its source and bytes.
@@ -150,6 +196,31 @@ impl Receiver {
             &self.buf[start..start + self.lens[i]],
         ))
     }
+}
+
+/// The `SCM_TIMESTAMPNS` stamp among a received message's control messages.
+fn timestamp(hdr: &libc::msghdr) -> Option<Duration> {
+    // SAFETY: the kernel filled msg_control up to msg_controllen with well-formed cmsghdrs;
+    // CMSG_FIRSTHDR/CMSG_NXTHDR stay within it and CMSG_DATA points inside the current one,
+    // whose length is checked before the timespec is read (unaligned read: no assumption).
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(hdr);
+        while !cmsg.is_null() {
+            let c = &*cmsg;
+            if c.cmsg_level == libc::SOL_SOCKET
+                && c.cmsg_type == libc::SCM_TIMESTAMPNS
+                && c.cmsg_len as usize
+                    >= libc::CMSG_LEN(mem::size_of::<libc::timespec>() as u32) as usize
+            {
+                let ts: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                let secs = u64::try_from(ts.tv_sec).ok()?;
+                let nanos = u32::try_from(ts.tv_nsec).ok()?;
+                return Some(Duration::new(secs, nanos));
+            }
+            cmsg = libc::CMSG_NXTHDR(hdr, cmsg);
+        }
+    }
+    None
 }
 
 /// What a [`send`] managed.

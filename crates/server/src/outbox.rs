@@ -17,8 +17,9 @@ pub struct Send {
     /// The recipient's member slot in the registry, when it is a member (a dense small
     /// number the sender uses to group a member's messages without hashing addresses).
     pub member: Option<u32>,
-    /// Whether the recipient accepts batch frames (several messages in one datagram).
-    pub batchable: bool,
+    /// The largest batch frame (several messages in one datagram) the recipient accepts, in
+    /// bytes; 0 when it accepts none.
+    pub batch_limit: u16,
 }
 
 /// Encoded payloads and the datagrams that carry them.
@@ -46,24 +47,24 @@ impl Outbox {
             to,
             bytes,
             member: None,
-            batchable: false,
+            batch_limit: 0,
         });
     }
 
-    /// Queues `bytes` for the member in registry slot `member`, at `to`; `batchable` when the
-    /// member accepts batch frames.
+    /// Queues `bytes` for the member in registry slot `member`, at `to`; `batch_limit` is the
+    /// largest batch frame the member accepts (0: none).
     pub fn send_to_member(
         &mut self,
         to: SocketAddr,
         bytes: Range<usize>,
         member: u32,
-        batchable: bool,
+        batch_limit: u16,
     ) {
         self.sends.push(Send {
             to,
             bytes,
             member: Some(member),
-            batchable,
+            batch_limit,
         });
     }
 

@@ -755,6 +755,7 @@ mod tests {
             token,
             keepalive: None,
             caps: 0,
+            max_datagram: None,
         }
     }
 

@@ -22,6 +22,9 @@ pub struct MemberRecord {
     /// Capability bits ([`tcrp::Caps::bits`]).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub caps: u8,
+    /// The largest datagram the member accepts, if it said (`max_datagram`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_datagram: Option<u16>,
 }
 
 fn is_zero(v: &u8) -> bool {

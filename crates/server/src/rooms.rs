@@ -27,7 +27,7 @@ use hashbrown::HashTable;
 use log::{debug, info, warn};
 use rand::RngCore;
 use slab::Slab;
-use tcrp::payload::{Caps, ErrorCode, Request};
+use tcrp::payload::{self, Caps, ErrorCode, Request};
 use ucrp::delivery::{self, Notice};
 use ucrp::Message;
 
@@ -242,7 +242,20 @@ struct Member {
     keepalive: Option<Duration>,
     last_seen: Instant,
     caps: Caps,
+    /// The largest datagram the member accepts (`max_datagram` at join), if it said.
+    max_datagram: Option<u16>,
     chat: TokenBucket,
+}
+
+impl Member {
+    /// The cap on batch frames for this member, in bytes; 0 when it takes no batches.
+    fn batch_limit(&self) -> u16 {
+        if self.caps.contains(Caps::BATCH) {
+            self.max_datagram.unwrap_or(payload::DEFAULT_MAX_DATAGRAM)
+        } else {
+            0
+        }
+    }
 }
 
 /// Why a token is no longer live, and so what a late datagram carrying it is told.
@@ -433,6 +446,10 @@ impl Registry {
                     keepalive: entry.keepalive.map(|k| Duration::from_secs(k.into())),
                     last_seen: now,
                     caps: Caps::from_bits(entry.caps),
+                    // Checked like a request's: a hand-edited value out of range is dropped.
+                    max_datagram: entry.max_datagram.filter(|m| {
+                        (payload::MIN_MAX_DATAGRAM..=payload::MAX_MAX_DATAGRAM).contains(m)
+                    }),
                     chat: TokenBucket::full(registry.limits.chat_burst, now),
                 });
                 if *token == room.host_token {
@@ -601,6 +618,7 @@ impl Registry {
             username: request.username.clone(),
             keepalive: keepalive.map(|k| k.as_secs() as u32),
             caps: request.caps.bits(),
+            max_datagram: request.max_datagram,
         };
         let id = self.insert_member(Member {
             token,
@@ -611,6 +629,7 @@ impl Registry {
             keepalive,
             last_seen: now,
             caps: request.caps,
+            max_datagram: request.max_datagram,
             chat: TokenBucket::full(self.limits.chat_burst, now),
         });
         (id, record)
@@ -849,7 +868,7 @@ impl Registry {
                     })
                     .clone()
             };
-            out.send_to_member(to, bytes, m.slot(), member.caps.contains(Caps::BATCH));
+            out.send_to_member(to, bytes, m.slot(), member.batch_limit());
             deliveries += 1;
         }
         deliveries
@@ -880,7 +899,7 @@ impl Registry {
                     })
                 })
                 .clone();
-            out.send_to_member(to, range, m.slot(), member.caps.contains(Caps::BATCH));
+            out.send_to_member(to, range, m.slot(), member.batch_limit());
         }
     }
 
@@ -961,7 +980,7 @@ impl Registry {
             self.tombstones
                 .insert(member.token.as_str().as_bytes(), gone, now, &self.limits);
             if let (Some(to), false) = (member.address, m == entry.host) {
-                out.send_to_member(to, closed.clone(), m.slot(), false);
+                out.send_to_member(to, closed.clone(), m.slot(), 0);
                 notified += 1;
             }
         }
@@ -1535,6 +1554,7 @@ mod tests {
                 username: "host".into(),
                 keepalive: None,
                 caps: 0,
+                max_datagram: None,
             },
             created_at: 0.0,
             listed: true,
@@ -1562,6 +1582,7 @@ mod tests {
             username: n.into(),
             keepalive: None,
             caps: 0,
+            max_datagram: None,
         };
         let create = |room: &str, host: MemberRecord| Record::CreateRoom {
             room: room.into(),

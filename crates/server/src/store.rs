@@ -104,6 +104,9 @@ pub struct TokenEntry {
     /// Capability bits.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub caps: u8,
+    /// The largest datagram the member accepts (`max_datagram` at join), if it said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_datagram: Option<u16>,
 }
 
 fn yes() -> bool {
@@ -250,6 +253,7 @@ fn token_entry(member: &MemberRecord, room: &str, is_host: bool) -> TokenEntry {
         address: None,
         keepalive: member.keepalive,
         caps: member.caps,
+        max_datagram: member.max_datagram,
     }
 }
 
@@ -471,6 +475,7 @@ mod tests {
             username: name.into(),
             keepalive: None,
             caps: 0,
+            max_datagram: None,
         }
     }
 

@@ -56,15 +56,19 @@ pub fn size_buffers(socket: &UdpSocket, recv: usize, send: usize) -> (usize, usi
     (get(libc::SO_RCVBUF), get(libc::SO_SNDBUF))
 }
 
-/// Batch buffers (4 KiB each) kept for reuse between passes.
-const MAX_POOLED_BATCHES: usize = 1024;
+/// Bytes of batch buffers kept for reuse between passes (beyond that they are freed).
+const POOLED_BATCH_BYTES: usize = 8 * 1024 * 1024;
 
 /// Sends everything in an [`Outbox`]. Messages for a batch-capable member in the same pass
 /// are packed into batch frames, never delayed: only what is already in the outbox is packed,
-/// and a "batch" of one leaves as the plain frame. Order per member is kept. Datagrams leave
-/// through `sendmmsg`, [`mmsg::BATCH`] per system call.
+/// and a "batch" of one leaves as the plain frame. A batch frame is never larger than the
+/// member's limit (its `max_datagram`, 4096 bytes unless it said) nor the daemon's
+/// (`udp.max_batch_datagram_bytes`); a message too large for either leaves alone. Order per
+/// member is kept. Datagrams leave through `sendmmsg`, [`mmsg::BATCH`] per system call.
 #[derive(Default)]
 pub struct Sender {
+    /// The daemon's cap on batch frames, in bytes.
+    max_batch: usize,
     /// Datagrams to send, in order: destination, where the bytes are, messages carried.
     plan: Vec<(SocketAddr, Bytes, usize)>,
     /// Batch frames being filled, reused between passes.
@@ -101,9 +105,18 @@ fn bytes_of<'a>(
 }
 
 impl Sender {
-    /// A sender with empty scratch space.
-    pub fn new() -> Sender {
-        Sender::default()
+    /// A sender with empty scratch space that never builds a batch frame over `max_batch`
+    /// bytes.
+    pub fn new(max_batch: usize) -> Sender {
+        Sender {
+            max_batch,
+            ..Sender::default()
+        }
+    }
+
+    /// Changes the cap on batch frames (configuration reload).
+    pub fn set_max_batch(&mut self, max_batch: usize) {
+        self.max_batch = max_batch;
     }
 
     /// Sends and clears `outbox`.
@@ -132,7 +145,16 @@ impl Sender {
         }
         outbox.clear();
         // Keep a bounded pool of batch buffers between passes.
-        self.batches.truncate(MAX_POOLED_BATCHES);
+        let mut pooled = 0;
+        let keep = self
+            .batches
+            .iter()
+            .take_while(|b| {
+                pooled += b.capacity();
+                pooled <= POOLED_BATCH_BYTES
+            })
+            .count();
+        self.batches.truncate(keep);
     }
 
     fn close_batch(&mut self, slot: u32) {
@@ -151,7 +173,8 @@ impl Sender {
             }
         }
         for send in &outbox.sends {
-            let (Some(slot), true) = (send.member, send.batchable) else {
+            let limit = usize::from(send.batch_limit).min(self.max_batch);
+            let (Some(slot), true) = (send.member, limit > 0) else {
                 // Whatever is packed for this member stays before this datagram.
                 if let Some(slot) = send.member {
                     self.close_batch(slot);
@@ -169,7 +192,7 @@ impl Sender {
             let open = self.open[index] as usize;
             let fits = open > 0
                 && match &self.plan[open - 1].1 {
-                    Bytes::Batch(i) => self.batches[*i].len() + entry_len <= MAX_DATAGRAM_LEN,
+                    Bytes::Batch(i) => self.batches[*i].len() + entry_len <= limit,
                     Bytes::Outbox(_) => false,
                 };
             let p = if fits {
@@ -243,13 +266,13 @@ mod tests {
         let one = chat(&mut out, "one");
         let two = chat(&mut out, "two");
         let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
-        out.send_to_member(addr(1), one.clone(), 1, true);
-        out.send_to_member(addr(2), one.clone(), 2, false);
-        out.send_to_member(addr(1), two.clone(), 1, true);
-        out.send_to_member(addr(2), two, 2, false);
-        out.send_to_member(addr(3), one, 3, true); // alone: leaves as a plain frame
-        out.send_to_member(addr(1), closed, 1, false);
-        let mut sender = Sender::new();
+        out.send_to_member(addr(1), one.clone(), 1, 4096);
+        out.send_to_member(addr(2), one.clone(), 2, 0);
+        out.send_to_member(addr(1), two.clone(), 1, 4096);
+        out.send_to_member(addr(2), two, 2, 0);
+        out.send_to_member(addr(3), one, 3, 4096); // alone: leaves as a plain frame
+        out.send_to_member(addr(1), closed, 1, 0);
+        let mut sender = Sender::new(65507);
         sender.plan(&out);
         let shown: Vec<(u16, String, usize)> = sender
             .plan
@@ -279,21 +302,39 @@ mod tests {
         );
     }
 
-    #[test]
-    fn batches_never_exceed_the_datagram_limit() {
+    /// Messages per datagram for one member with `limit`, under a daemon cap of `cap`, and
+    /// the largest datagram planned.
+    fn packing(message_len: usize, count: usize, limit: u16, cap: usize) -> (Vec<usize>, usize) {
         let mut out = Outbox::default();
-        let big = chat(&mut out, &"x".repeat(1500));
-        for _ in 0..5 {
-            out.send_to_member(addr(1), big.clone(), 7, true);
+        let msg = chat(&mut out, &"x".repeat(message_len));
+        for _ in 0..count {
+            out.send_to_member(addr(1), msg.clone(), 7, limit);
         }
-        let mut sender = Sender::new();
+        let mut sender = Sender::new(cap);
         sender.plan(&out);
-        let sizes: Vec<usize> = sender.plan.iter().map(|(_, _, n)| *n).collect();
-        assert_eq!(sizes, vec![2, 2, 1]);
-        for (_, bytes, _) in &sender.plan {
-            if let Bytes::Batch(i) = bytes {
-                assert!(sender.batches[*i].len() <= MAX_DATAGRAM_LEN);
-            }
-        }
+        let counts = sender.plan.iter().map(|(_, _, n)| *n).collect();
+        let largest = sender
+            .plan
+            .iter()
+            .map(|(_, b, n)| bytes_of(&sender.batches, &out, b, *n).len())
+            .max()
+            .unwrap_or(0);
+        (counts, largest)
+    }
+
+    #[test]
+    fn batches_never_exceed_the_members_limit_nor_the_daemons() {
+        // 1500-byte texts are 1502-byte frames, 1504 bytes as batch entries.
+        assert_eq!(packing(1500, 5, 4096, 65507), (vec![2, 2, 1], 2 + 2 * 1504));
+        // A member that announced 64 KiB gets 43 per datagram (2 + 43 * 1504 = 64674).
+        let (counts, largest) = packing(1500, 100, 65507, 65507);
+        assert_eq!(counts, vec![43, 43, 14]);
+        assert!(largest <= 65507);
+        // The daemon's cap wins over the member's.
+        assert_eq!(packing(1500, 5, 65507, 4096), (vec![2, 2, 1], 2 + 2 * 1504));
+        // A limit smaller than one message: each leaves alone, as its plain frame.
+        assert_eq!(packing(1500, 3, 1024, 65507), (vec![1, 1, 1], 1502));
+        // No batches for a member without the capability (limit 0).
+        assert_eq!(packing(10, 3, 0, 65507), (vec![1, 1, 1], 12));
     }
 }

@@ -287,8 +287,6 @@ fn assert_folded(d: &Daemon) {
 }
 
 #[test]
-#[ignore = "needs event_loop/mod.rs to start the writer with Persister::start_with(.., \
-            persist::Options::from(&config.state), ..); remove this line with that change"]
 fn sigkill_while_the_journal_is_rotated_and_compacted_loses_no_acknowledged_token() {
     const ROUNDS: usize = 6;
     let mut rng = StdRng::seed_from_u64(seed());

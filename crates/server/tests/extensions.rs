@@ -374,3 +374,155 @@ fn history_entries_carry_the_time_they_were_relayed() {
         message.at
     );
 }
+
+/// Joins `room` with a JSON-object payload (`fields` inside the braces); the token.
+fn join_with(daemon: &Daemon, room: &str, fields: &str) -> String {
+    let r = request(
+        daemon,
+        Operation::JoinRoom,
+        room,
+        format!("{{{fields}}}").as_bytes(),
+    );
+    r.token
+        .unwrap_or_else(|| panic!("join {room} refused: {:?}", r.compliance))
+}
+
+/// Gives a test member a 2 MiB receive buffer: a burst for it waits in the kernel while
+/// another member's is read.
+fn roomy(m: Member) -> Member {
+    let bytes: libc::c_int = 2 * 1024 * 1024;
+    // SAFETY: a live socket and a c_int option value of the stated size.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&m.socket),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUF");
+    m
+}
+
+/// Stops the daemon, has `sender` send `count` 1000-byte messages (so they all wait in the
+/// daemon's socket and are relayed in one pass), resumes it, and returns, for each of
+/// `members`, the sizes of the datagrams that carried them and the texts in arrival order.
+fn burst(
+    daemon: &Daemon,
+    sender: &Member,
+    members: &[&Member],
+    tag: &str,
+    count: usize,
+) -> Vec<(Vec<usize>, Vec<String>)> {
+    daemon.signal(libc::SIGSTOP);
+    for i in 0..count {
+        sender.send(&format!("{tag}{i:04} {}", "x".repeat(994)));
+    }
+    daemon.signal(libc::SIGCONT);
+    members
+        .iter()
+        .map(|m| {
+            let (mut sizes, mut texts) = (Vec::new(), Vec::new());
+            while texts.len() < count {
+                let bytes = m.recv_raw();
+                let prefix = format!("host: {tag}");
+                let ours: Vec<String> = render(&bytes)
+                    .split(" | ")
+                    .filter_map(|t| t.strip_prefix(&prefix).map(str::to_owned))
+                    .collect();
+                // Anything else is a late registration probe.
+                if !ours.is_empty() {
+                    sizes.push(bytes.len());
+                    texts.extend(ours);
+                }
+            }
+            (sizes, texts)
+        })
+        .collect()
+}
+
+#[test]
+fn batch_frames_respect_each_members_max_datagram_and_the_daemons_cap() {
+    let mut d = Daemon::start_with(Options {
+        // No chat rate limit: the bursts are 120 messages.
+        config: Some(
+            "[udp]\nmax_batch_datagram_bytes = 16384\n[rate]\nchat_per_sec = 0.0\n".into(),
+        ),
+        ..Options::default()
+    });
+    let host = Member::new(&d, "wide", &create(&d, "wide", "host"));
+    let big = roomy(Member::new(
+        &d,
+        "wide",
+        &join_with(
+            &d,
+            "wide",
+            r#""username": "big", "caps": ["batch"], "max_datagram": 65507"#,
+        ),
+    ));
+    let small = roomy(Member::new(
+        &d,
+        "wide",
+        &join_with(&d, "wide", r#""username": "small", "caps": ["batch"]"#),
+    ));
+    host.send("__REGISTER__");
+    big.registered_with(&host, "big");
+    small.registered_with(&host, "small");
+    // Out of range: refused with a clear reason, nothing joined.
+    let refused = request(
+        &d,
+        Operation::JoinRoom,
+        "wide",
+        br#"{"username": "tiny", "caps": ["batch"], "max_datagram": 100}"#,
+    );
+    assert!(refused.token.is_none());
+    let text = format!("{:?}", refused.compliance);
+    assert!(
+        text.contains("MalformedRequest") && text.contains("max_datagram"),
+        "{text}"
+    );
+
+    let expected: Vec<String> = (0..120)
+        .map(|i| format!("{i:04} {}", "x".repeat(994)))
+        .collect();
+    let check = |d: &Daemon, round: &str, cap: usize| {
+        let got = burst(d, &host, &[&big, &small], round, 120);
+        let (big_sizes, big_texts) = &got[0];
+        let (small_sizes, small_texts) = &got[1];
+        assert_eq!(big_texts, &expected, "{round}: every message, in order");
+        assert_eq!(small_texts, &expected, "{round}: every message, in order");
+        assert!(
+            big_sizes.iter().all(|&n| n <= cap),
+            "{round}: {big_sizes:?}"
+        );
+        assert!(
+            big_sizes.iter().any(|&n| n > cap - 1100),
+            "{round}: batches filled to the cap: {big_sizes:?}"
+        );
+        assert!(
+            small_sizes.iter().all(|&n| n <= 4096),
+            "{round}: {small_sizes:?}"
+        );
+        assert!(
+            small_sizes.iter().any(|&n| n > 3000),
+            "{round}: 4096-byte batches: {small_sizes:?}"
+        );
+    };
+    check(&d, "a", 16384);
+
+    // The daemon's cap is applied on reload.
+    std::fs::write(
+        d.dir.path().join("ocmd.toml"),
+        "[udp]\nmax_batch_datagram_bytes = 65507\n[rate]\nchat_per_sec = 0.0\n",
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_for_log("SIGHUP: configuration reloaded");
+    check(&d, "b", 65507);
+
+    // A member's max_datagram survives a restart (the config file is rewritten with 16384).
+    d.terminate();
+    d.restart();
+    check(&d, "c", 16384);
+}

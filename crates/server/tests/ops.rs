@@ -382,6 +382,9 @@ fn metrics_count_traffic_exactly() {
         ("ocm_datagrams_dropped_total{reason=\"unknown_token\"}", 1.0),
         ("ocm_closed_room_replies_total", 0.0),
         ("ocm_keepalive_expiries_total", 0.0),
+        // Every datagram read gets its relay delay counted (kernel arrival stamps).
+        ("ocm_relay_delay_seconds_count", 5.0),
+        ("ocm_relay_delay_seconds_bucket{le=\"+Inf\"}", 5.0),
     ];
     for (name, value) in expect {
         assert_eq!(sample(&m, name), value, "{name}\n{body}");
@@ -412,11 +415,23 @@ fn metrics_count_traffic_exactly() {
         "start time {started} not in [{test_start}, {now}]"
     );
     // Every sample belongs to a declared family, and every family has HELP and TYPE.
+    // (A histogram's samples add _bucket, _sum and _count to its family's name.)
     for name in m.keys() {
-        let family = name.split('{').next().unwrap();
+        let sample = name.split('{').next().unwrap();
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .filter_map(|suffix| sample.strip_suffix(suffix))
+            .find(|f| body.contains(&format!("# TYPE {f} histogram")))
+            .unwrap_or(sample);
         assert!(body.contains(&format!("# TYPE {family} ")), "{name}");
         assert!(body.contains(&format!("# HELP {family} ")), "{name}");
     }
+    // Five datagrams on loopback: each waited well under a second in the daemon.
+    assert_eq!(
+        sample(&m, "ocm_relay_delay_seconds_bucket{le=\"1\"}"),
+        5.0,
+        "{body}"
+    );
 
     if installed("promtool") {
         let mut child = Command::new("promtool")

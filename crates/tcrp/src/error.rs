@@ -35,6 +35,18 @@ pub enum Error {
         /// What was wrong, from the JSON parser.
         reason: String,
     },
+    /// A request field holds a number outside the range it allows.
+    #[error("\"{field}\" must be between {min} and {max}, got {value}")]
+    OutOfRange {
+        /// The JSON key.
+        field: &'static str,
+        /// Smallest allowed value.
+        min: u64,
+        /// Largest allowed value.
+        max: u64,
+        /// What the request held.
+        value: u64,
+    },
     /// A COMPLETE payload carries no `token` string.
     #[error("COMPLETE payload has no \"token\" string")]
     MissingToken,

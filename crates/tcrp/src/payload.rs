@@ -168,6 +168,9 @@ pub struct Request {
     pub keepalive_secs: Option<u32>,
     /// Extensions the client understands.
     pub caps: Caps,
+    /// The largest server datagram this client accepts, in bytes (`"max_datagram"`): the cap
+    /// on its batch frames. `None`: [`DEFAULT_MAX_DATAGRAM`].
+    pub max_datagram: Option<u16>,
     /// Room password (create sets it, join must match it).
     pub password: Option<String>,
     /// Create: whether the room shows in room listings (default true).
@@ -188,6 +191,7 @@ impl Request {
             form: RequestForm::JsonString,
             keepalive_secs: None,
             caps: Caps::none(),
+            max_datagram: None,
             password: None,
             listed: None,
             before: None,
@@ -201,6 +205,7 @@ impl Request {
     pub fn encode(&self, out: &mut Vec<u8>) {
         let plain = self.keepalive_secs.is_none()
             && self.caps.is_empty()
+            && self.max_datagram.is_none()
             && self.password.is_none()
             && self.listed.is_none()
             && self.before.is_none()
@@ -217,6 +222,9 @@ impl Request {
         }
         if !self.caps.is_empty() {
             fields.push(("caps", Value::from(self.caps.names().collect::<Vec<_>>())));
+        }
+        if let Some(m) = self.max_datagram {
+            fields.push(("max_datagram", Value::from(m)));
         }
         if let Some(p) = &self.password {
             fields.push(("password", Value::from(p.as_str())));
@@ -244,11 +252,32 @@ struct ObjectRequest {
     keepalive: Option<u32>,
     #[serde(default)]
     caps: Vec<String>,
+    max_datagram: Option<u64>,
     password: Option<String>,
     listed: Option<bool>,
     before: Option<u64>,
     limit: Option<u32>,
     token: Option<String>,
+}
+
+/// The largest server datagram a client accepts when it does not say (`"max_datagram"`):
+/// the original client reads with a 4096-byte buffer.
+pub const DEFAULT_MAX_DATAGRAM: u16 = 4096;
+/// The smallest `"max_datagram"` a client may announce.
+pub const MIN_MAX_DATAGRAM: u16 = 512;
+/// The largest `"max_datagram"` a client may announce: the most an IPv4 UDP datagram carries.
+pub const MAX_MAX_DATAGRAM: u16 = 65507;
+
+fn check_max_datagram(value: u64) -> Result<u16, Error> {
+    match u16::try_from(value) {
+        Ok(v) if (MIN_MAX_DATAGRAM..=MAX_MAX_DATAGRAM).contains(&v) => Ok(v),
+        _ => Err(Error::OutOfRange {
+            field: "max_datagram",
+            min: MIN_MAX_DATAGRAM.into(),
+            max: MAX_MAX_DATAGRAM.into(),
+            value,
+        }),
+    }
 }
 
 /// Decodes a REQUEST payload (see the module docs for the three forms).
@@ -267,6 +296,7 @@ pub fn parse_request(payload: &[u8]) -> Result<Request, Error> {
                 form: RequestForm::JsonObject,
                 keepalive_secs: parsed.keepalive,
                 caps: Caps::from_names(parsed.caps.iter().map(String::as_str)),
+                max_datagram: parsed.max_datagram.map(check_max_datagram).transpose()?,
                 password: parsed.password,
                 listed: parsed.listed,
                 before: parsed.before,
@@ -519,6 +549,51 @@ mod tests {
             br#"{"username": "bob", "keepalive": 10, "caps": ["seq"]}"#
         );
         assert_eq!(parse_request(&out).unwrap(), rich);
+    }
+
+    #[test]
+    fn max_datagram_is_read_checked_and_written() {
+        let r = parse_request(br#"{"username": "bob", "caps": ["batch"], "max_datagram": 65507}"#)
+            .unwrap();
+        assert_eq!(r.max_datagram, Some(65507));
+        assert_eq!(
+            parse_request(br#"{"username": "bob"}"#)
+                .unwrap()
+                .max_datagram,
+            None
+        );
+        for bad in ["511", "65508", "0", "-1", "4294967296", "1.5", "\"4096\""] {
+            let payload = format!(r#"{{"username": "bob", "max_datagram": {bad}}}"#);
+            let err = parse_request(payload.as_bytes()).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::OutOfRange {
+                        field: "max_datagram",
+                        ..
+                    } | Error::MalformedJson { .. }
+                ),
+                "{bad}: {err:?}"
+            );
+        }
+        let err = parse_request(br#"{"username": "bob", "max_datagram": 70000}"#).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "\"max_datagram\" must be between 512 and 65507, got 70000"
+        );
+        let asked = Request {
+            caps: Caps::BATCH,
+            max_datagram: Some(1472),
+            form: RequestForm::JsonObject,
+            ..Request::original("bob")
+        };
+        let mut out = Vec::new();
+        asked.encode(&mut out);
+        assert_eq!(
+            out,
+            br#"{"username": "bob", "caps": ["batch"], "max_datagram": 1472}"#
+        );
+        assert_eq!(parse_request(&out).unwrap(), asked);
     }
 
     #[test]

@@ -91,6 +91,7 @@ impl Server {
                 new.udp.recv_buffer_bytes = self.config.udp.recv_buffer_bytes;
                 new.udp.send_buffer_bytes = self.config.udp.send_buffer_bytes;
                 self.registry.set_limits(new.registry_limits());
+                self.sender.set_max_batch(new.udp.max_batch_datagram_bytes);
                 if std::env::var_os("RUST_LOG").is_none() {
                     if let Some(level) = config::log_level(&new.log.level) {
                         log::set_max_level(level);

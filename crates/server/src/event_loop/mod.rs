@@ -192,6 +192,9 @@ impl Server {
             config.udp.send_buffer_bytes,
         );
         debug!("UDP buffers: receive {rcvbuf} bytes, send {sndbuf} bytes");
+        if let Err(e) = mmsg::enable_timestamps(udp.as_raw_fd()) {
+            warn!("UDP arrival timestamps unavailable ({e}); ocm_relay_delay_seconds stays empty");
+        }
         let mut metrics_listener = match config.metrics_addr().map_err(Error::Config)? {
             Some(addr) => Some(TcpListener::bind(addr).map_err(|source| Error::Bind {
                 what: "metrics",
@@ -219,7 +222,12 @@ impl Server {
             .map_err(io_err("cannot register signals"))?;
         let waker =
             Arc::new(Waker::new(registry_handle, WAKER).map_err(io_err("cannot create waker"))?);
-        let persister = Persister::start(paths, loaded, Arc::clone(&waker))?;
+        let persister = Persister::start_with(
+            paths,
+            loaded,
+            persist::Options::from(&config.state),
+            Arc::clone(&waker),
+        )?;
         let passwords =
             password::Worker::start(waker).map_err(io_err("cannot start the password thread"))?;
 
@@ -242,6 +250,7 @@ impl Server {
             next_checkpoint: now + Duration::from_secs(config.history.checkpoint_secs),
             drop_log: TokenBucket::full(config.rate.drop_logs_per_sec.max(1.0), now),
             next_sweep: now + Duration::from_millis(config.liveness.sweep_interval_ms),
+            sender: udp::Sender::new(config.udp.max_batch_datagram_bytes),
             config,
             config_path,
             file_config,
@@ -256,7 +265,6 @@ impl Server {
             registry,
             persister: Some(persister),
             outbox: Outbox::default(),
-            sender: udp::Sender::new(),
             metrics: Metrics::new(),
             notifier: Notifier::from_env(),
             receiver: mmsg::Receiver::new(RECV_BUF_LEN),
@@ -540,8 +548,22 @@ impl Server {
             // Send what this batch produced before reading the next: latency stays low and
             // the outbox small.
             self.flush_outbox();
+            self.record_relay_delays(count);
         }
         true
+    }
+
+    /// Counts, for each datagram of the last batch read, the time from its arrival on the
+    /// socket until now, when everything it caused has been handed to the kernel.
+    fn record_relay_delays(&mut self, count: usize) {
+        let Ok(now) = SystemTime::now().duration_since(UNIX_EPOCH) else {
+            return;
+        };
+        for i in 0..count {
+            if let Some(arrived) = self.receiver.arrived(i) {
+                self.metrics.relay_delay.record(now.saturating_sub(arrived));
+            }
+        }
     }
 
     fn flush_outbox(&mut self) {
@@ -640,6 +662,7 @@ impl Server {
         for d in &done {
             self.metrics.state_write(d.records, d.elapsed);
         }
+        self.metrics.state_compactions(persister.compactions());
         let durable = persister.durable();
         let waiting: Vec<ConnId> = self
             .conns

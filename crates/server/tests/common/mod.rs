@@ -470,7 +470,7 @@ impl Member {
 
     /// Waits for the next datagram from the daemon (panics after [`PATIENCE`]).
     pub fn recv_raw(&self) -> Vec<u8> {
-        let mut buf = [0u8; 8192];
+        let mut buf = vec![0u8; 65536];
         let (n, from) = self
             .socket
             .recv_from(&mut buf)
