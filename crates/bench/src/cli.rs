@@ -52,8 +52,25 @@ pub struct Common {
 pub enum CapsArg {
     /// The original JSON-string join payload: one datagram per delivery.
     Plain,
-    /// A JSON-object join with `"caps": ["batch"]`: several deliveries per datagram.
+    /// A JSON-object join with `"caps": ["batch"], "max_datagram": 65507`, as `ocm` joins a
+    /// daemon on loopback: several deliveries per datagram, up to 64 KiB.
     Batch,
+    /// `"caps": ["batch"]` without `max_datagram`: batch frames of at most 4096 bytes.
+    #[value(name = "batch4k")]
+    #[serde(rename = "batch4k")]
+    Batch4k,
+}
+
+impl CapsArg {
+    /// The join request's capabilities and `max_datagram`.
+    pub fn request(self) -> (tcrp::payload::Caps, Option<u16>) {
+        use tcrp::payload::{Caps, MAX_MAX_DATAGRAM};
+        match self {
+            CapsArg::Plain => (Caps::none(), None),
+            CapsArg::Batch => (Caps::BATCH, Some(MAX_MAX_DATAGRAM)),
+            CapsArg::Batch4k => (Caps::BATCH, None),
+        }
+    }
 }
 
 impl std::fmt::Display for CapsArg {
@@ -61,6 +78,7 @@ impl std::fmt::Display for CapsArg {
         f.write_str(match self {
             CapsArg::Plain => "plain",
             CapsArg::Batch => "batch",
+            CapsArg::Batch4k => "batch4k",
         })
     }
 }

@@ -340,6 +340,27 @@ impl Scrape {
             .sum()
     }
 
+    /// A Prometheus histogram's growth since `before`: `(upper bound, cumulative count)` per
+    /// bucket, smallest bound first (`+Inf` as infinity).
+    pub fn histogram_delta(&self, before: &Scrape, family: &str) -> Vec<(f64, f64)> {
+        let prefix = format!("{family}_bucket{{le=\"");
+        let mut buckets: Vec<(f64, f64)> = self
+            .samples
+            .iter()
+            .filter_map(|(k, v)| {
+                let bound = k.strip_prefix(&prefix)?.strip_suffix("\"}")?;
+                let bound = if bound == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    bound.parse().ok()?
+                };
+                Some((bound, v - before.samples.get(k).copied().unwrap_or(0.0)))
+            })
+            .collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        buckets
+    }
+
     /// Each labelled sample of a family whose value grew since `before`, as `labels=delta`.
     pub fn grown(&self, before: &Scrape, family: &str) -> Vec<String> {
         self.samples

@@ -15,7 +15,7 @@ use crate::daemon::{own_cpu_time, Daemon};
 use crate::error::{Context, Error, Result};
 use crate::members::Room;
 use crate::receivers::{kernel_drops, write_text, Clock, Receivers};
-use crate::report::{si, CpuUse, LossAttribution, Percentiles};
+use crate::report::{si, steal_time, CpuUse, DaemonDelay, LossAttribution, Percentiles};
 
 /// Messages per `sendmmsg` call.
 const SEND_BATCH: usize = 32;
@@ -131,6 +131,12 @@ pub struct FanoutResult {
     pub loadavg: f64,
     /// SO_RCVBUF granted to each member socket, bytes.
     pub client_rcvbuf: usize,
+    /// The daemon's own share of the latency (`ocm_relay_delay_seconds`), when it reports it.
+    #[serde(default)]
+    pub daemon_delay: Option<DaemonDelay>,
+    /// CPU time the hypervisor stole from the machine's vCPUs during the run, ms.
+    #[serde(default)]
+    pub steal_ms: f64,
 }
 
 impl FanoutResult {
@@ -186,11 +192,20 @@ impl FanoutResult {
             "  latency µs p50 {:.0} p90 {:.0} p99 {:.0} max {:.0}",
             l.p50, l.p90, l.p99, l.max
         );
+        if let Some(d) = &self.daemon_delay {
+            println!(
+                "  daemon relay delay (arrival on its socket → sent): p50 {} p99 {} over {:.0} datagrams",
+                DaemonDelay::show(d.p50_us),
+                DaemonDelay::show(d.p99_us),
+                d.count
+            );
+        }
         println!("  {}", self.loss.line());
         println!(
-            "  cpu: ocmd {:.0}% of a core, ocm-bench {:.0}%; client send errors {}; undecodable {}; stale {}; client SO_RCVBUF {}; loadavg {:.2}",
+            "  cpu: ocmd {:.0}% of a core, ocm-bench {:.0}%, stolen by the hypervisor {:.0} ms; client send errors {}; undecodable {}; stale {}; client SO_RCVBUF {}; loadavg {:.2}",
             self.cpu.daemon_pct,
             self.cpu.bench_pct,
+            self.steal_ms,
             self.client_send_errors,
             self.undecodable,
             self.stale,
@@ -371,6 +386,7 @@ pub fn measure(
         Pace::Rate(r) => Some(r / senders as f64),
     };
     let cpu0 = (daemon.cpu_time(), own_cpu_time());
+    let steal0 = steal_time();
     let send_start = clock.nanos();
     let t0 = Instant::now();
     let sent: Vec<Sent> = thread::scope(|s| {
@@ -393,6 +409,7 @@ pub fn measure(
     let client_send_errors = sent.iter().map(|s| s.errors).sum();
     let expected = offered * (m as u64 - 1);
     let got = receivers.finish(expected, DRAIN_QUIET, DRAIN_MAX)?;
+    let steal = steal_time().saturating_sub(steal0);
     daemon.check_alive()?;
     let after = daemon.scrape()?;
     let drops = kernel_drops(&sockets).saturating_sub(drops_before);
@@ -424,6 +441,10 @@ pub fn measure(
         ceiling_per_sec: None,
         loadavg,
         client_rcvbuf: room.rcvbuf,
+        steal_ms: steal.as_secs_f64() * 1e3,
+        daemon_delay: DaemonDelay::from_buckets(
+            &after.histogram_delta(&before, "ocm_relay_delay_seconds"),
+        ),
     })
 }
 

@@ -45,7 +45,7 @@ pub fn request_token(
     create: bool,
     room: &str,
     username: &str,
-    caps: Caps,
+    (caps, max_datagram): (Caps, Option<u16>),
 ) -> Result<String> {
     let (operation, name) = if create {
         (Operation::CreateRoom, "create")
@@ -62,6 +62,7 @@ pub fn request_token(
     } else {
         Request {
             caps,
+            max_datagram,
             form: RequestForm::JsonObject,
             ..Request::original(username)
         }
@@ -232,7 +233,7 @@ pub fn populate(
     let names: Vec<String> = (0..rooms).map(|r| format!("{prefix}{r}")).collect();
     let creates: Vec<Mutex<Vec<String>>> = (0..rooms).map(|_| Mutex::new(Vec::new())).collect();
     let create = |r: usize| -> Result<()> {
-        let token = request_token(tcp, true, &names[r], "m0", Caps::none())?;
+        let token = request_token(tcp, true, &names[r], "m0", (Caps::none(), None))?;
         if let Ok(mut t) = creates[r].lock() {
             t.push(token);
         }
@@ -248,7 +249,13 @@ pub fn populate(
         .collect();
     let join = |i: usize| -> Result<()> {
         let (r, m) = join_jobs[i];
-        let token = request_token(tcp, false, &names[r], &format!("m{m}"), Caps::none())?;
+        let token = request_token(
+            tcp,
+            false,
+            &names[r],
+            &format!("m{m}"),
+            (Caps::none(), None),
+        )?;
         if let Ok(mut t) = creates[r].lock() {
             t.push(token);
         }
@@ -312,14 +319,22 @@ pub fn run(
     };
     let tcp = daemon.tcp;
     let names: Vec<String> = (0..rooms).map(|r| format!("h{r}")).collect();
-    let create = |r: usize| request_token(tcp, true, &names[r], "host", Caps::none()).map(drop);
+    let create =
+        |r: usize| request_token(tcp, true, &names[r], "host", (Caps::none(), None)).map(drop);
     let (ops, errors, first, t) = run_jobs(rooms, concurrency, &create);
     let creates = phase(&ops, errors, first, t);
     let before = daemon.scrape()?;
     // Spread consecutive joins over rooms so concurrent threads rarely share one.
     let join = |i: usize| {
         let (r, k) = (i % rooms.max(1), i / rooms.max(1));
-        request_token(tcp, false, &names[r], &format!("j{k}"), Caps::none()).map(drop)
+        request_token(
+            tcp,
+            false,
+            &names[r],
+            &format!("j{k}"),
+            (Caps::none(), None),
+        )
+        .map(drop)
     };
     let (ops, errors, first, t) = run_jobs(rooms * joins, concurrency, &join);
     let joins_phase = phase(&ops, errors, first, t);

@@ -197,7 +197,7 @@ pub fn run(launcher: &Launcher, plan: &Plan) -> Result<Results> {
         });
     }
     let mut sweeps = Vec::new();
-    for caps in [CapsArg::Plain, CapsArg::Batch] {
+    for caps in [CapsArg::Plain, CapsArg::Batch4k, CapsArg::Batch] {
         let ceiling = rows
             .iter()
             .find(|r| r.members == 64)
@@ -262,6 +262,12 @@ pub fn run(launcher: &Launcher, plan: &Plan) -> Result<Results> {
     })
 }
 
+/// The daemon's own p99 (a histogram bucket bound), or `–` when it did not report one.
+fn daemon_p99(f: &FanoutResult) -> String {
+    f.daemon_delay
+        .map_or("–".into(), |d| crate::report::DaemonDelay::show(d.p99_us))
+}
+
 fn verdict(met: bool) -> &'static str {
     if met {
         "**met**"
@@ -312,8 +318,8 @@ pub fn markdown(r: &Results) -> String {
 
     let _ = writeln!(w, "## Targets\n");
     let _ = writeln!(w, "| target | measured | verdict |\n|---|---|---|");
-    let plain = r.sweeps.first();
-    let batch = r.sweeps.get(1);
+    let plain = r.sweeps.iter().find(|s| s.max.caps == CapsArg::Plain);
+    let batch = r.sweeps.iter().find(|s| s.max.caps == CapsArg::Batch);
     if let Some(p) = plain {
         let d = p.sustained.as_ref().map_or(0.0, |s| s.deliveries_per_sec);
         let pct = pct_of(d, p.ceiling_per_sec);
@@ -379,16 +385,16 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(w, "## Fan-out (S = 2 senders, B = 128-byte texts)\n");
     let _ = writeln!(
         w,
-        "`max`: senders flat out; `half`: paced at half the message rate `max` delivered. Deliveries/s counts messages received by members (a batch datagram carries several). The ceiling is one thread doing one plain `sendto` per {}-byte datagram to M loopback sockets, same receivers.\n",
+        "`max`: senders flat out; `half`: paced at half the message rate `max` delivered. Deliveries/s counts messages received by members (a batch datagram carries several). The ceiling is one thread doing one plain `sendto` per {}-byte datagram to M loopback sockets, same receivers. `plain` members join with the original JSON-string payload; `batch` members with `{{\"caps\": [\"batch\"], \"max_datagram\": 65507}}`, as `ocm` joins a daemon on loopback. `daemon's p99` is the bucket of `ocm_relay_delay_seconds` (arrival on the daemon's socket → everything it caused handed to the kernel) that holds the 99th percentile: the daemon's own share of the latency. `stolen ms`: CPU time the hypervisor took from the machine's vCPUs during the run (`/proc/stat`).\n",
         r.rows.first().map_or(0, |x| x.ceiling.datagram_bytes)
     );
     let _ = writeln!(
         w,
-        "| M | ceiling dgram/s | caps | pace | offered msg/s | deliveries/s | % of ceiling | loss % | p50 | p99 | max | daemon rcvbuf drops | send errors | client drops | ocmd CPU % | bench CPU % |"
+        "| M | ceiling dgram/s | caps | pace | offered msg/s | deliveries/s | % of ceiling | loss % | p50 | p99 | max | daemon's p99 | daemon rcvbuf drops | send errors | client drops | ocmd CPU % | bench CPU % | stolen ms |"
     );
     let _ = writeln!(
         w,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for row in &r.rows {
         for (caps, pace, f) in [
@@ -399,7 +405,7 @@ pub fn markdown(r: &Results) -> String {
         ] {
             let _ = writeln!(
                 w,
-                "| {} | {} | {} | {} | {} | {} | {:.1} | {:.3} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} |",
+                "| {} | {} | {} | {} | {} | {} | {:.1} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} |",
                 row.members,
                 si(row.ceiling.received_per_sec),
                 caps,
@@ -411,11 +417,13 @@ pub fn markdown(r: &Results) -> String {
                 micros(f.latency_us.p50),
                 micros(f.latency_us.p99),
                 micros(f.latency_us.max),
+                daemon_p99(f),
                 f.loss.daemon_rcvbuf_drops,
                 f.loss.daemon_send_errors_total,
                 f.loss.client_rcvbuf_drops,
                 f.cpu.daemon_pct,
-                f.cpu.bench_pct
+                f.cpu.bench_pct,
+                f.steal_ms
             );
         }
     }
@@ -425,9 +433,9 @@ pub fn markdown(r: &Results) -> String {
         w,
         "## Sweep: highest rate with loss < 0.1% (M = 64, S = 2, B = 128)\n"
     );
-    let _ = writeln!(w, "A flat-out probe bounds the rate; paced 2 s steps then go up by half while they pass and bisect once one fails. A step passes when loss < 0.1%, the senders kept the pace, and deliveries kept up with the offered deliveries (≥ 97%, so no backlog grew in the daemon's socket buffer).\n");
-    let _ = writeln!(w, "| caps | sustained msg/s | deliveries/s | % of ceiling | p50 at half | p99 at half | max at half | steps (msg/s → loss %, p99) |");
-    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(w, "A flat-out probe bounds the rate; paced 2 s steps then go up by half while they pass and bisect once one fails. A step passes when loss < 0.1%, the senders kept the pace, and deliveries kept up with the offered deliveries (≥ 97%, so no backlog grew in the daemon's socket buffer). `batch4k`: batch members that announce no `max_datagram`, so their batches stop at 4096 bytes (the default).\n");
+    let _ = writeln!(w, "| caps | sustained msg/s | deliveries/s | % of ceiling | p50 at half | p99 at half | max at half | daemon's p99 at half | stolen ms at half | steps (msg/s → loss %, p99) |");
+    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|");
     for s in &r.sweeps {
         let d = s.sustained.as_ref().map_or(0.0, |x| x.deliveries_per_sec);
         let steps: Vec<String> = s
@@ -448,7 +456,7 @@ pub fn markdown(r: &Results) -> String {
         });
         let _ = writeln!(
             w,
-            "| {} | {:.0} | {} | {:.1} | {} | {} | {} | {} |",
+            "| {} | {:.0} | {} | {:.1} | {} | {} | {} | {} | {:.0} | {} |",
             s.max.caps,
             s.sustained_rate,
             si(d),
@@ -456,6 +464,8 @@ pub fn markdown(r: &Results) -> String {
             micros(p50),
             micros(p99),
             micros(max),
+            s.half.as_ref().map_or("–".into(), daemon_p99),
+            s.half.as_ref().map_or(0.0, |h| h.steal_ms),
             steps.join("; ")
         );
     }

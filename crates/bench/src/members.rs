@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use tcrp::payload::Caps;
 use ucrp::datagram;
 use ucrp::delivery::{self, Delivery};
 
@@ -75,10 +74,7 @@ pub fn build_room(
     if count < 2 {
         return Err(Error::Usage("a room needs at least 2 members".into()));
     }
-    let caps = match caps {
-        CapsArg::Plain => Caps::none(),
-        CapsArg::Batch => Caps::BATCH,
-    };
+    let caps = caps.request();
     let mut tokens = vec![String::new(); count];
     tokens[0] = request_token(tcp, true, name, "m0", caps)?;
     let slots: Vec<Mutex<Option<Result<String>>>> = (0..count).map(|_| Mutex::new(None)).collect();

@@ -168,6 +168,21 @@ pub fn loadavg() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// CPU time the hypervisor took from this machine's virtual CPUs so far (all of them), from
+/// the `steal` column of `/proc/stat`; zero on bare metal or when unreadable.
+pub fn steal_time() -> Duration {
+    let ticks = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().next()?;
+            line.split_whitespace().nth(8)?.parse::<u64>().ok()
+        })
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_nanos(ticks.saturating_mul(1_000_000_000) / hz)
+}
+
 /// Busy CPU fraction of the whole machine over `window` (all cores, 0..=100 × cores).
 pub fn machine_busy_pct(window: Duration) -> f64 {
     fn sample() -> Option<(u64, u64)> {
@@ -284,5 +299,50 @@ mod tests {
         assert_eq!(si(6_123_000.0), "6.12M");
         assert_eq!(si(300_400.0), "300.4k");
         assert_eq!(si(12.0), "12");
+    }
+}
+
+/// Upper bounds on quantiles of the daemon's relay delay (`ocm_relay_delay_seconds`: from a
+/// datagram's arrival on its socket until what it caused was sent), from the histogram's
+/// growth over a run. Bucket bounds, so "p99 ≤ 250 µs".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct DaemonDelay {
+    /// Datagrams counted.
+    pub count: f64,
+    /// Bucket bound holding the median, µs (infinity: beyond the last bound).
+    pub p50_us: f64,
+    /// Bucket bound holding the 99th percentile, µs.
+    pub p99_us: f64,
+}
+
+impl DaemonDelay {
+    /// From `(bound seconds, cumulative count)` buckets; `None` when nothing was counted.
+    pub fn from_buckets(buckets: &[(f64, f64)]) -> Option<DaemonDelay> {
+        let total = buckets.last()?.1;
+        if total <= 0.0 {
+            return None;
+        }
+        let bound = |q: f64| {
+            buckets
+                .iter()
+                .find(|(_, cumulative)| *cumulative >= q * total)
+                .map_or(f64::INFINITY, |(b, _)| b * 1e6)
+        };
+        Some(DaemonDelay {
+            count: total,
+            p50_us: bound(0.5),
+            p99_us: bound(0.99),
+        })
+    }
+
+    /// `≤ 250 µs`, `≤ 2.5 ms`, `> 5 s`.
+    pub fn show(us: f64) -> String {
+        if us.is_infinite() {
+            "> 5 s".into()
+        } else if us >= 1000.0 {
+            format!("≤ {} ms", us / 1000.0)
+        } else {
+            format!("≤ {us:.0} µs")
+        }
     }
 }
