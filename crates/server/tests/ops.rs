@@ -790,7 +790,10 @@ fn reload_of_a_setting_fixed_at_start_says_restart() {
     });
     let (alice, bob) = room_of_two(&d, "r");
     // A restart-only key that no flag overrides.
-    rewrite_config(&d, "[udp]\nrecv_buffer_bytes = 1048576\n");
+    rewrite_config(
+        &d,
+        "[udp]\nrecv_buffer_bytes = 1048576\n[state]\ncompact_journal_bytes = 4096\n",
+    );
     d.signal(libc::SIGHUP);
     d.wait_for_log("configuration reloaded");
     let file = d.dir.path().join("ocmd.toml").display().to_string();
@@ -802,6 +805,7 @@ fn reload_of_a_setting_fixed_at_start_says_restart() {
         })
     };
     assert!(warned("udp.recv_buffer_bytes"), "{}", d.log());
+    assert!(warned("state.compact_journal_bytes"), "{}", d.log());
     // A [listen] change in the file is moot while --tcp overrides it, and the log says so.
     rewrite_config(&d, "[listen]\ntcp = \"127.0.0.1:1\"\n");
     d.signal(libc::SIGHUP);

@@ -60,6 +60,11 @@ impl Server {
                         self.overrides.state.is_some(),
                     ),
                     (
+                        "state.compact_journal_bytes",
+                        file.state.compact_journal_bytes != old.state.compact_journal_bytes,
+                        false,
+                    ),
+                    (
                         "udp.recv_buffer_bytes",
                         file.udp.recv_buffer_bytes != old.udp.recv_buffer_bytes,
                         false,

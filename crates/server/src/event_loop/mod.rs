@@ -656,13 +656,14 @@ impl Server {
             return;
         };
         let done = persister.poll_done();
+        // The compactor wakes the loop too, with no batch done: its counters still count.
+        self.metrics.state_compactions(persister.compactions());
         if done.is_empty() {
             return;
         }
         for d in &done {
             self.metrics.state_write(d.records, d.elapsed);
         }
-        self.metrics.state_compactions(persister.compactions());
         let durable = persister.durable();
         let waiting: Vec<ConnId> = self
             .conns
