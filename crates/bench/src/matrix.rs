@@ -82,8 +82,11 @@ pub struct Results {
     pub receivers: usize,
     /// Fan-out rows.
     pub rows: Vec<SizeRow>,
-    /// Sweeps at M = 64, plain then batch.
+    /// Sweeps at M = 64: plain, batch4k, batch.
     pub sweeps: Vec<SweepResult>,
+    /// Batch members, M = 64, paced at 3M deliveries/s: half the 6M target.
+    #[serde(default)]
+    pub batch_at_3m: Option<FanoutResult>,
     /// Handshakes on an empty state.
     pub handshakes: HandshakeResult,
     /// Handshakes after the preload.
@@ -197,6 +200,7 @@ pub fn run(launcher: &Launcher, plan: &Plan) -> Result<Results> {
         });
     }
     let mut sweeps = Vec::new();
+    let mut batch_at_3m = None;
     for caps in [CapsArg::Plain, CapsArg::Batch4k, CapsArg::Batch] {
         let ceiling = rows
             .iter()
@@ -226,6 +230,21 @@ pub fn run(launcher: &Launcher, plan: &Plan) -> Result<Results> {
         )?;
         s.print();
         sweeps.push(s);
+        if caps == CapsArg::Batch {
+            let mut at = fanout::measure(
+                &mut daemon,
+                &room,
+                SENDERS,
+                BYTES,
+                caps,
+                Pace::Rate(3e6 / 63.0),
+                plan.duration,
+                plan.receivers,
+            )?;
+            at.ceiling_per_sec = Some(ceiling);
+            at.print();
+            batch_at_3m = Some(at);
+        }
     }
     let mut hs = Vec::new();
     for preload in [0, plan.state_tokens] {
@@ -256,6 +275,7 @@ pub fn run(launcher: &Launcher, plan: &Plan) -> Result<Results> {
         receivers: plan.receivers,
         rows,
         sweeps,
+        batch_at_3m,
         handshakes,
         handshakes_preloaded,
         memory,
@@ -334,9 +354,10 @@ pub fn markdown(r: &Results) -> String {
         let p99 = p.half.as_ref().map_or(f64::INFINITY, |h| h.latency_us.p99);
         let _ = writeln!(
             w,
-            "| p99 < 1 ms at half the sustained rate, M=64 (plain) | p99 {:.0} µs at {:.0} msg/s | {} |",
+            "| p99 < 1 ms at half the sustained rate, M=64 (plain) | p99 {:.0} µs at {:.0} msg/s (daemon's own p99 {}) | {} |",
             p99,
             p.sustained_rate / 2.0,
+            p.half.as_ref().map_or("–".into(), daemon_p99),
             verdict(p99 < 1000.0)
         );
     }
@@ -367,11 +388,24 @@ pub fn markdown(r: &Results) -> String {
         let p99 = b.half.as_ref().map_or(f64::INFINITY, |h| h.latency_us.p99);
         let _ = writeln!(
             w,
-            "| p99 < 1 ms at half the sustained rate, M=64 (batch) | p99 {:.0} µs at {:.0} msg/s | {} |",
+            "| p99 < 1 ms at half the sustained rate, M=64 (batch) | p99 {:.0} µs at {:.0} msg/s ({} deliveries/s; daemon's own p99 {}) | {} |",
             p99,
             b.sustained_rate / 2.0,
+            si(b.sustained_rate / 2.0 * 63.0),
+            b.half.as_ref().map_or("–".into(), daemon_p99),
             verdict(p99 < 1000.0)
         );
+        if let Some(at) = &r.batch_at_3m {
+            let _ = writeln!(
+                w,
+                "| p99 < 1 ms at half of 6M deliveries/s, M=64 (batch) | p99 {:.0} µs at {:.0} msg/s = {} deliveries/s (daemon's own p99 {}) | {} |",
+                at.latency_us.p99,
+                at.offered_per_sec,
+                si(at.deliveries_per_sec),
+                daemon_p99(at),
+                verdict(at.latency_us.p99 < 1000.0)
+            );
+        }
         let d = b.sustained.as_ref().map_or(0.0, |s| s.deliveries_per_sec);
         let _ = writeln!(
             w,
