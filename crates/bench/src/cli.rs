@@ -169,6 +169,9 @@ pub enum Mode {
         /// Tokens to create first (in rooms of 10) so the state is large.
         #[arg(long, default_value_t = 0)]
         preload: usize,
+        /// Rounds of R creates and R×K joins (fresh rooms each); the median round is reported.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
     },
     /// RSS per registered member, and start-up time on that state after SIGTERM + restart.
     Memory {

@@ -187,6 +187,7 @@ fn run(cli: Cli) -> Result<()> {
             joins,
             concurrency,
             preload,
+            repeat,
         } => {
             let launcher = launcher(common)?;
             let dir = StateDir::new(&launcher.state_root)?;
@@ -198,6 +199,7 @@ fn run(cli: Cli) -> Result<()> {
                 joins,
                 concurrency,
                 preload,
+                repeat,
             )?;
             daemon.check_alive()?;
             r.print();

@@ -339,6 +339,8 @@ impl DaemonDelay {
     pub fn show(us: f64) -> String {
         if us.is_infinite() {
             "> 5 s".into()
+        } else if us >= 1e6 {
+            format!("≤ {} s", us / 1e6)
         } else if us >= 1000.0 {
             format!("≤ {} ms", us / 1000.0)
         } else {

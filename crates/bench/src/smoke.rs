@@ -57,7 +57,7 @@ pub fn run(launcher: &Launcher, receivers: usize, rcvbuf: usize) -> Result<()> {
     )?;
     s.print();
     deliveries += s.max.received;
-    let h = handshake::run(&daemon, is_tmpfs(dir.path()), 5, 4, 2, 50)?;
+    let h = handshake::run(&daemon, is_tmpfs(dir.path()), 5, 4, 2, 50, 2)?;
     h.print();
     daemon.check_alive()?;
     drop(daemon);
@@ -70,6 +70,12 @@ pub fn run(launcher: &Launcher, receivers: usize, rcvbuf: usize) -> Result<()> {
     }
     if handshakes == 0 {
         return Err(Error::Smoke("no handshake completed".into()));
+    }
+    if h.join_rates.len() != 2 || h.joins.ok != 20 {
+        return Err(Error::Smoke(format!(
+            "expected 2 rounds of 20 joins, got rates {:?} and {} joins",
+            h.join_rates, h.joins.ok
+        )));
     }
     Ok(())
 }
