@@ -289,6 +289,11 @@ impl SendBatch {
 /// close to exact).
 const PACING_TICK: Duration = Duration::from_micros(100);
 
+/// How much of its schedule a paced sender that was held up still sends late (see
+/// `send_loop`): 2 ms, so ordinary scheduling delays at high rates are caught up, and a stall
+/// of 10 ms or more turns into skipped slots, not a burst.
+const CATCH_UP: Duration = Duration::from_millis(2);
+
 /// Sets this thread's timer slack to 1 µs (the default 50 µs would make every paced sleep
 /// late by up to that much).
 fn precise_timers() {
@@ -330,10 +335,10 @@ fn send_loop(
                 let target = (elapsed.as_secs_f64() * r) as u64 + 1;
                 let mut due = target.saturating_sub(seq + sent.skipped);
                 // A constant-rate source that was held up (this thread not scheduled: on a
-                // shared 2-core machine, 10–20 ms now and then) does not send its backlog in
-                // one burst: that would measure the stall, not the rate. Slots missed beyond
-                // a few ticks' worth are skipped, and counted.
-                let catch_up = ((r * PACING_TICK.as_secs_f64() * 2.0).ceil() as u64).max(4);
+                // shared 2-core machine, 10–200 ms now and then) does not send its backlog
+                // in one burst: that would measure the stall, not the rate. Slots missed
+                // beyond CATCH_UP's worth (at least 4) are skipped, and counted.
+                let catch_up = ((r * CATCH_UP.as_secs_f64()).ceil() as u64).max(4);
                 if due > catch_up {
                     sent.skipped += due - catch_up;
                     due = catch_up;
