@@ -309,10 +309,17 @@ mod tests {
 pub struct DaemonDelay {
     /// Datagrams counted.
     pub count: f64,
-    /// Bucket bound holding the median, µs (infinity: beyond the last bound).
+    /// Bucket bound holding the median, µs (infinity: beyond the last bound; JSON `null`).
+    #[serde(deserialize_with = "infinite_if_null")]
     pub p50_us: f64,
     /// Bucket bound holding the 99th percentile, µs.
+    #[serde(deserialize_with = "infinite_if_null")]
     pub p99_us: f64,
+}
+
+/// JSON has no infinity: serde_json writes it as `null`; read `null` back as infinity.
+fn infinite_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::INFINITY))
 }
 
 impl DaemonDelay {
@@ -346,5 +353,22 @@ impl DaemonDelay {
         } else {
             format!("≤ {us:.0} µs")
         }
+    }
+}
+
+#[cfg(test)]
+mod daemon_delay_tests {
+    use super::*;
+
+    #[test]
+    fn an_unbounded_quantile_survives_a_json_round_trip() {
+        let d = DaemonDelay::from_buckets(&[(0.001, 1.0), (f64::INFINITY, 100.0)]).unwrap();
+        assert_eq!(d.p50_us, f64::INFINITY);
+        let text = serde_json::to_string(&d).unwrap();
+        let back: DaemonDelay = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, d);
+        assert_eq!(DaemonDelay::show(back.p99_us), "> 5 s");
+        assert_eq!(DaemonDelay::show(2500.0), "≤ 2.5 ms");
+        assert_eq!(DaemonDelay::show(5e6), "≤ 5 s");
     }
 }
