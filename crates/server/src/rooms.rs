@@ -1689,6 +1689,74 @@ mod tests {
     }
 
     #[test]
+    fn batch_limits_follow_max_datagram_and_survive_a_reload_checked() {
+        let mut reg = registry();
+        let now = Instant::now();
+        let mut out = Outbox::default();
+        let host = reg
+            .create_room("r", &Request::original("host"), None, now, 1.0)
+            .unwrap()
+            .token;
+        let batch = |name: &str, max_datagram| Request {
+            caps: Caps::BATCH,
+            max_datagram,
+            ..Request::original(name)
+        };
+        let mut tokens = vec![(host, 1)];
+        for (port, (name, max)) in [("wide", Some(65507)), ("plain", None), ("odd", Some(1472))]
+            .into_iter()
+            .enumerate()
+        {
+            let t = reg
+                .join_room("r", &batch(name, max), now, &mut out)
+                .unwrap()
+                .token;
+            tokens.push((t, port as u16 + 2));
+        }
+        for (t, p) in &tokens {
+            reg.handle_datagram(addr(*p), &dgram("r", t, "__REGISTER__"), now, &mut out);
+        }
+        let limits = |reg: &mut Registry| {
+            let mut out = Outbox::default();
+            reg.handle_datagram(addr(1), &dgram("r", &tokens[0].0, "hi"), now, &mut out);
+            let mut l: Vec<(u16, u16)> = out
+                .sends
+                .iter()
+                .map(|s| (s.to.port(), s.batch_limit))
+                .collect();
+            l.sort_unstable();
+            l
+        };
+        let expected = vec![(2, 65507), (3, 4096), (4, 1472)];
+        assert_eq!(limits(&mut reg), expected);
+
+        // Through the state file: kept; a hand-edited value out of range falls back to 4096.
+        let mut state = State::default();
+        for r in reg.take_records() {
+            state.apply(&r);
+        }
+        let mut reloaded = Registry::from_state(
+            &state,
+            Limits::default(),
+            Box::new(StdRng::seed_from_u64(5)),
+            now,
+        );
+        assert_eq!(limits(&mut reloaded), expected);
+        let odd = tokens[3].0.as_str();
+        state.tokens.get_mut(odd).unwrap().max_datagram = Some(70);
+        let mut tampered = Registry::from_state(
+            &state,
+            Limits::default(),
+            Box::new(StdRng::seed_from_u64(5)),
+            now,
+        );
+        assert_eq!(
+            limits(&mut tampered),
+            vec![(2, 65507), (3, 4096), (4, 4096)]
+        );
+    }
+
+    #[test]
     fn rebuilt_from_state_keeps_rooms_tokens_and_addresses() {
         let mut t = room_of_three();
         let mut state = State::default();
