@@ -208,6 +208,25 @@ fn assert_clean_start(log: &str) {
 }
 
 /// The state file's tokens after a clean stop.
+/// Asserts that every acknowledged token is in the state file (read after a stop).
+fn assert_all_saved(d: &Daemon, received: &[Received]) {
+    let saved = saved_tokens(d);
+    for r in received {
+        assert!(
+            saved.contains(&r.token),
+            "{r:?} acknowledged but missing from the state file"
+        );
+    }
+}
+
+/// Restarts the stopped daemon on its state, checks the start was clean, and that every
+/// acknowledged token still registers and relays.
+fn restart_and_verify(d: &mut Daemon, received: &[Received]) {
+    d.restart();
+    assert_clean_start(&d.log());
+    verify_tokens(d, received);
+}
+
 fn saved_tokens(d: &Daemon) -> HashSet<String> {
     let bytes = std::fs::read(&d.state).expect("state file written on shutdown");
     let state: serde_json::Value = serde_json::from_slice(&bytes).expect("state file is JSON");
@@ -244,9 +263,7 @@ fn sigkill_during_a_join_storm_loses_no_acknowledged_token() {
             "round {round}: killed after {delay:?}; {} tokens received",
             received.len()
         );
-        d.restart();
-        assert_clean_start(&d.log());
-        verify_tokens(&d, &received);
+        restart_and_verify(&mut d, &received);
         all.extend(received);
     }
     assert!(
@@ -256,13 +273,7 @@ fn sigkill_during_a_join_storm_loses_no_acknowledged_token() {
     // A clean stop folds everything into the state file: every token is in it.
     let (status, _) = d.terminate();
     assert!(status.success());
-    let saved = saved_tokens(&d);
-    for r in &all {
-        assert!(
-            saved.contains(&r.token),
-            "{r:?} missing from the state file"
-        );
-    }
+    assert_all_saved(&d, &all);
     eprintln!(
         "{ROUNDS} crash rounds, {} tokens, in {:?}",
         all.len(),
@@ -317,19 +328,11 @@ fn sigkill_while_the_journal_is_rotated_and_compacted_loses_no_acknowledged_toke
              {compacted} compactions finished",
             received.len()
         );
-        d.restart();
-        assert_clean_start(&d.log());
-        verify_tokens(&d, &received);
+        restart_and_verify(&mut d, &received);
         let (status, _) = d.terminate();
         assert!(status.success());
         assert_folded(&d);
-        let saved = saved_tokens(&d);
-        for r in &received {
-            assert!(
-                saved.contains(&r.token),
-                "{r:?} missing from the state file"
-            );
-        }
+        assert_all_saved(&d, &received);
     }
     assert!(
         compactions >= ROUNDS,
@@ -355,16 +358,8 @@ fn a_clean_stop_during_compactions_leaves_no_old_journal_and_an_empty_journal() 
     assert!(took < Duration::from_secs(2), "stopped in {took:?}");
     assert_folded(&d);
     let received = std::mem::take(&mut *got.lock().unwrap());
-    let saved = saved_tokens(&d);
-    for r in &received {
-        assert!(
-            saved.contains(&r.token),
-            "{r:?} missing from the state file"
-        );
-    }
-    d.restart();
-    assert_clean_start(&d.log());
-    verify_tokens(&d, &received);
+    assert_all_saved(&d, &received);
+    restart_and_verify(&mut d, &received);
 }
 
 #[test]
@@ -391,16 +386,8 @@ fn sigterm_during_a_join_storm_exits_cleanly_and_keeps_every_token() {
             "round {round}: stopped after {delay:?} in {took:?}; {} tokens received",
             received.len()
         );
-        let saved = saved_tokens(&d);
-        for r in &received {
-            assert!(
-                saved.contains(&r.token),
-                "{r:?} acknowledged but missing from the state file"
-            );
-        }
-        d.restart();
-        assert_clean_start(&d.log());
-        verify_tokens(&d, &received);
+        assert_all_saved(&d, &received);
+        restart_and_verify(&mut d, &received);
     }
 }
 
@@ -899,14 +886,6 @@ fn sigterm_under_hostile_load_still_stops_within_two_seconds() {
     assert!(status.success(), "SIGTERM exit status: {status:?}");
     assert!(took < Duration::from_secs(2), "stopped in {took:?}");
     let received = std::mem::take(&mut *got.lock().unwrap());
-    let saved = saved_tokens(&d);
-    for r in &received {
-        assert!(
-            saved.contains(&r.token),
-            "{r:?} missing from the state file"
-        );
-    }
-    d.restart();
-    assert_clean_start(&d.log());
-    verify_tokens(&d, &received);
+    assert_all_saved(&d, &received);
+    restart_and_verify(&mut d, &received);
 }

@@ -12,16 +12,22 @@ use tcrp::payload::{self, Compliance, HistoryPage};
 use tcrp::{Operation, State};
 use ucrp::delivery::{self, Delivery};
 
-/// A create request in the JSON-object form with extra fields, e.g. `"listed": false`.
-fn create_with(daemon: &Daemon, room: &str, fields: &str) -> String {
-    let r = request(
-        daemon,
-        Operation::CreateRoom,
-        room,
-        format!("{{{fields}}}").as_bytes(),
-    );
+/// A create or join request in the JSON-object form with `fields` inside the braces, e.g.
+/// `"username": "a", "listed": false`; the token.
+fn token_with(daemon: &Daemon, op: Operation, room: &str, fields: &str) -> String {
+    let r = request(daemon, op, room, format!("{{{fields}}}").as_bytes());
     r.token
-        .unwrap_or_else(|| panic!("create {room} refused: {:?}", r.compliance))
+        .unwrap_or_else(|| panic!("{op:?} {room} refused: {:?}", r.compliance))
+}
+
+/// [`token_with`] for a create.
+fn create_with(daemon: &Daemon, room: &str, fields: &str) -> String {
+    token_with(daemon, Operation::CreateRoom, room, fields)
+}
+
+/// [`token_with`] for a join.
+fn join_with(daemon: &Daemon, room: &str, fields: &str) -> String {
+    token_with(daemon, Operation::JoinRoom, room, fields)
 }
 
 /// One extension request on its own connection; the COMPLETE payload, or the refusal.
@@ -373,18 +379,6 @@ fn history_entries_carry_the_time_they_were_relayed() {
         "at = {} for a message relayed just now ({now})",
         message.at
     );
-}
-
-/// Joins `room` with a JSON-object payload (`fields` inside the braces); the token.
-fn join_with(daemon: &Daemon, room: &str, fields: &str) -> String {
-    let r = request(
-        daemon,
-        Operation::JoinRoom,
-        room,
-        format!("{{{fields}}}").as_bytes(),
-    );
-    r.token
-        .unwrap_or_else(|| panic!("join {room} refused: {:?}", r.compliance))
 }
 
 /// Gives a test member a 2 MiB receive buffer: a burst for it waits in the kernel while
