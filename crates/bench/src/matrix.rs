@@ -591,3 +591,18 @@ pub fn write(r: &Results, md: &Path, svg_path: &Path, json: Option<&Path>) -> Re
 fn notes() -> String {
     include_str!("../NOTES.md").to_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    /// docs/BENCHMARKS.md is written by the matrix with NOTES.md appended: after an edit of
+    /// the notes, re-render it (`ocm-bench matrix --from-json target/bench-results.json
+    /// --markdown docs/BENCHMARKS.md --svg docs/bench.svg`) so the two never disagree.
+    #[test]
+    fn the_committed_report_carries_the_current_notes() {
+        let report = include_str!("../../../docs/BENCHMARKS.md");
+        assert!(
+            report.contains(super::notes().trim()),
+            "docs/BENCHMARKS.md is older than crates/bench/NOTES.md: re-render it"
+        );
+    }
+}
