@@ -1075,14 +1075,20 @@ mod tests {
         now: Instant,
     }
 
-    fn room_of_three() -> Room3 {
+    /// A registry holding room `r`, created by an original client named `host`: the
+    /// registry, the time used, an empty outbox and the host's token.
+    fn room_r() -> (Registry, Instant, Outbox, Token) {
         let mut reg = registry();
         let now = Instant::now();
-        let mut out = Outbox::default();
         let host = reg
             .create_room("r", &Request::original("host"), None, now, 1.0)
             .unwrap()
             .token;
+        (reg, now, Outbox::default(), host)
+    }
+
+    fn room_of_three() -> Room3 {
+        let (mut reg, now, mut out, host) = room_r();
         let bob = reg
             .join_room("r", &Request::original("bob"), now, &mut out)
             .unwrap()
@@ -1357,13 +1363,7 @@ mod tests {
 
     #[test]
     fn an_expired_member_that_comes_back_is_told_if_it_reads_notices() {
-        let mut reg = registry();
-        let now = Instant::now();
-        let mut out = Outbox::default();
-        let host = reg
-            .create_room("r", &Request::original("host"), None, now, 0.0)
-            .unwrap()
-            .token;
+        let (mut reg, now, mut out, host) = room_r();
         let sleepy = |name: &str, caps| Request {
             keepalive_secs: Some(1),
             caps,
@@ -1408,13 +1408,7 @@ mod tests {
 
     #[test]
     fn caps_members_get_sequenced_frames_and_notices() {
-        let mut reg = registry();
-        let now = Instant::now();
-        let mut out = Outbox::default();
-        let host = reg
-            .create_room("r", &Request::original("host"), None, now, 0.0)
-            .unwrap()
-            .token;
+        let (mut reg, now, mut out, host) = room_r();
         reg.handle_datagram(addr(1), &dgram("r", &host, "__REGISTER__"), now, &mut out);
         let rich = Request {
             caps: Caps::SEQ.with(Caps::NOTICES),
@@ -1690,13 +1684,7 @@ mod tests {
 
     #[test]
     fn batch_limits_follow_max_datagram_and_survive_a_reload_checked() {
-        let mut reg = registry();
-        let now = Instant::now();
-        let mut out = Outbox::default();
-        let host = reg
-            .create_room("r", &Request::original("host"), None, now, 1.0)
-            .unwrap()
-            .token;
+        let (mut reg, now, mut out, host) = room_r();
         let batch = |name: &str, max_datagram| Request {
             caps: Caps::BATCH,
             max_datagram,
