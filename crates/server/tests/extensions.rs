@@ -520,3 +520,27 @@ fn batch_frames_respect_each_members_max_datagram_and_the_daemons_cap() {
     d.restart();
     check(&d, "c", 16384);
 }
+
+#[test]
+fn ocm_on_loopback_asks_for_64_kib_batches_and_original_mode_does_not() {
+    let mut d = Daemon::start();
+    let alice = Ocm::start(&d, &["create", "big", "--name", "alice"]);
+    alice.wait_stderr("* created big as alice");
+    let bob = Ocm::start(&d, &["join", "big", "--name", "bob", "--original"]);
+    bob.wait_stderr("* joined big as bob");
+    let (status, _) = d.terminate();
+    assert!(status.success());
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&d.state).unwrap()).unwrap();
+    let entry = |name: &str| {
+        state["tokens"]
+            .as_object()
+            .unwrap()
+            .values()
+            .find(|t| t["username"] == name)
+            .unwrap_or_else(|| panic!("{name} in {state}"))
+            .clone()
+    };
+    assert_eq!(entry("alice")["max_datagram"], 65507, "{state}");
+    assert!(entry("bob").get("max_datagram").is_none(), "{state}");
+}
