@@ -2,11 +2,13 @@
 //! compactor thread, which folds the journal into the state file off the append path.
 //!
 //! The loop hands the registry's records to [`Persister::submit`], which tags them with the
-//! batch that will carry them. While one batch is being written and fsync'd, new records
-//! gather; when the write completes the next batch takes all of them at once (group commit),
-//! so a burst of joins costs one fsync, not one each. The thread wakes the loop through a
-//! `mio::Waker` when a batch is durable, and the loop then releases the replies (the tokens)
-//! that waited for it.
+//! batch number that will carry them, and sends each turn's records to the writer at once.
+//! While the writer writes and fsyncs, new batches queue in its channel; when the fsync
+//! returns it takes every queued batch in one write and one fsync (group commit), so a burst
+//! of joins costs one fsync, not one each, and the next fsync starts without a round trip
+//! through the loop. The thread wakes the loop through a `mio::Waker` when a write is durable,
+//! reporting the highest batch it carried, and the loop then releases the replies (the
+//! tokens) that waited for batches up to that one.
 //!
 //! Each durable batch's records then move on (the `Vec` itself, not a copy) to the compactor
 //! thread, which keeps the state in the file's model with every record applied. When the
@@ -120,12 +122,12 @@ enum Job {
 /// compaction failed (the compactor logged why).
 type Report = Option<u64>;
 
-/// A finished batch.
+/// A finished write: one fsync, carrying every batch queued when it started.
 #[derive(Debug, Clone, Copy)]
 pub struct Done {
-    /// The batch now durable.
+    /// The highest batch now durable (every lower one is too).
     pub batch: u64,
-    /// Records it carried.
+    /// Records the write carried.
     pub records: usize,
     /// Time from hand-off to durable (write and fsync).
     pub elapsed: Duration,
@@ -138,7 +140,7 @@ pub struct Persister {
     thread: Option<JoinHandle<()>>,
     compactions: Arc<Mutex<Compactions>>,
     pending: Vec<Record>,
-    in_flight: bool,
+    /// The number the next batch handed to the writer gets; every lower one was handed over.
     next_batch: u64,
     durable: u64,
 }
@@ -224,7 +226,6 @@ impl Persister {
             thread: Some(thread),
             compactions,
             pending: Vec::new(),
-            in_flight: false,
             next_batch: 1,
             durable: 0,
         })
@@ -253,30 +254,29 @@ impl Persister {
 
     /// Whether records are queued or being written.
     pub fn busy(&self) -> bool {
-        self.in_flight || !self.pending.is_empty()
+        !self.pending.is_empty() || self.durable + 1 < self.next_batch
     }
 
-    /// Hands the queued records to the writer if it is idle.
+    /// Hands the queued records to the writer as one batch. The writer takes every batch
+    /// that queued during its last fsync in its next one.
     pub fn pump(&mut self) {
-        if self.in_flight || self.pending.is_empty() {
+        if self.pending.is_empty() {
             return;
         }
         let records = std::mem::take(&mut self.pending);
         let batch = self.next_batch;
-        self.next_batch += 1;
         if self.tx.send(Command::Append { batch, records }).is_ok() {
-            self.in_flight = true;
+            self.next_batch += 1;
         } else {
             error!("state writer thread is gone; changes are no longer persisted");
         }
     }
 
-    /// Collects finished batches (after the waker fired) and starts the next one.
+    /// Collects finished writes (after the waker fired) and hands over what queued meanwhile.
     pub fn poll_done(&mut self) -> Vec<Done> {
         let mut done = Vec::new();
         while let Ok(d) = self.done_rx.try_recv() {
             self.durable = self.durable.max(d.batch);
-            self.in_flight = false;
             done.push(d);
         }
         self.pump();
@@ -289,10 +289,7 @@ impl Persister {
         while self.busy() {
             self.pump();
             match self.done_rx.recv_timeout(Duration::from_secs(10)) {
-                Ok(d) => {
-                    self.durable = d.batch;
-                    self.in_flight = false;
-                }
+                Ok(d) => self.durable = self.durable.max(d.batch),
                 Err(_) => {
                     error!("state writer did not finish within 10 s; exiting anyway");
                     return;
@@ -345,6 +342,29 @@ fn open_journal(path: &Path) -> io::Result<File> {
         .open(path)?;
     store::sync_dir(path)?;
     Ok(file)
+}
+
+/// Group commit: adds every batch already queued behind `first` to its records. Returns the
+/// last batch taken, the records, and whether a shutdown was queued behind them.
+fn take_queued(
+    rx: &Receiver<Command>,
+    first: u64,
+    mut records: Vec<Record>,
+) -> (u64, Vec<Record>, bool) {
+    let mut last = first;
+    loop {
+        match rx.try_recv() {
+            Ok(Command::Append {
+                batch,
+                records: more,
+            }) => {
+                last = batch;
+                records.extend(more);
+            }
+            Ok(Command::Shutdown) => return (last, records, true),
+            Err(_) => return (last, records, false),
+        }
+    }
 }
 
 impl Writer {
@@ -403,9 +423,10 @@ impl Writer {
             match command {
                 Command::Append { batch, records } => {
                     let started = Instant::now();
+                    let (last, records, stop) = take_queued(&rx, batch, records);
                     self.append(&records);
                     let report = Done {
-                        batch,
+                        batch: last,
                         records: records.len(),
                         elapsed: started.elapsed(),
                     };
@@ -416,6 +437,10 @@ impl Writer {
                         error!("cannot wake the event loop: {e}");
                     }
                     self.forward(records);
+                    if stop {
+                        self.finish();
+                        return;
+                    }
                     self.maybe_compact();
                 }
                 Command::Shutdown => {
@@ -880,6 +905,42 @@ mod tests {
 
     fn journal_len(paths: &Paths) -> u64 {
         fs::metadata(&paths.journal).map_or(0, |m| m.len())
+    }
+
+    #[test]
+    fn the_writer_takes_every_queued_batch_in_one_write_and_stops_at_a_shutdown() {
+        let leave = |t: &str| Record::Leave { token: t.into() };
+        let (tx, rx) = mpsc::channel();
+        for (batch, token) in [(2, "b"), (3, "c")] {
+            let records = vec![leave(token)];
+            tx.send(Command::Append { batch, records }).unwrap();
+        }
+        tx.send(Command::Shutdown).unwrap();
+        tx.send(Command::Append {
+            batch: 4,
+            records: vec![leave("d")],
+        })
+        .unwrap();
+
+        let (last, records, stop) = take_queued(&rx, 1, vec![leave("a")]);
+        assert_eq!((last, stop), (3, true));
+        let tokens: Vec<&str> = records
+            .iter()
+            .map(|r| match r {
+                Record::Leave { token } => token.as_str(),
+                _ => "?",
+            })
+            .collect();
+        assert_eq!(
+            tokens,
+            ["a", "b", "c"],
+            "in order, nothing after the shutdown"
+        );
+
+        assert!(
+            matches!(rx.try_recv(), Ok(Command::Append { batch: 4, .. })),
+            "what follows the shutdown stays queued"
+        );
     }
 
     #[test]
