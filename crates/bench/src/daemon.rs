@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -29,6 +30,9 @@ const CHILD_RUST_LOG: &str = "warn,ocm_server::event_loop=info,ocm_server::persi
 /// statfs magic of tmpfs.
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 
+/// The `Nice=` that config/ocmd.service gives the daemon (a test keeps the two equal).
+pub const UNIT_NICE: i32 = -5;
+
 /// Where and how to start daemons.
 #[derive(Debug, Clone)]
 pub struct Launcher {
@@ -38,6 +42,34 @@ pub struct Launcher {
     pub config: PathBuf,
     /// Parent of the per-daemon state directories.
     pub state_root: PathBuf,
+    /// The niceness daemons start at: one this process may set (see [`settable_nice`]).
+    pub nice: i32,
+}
+
+/// `wanted` when this process may start a process at that niceness, else 0. Linux keeps the
+/// niceness per thread, so a throw-away thread tries it on itself.
+pub fn settable_nice(wanted: i32) -> std::result::Result<i32, String> {
+    if wanted == 0 {
+        return Ok(0);
+    }
+    let attempt = thread::spawn(move || {
+        // SAFETY: plain system calls on this thread's own id.
+        let rc =
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, wanted) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    })
+    .join();
+    match attempt {
+        Ok(Ok(())) => Ok(wanted),
+        Ok(Err(e)) => Err(format!(
+            "cannot start ocmd at nice {wanted} ({e}): it runs at 0, level with the load generator"
+        )),
+        Err(_) => Err("the niceness probe thread panicked".into()),
+    }
 }
 
 /// A state directory removed on drop.
@@ -105,7 +137,19 @@ impl Launcher {
     /// Starts a daemon on free loopback ports with its state in `dir`.
     pub fn spawn(&self, dir: &StateDir) -> Result<Daemon> {
         let started = Instant::now();
-        let mut child = Command::new(&self.ocmd)
+        let mut command = Command::new(&self.ocmd);
+        let nice = self.nice;
+        if nice != 0 {
+            // SAFETY: setpriority is async-signal-safe; its failure is ignored, as
+            // `settable_nice` checked it could succeed.
+            unsafe {
+                command.pre_exec(move || {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command
             .arg("--config")
             .arg(&self.config)
             .args(["--tcp", "127.0.0.1:0", "--udp", "127.0.0.1:0"])
@@ -371,5 +415,31 @@ impl Scrape {
                 (delta > 0.0).then(|| format!("{}={delta}", labels.trim_end_matches('}')))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_benchmark_starts_ocmd_at_the_units_niceness() {
+        let unit = include_str!("../../../config/ocmd.service");
+        let nice: Vec<i32> = unit
+            .lines()
+            .filter_map(|l| l.strip_prefix("Nice="))
+            .map(|v| v.trim().parse().expect("Nice= is a number"))
+            .collect();
+        assert_eq!(nice, vec![UNIT_NICE], "config/ocmd.service's Nice= lines");
+    }
+
+    #[test]
+    fn the_niceness_probe_succeeds_for_a_raise_and_leaves_the_caller_alone() {
+        // SAFETY: reads this thread's own niceness.
+        let own = || unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
+        let before = own();
+        // Raising the niceness needs no privilege, so the probe must say it can be done.
+        assert_eq!(settable_nice(before + 3), Ok(before + 3));
+        assert_eq!(own(), before, "the probe ran on its own thread");
     }
 }

@@ -298,6 +298,9 @@ pub struct HandshakeResult {
     pub journal_writes: f64,
     /// Journal records in them.
     pub journal_records: f64,
+    /// Time the daemon's writer spent writing and fsyncing those batches, seconds.
+    #[serde(default)]
+    pub journal_write_seconds: f64,
     /// Whether the state dir is on tmpfs (then fsync costs nothing).
     pub state_on_tmpfs: bool,
     /// joins/s of every round, in order (`creates`/`joins` are the median round's).
@@ -328,8 +331,7 @@ pub fn run(
         .collect::<Result<Vec<_>>>()?;
     let join_rates: Vec<f64> = rounds.iter().map(|r| r.1.per_sec).collect();
     rounds.sort_by(|a, b| a.1.per_sec.total_cmp(&b.1.per_sec));
-    let (creates, joins_phase, journal_writes, journal_records) =
-        rounds.swap_remove(rounds.len() / 2);
+    let (creates, joins_phase, journal) = rounds.swap_remove(rounds.len() / 2);
     Ok(HandshakeResult {
         rooms,
         joins_per_room: joins,
@@ -339,22 +341,30 @@ pub fn run(
         preload_joins,
         creates,
         joins: joins_phase,
-        journal_writes,
-        journal_records,
+        journal_writes: journal.writes,
+        journal_records: journal.records,
+        journal_write_seconds: journal.seconds,
         state_on_tmpfs,
         join_rates,
     })
 }
 
+/// What the daemon's writer did during one round's joins, from its metrics.
+struct Journal {
+    writes: f64,
+    records: f64,
+    seconds: f64,
+}
+
 /// One round: R creates of rooms named `{prefix}{r}`, then R×K joins. Returns the two phases
-/// and the journal batches and records written during the joins.
+/// and the journal writes during the joins.
 fn round(
     daemon: &crate::daemon::Daemon,
     prefix: &str,
     rooms: usize,
     joins: usize,
     concurrency: usize,
-) -> Result<(PhaseResult, PhaseResult, f64, f64)> {
+) -> Result<(PhaseResult, PhaseResult, Journal)> {
     let tcp = daemon.tcp;
     let names: Vec<String> = (0..rooms).map(|r| format!("{prefix}{r}")).collect();
     let create =
@@ -377,13 +387,13 @@ fn round(
     let (ops, errors, first, t) = run_jobs(rooms * joins, concurrency, &join);
     let joins_phase = phase(&ops, errors, first, t);
     let after = daemon.scrape()?;
-    Ok((
-        creates,
-        joins_phase,
-        after.total("ocm_state_writes_total") - before.total("ocm_state_writes_total"),
-        after.total("ocm_state_write_records_total")
-            - before.total("ocm_state_write_records_total"),
-    ))
+    let delta = |name: &str| after.total(name) - before.total(name);
+    let journal = Journal {
+        writes: delta("ocm_state_writes_total"),
+        records: delta("ocm_state_write_records_total"),
+        seconds: delta("ocm_state_write_seconds_total"),
+    };
+    Ok((creates, joins_phase, journal))
 }
 
 impl PhaseResult {
@@ -441,10 +451,12 @@ impl HandshakeResult {
         println!("  {}", self.creates.line("creates"));
         println!("  {}", self.joins.line("joins"));
         println!(
-            "  journal: {} fsync'd batches for {} records during the joins ({:.1} records/batch)",
+            "  journal: {} fsync'd batches for {} records during the joins ({:.1} records/batch), write + fsync {:.0} µs per batch on average, the writer busy {:.0}% of the joins",
             self.journal_writes,
             self.journal_records,
-            self.journal_records / self.journal_writes.max(1.0)
+            self.journal_records / self.journal_writes.max(1.0),
+            1e6 * self.journal_write_seconds / self.journal_writes.max(1.0),
+            100.0 * self.journal_write_seconds / self.joins.seconds.max(1e-9)
         );
     }
 }

@@ -68,10 +68,18 @@ fn launcher(common: &Common) -> Result<Launcher> {
             state_root.display()
         );
     }
+    let nice = daemon::settable_nice(common.daemon_nice).unwrap_or_else(|warning| {
+        eprintln!("ocm-bench: warning: {warning}");
+        0
+    });
+    if nice != 0 {
+        println!("ocm-bench: ocmd runs at nice {nice} (`--daemon-nice 0` runs it level with this generator)");
+    }
     Ok(Launcher {
         ocmd,
         config: common.config.clone(),
         state_root,
+        nice,
     })
 }
 

@@ -80,6 +80,9 @@ pub struct Results {
     pub seconds: f64,
     /// Receiver threads.
     pub receivers: usize,
+    /// The niceness `ocmd` ran at (the load generator runs at 0).
+    #[serde(default)]
+    pub daemon_nice: i32,
     /// Fan-out rows.
     pub rows: Vec<SizeRow>,
     /// Sweeps at M = 64: plain, batch4k, batch.
@@ -273,6 +276,7 @@ pub fn run(launcher: &Launcher, plan: &Plan) -> Result<Results> {
         loadavg_after: loadavg(),
         seconds: started.elapsed().as_secs_f64(),
         receivers: plan.receivers,
+        daemon_nice: launcher.nice,
         rows,
         sweeps,
         batch_at_3m,
@@ -331,10 +335,22 @@ pub fn markdown(r: &Results) -> String {
     );
     let _ = writeln!(
         w,
-        "- everything (daemon, senders, {} receiver thread{}) shares the same {} cores, so the generator's own CPU use is part of every figure\n",
+        "- everything (daemon, senders, {} receiver thread{}) shares the same {} cores, so the generator's own CPU use is part of every figure",
         r.receivers,
         if r.receivers == 1 { "" } else { "s" },
         m.cpus
+    );
+    let _ = writeln!(
+        w,
+        "- {}\n",
+        if r.daemon_nice == 0 {
+            "`ocmd` ran at nice 0, level with the load generator".to_owned()
+        } else {
+            format!(
+                "`ocmd` ran at nice {}, as `config/ocmd.service` deploys it (`Nice={}`); the load generator at 0",
+                r.daemon_nice, r.daemon_nice
+            )
+        }
     );
 
     let _ = writeln!(w, "## Targets\n");
