@@ -43,10 +43,16 @@ pub struct Common {
     /// SO_RCVBUF asked for on each client socket, bytes (forced past rmem_max when root).
     #[arg(long, global = true, default_value_t = 4 << 20)]
     pub client_rcvbuf: usize,
-    /// Niceness `ocmd` runs at: by default the `Nice=` of config/ocmd.service, so the daemon
-    /// is measured as it is deployed; 0 runs it level with the load generator. Lowering it
-    /// needs root or CAP_SYS_NICE; without them the daemon runs at 0, with a warning.
-    #[arg(long, global = true, default_value_t = crate::daemon::UNIT_NICE, allow_negative_numbers = true)]
+    /// Niceness `ocmd` runs at. 0, level with the load generator, is the standard setup;
+    /// a negative value (root or CAP_SYS_NICE) lets the daemon preempt the generator. The
+    /// notes in docs/BENCHMARKS.md measure what -5 changes: lower p99 in paced plain runs,
+    /// a lower batch ceiling, because the generator loses the cores.
+    #[arg(
+        long,
+        global = true,
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
     pub daemon_nice: i32,
     /// Also print each result as one JSON line.
     #[arg(long, global = true)]

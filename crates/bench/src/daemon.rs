@@ -30,9 +30,6 @@ const CHILD_RUST_LOG: &str = "warn,ocm_server::event_loop=info,ocm_server::persi
 /// statfs magic of tmpfs.
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 
-/// The `Nice=` that config/ocmd.service gives the daemon (a test keeps the two equal).
-pub const UNIT_NICE: i32 = -5;
-
 /// Where and how to start daemons.
 #[derive(Debug, Clone)]
 pub struct Launcher {
@@ -421,17 +418,6 @@ impl Scrape {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_benchmark_starts_ocmd_at_the_units_niceness() {
-        let unit = include_str!("../../../config/ocmd.service");
-        let nice: Vec<i32> = unit
-            .lines()
-            .filter_map(|l| l.strip_prefix("Nice="))
-            .map(|v| v.trim().parse().expect("Nice= is a number"))
-            .collect();
-        assert_eq!(nice, vec![UNIT_NICE], "config/ocmd.service's Nice= lines");
-    }
 
     #[test]
     fn the_niceness_probe_succeeds_for_a_raise_and_leaves_the_caller_alone() {

@@ -73,7 +73,7 @@ fn launcher(common: &Common) -> Result<Launcher> {
         0
     });
     if nice != 0 {
-        println!("ocm-bench: ocmd runs at nice {nice} (`--daemon-nice 0` runs it level with this generator)");
+        println!("ocm-bench: ocmd runs at nice {nice}, this generator at 0");
     }
     Ok(Launcher {
         ocmd,

@@ -347,8 +347,8 @@ pub fn markdown(r: &Results) -> String {
             "`ocmd` ran at nice 0, level with the load generator".to_owned()
         } else {
             format!(
-                "`ocmd` ran at nice {}, as `config/ocmd.service` deploys it (`Nice={}`); the load generator at 0",
-                r.daemon_nice, r.daemon_nice
+                "`ocmd` ran at nice {} (`--daemon-nice`), the load generator at 0",
+                r.daemon_nice
             )
         }
     );
