@@ -301,6 +301,10 @@ pub struct HandshakeResult {
     /// Time the daemon's writer spent writing and fsyncing those batches, seconds.
     #[serde(default)]
     pub journal_write_seconds: f64,
+    /// CPU time per join during the joins, µs: the daemon (all its threads) and this
+    /// generator (all its threads).
+    #[serde(default)]
+    pub cpu_us_per_join: Option<CpuPerJoin>,
     /// Whether the state dir is on tmpfs (then fsync costs nothing).
     pub state_on_tmpfs: bool,
     /// joins/s of every round, in order (`creates`/`joins` are the median round's).
@@ -344,16 +348,28 @@ pub fn run(
         journal_writes: journal.writes,
         journal_records: journal.records,
         journal_write_seconds: journal.seconds,
+        cpu_us_per_join: Some(journal.cpu),
         state_on_tmpfs,
         join_rates,
     })
 }
 
-/// What the daemon's writer did during one round's joins, from its metrics.
+/// CPU time per join, µs.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct CpuPerJoin {
+    /// `ocmd`, all threads.
+    pub daemon: f64,
+    /// The load generator, all threads.
+    pub bench: f64,
+}
+
+/// What the daemon's writer did during one round's joins, from its metrics, and the CPU the
+/// joins took.
 struct Journal {
     writes: f64,
     records: f64,
     seconds: f64,
+    cpu: CpuPerJoin,
 }
 
 /// One round: R creates of rooms named `{prefix}{r}`, then R×K joins. Returns the two phases
@@ -372,6 +388,7 @@ fn round(
     let (ops, errors, first, t) = run_jobs(rooms, concurrency, &create);
     let creates = phase(&ops, errors, first, t);
     let before = daemon.scrape()?;
+    let cpu_before = (daemon.cpu_time(), crate::daemon::own_cpu_time());
     // Spread consecutive joins over rooms so concurrent threads rarely share one.
     let join = |i: usize| {
         let (r, k) = (i % rooms.max(1), i / rooms.max(1));
@@ -386,12 +403,20 @@ fn round(
     };
     let (ops, errors, first, t) = run_jobs(rooms * joins, concurrency, &join);
     let joins_phase = phase(&ops, errors, first, t);
+    let cpu_after = (daemon.cpu_time(), crate::daemon::own_cpu_time());
     let after = daemon.scrape()?;
+    let per_join = |a: Duration, b: Duration| {
+        1e6 * b.saturating_sub(a).as_secs_f64() / (joins_phase.ok as f64).max(1.0)
+    };
     let delta = |name: &str| after.total(name) - before.total(name);
     let journal = Journal {
         writes: delta("ocm_state_writes_total"),
         records: delta("ocm_state_write_records_total"),
         seconds: delta("ocm_state_write_seconds_total"),
+        cpu: CpuPerJoin {
+            daemon: per_join(cpu_before.0, cpu_after.0),
+            bench: per_join(cpu_before.1, cpu_after.1),
+        },
     };
     Ok((creates, joins_phase, journal))
 }
@@ -458,5 +483,11 @@ impl HandshakeResult {
             1e6 * self.journal_write_seconds / self.journal_writes.max(1.0),
             100.0 * self.journal_write_seconds / self.joins.seconds.max(1e-9)
         );
+        if let Some(cpu) = self.cpu_us_per_join {
+            println!(
+                "  cpu per join: ocmd {:.0} µs, ocm-bench {:.0} µs (all threads)",
+                cpu.daemon, cpu.bench
+            );
+        }
     }
 }

@@ -527,14 +527,17 @@ pub fn markdown(r: &Results) -> String {
         "## Handshakes (durable: the daemon fsyncs its journal before replying)\n"
     );
     let _ = writeln!(w, "R = 200 rooms created, then R × K = 3,200 joins over C = 16 threads, one TCP connection per request, each from its own 127.0.0.0/8 source address; {} rounds on each daemon (fresh rooms each), the round with the median join rate shown. State under the target directory (tmpfs: {}).\n", h0.join_rates.len().max(1), h0.state_on_tmpfs);
-    let _ = writeln!(w, "| state before | joins/s (median round) | every round's joins/s | first 10% /s | last 10% /s | p50 µs | p90 µs | p99 µs | max µs | creates/s | records per fsync | errors |");
-    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(w, "| state before | joins/s (median round) | every round's joins/s | first 10% /s | last 10% /s | p50 µs | p90 µs | p99 µs | max µs | creates/s | records per fsync | write + fsync µs | CPU µs per join: ocmd / bench | errors |");
+    let _ = writeln!(
+        w,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for h in [h0, hp] {
         let l = &h.joins.latency_us;
         let rounds: Vec<String> = h.join_rates.iter().map(|r| format!("{r:.0}")).collect();
         let _ = writeln!(
             w,
-            "| {} tokens | {:.0} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {} |",
+            "| {} tokens | {:.0} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {} | {} | {} |",
             h.preload,
             h.joins.per_sec,
             rounds.join(", "),
@@ -546,6 +549,16 @@ pub fn markdown(r: &Results) -> String {
             l.max,
             h.creates.per_sec,
             h.journal_records / h.journal_writes.max(1.0),
+            if h.journal_write_seconds > 0.0 {
+                format!(
+                    "{:.0}",
+                    1e6 * h.journal_write_seconds / h.journal_writes.max(1.0)
+                )
+            } else {
+                "–".into()
+            },
+            h.cpu_us_per_join
+                .map_or("–".into(), |c| format!("{:.0} / {:.0}", c.daemon, c.bench)),
             h.joins.errors + h.creates.errors
         );
     }
