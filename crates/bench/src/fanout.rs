@@ -16,6 +16,7 @@ use crate::error::{Context, Error, Result};
 use crate::members::Room;
 use crate::receivers::{kernel_drops, write_text, Clock, Receivers};
 use crate::report::{si, steal_time, CpuUse, DaemonDelay, LossAttribution, Percentiles};
+use crate::stalls::{StallMeter, Stalls};
 
 /// Messages per `sendmmsg` call.
 const SEND_BATCH: usize = 32;
@@ -131,6 +132,9 @@ pub struct FanoutResult {
     pub loadavg: f64,
     /// SO_RCVBUF granted to each member socket, bytes.
     pub client_rcvbuf: usize,
+    /// What the stall meter saw during the sending window.
+    #[serde(default)]
+    pub stalls: Option<Stalls>,
     /// The daemon's own share of the latency (`ocm_relay_delay_seconds`), when it reports it.
     #[serde(default)]
     pub daemon_delay: Option<DaemonDelay>,
@@ -217,6 +221,9 @@ impl FanoutResult {
             self.client_rcvbuf,
             self.loadavg
         );
+        if let Some(stalls) = &self.stalls {
+            println!("  {}", stalls.line());
+        }
     }
 }
 
@@ -409,6 +416,7 @@ pub fn measure(
     };
     let cpu0 = (daemon.cpu_time(), own_cpu_time());
     let steal0 = steal_time();
+    let meter = StallMeter::start().ctx("spawn the stall meter")?;
     let send_start = clock.nanos();
     let t0 = Instant::now();
     let sent: Vec<Sent> = thread::scope(|s| {
@@ -426,6 +434,7 @@ pub fn measure(
             .collect()
     });
     let wall = t0.elapsed();
+    let stalls = meter.finish();
     let cpu1 = (daemon.cpu_time(), own_cpu_time());
     let offered: u64 = sent.iter().map(|s| s.messages).sum();
     let client_send_errors = sent.iter().map(|s| s.errors).sum();
@@ -465,6 +474,7 @@ pub fn measure(
         loadavg,
         client_rcvbuf: room.rcvbuf,
         steal_ms: steal.as_secs_f64() * 1e3,
+        stalls: Some(stalls),
         paced_skips,
         daemon_delay: DaemonDelay::from_buckets(
             &after.histogram_delta(&before, "ocm_relay_delay_seconds"),

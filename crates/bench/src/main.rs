@@ -17,6 +17,7 @@ mod memory;
 mod receivers;
 mod report;
 mod smoke;
+mod stalls;
 mod svg;
 
 use std::path::PathBuf;

@@ -292,6 +292,13 @@ fn daemon_p99(f: &FanoutResult) -> String {
         .map_or("–".into(), |d| crate::report::DaemonDelay::show(d.p99_us))
 }
 
+/// The stall meter's count and longest stall, or `–` for results recorded before it existed.
+fn stalls_cell(f: &FanoutResult) -> String {
+    f.stalls.map_or("–".into(), |s| {
+        format!("{} ({:.1} ms)", s.count, s.longest_ms)
+    })
+}
+
 fn verdict(met: bool) -> &'static str {
     if met {
         "**met**"
@@ -436,16 +443,16 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(w, "## Fan-out (S = 2 senders, B = 128-byte texts)\n");
     let _ = writeln!(
         w,
-        "`max`: senders flat out; `half`: paced at half the message rate `max` delivered. Deliveries/s counts messages received by members (a batch datagram carries several). The ceiling is one thread doing one plain `sendto` per {}-byte datagram to M loopback sockets, same receivers. `plain` members join with the original JSON-string payload; `batch` members with `{{\"caps\": [\"batch\"], \"max_datagram\": 65507}}`, as `ocm` joins a daemon on loopback. `daemon's p99` is the bucket of `ocm_relay_delay_seconds` (arrival on the daemon's socket → everything it caused handed to the kernel) that holds the 99th percentile: the daemon's own share of the latency. `stolen ms`: CPU time the hypervisor took from the machine's vCPUs during the run (`/proc/stat`).\n",
+        "`max`: senders flat out; `half`: paced at half the message rate `max` delivered. Deliveries/s counts messages received by members (a batch datagram carries several). The ceiling is one thread doing one plain `sendto` per {}-byte datagram to M loopback sockets, same receivers. `plain` members join with the original JSON-string payload; `batch` members with `{{\"caps\": [\"batch\"], \"max_datagram\": 65507}}`, as `ocm` joins a daemon on loopback. `daemon's p99` is the bucket of `ocm_relay_delay_seconds` (arrival on the daemon's socket → everything it caused handed to the kernel) that holds the 99th percentile: the daemon's own share of the latency. `stolen ms`: CPU time the hypervisor took from the machine's vCPUs during the run (`/proc/stat`). `stalls`: times a `SCHED_FIFO` thread sleeping 1 ms at a time woke at least 1 ms late during the sending (only what stops a whole vCPU delays it: the hypervisor, or kernel work that cannot be preempted), and the longest.\n",
         r.rows.first().map_or(0, |x| x.ceiling.datagram_bytes)
     );
     let _ = writeln!(
         w,
-        "| M | ceiling dgram/s | caps | pace | offered msg/s | deliveries/s | % of ceiling | loss % | p50 | p99 | max | daemon's p99 | daemon rcvbuf drops | send errors | client drops | ocmd CPU % | bench CPU % | stolen ms |"
+        "| M | ceiling dgram/s | caps | pace | offered msg/s | deliveries/s | % of ceiling | loss % | p50 | p99 | max | daemon's p99 | daemon rcvbuf drops | send errors | client drops | ocmd CPU % | bench CPU % | stolen ms | stalls ≥ 1 ms (longest) |"
     );
     let _ = writeln!(
         w,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for row in &r.rows {
         for (caps, pace, f) in [
@@ -456,7 +463,7 @@ pub fn markdown(r: &Results) -> String {
         ] {
             let _ = writeln!(
                 w,
-                "| {} | {} | {} | {} | {} | {} | {:.1} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} |",
+                "| {} | {} | {} | {} | {} | {} | {:.1} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {} |",
                 row.members,
                 si(row.ceiling.received_per_sec),
                 caps,
@@ -474,7 +481,8 @@ pub fn markdown(r: &Results) -> String {
                 f.loss.client_rcvbuf_drops,
                 f.cpu.daemon_pct,
                 f.cpu.bench_pct,
-                f.steal_ms
+                f.steal_ms,
+                stalls_cell(f)
             );
         }
     }
@@ -485,8 +493,8 @@ pub fn markdown(r: &Results) -> String {
         "## Sweep: highest rate with loss < 0.1% (M = 64, S = 2, B = 128)\n"
     );
     let _ = writeln!(w, "A flat-out probe bounds the rate; paced 2 s steps then go up by half while they pass and bisect once one fails. A step passes when loss < 0.1%, the senders kept the pace, and deliveries kept up with the offered deliveries (≥ 97%, so no backlog grew in the daemon's socket buffer). `batch4k`: batch members that announce no `max_datagram`, so their batches stop at 4096 bytes (the default).\n");
-    let _ = writeln!(w, "| caps | sustained msg/s | deliveries/s | % of ceiling | p50 at half | p99 at half | max at half | daemon's p99 at half | stolen ms at half | steps (msg/s → loss %, p99) |");
-    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(w, "| caps | sustained msg/s | deliveries/s | % of ceiling | p50 at half | p99 at half | max at half | daemon's p99 at half | stolen ms at half | stalls ≥ 1 ms at half (longest) | steps (msg/s → loss %, p99) |");
+    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|---|");
     for s in &r.sweeps {
         let d = s.sustained.as_ref().map_or(0.0, |x| x.deliveries_per_sec);
         let steps: Vec<String> = s
@@ -507,7 +515,7 @@ pub fn markdown(r: &Results) -> String {
         });
         let _ = writeln!(
             w,
-            "| {} | {:.0} | {} | {:.1} | {} | {} | {} | {} | {:.0} | {} |",
+            "| {} | {:.0} | {} | {:.1} | {} | {} | {} | {} | {:.0} | {} | {} |",
             s.max.caps,
             s.sustained_rate,
             si(d),
@@ -517,6 +525,7 @@ pub fn markdown(r: &Results) -> String {
             micros(max),
             s.half.as_ref().map_or("–".into(), daemon_p99),
             s.half.as_ref().map_or(0.0, |h| h.steal_ms),
+            s.half.as_ref().map_or("–".into(), stalls_cell),
             steps.join("; ")
         );
     }
