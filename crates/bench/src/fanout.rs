@@ -497,8 +497,14 @@ pub struct SweepResult {
     pub half: Option<FanoutResult>,
     /// Loss threshold, percent.
     pub loss_pct: f64,
-    /// The sendto ceiling for the same M and B, datagrams/s.
+    /// The sendto ceiling for the same M and B, datagrams/s: in the matrix, the mean of
+    /// `ceiling_around`.
     pub ceiling_per_sec: f64,
+    /// The ceiling measured right before and right after the sweep, when it was: the
+    /// machine's speed drifts within minutes, so one measurement taken earlier is not the
+    /// ceiling the sweep ran under.
+    #[serde(default)]
+    pub ceiling_around: Option<(f64, f64)>,
 }
 
 impl SweepResult {
@@ -522,11 +528,16 @@ impl SweepResult {
         }
         match &self.sustained {
             Some(s) => println!(
-                "  sustained: {:.0} msg/s offered = {} deliveries/s = {:.1}% of the sendto ceiling ({}/s)",
+                "  sustained: {:.0} msg/s offered = {} deliveries/s = {:.1}% of the sendto ceiling ({}/s{})",
                 self.sustained_rate,
                 si(s.deliveries_per_sec),
                 100.0 * s.deliveries_per_sec / self.ceiling_per_sec.max(1.0),
-                si(self.ceiling_per_sec)
+                si(self.ceiling_per_sec),
+                self.ceiling_around.map_or(String::new(), |(before, after)| format!(
+                    ", the mean of {}/s before the sweep and {}/s after",
+                    si(before),
+                    si(after)
+                ))
             ),
             None => println!("  no step met the loss threshold"),
         }
@@ -627,6 +638,7 @@ pub fn sweep(
         half,
         loss_pct,
         ceiling_per_sec,
+        ceiling_around: None,
     })
 }
 
