@@ -45,7 +45,8 @@ pub struct Metrics {
     pub closed_room_replies: u64,
     /// Members expired for missing keepalives.
     pub keepalive_expiries: u64,
-    /// Journal batches made durable.
+    /// Journal writes made durable (one `write` + `fdatasync` each, carrying every batch
+    /// queued when it started).
     pub state_writes: u64,
     /// Records in them.
     pub state_write_records: u64,
@@ -196,7 +197,7 @@ impl Metrics {
             ),
             (
                 "ocm_state_writes_total",
-                "Journal batches written and fsync'd.",
+                "Journal writes made durable: one write and fdatasync each, carrying every batch queued.",
                 self.state_writes as f64,
             ),
             (

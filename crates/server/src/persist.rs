@@ -129,7 +129,7 @@ pub struct Done {
     pub batch: u64,
     /// Records the write carried.
     pub records: usize,
-    /// Time from hand-off to durable (write and fsync).
+    /// Time to write and fsync, from the writer taking the first batch.
     pub elapsed: Duration,
 }
 
@@ -941,6 +941,43 @@ mod tests {
             matches!(rx.try_recv(), Ok(Command::Append { batch: 4, .. })),
             "what follows the shutdown stays queued"
         );
+    }
+
+    #[test]
+    fn batches_handed_over_without_waiting_become_durable_in_order_and_none_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = Driver::start(dir.path(), Options::default());
+        let mut last_batch = 0;
+        for _ in 0..50 {
+            let records = vec![record(d.next_n)];
+            d.next_n += 1;
+            last_batch = d.persister.submit(records);
+            d.persister.pump();
+        }
+        assert_eq!(last_batch, 50, "each pump hands over its own batch");
+        assert!(d.persister.busy());
+        let (mut reported, mut records) = (Vec::new(), 0);
+        let deadline = Instant::now() + PATIENCE;
+        while d.persister.durable() < last_batch {
+            assert!(Instant::now() < deadline, "timed out: {reported:?}");
+            for done in d.persister.poll_done() {
+                reported.push(done.batch);
+                records += done.records;
+            }
+            d.poll
+                .poll(&mut d.events, Some(Duration::from_millis(50)))
+                .unwrap();
+        }
+        // However the writer grouped them, every report names a later batch than the one
+        // before, none names a batch it was not given, and the records add up.
+        assert!(reported.windows(2).all(|w| w[0] < w[1]), "{reported:?}");
+        assert_eq!(reported.last(), Some(&last_batch));
+        assert_eq!(records, 50, "{reported:?}");
+        assert!(!d.persister.busy());
+        let last_n = d.next_n - 1;
+        let paths = d.paths.clone();
+        d.persister.shutdown();
+        assert_eq!(load_complete(&paths).state.journal_seq, last_n);
     }
 
     #[test]
