@@ -137,12 +137,17 @@ impl Launcher {
         let mut command = Command::new(&self.ocmd);
         let nice = self.nice;
         if nice != 0 {
-            // SAFETY: setpriority is async-signal-safe; its failure is ignored, as
-            // `settable_nice` checked it could succeed.
+            // SAFETY: the closure makes one raw system call and builds an io::Error from
+            // errno, allocating nothing, as code between fork and exec must. `settable_nice`
+            // checked that it can succeed; if it does not, the spawn fails rather than the
+            // report claiming a niceness the daemon does not have.
             unsafe {
                 command.pre_exec(move || {
-                    libc::setpriority(libc::PRIO_PROCESS, 0, nice);
-                    Ok(())
+                    if libc::setpriority(libc::PRIO_PROCESS, 0, nice) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
                 });
             }
         }
@@ -310,15 +315,42 @@ impl Daemon {
             .unwrap_or(0))
     }
 
-    /// CPU time used so far (user + system).
+    /// CPU time used so far by all its threads, to the nanosecond (the process's CPU-time
+    /// clock); from `/proc/PID/stat` in clock ticks (10 ms) if that clock is refused.
     pub fn cpu_time(&self) -> Duration {
-        cpu_time_of(&format!("/proc/{}/stat", self.pid()))
+        let pid = self.pid();
+        let mut clock: libc::clockid_t = 0;
+        let rc = libc::pid_t::try_from(pid).map_or(-1, |pid| {
+            // SAFETY: writes the clock id into `clock`, a valid location.
+            unsafe { libc::clock_getcpuclockid(pid, &mut clock) }
+        });
+        if rc == 0 {
+            if let Some(t) = clock_time(clock) {
+                return t;
+            }
+        }
+        cpu_time_of(&format!("/proc/{pid}/stat"))
     }
 }
 
-/// CPU time (user + system) of this process.
+/// CPU time used so far by all of this process's threads, to the nanosecond.
 pub fn own_cpu_time() -> Duration {
-    cpu_time_of("/proc/self/stat")
+    clock_time(libc::CLOCK_PROCESS_CPUTIME_ID).unwrap_or_else(|| cpu_time_of("/proc/self/stat"))
+}
+
+fn clock_time(clock: libc::clockid_t) -> Option<Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes into `ts`, a valid timespec.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return None;
+    }
+    Some(Duration::new(
+        u64::try_from(ts.tv_sec).ok()?,
+        u32::try_from(ts.tv_nsec).ok()?,
+    ))
 }
 
 fn cpu_time_of(path: &str) -> Duration {

@@ -294,7 +294,7 @@ pub struct HandshakeResult {
     pub creates: PhaseResult,
     /// The measured joins.
     pub joins: PhaseResult,
-    /// Journal batches written during the joins (group commit when fewer than joins).
+    /// Journal writes (one fsync each) during the joins (group commit when fewer than joins).
     pub journal_writes: f64,
     /// Journal records in them.
     pub journal_records: f64,
@@ -476,7 +476,7 @@ impl HandshakeResult {
         println!("  {}", self.creates.line("creates"));
         println!("  {}", self.joins.line("joins"));
         println!(
-            "  journal: {} fsync'd batches for {} records during the joins ({:.1} records/batch), write + fsync {:.0} µs per batch on average, the writer busy {:.0}% of the joins",
+            "  journal: {} fsyncs for {} records during the joins ({:.1} records per fsync), write + fsync {:.0} µs on average, the writer busy {:.0}% of the joins",
             self.journal_writes,
             self.journal_records,
             self.journal_records / self.journal_writes.max(1.0),

@@ -315,25 +315,33 @@ fn daemon_p99(f: &FanoutResult) -> String {
         .map_or("–".into(), |d| crate::report::DaemonDelay::show(d.p99_us))
 }
 
-/// The stall meter's count and longest stall, or `–` for results recorded before it existed.
+/// The stall meter's count and longest stall, or `–` for results recorded before it existed;
+/// marked when the meter lacked real-time priority (then it also counts waits for a core).
 fn stalls_cell(f: &FanoutResult) -> String {
     f.stalls.map_or("–".into(), |s| {
-        format!("{} ({:.1} ms)", s.count, s.longest_ms)
+        let mark = if s.realtime { "" } else { ", normal priority" };
+        format!("{} ({:.1} ms{mark})", s.count, s.longest_ms)
     })
 }
 
-/// Beside a p99 verdict: the daemon's own p99, and the stalls of the whole machine in the
-/// same run (one stall of 10 ms or more delays about 1% of a 4 s run's messages at half load).
+/// Beside a p99 verdict: the daemon's own p99, and the vCPU stalls in the same run. At half
+/// load a stall of T holds back about 2T of messages, so a stall of 10 ms or more in a run of a
+/// few seconds can set the p99 alone.
 fn tail_context(f: &FanoutResult) -> String {
     let own = format!("daemon's own p99 {}", daemon_p99(f));
     match f.stalls {
+        // A meter without real-time priority also counts its own wait for a core.
+        Some(s) if !s.realtime => format!(
+            "{own}; a normal-priority meter woke ≥ 1 ms late {} times, longest {:.1} ms",
+            s.count, s.longest_ms
+        ),
         Some(s) if s.count > 0 => format!(
-            "{own}; {} machine stall{} ≥ 1 ms, longest {:.1} ms",
+            "{own}; {} vCPU stall{} ≥ 1 ms, longest {:.1} ms",
             s.count,
             if s.count == 1 { "" } else { "s" },
             s.longest_ms
         ),
-        Some(_) => format!("{own}; no machine stall ≥ 1 ms"),
+        Some(_) => format!("{own}; no vCPU stall ≥ 1 ms"),
         None => own,
     }
 }
@@ -537,7 +545,7 @@ pub fn markdown(r: &Results) -> String {
         w,
         "## Sweep: highest rate with loss < 0.1% (M = 64, S = 2, B = 128)\n"
     );
-    let _ = writeln!(w, "A flat-out probe bounds the rate; paced 2 s steps then go up by half while they pass and bisect once one fails. A step passes when loss < 0.1%, the senders kept the pace, and deliveries kept up with the offered deliveries (≥ 97%, so no backlog grew in the daemon's socket buffer). `batch4k`: batch members that announce no `max_datagram`, so their batches stop at 4096 bytes (the default). The plain sweep's ceiling is the mean of two measurements, just before and just after it, since the machine's speed drifts within minutes.\n");
+    let _ = writeln!(w, "A flat-out probe bounds the rate; paced 2 s steps then go up by half while they pass and bisect once one fails. A step passes when loss < 0.1%, the senders kept the pace, and deliveries kept up with the offered deliveries (≥ 97%, so no backlog grew in the daemon's socket buffer). `batch4k`: batch members that announce no `max_datagram`, so their batches stop at 4096 bytes (the default). The plain sweep's ceiling is the mean of two measurements just before and just after it (with the sweep's idle daemon running), since the machine's speed drifts within minutes; the batch rows' % of ceiling uses the M = 64 row's ceiling.\n");
     let _ = writeln!(w, "| caps | sustained msg/s | deliveries/s | % of ceiling | p50 at half | p99 at half | max at half | daemon's p99 at half | stolen ms at half | stalls ≥ 1 ms at half (longest) | steps (msg/s → loss %, p99) |");
     let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|---|");
     for s in &r.sweeps {

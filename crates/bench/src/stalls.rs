@@ -1,9 +1,9 @@
 //! A stall meter: a thread that sleeps 1 ms at a time and notes how late it wakes.
 //!
 //! On a shared VM the whole guest sometimes stops for milliseconds (the host runs something
-//! else) without the guest's steal counter showing all of it. One such stall in a 4-second
-//! paced run holds back every message that arrives meanwhile, which is enough to set the
-//! p99. The meter runs at real-time priority (`SCHED_FIFO` 1, when this process may set it):
+//! else) without the guest's steal counter showing all of it. At half load one such stall
+//! holds back about twice its length of messages, which in a run of a few seconds is enough
+//! to set the p99. The meter runs at real-time priority (`SCHED_FIFO` 1, when this process may set it):
 //! then only what stops the whole CPU (the hypervisor, interrupts, kernel sections that
 //! cannot be preempted) makes it late, not the daemon or the generator. Waking 1,000 times
 //! a second for a few microseconds, it costs well under 1% of a core.
