@@ -170,6 +170,19 @@ fn fanout_pair(
     Ok((max, half))
 }
 
+/// The sendto ceiling for M members and the matrix's text size (at most 3 s), printed.
+fn measure_ceiling(plan: &Plan, members: usize) -> Result<CeilingResult> {
+    let c = ceiling::run(
+        members,
+        BYTES,
+        plan.duration.min(Duration::from_secs(3)),
+        plan.receivers,
+        plan.client_rcvbuf,
+    )?;
+    c.print();
+    Ok(c)
+}
+
 /// Runs the matrix, printing each result as it comes.
 pub fn run(launcher: &Launcher, plan: &Plan) -> Result<Results> {
     let date = utc_now();
@@ -181,14 +194,7 @@ pub fn run(launcher: &Launcher, plan: &Plan) -> Result<Results> {
     );
     let mut rows = Vec::new();
     for m in SIZES {
-        let c = ceiling::run(
-            m,
-            BYTES,
-            plan.duration.min(Duration::from_secs(3)),
-            plan.receivers,
-            plan.client_rcvbuf,
-        )?;
-        c.print();
+        let c = measure_ceiling(plan, m)?;
         let (plain_max, plain_half) =
             fanout_pair(launcher, plan, m, CapsArg::Plain, c.received_per_sec)?;
         let (batch_max, batch_half) =
@@ -221,19 +227,8 @@ pub fn run(launcher: &Launcher, plan: &Plan) -> Result<Results> {
         )?;
         // The plain target is a ratio to the ceiling, and the machine's speed drifts within
         // minutes: measure the ceiling again right around that sweep.
-        let measure_ceiling = || -> Result<f64> {
-            let c = ceiling::run(
-                64,
-                BYTES,
-                plan.duration.min(Duration::from_secs(3)),
-                plan.receivers,
-                plan.client_rcvbuf,
-            )?;
-            c.print();
-            Ok(c.received_per_sec)
-        };
         let before = if caps == CapsArg::Plain {
-            Some(measure_ceiling()?)
+            Some(measure_ceiling(plan, 64)?.received_per_sec)
         } else {
             None
         };
@@ -250,7 +245,7 @@ pub fn run(launcher: &Launcher, plan: &Plan) -> Result<Results> {
             before.unwrap_or(ceiling),
         )?;
         if let Some(before) = before {
-            let after = measure_ceiling()?;
+            let after = measure_ceiling(plan, 64)?.received_per_sec;
             s.ceiling_around = Some((before, after));
             s.ceiling_per_sec = (before + after) / 2.0;
         }
