@@ -8,10 +8,33 @@
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::time::Instant;
 
-use mio::net::TcpStream;
+use mio::net::{TcpListener, TcpStream};
 use mio::Interest;
+
+/// Sets `TCP_NODELAY` on a listening socket. Linux copies it to every connection the
+/// listener accepts, which saves a `setsockopt` per handshake; returns the error when the
+/// kernel refuses, and the caller then sets it on each connection.
+pub fn set_listener_nodelay(listener: &TcpListener) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt on a live socket owned by `listener`, with a c_int value and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            std::ptr::addr_of!(on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
 
 /// What a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,11 +45,24 @@ pub enum Kind {
     Http,
 }
 
+/// How far [`Conn::fill`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadUntil {
+    /// Until the socket reports `WouldBlock` (or EOF): needed when the readiness event said
+    /// the peer closed, or when there was no event, since no later edge would report it.
+    WouldBlock,
+    /// Until a read returns less than asked, which on TCP means the receive queue was empty
+    /// at that moment: bytes that arrive later raise a new edge. Saves the `EAGAIN` read
+    /// that otherwise ends every handshake.
+    ShortRead,
+}
+
 /// Result of reading what the socket has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Filled {
-    /// The socket is drained for now.
-    WouldBlock,
+    /// The socket is drained for now (`WouldBlock`, or a short read under
+    /// [`ReadUntil::ShortRead`]).
+    Drained,
     /// The input buffer reached its cap; process it and read again.
     Full,
     /// The peer closed its side.
@@ -77,8 +113,9 @@ impl Conn {
         }
     }
 
-    /// Reads until the socket would block, the peer closes, or `input` holds `cap` bytes.
-    pub fn fill(&mut self, cap: usize) -> io::Result<Filled> {
+    /// Reads until the socket is drained (see [`ReadUntil`]), the peer closes, or `input`
+    /// holds `cap` bytes.
+    pub fn fill(&mut self, cap: usize, until: ReadUntil) -> io::Result<Filled> {
         let mut chunk = [0u8; 4096];
         loop {
             if self.input.len() >= cap {
@@ -90,8 +127,13 @@ impl Conn {
                     self.read_closed = true;
                     return Ok(Filled::Eof);
                 }
-                Ok(n) => self.input.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Filled::WouldBlock),
+                Ok(n) => {
+                    self.input.extend_from_slice(&chunk[..n]);
+                    if n < want && until == ReadUntil::ShortRead {
+                        return Ok(Filled::Drained);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Filled::Drained),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
@@ -164,5 +206,106 @@ impl Conn {
         } else {
             Interest::READABLE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Shutdown, TcpStream as StdStream};
+    use std::time::Duration;
+
+    /// A loopback pair: the peer's std stream and our accepted mio stream, with the
+    /// listener's `TCP_NODELAY` set first when `nodelay` is true.
+    fn pair(nodelay: bool) -> (StdStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        if nodelay {
+            set_listener_nodelay(&listener).unwrap();
+        }
+        let peer = StdStream::connect(listener.local_addr().unwrap()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => return (peer, stream),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::yield_now();
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+    }
+
+    fn conn(stream: TcpStream) -> Conn {
+        let addr = stream.peer_addr().unwrap();
+        Conn::new(stream, addr, Kind::Tcrp, Instant::now())
+    }
+
+    #[test]
+    fn accepted_connections_inherit_nodelay_from_the_listener() {
+        let (_peer, plain) = pair(false);
+        assert!(!plain.nodelay().unwrap(), "off unless asked");
+        let (_peer, inherited) = pair(true);
+        assert!(inherited.nodelay().unwrap(), "copied from the listener");
+    }
+
+    /// Waits until the socket has `n` bytes queued, so a read sees them all at once.
+    fn wait_readable(stream: &TcpStream, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut buf = vec![0u8; n];
+        while stream.peek(&mut buf).unwrap_or(0) < n {
+            assert!(Instant::now() < deadline, "{n} bytes never arrived");
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn a_short_read_ends_the_fill_only_when_asked() {
+        let (mut peer, stream) = pair(true);
+        let mut c = conn(stream);
+        peer.write_all(b"hello").unwrap();
+        wait_readable(&c.stream, 5);
+        assert_eq!(c.fill(1024, ReadUntil::ShortRead).unwrap(), Filled::Drained);
+        assert_eq!(c.input, b"hello");
+        // Nothing more is there: reading to WouldBlock also reports the socket drained.
+        assert_eq!(c.fill(1024, ReadUntil::WouldBlock).unwrap(), Filled::Drained);
+        assert!(!c.read_closed);
+    }
+
+    #[test]
+    fn a_fin_behind_the_data_is_seen_only_when_reading_to_the_end() {
+        let (mut peer, stream) = pair(true);
+        let mut c = conn(stream);
+        peer.write_all(b"bye").unwrap();
+        peer.shutdown(Shutdown::Write).unwrap();
+        wait_readable(&c.stream, 3);
+        // A short read stops before the FIN: the caller must not use it when the
+        // readiness event reported the peer closed.
+        assert_eq!(c.fill(1024, ReadUntil::ShortRead).unwrap(), Filled::Drained);
+        assert!(!c.read_closed);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match c.fill(1024, ReadUntil::WouldBlock).unwrap() {
+                Filled::Eof => break,
+                other => {
+                    assert_eq!(other, Filled::Drained);
+                    assert!(Instant::now() < deadline, "the FIN never arrived");
+                    std::thread::yield_now();
+                }
+            }
+        }
+        assert!(c.read_closed);
+        assert_eq!(c.input, b"bye");
+    }
+
+    #[test]
+    fn a_full_buffer_is_reported_before_the_cap_is_passed() {
+        let (mut peer, stream) = pair(true);
+        let mut c = conn(stream);
+        peer.write_all(&[7u8; 100]).unwrap();
+        wait_readable(&c.stream, 100);
+        assert_eq!(c.fill(60, ReadUntil::ShortRead).unwrap(), Filled::Full);
+        assert_eq!(c.input.len(), 60);
+        assert_eq!(c.fill(200, ReadUntil::ShortRead).unwrap(), Filled::Drained);
+        assert_eq!(c.input.len(), 100);
     }
 }

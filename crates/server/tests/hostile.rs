@@ -208,6 +208,43 @@ fn a_truncated_header_then_close_is_closed_without_a_reply() {
     assert_state_intact(d, &[room]);
 }
 
+/// The daemon stops reading at a short read and relies on the next readiness edge; a FIN
+/// that arrives with the requests raises no later edge, so this checks that requests sent
+/// together with their FIN are all answered and the connection is then closed. Each round
+/// sends the bytes and the FIN back to back, so both orders of arrival get exercised.
+#[test]
+fn requests_sent_with_a_fin_are_all_answered_then_the_connection_closes() {
+    let d = daemon("");
+    const ROUNDS: usize = 20;
+    for round in 0..ROUNDS {
+        let mut s = connect(&d);
+        let mut bytes = Vec::new();
+        for i in 0..3 {
+            let room = format!("fin-{round}-{i}");
+            bytes.extend(request_bytes(Operation::CreateRoom, &room, b"\"host\""));
+        }
+        s.write_all(&bytes).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let got = read_until_closed(&mut s);
+        let mut rest = &got[..];
+        let mut tokens = 0;
+        while let Some((frame, used)) = tcrp::decode(rest, 1 << 20).expect("valid frames") {
+            if frame.state == State::Complete {
+                tokens += 1;
+            }
+            rest = &rest[used..];
+        }
+        assert!(rest.is_empty(), "round {round}: a torn reply: {rest:?}");
+        assert_eq!(tokens, 3, "round {round}: every request answered before the close");
+    }
+    wait_until("every close is counted", || {
+        closed(&d, "peer_closed") >= ROUNDS as f64
+    });
+    assert_eq!(closed(&d, "peer_closed"), ROUNDS as f64);
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room, "fin-19-2".to_owned()]);
+}
+
 #[test]
 fn a_truncated_header_then_silence_is_closed_at_the_handshake_timeout() {
     let d = daemon("[limits]\nhandshake_timeout_secs = 1\n");

@@ -29,7 +29,7 @@ use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
 use crate::config::{Config, Overrides};
-use crate::conn::{Conn, Kind};
+use crate::conn::{self, Conn, Kind, ReadUntil};
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::mmsg;
@@ -119,6 +119,8 @@ pub struct Server {
     notifier: Notifier,
     receiver: mmsg::Receiver,
     udp_ready: bool,
+    /// Accepted TCRP connections already have TCP_NODELAY from the listener.
+    nodelay_inherited: bool,
     /// Connections with input left unread by their read budget.
     revisit: Vec<ConnId>,
     next_deadline_check: Instant,
@@ -181,6 +183,15 @@ impl Server {
             addr: config.listen.tcp,
             source,
         })?;
+        // Accepted connections inherit TCP_NODELAY; if the listener refuses it, each
+        // connection gets it instead.
+        let nodelay_inherited = match conn::set_listener_nodelay(&tcp) {
+            Ok(()) => true,
+            Err(e) => {
+                debug!("TCP_NODELAY on the listener refused ({e}); set per connection");
+                false
+            }
+        };
         let mut udp = UdpSocket::bind(config.listen.udp).map_err(|source| Error::Bind {
             what: "UDP",
             addr: config.listen.udp,
@@ -269,6 +280,7 @@ impl Server {
             notifier: Notifier::from_env(),
             receiver: mmsg::Receiver::new(RECV_BUF_LEN),
             udp_ready: true,
+            nodelay_inherited,
             revisit: Vec::new(),
             next_deadline_check: now + DEADLINE_CHECK,
             next_status: now,
@@ -331,7 +343,7 @@ impl Server {
             }
             for id in std::mem::take(&mut self.revisit) {
                 if self.conns.contains(id.0) {
-                    let close = self.read_tcrp(id, now);
+                    let close = self.read_tcrp(id, now, ReadUntil::WouldBlock);
                     self.after_io(id, close);
                 }
             }
@@ -408,8 +420,10 @@ impl Server {
                 }
                 continue; // dropping the stream closes it
             }
-            if let Err(e) = stream.set_nodelay(true) {
-                debug!("{peer}: cannot set TCP_NODELAY: {e}");
+            if kind == Kind::Tcrp && !self.nodelay_inherited {
+                if let Err(e) = stream.set_nodelay(true) {
+                    debug!("{peer}: cannot set TCP_NODELAY: {e}");
+                }
             }
             let entry = self.conns.vacant_entry();
             let id = ConnId(entry.key());
@@ -440,7 +454,16 @@ impl Server {
         let mut close = None;
         if event.is_readable() || event.is_read_closed() || event.is_error() {
             close = match conn.kind {
-                Kind::Tcrp => self.read_tcrp(id, now),
+                Kind::Tcrp => {
+                    // A FIN or error that came with this edge raises no later one, so then
+                    // the socket is read to the end.
+                    let until = if event.is_read_closed() || event.is_error() {
+                        ReadUntil::WouldBlock
+                    } else {
+                        ReadUntil::ShortRead
+                    };
+                    self.read_tcrp(id, now, until)
+                }
                 Kind::Http => self.read_http(id),
             };
         }
@@ -489,8 +512,11 @@ impl Server {
         if !self.conns.contains(id.0) {
             return;
         }
-        let mut conn = self.conns.remove(id.0);
-        let _ = self.poll.registry().deregister(&mut conn.stream);
+        let conn = self.conns.remove(id.0);
+        // No deregister: epoll drops a descriptor from its interest list when the descriptor
+        // is closed (the stream is never duplicated), and mio keeps no per-source state on
+        // Linux, so the `epoll_ctl(DEL)` would be a system call per handshake for nothing.
+        // Events already returned for this token are skipped or harmless (`conn_event`).
         if conn.kind == Kind::Http {
             self.http_open -= 1;
         }

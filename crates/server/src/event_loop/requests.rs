@@ -8,7 +8,7 @@ use tcrp::payload::ErrorCode;
 use tcrp::{Operation, HEADER_LEN};
 
 use super::{unix_now, ConnId, Server, READS_PER_EVENT, READ_SLACK};
-use crate::conn::Filled;
+use crate::conn::{Filled, ReadUntil};
 use crate::handshake::{self, Context, Step};
 use crate::http::{self, Route};
 use crate::metrics::{operation_label, Metrics};
@@ -19,7 +19,13 @@ impl Server {
     /// Reads and answers TCRP frames; returns a close reason on I/O failure. Reads at most
     /// [`READS_PER_EVENT`] buffers per call so one busy peer cannot hold the loop; a connection
     /// with more to read is revisited on the next pass.
-    pub(super) fn read_tcrp(&mut self, id: ConnId, now: Instant) -> Option<&'static str> {
+    /// `until` says how far the first buffer is read; see [`ReadUntil`].
+    pub(super) fn read_tcrp(
+        &mut self,
+        id: ConnId,
+        now: Instant,
+        until: ReadUntil,
+    ) -> Option<&'static str> {
         let cap =
             HEADER_LEN + usize::from(u8::MAX) + self.config.limits.max_payload_bytes + READ_SLACK;
         for _ in 0..READS_PER_EVENT {
@@ -27,7 +33,7 @@ impl Server {
             if conn.close_after_flush {
                 return None;
             }
-            let filled = match conn.fill(cap) {
+            let filled = match conn.fill(cap, until) {
                 Ok(f) => f,
                 Err(e) => {
                     debug!("{} conn {id:?}: read failed: {e}", conn.peer);
@@ -46,7 +52,7 @@ impl Server {
             }
             match filled {
                 Filled::Full => continue,
-                Filled::WouldBlock | Filled::Eof => return None,
+                Filled::Drained | Filled::Eof => return None,
             }
         }
         self.revisit.push(id);
@@ -154,7 +160,7 @@ impl Server {
             }
             self.process_input(id, now, Some(outcome));
             // Input that arrived while waiting may hold more frames, and the socket more bytes.
-            let close = self.read_tcrp(id, now);
+            let close = self.read_tcrp(id, now, ReadUntil::WouldBlock);
             self.after_io(id, close);
         }
     }
@@ -164,7 +170,7 @@ impl Server {
         if conn.close_after_flush {
             return None;
         }
-        if let Err(e) = conn.fill(http::MAX_REQUEST_BYTES) {
+        if let Err(e) = conn.fill(http::MAX_REQUEST_BYTES, ReadUntil::WouldBlock) {
             debug!("{} metrics conn: read failed: {e}", conn.peer);
             return Some("io_error");
         }
