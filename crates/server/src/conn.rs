@@ -267,7 +267,10 @@ mod tests {
         assert_eq!(c.fill(1024, ReadUntil::ShortRead).unwrap(), Filled::Drained);
         assert_eq!(c.input, b"hello");
         // Nothing more is there: reading to WouldBlock also reports the socket drained.
-        assert_eq!(c.fill(1024, ReadUntil::WouldBlock).unwrap(), Filled::Drained);
+        assert_eq!(
+            c.fill(1024, ReadUntil::WouldBlock).unwrap(),
+            Filled::Drained
+        );
         assert!(!c.read_closed);
     }
 

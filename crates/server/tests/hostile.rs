@@ -235,7 +235,10 @@ fn requests_sent_with_a_fin_are_all_answered_then_the_connection_closes() {
             rest = &rest[used..];
         }
         assert!(rest.is_empty(), "round {round}: a torn reply: {rest:?}");
-        assert_eq!(tokens, 3, "round {round}: every request answered before the close");
+        assert_eq!(
+            tokens, 3,
+            "round {round}: every request answered before the close"
+        );
     }
     wait_until("every close is counted", || {
         closed(&d, "peer_closed") >= ROUNDS as f64
