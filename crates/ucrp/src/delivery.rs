@@ -155,6 +155,22 @@ pub fn parse(d: &[u8]) -> Result<Delivery<'_>, Error> {
     }
 }
 
+/// The message of a chat frame, original or sequenced, as bytes not checked for UTF-8;
+/// `None` for any other frame or a malformed one. For a receiver that reads back only what
+/// it wrote into the text (`ocm-bench`, at millions of messages per second): [`parse`] is
+/// the decoder for everything else.
+pub fn chat_message_bytes(d: &[u8]) -> Option<&[u8]> {
+    match d {
+        [EXTENSION, KIND_SEQUENCED, rest @ ..] => {
+            let (_seq, rest) = rest.split_first_chunk::<8>()?;
+            sized(rest).ok().map(|(_, message)| message)
+        }
+        [EXTENSION, ..] => None,
+        _ if d == ROOM_CLOSED => None,
+        _ => sized(d).ok().map(|(_, message)| message),
+    }
+}
+
 /// Walks the entries of a batch body; each item is one frame for [`parse`].
 pub fn batch_entries(mut body: &[u8]) -> impl Iterator<Item = Result<&[u8], Error>> {
     std::iter::from_fn(move || {
@@ -245,6 +261,27 @@ mod tests {
     }
 
     #[test]
+    fn chat_message_bytes_skips_only_the_utf8_check() {
+        let mut out = Vec::new();
+        encode_sequenced(7, "al", b"yo", &mut out).unwrap();
+        assert_eq!(chat_message_bytes(&out), Some(&b"yo"[..]));
+        out.clear();
+        encode_chat("bob", &[0xff, 0xfe], &mut out).unwrap();
+        assert_eq!(parse(&out), Err(Error::NotUtf8));
+        assert_eq!(chat_message_bytes(&out), Some(&[0xff, 0xfe][..]));
+        out.clear();
+        encode_notice(Notice::Joined, "al", &mut out).unwrap();
+        assert_eq!(chat_message_bytes(&out), None);
+        assert_eq!(chat_message_bytes(ROOM_CLOSED), None);
+        assert_eq!(
+            chat_message_bytes(&[0x05, b'a']),
+            None,
+            "sender longer than the frame"
+        );
+        assert_eq!(chat_message_bytes(&[EXTENSION, KIND_SEQUENCED, 1, 2]), None);
+    }
+
+    #[test]
     fn room_closed_is_the_bare_fifteen_bytes() {
         assert_eq!(hex::encode(ROOM_CLOSED), "5f5f524f4f4d5f434c4f5345445f5f");
         assert_eq!(parse(ROOM_CLOSED), Ok(Delivery::RoomClosed));
@@ -330,6 +367,23 @@ mod tests {
                 for entry in batch_entries(body).flatten() {
                     let _ = parse(entry);
                 }
+            }
+        }
+
+        #[test]
+        fn chat_message_bytes_agrees_with_parse(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            match parse(&bytes) {
+                Ok(Delivery::Chat { message, .. }) | Ok(Delivery::Sequenced { message, .. }) => {
+                    prop_assert_eq!(chat_message_bytes(&bytes), Some(message.as_bytes()));
+                }
+                // Frames that are well formed but not chat have no message.
+                Ok(_) => prop_assert_eq!(chat_message_bytes(&bytes), None),
+                // The bytes version skips only the UTF-8 check, and only for chat.
+                Err(Error::NotUtf8) if bytes.starts_with(&[EXTENSION, KIND_NOTICE]) => {
+                    prop_assert_eq!(chat_message_bytes(&bytes), None)
+                }
+                Err(Error::NotUtf8) => prop_assert!(chat_message_bytes(&bytes).is_some()),
+                Err(_) => prop_assert_eq!(chat_message_bytes(&bytes), None),
             }
         }
 
