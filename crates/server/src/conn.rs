@@ -53,7 +53,9 @@ pub enum ReadUntil {
     WouldBlock,
     /// Until a read returns less than asked, which on TCP means the receive queue was empty
     /// at that moment: bytes that arrive later raise a new edge. Saves the `EAGAIN` read
-    /// that otherwise ends every handshake.
+    /// that otherwise ends every handshake. (A read also stops short at TCP urgent data; a
+    /// peer that sends some only stalls its own connection until its next bytes or its
+    /// handshake deadline.)
     ShortRead,
 }
 
