@@ -388,6 +388,28 @@ mod tests {
         }
 
         #[test]
+        fn chat_message_bytes_returns_the_message_of_any_chat_frame(
+            sender in "[a-z]{1,20}",
+            message in proptest::collection::vec(any::<u8>(), 0..100),
+            seq in proptest::option::of(any::<u64>()),
+        ) {
+            let mut out = Vec::new();
+            match seq {
+                Some(seq) => encode_sequenced(seq, &sender, &message, &mut out).unwrap(),
+                None => encode_chat(&sender, &message, &mut out).unwrap(),
+            }
+            prop_assume!(out != ROOM_CLOSED);
+            prop_assert_eq!(chat_message_bytes(&out), Some(&message[..]));
+            if let Ok(text) = std::str::from_utf8(&message) {
+                let parsed = match parse(&out) {
+                    Ok(Delivery::Chat { message, .. }) | Ok(Delivery::Sequenced { message, .. }) => message,
+                    other => panic!("{other:?}"),
+                };
+                prop_assert_eq!(parsed, text);
+            }
+        }
+
+        #[test]
         fn chat_round_trips(sender in "[a-z]{1,64}", message in ".{0,100}") {
             let mut out = Vec::new();
             encode_chat(&sender, message.as_bytes(), &mut out).unwrap();

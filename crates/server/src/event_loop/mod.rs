@@ -119,8 +119,9 @@ pub struct Server {
     notifier: Notifier,
     receiver: mmsg::Receiver,
     udp_ready: bool,
-    /// Accepted TCRP connections already have TCP_NODELAY from the listener.
-    nodelay_inherited: bool,
+    /// Whether accepted TCRP connections get TCP_NODELAY from the listener: `Some(true)`
+    /// once the first accepted connection showed it, `None` until then.
+    nodelay_inherited: Option<bool>,
     /// Connections with input left unread by their read budget.
     revisit: Vec<ConnId>,
     next_deadline_check: Instant,
@@ -186,10 +187,10 @@ impl Server {
         // Accepted connections inherit TCP_NODELAY; if the listener refuses it, each
         // connection gets it instead.
         let nodelay_inherited = match conn::set_listener_nodelay(&tcp) {
-            Ok(()) => true,
+            Ok(()) => None,
             Err(e) => {
                 debug!("TCP_NODELAY on the listener refused ({e}); set per connection");
-                false
+                Some(false)
             }
         };
         let mut udp = UdpSocket::bind(config.listen.udp).map_err(|source| Error::Bind {
@@ -420,11 +421,19 @@ impl Server {
                 }
                 continue; // dropping the stream closes it
             }
-            if kind == Kind::Tcrp && !self.nodelay_inherited {
-                if let Err(e) = stream.set_nodelay(true) {
-                    debug!("{peer}: cannot set TCP_NODELAY: {e}");
+            if kind == Kind::Tcrp {
+                // One getsockopt in the daemon's life checks that the option was inherited.
+                let inherited = *self
+                    .nodelay_inherited
+                    .get_or_insert_with(|| stream.nodelay().unwrap_or(false));
+                if !inherited {
+                    if let Err(e) = stream.set_nodelay(true) {
+                        debug!("{peer}: cannot set TCP_NODELAY: {e}");
+                    }
                 }
             }
+            // The stream is never duplicated (no try_clone, no fork, CLOEXEC): `close` relies
+            // on its drop being the descriptor's last close.
             let entry = self.conns.vacant_entry();
             let id = ConnId(entry.key());
             if let Err(e) =
