@@ -469,6 +469,13 @@ pub fn sync_dir(path: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    /// A fresh directory (kept alive by the caller) and the state paths inside it.
+    fn temp_paths() -> (tempfile::TempDir, Paths) {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(&dir.path().join("s.json"));
+        (dir, paths)
+    }
+
     fn member(token: &str, name: &str) -> MemberRecord {
         MemberRecord {
             token: token.into(),
@@ -533,8 +540,7 @@ mod tests {
 
     #[test]
     fn journal_replays_above_the_files_seq_and_ignores_a_torn_tail() {
-        let dir = tempfile::tempdir().unwrap();
-        let paths = Paths::new(&dir.path().join("s.json"));
+        let (_dir, paths) = temp_paths();
         let mut file_state = State::default();
         file_state.apply(&create("a", "ta"));
         file_state.journal_seq = 1;
@@ -602,8 +608,7 @@ mod tests {
     /// `h2` if the old journal's create of `a` came before.
     #[test]
     fn records_split_across_the_old_journal_and_the_journal_replay_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let paths = Paths::new(&dir.path().join("s.json"));
+        let (_dir, paths) = temp_paths();
         let mut snapshot = State::default();
         snapshot.apply(&create("x", "hx"));
         snapshot.journal_seq = 2;
@@ -641,8 +646,7 @@ mod tests {
     /// removed: every record of journal.old is at or below the snapshot's seq and is skipped.
     #[test]
     fn an_old_journal_the_snapshot_already_holds_is_skipped() {
-        let dir = tempfile::tempdir().unwrap();
-        let paths = Paths::new(&dir.path().join("s.json"));
+        let (_dir, paths) = temp_paths();
         let old = [
             (1, create("a", "h1")),
             (2, join("a", "m1")),
@@ -667,8 +671,7 @@ mod tests {
     /// followed there by newer ones. They are replayed once, in order.
     #[test]
     fn overlapping_journals_replay_each_record_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let paths = Paths::new(&dir.path().join("s.json"));
+        let (_dir, paths) = temp_paths();
         let old = [
             (1, create("a", "h1")),
             (2, join("a", "m1")),
@@ -690,8 +693,7 @@ mod tests {
     /// A crash between the rotation's rename and the creation of the fresh journal.
     #[test]
     fn an_old_journal_without_a_journal_loads() {
-        let dir = tempfile::tempdir().unwrap();
-        let paths = Paths::new(&dir.path().join("s.json"));
+        let (_dir, paths) = temp_paths();
         fs::write(
             &paths.journal_old,
             journal_bytes(&[(1, create("a", "h1")), (2, join("a", "m1"))]),
@@ -728,8 +730,7 @@ mod tests {
 
     #[test]
     fn a_bad_line_inside_the_old_journal_is_an_error_naming_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let paths = Paths::new(&dir.path().join("s.json"));
+        let (_dir, paths) = temp_paths();
         let mut old = journal_bytes(&[(1, create("a", "h1"))]);
         old.extend_from_slice(b"garbage\n");
         old.extend_from_slice(&journal_bytes(&[(3, join("a", "m3"))]));
@@ -752,8 +753,7 @@ mod tests {
 
     #[test]
     fn corrupt_state_file_is_an_error_naming_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let paths = Paths::new(&dir.path().join("s.json"));
+        let (_dir, paths) = temp_paths();
         fs::write(&paths.state, b"{ not json").unwrap();
         let err = load(&paths).unwrap_err();
         assert!(err.to_string().contains("s.json"), "{err}");

@@ -31,6 +31,15 @@ const NO_REQUEST_LIMIT: &str = "[rate]\nrequests_per_sec = 0.0\n";
 /// A journal threshold so small that a join storm rotates and compacts it over and over.
 const TINY_COMPACTION: &str = "[state]\ncompact_journal_bytes = 4096\n";
 
+/// A daemon with metrics that rotates and compacts its journal every few records.
+fn compacting_daemon() -> Daemon {
+    Daemon::start_with(Options {
+        config: Some(format!("{NO_REQUEST_LIMIT}{TINY_COMPACTION}")),
+        metrics: true,
+        ..Options::default()
+    })
+}
+
 /// One request on its own connection that never panics: `None` when the daemon went away
 /// before the whole reply arrived (the token, if any, was then never received).
 fn try_request(addr: SocketAddr, op: Operation, room: &str, body: &[u8]) -> Option<Reply> {
@@ -92,6 +101,17 @@ const STORM_MEMBERS: usize = 3;
 /// Starts `threads` clients that create rooms `PREFIX-tN-K` and join them with
 /// [`STORM_MEMBERS`] members, each request on a fresh connection, until `stop` is set or the
 /// daemon goes away. Every token received lands in `got`.
+/// A storm's stop flag and the tokens it received.
+type StormState = (Arc<AtomicBool>, Arc<Mutex<Vec<Received>>>);
+
+/// A fresh stop flag (down) and an empty list of received tokens, for [`start_storm`].
+fn storm_state() -> StormState {
+    (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(Mutex::new(Vec::new())),
+    )
+}
+
 fn start_storm(
     addr: SocketAddr,
     threads: usize,
@@ -250,8 +270,7 @@ fn sigkill_during_a_join_storm_loses_no_acknowledged_token() {
     });
     let mut all = Vec::new();
     for round in 0..ROUNDS {
-        let stop = Arc::new(AtomicBool::new(false));
-        let got = Arc::new(Mutex::new(Vec::new()));
+        let (stop, got) = storm_state();
         let delay = Duration::from_millis(rng.gen_range(5..=80));
         let storm = start_storm(d.tcp, 4, &format!("r{round}"), &stop, &got);
         thread::sleep(delay); // the random kill moment, not a wait for correctness
@@ -305,13 +324,8 @@ fn sigkill_while_the_journal_is_rotated_and_compacted_loses_no_acknowledged_toke
     for round in 0..ROUNDS {
         // A fresh state each round: the threshold also grows with the state file, and a small
         // one keeps the rotations coming.
-        let mut d = Daemon::start_with(Options {
-            config: Some(format!("{NO_REQUEST_LIMIT}{TINY_COMPACTION}")),
-            metrics: true,
-            ..Options::default()
-        });
-        let stop = Arc::new(AtomicBool::new(false));
-        let got = Arc::new(Mutex::new(Vec::new()));
+        let mut d = compacting_daemon();
+        let (stop, got) = storm_state();
         let storm = start_storm(d.tcp, 4, &format!("c{round}"), &stop, &got);
         // 100 records are several times the threshold: rotations have begun.
         wait_until("the storm got tokens", || got.lock().unwrap().len() >= 100);
@@ -342,13 +356,8 @@ fn sigkill_while_the_journal_is_rotated_and_compacted_loses_no_acknowledged_toke
 
 #[test]
 fn a_clean_stop_during_compactions_leaves_no_old_journal_and_an_empty_journal() {
-    let mut d = Daemon::start_with(Options {
-        config: Some(format!("{NO_REQUEST_LIMIT}{TINY_COMPACTION}")),
-        metrics: true,
-        ..Options::default()
-    });
-    let stop = Arc::new(AtomicBool::new(false));
-    let got = Arc::new(Mutex::new(Vec::new()));
+    let mut d = compacting_daemon();
+    let (stop, got) = storm_state();
     let storm = start_storm(d.tcp, 4, "clean", &stop, &got);
     wait_until("the storm got tokens", || got.lock().unwrap().len() >= 200);
     let (status, took) = d.terminate();
@@ -371,8 +380,7 @@ fn sigterm_during_a_join_storm_exits_cleanly_and_keeps_every_token() {
         ..Options::default()
     });
     for round in 0..3 {
-        let stop = Arc::new(AtomicBool::new(false));
-        let got = Arc::new(Mutex::new(Vec::new()));
+        let (stop, got) = storm_state();
         let delay = Duration::from_millis(rng.gen_range(20..=80));
         let storm = start_storm(d.tcp, 4, &format!("t{round}"), &stop, &got);
         thread::sleep(delay); // the random stop moment, not a wait for correctness
