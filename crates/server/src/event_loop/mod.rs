@@ -119,8 +119,9 @@ pub struct Server {
     notifier: Notifier,
     receiver: mmsg::Receiver,
     udp_ready: bool,
-    /// Whether accepted TCRP connections get TCP_NODELAY from the listener: `Some(true)`
-    /// once the first accepted connection showed it, `None` until then.
+    /// Whether accepted TCRP connections get TCP_NODELAY from the listener: `None` until the
+    /// first accepted connection is checked; `Some(false)` when the listener refused the
+    /// option or the connection lacked it, and each connection then sets it itself.
     nodelay_inherited: Option<bool>,
     /// Connections with input left unread by their read budget.
     revisit: Vec<ConnId>,
