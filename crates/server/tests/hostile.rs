@@ -248,6 +248,99 @@ fn requests_sent_with_a_fin_are_all_answered_then_the_connection_closes() {
     assert_state_intact(d, &[room, "fin-19-2".to_owned()]);
 }
 
+/// A copy of the daemon's descriptor for the TCP connection whose peer is `peer`, taken
+/// with `pidfd_getfd` (the test runs as the daemon's parent, so it may).
+fn daemon_side_of(d: &Daemon, peer: SocketAddr) -> Option<TcpStream> {
+    let pid = d.pid() as libc::pid_t;
+    // SAFETY: pidfd_open and pidfd_getfd take plain integers and return a new descriptor
+    // or -1; each descriptor returned is owned below.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as libc::c_int;
+    assert!(
+        pidfd >= 0,
+        "pidfd_open: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: pidfd is a descriptor we own.
+    let _pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd) };
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        let is_socket = std::fs::read_link(entry.path())
+            .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"));
+        let Some(target) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i64>().ok())
+        else {
+            continue;
+        };
+        if !is_socket {
+            continue;
+        }
+        // SAFETY: as above.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, target, 0) } as libc::c_int;
+        if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            // EBADF: closed meanwhile. EPERM would mean no ptrace access to our own child.
+            assert_ne!(e.raw_os_error(), Some(libc::EPERM), "pidfd_getfd: {e}");
+            continue;
+        }
+        // SAFETY: fd is a fresh descriptor we own; a non-TCP socket only fails peer_addr.
+        let stream = unsafe { TcpStream::from_raw_fd(fd) };
+        if stream.peer_addr().is_ok_and(|a| a == peer) {
+            return Some(stream);
+        }
+    }
+    None
+}
+
+#[test]
+fn handshake_connections_have_tcp_nodelay_in_the_daemon() {
+    let d = daemon("");
+    let mut s = connect(&d);
+    // The reply proves the daemon accepted the connection; it stays open until we close.
+    let reply = exchange(
+        &mut s,
+        &request_bytes(Operation::CreateRoom, "nodelay", b"\"host\""),
+    );
+    assert!(reply.token.is_some(), "{reply:?}");
+    let ours = s.local_addr().unwrap();
+    let theirs = daemon_side_of(&d, ours).expect("the daemon's side of our connection");
+    assert!(
+        theirs.nodelay().unwrap(),
+        "TCP_NODELAY off on the daemon's socket"
+    );
+}
+
+/// Urgent data is taken out of the byte stream, so the frame it was cut from never completes
+/// (and a read stops short at the urgent mark): the connection is closed at its deadline and
+/// counted, and the daemon goes on serving.
+#[test]
+fn urgent_data_in_a_request_ends_at_the_handshake_timeout() {
+    let d = daemon("[limits]\nhandshake_timeout_secs = 1\n");
+    let mut s = connect(&d);
+    let bytes = request_bytes(Operation::CreateRoom, "urgent", b"\"host\"");
+    s.write_all(&bytes[..10]).unwrap();
+    // SAFETY: send on our own connected socket, from a live buffer of the given length.
+    let sent = unsafe {
+        libc::send(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            bytes[10..].as_ptr().cast(),
+            1,
+            libc::MSG_OOB,
+        )
+    };
+    assert_eq!(sent, 1, "send MSG_OOB: {}", std::io::Error::last_os_error());
+    s.write_all(&bytes[11..]).unwrap();
+    assert_eq!(
+        read_until_closed(&mut s),
+        b"",
+        "no reply to a frame missing a byte"
+    );
+    wait_until("the timeout is counted", || closed(&d, "timeout") >= 1.0);
+    assert_eq!(closed(&d, "timeout"), 1.0);
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room]);
+}
+
 #[test]
 fn a_truncated_header_then_silence_is_closed_at_the_handshake_timeout() {
     let d = daemon("[limits]\nhandshake_timeout_secs = 1\n");
