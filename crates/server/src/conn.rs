@@ -18,22 +18,12 @@ use mio::Interest;
 /// listener accepts, which saves a `setsockopt` per handshake; returns the error when the
 /// kernel refuses, and the caller then sets it on each connection.
 pub fn set_listener_nodelay(listener: &TcpListener) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: setsockopt on a live socket owned by `listener`, with a c_int value and its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            std::ptr::addr_of!(on).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    crate::sockopt::set_int(
+        listener.as_raw_fd(),
+        libc::IPPROTO_TCP,
+        libc::TCP_NODELAY,
+        1,
+    )
 }
 
 /// What a connection speaks.

@@ -5,6 +5,7 @@
 //! - [`handshake`]: TCRP requests to reply bytes;
 //! - [`store`], [`record`], [`persist`]: the state file, its journal and the writer thread;
 //! - [`event_loop`]: the mio shell that owns every socket;
+//! - [`conn`], [`udp`], [`mmsg`], [`sockopt`]: what the loop does with its sockets;
 //! - [`config`], [`metrics`], [`delay`], [`notify`], [`http`]: what operators see.
 //!
 //! Wire formats live in the `tcrp` and `ucrp` crates, which know nothing of sockets.
@@ -25,6 +26,7 @@ pub mod persist;
 pub mod rate;
 pub mod record;
 pub mod rooms;
+pub mod sockopt;
 pub mod store;
 pub mod token;
 pub mod udp;

@@ -83,22 +83,7 @@ const CONTROL_WORDS: usize = 8;
 /// Asks the kernel to stamp every datagram received on `fd` with its arrival time
 /// (`SO_TIMESTAMPNS`); [`Receiver::arrived`] reads the stamps.
 pub fn enable_timestamps(fd: RawFd) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: a live socket and a c_int option value of the stated size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TIMESTAMPNS,
-            (&on as *const libc::c_int).cast(),
-            mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    crate::sockopt::set_int(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1)
 }
 
 /// Receive buffers for [`BATCH`] datagrams of up to `slot` bytes each.
@@ -323,17 +308,7 @@ mod tests {
         let a = UdpSocket::bind("127.0.0.1:0").unwrap();
         let b = UdpSocket::bind("127.0.0.1:0").unwrap();
         // Room for all 300 in the receive queue (the default may hold fewer small datagrams).
-        let size: libc::c_int = 4 << 20;
-        // SAFETY: setsockopt on a live socket with a c_int value.
-        unsafe {
-            libc::setsockopt(
-                b.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&size as *const libc::c_int).cast(),
-                mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
+        let _ = crate::sockopt::set_int(b.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, 4 << 20);
         let to = b.local_addr().unwrap();
         let payloads: Vec<Vec<u8>> = (0..300u32).map(|i| i.to_be_bytes().to_vec()).collect();
         let datagrams: Vec<(SocketAddr, &[u8])> = payloads.iter().map(|p| (to, &p[..])).collect();

@@ -12,6 +12,7 @@ use ucrp::MAX_DATAGRAM_LEN;
 use crate::metrics::Metrics;
 use crate::mmsg;
 use crate::outbox::Outbox;
+use crate::sockopt;
 
 /// Asks for socket buffer sizes; returns what the kernel granted `(recv, send)`.
 pub fn size_buffers(socket: &UdpSocket, recv: usize, send: usize) -> (usize, usize) {
@@ -21,35 +22,11 @@ pub fn size_buffers(socket: &UdpSocket, recv: usize, send: usize) -> (usize, usi
             return;
         }
         let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-        // SAFETY: fd is a live socket; the option value is a c_int of the given size.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                (&value as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
+        // A refusal shows in what `get` then reads back.
+        let _ = sockopt::set_int(fd, libc::SOL_SOCKET, opt, value);
     };
     let get = |opt| {
-        let mut value: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: as above, with a c_int out-parameter and its length.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                (&mut value as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        if rc == 0 {
-            usize::try_from(value).unwrap_or(0)
-        } else {
-            0
-        }
+        sockopt::get_int(fd, libc::SOL_SOCKET, opt).map_or(0, |v| usize::try_from(v).unwrap_or(0))
     };
     set(libc::SO_RCVBUF, recv);
     set(libc::SO_SNDBUF, send);
