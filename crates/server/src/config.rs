@@ -300,6 +300,11 @@ impl Config {
                 "state.compact_journal_bytes",
                 self.state.compact_journal_bytes as f64,
             ),
+            // 0 would make a checkpoint due on every pass: the loop would never sleep.
+            (
+                "history.checkpoint_secs",
+                self.history.checkpoint_secs as f64,
+            ),
         ];
         for (key, value) in positive {
             if value <= 0.0 {
@@ -488,6 +493,7 @@ mod tests {
                 "[udp]\nmax_batch_datagram_bytes = 100",
                 "udp.max_batch_datagram_bytes",
             ),
+            ("[history]\ncheckpoint_secs = 0", "history.checkpoint_secs"),
         ];
         for (text, key) in cases {
             let err = Config::from_toml(text).unwrap_err();
