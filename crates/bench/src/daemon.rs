@@ -1,10 +1,12 @@
 //! Starting and stopping `ocmd`, reading its bound addresses from stderr, scraping its
-//! `/metrics`, and reading its memory and CPU use from `/proc`.
+//! `/metrics`, and reading its memory use from `/proc` and its CPU time from its CPU-time
+//! clock (`/proc` if that clock is refused).
 //!
 //! The daemon runs as `ocmd --config CONFIG --tcp 127.0.0.1:0 --udp 127.0.0.1:0 --state
 //! DIR/room_manager.json --metrics 127.0.0.1:0`; the bench waits for the line
 //! `listening tcp=ADDR udp=ADDR metrics=ADDR`. The bench config logs at `warn`, which would hide
-//! that `info` line, so `RUST_LOG` lifts just the event loop's and the store's targets to `info`.
+//! that `info` line, so `RUST_LOG` lifts just the event loop's and the journal
+//! writer's (`persist`) targets to `info`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};

@@ -89,9 +89,10 @@ pub struct LimitsConfig {
     pub max_payload_bytes: usize,
     /// A TCP connection that does not complete a frame within this many seconds is closed.
     pub handshake_timeout_secs: u64,
-    /// Open TCP connections in all.
+    /// Open TCRP (handshake) connections in all. Metrics connections do not count here; they
+    /// have their own cap of 16.
     pub max_connections: usize,
-    /// Open TCP connections per source IP.
+    /// Open TCRP (handshake) connections per source IP.
     pub max_connections_per_ip: usize,
     /// Unsent reply bytes per connection before the peer counts as not reading.
     pub max_output_bytes: usize,
@@ -111,7 +112,8 @@ pub struct Rate {
     pub chat_per_sec: f64,
     /// Chat burst per member.
     pub chat_burst: f64,
-    /// Create/join requests per second per source IP (0: unlimited).
+    /// TCRP requests of every kind (create, join, list, presence, history) per second per
+    /// source IP (0: unlimited).
     pub requests_per_sec: f64,
     /// Request burst per source IP.
     pub requests_burst: f64,
@@ -162,7 +164,7 @@ impl Default for History {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Log {
-    /// `error`, `warn`, `info`, `debug` or `trace`; `RUST_LOG` wins when set.
+    /// `off`, `error`, `warn`, `info`, `debug` or `trace`; `RUST_LOG` wins when set.
     pub level: String,
 }
 

@@ -2,7 +2,11 @@
 //! flags and sets up logging.
 //!
 //! - [`rooms`]: the pure room/token registry and every relay decision;
+//! - [`outbox`]: the send list the registry fills and the UDP shell drains;
+//! - [`token`]: member tokens;
 //! - [`handshake`]: TCRP requests to reply bytes;
+//! - [`rate`]: the token-bucket rate limits (chat, requests, failed passwords);
+//! - [`password`]: room-password hashing and checks on a worker thread;
 //! - [`store`], [`record`], [`persist`]: the state file, its journal and the writer thread;
 //! - [`event_loop`]: the mio shell that owns every socket;
 //! - [`conn`], [`udp`], [`mmsg`], [`sockopt`]: what the loop does with its sockets;

@@ -19,7 +19,8 @@ pub struct Metrics {
     pub start_time: f64,
     /// TCP connections accepted.
     pub tcp_accepted: u64,
-    /// TCP connections refused by reason (`max_connections`, `max_connections_per_ip`).
+    /// TCP connections refused by reason (`max_connections`, `max_connections_per_ip`,
+    /// `max_metrics_connections`).
     pub tcp_rejected: BTreeMap<&'static str, u64>,
     /// TCP connections closed by reason.
     pub tcp_closed: BTreeMap<&'static str, u64>,

@@ -1,5 +1,5 @@
-//! Token-bucket rate limits: one bucket per member for chat, and a bounded map of buckets per
-//! source IP for create/join requests.
+//! Token-bucket rate limits: one bucket per member for chat, and bounded maps of buckets per
+//! source IP: one for TCRP requests of every kind, one for failed room passwords.
 
 use std::collections::HashMap;
 use std::hash::Hash;

@@ -1,9 +1,10 @@
 //! Journal records: one per state change that must outlive the process.
 //!
-//! The registry emits a [`Record`] for every mutation (create, join, register, leave, close);
-//! the writer appends them to the journal and applies them to its copy of the state file's
-//! model ([`crate::store::State::apply`]). Records are JSON objects, one per journal line,
-//! tagged by `"op"`.
+//! The registry emits a [`Record`] for every mutation (create, join, register, leave, close),
+//! and every few seconds a `history` checkpoint of each room whose messages changed. The writer
+//! appends them to the journal and applies them to its copy of the state file's model
+//! ([`crate::store::State::apply`]). Records are JSON objects, one per journal line, tagged by
+//! `"op"`.
 
 use std::net::SocketAddr;
 

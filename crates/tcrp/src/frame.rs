@@ -1,13 +1,13 @@
 //! TCRP framing: the 32-byte header and the body that follows it.
 //!
-//! | offset | size          | field                                              |
-//! |-------:|---------------|----------------------------------------------------|
-//! | 0      | 1             | room name size `R` (u8)                            |
-//! | 1      | 1             | operation (1 create room, 2 join room)             |
-//! | 2      | 1             | state (0 REQUEST, 1 COMPLIANCE, 2 COMPLETE)        |
-//! | 3      | 29            | payload size `P`, unsigned big-endian              |
-//! | 32     | `R`           | room name, UTF-8                                   |
-//! | 32+`R` | `P`           | payload                                            |
+//! | offset | size          | field                                                        |
+//! |-------:|---------------|--------------------------------------------------------------|
+//! | 0      | 1             | room name size `R` (u8)                                      |
+//! | 1      | 1             | operation (1 create, 2 join, 3 list, 4 presence, 5 history)  |
+//! | 2      | 1             | state (0 REQUEST, 1 COMPLIANCE, 2 COMPLETE)                  |
+//! | 3      | 29            | payload size `P`, unsigned big-endian                        |
+//! | 32     | `R`           | room name, UTF-8                                             |
+//! | 32+`R` | `P`           | payload                                                      |
 //!
 //! The original Python client writes the payload size as a zero byte then a 28-byte
 //! big-endian number; reading all 29 bytes as one big-endian number covers that and every

@@ -2,7 +2,8 @@
 //!
 //! A client opens a TCP connection and sends a REQUEST frame to create or join a room; the
 //! server answers with a COMPLIANCE frame (success or a refusal) and, on success, a COMPLETE
-//! frame carrying the member's secret token.
+//! frame carrying the member's secret token. The extension operations 3 (list rooms),
+//! 4 (presence) and 5 (history) are answered the same way, with a JSON COMPLETE payload.
 //!
 //! This crate owns the frame layout ([`frame`]), the JSON payloads carried inside frames
 //! ([`payload`]) and the naming rules both ends apply ([`names`]). It does **not** own sockets,
