@@ -844,6 +844,55 @@ fn idle_metrics_connections_cannot_fill_the_connection_table() {
     assert_state_intact(d, &[room]);
 }
 
+/// Open descriptors of process `pid`.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count())
+}
+
+#[test]
+fn connections_left_in_the_backlog_at_emfile_are_served_once_descriptors_free_up() {
+    let d = daemon("");
+    // Give the daemon room for exactly three more descriptors.
+    let base = open_fds(d.pid());
+    assert!(base > 0, "cannot read /proc/{}/fd", d.pid());
+    let limit = (base + 3) as libc::rlim_t;
+    let lim = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: prlimit reads the struct we own and writes nothing (no old-limit pointer).
+    let rc = unsafe {
+        libc::prlimit(
+            d.pid() as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &lim,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let holders: Vec<TcpStream> = (0..3).map(|_| connect(&d)).collect();
+    wait_until("the daemon holds three connections", || {
+        open_fds(d.pid()) == base + 3
+    });
+    // These two complete their TCP handshake in the kernel but cannot be accepted: EMFILE.
+    let mut waiting: Vec<TcpStream> = (0..2).map(|_| connect(&d)).collect();
+    for s in &mut waiting {
+        s.write_all(&request_bytes(Operation::ListRooms, "", b"{}"))
+            .unwrap();
+    }
+    d.wait_for_log("accept failed");
+    // Free the descriptors; no new connection arrives to raise another edge on the listener.
+    drop(holders);
+    for s in &mut waiting {
+        let mut frames = FrameReader::default();
+        let (state, body) = frames.next(s).expect("a reply, not EOF");
+        assert_eq!(state, State::Compliance);
+        assert_eq!(payload::parse_compliance(&body), Ok(Compliance::Success));
+        let (state, _) = frames.next(s).expect("the room list");
+        assert_eq!(state, State::Complete);
+    }
+}
+
 #[test]
 fn a_peer_that_never_reads_is_disconnected() {
     let d = daemon("[limits]\nmax_output_bytes = 1024\n");

@@ -64,6 +64,8 @@ const MAX_HTTP_CONNECTIONS: usize = 16;
 const READS_PER_EVENT: usize = 4;
 /// Extra bytes each connection may read beyond one frame.
 const READ_SLACK: usize = 4096;
+/// How soon accepting is tried again after `accept` failed for want of descriptors or memory.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
 /// A connection's place in the slab, as seen in logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +127,10 @@ pub struct Server {
     nodelay_inherited: Option<bool>,
     /// Connections with input left unread by their read budget.
     revisit: Vec<ConnId>,
+    /// When to call `accept` again after it failed (EMFILE and friends). The listeners are
+    /// edge-triggered: connections left in the backlog raise no new event, so without this
+    /// they would wait for the next newcomer however many descriptors were freed meanwhile.
+    accept_retry: Option<Instant>,
     next_deadline_check: Instant,
     next_sweep: Instant,
     next_status: Instant,
@@ -284,6 +290,7 @@ impl Server {
             udp_ready: true,
             nodelay_inherited,
             revisit: Vec::new(),
+            accept_retry: None,
             next_deadline_check: now + DEADLINE_CHECK,
             next_status: now,
             watchdog,
@@ -372,6 +379,9 @@ impl Server {
         if let Some((every, last)) = self.watchdog {
             next = next.min(last + every);
         }
+        if let Some(retry) = self.accept_retry {
+            next = next.min(retry);
+        }
         next.saturating_duration_since(now)
     }
 
@@ -387,12 +397,14 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // EMFILE and friends: log, keep serving the connections we have.
+                    // EMFILE and friends: log, keep serving the connections we have, and try
+                    // again shortly for the connections still in the backlog.
+                    self.accept_retry = Some(now + ACCEPT_RETRY);
                     if self
                         .drop_log
                         .take(now, self.config.rate.drop_logs_per_sec, 5.0)
                     {
-                        warn!("accept failed: {e}");
+                        warn!("accept failed: {e}; retrying in {ACCEPT_RETRY:?}");
                     }
                     return;
                 }
@@ -610,6 +622,11 @@ impl Server {
     }
 
     fn timers(&mut self, now: Instant) {
+        if self.accept_retry.is_some_and(|at| now >= at) {
+            self.accept_retry = None;
+            self.accept(Kind::Tcrp, now);
+            self.accept(Kind::Http, now);
+        }
         if now >= self.next_sweep {
             let expired = self.registry.poll_expired(now, &mut self.outbox);
             self.metrics.keepalive_expiries += expired as u64;
