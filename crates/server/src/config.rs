@@ -17,6 +17,11 @@ use crate::rooms::Limits;
 
 /// Largest `history.messages` accepted.
 pub const MAX_HISTORY: usize = 10_000;
+/// Largest `limits.max_payload_bytes` accepted (16 MiB): handshake payloads are small JSON.
+pub const MAX_PAYLOAD_BYTES: u64 = 16 * 1024 * 1024;
+/// Largest timer setting accepted, in seconds (a day), for the keys that set a deadline or an
+/// interval: `handshake_timeout_secs`, `sweep_interval_ms` (in ms), `checkpoint_secs`.
+pub const MAX_TIMER_SECS: u64 = 86_400;
 
 /// The whole configuration.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -335,6 +340,35 @@ impl Config {
                 return Err(format!("{burst_key} must be at least 1 when {key} is set"));
             }
         }
+        // Upper bounds: deadlines are `Instant + Duration` (which panics past the clock's
+        // range) and read buffers are sized from the payload cap.
+        let at_most = [
+            (
+                "limits.max_payload_bytes",
+                self.limits.max_payload_bytes as u64,
+                MAX_PAYLOAD_BYTES,
+            ),
+            (
+                "limits.handshake_timeout_secs",
+                self.limits.handshake_timeout_secs,
+                MAX_TIMER_SECS,
+            ),
+            (
+                "liveness.sweep_interval_ms",
+                self.liveness.sweep_interval_ms,
+                MAX_TIMER_SECS * 1000,
+            ),
+            (
+                "history.checkpoint_secs",
+                self.history.checkpoint_secs,
+                MAX_TIMER_SECS,
+            ),
+        ];
+        for (key, value, max) in at_most {
+            if value > max {
+                return Err(format!("{key} must be at most {max}, got {value}"));
+            }
+        }
         let batch = self.udp.max_batch_datagram_bytes;
         if !(512..=65507).contains(&batch) {
             return Err(format!(
@@ -496,6 +530,22 @@ mod tests {
                 "udp.max_batch_datagram_bytes",
             ),
             ("[history]\ncheckpoint_secs = 0", "history.checkpoint_secs"),
+            (
+                "[limits]\nhandshake_timeout_secs = 9223372036854775807",
+                "limits.handshake_timeout_secs",
+            ),
+            (
+                "[limits]\nmax_payload_bytes = 9223372036854775807",
+                "limits.max_payload_bytes",
+            ),
+            (
+                "[liveness]\nsweep_interval_ms = 9223372036854775807",
+                "liveness.sweep_interval_ms",
+            ),
+            (
+                "[history]\ncheckpoint_secs = 9223372036854775807",
+                "history.checkpoint_secs",
+            ),
         ];
         for (text, key) in cases {
             let err = Config::from_toml(text).unwrap_err();

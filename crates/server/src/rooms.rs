@@ -1002,7 +1002,8 @@ impl Registry {
         self.scratch.clear();
         for (i, member) in &self.members {
             if let Some(interval) = member.keepalive {
-                if now.saturating_duration_since(member.last_seen) > interval * misses {
+                if now.saturating_duration_since(member.last_seen) > interval.saturating_mul(misses)
+                {
                     self.scratch.push(MemberId(i));
                 }
             }

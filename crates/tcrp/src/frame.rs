@@ -171,7 +171,13 @@ pub fn decode(buf: &[u8], max_payload: usize) -> Result<Option<(Frame<'_>, usize
     // `size <= max_payload`, so it fits in a usize.
     let payload_len = size as usize;
     let name_end = HEADER_LEN + room_name_len;
-    let frame_end = name_end + payload_len;
+    // With `max_payload` near `usize::MAX` the end itself can overflow: no buffer holds it.
+    let Some(frame_end) = name_end.checked_add(payload_len) else {
+        return Err(Error::PayloadTooLarge {
+            size,
+            max: max_payload,
+        });
+    };
     if buf.len() < frame_end {
         return Ok(None);
     }
@@ -301,6 +307,22 @@ mod tests {
             Err(Error::PayloadTooLarge {
                 size: u64::MAX,
                 max: 16 * 1024
+            })
+        );
+    }
+
+    #[test]
+    fn a_frame_end_past_usize_is_refused_even_without_a_cap() {
+        // Room name 1 byte, payload size u64::MAX - 10: within a cap of usize::MAX, but the
+        // frame's end (header + name + payload) does not fit in a usize.
+        let mut header = vec![0x01, 0x01, 0x00];
+        header.extend_from_slice(&[0u8; 21]);
+        header.extend_from_slice(&(u64::MAX - 10).to_be_bytes());
+        assert_eq!(
+            decode(&header, usize::MAX),
+            Err(Error::PayloadTooLarge {
+                size: u64::MAX - 10,
+                max: usize::MAX
             })
         );
     }
