@@ -112,16 +112,20 @@ pub enum DropReason {
     AddressMismatch,
     /// The member is over its chat rate.
     RateLimited,
+    /// Relayed, the chat would not fit one datagram an original client reads whole: a size
+    /// byte, the sender's name and the text come to more than 4096 bytes.
+    TooLargeToRelay,
 }
 
 impl DropReason {
     /// Every reason that is not a codec error, for metrics.
-    pub const REGISTRY: [DropReason; 5] = [
+    pub const REGISTRY: [DropReason; 6] = [
         DropReason::UnknownToken,
         DropReason::WrongRoom,
         DropReason::Unregistered,
         DropReason::AddressMismatch,
         DropReason::RateLimited,
+        DropReason::TooLargeToRelay,
     ];
 
     /// Stable label for counters and logs.
@@ -133,6 +137,7 @@ impl DropReason {
             DropReason::Unregistered => "unregistered",
             DropReason::AddressMismatch => "address_mismatch",
             DropReason::RateLimited => "rate_limited",
+            DropReason::TooLargeToRelay => "too_large_to_relay",
         }
     }
 }
@@ -776,6 +781,12 @@ impl Registry {
             }
             Message::Chat(text) => {
                 member.last_seen = now;
+                // The original client reads 4096 bytes: a longer relay would reach it cut,
+                // perhaps inside a UTF-8 character. (Sequenced frames add 10 bytes; clients
+                // that ask for them read more.)
+                if 1 + member.username.len() + text.len() > ucrp::MAX_DATAGRAM_LEN {
+                    return Handled::Dropped(DropReason::TooLargeToRelay);
+                }
                 if self.limits.chat_rate > 0.0
                     && !member
                         .chat
@@ -1170,6 +1181,40 @@ mod tests {
         );
         // One encoding shared by both sends.
         assert_eq!(out.sends[0].bytes, out.sends[1].bytes);
+    }
+
+    #[test]
+    fn chat_that_would_relay_past_4096_bytes_is_dropped_not_cut() {
+        let mut t = room_of_three();
+        let mut out = Outbox::default();
+        let long_name = "n".repeat(100);
+        let token = t
+            .reg
+            .join_room("r", &Request::original(&long_name), t.now, &mut out)
+            .unwrap()
+            .token;
+        let h = t.reg.handle_datagram(
+            addr(4),
+            &dgram("r", &token, "__REGISTER__"),
+            t.now,
+            &mut out,
+        );
+        assert_eq!(h, Handled::Registered { changed: true });
+        // 1 + 100 + 3995 = 4096: the largest relay, sent whole.
+        let fits = "x".repeat(3995);
+        let h = t
+            .reg
+            .handle_datagram(addr(4), &dgram("r", &token, &fits), t.now, &mut out);
+        assert_eq!(h, Handled::Relayed { deliveries: 3 });
+        assert_eq!(out.sends.len(), 3);
+        assert!(out.sends.iter().all(|s| out.bytes_of(s).len() == 4096));
+        let mut out = Outbox::default();
+        let over = "x".repeat(3996);
+        let h = t
+            .reg
+            .handle_datagram(addr(4), &dgram("r", &token, &over), t.now, &mut out);
+        assert_eq!(h, Handled::Dropped(DropReason::TooLargeToRelay));
+        assert!(out.is_empty());
     }
 
     #[test]
