@@ -167,10 +167,14 @@ impl Sender {
             }
             let entry_len = delivery::BATCH_ENTRY_OVERHEAD + bytes.len();
             let open = self.open[index] as usize;
+            // The open batch must also still go where this send goes: a member that
+            // registered from a new address within the pass starts a new one.
             let fits = open > 0
-                && match &self.plan[open - 1].1 {
-                    Bytes::Batch(i) => self.batches[*i].len() + entry_len <= limit,
-                    Bytes::Outbox(_) => false,
+                && match &self.plan[open - 1] {
+                    (to, Bytes::Batch(i), _) if *to == send.to => {
+                        self.batches[*i].len() + entry_len <= limit
+                    }
+                    _ => false,
                 };
             let p = if fits {
                 open - 1
@@ -277,6 +281,27 @@ mod tests {
                 (1, "closed".into(), 1),
             ]
         );
+    }
+
+    #[test]
+    fn a_member_that_moves_within_a_pass_gets_the_rest_at_its_new_address() {
+        let mut out = Outbox::default();
+        let one = chat(&mut out, "one");
+        let two = chat(&mut out, "two");
+        let three = chat(&mut out, "three");
+        out.send_to_member(addr(1), one.clone(), 1, 4096);
+        out.send_to_member(addr(1), two.clone(), 1, 4096);
+        // The member re-registered from port 9 between these messages.
+        out.send_to_member(addr(9), three.clone(), 1, 4096);
+        out.send_to_member(addr(9), one, 1, 4096);
+        let mut sender = Sender::new(65507);
+        sender.plan(&out);
+        let shown: Vec<(u16, usize)> = sender
+            .plan
+            .iter()
+            .map(|(to, _, n)| (to.port(), *n))
+            .collect();
+        assert_eq!(shown, vec![(1, 2), (9, 2)]);
     }
 
     /// Messages per datagram for one member with `limit`, under a daemon cap of `cap`, and
