@@ -231,7 +231,7 @@ pub struct SendScratch {
 /// when the send buffer is full the rest is dropped and counted.
 pub fn send(fd: RawFd, datagrams: &[(SocketAddr, &[u8])], scratch: &mut SendScratch) -> Sent {
     let mut result = Sent::default();
-    for chunk in datagrams.chunks(BATCH) {
+    for (index, chunk) in datagrams.chunks(BATCH).enumerate() {
         scratch.addrs.clear();
         scratch
             .addrs
@@ -275,7 +275,8 @@ pub fn send(fd: RawFd, datagrams: &[(SocketAddr, &[u8])], scratch: &mut SendScra
             match err.kind() {
                 io::ErrorKind::Interrupted => continue,
                 io::ErrorKind::WouldBlock => {
-                    result.would_block += left;
+                    // The rest of this chunk and every later chunk are dropped: count them all.
+                    result.would_block += datagrams.len() - index * BATCH - done;
                     return result;
                 }
                 // The first datagram of the rest failed on its own (e.g. unreachable): skip it.
