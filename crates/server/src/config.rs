@@ -22,6 +22,8 @@ pub const MAX_PAYLOAD_BYTES: u64 = 16 * 1024 * 1024;
 /// Largest timer setting accepted, in seconds (a day), for the keys that set a deadline or an
 /// interval: `handshake_timeout_secs`, `sweep_interval_ms` (in ms), `checkpoint_secs`.
 pub const MAX_TIMER_SECS: u64 = 86_400;
+/// Largest `history.max_bytes_per_room` accepted (16 MiB).
+pub const MAX_HISTORY_BYTES_PER_ROOM: u64 = 16 * 1024 * 1024;
 
 /// The whole configuration.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -154,6 +156,8 @@ pub struct History {
     pub messages: usize,
     /// How often changed room histories are written to the journal, seconds.
     pub checkpoint_secs: u64,
+    /// Bytes of message text and sender names kept per room; the oldest messages go first.
+    pub max_bytes_per_room: usize,
 }
 
 impl Default for History {
@@ -161,6 +165,7 @@ impl Default for History {
         History {
             messages: 100,
             checkpoint_secs: 5,
+            max_bytes_per_room: 64 * 1024,
         }
     }
 }
@@ -312,6 +317,10 @@ impl Config {
                 "history.checkpoint_secs",
                 self.history.checkpoint_secs as f64,
             ),
+            (
+                "history.max_bytes_per_room",
+                self.history.max_bytes_per_room as f64,
+            ),
         ];
         for (key, value) in positive {
             if value <= 0.0 {
@@ -362,6 +371,11 @@ impl Config {
                 "history.checkpoint_secs",
                 self.history.checkpoint_secs,
                 MAX_TIMER_SECS,
+            ),
+            (
+                "history.max_bytes_per_room",
+                self.history.max_bytes_per_room as u64,
+                MAX_HISTORY_BYTES_PER_ROOM,
             ),
         ];
         for (key, value, max) in at_most {
@@ -425,6 +439,7 @@ impl Config {
             chat_rate: self.rate.chat_per_sec,
             chat_burst: self.rate.chat_burst,
             history: self.history.messages,
+            history_bytes: self.history.max_bytes_per_room,
         }
     }
 

@@ -77,6 +77,8 @@ pub struct Limits {
     pub chat_burst: f64,
     /// Messages kept per room for the History operation (0: none).
     pub history: usize,
+    /// Bytes of text and sender names kept per room for History; the oldest go first.
+    pub history_bytes: usize,
 }
 
 impl Default for Limits {
@@ -93,6 +95,7 @@ impl Default for Limits {
             chat_rate: 50.0,
             chat_burst: 100.0,
             history: 100,
+            history_bytes: 64 * 1024,
         }
     }
 }
@@ -219,7 +222,34 @@ struct Room {
     password_hash: Option<Box<str>>,
     next_seq: u64,
     history: VecDeque<HistoryEntry>,
+    /// The sum of [`history_size`] over `history`.
+    history_bytes: usize,
     history_dirty: bool,
+}
+
+/// What a kept message counts against `Limits::history_bytes`.
+fn history_size(entry: &HistoryEntry) -> usize {
+    entry.text.len() + entry.sender.len()
+}
+
+impl Room {
+    /// Keeps `entry` as the newest message, dropping the oldest until at most `keep` messages
+    /// and `budget` bytes are kept (the newest is kept even if alone it is over `budget`).
+    fn keep_in_history(&mut self, entry: HistoryEntry, keep: usize, budget: usize) {
+        let size = history_size(&entry);
+        while self.history.len() >= keep
+            || (!self.history.is_empty() && self.history_bytes + size > budget)
+        {
+            let Some(old) = self.history.pop_front() else {
+                break;
+            };
+            self.history_bytes -= history_size(&old);
+        }
+        if keep > 0 {
+            self.history_bytes += size;
+            self.history.push_back(entry);
+        }
+    }
 }
 
 impl Room {
@@ -233,6 +263,7 @@ impl Room {
             password_hash,
             next_seq: 1,
             history: VecDeque::new(),
+            history_bytes: 0,
             history_dirty: false,
         }
     }
@@ -418,9 +449,11 @@ impl Registry {
                 room.password_hash.as_deref().map(Into::into),
             );
             entry.next_seq = room.next_seq.max(1);
-            let keep = registry.limits.history;
+            let (keep, budget) = (registry.limits.history, registry.limits.history_bytes);
             let skip = room.history.len().saturating_sub(keep);
-            entry.history = room.history.iter().skip(skip).cloned().collect();
+            for message in room.history.iter().skip(skip) {
+                entry.keep_in_history(message.clone(), keep, budget);
+            }
             let room_id = RoomId(registry.rooms.insert(entry));
             registry.room_index.insert(name.as_str().into(), room_id);
             let mut tokens = vec![&room.host_token];
@@ -840,15 +873,13 @@ impl Registry {
         // Saturating: the number may come from a state file.
         room.next_seq = room.next_seq.saturating_add(1);
         if keep > 0 {
-            while room.history.len() >= keep {
-                room.history.pop_front();
-            }
-            room.history.push_back(HistoryEntry {
+            let entry = HistoryEntry {
                 seq,
                 sender: sender.username.to_string(),
                 text: message.to_owned(),
                 at,
-            });
+            };
+            room.keep_in_history(entry, keep, self.limits.history_bytes);
             room.history_dirty = true;
         }
         let text = message.as_bytes();
@@ -1539,6 +1570,46 @@ mod tests {
         assert_eq!(p.members.len(), 3);
         assert!(p.members.iter().all(|(_, registered)| *registered));
         assert_eq!(t.reg.presence("nope"), None);
+    }
+
+    #[test]
+    fn history_keeps_at_most_its_byte_budget_per_room() {
+        let mut t = room_of_three();
+        t.reg.set_limits(Limits {
+            history: 100,
+            history_bytes: 10_000,
+            chat_rate: 0.0,
+            ..Limits::default()
+        });
+        let mut out = Outbox::default();
+        // 3000-byte texts from "bob": 3003 bytes each, so three fit in 10,000 and a fourth
+        // pushes the oldest out.
+        for i in 1..=5 {
+            let text = format!("{i}").repeat(3000);
+            let h = t
+                .reg
+                .handle_datagram(addr(2), &dgram("r", &t.bob, &text), t.now, &mut out);
+            assert_eq!(h, Handled::Relayed { deliveries: 2 });
+        }
+        let token = t.cy.as_str().as_bytes();
+        let (page, more) = t.reg.history_page("r", token, None, 100).unwrap();
+        assert_eq!(page.iter().map(|m| m.seq).collect::<Vec<_>>(), [3, 4, 5]);
+        assert!(!more);
+        // A message over the whole budget is still kept, alone.
+        t.reg.set_limits(Limits {
+            history: 100,
+            history_bytes: 100,
+            chat_rate: 0.0,
+            ..Limits::default()
+        });
+        t.reg.handle_datagram(
+            addr(2),
+            &dgram("r", &t.bob, &"x".repeat(200)),
+            t.now,
+            &mut out,
+        );
+        let (page, _) = t.reg.history_page("r", token, None, 100).unwrap();
+        assert_eq!(page.iter().map(|m| m.seq).collect::<Vec<_>>(), [6]);
     }
 
     #[test]
