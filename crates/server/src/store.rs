@@ -225,7 +225,16 @@ impl State {
 
     /// Fixes what the original server wrote differently: it stored the username exactly as
     /// the client sent it, a JSON string with its quotes (`"\"alice\""`).
+    ///
+    /// Only for the original's files (version 0: no `version` field). `ocmd` stores the name
+    /// the client meant, already decoded, so in its own files (version 1) a name that starts
+    /// with `"` is exactly what the client chose: decoding it again would change it (`"a"`
+    /// would become `a`, the name of another member maybe) or make it unusable (`"\n"`, four
+    /// characters, would become a line feed).
     fn normalize(&mut self) {
+        if self.version != 0 {
+            return;
+        }
         for entry in self.tokens.values_mut() {
             if entry.username.len() >= 2 && entry.username.starts_with('"') {
                 if let Ok(name) = serde_json::from_str::<String>(&entry.username) {
@@ -317,6 +326,7 @@ pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
         })?,
         None => State::default(),
     };
+    // Only the snapshot can be the original's: journal records are always ocmd's.
     state.normalize();
     let mut loaded = Loaded {
         last_seq: state.journal_seq,
@@ -513,6 +523,75 @@ mod tests {
         assert_eq!(host.address, Some("127.0.0.1:50001".parse().unwrap()));
         let guest = &state.tokens[&room.members[1]];
         assert_eq!(guest.address, None);
+    }
+
+    /// Names that look like JSON strings, as a client may choose them: `"\n"` (four
+    /// characters, which decoded would be a line feed), `"a"` beside a member `a`, a lone `"`.
+    const QUOTED_NAMES: [&str; 5] = ["\"\\n\"", "\"a\"", "a", "\"", "\"\""];
+
+    #[test]
+    fn ocmds_own_file_keeps_names_that_look_like_json_strings() {
+        let (_dir, paths) = temp_paths();
+        let mut state = State::default();
+        state.apply(&Record::CreateRoom {
+            room: "r".into(),
+            host: member("h", QUOTED_NAMES[0]),
+            created_at: 1.5,
+            listed: true,
+            password_hash: None,
+        });
+        for (i, name) in QUOTED_NAMES.iter().enumerate().skip(1) {
+            state.apply(&Record::Join {
+                room: "r".into(),
+                member: member(&format!("m{i}"), name),
+            });
+        }
+        write_state(&paths, &state);
+        let loaded = load(&paths).unwrap();
+        assert_eq!(loaded.state.version, STATE_VERSION);
+        assert_eq!(
+            loaded.state.tokens, state.tokens,
+            "names changed by loading"
+        );
+        assert_eq!(loaded.state.tokens["h"].username.len(), 4);
+        // And again, as after any number of clean restarts.
+        write_state(&paths, &loaded.state);
+        assert_eq!(load(&paths).unwrap().state.tokens, state.tokens);
+    }
+
+    #[test]
+    fn the_original_servers_file_is_unquoted_at_load_and_its_journal_is_not() {
+        let (_dir, paths) = temp_paths();
+        fs::write(
+            &paths.state,
+            include_bytes!("../tests/data/original_room_manager.json"),
+        )
+        .unwrap();
+        // ocmd appended to the journal before it ever rewrote the original's file.
+        let joins: Vec<(u64, Record)> = QUOTED_NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let record = Record::Join {
+                    room: "lobby".into(),
+                    member: member(&format!("m{i}"), name),
+                };
+                (i as u64 + 1, record)
+            })
+            .collect();
+        fs::write(&paths.journal, journal_bytes(&joins)).unwrap();
+        let loaded = load(&paths).unwrap();
+        assert_eq!(loaded.state.version, 0);
+        let names: Vec<&str> = loaded
+            .state
+            .tokens
+            .values()
+            .map(|t| t.username.as_str())
+            .collect();
+        for name in ["alice", "bob"].iter().chain(&QUOTED_NAMES) {
+            assert!(names.contains(name), "{name:?} not in {names:?}");
+        }
+        assert_eq!(names.len(), 2 + QUOTED_NAMES.len());
     }
 
     #[test]
