@@ -830,6 +830,100 @@ fn refusal_codes_survive_restart() {
     );
 }
 
+/// Usernames that look like JSON strings: `"\n"` (four characters: quote, backslash, n,
+/// quote), `"a"` with its quotes, and a plain `a` beside it.
+const QUOTED_NAMES: [&str; 3] = ["\"\\n\"", "\"a\"", "a"];
+
+/// A JSON-object create or join payload for `name`.
+fn named(name: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "username": name })).unwrap()
+}
+
+/// Checks that room `r` of [`QUOTED_NAMES`] (tokens in the same order) works on `d`: every
+/// member's message reaches the host under its own name, the host's reaches every member, and
+/// every name is still taken.
+fn quoted_names_room_works(d: &Daemon, tokens: &[String]) {
+    let host = Member::joined(d, "r", &tokens[0]);
+    let members: Vec<Member> = QUOTED_NAMES[1..]
+        .iter()
+        .zip(&tokens[1..])
+        .map(|(name, token)| {
+            let m = Member::new(d, "r", token);
+            m.send("__REGISTER__");
+            let probe = format!("probe from {name}");
+            m.send(&probe);
+            host.recv_until(&format!("{name}: {probe}"));
+            m
+        })
+        .collect();
+    host.send("from the host");
+    for m in &members {
+        m.recv_until(&format!("{}: from the host", QUOTED_NAMES[0]));
+    }
+    for name in QUOTED_NAMES {
+        let r = request(d, Operation::JoinRoom, "r", &named(name));
+        assert!(
+            matches!(
+                r.compliance,
+                Compliance::Failure {
+                    code: Some(ErrorCode::NameTaken),
+                    ..
+                }
+            ),
+            "{name:?} is no longer taken: {r:?}"
+        );
+    }
+}
+
+/// ocmd stores the name a client chose as it is: names that look like JSON strings must come
+/// back unchanged from its own state file, after a compaction and a crash, and after a clean
+/// stop (which folds everything into the state file). They were once JSON-decoded at every
+/// load, as if the file were the original server's: `"\n"` became a line feed, the host was
+/// refused by the name check, and the room and all its tokens were gone.
+#[test]
+fn names_that_look_like_json_strings_survive_compactions_and_restarts() {
+    let mut d = compacting_daemon();
+    let mut tokens = Vec::new();
+    for (i, name) in QUOTED_NAMES.iter().enumerate() {
+        let op = if i == 0 {
+            Operation::CreateRoom
+        } else {
+            Operation::JoinRoom
+        };
+        let r = request(&d, op, "r", &named(name));
+        tokens.push(
+            r.token
+                .unwrap_or_else(|| panic!("{name:?} refused: {:?}", r.compliance)),
+        );
+    }
+    quoted_names_room_works(&d, &tokens);
+    // More records until a compaction has written the room into the state file.
+    let mut k = 0;
+    wait_until("a compaction while serving", || {
+        create(&d, &format!("fill-{k}"), "host");
+        k += 1;
+        compactions_while_serving(&d.log()) > 0
+    });
+    d.kill9();
+    d.restart();
+    assert_clean_start(&d.log());
+    quoted_names_room_works(&d, &tokens);
+    for restart in 0..2 {
+        let (status, _) = d.terminate();
+        assert!(status.success());
+        assert_folded(&d);
+        d.restart();
+        assert_clean_start(&d.log());
+        let loaded = format!(
+            ": {} rooms, {} tokens loaded",
+            k + 1,
+            k + QUOTED_NAMES.len()
+        );
+        assert!(d.log().contains(&loaded), "restart {restart}: {}", d.log());
+        quoted_names_room_works(&d, &tokens);
+    }
+}
+
 #[test]
 fn sigterm_under_hostile_load_still_stops_within_two_seconds() {
     let mut d = Daemon::start_with(Options {
