@@ -695,6 +695,58 @@ fn a_torn_final_journal_line_is_ignored() {
     assert_eq!(r.token, None, "m2 is still taken");
 }
 
+/// A power cut during an append that no `fdatasync` completed for can leave it as a
+/// zero-filled hole with later bytes after it. The hole and everything after it were never
+/// acknowledged: the daemon starts with every record before the hole, says what it ignored,
+/// and folds the journal away.
+#[test]
+fn a_zero_filled_hole_in_the_journal_ends_it_as_a_torn_tail() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let mut d = spawn_on(&dir).expect("ocmd starts");
+    let tokens = [
+        create(&d, "journal", "host"),
+        join(&d, "journal", "m1"),
+        join(&d, "journal", "m2"),
+        join(&d, "journal", "m3"),
+    ];
+    d.kill9();
+    drop(d);
+    let journal = dir.path().join("room_manager.json.journal");
+    let text = std::fs::read(&journal).unwrap();
+    let lines: Vec<&[u8]> = text.split_inclusive(|&b| b == b'\n').collect();
+    assert_eq!(lines.len(), 4, "one line per record");
+    // m2's join was being appended when the power went: the block holding its first half
+    // reads as zeros, while its second half and m3's join, written later, reached the disk.
+    let half = lines[2].len() / 2;
+    let mut holed = lines[..2].concat();
+    holed.extend_from_slice(&vec![0; half]);
+    holed.extend_from_slice(&lines[2][half..]);
+    holed.extend_from_slice(lines[3]);
+    std::fs::write(&journal, &holed).unwrap();
+    let d = spawn_on(&dir).expect("ocmd starts despite a zero-filled hole");
+    let log = d.log();
+    assert!(
+        log.contains("a torn tail was ignored")
+            && log.contains(&format!("{} from line 3: 2 lines", journal.display())),
+        "{log}"
+    );
+    assert!(log.contains(": 1 rooms, 2 tokens loaded"), "{log}");
+    assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0, "folded");
+    // Everything before the hole: the host and m1 relay.
+    let host = Member::joined(&d, "journal", &tokens[0]);
+    Member::new(&d, "journal", &tokens[1]).registered_with(&host, "m1");
+    // The joins after it were never acknowledged: their names are free again.
+    for name in ["m2", "m3"] {
+        let r = request(
+            &d,
+            Operation::JoinRoom,
+            "journal",
+            format!("\"{name}\"").as_bytes(),
+        );
+        assert!(r.token.is_some(), "{name} joins again: {r:?}");
+    }
+}
+
 /// A daemon killed in the middle of a compaction leaves the older records in `journal.old`
 /// and the newer ones in the journal: the next start replays both, in that order, and folds
 /// them into the state file.
