@@ -24,7 +24,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -35,7 +35,7 @@ use log::{debug, error, info};
 use crate::config::StateConfig;
 use crate::error::StoreError;
 use crate::record::Record;
-use crate::store::{self, JournalLine, Loaded, Paths, State};
+use crate::store::{self, JournalLine, Loaded, Paths, State, ZeroHole};
 
 /// Default of `[state] compact_journal_bytes`: the journal is compacted once it is larger than
 /// this many bytes and larger than the last state file.
@@ -303,6 +303,30 @@ impl Persister {
     }
 }
 
+/// What the start-up fold says about a torn tail it ignored: a torn final line, or a
+/// zero-filled hole and the lines after it (either is an append that was never acknowledged).
+fn torn_tail_note(torn_tail: bool, zero_holes: &[(PathBuf, ZeroHole)]) -> String {
+    if zero_holes.is_empty() {
+        return if torn_tail {
+            " (a torn final line was ignored)".to_owned()
+        } else {
+            String::new()
+        };
+    }
+    let holes: Vec<String> = zero_holes
+        .iter()
+        .map(|(path, hole)| {
+            format!(
+                "{} from line {}: {} lines, starting at a zero-filled hole",
+                path.display(),
+                hole.line,
+                hole.lines
+            )
+        })
+        .collect();
+    format!(" (a torn tail was ignored: {})", holes.join("; "))
+}
+
 /// The writer thread's side: the journal, and the hand-off to the compactor.
 struct Writer {
     paths: Paths,
@@ -402,11 +426,7 @@ impl Writer {
                 "state: folded {} journal records into {}{}",
                 loaded.replayed,
                 writer.paths.state.display(),
-                if loaded.torn_tail {
-                    " (a torn final line was ignored)"
-                } else {
-                    ""
-                }
+                torn_tail_note(loaded.torn_tail, &loaded.zero_holes)
             );
         }
         writer.compactor = Some(Compactor::spawn(

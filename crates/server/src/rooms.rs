@@ -426,6 +426,15 @@ impl Registry {
     /// Rebuilds the registry from a loaded state file. Entries that do not hang together (a
     /// member token with no entry, a room whose host is missing) are skipped with a warning.
     /// Every member counts as seen `now`, so keepalive members get a full timeout to return.
+    ///
+    /// Names are not checked again with today's rules. Every name in the state was checked
+    /// when its create or join was accepted, and the token was acknowledged only after its
+    /// record was durable; a stored name that fails today's check (a rule made stricter since,
+    /// or a name the original server accepted) still belongs to a client holding a token.
+    /// Dropping the member would revoke that token without a word to the client, and dropping
+    /// a host drops its whole room; keeping the name as stored harms nobody, so it is kept,
+    /// with a warning. The one exception is a name the protocol cannot carry at all (see
+    /// [`unsendable`]): such an entry is skipped, with a warning, as before.
     pub fn from_state(
         state: &State,
         limits: Limits,
@@ -435,8 +444,11 @@ impl Registry {
         let mut registry = Registry::new(limits, rng);
         for (name, room) in &state.rooms {
             if let Err(rule) = tcrp::names::check_room_name(name.as_bytes()) {
-                warn!("state: room name {name:?} {rule}; room skipped");
-                continue;
+                if unsendable(name, tcrp::names::MAX_ROOM_NAME_BYTES) {
+                    warn!("state: room name {name:?} {rule} for any request; room skipped");
+                    continue;
+                }
+                warn!("state: room name {name:?} {rule}; kept as stored");
             }
             let Some(host_entry) = state.tokens.get(&room.host_token) else {
                 warn!("state: room {name:?} has no entry for its host token; room skipped");
@@ -472,8 +484,18 @@ impl Registry {
                     continue;
                 }
                 if let Err(rule) = tcrp::names::check_username(&entry.username) {
-                    warn!("state: a member of room {name:?} has a username that {rule}; skipped");
-                    continue;
+                    let username = &entry.username;
+                    if unsendable(username, tcrp::names::MAX_USERNAME_BYTES) {
+                        warn!(
+                            "state: a member of room {name:?} has a username that {rule} \
+                             for a datagram's sender field; skipped"
+                        );
+                        continue;
+                    }
+                    warn!(
+                        "state: a member of room {name:?} has a username that {rule}; \
+                         kept as stored: {username:?}"
+                    );
                 }
                 let id = registry.insert_member(Member {
                     token: Token::from_stored(token),
@@ -1067,6 +1089,15 @@ impl Registry {
         self.scratch = silent;
         expired
     }
+}
+
+/// Whether a stored name is longer than the one-byte size field that carries it (`max`
+/// bytes): a room name no request or datagram can name, or a username no chat frame or notice
+/// can carry as its sender. `ocmd` never accepted one, and serving it would send malformed
+/// frames, so such entries are left out at load (their lines stay in the state file until the
+/// room is closed or re-created).
+fn unsendable(name: &str, max: usize) -> bool {
+    name.len() > max
 }
 
 #[cfg(test)]
@@ -1708,11 +1739,11 @@ mod tests {
             ..Limits::default()
         };
         // Rooms that do not hang together are left out: a host name too long to send, a room
-        // name with a control character, a token listed by two rooms (the second loses it, and
-        // a room without its host is dropped whole).
+        // name too long to name in a request, a token listed by two rooms (the second loses
+        // it, and a room without its host is dropped whole).
         let mut state = State::default();
         state.apply(&create("badhost", member("h2", &"x".repeat(300))));
-        state.apply(&create("bad\nname", member("h4", "d")));
+        state.apply(&create(&"n".repeat(256), member("h4", "d")));
         state.apply(&create("dup", member("h3", "b")));
         state.apply(&create("zz", member("h5", "e")));
         state.apply(&Record::Join {
@@ -1752,6 +1783,64 @@ mod tests {
             let h = reg.handle_datagram(addr(1), &dgram("seq", &h1, "hi"), now, &mut out);
             assert_eq!(h, Handled::Relayed { deliveries: 0 });
         }
+    }
+
+    /// Names that fail today's check but fit the protocol were acknowledged with their tokens:
+    /// they load as stored, and the room relays. Without this, a host named with a control
+    /// character would take its whole room down at the next start.
+    #[test]
+    fn stored_names_that_fail_todays_check_are_kept() {
+        let member = |t: &str, n: &str| MemberRecord {
+            token: t.into(),
+            username: n.into(),
+            keepalive: None,
+            caps: 0,
+            max_datagram: None,
+        };
+        let names = ["host\n", "", &"y".repeat(65), "tab\there", "ok"];
+        let mut state = State::default();
+        state.apply(&Record::CreateRoom {
+            room: "bad\nroom".into(),
+            host: member("t0", names[0]),
+            created_at: 0.0,
+            listed: true,
+            password_hash: None,
+        });
+        for (i, name) in names.iter().enumerate().skip(1) {
+            state.apply(&Record::Join {
+                room: "bad\nroom".into(),
+                member: member(&format!("t{i}"), name),
+            });
+        }
+        let now = Instant::now();
+        let mut reg = Registry::from_state(
+            &state,
+            Limits::default(),
+            Box::new(StdRng::seed_from_u64(4)),
+            now,
+        );
+        let presence = reg.presence("bad\nroom").expect("room kept");
+        assert_eq!(presence.host, names[0]);
+        let listed: Vec<&str> = presence.members.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(listed, names);
+        let mut out = Outbox::default();
+        for i in 0..names.len() {
+            let t = Token::from_stored(&format!("t{i}"));
+            reg.handle_datagram(
+                addr(i as u16 + 1),
+                &dgram("bad\nroom", &t, "__REGISTER__"),
+                now,
+                &mut out,
+            );
+        }
+        let host = Token::from_stored("t0");
+        let h = reg.handle_datagram(addr(1), &dgram("bad\nroom", &host, "hi"), now, &mut out);
+        assert_eq!(
+            h,
+            Handled::Relayed {
+                deliveries: names.len() - 1
+            }
+        );
     }
 
     /// The state file the `state_loader` fuzz target found: `next_seq` at `u64::MAX`.

@@ -17,9 +17,10 @@
 //! the journal it folds has been renamed `room_manager.json.journal.old` and a fresh journal
 //! takes the new records, so every record in `journal.old` precedes every record in `journal`.
 //! Loading reads the file, then replays `journal.old` and then `journal`, keeping the lines
-//! whose `n` is above the file's `journal_seq` and above every line replayed before. In either journal a torn last line (a crash in
-//! the middle of an append, which was never acknowledged) is ignored; a bad line anywhere else
-//! stops the load. See `docs/PERSISTENCE.md`.
+//! whose `n` is above the file's `journal_seq` and above every line replayed before. In either journal a torn tail (a crash in
+//! the middle of an append, which was never acknowledged) is ignored: a bad last line, or
+//! everything from the first line holding a NUL byte (a zero-filled hole) on; a bad line
+//! anywhere else stops the load. See `docs/PERSISTENCE.md`.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -225,7 +226,16 @@ impl State {
 
     /// Fixes what the original server wrote differently: it stored the username exactly as
     /// the client sent it, a JSON string with its quotes (`"\"alice\""`).
+    ///
+    /// Only for the original's files (version 0: no `version` field). `ocmd` stores the name
+    /// the client meant, already decoded, so in its own files (version 1) a name that starts
+    /// with `"` is exactly what the client chose: decoding it again would change it (`"a"`
+    /// would become `a`, the name of another member maybe) or make it unusable (`"\n"`, four
+    /// characters, would become a line feed).
     fn normalize(&mut self) {
+        if self.version != 0 {
+            return;
+        }
         for entry in self.tokens.values_mut() {
             if entry.username.len() >= 2 && entry.username.starts_with('"') {
                 if let Ok(name) = serde_json::from_str::<String>(&entry.username) {
@@ -296,8 +306,10 @@ pub struct Loaded {
     pub last_seq: u64,
     /// Journal records replayed.
     pub replayed: usize,
-    /// Whether a torn final line was ignored (in either journal).
+    /// Whether a torn tail was ignored (in either journal).
     pub torn_tail: bool,
+    /// The zero-filled holes that cut a journal short, with the journal's path.
+    pub zero_holes: Vec<(PathBuf, ZeroHole)>,
     /// Whether `journal.old` was there: a compaction was interrupted.
     pub journal_old: bool,
 }
@@ -305,7 +317,8 @@ pub struct Loaded {
 /// Reads the state file (a missing file is a fresh start) and replays `journal.old`, then the
 /// journal (a missing journal is an empty one).
 ///
-/// A torn last line is accepted at the end of `journal.old` too. Records are appended to
+/// A torn tail (a torn last line, or a zero-filled hole and everything after it: see
+/// [`parse_journal`]) is accepted at the end of `journal.old` too. Records are appended to
 /// `journal.old` only before its rotation, and the rotation happens after an append succeeded,
 /// so its tail can only be torn if the daemon crashed mid-append while it was still the
 /// journal; then that record was never acknowledged, exactly as for a torn tail of the journal.
@@ -317,6 +330,7 @@ pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
         })?,
         None => State::default(),
     };
+    // Only the snapshot can be the original's: journal records are always ocmd's.
     state.normalize();
     let mut loaded = Loaded {
         last_seq: state.journal_seq,
@@ -338,6 +352,9 @@ pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
             reason,
         })?;
         loaded.torn_tail |= replay.torn_tail;
+        loaded
+            .zero_holes
+            .extend(replay.zero_hole.map(|hole| (path.clone(), hole)));
         for (n, record) in replay.records {
             if n > applied {
                 state.apply(&record);
@@ -391,17 +408,37 @@ pub struct JournalLine<R> {
     pub record: R,
 }
 
-/// The records of a journal, and whether its last line was torn.
+/// The records of a journal, and whether its tail was torn.
 #[derive(Debug, Default)]
 pub struct Replay {
     /// `(n, record)` in file order.
     pub records: Vec<(u64, Record)>,
-    /// The last line had no newline or did not parse, and was ignored.
+    /// The tail was torn and ignored: the last line had no newline or did not parse, or a
+    /// zero-filled hole (see [`ZeroHole`]) cut the journal short.
     pub torn_tail: bool,
+    /// The zero-filled hole that cut the journal short, if any.
+    pub zero_hole: Option<ZeroHole>,
+}
+
+/// Where a journal's zero-filled hole starts: the first line holding a NUL byte. That line and
+/// every line after it are a torn tail, ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ZeroHole {
+    /// 1-based number of the first line holding a NUL byte.
+    pub line: usize,
+    /// How many lines were ignored: that line and those after it.
+    pub lines: usize,
 }
 
 /// Parses journal bytes. A final line without its newline, or a final line that does not parse,
 /// is a torn append and is ignored; a bad line before the last is an error `(line, reason)`.
+///
+/// A NUL byte starts a torn tail wherever it is: the first line holding one and every line
+/// after it are ignored. The writer never writes a NUL (records are JSON, which escapes it),
+/// so a NUL on disk is a block the file system allocated but whose data never reached the
+/// disk: a crash (a power cut) during an append that no `fdatasync` completed for, since an
+/// `fdatasync` makes every earlier write of the file durable. Every byte after it was written
+/// later and was not made durable either, so nothing from the hole on was ever acknowledged.
 pub fn parse_journal(bytes: &[u8]) -> Result<Replay, (usize, String)> {
     let mut replay = Replay::default();
     let mut lines = bytes
@@ -409,6 +446,14 @@ pub fn parse_journal(bytes: &[u8]) -> Result<Replay, (usize, String)> {
         .enumerate()
         .peekable();
     while let Some((index, line)) = lines.next() {
+        if line.contains(&0) {
+            replay.torn_tail = true;
+            replay.zero_hole = Some(ZeroHole {
+                line: index + 1,
+                lines: 1 + lines.count(),
+            });
+            break;
+        }
         let is_last = lines.peek().is_none();
         let complete = line.ends_with(b"\n");
         let body = line.strip_suffix(b"\n").unwrap_or(line);
@@ -513,6 +558,75 @@ mod tests {
         assert_eq!(host.address, Some("127.0.0.1:50001".parse().unwrap()));
         let guest = &state.tokens[&room.members[1]];
         assert_eq!(guest.address, None);
+    }
+
+    /// Names that look like JSON strings, as a client may choose them: `"\n"` (four
+    /// characters, which decoded would be a line feed), `"a"` beside a member `a`, a lone `"`.
+    const QUOTED_NAMES: [&str; 5] = ["\"\\n\"", "\"a\"", "a", "\"", "\"\""];
+
+    #[test]
+    fn ocmds_own_file_keeps_names_that_look_like_json_strings() {
+        let (_dir, paths) = temp_paths();
+        let mut state = State::default();
+        state.apply(&Record::CreateRoom {
+            room: "r".into(),
+            host: member("h", QUOTED_NAMES[0]),
+            created_at: 1.5,
+            listed: true,
+            password_hash: None,
+        });
+        for (i, name) in QUOTED_NAMES.iter().enumerate().skip(1) {
+            state.apply(&Record::Join {
+                room: "r".into(),
+                member: member(&format!("m{i}"), name),
+            });
+        }
+        write_state(&paths, &state);
+        let loaded = load(&paths).unwrap();
+        assert_eq!(loaded.state.version, STATE_VERSION);
+        assert_eq!(
+            loaded.state.tokens, state.tokens,
+            "names changed by loading"
+        );
+        assert_eq!(loaded.state.tokens["h"].username.len(), 4);
+        // And again, as after any number of clean restarts.
+        write_state(&paths, &loaded.state);
+        assert_eq!(load(&paths).unwrap().state.tokens, state.tokens);
+    }
+
+    #[test]
+    fn the_original_servers_file_is_unquoted_at_load_and_its_journal_is_not() {
+        let (_dir, paths) = temp_paths();
+        fs::write(
+            &paths.state,
+            include_bytes!("../tests/data/original_room_manager.json"),
+        )
+        .unwrap();
+        // ocmd appended to the journal before it ever rewrote the original's file.
+        let joins: Vec<(u64, Record)> = QUOTED_NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let record = Record::Join {
+                    room: "lobby".into(),
+                    member: member(&format!("m{i}"), name),
+                };
+                (i as u64 + 1, record)
+            })
+            .collect();
+        fs::write(&paths.journal, journal_bytes(&joins)).unwrap();
+        let loaded = load(&paths).unwrap();
+        assert_eq!(loaded.state.version, 0);
+        let names: Vec<&str> = loaded
+            .state
+            .tokens
+            .values()
+            .map(|t| t.username.as_str())
+            .collect();
+        for name in ["alice", "bob"].iter().chain(&QUOTED_NAMES) {
+            assert!(names.contains(name), "{name:?} not in {names:?}");
+        }
+        assert_eq!(names.len(), 2 + QUOTED_NAMES.len());
     }
 
     #[test]
@@ -749,6 +863,126 @@ mod tests {
         let bytes = b"{\"n\":1,\"op\":\"leave\",\"token\":\"x\"}\ngarbage\n{\"n\":3,\"op\":\"leave\",\"token\":\"y\"}\n";
         let err = parse_journal(bytes).unwrap_err();
         assert_eq!(err.0, 2);
+    }
+
+    /// Records 1 (create `a`) and 2 (join `m2`), as journal bytes.
+    fn two_records() -> Vec<u8> {
+        journal_bytes(&[(1, create("a", "h1")), (2, join("a", "m2"))])
+    }
+
+    /// A power cut during an append that was never `fdatasync`'d can leave the append as a
+    /// zero-filled hole with later bytes after it: the first line holding a NUL and every
+    /// line after it are a torn tail, wherever the hole starts and whatever follows it.
+    #[test]
+    fn a_zero_filled_hole_in_the_middle_and_everything_after_it_are_a_torn_tail() {
+        let after = journal_bytes(&[(3, join("a", "m3")), (4, join("a", "m4"))]);
+        let hole = |prefix: &[u8], zeros: &[u8]| {
+            let mut bytes = two_records();
+            bytes.extend_from_slice(prefix);
+            bytes.extend_from_slice(zeros);
+            bytes.extend_from_slice(&after);
+            bytes
+        };
+        // `ignored` counts lines: a hole without a newline runs into the next record's line.
+        for (what, bytes, ignored) in [
+            // The hole starts inside an append: 3's line is half there.
+            ("mid-line", hole(br#"{"n":3,"op":"jo"#, &[0; 29]), 2),
+            ("whole blocks", hole(b"", &[0; 4096]), 2),
+            ("holding newlines", hole(b"", b"\0\0\n\0\n"), 4),
+            ("a single NUL", hole(b"", b"\0"), 2),
+        ] {
+            let replay = parse_journal(&bytes).unwrap_or_else(|e| panic!("{what}: {e:?}"));
+            assert!(replay.torn_tail, "{what}");
+            let expected = ZeroHole {
+                line: 3,
+                lines: ignored,
+            };
+            assert_eq!(replay.zero_hole, Some(expected), "{what}");
+            let ns: Vec<u64> = replay.records.iter().map(|(n, _)| *n).collect();
+            assert_eq!(ns, [1, 2], "{what}: only the records before the hole");
+        }
+    }
+
+    #[test]
+    fn a_zero_filled_hole_at_the_end_is_a_torn_tail() {
+        // Zeros alone, or zeros and newlines (bits of the torn appends that reached the disk).
+        for (zeros, lines) in [
+            (&[0u8; 1][..], 1),
+            (&[0; 4096], 1),
+            (b"\0\0\n", 1),
+            (b"\0\n\0\0\n\0", 3),
+        ] {
+            let mut bytes = two_records();
+            bytes.extend_from_slice(zeros);
+            let replay = parse_journal(&bytes).unwrap_or_else(|e| panic!("{zeros:?}: {e:?}"));
+            assert!(replay.torn_tail);
+            assert_eq!(replay.zero_hole, Some(ZeroHole { line: 3, lines }));
+            assert_eq!(replay.records.len(), 2);
+        }
+    }
+
+    /// Through [`load`], in either file: a hole in journal.old ends journal.old only (the
+    /// fresh journal was started after journal.old's last durable append, and still replays).
+    #[test]
+    fn a_zero_filled_hole_in_either_journal_is_a_torn_tail() {
+        let after = journal_bytes(&[(3, join("a", "m3")), (4, join("a", "m4"))]);
+        for hole_in_old in [true, false] {
+            let (_dir, paths) = temp_paths();
+            let mut holed = two_records();
+            holed.extend_from_slice(&[0; 100]);
+            holed.extend_from_slice(&after);
+            let fresh = journal_bytes(&[(5, join("a", "m5"))]);
+            let path = if hole_in_old {
+                fs::write(&paths.journal_old, &holed).unwrap();
+                fs::write(&paths.journal, &fresh).unwrap();
+                &paths.journal_old
+            } else {
+                fs::write(&paths.journal, &holed).unwrap();
+                &paths.journal
+            };
+            let loaded = load(&paths).unwrap();
+            assert!(loaded.torn_tail, "hole in old: {hole_in_old}");
+            assert_eq!(
+                loaded.zero_holes,
+                [(path.clone(), ZeroHole { line: 3, lines: 2 })]
+            );
+            let members = &loaded.state.rooms["a"].members;
+            if hole_in_old {
+                assert_eq!(members, &["h1", "m2", "m5"]);
+                assert_eq!(loaded.last_seq, 5);
+            } else {
+                assert_eq!(members, &["h1", "m2"]);
+                assert_eq!(loaded.last_seq, 2);
+            }
+        }
+    }
+
+    /// A bad line without a NUL byte is not a crash artifact: acknowledged records may follow
+    /// it, so it stops the load even when a hole comes later, and in journal.old too.
+    #[test]
+    fn a_bad_line_without_a_nul_before_the_end_is_still_an_error() {
+        for (bad, later_hole) in [
+            (&b"garbage\n"[..], false),
+            (b"{\"n\":3,\"op\":\"jo\n", false),
+            (b"\x01\xff\n", true),
+            (b"{\"n\":3,\"op\":\"jo\n", true),
+        ] {
+            let mut bytes = two_records();
+            bytes.extend_from_slice(bad);
+            bytes.extend_from_slice(&journal_bytes(&[(4, join("a", "m4"))]));
+            if later_hole {
+                bytes.extend_from_slice(&[0; 64]);
+            }
+            let err = parse_journal(&bytes).unwrap_err();
+            assert_eq!(err.0, 3, "{bad:?}, then a hole: {later_hole}");
+            let (_dir, paths) = temp_paths();
+            fs::write(&paths.journal_old, &bytes).unwrap();
+            let err = load(&paths).unwrap_err();
+            assert!(
+                matches!(&err, StoreError::Journal { path, line: 3, .. } if *path == paths.journal_old),
+                "{err}"
+            );
+        }
     }
 
     #[test]

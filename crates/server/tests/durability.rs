@@ -695,6 +695,58 @@ fn a_torn_final_journal_line_is_ignored() {
     assert_eq!(r.token, None, "m2 is still taken");
 }
 
+/// A power cut during an append that no `fdatasync` completed for can leave it as a
+/// zero-filled hole with later bytes after it. The hole and everything after it were never
+/// acknowledged: the daemon starts with every record before the hole, says what it ignored,
+/// and folds the journal away.
+#[test]
+fn a_zero_filled_hole_in_the_journal_ends_it_as_a_torn_tail() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let mut d = spawn_on(&dir).expect("ocmd starts");
+    let tokens = [
+        create(&d, "journal", "host"),
+        join(&d, "journal", "m1"),
+        join(&d, "journal", "m2"),
+        join(&d, "journal", "m3"),
+    ];
+    d.kill9();
+    drop(d);
+    let journal = dir.path().join("room_manager.json.journal");
+    let text = std::fs::read(&journal).unwrap();
+    let lines: Vec<&[u8]> = text.split_inclusive(|&b| b == b'\n').collect();
+    assert_eq!(lines.len(), 4, "one line per record");
+    // m2's join was being appended when the power went: the block holding its first half
+    // reads as zeros, while its second half and m3's join, written later, reached the disk.
+    let half = lines[2].len() / 2;
+    let mut holed = lines[..2].concat();
+    holed.extend_from_slice(&vec![0; half]);
+    holed.extend_from_slice(&lines[2][half..]);
+    holed.extend_from_slice(lines[3]);
+    std::fs::write(&journal, &holed).unwrap();
+    let d = spawn_on(&dir).expect("ocmd starts despite a zero-filled hole");
+    let log = d.log();
+    assert!(
+        log.contains("a torn tail was ignored")
+            && log.contains(&format!("{} from line 3: 2 lines", journal.display())),
+        "{log}"
+    );
+    assert!(log.contains(": 1 rooms, 2 tokens loaded"), "{log}");
+    assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0, "folded");
+    // Everything before the hole: the host and m1 relay.
+    let host = Member::joined(&d, "journal", &tokens[0]);
+    Member::new(&d, "journal", &tokens[1]).registered_with(&host, "m1");
+    // The joins after it were never acknowledged: their names are free again.
+    for name in ["m2", "m3"] {
+        let r = request(
+            &d,
+            Operation::JoinRoom,
+            "journal",
+            format!("\"{name}\"").as_bytes(),
+        );
+        assert!(r.token.is_some(), "{name} joins again: {r:?}");
+    }
+}
+
 /// A daemon killed in the middle of a compaction leaves the older records in `journal.old`
 /// and the newer ones in the journal: the next start replays both, in that order, and folds
 /// them into the state file.
@@ -828,6 +880,100 @@ fn refusal_codes_survive_restart() {
         ),
         "{r:?}"
     );
+}
+
+/// Usernames that look like JSON strings: `"\n"` (four characters: quote, backslash, n,
+/// quote), `"a"` with its quotes, and a plain `a` beside it.
+const QUOTED_NAMES: [&str; 3] = ["\"\\n\"", "\"a\"", "a"];
+
+/// A JSON-object create or join payload for `name`.
+fn named(name: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "username": name })).unwrap()
+}
+
+/// Checks that room `r` of [`QUOTED_NAMES`] (tokens in the same order) works on `d`: every
+/// member's message reaches the host under its own name, the host's reaches every member, and
+/// every name is still taken.
+fn quoted_names_room_works(d: &Daemon, tokens: &[String]) {
+    let host = Member::joined(d, "r", &tokens[0]);
+    let members: Vec<Member> = QUOTED_NAMES[1..]
+        .iter()
+        .zip(&tokens[1..])
+        .map(|(name, token)| {
+            let m = Member::new(d, "r", token);
+            m.send("__REGISTER__");
+            let probe = format!("probe from {name}");
+            m.send(&probe);
+            host.recv_until(&format!("{name}: {probe}"));
+            m
+        })
+        .collect();
+    host.send("from the host");
+    for m in &members {
+        m.recv_until(&format!("{}: from the host", QUOTED_NAMES[0]));
+    }
+    for name in QUOTED_NAMES {
+        let r = request(d, Operation::JoinRoom, "r", &named(name));
+        assert!(
+            matches!(
+                r.compliance,
+                Compliance::Failure {
+                    code: Some(ErrorCode::NameTaken),
+                    ..
+                }
+            ),
+            "{name:?} is no longer taken: {r:?}"
+        );
+    }
+}
+
+/// ocmd stores the name a client chose as it is: names that look like JSON strings must come
+/// back unchanged from its own state file, after a compaction and a crash, and after a clean
+/// stop (which folds everything into the state file). They were once JSON-decoded at every
+/// load, as if the file were the original server's: `"\n"` became a line feed, the host was
+/// refused by the name check, and the room and all its tokens were gone.
+#[test]
+fn names_that_look_like_json_strings_survive_compactions_and_restarts() {
+    let mut d = compacting_daemon();
+    let mut tokens = Vec::new();
+    for (i, name) in QUOTED_NAMES.iter().enumerate() {
+        let op = if i == 0 {
+            Operation::CreateRoom
+        } else {
+            Operation::JoinRoom
+        };
+        let r = request(&d, op, "r", &named(name));
+        tokens.push(
+            r.token
+                .unwrap_or_else(|| panic!("{name:?} refused: {:?}", r.compliance)),
+        );
+    }
+    quoted_names_room_works(&d, &tokens);
+    // More records until a compaction has written the room into the state file.
+    let mut k = 0;
+    wait_until("a compaction while serving", || {
+        create(&d, &format!("fill-{k}"), "host");
+        k += 1;
+        compactions_while_serving(&d.log()) > 0
+    });
+    d.kill9();
+    d.restart();
+    assert_clean_start(&d.log());
+    quoted_names_room_works(&d, &tokens);
+    for restart in 0..2 {
+        let (status, _) = d.terminate();
+        assert!(status.success());
+        assert_folded(&d);
+        d.restart();
+        assert_clean_start(&d.log());
+        let loaded = format!(
+            ": {} rooms, {} tokens loaded",
+            k + 1,
+            k + QUOTED_NAMES.len()
+        );
+        assert!(d.log().contains(&loaded), "restart {restart}: {}", d.log());
+        quoted_names_room_works(&d, &tokens);
+    }
 }
 
 #[test]
