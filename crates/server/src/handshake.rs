@@ -314,7 +314,22 @@ fn check_password(
     outcome: Option<&Outcome>,
     token_opens: bool,
 ) -> Result<Option<password::Job>, Refusal> {
-    let Some(hash) = ctx.registry.password_hash(room_name) else {
+    let (rate, burst) = (
+        ctx.limits.password_failure_rate,
+        ctx.limits.password_failure_burst,
+    );
+    // Every check is paid for up front: one failure token is taken from the source's bucket
+    // BEFORE the password goes to the hashing thread (`submit_check`), and given back here
+    // when the password turns out right. A source therefore has at most as many checks in
+    // flight as it has tokens left, so parallel guesses on many connections cannot outrun
+    // the allowance (charging on the result let every guess already queued through, since
+    // the bucket still looked full while they waited). The cost: a right password briefly
+    // holds a token while it is checked.
+    if let Some(Outcome::Verified(true)) = outcome {
+        ctx.password_failures
+            .give_back(ctx.peer, ctx.now, rate, burst);
+    }
+    let Some(hash) = ctx.registry.password_hash(room_name).map(str::to_owned) else {
         return Ok(None);
     };
     if token_opens {
@@ -324,15 +339,7 @@ fn check_password(
             }
         }
     }
-    let limits = ctx.limits;
-    let bad = |ctx: &mut Context<'_>| {
-        // Spend one failure from the source's allowance.
-        ctx.password_failures.allow(
-            ctx.peer,
-            ctx.now,
-            limits.password_failure_rate,
-            limits.password_failure_burst,
-        );
+    let bad_password = || {
         (
             ErrorCode::BadPassword,
             format!("wrong or missing password for room {room_name:?}"),
@@ -340,25 +347,39 @@ fn check_password(
     };
     match (outcome, &request.password) {
         (Some(Outcome::Verified(true)), _) => Ok(None),
-        (Some(_), _) | (None, None) => Err(bad(ctx)),
-        (None, Some(pw)) => {
-            if !ctx.password_failures.has_budget(
-                ctx.peer,
-                ctx.now,
-                limits.password_failure_rate,
-                limits.password_failure_burst,
-            ) {
-                return Err((
-                    ErrorCode::RateLimited,
-                    "too many wrong passwords; try again later".into(),
-                ));
-            }
-            Ok(Some(password::Job::Verify {
-                password: pw.clone(),
-                hash: hash.to_owned(),
-            }))
+        // A wrong password: the token taken when its check was submitted stays spent.
+        (Some(_), _) => Err(bad_password()),
+        (None, None) => {
+            // A missing password spends one failure from the source's allowance.
+            ctx.password_failures.allow(ctx.peer, ctx.now, rate, burst);
+            Err(bad_password())
         }
+        (None, Some(pw)) => submit_check(ctx, pw, hash),
     }
+}
+
+/// Takes one failure token from the source (see [`check_password`]) and asks for `password`
+/// to be verified against `hash`, or refuses with `rate_limited` if the source has none left.
+fn submit_check(
+    ctx: &mut Context<'_>,
+    password: &str,
+    hash: String,
+) -> Result<Option<password::Job>, Refusal> {
+    if !ctx.password_failures.allow(
+        ctx.peer,
+        ctx.now,
+        ctx.limits.password_failure_rate,
+        ctx.limits.password_failure_burst,
+    ) {
+        return Err((
+            ErrorCode::RateLimited,
+            "too many wrong passwords; try again later".into(),
+        ));
+    }
+    Ok(Some(password::Job::Verify {
+        password: password.to_owned(),
+        hash,
+    }))
 }
 
 /// Largest ListRooms COMPLETE payload: under the default payload cap (16 KiB) that clients
@@ -429,12 +450,7 @@ mod tests {
         match handle_frame(&frame, &mut ctx, None) {
             Step::Reply(r) => r,
             Step::Password(job) => {
-                let outcome = match job {
-                    password::Job::Hash { password } => Outcome::Hashed(password::hash(&password)),
-                    password::Job::Verify { password, hash } => {
-                        Outcome::Verified(password::verify(&password, &hash))
-                    }
-                };
+                let outcome = password::run(job);
                 match handle_frame(&frame, &mut ctx, Some(&outcome)) {
                     Step::Reply(r) => r,
                     Step::Password(_) => panic!("asked for a password twice"),
@@ -637,6 +653,96 @@ mod tests {
         ));
         assert_eq!(h["messages"].as_array().unwrap().len(), 0);
         assert_eq!(h["more"], false);
+    }
+
+    /// Creates `room` with `password` in a fresh registry.
+    fn room_with_password(room: &str, password: &str) -> Registry {
+        let mut reg = Registry::new(Limits::default(), Box::new(StdRng::seed_from_u64(3)));
+        let mut limiter = KeyedLimiter::new(8);
+        let body = format!(r#"{{"username": "h", "password": "{password}"}}"#);
+        let r = run(
+            &mut reg,
+            &mut limiter,
+            &request(Operation::CreateRoom, room.as_bytes(), body.as_bytes()),
+        );
+        assert_eq!(r.result, Ok(()));
+        reg
+    }
+
+    #[test]
+    fn each_check_in_flight_holds_a_failure_token_until_it_is_right() {
+        let mut reg = room_with_password("vault", "pw");
+        let mut limiter = KeyedLimiter::new(8);
+        let mut failures = KeyedLimiter::new(8);
+        let mut out = Outbox::default();
+        let mut ctx = Context {
+            registry: &mut reg,
+            limiter: &mut limiter,
+            password_failures: &mut failures,
+            limits: RequestLimits {
+                rate: 0.0,
+                burst: 0.0,
+                password_failure_rate: 1.0 / 60.0,
+                password_failure_burst: 3.0,
+            },
+            out: &mut out,
+            peer: "127.0.0.1".parse().unwrap(),
+            now: Instant::now(),
+            unix_now: 0.0,
+        };
+        let join = |pw: &str| {
+            request(
+                Operation::JoinRoom,
+                b"vault",
+                format!(r#"{{"username": "m{pw}", "password": "{pw}"}}"#).as_bytes(),
+            )
+        };
+        // Three guesses queued at once (none answered yet): the fourth is refused unchecked.
+        let guesses: Vec<Vec<u8>> = ["a", "b", "pw"].iter().map(|p| join(p)).collect();
+        let mut jobs = Vec::new();
+        for g in &guesses {
+            let (frame, _) = tcrp::decode(g, 4096).unwrap().unwrap();
+            match handle_frame(&frame, &mut ctx, None) {
+                Step::Password(job) => jobs.push(job),
+                Step::Reply(r) => panic!("{:?}", r.result),
+            }
+        }
+        let fourth = join("c");
+        let (frame, _) = tcrp::decode(&fourth, 4096).unwrap().unwrap();
+        match handle_frame(&frame, &mut ctx, None) {
+            Step::Reply(r) => assert_eq!(r.result, Err(ErrorCode::RateLimited)),
+            Step::Password(_) => panic!("a check beyond the allowance"),
+        }
+        // The outcomes: two wrong, one right; the right one gives its token back.
+        let mut results = Vec::new();
+        for (g, job) in guesses.iter().zip(jobs) {
+            let (frame, _) = tcrp::decode(g, 4096).unwrap().unwrap();
+            let outcome = password::run(job);
+            match handle_frame(&frame, &mut ctx, Some(&outcome)) {
+                Step::Reply(r) => results.push(r.result),
+                Step::Password(_) => panic!("checked twice"),
+            }
+        }
+        assert_eq!(
+            results,
+            vec![
+                Err(ErrorCode::BadPassword),
+                Err(ErrorCode::BadPassword),
+                Ok(())
+            ]
+        );
+        let (frame, _) = tcrp::decode(&fourth, 4096).unwrap().unwrap();
+        assert!(matches!(
+            handle_frame(&frame, &mut ctx, None),
+            Step::Password(_)
+        ));
+        assert!(matches!(
+            handle_frame(&frame, &mut ctx, None),
+            Step::Reply(Response {
+                result: Err(ErrorCode::RateLimited),
+                ..
+            })
+        ));
     }
 
     #[test]

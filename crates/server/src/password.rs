@@ -62,7 +62,8 @@ pub fn verify(password: &str, hash: &str) -> bool {
     }
 }
 
-fn run(job: Job) -> Outcome {
+/// Does one job (on the worker thread; inline in tests).
+pub fn run(job: Job) -> Outcome {
     match job {
         Job::Hash { password } => Outcome::Hashed(hash(&password)),
         Job::Verify { password, hash } => Outcome::Verified(verify(&password, &hash)),
