@@ -325,7 +325,7 @@ fn check_password(
     // the allowance (charging on the result let every guess already queued through, since
     // the bucket still looked full while they waited). The cost: a right password briefly
     // holds a token while it is checked.
-    if let Some(Outcome::Verified(true)) = outcome {
+    if let Some(Outcome::Verified { matched: true, .. }) = outcome {
         ctx.password_failures
             .give_back(ctx.peer, ctx.now, rate, burst);
     }
@@ -346,7 +346,18 @@ fn check_password(
         )
     };
     match (outcome, &request.password) {
-        (Some(Outcome::Verified(true)), _) => Ok(None),
+        // The room may have been closed and re-created with another password while the check
+        // was queued: only a password checked against the CURRENT hash opens it (a new room
+        // always has a fresh salt, hence a new hash). Otherwise it is checked again, and that
+        // check is paid for like any other.
+        (
+            Some(Outcome::Verified {
+                matched: true,
+                hash: checked,
+            }),
+            _,
+        ) if *checked == hash => Ok(None),
+        (Some(Outcome::Verified { matched: true, .. }), Some(pw)) => submit_check(ctx, pw, hash),
         // A wrong password: the token taken when its check was submitted stays spent.
         (Some(_), _) => Err(bad_password()),
         (None, None) => {
@@ -667,6 +678,80 @@ mod tests {
         );
         assert_eq!(r.result, Ok(()));
         reg
+    }
+
+    #[test]
+    fn a_password_checked_for_a_closed_room_does_not_open_its_successor() {
+        // `old` is the room the check was queued for; by the time the outcome comes back the
+        // room has been closed and re-created (`new`) with another password.
+        let old = room_with_password("vault", "old-pw");
+        let mut new = room_with_password("vault", "new-pw");
+        let mut limiter = KeyedLimiter::new(8);
+        let mut failures = KeyedLimiter::new(8);
+        let mut out = Outbox::default();
+        let join = request(
+            Operation::JoinRoom,
+            b"vault",
+            br#"{"username": "m", "password": "old-pw"}"#,
+        );
+        let (frame, _) = tcrp::decode(&join, 4096).unwrap().unwrap();
+        let old_hash = old.password_hash("vault").unwrap().to_owned();
+        let outcome = password::run(password::Job::Verify {
+            password: "old-pw".into(),
+            hash: old_hash.clone(),
+        });
+        assert_eq!(
+            outcome,
+            Outcome::Verified {
+                matched: true,
+                hash: old_hash
+            }
+        );
+        let mut ctx = Context {
+            registry: &mut new,
+            limiter: &mut limiter,
+            password_failures: &mut failures,
+            limits: RequestLimits {
+                rate: 0.0,
+                burst: 0.0,
+                password_failure_rate: 1.0,
+                password_failure_burst: 5.0,
+            },
+            out: &mut out,
+            peer: "127.0.0.1".parse().unwrap(),
+            now: Instant::now(),
+            unix_now: 0.0,
+        };
+        // Not admitted on the old check: the password is checked again, against the new hash.
+        let job = match handle_frame(&frame, &mut ctx, Some(&outcome)) {
+            Step::Password(job) => job,
+            Step::Reply(r) => panic!("answered without a new check: {:?}", r.result),
+        };
+        let new_hash = ctx.registry.password_hash("vault").unwrap().to_owned();
+        match &job {
+            password::Job::Verify { hash, .. } => assert_eq!(*hash, new_hash),
+            password::Job::Hash { .. } => panic!("a hash job for a join"),
+        }
+        let second = password::run(job);
+        match handle_frame(&frame, &mut ctx, Some(&second)) {
+            Step::Reply(r) => assert_eq!(r.result, Err(ErrorCode::BadPassword)),
+            Step::Password(_) => panic!("checked a third time"),
+        }
+        // The same flow with the new room's password admits.
+        let join = request(
+            Operation::JoinRoom,
+            b"vault",
+            br#"{"username": "m", "password": "new-pw"}"#,
+        );
+        let (frame, _) = tcrp::decode(&join, 4096).unwrap().unwrap();
+        let right = password::run(password::Job::Verify {
+            password: "new-pw".into(),
+            hash: new_hash,
+        });
+        match handle_frame(&frame, &mut ctx, Some(&right)) {
+            Step::Reply(r) => assert_eq!(r.result, Ok(())),
+            Step::Password(_) => panic!("checked again although the room did not change"),
+        }
     }
 
     #[test]
