@@ -260,16 +260,16 @@ fn answer(
                 ErrorCode::RoomNotFound,
                 refusal_text(ErrorCode::RoomNotFound, room_name, ""),
             ))?;
-            let body = payload::RoomPresence {
-                room: room_name.to_owned(),
-                host: presence.host,
-                members: presence
-                    .members
-                    .into_iter()
-                    .map(|(name, registered)| payload::PresentMember { name, registered })
-                    .collect(),
-            };
-            Ok(Answer::Json(serde_json::to_vec(&body).unwrap_or_default()))
+            let members = presence
+                .members
+                .into_iter()
+                .map(|(name, registered)| payload::PresentMember { name, registered })
+                .collect();
+            Ok(Answer::Json(presence_reply(
+                room_name,
+                presence.host,
+                members,
+            )))
         }
         Operation::History => {
             let token = request.token.as_deref().unwrap_or("");
@@ -286,19 +286,17 @@ fn answer(
                     ),
                     other => (other, refusal_text(other, room_name, "")),
                 })?;
-            let body = payload::HistoryPage {
-                messages: messages
-                    .into_iter()
-                    .map(|m| payload::HistoryMessage {
-                        seq: m.seq,
-                        sender: m.sender,
-                        text: m.text,
-                        at: m.at,
-                    })
-                    .collect(),
-                more,
-            };
-            Ok(Answer::Json(serde_json::to_vec(&body).unwrap_or_default()))
+            let messages = messages
+                .into_iter()
+                .map(|m| payload::HistoryMessage {
+                    seq: m.seq,
+                    sender: m.sender,
+                    text: m.text,
+                    at: m.at,
+                    truncated: false,
+                })
+                .collect();
+            Ok(Answer::Json(history_reply(messages, more)))
         }
         Operation::ListRooms | Operation::Other(_) => unreachable!("handled above"),
     }
@@ -396,6 +394,82 @@ fn submit_check(
 /// Largest ListRooms COMPLETE payload: under the default payload cap (16 KiB) that clients
 /// read replies with, and far under `limits.max_output_bytes`.
 pub const MAX_LIST_BYTES: usize = 15 * 1024;
+
+/// Largest Presence and History COMPLETE payload: the same bound as ListRooms.
+pub const MAX_REPLY_BYTES: usize = MAX_LIST_BYTES;
+
+/// Bytes `value` takes as compact JSON (what the reply writes), plus one for the comma
+/// before it in a list.
+fn listed_len<T: serde::Serialize>(value: &T) -> usize {
+    serde_json::to_vec(value).map_or(usize::MAX, |b| b.len().saturating_add(1))
+}
+
+/// The Presence COMPLETE payload, cut to [`MAX_REPLY_BYTES`]: the first members (host first)
+/// that fit, and `"more": true` if some were left out.
+fn presence_reply(room: &str, host: String, members: Vec<payload::PresentMember>) -> Vec<u8> {
+    let mut body = payload::RoomPresence {
+        room: room.to_owned(),
+        host,
+        members: Vec::new(),
+        more: true,
+    };
+    // The frame with no members and `"more":true`; each member then adds itself and a comma.
+    let mut size = listed_len(&body);
+    body.more = false;
+    for member in members {
+        let len = listed_len(&member);
+        if size.saturating_add(len) > MAX_REPLY_BYTES {
+            body.more = true;
+            break;
+        }
+        size += len;
+        body.members.push(member);
+    }
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+/// The History COMPLETE payload, cut to [`MAX_REPLY_BYTES`]. The page is oldest first; a cut
+/// keeps its NEWEST messages (what a joining member wants to see) and drops the oldest, which
+/// become "older messages" for `more`, so the client pages back to them with `before`. A
+/// newest message too large to fit alone (its text is mostly control characters, escaped as
+/// six bytes each) is sent with its text cut short and `"truncated": true`, so that paging
+/// never gets stuck on it.
+fn history_reply(messages: Vec<payload::HistoryMessage>, more: bool) -> Vec<u8> {
+    let mut body = payload::HistoryPage {
+        messages: Vec::new(),
+        more: true,
+    };
+    let mut size = listed_len(&body);
+    let mut kept = Vec::new();
+    let mut dropped = false;
+    for mut message in messages.into_iter().rev() {
+        let mut len = listed_len(&message);
+        if size.saturating_add(len) > MAX_REPLY_BYTES {
+            if !kept.is_empty() {
+                dropped = true;
+                break;
+            }
+            message.truncated = true;
+            while size.saturating_add(len) > MAX_REPLY_BYTES && !message.text.is_empty() {
+                // Each text byte is at most six bytes of JSON: cutting the excess (at
+                // least) converges in a few rounds.
+                let excess = (size.saturating_add(len) - MAX_REPLY_BYTES).div_ceil(6);
+                let mut end = message.text.len().saturating_sub(excess.max(1));
+                while !message.text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                message.text.truncate(end);
+                len = listed_len(&message);
+            }
+        }
+        size += len;
+        kept.push(message);
+    }
+    kept.reverse();
+    body.messages = kept;
+    body.more = more || dropped;
+    serde_json::to_vec(&body).unwrap_or_default()
+}
 
 fn list_rooms(registry: &Registry) -> Vec<u8> {
     let mut list = payload::RoomList {
