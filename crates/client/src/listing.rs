@@ -7,7 +7,10 @@
 //! |------------------|--------------------------------------------------------------------|
 //! | room list        | `lobby  3 members  created 2026-11-21 23:10:02 UTC  [password]`, or `no rooms` |
 //! | presence         | `host: alice`, then `bob (registered)` / `carol (not registered)`  |
-//! | history message  | `[23:10] bob: hi`                                                  |
+//! | history message  | `[23:10] bob: hi`, `[23:10] bob: hi… (cut: too long for one reply)` |
+
+/// The line after a presence list that the server cut to fit one reply.
+pub const MORE_MEMBERS: &str = "(more members than fit in one reply; not all are shown)";
 
 use tcrp::payload::{HistoryMessage, RoomList, RoomPresence};
 
@@ -62,6 +65,9 @@ pub fn presence_lines(presence: &RoomPresence) -> Vec<String> {
             }
         )
     }));
+    if presence.more {
+        lines.push(MORE_MEMBERS.to_owned());
+    }
     lines
 }
 
@@ -69,9 +75,14 @@ pub fn presence_lines(presence: &RoomPresence) -> Vec<String> {
 pub fn history_line(message: &HistoryMessage) -> String {
     let (_, (hour, minute, _)) = civil(message.at);
     format!(
-        "[{hour:02}:{minute:02}] {}: {}",
+        "[{hour:02}:{minute:02}] {}: {}{}",
         printable(&message.sender),
-        printable(&message.text)
+        printable(&message.text),
+        if message.truncated {
+            "… (cut: too long for one reply)"
+        } else {
+            ""
+        }
     )
 }
 
@@ -184,6 +195,7 @@ mod tests {
                     registered: false,
                 },
             ],
+            more: false,
         };
         assert_eq!(
             presence_lines(&p),
@@ -193,6 +205,9 @@ mod tests {
                 "carol (not registered)"
             ]
         );
+        let cut = RoomPresence { more: true, ..p };
+        assert_eq!(presence_lines(&cut).last().unwrap(), MORE_MEMBERS);
+        assert_eq!(presence_lines(&cut).len(), 4);
     }
 
     #[test]
@@ -202,8 +217,17 @@ mod tests {
             sender: "bob".into(),
             text: "hi\nthere".into(),
             at: 1_700_000_000.1,
+            truncated: false,
         };
         assert_eq!(history_line(&m), "[22:13] bob: hi\\nthere");
+        let cut = HistoryMessage {
+            truncated: true,
+            ..m
+        };
+        assert_eq!(
+            history_line(&cut),
+            "[22:13] bob: hi\\nthere… (cut: too long for one reply)"
+        );
     }
 
     #[test]

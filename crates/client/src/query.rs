@@ -265,6 +265,7 @@ mod tests {
             sender: "bob".into(),
             text: format!("m{seq}"),
             at: 1_700_000_000.0,
+            truncated: false,
         }
     }
 

@@ -248,6 +248,7 @@ pub mod tests {
                     sender: "bob".into(),
                     text: format!("m{seq}"),
                     at: 1_700_000_000.0 + seq as f64 * 60.0,
+                    truncated: false,
                 })
                 .collect(),
             more: false,

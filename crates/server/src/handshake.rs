@@ -260,16 +260,16 @@ fn answer(
                 ErrorCode::RoomNotFound,
                 refusal_text(ErrorCode::RoomNotFound, room_name, ""),
             ))?;
-            let body = payload::RoomPresence {
-                room: room_name.to_owned(),
-                host: presence.host,
-                members: presence
-                    .members
-                    .into_iter()
-                    .map(|(name, registered)| payload::PresentMember { name, registered })
-                    .collect(),
-            };
-            Ok(Answer::Json(serde_json::to_vec(&body).unwrap_or_default()))
+            let members = presence
+                .members
+                .into_iter()
+                .map(|(name, registered)| payload::PresentMember { name, registered })
+                .collect();
+            Ok(Answer::Json(presence_reply(
+                room_name,
+                presence.host,
+                members,
+            )))
         }
         Operation::History => {
             let token = request.token.as_deref().unwrap_or("");
@@ -286,19 +286,17 @@ fn answer(
                     ),
                     other => (other, refusal_text(other, room_name, "")),
                 })?;
-            let body = payload::HistoryPage {
-                messages: messages
-                    .into_iter()
-                    .map(|m| payload::HistoryMessage {
-                        seq: m.seq,
-                        sender: m.sender,
-                        text: m.text,
-                        at: m.at,
-                    })
-                    .collect(),
-                more,
-            };
-            Ok(Answer::Json(serde_json::to_vec(&body).unwrap_or_default()))
+            let messages = messages
+                .into_iter()
+                .map(|m| payload::HistoryMessage {
+                    seq: m.seq,
+                    sender: m.sender,
+                    text: m.text,
+                    at: m.at,
+                    truncated: false,
+                })
+                .collect();
+            Ok(Answer::Json(history_reply(messages, more)))
         }
         Operation::ListRooms | Operation::Other(_) => unreachable!("handled above"),
     }
@@ -314,7 +312,22 @@ fn check_password(
     outcome: Option<&Outcome>,
     token_opens: bool,
 ) -> Result<Option<password::Job>, Refusal> {
-    let Some(hash) = ctx.registry.password_hash(room_name) else {
+    let (rate, burst) = (
+        ctx.limits.password_failure_rate,
+        ctx.limits.password_failure_burst,
+    );
+    // Every check is paid for up front: one failure token is taken from the source's bucket
+    // BEFORE the password goes to the hashing thread (`submit_check`), and given back here
+    // when the password turns out right. A source therefore has at most as many checks in
+    // flight as it has tokens left, so parallel guesses on many connections cannot outrun
+    // the allowance (charging on the result let every guess already queued through, since
+    // the bucket still looked full while they waited). The cost: a right password briefly
+    // holds a token while it is checked.
+    if let Some(Outcome::Verified { matched: true, .. }) = outcome {
+        ctx.password_failures
+            .give_back(ctx.peer, ctx.now, rate, burst);
+    }
+    let Some(hash) = ctx.registry.password_hash(room_name).map(str::to_owned) else {
         return Ok(None);
     };
     if token_opens {
@@ -324,46 +337,139 @@ fn check_password(
             }
         }
     }
-    let limits = ctx.limits;
-    let bad = |ctx: &mut Context<'_>| {
-        // Spend one failure from the source's allowance.
-        ctx.password_failures.allow(
-            ctx.peer,
-            ctx.now,
-            limits.password_failure_rate,
-            limits.password_failure_burst,
-        );
+    let bad_password = || {
         (
             ErrorCode::BadPassword,
             format!("wrong or missing password for room {room_name:?}"),
         )
     };
     match (outcome, &request.password) {
-        (Some(Outcome::Verified(true)), _) => Ok(None),
-        (Some(_), _) | (None, None) => Err(bad(ctx)),
-        (None, Some(pw)) => {
-            if !ctx.password_failures.has_budget(
-                ctx.peer,
-                ctx.now,
-                limits.password_failure_rate,
-                limits.password_failure_burst,
-            ) {
-                return Err((
-                    ErrorCode::RateLimited,
-                    "too many wrong passwords; try again later".into(),
-                ));
-            }
-            Ok(Some(password::Job::Verify {
-                password: pw.clone(),
-                hash: hash.to_owned(),
-            }))
+        // The room may have been closed and re-created with another password while the check
+        // was queued: only a password checked against the CURRENT hash opens it (a new room
+        // always has a fresh salt, hence a new hash). Otherwise it is checked again, and that
+        // check is paid for like any other.
+        (
+            Some(Outcome::Verified {
+                matched: true,
+                hash: checked,
+            }),
+            _,
+        ) if *checked == hash => Ok(None),
+        (Some(Outcome::Verified { matched: true, .. }), Some(pw)) => submit_check(ctx, pw, hash),
+        // A wrong password: the token taken when its check was submitted stays spent.
+        (Some(_), _) => Err(bad_password()),
+        (None, None) => {
+            // A missing password spends one failure from the source's allowance.
+            ctx.password_failures.allow(ctx.peer, ctx.now, rate, burst);
+            Err(bad_password())
         }
+        (None, Some(pw)) => submit_check(ctx, pw, hash),
     }
+}
+
+/// Takes one failure token from the source (see [`check_password`]) and asks for `password`
+/// to be verified against `hash`, or refuses with `rate_limited` if the source has none left.
+fn submit_check(
+    ctx: &mut Context<'_>,
+    password: &str,
+    hash: String,
+) -> Result<Option<password::Job>, Refusal> {
+    if !ctx.password_failures.allow(
+        ctx.peer,
+        ctx.now,
+        ctx.limits.password_failure_rate,
+        ctx.limits.password_failure_burst,
+    ) {
+        return Err((
+            ErrorCode::RateLimited,
+            "too many wrong passwords; try again later".into(),
+        ));
+    }
+    Ok(Some(password::Job::Verify {
+        password: password.to_owned(),
+        hash,
+    }))
 }
 
 /// Largest ListRooms COMPLETE payload: under the default payload cap (16 KiB) that clients
 /// read replies with, and far under `limits.max_output_bytes`.
 pub const MAX_LIST_BYTES: usize = 15 * 1024;
+
+/// Largest Presence and History COMPLETE payload: the same bound as ListRooms.
+pub const MAX_REPLY_BYTES: usize = MAX_LIST_BYTES;
+
+/// Bytes `value` takes as compact JSON (what the reply writes), plus one for the comma
+/// before it in a list.
+fn listed_len<T: serde::Serialize>(value: &T) -> usize {
+    serde_json::to_vec(value).map_or(usize::MAX, |b| b.len().saturating_add(1))
+}
+
+/// The Presence COMPLETE payload, cut to [`MAX_REPLY_BYTES`]: the first members (host first)
+/// that fit, and `"more": true` if some were left out.
+fn presence_reply(room: &str, host: String, members: Vec<payload::PresentMember>) -> Vec<u8> {
+    let mut body = payload::RoomPresence {
+        room: room.to_owned(),
+        host,
+        members: Vec::new(),
+        more: true,
+    };
+    // The frame with no members and `"more":true`; each member then adds itself and a comma.
+    let mut size = listed_len(&body);
+    body.more = false;
+    for member in members {
+        let len = listed_len(&member);
+        if size.saturating_add(len) > MAX_REPLY_BYTES {
+            body.more = true;
+            break;
+        }
+        size += len;
+        body.members.push(member);
+    }
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+/// The History COMPLETE payload, cut to [`MAX_REPLY_BYTES`]. The page is oldest first; a cut
+/// keeps its NEWEST messages (what a joining member wants to see) and drops the oldest, which
+/// become "older messages" for `more`, so the client pages back to them with `before`. A
+/// newest message too large to fit alone (its text is mostly control characters, escaped as
+/// six bytes each) is sent with its text cut short and `"truncated": true`, so that paging
+/// never gets stuck on it.
+fn history_reply(messages: Vec<payload::HistoryMessage>, more: bool) -> Vec<u8> {
+    let mut body = payload::HistoryPage {
+        messages: Vec::new(),
+        more: true,
+    };
+    let mut size = listed_len(&body);
+    let mut kept = Vec::new();
+    let mut dropped = false;
+    for mut message in messages.into_iter().rev() {
+        let mut len = listed_len(&message);
+        if size.saturating_add(len) > MAX_REPLY_BYTES {
+            if !kept.is_empty() {
+                dropped = true;
+                break;
+            }
+            message.truncated = true;
+            while size.saturating_add(len) > MAX_REPLY_BYTES && !message.text.is_empty() {
+                // Each text byte is at most six bytes of JSON: cutting the excess (at
+                // least) converges in a few rounds.
+                let excess = (size.saturating_add(len) - MAX_REPLY_BYTES).div_ceil(6);
+                let mut end = message.text.len().saturating_sub(excess.max(1));
+                while !message.text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                message.text.truncate(end);
+                len = listed_len(&message);
+            }
+        }
+        size += len;
+        kept.push(message);
+    }
+    kept.reverse();
+    body.messages = kept;
+    body.more = more || dropped;
+    serde_json::to_vec(&body).unwrap_or_default()
+}
 
 fn list_rooms(registry: &Registry) -> Vec<u8> {
     let mut list = payload::RoomList {
@@ -429,12 +535,7 @@ mod tests {
         match handle_frame(&frame, &mut ctx, None) {
             Step::Reply(r) => r,
             Step::Password(job) => {
-                let outcome = match job {
-                    password::Job::Hash { password } => Outcome::Hashed(password::hash(&password)),
-                    password::Job::Verify { password, hash } => {
-                        Outcome::Verified(password::verify(&password, &hash))
-                    }
-                };
+                let outcome = password::run(job);
                 match handle_frame(&frame, &mut ctx, Some(&outcome)) {
                     Step::Reply(r) => r,
                     Step::Password(_) => panic!("asked for a password twice"),
@@ -637,6 +738,170 @@ mod tests {
         ));
         assert_eq!(h["messages"].as_array().unwrap().len(), 0);
         assert_eq!(h["more"], false);
+    }
+
+    /// Creates `room` with `password` in a fresh registry.
+    fn room_with_password(room: &str, password: &str) -> Registry {
+        let mut reg = Registry::new(Limits::default(), Box::new(StdRng::seed_from_u64(3)));
+        let mut limiter = KeyedLimiter::new(8);
+        let body = format!(r#"{{"username": "h", "password": "{password}"}}"#);
+        let r = run(
+            &mut reg,
+            &mut limiter,
+            &request(Operation::CreateRoom, room.as_bytes(), body.as_bytes()),
+        );
+        assert_eq!(r.result, Ok(()));
+        reg
+    }
+
+    #[test]
+    fn a_password_checked_for_a_closed_room_does_not_open_its_successor() {
+        // `old` is the room the check was queued for; by the time the outcome comes back the
+        // room has been closed and re-created (`new`) with another password.
+        let old = room_with_password("vault", "old-pw");
+        let mut new = room_with_password("vault", "new-pw");
+        let mut limiter = KeyedLimiter::new(8);
+        let mut failures = KeyedLimiter::new(8);
+        let mut out = Outbox::default();
+        let join = request(
+            Operation::JoinRoom,
+            b"vault",
+            br#"{"username": "m", "password": "old-pw"}"#,
+        );
+        let (frame, _) = tcrp::decode(&join, 4096).unwrap().unwrap();
+        let old_hash = old.password_hash("vault").unwrap().to_owned();
+        let outcome = password::run(password::Job::Verify {
+            password: "old-pw".into(),
+            hash: old_hash.clone(),
+        });
+        assert_eq!(
+            outcome,
+            Outcome::Verified {
+                matched: true,
+                hash: old_hash
+            }
+        );
+        let mut ctx = Context {
+            registry: &mut new,
+            limiter: &mut limiter,
+            password_failures: &mut failures,
+            limits: RequestLimits {
+                rate: 0.0,
+                burst: 0.0,
+                password_failure_rate: 1.0,
+                password_failure_burst: 5.0,
+            },
+            out: &mut out,
+            peer: "127.0.0.1".parse().unwrap(),
+            now: Instant::now(),
+            unix_now: 0.0,
+        };
+        // Not admitted on the old check: the password is checked again, against the new hash.
+        let job = match handle_frame(&frame, &mut ctx, Some(&outcome)) {
+            Step::Password(job) => job,
+            Step::Reply(r) => panic!("answered without a new check: {:?}", r.result),
+        };
+        let new_hash = ctx.registry.password_hash("vault").unwrap().to_owned();
+        match &job {
+            password::Job::Verify { hash, .. } => assert_eq!(*hash, new_hash),
+            password::Job::Hash { .. } => panic!("a hash job for a join"),
+        }
+        let second = password::run(job);
+        match handle_frame(&frame, &mut ctx, Some(&second)) {
+            Step::Reply(r) => assert_eq!(r.result, Err(ErrorCode::BadPassword)),
+            Step::Password(_) => panic!("checked a third time"),
+        }
+        // The same flow with the new room's password admits.
+        let join = request(
+            Operation::JoinRoom,
+            b"vault",
+            br#"{"username": "m", "password": "new-pw"}"#,
+        );
+        let (frame, _) = tcrp::decode(&join, 4096).unwrap().unwrap();
+        let right = password::run(password::Job::Verify {
+            password: "new-pw".into(),
+            hash: new_hash,
+        });
+        match handle_frame(&frame, &mut ctx, Some(&right)) {
+            Step::Reply(r) => assert_eq!(r.result, Ok(())),
+            Step::Password(_) => panic!("checked again although the room did not change"),
+        }
+    }
+
+    #[test]
+    fn each_check_in_flight_holds_a_failure_token_until_it_is_right() {
+        let mut reg = room_with_password("vault", "pw");
+        let mut limiter = KeyedLimiter::new(8);
+        let mut failures = KeyedLimiter::new(8);
+        let mut out = Outbox::default();
+        let mut ctx = Context {
+            registry: &mut reg,
+            limiter: &mut limiter,
+            password_failures: &mut failures,
+            limits: RequestLimits {
+                rate: 0.0,
+                burst: 0.0,
+                password_failure_rate: 1.0 / 60.0,
+                password_failure_burst: 3.0,
+            },
+            out: &mut out,
+            peer: "127.0.0.1".parse().unwrap(),
+            now: Instant::now(),
+            unix_now: 0.0,
+        };
+        let join = |pw: &str| {
+            request(
+                Operation::JoinRoom,
+                b"vault",
+                format!(r#"{{"username": "m{pw}", "password": "{pw}"}}"#).as_bytes(),
+            )
+        };
+        // Three guesses queued at once (none answered yet): the fourth is refused unchecked.
+        let guesses: Vec<Vec<u8>> = ["a", "b", "pw"].iter().map(|p| join(p)).collect();
+        let mut jobs = Vec::new();
+        for g in &guesses {
+            let (frame, _) = tcrp::decode(g, 4096).unwrap().unwrap();
+            match handle_frame(&frame, &mut ctx, None) {
+                Step::Password(job) => jobs.push(job),
+                Step::Reply(r) => panic!("{:?}", r.result),
+            }
+        }
+        let fourth = join("c");
+        let (frame, _) = tcrp::decode(&fourth, 4096).unwrap().unwrap();
+        match handle_frame(&frame, &mut ctx, None) {
+            Step::Reply(r) => assert_eq!(r.result, Err(ErrorCode::RateLimited)),
+            Step::Password(_) => panic!("a check beyond the allowance"),
+        }
+        // The outcomes: two wrong, one right; the right one gives its token back.
+        let mut results = Vec::new();
+        for (g, job) in guesses.iter().zip(jobs) {
+            let (frame, _) = tcrp::decode(g, 4096).unwrap().unwrap();
+            let outcome = password::run(job);
+            match handle_frame(&frame, &mut ctx, Some(&outcome)) {
+                Step::Reply(r) => results.push(r.result),
+                Step::Password(_) => panic!("checked twice"),
+            }
+        }
+        assert_eq!(
+            results,
+            vec![
+                Err(ErrorCode::BadPassword),
+                Err(ErrorCode::BadPassword),
+                Ok(())
+            ]
+        );
+        let (frame, _) = tcrp::decode(&fourth, 4096).unwrap().unwrap();
+        assert!(matches!(
+            handle_frame(&frame, &mut ctx, None),
+            Step::Password(_)
+        ));
+        assert!(matches!(
+            handle_frame(&frame, &mut ctx, None),
+            Step::Reply(Response {
+                result: Err(ErrorCode::RateLimited),
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -34,8 +34,14 @@ pub enum Job {
 pub enum Outcome {
     /// The PHC hash of a new password (or why hashing failed).
     Hashed(Result<String, String>),
-    /// Whether the password matched.
-    Verified(bool),
+    /// Whether the password matched `hash`, the stored hash it was checked against (the room
+    /// may have been closed and re-created, with another password, while the check ran).
+    Verified {
+        /// The password matched.
+        matched: bool,
+        /// The hash of the [`Job::Verify`].
+        hash: String,
+    },
 }
 
 /// Hashes `password` with a fresh random salt.
@@ -62,10 +68,14 @@ pub fn verify(password: &str, hash: &str) -> bool {
     }
 }
 
-fn run(job: Job) -> Outcome {
+/// Does one job (on the worker thread; inline in tests).
+pub fn run(job: Job) -> Outcome {
     match job {
         Job::Hash { password } => Outcome::Hashed(hash(&password)),
-        Job::Verify { password, hash } => Outcome::Verified(verify(&password, &hash)),
+        Job::Verify { password, hash } => Outcome::Verified {
+            matched: verify(&password, &hash),
+            hash,
+        },
     }
 }
 

@@ -40,6 +40,13 @@ impl TokenBucket {
             false
         }
     }
+
+    /// Gives back one token taken by [`TokenBucket::take`] (never above `burst`).
+    pub fn give_back(&mut self, now: Instant, rate: f64, burst: f64) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * rate + 1.0).min(burst);
+    }
 }
 
 /// Buckets per key (a source IP), bounded in memory: when full, buckets that have refilled
@@ -88,6 +95,17 @@ impl<K: Hash + Eq + Copy> KeyedLimiter<K> {
             .or_insert_with(|| TokenBucket::full(burst, now))
             .take(now, rate, burst)
     }
+
+    /// Gives back a token that [`KeyedLimiter::allow`] took from `key`. A key that was
+    /// forgotten meanwhile had a full bucket, so there is nothing to give back then.
+    pub fn give_back(&mut self, key: K, now: Instant, rate: f64, burst: f64) {
+        if rate <= 0.0 {
+            return;
+        }
+        if let Some(bucket) = self.buckets.get_mut(&key) {
+            bucket.give_back(now, rate, burst);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -118,5 +136,25 @@ mod tests {
             "idle keys forgotten"
         );
         assert!(l.allow(9, t0, 0.0, 0.0), "rate 0 is unlimited");
+    }
+
+    #[test]
+    fn a_token_given_back_can_be_taken_again_but_never_past_the_burst() {
+        let t0 = Instant::now();
+        let mut l = KeyedLimiter::new(4);
+        assert!(l.allow(1, t0, 1.0, 2.0));
+        assert!(l.allow(1, t0, 1.0, 2.0));
+        assert!(!l.has_budget(1, t0, 1.0, 2.0));
+        l.give_back(1, t0, 1.0, 2.0);
+        assert!(l.allow(1, t0, 1.0, 2.0));
+        assert!(!l.allow(1, t0, 1.0, 2.0));
+        // Refilled to the burst, then a give-back: still only two.
+        let t1 = t0 + Duration::from_secs(10);
+        l.give_back(1, t1, 1.0, 2.0);
+        assert!(l.allow(1, t1, 1.0, 2.0));
+        assert!(l.allow(1, t1, 1.0, 2.0));
+        assert!(!l.allow(1, t1, 1.0, 2.0));
+        l.give_back(7, t1, 1.0, 2.0); // unknown key: nothing to do
+        assert!(!l.buckets.contains_key(&7));
     }
 }

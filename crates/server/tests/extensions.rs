@@ -544,3 +544,115 @@ fn ocm_on_loopback_asks_for_64_kib_batches_and_original_mode_does_not() {
     assert_eq!(entry("alice")["max_datagram"], 65507, "{state}");
     assert!(entry("bob").get("max_datagram").is_none(), "{state}");
 }
+
+/// The bound the daemon keeps Presence and History COMPLETE payloads under (the one
+/// ListRooms uses), below the 16 KiB payload cap `ocm` reads replies with.
+const MAX_REPLY_BYTES: usize = 15 * 1024;
+
+/// A History request for `token`'s room; the raw COMPLETE payload.
+fn history_payload(
+    d: &Daemon,
+    room: &str,
+    token: &str,
+    before: Option<u64>,
+    limit: u32,
+) -> Vec<u8> {
+    let before = before.map_or(String::new(), |b| format!(r#", "before": {b}"#));
+    let body = format!(r#"{{"token": "{token}", "limit": {limit}{before}}}"#);
+    ask(d, Operation::History, room, body.as_bytes())
+        .unwrap_or_else(|r| panic!("history refused: {r:?}"))
+}
+
+#[test]
+fn history_of_long_messages_is_cut_to_one_reply_keeping_the_newest() {
+    let d = Daemon::start();
+    let alice_token = create(&d, "big", "alice");
+    let bob_token = join(&d, "big", "bob");
+    let alice = Member::joined(&d, "big", &alice_token);
+    let bob = Member::new(&d, "big", &bob_token);
+    bob.registered_with(&alice, "bob");
+    // Five messages of 4000 bytes: 20 KB of text, more than one reply may carry.
+    let texts: Vec<String> = (0..5)
+        .map(|i| format!("m{i}-{}", "x".repeat(3997)))
+        .collect();
+    for text in &texts {
+        bob.send(text);
+        assert_eq!(alice.recv(), format!("bob: {text}"));
+    }
+
+    // The default page (20) does not fit: the newest messages come, with more = true.
+    let raw = history_payload(&d, "big", &alice_token, None, 20);
+    assert!(raw.len() <= MAX_REPLY_BYTES, "{} bytes", raw.len());
+    let page: HistoryPage = payload::parse_json(&raw).unwrap();
+    assert!(page.more);
+    let got: Vec<&str> = page.messages.iter().map(|m| m.text.as_str()).collect();
+    let newest = &texts[texts.len() - got.len()..];
+    assert!(!got.is_empty() && got.len() < texts.len(), "{}", got.len());
+    assert_eq!(got, newest, "the newest messages, oldest first");
+    assert!(page.messages.iter().all(|m| !m.truncated));
+
+    // Paging back with `before` reaches every message, each reply under the bound.
+    let mut seen: Vec<String> = got.iter().map(|t| t.to_string()).collect();
+    let mut before = page.messages[0].seq;
+    loop {
+        let raw = history_payload(&d, "big", &alice_token, Some(before), 20);
+        assert!(raw.len() <= MAX_REPLY_BYTES, "{} bytes", raw.len());
+        let page: HistoryPage = payload::parse_json(&raw).unwrap();
+        let mut older: Vec<String> = page.messages.iter().map(|m| m.text.clone()).collect();
+        older.append(&mut seen);
+        seen = older;
+        if !page.more {
+            break;
+        }
+        before = page.messages[0].seq;
+    }
+    assert_eq!(seen[seen.len() - texts.len()..], texts[..]);
+
+    // One message of 4000 control characters is 24 KB of JSON on its own: it comes cut
+    // short and marked, not as a reply too large to read (or none at all).
+    let control = "\u{1}".repeat(4000);
+    bob.send(&control);
+    assert!(alice.recv_raw().len() > 4000, "relayed");
+    let raw = history_payload(&d, "big", &alice_token, None, 1);
+    assert!(raw.len() <= MAX_REPLY_BYTES, "{} bytes", raw.len());
+    let page: HistoryPage = payload::parse_json(&raw).unwrap();
+    assert_eq!(page.messages.len(), 1);
+    let m = &page.messages[0];
+    assert!(m.truncated);
+    assert!(
+        m.text.len() > 1000 && control.starts_with(&m.text),
+        "{}",
+        m.text.len()
+    );
+    assert!(page.more);
+}
+
+#[test]
+fn presence_of_a_crowded_room_is_cut_to_one_reply() {
+    let d = Daemon::start();
+    // 80 members with 64-character, 247-byte names: about 22 KB of presence.
+    let name = |i: usize| format!("{i:03}{}", "\u{1F600}".repeat(61));
+    create(&d, "crowd", &name(0));
+    const MEMBERS: usize = 80;
+    for i in 1..MEMBERS {
+        join(&d, "crowd", &name(i));
+    }
+    let raw = ask(&d, Operation::Presence, "crowd", b"{}").expect("presence");
+    assert!(raw.len() <= MAX_REPLY_BYTES, "{} bytes", raw.len());
+    let presence: payload::RoomPresence = payload::parse_json(&raw).unwrap();
+    assert!(presence.more);
+    assert_eq!(presence.host, name(0));
+    let names: Vec<String> = presence.members.iter().map(|m| m.name.clone()).collect();
+    assert!(names.len() > 10 && names.len() < MEMBERS, "{}", names.len());
+    let first: Vec<String> = (0..names.len()).map(name).collect();
+    assert_eq!(names, first, "host first, then in join order");
+
+    // `ocm who` reads the reply and says that not everyone is shown.
+    let (code, out, err) = run_ocm(&d, &["who", "crowd"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        out.last().map(String::as_str),
+        Some("(more members than fit in one reply; not all are shown)")
+    );
+    assert_eq!(out.len(), names.len() + 2, "host line, members, the note");
+}

@@ -638,6 +638,86 @@ fn a_chat_flood_is_rate_limited_per_member() {
 
 // ---- TCP floods and caps ----
 
+/// Sends one join to `vault` per password, each on its own connection from `from`, all of
+/// them before reading any reply; the replies' refusal codes (`None`: admitted), in order.
+fn parallel_joins(d: &Daemon, from: Ipv4Addr, passwords: &[&str]) -> Vec<Option<ErrorCode>> {
+    let mut conns: Vec<TcpStream> = passwords
+        .iter()
+        .enumerate()
+        .map(|(i, pw)| {
+            let mut s = connect_from(from, d.tcp, None);
+            let body = format!(r#"{{"username": "guess{i}", "password": "{pw}"}}"#);
+            s.write_all(&request_bytes(
+                Operation::JoinRoom,
+                "vault",
+                body.as_bytes(),
+            ))
+            .unwrap();
+            s
+        })
+        .collect();
+    conns
+        .iter_mut()
+        .map(|s| refused(&FrameReader::default().reply(s)))
+        .collect()
+}
+
+#[test]
+fn parallel_wrong_passwords_cannot_outrun_the_failure_allowance() {
+    // Burst 5, and a refill slow enough (one a minute) that the test cannot earn another.
+    let d = daemon("[rate]\npassword_failures_per_min = 1.0\npassword_failures_burst = 5.0\n");
+    let r = request(
+        &d,
+        Operation::CreateRoom,
+        "vault",
+        br#"{"username": "h", "password": "right"}"#,
+    );
+    assert!(r.token.is_some(), "{:?}", r.compliance);
+
+    // 20 wrong guesses at once from one IP: each needs a failure token BEFORE it is checked,
+    // so only the burst is checked and the rest are refused unchecked.
+    const GUESSES: usize = 20;
+    let wrong: Vec<String> = (0..GUESSES).map(|i| format!("wrong{i}")).collect();
+    let wrong: Vec<&str> = wrong.iter().map(String::as_str).collect();
+    let codes = parallel_joins(&d, Ipv4Addr::new(127, 0, 0, 4), &wrong);
+    let count = |code| codes.iter().filter(|c| **c == Some(code)).count();
+    let (bad, limited) = (count(ErrorCode::BadPassword), count(ErrorCode::RateLimited));
+    eprintln!("{bad} bad_password, {limited} rate_limited");
+    assert_eq!(bad + limited, GUESSES, "{codes:?}");
+    assert!(bad <= 5, "{bad} guesses checked with a burst of 5");
+    assert!(bad >= 1, "nothing was checked");
+    // Spent: even the right password is now refused unchecked from that IP.
+    assert_eq!(
+        parallel_joins(&d, Ipv4Addr::new(127, 0, 0, 4), &["right"]),
+        vec![Some(ErrorCode::RateLimited)]
+    );
+
+    // From an IP with budget left, a right password among parallel wrong ones is admitted
+    // (its token comes back), and the wrong ones are each checked.
+    let codes = parallel_joins(
+        &d,
+        Ipv4Addr::new(127, 0, 0, 5),
+        &["no1", "no2", "right", "no3", "no4"],
+    );
+    assert_eq!(
+        codes,
+        [
+            Some(ErrorCode::BadPassword),
+            Some(ErrorCode::BadPassword),
+            None,
+            Some(ErrorCode::BadPassword),
+            Some(ErrorCode::BadPassword)
+        ]
+    );
+    assert_eq!(
+        parallel_joins(&d, Ipv4Addr::new(127, 0, 0, 5), &["right"]),
+        vec![None],
+        "one token was left"
+    );
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room, "vault".into()]);
+}
+
 #[test]
 fn a_request_flood_from_one_ip_is_rate_limited_and_others_are_served() {
     let d = daemon("[rate]\nrequests_per_sec = 2.0\nrequests_burst = 5.0\n");

@@ -429,8 +429,12 @@ pub struct RoomPresence {
     pub room: String,
     /// The host's username.
     pub host: String,
-    /// Every member, host first.
+    /// Every member, host first; cut at the end when they do not all fit in one reply.
     pub members: Vec<PresentMember>,
+    /// More members exist than fit in one reply (the reply stays under the default payload
+    /// cap); those listed are the first ones, host first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub more: bool,
 }
 
 /// One message in a History COMPLETE payload.
@@ -444,14 +448,21 @@ pub struct HistoryMessage {
     pub text: String,
     /// Unix time it was relayed, seconds.
     pub at: f64,
+    /// The text was cut at its end: the message alone does not fit in one reply (only
+    /// possible for texts of many control characters, which JSON escapes six bytes each).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
 }
 
 /// COMPLETE payload of History (operation 5): oldest first; `more` when older messages exist.
+/// A page that would not fit in one reply (under the default payload cap) keeps its newest
+/// messages and drops the oldest, which then count as older messages (`more`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HistoryPage {
     /// Messages, oldest first.
     pub messages: Vec<HistoryMessage>,
-    /// Whether messages older than the first one exist.
+    /// Whether messages older than the first one exist (kept by the server but not in this
+    /// page, whether beyond the page's `limit` or cut to fit the reply).
     pub more: bool,
 }
 
@@ -662,6 +673,32 @@ mod tests {
             assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
         }
         assert_eq!(ErrorCode::parse("nope"), None);
+    }
+
+    #[test]
+    fn presence_and_history_flags_are_optional_and_round_trip() {
+        // Written only when set; absent reads as false (replies of older daemons).
+        let p: RoomPresence =
+            parse_json(br#"{"room":"r","host":"a","members":[{"name":"a","registered":true}]}"#)
+                .unwrap();
+        assert!(!p.more);
+        assert!(!serde_json::to_string(&p).unwrap().contains("more"));
+        let cut = RoomPresence { more: true, ..p };
+        let text = serde_json::to_string(&cut).unwrap();
+        assert!(text.ends_with(r#"],"more":true}"#), "{text}");
+        assert_eq!(parse_json::<RoomPresence>(text.as_bytes()).unwrap(), cut);
+
+        let m: HistoryMessage =
+            parse_json(br#"{"seq":1,"sender":"b","text":"hi","at":2.5}"#).unwrap();
+        assert!(!m.truncated);
+        assert!(!serde_json::to_string(&m).unwrap().contains("truncated"));
+        let cut = HistoryMessage {
+            truncated: true,
+            ..m
+        };
+        let text = serde_json::to_string(&cut).unwrap();
+        assert!(text.ends_with(r#","truncated":true}"#), "{text}");
+        assert_eq!(parse_json::<HistoryMessage>(text.as_bytes()).unwrap(), cut);
     }
 
     #[test]
