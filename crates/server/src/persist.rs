@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
-use log::{debug, error, info};
+use log::{debug, error, info, warn};
 
 use crate::config::StateConfig;
 use crate::error::StoreError;
@@ -428,6 +428,13 @@ impl Writer {
                 writer.paths.state.display(),
                 torn_tail_note(loaded.torn_tail, &loaded.zero_holes)
             );
+            if !loaded.zero_holes.is_empty() {
+                // Normal after a crash or power cut; after neither, the disk lost synced data.
+                warn!(
+                    "state: journal lines after a zero-filled hole were ignored; this is \
+                     expected only after a crash or power loss, otherwise check the disk"
+                );
+            }
         }
         writer.compactor = Some(Compactor::spawn(
             writer.paths.clone(),

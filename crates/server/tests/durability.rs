@@ -731,6 +731,10 @@ fn a_zero_filled_hole_in_the_journal_ends_it_as_a_torn_tail() {
         "{log}"
     );
     assert!(log.contains(": 1 rooms, 2 tokens loaded"), "{log}");
+    assert!(
+        log.contains("WARN") && log.contains("otherwise check the disk"),
+        "the hole is also a warning: {log}"
+    );
     assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0, "folded");
     // Everything before the hole: the host and m1 relay.
     let host = Member::joined(&d, "journal", &tokens[0]);
