@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A token bucket: `burst` tokens at most, refilled at `rate` per second.
 #[derive(Debug, Clone, Copy)]
@@ -49,12 +49,18 @@ impl TokenBucket {
     }
 }
 
+/// How long a full limiter refuses newcomers outright after a sweep found no bucket to forget:
+/// a sweep is a pass over every key, so without this each newcomer would cost one.
+const SWEEP_BACKOFF: Duration = Duration::from_millis(100);
+
 /// Buckets per key (a source IP), bounded in memory: when full, buckets that have refilled
 /// completely are forgotten (they are indistinguishable from new ones).
 #[derive(Debug)]
 pub struct KeyedLimiter<K> {
     buckets: HashMap<K, TokenBucket>,
     capacity: usize,
+    /// Set when a sweep left the table full: until then newcomers are refused unscanned.
+    full_until: Option<Instant>,
 }
 
 impl<K: Hash + Eq + Copy> KeyedLimiter<K> {
@@ -63,6 +69,7 @@ impl<K: Hash + Eq + Copy> KeyedLimiter<K> {
         KeyedLimiter {
             buckets: HashMap::new(),
             capacity,
+            full_until: None,
         }
     }
 
@@ -82,11 +89,16 @@ impl<K: Hash + Eq + Copy> KeyedLimiter<K> {
             return true;
         }
         if self.buckets.len() >= self.capacity && !self.buckets.contains_key(&key) {
+            if self.full_until.is_some_and(|until| now < until) {
+                return false;
+            }
             let refill = burst / rate;
             self.buckets
                 .retain(|_, b| now.saturating_duration_since(b.last).as_secs_f64() < refill);
             if self.buckets.len() >= self.capacity {
-                // Everyone is active: refuse newcomers rather than grow without bound.
+                // Everyone is active: refuse newcomers rather than grow without bound, and
+                // do not sweep again for a while.
+                self.full_until = Some(now + SWEEP_BACKOFF);
                 return false;
             }
         }
@@ -111,7 +123,6 @@ impl<K: Hash + Eq + Copy> KeyedLimiter<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn bucket_allows_burst_then_refills_at_rate() {
@@ -136,6 +147,22 @@ mod tests {
             "idle keys forgotten"
         );
         assert!(l.allow(9, t0, 0.0, 0.0), "rate 0 is unlimited");
+    }
+
+    #[test]
+    fn a_full_limiter_sweeps_at_most_once_per_backoff() {
+        let t0 = Instant::now();
+        let mut l = KeyedLimiter::new(2);
+        // Rate 100/s, burst 1: a bucket is forgettable 10 ms after its last use.
+        assert!(l.allow(1, t0, 100.0, 1.0));
+        assert!(l.allow(2, t0, 100.0, 1.0));
+        assert!(!l.allow(3, t0, 100.0, 1.0), "full of active keys");
+        // Both keys are idle by now, but the table is not swept again so soon.
+        let soon = t0 + SWEEP_BACKOFF / 2;
+        assert!(!l.allow(3, soon, 100.0, 1.0));
+        assert_eq!(l.buckets.len(), 2, "no sweep within the backoff");
+        assert!(l.allow(3, t0 + SWEEP_BACKOFF, 100.0, 1.0), "swept after it");
+        assert_eq!(l.buckets.len(), 1);
     }
 
     #[test]
