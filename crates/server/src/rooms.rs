@@ -389,6 +389,8 @@ pub struct Registry {
     records: Vec<Record>,
     scratch: Vec<MemberId>,
     wall_clock: Option<(Instant, f64)>,
+    /// The room key a budgeted history checkpoint stopped at; the next one starts there.
+    checkpoint_cursor: usize,
 }
 
 impl Registry {
@@ -407,6 +409,7 @@ impl Registry {
             records: Vec::new(),
             scratch: Vec::new(),
             wall_clock: None,
+            checkpoint_cursor: 0,
         }
     }
 
@@ -610,11 +613,35 @@ impl Registry {
     }
 
     /// Queues a history record for each room whose kept messages changed since the last
-    /// checkpoint; returns how many.
+    /// checkpoint; returns how many. Used at shutdown: everything is written.
     pub fn checkpoint_history(&mut self) -> usize {
-        let mut written = 0;
-        for (_, room) in self.rooms.iter_mut().filter(|(_, r)| r.history_dirty) {
+        self.checkpoint_history_within(usize::MAX)
+    }
+
+    /// Like [`Registry::checkpoint_history`], but stops once the rooms written hold `budget`
+    /// bytes of history (text and sender names; JSON escaping may grow them up to sixfold), so
+    /// a periodic checkpoint writes a bounded amount however many rooms chatted. The rooms
+    /// left out stay dirty, and the next call starts with them.
+    pub fn checkpoint_history_within(&mut self, budget: usize) -> usize {
+        let cursor = self.checkpoint_cursor;
+        let mut dirty: Vec<usize> = self
+            .rooms
+            .iter()
+            .filter(|(_, r)| r.history_dirty)
+            .map(|(k, _)| k)
+            .collect();
+        // Round robin: the rooms from the cursor on, then those before it.
+        dirty.sort_unstable_by_key(|&k| (k < cursor, k));
+        self.checkpoint_cursor = 0;
+        let (mut written, mut bytes) = (0, 0usize);
+        for key in dirty {
+            if written > 0 && bytes >= budget {
+                self.checkpoint_cursor = key;
+                break;
+            }
+            let room = &mut self.rooms[key];
             room.history_dirty = false;
+            bytes = bytes.saturating_add(room.history_bytes);
             self.records.push(Record::History {
                 room: room.name.to_string(),
                 next_seq: room.next_seq,
@@ -1641,6 +1668,61 @@ mod tests {
         );
         let (page, _) = t.reg.history_page("r", token, None, 100).unwrap();
         assert_eq!(page.iter().map(|m| m.seq).collect::<Vec<_>>(), [6]);
+    }
+
+    #[test]
+    fn a_budgeted_checkpoint_writes_some_rooms_and_the_next_one_the_rest() {
+        let mut reg = registry();
+        reg.set_limits(Limits {
+            chat_rate: 0.0,
+            ..Limits::default()
+        });
+        let now = Instant::now();
+        let mut out = Outbox::default();
+        for (port, room) in [(1, "a"), (2, "b"), (3, "c")] {
+            let host = reg
+                .create_room(room, &Request::original("h"), None, now, 1.0)
+                .unwrap()
+                .token;
+            let guest = reg
+                .join_room(room, &Request::original("g"), now, &mut out)
+                .unwrap()
+                .token;
+            for (t, p) in [(&host, port), (&guest, port + 10)] {
+                reg.handle_datagram(addr(p), &dgram(room, t, "__REGISTER__"), now, &mut out);
+            }
+            // 3000 + 1 bytes of history per room.
+            let h = reg.handle_datagram(
+                addr(port),
+                &dgram(room, &host, &"x".repeat(3000)),
+                now,
+                &mut out,
+            );
+            assert_eq!(h, Handled::Relayed { deliveries: 1 });
+        }
+        reg.take_records();
+        let rooms_written = |reg: &mut Registry| -> Vec<String> {
+            let mut names: Vec<String> = reg
+                .take_records()
+                .into_iter()
+                .filter_map(|r| match r {
+                    Record::History { room, .. } => Some(room),
+                    _ => None,
+                })
+                .collect();
+            names.sort();
+            names
+        };
+        // A budget smaller than one room still writes one room; then a budget of 5000
+        // bytes writes the other two (the second takes it past), and nothing is left.
+        assert_eq!(reg.checkpoint_history_within(1), 1);
+        let first = rooms_written(&mut reg);
+        assert_eq!(reg.checkpoint_history_within(5000), 2);
+        let second = rooms_written(&mut reg);
+        let mut all = [first, second].concat();
+        all.sort();
+        assert_eq!(all, ["a", "b", "c"]);
+        assert_eq!(reg.checkpoint_history_within(5000), 0, "nothing left");
     }
 
     #[test]

@@ -64,6 +64,9 @@ const MAX_HTTP_CONNECTIONS: usize = 16;
 const READS_PER_EVENT: usize = 4;
 /// Extra bytes each connection may read beyond one frame.
 const READ_SLACK: usize = 4096;
+/// History bytes a periodic checkpoint writes at most (the rest wait for the next one); the
+/// one at shutdown writes everything.
+const HISTORY_CHECKPOINT_BYTES: usize = 4 * 1024 * 1024;
 /// How soon accepting is tried again after `accept` failed for want of descriptors or memory.
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
@@ -650,7 +653,8 @@ impl Server {
             }
         }
         if now >= self.next_checkpoint {
-            self.registry.checkpoint_history();
+            self.registry
+                .checkpoint_history_within(HISTORY_CHECKPOINT_BYTES);
             self.next_checkpoint = now + Duration::from_secs(self.config.history.checkpoint_secs);
         }
         if now >= self.next_status {
