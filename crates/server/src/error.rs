@@ -35,6 +35,20 @@ pub enum StoreError {
         /// What the parser said.
         reason: String,
     },
+    /// `journal.old` ends in a torn tail and the journal after it does not go on from its last
+    /// record: `journal.old` was complete when it was rotated, so records are missing.
+    #[error(
+        "{old} is cut short at line {line}, and {journal} does not go on from its last record: \
+         acknowledged records between them are missing (the files were left untouched)"
+    )]
+    CutShort {
+        /// `journal.old`.
+        old: PathBuf,
+        /// Where its torn tail begins, 1-based.
+        line: usize,
+        /// The journal holding the later records.
+        journal: PathBuf,
+    },
     /// Writing, syncing or renaming failed.
     #[error("cannot write {path}: {source}")]
     Write {

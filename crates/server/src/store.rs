@@ -318,10 +318,12 @@ pub struct Loaded {
 /// journal (a missing journal is an empty one).
 ///
 /// A torn tail (a torn last line, or a zero-filled hole and everything after it: see
-/// [`parse_journal`]) is accepted at the end of `journal.old` too. Records are appended to
-/// `journal.old` only before its rotation, and the rotation happens after an append succeeded,
-/// so its tail can only be torn if the daemon crashed mid-append while it was still the
-/// journal; then that record was never acknowledged, exactly as for a torn tail of the journal.
+/// [`parse_journal`]) is accepted at the end of the last journal that has records to replay.
+/// `journal.old` was rotated only after an append to it was synced, so all of it was durable:
+/// when it ends in a torn tail and the journal's next record is not the one right after the
+/// last record applied (records are numbered one by one), synced records were lost in
+/// between, and the load stops ([`StoreError::CutShort`]) rather than replay the journal
+/// across the gap. Otherwise the torn tail is ignored, as for the journal.
 pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
     let mut state = match read_if_exists(&paths.state)? {
         Some(bytes) => parse_state(&bytes).map_err(|source| StoreError::Parse {
@@ -341,6 +343,8 @@ pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
     // never overlap, but a live backup can: its copy of the journal may be older than its
     // copy of journal.old, which then holds the same records and newer ones.
     let mut applied = state.journal_seq;
+    // Where `journal.old`'s torn tail begins, if it has one.
+    let mut old_cut_at: Option<usize> = None;
     for (path, is_old) in [(&paths.journal_old, true), (&paths.journal, false)] {
         let Some(bytes) = read_if_exists(path)? else {
             continue;
@@ -355,8 +359,21 @@ pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
         loaded
             .zero_holes
             .extend(replay.zero_hole.map(|hole| (path.clone(), hole)));
+        if is_old && replay.torn_tail {
+            // A hole's first line, or else the torn last line.
+            let last_line = bytes.split_inclusive(|&b| b == b'\n').count();
+            old_cut_at = Some(replay.zero_hole.map_or(last_line, |hole| hole.line));
+        }
         for (n, record) in replay.records {
             if n > applied {
+                // Records are numbered one by one, so a gap is records lost.
+                if let (false, Some(line), true) = (is_old, old_cut_at, n > applied + 1) {
+                    return Err(StoreError::CutShort {
+                        old: paths.journal_old.clone(),
+                        line,
+                        journal: path.clone(),
+                    });
+                }
                 state.apply(&record);
                 loaded.replayed += 1;
                 applied = n;
@@ -940,21 +957,50 @@ mod tests {
                 fs::write(&paths.journal, &holed).unwrap();
                 &paths.journal
             };
+            if hole_in_old {
+                // journal.old was durable when it was rotated: a hole in it followed by
+                // journal records means synced records are missing in between.
+                let err = load(&paths).unwrap_err();
+                assert!(
+                    matches!(&err, StoreError::CutShort { line: 3, .. }),
+                    "{err}"
+                );
+                // With nothing to replay after it, the hole just ends the records.
+                fs::remove_file(&paths.journal).unwrap();
+            }
             let loaded = load(&paths).unwrap();
             assert!(loaded.torn_tail, "hole in old: {hole_in_old}");
             assert_eq!(
                 loaded.zero_holes,
                 [(path.clone(), ZeroHole { line: 3, lines: 2 })]
             );
-            let members = &loaded.state.rooms["a"].members;
-            if hole_in_old {
-                assert_eq!(members, &["h1", "m2", "m5"]);
-                assert_eq!(loaded.last_seq, 5);
-            } else {
-                assert_eq!(members, &["h1", "m2"]);
-                assert_eq!(loaded.last_seq, 2);
-            }
+            assert_eq!(&loaded.state.rooms["a"].members, &["h1", "m2"]);
+            assert_eq!(loaded.last_seq, 2);
         }
+    }
+
+    #[test]
+    fn a_torn_journal_old_is_refused_only_when_the_journal_skips_records_after_it() {
+        let (_dir, paths) = temp_paths();
+        let mut torn = two_records();
+        torn.extend_from_slice(b"{\"n\":3,\"op\":\"jo");
+        fs::write(&paths.journal_old, &torn).unwrap();
+        // Records the old journal already holds (a backup's overlap) are skipped: no gap.
+        fs::write(&paths.journal, journal_bytes(&[(2, join("a", "m2"))])).unwrap();
+        let loaded = load(&paths).unwrap();
+        assert_eq!(&loaded.state.rooms["a"].members, &["h1", "m2"]);
+        // The record right after the last one applied: no gap, the torn line is ignored.
+        fs::write(&paths.journal, journal_bytes(&[(3, join("a", "m3"))])).unwrap();
+        let loaded = load(&paths).unwrap();
+        assert_eq!(&loaded.state.rooms["a"].members, &["h1", "m2", "m3"]);
+        // A later record would be replayed across a gap: refused, naming the torn line.
+        fs::write(&paths.journal, journal_bytes(&[(5, join("a", "m5"))])).unwrap();
+        let err = load(&paths).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::CutShort { line: 3, old, journal }
+                if *old == paths.journal_old && *journal == paths.journal),
+            "{err}"
+        );
     }
 
     /// A bad line without a NUL byte is not a crash artifact: acknowledged records may follow
