@@ -82,6 +82,11 @@ pub struct Context<'a> {
 /// Answers one decoded frame. `password` is the outcome of the [`Step::Password`] job this
 /// frame asked for, on the second call.
 pub fn handle_frame(frame: &Frame<'_>, ctx: &mut Context<'_>, password: Option<&Outcome>) -> Step {
+    // A right password gives back the failure token its check took (see `check_password`),
+    // here, before anything can refuse the request (the room may have closed meanwhile).
+    if let Some(Outcome::Verified { matched: true, .. }) = password {
+        give_back_check(ctx.password_failures, ctx.peer, ctx.now, &ctx.limits);
+    }
     match answer(frame, ctx, password) {
         Ok(Answer::Password(job)) => Step::Password(job),
         Ok(Answer::Token(token)) => {
@@ -322,11 +327,7 @@ fn check_password(
     // flight as it has tokens left, so parallel guesses on many connections cannot outrun
     // the allowance (charging on the result let every guess already queued through, since
     // the bucket still looked full while they waited). The cost: a right password briefly
-    // holds a token while it is checked.
-    if let Some(Outcome::Verified { matched: true, .. }) = outcome {
-        ctx.password_failures
-            .give_back(ctx.peer, ctx.now, rate, burst);
-    }
+    // holds a token while it is checked. (`handle_frame` gives it back.)
     let Some(hash) = ctx.registry.password_hash(room_name).map(str::to_owned) else {
         return Ok(None);
     };
@@ -365,6 +366,23 @@ fn check_password(
         }
         (None, Some(pw)) => submit_check(ctx, pw, hash),
     }
+}
+
+/// Gives back the failure token a password check took, when the password was right: called
+/// with the check's outcome by `handle_frame`, or by the loop when the connection that asked
+/// for the check closed before the outcome came.
+pub fn give_back_check(
+    failures: &mut KeyedLimiter<IpAddr>,
+    peer: IpAddr,
+    now: Instant,
+    limits: &RequestLimits,
+) {
+    failures.give_back(
+        peer,
+        now,
+        limits.password_failure_rate,
+        limits.password_failure_burst,
+    );
 }
 
 /// Takes one failure token from the source (see [`check_password`]) and asks for `password`
@@ -826,6 +844,62 @@ mod tests {
             Step::Reply(r) => assert_eq!(r.result, Ok(())),
             Step::Password(_) => panic!("checked again although the room did not change"),
         }
+    }
+
+    #[test]
+    fn a_right_password_gets_its_token_back_even_when_the_room_closed_meanwhile() {
+        let mut with_room = room_with_password("vault", "pw");
+        // The same daemon once the host has left: no room any more.
+        let mut without = Registry::new(Limits::default(), Box::new(StdRng::seed_from_u64(4)));
+        let mut limiter = KeyedLimiter::new(8);
+        let mut failures = KeyedLimiter::new(8);
+        let mut out = Outbox::default();
+        let limits = RequestLimits {
+            rate: 0.0,
+            burst: 0.0,
+            password_failure_rate: 1.0 / 60.0,
+            password_failure_burst: 1.0,
+        };
+        let peer: IpAddr = "127.0.0.1".parse().unwrap();
+        let now = Instant::now();
+        let bytes = request(Operation::Presence, b"vault", br#"{"password": "pw"}"#);
+        let (frame, _) = tcrp::decode(&bytes, 4096).unwrap().unwrap();
+        let mut ctx = Context {
+            registry: &mut with_room,
+            limiter: &mut limiter,
+            password_failures: &mut failures,
+            limits,
+            out: &mut out,
+            peer,
+            now,
+            unix_now: 0.0,
+        };
+        let Step::Password(job) = handle_frame(&frame, &mut ctx, None) else {
+            panic!("no check asked for");
+        };
+        assert!(
+            !failures.has_budget(peer, now, 1.0 / 60.0, 1.0),
+            "the check took it"
+        );
+        let outcome = password::run(job);
+        let mut ctx = Context {
+            registry: &mut without,
+            limiter: &mut limiter,
+            password_failures: &mut failures,
+            limits,
+            out: &mut out,
+            peer,
+            now,
+            unix_now: 0.0,
+        };
+        match handle_frame(&frame, &mut ctx, Some(&outcome)) {
+            Step::Reply(r) => assert_eq!(r.result, Err(ErrorCode::RoomNotFound)),
+            Step::Password(_) => panic!("checked twice"),
+        }
+        assert!(
+            failures.has_budget(peer, now, 1.0 / 60.0, 1.0),
+            "the right password's token was not given back"
+        );
     }
 
     #[test]

@@ -719,6 +719,75 @@ fn parallel_wrong_passwords_cannot_outrun_the_failure_allowance() {
 }
 
 #[test]
+fn a_right_password_whose_connection_closed_does_not_spend_the_allowance() {
+    // Burst 1 and one a minute: a token kept by mistake would refuse the next check.
+    let d = daemon("[rate]\npassword_failures_per_min = 1.0\npassword_failures_burst = 1.0\n");
+    let r = request(
+        &d,
+        Operation::CreateRoom,
+        "vault",
+        br#"{"username": "h", "password": "right"}"#,
+    );
+    assert!(r.token.is_some(), "{:?}", r.compliance);
+    let from = Ipv4Addr::new(127, 0, 0, 6);
+    // Checks from five other sources keep the (one) hashing thread busy for a while, so that
+    // the join below waits in its queue.
+    let busy = thread::scope(|scope| {
+        let d = &d;
+        let ahead: Vec<_> = (7..12)
+            .map(|last| {
+                scope.spawn(move || parallel_joins(d, Ipv4Addr::new(127, 0, 0, last), &["no"]))
+            })
+            .collect();
+        let queued = |source: &str| {
+            d.log()
+                .lines()
+                .any(|l| l.contains(source) && l.contains("password check queued"))
+        };
+        wait_until("five checks queued ahead", || {
+            (7..12).all(|last| queued(&format!("127.0.0.{last}:")))
+        });
+        // The join goes out, then the connection is reset (SO_LINGER 0) while its check
+        // waits: the daemon closes its side at once (after a plain FIN it would still answer).
+        let mut s = connect_from(from, d.tcp, None);
+        s.write_all(&request_bytes(
+            Operation::JoinRoom,
+            "vault",
+            br#"{"username": "gone", "password": "right"}"#,
+        ))
+        .unwrap();
+        wait_until("the join's check is queued", || queued("127.0.0.6:"));
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt reads the struct we own, for the socket we own.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+        drop(s);
+        ahead
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(busy, vec![Some(ErrorCode::BadPassword); 5]);
+    d.wait_for_log("127.0.0.6: right password for a closed connection: token given back");
+    assert_eq!(
+        parallel_joins(&d, from, &["right"]),
+        vec![None],
+        "the closed connection's check kept the only token"
+    );
+}
+
+#[test]
 fn a_request_flood_from_one_ip_is_rate_limited_and_others_are_served() {
     let d = daemon("[rate]\nrequests_per_sec = 2.0\nrequests_burst = 5.0\n");
     // The flood comes from 127.0.0.2 on one connection, pipelined.

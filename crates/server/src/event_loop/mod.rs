@@ -114,7 +114,9 @@ pub struct Server {
     limiter: KeyedLimiter<IpAddr>,
     password_failures: KeyedLimiter<IpAddr>,
     passwords: password::Worker,
-    password_tickets: HashMap<u64, ConnId>,
+    /// Password checks in flight: the connection waiting and its source (whose failure token
+    /// is given back if the password was right, even when the connection has gone).
+    password_tickets: HashMap<u64, (ConnId, IpAddr)>,
     next_ticket: u64,
     next_checkpoint: Instant,
     persister: Option<Persister>,

@@ -100,8 +100,9 @@ impl Server {
                         Step::Password(job) => {
                             self.next_ticket += 1;
                             let ticket = self.next_ticket;
-                            self.password_tickets.insert(ticket, id);
+                            self.password_tickets.insert(ticket, (id, peer.ip()));
                             self.passwords.submit(ticket, job);
+                            debug!("{peer} conn {id:?}: password check queued");
                             conn.awaiting_password = Some(ticket);
                             break;
                         }
@@ -148,7 +149,7 @@ impl Server {
     /// Password checks finished: resume the connections that waited for them.
     pub(super) fn collect_passwords(&mut self, now: Instant) {
         for (ticket, outcome) in self.passwords.poll() {
-            let Some(id) = self.password_tickets.remove(&ticket) else {
+            let Some((id, source)) = self.password_tickets.remove(&ticket) else {
                 continue;
             };
             let waiting = self
@@ -156,7 +157,14 @@ impl Server {
                 .get(id.0)
                 .is_some_and(|c| c.awaiting_password == Some(ticket));
             if !waiting {
-                continue; // the connection closed meanwhile
+                // The connection closed meanwhile. A right password still gets its failure
+                // token back (`handle_frame` would have given it back).
+                if let Outcome::Verified { matched: true, .. } = outcome {
+                    let limits = self.config.request_limits();
+                    handshake::give_back_check(&mut self.password_failures, source, now, &limits);
+                    debug!("{source}: right password for a closed connection: token given back");
+                }
+                continue;
             }
             self.process_input(id, now, Some(outcome));
             // Input that arrived while waiting may hold more frames, and the socket more bytes.
