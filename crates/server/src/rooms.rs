@@ -1679,6 +1679,7 @@ mod tests {
         });
         let now = Instant::now();
         let mut out = Outbox::default();
+        let mut hosts = Vec::new();
         for (port, room) in [(1, "a"), (2, "b"), (3, "c")] {
             let host = reg
                 .create_room(room, &Request::original("h"), None, now, 1.0)
@@ -1699,6 +1700,7 @@ mod tests {
                 &mut out,
             );
             assert_eq!(h, Handled::Relayed { deliveries: 1 });
+            hosts.push(host);
         }
         reg.take_records();
         let rooms_written = |reg: &mut Registry| -> Vec<String> {
@@ -1723,6 +1725,36 @@ mod tests {
         all.sort();
         assert_eq!(all, ["a", "b", "c"]);
         assert_eq!(reg.checkpoint_history_within(5000), 0, "nothing left");
+        // Round robin: a room written by one call and dirtied again waits behind the rooms
+        // that call left out.
+        for (port, room) in [(1, "a"), (2, "b"), (3, "c")] {
+            let host = &hosts[port as usize - 1];
+            reg.handle_datagram(addr(port), &dgram(room, host, "again"), now, &mut out);
+        }
+        reg.take_records();
+        let mut order = Vec::new();
+        for _ in 0..3 {
+            assert_eq!(reg.checkpoint_history_within(1), 1);
+            order.extend(rooms_written(&mut reg));
+        }
+        // The previous call wrote every dirty room, so this round starts from the first room
+        // (slab keys follow creation), one room per call.
+        assert_eq!(order, ["a", "b", "c"]);
+        reg.handle_datagram(addr(2), &dgram("b", &hosts[1], "more"), now, &mut out);
+        reg.handle_datagram(addr(1), &dgram("a", &hosts[0], "more"), now, &mut out);
+        reg.take_records();
+        assert_eq!(reg.checkpoint_history_within(1), 1);
+        assert_eq!(rooms_written(&mut reg), ["a"]);
+        reg.handle_datagram(addr(1), &dgram("a", &hosts[0], "more"), now, &mut out);
+        reg.take_records();
+        assert_eq!(reg.checkpoint_history_within(1), 1);
+        assert_eq!(
+            rooms_written(&mut reg),
+            ["b"],
+            "a was written last time: b first"
+        );
+        assert_eq!(reg.checkpoint_history_within(1), 1);
+        assert_eq!(rooms_written(&mut reg), ["a"]);
     }
 
     #[test]
