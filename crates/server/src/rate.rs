@@ -49,8 +49,9 @@ impl TokenBucket {
     }
 }
 
-/// How long a full limiter refuses newcomers outright after a sweep found no bucket to forget:
-/// a sweep is a pass over every key, so without this each newcomer would cost one.
+/// How long a full limiter refuses newcomers outright after a sweep that freed little (less
+/// than a sixteenth of its capacity): a sweep is a pass over every key, so without this each
+/// newcomer could cost one (an attacker letting one bucket go idle per new address).
 const SWEEP_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Buckets per key (a source IP), bounded in memory: when full, buckets that have refilled
@@ -59,7 +60,7 @@ const SWEEP_BACKOFF: Duration = Duration::from_millis(100);
 pub struct KeyedLimiter<K> {
     buckets: HashMap<K, TokenBucket>,
     capacity: usize,
-    /// Set when a sweep left the table full: until then newcomers are refused unscanned.
+    /// Set when a sweep freed little: until then newcomers find no room without a sweep.
     full_until: Option<Instant>,
 }
 
@@ -93,12 +94,16 @@ impl<K: Hash + Eq + Copy> KeyedLimiter<K> {
                 return false;
             }
             let refill = burst / rate;
+            let before = self.buckets.len();
             self.buckets
                 .retain(|_, b| now.saturating_duration_since(b.last).as_secs_f64() < refill);
-            if self.buckets.len() >= self.capacity {
-                // Everyone is active: refuse newcomers rather than grow without bound, and
-                // do not sweep again for a while.
+            let freed = before - self.buckets.len();
+            if freed * 16 < self.capacity.max(16) {
+                // Few were idle: do not pay for another pass for a while.
                 self.full_until = Some(now + SWEEP_BACKOFF);
+            }
+            if self.buckets.len() >= self.capacity {
+                // Everyone is active: refuse newcomers rather than grow without bound.
                 return false;
             }
         }
@@ -163,6 +168,27 @@ mod tests {
         assert_eq!(l.buckets.len(), 2, "no sweep within the backoff");
         assert!(l.allow(3, t0 + SWEEP_BACKOFF, 100.0, 1.0), "swept after it");
         assert_eq!(l.buckets.len(), 1);
+    }
+
+    #[test]
+    fn a_sweep_that_frees_little_also_backs_off() {
+        let t0 = Instant::now();
+        let mut l = KeyedLimiter::new(32);
+        // Rate 100/s, burst 1: forgettable 10 ms after the last use. Key 0 goes idle first.
+        assert!(l.allow(0, t0, 100.0, 1.0));
+        let t1 = t0 + Duration::from_millis(20);
+        for key in 1..32 {
+            assert!(l.allow(key, t1, 100.0, 1.0));
+        }
+        // The sweep frees key 0 only (1 of 32): the newcomer gets its place...
+        let t2 = t0 + Duration::from_millis(25);
+        assert!(l.allow(100, t2, 100.0, 1.0));
+        // ...and the next newcomers are refused without a sweep while the backoff lasts,
+        // although by then every other key has gone idle.
+        let t3 = t0 + Duration::from_millis(40);
+        assert!(!l.allow(101, t3, 100.0, 1.0));
+        assert_eq!(l.buckets.len(), 32, "no sweep within the backoff");
+        assert!(l.allow(101, t2 + SWEEP_BACKOFF, 100.0, 1.0));
     }
 
     #[test]
