@@ -719,6 +719,47 @@ fn parallel_wrong_passwords_cannot_outrun_the_failure_allowance() {
 }
 
 #[test]
+fn a_flood_of_password_rooms_from_one_source_is_refused_past_its_share_of_the_hasher() {
+    let d = daemon("");
+    // 20 creates of password rooms at once from one IP: each needs an argon2 hash (tens of
+    // milliseconds, one at a time), and a source may have 8 queued.
+    const CREATES: usize = 20;
+    let mut conns: Vec<TcpStream> = (0..CREATES)
+        .map(|i| {
+            let mut s = connect_from(Ipv4Addr::new(127, 0, 0, 12), d.tcp, None);
+            s.write_all(&request_bytes(
+                Operation::CreateRoom,
+                &format!("locked-{i}"),
+                br#"{"username": "h", "password": "pw"}"#,
+            ))
+            .unwrap();
+            s
+        })
+        .collect();
+    let replies: Vec<Reply> = conns
+        .iter_mut()
+        .map(|s| FrameReader::default().reply(s))
+        .collect();
+    let created = replies.iter().filter(|r| r.token.is_some()).count();
+    let busy = replies
+        .iter()
+        .filter(|r| refused(r) == Some(ErrorCode::RateLimited))
+        .count();
+    eprintln!("{created} created, {busy} refused as busy");
+    assert_eq!(created + busy, CREATES, "{replies:?}");
+    assert!(created >= 8, "the source's share was not served: {created}");
+    assert!(busy >= 1, "20 hashes were queued for one source");
+    // Another source is served meanwhile and after.
+    let r = request(
+        &d,
+        Operation::CreateRoom,
+        "other",
+        br#"{"username": "h", "password": "pw"}"#,
+    );
+    assert!(r.token.is_some(), "{:?}", r.compliance);
+}
+
+#[test]
 fn a_right_password_whose_connection_closed_does_not_spend_the_allowance() {
     // Burst 1 and one a minute: a token kept by mistake would refuse the next check.
     let d = daemon("[rate]\npassword_failures_per_min = 1.0\npassword_failures_burst = 1.0\n");

@@ -64,6 +64,11 @@ const MAX_HTTP_CONNECTIONS: usize = 16;
 const READS_PER_EVENT: usize = 4;
 /// Extra bytes each connection may read beyond one frame.
 const READ_SLACK: usize = 4096;
+/// Password jobs (argon2, tens of milliseconds each, one at a time) queued at most, in all and
+/// per source IP; past either, a request needing one is refused with `rate_limited`.
+const MAX_PASSWORD_JOBS: usize = 64;
+/// See [`MAX_PASSWORD_JOBS`].
+const MAX_PASSWORD_JOBS_PER_SOURCE: usize = 8;
 /// History bytes a periodic checkpoint writes at most (the rest wait for the next one); the
 /// one at shutdown writes everything.
 const HISTORY_CHECKPOINT_BYTES: usize = 4 * 1024 * 1024;

@@ -1,18 +1,23 @@
 //! The TCRP and HTTP side of the loop: reading connections, answering frames (handing
 //! password checks to their thread and resuming after), and the metrics responder.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use tcrp::payload::ErrorCode;
 use tcrp::{Operation, HEADER_LEN};
 
-use super::{unix_now, ConnId, Server, READS_PER_EVENT, READ_SLACK};
+use super::{
+    unix_now, ConnId, Server, MAX_PASSWORD_JOBS, MAX_PASSWORD_JOBS_PER_SOURCE, READS_PER_EVENT,
+    READ_SLACK,
+};
 use crate::conn::{Filled, ReadUntil};
 use crate::handshake::{self, Context, Step};
 use crate::http::{self, Route};
 use crate::metrics::{operation_label, Metrics};
-use crate::password::Outcome;
+use crate::password::{self, Outcome};
 use crate::udp;
 
 impl Server {
@@ -98,13 +103,37 @@ impl Server {
                             response
                         }
                         Step::Password(job) => {
-                            self.next_ticket += 1;
-                            let ticket = self.next_ticket;
-                            self.password_tickets.insert(ticket, (id, peer.ip()));
-                            self.passwords.submit(ticket, job);
-                            debug!("{peer} conn {id:?}: password check queued");
-                            conn.awaiting_password = Some(ticket);
-                            break;
+                            let source = peer.ip();
+                            if let Some(why) = password_queue_full(&self.password_tickets, source) {
+                                // Refused unchecked: a check that took a failure token
+                                // gives it back (nothing was tried).
+                                if matches!(job, password::Job::Verify { .. }) {
+                                    let limits = self.config.request_limits();
+                                    handshake::give_back_check(
+                                        &mut self.password_failures,
+                                        source,
+                                        now,
+                                        &limits,
+                                    );
+                                }
+                                debug!("{peer} conn {id:?}: password check refused: {why}");
+                                consumed += used;
+                                handshake::refusal(
+                                    frame.operation,
+                                    frame.room_name,
+                                    ErrorCode::RateLimited,
+                                    "password checks are busy; try again shortly",
+                                    false,
+                                )
+                            } else {
+                                self.next_ticket += 1;
+                                let ticket = self.next_ticket;
+                                self.password_tickets.insert(ticket, (id, source));
+                                self.passwords.submit(ticket, job);
+                                debug!("{peer} conn {id:?}: password check queued");
+                                conn.awaiting_password = Some(ticket);
+                                break;
+                            }
                         }
                     }
                 }
@@ -216,4 +245,19 @@ impl Server {
         conn.close_after_flush = true;
         None
     }
+}
+
+/// Why a new password job from `source` is refused, if it is: the
+/// hashing thread works one job at a time (tens of milliseconds each), so its queue is
+/// bounded in all and per source, and a flood of password requests is refused at once
+/// rather than making every check wait behind it.
+fn password_queue_full(
+    tickets: &HashMap<u64, (ConnId, IpAddr)>,
+    source: IpAddr,
+) -> Option<&'static str> {
+    if tickets.len() >= MAX_PASSWORD_JOBS {
+        return Some("the queue is full");
+    }
+    let from_source = tickets.values().filter(|(_, ip)| *ip == source).count();
+    (from_source >= MAX_PASSWORD_JOBS_PER_SOURCE).then_some("the source has its share queued")
 }
