@@ -432,18 +432,28 @@ fn presence_reply(room: &str, host: String, members: Vec<payload::PresentMember>
         more: true,
     };
     // The frame with no members and `"more":true`; each member then adds itself and a comma.
-    let mut size = listed_len(&body);
-    body.more = false;
-    for member in members {
-        let len = listed_len(&member);
-        if size.saturating_add(len) > MAX_REPLY_BYTES {
-            body.more = true;
-            break;
-        }
-        size += len;
-        body.members.push(member);
-    }
+    let frame = listed_len(&body);
+    (body.members, body.more) = fitting(members, frame, MAX_REPLY_BYTES);
     serde_json::to_vec(&body).unwrap_or_default()
+}
+
+/// The leading `items` whose compact JSON, a comma each, fits in `bound` bytes after the
+/// `used` ones; and whether any were left out.
+fn fitting<T: serde::Serialize>(
+    items: impl IntoIterator<Item = T>,
+    mut used: usize,
+    bound: usize,
+) -> (Vec<T>, bool) {
+    let mut kept = Vec::new();
+    for item in items {
+        let len = listed_len(&item);
+        if used.saturating_add(len) > bound {
+            return (kept, true);
+        }
+        used += len;
+        kept.push(item);
+    }
+    (kept, false)
 }
 
 /// The History COMPLETE payload, cut to [`MAX_REPLY_BYTES`]. The page is oldest first; a cut
@@ -490,28 +500,18 @@ fn history_reply(messages: Vec<payload::HistoryMessage>, more: bool) -> Vec<u8> 
 }
 
 fn list_rooms(registry: &Registry) -> Vec<u8> {
-    let mut list = payload::RoomList {
-        rooms: Vec::new(),
-        more: false,
-    };
-    // `{"rooms":[...],"more":true}`: 27 bytes of frame, plus a comma per entry.
-    let mut size: usize = 27;
-    for r in registry.list_rooms() {
-        let entry = payload::ListedRoom {
+    let entries = registry
+        .list_rooms()
+        .into_iter()
+        .map(|r| payload::ListedRoom {
             name: r.name,
             members: r.members,
             created_at: r.created_at,
             password: r.has_password,
-        };
-        let entry_len = serde_json::to_vec(&entry).map_or(usize::MAX, |b| b.len() + 1);
-        if size.saturating_add(entry_len) > MAX_LIST_BYTES {
-            list.more = true;
-            break;
-        }
-        size += entry_len;
-        list.rooms.push(entry);
-    }
-    serde_json::to_vec(&list).unwrap_or_default()
+        });
+    // `{"rooms":[...],"more":true}`: 27 bytes of frame, plus a comma per entry.
+    let (rooms, more) = fitting(entries, 27, MAX_LIST_BYTES);
+    serde_json::to_vec(&payload::RoomList { rooms, more }).unwrap_or_default()
 }
 
 fn refusal_text(code: ErrorCode, room: &str, user: &str) -> String {

@@ -638,6 +638,17 @@ fn a_chat_flood_is_rate_limited_per_member() {
 
 // ---- TCP floods and caps ----
 
+/// Creates room "vault" with the password "right".
+fn create_vault(d: &Daemon) {
+    let r = request(
+        d,
+        Operation::CreateRoom,
+        "vault",
+        br#"{"username": "h", "password": "right"}"#,
+    );
+    assert!(r.token.is_some(), "{:?}", r.compliance);
+}
+
 /// Sends one join to `vault` per password, each on its own connection from `from`, all of
 /// them before reading any reply; the replies' refusal codes (`None`: admitted), in order.
 fn parallel_joins(d: &Daemon, from: Ipv4Addr, passwords: &[&str]) -> Vec<Option<ErrorCode>> {
@@ -666,13 +677,7 @@ fn parallel_joins(d: &Daemon, from: Ipv4Addr, passwords: &[&str]) -> Vec<Option<
 fn parallel_wrong_passwords_cannot_outrun_the_failure_allowance() {
     // Burst 5, and a refill slow enough (one a minute) that the test cannot earn another.
     let d = daemon("[rate]\npassword_failures_per_min = 1.0\npassword_failures_burst = 5.0\n");
-    let r = request(
-        &d,
-        Operation::CreateRoom,
-        "vault",
-        br#"{"username": "h", "password": "right"}"#,
-    );
-    assert!(r.token.is_some(), "{:?}", r.compliance);
+    create_vault(&d);
 
     // 20 wrong guesses at once from one IP: each needs a failure token BEFORE it is checked,
     // so only the burst is checked and the rest are refused unchecked.
@@ -763,13 +768,7 @@ fn a_flood_of_password_rooms_from_one_source_is_refused_past_its_share_of_the_ha
 fn a_right_password_whose_connection_closed_does_not_spend_the_allowance() {
     // Burst 1 and one a minute: a token kept by mistake would refuse the next check.
     let d = daemon("[rate]\npassword_failures_per_min = 1.0\npassword_failures_burst = 1.0\n");
-    let r = request(
-        &d,
-        Operation::CreateRoom,
-        "vault",
-        br#"{"username": "h", "password": "right"}"#,
-    );
-    assert!(r.token.is_some(), "{:?}", r.compliance);
+    create_vault(&d);
     let from = Ipv4Addr::new(127, 0, 0, 6);
     // Checks from five other sources keep the (one) hashing thread busy for a while, so that
     // the join below waits in its queue.
