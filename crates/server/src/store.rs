@@ -17,10 +17,12 @@
 //! the journal it folds has been renamed `room_manager.json.journal.old` and a fresh journal
 //! takes the new records, so every record in `journal.old` precedes every record in `journal`.
 //! Loading reads the file, then replays `journal.old` and then `journal`, keeping the lines
-//! whose `n` is above the file's `journal_seq` and above every line replayed before. In either journal a torn tail (a crash in
-//! the middle of an append, which was never acknowledged) is ignored: a bad last line, or
-//! everything from the first line holding a NUL byte (a zero-filled hole) on; a bad line
-//! anywhere else stops the load. See `docs/PERSISTENCE.md`.
+//! whose `n` is above the file's `journal_seq` and above every line replayed before. A torn
+//! tail (a crash in the middle of an append, which was never acknowledged) is ignored: a bad
+//! last line, or everything from the first line holding a NUL byte (a zero-filled hole) on.
+//! In `journal.old`, which was durable when it was rotated, it is ignored only if the journal
+//! goes on from its last record; otherwise records are missing and the load stops, as it does
+//! for a bad line anywhere else. See `docs/PERSISTENCE.md`.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};

@@ -65,8 +65,9 @@ const READS_PER_EVENT: usize = 4;
 /// Extra bytes each connection may read beyond one frame.
 const READ_SLACK: usize = 4096;
 /// Password jobs (argon2, tens of milliseconds each, one at a time) queued at most, in all and
-/// per source IP; past either, a request needing one is refused with `rate_limited`.
-const MAX_PASSWORD_JOBS: usize = 64;
+/// per source (an IPv4 address or an IPv6 /64); past either, a request needing one is refused
+/// with `rate_limited`. The total is 32 sources' worth, so a few addresses cannot fill it.
+const MAX_PASSWORD_JOBS: usize = 256;
 /// See [`MAX_PASSWORD_JOBS`].
 const MAX_PASSWORD_JOBS_PER_SOURCE: usize = 8;
 /// History bytes a periodic checkpoint writes at most (the rest wait for the next one); the

@@ -84,6 +84,8 @@ impl Server {
             }
             conn.awaiting_password = None;
             let decoded = tcrp::decode(&conn.input[consumed..], max_payload);
+            // Whether a `rate_limited` below is the password queue's, not the request limit's.
+            let mut queue_full = false;
             let response = match decoded {
                 Ok(None) => break,
                 Ok(Some((frame, used))) => {
@@ -117,6 +119,7 @@ impl Server {
                                     );
                                 }
                                 debug!("{peer} conn {id:?}: password check refused: {why}");
+                                queue_full = true;
                                 consumed += used;
                                 handshake::refusal(
                                     frame.operation,
@@ -153,7 +156,12 @@ impl Server {
             let result = response.result.map_or_else(|c| c.as_str(), |()| "ok");
             *self.metrics.handshakes.entry((op, result)).or_insert(0) += 1;
             if response.result == Err(ErrorCode::RateLimited) {
-                Metrics::bump(&mut self.metrics.rate_limited, "request");
+                let kind = if queue_full {
+                    "password_queue"
+                } else {
+                    "request"
+                };
+                Metrics::bump(&mut self.metrics.rate_limited, kind);
             }
             let wait_for = match (response.needs_durability, self.persister.as_mut()) {
                 (true, Some(p)) => Some(p.submit(self.registry.take_records())),
@@ -258,6 +266,23 @@ fn password_queue_full(
     if tickets.len() >= MAX_PASSWORD_JOBS {
         return Some("the queue is full");
     }
-    let from_source = tickets.values().filter(|(_, ip)| *ip == source).count();
+    let key = source_key(source);
+    let from_source = tickets
+        .values()
+        .filter(|(_, ip)| source_key(*ip) == key)
+        .count();
     (from_source >= MAX_PASSWORD_JOBS_PER_SOURCE).then_some("the source has its share queued")
+}
+
+/// The source a password job counts against: the address, or for IPv6 its /64 (one host
+/// usually holds a whole /64).
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            let mut octets = v6.octets();
+            octets[8..].fill(0);
+            IpAddr::from(octets)
+        }
+    }
 }
