@@ -255,10 +255,10 @@ impl Server {
     }
 }
 
-/// Why a new password job from `source` is refused, if it is: the
-/// hashing thread works one job at a time (tens of milliseconds each), so its queue is
-/// bounded in all and per source, and a flood of password requests is refused at once
-/// rather than making every check wait behind it.
+/// Why a new password job from `source` is refused, if it is: the hashing thread works one
+/// job at a time (tens of milliseconds each), so its queue is bounded in all and per source,
+/// and a flood of password requests is refused at once rather than making every check wait
+/// behind it.
 fn password_queue_full(
     tickets: &HashMap<u64, (ConnId, IpAddr)>,
     source: IpAddr,
@@ -284,5 +284,44 @@ fn source_key(ip: IpAddr) -> IpAddr {
             octets[8..].fill(0);
             IpAddr::from(octets)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tickets(sources: &[&str]) -> HashMap<u64, (ConnId, IpAddr)> {
+        sources
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| (i as u64, (ConnId(i), ip.parse().unwrap())))
+            .collect()
+    }
+
+    #[test]
+    fn ipv6_sources_count_by_their_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(source_key(a), source_key(b));
+        assert_ne!(source_key(a), source_key(c));
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        assert_eq!(source_key(v4), v4);
+    }
+
+    #[test]
+    fn the_queue_is_bounded_per_source_and_in_all() {
+        let source: IpAddr = "2001:db8::1".parse().unwrap();
+        let mut same = vec!["2001:db8::2"; MAX_PASSWORD_JOBS_PER_SOURCE - 1];
+        assert_eq!(password_queue_full(&tickets(&same), source), None);
+        same.push("2001:db8::3");
+        assert!(password_queue_full(&tickets(&same), source).is_some());
+        let others: Vec<String> = (0..MAX_PASSWORD_JOBS)
+            .map(|i| format!("10.{}.{}.1", i / 250, i % 250))
+            .collect();
+        let others: Vec<&str> = others.iter().map(String::as_str).collect();
+        assert!(password_queue_full(&tickets(&others), source).is_some());
+        assert_eq!(password_queue_full(&tickets(&others[1..]), source), None);
     }
 }
