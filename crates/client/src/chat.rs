@@ -94,11 +94,18 @@ pub struct Session {
     server: SocketAddr,
     room_name: String,
     token: Token,
+    /// Our username's length: the relayed datagram carries it before the text.
+    username_len: usize,
 }
 
 impl Session {
     /// Binds a UDP socket on an ephemeral port of the server address's family.
-    pub fn open(server: SocketAddr, room_name: &str, token: Token) -> Result<Session, ClientError> {
+    pub fn open(
+        server: SocketAddr,
+        room_name: &str,
+        username: &str,
+        token: Token,
+    ) -> Result<Session, ClientError> {
         let local = match server {
             SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
             SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
@@ -109,14 +116,32 @@ impl Session {
             server,
             room_name: room_name.to_owned(),
             token,
+            username_len: username.len(),
         })
     }
 
-    /// Longest chat message that fits one datagram with our room name and token, in bytes.
+    /// Longest chat message, in bytes, that fits one datagram with our room name and token,
+    /// and that the daemon relays: relayed, a size byte and our name come before the text, and
+    /// the whole must fit the 4096 bytes an original client reads (longer chat is dropped).
     pub fn max_message_len(&self) -> usize {
-        ucrp::MAX_DATAGRAM_LEN.saturating_sub(
+        let ours = ucrp::MAX_DATAGRAM_LEN.saturating_sub(
             datagram::FIXED_LEN + self.room_name.len() + self.token.as_bytes().len(),
-        )
+        );
+        let relayed = ucrp::MAX_DATAGRAM_LEN.saturating_sub(1 + self.username_len);
+        ours.min(relayed)
+    }
+
+    /// Sends chat `text`, unless it is longer than [`Session::max_message_len`] (the daemon
+    /// would drop it): then `Ok(Err(TooLarge))` and nothing is sent.
+    fn send_chat(&self, text: &str) -> io::Result<Result<(), ucrp::Error>> {
+        let max = self.max_message_len();
+        if text.len() > max {
+            return Ok(Err(ucrp::Error::TooLarge {
+                len: text.len(),
+                max,
+            }));
+        }
+        self.send(text)
     }
 
     /// Sends one datagram carrying `message` (chat text or a control word). A message that
@@ -268,7 +293,7 @@ fn finish_closed(screen: &Mutex<Screen>, terminal: Option<TerminalGuard>) {
 
 /// Sends one chat message; local feedback goes to standard error.
 fn send_text(session: &Session, screen: &Mutex<Screen>, text: &str) {
-    let complaint = match session.send(text) {
+    let complaint = match session.send_chat(text) {
         Ok(Ok(())) => return,
         Ok(Err(ucrp::Error::TooLarge { .. })) => format!(
             "* message too long (max {} bytes)",
@@ -613,6 +638,11 @@ mod tests {
 
     /// A session aimed at a local socket that plays the server.
     fn pair(room: &str, token: &str) -> (Session, UdpSocket) {
+        pair_named(room, "me", token)
+    }
+
+    /// The same, with our username.
+    fn pair_named(room: &str, username: &str, token: &str) -> (Session, UdpSocket) {
         let server = UdpSocket::bind("127.0.0.1:0").unwrap();
         server
             .set_read_timeout(Some(Duration::from_secs(5)))
@@ -620,6 +650,7 @@ mod tests {
         let session = Session::open(
             server.local_addr().unwrap(),
             room,
+            username,
             Token::new(token.into()).unwrap(),
         )
         .unwrap();
@@ -802,6 +833,25 @@ mod tests {
         session.send(&"z".repeat(max)).unwrap().unwrap();
         // The first datagram to arrive is the one that fits.
         assert_eq!(recv(&server).len(), ucrp::MAX_DATAGRAM_LEN);
+    }
+
+    #[test]
+    fn messages_the_daemon_could_not_relay_whole_are_not_sent() {
+        // Relayed, 1 + 100 + text must fit 4096 bytes: 3995 bytes of text at most, less than
+        // our own datagram would carry.
+        let name = "n".repeat(100);
+        let (session, server) = pair_named("lobby", &name, "00ff");
+        assert_eq!(session.max_message_len(), 3995);
+        let (screen, rec) = screen(false);
+        send_text(&session, &screen, &"y".repeat(3996));
+        assert_eq!(rec.lines(), ["err: * message too long (max 3995 bytes)"]);
+        send_text(&session, &screen, &"z".repeat(3995));
+        let bytes = recv(&server);
+        assert_eq!(
+            ucrp::parse(&bytes).unwrap().message,
+            ucrp::Message::Chat(&"z".repeat(3995)),
+            "the longer one was not sent"
+        );
     }
 
     #[test]

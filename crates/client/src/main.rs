@@ -267,7 +267,12 @@ fn chat(
         .map_err(ClientError::io("reading the server's address"))?;
     drop(stream);
 
-    let session = chat::Session::open(SocketAddr::new(tcp.ip(), udp_port), room_name, token)?;
+    let session = chat::Session::open(
+        SocketAddr::new(tcp.ip(), udp_port),
+        room_name,
+        &args.name,
+        token,
+    )?;
     chat::run(
         session,
         chat::Options {
