@@ -839,7 +839,7 @@ mod tests {
     fn messages_the_daemon_could_not_relay_whole_are_not_sent() {
         // Relayed, 1 + 100 + text must fit 4096 bytes: 3995 bytes of text at most, less than
         // our own datagram would carry.
-        let name = "n".repeat(100);
+        let name = "é".repeat(50); // 100 bytes, 50 characters (names have at most 64)
         let (session, server) = pair_named("lobby", &name, "00ff");
         assert_eq!(session.max_message_len(), 3995);
         let (screen, rec) = screen(false);

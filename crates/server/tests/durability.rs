@@ -700,6 +700,53 @@ fn a_torn_final_journal_line_is_ignored() {
 /// acknowledged: the daemon starts with every record before the hole, says what it ignored,
 /// and folds the journal away.
 #[test]
+fn a_journal_old_cut_short_before_later_records_stops_the_start_untouched() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let mut d = spawn_on(&dir).expect("ocmd starts");
+    create(&d, "cut", "host");
+    for name in ["m1", "m2", "m3"] {
+        join(&d, "cut", name);
+    }
+    d.kill9();
+    drop(d);
+    // As if a compaction had rotated the first three records to journal.old, and the disk
+    // had then lost the third: journal.old ends in a zero-filled hole, and the journal goes
+    // on with record 4.
+    let journal = dir.path().join("room_manager.json.journal");
+    let old = dir.path().join("room_manager.json.journal.old");
+    let text = std::fs::read(&journal).unwrap();
+    let lines: Vec<&[u8]> = text.split_inclusive(|&b| b == b'\n').collect();
+    assert_eq!(lines.len(), 4, "one line per record");
+    let mut cut = lines[..2].concat();
+    cut.extend_from_slice(&vec![0; lines[2].len()]);
+    std::fs::write(&old, &cut).unwrap();
+    std::fs::write(&journal, lines[3]).unwrap();
+    let log = match spawn_on(&dir) {
+        Ok(_) => panic!("ocmd replayed the journal across the lost record"),
+        Err(log) => log,
+    };
+    assert!(
+        log.contains("is cut short at line 3")
+            && log.contains("does not go on from its last record"),
+        "{log}"
+    );
+    assert_eq!(std::fs::read(&old).unwrap(), cut, "journal.old untouched");
+    assert_eq!(
+        std::fs::read(&journal).unwrap(),
+        lines[3],
+        "journal untouched"
+    );
+    // The documented way out: move the journal aside; journal.old folds up to its hole.
+    std::fs::rename(&journal, dir.path().join("journal.aside")).unwrap();
+    let d = spawn_on(&dir).expect("ocmd starts without the journal");
+    assert!(
+        d.log().contains(": 1 rooms, 2 tokens loaded"),
+        "{}",
+        d.log()
+    );
+}
+
+#[test]
 fn a_zero_filled_hole_in_the_journal_ends_it_as_a_torn_tail() {
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let mut d = spawn_on(&dir).expect("ocmd starts");

@@ -564,6 +564,39 @@ fn history_payload(
 }
 
 #[test]
+fn a_room_keeps_at_most_its_history_byte_budget_and_that_survives_a_restart() {
+    let mut d = Daemon::start_with(Options {
+        config: Some("[history]\nmax_bytes_per_room = 10000\n".into()),
+        ..Options::default()
+    });
+    let alice_token = create(&d, "budget", "alice");
+    let bob_token = join(&d, "budget", "bob");
+    let alice = Member::joined(&d, "budget", &alice_token);
+    let bob = Member::new(&d, "budget", &bob_token);
+    bob.registered_with(&alice, "bob");
+    // Text and sender name count: "bob" + 3000 bytes = 3003 a message, so three fit.
+    for i in 1..=4 {
+        let text = format!("{i}").repeat(3000);
+        bob.send(&text);
+        assert_eq!(alice.recv(), format!("bob: {text}"));
+    }
+    let kept = |d: &Daemon| -> Vec<String> {
+        let raw = history_payload(d, "budget", &alice_token, None, 100);
+        let page: HistoryPage = payload::parse_json(&raw).unwrap();
+        page.messages
+            .iter()
+            .map(|m| m.text[..1].to_owned())
+            .collect()
+    };
+    // The probe, then "1", were pushed out: the newest that fit in 10,000 bytes remain.
+    assert_eq!(kept(&d), ["2", "3", "4"]);
+    // SIGTERM writes every history; the restart loads it within the same budget.
+    d.terminate();
+    d.restart();
+    assert_eq!(kept(&d), ["2", "3", "4"], "after a restart");
+}
+
+#[test]
 fn history_of_long_messages_is_cut_to_one_reply_keeping_the_newest() {
     let d = Daemon::start();
     let alice_token = create(&d, "big", "alice");

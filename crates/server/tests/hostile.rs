@@ -553,6 +553,30 @@ fn garbage_datagrams_are_dropped_counted_and_never_answered() {
 }
 
 #[test]
+fn chat_that_would_relay_past_4096_bytes_is_dropped_and_counted_not_cut() {
+    let d = daemon("");
+    // A 100-byte name (50 characters; names have at most 64): relayed, 1 + 100 + text must
+    // fit the 4096 bytes of an original client.
+    let long_name = "é".repeat(50);
+    let host_token = create(&d, "wide", &long_name);
+    let bob_token = join(&d, "wide", "bob");
+    let host = Member::joined(&d, "wide", &host_token);
+    let bob = Member::new(&d, "wide", &bob_token);
+    bob.registered_with(&host, "bob");
+    host.registered_with(&bob, &long_name);
+    host.send(&"x".repeat(3996));
+    host.send(&"y".repeat(3995));
+    // Datagrams from one sender are relayed in order: the first to arrive is the one that fit.
+    let bytes = bob.recv_raw();
+    assert_eq!(bytes.len(), 4096);
+    assert_eq!(render(&bytes), format!("{long_name}: {}", "y".repeat(3995)));
+    assert_eq!(
+        d.metric("ocm_datagrams_dropped_total{reason=\"too_large_to_relay\"}"),
+        1.0
+    );
+}
+
+#[test]
 fn spoofed_and_foreign_tokens_are_dropped_and_the_room_stays_open() {
     let d = daemon("");
     let host_token = create(&d, "a", "alice");
