@@ -851,9 +851,7 @@ mod tests {
         let mut with_room = room_with_password("vault", "pw");
         // The same daemon once the host has left: no room any more.
         let mut without = Registry::new(Limits::default(), Box::new(StdRng::seed_from_u64(4)));
-        let mut limiter = KeyedLimiter::new(8);
         let mut failures = KeyedLimiter::new(8);
-        let mut out = Outbox::default();
         let limits = RequestLimits {
             rate: 0.0,
             burst: 0.0,
@@ -864,17 +862,25 @@ mod tests {
         let now = Instant::now();
         let bytes = request(Operation::Presence, b"vault", br#"{"password": "pw"}"#);
         let (frame, _) = tcrp::decode(&bytes, 4096).unwrap().unwrap();
-        let mut ctx = Context {
-            registry: &mut with_room,
-            limiter: &mut limiter,
-            password_failures: &mut failures,
-            limits,
-            out: &mut out,
-            peer,
-            now,
-            unix_now: 0.0,
+        // One request as the loop hands it over: no request limit, the shared failure limiter.
+        let handle = |registry: &mut Registry,
+                      failures: &mut KeyedLimiter<IpAddr>,
+                      outcome: Option<&Outcome>| {
+            let mut limiter = KeyedLimiter::new(8);
+            let mut out = Outbox::default();
+            let mut ctx = Context {
+                registry,
+                limiter: &mut limiter,
+                password_failures: failures,
+                limits,
+                out: &mut out,
+                peer,
+                now,
+                unix_now: 0.0,
+            };
+            handle_frame(&frame, &mut ctx, outcome)
         };
-        let Step::Password(job) = handle_frame(&frame, &mut ctx, None) else {
+        let Step::Password(job) = handle(&mut with_room, &mut failures, None) else {
             panic!("no check asked for");
         };
         assert!(
@@ -882,17 +888,8 @@ mod tests {
             "the check took it"
         );
         let outcome = password::run(job);
-        let mut ctx = Context {
-            registry: &mut without,
-            limiter: &mut limiter,
-            password_failures: &mut failures,
-            limits,
-            out: &mut out,
-            peer,
-            now,
-            unix_now: 0.0,
-        };
-        match handle_frame(&frame, &mut ctx, Some(&outcome)) {
+        let reply = handle(&mut without, &mut failures, Some(&outcome));
+        match reply {
             Step::Reply(r) => assert_eq!(r.result, Err(ErrorCode::RoomNotFound)),
             Step::Password(_) => panic!("checked twice"),
         }
