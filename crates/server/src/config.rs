@@ -146,6 +146,9 @@ pub struct Udp {
     /// The daemon's cap on batch frames, bytes (512..=65507). A member's batches are also
     /// capped by the `max_datagram` it announced (4096 if it did not).
     pub max_batch_datagram_bytes: usize,
+    /// Accept a token's `__REGISTER__` only from the IP address its join came from over TCP,
+    /// so that a forged source cannot aim a room's fan-out at a third party (off by default).
+    pub register_only_from_join_ip: bool,
 }
 
 /// `[history]`
@@ -246,6 +249,7 @@ impl Default for Udp {
             send_buffer_bytes: 4 * 1024 * 1024,
             datagrams_per_wakeup: 1024,
             max_batch_datagram_bytes: 65507,
+            register_only_from_join_ip: false,
         }
     }
 }
@@ -440,6 +444,7 @@ impl Config {
             chat_burst: self.rate.chat_burst,
             history: self.history.messages,
             history_bytes: self.history.max_bytes_per_room,
+            register_only_from_join_ip: self.udp.register_only_from_join_ip,
         }
     }
 

@@ -222,8 +222,10 @@ fn answer(
     let exists = ctx.registry.room_exists(room_name);
     match op {
         Operation::CreateRoom => {
+            // A create that will be refused (name taken, server full) is refused unhashed.
+            let refused = ctx.registry.create_refusal(room_name).is_some();
             let hash = match (&request.password, password) {
-                (Some(pw), None) if !pw.is_empty() && !exists => {
+                (Some(pw), None) if !pw.is_empty() && !refused => {
                     return Ok(Answer::Password(password::Job::Hash {
                         password: pw.clone(),
                     }))
@@ -238,7 +240,7 @@ fn answer(
                 _ => None,
             };
             ctx.registry
-                .create_room(room_name, &request, hash, ctx.now, ctx.unix_now)
+                .create_room(room_name, &request, ctx.peer, hash, ctx.now, ctx.unix_now)
                 .map(|i| Answer::Token(i.token.as_str().to_owned()))
                 .map_err(|code| (code, refusal_text(code, room_name, &request.username)))
         }
@@ -247,7 +249,7 @@ fn answer(
                 return Ok(Answer::Password(job));
             }
             ctx.registry
-                .join_room(room_name, &request, ctx.now, ctx.out)
+                .join_room(room_name, &request, ctx.peer, ctx.now, ctx.out)
                 .map(|i| Answer::Token(i.token.as_str().to_owned()))
                 .map_err(|code| (code, refusal_text(code, room_name, &request.username)))
         }
@@ -773,6 +775,57 @@ mod tests {
     }
 
     #[test]
+    fn a_create_with_a_password_that_will_be_refused_is_refused_before_any_hash() {
+        let mut reg = room_with_password("taken", "pw");
+        reg.set_limits(Limits {
+            max_rooms: 2,
+            ..Limits::default()
+        });
+        reg.create_room(
+            "other",
+            &Request::original("h"),
+            [127, 0, 0, 1].into(),
+            None,
+            Instant::now(),
+            0.0,
+        )
+        .unwrap();
+        let mut limiter = KeyedLimiter::new(8);
+        let mut failures = KeyedLimiter::new(8);
+        let mut out = Outbox::default();
+        for (room, code) in [
+            (&b"taken"[..], ErrorCode::RoomExists),
+            (b"third", ErrorCode::ServerFull),
+        ] {
+            let create = request(
+                Operation::CreateRoom,
+                room,
+                br#"{"username": "x", "password": "p"}"#,
+            );
+            let (frame, _) = tcrp::decode(&create, 4096).unwrap().unwrap();
+            let mut ctx = Context {
+                registry: &mut reg,
+                limiter: &mut limiter,
+                password_failures: &mut failures,
+                limits: RequestLimits {
+                    rate: 0.0,
+                    burst: 0.0,
+                    password_failure_rate: 0.0,
+                    password_failure_burst: 0.0,
+                },
+                out: &mut out,
+                peer: "127.0.0.1".parse().unwrap(),
+                now: Instant::now(),
+                unix_now: 0.0,
+            };
+            match handle_frame(&frame, &mut ctx, None) {
+                Step::Reply(r) => assert_eq!(r.result, Err(code)),
+                Step::Password(_) => panic!("a refused create was sent to the hasher"),
+            }
+        }
+    }
+
+    #[test]
     fn a_password_checked_for_a_closed_room_does_not_open_its_successor() {
         // `old` is the room the check was queued for; by the time the outcome comes back the
         // room has been closed and re-created (`new`) with another password.
@@ -987,8 +1040,15 @@ mod tests {
         let mut limiter = KeyedLimiter::new(8);
         for i in 0..400 {
             let name = format!("{i:03}-{}", "r".repeat(200));
-            reg.create_room(&name, &Request::original("h"), None, Instant::now(), 0.0)
-                .unwrap();
+            reg.create_room(
+                &name,
+                &Request::original("h"),
+                IpAddr::from([127, 0, 0, 1]),
+                None,
+                Instant::now(),
+                0.0,
+            )
+            .unwrap();
         }
         let r = run(
             &mut reg,

@@ -808,6 +808,7 @@ mod tests {
             keepalive: None,
             caps: 0,
             max_datagram: None,
+            joined_from: None,
         }
     }
 

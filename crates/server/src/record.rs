@@ -6,7 +6,7 @@
 //! ([`crate::store::State::apply`]). Records are JSON objects, one per journal line, tagged by
 //! `"op"`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +26,10 @@ pub struct MemberRecord {
     /// The largest datagram the member accepts, if it said (`max_datagram`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_datagram: Option<u16>,
+    /// The IP address the join (or create) came from over TCP: with
+    /// `[udp] register_only_from_join_ip`, the only one the token may register from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub joined_from: Option<IpAddr>,
 }
 
 fn is_zero(v: &u8) -> bool {

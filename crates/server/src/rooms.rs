@@ -20,7 +20,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use hashbrown::HashTable;
@@ -79,6 +79,9 @@ pub struct Limits {
     pub history: usize,
     /// Bytes of text and sender names kept per room for History; the oldest go first.
     pub history_bytes: usize,
+    /// Accept a token's `__REGISTER__` only from the IP address its join came from over TCP
+    /// (the amplifier guard, `[udp] register_only_from_join_ip`).
+    pub register_only_from_join_ip: bool,
 }
 
 impl Default for Limits {
@@ -96,6 +99,7 @@ impl Default for Limits {
             chat_burst: 100.0,
             history: 100,
             history_bytes: 64 * 1024,
+            register_only_from_join_ip: false,
         }
     }
 }
@@ -118,17 +122,21 @@ pub enum DropReason {
     /// Relayed, the chat would not fit one datagram an original client reads whole: a size
     /// byte, the sender's name and the text come to more than 4096 bytes.
     TooLargeToRelay,
+    /// `__REGISTER__` from an IP address other than the one the token joined from, with
+    /// `register_only_from_join_ip` on.
+    NotJoinIp,
 }
 
 impl DropReason {
     /// Every reason that is not a codec error, for metrics.
-    pub const REGISTRY: [DropReason; 6] = [
+    pub const REGISTRY: [DropReason; 7] = [
         DropReason::UnknownToken,
         DropReason::WrongRoom,
         DropReason::Unregistered,
         DropReason::AddressMismatch,
         DropReason::RateLimited,
         DropReason::TooLargeToRelay,
+        DropReason::NotJoinIp,
     ];
 
     /// Stable label for counters and logs.
@@ -141,6 +149,7 @@ impl DropReason {
             DropReason::AddressMismatch => "address_mismatch",
             DropReason::RateLimited => "rate_limited",
             DropReason::TooLargeToRelay => "too_large_to_relay",
+            DropReason::NotJoinIp => "not_join_ip",
         }
     }
 }
@@ -280,6 +289,9 @@ struct Member {
     caps: Caps,
     /// The largest datagram the member accepts (`max_datagram` at join), if it said.
     max_datagram: Option<u16>,
+    /// The IP address the join came from over TCP (canonical: an IPv4-mapped IPv6 address is
+    /// kept as IPv4); `None` for a member loaded from a file that did not record it.
+    joined_from: Option<IpAddr>,
     chat: TokenBucket,
 }
 
@@ -513,6 +525,11 @@ impl Registry {
                     max_datagram: entry.max_datagram.filter(|m| {
                         (payload::MIN_MAX_DATAGRAM..=payload::MAX_MAX_DATAGRAM).contains(m)
                     }),
+                    // Files from before joins were recorded: the IP it registered from.
+                    joined_from: entry
+                        .joined_from
+                        .or(entry.address.map(|a| a.ip()))
+                        .map(|ip| ip.to_canonical()),
                     chat: TokenBucket::full(registry.limits.chat_burst, now),
                 });
                 if *token == room.host_token {
@@ -688,9 +705,11 @@ impl Registry {
         &mut self,
         room: RoomId,
         request: &Request,
+        joined_from: IpAddr,
         is_host: bool,
         now: Instant,
     ) -> (MemberId, MemberRecord) {
+        let joined_from = joined_from.to_canonical();
         let mut token = Token::generate(&mut *self.rng);
         // 128 random bits do not collide, but a loaded file may hold any string: stay unique.
         while self.find_token(token.as_str().as_bytes()).is_some() {
@@ -706,6 +725,7 @@ impl Registry {
             keepalive: keepalive.map(|k| k.as_secs() as u32),
             caps: request.caps.bits(),
             max_datagram: request.max_datagram,
+            joined_from: Some(joined_from),
         };
         let id = self.insert_member(Member {
             token,
@@ -717,6 +737,7 @@ impl Registry {
             last_seen: now,
             caps: request.caps,
             max_datagram: request.max_datagram,
+            joined_from: Some(joined_from),
             chat: TokenBucket::full(self.limits.chat_burst, now),
         });
         (id, record)
@@ -726,22 +747,33 @@ impl Registry {
         self.limits.max_tokens != 0 && self.members.len() >= self.limits.max_tokens
     }
 
-    /// Creates `room_name` with the requester as host. `password_hash` is already hashed.
-    pub fn create_room(
-        &mut self,
-        room_name: &str,
-        request: &Request,
-        password_hash: Option<String>,
-        now: Instant,
-        unix_now: f64,
-    ) -> Result<Issued, ErrorCode> {
+    /// Why creating `room_name` would be refused now, if it would: asked before hashing a
+    /// new room's password, so that a refused create costs no hash.
+    pub fn create_refusal(&self, room_name: &str) -> Option<ErrorCode> {
         if self.room_index.contains_key(room_name) {
-            return Err(ErrorCode::RoomExists);
+            return Some(ErrorCode::RoomExists);
         }
         if (self.limits.max_rooms != 0 && self.rooms.len() >= self.limits.max_rooms)
             || self.tokens_full()
         {
-            return Err(ErrorCode::ServerFull);
+            return Some(ErrorCode::ServerFull);
+        }
+        None
+    }
+
+    /// Creates `room_name` with the requester, whose TCP connection comes from `joined_from`,
+    /// as host. `password_hash` is already hashed.
+    pub fn create_room(
+        &mut self,
+        room_name: &str,
+        request: &Request,
+        joined_from: IpAddr,
+        password_hash: Option<String>,
+        now: Instant,
+        unix_now: f64,
+    ) -> Result<Issued, ErrorCode> {
+        if let Some(refusal) = self.create_refusal(room_name) {
+            return Err(refusal);
         }
         let listed = request.listed.unwrap_or(true);
         let room = RoomId(self.rooms.insert(Room::new(
@@ -751,7 +783,7 @@ impl Registry {
             password_hash.as_deref().map(Into::into),
         )));
         self.room_index.insert(room_name.into(), room);
-        let (host, record) = self.new_member(room, request, true, now);
+        let (host, record) = self.new_member(room, request, joined_from, true, now);
         self.rooms[room.0].host = host;
         let token = self.members[host.0].token.clone();
         info!(
@@ -780,12 +812,13 @@ impl Registry {
         self.rooms[room.0].password_hash.as_deref()
     }
 
-    /// Adds the requester to `room_name`. Password checks are the caller's (they are slow and
-    /// belong outside this pure module).
+    /// Adds the requester, whose TCP connection comes from `joined_from`, to `room_name`.
+    /// Password checks are the caller's (they are slow and belong outside this pure module).
     pub fn join_room(
         &mut self,
         room_name: &str,
         request: &Request,
+        joined_from: IpAddr,
         now: Instant,
         out: &mut Outbox,
     ) -> Result<Issued, ErrorCode> {
@@ -804,7 +837,7 @@ impl Registry {
         if full_room || self.tokens_full() {
             return Err(ErrorCode::ServerFull);
         }
-        let (id, record) = self.new_member(room, request, false, now);
+        let (id, record) = self.new_member(room, request, joined_from, false, now);
         let token = self.members[id.0].token.clone();
         debug!(
             "room {room_name:?}: {:?} joined (token {})",
@@ -840,6 +873,13 @@ impl Registry {
         }
         match datagram.message {
             Message::Register => {
+                if self.limits.register_only_from_join_ip
+                    && member
+                        .joined_from
+                        .is_some_and(|ip| ip != src.ip().to_canonical())
+                {
+                    return Handled::Dropped(DropReason::NotJoinIp);
+                }
                 member.last_seen = now;
                 let changed = member.address != Some(src);
                 if changed {
@@ -1131,7 +1171,11 @@ fn unsendable(name: &str, max: usize) -> bool {
 mod tests {
     use super::*;
     use rand::{rngs::StdRng, SeedableRng};
+    use std::net::Ipv4Addr;
     use ucrp::delivery::Delivery;
+
+    /// Where the tests' joins come from over TCP.
+    const HERE: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
     fn registry() -> Registry {
         Registry::new(Limits::default(), Box::new(StdRng::seed_from_u64(7)))
@@ -1182,7 +1226,7 @@ mod tests {
         let mut reg = registry();
         let now = Instant::now();
         let host = reg
-            .create_room("r", &Request::original("host"), None, now, 1.0)
+            .create_room("r", &Request::original("host"), HERE, None, now, 1.0)
             .unwrap()
             .token;
         (reg, now, Outbox::default(), host)
@@ -1191,11 +1235,11 @@ mod tests {
     fn room_of_three() -> Room3 {
         let (mut reg, now, mut out, host) = room_r();
         let bob = reg
-            .join_room("r", &Request::original("bob"), now, &mut out)
+            .join_room("r", &Request::original("bob"), HERE, now, &mut out)
             .unwrap()
             .token;
         let cy = reg
-            .join_room("r", &Request::original("cy"), now, &mut out)
+            .join_room("r", &Request::original("cy"), HERE, now, &mut out)
             .unwrap()
             .token;
         for (t, p) in [(&host, 1), (&bob, 2), (&cy, 3)] {
@@ -1215,10 +1259,24 @@ mod tests {
     #[test]
     fn seeded_rng_gives_known_tokens() {
         let a = registry()
-            .create_room("r", &Request::original("a"), None, Instant::now(), 0.0)
+            .create_room(
+                "r",
+                &Request::original("a"),
+                HERE,
+                None,
+                Instant::now(),
+                0.0,
+            )
             .unwrap();
         let b = registry()
-            .create_room("r", &Request::original("a"), None, Instant::now(), 0.0)
+            .create_room(
+                "r",
+                &Request::original("a"),
+                HERE,
+                None,
+                Instant::now(),
+                0.0,
+            )
             .unwrap();
         assert_eq!(a, b);
     }
@@ -1229,17 +1287,17 @@ mod tests {
         let mut out = Outbox::default();
         assert_eq!(
             t.reg
-                .create_room("r", &Request::original("z"), None, t.now, 0.0),
+                .create_room("r", &Request::original("z"), HERE, None, t.now, 0.0),
             Err(ErrorCode::RoomExists)
         );
         assert_eq!(
             t.reg
-                .join_room("nope", &Request::original("z"), t.now, &mut out),
+                .join_room("nope", &Request::original("z"), HERE, t.now, &mut out),
             Err(ErrorCode::RoomNotFound)
         );
         assert_eq!(
             t.reg
-                .join_room("r", &Request::original("bob"), t.now, &mut out),
+                .join_room("r", &Request::original("bob"), HERE, t.now, &mut out),
             Err(ErrorCode::NameTaken)
         );
         assert_eq!(
@@ -1279,7 +1337,7 @@ mod tests {
         let long_name = "n".repeat(100);
         let token = t
             .reg
-            .join_room("r", &Request::original(&long_name), t.now, &mut out)
+            .join_room("r", &Request::original(&long_name), HERE, t.now, &mut out)
             .unwrap()
             .token;
         let h = t.reg.handle_datagram(
@@ -1338,7 +1396,7 @@ mod tests {
         let mut out = Outbox::default();
         let dee = t
             .reg
-            .join_room("r", &Request::original("dee"), t.now, &mut out)
+            .join_room("r", &Request::original("dee"), HERE, t.now, &mut out)
             .unwrap()
             .token;
         let h = t
@@ -1379,6 +1437,170 @@ mod tests {
     }
 
     #[test]
+    fn with_the_join_ip_guard_a_register_must_come_from_the_ip_that_joined() {
+        let elsewhere = |port: u16| SocketAddr::from(([127, 0, 0, 2], port));
+        let mut reg = Registry::new(
+            Limits {
+                register_only_from_join_ip: true,
+                ..Limits::default()
+            },
+            Box::new(StdRng::seed_from_u64(7)),
+        );
+        let now = Instant::now();
+        let mut out = Outbox::default();
+        let host = reg
+            .create_room("r", &Request::original("host"), HERE, None, now, 1.0)
+            .unwrap()
+            .token;
+        // A join over IPv6 from an IPv4-mapped address is the same IPv4 address.
+        let mapped = "::ffff:127.0.0.1".parse().unwrap();
+        let bob = reg
+            .join_room("r", &Request::original("bob"), mapped, now, &mut out)
+            .unwrap()
+            .token;
+        reg.take_records();
+        let forged = reg.handle_datagram(
+            elsewhere(9),
+            &dgram("r", &bob, "__REGISTER__"),
+            now,
+            &mut out,
+        );
+        assert_eq!(forged, Handled::Dropped(DropReason::NotJoinIp));
+        assert_eq!(DropReason::NotJoinIp.label(), "not_join_ip");
+        assert!(!reg.has_records(), "a refused REGISTER writes nothing");
+        assert_eq!(reg.stats().registered, 0);
+        for (who, port) in [(&host, 1), (&bob, 2)] {
+            let h =
+                reg.handle_datagram(addr(port), &dgram("r", who, "__REGISTER__"), now, &mut out);
+            assert_eq!(
+                h,
+                Handled::Registered { changed: true },
+                "any port of the join IP"
+            );
+        }
+        // Once registered, a forged REGISTER cannot move the member either.
+        let moved = reg.handle_datagram(
+            elsewhere(2),
+            &dgram("r", &bob, "__REGISTER__"),
+            now,
+            &mut out,
+        );
+        assert_eq!(moved, Handled::Dropped(DropReason::NotJoinIp));
+        reg.handle_datagram(addr(1), &dgram("r", &host, "hi"), now, &mut out);
+        assert_eq!(sent(&out), vec![(addr(2), "host: hi".to_owned())]);
+
+        // Without the guard (the default, as the original server) the same REGISTER rebinds.
+        let mut limits = reg.limits.clone();
+        limits.register_only_from_join_ip = false;
+        reg.set_limits(limits);
+        let h = reg.handle_datagram(
+            elsewhere(2),
+            &dgram("r", &bob, "__REGISTER__"),
+            now,
+            &mut out,
+        );
+        assert_eq!(h, Handled::Registered { changed: true });
+    }
+
+    #[test]
+    fn the_join_ip_is_kept_in_the_state_and_guessed_for_files_that_lack_it() {
+        let mut reg = registry();
+        let now = Instant::now();
+        let mut out = Outbox::default();
+        let remote: IpAddr = [10, 0, 0, 7].into();
+        let host = reg
+            .create_room("r", &Request::original("host"), remote, None, now, 1.0)
+            .unwrap()
+            .token;
+        let bob = reg
+            .join_room("r", &Request::original("bob"), HERE, now, &mut out)
+            .unwrap()
+            .token;
+        let cy = reg
+            .join_room("r", &Request::original("cy"), HERE, now, &mut out)
+            .unwrap()
+            .token;
+        reg.handle_datagram(addr(2), &dgram("r", &bob, "__REGISTER__"), now, &mut out);
+        let mut state = State::default();
+        for r in reg.take_records() {
+            state.apply(&r);
+        }
+        assert_eq!(state.tokens[host.as_str()].joined_from, Some(remote));
+        // As a file written before joins were recorded: bob registered, cy did not.
+        let mut old = state.clone();
+        for entry in old.tokens.values_mut() {
+            entry.joined_from = None;
+        }
+        let guarded = Limits {
+            register_only_from_join_ip: true,
+            ..Limits::default()
+        };
+        let rng = || Box::new(StdRng::seed_from_u64(3));
+        let from = |ip: [u8; 4], port| SocketAddr::from((ip, port));
+        let mut reg = Registry::from_state(&state, guarded.clone(), rng(), now);
+        let h = reg.handle_datagram(addr(1), &dgram("r", &host, "__REGISTER__"), now, &mut out);
+        assert_eq!(
+            h,
+            Handled::Dropped(DropReason::NotJoinIp),
+            "the recorded join IP holds"
+        );
+        let h = reg.handle_datagram(
+            from([10, 0, 0, 7], 1),
+            &dgram("r", &host, "__REGISTER__"),
+            now,
+            &mut out,
+        );
+        assert_eq!(h, Handled::Registered { changed: true });
+
+        let mut reg = Registry::from_state(&old, guarded, rng(), now);
+        let h = reg.handle_datagram(addr(1), &dgram("r", &host, "__REGISTER__"), now, &mut out);
+        assert_eq!(
+            h,
+            Handled::Registered { changed: true },
+            "never registered: any IP"
+        );
+        let h = reg.handle_datagram(
+            from([10, 9, 9, 9], 2),
+            &dgram("r", &bob, "__REGISTER__"),
+            now,
+            &mut out,
+        );
+        assert_eq!(
+            h,
+            Handled::Dropped(DropReason::NotJoinIp),
+            "bound to its registered IP"
+        );
+        let h = reg.handle_datagram(addr(3), &dgram("r", &bob, "__REGISTER__"), now, &mut out);
+        assert_eq!(h, Handled::Registered { changed: true });
+        let h = reg.handle_datagram(
+            from([10, 9, 9, 9], 4),
+            &dgram("r", &cy, "__REGISTER__"),
+            now,
+            &mut out,
+        );
+        assert_eq!(h, Handled::Registered { changed: true });
+    }
+
+    #[test]
+    fn create_refusal_names_what_create_room_would_refuse() {
+        let mut reg = Registry::new(
+            Limits {
+                max_rooms: 1,
+                ..Limits::default()
+            },
+            Box::new(StdRng::seed_from_u64(7)),
+        );
+        let now = Instant::now();
+        assert_eq!(reg.create_refusal("a"), None);
+        reg.create_room("a", &Request::original("h"), HERE, None, now, 0.0)
+            .unwrap();
+        assert_eq!(reg.create_refusal("a"), Some(ErrorCode::RoomExists));
+        assert_eq!(reg.create_refusal("b"), Some(ErrorCode::ServerFull));
+        let refused = reg.create_room("b", &Request::original("h"), HERE, None, now, 0.0);
+        assert_eq!(refused.err(), Some(ErrorCode::ServerFull));
+    }
+
+    #[test]
     fn member_leave_then_host_leave_closes_the_room() {
         let mut t = room_of_three();
         let mut out = Outbox::default();
@@ -1400,7 +1622,7 @@ mod tests {
         // The room name is free again.
         assert!(t
             .reg
-            .create_room("r", &Request::original("x"), None, t.now, 0.0)
+            .create_room("r", &Request::original("x"), HERE, None, t.now, 0.0)
             .is_ok());
     }
 
@@ -1463,9 +1685,12 @@ mod tests {
             form: tcrp::payload::RequestForm::JsonObject,
             ..Request::original("host")
         };
-        let host = reg.create_room("r", &live, None, now, 0.0).unwrap().token;
+        let host = reg
+            .create_room("r", &live, HERE, None, now, 0.0)
+            .unwrap()
+            .token;
         let old = reg
-            .join_room("r", &Request::original("old"), now, &mut out)
+            .join_room("r", &Request::original("old"), HERE, now, &mut out)
             .unwrap()
             .token;
         let quiet = reg
@@ -1475,6 +1700,7 @@ mod tests {
                     username: "quiet".into(),
                     ..live.clone()
                 },
+                HERE,
                 now,
                 &mut out,
             )
@@ -1506,11 +1732,11 @@ mod tests {
             ..Request::original(name)
         };
         let aware = reg
-            .join_room("r", &sleepy("aware", Caps::NOTICES), now, &mut out)
+            .join_room("r", &sleepy("aware", Caps::NOTICES), HERE, now, &mut out)
             .unwrap()
             .token;
         let plain = reg
-            .join_room("r", &sleepy("plain", Caps::none()), now, &mut out)
+            .join_room("r", &sleepy("plain", Caps::none()), HERE, now, &mut out)
             .unwrap()
             .token;
         for (t, p) in [(&host, 1), (&aware, 2), (&plain, 3)] {
@@ -1550,7 +1776,10 @@ mod tests {
             form: tcrp::payload::RequestForm::JsonObject,
             ..Request::original("rich")
         };
-        let rich_token = reg.join_room("r", &rich, now, &mut out).unwrap().token;
+        let rich_token = reg
+            .join_room("r", &rich, HERE, now, &mut out)
+            .unwrap()
+            .token;
         reg.handle_datagram(
             addr(2),
             &dgram("r", &rich_token, "__REGISTER__"),
@@ -1558,7 +1787,7 @@ mod tests {
             &mut out,
         );
         assert!(out.is_empty(), "the original host hears no notice");
-        reg.join_room("r", &Request::original("late"), now, &mut out)
+        reg.join_room("r", &Request::original("late"), HERE, now, &mut out)
             .unwrap();
         assert_eq!(sent(&out), vec![(addr(2), "* late Joined".into())]);
         out.clear();
@@ -1611,7 +1840,7 @@ mod tests {
             ..Request::original("h")
         };
         t.reg
-            .create_room("secret", &hidden, None, t.now, 2.0)
+            .create_room("secret", &hidden, HERE, None, t.now, 2.0)
             .unwrap();
         let rooms = t.reg.list_rooms();
         assert_eq!(
@@ -1682,11 +1911,11 @@ mod tests {
         let mut hosts = Vec::new();
         for (port, room) in [(1, "a"), (2, "b"), (3, "c")] {
             let host = reg
-                .create_room(room, &Request::original("h"), None, now, 1.0)
+                .create_room(room, &Request::original("h"), HERE, None, now, 1.0)
                 .unwrap()
                 .token;
             let guest = reg
-                .join_room(room, &Request::original("g"), now, &mut out)
+                .join_room(room, &Request::original("g"), HERE, now, &mut out)
                 .unwrap()
                 .token;
             for (t, p) in [(&host, port), (&guest, port + 10)] {
@@ -1811,6 +2040,7 @@ mod tests {
                 keepalive: None,
                 caps: 0,
                 max_datagram: None,
+                joined_from: None,
             },
             created_at: 0.0,
             listed: true,
@@ -1839,6 +2069,7 @@ mod tests {
             keepalive: None,
             caps: 0,
             max_datagram: None,
+            joined_from: None,
         };
         let create = |room: &str, host: MemberRecord| Record::CreateRoom {
             room: room.into(),
@@ -1910,6 +2141,7 @@ mod tests {
             keepalive: None,
             caps: 0,
             max_datagram: None,
+            joined_from: None,
         };
         let names = ["host\n", "", &"y".repeat(65), "tab\there", "ok"];
         let mut state = State::default();
@@ -1988,16 +2220,16 @@ mod tests {
         let mut reg = Registry::new(limits, Box::new(StdRng::seed_from_u64(1)));
         let now = Instant::now();
         let mut out = Outbox::default();
-        reg.create_room("a", &Request::original("h"), None, now, 0.0)
+        reg.create_room("a", &Request::original("h"), HERE, None, now, 0.0)
             .unwrap();
         assert_eq!(
-            reg.create_room("b", &Request::original("h"), None, now, 0.0),
+            reg.create_room("b", &Request::original("h"), HERE, None, now, 0.0),
             Err(ErrorCode::ServerFull)
         );
-        reg.join_room("a", &Request::original("m"), now, &mut out)
+        reg.join_room("a", &Request::original("m"), HERE, now, &mut out)
             .unwrap();
         assert_eq!(
-            reg.join_room("a", &Request::original("n"), now, &mut out),
+            reg.join_room("a", &Request::original("n"), HERE, now, &mut out),
             Err(ErrorCode::ServerFull)
         );
     }
@@ -2016,7 +2248,7 @@ mod tests {
             .enumerate()
         {
             let t = reg
-                .join_room("r", &batch(name, max), now, &mut out)
+                .join_room("r", &batch(name, max), HERE, now, &mut out)
                 .unwrap()
                 .token;
             tokens.push((t, port as u16 + 2));

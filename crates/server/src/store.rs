@@ -110,6 +110,10 @@ pub struct TokenEntry {
     /// The largest datagram the member accepts (`max_datagram` at join), if it said.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_datagram: Option<u16>,
+    /// The IP address the member's join came from over TCP (absent in the original's files
+    /// and in files from before `ocmd` recorded it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub joined_from: Option<IpAddr>,
 }
 
 fn yes() -> bool {
@@ -266,6 +270,7 @@ fn token_entry(member: &MemberRecord, room: &str, is_host: bool) -> TokenEntry {
         keepalive: member.keepalive,
         caps: member.caps,
         max_datagram: member.max_datagram,
+        joined_from: member.joined_from,
     }
 }
 
@@ -547,6 +552,7 @@ mod tests {
             keepalive: None,
             caps: 0,
             max_datagram: None,
+            joined_from: None,
         }
     }
 

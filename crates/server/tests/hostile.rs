@@ -577,6 +577,84 @@ fn chat_that_would_relay_past_4096_bytes_is_dropped_and_counted_not_cut() {
 }
 
 #[test]
+fn with_the_join_ip_guard_a_forged_register_cannot_aim_a_room_at_a_third_party() {
+    let mut d = daemon("[udp]\nregister_only_from_join_ip = true\n");
+    // Alice uses the real client: the guard changes nothing for a client that joins and
+    // registers from one host.
+    let mut alice = Ocm::start(
+        &d,
+        &["create", "guarded", "--name", "alice", "--keepalive", "1"],
+    );
+    alice.wait_stderr("* created guarded as alice");
+    // Mallory joins from 127.0.0.2 and forges REGISTERs from her victim's 127.0.0.3.
+    let mallory_ip = Ipv4Addr::new(127, 0, 0, 2);
+    let token = exchange(
+        &mut connect_from(mallory_ip, d.tcp, None),
+        &request_bytes(Operation::JoinRoom, "guarded", b"\"mallory\""),
+    )
+    .token
+    .expect("mallory joins");
+    let at = |ip: [u8; 4]| Member {
+        socket: UdpSocket::bind(SocketAddr::from((ip, 0))).unwrap(),
+        server: d.udp,
+        room: "guarded".into(),
+        token: token.clone(),
+    };
+    let victim = at([127, 0, 0, 3]);
+    let mallory = at(mallory_ip.octets());
+    mallory.socket.set_read_timeout(Some(PATIENCE)).unwrap();
+    victim.socket.set_nonblocking(true).unwrap();
+    let victim_got_nothing = || {
+        let mut buf = [0u8; 4096];
+        match victim.socket.recv_from(&mut buf) {
+            Err(e) => assert_eq!(e.kind(), ErrorKind::WouldBlock),
+            Ok((n, _)) => panic!("the victim got {:?}", render(&buf[..n])),
+        }
+    };
+
+    victim.send("__REGISTER__");
+    wait_until("the forged REGISTER is dropped", || {
+        dropped(&d, "not_join_ip") == 1.0
+    });
+    mallory.send("__REGISTER__");
+    assert_eq!(
+        alice.line(),
+        "* mallory joined",
+        "only the real REGISTER counts"
+    );
+    alice.type_line("hello");
+    assert_eq!(mallory.recv(), "alice: hello");
+    victim_got_nothing();
+
+    // The join IP is in the journal: a kill -9 and a restart keep the guard on the token.
+    d.kill9();
+    d.restart();
+    victim.send("__REGISTER__");
+    wait_until("the forged REGISTER is dropped after the restart", || {
+        dropped(&d, "not_join_ip") == 1.0
+    });
+    // A REGISTER is not acknowledged, so mallory's (or alice's) may not have been durable at
+    // the kill: she repeats it, as alice's keepalive does.
+    mallory.send("__REGISTER__");
+    wait_until("both members registered", || {
+        d.metric("ocm_members_registered") == 2.0
+    });
+    alice.type_line("after the restart");
+    assert_eq!(mallory.recv(), "alice: after the restart");
+    victim_got_nothing();
+
+    // And in the state file, written at a clean stop.
+    assert!(d.terminate().0.success());
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&d.state).unwrap()).unwrap();
+    let joined_from = |t: &str| state["tokens"][t]["joined_from"].clone();
+    assert_eq!(joined_from(&token), "127.0.0.2");
+    let host = state["rooms"]["guarded"]["host_token"].as_str().unwrap();
+    assert_eq!(joined_from(host), "127.0.0.1");
+    alice.kill9();
+}
+
+#[test]
 fn spoofed_and_foreign_tokens_are_dropped_and_the_room_stays_open() {
     let d = daemon("");
     let host_token = create(&d, "a", "alice");
