@@ -1,7 +1,7 @@
 //! Journal records: one per state change that must outlive the process.
 //!
 //! The registry emits a [`Record`] for every mutation (create, join, register, leave, close),
-//! and every few seconds a `history` checkpoint of each room whose messages changed. The writer
+//! and every few seconds a `history_append` checkpoint of each room's new messages. The writer
 //! appends them to the journal and applies them to its copy of the state file's model
 //! ([`crate::store::State::apply`]). Records are JSON objects, one per journal line, tagged by
 //! `"op"`.
@@ -79,14 +79,26 @@ pub enum Record {
         /// Room name.
         room: String,
     },
-    /// A checkpoint of a room's recent messages (written every few seconds when it changed,
-    /// replacing the previous one).
+    /// A room's kept messages, whole, replacing what was kept before. Written by `ocmd`
+    /// before `history_append`; still read.
     History {
         /// Room name.
         room: String,
         /// The sequence number the room's next message gets.
         next_seq: u64,
         /// The kept messages, oldest first.
+        messages: Vec<HistoryEntry>,
+    },
+    /// A room's history checkpoint (every few seconds when it chatted): the messages kept
+    /// since the last one. Messages below `first_kept` are no longer kept.
+    HistoryAppend {
+        /// Room name.
+        room: String,
+        /// The sequence number the room's next message gets.
+        next_seq: u64,
+        /// The oldest sequence number the room still keeps.
+        first_kept: u64,
+        /// The messages kept since the last checkpoint, oldest first.
         messages: Vec<HistoryEntry>,
     },
 }

@@ -233,7 +233,9 @@ struct Room {
     history: VecDeque<HistoryEntry>,
     /// The sum of [`history_size`] over `history`.
     history_bytes: usize,
-    history_dirty: bool,
+    /// `next_seq` at the last history checkpoint: kept messages from this number on are not
+    /// in the journal yet.
+    history_saved: u64,
 }
 
 /// What a kept message counts against `Limits::history_bytes`.
@@ -273,7 +275,7 @@ impl Room {
             next_seq: 1,
             history: VecDeque::new(),
             history_bytes: 0,
-            history_dirty: false,
+            history_saved: 1,
         }
     }
 }
@@ -476,6 +478,7 @@ impl Registry {
                 room.password_hash.as_deref().map(Into::into),
             );
             entry.next_seq = room.next_seq.max(1);
+            entry.history_saved = entry.next_seq;
             let (keep, budget) = (registry.limits.history, registry.limits.history_bytes);
             let skip = room.history.len().saturating_sub(keep);
             for message in room.history.iter().skip(skip) {
@@ -629,22 +632,26 @@ impl Registry {
         Ok((page, start > 0))
     }
 
-    /// Queues a history record for each room whose kept messages changed since the last
+    /// Queues a `history_append` record for each room that kept new messages since its last
     /// checkpoint; returns how many. Used at shutdown: everything is written.
     pub fn checkpoint_history(&mut self) -> usize {
         self.checkpoint_history_within(usize::MAX)
     }
 
-    /// Like [`Registry::checkpoint_history`], but stops once the rooms written hold `budget`
-    /// bytes of history (text and sender names; JSON escaping may grow them up to sixfold), so
-    /// a periodic checkpoint writes a bounded amount however many rooms chatted. The rooms
-    /// left out stay dirty, and the next call starts with them.
+    /// Like [`Registry::checkpoint_history`], but stops once the new messages written hold
+    /// `budget` bytes (text and sender names; JSON escaping may grow them up to sixfold), so a
+    /// periodic checkpoint writes a bounded amount however many rooms chatted. The rooms left
+    /// out keep their new messages, and the next call starts with them.
+    ///
+    /// A record carries only the messages kept since the room's last checkpoint, and the
+    /// oldest sequence number the room still keeps, so its size follows the chat since then,
+    /// not the length of the history.
     pub fn checkpoint_history_within(&mut self, budget: usize) -> usize {
         let cursor = self.checkpoint_cursor;
         let mut dirty: Vec<usize> = self
             .rooms
             .iter()
-            .filter(|(_, r)| r.history_dirty)
+            .filter(|(_, r)| r.history.back().is_some_and(|m| m.seq >= r.history_saved))
             .map(|(k, _)| k)
             .collect();
         // Round robin: the rooms from the cursor on, then those before it.
@@ -657,12 +664,19 @@ impl Registry {
                 break;
             }
             let room = &mut self.rooms[key];
-            room.history_dirty = false;
-            bytes = bytes.saturating_add(room.history_bytes);
-            self.records.push(Record::History {
+            let saved = room.history_saved;
+            let new = room.history.partition_point(|m| m.seq < saved);
+            let messages: Vec<HistoryEntry> = room.history.range(new..).cloned().collect();
+            bytes = messages
+                .iter()
+                .map(history_size)
+                .fold(bytes, usize::saturating_add);
+            room.history_saved = room.next_seq;
+            self.records.push(Record::HistoryAppend {
                 room: room.name.to_string(),
                 next_seq: room.next_seq,
-                messages: room.history.iter().cloned().collect(),
+                first_kept: room.history.front().map_or(room.next_seq, |m| m.seq),
+                messages,
             });
             written += 1;
         }
@@ -969,7 +983,6 @@ impl Registry {
                 at,
             };
             room.keep_in_history(entry, keep, self.limits.history_bytes);
-            room.history_dirty = true;
         }
         let text = message.as_bytes();
         let mut plain = None;
@@ -1170,7 +1183,7 @@ fn unsendable(name: &str, max: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{rngs::StdRng, SeedableRng};
+    use rand::{rngs::StdRng, Rng, SeedableRng};
     use std::net::Ipv4Addr;
     use ucrp::delivery::Delivery;
 
@@ -1899,6 +1912,92 @@ mod tests {
         assert_eq!(page.iter().map(|m| m.seq).collect::<Vec<_>>(), [6]);
     }
 
+    /// Checkpoints write each kept message once, and the file model that applies them holds
+    /// exactly the registry's history, through trimming by count and by bytes and through
+    /// budgets that leave rooms for later.
+    #[test]
+    fn history_checkpoints_carry_only_new_messages_and_rebuild_the_same_history() {
+        let mut reg = registry();
+        reg.set_limits(Limits {
+            chat_rate: 0.0,
+            history: 5,
+            history_bytes: 40,
+            ..Limits::default()
+        });
+        let now = Instant::now();
+        let mut out = Outbox::default();
+        let mut state = State::default();
+        let rooms = ["a", "b", "c"];
+        let mut hosts = Vec::new();
+        for (i, room) in rooms.iter().enumerate() {
+            let port = i as u16 + 1;
+            let host = reg
+                .create_room(room, &Request::original("h"), HERE, None, now, 1.0)
+                .unwrap()
+                .token;
+            let guest = reg
+                .join_room(room, &Request::original("g"), HERE, now, &mut out)
+                .unwrap()
+                .token;
+            for (t, p) in [(&host, port), (&guest, port + 10)] {
+                reg.handle_datagram(addr(p), &dgram(room, t, "__REGISTER__"), now, &mut out);
+            }
+            hosts.push(host);
+        }
+        let mut rng = StdRng::seed_from_u64(11);
+        let mut written = std::collections::HashSet::new();
+        let mut apply = |reg: &mut Registry, state: &mut State| {
+            for r in reg.take_records() {
+                if let Record::HistoryAppend { room, messages, .. } = &r {
+                    for m in messages {
+                        assert!(
+                            written.insert((room.clone(), m.seq)),
+                            "{room} #{} twice",
+                            m.seq
+                        );
+                    }
+                }
+                state.apply(&r);
+            }
+        };
+        apply(&mut reg, &mut state);
+        for _ in 0..300 {
+            let i = rng.gen_range(0..rooms.len());
+            let text = "x".repeat(rng.gen_range(1..20));
+            let h = reg.handle_datagram(
+                addr(i as u16 + 1),
+                &dgram(rooms[i], &hosts[i], &text),
+                now,
+                &mut out,
+            );
+            assert_eq!(h, Handled::Relayed { deliveries: 1 });
+            if rng.gen_bool(0.2) {
+                reg.checkpoint_history_within(rng.gen_range(1..60));
+                apply(&mut reg, &mut state);
+            }
+        }
+        reg.checkpoint_history();
+        apply(&mut reg, &mut state);
+        for (room, host) in rooms.iter().zip(&hosts) {
+            let (kept, _) = reg
+                .history_page(room, host.as_str().as_bytes(), None, 100)
+                .unwrap();
+            assert!(!kept.is_empty() && kept.len() <= 5);
+            assert_eq!(state.rooms[*room].history, kept, "room {room}");
+            assert_eq!(state.rooms[*room].next_seq, kept.last().unwrap().seq + 1);
+        }
+        // One more message in a full room: the checkpoint carries that message only.
+        reg.handle_datagram(addr(1), &dgram("a", &hosts[0], "last"), now, &mut out);
+        assert_eq!(reg.checkpoint_history(), 1);
+        match reg.take_records().as_slice() {
+            [Record::HistoryAppend { messages, .. }] => {
+                let texts: Vec<&str> = messages.iter().map(|m| m.text.as_str()).collect();
+                assert_eq!(texts, ["last"]);
+            }
+            other => panic!("expected one history_append, got {other:?}"),
+        }
+    }
+
     #[test]
     fn a_budgeted_checkpoint_writes_some_rooms_and_the_next_one_the_rest() {
         let mut reg = registry();
@@ -1937,7 +2036,7 @@ mod tests {
                 .take_records()
                 .into_iter()
                 .filter_map(|r| match r {
-                    Record::History { room, .. } => Some(room),
+                    Record::HistoryAppend { room, .. } => Some(room),
                     _ => None,
                 })
                 .collect();

@@ -219,6 +219,25 @@ impl State {
                     entry.history = messages.clone();
                 }
             }
+            Record::HistoryAppend {
+                room,
+                next_seq,
+                first_kept,
+                messages,
+            } => {
+                if let Some(entry) = self.rooms.get_mut(room) {
+                    entry.next_seq = *next_seq;
+                    entry.history.retain(|m| m.seq >= *first_kept);
+                    // Each message once, in order, whatever a hand-edited file holds.
+                    let last = entry.history.last().map(|m| m.seq);
+                    entry.history.extend(
+                        messages
+                            .iter()
+                            .filter(|m| last.is_none_or(|l| m.seq > l))
+                            .cloned(),
+                    );
+                }
+            }
         }
     }
 

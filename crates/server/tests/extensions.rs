@@ -596,6 +596,90 @@ fn a_room_keeps_at_most_its_history_byte_budget_and_that_survives_a_restart() {
     assert_eq!(kept(&d), ["2", "3", "4"], "after a restart");
 }
 
+/// The journal's `history_append` records, as (first_kept, texts) pairs, oldest first.
+fn history_appends(d: &Daemon, room: &str) -> Vec<(u64, Vec<String>)> {
+    let journal = d.state.with_extension("json.journal");
+    let text = std::fs::read_to_string(journal).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|r| r["op"] == "history_append" && r["room"] == room)
+        .map(|r| {
+            let texts = r["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["text"].as_str().unwrap().to_owned())
+                .collect();
+            (r["first_kept"].as_u64().unwrap(), texts)
+        })
+        .collect()
+}
+
+#[test]
+fn history_checkpoints_append_only_new_messages_and_survive_kill_9_and_compaction() {
+    let mut d = Daemon::start_with(Options {
+        config: Some("[history]\nmessages = 3\ncheckpoint_secs = 1\n".into()),
+        ..Options::default()
+    });
+    let alice_token = create(&d, "log", "alice");
+    let bob_token = join(&d, "log", "bob");
+    let alice = Member::joined(&d, "log", &alice_token);
+    let bob = Member::new(&d, "log", &bob_token);
+    bob.registered_with(&alice, "bob");
+    let say = |text: &str| {
+        bob.send(text);
+        assert_eq!(alice.recv(), format!("bob: {text}"));
+    };
+    for i in 1..=5 {
+        say(&format!("m{i}"));
+    }
+    wait_until("a checkpoint holds m5", || {
+        history_appends(&d, "log")
+            .iter()
+            .any(|(_, texts)| texts.iter().any(|t| t == "m5"))
+    });
+    say("m6");
+    wait_until("a checkpoint holds m6", || {
+        history_appends(&d, "log")
+            .iter()
+            .any(|(_, texts)| texts.iter().any(|t| t == "m6"))
+    });
+    // The room was full (three kept): the checkpoint after m6 carries m6 alone, and says the
+    // room now keeps from m4 on (the probe is #1, m1 is #2, so m4 is #5).
+    let appends = history_appends(&d, "log");
+    assert_eq!(appends.last().unwrap(), &(5, vec!["m6".to_owned()]));
+    let mut written: Vec<&String> = appends.iter().flat_map(|(_, texts)| texts).collect();
+    let all = written.len();
+    written.sort();
+    written.dedup();
+    assert_eq!(written.len(), all, "each message written once: {appends:?}");
+    let kept = |d: &Daemon| -> Vec<String> {
+        let raw = history_payload(d, "log", &alice_token, None, 100);
+        let page: HistoryPage = payload::parse_json(&raw).unwrap();
+        page.messages.into_iter().map(|m| m.text).collect()
+    };
+    d.kill9();
+    d.restart();
+    assert_eq!(
+        kept(&d),
+        ["m4", "m5", "m6"],
+        "after kill -9: the journal replayed"
+    );
+    // SIGTERM writes a snapshot folded from the appends; the next start reads it alone.
+    d.terminate();
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&d.state).unwrap()).unwrap();
+    let texts: Vec<&str> = state["rooms"]["log"]["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["m4", "m5", "m6"], "the snapshot's history");
+    d.restart();
+    assert_eq!(kept(&d), ["m4", "m5", "m6"], "after the snapshot");
+}
+
 #[test]
 fn history_of_long_messages_is_cut_to_one_reply_keeping_the_newest() {
     let d = Daemon::start();
