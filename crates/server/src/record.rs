@@ -90,14 +90,15 @@ pub enum Record {
         messages: Vec<HistoryEntry>,
     },
     /// A room's history checkpoint (every few seconds when it chatted): the messages kept
-    /// since the last one. Messages below `first_kept` are no longer kept.
+    /// since the last one, to append; then only the newest `kept` messages are kept.
     HistoryAppend {
         /// Room name.
         room: String,
         /// The sequence number the room's next message gets.
         next_seq: u64,
-        /// The oldest sequence number the room still keeps.
-        first_kept: u64,
+        /// How many messages the room keeps, these included. (A count, not a sequence
+        /// number: it holds whatever numbers a hand-edited file gave the older messages.)
+        kept: usize,
         /// The messages kept since the last checkpoint, oldest first.
         messages: Vec<HistoryEntry>,
     },

@@ -233,9 +233,8 @@ struct Room {
     history: VecDeque<HistoryEntry>,
     /// The sum of [`history_size`] over `history`.
     history_bytes: usize,
-    /// `next_seq` at the last history checkpoint: kept messages from this number on are not
-    /// in the journal yet.
-    history_saved: u64,
+    /// How many of the newest kept messages are not in the journal yet.
+    history_unsaved: usize,
 }
 
 /// What a kept message counts against `Limits::history_bytes`.
@@ -275,7 +274,7 @@ impl Room {
             next_seq: 1,
             history: VecDeque::new(),
             history_bytes: 0,
-            history_saved: 1,
+            history_unsaved: 0,
         }
     }
 }
@@ -478,7 +477,6 @@ impl Registry {
                 room.password_hash.as_deref().map(Into::into),
             );
             entry.next_seq = room.next_seq.max(1);
-            entry.history_saved = entry.next_seq;
             let (keep, budget) = (registry.limits.history, registry.limits.history_bytes);
             let skip = room.history.len().saturating_sub(keep);
             for message in room.history.iter().skip(skip) {
@@ -528,11 +526,8 @@ impl Registry {
                     max_datagram: entry.max_datagram.filter(|m| {
                         (payload::MIN_MAX_DATAGRAM..=payload::MAX_MAX_DATAGRAM).contains(m)
                     }),
-                    // Files from before joins were recorded: the IP it registered from.
-                    joined_from: entry
-                        .joined_from
-                        .or(entry.address.map(|a| a.ip()))
-                        .map(|ip| ip.to_canonical()),
+                    // For files from before join IPs: see `store::State::assume_join_ips`.
+                    joined_from: entry.joined_from.map(|ip| ip.to_canonical()),
                     chat: TokenBucket::full(registry.limits.chat_burst, now),
                 });
                 if *token == room.host_token {
@@ -651,7 +646,7 @@ impl Registry {
         let mut dirty: Vec<usize> = self
             .rooms
             .iter()
-            .filter(|(_, r)| r.history.back().is_some_and(|m| m.seq >= r.history_saved))
+            .filter(|(_, r)| r.history_unsaved > 0)
             .map(|(k, _)| k)
             .collect();
         // Round robin: the rooms from the cursor on, then those before it.
@@ -664,18 +659,17 @@ impl Registry {
                 break;
             }
             let room = &mut self.rooms[key];
-            let saved = room.history_saved;
-            let new = room.history.partition_point(|m| m.seq < saved);
+            let new = room.history.len() - room.history_unsaved.min(room.history.len());
             let messages: Vec<HistoryEntry> = room.history.range(new..).cloned().collect();
             bytes = messages
                 .iter()
                 .map(history_size)
                 .fold(bytes, usize::saturating_add);
-            room.history_saved = room.next_seq;
+            room.history_unsaved = 0;
             self.records.push(Record::HistoryAppend {
                 room: room.name.to_string(),
                 next_seq: room.next_seq,
-                first_kept: room.history.front().map_or(room.next_seq, |m| m.seq),
+                kept: room.history.len(),
                 messages,
             });
             written += 1;
@@ -887,15 +881,20 @@ impl Registry {
         }
         match datagram.message {
             Message::Register => {
-                if self.limits.register_only_from_join_ip
-                    && member
-                        .joined_from
-                        .is_some_and(|ip| ip != src.ip().to_canonical())
+                // A REGISTER from the member's own address moves nothing: it is a keepalive,
+                // even for a member bound elsewhere before the guard was turned on.
+                let changed = member.address != Some(src);
+                let ip = src.ip().to_canonical();
+                if changed
+                    && self.limits.register_only_from_join_ip
+                    && member.joined_from.is_some_and(|joined| joined != ip)
                 {
                     return Handled::Dropped(DropReason::NotJoinIp);
                 }
+                // A token from a file without join IPs is held to the IP it first registers
+                // from (the journal's register record gives the file model the same).
+                member.joined_from.get_or_insert(ip);
                 member.last_seen = now;
-                let changed = member.address != Some(src);
                 if changed {
                     if member.address.is_none() {
                         self.registered += 1;
@@ -983,6 +982,7 @@ impl Registry {
                 at,
             };
             room.keep_in_history(entry, keep, self.limits.history_bytes);
+            room.history_unsaved = (room.history_unsaved + 1).min(room.history.len());
         }
         let text = message.as_bytes();
         let mut plain = None;
@@ -1565,13 +1565,13 @@ mod tests {
         );
         assert_eq!(h, Handled::Registered { changed: true });
 
+        // Loading fills in the IP of the registered address (as `store::load` does); a token
+        // that never registered is held to the IP of its first REGISTER, in memory and, through
+        // the register record, in the file model.
+        old.assume_join_ips();
+        assert_eq!(old.tokens[bob.as_str()].joined_from, Some(HERE));
+        assert_eq!(old.tokens[cy.as_str()].joined_from, None);
         let mut reg = Registry::from_state(&old, guarded, rng(), now);
-        let h = reg.handle_datagram(addr(1), &dgram("r", &host, "__REGISTER__"), now, &mut out);
-        assert_eq!(
-            h,
-            Handled::Registered { changed: true },
-            "never registered: any IP"
-        );
         let h = reg.handle_datagram(
             from([10, 9, 9, 9], 2),
             &dgram("r", &bob, "__REGISTER__"),
@@ -1585,13 +1585,62 @@ mod tests {
         );
         let h = reg.handle_datagram(addr(3), &dgram("r", &bob, "__REGISTER__"), now, &mut out);
         assert_eq!(h, Handled::Registered { changed: true });
+        let first = from([10, 9, 9, 9], 4);
+        let h = reg.handle_datagram(first, &dgram("r", &cy, "__REGISTER__"), now, &mut out);
+        assert_eq!(
+            h,
+            Handled::Registered { changed: true },
+            "never registered: any IP"
+        );
+        let h = reg.handle_datagram(addr(5), &dgram("r", &cy, "__REGISTER__"), now, &mut out);
+        assert_eq!(
+            h,
+            Handled::Dropped(DropReason::NotJoinIp),
+            "then held to it"
+        );
+        for r in reg.take_records() {
+            old.apply(&r);
+        }
+        assert_eq!(old.tokens[cy.as_str()].joined_from, Some(first.ip()));
+    }
+
+    #[test]
+    fn with_the_guard_turned_on_later_a_member_bound_elsewhere_keeps_its_keepalives() {
+        let (mut reg, now, mut out, host) = room_r();
+        let sleepy = Request {
+            keepalive_secs: Some(1),
+            form: tcrp::payload::RequestForm::JsonObject,
+            ..Request::original("roamer")
+        };
+        let roamer = reg
+            .join_room("r", &sleepy, HERE, now, &mut out)
+            .unwrap()
+            .token;
+        // It registers from another IP while the guard is off (it moved, or its UDP leaves
+        // through another address).
+        let away = SocketAddr::from(([10, 0, 0, 2], 7));
+        reg.handle_datagram(addr(1), &dgram("r", &host, "__REGISTER__"), now, &mut out);
+        reg.handle_datagram(away, &dgram("r", &roamer, "__REGISTER__"), now, &mut out);
+        let mut limits = reg.limits.clone();
+        limits.register_only_from_join_ip = true;
+        reg.set_limits(limits);
+        // Its keepalives from where it is change nothing, so the guard lets them through.
+        for s in 1..=5 {
+            let t = now + Duration::from_secs(s);
+            let h = reg.handle_datagram(away, &dgram("r", &roamer, "__REGISTER__"), t, &mut out);
+            assert_eq!(h, Handled::Registered { changed: false });
+        }
+        assert_eq!(reg.poll_expired(now + Duration::from_secs(6), &mut out), 0);
+        assert_eq!(reg.stats().members, 2);
+        // Moving again, to any IP but the join's, is refused.
+        let elsewhere = SocketAddr::from(([10, 0, 0, 3], 7));
         let h = reg.handle_datagram(
-            from([10, 9, 9, 9], 4),
-            &dgram("r", &cy, "__REGISTER__"),
+            elsewhere,
+            &dgram("r", &roamer, "__REGISTER__"),
             now,
             &mut out,
         );
-        assert_eq!(h, Handled::Registered { changed: true });
+        assert_eq!(h, Handled::Dropped(DropReason::NotJoinIp));
     }
 
     #[test]
@@ -2227,6 +2276,81 @@ mod tests {
             let h = reg.handle_datagram(addr(1), &dgram("seq", &h1, "hi"), now, &mut out);
             assert_eq!(h, Handled::Relayed { deliveries: 0 });
         }
+    }
+
+    /// A hand-edited file can number a room's messages anyhow (out of order, twice, past
+    /// `next_seq`, at `u64::MAX`). Checkpoints count messages, not numbers: each new message
+    /// is written once, a quiet room writes nothing, and the file model keeps what the
+    /// registry keeps.
+    #[test]
+    fn history_checkpoints_follow_the_messages_whatever_numbers_a_file_gave_them() {
+        let entry = |seq: u64, text: &str| HistoryEntry {
+            seq,
+            sender: "h".into(),
+            text: text.into(),
+            at: 0.0,
+        };
+        let mut state = State::default();
+        state.apply(&Record::CreateRoom {
+            room: "r".into(),
+            host: MemberRecord {
+                token: "h1".into(),
+                username: "h".into(),
+                keepalive: None,
+                caps: 0,
+                max_datagram: None,
+                joined_from: None,
+            },
+            created_at: 0.0,
+            listed: true,
+            password_hash: None,
+        });
+        state.apply(&Record::History {
+            room: "r".into(),
+            next_seq: u64::MAX - 1,
+            messages: vec![
+                entry(50, "x"),
+                entry(50, "y"),
+                entry(u64::MAX, "z"),
+                entry(7, "w"),
+            ],
+        });
+        let limits = Limits {
+            chat_rate: 0.0,
+            history: 4,
+            ..Limits::default()
+        };
+        let now = Instant::now();
+        let mut reg = Registry::from_state(&state, limits, Box::new(StdRng::seed_from_u64(1)), now);
+        assert_eq!(reg.checkpoint_history(), 0, "nothing new was said");
+        let h1 = Token::from_stored("h1");
+        let mut out = Outbox::default();
+        reg.handle_datagram(addr(1), &dgram("r", &h1, "__REGISTER__"), now, &mut out);
+        let kept = |reg: &Registry| -> Vec<String> {
+            let room = reg.room_index["r"];
+            reg.rooms[room.0]
+                .history
+                .iter()
+                .map(|m| m.text.clone())
+                .collect()
+        };
+        for (i, text) in ["a", "b", "c"].iter().enumerate() {
+            reg.handle_datagram(addr(1), &dgram("r", &h1, text), now, &mut out);
+            if i != 1 {
+                assert_eq!(reg.checkpoint_history(), 1);
+            }
+            for r in reg.take_records() {
+                state.apply(&r);
+            }
+        }
+        assert_eq!(reg.checkpoint_history(), 0, "a quiet room writes nothing");
+        assert_eq!(kept(&reg), ["w", "a", "b", "c"]);
+        let file: Vec<&str> = state.rooms["r"]
+            .history
+            .iter()
+            .map(|m| m.text.as_str())
+            .collect();
+        assert_eq!(file, ["w", "a", "b", "c"]);
     }
 
     /// Names that fail today's check but fit the protocol were acknowledged with their tokens:

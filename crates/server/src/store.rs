@@ -199,6 +199,9 @@ impl State {
             Record::Register { token, address } => {
                 if let Some(entry) = self.tokens.get_mut(token) {
                     entry.address = Some(*address);
+                    // As the registry does: a token with no join IP on record is held to the
+                    // IP of its first REGISTER.
+                    entry.joined_from.get_or_insert(address.ip().to_canonical());
                 }
             }
             Record::Leave { token } => {
@@ -222,20 +225,14 @@ impl State {
             Record::HistoryAppend {
                 room,
                 next_seq,
-                first_kept,
+                kept,
                 messages,
             } => {
                 if let Some(entry) = self.rooms.get_mut(room) {
                     entry.next_seq = *next_seq;
-                    entry.history.retain(|m| m.seq >= *first_kept);
-                    // Each message once, in order, whatever a hand-edited file holds.
-                    let last = entry.history.last().map(|m| m.seq);
-                    entry.history.extend(
-                        messages
-                            .iter()
-                            .filter(|m| last.is_none_or(|l| m.seq > l))
-                            .cloned(),
-                    );
+                    entry.history.extend(messages.iter().cloned());
+                    let excess = entry.history.len().saturating_sub(*kept);
+                    entry.history.drain(..excess);
                 }
             }
         }
@@ -266,6 +263,17 @@ impl State {
                 if let Ok(name) = serde_json::from_str::<String>(&entry.username) {
                     entry.username = name;
                 }
+            }
+        }
+    }
+
+    /// Gives each token that has no join IP on record (the original's files, `ocmd`'s from
+    /// before `joined_from`) the IP of its registered address, if it has one: the best
+    /// evidence of where its owner is, for `[udp] register_only_from_join_ip`.
+    pub fn assume_join_ips(&mut self) {
+        for entry in self.tokens.values_mut() {
+            if let (None, Some(address)) = (entry.joined_from, entry.address) {
+                entry.joined_from = Some(address.ip().to_canonical());
             }
         }
     }
@@ -360,6 +368,7 @@ pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
     };
     // Only the snapshot can be the original's: journal records are always ocmd's.
     state.normalize();
+    state.assume_join_ips();
     let mut loaded = Loaded {
         last_seq: state.journal_seq,
         ..Loaded::default()
