@@ -436,9 +436,10 @@ pub fn markdown(r: &Results) -> String {
     let h0 = &r.handshakes;
     let hp = &r.handshakes_preloaded;
     let flat = hp.joins.per_sec >= 0.8 * h0.joins.per_sec
-        && hp.preload_joins.as_ref().map_or(true, |j| {
-            j.windows.last_10pct_per_sec >= 0.8 * j.windows.first_10pct_per_sec
-        });
+        && hp
+            .preload_joins
+            .as_ref()
+            .is_none_or(|j| j.windows.last_10pct_per_sec >= 0.8 * j.windows.first_10pct_per_sec);
     let _ = writeln!(
         w,
         "| ≥ 20,000 joins/s, durable group commit, flat to {} tokens | {:.0} joins/s empty, {:.0} joins/s at {} tokens | {} |",

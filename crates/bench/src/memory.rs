@@ -131,7 +131,7 @@ fn register_all(daemon: &Daemon, rooms: &[(String, Vec<String>)], room_size: usi
                     .send_to(&d, daemon.udp)
                     .ctx("send REGISTER")?;
                 sent += 1;
-                if sent % REGISTER_CHUNK == 0 {
+                if sent.is_multiple_of(REGISTER_CHUNK) {
                     // Keep at most one chunk in flight so the daemon's socket never overflows.
                     let target = baseline + (sent - REGISTER_CHUNK) as f64;
                     let deadline = Instant::now() + Duration::from_secs(2);
