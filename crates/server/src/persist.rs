@@ -752,12 +752,13 @@ fn compact_loop(
 /// Returns its size.
 fn write_snapshot(paths: &Paths, state: &mut State, journal_seq: u64) -> Result<u64, StoreError> {
     state.journal_seq = journal_seq;
-    let bytes = state.to_file_bytes(SystemTime::now())?;
-    store::write_atomic(&paths.state, &bytes).map_err(|source| StoreError::Write {
-        path: paths.state.clone(),
-        source,
-    })?;
-    Ok(bytes.len() as u64)
+    let now = SystemTime::now();
+    store::write_atomic_with(&paths.state, |file| state.write_file(now, file)).map_err(|source| {
+        StoreError::Write {
+            path: paths.state.clone(),
+            source,
+        }
+    })
 }
 
 /// Removes `journal.old` (whose records a state file now holds), durably.

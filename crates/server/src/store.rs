@@ -278,12 +278,23 @@ impl State {
         }
     }
 
-    /// Serializes the state for the file, stamping `version` and `saved_at`.
-    pub fn to_file_bytes(&mut self, now: SystemTime) -> Result<Vec<u8>, StoreError> {
+    /// Serializes the state for the file into `out`, stamping `version` and `saved_at`.
+    ///
+    /// The snapshot is streamed, never held whole: at 100,000 tokens it is ~27 MB, and a
+    /// buffer that size, freed after each compaction, raised glibc's mmap threshold so that
+    /// the next one stayed resident (measured: 20–45 MB more RSS after a compaction).
+    pub fn write_file(&mut self, now: SystemTime, mut out: impl Write) -> io::Result<()> {
         self.version = STATE_VERSION;
         self.saved_at = Some(humantime::format_rfc3339_seconds(now).to_string());
-        let mut bytes = serde_json::to_vec_pretty(self).map_err(StoreError::Serialize)?;
-        bytes.push(b'\n');
+        serde_json::to_writer_pretty(&mut out, self)?;
+        out.write_all(b"\n")
+    }
+
+    /// The file's bytes (see [`State::write_file`]), for tests and tools.
+    pub fn to_file_bytes(&mut self, now: SystemTime) -> Result<Vec<u8>, StoreError> {
+        let mut bytes = Vec::new();
+        self.write_file(now, &mut bytes)
+            .map_err(|e| StoreError::Serialize(serde_json::Error::io(e)))?;
         Ok(bytes)
     }
 }
@@ -438,16 +449,83 @@ fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
 /// writes both): anything else is refused rather than taken for an empty state, so pointing
 /// `--state` at the wrong JSON file never overwrites it.
 pub fn parse_state(bytes: &[u8]) -> Result<State, serde_json::Error> {
-    let value: serde_json::Value = serde_json::from_slice(bytes)?;
-    let looks_like_state = value
-        .as_object()
-        .is_some_and(|o| o.contains_key("rooms") || o.contains_key("tokens"));
-    if !looks_like_state {
+    // The shape is checked first by a pass that keeps nothing, then the state is parsed
+    // straight into its types. (Parsing into a `serde_json::Value` first cost ~1.5 KB of
+    // resident memory per token for the rest of the run: the freed tree's small blocks lay
+    // between the kept ones, so the allocator could not give their pages back.)
+    let shape: Shape = serde_json::from_slice(bytes)?;
+    if !shape.looks_like_state {
         return Err(serde::de::Error::custom(
             "not an ocm state file: expected a JSON object with \"rooms\" and \"tokens\"",
         ));
     }
-    serde_json::from_value(value)
+    serde_json::from_slice(bytes)
+}
+
+/// Whether a JSON document is an object with a `rooms` or a `tokens` key; parsing it
+/// allocates nothing but the keys.
+struct Shape {
+    looks_like_state: bool,
+}
+
+impl<'de> Deserialize<'de> for Shape {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Shape, D::Error> {
+        struct ShapeVisitor;
+        impl<'de> serde::de::Visitor<'de> for ShapeVisitor {
+            type Value = Shape;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Shape, A::Error> {
+                let mut looks_like_state = false;
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    looks_like_state |= key == "rooms" || key == "tokens";
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+                Ok(Shape { looks_like_state })
+            }
+            // Anything but an object is not a state file.
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<Shape, A::Error> {
+                Ok(Shape {
+                    looks_like_state: false,
+                })
+            }
+            fn visit_unit<E>(self) -> Result<Shape, E> {
+                Ok(Shape {
+                    looks_like_state: false,
+                })
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Shape, E> {
+                Ok(Shape {
+                    looks_like_state: false,
+                })
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Shape, E> {
+                Ok(Shape {
+                    looks_like_state: false,
+                })
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Shape, E> {
+                Ok(Shape {
+                    looks_like_state: false,
+                })
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Shape, E> {
+                Ok(Shape {
+                    looks_like_state: false,
+                })
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Shape, E> {
+                Ok(Shape {
+                    looks_like_state: false,
+                })
+            }
+        }
+        deserializer.deserialize_any(ShapeVisitor)
+    }
 }
 
 /// One journal line: a sequence number and a record.
@@ -522,14 +600,23 @@ pub fn parse_journal(bytes: &[u8]) -> Result<Replay, (usize, String)> {
     Ok(replay)
 }
 
-/// Writes `bytes` to `path` so that a crash leaves either the old or the new file whole:
-/// a temporary file created exclusively beside it with mode 0600, written, fsync'd, renamed
-/// over `path`, and the directory fsync'd.
+/// Writes `bytes` to `path` so that a crash leaves either the old or the new file whole
+/// (see [`write_atomic_with`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_atomic_with(path, |file| file.write_all(bytes)).map(|_| ())
+}
+
+/// Writes `path` through `write` so that a crash leaves either the old or the new file
+/// whole: a temporary file created exclusively beside it with mode 0600, written through a
+/// buffer, fsync'd, renamed over `path`, and the directory fsync'd. Returns the file's size.
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut io::BufWriter<&File>) -> io::Result<()>,
+) -> io::Result<u64> {
     let mut tmp_name = path.as_os_str().to_owned();
     tmp_name.push(".tmp");
     let tmp = PathBuf::from(tmp_name);
-    let mut file = match create_private(&tmp) {
+    let file = match create_private(&tmp) {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             // Left over by a crash mid-write; the lock file guarantees it is not in use.
             fs::remove_file(&tmp)?;
@@ -537,11 +624,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         }
         other => other?,
     };
-    file.write_all(bytes)?;
+    let mut buffered = io::BufWriter::with_capacity(64 * 1024, &file);
+    write(&mut buffered)?;
+    buffered.flush()?;
+    drop(buffered);
     file.sync_all()?;
+    let size = file.metadata()?.len();
     drop(file);
     fs::rename(&tmp, path)?;
-    sync_dir(path)
+    sync_dir(path)?;
+    Ok(size)
 }
 
 /// Creates a new file with mode 0600, failing if it exists.
@@ -1077,11 +1169,28 @@ mod tests {
 
     #[test]
     fn json_of_another_shape_is_refused() {
-        for text in ["[]", "[1]", "{}", "{\"unknown\": 1}", "3", "\"rooms\""] {
+        for text in [
+            "[]",
+            "[1]",
+            "[1, {}, {}, null, 0]",
+            "{}",
+            "{\"unknown\": 1}",
+            "{\"version\": 1, \"journal_seq\": 4}",
+            "3",
+            "-3",
+            "2.5",
+            "true",
+            "null",
+            "\"rooms\"",
+            "{\"rooms\": 5}",
+            "{\"rooms\": {}} trailing",
+        ] {
             assert!(parse_state(text.as_bytes()).is_err(), "{text} accepted");
         }
         assert!(parse_state(b"{\"rooms\": {}}").is_ok());
         assert!(parse_state(b"{\"tokens\": {}, \"rooms\": {}}").is_ok());
+        // Escaped keys are keys too.
+        assert!(parse_state(b"{\"r\\u006foms\": {}}").is_ok());
     }
 
     #[test]
