@@ -6,7 +6,8 @@
 //! REGISTER binds the datagram's source address to the token named in it, and tokens of
 //! different rooms may share an address. VmRSS is read fresh, after the joins and after the
 //! registrations. Then the daemon gets SIGTERM and is restarted on the same state; the time
-//! from spawn to its listening line is the start-up time.
+//! from spawn to its listening line is the start-up time, and VmRSS is read again then: a
+//! daemon that loaded its members must not hold more per member than one that saw them join.
 
 use std::net::UdpSocket;
 use std::thread;
@@ -55,11 +56,24 @@ pub struct MemoryResult {
     pub startup_loaded_ms: f64,
     /// `ocm_members` after the restart.
     pub members_after_restart: f64,
+    /// VmRSS of the restarted daemon once listening, KiB (0 in results from before it was
+    /// measured).
+    #[serde(default)]
+    pub rss_restarted_kib: u64,
     /// Size of the state directory after the stop, bytes.
     pub state_bytes: u64,
 }
 
 impl MemoryResult {
+    /// (restarted − fresh) / members, bytes: memory per member of a daemon that loaded them
+    /// from its state file; `None` if not measured.
+    pub fn bytes_per_member_restarted(&self) -> Option<f64> {
+        (self.rss_restarted_kib > 0).then(|| {
+            (self.rss_restarted_kib.saturating_sub(self.rss_fresh_kib) * 1024) as f64
+                / self.members.max(1) as f64
+        })
+    }
+
     /// The human-readable report.
     pub fn print(&self) {
         println!(
@@ -80,6 +94,12 @@ impl MemoryResult {
             "  RSS per registered member {:.0} bytes (registration alone {:.0} bytes)",
             self.bytes_per_member, self.bytes_per_registration
         );
+        if let Some(bytes) = self.bytes_per_member_restarted() {
+            println!(
+                "  after a restart on that state: VmRSS {} KiB, {bytes:.0} bytes per member",
+                self.rss_restarted_kib
+            );
+        }
         println!(
             "startup: empty state {:.1} ms; SIGTERM→exit {:.0} ms; restart on {} tokens ({} bytes of state) {:.1} ms, {} members restored",
             self.startup_empty_ms,
@@ -193,6 +213,7 @@ pub fn run(
     let restarted = launcher.spawn(&dir)?;
     let members_after_restart = restarted.scrape()?.total("ocm_members");
     let startup_loaded_ms = restarted.startup.as_secs_f64() * 1e3;
+    let rss_restarted_kib = restarted.rss_kib()?;
     drop(restarted);
     let n = created.max(1) as f64;
     Ok(MemoryResult {
@@ -211,6 +232,7 @@ pub fn run(
         stop_ms,
         startup_loaded_ms,
         members_after_restart,
+        rss_restarted_kib,
         state_bytes,
     })
 }
