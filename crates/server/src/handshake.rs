@@ -532,26 +532,38 @@ mod tests {
     use crate::rooms::Limits;
     use rand::{rngs::StdRng, SeedableRng};
 
+    /// A context for requests from 127.0.0.1 now, with no request limit and the given
+    /// failed-password allowance (per second, burst; 0: none).
+    fn context<'a>(
+        registry: &'a mut Registry,
+        limiter: &'a mut KeyedLimiter<IpAddr>,
+        password_failures: &'a mut KeyedLimiter<IpAddr>,
+        out: &'a mut Outbox,
+        (password_failure_rate, password_failure_burst): (f64, f64),
+    ) -> Context<'a> {
+        Context {
+            registry,
+            limiter,
+            password_failures,
+            limits: RequestLimits {
+                rate: 0.0,
+                burst: 0.0,
+                password_failure_rate,
+                password_failure_burst,
+            },
+            out,
+            peer: "127.0.0.1".parse().unwrap(),
+            now: Instant::now(),
+            unix_now: 0.0,
+        }
+    }
+
     /// Runs a request to its reply, doing any password job inline.
     fn run(reg: &mut Registry, limiter: &mut KeyedLimiter<IpAddr>, bytes: &[u8]) -> Response {
         let (frame, _) = tcrp::decode(bytes, 4096).unwrap().unwrap();
         let mut out = Outbox::default();
         let mut failures = KeyedLimiter::new(8);
-        let mut ctx = Context {
-            registry: reg,
-            limiter,
-            password_failures: &mut failures,
-            limits: RequestLimits {
-                rate: 0.0,
-                burst: 0.0,
-                password_failure_rate: 0.0,
-                password_failure_burst: 0.0,
-            },
-            out: &mut out,
-            peer: "127.0.0.1".parse().unwrap(),
-            now: Instant::now(),
-            unix_now: 0.0,
-        };
+        let mut ctx = context(reg, limiter, &mut failures, &mut out, (0.0, 0.0));
         match handle_frame(&frame, &mut ctx, None) {
             Step::Reply(r) => r,
             Step::Password(job) => {
@@ -803,21 +815,7 @@ mod tests {
                 br#"{"username": "x", "password": "p"}"#,
             );
             let (frame, _) = tcrp::decode(&create, 4096).unwrap().unwrap();
-            let mut ctx = Context {
-                registry: &mut reg,
-                limiter: &mut limiter,
-                password_failures: &mut failures,
-                limits: RequestLimits {
-                    rate: 0.0,
-                    burst: 0.0,
-                    password_failure_rate: 0.0,
-                    password_failure_burst: 0.0,
-                },
-                out: &mut out,
-                peer: "127.0.0.1".parse().unwrap(),
-                now: Instant::now(),
-                unix_now: 0.0,
-            };
+            let mut ctx = context(&mut reg, &mut limiter, &mut failures, &mut out, (0.0, 0.0));
             match handle_frame(&frame, &mut ctx, None) {
                 Step::Reply(r) => assert_eq!(r.result, Err(code)),
                 Step::Password(_) => panic!("a refused create was sent to the hasher"),
@@ -852,21 +850,7 @@ mod tests {
                 hash: old_hash
             }
         );
-        let mut ctx = Context {
-            registry: &mut new,
-            limiter: &mut limiter,
-            password_failures: &mut failures,
-            limits: RequestLimits {
-                rate: 0.0,
-                burst: 0.0,
-                password_failure_rate: 1.0,
-                password_failure_burst: 5.0,
-            },
-            out: &mut out,
-            peer: "127.0.0.1".parse().unwrap(),
-            now: Instant::now(),
-            unix_now: 0.0,
-        };
+        let mut ctx = context(&mut new, &mut limiter, &mut failures, &mut out, (1.0, 5.0));
         // Not admitted on the old check: the password is checked again, against the new hash.
         let job = match handle_frame(&frame, &mut ctx, Some(&outcome)) {
             Step::Password(job) => job,
@@ -958,21 +942,13 @@ mod tests {
         let mut limiter = KeyedLimiter::new(8);
         let mut failures = KeyedLimiter::new(8);
         let mut out = Outbox::default();
-        let mut ctx = Context {
-            registry: &mut reg,
-            limiter: &mut limiter,
-            password_failures: &mut failures,
-            limits: RequestLimits {
-                rate: 0.0,
-                burst: 0.0,
-                password_failure_rate: 1.0 / 60.0,
-                password_failure_burst: 3.0,
-            },
-            out: &mut out,
-            peer: "127.0.0.1".parse().unwrap(),
-            now: Instant::now(),
-            unix_now: 0.0,
-        };
+        let mut ctx = context(
+            &mut reg,
+            &mut limiter,
+            &mut failures,
+            &mut out,
+            (1.0 / 60.0, 3.0),
+        );
         let join = |pw: &str| {
             request(
                 Operation::JoinRoom,

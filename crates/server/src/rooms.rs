@@ -1204,6 +1204,17 @@ mod tests {
         b
     }
 
+    /// A `__REGISTER__` for `token` in room `r` from `from`.
+    fn register(
+        reg: &mut Registry,
+        from: SocketAddr,
+        token: &Token,
+        now: Instant,
+        out: &mut Outbox,
+    ) -> Handled {
+        reg.handle_datagram(from, &dgram("r", token, "__REGISTER__"), now, out)
+    }
+
     /// The sends of an outbox as (destination, decoded delivery) pairs, rendered as text.
     fn sent(out: &Outbox) -> Vec<(SocketAddr, String)> {
         out.sends
@@ -1472,19 +1483,13 @@ mod tests {
             .unwrap()
             .token;
         reg.take_records();
-        let forged = reg.handle_datagram(
-            elsewhere(9),
-            &dgram("r", &bob, "__REGISTER__"),
-            now,
-            &mut out,
-        );
+        let forged = register(&mut reg, elsewhere(9), &bob, now, &mut out);
         assert_eq!(forged, Handled::Dropped(DropReason::NotJoinIp));
         assert_eq!(DropReason::NotJoinIp.label(), "not_join_ip");
         assert!(!reg.has_records(), "a refused REGISTER writes nothing");
         assert_eq!(reg.stats().registered, 0);
         for (who, port) in [(&host, 1), (&bob, 2)] {
-            let h =
-                reg.handle_datagram(addr(port), &dgram("r", who, "__REGISTER__"), now, &mut out);
+            let h = register(&mut reg, addr(port), who, now, &mut out);
             assert_eq!(
                 h,
                 Handled::Registered { changed: true },
@@ -1492,12 +1497,7 @@ mod tests {
             );
         }
         // Once registered, a forged REGISTER cannot move the member either.
-        let moved = reg.handle_datagram(
-            elsewhere(2),
-            &dgram("r", &bob, "__REGISTER__"),
-            now,
-            &mut out,
-        );
+        let moved = register(&mut reg, elsewhere(2), &bob, now, &mut out);
         assert_eq!(moved, Handled::Dropped(DropReason::NotJoinIp));
         reg.handle_datagram(addr(1), &dgram("r", &host, "hi"), now, &mut out);
         assert_eq!(sent(&out), vec![(addr(2), "host: hi".to_owned())]);
@@ -1506,12 +1506,7 @@ mod tests {
         let mut limits = reg.limits.clone();
         limits.register_only_from_join_ip = false;
         reg.set_limits(limits);
-        let h = reg.handle_datagram(
-            elsewhere(2),
-            &dgram("r", &bob, "__REGISTER__"),
-            now,
-            &mut out,
-        );
+        let h = register(&mut reg, elsewhere(2), &bob, now, &mut out);
         assert_eq!(h, Handled::Registered { changed: true });
     }
 
@@ -1533,7 +1528,7 @@ mod tests {
             .join_room("r", &Request::original("cy"), HERE, now, &mut out)
             .unwrap()
             .token;
-        reg.handle_datagram(addr(2), &dgram("r", &bob, "__REGISTER__"), now, &mut out);
+        register(&mut reg, addr(2), &bob, now, &mut out);
         let mut state = State::default();
         for r in reg.take_records() {
             state.apply(&r);
@@ -1551,7 +1546,7 @@ mod tests {
         let rng = || Box::new(StdRng::seed_from_u64(3));
         let from = |ip: [u8; 4], port| SocketAddr::from((ip, port));
         let mut reg = Registry::from_state(&state, guarded.clone(), rng(), now);
-        let h = reg.handle_datagram(addr(1), &dgram("r", &host, "__REGISTER__"), now, &mut out);
+        let h = register(&mut reg, addr(1), &host, now, &mut out);
         assert_eq!(
             h,
             Handled::Dropped(DropReason::NotJoinIp),
@@ -1583,16 +1578,16 @@ mod tests {
             Handled::Dropped(DropReason::NotJoinIp),
             "bound to its registered IP"
         );
-        let h = reg.handle_datagram(addr(3), &dgram("r", &bob, "__REGISTER__"), now, &mut out);
+        let h = register(&mut reg, addr(3), &bob, now, &mut out);
         assert_eq!(h, Handled::Registered { changed: true });
         let first = from([10, 9, 9, 9], 4);
-        let h = reg.handle_datagram(first, &dgram("r", &cy, "__REGISTER__"), now, &mut out);
+        let h = register(&mut reg, first, &cy, now, &mut out);
         assert_eq!(
             h,
             Handled::Registered { changed: true },
             "never registered: any IP"
         );
-        let h = reg.handle_datagram(addr(5), &dgram("r", &cy, "__REGISTER__"), now, &mut out);
+        let h = register(&mut reg, addr(5), &cy, now, &mut out);
         assert_eq!(
             h,
             Handled::Dropped(DropReason::NotJoinIp),
@@ -1619,27 +1614,22 @@ mod tests {
         // It registers from another IP while the guard is off (it moved, or its UDP leaves
         // through another address).
         let away = SocketAddr::from(([10, 0, 0, 2], 7));
-        reg.handle_datagram(addr(1), &dgram("r", &host, "__REGISTER__"), now, &mut out);
-        reg.handle_datagram(away, &dgram("r", &roamer, "__REGISTER__"), now, &mut out);
+        register(&mut reg, addr(1), &host, now, &mut out);
+        register(&mut reg, away, &roamer, now, &mut out);
         let mut limits = reg.limits.clone();
         limits.register_only_from_join_ip = true;
         reg.set_limits(limits);
         // Its keepalives from where it is change nothing, so the guard lets them through.
         for s in 1..=5 {
             let t = now + Duration::from_secs(s);
-            let h = reg.handle_datagram(away, &dgram("r", &roamer, "__REGISTER__"), t, &mut out);
+            let h = register(&mut reg, away, &roamer, t, &mut out);
             assert_eq!(h, Handled::Registered { changed: false });
         }
         assert_eq!(reg.poll_expired(now + Duration::from_secs(6), &mut out), 0);
         assert_eq!(reg.stats().members, 2);
         // Moving again, to any IP but the join's, is refused.
         let elsewhere = SocketAddr::from(([10, 0, 0, 3], 7));
-        let h = reg.handle_datagram(
-            elsewhere,
-            &dgram("r", &roamer, "__REGISTER__"),
-            now,
-            &mut out,
-        );
+        let h = register(&mut reg, elsewhere, &roamer, now, &mut out);
         assert_eq!(h, Handled::Dropped(DropReason::NotJoinIp));
     }
 
@@ -1961,6 +1951,33 @@ mod tests {
         assert_eq!(page.iter().map(|m| m.seq).collect::<Vec<_>>(), [6]);
     }
 
+    /// Creates each of `rooms` with a host `h` (registered from port i + 1, i the room's
+    /// index) and a guest `g` (port i + 11); returns the hosts' tokens.
+    fn rooms_of_two(
+        reg: &mut Registry,
+        rooms: &[&str],
+        now: Instant,
+        out: &mut Outbox,
+    ) -> Vec<Token> {
+        let mut hosts = Vec::new();
+        for (i, room) in rooms.iter().enumerate() {
+            let port = i as u16 + 1;
+            let host = reg
+                .create_room(room, &Request::original("h"), HERE, None, now, 1.0)
+                .unwrap()
+                .token;
+            let guest = reg
+                .join_room(room, &Request::original("g"), HERE, now, out)
+                .unwrap()
+                .token;
+            for (t, p) in [(&host, port), (&guest, port + 10)] {
+                reg.handle_datagram(addr(p), &dgram(room, t, "__REGISTER__"), now, out);
+            }
+            hosts.push(host);
+        }
+        hosts
+    }
+
     /// Checkpoints write each kept message once, and the file model that applies them holds
     /// exactly the registry's history, through trimming by count and by bytes and through
     /// budgets that leave rooms for later.
@@ -1977,22 +1994,7 @@ mod tests {
         let mut out = Outbox::default();
         let mut state = State::default();
         let rooms = ["a", "b", "c"];
-        let mut hosts = Vec::new();
-        for (i, room) in rooms.iter().enumerate() {
-            let port = i as u16 + 1;
-            let host = reg
-                .create_room(room, &Request::original("h"), HERE, None, now, 1.0)
-                .unwrap()
-                .token;
-            let guest = reg
-                .join_room(room, &Request::original("g"), HERE, now, &mut out)
-                .unwrap()
-                .token;
-            for (t, p) in [(&host, port), (&guest, port + 10)] {
-                reg.handle_datagram(addr(p), &dgram(room, t, "__REGISTER__"), now, &mut out);
-            }
-            hosts.push(host);
-        }
+        let hosts = rooms_of_two(&mut reg, &rooms, now, &mut out);
         let mut rng = StdRng::seed_from_u64(11);
         let mut written = std::collections::HashSet::new();
         let mut apply = |reg: &mut Registry, state: &mut State| {
@@ -2056,28 +2058,17 @@ mod tests {
         });
         let now = Instant::now();
         let mut out = Outbox::default();
-        let mut hosts = Vec::new();
-        for (port, room) in [(1, "a"), (2, "b"), (3, "c")] {
-            let host = reg
-                .create_room(room, &Request::original("h"), HERE, None, now, 1.0)
-                .unwrap()
-                .token;
-            let guest = reg
-                .join_room(room, &Request::original("g"), HERE, now, &mut out)
-                .unwrap()
-                .token;
-            for (t, p) in [(&host, port), (&guest, port + 10)] {
-                reg.handle_datagram(addr(p), &dgram(room, t, "__REGISTER__"), now, &mut out);
-            }
+        let hosts = rooms_of_two(&mut reg, &["a", "b", "c"], now, &mut out);
+        for (i, (room, host)) in ["a", "b", "c"].iter().zip(&hosts).enumerate() {
+            let port = i as u16 + 1;
             // 3000 + 1 bytes of history per room.
             let h = reg.handle_datagram(
                 addr(port),
-                &dgram(room, &host, &"x".repeat(3000)),
+                &dgram(room, host, &"x".repeat(3000)),
                 now,
                 &mut out,
             );
             assert_eq!(h, Handled::Relayed { deliveries: 1 });
-            hosts.push(host);
         }
         reg.take_records();
         let rooms_written = |reg: &mut Registry| -> Vec<String> {
