@@ -65,12 +65,13 @@ pub struct MemoryResult {
 }
 
 impl MemoryResult {
-    /// (restarted − fresh) / members, bytes: memory per member of a daemon that loaded them
-    /// from its state file; `None` if not measured.
+    /// (restarted − fresh) / members restored, bytes: memory per member of a daemon that
+    /// loaded them from its state file; `None` if not measured. (Dividing by the members
+    /// restored, not created, keeps a restart that lost some from looking lean.)
     pub fn bytes_per_member_restarted(&self) -> Option<f64> {
         (self.rss_restarted_kib > 0).then(|| {
             (self.rss_restarted_kib.saturating_sub(self.rss_fresh_kib) * 1024) as f64
-                / self.members.max(1) as f64
+                / self.members_after_restart.max(1.0)
         })
     }
 
@@ -211,9 +212,9 @@ pub fn run(
     let stop_ms = daemon.stop()?.as_secs_f64() * 1e3;
     let state_bytes = dir_bytes(dir.path());
     let restarted = launcher.spawn(&dir)?;
+    let rss_restarted_kib = restarted.rss_kib()?;
     let members_after_restart = restarted.scrape()?.total("ocm_members");
     let startup_loaded_ms = restarted.startup.as_secs_f64() * 1e3;
-    let rss_restarted_kib = restarted.rss_kib()?;
     drop(restarted);
     let n = created.max(1) as f64;
     Ok(MemoryResult {

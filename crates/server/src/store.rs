@@ -199,9 +199,6 @@ impl State {
             Record::Register { token, address } => {
                 if let Some(entry) = self.tokens.get_mut(token) {
                     entry.address = Some(*address);
-                    // As the registry does: a token with no join IP on record is held to the
-                    // IP of its first REGISTER.
-                    entry.joined_from.get_or_insert(address.ip().to_canonical());
                 }
             }
             Record::Leave { token } => {
@@ -263,17 +260,6 @@ impl State {
                 if let Ok(name) = serde_json::from_str::<String>(&entry.username) {
                     entry.username = name;
                 }
-            }
-        }
-    }
-
-    /// Gives each token that has no join IP on record (the original's files, `ocmd`'s from
-    /// before `joined_from`) the IP of its registered address, if it has one: the best
-    /// evidence of where its owner is, for `[udp] register_only_from_join_ip`.
-    pub fn assume_join_ips(&mut self) {
-        for entry in self.tokens.values_mut() {
-            if let (None, Some(address)) = (entry.joined_from, entry.address) {
-                entry.joined_from = Some(address.ip().to_canonical());
             }
         }
     }
@@ -379,7 +365,6 @@ pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
     };
     // Only the snapshot can be the original's: journal records are always ocmd's.
     state.normalize();
-    state.assume_join_ips();
     let mut loaded = Loaded {
         last_seq: state.journal_seq,
         ..Loaded::default()
@@ -487,8 +472,13 @@ impl<'de> Deserialize<'de> for Shape {
                 }
                 Ok(Shape { looks_like_state })
             }
-            // Anything but an object is not a state file.
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<Shape, A::Error> {
+            // Anything but an object is not a state file. (An array is read to its end, or
+            // the parser would report its rest as trailing characters.)
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Shape, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
                 Ok(Shape {
                     looks_like_state: false,
                 })
@@ -624,13 +614,23 @@ pub fn write_atomic_with(
         }
         other => other?,
     };
-    let mut buffered = io::BufWriter::with_capacity(64 * 1024, &file);
-    write(&mut buffered)?;
-    buffered.flush()?;
-    drop(buffered);
-    file.sync_all()?;
-    let size = file.metadata()?.len();
+    let written = (|| {
+        let mut buffered = io::BufWriter::with_capacity(64 * 1024, &file);
+        write(&mut buffered)?;
+        buffered.flush()?;
+        drop(buffered);
+        file.sync_all()?;
+        file.metadata().map(|m| m.len())
+    })();
     drop(file);
+    let size = match written {
+        Ok(size) => size,
+        Err(e) => {
+            // A partial file could hold the disk space the journal needs (ENOSPC).
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
     fs::rename(&tmp, path)?;
     sync_dir(path)?;
     Ok(size)
@@ -1182,15 +1182,44 @@ mod tests {
             "true",
             "null",
             "\"rooms\"",
+        ] {
+            let err = parse_state(text.as_bytes()).expect_err(text).to_string();
+            assert!(err.contains("not an ocm state file"), "{text}: {err}");
+        }
+        // Right shape, wrong contents or syntax: the parser's own message.
+        for text in [
             "{\"rooms\": 5}",
             "{\"rooms\": {}} trailing",
+            "{\"rooms\": {}, \"rooms\": {}}",
         ] {
-            assert!(parse_state(text.as_bytes()).is_err(), "{text} accepted");
+            let err = parse_state(text.as_bytes()).expect_err(text).to_string();
+            assert!(!err.contains("not an ocm state file"), "{text}: {err}");
         }
         assert!(parse_state(b"{\"rooms\": {}}").is_ok());
         assert!(parse_state(b"{\"tokens\": {}, \"rooms\": {}}").is_ok());
         // Escaped keys are keys too.
         assert!(parse_state(b"{\"r\\u006foms\": {}}").is_ok());
+    }
+
+    #[test]
+    fn a_failed_atomic_write_leaves_the_old_file_and_no_temporary() {
+        let (_dir, paths) = temp_paths();
+        write_atomic(&paths.state, b"old").unwrap();
+        let err = write_atomic_with(&paths.state, |file| {
+            file.write_all(&[b'x'; 100_000])?;
+            Err(io::Error::other("disk full"))
+        })
+        .unwrap_err();
+        assert_eq!(err.to_string(), "disk full");
+        assert_eq!(fs::read(&paths.state).unwrap(), b"old");
+        let mut tmp = paths.state.as_os_str().to_owned();
+        tmp.push(".tmp");
+        assert!(!Path::new(&tmp).exists(), "the partial file is removed");
+        assert_eq!(
+            write_atomic_with(&paths.state, |f| f.write_all(b"new")).unwrap(),
+            3
+        );
+        assert_eq!(fs::read(&paths.state).unwrap(), b"new");
     }
 
     #[test]

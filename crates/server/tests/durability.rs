@@ -327,8 +327,13 @@ fn sigkill_while_the_journal_is_rotated_and_compacted_loses_no_acknowledged_toke
         let mut d = compacting_daemon();
         let (stop, got) = storm_state();
         let storm = start_storm(d.tcp, 4, &format!("c{round}"), &stop, &got);
-        // 100 records are several times the threshold: rotations have begun.
+        // 100 records are several times the threshold: rotations have begun. The kill comes
+        // after a compaction finished, so that each round tests one (the count below is
+        // otherwise at the mercy of a loaded machine's timing).
         wait_until("the storm got tokens", || got.lock().unwrap().len() >= 100);
+        wait_until("a compaction finished while serving", || {
+            compactions_while_serving(&d.log()) >= 1
+        });
         let delay = Duration::from_millis(rng.gen_range(0..=200));
         thread::sleep(delay); // the random kill moment, not a wait for correctness
         d.kill9();
@@ -607,11 +612,23 @@ fn a_state_file_of_the_wrong_shape_stops_the_start_and_is_left_untouched() {
                     std::fs::read_to_string(&state).unwrap_or_default()
                 );
             }
-            Err(log) => assert!(
-                log.contains("cannot parse state file")
-                    && log.contains(&state.display().to_string()),
-                "{text:?}: the refusal names the file:\n{log}"
-            ),
+            Err(log) => {
+                assert!(
+                    log.contains("cannot parse state file")
+                        && log.contains(&state.display().to_string()),
+                    "{text:?}: the refusal names the file:\n{log}"
+                );
+                // An object of the wrong contents gets the parser's own reason.
+                let reason = if text.starts_with('{') {
+                    "invalid type"
+                } else {
+                    "not an ocm state file"
+                };
+                assert!(
+                    log.contains(reason),
+                    "{text:?}: the refusal says {reason:?}:\n{log}"
+                );
+            }
         }
         assert_eq!(
             std::fs::read_to_string(&state).unwrap(),
