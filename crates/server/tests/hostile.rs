@@ -870,6 +870,48 @@ fn a_flood_of_password_rooms_from_one_source_is_refused_past_its_share_of_the_ha
 }
 
 #[test]
+fn password_creates_that_would_be_refused_anyway_are_refused_without_a_hash() {
+    let d = daemon("[limits]\nmax_rooms = 1\n");
+    create(&d, "only", "h");
+    // The server is full and "only" exists: hashing these passwords would be work thrown
+    // away, and would fill the source's share of the hasher (8) so that the rest came back
+    // as busy instead of with the real reason.
+    const CREATES: usize = 20;
+    let mut conns: Vec<TcpStream> = (0..CREATES)
+        .map(|i| {
+            let room = if i == 0 {
+                "only".to_owned()
+            } else {
+                format!("locked-{i}")
+            };
+            let mut s = connect_from(Ipv4Addr::new(127, 0, 0, 13), d.tcp, None);
+            s.write_all(&request_bytes(
+                Operation::CreateRoom,
+                &room,
+                br#"{"username": "h", "password": "pw"}"#,
+            ))
+            .unwrap();
+            s
+        })
+        .collect();
+    let refusals: Vec<Option<ErrorCode>> = conns
+        .iter_mut()
+        .map(|s| refused(&FrameReader::default().reply(s)))
+        .collect();
+    assert_eq!(refusals[0], Some(ErrorCode::RoomExists));
+    assert!(
+        refusals[1..]
+            .iter()
+            .all(|r| *r == Some(ErrorCode::ServerFull)),
+        "{refusals:?}"
+    );
+    assert_eq!(
+        d.metric("ocm_rate_limited_total{kind=\"password_queue\"}"),
+        0.0
+    );
+}
+
+#[test]
 fn a_right_password_whose_connection_closed_does_not_spend_the_allowance() {
     // Burst 1 and one a minute: a token kept by mistake would refuse the next check.
     let d = daemon("[rate]\npassword_failures_per_min = 1.0\npassword_failures_burst = 1.0\n");
