@@ -637,9 +637,9 @@ impl Registry {
     /// periodic checkpoint writes a bounded amount however many rooms chatted. The rooms left
     /// out keep their new messages, and the next call starts with them.
     ///
-    /// A record carries only the messages kept since the room's last checkpoint, and the
-    /// oldest sequence number the room still keeps, so its size follows the chat since then,
-    /// not the length of the history.
+    /// A record carries only the messages kept since the room's last checkpoint, and how many
+    /// messages the room keeps in all, so its size follows the chat since then, not the
+    /// length of the history.
     pub fn checkpoint_history_within(&mut self, budget: usize) -> usize {
         let cursor = self.checkpoint_cursor;
         let mut dirty: Vec<usize> = self
