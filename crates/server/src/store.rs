@@ -438,8 +438,13 @@ pub fn parse_state(bytes: &[u8]) -> Result<State, serde_json::Error> {
     // straight into its types. (Parsing into a `serde_json::Value` first cost ~1.5 KB of
     // resident memory per token for the rest of the run: the freed tree's small blocks lay
     // between the kept ones, so the allocator could not give their pages back.)
-    let shape: Shape = serde_json::from_slice(bytes)?;
-    if !shape.looks_like_state {
+    let looks_like_state = match serde_json::from_slice::<Shape>(bytes) {
+        Ok(shape) => shape.looks_like_state,
+        // Valid JSON that is not an object (an array, a number, ...).
+        Err(e) if e.classify() == serde_json::error::Category::Data => false,
+        Err(e) => return Err(e),
+    };
+    if !looks_like_state {
         return Err(serde::de::Error::custom(
             "not an ocm state file: expected a JSON object with \"rooms\" and \"tokens\"",
         ));
@@ -447,8 +452,8 @@ pub fn parse_state(bytes: &[u8]) -> Result<State, serde_json::Error> {
     serde_json::from_slice(bytes)
 }
 
-/// Whether a JSON document is an object with a `rooms` or a `tokens` key; parsing it
-/// allocates nothing but the keys.
+/// Whether a JSON object has a `rooms` or a `tokens` key; parsing it allocates nothing but
+/// the keys. Anything but an object is a data error.
 struct Shape {
     looks_like_state: bool,
 }
@@ -472,49 +477,8 @@ impl<'de> Deserialize<'de> for Shape {
                 }
                 Ok(Shape { looks_like_state })
             }
-            // Anything but an object is not a state file. (An array is read to its end, or
-            // the parser would report its rest as trailing characters.)
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Shape, A::Error> {
-                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-                Ok(Shape {
-                    looks_like_state: false,
-                })
-            }
-            fn visit_unit<E>(self) -> Result<Shape, E> {
-                Ok(Shape {
-                    looks_like_state: false,
-                })
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Shape, E> {
-                Ok(Shape {
-                    looks_like_state: false,
-                })
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Shape, E> {
-                Ok(Shape {
-                    looks_like_state: false,
-                })
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Shape, E> {
-                Ok(Shape {
-                    looks_like_state: false,
-                })
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Shape, E> {
-                Ok(Shape {
-                    looks_like_state: false,
-                })
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Shape, E> {
-                Ok(Shape {
-                    looks_like_state: false,
-                })
-            }
         }
-        deserializer.deserialize_any(ShapeVisitor)
+        deserializer.deserialize_map(ShapeVisitor)
     }
 }
 
