@@ -235,6 +235,9 @@ struct Room {
     history_bytes: usize,
     /// How many of the newest kept messages are not in the journal yet.
     history_unsaved: usize,
+    /// The kept history shrank without a new message (lower limits, at a reload or a start),
+    /// so the journal's copy is to be trimmed at the next checkpoint.
+    history_shrunk: bool,
 }
 
 /// What a kept message counts against `Limits::history_bytes`.
@@ -246,18 +249,43 @@ impl Room {
     /// Keeps `entry` as the newest message, dropping the oldest until at most `keep` messages
     /// and `budget` bytes are kept (the newest is kept even if alone it is over `budget`).
     fn keep_in_history(&mut self, entry: HistoryEntry, keep: usize, budget: usize) {
+        if keep == 0 {
+            self.trim_history(0, 0);
+            return;
+        }
         let size = history_size(&entry);
-        while self.history.len() >= keep
-            || (!self.history.is_empty() && self.history_bytes + size > budget)
-        {
+        if size > budget {
+            // Over the budget by itself: it is kept, alone.
+            self.trim_history(0, 0);
+        } else {
+            self.trim_history(keep - 1, budget - size);
+        }
+        self.history_bytes += size;
+        self.history.push_back(entry);
+    }
+
+    /// Drops the oldest kept messages until at most `keep` remain and they hold at most
+    /// `budget` bytes; returns whether any went. The unsaved count never exceeds what is kept.
+    fn trim_history(&mut self, keep: usize, budget: usize) -> bool {
+        let before = self.history.len();
+        while self.history.len() > keep || self.history_bytes > budget {
             let Some(old) = self.history.pop_front() else {
                 break;
             };
             self.history_bytes -= history_size(&old);
         }
-        if keep > 0 {
-            self.history_bytes += size;
-            self.history.push_back(entry);
+        self.history_unsaved = self.history_unsaved.min(self.history.len());
+        self.history.len() < before
+    }
+
+    /// Applies lower history limits now, not at the room's next message: what the operator
+    /// no longer wants kept is neither served nor left in the journal's copy.
+    fn shrink_history_to(&mut self, keep: usize, budget: usize) {
+        // The newest message stays even if alone it is over the budget, as when it came.
+        let newest = self.history.back().map_or(0, history_size);
+        let budget = if keep > 0 { budget.max(newest) } else { budget };
+        if self.trim_history(keep, budget) {
+            self.history_shrunk = true;
         }
     }
 }
@@ -275,6 +303,7 @@ impl Room {
             history: VecDeque::new(),
             history_bytes: 0,
             history_unsaved: 0,
+            history_shrunk: false,
         }
     }
 }
@@ -482,6 +511,8 @@ impl Registry {
             for message in room.history.iter().skip(skip) {
                 entry.keep_in_history(message.clone(), keep, budget);
             }
+            // Kept under today's limits; the journal's copy is trimmed at the next checkpoint.
+            entry.history_shrunk = entry.history.len() < room.history.len();
             let room_id = RoomId(registry.rooms.insert(entry));
             registry.room_index.insert(name.as_str().into(), room_id);
             let mut tokens = vec![&room.host_token];
@@ -546,8 +577,13 @@ impl Registry {
         registry
     }
 
-    /// Applies new limits (a configuration reload). Existing members keep their state.
+    /// Applies new limits (a configuration reload). Existing members keep their state; kept
+    /// histories over the new history limits are trimmed now, and the trim is journaled at
+    /// the next checkpoint.
     pub fn set_limits(&mut self, limits: Limits) {
+        for (_, room) in &mut self.rooms {
+            room.shrink_history_to(limits.history, limits.history_bytes);
+        }
         self.limits = limits;
     }
 
@@ -627,7 +663,7 @@ impl Registry {
     }
 
     /// Queues a `history_append` record for each room that kept new messages since its last
-    /// checkpoint; returns how many. Used at shutdown: everything is written.
+    /// checkpoint, or whose kept history shrank under lower limits; returns how many. Used at shutdown: everything is written.
     pub fn checkpoint_history(&mut self) -> usize {
         self.checkpoint_history_within(usize::MAX)
     }
@@ -645,7 +681,7 @@ impl Registry {
         let mut dirty: Vec<usize> = self
             .rooms
             .iter()
-            .filter(|(_, r)| r.history_unsaved > 0)
+            .filter(|(_, r)| r.history_unsaved > 0 || r.history_shrunk)
             .map(|(k, _)| k)
             .collect();
         // Round robin: the rooms from the cursor on, then those before it.
@@ -665,6 +701,7 @@ impl Registry {
                 .map(history_size)
                 .fold(bytes, usize::saturating_add);
             room.history_unsaved = 0;
+            room.history_shrunk = false;
             self.records.push(Record::HistoryAppend {
                 room: room.name.to_string(),
                 next_seq: room.next_seq,
@@ -2345,6 +2382,102 @@ mod tests {
             .map(|m| m.text.as_str())
             .collect();
         assert_eq!(file, ["w", "a", "b", "c"]);
+    }
+
+    /// Lower history limits apply at once: after a reload, what is over them is neither
+    /// served nor left in the journal's copy (the next checkpoint trims it), and a start on a
+    /// file that kept more than today's limits trims the file the same way.
+    #[test]
+    fn lower_history_limits_trim_at_once_and_the_next_checkpoint_trims_the_file() {
+        let limits = |history: usize, history_bytes: usize| Limits {
+            chat_rate: 0.0,
+            history,
+            history_bytes,
+            ..Limits::default()
+        };
+        let mut reg = registry();
+        reg.set_limits(limits(5, 1000));
+        let now = Instant::now();
+        let mut out = Outbox::default();
+        let hosts = rooms_of_two(&mut reg, &["a", "b"], now, &mut out);
+        for text in ["1", "2", "3", "4"] {
+            reg.handle_datagram(addr(1), &dgram("a", &hosts[0], text), now, &mut out);
+        }
+        reg.handle_datagram(addr(2), &dgram("b", &hosts[1], "x"), now, &mut out);
+        let mut state = State::default();
+        // The (room, kept) of each record written; a trim carries no message.
+        let checkpoint = |reg: &mut Registry, state: &mut State| -> Vec<(String, usize)> {
+            reg.checkpoint_history();
+            let mut trims = Vec::new();
+            for r in reg.take_records() {
+                if let Record::HistoryAppend {
+                    room,
+                    kept,
+                    messages,
+                    ..
+                } = &r
+                {
+                    trims.push((room.clone(), *kept));
+                    assert!(messages.is_empty() || state.rooms[room].history.is_empty());
+                }
+                state.apply(&r);
+            }
+            trims
+        };
+        checkpoint(&mut reg, &mut state);
+        let before_the_reload = state.clone();
+        let texts = |reg: &Registry, room: &str, host: &Token| -> Vec<String> {
+            let (page, _) = reg
+                .history_page(room, host.as_str().as_bytes(), None, 100)
+                .unwrap();
+            page.into_iter().map(|m| m.text).collect()
+        };
+        let file = |state: &State, room: &str| -> Vec<String> {
+            state.rooms[room]
+                .history
+                .iter()
+                .map(|m| m.text.clone())
+                .collect()
+        };
+
+        // Two messages a room: "a" is trimmed without a new message, "b" is untouched.
+        reg.set_limits(limits(2, 1000));
+        assert_eq!(texts(&reg, "a", &hosts[0]), ["3", "4"]);
+        assert_eq!(texts(&reg, "b", &hosts[1]), ["x"]);
+        assert_eq!(checkpoint(&mut reg, &mut state), [("a".to_owned(), 2)]);
+        assert_eq!(file(&state, "a"), ["3", "4"]);
+        assert_eq!(
+            checkpoint(&mut reg, &mut state),
+            [],
+            "the trim is written once"
+        );
+
+        // A byte budget below one message keeps each room's newest, alone.
+        reg.set_limits(limits(2, 1));
+        assert_eq!(texts(&reg, "a", &hosts[0]), ["4"]);
+        assert_eq!(texts(&reg, "b", &hosts[1]), ["x"]);
+        assert_eq!(checkpoint(&mut reg, &mut state), [("a".to_owned(), 1)]);
+
+        // History off: nothing is served, and the file keeps nothing either.
+        reg.set_limits(limits(0, 1000));
+        assert!(texts(&reg, "a", &hosts[0]).is_empty());
+        assert!(texts(&reg, "b", &hosts[1]).is_empty());
+        let mut trims = checkpoint(&mut reg, &mut state);
+        trims.sort();
+        assert_eq!(trims, [("a".to_owned(), 0), ("b".to_owned(), 0)]);
+        assert!(file(&state, "a").is_empty() && file(&state, "b").is_empty());
+
+        // A start under lower limits than the file was written with trims the file too.
+        let mut reg = Registry::from_state(
+            &before_the_reload,
+            limits(1, 1000),
+            Box::new(StdRng::seed_from_u64(3)),
+            now,
+        );
+        let mut state = before_the_reload;
+        assert_eq!(checkpoint(&mut reg, &mut state), [("a".to_owned(), 1)]);
+        assert_eq!(file(&state, "a"), ["4"]);
+        assert_eq!(file(&state, "b"), ["x"]);
     }
 
     /// Names that fail today's check but fit the protocol were acknowledged with their tokens:

@@ -680,6 +680,99 @@ fn history_checkpoints_append_only_new_messages_and_survive_kill_9_and_a_clean_s
     assert_eq!(kept(&d), ["m4", "m5", "m6"], "after the snapshot");
 }
 
+/// `[history] messages = 0` turns history off at a reload: what rooms kept is no longer
+/// served, and a checkpoint trims it from the journal, so it does not come back when history
+/// is turned on again after a kill -9.
+#[test]
+fn turning_history_off_at_a_reload_forgets_the_kept_messages_in_memory_and_on_disk() {
+    let mut d = Daemon::start_with(Options {
+        config: Some("[history]\nmessages = 5\ncheckpoint_secs = 1\n".into()),
+        ..Options::default()
+    });
+    let alice_token = create(&d, "off", "alice");
+    let bob_token = join(&d, "off", "bob");
+    let alice = Member::joined(&d, "off", &alice_token);
+    let bob = Member::new(&d, "off", &bob_token);
+    bob.registered_with(&alice, "bob");
+    for text in ["m1", "m2", "m3"] {
+        bob.send(text);
+        assert_eq!(alice.recv(), format!("bob: {text}"));
+    }
+    let kept = |d: &Daemon| -> Vec<String> {
+        let raw = history_payload(d, "off", &alice_token, None, 100);
+        let page: HistoryPage = payload::parse_json(&raw).unwrap();
+        page.messages.into_iter().map(|m| m.text).collect()
+    };
+    // (The registration probe is kept as well: the texts end with the three messages.)
+    assert!(kept(&d).ends_with(&["m1".into(), "m2".into(), "m3".into()]));
+    wait_until("a checkpoint holds m3", || {
+        history_appends(&d, "off")
+            .iter()
+            .any(|(_, texts)| texts.iter().any(|t| t == "m3"))
+    });
+
+    let config = d.dir.path().join("ocmd.toml");
+    std::fs::write(&config, "[history]\nmessages = 0\ncheckpoint_secs = 1\n").unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_for_log("configuration reloaded");
+    assert_eq!(
+        kept(&d),
+        Vec::<String>::new(),
+        "served after history was turned off"
+    );
+    wait_until("a checkpoint trims the room to nothing", || {
+        history_appends(&d, "off")
+            .last()
+            .is_some_and(|(kept, _)| *kept == 0)
+    });
+
+    // Back on, after a crash: the journal replays the trim, and nothing old comes back.
+    std::fs::write(&config, "[history]\nmessages = 5\ncheckpoint_secs = 1\n").unwrap();
+    d.kill9();
+    d.restart();
+    assert_eq!(
+        kept(&d),
+        Vec::<String>::new(),
+        "after kill -9 and a restart"
+    );
+    bob.send("m4");
+    assert_eq!(alice.recv(), "bob: m4");
+    assert_eq!(kept(&d), ["m4"]);
+}
+
+/// A shorter `checkpoint_secs` applies at the reload, not after the day-long wait the old
+/// setting had already scheduled.
+#[test]
+fn a_reload_to_a_shorter_checkpoint_period_checkpoints_soon() {
+    let d = Daemon::start_with(Options {
+        config: Some("[history]\ncheckpoint_secs = 86400\n".into()),
+        ..Options::default()
+    });
+    let alice_token = create(&d, "soon", "alice");
+    let bob_token = join(&d, "soon", "bob");
+    let alice = Member::joined(&d, "soon", &alice_token);
+    let bob = Member::new(&d, "soon", &bob_token);
+    bob.registered_with(&alice, "bob");
+    bob.send("m1");
+    assert_eq!(alice.recv(), "bob: m1");
+    assert!(
+        history_appends(&d, "soon").is_empty(),
+        "no checkpoint is due yet"
+    );
+    std::fs::write(
+        d.dir.path().join("ocmd.toml"),
+        "[history]\ncheckpoint_secs = 1\n",
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_for_log("configuration reloaded");
+    wait_until("a checkpoint holds m1", || {
+        history_appends(&d, "soon")
+            .iter()
+            .any(|(_, texts)| texts.iter().any(|t| t == "m1"))
+    });
+}
+
 #[test]
 fn history_of_long_messages_is_cut_to_one_reply_keeping_the_newest() {
     let d = Daemon::start();

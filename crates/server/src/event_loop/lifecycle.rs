@@ -97,6 +97,12 @@ impl Server {
                 new.udp.send_buffer_bytes = self.config.udp.send_buffer_bytes;
                 self.registry.set_limits(new.registry_limits());
                 self.sender.set_max_batch(new.udp.max_batch_datagram_bytes);
+                // Shorter periods apply now, not after the sweep or checkpoint already due.
+                let now = Instant::now();
+                let sweep = Duration::from_millis(new.liveness.sweep_interval_ms);
+                self.next_sweep = self.next_sweep.min(now + sweep);
+                let checkpoint = Duration::from_secs(new.history.checkpoint_secs);
+                self.next_checkpoint = self.next_checkpoint.min(now + checkpoint);
                 if std::env::var_os("RUST_LOG").is_none() {
                     if let Some(level) = config::log_level(&new.log.level) {
                         log::set_max_level(level);
