@@ -20,10 +20,10 @@
 //! our address. Every way out sends `__LEAVE__` except the room's closing, where the room is
 //! already gone.
 
-use std::io::{self, BufRead};
+use std::io::{self, BufRead, Read};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -43,7 +43,7 @@ use crate::input::{self, Input};
 use crate::listing;
 use crate::query::{self, HistoryPager, PageRequest, DEFAULT_HISTORY_LIMIT};
 use crate::render::{printable, Flow};
-use crate::screen::{EditorPrinter, PlainPrinter, Screen};
+use crate::screen::{to_stderr, EditorPrinter, PlainPrinter, Screen};
 
 /// Receive buffer size, in bytes: room for the largest UDP datagram, so batch frames up to the
 /// `max_datagram` announced at join (65507 bytes on loopback) are read whole.
@@ -51,6 +51,11 @@ const RECV_BUFFER_LEN: usize = 64 * 1024;
 
 /// The line editor's prompt.
 const PROMPT: &str = "> ";
+
+/// Events the main loop may have waiting. Bounded, so that piped input waits for the sends
+/// instead of queueing without end, and a signal or `/quit` is acted on after at most this
+/// many sends, not after the whole pipe.
+const EVENT_QUEUE: usize = 64;
 
 /// What the helper threads tell the main loop.
 #[derive(Debug)]
@@ -188,7 +193,7 @@ fn lock(screen: &Mutex<Screen>) -> MutexGuard<'_, Screen> {
 /// `* joined ROOM as NAME (type /quit to leave, /help for commands)` to standard error once
 /// registered.
 pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
-    let (events, inbox) = mpsc::channel();
+    let (events, inbox) = mpsc::sync_channel(EVENT_QUEUE);
     // Signals first: from here on Ctrl+C must not kill us before we can say __LEAVE__.
     spawn_signal_watcher(events.clone())?;
     let screen = Arc::new(Mutex::new(Screen::new(
@@ -220,6 +225,7 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
         pager: HistoryPager::default(),
         screen: Arc::clone(&screen),
         events: events.clone(),
+        max_message_len: session.max_message_len(),
     };
     let reading = terminal.as_ref().map(|guard| Arc::clone(&guard.reading));
     spawn_input(commands, options.join_history, reading);
@@ -295,10 +301,7 @@ fn finish_closed(screen: &Mutex<Screen>, terminal: Option<TerminalGuard>) {
 fn send_text(session: &Session, screen: &Mutex<Screen>, text: &str) {
     let complaint = match session.send_chat(text) {
         Ok(Ok(())) => return,
-        Ok(Err(ucrp::Error::TooLarge { .. })) => format!(
-            "* message too long (max {} bytes)",
-            session.max_message_len()
-        ),
+        Ok(Err(ucrp::Error::TooLarge { .. })) => too_long(session.max_message_len()),
         Ok(Err(e)) => format!("* message not sent: {e}"),
         Err(e) => format!("* message not sent: {e}"),
     };
@@ -314,7 +317,9 @@ struct Commands {
     token: Token,
     pager: HistoryPager,
     screen: Arc<Mutex<Screen>>,
-    events: Sender<Event>,
+    events: SyncSender<Event>,
+    /// The longest chat message that can be sent ([`Session::max_message_len`]).
+    max_message_len: usize,
 }
 
 impl Commands {
@@ -391,11 +396,15 @@ impl Commands {
         query::history(&mut stream, &self.room_name, &self.token, before, limit)
     }
 
-    /// On join: fetches the latest messages and releases the screen with them. A server
-    /// without the extension (the original one) is passed over in silence.
+    /// On join: fetches the latest messages and releases the screen with them; `/history`
+    /// then pages back from the oldest of them. A server without the extension (the original
+    /// one) is passed over in silence.
     fn show_recent_history(&mut self) {
         let page = match self.fetch_history(None, DEFAULT_HISTORY_LIMIT) {
-            Ok(page) => Some(page),
+            Ok(page) => {
+                self.pager.observe(&page);
+                Some(page)
+            }
             Err(ClientError::QueryRefused {
                 code: Some(ErrorCode::UnsupportedOperation),
                 ..
@@ -449,13 +458,13 @@ impl Drop for TerminalGuard {
             }
             if self.reading.load(Ordering::SeqCst) {
                 // Leave the prompt line, so the shell's prompt starts on a line of its own.
-                eprintln!();
+                to_stderr("");
             }
         }
     }
 }
 
-fn spawn_signal_watcher(events: Sender<Event>) -> Result<(), ClientError> {
+fn spawn_signal_watcher(events: SyncSender<Event>) -> Result<(), ClientError> {
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
         .map_err(ClientError::io("installing signal handlers"))?;
     thread::Builder::new()
@@ -472,7 +481,7 @@ fn spawn_signal_watcher(events: Sender<Event>) -> Result<(), ClientError> {
 fn spawn_receiver(
     session: &Session,
     screen: Arc<Mutex<Screen>>,
-    events: Sender<Event>,
+    events: SyncSender<Event>,
 ) -> Result<(), ClientError> {
     let socket = session
         .socket
@@ -570,14 +579,35 @@ fn start_editor(screen: &Mutex<Screen>) -> Result<DefaultEditor, ReadlineError> 
     Ok(editor)
 }
 
+/// The complaint about a message over `max` bytes.
+fn too_long(max: usize) -> String {
+    format!("* message too long (max {max} bytes)")
+}
+
 /// Acts on each line of `input`; returns the event that ends the input, or `None` when
-/// `/quit` already told the main loop.
+/// `/quit` already told the main loop. A line too long to be sent is skipped with a
+/// complaint, without ever being held whole.
 fn read_lines(commands: &mut Commands, input: &mut impl BufRead) -> Option<Event> {
+    // The longest line that may be sent: a message escaped with one more '/', then "\r\n".
+    let limit = commands.max_message_len + 3;
     let mut raw = Vec::new();
     loop {
         raw.clear();
-        match input.read_until(b'\n', &mut raw) {
+        match input
+            .by_ref()
+            .take(limit as u64)
+            .read_until(b'\n', &mut raw)
+        {
             Ok(0) => return Some(Event::Eof),
+            Ok(n) if n == limit && raw.last() != Some(&b'\n') => {
+                if let Err(source) = input.skip_until(b'\n') {
+                    return Some(Event::Failed(ClientError::Io {
+                        context: "reading standard input",
+                        source,
+                    }));
+                }
+                commands.err(&too_long(commands.max_message_len));
+            }
             Ok(_) => {
                 let line = String::from_utf8_lossy(&raw);
                 if !commands.handle_line(&line) {
@@ -671,7 +701,7 @@ mod tests {
 
     /// Commands for room "lobby" with token "00ff", the daemon's TCP port at `tcp`.
     fn commands(tcp: SocketAddr, screen: &Arc<Mutex<Screen>>) -> (Commands, mpsc::Receiver<Event>) {
-        let (events, inbox) = mpsc::channel();
+        let (events, inbox) = mpsc::sync_channel(1024);
         let commands = Commands {
             tcp,
             room_name: "lobby".into(),
@@ -679,6 +709,7 @@ mod tests {
             pager: HistoryPager::default(),
             screen: Arc::clone(screen),
             events,
+            max_message_len: 100,
         };
         (commands, inbox)
     }
@@ -988,6 +1019,40 @@ mod tests {
             r#"{"token": "00ff", "limit": 20}"#
         );
         assert!(inbox.try_recv().is_err(), "nothing for the main loop");
+    }
+
+    /// The page shown at join is where `/history` starts: it is not shown twice.
+    #[test]
+    fn history_after_a_join_pages_back_from_what_the_join_showed() {
+        let (tcp, asked) = fake_daemon(vec![
+            Ok(
+                r#"{"messages": [{"seq": 9, "sender": "bob", "text": "nine", "at": 1700000000.0}], "more": true}"#,
+            ),
+            Ok(
+                r#"{"messages": [{"seq": 8, "sender": "amy", "text": "eight", "at": 1699999940.0}], "more": false}"#,
+            ),
+        ]);
+        let (screen, rec) = screen(true);
+        let (mut commands, _inbox) = commands(tcp, &screen);
+        commands.show_recent_history();
+        assert!(commands.handle_line("/history 5\n"));
+        assert!(commands.handle_line("/history\n"));
+        assert_eq!(
+            rec.lines(),
+            [
+                "out: [22:13] bob: nine",
+                "err: * --- live ---",
+                "out: [22:12] amy: eight",
+                "err: * no more history",
+                "err: * no more history",
+            ]
+        );
+        let asked = asked.lock().unwrap();
+        assert_eq!(
+            asked[1].2, r#"{"token": "00ff", "before": 9, "limit": 5}"#,
+            "the first /history asks for what precedes the join's page"
+        );
+        assert_eq!(asked.len(), 2);
     }
 
     #[test]

@@ -4,15 +4,16 @@
 //! [`connect`] and [`connect_addr`] own the socket options (no Nagle, connect/read/write
 //! timeouts); [`round_trip`] owns the REQUEST → COMPLIANCE → COMPLETE conversation for any
 //! operation (the extensions in [`crate::query`] use it too) and [`exchange`] reads the token
-//! out of it. Both are generic over `Read + Write`, so they are tested against an in-memory
-//! server. All bytes go through [`tcrp`]. The reader is tolerant the way the original server
+//! out of it. The reply must come whole within [`HANDSHAKE_TIMEOUT`], however the server
+//! spreads its bytes. Both are generic over [`LimitedRead`] + `Write`, so they are tested
+//! against an in-memory server. All bytes go through [`tcrp`]. The reader is tolerant the way the original server
 //! needs: `{"success": 1}` counts as success, and the COMPLETE that the original server sends
 //! even after a refusal is never read.
 
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::debug;
 use tcrp::payload::{self, Compliance, RequestForm};
@@ -23,7 +24,8 @@ use crate::render::printable;
 
 /// How long to wait for the TCP connection to be accepted, per resolved address.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long one read or write of the handshake may block.
+/// How long the server has to send its whole reply (COMPLIANCE and COMPLETE), and how long
+/// one write of the request may block.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest reply payload accepted, in bytes. Replies are a few dozen bytes; the cap only
 /// stops a broken server from making us buffer without end.
@@ -182,7 +184,7 @@ fn set_options(stream: &TcpStream) -> Result<(), ClientError> {
 ///
 /// A refusal is [`ClientError::Refused`] carrying the server's code and message; bytes the
 /// server sends after it (the original server's COMPLETE) are left unread.
-pub fn exchange<S: Read + Write>(
+pub fn exchange<S: LimitedRead + Write>(
     stream: &mut S,
     verb: Verb,
     room_name: &str,
@@ -217,7 +219,7 @@ pub struct Refusal {
 /// Sends one REQUEST frame and reads its answer: the COMPLETE payload after a successful
 /// COMPLIANCE, or the [`Refusal`]. Every TCRP operation (create, join and the extensions)
 /// goes through here.
-pub fn round_trip<S: Read + Write>(
+pub fn round_trip<S: LimitedRead + Write>(
     stream: &mut S,
     operation: Operation,
     room_name: &str,
@@ -236,8 +238,9 @@ pub fn round_trip<S: Read + Write>(
         .and_then(|()| stream.flush())
         .map_err(ClientError::io("sending the request"))?;
 
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let mut buf = Vec::new();
-    let compliance = read_frame(stream, &mut buf, State::Compliance)?;
+    let compliance = read_frame(stream, &mut buf, State::Compliance, deadline)?;
     match payload::parse_compliance(&compliance)? {
         Compliance::Success => {}
         Compliance::Failure { code, message } => {
@@ -247,7 +250,22 @@ pub fn round_trip<S: Read + Write>(
             }))
         }
     }
-    Ok(Ok(read_frame(stream, &mut buf, State::Complete)?))
+    Ok(Ok(read_frame(stream, &mut buf, State::Complete, deadline)?))
+}
+
+/// A stream whose next read can be bounded in time, so that one deadline covers a whole
+/// reply and not each read: a server that sends a byte every few seconds must not hold a
+/// client for hours.
+pub trait LimitedRead: Read {
+    /// Makes the next read give up (`WouldBlock` or `TimedOut`) after `within`.
+    fn limit_next_read(&mut self, within: Duration) -> io::Result<()>;
+}
+
+impl LimitedRead for TcpStream {
+    fn limit_next_read(&mut self, within: Duration) -> io::Result<()> {
+        // A zero timeout means "none" to the socket: never pass one.
+        self.set_read_timeout(Some(within.max(Duration::from_millis(1))))
+    }
 }
 
 /// The frame name used in messages.
@@ -259,13 +277,19 @@ fn state_name(state: State) -> &'static str {
     }
 }
 
-/// Reads until one whole frame is buffered, checks its state and returns its payload. Bytes
-/// after the frame stay in `buf` for the next call.
-fn read_frame<S: Read>(
+/// Reads until one whole frame is buffered, checks its state and returns its payload; past
+/// `deadline`, a [`ClientError::HandshakeTimeout`]. Bytes after the frame stay in `buf` for
+/// the next call.
+fn read_frame<S: LimitedRead>(
     stream: &mut S,
     buf: &mut Vec<u8>,
     expected: State,
+    deadline: Instant,
 ) -> Result<Vec<u8>, ClientError> {
+    let timeout = || ClientError::HandshakeTimeout {
+        expected: state_name(expected),
+        after: HANDSHAKE_TIMEOUT,
+    };
     let mut chunk = [0u8; 1024];
     loop {
         if let Some((frame, used)) = tcrp::decode(buf, MAX_REPLY_PAYLOAD)? {
@@ -279,6 +303,13 @@ fn read_frame<S: Read>(
             buf.drain(..used);
             return Ok(payload);
         }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timeout());
+        }
+        stream
+            .limit_next_read(left)
+            .map_err(ClientError::io("setting the read timeout"))?;
         match stream.read(&mut chunk) {
             Ok(0) => {
                 return Err(ClientError::HandshakeClosed {
@@ -293,10 +324,7 @@ fn read_frame<S: Read>(
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                return Err(ClientError::HandshakeTimeout {
-                    expected: state_name(expected),
-                    after: HANDSHAKE_TIMEOUT,
-                })
+                return Err(timeout())
             }
             Err(source) => {
                 return Err(ClientError::Io {
@@ -346,6 +374,12 @@ mod tests {
                 self.chunks.push_front(chunk.split_off(n));
             }
             Ok(n)
+        }
+    }
+
+    impl LimitedRead for FakeServer {
+        fn limit_next_read(&mut self, _: Duration) -> io::Result<()> {
+            Ok(())
         }
     }
 
@@ -552,6 +586,46 @@ mod tests {
                 other => panic!("cut at {cut}: {other:?}"),
             }
         }
+    }
+
+    /// A server that sends its reply a byte at a time, each well within a read timeout,
+    /// still meets the deadline for the whole frame.
+    #[test]
+    fn a_reply_dripped_byte_by_byte_times_out_at_the_deadline() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let reply = frame(
+                Operation::JoinRoom,
+                State::Compliance,
+                "lobby",
+                &[b' '; 400],
+            );
+            // 400 bytes at one per 20 ms: 8 s, unless the client hangs up first.
+            for byte in reply {
+                if stream.write_all(&[byte]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let mut stream = connect_addr(addr).unwrap();
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(300);
+        let got = read_frame(&mut stream, &mut Vec::new(), State::Compliance, deadline);
+        assert!(
+            matches!(got, Err(ClientError::HandshakeTimeout { .. })),
+            "{got:?}"
+        );
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(300), "{waited:?}");
+        assert!(
+            waited < Duration::from_secs(5),
+            "the drip held us {waited:?}"
+        );
+        drop(stream);
+        server.join().unwrap();
     }
 
     #[test]

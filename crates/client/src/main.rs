@@ -34,7 +34,7 @@ mod render;
 mod screen;
 
 use std::ffi::OsString;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Read};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -127,6 +127,9 @@ struct PasswordArgs {
     password_file: Option<PathBuf>,
 }
 
+/// Longest password file read: a request's whole payload cap.
+const MAX_PASSWORD_FILE_LEN: usize = tcrp::DEFAULT_MAX_PAYLOAD;
+
 impl PasswordArgs {
     /// The password to send, from `--password`, `--password-file` or else `env` (the value
     /// of `OCM_PASSWORD`); `None` when none gives one.
@@ -134,11 +137,24 @@ impl PasswordArgs {
         let (password, from) = if let Some(password) = &self.password {
             (password.clone(), "--password")
         } else if let Some(path) = &self.password_file {
-            let text =
-                std::fs::read_to_string(path).map_err(|source| ClientError::PasswordFile {
+            // At most what one request can carry, plus one byte to tell a longer file: a
+            // wrong path such as /dev/zero must not be read without end.
+            let mut text = String::new();
+            std::fs::File::open(path)
+                .and_then(|f| {
+                    f.take(MAX_PASSWORD_FILE_LEN as u64 + 1)
+                        .read_to_string(&mut text)
+                })
+                .map_err(|source| ClientError::PasswordFile {
                     path: path.clone(),
                     source,
                 })?;
+            if text.len() > MAX_PASSWORD_FILE_LEN {
+                return Err(ClientError::UnusablePassword {
+                    from: "--password-file",
+                    problem: "is longer than a request can carry (16 KiB)",
+                });
+            }
             let line = text
                 .strip_suffix('\n')
                 .map(|t| t.strip_suffix('\r').unwrap_or(t))
@@ -177,7 +193,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("ocm: {error}");
+            screen::to_stderr(&format!("ocm: {error}"));
             ExitCode::from(error.exit_code())
         }
     }
@@ -517,6 +533,15 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "the password from --password-file is empty"
+        );
+        assert_eq!(err.exit_code(), error::EXIT_REFUSED);
+        // A file longer than a request is refused after reading only that much.
+        let err = from_flag(None, Some(PathBuf::from("/dev/zero")))
+            .resolve(None)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the password from --password-file is longer than a request can carry (16 KiB)"
         );
         assert_eq!(err.exit_code(), error::EXIT_REFUSED);
         let err = from_flag(Some(""), None).resolve(None).unwrap_err();

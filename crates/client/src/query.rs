@@ -14,14 +14,14 @@
 //!
 //! [`HistoryPager`] is the state behind `/history`: which page to ask for next.
 
-use std::io::{Read, Write};
+use std::io::Write;
 
 use serde_json::Value;
 use tcrp::payload::{self, HistoryPage, RoomList, RoomPresence};
 use tcrp::Operation;
 
 use crate::error::ClientError;
-use crate::handshake::{self, Refusal, Token};
+use crate::handshake::{self, LimitedRead, Refusal, Token};
 use crate::render::printable;
 
 /// Messages per `/history` page, and at join, unless the user asks for another number.
@@ -64,7 +64,7 @@ pub fn history_payload(token: &Token, before: Option<u64>, limit: u32) -> Vec<u8
 }
 
 /// Asks for the listed rooms.
-pub fn list_rooms<S: Read + Write>(stream: &mut S) -> Result<RoomList, ClientError> {
+pub fn list_rooms<S: LimitedRead + Write>(stream: &mut S) -> Result<RoomList, ClientError> {
     let complete = ask(
         stream,
         Operation::ListRooms,
@@ -76,7 +76,7 @@ pub fn list_rooms<S: Read + Write>(stream: &mut S) -> Result<RoomList, ClientErr
 }
 
 /// Asks who is in `room_name` (see [`presence_payload`] for the credentials).
-pub fn presence<S: Read + Write>(
+pub fn presence<S: LimitedRead + Write>(
     stream: &mut S,
     room_name: &str,
     token: Option<&Token>,
@@ -93,7 +93,7 @@ pub fn presence<S: Read + Write>(
 }
 
 /// Asks for up to `limit` messages of `room_name` older than `before` (the latest without).
-pub fn history<S: Read + Write>(
+pub fn history<S: LimitedRead + Write>(
     stream: &mut S,
     room_name: &str,
     token: &Token,
@@ -111,7 +111,7 @@ pub fn history<S: Read + Write>(
 }
 
 /// One exchange; a refusal becomes [`ClientError::QueryRefused`] saying what was asked.
-fn ask<S: Read + Write>(
+fn ask<S: LimitedRead + Write>(
     stream: &mut S,
     operation: Operation,
     room_name: &str,
@@ -177,7 +177,7 @@ impl HistoryPager {
 mod tests {
     use super::*;
     use std::collections::VecDeque;
-    use std::io;
+    use std::io::{self, Read};
     use tcrp::payload::{HistoryMessage, ListedRoom, PresentMember};
     use tcrp::{ErrorCode, Frame, State};
 
@@ -229,6 +229,12 @@ mod tests {
                 *slot = self.reply.pop_front().unwrap();
             }
             Ok(n)
+        }
+    }
+
+    impl LimitedRead for FakeServer {
+        fn limit_next_read(&mut self, _: std::time::Duration) -> io::Result<()> {
+            Ok(())
         }
     }
 

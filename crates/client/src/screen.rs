@@ -2,7 +2,7 @@
 //!
 //! [`Screen`] owns the [`Renderer`] and a [`Printer`]. Lines from the room go to the
 //! printer's standard output, the client's own remarks (`* ...`) to its standard error. The
-//! printer is [`PlainPrinter`] (`println!`/`eprintln!`) for pipes and tests, or
+//! printer is [`PlainPrinter`] (standard output and error, line by line) for pipes and tests, or
 //! [`EditorPrinter`] when a line editor owns the terminal: it prints above the line being
 //! typed instead of through it.
 //!
@@ -35,6 +35,13 @@ pub trait Printer: Send {
     fn print_err(&mut self, line: &str);
 }
 
+/// Writes `line` to standard error, best effort: unlike `eprintln!`, a closed or full
+/// standard error (EPIPE) drops the line instead of panicking, so the client still leaves
+/// its room properly.
+pub fn to_stderr(line: &str) {
+    let _ = writeln!(io::stderr().lock(), "{line}");
+}
+
 /// Standard output and standard error, flushed per line so a reader on a pipe sees each line
 /// at once.
 #[derive(Debug, Default)]
@@ -48,7 +55,7 @@ impl Printer for PlainPrinter {
     }
 
     fn print_err(&mut self, line: &str) {
-        eprintln!("{line}");
+        to_stderr(line);
     }
 }
 
@@ -83,7 +90,7 @@ impl<P: ExternalPrinter + Send> Printer for EditorPrinter<P> {
                 debug!("cannot print a remark: {e}");
             }
         } else {
-            eprintln!("{line}");
+            to_stderr(line);
         }
     }
 }

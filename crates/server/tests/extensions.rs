@@ -5,7 +5,11 @@
 mod common;
 
 use std::io::Write;
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use common::*;
 use tcrp::payload::{self, Compliance, HistoryPage};
@@ -249,45 +253,44 @@ fn join_shows_recent_history_and_history_pages_back() {
     }
     assert!(heard, "the watcher hears alice");
     watcher.socket.set_read_timeout(Some(PATIENCE)).unwrap();
-    for i in 1..=3 {
+    for i in 1..=25 {
         alice.type_line(&format!("m{i}"));
     }
-    watcher.recv_until("alice: m3");
+    watcher.recv_until("alice: m25");
 
     let mut bob = Ocm::start(&d, &["join", "lobby", "--name", "bob"]);
-    // The recent history comes first, then the live part starts.
-    let shown = history_until(&bob, "alice: m3");
+    // The recent history comes first (the last 20 messages), then the live part starts.
+    let shown = history_until(&bob, "alice: m25");
     assert!(
-        shown.iter().all(|l| l.starts_with('['))
-            && shown.iter().any(|l| l.ends_with("] alice: m1")),
+        shown.len() == 20
+            && shown.iter().all(|l| l.starts_with('['))
+            && shown[0].ends_with("] alice: m6"),
         "{shown:?}"
     );
     bob.wait_stderr("* --- live ---");
     alice.type_line("live one");
     assert_eq!(bob.line(), "alice: live one");
 
-    // /history pages back from the latest messages, oldest first within a page.
-    bob.type_line("/history 2");
-    let page = [bob.line(), bob.line()];
-    assert!(
-        page[0].ends_with("] alice: m3") && page[1].ends_with("] alice: live one"),
-        "{page:?}"
-    );
+    // /history pages back from the oldest message the join showed, oldest first in a page.
     bob.type_line("/history 3");
     let page = [bob.line(), bob.line(), bob.line()];
     assert!(
-        page[0].contains("] alice: warm-up ")
-            && page[1].ends_with("] alice: m1")
-            && page[2].ends_with("] alice: m2"),
+        page[0].ends_with("] alice: m3")
+            && page[1].ends_with("] alice: m4")
+            && page[2].ends_with("] alice: m5"),
         "{page:?}"
     );
-    // The rest of the warm-up (if alice needed more than one), then the end.
+    // The rest: the warm-up (one line or more, if alice needed more), m1, m2, then the end.
     bob.type_line("/history 100");
     bob.wait_stderr("* no more history");
     alice.type_line("end marker");
     let rest = lines_until(&bob, "alice: end marker");
+    let (warm_up, last_two) = rest.split_at(rest.len().saturating_sub(2));
     assert!(
-        rest.iter().all(|l| l.contains("] alice: warm-up ")),
+        !warm_up.is_empty()
+            && warm_up.iter().all(|l| l.contains("] alice: warm-up "))
+            && last_two[0].ends_with("] alice: m1")
+            && last_two[1].ends_with("] alice: m2"),
         "{rest:?}"
     );
     bob.type_line("/who");
@@ -297,6 +300,84 @@ fn join_shows_recent_history_and_history_pages_back() {
     assert!(bob.wait().success());
     alice.type_line("/quit");
     assert!(alice.wait().success());
+}
+
+/// Piped input faster than the network: `ocm` reads it only as fast as it sends, so its
+/// memory stays bounded, and a SIGTERM in the middle of the flood still leaves the room at
+/// once instead of after every line read so far.
+#[test]
+fn a_flood_of_piped_lines_neither_grows_ocm_nor_delays_its_leaving() {
+    let d = Daemon::start();
+    let alice = Ocm::start(&d, &["create", "flood", "--name", "alice"]);
+    alice.wait_stderr("* created flood as alice");
+    let mut bob = Ocm::start(&d, &["join", "flood", "--name", "bob"]);
+    bob.wait_stderr("* joined flood as bob");
+    lines_until(&alice, "* bob joined");
+    let mut stdin = bob.take_stdin();
+    let written = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let written = Arc::clone(&written);
+        thread::spawn(move || {
+            let line = format!("{}\n", "x".repeat(1000));
+            while stdin.write_all(line.as_bytes()).is_ok() {
+                written.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    wait_until("lines flowing into ocm", || {
+        written.load(Ordering::Relaxed) > 1000
+    });
+    // The flood's length, not a wait for correctness: an unbounded queue grew ~150 MB in it.
+    thread::sleep(Duration::from_secs(1));
+    let rss = bob.rss_kib();
+    assert!(
+        rss < 64 * 1024,
+        "ocm holds {rss} KiB after a second of flood"
+    );
+    bob.signal(libc::SIGTERM);
+    assert!(bob.wait().success());
+    lines_until(&alice, "* bob left");
+    writer.join().unwrap();
+}
+
+/// An `ocm` whose standard error nobody reads (a closed pipe) loses its remarks, not its
+/// session: it still chats, and leaves the room at the end of its input.
+#[test]
+fn ocm_with_a_closed_stderr_still_chats_and_leaves() {
+    let d = Daemon::start();
+    let alice = Ocm::start(&d, &["create", "quiet", "--name", "alice"]);
+    alice.wait_stderr("* created quiet as alice");
+    let (unread, stderr) = std::io::pipe().expect("pipe");
+    drop(unread);
+    let mut bob = Command::new(sibling_binary("ocm"))
+        .args(["--server", "127.0.0.1", "--tcp-port"])
+        .arg(d.tcp.port().to_string())
+        .arg("--udp-port")
+        .arg(d.udp.port().to_string())
+        .args(["join", "quiet", "--name", "bob"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn ocm");
+    lines_until(&alice, "* bob joined");
+    let mut stdin = bob.stdin.take().expect("stdin");
+    writeln!(stdin, "hi from bob").unwrap();
+    lines_until(&alice, "bob: hi from bob");
+    drop(stdin);
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = bob.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ocm did not exit at end of input"
+        );
+        thread::sleep(Duration::from_millis(5));
+    };
+    assert!(status.success(), "{status:?}");
+    lines_until(&alice, "* bob left");
 }
 
 #[test]

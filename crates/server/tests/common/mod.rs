@@ -591,6 +591,22 @@ impl Ocm {
         stdin.flush().unwrap();
     }
 
+    /// Hands standard input over (to feed it from another thread).
+    pub fn take_stdin(&mut self) -> ChildStdin {
+        self.stdin.take().expect("stdin open")
+    }
+
+    /// The process's resident memory, from `/proc/PID/status`, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("ocm's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc status")
+    }
+
     /// Closes standard input (end of input).
     pub fn close_stdin(&mut self) {
         self.stdin = None;
