@@ -49,11 +49,7 @@ fn original_client_bytes_get_original_reply_bytes() {
 #[test]
 fn chat_is_relayed_both_ways_and_never_echoed() {
     let d = Daemon::start();
-    let host_token = create(&d, "lobby", "alice");
-    let bob_token = join(&d, "lobby", "bob");
-    let alice = Member::joined(&d, "lobby", &host_token);
-    let bob = Member::new(&d, "lobby", &bob_token);
-    bob.registered_with(&alice, "bob");
+    let (alice, bob) = room_of_two(&d, "lobby");
     alice.send("hi bob");
     assert_eq!(bob.recv(), "alice: hi bob");
     bob.send("hi alice");

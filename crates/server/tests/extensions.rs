@@ -440,12 +440,8 @@ fn original_members_never_see_an_extension_frame() {
 #[test]
 fn history_entries_carry_the_time_they_were_relayed() {
     let d = Daemon::start();
-    let host = create(&d, "lobby", "alice");
-    let bob_token = join(&d, "lobby", "bob");
-    let alice = Member::joined(&d, "lobby", &host);
-    let bob = Member::new(&d, "lobby", &bob_token);
-    bob.registered_with(&alice, "bob");
-    let body = format!(r#"{{"token": "{host}"}}"#);
+    let (alice, _bob) = room_of_two(&d, "lobby");
+    let body = format!(r#"{{"token": "{}"}}"#, alice.token);
     let page: HistoryPage = payload::parse_json(
         &ask(&d, Operation::History, "lobby", body.as_bytes()).expect("history"),
     )
@@ -650,11 +646,7 @@ fn a_room_keeps_at_most_its_history_byte_budget_and_that_survives_a_restart() {
         config: Some("[history]\nmax_bytes_per_room = 10000\n".into()),
         ..Options::default()
     });
-    let alice_token = create(&d, "budget", "alice");
-    let bob_token = join(&d, "budget", "bob");
-    let alice = Member::joined(&d, "budget", &alice_token);
-    let bob = Member::new(&d, "budget", &bob_token);
-    bob.registered_with(&alice, "bob");
+    let (alice, bob) = room_of_two(&d, "budget");
     // Text and sender name count: "bob" + 3000 bytes = 3003 a message, so three fit.
     for i in 1..=4 {
         let text = format!("{i}").repeat(3000);
@@ -662,7 +654,7 @@ fn a_room_keeps_at_most_its_history_byte_budget_and_that_survives_a_restart() {
         assert_eq!(alice.recv(), format!("bob: {text}"));
     }
     let kept = |d: &Daemon| -> Vec<String> {
-        let raw = history_payload(d, "budget", &alice_token, None, 100);
+        let raw = history_payload(d, "budget", &alice.token, None, 100);
         let page: HistoryPage = payload::parse_json(&raw).unwrap();
         page.messages
             .iter()
@@ -702,11 +694,7 @@ fn history_checkpoints_append_only_new_messages_and_survive_kill_9_and_a_clean_s
         config: Some("[history]\nmessages = 3\ncheckpoint_secs = 1\n".into()),
         ..Options::default()
     });
-    let alice_token = create(&d, "log", "alice");
-    let bob_token = join(&d, "log", "bob");
-    let alice = Member::joined(&d, "log", &alice_token);
-    let bob = Member::new(&d, "log", &bob_token);
-    bob.registered_with(&alice, "bob");
+    let (alice, bob) = room_of_two(&d, "log");
     let say = |text: &str| {
         bob.send(text);
         assert_eq!(alice.recv(), format!("bob: {text}"));
@@ -735,7 +723,7 @@ fn history_checkpoints_append_only_new_messages_and_survive_kill_9_and_a_clean_s
     written.dedup();
     assert_eq!(written.len(), all, "each message written once: {appends:?}");
     let kept = |d: &Daemon| -> Vec<String> {
-        let raw = history_payload(d, "log", &alice_token, None, 100);
+        let raw = history_payload(d, "log", &alice.token, None, 100);
         let page: HistoryPage = payload::parse_json(&raw).unwrap();
         page.messages.into_iter().map(|m| m.text).collect()
     };
@@ -770,17 +758,13 @@ fn turning_history_off_at_a_reload_forgets_the_kept_messages_in_memory_and_on_di
         config: Some("[history]\nmessages = 5\ncheckpoint_secs = 1\n".into()),
         ..Options::default()
     });
-    let alice_token = create(&d, "off", "alice");
-    let bob_token = join(&d, "off", "bob");
-    let alice = Member::joined(&d, "off", &alice_token);
-    let bob = Member::new(&d, "off", &bob_token);
-    bob.registered_with(&alice, "bob");
+    let (alice, bob) = room_of_two(&d, "off");
     for text in ["m1", "m2", "m3"] {
         bob.send(text);
         assert_eq!(alice.recv(), format!("bob: {text}"));
     }
     let kept = |d: &Daemon| -> Vec<String> {
-        let raw = history_payload(d, "off", &alice_token, None, 100);
+        let raw = history_payload(d, "off", &alice.token, None, 100);
         let page: HistoryPage = payload::parse_json(&raw).unwrap();
         page.messages.into_iter().map(|m| m.text).collect()
     };
@@ -829,11 +813,7 @@ fn a_reload_to_a_shorter_checkpoint_period_checkpoints_soon() {
         config: Some("[history]\ncheckpoint_secs = 86400\n".into()),
         ..Options::default()
     });
-    let alice_token = create(&d, "soon", "alice");
-    let bob_token = join(&d, "soon", "bob");
-    let alice = Member::joined(&d, "soon", &alice_token);
-    let bob = Member::new(&d, "soon", &bob_token);
-    bob.registered_with(&alice, "bob");
+    let (alice, bob) = room_of_two(&d, "soon");
     bob.send("m1");
     assert_eq!(alice.recv(), "bob: m1");
     assert!(
@@ -857,11 +837,7 @@ fn a_reload_to_a_shorter_checkpoint_period_checkpoints_soon() {
 #[test]
 fn history_of_long_messages_is_cut_to_one_reply_keeping_the_newest() {
     let d = Daemon::start();
-    let alice_token = create(&d, "big", "alice");
-    let bob_token = join(&d, "big", "bob");
-    let alice = Member::joined(&d, "big", &alice_token);
-    let bob = Member::new(&d, "big", &bob_token);
-    bob.registered_with(&alice, "bob");
+    let (alice, bob) = room_of_two(&d, "big");
     // Five messages of 4000 bytes: 20 KB of text, more than one reply may carry.
     let texts: Vec<String> = (0..5)
         .map(|i| format!("m{i}-{}", "x".repeat(3997)))
@@ -872,7 +848,7 @@ fn history_of_long_messages_is_cut_to_one_reply_keeping_the_newest() {
     }
 
     // The default page (20) does not fit: the newest messages come, with more = true.
-    let raw = history_payload(&d, "big", &alice_token, None, 20);
+    let raw = history_payload(&d, "big", &alice.token, None, 20);
     assert!(raw.len() <= MAX_REPLY_BYTES, "{} bytes", raw.len());
     let page: HistoryPage = payload::parse_json(&raw).unwrap();
     assert!(page.more);
@@ -886,7 +862,7 @@ fn history_of_long_messages_is_cut_to_one_reply_keeping_the_newest() {
     let mut seen: Vec<String> = got.iter().map(|t| t.to_string()).collect();
     let mut before = page.messages[0].seq;
     loop {
-        let raw = history_payload(&d, "big", &alice_token, Some(before), 20);
+        let raw = history_payload(&d, "big", &alice.token, Some(before), 20);
         assert!(raw.len() <= MAX_REPLY_BYTES, "{} bytes", raw.len());
         let page: HistoryPage = payload::parse_json(&raw).unwrap();
         let mut older: Vec<String> = page.messages.iter().map(|m| m.text.clone()).collect();
@@ -904,7 +880,7 @@ fn history_of_long_messages_is_cut_to_one_reply_keeping_the_newest() {
     let control = "\u{1}".repeat(4000);
     bob.send(&control);
     assert!(alice.recv_raw().len() > 4000, "relayed");
-    let raw = history_payload(&d, "big", &alice_token, None, 1);
+    let raw = history_payload(&d, "big", &alice.token, None, 1);
     assert!(raw.len() <= MAX_REPLY_BYTES, "{} bytes", raw.len());
     let page: HistoryPage = payload::parse_json(&raw).unwrap();
     assert_eq!(page.messages.len(), 1);

@@ -210,16 +210,6 @@ fn rewrite_config(d: &Daemon, text: &str) {
     std::fs::write(path, text).expect("rewrite config");
 }
 
-/// A room with a host and one member, both registered and heard.
-fn room_of_two(d: &Daemon, room: &str) -> (Member, Member) {
-    let host_token = create(d, room, "alice");
-    let bob_token = join(d, room, "bob");
-    let alice = Member::joined(d, room, &host_token);
-    let bob = Member::new(d, room, &bob_token);
-    bob.registered_with(&alice, "bob");
-    (alice, bob)
-}
-
 fn chat_flows(alice: &Member, bob: &Member, what: &str) {
     alice.send(&format!("a {what}"));
     assert_eq!(bob.recv(), format!("alice: a {what}"));

@@ -417,6 +417,16 @@ pub fn join(daemon: &Daemon, room: &str, name: &str) -> String {
         .unwrap_or_else(|| panic!("join {room} refused: {:?}", r.compliance))
 }
 
+/// A room with a host `alice` and a member `bob`, both registered and heard.
+pub fn room_of_two(d: &Daemon, room: &str) -> (Member, Member) {
+    let host_token = create(d, room, "alice");
+    let bob_token = join(d, room, "bob");
+    let alice = Member::joined(d, room, &host_token);
+    let bob = Member::new(d, room, &bob_token);
+    bob.registered_with(&alice, "bob");
+    (alice, bob)
+}
+
 /// A chat participant speaking raw UCRP from its own UDP socket.
 pub struct Member {
     /// The socket.
