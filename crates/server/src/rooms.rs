@@ -663,7 +663,8 @@ impl Registry {
     }
 
     /// Queues a `history_append` record for each room that kept new messages since its last
-    /// checkpoint, or whose kept history shrank under lower limits; returns how many. Used at shutdown: everything is written.
+    /// checkpoint, or whose kept history shrank under lower limits; returns how many. Used at
+    /// shutdown: everything is written.
     pub fn checkpoint_history(&mut self) -> usize {
         self.checkpoint_history_within(usize::MAX)
     }
