@@ -60,6 +60,9 @@ pub enum Error {
     /// The arguments make no sense together (e.g. fewer than two members).
     #[error("invalid arguments: {0}")]
     Usage(String),
+    /// A preload did not build the state asked for (a create or join failed).
+    #[error("the preload fell short: {0}")]
+    Preload(String),
     /// A smoke check found nothing delivered or no handshake completed.
     #[error("smoke check failed: {0}")]
     Smoke(String),

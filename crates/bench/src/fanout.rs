@@ -228,12 +228,20 @@ impl FanoutResult {
 }
 
 /// What one sender thread did.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 struct Sent {
     messages: u64,
     errors: u64,
     /// Paced: schedule slots skipped after the thread was held up (see `send_loop`).
     skipped: u64,
+    /// Paced: how late each skipped slot already was when it was skipped, nanoseconds.
+    skipped_late_ns: Vec<u64>,
+}
+
+/// When schedule slot `k` of a sender paced at `rate` msgs/s is due, nanoseconds after its
+/// start.
+fn slot_due_ns(k: u64, rate: f64) -> u64 {
+    (k as f64 * 1e9 / rate) as u64
 }
 
 /// `sendmmsg` scratch for one connected socket.
@@ -328,6 +336,7 @@ fn send_loop(
     let mut text = Vec::with_capacity(text_len + 64);
     let mut sent = Sent::default();
     let mut seq = 0u64;
+    let start_ns = clock.nanos();
     let start = Instant::now();
     loop {
         let elapsed = start.elapsed();
@@ -347,6 +356,14 @@ fn send_loop(
                 // beyond CATCH_UP's worth (at least 4) are skipped, and counted.
                 let catch_up = ((r * CATCH_UP.as_secs_f64()).ceil() as u64).max(4);
                 if due > catch_up {
+                    // Not sent, but not left out of the latency either: each skipped slot
+                    // counts as deliveries at least as late as it is now.
+                    let now = clock.nanos();
+                    let first = seq + sent.skipped;
+                    for slot in first..first + (due - catch_up) {
+                        let late = now.saturating_sub(start_ns + slot_due_ns(slot, r));
+                        sent.skipped_late_ns.push(late);
+                    }
                     sent.skipped += due - catch_up;
                     due = catch_up;
                 }
@@ -365,8 +382,15 @@ fn send_loop(
         let n = (due as usize).min(SEND_BATCH);
         let now = clock.nanos();
         for i in 0..n {
+            // A paced message carries the time its slot was due, not the time it left: a
+            // sender held up (by the daemon or by anything else on the machine) then shows as
+            // latency instead of hiding it (coordinated omission).
+            let stamp = match rate {
+                Some(r) => start_ns + slot_due_ns(seq + sent.skipped + i as u64, r),
+                None => now,
+            };
             text.clear();
-            write_text(&mut text, sender, seq + i as u64, now, text_len);
+            write_text(&mut text, sender, seq + i as u64, stamp, text_len);
             batch.fill(i, prefix.len(), &text);
         }
         match batch.send(fd, n) {
@@ -440,7 +464,10 @@ pub fn measure(
     let client_send_errors = sent.iter().map(|s| s.errors).sum();
     let paced_skips = sent.iter().map(|s| s.skipped).sum();
     let expected = offered * (m as u64 - 1);
-    let got = receivers.finish(expected, DRAIN_QUIET, DRAIN_MAX)?;
+    let mut got = receivers.finish(expected, DRAIN_QUIET, DRAIN_MAX)?;
+    for late in sent.iter().flat_map(|s| &s.skipped_late_ns) {
+        let _ = got.latency_ns.record_n((*late).max(1), m as u64 - 1);
+    }
     let steal = steal_time().saturating_sub(steal0);
     daemon.check_alive()?;
     let after = daemon.scrape()?;
@@ -651,4 +678,55 @@ pub fn bind_sockets(count: usize, rcvbuf: usize) -> Result<Vec<Arc<UdpSocket>>> 
             Ok(Arc::new(s))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::receivers::read_text;
+
+    /// A paced sender stamps each message with the time its schedule slot was due, so two
+    /// messages sent in the same call, or one sent late, carry times a whole number of
+    /// periods apart; a skipped slot's lateness is kept for the latency figures.
+    #[test]
+    fn paced_messages_carry_their_slot_times() {
+        let to = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let from = UdpSocket::bind("127.0.0.1:0").unwrap();
+        from.connect(to.local_addr().unwrap()).unwrap();
+        to.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let prefix = b"header:";
+        let rate = 2_000.0; // a slot every 500 µs
+        let sent = send_loop(
+            &from,
+            prefix,
+            3,
+            64,
+            Some(rate),
+            Duration::from_millis(100),
+            Clock::new(),
+        );
+        assert!(sent.messages > 10, "{sent:?}");
+        assert_eq!(sent.skipped as usize, sent.skipped_late_ns.len());
+        let mut stamps = Vec::new();
+        let mut buf = [0u8; 2048];
+        for _ in 0..sent.messages {
+            let n = to.recv(&mut buf).unwrap();
+            let (sender, seq, nanos) = read_text(&buf[prefix.len()..n]).unwrap();
+            assert_eq!(sender, 3);
+            stamps.push((seq, nanos));
+        }
+        let period = slot_due_ns(1, rate);
+        for pair in stamps.windows(2) {
+            let ((a, at), (b, bt)) = (pair[0], pair[1]);
+            assert_eq!(b, a + 1);
+            let gap = bt - at;
+            // Whole periods (skipped slots make it more than one), up to float rounding.
+            let periods = (gap + period / 2) / period;
+            assert!(periods >= 1, "{gap} ns between {a} and {b}");
+            assert!(
+                gap.abs_diff(periods * period) <= 1,
+                "{gap} ns between {a} and {b}"
+            );
+        }
+    }
 }

@@ -263,6 +263,21 @@ pub fn populate(
     };
     let (ops, errors, first, t) = run_jobs(join_jobs.len(), concurrency, &join);
     let joins = phase(&ops, errors, first, t);
+    // A state short of what was asked would be reported under the size asked for.
+    if creates_phase.errors + joins.errors > 0 {
+        let first = [&creates_phase.first_error, &joins.first_error]
+            .into_iter()
+            .flatten()
+            .next()
+            .cloned()
+            .unwrap_or_default();
+        return Err(Error::Preload(format!(
+            "{} of {tokens} tokens ({} creates and {} joins failed; first: {first})",
+            creates_phase.ok + joins.ok,
+            creates_phase.errors,
+            joins.errors
+        )));
+    }
     let rooms = names
         .into_iter()
         .zip(creates)
@@ -310,6 +325,9 @@ pub struct HandshakeResult {
     /// joins/s of every round, in order (`creates`/`joins` are the median round's).
     #[serde(default)]
     pub join_rates: Vec<f64>,
+    /// Failed creates and joins over every round, not only the median one.
+    #[serde(default)]
+    pub errors_all_rounds: usize,
 }
 
 /// R creates, then R×K joins, over C threads, after an optional preload; `repeat` rounds
@@ -334,6 +352,7 @@ pub fn run(
         .map(|i| round(daemon, &format!("h{i}-"), rooms, joins, concurrency))
         .collect::<Result<Vec<_>>>()?;
     let join_rates: Vec<f64> = rounds.iter().map(|r| r.1.per_sec).collect();
+    let errors_all_rounds = rounds.iter().map(|r| r.0.errors + r.1.errors).sum();
     rounds.sort_by(|a, b| a.1.per_sec.total_cmp(&b.1.per_sec));
     let (creates, joins_phase, journal) = rounds.swap_remove(rounds.len() / 2);
     Ok(HandshakeResult {
@@ -351,6 +370,7 @@ pub fn run(
         cpu_us_per_join: Some(journal.cpu),
         state_on_tmpfs,
         join_rates,
+        errors_all_rounds,
     })
 }
 

@@ -496,7 +496,7 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(w, "## Fan-out (S = 2 senders, B = 128-byte texts)\n");
     let _ = writeln!(
         w,
-        "`max`: senders flat out; `half`: paced at half the message rate `max` delivered. Deliveries/s counts messages received by members (a batch datagram carries several). The ceiling is one thread doing one plain `sendto` per {}-byte datagram to M loopback sockets, same receivers. `plain` members join with the original JSON-string payload; `batch` members with `{{\"caps\": [\"batch\"], \"max_datagram\": 65507}}`, as `ocm` joins a daemon on loopback. `daemon's p99` is the bucket of `ocm_relay_delay_seconds` (arrival on the daemon's socket → everything it caused handed to the kernel) that holds the 99th percentile: the daemon's own share of the latency. `stolen ms`: CPU time the hypervisor took from the machine's vCPUs during the run (`/proc/stat`). `stalls`: times a `SCHED_FIFO` thread sleeping 1 ms at a time woke at least 1 ms late during the sending (only what stops a whole vCPU delays it: the hypervisor, or kernel work that cannot be preempted), and the longest.\n",
+        "`max`: senders flat out; `half`: paced at half the message rate `max` delivered. Deliveries/s counts messages received by members (a batch datagram carries several). The ceiling is one thread doing one plain `sendto` per {}-byte datagram to M loopback sockets, each message encoded once and sent to all M as a relay does, same receivers. Paced messages carry the time their schedule slot was due, so a late sender counts as latency, and a slot skipped after a stall counts as M − 1 deliveries as late as it was when skipped. `plain` members join with the original JSON-string payload; `batch` members with `{{\"caps\": [\"batch\"], \"max_datagram\": 65507}}`, as `ocm` joins a daemon on loopback. `daemon's p99` is the bucket of `ocm_relay_delay_seconds` (arrival on the daemon's socket → everything it caused handed to the kernel) that holds the 99th percentile: the daemon's own share of the latency. `stolen ms`: CPU time the hypervisor took from the machine's vCPUs during the run (`/proc/stat`). `stalls`: times a `SCHED_FIFO` thread sleeping 1 ms at a time woke at least 1 ms late during the sending (only what stops a whole vCPU delays it: the hypervisor, or kernel work that cannot be preempted), and the longest.\n",
         r.rows.first().map_or(0, |x| x.ceiling.datagram_bytes)
     );
     let _ = writeln!(
@@ -589,7 +589,7 @@ pub fn markdown(r: &Results) -> String {
         "## Handshakes (durable: the daemon fsyncs its journal before replying)\n"
     );
     let _ = writeln!(w, "R = 200 rooms created, then R × K = 3,200 joins over C = 16 threads, one TCP connection per request, each from its own 127.0.0.0/8 source address; {} rounds on each daemon (fresh rooms each), the round with the median join rate shown. State under the target directory (tmpfs: {}).\n", h0.join_rates.len().max(1), h0.state_on_tmpfs);
-    let _ = writeln!(w, "| state before | joins/s (median round) | every round's joins/s | first 10% /s | last 10% /s | p50 µs | p90 µs | p99 µs | max µs | creates/s | records per fsync | write + fsync µs | CPU µs per join: ocmd / bench | errors |");
+    let _ = writeln!(w, "| state before | joins/s (median round) | every round's joins/s | first 10% /s | last 10% /s | p50 µs | p90 µs | p99 µs | max µs | creates/s | records per fsync | write + fsync µs | CPU µs per join: ocmd / bench | errors, all rounds |");
     let _ = writeln!(
         w,
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
@@ -621,7 +621,7 @@ pub fn markdown(r: &Results) -> String {
             },
             h.cpu_us_per_join
                 .map_or("–".into(), |c| format!("{:.0} / {:.0}", c.daemon, c.bench)),
-            h.joins.errors + h.creates.errors
+            (h.joins.errors + h.creates.errors).max(h.errors_all_rounds)
         );
     }
     if let (Some(c), Some(j)) = (&hp.preload_creates, &hp.preload_joins) {

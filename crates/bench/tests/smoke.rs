@@ -44,3 +44,39 @@ fn smoke_delivers_and_handshakes() {
     assert!(count("deliveries=") > 0, "{stdout}");
     assert!(count("handshakes=") > 0, "{stdout}");
 }
+
+/// A preload that cannot build the state asked for (here the daemon caps rooms at 5 members,
+/// the preload wants rooms of 10) stops the run with an error, instead of reporting figures
+/// "at N tokens" measured on fewer.
+#[test]
+fn a_preload_that_falls_short_is_an_error() {
+    let bench = Path::new(env!("CARGO_BIN_EXE_ocm-bench"));
+    let ocmd = bench.with_file_name("ocmd");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let shipped = std::fs::read_to_string(workspace.join("config/bench.toml")).unwrap();
+    let capped = shipped.replace("max_members_per_room = 0", "max_members_per_room = 5");
+    assert_ne!(
+        capped, shipped,
+        "config/bench.toml sets max_members_per_room"
+    );
+    let dir = std::env::temp_dir().join(format!("ocm-bench-preload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("capped.toml");
+    std::fs::write(&config, capped).unwrap();
+    let output = Command::new(bench)
+        .arg("--ocmd")
+        .arg(&ocmd)
+        .arg("--config")
+        .arg(&config)
+        .args(["handshakes", "--rooms", "2", "--joins", "2"])
+        .args(["--concurrency", "2", "--preload", "50"])
+        .output()
+        .expect("run ocm-bench");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "the run went on: {stderr}");
+    assert!(
+        stderr.contains("the preload fell short: 25 of 50 tokens"),
+        "{stderr}"
+    );
+}
