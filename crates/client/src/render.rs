@@ -2,7 +2,8 @@
 //!
 //! Pure: bytes in, lines out, no I/O. [`Renderer`] parses each datagram with
 //! [`ucrp::delivery`], walks batches, and keeps a [`SeqTracker`] so that sequenced messages
-//! lost on the way are counted (`* 2 messages lost`) and duplicates are dropped. Everything a
+//! lost on the way are counted (`* 2 messages lost`) and duplicates are dropped (a number
+//! shown before is a duplicate only with the same sender and text). Everything a
 //! peer or the server wrote passes through [`printable`] first, so a message cannot move the
 //! cursor, clear the screen or span several lines.
 //!
@@ -13,6 +14,7 @@
 //! | `__ROOM_CLOSED__`            | `* room ROOM was closed by its host`   |
 
 use std::borrow::Cow;
+use std::collections::VecDeque;
 
 use log::{debug, info};
 use ucrp::delivery::{self, Delivery, Notice};
@@ -40,19 +42,40 @@ pub enum SeqVerdict {
     Duplicate,
 }
 
-/// The last room sequence number shown, and the gap/duplicate decisions that follow from it.
+/// How many recently shown messages [`SeqTracker`] remembers by number and content.
+const RECENT_SHOWN: usize = 256;
+
+/// A digest of a message's sender and text, to tell a repeated copy from another message
+/// that carries the same number.
+pub fn content_digest(sender: &str, text: &str) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut hasher = DefaultHasher::new();
+    sender.hash(&mut hasher);
+    text.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The last room sequence number shown, the recent messages shown (number and content), and
+/// the gap/duplicate decisions that follow from them.
 #[derive(Debug, Clone, Default)]
 pub struct SeqTracker {
     last: Option<u64>,
+    /// `(seq, content digest)` of the last [`RECENT_SHOWN`] messages shown, oldest first.
+    recent: VecDeque<(u64, u64)>,
 }
 
 impl SeqTracker {
-    /// Decides what to do with message `seq` and records it if shown.
+    /// Decides what to do with message `seq`, whose content has `digest`
+    /// ([`content_digest`]), and records it if shown.
     ///
     /// The first number seen is the baseline: a member joining a busy room has lost nothing.
-    /// Numbers count from 1, so a 1 after a higher number means the daemon restarted its
-    /// count (a restart that did not keep it); that is a new baseline, not a duplicate.
-    pub fn observe(&mut self, seq: u64) -> SeqVerdict {
+    /// A number at or below the last one shown is a duplicate (or a late copy) when it was
+    /// shown with the same content. Two cases make it a new baseline instead: a 1 after a
+    /// higher number (the daemon started its count again: history is off, or it never
+    /// saved it), and a number recently shown with other content (a daemon restarted after
+    /// a crash numbers again from its last checkpoint; dropping those messages as
+    /// duplicates would hide them).
+    pub fn observe(&mut self, seq: u64, digest: u64) -> SeqVerdict {
         let lost = match self.last {
             None => 0,
             Some(last) if seq > last => seq - last - 1,
@@ -60,16 +83,31 @@ impl SeqTracker {
                 info!("room sequence restarted at 1 after {last}");
                 0
             }
-            Some(_) => return SeqVerdict::Duplicate,
+            Some(last) => match self.recent.iter().rev().find(|(s, _)| *s == seq) {
+                Some(&(_, shown)) if shown != digest => {
+                    info!("room sequence went back from {last} to {seq} with new messages");
+                    0
+                }
+                _ => return SeqVerdict::Duplicate,
+            },
         };
         self.last = Some(seq);
+        self.remember(seq, digest);
         SeqVerdict::Deliver { lost }
     }
 
-    /// Counts every message up to `seq` as shown (they were printed from the history), so
-    /// live copies of them are dropped as duplicates.
-    pub fn skip_through(&mut self, seq: u64) {
+    /// Counts message `seq` as shown (it was printed from the history), so a live copy of
+    /// it is dropped as a duplicate and the numbers up to it are not counted as lost.
+    pub fn shown_in_history(&mut self, seq: u64, digest: u64) {
         self.last = Some(self.last.map_or(seq, |last| last.max(seq)));
+        self.remember(seq, digest);
+    }
+
+    fn remember(&mut self, seq: u64, digest: u64) {
+        if self.recent.len() == RECENT_SHOWN {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((seq, digest));
     }
 }
 
@@ -89,9 +127,10 @@ impl Renderer {
         }
     }
 
-    /// Marks the messages up to `seq` as already shown (see [`SeqTracker::skip_through`]).
-    pub fn skip_through(&mut self, seq: u64) {
-        self.seq.skip_through(seq);
+    /// Counts a message printed from the history as shown (see
+    /// [`SeqTracker::shown_in_history`]).
+    pub fn shown_in_history(&mut self, seq: u64, sender: &str, text: &str) {
+        self.seq.shown_in_history(seq, content_digest(sender, text));
     }
 
     /// Handles one datagram from the server, appending the lines to print to `out`.
@@ -130,7 +169,7 @@ impl Renderer {
                 seq,
                 sender,
                 message,
-            } => match self.seq.observe(seq) {
+            } => match self.seq.observe(seq, content_digest(sender, message)) {
                 SeqVerdict::Deliver { lost } => {
                     if lost > 0 {
                         out.push(lost_line(lost));
@@ -305,21 +344,48 @@ mod tests {
 
     #[test]
     fn seq_tracker_decisions() {
+        let d = |text: &str| content_digest("a", text);
         let mut t = SeqTracker::default();
-        assert_eq!(t.observe(10), SeqVerdict::Deliver { lost: 0 });
-        assert_eq!(t.observe(10), SeqVerdict::Duplicate);
-        assert_eq!(t.observe(9), SeqVerdict::Duplicate);
-        assert_eq!(t.observe(13), SeqVerdict::Deliver { lost: 2 });
+        assert_eq!(t.observe(10, d("ten")), SeqVerdict::Deliver { lost: 0 });
+        assert_eq!(t.observe(10, d("ten")), SeqVerdict::Duplicate);
+        assert_eq!(
+            t.observe(9, d("nine")),
+            SeqVerdict::Duplicate,
+            "late, not shown"
+        );
+        assert_eq!(t.observe(13, d("13")), SeqVerdict::Deliver { lost: 2 });
         // A daemon that restarted its count starts again at 1.
-        assert_eq!(t.observe(1), SeqVerdict::Deliver { lost: 0 });
-        assert_eq!(t.observe(1), SeqVerdict::Duplicate);
-        assert_eq!(t.observe(2), SeqVerdict::Deliver { lost: 0 });
+        assert_eq!(t.observe(1, d("one")), SeqVerdict::Deliver { lost: 0 });
+        assert_eq!(t.observe(1, d("one")), SeqVerdict::Duplicate);
+        assert_eq!(t.observe(2, d("two")), SeqVerdict::Deliver { lost: 0 });
+    }
+
+    /// After a crash the daemon numbers again from its last checkpoint: numbers already
+    /// shown come back with new messages. Those are shown, gaps after them still count, and
+    /// true copies are still dropped.
+    #[test]
+    fn numbers_shown_before_with_other_messages_are_a_new_baseline() {
+        let d = |text: &str| content_digest("a", text);
+        let mut t = SeqTracker::default();
+        for (seq, text) in [(1, "m1"), (2, "m2"), (3, "m3"), (4, "m4"), (5, "m5")] {
+            assert_eq!(t.observe(seq, d(text)), SeqVerdict::Deliver { lost: 0 });
+        }
+        assert_eq!(t.observe(3, d("n3")), SeqVerdict::Deliver { lost: 0 });
+        assert_eq!(t.observe(3, d("n3")), SeqVerdict::Duplicate, "a copy of n3");
+        assert_eq!(t.observe(4, d("n4")), SeqVerdict::Deliver { lost: 0 });
+        assert_eq!(t.observe(6, d("n6")), SeqVerdict::Deliver { lost: 1 });
+        assert_eq!(t.observe(6, d("n6")), SeqVerdict::Duplicate, "a copy of n6");
+        // The same text under the same number from another sender is another message.
+        assert_eq!(
+            t.observe(6, content_digest("b", "n6")),
+            SeqVerdict::Deliver { lost: 0 }
+        );
     }
 
     #[test]
     fn history_shown_makes_live_copies_duplicates() {
         let mut renderer = Renderer::new("lobby");
-        renderer.skip_through(7);
+        renderer.shown_in_history(7, "a", "seven");
         let mut lines = Vec::new();
         for d in [
             sequenced(6, "a", "six"),
@@ -330,9 +396,12 @@ mod tests {
         }
         assert_eq!(lines, ["a: eight"]);
         let mut t = SeqTracker::default();
-        t.observe(9);
-        t.skip_through(4);
-        assert_eq!(t.observe(9), SeqVerdict::Duplicate);
+        t.observe(9, content_digest("a", "nine"));
+        t.shown_in_history(4, content_digest("a", "four"));
+        assert_eq!(
+            t.observe(9, content_digest("a", "nine")),
+            SeqVerdict::Duplicate
+        );
     }
 
     #[test]

@@ -165,9 +165,8 @@ impl Screen {
         if let Some(page) = history {
             for message in &page.messages {
                 self.printer.print_out(&listing::history_line(message))?;
-            }
-            if let Some(newest) = page.messages.iter().map(|m| m.seq).max() {
-                self.renderer.skip_through(newest);
+                self.renderer
+                    .shown_in_history(message.seq, &message.sender, &message.text);
             }
             self.printer.print_err(LIVE_LINE);
         }

@@ -834,6 +834,60 @@ fn a_reload_to_a_shorter_checkpoint_period_checkpoints_soon() {
     });
 }
 
+/// After a kill -9 the daemon numbers a room's messages again from its last history
+/// checkpoint, so numbers `ocm` has shown come back on new messages: it shows them, instead
+/// of dropping them as duplicates.
+#[test]
+fn ocm_shows_the_messages_whose_numbers_a_crash_reused() {
+    let mut d = Daemon::start_with(Options {
+        config: Some("[history]\ncheckpoint_secs = 1\n".into()),
+        ..Options::default()
+    });
+    let alice = Ocm::start(&d, &["create", "renum", "--name", "alice"]);
+    alice.wait_stderr("* created renum as alice");
+    let bob = Member::new(&d, "renum", &join(&d, "renum", "bob"));
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        bob.send("__REGISTER__");
+        bob.send("probe");
+        if alice.line_within(Duration::from_millis(200)).as_deref() == Some("bob: probe") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "alice never heard bob");
+    }
+    let say = |text: &str| {
+        bob.send(text);
+        lines_until(&alice, &format!("bob: {text}"));
+    };
+    let checkpointed = |d: &Daemon, text: &str| {
+        history_appends(d, "renum")
+            .iter()
+            .any(|(_, texts)| texts.iter().any(|t| t == text))
+    };
+    say("m1");
+    wait_until("a checkpoint holds m1", || checkpointed(&d, "m1"));
+    // From the checkpoint already due on, none for a day: m2 is the last one saved.
+    std::fs::write(
+        d.dir.path().join("ocmd.toml"),
+        "[history]\ncheckpoint_secs = 86400\n",
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_for_log("configuration reloaded");
+    say("m2");
+    wait_until("a checkpoint holds m2", || checkpointed(&d, "m2"));
+    say("m3");
+    say("m4");
+    d.kill9();
+    d.restart();
+    // n3 and n4 get the numbers m3 and m4 had; n5 follows with nothing lost.
+    for text in ["n3", "n4", "n5"] {
+        bob.send(text);
+    }
+    let before = lines_until(&alice, "bob: n5");
+    assert_eq!(before, ["bob: n3", "bob: n4"]);
+}
+
 #[test]
 fn history_of_long_messages_is_cut_to_one_reply_keeping_the_newest() {
     let d = Daemon::start();
