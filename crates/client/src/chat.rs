@@ -12,8 +12,10 @@
 //!   connection, so neither the receiver nor the keepalive waits on one; chat text and
 //!   `/quit` go to the main thread. On `ocm join` it first fetches the recent history and
 //!   releases the screen, which held the live messages meanwhile;
-//! - the *signal watcher* reports SIGINT, SIGTERM and SIGHUP, so that Ctrl+C, `kill` and a
-//!   closed terminal all leave the room properly instead of waiting for the server's timeout.
+//! - the *signal watcher* reports SIGINT, SIGTERM, SIGHUP and SIGQUIT, so that Ctrl+C,
+//!   `kill`, a closed terminal and Ctrl+\\ all leave the room properly instead of waiting for
+//!   the server's timeout (an `--original` member has none: it would stay until the room
+//!   closed).
 //!
 //! The keepalive needs no thread: the main loop waits on the channel no longer than the next
 //! keepalive is due, then resends `__REGISTER__`, which also re-teaches a restarted daemon
@@ -31,7 +33,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 use rustyline::error::ReadlineError;
 use rustyline::DefaultEditor;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tcrp::payload::HistoryPage;
 use tcrp::ErrorCode;
@@ -465,7 +467,7 @@ impl Drop for TerminalGuard {
 }
 
 fn spawn_signal_watcher(events: SyncSender<Event>) -> Result<(), ClientError> {
-    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT])
         .map_err(ClientError::io("installing signal handlers"))?;
     thread::Builder::new()
         .name("signals".into())

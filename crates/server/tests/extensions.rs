@@ -340,6 +340,25 @@ fn a_flood_of_piped_lines_neither_grows_ocm_nor_delays_its_leaving() {
     writer.join().unwrap();
 }
 
+/// Every signal that ends `ocm` (Ctrl+C, a kill, a closed terminal, Ctrl+\\) leaves the room
+/// first, so the others hear it leave instead of waiting for a timeout that an `--original`
+/// member never has.
+#[test]
+fn ocm_leaves_its_room_on_every_terminating_signal() {
+    let d = Daemon::start();
+    let alice = Ocm::start(&d, &["create", "sig", "--name", "alice"]);
+    alice.wait_stderr("* created sig as alice");
+    let signals = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+    for (i, signal) in signals.into_iter().enumerate() {
+        let name = format!("bob{i}");
+        let mut bob = Ocm::start(&d, &["join", "sig", "--name", &name, "--original"]);
+        bob.wait_stderr(&format!("* joined sig as {name}"));
+        bob.signal(signal);
+        assert!(bob.wait().success(), "ocm after signal {signal}");
+        lines_until(&alice, &format!("* {name} left"));
+    }
+}
+
 /// An `ocm` whose standard error nobody reads (a closed pipe) loses its remarks, not its
 /// session: it still chats, and leaves the room at the end of its input.
 #[test]
