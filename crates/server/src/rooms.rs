@@ -238,6 +238,9 @@ struct Room {
     /// The kept history shrank without a new message (lower limits, at a reload or a start),
     /// so the journal's copy is to be trimmed at the next checkpoint.
     history_shrunk: bool,
+    /// The `next_seq` the journal has: numbers continue across restarts whether or not
+    /// history is kept.
+    seq_saved: u64,
 }
 
 /// What a kept message counts against `Limits::history_bytes`.
@@ -304,6 +307,7 @@ impl Room {
             history_bytes: 0,
             history_unsaved: 0,
             history_shrunk: false,
+            seq_saved: 1,
         }
     }
 }
@@ -506,6 +510,7 @@ impl Registry {
                 room.password_hash.as_deref().map(Into::into),
             );
             entry.next_seq = room.next_seq.max(1);
+            entry.seq_saved = entry.next_seq;
             let (keep, budget) = (registry.limits.history, registry.limits.history_bytes);
             let skip = room.history.len().saturating_sub(keep);
             for message in room.history.iter().skip(skip) {
@@ -662,9 +667,10 @@ impl Registry {
         Ok((page, start > 0))
     }
 
-    /// Queues a `history_append` record for each room that kept new messages since its last
-    /// checkpoint, or whose kept history shrank under lower limits; returns how many. Used at
-    /// shutdown: everything is written.
+    /// Queues a `history_append` record for each room that relayed messages since its last
+    /// checkpoint (kept or not: the record carries the room's `next_seq`), or whose kept
+    /// history shrank under lower limits; returns how many. Used at shutdown: everything is
+    /// written.
     pub fn checkpoint_history(&mut self) -> usize {
         self.checkpoint_history_within(usize::MAX)
     }
@@ -682,7 +688,7 @@ impl Registry {
         let mut dirty: Vec<usize> = self
             .rooms
             .iter()
-            .filter(|(_, r)| r.history_unsaved > 0 || r.history_shrunk)
+            .filter(|(_, r)| r.history_unsaved > 0 || r.history_shrunk || r.next_seq != r.seq_saved)
             .map(|(k, _)| k)
             .collect();
         // Round robin: the rooms from the cursor on, then those before it.
@@ -703,6 +709,7 @@ impl Registry {
                 .fold(bytes, usize::saturating_add);
             room.history_unsaved = 0;
             room.history_shrunk = false;
+            room.seq_saved = room.next_seq;
             self.records.push(Record::HistoryAppend {
                 room: room.name.to_string(),
                 next_seq: room.next_seq,
@@ -2383,6 +2390,52 @@ mod tests {
             .map(|m| m.text.as_str())
             .collect();
         assert_eq!(file, ["w", "a", "b", "c"]);
+    }
+
+    /// With history off, a checkpoint still saves how far each chatting room has counted, so
+    /// sequence numbers go on after a restart instead of starting again (and being reused).
+    #[test]
+    fn sequence_numbers_are_checkpointed_with_history_off_too() {
+        let limits = Limits {
+            chat_rate: 0.0,
+            history: 0,
+            ..Limits::default()
+        };
+        let mut reg = registry();
+        reg.set_limits(limits.clone());
+        let now = Instant::now();
+        let mut out = Outbox::default();
+        let hosts = rooms_of_two(&mut reg, &["a", "quiet"], now, &mut out);
+        let mut state = State::default();
+        for r in reg.take_records() {
+            state.apply(&r);
+        }
+        for text in ["1", "2", "3"] {
+            reg.handle_datagram(addr(1), &dgram("a", &hosts[0], text), now, &mut out);
+        }
+        assert_eq!(reg.checkpoint_history(), 1, "only the room that chatted");
+        for r in reg.take_records() {
+            match &r {
+                Record::HistoryAppend {
+                    room,
+                    next_seq,
+                    kept,
+                    messages,
+                } => assert_eq!(
+                    (room.as_str(), *next_seq, *kept, messages.len()),
+                    ("a", 4, 0, 0)
+                ),
+                other => panic!("{other:?}"),
+            }
+            state.apply(&r);
+        }
+        assert_eq!(reg.checkpoint_history(), 0, "nothing new");
+        let mut reg = Registry::from_state(&state, limits, Box::new(StdRng::seed_from_u64(5)), now);
+        // The restarted registry numbers the next message 4, not 1.
+        let next_seq = |reg: &Registry| reg.rooms[reg.room_index["a"].0].next_seq;
+        assert_eq!(next_seq(&reg), 4);
+        reg.handle_datagram(addr(1), &dgram("a", &hosts[0], "4"), now, &mut out);
+        assert_eq!(next_seq(&reg), 5);
     }
 
     /// Lower history limits apply at once: after a reload, what is over them is neither
