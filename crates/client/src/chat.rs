@@ -302,7 +302,7 @@ fn finish_closed(screen: &Mutex<Screen>, terminal: Option<TerminalGuard>) {
 /// Sends one chat message; local feedback goes to standard error.
 fn send_text(session: &Session, screen: &Mutex<Screen>, text: &str) {
     let complaint = match session.send_chat(text) {
-        Ok(Ok(())) => return,
+        Ok(Ok(())) => return lock(screen).sent_own(),
         Ok(Err(ucrp::Error::TooLarge { .. })) => too_long(session.max_message_len()),
         Ok(Err(e)) => format!("* message not sent: {e}"),
         Err(e) => format!("* message not sent: {e}"),
@@ -404,7 +404,10 @@ impl Commands {
     fn show_recent_history(&mut self) {
         let page = match self.fetch_history(None, DEFAULT_HISTORY_LIMIT) {
             Ok(page) => {
-                self.pager.observe(&page);
+                // An empty room's page says nothing of what `/history` will find later.
+                if !page.messages.is_empty() {
+                    self.pager.observe(&page);
+                }
                 Some(page)
             }
             Err(ClientError::QueryRefused {
@@ -816,6 +819,38 @@ mod tests {
         );
     }
 
+    /// Lines are read at most a little over the longest message (100 bytes here): up to that
+    /// they are sent, past it skipped whole with one complaint, never held in memory.
+    #[test]
+    fn lines_too_long_to_send_are_skipped_at_any_boundary() {
+        let (screen, rec) = screen(false);
+        let (mut commands, inbox) = commands(dead_tcp(), &screen);
+        let longest = "x".repeat(100);
+        let input = format!(
+            "{longest}\r\n//{longest}\n{}\nok\n{}",
+            "y".repeat(5_000),
+            "z".repeat(104)
+        );
+        let end = read_lines(&mut commands, &mut io::Cursor::new(input));
+        assert!(matches!(end, Some(Event::Eof)), "{end:?}");
+        let sent: Vec<String> = inbox
+            .try_iter()
+            .map(|e| match e {
+                Event::Send(text) => text,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        // "//" escapes: the second line is a 101-byte message, which the send refuses later.
+        assert_eq!(sent, [longest.clone(), format!("/{longest}"), "ok".into()]);
+        assert_eq!(
+            rec.lines(),
+            [
+                "err: * message too long (max 100 bytes)",
+                "err: * message too long (max 100 bytes)"
+            ]
+        );
+    }
+
     #[test]
     fn end_of_input_ends_the_chat() {
         let (screen, _) = screen(false);
@@ -1055,6 +1090,33 @@ mod tests {
             "the first /history asks for what precedes the join's page"
         );
         assert_eq!(asked.len(), 2);
+    }
+
+    /// A room with nothing said yet at join: `/history` later asks for the latest messages.
+    #[test]
+    fn history_after_joining_an_empty_room_fetches_what_was_said_since() {
+        let (tcp, asked) = fake_daemon(vec![
+            Ok(r#"{"messages": [], "more": false}"#),
+            Ok(
+                r#"{"messages": [{"seq": 1, "sender": "bob", "text": "one", "at": 1700000000.0}], "more": false}"#,
+            ),
+        ]);
+        let (screen, rec) = screen(true);
+        let (mut commands, _inbox) = commands(tcp, &screen);
+        commands.show_recent_history();
+        assert!(commands.handle_line("/history 5\n"));
+        assert_eq!(
+            rec.lines(),
+            [
+                "err: * --- live ---",
+                "out: [22:13] bob: one",
+                "err: * no more history"
+            ]
+        );
+        assert_eq!(
+            asked.lock().unwrap()[1].2,
+            r#"{"token": "00ff", "limit": 5}"#
+        );
     }
 
     #[test]

@@ -34,7 +34,7 @@ mod render;
 mod screen;
 
 use std::ffi::OsString;
-use std::io::{IsTerminal, Read};
+use std::io::{self, IsTerminal, Read};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -139,22 +139,26 @@ impl PasswordArgs {
         } else if let Some(path) = &self.password_file {
             // At most what one request can carry, plus one byte to tell a longer file: a
             // wrong path such as /dev/zero must not be read without end.
-            let mut text = String::new();
+            let mut bytes = Vec::new();
+            let read = |source| ClientError::PasswordFile {
+                path: path.clone(),
+                source,
+            };
             std::fs::File::open(path)
                 .and_then(|f| {
                     f.take(MAX_PASSWORD_FILE_LEN as u64 + 1)
-                        .read_to_string(&mut text)
+                        .read_to_end(&mut bytes)
                 })
-                .map_err(|source| ClientError::PasswordFile {
-                    path: path.clone(),
-                    source,
-                })?;
-            if text.len() > MAX_PASSWORD_FILE_LEN {
+                .map_err(read)?;
+            // The length first: the cut may fall inside a character.
+            if bytes.len() > MAX_PASSWORD_FILE_LEN {
                 return Err(ClientError::UnusablePassword {
                     from: "--password-file",
                     problem: "is longer than a request can carry (16 KiB)",
                 });
             }
+            let text = String::from_utf8(bytes)
+                .map_err(|e| read(io::Error::new(io::ErrorKind::InvalidData, e)))?;
             let line = text
                 .strip_suffix('\n')
                 .map(|t| t.strip_suffix('\r').unwrap_or(t))
@@ -535,15 +539,17 @@ mod tests {
             "the password from --password-file is empty"
         );
         assert_eq!(err.exit_code(), error::EXIT_REFUSED);
-        // A file longer than a request is refused after reading only that much.
-        let err = from_flag(None, Some(PathBuf::from("/dev/zero")))
-            .resolve(None)
-            .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "the password from --password-file is longer than a request can carry (16 KiB)"
-        );
-        assert_eq!(err.exit_code(), error::EXIT_REFUSED);
+        // A file longer than a request is refused after reading only that much, whether the
+        // cut falls between characters or inside one.
+        std::fs::write(&file, "é".repeat(10_000)).unwrap();
+        for long in [PathBuf::from("/dev/zero"), file.clone()] {
+            let err = from_flag(None, Some(long)).resolve(None).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "the password from --password-file is longer than a request can carry (16 KiB)"
+            );
+            assert_eq!(err.exit_code(), error::EXIT_REFUSED);
+        }
         let err = from_flag(Some(""), None).resolve(None).unwrap_err();
         assert_eq!(err.to_string(), "the password from --password is empty");
         let err = from_flag(None, Some(dir.join("missing")))

@@ -2,8 +2,8 @@
 //!
 //! Pure: bytes in, lines out, no I/O. [`Renderer`] parses each datagram with
 //! [`ucrp::delivery`], walks batches, and keeps a [`SeqTracker`] so that sequenced messages
-//! lost on the way are counted (`* 2 messages lost`) and duplicates are dropped (a number
-//! shown before is a duplicate only with the same sender and text). Everything a
+//! lost on the way are counted (`* 2 messages lost`, our own messages aside) and duplicates
+//! are dropped (a number shown before is a duplicate only with the same sender and text). Everything a
 //! peer or the server wrote passes through [`printable`] first, so a message cannot move the
 //! cursor, clear the screen or span several lines.
 //!
@@ -55,11 +55,14 @@ pub fn content_digest(sender: &str, text: &str) -> u64 {
     hasher.finish()
 }
 
-/// The last room sequence number shown, the recent messages shown (number and content), and
-/// the gap/duplicate decisions that follow from them.
+/// What the client knows of a room's sequence numbers: the highest shown, the recent
+/// messages shown (number and content), and how many of its own messages it sent, which the
+/// daemon numbers but never sends back.
 #[derive(Debug, Clone, Default)]
 pub struct SeqTracker {
     last: Option<u64>,
+    /// Own messages sent whose numbers have not yet shown up as a gap.
+    own_unseen: u64,
     /// `(seq, content digest)` of the last [`RECENT_SHOWN`] messages shown, oldest first.
     recent: VecDeque<(u64, u64)>,
 }
@@ -68,30 +71,34 @@ impl SeqTracker {
     /// Decides what to do with message `seq`, whose content has `digest`
     /// ([`content_digest`]), and records it if shown.
     ///
-    /// The first number seen is the baseline: a member joining a busy room has lost nothing.
-    /// A number at or below the last one shown is a duplicate (or a late copy) when it was
-    /// shown with the same content. Two cases make it a new baseline instead: a 1 after a
-    /// higher number (the daemon started its count again: history is off, or it never
-    /// saved it), and a number recently shown with other content (a daemon restarted after
-    /// a crash numbers again from its last checkpoint; dropping those messages as
-    /// duplicates would hide them).
+    /// A duplicate is a message shown recently under the same number with the same sender
+    /// and text; everything else is shown. Only a number above the last one shown can
+    /// reveal a loss: the first number seen is the baseline (a member joining a busy room has
+    /// lost nothing), the numbers of our own messages in a gap are not losses, and a number
+    /// at or below the last one is a late message, or a daemon numbering again (from its
+    /// last checkpoint after a crash, or from 1 with a new state), never a loss.
     pub fn observe(&mut self, seq: u64, digest: u64) -> SeqVerdict {
+        if self.recent.contains(&(seq, digest)) {
+            return SeqVerdict::Duplicate;
+        }
         let lost = match self.last {
-            None => 0,
-            Some(last) if seq > last => seq - last - 1,
+            Some(last) if seq > last => {
+                let gap = seq - last - 1;
+                let own = gap.min(self.own_unseen);
+                self.own_unseen -= own;
+                gap - own
+            }
+            _ => 0,
+        };
+        self.last = Some(match self.last {
+            // A count started again: later gaps are measured from here.
             Some(last) if seq == 1 && last > 1 => {
                 info!("room sequence restarted at 1 after {last}");
-                0
+                1
             }
-            Some(last) => match self.recent.iter().rev().find(|(s, _)| *s == seq) {
-                Some(&(_, shown)) if shown != digest => {
-                    info!("room sequence went back from {last} to {seq} with new messages");
-                    0
-                }
-                _ => return SeqVerdict::Duplicate,
-            },
-        };
-        self.last = Some(seq);
+            Some(last) => last.max(seq),
+            None => seq,
+        });
         self.remember(seq, digest);
         SeqVerdict::Deliver { lost }
     }
@@ -101,6 +108,13 @@ impl SeqTracker {
     pub fn shown_in_history(&mut self, seq: u64, digest: u64) {
         self.last = Some(self.last.map_or(seq, |last| last.max(seq)));
         self.remember(seq, digest);
+    }
+
+    /// Notes that we sent a chat message: the daemon numbers it but relays it only to the
+    /// others, so the gap it leaves is not a loss. (One the daemon dropped, e.g. rate
+    /// limited, leaves no gap and may later hide one real loss: the count errs low.)
+    pub fn sent_own(&mut self) {
+        self.own_unseen = self.own_unseen.saturating_add(1);
     }
 
     fn remember(&mut self, seq: u64, digest: u64) {
@@ -125,6 +139,11 @@ impl Renderer {
             room_name: room_name.to_owned(),
             seq: SeqTracker::default(),
         }
+    }
+
+    /// Notes one chat message of our own sent (see [`SeqTracker::sent_own`]).
+    pub fn sent_own(&mut self) {
+        self.seq.sent_own();
     }
 
     /// Counts a message printed from the history as shown (see
@@ -332,14 +351,15 @@ mod tests {
     }
 
     #[test]
-    fn duplicates_and_late_copies_are_dropped() {
+    fn duplicates_are_dropped_and_late_messages_shown() {
         let (lines, _) = render(&[
             sequenced(4, "a", "four"),
             sequenced(4, "a", "four"),
             sequenced(5, "a", "five"),
             sequenced(3, "a", "three, late"),
+            sequenced(5, "a", "five"),
         ]);
-        assert_eq!(lines, ["a: four", "a: five"]);
+        assert_eq!(lines, ["a: four", "a: five", "a: three, late"]);
     }
 
     #[test]
@@ -348,36 +368,62 @@ mod tests {
         let mut t = SeqTracker::default();
         assert_eq!(t.observe(10, d("ten")), SeqVerdict::Deliver { lost: 0 });
         assert_eq!(t.observe(10, d("ten")), SeqVerdict::Duplicate);
-        assert_eq!(
-            t.observe(9, d("nine")),
-            SeqVerdict::Duplicate,
-            "late, not shown"
-        );
         assert_eq!(t.observe(13, d("13")), SeqVerdict::Deliver { lost: 2 });
-        // A daemon that restarted its count starts again at 1.
+        // Late, never shown: shown now, and not a loss.
+        assert_eq!(t.observe(12, d("12")), SeqVerdict::Deliver { lost: 0 });
+        assert_eq!(t.observe(12, d("12")), SeqVerdict::Duplicate);
+        assert_eq!(t.observe(14, d("14")), SeqVerdict::Deliver { lost: 0 });
+        // A daemon that started its count again at 1: gaps count from there.
         assert_eq!(t.observe(1, d("one")), SeqVerdict::Deliver { lost: 0 });
         assert_eq!(t.observe(1, d("one")), SeqVerdict::Duplicate);
-        assert_eq!(t.observe(2, d("two")), SeqVerdict::Deliver { lost: 0 });
+        assert_eq!(t.observe(3, d("three")), SeqVerdict::Deliver { lost: 1 });
+    }
+
+    /// The daemon numbers our own messages but does not send them back: their numbers are
+    /// gaps that are not losses.
+    #[test]
+    fn our_own_messages_are_not_counted_as_lost() {
+        let d = |text: &str| content_digest("bob", text);
+        let mut t = SeqTracker::default();
+        assert_eq!(t.observe(1, d("b1")), SeqVerdict::Deliver { lost: 0 });
+        t.sent_own(); // 2
+        t.sent_own(); // 3
+        assert_eq!(t.observe(4, d("b4")), SeqVerdict::Deliver { lost: 0 });
+        t.sent_own(); // 5
+                      // 6 was lost on the way.
+        assert_eq!(t.observe(7, d("b7")), SeqVerdict::Deliver { lost: 1 });
+        // Our message numbered after one that reaches us later: the gap comes later.
+        t.sent_own(); // 9
+        assert_eq!(t.observe(8, d("b8")), SeqVerdict::Deliver { lost: 0 });
+        assert_eq!(t.observe(10, d("b10")), SeqVerdict::Deliver { lost: 0 });
     }
 
     /// After a crash the daemon numbers again from its last checkpoint: numbers already
-    /// shown come back with new messages. Those are shown, gaps after them still count, and
-    /// true copies are still dropped.
+    /// used come back on new messages, including the numbers of our own messages, which we
+    /// never saw. All of them are shown, true copies are still dropped, and none is a loss.
     #[test]
-    fn numbers_shown_before_with_other_messages_are_a_new_baseline() {
+    fn numbers_used_again_on_other_messages_are_shown() {
         let d = |text: &str| content_digest("a", text);
         let mut t = SeqTracker::default();
-        for (seq, text) in [(1, "m1"), (2, "m2"), (3, "m3"), (4, "m4"), (5, "m5")] {
+        for (seq, text) in [(1, "m1"), (2, "m2"), (4, "m4"), (5, "m5")] {
+            if seq == 4 {
+                t.sent_own(); // 3 was ours
+            }
             assert_eq!(t.observe(seq, d(text)), SeqVerdict::Deliver { lost: 0 });
         }
         assert_eq!(t.observe(3, d("n3")), SeqVerdict::Deliver { lost: 0 });
         assert_eq!(t.observe(3, d("n3")), SeqVerdict::Duplicate, "a copy of n3");
         assert_eq!(t.observe(4, d("n4")), SeqVerdict::Deliver { lost: 0 });
-        assert_eq!(t.observe(6, d("n6")), SeqVerdict::Deliver { lost: 1 });
-        assert_eq!(t.observe(6, d("n6")), SeqVerdict::Duplicate, "a copy of n6");
+        assert_eq!(
+            t.observe(4, d("m4")),
+            SeqVerdict::Duplicate,
+            "a late copy of m4"
+        );
+        assert_eq!(t.observe(5, d("n5")), SeqVerdict::Deliver { lost: 0 });
+        assert_eq!(t.observe(7, d("n7")), SeqVerdict::Deliver { lost: 1 });
         // The same text under the same number from another sender is another message.
         assert_eq!(
-            t.observe(6, content_digest("b", "n6")),
+            t.observe(7, content_digest("b", "n7")),
             SeqVerdict::Deliver { lost: 0 }
         );
     }
@@ -385,6 +431,7 @@ mod tests {
     #[test]
     fn history_shown_makes_live_copies_duplicates() {
         let mut renderer = Renderer::new("lobby");
+        renderer.shown_in_history(6, "a", "six");
         renderer.shown_in_history(7, "a", "seven");
         let mut lines = Vec::new();
         for d in [

@@ -178,6 +178,11 @@ impl Screen {
         Ok(Flow::Continue)
     }
 
+    /// Notes one chat message of our own sent, so the gap its number leaves is not a loss.
+    pub fn sent_own(&mut self) {
+        self.renderer.sent_own();
+    }
+
     /// Prints a line of the room (a history entry, a `/who` answer).
     pub fn out(&mut self, line: &str) -> io::Result<()> {
         self.printer.print_out(line)

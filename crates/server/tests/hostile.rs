@@ -64,11 +64,7 @@ fn dropped_total(d: &Daemon) -> f64 {
 fn assert_still_serves(d: &Daemon) -> String {
     static ROOMS: AtomicUsize = AtomicUsize::new(0);
     let room = format!("good-{}", ROOMS.fetch_add(1, Ordering::SeqCst));
-    let host_token = create(d, &room, "alice");
-    let bob_token = join(d, &room, "bob");
-    let alice = Member::joined(d, &room, &host_token);
-    let bob = Member::new(d, &room, &bob_token);
-    bob.registered_with(&alice, "bob");
+    let (alice, bob) = room_of_two(d, &room);
     alice.send("still serving");
     assert_eq!(bob.recv(), "alice: still serving");
     room
