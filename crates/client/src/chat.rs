@@ -819,6 +819,17 @@ mod tests {
         );
     }
 
+    /// The chat texts the input handed to the main loop; any other event fails the test.
+    fn sent_texts(inbox: &mpsc::Receiver<Event>) -> Vec<String> {
+        inbox
+            .try_iter()
+            .map(|e| match e {
+                Event::Send(text) => text,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
     /// Lines are read at most a little over the longest message (100 bytes here): up to that
     /// they are sent, past it skipped whole with one complaint, never held in memory.
     #[test]
@@ -833,13 +844,7 @@ mod tests {
         );
         let end = read_lines(&mut commands, &mut io::Cursor::new(input));
         assert!(matches!(end, Some(Event::Eof)), "{end:?}");
-        let sent: Vec<String> = inbox
-            .try_iter()
-            .map(|e| match e {
-                Event::Send(text) => text,
-                other => panic!("{other:?}"),
-            })
-            .collect();
+        let sent = sent_texts(&inbox);
         // "//" escapes: the second line is a 101-byte message, which the send refuses later.
         assert_eq!(sent, [longest.clone(), format!("/{longest}"), "ok".into()]);
         assert_eq!(
@@ -857,13 +862,7 @@ mod tests {
         let (mut commands, inbox) = commands(dead_tcp(), &screen);
         let end = read_lines(&mut commands, &mut io::Cursor::new("a\r\nb"));
         assert!(matches!(end, Some(Event::Eof)), "{end:?}");
-        let sent: Vec<String> = inbox
-            .try_iter()
-            .map(|e| match e {
-                Event::Send(text) => text,
-                other => panic!("{other:?}"),
-            })
-            .collect();
+        let sent = sent_texts(&inbox);
         assert_eq!(sent, ["a", "b"]);
     }
 
