@@ -14,7 +14,7 @@
 //!
 //! This file owns the command line, the logger and the exit codes; the work is in
 //! [`handshake`] (TCP: REQUEST → COMPLIANCE → COMPLETE for the token), [`query`] (the list,
-//! presence and history extensions) and [`chat`] (UDP: register, relay, keepalive, leave),
+//! presence and history extensions) and [`chat`](mod@chat) (UDP: register, relay, keepalive, leave),
 //! which get their bytes from the `tcrp` and `ucrp` crates. Messages from the room go to
 //! standard output, one per line; the client's own remarks (`* joined ...`, `* message too
 //! long ...`) and errors go to standard error. `rooms` and `who` print their answer to

@@ -483,7 +483,7 @@ impl Registry {
     /// Dropping the member would revoke that token without a word to the client, and dropping
     /// a host drops its whole room; keeping the name as stored harms nobody, so it is kept,
     /// with a warning. The one exception is a name the protocol cannot carry at all (see
-    /// [`unsendable`]): such an entry is skipped, with a warning, as before.
+    /// `unsendable`): such an entry is skipped, with a warning, as before.
     pub fn from_state(
         state: &State,
         limits: Limits,
