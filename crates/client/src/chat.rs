@@ -44,7 +44,7 @@ use crate::handshake::{self, Token, Verb};
 use crate::input::{self, Input};
 use crate::listing;
 use crate::query::{self, HistoryPager, PageRequest, DEFAULT_HISTORY_LIMIT};
-use crate::render::{printable, Flow};
+use crate::render::{printable, printable_name, Flow};
 use crate::screen::{to_stderr, EditorPrinter, PlainPrinter, Screen};
 
 /// Receive buffer size, in bytes: room for the largest UDP datagram, so batch frames up to the
@@ -215,8 +215,8 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
     lock(&screen).err(&format!(
         "* {} {} as {} (type /quit to leave, /help for commands)",
         options.verb.past(),
-        printable(&session.room_name),
-        printable(&options.username)
+        printable_name(&session.room_name),
+        printable_name(&options.username)
     ));
     // Restores the terminal mode however we leave, even while the editor holds it raw.
     let terminal = options.line_editor.then(TerminalGuard::save);

@@ -14,7 +14,7 @@ pub const MORE_MEMBERS: &str = "(more members than fit in one reply; not all are
 
 use tcrp::payload::{HistoryMessage, RoomList, RoomPresence};
 
-use crate::render::printable;
+use crate::render::{printable, printable_name};
 
 /// Seconds in a day.
 const SECS_PER_DAY: i64 = 86_400;
@@ -35,7 +35,7 @@ pub fn room_list_lines(list: &RoomList) -> Vec<String> {
             };
             let mut line = format!(
                 "{}  {members}  created {} UTC",
-                printable(&room.name),
+                printable_name(&room.name),
                 utc_date_time(room.created_at)
             );
             if room.password {
@@ -53,11 +53,11 @@ pub fn room_list_lines(list: &RoomList) -> Vec<String> {
 /// `host: NAME`, then every member (host included, as the server lists them) with whether
 /// it has registered its chat address.
 pub fn presence_lines(presence: &RoomPresence) -> Vec<String> {
-    let mut lines = vec![format!("host: {}", printable(&presence.host))];
+    let mut lines = vec![format!("host: {}", printable_name(&presence.host))];
     lines.extend(presence.members.iter().map(|m| {
         format!(
             "{} ({})",
-            printable(&m.name),
+            printable_name(&m.name),
             if m.registered {
                 "registered"
             } else {
@@ -76,7 +76,7 @@ pub fn history_line(message: &HistoryMessage) -> String {
     let (_, (hour, minute, _)) = civil(message.at);
     format!(
         "[{hour:02}:{minute:02}] {}: {}{}",
-        printable(&message.sender),
+        printable_name(&message.sender),
         printable(&message.text),
         if message.truncated {
             "… (cut: too long for one reply)"

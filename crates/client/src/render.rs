@@ -205,7 +205,7 @@ impl Renderer {
             } => {
                 out.push(format!(
                     "* you were removed from room {} after missing keepalives; join again to go on",
-                    printable(&self.room_name)
+                    printable_name(&self.room_name)
                 ));
                 return Flow::RoomClosed;
             }
@@ -215,12 +215,12 @@ impl Renderer {
                     Notice::Left => "left",
                     Notice::TimedOut => "timed out",
                 };
-                out.push(format!("* {} {what}", printable(name)));
+                out.push(format!("* {} {what}", printable_name(name)));
             }
             Delivery::RoomClosed => {
                 out.push(format!(
                     "* room {} was closed by its host",
-                    printable(&self.room_name)
+                    printable_name(&self.room_name)
                 ));
                 return Flow::RoomClosed;
             }
@@ -232,7 +232,7 @@ impl Renderer {
 }
 
 fn chat_line(sender: &str, message: &str) -> String {
-    format!("{}: {}", printable(sender), printable(message))
+    format!("{}: {}", printable_name(sender), printable(message))
 }
 
 fn lost_line(lost: u64) -> String {
@@ -249,15 +249,47 @@ fn is_unsafe(c: char) -> bool {
     c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
+/// Whether a character shows as nothing, so that two names differing only by it look the
+/// same: zero-width space, soft hyphen, the bidirectional marks, word joiner and invisible
+/// operators, byte-order mark, and the line and paragraph separators. (The zero-width joiner
+/// and non-joiner are left alone: emoji and several scripts need them.)
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{ad}'
+            | '\u{61c}'
+            | '\u{180e}'
+            | '\u{200b}'
+            | '\u{200e}'
+            | '\u{200f}'
+            | '\u{2028}'
+            | '\u{2029}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{206a}'..='\u{206f}'
+            | '\u{feff}'
+    )
+}
+
 /// Text from the network made safe for one terminal line: unsafe characters are shown as
 /// Rust escapes (`\n`, `\u{1b}`), everything else as is.
 pub fn printable(text: &str) -> Cow<'_, str> {
-    if !text.chars().any(is_unsafe) {
+    escape_where(text, is_unsafe)
+}
+
+/// A name (sender, member, room) from the network made safe and unmistakable: as
+/// [`printable`], and invisible characters are shown as escapes too, so that `ali\u{200b}ce`
+/// cannot pass for `alice`. Message text keeps them: there they format, not deceive.
+pub fn printable_name(name: &str) -> Cow<'_, str> {
+    escape_where(name, |c| is_unsafe(c) || is_invisible(c))
+}
+
+fn escape_where(text: &str, escape: impl Fn(char) -> bool) -> Cow<'_, str> {
+    if !text.chars().any(&escape) {
         return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 8);
     for c in text.chars() {
-        if is_unsafe(c) {
+        if escape(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);
@@ -521,6 +553,26 @@ mod tests {
         ]);
         assert!(lines.is_empty(), "{lines:?}");
         assert_eq!(flow, Flow::Continue);
+    }
+
+    /// Names show invisible characters as escapes, so a look-alike cannot pass for another
+    /// member; message text keeps them, and both keep the joiners emoji need.
+    #[test]
+    fn invisible_characters_are_shown_in_names_only() {
+        let (lines, _) = render(&[
+            chat("ali\u{200b}ce", "mixed \u{200f}text\u{200e}"),
+            notice(Notice::Joined, "bo\u{ad}b"),
+            chat("👩\u{200d}💻", "ok"),
+        ]);
+        assert_eq!(
+            lines,
+            [
+                "ali\\u{200b}ce: mixed \u{200f}text\u{200e}",
+                "* bo\\u{ad}b joined",
+                "👩\u{200d}💻: ok"
+            ]
+        );
+        assert!(matches!(printable_name("alice"), Cow::Borrowed("alice")));
     }
 
     #[test]

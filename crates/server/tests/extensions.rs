@@ -340,6 +340,32 @@ fn a_flood_of_piped_lines_neither_grows_ocm_nor_delays_its_leaving() {
     writer.join().unwrap();
 }
 
+/// A member whose name differs from another's only by an invisible character is shown
+/// with that character escaped, so it cannot pass for the other in `ocm`.
+#[test]
+fn ocm_shows_invisible_characters_in_names() {
+    let d = Daemon::start();
+    let alice = Ocm::start(&d, &["create", "look", "--name", "alice"]);
+    alice.wait_stderr("* created look as alice");
+    let fake = Member::new(&d, "look", &join(&d, "look", "ali\u{200b}ce"));
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        fake.send("__REGISTER__");
+        fake.send("it's me");
+        match alice.line_within(Duration::from_millis(200)) {
+            Some(line) if line.ends_with("it's me") => {
+                assert_eq!(line, "ali\\u{200b}ce: it's me");
+                break;
+            }
+            Some(line) => assert_eq!(line, "* ali\\u{200b}ce joined"),
+            None => assert!(
+                Instant::now() < deadline,
+                "alice never heard the look-alike"
+            ),
+        }
+    }
+}
+
 /// Every signal that ends `ocm` (Ctrl+C, a kill, a closed terminal, Ctrl+\\) leaves the room
 /// first, so the others hear it leave instead of waiting for a timeout that an `--original`
 /// member never has.
