@@ -13,7 +13,7 @@ use ucrp::delivery;
 
 use crate::error::{Context, Result};
 use crate::fanout::bind_sockets;
-use crate::receivers::{kernel_drops, write_text, Clock, Receivers};
+use crate::receivers::{kernel_drops, write_text, Clock, Draining, Receivers};
 use crate::report::{si, Percentiles};
 
 /// A ceiling measurement.
@@ -68,7 +68,7 @@ pub fn run(
     members: usize,
     bytes: usize,
     duration: Duration,
-    receiver_threads: usize,
+    draining: Draining,
     rcvbuf: usize,
 ) -> Result<CeilingResult> {
     let loadavg = crate::report::loadavg();
@@ -81,7 +81,7 @@ pub fn run(
     let sender = UdpSocket::bind("127.0.0.1:0").ctx("bind ceiling sender")?;
     let clock = Clock::new();
     let drops_before = kernel_drops(&sockets);
-    let receivers = Receivers::spawn(&sockets, receiver_threads, clock, clock.nanos())?;
+    let receivers = Receivers::spawn(&sockets, draining, clock, clock.nanos())?;
     let mut text = Vec::with_capacity(bytes + 64);
     let mut datagram = Vec::with_capacity(bytes + 64);
     let mut sent = 0u64;

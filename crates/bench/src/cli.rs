@@ -40,6 +40,12 @@ pub struct Common {
     /// 357k datagrams/s on the sendto ceiling, and a lower p99 in paced runs.
     #[arg(long, global = true, default_value_t = 1)]
     pub receivers: usize,
+    /// Microseconds a receiver thread keeps polling its sockets after the last datagram
+    /// before it sleeps in epoll_wait. On loopback the sender pays for waking a sleeping
+    /// receiver inside its own system call (a third of its time in `perf`); remote members
+    /// would not. 0 sleeps at once, as every run before 2026-12-02 06:00 UTC did.
+    #[arg(long, global = true, default_value_t = 20, value_name = "MICROS")]
+    pub receiver_poll_us: u64,
     /// SO_RCVBUF asked for on each client socket, bytes (forced past rmem_max when root).
     #[arg(long, global = true, default_value_t = 4 << 20)]
     pub client_rcvbuf: usize,

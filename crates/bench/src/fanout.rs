@@ -14,7 +14,7 @@ use crate::cli::CapsArg;
 use crate::daemon::{own_cpu_time, Daemon};
 use crate::error::{Context, Error, Result};
 use crate::members::Room;
-use crate::receivers::{kernel_drops, write_text, Clock, Receivers};
+use crate::receivers::{kernel_drops, write_text, Clock, Draining, Receivers};
 use crate::report::{si, steal_time, CpuUse, DaemonDelay, LossAttribution, Percentiles};
 use crate::stalls::{StallMeter, Stalls};
 
@@ -417,7 +417,7 @@ pub fn measure(
     caps: CapsArg,
     pace: Pace,
     duration: Duration,
-    receiver_threads: usize,
+    draining: Draining,
 ) -> Result<FanoutResult> {
     let m = room.members.len();
     if senders == 0 || senders > m {
@@ -430,7 +430,7 @@ pub fn measure(
     let clock = Clock::new();
     let drops_before = kernel_drops(&sockets);
     let before = daemon.scrape()?;
-    let receivers = Receivers::spawn(&sockets, receiver_threads, clock, clock.nanos())?;
+    let receivers = Receivers::spawn(&sockets, draining, clock, clock.nanos())?;
     let prefixes: Vec<Vec<u8>> = (0..senders)
         .map(|s| room.prefix(s))
         .collect::<Result<_>>()?;
@@ -592,7 +592,7 @@ pub fn sweep(
     step: Duration,
     steps: usize,
     loss_pct: f64,
-    receiver_threads: usize,
+    draining: Draining,
     ceiling_per_sec: f64,
 ) -> Result<SweepResult> {
     let fanout = room.members.len().saturating_sub(1).max(1) as f64;
@@ -604,7 +604,7 @@ pub fn sweep(
         caps,
         Pace::Max,
         step,
-        receiver_threads,
+        draining,
     )?;
     // Upper bound: what went through flat out (a bit more, in case the probe was unlucky),
     // and never more than was offered.
@@ -625,7 +625,7 @@ pub fn sweep(
             caps,
             Pace::Rate(rate),
             step,
-            receiver_threads,
+            draining,
         )?;
         if r.sustainable(rate, loss_pct) {
             lo = rate;
@@ -652,7 +652,7 @@ pub fn sweep(
             caps,
             Pace::Rate(sustained_rate / 2.0),
             step.max(Duration::from_secs(2)),
-            receiver_threads,
+            draining,
         )?)
     } else {
         None

@@ -30,6 +30,7 @@ use crate::cli::{Cli, Common, Mode};
 use crate::daemon::{is_tmpfs, Launcher, StateDir};
 use crate::error::{Error, Result};
 use crate::fanout::Pace;
+use crate::receivers::Draining;
 use crate::report::print_json;
 
 /// Builds the launcher from the shared flags: `ocmd` defaults to the binary beside this one,
@@ -90,7 +91,10 @@ fn secs(s: f64) -> Duration {
 
 fn run(cli: Cli) -> Result<()> {
     let common = &cli.common;
-    let threads = common.receivers;
+    let draining = Draining {
+        threads: common.receivers,
+        poll: Duration::from_micros(common.receiver_poll_us),
+    };
     let json = common.json;
     match cli.mode {
         Mode::Ceiling {
@@ -102,7 +106,7 @@ fn run(cli: Cli) -> Result<()> {
                 members,
                 bytes,
                 secs(duration),
-                threads,
+                draining,
                 common.client_rcvbuf,
             )?;
             r.print();
@@ -117,7 +121,7 @@ fn run(cli: Cli) -> Result<()> {
                     args.members,
                     args.bytes,
                     secs(args.duration.min(3.0)),
-                    threads,
+                    draining,
                     common.client_rcvbuf,
                 )?;
                 c.print();
@@ -142,7 +146,7 @@ fn run(cli: Cli) -> Result<()> {
                 args.caps,
                 pace,
                 secs(args.duration),
-                threads,
+                draining,
             )?;
             r.ceiling_per_sec = ceiling;
             r.print();
@@ -162,7 +166,7 @@ fn run(cli: Cli) -> Result<()> {
                 members,
                 bytes,
                 secs(step.max(2.0)),
-                threads,
+                draining,
                 common.client_rcvbuf,
             )?;
             c.print();
@@ -185,7 +189,7 @@ fn run(cli: Cli) -> Result<()> {
                 secs(step),
                 steps,
                 loss_pct,
-                threads,
+                draining,
                 c.received_per_sec,
             )?;
             r.print();
@@ -226,7 +230,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Mode::Smoke => {
             let launcher = launcher(common)?;
-            smoke::run(&launcher, threads, common.client_rcvbuf)?;
+            smoke::run(&launcher, draining, common.client_rcvbuf)?;
         }
         Mode::Matrix {
             markdown,
@@ -252,7 +256,7 @@ fn run(cli: Cli) -> Result<()> {
             let plan = matrix::Plan {
                 duration: secs(duration),
                 state_tokens,
-                receivers: threads,
+                draining,
                 client_rcvbuf: common.client_rcvbuf,
                 command,
             };

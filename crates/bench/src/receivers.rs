@@ -1,6 +1,9 @@
 //! Receiver threads: each owns an epoll set over a share of the members' sockets and drains
 //! ready sockets with `recvmmsg` (64 datagrams per call) until `EAGAIN`, decoding deliveries
 //! and batch frames with `ucrp` and recording latency from the send time carried in the text.
+//! After the last datagram a thread keeps polling its set for [`Draining::poll`] before it
+//! sleeps in `epoll_wait`: on loopback the sender's system call wakes a sleeping receiver
+//! itself, a cost that remote members would never put on the daemon (see [`Draining`]).
 //!
 //! The text of every benchmark message is `s<sender> <seq> <nanos> ` padded with `x`, where
 //! `nanos` is the send time since the process-wide [`Clock`] origin (`CLOCK_MONOTONIC` via
@@ -26,6 +29,22 @@ const RECV_BATCH: usize = 64;
 const DATAGRAM_BUF_LEN: usize = 65536;
 /// epoll_wait timeout, so the stop flag is seen promptly.
 const EPOLL_TIMEOUT_MS: i32 = 20;
+
+/// How the receiver threads drain the members' sockets.
+///
+/// On loopback, a datagram's delivery into a socket runs inside the sender's `sendmmsg`,
+/// down to waking the thread asleep in `epoll_wait` on it: a cross-CPU wake-up that took a
+/// third of both the daemon's and the ceiling sender's samples in `perf` when the receiver
+/// slept between datagrams. Members on other hosts would cost the daemon none of that, so
+/// a receiver keeps polling (without sleeping) for `poll` after the last datagram it saw,
+/// the way a NAPI busy-poll does. The ceiling and the daemon are drained alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Draining {
+    /// Receiver threads; each owns a share of the sockets.
+    pub threads: usize,
+    /// How long a thread polls after its last datagram before it sleeps; zero sleeps at once.
+    pub poll: Duration,
+}
 
 /// The process-wide time origin, so that send times stay comparable across measurements.
 #[derive(Debug, Clone, Copy)]
@@ -183,17 +202,18 @@ pub struct Receivers {
 }
 
 impl Receivers {
-    /// Starts `threads` receivers over `sockets` (split round-robin); messages sent before
-    /// `since_ns` on `clock` count as stale.
+    /// Starts `draining.threads` receivers over `sockets` (split round-robin); messages sent
+    /// before `since_ns` on `clock` count as stale.
     pub fn spawn(
         sockets: &[Arc<UdpSocket>],
-        threads: usize,
+        draining: Draining,
         clock: Clock,
         since_ns: u64,
     ) -> Result<Receivers> {
         let stop = Arc::new(AtomicBool::new(false));
         let progress = Arc::new(AtomicU64::new(0));
-        let threads = threads.clamp(1, sockets.len().max(1));
+        let threads = draining.threads.clamp(1, sockets.len().max(1));
+        let poll_ns = u64::try_from(draining.poll.as_nanos()).unwrap_or(u64::MAX);
         let mut handles = Vec::with_capacity(threads);
         for t in 0..threads {
             let mine: Vec<Arc<UdpSocket>> = sockets
@@ -205,7 +225,7 @@ impl Receivers {
             let (stop, progress) = (Arc::clone(&stop), Arc::clone(&progress));
             let handle = thread::Builder::new()
                 .name(format!("recv-{t}"))
-                .spawn(move || receive_loop(&mine, &stop, &progress, clock, since_ns))
+                .spawn(move || receive_loop(&mine, &stop, &progress, clock, since_ns, poll_ns))
                 .ctx("spawn receiver thread")?;
             handles.push(handle);
         }
@@ -358,22 +378,23 @@ fn receive_loop(
     progress: &AtomicU64,
     clock: Clock,
     since_ns: u64,
+    poll_ns: u64,
 ) -> Result<Received> {
     let epoll = Epoll::new(sockets)?;
     let mut batch = Batch::new();
     let mut seen = Received::new(since_ns);
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; sockets.len().max(1)];
+    let mut last_ready_ns = 0;
     while !stop.load(Ordering::Relaxed) {
+        let polling = poll_ns > 0 && clock.nanos().saturating_sub(last_ready_ns) < poll_ns;
+        let timeout = if polling { 0 } else { EPOLL_TIMEOUT_MS };
         // SAFETY: events has room for the count passed.
-        let n = unsafe {
-            libc::epoll_wait(
-                epoll.0,
-                events.as_mut_ptr(),
-                events.len() as i32,
-                EPOLL_TIMEOUT_MS,
-            )
-        };
+        let n =
+            unsafe { libc::epoll_wait(epoll.0, events.as_mut_ptr(), events.len() as i32, timeout) };
         let n = usize::try_from(n).unwrap_or(0);
+        if n > 0 {
+            last_ready_ns = clock.nanos();
+        }
         for event in &events[..n] {
             let Some(socket) = sockets.get(event.u64 as usize) else {
                 continue;
@@ -489,6 +510,51 @@ mod tests {
             Some((1, 2, 3)),
             "the padding is not read"
         );
+    }
+
+    /// Sends `count` benchmark messages round-robin to `targets`, stamped now.
+    fn send_messages(from: &UdpSocket, targets: &[std::net::SocketAddr], count: u64) {
+        let clock = Clock::new();
+        for seq in 0..count {
+            let mut text = Vec::new();
+            write_text(&mut text, 0, seq, clock.nanos(), 40);
+            let mut chat = Vec::new();
+            delivery::encode_chat("m0", &text, &mut chat).unwrap();
+            let to = targets[seq as usize % targets.len()];
+            from.send_to(&chat, to).unwrap();
+        }
+    }
+
+    #[test]
+    fn receivers_drain_every_burst_and_stop_whether_they_poll_or_sleep() {
+        for poll in [
+            Duration::ZERO,
+            Duration::from_micros(20),
+            Duration::from_secs(60),
+        ] {
+            let sockets = crate::fanout::bind_sockets(4, 1 << 20).unwrap();
+            let targets: Vec<_> = sockets.iter().map(|s| s.local_addr().unwrap()).collect();
+            let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let clock = Clock::new();
+            let draining = Draining { threads: 2, poll };
+            let receivers = Receivers::spawn(&sockets, draining, clock, clock.nanos()).unwrap();
+            // Two bursts with a pause between, so a receiver that sleeps goes to sleep.
+            send_messages(&sender, &targets, 200);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while receivers.progress() < 200 && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(1));
+            }
+            assert_eq!(receivers.progress(), 200, "first burst with poll {poll:?}");
+            send_messages(&sender, &targets, 300);
+            let started = Instant::now();
+            let got = receivers
+                .finish(500, Duration::from_secs(5), Duration::from_secs(10))
+                .unwrap();
+            assert_eq!((got.deliveries, got.undecodable), (500, 0), "poll {poll:?}");
+            assert_eq!(got.latency_ns.len(), 500);
+            // A thread still inside its polling window sees the stop flag too.
+            assert!(started.elapsed() < Duration::from_secs(5), "poll {poll:?}");
+        }
     }
 
     #[test]

@@ -8,12 +8,13 @@ use crate::cli::CapsArg;
 use crate::daemon::{is_tmpfs, Launcher, StateDir};
 use crate::error::{Error, Result};
 use crate::fanout::{self, Pace};
+use crate::receivers::Draining;
 use crate::{ceiling, handshake, members, memory};
 
 /// Runs the smoke checks.
-pub fn run(launcher: &Launcher, receivers: usize, rcvbuf: usize) -> Result<()> {
+pub fn run(launcher: &Launcher, draining: Draining, rcvbuf: usize) -> Result<()> {
     let second = Duration::from_secs(1);
-    let c = ceiling::run(8, 64, second, receivers, rcvbuf)?;
+    let c = ceiling::run(8, 64, second, draining, rcvbuf)?;
     c.print();
     let dir = StateDir::new(&launcher.state_root)?;
     let mut daemon = launcher.spawn(&dir)?;
@@ -30,7 +31,7 @@ pub fn run(launcher: &Launcher, receivers: usize, rcvbuf: usize) -> Result<()> {
             caps,
             rcvbuf,
         )?;
-        let mut r = fanout::measure(&mut daemon, &room, 2, 64, caps, pace, second, receivers)?;
+        let mut r = fanout::measure(&mut daemon, &room, 2, 64, caps, pace, second, draining)?;
         r.ceiling_per_sec = Some(c.received_per_sec);
         r.print();
         deliveries += r.received;
@@ -52,7 +53,7 @@ pub fn run(launcher: &Launcher, receivers: usize, rcvbuf: usize) -> Result<()> {
         Duration::from_millis(500),
         2,
         0.1,
-        receivers,
+        draining,
         c.received_per_sec,
     )?;
     s.print();
