@@ -17,6 +17,7 @@ use std::borrow::Cow;
 use std::collections::VecDeque;
 
 use log::{debug, info};
+use tcrp::names::{is_invisible, is_reordering};
 use ucrp::delivery::{self, Delivery, Notice};
 
 /// Whether the chat goes on after a datagram.
@@ -246,28 +247,7 @@ fn lost_line(lost: u64) -> String {
 /// Whether a character would change the terminal or the line layout rather than show: the
 /// C0/C1 controls (newline, escape, ...) and the bidirectional overrides and isolates.
 fn is_unsafe(c: char) -> bool {
-    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-}
-
-/// Whether a character shows as nothing, so that two names differing only by it look the
-/// same: zero-width space, soft hyphen, the bidirectional marks, word joiner and invisible
-/// operators, byte-order mark, and the line and paragraph separators. (The zero-width joiner
-/// and non-joiner are left alone: emoji and several scripts need them.)
-fn is_invisible(c: char) -> bool {
-    matches!(
-        c,
-        '\u{ad}'
-            | '\u{61c}'
-            | '\u{180e}'
-            | '\u{200b}'
-            | '\u{200e}'
-            | '\u{200f}'
-            | '\u{2028}'
-            | '\u{2029}'
-            | '\u{2060}'..='\u{2064}'
-            | '\u{206a}'..='\u{206f}'
-            | '\u{feff}'
-    )
+    c.is_control() || is_reordering(c)
 }
 
 /// Text from the network made safe for one terminal line: unsafe characters are shown as

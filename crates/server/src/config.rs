@@ -43,6 +43,8 @@ pub struct Config {
     pub udp: Udp,
     /// Room history.
     pub history: History,
+    /// Rules for new names beyond the protocol's own.
+    pub names: Names,
     /// Logging.
     pub log: Log,
 }
@@ -171,6 +173,16 @@ impl Default for History {
             max_bytes_per_room: 64 * 1024,
         }
     }
+}
+
+/// `[names]`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Names {
+    /// Refuse new room names and usernames holding a character that shows as nothing or
+    /// reorders the text (`tcrp::names::check_visible`), so that no new name can pass for
+    /// another. Off by default: the original server accepted them.
+    pub refuse_invisible: bool,
 }
 
 /// `[log]`

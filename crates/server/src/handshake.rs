@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use log::debug;
-use tcrp::names::{check_room_name, check_username};
+use tcrp::names::{check_room_name, check_username, check_visible};
 use tcrp::payload::{self, ErrorCode, Request};
 use tcrp::{Frame, Operation, State};
 
@@ -69,6 +69,9 @@ pub struct Context<'a> {
     pub password_failures: &'a mut KeyedLimiter<IpAddr>,
     /// Their settings.
     pub limits: RequestLimits,
+    /// Whether new names may not hold invisible or reordering characters
+    /// (`[names] refuse_invisible`).
+    pub refuse_invisible_names: bool,
     /// Where notices to members go.
     pub out: &'a mut Outbox,
     /// The peer's IP.
@@ -212,9 +215,19 @@ fn answer(
     }
     let room_name = check_room_name(frame.room_name)
         .map_err(|rule| (ErrorCode::InvalidRoomName, format!("room name {rule}")))?;
+    // Only new names: a room that already exists can still be joined by name.
+    let visible = |name: &str| match ctx.refuse_invisible_names {
+        true => check_visible(name),
+        false => Ok(()),
+    };
+    if op == Operation::CreateRoom {
+        visible(room_name)
+            .map_err(|rule| (ErrorCode::InvalidRoomName, format!("room name {rule}")))?;
+    }
     match op {
         Operation::CreateRoom | Operation::JoinRoom => {
             check_username(&request.username)
+                .and_then(|()| visible(&request.username))
                 .map_err(|rule| (ErrorCode::InvalidUsername, format!("username {rule}")))?;
         }
         _ => {}
@@ -551,6 +564,7 @@ mod tests {
                 password_failure_rate,
                 password_failure_burst,
             },
+            refuse_invisible_names: false,
             out,
             peer: "127.0.0.1".parse().unwrap(),
             now: Instant::now(),
@@ -560,10 +574,21 @@ mod tests {
 
     /// Runs a request to its reply, doing any password job inline.
     fn run(reg: &mut Registry, limiter: &mut KeyedLimiter<IpAddr>, bytes: &[u8]) -> Response {
+        run_with_names(reg, limiter, bytes, false)
+    }
+
+    /// As [`run`], with `[names] refuse_invisible` set as given.
+    fn run_with_names(
+        reg: &mut Registry,
+        limiter: &mut KeyedLimiter<IpAddr>,
+        bytes: &[u8],
+        refuse_invisible: bool,
+    ) -> Response {
         let (frame, _) = tcrp::decode(bytes, 4096).unwrap().unwrap();
         let mut out = Outbox::default();
         let mut failures = KeyedLimiter::new(8);
         let mut ctx = context(reg, limiter, &mut failures, &mut out, (0.0, 0.0));
+        ctx.refuse_invisible_names = refuse_invisible;
         match handle_frame(&frame, &mut ctx, None) {
             Step::Reply(r) => r,
             Step::Password(job) => {
@@ -676,6 +701,75 @@ mod tests {
                 })
             );
         }
+    }
+
+    #[test]
+    fn invisible_characters_in_new_names_are_refused_only_when_asked() {
+        let mut reg = Registry::new(Limits::default(), Box::new(StdRng::seed_from_u64(3)));
+        let mut limiter = KeyedLimiter::new(8);
+        let compliance = |r: &Response| {
+            let (frame, _) = tcrp::decode(&r.bytes, 4096).unwrap().unwrap();
+            payload::parse_compliance(frame.payload).unwrap()
+        };
+        let create = |room: &str, user: &str| {
+            request(
+                Operation::CreateRoom,
+                room.as_bytes(),
+                serde_json::to_string(user).unwrap().as_bytes(),
+            )
+        };
+        let join = |room: &str, user: &str| {
+            request(
+                Operation::JoinRoom,
+                room.as_bytes(),
+                serde_json::to_string(user).unwrap().as_bytes(),
+            )
+        };
+        // Off (the default): accepted, as the original server accepted them.
+        let r = run(
+            &mut reg,
+            &mut limiter,
+            &create("lob\u{200b}by", "ali\u{200b}ce"),
+        );
+        assert_eq!(compliance(&r), payload::Compliance::Success);
+        // On: new room names and usernames holding one are refused, naming the character.
+        let refused = [
+            (
+                create("new\u{200b}", "alice"),
+                ErrorCode::InvalidRoomName,
+                "U+200B",
+            ),
+            (
+                create("plain", "ali\u{202e}ce"),
+                ErrorCode::InvalidUsername,
+                "U+202E",
+            ),
+            (
+                join("lob\u{200b}by", "b\u{ad}ob"),
+                ErrorCode::InvalidUsername,
+                "U+00AD",
+            ),
+        ];
+        for (bytes, code, named) in refused {
+            let r = run_with_names(&mut reg, &mut limiter, &bytes, true);
+            assert!(!r.needs_durability);
+            match compliance(&r) {
+                payload::Compliance::Failure {
+                    code: Some(c),
+                    message: Some(m),
+                } => {
+                    assert_eq!(c, code, "{m}");
+                    assert!(m.contains(named), "{m}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(!reg.room_exists("new\u{200b}") && !reg.room_exists("plain"));
+        // A room that already exists can still be joined by its name, and visible names pass.
+        let r = run_with_names(&mut reg, &mut limiter, &join("lob\u{200b}by", "bob"), true);
+        assert_eq!(compliance(&r), payload::Compliance::Success);
+        let r = run_with_names(&mut reg, &mut limiter, &create("plain", "alice"), true);
+        assert_eq!(compliance(&r), payload::Compliance::Success);
     }
 
     fn completion(r: &Response) -> serde_json::Value {
@@ -910,6 +1004,7 @@ mod tests {
                 limiter: &mut limiter,
                 password_failures: failures,
                 limits,
+                refuse_invisible_names: false,
                 out: &mut out,
                 peer,
                 now,

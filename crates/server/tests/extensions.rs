@@ -366,6 +366,41 @@ fn ocm_shows_invisible_characters_in_names() {
     }
 }
 
+/// `[names] refuse_invisible`, turned on by a reload, refuses new names that hold an invisible
+/// or reordering character, naming it, to `ocm`; a room whose name already held one stays
+/// joinable under a visible name.
+#[test]
+fn refuse_invisible_turned_on_at_a_reload_refuses_look_alike_names() {
+    let d = Daemon::start_with(Options {
+        config: Some("[names]\nrefuse_invisible = false\n".into()),
+        ..Options::default()
+    });
+    // Off, the default: accepted, as the original server accepted them.
+    let host = Ocm::start(&d, &["create", "lo\u{200b}ok", "--name", "alice"]);
+    host.wait_stderr("* created");
+
+    std::fs::write(
+        d.dir.path().join("ocmd.toml"),
+        "[names]\nrefuse_invisible = true\n",
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_for_log("configuration reloaded");
+    let mut fake = Ocm::start(&d, &["join", "lo\u{200b}ok", "--name", "ali\u{200b}ce"]);
+    assert_eq!(fake.wait().code(), Some(2), "a refusal");
+    fake.wait_stderr("username contains U+200B");
+    let mut reversed = Ocm::start(&d, &["create", "new\u{2066}", "--name", "carol"]);
+    assert_eq!(reversed.wait().code(), Some(2), "a refusal");
+    reversed.wait_stderr("room name contains U+2066");
+
+    let bob = Ocm::start(&d, &["join", "lo\u{200b}ok", "--name", "bob"]);
+    bob.wait_stderr("* joined");
+    wait_until("alice hears bob join", || {
+        host.line_within(Duration::from_millis(100))
+            .is_some_and(|line| line == "* bob joined")
+    });
+}
+
 /// Every signal that ends `ocm` (Ctrl+C, a kill, a closed terminal, Ctrl+\\) leaves the room
 /// first, so the others hear it leave instead of waiting for a timeout that an `--original`
 /// member never has.

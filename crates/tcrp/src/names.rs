@@ -3,6 +3,10 @@
 //! A room name is 1 to 255 bytes of UTF-8 (the frame's one-byte size field) without control
 //! characters. A username is 1 to 64 characters of UTF-8 without control characters, and at
 //! most 255 bytes so that it fits the one-byte sender size of a relayed UCRP datagram.
+//!
+//! Characters that show as nothing or reorder the text around them ([`is_invisible`],
+//! [`is_reordering`]) pass these rules, as they passed the original server's; a server may
+//! refuse them in new names with [`check_visible`], and a client shows them as escapes.
 
 use std::fmt;
 
@@ -24,6 +28,9 @@ pub enum NameRule {
     NotUtf8,
     /// The name holds a control character (including newlines and tabs).
     ControlCharacter,
+    /// The name holds a character that shows as nothing or reorders the text around it
+    /// (refused only by [`check_visible`]).
+    Invisible(char),
 }
 
 impl fmt::Display for NameRule {
@@ -33,7 +40,52 @@ impl fmt::Display for NameRule {
             NameRule::TooLong => "is too long",
             NameRule::NotUtf8 => "is not valid UTF-8",
             NameRule::ControlCharacter => "contains a control character",
+            NameRule::Invisible(c) => {
+                return write!(
+                    f,
+                    "contains U+{:04X}, which shows as nothing or reorders the text",
+                    u32::from(*c)
+                )
+            }
         })
+    }
+}
+
+/// Whether a character shows as nothing, so that two names differing only by it look the
+/// same: soft hyphen, Arabic letter mark, Mongolian vowel separator, zero-width space, the
+/// left-to-right and right-to-left marks, the line and paragraph separators, word joiner and
+/// invisible operators, the deprecated format characters and the byte-order mark. (The
+/// zero-width joiner and non-joiner are left alone: emoji and several scripts need them.)
+pub fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{ad}'
+            | '\u{61c}'
+            | '\u{180e}'
+            | '\u{200b}'
+            | '\u{200e}'
+            | '\u{200f}'
+            | '\u{2028}'
+            | '\u{2029}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{206a}'..='\u{206f}'
+            | '\u{feff}'
+    )
+}
+
+/// Whether a character reorders the text after it: the bidirectional embeddings, overrides
+/// and isolates (U+202A–U+202E, U+2066–U+2069), which can make a name read as another.
+pub fn is_reordering(c: char) -> bool {
+    matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Checks that a name (room or user) holds no character that is invisible or reorders text,
+/// so that it cannot pass for another name on a client that shows it as is. The first such
+/// character is named in the error.
+pub fn check_visible(name: &str) -> Result<(), NameRule> {
+    match name.chars().find(|&c| is_invisible(c) || is_reordering(c)) {
+        Some(c) => Err(NameRule::Invisible(c)),
+        None => Ok(()),
     }
 }
 
@@ -92,5 +144,33 @@ mod tests {
         assert_eq!(check_username(""), Err(NameRule::Empty));
         assert_eq!(check_username("a\tb"), Err(NameRule::ControlCharacter));
         assert_eq!(check_username("\u{7f}"), Err(NameRule::ControlCharacter));
+        // Invisible characters pass the base rules, as they did on the original server.
+        assert_eq!(check_username("ali\u{200b}ce"), Ok(()));
+    }
+
+    #[test]
+    fn visible_names_pass_and_look_alikes_are_named() {
+        for name in ["alice", "部屋", "👩\u{200d}💻 dev", "k\u{200c}a", "a b"] {
+            assert_eq!(check_visible(name), Ok(()), "{name:?}");
+        }
+        let cases = [
+            ("ali\u{200b}ce", '\u{200b}'),
+            ("\u{feff}alice", '\u{feff}'),
+            ("bob\u{ad}", '\u{ad}'),
+            ("\u{202e}ecila", '\u{202e}'),
+            ("x\u{2066}y\u{200e}", '\u{2066}'),
+            ("a\u{2063}b", '\u{2063}'),
+        ];
+        for (name, first) in cases {
+            assert_eq!(
+                check_visible(name),
+                Err(NameRule::Invisible(first)),
+                "{name:?}"
+            );
+        }
+        assert_eq!(
+            NameRule::Invisible('\u{200b}').to_string(),
+            "contains U+200B, which shows as nothing or reorders the text"
+        );
     }
 }
