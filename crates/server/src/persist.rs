@@ -505,7 +505,16 @@ impl Writer {
                         self.paths.journal.display()
                     );
                     // Drop a partial append so the retry does not leave a torn line behind.
-                    let _ = self.journal.set_len(self.journal_len);
+                    // Nothing is written again until that worked: an append after a
+                    // fragment would put a broken line in the middle of the journal, which
+                    // the next start refuses.
+                    while let Err(e) = self.journal.set_len(self.journal_len) {
+                        error!(
+                            "cannot cut journal {} back to its last whole line: {e}; retrying in {RETRY_DELAY:?}",
+                            self.paths.journal.display()
+                        );
+                        thread::sleep(RETRY_DELAY);
+                    }
                     thread::sleep(RETRY_DELAY);
                 }
             }
