@@ -17,7 +17,7 @@ use std::borrow::Cow;
 use std::collections::VecDeque;
 
 use log::{debug, info};
-use tcrp::names::{is_invisible, is_reordering};
+use tcrp::names::{hidden_chars, is_reordering};
 use ucrp::delivery::{self, Delivery, Notice};
 
 /// Whether the chat goes on after a datagram.
@@ -253,23 +253,27 @@ fn is_unsafe(c: char) -> bool {
 /// Text from the network made safe for one terminal line: unsafe characters are shown as
 /// Rust escapes (`\n`, `\u{1b}`), everything else as is.
 pub fn printable(text: &str) -> Cow<'_, str> {
-    escape_where(text, is_unsafe)
+    escape_where(text, |_, c| is_unsafe(c))
 }
 
 /// A name (sender, member, room) from the network made safe and unmistakable: as
 /// [`printable`], and invisible characters are shown as escapes too, so that `ali\u{200b}ce`
 /// cannot pass for `alice`. Message text keeps them: there they format, not deceive.
 pub fn printable_name(name: &str) -> Cow<'_, str> {
-    escape_where(name, |c| is_unsafe(c) || is_invisible(c))
+    let hidden: Vec<usize> = hidden_chars(name).map(|(at, _)| at).collect();
+    escape_where(name, |at, c| {
+        is_unsafe(c) || hidden.binary_search(&at).is_ok()
+    })
 }
 
-fn escape_where(text: &str, escape: impl Fn(char) -> bool) -> Cow<'_, str> {
-    if !text.chars().any(&escape) {
+/// `text` with the characters `escape` picks (by byte offset and character) as escapes.
+fn escape_where(text: &str, escape: impl Fn(usize, char) -> bool) -> Cow<'_, str> {
+    if !text.char_indices().any(|(at, c)| escape(at, c)) {
         return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        if escape(c) {
+    for (at, c) in text.char_indices() {
+        if escape(at, c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);
@@ -543,13 +547,17 @@ mod tests {
             chat("ali\u{200b}ce", "mixed \u{200f}text\u{200e}"),
             notice(Notice::Joined, "bo\u{ad}b"),
             chat("👩\u{200d}💻", "ok"),
+            chat("ali\u{3164}ce", "a Hangul filler"),
+            chat("al\u{200d}ice", "a joiner between ASCII letters"),
         ]);
         assert_eq!(
             lines,
             [
                 "ali\\u{200b}ce: mixed \u{200f}text\u{200e}",
                 "* bo\\u{ad}b joined",
-                "👩\u{200d}💻: ok"
+                "👩\u{200d}💻: ok",
+                "ali\\u{3164}ce: a Hangul filler",
+                "al\\u{200d}ice: a joiner between ASCII letters",
             ]
         );
         assert!(matches!(printable_name("alice"), Cow::Borrowed("alice")));

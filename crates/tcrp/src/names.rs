@@ -4,9 +4,11 @@
 //! characters. A username is 1 to 64 characters of UTF-8 without control characters, and at
 //! most 255 bytes so that it fits the one-byte sender size of a relayed UCRP datagram.
 //!
-//! Characters that show as nothing or reorder the text around them ([`is_invisible`],
-//! [`is_reordering`]) pass these rules, as they passed the original server's; a server may
-//! refuse them in new names with [`check_visible`], and a client shows them as escapes.
+//! Characters that show as nothing or reorder the text around them ([`hidden_chars`]) pass
+//! these rules, as they passed the original server's; a server may refuse them in new names
+//! with [`check_visible`], and a client shows them as escapes. Look-alike letters of other
+//! scripts (Cyrillic `а` for Latin `a`) are not caught: that needs Unicode's confusables
+//! tables, and would refuse names written in those scripts.
 
 use std::fmt;
 
@@ -31,6 +33,8 @@ pub enum NameRule {
     /// The name holds a character that shows as nothing or reorders the text around it
     /// (refused only by [`check_visible`]).
     Invisible(char),
+    /// The name begins or ends with white space (refused only by [`check_visible`]).
+    EdgeSpace(char),
 }
 
 impl fmt::Display for NameRule {
@@ -47,29 +51,64 @@ impl fmt::Display for NameRule {
                     u32::from(*c)
                 )
             }
+            NameRule::EdgeSpace(c) => {
+                return write!(
+                    f,
+                    "begins or ends with white space (U+{:04X})",
+                    u32::from(*c)
+                )
+            }
         })
     }
 }
 
-/// Whether a character shows as nothing, so that two names differing only by it look the
-/// same: soft hyphen, Arabic letter mark, Mongolian vowel separator, zero-width space, the
-/// left-to-right and right-to-left marks, the line and paragraph separators, word joiner and
-/// invisible operators, the deprecated format characters and the byte-order mark. (The
-/// zero-width joiner and non-joiner are left alone: emoji and several scripts need them.)
+/// Whether a character shows as nothing wherever it stands, so that two names differing
+/// only by it look the same: Unicode's default-ignorable code points (soft hyphen, combining
+/// grapheme joiner, Arabic letter mark, Hangul fillers, Khmer inherent vowels, Mongolian
+/// variation selectors and vowel separator, zero-width space, the left-to-right and
+/// right-to-left marks, word joiner and invisible operators, the deprecated format
+/// characters, byte-order mark, the reserved specials, shorthand format controls, musical
+/// symbol format controls, the unassigned ignorables of plane 14), the line and paragraph
+/// separators and the braille blank. The joiners, the variation selectors and the tag
+/// characters are left to [`is_modifier`]: emoji and several scripts need them.
 pub fn is_invisible(c: char) -> bool {
     matches!(
         c,
         '\u{ad}'
+            | '\u{34f}'
             | '\u{61c}'
-            | '\u{180e}'
+            | '\u{115f}'..='\u{1160}'
+            | '\u{17b4}'..='\u{17b5}'
+            | '\u{180b}'..='\u{180f}'
             | '\u{200b}'
-            | '\u{200e}'
-            | '\u{200f}'
-            | '\u{2028}'
-            | '\u{2029}'
-            | '\u{2060}'..='\u{2064}'
+            | '\u{200e}'..='\u{200f}'
+            | '\u{2028}'..='\u{2029}'
+            | '\u{2060}'..='\u{2065}'
             | '\u{206a}'..='\u{206f}'
+            | '\u{2800}'
+            | '\u{3164}'
             | '\u{feff}'
+            | '\u{ffa0}'
+            | '\u{fff0}'..='\u{fff8}'
+            | '\u{1bca0}'..='\u{1bca3}'
+            | '\u{1d173}'..='\u{1d17a}'
+            | '\u{e0000}'..='\u{e001f}'
+            | '\u{e0080}'..='\u{e00ff}'
+            | '\u{e01f0}'..='\u{e0fff}'
+    )
+}
+
+/// Whether a character is an invisible modifier of what it follows: the zero-width
+/// non-joiner and joiner, the variation selectors and the tag characters (emoji sequences,
+/// subdivision flags, ideographic variants). They are needed after other scripts' letters
+/// and emoji, and show as nothing after an ASCII character.
+pub fn is_modifier(c: char) -> bool {
+    matches!(
+        c,
+        '\u{200c}'..='\u{200d}'
+            | '\u{fe00}'..='\u{fe0f}'
+            | '\u{e0020}'..='\u{e007f}'
+            | '\u{e0100}'..='\u{e01ef}'
     )
 }
 
@@ -79,12 +118,34 @@ pub fn is_reordering(c: char) -> bool {
     matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
-/// Checks that a name (room or user) holds no character that is invisible or reorders text,
-/// so that it cannot pass for another name on a client that shows it as is. The first such
-/// character is named in the error.
+/// The characters of `name` (byte offset, character) that show as nothing or reorder the
+/// text: [`is_invisible`] and [`is_reordering`] ones anywhere, and [`is_modifier`] ones at
+/// the start or after an ASCII character (a joiner also before one, or at the end).
+pub fn hidden_chars(name: &str) -> impl Iterator<Item = (usize, char)> + '_ {
+    let chars: Vec<(usize, char)> = name.char_indices().collect();
+    (0..chars.len()).filter_map(move |i| {
+        let (at, c) = chars[i];
+        let before = i.checked_sub(1).map(|j| chars[j].1);
+        let after = chars.get(i + 1).map(|&(_, c)| c);
+        let foreign = |c: Option<char>| c.is_some_and(|c| !c.is_ascii());
+        let joiner = matches!(c, '\u{200c}' | '\u{200d}');
+        let hidden = is_invisible(c)
+            || is_reordering(c)
+            || (is_modifier(c) && (!foreign(before) || (joiner && !foreign(after))));
+        hidden.then_some((at, c))
+    })
+}
+
+/// Checks that a name (room or user) cannot pass for another on a client that shows it as
+/// is: no character that shows as nothing or reorders the text ([`hidden_chars`]), and no
+/// white space at either end. The first offending character is named in the error.
 pub fn check_visible(name: &str) -> Result<(), NameRule> {
-    match name.chars().find(|&c| is_invisible(c) || is_reordering(c)) {
-        Some(c) => Err(NameRule::Invisible(c)),
+    let edges = [name.chars().next(), name.chars().next_back()];
+    if let Some(c) = edges.into_iter().flatten().find(|c| c.is_whitespace()) {
+        return Err(NameRule::EdgeSpace(c));
+    }
+    match hidden_chars(name).next() {
+        Some((_, c)) => Err(NameRule::Invisible(c)),
         None => Ok(()),
     }
 }
@@ -150,27 +211,66 @@ mod tests {
 
     #[test]
     fn visible_names_pass_and_look_alikes_are_named() {
-        for name in ["alice", "部屋", "👩\u{200d}💻 dev", "k\u{200c}a", "a b"] {
+        let visible = [
+            "alice",
+            "部屋",
+            "a b",
+            "👩\u{200d}💻 dev",
+            "क\u{94d}\u{200d}ष",
+            "❤\u{fe0f}",
+            "葛\u{e0100}",
+            "🏴\u{e0067}\u{e0062}\u{e0073}\u{e0063}\u{e0074}\u{e007f}",
+        ];
+        for name in visible {
             assert_eq!(check_visible(name), Ok(()), "{name:?}");
         }
-        let cases = [
+        let hidden = [
             ("ali\u{200b}ce", '\u{200b}'),
             ("\u{feff}alice", '\u{feff}'),
             ("bob\u{ad}", '\u{ad}'),
             ("\u{202e}ecila", '\u{202e}'),
             ("x\u{2066}y\u{200e}", '\u{2066}'),
             ("a\u{2063}b", '\u{2063}'),
+            ("ali\u{34f}ce", '\u{34f}'),
+            ("ali\u{3164}ce", '\u{3164}'),
+            ("\u{115f}alice", '\u{115f}'),
+            ("ali\u{ffa0}ce", '\u{ffa0}'),
+            ("alice\u{e0041}", '\u{e0041}'),
+            ("ali\u{180b}ce", '\u{180b}'),
+            ("ali\u{17b4}ce", '\u{17b4}'),
+            ("ali\u{2065}ce", '\u{2065}'),
+            ("al\u{200d}ice", '\u{200d}'),
+            ("al\u{200c}ice", '\u{200c}'),
+            ("alice\u{fe0f}", '\u{fe0f}'),
+            ("部\u{200d}", '\u{200d}'),
+            ("\u{2800}", '\u{2800}'),
         ];
-        for (name, first) in cases {
+        for (name, first) in hidden {
             assert_eq!(
                 check_visible(name),
                 Err(NameRule::Invisible(first)),
+                "{name:?}"
+            );
+            assert_eq!(hidden_chars(name).next().map(|(_, c)| c), Some(first));
+        }
+        for (name, edge) in [
+            ("alice ", ' '),
+            (" alice", ' '),
+            ("\u{3000}部屋", '\u{3000}'),
+        ] {
+            assert_eq!(
+                check_visible(name),
+                Err(NameRule::EdgeSpace(edge)),
                 "{name:?}"
             );
         }
         assert_eq!(
             NameRule::Invisible('\u{200b}').to_string(),
             "contains U+200B, which shows as nothing or reorders the text"
+        );
+        assert_eq!(
+            hidden_chars("a\u{200b}b\u{200b}").collect::<Vec<_>>(),
+            [(1, '\u{200b}'), (5, '\u{200b}')]
         );
     }
 }
