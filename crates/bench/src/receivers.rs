@@ -392,9 +392,6 @@ fn receive_loop(
         let n =
             unsafe { libc::epoll_wait(epoll.0, events.as_mut_ptr(), events.len() as i32, timeout) };
         let n = usize::try_from(n).unwrap_or(0);
-        if n > 0 {
-            last_ready_ns = clock.nanos();
-        }
         for event in &events[..n] {
             let Some(socket) = sockets.get(event.u64 as usize) else {
                 continue;
@@ -406,6 +403,8 @@ fn receive_loop(
                     break;
                 }
                 let now = clock.nanos();
+                // The polling window runs from the last datagram, not from the wake-up.
+                last_ready_ns = now;
                 let before = seen.deliveries;
                 for i in 0..got {
                     seen.handle(batch.datagram(i), now);
