@@ -2703,18 +2703,20 @@ mod tests {
 
     /// Random sessions of creates, joins (original and extension members, some promising
     /// keepalives), registrations from changing addresses, chat, leaves, host departures,
-    /// expiry and history checkpoints. After each, the registry a restart builds from the
-    /// records it wrote (each through its journal line's JSON, folded into a state file that
-    /// is written and read back) answers as the live one does: the same rooms, members,
-    /// registrations and presence, every token a member exactly where it was, and chat from
-    /// every member and every address relayed or dropped alike, byte for byte.
+    /// expiry, history checkpoints and history limits lowered or raised (a reload). After
+    /// each, the registry a restart builds from the records it wrote (each through its
+    /// journal line's JSON, folded into a state file that is written and read back) answers
+    /// as the live one does: the same rooms, members, registrations, presence and kept
+    /// history, every token a member exactly where it was, and chat from every member and
+    /// every address relayed or dropped alike, byte for byte.
     #[test]
     fn a_registry_rebuilt_from_its_records_answers_as_the_live_one_through_random_sessions() {
         const ROOMS: [&str; 3] = ["a", "b", "c"];
         const PORTS: u16 = 6;
         for seed in 0..150u64 {
             let mut rng = StdRng::seed_from_u64(seed);
-            let mut live = Registry::new(Limits::default(), Box::new(StdRng::seed_from_u64(seed)));
+            let mut limits = Limits::default();
+            let mut live = Registry::new(limits.clone(), Box::new(StdRng::seed_from_u64(seed)));
             let mut file = State::default();
             let mut now = Instant::now();
             let mut out = Outbox::default();
@@ -2757,8 +2759,16 @@ mod tests {
                         now += Duration::from_millis(rng.gen_range(0..2500));
                         live.poll_expired(now, &mut out);
                     }
-                    _ => {
+                    _ if rng.gen_bool(0.7) => {
                         live.checkpoint_history();
+                    }
+                    _ => {
+                        limits = Limits {
+                            history: rng.gen_range(0..6),
+                            history_bytes: rng.gen_range(1..120),
+                            ..Limits::default()
+                        };
+                        live.set_limits(limits.clone());
                     }
                 }
                 out.clear();
@@ -2789,7 +2799,7 @@ mod tests {
             let reread = crate::store::parse_state(&bytes).unwrap();
             let mut rebuilt = Registry::from_state(
                 &reread,
-                Limits::default(),
+                limits.clone(),
                 Box::new(StdRng::seed_from_u64(seed)),
                 now,
             );
@@ -2805,6 +2815,25 @@ mod tests {
                     live.presence(room),
                     "seed {seed} {room}"
                 );
+            }
+            // Kept history, asked with any member's token (times through JSON to a few ULPs).
+            for (room, token) in issued.iter().rev() {
+                let token = token.as_str().as_bytes();
+                let (Ok((want, _)), Ok((got, _))) = (
+                    live.history_page(room, token, None, 1000),
+                    rebuilt.history_page(room, token, None, 1000),
+                ) else {
+                    continue;
+                };
+                let key = |m: &HistoryEntry| (m.seq, m.sender.clone(), m.text.clone());
+                let keys = |page: &[HistoryEntry]| page.iter().map(key).collect::<Vec<_>>();
+                assert_eq!(keys(&got), keys(&want), "seed {seed} room {room}");
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g.at - w.at).abs() <= 1e-9 * w.at.abs().max(1.0),
+                        "seed {seed}"
+                    );
+                }
             }
             for (room, token) in &issued {
                 let member = live.is_member(room, token.as_str().as_bytes());
