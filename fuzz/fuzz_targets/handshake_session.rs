@@ -1,0 +1,241 @@
+//! Drives one registry through a session of arbitrary TCRP requests and UCRP datagrams, as
+//! the event loop would, with small caps so that refusals happen too.
+//!
+//! Input: the first byte sets the options (bit 0: `[names] refuse_invisible`); then steps,
+//! each a length byte and that many bytes. A step's first byte picks what it is:
+//! - a request: the operation byte, a room name of 0–3 bytes, then the payload, framed as a
+//!   REQUEST (password checks are answered without hashing: the next byte says whether a
+//!   password matched);
+//! - a datagram from one of four sources: a kind byte (`__REGISTER__`, `__LEAVE__`, chat, or
+//!   raw bytes), which token issued earlier it carries, the source, then the message;
+//! - time passing (up to 4 s), then expiry and a history checkpoint.
+//!
+//! Properties:
+//! - every reply is a COMPLIANCE that parses; a success of a create or join carries a COMPLETE
+//!   whose token is a member of that room and is the only case that needs durability; a
+//!   refusal carries no COMPLETE;
+//! - the registry's records, each through its journal line's JSON, keep the state model's
+//!   rooms and tokens in step (each room lists exactly the tokens that name it);
+//! - at the end, the registry rebuilt from that model has the same rooms, members and
+//!   registrations as the live one.
+#![no_main]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use libfuzzer_sys::fuzz_target;
+use ocm_server::handshake::{handle_frame, Context, RequestLimits, Step};
+use ocm_server::outbox::Outbox;
+use ocm_server::password::{Job, Outcome};
+use ocm_server::rate::KeyedLimiter;
+use ocm_server::record::Record;
+use ocm_server::rooms::{Limits, Registry};
+use ocm_server::store::State;
+use rand::SeedableRng;
+use tcrp::payload::{self, Compliance};
+use tcrp::{Frame, Operation, State as FrameState};
+
+/// A PHC string of the right shape; never checked (password outcomes are made up).
+const FAKE_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo";
+
+fn small_limits() -> Limits {
+    Limits {
+        max_rooms: 3,
+        max_members_per_room: 3,
+        max_tokens: 7,
+        history: 4,
+        ..Limits::default()
+    }
+}
+
+fn source(i: u8) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 40_000 + u16::from(i % 4)))
+}
+
+/// Checks that the model's two indexes agree.
+fn check_state(state: &State) {
+    for (name, room) in &state.rooms {
+        for token in &room.members {
+            let entry = state.tokens.get(token).expect("a listed token exists");
+            assert_eq!(&entry.room_name, name, "a token names the room listing it");
+        }
+    }
+    for (token, entry) in &state.tokens {
+        let room = state.rooms.get(&entry.room_name).expect("a token's room exists");
+        assert!(room.members.contains(token), "a room lists its tokens");
+    }
+}
+
+struct Session {
+    registry: Registry,
+    state: State,
+    limiter: KeyedLimiter<IpAddr>,
+    failures: KeyedLimiter<IpAddr>,
+    out: Outbox,
+    now: Instant,
+    refuse_invisible: bool,
+    /// Tokens issued, with their rooms.
+    issued: Vec<(Vec<u8>, String)>,
+}
+
+impl Session {
+    fn request(&mut self, step: &[u8]) {
+        let Some((&op, rest)) = step.split_first() else {
+            return;
+        };
+        let name_len = usize::from(rest.first().copied().unwrap_or(0) % 4).min(rest.len());
+        let (room, payload) = rest.split_at(name_len);
+        let mut bytes = Vec::new();
+        let frame = Frame {
+            operation: Operation::from(op % 7),
+            state: FrameState::Request,
+            room_name: room,
+            payload,
+        };
+        if frame.encode(&mut bytes).is_err() {
+            return;
+        }
+        let Ok(Some((frame, _))) = tcrp::decode(&bytes, tcrp::DEFAULT_MAX_PAYLOAD) else {
+            panic!("an encoded frame decodes");
+        };
+        let matched = payload.last().is_some_and(|b| b & 1 == 1);
+        let mut ctx = Context {
+            registry: &mut self.registry,
+            limiter: &mut self.limiter,
+            password_failures: &mut self.failures,
+            limits: RequestLimits {
+                rate: 0.0,
+                burst: 0.0,
+                password_failure_rate: 0.0,
+                password_failure_burst: 0.0,
+            },
+            refuse_invisible_names: self.refuse_invisible,
+            out: &mut self.out,
+            peer: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            now: self.now,
+            unix_now: 1.0,
+        };
+        let response = match handle_frame(&frame, &mut ctx, None) {
+            Step::Reply(r) => r,
+            Step::Password(job) => {
+                let outcome = match job {
+                    Job::Hash { .. } => Outcome::Hashed(Ok(FAKE_HASH.to_owned())),
+                    Job::Verify { hash, .. } => Outcome::Verified { matched, hash },
+                };
+                match handle_frame(&frame, &mut ctx, Some(&outcome)) {
+                    Step::Reply(r) => r,
+                    Step::Password(_) => panic!("a password asked for twice"),
+                }
+            }
+        };
+        let (first, used) = tcrp::decode(&response.bytes, usize::MAX)
+            .expect("a reply decodes")
+            .expect("a reply holds a frame");
+        assert_eq!(first.state, FrameState::Compliance);
+        let compliance = payload::parse_compliance(first.payload).expect("COMPLIANCE parses");
+        let rest = &response.bytes[used..];
+        let issues = matches!(frame.operation, Operation::CreateRoom | Operation::JoinRoom);
+        match compliance {
+            Compliance::Success if issues => {
+                let (complete, used) = tcrp::decode(rest, usize::MAX)
+                    .expect("COMPLETE decodes")
+                    .expect("a success carries COMPLETE");
+                assert_eq!(complete.state, FrameState::Complete);
+                assert_eq!(used, rest.len());
+                let token = payload::parse_complete(complete.payload).expect("a token");
+                let room = std::str::from_utf8(frame.room_name).expect("a created room's name");
+                assert!(self.registry.is_member(room, token.as_bytes()));
+                assert!(response.needs_durability);
+                self.issued.push((frame.room_name.to_vec(), token));
+            }
+            Compliance::Success => assert!(!response.needs_durability),
+            Compliance::Failure { .. } => {
+                assert!(rest.is_empty(), "a refusal carries no COMPLETE");
+                assert!(!response.needs_durability);
+            }
+        }
+    }
+
+    fn datagram(&mut self, step: &[u8]) {
+        let [kind, which, from, message @ ..] = step else {
+            return;
+        };
+        let mut bytes = Vec::new();
+        if self.issued.is_empty() || kind % 8 == 7 {
+            bytes.extend_from_slice(message);
+        } else {
+            let (room, token) = &self.issued[usize::from(*which) % self.issued.len()];
+            let message = String::from_utf8_lossy(message);
+            let text = match kind % 8 {
+                0..=2 => "__REGISTER__",
+                3 => "__LEAVE__",
+                _ => &message,
+            };
+            if ucrp::datagram::encode(room, token.as_bytes(), text, &mut bytes).is_err() {
+                return;
+            }
+        }
+        self.registry
+            .handle_datagram(source(*from), &bytes, self.now, &mut self.out);
+    }
+
+    fn time_passes(&mut self, step: &[u8]) {
+        let millis = step.iter().map(|&b| u64::from(b)).sum::<u64>() * 16;
+        self.now += Duration::from_millis(millis.min(4_000));
+        self.registry.poll_expired(self.now, &mut self.out);
+        self.registry.checkpoint_history();
+    }
+
+    fn persist(&mut self) {
+        self.out.clear();
+        for record in self.registry.take_records() {
+            let line = serde_json::to_string(&record).expect("a record serializes");
+            let again: Record = serde_json::from_str(&line).expect("a record line parses");
+            self.state.apply(&again);
+        }
+        check_state(&self.state);
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&options, mut rest)) = data.split_first() else {
+        return;
+    };
+    let now = Instant::now();
+    let mut s = Session {
+        registry: Registry::new(
+            small_limits(),
+            Box::new(rand::rngs::StdRng::seed_from_u64(1)),
+        ),
+        state: State::default(),
+        limiter: KeyedLimiter::new(8),
+        failures: KeyedLimiter::new(8),
+        out: Outbox::default(),
+        now,
+        refuse_invisible: options & 1 == 1,
+        issued: Vec::new(),
+    };
+    while let Some((&len, tail)) = rest.split_first() {
+        let len = usize::from(len).min(tail.len());
+        let (step, next) = tail.split_at(len);
+        rest = next;
+        match step.first().map(|b| b % 3) {
+            Some(0) => s.request(&step[1..]),
+            Some(1) => s.datagram(&step[1..]),
+            Some(_) => s.time_passes(&step[1..]),
+            None => continue,
+        }
+        s.persist();
+    }
+    let rebuilt = Registry::from_state(
+        &s.state,
+        small_limits(),
+        Box::new(rand::rngs::StdRng::seed_from_u64(2)),
+        s.now,
+    );
+    let counts = |r: &Registry| {
+        let st = r.stats();
+        (st.rooms, st.members, st.registered)
+    };
+    assert_eq!(counts(&rebuilt), counts(&s.registry), "rebuilt from the records");
+});
