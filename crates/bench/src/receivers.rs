@@ -132,6 +132,8 @@ pub struct Received {
     pub latency_ns: Histogram<u64>,
     /// When the last delivery arrived, nanoseconds on the run's clock.
     pub last_at_ns: u64,
+    /// `epoll_wait` calls made without sleeping, inside a polling window.
+    pub polls: u64,
     /// Messages sent before this are stale.
     since_ns: u64,
 }
@@ -144,6 +146,7 @@ impl Received {
             deliveries: 0,
             undecodable: 0,
             stale: 0,
+            polls: 0,
             latency_ns: histogram(),
             last_at_ns: 0,
         }
@@ -154,6 +157,7 @@ impl Received {
         self.deliveries += other.deliveries;
         self.undecodable += other.undecodable;
         self.stale += other.stale;
+        self.polls += other.polls;
         let _ = self.latency_ns.add(&other.latency_ns);
         self.last_at_ns = self.last_at_ns.max(other.last_at_ns);
     }
@@ -388,6 +392,7 @@ fn receive_loop(
     while !stop.load(Ordering::Relaxed) {
         let polling = poll_ns > 0 && clock.nanos().saturating_sub(last_ready_ns) < poll_ns;
         let timeout = if polling { 0 } else { EPOLL_TIMEOUT_MS };
+        seen.polls += u64::from(polling);
         // SAFETY: events has room for the count passed.
         let n =
             unsafe { libc::epoll_wait(epoll.0, events.as_mut_ptr(), events.len() as i32, timeout) };
@@ -551,6 +556,13 @@ mod tests {
                 .unwrap();
             assert_eq!((got.deliveries, got.undecodable), (500, 0), "poll {poll:?}");
             assert_eq!(got.latency_ns.len(), 500);
+            // Only a receiver with a window polls; one of 60 s polls after every datagram.
+            // (20 µs is not asserted: a preempted thread may find its window gone.)
+            if poll.is_zero() {
+                assert_eq!(got.polls, 0);
+            } else if poll >= Duration::from_secs(1) {
+                assert!(got.polls > 0, "poll {poll:?}");
+            }
             // A thread still inside its polling window sees the stop flag too.
             assert!(started.elapsed() < Duration::from_secs(5), "poll {poll:?}");
         }
