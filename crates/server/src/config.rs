@@ -179,9 +179,10 @@ impl Default for History {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Names {
-    /// Refuse new room names and usernames holding a character that shows as nothing or
-    /// reorders the text (`tcrp::names::check_visible`), so that no new name can pass for
-    /// another. Off by default: the original server accepted them.
+    /// Refuse new room names, and the usernames of creates and joins, that hold a character
+    /// showing as nothing or reordering the text, or white space at either end
+    /// (`tcrp::names::check_visible`), so that such a name cannot pass for another. Off by
+    /// default: the original server accepted them.
     pub refuse_invisible: bool,
 }
 

@@ -216,9 +216,12 @@ fn answer(
     let room_name = check_room_name(frame.room_name)
         .map_err(|rule| (ErrorCode::InvalidRoomName, format!("room name {rule}")))?;
     // Only new names: a room that already exists can still be joined by name.
-    let visible = |name: &str| match ctx.refuse_invisible_names {
-        true => check_visible(name),
-        false => Ok(()),
+    let visible = |name: &str| {
+        if ctx.refuse_invisible_names {
+            check_visible(name)
+        } else {
+            Ok(())
+        }
     };
     if op == Operation::CreateRoom {
         visible(room_name)
