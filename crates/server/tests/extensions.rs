@@ -379,13 +379,7 @@ fn refuse_invisible_turned_on_at_a_reload_refuses_look_alike_names() {
     let host = Ocm::start(&d, &["create", "lo\u{200b}ok", "--name", "alice"]);
     host.wait_stderr("* created");
 
-    std::fs::write(
-        d.dir.path().join("ocmd.toml"),
-        "[names]\nrefuse_invisible = true\n",
-    )
-    .unwrap();
-    d.signal(libc::SIGHUP);
-    d.wait_for_log("configuration reloaded");
+    d.reload("[names]\nrefuse_invisible = true\n");
     let mut fake = Ocm::start(&d, &["join", "lo\u{200b}ok", "--name", "ali\u{200b}ce"]);
     assert_eq!(fake.wait().code(), Some(2), "a refusal");
     fake.wait_stderr("username contains U+200B");
@@ -663,13 +657,7 @@ fn batch_frames_respect_each_members_max_datagram_and_the_daemons_cap() {
     check(&d, "a", 16384);
 
     // The daemon's cap is applied on reload.
-    std::fs::write(
-        d.dir.path().join("ocmd.toml"),
-        "[udp]\nmax_batch_datagram_bytes = 65507\n[rate]\nchat_per_sec = 0.0\n",
-    )
-    .unwrap();
-    d.signal(libc::SIGHUP);
-    d.wait_for_log("SIGHUP: configuration reloaded");
+    d.reload("[udp]\nmax_batch_datagram_bytes = 65507\n[rate]\nchat_per_sec = 0.0\n");
     check(&d, "b", 65507);
 
     // A member's max_datagram survives a restart (the config file is rewritten with 16384).
@@ -857,9 +845,7 @@ fn turning_history_off_at_a_reload_forgets_the_kept_messages_in_memory_and_on_di
     });
 
     let config = d.dir.path().join("ocmd.toml");
-    std::fs::write(&config, "[history]\nmessages = 0\ncheckpoint_secs = 1\n").unwrap();
-    d.signal(libc::SIGHUP);
-    d.wait_for_log("configuration reloaded");
+    d.reload("[history]\nmessages = 0\ncheckpoint_secs = 1\n");
     assert_eq!(
         kept(&d),
         Vec::<String>::new(),
@@ -900,13 +886,7 @@ fn a_reload_to_a_shorter_checkpoint_period_checkpoints_soon() {
         history_appends(&d, "soon").is_empty(),
         "no checkpoint is due yet"
     );
-    std::fs::write(
-        d.dir.path().join("ocmd.toml"),
-        "[history]\ncheckpoint_secs = 1\n",
-    )
-    .unwrap();
-    d.signal(libc::SIGHUP);
-    d.wait_for_log("configuration reloaded");
+    d.reload("[history]\ncheckpoint_secs = 1\n");
     wait_until("a checkpoint holds m1", || {
         history_appends(&d, "soon")
             .iter()

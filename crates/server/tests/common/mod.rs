@@ -210,6 +210,18 @@ impl Daemon {
         });
     }
 
+    /// Rewrites the `--config` file (the one `Options::config` created) with `toml`, sends
+    /// SIGHUP, and waits for this reload's `configuration reloaded` line.
+    pub fn reload(&self, toml: &str) {
+        const RELOADED: &str = "configuration reloaded";
+        let before = self.log().matches(RELOADED).count();
+        std::fs::write(self.dir.path().join("ocmd.toml"), toml).expect("write the config");
+        self.signal(libc::SIGHUP);
+        wait_until("the reload", || {
+            self.log().matches(RELOADED).count() > before
+        });
+    }
+
     /// The child's pid.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
