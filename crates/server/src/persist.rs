@@ -356,6 +356,60 @@ struct Compactor {
     thread: JoinHandle<State>,
 }
 
+/// What the writer does to its journal: an append-only file it can cut back. The file is
+/// the real one; tests put a file that fails on demand in its place.
+trait JournalFile {
+    /// Appends `bytes` at the end.
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// Makes the appended bytes durable (`fdatasync`).
+    fn sync(&mut self) -> io::Result<()>;
+    /// Cuts the file back to `len` bytes.
+    fn cut(&mut self, len: u64) -> io::Result<()>;
+}
+
+impl JournalFile for File {
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        // Opened with O_APPEND: every write goes to the end, wherever a cut left it.
+        self.write_all(bytes)
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        self.sync_data()
+    }
+    fn cut(&mut self, len: u64) -> io::Result<()> {
+        self.set_len(len)
+    }
+}
+
+/// Appends `bytes` to a journal of `len` whole bytes and makes them durable, retrying every
+/// `retry` until the disk takes them: a token is only ever acknowledged once this returns.
+///
+/// After a failed append (a short write, a failed fsync) the journal is cut back to `len`
+/// before anything is written again, and the cut itself is retried until it works: an append
+/// behind a fragment would put a broken line in the middle of the journal, which the next
+/// start refuses.
+fn append_durably(
+    journal: &mut impl JournalFile,
+    len: u64,
+    bytes: &[u8],
+    retry: Duration,
+    path: &Path,
+) {
+    while let Err(e) = journal.append(bytes).and_then(|()| journal.sync()) {
+        error!(
+            "cannot append to journal {}: {e}; retrying in {retry:?}",
+            path.display()
+        );
+        while let Err(e) = journal.cut(len) {
+            error!(
+                "cannot cut journal {} back to its last whole line: {e}; retrying in {retry:?}",
+                path.display()
+            );
+            thread::sleep(retry);
+        }
+        thread::sleep(retry);
+    }
+}
+
 /// Opens (creating it if needed) the journal for appending, and makes its directory entry
 /// durable, since a record in it is acknowledged as soon as the record itself is fsync'd.
 fn open_journal(path: &Path) -> io::Result<File> {
@@ -492,33 +546,13 @@ impl Writer {
             let _ = serde_json::to_writer(&mut self.line, &line);
             self.line.push(b'\n');
         }
-        loop {
-            let result = self
-                .journal
-                .write_all(&self.line)
-                .and_then(|()| self.journal.sync_data());
-            match result {
-                Ok(()) => break,
-                Err(e) => {
-                    error!(
-                        "cannot append to journal {}: {e}; retrying in {RETRY_DELAY:?}",
-                        self.paths.journal.display()
-                    );
-                    // Drop a partial append so the retry does not leave a torn line behind.
-                    // Nothing is written again until that worked: an append after a
-                    // fragment would put a broken line in the middle of the journal, which
-                    // the next start refuses.
-                    while let Err(e) = self.journal.set_len(self.journal_len) {
-                        error!(
-                            "cannot cut journal {} back to its last whole line: {e}; retrying in {RETRY_DELAY:?}",
-                            self.paths.journal.display()
-                        );
-                        thread::sleep(RETRY_DELAY);
-                    }
-                    thread::sleep(RETRY_DELAY);
-                }
-            }
-        }
+        append_durably(
+            &mut self.journal,
+            self.journal_len,
+            &self.line,
+            RETRY_DELAY,
+            &self.paths.journal,
+        );
         self.journal_len += self.line.len() as u64;
         self.next_n += records.len() as u64;
         debug!("journal: {} records durable", records.len());
@@ -943,6 +977,90 @@ mod tests {
 
     fn journal_len(paths: &Paths) -> u64 {
         fs::metadata(&paths.journal).map_or(0, |m| m.len())
+    }
+
+    /// A journal in memory whose appends, fsyncs and cuts fail as scripted: `faults` holds
+    /// one entry per call, in order (`true` fails it), and calls past its end work. A failed
+    /// append writes the first half of its bytes, as a short write before ENOSPC would.
+    #[derive(Default)]
+    struct FlakyJournal {
+        bytes: Vec<u8>,
+        faults: std::collections::VecDeque<bool>,
+        calls: Vec<&'static str>,
+    }
+
+    impl FlakyJournal {
+        fn fails(&mut self, call: &'static str) -> io::Result<()> {
+            self.calls.push(call);
+            if self.faults.pop_front().unwrap_or(false) {
+                return Err(io::Error::other(format!("injected {call} failure")));
+            }
+            Ok(())
+        }
+    }
+
+    impl JournalFile for FlakyJournal {
+        fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+            if let Err(e) = self.fails("append") {
+                self.bytes.extend_from_slice(&bytes[..bytes.len() / 2]);
+                return Err(e);
+            }
+            self.bytes.extend_from_slice(bytes);
+            Ok(())
+        }
+        fn sync(&mut self) -> io::Result<()> {
+            self.fails("sync")
+        }
+        fn cut(&mut self, len: u64) -> io::Result<()> {
+            self.fails("cut")?;
+            self.bytes.truncate(len as usize);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failed_append_leaves_no_fragment_whatever_fails_and_how_often() {
+        let whole = b"{\"n\":1}\n".to_vec();
+        let line = b"{\"n\":2,\"record\":\"x\"}\n".to_vec();
+        let cases: [(&[bool], &[&str]); 6] = [
+            (&[], &["append", "sync"]),
+            // A short write, then everything works.
+            (&[true], &["append", "cut", "append", "sync"]),
+            // The line was written whole but not synced: it is cut and written once more.
+            (&[false, true], &["append", "sync", "cut", "append", "sync"]),
+            // The cut fails once: it is retried before anything is appended.
+            (&[true, true], &["append", "cut", "cut", "append", "sync"]),
+            // The cut fails twice: nothing is appended until it worked.
+            (
+                &[true, true, true],
+                &["append", "cut", "cut", "cut", "append", "sync"],
+            ),
+            // Two failed appends in a row, each cut back.
+            (
+                &[true, false, true, false],
+                &["append", "cut", "append", "cut", "append", "sync"],
+            ),
+        ];
+        for (faults, calls) in cases {
+            let mut journal = FlakyJournal {
+                bytes: whole.clone(),
+                faults: faults.iter().copied().collect(),
+                calls: Vec::new(),
+            };
+            append_durably(
+                &mut journal,
+                whole.len() as u64,
+                &line,
+                Duration::ZERO,
+                Path::new("journal"),
+            );
+            assert_eq!(journal.calls, calls, "faults {faults:?}");
+            assert_eq!(
+                String::from_utf8_lossy(&journal.bytes),
+                String::from_utf8_lossy(&[whole.as_slice(), line.as_slice()].concat()),
+                "faults {faults:?}: the journal must hold its old lines and the new one once"
+            );
+        }
     }
 
     #[test]
