@@ -400,6 +400,12 @@ pub fn markdown(r: &Results) -> String {
         "- net.core.rmem_max = {}, wmem_max = {} (`scripts/bench` raises them with `sysctl -w` when it can; the daemon's 16 MiB socket buffers are capped there otherwise)",
         m.rmem_max, m.wmem_max
     );
+    if let Some(ns) = &m.halt_poll_ns {
+        let _ = writeln!(
+            w,
+            "- guest halt polling: `guest_halt_poll_ns` = {ns} (an idle vCPU polls that long before it halts, so a thread woken within it runs without an exit to the hypervisor; the kernel's default is 200000, this VM boots with 0, and `scripts/bench` sets 200000 for the run when it can: see \"Guest halt polling\" in the notes below)"
+        );
+    }
     let _ = writeln!(
         w,
         "- load: whole machine {:.0}% busy (of {} cores × 100%) in the 2 s before the start; 1-min loadavg {:.2} before, {:.2} after; the matrix took {:.0} s",

@@ -217,7 +217,15 @@ pub struct Machine {
     pub rmem_max: String,
     /// net.core.wmem_max.
     pub wmem_max: String,
+    /// How long an idle vCPU polls before it halts (`cpuidle-haltpoll`'s
+    /// `guest_halt_poll_ns`), on a KVM guest whose kernel has it; `None` elsewhere, and in
+    /// reports from before it was recorded.
+    #[serde(default)]
+    pub halt_poll_ns: Option<String>,
 }
+
+/// `cpuidle-haltpoll`'s knob (see [`Machine::halt_poll_ns`]).
+pub const HALT_POLL_NS: &str = "/sys/module/haltpoll/parameters/guest_halt_poll_ns";
 
 impl Machine {
     /// Reads /proc.
@@ -238,6 +246,9 @@ impl Machine {
             kernel: read("/proc/sys/kernel/osrelease"),
             rmem_max: read("/proc/sys/net/core/rmem_max"),
             wmem_max: read("/proc/sys/net/core/wmem_max"),
+            halt_poll_ns: std::fs::read_to_string(HALT_POLL_NS)
+                .ok()
+                .map(|s| s.trim().to_owned()),
         }
     }
 }
