@@ -306,6 +306,16 @@ mod tests {
     }
 
     #[test]
+    fn machines_recorded_before_halt_polling_was_still_read() {
+        let old = r#"{"cpus":2,"cpu_model":"x","kernel":"6.1","rmem_max":"1","wmem_max":"2"}"#;
+        let machine: Machine = serde_json::from_str(old).unwrap();
+        assert_eq!(machine.halt_poll_ns, None);
+        let new = r#"{"cpus":2,"cpu_model":"x","kernel":"6.1","rmem_max":"1","wmem_max":"2","halt_poll_ns":"200000"}"#;
+        let machine: Machine = serde_json::from_str(new).unwrap();
+        assert_eq!(machine.halt_poll_ns.as_deref(), Some("200000"));
+    }
+
+    #[test]
     fn si_units() {
         assert_eq!(si(6_123_000.0), "6.12M");
         assert_eq!(si(300_400.0), "300.4k");
