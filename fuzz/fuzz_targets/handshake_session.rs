@@ -1,7 +1,8 @@
 //! Drives one registry through a session of arbitrary TCRP requests and UCRP datagrams, as
 //! the event loop would, with small caps so that refusals happen too.
 //!
-//! Input: the first byte sets the options (bit 0: `[names] refuse_invisible`); then steps,
+//! Input: the first byte sets the options (bit 0: `[names] refuse_invisible`, bit 1:
+//! `[names] refuse_lookalike_usernames`); then steps,
 //! each a length byte and that many bytes. A step's first byte picks what it is:
 //! - a request: the operation byte, a room name of 0–3 bytes, then the payload, framed as a
 //!   REQUEST (password checks are answered without hashing: the next byte says whether a
@@ -24,6 +25,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
+use ocm_server::config::Names;
 use ocm_server::handshake::{handle_frame, Context, RequestLimits, Step};
 use ocm_server::outbox::Outbox;
 use ocm_server::password::{Job, Outcome};
@@ -73,7 +75,7 @@ struct Session {
     failures: KeyedLimiter<IpAddr>,
     out: Outbox,
     now: Instant,
-    refuse_invisible: bool,
+    names: Names,
     /// Tokens issued, with their rooms.
     issued: Vec<(Vec<u8>, String)>,
 }
@@ -109,7 +111,7 @@ impl Session {
                 password_failure_rate: 0.0,
                 password_failure_burst: 0.0,
             },
-            refuse_invisible_names: self.refuse_invisible,
+            names: self.names,
             out: &mut self.out,
             peer: IpAddr::V4(Ipv4Addr::LOCALHOST),
             now: self.now,
@@ -212,7 +214,10 @@ fuzz_target!(|data: &[u8]| {
         failures: KeyedLimiter::new(8),
         out: Outbox::default(),
         now,
-        refuse_invisible: options & 1 == 1,
+        names: Names {
+            refuse_invisible: options & 1 == 1,
+            refuse_lookalike_usernames: options & 2 == 2,
+        },
         issued: Vec::new(),
     };
     while let Some((&len, tail)) = rest.split_first() {

@@ -176,7 +176,7 @@ impl Default for History {
 }
 
 /// `[names]`
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Names {
     /// Refuse new room names, and the usernames of creates and joins, that hold a character
@@ -184,6 +184,10 @@ pub struct Names {
     /// (`tcrp::names::check_visible`), so that such a name cannot pass for another. Off by
     /// default: the original server accepted them.
     pub refuse_invisible: bool,
+    /// Refuse a join whose username looks like a member's of the room (the same
+    /// `tcrp::names::lookalike_key`: `аlice` with a Cyrillic `а` beside `alice`) with
+    /// `name_taken`, as the same name is. Off by default: the original server took them.
+    pub refuse_lookalike_usernames: bool,
 }
 
 /// `[log]`

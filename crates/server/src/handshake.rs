@@ -12,6 +12,7 @@ use tcrp::names::{check_room_name, check_username, check_visible};
 use tcrp::payload::{self, ErrorCode, Request};
 use tcrp::{Frame, Operation, State};
 
+use crate::config::Names;
 use crate::outbox::Outbox;
 use crate::password::{self, Outcome};
 use crate::rate::KeyedLimiter;
@@ -69,9 +70,8 @@ pub struct Context<'a> {
     pub password_failures: &'a mut KeyedLimiter<IpAddr>,
     /// Their settings.
     pub limits: RequestLimits,
-    /// Whether new names may not hold invisible or reordering characters
-    /// (`[names] refuse_invisible`).
-    pub refuse_invisible_names: bool,
+    /// The `[names]` rules beyond the protocol's own.
+    pub names: Names,
     /// Where notices to members go.
     pub out: &'a mut Outbox,
     /// The peer's IP.
@@ -217,7 +217,7 @@ fn answer(
         .map_err(|rule| (ErrorCode::InvalidRoomName, format!("room name {rule}")))?;
     // Only new names: a room that already exists can still be joined by name.
     let visible = |name: &str| {
-        if ctx.refuse_invisible_names {
+        if ctx.names.refuse_invisible {
             check_visible(name)
         } else {
             Ok(())
@@ -263,6 +263,18 @@ fn answer(
         Operation::JoinRoom => {
             if let Some(job) = check_password(ctx, room_name, &request, password, false)? {
                 return Ok(Answer::Password(job));
+            }
+            // After the password: the refusal names a member.
+            if ctx.names.refuse_lookalike_usernames {
+                if let Some(member) = ctx.registry.lookalike_member(room_name, &request.username) {
+                    return Err((
+                        ErrorCode::NameTaken,
+                        format!(
+                            "the name {:?} looks like {member:?}, already taken in room {room_name:?}",
+                            request.username
+                        ),
+                    ));
+                }
             }
             ctx.registry
                 .join_room(room_name, &request, ctx.peer, ctx.now, ctx.out)
@@ -567,7 +579,7 @@ mod tests {
                 password_failure_rate,
                 password_failure_burst,
             },
-            refuse_invisible_names: false,
+            names: Names::default(),
             out,
             peer: "127.0.0.1".parse().unwrap(),
             now: Instant::now(),
@@ -577,21 +589,21 @@ mod tests {
 
     /// Runs a request to its reply, doing any password job inline.
     fn run(reg: &mut Registry, limiter: &mut KeyedLimiter<IpAddr>, bytes: &[u8]) -> Response {
-        run_with_names(reg, limiter, bytes, false)
+        run_with_names(reg, limiter, bytes, Names::default())
     }
 
-    /// As [`run`], with `[names] refuse_invisible` set as given.
+    /// As [`run`], with the `[names]` rules given.
     fn run_with_names(
         reg: &mut Registry,
         limiter: &mut KeyedLimiter<IpAddr>,
         bytes: &[u8],
-        refuse_invisible: bool,
+        names: Names,
     ) -> Response {
         let (frame, _) = tcrp::decode(bytes, 4096).unwrap().unwrap();
         let mut out = Outbox::default();
         let mut failures = KeyedLimiter::new(8);
         let mut ctx = context(reg, limiter, &mut failures, &mut out, (0.0, 0.0));
-        ctx.refuse_invisible_names = refuse_invisible;
+        ctx.names = names;
         match handle_frame(&frame, &mut ctx, None) {
             Step::Reply(r) => r,
             Step::Password(job) => {
@@ -753,8 +765,12 @@ mod tests {
                 "U+00AD",
             ),
         ];
+        let invisible = Names {
+            refuse_invisible: true,
+            ..Names::default()
+        };
         for (bytes, code, named) in refused {
-            let r = run_with_names(&mut reg, &mut limiter, &bytes, true);
+            let r = run_with_names(&mut reg, &mut limiter, &bytes, invisible);
             assert!(!r.needs_durability);
             match compliance(&r) {
                 payload::Compliance::Failure {
@@ -769,10 +785,80 @@ mod tests {
         }
         assert!(!reg.room_exists("new\u{200b}") && !reg.room_exists("plain"));
         // A room that already exists can still be joined by its name, and visible names pass.
-        let r = run_with_names(&mut reg, &mut limiter, &join("lob\u{200b}by", "bob"), true);
+        let r = run_with_names(
+            &mut reg,
+            &mut limiter,
+            &join("lob\u{200b}by", "bob"),
+            invisible,
+        );
         assert_eq!(compliance(&r), payload::Compliance::Success);
-        let r = run_with_names(&mut reg, &mut limiter, &create("plain", "alice"), true);
+        let r = run_with_names(&mut reg, &mut limiter, &create("plain", "alice"), invisible);
         assert_eq!(compliance(&r), payload::Compliance::Success);
+    }
+
+    #[test]
+    fn a_username_like_a_members_is_refused_only_when_asked_and_only_after_the_password() {
+        let mut reg = Registry::new(Limits::default(), Box::new(StdRng::seed_from_u64(4)));
+        let mut limiter = KeyedLimiter::new(8);
+        let refusal = |r: &Response| {
+            let (frame, _) = tcrp::decode(&r.bytes, 4096).unwrap().unwrap();
+            match payload::parse_compliance(frame.payload).unwrap() {
+                payload::Compliance::Success => None,
+                payload::Compliance::Failure { code, message } => Some((code, message)),
+            }
+        };
+        let join =
+            |room: &str, body: &str| request(Operation::JoinRoom, room.as_bytes(), body.as_bytes());
+        let lookalikes = Names {
+            refuse_lookalike_usernames: true,
+            ..Names::default()
+        };
+        let r = run(
+            &mut reg,
+            &mut limiter,
+            &request(Operation::CreateRoom, b"r", br#""alice""#),
+        );
+        assert_eq!(refusal(&r), None);
+        // Off (the default): a Cyrillic а passes, as the original server let it.
+        let r = run(&mut reg, &mut limiter, &join("r", r#""\u0430lice""#));
+        assert_eq!(refusal(&r), None);
+        // On: a capital I for l, and a hidden character, are refused, naming the member.
+        for twin in [r#""aIice""#, r#""al\u200bice""#] {
+            let r = run_with_names(&mut reg, &mut limiter, &join("r", twin), lookalikes);
+            let (code, message) = refusal(&r).expect(twin);
+            assert_eq!(code, Some(ErrorCode::NameTaken), "{message:?}");
+            assert!(message.unwrap().contains(r#"looks like "alice""#), "{twin}");
+            assert!(!r.needs_durability);
+        }
+        // Other names pass.
+        let r = run_with_names(&mut reg, &mut limiter, &join("r", r#""bob""#), lookalikes);
+        assert_eq!(refusal(&r), None);
+        // In a room with a password, a wrong password is refused first, so the refusal of a
+        // look-alike never names a member to someone without the password.
+        let r = run(
+            &mut reg,
+            &mut limiter,
+            &request(
+                Operation::CreateRoom,
+                b"locked",
+                br#"{"username": "carol", "password": "pw"}"#,
+            ),
+        );
+        assert_eq!(refusal(&r), None);
+        let r = run_with_names(
+            &mut reg,
+            &mut limiter,
+            &join("locked", r#"{"username": "caroI", "password": "no"}"#),
+            lookalikes,
+        );
+        assert_eq!(refusal(&r).unwrap().0, Some(ErrorCode::BadPassword));
+        let r = run_with_names(
+            &mut reg,
+            &mut limiter,
+            &join("locked", r#"{"username": "caroI", "password": "pw"}"#),
+            lookalikes,
+        );
+        assert_eq!(refusal(&r).unwrap().0, Some(ErrorCode::NameTaken));
     }
 
     fn completion(r: &Response) -> serde_json::Value {
@@ -1007,7 +1093,7 @@ mod tests {
                 limiter: &mut limiter,
                 password_failures: failures,
                 limits,
-                refuse_invisible_names: false,
+                names: Names::default(),
                 out: &mut out,
                 peer,
                 now,

@@ -858,6 +858,21 @@ impl Registry {
         self.room_index.contains_key(room_name)
     }
 
+    /// The name of a member of `room_name` that `username` looks like
+    /// ([`tcrp::names::lookalike_key`]), if any. Costs a key per member: it is asked only
+    /// when `[names] refuse_lookalike_usernames` is on.
+    pub fn lookalike_member(&self, room_name: &str, username: &str) -> Option<&str> {
+        let room = self.room_index.get(room_name)?;
+        let key = tcrp::names::lookalike_key(username);
+        self.rooms[room.0]
+            .members
+            .iter()
+            .map(|m| &*self.members[m.0].username)
+            // The same name is `join_room`'s to refuse, with its own message.
+            .filter(|&name| name != username)
+            .find(|name| tcrp::names::lookalike_key(name) == key)
+    }
+
     /// The password hash of a room, for the caller to verify before [`Registry::join_room`].
     pub fn password_hash(&self, room_name: &str) -> Option<&str> {
         let room = self.room_index.get(room_name)?;

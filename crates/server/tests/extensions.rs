@@ -395,6 +395,33 @@ fn refuse_invisible_turned_on_at_a_reload_refuses_look_alike_names() {
     });
 }
 
+/// `[names] refuse_lookalike_usernames`, turned on at a reload: a join whose name only looks
+/// like a member's (a Cyrillic а for a Latin a) is refused as the same name would be, and
+/// `ocm` says whom it looks like; other names still join.
+#[test]
+fn refuse_lookalike_usernames_turned_on_at_a_reload_refuses_a_members_twin() {
+    let d = Daemon::start_with(Options {
+        config: Some("[names]\nrefuse_lookalike_usernames = false\n".into()),
+        ..Options::default()
+    });
+    let host = Ocm::start(&d, &["create", "twins", "--name", "alice"]);
+    host.wait_stderr("* created twins as alice");
+    // Off, the default: the twin gets in, as it did on the original server.
+    let early = Ocm::start(&d, &["join", "twins", "--name", "\u{430}lice"]);
+    early.wait_stderr("* joined twins as");
+
+    d.reload("[names]\nrefuse_lookalike_usernames = true\n");
+    let mut twin = Ocm::start(&d, &["join", "twins", "--name", "aIice"]);
+    assert_eq!(twin.wait().code(), Some(2), "a refusal");
+    twin.wait_stderr("looks like");
+    let bob = Ocm::start(&d, &["join", "twins", "--name", "bob"]);
+    bob.wait_stderr("* joined twins as bob");
+    wait_until("alice hears bob join", || {
+        host.line_within(Duration::from_millis(100))
+            .is_some_and(|line| line == "* bob joined")
+    });
+}
+
 /// Every signal that ends `ocm` (Ctrl+C, a kill, a closed terminal, Ctrl+\\) leaves the room
 /// first, so the others hear it leave instead of waiting for a timeout that an `--original`
 /// member never has.

@@ -6,9 +6,11 @@
 //!
 //! Characters that show as nothing or reorder the text around them ([`hidden_chars`]) pass
 //! these rules, as they passed the original server's; a server may refuse them in new names
-//! with [`check_visible`], and a client shows them as escapes. Look-alike letters of other
-//! scripts (Cyrillic `а` for Latin `a`) are not caught: that needs Unicode's confusables
-//! tables, and would refuse names written in those scripts.
+//! with [`check_visible`], and a client shows them as escapes. Look-alike letters (Cyrillic
+//! `а` for Latin `a`, capital `I` for `l`) pass too: a name alone cannot be judged by them,
+//! since every script has its own. What can be judged is whether two names look the same:
+//! [`lookalike_key`] gives both the same key, so a server may refuse a username that looks
+//! like another member's.
 
 use std::fmt;
 
@@ -150,6 +152,28 @@ pub fn check_visible(name: &str) -> Result<(), NameRule> {
     }
 }
 
+/// What a name looks like, to find look-alikes: Unicode's confusable skeleton (UTS #39,
+/// section 4) of the name once its [`hidden_chars`] and the white space at either end are
+/// taken out. Names with the same key can pass for each other: `alice`, `аlice` (Cyrillic
+/// `а`), `aIice` (capital `I`) and `al\u{200B}ice` (a zero-width space) share one. The
+/// converse does not hold: the confusables tables do not know every look-alike (case, for
+/// one, counts: `Alice` and `alice` differ).
+pub fn lookalike_key(name: &str) -> String {
+    let mut hidden = hidden_chars(name).map(|(at, _)| at).peekable();
+    let shown: String = name
+        .char_indices()
+        .filter(|&(at, _)| {
+            let is_hidden = hidden.peek() == Some(&at);
+            if is_hidden {
+                hidden.next();
+            }
+            !is_hidden
+        })
+        .map(|(_, c)| c)
+        .collect();
+    unicode_security::skeleton(shown.trim()).collect()
+}
+
 /// Checks a room name as it came off the wire and returns it as text.
 pub fn check_room_name(bytes: &[u8]) -> Result<&str, NameRule> {
     if bytes.is_empty() {
@@ -272,5 +296,23 @@ mod tests {
             hidden_chars("a\u{200b}b\u{200b}").collect::<Vec<_>>(),
             [(1, '\u{200b}'), (5, '\u{200b}')]
         );
+    }
+
+    #[test]
+    fn lookalike_keys_match_names_that_pass_for_each_other() {
+        let alice = lookalike_key("alice");
+        for twin in [
+            "аlice",          // Cyrillic а
+            "aIice",          // capital I for l
+            "al\u{200b}ice",  // a zero-width space
+            " alice\u{3000}", // white space at both ends
+            "\u{202e}alice",  // a bidi override
+            "a\u{200d}lice",  // a joiner after an ASCII letter
+        ] {
+            assert_eq!(lookalike_key(twin), alice, "{twin:?}");
+        }
+        for other in ["alice2", "bob", "Alice", "аліса", "al ice"] {
+            assert_ne!(lookalike_key(other), alice, "{other:?}");
+        }
     }
 }

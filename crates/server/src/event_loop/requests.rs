@@ -94,7 +94,7 @@ impl Server {
                         limiter: &mut self.limiter,
                         password_failures: &mut self.password_failures,
                         limits: self.config.request_limits(),
-                        refuse_invisible_names: self.config.names.refuse_invisible,
+                        names: self.config.names,
                         out: &mut self.outbox,
                         peer: peer.ip(),
                         now,
