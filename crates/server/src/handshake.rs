@@ -845,20 +845,11 @@ mod tests {
             ),
         );
         assert_eq!(refusal(&r), None);
-        let r = run_with_names(
-            &mut reg,
-            &mut limiter,
-            &join("locked", r#"{"username": "caroI", "password": "no"}"#),
-            lookalikes,
-        );
-        assert_eq!(refusal(&r).unwrap().0, Some(ErrorCode::BadPassword));
-        let r = run_with_names(
-            &mut reg,
-            &mut limiter,
-            &join("locked", r#"{"username": "caroI", "password": "pw"}"#),
-            lookalikes,
-        );
-        assert_eq!(refusal(&r).unwrap().0, Some(ErrorCode::NameTaken));
+        for (password, code) in [("no", ErrorCode::BadPassword), ("pw", ErrorCode::NameTaken)] {
+            let body = format!(r#"{{"username": "caroI", "password": "{password}"}}"#);
+            let r = run_with_names(&mut reg, &mut limiter, &join("locked", &body), lookalikes);
+            assert_eq!(refusal(&r).unwrap().0, Some(code), "password {password:?}");
+        }
     }
 
     fn completion(r: &Response) -> serde_json::Value {
