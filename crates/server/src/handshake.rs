@@ -264,8 +264,12 @@ fn answer(
             if let Some(job) = check_password(ctx, room_name, &request, password, false)? {
                 return Ok(Answer::Password(job));
             }
-            // After the password: the refusal names a member.
+            // After the password: the refusal names a member. After the cheaper refusals
+            // too (a full room is not scanned).
             if ctx.names.refuse_lookalike_usernames {
+                if let Some(code) = ctx.registry.join_refusal(room_name, &request.username) {
+                    return Err((code, refusal_text(code, room_name, &request.username)));
+                }
                 if let Some(member) = ctx.registry.lookalike_member(room_name, &request.username) {
                     return Err((
                         ErrorCode::NameTaken,

@@ -1022,7 +1022,7 @@ mod tests {
     fn a_failed_append_leaves_no_fragment_whatever_fails_and_how_often() {
         let whole = b"{\"n\":1}\n".to_vec();
         let line = b"{\"n\":2,\"record\":\"x\"}\n".to_vec();
-        let cases: [(&[bool], &[&str]); 6] = [
+        let cases: [(&[bool], &[&str]); 7] = [
             (&[], &["append", "sync"]),
             // A short write, then everything works.
             (&[true], &["append", "cut", "append", "sync"]),
@@ -1034,6 +1034,11 @@ mod tests {
             (
                 &[true, true, true],
                 &["append", "cut", "cut", "cut", "append", "sync"],
+            ),
+            // The line was written whole, its fsync failed, and so did the first cut.
+            (
+                &[false, true, true],
+                &["append", "sync", "cut", "cut", "append", "sync"],
             ),
             // Two failed appends in a row, each cut back.
             (
@@ -1061,6 +1066,20 @@ mod tests {
                 "faults {faults:?}: the journal must hold its old lines and the new one once"
             );
         }
+    }
+
+    /// The real journal file: opened for appending, so a write after a cut lands at the new
+    /// end, not at the old cursor (which would leave a run of NUL bytes behind the cut).
+    #[test]
+    fn the_journal_file_appends_at_its_end_after_a_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let mut journal = open_journal(&path).unwrap();
+        JournalFile::append(&mut journal, b"whole\nfragm").unwrap();
+        journal.cut(6).unwrap();
+        JournalFile::append(&mut journal, b"next\n").unwrap();
+        journal.sync().unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"whole\nnext\n");
     }
 
     #[test]

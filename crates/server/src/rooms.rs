@@ -18,6 +18,7 @@
 //!    and the tokens are remembered for a while as tombstones so that a late datagram with one
 //!    learns the room is gone.
 
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, SocketAddr};
@@ -327,6 +328,9 @@ struct Member {
     /// kept as IPv4); `None` for a member loaded from a file that did not record it.
     joined_from: Option<IpAddr>,
     chat: TokenBucket,
+    /// The registry's hash of the username's [`tcrp::names::lookalike_key`], worked out the
+    /// first time a look-alike check needs it (0: not yet).
+    lookalike_hash: Cell<u64>,
 }
 
 impl Member {
@@ -564,6 +568,7 @@ impl Registry {
                     }),
                     joined_from: entry.joined_from.map(|ip| ip.to_canonical()),
                     chat: TokenBucket::full(registry.limits.chat_burst, now),
+                    lookalike_hash: Cell::new(0),
                 });
                 if *token == room.host_token {
                     registry.rooms[room_id.0].host = id;
@@ -791,6 +796,7 @@ impl Registry {
             max_datagram: request.max_datagram,
             joined_from: Some(joined_from),
             chat: TokenBucket::full(self.limits.chat_burst, now),
+            lookalike_hash: Cell::new(0),
         });
         (id, record)
     }
@@ -859,18 +865,57 @@ impl Registry {
     }
 
     /// The name of a member of `room_name` that `username` looks like
-    /// ([`tcrp::names::lookalike_key`]), if any. Costs a key per member: it is asked only
-    /// when `[names] refuse_lookalike_usernames` is on.
+    /// ([`tcrp::names::lookalike_key`]), if any; asked only when `[names]
+    /// refuse_lookalike_usernames` is on. Each member's key is worked out once and kept as a
+    /// hash (8 bytes a member), so a check costs one key and a comparison per member; the
+    /// keys of a hash match are compared in full.
     pub fn lookalike_member(&self, room_name: &str, username: &str) -> Option<&str> {
         let room = self.room_index.get(room_name)?;
         let key = tcrp::names::lookalike_key(username);
+        let hash = self.lookalike_hash(&key);
         self.rooms[room.0]
             .members
             .iter()
-            .map(|m| &*self.members[m.0].username)
-            // The same name is `join_room`'s to refuse, with its own message.
-            .filter(|&name| name != username)
-            .find(|name| tcrp::names::lookalike_key(name) == key)
+            .map(|m| &self.members[m.0])
+            // The same name is `join_refusal`'s to refuse, with its own message.
+            .filter(|member| *member.username != *username)
+            .find(|member| {
+                if member.lookalike_hash.get() == 0 {
+                    let theirs = tcrp::names::lookalike_key(&member.username);
+                    member.lookalike_hash.set(self.lookalike_hash(&theirs));
+                }
+                member.lookalike_hash.get() == hash
+                    && tcrp::names::lookalike_key(&member.username) == key
+            })
+            .map(|member| &*member.username)
+    }
+
+    /// A look-alike key's hash, never 0 (which marks a member's as not yet worked out).
+    fn lookalike_hash(&self, key: &str) -> u64 {
+        self.hasher.hash_one(key).max(1)
+    }
+
+    /// Why a join of `room_name` as `username` would be refused before any look at the
+    /// request's other fields, if it would: no such room, the name taken, the room or the
+    /// server full.
+    pub fn join_refusal(&self, room_name: &str, username: &str) -> Option<ErrorCode> {
+        let Some(&room) = self.room_index.get(room_name) else {
+            return Some(ErrorCode::RoomNotFound);
+        };
+        let room = &self.rooms[room.0];
+        if room
+            .members
+            .iter()
+            .any(|m| *self.members[m.0].username == *username)
+        {
+            return Some(ErrorCode::NameTaken);
+        }
+        let full_room = self.limits.max_members_per_room != 0
+            && room.members.len() >= self.limits.max_members_per_room;
+        if full_room || self.tokens_full() {
+            return Some(ErrorCode::ServerFull);
+        }
+        None
     }
 
     /// The password hash of a room, for the caller to verify before [`Registry::join_room`].
@@ -889,21 +934,12 @@ impl Registry {
         now: Instant,
         out: &mut Outbox,
     ) -> Result<Issued, ErrorCode> {
+        if let Some(code) = self.join_refusal(room_name, &request.username) {
+            return Err(code);
+        }
         let Some(&room) = self.room_index.get(room_name) else {
             return Err(ErrorCode::RoomNotFound);
         };
-        let taken = self.rooms[room.0]
-            .members
-            .iter()
-            .any(|m| *self.members[m.0].username == *request.username);
-        if taken {
-            return Err(ErrorCode::NameTaken);
-        }
-        let full_room = self.limits.max_members_per_room != 0
-            && self.rooms[room.0].members.len() >= self.limits.max_members_per_room;
-        if full_room || self.tokens_full() {
-            return Err(ErrorCode::ServerFull);
-        }
         let (id, record) = self.new_member(room, request, joined_from, false, now);
         let token = self.members[id.0].token.clone();
         debug!(

@@ -413,7 +413,7 @@ fn refuse_lookalike_usernames_turned_on_at_a_reload_refuses_a_members_twin() {
     d.reload("[names]\nrefuse_lookalike_usernames = true\n");
     let mut twin = Ocm::start(&d, &["join", "twins", "--name", "aIice"]);
     assert_eq!(twin.wait().code(), Some(2), "a refusal");
-    twin.wait_stderr("looks like");
+    twin.wait_stderr(r#"looks like "alice""#);
     let bob = Ocm::start(&d, &["join", "twins", "--name", "bob"]);
     bob.wait_stderr("* joined twins as bob");
     wait_until("alice hears bob join", || {
