@@ -138,20 +138,27 @@ impl Launcher {
         let started = Instant::now();
         let mut command = Command::new(&self.ocmd);
         let nice = self.nice;
-        if nice != 0 {
-            // SAFETY: the closure makes one raw system call and builds an io::Error from
-            // errno, allocating nothing, as code between fork and exec must. `settable_nice`
-            // checked that it can succeed; if it does not, the spawn fails rather than the
-            // report claiming a niceness the daemon does not have.
-            unsafe {
-                command.pre_exec(move || {
-                    if libc::setpriority(libc::PRIO_PROCESS, 0, nice) == 0 {
-                        Ok(())
-                    } else {
-                        Err(std::io::Error::last_os_error())
-                    }
-                });
-            }
+        let parent = std::process::id();
+        // SAFETY: the closure makes raw system calls only and builds io::Errors from errno
+        // values, allocating nothing, as code between fork and exec must.
+        unsafe {
+            command.pre_exec(move || {
+                // The daemon gets SIGTERM (and shuts down cleanly) when this process dies,
+                // however it dies: an interrupted run leaves no `ocmd` behind. If this
+                // process died before the prctl, the daemon is not started at all.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() as u32 != parent {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                // `settable_nice` checked that this can succeed; if it does not, the spawn
+                // fails rather than the report claiming a niceness the daemon does not have.
+                if nice != 0 && libc::setpriority(libc::PRIO_PROCESS, 0, nice) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
         }
         let mut child = command
             .arg("--config")
