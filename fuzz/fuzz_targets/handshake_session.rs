@@ -2,7 +2,7 @@
 //! the event loop would, with small caps so that refusals happen too.
 //!
 //! Input: the first byte sets the options (bit 0: `[names] refuse_invisible`, bit 1:
-//! `[names] refuse_lookalike_usernames`); then steps,
+//! `refuse_lookalike_usernames`, bit 2: `refuse_lookalike_room_names`); then steps,
 //! each a length byte and that many bytes. A step's first byte picks what it is:
 //! - a request: the operation byte, a room name of 0–3 bytes, then the payload, framed as a
 //!   REQUEST (password checks are answered without hashing: the next byte says whether a
@@ -217,6 +217,7 @@ fuzz_target!(|data: &[u8]| {
         names: Names {
             refuse_invisible: options & 1 == 1,
             refuse_lookalike_usernames: options & 2 == 2,
+            refuse_lookalike_room_names: options & 4 == 4,
         },
         issued: Vec::new(),
     };

@@ -188,6 +188,10 @@ pub struct Names {
     /// `tcrp::names::lookalike_key`: `аlice` with a Cyrillic `а` beside `alice`) with
     /// `name_taken`, as the same name is. Off by default: the original server took them.
     pub refuse_lookalike_usernames: bool,
+    /// Refuse a create whose room name looks like an open room's (the same
+    /// `tcrp::names::lookalike_key`) with `room_exists`, as the same name is; the refusal
+    /// names the room only if it is listed. Off by default: the original server took them.
+    pub refuse_lookalike_room_names: bool,
 }
 
 /// `[log]`

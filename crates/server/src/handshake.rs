@@ -240,6 +240,20 @@ fn answer(
         Operation::CreateRoom => {
             // A create that will be refused (name taken, server full) is refused unhashed.
             let refused = ctx.registry.create_refusal(room_name).is_some();
+            if ctx.names.refuse_lookalike_room_names && !refused {
+                if let Some((existing, listed)) = ctx.registry.lookalike_room(room_name) {
+                    // An unlisted room's name is not given away.
+                    let which = if listed {
+                        format!("the existing room {existing:?}")
+                    } else {
+                        "an existing room".to_owned()
+                    };
+                    return Err((
+                        ErrorCode::RoomExists,
+                        format!("room {room_name:?} looks like {which}"),
+                    ));
+                }
+            }
             let hash = match (&request.password, password) {
                 (Some(pw), None) if !pw.is_empty() && !refused => {
                     return Ok(Answer::Password(password::Job::Hash {
@@ -854,6 +868,62 @@ mod tests {
             let r = run_with_names(&mut reg, &mut limiter, &join("locked", &body), lookalikes);
             assert_eq!(refusal(&r).unwrap().0, Some(code), "password {password:?}");
         }
+    }
+
+    #[test]
+    fn a_room_name_like_an_open_rooms_is_refused_only_when_asked_naming_only_listed_rooms() {
+        let mut reg = Registry::new(Limits::default(), Box::new(StdRng::seed_from_u64(6)));
+        let mut limiter = KeyedLimiter::new(8);
+        let refusal = |r: &Response| {
+            let (frame, _) = tcrp::decode(&r.bytes, 4096).unwrap().unwrap();
+            match payload::parse_compliance(frame.payload).unwrap() {
+                payload::Compliance::Success => None,
+                payload::Compliance::Failure { code, message } => Some((code, message)),
+            }
+        };
+        let create = |room: &str, body: &str| {
+            request(Operation::CreateRoom, room.as_bytes(), body.as_bytes())
+        };
+        let lookalikes = Names {
+            refuse_lookalike_room_names: true,
+            ..Names::default()
+        };
+        for (room, body) in [
+            ("lobby", r#""host""#),
+            ("secret", r#"{"username": "host", "listed": false}"#),
+        ] {
+            assert_eq!(
+                refusal(&run(&mut reg, &mut limiter, &create(room, body))),
+                None
+            );
+        }
+        // Off (the default): a Cyrillic о passes, as the original server let it.
+        let r = run(&mut reg, &mut limiter, &create("l\u{43e}bby", r#""eve""#));
+        assert_eq!(refusal(&r), None);
+        // On: look-alikes are refused; a listed room is named, an unlisted one is not.
+        for (twin, named) in [
+            ("IobbY", None),
+            ("lob\u{200b}by", Some(r#"the existing room "lobby""#)),
+            ("s\u{435}cret", Some("an existing room")),
+        ] {
+            let r = run_with_names(
+                &mut reg,
+                &mut limiter,
+                &create(twin, r#""eve""#),
+                lookalikes,
+            );
+            match named {
+                None => assert_eq!(refusal(&r), None, "{twin:?} is no look-alike"),
+                Some(text) => {
+                    let (code, message) = refusal(&r).expect(twin);
+                    let message = message.unwrap();
+                    assert_eq!(code, Some(ErrorCode::RoomExists), "{message}");
+                    assert!(message.contains(text), "{message}");
+                    assert!(!message.contains("\"secret\""), "{message}");
+                }
+            }
+        }
+        assert!(!reg.room_exists("lob\u{200b}by") && !reg.room_exists("s\u{435}cret"));
     }
 
     fn completion(r: &Response) -> serde_json::Value {

@@ -242,6 +242,9 @@ struct Room {
     /// The `next_seq` the journal has: numbers continue across restarts whether or not
     /// history is kept.
     seq_saved: u64,
+    /// The registry's hash of the name's [`tcrp::names::lookalike_key`], worked out the
+    /// first time a look-alike check needs it (0: not yet).
+    lookalike_hash: Cell<u64>,
 }
 
 /// What a kept message counts against `Limits::history_bytes`.
@@ -309,6 +312,7 @@ impl Room {
             history_unsaved: 0,
             history_shrunk: false,
             seq_saved: 1,
+            lookalike_hash: Cell::new(0),
         }
     }
 }
@@ -890,7 +894,29 @@ impl Registry {
             .map(|member| &*member.username)
     }
 
-    /// A look-alike key's hash, never 0 (which marks a member's as not yet worked out).
+    /// An open room whose name `room_name` looks like ([`tcrp::names::lookalike_key`]), if
+    /// any: its name, and whether it is listed. Asked only when `[names]
+    /// refuse_lookalike_room_names` is on; keys are kept as hashes as for members
+    /// ([`Registry::lookalike_member`]), so a check costs one key and a comparison per room.
+    pub fn lookalike_room(&self, room_name: &str) -> Option<(&str, bool)> {
+        let key = tcrp::names::lookalike_key(room_name);
+        let hash = self.lookalike_hash(&key);
+        self.rooms
+            .iter()
+            .map(|(_, room)| room)
+            .filter(|room| *room.name != *room_name)
+            .find(|room| {
+                if room.lookalike_hash.get() == 0 {
+                    let theirs = tcrp::names::lookalike_key(&room.name);
+                    room.lookalike_hash.set(self.lookalike_hash(&theirs));
+                }
+                room.lookalike_hash.get() == hash && tcrp::names::lookalike_key(&room.name) == key
+            })
+            .map(|room| (&*room.name, room.listed))
+    }
+
+    /// A look-alike key's hash, never 0 (which marks a member's or a room's as not yet
+    /// worked out).
     fn lookalike_hash(&self, key: &str) -> u64 {
         self.hasher.hash_one(key).max(1)
     }

@@ -395,31 +395,39 @@ fn refuse_invisible_turned_on_at_a_reload_refuses_look_alike_names() {
     });
 }
 
-/// `[names] refuse_lookalike_usernames`, turned on at a reload: a join whose name only looks
-/// like a member's (a Cyrillic а for a Latin a) is refused as the same name would be, and
-/// `ocm` says whom it looks like; other names still join.
+/// `[names] refuse_lookalike_usernames` and `refuse_lookalike_room_names`, turned on at a
+/// reload: a join whose name only looks like a member's (a capital I for an l) is refused as
+/// the same name would be, and so is a new room whose name only looks like an open room's
+/// (a Cyrillic і); `ocm` says what they look like, and other names still get in.
 #[test]
-fn refuse_lookalike_usernames_turned_on_at_a_reload_refuses_a_members_twin() {
+fn lookalike_refusals_turned_on_at_a_reload_refuse_a_members_and_a_rooms_twin() {
     let d = Daemon::start_with(Options {
         config: Some("[names]\nrefuse_lookalike_usernames = false\n".into()),
         ..Options::default()
     });
     let host = Ocm::start(&d, &["create", "twins", "--name", "alice"]);
     host.wait_stderr("* created twins as alice");
-    // Off, the default: the twin gets in, as it did on the original server.
+    // Off, the default: the twins get in, as they did on the original server.
     let early = Ocm::start(&d, &["join", "twins", "--name", "\u{430}lice"]);
     early.wait_stderr("* joined twins as");
+    let early_room = Ocm::start(&d, &["create", "tw\u{456}ns", "--name", "mallory"]);
+    early_room.wait_stderr("* created tw");
 
-    d.reload("[names]\nrefuse_lookalike_usernames = true\n");
+    d.reload("[names]\nrefuse_lookalike_usernames = true\nrefuse_lookalike_room_names = true\n");
     let mut twin = Ocm::start(&d, &["join", "twins", "--name", "aIice"]);
     assert_eq!(twin.wait().code(), Some(2), "a refusal");
     twin.wait_stderr(r#"looks like "alice""#);
+    let mut twin_room = Ocm::start(&d, &["create", "tw\u{456}n\u{455}", "--name", "eve"]);
+    assert_eq!(twin_room.wait().code(), Some(2), "a refusal");
+    twin_room.wait_stderr("looks like the existing room");
     let bob = Ocm::start(&d, &["join", "twins", "--name", "bob"]);
     bob.wait_stderr("* joined twins as bob");
     wait_until("alice hears bob join", || {
         host.line_within(Duration::from_millis(100))
             .is_some_and(|line| line == "* bob joined")
     });
+    let other = Ocm::start(&d, &["create", "triplets", "--name", "carol"]);
+    other.wait_stderr("* created triplets as carol");
 }
 
 /// Every signal that ends `ocm` (Ctrl+C, a kill, a closed terminal, Ctrl+\\) leaves the room
