@@ -883,14 +883,7 @@ impl Registry {
             .map(|m| &self.members[m.0])
             // The same name is `join_refusal`'s to refuse, with its own message.
             .filter(|member| *member.username != *username)
-            .find(|member| {
-                if member.lookalike_hash.get() == 0 {
-                    let theirs = tcrp::names::lookalike_key(&member.username);
-                    member.lookalike_hash.set(self.lookalike_hash(&theirs));
-                }
-                member.lookalike_hash.get() == hash
-                    && tcrp::names::lookalike_key(&member.username) == key
-            })
+            .find(|member| self.has_key(&member.username, &member.lookalike_hash, &key, hash))
             .map(|member| &*member.username)
     }
 
@@ -905,13 +898,7 @@ impl Registry {
             .iter()
             .map(|(_, room)| room)
             .filter(|room| *room.name != *room_name)
-            .find(|room| {
-                if room.lookalike_hash.get() == 0 {
-                    let theirs = tcrp::names::lookalike_key(&room.name);
-                    room.lookalike_hash.set(self.lookalike_hash(&theirs));
-                }
-                room.lookalike_hash.get() == hash && tcrp::names::lookalike_key(&room.name) == key
-            })
+            .find(|room| self.has_key(&room.name, &room.lookalike_hash, &key, hash))
             .map(|room| (&*room.name, room.listed))
     }
 
@@ -919,6 +906,16 @@ impl Registry {
     /// worked out).
     fn lookalike_hash(&self, key: &str) -> u64 {
         self.hasher.hash_one(key).max(1)
+    }
+
+    /// Whether `name` has the look-alike `key` (whose hash is `hash`). The hash of `name`'s
+    /// own key is kept in `cached`, worked out here the first time; only on a hash match are
+    /// the keys compared in full.
+    fn has_key(&self, name: &str, cached: &Cell<u64>, key: &str, hash: u64) -> bool {
+        if cached.get() == 0 {
+            cached.set(self.lookalike_hash(&tcrp::names::lookalike_key(name)));
+        }
+        cached.get() == hash && tcrp::names::lookalike_key(name) == key
     }
 
     /// Why a join of `room_name` as `username` would be refused before any look at the
