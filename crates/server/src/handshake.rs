@@ -814,17 +814,19 @@ mod tests {
         assert_eq!(compliance(&r), payload::Compliance::Success);
     }
 
+    /// The refusal a reply carries (its code and message), or `None` for a success.
+    fn refusal(r: &Response) -> Option<(Option<ErrorCode>, Option<String>)> {
+        let (frame, _) = tcrp::decode(&r.bytes, 4096).unwrap().unwrap();
+        match payload::parse_compliance(frame.payload).unwrap() {
+            payload::Compliance::Success => None,
+            payload::Compliance::Failure { code, message } => Some((code, message)),
+        }
+    }
+
     #[test]
     fn a_username_like_a_members_is_refused_only_when_asked_and_only_after_the_password() {
         let mut reg = Registry::new(Limits::default(), Box::new(StdRng::seed_from_u64(4)));
         let mut limiter = KeyedLimiter::new(8);
-        let refusal = |r: &Response| {
-            let (frame, _) = tcrp::decode(&r.bytes, 4096).unwrap().unwrap();
-            match payload::parse_compliance(frame.payload).unwrap() {
-                payload::Compliance::Success => None,
-                payload::Compliance::Failure { code, message } => Some((code, message)),
-            }
-        };
         let join =
             |room: &str, body: &str| request(Operation::JoinRoom, room.as_bytes(), body.as_bytes());
         let lookalikes = Names {
@@ -874,13 +876,6 @@ mod tests {
     fn a_room_name_like_an_open_rooms_is_refused_only_when_asked_naming_only_listed_rooms() {
         let mut reg = Registry::new(Limits::default(), Box::new(StdRng::seed_from_u64(6)));
         let mut limiter = KeyedLimiter::new(8);
-        let refusal = |r: &Response| {
-            let (frame, _) = tcrp::decode(&r.bytes, 4096).unwrap().unwrap();
-            match payload::parse_compliance(frame.payload).unwrap() {
-                payload::Compliance::Success => None,
-                payload::Compliance::Failure { code, message } => Some((code, message)),
-            }
-        };
         let create = |room: &str, body: &str| {
             request(Operation::CreateRoom, room.as_bytes(), body.as_bytes())
         };
