@@ -872,6 +872,40 @@ mod tests {
         }
     }
 
+    /// A full room is refused as full before its members are compared with the name.
+    #[test]
+    fn a_lookalike_join_of_a_full_room_is_refused_as_full() {
+        let limits = Limits {
+            max_members_per_room: 2,
+            ..Limits::default()
+        };
+        let mut reg = Registry::new(limits, Box::new(StdRng::seed_from_u64(7)));
+        let mut limiter = KeyedLimiter::new(8);
+        let lookalikes = Names {
+            refuse_lookalike_usernames: true,
+            ..Names::default()
+        };
+        for (op, user) in [
+            (Operation::CreateRoom, "alice"),
+            (Operation::JoinRoom, "bob"),
+        ] {
+            let body = serde_json::to_string(user).unwrap();
+            let r = run(
+                &mut reg,
+                &mut limiter,
+                &request(op, b"full", body.as_bytes()),
+            );
+            assert_eq!(refusal(&r), None, "{user}");
+        }
+        let r = run_with_names(
+            &mut reg,
+            &mut limiter,
+            &request(Operation::JoinRoom, b"full", br#""aIice""#),
+            lookalikes,
+        );
+        assert_eq!(refusal(&r).unwrap().0, Some(ErrorCode::ServerFull));
+    }
+
     #[test]
     fn a_room_name_like_an_open_rooms_is_refused_only_when_asked_naming_only_listed_rooms() {
         let mut reg = Registry::new(Limits::default(), Box::new(StdRng::seed_from_u64(6)));
