@@ -146,7 +146,7 @@ impl Launcher {
                 // The daemon gets SIGTERM (and shuts down cleanly) when this process dies,
                 // however it dies: an interrupted run leaves no `ocmd` behind. If this
                 // process died before the prctl, the daemon is not started at all.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 if libc::getppid() as u32 != parent {

@@ -238,7 +238,8 @@ fn answer(
     let exists = ctx.registry.room_exists(room_name);
     match op {
         Operation::CreateRoom => {
-            // A create that will be refused (name taken, server full) is refused unhashed.
+            // A create that will be refused (name taken, server full, or, when asked, a name
+            // like an open room's) is refused unhashed.
             let refused = ctx.registry.create_refusal(room_name).is_some();
             if ctx.names.refuse_lookalike_room_names && !refused {
                 if let Some((existing, listed)) = ctx.registry.lookalike_room(room_name) {
@@ -930,9 +931,10 @@ mod tests {
         let r = run(&mut reg, &mut limiter, &create("l\u{43e}bby", r#""eve""#));
         assert_eq!(refusal(&r), None);
         // On: look-alikes are refused; a listed room is named, an unlisted one is not.
+        // `lob\u{200b}by` looks like both `lobby` and `lоbby`: either may be named.
         for (twin, named) in [
             ("IobbY", None),
-            ("lob\u{200b}by", Some(r#"the existing room "lobby""#)),
+            ("lob\u{200b}by", Some(r#"the existing room "l"#)),
             ("s\u{435}cret", Some("an existing room")),
         ] {
             let r = run_with_names(
@@ -953,6 +955,19 @@ mod tests {
             }
         }
         assert!(!reg.room_exists("lob\u{200b}by") && !reg.room_exists("s\u{435}cret"));
+        // A look-alike create with a password is refused before the password is hashed.
+        let bytes = create(
+            "l\u{43e}bb\u{443}",
+            r#"{"username": "eve", "password": "pw"}"#,
+        );
+        let (frame, _) = tcrp::decode(&bytes, 4096).unwrap().unwrap();
+        let (mut out, mut failures) = (Outbox::default(), KeyedLimiter::new(8));
+        let mut ctx = context(&mut reg, &mut limiter, &mut failures, &mut out, (0.0, 0.0));
+        ctx.names = lookalikes;
+        match handle_frame(&frame, &mut ctx, None) {
+            Step::Reply(r) => assert_eq!(refusal(&r).unwrap().0, Some(ErrorCode::RoomExists)),
+            Step::Password(_) => panic!("a refused create was sent to be hashed"),
+        }
     }
 
     fn completion(r: &Response) -> serde_json::Value {
