@@ -922,23 +922,29 @@ impl Registry {
     /// request's other fields, if it would: no such room, the name taken, the room or the
     /// server full.
     pub fn join_refusal(&self, room_name: &str, username: &str) -> Option<ErrorCode> {
-        let Some(&room) = self.room_index.get(room_name) else {
-            return Some(ErrorCode::RoomNotFound);
+        self.joinable(room_name, username).err()
+    }
+
+    /// The room a join of `room_name` as `username` would enter, or why it is refused (see
+    /// [`Registry::join_refusal`]).
+    fn joinable(&self, room_name: &str, username: &str) -> Result<RoomId, ErrorCode> {
+        let Some(&id) = self.room_index.get(room_name) else {
+            return Err(ErrorCode::RoomNotFound);
         };
-        let room = &self.rooms[room.0];
+        let room = &self.rooms[id.0];
         if room
             .members
             .iter()
             .any(|m| *self.members[m.0].username == *username)
         {
-            return Some(ErrorCode::NameTaken);
+            return Err(ErrorCode::NameTaken);
         }
         let full_room = self.limits.max_members_per_room != 0
             && room.members.len() >= self.limits.max_members_per_room;
         if full_room || self.tokens_full() {
-            return Some(ErrorCode::ServerFull);
+            return Err(ErrorCode::ServerFull);
         }
-        None
+        Ok(id)
     }
 
     /// The password hash of a room, for the caller to verify before [`Registry::join_room`].
@@ -957,12 +963,7 @@ impl Registry {
         now: Instant,
         out: &mut Outbox,
     ) -> Result<Issued, ErrorCode> {
-        if let Some(code) = self.join_refusal(room_name, &request.username) {
-            return Err(code);
-        }
-        let Some(&room) = self.room_index.get(room_name) else {
-            return Err(ErrorCode::RoomNotFound);
-        };
+        let room = self.joinable(room_name, &request.username)?;
         let (id, record) = self.new_member(room, request, joined_from, false, now);
         let token = self.members[id.0].token.clone();
         debug!(
