@@ -184,12 +184,12 @@ pub struct Names {
     /// (`tcrp::names::check_visible`), so that such a name cannot pass for another. Off by
     /// default: the original server accepted them.
     pub refuse_invisible: bool,
-    /// Refuse a join whose username looks like a member's of the room (the same
-    /// `tcrp::names::lookalike_key`: `аlice` with a Cyrillic `а` beside `alice`) with
+    /// Refuse a join whose username looks like a member's of the room
+    /// (`tcrp::names::lookalike_keys`: `аlice` with a Cyrillic `а`, or `Alice`, beside `alice`) with
     /// `name_taken`, as the same name is. Off by default: the original server took them.
     pub refuse_lookalike_usernames: bool,
-    /// Refuse a create whose room name looks like an open room's (the same
-    /// `tcrp::names::lookalike_key`) with `room_exists`, as the same name is; the refusal
+    /// Refuse a create whose room name looks like an open room's
+    /// (`tcrp::names::lookalike_keys`) with `room_exists`, as the same name is; the refusal
     /// names the room only if it is listed. Off by default: the original server took them.
     pub refuse_lookalike_room_names: bool,
 }

@@ -843,8 +843,8 @@ mod tests {
         // Off (the default): a Cyrillic а passes, as the original server let it.
         let r = run(&mut reg, &mut limiter, &join("r", r#""\u0430lice""#));
         assert_eq!(refusal(&r), None);
-        // On: a capital I for l, and a hidden character, are refused, naming the member.
-        for twin in [r#""aIice""#, r#""al\u200bice""#] {
+        // On: a capital I for l, a hidden character, and case are refused, naming the member.
+        for twin in [r#""aIice""#, r#""al\u200bice""#, r#""ALICE""#] {
             let r = run_with_names(&mut reg, &mut limiter, &join("r", twin), lookalikes);
             let (code, message) = refusal(&r).expect(twin);
             assert_eq!(code, Some(ErrorCode::NameTaken), "{message:?}");
@@ -935,6 +935,7 @@ mod tests {
         for (twin, named) in [
             ("IobbY", None),
             ("lob\u{200b}by", Some(r#"the existing room "l"#)),
+            ("LOBBY", Some(r#"the existing room "l"#)),
             ("s\u{435}cret", Some("an existing room")),
         ] {
             let r = run_with_names(

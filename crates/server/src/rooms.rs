@@ -242,8 +242,8 @@ struct Room {
     /// The `next_seq` the journal has: numbers continue across restarts whether or not
     /// history is kept.
     seq_saved: u64,
-    /// The registry's hash of the name's [`tcrp::names::lookalike_key`], worked out the
-    /// first time a look-alike check needs it (0: not yet).
+    /// The registry's hashes of the name's [`tcrp::names::lookalike_keys`], worked out the
+    /// first time a look-alike check needs them (0: not yet).
     lookalike_hash: Cell<u64>,
 }
 
@@ -332,8 +332,8 @@ struct Member {
     /// kept as IPv4); `None` for a member loaded from a file that did not record it.
     joined_from: Option<IpAddr>,
     chat: TokenBucket,
-    /// The registry's hash of the username's [`tcrp::names::lookalike_key`], worked out the
-    /// first time a look-alike check needs it (0: not yet).
+    /// The registry's hashes of the username's [`tcrp::names::lookalike_keys`], worked out the
+    /// first time a look-alike check needs them (0: not yet).
     lookalike_hash: Cell<u64>,
 }
 
@@ -869,53 +869,66 @@ impl Registry {
     }
 
     /// The name of a member of `room_name` that `username` looks like
-    /// ([`tcrp::names::lookalike_key`]), if any; asked only when `[names]
-    /// refuse_lookalike_usernames` is on. Each member's key is worked out once and kept as a
-    /// hash (8 bytes a member), so a check costs one key and a comparison per member; the
-    /// keys of a hash match are compared in full.
+    /// ([`tcrp::names::lookalike_keys`]), if any; asked only when `[names]
+    /// refuse_lookalike_usernames` is on. Each member's keys are worked out once and kept as
+    /// hashes (8 bytes a member), so a check costs the new name's keys and a comparison per
+    /// member; the keys of a hash match are compared in full.
     pub fn lookalike_member(&self, room_name: &str, username: &str) -> Option<&str> {
         let room = self.room_index.get(room_name)?;
-        let key = tcrp::names::lookalike_key(username);
-        let hash = self.lookalike_hash(&key);
+        let keys = tcrp::names::lookalike_keys(username);
+        let hash = self.lookalike_hash(&keys);
         self.rooms[room.0]
             .members
             .iter()
             .map(|m| &self.members[m.0])
             // The same name is `join_refusal`'s to refuse, with its own message.
             .filter(|member| *member.username != *username)
-            .find(|member| self.has_key(&member.username, &member.lookalike_hash, &key, hash))
+            .find(|member| self.looks_like(&member.username, &member.lookalike_hash, &keys, hash))
             .map(|member| &*member.username)
     }
 
-    /// An open room whose name `room_name` looks like ([`tcrp::names::lookalike_key`]), if
+    /// An open room whose name `room_name` looks like ([`tcrp::names::lookalike_keys`]), if
     /// any: its name, and whether it is listed. Asked only when `[names]
     /// refuse_lookalike_room_names` is on; keys are kept as hashes as for members
-    /// ([`Registry::lookalike_member`]), so a check costs one key and a comparison per room.
+    /// ([`Registry::lookalike_member`]), so a check costs the new name's keys and a
+    /// comparison per room.
     pub fn lookalike_room(&self, room_name: &str) -> Option<(&str, bool)> {
-        let key = tcrp::names::lookalike_key(room_name);
-        let hash = self.lookalike_hash(&key);
+        let keys = tcrp::names::lookalike_keys(room_name);
+        let hash = self.lookalike_hash(&keys);
         self.rooms
             .iter()
             .map(|(_, room)| room)
             .filter(|room| *room.name != *room_name)
-            .find(|room| self.has_key(&room.name, &room.lookalike_hash, &key, hash))
+            .find(|room| self.looks_like(&room.name, &room.lookalike_hash, &keys, hash))
             .map(|room| (&*room.name, room.listed))
     }
 
-    /// A look-alike key's hash, never 0 (which marks a member's or a room's as not yet
-    /// worked out).
-    fn lookalike_hash(&self, key: &str) -> u64 {
-        self.hasher.hash_one(key).max(1)
+    /// The hashes of a name's two look-alike keys in one word, 32 bits each (as written
+    /// high, any case low); never 0, which marks a member's or a room's as not yet worked
+    /// out.
+    fn lookalike_hash(&self, keys: &tcrp::names::LookalikeKeys) -> u64 {
+        // Truncation is the point: half a word per key.
+        let as_written = self.hasher.hash_one(&keys.as_written) as u32;
+        let any_case = self.hasher.hash_one(&keys.any_case) as u32;
+        (u64::from(as_written) << 32 | u64::from(any_case)).max(1)
     }
 
-    /// Whether `name` has the look-alike `key` (whose hash is `hash`). The hash of `name`'s
-    /// own key is kept in `cached`, worked out here the first time; only on a hash match are
-    /// the keys compared in full.
-    fn has_key(&self, name: &str, cached: &Cell<u64>, key: &str, hash: u64) -> bool {
+    /// Whether `name` looks like a name with look-alike `keys` (whose hash is `hash`). The
+    /// hash of `name`'s own keys is kept in `cached`, worked out here the first time; only
+    /// when either half matches are the keys compared in full.
+    fn looks_like(
+        &self,
+        name: &str,
+        cached: &Cell<u64>,
+        keys: &tcrp::names::LookalikeKeys,
+        hash: u64,
+    ) -> bool {
         if cached.get() == 0 {
-            cached.set(self.lookalike_hash(&tcrp::names::lookalike_key(name)));
+            cached.set(self.lookalike_hash(&tcrp::names::lookalike_keys(name)));
         }
-        cached.get() == hash && tcrp::names::lookalike_key(name) == key
+        let own = cached.get();
+        let may_match = own >> 32 == hash >> 32 || own as u32 == hash as u32;
+        may_match && tcrp::names::lookalike_keys(name).look_alike(keys)
     }
 
     /// Why a join of `room_name` as `username` would be refused before any look at the

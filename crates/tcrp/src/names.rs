@@ -9,8 +9,8 @@
 //! with [`check_visible`], and a client shows them as escapes. Look-alike letters (Cyrillic
 //! `а` for Latin `a`, capital `I` for `l`) pass too: a name alone cannot be judged by them,
 //! since every script has its own. What can be judged is whether two names look the same:
-//! [`lookalike_key`] gives both the same key, so a server may refuse a username that looks
-//! like another member's.
+//! [`lookalike_keys`] tells, so a server may refuse a username that looks like another
+//! member's.
 
 use std::fmt;
 
@@ -152,13 +152,35 @@ pub fn check_visible(name: &str) -> Result<(), NameRule> {
     }
 }
 
-/// What a name looks like, to find look-alikes: Unicode's confusable skeleton (UTS #39,
-/// section 4) of the name once its [`hidden_chars`] and the white space at either end are
-/// taken out. Names with the same key can pass for each other: `alice`, `аlice` (Cyrillic
-/// `а`), `aIice` (capital `I`) and `al\u{200B}ice` (a zero-width space) share one. The
-/// converse does not hold: the confusables tables do not know every look-alike (case, for
-/// one, counts: `Alice` and `alice` differ).
-pub fn lookalike_key(name: &str) -> String {
+/// What a name looks like, to find look-alikes: two keys, so that names pass for each other
+/// when either key is the same ([`LookalikeKeys::look_alike`]). Both are Unicode's
+/// confusable skeleton (UTS #39, section 4) of the name once its [`hidden_chars`] and the
+/// white space at either end are taken out:
+/// - [`as_written`](LookalikeKeys::as_written), of the name as written: `alice`, `аlice`
+///   (Cyrillic `а`), `aIice` (capital `I`) and `al\u{200B}ice` (a zero-width space) share it;
+/// - [`any_case`](LookalikeKeys::any_case), of the name in lower case: `alice`, `Alice` and
+///   `ALICE` share it. It cannot replace the first, since lower case takes away what made
+///   `aIice` look like `alice` (`aiice`).
+///
+/// The converse does not hold: the confusables tables do not know every look-alike, and a
+/// name that needs both steps (`AIice`, looking like `Alice`, to `alice`) is not caught.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LookalikeKeys {
+    /// The skeleton of the name as written.
+    pub as_written: String,
+    /// The skeleton of the name in lower case.
+    pub any_case: String,
+}
+
+impl LookalikeKeys {
+    /// Whether two names with these keys can pass for each other.
+    pub fn look_alike(&self, other: &LookalikeKeys) -> bool {
+        self.as_written == other.as_written || self.any_case == other.any_case
+    }
+}
+
+/// The [`LookalikeKeys`] of a name.
+pub fn lookalike_keys(name: &str) -> LookalikeKeys {
     let mut hidden = hidden_chars(name).map(|(at, _)| at).peekable();
     let shown: String = name
         .char_indices()
@@ -171,7 +193,11 @@ pub fn lookalike_key(name: &str) -> String {
         })
         .map(|(_, c)| c)
         .collect();
-    unicode_security::skeleton(shown.trim()).collect()
+    let shown = shown.trim();
+    LookalikeKeys {
+        as_written: unicode_security::skeleton(shown).collect(),
+        any_case: unicode_security::skeleton(&shown.to_lowercase()).collect(),
+    }
 }
 
 /// Checks a room name as it came off the wire and returns it as text.
@@ -300,7 +326,7 @@ mod tests {
 
     #[test]
     fn lookalike_keys_match_names_that_pass_for_each_other() {
-        let alice = lookalike_key("alice");
+        let alice = lookalike_keys("alice");
         for twin in [
             "аlice",          // Cyrillic а
             "aIice",          // capital I for l
@@ -308,11 +334,18 @@ mod tests {
             " alice\u{3000}", // white space at both ends
             "\u{202e}alice",  // a bidi override
             "a\u{200d}lice",  // a joiner after an ASCII letter
+            "Alice",          // case
+            "ALICE",          // case, where capital I alone would read as l
+            "АLICE",          // case and a Cyrillic А
         ] {
-            assert_eq!(lookalike_key(twin), alice, "{twin:?}");
+            assert!(lookalike_keys(twin).look_alike(&alice), "{twin:?}");
+            assert!(
+                alice.look_alike(&lookalike_keys(twin)),
+                "{twin:?} (swapped)"
+            );
         }
-        for other in ["alice2", "bob", "Alice", "аліса", "al ice"] {
-            assert_ne!(lookalike_key(other), alice, "{other:?}");
+        for other in ["alice2", "bob", "аліса", "al ice", "alce"] {
+            assert!(!lookalike_keys(other).look_alike(&alice), "{other:?}");
         }
     }
 }
