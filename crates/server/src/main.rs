@@ -90,12 +90,37 @@ fn init_logging(level: &str) {
     }
 }
 
+/// Prints why the daemon cannot start where the logger cannot: before it is set up, or
+/// when its level shows no errors. Under journald every line carries the error priority,
+/// so `journalctl -p warning` shows why a unit failed.
+fn print_fatal(error: &dyn std::fmt::Display) {
+    let priority = if std::env::var_os("JOURNAL_STREAM").is_some() {
+        "<3>"
+    } else {
+        ""
+    };
+    let text = format!("ocmd: {error}");
+    for line in text.lines() {
+        eprintln!("{priority}{line}");
+    }
+}
+
+/// Logs why the daemon stops, once: at error level, or on standard error if the configured
+/// level hides errors (`level = "off"`).
+fn log_fatal(error: &dyn std::fmt::Display) {
+    if log::log_enabled!(log::Level::Error) {
+        log::error!("{error}");
+    } else {
+        print_fatal(error);
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let (file_config, config) = match load_config(&args) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("ocmd: {e}");
+            print_fatal(&e);
             return ExitCode::from(2);
         }
     };
@@ -108,15 +133,14 @@ fn main() -> ExitCode {
     let server = match Server::bind(file_config, args.config.clone(), args.overrides()) {
         Ok(s) => s,
         Err(e) => {
-            log::error!("{e}");
-            eprintln!("ocmd: {e}");
+            log_fatal(&e);
             return ExitCode::FAILURE;
         }
     };
     match server.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            log::error!("{e}");
+            log_fatal(&e);
             ExitCode::FAILURE
         }
     }

@@ -132,7 +132,7 @@ impl Metrics {
         );
         gauge(
             "ocm_tombstones",
-            "Tokens of closed rooms remembered.",
+            "Tokens of closed rooms and of expired members remembered, to answer late datagrams.",
             stats.tombstones as f64,
         );
         gauge(
@@ -188,7 +188,7 @@ impl Metrics {
             ),
             (
                 "ocm_closed_room_replies_total",
-                "__ROOM_CLOSED__ answers to tokens of closed rooms.",
+                "Answers to remembered tokens: __ROOM_CLOSED__, or the timed-out notice.",
                 self.closed_room_replies as f64,
             ),
             (

@@ -501,6 +501,37 @@ fn a_stalled_metrics_client_does_not_stall_relaying() {
     });
 }
 
+/// Lines about dropped input are paced by `[rate] drop_logs_per_sec` after a burst of five,
+/// and 0 turns them off; the drops are counted either way.
+#[test]
+fn drop_log_lines_are_paced_and_zero_turns_them_off() {
+    for rate in ["1.0", "0"] {
+        let d = Daemon::start_with(Options {
+            metrics: true,
+            config: Some(format!("[rate]\ndrop_logs_per_sec = {rate}\n")),
+            ..Options::default()
+        });
+        let from = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let started = Instant::now();
+        for _ in 0..50 {
+            from.send_to(b"\x01\x10rnot-a-token-at-all", d.udp).unwrap();
+        }
+        wait_until("the drops are counted", || {
+            d.metric("ocm_datagrams_dropped_total{reason=\"unknown_token\"}") >= 50.0
+        });
+        let lines = d.log().matches("datagram dropped").count();
+        if rate == "0" {
+            assert_eq!(lines, 0, "logged with drop_logs_per_sec = 0");
+        } else {
+            let most = 5 + started.elapsed().as_secs() as usize + 1;
+            assert!(
+                (1..=most).contains(&lines),
+                "{lines} lines, at most {most} expected"
+            );
+        }
+    }
+}
+
 /// Floods the UDP socket of a stopped daemon so that the kernel drops datagrams, then checks
 /// that `ocm_udp_receive_buffer_drops_total` shows them. Returns the counter.
 fn kernel_drop_counter_after_flood(d: &Daemon) -> f64 {
@@ -536,6 +567,11 @@ fn kernel_receive_buffer_drops_are_counted() {
         drops > 0.0,
         "ocm_udp_receive_buffer_drops_total stayed {drops}"
     );
+    // The scrape that read the drops must not keep them out of the log: the periodic check
+    // (every 5 s) still warns.
+    wait_until("the drops are logged", || {
+        d.log().contains("the kernel dropped")
+    });
 }
 
 /// `ProcSubset=pid` in the unit mounts /proc with `subset=pid`, which hides /proc/net but
@@ -1170,6 +1206,46 @@ fn journald_lines_carry_priorities_and_never_whole_tokens() {
         tokens.iter().any(|t| log.contains(&t[..4])),
         "no token prefix at all in:\n{log}"
     );
+}
+
+/// Why a daemon under journald did not start reaches the journal at error priority, once:
+/// `journalctl -p warning` must show it. A bad configuration is found before the logger is
+/// set up; a port in use after, when the configured level may even hide errors.
+#[test]
+fn journald_a_failed_start_is_logged_once_at_error_priority() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[rate\nrequests_per_sec = \n").unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let quiet = dir.path().join("quiet.toml");
+    std::fs::write(&quiet, "[log]\nlevel = \"off\"\n").unwrap();
+    let state = dir.path().join("room_manager.json");
+    for (what, config, code, reason) in [
+        ("a bad config", &bad, 2, "config file"),
+        ("a port in use", &quiet, 1, &*taken),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocmd"));
+        cmd.arg("--config")
+            .arg(config)
+            .args(["--tcp", &taken, "--udp", "127.0.0.1:0", "--metrics", "off"])
+            .arg("--state")
+            .arg(&state)
+            .env("JOURNAL_STREAM", "8:1234")
+            .env_remove("RUST_LOG")
+            .env_remove("NOTIFY_SOCKET");
+        let out = run_with_deadline(cmd);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{what}: {err}");
+        assert!(!err.is_empty(), "{what}: nothing said");
+        for line in err.lines() {
+            assert!(
+                line.starts_with("<3>"),
+                "{what}: {line:?} is not at error priority"
+            );
+        }
+        assert_eq!(err.matches(reason).count(), 1, "{what}: said once: {err}");
+    }
 }
 
 /// A config error is several lines (the TOML parser's snippet); under journald each stderr

@@ -53,6 +53,8 @@ const CONN_OFFSET: usize = 16;
 const DEADLINE_CHECK: Duration = Duration::from_millis(100);
 /// How often the systemd status line is refreshed.
 const STATUS_INTERVAL: Duration = Duration::from_secs(5);
+/// Lines about dropped input that may be logged at once, before `drop_logs_per_sec` paces them.
+const DROP_LOG_BURST: f64 = 5.0;
 /// Per-IP request limiter memory.
 const LIMITER_KEYS: usize = 65_536;
 /// Largest UDP datagram read (anything longer than a UCRP datagram is truncated, then dropped
@@ -147,6 +149,10 @@ pub struct Server {
     next_status: Instant,
     watchdog: Option<(Duration, Instant)>,
     drop_log: TokenBucket,
+    /// The kernel's drop count for the UDP socket at the last periodic check, which warns
+    /// when it grew. Kept apart from the metric, which a scrape also refreshes: a scrape
+    /// between two checks must not hide the drops from the log.
+    kernel_drops_logged: u64,
     bound: Bound,
     _lock: File,
 }
@@ -278,7 +284,8 @@ impl Server {
             password_tickets: HashMap::new(),
             next_ticket: 0,
             next_checkpoint: now + Duration::from_secs(config.history.checkpoint_secs),
-            drop_log: TokenBucket::full(config.rate.drop_logs_per_sec.max(1.0), now),
+            drop_log: TokenBucket::full(DROP_LOG_BURST, now),
+            kernel_drops_logged: 0,
             next_sweep: now + Duration::from_millis(config.liveness.sweep_interval_ms),
             sender: udp::Sender::new(config.udp.max_batch_datagram_bytes),
             config,
@@ -411,10 +418,7 @@ impl Server {
                     // EMFILE and friends: log, keep serving the connections we have, and try
                     // again shortly for the connections still in the backlog.
                     self.accept_retry = Some(now + ACCEPT_RETRY);
-                    if self
-                        .drop_log
-                        .take(now, self.config.rate.drop_logs_per_sec, 5.0)
-                    {
+                    if may_log_drop(&mut self.drop_log, now, self.config.rate.drop_logs_per_sec) {
                         warn!("accept failed: {e}; retrying in {ACCEPT_RETRY:?}");
                     }
                     return;
@@ -437,10 +441,7 @@ impl Server {
             };
             if let Some(reason) = refusal {
                 Metrics::bump(&mut self.metrics.tcp_rejected, reason);
-                if self
-                    .drop_log
-                    .take(now, self.config.rate.drop_logs_per_sec, 5.0)
-                {
+                if may_log_drop(&mut self.drop_log, now, self.config.rate.drop_logs_per_sec) {
                     warn!("{peer}: connection refused ({reason})");
                 }
                 continue; // dropping the stream closes it
@@ -703,7 +704,8 @@ impl Server {
         let Some(drops) = udp::kernel_drops(&self.udp) else {
             return;
         };
-        let before = self.metrics.udp_kernel_drops;
+        let before = self.kernel_drops_logged;
+        self.kernel_drops_logged = drops;
         self.metrics.udp_kernel_drops = drops;
         if drops > before {
             warn!(
@@ -755,6 +757,12 @@ impl Server {
     }
 }
 
+/// Whether a line about dropped input may be logged now: at most `rate` a second after a
+/// burst of [`DROP_LOG_BURST`]; none at all when `rate` is 0 (`[rate] drop_logs_per_sec`).
+fn may_log_drop(bucket: &mut TokenBucket, now: Instant, rate: f64) -> bool {
+    rate > 0.0 && bucket.take(now, rate, DROP_LOG_BURST)
+}
+
 /// Counts what the registry did with a datagram (a free function so that the receive loop
 /// can borrow the receive buffer and the counters at once).
 fn account(
@@ -773,7 +781,7 @@ fn account(
             if reason == DropReason::RateLimited {
                 Metrics::bump(&mut metrics.rate_limited, "chat");
             }
-            if drop_log.take(now, log_rate, 5.0) {
+            if may_log_drop(drop_log, now, log_rate) {
                 debug!("{src}: datagram dropped ({})", reason.label());
             }
         }

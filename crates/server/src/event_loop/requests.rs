@@ -144,10 +144,11 @@ impl Server {
                 Err(e) => {
                     let header = &conn.input[consumed..];
                     let op = Operation::from(header.get(1).copied().unwrap_or(0));
-                    if self
-                        .drop_log
-                        .take(now, self.config.rate.drop_logs_per_sec, 5.0)
-                    {
+                    if super::may_log_drop(
+                        &mut self.drop_log,
+                        now,
+                        self.config.rate.drop_logs_per_sec,
+                    ) {
                         warn!("{peer} conn {id:?}: bad frame: {e}; closing");
                     }
                     handshake::refusal(op, &[], ErrorCode::MalformedRequest, &e.to_string(), true)
