@@ -40,6 +40,7 @@ use tcrp::ErrorCode;
 use ucrp::datagram::{self, LEAVE, REGISTER};
 
 use crate::error::ClientError;
+use crate::feed::{Feed, MAX_QUEUED_BYTES};
 use crate::handshake::{self, Token, Verb};
 use crate::input::{self, Input};
 use crate::listing;
@@ -535,7 +536,15 @@ fn receive(socket: &UdpSocket, server: SocketAddr, screen: &Mutex<Screen>) -> Ev
             continue;
         }
         // `len <= buf.len()`: recv_from never reports more than the buffer holds.
-        match lock(screen).handle_datagram(&buf[..len]) {
+        let (handled, feed) = {
+            let mut screen = lock(screen);
+            (screen.handle_datagram(&buf[..len]), screen.feed())
+        };
+        // Outside the lock, which the input thread needs before the editor reads again.
+        if let Some(feed) = feed {
+            feed.wait_below(MAX_QUEUED_BYTES);
+        }
+        match handled {
             Ok(Flow::Continue) => {}
             Ok(Flow::RoomClosed) => return Event::RoomClosed,
             Err(source) => {
@@ -579,8 +588,8 @@ fn spawn_input(mut commands: Commands, join_history: bool, reading: Option<Arc<A
 /// A line editor with in-memory history, whose external printer becomes the screen's.
 fn start_editor(screen: &Mutex<Screen>) -> Result<DefaultEditor, ReadlineError> {
     let mut editor = DefaultEditor::new()?;
-    let printer = editor.create_external_printer()?;
-    lock(screen).set_editor_printer(Box::new(EditorPrinter::new(printer)));
+    let feed = Feed::start(editor.create_external_printer()?)?;
+    lock(screen).set_editor_printer(Box::new(EditorPrinter::new(feed)));
     Ok(editor)
 }
 

@@ -123,8 +123,11 @@ pub enum ClientError {
         /// What is wrong with it: `is empty` or `is not UTF-8`.
         problem: &'static str,
     },
-    /// The COMPLETE token cannot be carried in a UCRP datagram (empty or over 255 bytes).
-    #[error("the server issued an unusable token of {len} bytes (must be 1 to 255)")]
+    /// The COMPLETE token cannot be carried in a UCRP datagram (empty or over 255 bytes), or
+    /// holds a byte that is not printable ASCII (a server's tokens are hex digits).
+    #[error(
+        "the server issued an unusable token of {len} bytes (must be 1 to 255 printable ASCII characters)"
+    )]
     BadToken {
         /// The token's length in bytes.
         len: usize,

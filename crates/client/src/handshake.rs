@@ -69,14 +69,16 @@ impl fmt::Display for Verb {
     }
 }
 
-/// The member's secret token from COMPLETE. A bearer secret: `Debug` shows only a prefix.
+/// The member's secret token from COMPLETE. A bearer secret: `Debug` shows only its length.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Token(String);
 
 impl Token {
-    /// Wraps a token, refusing one a UCRP datagram cannot carry.
+    /// Wraps a token, refusing one a UCRP datagram cannot carry, and one with anything but
+    /// printable ASCII: the token is the server's choice, and goes into logs and requests.
     pub fn new(token: String) -> Result<Token, ClientError> {
-        if token.is_empty() || token.len() > MAX_TOKEN_LEN {
+        let printable = token.bytes().all(|b| b.is_ascii_graphic());
+        if token.is_empty() || token.len() > MAX_TOKEN_LEN || !printable {
             return Err(ClientError::BadToken { len: token.len() });
         }
         Ok(Token(token))
@@ -95,8 +97,7 @@ impl Token {
 
 impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let prefix: String = self.0.chars().take(4).collect();
-        write!(f, "Token({prefix}…)")
+        write!(f, "Token({} bytes)", self.0.len())
     }
 }
 
@@ -680,8 +681,14 @@ mod tests {
     }
 
     #[test]
-    fn tokens_a_datagram_cannot_carry_are_refused() {
-        for token in [String::new(), "a".repeat(256)] {
+    fn tokens_a_datagram_cannot_carry_or_a_terminal_could_act_on_are_refused() {
+        for token in [
+            String::new(),
+            "a".repeat(256),
+            "\u{1b}[31mred".into(),
+            "two words".into(),
+            "caf\u{e9}".into(),
+        ] {
             let reply = success_reply(
                 Operation::JoinRoom,
                 "lobby",
@@ -696,8 +703,8 @@ mod tests {
     }
 
     #[test]
-    fn token_debug_shows_only_a_prefix() {
+    fn token_debug_shows_only_its_length() {
         let token = Token::new("0123456789abcdef".into()).unwrap();
-        assert_eq!(format!("{token:?}"), "Token(0123…)");
+        assert_eq!(format!("{token:?}"), "Token(16 bytes)");
     }
 }

@@ -26,6 +26,7 @@
 
 mod chat;
 mod error;
+mod feed;
 mod handshake;
 mod input;
 mod listing;

@@ -4,7 +4,7 @@
 //! printer's standard output, the client's own remarks (`* ...`) to its standard error. The
 //! printer is [`PlainPrinter`] (standard output and error, line by line) for pipes and tests, or
 //! [`EditorPrinter`] when a line editor owns the terminal: it prints above the line being
-//! typed instead of through it.
+//! typed instead of through it, through a [`Feed`] that never makes the printing thread wait.
 //!
 //! On `ocm join` the screen starts *held*: datagrams that arrive while the recent history is
 //! being fetched are kept unrendered. [`Screen::release`] then prints the history, marks its
@@ -14,15 +14,20 @@
 use std::io::{self, IsTerminal, Write};
 
 use log::debug;
-use rustyline::ExternalPrinter;
 use tcrp::payload::HistoryPage;
 
+use crate::feed::Feed;
 use crate::listing;
 use crate::render::{Flow, Renderer};
 
 /// Most datagrams kept while the screen is held. The hold lasts one TCP round trip (at most
-/// the handshake timeout); past this, datagrams are dropped and show up as lost messages.
+/// the handshake timeout); past this, or past [`MAX_HELD_BYTES`], datagrams are dropped and
+/// show up as lost messages.
 pub const MAX_HELD_DATAGRAMS: usize = 1024;
+
+/// Most bytes of datagrams kept while the screen is held (a server decides how long the hold
+/// lasts and how large its datagrams are).
+pub const MAX_HELD_BYTES: usize = 1 << 20;
 
 /// The line printed to standard error between the history and the live messages.
 pub const LIVE_LINE: &str = "* --- live ---";
@@ -33,6 +38,15 @@ pub trait Printer: Send {
     fn print_out(&mut self, line: &str) -> io::Result<()>;
     /// A remark of the client itself. Best effort: a remark that cannot be shown is dropped.
     fn print_err(&mut self, line: &str);
+    /// The queue printing goes through, if any, for the receiver to wait on outside the
+    /// screen's lock ([`Feed::wait_below`]).
+    fn feed(&self) -> Option<Feed> {
+        None
+    }
+    /// Stops printing; returns the lines accepted but not yet shown.
+    fn close(&mut self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Writes `line` to standard error, best effort: unlike `eprintln!`, a closed or full
@@ -60,38 +74,49 @@ impl Printer for PlainPrinter {
 }
 
 /// Prints through a line editor's external printer, which redraws the line being typed
-/// below the printed text. Remarks take the same way when standard error is the terminal too;
-/// when it is redirected they go there as usual.
-pub struct EditorPrinter<P> {
-    printer: P,
+/// below the printed text, by way of a [`Feed`]. Remarks take the same way when standard
+/// error is the terminal too; when it is redirected they go there as usual.
+pub struct EditorPrinter {
+    feed: Feed,
     stderr_is_terminal: bool,
 }
 
-impl<P: ExternalPrinter> EditorPrinter<P> {
-    /// Wraps a printer from `Editor::create_external_printer`.
-    pub fn new(printer: P) -> EditorPrinter<P> {
+impl EditorPrinter {
+    /// Prints through `feed` (started on `Editor::create_external_printer`).
+    pub fn new(feed: Feed) -> EditorPrinter {
         EditorPrinter {
-            printer,
+            feed,
             stderr_is_terminal: io::stderr().is_terminal(),
         }
     }
 }
 
-impl<P: ExternalPrinter + Send> Printer for EditorPrinter<P> {
+impl Printer for EditorPrinter {
     fn print_out(&mut self, line: &str) -> io::Result<()> {
-        self.printer
-            .print(format!("{line}\n"))
-            .map_err(|e| io::Error::other(e.to_string()))
+        self.feed.push(line.to_owned());
+        Ok(())
     }
 
     fn print_err(&mut self, line: &str) {
         if self.stderr_is_terminal {
-            if let Err(e) = self.printer.print(format!("{line}\n")) {
-                debug!("cannot print a remark: {e}");
-            }
+            self.feed.push(line.to_owned());
         } else {
             to_stderr(line);
         }
+    }
+
+    fn feed(&self) -> Option<Feed> {
+        Some(self.feed.clone())
+    }
+
+    fn close(&mut self) -> Vec<String> {
+        self.feed.close()
+    }
+}
+
+impl Drop for EditorPrinter {
+    fn drop(&mut self) {
+        self.feed.close();
     }
 }
 
@@ -101,6 +126,8 @@ pub struct Screen {
     renderer: Renderer,
     /// `Some` while held: the datagrams received since, in order.
     held: Option<Vec<Vec<u8>>>,
+    /// Their bytes.
+    held_bytes: usize,
     /// The room closed: nothing more is shown.
     closed: bool,
     /// Keep the lines of the datagram that closes the room for [`Screen::take_closing`]
@@ -117,6 +144,7 @@ impl Screen {
             printer,
             renderer: Renderer::new(room_name),
             held: hold.then(Vec::new),
+            held_bytes: 0,
             closed: false,
             defer_closing: false,
             closing: Vec::new(),
@@ -131,12 +159,20 @@ impl Screen {
         self.defer_closing = true;
     }
 
-    /// The lines kept when the room closed (empty unless [`Screen::set_editor_printer`]);
-    /// printing goes back to plain standard output and error.
+    /// The lines kept when the room closed (empty unless [`Screen::set_editor_printer`]),
+    /// after those the editor had not shown yet; printing goes back to plain standard output
+    /// and error.
     pub fn take_closing(&mut self) -> Vec<String> {
+        let mut lines = self.printer.close();
         self.printer = Box::new(PlainPrinter);
         self.defer_closing = false;
-        std::mem::take(&mut self.closing)
+        lines.append(&mut self.closing);
+        lines
+    }
+
+    /// The queue printing goes through, if any: see [`Printer::feed`].
+    pub fn feed(&self) -> Option<Feed> {
+        self.printer.feed()
     }
 
     /// Handles one datagram from the server: renders and prints it, or keeps it while held.
@@ -145,10 +181,11 @@ impl Screen {
             return Ok(Flow::RoomClosed);
         }
         if let Some(held) = &mut self.held {
-            if held.len() < MAX_HELD_DATAGRAMS {
+            if held.len() < MAX_HELD_DATAGRAMS && self.held_bytes + bytes.len() <= MAX_HELD_BYTES {
                 held.push(bytes.to_vec());
+                self.held_bytes += bytes.len();
             } else {
-                debug!("dropping a datagram: {MAX_HELD_DATAGRAMS} already held");
+                debug!("dropping a datagram: the hold is full");
             }
             return Ok(Flow::Continue);
         }
@@ -383,7 +420,7 @@ pub mod tests {
     #[derive(Clone, Default)]
     struct FakeExternal(Arc<Mutex<Vec<String>>>);
 
-    impl ExternalPrinter for FakeExternal {
+    impl rustyline::ExternalPrinter for FakeExternal {
         fn print(&mut self, msg: String) -> rustyline::Result<()> {
             self.0.lock().unwrap().push(msg);
             Ok(())
@@ -393,20 +430,69 @@ pub mod tests {
     #[test]
     fn editor_printer_hands_whole_lines_to_the_editor() {
         let external = FakeExternal::default();
+        let feed = Feed::start(external.clone()).unwrap();
         let mut printer = EditorPrinter {
-            printer: external.clone(),
+            feed: feed.clone(),
             stderr_is_terminal: true,
         };
         printer.print_out("bob: hi").unwrap();
         printer.print_err("* note");
+        feed.wait_below(0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while external.0.lock().unwrap().len() < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "lines not handed over"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         assert_eq!(*external.0.lock().unwrap(), ["bob: hi\n", "* note\n"]);
         // With standard error redirected, remarks go there instead.
         let mut printer = EditorPrinter {
-            printer: external.clone(),
+            feed: feed.clone(),
             stderr_is_terminal: false,
         };
         printer.print_err("* to the log");
+        assert!(printer.close().is_empty());
         assert_eq!(external.0.lock().unwrap().len(), 2);
+    }
+
+    /// The lines the editor had not shown when the room closed come first, then the closing
+    /// lines, all for the main thread to print.
+    #[test]
+    fn closing_lines_follow_those_the_editor_had_not_shown() {
+        let (slot, readline) = std::sync::mpsc::sync_channel::<String>(1);
+        struct OneSlot(std::sync::mpsc::SyncSender<String>);
+        impl rustyline::ExternalPrinter for OneSlot {
+            fn print(&mut self, msg: String) -> rustyline::Result<()> {
+                self.0
+                    .send(msg)
+                    .map_err(|_| io::Error::other("gone").into())
+            }
+        }
+        let feed = Feed::start(OneSlot(slot)).unwrap();
+        let mut screen = Screen::new("lobby", Box::new(PlainPrinter), false);
+        screen.set_editor_printer(Box::new(EditorPrinter::new(feed.clone())));
+        for seq in 1..=5 {
+            let flow = screen.handle_datagram(&sequenced(seq, "x")).unwrap();
+            assert_eq!(flow, Flow::Continue);
+        }
+        // The editor holds line 1 and the printer thread line 2: three left.
+        feed.wait_below(3 * "bob: x".len());
+        assert_eq!(
+            screen.handle_datagram(delivery::ROOM_CLOSED).unwrap(),
+            Flow::RoomClosed
+        );
+        assert_eq!(
+            screen.take_closing(),
+            [
+                "bob: x",
+                "bob: x",
+                "bob: x",
+                "* room lobby was closed by its host"
+            ]
+        );
+        drop(readline);
     }
 
     #[test]
@@ -421,5 +507,20 @@ pub mod tests {
         }
         assert_eq!(screen.release(None).unwrap(), Flow::Continue);
         assert_eq!(rec.lines().len(), MAX_HELD_DATAGRAMS);
+        // In bytes too: datagrams of 65,000 bytes fill it after 16.
+        let rec = Recorder::default();
+        let mut screen = Screen::new("lobby", Box::new(rec.clone()), true);
+        let big = "y".repeat(65_000);
+        for seq in 1..=40 {
+            let flow = screen.handle_datagram(&sequenced(seq, &big)).unwrap();
+            assert_eq!(flow, Flow::Continue);
+        }
+        assert_eq!(screen.release(None).unwrap(), Flow::Continue);
+        let kept = rec
+            .lines()
+            .iter()
+            .filter(|l| l.starts_with("out: bob:"))
+            .count();
+        assert_eq!(kept, MAX_HELD_BYTES / sequenced(1, &big).len());
     }
 }

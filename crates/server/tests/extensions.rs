@@ -1099,3 +1099,129 @@ fn presence_of_a_crowded_room_is_cut_to_one_reply() {
     );
     assert_eq!(out.len(), names.len() + 2, "host line, members, the note");
 }
+
+/// A pseudo-terminal pair: `ocm` gets the terminal end, the test the other.
+struct Pty {
+    controller: std::fs::File,
+    terminal: std::os::fd::OwnedFd,
+}
+
+impl Pty {
+    fn open() -> Pty {
+        use std::os::fd::FromRawFd;
+        let (mut controller, mut terminal) = (0, 0);
+        let mut size = libc::winsize {
+            ws_row: 24,
+            ws_col: 80,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: openpty writes two descriptors into the integers passed; the name buffer
+        // and termios are optional (null).
+        let rc = unsafe {
+            libc::openpty(
+                &mut controller,
+                &mut terminal,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                &mut size,
+            )
+        };
+        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: both descriptors were just opened and are owned by nobody else.
+        unsafe {
+            Pty {
+                controller: std::fs::File::from_raw_fd(controller),
+                terminal: std::os::fd::OwnedFd::from_raw_fd(terminal),
+            }
+        }
+    }
+
+    fn stdio(&self) -> Stdio {
+        Stdio::from(self.terminal.try_clone().expect("dup the terminal"))
+    }
+}
+
+/// `ocm` in a terminal stays responsive while messages pour in: a command typed meanwhile
+/// is answered and `/quit` still leaves. The receiver used to wait for the line editor to
+/// take its line while holding the screen's lock, and the input thread, acting on the
+/// command, waited for that lock before the editor could read again: both stopped for good.
+#[test]
+fn ocm_in_a_terminal_answers_commands_while_a_flood_pours_in() {
+    use std::io::Read;
+    let d = Daemon::start_with(Options {
+        config: Some("[rate]\nchat_per_sec = 0\n".into()),
+        ..Options::default()
+    });
+    let host = Member::joined(&d, "flood", &create(&d, "flood", "host"));
+    let pty = Pty::open();
+    let mut ocm = Command::new(sibling_binary("ocm"))
+        .args(["--server", "127.0.0.1", "--tcp-port"])
+        .arg(d.tcp.port().to_string())
+        .arg("--udp-port")
+        .arg(d.udp.port().to_string())
+        .args(["join", "flood", "--name", "alice"])
+        .stdin(pty.stdio())
+        .stdout(pty.stdio())
+        .stderr(pty.stdio())
+        .env_remove("RUST_LOG")
+        .spawn()
+        .expect("spawn ocm");
+    let mut controller = pty.controller.try_clone().unwrap();
+    let mut keys = pty.controller.try_clone().unwrap();
+    drop(pty);
+    let screen = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    {
+        let screen = Arc::clone(&screen);
+        thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            // Ends with EIO once ocm, the terminal's last holder, has exited.
+            while let Ok(n @ 1..) = controller.read(&mut buf) {
+                screen.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+    }
+    let shown = |needle: &str, from: usize| {
+        let screen = screen.lock().unwrap();
+        String::from_utf8_lossy(&screen[from.min(screen.len())..]).contains(needle)
+    };
+    wait_until("ocm joined", || shown("joined flood as alice", 0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                host.send(&format!("flood {i} {}", "x".repeat(100)));
+                i += 1;
+            }
+            i
+        })
+    };
+    wait_until("the flood shows", || shown("host: flood 1", 0));
+    let mut typist = |text: &str| {
+        keys.write_all(text.as_bytes())
+            .expect("type into the terminal")
+    };
+    let mark = screen.lock().unwrap().len();
+    typist("/help\r");
+    wait_until("/help answered during the flood", || {
+        shown("/history [N]", mark)
+    });
+    typist("/quit\r");
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = ocm.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = ocm.kill();
+            panic!("ocm did not leave on /quit during the flood");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    stop.store(true, Ordering::Relaxed);
+    let sent = flood.join().unwrap();
+    assert!(status.success(), "ocm: {status}");
+    assert!(sent > 1, "{sent} messages sent");
+}

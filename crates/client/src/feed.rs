@@ -1,0 +1,227 @@
+//! Lines on their way to the line editor, and the thread that hands them over.
+//!
+//! rustyline's external printer takes a line only while `readline` runs (its channel holds
+//! one line), so a print can wait for as long as the user's last command takes. Whoever
+//! prints must therefore hold nothing the input thread needs meanwhile. The receiver used to
+//! print under the screen's lock, and the input thread, acting on the line just entered
+//! (`/help`), waited for that lock before `readline` could run again: under a flood of
+//! messages, a deadlock. Printing now only queues ([`Feed::push`], which never waits); a
+//! thread of its own hands the lines to the editor, and the receiver, holding no lock, waits
+//! while too much is queued ([`Feed::wait_below`]). Memory stays bounded, and a flood is
+//! slowed to what the terminal shows: the excess waits in the socket's receive buffer, and
+//! what the kernel drops from it shows as lost messages.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread;
+
+use log::debug;
+use rustyline::ExternalPrinter;
+
+/// Bytes of queued lines past which the receiver waits for the editor to catch up.
+pub const MAX_QUEUED_BYTES: usize = 1 << 20;
+
+/// The queue of lines for the line editor; clones share it.
+#[derive(Clone)]
+pub struct Feed(Arc<Shared>);
+
+#[derive(Default)]
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Signalled when a line is queued or taken, and when the feed closes.
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Queue {
+    lines: VecDeque<String>,
+    bytes: usize,
+    closed: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The next line to print, waiting for one; `None` once the feed is closed.
+    fn next(&self) -> Option<String> {
+        let mut queue = self.lock();
+        loop {
+            if queue.closed {
+                return None;
+            }
+            if let Some(line) = queue.lines.pop_front() {
+                queue.bytes -= line.len();
+                self.changed.notify_all();
+                return Some(line);
+            }
+            queue = self
+                .changed
+                .wait(queue)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+impl Feed {
+    /// Starts the thread that hands queued lines to `printer`, one at a time, each with its
+    /// newline.
+    pub fn start<P: ExternalPrinter + Send + 'static>(mut printer: P) -> io::Result<Feed> {
+        let shared = Arc::new(Shared::default());
+        let feeder = Arc::clone(&shared);
+        let feed = Feed(shared);
+        let closer = feed.clone();
+        thread::Builder::new()
+            .name("printer".into())
+            .spawn(move || {
+                while let Some(line) = feeder.next() {
+                    if let Err(e) = printer.print(format!("{line}\n")) {
+                        debug!("the line editor took no more lines: {e}");
+                        closer.close();
+                        return;
+                    }
+                }
+            })?;
+        Ok(feed)
+    }
+
+    /// Queues a line; never waits. Dropped once the feed is closed.
+    pub fn push(&self, line: String) {
+        let mut queue = self.0.lock();
+        if queue.closed {
+            debug!("not shown, the line editor is gone: {line}");
+            return;
+        }
+        queue.bytes += line.len();
+        queue.lines.push_back(line);
+        self.0.changed.notify_all();
+    }
+
+    /// Waits while more than `bytes` are queued and the feed is open.
+    pub fn wait_below(&self, bytes: usize) {
+        let mut queue = self.0.lock();
+        while !queue.closed && queue.bytes > bytes {
+            queue = self
+                .0
+                .changed
+                .wait(queue)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Closes the feed: the thread stops after the line it is printing, waiters go on, and
+    /// the lines not yet handed over are returned, in order.
+    pub fn close(&self) -> Vec<String> {
+        let mut queue = self.0.lock();
+        queue.closed = true;
+        queue.bytes = 0;
+        self.0.changed.notify_all();
+        queue.lines.drain(..).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+    use std::time::Duration;
+
+    /// Like rustyline's printer: a channel of one line, which only `readline` empties.
+    struct OneSlot(SyncSender<String>);
+
+    impl ExternalPrinter for OneSlot {
+        fn print(&mut self, msg: String) -> rustyline::Result<()> {
+            self.0
+                .send(msg)
+                .map_err(|_| io::Error::other("the editor is gone").into())
+        }
+    }
+
+    const PATIENCE: Duration = Duration::from_secs(10);
+
+    fn one_slot_feed() -> (Feed, Receiver<String>) {
+        let (tx, rx) = sync_channel(1);
+        (Feed::start(OneSlot(tx)).unwrap(), rx)
+    }
+
+    #[test]
+    fn pushing_never_waits_for_the_editor_and_lines_arrive_in_order() {
+        let (feed, readline) = one_slot_feed();
+        // Nobody reads: the thread holds one line in the slot and waits with a second.
+        for i in 0..100 {
+            feed.push(format!("line {i}"));
+        }
+        for i in 0..100 {
+            assert_eq!(
+                readline.recv_timeout(PATIENCE).unwrap(),
+                format!("line {i}\n")
+            );
+        }
+        assert_eq!(
+            readline.recv_timeout(Duration::from_millis(50)),
+            Err(RecvTimeoutError::Timeout)
+        );
+    }
+
+    #[test]
+    fn the_receiver_waits_while_too_much_is_queued_until_the_editor_reads() {
+        let (feed, readline) = one_slot_feed();
+        for i in 0..10 {
+            feed.push(format!("line {i}"));
+        }
+        let waiter = {
+            let feed = feed.clone();
+            thread::spawn(move || feed.wait_below(0))
+        };
+        // Still queued: the waiter cannot have gone on.
+        assert_eq!(readline.recv_timeout(PATIENCE).unwrap(), "line 0\n");
+        assert!(!waiter.is_finished());
+        for i in 1..10 {
+            assert_eq!(
+                readline.recv_timeout(PATIENCE).unwrap(),
+                format!("line {i}\n")
+            );
+        }
+        waiter.join().unwrap();
+    }
+
+    #[test]
+    fn closing_returns_what_was_not_handed_over_and_releases_waiters() {
+        let (feed, readline) = one_slot_feed();
+        for i in 0..10 {
+            feed.push(format!("line {i}"));
+        }
+        // The thread puts line 0 in the slot and waits to put line 1 there: 8 lines left.
+        feed.wait_below(8 * "line 0".len());
+        let waiter = {
+            let feed = feed.clone();
+            thread::spawn(move || feed.wait_below(0))
+        };
+        let left = feed.close();
+        waiter.join().unwrap();
+        let expected: Vec<String> = (2..10).map(|i| format!("line {i}")).collect();
+        assert_eq!(left, expected);
+        // Closed: later lines are dropped.
+        feed.push("after".into());
+        assert!(feed.close().is_empty());
+        assert_eq!(readline.recv_timeout(PATIENCE).unwrap(), "line 0\n");
+    }
+
+    #[test]
+    fn an_editor_that_is_gone_closes_the_feed() {
+        let (feed, readline) = one_slot_feed();
+        drop(readline);
+        feed.push("nobody reads this".into());
+        // The thread's print fails and closes the feed, so waiters do not wait forever.
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while !feed.0.lock().closed {
+            assert!(std::time::Instant::now() < deadline, "the feed stayed open");
+            thread::sleep(Duration::from_millis(5));
+        }
+        feed.push("later".into());
+        feed.wait_below(0);
+        assert!(feed.close().is_empty());
+    }
+}
