@@ -1110,7 +1110,7 @@ impl Pty {
     fn open() -> Pty {
         use std::os::fd::FromRawFd;
         let (mut controller, mut terminal) = (0, 0);
-        let mut size = libc::winsize {
+        let size = libc::winsize {
             ws_row: 24,
             ws_col: 80,
             ws_xpixel: 0,
@@ -1124,7 +1124,7 @@ impl Pty {
                 &mut terminal,
                 std::ptr::null_mut(),
                 std::ptr::null(),
-                &mut size,
+                &size,
             )
         };
         assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
