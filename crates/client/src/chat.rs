@@ -92,6 +92,10 @@ pub struct Options {
     pub join_history: bool,
     /// Read input through the line editor (standard input and output are a terminal).
     pub line_editor: bool,
+    /// Before believing a datagram saying that the room closed or that we timed out, ask the
+    /// server over TCP ([`check_closure`]). Off with `--original`: the original server has no
+    /// such request.
+    pub check_closures: bool,
 }
 
 /// A member's UDP endpoint: the socket, the server's chat address and the credentials every
@@ -204,7 +208,10 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
         Box::new(PlainPrinter),
         options.join_history,
     )));
-    spawn_receiver(&session, Arc::clone(&screen), events.clone())?;
+    let receiving = Arc::new(AtomicBool::new(false));
+    spawn_receiver(&session, Arc::clone(&screen), events.clone(), &receiving)?;
+    // Kept to start a receiver again after a forged closure.
+    let events_for_receiver = events.clone();
 
     session
         .send_control(REGISTER)
@@ -264,6 +271,15 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
                 break;
             }
             Event::RoomClosed => {
+                if options.check_closures && check_closure(options.tcp, &session) == Closure::Forged
+                {
+                    lock(&screen).reopen(FORGED_CLOSURE);
+                    if !receiving.load(Ordering::SeqCst) {
+                        let again = events_for_receiver.clone();
+                        spawn_receiver(&session, Arc::clone(&screen), again, &receiving)?;
+                    }
+                    continue;
+                }
                 finish_closed(&screen, terminal);
                 return Ok(());
             }
@@ -484,24 +500,69 @@ fn spawn_signal_watcher(events: SyncSender<Event>) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// Starts the receiver thread; `receiving` is set while it runs.
 fn spawn_receiver(
     session: &Session,
     screen: Arc<Mutex<Screen>>,
     events: SyncSender<Event>,
+    receiving: &Arc<AtomicBool>,
 ) -> Result<(), ClientError> {
     let socket = session
         .socket
         .try_clone()
         .map_err(ClientError::io("cloning the UDP socket"))?;
     let server = session.server;
+    let running = Arc::clone(receiving);
+    running.store(true, Ordering::SeqCst);
     thread::Builder::new()
         .name("receiver".into())
         .spawn(move || {
             let event = receive(&socket, server, &screen);
+            running.store(false, Ordering::SeqCst);
             let _ = events.send(event);
         })
-        .map_err(ClientError::io("starting the receiver thread"))?;
+        .map_err(|e| {
+            receiving.store(false, Ordering::SeqCst);
+            ClientError::io("starting the receiver thread")(e)
+        })?;
     Ok(())
+}
+
+/// The remark shown when a closure turns out to be forged.
+const FORGED_CLOSURE: &str =
+    "* ignored a notice that the room closed: the server says we are still in it (forged?)";
+
+/// What the server says of a datagram that ended our membership.
+#[derive(Debug, PartialEq, Eq)]
+enum Closure {
+    /// The room is gone, or we are no longer in it.
+    Confirmed,
+    /// We are still a member: the datagram did not come from the server.
+    Forged,
+    /// No answer that tells (the server is unreachable, or refused for another reason).
+    Unknown,
+}
+
+/// Asks the server over TCP whether our token still opens the room's history, which only a
+/// member may read. A notice that the room closed, or that we timed out, comes in a datagram
+/// that anyone who can forge the server's address can send (docs/SECURITY.md); the TCP
+/// handshake shows that this answer comes from the server. When it cannot tell, the notice
+/// is believed, as before.
+fn check_closure(tcp: SocketAddr, session: &Session) -> Closure {
+    let answer = handshake::connect_addr(tcp).and_then(|mut stream| {
+        query::history(&mut stream, &session.room_name, &session.token, None, 1)
+    });
+    match answer {
+        Ok(_) => Closure::Forged,
+        Err(ClientError::QueryRefused {
+            code: Some(ErrorCode::RoomNotFound | ErrorCode::NotMember),
+            ..
+        }) => Closure::Confirmed,
+        Err(e) => {
+            debug!("cannot check the closure: {e}");
+            Closure::Unknown
+        }
+    }
 }
 
 /// Receives and hands each datagram to the screen until the room closes or an error ends
@@ -961,6 +1022,71 @@ mod tests {
         assert_eq!(
             rec.lines(),
             ["out: bob: hi", "out: * room lobby was closed by its host"]
+        );
+    }
+
+    /// A closure is believed when the server says the room is gone or we are out of it, or
+    /// when it cannot tell; it is called forged only when the server still takes our token.
+    #[test]
+    fn a_closure_is_forged_only_if_the_server_still_takes_our_token() {
+        let (tcp, asked) = fake_daemon(vec![
+            Ok(r#"{"messages": [], "more": false}"#),
+            Err((tcrp::ErrorCode::RoomNotFound, "no room")),
+            Err((tcrp::ErrorCode::NotMember, "not a member")),
+            Err((tcrp::ErrorCode::RateLimited, "slow down")),
+        ]);
+        let (session, _server) = pair("lobby", "00ff");
+        for expected in [
+            Closure::Forged,
+            Closure::Confirmed,
+            Closure::Confirmed,
+            Closure::Unknown,
+        ] {
+            assert_eq!(check_closure(tcp, &session), expected);
+        }
+        assert_eq!(check_closure(dead_tcp(), &session), Closure::Unknown);
+        let asked = asked.lock().unwrap();
+        assert_eq!(asked.len(), 4);
+        assert!(asked
+            .iter()
+            .all(|(op, room, payload)| *op == Operation::History
+                && room == "lobby"
+                && payload.contains("00ff")));
+    }
+
+    /// After a forged closure the screen shows chat again, with a remark instead of the
+    /// closing line.
+    #[test]
+    fn a_reopened_screen_shows_chat_again() {
+        let (session, server) = pair("lobby", "ab");
+        let me = SocketAddr::from((
+            Ipv4Addr::LOCALHOST,
+            session.socket.local_addr().unwrap().port(),
+        ));
+        let (screen, rec) = screen(false);
+        server.send_to(ucrp::ROOM_CLOSED, me).unwrap();
+        let from = server.local_addr().unwrap();
+        assert!(matches!(
+            receive(&session.socket, from, &screen),
+            Event::RoomClosed
+        ));
+        lock(&screen).reopen(FORGED_CLOSURE);
+        let mut out = Vec::new();
+        ucrp::delivery::encode_chat("bob", b"still here", &mut out).unwrap();
+        server.send_to(&out, me).unwrap();
+        server.send_to(ucrp::ROOM_CLOSED, me).unwrap();
+        assert!(matches!(
+            receive(&session.socket, from, &screen),
+            Event::RoomClosed
+        ));
+        assert_eq!(
+            rec.lines(),
+            [
+                "out: * room lobby was closed by its host".to_owned(),
+                format!("err: {FORGED_CLOSURE}"),
+                "out: bob: still here".to_owned(),
+                "out: * room lobby was closed by its host".to_owned(),
+            ]
         );
     }
 

@@ -302,6 +302,7 @@ fn chat(
             keepalive: Duration::from_secs(u64::from(args.keepalive)),
             tcp,
             join_history: verb == Verb::Join && !args.original,
+            check_closures: !args.original,
             line_editor: std::io::stdin().is_terminal() && std::io::stdout().is_terminal(),
         },
     )

@@ -170,6 +170,14 @@ impl Screen {
         lines
     }
 
+    /// Opens the screen again after a closure that turned out to be forged: the lines kept
+    /// for it are dropped and `remark` is shown instead.
+    pub fn reopen(&mut self, remark: &str) {
+        self.closed = false;
+        self.closing.clear();
+        self.printer.print_err(remark);
+    }
+
     /// The queue printing goes through, if any: see [`Printer::feed`].
     pub fn feed(&self) -> Option<Feed> {
         self.printer.feed()

@@ -1225,3 +1225,98 @@ fn ocm_in_a_terminal_answers_commands_while_a_flood_pours_in() {
     assert!(status.success(), "ocm: {status}");
     assert!(sent > 1, "{sent} messages sent");
 }
+
+/// The local port of the UDP socket process `pid` holds (its only one), from
+/// `/proc/PID/fd` and `/proc/net/udp`.
+fn udp_port_of(pid: u32) -> u16 {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the process's descriptors")
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_string_lossy().into_owned();
+            Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/udp").expect("/proc/net/udp");
+    table
+        .lines()
+        .skip(1)
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let inode = fields.get(9)?;
+            let port = fields.get(1)?.rsplit_once(':')?.1;
+            inodes
+                .iter()
+                .any(|i| i == inode)
+                .then(|| u16::from_str_radix(port, 16).ok())?
+        })
+        .expect("the process holds a UDP socket")
+}
+
+/// Sends `payload` to 127.0.0.1:`to` in a UDP datagram that claims to come from
+/// 127.0.0.1:`from`, through a raw socket; `false` without the privilege to open one.
+fn send_forged_udp(from: u16, to: u16, payload: &[u8]) -> bool {
+    // SAFETY: plain socket calls on a descriptor this function owns and closes; the buffers
+    // passed outlive the calls.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_UDP);
+        if fd < 0 {
+            return false;
+        }
+        let len = u16::try_from(8 + payload.len()).expect("a small datagram");
+        let mut datagram = Vec::with_capacity(usize::from(len));
+        datagram.extend_from_slice(&from.to_be_bytes());
+        datagram.extend_from_slice(&to.to_be_bytes());
+        datagram.extend_from_slice(&len.to_be_bytes());
+        datagram.extend_from_slice(&[0, 0]); // no checksum (allowed over IPv4)
+        datagram.extend_from_slice(payload);
+        let address = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let sent = libc::sendto(
+            fd,
+            datagram.as_ptr().cast(),
+            datagram.len(),
+            0,
+            std::ptr::addr_of!(address).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        libc::close(fd);
+        assert_eq!(
+            sent,
+            datagram.len() as isize,
+            "{}",
+            std::io::Error::last_os_error()
+        );
+        true
+    }
+}
+
+/// A `__ROOM_CLOSED__` forged with the daemon's address does not end `ocm`'s session: it asks
+/// the daemon over TCP, which still takes its token, so it says so and stays. The real
+/// closure then ends it as before. Needs a raw socket (root or `CAP_NET_RAW`).
+#[test]
+fn ocm_stays_in_its_room_after_a_forged_room_closed() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "forged", "--name", "alice"]);
+    alice.wait_stderr("* created forged as alice");
+    let mut bob = Ocm::start(&d, &["join", "forged", "--name", "bob"]);
+    bob.wait_stderr("* joined forged as bob");
+    let port = udp_port_of(bob.pid());
+    if !send_forged_udp(d.udp.port(), port, delivery::ROOM_CLOSED) {
+        eprintln!("note: no raw socket (not root, no CAP_NET_RAW); skipped");
+        return;
+    }
+    bob.wait_stderr("ignored a notice that the room closed");
+    alice.type_line("still there?");
+    lines_until(&bob, "alice: still there?");
+    alice.close_stdin();
+    assert!(alice.wait().success());
+    lines_until(&bob, "* room forged was closed by its host");
+    assert!(bob.wait().success(), "bob leaves with the real closure");
+}

@@ -618,6 +618,11 @@ impl Ocm {
         self.stdin.take().expect("stdin open")
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The process's resident memory, from `/proc/PID/status`, in KiB.
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
