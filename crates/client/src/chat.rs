@@ -293,19 +293,30 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
     Ok(())
 }
 
-/// How long the line editor gets to draw the lines it was handed just before the room
-/// closed. rustyline's external printer has no flush; its thread draws each line as soon as
-/// it takes it, well within this.
+/// How long the line editor gets to take the lines queued for it when the room closes
+/// ([`Feed::finish`]); what it has not taken by then is printed after the terminal is given
+/// back.
+const FEED_FINISH: Duration = Duration::from_secs(1);
+
+/// How long the line editor gets to draw the last line it was handed. rustyline's external
+/// printer has no flush; `readline` draws each line as soon as it takes it, well within
+/// this.
 const EDITOR_DRAIN: Duration = Duration::from_millis(100);
 
-/// The room closed: with the line editor, let it draw what it has, give the terminal back,
-/// then print the closing lines the screen kept. Without it they are printed already.
+/// The room closed: with the line editor, let it take and draw what is queued for it, give
+/// the terminal back, then print what it did not take and the closing lines the screen
+/// kept, in that order. Without it they are printed already.
 fn finish_closed(screen: &Mutex<Screen>, terminal: Option<TerminalGuard>) {
     let Some(terminal) = terminal else {
         return;
     };
+    // Outside the screen's lock: the input thread may need it before the editor reads again.
+    let feed = lock(screen).feed();
+    let mut closing = feed
+        .map(|feed| feed.finish(FEED_FINISH))
+        .unwrap_or_default();
     thread::sleep(EDITOR_DRAIN);
-    let closing = lock(screen).take_closing();
+    closing.extend(lock(screen).take_closing());
     // Restores the terminal mode and leaves the prompt line.
     drop(terminal);
     let mut screen = lock(screen);

@@ -126,7 +126,7 @@ pub enum ClientError {
     /// The COMPLETE token cannot be carried in a UCRP datagram (empty or over 255 bytes), or
     /// holds a byte that is not printable ASCII (a server's tokens are hex digits).
     #[error(
-        "the server issued an unusable token of {len} bytes (must be 1 to 255 printable ASCII characters)"
+        "the server issued an unusable token of {len} bytes (must be 1 to 255 visible ASCII characters, no spaces)"
     )]
     BadToken {
         /// The token's length in bytes.

@@ -1,11 +1,12 @@
 //! Lines on their way to the line editor, and the thread that hands them over.
 //!
-//! rustyline's external printer takes a line only while `readline` runs (its channel holds
-//! one line), so a print can wait for as long as the user's last command takes. Whoever
-//! prints must therefore hold nothing the input thread needs meanwhile. The receiver used to
-//! print under the screen's lock, and the input thread, acting on the line just entered
-//! (`/help`), waited for that lock before `readline` could run again: under a flood of
-//! messages, a deadlock. Printing now only queues ([`Feed::push`], which never waits); a
+//! rustyline's external printer hands a line to `readline` through a channel that holds one
+//! line; while `readline` is not running (the input thread is acting on the line just
+//! entered) the line waits there, and the next print waits for room, for as long as the
+//! command takes. Whoever prints must therefore hold nothing the input thread needs
+//! meanwhile. The receiver used to print under the screen's lock, and the input thread,
+//! acting on `/help`, waited for that lock before `readline` could run again: under a flood
+//! of messages, a deadlock. Printing now only queues ([`Feed::push`], which never waits); a
 //! thread of its own hands the lines to the editor, and the receiver, holding no lock, waits
 //! while too much is queued ([`Feed::wait_below`]). Memory stays bounded, and a flood is
 //! slowed to what the terminal shows: the excess waits in the socket's receive buffer, and
@@ -15,6 +16,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use log::debug;
 use rustyline::ExternalPrinter;
@@ -38,6 +40,8 @@ struct Queue {
     lines: VecDeque<String>,
     bytes: usize,
     closed: bool,
+    /// The thread has taken a line and not yet handed it over.
+    in_flight: bool,
 }
 
 impl Shared {
@@ -54,6 +58,7 @@ impl Shared {
             }
             if let Some(line) = queue.lines.pop_front() {
                 queue.bytes -= line.len();
+                queue.in_flight = true;
                 self.changed.notify_all();
                 return Some(line);
             }
@@ -77,7 +82,10 @@ impl Feed {
             .name("printer".into())
             .spawn(move || {
                 while let Some(line) = feeder.next() {
-                    if let Err(e) = printer.print(format!("{line}\n")) {
+                    let printed = printer.print(format!("{line}\n"));
+                    feeder.lock().in_flight = false;
+                    feeder.changed.notify_all();
+                    if let Err(e) = printed {
                         debug!("the line editor took no more lines: {e}");
                         closer.close();
                         return;
@@ -109,6 +117,30 @@ impl Feed {
                 .wait(queue)
                 .unwrap_or_else(PoisonError::into_inner);
         }
+    }
+
+    /// Lets the editor take every queued line, for at most `within`, then closes the feed
+    /// and returns the lines it did not take, in order. The line being handed over counts
+    /// as queued, so once this returns with time to spare, no line reaches the editor after
+    /// the caller prints the rest; past the deadline (the editor not reading), that one line
+    /// is drawn whenever the editor reads again, or not at all.
+    pub fn finish(&self, within: Duration) -> Vec<String> {
+        let deadline = Instant::now() + within;
+        let mut queue = self.0.lock();
+        while !queue.closed && (!queue.lines.is_empty() || queue.in_flight) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            queue = self
+                .0
+                .changed
+                .wait_timeout(queue, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        drop(queue);
+        self.close()
     }
 
     /// Closes the feed: the thread stops after the line it is printing, waiters go on, and
@@ -207,6 +239,48 @@ mod tests {
         feed.push("after".into());
         assert!(feed.close().is_empty());
         assert_eq!(readline.recv_timeout(PATIENCE).unwrap(), "line 0\n");
+    }
+
+    /// Reads what the editor would draw, until nothing comes for a moment.
+    fn drawn(readline: &Receiver<String>) -> Vec<String> {
+        let mut lines = Vec::new();
+        while let Ok(line) = readline.recv_timeout(Duration::from_millis(200)) {
+            lines.push(line.trim_end().to_owned());
+        }
+        lines
+    }
+
+    #[test]
+    fn finishing_lets_a_reading_editor_take_every_line_first() {
+        let (feed, readline) = one_slot_feed();
+        let reader = thread::spawn(move || {
+            (0..50)
+                .map(|_| readline.recv_timeout(PATIENCE).unwrap())
+                .collect::<Vec<_>>()
+        });
+        for i in 0..50 {
+            feed.push(format!("line {i}"));
+        }
+        assert!(feed.finish(PATIENCE).is_empty());
+        let expected: Vec<String> = (0..50).map(|i| format!("line {i}\n")).collect();
+        assert_eq!(reader.join().unwrap(), expected);
+    }
+
+    /// With the editor not reading, finishing gives up at its deadline; the editor, reading
+    /// later, gets what the thread held, and the caller the rest: every line once, in order.
+    #[test]
+    fn finishing_gives_up_at_its_deadline_and_loses_nothing_once_the_editor_reads() {
+        let (feed, readline) = one_slot_feed();
+        let all: Vec<String> = (0..5).map(|i| format!("line {i}")).collect();
+        for line in &all {
+            feed.push(line.clone());
+        }
+        let started = std::time::Instant::now();
+        let left = feed.finish(Duration::from_millis(50));
+        assert!(started.elapsed() < PATIENCE);
+        let mut seen = drawn(&readline);
+        seen.extend(left);
+        assert_eq!(seen, all);
     }
 
     #[test]

@@ -2,9 +2,13 @@
 //!
 //! ```text
 //! ocm [--server HOST] [--tcp-port N] [--udp-port N] create ROOM --name NAME [--keepalive SECS]
-//!     [--password PW | --password-file PATH] [--unlisted] [--original]
+//!     [--password PW | --password-file PATH] [--unlisted]
+//! ocm [--server HOST] [--tcp-port N] [--udp-port N] create ROOM --name NAME [--keepalive SECS]
+//!     --original
 //! ocm [--server HOST] [--tcp-port N] [--udp-port N] join   ROOM --name NAME [--keepalive SECS]
-//!     [--password PW | --password-file PATH] [--original]
+//!     [--password PW | --password-file PATH]
+//! ocm [--server HOST] [--tcp-port N] [--udp-port N] join   ROOM --name NAME [--keepalive SECS]
+//!     --original
 //! ocm [--server HOST] [--tcp-port N] rooms
 //! ocm [--server HOST] [--tcp-port N] who ROOM [--password PW | --password-file PATH]
 //! ```

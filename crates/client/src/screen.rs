@@ -465,10 +465,10 @@ pub mod tests {
         assert_eq!(external.0.lock().unwrap().len(), 2);
     }
 
-    /// The lines the editor had not shown when the room closed come first, then the closing
-    /// lines, all for the main thread to print.
+    /// When the room closes, the editor takes what was queued before it, and the closing
+    /// lines follow; lines the editor did not take come back before them.
     #[test]
-    fn closing_lines_follow_those_the_editor_had_not_shown() {
+    fn closing_lines_come_after_every_line_queued_before_them() {
         let (slot, readline) = std::sync::mpsc::sync_channel::<String>(1);
         struct OneSlot(std::sync::mpsc::SyncSender<String>);
         impl rustyline::ExternalPrinter for OneSlot {
@@ -478,29 +478,45 @@ pub mod tests {
                     .map_err(|_| io::Error::other("gone").into())
             }
         }
+        let patience = std::time::Duration::from_secs(10);
         let feed = Feed::start(OneSlot(slot)).unwrap();
         let mut screen = Screen::new("lobby", Box::new(PlainPrinter), false);
         screen.set_editor_printer(Box::new(EditorPrinter::new(feed.clone())));
         for seq in 1..=5 {
-            let flow = screen.handle_datagram(&sequenced(seq, "x")).unwrap();
+            let flow = screen
+                .handle_datagram(&sequenced(seq, &seq.to_string()))
+                .unwrap();
             assert_eq!(flow, Flow::Continue);
         }
-        // The editor holds line 1 and the printer thread line 2: three left.
-        feed.wait_below(3 * "bob: x".len());
         assert_eq!(
             screen.handle_datagram(delivery::ROOM_CLOSED).unwrap(),
             Flow::RoomClosed
         );
+        // The editor reads two lines, then stops; finishing returns the rest.
+        for seq in 1..=2 {
+            assert_eq!(
+                readline.recv_timeout(patience).unwrap(),
+                format!("bob: {seq}\n")
+            );
+        }
+        let mut rest = feed.finish(std::time::Duration::from_millis(50));
+        rest.extend(screen.take_closing());
+        // The editor, reading again, draws what the thread held for it (one line in its
+        // slot, one being handed over); the thread then ends, and with it the channel.
+        let mut after = Vec::new();
+        while let Ok(line) = readline.recv_timeout(patience) {
+            after.push(line.trim_end().to_owned());
+        }
+        after.extend(rest);
         assert_eq!(
-            screen.take_closing(),
+            after,
             [
-                "bob: x",
-                "bob: x",
-                "bob: x",
+                "bob: 3",
+                "bob: 4",
+                "bob: 5",
                 "* room lobby was closed by its host"
             ]
         );
-        drop(readline);
     }
 
     #[test]

@@ -933,7 +933,8 @@ mod tests {
         // On: look-alikes are refused; a listed room is named, an unlisted one is not.
         // `lob\u{200b}by` looks like both `lobby` and `lоbby`: either may be named.
         for (twin, named) in [
-            ("IobbY", None),
+            ("lobbies", None),
+            ("IobbY", Some(r#"the existing room "l"#)),
             ("lob\u{200b}by", Some(r#"the existing room "l"#)),
             ("LOBBY", Some(r#"the existing room "l"#)),
             ("s\u{435}cret", Some("an existing room")),

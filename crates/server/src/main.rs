@@ -100,8 +100,11 @@ fn print_fatal(error: &dyn std::fmt::Display) {
         ""
     };
     let text = format!("ocmd: {error}");
+    // Best effort, unlike `eprintln!`, which panics on a closed standard error and would
+    // turn the exit status into 101.
+    let mut stderr = std::io::stderr().lock();
     for line in text.lines() {
-        eprintln!("{priority}{line}");
+        let _ = writeln!(stderr, "{priority}{line}");
     }
 }
 

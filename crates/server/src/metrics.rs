@@ -19,6 +19,8 @@ pub struct Metrics {
     pub start_time: f64,
     /// TCP connections accepted.
     pub tcp_accepted: u64,
+    /// `accept` calls that failed (EMFILE and friends).
+    pub accept_errors: u64,
     /// TCP connections refused by reason (`max_connections`, `max_connections_per_ip`,
     /// `max_metrics_connections`).
     pub tcp_rejected: BTreeMap<&'static str, u64>,
@@ -160,11 +162,16 @@ impl Metrics {
             "Longest state file write, seconds.",
             self.compactions.max_seconds,
         );
-        let counters: [(&str, &str, f64); 14] = [
+        let counters: [(&str, &str, f64); 15] = [
             (
                 "ocm_tcp_connections_accepted_total",
                 "TCP connections accepted.",
                 self.tcp_accepted as f64,
+            ),
+            (
+                "ocm_tcp_accept_errors_total",
+                "accept calls that failed (EMFILE and friends); the listener is retried 50 ms later.",
+                self.accept_errors as f64,
             ),
             (
                 "ocm_datagrams_received_total",

@@ -903,14 +903,13 @@ impl Registry {
             .map(|room| (&*room.name, room.listed))
     }
 
-    /// The hashes of a name's two look-alike keys in one word, 32 bits each (as written
-    /// high, any case low); never 0, which marks a member's or a room's as not yet worked
-    /// out.
+    /// The hashes of a name's two look-alike keys in one word, 32 bits each (skeleton high,
+    /// lower case low); never 0, which marks a member's or a room's as not yet worked out.
     fn lookalike_hash(&self, keys: &tcrp::names::LookalikeKeys) -> u64 {
         // Truncation is the point: half a word per key.
-        let as_written = self.hasher.hash_one(&keys.as_written) as u32;
-        let any_case = self.hasher.hash_one(&keys.any_case) as u32;
-        (u64::from(as_written) << 32 | u64::from(any_case)).max(1)
+        let skeleton = self.hasher.hash_one(&keys.skeleton) as u32;
+        let lower_case = self.hasher.hash_one(&keys.lower_case) as u32;
+        (u64::from(skeleton) << 32 | u64::from(lower_case)).max(1)
     }
 
     /// Whether `name` looks like a name with look-alike `keys` (whose hash is `hash`). The

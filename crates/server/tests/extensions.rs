@@ -1100,6 +1100,16 @@ fn presence_of_a_crowded_room_is_cut_to_one_reply() {
     assert_eq!(out.len(), names.len() + 2, "host line, members, the note");
 }
 
+/// A child process killed and reaped when the test ends, failed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A pseudo-terminal pair: `ocm` gets the terminal end, the test the other.
 struct Pty {
     controller: std::fs::File,
@@ -1166,6 +1176,7 @@ fn ocm_in_a_terminal_answers_commands_while_a_flood_pours_in() {
         .stderr(pty.stdio())
         .env_remove("RUST_LOG")
         .spawn()
+        .map(KillOnDrop)
         .expect("spawn ocm");
     let mut controller = pty.controller.try_clone().unwrap();
     let mut keys = pty.controller.try_clone().unwrap();
@@ -1211,11 +1222,10 @@ fn ocm_in_a_terminal_answers_commands_while_a_flood_pours_in() {
     typist("/quit\r");
     let deadline = Instant::now() + PATIENCE;
     let status = loop {
-        if let Some(status) = ocm.try_wait().unwrap() {
+        if let Some(status) = ocm.0.try_wait().unwrap() {
             break status;
         }
         if Instant::now() > deadline {
-            let _ = ocm.kill();
             panic!("ocm did not leave on /quit during the flood");
         }
         thread::sleep(Duration::from_millis(10));

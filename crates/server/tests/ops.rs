@@ -519,6 +519,9 @@ fn drop_log_lines_are_paced_and_zero_turns_them_off() {
         wait_until("the drops are counted", || {
             d.metric("ocm_datagrams_dropped_total{reason=\"unknown_token\"}") >= 50.0
         });
+        // A line logged after the drops: once it is read, every line about them is too.
+        create(&d, "marker", "m");
+        d.wait_for_log("\"marker\"");
         let lines = d.log().matches("datagram dropped").count();
         if rate == "0" {
             assert_eq!(lines, 0, "logged with drop_logs_per_sec = 0");

@@ -153,29 +153,32 @@ pub fn check_visible(name: &str) -> Result<(), NameRule> {
 }
 
 /// What a name looks like, to find look-alikes: two keys, so that names pass for each other
-/// when either key is the same ([`LookalikeKeys::look_alike`]). Both are Unicode's
-/// confusable skeleton (UTS #39, section 4) of the name once its [`hidden_chars`] and the
-/// white space at either end are taken out:
-/// - [`as_written`](LookalikeKeys::as_written), of the name as written: `alice`, `аlice`
-///   (Cyrillic `а`), `aIice` (capital `I`) and `al\u{200B}ice` (a zero-width space) share it;
-/// - [`any_case`](LookalikeKeys::any_case), of the name in lower case: `alice`, `Alice` and
-///   `ALICE` share it. It cannot replace the first, since lower case takes away what made
-///   `aIice` look like `alice` (`aiice`).
+/// when either key is the same ([`LookalikeKeys::look_alike`]). Both are worked out once the
+/// name's [`hidden_chars`] and the white space at either end are taken out:
+/// - [`lower_case`](LookalikeKeys::lower_case), the name in lower case: `alice`, `Alice` and
+///   `ALICE` share it;
+/// - [`skeleton`](LookalikeKeys::skeleton), Unicode's confusable skeleton (UTS #39, section
+///   4) of the name, then in lower case: `alice`, `аlice` (Cyrillic `а`), `aIice` (capital
+///   `I`), `AIice` and `al\u{200B}ice` (a zero-width space) share it, as do `bob`, `b0b` and
+///   `B0B`.
 ///
-/// The converse does not hold: the confusables tables do not know every look-alike, and a
-/// name that needs both steps (`AIice`, looking like `Alice`, to `alice`) is not caught.
+/// Comparing without case has a price: a name in capitals matches one whose letters look
+/// alike only in lower case (`RNA` beside `ma`, whose skeleton is `rna`). And not every
+/// look-alike is caught: the confusables tables do not know them all, and the skeleton reads
+/// a capital `I` as `l`, so a name in capitals that also changes script (`ALICE` with a
+/// Cyrillic `А`) passes beside `alice` (not beside `ALICE`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LookalikeKeys {
-    /// The skeleton of the name as written.
-    pub as_written: String,
-    /// The skeleton of the name in lower case.
-    pub any_case: String,
+    /// The name in lower case.
+    pub lower_case: String,
+    /// The lower case of the name's confusable skeleton.
+    pub skeleton: String,
 }
 
 impl LookalikeKeys {
     /// Whether two names with these keys can pass for each other.
     pub fn look_alike(&self, other: &LookalikeKeys) -> bool {
-        self.as_written == other.as_written || self.any_case == other.any_case
+        self.lower_case == other.lower_case || self.skeleton == other.skeleton
     }
 }
 
@@ -194,9 +197,10 @@ pub fn lookalike_keys(name: &str) -> LookalikeKeys {
         .map(|(_, c)| c)
         .collect();
     let shown = shown.trim();
+    let skeleton: String = unicode_security::skeleton(shown).collect();
     LookalikeKeys {
-        as_written: unicode_security::skeleton(shown).collect(),
-        any_case: unicode_security::skeleton(&shown.to_lowercase()).collect(),
+        lower_case: shown.to_lowercase(),
+        skeleton: skeleton.to_lowercase(),
     }
 }
 
@@ -330,13 +334,13 @@ mod tests {
         for twin in [
             "аlice",          // Cyrillic а
             "aIice",          // capital I for l
+            "AIice",          // and a capital A
             "al\u{200b}ice",  // a zero-width space
             " alice\u{3000}", // white space at both ends
             "\u{202e}alice",  // a bidi override
             "a\u{200d}lice",  // a joiner after an ASCII letter
             "Alice",          // case
-            "ALICE",          // case, where capital I alone would read as l
-            "АLICE",          // case and a Cyrillic А
+            "ALICE",          // case, where the skeleton alone reads capital I as l
         ] {
             assert!(lookalike_keys(twin).look_alike(&alice), "{twin:?}");
             assert!(
@@ -347,5 +351,10 @@ mod tests {
         for other in ["alice2", "bob", "аліса", "al ice", "alce"] {
             assert!(!lookalike_keys(other).look_alike(&alice), "{other:?}");
         }
+        let bob = lookalike_keys("bob");
+        for twin in ["b0b", "B0B", "BOB"] {
+            assert!(lookalike_keys(twin).look_alike(&bob), "{twin:?}");
+        }
+        assert!(lookalike_keys("modern").look_alike(&lookalike_keys("modem")));
     }
 }

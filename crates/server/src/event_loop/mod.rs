@@ -149,6 +149,8 @@ pub struct Server {
     next_status: Instant,
     watchdog: Option<(Duration, Instant)>,
     drop_log: TokenBucket,
+    /// Paces the lines about failed `accept` calls (one a second).
+    accept_log: TokenBucket,
     /// The kernel's drop count for the UDP socket at the last periodic check, which warns
     /// when it grew. Kept apart from the metric, which a scrape also refreshes: a scrape
     /// between two checks must not hide the drops from the log.
@@ -285,6 +287,7 @@ impl Server {
             next_ticket: 0,
             next_checkpoint: now + Duration::from_secs(config.history.checkpoint_secs),
             drop_log: TokenBucket::full(DROP_LOG_BURST, now),
+            accept_log: TokenBucket::full(1.0, now),
             kernel_drops_logged: 0,
             next_sweep: now + Duration::from_millis(config.liveness.sweep_interval_ms),
             sender: udp::Sender::new(config.udp.max_batch_datagram_bytes),
@@ -415,10 +418,12 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // EMFILE and friends: log, keep serving the connections we have, and try
-                    // again shortly for the connections still in the backlog.
+                    // EMFILE and friends: count, log, keep serving the connections we have, and
+                    // try again shortly for the connections still in the backlog. Not input
+                    // from a peer, so not under `drop_logs_per_sec`: at most a line a second.
                     self.accept_retry = Some(now + ACCEPT_RETRY);
-                    if may_log_drop(&mut self.drop_log, now, self.config.rate.drop_logs_per_sec) {
+                    self.metrics.accept_errors += 1;
+                    if self.accept_log.take(now, 1.0, 1.0) {
                         warn!("accept failed: {e}; retrying in {ACCEPT_RETRY:?}");
                     }
                     return;
@@ -781,7 +786,9 @@ fn account(
             if reason == DropReason::RateLimited {
                 Metrics::bump(&mut metrics.rate_limited, "chat");
             }
-            if may_log_drop(drop_log, now, log_rate) {
+            // Only when the line would show: a token spent on a hidden line would be one
+            // fewer for the warnings that share the bucket.
+            if log::log_enabled!(log::Level::Debug) && may_log_drop(drop_log, now, log_rate) {
                 debug!("{src}: datagram dropped ({})", reason.label());
             }
         }
