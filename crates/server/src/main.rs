@@ -119,7 +119,20 @@ fn log_fatal(error: &dyn std::fmt::Display) {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        // --help and --version: to standard output, as clap would.
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        // A usage error: written like any other reason not to start (exit status 2).
+        Err(e) => {
+            let text = e.render().to_string();
+            print_fatal(&text.trim_end().trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
     let (file_config, config) = match load_config(&args) {
         Ok(c) => c,
         Err(e) => {

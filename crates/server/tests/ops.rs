@@ -1249,6 +1249,18 @@ fn journald_a_failed_start_is_logged_once_at_error_priority() {
         }
         assert_eq!(err.matches(reason).count(), 1, "{what}: said once: {err}");
     }
+    // A usage error too (clap's message, exit status 2).
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocmd"));
+    cmd.args(["--tcp", "nonsense"])
+        .env("JOURNAL_STREAM", "8:1234")
+        .env_remove("NOTIFY_SOCKET");
+    let out = run_with_deadline(cmd);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("invalid value 'nonsense'"), "{err}");
+    for line in err.lines() {
+        assert!(line.starts_with("<3>"), "{line:?} is not at error priority");
+    }
 }
 
 /// A config error is several lines (the TOML parser's snippet); under journald each stderr
