@@ -39,6 +39,7 @@ use tcrp::payload::HistoryPage;
 use tcrp::ErrorCode;
 use ucrp::datagram::{self, LEAVE, REGISTER};
 
+use crate::closure;
 use crate::error::ClientError;
 use crate::feed::{Feed, MAX_QUEUED_BYTES};
 use crate::handshake::{self, Token, Verb};
@@ -93,8 +94,8 @@ pub struct Options {
     /// Read input through the line editor (standard input and output are a terminal).
     pub line_editor: bool,
     /// Before believing a datagram saying that the room closed or that we timed out, ask the
-    /// server over TCP ([`check_closure`]). Off with `--original`: the original server has no
-    /// such request.
+    /// server over TCP ([`closure`]). Off with `--original`: the original server has no such
+    /// request.
     pub check_closures: bool,
 }
 
@@ -208,10 +209,12 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
         Box::new(PlainPrinter),
         options.join_history,
     )));
-    let receiving = Arc::new(AtomicBool::new(false));
-    spawn_receiver(&session, Arc::clone(&screen), events.clone(), &receiving)?;
-    // Kept to start a receiver again after a forged closure.
-    let events_for_receiver = events.clone();
+    let mut closures = closure::Policy::new(options.check_closures);
+    if options.check_closures {
+        // Nothing says the room closed before the server confirms it.
+        lock(&screen).defer_closing_lines();
+    }
+    spawn_receiver(&session, Arc::clone(&screen), events.clone())?;
 
     session
         .send_control(REGISTER)
@@ -227,7 +230,7 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
         printable_name(&options.username)
     ));
     // Restores the terminal mode however we leave, even while the editor holds it raw.
-    let terminal = options.line_editor.then(TerminalGuard::save);
+    let mut terminal = options.line_editor.then(TerminalGuard::save);
     let commands = Commands {
         tcp: options.tcp,
         room_name: session.room_name.clone(),
@@ -243,14 +246,24 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
 
     let mut next_keepalive = Instant::now() + options.keepalive;
     loop {
-        let wait = next_keepalive.saturating_duration_since(Instant::now());
-        let event = match inbox.recv_timeout(wait) {
+        let wake = closures
+            .recheck_at()
+            .map_or(next_keepalive, |at| at.min(next_keepalive));
+        let event = match inbox.recv_timeout(wake.saturating_duration_since(Instant::now())) {
             Ok(event) => event,
             Err(RecvTimeoutError::Timeout) => {
-                if let Err(e) = session.send_control(REGISTER) {
-                    warn!("keepalive to {} failed: {e}", session.server);
+                if let Some(action) = closures.due(Instant::now()) {
+                    let settled = settle(action, &mut closures, &session, options.tcp, &screen);
+                    if let Some(end) = end_on(settled, &session, &screen, &mut terminal) {
+                        return end;
+                    }
                 }
-                next_keepalive = Instant::now() + options.keepalive;
+                if Instant::now() >= next_keepalive {
+                    if let Err(e) = session.send_control(REGISTER) {
+                        warn!("keepalive to {} failed: {e}", session.server);
+                    }
+                    next_keepalive = Instant::now() + options.keepalive;
+                }
                 continue;
             }
             // Every helper is gone; nothing more can happen.
@@ -271,17 +284,11 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
                 break;
             }
             Event::RoomClosed => {
-                if options.check_closures && check_closure(options.tcp, &session) == Closure::Forged
-                {
-                    lock(&screen).reopen(FORGED_CLOSURE);
-                    if !receiving.load(Ordering::SeqCst) {
-                        let again = events_for_receiver.clone();
-                        spawn_receiver(&session, Arc::clone(&screen), again, &receiving)?;
-                    }
-                    continue;
+                let action = closures.notice(Instant::now());
+                let settled = settle(action, &mut closures, &session, options.tcp, &screen);
+                if let Some(end) = end_on(settled, &session, &screen, &mut terminal) {
+                    return end;
                 }
-                finish_closed(&screen, terminal);
-                return Ok(());
             }
             Event::Failed(error) => {
                 session.leave();
@@ -294,9 +301,9 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
 }
 
 /// How long the line editor gets to take the lines queued for it when the room closes
-/// ([`Feed::finish`]); what it has not taken by then is printed after the terminal is given
+/// ([`Feed::drain`]); what it has not taken by then is printed after the terminal is given
 /// back.
-const FEED_FINISH: Duration = Duration::from_secs(1);
+const FEED_DRAIN: Duration = Duration::from_secs(1);
 
 /// How long the line editor gets to draw the last line it was handed. rustyline's external
 /// printer has no flush; `readline` draws each line as soon as it takes it, well within
@@ -305,18 +312,17 @@ const EDITOR_DRAIN: Duration = Duration::from_millis(100);
 
 /// The room closed: with the line editor, let it take and draw what is queued for it, give
 /// the terminal back, then print what it did not take and the closing lines the screen
-/// kept, in that order. Without it they are printed already.
+/// kept, in that order (kept when the editor prints, or while closures are checked).
 fn finish_closed(screen: &Mutex<Screen>, terminal: Option<TerminalGuard>) {
-    let Some(terminal) = terminal else {
-        return;
-    };
-    // Outside the screen's lock: the input thread may need it before the editor reads again.
-    let feed = lock(screen).feed();
-    let mut closing = feed
-        .map(|feed| feed.finish(FEED_FINISH))
-        .unwrap_or_default();
-    thread::sleep(EDITOR_DRAIN);
-    closing.extend(lock(screen).take_closing());
+    if terminal.is_some() {
+        // Outside the screen's lock: the input thread may need it before the editor reads.
+        let feed = lock(screen).feed();
+        if let Some(feed) = feed {
+            feed.drain(FEED_DRAIN);
+        }
+        thread::sleep(EDITOR_DRAIN);
+    }
+    let closing = lock(screen).take_closing();
     // Restores the terminal mode and leaves the prompt line.
     drop(terminal);
     let mut screen = lock(screen);
@@ -511,70 +517,95 @@ fn spawn_signal_watcher(events: SyncSender<Event>) -> Result<(), ClientError> {
     Ok(())
 }
 
-/// Starts the receiver thread; `receiving` is set while it runs.
+/// Starts the receiver thread. After a datagram that closes the room it goes on receiving
+/// (the screen holds what comes until the closure is settled); it stops on an error.
 fn spawn_receiver(
     session: &Session,
     screen: Arc<Mutex<Screen>>,
     events: SyncSender<Event>,
-    receiving: &Arc<AtomicBool>,
 ) -> Result<(), ClientError> {
     let socket = session
         .socket
         .try_clone()
         .map_err(ClientError::io("cloning the UDP socket"))?;
     let server = session.server;
-    let running = Arc::clone(receiving);
-    running.store(true, Ordering::SeqCst);
     thread::Builder::new()
         .name("receiver".into())
-        .spawn(move || {
+        .spawn(move || loop {
             let event = receive(&socket, server, &screen);
-            running.store(false, Ordering::SeqCst);
-            let _ = events.send(event);
+            let go_on = matches!(event, Event::RoomClosed);
+            if events.send(event).is_err() || !go_on {
+                return;
+            }
         })
-        .map_err(|e| {
-            receiving.store(false, Ordering::SeqCst);
-            ClientError::io("starting the receiver thread")(e)
-        })?;
+        .map_err(ClientError::io("starting the receiver thread"))?;
     Ok(())
+}
+
+/// How a closure notice was settled.
+enum Settled {
+    /// We stay in the room.
+    Stay,
+    /// The closure is believed: the session ends.
+    Closed,
+    /// Printing failed.
+    Failed(io::Error),
+}
+
+/// Follows `action` ([`closure::Policy`]) until the notice is settled: asks the server when
+/// told to, reopens the screen when staying (which may meet another closure among the
+/// datagrams held meanwhile, a notice in its turn).
+fn settle(
+    mut action: closure::Action,
+    closures: &mut closure::Policy,
+    session: &Session,
+    tcp: SocketAddr,
+    screen: &Mutex<Screen>,
+) -> Settled {
+    loop {
+        action = match action {
+            closure::Action::Check => {
+                let verdict = closure::check(tcp, &session.room_name, &session.token);
+                closures.verdict(Instant::now(), verdict)
+            }
+            closure::Action::Stay { forged } => {
+                match lock(screen).reopen(forged.then_some(FORGED_CLOSURE)) {
+                    Ok(Flow::Continue) => return Settled::Stay,
+                    Ok(Flow::RoomClosed) => closures.notice(Instant::now()),
+                    Err(e) => return Settled::Failed(e),
+                }
+            }
+            closure::Action::Close => return Settled::Closed,
+        };
+    }
+}
+
+/// What `run` returns after a settled notice, if the session ends.
+fn end_on(
+    settled: Settled,
+    session: &Session,
+    screen: &Mutex<Screen>,
+    terminal: &mut Option<TerminalGuard>,
+) -> Option<Result<(), ClientError>> {
+    match settled {
+        Settled::Stay => None,
+        Settled::Closed => {
+            finish_closed(screen, terminal.take());
+            Some(Ok(()))
+        }
+        Settled::Failed(source) => {
+            session.leave();
+            Some(Err(ClientError::Io {
+                context: "writing to standard output",
+                source,
+            }))
+        }
+    }
 }
 
 /// The remark shown when a closure turns out to be forged.
 const FORGED_CLOSURE: &str =
     "* ignored a notice that the room closed: the server says we are still in it (forged?)";
-
-/// What the server says of a datagram that ended our membership.
-#[derive(Debug, PartialEq, Eq)]
-enum Closure {
-    /// The room is gone, or we are no longer in it.
-    Confirmed,
-    /// We are still a member: the datagram did not come from the server.
-    Forged,
-    /// No answer that tells (the server is unreachable, or refused for another reason).
-    Unknown,
-}
-
-/// Asks the server over TCP whether our token still opens the room's history, which only a
-/// member may read. A notice that the room closed, or that we timed out, comes in a datagram
-/// that anyone who can forge the server's address can send (docs/SECURITY.md); the TCP
-/// handshake shows that this answer comes from the server. When it cannot tell, the notice
-/// is believed, as before.
-fn check_closure(tcp: SocketAddr, session: &Session) -> Closure {
-    let answer = handshake::connect_addr(tcp).and_then(|mut stream| {
-        query::history(&mut stream, &session.room_name, &session.token, None, 1)
-    });
-    match answer {
-        Ok(_) => Closure::Forged,
-        Err(ClientError::QueryRefused {
-            code: Some(ErrorCode::RoomNotFound | ErrorCode::NotMember),
-            ..
-        }) => Closure::Confirmed,
-        Err(e) => {
-            debug!("cannot check the closure: {e}");
-            Closure::Unknown
-        }
-    }
-}
 
 /// Receives and hands each datagram to the screen until the room closes or an error ends
 /// it; returns the event that ended it.
@@ -1036,69 +1067,36 @@ mod tests {
         );
     }
 
-    /// A closure is believed when the server says the room is gone or we are out of it, or
-    /// when it cannot tell; it is called forged only when the server still takes our token.
+    /// A closure is believed when the server says the room is gone or we are out of it, asked
+    /// again when it is busy, and called forged only when it still takes our token.
     #[test]
-    fn a_closure_is_forged_only_if_the_server_still_takes_our_token() {
+    fn the_server_is_asked_about_a_closure_with_our_token() {
+        use crate::closure::{check, Verdict};
         let (tcp, asked) = fake_daemon(vec![
             Ok(r#"{"messages": [], "more": false}"#),
             Err((tcrp::ErrorCode::RoomNotFound, "no room")),
             Err((tcrp::ErrorCode::NotMember, "not a member")),
             Err((tcrp::ErrorCode::RateLimited, "slow down")),
+            Err((tcrp::ErrorCode::MalformedRequest, "what?")),
         ]);
-        let (session, _server) = pair("lobby", "00ff");
+        let token = Token::new("00ff".into()).unwrap();
         for expected in [
-            Closure::Forged,
-            Closure::Confirmed,
-            Closure::Confirmed,
-            Closure::Unknown,
+            Verdict::Forged,
+            Verdict::Confirmed,
+            Verdict::Confirmed,
+            Verdict::Busy,
+            Verdict::Unknown,
         ] {
-            assert_eq!(check_closure(tcp, &session), expected);
+            assert_eq!(check(tcp, "lobby", &token), expected);
         }
-        assert_eq!(check_closure(dead_tcp(), &session), Closure::Unknown);
+        assert_eq!(check(dead_tcp(), "lobby", &token), Verdict::Unknown);
         let asked = asked.lock().unwrap();
-        assert_eq!(asked.len(), 4);
+        assert_eq!(asked.len(), 5);
         assert!(asked
             .iter()
             .all(|(op, room, payload)| *op == Operation::History
                 && room == "lobby"
                 && payload.contains("00ff")));
-    }
-
-    /// After a forged closure the screen shows chat again, with a remark instead of the
-    /// closing line.
-    #[test]
-    fn a_reopened_screen_shows_chat_again() {
-        let (session, server) = pair("lobby", "ab");
-        let me = SocketAddr::from((
-            Ipv4Addr::LOCALHOST,
-            session.socket.local_addr().unwrap().port(),
-        ));
-        let (screen, rec) = screen(false);
-        server.send_to(ucrp::ROOM_CLOSED, me).unwrap();
-        let from = server.local_addr().unwrap();
-        assert!(matches!(
-            receive(&session.socket, from, &screen),
-            Event::RoomClosed
-        ));
-        lock(&screen).reopen(FORGED_CLOSURE);
-        let mut out = Vec::new();
-        ucrp::delivery::encode_chat("bob", b"still here", &mut out).unwrap();
-        server.send_to(&out, me).unwrap();
-        server.send_to(ucrp::ROOM_CLOSED, me).unwrap();
-        assert!(matches!(
-            receive(&session.socket, from, &screen),
-            Event::RoomClosed
-        ));
-        assert_eq!(
-            rec.lines(),
-            [
-                "out: * room lobby was closed by its host".to_owned(),
-                format!("err: {FORGED_CLOSURE}"),
-                "out: bob: still here".to_owned(),
-                "out: * room lobby was closed by its host".to_owned(),
-            ]
-        );
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! Lines on their way to the line editor, and the thread that hands them over.
 //!
 //! rustyline's external printer hands a line to `readline` through a channel that holds one
-//! line; while `readline` is not running (the input thread is acting on the line just
-//! entered) the line waits there, and the next print waits for room, for as long as the
-//! command takes. Whoever prints must therefore hold nothing the input thread needs
+//! line while `readline` runs in raw mode; in the moment around Enter, as `readline`
+//! returns, a line can wait there, and the next print waits for room for as long as the
+//! input thread then takes to act on the line just entered. Whoever prints must therefore hold nothing the input thread needs
 //! meanwhile. The receiver used to print under the screen's lock, and the input thread,
 //! acting on `/help`, waited for that lock before `readline` could run again: under a flood
 //! of messages, a deadlock. Printing now only queues ([`Feed::push`], which never waits); a
@@ -119,12 +119,13 @@ impl Feed {
         }
     }
 
-    /// Lets the editor take every queued line, for at most `within`, then closes the feed
-    /// and returns the lines it did not take, in order. The line being handed over counts
-    /// as queued, so once this returns with time to spare, no line reaches the editor after
-    /// the caller prints the rest; past the deadline (the editor not reading), that one line
-    /// is drawn whenever the editor reads again, or not at all.
-    pub fn finish(&self, within: Duration) -> Vec<String> {
+    /// Lets the editor take every queued line, for at most `within`. The line being handed
+    /// over counts as queued, so once this returns with time to spare, no line reaches the
+    /// editor after the caller has taken the rest ([`Feed::close`]) to print; past the
+    /// deadline (the editor not reading), up to two lines (one handed over, one in the
+    /// editor's slot) are drawn whenever the editor reads again, or not at all if the
+    /// process ends first.
+    pub fn drain(&self, within: Duration) {
         let deadline = Instant::now() + within;
         let mut queue = self.0.lock();
         while !queue.closed && (!queue.lines.is_empty() || queue.in_flight) {
@@ -139,8 +140,6 @@ impl Feed {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
-        drop(queue);
-        self.close()
     }
 
     /// Closes the feed: the thread stops after the line it is printing, waiters go on, and
@@ -251,7 +250,7 @@ mod tests {
     }
 
     #[test]
-    fn finishing_lets_a_reading_editor_take_every_line_first() {
+    fn draining_lets_a_reading_editor_take_every_line_first() {
         let (feed, readline) = one_slot_feed();
         let reader = thread::spawn(move || {
             (0..50)
@@ -261,22 +260,24 @@ mod tests {
         for i in 0..50 {
             feed.push(format!("line {i}"));
         }
-        assert!(feed.finish(PATIENCE).is_empty());
+        feed.drain(PATIENCE);
+        assert!(feed.close().is_empty());
         let expected: Vec<String> = (0..50).map(|i| format!("line {i}\n")).collect();
         assert_eq!(reader.join().unwrap(), expected);
     }
 
-    /// With the editor not reading, finishing gives up at its deadline; the editor, reading
+    /// With the editor not reading, draining gives up at its deadline; the editor, reading
     /// later, gets what the thread held, and the caller the rest: every line once, in order.
     #[test]
-    fn finishing_gives_up_at_its_deadline_and_loses_nothing_once_the_editor_reads() {
+    fn draining_gives_up_at_its_deadline_and_loses_nothing_once_the_editor_reads() {
         let (feed, readline) = one_slot_feed();
         let all: Vec<String> = (0..5).map(|i| format!("line {i}")).collect();
         for line in &all {
             feed.push(line.clone());
         }
         let started = std::time::Instant::now();
-        let left = feed.finish(Duration::from_millis(50));
+        feed.drain(Duration::from_millis(50));
+        let left = feed.close();
         assert!(started.elapsed() < PATIENCE);
         let mut seen = drawn(&readline);
         seen.extend(left);

@@ -29,6 +29,7 @@
 //! an invalid name, an unusable password, or a refusal.
 
 mod chat;
+mod closure;
 mod error;
 mod feed;
 mod handshake;

@@ -124,14 +124,15 @@ impl Drop for EditorPrinter {
 pub struct Screen {
     printer: Box<dyn Printer>,
     renderer: Renderer,
-    /// `Some` while held: the datagrams received since, in order.
+    /// `Some` while held: the datagrams received since, in order. Held at join until
+    /// [`Screen::release`], and after a datagram that closed the room until
+    /// [`Screen::reopen`] (if the closure turns out forged).
     held: Option<Vec<Vec<u8>>>,
     /// Their bytes.
     held_bytes: usize,
-    /// The room closed: nothing more is shown.
-    closed: bool,
     /// Keep the lines of the datagram that closes the room for [`Screen::take_closing`]
-    /// instead of printing them (see [`Screen::set_editor_printer`]).
+    /// instead of printing them (see [`Screen::set_editor_printer`] and
+    /// [`Screen::defer_closing_lines`]).
     defer_closing: bool,
     /// The lines kept that way.
     closing: Vec<String>,
@@ -145,7 +146,6 @@ impl Screen {
             renderer: Renderer::new(room_name),
             held: hold.then(Vec::new),
             held_bytes: 0,
-            closed: false,
             defer_closing: false,
             closing: Vec::new(),
         }
@@ -159,7 +159,13 @@ impl Screen {
         self.defer_closing = true;
     }
 
-    /// The lines kept when the room closed (empty unless [`Screen::set_editor_printer`]),
+    /// Keeps the lines of a datagram that closes the room for [`Screen::take_closing`], so
+    /// that nothing says the room closed before the closure is confirmed.
+    pub fn defer_closing_lines(&mut self) {
+        self.defer_closing = true;
+    }
+
+    /// The lines kept when the room closed (empty unless deferred),
     /// after those the editor had not shown yet; printing goes back to plain standard output
     /// and error.
     pub fn take_closing(&mut self) -> Vec<String> {
@@ -170,12 +176,18 @@ impl Screen {
         lines
     }
 
-    /// Opens the screen again after a closure that turned out to be forged: the lines kept
-    /// for it are dropped and `remark` is shown instead.
-    pub fn reopen(&mut self, remark: &str) {
-        self.closed = false;
-        self.closing.clear();
-        self.printer.print_err(remark);
+    /// Opens the screen again after a closure that is not believed (yet): with a `remark`
+    /// (the server said the closure was forged) its kept lines are dropped and the remark
+    /// shown; without, they are kept in case a later check confirms it. Then the datagrams
+    /// held since are shown: [`Flow::RoomClosed`] when one of them closes the room again.
+    pub fn reopen(&mut self, remark: Option<&str>) -> io::Result<Flow> {
+        if let Some(remark) = remark {
+            self.closing.clear();
+            self.printer.print_err(remark);
+        }
+        let held = self.held.take().unwrap_or_default();
+        self.held_bytes = 0;
+        self.render_held(held)
     }
 
     /// The queue printing goes through, if any: see [`Printer::feed`].
@@ -185,16 +197,8 @@ impl Screen {
 
     /// Handles one datagram from the server: renders and prints it, or keeps it while held.
     pub fn handle_datagram(&mut self, bytes: &[u8]) -> io::Result<Flow> {
-        if self.closed {
-            return Ok(Flow::RoomClosed);
-        }
-        if let Some(held) = &mut self.held {
-            if held.len() < MAX_HELD_DATAGRAMS && self.held_bytes + bytes.len() <= MAX_HELD_BYTES {
-                held.push(bytes.to_vec());
-                self.held_bytes += bytes.len();
-            } else {
-                debug!("dropping a datagram: the hold is full");
-            }
+        if self.held.is_some() {
+            self.hold(bytes);
             return Ok(Flow::Continue);
         }
         self.render(bytes)
@@ -207,6 +211,7 @@ impl Screen {
         let Some(held) = self.held.take() else {
             return Ok(Flow::Continue);
         };
+        self.held_bytes = 0;
         if let Some(page) = history {
             for message in &page.messages {
                 self.printer.print_out(&listing::history_line(message))?;
@@ -215,8 +220,30 @@ impl Screen {
             }
             self.printer.print_err(LIVE_LINE);
         }
-        for bytes in held {
-            if self.render(&bytes)? == Flow::RoomClosed {
+        self.render_held(held)
+    }
+
+    /// Keeps a datagram while held, within [`MAX_HELD_DATAGRAMS`] and [`MAX_HELD_BYTES`].
+    fn hold(&mut self, bytes: &[u8]) {
+        let Some(held) = &mut self.held else {
+            return;
+        };
+        if held.len() < MAX_HELD_DATAGRAMS && self.held_bytes + bytes.len() <= MAX_HELD_BYTES {
+            held.push(bytes.to_vec());
+            self.held_bytes += bytes.len();
+        } else {
+            debug!("dropping a datagram: the hold is full");
+        }
+    }
+
+    /// Renders held datagrams in order; after one that closes the room, the rest are held
+    /// again.
+    fn render_held(&mut self, held: Vec<Vec<u8>>) -> io::Result<Flow> {
+        for (i, bytes) in held.iter().enumerate() {
+            if self.render(bytes)? == Flow::RoomClosed {
+                for rest in &held[i + 1..] {
+                    self.hold(rest);
+                }
                 return Ok(Flow::RoomClosed);
             }
         }
@@ -242,7 +269,9 @@ impl Screen {
         let mut lines = Vec::new();
         let flow = self.renderer.handle_datagram(bytes, &mut lines);
         if flow == Flow::RoomClosed {
-            self.closed = true;
+            // Whatever comes next waits for the closure to be confirmed or found forged.
+            self.held = Some(Vec::new());
+            self.held_bytes = 0;
             if self.defer_closing {
                 self.closing = lines;
                 return Ok(flow);
@@ -373,6 +402,41 @@ pub mod tests {
         assert_eq!(rec.lines(), ["err: * --- live ---"]);
     }
 
+    /// While a closure is checked, nothing says the room closed and what arrives is held;
+    /// found forged, the remark and the held datagrams show; not yet settled, the closing
+    /// lines are kept for a later confirmation.
+    #[test]
+    fn a_closure_under_check_holds_what_follows_until_the_screen_reopens() {
+        let rec = Recorder::default();
+        let mut screen = Screen::new("lobby", Box::new(rec.clone()), false);
+        screen.defer_closing_lines();
+        let closed = delivery::ROOM_CLOSED;
+        assert_eq!(screen.handle_datagram(closed).unwrap(), Flow::RoomClosed);
+        assert_eq!(
+            screen.handle_datagram(&sequenced(1, "held")).unwrap(),
+            Flow::Continue
+        );
+        assert!(rec.lines().is_empty(), "{:?}", rec.lines());
+        assert_eq!(screen.reopen(Some("* forged")).unwrap(), Flow::Continue);
+        assert_eq!(rec.lines(), ["err: * forged", "out: bob: held"]);
+        // Another closure, and a closure among the datagrams held after it.
+        assert_eq!(screen.handle_datagram(closed).unwrap(), Flow::RoomClosed);
+        for datagram in [sequenced(2, "two"), closed.to_vec(), sequenced(3, "three")] {
+            assert_eq!(screen.handle_datagram(&datagram).unwrap(), Flow::Continue);
+        }
+        assert_eq!(screen.reopen(None).unwrap(), Flow::RoomClosed);
+        assert_eq!(screen.reopen(None).unwrap(), Flow::Continue);
+        assert_eq!(
+            rec.lines()[2..],
+            ["out: bob: two".to_owned(), "out: bob: three".to_owned()]
+        );
+        // Reopened without a verdict, the closing lines stay for a confirmation.
+        assert_eq!(
+            screen.take_closing(),
+            ["* room lobby was closed by its host"]
+        );
+    }
+
     #[test]
     fn room_closed_while_held_is_reported_by_release() {
         let rec = Recorder::default();
@@ -394,10 +458,10 @@ pub mod tests {
             rec.lines(),
             ["out: bob: bye", "out: * room lobby was closed by its host"]
         );
-        // Closed for good.
+        // What comes after is held until the closure is settled.
         assert_eq!(
             screen.handle_datagram(&sequenced(3, "late")).unwrap(),
-            Flow::RoomClosed
+            Flow::Continue
         );
         assert_eq!(rec.lines().len(), 2);
     }
@@ -492,15 +556,15 @@ pub mod tests {
             screen.handle_datagram(delivery::ROOM_CLOSED).unwrap(),
             Flow::RoomClosed
         );
-        // The editor reads two lines, then stops; finishing returns the rest.
+        // The editor reads two lines, then stops; draining gives up, the rest is taken.
         for seq in 1..=2 {
             assert_eq!(
                 readline.recv_timeout(patience).unwrap(),
                 format!("bob: {seq}\n")
             );
         }
-        let mut rest = feed.finish(std::time::Duration::from_millis(50));
-        rest.extend(screen.take_closing());
+        feed.drain(std::time::Duration::from_millis(50));
+        let rest = screen.take_closing();
         // The editor, reading again, draws what the thread held for it (one line in its
         // slot, one being handed over); the thread then ends, and with it the channel.
         let mut after = Vec::new();

@@ -1308,11 +1308,17 @@ fn send_forged_udp(from: u16, to: u16, payload: &[u8]) -> bool {
 }
 
 /// A `__ROOM_CLOSED__` forged with the daemon's address does not end `ocm`'s session: it asks
-/// the daemon over TCP, which still takes its token, so it says so and stays. The real
-/// closure then ends it as before. Needs a raw socket (root or `CAP_NET_RAW`).
+/// the daemon over TCP, which still takes its token, so it says so and stays. A flood of them
+/// costs the daemon a check per cool-down, not one each (and so cannot exhaust the request
+/// rate limit, whose refusal would otherwise be taken for an answer). Nothing on standard
+/// output says the room closed until it really does. Needs a raw socket (root or
+/// `CAP_NET_RAW`).
 #[test]
-fn ocm_stays_in_its_room_after_a_forged_room_closed() {
-    let d = Daemon::start();
+fn ocm_stays_in_its_room_after_forged_room_closed_notices() {
+    let d = Daemon::start_with(Options {
+        metrics: true,
+        ..Options::default()
+    });
     let mut alice = Ocm::start(&d, &["create", "forged", "--name", "alice"]);
     alice.wait_stderr("* created forged as alice");
     let mut bob = Ocm::start(&d, &["join", "forged", "--name", "bob"]);
@@ -1323,10 +1329,27 @@ fn ocm_stays_in_its_room_after_a_forged_room_closed() {
         return;
     }
     bob.wait_stderr("ignored a notice that the room closed");
+    let checks = || d.metric("ocm_handshakes_total{operation=\"history\",result=\"ok\"}");
+    let before = checks();
+    let started = Instant::now();
+    for _ in 0..250 {
+        assert!(send_forged_udp(d.udp.port(), port, delivery::ROOM_CLOSED));
+    }
     alice.type_line("still there?");
-    lines_until(&bob, "alice: still there?");
+    let seen = lines_until(&bob, "alice: still there?");
+    assert!(
+        seen.iter().all(|line| !line.contains("closed")),
+        "a forged closure reached standard output: {seen:?}"
+    );
     alice.close_stdin();
     assert!(alice.wait().success());
     lines_until(&bob, "* room forged was closed by its host");
     assert!(bob.wait().success(), "bob leaves with the real closure");
+    // At most one check per 2 s cool-down, and one for the real closure.
+    let spent = started.elapsed().as_secs_f64();
+    let asked = checks() - before;
+    assert!(
+        asked <= 2.0 + spent / 2.0,
+        "{asked} checks in {spent:.1} s for 250 forged notices"
+    );
 }

@@ -1,0 +1,248 @@
+//! Whether to believe a datagram saying that the room closed or that we timed out.
+//!
+//! Nothing in such a datagram shows that it came from the server: anyone who can forge the
+//! server's address can send one (docs/SECURITY.md). Before believing it, `ocm` asks the
+//! server over TCP for a page of the room's history with its token ([`check`]), which only
+//! a member may read. [`Policy`] decides when to ask, so that a flood of forged notices
+//! costs the server at most one request per [`COOL_DOWN`], and a request refused for the
+//! server's rate limit is asked again instead of taken as an answer.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use log::debug;
+use tcrp::ErrorCode;
+
+use crate::error::ClientError;
+use crate::handshake::{self, Token};
+use crate::query;
+
+/// After a notice turned out forged, later notices wait this long for the next check, and
+/// are answered by that one check together.
+pub const COOL_DOWN: Duration = Duration::from_secs(2);
+/// How long to wait before asking again when the server refused for its rate limit.
+pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// How long to keep asking while the server refuses for its rate limit; the notice is then
+/// believed.
+pub const BUSY_FOR: Duration = Duration::from_secs(30);
+
+/// What the server says of a notice that ended our membership.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The room is gone, or we are no longer in it.
+    Confirmed,
+    /// We are still a member: the notice did not come from the server.
+    Forged,
+    /// The server refused for its rate limit: ask again later.
+    Busy,
+    /// No answer that tells (the server unreachable, or a refusal of another kind).
+    Unknown,
+}
+
+/// Asks the server over TCP whether our token still opens the room's history. The TCP
+/// handshake shows that the answer comes from the server.
+pub fn check(tcp: SocketAddr, room_name: &str, token: &Token) -> Verdict {
+    let answer = handshake::connect_addr(tcp)
+        .and_then(|mut stream| query::history(&mut stream, room_name, token, None, 1));
+    match answer {
+        Ok(_) => Verdict::Forged,
+        Err(ClientError::QueryRefused {
+            code: Some(ErrorCode::RoomNotFound | ErrorCode::NotMember),
+            ..
+        }) => Verdict::Confirmed,
+        Err(ClientError::QueryRefused {
+            code: Some(ErrorCode::RateLimited),
+            ..
+        }) => Verdict::Busy,
+        Err(e) => {
+            debug!("cannot check the closure: {e}");
+            Verdict::Unknown
+        }
+    }
+}
+
+/// What to do next about a notice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Ask the server now ([`check`]), then tell [`Policy::verdict`].
+    Check,
+    /// Stay in the room, showing chat again; say that a notice was forged when `forged`.
+    Stay {
+        /// The server has just said so.
+        forged: bool,
+    },
+    /// Believe the notice: the session ends.
+    Close,
+}
+
+/// When to ask the server about closure notices (see the module docs).
+#[derive(Debug)]
+pub struct Policy {
+    /// Ask at all (not with `--original`: the original server cannot answer).
+    enabled: bool,
+    /// When a notice last turned out forged.
+    last_forged: Option<Instant>,
+    /// A check to make then, for notices that came meanwhile.
+    recheck_at: Option<Instant>,
+    /// While the server refuses for its rate limit: when to stop asking and believe.
+    busy_until: Option<Instant>,
+}
+
+impl Policy {
+    /// A policy that asks when `enabled`, and otherwise believes every notice.
+    pub fn new(enabled: bool) -> Policy {
+        Policy {
+            enabled,
+            last_forged: None,
+            recheck_at: None,
+            busy_until: None,
+        }
+    }
+
+    /// A notice arrived.
+    pub fn notice(&mut self, now: Instant) -> Action {
+        if !self.enabled {
+            return Action::Close;
+        }
+        if self.recheck_at.is_some() {
+            return Action::Stay { forged: false };
+        }
+        match self.last_forged {
+            Some(at) if now < at + COOL_DOWN => {
+                self.recheck_at = Some(at + COOL_DOWN);
+                Action::Stay { forged: false }
+            }
+            _ => Action::Check,
+        }
+    }
+
+    /// The server's answer to a [`Action::Check`].
+    pub fn verdict(&mut self, now: Instant, verdict: Verdict) -> Action {
+        match verdict {
+            Verdict::Forged => {
+                self.last_forged = Some(now);
+                self.recheck_at = None;
+                self.busy_until = None;
+                Action::Stay { forged: true }
+            }
+            Verdict::Busy => {
+                let until = *self.busy_until.get_or_insert(now + BUSY_FOR);
+                if now >= until {
+                    return Action::Close;
+                }
+                self.recheck_at = Some(now + RETRY_AFTER);
+                Action::Stay { forged: false }
+            }
+            Verdict::Confirmed | Verdict::Unknown => Action::Close,
+        }
+    }
+
+    /// When the next check is due, if one is.
+    pub fn recheck_at(&self) -> Option<Instant> {
+        self.recheck_at
+    }
+
+    /// At `now`: [`Action::Check`] if a check is due (it is then no longer pending).
+    pub fn due(&mut self, now: Instant) -> Option<Action> {
+        let at = self.recheck_at?;
+        if now < at {
+            return None;
+        }
+        self.recheck_at = None;
+        Some(Action::Check)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_checks_every_notice_is_believed() {
+        let mut policy = Policy::new(false);
+        assert_eq!(policy.notice(Instant::now()), Action::Close);
+    }
+
+    #[test]
+    fn a_flood_of_forged_notices_costs_one_check_per_cool_down() {
+        let mut policy = Policy::new(true);
+        let start = Instant::now();
+        assert_eq!(policy.notice(start), Action::Check);
+        assert_eq!(
+            policy.verdict(start, Verdict::Forged),
+            Action::Stay { forged: true }
+        );
+        // Two hundred more notices within the cool-down: no check, one recheck planned.
+        for i in 1..=200 {
+            let now = start + COOL_DOWN * i / 201;
+            assert_eq!(policy.notice(now), Action::Stay { forged: false });
+        }
+        assert_eq!(policy.recheck_at(), Some(start + COOL_DOWN));
+        assert_eq!(policy.due(start + COOL_DOWN / 2), None);
+        assert_eq!(policy.due(start + COOL_DOWN), Some(Action::Check));
+        assert_eq!(policy.recheck_at(), None);
+        // That check finds the room really closed: believed.
+        assert_eq!(
+            policy.verdict(start + COOL_DOWN, Verdict::Confirmed),
+            Action::Close
+        );
+    }
+
+    #[test]
+    fn after_the_cool_down_a_notice_is_checked_at_once() {
+        let mut policy = Policy::new(true);
+        let start = Instant::now();
+        assert_eq!(policy.notice(start), Action::Check);
+        policy.verdict(start, Verdict::Forged);
+        assert_eq!(policy.notice(start + COOL_DOWN), Action::Check);
+    }
+
+    #[test]
+    fn a_busy_server_is_asked_again_until_it_answers_or_for_long() {
+        let mut policy = Policy::new(true);
+        let start = Instant::now();
+        assert_eq!(policy.notice(start), Action::Check);
+        assert_eq!(
+            policy.verdict(start, Verdict::Busy),
+            Action::Stay { forged: false }
+        );
+        assert_eq!(policy.recheck_at(), Some(start + RETRY_AFTER));
+        // Notices meanwhile wait for that check.
+        assert_eq!(policy.notice(start), Action::Stay { forged: false });
+        let mut now = start;
+        while now < start + BUSY_FOR {
+            now += RETRY_AFTER;
+            assert_eq!(policy.due(now), Some(Action::Check));
+            if now < start + BUSY_FOR {
+                assert_eq!(
+                    policy.verdict(now, Verdict::Busy),
+                    Action::Stay { forged: false }
+                );
+            }
+        }
+        // Busy for BUSY_FOR: believed.
+        assert_eq!(policy.verdict(now, Verdict::Busy), Action::Close);
+        // An answer in time settles it, and a later busy spell starts its own count.
+        let mut policy = Policy::new(true);
+        policy.notice(start);
+        policy.verdict(start, Verdict::Busy);
+        assert_eq!(
+            policy.verdict(start + RETRY_AFTER, Verdict::Forged),
+            Action::Stay { forged: true }
+        );
+        let later = start + BUSY_FOR * 2;
+        assert_eq!(policy.notice(later), Action::Check);
+        assert_eq!(
+            policy.verdict(later, Verdict::Busy),
+            Action::Stay { forged: false }
+        );
+    }
+
+    #[test]
+    fn no_telling_answer_believes_the_notice() {
+        let mut policy = Policy::new(true);
+        let now = Instant::now();
+        assert_eq!(policy.notice(now), Action::Check);
+        assert_eq!(policy.verdict(now, Verdict::Unknown), Action::Close);
+    }
+}
