@@ -246,26 +246,25 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
 
     let mut next_keepalive = Instant::now() + options.keepalive;
     loop {
+        // Timers first, on every pass: a steady stream of events must not hold them back.
+        if let Some(action) = closures.due(Instant::now()) {
+            let settled = settle(action, &mut closures, &session, options.tcp, &screen);
+            if let Some(end) = end_on(settled, &session, &screen, &mut terminal) {
+                return end;
+            }
+        }
+        if Instant::now() >= next_keepalive {
+            if let Err(e) = session.send_control(REGISTER) {
+                warn!("keepalive to {} failed: {e}", session.server);
+            }
+            next_keepalive = Instant::now() + options.keepalive;
+        }
         let wake = closures
             .recheck_at()
             .map_or(next_keepalive, |at| at.min(next_keepalive));
         let event = match inbox.recv_timeout(wake.saturating_duration_since(Instant::now())) {
             Ok(event) => event,
-            Err(RecvTimeoutError::Timeout) => {
-                if let Some(action) = closures.due(Instant::now()) {
-                    let settled = settle(action, &mut closures, &session, options.tcp, &screen);
-                    if let Some(end) = end_on(settled, &session, &screen, &mut terminal) {
-                        return end;
-                    }
-                }
-                if Instant::now() >= next_keepalive {
-                    if let Err(e) = session.send_control(REGISTER) {
-                        warn!("keepalive to {} failed: {e}", session.server);
-                    }
-                    next_keepalive = Instant::now() + options.keepalive;
-                }
-                continue;
-            }
+            Err(RecvTimeoutError::Timeout) => continue,
             // Every helper is gone; nothing more can happen.
             Err(RecvTimeoutError::Disconnected) => Event::Eof,
         };
@@ -571,7 +570,13 @@ fn settle(
             closure::Action::Stay { forged } => {
                 match lock(screen).reopen(forged.then_some(FORGED_CLOSURE)) {
                     Ok(Flow::Continue) => return Settled::Stay,
-                    Ok(Flow::RoomClosed) => closures.notice(Instant::now()),
+                    // Closed again (by a datagram held meanwhile): a notice of its own.
+                    // Waiting for a planned check, the screen stays held until then, and the
+                    // main loop goes on (signals, keepalives, that check).
+                    Ok(Flow::RoomClosed) => match closures.notice(Instant::now()) {
+                        closure::Action::Stay { .. } => return Settled::Stay,
+                        next => next,
+                    },
                     Err(e) => return Settled::Failed(e),
                 }
             }

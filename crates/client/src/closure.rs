@@ -104,8 +104,13 @@ impl Policy {
         if !self.enabled {
             return Action::Close;
         }
-        if self.recheck_at.is_some() {
-            return Action::Stay { forged: false };
+        if let Some(at) = self.recheck_at {
+            if now < at {
+                return Action::Stay { forged: false };
+            }
+            // Overdue: this notice is the recheck.
+            self.recheck_at = None;
+            return Action::Check;
         }
         match self.last_forged {
             Some(at) if now < at + COOL_DOWN => {
@@ -186,6 +191,17 @@ mod tests {
             policy.verdict(start + COOL_DOWN, Verdict::Confirmed),
             Action::Close
         );
+    }
+
+    #[test]
+    fn a_notice_once_the_planned_check_is_due_is_that_check() {
+        let mut policy = Policy::new(true);
+        let start = Instant::now();
+        policy.notice(start);
+        policy.verdict(start, Verdict::Forged);
+        assert_eq!(policy.notice(start), Action::Stay { forged: false });
+        assert_eq!(policy.notice(start + COOL_DOWN), Action::Check);
+        assert_eq!(policy.recheck_at(), None);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::io::{self, IsTerminal, Write};
 
 use log::debug;
 use tcrp::payload::HistoryPage;
+use ucrp::delivery::{self, Delivery, Notice};
 
 use crate::feed::Feed;
 use crate::listing;
@@ -130,6 +131,11 @@ pub struct Screen {
     held: Option<Vec<Vec<u8>>>,
     /// Their bytes.
     held_bytes: usize,
+    /// Held because a datagram closed the room (not for the join).
+    closure_pending: bool,
+    /// While so, the last bare closure notice that came, kept apart from the hold (a flood
+    /// of them must not fill it and push out chat).
+    closed_again: Option<Vec<u8>>,
     /// Keep the lines of the datagram that closes the room for [`Screen::take_closing`]
     /// instead of printing them (see [`Screen::set_editor_printer`] and
     /// [`Screen::defer_closing_lines`]).
@@ -146,6 +152,8 @@ impl Screen {
             renderer: Renderer::new(room_name),
             held: hold.then(Vec::new),
             held_bytes: 0,
+            closure_pending: false,
+            closed_again: None,
             defer_closing: false,
             closing: Vec::new(),
         }
@@ -187,7 +195,14 @@ impl Screen {
         }
         let held = self.held.take().unwrap_or_default();
         self.held_bytes = 0;
-        self.render_held(held)
+        self.closure_pending = false;
+        let closed_again = self.closed_again.take();
+        let flow = self.render_held(held)?;
+        match closed_again {
+            // Closed again by the notice kept apart: its lines are the closing ones now.
+            Some(notice) if flow == Flow::Continue => self.render(&notice),
+            _ => Ok(flow),
+        }
     }
 
     /// The queue printing goes through, if any: see [`Printer::feed`].
@@ -228,6 +243,10 @@ impl Screen {
         let Some(held) = &mut self.held else {
             return;
         };
+        if self.closure_pending && is_bare_closure(bytes) {
+            self.closed_again = Some(bytes.to_vec());
+            return;
+        }
         if held.len() < MAX_HELD_DATAGRAMS && self.held_bytes + bytes.len() <= MAX_HELD_BYTES {
             held.push(bytes.to_vec());
             self.held_bytes += bytes.len();
@@ -272,6 +291,7 @@ impl Screen {
             // Whatever comes next waits for the closure to be confirmed or found forged.
             self.held = Some(Vec::new());
             self.held_bytes = 0;
+            self.closure_pending = true;
             if self.defer_closing {
                 self.closing = lines;
                 return Ok(flow);
@@ -282,6 +302,19 @@ impl Screen {
         }
         Ok(flow)
     }
+}
+
+/// Whether a datagram is a bare notice that ends our membership: `__ROOM_CLOSED__`, or the
+/// timed-out notice without a name.
+fn is_bare_closure(bytes: &[u8]) -> bool {
+    matches!(
+        delivery::parse(bytes),
+        Ok(Delivery::RoomClosed
+            | Delivery::Notice {
+                what: Notice::TimedOut,
+                name: "",
+            })
+    )
 }
 
 #[cfg(test)]
@@ -435,6 +468,27 @@ pub mod tests {
             screen.take_closing(),
             ["* room lobby was closed by its host"]
         );
+    }
+
+    /// A flood of closure notices while one is checked is not kept: chat still fits.
+    #[test]
+    fn a_flood_of_closures_under_check_does_not_push_out_chat() {
+        let rec = Recorder::default();
+        let mut screen = Screen::new("lobby", Box::new(rec.clone()), false);
+        screen.defer_closing_lines();
+        let closed = delivery::ROOM_CLOSED;
+        assert_eq!(screen.handle_datagram(closed).unwrap(), Flow::RoomClosed);
+        for _ in 0..(MAX_HELD_DATAGRAMS * 3) {
+            assert_eq!(screen.handle_datagram(closed).unwrap(), Flow::Continue);
+        }
+        assert_eq!(
+            screen.handle_datagram(&sequenced(1, "still here")).unwrap(),
+            Flow::Continue
+        );
+        // The chat shows; the notices not kept count as one more closure, once.
+        assert_eq!(screen.reopen(Some("* forged")).unwrap(), Flow::RoomClosed);
+        assert_eq!(rec.lines(), ["err: * forged", "out: bob: still here"]);
+        assert_eq!(screen.reopen(Some("* forged")).unwrap(), Flow::Continue);
     }
 
     #[test]
