@@ -154,7 +154,7 @@ impl Feed {
 }
 
 #[cfg(test)]
-mod tests {
+pub mod tests {
     use super::*;
     use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
     use std::time::Duration;
@@ -172,7 +172,8 @@ mod tests {
 
     const PATIENCE: Duration = Duration::from_secs(10);
 
-    fn one_slot_feed() -> (Feed, Receiver<String>) {
+    /// A feed into a [`OneSlot`] editor, and the editor's end: what `readline` would draw.
+    pub fn one_slot_feed() -> (Feed, Receiver<String>) {
         let (tx, rx) = sync_channel(1);
         (Feed::start(OneSlot(tx)).unwrap(), rx)
     }

@@ -587,17 +587,8 @@ pub mod tests {
     /// lines follow; lines the editor did not take come back before them.
     #[test]
     fn closing_lines_come_after_every_line_queued_before_them() {
-        let (slot, readline) = std::sync::mpsc::sync_channel::<String>(1);
-        struct OneSlot(std::sync::mpsc::SyncSender<String>);
-        impl rustyline::ExternalPrinter for OneSlot {
-            fn print(&mut self, msg: String) -> rustyline::Result<()> {
-                self.0
-                    .send(msg)
-                    .map_err(|_| io::Error::other("gone").into())
-            }
-        }
+        let (feed, readline) = crate::feed::tests::one_slot_feed();
         let patience = std::time::Duration::from_secs(10);
-        let feed = Feed::start(OneSlot(slot)).unwrap();
         let mut screen = Screen::new("lobby", Box::new(PlainPrinter), false);
         screen.set_editor_printer(Box::new(EditorPrinter::new(feed.clone())));
         for seq in 1..=5 {
