@@ -17,6 +17,10 @@
 //!   the server's timeout (an `--original` member has none: it would stay until the room
 //!   closed).
 //!
+//! A fourth kind of thread is short-lived: before a notice that the room closed is believed,
+//! a *checker* asks the server over TCP ([`closure`]) and reports its verdict as an event, so
+//! a server slow to answer holds up neither the chat nor `/quit`.
+//!
 //! The keepalive needs no thread: the main loop waits on the channel no longer than the next
 //! keepalive is due, then resends `__REGISTER__`, which also re-teaches a restarted daemon
 //! our address. Every way out sends `__LEAVE__` except the room's closing, where the room is
@@ -72,8 +76,11 @@ enum Event {
     Eof,
     /// A termination signal arrived.
     Signal(i32),
-    /// The server closed the room (already printed).
+    /// A datagram said that the room closed or that we timed out (printed, or kept until
+    /// the closure is believed).
     RoomClosed,
+    /// The server's answer to a closure check ([`Checker`]).
+    Verdict(closure::Verdict),
     /// A helper thread hit an error it cannot go on after.
     Failed(ClientError),
 }
@@ -242,13 +249,18 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
     };
     let reading = terminal.as_ref().map(|guard| Arc::clone(&guard.reading));
     spawn_input(commands, options.join_history, reading);
-    drop(events);
+    let checker = Checker {
+        tcp: options.tcp,
+        room_name: session.room_name.clone(),
+        token: session.token.clone(),
+        events,
+    };
 
     let mut next_keepalive = Instant::now() + options.keepalive;
     loop {
         // Timers first, on every pass: a steady stream of events must not hold them back.
         if let Some(action) = closures.due(Instant::now()) {
-            let settled = settle(action, &mut closures, &session, options.tcp, &screen);
+            let settled = settle(action, &mut closures, &checker, &screen);
             if let Some(end) = end_on(settled, &session, &screen, &mut terminal) {
                 return end;
             }
@@ -282,9 +294,12 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
                 debug!("signal {signal}");
                 break;
             }
-            Event::RoomClosed => {
-                let action = closures.notice(Instant::now());
-                let settled = settle(action, &mut closures, &session, options.tcp, &screen);
+            Event::RoomClosed | Event::Verdict(_) => {
+                let action = match event {
+                    Event::Verdict(verdict) => closures.verdict(Instant::now(), verdict),
+                    _ => closures.notice(Instant::now()),
+                };
+                let settled = settle(action, &mut closures, &checker, &screen);
                 if let Some(end) = end_on(settled, &session, &screen, &mut terminal) {
                     return end;
                 }
@@ -543,7 +558,7 @@ fn spawn_receiver(
 
 /// How a closure notice was settled.
 enum Settled {
-    /// We stay in the room.
+    /// We stay in the room, for now if a check is on its way.
     Stay,
     /// The closure is believed: the session ends.
     Closed,
@@ -551,22 +566,55 @@ enum Settled {
     Failed(io::Error),
 }
 
-/// Follows `action` ([`closure::Policy`]) until the notice is settled: asks the server when
-/// told to, reopens the screen when staying (which may meet another closure among the
-/// datagrams held meanwhile, a notice in its turn).
+/// Asks the server whether a closure notice is true, each time on a thread of its own that
+/// reports the [`closure::Verdict`] as an [`Event::Verdict`]. The main loop waits for it like
+/// for any event, so a server that takes its time (up to the connect and reply timeouts)
+/// holds up neither keepalives, nor typed lines, nor a way out.
+struct Checker {
+    /// The daemon's TCP address.
+    tcp: SocketAddr,
+    room_name: String,
+    token: Token,
+    events: SyncSender<Event>,
+}
+
+impl Checker {
+    /// Starts one check.
+    fn start(&self) -> io::Result<()> {
+        let (tcp, room_name, token) = (self.tcp, self.room_name.clone(), self.token.clone());
+        let events = self.events.clone();
+        thread::Builder::new()
+            .name("ocm-check".into())
+            .spawn(move || {
+                let verdict = closure::check(tcp, &room_name, &token);
+                debug!("closure check: {verdict:?}");
+                // The main loop has gone when this fails: the process is ending.
+                let _ = events.send(Event::Verdict(verdict));
+            })
+            .map(drop)
+    }
+}
+
+/// Follows `action` ([`closure::Policy`]) as far as it goes now: starts a check when told to
+/// (its verdict comes back as an event), reopens the screen when staying (which may meet
+/// another closure among the datagrams held meanwhile, a notice in its turn).
 fn settle(
     mut action: closure::Action,
     closures: &mut closure::Policy,
-    session: &Session,
-    tcp: SocketAddr,
+    checker: &Checker,
     screen: &Mutex<Screen>,
 ) -> Settled {
     loop {
         action = match action {
-            closure::Action::Check => {
-                let verdict = closure::check(tcp, &session.room_name, &session.token);
-                closures.verdict(Instant::now(), verdict)
-            }
+            closure::Action::Check => match checker.start() {
+                // The screen holds what comes until the verdict.
+                Ok(()) => return Settled::Stay,
+                Err(e) => {
+                    warn!("cannot start a thread to check the room's closure: {e}");
+                    closures.verdict(Instant::now(), closure::Verdict::Unknown)
+                }
+            },
+            closure::Action::Wait => return Settled::Stay,
             closure::Action::Stay { forged } => {
                 match lock(screen).reopen(forged.then_some(FORGED_CLOSURE)) {
                     Ok(Flow::Continue) => return Settled::Stay,

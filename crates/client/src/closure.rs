@@ -5,7 +5,9 @@
 //! server over TCP for a page of the room's history with its token ([`check`]), which only
 //! a member may read. [`Policy`] decides when to ask, so that a flood of forged notices
 //! costs the server at most one request per [`COOL_DOWN`], and a request refused for the
-//! server's rate limit is asked again instead of taken as an answer.
+//! server's rate limit is asked again instead of taken as an answer. The chat loop runs each
+//! check on a thread of its own and goes on meanwhile (keepalives, typed lines, `/quit`,
+//! signals): a server that accepts the connection but never answers holds up nothing.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -66,6 +68,8 @@ pub fn check(tcp: SocketAddr, room_name: &str, token: &Token) -> Verdict {
 pub enum Action {
     /// Ask the server now ([`check`]), then tell [`Policy::verdict`].
     Check,
+    /// Keep holding what came since the notice: the check in flight settles it.
+    Wait,
     /// Stay in the room, showing chat again; say that a notice was forged when `forged`.
     Stay {
         /// The server has just said so.
@@ -86,6 +90,11 @@ pub struct Policy {
     recheck_at: Option<Instant>,
     /// While the server refuses for its rate limit: when to stop asking and believe.
     busy_until: Option<Instant>,
+    /// A check is in flight: its verdict is awaited.
+    checking: bool,
+    /// A notice came while checking, after the check had started: a forged verdict does
+    /// not answer for it.
+    noticed_while_checking: bool,
 }
 
 impl Policy {
@@ -96,6 +105,8 @@ impl Policy {
             last_forged: None,
             recheck_at: None,
             busy_until: None,
+            checking: false,
+            noticed_while_checking: false,
         }
     }
 
@@ -104,29 +115,45 @@ impl Policy {
         if !self.enabled {
             return Action::Close;
         }
+        if self.checking {
+            self.noticed_while_checking = true;
+            return Action::Wait;
+        }
         if let Some(at) = self.recheck_at {
             if now < at {
                 return Action::Stay { forged: false };
             }
             // Overdue: this notice is the recheck.
-            self.recheck_at = None;
-            return Action::Check;
+            return self.start_check();
         }
         match self.last_forged {
             Some(at) if now < at + COOL_DOWN => {
                 self.recheck_at = Some(at + COOL_DOWN);
                 Action::Stay { forged: false }
             }
-            _ => Action::Check,
+            _ => self.start_check(),
         }
+    }
+
+    /// A check starts: nothing more is planned until its verdict.
+    fn start_check(&mut self) -> Action {
+        self.recheck_at = None;
+        self.checking = true;
+        self.noticed_while_checking = false;
+        Action::Check
     }
 
     /// The server's answer to a [`Action::Check`].
     pub fn verdict(&mut self, now: Instant, verdict: Verdict) -> Action {
+        self.checking = false;
+        let noticed_meanwhile = std::mem::take(&mut self.noticed_while_checking);
         match verdict {
             Verdict::Forged => {
                 self.last_forged = Some(now);
-                self.recheck_at = None;
+                // A notice that came while the server was being asked may have been sent
+                // after it answered: it waits for the next check, like any within the
+                // cool-down.
+                self.recheck_at = noticed_meanwhile.then_some(now + COOL_DOWN);
                 self.busy_until = None;
                 Action::Stay { forged: true }
             }
@@ -153,8 +180,7 @@ impl Policy {
         if now < at {
             return None;
         }
-        self.recheck_at = None;
-        Some(Action::Check)
+        Some(self.start_check())
     }
 }
 
@@ -252,6 +278,44 @@ mod tests {
             policy.verdict(later, Verdict::Busy),
             Action::Stay { forged: false }
         );
+    }
+
+    #[test]
+    fn a_notice_while_a_check_is_in_flight_waits_for_it_then_for_a_recheck() {
+        let mut policy = Policy::new(true);
+        let start = Instant::now();
+        assert_eq!(policy.notice(start), Action::Check);
+        // The check is on its way: nothing else starts, nothing is planned.
+        assert_eq!(policy.notice(start), Action::Wait);
+        assert_eq!(policy.due(start + BUSY_FOR), None);
+        assert_eq!(policy.recheck_at(), None);
+        // Forged: but the second notice may postdate the server's answer, so it gets a
+        // check of its own after the cool-down.
+        let answered = start + RETRY_AFTER;
+        assert_eq!(
+            policy.verdict(answered, Verdict::Forged),
+            Action::Stay { forged: true }
+        );
+        assert_eq!(policy.recheck_at(), Some(answered + COOL_DOWN));
+        assert_eq!(policy.due(answered + COOL_DOWN), Some(Action::Check));
+        assert_eq!(policy.notice(answered + COOL_DOWN), Action::Wait);
+        assert_eq!(
+            policy.verdict(answered + COOL_DOWN, Verdict::Confirmed),
+            Action::Close
+        );
+    }
+
+    #[test]
+    fn a_forged_verdict_alone_plans_no_recheck() {
+        let mut policy = Policy::new(true);
+        let start = Instant::now();
+        assert_eq!(policy.notice(start), Action::Check);
+        assert_eq!(
+            policy.verdict(start, Verdict::Forged),
+            Action::Stay { forged: true }
+        );
+        assert_eq!(policy.recheck_at(), None);
+        assert_eq!(policy.due(start + BUSY_FOR), None);
     }
 
     #[test]

@@ -1353,3 +1353,101 @@ fn ocm_stays_in_its_room_after_forged_room_closed_notices() {
         "{asked} checks in {spent:.1} s for 250 forged notices"
     );
 }
+
+/// While `ocm` asks the server whether a closure notice is true, it goes on: typed lines
+/// are sent and `/quit` leaves at once, even when the server accepted the check's connection
+/// and never answers (the check would time out after 10 s). The test plays the server
+/// itself: it answers the create, then sends `__ROOM_CLOSED__` from its own UDP address,
+/// which `ocm` cannot tell from a forgery, and holds the check's connection unanswered.
+#[test]
+fn ocm_goes_on_while_the_server_is_slow_to_confirm_a_closure() {
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("a TCP port");
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("a UDP port");
+    udp.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut bob = Ocm::start_at(
+        tcp.local_addr().unwrap().port(),
+        udp.local_addr().unwrap().port(),
+        &["create", "quiet", "--name", "bob"],
+    );
+    let token = "0123456789abcdef0123456789abcdef";
+    let (mut create, _) = tcp.accept().expect("the create's connection");
+    let mut frames = FrameReader::default();
+    let (state, _) = frames.next(&mut create).expect("the create request");
+    assert_eq!(state, State::Request);
+    let mut reply = Vec::new();
+    for (state, body) in [
+        (State::Compliance, {
+            let mut out = Vec::new();
+            payload::encode_success(&mut out);
+            out
+        }),
+        (State::Complete, {
+            let mut out = Vec::new();
+            payload::encode_complete(token, &mut out);
+            out
+        }),
+    ] {
+        tcrp::Frame {
+            operation: Operation::CreateRoom,
+            state,
+            room_name: b"quiet",
+            payload: &body,
+        }
+        .encode(&mut reply)
+        .unwrap();
+    }
+    create.write_all(&reply).unwrap();
+    // What bob sends: its text, checked to carry the room and the token.
+    let from_bob = || {
+        let mut buf = [0u8; 4096];
+        let (len, from) = udp.recv_from(&mut buf).expect("a datagram from ocm");
+        let datagram = ucrp::datagram::parse(&buf[..len]).expect("a client datagram");
+        assert_eq!(datagram.room_name, b"quiet");
+        assert_eq!(datagram.token, token.as_bytes());
+        let text = match datagram.message {
+            ucrp::datagram::Message::Register => "__REGISTER__".to_owned(),
+            ucrp::datagram::Message::Leave => "__LEAVE__".to_owned(),
+            ucrp::datagram::Message::Chat(text) => text.to_owned(),
+        };
+        (text, from)
+    };
+    let (text, bob_addr) = from_bob();
+    assert_eq!(text, "__REGISTER__");
+    bob.wait_stderr("* created quiet as bob");
+
+    udp.send_to(delivery::ROOM_CLOSED, bob_addr).unwrap();
+    tcp.set_nonblocking(true).unwrap();
+    let mut check = None;
+    wait_until("ocm's closure check connects", || {
+        check = tcp.accept().ok();
+        check.is_some()
+    });
+    // Left unanswered from here on.
+    let asked = Instant::now();
+    bob.type_line("anyone?");
+    loop {
+        let (text, _) = from_bob();
+        if text == "anyone?" {
+            break;
+        }
+        assert_eq!(text, "__REGISTER__", "only keepalives before the line");
+    }
+    bob.type_line("/quit");
+    assert!(bob.wait().success());
+    let waited = asked.elapsed();
+    assert!(
+        waited < Duration::from_secs(5),
+        "ocm left {waited:?} after the check began: it waited for the check"
+    );
+    loop {
+        let (text, _) = from_bob();
+        if text == "__LEAVE__" {
+            break;
+        }
+        assert_eq!(text, "__REGISTER__", "only keepalives before the leave");
+    }
+    let stderr = bob.stderr.lock().unwrap().clone();
+    assert!(!stderr.contains("closed"), "a closure was shown: {stderr}");
+    assert_eq!(bob.line_within(Duration::ZERO), None, "nothing on stdout");
+    drop(check);
+}

@@ -558,15 +558,21 @@ pub struct Ocm {
 }
 
 impl Ocm {
-    /// Starts `ocm ARGS... --server 127.0.0.1 --tcp-port T --udp-port U`.
+    /// Starts `ocm ARGS... --server 127.0.0.1 --tcp-port T --udp-port U` against `daemon`.
     pub fn start(daemon: &Daemon, args: &[&str]) -> Ocm {
+        Ocm::start_at(daemon.tcp.port(), daemon.udp.port(), args)
+    }
+
+    /// Starts `ocm ARGS... --server 127.0.0.1 --tcp-port TCP --udp-port UDP` (a server the
+    /// test plays itself, for one).
+    pub fn start_at(tcp: u16, udp: u16, args: &[&str]) -> Ocm {
         let mut child = Command::new(sibling_binary("ocm"))
             .arg("--server")
             .arg("127.0.0.1")
             .arg("--tcp-port")
-            .arg(daemon.tcp.port().to_string())
+            .arg(tcp.to_string())
             .arg("--udp-port")
-            .arg(daemon.udp.port().to_string())
+            .arg(udp.to_string())
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
