@@ -13,6 +13,8 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::mpsc;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use log::debug;
@@ -27,6 +29,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the server has to send its whole reply (COMPLIANCE and COMPLETE), and how long
 /// one write of the request may block.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the server's name may take to resolve.
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest reply payload accepted, in bytes. Replies are a few dozen bytes; the cap only
 /// stops a broken server from making us buffer without end.
 pub const MAX_REPLY_PAYLOAD: usize = tcrp::DEFAULT_MAX_PAYLOAD;
@@ -125,13 +129,9 @@ pub fn max_datagram_for(server: IpAddr) -> Option<u16> {
 
 /// Opens the TCP connection to `host:port`, trying each resolved address in turn.
 pub fn connect(host: &str, port: u16) -> Result<TcpStream, ClientError> {
-    let addrs: Vec<_> = (host, port)
-        .to_socket_addrs()
-        .map_err(|source| ClientError::Resolve {
-            host: host.to_owned(),
-            source,
-        })?
-        .collect();
+    let addrs = resolve(host, port, RESOLVE_TIMEOUT, |host, port| {
+        (host, port).to_socket_addrs().map(Iterator::collect)
+    })?;
     let mut last = Err(ClientError::Resolve {
         host: host.to_owned(),
         source: io::Error::new(io::ErrorKind::NotFound, "no address found"),
@@ -157,6 +157,43 @@ pub fn connect(host: &str, port: u16) -> Result<TcpStream, ClientError> {
     let stream = last?;
     set_options(&stream)?;
     Ok(stream)
+}
+
+/// Resolves `host:port` with `lookup` on a thread of its own, waiting at most `timeout`:
+/// the system resolver's own retries can take far longer than a person waits for a chat to
+/// start. A lookup still running then is left to finish on its own; the process is ending.
+fn resolve<F>(
+    host: &str,
+    port: u16,
+    timeout: Duration,
+    lookup: F,
+) -> Result<Vec<SocketAddr>, ClientError>
+where
+    F: FnOnce(&str, u16) -> io::Result<Vec<SocketAddr>> + Send + 'static,
+{
+    let failed = |source| ClientError::Resolve {
+        host: host.to_owned(),
+        source,
+    };
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let (answer, answered) = mpsc::sync_channel(1);
+    let name = host.to_owned();
+    thread::Builder::new()
+        .name("ocm-resolve".into())
+        .spawn(move || {
+            // The caller has given up when this fails.
+            let _ = answer.send(lookup(&name, port));
+        })
+        .map_err(failed)?;
+    match answered.recv_timeout(timeout) {
+        Ok(addrs) => addrs.map_err(failed),
+        Err(_) => Err(failed(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {} s", timeout.as_secs_f64()),
+        ))),
+    }
 }
 
 /// Opens a TCP connection to an address already resolved: the short-lived connections of
@@ -341,7 +378,56 @@ fn read_frame<S: LimitedRead>(
 mod tests {
     use super::*;
     use std::collections::VecDeque;
+    use std::net::Ipv6Addr;
     use tcrp::ErrorCode;
+
+    #[test]
+    fn a_name_that_takes_too_long_to_resolve_fails_at_the_deadline() {
+        let started = Instant::now();
+        let slow = |_: &str, _: u16| {
+            thread::sleep(Duration::from_secs(30));
+            Ok(Vec::new())
+        };
+        let error = resolve("slow.example", 7000, Duration::from_millis(50), slow)
+            .expect_err("no answer in time");
+        assert!(started.elapsed() < Duration::from_secs(30));
+        match error {
+            ClientError::Resolve { host, source } => {
+                assert_eq!(host, "slow.example");
+                assert_eq!(source.kind(), io::ErrorKind::TimedOut);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_resolved_name_gives_the_lookups_answer_and_an_address_needs_none() {
+        let one = SocketAddr::from(([192, 0, 2, 1], 7000));
+        let found = resolve(
+            "chat.example",
+            7000,
+            Duration::from_secs(60),
+            move |host, port| {
+                assert_eq!((host, port), ("chat.example", 7000));
+                Ok(vec![one])
+            },
+        );
+        assert_eq!(found.unwrap(), vec![one]);
+        let refused = resolve("nowhere.example", 7000, Duration::from_secs(60), |_, _| {
+            Err(io::Error::new(io::ErrorKind::NotFound, "no such name"))
+        });
+        assert!(
+            matches!(&refused, Err(ClientError::Resolve { source, .. }) if source.kind() == io::ErrorKind::NotFound),
+            "{refused:?}"
+        );
+        let unused = |_: &str, _: u16| -> io::Result<Vec<SocketAddr>> {
+            panic!("an address is not looked up")
+        };
+        assert_eq!(
+            resolve("::1", 7000, Duration::ZERO, unused).unwrap(),
+            vec![SocketAddr::from((Ipv6Addr::LOCALHOST, 7000))]
+        );
+    }
 
     /// An in-memory server: hands out the scripted reply in the given chunks (one per
     /// `read`), then end of stream, and records everything written to it.
