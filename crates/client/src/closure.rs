@@ -188,6 +188,18 @@ impl Policy {
 mod tests {
     use super::*;
 
+    /// A policy whose first notice, at the returned instant, was checked and found forged.
+    fn after_a_forged_notice() -> (Policy, Instant) {
+        let mut policy = Policy::new(true);
+        let start = Instant::now();
+        assert_eq!(policy.notice(start), Action::Check);
+        assert_eq!(
+            policy.verdict(start, Verdict::Forged),
+            Action::Stay { forged: true }
+        );
+        (policy, start)
+    }
+
     #[test]
     fn without_checks_every_notice_is_believed() {
         let mut policy = Policy::new(false);
@@ -196,13 +208,7 @@ mod tests {
 
     #[test]
     fn a_flood_of_forged_notices_costs_one_check_per_cool_down() {
-        let mut policy = Policy::new(true);
-        let start = Instant::now();
-        assert_eq!(policy.notice(start), Action::Check);
-        assert_eq!(
-            policy.verdict(start, Verdict::Forged),
-            Action::Stay { forged: true }
-        );
+        let (mut policy, start) = after_a_forged_notice();
         // Two hundred more notices within the cool-down: no check, one recheck planned.
         for i in 1..=200 {
             let now = start + COOL_DOWN * i / 201;
@@ -221,10 +227,7 @@ mod tests {
 
     #[test]
     fn a_notice_once_the_planned_check_is_due_is_that_check() {
-        let mut policy = Policy::new(true);
-        let start = Instant::now();
-        policy.notice(start);
-        policy.verdict(start, Verdict::Forged);
+        let (mut policy, start) = after_a_forged_notice();
         assert_eq!(policy.notice(start), Action::Stay { forged: false });
         assert_eq!(policy.notice(start + COOL_DOWN), Action::Check);
         assert_eq!(policy.recheck_at(), None);
@@ -232,10 +235,7 @@ mod tests {
 
     #[test]
     fn after_the_cool_down_a_notice_is_checked_at_once() {
-        let mut policy = Policy::new(true);
-        let start = Instant::now();
-        assert_eq!(policy.notice(start), Action::Check);
-        policy.verdict(start, Verdict::Forged);
+        let (mut policy, start) = after_a_forged_notice();
         assert_eq!(policy.notice(start + COOL_DOWN), Action::Check);
     }
 
@@ -307,13 +307,7 @@ mod tests {
 
     #[test]
     fn a_forged_verdict_alone_plans_no_recheck() {
-        let mut policy = Policy::new(true);
-        let start = Instant::now();
-        assert_eq!(policy.notice(start), Action::Check);
-        assert_eq!(
-            policy.verdict(start, Verdict::Forged),
-            Action::Stay { forged: true }
-        );
+        let (mut policy, start) = after_a_forged_notice();
         assert_eq!(policy.recheck_at(), None);
         assert_eq!(policy.due(start + BUSY_FOR), None);
     }
