@@ -313,6 +313,30 @@ mod tests {
     }
 
     #[test]
+    fn every_notice_kind_has_its_own_wire_byte() {
+        // PROTOCOL.md: 1 joined, 2 left, 3 timed out. A client told "left" for a member who
+        // timed out, or "joined" for one who left, shows the room wrongly.
+        for (what, hex) in [
+            (Notice::Joined, "00030103626f62"),
+            (Notice::Left, "00030203626f62"),
+            (Notice::TimedOut, "00030303626f62"),
+        ] {
+            let mut out = Vec::new();
+            encode_notice(what, "bob", &mut out).unwrap();
+            assert_eq!(hex::encode(&out), hex, "{what:?}");
+            assert_eq!(parse(&out), Ok(Delivery::Notice { what, name: "bob" }));
+        }
+        assert_eq!(
+            parse(&[EXTENSION, KIND_NOTICE, 0x00, 0x00]),
+            Err(Error::UnknownKind { kind: 0 })
+        );
+        assert_eq!(
+            parse(&[EXTENSION, KIND_NOTICE, 0x04, 0x00]),
+            Err(Error::UnknownKind { kind: 4 })
+        );
+    }
+
+    #[test]
     fn batch_carries_several_frames() {
         let mut a = Vec::new();
         encode_chat("a", b"1", &mut a).unwrap();
