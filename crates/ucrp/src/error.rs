@@ -73,3 +73,40 @@ impl Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_the_metric_labels_operations_md_documents() {
+        // `ocm_datagrams_dropped_total{reason=...}` carries these (docs/OPERATIONS.md):
+        // renaming one silently breaks every dashboard and alert that counts it.
+        let labels = [
+            (Error::TooShort { len: 1, min: 2 }, "too_short"),
+            (
+                Error::TooLarge {
+                    len: 5000,
+                    max: 4096,
+                },
+                "too_large",
+            ),
+            (
+                Error::LengthMismatch {
+                    declared: 9,
+                    actual: 3,
+                },
+                "length_mismatch",
+            ),
+            (Error::EmptyMessage, "empty_message"),
+            (Error::EmptyToken, "empty_token"),
+            (Error::NotUtf8, "not_utf8"),
+            (Error::ReservedWord, "reserved_word"),
+            (Error::FieldTooLong { len: 256 }, "field_too_long"),
+            (Error::UnknownKind { kind: 9 }, "unknown_kind"),
+        ];
+        for (error, label) in labels {
+            assert_eq!(error.reason(), label, "{error:?}");
+        }
+    }
+}
