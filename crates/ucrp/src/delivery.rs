@@ -354,6 +354,29 @@ mod tests {
     }
 
     #[test]
+    fn a_broken_batch_yields_one_error_and_ends() {
+        // A receiver walks the entries in a `for` loop: after an entry it cannot split, the
+        // walk must end, or a hostile datagram keeps it logging the same error forever.
+        // `take` bounds the walk so that a regression fails here instead of hanging.
+        let walk = |body: &'static [u8]| batch_entries(body).take(5).collect::<Vec<_>>();
+        assert_eq!(
+            walk(&[0x00, 0x01, b'x', 0x07]),
+            [Ok(&b"x"[..]), Err(Error::TooShort { len: 1, min: 2 })]
+        );
+        assert_eq!(
+            walk(&[0x00, 0x01, b'x', 0x00, 0x05, b'y']),
+            [
+                Ok(&b"x"[..]),
+                Err(Error::LengthMismatch {
+                    declared: 5,
+                    actual: 1
+                })
+            ]
+        );
+        assert_eq!(walk(&[0x00, 0x00]), [Ok(&b""[..])]);
+    }
+
+    #[test]
     fn malformed_server_frames() {
         assert_eq!(parse(&[]), Err(Error::TooShort { len: 0, min: 1 }));
         assert_eq!(parse(&[0x00]), Err(Error::TooShort { len: 1, min: 2 }));
