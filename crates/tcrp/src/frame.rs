@@ -344,6 +344,30 @@ mod tests {
     }
 
     #[test]
+    fn the_default_cap_admits_16_kib_and_not_a_byte_more() {
+        // PROTOCOL.md and SECURITY.md: 16 KiB. Clients read every reply with this cap and
+        // the server fills ListRooms, Presence and History replies up to 15 KiB, so a smaller
+        // default would make clients refuse the server's own replies.
+        let payload = vec![b'a'; 16 * 1024 + 1];
+        let frame = |payload| Frame {
+            operation: Operation::ListRooms,
+            state: State::Complete,
+            room_name: b"",
+            payload,
+        };
+        let fits = encode(&frame(&payload[..16 * 1024]));
+        let (back, used) = decode(&fits, DEFAULT_MAX_PAYLOAD).unwrap().unwrap();
+        assert_eq!((back.payload.len(), used), (16 * 1024, fits.len()));
+        assert_eq!(
+            decode(&encode(&frame(&payload)), DEFAULT_MAX_PAYLOAD),
+            Err(Error::PayloadTooLarge {
+                size: 16 * 1024 + 1,
+                max: 16 * 1024
+            })
+        );
+    }
+
+    #[test]
     fn unknown_state_is_an_error() {
         let mut header = vec![0x01, 0x01, 0x07];
         header.extend_from_slice(&[0u8; 29]);
@@ -384,6 +408,27 @@ mod tests {
         .encode(&mut out);
         assert_eq!(err, Err(Error::RoomNameTooLong { len: 256 }));
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn operation_bytes_are_the_documented_numbers() {
+        // PROTOCOL.md: 1 create, 2 join, 3 list, 4 presence, 5 history. The round trip below
+        // cannot see a number decoded as `Other` (it encodes back to itself), which would
+        // make the server refuse that operation as unsupported.
+        let named = [
+            (0x01, Operation::CreateRoom),
+            (0x02, Operation::JoinRoom),
+            (0x03, Operation::ListRooms),
+            (0x04, Operation::Presence),
+            (0x05, Operation::History),
+        ];
+        for (byte, operation) in named {
+            assert_eq!(Operation::from(byte), operation, "{byte}");
+            assert_eq!(u8::from(operation), byte, "{operation:?}");
+        }
+        for byte in [0x00, 0x06, 0xff] {
+            assert_eq!(Operation::from(byte), Operation::Other(byte));
+        }
     }
 
     #[test]
