@@ -256,6 +256,10 @@ mod tests {
         // 64 four-byte characters are 256 bytes: too long for the sender size byte.
         assert_eq!(check_username(&"😀".repeat(64)), Err(NameRule::TooLong));
         assert_eq!(check_username(&"😀".repeat(63)), Ok(()));
+        // 255 bytes in 64 characters: the longest name the sender size byte carries.
+        let longest = format!("{}€", "😀".repeat(63));
+        assert_eq!((longest.len(), longest.chars().count()), (255, 64));
+        assert_eq!(check_username(&longest), Ok(()));
         assert_eq!(check_username(""), Err(NameRule::Empty));
         assert_eq!(check_username("a\tb"), Err(NameRule::ControlCharacter));
         assert_eq!(check_username("\u{7f}"), Err(NameRule::ControlCharacter));
