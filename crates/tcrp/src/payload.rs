@@ -563,6 +563,64 @@ mod tests {
     }
 
     #[test]
+    fn any_extension_field_makes_the_request_a_json_object() {
+        // A bare JSON string carries the username alone: a request in the original form with
+        // any other field set must still go out as an object, or the field is silently lost.
+        let bob = || Request::original("bob");
+        let one_field_each = [
+            Request {
+                keepalive_secs: Some(10),
+                ..bob()
+            },
+            Request {
+                caps: Caps::SEQ,
+                ..bob()
+            },
+            Request {
+                max_datagram: Some(1472),
+                ..bob()
+            },
+            Request {
+                password: Some("pw".into()),
+                ..bob()
+            },
+            Request {
+                listed: Some(false),
+                ..bob()
+            },
+            Request {
+                before: Some(7),
+                ..bob()
+            },
+            Request {
+                limit: Some(3),
+                ..bob()
+            },
+            Request {
+                token: Some("ab".into()),
+                ..bob()
+            },
+        ];
+        for request in one_field_each {
+            let mut out = Vec::new();
+            request.encode(&mut out);
+            let sent = Request {
+                form: RequestForm::JsonObject,
+                ..request.clone()
+            };
+            assert_eq!(parse_request(&out), Ok(sent), "{request:?}");
+        }
+        // And the object form is kept when it was asked for, even with the username alone.
+        let mut out = Vec::new();
+        Request {
+            form: RequestForm::JsonObject,
+            ..bob()
+        }
+        .encode(&mut out);
+        assert_eq!(out, br#"{"username": "bob"}"#);
+    }
+
+    #[test]
     fn max_datagram_is_read_checked_and_written() {
         let r = parse_request(br#"{"username": "bob", "caps": ["batch"], "max_datagram": 65507}"#)
             .unwrap();
@@ -706,5 +764,12 @@ mod tests {
         let caps = Caps::from_names(["batch", "notices"]);
         assert_eq!(Caps::from_bits(caps.bits()), caps);
         assert_eq!(caps.names().collect::<Vec<_>>(), ["notices", "batch"]);
+    }
+
+    #[test]
+    fn a_capability_named_twice_is_still_asked_for() {
+        let r = parse_request(br#"{"username": "bob", "caps": ["seq", "batch", "seq"]}"#).unwrap();
+        assert_eq!(r.caps, Caps::SEQ.with(Caps::BATCH));
+        assert_eq!(Caps::SEQ.with(Caps::SEQ), Caps::SEQ);
     }
 }
