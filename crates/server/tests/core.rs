@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::io::Write;
+
 use common::*;
 use tcrp::payload::{Compliance, ErrorCode};
 use tcrp::Operation;
@@ -305,6 +307,30 @@ fn restart_keeps_rooms_tokens_and_addresses() {
         refused(&request(&d, Operation::CreateRoom, "keep", b"\"x\"")),
         Some(ErrorCode::RoomExists)
     );
+}
+
+#[test]
+fn a_register_queued_before_a_join_binds_its_member_before_the_join_notice() {
+    // A datagram and a join request both wait for a daemon that is not running (stopped
+    // here; descheduled on a loaded machine): the REGISTER was sent first, so the host is
+    // bound when the join is answered and hears its notice. A daemon that answers the join
+    // before reading the datagram sends the notice to nobody, and alice's recv times out.
+    let d = Daemon::start();
+    let created = request(
+        &d,
+        Operation::CreateRoom,
+        "order",
+        br#"{"username": "alice", "caps": ["notices"]}"#,
+    );
+    let alice = Member::new(&d, "order", &created.token.expect("room created"));
+    d.signal(libc::SIGSTOP);
+    alice.send("__REGISTER__");
+    let mut bob = connect(&d);
+    bob.write_all(&request_bytes(Operation::JoinRoom, "order", b"\"bob\""))
+        .expect("send the join");
+    d.signal(libc::SIGCONT);
+    assert!(FrameReader::default().reply(&mut bob).token.is_some());
+    assert_eq!(alice.recv(), "* bob Joined");
 }
 
 #[test]

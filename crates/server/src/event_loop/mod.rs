@@ -2,10 +2,13 @@
 //! connections. It maps readiness to calls into the pure modules (`handshake`, `rooms`) and
 //! carries out what they decide: replies, datagrams and journal records.
 //!
-//! Each pass: wait for events (the timeout is the nearest timer); accept until `WouldBlock`;
-//! read every ready connection and answer its frames; read up to `datagrams_per_wakeup`
-//! datagrams (a still-ready socket makes the next wait zero, so a flood cannot starve TCP);
-//! send the outbox; hand the new records to the writer. A reply that carries a token is queued
+//! Each pass: wait for events (the timeout is the nearest timer); read up to
+//! `datagrams_per_wakeup` datagrams (a still-ready socket makes the next wait zero, so a flood
+//! cannot starve TCP); accept until `WouldBlock`; read every ready connection and answer its
+//! frames; send the outbox; hand the new records to the writer. Datagrams come first because
+//! a datagram waiting when the pass begins was sent before anything its TCP events could have
+//! answered: a `__REGISTER__` queued before a join's request binds its member first, so the
+//! member hears that join's notice however late the daemon wakes. A reply that carries a token is queued
 //! on its connection and released only when the writer reports its batch durable.
 
 mod lifecycle;
@@ -349,11 +352,18 @@ impl Server {
                 });
             }
             let now = Instant::now();
+            // Datagrams before connections (see the module docs): they may have waited longer.
+            if events.iter().any(|event| event.token() == UDP_SOCKET) {
+                self.udp_ready = true;
+            }
+            if self.udp_ready {
+                self.udp_ready = self.drain_udp(now);
+            }
             for event in events.iter() {
                 match event.token() {
                     TCP_LISTENER => self.accept(Kind::Tcrp, now),
                     METRICS_LISTENER => self.accept(Kind::Http, now),
-                    UDP_SOCKET => self.udp_ready = true,
+                    UDP_SOCKET => {} // drained above
                     WAKER => {
                         self.collect_durable();
                         self.collect_passwords(now);
@@ -376,9 +386,6 @@ impl Server {
                     let close = self.read_tcrp(id, now, ReadUntil::WouldBlock);
                     self.after_io(id, close);
                 }
-            }
-            if self.udp_ready {
-                self.udp_ready = self.drain_udp(now);
             }
             self.timers(now);
             self.flush_outbox();
