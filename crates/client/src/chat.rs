@@ -349,13 +349,29 @@ fn finish_closed(screen: &Mutex<Screen>, terminal: Option<TerminalGuard>) {
 
 /// Sends one chat message; local feedback goes to standard error.
 fn send_text(session: &Session, screen: &Mutex<Screen>, text: &str) {
-    let complaint = match session.send_chat(text) {
-        Ok(Ok(())) => return lock(screen).sent_own(),
-        Ok(Err(ucrp::Error::TooLarge { .. })) => too_long(session.max_message_len()),
+    send_own(screen, session.max_message_len(), || {
+        session.send_chat(text)
+    });
+}
+
+/// Sends one of our chat messages with `send` ([`Session::send_chat`]) and counts it as ours
+/// ([`Screen::sent_own`]). The screen is locked from before the send until the message is
+/// counted: the receiver renders under that lock, so it cannot show a reply to our message
+/// (which the daemon numbers after it) before our message's number is known to be ours,
+/// and report that number as a lost message.
+fn send_own(
+    screen: &Mutex<Screen>,
+    max_message_len: usize,
+    send: impl FnOnce() -> io::Result<Result<(), ucrp::Error>>,
+) {
+    let mut screen = lock(screen);
+    let complaint = match send() {
+        Ok(Ok(())) => return screen.sent_own(),
+        Ok(Err(ucrp::Error::TooLarge { .. })) => too_long(max_message_len),
         Ok(Err(e)) => format!("* message not sent: {e}"),
         Err(e) => format!("* message not sent: {e}"),
     };
-    lock(screen).err(&complaint);
+    screen.err(&complaint);
 }
 
 /// What the input thread needs to act on typed lines: local commands are answered here,
@@ -1042,6 +1058,42 @@ mod tests {
         assert_eq!(d.token, b"00ff");
         assert_eq!(d.message, ucrp::Message::Chat("hello"));
         assert!(rec.lines().is_empty());
+    }
+
+    #[test]
+    fn a_reply_to_our_message_never_shows_our_messages_number_as_lost() {
+        let (session, server) = pair("lobby", "00ff");
+        let (screen, rec) = screen(false);
+        assert_eq!(
+            lock(&screen)
+                .handle_datagram(&sequenced(1, "before"))
+                .unwrap(),
+            Flow::Continue
+        );
+        // The daemon numbers "mine" 2 and relays it; a reply, 3, can be back before the main
+        // thread counts 2 as ours. The receiver renders under the screen's lock: had it been
+        // free during the send, the reply could have been shown with "* 1 message lost".
+        let mut free_during_send = None;
+        send_own(&screen, session.max_message_len(), || {
+            free_during_send = Some(screen.try_lock().is_ok());
+            session.send_chat("mine")
+        });
+        assert_eq!(
+            free_during_send,
+            Some(false),
+            "the screen was free during the send"
+        );
+        assert_eq!(
+            ucrp::parse(&recv(&server)).unwrap().message,
+            ucrp::Message::Chat("mine")
+        );
+        assert_eq!(
+            lock(&screen)
+                .handle_datagram(&sequenced(3, "reply"))
+                .unwrap(),
+            Flow::Continue
+        );
+        assert_eq!(rec.lines(), ["out: bob: before", "out: bob: reply"]);
     }
 
     #[test]
