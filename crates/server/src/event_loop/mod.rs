@@ -8,8 +8,9 @@
 //! frames; send the outbox; hand the new records to the writer. Datagrams come first because
 //! a datagram waiting when the pass begins was sent before anything its TCP events could have
 //! answered: a `__REGISTER__` queued before a join's request binds its member first, so the
-//! member hears that join's notice however late the daemon wakes. A reply that carries a token is queued
-//! on its connection and released only when the writer reports its batch durable.
+//! member hears that join's notice however late the daemon wakes. A reply that carries a
+//! token is queued on its connection and released only when the writer reports its batch
+//! durable.
 
 mod lifecycle;
 mod requests;
