@@ -464,8 +464,8 @@ impl Member {
         }
     }
 
-    /// A member that has registered and been acknowledged by the probe of `witness` (see
-    /// [`Member::registered`]).
+    /// A member that has sent its `__REGISTER__` (not yet seen to be bound: see
+    /// [`Member::registered_with`]).
     pub fn joined(daemon: &Daemon, room: &str, token: &str) -> Member {
         let m = Member::new(daemon, room, token);
         m.send("__REGISTER__");
@@ -519,8 +519,9 @@ impl Member {
         }
     }
 
-    /// Sends `__REGISTER__` until `other` sees a message from us: proof that the daemon has
-    /// bound our address (UDP gives no acknowledgement).
+    /// Sends `__REGISTER__`, then a probe that `other` must receive: proof that the daemon
+    /// has bound our address (UDP gives no acknowledgement). Loopback keeps the two in order
+    /// and the daemon handles them in order, so one of each is enough.
     pub fn registered_with(&self, other: &Member, name: &str) {
         self.send("__REGISTER__");
         let probe = format!("probe from {name}");
