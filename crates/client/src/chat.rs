@@ -1204,6 +1204,100 @@ mod tests {
                 && payload.contains("00ff")));
     }
 
+    /// The closure checks as `run` drives them: a [`Checker`] on `tcp` whose verdicts come
+    /// back on the returned channel.
+    fn checker(tcp: SocketAddr) -> (Checker, mpsc::Receiver<Event>) {
+        let (events, inbox) = mpsc::sync_channel(EVENT_QUEUE);
+        let checker = Checker {
+            tcp,
+            room_name: "lobby".into(),
+            token: Token::new("00ff".into()).unwrap(),
+            events,
+        };
+        (checker, inbox)
+    }
+
+    /// The verdict of the check in flight.
+    fn next_verdict(inbox: &mpsc::Receiver<Event>) -> closure::Verdict {
+        match inbox.recv_timeout(Duration::from_secs(5)) {
+            Ok(Event::Verdict(verdict)) => verdict,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A notice of the room's closing reaches the screen, which is open: the receiver would
+    /// report [`Event::RoomClosed`], which the main loop settles.
+    fn closed_notice(
+        screen: &Mutex<Screen>,
+        closures: &mut closure::Policy,
+        checker: &Checker,
+    ) -> Settled {
+        let flow = lock(screen).handle_datagram(ucrp::ROOM_CLOSED).unwrap();
+        assert_eq!(flow, Flow::RoomClosed);
+        settle(closures.notice(Instant::now()), closures, checker, screen)
+    }
+
+    /// The real closure comes while a planned recheck (after forged notices) is in flight,
+    /// and that check finds us still a member: the closure is checked again and believed, and
+    /// its line is shown when the session ends, not dropped with the forged notice's.
+    #[test]
+    fn a_closure_noticed_during_a_check_that_finds_the_last_forged_is_shown_when_confirmed() {
+        let still_in = Ok(r#"{"messages": [], "more": false}"#);
+        let (tcp, asked) = fake_daemon(vec![
+            still_in,
+            still_in,
+            Err((tcrp::ErrorCode::RoomNotFound, "no room")),
+        ]);
+        let (screen, rec) = screen(false);
+        lock(&screen).defer_closing_lines();
+        let (checker, inbox) = checker(tcp);
+        let mut closures = closure::Policy::new(true);
+        // A forged notice, checked at once and found forged.
+        let settled = closed_notice(&screen, &mut closures, &checker);
+        assert!(matches!(settled, Settled::Stay));
+        let action = closures.verdict(Instant::now(), next_verdict(&inbox));
+        let settled = settle(action, &mut closures, &checker, &screen);
+        assert!(matches!(settled, Settled::Stay));
+        // Another within the cool-down: a recheck is planned.
+        let settled = closed_notice(&screen, &mut closures, &checker);
+        assert!(matches!(settled, Settled::Stay));
+        let due = closures.recheck_at().expect("a recheck planned");
+        // The recheck starts; the server answers it before the room really closes.
+        let action = closures.due(due).expect("the recheck");
+        assert!(matches!(
+            settle(action, &mut closures, &checker, &screen),
+            Settled::Stay
+        ));
+        // The real closure comes while that check is in flight.
+        let settled = closed_notice(&screen, &mut closures, &checker);
+        assert!(matches!(settled, Settled::Stay));
+        // The check says we are still in: it does not answer for the real closure.
+        let action = closures.verdict(Instant::now(), next_verdict(&inbox));
+        let settled = settle(action, &mut closures, &checker, &screen);
+        assert!(matches!(settled, Settled::Stay));
+        let due = closures.recheck_at().expect("a check for the real closure");
+        let action = closures.due(due).expect("the recheck");
+        assert!(matches!(
+            settle(action, &mut closures, &checker, &screen),
+            Settled::Stay
+        ));
+        let action = closures.verdict(Instant::now(), next_verdict(&inbox));
+        let settled = settle(action, &mut closures, &checker, &screen);
+        assert!(matches!(settled, Settled::Closed));
+        assert_eq!(asked.lock().unwrap().len(), 3);
+        assert!(
+            !rec.lines().iter().any(|line| line.contains("closed by")),
+            "the closure was shown before it was confirmed: {:?}",
+            rec.lines()
+        );
+        assert_eq!(
+            lock(&screen).take_closing(),
+            ["* room lobby was closed by its host"],
+            "what was shown: {:?}",
+            rec.lines()
+        );
+    }
+
     #[test]
     fn who_asks_with_the_members_token() {
         let (tcp, asked) = fake_daemon(vec![

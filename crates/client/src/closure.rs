@@ -72,7 +72,8 @@ pub enum Action {
     Wait,
     /// Stay in the room, showing chat again; say that a notice was forged when `forged`.
     Stay {
-        /// The server has just said so.
+        /// The server has just said so of the last notice, whose lines are then dropped.
+        /// Otherwise they are kept for a check to come.
         forged: bool,
     },
     /// Believe the notice: the session ends.
@@ -152,10 +153,13 @@ impl Policy {
                 self.last_forged = Some(now);
                 // A notice that came while the server was being asked may have been sent
                 // after it answered: it waits for the next check, like any within the
-                // cool-down.
+                // cool-down, and the screen keeps its lines for that check (this answer is
+                // not about it).
                 self.recheck_at = noticed_meanwhile.then_some(now + COOL_DOWN);
                 self.busy_until = None;
-                Action::Stay { forged: true }
+                Action::Stay {
+                    forged: !noticed_meanwhile,
+                }
             }
             Verdict::Busy => {
                 let until = *self.busy_until.get_or_insert(now + BUSY_FOR);
@@ -290,11 +294,11 @@ mod tests {
         assert_eq!(policy.due(start + BUSY_FOR), None);
         assert_eq!(policy.recheck_at(), None);
         // Forged: but the second notice may postdate the server's answer, so it gets a
-        // check of its own after the cool-down.
+        // check of its own after the cool-down, and is not called forged meanwhile.
         let answered = start + RETRY_AFTER;
         assert_eq!(
             policy.verdict(answered, Verdict::Forged),
-            Action::Stay { forged: true }
+            Action::Stay { forged: false }
         );
         assert_eq!(policy.recheck_at(), Some(answered + COOL_DOWN));
         assert_eq!(policy.due(answered + COOL_DOWN), Some(Action::Check));
