@@ -602,12 +602,30 @@ impl Checker {
         thread::Builder::new()
             .name("ocm-check".into())
             .spawn(move || {
-                let verdict = closure::check(tcp, &room_name, &token);
-                debug!("closure check: {verdict:?}");
-                // The main loop has gone when this fails: the process is ending.
-                let _ = events.send(Event::Verdict(verdict));
+                // Whatever happens to the check, the main loop hears a verdict: without one
+                // the screen would hold the chat for good.
+                let mut answer = Answer {
+                    events,
+                    verdict: closure::Verdict::Unknown,
+                };
+                answer.verdict = closure::check(tcp, &room_name, &token);
+                debug!("closure check: {:?}", answer.verdict);
             })
             .map(drop)
+    }
+}
+
+/// Sends its verdict to the main loop when dropped: when the check returns, and also if it
+/// panicked, with [`closure::Verdict::Unknown`] (believe the notice).
+struct Answer {
+    events: SyncSender<Event>,
+    verdict: closure::Verdict,
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        // The main loop has gone when this fails: the process is ending.
+        let _ = self.events.send(Event::Verdict(self.verdict));
     }
 }
 
@@ -1240,6 +1258,23 @@ mod tests {
     /// The real closure comes while a planned recheck (after forged notices) is in flight,
     /// and that check finds us still a member: the closure is checked again and believed, and
     /// its line is shown when the session ends, not dropped with the forged notice's.
+    #[test]
+    fn a_check_that_panics_still_answers_so_the_chat_is_not_held_for_good() {
+        let (events, inbox) = mpsc::sync_channel(1);
+        let check = thread::spawn(move || {
+            let _answer = Answer {
+                events,
+                verdict: closure::Verdict::Unknown,
+            };
+            panic!("the check failed");
+        });
+        assert!(check.join().is_err(), "the thread panicked");
+        assert!(matches!(
+            inbox.try_recv(),
+            Ok(Event::Verdict(closure::Verdict::Unknown))
+        ));
+    }
+
     #[test]
     fn a_closure_noticed_during_a_check_that_finds_the_last_forged_is_shown_when_confirmed() {
         let still_in = Ok(r#"{"messages": [], "more": false}"#);
