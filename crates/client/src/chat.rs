@@ -277,7 +277,8 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
         let event = match inbox.recv_timeout(wake.saturating_duration_since(Instant::now())) {
             Ok(event) => event,
             Err(RecvTimeoutError::Timeout) => continue,
-            // Every helper is gone; nothing more can happen.
+            // Every helper is gone; nothing more can happen. (Not while the checker and the
+            // signal watcher hold their senders: kept as the safe way out.)
             Err(RecvTimeoutError::Disconnected) => Event::Eof,
         };
         match event {
