@@ -225,12 +225,23 @@ pub struct SendScratch {
     addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)>,
     iovecs: Vec<libc::iovec>,
     msgs: Vec<libc::mmsghdr>,
+    failed: Vec<usize>,
+}
+
+impl SendScratch {
+    /// Indices, in the last [`send`]'s `datagrams`, of those dropped for an error of their own
+    /// ([`Sent::failed`] of them, ascending). The kernel took every other datagram before
+    /// index `sent + failed`, and none from there on.
+    pub fn failed(&self) -> &[usize] {
+        &self.failed
+    }
 }
 
 /// Sends every `(destination, bytes)` with as few `sendmmsg` calls as it takes. Never blocks:
 /// when the send buffer is full the rest is dropped and counted.
 pub fn send(fd: RawFd, datagrams: &[(SocketAddr, &[u8])], scratch: &mut SendScratch) -> Sent {
     let mut result = Sent::default();
+    scratch.failed.clear();
     for (index, chunk) in datagrams.chunks(BATCH).enumerate() {
         scratch.addrs.clear();
         scratch
@@ -281,6 +292,7 @@ pub fn send(fd: RawFd, datagrams: &[(SocketAddr, &[u8])], scratch: &mut SendScra
                 }
                 // The first datagram of the rest failed on its own (e.g. unreachable): skip it.
                 _ => {
+                    scratch.failed.push(index * BATCH + done);
                     result.failed += 1;
                     done += 1;
                 }
@@ -330,6 +342,27 @@ mod tests {
         assert_eq!(got, (0..300).collect::<Vec<_>>());
         let err = rx.recv(b.as_raw_fd(), BATCH).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn a_refused_destination_is_skipped_and_named_and_the_rest_still_leave() {
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let _ = crate::sockopt::set_int(b.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, 4 << 20);
+        let to = b.local_addr().unwrap();
+        // Port 0 is refused by sendmsg (EINVAL); one in each of two system-call batches.
+        let refused: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let datagrams: Vec<(SocketAddr, &[u8])> = (0..300)
+            .map(|i| (if i == 3 || i == 270 { refused } else { to }, &b"x"[..]))
+            .collect();
+        let mut scratch = SendScratch::default();
+        let sent = send(a.as_raw_fd(), &datagrams, &mut scratch);
+        assert_eq!((sent.sent, sent.failed, sent.would_block), (298, 2, 0));
+        assert_eq!(scratch.failed(), &[3, 270]);
+        // The next send starts with a clean list.
+        let sent = send(a.as_raw_fd(), &datagrams[..2], &mut scratch);
+        assert_eq!(sent.sent, 2);
+        assert!(scratch.failed().is_empty());
     }
 
     #[test]

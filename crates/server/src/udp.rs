@@ -107,12 +107,17 @@ impl Sender {
         let sent = mmsg::send(socket.as_raw_fd(), &datagrams, &mut self.scratch);
         drop(datagrams);
         metrics.datagrams_sent += sent.sent as u64;
-        // Deliveries: messages carried by the datagrams that went out (they go in order).
+        // Deliveries: messages carried by the datagrams that went out. They go in order up to
+        // a full send buffer, but one refused on its own (an unroutable or forbidden address)
+        // leaves a hole that those after it do not fill.
+        let mut refused = self.scratch.failed().iter().copied().peekable();
         metrics.deliveries += self
             .plan
             .iter()
-            .take(sent.sent)
-            .map(|(_, _, n)| *n as u64)
+            .take(sent.sent + sent.failed)
+            .enumerate()
+            .filter(|(i, _)| refused.next_if_eq(i).is_none())
+            .map(|(_, (_, _, n))| *n as u64)
             .sum::<u64>();
         if sent.would_block > 0 {
             *metrics.send_errors.entry("would_block").or_insert(0) += sent.would_block as u64;
@@ -302,6 +307,28 @@ mod tests {
             .map(|(to, _, n)| (to.port(), *n))
             .collect();
         assert_eq!(shown, vec![(1, 2), (9, 2)]);
+    }
+
+    #[test]
+    fn deliveries_count_the_datagrams_that_left_not_a_prefix_of_the_plan() {
+        // A destination the kernel refuses on its own (port 0: EINVAL) sits between a plain
+        // datagram and a batch of three; the batch still leaves after the refusal.
+        let socket = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = peer.local_addr().unwrap();
+        let mut out = Outbox::default();
+        let one = chat(&mut out, "one");
+        out.send(to, one.clone());
+        out.send(addr(0), one.clone());
+        for _ in 0..3 {
+            out.send_to_member(to, one.clone(), 5, 4096);
+        }
+        let mut metrics = Metrics::default();
+        Sender::new(65507).send_all(&socket, &mut out, &mut metrics);
+        assert_eq!(metrics.datagrams_sent, 2);
+        assert_eq!(metrics.send_errors.get("other"), Some(&1));
+        // One plain message and three in the batch reached the kernel; the refused one did not.
+        assert_eq!(metrics.deliveries, 4);
     }
 
     /// Messages per datagram for one member with `limit`, under a daemon cap of `cap`, and
