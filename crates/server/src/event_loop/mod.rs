@@ -603,8 +603,9 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // ICMP errors for earlier sends surface here on Linux; they concern a peer,
-                    // not the socket.
+                    // Not expected: without IP_RECVERR, Linux does not report ICMP errors for
+                    // earlier sends on an unconnected socket. Whatever it is concerns one
+                    // receive, not the socket, and the budget bounds the retries.
                     debug!("UDP receive error: {e}");
                     budget = budget.saturating_sub(1);
                     continue;
