@@ -12,7 +12,7 @@
 
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -177,6 +177,11 @@ where
     };
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    // An IPv6 address may come in brackets, as in a URL: `[::1]`.
+    let bracketed = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+    if let Some(ip) = bracketed.and_then(|h| h.parse::<Ipv6Addr>().ok()) {
+        return Ok(vec![SocketAddr::new(IpAddr::V6(ip), port)]);
     }
     let (answer, answered) = mpsc::sync_channel(1);
     let name = host.to_owned();
@@ -378,7 +383,6 @@ fn read_frame<S: LimitedRead>(
 mod tests {
     use super::*;
     use std::collections::VecDeque;
-    use std::net::Ipv6Addr;
     use tcrp::ErrorCode;
 
     #[test]
@@ -426,6 +430,18 @@ mod tests {
         assert_eq!(
             resolve("::1", 7000, Duration::ZERO, unused).unwrap(),
             vec![SocketAddr::from((Ipv6Addr::LOCALHOST, 7000))]
+        );
+        assert_eq!(
+            resolve("[::1]", 7000, Duration::ZERO, unused).unwrap(),
+            vec![SocketAddr::from((Ipv6Addr::LOCALHOST, 7000))]
+        );
+        // Brackets hold only an IPv6 address; anything else in them is a name to look up.
+        let looked_up = resolve("[127.0.0.1]", 7000, Duration::from_secs(60), |host, _| {
+            Err(io::Error::new(io::ErrorKind::NotFound, host.to_owned()))
+        });
+        assert!(
+            matches!(&looked_up, Err(ClientError::Resolve { source, .. }) if source.to_string() == "[127.0.0.1]"),
+            "{looked_up:?}"
         );
     }
 

@@ -59,7 +59,7 @@ const PASSWORD_ENV: &str = "OCM_PASSWORD";
 #[derive(Debug, Parser)]
 #[command(name = "ocm", version)]
 struct Cli {
-    /// Host name or IP address of the daemon.
+    /// Host name or IP address of the daemon (an IPv6 address with or without brackets).
     #[arg(long, global = true, default_value = "127.0.0.1")]
     server: String,
     /// TCP port of the handshake (create/join) and of the rooms/who/history requests.
