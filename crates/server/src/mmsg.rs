@@ -316,12 +316,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn send_and_receive_in_batches() {
+    /// Two loopback sockets; the second with room for a few hundred small datagrams in its
+    /// receive queue (the default may hold fewer).
+    fn sender_and_receiver() -> (UdpSocket, UdpSocket) {
         let a = UdpSocket::bind("127.0.0.1:0").unwrap();
         let b = UdpSocket::bind("127.0.0.1:0").unwrap();
-        // Room for all 300 in the receive queue (the default may hold fewer small datagrams).
         let _ = crate::sockopt::set_int(b.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, 4 << 20);
+        (a, b)
+    }
+
+    #[test]
+    fn send_and_receive_in_batches() {
+        let (a, b) = sender_and_receiver();
         let to = b.local_addr().unwrap();
         let payloads: Vec<Vec<u8>> = (0..300u32).map(|i| i.to_be_bytes().to_vec()).collect();
         let datagrams: Vec<(SocketAddr, &[u8])> = payloads.iter().map(|p| (to, &p[..])).collect();
@@ -346,9 +352,7 @@ mod tests {
 
     #[test]
     fn a_refused_destination_is_skipped_and_named_and_the_rest_still_leave() {
-        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let _ = crate::sockopt::set_int(b.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, 4 << 20);
+        let (a, b) = sender_and_receiver();
         let to = b.local_addr().unwrap();
         // Port 0 is refused by sendmsg (EINVAL); one in each of two system-call batches.
         let refused: SocketAddr = "127.0.0.1:0".parse().unwrap();
