@@ -4,9 +4,10 @@
 //! per-datagram cost instead of paying a system call per datagram. All unsafe code of the
 //! daemon's data path is here, behind two safe types.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::mem;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::ops::Range;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
@@ -223,8 +224,9 @@ pub struct Sent {
 #[derive(Default)]
 pub struct SendScratch {
     addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)>,
-    iovecs: Vec<libc::iovec>,
     msgs: Vec<libc::mmsghdr>,
+    /// For each header in `msgs`, its datagram's index in the call's `datagrams`.
+    indices: Vec<usize>,
     failed: Vec<usize>,
 }
 
@@ -237,38 +239,60 @@ impl SendScratch {
     }
 }
 
-/// Sends every `(destination, bytes)` with as few `sendmmsg` calls as it takes. Never blocks:
-/// when the send buffer is full the rest is dropped and counted.
-pub fn send(fd: RawFd, datagrams: &[(SocketAddr, &[u8])], scratch: &mut SendScratch) -> Sent {
+/// Most byte runs one datagram may be gathered from (the kernel's `UIO_MAXIOV`).
+pub const MAX_PARTS: usize = libc::UIO_MAXIOV as usize;
+
+/// Sends every `(destination, range)` with as few `sendmmsg` calls as it takes: a datagram's
+/// bytes are those of `parts[range]`, one after the other, which the kernel gathers from
+/// where they lie. Never blocks: when the send buffer is full the rest is dropped and
+/// counted. A range outside `parts` or of more than [`MAX_PARTS`] runs fails on its own
+/// without reaching the kernel (the caller never builds one).
+pub fn send(
+    fd: RawFd,
+    parts: &[IoSlice<'_>],
+    datagrams: &[(SocketAddr, Range<usize>)],
+    scratch: &mut SendScratch,
+) -> Sent {
+    let runs = |range: &Range<usize>| {
+        parts
+            .get(range.clone())
+            .filter(|runs| runs.len() <= MAX_PARTS)
+    };
     let mut result = Sent::default();
     scratch.failed.clear();
-    for (index, chunk) in datagrams.chunks(BATCH).enumerate() {
+    for (chunk_index, chunk) in datagrams.chunks(BATCH).enumerate() {
+        let first = chunk_index * BATCH;
         scratch.addrs.clear();
-        scratch
-            .addrs
-            .extend(chunk.iter().map(|(to, _)| to_storage(to)));
-        scratch.iovecs.clear();
-        scratch
-            .iovecs
-            .extend(chunk.iter().map(|(_, bytes)| libc::iovec {
-                iov_base: bytes.as_ptr() as *mut libc::c_void,
-                iov_len: bytes.len(),
-            }));
+        scratch.indices.clear();
+        for (i, (to, range)) in chunk.iter().enumerate() {
+            if runs(range).is_some() {
+                scratch.addrs.push(to_storage(to));
+                scratch.indices.push(first + i);
+            } else {
+                scratch.failed.push(first + i);
+                result.failed += 1;
+            }
+        }
+        // `addrs` is complete: the headers may now point into it.
         scratch.msgs.clear();
-        for i in 0..chunk.len() {
+        for (slot, &index) in scratch.indices.iter().enumerate() {
+            let iov = runs(&datagrams[index].1).unwrap_or_default();
             // SAFETY: mmsghdr is plain old data.
             let mut msg: libc::mmsghdr = unsafe { mem::zeroed() };
-            msg.msg_hdr.msg_name = (&mut scratch.addrs[i].0 as *mut libc::sockaddr_storage).cast();
-            msg.msg_hdr.msg_namelen = scratch.addrs[i].1;
-            msg.msg_hdr.msg_iov = &mut scratch.iovecs[i];
-            msg.msg_hdr.msg_iovlen = 1;
+            msg.msg_hdr.msg_name =
+                (&mut scratch.addrs[slot].0 as *mut libc::sockaddr_storage).cast();
+            msg.msg_hdr.msg_namelen = scratch.addrs[slot].1;
+            // `IoSlice` is ABI-compatible with `iovec` on Unix (std documents it); `sendmmsg`
+            // only reads the array.
+            msg.msg_hdr.msg_iov = iov.as_ptr().cast::<libc::iovec>().cast_mut();
+            msg.msg_hdr.msg_iovlen = iov.len();
             scratch.msgs.push(msg);
         }
         let mut done = 0;
-        while done < chunk.len() {
-            let left = chunk.len() - done;
-            // SAFETY: the headers point at addresses and iovecs in scratch and at the caller's
-            // byte slices, all alive for the call; the kernel only reads them.
+        while done < scratch.msgs.len() {
+            let left = scratch.msgs.len() - done;
+            // SAFETY: the headers point at addresses in scratch and at the caller's iovecs and
+            // bytes, all alive and unchanged for the call; the kernel only reads them.
             let rc = unsafe {
                 libc::sendmmsg(
                     fd,
@@ -286,19 +310,26 @@ pub fn send(fd: RawFd, datagrams: &[(SocketAddr, &[u8])], scratch: &mut SendScra
             match err.kind() {
                 io::ErrorKind::Interrupted => continue,
                 io::ErrorKind::WouldBlock => {
-                    // The rest of this chunk and every later chunk are dropped: count them all.
-                    result.would_block += datagrams.len() - index * BATCH - done;
+                    // Every datagram from this one on is dropped, including any of this chunk
+                    // already set aside as failed: count them all as not sent for lack of room.
+                    let from = scratch.indices[done];
+                    let set_aside = scratch.failed.iter().filter(|&&i| i > from).count();
+                    scratch.failed.retain(|&i| i < from);
+                    result.failed -= set_aside;
+                    result.would_block += datagrams.len() - from;
+                    scratch.failed.sort_unstable();
                     return result;
                 }
                 // The first datagram of the rest failed on its own (e.g. unreachable): skip it.
                 _ => {
-                    scratch.failed.push(index * BATCH + done);
+                    scratch.failed.push(scratch.indices[done]);
                     result.failed += 1;
                     done += 1;
                 }
             }
         }
     }
+    scratch.failed.sort_unstable();
     result
 }
 
@@ -316,6 +347,15 @@ mod tests {
         }
     }
 
+    /// Sends each `(destination, bytes)` as one datagram of one run.
+    fn send_each(fd: RawFd, datagrams: &[(SocketAddr, &[u8])], scratch: &mut SendScratch) -> Sent {
+        let parts: Vec<IoSlice> = datagrams.iter().map(|(_, b)| IoSlice::new(b)).collect();
+        let ranges: Vec<(SocketAddr, Range<usize>)> = (0..datagrams.len())
+            .map(|i| (datagrams[i].0, i..i + 1))
+            .collect();
+        send(fd, &parts, &ranges, scratch)
+    }
+
     /// Two loopback sockets; the second with room for a few hundred small datagrams in its
     /// receive queue (the default may hold fewer).
     fn sender_and_receiver() -> (UdpSocket, UdpSocket) {
@@ -331,7 +371,7 @@ mod tests {
         let to = b.local_addr().unwrap();
         let payloads: Vec<Vec<u8>> = (0..300u32).map(|i| i.to_be_bytes().to_vec()).collect();
         let datagrams: Vec<(SocketAddr, &[u8])> = payloads.iter().map(|p| (to, &p[..])).collect();
-        let sent = send(a.as_raw_fd(), &datagrams, &mut SendScratch::default());
+        let sent = send_each(a.as_raw_fd(), &datagrams, &mut SendScratch::default());
         assert_eq!(sent.sent, 300);
         let mut rx = Receiver::new(16);
         let mut got = Vec::new();
@@ -360,13 +400,47 @@ mod tests {
             .map(|i| (if i == 3 || i == 270 { refused } else { to }, &b"x"[..]))
             .collect();
         let mut scratch = SendScratch::default();
-        let sent = send(a.as_raw_fd(), &datagrams, &mut scratch);
+        let sent = send_each(a.as_raw_fd(), &datagrams, &mut scratch);
         assert_eq!((sent.sent, sent.failed, sent.would_block), (298, 2, 0));
         assert_eq!(scratch.failed(), &[3, 270]);
         // The next send starts with a clean list.
-        let sent = send(a.as_raw_fd(), &datagrams[..2], &mut scratch);
+        let sent = send_each(a.as_raw_fd(), &datagrams[..2], &mut scratch);
         assert_eq!(sent.sent, 2);
         assert!(scratch.failed().is_empty());
+    }
+
+    #[test]
+    fn a_datagram_is_gathered_from_its_runs_and_a_range_it_cannot_send_fails_alone() {
+        let (a, b) = sender_and_receiver();
+        let to = b.local_addr().unwrap();
+        let refused: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let (head, body, tail) = (b"ab".as_slice(), b"cde".as_slice(), b"f".as_slice());
+        let mut parts = vec![IoSlice::new(head), IoSlice::new(body), IoSlice::new(tail)];
+        // Enough runs for a datagram of one more than the kernel takes.
+        parts.extend((0..MAX_PARTS + 1).map(|_| IoSlice::new(b"z")));
+        let datagrams = vec![
+            (to, 0..3),                 // "abcdef"
+            (to, 1..2),                 // "cde"
+            (refused, 0..1),            // refused by the kernel: failed 2
+            (to, 2..9_999),             // outside the runs: failed 3
+            (to, 3..3 + MAX_PARTS + 1), // too many runs: failed 4
+            (to, 3..3 + MAX_PARTS),     // as many as the kernel takes
+            (to, 2..2),                 // an empty datagram is still one
+            (to, 0..1),                 // "ab"
+        ];
+        let mut scratch = SendScratch::default();
+        let sent = send(a.as_raw_fd(), &parts, &datagrams, &mut scratch);
+        assert_eq!((sent.sent, sent.failed, sent.would_block), (5, 3, 0));
+        assert_eq!(scratch.failed(), &[2, 3, 4]);
+        let mut rx = Receiver::new(2048);
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            let n = rx.recv(b.as_raw_fd(), BATCH).expect("datagrams are queued");
+            got.extend((0..n).map(|i| rx.datagram(i).unwrap().1.to_vec()));
+        }
+        let zs = vec![b'z'; MAX_PARTS];
+        let expected: Vec<&[u8]> = vec![b"abcdef", b"cde", &zs, b"", b"ab"];
+        assert_eq!(got, expected);
     }
 
     #[test]

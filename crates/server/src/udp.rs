@@ -1,13 +1,14 @@
 //! The UDP socket: buffer sizing, sending an [`Outbox`] (packing batch-capable recipients'
 //! messages into batch frames, `sendmmsg` underneath), and reading the kernel's drop count.
 
+use std::io::IoSlice;
+use std::mem;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 
 use mio::net::UdpSocket;
 use ucrp::delivery;
-use ucrp::MAX_DATAGRAM_LEN;
 
 use crate::metrics::Metrics;
 use crate::mmsg;
@@ -33,51 +34,76 @@ pub fn size_buffers(socket: &UdpSocket, recv: usize, send: usize) -> (usize, usi
     (get(libc::SO_RCVBUF), get(libc::SO_SNDBUF))
 }
 
-/// Bytes of batch buffers kept for reuse between passes (beyond that they are freed).
-const POOLED_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// Bytes of batch plans kept for reuse between passes (beyond that they are freed).
+const POOLED_BATCH_BYTES: usize = 1024 * 1024;
+
+/// Most runs of outbox bytes one batch gathers: the kernel's limit, less the header's run.
+const MAX_BATCH_RUNS: usize = mmsg::MAX_PARTS - 1;
+
+/// Bytes one run of a batch plan takes.
+const RUN_SIZE: usize = mem::size_of::<Range<usize>>();
 
 /// Sends everything in an [`Outbox`]. Messages for a batch-capable member in the same pass
 /// are packed into batch frames, never delayed: only what is already in the outbox is packed,
 /// and a "batch" of one leaves as the plain frame. A batch frame is never larger than the
 /// member's limit (its `max_datagram`, 4096 bytes unless it said) nor the daemon's
 /// (`udp.max_batch_datagram_bytes`); a message too large for either leaves alone. Order per
-/// member is kept. Datagrams leave through `sendmmsg`, [`mmsg::BATCH`] per system call.
+/// member is kept. Nothing is copied: a batch frame is the batch header followed by its
+/// entries where the outbox laid them out (each frame behind its length prefix), and the
+/// kernel gathers them (`sendmmsg` with several iovecs per datagram, [`mmsg::BATCH`]
+/// datagrams per system call). A member that gets every message of a pass but its own gets
+/// them as one or two runs of bytes, however many there are.
 #[derive(Default)]
 pub struct Sender {
     /// The daemon's cap on batch frames, in bytes.
     max_batch: usize,
-    /// Datagrams to send, in order: destination, where the bytes are, messages carried.
+    /// Datagrams to send, in order: destination, what they carry, messages carried.
     plan: Vec<(SocketAddr, Bytes, usize)>,
-    /// Batch frames being filled, reused between passes.
-    batches: Vec<Vec<u8>>,
+    /// Batch frames being planned, reused between passes.
+    batches: Vec<Batch>,
     used_batches: usize,
     /// Open batch per member slot: plan index + 1 (0: none). Indexed by slot, so no hashing.
     open: Vec<u32>,
     /// Slots set in `open` during this pass, to reset them after.
     touched: Vec<u32>,
+    /// Each planned datagram's runs in the list of byte runs handed to the kernel; kept
+    /// between passes (the runs themselves borrow the outbox, so they are not).
+    datagrams: Vec<(SocketAddr, Range<usize>)>,
     scratch: mmsg::SendScratch,
 }
 
 #[derive(Clone)]
 enum Bytes {
+    /// One payload, alone in its datagram.
     Outbox(Range<usize>),
+    /// A batch frame: an index into [`Sender::batches`].
     Batch(usize),
 }
 
-/// The bytes of a planned datagram: a batch of one leaves as its single frame.
-fn bytes_of<'a>(
-    batches: &'a [Vec<u8>],
-    outbox: &'a Outbox,
-    bytes: &Bytes,
-    count: usize,
-) -> &'a [u8] {
-    match bytes {
-        Bytes::Outbox(range) => &outbox.bytes[range.clone()],
-        Bytes::Batch(i) if count == 1 => {
-            let skip = delivery::BATCH_HEADER_LEN + delivery::BATCH_ENTRY_OVERHEAD;
-            batches[*i].get(skip..).unwrap_or_default()
+/// A batch frame being planned: where its entries lie in the outbox.
+#[derive(Default)]
+struct Batch {
+    /// Runs of the outbox's bytes, in order, each one or more whole entries (length prefix
+    /// and frame) that lie back to back.
+    runs: Vec<Range<usize>>,
+    /// The frame's length so far: header and entries.
+    len: usize,
+}
+
+impl Batch {
+    /// Whether the entry at `entry` may join this frame under `limit` bytes.
+    fn takes(&self, entry: &Range<usize>, limit: usize) -> bool {
+        let contiguous = self.runs.last().is_some_and(|run| run.end == entry.start);
+        self.len + entry.len() <= limit && (contiguous || self.runs.len() < MAX_BATCH_RUNS)
+    }
+
+    /// Adds the entry at `entry`, extending the last run when it follows it.
+    fn push(&mut self, entry: Range<usize>) {
+        self.len += entry.len();
+        match self.runs.last_mut() {
+            Some(run) if run.end == entry.start => run.end = entry.end,
+            _ => self.runs.push(entry),
         }
-        Bytes::Batch(i) => &batches[*i],
     }
 }
 
@@ -99,13 +125,14 @@ impl Sender {
     /// Sends and clears `outbox`.
     pub fn send_all(&mut self, socket: &UdpSocket, outbox: &mut Outbox, metrics: &mut Metrics) {
         self.plan(outbox);
-        let datagrams: Vec<(SocketAddr, &[u8])> = self
-            .plan
-            .iter()
-            .map(|(to, bytes, count)| (*to, bytes_of(&self.batches, outbox, bytes, *count)))
-            .collect();
-        let sent = mmsg::send(socket.as_raw_fd(), &datagrams, &mut self.scratch);
-        drop(datagrams);
+        let parts = self.gather(outbox);
+        let sent = mmsg::send(
+            socket.as_raw_fd(),
+            &parts,
+            &self.datagrams,
+            &mut self.scratch,
+        );
+        drop(parts);
         metrics.datagrams_sent += sent.sent as u64;
         // Deliveries: messages carried by the datagrams that went out. They go in order up to
         // a full send buffer, but one refused on its own (an unroutable or forbidden address)
@@ -126,17 +153,45 @@ impl Sender {
             *metrics.send_errors.entry("other").or_insert(0) += sent.failed as u64;
         }
         outbox.clear();
-        // Keep a bounded pool of batch buffers between passes.
+        // Keep a bounded pool of batch plans between passes.
         let mut pooled = 0;
         let keep = self
             .batches
             .iter()
             .take_while(|b| {
-                pooled += b.capacity();
+                pooled += mem::size_of::<Batch>() + b.runs.capacity() * RUN_SIZE;
                 pooled <= POOLED_BATCH_BYTES
             })
             .count();
         self.batches.truncate(keep);
+    }
+
+    /// The byte runs of every planned datagram, in order; fills [`Sender::datagrams`] with
+    /// where each datagram's runs are in the returned list.
+    fn gather<'a>(&mut self, outbox: &'a Outbox) -> Vec<IoSlice<'a>> {
+        let mut parts = Vec::with_capacity(self.plan.len() * 2);
+        self.datagrams.clear();
+        for (to, bytes, count) in &self.plan {
+            let first = parts.len();
+            match bytes {
+                Bytes::Outbox(range) => parts.push(IoSlice::new(outbox.get(range.clone()))),
+                Bytes::Batch(i) => {
+                    let runs = &self.batches[*i].runs;
+                    if *count == 1 {
+                        // A batch of one leaves as its frame, without the length prefix.
+                        if let Some(run) = runs.first() {
+                            let frame = run.start + delivery::BATCH_ENTRY_OVERHEAD..run.end;
+                            parts.push(IoSlice::new(outbox.get(frame)));
+                        }
+                    } else {
+                        parts.push(IoSlice::new(&delivery::BATCH_HEADER));
+                        parts.extend(runs.iter().map(|run| IoSlice::new(outbox.get(run.clone()))));
+                    }
+                }
+            }
+            self.datagrams.push((*to, first..parts.len()));
+        }
+        parts
     }
 
     fn close_batch(&mut self, slot: u32) {
@@ -156,7 +211,8 @@ impl Sender {
         }
         for send in &outbox.sends {
             let limit = usize::from(send.batch_limit).min(self.max_batch);
-            let (Some(slot), true) = (send.member, limit > 0) else {
+            let entry = outbox.entry_of(send);
+            let (Some(slot), true, Some(entry)) = (send.member, limit > 0, entry) else {
                 // Whatever is packed for this member stays before this datagram.
                 if let Some(slot) = send.member {
                     self.close_batch(slot);
@@ -165,19 +221,17 @@ impl Sender {
                     .push((send.to, Bytes::Outbox(send.bytes.clone()), 1));
                 continue;
             };
-            let bytes = outbox.bytes_of(send);
             let index = slot as usize;
             if self.open.len() <= index {
                 self.open.resize(index + 1, 0);
             }
-            let entry_len = delivery::BATCH_ENTRY_OVERHEAD + bytes.len();
             let open = self.open[index] as usize;
             // The open batch must also still go where this send goes: a member that
             // registered from a new address within the pass starts a new one.
             let fits = open > 0
                 && match &self.plan[open - 1] {
                     (to, Bytes::Batch(i), _) if *to == send.to => {
-                        self.batches[*i].len() + entry_len <= limit
+                        self.batches[*i].takes(&entry, limit)
                     }
                     _ => false,
                 };
@@ -187,18 +241,18 @@ impl Sender {
                 let batch_index = self.used_batches;
                 self.used_batches += 1;
                 if self.batches.len() <= batch_index {
-                    self.batches.push(Vec::with_capacity(MAX_DATAGRAM_LEN));
+                    self.batches.push(Batch::default());
                 }
                 let batch = &mut self.batches[batch_index];
-                batch.clear();
-                delivery::begin_batch(batch);
+                batch.runs.clear();
+                batch.len = delivery::BATCH_HEADER_LEN;
                 self.plan.push((send.to, Bytes::Batch(batch_index), 0));
                 self.open[index] = self.plan.len() as u32;
                 self.touched.push(slot);
                 self.plan.len() - 1
             };
             if let (_, Bytes::Batch(i), count) = &mut self.plan[p] {
-                let _ = delivery::push_batch_entry(bytes, &mut self.batches[*i]);
+                self.batches[*i].push(entry);
                 *count += 1;
             }
         }
@@ -246,6 +300,24 @@ mod tests {
         out.payload(|b| delivery::encode_chat("s", text.as_bytes(), b).unwrap())
     }
 
+    /// Plans `out` and gathers each planned datagram's runs: destination, the bytes the
+    /// kernel would send, messages carried.
+    fn planned(sender: &mut Sender, out: &Outbox) -> Vec<(SocketAddr, Vec<u8>, usize)> {
+        sender.plan(out);
+        let parts = sender.gather(out);
+        sender
+            .datagrams
+            .iter()
+            .zip(&sender.plan)
+            .map(|((to, runs), (_, _, n))| {
+                let bytes = parts[runs.clone()]
+                    .iter()
+                    .flat_map(|run| run.iter().copied());
+                (*to, bytes.collect(), *n)
+            })
+            .collect()
+    }
+
     #[test]
     fn batchable_recipients_get_batches_in_order_and_others_single_datagrams() {
         let mut out = Outbox::default();
@@ -259,12 +331,9 @@ mod tests {
         out.send_to_member(addr(3), one, 3, 4096); // alone: leaves as a plain frame
         out.send_to_member(addr(1), closed, 1, 0);
         let mut sender = Sender::new(65507);
-        sender.plan(&out);
-        let shown: Vec<(u16, String, usize)> = sender
-            .plan
+        let shown: Vec<(u16, String, usize)> = planned(&mut sender, &out)
             .iter()
-            .map(|(to, bytes, n)| {
-                let b = bytes_of(&sender.batches, &out, bytes, *n);
+            .map(|(to, b, n)| {
                 let text = match delivery::parse(b).unwrap() {
                     Delivery::Batch(body) => {
                         delivery::batch_entries(body).count().to_string() + " in batch"
@@ -339,16 +408,89 @@ mod tests {
         for _ in 0..count {
             out.send_to_member(addr(1), msg.clone(), 7, limit);
         }
-        let mut sender = Sender::new(cap);
-        sender.plan(&out);
-        let counts = sender.plan.iter().map(|(_, _, n)| *n).collect();
-        let largest = sender
+        let datagrams = planned(&mut Sender::new(cap), &out);
+        let counts = datagrams.iter().map(|(_, _, n)| *n).collect();
+        let largest = datagrams.iter().map(|(_, b, _)| b.len()).max().unwrap_or(0);
+        (counts, largest)
+    }
+
+    /// The texts of the chat frames in a planned datagram (one frame, or a batch of them).
+    fn texts(datagram: &[u8]) -> Vec<String> {
+        let frames: Vec<&[u8]> = match delivery::parse(datagram).unwrap() {
+            Delivery::Batch(body) => delivery::batch_entries(body).map(Result::unwrap).collect(),
+            _ => vec![datagram],
+        };
+        frames
+            .into_iter()
+            .map(|frame| match delivery::parse(frame).unwrap() {
+                Delivery::Chat { message, .. } => message.to_owned(),
+                other => panic!("not chat: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_member_that_gets_a_passs_messages_gets_them_as_one_run_of_the_outbox() {
+        // Two senders' messages, in turn: the members who sent neither get every message,
+        // laid back to back in the outbox; each sender gets the other's, one run apiece.
+        let mut out = Outbox::default();
+        let messages: Vec<(u32, Range<usize>)> = (0..6u32)
+            .map(|i| (i % 2, chat(&mut out, &format!("m{i}"))))
+            .collect();
+        for (from, msg) in &messages {
+            for member in (0..4u32).filter(|m| m != from) {
+                out.send_to_member(addr(member as u16 + 1), msg.clone(), member, 4096);
+            }
+        }
+        let mut sender = Sender::new(65507);
+        let datagrams = planned(&mut sender, &out);
+        let shown: Vec<(u16, Vec<String>)> = datagrams
+            .iter()
+            .map(|(to, bytes, _)| (to.port(), texts(bytes)))
+            .collect();
+        let all: Vec<String> = (0..6).map(|i| format!("m{i}")).collect();
+        assert_eq!(
+            shown,
+            vec![
+                (2, vec!["m0".into(), "m2".into(), "m4".into()]),
+                (3, all.clone()),
+                (4, all),
+                (1, vec!["m1".into(), "m3".into(), "m5".into()]),
+            ]
+        );
+        let runs: Vec<usize> = sender
             .plan
             .iter()
-            .map(|(_, b, n)| bytes_of(&sender.batches, &out, b, *n).len())
-            .max()
-            .unwrap_or(0);
-        (counts, largest)
+            .map(|(_, b, _)| match b {
+                Bytes::Batch(i) => sender.batches[*i].runs.len(),
+                Bytes::Outbox(_) => 0,
+            })
+            .collect();
+        assert_eq!(runs, vec![3, 1, 1, 3]);
+    }
+
+    #[test]
+    fn a_batch_of_scattered_entries_stops_at_the_kernels_limit_on_runs() {
+        // Each message for member 1 is followed by one for member 2, so none of member 1's
+        // entries follows another: each is a run of its own.
+        let mut out = Outbox::default();
+        let count = MAX_BATCH_RUNS + 10;
+        for i in 0..count {
+            let mine = chat(&mut out, &format!("{i}"));
+            let other = chat(&mut out, "-");
+            out.send_to_member(addr(1), mine, 1, 65507);
+            out.send(addr(2), other);
+        }
+        let datagrams = planned(&mut Sender::new(65507), &out);
+        let batches: Vec<&(SocketAddr, Vec<u8>, usize)> = datagrams
+            .iter()
+            .filter(|(to, _, _)| to.port() == 1)
+            .collect();
+        let counts: Vec<usize> = batches.iter().map(|(_, _, n)| *n).collect();
+        assert_eq!(counts, vec![MAX_BATCH_RUNS, 10]);
+        let received: Vec<String> = batches.iter().flat_map(|(_, b, _)| texts(b)).collect();
+        let sent: Vec<String> = (0..count).map(|i| i.to_string()).collect();
+        assert_eq!(received, sent);
     }
 
     #[test]

@@ -228,15 +228,25 @@ pub fn encode_notice(what: Notice, name: &str, out: &mut Vec<u8>) -> Result<(), 
     push_sized(name.as_bytes(), out)
 }
 
+/// The header every batch frame starts with: its entries follow it.
+pub const BATCH_HEADER: [u8; BATCH_HEADER_LEN] = [EXTENSION, KIND_BATCH];
+
 /// Appends a batch header; follow with [`push_batch_entry`] calls.
 pub fn begin_batch(out: &mut Vec<u8>) {
-    out.extend_from_slice(&[EXTENSION, KIND_BATCH]);
+    out.extend_from_slice(&BATCH_HEADER);
+}
+
+/// The length prefix of a batch entry `entry_len` bytes long; `None` when no entry can be
+/// that long. A sender that lays out each frame behind its prefix can send a batch as the
+/// header followed by those runs of bytes, without copying them into a buffer of its own.
+pub fn batch_entry_prefix(entry_len: usize) -> Option<[u8; BATCH_ENTRY_OVERHEAD]> {
+    u16::try_from(entry_len).ok().map(u16::to_be_bytes)
 }
 
 /// Appends one entry (a whole non-batch frame) to a batch begun with [`begin_batch`].
 pub fn push_batch_entry(entry: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
-    let len = u16::try_from(entry.len()).map_err(|_| Error::FieldTooLong { len: entry.len() })?;
-    out.extend_from_slice(&len.to_be_bytes());
+    let prefix = batch_entry_prefix(entry.len()).ok_or(Error::FieldTooLong { len: entry.len() })?;
+    out.extend_from_slice(&prefix);
     out.extend_from_slice(entry);
     Ok(())
 }
@@ -351,6 +361,31 @@ mod tests {
         };
         let entries: Vec<_> = batch_entries(body).collect::<Result<_, _>>().unwrap();
         assert_eq!(entries, vec![&a[..], &b[..]]);
+    }
+
+    #[test]
+    fn a_batch_laid_out_from_prefixed_runs_is_the_same_frame() {
+        // The daemon sends a batch as the header, then each entry's prefix and bytes taken
+        // from where they lie: the frame must be the one push_batch_entry builds.
+        let (a, b) = (b"\x01aone".as_slice(), vec![b'x'; 300]);
+        let mut built = Vec::new();
+        begin_batch(&mut built);
+        push_batch_entry(a, &mut built).unwrap();
+        push_batch_entry(&b, &mut built).unwrap();
+        let mut laid = BATCH_HEADER.to_vec();
+        for entry in [a, &b[..]] {
+            laid.extend_from_slice(&batch_entry_prefix(entry.len()).unwrap());
+            laid.extend_from_slice(entry);
+        }
+        assert_eq!(laid, built);
+        assert_eq!(batch_entry_prefix(0), Some([0, 0]));
+        assert_eq!(batch_entry_prefix(300), Some([0x01, 0x2c]));
+        assert_eq!(batch_entry_prefix(65_535), Some([0xff, 0xff]));
+        assert_eq!(batch_entry_prefix(65_536), None);
+        assert_eq!(
+            push_batch_entry(&vec![0; 65_536], &mut built),
+            Err(Error::FieldTooLong { len: 65_536 })
+        );
     }
 
     #[test]
