@@ -866,6 +866,57 @@ fn a_flood_of_password_rooms_from_one_source_is_refused_past_its_share_of_the_ha
 }
 
 #[test]
+fn on_a_dual_stack_listener_one_ipv4_source_cannot_take_every_ipv4_clients_share_of_the_hasher() {
+    // A listener on an IPv6 socket (here bound to the IPv4-mapped loopback address, as
+    // `[::]` would be) sees IPv4 peers as `::ffff:a.b.c.d`. Each is still its own source for
+    // the password queue (8 jobs a source), as it is on an IPv4 listener.
+    let d = Daemon::start_with(Options {
+        config: Some("[rate]\nrequests_per_sec = 0\n".into()),
+        metrics: true,
+        tcp: Some("[::ffff:127.0.0.1]:0".parse().unwrap()),
+        ..Options::default()
+    });
+    assert!(d.tcp.is_ipv6(), "listening on {}", d.tcp);
+    let to = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), d.tcp.port());
+    // One source keeps its 8 jobs queued: 8 connections, each with password creates
+    // pipelined, so each refills its slot as soon as its check is done.
+    let mut flood: Vec<TcpStream> = (0..8)
+        .map(|c| {
+            let mut s = connect_from(Ipv4Addr::new(127, 0, 0, 14), to, None);
+            let mut bytes = Vec::new();
+            for i in 0..10 {
+                bytes.extend(request_bytes(
+                    Operation::CreateRoom,
+                    &format!("locked-{c}-{i}"),
+                    br#"{"username": "h", "password": "pw"}"#,
+                ));
+            }
+            s.write_all(&bytes).unwrap();
+            s
+        })
+        .collect();
+    // The hasher is busy with them.
+    let first = FrameReader::default().reply(&mut flood[0]);
+    assert!(first.token.is_some(), "{:?}", first.compliance);
+    // Another IPv4 address asks for one hash.
+    let mut bystander = connect_from(Ipv4Addr::new(127, 0, 0, 15), to, None);
+    bystander
+        .write_all(&request_bytes(
+            Operation::CreateRoom,
+            "bystander",
+            br#"{"username": "h", "password": "pw"}"#,
+        ))
+        .unwrap();
+    let reply = FrameReader::default().reply(&mut bystander);
+    assert!(
+        reply.token.is_some(),
+        "a client that asked for one hash was refused because another IPv4 address had its \
+         share queued: {:?}",
+        reply.compliance
+    );
+}
+
+#[test]
 fn password_creates_that_would_be_refused_anyway_are_refused_without_a_hash() {
     let d = daemon("[limits]\nmax_rooms = 1\n");
     create(&d, "only", "h");

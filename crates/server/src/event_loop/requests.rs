@@ -313,6 +313,16 @@ mod tests {
     }
 
     #[test]
+    fn ipv4_clients_of_a_dual_stack_listener_are_sources_of_their_own() {
+        // A listener on [::] (or [::ffff:a.b.c.d]) reports IPv4 peers as IPv4-mapped IPv6
+        // addresses: each is still its own source, not one /64 shared by every IPv4 client.
+        let a: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        let b: IpAddr = "::ffff:198.51.100.1".parse().unwrap();
+        assert_ne!(source_key(a), source_key(b));
+        assert_eq!(source_key(a), "192.0.2.7".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
     fn the_queue_is_bounded_per_source_and_in_all() {
         let source: IpAddr = "2001:db8::1".parse().unwrap();
         let mut same = vec!["2001:db8::2"; MAX_PASSWORD_JOBS_PER_SOURCE - 1];
