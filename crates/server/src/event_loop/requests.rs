@@ -277,10 +277,11 @@ fn password_queue_full(
 }
 
 /// The source a password job counts against: the address, or for IPv6 its /64 (one host
-/// usually holds a whole /64).
+/// usually holds a whole /64). An IPv4-mapped address (an IPv4 peer of a dual-stack listener)
+/// counts as its IPv4 address: its /64 would be `::`, shared by every IPv4 client.
 fn source_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
+    match ip.to_canonical() {
+        ip @ IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => {
             let mut octets = v6.octets();
             octets[8..].fill(0);
