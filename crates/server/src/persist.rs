@@ -1258,6 +1258,52 @@ mod tests {
         assert_eq!(load_complete(&paths).last_seq, 33);
     }
 
+    #[test]
+    fn a_state_file_numbered_at_the_end_of_the_range_neither_panics_nor_hides_new_records() {
+        // `journal_seq` comes from the file: the largest number must not make the writer
+        // panic (debug) or wrap record numbers to 0 (release), which the next load would skip
+        // as already folded, losing records whose replies were sent. Refusing the file is
+        // fine too.
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(&dir.path().join("s.json"));
+        let mut snapshot = State {
+            journal_seq: u64::MAX,
+            ..State::default()
+        };
+        store::write_atomic(
+            &paths.state,
+            &snapshot.to_file_bytes(SystemTime::now()).unwrap(),
+        )
+        .unwrap();
+        let Ok(loaded) = store::load(&paths) else {
+            return; // refused at load: nothing can be lost
+        };
+        let poll = Poll::new().unwrap();
+        let waker = Arc::new(mio::Waker::new(poll.registry(), Token(0)).unwrap());
+        let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Persister::start_with(paths.clone(), loaded, Options::default(), waker)
+        }));
+        let mut persister = match started {
+            Ok(Ok(p)) => p,
+            Ok(Err(_)) => return, // refused at start: nothing can be lost
+            Err(_) => panic!("the writer panicked on a journal_seq read from the file"),
+        };
+        let batch = persister.submit(vec![record(1)]);
+        persister.pump();
+        let deadline = Instant::now() + PATIENCE;
+        while persister.durable() < batch {
+            assert!(Instant::now() < deadline, "never durable");
+            thread::sleep(Duration::from_millis(5));
+            persister.poll_done();
+        }
+        // As after a kill -9: the files as they are now.
+        let reloaded = store::load(&paths).unwrap();
+        assert!(
+            reloaded.state.rooms.contains_key("r1"),
+            "a durable record is skipped at the next load"
+        );
+    }
+
     /// Not a test on its own: the process [`sigkill_at_any_moment_loses_no_durable_record`]
     /// starts and kills. It writes the history in batches of 1 to 6 records with a tiny
     /// compaction threshold, printing `durable N` once record N is durable.
