@@ -363,6 +363,13 @@ pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
         })?,
         None => State::default(),
     };
+    // The writer numbers the next record `journal_seq + 1`: the largest number leaves none.
+    if state.journal_seq == u64::MAX {
+        return Err(StoreError::Parse {
+            path: paths.state.clone(),
+            source: serde::de::Error::custom(LAST_NUMBER),
+        });
+    }
     // Only the snapshot can be the original's: journal records are always ocmd's.
     state.normalize();
     let mut loaded = Loaded {
@@ -482,6 +489,12 @@ impl<'de> Deserialize<'de> for Shape {
     }
 }
 
+/// Why a record number (or a state file's `journal_seq`) of `u64::MAX` is refused: the next
+/// record would be numbered past it, and a number that wrapped to 0 would be skipped at the
+/// next load as already folded.
+const LAST_NUMBER: &str =
+    "record number 18446744073709551615 is the largest: no record can follow it";
+
 /// One journal line: a sequence number and a record.
 #[derive(Serialize, Deserialize)]
 pub struct JournalLine<R> {
@@ -545,6 +558,9 @@ pub fn parse_journal(bytes: &[u8]) -> Result<Replay, (usize, String)> {
             continue;
         }
         match serde_json::from_slice::<JournalLine<Record>>(body) {
+            Ok(parsed) if complete && parsed.n == u64::MAX => {
+                return Err((index + 1, LAST_NUMBER.to_owned()))
+            }
             Ok(parsed) if complete => replay.records.push((parsed.n, parsed.record)),
             _ if is_last => replay.torn_tail = true,
             Ok(_) => unreachable!("only the last line can lack its newline"),
@@ -970,6 +986,13 @@ mod tests {
     #[test]
     fn a_bad_line_before_the_end_is_an_error() {
         let bytes = b"{\"n\":1,\"op\":\"leave\",\"token\":\"x\"}\ngarbage\n{\"n\":3,\"op\":\"leave\",\"token\":\"y\"}\n";
+        let err = parse_journal(bytes).unwrap_err();
+        assert_eq!(err.0, 2);
+    }
+
+    #[test]
+    fn a_record_numbered_at_the_end_of_the_range_is_an_error_even_last() {
+        let bytes = b"{\"n\":1,\"op\":\"leave\",\"token\":\"x\"}\n{\"n\":18446744073709551615,\"op\":\"leave\",\"token\":\"y\"}\n";
         let err = parse_journal(bytes).unwrap_err();
         assert_eq!(err.0, 2);
     }
