@@ -292,6 +292,78 @@ mod tests {
         assert_eq!(c.input, b"bye");
     }
 
+    /// A loopback pair whose peer has a 4 KiB receive buffer from before the handshake (so
+    /// that the window it offers is small) and whose accepted stream has a 4 KiB send buffer.
+    fn small_buffer_pair() -> (StdStream, TcpStream) {
+        use std::os::fd::FromRawFd;
+        let listener = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let SocketAddr::V4(to) = listener.local_addr().unwrap() else {
+            unreachable!()
+        };
+        // SAFETY: plain socket calls on a descriptor we own; the address outlives the call.
+        let peer = unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0);
+            let peer = StdStream::from_raw_fd(fd);
+            crate::sockopt::set_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, 4096).unwrap();
+            let addr = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: to.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*to.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            let rc = libc::connect(fd, &addr as *const _ as *const libc::sockaddr, len);
+            assert_eq!(rc, 0, "connect: {}", io::Error::last_os_error());
+            peer
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stream = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::yield_now();
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        crate::sockopt::set_int(stream.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, 4096)
+            .unwrap();
+        (peer, stream)
+    }
+
+    #[test]
+    fn a_peer_that_reads_as_fast_as_it_asks_but_never_drains_the_output_keeps_it_bounded() {
+        // The peer reads a reply's worth for every reply queued, so what is unsent stays
+        // about constant and under any `max_output_bytes`; but the output never empties.
+        // What was written must not pile up in front of what was not.
+        let (mut peer, stream) = small_buffer_pair();
+        let mut c = conn(stream);
+        c.queue(vec![0u8; 64 * 1024], None);
+        c.flush().unwrap();
+        assert!(c.wants_write(), "the socket took 64 KiB at once");
+        const REPLY: usize = 1024;
+        let mut buf = [0u8; REPLY];
+        for _ in 0..2000 {
+            peer.read_exact(&mut buf).unwrap();
+            c.queue(vec![1u8; REPLY], None);
+            c.flush().unwrap();
+            assert!(c.pending_bytes() <= 64 * 1024 + REPLY);
+        }
+        assert!(
+            c.wants_write(),
+            "the output drained: the test proves nothing"
+        );
+        assert!(
+            c.output.capacity() <= 4 * 64 * 1024,
+            "{} bytes of output buffer for {} unsent",
+            c.output.capacity(),
+            c.pending_bytes()
+        );
+    }
+
     #[test]
     fn a_full_buffer_is_reported_before_the_cap_is_passed() {
         let (mut peer, stream) = pair(true);
