@@ -695,6 +695,45 @@ fn spoofed_and_foreign_tokens_are_dropped_and_the_room_stays_open() {
 }
 
 #[test]
+fn a_member_flipping_its_address_cannot_write_a_journal_record_per_datagram() {
+    // Every __REGISTER__ that moves a token writes a journal record (a write and a share of
+    // an fdatasync, and later of a compaction). A member, or anyone who forges datagrams
+    // with its token, alternating between two source ports moves it every datagram. Chat is
+    // limited per member (default 50/s, burst 100); moving the address should not be
+    // cheaper than a chat message.
+    let d = daemon("");
+    let token = create(&d, "flip", "h");
+    let a = Member::new(&d, "flip", &token);
+    let b = Member::new(&d, "flip", &token);
+    let before = d.metric("ocm_state_write_records_total");
+    const FLIPS: usize = 2000;
+    let started = Instant::now();
+    for i in 0..FLIPS {
+        if i % 2 == 0 { &a } else { &b }.send("__REGISTER__");
+    }
+    let elapsed = started.elapsed();
+    // Let the daemon take them all.
+    wait_until("the datagrams are read", || {
+        d.metric("ocm_datagrams_received_total") >= FLIPS as f64
+    });
+    // And let the writer finish with their records.
+    let mut last = -1.0;
+    wait_until("the journal writes settle", || {
+        thread::sleep(Duration::from_millis(100));
+        let now = d.metric("ocm_state_write_records_total");
+        std::mem::replace(&mut last, now) == now
+    });
+    let written = last - before;
+    eprintln!("{FLIPS} address flips in {elapsed:?}: {written} journal records");
+    let allowance = 100.0 + 50.0 * (elapsed.as_secs_f64() + 1.0);
+    assert!(
+        written <= allowance,
+        "{written} journal records for {FLIPS} __REGISTER__ datagrams from one member in \
+         {elapsed:?}, more than its chat allowance ({allowance})"
+    );
+}
+
+#[test]
 fn a_chat_flood_is_rate_limited_per_member() {
     let d = daemon("[rate]\nchat_per_sec = 20.0\nchat_burst = 20.0\n");
     let host_token = create(&d, "loud", "alice");
