@@ -1025,6 +1025,17 @@ impl Registry {
                 {
                     return Handled::Dropped(DropReason::NotJoinIp);
                 }
+                // A move writes a journal record: it costs what a chat message costs, or a
+                // member flipping between two ports (or anyone forging its token's datagrams)
+                // would write one per datagram.
+                if changed
+                    && self.limits.chat_rate > 0.0
+                    && !member
+                        .chat
+                        .take(now, self.limits.chat_rate, self.limits.chat_burst)
+                {
+                    return Handled::Dropped(DropReason::RateLimited);
+                }
                 member.last_seen = now;
                 if changed {
                     if member.address.is_none() {
@@ -2018,6 +2029,70 @@ mod tests {
             t.reg.handle_datagram(addr(2), &d, later, &mut out),
             Handled::Relayed { .. }
         ));
+    }
+
+    #[test]
+    fn moving_the_address_takes_from_the_chat_allowance() {
+        let limits = Limits {
+            chat_rate: 10.0,
+            chat_burst: 4.0,
+            ..Limits::default()
+        };
+        let mut t = room_of_three();
+        t.reg.set_limits(limits);
+        t.reg.take_records();
+        let mut out = Outbox::default();
+        let register = dgram("r", &t.bob, "__REGISTER__");
+        // Flipping between two ports: every move writes a record until the bucket (filled
+        // with the default burst at join, 100, now capped at 4) is empty.
+        let moves: Vec<Handled> = (0..50)
+            .map(|i| {
+                let port = if i % 2 == 0 { 20 } else { 2 };
+                t.reg
+                    .handle_datagram(addr(port), &register, t.now, &mut out)
+            })
+            .collect();
+        let moved = moves
+            .iter()
+            .filter(|h| **h == Handled::Registered { changed: true })
+            .count();
+        assert!((1..=4).contains(&moved), "{moved} moves: {moves:?}");
+        // Past that, a REGISTER from the other port is dropped (the member stays put), and
+        // one from where it is is a keepalive.
+        assert!(moves[moved..].iter().all(|h| matches!(
+            h,
+            Handled::Dropped(DropReason::RateLimited) | Handled::Registered { changed: false }
+        )));
+        assert!(moves.contains(&Handled::Dropped(DropReason::RateLimited)));
+        assert_eq!(t.reg.take_records().len(), moved);
+        // Where it is now, a REGISTER is a keepalive, and costs nothing.
+        let here = if moved % 2 == 1 { 20 } else { 2 };
+        assert_eq!(
+            t.reg
+                .handle_datagram(addr(here), &register, t.now, &mut out),
+            Handled::Registered { changed: false }
+        );
+        // The allowance refills: a move is taken again 100 ms later.
+        let elsewhere = if here == 20 { 2 } else { 20 };
+        let later = t.now + Duration::from_millis(150);
+        assert_eq!(
+            t.reg
+                .handle_datagram(addr(elsewhere), &register, later, &mut out),
+            Handled::Registered { changed: true }
+        );
+        // With no chat limit, moves are not limited either.
+        t.reg.set_limits(Limits {
+            chat_rate: 0.0,
+            ..Limits::default()
+        });
+        for i in 0..50 {
+            let port = if i % 2 == 0 { here } else { elsewhere };
+            assert_eq!(
+                t.reg
+                    .handle_datagram(addr(port), &register, later, &mut out),
+                Handled::Registered { changed: true }
+            );
+        }
     }
 
     #[test]
