@@ -450,6 +450,35 @@ fn metrics_count_traffic_exactly() {
     }
 }
 
+/// docs/OPERATIONS.md: `ocm_state_compactions_total` counts "the fold at start (when the
+/// journal held records)", and `ocm_state_compaction_last_seconds` is the time the last state
+/// file write took, "a journal compaction ..., or the fold at start". The fold happens before
+/// the daemon listens, so the first scrape after such a start must already show it, whether
+/// or not anything has been written to the journal since.
+#[test]
+fn the_fold_at_start_shows_in_the_metrics_before_any_traffic() {
+    let mut d = Daemon::start_with(Options {
+        metrics: true,
+        ..Options::default()
+    });
+    create(&d, "lobby", "alice");
+    // A kill leaves the create in the journal, so the next start folds it.
+    d.kill9();
+    d.restart();
+    assert!(
+        d.log().contains("state: folded 1 journal records"),
+        "no fold at start:\n{}",
+        d.log()
+    );
+    assert_eq!(d.metric("ocm_rooms"), 1.0);
+    assert_eq!(
+        d.metric("ocm_state_compactions_total"),
+        1.0,
+        "the fold at start is not counted"
+    );
+    assert!(d.metric("ocm_state_compaction_last_seconds") > 0.0);
+}
+
 #[test]
 fn healthz_and_unknown_paths() {
     let d = Daemon::start_with(Options {
