@@ -226,6 +226,11 @@ impl Server {
             Some((Route::Metrics, head)) => {
                 self.metrics.udp_kernel_drops =
                     udp::kernel_drops(&self.udp).unwrap_or(self.metrics.udp_kernel_drops);
+                // The compactor's counters are otherwise copied when it or the writer wakes
+                // the loop, and nothing does after the fold at start.
+                if let Some(persister) = &self.persister {
+                    self.metrics.state_compactions(persister.compactions());
+                }
                 let body = self.metrics.render(self.registry.stats());
                 http::response(
                     "200 OK",
