@@ -59,8 +59,9 @@ const PASSWORD_ENV: &str = "OCM_PASSWORD";
 #[derive(Debug, Parser)]
 #[command(name = "ocm", version)]
 struct Cli {
-    /// Host name or IP address of the daemon (an IPv6 address with or without brackets).
-    #[arg(long, global = true, default_value = "127.0.0.1")]
+    /// Host name or IP address of the daemon (an IPv6 address with or without brackets); the
+    /// ports are --tcp-port and --udp-port.
+    #[arg(long, global = true, default_value = "127.0.0.1", value_parser = server_host)]
     server: String,
     /// TCP port of the handshake (create/join) and of the rooms/who/history requests.
     #[arg(long, global = true, default_value_t = 9090, value_parser = clap::value_parser!(u16).range(1..))]
@@ -70,6 +71,20 @@ struct Cli {
     udp_port: u16,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Checks `--server`: a host without a port. `127.0.0.1:9090` or `[::1]:9090` would
+/// otherwise reach the resolver as a name and fail as "not known", which says nothing of
+/// where the port goes.
+fn server_host(value: &str) -> Result<String, String> {
+    let with_port = value.parse::<std::net::SocketAddr>().is_ok()
+        || value.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.contains(':') && !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit())
+        });
+    if with_port {
+        return Err("give the host alone; the ports are --tcp-port and --udp-port".into());
+    }
+    Ok(value.to_owned())
 }
 
 #[derive(Debug, Subcommand)]
@@ -370,6 +385,37 @@ mod tests {
         assert_eq!(args.room.keepalive, 3);
         assert!(args.room.original);
         assert!(!args.unlisted);
+    }
+
+    #[test]
+    fn a_server_with_a_port_is_a_usage_error_naming_the_port_flags() {
+        for with_port in [
+            "127.0.0.1:9090",
+            "[::1]:9090",
+            "chat.example:9090",
+            "localhost:1",
+        ] {
+            let err = Cli::try_parse_from(["ocm", "--server", with_port, "rooms"]).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{with_port}"
+            );
+            assert!(err.to_string().contains("--tcp-port"), "{err}");
+            // A usage error exits 2, like every bad command line.
+            assert_eq!(err.exit_code(), 2);
+        }
+        for host in [
+            "127.0.0.1",
+            "::1",
+            "[::1]",
+            "fe80::1",
+            "chat.example",
+            "localhost",
+        ] {
+            let cli = Cli::try_parse_from(["ocm", "--server", host, "rooms"]).unwrap();
+            assert_eq!(cli.server, host);
+        }
     }
 
     #[test]
