@@ -15,7 +15,7 @@ use tcrp::{Frame, Operation, State};
 use crate::config::Names;
 use crate::outbox::Outbox;
 use crate::password::{self, Outcome};
-use crate::rate::KeyedLimiter;
+use crate::rate::{self, KeyedLimiter};
 use crate::rooms::Registry;
 
 /// Per-IP request rate limit settings.
@@ -201,9 +201,12 @@ fn answer(
     })?;
     // A second call (with the password outcome) was already counted.
     if password.is_none()
-        && !ctx
-            .limiter
-            .allow(ctx.peer, ctx.now, ctx.limits.rate, ctx.limits.burst)
+        && !ctx.limiter.allow(
+            rate::source(ctx.peer),
+            ctx.now,
+            ctx.limits.rate,
+            ctx.limits.burst,
+        )
     {
         return Err((
             ErrorCode::RateLimited,
@@ -410,7 +413,8 @@ fn check_password(
         (Some(_), _) => Err(bad_password()),
         (None, None) => {
             // A missing password spends one failure from the source's allowance.
-            ctx.password_failures.allow(ctx.peer, ctx.now, rate, burst);
+            ctx.password_failures
+                .allow(rate::source(ctx.peer), ctx.now, rate, burst);
             Err(bad_password())
         }
         (None, Some(pw)) => submit_check(ctx, pw, hash),
@@ -427,7 +431,7 @@ pub fn give_back_check(
     limits: &RequestLimits,
 ) {
     failures.give_back(
-        peer,
+        rate::source(peer),
         now,
         limits.password_failure_rate,
         limits.password_failure_burst,
@@ -442,7 +446,7 @@ fn submit_check(
     hash: String,
 ) -> Result<Option<password::Job>, Refusal> {
     if !ctx.password_failures.allow(
-        ctx.peer,
+        rate::source(ctx.peer),
         ctx.now,
         ctx.limits.password_failure_rate,
         ctx.limits.password_failure_burst,

@@ -3,7 +3,23 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
+
+/// The source a per-source limit counts: the IPv4 address, or for IPv6 its /64, since one
+/// host usually holds a whole /64 and could otherwise take a share per address. An
+/// IPv4-mapped address (an IPv4 peer of a dual-stack listener) counts as its IPv4 address: its
+/// /64 would be `::`, shared by every IPv4 client.
+pub fn source(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        ip @ IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            let mut octets = v6.octets();
+            octets[8..].fill(0);
+            IpAddr::from(octets)
+        }
+    }
+}
 
 /// A token bucket: `burst` tokens at most, refilled at `rate` per second.
 #[derive(Debug, Clone, Copy)]
@@ -128,6 +144,27 @@ impl<K: Hash + Eq + Copy> KeyedLimiter<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_sources_count_by_their_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(source(a), source(b));
+        assert_ne!(source(a), source(c));
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        assert_eq!(source(v4), v4);
+    }
+
+    #[test]
+    fn ipv4_clients_of_a_dual_stack_listener_are_sources_of_their_own() {
+        // A listener on [::] (or [::ffff:a.b.c.d]) reports IPv4 peers as IPv4-mapped IPv6
+        // addresses: each is still its own source, not one /64 shared by every IPv4 client.
+        let a: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        let b: IpAddr = "::ffff:198.51.100.1".parse().unwrap();
+        assert_ne!(source(a), source(b));
+        assert_eq!(source(a), "192.0.2.7".parse::<IpAddr>().unwrap());
+    }
 
     #[test]
     fn bucket_allows_burst_then_refills_at_rate() {

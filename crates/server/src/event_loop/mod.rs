@@ -41,7 +41,7 @@ use crate::notify::{self, Notifier};
 use crate::outbox::Outbox;
 use crate::password;
 use crate::persist::{self, Persister};
-use crate::rate::{KeyedLimiter, TokenBucket};
+use crate::rate::{self, KeyedLimiter, TokenBucket};
 use crate::rooms::{DropReason, Handled, Registry};
 use crate::store::{self, Paths};
 use crate::udp;
@@ -438,7 +438,11 @@ impl Server {
                 }
             };
             let limits = &self.config.limits;
-            let from_ip = self.per_ip.get(&peer.ip()).copied().unwrap_or(0);
+            let from_ip = self
+                .per_ip
+                .get(&rate::source(peer.ip()))
+                .copied()
+                .unwrap_or(0);
             let tcrp_open = self.conns.len() - self.http_open;
             let refusal = match kind {
                 Kind::Tcrp if tcrp_open >= limits.max_connections => Some("max_connections"),
@@ -485,7 +489,7 @@ impl Server {
             let deadline = now + Duration::from_secs(self.config.limits.handshake_timeout_secs);
             entry.insert(Conn::new(stream, peer, kind, deadline));
             match kind {
-                Kind::Tcrp => *self.per_ip.entry(peer.ip()).or_insert(0) += 1,
+                Kind::Tcrp => *self.per_ip.entry(rate::source(peer.ip())).or_insert(0) += 1,
                 Kind::Http => self.http_open += 1,
             }
             self.metrics.tcp_accepted += 1;
@@ -578,10 +582,14 @@ impl Server {
             self.http_open -= 1;
         }
         let counted = conn.kind == Kind::Tcrp;
-        if let Some(count) = self.per_ip.get_mut(&conn.peer.ip()).filter(|_| counted) {
+        if let Some(count) = self
+            .per_ip
+            .get_mut(&rate::source(conn.peer.ip()))
+            .filter(|_| counted)
+        {
             *count -= 1;
             if *count == 0 {
-                self.per_ip.remove(&conn.peer.ip());
+                self.per_ip.remove(&rate::source(conn.peer.ip()));
             }
         }
         self.metrics.tcp_open = self.metrics.tcp_open.saturating_sub(1);

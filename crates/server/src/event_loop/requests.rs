@@ -18,6 +18,7 @@ use crate::handshake::{self, Context, Step};
 use crate::http::{self, Route};
 use crate::metrics::{operation_label, Metrics};
 use crate::password::{self, Outcome};
+use crate::rate;
 use crate::udp;
 
 impl Server {
@@ -273,26 +274,12 @@ fn password_queue_full(
     if tickets.len() >= MAX_PASSWORD_JOBS {
         return Some("the queue is full");
     }
-    let key = source_key(source);
+    let key = rate::source(source);
     let from_source = tickets
         .values()
-        .filter(|(_, ip)| source_key(*ip) == key)
+        .filter(|(_, ip)| rate::source(*ip) == key)
         .count();
     (from_source >= MAX_PASSWORD_JOBS_PER_SOURCE).then_some("the source has its share queued")
-}
-
-/// The source a password job counts against: the address, or for IPv6 its /64 (one host
-/// usually holds a whole /64). An IPv4-mapped address (an IPv4 peer of a dual-stack listener)
-/// counts as its IPv4 address: its /64 would be `::`, shared by every IPv4 client.
-fn source_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        ip @ IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => {
-            let mut octets = v6.octets();
-            octets[8..].fill(0);
-            IpAddr::from(octets)
-        }
-    }
 }
 
 #[cfg(test)]
@@ -305,27 +292,6 @@ mod tests {
             .enumerate()
             .map(|(i, ip)| (i as u64, (ConnId(i), ip.parse().unwrap())))
             .collect()
-    }
-
-    #[test]
-    fn ipv6_sources_count_by_their_64() {
-        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
-        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
-        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
-        assert_eq!(source_key(a), source_key(b));
-        assert_ne!(source_key(a), source_key(c));
-        let v4: IpAddr = "192.0.2.7".parse().unwrap();
-        assert_eq!(source_key(v4), v4);
-    }
-
-    #[test]
-    fn ipv4_clients_of_a_dual_stack_listener_are_sources_of_their_own() {
-        // A listener on [::] (or [::ffff:a.b.c.d]) reports IPv4 peers as IPv4-mapped IPv6
-        // addresses: each is still its own source, not one /64 shared by every IPv4 client.
-        let a: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
-        let b: IpAddr = "::ffff:198.51.100.1".parse().unwrap();
-        assert_ne!(source_key(a), source_key(b));
-        assert_eq!(source_key(a), "192.0.2.7".parse::<IpAddr>().unwrap());
     }
 
     #[test]
