@@ -55,17 +55,49 @@ pub fn hash(password: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Checks `password` against a PHC hash; an unparsable hash never matches.
+/// The most a stored hash may ask of a check: memory in KiB, passes and lanes. A check runs
+/// with the hash's own parameters, and the state file is read from disk: a hand-edited
+/// `m=` of gigabytes must not make the hashing thread try to allocate them. Hashes made here
+/// use argon2's defaults (19 MiB, 2 passes, 1 lane), well within.
+const MAX_M_COST_KIB: u32 = 256 * 1024;
+/// See [`MAX_M_COST_KIB`].
+const MAX_T_COST: u32 = 16;
+/// See [`MAX_M_COST_KIB`].
+const MAX_P_COST: u32 = 16;
+
+/// Checks `password` against a PHC hash; an unparsable hash, or one that asks for more than
+/// [`MAX_M_COST_KIB`], [`MAX_T_COST`] or [`MAX_P_COST`], never matches.
 pub fn verify(password: &str, hash: &str) -> bool {
-    match PasswordHash::new(hash) {
-        Ok(parsed) => Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok(),
+    let parsed = match PasswordHash::new(hash) {
+        Ok(parsed) => parsed,
         Err(e) => {
             error!("stored password hash is unreadable ({e}); refusing the password");
-            false
+            return false;
         }
+    };
+    if let Err(why) = affordable(&parsed) {
+        error!("stored password hash {why}; refusing the password");
+        return false;
     }
+    Argon2::default()
+        .verify_password(password.as_bytes(), &parsed)
+        .is_ok()
+}
+
+/// Whether a check against `hash` stays within [`MAX_M_COST_KIB`], [`MAX_T_COST`] and
+/// [`MAX_P_COST`]; if not, what it asks for.
+fn affordable(hash: &PasswordHash<'_>) -> Result<(), String> {
+    let p = argon2::Params::try_from(hash).map_err(|e| format!("has unusable parameters ({e})"))?;
+    if p.m_cost() <= MAX_M_COST_KIB && p.t_cost() <= MAX_T_COST && p.p_cost() <= MAX_P_COST {
+        return Ok(());
+    }
+    Err(format!(
+        "asks for m={} KiB, t={}, p={}, more than a check may take (m={MAX_M_COST_KIB}, \
+         t={MAX_T_COST}, p={MAX_P_COST})",
+        p.m_cost(),
+        p.t_cost(),
+        p.p_cost()
+    ))
 }
 
 /// Does one job (on the worker thread; inline in tests).
@@ -129,5 +161,35 @@ mod tests {
         assert!(!verify("wrong", &h));
         assert!(!verify("s3cret", "not a hash"));
         assert_ne!(hash("s3cret").unwrap(), h, "salted");
+    }
+
+    #[test]
+    fn a_stored_hash_asking_for_too_much_is_refused_without_running_it() {
+        let h = hash("s3cret").unwrap();
+        assert!(h.contains("$m=19456,t=2,p=1$"), "{h}");
+        // 4 GiB of memory, 100,000 passes, 17 lanes: refused before any check runs.
+        for (from, to) in [
+            ("m=19456", "m=4194304"),
+            ("t=2", "t=100000"),
+            ("p=1", "p=17"),
+        ] {
+            let greedy = h.replacen(from, to, 1);
+            let parsed = PasswordHash::new(&greedy).unwrap();
+            let why = affordable(&parsed).unwrap_err();
+            assert!(why.contains(to), "{why}");
+            assert!(!verify("s3cret", &greedy), "{greedy}");
+        }
+        assert_eq!(affordable(&PasswordHash::new(&h).unwrap()), Ok(()));
+        // Within the bounds, a stored hash's own parameters are used.
+        let cheaper = Argon2::new(
+            argon2::Algorithm::Argon2id,
+            argon2::Version::V0x13,
+            argon2::Params::new(8 * 1024, 1, 1, None).unwrap(),
+        )
+        .hash_password(b"s3cret", &SaltString::encode_b64(&[7; 16]).unwrap())
+        .unwrap()
+        .to_string();
+        assert!(verify("s3cret", &cheaper));
+        assert!(!verify("wrong", &cheaper));
     }
 }
