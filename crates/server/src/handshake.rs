@@ -553,8 +553,16 @@ fn history_reply(messages: Vec<payload::HistoryMessage>, more: bool) -> Vec<u8> 
 }
 
 fn list_rooms(registry: &Registry) -> Vec<u8> {
+    // No entry is shorter than the shortest room's: one more than fit at that size is
+    // enough to fill the reply and to know that more were left out.
+    let shortest = listed_len(&payload::ListedRoom {
+        name: "r".into(),
+        members: 1,
+        created_at: 0.0,
+        password: false,
+    });
     let entries = registry
-        .list_rooms()
+        .list_rooms(MAX_LIST_BYTES / shortest + 1)
         .into_iter()
         .map(|r| payload::ListedRoom {
             name: r.name,
@@ -1341,6 +1349,59 @@ mod tests {
         assert!(list.more);
         assert!(list.rooms.len() > 10);
         assert!(list.rooms[0].name.starts_with("000-"));
+    }
+
+    /// The room list of a registry holding `count` rooms of short names, created in an order
+    /// unlike their names'.
+    fn list_of(count: usize) -> (payload::RoomList, usize) {
+        let mut reg = Registry::new(
+            Limits {
+                max_rooms: 0,
+                ..Limits::default()
+            },
+            Box::new(StdRng::seed_from_u64(3)),
+        );
+        for i in 0..count {
+            let name = format!("r{:05}", (i * 7919) % count);
+            reg.create_room(
+                &name,
+                &Request::original("h"),
+                IpAddr::from([127, 0, 0, 1]),
+                None,
+                Instant::now(),
+                0.0,
+            )
+            .unwrap();
+        }
+        let r = run(
+            &mut reg,
+            &mut KeyedLimiter::new(8),
+            &request(Operation::ListRooms, b"", b"{}"),
+        );
+        let (_, used) = tcrp::decode(&r.bytes, 1 << 20).unwrap().unwrap();
+        let (complete, _) = tcrp::decode(&r.bytes[used..], 1 << 20).unwrap().unwrap();
+        let len = complete.payload.len();
+        (payload::parse_json(complete.payload).unwrap(), len)
+    }
+
+    #[test]
+    fn many_short_rooms_fill_the_reply_with_the_first_names_and_say_there_are_more() {
+        let (list, len) = list_of(5000);
+        assert!(list.more);
+        let names: Vec<String> = list.rooms.iter().map(|r| r.name.clone()).collect();
+        let first: Vec<String> = (0..names.len()).map(|i| format!("r{i:05}")).collect();
+        assert_eq!(names, first);
+        // Full: one more entry of this size would not have fitted.
+        let entry = listed_len(&list.rooms[0]);
+        assert!(
+            len <= MAX_LIST_BYTES && len + entry > MAX_LIST_BYTES,
+            "{len}"
+        );
+        // Fewer rooms than a reply holds: all of them, and no "more".
+        let (all, _) = list_of(100);
+        assert!(!all.more);
+        assert_eq!(all.rooms.len(), 100);
+        assert!(all.rooms.windows(2).all(|w| w[0].name < w[1].name));
     }
 
     #[test]

@@ -611,21 +611,29 @@ impl Registry {
         }
     }
 
-    /// The listed rooms, by name.
-    pub fn list_rooms(&self) -> Vec<RoomInfo> {
-        let mut rooms: Vec<RoomInfo> = self
+    /// The first `limit` listed rooms by name. Only those are sorted and copied: a reply
+    /// holds a few hundred at most, and a request must not cost a sort of every room.
+    pub fn list_rooms(&self, limit: usize) -> Vec<RoomInfo> {
+        let mut rooms: Vec<&Room> = self
             .rooms
             .iter()
-            .filter(|(_, r)| r.listed)
-            .map(|(_, r)| RoomInfo {
+            .map(|(_, r)| r)
+            .filter(|r| r.listed)
+            .collect();
+        if rooms.len() > limit {
+            rooms.select_nth_unstable_by(limit, |a, b| a.name.cmp(&b.name));
+            rooms.truncate(limit);
+        }
+        rooms.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        rooms
+            .into_iter()
+            .map(|r| RoomInfo {
                 name: r.name.to_string(),
                 members: r.members.len(),
                 created_at: r.created_at,
                 has_password: r.password_hash.is_some(),
             })
-            .collect();
-        rooms.sort_by(|a, b| a.name.cmp(&b.name));
-        rooms
+            .collect()
     }
 
     /// Who is in `room_name`, host first.
@@ -2096,6 +2104,24 @@ mod tests {
     }
 
     #[test]
+    fn listing_takes_the_first_rooms_by_name() {
+        let (mut reg, now, mut out, _) = room_r();
+        for name in ["m", "b", "z", "a", "k"] {
+            reg.create_room(name, &Request::original("h"), HERE, None, now, 0.0)
+                .unwrap();
+        }
+        let names = |rooms: Vec<RoomInfo>| rooms.into_iter().map(|r| r.name).collect::<Vec<_>>();
+        assert_eq!(names(reg.list_rooms(3)), ["a", "b", "k"]);
+        assert_eq!(names(reg.list_rooms(0)), Vec::<String>::new());
+        assert_eq!(
+            names(reg.list_rooms(usize::MAX)),
+            ["a", "b", "k", "m", "r", "z"]
+        );
+        assert_eq!(names(reg.list_rooms(6)), names(reg.list_rooms(7)));
+        out.clear();
+    }
+
+    #[test]
     fn listing_and_presence() {
         let mut t = room_of_three();
         let hidden = Request {
@@ -2105,7 +2131,7 @@ mod tests {
         t.reg
             .create_room("secret", &hidden, HERE, None, t.now, 2.0)
             .unwrap();
-        let rooms = t.reg.list_rooms();
+        let rooms = t.reg.list_rooms(usize::MAX);
         assert_eq!(
             rooms,
             vec![RoomInfo {
@@ -2970,7 +2996,11 @@ mod tests {
                 (s.rooms, s.members, s.registered)
             };
             assert_eq!(counts(&rebuilt), counts(&live), "seed {seed}");
-            assert_eq!(rebuilt.list_rooms(), live.list_rooms(), "seed {seed}");
+            assert_eq!(
+                rebuilt.list_rooms(usize::MAX),
+                live.list_rooms(usize::MAX),
+                "seed {seed}"
+            );
             for room in ROOMS {
                 assert_eq!(
                     rebuilt.presence(room),
