@@ -1311,49 +1311,8 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn a_long_room_list_is_cut_to_fit_one_reply() {
-        let mut reg = Registry::new(
-            Limits {
-                max_rooms: 0,
-                ..Limits::default()
-            },
-            Box::new(StdRng::seed_from_u64(9)),
-        );
-        let mut limiter = KeyedLimiter::new(8);
-        for i in 0..400 {
-            let name = format!("{i:03}-{}", "r".repeat(200));
-            reg.create_room(
-                &name,
-                &Request::original("h"),
-                IpAddr::from([127, 0, 0, 1]),
-                None,
-                Instant::now(),
-                0.0,
-            )
-            .unwrap();
-        }
-        let r = run(
-            &mut reg,
-            &mut limiter,
-            &request(Operation::ListRooms, b"", b"{}"),
-        );
-        let (_, used) = tcrp::decode(&r.bytes, 1 << 20).unwrap().unwrap();
-        let (complete, _) = tcrp::decode(&r.bytes[used..], 1 << 20).unwrap().unwrap();
-        assert!(
-            complete.payload.len() <= MAX_LIST_BYTES,
-            "{}",
-            complete.payload.len()
-        );
-        let list: payload::RoomList = payload::parse_json(complete.payload).unwrap();
-        assert!(list.more);
-        assert!(list.rooms.len() > 10);
-        assert!(list.rooms[0].name.starts_with("000-"));
-    }
-
-    /// The room list of a registry holding `count` rooms of short names, created in an order
-    /// unlike their names'.
-    fn list_of(count: usize) -> (payload::RoomList, usize) {
+    /// The room list of a registry holding rooms of these names, and its payload's length.
+    fn list_of(names: impl IntoIterator<Item = String>) -> (payload::RoomList, usize) {
         let mut reg = Registry::new(
             Limits {
                 max_rooms: 0,
@@ -1361,8 +1320,7 @@ mod tests {
             },
             Box::new(StdRng::seed_from_u64(3)),
         );
-        for i in 0..count {
-            let name = format!("r{:05}", (i * 7919) % count);
+        for name in names {
             reg.create_room(
                 &name,
                 &Request::original("h"),
@@ -1385,8 +1343,22 @@ mod tests {
     }
 
     #[test]
+    fn a_long_room_list_is_cut_to_fit_one_reply() {
+        let (list, len) = list_of((0..400).map(|i| format!("{i:03}-{}", "r".repeat(200))));
+        assert!(len <= MAX_LIST_BYTES, "{len}");
+        assert!(list.more);
+        assert!(list.rooms.len() > 10);
+        assert!(list.rooms[0].name.starts_with("000-"));
+    }
+
+    /// `count` rooms of short names, created in an order unlike their names'.
+    fn shuffled_names(count: usize) -> impl Iterator<Item = String> {
+        (0..count).map(move |i| format!("r{:05}", (i * 7919) % count))
+    }
+
+    #[test]
     fn many_short_rooms_fill_the_reply_with_the_first_names_and_say_there_are_more() {
-        let (list, len) = list_of(5000);
+        let (list, len) = list_of(shuffled_names(5000));
         assert!(list.more);
         let names: Vec<String> = list.rooms.iter().map(|r| r.name.clone()).collect();
         let first: Vec<String> = (0..names.len()).map(|i| format!("r{i:05}")).collect();
@@ -1398,7 +1370,7 @@ mod tests {
             "{len}"
         );
         // Fewer rooms than a reply holds: all of them, and no "more".
-        let (all, _) = list_of(100);
+        let (all, _) = list_of(shuffled_names(100));
         assert!(!all.more);
         assert_eq!(all.rooms.len(), 100);
         assert!(all.rooms.windows(2).all(|w| w[0].name < w[1].name));
