@@ -1377,6 +1377,62 @@ mod tests {
     }
 
     #[test]
+    fn a_list_cut_short_of_the_shortest_entries_still_says_there_are_more() {
+        // `"password":true` is a byte shorter than `"password":false`: an entry of a
+        // one-byte name, one member, `created_at` 0.0 and a password is 58 bytes with its
+        // comma. Every printable one-byte name but `"` and `\` (93) and then two-byte names,
+        // all with a password: the reply holds all but the last of 262 rooms, and must say
+        // that one was left out, exactly as when every room is sorted.
+        let mut reg = Registry::new(
+            Limits {
+                max_rooms: 0,
+                ..Limits::default()
+            },
+            Box::new(StdRng::seed_from_u64(5)),
+        );
+        let one_byte = (b' '..=b'~')
+            .filter(|b| !matches!(b, b'"' | b'\\'))
+            .map(|b| char::from(b).to_string());
+        let two_bytes = (0..169u8)
+            .map(|i| format!("{}{}", char::from(b'A' + i / 26), char::from(b'a' + i % 26)));
+        let names: Vec<String> = one_byte.chain(two_bytes).collect();
+        for name in &names {
+            reg.create_room(
+                name,
+                &Request::original("h"),
+                IpAddr::from([127, 0, 0, 1]),
+                Some("hash".into()),
+                Instant::now(),
+                0.0,
+            )
+            .unwrap();
+        }
+        assert_eq!(names.len(), 262);
+        let everything = reg
+            .list_rooms(usize::MAX)
+            .into_iter()
+            .map(|r| payload::ListedRoom {
+                name: r.name,
+                members: r.members,
+                created_at: r.created_at,
+                password: r.has_password,
+            });
+        let (rooms, more) = fitting(everything, 27, MAX_LIST_BYTES);
+        let sorted_all = serde_json::to_vec(&payload::RoomList { rooms, more }).unwrap();
+        let reply: payload::RoomList = serde_json::from_slice(&list_rooms(&reg)).unwrap();
+        let expected: payload::RoomList = serde_json::from_slice(&sorted_all).unwrap();
+        assert!(expected.more, "the test needs more rooms than fit");
+        assert_eq!(reply.rooms.len(), expected.rooms.len());
+        assert_eq!(
+            reply.more,
+            expected.more,
+            "{} rooms listed",
+            reply.rooms.len()
+        );
+        assert_eq!(reply, expected);
+    }
+
+    #[test]
     fn non_request_state_and_bad_room_names_are_refused() {
         let mut reg = Registry::new(Limits::default(), Box::new(StdRng::seed_from_u64(1)));
         let mut limiter = KeyedLimiter::new(8);
