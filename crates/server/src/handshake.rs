@@ -553,13 +553,15 @@ fn history_reply(messages: Vec<payload::HistoryMessage>, more: bool) -> Vec<u8> 
 }
 
 fn list_rooms(registry: &Registry) -> Vec<u8> {
-    // No entry is shorter than the shortest room's: one more than fit at that size is
-    // enough to fill the reply and to know that more were left out.
+    // No entry is shorter than this one (a one-byte name, one digit of members, the
+    // shortest number JSON writes for a float, and `true`, a byte shorter than `false`):
+    // one more than fit at that size is enough to fill the reply and to know that more
+    // were left out.
     let shortest = listed_len(&payload::ListedRoom {
         name: "r".into(),
         members: 1,
         created_at: 0.0,
-        password: false,
+        password: true,
     });
     let entries = registry
         .list_rooms(MAX_LIST_BYTES / shortest + 1)
