@@ -509,3 +509,89 @@ mod tests {
         assert_eq!(packing(10, 3, 0, 65507), (vec![1, 1, 1], 12));
     }
 }
+
+#[cfg(test)]
+mod planned_against_push_batch_entry {
+    use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    use ucrp::delivery::Delivery;
+
+    /// Random outboxes (empty, short and long payloads, members with and without batches,
+    /// moves within a pass): every batch is the frame begin_batch and push_batch_entry build
+    /// from its entries, within the cap, and each member gets its messages in order.
+    #[test]
+    fn random_outboxes_plan_exact_bytes_in_order() {
+        for seed in 0..500u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut out = Outbox::default();
+            let npay = rng.gen_range(1..20);
+            let payloads: Vec<Range<usize>> = (0..npay)
+                .map(|i| {
+                    let len = match rng.gen_range(0..10) {
+                        0 => 0,
+                        1 => rng.gen_range(1000..3000),
+                        _ => rng.gen_range(1..40),
+                    };
+                    out.payload(|b| {
+                        for j in 0..len {
+                            b.push((i * 31 + j) as u8 | 1);
+                        }
+                    })
+                })
+                .collect();
+            let nsend = rng.gen_range(0..400);
+            let cap = [512usize, 1472, 4096, 65507][rng.gen_range(0..4)];
+            let mut expected: Vec<(u32, Vec<u8>)> = Vec::new();
+            for _ in 0..nsend {
+                let p = payloads[rng.gen_range(0..npay)].clone();
+                let member = rng.gen_range(0..5u32);
+                let port = 100 + member as u16 * 2 + u16::from(rng.gen_range(0..20) == 0);
+                let limit = [0u16, 600, 4096, 65507][(member as usize) % 4];
+                let limit = if rng.gen_range(0..30) == 0 { 0 } else { limit };
+                expected.push((member, out.get(p.clone()).to_vec()));
+                out.send_to_member(SocketAddr::from(([127, 0, 0, 1], port)), p, member, limit);
+            }
+            let mut sender = Sender::new(cap);
+            sender.plan(&out);
+            let parts = sender.gather(&out);
+            let mut got: Vec<(u32, Vec<u8>)> = Vec::new();
+            let mut total = 0;
+            for ((to, runs), (to2, _, n)) in sender.datagrams.iter().zip(&sender.plan) {
+                assert_eq!(to, to2);
+                assert!(runs.len() <= mmsg::MAX_PARTS);
+                let bytes: Vec<u8> = parts[runs.clone()]
+                    .iter()
+                    .flat_map(|r| r.iter().copied())
+                    .collect();
+                let member = ((to.port() - 100) / 2) as u32;
+                let frames: Vec<Vec<u8>> = if *n >= 2 {
+                    assert!(bytes.len() <= cap, "seed {seed}");
+                    let Ok(Delivery::Batch(body)) = delivery::parse(&bytes) else {
+                        panic!("seed {seed}: not a batch")
+                    };
+                    let f: Vec<Vec<u8>> = delivery::batch_entries(body)
+                        .map(|e| e.unwrap().to_vec())
+                        .collect();
+                    let mut built = Vec::new();
+                    delivery::begin_batch(&mut built);
+                    for e in &f {
+                        delivery::push_batch_entry(e, &mut built).unwrap();
+                    }
+                    assert_eq!(built, bytes);
+                    f
+                } else {
+                    vec![bytes]
+                };
+                assert_eq!(frames.len(), *n, "seed {seed}");
+                total += n;
+                got.extend(frames.into_iter().map(|f| (member, f)));
+            }
+            assert_eq!(total, nsend);
+            for m in 0..5 {
+                let e: Vec<&Vec<u8>> = expected.iter().filter(|x| x.0 == m).map(|x| &x.1).collect();
+                let g: Vec<&Vec<u8>> = got.iter().filter(|x| x.0 == m).map(|x| &x.1).collect();
+                assert_eq!(e, g, "seed {seed} member {m}");
+            }
+        }
+    }
+}
