@@ -79,7 +79,7 @@ struct Cli {
 fn server_host(value: &str) -> Result<String, String> {
     let with_port = value.parse::<std::net::SocketAddr>().is_ok()
         || value.rsplit_once(':').is_some_and(|(host, port)| {
-            !host.contains(':') && !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit())
+            !host.contains(':') && port.bytes().all(|b| b.is_ascii_digit())
         });
     if with_port {
         return Err("give the host alone; the ports are --tcp-port and --udp-port".into());
@@ -394,6 +394,7 @@ mod tests {
             "[::1]:9090",
             "chat.example:9090",
             "localhost:1",
+            "localhost:",
         ] {
             let err = Cli::try_parse_from(["ocm", "--server", with_port, "rooms"]).unwrap_err();
             assert_eq!(

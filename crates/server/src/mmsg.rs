@@ -285,7 +285,7 @@ pub fn send(
             // `IoSlice` is ABI-compatible with `iovec` on Unix (std documents it); `sendmmsg`
             // only reads the array.
             msg.msg_hdr.msg_iov = iov.as_ptr().cast::<libc::iovec>().cast_mut();
-            msg.msg_hdr.msg_iovlen = iov.len();
+            msg.msg_hdr.msg_iovlen = iov.len() as _; // size_t on glibc, c_int on musl
             scratch.msgs.push(msg);
         }
         let mut done = 0;

@@ -1035,8 +1035,9 @@ impl Registry {
                 }
                 // A move writes a journal record: it costs what a chat message costs, or a
                 // member flipping between two ports (or anyone forging its token's datagrams)
-                // would write one per datagram.
+                // would write one per datagram. The first binding is free: it happens once.
                 if changed
+                    && member.address.is_some()
                     && self.limits.chat_rate > 0.0
                     && !member
                         .chat
