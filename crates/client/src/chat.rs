@@ -17,9 +17,11 @@
 //!   the server's timeout (an `--original` member has none: it would stay until the room
 //!   closed).
 //!
-//! A fourth kind of thread is short-lived: before a notice that the room closed is believed,
+//! Two more kinds of thread are short-lived: before a notice that the room closed is believed,
 //! a *checker* asks the server over TCP ([`closure`]) and reports its verdict as an event, so
-//! a server slow to answer holds up neither the chat nor `/quit`.
+//! a server slow to answer holds up neither the chat nor `/quit`; and once, shortly after
+//! registering, a *reach check* asks the server whether it hears our datagrams at all
+//! ([`reach`]), and warns if it does not.
 //!
 //! The keepalive needs no thread: the main loop waits on the channel no longer than the next
 //! keepalive is due, then resends `__REGISTER__`, which also re-teaches a restarted daemon
@@ -50,6 +52,7 @@ use crate::handshake::{self, Token, Verb};
 use crate::input::{self, Input};
 use crate::listing;
 use crate::query::{self, HistoryPager, PageRequest, DEFAULT_HISTORY_LIMIT};
+use crate::reach;
 use crate::render::{printable, printable_name, Flow};
 use crate::screen::{to_stderr, EditorPrinter, PlainPrinter, Screen};
 
@@ -104,6 +107,9 @@ pub struct Options {
     /// server over TCP ([`closure`]). Off with `--original`: the original server has no such
     /// request.
     pub check_closures: bool,
+    /// Shortly after registering, ask the server over TCP whether it has our UDP address,
+    /// and warn if it never does ([`reach`]). Off with `--original`.
+    pub check_reach: bool,
 }
 
 /// A member's UDP endpoint: the socket, the server's chat address and the credentials every
@@ -180,6 +186,17 @@ impl Session {
         Ok(Ok(()))
     }
 
+    /// The same session on a duplicate of the socket, for another thread to send from.
+    fn duplicate(&self) -> io::Result<Session> {
+        Ok(Session {
+            socket: self.socket.try_clone()?,
+            server: self.server,
+            room_name: self.room_name.clone(),
+            token: self.token.clone(),
+            username_len: self.username_len,
+        })
+    }
+
     /// Sends a control word. Room name and token were checked to fit, so only the socket can
     /// fail.
     fn send_control(&self, word: &str) -> io::Result<()> {
@@ -236,6 +253,9 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
         printable_name(&session.room_name),
         printable_name(&options.username)
     ));
+    if options.check_reach {
+        spawn_reach_check(&session, &options, Arc::clone(&screen));
+    }
     // Restores the terminal mode however we leave, even while the editor holds it raw.
     let mut terminal = options.line_editor.then(TerminalGuard::save);
     let commands = Commands {
@@ -571,6 +591,42 @@ fn spawn_receiver(
         })
         .map_err(ClientError::io("starting the receiver thread"))?;
     Ok(())
+}
+
+/// Asks the server, on a thread of its own, whether it hears our datagrams, and warns once if
+/// it does not ([`reach`]). Nothing waits for it: the chat goes on either way.
+fn spawn_reach_check(session: &Session, options: &Options, screen: Arc<Mutex<Screen>>) {
+    let session = match session.duplicate() {
+        Ok(session) => session,
+        Err(e) => {
+            debug!("no check that the server hears us: cannot clone the UDP socket: {e}");
+            return;
+        }
+    };
+    let (tcp, username) = (options.tcp, options.username.clone());
+    let started = thread::Builder::new()
+        .name("ocm-reach".into())
+        .spawn(move || {
+            let ask = || reach::ask(tcp, &session.room_name, &session.token, &username);
+            thread::sleep(reach::FIRST_LOOK);
+            match ask() {
+                reach::Heard::No => {}
+                reach::Heard::Yes => return debug!("the server hears this client"),
+                reach::Heard::Unknown => return debug!("cannot tell if the server hears us"),
+            }
+            debug!("the server has no UDP address for us yet: registering again");
+            if let Err(e) = session.send_control(REGISTER) {
+                debug!("registering again failed: {e}");
+            }
+            thread::sleep(reach::SECOND_LOOK);
+            match ask() {
+                reach::Heard::No => lock(&screen).err(&reach::warning(session.server)),
+                heard => debug!("the server hears us on the second look: {heard:?}"),
+            }
+        });
+    if let Err(e) = started {
+        debug!("no check that the server hears us: cannot start its thread: {e}");
+    }
 }
 
 /// How a closure notice was settled.

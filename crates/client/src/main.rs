@@ -36,6 +36,7 @@ mod handshake;
 mod input;
 mod listing;
 mod query;
+mod reach;
 mod render;
 mod screen;
 
@@ -323,6 +324,7 @@ fn chat(
             tcp,
             join_history: verb == Verb::Join && !args.original,
             check_closures: !args.original,
+            check_reach: !args.original,
             line_editor: std::io::stdin().is_terminal() && std::io::stdout().is_terminal(),
         },
     )

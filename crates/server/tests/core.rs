@@ -333,6 +333,52 @@ fn a_register_queued_before_a_join_binds_its_member_before_the_join_notice() {
     assert_eq!(alice.recv(), "* bob Joined");
 }
 
+/// A wrong `--udp-port` (here a socket that never reads) looks like an open chat: `ocm`
+/// asks the server over TCP whether it has our address, registers again, asks once more and
+/// then says so, and the chat goes on.
+#[test]
+fn ocm_warns_when_the_server_never_hears_its_datagrams() {
+    let d = Daemon::start_with(Options {
+        metrics: true,
+        ..Options::default()
+    });
+    let sink = std::net::UdpSocket::bind("127.0.0.1:0").expect("a UDP port");
+    let mut alice = Ocm::start_at(
+        d.tcp.port(),
+        sink.local_addr().unwrap().port(),
+        &["create", "lobby", "--name", "alice"],
+    );
+    alice.wait_stderr("* created lobby as alice");
+    alice.wait_stderr("the server has not heard this client's UDP datagrams at 127.0.0.1:");
+    assert!(alice.stderr.lock().unwrap().contains("--udp-port"));
+    // It looked twice, both times with alice listed and unregistered.
+    let looks = d.metric("ocm_handshakes_total{operation=\"presence\",result=\"ok\"}");
+    assert_eq!(looks, 2.0);
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
+
+/// When the server hears it, `ocm` looks once and says nothing.
+#[test]
+fn ocm_says_nothing_when_the_server_hears_it() {
+    let d = Daemon::start_with(Options {
+        metrics: true,
+        ..Options::default()
+    });
+    let mut alice = Ocm::start_with_env(
+        d.tcp.port(),
+        d.udp.port(),
+        &["create", "lobby", "--name", "alice"],
+        &[("RUST_LOG", "ocm::chat=debug")],
+    );
+    alice.wait_stderr("the server hears this client");
+    let looks = d.metric("ocm_handshakes_total{operation=\"presence\",result=\"ok\"}");
+    assert_eq!(looks, 1.0);
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+    assert!(!alice.stderr.lock().unwrap().contains("has not heard"));
+}
+
 #[test]
 fn ocm_clients_chat_and_the_host_closes_the_room() {
     let d = Daemon::start();

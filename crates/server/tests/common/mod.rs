@@ -567,7 +567,13 @@ impl Ocm {
     /// Starts `ocm ARGS... --server 127.0.0.1 --tcp-port TCP --udp-port UDP` (a server the
     /// test plays itself, for one).
     pub fn start_at(tcp: u16, udp: u16, args: &[&str]) -> Ocm {
+        Ocm::start_with_env(tcp, udp, args, &[])
+    }
+
+    /// [`Ocm::start_at`] with these environment variables set (`RUST_LOG`, for one).
+    pub fn start_with_env(tcp: u16, udp: u16, args: &[&str], env: &[(&str, &str)]) -> Ocm {
         let mut child = Command::new(sibling_binary("ocm"))
+            .envs(env.iter().copied())
             .arg("--server")
             .arg("127.0.0.1")
             .arg("--tcp-port")
