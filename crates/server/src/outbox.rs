@@ -17,7 +17,7 @@ use ucrp::delivery;
 pub struct Send {
     /// Destination.
     pub to: SocketAddr,
-    /// The payload's range in [`Outbox::bytes`].
+    /// The payload's range in the outbox's bytes ([`Outbox::payload`] returned it).
     pub bytes: Range<usize>,
     /// The recipient's member slot in the registry, when it is a member (a dense small
     /// number the sender uses to group a member's messages without hashing addresses).

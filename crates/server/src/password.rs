@@ -65,8 +65,9 @@ const MAX_T_COST: u32 = 16;
 /// See [`MAX_M_COST_KIB`].
 const MAX_P_COST: u32 = 16;
 
-/// Checks `password` against a PHC hash; an unparsable hash, or one that asks for more than
-/// [`MAX_M_COST_KIB`], [`MAX_T_COST`] or [`MAX_P_COST`], never matches.
+/// Checks `password` against a PHC hash. An unparsable hash never matches, nor does one that
+/// asks for more than `MAX_M_COST_KIB`, `MAX_T_COST` or `MAX_P_COST` (256 MiB, 16 passes, 16
+/// lanes).
 pub fn verify(password: &str, hash: &str) -> bool {
     let parsed = match PasswordHash::new(hash) {
         Ok(parsed) => parsed,
