@@ -127,14 +127,17 @@ impl Receiver {
             .collect();
         // SAFETY: mmsghdr is plain old data.
         let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { mem::zeroed() }; n];
-        for (i, (msg, control)) in msgs
+        // Each pointer comes from an element's own `&mut` out of one iterator over its
+        // buffer, so taking the next one leaves the earlier ones valid.
+        let slots = self.addrs.iter_mut().zip(iovecs.iter_mut());
+        for ((msg, control), (addr, iov)) in msgs
             .iter_mut()
             .zip(self.control.chunks_mut(CONTROL_WORDS))
-            .enumerate()
+            .zip(slots)
         {
-            msg.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+            msg.msg_hdr.msg_name = (addr as *mut libc::sockaddr_storage).cast();
             msg.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            msg.msg_hdr.msg_iov = &mut iovecs[i];
+            msg.msg_hdr.msg_iov = iov;
             msg.msg_hdr.msg_iovlen = 1;
             msg.msg_hdr.msg_control = control.as_mut_ptr().cast();
             msg.msg_hdr.msg_controllen = mem::size_of_val(control) as _;
@@ -273,15 +276,15 @@ pub fn send(
                 result.failed += 1;
             }
         }
-        // `addrs` is complete: the headers may now point into it.
+        // `addrs` is complete: the headers may now point into it, each through its element's
+        // own `&mut` out of one iterator, so taking the next leaves the earlier ones valid.
         scratch.msgs.clear();
-        for (slot, &index) in scratch.indices.iter().enumerate() {
+        for ((storage, len), &index) in scratch.addrs.iter_mut().zip(&scratch.indices) {
             let iov = runs(&datagrams[index].1).unwrap_or_default();
             // SAFETY: mmsghdr is plain old data.
             let mut msg: libc::mmsghdr = unsafe { mem::zeroed() };
-            msg.msg_hdr.msg_name =
-                (&mut scratch.addrs[slot].0 as *mut libc::sockaddr_storage).cast();
-            msg.msg_hdr.msg_namelen = scratch.addrs[slot].1;
+            msg.msg_hdr.msg_name = (storage as *mut libc::sockaddr_storage).cast();
+            msg.msg_hdr.msg_namelen = *len;
             // `IoSlice` is ABI-compatible with `iovec` on Unix (std documents it); `sendmmsg`
             // only reads the array.
             msg.msg_hdr.msg_iov = iov.as_ptr().cast::<libc::iovec>().cast_mut();
