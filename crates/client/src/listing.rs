@@ -196,6 +196,7 @@ mod tests {
                 },
             ],
             more: false,
+            you: None,
         };
         assert_eq!(
             presence_lines(&p),

@@ -33,9 +33,14 @@ pub enum Heard {
     Unknown,
 }
 
-/// What `presence` says of `username`.
+/// What `presence` says of us, `username`: the `you` entry a daemon adds when asked with a
+/// member token (whatever the cut), or else our line among the members, if it was not cut.
 pub fn heard_in(presence: &RoomPresence, username: &str) -> Heard {
-    match presence.members.iter().find(|m| m.name == username) {
+    let us = presence
+        .you
+        .as_ref()
+        .or_else(|| presence.members.iter().find(|m| m.name == username));
+    match us {
         Some(member) if member.registered => Heard::Yes,
         Some(_) => Heard::No,
         None => Heard::Unknown,
@@ -59,7 +64,8 @@ pub fn ask(tcp: SocketAddr, room_name: &str, token: &Token, username: &str) -> H
 pub fn warning(udp: SocketAddr) -> String {
     format!(
         "* the server has not heard this client's UDP datagrams at {udp}: messages will not \
-         reach the room nor come back (is --udp-port right? is UDP blocked on the way?)"
+         reach the room nor come back (is --udp-port right? is UDP blocked on the way? or was \
+         the server restarting?)"
     )
 }
 
@@ -80,6 +86,7 @@ mod tests {
                 })
                 .collect(),
             more,
+            you: None,
         }
     }
 
@@ -98,6 +105,19 @@ mod tests {
             Heard::Unknown,
             "names are exact"
         );
+        // A long room's reply cut before us still says, in `you`, what the daemon has.
+        let cut = room(&[("host", true)], true);
+        for registered in [true, false] {
+            let asked = RoomPresence {
+                you: Some(PresentMember {
+                    name: "zed".into(),
+                    registered,
+                }),
+                ..cut.clone()
+            };
+            let expected = if registered { Heard::Yes } else { Heard::No };
+            assert_eq!(heard_in(&asked, "zed"), expected);
+        }
     }
 
     #[test]

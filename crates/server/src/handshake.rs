@@ -322,10 +322,16 @@ fn answer(
                 .into_iter()
                 .map(|(name, registered)| payload::PresentMember { name, registered })
                 .collect();
+            let you = request
+                .token
+                .as_deref()
+                .and_then(|token| ctx.registry.member_of(room_name, token.as_bytes()))
+                .map(|(name, registered)| payload::PresentMember { name, registered });
             Ok(Answer::Json(presence_reply(
                 room_name,
                 presence.host,
                 members,
+                you,
             )))
         }
         Operation::History => {
@@ -476,13 +482,20 @@ fn listed_len<T: serde::Serialize>(value: &T) -> usize {
 }
 
 /// The Presence COMPLETE payload, cut to [`MAX_REPLY_BYTES`]: the first members (host first)
-/// that fit, and `"more": true` if some were left out.
-fn presence_reply(room: &str, host: String, members: Vec<payload::PresentMember>) -> Vec<u8> {
+/// that fit, and `"more": true` if some were left out; and the asking member, `you`, when a
+/// member token came with the request.
+fn presence_reply(
+    room: &str,
+    host: String,
+    members: Vec<payload::PresentMember>,
+    you: Option<payload::PresentMember>,
+) -> Vec<u8> {
     let mut body = payload::RoomPresence {
         room: room.to_owned(),
         host,
         members: Vec::new(),
         more: true,
+        you,
     };
     // The frame with no members and `"more":true`; each member then adds itself and a comma.
     let frame = listed_len(&body);
@@ -993,6 +1006,52 @@ mod tests {
     }
 
     #[test]
+    fn presence_names_the_member_asking_even_when_the_cut_leaves_it_out() {
+        let mut reg = Registry::new(
+            Limits {
+                max_members_per_room: 0,
+                ..Limits::default()
+            },
+            Box::new(StdRng::seed_from_u64(8)),
+        );
+        let mut limiter = KeyedLimiter::new(8);
+        let now = Instant::now();
+        let host = IpAddr::from([127, 0, 0, 1]);
+        reg.create_room("big", &Request::original("h"), host, None, now, 0.0)
+            .unwrap();
+        let mut out = Outbox::default();
+        let mut last = String::new();
+        for i in 0..300 {
+            let name = format!("{i:03}{}", "m".repeat(60));
+            last = reg
+                .join_room("big", &Request::original(&name), host, now, &mut out)
+                .unwrap()
+                .token
+                .as_str()
+                .to_owned();
+        }
+        let ask = |reg: &mut Registry, limiter: &mut KeyedLimiter<IpAddr>, payload: &str| {
+            completion(&run(
+                reg,
+                limiter,
+                &request(Operation::Presence, b"big", payload.as_bytes()),
+            ))
+        };
+        let p = ask(&mut reg, &mut limiter, &format!(r#"{{"token": "{last}"}}"#));
+        assert_eq!(p["more"], true, "the reply is cut");
+        let listed = p["members"].as_array().unwrap();
+        assert!(listed
+            .iter()
+            .all(|m| !m["name"].as_str().unwrap().starts_with("299")));
+        assert!(p["you"]["name"].as_str().unwrap().starts_with("299"));
+        assert_eq!(p["you"]["registered"], false);
+        // No token, or a token of no member: no `you`.
+        assert!(ask(&mut reg, &mut limiter, "{}").get("you").is_none());
+        let stranger = format!(r#"{{"token": "{}"}}"#, "0".repeat(32));
+        assert!(ask(&mut reg, &mut limiter, &stranger).get("you").is_none());
+    }
+
+    #[test]
     fn passwords_list_presence_and_history() {
         let mut reg = Registry::new(Limits::default(), Box::new(StdRng::seed_from_u64(5)));
         let mut limiter = KeyedLimiter::new(8);
@@ -1064,6 +1123,9 @@ mod tests {
         assert_eq!(p["host"], "h");
         assert_eq!(p["members"][1]["name"], "m");
         assert_eq!(p["members"][1]["registered"], false);
+        // Asked with a member token, the reply also names the member asking.
+        assert_eq!(p["you"]["name"], "h");
+        assert_eq!(p["you"]["registered"], false);
         // History: members only.
         let r = run(
             &mut reg,

@@ -652,6 +652,14 @@ impl Registry {
         })
     }
 
+    /// The member of `room_name` that `token` belongs to: its name, and whether it has a UDP
+    /// address (constant-time token match).
+    pub fn member_of(&self, room_name: &str, token: &[u8]) -> Option<(String, bool)> {
+        let room = self.room_index.get(room_name)?;
+        let member = &self.members[self.find_token(token)?.0];
+        (member.room == *room).then(|| (member.username.to_string(), member.address.is_some()))
+    }
+
     /// Whether `token` belongs to a member of `room_name` (constant-time token match).
     pub fn is_member(&self, room_name: &str, token: &[u8]) -> bool {
         match (self.room_index.get(room_name), self.find_token(token)) {

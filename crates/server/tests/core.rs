@@ -351,9 +351,17 @@ fn ocm_warns_when_the_server_never_hears_its_datagrams() {
     alice.wait_stderr("* created lobby as alice");
     alice.wait_stderr("the server has not heard this client's UDP datagrams at 127.0.0.1:");
     assert!(alice.stderr.lock().unwrap().contains("--udp-port"));
-    // It looked twice, both times with alice listed and unregistered.
+    // It looked twice, both times with alice listed and unregistered, and registered again
+    // in between: the sink got two __REGISTER__s.
     let looks = d.metric("ocm_handshakes_total{operation=\"presence\",result=\"ok\"}");
     assert_eq!(looks, 2.0);
+    sink.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut buf = [0u8; 4096];
+    for _ in 0..2 {
+        let (len, _) = sink.recv_from(&mut buf).expect("a __REGISTER__ from ocm");
+        let datagram = ucrp::datagram::parse(&buf[..len]).expect("a client datagram");
+        assert_eq!(datagram.message, ucrp::datagram::Message::Register);
+    }
     alice.type_line("/quit");
     assert!(alice.wait().success());
 }
@@ -376,7 +384,43 @@ fn ocm_says_nothing_when_the_server_hears_it() {
     assert_eq!(looks, 1.0);
     alice.type_line("/quit");
     assert!(alice.wait().success());
-    assert!(!alice.stderr.lock().unwrap().contains("has not heard"));
+}
+
+/// One lost `__REGISTER__` is no reason to warn: `ocm` registers again and looks once more.
+/// A relay between `ocm` and the daemon drops the first datagram and forwards the rest.
+#[test]
+fn ocm_registers_again_when_its_first_register_is_lost_and_says_nothing() {
+    let d = Daemon::start_with(Options {
+        metrics: true,
+        ..Options::default()
+    });
+    let relay = std::net::UdpSocket::bind("127.0.0.1:0").expect("a UDP port");
+    let relay_port = relay.local_addr().unwrap().port();
+    let daemon_udp = d.udp;
+    // Detached: it ends with the test process, or after PATIENCE without a datagram.
+    std::thread::spawn(move || {
+        relay.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut buf = [0u8; 65536];
+        let mut dropped = false;
+        while let Ok((len, _)) = relay.recv_from(&mut buf) {
+            if !dropped {
+                dropped = true;
+                continue;
+            }
+            let _ = relay.send_to(&buf[..len], daemon_udp);
+        }
+    });
+    let mut alice = Ocm::start_with_env(
+        d.tcp.port(),
+        relay_port,
+        &["create", "lobby", "--name", "alice"],
+        &[("RUST_LOG", "ocm::chat=debug")],
+    );
+    alice.wait_stderr("the server hears us on the second look: Yes");
+    let looks = d.metric("ocm_handshakes_total{operation=\"presence\",result=\"ok\"}");
+    assert_eq!(looks, 2.0);
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
 }
 
 #[test]

@@ -435,6 +435,10 @@ pub struct RoomPresence {
     /// cap); those listed are the first ones, host first.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub more: bool,
+    /// When the request carried a member token of the room: that member, whether or not the
+    /// cut left it out of `members` (a client asking whether the daemon has its UDP address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub you: Option<PresentMember>,
 }
 
 /// One message in a History COMPLETE payload.
@@ -741,10 +745,28 @@ mod tests {
                 .unwrap();
         assert!(!p.more);
         assert!(!serde_json::to_string(&p).unwrap().contains("more"));
-        let cut = RoomPresence { more: true, ..p };
+        assert_eq!(p.you, None);
+        assert!(!serde_json::to_string(&p).unwrap().contains("you"));
+        let cut = RoomPresence {
+            more: true,
+            ..p.clone()
+        };
         let text = serde_json::to_string(&cut).unwrap();
         assert!(text.ends_with(r#"],"more":true}"#), "{text}");
         assert_eq!(parse_json::<RoomPresence>(text.as_bytes()).unwrap(), cut);
+        let asked = RoomPresence {
+            you: Some(PresentMember {
+                name: "zed".into(),
+                registered: false,
+            }),
+            ..cut
+        };
+        let text = serde_json::to_string(&asked).unwrap();
+        assert!(
+            text.ends_with(r#""more":true,"you":{"name":"zed","registered":false}}"#),
+            "{text}"
+        );
+        assert_eq!(parse_json::<RoomPresence>(text.as_bytes()).unwrap(), asked);
 
         let m: HistoryMessage =
             parse_json(br#"{"seq":1,"sender":"b","text":"hi","at":2.5}"#).unwrap();
