@@ -999,21 +999,30 @@ mod tests {
         }
     }
 
-    fn completion(r: &Response) -> serde_json::Value {
+    /// The COMPLETE payload of a reply (COMPLIANCE then COMPLETE).
+    fn complete_payload(r: &Response) -> Vec<u8> {
         let (_, used) = tcrp::decode(&r.bytes, 1 << 20).unwrap().unwrap();
         let (complete, _) = tcrp::decode(&r.bytes[used..], 1 << 20).unwrap().unwrap();
-        serde_json::from_slice(complete.payload).unwrap()
+        complete.payload.to_vec()
+    }
+
+    fn completion(r: &Response) -> serde_json::Value {
+        serde_json::from_slice(&complete_payload(r)).unwrap()
+    }
+
+    /// A registry with no cap on rooms or members per room.
+    fn uncapped(seed: u64) -> Registry {
+        let limits = Limits {
+            max_rooms: 0,
+            max_members_per_room: 0,
+            ..Limits::default()
+        };
+        Registry::new(limits, Box::new(StdRng::seed_from_u64(seed)))
     }
 
     #[test]
     fn presence_names_the_member_asking_even_when_the_cut_leaves_it_out() {
-        let mut reg = Registry::new(
-            Limits {
-                max_members_per_room: 0,
-                ..Limits::default()
-            },
-            Box::new(StdRng::seed_from_u64(8)),
-        );
+        let mut reg = uncapped(8);
         let mut limiter = KeyedLimiter::new(8);
         let now = Instant::now();
         let host = IpAddr::from([127, 0, 0, 1]);
@@ -1377,13 +1386,7 @@ mod tests {
 
     /// The room list of a registry holding rooms of these names, and its payload's length.
     fn list_of(names: impl IntoIterator<Item = String>) -> (payload::RoomList, usize) {
-        let mut reg = Registry::new(
-            Limits {
-                max_rooms: 0,
-                ..Limits::default()
-            },
-            Box::new(StdRng::seed_from_u64(3)),
-        );
+        let mut reg = uncapped(3);
         for name in names {
             reg.create_room(
                 &name,
@@ -1400,10 +1403,8 @@ mod tests {
             &mut KeyedLimiter::new(8),
             &request(Operation::ListRooms, b"", b"{}"),
         );
-        let (_, used) = tcrp::decode(&r.bytes, 1 << 20).unwrap().unwrap();
-        let (complete, _) = tcrp::decode(&r.bytes[used..], 1 << 20).unwrap().unwrap();
-        let len = complete.payload.len();
-        (payload::parse_json(complete.payload).unwrap(), len)
+        let complete = complete_payload(&r);
+        (payload::parse_json(&complete).unwrap(), complete.len())
     }
 
     #[test]
@@ -1447,13 +1448,7 @@ mod tests {
         // comma. Every printable one-byte name but `"` and `\` (93) and then two-byte names,
         // all with a password: the reply holds all but the last of 262 rooms, and must say
         // that one was left out, exactly as when every room is sorted.
-        let mut reg = Registry::new(
-            Limits {
-                max_rooms: 0,
-                ..Limits::default()
-            },
-            Box::new(StdRng::seed_from_u64(5)),
-        );
+        let mut reg = uncapped(5);
         let one_byte = (b' '..=b'~')
             .filter(|b| !matches!(b, b'"' | b'\\'))
             .map(|b| char::from(b).to_string());
