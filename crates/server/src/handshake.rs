@@ -16,7 +16,7 @@ use crate::config::Names;
 use crate::outbox::Outbox;
 use crate::password::{self, Outcome};
 use crate::rate::{self, KeyedLimiter};
-use crate::rooms::Registry;
+use crate::rooms::{Registry, RoomInfo};
 
 /// Per-IP request rate limit settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -576,15 +576,18 @@ fn list_rooms(registry: &Registry) -> Vec<u8> {
         created_at: 0.0,
         password: true,
     });
-    let entries = registry
-        .list_rooms(MAX_LIST_BYTES / shortest + 1)
-        .into_iter()
-        .map(|r| payload::ListedRoom {
-            name: r.name,
-            members: r.members,
-            created_at: r.created_at,
-            password: r.has_password,
-        });
+    room_list_reply(registry.list_rooms(MAX_LIST_BYTES / shortest + 1))
+}
+
+/// The ListRooms COMPLETE payload: the leading `rooms` that fit in [`MAX_LIST_BYTES`], and
+/// whether any were left out.
+fn room_list_reply(rooms: Vec<RoomInfo>) -> Vec<u8> {
+    let entries = rooms.into_iter().map(|r| payload::ListedRoom {
+        name: r.name,
+        members: r.members,
+        created_at: r.created_at,
+        password: r.has_password,
+    });
     // `{"rooms":[...],"more":true}`: 27 bytes of frame, plus a comma per entry.
     let (rooms, more) = fitting(entries, 27, MAX_LIST_BYTES);
     serde_json::to_vec(&payload::RoomList { rooms, more }).unwrap_or_default()
@@ -1467,17 +1470,7 @@ mod tests {
             .unwrap();
         }
         assert_eq!(names.len(), 262);
-        let everything = reg
-            .list_rooms(usize::MAX)
-            .into_iter()
-            .map(|r| payload::ListedRoom {
-                name: r.name,
-                members: r.members,
-                created_at: r.created_at,
-                password: r.has_password,
-            });
-        let (rooms, more) = fitting(everything, 27, MAX_LIST_BYTES);
-        let sorted_all = serde_json::to_vec(&payload::RoomList { rooms, more }).unwrap();
+        let sorted_all = room_list_reply(reg.list_rooms(usize::MAX));
         let reply: payload::RoomList = serde_json::from_slice(&list_rooms(&reg)).unwrap();
         let expected: payload::RoomList = serde_json::from_slice(&sorted_all).unwrap();
         assert!(expected.more, "the test needs more rooms than fit");
