@@ -784,6 +784,51 @@ fn create_vault(d: &Daemon) {
     assert!(r.token.is_some(), "{:?}", r.compliance);
 }
 
+/// The Presence reply for `payload` in `room`.
+fn presence_of(d: &Daemon, room: &str, payload: &[u8]) -> payload::RoomPresence {
+    let mut stream = connect(d);
+    stream
+        .write_all(&request_bytes(Operation::Presence, room, payload))
+        .unwrap();
+    let mut frames = FrameReader::default();
+    let (state, _) = frames.next(&mut stream).expect("a COMPLIANCE");
+    assert_eq!(state, State::Compliance);
+    let (state, body) = frames.next(&mut stream).expect("a COMPLETE");
+    assert_eq!(state, State::Complete);
+    payload::parse_json(&body).unwrap()
+}
+
+/// A state file is read from disk: a room password hash edited to ask for 4 GiB of memory is
+/// refused (the join gets `bad_password`, the log says why) instead of run, and the daemon
+/// goes on serving. The same daemon shows Presence's `you`: the member a token belongs to.
+#[test]
+fn a_stored_password_hash_asking_for_too_much_is_refused_not_run() {
+    let mut d = daemon("");
+    create_vault(&d);
+    let (status, _) = d.terminate();
+    assert!(status.success());
+    let state = std::fs::read_to_string(&d.state).expect("the state file");
+    assert!(state.contains("m=19456,t=2,p=1"), "{state}");
+    std::fs::write(&d.state, state.replace("m=19456", "m=4194304")).unwrap();
+    d.restart();
+    let r = request(
+        &d,
+        Operation::JoinRoom,
+        "vault",
+        br#"{"username": "g", "password": "right"}"#,
+    );
+    assert_eq!(refused(&r), Some(ErrorCode::BadPassword));
+    assert!(r.token.is_none());
+    d.wait_for_log("asks for m=4194304 KiB");
+    assert_still_serves(&d);
+    // A member's own Presence names it.
+    let host = create(&d, "seen", "sam");
+    let you = presence_of(&d, "seen", format!(r#"{{"token": "{host}"}}"#).as_bytes()).you;
+    let you = you.expect("the member asking");
+    assert_eq!((you.name.as_str(), you.registered), ("sam", false));
+    assert_eq!(presence_of(&d, "seen", b"{}").you, None);
+}
+
 /// Sends one join to `vault` per password, each on its own connection from `from`, all of
 /// them before reading any reply; the replies' refusal codes (`None`: admitted), in order.
 fn parallel_joins(d: &Daemon, from: Ipv4Addr, passwords: &[&str]) -> Vec<Option<ErrorCode>> {
