@@ -1288,8 +1288,9 @@ impl Registry {
             }
         }
         info!(
-            "room {:?} closed: host left; {notified} members told",
-            entry.name
+            "room {:?} closed: host left; {notified} member{} told",
+            entry.name,
+            if notified == 1 { "" } else { "s" }
         );
         self.records.push(Record::CloseRoom {
             room: entry.name.into_string(),
