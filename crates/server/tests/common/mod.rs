@@ -190,8 +190,20 @@ impl Daemon {
                 Err(_) => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    // Let the reader thread collect the rest.
-                    thread::sleep(Duration::from_millis(50));
+                    // The child is gone, so its stderr reaches EOF: the reader has collected
+                    // every line once it hangs up. (`restart` looks for "Address already in
+                    // use" in what this returns.)
+                    let deadline = Instant::now() + PATIENCE;
+                    loop {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        match rx.recv_timeout(left) {
+                            Ok(_) => continue,
+                            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                            Err(mpsc::RecvTimeoutError::Timeout) => {
+                                panic!("ocmd's stderr stayed open after it exited")
+                            }
+                        }
+                    }
                     return Err(log.lock().unwrap().clone());
                 }
             }
