@@ -674,6 +674,24 @@ impl Ocm {
         })
     }
 
+    /// Reads stdout lines until one equals `expected`, all within [`PATIENCE`]; returns the
+    /// lines before it.
+    pub fn lines_until(&self, expected: &str) -> Vec<String> {
+        let deadline = Instant::now() + PATIENCE;
+        let mut before = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout.recv_timeout(left) {
+                Ok(line) if line == expected => return before,
+                Ok(line) => before.push(line),
+                Err(_) => panic!(
+                    "ocm never printed {expected:?}; before it: {before:?}; stderr:\n{}",
+                    self.stderr.lock().unwrap()
+                ),
+            }
+        }
+    }
+
     /// The next stdout line if one comes within `wait` (for bounded retry loops).
     pub fn line_within(&self, wait: Duration) -> Option<String> {
         self.stdout.recv_timeout(wait).ok()
