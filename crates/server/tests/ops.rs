@@ -564,9 +564,9 @@ fn drop_log_lines_are_paced_and_zero_turns_them_off() {
     }
 }
 
-/// Floods the UDP socket of a stopped daemon so that the kernel drops datagrams, then checks
-/// that `ocm_udp_receive_buffer_drops_total` shows them. Returns the counter.
-fn kernel_drop_counter_after_flood(d: &Daemon) -> f64 {
+/// Floods the UDP socket of a stopped daemon so that the kernel drops datagrams, then waits
+/// until `ocm_udp_receive_buffer_drops_total` shows them.
+fn flood_until_the_kernel_drop_counter_moves(d: &Daemon) {
     let flood = UdpSocket::bind("127.0.0.1:0").unwrap();
     d.signal(libc::SIGSTOP);
     let payload = [0x41u8; 1000];
@@ -574,16 +574,10 @@ fn kernel_drop_counter_after_flood(d: &Daemon) -> f64 {
         let _ = flood.send_to(&payload, d.udp);
     }
     d.signal(libc::SIGCONT);
-    let mut value = 0.0;
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < deadline {
-        value = d.metric("ocm_udp_receive_buffer_drops_total");
-        if value > 0.0 {
-            break;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    value
+    wait_until(
+        "ocm_udp_receive_buffer_drops_total counts the drops",
+        || d.metric("ocm_udp_receive_buffer_drops_total") > 0.0,
+    );
 }
 
 #[test]
@@ -594,11 +588,7 @@ fn kernel_receive_buffer_drops_are_counted() {
         config: Some("[udp]\nrecv_buffer_bytes = 4096\n".into()),
         ..Options::default()
     });
-    let drops = kernel_drop_counter_after_flood(&d);
-    assert!(
-        drops > 0.0,
-        "ocm_udp_receive_buffer_drops_total stayed {drops}"
-    );
+    flood_until_the_kernel_drop_counter_moves(&d);
     // The scrape that read the drops must not keep them out of the log: the periodic check
     // (every 5 s) still warns.
     wait_until("the drops are logged", || {
@@ -653,17 +643,13 @@ fn kernel_drops_are_counted_under_proc_subset_pid() {
         let _ = flood.send_to(&[0x41u8; 1000], raw.udp);
     }
     raw.signal(libc::SIGCONT);
-    let mut value = 0.0;
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < deadline && value == 0.0 {
+    wait_until("drops counted under subset=pid", || {
         let (_, body) = http(
             raw.metrics.unwrap(),
             "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
         );
-        value = sample(&samples(&body), "ocm_udp_receive_buffer_drops_total");
-        thread::sleep(Duration::from_millis(20));
-    }
-    assert!(value > 0.0, "drops not counted under subset=pid");
+        sample(&samples(&body), "ocm_udp_receive_buffer_drops_total") > 0.0
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
