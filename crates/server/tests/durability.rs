@@ -369,7 +369,7 @@ fn a_clean_stop_during_compactions_leaves_no_old_journal_and_an_empty_journal() 
     stop.store(true, Ordering::SeqCst);
     join_storm(storm);
     assert!(status.success(), "SIGTERM exit status: {status:?}");
-    assert!(took < Duration::from_secs(2), "stopped in {took:?}");
+    assert!(took < STOP_LIMIT, "stopped in {took:?}");
     assert_folded(&d);
     let received = std::mem::take(&mut *got.lock().unwrap());
     assert_all_saved(&d, &received);
@@ -393,7 +393,7 @@ fn sigterm_during_a_join_storm_exits_cleanly_and_keeps_every_token() {
         stop.store(true, Ordering::SeqCst);
         join_storm(storm);
         assert!(status.success(), "SIGTERM exit status: {status:?}");
-        assert!(took < Duration::from_secs(2), "stopped in {took:?}");
+        assert!(took < STOP_LIMIT, "stopped in {took:?}");
         let received = std::mem::take(&mut *got.lock().unwrap());
         eprintln!(
             "round {round}: stopped after {delay:?} in {took:?}; {} tokens received",
@@ -561,7 +561,7 @@ fn a_live_ocm_chat_survives_a_daemon_restart() {
     deliver(&mut alice, &bob, "alice", "first");
     let (status, took) = d.terminate();
     assert!(status.success(), "SIGTERM exit status: {status:?}");
-    assert!(took < Duration::from_secs(2), "stopped in {took:?}");
+    assert!(took < STOP_LIMIT, "stopped in {took:?}");
     d.restart();
     deliver(&mut bob, &alice, "bob", "second");
     deliver(&mut alice, &bob, "alice", "third");
@@ -1045,7 +1045,7 @@ fn names_that_look_like_json_strings_survive_compactions_and_restarts() {
 }
 
 #[test]
-fn sigterm_under_hostile_load_still_stops_within_two_seconds() {
+fn sigterm_under_hostile_load_still_stops_before_systemd_would_kill_it() {
     let mut d = Daemon::start_with(Options {
         config: Some(format!(
             "{NO_REQUEST_LIMIT}[limits]\nmax_output_bytes = 4096\n"
@@ -1106,7 +1106,7 @@ fn sigterm_under_hostile_load_still_stops_within_two_seconds() {
     deaf.join().unwrap();
     drop(slow);
     assert!(status.success(), "SIGTERM exit status: {status:?}");
-    assert!(took < Duration::from_secs(2), "stopped in {took:?}");
+    assert!(took < STOP_LIMIT, "stopped in {took:?}");
     let received = std::mem::take(&mut *got.lock().unwrap());
     assert_all_saved(&d, &received);
     restart_and_verify(&mut d, &received);

@@ -22,6 +22,11 @@ use ucrp::delivery::{self, Delivery};
 /// 2-core machine).
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
+/// The most a clean stop (SIGTERM) may take: `TimeoutStopSec=5` in config/ocmd.service, after
+/// which systemd sends SIGKILL. (A stop normally takes milliseconds, but the daemon alone
+/// may wait up to 1.5 s for state writes in flight, and a loaded machine's fsync adds to it.)
+pub const STOP_LIMIT: Duration = Duration::from_secs(5);
+
 /// Path of a binary built beside `ocmd` (e.g. `ocm`).
 pub fn sibling_binary(name: &str) -> PathBuf {
     let ocmd = Path::new(env!("CARGO_BIN_EXE_ocmd"));
