@@ -9,13 +9,6 @@ use common::*;
 use tcrp::payload::{Compliance, ErrorCode};
 use tcrp::Operation;
 
-fn refused(reply: &Reply) -> Option<ErrorCode> {
-    match &reply.compliance {
-        Compliance::Failure { code, .. } => *code,
-        Compliance::Success => None,
-    }
-}
-
 #[test]
 fn original_client_bytes_get_original_reply_bytes() {
     let d = Daemon::start();

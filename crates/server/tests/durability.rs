@@ -227,7 +227,6 @@ fn assert_clean_start(log: &str) {
     }
 }
 
-/// The state file's tokens after a clean stop.
 /// Asserts that every acknowledged token is in the state file (read after a stop).
 fn assert_all_saved(d: &Daemon, received: &[Received]) {
     let saved = saved_tokens(d);
@@ -247,6 +246,7 @@ fn restart_and_verify(d: &mut Daemon, received: &[Received]) {
     verify_tokens(d, received);
 }
 
+/// The state file's tokens after a clean stop.
 fn saved_tokens(d: &Daemon) -> HashSet<String> {
     let bytes = std::fs::read(&d.state).expect("state file written on shutdown");
     let state: serde_json::Value = serde_json::from_slice(&bytes).expect("state file is JSON");
@@ -422,15 +422,7 @@ fn a_crashed_ocm_host_closes_its_room_and_a_crashed_member_times_out() {
     bob.wait_stderr("* joined crash1 as bob");
     assert_eq!(alice.line(), "* bob joined");
     alice.kill9();
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let line = bob
-            .line_within(deadline.saturating_duration_since(Instant::now()))
-            .expect("bob hears that the room closed");
-        if line == "* room crash1 was closed by its host" {
-            break;
-        }
-    }
+    bob.lines_until("* room crash1 was closed by its host");
     assert!(bob.wait().success(), "bob exits 0 after the room closed");
 
     // A silent member crashes: the host hears it timed out.
@@ -446,15 +438,7 @@ fn a_crashed_ocm_host_closes_its_room_and_a_crashed_member_times_out() {
     dave.wait_stderr("* joined crash2 as dave");
     assert_eq!(carol.line(), "* dave joined");
     dave.kill9();
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let line = carol
-            .line_within(deadline.saturating_duration_since(Instant::now()))
-            .expect("carol hears that dave timed out");
-        if line == "* dave timed out" {
-            break;
-        }
-    }
+    carol.lines_until("* dave timed out");
     assert!(d.metric("ocm_keepalive_expiries_total") >= 2.0);
     carol.type_line("/quit");
     assert!(carol.wait().success());
@@ -475,12 +459,7 @@ fn an_ocm_member_that_slept_past_its_timeout_is_told_and_exits() {
     sleepy.wait_stderr("* joined nap as sleepy");
     assert_eq!(host.line(), "* sleepy joined");
     sleepy.signal(libc::SIGSTOP);
-    let deadline = Instant::now() + PATIENCE;
-    while host
-        .line_within(deadline.saturating_duration_since(Instant::now()))
-        .expect("the host hears sleepy time out")
-        != "* sleepy timed out"
-    {}
+    host.lines_until("* sleepy timed out");
     sleepy.signal(libc::SIGCONT);
     let deadline = Instant::now() + PATIENCE;
     while !sleepy

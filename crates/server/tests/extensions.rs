@@ -51,18 +51,6 @@ fn ask(daemon: &Daemon, op: Operation, room: &str, body: &[u8]) -> Result<Vec<u8
     }
 }
 
-/// Reads stdout lines until one equals `expected`; returns the lines before it.
-fn lines_until(ocm: &Ocm, expected: &str) -> Vec<String> {
-    let mut before = Vec::new();
-    loop {
-        let line = ocm.line();
-        if line == expected {
-            return before;
-        }
-        before.push(line);
-    }
-}
-
 /// Runs a one-shot `ocm` command (`rooms`, `who`, a refused join) to its end; returns its
 /// exit code, stdout lines and stderr. `ocm` bounds its own waits (connect and handshake
 /// timeouts), so this cannot hang.
@@ -208,9 +196,9 @@ fn passwords_gate_the_join_and_are_never_stored_or_logged() {
         &["join", "vault", "--name", "bob", "--password", PASSWORD],
     );
     bob.wait_stderr("* joined vault as bob");
-    lines_until(&alice, "* bob joined");
+    alice.lines_until("* bob joined");
     bob.type_line("hello alice");
-    lines_until(&alice, "bob: hello alice");
+    alice.lines_until("bob: hello alice");
     bob.type_line("/quit");
     assert!(bob.wait().success());
 
@@ -284,7 +272,7 @@ fn join_shows_recent_history_and_history_pages_back() {
     bob.type_line("/history 100");
     bob.wait_stderr("* no more history");
     alice.type_line("end marker");
-    let rest = lines_until(&bob, "alice: end marker");
+    let rest = bob.lines_until("alice: end marker");
     let (warm_up, last_two) = rest.split_at(rest.len().saturating_sub(2));
     assert!(
         !warm_up.is_empty()
@@ -312,7 +300,7 @@ fn a_flood_of_piped_lines_neither_grows_ocm_nor_delays_its_leaving() {
     alice.wait_stderr("* created flood as alice");
     let mut bob = Ocm::start(&d, &["join", "flood", "--name", "bob"]);
     bob.wait_stderr("* joined flood as bob");
-    lines_until(&alice, "* bob joined");
+    alice.lines_until("* bob joined");
     let mut stdin = bob.take_stdin();
     let written = Arc::new(AtomicU64::new(0));
     let writer = {
@@ -336,7 +324,7 @@ fn a_flood_of_piped_lines_neither_grows_ocm_nor_delays_its_leaving() {
     );
     bob.signal(libc::SIGTERM);
     assert!(bob.wait().success());
-    lines_until(&alice, "* bob left");
+    alice.lines_until("* bob left");
     writer.join().unwrap();
 }
 
@@ -445,7 +433,7 @@ fn ocm_leaves_its_room_on_every_terminating_signal() {
         bob.wait_stderr(&format!("* joined sig as {name}"));
         bob.signal(signal);
         assert!(bob.wait().success(), "ocm after signal {signal}");
-        lines_until(&alice, &format!("* {name} left"));
+        alice.lines_until(&format!("* {name} left"));
     }
 }
 
@@ -469,24 +457,14 @@ fn ocm_with_a_closed_stderr_still_chats_and_leaves() {
         .stderr(stderr)
         .spawn()
         .expect("spawn ocm");
-    lines_until(&alice, "* bob joined");
+    alice.lines_until("* bob joined");
     let mut stdin = bob.stdin.take().expect("stdin");
     writeln!(stdin, "hi from bob").unwrap();
-    lines_until(&alice, "bob: hi from bob");
+    alice.lines_until("bob: hi from bob");
     drop(stdin);
-    let deadline = Instant::now() + PATIENCE;
-    let status = loop {
-        if let Some(status) = bob.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "ocm did not exit at end of input"
-        );
-        thread::sleep(Duration::from_millis(5));
-    };
+    let status = wait_for_exit(&mut bob, "ocm at the end of its input");
     assert!(status.success(), "{status:?}");
-    lines_until(&alice, "* bob left");
+    alice.lines_until("* bob left");
 }
 
 #[test]
@@ -509,18 +487,18 @@ fn original_members_never_see_an_extension_frame() {
 
     let mut bob = Ocm::start(&d, &["join", "mixed", "--name", "bob"]);
     bob.wait_stderr("* joined mixed as bob");
-    lines_until(&alice, "* bob joined");
+    alice.lines_until("* bob joined");
     bob.type_line("hi from bob");
-    lines_until(&alice, "bob: hi from bob");
+    alice.lines_until("bob: hi from bob");
     bob.type_line("/quit");
     assert!(bob.wait().success());
-    lines_until(&alice, "* bob left");
+    alice.lines_until("* bob left");
 
     // A second ocm member in the original form, for good measure.
     let mut carol = Ocm::start(&d, &["join", "mixed", "--name", "carol", "--original"]);
     carol.wait_stderr("* joined mixed as carol");
     carol.type_line("hi from carol");
-    lines_until(&alice, "carol: hi from carol");
+    alice.lines_until("carol: hi from carol");
     carol.type_line("/quit");
     assert!(carol.wait().success());
     assert!(
@@ -959,7 +937,7 @@ fn ocm_shows_the_messages_whose_numbers_a_crash_reused() {
             assert_eq!(bob.recv(), format!("alice: {text}"));
         } else {
             bob.send(text);
-            shown.extend(lines_until(alice, &format!("bob: {text}")));
+            shown.extend(alice.lines_until(&format!("bob: {text}")));
         }
     };
     say(&mut alice, false, "m1");
@@ -976,7 +954,7 @@ fn ocm_shows_the_messages_whose_numbers_a_crash_reused() {
     for text in ["n1", "n2", "n3"] {
         bob.send(text);
     }
-    let before = lines_until(&alice, "bob: n3");
+    let before = alice.lines_until("bob: n3");
     assert_eq!(before, ["bob: n1", "bob: n2"]);
     assert!(
         !shown.iter().any(|l| l.contains("lost")),
@@ -1220,16 +1198,7 @@ fn ocm_in_a_terminal_answers_commands_while_a_flood_pours_in() {
         shown("/history [N]", mark)
     });
     typist("/quit\r");
-    let deadline = Instant::now() + PATIENCE;
-    let status = loop {
-        if let Some(status) = ocm.0.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            panic!("ocm did not leave on /quit during the flood");
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
+    let status = wait_for_exit(&mut ocm.0, "ocm on /quit during the flood");
     stop.store(true, Ordering::Relaxed);
     let sent = flood.join().unwrap();
     assert!(status.success(), "ocm: {status}");
@@ -1336,14 +1305,14 @@ fn ocm_stays_in_its_room_after_forged_room_closed_notices() {
         assert!(send_forged_udp(d.udp.port(), port, delivery::ROOM_CLOSED));
     }
     alice.type_line("still there?");
-    let seen = lines_until(&bob, "alice: still there?");
+    let seen = bob.lines_until("alice: still there?");
     assert!(
         seen.iter().all(|line| !line.contains("closed")),
         "a forged closure reached standard output: {seen:?}"
     );
     alice.close_stdin();
     assert!(alice.wait().success());
-    lines_until(&bob, "* room forged was closed by its host");
+    bob.lines_until("* room forged was closed by its host");
     assert!(bob.wait().success(), "bob leaves with the real closure");
     // At most one check per 2 s cool-down, and one for the real closure.
     let spent = started.elapsed().as_secs_f64();

@@ -31,13 +31,6 @@ fn daemon(config: &str) -> Daemon {
     })
 }
 
-fn refused(reply: &Reply) -> Option<ErrorCode> {
-    match &reply.compliance {
-        Compliance::Failure { code, .. } => *code,
-        Compliance::Success => None,
-    }
-}
-
 fn dropped(d: &Daemon, reason: &str) -> f64 {
     d.metric(&format!(
         "ocm_datagrams_dropped_total{{reason=\"{reason}\"}}"

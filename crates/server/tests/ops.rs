@@ -21,7 +21,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use tcrp::payload::{Compliance, ErrorCode};
+use tcrp::payload::ErrorCode;
 use tcrp::Operation;
 
 // ---------------------------------------------------------------------------------------------
@@ -29,13 +29,6 @@ use tcrp::Operation;
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn refused(reply: &Reply) -> Option<ErrorCode> {
-    match &reply.compliance {
-        Compliance::Failure { code, .. } => *code,
-        Compliance::Success => None,
-    }
 }
 
 /// Whether `program` is on `PATH`.
@@ -1109,11 +1102,7 @@ impl RawDaemon {
     /// SIGTERM, wait for exit, and return the whole log.
     fn stop(mut self) -> String {
         self.signal(libc::SIGTERM);
-        let deadline = Instant::now() + PATIENCE;
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "ocmd did not stop");
-            thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_exit(&mut self.child, "ocmd on SIGTERM");
         // The reader thread ends at EOF; give it the deadline to get there.
         wait_until("log complete", || {
             self.log.lock().unwrap().contains("stopped:")

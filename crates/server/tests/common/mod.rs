@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use tcrp::payload::{self, Compliance};
+use tcrp::payload::{self, Compliance, ErrorCode};
 use tcrp::{Frame, Operation, State};
 use ucrp::delivery::{self, Delivery};
 
@@ -252,16 +252,9 @@ impl Daemon {
 
     /// Waits for the child to exit (with a deadline) and returns its status.
     pub fn wait_exit(&mut self) -> ExitStatus {
-        let child = self.child.as_mut().expect("running");
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                self.child = None;
-                return status;
-            }
-            assert!(Instant::now() < deadline, "ocmd did not exit");
-            thread::sleep(Duration::from_millis(5));
-        }
+        let status = wait_for_exit(self.child.as_mut().expect("running"), "ocmd");
+        self.child = None;
+        status
     }
 
     /// SIGKILL and reap.
@@ -345,6 +338,27 @@ pub struct Reply {
     pub compliance: Compliance,
     /// The token from COMPLETE, on success.
     pub token: Option<String>,
+}
+
+/// The error code of a refusal; `None` for a success or a refusal without a code.
+pub fn refused(reply: &Reply) -> Option<ErrorCode> {
+    match &reply.compliance {
+        Compliance::Failure { code, .. } => *code,
+        Compliance::Success => None,
+    }
+}
+
+/// Waits (up to [`PATIENCE`]) for `child` to exit and returns its status; `what` names it in
+/// the failure.
+pub fn wait_for_exit(child: &mut Child, what: &str) -> ExitStatus {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "{what} did not exit");
+        thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Reads whole TCRP frames from a stream, keeping bytes that arrive early.
