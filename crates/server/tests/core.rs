@@ -252,6 +252,11 @@ fn member_leave_and_host_leave_closes_the_room_for_everyone() {
     members[0].send("after m3 left");
     assert_eq!(host.recv(), "m1: after m3 left");
     assert_eq!(members[1].recv(), "m1: after m3 left");
+    // Its old token relays nothing: the next thing the others hear is m1's later message.
+    members[2].send("ghost");
+    members[0].send("after the ghost");
+    assert_eq!(host.recv(), "m1: after the ghost");
+    assert_eq!(members[1].recv(), "m1: after the ghost");
     let r = request(&d, Operation::JoinRoom, "r", b"\"m3\"");
     assert!(
         r.token.is_some(),
@@ -374,6 +379,11 @@ fn ocm_says_nothing_when_the_server_hears_it() {
     assert_eq!(looks, 1.0);
     alice.type_line("/quit");
     assert!(alice.wait().success());
+    let stderr = alice.stderr.lock().unwrap().clone();
+    assert!(
+        !stderr.contains("has not heard"),
+        "a warning from a client the server hears:\n{stderr}"
+    );
 }
 
 /// One lost `__REGISTER__` is no reason to warn: `ocm` registers again and looks once more.
