@@ -6,13 +6,15 @@
 //!   `parse_request` unchanged (username, keepalive, caps, password, listed, before, limit,
 //!   token, form);
 //! - a parsed COMPLIANCE or COMPLETE survives `encode_*` then `parse_*` unchanged;
+//! - a parsed Presence reply (`RoomPresence`, with its optional `more` and `you`) survives
+//!   the daemon's encoding (`serde_json::to_vec`) then `parse_json` unchanged;
 //! - an accepted room name is the input bytes, 1..=255 of them, with no control character;
 //!   an accepted username has 1..=64 characters in at most 255 bytes, no control character.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use tcrp::names::{self, MAX_ROOM_NAME_BYTES, MAX_USERNAME_BYTES, MAX_USERNAME_CHARS};
-use tcrp::payload::{self, Compliance, RequestForm};
+use tcrp::payload::{self, Compliance, RequestForm, RoomPresence};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(request) = payload::parse_request(data) {
@@ -54,6 +56,12 @@ fuzz_target!(|data: &[u8]| {
         let mut out = Vec::new();
         payload::encode_complete(&token, &mut out);
         assert_eq!(payload::parse_complete(&out), Ok(token));
+    }
+
+    if let Ok(presence) = payload::parse_json::<RoomPresence>(data) {
+        let out = serde_json::to_vec(&presence).expect("a presence reply serializes");
+        let again = payload::parse_json::<RoomPresence>(&out).expect("an encoded reply parses");
+        assert_eq!(again, presence, "presence changed through encode: {out:?}");
     }
 
     if let Ok(name) = names::check_room_name(data) {
