@@ -3,7 +3,8 @@
 //! Input is read into `input` and decoded by the loop frame by frame. Replies are queued in
 //! order; a reply that carries a new token waits in `held` until the journal batch holding
 //! its record is durable, and every later reply on the same connection waits behind it, so
-//! pipelined requests are answered in order.
+//! pipelined requests are answered in order. How long each such reply waited for the disk
+//! is counted in a [`DelayHistogram`] as it leaves `held`.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -13,6 +14,8 @@ use std::time::Instant;
 
 use mio::net::{TcpListener, TcpStream};
 use mio::Interest;
+
+use crate::delay::DelayHistogram;
 
 /// Sets `TCP_NODELAY` on a listening socket. Linux copies it to every connection the
 /// listener accepts, which saves a `setsockopt` per handshake; returns the error when the
@@ -73,7 +76,9 @@ pub struct Conn {
     pub input: Vec<u8>,
     output: Vec<u8>,
     written: usize,
-    held: VecDeque<(u64, Vec<u8>)>,
+    /// Replies waiting for a journal batch: the batch, the bytes, and when the reply was
+    /// queued if it is the one whose record the batch holds (not one waiting behind it).
+    held: VecDeque<(u64, Vec<u8>, Option<Instant>)>,
     /// When the connection is closed unless a frame completes first.
     pub deadline: Instant,
     /// The peer has closed its sending side.
@@ -132,23 +137,28 @@ impl Conn {
         }
     }
 
-    /// Queues a reply that may leave now, or after `wait_for` is durable; keeps order.
-    pub fn queue(&mut self, bytes: Vec<u8>, wait_for: Option<u64>) {
+    /// Queues a reply that may leave now, or, with `wait_for = Some((batch, since))`, once
+    /// `batch` is durable (counting its wait from `since`); keeps order.
+    pub fn queue(&mut self, bytes: Vec<u8>, wait_for: Option<(u64, Instant)>) {
         match (wait_for, self.held.back()) {
-            (Some(batch), _) => self.held.push_back((batch, bytes)),
+            (Some((batch, since)), _) => self.held.push_back((batch, bytes, Some(since))),
             // Something earlier is held: wait behind it.
-            (None, Some(&(batch, _))) => self.held.push_back((batch, bytes)),
+            (None, Some(&(batch, _, _))) => self.held.push_back((batch, bytes, None)),
             (None, None) => self.output.extend_from_slice(&bytes),
         }
     }
 
-    /// Moves replies whose batch is durable to the output.
-    pub fn release(&mut self, durable: u64) {
-        while let Some((batch, _)) = self.held.front() {
+    /// Moves replies whose batch is durable to the output, counting in `waited` how long
+    /// each reply that waited for its own batch took to get there.
+    pub fn release(&mut self, durable: u64, now: Instant, waited: &mut DelayHistogram) {
+        while let Some((batch, _, _)) = self.held.front() {
             if *batch > durable {
                 break;
             }
-            if let Some((_, bytes)) = self.held.pop_front() {
+            if let Some((_, bytes, since)) = self.held.pop_front() {
+                if let Some(since) = since {
+                    waited.record(now.saturating_duration_since(since));
+                }
                 self.output.extend_from_slice(&bytes);
             }
         }
@@ -161,7 +171,7 @@ impl Conn {
 
     /// Unsent bytes, held replies included.
     pub fn pending_bytes(&self) -> usize {
-        self.output.len() - self.written + self.held.iter().map(|(_, b)| b.len()).sum::<usize>()
+        self.output.len() - self.written + self.held.iter().map(|(_, b, _)| b.len()).sum::<usize>()
     }
 
     /// Writes queued output until done or the socket would block.
@@ -248,6 +258,37 @@ mod tests {
         assert!(!plain.nodelay().unwrap(), "off unless asked");
         let (_peer, inherited) = pair(true);
         assert!(inherited.nodelay().unwrap(), "copied from the listener");
+    }
+
+    #[test]
+    fn held_replies_leave_in_order_once_durable_and_only_their_own_wait_is_counted() {
+        let (_peer, stream) = pair(true);
+        let mut c = conn(stream);
+        let t0 = Instant::now();
+        c.queue(b"token-1;".to_vec(), Some((1, t0)));
+        // A refusal behind it waits too, but for nothing of its own: not counted.
+        c.queue(b"refused;".to_vec(), None);
+        c.queue(
+            b"token-2;".to_vec(),
+            Some((2, t0 + Duration::from_millis(1))),
+        );
+        let mut waited = DelayHistogram::default();
+        c.release(0, t0 + Duration::from_millis(2), &mut waited);
+        assert!(
+            c.output.is_empty() && waited.count() == 0,
+            "nothing is durable yet"
+        );
+        c.release(1, t0 + Duration::from_millis(3), &mut waited);
+        assert_eq!(c.output, b"token-1;refused;");
+        assert_eq!(waited.count(), 1);
+        // 3 ms: above the 2.5 ms bound, within the 5 ms one.
+        assert_eq!(waited.quantile_bound(1.0), Some(0.005));
+        c.release(2, t0 + Duration::from_millis(401), &mut waited);
+        assert_eq!(c.output, b"token-1;refused;token-2;");
+        assert_eq!(waited.count(), 2);
+        // The second waited 400 ms: within the 1 s bound, above 250 ms.
+        assert_eq!(waited.quantile_bound(1.0), Some(1.0));
+        assert!(!c.has_held());
     }
 
     /// Waits until the socket has `n` bytes queued, so a read sees them all at once.

@@ -66,6 +66,8 @@ pub struct Metrics {
     pub reloads: BTreeMap<&'static str, u64>,
     /// Time from a datagram's arrival on the socket until what it caused was sent.
     pub relay_delay: crate::delay::DelayHistogram,
+    /// Time a create or join reply waited for its journal batch to be durable.
+    pub durable_wait: crate::delay::DelayHistogram,
 }
 
 /// Name of an operation for labels.
@@ -303,6 +305,11 @@ impl Metrics {
         self.relay_delay.render(
             "ocm_relay_delay_seconds",
             "Time from a datagram's arrival on the UDP socket (kernel timestamp) until every datagram it caused was handed to the kernel.",
+            &mut out,
+        );
+        self.durable_wait.render(
+            "ocm_handshake_durable_wait_seconds",
+            "Time a create or join reply (one carrying a new token) waited for its journal batch to be written and fsync'd before it could leave: group commit and the disk, as clients see them.",
             &mut out,
         );
         out

@@ -375,6 +375,12 @@ fn metrics_count_traffic_exactly() {
         // Every datagram read gets its relay delay counted (kernel arrival stamps).
         ("ocm_relay_delay_seconds_count", 5.0),
         ("ocm_relay_delay_seconds_bucket{le=\"+Inf\"}", 5.0),
+        // The create's and the join's replies waited for the disk; the refusal did not.
+        ("ocm_handshake_durable_wait_seconds_count", 2.0),
+        (
+            "ocm_handshake_durable_wait_seconds_bucket{le=\"+Inf\"}",
+            2.0,
+        ),
     ];
     for (name, value) in expect {
         assert_eq!(sample(&m, name), value, "{name}\n{body}");
@@ -395,6 +401,10 @@ fn metrics_count_traffic_exactly() {
     // The create and join were acknowledged only once durable, so writes happened.
     assert!(sample(&m, "ocm_state_writes_total") >= 1.0, "{body}");
     assert!(sample(&m, "ocm_state_write_records_total") >= 2.0, "{body}");
+    assert!(
+        sample(&m, "ocm_handshake_durable_wait_seconds_sum") > 0.0,
+        "{body}"
+    );
     let started = sample(&m, "ocm_process_start_time_seconds");
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -415,6 +425,18 @@ fn metrics_count_traffic_exactly() {
             .unwrap_or(sample);
         assert!(body.contains(&format!("# TYPE {family} ")), "{name}");
         assert!(body.contains(&format!("# HELP {family} ")), "{name}");
+    }
+    // Every family is documented for operators.
+    let operations = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/OPERATIONS.md"),
+    )
+    .expect("docs/OPERATIONS.md");
+    for family in body.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let name = family.split(' ').next().unwrap();
+        assert!(
+            operations.contains(&format!("| `{name}` |")),
+            "{name} is not in the metrics table of docs/OPERATIONS.md"
+        );
     }
     // Five datagrams on loopback: each waited well under a second in the daemon.
     assert_eq!(

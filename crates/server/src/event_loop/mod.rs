@@ -764,6 +764,7 @@ impl Server {
             self.metrics.state_write(d.records, d.elapsed);
         }
         let durable = persister.durable();
+        let now = Instant::now();
         let waiting: Vec<ConnId> = self
             .conns
             .iter()
@@ -772,7 +773,7 @@ impl Server {
             .collect();
         for id in waiting {
             if let Some(conn) = self.conns.get_mut(id.0) {
-                conn.release(durable);
+                conn.release(durable, now, &mut self.metrics.durable_wait);
             }
             self.after_io(id, None);
         }

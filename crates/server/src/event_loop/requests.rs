@@ -173,7 +173,7 @@ impl Server {
             let Some(conn) = self.conns.get_mut(id.0) else {
                 return;
             };
-            conn.queue(response.bytes, wait_for);
+            conn.queue(response.bytes, wait_for.map(|batch| (batch, now)));
             conn.deadline = now + timeout;
             if response.close {
                 conn.close_after_flush = true;
