@@ -13,7 +13,7 @@ use tcrp::payload::{self, Caps, Compliance, Request, RequestForm};
 use tcrp::{Frame, Operation, State};
 
 use crate::error::{Context, Error, Result};
-use crate::report::{Percentiles, RateWindows};
+use crate::report::{DaemonDelay, Percentiles, RateWindows};
 
 /// Longest wait for any reply.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -316,6 +316,10 @@ pub struct HandshakeResult {
     /// Time the daemon's writer spent writing and fsyncing those batches, seconds.
     #[serde(default)]
     pub journal_write_seconds: f64,
+    /// How long the joins' replies waited in the daemon for their batch to be durable
+    /// (`ocm_handshake_durable_wait_seconds`), when the daemon reports it.
+    #[serde(default)]
+    pub durable_wait: Option<DaemonDelay>,
     /// CPU time per join during the joins, µs: the daemon (all its threads) and this
     /// generator (all its threads).
     #[serde(default)]
@@ -367,6 +371,7 @@ pub fn run(
         journal_writes: journal.writes,
         journal_records: journal.records,
         journal_write_seconds: journal.seconds,
+        durable_wait: journal.durable_wait,
         cpu_us_per_join: Some(journal.cpu),
         state_on_tmpfs,
         join_rates,
@@ -389,6 +394,7 @@ struct Journal {
     writes: f64,
     records: f64,
     seconds: f64,
+    durable_wait: Option<DaemonDelay>,
     cpu: CpuPerJoin,
 }
 
@@ -433,6 +439,9 @@ fn round(
         writes: delta("ocm_state_writes_total"),
         records: delta("ocm_state_write_records_total"),
         seconds: delta("ocm_state_write_seconds_total"),
+        durable_wait: DaemonDelay::from_buckets(
+            &after.histogram_delta(&before, "ocm_handshake_durable_wait_seconds"),
+        ),
         cpu: CpuPerJoin {
             daemon: per_join(cpu_before.0, cpu_after.0),
             bench: per_join(cpu_before.1, cpu_after.1),
@@ -503,6 +512,14 @@ impl HandshakeResult {
             1e6 * self.journal_write_seconds / self.journal_writes.max(1.0),
             100.0 * self.journal_write_seconds / self.joins.seconds.max(1e-9)
         );
+        if let Some(d) = &self.durable_wait {
+            println!(
+                "  waiting in ocmd for the disk (ocm_handshake_durable_wait_seconds): p50 {} p99 {} over {} replies",
+                DaemonDelay::show(d.p50_us),
+                DaemonDelay::show(d.p99_us),
+                d.count
+            );
+        }
         if let Some(cpu) = self.cpu_us_per_join {
             println!(
                 "  cpu per join: ocmd {:.0} µs, ocm-bench {:.0} µs (all threads)",
