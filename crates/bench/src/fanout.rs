@@ -202,10 +202,8 @@ impl FanoutResult {
         );
         if let Some(d) = &self.daemon_delay {
             println!(
-                "  daemon relay delay (arrival on its socket → sent): p50 {} p99 {} over {:.0} datagrams",
-                DaemonDelay::show(d.p50_us),
-                DaemonDelay::show(d.p99_us),
-                d.count
+                "  daemon relay delay (arrival on its socket → sent): {}",
+                d.summary("datagrams")
             );
         }
         println!("  {}", self.loss.line());

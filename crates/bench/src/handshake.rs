@@ -514,10 +514,8 @@ impl HandshakeResult {
         );
         if let Some(d) = &self.durable_wait {
             println!(
-                "  waiting in ocmd for the disk (ocm_handshake_durable_wait_seconds): p50 {} p99 {} over {} replies",
-                DaemonDelay::show(d.p50_us),
-                DaemonDelay::show(d.p99_us),
-                d.count
+                "  waiting in ocmd for the disk (ocm_handshake_durable_wait_seconds): {}",
+                d.summary("replies")
             );
         }
         if let Some(cpu) = self.cpu_us_per_join {

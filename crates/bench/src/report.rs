@@ -363,6 +363,16 @@ impl DaemonDelay {
         })
     }
 
+    /// `p50 ≤ 250 µs p99 ≤ 1 ms over 3200 {what}`.
+    pub fn summary(&self, what: &str) -> String {
+        format!(
+            "p50 {} p99 {} over {:.0} {what}",
+            DaemonDelay::show(self.p50_us),
+            DaemonDelay::show(self.p99_us),
+            self.count
+        )
+    }
+
     /// `≤ 250 µs`, `≤ 2.5 ms`, `> 5 s`.
     pub fn show(us: f64) -> String {
         if us.is_infinite() {
@@ -391,5 +401,6 @@ mod daemon_delay_tests {
         assert_eq!(DaemonDelay::show(back.p99_us), "> 5 s");
         assert_eq!(DaemonDelay::show(2500.0), "≤ 2.5 ms");
         assert_eq!(DaemonDelay::show(5e6), "≤ 5 s");
+        assert_eq!(d.summary("replies"), "p50 > 5 s p99 > 5 s over 100 replies");
     }
 }
