@@ -321,8 +321,7 @@ pub fn run(launcher: &Launcher, plan: &Plan) -> Result<Results> {
 
 /// The daemon's own p99 (a histogram bucket bound), or `–` when it did not report one.
 fn daemon_p99(f: &FanoutResult) -> String {
-    f.daemon_delay
-        .map_or("–".into(), |d| crate::report::DaemonDelay::show(d.p99_us))
+    f.daemon_delay.map_or("–".into(), |d| d.show(d.p99_us))
 }
 
 /// The stall meter's count and longest stall, or `–` for results recorded before it existed;

@@ -323,12 +323,13 @@ mod tests {
     }
 }
 
-/// Upper bounds on quantiles of the daemon's relay delay (`ocm_relay_delay_seconds`: from a
-/// datagram's arrival on its socket until what it caused was sent), from the histogram's
-/// growth over a run. Bucket bounds, so "p99 ≤ 250 µs".
+/// Upper bounds on quantiles of one of the daemon's delay histograms, from its growth over a
+/// run: the relay delay (`ocm_relay_delay_seconds`: from a datagram's arrival on its socket
+/// until what it caused was sent) or the durable wait (`ocm_handshake_durable_wait_seconds`:
+/// a join's reply waiting for its journal write). Bucket bounds, so "p99 ≤ 250 µs".
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct DaemonDelay {
-    /// Datagrams counted.
+    /// Delays counted (datagrams, or replies).
     pub count: f64,
     /// Bucket bound holding the median, µs (infinity: beyond the last bound; JSON `null`).
     #[serde(deserialize_with = "infinite_if_null")]
@@ -336,6 +337,15 @@ pub struct DaemonDelay {
     /// Bucket bound holding the 99th percentile, µs.
     #[serde(deserialize_with = "infinite_if_null")]
     pub p99_us: f64,
+    /// The histogram's last finite bound, µs: a quantile beyond it is "> this".
+    #[serde(default = "relay_last_bound_us")]
+    pub last_bound_us: f64,
+}
+
+/// `ocm_relay_delay_seconds`' last finite bound (5 s), for results saved before
+/// [`DaemonDelay::last_bound_us`] existed.
+fn relay_last_bound_us() -> f64 {
+    5e6
 }
 
 /// JSON has no infinity: serde_json writes it as `null`; read `null` back as infinity.
@@ -356,10 +366,16 @@ impl DaemonDelay {
                 .find(|(_, cumulative)| *cumulative >= q * total)
                 .map_or(f64::INFINITY, |(b, _)| b * 1e6)
         };
+        let last_bound_us = buckets
+            .iter()
+            .rev()
+            .find(|(b, _)| b.is_finite())
+            .map_or(f64::INFINITY, |(b, _)| b * 1e6);
         Some(DaemonDelay {
             count: total,
             p50_us: bound(0.5),
             p99_us: bound(0.99),
+            last_bound_us,
         })
     }
 
@@ -367,22 +383,29 @@ impl DaemonDelay {
     pub fn summary(&self, what: &str) -> String {
         format!(
             "p50 {} p99 {} over {:.0} {what}",
-            DaemonDelay::show(self.p50_us),
-            DaemonDelay::show(self.p99_us),
+            self.show(self.p50_us),
+            self.show(self.p99_us),
             self.count
         )
     }
 
-    /// `≤ 250 µs`, `≤ 2.5 ms`, `> 5 s`.
-    pub fn show(us: f64) -> String {
+    /// One of this histogram's quantiles: `≤ 250 µs`, `≤ 2.5 ms`, `> 5 s`.
+    pub fn show(&self, us: f64) -> String {
         if us.is_infinite() {
-            "> 5 s".into()
-        } else if us >= 1e6 {
-            format!("≤ {} s", us / 1e6)
-        } else if us >= 1000.0 {
-            format!("≤ {} ms", us / 1000.0)
+            format!("> {}", DaemonDelay::bound(self.last_bound_us))
         } else {
-            format!("≤ {us:.0} µs")
+            format!("≤ {}", DaemonDelay::bound(us))
+        }
+    }
+
+    /// `250 µs`, `2.5 ms`, `5 s`.
+    fn bound(us: f64) -> String {
+        if us >= 1e6 {
+            format!("{} s", us / 1e6)
+        } else if us >= 1000.0 {
+            format!("{} ms", us / 1000.0)
+        } else {
+            format!("{us:.0} µs")
         }
     }
 }
@@ -393,14 +416,23 @@ mod daemon_delay_tests {
 
     #[test]
     fn an_unbounded_quantile_survives_a_json_round_trip() {
-        let d = DaemonDelay::from_buckets(&[(0.001, 1.0), (f64::INFINITY, 100.0)]).unwrap();
+        let d = DaemonDelay::from_buckets(&[(5.0, 1.0), (f64::INFINITY, 100.0)]).unwrap();
         assert_eq!(d.p50_us, f64::INFINITY);
         let text = serde_json::to_string(&d).unwrap();
         let back: DaemonDelay = serde_json::from_str(&text).unwrap();
         assert_eq!(back, d);
-        assert_eq!(DaemonDelay::show(back.p99_us), "> 5 s");
-        assert_eq!(DaemonDelay::show(2500.0), "≤ 2.5 ms");
-        assert_eq!(DaemonDelay::show(5e6), "≤ 5 s");
+        assert_eq!(back.show(back.p99_us), "> 5 s");
+        assert_eq!(back.show(2500.0), "≤ 2.5 ms");
+        assert_eq!(back.show(5e6), "≤ 5 s");
         assert_eq!(d.summary("replies"), "p50 > 5 s p99 > 5 s over 100 replies");
+        // The durable wait's histogram goes on to 30 s.
+        let w =
+            DaemonDelay::from_buckets(&[(0.001, 1.0), (30.0, 2.0), (f64::INFINITY, 3.0)]).unwrap();
+        assert_eq!(w.show(w.p99_us), "> 30 s");
+        assert_eq!(w.show(w.p50_us), "≤ 30 s");
+        // Saved before the field existed: the relay delay's 5 s.
+        let old: DaemonDelay =
+            serde_json::from_str(r#"{"count":1.0,"p50_us":null,"p99_us":null}"#).unwrap();
+        assert_eq!(old.show(old.p99_us), "> 5 s");
     }
 }

@@ -15,7 +15,7 @@ use std::time::Instant;
 use mio::net::{TcpListener, TcpStream};
 use mio::Interest;
 
-use crate::delay::DelayHistogram;
+use crate::delay::{DelayHistogram, DurableWait};
 
 /// Sets `TCP_NODELAY` on a listening socket. Linux copies it to every connection the
 /// listener accepts, which saves a `setsockopt` per handshake; returns the error when the
@@ -150,7 +150,12 @@ impl Conn {
 
     /// Moves replies whose batch is durable to the output, counting in `waited` how long
     /// each reply that waited for its own batch took to get there.
-    pub fn release(&mut self, durable: u64, now: Instant, waited: &mut DelayHistogram) {
+    pub fn release(
+        &mut self,
+        durable: u64,
+        now: Instant,
+        waited: &mut DelayHistogram<DurableWait>,
+    ) {
         while let Some((batch, _, _)) = self.held.front() {
             if *batch > durable {
                 break;
@@ -272,17 +277,17 @@ mod tests {
             b"token-2;".to_vec(),
             Some((2, t0 + Duration::from_millis(1))),
         );
-        let mut waited = DelayHistogram::default();
+        let mut waited = DelayHistogram::<DurableWait>::default();
         c.release(0, t0 + Duration::from_millis(2), &mut waited);
         assert!(
             c.output.is_empty() && waited.count() == 0,
             "nothing is durable yet"
         );
-        c.release(1, t0 + Duration::from_millis(3), &mut waited);
+        c.release(1, t0 + Duration::from_micros(2700), &mut waited);
         assert_eq!(c.output, b"token-1;refused;");
         assert_eq!(waited.count(), 1);
-        // 3 ms: above the 2.5 ms bound, within the 5 ms one.
-        assert_eq!(waited.quantile_bound(1.0), Some(0.005));
+        // 2.7 ms: above the 2 ms bound, within the 3 ms one.
+        assert_eq!(waited.quantile_bound(1.0), Some(0.003));
         c.release(2, t0 + Duration::from_millis(401), &mut waited);
         assert_eq!(c.output, b"token-1;refused;token-2;");
         assert_eq!(waited.count(), 2);

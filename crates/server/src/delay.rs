@@ -1,4 +1,5 @@
-//! The relay-delay histogram: how long a datagram waited in the daemon.
+//! Delay histograms: how long a datagram waited in the daemon (the relay delay), and how long
+//! a create or join reply waited for the disk (the durable wait).
 //!
 //! The UDP socket stamps each datagram with its arrival time (`SO_TIMESTAMPNS`, taken by the
 //! kernel as the datagram is queued on the socket). After a batch has been handled and every
@@ -9,27 +10,68 @@
 //! clients'.
 
 use std::fmt::Write;
+use std::marker::PhantomData;
 use std::time::Duration;
 
-/// Upper bounds of the buckets, in seconds (a last, unbounded bucket follows).
-pub const BOUNDS_SECONDS: [f64; 14] = [
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-    5.0,
-];
-
-/// Counts per bucket and the sum, as Prometheus wants them.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct DelayHistogram {
-    /// Non-cumulative counts; the last one is above every bound.
-    counts: [u64; BOUNDS_SECONDS.len() + 1],
-    sum_seconds: f64,
+/// The bucket bounds of one histogram, in seconds (a last, unbounded bucket follows).
+pub trait Bounds {
+    /// Upper bounds, increasing.
+    const SECONDS: &'static [f64];
 }
 
-impl DelayHistogram {
+/// `ocm_relay_delay_seconds`: from 50 µs (a datagram relayed at once) to 5 s (a socket buffer
+/// of backlog).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Relay;
+
+impl Bounds for Relay {
+    const SECONDS: &'static [f64] = &[
+        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+        1.0, 5.0,
+    ];
+}
+
+/// `ocm_handshake_durable_wait_seconds`: dense from 100 µs to 5 ms, where a journal write
+/// and its fsync fall on local disks (a quarter faster or slower shows), then up to 30 s for
+/// a disk that stalls (a held reply is exempt from the handshake deadline).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DurableWait;
+
+impl Bounds for DurableWait {
+    const SECONDS: &'static [f64] = &[
+        0.000_1, 0.000_25, 0.000_5, 0.000_75, 0.001, 0.001_5, 0.002, 0.003, 0.005, 0.01, 0.025,
+        0.05, 0.1, 0.25, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ];
+}
+
+/// Counts per bucket and the sum, as Prometheus wants them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DelayHistogram<B: Bounds = Relay> {
+    /// Non-cumulative counts, one per bound and a last one above every bound; empty until
+    /// the first delay.
+    counts: Vec<u64>,
+    sum_seconds: f64,
+    bounds: PhantomData<B>,
+}
+
+impl<B: Bounds> Default for DelayHistogram<B> {
+    fn default() -> Self {
+        DelayHistogram {
+            counts: Vec::new(),
+            sum_seconds: 0.0,
+            bounds: PhantomData,
+        }
+    }
+}
+
+impl<B: Bounds> DelayHistogram<B> {
     /// Counts one delay.
     pub fn record(&mut self, delay: Duration) {
+        if self.counts.is_empty() {
+            self.counts = vec![0; B::SECONDS.len() + 1];
+        }
         let seconds = delay.as_secs_f64();
-        let bucket = BOUNDS_SECONDS.partition_point(|&bound| bound < seconds);
+        let bucket = B::SECONDS.partition_point(|&bound| bound < seconds);
         self.counts[bucket] += 1;
         self.sum_seconds += seconds;
     }
@@ -51,7 +93,7 @@ impl DelayHistogram {
         for (i, &n) in self.counts.iter().enumerate() {
             seen += n;
             if seen >= wanted {
-                return Some(BOUNDS_SECONDS.get(i).copied().unwrap_or(f64::INFINITY));
+                return Some(B::SECONDS.get(i).copied().unwrap_or(f64::INFINITY));
             }
         }
         Some(f64::INFINITY)
@@ -62,8 +104,8 @@ impl DelayHistogram {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} histogram");
         let mut cumulative = 0;
-        for (bound, n) in BOUNDS_SECONDS.iter().zip(&self.counts) {
-            cumulative += n;
+        for (i, bound) in B::SECONDS.iter().enumerate() {
+            cumulative += self.counts.get(i).copied().unwrap_or(0);
             let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
         }
         let total = self.count();
@@ -83,7 +125,7 @@ mod tests {
 
     #[test]
     fn delays_land_in_the_first_bucket_that_holds_them() {
-        let mut h = DelayHistogram::default();
+        let mut h = DelayHistogram::<Relay>::default();
         for us in [10, 50, 51, 400, 999, 1000, 7_000_000] {
             h.record(micros(us));
         }
@@ -112,7 +154,7 @@ mod tests {
 
     #[test]
     fn quantile_bounds_follow_the_buckets() {
-        let mut h = DelayHistogram::default();
+        let mut h = DelayHistogram::<Relay>::default();
         assert_eq!(h.quantile_bound(0.5), None);
         for _ in 0..98 {
             h.record(micros(80));
@@ -123,5 +165,25 @@ mod tests {
         assert_eq!(h.quantile_bound(0.98), Some(0.0001));
         assert_eq!(h.quantile_bound(0.99), Some(0.005));
         assert_eq!(h.quantile_bound(1.0), Some(f64::INFINITY));
+    }
+
+    #[test]
+    fn the_durable_wait_tells_a_quarter_of_a_millisecond_apart_and_holds_a_stalled_disk() {
+        let mut h = DelayHistogram::<DurableWait>::default();
+        let empty = {
+            let mut text = String::new();
+            h.render("w", "test", &mut text);
+            text
+        };
+        assert!(empty.contains("w_bucket{le=\"30\"} 0\n"), "{empty}");
+        h.record(micros(600));
+        assert_eq!(h.quantile_bound(1.0), Some(0.000_75));
+        h.record(micros(900));
+        assert_eq!(h.quantile_bound(1.0), Some(0.001));
+        h.record(Duration::from_secs(20));
+        assert_eq!(h.quantile_bound(1.0), Some(30.0));
+        for bounds in [Relay::SECONDS, DurableWait::SECONDS] {
+            assert!(bounds.windows(2).all(|w| w[0] < w[1]), "{bounds:?}");
+        }
     }
 }

@@ -67,7 +67,7 @@ pub struct Metrics {
     /// Time from a datagram's arrival on the socket until what it caused was sent.
     pub relay_delay: crate::delay::DelayHistogram,
     /// Time a create or join reply waited for its journal batch to be durable.
-    pub durable_wait: crate::delay::DelayHistogram,
+    pub durable_wait: crate::delay::DelayHistogram<crate::delay::DurableWait>,
 }
 
 /// Name of an operation for labels.

@@ -540,7 +540,7 @@ fn a_live_ocm_chat_survives_a_daemon_restart() {
     deliver(&mut alice, &bob, "alice", "first");
     let (status, took) = d.terminate();
     assert!(status.success(), "SIGTERM exit status: {status:?}");
-    assert!(took < STOP_LIMIT, "stopped in {took:?}");
+    assert!(took < IDLE_STOP_LIMIT, "stopped in {took:?}");
     d.restart();
     deliver(&mut bob, &alice, "bob", "second");
     deliver(&mut alice, &bob, "alice", "third");

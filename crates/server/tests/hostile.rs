@@ -68,7 +68,7 @@ fn assert_still_serves(d: &Daemon) -> String {
 fn assert_state_intact(mut d: Daemon, rooms: &[String]) {
     let (status, took) = d.terminate();
     assert!(status.success(), "SIGTERM exit status: {status:?}");
-    assert!(took < STOP_LIMIT, "stopped in {took:?}");
+    assert!(took < IDLE_STOP_LIMIT, "stopped in {took:?}");
     let bytes = std::fs::read(&d.state).expect("state file written on shutdown");
     let state: serde_json::Value =
         serde_json::from_slice(&bytes).expect("state file parses as JSON");

@@ -142,6 +142,7 @@ impl Server {
             let ids: Vec<ConnId> = self.conns.iter().map(|(k, _)| ConnId(k)).collect();
             for id in ids {
                 if let Some(conn) = self.conns.get_mut(id.0) {
+                    // Counted like any release, though no scrape follows the exit.
                     conn.release(durable, Instant::now(), &mut self.metrics.durable_wait);
                     let _ = conn.flush();
                 }

@@ -173,7 +173,12 @@ impl Server {
             let Some(conn) = self.conns.get_mut(id.0) else {
                 return;
             };
-            conn.queue(response.bytes, wait_for.map(|batch| (batch, now)));
+            // The wait starts now, not at the start of the pass: earlier work in the pass
+            // (relaying, other requests) is not the disk's.
+            conn.queue(
+                response.bytes,
+                wait_for.map(|batch| (batch, Instant::now())),
+            );
             conn.deadline = now + timeout;
             if response.close {
                 conn.close_after_flush = true;

@@ -27,6 +27,11 @@ pub const PATIENCE: Duration = Duration::from_secs(10);
 /// may wait up to 1.5 s for state writes in flight, and a loaded machine's fsync adds to it.)
 pub const STOP_LIMIT: Duration = Duration::from_secs(5);
 
+/// The most a clean stop may take when no state write is in flight: docs/OPERATIONS.md
+/// promises "well under a second", and a stop that waited out the 1.5 s allowance for writes
+/// in flight (which only a busy daemon needs) fails here.
+pub const IDLE_STOP_LIMIT: Duration = Duration::from_secs(1);
+
 /// Path of a binary built beside `ocmd` (e.g. `ocm`).
 pub fn sibling_binary(name: &str) -> PathBuf {
     let ocmd = Path::new(env!("CARGO_BIN_EXE_ocmd"));
