@@ -162,7 +162,10 @@ fn ocm_who_shows_the_host_and_the_members() {
 #[test]
 fn passwords_gate_the_join_and_are_never_stored_or_logged() {
     const PASSWORD: &str = "correct-horse-7731";
-    let mut d = Daemon::start();
+    let mut d = Daemon::start_with(Options {
+        metrics: true,
+        ..Options::default()
+    });
     let file = d.dir.path().join("pw.txt");
     std::fs::write(&file, format!("{PASSWORD}\n")).unwrap();
     let file = file.to_str().unwrap().to_owned();
@@ -197,6 +200,14 @@ fn passwords_gate_the_join_and_are_never_stored_or_logged() {
     );
     bob.wait_stderr("* joined vault as bob");
     alice.lines_until("* bob joined");
+    // The create and the right join waited for the disk after their password checks; the
+    // refused joins had nothing to wait for.
+    assert_eq!(
+        d.metric("ocm_handshake_durable_wait_seconds_count"),
+        2.0,
+        "{}",
+        d.http_get("/metrics")
+    );
     bob.type_line("hello alice");
     alice.lines_until("bob: hello alice");
     bob.type_line("/quit");
