@@ -362,18 +362,24 @@ fn ocm_warns_when_the_server_never_hears_its_datagrams() {
 }
 
 /// When the server hears it, `ocm` looks once and says nothing.
+/// `ocm create lobby --name alice` whose chat debug lines (the reach check's looks) go to its
+/// stderr, its datagrams sent to `udp`.
+fn host_logging_its_reach_check(tcp: u16, udp: u16) -> Ocm {
+    Ocm::start_with_env(
+        tcp,
+        udp,
+        &["create", "lobby", "--name", "alice"],
+        &[("RUST_LOG", "ocm::chat=debug")],
+    )
+}
+
 #[test]
 fn ocm_says_nothing_when_the_server_hears_it() {
     let d = Daemon::start_with(Options {
         metrics: true,
         ..Options::default()
     });
-    let mut alice = Ocm::start_with_env(
-        d.tcp.port(),
-        d.udp.port(),
-        &["create", "lobby", "--name", "alice"],
-        &[("RUST_LOG", "ocm::chat=debug")],
-    );
+    let mut alice = host_logging_its_reach_check(d.tcp.port(), d.udp.port());
     alice.wait_stderr("the server hears this client");
     let looks = d.metric("ocm_handshakes_total{operation=\"presence\",result=\"ok\"}");
     assert_eq!(looks, 1.0);
@@ -410,12 +416,7 @@ fn ocm_registers_again_when_its_first_register_is_lost_and_says_nothing() {
             let _ = relay.send_to(&buf[..len], daemon_udp);
         }
     });
-    let mut alice = Ocm::start_with_env(
-        d.tcp.port(),
-        relay_port,
-        &["create", "lobby", "--name", "alice"],
-        &[("RUST_LOG", "ocm::chat=debug")],
-    );
+    let mut alice = host_logging_its_reach_check(d.tcp.port(), relay_port);
     alice.wait_stderr("the server hears us on the second look: Yes");
     let looks = d.metric("ocm_handshakes_total{operation=\"presence\",result=\"ok\"}");
     assert_eq!(looks, 2.0);
