@@ -227,6 +227,9 @@ struct Room {
     name: Box<str>,
     host: MemberId,
     members: Vec<MemberId>,
+    /// How many of `members` asked for notices (`Caps::NOTICES`): when none did, a join or
+    /// leave tells nobody and costs no walk over the members.
+    notice_takers: usize,
     created_at: f64,
     listed: bool,
     password_hash: Option<Box<str>>,
@@ -245,6 +248,11 @@ struct Room {
     /// The registry's hashes of the name's [`tcrp::names::lookalike_keys`], worked out the
     /// first time a look-alike check needs them (0: not yet).
     lookalike_hash: Cell<u64>,
+}
+
+/// The key of `username` in `room` in the registry's name index.
+fn name_key(hasher: &RandomState, room: RoomId, username: &str) -> u64 {
+    hasher.hash_one((room.0, username))
 }
 
 /// What a kept message counts against `Limits::history_bytes`.
@@ -312,6 +320,7 @@ impl Room {
             history_unsaved: 0,
             history_shrunk: false,
             seq_saved: 1,
+            notice_takers: 0,
             lookalike_hash: Cell::new(0),
         }
     }
@@ -437,6 +446,9 @@ pub struct Registry {
     room_index: HashMap<Box<str>, RoomId>,
     members: Slab<Member>,
     token_index: HashTable<MemberId>,
+    /// Members by room and username, so that a join's name check does not read the room's
+    /// whole member list.
+    name_index: HashTable<MemberId>,
     hasher: RandomState,
     tombstones: Tombstones,
     registered: usize,
@@ -457,6 +469,7 @@ impl Registry {
             room_index: HashMap::new(),
             members: Slab::new(),
             token_index: HashTable::new(),
+            name_index: HashTable::new(),
             hasher: RandomState::new(),
             tombstones: Tombstones::new(),
             registered: 0,
@@ -762,13 +775,36 @@ impl Registry {
         if member.address.is_some() {
             self.registered += 1;
         }
+        if member.caps.contains(Caps::NOTICES) {
+            self.rooms[room.0].notice_takers += 1;
+        }
+        let name_hash = self.name_hash(room, &member.username);
         let id = MemberId(self.members.insert(member));
         let members = &self.members;
         self.token_index.insert_unique(hash, id, |m| {
             self.hasher.hash_one(members[m.0].token.as_str().as_bytes())
         });
+        let hasher = &self.hasher;
+        self.name_index.insert_unique(name_hash, id, |m| {
+            name_key(hasher, members[m.0].room, &members[m.0].username)
+        });
         self.rooms[room.0].members.push(id);
         id
+    }
+
+    fn name_hash(&self, room: RoomId, username: &str) -> u64 {
+        name_key(&self.hasher, room, username)
+    }
+
+    /// Whether `room` has a member called `username`.
+    fn name_taken(&self, room: RoomId, username: &str) -> bool {
+        let hash = self.name_hash(room, username);
+        self.name_index
+            .find(hash, |m| {
+                let member = &self.members[m.0];
+                member.room == room && *member.username == *username
+            })
+            .is_some()
     }
 
     fn find_token(&self, token: &[u8]) -> Option<MemberId> {
@@ -959,14 +995,10 @@ impl Registry {
         let Some(&id) = self.room_index.get(room_name) else {
             return Err(ErrorCode::RoomNotFound);
         };
-        let room = &self.rooms[id.0];
-        if room
-            .members
-            .iter()
-            .any(|m| *self.members[m.0].username == *username)
-        {
+        if self.name_taken(id, username) {
             return Err(ErrorCode::NameTaken);
         }
+        let room = &self.rooms[id.0];
         let full_room = self.limits.max_members_per_room != 0
             && room.members.len() >= self.limits.max_members_per_room;
         if full_room || self.tokens_full() {
@@ -1186,6 +1218,9 @@ impl Registry {
         name: &str,
         out: &mut Outbox,
     ) {
+        if self.rooms[room.0].notice_takers == 0 {
+            return;
+        }
         let mut bytes = None;
         for &m in &self.rooms[room.0].members {
             if Some(m) == subject {
@@ -1234,6 +1269,9 @@ impl Registry {
         }
         let room_entry = &mut self.rooms[room.0];
         room_entry.members.retain(|&m| m != id);
+        if member.caps.contains(Caps::NOTICES) {
+            room_entry.notice_takers -= 1;
+        }
         debug!(
             "room {:?}: {:?} left ({why:?})",
             room_entry.name, member.username
@@ -1245,11 +1283,15 @@ impl Registry {
         Handled::Left
     }
 
-    /// Takes a member out of the slab and the token index.
+    /// Takes a member out of the slab, the token index and the name index.
     fn unlink(&mut self, id: MemberId) -> Member {
         let member = self.members.remove(id.0);
         let hash = self.hasher.hash_one(member.token.as_str().as_bytes());
         if let Ok(entry) = self.token_index.find_entry(hash, |m| *m == id) {
+            entry.remove();
+        }
+        let hash = self.name_hash(member.room, &member.username);
+        if let Ok(entry) = self.name_index.find_entry(hash, |m| *m == id) {
             entry.remove();
         }
         if member.address.is_some() {
@@ -1487,6 +1529,79 @@ mod tests {
                 tombstones: 0
             }
         );
+    }
+
+    #[test]
+    fn a_username_is_taken_per_room_and_free_again_once_its_member_is_gone() {
+        let mut t = room_of_three();
+        let mut out = Outbox::default();
+        let join = |reg: &mut Registry, room: &str, name: &str, out: &mut Outbox| {
+            reg.join_room(room, &Request::original(name), HERE, t.now, out)
+                .map(|issued| issued.token)
+        };
+        // Another room does not share the names of `r`.
+        t.reg
+            .create_room("s", &Request::original("bob"), HERE, None, t.now, 0.0)
+            .unwrap();
+        assert!(join(&mut t.reg, "s", "cy", &mut out).is_ok());
+        assert_eq!(
+            join(&mut t.reg, "s", "cy", &mut out),
+            Err(ErrorCode::NameTaken)
+        );
+        // A member that left frees its name in its room.
+        let h = t
+            .reg
+            .handle_datagram(addr(2), &dgram("r", &t.bob, "__LEAVE__"), t.now, &mut out);
+        assert_eq!(h, Handled::Left);
+        assert!(join(&mut t.reg, "r", "bob", &mut out).is_ok());
+        // A closed room frees every name, also for a new room that takes its slot.
+        let h = t
+            .reg
+            .handle_datagram(addr(1), &dgram("r", &t.host, "__LEAVE__"), t.now, &mut out);
+        assert!(matches!(h, Handled::Closed { .. }));
+        t.reg
+            .create_room("r", &Request::original("host"), HERE, None, t.now, 0.0)
+            .unwrap();
+        assert!(join(&mut t.reg, "r", "cy", &mut out).is_ok());
+        assert!(join(&mut t.reg, "r", "bob", &mut out).is_ok());
+        assert_eq!(
+            join(&mut t.reg, "r", "host", &mut out),
+            Err(ErrorCode::NameTaken)
+        );
+        assert_eq!(
+            join(&mut t.reg, "s", "bob", &mut out),
+            Err(ErrorCode::NameTaken)
+        );
+        assert_eq!(t.reg.stats().members, 5);
+    }
+
+    #[test]
+    fn notices_follow_who_in_the_room_asked_for_them_as_members_come_and_go() {
+        let (mut reg, now, mut out, host) = room_r();
+        register(&mut reg, addr(1), &host, now, &mut out);
+        let aware = |name: &str| Request {
+            caps: Caps::NOTICES,
+            form: tcrp::payload::RequestForm::JsonObject,
+            ..Request::original(name)
+        };
+        let join = |reg: &mut Registry, request: &Request, port: u16, out: &mut Outbox| {
+            let token = reg.join_room("r", request, HERE, now, out).unwrap().token;
+            register(reg, addr(port), &token, now, out);
+            token
+        };
+        let rich = join(&mut reg, &aware("rich"), 2, &mut out);
+        let plain = join(&mut reg, &Request::original("plain"), 3, &mut out);
+        assert_eq!(sent(&out), vec![(addr(2), "* plain Joined".into())]);
+        out.clear();
+        reg.handle_datagram(addr(3), &dgram("r", &plain, "__LEAVE__"), now, &mut out);
+        assert_eq!(sent(&out), vec![(addr(2), "* plain Left".into())]);
+        out.clear();
+        reg.handle_datagram(addr(2), &dgram("r", &rich, "__LEAVE__"), now, &mut out);
+        join(&mut reg, &Request::original("quiet"), 4, &mut out);
+        assert!(out.is_empty(), "nobody left in the room asked for notices");
+        join(&mut reg, &aware("second"), 5, &mut out);
+        join(&mut reg, &Request::original("late"), 6, &mut out);
+        assert_eq!(sent(&out), vec![(addr(5), "* late Joined".into())]);
     }
 
     #[test]
