@@ -5,8 +5,10 @@
 //! `refuse_lookalike_usernames`, bit 2: `refuse_lookalike_room_names`); then steps,
 //! each a length byte and that many bytes. A step's first byte picks what it is:
 //! - a request: the operation byte, a room name of 0–3 bytes, then the payload, framed as a
-//!   REQUEST (password checks are answered without hashing: the next byte says whether a
-//!   password matched);
+//!   REQUEST (password checks are answered without hashing: the payload's last byte says
+//!   whether a password matched); a `$t` in the payload, followed by a byte that picks one,
+//!   is replaced by a token issued earlier, so that Presence `you` and History replies for
+//!   members are reached;
 //! - a datagram from one of four sources: a kind byte (`__REGISTER__`, `__LEAVE__`, chat, or
 //!   raw bytes), which token issued earlier it carries, the source, then the message;
 //! - time passing (up to 4 s), then expiry and a history checkpoint.
@@ -14,7 +16,10 @@
 //! Properties:
 //! - every reply is a COMPLIANCE that parses; a success of a create or join carries a COMPLETE
 //!   whose token is a member of that room and is the only case that needs durability; a
-//!   refusal carries no COMPLETE;
+//!   refusal carries no COMPLETE; a success of ListRooms, Presence or History carries a
+//!   COMPLETE of at most `MAX_REPLY_BYTES` that parses as its reply type and agrees with the
+//!   registry (listed rooms exist, sorted by name; Presence names its room, host first, and
+//!   `you` is a member; History numbers rise);
 //! - the registry's records, each through its journal line's JSON, keep the state model's
 //!   rooms and tokens in step (each room lists exactly the tokens that name it);
 //! - at the end, the registry rebuilt from that model has the same rooms, members and
@@ -26,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use ocm_server::config::Names;
-use ocm_server::handshake::{handle_frame, Context, RequestLimits, Step};
+use ocm_server::handshake::{handle_frame, Context, RequestLimits, Step, MAX_REPLY_BYTES};
 use ocm_server::outbox::Outbox;
 use ocm_server::password::{Job, Outcome};
 use ocm_server::rate::KeyedLimiter;
@@ -34,7 +39,7 @@ use ocm_server::record::Record;
 use ocm_server::rooms::{Limits, Registry};
 use ocm_server::store::State;
 use rand::SeedableRng;
-use tcrp::payload::{self, Compliance};
+use tcrp::payload::{self, Compliance, HistoryPage, RoomList, RoomPresence};
 use tcrp::{Frame, Operation, State as FrameState};
 
 /// A PHC string of the right shape; never checked (password outcomes are made up).
@@ -63,7 +68,10 @@ fn check_state(state: &State) {
         }
     }
     for (token, entry) in &state.tokens {
-        let room = state.rooms.get(&entry.room_name).expect("a token's room exists");
+        let room = state
+            .rooms
+            .get(&entry.room_name)
+            .expect("a token's room exists");
         assert!(room.members.contains(token), "a room lists its tokens");
     }
 }
@@ -87,6 +95,8 @@ impl Session {
         };
         let name_len = usize::from(rest.first().copied().unwrap_or(0) % 4).min(rest.len());
         let (room, payload) = rest.split_at(name_len);
+        let payload = self.with_token(payload);
+        let payload = &payload[..];
         let mut bytes = Vec::new();
         let frame = Frame {
             operation: Operation::from(op % 7),
@@ -150,11 +160,73 @@ impl Session {
                 assert!(response.needs_durability);
                 self.issued.push((frame.room_name.to_vec(), token));
             }
-            Compliance::Success => assert!(!response.needs_durability),
+            Compliance::Success => {
+                assert!(!response.needs_durability);
+                let (complete, used) = tcrp::decode(rest, usize::MAX)
+                    .expect("COMPLETE decodes")
+                    .expect("a success carries COMPLETE");
+                assert_eq!(complete.state, FrameState::Complete);
+                assert_eq!(used, rest.len());
+                assert!(complete.payload.len() <= MAX_REPLY_BYTES, "a reply fits");
+                self.check_answer(&frame, complete.payload);
+            }
             Compliance::Failure { .. } => {
                 assert!(rest.is_empty(), "a refusal carries no COMPLETE");
                 assert!(!response.needs_durability);
             }
+        }
+    }
+
+    /// `payload` with its first `$t` and the byte after it replaced by an issued token.
+    fn with_token(&self, payload: &[u8]) -> Vec<u8> {
+        let Some(at) = payload.windows(2).position(|w| w == b"$t") else {
+            return payload.to_vec();
+        };
+        let (Some(&pick), false) = (payload.get(at + 2), self.issued.is_empty()) else {
+            return payload.to_vec();
+        };
+        let token = &self.issued[usize::from(pick) % self.issued.len()].1;
+        [&payload[..at], token.as_bytes(), &payload[at + 3..]].concat()
+    }
+
+    /// Checks a ListRooms, Presence or History COMPLETE payload against the registry.
+    fn check_answer(&self, frame: &Frame<'_>, payload: &[u8]) {
+        let room = std::str::from_utf8(frame.room_name).unwrap_or("");
+        match frame.operation {
+            Operation::ListRooms => {
+                let list: RoomList = payload::parse_json(payload).expect("a room list");
+                assert!(list.rooms.windows(2).all(|w| w[0].name < w[1].name));
+                for listed in &list.rooms {
+                    let presence = self.registry.presence(&listed.name).expect("listed exists");
+                    assert_eq!(listed.members, presence.members.len());
+                }
+            }
+            Operation::Presence => {
+                let reply: RoomPresence = payload::parse_json(payload).expect("a presence");
+                let presence = self.registry.presence(room).expect("the room exists");
+                assert_eq!(reply.room, room);
+                assert_eq!(reply.host, presence.host);
+                assert_eq!(reply.members.first().map(|m| &m.name), Some(&presence.host));
+                let names = |members: &mut dyn Iterator<Item = &String>| {
+                    let mut names: Vec<&String> = members.collect();
+                    names.sort();
+                    names.into_iter().cloned().collect::<Vec<_>>()
+                };
+                assert!(!reply.more, "a room of this session always fits");
+                assert_eq!(
+                    names(&mut reply.members.iter().map(|m| &m.name)),
+                    names(&mut presence.members.iter().map(|(name, _)| name))
+                );
+                if let Some(you) = &reply.you {
+                    assert!(reply.members.contains(you), "`you` is a member as listed");
+                }
+            }
+            Operation::History => {
+                let page: HistoryPage = payload::parse_json(payload).expect("a history page");
+                assert!(page.messages.windows(2).all(|w| w[0].seq < w[1].seq));
+                assert!(page.messages.iter().all(|m| m.at.is_finite()));
+            }
+            other => panic!("{other:?} succeeded without issuing a token"),
         }
     }
 
@@ -243,5 +315,9 @@ fuzz_target!(|data: &[u8]| {
         let st = r.stats();
         (st.rooms, st.members, st.registered)
     };
-    assert_eq!(counts(&rebuilt), counts(&s.registry), "rebuilt from the records");
+    assert_eq!(
+        counts(&rebuilt),
+        counts(&s.registry),
+        "rebuilt from the records"
+    );
 });
