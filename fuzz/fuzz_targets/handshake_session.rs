@@ -17,9 +17,11 @@
 //! - every reply is a COMPLIANCE that parses; a success of a create or join carries a COMPLETE
 //!   whose token is a member of that room and is the only case that needs durability; a
 //!   refusal carries no COMPLETE; a success of ListRooms, Presence or History carries a
-//!   COMPLETE of at most `MAX_REPLY_BYTES` that parses as its reply type and agrees with the
-//!   registry (listed rooms exist, sorted by name; Presence names its room, host first, and
-//!   `you` is a member; History numbers rise);
+//!   COMPLETE of at most `MAX_REPLY_BYTES` that parses as its reply type and says what the
+//!   registry holds (every listed room, sorted by name, with its member count and password
+//!   flag; Presence's room, host and members with their registrations, host first, and `you`
+//!   exactly when the request carried a token of the room; History's page as
+//!   `Registry::history_page` gives it, with its `more`);
 //! - the registry's records, each through its journal line's JSON, keep the state model's
 //!   rooms and tokens in step (each room lists exactly the tokens that name it);
 //! - at the end, the registry rebuilt from that model has the same rooms, members and
@@ -31,7 +33,9 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use ocm_server::config::Names;
-use ocm_server::handshake::{handle_frame, Context, RequestLimits, Step, MAX_REPLY_BYTES};
+use ocm_server::handshake::{
+    handle_frame, Context, RequestLimits, Step, HISTORY_PAGE, MAX_HISTORY_PAGE, MAX_REPLY_BYTES,
+};
 use ocm_server::outbox::Outbox;
 use ocm_server::password::{Job, Outcome};
 use ocm_server::rate::KeyedLimiter;
@@ -95,6 +99,7 @@ impl Session {
         };
         let name_len = usize::from(rest.first().copied().unwrap_or(0) % 4).min(rest.len());
         let (room, payload) = rest.split_at(name_len);
+        let matched = payload.last().is_some_and(|b| b & 1 == 1);
         let payload = self.with_token(payload);
         let payload = &payload[..];
         let mut bytes = Vec::new();
@@ -110,7 +115,6 @@ impl Session {
         let Ok(Some((frame, _))) = tcrp::decode(&bytes, tcrp::DEFAULT_MAX_PAYLOAD) else {
             panic!("an encoded frame decodes");
         };
-        let matched = payload.last().is_some_and(|b| b & 1 == 1);
         let mut ctx = Context {
             registry: &mut self.registry,
             limiter: &mut self.limiter,
@@ -192,38 +196,69 @@ impl Session {
     /// Checks a ListRooms, Presence or History COMPLETE payload against the registry.
     fn check_answer(&self, frame: &Frame<'_>, payload: &[u8]) {
         let room = std::str::from_utf8(frame.room_name).unwrap_or("");
+        let request = payload::parse_request(frame.payload).expect("a request that succeeded");
+        let token = request.token.as_deref().unwrap_or("").as_bytes();
         match frame.operation {
             Operation::ListRooms => {
                 let list: RoomList = payload::parse_json(payload).expect("a room list");
-                assert!(list.rooms.windows(2).all(|w| w[0].name < w[1].name));
-                for listed in &list.rooms {
-                    let presence = self.registry.presence(&listed.name).expect("listed exists");
-                    assert_eq!(listed.members, presence.members.len());
-                }
+                let listed: Vec<_> = self
+                    .registry
+                    .list_rooms(usize::MAX)
+                    .into_iter()
+                    .map(|r| (r.name, r.members, r.has_password))
+                    .collect();
+                let answered: Vec<_> = list
+                    .rooms
+                    .into_iter()
+                    .map(|r| (r.name, r.members, r.password))
+                    .collect();
+                assert_eq!(
+                    answered, listed,
+                    "every listed room, sorted, as the registry has it"
+                );
+                assert!(!list.more, "a session's few rooms always fit");
             }
             Operation::Presence => {
                 let reply: RoomPresence = payload::parse_json(payload).expect("a presence");
                 let presence = self.registry.presence(room).expect("the room exists");
                 assert_eq!(reply.room, room);
                 assert_eq!(reply.host, presence.host);
-                assert_eq!(reply.members.first().map(|m| &m.name), Some(&presence.host));
-                let names = |members: &mut dyn Iterator<Item = &String>| {
-                    let mut names: Vec<&String> = members.collect();
-                    names.sort();
-                    names.into_iter().cloned().collect::<Vec<_>>()
-                };
                 assert!(!reply.more, "a room of this session always fits");
+                let members: Vec<_> = reply
+                    .members
+                    .iter()
+                    .map(|m| (m.name.clone(), m.registered))
+                    .collect();
+                assert_eq!(members, presence.members, "every member, host first");
+                let you = reply.you.map(|m| (m.name, m.registered));
                 assert_eq!(
-                    names(&mut reply.members.iter().map(|m| &m.name)),
-                    names(&mut presence.members.iter().map(|(name, _)| name))
+                    you,
+                    self.registry.member_of(room, token),
+                    "`you` is the asker"
                 );
-                if let Some(you) = &reply.you {
-                    assert!(reply.members.contains(you), "`you` is a member as listed");
-                }
             }
             Operation::History => {
                 let page: HistoryPage = payload::parse_json(payload).expect("a history page");
-                assert!(page.messages.windows(2).all(|w| w[0].seq < w[1].seq));
+                let limit = request
+                    .limit
+                    .map_or(HISTORY_PAGE, |l| (l as usize).min(MAX_HISTORY_PAGE));
+                let (kept, more) = self
+                    .registry
+                    .history_page(room, token, request.before, limit)
+                    .expect("a member's page");
+                let answered: Vec<_> = page
+                    .messages
+                    .iter()
+                    .map(|m| (m.seq, m.sender.as_str(), m.text.as_str(), m.truncated))
+                    .collect();
+                let kept: Vec<_> = kept
+                    .iter()
+                    .map(|m| (m.seq, m.sender.as_str(), m.text.as_str(), false))
+                    .collect();
+                // No cut: a step's text is under 256 bytes, so even escaped sixfold the
+                // kept messages (`history: 4`) fit in one reply.
+                assert_eq!(answered, kept, "the page the registry keeps, oldest first");
+                assert_eq!(page.more, more);
                 assert!(page.messages.iter().all(|m| m.at.is_finite()));
             }
             other => panic!("{other:?} succeeded without issuing a token"),

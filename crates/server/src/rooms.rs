@@ -227,8 +227,8 @@ struct Room {
     name: Box<str>,
     host: MemberId,
     members: Vec<MemberId>,
-    /// How many of `members` asked for notices (`Caps::NOTICES`): when none did, a join or
-    /// leave tells nobody and costs no walk over the members.
+    /// How many of `members` asked for notices (`Caps::NOTICES`): when none but the member
+    /// concerned did, a join or leave tells nobody and costs no walk over the members.
     notice_takers: usize,
     created_at: f64,
     listed: bool,
@@ -1218,7 +1218,8 @@ impl Registry {
         name: &str,
         out: &mut Outbox,
     ) {
-        if self.rooms[room.0].notice_takers == 0 {
+        let subject_takes = subject.is_some_and(|s| self.members[s.0].caps.contains(Caps::NOTICES));
+        if self.rooms[room.0].notice_takers == usize::from(subject_takes) {
             return;
         }
         let mut bytes = None;
@@ -1439,6 +1440,25 @@ mod tests {
             .collect()
     }
 
+    /// Checks the registry's derived indexes against its members: every member is in the
+    /// token and name indexes and nothing else is, and each room counts its notice takers.
+    fn check_indexes(reg: &Registry) {
+        assert_eq!(reg.token_index.len(), reg.members.len());
+        assert_eq!(reg.name_index.len(), reg.members.len());
+        for (_, member) in &reg.members {
+            assert!(reg.name_taken(member.room, &member.username));
+            assert!(reg.find_token(member.token.as_str().as_bytes()).is_some());
+        }
+        for (_, room) in &reg.rooms {
+            let takers = room
+                .members
+                .iter()
+                .filter(|m| reg.members[m.0].caps.contains(Caps::NOTICES))
+                .count();
+            assert_eq!(room.notice_takers, takers, "room {:?}", room.name);
+        }
+    }
+
     struct Room3 {
         reg: Registry,
         host: Token,
@@ -1554,6 +1574,7 @@ mod tests {
             .handle_datagram(addr(2), &dgram("r", &t.bob, "__LEAVE__"), t.now, &mut out);
         assert_eq!(h, Handled::Left);
         assert!(join(&mut t.reg, "r", "bob", &mut out).is_ok());
+        check_indexes(&t.reg);
         // A closed room frees every name, also for a new room that takes its slot.
         let h = t
             .reg
@@ -1573,6 +1594,7 @@ mod tests {
             Err(ErrorCode::NameTaken)
         );
         assert_eq!(t.reg.stats().members, 5);
+        check_indexes(&t.reg);
     }
 
     #[test]
@@ -1590,18 +1612,26 @@ mod tests {
             token
         };
         let rich = join(&mut reg, &aware("rich"), 2, &mut out);
+        assert!(out.is_empty(), "the only notice taker is the one joining");
         let plain = join(&mut reg, &Request::original("plain"), 3, &mut out);
         assert_eq!(sent(&out), vec![(addr(2), "* plain Joined".into())]);
         out.clear();
+        check_indexes(&reg);
         reg.handle_datagram(addr(3), &dgram("r", &plain, "__LEAVE__"), now, &mut out);
         assert_eq!(sent(&out), vec![(addr(2), "* plain Left".into())]);
         out.clear();
+        check_indexes(&reg);
         reg.handle_datagram(addr(2), &dgram("r", &rich, "__LEAVE__"), now, &mut out);
         join(&mut reg, &Request::original("quiet"), 4, &mut out);
         assert!(out.is_empty(), "nobody left in the room asked for notices");
+        check_indexes(&reg);
         join(&mut reg, &aware("second"), 5, &mut out);
         join(&mut reg, &Request::original("late"), 6, &mut out);
         assert_eq!(sent(&out), vec![(addr(5), "* late Joined".into())]);
+        out.clear();
+        join(&mut reg, &aware("third"), 7, &mut out);
+        assert_eq!(sent(&out), vec![(addr(5), "* third Joined".into())]);
+        check_indexes(&reg);
     }
 
     #[test]
@@ -3078,6 +3108,7 @@ mod tests {
                     }
                 }
                 out.clear();
+                check_indexes(&live);
                 for record in live.take_records() {
                     let line = serde_json::to_string(&record).unwrap();
                     file.apply(&serde_json::from_str::<Record>(&line).unwrap());
@@ -3114,6 +3145,7 @@ mod tests {
                 (s.rooms, s.members, s.registered)
             };
             assert_eq!(counts(&rebuilt), counts(&live), "seed {seed}");
+            check_indexes(&rebuilt);
             assert_eq!(
                 rebuilt.list_rooms(usize::MAX),
                 live.list_rooms(usize::MAX),
