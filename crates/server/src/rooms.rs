@@ -20,7 +20,7 @@
 
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, RandomState};
+use std::hash::{BuildHasher, Hash, RandomState};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -250,8 +250,28 @@ struct Room {
     lookalike_hash: Cell<u64>,
 }
 
+/// The hasher of the registry's token, name and look-alike indexes: SipHash under random keys.
+/// A test can make every value hash alike, so that each lookup rests on the index's own
+/// comparison of rooms, names and tokens (a collision cannot be forced otherwise).
+#[derive(Default)]
+struct IndexHasher {
+    keys: RandomState,
+    #[cfg(test)]
+    colliding: bool,
+}
+
+impl IndexHasher {
+    fn hash_one<T: Hash>(&self, value: T) -> u64 {
+        #[cfg(test)]
+        if self.colliding {
+            return 0x9e37_79b9_7f4a_7c15;
+        }
+        self.keys.hash_one(value)
+    }
+}
+
 /// The key of `username` in `room` in the registry's name index.
-fn name_key(hasher: &RandomState, room: RoomId, username: &str) -> u64 {
+fn name_key(hasher: &IndexHasher, room: RoomId, username: &str) -> u64 {
     hasher.hash_one((room.0, username))
 }
 
@@ -449,7 +469,7 @@ pub struct Registry {
     /// Members by room and username, so that a join's name check does not read the room's
     /// whole member list.
     name_index: HashTable<MemberId>,
-    hasher: RandomState,
+    hasher: IndexHasher,
     tombstones: Tombstones,
     registered: usize,
     records: Vec<Record>,
@@ -470,7 +490,7 @@ impl Registry {
             members: Slab::new(),
             token_index: HashTable::new(),
             name_index: HashTable::new(),
-            hasher: RandomState::new(),
+            hasher: IndexHasher::default(),
             tombstones: Tombstones::new(),
             registered: 0,
             records: Vec::new(),
@@ -3192,6 +3212,104 @@ mod tests {
                     assert_eq!(got, want, "seed {seed} port {port}");
                     assert_eq!(sent(&b), sent(&a), "seed {seed} port {port}");
                 }
+            }
+        }
+    }
+
+    /// A registry whose hashes all collide finds every member by the comparisons its indexes
+    /// make (room and username in the name index, the whole token in the token index, the
+    /// look-alike keys in full), so through random sessions of creates, joins of names taken
+    /// or free in this room or another, look-alike checks, and datagrams with tokens of this
+    /// room, of another room or one byte off, it answers exactly as a registry with random
+    /// hashes does: the same tokens, refusals, deliveries and look-alikes.
+    #[test]
+    fn a_registry_whose_hashes_all_collide_answers_as_one_whose_hashes_do_not() {
+        const ROOMS: [&str; 3] = ["a", "b", "c"];
+        // Two pairs of look-alikes, and names reused across rooms.
+        const NAMES: [&str; 5] = ["ann", "Ann", "bob", "b0b", "cy"];
+        for seed in 0..60u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let tokens = || Box::new(StdRng::seed_from_u64(seed));
+            let mut plain = Registry::new(Limits::default(), tokens());
+            let mut colliding = Registry::new(Limits::default(), tokens());
+            colliding.hasher.colliding = true;
+            let now = Instant::now();
+            let mut issued: Vec<(&str, Token)> = Vec::new();
+            for step in 0..150 {
+                let room = ROOMS[rng.gen_range(0..ROOMS.len())];
+                let name = NAMES[rng.gen_range(0..NAMES.len())];
+                let (mut want_out, mut got_out) = (Outbox::default(), Outbox::default());
+                let context = format!("seed {seed} step {step}");
+                match rng.gen_range(0..6) {
+                    op @ 0..=2 => {
+                        let request = Request::original(name);
+                        let (want, got) = if op == 0 {
+                            (
+                                plain.create_room(room, &request, HERE, None, now, 1.0),
+                                colliding.create_room(room, &request, HERE, None, now, 1.0),
+                            )
+                        } else {
+                            (
+                                plain.join_room(room, &request, HERE, now, &mut want_out),
+                                colliding.join_room(room, &request, HERE, now, &mut got_out),
+                            )
+                        };
+                        assert_eq!(got, want, "{context}");
+                        if let Ok(issued_now) = want {
+                            issued.push((room, issued_now.token));
+                        }
+                    }
+                    3 | 4 if !issued.is_empty() => {
+                        let (own_room, token) = &issued[rng.gen_range(0..issued.len())];
+                        let mut token = token.as_str().as_bytes().to_vec();
+                        if rng.gen_bool(0.2) {
+                            let last = token.len() - 1;
+                            token[last] ^= 1;
+                        }
+                        let to_room = if rng.gen_bool(0.8) { own_room } else { room };
+                        let text = ["__REGISTER__", "hello", "__LEAVE__"][rng.gen_range(0..3)];
+                        let mut bytes = Vec::new();
+                        ucrp::datagram::encode(to_room.as_bytes(), &token, text, &mut bytes)
+                            .unwrap();
+                        let from = addr(rng.gen_range(1..=4));
+                        let want = plain.handle_datagram(from, &bytes, now, &mut want_out);
+                        let got = colliding.handle_datagram(from, &bytes, now, &mut got_out);
+                        assert_eq!(got, want, "{context}");
+                        assert_eq!(
+                            colliding.is_member(to_room, &token),
+                            plain.is_member(to_room, &token),
+                            "{context}"
+                        );
+                    }
+                    _ => {
+                        assert_eq!(
+                            colliding.join_refusal(room, name),
+                            plain.join_refusal(room, name),
+                            "{context}"
+                        );
+                        assert_eq!(
+                            colliding.lookalike_member(room, name),
+                            plain.lookalike_member(room, name),
+                            "{context}"
+                        );
+                        assert_eq!(
+                            colliding.lookalike_room(name),
+                            plain.lookalike_room(name),
+                            "{context}"
+                        );
+                    }
+                }
+                assert_eq!(sent(&got_out), sent(&want_out), "{context}");
+                check_indexes(&plain);
+                check_indexes(&colliding);
+            }
+            assert_eq!(colliding.stats(), plain.stats(), "seed {seed}");
+            for room in ROOMS {
+                assert_eq!(
+                    colliding.presence(room),
+                    plain.presence(room),
+                    "seed {seed}"
+                );
             }
         }
     }
