@@ -241,6 +241,15 @@ fn answer(
     let exists = ctx.registry.room_exists(room_name);
     match op {
         Operation::CreateRoom => {
+            // Taking "" as no password would open a room its creator believes is protected.
+            if request.password.as_deref() == Some("") {
+                return Err((
+                    ErrorCode::MalformedRequest,
+                    "an empty password protects nothing; leave \"password\" out for a room \
+                     without one"
+                        .into(),
+                ));
+            }
             // A create that will be refused (name taken, server full, or, when asked, a name
             // like an open room's) is refused unhashed.
             let refused = ctx.registry.create_refusal(room_name).is_some();
@@ -1203,6 +1212,24 @@ mod tests {
                 Step::Password(_) => panic!("a refused create was sent to the hasher"),
             }
         }
+    }
+
+    #[test]
+    fn a_create_with_an_empty_password_is_refused_not_opened_unprotected() {
+        let mut reg = Registry::new(Limits::default(), Box::new(StdRng::seed_from_u64(3)));
+        let mut limiter = KeyedLimiter::new(8);
+        let create = |payload: &[u8]| request(Operation::CreateRoom, b"lobby", payload);
+        let r = run(
+            &mut reg,
+            &mut limiter,
+            &create(br#"{"username": "x", "password": ""}"#),
+        );
+        assert_eq!(r.result, Err(ErrorCode::MalformedRequest));
+        assert!(!r.needs_durability && !reg.room_exists("lobby"));
+        // Leaving the key out is how a room without a password is made.
+        let r = run(&mut reg, &mut limiter, &create(br#"{"username": "x"}"#));
+        assert_eq!(r.result, Ok(()));
+        assert!(reg.room_exists("lobby"));
     }
 
     #[test]
