@@ -109,7 +109,8 @@ pub fn read_text(text: &[u8]) -> Option<(usize, u64, u64)> {
 /// Reads only the send time of a message text (all a latency sample needs), at its fixed
 /// place. At millions of deliveries per second the receiver shares the daemon's cores, so
 /// every nanosecond spent here is taken from the system under test: reading three numbers
-/// a digit at a time was 5% of the machine's samples at 2.8M batch deliveries/s (`perf`).
+/// a digit at a time was 5.4% of the machine's samples (about a tenth of a core) at 2.8M
+/// batch deliveries/s (`perf`, crates/bench/NOTES.md).
 pub fn read_stamp(text: &[u8]) -> Option<u64> {
     let (stamp, rest) = text
         .strip_prefix(b"t")?
@@ -142,8 +143,8 @@ fn eight_digits(bytes: &[u8; 8]) -> Option<u64> {
     Some((quads.wrapping_mul(10_000) + (quads >> 32)) & 0xFFFF_FFFF)
 }
 
-#[cfg(test)]
 /// A leading decimal number (1 to 19 digits, so it cannot overflow) and the bytes after it.
+#[cfg(test)]
 fn number(bytes: &[u8]) -> Option<(u64, &[u8])> {
     let mut value = 0u64;
     let mut digits = 0;

@@ -114,8 +114,9 @@ pub enum ClientError {
         /// Why reading failed.
         source: io::Error,
     },
-    /// The password given cannot be used: it is empty (the server would take it for no
-    /// password at all) or, from the environment, not UTF-8 (JSON cannot carry it).
+    /// The password given cannot be used: it is empty (the server refuses it for a new room
+    /// and takes it for no password at all on a join) or, from the environment, not UTF-8
+    /// (JSON cannot carry it).
     #[error("the password from {from} {problem}")]
     UnusablePassword {
         /// Where it came from: `--password`, `--password-file` or `OCM_PASSWORD`.

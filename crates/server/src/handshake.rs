@@ -268,7 +268,7 @@ fn answer(
                 }
             }
             let hash = match (&request.password, password) {
-                (Some(pw), None) if !pw.is_empty() && !refused => {
+                (Some(pw), None) if !refused => {
                     return Ok(Answer::Password(password::Job::Hash {
                         password: pw.clone(),
                     }))
@@ -411,7 +411,7 @@ fn check_password(
             format!("wrong or missing password for room {room_name:?}"),
         )
     };
-    match (outcome, &request.password) {
+    match (outcome, request.password.as_deref()) {
         // The room may have been closed and re-created with another password while the check
         // was queued: only a password checked against the CURRENT hash opens it (a new room
         // always has a fresh salt, hence a new hash). Otherwise it is checked again, and that
@@ -426,7 +426,8 @@ fn check_password(
         (Some(Outcome::Verified { matched: true, .. }), Some(pw)) => submit_check(ctx, pw, hash),
         // A wrong password: the token taken when its check was submitted stays spent.
         (Some(_), _) => Err(bad_password()),
-        (None, None) => {
+        // An empty password is a missing one: no room has it, so it is not worth a hash.
+        (None, Some("")) | (None, None) => {
             // A missing password spends one failure from the source's allowance.
             ctx.password_failures
                 .allow(rate::source(ctx.peer), ctx.now, rate, burst);
@@ -1230,6 +1231,31 @@ mod tests {
         let r = run(&mut reg, &mut limiter, &create(br#"{"username": "x"}"#));
         assert_eq!(r.result, Ok(()));
         assert!(reg.room_exists("lobby"));
+    }
+
+    /// An empty password at a protected room is a missing one: refused at once, never sent
+    /// to the hashing thread (no room has it).
+    #[test]
+    fn an_empty_password_at_a_protected_room_is_refused_unhashed() {
+        let mut reg = room_with_password("p", "pw");
+        let mut limiter = KeyedLimiter::new(8);
+        let mut failures = KeyedLimiter::new(8);
+        let mut out = Outbox::default();
+        for (op, payload) in [
+            (
+                Operation::JoinRoom,
+                &br#"{"username": "y", "password": ""}"#[..],
+            ),
+            (Operation::Presence, br#"{"password": ""}"#),
+        ] {
+            let bytes = request(op, b"p", payload);
+            let (frame, _) = tcrp::decode(&bytes, 4096).unwrap().unwrap();
+            let mut ctx = context(&mut reg, &mut limiter, &mut failures, &mut out, (0.0, 0.0));
+            match handle_frame(&frame, &mut ctx, None) {
+                Step::Reply(r) => assert_eq!(r.result, Err(ErrorCode::BadPassword), "{op:?}"),
+                Step::Password(_) => panic!("{op:?}: an empty password was sent to the hasher"),
+            }
+        }
     }
 
     #[test]

@@ -1239,8 +1239,8 @@ impl Registry {
         out: &mut Outbox,
     ) {
         let subject_takes = subject.is_some_and(|s| self.members[s.0].caps.contains(Caps::NOTICES));
-        // An empty name (only a state file can hold one) would make a notice read as the
-        // nameless "you timed out" (PROTOCOL.md): such a member comes and goes unannounced.
+        // An empty name (only a state file can hold one) would make its timed-out notice the
+        // nameless "you timed out" (PROTOCOL.md): such a member leaves unannounced.
         if self.rooms[room.0].notice_takers == usize::from(subject_takes) || name.is_empty() {
             return;
         }
@@ -2952,63 +2952,72 @@ mod tests {
         );
     }
 
-    /// A member loaded with an empty username (kept, as above) comes and goes without a
-    /// notice: `00 03 03 00` naming it would read as "you timed out" to every notice taker.
-    /// Its chat still reaches them.
+    /// A member loaded with an empty username (kept, as above) leaves or times out without a
+    /// notice: its timed-out notice would be `00 03 03 00`, the nameless "you timed out", to
+    /// every notice taker. Its chat still reaches them, and a named member's departure is
+    /// announced as before.
     #[test]
     fn a_member_with_an_empty_stored_name_is_not_announced() {
-        let member = |t: &str, n: &str| MemberRecord {
+        let member = |t: &str, n: &str, keepalive: Option<u32>| MemberRecord {
             token: t.into(),
             username: n.into(),
-            keepalive: None,
+            keepalive,
             caps: Caps::NOTICES.with(Caps::SEQ).bits(),
             max_datagram: None,
             joined_from: None,
         };
-        let mut state = State::default();
-        state.apply(&Record::CreateRoom {
-            room: "r".into(),
-            host: member("t0", "host"),
-            created_at: 0.0,
-            listed: true,
-            password_hash: None,
-        });
-        for (token, name) in [("t1", ""), ("t2", "named")] {
-            state.apply(&Record::Join {
+        for expires in [false, true] {
+            let mut state = State::default();
+            state.apply(&Record::CreateRoom {
                 room: "r".into(),
-                member: member(token, name),
+                host: member("t0", "host", None),
+                created_at: 0.0,
+                listed: true,
+                password_hash: None,
             });
-        }
-        let now = Instant::now();
-        let mut reg = Registry::from_state(
-            &state,
-            Limits::default(),
-            Box::new(StdRng::seed_from_u64(5)),
-            now,
-        );
-        let mut out = Outbox::default();
-        let token = |i: u16| Token::from_stored(&format!("t{i}"));
-        for i in 0..3 {
-            reg.handle_datagram(
-                addr(i + 1),
-                &dgram("r", &token(i), "__REGISTER__"),
+            for (token, name, keepalive) in [("t1", "", Some(1)), ("t2", "named", None)] {
+                state.apply(&Record::Join {
+                    room: "r".into(),
+                    member: member(token, name, keepalive),
+                });
+            }
+            let now = Instant::now();
+            let mut reg = Registry::from_state(
+                &state,
+                Limits::default(),
+                Box::new(StdRng::seed_from_u64(5)),
                 now,
-                &mut out,
             );
+            let mut out = Outbox::default();
+            let token = |i: u16| Token::from_stored(&format!("t{i}"));
+            for i in 0..3 {
+                let bytes = dgram("r", &token(i), "__REGISTER__");
+                reg.handle_datagram(addr(i + 1), &bytes, now, &mut out);
+            }
+            out.clear();
+            reg.handle_datagram(addr(2), &dgram("r", &token(1), "hi"), now, &mut out);
+            assert_eq!(
+                sent(&out),
+                vec![(addr(1), "#1 : hi".into()), (addr(3), "#1 : hi".into())]
+            );
+            out.clear();
+            let later = now + Duration::from_secs(60);
+            if expires {
+                // Everyone but the empty-named member (the only one with a keepalive) stays.
+                assert_eq!(reg.poll_expired(later, &mut out), 1);
+                assert_eq!(reg.stats().members, 2);
+            } else {
+                let bytes = dgram("r", &token(1), "__LEAVE__");
+                assert_eq!(
+                    reg.handle_datagram(addr(2), &bytes, now, &mut out),
+                    Handled::Left
+                );
+            }
+            assert_eq!(sent(&out), vec![], "expired: {expires}");
+            let bytes = dgram("r", &token(2), "__LEAVE__");
+            reg.handle_datagram(addr(3), &bytes, later, &mut out);
+            assert_eq!(sent(&out), vec![(addr(1), "* named Left".into())]);
         }
-        out.clear();
-        reg.handle_datagram(addr(2), &dgram("r", &token(1), "hi"), now, &mut out);
-        assert_eq!(
-            sent(&out),
-            vec![(addr(1), "#1 : hi".into()), (addr(3), "#1 : hi".into())]
-        );
-        out.clear();
-        let left = reg.handle_datagram(addr(2), &dgram("r", &token(1), "__LEAVE__"), now, &mut out);
-        assert_eq!(left, Handled::Left);
-        assert_eq!(sent(&out), vec![]);
-        // A named member's departure is announced as before.
-        reg.handle_datagram(addr(3), &dgram("r", &token(2), "__LEAVE__"), now, &mut out);
-        assert_eq!(sent(&out), vec![(addr(1), "* named Left".into())]);
     }
 
     /// The state file the `state_loader` fuzz target found: `next_seq` at `u64::MAX`.
