@@ -228,6 +228,75 @@ fn passwords_gate_the_join_and_are_never_stored_or_logged() {
     alice.kill9();
 }
 
+/// An empty password protects nothing: a create carrying one is refused and makes no room,
+/// and at a protected room it is a missing password. The daemon goes on serving both rooms.
+#[test]
+fn an_empty_password_neither_makes_a_room_nor_opens_one() {
+    let d = Daemon::start();
+    let r = request(
+        &d,
+        Operation::CreateRoom,
+        "open",
+        br#"{"username": "a", "password": ""}"#,
+    );
+    assert_eq!(refused(&r), Some(tcrp::ErrorCode::MalformedRequest));
+    assert!(r.token.is_none());
+    let r = request(&d, Operation::JoinRoom, "open", br#"{"username": "b"}"#);
+    assert_eq!(
+        refused(&r),
+        Some(tcrp::ErrorCode::RoomNotFound),
+        "no room was made"
+    );
+
+    create_with(&d, "vault", r#""username": "h", "password": "pw""#);
+    for payload in [
+        &br#"{"username": "g", "password": ""}"#[..],
+        br#"{"username": "g"}"#,
+    ] {
+        let r = request(&d, Operation::JoinRoom, "vault", payload);
+        assert_eq!(refused(&r), Some(tcrp::ErrorCode::BadPassword));
+    }
+    join_with(&d, "vault", r#""username": "g", "password": "pw""#);
+    create_with(&d, "open", r#""username": "a""#);
+}
+
+/// A state file may hold a member with an empty username (another server's file, or one
+/// edited by hand); `ocmd` keeps it, relays its chat, and lets it leave without a notice,
+/// which would otherwise name nobody. A named member's departure is announced as ever.
+#[test]
+fn a_member_with_an_empty_stored_name_chats_and_leaves_unannounced() {
+    let mut d = Daemon::start();
+    let host = create_with(&d, "r", r#""username": "host", "caps": ["notices", "seq"]"#);
+    let zed = join_with(&d, "r", r#""username": "zed""#);
+    let named = join_with(&d, "r", r#""username": "named""#);
+    let (status, _) = d.terminate();
+    assert!(status.success());
+    let state = std::fs::read_to_string(&d.state).expect("the state file");
+    assert_eq!(state.matches(r#""username": "zed""#).count(), 1, "{state}");
+    std::fs::write(
+        &d.state,
+        state.replace(r#""username": "zed""#, r#""username": """#),
+    )
+    .unwrap();
+    d.restart();
+
+    let host = Member::joined(&d, "r", &host);
+    let named = Member::joined(&d, "r", &named);
+    named.send("probe");
+    let zed = Member::joined(&d, "r", &zed);
+    zed.send("hi from nobody");
+    assert_eq!(host.recv(), "#1 named: probe");
+    assert_eq!(host.recv(), "#2 : hi from nobody");
+    // An original member gets the chat frame with a sender size of 0 (PROTOCOL.md).
+    assert_eq!(named.recv_raw(), b"\x00hi from nobody");
+    zed.send("__LEAVE__");
+    named.send("after");
+    // Had the departure been announced, its notice would come first.
+    assert_eq!(host.recv(), "#3 named: after");
+    named.send("__LEAVE__");
+    assert_eq!(host.recv(), "* named Left");
+}
+
 #[test]
 fn join_shows_recent_history_and_history_pages_back() {
     let d = Daemon::start();
