@@ -2142,6 +2142,19 @@ mod tests {
         assert!(out.is_empty());
         // The room lives on for the host.
         assert_eq!(reg.stats().rooms, 1);
+        // Both replies share one interval per source: the address just told it timed out
+        // hears of the room's closing only once the interval has passed.
+        reg.handle_datagram(addr(1), &dgram("r", &host, "__LEAVE__"), later, &mut out);
+        out.clear();
+        let closed = dgram("r", &host, "anyone?");
+        let soon = later + Duration::from_millis(500);
+        let h = reg.handle_datagram(addr(2), &closed, soon, &mut out);
+        assert_eq!(h, Handled::Dropped(DropReason::UnknownToken));
+        assert!(out.is_empty());
+        let after = later + Duration::from_secs(2);
+        let h = reg.handle_datagram(addr(2), &closed, after, &mut out);
+        assert_eq!(h, Handled::ClosedReply);
+        assert_eq!(sent(&out), vec![(addr(2), "CLOSED".into())]);
     }
 
     #[test]
