@@ -202,8 +202,29 @@ pub enum Mode {
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
     },
-    /// A short run of every mode with small sizes, for CI: fails only if the daemon fails,
-    /// nothing is delivered or no handshake completes.
+    /// Churn for a long time (rooms created, chatted in, left and closed, silent hosts
+    /// expired, junk between) while the daemon's size, descriptors, state on disk and gauges
+    /// are sampled; fails if a delivery is missing, a member that left still hears the room,
+    /// a drop or expiry goes uncounted, or anything is left behind.
+    Soak {
+        /// Seconds of load.
+        #[arg(long, default_value_t = 600.0)]
+        duration: f64,
+        /// Worker threads, each cycling through rooms of its own.
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+        /// The largest room a cycle makes, host included.
+        #[arg(long, default_value_t = 8)]
+        max_members: usize,
+        /// Seconds between two samples.
+        #[arg(long, default_value_t = 10.0)]
+        sample_every: f64,
+        /// Seconds between two SIGHUPs (configuration reloads); 0 sends none.
+        #[arg(long, default_value_t = 60.0)]
+        reload_every: f64,
+    },
+    /// A short run of every mode with small sizes (a 3 s soak included), for CI: fails only
+    /// if the daemon fails, nothing is delivered, no handshake completes or the soak fails.
     Smoke,
     /// The standard matrix; writes the Markdown report and the SVG chart.
     Matrix {

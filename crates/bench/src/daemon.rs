@@ -118,6 +118,15 @@ pub fn is_tmpfs(path: &Path) -> bool {
     }
 }
 
+/// What `/proc/PID/status` says of a process.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessStatus {
+    /// `VmRSS`, KiB.
+    pub rss_kib: u64,
+    /// `Threads`.
+    pub threads: u64,
+}
+
 /// A running `ocmd`; killed and reaped on drop.
 pub struct Daemon {
     child: Option<Child>,
@@ -314,14 +323,42 @@ impl Daemon {
 
     /// Resident memory, KiB (`VmRSS` of `/proc/PID/status`).
     pub fn rss_kib(&self) -> Result<u64> {
+        Ok(self.status()?.rss_kib)
+    }
+
+    /// Resident size and thread count, from `/proc/PID/status` (0 for a field not there).
+    pub fn status(&self) -> Result<ProcessStatus> {
         let path = format!("/proc/{}/status", self.pid());
         let text = std::fs::read_to_string(&path).ctx(format!("read {path}"))?;
-        Ok(text
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0))
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        Ok(ProcessStatus {
+            rss_kib: field("VmRSS:"),
+            threads: field("Threads:"),
+        })
+    }
+
+    /// Sends `signal` to the daemon (nothing once it has been reaped).
+    pub fn signal(&self, signal: libc::c_int) {
+        let Some(pid) = self
+            .child
+            .as_ref()
+            .and_then(|c| libc::pid_t::try_from(c.id()).ok())
+        else {
+            return;
+        };
+        if pid > 0 {
+            // SAFETY: plain kill(2) on our own child's pid, which is not reaped yet (the
+            // child is still held).
+            unsafe {
+                libc::kill(pid, signal);
+            }
+        }
     }
 
     /// CPU time used so far by all its threads, to the nanosecond (the process's CPU-time

@@ -63,6 +63,9 @@ pub enum Error {
     /// A preload did not build the state asked for (a create or join failed).
     #[error("the preload fell short: {0}")]
     Preload(String),
+    /// A soak run found a delivery missing or unexpected, or something left behind.
+    #[error("soak failed: {0}")]
+    Soak(String),
     /// A smoke check found nothing delivered or no handshake completed.
     #[error("smoke check failed: {0}")]
     Smoke(String),

@@ -47,16 +47,6 @@ pub fn request_token(
     username: &str,
     (caps, max_datagram): (Caps, Option<u16>),
 ) -> Result<String> {
-    let (operation, name) = if create {
-        (Operation::CreateRoom, "create")
-    } else {
-        (Operation::JoinRoom, "join")
-    };
-    let fail = |reason: String| Error::Handshake {
-        operation: name,
-        room: room.to_owned(),
-        reason,
-    };
     let request = if caps.is_empty() {
         Request::original(username)
     } else {
@@ -66,6 +56,26 @@ pub fn request_token(
             form: RequestForm::JsonObject,
             ..Request::original(username)
         }
+    };
+    send_request(tcp, create, room, &request)
+}
+
+/// Creates (`create = true`) or joins `room` with `request` as its payload; returns the token.
+pub fn send_request(
+    tcp: SocketAddr,
+    create: bool,
+    room: &str,
+    request: &Request,
+) -> Result<String> {
+    let (operation, name) = if create {
+        (Operation::CreateRoom, "create")
+    } else {
+        (Operation::JoinRoom, "join")
+    };
+    let fail = |reason: String| Error::Handshake {
+        operation: name,
+        room: room.to_owned(),
+        reason,
     };
     let mut body = Vec::new();
     request.encode(&mut body);

@@ -3,7 +3,8 @@
 //! It speaks TCRP and UCRP through the `tcrp` and `ucrp` codecs (no code from the daemon),
 //! starts its own `ocmd` on free loopback ports for every run, and reports throughput, loss
 //! (attributed with the daemon's metrics and the kernel's socket counters), latency, handshake
-//! rates, memory and start-up time. See `docs/BENCHMARKS.md` for the modes and the results.
+//! rates, memory and start-up time, and in a long soak whether anything in the daemon grows
+//! or is left behind under churn. See `docs/BENCHMARKS.md` for the modes and the results.
 
 mod ceiling;
 mod cli;
@@ -17,6 +18,7 @@ mod memory;
 mod receivers;
 mod report;
 mod smoke;
+mod soak;
 mod stalls;
 mod svg;
 
@@ -227,6 +229,32 @@ fn run(cli: Cli) -> Result<()> {
             let r = memory::run(&launcher, members, room_size, concurrency)?;
             r.print();
             print_json(json, "memory", &r);
+        }
+        Mode::Soak {
+            duration,
+            workers,
+            max_members,
+            sample_every,
+            reload_every,
+        } => {
+            let launcher = launcher(common)?;
+            let dir = StateDir::new(&launcher.state_root)?;
+            let mut daemon = launcher.spawn(&dir)?;
+            let plan = soak::Plan {
+                duration: secs(duration),
+                workers,
+                max_members,
+                sample_every: secs(sample_every),
+                reload_every: Duration::from_secs_f64(reload_every.max(0.0)),
+                rcvbuf: common.client_rcvbuf,
+            };
+            let r = soak::run(&mut daemon, &dir, plan)?;
+            r.print();
+            print_json(json, "soak", &r);
+            let problems = r.problems();
+            if !problems.is_empty() {
+                return Err(Error::Soak(problems.join("; ")));
+            }
         }
         Mode::Smoke => {
             let launcher = launcher(common)?;

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use tcrp::payload::Caps;
 use ucrp::datagram;
 use ucrp::delivery::{self, Delivery};
 
@@ -71,12 +72,24 @@ pub fn build_room(
     caps: CapsArg,
     rcvbuf: usize,
 ) -> Result<Room> {
+    let caps = caps.request();
+    build_room_with(tcp, udp, name, count, (caps, caps), rcvbuf)
+}
+
+/// [`build_room`] with the host's join capabilities apart from the other members'.
+pub fn build_room_with(
+    tcp: SocketAddr,
+    udp: SocketAddr,
+    name: &str,
+    count: usize,
+    (host_caps, caps): ((Caps, Option<u16>), (Caps, Option<u16>)),
+    rcvbuf: usize,
+) -> Result<Room> {
     if count < 2 {
         return Err(Error::Usage("a room needs at least 2 members".into()));
     }
-    let caps = caps.request();
     let mut tokens = vec![String::new(); count];
-    tokens[0] = request_token(tcp, true, name, "m0", caps)?;
+    tokens[0] = request_token(tcp, true, name, "m0", host_caps)?;
     let slots: Vec<Mutex<Option<Result<String>>>> = (0..count).map(|_| Mutex::new(None)).collect();
     let next = std::sync::atomic::AtomicUsize::new(1);
     thread::scope(|s| {
@@ -123,7 +136,7 @@ pub fn build_room(
 }
 
 /// The texts of the chat messages in one delivery datagram (batches unpacked).
-fn texts(bytes: &[u8]) -> Vec<&str> {
+pub(crate) fn texts(bytes: &[u8]) -> Vec<&str> {
     match delivery::parse(bytes) {
         Ok(Delivery::Chat { message, .. }) | Ok(Delivery::Sequenced { message, .. }) => {
             vec![message]
@@ -140,36 +153,52 @@ fn texts(bytes: &[u8]) -> Vec<&str> {
     }
 }
 
-/// Waits up to [`PROBE_WAIT`] for `probe` on `socket`.
-fn saw_probe(socket: &UdpSocket, probe: &str) -> Result<bool> {
-    let deadline = Instant::now() + PROBE_WAIT;
-    let mut buf = vec![0u8; ucrp::MAX_DATAGRAM_LEN];
+/// Whether a chat text is one of the registration probes [`register`] sends (`p<round> from
+/// m<i>`): a member that saw its probe early may still hold those of later rounds.
+pub(crate) fn is_probe(text: &str) -> bool {
+    text.starts_with('p')
+}
+
+/// Receives one datagram into `buf` unless `deadline` passes first (`None` then).
+pub(crate) fn recv_before(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+    deadline: Instant,
+) -> Result<Option<usize>> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Ok(false);
+            return Ok(None);
         }
         socket
             .set_read_timeout(Some(left))
             .ctx("set read timeout")?;
-        match socket.recv(&mut buf) {
-            Ok(n) => {
-                if texts(&buf[..n]).contains(&probe) {
-                    return Ok(true);
-                }
-            }
+        match socket.recv(buf) {
+            Ok(n) => return Ok(Some(n)),
             Err(e)
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                return Ok(false)
+                return Ok(None)
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e).ctx("receive probe"),
+            Err(e) => return Err(e).ctx("receive"),
         }
     }
+}
+
+/// Waits up to [`PROBE_WAIT`] for `probe` on `socket`.
+fn saw_probe(socket: &UdpSocket, probe: &str) -> Result<bool> {
+    let deadline = Instant::now() + PROBE_WAIT;
+    let mut buf = vec![0u8; ucrp::MAX_DATAGRAM_LEN];
+    while let Some(n) = recv_before(socket, &mut buf, deadline)? {
+        if texts(&buf[..n]).contains(&probe) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Sends REGISTER from every member, then has `m0` send a probe every other member must

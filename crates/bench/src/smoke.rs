@@ -1,6 +1,7 @@
 //! `smoke`: every mode once, briefly and small, for CI. No timing is asserted; it fails only
-//! when the daemon fails, nothing is delivered or no handshake completes. Its last line is
-//! `smoke: deliveries=N handshakes=N`, which the crate's test reads.
+//! when the daemon fails, nothing is delivered, no handshake completes or the short soak
+//! finds a delivery missing or something left behind. Its last line is
+//! `smoke: deliveries=N handshakes=N soak_rooms=N`, which the crate's test reads.
 
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use crate::daemon::{is_tmpfs, Launcher, StateDir};
 use crate::error::{Error, Result};
 use crate::fanout::{self, Pace};
 use crate::receivers::Draining;
-use crate::{ceiling, handshake, members, memory};
+use crate::{ceiling, handshake, members, memory, soak};
 
 /// Runs the smoke checks.
 pub fn run(launcher: &Launcher, draining: Draining, rcvbuf: usize) -> Result<()> {
@@ -62,10 +63,27 @@ pub fn run(launcher: &Launcher, draining: Draining, rcvbuf: usize) -> Result<()>
     h.print();
     daemon.check_alive()?;
     drop(daemon);
+    let soak_dir = StateDir::new(&launcher.state_root)?;
+    let mut soak_daemon = launcher.spawn(&soak_dir)?;
+    let plan = soak::Plan {
+        duration: 3 * second,
+        workers: 2,
+        max_members: 5,
+        sample_every: second,
+        reload_every: 2 * second,
+        rcvbuf,
+    };
+    let soaked = soak::run(&mut soak_daemon, &soak_dir, plan)?;
+    soaked.print();
+    if let problems @ [_, ..] = soaked.problems().as_slice() {
+        return Err(Error::Smoke(format!("soak: {}", problems.join("; "))));
+    }
+    drop(soak_daemon);
     let m = memory::run(launcher, 300, 16, 4)?;
     m.print();
     let handshakes = h.joins.ok + h.creates.ok;
-    println!("smoke: deliveries={deliveries} handshakes={handshakes}");
+    let soak_rooms = soaked.totals.cycles;
+    println!("smoke: deliveries={deliveries} handshakes={handshakes} soak_rooms={soak_rooms}");
     if deliveries == 0 {
         return Err(Error::Smoke("nothing was delivered".into()));
     }

@@ -1,5 +1,6 @@
 //! Runs `ocm-bench smoke` against the debug `ocmd` built beside it (scripts/test builds every
-//! binary first) and checks that messages were delivered and handshakes completed. No timing
+//! binary first) and checks that messages were delivered, handshakes completed and the short
+//! soak closed rooms (it fails the run itself if anything was missing or left behind). No timing
 //! is asserted: CI machines are shared.
 
 use std::path::Path;
@@ -43,6 +44,7 @@ fn smoke_delivers_and_handshakes() {
     };
     assert!(count("deliveries=") > 0, "{stdout}");
     assert!(count("handshakes=") > 0, "{stdout}");
+    assert!(count("soak_rooms=") > 0, "{stdout}");
 }
 
 /// A preload that cannot build the state asked for (here the daemon caps rooms at 5 members,
