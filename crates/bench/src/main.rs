@@ -237,9 +237,6 @@ fn run(cli: Cli) -> Result<()> {
             sample_every,
             reload_every,
         } => {
-            let launcher = launcher(common)?;
-            let dir = StateDir::new(&launcher.state_root)?;
-            let mut daemon = launcher.spawn(&dir)?;
             let plan = soak::Plan {
                 duration: secs(duration),
                 workers,
@@ -248,6 +245,11 @@ fn run(cli: Cli) -> Result<()> {
                 reload_every: Duration::from_secs_f64(reload_every.max(0.0)),
                 rcvbuf: common.client_rcvbuf,
             };
+            // Refused before a daemon is started for nothing.
+            plan.check()?;
+            let launcher = launcher(common)?;
+            let dir = StateDir::new(&launcher.state_root)?;
+            let mut daemon = launcher.spawn(&dir)?;
             let r = soak::run(&mut daemon, &dir, plan)?;
             r.print();
             print_json(json, "soak", &r);

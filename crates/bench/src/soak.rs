@@ -81,6 +81,18 @@ pub struct Plan {
     pub rcvbuf: usize,
 }
 
+impl Plan {
+    /// Refuses a plan that cannot run: no worker, or rooms of fewer than two members.
+    pub fn check(&self) -> Result<()> {
+        if self.workers == 0 || self.max_members < 2 {
+            return Err(Error::Usage(
+                "soak needs --workers ≥ 1 and --max-members ≥ 2".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// What the workers did, counted as they go.
 #[derive(Debug, Default)]
 struct Counters {
@@ -438,11 +450,7 @@ impl Sample {
 
 /// Runs the soak against a daemon started on `dir`.
 pub fn run(daemon: &mut Daemon, dir: &StateDir, plan: Plan) -> Result<SoakResult> {
-    if plan.max_members < 2 || plan.workers == 0 {
-        return Err(Error::Usage(
-            "soak needs --workers ≥ 1 and --max-members ≥ 2".into(),
-        ));
-    }
+    plan.check()?;
     let counters = Counters::default();
     let stop = AtomicBool::new(false);
     let start = Sample::take(daemon, dir.path(), 0.0, 0)?;
@@ -991,6 +999,22 @@ mod tests {
             ..clean()
         };
         assert!(result(none, idle()).problems()[0].contains("no cycle"));
+    }
+
+    #[test]
+    fn a_plan_without_workers_or_with_rooms_of_one_is_refused() {
+        let plan = result(clean(), sample(0.0, 10, 0)).plan;
+        assert!(plan.check().is_ok());
+        for bad in [
+            Plan { workers: 0, ..plan },
+            Plan {
+                max_members: 1,
+                ..plan
+            },
+        ] {
+            let err = bad.check().expect_err("refused").to_string();
+            assert!(err.contains("--workers ≥ 1 and --max-members ≥ 2"), "{err}");
+        }
     }
 
     #[test]
