@@ -1,0 +1,137 @@
+//! What one UCRP datagram does: a register binds or moves a member's address, chat is
+//! relayed, a leave departs; anything else is dropped with a reason, and a late datagram with
+//! a dead token may be told so.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use log::debug;
+use ucrp::delivery::{self, Notice};
+use ucrp::Message;
+
+use super::tombstones::Gone;
+use super::{DropReason, Handled, Registry};
+use crate::outbox::Outbox;
+use crate::record::Record;
+use crate::token::Short;
+
+impl Registry {
+    /// Decides what to do with one datagram from `src`.
+    pub fn handle_datagram(
+        &mut self,
+        src: SocketAddr,
+        bytes: &[u8],
+        now: Instant,
+        out: &mut Outbox,
+    ) -> Handled {
+        let datagram = match ucrp::parse(bytes) {
+            Ok(d) => d,
+            Err(e) => return Handled::Dropped(DropReason::Malformed(e.reason())),
+        };
+        let Some(id) = self.find_token(datagram.token) else {
+            return self.unknown_token(src, bytes.len(), datagram.token, now, out);
+        };
+        let member = &mut self.members[id.0];
+        if *self.rooms[member.room.0].name.as_bytes() != *datagram.room_name {
+            return Handled::Dropped(DropReason::WrongRoom);
+        }
+        match datagram.message {
+            Message::Register => {
+                // A REGISTER from the member's own address moves nothing: it is a keepalive,
+                // even for a member bound elsewhere before the guard was turned on. A token
+                // from a file without join IPs is held to the IP of its registered address.
+                let changed = member.address != Some(src);
+                let bound = member
+                    .joined_from
+                    .or(member.address.map(|a| a.ip().to_canonical()));
+                if changed
+                    && self.limits.register_only_from_join_ip
+                    && bound.is_some_and(|ip| ip != src.ip().to_canonical())
+                {
+                    return Handled::Dropped(DropReason::NotJoinIp);
+                }
+                // A move writes a journal record: it costs what a chat message costs, or a
+                // member flipping between two ports (or anyone forging its token's datagrams)
+                // would write one per datagram. The first binding is free: it happens once.
+                if changed
+                    && member.address.is_some()
+                    && self.limits.chat_rate > 0.0
+                    && !member
+                        .chat
+                        .take(now, self.limits.chat_rate, self.limits.chat_burst)
+                {
+                    return Handled::Dropped(DropReason::RateLimited);
+                }
+                member.last_seen = now;
+                if changed {
+                    if member.address.is_none() {
+                        self.registered += 1;
+                    }
+                    member.address = Some(src);
+                    debug!("token {} registered from {src}", member.token.short());
+                    self.records.push(Record::Register {
+                        token: member.token.as_str().to_owned(),
+                        address: src,
+                    });
+                }
+                Handled::Registered { changed }
+            }
+            _ if member.address.is_none() => Handled::Dropped(DropReason::Unregistered),
+            _ if member.address != Some(src) => Handled::Dropped(DropReason::AddressMismatch),
+            Message::Leave => {
+                member.last_seen = now;
+                self.remove_member(id, Notice::Left, now, out)
+            }
+            Message::Chat(text) => {
+                member.last_seen = now;
+                // The original client reads 4096 bytes: a longer relay would reach it cut,
+                // perhaps inside a UTF-8 character. (Sequenced frames add 10 bytes; clients
+                // that ask for them read more.)
+                if 1 + member.username.len() + text.len() > ucrp::MAX_DATAGRAM_LEN {
+                    return Handled::Dropped(DropReason::TooLargeToRelay);
+                }
+                if self.limits.chat_rate > 0.0
+                    && !member
+                        .chat
+                        .take(now, self.limits.chat_rate, self.limits.chat_burst)
+                {
+                    return Handled::Dropped(DropReason::RateLimited);
+                }
+                let deliveries = self.relay(id, text, now, out);
+                Handled::Relayed { deliveries }
+            }
+        }
+    }
+
+    /// A datagram whose token is not live: if the token died recently, the sender may be told
+    /// why, in no more bytes than it sent; anything else is dropped.
+    fn unknown_token(
+        &mut self,
+        src: SocketAddr,
+        len: usize,
+        token: &[u8],
+        now: Instant,
+        out: &mut Outbox,
+    ) -> Handled {
+        let mut reply = Vec::new();
+        match self.tombstones.get(token) {
+            Some(Gone::RoomClosed) => reply.extend_from_slice(delivery::ROOM_CLOSED),
+            Some(Gone::Expired { notices: true }) => {
+                let _ = delivery::encode_notice(Notice::TimedOut, "", &mut reply);
+            }
+            Some(Gone::Expired { notices: false }) | None => {}
+        }
+        // Never answer with more bytes than we were sent (no amplification), and at most once
+        // per interval per source.
+        if !reply.is_empty()
+            && reply.len() <= len
+            && self.tombstones.may_reply(src, now, &self.limits)
+        {
+            debug!("dead token {} from {src}: told", Short::of(token));
+            let bytes = out.payload(|b| b.extend_from_slice(&reply));
+            out.send(src, bytes);
+            return Handled::ClosedReply;
+        }
+        Handled::Dropped(DropReason::UnknownToken)
+    }
+}

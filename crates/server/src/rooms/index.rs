@@ -1,0 +1,102 @@
+//! The registry's token and name indexes: hash tables of member ids, keyed by hashes of
+//! the token and of (room, username), under one hasher with random keys.
+
+use std::hash::{BuildHasher, Hash, RandomState};
+
+use tcrp::payload::Caps;
+
+use super::room::Member;
+use super::{MemberId, Registry, RoomId};
+
+/// The hasher of the registry's token, name and look-alike indexes: SipHash under random keys.
+/// A test can make every value hash alike, so that each lookup rests on the index's own
+/// comparison of rooms, names and tokens (a collision cannot be forced otherwise).
+#[derive(Default)]
+pub(super) struct IndexHasher {
+    keys: RandomState,
+    #[cfg(test)]
+    pub(super) colliding: bool,
+}
+
+impl IndexHasher {
+    /// The hash of `value` under the registry's keys.
+    pub(super) fn hash_one<T: Hash>(&self, value: T) -> u64 {
+        #[cfg(test)]
+        if self.colliding {
+            return 0x9e37_79b9_7f4a_7c15;
+        }
+        self.keys.hash_one(value)
+    }
+}
+
+/// The key of `username` in `room` in the registry's name index.
+fn name_key(hasher: &IndexHasher, room: RoomId, username: &str) -> u64 {
+    hasher.hash_one((room.0, username))
+}
+
+impl Registry {
+    /// Adds a member to the slab, the token and name indexes and its room's member list.
+    pub(super) fn insert_member(&mut self, member: Member) -> MemberId {
+        let hash = self.hasher.hash_one(member.token.as_str().as_bytes());
+        let room = member.room;
+        if member.address.is_some() {
+            self.registered += 1;
+        }
+        if member.caps.contains(Caps::NOTICES) {
+            self.rooms[room.0].notice_takers += 1;
+        }
+        let name_hash = self.name_hash(room, &member.username);
+        let id = MemberId(self.members.insert(member));
+        let members = &self.members;
+        self.token_index.insert_unique(hash, id, |m| {
+            self.hasher.hash_one(members[m.0].token.as_str().as_bytes())
+        });
+        let hasher = &self.hasher;
+        self.name_index.insert_unique(name_hash, id, |m| {
+            name_key(hasher, members[m.0].room, &members[m.0].username)
+        });
+        self.rooms[room.0].members.push(id);
+        id
+    }
+
+    /// The hash of `username` in `room` in the name index.
+    pub(super) fn name_hash(&self, room: RoomId, username: &str) -> u64 {
+        name_key(&self.hasher, room, username)
+    }
+
+    /// Whether `room` has a member called `username`.
+    pub(super) fn name_taken(&self, room: RoomId, username: &str) -> bool {
+        let hash = self.name_hash(room, username);
+        self.name_index
+            .find(hash, |m| {
+                let member = &self.members[m.0];
+                member.room == room && *member.username == *username
+            })
+            .is_some()
+    }
+
+    /// The live member holding `token`; the final comparison is constant-time.
+    pub(super) fn find_token(&self, token: &[u8]) -> Option<MemberId> {
+        let hash = self.hasher.hash_one(token);
+        self.token_index
+            .find(hash, |m| self.members[m.0].token.matches(token))
+            .copied()
+    }
+
+    /// Takes a member out of the slab, the token index and the name index.
+    pub(super) fn unlink(&mut self, id: MemberId) -> Member {
+        let member = self.members.remove(id.0);
+        let hash = self.hasher.hash_one(member.token.as_str().as_bytes());
+        if let Ok(entry) = self.token_index.find_entry(hash, |m| *m == id) {
+            entry.remove();
+        }
+        let hash = self.name_hash(member.room, &member.username);
+        if let Ok(entry) = self.name_index.find_entry(hash, |m| *m == id) {
+            entry.remove();
+        }
+        if member.address.is_some() {
+            self.registered -= 1;
+        }
+        member
+    }
+}

@@ -1,0 +1,396 @@
+//! The room registry: rooms, members and tokens, and every decision about them.
+//!
+//! Pure logic, no I/O: the event loop hands it requests and datagrams with the current time,
+//! and it answers with replies, sends queued in an [`Outbox`](crate::outbox::Outbox), and journal [`Record`]s to
+//! persist. Its tests run without a socket.
+//!
+//! Room lifecycle (see also `docs/PROTOCOL.md`):
+//! 1. **Created** by a TCRP create: the room exists with its host as only member; the host's
+//!    token is issued once its record is durable.
+//! 2. **Joined** by TCRP joins: each member gets its own token; names are unique per room.
+//! 3. **Registered**: a member's `__REGISTER__` binds its UDP source address to its token (a
+//!    later one from another address rebinds). Only registered members receive relays.
+//! 4. **Relaying**: chat from a member's registered address goes to every other registered
+//!    member, never back to the sender.
+//! 5. **Leaving**: a member's `__LEAVE__` (or, for members that promised keepalives, silence
+//!    past the timeout) removes it. When the member is the host, the room **closes**: every
+//!    other registered member gets `__ROOM_CLOSED__`, the room and all its tokens are deleted,
+//!    and the tokens are remembered for a while as tombstones so that a late datagram with one
+//!    learns the room is gone.
+//!
+//! The registry's work is split by job:
+//! - `room`: a room and a member as the registry keeps them;
+//! - `index`: the token and name indexes, and the hasher they share;
+//! - `admission`: creates and joins, and the refusals that come before them;
+//! - `datagrams`: what one UCRP datagram does;
+//! - `relay`: chat and notices queued for the other members;
+//! - `departure`: leaves, room closures and keepalive expiry;
+//! - `tombstones`: tokens that died recently, and what a late datagram with one is told;
+//! - `history`: kept messages, their pages and their checkpoints;
+//! - `restore`: the registry rebuilt from a loaded state file.
+
+mod admission;
+mod datagrams;
+mod departure;
+mod history;
+mod index;
+mod relay;
+mod restore;
+mod room;
+mod tombstones;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use hashbrown::HashTable;
+use rand::RngCore;
+use slab::Slab;
+
+use crate::record::Record;
+use crate::token::Token;
+use index::IndexHasher;
+use room::{Member, Room};
+use tombstones::Tombstones;
+
+/// Index of a room in the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RoomId(usize);
+
+/// Index of a member in the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MemberId(usize);
+
+impl MemberId {
+    /// The slab index as a compact number for the send plan (members never number 2^32).
+    fn slot(self) -> u32 {
+        u32::try_from(self.0).unwrap_or(u32::MAX)
+    }
+}
+
+/// Caps and timings the registry enforces. `0` turns a cap off.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Rooms in all.
+    pub max_rooms: usize,
+    /// Members in one room, host included.
+    pub max_members_per_room: usize,
+    /// Tokens (members) in all.
+    pub max_tokens: usize,
+    /// Missed keepalive intervals after which a silent member is expired.
+    pub keepalive_misses: u32,
+    /// Shortest keepalive interval a client may announce; shorter ones are raised to it.
+    pub min_keepalive: Duration,
+    /// How long tokens of closed rooms are remembered.
+    pub tombstone_ttl: Duration,
+    /// How many closed-room tokens are remembered at most.
+    pub tombstone_capacity: usize,
+    /// Least time between two `__ROOM_CLOSED__` replies to one source address.
+    pub closed_reply_interval: Duration,
+    /// Chat datagrams per second per member (0: unlimited).
+    pub chat_rate: f64,
+    /// Chat burst per member.
+    pub chat_burst: f64,
+    /// Messages kept per room for the History operation (0: none).
+    pub history: usize,
+    /// Bytes of text and sender names kept per room for History; the oldest go first.
+    pub history_bytes: usize,
+    /// Accept a token's `__REGISTER__` only from the IP address its join came from over TCP
+    /// (the amplifier guard, `[udp] register_only_from_join_ip`).
+    pub register_only_from_join_ip: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_rooms: 10_000,
+            max_members_per_room: 1_024,
+            max_tokens: 200_000,
+            keepalive_misses: 3,
+            min_keepalive: Duration::from_secs(1),
+            tombstone_ttl: Duration::from_secs(3600),
+            tombstone_capacity: 100_000,
+            closed_reply_interval: Duration::from_secs(1),
+            chat_rate: 50.0,
+            chat_burst: 100.0,
+            history: 100,
+            history_bytes: 64 * 1024,
+            register_only_from_join_ip: false,
+        }
+    }
+}
+
+/// Why a datagram was dropped. Each has a stable label for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// The bytes did not decode (the label is the codec's reason).
+    Malformed(&'static str),
+    /// No live member has this token.
+    UnknownToken,
+    /// The token belongs to another room than the datagram names.
+    WrongRoom,
+    /// Chat or leave from a token that has not registered an address yet.
+    Unregistered,
+    /// Chat or leave from an address other than the token's registered one.
+    AddressMismatch,
+    /// The member is over its chat rate.
+    RateLimited,
+    /// Relayed, the chat would not fit one datagram an original client reads whole: a size
+    /// byte, the sender's name and the text come to more than 4096 bytes.
+    TooLargeToRelay,
+    /// `__REGISTER__` from an IP address other than the one the token joined from, with
+    /// `register_only_from_join_ip` on.
+    NotJoinIp,
+}
+
+impl DropReason {
+    /// Every reason that is not a codec error, for metrics.
+    pub const REGISTRY: [DropReason; 7] = [
+        DropReason::UnknownToken,
+        DropReason::WrongRoom,
+        DropReason::Unregistered,
+        DropReason::AddressMismatch,
+        DropReason::RateLimited,
+        DropReason::TooLargeToRelay,
+        DropReason::NotJoinIp,
+    ];
+
+    /// Stable label for counters and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::Malformed(reason) => reason,
+            DropReason::UnknownToken => "unknown_token",
+            DropReason::WrongRoom => "wrong_room",
+            DropReason::Unregistered => "unregistered",
+            DropReason::AddressMismatch => "address_mismatch",
+            DropReason::RateLimited => "rate_limited",
+            DropReason::TooLargeToRelay => "too_large_to_relay",
+            DropReason::NotJoinIp => "not_join_ip",
+        }
+    }
+}
+
+/// What the registry did with a datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// A `__REGISTER__`; `changed` when the address is new for the token.
+    Registered {
+        /// Whether the token's address changed (and a record was written).
+        changed: bool,
+    },
+    /// Chat relayed to this many members.
+    Relayed {
+        /// Datagrams queued.
+        deliveries: usize,
+    },
+    /// A member left.
+    Left,
+    /// The host left and the room closed; this many members were told.
+    Closed {
+        /// `__ROOM_CLOSED__` datagrams queued.
+        notified: usize,
+    },
+    /// A token of a closed room: `__ROOM_CLOSED__` was queued back to the sender.
+    ClosedReply,
+    /// Dropped, for this reason.
+    Dropped(DropReason),
+}
+
+/// A successful create or join: the token to send once its record is durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issued {
+    /// The new member's token.
+    pub token: Token,
+}
+
+/// A room as listed to clients.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoomInfo {
+    /// Room name.
+    pub name: String,
+    /// Members, host included.
+    pub members: usize,
+    /// Unix time of creation, seconds.
+    pub created_at: f64,
+    /// Whether joining needs a password.
+    pub has_password: bool,
+}
+
+/// Who is in a room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    /// The host's username.
+    pub host: String,
+    /// Every member's username (host first) and whether it has registered an address.
+    pub members: Vec<(String, bool)>,
+}
+
+/// Counts for status lines and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Live rooms.
+    pub rooms: usize,
+    /// Live members (tokens).
+    pub members: usize,
+    /// Members with a registered address.
+    pub registered: usize,
+    /// Tokens of closed rooms remembered.
+    pub tombstones: usize,
+}
+
+/// All rooms and members.
+pub struct Registry {
+    limits: Limits,
+    rng: Box<dyn RngCore + Send>,
+    rooms: Slab<Room>,
+    room_index: HashMap<Box<str>, RoomId>,
+    members: Slab<Member>,
+    token_index: HashTable<MemberId>,
+    /// Members by room and username, so that a join's name check does not read the room's
+    /// whole member list.
+    name_index: HashTable<MemberId>,
+    hasher: IndexHasher,
+    tombstones: Tombstones,
+    registered: usize,
+    records: Vec<Record>,
+    scratch: Vec<MemberId>,
+    wall_clock: Option<(Instant, f64)>,
+    /// The room key a budgeted history checkpoint stopped at; the next one starts there.
+    checkpoint_cursor: usize,
+}
+
+impl Registry {
+    /// An empty registry drawing tokens from `rng`.
+    pub fn new(limits: Limits, rng: Box<dyn RngCore + Send>) -> Registry {
+        Registry {
+            limits,
+            rng,
+            rooms: Slab::new(),
+            room_index: HashMap::new(),
+            members: Slab::new(),
+            token_index: HashTable::new(),
+            name_index: HashTable::new(),
+            hasher: IndexHasher::default(),
+            tombstones: Tombstones::new(),
+            registered: 0,
+            records: Vec::new(),
+            scratch: Vec::new(),
+            wall_clock: None,
+            checkpoint_cursor: 0,
+        }
+    }
+
+    /// Tells the registry which wall-clock time (Unix seconds) `now` is, so history entries
+    /// carry times without the registry reading a clock.
+    pub fn set_wall_clock(&mut self, now: Instant, unix_now: f64) {
+        self.wall_clock = Some((now, unix_now));
+    }
+
+    /// The wall-clock time of `now` in Unix seconds; 0 until [`Registry::set_wall_clock`].
+    fn unix_time(&self, now: Instant) -> f64 {
+        match self.wall_clock {
+            Some((base, unix)) => unix + now.saturating_duration_since(base).as_secs_f64(),
+            None => 0.0,
+        }
+    }
+
+    /// Applies new limits (a configuration reload). Existing members keep their state; kept
+    /// histories over the new history limits are trimmed now, and the trim is journaled at
+    /// the next checkpoint.
+    pub fn set_limits(&mut self, limits: Limits) {
+        for (_, room) in &mut self.rooms {
+            room.shrink_history_to(limits.history, limits.history_bytes);
+        }
+        self.limits = limits;
+    }
+
+    /// Room, member and registration counts.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            rooms: self.rooms.len(),
+            members: self.members.len(),
+            registered: self.registered,
+            tombstones: self.tombstones.len(),
+        }
+    }
+
+    /// The first `limit` listed rooms by name. Only those are sorted and copied: a reply
+    /// holds a few hundred at most, and a request must not cost a sort of every room.
+    pub fn list_rooms(&self, limit: usize) -> Vec<RoomInfo> {
+        let mut rooms: Vec<&Room> = self
+            .rooms
+            .iter()
+            .map(|(_, r)| r)
+            .filter(|r| r.listed)
+            .collect();
+        if rooms.len() > limit {
+            rooms.select_nth_unstable_by(limit, |a, b| a.name.cmp(&b.name));
+            rooms.truncate(limit);
+        }
+        rooms.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        rooms
+            .into_iter()
+            .map(|r| RoomInfo {
+                name: r.name.to_string(),
+                members: r.members.len(),
+                created_at: r.created_at,
+                has_password: r.password_hash.is_some(),
+            })
+            .collect()
+    }
+
+    /// Who is in `room_name`, host first.
+    pub fn presence(&self, room_name: &str) -> Option<Presence> {
+        let room = &self.rooms[self.room_index.get(room_name)?.0];
+        Some(Presence {
+            host: self.members[room.host.0].username.to_string(),
+            members: room
+                .members
+                .iter()
+                .map(|m| {
+                    let member = &self.members[m.0];
+                    (member.username.to_string(), member.address.is_some())
+                })
+                .collect(),
+        })
+    }
+
+    /// The member of `room_name` that `token` belongs to: its name, and whether it has a UDP
+    /// address (constant-time token match).
+    pub fn member_of(&self, room_name: &str, token: &[u8]) -> Option<(String, bool)> {
+        let room = self.room_index.get(room_name)?;
+        let member = &self.members[self.find_token(token)?.0];
+        (member.room == *room).then(|| (member.username.to_string(), member.address.is_some()))
+    }
+
+    /// Whether `token` belongs to a member of `room_name` (constant-time token match).
+    pub fn is_member(&self, room_name: &str, token: &[u8]) -> bool {
+        match (self.room_index.get(room_name), self.find_token(token)) {
+            (Some(room), Some(member)) => self.members[member.0].room == *room,
+            _ => false,
+        }
+    }
+
+    /// Whether a room of that name is open.
+    pub fn room_exists(&self, room_name: &str) -> bool {
+        self.room_index.contains_key(room_name)
+    }
+
+    /// The password hash of a room, for the caller to verify before [`Registry::join_room`].
+    pub fn password_hash(&self, room_name: &str) -> Option<&str> {
+        let room = self.room_index.get(room_name)?;
+        self.rooms[room.0].password_hash.as_deref()
+    }
+
+    /// Takes the records of every change since the last call, for the journal.
+    pub fn take_records(&mut self) -> Vec<Record> {
+        std::mem::take(&mut self.records)
+    }
+
+    /// Whether changes are waiting to be persisted.
+    pub fn has_records(&self) -> bool {
+        !self.records.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests;

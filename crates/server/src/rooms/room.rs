@@ -1,0 +1,102 @@
+//! A room and a member as the registry keeps them. The registry's other modules read and
+//! change their fields directly; what a room's kept history does is in [`super::history`].
+
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use tcrp::payload::{self, Caps};
+
+use super::{MemberId, RoomId};
+use crate::rate::TokenBucket;
+use crate::record::HistoryEntry;
+use crate::token::Token;
+
+/// A room: its name, its host, its members in join order and its kept history.
+pub(super) struct Room {
+    pub(super) name: Box<str>,
+    pub(super) host: MemberId,
+    pub(super) members: Vec<MemberId>,
+    /// How many of `members` asked for notices (`Caps::NOTICES`): when none but the member
+    /// concerned did, a join or leave tells nobody and costs no walk over the members.
+    pub(super) notice_takers: usize,
+    pub(super) created_at: f64,
+    pub(super) listed: bool,
+    pub(super) password_hash: Option<Box<str>>,
+    pub(super) next_seq: u64,
+    pub(super) history: VecDeque<HistoryEntry>,
+    /// The sum of [`history_size`](super::history::history_size) over `history`.
+    pub(super) history_bytes: usize,
+    /// How many of the newest kept messages are not in the journal yet.
+    pub(super) history_unsaved: usize,
+    /// The kept history shrank without a new message (lower limits, at a reload or a start),
+    /// so the journal's copy is to be trimmed at the next checkpoint.
+    pub(super) history_shrunk: bool,
+    /// The `next_seq` the journal has: numbers continue across restarts whether or not
+    /// history is kept.
+    pub(super) seq_saved: u64,
+    /// The registry's hashes of the name's [`tcrp::names::lookalike_keys`], worked out the
+    /// first time a look-alike check needs them (0: not yet).
+    pub(super) lookalike_hash: Cell<u64>,
+}
+
+impl Room {
+    /// An empty room; its host is set once the host member exists.
+    pub(super) fn new(
+        name: &str,
+        created_at: f64,
+        listed: bool,
+        password_hash: Option<Box<str>>,
+    ) -> Room {
+        Room {
+            name: name.into(),
+            host: MemberId(usize::MAX),
+            members: Vec::new(),
+            created_at,
+            listed,
+            password_hash,
+            next_seq: 1,
+            history: VecDeque::new(),
+            history_bytes: 0,
+            history_unsaved: 0,
+            history_shrunk: false,
+            seq_saved: 1,
+            notice_takers: 0,
+            lookalike_hash: Cell::new(0),
+        }
+    }
+}
+
+/// A member: its token and name, its room, its address once registered, and what it asked
+/// for at join.
+pub(super) struct Member {
+    pub(super) token: Token,
+    pub(super) username: Box<str>,
+    pub(super) room: RoomId,
+    pub(super) is_host: bool,
+    pub(super) address: Option<SocketAddr>,
+    pub(super) keepalive: Option<Duration>,
+    pub(super) last_seen: Instant,
+    pub(super) caps: Caps,
+    /// The largest datagram the member accepts (`max_datagram` at join), if it said.
+    pub(super) max_datagram: Option<u16>,
+    /// The IP address the join came from over TCP (canonical: an IPv4-mapped IPv6 address is
+    /// kept as IPv4); `None` for a member loaded from a file that did not record it.
+    pub(super) joined_from: Option<IpAddr>,
+    pub(super) chat: TokenBucket,
+    /// The registry's hashes of the username's [`tcrp::names::lookalike_keys`], worked out the
+    /// first time a look-alike check needs them (0: not yet).
+    pub(super) lookalike_hash: Cell<u64>,
+}
+
+impl Member {
+    /// The cap on batch frames for this member, in bytes; 0 when it takes no batches.
+    pub(super) fn batch_limit(&self) -> u16 {
+        if self.caps.contains(Caps::BATCH) {
+            self.max_datagram.unwrap_or(payload::DEFAULT_MAX_DATAGRAM)
+        } else {
+            0
+        }
+    }
+}

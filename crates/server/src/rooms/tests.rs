@@ -1,0 +1,2021 @@
+//! The registry's unit tests: pure, no socket.
+
+use super::*;
+use crate::outbox::Outbox;
+use crate::record::{HistoryEntry, MemberRecord};
+use crate::store::State;
+use crate::token::Token;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::SystemTime;
+use tcrp::payload::{Caps, ErrorCode, Request};
+use ucrp::delivery::Delivery;
+
+/// Where the tests' joins come from over TCP.
+const HERE: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+fn registry() -> Registry {
+    Registry::new(Limits::default(), Box::new(StdRng::seed_from_u64(7)))
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn dgram(room: &str, token: &Token, msg: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    ucrp::datagram::encode(room.as_bytes(), token.as_str().as_bytes(), msg, &mut b).unwrap();
+    b
+}
+
+/// A `__REGISTER__` for `token` in room `r` from `from`.
+fn register(
+    reg: &mut Registry,
+    from: SocketAddr,
+    token: &Token,
+    now: Instant,
+    out: &mut Outbox,
+) -> Handled {
+    reg.handle_datagram(from, &dgram("r", token, "__REGISTER__"), now, out)
+}
+
+/// The sends of an outbox as (destination, decoded delivery) pairs, rendered as text.
+fn sent(out: &Outbox) -> Vec<(SocketAddr, String)> {
+    out.sends
+        .iter()
+        .map(|s| {
+            let text = match ucrp::delivery::parse(out.bytes_of(s)).unwrap() {
+                Delivery::Chat { sender, message } => format!("{sender}: {message}"),
+                Delivery::Sequenced {
+                    seq,
+                    sender,
+                    message,
+                } => format!("#{seq} {sender}: {message}"),
+                Delivery::RoomClosed => "CLOSED".into(),
+                Delivery::Notice { what, name } => format!("* {name} {what:?}"),
+                Delivery::Batch(_) => "BATCH".into(),
+            };
+            (s.to, text)
+        })
+        .collect()
+}
+
+/// Checks the registry's derived indexes against its members: every member is in the
+/// token and name indexes and nothing else is, and each room counts its notice takers.
+fn check_indexes(reg: &Registry) {
+    assert_eq!(reg.token_index.len(), reg.members.len());
+    assert_eq!(reg.name_index.len(), reg.members.len());
+    for (_, member) in &reg.members {
+        assert!(reg.name_taken(member.room, &member.username));
+        assert!(reg.find_token(member.token.as_str().as_bytes()).is_some());
+    }
+    for (_, room) in &reg.rooms {
+        let takers = room
+            .members
+            .iter()
+            .filter(|m| reg.members[m.0].caps.contains(Caps::NOTICES))
+            .count();
+        assert_eq!(room.notice_takers, takers, "room {:?}", room.name);
+    }
+}
+
+struct Room3 {
+    reg: Registry,
+    host: Token,
+    bob: Token,
+    cy: Token,
+    now: Instant,
+}
+
+/// A registry holding room `r`, created by an original client named `host`: the
+/// registry, the time used, an empty outbox and the host's token.
+fn room_r() -> (Registry, Instant, Outbox, Token) {
+    let mut reg = registry();
+    let now = Instant::now();
+    let host = reg
+        .create_room("r", &Request::original("host"), HERE, None, now, 1.0)
+        .unwrap()
+        .token;
+    (reg, now, Outbox::default(), host)
+}
+
+fn room_of_three() -> Room3 {
+    let (mut reg, now, mut out, host) = room_r();
+    let bob = reg
+        .join_room("r", &Request::original("bob"), HERE, now, &mut out)
+        .unwrap()
+        .token;
+    let cy = reg
+        .join_room("r", &Request::original("cy"), HERE, now, &mut out)
+        .unwrap()
+        .token;
+    for (t, p) in [(&host, 1), (&bob, 2), (&cy, 3)] {
+        let h = reg.handle_datagram(addr(p), &dgram("r", t, "__REGISTER__"), now, &mut out);
+        assert_eq!(h, Handled::Registered { changed: true });
+    }
+    assert!(out.is_empty(), "original clients get no notices");
+    Room3 {
+        reg,
+        host,
+        bob,
+        cy,
+        now,
+    }
+}
+
+#[test]
+fn seeded_rng_gives_known_tokens() {
+    let first_token = || {
+        registry()
+            .create_room(
+                "r",
+                &Request::original("a"),
+                HERE,
+                None,
+                Instant::now(),
+                0.0,
+            )
+            .unwrap()
+            .token
+    };
+    assert_eq!(first_token(), first_token());
+}
+
+#[test]
+fn create_join_refusals() {
+    let mut t = room_of_three();
+    let mut out = Outbox::default();
+    assert_eq!(
+        t.reg
+            .create_room("r", &Request::original("z"), HERE, None, t.now, 0.0),
+        Err(ErrorCode::RoomExists)
+    );
+    assert_eq!(
+        t.reg
+            .join_room("nope", &Request::original("z"), HERE, t.now, &mut out),
+        Err(ErrorCode::RoomNotFound)
+    );
+    assert_eq!(
+        t.reg
+            .join_room("r", &Request::original("bob"), HERE, t.now, &mut out),
+        Err(ErrorCode::NameTaken)
+    );
+    assert_eq!(
+        t.reg.stats(),
+        Stats {
+            rooms: 1,
+            members: 3,
+            registered: 3,
+            tombstones: 0
+        }
+    );
+}
+
+#[test]
+fn a_username_is_taken_per_room_and_free_again_once_its_member_is_gone() {
+    let mut t = room_of_three();
+    let mut out = Outbox::default();
+    let join = |reg: &mut Registry, room: &str, name: &str, out: &mut Outbox| {
+        reg.join_room(room, &Request::original(name), HERE, t.now, out)
+            .map(|issued| issued.token)
+    };
+    // Another room does not share the names of `r`.
+    t.reg
+        .create_room("s", &Request::original("bob"), HERE, None, t.now, 0.0)
+        .unwrap();
+    assert!(join(&mut t.reg, "s", "cy", &mut out).is_ok());
+    assert_eq!(
+        join(&mut t.reg, "s", "cy", &mut out),
+        Err(ErrorCode::NameTaken)
+    );
+    // A member that left frees its name in its room.
+    let h = t
+        .reg
+        .handle_datagram(addr(2), &dgram("r", &t.bob, "__LEAVE__"), t.now, &mut out);
+    assert_eq!(h, Handled::Left);
+    assert!(join(&mut t.reg, "r", "bob", &mut out).is_ok());
+    check_indexes(&t.reg);
+    // A closed room frees every name, also for a new room that takes its slot.
+    let h = t
+        .reg
+        .handle_datagram(addr(1), &dgram("r", &t.host, "__LEAVE__"), t.now, &mut out);
+    assert!(matches!(h, Handled::Closed { .. }));
+    t.reg
+        .create_room("r", &Request::original("host"), HERE, None, t.now, 0.0)
+        .unwrap();
+    assert!(join(&mut t.reg, "r", "cy", &mut out).is_ok());
+    assert!(join(&mut t.reg, "r", "bob", &mut out).is_ok());
+    assert_eq!(
+        join(&mut t.reg, "r", "host", &mut out),
+        Err(ErrorCode::NameTaken)
+    );
+    assert_eq!(
+        join(&mut t.reg, "s", "bob", &mut out),
+        Err(ErrorCode::NameTaken)
+    );
+    assert_eq!(t.reg.stats().members, 5);
+    check_indexes(&t.reg);
+}
+
+#[test]
+fn notices_follow_who_in_the_room_asked_for_them_as_members_come_and_go() {
+    let (mut reg, now, mut out, host) = room_r();
+    register(&mut reg, addr(1), &host, now, &mut out);
+    let aware = |name: &str| Request {
+        caps: Caps::NOTICES,
+        form: tcrp::payload::RequestForm::JsonObject,
+        ..Request::original(name)
+    };
+    let join = |reg: &mut Registry, request: &Request, port: u16, out: &mut Outbox| {
+        let token = reg.join_room("r", request, HERE, now, out).unwrap().token;
+        register(reg, addr(port), &token, now, out);
+        token
+    };
+    let rich = join(&mut reg, &aware("rich"), 2, &mut out);
+    assert!(out.is_empty(), "the only notice taker is the one joining");
+    let plain = join(&mut reg, &Request::original("plain"), 3, &mut out);
+    assert_eq!(sent(&out), vec![(addr(2), "* plain Joined".into())]);
+    out.clear();
+    check_indexes(&reg);
+    reg.handle_datagram(addr(3), &dgram("r", &plain, "__LEAVE__"), now, &mut out);
+    assert_eq!(sent(&out), vec![(addr(2), "* plain Left".into())]);
+    out.clear();
+    check_indexes(&reg);
+    reg.handle_datagram(addr(2), &dgram("r", &rich, "__LEAVE__"), now, &mut out);
+    join(&mut reg, &Request::original("quiet"), 4, &mut out);
+    assert!(out.is_empty(), "nobody left in the room asked for notices");
+    check_indexes(&reg);
+    join(&mut reg, &aware("second"), 5, &mut out);
+    join(&mut reg, &Request::original("late"), 6, &mut out);
+    assert_eq!(sent(&out), vec![(addr(5), "* late Joined".into())]);
+    out.clear();
+    join(&mut reg, &aware("third"), 7, &mut out);
+    assert_eq!(sent(&out), vec![(addr(5), "* third Joined".into())]);
+    check_indexes(&reg);
+}
+
+#[test]
+fn chat_is_relayed_to_the_others_and_not_echoed() {
+    let mut t = room_of_three();
+    let mut out = Outbox::default();
+    let h = t
+        .reg
+        .handle_datagram(addr(2), &dgram("r", &t.bob, "hello"), t.now, &mut out);
+    assert_eq!(h, Handled::Relayed { deliveries: 2 });
+    assert_eq!(
+        sent(&out),
+        vec![
+            (addr(1), "bob: hello".into()),
+            (addr(3), "bob: hello".into())
+        ]
+    );
+    // One encoding shared by both sends.
+    assert_eq!(out.sends[0].bytes, out.sends[1].bytes);
+}
+
+#[test]
+fn chat_that_would_relay_past_4096_bytes_is_dropped_not_cut() {
+    let mut t = room_of_three();
+    let mut out = Outbox::default();
+    let long_name = "n".repeat(100);
+    let token = t
+        .reg
+        .join_room("r", &Request::original(&long_name), HERE, t.now, &mut out)
+        .unwrap()
+        .token;
+    let h = t.reg.handle_datagram(
+        addr(4),
+        &dgram("r", &token, "__REGISTER__"),
+        t.now,
+        &mut out,
+    );
+    assert_eq!(h, Handled::Registered { changed: true });
+    // 1 + 100 + 3995 = 4096: the largest relay, sent whole.
+    let fits = "x".repeat(3995);
+    let h = t
+        .reg
+        .handle_datagram(addr(4), &dgram("r", &token, &fits), t.now, &mut out);
+    assert_eq!(h, Handled::Relayed { deliveries: 3 });
+    assert_eq!(out.sends.len(), 3);
+    assert!(out.sends.iter().all(|s| out.bytes_of(s).len() == 4096));
+    let mut out = Outbox::default();
+    let over = "x".repeat(3996);
+    let h = t
+        .reg
+        .handle_datagram(addr(4), &dgram("r", &token, &over), t.now, &mut out);
+    assert_eq!(h, Handled::Dropped(DropReason::TooLargeToRelay));
+    assert!(out.is_empty());
+}
+
+#[test]
+fn drops_wrong_room_unknown_token_and_foreign_address() {
+    let mut t = room_of_three();
+    let mut out = Outbox::default();
+    let h = t
+        .reg
+        .handle_datagram(addr(2), &dgram("other", &t.bob, "x"), t.now, &mut out);
+    assert_eq!(h, Handled::Dropped(DropReason::WrongRoom));
+    let fake = Token::from_stored("00000000000000000000000000000000");
+    let h = t
+        .reg
+        .handle_datagram(addr(2), &dgram("r", &fake, "x"), t.now, &mut out);
+    assert_eq!(h, Handled::Dropped(DropReason::UnknownToken));
+    let h = t
+        .reg
+        .handle_datagram(addr(9), &dgram("r", &t.bob, "x"), t.now, &mut out);
+    assert_eq!(h, Handled::Dropped(DropReason::AddressMismatch));
+    let h = t
+        .reg
+        .handle_datagram(addr(9), &dgram("r", &t.bob, "__LEAVE__"), t.now, &mut out);
+    assert_eq!(h, Handled::Dropped(DropReason::AddressMismatch));
+    let h = t.reg.handle_datagram(addr(2), b"\x01", t.now, &mut out);
+    assert_eq!(h, Handled::Dropped(DropReason::Malformed("too_short")));
+    assert!(out.is_empty());
+}
+
+#[test]
+fn unregistered_member_cannot_chat() {
+    let mut t = room_of_three();
+    let mut out = Outbox::default();
+    let dee = t
+        .reg
+        .join_room("r", &Request::original("dee"), HERE, t.now, &mut out)
+        .unwrap()
+        .token;
+    let h = t
+        .reg
+        .handle_datagram(addr(4), &dgram("r", &dee, "hi"), t.now, &mut out);
+    assert_eq!(h, Handled::Dropped(DropReason::Unregistered));
+    // Relays skip it until it registers.
+    let h = t
+        .reg
+        .handle_datagram(addr(1), &dgram("r", &t.host, "hi"), t.now, &mut out);
+    assert_eq!(h, Handled::Relayed { deliveries: 2 });
+}
+
+#[test]
+fn register_from_a_new_address_rebinds() {
+    let mut t = room_of_three();
+    let mut out = Outbox::default();
+    t.reg.take_records();
+    let h = t.reg.handle_datagram(
+        addr(2),
+        &dgram("r", &t.bob, "__REGISTER__"),
+        t.now,
+        &mut out,
+    );
+    assert_eq!(h, Handled::Registered { changed: false });
+    assert!(!t.reg.has_records(), "a repeated REGISTER writes nothing");
+    let h = t.reg.handle_datagram(
+        addr(22),
+        &dgram("r", &t.bob, "__REGISTER__"),
+        t.now,
+        &mut out,
+    );
+    assert_eq!(h, Handled::Registered { changed: true });
+    assert_eq!(t.reg.take_records().len(), 1);
+    t.reg
+        .handle_datagram(addr(1), &dgram("r", &t.host, "hi"), t.now, &mut out);
+    assert!(sent(&out).contains(&(addr(22), "host: hi".into())));
+}
+
+#[test]
+fn with_the_join_ip_guard_a_register_must_come_from_the_ip_that_joined() {
+    let elsewhere = |port: u16| SocketAddr::from(([127, 0, 0, 2], port));
+    let mut reg = Registry::new(
+        Limits {
+            register_only_from_join_ip: true,
+            ..Limits::default()
+        },
+        Box::new(StdRng::seed_from_u64(7)),
+    );
+    let now = Instant::now();
+    let mut out = Outbox::default();
+    let host = reg
+        .create_room("r", &Request::original("host"), HERE, None, now, 1.0)
+        .unwrap()
+        .token;
+    // A join over IPv6 from an IPv4-mapped address is the same IPv4 address.
+    let mapped = "::ffff:127.0.0.1".parse().unwrap();
+    let bob = reg
+        .join_room("r", &Request::original("bob"), mapped, now, &mut out)
+        .unwrap()
+        .token;
+    reg.take_records();
+    let forged = register(&mut reg, elsewhere(9), &bob, now, &mut out);
+    assert_eq!(forged, Handled::Dropped(DropReason::NotJoinIp));
+    assert_eq!(DropReason::NotJoinIp.label(), "not_join_ip");
+    assert!(!reg.has_records(), "a refused REGISTER writes nothing");
+    assert_eq!(reg.stats().registered, 0);
+    for (who, port) in [(&host, 1), (&bob, 2)] {
+        let h = register(&mut reg, addr(port), who, now, &mut out);
+        assert_eq!(
+            h,
+            Handled::Registered { changed: true },
+            "any port of the join IP"
+        );
+    }
+    // Once registered, a forged REGISTER cannot move the member either.
+    let moved = register(&mut reg, elsewhere(2), &bob, now, &mut out);
+    assert_eq!(moved, Handled::Dropped(DropReason::NotJoinIp));
+    reg.handle_datagram(addr(1), &dgram("r", &host, "hi"), now, &mut out);
+    assert_eq!(sent(&out), vec![(addr(2), "host: hi".to_owned())]);
+
+    // Without the guard (the default, as the original server) the same REGISTER rebinds.
+    let mut limits = reg.limits.clone();
+    limits.register_only_from_join_ip = false;
+    reg.set_limits(limits);
+    let h = register(&mut reg, elsewhere(2), &bob, now, &mut out);
+    assert_eq!(h, Handled::Registered { changed: true });
+}
+
+#[test]
+fn the_join_ip_is_kept_in_the_state_and_guessed_for_files_that_lack_it() {
+    let mut reg = registry();
+    let now = Instant::now();
+    let mut out = Outbox::default();
+    let remote: IpAddr = [10, 0, 0, 7].into();
+    let host = reg
+        .create_room("r", &Request::original("host"), remote, None, now, 1.0)
+        .unwrap()
+        .token;
+    let bob = reg
+        .join_room("r", &Request::original("bob"), HERE, now, &mut out)
+        .unwrap()
+        .token;
+    let cy = reg
+        .join_room("r", &Request::original("cy"), HERE, now, &mut out)
+        .unwrap()
+        .token;
+    register(&mut reg, addr(2), &bob, now, &mut out);
+    let mut state = State::default();
+    for r in reg.take_records() {
+        state.apply(&r);
+    }
+    assert_eq!(state.tokens[host.as_str()].joined_from, Some(remote));
+    // As a file written before joins were recorded: bob registered, cy did not.
+    let mut old = state.clone();
+    for entry in old.tokens.values_mut() {
+        entry.joined_from = None;
+    }
+    let guarded = Limits {
+        register_only_from_join_ip: true,
+        ..Limits::default()
+    };
+    let rng = || Box::new(StdRng::seed_from_u64(3));
+    let from = |ip: [u8; 4], port| SocketAddr::from((ip, port));
+    let mut reg = Registry::from_state(&state, guarded.clone(), rng(), now);
+    let h = register(&mut reg, addr(1), &host, now, &mut out);
+    assert_eq!(
+        h,
+        Handled::Dropped(DropReason::NotJoinIp),
+        "the recorded join IP holds"
+    );
+    let h = reg.handle_datagram(
+        from([10, 0, 0, 7], 1),
+        &dgram("r", &host, "__REGISTER__"),
+        now,
+        &mut out,
+    );
+    assert_eq!(h, Handled::Registered { changed: true });
+
+    // Without a join IP on record a token is held to the IP of its registered address,
+    // whatever that is: the file model, which follows the register records, agrees.
+    let mut reg = Registry::from_state(&old, guarded, rng(), now);
+    let h = reg.handle_datagram(
+        from([10, 9, 9, 9], 2),
+        &dgram("r", &bob, "__REGISTER__"),
+        now,
+        &mut out,
+    );
+    assert_eq!(
+        h,
+        Handled::Dropped(DropReason::NotJoinIp),
+        "bound to its registered IP"
+    );
+    let h = register(&mut reg, addr(3), &bob, now, &mut out);
+    assert_eq!(h, Handled::Registered { changed: true });
+    let first = from([10, 9, 9, 9], 4);
+    let h = register(&mut reg, first, &cy, now, &mut out);
+    assert_eq!(
+        h,
+        Handled::Registered { changed: true },
+        "never registered: any IP"
+    );
+    let h = register(&mut reg, addr(5), &cy, now, &mut out);
+    assert_eq!(
+        h,
+        Handled::Dropped(DropReason::NotJoinIp),
+        "then held to it"
+    );
+    for r in reg.take_records() {
+        old.apply(&r);
+    }
+    assert_eq!(old.tokens[cy.as_str()].address, Some(first));
+    assert_eq!(old.tokens[cy.as_str()].joined_from, None);
+    let mut reg = Registry::from_state(&old, reg.limits.clone(), rng(), now);
+    let h = register(&mut reg, addr(6), &cy, now, &mut out);
+    assert_eq!(
+        h,
+        Handled::Dropped(DropReason::NotJoinIp),
+        "and after a restart"
+    );
+}
+
+#[test]
+fn with_the_guard_turned_on_later_a_member_bound_elsewhere_keeps_its_keepalives() {
+    let (mut reg, now, mut out, host) = room_r();
+    let sleepy = Request {
+        keepalive_secs: Some(1),
+        form: tcrp::payload::RequestForm::JsonObject,
+        ..Request::original("roamer")
+    };
+    let roamer = reg
+        .join_room("r", &sleepy, HERE, now, &mut out)
+        .unwrap()
+        .token;
+    // It registers from another IP while the guard is off (it moved, or its UDP leaves
+    // through another address).
+    let away = SocketAddr::from(([10, 0, 0, 2], 7));
+    register(&mut reg, addr(1), &host, now, &mut out);
+    register(&mut reg, away, &roamer, now, &mut out);
+    let mut limits = reg.limits.clone();
+    limits.register_only_from_join_ip = true;
+    reg.set_limits(limits);
+    // Its keepalives from where it is change nothing, so the guard lets them through.
+    for s in 1..=5 {
+        let t = now + Duration::from_secs(s);
+        let h = register(&mut reg, away, &roamer, t, &mut out);
+        assert_eq!(h, Handled::Registered { changed: false });
+    }
+    assert_eq!(reg.poll_expired(now + Duration::from_secs(6), &mut out), 0);
+    assert_eq!(reg.stats().members, 2);
+    // Moving again, to any IP but the join's, is refused.
+    let elsewhere = SocketAddr::from(([10, 0, 0, 3], 7));
+    let h = register(&mut reg, elsewhere, &roamer, now, &mut out);
+    assert_eq!(h, Handled::Dropped(DropReason::NotJoinIp));
+}
+
+#[test]
+fn create_refusal_names_what_create_room_would_refuse() {
+    let mut reg = Registry::new(
+        Limits {
+            max_rooms: 1,
+            ..Limits::default()
+        },
+        Box::new(StdRng::seed_from_u64(7)),
+    );
+    let now = Instant::now();
+    assert_eq!(reg.create_refusal("a"), None);
+    reg.create_room("a", &Request::original("h"), HERE, None, now, 0.0)
+        .unwrap();
+    assert_eq!(reg.create_refusal("a"), Some(ErrorCode::RoomExists));
+    assert_eq!(reg.create_refusal("b"), Some(ErrorCode::ServerFull));
+    let refused = reg.create_room("b", &Request::original("h"), HERE, None, now, 0.0);
+    assert_eq!(refused.err(), Some(ErrorCode::ServerFull));
+}
+
+#[test]
+fn member_leave_then_host_leave_closes_the_room() {
+    let mut t = room_of_three();
+    let mut out = Outbox::default();
+    let h = t
+        .reg
+        .handle_datagram(addr(3), &dgram("r", &t.cy, "__LEAVE__"), t.now, &mut out);
+    assert_eq!(h, Handled::Left);
+    assert!(out.is_empty());
+    let h = t
+        .reg
+        .handle_datagram(addr(1), &dgram("r", &t.host, "__LEAVE__"), t.now, &mut out);
+    assert_eq!(h, Handled::Closed { notified: 1 });
+    assert_eq!(sent(&out), vec![(addr(2), "CLOSED".into())]);
+    assert_eq!(t.reg.stats().rooms, 0);
+    assert_eq!(t.reg.stats().members, 0);
+    assert_eq!(t.reg.stats().registered, 0);
+    let records = t.reg.take_records();
+    assert!(matches!(records.last(), Some(Record::CloseRoom { room }) if room == "r"));
+    // The room name is free again.
+    assert!(t
+        .reg
+        .create_room("r", &Request::original("x"), HERE, None, t.now, 0.0)
+        .is_ok());
+}
+
+#[test]
+fn a_member_that_left_a_live_room_is_not_told_the_room_closed() {
+    let mut t = room_of_three();
+    let mut out = Outbox::default();
+    t.reg
+        .handle_datagram(addr(3), &dgram("r", &t.cy, "__LEAVE__"), t.now, &mut out);
+    let late = dgram("r", &t.cy, "still there?");
+    assert_eq!(
+        t.reg.handle_datagram(addr(3), &late, t.now, &mut out),
+        Handled::Dropped(DropReason::UnknownToken)
+    );
+    assert!(out.is_empty());
+    assert_eq!(t.reg.stats().tombstones, 0);
+}
+
+#[test]
+fn tombstoned_token_gets_room_closed_once_per_interval() {
+    let mut t = room_of_three();
+    let mut out = Outbox::default();
+    t.reg
+        .handle_datagram(addr(1), &dgram("r", &t.host, "__LEAVE__"), t.now, &mut out);
+    out.clear();
+    let late = dgram("r", &t.bob, "anyone?");
+    assert_eq!(
+        t.reg.handle_datagram(addr(2), &late, t.now, &mut out),
+        Handled::ClosedReply
+    );
+    assert_eq!(sent(&out), vec![(addr(2), "CLOSED".into())]);
+    assert!(out.sends[0].bytes.len() <= late.len());
+    assert_eq!(
+        t.reg
+            .handle_datagram(addr(2), &late, t.now + Duration::from_millis(500), &mut out),
+        Handled::Dropped(DropReason::UnknownToken)
+    );
+    assert_eq!(
+        t.reg
+            .handle_datagram(addr(2), &late, t.now + Duration::from_secs(2), &mut out),
+        Handled::ClosedReply
+    );
+    // After the tombstone's lifetime, nothing.
+    let later = t.now + Duration::from_secs(3601);
+    t.reg.poll_expired(later, &mut out);
+    assert_eq!(
+        t.reg.handle_datagram(addr(2), &late, later, &mut out),
+        Handled::Dropped(DropReason::UnknownToken)
+    );
+}
+
+#[test]
+fn keepalive_members_expire_and_original_members_never_do() {
+    let mut reg = registry();
+    let now = Instant::now();
+    let mut out = Outbox::default();
+    let live = Request {
+        keepalive_secs: Some(10),
+        caps: Caps::NOTICES,
+        form: tcrp::payload::RequestForm::JsonObject,
+        ..Request::original("host")
+    };
+    let host = reg
+        .create_room("r", &live, HERE, None, now, 0.0)
+        .unwrap()
+        .token;
+    let old = reg
+        .join_room("r", &Request::original("old"), HERE, now, &mut out)
+        .unwrap()
+        .token;
+    let quiet = reg
+        .join_room(
+            "r",
+            &Request {
+                username: "quiet".into(),
+                ..live.clone()
+            },
+            HERE,
+            now,
+            &mut out,
+        )
+        .unwrap()
+        .token;
+    for (t, p) in [(&host, 1), (&old, 2), (&quiet, 3)] {
+        reg.handle_datagram(addr(p), &dgram("r", t, "__REGISTER__"), now, &mut out);
+    }
+    out.clear();
+    // At 25 s the host has sent keepalives; quiet has not.
+    let t25 = now + Duration::from_secs(25);
+    reg.handle_datagram(addr(1), &dgram("r", &host, "__REGISTER__"), t25, &mut out);
+    assert_eq!(reg.poll_expired(now + Duration::from_secs(31), &mut out), 1);
+    assert_eq!(sent(&out), vec![(addr(1), "* quiet TimedOut".into())]);
+    out.clear();
+    // The host falls silent: at 56 s the room closes; the original member is told.
+    assert_eq!(reg.poll_expired(t25 + Duration::from_secs(31), &mut out), 1);
+    assert_eq!(sent(&out), vec![(addr(2), "CLOSED".into())]);
+    assert_eq!(reg.stats().rooms, 0);
+}
+
+#[test]
+fn an_expired_member_that_comes_back_is_told_if_it_reads_notices() {
+    let (mut reg, now, mut out, host) = room_r();
+    let sleepy = |name: &str, caps| Request {
+        keepalive_secs: Some(1),
+        caps,
+        form: tcrp::payload::RequestForm::JsonObject,
+        ..Request::original(name)
+    };
+    let aware = reg
+        .join_room("r", &sleepy("aware", Caps::NOTICES), HERE, now, &mut out)
+        .unwrap()
+        .token;
+    let plain = reg
+        .join_room("r", &sleepy("plain", Caps::none()), HERE, now, &mut out)
+        .unwrap()
+        .token;
+    for (t, p) in [(&host, 1), (&aware, 2), (&plain, 3)] {
+        reg.handle_datagram(addr(p), &dgram("r", t, "__REGISTER__"), now, &mut out);
+    }
+    let later = now + Duration::from_secs(10);
+    assert_eq!(reg.poll_expired(later, &mut out), 2);
+    out.clear();
+    // Back from sleep: the notice-aware member learns it was removed ("you": no name).
+    let h = reg.handle_datagram(
+        addr(2),
+        &dgram("r", &aware, "__REGISTER__"),
+        later,
+        &mut out,
+    );
+    assert_eq!(h, Handled::ClosedReply);
+    assert_eq!(sent(&out), vec![(addr(2), "*  TimedOut".into())]);
+    out.clear();
+    let h = reg.handle_datagram(
+        addr(3),
+        &dgram("r", &plain, "__REGISTER__"),
+        later,
+        &mut out,
+    );
+    assert_eq!(h, Handled::Dropped(DropReason::UnknownToken));
+    assert!(out.is_empty());
+    // The room lives on for the host.
+    assert_eq!(reg.stats().rooms, 1);
+    // Both replies share one interval per source: the address just told it timed out
+    // hears of the room's closing only once the interval has passed.
+    reg.handle_datagram(addr(1), &dgram("r", &host, "__LEAVE__"), later, &mut out);
+    out.clear();
+    let closed = dgram("r", &host, "anyone?");
+    let soon = later + Duration::from_millis(500);
+    let h = reg.handle_datagram(addr(2), &closed, soon, &mut out);
+    assert_eq!(h, Handled::Dropped(DropReason::UnknownToken));
+    assert!(out.is_empty());
+    let after = later + Duration::from_secs(2);
+    let h = reg.handle_datagram(addr(2), &closed, after, &mut out);
+    assert_eq!(h, Handled::ClosedReply);
+    assert_eq!(sent(&out), vec![(addr(2), "CLOSED".into())]);
+}
+
+#[test]
+fn caps_members_get_sequenced_frames_and_notices() {
+    let (mut reg, now, mut out, host) = room_r();
+    reg.handle_datagram(addr(1), &dgram("r", &host, "__REGISTER__"), now, &mut out);
+    let rich = Request {
+        caps: Caps::SEQ.with(Caps::NOTICES),
+        form: tcrp::payload::RequestForm::JsonObject,
+        ..Request::original("rich")
+    };
+    let rich_token = reg
+        .join_room("r", &rich, HERE, now, &mut out)
+        .unwrap()
+        .token;
+    reg.handle_datagram(
+        addr(2),
+        &dgram("r", &rich_token, "__REGISTER__"),
+        now,
+        &mut out,
+    );
+    assert!(out.is_empty(), "the original host hears no notice");
+    reg.join_room("r", &Request::original("late"), HERE, now, &mut out)
+        .unwrap();
+    assert_eq!(sent(&out), vec![(addr(2), "* late Joined".into())]);
+    out.clear();
+    reg.handle_datagram(addr(1), &dgram("r", &host, "one"), now, &mut out);
+    reg.handle_datagram(addr(1), &dgram("r", &host, "two"), now, &mut out);
+    assert_eq!(
+        sent(&out),
+        vec![
+            (addr(2), "#1 host: one".into()),
+            (addr(2), "#2 host: two".into())
+        ]
+    );
+}
+
+#[test]
+fn chat_rate_limit_drops_and_refills() {
+    let limits = Limits {
+        chat_rate: 10.0,
+        chat_burst: 2.0,
+        ..Limits::default()
+    };
+    let mut t = room_of_three();
+    t.reg.set_limits(limits);
+    let mut out = Outbox::default();
+    // The bucket was filled with the default burst at join; drain it.
+    let d = dgram("r", &t.bob, "x");
+    let mut relayed = 0;
+    for _ in 0..200 {
+        if let Handled::Relayed { .. } = t.reg.handle_datagram(addr(2), &d, t.now, &mut out) {
+            relayed += 1;
+        }
+    }
+    assert!(relayed <= 100, "burst bounded: {relayed}");
+    assert_eq!(
+        t.reg.handle_datagram(addr(2), &d, t.now, &mut out),
+        Handled::Dropped(DropReason::RateLimited)
+    );
+    let later = t.now + Duration::from_millis(150);
+    assert!(matches!(
+        t.reg.handle_datagram(addr(2), &d, later, &mut out),
+        Handled::Relayed { .. }
+    ));
+}
+
+#[test]
+fn moving_the_address_takes_from_the_chat_allowance() {
+    let limits = Limits {
+        chat_rate: 10.0,
+        chat_burst: 4.0,
+        ..Limits::default()
+    };
+    let mut t = room_of_three();
+    t.reg.set_limits(limits);
+    t.reg.take_records();
+    let mut out = Outbox::default();
+    let register = dgram("r", &t.bob, "__REGISTER__");
+    // Flipping between two ports: every move writes a record until the bucket (filled
+    // with the default burst at join, 100, now capped at 4) is empty.
+    let moves: Vec<Handled> = (0..50)
+        .map(|i| {
+            let port = if i % 2 == 0 { 20 } else { 2 };
+            t.reg
+                .handle_datagram(addr(port), &register, t.now, &mut out)
+        })
+        .collect();
+    let moved = moves
+        .iter()
+        .filter(|h| **h == Handled::Registered { changed: true })
+        .count();
+    assert!((1..=4).contains(&moved), "{moved} moves: {moves:?}");
+    // Past that, a REGISTER from the other port is dropped (the member stays put), and
+    // one from where it is is a keepalive.
+    assert!(moves[moved..].iter().all(|h| matches!(
+        h,
+        Handled::Dropped(DropReason::RateLimited) | Handled::Registered { changed: false }
+    )));
+    assert!(moves.contains(&Handled::Dropped(DropReason::RateLimited)));
+    assert_eq!(t.reg.take_records().len(), moved);
+    // Where it is now, a REGISTER is a keepalive, and costs nothing.
+    let here = if moved % 2 == 1 { 20 } else { 2 };
+    assert_eq!(
+        t.reg
+            .handle_datagram(addr(here), &register, t.now, &mut out),
+        Handled::Registered { changed: false }
+    );
+    // The allowance refills: a move is taken again 100 ms later.
+    let elsewhere = if here == 20 { 2 } else { 20 };
+    let later = t.now + Duration::from_millis(150);
+    assert_eq!(
+        t.reg
+            .handle_datagram(addr(elsewhere), &register, later, &mut out),
+        Handled::Registered { changed: true }
+    );
+    // With no chat limit, moves are not limited either.
+    t.reg.set_limits(Limits {
+        chat_rate: 0.0,
+        ..Limits::default()
+    });
+    for i in 0..50 {
+        let port = if i % 2 == 0 { here } else { elsewhere };
+        assert_eq!(
+            t.reg
+                .handle_datagram(addr(port), &register, later, &mut out),
+            Handled::Registered { changed: true }
+        );
+    }
+}
+
+#[test]
+fn listing_takes_the_first_rooms_by_name() {
+    let (mut reg, now, mut out, _) = room_r();
+    for name in ["m", "b", "z", "a", "k"] {
+        reg.create_room(name, &Request::original("h"), HERE, None, now, 0.0)
+            .unwrap();
+    }
+    let names = |rooms: Vec<RoomInfo>| rooms.into_iter().map(|r| r.name).collect::<Vec<_>>();
+    assert_eq!(names(reg.list_rooms(3)), ["a", "b", "k"]);
+    assert_eq!(names(reg.list_rooms(0)), Vec::<String>::new());
+    assert_eq!(
+        names(reg.list_rooms(usize::MAX)),
+        ["a", "b", "k", "m", "r", "z"]
+    );
+    assert_eq!(names(reg.list_rooms(6)), names(reg.list_rooms(7)));
+    out.clear();
+}
+
+#[test]
+fn listing_and_presence() {
+    let mut t = room_of_three();
+    let hidden = Request {
+        listed: Some(false),
+        ..Request::original("h")
+    };
+    t.reg
+        .create_room("secret", &hidden, HERE, None, t.now, 2.0)
+        .unwrap();
+    let rooms = t.reg.list_rooms(usize::MAX);
+    assert_eq!(
+        rooms,
+        vec![RoomInfo {
+            name: "r".into(),
+            members: 3,
+            created_at: 1.0,
+            has_password: false
+        }]
+    );
+    let p = t.reg.presence("r").unwrap();
+    assert_eq!(p.host, "host");
+    assert_eq!(p.members.len(), 3);
+    assert!(p.members.iter().all(|(_, registered)| *registered));
+    assert_eq!(t.reg.presence("nope"), None);
+}
+
+#[test]
+fn history_keeps_at_most_its_byte_budget_per_room() {
+    let mut t = room_of_three();
+    t.reg.set_limits(Limits {
+        history: 100,
+        history_bytes: 10_000,
+        chat_rate: 0.0,
+        ..Limits::default()
+    });
+    let mut out = Outbox::default();
+    // 3000-byte texts from "bob": 3003 bytes each, so three fit in 10,000 and a fourth
+    // pushes the oldest out.
+    for i in 1..=5 {
+        let text = format!("{i}").repeat(3000);
+        let h = t
+            .reg
+            .handle_datagram(addr(2), &dgram("r", &t.bob, &text), t.now, &mut out);
+        assert_eq!(h, Handled::Relayed { deliveries: 2 });
+    }
+    let token = t.cy.as_str().as_bytes();
+    let (page, more) = t.reg.history_page("r", token, None, 100).unwrap();
+    assert_eq!(page.iter().map(|m| m.seq).collect::<Vec<_>>(), [3, 4, 5]);
+    assert!(!more);
+    // A message over the whole budget is still kept, alone.
+    t.reg.set_limits(Limits {
+        history: 100,
+        history_bytes: 100,
+        chat_rate: 0.0,
+        ..Limits::default()
+    });
+    t.reg.handle_datagram(
+        addr(2),
+        &dgram("r", &t.bob, &"x".repeat(200)),
+        t.now,
+        &mut out,
+    );
+    let (page, _) = t.reg.history_page("r", token, None, 100).unwrap();
+    assert_eq!(page.iter().map(|m| m.seq).collect::<Vec<_>>(), [6]);
+}
+
+/// Creates each of `rooms` with a host `h` (registered from port i + 1, i the room's
+/// index) and a guest `g` (port i + 11); returns the hosts' tokens.
+fn rooms_of_two(reg: &mut Registry, rooms: &[&str], now: Instant, out: &mut Outbox) -> Vec<Token> {
+    let mut hosts = Vec::new();
+    for (i, room) in rooms.iter().enumerate() {
+        let port = i as u16 + 1;
+        let host = reg
+            .create_room(room, &Request::original("h"), HERE, None, now, 1.0)
+            .unwrap()
+            .token;
+        let guest = reg
+            .join_room(room, &Request::original("g"), HERE, now, out)
+            .unwrap()
+            .token;
+        for (t, p) in [(&host, port), (&guest, port + 10)] {
+            reg.handle_datagram(addr(p), &dgram(room, t, "__REGISTER__"), now, out);
+        }
+        hosts.push(host);
+    }
+    hosts
+}
+
+/// Checkpoints write each kept message once, and the file model that applies them holds
+/// exactly the registry's history, through trimming by count and by bytes and through
+/// budgets that leave rooms for later.
+#[test]
+fn history_checkpoints_carry_only_new_messages_and_rebuild_the_same_history() {
+    let mut reg = registry();
+    reg.set_limits(Limits {
+        chat_rate: 0.0,
+        history: 5,
+        history_bytes: 40,
+        ..Limits::default()
+    });
+    let now = Instant::now();
+    let mut out = Outbox::default();
+    let mut state = State::default();
+    let rooms = ["a", "b", "c"];
+    let hosts = rooms_of_two(&mut reg, &rooms, now, &mut out);
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut written = std::collections::HashSet::new();
+    let mut apply = |reg: &mut Registry, state: &mut State| {
+        for r in reg.take_records() {
+            if let Record::HistoryAppend { room, messages, .. } = &r {
+                for m in messages {
+                    assert!(
+                        written.insert((room.clone(), m.seq)),
+                        "{room} #{} twice",
+                        m.seq
+                    );
+                }
+            }
+            state.apply(&r);
+        }
+    };
+    apply(&mut reg, &mut state);
+    for _ in 0..300 {
+        let i = rng.gen_range(0..rooms.len());
+        let text = "x".repeat(rng.gen_range(1..20));
+        let h = reg.handle_datagram(
+            addr(i as u16 + 1),
+            &dgram(rooms[i], &hosts[i], &text),
+            now,
+            &mut out,
+        );
+        assert_eq!(h, Handled::Relayed { deliveries: 1 });
+        if rng.gen_bool(0.2) {
+            reg.checkpoint_history_within(rng.gen_range(1..60));
+            apply(&mut reg, &mut state);
+        }
+    }
+    reg.checkpoint_history();
+    apply(&mut reg, &mut state);
+    for (room, host) in rooms.iter().zip(&hosts) {
+        let (kept, _) = reg
+            .history_page(room, host.as_str().as_bytes(), None, 100)
+            .unwrap();
+        assert!(!kept.is_empty() && kept.len() <= 5);
+        assert_eq!(state.rooms[*room].history, kept, "room {room}");
+        assert_eq!(state.rooms[*room].next_seq, kept.last().unwrap().seq + 1);
+    }
+    // One more message in a full room: the checkpoint carries that message only.
+    reg.handle_datagram(addr(1), &dgram("a", &hosts[0], "last"), now, &mut out);
+    assert_eq!(reg.checkpoint_history(), 1);
+    match reg.take_records().as_slice() {
+        [Record::HistoryAppend { messages, .. }] => {
+            let texts: Vec<&str> = messages.iter().map(|m| m.text.as_str()).collect();
+            assert_eq!(texts, ["last"]);
+        }
+        other => panic!("expected one history_append, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_budgeted_checkpoint_writes_some_rooms_and_the_next_one_the_rest() {
+    let mut reg = registry();
+    reg.set_limits(Limits {
+        chat_rate: 0.0,
+        ..Limits::default()
+    });
+    let now = Instant::now();
+    let mut out = Outbox::default();
+    let hosts = rooms_of_two(&mut reg, &["a", "b", "c"], now, &mut out);
+    for (i, (room, host)) in ["a", "b", "c"].iter().zip(&hosts).enumerate() {
+        let port = i as u16 + 1;
+        // 3000 + 1 bytes of history per room.
+        let h = reg.handle_datagram(
+            addr(port),
+            &dgram(room, host, &"x".repeat(3000)),
+            now,
+            &mut out,
+        );
+        assert_eq!(h, Handled::Relayed { deliveries: 1 });
+    }
+    reg.take_records();
+    let rooms_written = |reg: &mut Registry| -> Vec<String> {
+        let mut names: Vec<String> = reg
+            .take_records()
+            .into_iter()
+            .filter_map(|r| match r {
+                Record::HistoryAppend { room, .. } => Some(room),
+                _ => None,
+            })
+            .collect();
+        names.sort();
+        names
+    };
+    // A budget smaller than one room still writes one room; then a budget of 5000
+    // bytes writes the other two (the second takes it past), and nothing is left.
+    assert_eq!(reg.checkpoint_history_within(1), 1);
+    let first = rooms_written(&mut reg);
+    assert_eq!(reg.checkpoint_history_within(5000), 2);
+    let second = rooms_written(&mut reg);
+    let mut all = [first, second].concat();
+    all.sort();
+    assert_eq!(all, ["a", "b", "c"]);
+    assert_eq!(reg.checkpoint_history_within(5000), 0, "nothing left");
+    // Round robin: a room written by one call and dirtied again waits behind the rooms
+    // that call left out.
+    for (port, room) in [(1, "a"), (2, "b"), (3, "c")] {
+        let host = &hosts[port as usize - 1];
+        reg.handle_datagram(addr(port), &dgram(room, host, "again"), now, &mut out);
+    }
+    reg.take_records();
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        assert_eq!(reg.checkpoint_history_within(1), 1);
+        order.extend(rooms_written(&mut reg));
+    }
+    // The previous call wrote every dirty room, so this round starts from the first room
+    // (slab keys follow creation), one room per call.
+    assert_eq!(order, ["a", "b", "c"]);
+    reg.handle_datagram(addr(2), &dgram("b", &hosts[1], "more"), now, &mut out);
+    reg.handle_datagram(addr(1), &dgram("a", &hosts[0], "more"), now, &mut out);
+    reg.take_records();
+    assert_eq!(reg.checkpoint_history_within(1), 1);
+    assert_eq!(rooms_written(&mut reg), ["a"]);
+    reg.handle_datagram(addr(1), &dgram("a", &hosts[0], "more"), now, &mut out);
+    reg.take_records();
+    assert_eq!(reg.checkpoint_history_within(1), 1);
+    assert_eq!(
+        rooms_written(&mut reg),
+        ["b"],
+        "a was written last time: b first"
+    );
+    assert_eq!(reg.checkpoint_history_within(1), 1);
+    assert_eq!(rooms_written(&mut reg), ["a"]);
+}
+
+#[test]
+fn history_keeps_the_last_messages_and_pages_back() {
+    let mut t = room_of_three();
+    t.reg.set_limits(Limits {
+        history: 3,
+        chat_rate: 0.0,
+        ..Limits::default()
+    });
+    t.reg.set_wall_clock(t.now, 1000.0);
+    let mut out = Outbox::default();
+    for i in 1..=5 {
+        let later = t.now + Duration::from_secs(i);
+        t.reg.handle_datagram(
+            addr(2),
+            &dgram("r", &t.bob, &format!("m{i}")),
+            later,
+            &mut out,
+        );
+    }
+    let token = t.cy.as_str().as_bytes();
+    let (page, more) = t.reg.history_page("r", token, None, 2).unwrap();
+    assert_eq!(
+        page.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(),
+        ["m4", "m5"]
+    );
+    assert!(more);
+    assert_eq!(page[1].seq, 5);
+    assert_eq!(page[1].sender, "bob");
+    assert_eq!(page[1].at, 1005.0);
+    let (older, more) = t.reg.history_page("r", token, Some(4), 2).unwrap();
+    assert_eq!(older.iter().map(|m| m.seq).collect::<Vec<_>>(), [3]);
+    assert!(!more, "only three kept");
+    assert_eq!(
+        t.reg.history_page("r", b"nope", None, 2),
+        Err(ErrorCode::NotMember)
+    );
+    assert_eq!(
+        t.reg.history_page("x", token, None, 2),
+        Err(ErrorCode::RoomNotFound)
+    );
+    // A checkpoint carries it to the file model, and a rebuilt registry continues the
+    // sequence.
+    t.reg.take_records();
+    assert_eq!(t.reg.checkpoint_history(), 1);
+    assert_eq!(t.reg.checkpoint_history(), 0, "nothing new");
+    let mut state = State::default();
+    state.apply(&Record::CreateRoom {
+        room: "r".into(),
+        host: MemberRecord {
+            token: t.host.as_str().into(),
+            username: "host".into(),
+            keepalive: None,
+            caps: 0,
+            max_datagram: None,
+            joined_from: None,
+        },
+        created_at: 0.0,
+        listed: true,
+        password_hash: None,
+    });
+    for r in t.reg.take_records() {
+        state.apply(&r);
+    }
+    assert_eq!(state.rooms["r"].next_seq, 6);
+    assert_eq!(state.rooms["r"].history.len(), 3);
+    let reg = Registry::from_state(
+        &state,
+        Limits::default(),
+        Box::new(StdRng::seed_from_u64(3)),
+        t.now,
+    );
+    let host = t.host.as_str().as_bytes();
+    assert_eq!(reg.history_page("r", host, None, 10).unwrap().0.len(), 3);
+}
+
+#[test]
+fn a_hostile_state_file_cannot_break_the_registry() {
+    let member = |t: &str, n: &str| MemberRecord {
+        token: t.into(),
+        username: n.into(),
+        keepalive: None,
+        caps: 0,
+        max_datagram: None,
+        joined_from: None,
+    };
+    let create = |room: &str, host: MemberRecord| Record::CreateRoom {
+        room: room.into(),
+        host,
+        created_at: 0.0,
+        listed: true,
+        password_hash: None,
+    };
+    let now = Instant::now();
+    let limits = Limits {
+        chat_rate: 0.0,
+        ..Limits::default()
+    };
+    // Rooms that do not hang together are left out: a host name too long to send, a room
+    // name too long to name in a request, a token listed by two rooms (the second loses
+    // it, and a room without its host is dropped whole).
+    let mut state = State::default();
+    state.apply(&create("badhost", member("h2", &"x".repeat(300))));
+    state.apply(&create(&"n".repeat(256), member("h4", "d")));
+    state.apply(&create("dup", member("h3", "b")));
+    state.apply(&create("zz", member("h5", "e")));
+    state.apply(&Record::Join {
+        room: "dup".into(),
+        member: member("h5", "c"),
+    });
+    let reg = Registry::from_state(
+        &state,
+        limits.clone(),
+        Box::new(StdRng::seed_from_u64(1)),
+        now,
+    );
+    assert_eq!(
+        reg.stats(),
+        Stats {
+            rooms: 1,
+            members: 2,
+            registered: 0,
+            tombstones: 0
+        }
+    );
+    assert_eq!(reg.presence("dup").unwrap().members.len(), 2);
+    assert!(reg.presence("badhost").is_none() && reg.presence("zz").is_none());
+    // A sequence number at its limit saturates instead of overflowing.
+    let mut state = State::default();
+    state.apply(&create("seq", member("h1", "a")));
+    state.apply(&Record::History {
+        room: "seq".into(),
+        next_seq: u64::MAX,
+        messages: vec![],
+    });
+    let mut reg = Registry::from_state(&state, limits, Box::new(StdRng::seed_from_u64(1)), now);
+    let mut out = Outbox::default();
+    let h1 = Token::from_stored("h1");
+    reg.handle_datagram(addr(1), &dgram("seq", &h1, "__REGISTER__"), now, &mut out);
+    for _ in 0..3 {
+        let h = reg.handle_datagram(addr(1), &dgram("seq", &h1, "hi"), now, &mut out);
+        assert_eq!(h, Handled::Relayed { deliveries: 0 });
+    }
+}
+
+/// A hand-edited file can number a room's messages anyhow (out of order, twice, past
+/// `next_seq`, at `u64::MAX`). Checkpoints count messages, not numbers: each new message
+/// is written once, a quiet room writes nothing, and the file model keeps what the
+/// registry keeps.
+#[test]
+fn history_checkpoints_follow_the_messages_whatever_numbers_a_file_gave_them() {
+    let entry = |seq: u64, text: &str| HistoryEntry {
+        seq,
+        sender: "h".into(),
+        text: text.into(),
+        at: 0.0,
+    };
+    let mut state = State::default();
+    state.apply(&Record::CreateRoom {
+        room: "r".into(),
+        host: MemberRecord {
+            token: "h1".into(),
+            username: "h".into(),
+            keepalive: None,
+            caps: 0,
+            max_datagram: None,
+            joined_from: None,
+        },
+        created_at: 0.0,
+        listed: true,
+        password_hash: None,
+    });
+    state.apply(&Record::History {
+        room: "r".into(),
+        next_seq: u64::MAX - 1,
+        messages: vec![
+            entry(50, "x"),
+            entry(50, "y"),
+            entry(u64::MAX, "z"),
+            entry(7, "w"),
+        ],
+    });
+    let limits = Limits {
+        chat_rate: 0.0,
+        history: 4,
+        ..Limits::default()
+    };
+    let now = Instant::now();
+    let mut reg = Registry::from_state(&state, limits, Box::new(StdRng::seed_from_u64(1)), now);
+    assert_eq!(reg.checkpoint_history(), 0, "nothing new was said");
+    let h1 = Token::from_stored("h1");
+    let mut out = Outbox::default();
+    reg.handle_datagram(addr(1), &dgram("r", &h1, "__REGISTER__"), now, &mut out);
+    let kept = |reg: &Registry| -> Vec<String> {
+        let room = reg.room_index["r"];
+        reg.rooms[room.0]
+            .history
+            .iter()
+            .map(|m| m.text.clone())
+            .collect()
+    };
+    for (i, text) in ["a", "b", "c"].iter().enumerate() {
+        reg.handle_datagram(addr(1), &dgram("r", &h1, text), now, &mut out);
+        if i != 1 {
+            assert_eq!(reg.checkpoint_history(), 1);
+        }
+        for r in reg.take_records() {
+            state.apply(&r);
+        }
+    }
+    assert_eq!(reg.checkpoint_history(), 0, "a quiet room writes nothing");
+    assert_eq!(kept(&reg), ["w", "a", "b", "c"]);
+    let file: Vec<&str> = state.rooms["r"]
+        .history
+        .iter()
+        .map(|m| m.text.as_str())
+        .collect();
+    assert_eq!(file, ["w", "a", "b", "c"]);
+}
+
+/// With history off, a checkpoint still saves how far each chatting room has counted, so
+/// sequence numbers go on after a restart instead of starting again (and being reused).
+#[test]
+fn sequence_numbers_are_checkpointed_with_history_off_too() {
+    let limits = Limits {
+        chat_rate: 0.0,
+        history: 0,
+        ..Limits::default()
+    };
+    let mut reg = registry();
+    reg.set_limits(limits.clone());
+    let now = Instant::now();
+    let mut out = Outbox::default();
+    let hosts = rooms_of_two(&mut reg, &["a", "quiet"], now, &mut out);
+    let mut state = State::default();
+    for r in reg.take_records() {
+        state.apply(&r);
+    }
+    for text in ["1", "2", "3"] {
+        reg.handle_datagram(addr(1), &dgram("a", &hosts[0], text), now, &mut out);
+    }
+    assert_eq!(reg.checkpoint_history(), 1, "only the room that chatted");
+    for r in reg.take_records() {
+        match &r {
+            Record::HistoryAppend {
+                room,
+                next_seq,
+                kept,
+                messages,
+            } => assert_eq!(
+                (room.as_str(), *next_seq, *kept, messages.len()),
+                ("a", 4, 0, 0)
+            ),
+            other => panic!("{other:?}"),
+        }
+        state.apply(&r);
+    }
+    assert_eq!(reg.checkpoint_history(), 0, "nothing new");
+    let mut reg = Registry::from_state(&state, limits, Box::new(StdRng::seed_from_u64(5)), now);
+    // The restarted registry numbers the next message 4, not 1.
+    let next_seq = |reg: &Registry| reg.rooms[reg.room_index["a"].0].next_seq;
+    assert_eq!(next_seq(&reg), 4);
+    reg.handle_datagram(addr(1), &dgram("a", &hosts[0], "4"), now, &mut out);
+    assert_eq!(next_seq(&reg), 5);
+}
+
+/// Lower history limits apply at once: after a reload, what is over them is neither
+/// served nor left in the journal's copy (the next checkpoint trims it), and a start on a
+/// file that kept more than today's limits trims the file the same way.
+#[test]
+fn lower_history_limits_trim_at_once_and_the_next_checkpoint_trims_the_file() {
+    let limits = |history: usize, history_bytes: usize| Limits {
+        chat_rate: 0.0,
+        history,
+        history_bytes,
+        ..Limits::default()
+    };
+    let mut reg = registry();
+    reg.set_limits(limits(5, 1000));
+    let now = Instant::now();
+    let mut out = Outbox::default();
+    let hosts = rooms_of_two(&mut reg, &["a", "b"], now, &mut out);
+    for text in ["1", "2", "3", "4"] {
+        reg.handle_datagram(addr(1), &dgram("a", &hosts[0], text), now, &mut out);
+    }
+    reg.handle_datagram(addr(2), &dgram("b", &hosts[1], "x"), now, &mut out);
+    let mut state = State::default();
+    // The (room, kept) of each record written; a trim carries no message.
+    let checkpoint = |reg: &mut Registry, state: &mut State| -> Vec<(String, usize)> {
+        reg.checkpoint_history();
+        let mut trims = Vec::new();
+        for r in reg.take_records() {
+            if let Record::HistoryAppend {
+                room,
+                kept,
+                messages,
+                ..
+            } = &r
+            {
+                trims.push((room.clone(), *kept));
+                assert!(messages.is_empty() || state.rooms[room].history.is_empty());
+            }
+            state.apply(&r);
+        }
+        trims
+    };
+    checkpoint(&mut reg, &mut state);
+    let before_the_reload = state.clone();
+    let texts = |reg: &Registry, room: &str, host: &Token| -> Vec<String> {
+        let (page, _) = reg
+            .history_page(room, host.as_str().as_bytes(), None, 100)
+            .unwrap();
+        page.into_iter().map(|m| m.text).collect()
+    };
+    let file = |state: &State, room: &str| -> Vec<String> {
+        state.rooms[room]
+            .history
+            .iter()
+            .map(|m| m.text.clone())
+            .collect()
+    };
+
+    // Two messages a room: "a" is trimmed without a new message, "b" is untouched.
+    reg.set_limits(limits(2, 1000));
+    assert_eq!(texts(&reg, "a", &hosts[0]), ["3", "4"]);
+    assert_eq!(texts(&reg, "b", &hosts[1]), ["x"]);
+    assert_eq!(checkpoint(&mut reg, &mut state), [("a".to_owned(), 2)]);
+    assert_eq!(file(&state, "a"), ["3", "4"]);
+    assert_eq!(
+        checkpoint(&mut reg, &mut state),
+        [],
+        "the trim is written once"
+    );
+
+    // A byte budget below one message keeps each room's newest, alone.
+    reg.set_limits(limits(2, 1));
+    assert_eq!(texts(&reg, "a", &hosts[0]), ["4"]);
+    assert_eq!(texts(&reg, "b", &hosts[1]), ["x"]);
+    assert_eq!(checkpoint(&mut reg, &mut state), [("a".to_owned(), 1)]);
+
+    // History off: nothing is served, and the file keeps nothing either.
+    reg.set_limits(limits(0, 1000));
+    assert!(texts(&reg, "a", &hosts[0]).is_empty());
+    assert!(texts(&reg, "b", &hosts[1]).is_empty());
+    let mut trims = checkpoint(&mut reg, &mut state);
+    trims.sort();
+    assert_eq!(trims, [("a".to_owned(), 0), ("b".to_owned(), 0)]);
+    assert!(file(&state, "a").is_empty() && file(&state, "b").is_empty());
+
+    // A start under lower limits than the file was written with trims the file too.
+    let mut reg = Registry::from_state(
+        &before_the_reload,
+        limits(1, 1000),
+        Box::new(StdRng::seed_from_u64(3)),
+        now,
+    );
+    let mut state = before_the_reload;
+    assert_eq!(checkpoint(&mut reg, &mut state), [("a".to_owned(), 1)]);
+    assert_eq!(file(&state, "a"), ["4"]);
+    assert_eq!(file(&state, "b"), ["x"]);
+}
+
+/// Names that fail today's check but fit the protocol were acknowledged with their tokens:
+/// they load as stored, and the room relays. Without this, a host named with a control
+/// character would take its whole room down at the next start.
+#[test]
+fn stored_names_that_fail_todays_check_are_kept() {
+    let member = |t: &str, n: &str| MemberRecord {
+        token: t.into(),
+        username: n.into(),
+        keepalive: None,
+        caps: 0,
+        max_datagram: None,
+        joined_from: None,
+    };
+    let names = ["host\n", "", &"y".repeat(65), "tab\there", "ok"];
+    let mut state = State::default();
+    state.apply(&Record::CreateRoom {
+        room: "bad\nroom".into(),
+        host: member("t0", names[0]),
+        created_at: 0.0,
+        listed: true,
+        password_hash: None,
+    });
+    for (i, name) in names.iter().enumerate().skip(1) {
+        state.apply(&Record::Join {
+            room: "bad\nroom".into(),
+            member: member(&format!("t{i}"), name),
+        });
+    }
+    let now = Instant::now();
+    let mut reg = Registry::from_state(
+        &state,
+        Limits::default(),
+        Box::new(StdRng::seed_from_u64(4)),
+        now,
+    );
+    let presence = reg.presence("bad\nroom").expect("room kept");
+    assert_eq!(presence.host, names[0]);
+    let listed: Vec<&str> = presence.members.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(listed, names);
+    let mut out = Outbox::default();
+    for i in 0..names.len() {
+        let t = Token::from_stored(&format!("t{i}"));
+        reg.handle_datagram(
+            addr(i as u16 + 1),
+            &dgram("bad\nroom", &t, "__REGISTER__"),
+            now,
+            &mut out,
+        );
+    }
+    let host = Token::from_stored("t0");
+    let h = reg.handle_datagram(addr(1), &dgram("bad\nroom", &host, "hi"), now, &mut out);
+    assert_eq!(
+        h,
+        Handled::Relayed {
+            deliveries: names.len() - 1
+        }
+    );
+}
+
+/// A member loaded with an empty username (kept, as above) leaves or times out without a
+/// notice: its timed-out notice would be `00 03 03 00`, the nameless "you timed out", to
+/// every notice taker. Its chat still reaches them, and a named member's departure is
+/// announced as before.
+#[test]
+fn a_member_with_an_empty_stored_name_is_not_announced() {
+    let member = |t: &str, n: &str, keepalive: Option<u32>| MemberRecord {
+        token: t.into(),
+        username: n.into(),
+        keepalive,
+        caps: Caps::NOTICES.with(Caps::SEQ).bits(),
+        max_datagram: None,
+        joined_from: None,
+    };
+    for expires in [false, true] {
+        let mut state = State::default();
+        state.apply(&Record::CreateRoom {
+            room: "r".into(),
+            host: member("t0", "host", None),
+            created_at: 0.0,
+            listed: true,
+            password_hash: None,
+        });
+        for (token, name, keepalive) in [("t1", "", Some(1)), ("t2", "named", None)] {
+            state.apply(&Record::Join {
+                room: "r".into(),
+                member: member(token, name, keepalive),
+            });
+        }
+        let now = Instant::now();
+        let mut reg = Registry::from_state(
+            &state,
+            Limits::default(),
+            Box::new(StdRng::seed_from_u64(5)),
+            now,
+        );
+        let mut out = Outbox::default();
+        let token = |i: u16| Token::from_stored(&format!("t{i}"));
+        for i in 0..3 {
+            let bytes = dgram("r", &token(i), "__REGISTER__");
+            reg.handle_datagram(addr(i + 1), &bytes, now, &mut out);
+        }
+        out.clear();
+        reg.handle_datagram(addr(2), &dgram("r", &token(1), "hi"), now, &mut out);
+        assert_eq!(
+            sent(&out),
+            vec![(addr(1), "#1 : hi".into()), (addr(3), "#1 : hi".into())]
+        );
+        out.clear();
+        let later = now + Duration::from_secs(60);
+        if expires {
+            // Everyone but the empty-named member (the only one with a keepalive) stays.
+            assert_eq!(reg.poll_expired(later, &mut out), 1);
+            assert_eq!(reg.stats().members, 2);
+        } else {
+            let bytes = dgram("r", &token(1), "__LEAVE__");
+            assert_eq!(
+                reg.handle_datagram(addr(2), &bytes, now, &mut out),
+                Handled::Left
+            );
+        }
+        assert_eq!(sent(&out), vec![], "expired: {expires}");
+        let bytes = dgram("r", &token(2), "__LEAVE__");
+        reg.handle_datagram(addr(3), &bytes, later, &mut out);
+        assert_eq!(sent(&out), vec![(addr(1), "* named Left".into())]);
+    }
+}
+
+/// The state file the `state_loader` fuzz target found: `next_seq` at `u64::MAX`.
+#[test]
+fn fuzz_regression_next_seq_overflow() {
+    let bytes = include_bytes!("../../../../fuzz/regressions/state_loader-next-seq-overflow");
+    let state = crate::store::parse_state(bytes).expect("the reproducer parses");
+    let now = Instant::now();
+    let mut reg = Registry::from_state(
+        &state,
+        Limits::default(),
+        Box::new(StdRng::seed_from_u64(2)),
+        now,
+    );
+    let mut out = Outbox::default();
+    let h = Token::from_stored("h");
+    reg.handle_datagram(addr(1), &dgram("r", &h, "__REGISTER__"), now, &mut out);
+    assert_eq!(
+        reg.handle_datagram(addr(1), &dgram("r", &h, "chat"), now, &mut out),
+        Handled::Relayed { deliveries: 0 }
+    );
+}
+
+#[test]
+fn caps_are_enforced() {
+    let limits = Limits {
+        max_rooms: 1,
+        max_members_per_room: 2,
+        ..Limits::default()
+    };
+    let mut reg = Registry::new(limits, Box::new(StdRng::seed_from_u64(1)));
+    let now = Instant::now();
+    let mut out = Outbox::default();
+    reg.create_room("a", &Request::original("h"), HERE, None, now, 0.0)
+        .unwrap();
+    assert_eq!(
+        reg.create_room("b", &Request::original("h"), HERE, None, now, 0.0),
+        Err(ErrorCode::ServerFull)
+    );
+    reg.join_room("a", &Request::original("m"), HERE, now, &mut out)
+        .unwrap();
+    assert_eq!(
+        reg.join_room("a", &Request::original("n"), HERE, now, &mut out),
+        Err(ErrorCode::ServerFull)
+    );
+}
+
+#[test]
+fn batch_limits_follow_max_datagram_and_survive_a_reload_checked() {
+    let (mut reg, now, mut out, host) = room_r();
+    let batch = |name: &str, max_datagram| Request {
+        caps: Caps::BATCH,
+        max_datagram,
+        ..Request::original(name)
+    };
+    let mut tokens = vec![(host, 1)];
+    for (port, (name, max)) in [("wide", Some(65507)), ("plain", None), ("odd", Some(1472))]
+        .into_iter()
+        .enumerate()
+    {
+        let t = reg
+            .join_room("r", &batch(name, max), HERE, now, &mut out)
+            .unwrap()
+            .token;
+        tokens.push((t, port as u16 + 2));
+    }
+    for (t, p) in &tokens {
+        reg.handle_datagram(addr(*p), &dgram("r", t, "__REGISTER__"), now, &mut out);
+    }
+    let limits = |reg: &mut Registry| {
+        let mut out = Outbox::default();
+        reg.handle_datagram(addr(1), &dgram("r", &tokens[0].0, "hi"), now, &mut out);
+        let mut l: Vec<(u16, u16)> = out
+            .sends
+            .iter()
+            .map(|s| (s.to.port(), s.batch_limit))
+            .collect();
+        l.sort_unstable();
+        l
+    };
+    let expected = vec![(2, 65507), (3, 4096), (4, 1472)];
+    assert_eq!(limits(&mut reg), expected);
+
+    // Through the state file: kept; a hand-edited value out of range falls back to 4096.
+    let mut state = State::default();
+    for r in reg.take_records() {
+        state.apply(&r);
+    }
+    let mut reloaded = Registry::from_state(
+        &state,
+        Limits::default(),
+        Box::new(StdRng::seed_from_u64(5)),
+        now,
+    );
+    assert_eq!(limits(&mut reloaded), expected);
+    let odd = tokens[3].0.as_str();
+    state.tokens.get_mut(odd).unwrap().max_datagram = Some(70);
+    let mut tampered = Registry::from_state(
+        &state,
+        Limits::default(),
+        Box::new(StdRng::seed_from_u64(5)),
+        now,
+    );
+    assert_eq!(
+        limits(&mut tampered),
+        vec![(2, 65507), (3, 4096), (4, 4096)]
+    );
+}
+
+/// Random sessions of creates, joins (original and extension members, some promising
+/// keepalives), registrations from changing addresses, chat, leaves, host departures,
+/// expiry, history checkpoints and history limits lowered or raised (a reload). After
+/// each, the registry a restart builds from the records it wrote (each through its
+/// journal line's JSON, folded into a state file that is written and read back) answers
+/// as the live one does: the same rooms, members, registrations, presence and kept
+/// history, every token a member exactly where it was, and chat from every member and
+/// every address relayed or dropped alike, byte for byte.
+#[test]
+fn a_registry_rebuilt_from_its_records_answers_as_the_live_one_through_random_sessions() {
+    const ROOMS: [&str; 3] = ["a", "b", "c"];
+    const PORTS: u16 = 6;
+    for seed in 0..150u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut limits = Limits::default();
+        let mut live = Registry::new(limits.clone(), Box::new(StdRng::seed_from_u64(seed)));
+        let mut file = State::default();
+        let mut now = Instant::now();
+        let mut out = Outbox::default();
+        // Every token issued, with its room.
+        let mut issued: Vec<(&str, Token)> = Vec::new();
+        for step in 0..120 {
+            let room = ROOMS[rng.gen_range(0..ROOMS.len())];
+            let pick = |rng: &mut StdRng, issued: &[(&'static str, Token)]| {
+                (!issued.is_empty()).then(|| issued[rng.gen_range(0..issued.len())].clone())
+            };
+            match rng.gen_range(0..10) {
+                op @ 0..=2 => {
+                    let mut request = Request::original(&format!("u{}", rng.gen_range(0..5)));
+                    if rng.gen_bool(0.4) {
+                        request.caps = Caps::SEQ.with(Caps::NOTICES);
+                        request.keepalive_secs = rng.gen_bool(0.5).then_some(1);
+                    }
+                    let result = if op == 0 {
+                        live.create_room(room, &request, HERE, None, now, 1.0)
+                    } else {
+                        live.join_room(room, &request, HERE, now, &mut out)
+                    };
+                    if let Ok(ok) = result {
+                        issued.push((room, ok.token));
+                    }
+                }
+                op @ 3..=7 => {
+                    let Some((room, token)) = pick(&mut rng, &issued) else {
+                        continue;
+                    };
+                    let text = match op {
+                        3 | 4 => "__REGISTER__".to_owned(),
+                        7 => "__LEAVE__".to_owned(),
+                        _ => format!("m{step}"),
+                    };
+                    let from = addr(rng.gen_range(1..=PORTS));
+                    live.handle_datagram(from, &dgram(room, &token, &text), now, &mut out);
+                }
+                8 => {
+                    now += Duration::from_millis(rng.gen_range(0..2500));
+                    live.poll_expired(now, &mut out);
+                }
+                _ if rng.gen_bool(0.7) => {
+                    live.checkpoint_history();
+                }
+                _ => {
+                    limits = Limits {
+                        history: rng.gen_range(0..6),
+                        history_bytes: rng.gen_range(1..120),
+                        ..Limits::default()
+                    };
+                    live.set_limits(limits.clone());
+                }
+            }
+            out.clear();
+            check_indexes(&live);
+            for record in live.take_records() {
+                let line = serde_json::to_string(&record).unwrap();
+                file.apply(&serde_json::from_str::<Record>(&line).unwrap());
+            }
+        }
+        // A clean stop's last checkpoint, then the file as a restart reads it.
+        live.checkpoint_history();
+        for record in live.take_records() {
+            file.apply(&record);
+        }
+        // The file's two indexes agree: rooms list exactly the tokens that name them.
+        for (name, room) in &file.rooms {
+            for token in &room.members {
+                assert_eq!(file.tokens[token].room_name, *name, "seed {seed}");
+            }
+            assert!(room.members.contains(&room.host_token), "seed {seed}");
+        }
+        for (token, entry) in &file.tokens {
+            assert!(
+                file.rooms[&entry.room_name].members.contains(token),
+                "seed {seed}"
+            );
+        }
+        let bytes = file.to_file_bytes(SystemTime::UNIX_EPOCH).unwrap();
+        let reread = crate::store::parse_state(&bytes).unwrap();
+        let mut rebuilt = Registry::from_state(
+            &reread,
+            limits.clone(),
+            Box::new(StdRng::seed_from_u64(seed)),
+            now,
+        );
+        let counts = |r: &Registry| {
+            let s = r.stats();
+            (s.rooms, s.members, s.registered)
+        };
+        assert_eq!(counts(&rebuilt), counts(&live), "seed {seed}");
+        check_indexes(&rebuilt);
+        assert_eq!(
+            rebuilt.list_rooms(usize::MAX),
+            live.list_rooms(usize::MAX),
+            "seed {seed}"
+        );
+        for room in ROOMS {
+            assert_eq!(
+                rebuilt.presence(room),
+                live.presence(room),
+                "seed {seed} {room}"
+            );
+        }
+        // Kept history, asked with any member's token (times through JSON to a few ULPs).
+        for (room, token) in issued.iter().rev() {
+            let token = token.as_str().as_bytes();
+            let (Ok((want, _)), Ok((got, _))) = (
+                live.history_page(room, token, None, 1000),
+                rebuilt.history_page(room, token, None, 1000),
+            ) else {
+                continue;
+            };
+            let key = |m: &HistoryEntry| (m.seq, m.sender.clone(), m.text.clone());
+            let keys = |page: &[HistoryEntry]| page.iter().map(key).collect::<Vec<_>>();
+            assert_eq!(keys(&got), keys(&want), "seed {seed} room {room}");
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g.at - w.at).abs() <= 1e-9 * w.at.abs().max(1.0),
+                    "seed {seed}"
+                );
+            }
+        }
+        for (room, token) in &issued {
+            let member = live.is_member(room, token.as_str().as_bytes());
+            let kept = rebuilt.is_member(room, token.as_str().as_bytes());
+            assert_eq!(kept, member, "seed {seed}");
+            if !member {
+                continue; // closed-room tokens are remembered in memory only
+            }
+            for port in 1..=PORTS {
+                let bytes = dgram(room, token, "after the restart");
+                let (mut a, mut b) = (Outbox::default(), Outbox::default());
+                let got = rebuilt.handle_datagram(addr(port), &bytes, now, &mut b);
+                let want = live.handle_datagram(addr(port), &bytes, now, &mut a);
+                assert_eq!(got, want, "seed {seed} port {port}");
+                assert_eq!(sent(&b), sent(&a), "seed {seed} port {port}");
+            }
+        }
+    }
+}
+
+/// A registry whose hashes all collide finds every member by the comparisons its indexes
+/// make (room and username in the name index, the whole token in the token index, the
+/// look-alike keys in full), so through random sessions of creates, joins of names taken
+/// or free in this room or another, look-alike checks, and datagrams with tokens of this
+/// room, of another room or one byte off, it answers exactly as a registry with random
+/// hashes does: the same tokens, refusals, deliveries and look-alikes.
+#[test]
+fn a_registry_whose_hashes_all_collide_answers_as_one_whose_hashes_do_not() {
+    const ROOMS: [&str; 3] = ["a", "b", "c"];
+    // Two pairs of look-alikes, and names reused across rooms.
+    const NAMES: [&str; 5] = ["ann", "Ann", "bob", "b0b", "cy"];
+    for seed in 0..60u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let tokens = || Box::new(StdRng::seed_from_u64(seed));
+        let mut plain = Registry::new(Limits::default(), tokens());
+        let mut colliding = Registry::new(Limits::default(), tokens());
+        colliding.hasher.colliding = true;
+        let now = Instant::now();
+        let mut issued: Vec<(&str, Token)> = Vec::new();
+        for step in 0..150 {
+            let room = ROOMS[rng.gen_range(0..ROOMS.len())];
+            let name = NAMES[rng.gen_range(0..NAMES.len())];
+            let (mut want_out, mut got_out) = (Outbox::default(), Outbox::default());
+            let context = format!("seed {seed} step {step}");
+            match rng.gen_range(0..6) {
+                op @ 0..=2 => {
+                    let request = Request::original(name);
+                    let (want, got) = if op == 0 {
+                        (
+                            plain.create_room(room, &request, HERE, None, now, 1.0),
+                            colliding.create_room(room, &request, HERE, None, now, 1.0),
+                        )
+                    } else {
+                        (
+                            plain.join_room(room, &request, HERE, now, &mut want_out),
+                            colliding.join_room(room, &request, HERE, now, &mut got_out),
+                        )
+                    };
+                    assert_eq!(got, want, "{context}");
+                    if let Ok(issued_now) = want {
+                        issued.push((room, issued_now.token));
+                    }
+                }
+                3 | 4 if !issued.is_empty() => {
+                    let (own_room, token) = &issued[rng.gen_range(0..issued.len())];
+                    let mut token = token.as_str().as_bytes().to_vec();
+                    if rng.gen_bool(0.2) {
+                        let last = token.len() - 1;
+                        token[last] ^= 1;
+                    }
+                    let to_room = if rng.gen_bool(0.8) { own_room } else { room };
+                    let text = ["__REGISTER__", "hello", "__LEAVE__"][rng.gen_range(0..3)];
+                    let mut bytes = Vec::new();
+                    ucrp::datagram::encode(to_room.as_bytes(), &token, text, &mut bytes).unwrap();
+                    let from = addr(rng.gen_range(1..=4));
+                    let want = plain.handle_datagram(from, &bytes, now, &mut want_out);
+                    let got = colliding.handle_datagram(from, &bytes, now, &mut got_out);
+                    assert_eq!(got, want, "{context}");
+                    assert_eq!(
+                        colliding.is_member(to_room, &token),
+                        plain.is_member(to_room, &token),
+                        "{context}"
+                    );
+                }
+                _ => {
+                    assert_eq!(
+                        colliding.join_refusal(room, name),
+                        plain.join_refusal(room, name),
+                        "{context}"
+                    );
+                    assert_eq!(
+                        colliding.lookalike_member(room, name),
+                        plain.lookalike_member(room, name),
+                        "{context}"
+                    );
+                    assert_eq!(
+                        colliding.lookalike_room(name),
+                        plain.lookalike_room(name),
+                        "{context}"
+                    );
+                }
+            }
+            assert_eq!(sent(&got_out), sent(&want_out), "{context}");
+            check_indexes(&plain);
+            check_indexes(&colliding);
+        }
+        assert_eq!(colliding.stats(), plain.stats(), "seed {seed}");
+        for room in ROOMS {
+            assert_eq!(
+                colliding.presence(room),
+                plain.presence(room),
+                "seed {seed}"
+            );
+        }
+    }
+}
+
+#[test]
+fn rebuilt_from_state_keeps_rooms_tokens_and_addresses() {
+    let mut t = room_of_three();
+    let mut state = State::default();
+    for r in t.reg.take_records() {
+        state.apply(&r);
+    }
+    let mut reg = Registry::from_state(
+        &state,
+        Limits::default(),
+        Box::new(StdRng::seed_from_u64(3)),
+        t.now,
+    );
+    assert_eq!(
+        reg.stats(),
+        Stats {
+            rooms: 1,
+            members: 3,
+            registered: 3,
+            tombstones: 0
+        }
+    );
+    let mut out = Outbox::default();
+    let h = reg.handle_datagram(addr(2), &dgram("r", &t.bob, "still here"), t.now, &mut out);
+    assert_eq!(h, Handled::Relayed { deliveries: 2 });
+    let h = reg.handle_datagram(addr(1), &dgram("r", &t.host, "__LEAVE__"), t.now, &mut out);
+    assert_eq!(h, Handled::Closed { notified: 2 });
+    let _ = &t.cy;
+}

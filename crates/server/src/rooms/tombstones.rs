@@ -1,0 +1,100 @@
+//! Tokens that died recently (their room closed, or the member was expired): what a late
+//! datagram carrying one is told, and how often one source address may be told.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use super::Limits;
+
+/// Why a token is no longer live, and so what a late datagram carrying it is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Gone {
+    /// Its room closed: `__ROOM_CLOSED__`.
+    RoomClosed,
+    /// The member was expired for missed keepalives: a nameless timed-out notice ("you"),
+    /// when the member accepts notices; nothing otherwise.
+    Expired {
+        /// Whether the member asked for notices.
+        notices: bool,
+    },
+}
+
+/// Tokens that died recently (their room closed, or the member was expired), and when each
+/// source was last told.
+pub(super) struct Tombstones {
+    hasher: RandomState,
+    by_hash: HashMap<u64, (Instant, Gone)>,
+    order: VecDeque<(Instant, u64)>,
+    last_reply: HashMap<SocketAddr, Instant>,
+}
+
+impl Tombstones {
+    /// How many tokens are remembered.
+    pub(super) fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    /// No token remembered, no reply made.
+    pub(super) fn new() -> Tombstones {
+        Tombstones {
+            hasher: RandomState::new(),
+            by_hash: HashMap::new(),
+            order: VecDeque::new(),
+            last_reply: HashMap::new(),
+        }
+    }
+
+    /// Remembers `token` as gone for `gone`, making room by forgetting the oldest.
+    pub(super) fn insert(&mut self, token: &[u8], gone: Gone, now: Instant, limits: &Limits) {
+        if limits.tombstone_capacity == 0 {
+            return;
+        }
+        while self.order.len() >= limits.tombstone_capacity {
+            self.evict_oldest();
+        }
+        let hash = self.hasher.hash_one(token);
+        self.by_hash.insert(hash, (now, gone));
+        self.order.push_back((now, hash));
+    }
+
+    /// Forgets the oldest token, unless it was remembered again since (its entry is newer).
+    fn evict_oldest(&mut self) {
+        if let Some((at, hash)) = self.order.pop_front() {
+            if self.by_hash.get(&hash).map(|(t, _)| *t) == Some(at) {
+                self.by_hash.remove(&hash);
+            }
+        }
+    }
+
+    /// Forgets tokens older than the TTL, and replies older than the reply interval.
+    pub(super) fn expire(&mut self, now: Instant, limits: &Limits) {
+        while let Some(&(at, _)) = self.order.front() {
+            if now.saturating_duration_since(at) < limits.tombstone_ttl {
+                break;
+            }
+            self.evict_oldest();
+        }
+        self.last_reply
+            .retain(|_, at| now.saturating_duration_since(*at) < limits.closed_reply_interval);
+    }
+
+    /// Why `token` is gone, if it is remembered.
+    pub(super) fn get(&self, token: &[u8]) -> Option<Gone> {
+        self.by_hash
+            .get(&self.hasher.hash_one(token))
+            .map(|(_, gone)| *gone)
+    }
+
+    /// Whether `src` may be told again now; records the reply if so.
+    pub(super) fn may_reply(&mut self, src: SocketAddr, now: Instant, limits: &Limits) -> bool {
+        match self.last_reply.get(&src) {
+            Some(at) if now.saturating_duration_since(*at) < limits.closed_reply_interval => false,
+            _ => {
+                self.last_reply.insert(src, now);
+                true
+            }
+        }
+    }
+}
