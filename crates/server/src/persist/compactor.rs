@@ -1,0 +1,134 @@
+//! The compactor thread: keeps the state with every durable record applied and, when the
+//! writer asks, writes it as the state file and removes `journal.old`.
+
+use std::fs;
+use std::io;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime};
+
+use log::{error, info};
+
+use super::{counters, Compactions, Job, Report};
+use crate::error::StoreError;
+use crate::store::{self, Paths, State};
+
+/// The writer's handle on the compactor thread.
+pub(super) struct Compactor {
+    pub(super) jobs: Sender<Job>,
+    pub(super) reports: Receiver<Report>,
+    pub(super) thread: JoinHandle<State>,
+}
+
+impl Compactor {
+    pub(super) fn spawn(
+        paths: Paths,
+        state: State,
+        stats: Arc<Mutex<Compactions>>,
+        waker: Arc<mio::Waker>,
+    ) -> Result<Compactor, StoreError> {
+        let (jobs, job_rx) = mpsc::channel();
+        let (report_tx, reports) = mpsc::channel();
+        let thread = thread::Builder::new()
+            .name("ocmd-compactor".into())
+            .spawn(move || compact_loop(&paths, state, &job_rx, &report_tx, &stats, &waker))
+            .map_err(|source| StoreError::Write {
+                path: "compactor thread".into(),
+                source,
+            })?;
+        Ok(Compactor {
+            jobs,
+            reports,
+            thread,
+        })
+    }
+}
+
+/// The compactor thread: applies every durable record to its state and, when asked, writes
+/// the state file and removes `journal.old`. Returns the state once the writer hangs up.
+fn compact_loop(
+    paths: &Paths,
+    mut state: State,
+    jobs: &Receiver<Job>,
+    reports: &Sender<Report>,
+    stats: &Mutex<Compactions>,
+    waker: &mio::Waker,
+) -> State {
+    while let Ok(job) = jobs.recv() {
+        match job {
+            Job::Apply(records) => records.iter().for_each(|r| state.apply(r)),
+            Job::Compact { journal_seq } => {
+                let started = Instant::now();
+                let result = write_snapshot(paths, &mut state, journal_seq)
+                    .and_then(|bytes| remove_journal_old(paths).map(|()| bytes));
+                let elapsed = started.elapsed();
+                let report = match result {
+                    Ok(bytes) => {
+                        counters(stats).written(elapsed);
+                        log_written(paths, &state, bytes, elapsed);
+                        Some(bytes)
+                    }
+                    Err(e) => {
+                        counters(stats).failed += 1;
+                        error!(
+                            "{e}; compaction failed after {elapsed:?}: {} is kept (its records \
+                             are still needed) and compaction is retried later",
+                            paths.journal_old.display()
+                        );
+                        None
+                    }
+                };
+                // The writer is gone only if it stopped for good; the files are consistent.
+                let _ = reports.send(report);
+                // Let the loop update its metrics.
+                if let Err(e) = waker.wake() {
+                    error!("cannot wake the event loop: {e}");
+                }
+            }
+        }
+    }
+    state
+}
+
+/// Writes `state`, stamped as holding every record up to `journal_seq`, as the state file.
+/// Returns its size.
+pub(super) fn write_snapshot(
+    paths: &Paths,
+    state: &mut State,
+    journal_seq: u64,
+) -> Result<u64, StoreError> {
+    state.journal_seq = journal_seq;
+    let now = SystemTime::now();
+    store::write_atomic_with(&paths.state, |file| state.write_file(now, file)).map_err(|source| {
+        StoreError::Write {
+            path: paths.state.clone(),
+            source,
+        }
+    })
+}
+
+/// Removes `journal.old` (whose records a state file now holds), durably.
+pub(super) fn remove_journal_old(paths: &Paths) -> Result<(), StoreError> {
+    let result = match fs::remove_file(&paths.journal_old) {
+        Ok(()) => store::sync_dir(&paths.journal_old),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    };
+    result.map_err(|source| StoreError::Write {
+        path: paths.journal_old.clone(),
+        source,
+    })
+}
+
+pub(super) fn log_written(paths: &Paths, state: &State, bytes: u64, elapsed: Duration) {
+    info!(
+        "state: wrote {} ({} rooms, {} tokens, {} bytes, journal record {}) in {:?}",
+        paths.state.display(),
+        state.rooms.len(),
+        state.tokens.len(),
+        bytes,
+        state.journal_seq,
+        elapsed
+    );
+}

@@ -1,0 +1,320 @@
+//! The writer thread: durable group commit of journal records, off the event loop; and the
+//! compactor thread, which folds the journal into the state file off the append path.
+//!
+//! The loop hands the registry's records to [`Persister::submit`], which tags them with the
+//! batch number that will carry them, and sends each turn's records to the writer at once.
+//! While the writer writes and fsyncs, new batches queue in its channel; when the fsync
+//! returns it takes every queued batch in one write and one fsync (group commit), so a burst
+//! of joins costs one fsync, not one each, and the next fsync starts without a round trip
+//! through the loop. The thread wakes the loop through a `mio::Waker` when a write is durable,
+//! reporting the highest batch it carried, and the loop then releases the replies (the
+//! tokens) that waited for batches up to that one.
+//!
+//! Durable records then move on to the compactor thread, which keeps the state in the file's
+//! model with every record applied. They go in lots of [`APPLY_LOT`] records, not one hand-off
+//! per write: the compactor's state is needed only when it writes a snapshot, and a wake-up per
+//! fsync cost more than applying the records (see `crates/bench/NOTES.md`). When the
+//! journal outgrows both [`Options::compact_journal_bytes`] and the last state file, the writer
+//! *rotates* it: it renames the journal to `journal.old`, opens a fresh journal and fsyncs the
+//! directory, then asks the compactor for a snapshot up to the last record of `journal.old`.
+//! The channel is ordered, so the compactor's state is exactly that far when it gets the
+//! request. It writes the state file (temporary file, fsync, rename, directory fsync) and
+//! removes `journal.old`, while the writer goes on appending to the fresh journal. One
+//! compaction runs at a time; a failed one keeps `journal.old` and is retried later. Neither
+//! the loop nor the writer serializes the whole state while the daemon serves.
+//!
+//! The work is split by thread: this module is the loop's side (the [`Persister`] handle,
+//! the state lock, the messages between the threads); `writer` is the writer thread and its
+//! journal; `compactor` is the compactor thread and the state files it writes.
+
+mod compactor;
+mod writer;
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use log::error;
+
+use crate::config::StateConfig;
+use crate::error::StoreError;
+use crate::record::Record;
+use crate::store::{Loaded, Paths};
+use writer::Writer;
+
+/// Default of `[state] compact_journal_bytes`: the journal is compacted once it is larger than
+/// this many bytes and larger than the last state file.
+pub const DEFAULT_COMPACT_JOURNAL_BYTES: u64 = 8 * 1024 * 1024;
+/// How long the writer waits before retrying a failed write.
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Durable records the writer collects before handing them to the compactor in one lot. Every
+/// record still waiting goes over before a compaction is asked for and at shutdown.
+pub const APPLY_LOT: usize = 4096;
+
+/// How long after a failed compaction (or rotation) the next one may start.
+const COMPACT_RETRY_DELAY: Duration = Duration::from_secs(5);
+
+/// How the writer compacts the journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// The journal is rotated and folded into the state file once it is larger than this
+    /// many bytes and larger than the last state file.
+    pub compact_journal_bytes: u64,
+    /// How long after a failed compaction the next one may start.
+    pub compact_retry: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            compact_journal_bytes: DEFAULT_COMPACT_JOURNAL_BYTES,
+            compact_retry: COMPACT_RETRY_DELAY,
+        }
+    }
+}
+
+impl From<&StateConfig> for Options {
+    fn from(config: &StateConfig) -> Options {
+        Options {
+            compact_journal_bytes: config.compact_journal_bytes,
+            ..Options::default()
+        }
+    }
+}
+
+/// State files written since start, for the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Compactions {
+    /// State files written: the fold at start (when the journals held records) and every
+    /// compaction.
+    pub written: u64,
+    /// Compactions that failed (`journal.old` was kept; they are retried).
+    pub failed: u64,
+    /// Time spent writing the state files, seconds.
+    pub seconds: f64,
+    /// The last one's time, seconds.
+    pub last_seconds: f64,
+    /// The longest one's time, seconds.
+    pub max_seconds: f64,
+}
+
+impl Compactions {
+    fn written(&mut self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        self.written += 1;
+        self.seconds += secs;
+        self.last_seconds = secs;
+        self.max_seconds = self.max_seconds.max(secs);
+    }
+}
+
+/// The counters stay usable even if a thread panicked while holding them.
+fn counters(stats: &Mutex<Compactions>) -> MutexGuard<'_, Compactions> {
+    stats.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+enum Command {
+    Append { batch: u64, records: Vec<Record> },
+    Shutdown,
+}
+
+/// Work for the compactor, in journal order.
+enum Job {
+    /// Durable records to apply to the compactor's state.
+    Apply(Vec<Record>),
+    /// Write the state, which holds every record up to `journal_seq`, as the state file, then
+    /// remove `journal.old`.
+    Compact { journal_seq: u64 },
+}
+
+/// The compactor's answer to [`Job::Compact`]: the new state file's size, or `None` when the
+/// compaction failed (the compactor logged why).
+type Report = Option<u64>;
+
+/// A finished write: one fsync, carrying every batch queued when it started.
+#[derive(Debug, Clone, Copy)]
+pub struct Done {
+    /// The highest batch now durable (every lower one is too).
+    pub batch: u64,
+    /// Records the write carried.
+    pub records: usize,
+    /// Time to write and fsync, from the writer taking the first batch.
+    pub elapsed: Duration,
+}
+
+/// The loop's handle on the writer thread.
+pub struct Persister {
+    tx: Sender<Command>,
+    done_rx: Receiver<Done>,
+    thread: Option<JoinHandle<()>>,
+    compactions: Arc<Mutex<Compactions>>,
+    pending: Vec<Record>,
+    /// The number the next batch handed to the writer gets; every lower one was handed over.
+    next_batch: u64,
+    durable: u64,
+}
+
+/// Takes the advisory lock beside the state file, so that two daemons never share it.
+/// The returned file must live as long as the process uses the state.
+pub fn lock(paths: &Paths) -> Result<File, StoreError> {
+    let write_err = |source| StoreError::Write {
+        path: paths.lock.clone(),
+        source,
+    };
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&paths.lock)
+        .map_err(write_err)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            return Err(StoreError::Locked {
+                state: paths.state.clone(),
+                lock: paths.lock.clone(),
+                holder: if holder.is_empty() {
+                    "unknown pid".into()
+                } else {
+                    holder.to_owned()
+                },
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(write_err(e)),
+    }
+    file.set_len(0).map_err(write_err)?;
+    file.rewind().map_err(write_err)?;
+    writeln!(file, "pid {}", std::process::id()).map_err(write_err)?;
+    Ok(file)
+}
+
+impl Persister {
+    /// Starts the writer with the default [`Options`]; see [`Persister::start_with`].
+    pub fn start(
+        paths: Paths,
+        loaded: Loaded,
+        waker: Arc<mio::Waker>,
+    ) -> Result<Persister, StoreError> {
+        Persister::start_with(paths, loaded, Options::default(), waker)
+    }
+
+    /// Starts the writer and the compactor on a loaded state. If the journals held records,
+    /// they are folded into the state file first, so every start begins with an empty journal
+    /// and no `journal.old`.
+    pub fn start_with(
+        paths: Paths,
+        loaded: Loaded,
+        options: Options,
+        waker: Arc<mio::Waker>,
+    ) -> Result<Persister, StoreError> {
+        let compactions = Arc::new(Mutex::new(Compactions::default()));
+        let mut writer = Writer::open(
+            paths,
+            loaded,
+            options,
+            Arc::clone(&compactions),
+            Arc::clone(&waker),
+        )?;
+        let (tx, rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel();
+        let thread = thread::Builder::new()
+            .name("ocmd-writer".into())
+            .spawn(move || writer.run(rx, done_tx, waker))
+            .map_err(|source| StoreError::Write {
+                path: "writer thread".into(),
+                source,
+            })?;
+        Ok(Persister {
+            tx,
+            done_rx,
+            thread: Some(thread),
+            compactions,
+            pending: Vec::new(),
+            next_batch: 1,
+            durable: 0,
+        })
+    }
+
+    /// State files written (and compactions failed) so far. The compactor wakes the loop
+    /// when one finishes.
+    pub fn compactions(&self) -> Compactions {
+        *counters(&self.compactions)
+    }
+
+    /// Queues records; returns the batch number that will make them durable.
+    pub fn submit(&mut self, records: Vec<Record>) -> u64 {
+        if self.pending.is_empty() {
+            self.pending = records;
+        } else {
+            self.pending.extend(records);
+        }
+        self.next_batch
+    }
+
+    /// The highest batch known durable.
+    pub fn durable(&self) -> u64 {
+        self.durable
+    }
+
+    /// Whether records are queued or being written.
+    pub fn busy(&self) -> bool {
+        !self.pending.is_empty() || self.durable + 1 < self.next_batch
+    }
+
+    /// Hands the queued records to the writer as one batch. The writer takes every batch
+    /// that queued during its last fsync in its next one.
+    pub fn pump(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let records = std::mem::take(&mut self.pending);
+        let batch = self.next_batch;
+        if self.tx.send(Command::Append { batch, records }).is_ok() {
+            self.next_batch += 1;
+        } else {
+            error!("state writer thread is gone; changes are no longer persisted");
+        }
+    }
+
+    /// Collects finished writes (after the waker fired) and hands over what queued meanwhile.
+    pub fn poll_done(&mut self) -> Vec<Done> {
+        let mut done = Vec::new();
+        while let Ok(d) = self.done_rx.try_recv() {
+            self.durable = self.durable.max(d.batch);
+            done.push(d);
+        }
+        self.pump();
+        done
+    }
+
+    /// Writes everything queued, waits for a running compaction, folds the journals into the
+    /// state file and stops the threads. Blocks: for shutdown only.
+    pub fn shutdown(mut self) {
+        while self.busy() {
+            self.pump();
+            match self.done_rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(d) => self.durable = self.durable.max(d.batch),
+                Err(_) => {
+                    error!("state writer did not finish within 10 s; exiting anyway");
+                    return;
+                }
+            }
+        }
+        let _ = self.tx.send(Command::Shutdown);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,462 @@
+//! The writer thread: appends each batch of records to the journal and makes it durable
+//! (group commit), wakes the loop, hands durable records to the compactor in lots, and
+//! rotates the journal when a compaction is due.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use log::{debug, error, info, warn};
+
+use super::compactor::{log_written, remove_journal_old, write_snapshot, Compactor};
+use super::{counters, Command, Compactions, Done, Job, Options, Report, APPLY_LOT, RETRY_DELAY};
+use crate::error::StoreError;
+use crate::record::Record;
+use crate::store::{self, JournalLine, Loaded, Paths, State, ZeroHole};
+
+/// What the start-up fold says about a torn tail it ignored: a torn final line, or a
+/// zero-filled hole and the lines after it (either is an append that was never acknowledged).
+fn torn_tail_note(torn_tail: bool, zero_holes: &[(PathBuf, ZeroHole)]) -> String {
+    if zero_holes.is_empty() {
+        return if torn_tail {
+            " (a torn final line was ignored)".to_owned()
+        } else {
+            String::new()
+        };
+    }
+    let holes: Vec<String> = zero_holes
+        .iter()
+        .map(|(path, hole)| {
+            format!(
+                "{} from line {}: {} lines, starting at a zero-filled hole",
+                path.display(),
+                hole.line,
+                hole.lines
+            )
+        })
+        .collect();
+    format!(" (a torn tail was ignored: {})", holes.join("; "))
+}
+
+/// The writer thread's side: the journal, and the hand-off to the compactor.
+pub(super) struct Writer {
+    paths: Paths,
+    options: Options,
+    journal: File,
+    journal_len: u64,
+    /// Size of the last state file written.
+    snapshot_len: u64,
+    next_n: u64,
+    line: Vec<u8>,
+    /// Durable records not yet handed to the compactor (fewer than [`APPLY_LOT`] between
+    /// writes).
+    unapplied: Vec<Record>,
+    /// `None` once the compactor stopped (at shutdown) or died.
+    compactor: Option<Compactor>,
+    /// A compaction was asked for and has not reported yet.
+    compacting: bool,
+    /// `journal.old` exists: its records are in no state file yet, so the journal must not be
+    /// rotated onto it.
+    journal_old: bool,
+    /// After a failure, no compaction starts before this.
+    retry_at: Option<Instant>,
+    stats: Arc<Mutex<Compactions>>,
+}
+
+/// What the writer does to its journal: an append-only file it can cut back. The file is
+/// the real one; tests put a file that fails on demand in its place.
+pub(super) trait JournalFile {
+    /// Appends `bytes` at the end.
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// Makes the appended bytes durable (`fdatasync`).
+    fn sync(&mut self) -> io::Result<()>;
+    /// Cuts the file back to `len` bytes.
+    fn cut(&mut self, len: u64) -> io::Result<()>;
+}
+
+impl JournalFile for File {
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        // Opened with O_APPEND: every write goes to the end, wherever a cut left it.
+        self.write_all(bytes)
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        self.sync_data()
+    }
+    fn cut(&mut self, len: u64) -> io::Result<()> {
+        self.set_len(len)
+    }
+}
+
+/// Appends `bytes` to a journal of `len` whole bytes and makes them durable, retrying every
+/// `retry` until the disk takes them: a token is only ever acknowledged once this returns.
+///
+/// After a failed append (a short write, a failed fsync) the journal is cut back to `len`
+/// before anything is written again, and the cut itself is retried until it works: an append
+/// behind a fragment would put a broken line in the middle of the journal, which the next
+/// start refuses.
+pub(super) fn append_durably(
+    journal: &mut impl JournalFile,
+    len: u64,
+    bytes: &[u8],
+    retry: Duration,
+    path: &Path,
+) {
+    while let Err(e) = journal.append(bytes).and_then(|()| journal.sync()) {
+        error!(
+            "cannot append to journal {}: {e}; retrying in {retry:?}",
+            path.display()
+        );
+        while let Err(e) = journal.cut(len) {
+            error!(
+                "cannot cut journal {} back to its last whole line: {e}; retrying in {retry:?}",
+                path.display()
+            );
+            thread::sleep(retry);
+        }
+        thread::sleep(retry);
+    }
+}
+
+/// Opens (creating it if needed) the journal for appending, and makes its directory entry
+/// durable, since a record in it is acknowledged as soon as the record itself is fsync'd.
+pub(super) fn open_journal(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    store::sync_dir(path)?;
+    Ok(file)
+}
+
+/// Group commit: adds every batch already queued behind `first` to its records. Returns the
+/// last batch taken, the records, and whether a shutdown was queued behind them.
+pub(super) fn take_queued(
+    rx: &Receiver<Command>,
+    first: u64,
+    mut records: Vec<Record>,
+) -> (u64, Vec<Record>, bool) {
+    let mut last = first;
+    loop {
+        match rx.try_recv() {
+            Ok(Command::Append {
+                batch,
+                records: more,
+            }) => {
+                last = batch;
+                records.extend(more);
+            }
+            Ok(Command::Shutdown) => return (last, records, true),
+            Err(_) => return (last, records, false),
+        }
+    }
+}
+
+impl Writer {
+    pub(super) fn open(
+        paths: Paths,
+        loaded: Loaded,
+        options: Options,
+        stats: Arc<Mutex<Compactions>>,
+        waker: Arc<mio::Waker>,
+    ) -> Result<Writer, StoreError> {
+        let journal = open_journal(&paths.journal).map_err(|source| StoreError::Write {
+            path: paths.journal.clone(),
+            source,
+        })?;
+        let journal_len = journal.metadata().map(|m| m.len()).unwrap_or(0);
+        let snapshot_len = fs::metadata(&paths.state).map(|m| m.len()).unwrap_or(0);
+        let mut state = loaded.state;
+        let mut writer = Writer {
+            paths,
+            options,
+            journal,
+            journal_len,
+            snapshot_len,
+            next_n: loaded.last_seq + 1,
+            line: Vec::new(),
+            unapplied: Vec::new(),
+            compactor: None,
+            compacting: false,
+            journal_old: loaded.journal_old,
+            retry_at: None,
+            stats,
+        };
+        if journal_len > 0 || loaded.journal_old {
+            writer.fold(&mut state)?;
+            info!(
+                "state: folded {} journal records into {}{}",
+                loaded.replayed,
+                writer.paths.state.display(),
+                torn_tail_note(loaded.torn_tail, &loaded.zero_holes)
+            );
+            if !loaded.zero_holes.is_empty() {
+                // Normal after a crash or power cut; after neither, the disk lost synced data.
+                warn!(
+                    "state: journal lines after a zero-filled hole were ignored; this is \
+                     expected only after a crash or power loss, otherwise check the disk"
+                );
+            }
+        }
+        writer.compactor = Some(Compactor::spawn(
+            writer.paths.clone(),
+            state,
+            Arc::clone(&writer.stats),
+            waker,
+        )?);
+        Ok(writer)
+    }
+
+    pub(super) fn run(
+        &mut self,
+        rx: Receiver<Command>,
+        done: Sender<Done>,
+        waker: Arc<mio::Waker>,
+    ) {
+        while let Ok(command) = rx.recv() {
+            match command {
+                Command::Append { batch, records } => {
+                    let started = Instant::now();
+                    let (last, records, stop) = take_queued(&rx, batch, records);
+                    self.append(&records);
+                    let report = Done {
+                        batch: last,
+                        records: records.len(),
+                        elapsed: started.elapsed(),
+                    };
+                    if done.send(report).is_err() {
+                        return;
+                    }
+                    if let Err(e) = waker.wake() {
+                        error!("cannot wake the event loop: {e}");
+                    }
+                    self.forward(records);
+                    if stop {
+                        self.finish();
+                        return;
+                    }
+                    self.maybe_compact();
+                }
+                Command::Shutdown => {
+                    self.finish();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Appends and fsyncs the records, retrying until the disk takes them: a token is only
+    /// ever acknowledged once this returns.
+    pub(super) fn append(&mut self, records: &[Record]) {
+        self.line.clear();
+        let first_n = self.next_n;
+        for (i, record) in records.iter().enumerate() {
+            let line = JournalLine {
+                n: first_n + i as u64,
+                record,
+            };
+            // Plain data with string keys: serialization cannot fail.
+            let _ = serde_json::to_writer(&mut self.line, &line);
+            self.line.push(b'\n');
+        }
+        append_durably(
+            &mut self.journal,
+            self.journal_len,
+            &self.line,
+            RETRY_DELAY,
+            &self.paths.journal,
+        );
+        self.journal_len += self.line.len() as u64;
+        self.next_n += records.len() as u64;
+        debug!("journal: {} records durable", records.len());
+    }
+
+    /// Durable records not yet handed to the compactor.
+    #[cfg(test)]
+    pub(super) fn unapplied(&self) -> usize {
+        self.unapplied.len()
+    }
+
+    /// Collects durable records for the compactor, handing them over once a lot is full.
+    pub(super) fn forward(&mut self, records: Vec<Record>) {
+        if self.unapplied.is_empty() {
+            self.unapplied = records;
+        } else {
+            self.unapplied.extend(records);
+        }
+        if self.unapplied.len() >= APPLY_LOT {
+            self.hand_over();
+        }
+    }
+
+    /// Hands every collected record to the compactor (a move, not a copy).
+    fn hand_over(&mut self) {
+        let records = std::mem::take(&mut self.unapplied);
+        let Some(compactor) = &self.compactor else {
+            return;
+        };
+        if !records.is_empty() && compactor.jobs.send(Job::Apply(records)).is_err() {
+            self.compactor_gone();
+        }
+    }
+
+    fn compactor_gone(&mut self) {
+        self.compactor = None;
+        self.compacting = false;
+        error!(
+            "the state compactor thread is gone; {} keeps growing until the next start folds it",
+            self.paths.journal.display()
+        );
+    }
+
+    /// Takes the compactor's reports without waiting.
+    fn collect_reports(&mut self) {
+        while let Some(compactor) = &self.compactor {
+            match compactor.reports.try_recv() {
+                Ok(report) => self.handle_report(report),
+                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Disconnected) => self.compactor_gone(),
+            }
+        }
+    }
+
+    fn handle_report(&mut self, report: Report) {
+        self.compacting = false;
+        match report {
+            Some(bytes) => {
+                self.journal_old = false;
+                self.snapshot_len = bytes;
+                self.retry_at = None;
+            }
+            None => self.retry_at = Some(Instant::now() + self.options.compact_retry),
+        }
+    }
+
+    /// Starts a compaction when one is due and none runs: after rotating the journal, or,
+    /// when a failed compaction left `journal.old` behind, without rotating (the snapshot then
+    /// covers both journals up to the last durable record).
+    fn maybe_compact(&mut self) {
+        self.collect_reports();
+        if self.compacting || self.compactor.is_none() {
+            return;
+        }
+        let now = Instant::now();
+        if self.retry_at.is_some_and(|at| now < at) {
+            return;
+        }
+        let threshold = self.options.compact_journal_bytes.max(self.snapshot_len);
+        if !self.journal_old {
+            if self.journal_len <= threshold {
+                return;
+            }
+            if let Err(e) = self.rotate() {
+                error!(
+                    "cannot rename {} to {}: {e}; compaction postponed, the journal keeps every change",
+                    self.paths.journal.display(),
+                    self.paths.journal_old.display()
+                );
+                self.retry_at = Some(now + self.options.compact_retry);
+                return;
+            }
+        }
+        // The snapshot must hold every record up to `journal_seq`.
+        self.hand_over();
+        let journal_seq = self.next_n - 1;
+        let sent = self
+            .compactor
+            .as_ref()
+            .is_some_and(|c| c.jobs.send(Job::Compact { journal_seq }).is_ok());
+        if sent {
+            self.compacting = true;
+            debug!("journal rotated; compacting up to record {journal_seq}");
+        } else {
+            self.compactor_gone();
+        }
+    }
+
+    /// Renames the journal to `journal.old` and goes on in a fresh journal. A failed rename
+    /// changes nothing. Once it is done, the fresh journal is opened (and the directory
+    /// fsync'd, which also makes the rename durable) with retries until it works: nothing is
+    /// appended, so nothing acknowledged, meanwhile.
+    fn rotate(&mut self) -> io::Result<()> {
+        fs::rename(&self.paths.journal, &self.paths.journal_old)?;
+        self.journal_old = true;
+        loop {
+            match open_journal(&self.paths.journal) {
+                Ok(file) => {
+                    self.journal = file;
+                    self.journal_len = 0;
+                    return Ok(());
+                }
+                Err(e) => {
+                    error!(
+                        "cannot open a fresh journal {}: {e}; retrying in {RETRY_DELAY:?}",
+                        self.paths.journal.display()
+                    );
+                    thread::sleep(RETRY_DELAY);
+                }
+            }
+        }
+    }
+
+    /// At shutdown: lets a running compaction finish, takes the compactor's state back and
+    /// folds what the journals still hold into the state file.
+    pub(super) fn finish(&mut self) {
+        self.hand_over();
+        let Some(Compactor {
+            jobs,
+            reports,
+            thread,
+        }) = self.compactor.take()
+        else {
+            error!("no final state file (the compactor is gone); the journals keep every change");
+            return;
+        };
+        // The compactor applies what is queued, finishes, and hands its state back.
+        drop(jobs);
+        let joined = thread.join();
+        while let Ok(report) = reports.try_recv() {
+            self.handle_report(report);
+        }
+        let Ok(mut state) = joined else {
+            error!("the state compactor panicked; the journals keep every change");
+            return;
+        };
+        if self.journal_len == 0 && !self.journal_old {
+            debug!("state: the state file already holds every change");
+            return;
+        }
+        if let Err(e) = self.fold(&mut state) {
+            error!("{e}; the journals keep every change");
+        }
+    }
+
+    /// Writes `state` (every record applied) as the state file, then removes `journal.old`
+    /// and empties the journal. Only while no compaction runs: at start and at shutdown.
+    fn fold(&mut self, state: &mut State) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let bytes = write_snapshot(&self.paths, state, self.next_n - 1)?;
+        // The state file now holds every journal record (its journal_seq says so), so a crash
+        // before or during what follows replays nothing twice.
+        remove_journal_old(&self.paths)?;
+        self.journal
+            .set_len(0)
+            .and_then(|()| self.journal.sync_all())
+            .map_err(|source| StoreError::Write {
+                path: self.paths.journal.clone(),
+                source,
+            })?;
+        self.journal_len = 0;
+        self.journal_old = false;
+        self.snapshot_len = bytes;
+        let elapsed = started.elapsed();
+        counters(&self.stats).written(elapsed);
+        log_written(&self.paths, state, bytes, elapsed);
+        Ok(())
+    }
+}
