@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use log::debug;
-use tcrp::names::{check_room_name, check_username, check_visible};
+use tcrp::names::{check_room_name, check_username, check_visible, NameRule};
 use tcrp::payload::{self, ErrorCode, Request};
 use tcrp::{Frame, Operation, State};
 
@@ -175,6 +175,12 @@ enum Answer {
 
 type Refusal = (ErrorCode, String);
 
+/// Answers a request: a token, a JSON reply, a password job to run first, or a refusal.
+///
+/// The checks every request passes, in the order that decides which refusal a client sees
+/// (docs/PROTOCOL.md): the frame's state, the operation, the payload and the request rate;
+/// then, for every operation but ListRooms, the room name, and the operation's own checks in
+/// its function.
 fn answer(
     frame: &Frame<'_>,
     ctx: &mut Context<'_>,
@@ -188,10 +194,7 @@ fn answer(
     }
     let op = frame.operation;
     if let Operation::Other(byte) = op {
-        return Err((
-            ErrorCode::UnsupportedOperation,
-            format!("operation {byte} is not supported"),
-        ));
+        return Err(unsupported(byte));
     }
     let request: Request = payload::parse_request(frame.payload).map_err(|e| {
         (
@@ -213,165 +216,200 @@ fn answer(
             "too many requests; try again shortly".into(),
         ));
     }
-    if op == Operation::ListRooms {
-        return Ok(Answer::Json(list_rooms(ctx.registry)));
-    }
-    let room_name = check_room_name(frame.room_name)
-        .map_err(|rule| (ErrorCode::InvalidRoomName, format!("room name {rule}")))?;
-    // Only new names: a room that already exists can still be joined by name.
-    let visible = |name: &str| {
-        if ctx.names.refuse_invisible {
-            check_visible(name)
-        } else {
-            Ok(())
-        }
+    let room_name = || {
+        check_room_name(frame.room_name)
+            .map_err(|rule| (ErrorCode::InvalidRoomName, format!("room name {rule}")))
     };
-    if op == Operation::CreateRoom {
-        visible(room_name)
-            .map_err(|rule| (ErrorCode::InvalidRoomName, format!("room name {rule}")))?;
-    }
     match op {
-        Operation::CreateRoom | Operation::JoinRoom => {
-            check_username(&request.username)
-                .and_then(|()| visible(&request.username))
-                .map_err(|rule| (ErrorCode::InvalidUsername, format!("username {rule}")))?;
-        }
-        _ => {}
+        Operation::ListRooms => Ok(Answer::Json(list_rooms(ctx.registry))),
+        Operation::CreateRoom => create(ctx, room_name()?, &request, password),
+        Operation::JoinRoom => join(ctx, room_name()?, &request, password),
+        Operation::Presence => presence(ctx, room_name()?, &request, password),
+        Operation::History => history(ctx, room_name()?, &request),
+        Operation::Other(byte) => Err(unsupported(byte)),
     }
-    let exists = ctx.registry.room_exists(room_name);
-    match op {
-        Operation::CreateRoom => {
-            // Taking "" as no password would open a room its creator believes is protected.
-            if request.password.as_deref() == Some("") {
-                return Err((
-                    ErrorCode::MalformedRequest,
-                    "an empty password protects nothing; leave \"password\" out for a room \
-                     without one"
-                        .into(),
-                ));
-            }
-            // A create that will be refused (name taken, server full, or, when asked, a name
-            // like an open room's) is refused unhashed.
-            let refused = ctx.registry.create_refusal(room_name).is_some();
-            if ctx.names.refuse_lookalike_room_names && !refused {
-                if let Some((existing, listed)) = ctx.registry.lookalike_room(room_name) {
-                    // An unlisted room's name is not given away.
-                    let which = if listed {
-                        format!("the existing room {existing:?}")
-                    } else {
-                        "an existing room".to_owned()
-                    };
-                    return Err((
-                        ErrorCode::RoomExists,
-                        format!("room {room_name:?} looks like {which}"),
-                    ));
-                }
-            }
-            let hash = match (&request.password, password) {
-                (Some(pw), None) if !refused => {
-                    return Ok(Answer::Password(password::Job::Hash {
-                        password: pw.clone(),
-                    }))
-                }
-                (Some(_), Some(Outcome::Hashed(Ok(hash)))) => Some(hash.clone()),
-                (Some(_), Some(Outcome::Hashed(Err(e)))) => {
-                    return Err((
-                        ErrorCode::MalformedRequest,
-                        format!("cannot hash the password: {e}"),
-                    ))
-                }
-                _ => None,
+}
+
+fn unsupported(byte: u8) -> Refusal {
+    (
+        ErrorCode::UnsupportedOperation,
+        format!("operation {byte} is not supported"),
+    )
+}
+
+/// A new name's visibility rule (`[names] refuse_invisible`): only new names are held to it,
+/// so a room that already exists can still be joined by name.
+fn visible(ctx: &Context<'_>, name: &str) -> Result<(), NameRule> {
+    if ctx.names.refuse_invisible {
+        check_visible(name)
+    } else {
+        Ok(())
+    }
+}
+
+/// The username of a create or join: the protocol's rules, then the visibility rule.
+fn checked_username(ctx: &Context<'_>, request: &Request) -> Result<(), Refusal> {
+    check_username(&request.username)
+        .and_then(|()| visible(ctx, &request.username))
+        .map_err(|rule| (ErrorCode::InvalidUsername, format!("username {rule}")))
+}
+
+/// CreateRoom: the room is made, with the requester as host, or the request is refused
+/// before its password is hashed whenever it can be.
+fn create(
+    ctx: &mut Context<'_>,
+    room_name: &str,
+    request: &Request,
+    password: Option<&Outcome>,
+) -> Result<Answer, Refusal> {
+    visible(ctx, room_name)
+        .map_err(|rule| (ErrorCode::InvalidRoomName, format!("room name {rule}")))?;
+    checked_username(ctx, request)?;
+    // Taking "" as no password would open a room its creator believes is protected.
+    if request.password.as_deref() == Some("") {
+        return Err((
+            ErrorCode::MalformedRequest,
+            "an empty password protects nothing; leave \"password\" out for a room \
+             without one"
+                .into(),
+        ));
+    }
+    // A create that will be refused (name taken, server full, or, when asked, a name like an
+    // open room's) is refused unhashed.
+    let refused = ctx.registry.create_refusal(room_name).is_some();
+    if ctx.names.refuse_lookalike_room_names && !refused {
+        if let Some((existing, listed)) = ctx.registry.lookalike_room(room_name) {
+            // An unlisted room's name is not given away.
+            let which = if listed {
+                format!("the existing room {existing:?}")
+            } else {
+                "an existing room".to_owned()
             };
-            ctx.registry
-                .create_room(room_name, &request, ctx.peer, hash, ctx.now, ctx.unix_now)
-                .map(|i| Answer::Token(i.token.as_str().to_owned()))
-                .map_err(|code| (code, refusal_text(code, room_name, &request.username)))
+            return Err((
+                ErrorCode::RoomExists,
+                format!("room {room_name:?} looks like {which}"),
+            ));
         }
-        Operation::JoinRoom => {
-            if let Some(job) = check_password(ctx, room_name, &request, password, false)? {
-                return Ok(Answer::Password(job));
-            }
-            // After the password: the refusal names a member. After the cheaper refusals
-            // too (a full room is not scanned).
-            if ctx.names.refuse_lookalike_usernames {
-                if let Some(code) = ctx.registry.join_refusal(room_name, &request.username) {
-                    return Err((code, refusal_text(code, room_name, &request.username)));
-                }
-                if let Some(member) = ctx.registry.lookalike_member(room_name, &request.username) {
-                    return Err((
-                        ErrorCode::NameTaken,
-                        format!(
-                            "the name {:?} looks like {member:?}, already taken in room {room_name:?}",
-                            request.username
-                        ),
-                    ));
-                }
-            }
-            ctx.registry
-                .join_room(room_name, &request, ctx.peer, ctx.now, ctx.out)
-                .map(|i| Answer::Token(i.token.as_str().to_owned()))
-                .map_err(|code| (code, refusal_text(code, room_name, &request.username)))
-        }
-        Operation::Presence => {
-            if !exists {
-                return Err((
-                    ErrorCode::RoomNotFound,
-                    refusal_text(ErrorCode::RoomNotFound, room_name, ""),
-                ));
-            }
-            if let Some(job) = check_password(ctx, room_name, &request, password, true)? {
-                return Ok(Answer::Password(job));
-            }
-            let presence = ctx.registry.presence(room_name).ok_or((
-                ErrorCode::RoomNotFound,
-                refusal_text(ErrorCode::RoomNotFound, room_name, ""),
-            ))?;
-            let members = presence
-                .members
-                .into_iter()
-                .map(|(name, registered)| payload::PresentMember { name, registered })
-                .collect();
-            let you = request
-                .token
-                .as_deref()
-                .and_then(|token| ctx.registry.member_of(room_name, token.as_bytes()))
-                .map(|(name, registered)| payload::PresentMember { name, registered });
-            Ok(Answer::Json(presence_reply(
-                room_name,
-                presence.host,
-                members,
-                you,
-            )))
-        }
-        Operation::History => {
-            let token = request.token.as_deref().unwrap_or("");
-            let limit = request
-                .limit
-                .map_or(HISTORY_PAGE, |l| (l as usize).min(MAX_HISTORY_PAGE));
-            let (messages, more) = ctx
-                .registry
-                .history_page(room_name, token.as_bytes(), request.before, limit)
-                .map_err(|code| match code {
-                    ErrorCode::NotMember => (
-                        code,
-                        format!("history of room {room_name:?} is for its members only"),
-                    ),
-                    other => (other, refusal_text(other, room_name, "")),
-                })?;
-            let messages = messages
-                .into_iter()
-                .map(|m| payload::HistoryMessage {
-                    seq: m.seq,
-                    sender: m.sender,
-                    text: m.text,
-                    at: m.at,
-                    truncated: false,
-                })
-                .collect();
-            Ok(Answer::Json(history_reply(messages, more)))
-        }
-        Operation::ListRooms | Operation::Other(_) => unreachable!("handled above"),
     }
+    let hash = match (&request.password, password) {
+        (Some(pw), None) if !refused => {
+            return Ok(Answer::Password(password::Job::Hash {
+                password: pw.clone(),
+            }))
+        }
+        (Some(_), Some(Outcome::Hashed(Ok(hash)))) => Some(hash.clone()),
+        (Some(_), Some(Outcome::Hashed(Err(e)))) => {
+            return Err((
+                ErrorCode::MalformedRequest,
+                format!("cannot hash the password: {e}"),
+            ))
+        }
+        _ => None,
+    };
+    ctx.registry
+        .create_room(room_name, request, ctx.peer, hash, ctx.now, ctx.unix_now)
+        .map(|i| Answer::Token(i.token.as_str().to_owned()))
+        .map_err(|code| (code, refusal_text(code, room_name, &request.username)))
+}
+
+/// JoinRoom: the requester becomes a member, once the room's password (if any) is verified.
+fn join(
+    ctx: &mut Context<'_>,
+    room_name: &str,
+    request: &Request,
+    password: Option<&Outcome>,
+) -> Result<Answer, Refusal> {
+    checked_username(ctx, request)?;
+    if let Some(job) = check_password(ctx, room_name, request, password, false)? {
+        return Ok(Answer::Password(job));
+    }
+    // After the password: the refusal names a member. After the cheaper refusals too (a full
+    // room is not scanned).
+    if ctx.names.refuse_lookalike_usernames {
+        if let Some(code) = ctx.registry.join_refusal(room_name, &request.username) {
+            return Err((code, refusal_text(code, room_name, &request.username)));
+        }
+        if let Some(member) = ctx.registry.lookalike_member(room_name, &request.username) {
+            return Err((
+                ErrorCode::NameTaken,
+                format!(
+                    "the name {:?} looks like {member:?}, already taken in room {room_name:?}",
+                    request.username
+                ),
+            ));
+        }
+    }
+    ctx.registry
+        .join_room(room_name, request, ctx.peer, ctx.now, ctx.out)
+        .map(|i| Answer::Token(i.token.as_str().to_owned()))
+        .map_err(|code| (code, refusal_text(code, room_name, &request.username)))
+}
+
+/// Presence: who is in the room, for anyone who may enter it (password or member token).
+fn presence(
+    ctx: &mut Context<'_>,
+    room_name: &str,
+    request: &Request,
+    password: Option<&Outcome>,
+) -> Result<Answer, Refusal> {
+    let not_found = || {
+        (
+            ErrorCode::RoomNotFound,
+            refusal_text(ErrorCode::RoomNotFound, room_name, ""),
+        )
+    };
+    if !ctx.registry.room_exists(room_name) {
+        return Err(not_found());
+    }
+    if let Some(job) = check_password(ctx, room_name, request, password, true)? {
+        return Ok(Answer::Password(job));
+    }
+    let presence = ctx.registry.presence(room_name).ok_or_else(not_found)?;
+    let members = presence
+        .members
+        .into_iter()
+        .map(|(name, registered)| payload::PresentMember { name, registered })
+        .collect();
+    let you = request
+        .token
+        .as_deref()
+        .and_then(|token| ctx.registry.member_of(room_name, token.as_bytes()))
+        .map(|(name, registered)| payload::PresentMember { name, registered });
+    Ok(Answer::Json(presence_reply(
+        room_name,
+        presence.host,
+        members,
+        you,
+    )))
+}
+
+/// History: a page of the room's kept messages, for its members only.
+fn history(ctx: &Context<'_>, room_name: &str, request: &Request) -> Result<Answer, Refusal> {
+    let token = request.token.as_deref().unwrap_or("");
+    let limit = request
+        .limit
+        .map_or(HISTORY_PAGE, |l| (l as usize).min(MAX_HISTORY_PAGE));
+    let (messages, more) = ctx
+        .registry
+        .history_page(room_name, token.as_bytes(), request.before, limit)
+        .map_err(|code| match code {
+            ErrorCode::NotMember => (
+                code,
+                format!("history of room {room_name:?} is for its members only"),
+            ),
+            other => (other, refusal_text(other, room_name, "")),
+        })?;
+    let messages = messages
+        .into_iter()
+        .map(|m| payload::HistoryMessage {
+            seq: m.seq,
+            sender: m.sender,
+            text: m.text,
+            at: m.at,
+            truncated: false,
+        })
+        .collect();
+    Ok(Answer::Json(history_reply(messages, more)))
 }
 
 /// Decides whether a request may enter a password-protected room: `Ok(None)` to go on,

@@ -562,9 +562,10 @@ pub fn parse_journal(bytes: &[u8]) -> Result<Replay, (usize, String)> {
                 return Err((index + 1, LAST_NUMBER.to_owned()))
             }
             Ok(parsed) if complete => replay.records.push((parsed.n, parsed.record)),
-            _ if is_last => replay.torn_tail = true,
-            Ok(_) => unreachable!("only the last line can lack its newline"),
-            Err(e) => return Err((index + 1, e.to_string())),
+            Err(e) if complete && !is_last => return Err((index + 1, e.to_string())),
+            // The last line, cut short or unreadable: an append that was never acknowledged.
+            // (Only the last line can lack its newline: the split keeps every other one's.)
+            _ => replay.torn_tail = true,
         }
     }
     Ok(replay)
