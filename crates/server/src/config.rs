@@ -84,7 +84,8 @@ pub struct Liveness {
     pub tombstone_ttl_secs: u64,
     /// How many closed-room tokens are remembered.
     pub tombstone_capacity: usize,
-    /// Least time between two `__ROOM_CLOSED__` replies to one address, milliseconds.
+    /// Least time between two replies to remembered tokens (`__ROOM_CLOSED__` or the
+    /// timed-out notice) to one address, milliseconds.
     pub closed_reply_interval_ms: u64,
     /// How often silent members are looked for, milliseconds.
     pub sweep_interval_ms: u64,

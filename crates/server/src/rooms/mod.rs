@@ -84,7 +84,8 @@ pub struct Limits {
     pub tombstone_ttl: Duration,
     /// How many closed-room tokens are remembered at most.
     pub tombstone_capacity: usize,
-    /// Least time between two `__ROOM_CLOSED__` replies to one source address.
+    /// Least time between two replies to remembered tokens (`__ROOM_CLOSED__` or the
+    /// timed-out notice) to one source address.
     pub closed_reply_interval: Duration,
     /// Chat datagrams per second per member (0: unlimited).
     pub chat_rate: f64,
