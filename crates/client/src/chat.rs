@@ -110,6 +110,9 @@ pub struct Options {
     /// Shortly after registering, ask the server over TCP whether it has our UDP address,
     /// and warn if it never does ([`reach`]). Off with `--original`.
     pub check_reach: bool,
+    /// The server is the original one (`--original`): datagrams are read as its frames only,
+    /// and `/who` and `/history`, which it cannot answer, are not sent.
+    pub original: bool,
 }
 
 /// A member's UDP endpoint: the socket, the server's chat address and the credentials every
@@ -233,6 +236,9 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
         Box::new(PlainPrinter),
         options.join_history,
     )));
+    if options.original {
+        lock(&screen).original_frames_only();
+    }
     let mut closures = closure::Policy::new(options.check_closures);
     if options.check_closures {
         // Nothing says the room closed before the server confirms it.
@@ -266,6 +272,7 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
         screen: Arc::clone(&screen),
         events: events.clone(),
         max_message_len: session.max_message_len(),
+        original: options.original,
     };
     let reading = terminal.as_ref().map(|guard| Arc::clone(&guard.reading));
     spawn_input(commands, options.join_history, reading);
@@ -325,6 +332,12 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
                     return end;
                 }
             }
+            // The reader of our output is gone (`ocm join ... | head`): the chat ends as at
+            // the end of input, with a __LEAVE__, not as a failure.
+            Event::Failed(ClientError::Io { source, .. }) if output_gone(&source) => {
+                debug!("standard output closed: leaving");
+                break;
+            }
             Event::Failed(error) => {
                 session.leave();
                 return Err(error);
@@ -333,6 +346,12 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
     }
     session.leave();
     Ok(())
+}
+
+/// Whether a write failed because the reader of standard output went away (`EPIPE`: Rust
+/// ignores `SIGPIPE`, so the write reports it): no one is left to show anything to.
+pub fn output_gone(error: &io::Error) -> bool {
+    error.kind() == io::ErrorKind::BrokenPipe
 }
 
 /// How long the line editor gets to take the lines queued for it when the room closes
@@ -407,6 +426,8 @@ struct Commands {
     events: SyncSender<Event>,
     /// The longest chat message that can be sent ([`Session::max_message_len`]).
     max_message_len: usize,
+    /// The server is the original one: `/who` and `/history` are not asked.
+    original: bool,
 }
 
 impl Commands {
@@ -419,7 +440,9 @@ impl Commands {
                 let _ = self.events.send(Event::Quit);
                 return false;
             }
+            Input::Help if self.original => self.err(input::HELP_ORIGINAL),
             Input::Help => self.err(input::HELP),
+            Input::Who | Input::History { .. } if self.original => self.err(input::NOT_ORIGINAL),
             Input::Who => self.who(),
             Input::History { count } => self.history(count),
             Input::Usage(text) => self.err(text),
@@ -737,6 +760,11 @@ fn end_on(
             finish_closed(screen, terminal.take());
             Some(Ok(()))
         }
+        Settled::Failed(source) if output_gone(&source) => {
+            debug!("standard output closed: leaving");
+            session.leave();
+            Some(Ok(()))
+        }
         Settled::Failed(source) => {
             session.leave();
             Some(Err(ClientError::Io {
@@ -971,14 +999,30 @@ mod tests {
             screen: Arc::clone(screen),
             events,
             max_message_len: 100,
+            original: false,
         };
         (commands, inbox)
     }
 
-    /// A TCP address where nothing listens.
-    fn dead_tcp() -> SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap()
+    /// A TCP address where nothing listens, for as long as it lives. Its port is the local
+    /// end of a connection it holds open: a connect to it is refused, and no test running
+    /// beside this one can be given it for a listener (a port merely bound and released
+    /// could be).
+    struct DeadTcp {
+        addr: SocketAddr,
+        _held: (TcpListener, std::net::TcpStream, std::net::TcpStream),
+    }
+
+    impl DeadTcp {
+        fn new() -> DeadTcp {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (server, _) = listener.accept().unwrap();
+            DeadTcp {
+                addr: client.local_addr().unwrap(),
+                _held: (listener, client, server),
+            }
+        }
     }
 
     /// What a fake daemon was asked: operation, room name, payload.
@@ -1055,7 +1099,8 @@ mod tests {
     #[test]
     fn chat_and_quit_go_to_the_main_loop_and_the_rest_is_answered_here() {
         let (screen, rec) = screen(false);
-        let (mut commands, inbox) = commands(dead_tcp(), &screen);
+        let dead = DeadTcp::new();
+        let (mut commands, inbox) = commands(dead.addr, &screen);
         let mut input =
             io::Cursor::new("/help\n__LEAVE__\nhello\n\n/shrug\n/history 0\n/quit\nnever sent\n");
         assert!(read_lines(&mut commands, &mut input).is_none());
@@ -1091,7 +1136,8 @@ mod tests {
     #[test]
     fn lines_too_long_to_send_are_skipped_at_any_boundary() {
         let (screen, rec) = screen(false);
-        let (mut commands, inbox) = commands(dead_tcp(), &screen);
+        let dead = DeadTcp::new();
+        let (mut commands, inbox) = commands(dead.addr, &screen);
         let longest = "x".repeat(100);
         let input = format!(
             "{longest}\r\n//{longest}\n{}\nok\n{}",
@@ -1115,7 +1161,8 @@ mod tests {
     #[test]
     fn end_of_input_ends_the_chat() {
         let (screen, _) = screen(false);
-        let (mut commands, inbox) = commands(dead_tcp(), &screen);
+        let dead = DeadTcp::new();
+        let (mut commands, inbox) = commands(dead.addr, &screen);
         let end = read_lines(&mut commands, &mut io::Cursor::new("a\r\nb"));
         assert!(matches!(end, Some(Event::Eof)), "{end:?}");
         let sent = sent_texts(&inbox);
@@ -1269,7 +1316,8 @@ mod tests {
         ] {
             assert_eq!(check(tcp, "lobby", &token), expected);
         }
-        assert_eq!(check(dead_tcp(), "lobby", &token), Verdict::Unknown);
+        let dead = DeadTcp::new();
+        assert_eq!(check(dead.addr, "lobby", &token), Verdict::Unknown);
         let asked = asked.lock().unwrap();
         assert_eq!(asked.len(), 5);
         assert!(asked
@@ -1312,9 +1360,8 @@ mod tests {
         settle(closures.notice(Instant::now()), closures, checker, screen)
     }
 
-    /// The real closure comes while a planned recheck (after forged notices) is in flight,
-    /// and that check finds us still a member: the closure is checked again and believed, and
-    /// its line is shown when the session ends, not dropped with the forged notice's.
+    /// A check whose thread panics still sends its verdict (Unknown) as it unwinds, so the
+    /// main loop, which waits for one, is not held for good.
     #[test]
     fn a_check_that_panics_still_answers_so_the_chat_is_not_held_for_good() {
         let (events, inbox) = mpsc::sync_channel(1);
@@ -1332,6 +1379,9 @@ mod tests {
         ));
     }
 
+    /// The real closure comes while a planned recheck (after forged notices) is in flight,
+    /// and that check finds us still a member: the closure is checked again and believed, and
+    /// its line is shown when the session ends, not dropped with the forged notice's.
     #[test]
     fn a_closure_noticed_during_a_check_that_finds_the_last_forged_is_shown_when_confirmed() {
         let still_in = Ok(r#"{"messages": [], "more": false}"#);
@@ -1569,6 +1619,29 @@ mod tests {
         assert_eq!(rec.lines(), ["out: bob: hi"]);
     }
 
+    /// With `--original`, `/who` and `/history` are answered on the spot and nothing is asked
+    /// over TCP: the original server has no such request and would hold the input up to the
+    /// handshake timeout before failing.
+    #[test]
+    fn original_mode_asks_the_server_nothing_for_who_and_history() {
+        let (screen, rec) = screen(false);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let (mut commands, _inbox) = commands(listener.local_addr().unwrap(), &screen);
+        commands.original = true;
+        for line in ["/who", "/history", "/history 5", "/help"] {
+            assert!(commands.handle_line(line), "{line}");
+        }
+        let lines = rec.lines();
+        let not = format!("err: {}", input::NOT_ORIGINAL);
+        assert_eq!(lines[..3], [not.clone(), not.clone(), not], "{lines:?}");
+        assert_eq!(lines[3], format!("err: {}", input::HELP_ORIGINAL));
+        assert!(
+            matches!(listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "a connection was made"
+        );
+    }
+
     #[test]
     fn other_history_failures_are_told_and_the_chat_goes_on() {
         let (screen, rec) = screen(true);
@@ -1580,7 +1653,8 @@ mod tests {
             lock(&screen).handle_datagram(ucrp::ROOM_CLOSED).unwrap(),
             Flow::Continue
         );
-        let (mut commands, inbox) = commands(dead_tcp(), &screen);
+        let dead = DeadTcp::new();
+        let (mut commands, inbox) = commands(dead.addr, &screen);
         commands.show_recent_history();
         let lines = rec.lines();
         assert!(

@@ -20,6 +20,18 @@ pub const HELP: &str = "\
 * //text         send a message that starts with a slash: /text
 * anything else is sent to the room";
 
+/// The help text with `--original`: the original server answers no `/who` or `/history`.
+pub const HELP_ORIGINAL: &str = "\
+* /quit          leave the room (so do end of input, Ctrl+D and Ctrl+C)
+* /help          show this text
+* //text         send a message that starts with a slash: /text
+* anything else is sent to the room
+* (/who and /history need an ocmd server: not with --original)";
+
+/// What `/who` and `/history` answer with `--original`.
+pub const NOT_ORIGINAL: &str =
+    "* /who and /history need an ocmd server; the original one cannot answer them (--original)";
+
 /// The usage line for a `/history` with a bad count.
 pub const HISTORY_USAGE: &str = "* usage: /history [N], N from 1 to 100";
 

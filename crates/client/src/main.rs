@@ -264,15 +264,27 @@ fn check_room_name(room: &str) -> Result<&str, ClientError> {
     })
 }
 
-/// Prints an answer to standard output.
+/// Prints an answer to standard output. A reader that went away before the end (`ocm rooms
+/// | head -1`) took what it wanted: that is not an error.
 fn print_lines(lines: &[String]) -> Result<(), ClientError> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    lines
+    match lines
         .iter()
         .try_for_each(|line| writeln!(out, "{line}"))
         .and_then(|()| out.flush())
-        .map_err(ClientError::io("writing to standard output"))
+    {
+        Err(e) if chat::output_gone(&e) => Ok(()),
+        written => written.map_err(ClientError::io("writing to standard output")),
+    }
+}
+
+/// The server's UDP address: the handshake's address at `udp_port`, keeping an IPv6
+/// address's scope (a link-local `fe80::1%eth0` is unreachable without it).
+fn udp_address(tcp: SocketAddr, udp_port: u16) -> SocketAddr {
+    let mut udp = tcp;
+    udp.set_port(udp_port);
+    udp
 }
 
 /// `create` and `join`: the handshake, then the chat.
@@ -297,24 +309,19 @@ fn chat(
         request.listed = (!listed).then_some(false);
     }
     let mut stream = handshake::connect(server, tcp_port)?;
-    if !args.original {
-        if let Ok(peer) = stream.peer_addr() {
-            request.max_datagram = handshake::max_datagram_for(peer.ip());
-        }
-    }
-    let token = handshake::exchange(&mut stream, verb, room_name, &request)?;
     // Chat with the very address the handshake reached, not a fresh resolution of the name.
+    // Read now: once the server has closed the connection (the original one closes after its
+    // reply, perhaps with a reset) the socket may no longer say.
     let tcp = stream
         .peer_addr()
         .map_err(ClientError::io("reading the server's address"))?;
+    if !args.original {
+        request.max_datagram = handshake::max_datagram_for(tcp.ip());
+    }
+    let token = handshake::exchange(&mut stream, verb, room_name, &request)?;
     drop(stream);
 
-    let session = chat::Session::open(
-        SocketAddr::new(tcp.ip(), udp_port),
-        room_name,
-        &args.name,
-        token,
-    )?;
+    let session = chat::Session::open(udp_address(tcp, udp_port), room_name, &args.name, token)?;
     chat::run(
         session,
         chat::Options {
@@ -325,6 +332,7 @@ fn chat(
             join_history: verb == Verb::Join && !args.original,
             check_closures: !args.original,
             check_reach: !args.original,
+            original: args.original,
             line_editor: std::io::stdin().is_terminal() && std::io::stdout().is_terminal(),
         },
     )
@@ -334,6 +342,23 @@ fn chat(
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn the_udp_address_keeps_the_handshakes_address_and_ipv6_scope() {
+        let v4: SocketAddr = "192.0.2.7:9090".parse().unwrap();
+        assert_eq!(udp_address(v4, 9091), "192.0.2.7:9091".parse().unwrap());
+        let link_local = SocketAddr::V6(std::net::SocketAddrV6::new(
+            "fe80::1".parse().unwrap(),
+            9090,
+            0,
+            3,
+        ));
+        let SocketAddr::V6(udp) = udp_address(link_local, 9091) else {
+            panic!("an IPv6 address became IPv4");
+        };
+        assert_eq!((udp.port(), udp.scope_id()), (9091, 3));
+        assert_eq!(*udp.ip(), "fe80::1".parse::<std::net::Ipv6Addr>().unwrap());
+    }
 
     #[test]
     fn cli_is_well_formed() {

@@ -15,6 +15,7 @@
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use log::{debug, info};
 use tcrp::names::{hidden_chars, is_reordering};
@@ -62,11 +63,23 @@ pub fn content_digest(sender: &str, text: &str) -> u64 {
 #[derive(Debug, Clone, Default)]
 pub struct SeqTracker {
     last: Option<u64>,
-    /// Own messages sent whose numbers have not yet shown up as a gap.
-    own_unseen: u64,
+    /// When each own message was sent whose number has not yet shown up as a gap, oldest
+    /// first (at most [`OWN_REMEMBERED`]).
+    own_unseen: VecDeque<Instant>,
+    /// A number 1 came after higher ones: a daemon that started its count again, or a
+    /// late first message; the next number tells which (see [`SeqTracker::observe`]).
+    count_again: bool,
     /// `(seq, content digest)` of the last [`RECENT_SHOWN`] messages shown, oldest first.
     recent: VecDeque<(u64, u64)>,
 }
+
+/// How long an own message may take to be numbered by the daemon: one sent this long before
+/// the first number we see cannot be numbered after it, so its number lies below the
+/// baseline and will never show up as a gap.
+pub const IN_FLIGHT: Duration = Duration::from_secs(2);
+
+/// Own messages remembered at most; past it the oldest are forgotten (the count errs low).
+const OWN_REMEMBERED: usize = 4096;
 
 impl SeqTracker {
     /// Decides what to do with message `seq`, whose content has `digest`
@@ -78,27 +91,42 @@ impl SeqTracker {
     /// lost nothing), the numbers of our own messages in a gap are not losses, and a number
     /// at or below the last one is a late message, or a daemon numbering again (from its
     /// last checkpoint after a crash, or from 1 with a new state), never a loss.
-    pub fn observe(&mut self, seq: u64, digest: u64) -> SeqVerdict {
+    ///
+    /// A number 1 after higher ones is a count started again only if the next number goes
+    /// on from it below the old count (`1, 2` or `1, 3` after `14`): a first message that
+    /// arrives late (`2, 1, 3`) is not. Own messages sent more than [`IN_FLIGHT`] before
+    /// the first number seen are numbered below it and never fill a gap: they are forgotten.
+    pub fn observe(&mut self, seq: u64, digest: u64, now: Instant) -> SeqVerdict {
         if self.recent.contains(&(seq, digest)) {
             return SeqVerdict::Duplicate;
+        }
+        if std::mem::take(&mut self.count_again) {
+            if let Some(last) = self.last.filter(|&last| seq > 1 && seq <= last) {
+                info!("room sequence restarted at 1 after {last}");
+                self.last = Some(1);
+            }
         }
         let lost = match self.last {
             Some(last) if seq > last => {
                 let gap = seq - last - 1;
-                let own = gap.min(self.own_unseen);
-                self.own_unseen -= own;
+                let own = gap.min(self.own_unseen.len() as u64);
+                // At most OWN_REMEMBERED, so the count fits.
+                self.own_unseen.drain(..own as usize);
                 gap - own
             }
             _ => 0,
         };
         self.last = Some(match self.last {
-            // A count started again: later gaps are measured from here.
             Some(last) if seq == 1 && last > 1 => {
-                info!("room sequence restarted at 1 after {last}");
-                1
+                self.count_again = true;
+                last
             }
             Some(last) => last.max(seq),
-            None => seq,
+            None => {
+                self.own_unseen
+                    .retain(|&sent| now.saturating_duration_since(sent) < IN_FLIGHT);
+                seq
+            }
         });
         self.remember(seq, digest);
         SeqVerdict::Deliver { lost }
@@ -114,8 +142,11 @@ impl SeqTracker {
     /// Notes that we sent a chat message: the daemon numbers it but relays it only to the
     /// others, so the gap it leaves is not a loss. (One the daemon dropped, e.g. rate
     /// limited, leaves no gap and may later hide one real loss: the count errs low.)
-    pub fn sent_own(&mut self) {
-        self.own_unseen = self.own_unseen.saturating_add(1);
+    pub fn sent_own(&mut self, now: Instant) {
+        if self.own_unseen.len() == OWN_REMEMBERED {
+            self.own_unseen.pop_front();
+        }
+        self.own_unseen.push_back(now);
     }
 
     fn remember(&mut self, seq: u64, digest: u64) {
@@ -131,6 +162,8 @@ impl SeqTracker {
 pub struct Renderer {
     room_name: String,
     seq: SeqTracker,
+    /// Read only what the original server sends ([`Renderer::original_frames_only`]).
+    original: bool,
 }
 
 impl Renderer {
@@ -139,12 +172,21 @@ impl Renderer {
         Renderer {
             room_name: room_name.to_owned(),
             seq: SeqTracker::default(),
+            original: false,
         }
     }
 
-    /// Notes one chat message of our own sent (see [`SeqTracker::sent_own`]).
-    pub fn sent_own(&mut self) {
-        self.seq.sent_own();
+    /// Reads every datagram as the original server's (`--original`): `__ROOM_CLOSED__` or an
+    /// original chat frame, so that the chat of a member with an empty name, which begins
+    /// with a 0 byte, is shown as chat and never taken for an extension frame (a notice that
+    /// we were removed, or a batch).
+    pub fn original_frames_only(&mut self) {
+        self.original = true;
+    }
+
+    /// Notes one chat message of our own sent at `now` (see [`SeqTracker::sent_own`]).
+    pub fn sent_own(&mut self, now: Instant) {
+        self.seq.sent_own(now);
     }
 
     /// Counts a message printed from the history as shown (see
@@ -153,12 +195,17 @@ impl Renderer {
         self.seq.shown_in_history(seq, content_digest(sender, text));
     }
 
-    /// Handles one datagram from the server, appending the lines to print to `out`.
-    /// Malformed datagrams add nothing.
-    pub fn handle_datagram(&mut self, bytes: &[u8], out: &mut Vec<String>) -> Flow {
-        match delivery::parse(bytes) {
-            Ok(Delivery::Batch(body)) => self.handle_batch(body, out),
-            Ok(d) => self.handle_delivery(d, out),
+    /// Handles one datagram from the server, received at `now`, appending the lines to print
+    /// to `out`. Malformed datagrams add nothing.
+    pub fn handle_datagram(&mut self, bytes: &[u8], now: Instant, out: &mut Vec<String>) -> Flow {
+        let parsed = if self.original {
+            delivery::parse_original(bytes)
+        } else {
+            delivery::parse(bytes)
+        };
+        match parsed {
+            Ok(Delivery::Batch(body)) => self.handle_batch(body, now, out),
+            Ok(d) => self.handle_delivery(d, now, out),
             Err(e) => {
                 debug!("dropping malformed datagram ({}): {e}", e.reason());
                 Flow::Continue
@@ -166,13 +213,13 @@ impl Renderer {
         }
     }
 
-    fn handle_batch(&mut self, body: &[u8], out: &mut Vec<String>) -> Flow {
+    fn handle_batch(&mut self, body: &[u8], now: Instant, out: &mut Vec<String>) -> Flow {
         for entry in delivery::batch_entries(body) {
             let parsed = entry.and_then(delivery::parse);
             match parsed {
                 Ok(Delivery::Batch(_)) => debug!("dropping a batch nested in a batch"),
                 Ok(d) => {
-                    if self.handle_delivery(d, out) == Flow::RoomClosed {
+                    if self.handle_delivery(d, now, out) == Flow::RoomClosed {
                         return Flow::RoomClosed;
                     }
                 }
@@ -182,14 +229,14 @@ impl Renderer {
         Flow::Continue
     }
 
-    fn handle_delivery(&mut self, d: Delivery<'_>, out: &mut Vec<String>) -> Flow {
+    fn handle_delivery(&mut self, d: Delivery<'_>, now: Instant, out: &mut Vec<String>) -> Flow {
         match d {
             Delivery::Chat { sender, message } => out.push(chat_line(sender, message)),
             Delivery::Sequenced {
                 seq,
                 sender,
                 message,
-            } => match self.seq.observe(seq, content_digest(sender, message)) {
+            } => match self.seq.observe(seq, content_digest(sender, message), now) {
                 SeqVerdict::Deliver { lost } => {
                     if lost > 0 {
                         out.push(lost_line(lost));
@@ -316,10 +363,11 @@ mod tests {
     /// Feeds the datagrams in order and returns all lines and the last flow.
     fn render(datagrams: &[Vec<u8>]) -> (Vec<String>, Flow) {
         let mut renderer = Renderer::new("lobby");
+        let now = Instant::now();
         let mut lines = Vec::new();
         let mut flow = Flow::Continue;
         for d in datagrams {
-            flow = renderer.handle_datagram(d, &mut lines);
+            flow = renderer.handle_datagram(d, now, &mut lines);
         }
         (lines, flow)
     }
@@ -382,17 +430,128 @@ mod tests {
     fn seq_tracker_decisions() {
         let d = |text: &str| content_digest("a", text);
         let mut t = SeqTracker::default();
-        assert_eq!(t.observe(10, d("ten")), SeqVerdict::Deliver { lost: 0 });
-        assert_eq!(t.observe(10, d("ten")), SeqVerdict::Duplicate);
-        assert_eq!(t.observe(13, d("13")), SeqVerdict::Deliver { lost: 2 });
+        let now = Instant::now();
+        assert_eq!(
+            t.observe(10, d("ten"), now),
+            SeqVerdict::Deliver { lost: 0 }
+        );
+        assert_eq!(t.observe(10, d("ten"), now), SeqVerdict::Duplicate);
+        assert_eq!(t.observe(13, d("13"), now), SeqVerdict::Deliver { lost: 2 });
         // Late, never shown: shown now, and not a loss.
-        assert_eq!(t.observe(12, d("12")), SeqVerdict::Deliver { lost: 0 });
-        assert_eq!(t.observe(12, d("12")), SeqVerdict::Duplicate);
-        assert_eq!(t.observe(14, d("14")), SeqVerdict::Deliver { lost: 0 });
+        assert_eq!(t.observe(12, d("12"), now), SeqVerdict::Deliver { lost: 0 });
+        assert_eq!(t.observe(12, d("12"), now), SeqVerdict::Duplicate);
+        assert_eq!(t.observe(14, d("14"), now), SeqVerdict::Deliver { lost: 0 });
         // A daemon that started its count again at 1: gaps count from there.
-        assert_eq!(t.observe(1, d("one")), SeqVerdict::Deliver { lost: 0 });
-        assert_eq!(t.observe(1, d("one")), SeqVerdict::Duplicate);
-        assert_eq!(t.observe(3, d("three")), SeqVerdict::Deliver { lost: 1 });
+        assert_eq!(t.observe(1, d("one"), now), SeqVerdict::Deliver { lost: 0 });
+        assert_eq!(t.observe(1, d("one"), now), SeqVerdict::Duplicate);
+        assert_eq!(
+            t.observe(3, d("three"), now),
+            SeqVerdict::Deliver { lost: 1 }
+        );
+    }
+
+    /// A first message that arrives after the second is late, not a daemon counting again:
+    /// the third is no loss. A count that does start again goes on below the old one.
+    #[test]
+    fn a_late_number_one_is_told_from_a_count_started_again() {
+        let d = |text: &str| content_digest("a", text);
+        let now = Instant::now();
+        let mut late = SeqTracker::default();
+        assert_eq!(
+            late.observe(2, d("m2"), now),
+            SeqVerdict::Deliver { lost: 0 }
+        );
+        assert_eq!(
+            late.observe(1, d("m1"), now),
+            SeqVerdict::Deliver { lost: 0 }
+        );
+        assert_eq!(
+            late.observe(3, d("m3"), now),
+            SeqVerdict::Deliver { lost: 0 }
+        );
+        assert_eq!(
+            late.observe(5, d("m5"), now),
+            SeqVerdict::Deliver { lost: 1 }
+        );
+
+        let mut again = SeqTracker::default();
+        assert_eq!(
+            again.observe(9, d("m9"), now),
+            SeqVerdict::Deliver { lost: 0 }
+        );
+        assert_eq!(
+            again.observe(1, d("n1"), now),
+            SeqVerdict::Deliver { lost: 0 }
+        );
+        assert_eq!(
+            again.observe(2, d("n2"), now),
+            SeqVerdict::Deliver { lost: 0 }
+        );
+        assert_eq!(
+            again.observe(4, d("n4"), now),
+            SeqVerdict::Deliver { lost: 1 }
+        );
+    }
+
+    /// Own messages sent long before the first number we see were numbered below it: they
+    /// fill no later gap. One still on its way when that number came may.
+    #[test]
+    fn own_messages_sent_before_the_first_number_fill_a_gap_only_if_in_flight() {
+        let d = |text: &str| content_digest("bob", text);
+        let start = Instant::now();
+        let later = start + IN_FLIGHT + Duration::from_secs(8);
+        let mut alone = SeqTracker::default();
+        for _ in 0..3 {
+            alone.sent_own(start); // 1, 2, 3, talking alone
+        }
+        assert_eq!(
+            alone.observe(4, d("b4"), later),
+            SeqVerdict::Deliver { lost: 0 }
+        );
+        assert_eq!(
+            alone.observe(6, d("b6"), later),
+            SeqVerdict::Deliver { lost: 1 }
+        );
+
+        let mut racing = SeqTracker::default();
+        racing.sent_own(start); // numbered 5, after bob's 4
+        let soon = start + Duration::from_millis(20);
+        assert_eq!(
+            racing.observe(4, d("b4"), soon),
+            SeqVerdict::Deliver { lost: 0 }
+        );
+        assert_eq!(
+            racing.observe(6, d("b6"), soon),
+            SeqVerdict::Deliver { lost: 0 }
+        );
+    }
+
+    /// With `--original`, a datagram is the original server's: one that begins with a 0 byte
+    /// is the chat of a member with an empty name, never an extension frame.
+    #[test]
+    fn original_frames_only_reads_a_leading_zero_as_chat() {
+        let now = Instant::now();
+        let removed = [0x00, 0x03, 0x03, 0x00];
+        let mut lines = Vec::new();
+        let mut original = Renderer::new("lobby");
+        original.original_frames_only();
+        assert_eq!(
+            original.handle_datagram(&removed, now, &mut lines),
+            Flow::Continue
+        );
+        assert_eq!(lines, [": \\u{3}\\u{3}\\u{0}"]);
+        lines.clear();
+        assert_eq!(
+            original.handle_datagram(ucrp::ROOM_CLOSED, now, &mut lines),
+            Flow::RoomClosed
+        );
+        let mut extensions = Renderer::new("lobby");
+        lines.clear();
+        assert_eq!(
+            extensions.handle_datagram(&removed, now, &mut lines),
+            Flow::RoomClosed,
+            "read with extensions, the same bytes are the nameless timed-out notice"
+        );
     }
 
     /// The daemon numbers our own messages but does not send them back: their numbers are
@@ -401,17 +560,21 @@ mod tests {
     fn our_own_messages_are_not_counted_as_lost() {
         let d = |text: &str| content_digest("bob", text);
         let mut t = SeqTracker::default();
-        assert_eq!(t.observe(1, d("b1")), SeqVerdict::Deliver { lost: 0 });
-        t.sent_own(); // 2
-        t.sent_own(); // 3
-        assert_eq!(t.observe(4, d("b4")), SeqVerdict::Deliver { lost: 0 });
-        t.sent_own(); // 5
-                      // 6 was lost on the way.
-        assert_eq!(t.observe(7, d("b7")), SeqVerdict::Deliver { lost: 1 });
+        let now = Instant::now();
+        assert_eq!(t.observe(1, d("b1"), now), SeqVerdict::Deliver { lost: 0 });
+        t.sent_own(now); // 2
+        t.sent_own(now); // 3
+        assert_eq!(t.observe(4, d("b4"), now), SeqVerdict::Deliver { lost: 0 });
+        t.sent_own(now); // 5
+                         // 6 was lost on the way.
+        assert_eq!(t.observe(7, d("b7"), now), SeqVerdict::Deliver { lost: 1 });
         // Our message numbered after one that reaches us later: the gap comes later.
-        t.sent_own(); // 9
-        assert_eq!(t.observe(8, d("b8")), SeqVerdict::Deliver { lost: 0 });
-        assert_eq!(t.observe(10, d("b10")), SeqVerdict::Deliver { lost: 0 });
+        t.sent_own(now); // 9
+        assert_eq!(t.observe(8, d("b8"), now), SeqVerdict::Deliver { lost: 0 });
+        assert_eq!(
+            t.observe(10, d("b10"), now),
+            SeqVerdict::Deliver { lost: 0 }
+        );
     }
 
     /// After a crash the daemon numbers again from its last checkpoint: numbers already
@@ -421,25 +584,33 @@ mod tests {
     fn numbers_used_again_on_other_messages_are_shown() {
         let d = |text: &str| content_digest("a", text);
         let mut t = SeqTracker::default();
+        let now = Instant::now();
         for (seq, text) in [(1, "m1"), (2, "m2"), (4, "m4"), (5, "m5")] {
             if seq == 4 {
-                t.sent_own(); // 3 was ours
+                t.sent_own(now); // 3 was ours
             }
-            assert_eq!(t.observe(seq, d(text)), SeqVerdict::Deliver { lost: 0 });
+            assert_eq!(
+                t.observe(seq, d(text), now),
+                SeqVerdict::Deliver { lost: 0 }
+            );
         }
-        assert_eq!(t.observe(3, d("n3")), SeqVerdict::Deliver { lost: 0 });
-        assert_eq!(t.observe(3, d("n3")), SeqVerdict::Duplicate, "a copy of n3");
-        assert_eq!(t.observe(4, d("n4")), SeqVerdict::Deliver { lost: 0 });
+        assert_eq!(t.observe(3, d("n3"), now), SeqVerdict::Deliver { lost: 0 });
         assert_eq!(
-            t.observe(4, d("m4")),
+            t.observe(3, d("n3"), now),
+            SeqVerdict::Duplicate,
+            "a copy of n3"
+        );
+        assert_eq!(t.observe(4, d("n4"), now), SeqVerdict::Deliver { lost: 0 });
+        assert_eq!(
+            t.observe(4, d("m4"), now),
             SeqVerdict::Duplicate,
             "a late copy of m4"
         );
-        assert_eq!(t.observe(5, d("n5")), SeqVerdict::Deliver { lost: 0 });
-        assert_eq!(t.observe(7, d("n7")), SeqVerdict::Deliver { lost: 1 });
+        assert_eq!(t.observe(5, d("n5"), now), SeqVerdict::Deliver { lost: 0 });
+        assert_eq!(t.observe(7, d("n7"), now), SeqVerdict::Deliver { lost: 1 });
         // The same text under the same number from another sender is another message.
         assert_eq!(
-            t.observe(7, content_digest("b", "n7")),
+            t.observe(7, content_digest("b", "n7"), now),
             SeqVerdict::Deliver { lost: 0 }
         );
     }
@@ -447,6 +618,7 @@ mod tests {
     #[test]
     fn history_shown_makes_live_copies_duplicates() {
         let mut renderer = Renderer::new("lobby");
+        let now = Instant::now();
         renderer.shown_in_history(6, "a", "six");
         renderer.shown_in_history(7, "a", "seven");
         let mut lines = Vec::new();
@@ -455,14 +627,15 @@ mod tests {
             sequenced(7, "a", "seven"),
             sequenced(8, "a", "eight"),
         ] {
-            let _ = renderer.handle_datagram(&d, &mut lines);
+            let _ = renderer.handle_datagram(&d, now, &mut lines);
         }
         assert_eq!(lines, ["a: eight"]);
         let mut t = SeqTracker::default();
-        t.observe(9, content_digest("a", "nine"));
+        let now = Instant::now();
+        t.observe(9, content_digest("a", "nine"), now);
         t.shown_in_history(4, content_digest("a", "four"));
         assert_eq!(
-            t.observe(9, content_digest("a", "nine")),
+            t.observe(9, content_digest("a", "nine"), now),
             SeqVerdict::Duplicate
         );
     }

@@ -12,6 +12,7 @@
 //! message that is both in the history and live is printed once.
 
 use std::io::{self, IsTerminal, Write};
+use std::time::Instant;
 
 use log::debug;
 use tcrp::payload::HistoryPage;
@@ -145,6 +146,11 @@ pub struct Screen {
 }
 
 impl Screen {
+    /// Reads datagrams as the original server's only (see [`Renderer::original_frames_only`]).
+    pub fn original_frames_only(&mut self) {
+        self.renderer.original_frames_only();
+    }
+
     /// A screen for `room_name`, held until [`Screen::release`] when `hold` is set.
     pub fn new(room_name: &str, printer: Box<dyn Printer>, hold: bool) -> Screen {
         Screen {
@@ -271,7 +277,7 @@ impl Screen {
 
     /// Notes one chat message of our own sent, so the gap its number leaves is not a loss.
     pub fn sent_own(&mut self) {
-        self.renderer.sent_own();
+        self.renderer.sent_own(Instant::now());
     }
 
     /// Prints a line of the room (a history entry, a `/who` answer).
@@ -286,7 +292,9 @@ impl Screen {
 
     fn render(&mut self, bytes: &[u8]) -> io::Result<Flow> {
         let mut lines = Vec::new();
-        let flow = self.renderer.handle_datagram(bytes, &mut lines);
+        let flow = self
+            .renderer
+            .handle_datagram(bytes, Instant::now(), &mut lines);
         if flow == Flow::RoomClosed {
             // Whatever comes next waits for the closure to be confirmed or found forged.
             self.held = Some(Vec::new());

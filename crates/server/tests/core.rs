@@ -450,6 +450,36 @@ fn ocm_clients_chat_and_the_host_closes_the_room() {
     assert!(bob.wait().success());
 }
 
+/// A reader of `ocm`'s output that went away (`ocm rooms | head -1`, a chat piped into a
+/// program that quit) ends it quietly, with exit status 0 and no error; a member in a chat
+/// leaves the room first, as at the end of input.
+#[test]
+fn ocm_ends_quietly_when_its_output_is_closed_and_leaves_the_room() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    let mut lister = Ocm::start_output_closed(&d, &["rooms"]);
+    let status = lister.wait();
+    let err = lister.stderr.lock().unwrap().clone();
+    assert!(status.success() && err.is_empty(), "{status}: {err}");
+
+    let mut bob = Ocm::start_output_closed(
+        &d,
+        &["join", "lobby", "--name", "bob", "--keepalive", "3600"],
+    );
+    bob.wait_stderr("* joined lobby as bob");
+    assert_eq!(alice.line(), "* bob joined");
+    // Bob's ocm cannot print it: it leaves.
+    alice.type_line("hello");
+    assert_eq!(alice.line(), "* bob left");
+    let status = bob.wait();
+    let err = bob.stderr.lock().unwrap().clone();
+    assert!(
+        status.success() && !err.contains("standard output"),
+        "{status}: {err}"
+    );
+}
+
 #[test]
 fn ocm_reports_a_refused_join_and_exits_non_zero() {
     let d = Daemon::start();

@@ -155,6 +155,20 @@ pub fn parse(d: &[u8]) -> Result<Delivery<'_>, Error> {
     }
 }
 
+/// Decodes one datagram of the original server, which sends only `__ROOM_CLOSED__` and
+/// original chat frames: a first byte of 0 is an empty sender's chat, not an extension (the
+/// original server accepts an empty username). For a client that asked for no extension.
+pub fn parse_original(d: &[u8]) -> Result<Delivery<'_>, Error> {
+    if d == ROOM_CLOSED {
+        return Ok(Delivery::RoomClosed);
+    }
+    let (sender, message) = sized(d)?;
+    Ok(Delivery::Chat {
+        sender: text(sender)?,
+        message: text(message)?,
+    })
+}
+
 /// The message of a chat frame, original or sequenced, as bytes not checked for UTF-8;
 /// `None` for any other frame or a malformed one. For a receiver that reads back only what
 /// it wrote into the text (`ocm-bench`, at millions of messages per second): [`parse`] is
@@ -255,6 +269,28 @@ pub fn push_batch_entry(entry: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_original_servers_frames_read_a_leading_zero_as_an_empty_sender() {
+        assert_eq!(parse_original(ROOM_CLOSED), Ok(Delivery::RoomClosed));
+        assert_eq!(
+            parse_original(&[0x00, 0x03, 0x03, 0x00]),
+            Ok(Delivery::Chat {
+                sender: "",
+                message: "\u{3}\u{3}\u{0}"
+            })
+        );
+        assert_eq!(
+            parse_original(b"\x03bobhi"),
+            Ok(Delivery::Chat {
+                sender: "bob",
+                message: "hi"
+            })
+        );
+        assert!(parse_original(&[]).is_err());
+        assert!(parse_original(&[0x05, b'a']).is_err());
+        assert_eq!(parse_original(&[0x01, 0xff]), Err(Error::NotUtf8));
+    }
 
     #[test]
     fn original_chat_golden_vector() {

@@ -608,6 +608,32 @@ impl Ocm {
 
     /// [`Ocm::start_at`] with these environment variables set (`RUST_LOG`, for one).
     pub fn start_with_env(tcp: u16, udp: u16, args: &[&str], env: &[(&str, &str)]) -> Ocm {
+        Ocm::launch(tcp, udp, args, env, None)
+    }
+
+    /// [`Ocm::start`] with standard output a pipe whose reader is already gone (`ocm ... |
+    /// head` once `head` has quit): every write to it fails with `EPIPE`.
+    pub fn start_output_closed(daemon: &Daemon, args: &[&str]) -> Ocm {
+        let (reader, writer) = std::io::pipe().expect("a pipe");
+        drop(reader);
+        Ocm::launch(
+            daemon.tcp.port(),
+            daemon.udp.port(),
+            args,
+            &[],
+            Some(Stdio::from(writer)),
+        )
+    }
+
+    /// Starts `ocm`; its standard output is `stdout` if given, else read line by line.
+    fn launch(
+        tcp: u16,
+        udp: u16,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stdout: Option<Stdio>,
+    ) -> Ocm {
+        let read_stdout = stdout.is_none();
         let mut child = Command::new(sibling_binary("ocm"))
             .envs(env.iter().copied())
             .arg("--server")
@@ -618,21 +644,23 @@ impl Ocm {
             .arg(udp.to_string())
             .args(args)
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
+            .stdout(stdout.unwrap_or_else(Stdio::piped))
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn ocm");
         let stdin = child.stdin.take();
         let (tx, stdout) = mpsc::channel();
-        let out = child.stdout.take().expect("stdout");
-        thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
+        if read_stdout {
+            let out = child.stdout.take().expect("stdout");
+            thread::spawn(move || {
+                for line in BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
                 }
-            }
-        });
+            });
+        }
         let stderr = Arc::new(Mutex::new(String::new()));
         let err = child.stderr.take().expect("stderr");
         let stderr_reader = {
