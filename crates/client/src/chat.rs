@@ -779,10 +779,23 @@ fn end_on(
 const FORGED_CLOSURE: &str =
     "* ignored a notice that the room closed: the server says we are still in it (forged?)";
 
+/// The remark shown once when datagrams come from the server's port at another address. A
+/// daemon bound to a wildcard address on a host with several addresses answers from the one
+/// its route picks, which may not be the one we send to; we ignore such datagrams (anyone
+/// could send them), so without this remark the chat would just look silent.
+fn answered_from_elsewhere(server: SocketAddr, from: SocketAddr) -> String {
+    format!(
+        "* ignoring datagrams from {from}, the server's port at another address than {server}: \
+         if that is the server, it answers from another of its addresses (bind its [listen] \
+         udp to the address clients use)"
+    )
+}
+
 /// Receives and hands each datagram to the screen until the room closes or an error ends
 /// it; returns the event that ended it.
 fn receive(socket: &UdpSocket, server: SocketAddr, screen: &Mutex<Screen>) -> Event {
     let mut buf = vec![0u8; RECV_BUFFER_LEN];
+    let mut told_of_elsewhere = false;
     loop {
         let (len, from) = match socket.recv_from(&mut buf) {
             Ok(received) => received,
@@ -808,6 +821,9 @@ fn receive(socket: &UdpSocket, server: SocketAddr, screen: &Mutex<Screen>) -> Ev
         };
         if from.ip() != server.ip() || from.port() != server.port() {
             debug!("ignoring {len} bytes from {from}, not the server {server}");
+            if from.port() == server.port() && !std::mem::replace(&mut told_of_elsewhere, true) {
+                lock(screen).err(&answered_from_elsewhere(server, from));
+            }
             continue;
         }
         // `len <= buf.len()`: recv_from never reports more than the buffer holds.
@@ -1291,6 +1307,39 @@ mod tests {
         assert_eq!(
             rec.lines(),
             ["out: bob: hi", "out: * room lobby was closed by its host"]
+        );
+    }
+
+    /// Datagrams from the server's port at another of the host's addresses (a daemon bound
+    /// to a wildcard address answering from the address its route picks) are ignored, and
+    /// said so once, so that the chat does not just look silent.
+    #[test]
+    fn the_servers_port_at_another_address_is_ignored_and_told_once() {
+        let (session, server) = pair("lobby", "ab");
+        let server_addr = server.local_addr().unwrap();
+        let elsewhere = UdpSocket::bind(("127.0.0.2", server_addr.port())).unwrap();
+        let me = session.socket.local_addr().unwrap();
+        let me = SocketAddr::from((Ipv4Addr::LOCALHOST, me.port()));
+        let mut hi = Vec::new();
+        ucrp::delivery::encode_chat("bob", b"hi", &mut hi).unwrap();
+        elsewhere.send_to(&hi, me).unwrap();
+        elsewhere.send_to(&hi, me).unwrap();
+        server.send_to(&hi, me).unwrap();
+        server.send_to(ucrp::ROOM_CLOSED, me).unwrap();
+        let (screen, rec) = screen(false);
+        let event = receive(&session.socket, server_addr, &screen);
+        assert!(matches!(event, Event::RoomClosed), "{event:?}");
+        let told = format!(
+            "err: {}",
+            answered_from_elsewhere(server_addr, elsewhere.local_addr().unwrap())
+        );
+        assert_eq!(
+            rec.lines(),
+            [
+                told.as_str(),
+                "out: bob: hi",
+                "out: * room lobby was closed by its host"
+            ]
         );
     }
 
