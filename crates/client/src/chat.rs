@@ -54,7 +54,7 @@ use crate::listing;
 use crate::query::{self, HistoryPager, PageRequest, DEFAULT_HISTORY_LIMIT};
 use crate::reach;
 use crate::render::{printable, printable_name, Flow};
-use crate::screen::{to_stderr, EditorPrinter, PlainPrinter, Screen};
+use crate::screen::{to_stderr, EditorPrinter, OwnSends, PlainPrinter, Screen};
 
 /// Receive buffer size, in bytes: room for the largest UDP datagram, so batch frames up to the
 /// `max_datagram` announced at join (65507 bytes on loopback) are read whole.
@@ -239,6 +239,7 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
     if options.original {
         lock(&screen).original_frames_only();
     }
+    let own = lock(&screen).own_sends();
     let mut closures = closure::Policy::new(options.check_closures);
     if options.check_closures {
         // Nothing says the room closed before the server confirms it.
@@ -309,7 +310,7 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
             Err(RecvTimeoutError::Disconnected) => Event::Eof,
         };
         match event {
-            Event::Send(text) => send_text(&session, &screen, &text),
+            Event::Send(text) => send_text(&session, &own, &screen, &text),
             Event::Quit => {
                 debug!("quit");
                 break;
@@ -388,30 +389,33 @@ fn finish_closed(screen: &Mutex<Screen>, terminal: Option<TerminalGuard>) {
 }
 
 /// Sends one chat message; local feedback goes to standard error.
-fn send_text(session: &Session, screen: &Mutex<Screen>, text: &str) {
-    send_own(screen, session.max_message_len(), || {
+fn send_text(session: &Session, own: &OwnSends, screen: &Mutex<Screen>, text: &str) {
+    send_own(own, screen, session.max_message_len(), || {
         session.send_chat(text)
     });
 }
 
-/// Sends one of our chat messages with `send` ([`Session::send_chat`]) and counts it as ours
-/// ([`Screen::sent_own`]). The screen is locked from before the send until the message is
-/// counted: the receiver renders under that lock, so it cannot show a reply to our message
-/// (which the daemon numbers after it) before our message's number is known to be ours,
-/// and report that number as a lost message.
+/// Sends one of our chat messages with `send` ([`Session::send_chat`]), noted as ours
+/// ([`OwnSends`]) before it leaves: the receiver takes the notes before it renders, so it
+/// cannot show a reply to our message (which the daemon numbers after it) before our
+/// message's number is known to be ours, and report that number as lost. The screen's lock
+/// is not taken unless the send fails: the receiver may hold it, blocked on a stalled
+/// standard output, and keepalives must still go out.
 fn send_own(
+    own: &OwnSends,
     screen: &Mutex<Screen>,
     max_message_len: usize,
     send: impl FnOnce() -> io::Result<Result<(), ucrp::Error>>,
 ) {
-    let mut screen = lock(screen);
+    own.note(Instant::now());
     let complaint = match send() {
-        Ok(Ok(())) => return screen.sent_own(),
+        Ok(Ok(())) => return,
         Ok(Err(ucrp::Error::TooLarge { .. })) => too_long(max_message_len),
         Ok(Err(e)) => format!("* message not sent: {e}"),
         Err(e) => format!("* message not sent: {e}"),
     };
-    screen.err(&complaint);
+    own.take_back();
+    lock(screen).err(&complaint);
 }
 
 /// What the input thread needs to act on typed lines: local commands are answered here,
@@ -1189,7 +1193,9 @@ mod tests {
     fn lines_become_datagrams() {
         let (session, server) = pair("lobby", "00ff");
         let (screen, rec) = screen(false);
-        send_text(&session, &screen, "hello");
+        let own = lock(&screen).own_sends();
+
+        send_text(&session, &own, &screen, "hello");
         let bytes = recv(&server);
         let d = ucrp::parse(&bytes).unwrap();
         assert_eq!(d.room_name, b"lobby");
@@ -1209,18 +1215,15 @@ mod tests {
             Flow::Continue
         );
         // The daemon numbers "mine" 2 and relays it; a reply, 3, can be back before the main
-        // thread counts 2 as ours. The receiver renders under the screen's lock: had it been
-        // free during the send, the reply could have been shown with "* 1 message lost".
-        let mut free_during_send = None;
-        send_own(&screen, session.max_message_len(), || {
-            free_during_send = Some(screen.try_lock().is_ok());
+        // thread's send returns. "mine" is noted as ours before it leaves, and the receiver
+        // takes the notes before it renders: the reply is not shown with "* 1 message lost".
+        let own = lock(&screen).own_sends();
+        let mut noted_before_send = None;
+        send_own(&own, &screen, session.max_message_len(), || {
+            noted_before_send = Some(own.pending());
             session.send_chat("mine")
         });
-        assert_eq!(
-            free_during_send,
-            Some(false),
-            "the screen was free during the send"
-        );
+        assert_eq!(noted_before_send, Some(1), "not noted before it left");
         assert_eq!(
             ucrp::parse(&recv(&server)).unwrap().message,
             ucrp::Message::Chat("mine")
@@ -1232,6 +1235,41 @@ mod tests {
             Flow::Continue
         );
         assert_eq!(rec.lines(), ["out: bob: before", "out: bob: reply"]);
+    }
+
+    /// The receiver holds the screen while it prints; a stalled standard output (a paused
+    /// terminal, a full pipe) keeps it there. Our messages still leave, and a failed one is
+    /// not counted as ours.
+    #[test]
+    fn a_screen_held_by_a_stalled_output_does_not_hold_our_sends() {
+        let (session, server) = pair("lobby", "00ff");
+        let (screen, rec) = screen(false);
+        let own = lock(&screen).own_sends();
+        let (done_tx, done) = mpsc::channel();
+        let held = lock(&screen);
+        thread::scope(|s| {
+            s.spawn(|| {
+                send_own(&own, &screen, session.max_message_len(), || {
+                    session.send_chat("while stalled")
+                });
+                done_tx.send(()).unwrap();
+            });
+            assert!(
+                done.recv_timeout(Duration::from_secs(10)).is_ok(),
+                "the send waited for the screen"
+            );
+            drop(held);
+        });
+        assert_eq!(
+            ucrp::parse(&recv(&server)).unwrap().message,
+            ucrp::Message::Chat("while stalled")
+        );
+        assert_eq!(own.pending(), 1);
+        send_own(&own, &screen, session.max_message_len(), || {
+            Err(io::Error::other("refused"))
+        });
+        assert_eq!(own.pending(), 1, "a failed send is taken back");
+        assert_eq!(rec.lines(), ["err: * message not sent: refused"]);
     }
 
     #[test]
@@ -1247,7 +1285,8 @@ mod tests {
             })
         );
         let (screen, rec) = screen(false);
-        send_text(&session, &screen, &"y".repeat(max + 1));
+        let own = lock(&screen).own_sends();
+        send_text(&session, &own, &screen, &"y".repeat(max + 1));
         assert_eq!(
             rec.lines(),
             [format!("err: * message too long (max {max} bytes)")]
@@ -1265,9 +1304,10 @@ mod tests {
         let (session, server) = pair_named("lobby", &name, "00ff");
         assert_eq!(session.max_message_len(), 3995);
         let (screen, rec) = screen(false);
-        send_text(&session, &screen, &"y".repeat(3996));
+        let own = lock(&screen).own_sends();
+        send_text(&session, &own, &screen, &"y".repeat(3996));
         assert_eq!(rec.lines(), ["err: * message too long (max 3995 bytes)"]);
-        send_text(&session, &screen, &"z".repeat(3995));
+        send_text(&session, &own, &screen, &"z".repeat(3995));
         let bytes = recv(&server);
         assert_eq!(
             ucrp::parse(&bytes).unwrap().message,

@@ -12,6 +12,7 @@
 //! message that is both in the history and live is printed once.
 
 use std::io::{self, IsTerminal, Write};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use log::debug;
@@ -122,10 +123,48 @@ impl Drop for EditorPrinter {
     }
 }
 
+/// Our own chat messages sent and not yet counted by the renderer. The main loop notes each
+/// here before sending it, without the screen's lock: the receiver holds that lock while it
+/// prints, and a write to a stalled standard output (a paused terminal, a full pipe) would
+/// otherwise hold the main loop and its keepalives too. The screen takes the notes before it
+/// renders each datagram, so a reply numbered after one of our messages never comes before
+/// that message's note.
+#[derive(Debug, Clone, Default)]
+pub struct OwnSends(Arc<Mutex<Vec<Instant>>>);
+
+impl OwnSends {
+    /// Notes a message about to be sent at `at`.
+    pub fn note(&self, at: Instant) {
+        self.lock().push(at);
+    }
+
+    /// Takes back the last note: its send failed. (If the screen took it meanwhile, the
+    /// count errs low, like a message the daemon drops.)
+    pub fn take_back(&self) {
+        self.lock().pop();
+    }
+
+    /// Notes not yet taken by the screen.
+    #[cfg(test)]
+    pub fn pending(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn take(&self) -> Vec<Instant> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Instant>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// The chat's output: renders datagrams and prints lines (see the module docs).
 pub struct Screen {
     printer: Box<dyn Printer>,
     renderer: Renderer,
+    /// Our messages sent, noted by the main loop ([`OwnSends`]).
+    own: OwnSends,
     /// `Some` while held: the datagrams received since, in order. Held at join until
     /// [`Screen::release`], and after a datagram that closed the room until
     /// [`Screen::reopen`] (if the closure turns out forged).
@@ -156,6 +195,7 @@ impl Screen {
         Screen {
             printer,
             renderer: Renderer::new(room_name),
+            own: OwnSends::default(),
             held: hold.then(Vec::new),
             held_bytes: 0,
             closure_pending: false,
@@ -275,9 +315,10 @@ impl Screen {
         Ok(Flow::Continue)
     }
 
-    /// Notes one chat message of our own sent, so the gap its number leaves is not a loss.
-    pub fn sent_own(&mut self) {
-        self.renderer.sent_own(Instant::now());
+    /// Where the main loop notes our own chat messages, so that the gaps their numbers leave
+    /// are not losses.
+    pub fn own_sends(&self) -> OwnSends {
+        self.own.clone()
     }
 
     /// Prints a line of the room (a history entry, a `/who` answer).
@@ -291,6 +332,9 @@ impl Screen {
     }
 
     fn render(&mut self, bytes: &[u8]) -> io::Result<Flow> {
+        for sent in self.own.take() {
+            self.renderer.sent_own(sent);
+        }
         let mut lines = Vec::new();
         let flow = self
             .renderer
