@@ -784,14 +784,14 @@ const FORGED_CLOSURE: &str =
     "* ignored a notice that the room closed: the server says we are still in it (forged?)";
 
 /// The remark shown once when datagrams come from the server's port at another address. A
-/// daemon bound to a wildcard address on a host with several addresses answers from the one
-/// its route picks, which may not be the one we send to; we ignore such datagrams (anyone
-/// could send them), so without this remark the chat would just look silent.
+/// server bound to a wildcard address on a host with several addresses may answer from the
+/// one its route picks rather than the one we send to (`ocmd` answers from the address our
+/// `__REGISTER__` came to, but the original server does not); we ignore such datagrams
+/// (anyone could send them), so without this remark the chat would just look silent.
 fn answered_from_elsewhere(server: SocketAddr, from: SocketAddr) -> String {
     format!(
         "* ignoring datagrams from {from}, the server's port at another address than {server}: \
-         if that is the server, it answers from another of its addresses (bind its [listen] \
-         udp to the address clients use)"
+         a server bound to a wildcard address may answer from another of its addresses"
     )
 }
 

@@ -9,7 +9,7 @@
 //! - [`password`]: room-password hashing and checks on a worker thread;
 //! - [`store`], [`record`], [`persist`]: the state file, its journal and the writer thread;
 //! - [`event_loop`]: the mio shell that owns every socket;
-//! - [`conn`], [`udp`], [`mmsg`], [`sockopt`]: what the loop does with its sockets;
+//! - [`conn`], [`udp`], [`mmsg`], [`local`], [`sockopt`]: what the loop does with its sockets;
 //! - [`config`], [`metrics`], [`delay`], [`notify`], [`http`]: what operators see.
 //!
 //! Wire formats live in the `tcrp` and `ucrp` crates, which know nothing of sockets.
@@ -21,6 +21,7 @@ pub mod error;
 pub mod event_loop;
 pub mod handshake;
 pub mod http;
+pub mod local;
 pub mod metrics;
 pub mod mmsg;
 pub mod notify;

@@ -2,14 +2,19 @@
 //!
 //! One call moves up to [`BATCH`] datagrams, which is what lets fan-out approach the kernel's
 //! per-datagram cost instead of paying a system call per datagram. All unsafe code of the
-//! daemon's data path is here, behind two safe types.
+//! daemon's data path is here, behind two safe types. On a socket bound to a wildcard address
+//! they also carry each datagram's local address: the one it arrived at, read from
+//! `IP_PKTINFO`/`IPV6_PKTINFO`, and the one a reply leaves from, set the same way (see
+//! [`crate::local`]).
 
 use std::io::{self, IoSlice};
 use std::mem;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::ops::Range;
 use std::os::fd::RawFd;
 use std::time::Duration;
+
+use crate::local::LocalAddr;
 
 /// Datagrams per system call.
 pub const BATCH: usize = 256;
@@ -77,9 +82,15 @@ fn from_storage(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
-/// Control-message space per datagram, in `u64` words (8-byte aligned, as `cmsghdr` needs):
-/// room for one `SCM_TIMESTAMPNS` (a 16-byte header and a 16-byte `timespec`) and slack.
-const CONTROL_WORDS: usize = 8;
+/// Control-message space per received datagram, in `u64` words (8-byte aligned, as `cmsghdr`
+/// needs): room for one `SCM_TIMESTAMPNS` (a 16-byte header and a 16-byte `timespec`), one
+/// `IPV6_PKTINFO` (16 and 20, padded to 24) or `IP_PKTINFO` (16 and 12, padded to 16), and
+/// slack.
+const CONTROL_WORDS: usize = 16;
+
+/// Control-message space per sent datagram, in `u64` words: one `IPV6_PKTINFO` or
+/// `IP_PKTINFO`.
+const SEND_CONTROL_WORDS: usize = 6;
 
 /// Asks the kernel to stamp every datagram received on `fd` with its arrival time
 /// (`SO_TIMESTAMPNS`); [`Receiver::arrived`] reads the stamps.
@@ -95,6 +106,7 @@ pub struct Receiver {
     lens: Vec<usize>,
     control: Vec<u64>,
     arrived: Vec<Option<Duration>>,
+    arrived_at: Vec<Option<LocalAddr>>,
     count: usize,
 }
 
@@ -109,6 +121,7 @@ impl Receiver {
             lens: vec![0; BATCH],
             control: vec![0; CONTROL_WORDS * BATCH],
             arrived: vec![None; BATCH],
+            arrived_at: vec![None; BATCH],
             count: 0,
         }
     }
@@ -161,6 +174,7 @@ impl Receiver {
         for (i, msg) in msgs.iter().enumerate().take(self.count) {
             self.lens[i] = (msg.msg_len as usize).min(self.slot);
             self.arrived[i] = timestamp(&msg.msg_hdr);
+            self.arrived_at[i] = destination(&msg.msg_hdr);
         }
         Ok(self.count)
     }
@@ -172,6 +186,15 @@ impl Receiver {
             return None;
         }
         self.arrived[i]
+    }
+
+    /// Which of our addresses the `i`th datagram of the last [`Receiver::recv`] was sent to, if
+    /// the socket reports it ([`crate::local::enable_arrival_address`]).
+    pub fn arrived_at(&self, i: usize) -> Option<LocalAddr> {
+        if i >= self.count {
+            return None;
+        }
+        self.arrived_at[i]
     }
 
     /// The `i`th datagram of the last [`Receiver::recv`]: its source and bytes.
@@ -212,6 +235,130 @@ fn timestamp(hdr: &libc::msghdr) -> Option<Duration> {
     None
 }
 
+/// The destination address among a received message's control messages (`IP_PKTINFO`: the
+/// local address the kernel routed it to; `IPV6_PKTINFO`: the header's destination), with the
+/// interface it came in on.
+fn destination(hdr: &libc::msghdr) -> Option<LocalAddr> {
+    // SAFETY: as in `timestamp`: the kernel wrote well-formed cmsghdrs within msg_controllen,
+    // and each payload's length is checked before it is read (unaligned).
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(hdr);
+        while !cmsg.is_null() {
+            let c = &*cmsg;
+            let holds = |len: usize| c.cmsg_len as usize >= libc::CMSG_LEN(len as u32) as usize;
+            if c.cmsg_level == libc::IPPROTO_IP
+                && c.cmsg_type == libc::IP_PKTINFO
+                && holds(mem::size_of::<libc::in_pktinfo>())
+            {
+                let info: libc::in_pktinfo = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                return Some(LocalAddr {
+                    ip: IpAddr::V4(Ipv4Addr::from(info.ipi_spec_dst.s_addr.to_ne_bytes())),
+                    ifindex: u32::try_from(info.ipi_ifindex).unwrap_or(0),
+                });
+            }
+            if c.cmsg_level == libc::IPPROTO_IPV6
+                && c.cmsg_type == libc::IPV6_PKTINFO
+                && holds(mem::size_of::<libc::in6_pktinfo>())
+            {
+                let info: libc::in6_pktinfo =
+                    std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                return Some(LocalAddr {
+                    ip: IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)).to_canonical(),
+                    ifindex: info.ipi6_ifindex,
+                });
+            }
+            cmsg = libc::CMSG_NXTHDR(hdr, cmsg);
+        }
+    }
+    None
+}
+
+/// Writes into `control` the message that makes a datagram to `to` leave from `from`
+/// (`IP_PKTINFO` on an IPv4 socket, `IPV6_PKTINFO` on an IPv6 one, with an IPv4-mapped address
+/// for an IPv4 source); returns its length, 0 when `from` cannot be said to such a socket.
+fn source_control(
+    to: &SocketAddr,
+    from: &LocalAddr,
+    control: &mut [u64; SEND_CONTROL_WORDS],
+) -> usize {
+    let (level, kind, payload_len) = match to {
+        SocketAddr::V4(_) => (
+            libc::IPPROTO_IP,
+            libc::IP_PKTINFO,
+            mem::size_of::<libc::in_pktinfo>(),
+        ),
+        SocketAddr::V6(_) => (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_PKTINFO,
+            mem::size_of::<libc::in6_pktinfo>(),
+        ),
+    };
+    // SAFETY: CMSG_SPACE is arithmetic.
+    let space = unsafe { libc::CMSG_SPACE(payload_len as u32) } as usize;
+    if space > mem::size_of_val(control) {
+        return 0;
+    }
+    *control = [0; SEND_CONTROL_WORDS];
+    // SAFETY: a msghdr whose control buffer is `control` (8-byte aligned, `space` bytes checked
+    // above) has its first cmsghdr at the buffer's start; header and payload are written
+    // inside it (unaligned writes for the payload).
+    unsafe {
+        let mut hdr: libc::msghdr = mem::zeroed();
+        hdr.msg_control = control.as_mut_ptr().cast();
+        hdr.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&hdr);
+        if cmsg.is_null() {
+            return 0;
+        }
+        (*cmsg).cmsg_level = level;
+        (*cmsg).cmsg_type = kind;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(payload_len as u32) as _;
+        let data = libc::CMSG_DATA(cmsg);
+        match (to, from.ip) {
+            (SocketAddr::V4(_), IpAddr::V4(ip)) => {
+                let info = libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(ip.octets()),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                std::ptr::write_unaligned(data.cast(), info);
+            }
+            (SocketAddr::V6(_), ip) => {
+                let (ip, scoped) = match ip {
+                    IpAddr::V4(ip) => (ip.to_ipv6_mapped(), false),
+                    IpAddr::V6(ip) => (ip, ip.is_unicast_link_local()),
+                };
+                let info = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: ip.octets(),
+                    },
+                    // The interface matters only for a link-local source; otherwise routing
+                    // picks it, as for any datagram.
+                    ipi6_ifindex: if scoped { from.ifindex } else { 0 },
+                };
+                std::ptr::write_unaligned(data.cast(), info);
+            }
+            // An IPv6 source for an IPv4 socket: cannot be.
+            (SocketAddr::V4(_), IpAddr::V6(_)) => return 0,
+        }
+    }
+    space
+}
+
+/// One datagram for [`send`]: where it goes, which of our addresses it leaves from (`None`:
+/// the kernel's choice), and which of the call's byte runs it is made of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// Destination.
+    pub to: SocketAddr,
+    /// Source address, on a socket bound to a wildcard address.
+    pub from: Option<LocalAddr>,
+    /// Its runs in the call's `parts`.
+    pub runs: Range<usize>,
+}
+
 /// What a [`send`] managed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Sent {
@@ -227,6 +374,8 @@ pub struct Sent {
 #[derive(Default)]
 pub struct SendScratch {
     addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)>,
+    /// Each header's control message (its source address), and its length (0: none).
+    controls: Vec<([u64; SEND_CONTROL_WORDS], usize)>,
     msgs: Vec<libc::mmsghdr>,
     /// For each header in `msgs`, its datagram's index in the call's `datagrams`.
     indices: Vec<usize>,
@@ -245,15 +394,15 @@ impl SendScratch {
 /// Most byte runs one datagram may be gathered from (the kernel's `UIO_MAXIOV`).
 pub const MAX_PARTS: usize = libc::UIO_MAXIOV as usize;
 
-/// Sends every `(destination, range)` with as few `sendmmsg` calls as it takes: a datagram's
-/// bytes are those of `parts[range]`, one after the other, which the kernel gathers from
+/// Sends every [`Outgoing`] datagram with as few `sendmmsg` calls as it takes: a datagram's
+/// bytes are those of `parts[runs]`, one after the other, which the kernel gathers from
 /// where they lie. Never blocks: when the send buffer is full the rest is dropped and
 /// counted. A range outside `parts` or of more than [`MAX_PARTS`] runs fails on its own
 /// without reaching the kernel (the caller never builds one).
 pub fn send(
     fd: RawFd,
     parts: &[IoSlice<'_>],
-    datagrams: &[(SocketAddr, Range<usize>)],
+    datagrams: &[Outgoing],
     scratch: &mut SendScratch,
 ) -> Sent {
     let runs = |range: &Range<usize>| {
@@ -266,10 +415,16 @@ pub fn send(
     for (chunk_index, chunk) in datagrams.chunks(BATCH).enumerate() {
         let first = chunk_index * BATCH;
         scratch.addrs.clear();
+        scratch.controls.clear();
         scratch.indices.clear();
-        for (i, (to, range)) in chunk.iter().enumerate() {
-            if runs(range).is_some() {
-                scratch.addrs.push(to_storage(to));
+        for (i, datagram) in chunk.iter().enumerate() {
+            if runs(&datagram.runs).is_some() {
+                scratch.addrs.push(to_storage(&datagram.to));
+                let mut control = [0; SEND_CONTROL_WORDS];
+                let len = datagram
+                    .from
+                    .map_or(0, |from| source_control(&datagram.to, &from, &mut control));
+                scratch.controls.push((control, len));
                 scratch.indices.push(first + i);
             } else {
                 scratch.failed.push(first + i);
@@ -279,8 +434,9 @@ pub fn send(
         // `addrs` is complete: the headers may now point into it, each through its element's
         // own `&mut` out of one iterator, so taking the next leaves the earlier ones valid.
         scratch.msgs.clear();
-        for ((storage, len), &index) in scratch.addrs.iter_mut().zip(&scratch.indices) {
-            let iov = runs(&datagrams[index].1).unwrap_or_default();
+        let headers = scratch.addrs.iter_mut().zip(scratch.controls.iter_mut());
+        for (((storage, len), (control, control_len)), &index) in headers.zip(&scratch.indices) {
+            let iov = runs(&datagrams[index].runs).unwrap_or_default();
             // SAFETY: mmsghdr is plain old data.
             let mut msg: libc::mmsghdr = unsafe { mem::zeroed() };
             msg.msg_hdr.msg_name = (storage as *mut libc::sockaddr_storage).cast();
@@ -289,13 +445,17 @@ pub fn send(
             // only reads the array.
             msg.msg_hdr.msg_iov = iov.as_ptr().cast::<libc::iovec>().cast_mut();
             msg.msg_hdr.msg_iovlen = iov.len() as _; // size_t on glibc, c_int on musl
+            if *control_len > 0 {
+                msg.msg_hdr.msg_control = control.as_mut_ptr().cast();
+                msg.msg_hdr.msg_controllen = *control_len as _;
+            }
             scratch.msgs.push(msg);
         }
         let mut done = 0;
         while done < scratch.msgs.len() {
             let left = scratch.msgs.len() - done;
-            // SAFETY: the headers point at addresses in scratch and at the caller's iovecs and
-            // bytes, all alive and unchanged for the call; the kernel only reads them.
+            // SAFETY: the headers point at addresses and control messages in scratch and at the
+            // caller's iovecs and bytes, all alive and unchanged for the call; the kernel only reads them.
             let rc = unsafe {
                 libc::sendmmsg(
                     fd,
@@ -353,8 +513,12 @@ mod tests {
     /// Sends each `(destination, bytes)` as one datagram of one run.
     fn send_each(fd: RawFd, datagrams: &[(SocketAddr, &[u8])], scratch: &mut SendScratch) -> Sent {
         let parts: Vec<IoSlice> = datagrams.iter().map(|(_, b)| IoSlice::new(b)).collect();
-        let ranges: Vec<(SocketAddr, Range<usize>)> = (0..datagrams.len())
-            .map(|i| (datagrams[i].0, i..i + 1))
+        let ranges: Vec<Outgoing> = (0..datagrams.len())
+            .map(|i| Outgoing {
+                to: datagrams[i].0,
+                from: None,
+                runs: i..i + 1,
+            })
             .collect();
         send(fd, &parts, &ranges, scratch)
     }
@@ -421,7 +585,7 @@ mod tests {
         let mut parts = vec![IoSlice::new(head), IoSlice::new(body), IoSlice::new(tail)];
         // Enough runs for a datagram of one more than the kernel takes.
         parts.extend((0..MAX_PARTS + 1).map(|_| IoSlice::new(b"z")));
-        let datagrams = vec![
+        let datagrams: Vec<Outgoing> = [
             (to, 0..3),                 // "abcdef"
             (to, 1..2),                 // "cde"
             (refused, 0..1),            // refused by the kernel: failed 2
@@ -430,7 +594,14 @@ mod tests {
             (to, 3..3 + MAX_PARTS),     // as many as the kernel takes
             (to, 2..2),                 // an empty datagram is still one
             (to, 0..1),                 // "ab"
-        ];
+        ]
+        .into_iter()
+        .map(|(to, runs)| Outgoing {
+            to,
+            from: None,
+            runs,
+        })
+        .collect();
         let mut scratch = SendScratch::default();
         let sent = send(a.as_raw_fd(), &parts, &datagrams, &mut scratch);
         assert_eq!((sent.sent, sent.failed, sent.would_block), (5, 3, 0));
@@ -444,6 +615,71 @@ mod tests {
         let zs = vec![b'z'; MAX_PARTS];
         let expected: Vec<&[u8]> = vec![b"abcdef", b"cde", &zs, b"", b"ab"];
         assert_eq!(got, expected);
+    }
+
+    /// On a socket bound to the wildcard address, a datagram's arrival address is read, and a
+    /// reply given it as its source leaves from it, where the kernel alone picks 127.0.0.1.
+    /// (The socket must be bound to 0.0.0.0: only there does the kernel choose a reply's
+    /// source. Every datagram of the test goes to and from 127.0.0.x.)
+    #[test]
+    fn a_wildcard_socket_reads_where_a_datagram_came_to_and_answers_from_there() {
+        let server = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let bound = server.local_addr().unwrap();
+        crate::local::enable_arrival_address(server.as_raw_fd(), bound).unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let second = SocketAddr::from(([127, 0, 0, 2], bound.port()));
+        client.send_to(b"hi", second).unwrap();
+        let mut rx = Receiver::new(16);
+        // Loopback delivers within the send: the datagram is queued already.
+        assert_eq!(rx.recv(server.as_raw_fd(), BATCH).unwrap(), 1);
+        let (from, bytes) = rx.datagram(0).unwrap();
+        assert_eq!((from, bytes), (client.local_addr().unwrap(), &b"hi"[..]));
+        let arrived = rx.arrived_at(0).expect("the arrival address is reported");
+        assert_eq!(arrived.ip, second.ip());
+        assert_ne!(arrived.ifindex, 0);
+        assert_eq!(rx.arrived_at(1), None);
+
+        let parts = [IoSlice::new(b"answer")];
+        let replies = [
+            Outgoing {
+                to: from,
+                from: Some(arrived),
+                runs: 0..1,
+            },
+            Outgoing {
+                to: from,
+                from: None,
+                runs: 0..1,
+            },
+        ];
+        let sent = send(
+            server.as_raw_fd(),
+            &parts,
+            &replies,
+            &mut SendScratch::default(),
+        );
+        assert_eq!((sent.sent, sent.failed), (2, 0));
+        let mut buf = [0u8; 16];
+        let (len, answered_from) = client.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..len], answered_from), (&b"answer"[..], second));
+        let (_, kernel_choice) = client.recv_from(&mut buf).unwrap();
+        assert_eq!(
+            kernel_choice,
+            SocketAddr::from(([127, 0, 0, 1], bound.port()))
+        );
+    }
+
+    /// A socket bound to one address reports no arrival address (none was asked for).
+    #[test]
+    fn a_socket_bound_to_one_address_reports_no_arrival_address() {
+        let (a, b) = sender_and_receiver();
+        a.send_to(b"x", b.local_addr().unwrap()).unwrap();
+        let mut rx = Receiver::new(16);
+        assert_eq!(rx.recv(b.as_raw_fd(), BATCH).unwrap(), 1);
+        assert_eq!(rx.arrived_at(0), None);
     }
 
     #[test]

@@ -12,11 +12,15 @@ use std::ops::Range;
 
 use ucrp::delivery;
 
+use crate::local::LocalId;
+
 /// One datagram to send: where, and which bytes of the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Send {
     /// Destination.
     pub to: SocketAddr,
+    /// Which of our addresses it leaves from ([`LocalId::ANY`]: the kernel's choice).
+    pub from: LocalId,
     /// The payload's range in the outbox's bytes ([`Outbox::payload`] returned it).
     pub bytes: Range<usize>,
     /// The recipient's member slot in the registry, when it is a member (a dense small
@@ -72,28 +76,31 @@ impl Outbox {
         Some(start.checked_sub(PREFIX_LEN)?..end)
     }
 
-    /// Queues `bytes` (a range returned by [`Outbox::payload`]) for `to`, alone in its
-    /// datagram.
-    pub fn send(&mut self, to: SocketAddr, bytes: Range<usize>) {
+    /// Queues `bytes` (a range returned by [`Outbox::payload`]) for `to`, from our address
+    /// `from`, alone in its datagram.
+    pub fn send(&mut self, to: SocketAddr, from: LocalId, bytes: Range<usize>) {
         self.sends.push(Send {
             to,
+            from,
             bytes,
             member: None,
             batch_limit: 0,
         });
     }
 
-    /// Queues `bytes` for the member in registry slot `member`, at `to`; `batch_limit` is the
-    /// largest batch frame the member accepts (0: none).
+    /// Queues `bytes` for the member in registry slot `member`, at `to`, from our address
+    /// `from`; `batch_limit` is the largest batch frame the member accepts (0: none).
     pub fn send_to_member(
         &mut self,
         to: SocketAddr,
+        from: LocalId,
         bytes: Range<usize>,
         member: u32,
         batch_limit: u16,
     ) {
         self.sends.push(Send {
             to,
+            from,
             bytes,
             member: Some(member),
             batch_limit,
@@ -133,8 +140,8 @@ mod tests {
         let empty = out.payload(|_| {});
         for (range, member) in [(a.clone(), Some(0)), (long.clone(), None), (empty, Some(1))] {
             match member {
-                Some(m) => out.send_to_member(to(), range, m, 4096),
-                None => out.send(to(), range),
+                Some(m) => out.send_to_member(to(), LocalId::ANY, range, m, 4096),
+                None => out.send(to(), LocalId::ANY, range),
             }
         }
         assert_eq!(out.bytes_of(&out.sends[0]), b"\x01aone");
@@ -164,8 +171,8 @@ mod tests {
         let mut out = Outbox::default();
         let huge = out.payload(|b| b.resize(b.len() + 65_536, 0));
         let fits = out.payload(|b| b.resize(b.len() + 65_535, 0));
-        out.send_to_member(to(), huge, 0, u16::MAX);
-        out.send_to_member(to(), fits.clone(), 0, u16::MAX);
+        out.send_to_member(to(), LocalId::ANY, huge, 0, u16::MAX);
+        out.send_to_member(to(), LocalId::ANY, fits.clone(), 0, u16::MAX);
         assert_eq!(out.entry_of(&out.sends[0]), None);
         assert_eq!(out.entry_of(&out.sends[1]), Some(fits.start - 2..fits.end));
         assert_eq!(out.bytes_of(&out.sends[0]).len(), 65_536);

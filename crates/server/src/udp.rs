@@ -10,6 +10,7 @@ use std::os::fd::AsRawFd;
 use mio::net::UdpSocket;
 use ucrp::delivery;
 
+use crate::local::{LocalId, Locals};
 use crate::metrics::Metrics;
 use crate::mmsg;
 use crate::outbox::Outbox;
@@ -57,8 +58,9 @@ const RUN_SIZE: usize = mem::size_of::<Range<usize>>();
 pub struct Sender {
     /// The daemon's cap on batch frames, in bytes.
     max_batch: usize,
-    /// Datagrams to send, in order: destination, what they carry, messages carried.
-    plan: Vec<(SocketAddr, Bytes, usize)>,
+    /// Datagrams to send, in order: destination, our address it leaves from, what it
+    /// carries, messages carried.
+    plan: Vec<(SocketAddr, LocalId, Bytes, usize)>,
     /// Batch frames being planned, reused between passes.
     batches: Vec<Batch>,
     used_batches: usize,
@@ -68,7 +70,7 @@ pub struct Sender {
     touched: Vec<u32>,
     /// Each planned datagram's runs in the list of byte runs handed to the kernel; kept
     /// between passes (the runs themselves borrow the outbox, so they are not).
-    datagrams: Vec<(SocketAddr, Range<usize>)>,
+    datagrams: Vec<mmsg::Outgoing>,
     scratch: mmsg::SendScratch,
 }
 
@@ -122,10 +124,17 @@ impl Sender {
         self.max_batch = max_batch;
     }
 
-    /// Sends and clears `outbox`.
-    pub fn send_all(&mut self, socket: &UdpSocket, outbox: &mut Outbox, metrics: &mut Metrics) {
+    /// Sends and clears `outbox`; each datagram leaves from the address of `locals` its send
+    /// names.
+    pub fn send_all(
+        &mut self,
+        socket: &UdpSocket,
+        outbox: &mut Outbox,
+        locals: &Locals,
+        metrics: &mut Metrics,
+    ) {
         self.plan(outbox);
-        let parts = self.gather(outbox);
+        let parts = self.gather(outbox, locals);
         let sent = mmsg::send(
             socket.as_raw_fd(),
             &parts,
@@ -144,7 +153,7 @@ impl Sender {
             .take(sent.sent + sent.failed)
             .enumerate()
             .filter(|(i, _)| refused.next_if_eq(i).is_none())
-            .map(|(_, (_, _, n))| *n as u64)
+            .map(|(_, (_, _, _, n))| *n as u64)
             .sum::<u64>();
         if sent.would_block > 0 {
             *metrics.send_errors.entry("would_block").or_insert(0) += sent.would_block as u64;
@@ -167,11 +176,11 @@ impl Sender {
     }
 
     /// The byte runs of every planned datagram, in order; fills [`Sender::datagrams`] with
-    /// where each datagram's runs are in the returned list.
-    fn gather<'a>(&mut self, outbox: &'a Outbox) -> Vec<IoSlice<'a>> {
+    /// where each datagram goes, where from, and where its runs are in the returned list.
+    fn gather<'a>(&mut self, outbox: &'a Outbox, locals: &Locals) -> Vec<IoSlice<'a>> {
         let mut parts = Vec::with_capacity(self.plan.len() * 2);
         self.datagrams.clear();
-        for (to, bytes, count) in &self.plan {
+        for (to, from, bytes, count) in &self.plan {
             let first = parts.len();
             match bytes {
                 Bytes::Outbox(range) => parts.push(IoSlice::new(outbox.get(range.clone()))),
@@ -189,7 +198,11 @@ impl Sender {
                     }
                 }
             }
-            self.datagrams.push((*to, first..parts.len()));
+            self.datagrams.push(mmsg::Outgoing {
+                to: *to,
+                from: locals.get(*from),
+                runs: first..parts.len(),
+            });
         }
         parts
     }
@@ -218,7 +231,7 @@ impl Sender {
                     self.close_batch(slot);
                 }
                 self.plan
-                    .push((send.to, Bytes::Outbox(send.bytes.clone()), 1));
+                    .push((send.to, send.from, Bytes::Outbox(send.bytes.clone()), 1));
                 continue;
             };
             let index = slot as usize;
@@ -226,11 +239,12 @@ impl Sender {
                 self.open.resize(index + 1, 0);
             }
             let open = self.open[index] as usize;
-            // The open batch must also still go where this send goes: a member that
-            // registered from a new address within the pass starts a new one.
+            // The open batch must also still go where this send goes, and from the same
+            // address: a member that registered from a new address (or to another of ours)
+            // within the pass starts a new one.
             let fits = open > 0
                 && match &self.plan[open - 1] {
-                    (to, Bytes::Batch(i), _) if *to == send.to => {
+                    (to, from, Bytes::Batch(i), _) if *to == send.to && *from == send.from => {
                         self.batches[*i].takes(&entry, limit)
                     }
                     _ => false,
@@ -246,12 +260,13 @@ impl Sender {
                 let batch = &mut self.batches[batch_index];
                 batch.runs.clear();
                 batch.len = delivery::BATCH_HEADER_LEN;
-                self.plan.push((send.to, Bytes::Batch(batch_index), 0));
+                self.plan
+                    .push((send.to, send.from, Bytes::Batch(batch_index), 0));
                 self.open[index] = self.plan.len() as u32;
                 self.touched.push(slot);
                 self.plan.len() - 1
             };
-            if let (_, Bytes::Batch(i), count) = &mut self.plan[p] {
+            if let (_, _, Bytes::Batch(i), count) = &mut self.plan[p] {
                 self.batches[*i].push(entry);
                 *count += 1;
             }
@@ -304,16 +319,16 @@ mod tests {
     /// kernel would send, messages carried.
     fn planned(sender: &mut Sender, out: &Outbox) -> Vec<(SocketAddr, Vec<u8>, usize)> {
         sender.plan(out);
-        let parts = sender.gather(out);
+        let parts = sender.gather(out, &Locals::default());
         sender
             .datagrams
             .iter()
             .zip(&sender.plan)
-            .map(|((to, runs), (_, _, n))| {
-                let bytes = parts[runs.clone()]
+            .map(|(datagram, (_, _, _, n))| {
+                let bytes = parts[datagram.runs.clone()]
                     .iter()
                     .flat_map(|run| run.iter().copied());
-                (*to, bytes.collect(), *n)
+                (datagram.to, bytes.collect(), *n)
             })
             .collect()
     }
@@ -324,12 +339,12 @@ mod tests {
         let one = chat(&mut out, "one");
         let two = chat(&mut out, "two");
         let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
-        out.send_to_member(addr(1), one.clone(), 1, 4096);
-        out.send_to_member(addr(2), one.clone(), 2, 0);
-        out.send_to_member(addr(1), two.clone(), 1, 4096);
-        out.send_to_member(addr(2), two, 2, 0);
-        out.send_to_member(addr(3), one, 3, 4096); // alone: leaves as a plain frame
-        out.send_to_member(addr(1), closed, 1, 0);
+        out.send_to_member(addr(1), LocalId::ANY, one.clone(), 1, 4096);
+        out.send_to_member(addr(2), LocalId::ANY, one.clone(), 2, 0);
+        out.send_to_member(addr(1), LocalId::ANY, two.clone(), 1, 4096);
+        out.send_to_member(addr(2), LocalId::ANY, two, 2, 0);
+        out.send_to_member(addr(3), LocalId::ANY, one, 3, 4096); // alone: leaves as a plain frame
+        out.send_to_member(addr(1), LocalId::ANY, closed, 1, 0);
         let mut sender = Sender::new(65507);
         let shown: Vec<(u16, String, usize)> = planned(&mut sender, &out)
             .iter()
@@ -363,17 +378,17 @@ mod tests {
         let one = chat(&mut out, "one");
         let two = chat(&mut out, "two");
         let three = chat(&mut out, "three");
-        out.send_to_member(addr(1), one.clone(), 1, 4096);
-        out.send_to_member(addr(1), two.clone(), 1, 4096);
+        out.send_to_member(addr(1), LocalId::ANY, one.clone(), 1, 4096);
+        out.send_to_member(addr(1), LocalId::ANY, two.clone(), 1, 4096);
         // The member re-registered from port 9 between these messages.
-        out.send_to_member(addr(9), three.clone(), 1, 4096);
-        out.send_to_member(addr(9), one, 1, 4096);
+        out.send_to_member(addr(9), LocalId::ANY, three.clone(), 1, 4096);
+        out.send_to_member(addr(9), LocalId::ANY, one, 1, 4096);
         let mut sender = Sender::new(65507);
         sender.plan(&out);
         let shown: Vec<(u16, usize)> = sender
             .plan
             .iter()
-            .map(|(to, _, n)| (to.port(), *n))
+            .map(|(to, _, _, n)| (to.port(), *n))
             .collect();
         assert_eq!(shown, vec![(1, 2), (9, 2)]);
     }
@@ -387,13 +402,13 @@ mod tests {
         let to = peer.local_addr().unwrap();
         let mut out = Outbox::default();
         let one = chat(&mut out, "one");
-        out.send(to, one.clone());
-        out.send(addr(0), one.clone());
+        out.send(to, LocalId::ANY, one.clone());
+        out.send(addr(0), LocalId::ANY, one.clone());
         for _ in 0..3 {
-            out.send_to_member(to, one.clone(), 5, 4096);
+            out.send_to_member(to, LocalId::ANY, one.clone(), 5, 4096);
         }
         let mut metrics = Metrics::default();
-        Sender::new(65507).send_all(&socket, &mut out, &mut metrics);
+        Sender::new(65507).send_all(&socket, &mut out, &Locals::default(), &mut metrics);
         assert_eq!(metrics.datagrams_sent, 2);
         assert_eq!(metrics.send_errors.get("other"), Some(&1));
         // One plain message and three in the batch reached the kernel; the refused one did not.
@@ -406,7 +421,7 @@ mod tests {
         let mut out = Outbox::default();
         let msg = chat(&mut out, &"x".repeat(message_len));
         for _ in 0..count {
-            out.send_to_member(addr(1), msg.clone(), 7, limit);
+            out.send_to_member(addr(1), LocalId::ANY, msg.clone(), 7, limit);
         }
         let datagrams = planned(&mut Sender::new(cap), &out);
         let counts = datagrams.iter().map(|(_, _, n)| *n).collect();
@@ -439,7 +454,13 @@ mod tests {
             .collect();
         for (from, msg) in &messages {
             for member in (0..4u32).filter(|m| m != from) {
-                out.send_to_member(addr(member as u16 + 1), msg.clone(), member, 4096);
+                out.send_to_member(
+                    addr(member as u16 + 1),
+                    LocalId::ANY,
+                    msg.clone(),
+                    member,
+                    4096,
+                );
             }
         }
         let mut sender = Sender::new(65507);
@@ -461,7 +482,7 @@ mod tests {
         let runs: Vec<usize> = sender
             .plan
             .iter()
-            .map(|(_, b, _)| match b {
+            .map(|(_, _, b, _)| match b {
                 Bytes::Batch(i) => sender.batches[*i].runs.len(),
                 Bytes::Outbox(_) => 0,
             })
@@ -478,8 +499,8 @@ mod tests {
         for i in 0..count {
             let mine = chat(&mut out, &format!("{i}"));
             let other = chat(&mut out, "-");
-            out.send_to_member(addr(1), mine, 1, 65507);
-            out.send(addr(2), other);
+            out.send_to_member(addr(1), LocalId::ANY, mine, 1, 65507);
+            out.send(addr(2), LocalId::ANY, other);
         }
         let datagrams = planned(&mut Sender::new(65507), &out);
         let batches: Vec<&(SocketAddr, Vec<u8>, usize)> = datagrams
@@ -549,14 +570,21 @@ mod planned_against_push_batch_entry {
                 let limit = [0u16, 600, 4096, 65507][(member as usize) % 4];
                 let limit = if rng.gen_range(0..30) == 0 { 0 } else { limit };
                 expected.push((member, out.get(p.clone()).to_vec()));
-                out.send_to_member(SocketAddr::from(([127, 0, 0, 1], port)), p, member, limit);
+                out.send_to_member(
+                    SocketAddr::from(([127, 0, 0, 1], port)),
+                    LocalId::ANY,
+                    p,
+                    member,
+                    limit,
+                );
             }
             let mut sender = Sender::new(cap);
             sender.plan(&out);
-            let parts = sender.gather(&out);
+            let parts = sender.gather(&out, &Locals::default());
             let mut got: Vec<(u32, Vec<u8>)> = Vec::new();
             let mut total = 0;
-            for ((to, runs), (to2, _, n)) in sender.datagrams.iter().zip(&sender.plan) {
+            for (datagram, (to2, _, _, n)) in sender.datagrams.iter().zip(&sender.plan) {
+                let (to, runs) = (&datagram.to, &datagram.runs);
                 assert_eq!(to, to2);
                 assert!(runs.len() <= mmsg::MAX_PARTS);
                 let bytes: Vec<u8> = parts[runs.clone()]

@@ -480,6 +480,38 @@ fn ocm_ends_quietly_when_its_output_is_closed_and_leaves_the_room() {
     );
 }
 
+/// Bound to the wildcard address, `ocmd` answers each member from the address its datagrams
+/// came to. Here every `ocm` talks to 127.0.0.2, and the route back to it would answer from
+/// 127.0.0.1: `ocm` takes datagrams only from the address it sends to, so without that the
+/// members would hear nothing. (The UDP socket binds 0.0.0.0, as the kernel chooses a
+/// reply's source only there; every datagram of the test goes to and from 127.0.0.x.)
+#[test]
+fn a_wildcard_bound_daemon_answers_each_member_from_the_address_it_was_sent_to() {
+    let d = Daemon::start_with(Options {
+        tcp: Some("127.0.0.2:0".parse().unwrap()),
+        udp: Some("0.0.0.0:0".parse().unwrap()),
+        ..Options::default()
+    });
+    let mut alice = Ocm::start_via(&d, "127.0.0.2", &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    let mut bob = Ocm::start_via(
+        &d,
+        "127.0.0.2",
+        &["join", "lobby", "--name", "bob", "--keepalive", "3600"],
+    );
+    bob.wait_stderr("* joined lobby as bob");
+    assert_eq!(alice.line(), "* bob joined");
+    alice.type_line("hello");
+    assert_eq!(bob.line(), "alice: hello");
+    bob.type_line("/quit");
+    assert!(bob.wait().success());
+    assert_eq!(alice.line(), "* bob left");
+    for ocm in [&alice, &bob] {
+        let err = ocm.stderr.lock().unwrap().clone();
+        assert!(!err.contains("ignoring datagrams"), "{err}");
+    }
+}
+
 #[test]
 fn ocm_reports_a_refused_join_and_exits_non_zero() {
     let d = Daemon::start();

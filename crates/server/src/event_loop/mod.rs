@@ -35,6 +35,7 @@ use slab::Slab;
 use crate::config::{Config, Overrides};
 use crate::conn::{self, Conn, Kind, ReadUntil};
 use crate::error::Error;
+use crate::local::{self, Locals};
 use crate::metrics::Metrics;
 use crate::mmsg;
 use crate::notify::{self, Notifier};
@@ -137,6 +138,9 @@ pub struct Server {
     metrics: Metrics,
     notifier: Notifier,
     receiver: mmsg::Receiver,
+    /// Our addresses that datagrams arrived at, numbered (a socket bound to a wildcard
+    /// address answers each member from the one it registered with).
+    locals: Locals,
     udp_ready: bool,
     /// Whether accepted TCRP connections get TCP_NODELAY from the listener: `None` until the
     /// first accepted connection is checked; `Some(false)` when the listener refused the
@@ -237,6 +241,18 @@ impl Server {
         if let Err(e) = mmsg::enable_timestamps(udp.as_raw_fd()) {
             warn!("UDP arrival timestamps unavailable ({e}); ocm_relay_delay_seconds stays empty");
         }
+        if local::needs_arrival_address(config.listen.udp) {
+            match local::enable_arrival_address(udp.as_raw_fd(), config.listen.udp) {
+                Ok(()) => info!(
+                    "UDP bound to a wildcard address: each member is answered from the address \
+                     its __REGISTER__ came to"
+                ),
+                Err(e) => warn!(
+                    "UDP arrival addresses unavailable ({e}); on a host with several addresses \
+                     replies leave from the address the route picks"
+                ),
+            }
+        }
         let mut metrics_listener = match config.metrics_addr().map_err(Error::Config)? {
             Some(addr) => Some(TcpListener::bind(addr).map_err(|source| Error::Bind {
                 what: "metrics",
@@ -312,6 +328,7 @@ impl Server {
             metrics: Metrics::new(),
             notifier: Notifier::from_env(),
             receiver: mmsg::Receiver::new(RECV_BUF_LEN),
+            locals: Locals::default(),
             udp_ready: true,
             nodelay_inherited,
             revisit: Vec::new(),
@@ -625,9 +642,10 @@ impl Server {
                 let Some((src, bytes)) = self.receiver.datagram(i) else {
                     continue;
                 };
-                let handled = self
-                    .registry
-                    .handle_datagram(src, bytes, now, &mut self.outbox);
+                let local = self.locals.id(self.receiver.arrived_at(i));
+                let handled =
+                    self.registry
+                        .handle_datagram(src, local, bytes, now, &mut self.outbox);
                 account(
                     &mut self.metrics,
                     &mut self.drop_log,
@@ -661,7 +679,7 @@ impl Server {
     fn flush_outbox(&mut self) {
         if !self.outbox.is_empty() {
             self.sender
-                .send_all(&self.udp, &mut self.outbox, &mut self.metrics);
+                .send_all(&self.udp, &mut self.outbox, &self.locals, &mut self.metrics);
         }
     }
 

@@ -11,6 +11,7 @@ use ucrp::delivery::Notice;
 
 use super::room::{Member, Room};
 use super::{Issued, MemberId, Registry, RoomId};
+use crate::local::LocalId;
 use crate::outbox::Outbox;
 use crate::rate::TokenBucket;
 use crate::record::{MemberRecord, Record};
@@ -50,6 +51,7 @@ impl Registry {
             room,
             is_host,
             address: None,
+            local: LocalId::ANY,
             keepalive,
             last_seen: now,
             caps: request.caps,

@@ -11,15 +11,18 @@ use ucrp::Message;
 
 use super::tombstones::Gone;
 use super::{DropReason, Handled, Registry};
+use crate::local::LocalId;
 use crate::outbox::Outbox;
 use crate::record::Record;
 use crate::token::Short;
 
 impl Registry {
-    /// Decides what to do with one datagram from `src`.
+    /// Decides what to do with one datagram from `src`, sent to our address `local`
+    /// ([`LocalId::ANY`] when the socket does not say, being bound to one address).
     pub fn handle_datagram(
         &mut self,
         src: SocketAddr,
+        local: LocalId,
         bytes: &[u8],
         now: Instant,
         out: &mut Outbox,
@@ -29,7 +32,7 @@ impl Registry {
             Err(e) => return Handled::Dropped(DropReason::Malformed(e.reason())),
         };
         let Some(id) = self.find_token(datagram.token) else {
-            return self.unknown_token(src, bytes.len(), datagram.token, now, out);
+            return self.unknown_token(src, local, bytes.len(), datagram.token, now, out);
         };
         let member = &mut self.members[id.0];
         if *self.rooms[member.room.0].name.as_bytes() != *datagram.room_name {
@@ -63,6 +66,9 @@ impl Registry {
                     return Handled::Dropped(DropReason::RateLimited);
                 }
                 member.last_seen = now;
+                // What the member hears leaves from the address it registers with (a keepalive
+                // follows a client that now sends to another of our addresses).
+                member.local = local;
                 if changed {
                     if member.address.is_none() {
                         self.registered += 1;
@@ -108,6 +114,7 @@ impl Registry {
     fn unknown_token(
         &mut self,
         src: SocketAddr,
+        local: LocalId,
         len: usize,
         token: &[u8],
         now: Instant,
@@ -129,7 +136,7 @@ impl Registry {
         {
             debug!("dead token {} from {src}: told", Short::of(token));
             let bytes = out.payload(|b| b.extend_from_slice(&reply));
-            out.send(src, bytes);
+            out.send(src, local, bytes);
             return Handled::ClosedReply;
         }
         Handled::Dropped(DropReason::UnknownToken)

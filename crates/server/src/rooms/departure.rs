@@ -80,7 +80,7 @@ impl Registry {
             self.tombstones
                 .insert(member.token.as_str().as_bytes(), gone, now, &self.limits);
             if let (Some(to), false) = (member.address, m == entry.host) {
-                out.send_to_member(to, closed.clone(), m.slot(), 0);
+                out.send_to_member(to, member.local, closed.clone(), m.slot(), 0);
                 notified += 1;
             }
         }

@@ -64,7 +64,7 @@ impl Registry {
                     })
                     .clone()
             };
-            out.send_to_member(to, bytes, m.slot(), member.batch_limit());
+            out.send_to_member(to, member.local, bytes, m.slot(), member.batch_limit());
             deliveries += 1;
         }
         deliveries
@@ -101,7 +101,7 @@ impl Registry {
                     })
                 })
                 .clone();
-            out.send_to_member(to, range, m.slot(), member.batch_limit());
+            out.send_to_member(to, member.local, range, m.slot(), member.batch_limit());
         }
     }
 }

@@ -10,6 +10,7 @@ use tcrp::payload::{self, Caps};
 
 use super::room::{Member, Room};
 use super::{Limits, Registry, RoomId};
+use crate::local::LocalId;
 use crate::rate::TokenBucket;
 use crate::store::State;
 use crate::token::Token;
@@ -98,6 +99,7 @@ impl Registry {
                     room: room_id,
                     is_host: *token == room.host_token,
                     address: entry.address,
+                    local: LocalId::ANY,
                     keepalive: entry.keepalive.map(|k| Duration::from_secs(k.into())),
                     last_seen: now,
                     caps: Caps::from_bits(entry.caps),

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tcrp::payload::{self, Caps};
 
 use super::{MemberId, RoomId};
+use crate::local::LocalId;
 use crate::rate::TokenBucket;
 use crate::record::HistoryEntry;
 use crate::token::Token;
@@ -76,6 +77,10 @@ pub(super) struct Member {
     pub(super) room: RoomId,
     pub(super) is_host: bool,
     pub(super) address: Option<SocketAddr>,
+    /// Which of our addresses its last accepted `__REGISTER__` came to: what it is sent from
+    /// (on a socket bound to a wildcard address; not persisted, learned again at the next
+    /// register).
+    pub(super) local: LocalId,
     pub(super) keepalive: Option<Duration>,
     pub(super) last_seen: Instant,
     pub(super) caps: Caps,

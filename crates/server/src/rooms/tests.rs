@@ -1,6 +1,7 @@
 //! The registry's unit tests: pure, no socket.
 
 use super::*;
+use crate::local::{LocalAddr, LocalId, Locals};
 use crate::outbox::Outbox;
 use crate::record::{HistoryEntry, MemberRecord};
 use crate::store::State;
@@ -37,7 +38,13 @@ fn register(
     now: Instant,
     out: &mut Outbox,
 ) -> Handled {
-    reg.handle_datagram(from, &dgram("r", token, "__REGISTER__"), now, out)
+    reg.handle_datagram(
+        from,
+        LocalId::ANY,
+        &dgram("r", token, "__REGISTER__"),
+        now,
+        out,
+    )
 }
 
 /// The sends of an outbox as (destination, decoded delivery) pairs, rendered as text.
@@ -111,7 +118,13 @@ fn room_of_three() -> Room3 {
         .unwrap()
         .token;
     for (t, p) in [(&host, 1), (&bob, 2), (&cy, 3)] {
-        let h = reg.handle_datagram(addr(p), &dgram("r", t, "__REGISTER__"), now, &mut out);
+        let h = reg.handle_datagram(
+            addr(p),
+            LocalId::ANY,
+            &dgram("r", t, "__REGISTER__"),
+            now,
+            &mut out,
+        );
         assert_eq!(h, Handled::Registered { changed: true });
     }
     assert!(out.is_empty(), "original clients get no notices");
@@ -190,16 +203,24 @@ fn a_username_is_taken_per_room_and_free_again_once_its_member_is_gone() {
         Err(ErrorCode::NameTaken)
     );
     // A member that left frees its name in its room.
-    let h = t
-        .reg
-        .handle_datagram(addr(2), &dgram("r", &t.bob, "__LEAVE__"), t.now, &mut out);
+    let h = t.reg.handle_datagram(
+        addr(2),
+        LocalId::ANY,
+        &dgram("r", &t.bob, "__LEAVE__"),
+        t.now,
+        &mut out,
+    );
     assert_eq!(h, Handled::Left);
     assert!(join(&mut t.reg, "r", "bob", &mut out).is_ok());
     check_indexes(&t.reg);
     // A closed room frees every name, also for a new room that takes its slot.
-    let h = t
-        .reg
-        .handle_datagram(addr(1), &dgram("r", &t.host, "__LEAVE__"), t.now, &mut out);
+    let h = t.reg.handle_datagram(
+        addr(1),
+        LocalId::ANY,
+        &dgram("r", &t.host, "__LEAVE__"),
+        t.now,
+        &mut out,
+    );
     assert!(matches!(h, Handled::Closed { .. }));
     t.reg
         .create_room("r", &Request::original("host"), HERE, None, t.now, 0.0)
@@ -238,11 +259,23 @@ fn notices_follow_who_in_the_room_asked_for_them_as_members_come_and_go() {
     assert_eq!(sent(&out), vec![(addr(2), "* plain Joined".into())]);
     out.clear();
     check_indexes(&reg);
-    reg.handle_datagram(addr(3), &dgram("r", &plain, "__LEAVE__"), now, &mut out);
+    reg.handle_datagram(
+        addr(3),
+        LocalId::ANY,
+        &dgram("r", &plain, "__LEAVE__"),
+        now,
+        &mut out,
+    );
     assert_eq!(sent(&out), vec![(addr(2), "* plain Left".into())]);
     out.clear();
     check_indexes(&reg);
-    reg.handle_datagram(addr(2), &dgram("r", &rich, "__LEAVE__"), now, &mut out);
+    reg.handle_datagram(
+        addr(2),
+        LocalId::ANY,
+        &dgram("r", &rich, "__LEAVE__"),
+        now,
+        &mut out,
+    );
     join(&mut reg, &Request::original("quiet"), 4, &mut out);
     assert!(out.is_empty(), "nobody left in the room asked for notices");
     check_indexes(&reg);
@@ -259,9 +292,13 @@ fn notices_follow_who_in_the_room_asked_for_them_as_members_come_and_go() {
 fn chat_is_relayed_to_the_others_and_not_echoed() {
     let mut t = room_of_three();
     let mut out = Outbox::default();
-    let h = t
-        .reg
-        .handle_datagram(addr(2), &dgram("r", &t.bob, "hello"), t.now, &mut out);
+    let h = t.reg.handle_datagram(
+        addr(2),
+        LocalId::ANY,
+        &dgram("r", &t.bob, "hello"),
+        t.now,
+        &mut out,
+    );
     assert_eq!(h, Handled::Relayed { deliveries: 2 });
     assert_eq!(
         sent(&out),
@@ -286,6 +323,7 @@ fn chat_that_would_relay_past_4096_bytes_is_dropped_not_cut() {
         .token;
     let h = t.reg.handle_datagram(
         addr(4),
+        LocalId::ANY,
         &dgram("r", &token, "__REGISTER__"),
         t.now,
         &mut out,
@@ -293,17 +331,25 @@ fn chat_that_would_relay_past_4096_bytes_is_dropped_not_cut() {
     assert_eq!(h, Handled::Registered { changed: true });
     // 1 + 100 + 3995 = 4096: the largest relay, sent whole.
     let fits = "x".repeat(3995);
-    let h = t
-        .reg
-        .handle_datagram(addr(4), &dgram("r", &token, &fits), t.now, &mut out);
+    let h = t.reg.handle_datagram(
+        addr(4),
+        LocalId::ANY,
+        &dgram("r", &token, &fits),
+        t.now,
+        &mut out,
+    );
     assert_eq!(h, Handled::Relayed { deliveries: 3 });
     assert_eq!(out.sends.len(), 3);
     assert!(out.sends.iter().all(|s| out.bytes_of(s).len() == 4096));
     let mut out = Outbox::default();
     let over = "x".repeat(3996);
-    let h = t
-        .reg
-        .handle_datagram(addr(4), &dgram("r", &token, &over), t.now, &mut out);
+    let h = t.reg.handle_datagram(
+        addr(4),
+        LocalId::ANY,
+        &dgram("r", &token, &over),
+        t.now,
+        &mut out,
+    );
     assert_eq!(h, Handled::Dropped(DropReason::TooLargeToRelay));
     assert!(out.is_empty());
 }
@@ -312,24 +358,42 @@ fn chat_that_would_relay_past_4096_bytes_is_dropped_not_cut() {
 fn drops_wrong_room_unknown_token_and_foreign_address() {
     let mut t = room_of_three();
     let mut out = Outbox::default();
-    let h = t
-        .reg
-        .handle_datagram(addr(2), &dgram("other", &t.bob, "x"), t.now, &mut out);
+    let h = t.reg.handle_datagram(
+        addr(2),
+        LocalId::ANY,
+        &dgram("other", &t.bob, "x"),
+        t.now,
+        &mut out,
+    );
     assert_eq!(h, Handled::Dropped(DropReason::WrongRoom));
     let fake = Token::from_stored("00000000000000000000000000000000");
-    let h = t
-        .reg
-        .handle_datagram(addr(2), &dgram("r", &fake, "x"), t.now, &mut out);
+    let h = t.reg.handle_datagram(
+        addr(2),
+        LocalId::ANY,
+        &dgram("r", &fake, "x"),
+        t.now,
+        &mut out,
+    );
     assert_eq!(h, Handled::Dropped(DropReason::UnknownToken));
-    let h = t
-        .reg
-        .handle_datagram(addr(9), &dgram("r", &t.bob, "x"), t.now, &mut out);
+    let h = t.reg.handle_datagram(
+        addr(9),
+        LocalId::ANY,
+        &dgram("r", &t.bob, "x"),
+        t.now,
+        &mut out,
+    );
+    assert_eq!(h, Handled::Dropped(DropReason::AddressMismatch));
+    let h = t.reg.handle_datagram(
+        addr(9),
+        LocalId::ANY,
+        &dgram("r", &t.bob, "__LEAVE__"),
+        t.now,
+        &mut out,
+    );
     assert_eq!(h, Handled::Dropped(DropReason::AddressMismatch));
     let h = t
         .reg
-        .handle_datagram(addr(9), &dgram("r", &t.bob, "__LEAVE__"), t.now, &mut out);
-    assert_eq!(h, Handled::Dropped(DropReason::AddressMismatch));
-    let h = t.reg.handle_datagram(addr(2), b"\x01", t.now, &mut out);
+        .handle_datagram(addr(2), LocalId::ANY, b"\x01", t.now, &mut out);
     assert_eq!(h, Handled::Dropped(DropReason::Malformed("too_short")));
     assert!(out.is_empty());
 }
@@ -343,14 +407,22 @@ fn unregistered_member_cannot_chat() {
         .join_room("r", &Request::original("dee"), HERE, t.now, &mut out)
         .unwrap()
         .token;
-    let h = t
-        .reg
-        .handle_datagram(addr(4), &dgram("r", &dee, "hi"), t.now, &mut out);
+    let h = t.reg.handle_datagram(
+        addr(4),
+        LocalId::ANY,
+        &dgram("r", &dee, "hi"),
+        t.now,
+        &mut out,
+    );
     assert_eq!(h, Handled::Dropped(DropReason::Unregistered));
     // Relays skip it until it registers.
-    let h = t
-        .reg
-        .handle_datagram(addr(1), &dgram("r", &t.host, "hi"), t.now, &mut out);
+    let h = t.reg.handle_datagram(
+        addr(1),
+        LocalId::ANY,
+        &dgram("r", &t.host, "hi"),
+        t.now,
+        &mut out,
+    );
     assert_eq!(h, Handled::Relayed { deliveries: 2 });
 }
 
@@ -361,6 +433,7 @@ fn register_from_a_new_address_rebinds() {
     t.reg.take_records();
     let h = t.reg.handle_datagram(
         addr(2),
+        LocalId::ANY,
         &dgram("r", &t.bob, "__REGISTER__"),
         t.now,
         &mut out,
@@ -369,14 +442,20 @@ fn register_from_a_new_address_rebinds() {
     assert!(!t.reg.has_records(), "a repeated REGISTER writes nothing");
     let h = t.reg.handle_datagram(
         addr(22),
+        LocalId::ANY,
         &dgram("r", &t.bob, "__REGISTER__"),
         t.now,
         &mut out,
     );
     assert_eq!(h, Handled::Registered { changed: true });
     assert_eq!(t.reg.take_records().len(), 1);
-    t.reg
-        .handle_datagram(addr(1), &dgram("r", &t.host, "hi"), t.now, &mut out);
+    t.reg.handle_datagram(
+        addr(1),
+        LocalId::ANY,
+        &dgram("r", &t.host, "hi"),
+        t.now,
+        &mut out,
+    );
     assert!(sent(&out).contains(&(addr(22), "host: hi".into())));
 }
 
@@ -419,7 +498,13 @@ fn with_the_join_ip_guard_a_register_must_come_from_the_ip_that_joined() {
     // Once registered, a forged REGISTER cannot move the member either.
     let moved = register(&mut reg, elsewhere(2), &bob, now, &mut out);
     assert_eq!(moved, Handled::Dropped(DropReason::NotJoinIp));
-    reg.handle_datagram(addr(1), &dgram("r", &host, "hi"), now, &mut out);
+    reg.handle_datagram(
+        addr(1),
+        LocalId::ANY,
+        &dgram("r", &host, "hi"),
+        now,
+        &mut out,
+    );
     assert_eq!(sent(&out), vec![(addr(2), "host: hi".to_owned())]);
 
     // Without the guard (the default, as the original server) the same REGISTER rebinds.
@@ -474,6 +559,7 @@ fn the_join_ip_is_kept_in_the_state_and_guessed_for_files_that_lack_it() {
     );
     let h = reg.handle_datagram(
         from([10, 0, 0, 7], 1),
+        LocalId::ANY,
         &dgram("r", &host, "__REGISTER__"),
         now,
         &mut out,
@@ -485,6 +571,7 @@ fn the_join_ip_is_kept_in_the_state_and_guessed_for_files_that_lack_it() {
     let mut reg = Registry::from_state(&old, guarded, rng(), now);
     let h = reg.handle_datagram(
         from([10, 9, 9, 9], 2),
+        LocalId::ANY,
         &dgram("r", &bob, "__REGISTER__"),
         now,
         &mut out,
@@ -576,18 +663,77 @@ fn create_refusal_names_what_create_room_would_refuse() {
     assert_eq!(refused.err(), Some(ErrorCode::ServerFull));
 }
 
+/// On a socket bound to a wildcard address, each member is sent what it hears from the
+/// address of ours its last `__REGISTER__` came to (a keepalive to another one moves it), and
+/// a late datagram with a dead token is answered from the address it came to.
+#[test]
+fn members_hear_the_room_from_the_address_they_registered_with() {
+    let Room3 {
+        mut reg,
+        host,
+        bob,
+        cy,
+        now,
+    } = room_of_three();
+    let mut locals = Locals::default();
+    let mut ours = |last: u8| {
+        locals.id(Some(LocalAddr {
+            ip: IpAddr::from([192, 0, 2, last]),
+            ifindex: 1,
+        }))
+    };
+    let (first, second) = (ours(1), ours(2));
+    let mut out = Outbox::default();
+    for (token, port, local) in [(&bob, 2, first), (&cy, 3, second)] {
+        let keepalive = dgram("r", token, "__REGISTER__");
+        let h = reg.handle_datagram(addr(port), local, &keepalive, now, &mut out);
+        assert_eq!(h, Handled::Registered { changed: false });
+    }
+    let from_of = |out: &Outbox| -> Vec<(u16, LocalId)> {
+        out.sends.iter().map(|s| (s.to.port(), s.from)).collect()
+    };
+    let chat = dgram("r", &host, "hi");
+    reg.handle_datagram(addr(1), LocalId::ANY, &chat, now, &mut out);
+    assert_eq!(from_of(&out), [(2, first), (3, second)]);
+    // Bob's keepalive now reaches our second address: so does what he hears.
+    out.clear();
+    let keepalive = dgram("r", &bob, "__REGISTER__");
+    reg.handle_datagram(addr(2), second, &keepalive, now, &mut out);
+    reg.handle_datagram(addr(1), LocalId::ANY, &chat, now, &mut out);
+    assert_eq!(from_of(&out), [(2, second), (3, second)]);
+    // The host leaves: the closure leaves from each member's address too.
+    out.clear();
+    let leave = dgram("r", &host, "__LEAVE__");
+    reg.handle_datagram(addr(1), LocalId::ANY, &leave, now, &mut out);
+    assert_eq!(from_of(&out), [(2, second), (3, second)]);
+    // A late datagram with cy's dead token, to our first address, is answered from there.
+    out.clear();
+    let late = dgram("r", &cy, "still here?");
+    let h = reg.handle_datagram(addr(3), first, &late, now, &mut out);
+    assert_eq!(h, Handled::ClosedReply);
+    assert_eq!(from_of(&out), [(3, first)]);
+}
+
 #[test]
 fn member_leave_then_host_leave_closes_the_room() {
     let mut t = room_of_three();
     let mut out = Outbox::default();
-    let h = t
-        .reg
-        .handle_datagram(addr(3), &dgram("r", &t.cy, "__LEAVE__"), t.now, &mut out);
+    let h = t.reg.handle_datagram(
+        addr(3),
+        LocalId::ANY,
+        &dgram("r", &t.cy, "__LEAVE__"),
+        t.now,
+        &mut out,
+    );
     assert_eq!(h, Handled::Left);
     assert!(out.is_empty());
-    let h = t
-        .reg
-        .handle_datagram(addr(1), &dgram("r", &t.host, "__LEAVE__"), t.now, &mut out);
+    let h = t.reg.handle_datagram(
+        addr(1),
+        LocalId::ANY,
+        &dgram("r", &t.host, "__LEAVE__"),
+        t.now,
+        &mut out,
+    );
     assert_eq!(h, Handled::Closed { notified: 1 });
     assert_eq!(sent(&out), vec![(addr(2), "CLOSED".into())]);
     assert_eq!(t.reg.stats().rooms, 0);
@@ -606,11 +752,17 @@ fn member_leave_then_host_leave_closes_the_room() {
 fn a_member_that_left_a_live_room_is_not_told_the_room_closed() {
     let mut t = room_of_three();
     let mut out = Outbox::default();
-    t.reg
-        .handle_datagram(addr(3), &dgram("r", &t.cy, "__LEAVE__"), t.now, &mut out);
+    t.reg.handle_datagram(
+        addr(3),
+        LocalId::ANY,
+        &dgram("r", &t.cy, "__LEAVE__"),
+        t.now,
+        &mut out,
+    );
     let late = dgram("r", &t.cy, "still there?");
     assert_eq!(
-        t.reg.handle_datagram(addr(3), &late, t.now, &mut out),
+        t.reg
+            .handle_datagram(addr(3), LocalId::ANY, &late, t.now, &mut out),
         Handled::Dropped(DropReason::UnknownToken)
     );
     assert!(out.is_empty());
@@ -621,31 +773,48 @@ fn a_member_that_left_a_live_room_is_not_told_the_room_closed() {
 fn tombstoned_token_gets_room_closed_once_per_interval() {
     let mut t = room_of_three();
     let mut out = Outbox::default();
-    t.reg
-        .handle_datagram(addr(1), &dgram("r", &t.host, "__LEAVE__"), t.now, &mut out);
+    t.reg.handle_datagram(
+        addr(1),
+        LocalId::ANY,
+        &dgram("r", &t.host, "__LEAVE__"),
+        t.now,
+        &mut out,
+    );
     out.clear();
     let late = dgram("r", &t.bob, "anyone?");
     assert_eq!(
-        t.reg.handle_datagram(addr(2), &late, t.now, &mut out),
+        t.reg
+            .handle_datagram(addr(2), LocalId::ANY, &late, t.now, &mut out),
         Handled::ClosedReply
     );
     assert_eq!(sent(&out), vec![(addr(2), "CLOSED".into())]);
     assert!(out.sends[0].bytes.len() <= late.len());
     assert_eq!(
-        t.reg
-            .handle_datagram(addr(2), &late, t.now + Duration::from_millis(500), &mut out),
+        t.reg.handle_datagram(
+            addr(2),
+            LocalId::ANY,
+            &late,
+            t.now + Duration::from_millis(500),
+            &mut out
+        ),
         Handled::Dropped(DropReason::UnknownToken)
     );
     assert_eq!(
-        t.reg
-            .handle_datagram(addr(2), &late, t.now + Duration::from_secs(2), &mut out),
+        t.reg.handle_datagram(
+            addr(2),
+            LocalId::ANY,
+            &late,
+            t.now + Duration::from_secs(2),
+            &mut out
+        ),
         Handled::ClosedReply
     );
     // After the tombstone's lifetime, nothing.
     let later = t.now + Duration::from_secs(3601);
     t.reg.poll_expired(later, &mut out);
     assert_eq!(
-        t.reg.handle_datagram(addr(2), &late, later, &mut out),
+        t.reg
+            .handle_datagram(addr(2), LocalId::ANY, &late, later, &mut out),
         Handled::Dropped(DropReason::UnknownToken)
     );
 }
@@ -683,12 +852,24 @@ fn keepalive_members_expire_and_original_members_never_do() {
         .unwrap()
         .token;
     for (t, p) in [(&host, 1), (&old, 2), (&quiet, 3)] {
-        reg.handle_datagram(addr(p), &dgram("r", t, "__REGISTER__"), now, &mut out);
+        reg.handle_datagram(
+            addr(p),
+            LocalId::ANY,
+            &dgram("r", t, "__REGISTER__"),
+            now,
+            &mut out,
+        );
     }
     out.clear();
     // At 25 s the host has sent keepalives; quiet has not.
     let t25 = now + Duration::from_secs(25);
-    reg.handle_datagram(addr(1), &dgram("r", &host, "__REGISTER__"), t25, &mut out);
+    reg.handle_datagram(
+        addr(1),
+        LocalId::ANY,
+        &dgram("r", &host, "__REGISTER__"),
+        t25,
+        &mut out,
+    );
     assert_eq!(reg.poll_expired(now + Duration::from_secs(31), &mut out), 1);
     assert_eq!(sent(&out), vec![(addr(1), "* quiet TimedOut".into())]);
     out.clear();
@@ -716,7 +897,13 @@ fn an_expired_member_that_comes_back_is_told_if_it_reads_notices() {
         .unwrap()
         .token;
     for (t, p) in [(&host, 1), (&aware, 2), (&plain, 3)] {
-        reg.handle_datagram(addr(p), &dgram("r", t, "__REGISTER__"), now, &mut out);
+        reg.handle_datagram(
+            addr(p),
+            LocalId::ANY,
+            &dgram("r", t, "__REGISTER__"),
+            now,
+            &mut out,
+        );
     }
     let later = now + Duration::from_secs(10);
     assert_eq!(reg.poll_expired(later, &mut out), 2);
@@ -724,6 +911,7 @@ fn an_expired_member_that_comes_back_is_told_if_it_reads_notices() {
     // Back from sleep: the notice-aware member learns it was removed ("you": no name).
     let h = reg.handle_datagram(
         addr(2),
+        LocalId::ANY,
         &dgram("r", &aware, "__REGISTER__"),
         later,
         &mut out,
@@ -733,6 +921,7 @@ fn an_expired_member_that_comes_back_is_told_if_it_reads_notices() {
     out.clear();
     let h = reg.handle_datagram(
         addr(3),
+        LocalId::ANY,
         &dgram("r", &plain, "__REGISTER__"),
         later,
         &mut out,
@@ -743,15 +932,21 @@ fn an_expired_member_that_comes_back_is_told_if_it_reads_notices() {
     assert_eq!(reg.stats().rooms, 1);
     // Both replies share one interval per source: the address just told it timed out
     // hears of the room's closing only once the interval has passed.
-    reg.handle_datagram(addr(1), &dgram("r", &host, "__LEAVE__"), later, &mut out);
+    reg.handle_datagram(
+        addr(1),
+        LocalId::ANY,
+        &dgram("r", &host, "__LEAVE__"),
+        later,
+        &mut out,
+    );
     out.clear();
     let closed = dgram("r", &host, "anyone?");
     let soon = later + Duration::from_millis(500);
-    let h = reg.handle_datagram(addr(2), &closed, soon, &mut out);
+    let h = reg.handle_datagram(addr(2), LocalId::ANY, &closed, soon, &mut out);
     assert_eq!(h, Handled::Dropped(DropReason::UnknownToken));
     assert!(out.is_empty());
     let after = later + Duration::from_secs(2);
-    let h = reg.handle_datagram(addr(2), &closed, after, &mut out);
+    let h = reg.handle_datagram(addr(2), LocalId::ANY, &closed, after, &mut out);
     assert_eq!(h, Handled::ClosedReply);
     assert_eq!(sent(&out), vec![(addr(2), "CLOSED".into())]);
 }
@@ -759,7 +954,13 @@ fn an_expired_member_that_comes_back_is_told_if_it_reads_notices() {
 #[test]
 fn caps_members_get_sequenced_frames_and_notices() {
     let (mut reg, now, mut out, host) = room_r();
-    reg.handle_datagram(addr(1), &dgram("r", &host, "__REGISTER__"), now, &mut out);
+    reg.handle_datagram(
+        addr(1),
+        LocalId::ANY,
+        &dgram("r", &host, "__REGISTER__"),
+        now,
+        &mut out,
+    );
     let rich = Request {
         caps: Caps::SEQ.with(Caps::NOTICES),
         form: tcrp::payload::RequestForm::JsonObject,
@@ -771,6 +972,7 @@ fn caps_members_get_sequenced_frames_and_notices() {
         .token;
     reg.handle_datagram(
         addr(2),
+        LocalId::ANY,
         &dgram("r", &rich_token, "__REGISTER__"),
         now,
         &mut out,
@@ -780,8 +982,20 @@ fn caps_members_get_sequenced_frames_and_notices() {
         .unwrap();
     assert_eq!(sent(&out), vec![(addr(2), "* late Joined".into())]);
     out.clear();
-    reg.handle_datagram(addr(1), &dgram("r", &host, "one"), now, &mut out);
-    reg.handle_datagram(addr(1), &dgram("r", &host, "two"), now, &mut out);
+    reg.handle_datagram(
+        addr(1),
+        LocalId::ANY,
+        &dgram("r", &host, "one"),
+        now,
+        &mut out,
+    );
+    reg.handle_datagram(
+        addr(1),
+        LocalId::ANY,
+        &dgram("r", &host, "two"),
+        now,
+        &mut out,
+    );
     assert_eq!(
         sent(&out),
         vec![
@@ -805,18 +1019,23 @@ fn chat_rate_limit_drops_and_refills() {
     let d = dgram("r", &t.bob, "x");
     let mut relayed = 0;
     for _ in 0..200 {
-        if let Handled::Relayed { .. } = t.reg.handle_datagram(addr(2), &d, t.now, &mut out) {
+        if let Handled::Relayed { .. } =
+            t.reg
+                .handle_datagram(addr(2), LocalId::ANY, &d, t.now, &mut out)
+        {
             relayed += 1;
         }
     }
     assert!(relayed <= 100, "burst bounded: {relayed}");
     assert_eq!(
-        t.reg.handle_datagram(addr(2), &d, t.now, &mut out),
+        t.reg
+            .handle_datagram(addr(2), LocalId::ANY, &d, t.now, &mut out),
         Handled::Dropped(DropReason::RateLimited)
     );
     let later = t.now + Duration::from_millis(150);
     assert!(matches!(
-        t.reg.handle_datagram(addr(2), &d, later, &mut out),
+        t.reg
+            .handle_datagram(addr(2), LocalId::ANY, &d, later, &mut out),
         Handled::Relayed { .. }
     ));
 }
@@ -839,7 +1058,7 @@ fn moving_the_address_takes_from_the_chat_allowance() {
         .map(|i| {
             let port = if i % 2 == 0 { 20 } else { 2 };
             t.reg
-                .handle_datagram(addr(port), &register, t.now, &mut out)
+                .handle_datagram(addr(port), LocalId::ANY, &register, t.now, &mut out)
         })
         .collect();
     let moved = moves
@@ -859,7 +1078,7 @@ fn moving_the_address_takes_from_the_chat_allowance() {
     let here = if moved % 2 == 1 { 20 } else { 2 };
     assert_eq!(
         t.reg
-            .handle_datagram(addr(here), &register, t.now, &mut out),
+            .handle_datagram(addr(here), LocalId::ANY, &register, t.now, &mut out),
         Handled::Registered { changed: false }
     );
     // The allowance refills: a move is taken again 100 ms later.
@@ -867,7 +1086,7 @@ fn moving_the_address_takes_from_the_chat_allowance() {
     let later = t.now + Duration::from_millis(150);
     assert_eq!(
         t.reg
-            .handle_datagram(addr(elsewhere), &register, later, &mut out),
+            .handle_datagram(addr(elsewhere), LocalId::ANY, &register, later, &mut out),
         Handled::Registered { changed: true }
     );
     // With no chat limit, moves are not limited either.
@@ -879,7 +1098,7 @@ fn moving_the_address_takes_from_the_chat_allowance() {
         let port = if i % 2 == 0 { here } else { elsewhere };
         assert_eq!(
             t.reg
-                .handle_datagram(addr(port), &register, later, &mut out),
+                .handle_datagram(addr(port), LocalId::ANY, &register, later, &mut out),
             Handled::Registered { changed: true }
         );
     }
@@ -944,9 +1163,13 @@ fn history_keeps_at_most_its_byte_budget_per_room() {
     // pushes the oldest out.
     for i in 1..=5 {
         let text = format!("{i}").repeat(3000);
-        let h = t
-            .reg
-            .handle_datagram(addr(2), &dgram("r", &t.bob, &text), t.now, &mut out);
+        let h = t.reg.handle_datagram(
+            addr(2),
+            LocalId::ANY,
+            &dgram("r", &t.bob, &text),
+            t.now,
+            &mut out,
+        );
         assert_eq!(h, Handled::Relayed { deliveries: 2 });
     }
     let token = t.cy.as_str().as_bytes();
@@ -962,6 +1185,7 @@ fn history_keeps_at_most_its_byte_budget_per_room() {
     });
     t.reg.handle_datagram(
         addr(2),
+        LocalId::ANY,
         &dgram("r", &t.bob, &"x".repeat(200)),
         t.now,
         &mut out,
@@ -985,7 +1209,13 @@ fn rooms_of_two(reg: &mut Registry, rooms: &[&str], now: Instant, out: &mut Outb
             .unwrap()
             .token;
         for (t, p) in [(&host, port), (&guest, port + 10)] {
-            reg.handle_datagram(addr(p), &dgram(room, t, "__REGISTER__"), now, out);
+            reg.handle_datagram(
+                addr(p),
+                LocalId::ANY,
+                &dgram(room, t, "__REGISTER__"),
+                now,
+                out,
+            );
         }
         hosts.push(host);
     }
@@ -1031,6 +1261,7 @@ fn history_checkpoints_carry_only_new_messages_and_rebuild_the_same_history() {
         let text = "x".repeat(rng.gen_range(1..20));
         let h = reg.handle_datagram(
             addr(i as u16 + 1),
+            LocalId::ANY,
             &dgram(rooms[i], &hosts[i], &text),
             now,
             &mut out,
@@ -1052,7 +1283,13 @@ fn history_checkpoints_carry_only_new_messages_and_rebuild_the_same_history() {
         assert_eq!(state.rooms[*room].next_seq, kept.last().unwrap().seq + 1);
     }
     // One more message in a full room: the checkpoint carries that message only.
-    reg.handle_datagram(addr(1), &dgram("a", &hosts[0], "last"), now, &mut out);
+    reg.handle_datagram(
+        addr(1),
+        LocalId::ANY,
+        &dgram("a", &hosts[0], "last"),
+        now,
+        &mut out,
+    );
     assert_eq!(reg.checkpoint_history(), 1);
     match reg.take_records().as_slice() {
         [Record::HistoryAppend { messages, .. }] => {
@@ -1078,6 +1315,7 @@ fn a_budgeted_checkpoint_writes_some_rooms_and_the_next_one_the_rest() {
         // 3000 + 1 bytes of history per room.
         let h = reg.handle_datagram(
             addr(port),
+            LocalId::ANY,
             &dgram(room, host, &"x".repeat(3000)),
             now,
             &mut out,
@@ -1111,7 +1349,13 @@ fn a_budgeted_checkpoint_writes_some_rooms_and_the_next_one_the_rest() {
     // that call left out.
     for (port, room) in [(1, "a"), (2, "b"), (3, "c")] {
         let host = &hosts[port as usize - 1];
-        reg.handle_datagram(addr(port), &dgram(room, host, "again"), now, &mut out);
+        reg.handle_datagram(
+            addr(port),
+            LocalId::ANY,
+            &dgram(room, host, "again"),
+            now,
+            &mut out,
+        );
     }
     reg.take_records();
     let mut order = Vec::new();
@@ -1122,12 +1366,30 @@ fn a_budgeted_checkpoint_writes_some_rooms_and_the_next_one_the_rest() {
     // The previous call wrote every dirty room, so this round starts from the first room
     // (slab keys follow creation), one room per call.
     assert_eq!(order, ["a", "b", "c"]);
-    reg.handle_datagram(addr(2), &dgram("b", &hosts[1], "more"), now, &mut out);
-    reg.handle_datagram(addr(1), &dgram("a", &hosts[0], "more"), now, &mut out);
+    reg.handle_datagram(
+        addr(2),
+        LocalId::ANY,
+        &dgram("b", &hosts[1], "more"),
+        now,
+        &mut out,
+    );
+    reg.handle_datagram(
+        addr(1),
+        LocalId::ANY,
+        &dgram("a", &hosts[0], "more"),
+        now,
+        &mut out,
+    );
     reg.take_records();
     assert_eq!(reg.checkpoint_history_within(1), 1);
     assert_eq!(rooms_written(&mut reg), ["a"]);
-    reg.handle_datagram(addr(1), &dgram("a", &hosts[0], "more"), now, &mut out);
+    reg.handle_datagram(
+        addr(1),
+        LocalId::ANY,
+        &dgram("a", &hosts[0], "more"),
+        now,
+        &mut out,
+    );
     reg.take_records();
     assert_eq!(reg.checkpoint_history_within(1), 1);
     assert_eq!(
@@ -1153,6 +1415,7 @@ fn history_keeps_the_last_messages_and_pages_back() {
         let later = t.now + Duration::from_secs(i);
         t.reg.handle_datagram(
             addr(2),
+            LocalId::ANY,
             &dgram("r", &t.bob, &format!("m{i}")),
             later,
             &mut out,
@@ -1276,9 +1539,21 @@ fn a_hostile_state_file_cannot_break_the_registry() {
     let mut reg = Registry::from_state(&state, limits, Box::new(StdRng::seed_from_u64(1)), now);
     let mut out = Outbox::default();
     let h1 = Token::from_stored("h1");
-    reg.handle_datagram(addr(1), &dgram("seq", &h1, "__REGISTER__"), now, &mut out);
+    reg.handle_datagram(
+        addr(1),
+        LocalId::ANY,
+        &dgram("seq", &h1, "__REGISTER__"),
+        now,
+        &mut out,
+    );
     for _ in 0..3 {
-        let h = reg.handle_datagram(addr(1), &dgram("seq", &h1, "hi"), now, &mut out);
+        let h = reg.handle_datagram(
+            addr(1),
+            LocalId::ANY,
+            &dgram("seq", &h1, "hi"),
+            now,
+            &mut out,
+        );
         assert_eq!(h, Handled::Relayed { deliveries: 0 });
     }
 }
@@ -1330,7 +1605,13 @@ fn history_checkpoints_follow_the_messages_whatever_numbers_a_file_gave_them() {
     assert_eq!(reg.checkpoint_history(), 0, "nothing new was said");
     let h1 = Token::from_stored("h1");
     let mut out = Outbox::default();
-    reg.handle_datagram(addr(1), &dgram("r", &h1, "__REGISTER__"), now, &mut out);
+    reg.handle_datagram(
+        addr(1),
+        LocalId::ANY,
+        &dgram("r", &h1, "__REGISTER__"),
+        now,
+        &mut out,
+    );
     let kept = |reg: &Registry| -> Vec<String> {
         let room = reg.room_index["r"];
         reg.rooms[room.0]
@@ -1340,7 +1621,7 @@ fn history_checkpoints_follow_the_messages_whatever_numbers_a_file_gave_them() {
             .collect()
     };
     for (i, text) in ["a", "b", "c"].iter().enumerate() {
-        reg.handle_datagram(addr(1), &dgram("r", &h1, text), now, &mut out);
+        reg.handle_datagram(addr(1), LocalId::ANY, &dgram("r", &h1, text), now, &mut out);
         if i != 1 {
             assert_eq!(reg.checkpoint_history(), 1);
         }
@@ -1377,7 +1658,13 @@ fn sequence_numbers_are_checkpointed_with_history_off_too() {
         state.apply(&r);
     }
     for text in ["1", "2", "3"] {
-        reg.handle_datagram(addr(1), &dgram("a", &hosts[0], text), now, &mut out);
+        reg.handle_datagram(
+            addr(1),
+            LocalId::ANY,
+            &dgram("a", &hosts[0], text),
+            now,
+            &mut out,
+        );
     }
     assert_eq!(reg.checkpoint_history(), 1, "only the room that chatted");
     for r in reg.take_records() {
@@ -1400,7 +1687,13 @@ fn sequence_numbers_are_checkpointed_with_history_off_too() {
     // The restarted registry numbers the next message 4, not 1.
     let next_seq = |reg: &Registry| reg.rooms[reg.room_index["a"].0].next_seq;
     assert_eq!(next_seq(&reg), 4);
-    reg.handle_datagram(addr(1), &dgram("a", &hosts[0], "4"), now, &mut out);
+    reg.handle_datagram(
+        addr(1),
+        LocalId::ANY,
+        &dgram("a", &hosts[0], "4"),
+        now,
+        &mut out,
+    );
     assert_eq!(next_seq(&reg), 5);
 }
 
@@ -1421,9 +1714,21 @@ fn lower_history_limits_trim_at_once_and_the_next_checkpoint_trims_the_file() {
     let mut out = Outbox::default();
     let hosts = rooms_of_two(&mut reg, &["a", "b"], now, &mut out);
     for text in ["1", "2", "3", "4"] {
-        reg.handle_datagram(addr(1), &dgram("a", &hosts[0], text), now, &mut out);
+        reg.handle_datagram(
+            addr(1),
+            LocalId::ANY,
+            &dgram("a", &hosts[0], text),
+            now,
+            &mut out,
+        );
     }
-    reg.handle_datagram(addr(2), &dgram("b", &hosts[1], "x"), now, &mut out);
+    reg.handle_datagram(
+        addr(2),
+        LocalId::ANY,
+        &dgram("b", &hosts[1], "x"),
+        now,
+        &mut out,
+    );
     let mut state = State::default();
     // The (room, kept) of each record written; a trim carries no message.
     let checkpoint = |reg: &mut Registry, state: &mut State| -> Vec<(String, usize)> {
@@ -1544,13 +1849,20 @@ fn stored_names_that_fail_todays_check_are_kept() {
         let t = Token::from_stored(&format!("t{i}"));
         reg.handle_datagram(
             addr(i as u16 + 1),
+            LocalId::ANY,
             &dgram("bad\nroom", &t, "__REGISTER__"),
             now,
             &mut out,
         );
     }
     let host = Token::from_stored("t0");
-    let h = reg.handle_datagram(addr(1), &dgram("bad\nroom", &host, "hi"), now, &mut out);
+    let h = reg.handle_datagram(
+        addr(1),
+        LocalId::ANY,
+        &dgram("bad\nroom", &host, "hi"),
+        now,
+        &mut out,
+    );
     assert_eq!(
         h,
         Handled::Relayed {
@@ -1599,10 +1911,16 @@ fn a_member_with_an_empty_stored_name_is_not_announced() {
         let token = |i: u16| Token::from_stored(&format!("t{i}"));
         for i in 0..3 {
             let bytes = dgram("r", &token(i), "__REGISTER__");
-            reg.handle_datagram(addr(i + 1), &bytes, now, &mut out);
+            reg.handle_datagram(addr(i + 1), LocalId::ANY, &bytes, now, &mut out);
         }
         out.clear();
-        reg.handle_datagram(addr(2), &dgram("r", &token(1), "hi"), now, &mut out);
+        reg.handle_datagram(
+            addr(2),
+            LocalId::ANY,
+            &dgram("r", &token(1), "hi"),
+            now,
+            &mut out,
+        );
         assert_eq!(
             sent(&out),
             vec![(addr(1), "#1 : hi".into()), (addr(3), "#1 : hi".into())]
@@ -1616,13 +1934,13 @@ fn a_member_with_an_empty_stored_name_is_not_announced() {
         } else {
             let bytes = dgram("r", &token(1), "__LEAVE__");
             assert_eq!(
-                reg.handle_datagram(addr(2), &bytes, now, &mut out),
+                reg.handle_datagram(addr(2), LocalId::ANY, &bytes, now, &mut out),
                 Handled::Left
             );
         }
         assert_eq!(sent(&out), vec![], "expired: {expires}");
         let bytes = dgram("r", &token(2), "__LEAVE__");
-        reg.handle_datagram(addr(3), &bytes, later, &mut out);
+        reg.handle_datagram(addr(3), LocalId::ANY, &bytes, later, &mut out);
         assert_eq!(sent(&out), vec![(addr(1), "* named Left".into())]);
     }
 }
@@ -1641,9 +1959,21 @@ fn fuzz_regression_next_seq_overflow() {
     );
     let mut out = Outbox::default();
     let h = Token::from_stored("h");
-    reg.handle_datagram(addr(1), &dgram("r", &h, "__REGISTER__"), now, &mut out);
+    reg.handle_datagram(
+        addr(1),
+        LocalId::ANY,
+        &dgram("r", &h, "__REGISTER__"),
+        now,
+        &mut out,
+    );
     assert_eq!(
-        reg.handle_datagram(addr(1), &dgram("r", &h, "chat"), now, &mut out),
+        reg.handle_datagram(
+            addr(1),
+            LocalId::ANY,
+            &dgram("r", &h, "chat"),
+            now,
+            &mut out
+        ),
         Handled::Relayed { deliveries: 0 }
     );
 }
@@ -1692,11 +2022,23 @@ fn batch_limits_follow_max_datagram_and_survive_a_reload_checked() {
         tokens.push((t, port as u16 + 2));
     }
     for (t, p) in &tokens {
-        reg.handle_datagram(addr(*p), &dgram("r", t, "__REGISTER__"), now, &mut out);
+        reg.handle_datagram(
+            addr(*p),
+            LocalId::ANY,
+            &dgram("r", t, "__REGISTER__"),
+            now,
+            &mut out,
+        );
     }
     let limits = |reg: &mut Registry| {
         let mut out = Outbox::default();
-        reg.handle_datagram(addr(1), &dgram("r", &tokens[0].0, "hi"), now, &mut out);
+        reg.handle_datagram(
+            addr(1),
+            LocalId::ANY,
+            &dgram("r", &tokens[0].0, "hi"),
+            now,
+            &mut out,
+        );
         let mut l: Vec<(u16, u16)> = out
             .sends
             .iter()
@@ -1786,7 +2128,13 @@ fn a_registry_rebuilt_from_its_records_answers_as_the_live_one_through_random_se
                         _ => format!("m{step}"),
                     };
                     let from = addr(rng.gen_range(1..=PORTS));
-                    live.handle_datagram(from, &dgram(room, &token, &text), now, &mut out);
+                    live.handle_datagram(
+                        from,
+                        LocalId::ANY,
+                        &dgram(room, &token, &text),
+                        now,
+                        &mut out,
+                    );
                 }
                 8 => {
                     now += Duration::from_millis(rng.gen_range(0..2500));
@@ -1884,8 +2232,8 @@ fn a_registry_rebuilt_from_its_records_answers_as_the_live_one_through_random_se
             for port in 1..=PORTS {
                 let bytes = dgram(room, token, "after the restart");
                 let (mut a, mut b) = (Outbox::default(), Outbox::default());
-                let got = rebuilt.handle_datagram(addr(port), &bytes, now, &mut b);
-                let want = live.handle_datagram(addr(port), &bytes, now, &mut a);
+                let got = rebuilt.handle_datagram(addr(port), LocalId::ANY, &bytes, now, &mut b);
+                let want = live.handle_datagram(addr(port), LocalId::ANY, &bytes, now, &mut a);
                 assert_eq!(got, want, "seed {seed} port {port}");
                 assert_eq!(sent(&b), sent(&a), "seed {seed} port {port}");
             }
@@ -1948,8 +2296,10 @@ fn a_registry_whose_hashes_all_collide_answers_as_one_whose_hashes_do_not() {
                     let mut bytes = Vec::new();
                     ucrp::datagram::encode(to_room.as_bytes(), &token, text, &mut bytes).unwrap();
                     let from = addr(rng.gen_range(1..=4));
-                    let want = plain.handle_datagram(from, &bytes, now, &mut want_out);
-                    let got = colliding.handle_datagram(from, &bytes, now, &mut got_out);
+                    let want =
+                        plain.handle_datagram(from, LocalId::ANY, &bytes, now, &mut want_out);
+                    let got =
+                        colliding.handle_datagram(from, LocalId::ANY, &bytes, now, &mut got_out);
                     assert_eq!(got, want, "{context}");
                     assert_eq!(
                         colliding.is_member(to_room, &token),
@@ -2013,9 +2363,21 @@ fn rebuilt_from_state_keeps_rooms_tokens_and_addresses() {
         }
     );
     let mut out = Outbox::default();
-    let h = reg.handle_datagram(addr(2), &dgram("r", &t.bob, "still here"), t.now, &mut out);
+    let h = reg.handle_datagram(
+        addr(2),
+        LocalId::ANY,
+        &dgram("r", &t.bob, "still here"),
+        t.now,
+        &mut out,
+    );
     assert_eq!(h, Handled::Relayed { deliveries: 2 });
-    let h = reg.handle_datagram(addr(1), &dgram("r", &t.host, "__LEAVE__"), t.now, &mut out);
+    let h = reg.handle_datagram(
+        addr(1),
+        LocalId::ANY,
+        &dgram("r", &t.host, "__LEAVE__"),
+        t.now,
+        &mut out,
+    );
     assert_eq!(h, Handled::Closed { notified: 2 });
     let _ = &t.cy;
 }

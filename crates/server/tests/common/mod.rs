@@ -608,7 +608,13 @@ impl Ocm {
 
     /// [`Ocm::start_at`] with these environment variables set (`RUST_LOG`, for one).
     pub fn start_with_env(tcp: u16, udp: u16, args: &[&str], env: &[(&str, &str)]) -> Ocm {
-        Ocm::launch(tcp, udp, args, env, None)
+        Ocm::launch("127.0.0.1", tcp, udp, args, env, None)
+    }
+
+    /// [`Ocm::start`] with `--server HOST` (another loopback address, for one).
+    pub fn start_via(daemon: &Daemon, host: &str, args: &[&str]) -> Ocm {
+        let (tcp, udp) = (daemon.tcp.port(), daemon.udp.port());
+        Ocm::launch(host, tcp, udp, args, &[], None)
     }
 
     /// [`Ocm::start`] with standard output a pipe whose reader is already gone (`ocm ... |
@@ -617,6 +623,7 @@ impl Ocm {
         let (reader, writer) = std::io::pipe().expect("a pipe");
         drop(reader);
         Ocm::launch(
+            "127.0.0.1",
             daemon.tcp.port(),
             daemon.udp.port(),
             args,
@@ -627,6 +634,7 @@ impl Ocm {
 
     /// Starts `ocm`; its standard output is `stdout` if given, else read line by line.
     fn launch(
+        server: &str,
         tcp: u16,
         udp: u16,
         args: &[&str],
@@ -637,7 +645,7 @@ impl Ocm {
         let mut child = Command::new(sibling_binary("ocm"))
             .envs(env.iter().copied())
             .arg("--server")
-            .arg("127.0.0.1")
+            .arg(server)
             .arg("--tcp-port")
             .arg(tcp.to_string())
             .arg("--udp-port")

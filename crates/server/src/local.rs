@@ -1,0 +1,185 @@
+//! The daemon's own addresses that datagrams arrive at, so that replies leave from the address
+//! the client sent to.
+//!
+//! Bound to a specific address, the UDP socket answers from it. Bound to a wildcard address
+//! (`0.0.0.0`, `::`) on a host with several addresses (a second IPv4 address, a floating VIP,
+//! several IPv6 addresses), the kernel would pick each reply's source by route, which need not
+//! be the address the client sent to; a client that takes datagrams only from the address it
+//! sends to (as `ocm` does) would then hear nothing. So on a wildcard socket the kernel is
+//! asked for each datagram's destination (`IP_PKTINFO`, `IPV6_RECVPKTINFO`, read by
+//! [`crate::mmsg::Receiver::arrived_at`]), the registry remembers for each member the address
+//! its `__REGISTER__` came to, and the sender puts it back as the source of what it sends that
+//! member ([`crate::mmsg::send`]).
+//!
+//! The registry holds a [`LocalId`], two bytes, not the address: [`Locals`] numbers the
+//! addresses seen. A host has few; the table stops numbering at [`MAX_LOCALS`] (later ones
+//! get [`LocalId::ANY`], the kernel's choice), and only unicast addresses are numbered (a
+//! datagram to a broadcast or multicast address reaches a wildcard socket too, and such an
+//! address cannot be a source).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::RawFd;
+
+use crate::sockopt;
+
+/// Local addresses numbered at most.
+pub const MAX_LOCALS: usize = 256;
+
+/// One of the daemon's addresses: the IP a datagram arrived at, and its interface (needed to
+/// send from an IPv6 link-local address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LocalAddr {
+    /// The address (canonical: an IPv4-mapped IPv6 address is kept as IPv4).
+    pub ip: IpAddr,
+    /// The interface it arrived on (0: unknown).
+    pub ifindex: u32,
+}
+
+impl LocalAddr {
+    /// Whether replies may leave from this address: a unicast one.
+    pub fn is_source(&self) -> bool {
+        match self.ip {
+            IpAddr::V4(ip) => !(ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast()),
+            IpAddr::V6(ip) => !(ip.is_unspecified() || ip.is_multicast()),
+        }
+    }
+}
+
+/// The number of a [`LocalAddr`] in [`Locals`]; [`LocalId::ANY`] lets the kernel choose.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct LocalId(u16);
+
+impl LocalId {
+    /// No address known: the kernel picks the source (a socket bound to one address, a
+    /// member loaded from the state file that has not registered since).
+    pub const ANY: LocalId = LocalId(0);
+}
+
+/// The local addresses seen, numbered from 1.
+#[derive(Debug, Default)]
+pub struct Locals {
+    addrs: Vec<LocalAddr>,
+    ids: HashMap<LocalAddr, LocalId>,
+}
+
+impl Locals {
+    /// The number of `addr`, numbering it if new; [`LocalId::ANY`] for an address that cannot
+    /// be a source, none, or one past [`MAX_LOCALS`].
+    pub fn id(&mut self, addr: Option<LocalAddr>) -> LocalId {
+        let Some(addr) = addr.filter(LocalAddr::is_source) else {
+            return LocalId::ANY;
+        };
+        if let Some(&id) = self.ids.get(&addr) {
+            return id;
+        }
+        if self.addrs.len() >= MAX_LOCALS {
+            return LocalId::ANY;
+        }
+        self.addrs.push(addr);
+        // At most MAX_LOCALS (256) entries: the count fits.
+        let id = LocalId(self.addrs.len() as u16);
+        self.ids.insert(addr, id);
+        id
+    }
+
+    /// The address numbered `id`; `None` for [`LocalId::ANY`] (or a number never given).
+    pub fn get(&self, id: LocalId) -> Option<LocalAddr> {
+        usize::from(id.0)
+            .checked_sub(1)
+            .and_then(|i| self.addrs.get(i))
+            .copied()
+    }
+
+    /// How many addresses are numbered.
+    pub fn len(&self) -> usize {
+        self.addrs.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.addrs.is_empty()
+    }
+}
+
+/// Whether a socket bound to `addr` needs the arrival address of each datagram to answer from
+/// it: a wildcard address.
+pub fn needs_arrival_address(addr: SocketAddr) -> bool {
+    addr.ip().is_unspecified()
+}
+
+/// Asks the kernel to report each datagram's destination address on `fd`, a UDP socket bound
+/// to a wildcard address of `addr`'s family (both kinds on an IPv6 socket, which may also
+/// receive IPv4 datagrams).
+pub fn enable_arrival_address(fd: RawFd, addr: SocketAddr) -> io::Result<()> {
+    if addr.is_ipv6() {
+        sockopt::set_int(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?;
+        // An IPv6-only socket refuses the IPv4 option; nothing arrives over IPv4 then.
+        let _ = sockopt::set_int(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1);
+        Ok(())
+    } else {
+        sockopt::set_int(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    fn v4(a: [u8; 4]) -> Option<LocalAddr> {
+        Some(LocalAddr {
+            ip: IpAddr::from(a),
+            ifindex: 1,
+        })
+    }
+
+    #[test]
+    fn unicast_addresses_are_numbered_once_and_others_are_the_kernels_choice() {
+        let mut locals = Locals::default();
+        let a = locals.id(v4([192, 0, 2, 1]));
+        let b = locals.id(v4([192, 0, 2, 2]));
+        assert_ne!(a, LocalId::ANY);
+        assert_ne!(a, b);
+        assert_eq!(locals.id(v4([192, 0, 2, 1])), a);
+        assert_eq!(locals.get(a), v4([192, 0, 2, 1]));
+        assert_eq!(locals.get(b), v4([192, 0, 2, 2]));
+        assert_eq!(locals.get(LocalId::ANY), None);
+        assert_eq!(locals.get(LocalId(77)), None);
+        for not_a_source in [
+            v4([255, 255, 255, 255]),
+            v4([224, 0, 0, 1]),
+            v4([0, 0, 0, 0]),
+            Some(LocalAddr {
+                ip: IpAddr::V6(Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1)),
+                ifindex: 2,
+            }),
+            None,
+        ] {
+            assert_eq!(locals.id(not_a_source), LocalId::ANY, "{not_a_source:?}");
+        }
+        assert_eq!(locals.len(), 2);
+    }
+
+    #[test]
+    fn numbering_stops_at_the_cap() {
+        let mut locals = Locals::default();
+        for i in 0..MAX_LOCALS {
+            let ip = Ipv4Addr::from(0x0a00_0001 + i as u32);
+            let id = locals.id(v4(ip.octets()));
+            assert_ne!(id, LocalId::ANY);
+            assert_eq!(locals.get(id).map(|a| a.ip), Some(IpAddr::V4(ip)));
+        }
+        assert_eq!(locals.id(v4([10, 9, 9, 9])), LocalId::ANY);
+        assert_eq!(locals.len(), MAX_LOCALS);
+    }
+
+    #[test]
+    fn only_wildcard_binds_ask_for_arrival_addresses() {
+        assert!(needs_arrival_address("0.0.0.0:9091".parse().unwrap()));
+        assert!(needs_arrival_address("[::]:9091".parse().unwrap()));
+        assert!(!needs_arrival_address("127.0.0.1:9091".parse().unwrap()));
+        assert!(!needs_arrival_address("[::1]:9091".parse().unwrap()));
+    }
+}
