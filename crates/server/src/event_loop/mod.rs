@@ -11,40 +11,43 @@
 //! member hears that join's notice however late the daemon wakes. A reply that carries a
 //! token is queued on its connection and released only when the writer reports its batch
 //! durable.
+//!
+//! Split by job: `setup` binds and loads before the first pass, `connections` accepts and
+//! closes TCP connections, `requests` answers what they send, `datagrams` is the UDP side, and
+//! `lifecycle` handles signals, reloads and shutdown; this module owns the loop itself, its
+//! timers and the hand-off of records to the writer.
 
+mod connections;
+mod datagrams;
 mod lifecycle;
 mod requests;
+mod setup;
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use log::{debug, info, warn};
-use mio::event::Event;
+use log::{debug, info};
 use mio::net::{TcpListener, UdpSocket};
-use mio::{Events, Interest, Poll, Token, Waker};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use mio::{Events, Poll, Token};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
 use crate::config::{Config, Overrides};
-use crate::conn::{self, Conn, Kind, ReadUntil};
+use crate::conn::{Conn, Kind, ReadUntil};
 use crate::error::Error;
-use crate::local::{self, Locals};
+use crate::local::Locals;
 use crate::metrics::Metrics;
 use crate::mmsg;
-use crate::notify::{self, Notifier};
+use crate::notify::Notifier;
 use crate::outbox::Outbox;
 use crate::password;
-use crate::persist::{self, Persister};
-use crate::rate::{self, KeyedLimiter, TokenBucket};
-use crate::rooms::{DropReason, Handled, Registry};
-use crate::store::{self, Paths};
+use crate::persist::Persister;
+use crate::rate::{KeyedLimiter, TokenBucket};
+use crate::rooms::Registry;
 use crate::udp;
 
 const TCP_LISTENER: Token = Token(0);
@@ -179,168 +182,6 @@ fn io_err(context: &'static str) -> impl FnOnce(io::Error) -> Error {
 }
 
 impl Server {
-    /// Locks and loads the state, binds every socket and starts the writer. Any failure here
-    /// stops the daemon before it serves anyone. `file_config` is the configuration file as
-    /// read (the defaults when there is none); `overrides` (the command-line flags) are applied
-    /// on top of it, now and at every reload.
-    pub fn bind(
-        file_config: Config,
-        config_path: Option<PathBuf>,
-        overrides: Overrides,
-    ) -> Result<Server, Error> {
-        let mut config = file_config.clone();
-        overrides.apply(&mut config);
-        config.validate().map_err(Error::Config)?;
-        let paths = Paths::new(&config.state.path);
-        let lock = persist::lock(&paths)?;
-        let started = Instant::now();
-        let loaded = store::load(&paths)?;
-        let now = Instant::now();
-        let mut registry = Registry::from_state(
-            &loaded.state,
-            config.registry_limits(),
-            Box::new(rand::rngs::OsRng),
-            now,
-        );
-        registry.set_wall_clock(now, unix_now());
-        let stats = registry.stats();
-        info!(
-            "state {}: {} rooms, {} tokens loaded in {:?}",
-            paths.state.display(),
-            stats.rooms,
-            stats.members,
-            started.elapsed()
-        );
-
-        let poll = Poll::new().map_err(io_err("cannot create poll"))?;
-        let mut tcp = TcpListener::bind(config.listen.tcp).map_err(|source| Error::Bind {
-            what: "TCP",
-            addr: config.listen.tcp,
-            source,
-        })?;
-        // Accepted connections inherit TCP_NODELAY; if the listener refuses it, each
-        // connection gets it instead.
-        let nodelay_inherited = match conn::set_listener_nodelay(&tcp) {
-            Ok(()) => None,
-            Err(e) => {
-                debug!("TCP_NODELAY on the listener refused ({e}); set per connection");
-                Some(false)
-            }
-        };
-        let mut udp = UdpSocket::bind(config.listen.udp).map_err(|source| Error::Bind {
-            what: "UDP",
-            addr: config.listen.udp,
-            source,
-        })?;
-        let (rcvbuf, sndbuf) = udp::size_buffers(
-            &udp,
-            config.udp.recv_buffer_bytes,
-            config.udp.send_buffer_bytes,
-        );
-        debug!("UDP buffers: receive {rcvbuf} bytes, send {sndbuf} bytes");
-        if let Err(e) = mmsg::enable_timestamps(udp.as_raw_fd()) {
-            warn!("UDP arrival timestamps unavailable ({e}); ocm_relay_delay_seconds stays empty");
-        }
-        if local::needs_arrival_address(config.listen.udp) {
-            match local::enable_arrival_address(udp.as_raw_fd(), config.listen.udp) {
-                Ok(()) => info!(
-                    "UDP bound to a wildcard address: each member is answered from the address \
-                     its __REGISTER__ came to"
-                ),
-                Err(e) => warn!(
-                    "UDP arrival addresses unavailable ({e}); on a host with several addresses \
-                     replies leave from the address the route picks"
-                ),
-            }
-        }
-        let mut metrics_listener = match config.metrics_addr().map_err(Error::Config)? {
-            Some(addr) => Some(TcpListener::bind(addr).map_err(|source| Error::Bind {
-                what: "metrics",
-                addr,
-                source,
-            })?),
-            None => None,
-        };
-        let registry_handle = poll.registry();
-        registry_handle
-            .register(&mut tcp, TCP_LISTENER, Interest::READABLE)
-            .map_err(io_err("cannot register TCP listener"))?;
-        registry_handle
-            .register(&mut udp, UDP_SOCKET, Interest::READABLE)
-            .map_err(io_err("cannot register UDP socket"))?;
-        if let Some(listener) = metrics_listener.as_mut() {
-            registry_handle
-                .register(listener, METRICS_LISTENER, Interest::READABLE)
-                .map_err(io_err("cannot register metrics listener"))?;
-        }
-        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])
-            .map_err(io_err("cannot install signal handlers"))?;
-        registry_handle
-            .register(&mut signals, SIGNALS, Interest::READABLE)
-            .map_err(io_err("cannot register signals"))?;
-        let waker =
-            Arc::new(Waker::new(registry_handle, WAKER).map_err(io_err("cannot create waker"))?);
-        let persister = Persister::start_with(
-            paths,
-            loaded,
-            persist::Options::from(&config.state),
-            Arc::clone(&waker),
-        )?;
-        let passwords =
-            password::Worker::start(waker).map_err(io_err("cannot start the password thread"))?;
-
-        let bound = Bound {
-            tcp: tcp.local_addr().map_err(io_err("TCP local address"))?,
-            udp: udp.local_addr().map_err(io_err("UDP local address"))?,
-            metrics: match &metrics_listener {
-                Some(l) => Some(l.local_addr().map_err(io_err("metrics local address"))?),
-                None => None,
-            },
-        };
-        let watchdog = notify::watchdog_interval().map(|every| (every, now));
-        Ok(Server {
-            poll,
-            limiter: KeyedLimiter::new(LIMITER_KEYS),
-            password_failures: KeyedLimiter::new(LIMITER_KEYS),
-            passwords,
-            password_tickets: HashMap::new(),
-            next_ticket: 0,
-            next_checkpoint: now + Duration::from_secs(config.history.checkpoint_secs),
-            drop_log: TokenBucket::full(DROP_LOG_BURST, now),
-            accept_log: TokenBucket::full(1.0, now),
-            kernel_drops_logged: 0,
-            next_sweep: now + Duration::from_millis(config.liveness.sweep_interval_ms),
-            sender: udp::Sender::new(config.udp.max_batch_datagram_bytes),
-            config,
-            config_path,
-            file_config,
-            overrides,
-            tcp: Some(tcp),
-            udp,
-            metrics_listener,
-            signals,
-            conns: Slab::new(),
-            per_ip: HashMap::new(),
-            http_open: 0,
-            registry,
-            persister: Some(persister),
-            outbox: Outbox::default(),
-            metrics: Metrics::new(),
-            notifier: Notifier::from_env(),
-            receiver: mmsg::Receiver::new(RECV_BUF_LEN),
-            locals: Locals::default(),
-            udp_ready: true,
-            nodelay_inherited,
-            revisit: Vec::new(),
-            accept_retry: None,
-            next_deadline_check: now + DEADLINE_CHECK,
-            next_status: now,
-            watchdog,
-            bound,
-            _lock: lock,
-        })
-    }
-
     /// The bound addresses.
     pub fn bound(&self) -> Bound {
         self.bound
@@ -431,258 +272,6 @@ impl Server {
         next.saturating_duration_since(now)
     }
 
-    fn accept(&mut self, kind: Kind, now: Instant) {
-        loop {
-            let listener = match kind {
-                Kind::Tcrp => self.tcp.as_ref(),
-                Kind::Http => self.metrics_listener.as_ref(),
-            };
-            let Some(listener) = listener else { return };
-            let (mut stream, peer) = match listener.accept() {
-                Ok(pair) => pair,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // EMFILE and friends: count, log, keep serving the connections we have, and
-                    // try again shortly for the connections still in the backlog. Not input
-                    // from a peer, so not under `drop_logs_per_sec`: at most a line a second.
-                    self.accept_retry = Some(now + ACCEPT_RETRY);
-                    self.metrics.accept_errors += 1;
-                    if self.accept_log.take(now, 1.0, 1.0) {
-                        warn!("accept failed: {e}; retrying in {ACCEPT_RETRY:?}");
-                    }
-                    return;
-                }
-            };
-            let limits = &self.config.limits;
-            let from_ip = self
-                .per_ip
-                .get(&rate::source(peer.ip()))
-                .copied()
-                .unwrap_or(0);
-            let tcrp_open = self.conns.len() - self.http_open;
-            let refusal = match kind {
-                Kind::Tcrp if tcrp_open >= limits.max_connections => Some("max_connections"),
-                Kind::Tcrp if from_ip >= limits.max_connections_per_ip => {
-                    Some("max_connections_per_ip")
-                }
-                // Scrapers and health checks have their own small allowance, so they can
-                // neither fill the handshake table nor be locked out by it.
-                Kind::Http if self.http_open >= MAX_HTTP_CONNECTIONS => {
-                    Some("max_metrics_connections")
-                }
-                _ => None,
-            };
-            if let Some(reason) = refusal {
-                Metrics::bump(&mut self.metrics.tcp_rejected, reason);
-                if may_log_drop(&mut self.drop_log, now, self.config.rate.drop_logs_per_sec) {
-                    warn!("{peer}: connection refused ({reason})");
-                }
-                continue; // dropping the stream closes it
-            }
-            if kind == Kind::Tcrp {
-                // One getsockopt in the daemon's life checks that the option was inherited.
-                let inherited = *self
-                    .nodelay_inherited
-                    .get_or_insert_with(|| stream.nodelay().unwrap_or(false));
-                if !inherited {
-                    if let Err(e) = stream.set_nodelay(true) {
-                        debug!("{peer}: cannot set TCP_NODELAY: {e}");
-                    }
-                }
-            }
-            // The stream is never duplicated (no try_clone, no fork, CLOEXEC): `close` relies
-            // on its drop being the descriptor's last close.
-            let entry = self.conns.vacant_entry();
-            let id = ConnId(entry.key());
-            if let Err(e) =
-                self.poll
-                    .registry()
-                    .register(&mut stream, id.token(), Interest::READABLE)
-            {
-                warn!("{peer}: cannot register connection: {e}");
-                continue;
-            }
-            let deadline = now + Duration::from_secs(self.config.limits.handshake_timeout_secs);
-            entry.insert(Conn::new(stream, peer, kind, deadline));
-            match kind {
-                Kind::Tcrp => *self.per_ip.entry(rate::source(peer.ip())).or_insert(0) += 1,
-                Kind::Http => self.http_open += 1,
-            }
-            self.metrics.tcp_accepted += 1;
-            self.metrics.tcp_open += 1;
-            debug!("{peer} conn {id:?}: accepted ({kind:?})");
-            // The request often came with the connection (a client writes it as soon as
-            // its connect returns): reading it now, rather than on the readable edge in a
-            // later pass of the loop, takes a pass off every handshake (5% more joins/s in
-            // crates/bench/NOTES.md). If it has not come, the read finds nothing and the
-            // edge comes as before; an edge for bytes read here finds them gone, which
-            // `conn_event` takes in its stride.
-            if kind == Kind::Tcrp {
-                let close = self.read_tcrp(id, now, ReadUntil::ShortRead);
-                self.after_io(id, close);
-            }
-        }
-    }
-
-    fn conn_event(&mut self, id: ConnId, event: &Event, now: Instant) {
-        let Some(conn) = self.conns.get_mut(id.0) else {
-            return; // spurious: closed earlier in this pass
-        };
-        let mut close = None;
-        if event.is_readable() || event.is_read_closed() || event.is_error() {
-            close = match conn.kind {
-                Kind::Tcrp => {
-                    // A FIN or error that came with this edge raises no later one, so then
-                    // the socket is read to the end.
-                    let until = if event.is_read_closed() || event.is_error() {
-                        ReadUntil::WouldBlock
-                    } else {
-                        ReadUntil::ShortRead
-                    };
-                    self.read_tcrp(id, now, until)
-                }
-                Kind::Http => self.read_http(id),
-            };
-        }
-        self.after_io(id, close);
-    }
-
-    /// Flushes, updates interest, and closes the connection if it is done or failed.
-    fn after_io(&mut self, id: ConnId, mut close: Option<&'static str>) {
-        let Some(conn) = self.conns.get_mut(id.0) else {
-            return;
-        };
-        if close.is_none() {
-            if let Err(e) = conn.flush() {
-                debug!("{} conn {id:?}: write failed: {e}", conn.peer);
-                close = Some("io_error");
-            } else if conn.pending_bytes() > self.config.limits.max_output_bytes {
-                close = Some("output_overflow");
-            } else if conn.finished() {
-                close = Some(if conn.close_after_flush {
-                    "protocol"
-                } else {
-                    "peer_closed"
-                });
-            }
-        }
-        if let Some(reason) = close {
-            self.close(id, reason);
-            return;
-        }
-        let desired = conn.desired_interest();
-        if desired != conn.interest {
-            if let Err(e) = self
-                .poll
-                .registry()
-                .reregister(&mut conn.stream, id.token(), desired)
-            {
-                warn!("{} conn {id:?}: cannot reregister: {e}", conn.peer);
-                self.close(id, "io_error");
-                return;
-            }
-            conn.interest = desired;
-        }
-    }
-
-    fn close(&mut self, id: ConnId, reason: &'static str) {
-        if !self.conns.contains(id.0) {
-            return;
-        }
-        let conn = self.conns.remove(id.0);
-        // No deregister: epoll drops a descriptor from its interest list when the descriptor
-        // is closed (the stream is never duplicated), and mio keeps no per-source state on
-        // Linux, so the `epoll_ctl(DEL)` would be a system call per handshake for nothing.
-        // Events already returned for this token are skipped or harmless (`conn_event`).
-        if conn.kind == Kind::Http {
-            self.http_open -= 1;
-        }
-        let counted = conn.kind == Kind::Tcrp;
-        if let Some(count) = self
-            .per_ip
-            .get_mut(&rate::source(conn.peer.ip()))
-            .filter(|_| counted)
-        {
-            *count -= 1;
-            if *count == 0 {
-                self.per_ip.remove(&rate::source(conn.peer.ip()));
-            }
-        }
-        self.metrics.tcp_open = self.metrics.tcp_open.saturating_sub(1);
-        Metrics::bump(&mut self.metrics.tcp_closed, reason);
-        debug!("{} conn {id:?}: closed ({reason})", conn.peer);
-    }
-
-    /// Reads datagrams (`recvmmsg`, a batch per call) until the socket is drained or the
-    /// per-wakeup budget is spent. Returns whether the socket may still hold datagrams.
-    fn drain_udp(&mut self, now: Instant) -> bool {
-        let mut budget = self.config.udp.datagrams_per_wakeup;
-        while budget > 0 {
-            let count = match self
-                .receiver
-                .recv(self.udp.as_raw_fd(), budget.min(mmsg::BATCH))
-            {
-                Ok(0) => return false,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // Not expected: without IP_RECVERR, Linux does not report ICMP errors for
-                    // earlier sends on an unconnected socket. Whatever it is concerns one
-                    // receive, not the socket, and the budget bounds the retries.
-                    debug!("UDP receive error: {e}");
-                    budget = budget.saturating_sub(1);
-                    continue;
-                }
-            };
-            budget = budget.saturating_sub(count);
-            self.metrics.datagrams_received += count as u64;
-            for i in 0..count {
-                let Some((src, bytes)) = self.receiver.datagram(i) else {
-                    continue;
-                };
-                let local = self.locals.id(self.receiver.arrived_at(i));
-                let handled =
-                    self.registry
-                        .handle_datagram(src, local, bytes, now, &mut self.outbox);
-                account(
-                    &mut self.metrics,
-                    &mut self.drop_log,
-                    self.config.rate.drop_logs_per_sec,
-                    src,
-                    handled,
-                    now,
-                );
-            }
-            // Send what this batch produced before reading the next: latency stays low and
-            // the outbox small.
-            self.flush_outbox();
-            self.record_relay_delays(count);
-        }
-        true
-    }
-
-    /// Counts, for each datagram of the last batch read, the time from its arrival on the
-    /// socket until now, when everything it caused has been handed to the kernel.
-    fn record_relay_delays(&mut self, count: usize) {
-        let Ok(now) = SystemTime::now().duration_since(UNIX_EPOCH) else {
-            return;
-        };
-        for i in 0..count {
-            if let Some(arrived) = self.receiver.arrived(i) {
-                self.metrics.relay_delay.record(now.saturating_sub(arrived));
-            }
-        }
-    }
-
-    fn flush_outbox(&mut self) {
-        if !self.outbox.is_empty() {
-            self.sender
-                .send_all(&self.udp, &mut self.outbox, &self.locals, &mut self.metrics);
-        }
-    }
-
     fn timers(&mut self, now: Instant) {
         if self.accept_retry.is_some_and(|at| now >= at) {
             self.accept_retry = None;
@@ -738,24 +327,6 @@ impl Server {
         }
     }
 
-    /// Reads the kernel's drop count for the UDP socket and warns when it grew: an overloaded
-    /// daemon must never lose datagrams silently.
-    fn check_kernel_drops(&mut self) {
-        let Some(drops) = udp::kernel_drops(&self.udp) else {
-            return;
-        };
-        let before = self.kernel_drops_logged;
-        self.kernel_drops_logged = drops;
-        self.metrics.udp_kernel_drops = drops;
-        if drops > before {
-            warn!(
-                "the kernel dropped {} datagrams for a full UDP receive buffer (total {drops}); \
-                 consider raising udp.recv_buffer_bytes and net.core.rmem_max",
-                drops - before
-            );
-        }
-    }
-
     /// Hands new records to the writer (those not tied to a reply: registers, leaves).
     fn persist(&mut self) {
         let Some(persister) = self.persister.as_mut() else {
@@ -802,32 +373,4 @@ impl Server {
 /// burst of [`DROP_LOG_BURST`]; none at all when `rate` is 0 (`[rate] drop_logs_per_sec`).
 fn may_log_drop(bucket: &mut TokenBucket, now: Instant, rate: f64) -> bool {
     rate > 0.0 && bucket.take(now, rate, DROP_LOG_BURST)
-}
-
-/// Counts what the registry did with a datagram (a free function so that the receive loop
-/// can borrow the receive buffer and the counters at once).
-fn account(
-    metrics: &mut Metrics,
-    drop_log: &mut TokenBucket,
-    log_rate: f64,
-    src: SocketAddr,
-    handled: Handled,
-    now: Instant,
-) {
-    match handled {
-        Handled::Relayed { .. } => metrics.messages_relayed += 1,
-        Handled::ClosedReply => metrics.closed_room_replies += 1,
-        Handled::Dropped(reason) => {
-            Metrics::bump(&mut metrics.datagrams_dropped, reason.label());
-            if reason == DropReason::RateLimited {
-                Metrics::bump(&mut metrics.rate_limited, "chat");
-            }
-            // Only when the line would show: a token spent on a hidden line would be one
-            // fewer for the warnings that share the bucket.
-            if log::log_enabled!(log::Level::Debug) && may_log_drop(drop_log, now, log_rate) {
-                debug!("{src}: datagram dropped ({})", reason.label());
-            }
-        }
-        Handled::Registered { .. } | Handled::Left | Handled::Closed { .. } => {}
-    }
 }

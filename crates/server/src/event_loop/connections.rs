@@ -1,0 +1,199 @@
+//! TCP connections: accepted under the caps (or closed at once, counted), their readiness
+//! turned into reads and writes, and their closing.
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+use mio::event::Event;
+use mio::Interest;
+
+use super::{may_log_drop, ConnId, Server, ACCEPT_RETRY, MAX_HTTP_CONNECTIONS};
+use crate::conn::{Conn, Kind, ReadUntil};
+use crate::metrics::Metrics;
+use crate::rate;
+
+impl Server {
+    pub(super) fn accept(&mut self, kind: Kind, now: Instant) {
+        loop {
+            let listener = match kind {
+                Kind::Tcrp => self.tcp.as_ref(),
+                Kind::Http => self.metrics_listener.as_ref(),
+            };
+            let Some(listener) = listener else { return };
+            let (mut stream, peer) = match listener.accept() {
+                Ok(pair) => pair,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: count, log, keep serving the connections we have, and
+                    // try again shortly for the connections still in the backlog. Not input
+                    // from a peer, so not under `drop_logs_per_sec`: at most a line a second.
+                    self.accept_retry = Some(now + ACCEPT_RETRY);
+                    self.metrics.accept_errors += 1;
+                    if self.accept_log.take(now, 1.0, 1.0) {
+                        warn!("accept failed: {e}; retrying in {ACCEPT_RETRY:?}");
+                    }
+                    return;
+                }
+            };
+            let limits = &self.config.limits;
+            let from_ip = self
+                .per_ip
+                .get(&rate::source(peer.ip()))
+                .copied()
+                .unwrap_or(0);
+            let tcrp_open = self.conns.len() - self.http_open;
+            let refusal = match kind {
+                Kind::Tcrp if tcrp_open >= limits.max_connections => Some("max_connections"),
+                Kind::Tcrp if from_ip >= limits.max_connections_per_ip => {
+                    Some("max_connections_per_ip")
+                }
+                // Scrapers and health checks have their own small allowance, so they can
+                // neither fill the handshake table nor be locked out by it.
+                Kind::Http if self.http_open >= MAX_HTTP_CONNECTIONS => {
+                    Some("max_metrics_connections")
+                }
+                _ => None,
+            };
+            if let Some(reason) = refusal {
+                Metrics::bump(&mut self.metrics.tcp_rejected, reason);
+                if may_log_drop(&mut self.drop_log, now, self.config.rate.drop_logs_per_sec) {
+                    warn!("{peer}: connection refused ({reason})");
+                }
+                continue; // dropping the stream closes it
+            }
+            if kind == Kind::Tcrp {
+                // One getsockopt in the daemon's life checks that the option was inherited.
+                let inherited = *self
+                    .nodelay_inherited
+                    .get_or_insert_with(|| stream.nodelay().unwrap_or(false));
+                if !inherited {
+                    if let Err(e) = stream.set_nodelay(true) {
+                        debug!("{peer}: cannot set TCP_NODELAY: {e}");
+                    }
+                }
+            }
+            // The stream is never duplicated (no try_clone, no fork, CLOEXEC): `close` relies
+            // on its drop being the descriptor's last close.
+            let entry = self.conns.vacant_entry();
+            let id = ConnId(entry.key());
+            if let Err(e) =
+                self.poll
+                    .registry()
+                    .register(&mut stream, id.token(), Interest::READABLE)
+            {
+                warn!("{peer}: cannot register connection: {e}");
+                continue;
+            }
+            let deadline = now + Duration::from_secs(self.config.limits.handshake_timeout_secs);
+            entry.insert(Conn::new(stream, peer, kind, deadline));
+            match kind {
+                Kind::Tcrp => *self.per_ip.entry(rate::source(peer.ip())).or_insert(0) += 1,
+                Kind::Http => self.http_open += 1,
+            }
+            self.metrics.tcp_accepted += 1;
+            self.metrics.tcp_open += 1;
+            debug!("{peer} conn {id:?}: accepted ({kind:?})");
+            // The request often came with the connection (a client writes it as soon as
+            // its connect returns): reading it now, rather than on the readable edge in a
+            // later pass of the loop, takes a pass off every handshake (5% more joins/s in
+            // crates/bench/NOTES.md). If it has not come, the read finds nothing and the
+            // edge comes as before; an edge for bytes read here finds them gone, which
+            // `conn_event` takes in its stride.
+            if kind == Kind::Tcrp {
+                let close = self.read_tcrp(id, now, ReadUntil::ShortRead);
+                self.after_io(id, close);
+            }
+        }
+    }
+
+    pub(super) fn conn_event(&mut self, id: ConnId, event: &Event, now: Instant) {
+        let Some(conn) = self.conns.get_mut(id.0) else {
+            return; // spurious: closed earlier in this pass
+        };
+        let mut close = None;
+        if event.is_readable() || event.is_read_closed() || event.is_error() {
+            close = match conn.kind {
+                Kind::Tcrp => {
+                    // A FIN or error that came with this edge raises no later one, so then
+                    // the socket is read to the end.
+                    let until = if event.is_read_closed() || event.is_error() {
+                        ReadUntil::WouldBlock
+                    } else {
+                        ReadUntil::ShortRead
+                    };
+                    self.read_tcrp(id, now, until)
+                }
+                Kind::Http => self.read_http(id),
+            };
+        }
+        self.after_io(id, close);
+    }
+
+    /// Flushes, updates interest, and closes the connection if it is done or failed.
+    pub(super) fn after_io(&mut self, id: ConnId, mut close: Option<&'static str>) {
+        let Some(conn) = self.conns.get_mut(id.0) else {
+            return;
+        };
+        if close.is_none() {
+            if let Err(e) = conn.flush() {
+                debug!("{} conn {id:?}: write failed: {e}", conn.peer);
+                close = Some("io_error");
+            } else if conn.pending_bytes() > self.config.limits.max_output_bytes {
+                close = Some("output_overflow");
+            } else if conn.finished() {
+                close = Some(if conn.close_after_flush {
+                    "protocol"
+                } else {
+                    "peer_closed"
+                });
+            }
+        }
+        if let Some(reason) = close {
+            self.close(id, reason);
+            return;
+        }
+        let desired = conn.desired_interest();
+        if desired != conn.interest {
+            if let Err(e) = self
+                .poll
+                .registry()
+                .reregister(&mut conn.stream, id.token(), desired)
+            {
+                warn!("{} conn {id:?}: cannot reregister: {e}", conn.peer);
+                self.close(id, "io_error");
+                return;
+            }
+            conn.interest = desired;
+        }
+    }
+
+    pub(super) fn close(&mut self, id: ConnId, reason: &'static str) {
+        if !self.conns.contains(id.0) {
+            return;
+        }
+        let conn = self.conns.remove(id.0);
+        // No deregister: epoll drops a descriptor from its interest list when the descriptor
+        // is closed (the stream is never duplicated), and mio keeps no per-source state on
+        // Linux, so the `epoll_ctl(DEL)` would be a system call per handshake for nothing.
+        // Events already returned for this token are skipped or harmless (`conn_event`).
+        if conn.kind == Kind::Http {
+            self.http_open -= 1;
+        }
+        let counted = conn.kind == Kind::Tcrp;
+        if let Some(count) = self
+            .per_ip
+            .get_mut(&rate::source(conn.peer.ip()))
+            .filter(|_| counted)
+        {
+            *count -= 1;
+            if *count == 0 {
+                self.per_ip.remove(&rate::source(conn.peer.ip()));
+            }
+        }
+        self.metrics.tcp_open = self.metrics.tcp_open.saturating_sub(1);
+        Metrics::bump(&mut self.metrics.tcp_closed, reason);
+        debug!("{} conn {id:?}: closed ({reason})", conn.peer);
+    }
+}

@@ -1,0 +1,132 @@
+//! The UDP side: datagrams read in batches and handed to the registry, the outbox sent after
+//! each batch, relay delays and the kernel's drop count recorded.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use log::{debug, warn};
+
+use super::{may_log_drop, Server};
+use crate::metrics::Metrics;
+use crate::rate::TokenBucket;
+use crate::rooms::{DropReason, Handled};
+use crate::{mmsg, udp};
+
+impl Server {
+    /// Reads datagrams (`recvmmsg`, a batch per call) until the socket is drained or the
+    /// per-wakeup budget is spent. Returns whether the socket may still hold datagrams.
+    pub(super) fn drain_udp(&mut self, now: Instant) -> bool {
+        let mut budget = self.config.udp.datagrams_per_wakeup;
+        while budget > 0 {
+            let count = match self
+                .receiver
+                .recv(self.udp.as_raw_fd(), budget.min(mmsg::BATCH))
+            {
+                Ok(0) => return false,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Not expected: without IP_RECVERR, Linux does not report ICMP errors for
+                    // earlier sends on an unconnected socket. Whatever it is concerns one
+                    // receive, not the socket, and the budget bounds the retries.
+                    debug!("UDP receive error: {e}");
+                    budget = budget.saturating_sub(1);
+                    continue;
+                }
+            };
+            budget = budget.saturating_sub(count);
+            self.metrics.datagrams_received += count as u64;
+            for i in 0..count {
+                let Some((src, bytes)) = self.receiver.datagram(i) else {
+                    continue;
+                };
+                let local = self.locals.id(self.receiver.arrived_at(i));
+                let handled =
+                    self.registry
+                        .handle_datagram(src, local, bytes, now, &mut self.outbox);
+                account(
+                    &mut self.metrics,
+                    &mut self.drop_log,
+                    self.config.rate.drop_logs_per_sec,
+                    src,
+                    handled,
+                    now,
+                );
+            }
+            // Send what this batch produced before reading the next: latency stays low and
+            // the outbox small.
+            self.flush_outbox();
+            self.record_relay_delays(count);
+        }
+        true
+    }
+
+    /// Counts, for each datagram of the last batch read, the time from its arrival on the
+    /// socket until now, when everything it caused has been handed to the kernel.
+    fn record_relay_delays(&mut self, count: usize) {
+        let Ok(now) = SystemTime::now().duration_since(UNIX_EPOCH) else {
+            return;
+        };
+        for i in 0..count {
+            if let Some(arrived) = self.receiver.arrived(i) {
+                self.metrics.relay_delay.record(now.saturating_sub(arrived));
+            }
+        }
+    }
+
+    pub(super) fn flush_outbox(&mut self) {
+        if !self.outbox.is_empty() {
+            self.sender
+                .send_all(&self.udp, &mut self.outbox, &self.locals, &mut self.metrics);
+        }
+    }
+
+    /// Reads the kernel's drop count for the UDP socket and warns when it grew: an overloaded
+    /// daemon must never lose datagrams silently.
+    pub(super) fn check_kernel_drops(&mut self) {
+        let Some(drops) = udp::kernel_drops(&self.udp) else {
+            return;
+        };
+        let before = self.kernel_drops_logged;
+        self.kernel_drops_logged = drops;
+        self.metrics.udp_kernel_drops = drops;
+        if drops > before {
+            warn!(
+                "the kernel dropped {} datagrams for a full UDP receive buffer (total {drops}); \
+                 consider raising udp.recv_buffer_bytes and net.core.rmem_max",
+                drops - before
+            );
+        }
+    }
+}
+
+/// Counts what the registry did with a datagram (a free function so that the receive loop
+/// can borrow the receive buffer and the counters at once).
+fn account(
+    metrics: &mut Metrics,
+    drop_log: &mut TokenBucket,
+    log_rate: f64,
+    src: SocketAddr,
+    handled: Handled,
+    now: Instant,
+) {
+    match handled {
+        Handled::Relayed { .. } => metrics.messages_relayed += 1,
+        Handled::ClosedReply => metrics.closed_room_replies += 1,
+        Handled::Dropped(reason) => {
+            Metrics::bump(&mut metrics.datagrams_dropped, reason.label());
+            if reason == DropReason::RateLimited {
+                Metrics::bump(&mut metrics.rate_limited, "chat");
+            }
+            // Only when the line would show: a token spent on a hidden line would be one
+            // fewer for the warnings that share the bucket.
+            if log::log_enabled!(log::Level::Debug) && may_log_drop(drop_log, now, log_rate) {
+                debug!("{src}: datagram dropped ({})", reason.label());
+            }
+        }
+        Handled::Registered { .. } | Handled::Left | Handled::Closed { .. } => {}
+    }
+}

@@ -1,0 +1,195 @@
+//! Everything before the first pass: the state locked and loaded, every socket bound and
+//! tuned, the writer and password threads started.
+
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use mio::net::{TcpListener, UdpSocket};
+use mio::{Interest, Poll, Waker};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
+
+use super::{
+    io_err, unix_now, Bound, Server, DEADLINE_CHECK, DROP_LOG_BURST, LIMITER_KEYS,
+    METRICS_LISTENER, RECV_BUF_LEN, SIGNALS, TCP_LISTENER, UDP_SOCKET, WAKER,
+};
+use crate::config::{Config, Overrides};
+use crate::error::Error;
+use crate::local::{self, Locals};
+use crate::metrics::Metrics;
+use crate::notify::{self, Notifier};
+use crate::outbox::Outbox;
+use crate::persist::{self, Persister};
+use crate::rate::{KeyedLimiter, TokenBucket};
+use crate::rooms::Registry;
+use crate::store::{self, Paths};
+use crate::{conn, mmsg, password, udp};
+
+impl Server {
+    /// Locks and loads the state, binds every socket and starts the writer. Any failure here
+    /// stops the daemon before it serves anyone. `file_config` is the configuration file as
+    /// read (the defaults when there is none); `overrides` (the command-line flags) are applied
+    /// on top of it, now and at every reload.
+    pub fn bind(
+        file_config: Config,
+        config_path: Option<PathBuf>,
+        overrides: Overrides,
+    ) -> Result<Server, Error> {
+        let mut config = file_config.clone();
+        overrides.apply(&mut config);
+        config.validate().map_err(Error::Config)?;
+        let paths = Paths::new(&config.state.path);
+        let lock = persist::lock(&paths)?;
+        let started = Instant::now();
+        let loaded = store::load(&paths)?;
+        let now = Instant::now();
+        let mut registry = Registry::from_state(
+            &loaded.state,
+            config.registry_limits(),
+            Box::new(rand::rngs::OsRng),
+            now,
+        );
+        registry.set_wall_clock(now, unix_now());
+        let stats = registry.stats();
+        info!(
+            "state {}: {} rooms, {} tokens loaded in {:?}",
+            paths.state.display(),
+            stats.rooms,
+            stats.members,
+            started.elapsed()
+        );
+
+        let poll = Poll::new().map_err(io_err("cannot create poll"))?;
+        let mut tcp = TcpListener::bind(config.listen.tcp).map_err(|source| Error::Bind {
+            what: "TCP",
+            addr: config.listen.tcp,
+            source,
+        })?;
+        // Accepted connections inherit TCP_NODELAY; if the listener refuses it, each
+        // connection gets it instead.
+        let nodelay_inherited = match conn::set_listener_nodelay(&tcp) {
+            Ok(()) => None,
+            Err(e) => {
+                debug!("TCP_NODELAY on the listener refused ({e}); set per connection");
+                Some(false)
+            }
+        };
+        let mut udp = UdpSocket::bind(config.listen.udp).map_err(|source| Error::Bind {
+            what: "UDP",
+            addr: config.listen.udp,
+            source,
+        })?;
+        let (rcvbuf, sndbuf) = udp::size_buffers(
+            &udp,
+            config.udp.recv_buffer_bytes,
+            config.udp.send_buffer_bytes,
+        );
+        debug!("UDP buffers: receive {rcvbuf} bytes, send {sndbuf} bytes");
+        if let Err(e) = mmsg::enable_timestamps(udp.as_raw_fd()) {
+            warn!("UDP arrival timestamps unavailable ({e}); ocm_relay_delay_seconds stays empty");
+        }
+        if local::needs_arrival_address(config.listen.udp) {
+            match local::enable_arrival_address(udp.as_raw_fd(), config.listen.udp) {
+                Ok(()) => info!(
+                    "UDP bound to a wildcard address: each member is answered from the address \
+                     its __REGISTER__ came to"
+                ),
+                Err(e) => warn!(
+                    "UDP arrival addresses unavailable ({e}); on a host with several addresses \
+                     replies leave from the address the route picks"
+                ),
+            }
+        }
+        let mut metrics_listener = match config.metrics_addr().map_err(Error::Config)? {
+            Some(addr) => Some(TcpListener::bind(addr).map_err(|source| Error::Bind {
+                what: "metrics",
+                addr,
+                source,
+            })?),
+            None => None,
+        };
+        let registry_handle = poll.registry();
+        registry_handle
+            .register(&mut tcp, TCP_LISTENER, Interest::READABLE)
+            .map_err(io_err("cannot register TCP listener"))?;
+        registry_handle
+            .register(&mut udp, UDP_SOCKET, Interest::READABLE)
+            .map_err(io_err("cannot register UDP socket"))?;
+        if let Some(listener) = metrics_listener.as_mut() {
+            registry_handle
+                .register(listener, METRICS_LISTENER, Interest::READABLE)
+                .map_err(io_err("cannot register metrics listener"))?;
+        }
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])
+            .map_err(io_err("cannot install signal handlers"))?;
+        registry_handle
+            .register(&mut signals, SIGNALS, Interest::READABLE)
+            .map_err(io_err("cannot register signals"))?;
+        let waker =
+            Arc::new(Waker::new(registry_handle, WAKER).map_err(io_err("cannot create waker"))?);
+        let persister = Persister::start_with(
+            paths,
+            loaded,
+            persist::Options::from(&config.state),
+            Arc::clone(&waker),
+        )?;
+        let passwords =
+            password::Worker::start(waker).map_err(io_err("cannot start the password thread"))?;
+
+        let bound = Bound {
+            tcp: tcp.local_addr().map_err(io_err("TCP local address"))?,
+            udp: udp.local_addr().map_err(io_err("UDP local address"))?,
+            metrics: match &metrics_listener {
+                Some(l) => Some(l.local_addr().map_err(io_err("metrics local address"))?),
+                None => None,
+            },
+        };
+        let watchdog = notify::watchdog_interval().map(|every| (every, now));
+        Ok(Server {
+            poll,
+            limiter: KeyedLimiter::new(LIMITER_KEYS),
+            password_failures: KeyedLimiter::new(LIMITER_KEYS),
+            passwords,
+            password_tickets: HashMap::new(),
+            next_ticket: 0,
+            next_checkpoint: now + Duration::from_secs(config.history.checkpoint_secs),
+            drop_log: TokenBucket::full(DROP_LOG_BURST, now),
+            accept_log: TokenBucket::full(1.0, now),
+            kernel_drops_logged: 0,
+            next_sweep: now + Duration::from_millis(config.liveness.sweep_interval_ms),
+            sender: udp::Sender::new(config.udp.max_batch_datagram_bytes),
+            config,
+            config_path,
+            file_config,
+            overrides,
+            tcp: Some(tcp),
+            udp,
+            metrics_listener,
+            signals,
+            conns: Slab::new(),
+            per_ip: HashMap::new(),
+            http_open: 0,
+            registry,
+            persister: Some(persister),
+            outbox: Outbox::default(),
+            metrics: Metrics::new(),
+            notifier: Notifier::from_env(),
+            receiver: mmsg::Receiver::new(RECV_BUF_LEN),
+            locals: Locals::default(),
+            udp_ready: true,
+            nodelay_inherited,
+            revisit: Vec::new(),
+            accept_retry: None,
+            next_deadline_check: now + DEADLINE_CHECK,
+            next_status: now,
+            watchdog,
+            bound,
+            _lock: lock,
+        })
+    }
+}
