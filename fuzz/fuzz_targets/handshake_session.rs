@@ -285,7 +285,7 @@ impl Session {
             }
         }
         self.registry
-            .handle_datagram(source(*from), ocm_server::local::LocalId::ANY, &bytes, self.now, &mut self.out);
+            .handle_datagram(source(*from), None, &bytes, self.now, &mut self.out);
     }
 
     fn time_passes(&mut self, step: &[u8]) {

@@ -104,7 +104,7 @@ fn drive(state: &State, now: Instant) {
             )
             .is_ok()
             {
-                let _ = reg.handle_datagram(src, ocm_server::local::LocalId::ANY, &d, now, &mut out);
+                let _ = reg.handle_datagram(src, None, &d, now, &mut out);
             }
         }
         for send in &out.sends {

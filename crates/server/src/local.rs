@@ -8,19 +8,23 @@
 //! sends to (as `ocm` does) would then hear nothing. So on a wildcard socket the kernel is
 //! asked for each datagram's destination (`IP_PKTINFO`, `IPV6_RECVPKTINFO`, read by
 //! [`crate::mmsg::Receiver::arrived_at`]), the registry remembers for each member the address
-//! its `__REGISTER__` came to, and the sender puts it back as the source of what it sends that
+//! its `__REGISTER__` or chat came to, and the sender puts it back as the source of what it sends that
 //! member ([`crate::mmsg::send`]).
 //!
 //! The registry holds a [`LocalId`], two bytes, not the address: [`Locals`] numbers the
-//! addresses seen. A host has few; the table stops numbering at [`MAX_LOCALS`] (later ones
-//! get [`LocalId::ANY`], the kernel's choice), and only unicast addresses are numbered (a
-//! datagram to a broadcast or multicast address reaches a wildcard socket too, and such an
-//! address cannot be a source).
+//! addresses that datagrams with a live token came to. A host has few; the table stops
+//! numbering at [`MAX_LOCALS`] (later ones get [`LocalId::ANY`], the kernel's choice, with a
+//! warning), and only unicast addresses are numbered (a datagram to a broadcast or multicast
+//! address reaches a wildcard socket too, and such an address cannot be a source). An address
+//! the kernel refuses as a source (no longer the host's: a VIP that moved) is retired: that
+//! datagram and the next leave by route until a datagram comes to the address again.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
+
+use log::warn;
 
 use crate::sockopt;
 
@@ -45,6 +49,17 @@ impl LocalAddr {
             IpAddr::V6(ip) => !(ip.is_unspecified() || ip.is_multicast()),
         }
     }
+
+    /// The address as a source: the interface counts only for an IPv6 link-local address
+    /// (the same address may exist on several links); any other is one address whatever
+    /// interface a datagram to it came in on.
+    fn as_source(self) -> LocalAddr {
+        let scoped = matches!(self.ip, IpAddr::V6(ip) if ip.is_unicast_link_local());
+        LocalAddr {
+            ifindex: if scoped { self.ifindex } else { 0 },
+            ..self
+        }
+    }
 }
 
 /// The number of a [`LocalAddr`] in [`Locals`]; [`LocalId::ANY`] lets the kernel choose.
@@ -60,36 +75,71 @@ impl LocalId {
 /// The local addresses seen, numbered from 1.
 #[derive(Debug, Default)]
 pub struct Locals {
-    addrs: Vec<LocalAddr>,
+    /// Each numbered address, and whether the kernel still takes it as a source.
+    addrs: Vec<(LocalAddr, bool)>,
     ids: HashMap<LocalAddr, LocalId>,
+    /// The table filled up, and it was said.
+    told_full: bool,
 }
 
 impl Locals {
-    /// The number of `addr`, numbering it if new; [`LocalId::ANY`] for an address that cannot
-    /// be a source, none, or one past [`MAX_LOCALS`].
+    /// The number of `addr`, numbering it if new (and taking it as a source again if it was
+    /// retired: a datagram just came to it); [`LocalId::ANY`] for an address that cannot be a
+    /// source, none, or one past [`MAX_LOCALS`].
     pub fn id(&mut self, addr: Option<LocalAddr>) -> LocalId {
-        let Some(addr) = addr.filter(LocalAddr::is_source) else {
+        let Some(addr) = addr.filter(LocalAddr::is_source).map(LocalAddr::as_source) else {
             return LocalId::ANY;
         };
         if let Some(&id) = self.ids.get(&addr) {
+            if let Some((_, live)) = self.addrs.get_mut(usize::from(id.0) - 1) {
+                *live = true;
+            }
             return id;
         }
         if self.addrs.len() >= MAX_LOCALS {
+            if !std::mem::replace(&mut self.told_full, true) {
+                warn!(
+                    "UDP: {MAX_LOCALS} local addresses numbered; members that register with \
+                     another ({}) are answered from the address the route picks",
+                    addr.ip
+                );
+            }
             return LocalId::ANY;
         }
-        self.addrs.push(addr);
+        self.addrs.push((addr, true));
         // At most MAX_LOCALS (256) entries: the count fits.
         let id = LocalId(self.addrs.len() as u16);
         self.ids.insert(addr, id);
         id
     }
 
-    /// The address numbered `id`; `None` for [`LocalId::ANY`] (or a number never given).
+    /// The address numbered `id`, if the kernel still takes it as a source; `None` for
+    /// [`LocalId::ANY`], a retired address, or a number never given.
     pub fn get(&self, id: LocalId) -> Option<LocalAddr> {
-        usize::from(id.0)
+        let (addr, live) = usize::from(id.0)
             .checked_sub(1)
-            .and_then(|i| self.addrs.get(i))
-            .copied()
+            .and_then(|i| self.addrs.get(i))?;
+        live.then_some(*addr)
+    }
+
+    /// Stops sending from `id`'s address: the kernel refused it as a source (it is no longer
+    /// one of the host's). Its members are answered by route until a datagram comes to it
+    /// again ([`Locals::id`]).
+    pub fn retire(&mut self, id: LocalId) {
+        let Some((addr, live)) = usize::from(id.0)
+            .checked_sub(1)
+            .and_then(|i| self.addrs.get_mut(i))
+        else {
+            return;
+        };
+        if std::mem::replace(live, false) {
+            warn!(
+                "UDP: the kernel refuses {} as a source (no longer an address of this host?); \
+                 its members are answered from the address the route picks until a datagram \
+                 comes to it again",
+                addr.ip
+            );
+        }
     }
 
     /// How many addresses are numbered.
@@ -143,8 +193,14 @@ mod tests {
         assert_ne!(a, LocalId::ANY);
         assert_ne!(a, b);
         assert_eq!(locals.id(v4([192, 0, 2, 1])), a);
-        assert_eq!(locals.get(a), v4([192, 0, 2, 1]));
-        assert_eq!(locals.get(b), v4([192, 0, 2, 2]));
+        assert_eq!(
+            locals.get(a).map(|l| l.ip),
+            Some(IpAddr::from([192, 0, 2, 1]))
+        );
+        assert_eq!(
+            locals.get(b).map(|l| l.ip),
+            Some(IpAddr::from([192, 0, 2, 2]))
+        );
         assert_eq!(locals.get(LocalId::ANY), None);
         assert_eq!(locals.get(LocalId(77)), None);
         for not_a_source in [
@@ -160,6 +216,42 @@ mod tests {
             assert_eq!(locals.id(not_a_source), LocalId::ANY, "{not_a_source:?}");
         }
         assert_eq!(locals.len(), 2);
+    }
+
+    #[test]
+    fn an_address_is_one_whatever_interface_unless_ipv6_link_local() {
+        let mut locals = Locals::default();
+        let on = |ip: IpAddr, ifindex| Some(LocalAddr { ip, ifindex });
+        let global = IpAddr::from([192, 0, 2, 1]);
+        assert_eq!(locals.id(on(global, 1)), locals.id(on(global, 7)));
+        assert_eq!(
+            locals
+                .get(
+                    locals.ids[&LocalAddr {
+                        ip: global,
+                        ifindex: 0
+                    }]
+                )
+                .unwrap()
+                .ifindex,
+            0
+        );
+        let link_local = IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1));
+        let (a, b) = (locals.id(on(link_local, 2)), locals.id(on(link_local, 3)));
+        assert_ne!(a, b);
+        assert_eq!(locals.get(b).map(|l| l.ifindex), Some(3));
+    }
+
+    #[test]
+    fn a_retired_address_is_sent_from_again_once_a_datagram_comes_to_it() {
+        let mut locals = Locals::default();
+        let vip = v4([192, 0, 2, 9]);
+        let id = locals.id(vip);
+        locals.retire(id);
+        assert_eq!(locals.get(id), None);
+        locals.retire(LocalId::ANY);
+        assert_eq!(locals.id(vip), id);
+        assert_eq!(locals.get(id), vip.map(LocalAddr::as_source));
     }
 
     #[test]

@@ -84,8 +84,8 @@ fn from_storage(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
 
 /// Control-message space per received datagram, in `u64` words (8-byte aligned, as `cmsghdr`
 /// needs): room for one `SCM_TIMESTAMPNS` (a 16-byte header and a 16-byte `timespec`), one
-/// `IPV6_PKTINFO` (16 and 20, padded to 24) or `IP_PKTINFO` (16 and 12, padded to 16), and
-/// slack.
+/// `IPV6_PKTINFO` (16 and 20, padded to 24) and one `IP_PKTINFO` (16 and 12, padded to 16; a
+/// dual-stack socket reports both for an IPv4 datagram): 104 bytes, and slack.
 const CONTROL_WORDS: usize = 16;
 
 /// Control-message space per sent datagram, in `u64` words: one `IPV6_PKTINFO` or
@@ -237,8 +237,11 @@ fn timestamp(hdr: &libc::msghdr) -> Option<Duration> {
 
 /// The destination address among a received message's control messages (`IP_PKTINFO`: the
 /// local address the kernel routed it to; `IPV6_PKTINFO`: the header's destination), with the
-/// interface it came in on.
+/// interface it came in on. An IPv4 datagram on a dual-stack socket carries both; the first
+/// is preferred, as for a datagram to a subnet's broadcast address it is the host's own
+/// address where the second is the broadcast address.
 fn destination(hdr: &libc::msghdr) -> Option<LocalAddr> {
+    let mut ipv6 = None;
     // SAFETY: as in `timestamp`: the kernel wrote well-formed cmsghdrs within msg_controllen,
     // and each payload's length is checked before it is read (unaligned).
     unsafe {
@@ -262,7 +265,7 @@ fn destination(hdr: &libc::msghdr) -> Option<LocalAddr> {
             {
                 let info: libc::in6_pktinfo =
                     std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
-                return Some(LocalAddr {
+                ipv6 = Some(LocalAddr {
                     ip: IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)).to_canonical(),
                     ifindex: info.ipi6_ifindex,
                 });
@@ -270,7 +273,7 @@ fn destination(hdr: &libc::msghdr) -> Option<LocalAddr> {
             cmsg = libc::CMSG_NXTHDR(hdr, cmsg);
         }
     }
-    None
+    ipv6
 }
 
 /// Writes into `control` the message that makes a datagram to `to` leave from `from`
@@ -380,6 +383,7 @@ pub struct SendScratch {
     /// For each header in `msgs`, its datagram's index in the call's `datagrams`.
     indices: Vec<usize>,
     failed: Vec<usize>,
+    refused_sources: Vec<usize>,
 }
 
 impl SendScratch {
@@ -388,6 +392,13 @@ impl SendScratch {
     /// index `sent + failed`, and none from there on.
     pub fn failed(&self) -> &[usize] {
         &self.failed
+    }
+
+    /// Indices, in the last [`send`]'s `datagrams`, of those the kernel refused from the
+    /// source address they named but took without it (they left from the address the route
+    /// picks): that address is no longer one of the host's.
+    pub fn refused_sources(&self) -> &[usize] {
+        &self.refused_sources
     }
 }
 
@@ -412,6 +423,7 @@ pub fn send(
     };
     let mut result = Sent::default();
     scratch.failed.clear();
+    scratch.refused_sources.clear();
     for (chunk_index, chunk) in datagrams.chunks(BATCH).enumerate() {
         let first = chunk_index * BATCH;
         scratch.addrs.clear();
@@ -478,14 +490,36 @@ pub fn send(
                     let from = scratch.indices[done];
                     let set_aside = scratch.failed.iter().filter(|&&i| i > from).count();
                     scratch.failed.retain(|&i| i < from);
+                    // A datagram sent again without its source that found the buffer full says
+                    // nothing about the source.
+                    scratch.refused_sources.retain(|&i| i < from);
                     result.failed -= set_aside;
                     result.would_block += datagrams.len() - from;
                     scratch.failed.sort_unstable();
                     return result;
                 }
+                // Refused with the source it names (EINVAL for IPv6, ENETUNREACH for IPv4 when
+                // the address is no longer the host's): send it once more without, and name it
+                // if that goes through.
+                _ if !scratch.msgs[done].msg_hdr.msg_control.is_null()
+                    && matches!(
+                        err.raw_os_error(),
+                        Some(libc::EINVAL | libc::ENETUNREACH | libc::EADDRNOTAVAIL)
+                    ) =>
+                {
+                    let hdr = &mut scratch.msgs[done].msg_hdr;
+                    hdr.msg_control = std::ptr::null_mut();
+                    hdr.msg_controllen = 0;
+                    scratch.refused_sources.push(scratch.indices[done]);
+                }
                 // The first datagram of the rest failed on its own (e.g. unreachable): skip it.
                 _ => {
-                    scratch.failed.push(scratch.indices[done]);
+                    let index = scratch.indices[done];
+                    // Refused without its source too: the destination is at fault.
+                    if scratch.refused_sources.last() == Some(&index) {
+                        scratch.refused_sources.pop();
+                    }
+                    scratch.failed.push(index);
                     result.failed += 1;
                     done += 1;
                 }
@@ -669,6 +703,56 @@ mod tests {
         assert_eq!(
             kernel_choice,
             SocketAddr::from(([127, 0, 0, 1], bound.port()))
+        );
+    }
+
+    /// A datagram whose source is not the host's (a VIP that moved) is refused by the kernel:
+    /// it leaves without it, from the address the route picks, and is named; a datagram
+    /// refused for its destination is not, with or without a source.
+    #[test]
+    fn a_source_the_host_does_not_have_is_dropped_from_its_datagram_and_named() {
+        let server = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let port = server.local_addr().unwrap().port();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let to = client.local_addr().unwrap();
+        let source = |first| {
+            Some(LocalAddr {
+                ip: IpAddr::from([first, 0, 2, 77]),
+                ifindex: 0,
+            })
+        };
+        let (gone, ours) = (source(192), source(127));
+        let refused: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let parts = [IoSlice::new(b"a"), IoSlice::new(b"b"), IoSlice::new(b"c")];
+        let outgoing = |to, from, runs| Outgoing { to, from, runs };
+        let datagrams = [
+            outgoing(to, None, 0..1),
+            outgoing(to, gone, 1..2),
+            outgoing(refused, ours, 0..1),
+            outgoing(to, ours, 2..3),
+        ];
+        let mut scratch = SendScratch::default();
+        let sent = send(server.as_raw_fd(), &parts, &datagrams, &mut scratch);
+        assert_eq!((sent.sent, sent.failed), (3, 1));
+        assert_eq!(scratch.failed(), &[2]);
+        assert_eq!(scratch.refused_sources(), &[1]);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4];
+        for _ in 0..3 {
+            let (len, from) = client.recv_from(&mut buf).unwrap();
+            got.push((buf[..len].to_vec(), from));
+        }
+        let at = |ip: [u8; 4]| SocketAddr::from((ip, port));
+        assert_eq!(
+            got,
+            [
+                (b"a".to_vec(), at([127, 0, 0, 1])),
+                (b"b".to_vec(), at([127, 0, 0, 1])),
+                (b"c".to_vec(), at([127, 0, 2, 77])),
+            ]
         );
     }
 

@@ -125,12 +125,12 @@ impl Sender {
     }
 
     /// Sends and clears `outbox`; each datagram leaves from the address of `locals` its send
-    /// names.
+    /// names, and an address the kernel refuses as a source is retired.
     pub fn send_all(
         &mut self,
         socket: &UdpSocket,
         outbox: &mut Outbox,
-        locals: &Locals,
+        locals: &mut Locals,
         metrics: &mut Metrics,
     ) {
         self.plan(outbox);
@@ -160,6 +160,11 @@ impl Sender {
         }
         if sent.failed > 0 {
             *metrics.send_errors.entry("other").or_insert(0) += sent.failed as u64;
+        }
+        for &i in self.scratch.refused_sources() {
+            if let Some((_, from, _, _)) = self.plan.get(i) {
+                locals.retire(*from);
+            }
         }
         outbox.clear();
         // Keep a bounded pool of batch plans between passes.
@@ -393,6 +398,41 @@ mod tests {
         assert_eq!(shown, vec![(1, 2), (9, 2)]);
     }
 
+    /// A source the kernel refuses (no longer the host's) is retired: later datagrams to its
+    /// members leave from the address the route picks.
+    #[test]
+    fn a_source_the_kernel_refuses_is_retired() {
+        let socket = UdpSocket::bind("0.0.0.0:0".parse().unwrap()).unwrap();
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = peer.local_addr().unwrap();
+        let mut locals = Locals::default();
+        let gone = locals.id(Some(crate::local::LocalAddr {
+            ip: std::net::IpAddr::from([192, 0, 2, 77]),
+            ifindex: 0,
+        }));
+        assert!(locals.get(gone).is_some());
+        let mut out = Outbox::default();
+        let one = chat(&mut out, "one");
+        out.send_to_member(to, gone, one, 1, 0);
+        let mut metrics = Metrics::default();
+        let mut sender = Sender::new(65507);
+        sender.send_all(&socket, &mut out, &mut locals, &mut metrics);
+        assert_eq!(metrics.datagrams_sent, 1, "it left without the source");
+        assert!(metrics.send_errors.is_empty());
+        assert_eq!(locals.get(gone), None);
+        let one = chat(&mut out, "one");
+        out.send_to_member(to, gone, one, 1, 0);
+        sender.send_all(&socket, &mut out, &mut locals, &mut metrics);
+        assert_eq!(metrics.datagrams_sent, 2);
+        let mut buf = [0u8; 16];
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        for _ in 0..2 {
+            let (_, from) = peer.recv_from(&mut buf).unwrap();
+            assert_eq!(from.ip(), std::net::IpAddr::from([127, 0, 0, 1]));
+        }
+    }
+
     #[test]
     fn deliveries_count_the_datagrams_that_left_not_a_prefix_of_the_plan() {
         // A destination the kernel refuses on its own (port 0: EINVAL) sits between a plain
@@ -408,7 +448,7 @@ mod tests {
             out.send_to_member(to, LocalId::ANY, one.clone(), 5, 4096);
         }
         let mut metrics = Metrics::default();
-        Sender::new(65507).send_all(&socket, &mut out, &Locals::default(), &mut metrics);
+        Sender::new(65507).send_all(&socket, &mut out, &mut Locals::default(), &mut metrics);
         assert_eq!(metrics.datagrams_sent, 2);
         assert_eq!(metrics.send_errors.get("other"), Some(&1));
         // One plain message and three in the batch reached the kernel; the refused one did not.

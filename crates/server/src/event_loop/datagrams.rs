@@ -43,10 +43,10 @@ impl Server {
                 let Some((src, bytes)) = self.receiver.datagram(i) else {
                     continue;
                 };
-                let local = self.locals.id(self.receiver.arrived_at(i));
+                let arrival = self.receiver.arrived_at(i);
                 let handled =
                     self.registry
-                        .handle_datagram(src, local, bytes, now, &mut self.outbox);
+                        .handle_datagram(src, arrival, bytes, now, &mut self.outbox);
                 account(
                     &mut self.metrics,
                     &mut self.drop_log,
@@ -79,8 +79,12 @@ impl Server {
 
     pub(super) fn flush_outbox(&mut self) {
         if !self.outbox.is_empty() {
-            self.sender
-                .send_all(&self.udp, &mut self.outbox, &self.locals, &mut self.metrics);
+            self.sender.send_all(
+                &self.udp,
+                &mut self.outbox,
+                self.registry.locals_mut(),
+                &mut self.metrics,
+            );
         }
     }
 

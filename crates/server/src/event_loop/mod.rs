@@ -39,7 +39,6 @@ use slab::Slab;
 use crate::config::{Config, Overrides};
 use crate::conn::{Conn, Kind, ReadUntil};
 use crate::error::Error;
-use crate::local::Locals;
 use crate::metrics::Metrics;
 use crate::mmsg;
 use crate::notify::Notifier;
@@ -141,9 +140,6 @@ pub struct Server {
     metrics: Metrics,
     notifier: Notifier,
     receiver: mmsg::Receiver,
-    /// Our addresses that datagrams arrived at, numbered (a socket bound to a wildcard
-    /// address answers each member from the one it registered with).
-    locals: Locals,
     udp_ready: bool,
     /// Whether accepted TCRP connections get TCP_NODELAY from the listener: `None` until the
     /// first accepted connection is checked; `Some(false)` when the listener refused the

@@ -20,7 +20,7 @@ use super::{
 };
 use crate::config::{Config, Overrides};
 use crate::error::Error;
-use crate::local::{self, Locals};
+use crate::local;
 use crate::metrics::Metrics;
 use crate::notify::{self, Notifier};
 use crate::outbox::Outbox;
@@ -180,7 +180,6 @@ impl Server {
             metrics: Metrics::new(),
             notifier: Notifier::from_env(),
             receiver: mmsg::Receiver::new(RECV_BUF_LEN),
-            locals: Locals::default(),
             udp_ready: true,
             nodelay_inherited,
             revisit: Vec::new(),

@@ -11,18 +11,18 @@ use ucrp::Message;
 
 use super::tombstones::Gone;
 use super::{DropReason, Handled, Registry};
-use crate::local::LocalId;
+use crate::local::LocalAddr;
 use crate::outbox::Outbox;
 use crate::record::Record;
 use crate::token::Short;
 
 impl Registry {
-    /// Decides what to do with one datagram from `src`, sent to our address `local`
-    /// ([`LocalId::ANY`] when the socket does not say, being bound to one address).
+    /// Decides what to do with one datagram from `src`, sent to our address `arrival` (`None`
+    /// when the socket does not say, being bound to one address).
     pub fn handle_datagram(
         &mut self,
         src: SocketAddr,
-        local: LocalId,
+        arrival: Option<LocalAddr>,
         bytes: &[u8],
         now: Instant,
         out: &mut Outbox,
@@ -32,12 +32,14 @@ impl Registry {
             Err(e) => return Handled::Dropped(DropReason::Malformed(e.reason())),
         };
         let Some(id) = self.find_token(datagram.token) else {
-            return self.unknown_token(src, local, bytes.len(), datagram.token, now, out);
+            return self.unknown_token(src, arrival, bytes.len(), datagram.token, now, out);
         };
-        let member = &mut self.members[id.0];
-        if *self.rooms[member.room.0].name.as_bytes() != *datagram.room_name {
+        if *self.rooms[self.members[id.0].room.0].name.as_bytes() != *datagram.room_name {
             return Handled::Dropped(DropReason::WrongRoom);
         }
+        // Numbered only for a live token of the room: nobody without one can fill the table.
+        let local = self.locals.id(arrival);
+        let member = &mut self.members[id.0];
         match datagram.message {
             Message::Register => {
                 // A REGISTER from the member's own address moves nothing: it is a keepalive,
@@ -90,6 +92,9 @@ impl Registry {
             }
             Message::Chat(text) => {
                 member.last_seen = now;
+                // Chat too: after a restart (the address is not saved) a member that speaks
+                // before its next keepalive is heard from the right address at once.
+                member.local = local;
                 // The original client reads 4096 bytes: a longer relay would reach it cut,
                 // perhaps inside a UTF-8 character. (Sequenced frames add 10 bytes; clients
                 // that ask for them read more.)
@@ -114,7 +119,7 @@ impl Registry {
     fn unknown_token(
         &mut self,
         src: SocketAddr,
-        local: LocalId,
+        arrival: Option<LocalAddr>,
         len: usize,
         token: &[u8],
         now: Instant,
@@ -136,6 +141,7 @@ impl Registry {
         {
             debug!("dead token {} from {src}: told", Short::of(token));
             let bytes = out.payload(|b| b.extend_from_slice(&reply));
+            let local = self.locals.id(arrival);
             out.send(src, local, bytes);
             return Handled::ClosedReply;
         }

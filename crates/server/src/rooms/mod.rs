@@ -46,6 +46,7 @@ use hashbrown::HashTable;
 use rand::RngCore;
 use slab::Slab;
 
+use crate::local::Locals;
 use crate::record::Record;
 use crate::token::Token;
 use index::IndexHasher;
@@ -257,6 +258,9 @@ pub struct Registry {
     wall_clock: Option<(Instant, f64)>,
     /// The room key a budgeted history checkpoint stopped at; the next one starts there.
     checkpoint_cursor: usize,
+    /// Our addresses that datagrams with a live token came to, numbered: each member is sent
+    /// from the one it last registered or chatted with (a socket bound to a wildcard address).
+    locals: Locals,
 }
 
 impl Registry {
@@ -277,7 +281,14 @@ impl Registry {
             scratch: Vec::new(),
             wall_clock: None,
             checkpoint_cursor: 0,
+            locals: Locals::default(),
         }
+    }
+
+    /// The numbered local addresses the outbox's sends name as sources, for the sender: it
+    /// reads them, and retires those the kernel refuses.
+    pub fn locals_mut(&mut self) -> &mut Locals {
+        &mut self.locals
     }
 
     /// Tells the registry which wall-clock time (Unix seconds) `now` is, so history entries

@@ -1,7 +1,7 @@
 //! The registry's unit tests: pure, no socket.
 
 use super::*;
-use crate::local::{LocalAddr, LocalId, Locals};
+use crate::local::LocalAddr;
 use crate::outbox::Outbox;
 use crate::record::{HistoryEntry, MemberRecord};
 use crate::store::State;
@@ -38,13 +38,7 @@ fn register(
     now: Instant,
     out: &mut Outbox,
 ) -> Handled {
-    reg.handle_datagram(
-        from,
-        LocalId::ANY,
-        &dgram("r", token, "__REGISTER__"),
-        now,
-        out,
-    )
+    reg.handle_datagram(from, None, &dgram("r", token, "__REGISTER__"), now, out)
 }
 
 /// The sends of an outbox as (destination, decoded delivery) pairs, rendered as text.
@@ -118,13 +112,7 @@ fn room_of_three() -> Room3 {
         .unwrap()
         .token;
     for (t, p) in [(&host, 1), (&bob, 2), (&cy, 3)] {
-        let h = reg.handle_datagram(
-            addr(p),
-            LocalId::ANY,
-            &dgram("r", t, "__REGISTER__"),
-            now,
-            &mut out,
-        );
+        let h = reg.handle_datagram(addr(p), None, &dgram("r", t, "__REGISTER__"), now, &mut out);
         assert_eq!(h, Handled::Registered { changed: true });
     }
     assert!(out.is_empty(), "original clients get no notices");
@@ -205,7 +193,7 @@ fn a_username_is_taken_per_room_and_free_again_once_its_member_is_gone() {
     // A member that left frees its name in its room.
     let h = t.reg.handle_datagram(
         addr(2),
-        LocalId::ANY,
+        None,
         &dgram("r", &t.bob, "__LEAVE__"),
         t.now,
         &mut out,
@@ -216,7 +204,7 @@ fn a_username_is_taken_per_room_and_free_again_once_its_member_is_gone() {
     // A closed room frees every name, also for a new room that takes its slot.
     let h = t.reg.handle_datagram(
         addr(1),
-        LocalId::ANY,
+        None,
         &dgram("r", &t.host, "__LEAVE__"),
         t.now,
         &mut out,
@@ -261,7 +249,7 @@ fn notices_follow_who_in_the_room_asked_for_them_as_members_come_and_go() {
     check_indexes(&reg);
     reg.handle_datagram(
         addr(3),
-        LocalId::ANY,
+        None,
         &dgram("r", &plain, "__LEAVE__"),
         now,
         &mut out,
@@ -271,7 +259,7 @@ fn notices_follow_who_in_the_room_asked_for_them_as_members_come_and_go() {
     check_indexes(&reg);
     reg.handle_datagram(
         addr(2),
-        LocalId::ANY,
+        None,
         &dgram("r", &rich, "__LEAVE__"),
         now,
         &mut out,
@@ -292,13 +280,9 @@ fn notices_follow_who_in_the_room_asked_for_them_as_members_come_and_go() {
 fn chat_is_relayed_to_the_others_and_not_echoed() {
     let mut t = room_of_three();
     let mut out = Outbox::default();
-    let h = t.reg.handle_datagram(
-        addr(2),
-        LocalId::ANY,
-        &dgram("r", &t.bob, "hello"),
-        t.now,
-        &mut out,
-    );
+    let h = t
+        .reg
+        .handle_datagram(addr(2), None, &dgram("r", &t.bob, "hello"), t.now, &mut out);
     assert_eq!(h, Handled::Relayed { deliveries: 2 });
     assert_eq!(
         sent(&out),
@@ -323,7 +307,7 @@ fn chat_that_would_relay_past_4096_bytes_is_dropped_not_cut() {
         .token;
     let h = t.reg.handle_datagram(
         addr(4),
-        LocalId::ANY,
+        None,
         &dgram("r", &token, "__REGISTER__"),
         t.now,
         &mut out,
@@ -331,25 +315,17 @@ fn chat_that_would_relay_past_4096_bytes_is_dropped_not_cut() {
     assert_eq!(h, Handled::Registered { changed: true });
     // 1 + 100 + 3995 = 4096: the largest relay, sent whole.
     let fits = "x".repeat(3995);
-    let h = t.reg.handle_datagram(
-        addr(4),
-        LocalId::ANY,
-        &dgram("r", &token, &fits),
-        t.now,
-        &mut out,
-    );
+    let h = t
+        .reg
+        .handle_datagram(addr(4), None, &dgram("r", &token, &fits), t.now, &mut out);
     assert_eq!(h, Handled::Relayed { deliveries: 3 });
     assert_eq!(out.sends.len(), 3);
     assert!(out.sends.iter().all(|s| out.bytes_of(s).len() == 4096));
     let mut out = Outbox::default();
     let over = "x".repeat(3996);
-    let h = t.reg.handle_datagram(
-        addr(4),
-        LocalId::ANY,
-        &dgram("r", &token, &over),
-        t.now,
-        &mut out,
-    );
+    let h = t
+        .reg
+        .handle_datagram(addr(4), None, &dgram("r", &token, &over), t.now, &mut out);
     assert_eq!(h, Handled::Dropped(DropReason::TooLargeToRelay));
     assert!(out.is_empty());
 }
@@ -358,34 +334,22 @@ fn chat_that_would_relay_past_4096_bytes_is_dropped_not_cut() {
 fn drops_wrong_room_unknown_token_and_foreign_address() {
     let mut t = room_of_three();
     let mut out = Outbox::default();
-    let h = t.reg.handle_datagram(
-        addr(2),
-        LocalId::ANY,
-        &dgram("other", &t.bob, "x"),
-        t.now,
-        &mut out,
-    );
+    let h = t
+        .reg
+        .handle_datagram(addr(2), None, &dgram("other", &t.bob, "x"), t.now, &mut out);
     assert_eq!(h, Handled::Dropped(DropReason::WrongRoom));
     let fake = Token::from_stored("00000000000000000000000000000000");
-    let h = t.reg.handle_datagram(
-        addr(2),
-        LocalId::ANY,
-        &dgram("r", &fake, "x"),
-        t.now,
-        &mut out,
-    );
+    let h = t
+        .reg
+        .handle_datagram(addr(2), None, &dgram("r", &fake, "x"), t.now, &mut out);
     assert_eq!(h, Handled::Dropped(DropReason::UnknownToken));
-    let h = t.reg.handle_datagram(
-        addr(9),
-        LocalId::ANY,
-        &dgram("r", &t.bob, "x"),
-        t.now,
-        &mut out,
-    );
+    let h = t
+        .reg
+        .handle_datagram(addr(9), None, &dgram("r", &t.bob, "x"), t.now, &mut out);
     assert_eq!(h, Handled::Dropped(DropReason::AddressMismatch));
     let h = t.reg.handle_datagram(
         addr(9),
-        LocalId::ANY,
+        None,
         &dgram("r", &t.bob, "__LEAVE__"),
         t.now,
         &mut out,
@@ -393,7 +357,7 @@ fn drops_wrong_room_unknown_token_and_foreign_address() {
     assert_eq!(h, Handled::Dropped(DropReason::AddressMismatch));
     let h = t
         .reg
-        .handle_datagram(addr(2), LocalId::ANY, b"\x01", t.now, &mut out);
+        .handle_datagram(addr(2), None, b"\x01", t.now, &mut out);
     assert_eq!(h, Handled::Dropped(DropReason::Malformed("too_short")));
     assert!(out.is_empty());
 }
@@ -407,22 +371,14 @@ fn unregistered_member_cannot_chat() {
         .join_room("r", &Request::original("dee"), HERE, t.now, &mut out)
         .unwrap()
         .token;
-    let h = t.reg.handle_datagram(
-        addr(4),
-        LocalId::ANY,
-        &dgram("r", &dee, "hi"),
-        t.now,
-        &mut out,
-    );
+    let h = t
+        .reg
+        .handle_datagram(addr(4), None, &dgram("r", &dee, "hi"), t.now, &mut out);
     assert_eq!(h, Handled::Dropped(DropReason::Unregistered));
     // Relays skip it until it registers.
-    let h = t.reg.handle_datagram(
-        addr(1),
-        LocalId::ANY,
-        &dgram("r", &t.host, "hi"),
-        t.now,
-        &mut out,
-    );
+    let h = t
+        .reg
+        .handle_datagram(addr(1), None, &dgram("r", &t.host, "hi"), t.now, &mut out);
     assert_eq!(h, Handled::Relayed { deliveries: 2 });
 }
 
@@ -433,7 +389,7 @@ fn register_from_a_new_address_rebinds() {
     t.reg.take_records();
     let h = t.reg.handle_datagram(
         addr(2),
-        LocalId::ANY,
+        None,
         &dgram("r", &t.bob, "__REGISTER__"),
         t.now,
         &mut out,
@@ -442,20 +398,15 @@ fn register_from_a_new_address_rebinds() {
     assert!(!t.reg.has_records(), "a repeated REGISTER writes nothing");
     let h = t.reg.handle_datagram(
         addr(22),
-        LocalId::ANY,
+        None,
         &dgram("r", &t.bob, "__REGISTER__"),
         t.now,
         &mut out,
     );
     assert_eq!(h, Handled::Registered { changed: true });
     assert_eq!(t.reg.take_records().len(), 1);
-    t.reg.handle_datagram(
-        addr(1),
-        LocalId::ANY,
-        &dgram("r", &t.host, "hi"),
-        t.now,
-        &mut out,
-    );
+    t.reg
+        .handle_datagram(addr(1), None, &dgram("r", &t.host, "hi"), t.now, &mut out);
     assert!(sent(&out).contains(&(addr(22), "host: hi".into())));
 }
 
@@ -498,13 +449,7 @@ fn with_the_join_ip_guard_a_register_must_come_from_the_ip_that_joined() {
     // Once registered, a forged REGISTER cannot move the member either.
     let moved = register(&mut reg, elsewhere(2), &bob, now, &mut out);
     assert_eq!(moved, Handled::Dropped(DropReason::NotJoinIp));
-    reg.handle_datagram(
-        addr(1),
-        LocalId::ANY,
-        &dgram("r", &host, "hi"),
-        now,
-        &mut out,
-    );
+    reg.handle_datagram(addr(1), None, &dgram("r", &host, "hi"), now, &mut out);
     assert_eq!(sent(&out), vec![(addr(2), "host: hi".to_owned())]);
 
     // Without the guard (the default, as the original server) the same REGISTER rebinds.
@@ -559,7 +504,7 @@ fn the_join_ip_is_kept_in_the_state_and_guessed_for_files_that_lack_it() {
     );
     let h = reg.handle_datagram(
         from([10, 0, 0, 7], 1),
-        LocalId::ANY,
+        None,
         &dgram("r", &host, "__REGISTER__"),
         now,
         &mut out,
@@ -571,7 +516,7 @@ fn the_join_ip_is_kept_in_the_state_and_guessed_for_files_that_lack_it() {
     let mut reg = Registry::from_state(&old, guarded, rng(), now);
     let h = reg.handle_datagram(
         from([10, 9, 9, 9], 2),
-        LocalId::ANY,
+        None,
         &dgram("r", &bob, "__REGISTER__"),
         now,
         &mut out,
@@ -664,8 +609,9 @@ fn create_refusal_names_what_create_room_would_refuse() {
 }
 
 /// On a socket bound to a wildcard address, each member is sent what it hears from the
-/// address of ours its last `__REGISTER__` came to (a keepalive to another one moves it), and
-/// a late datagram with a dead token is answered from the address it came to.
+/// address of ours its last `__REGISTER__` or chat came to (a keepalive to another one moves
+/// it), and a late datagram with a dead token is answered from the address it came to. Only
+/// datagrams with a live token of the room number an address.
 #[test]
 fn members_hear_the_room_from_the_address_they_registered_with() {
     let Room3 {
@@ -675,43 +621,60 @@ fn members_hear_the_room_from_the_address_they_registered_with() {
         cy,
         now,
     } = room_of_three();
-    let mut locals = Locals::default();
-    let mut ours = |last: u8| {
-        locals.id(Some(LocalAddr {
+    let ours = |last: u8| {
+        Some(LocalAddr {
             ip: IpAddr::from([192, 0, 2, last]),
             ifindex: 1,
-        }))
+        })
     };
-    let (first, second) = (ours(1), ours(2));
+    let ip_of = |reg: &mut Registry, out: &Outbox| -> Vec<(u16, Option<IpAddr>)> {
+        out.sends
+            .iter()
+            .map(|s| (s.to.port(), reg.locals_mut().get(s.from).map(|l| l.ip)))
+            .collect()
+    };
+    let (first, second) = (
+        Some(IpAddr::from([192, 0, 2, 1])),
+        Some(IpAddr::from([192, 0, 2, 2])),
+    );
     let mut out = Outbox::default();
-    for (token, port, local) in [(&bob, 2, first), (&cy, 3, second)] {
+    // A stranger's datagram to a third address numbers nothing.
+    let forged = dgram("r", &Token::from_stored(&"ff".repeat(16)), "__REGISTER__");
+    reg.handle_datagram(addr(9), ours(3), &forged, now, &mut out);
+    assert_eq!(reg.locals_mut().len(), 0);
+    for (token, port, local) in [(&bob, 2, ours(1)), (&cy, 3, ours(2))] {
         let keepalive = dgram("r", token, "__REGISTER__");
         let h = reg.handle_datagram(addr(port), local, &keepalive, now, &mut out);
         assert_eq!(h, Handled::Registered { changed: false });
     }
-    let from_of = |out: &Outbox| -> Vec<(u16, LocalId)> {
-        out.sends.iter().map(|s| (s.to.port(), s.from)).collect()
-    };
     let chat = dgram("r", &host, "hi");
-    reg.handle_datagram(addr(1), LocalId::ANY, &chat, now, &mut out);
-    assert_eq!(from_of(&out), [(2, first), (3, second)]);
+    reg.handle_datagram(addr(1), None, &chat, now, &mut out);
+    assert_eq!(ip_of(&mut reg, &out), [(2, first), (3, second)]);
     // Bob's keepalive now reaches our second address: so does what he hears.
     out.clear();
     let keepalive = dgram("r", &bob, "__REGISTER__");
-    reg.handle_datagram(addr(2), second, &keepalive, now, &mut out);
-    reg.handle_datagram(addr(1), LocalId::ANY, &chat, now, &mut out);
-    assert_eq!(from_of(&out), [(2, second), (3, second)]);
+    reg.handle_datagram(addr(2), ours(2), &keepalive, now, &mut out);
+    reg.handle_datagram(addr(1), None, &chat, now, &mut out);
+    assert_eq!(ip_of(&mut reg, &out), [(2, second), (3, second)]);
+    // Cy chats to our first address: she is answered from there (a restart forgets it).
+    out.clear();
+    reg.handle_datagram(addr(3), ours(1), &dgram("r", &cy, "hello"), now, &mut out);
+    reg.handle_datagram(addr(1), None, &chat, now, &mut out);
+    assert_eq!(
+        ip_of(&mut reg, &out),
+        [(1, None), (2, second), (2, second), (3, first)]
+    );
     // The host leaves: the closure leaves from each member's address too.
     out.clear();
     let leave = dgram("r", &host, "__LEAVE__");
-    reg.handle_datagram(addr(1), LocalId::ANY, &leave, now, &mut out);
-    assert_eq!(from_of(&out), [(2, second), (3, second)]);
-    // A late datagram with cy's dead token, to our first address, is answered from there.
+    reg.handle_datagram(addr(1), None, &leave, now, &mut out);
+    assert_eq!(ip_of(&mut reg, &out), [(2, second), (3, first)]);
+    // A late datagram with cy's dead token, to our second address, is answered from there.
     out.clear();
     let late = dgram("r", &cy, "still here?");
-    let h = reg.handle_datagram(addr(3), first, &late, now, &mut out);
+    let h = reg.handle_datagram(addr(3), ours(2), &late, now, &mut out);
     assert_eq!(h, Handled::ClosedReply);
-    assert_eq!(from_of(&out), [(3, first)]);
+    assert_eq!(ip_of(&mut reg, &out), [(3, second)]);
 }
 
 #[test]
@@ -720,7 +683,7 @@ fn member_leave_then_host_leave_closes_the_room() {
     let mut out = Outbox::default();
     let h = t.reg.handle_datagram(
         addr(3),
-        LocalId::ANY,
+        None,
         &dgram("r", &t.cy, "__LEAVE__"),
         t.now,
         &mut out,
@@ -729,7 +692,7 @@ fn member_leave_then_host_leave_closes_the_room() {
     assert!(out.is_empty());
     let h = t.reg.handle_datagram(
         addr(1),
-        LocalId::ANY,
+        None,
         &dgram("r", &t.host, "__LEAVE__"),
         t.now,
         &mut out,
@@ -754,15 +717,14 @@ fn a_member_that_left_a_live_room_is_not_told_the_room_closed() {
     let mut out = Outbox::default();
     t.reg.handle_datagram(
         addr(3),
-        LocalId::ANY,
+        None,
         &dgram("r", &t.cy, "__LEAVE__"),
         t.now,
         &mut out,
     );
     let late = dgram("r", &t.cy, "still there?");
     assert_eq!(
-        t.reg
-            .handle_datagram(addr(3), LocalId::ANY, &late, t.now, &mut out),
+        t.reg.handle_datagram(addr(3), None, &late, t.now, &mut out),
         Handled::Dropped(DropReason::UnknownToken)
     );
     assert!(out.is_empty());
@@ -775,7 +737,7 @@ fn tombstoned_token_gets_room_closed_once_per_interval() {
     let mut out = Outbox::default();
     t.reg.handle_datagram(
         addr(1),
-        LocalId::ANY,
+        None,
         &dgram("r", &t.host, "__LEAVE__"),
         t.now,
         &mut out,
@@ -783,8 +745,7 @@ fn tombstoned_token_gets_room_closed_once_per_interval() {
     out.clear();
     let late = dgram("r", &t.bob, "anyone?");
     assert_eq!(
-        t.reg
-            .handle_datagram(addr(2), LocalId::ANY, &late, t.now, &mut out),
+        t.reg.handle_datagram(addr(2), None, &late, t.now, &mut out),
         Handled::ClosedReply
     );
     assert_eq!(sent(&out), vec![(addr(2), "CLOSED".into())]);
@@ -792,7 +753,7 @@ fn tombstoned_token_gets_room_closed_once_per_interval() {
     assert_eq!(
         t.reg.handle_datagram(
             addr(2),
-            LocalId::ANY,
+            None,
             &late,
             t.now + Duration::from_millis(500),
             &mut out
@@ -802,7 +763,7 @@ fn tombstoned_token_gets_room_closed_once_per_interval() {
     assert_eq!(
         t.reg.handle_datagram(
             addr(2),
-            LocalId::ANY,
+            None,
             &late,
             t.now + Duration::from_secs(2),
             &mut out
@@ -813,8 +774,7 @@ fn tombstoned_token_gets_room_closed_once_per_interval() {
     let later = t.now + Duration::from_secs(3601);
     t.reg.poll_expired(later, &mut out);
     assert_eq!(
-        t.reg
-            .handle_datagram(addr(2), LocalId::ANY, &late, later, &mut out),
+        t.reg.handle_datagram(addr(2), None, &late, later, &mut out),
         Handled::Dropped(DropReason::UnknownToken)
     );
 }
@@ -852,20 +812,14 @@ fn keepalive_members_expire_and_original_members_never_do() {
         .unwrap()
         .token;
     for (t, p) in [(&host, 1), (&old, 2), (&quiet, 3)] {
-        reg.handle_datagram(
-            addr(p),
-            LocalId::ANY,
-            &dgram("r", t, "__REGISTER__"),
-            now,
-            &mut out,
-        );
+        reg.handle_datagram(addr(p), None, &dgram("r", t, "__REGISTER__"), now, &mut out);
     }
     out.clear();
     // At 25 s the host has sent keepalives; quiet has not.
     let t25 = now + Duration::from_secs(25);
     reg.handle_datagram(
         addr(1),
-        LocalId::ANY,
+        None,
         &dgram("r", &host, "__REGISTER__"),
         t25,
         &mut out,
@@ -897,13 +851,7 @@ fn an_expired_member_that_comes_back_is_told_if_it_reads_notices() {
         .unwrap()
         .token;
     for (t, p) in [(&host, 1), (&aware, 2), (&plain, 3)] {
-        reg.handle_datagram(
-            addr(p),
-            LocalId::ANY,
-            &dgram("r", t, "__REGISTER__"),
-            now,
-            &mut out,
-        );
+        reg.handle_datagram(addr(p), None, &dgram("r", t, "__REGISTER__"), now, &mut out);
     }
     let later = now + Duration::from_secs(10);
     assert_eq!(reg.poll_expired(later, &mut out), 2);
@@ -911,7 +859,7 @@ fn an_expired_member_that_comes_back_is_told_if_it_reads_notices() {
     // Back from sleep: the notice-aware member learns it was removed ("you": no name).
     let h = reg.handle_datagram(
         addr(2),
-        LocalId::ANY,
+        None,
         &dgram("r", &aware, "__REGISTER__"),
         later,
         &mut out,
@@ -921,7 +869,7 @@ fn an_expired_member_that_comes_back_is_told_if_it_reads_notices() {
     out.clear();
     let h = reg.handle_datagram(
         addr(3),
-        LocalId::ANY,
+        None,
         &dgram("r", &plain, "__REGISTER__"),
         later,
         &mut out,
@@ -934,7 +882,7 @@ fn an_expired_member_that_comes_back_is_told_if_it_reads_notices() {
     // hears of the room's closing only once the interval has passed.
     reg.handle_datagram(
         addr(1),
-        LocalId::ANY,
+        None,
         &dgram("r", &host, "__LEAVE__"),
         later,
         &mut out,
@@ -942,11 +890,11 @@ fn an_expired_member_that_comes_back_is_told_if_it_reads_notices() {
     out.clear();
     let closed = dgram("r", &host, "anyone?");
     let soon = later + Duration::from_millis(500);
-    let h = reg.handle_datagram(addr(2), LocalId::ANY, &closed, soon, &mut out);
+    let h = reg.handle_datagram(addr(2), None, &closed, soon, &mut out);
     assert_eq!(h, Handled::Dropped(DropReason::UnknownToken));
     assert!(out.is_empty());
     let after = later + Duration::from_secs(2);
-    let h = reg.handle_datagram(addr(2), LocalId::ANY, &closed, after, &mut out);
+    let h = reg.handle_datagram(addr(2), None, &closed, after, &mut out);
     assert_eq!(h, Handled::ClosedReply);
     assert_eq!(sent(&out), vec![(addr(2), "CLOSED".into())]);
 }
@@ -956,7 +904,7 @@ fn caps_members_get_sequenced_frames_and_notices() {
     let (mut reg, now, mut out, host) = room_r();
     reg.handle_datagram(
         addr(1),
-        LocalId::ANY,
+        None,
         &dgram("r", &host, "__REGISTER__"),
         now,
         &mut out,
@@ -972,7 +920,7 @@ fn caps_members_get_sequenced_frames_and_notices() {
         .token;
     reg.handle_datagram(
         addr(2),
-        LocalId::ANY,
+        None,
         &dgram("r", &rich_token, "__REGISTER__"),
         now,
         &mut out,
@@ -982,20 +930,8 @@ fn caps_members_get_sequenced_frames_and_notices() {
         .unwrap();
     assert_eq!(sent(&out), vec![(addr(2), "* late Joined".into())]);
     out.clear();
-    reg.handle_datagram(
-        addr(1),
-        LocalId::ANY,
-        &dgram("r", &host, "one"),
-        now,
-        &mut out,
-    );
-    reg.handle_datagram(
-        addr(1),
-        LocalId::ANY,
-        &dgram("r", &host, "two"),
-        now,
-        &mut out,
-    );
+    reg.handle_datagram(addr(1), None, &dgram("r", &host, "one"), now, &mut out);
+    reg.handle_datagram(addr(1), None, &dgram("r", &host, "two"), now, &mut out);
     assert_eq!(
         sent(&out),
         vec![
@@ -1019,23 +955,18 @@ fn chat_rate_limit_drops_and_refills() {
     let d = dgram("r", &t.bob, "x");
     let mut relayed = 0;
     for _ in 0..200 {
-        if let Handled::Relayed { .. } =
-            t.reg
-                .handle_datagram(addr(2), LocalId::ANY, &d, t.now, &mut out)
-        {
+        if let Handled::Relayed { .. } = t.reg.handle_datagram(addr(2), None, &d, t.now, &mut out) {
             relayed += 1;
         }
     }
     assert!(relayed <= 100, "burst bounded: {relayed}");
     assert_eq!(
-        t.reg
-            .handle_datagram(addr(2), LocalId::ANY, &d, t.now, &mut out),
+        t.reg.handle_datagram(addr(2), None, &d, t.now, &mut out),
         Handled::Dropped(DropReason::RateLimited)
     );
     let later = t.now + Duration::from_millis(150);
     assert!(matches!(
-        t.reg
-            .handle_datagram(addr(2), LocalId::ANY, &d, later, &mut out),
+        t.reg.handle_datagram(addr(2), None, &d, later, &mut out),
         Handled::Relayed { .. }
     ));
 }
@@ -1058,7 +989,7 @@ fn moving_the_address_takes_from_the_chat_allowance() {
         .map(|i| {
             let port = if i % 2 == 0 { 20 } else { 2 };
             t.reg
-                .handle_datagram(addr(port), LocalId::ANY, &register, t.now, &mut out)
+                .handle_datagram(addr(port), None, &register, t.now, &mut out)
         })
         .collect();
     let moved = moves
@@ -1078,7 +1009,7 @@ fn moving_the_address_takes_from_the_chat_allowance() {
     let here = if moved % 2 == 1 { 20 } else { 2 };
     assert_eq!(
         t.reg
-            .handle_datagram(addr(here), LocalId::ANY, &register, t.now, &mut out),
+            .handle_datagram(addr(here), None, &register, t.now, &mut out),
         Handled::Registered { changed: false }
     );
     // The allowance refills: a move is taken again 100 ms later.
@@ -1086,7 +1017,7 @@ fn moving_the_address_takes_from_the_chat_allowance() {
     let later = t.now + Duration::from_millis(150);
     assert_eq!(
         t.reg
-            .handle_datagram(addr(elsewhere), LocalId::ANY, &register, later, &mut out),
+            .handle_datagram(addr(elsewhere), None, &register, later, &mut out),
         Handled::Registered { changed: true }
     );
     // With no chat limit, moves are not limited either.
@@ -1098,7 +1029,7 @@ fn moving_the_address_takes_from_the_chat_allowance() {
         let port = if i % 2 == 0 { here } else { elsewhere };
         assert_eq!(
             t.reg
-                .handle_datagram(addr(port), LocalId::ANY, &register, later, &mut out),
+                .handle_datagram(addr(port), None, &register, later, &mut out),
             Handled::Registered { changed: true }
         );
     }
@@ -1163,13 +1094,9 @@ fn history_keeps_at_most_its_byte_budget_per_room() {
     // pushes the oldest out.
     for i in 1..=5 {
         let text = format!("{i}").repeat(3000);
-        let h = t.reg.handle_datagram(
-            addr(2),
-            LocalId::ANY,
-            &dgram("r", &t.bob, &text),
-            t.now,
-            &mut out,
-        );
+        let h = t
+            .reg
+            .handle_datagram(addr(2), None, &dgram("r", &t.bob, &text), t.now, &mut out);
         assert_eq!(h, Handled::Relayed { deliveries: 2 });
     }
     let token = t.cy.as_str().as_bytes();
@@ -1185,7 +1112,7 @@ fn history_keeps_at_most_its_byte_budget_per_room() {
     });
     t.reg.handle_datagram(
         addr(2),
-        LocalId::ANY,
+        None,
         &dgram("r", &t.bob, &"x".repeat(200)),
         t.now,
         &mut out,
@@ -1209,13 +1136,7 @@ fn rooms_of_two(reg: &mut Registry, rooms: &[&str], now: Instant, out: &mut Outb
             .unwrap()
             .token;
         for (t, p) in [(&host, port), (&guest, port + 10)] {
-            reg.handle_datagram(
-                addr(p),
-                LocalId::ANY,
-                &dgram(room, t, "__REGISTER__"),
-                now,
-                out,
-            );
+            reg.handle_datagram(addr(p), None, &dgram(room, t, "__REGISTER__"), now, out);
         }
         hosts.push(host);
     }
@@ -1261,7 +1182,7 @@ fn history_checkpoints_carry_only_new_messages_and_rebuild_the_same_history() {
         let text = "x".repeat(rng.gen_range(1..20));
         let h = reg.handle_datagram(
             addr(i as u16 + 1),
-            LocalId::ANY,
+            None,
             &dgram(rooms[i], &hosts[i], &text),
             now,
             &mut out,
@@ -1283,13 +1204,7 @@ fn history_checkpoints_carry_only_new_messages_and_rebuild_the_same_history() {
         assert_eq!(state.rooms[*room].next_seq, kept.last().unwrap().seq + 1);
     }
     // One more message in a full room: the checkpoint carries that message only.
-    reg.handle_datagram(
-        addr(1),
-        LocalId::ANY,
-        &dgram("a", &hosts[0], "last"),
-        now,
-        &mut out,
-    );
+    reg.handle_datagram(addr(1), None, &dgram("a", &hosts[0], "last"), now, &mut out);
     assert_eq!(reg.checkpoint_history(), 1);
     match reg.take_records().as_slice() {
         [Record::HistoryAppend { messages, .. }] => {
@@ -1315,7 +1230,7 @@ fn a_budgeted_checkpoint_writes_some_rooms_and_the_next_one_the_rest() {
         // 3000 + 1 bytes of history per room.
         let h = reg.handle_datagram(
             addr(port),
-            LocalId::ANY,
+            None,
             &dgram(room, host, &"x".repeat(3000)),
             now,
             &mut out,
@@ -1349,13 +1264,7 @@ fn a_budgeted_checkpoint_writes_some_rooms_and_the_next_one_the_rest() {
     // that call left out.
     for (port, room) in [(1, "a"), (2, "b"), (3, "c")] {
         let host = &hosts[port as usize - 1];
-        reg.handle_datagram(
-            addr(port),
-            LocalId::ANY,
-            &dgram(room, host, "again"),
-            now,
-            &mut out,
-        );
+        reg.handle_datagram(addr(port), None, &dgram(room, host, "again"), now, &mut out);
     }
     reg.take_records();
     let mut order = Vec::new();
@@ -1366,30 +1275,12 @@ fn a_budgeted_checkpoint_writes_some_rooms_and_the_next_one_the_rest() {
     // The previous call wrote every dirty room, so this round starts from the first room
     // (slab keys follow creation), one room per call.
     assert_eq!(order, ["a", "b", "c"]);
-    reg.handle_datagram(
-        addr(2),
-        LocalId::ANY,
-        &dgram("b", &hosts[1], "more"),
-        now,
-        &mut out,
-    );
-    reg.handle_datagram(
-        addr(1),
-        LocalId::ANY,
-        &dgram("a", &hosts[0], "more"),
-        now,
-        &mut out,
-    );
+    reg.handle_datagram(addr(2), None, &dgram("b", &hosts[1], "more"), now, &mut out);
+    reg.handle_datagram(addr(1), None, &dgram("a", &hosts[0], "more"), now, &mut out);
     reg.take_records();
     assert_eq!(reg.checkpoint_history_within(1), 1);
     assert_eq!(rooms_written(&mut reg), ["a"]);
-    reg.handle_datagram(
-        addr(1),
-        LocalId::ANY,
-        &dgram("a", &hosts[0], "more"),
-        now,
-        &mut out,
-    );
+    reg.handle_datagram(addr(1), None, &dgram("a", &hosts[0], "more"), now, &mut out);
     reg.take_records();
     assert_eq!(reg.checkpoint_history_within(1), 1);
     assert_eq!(
@@ -1415,7 +1306,7 @@ fn history_keeps_the_last_messages_and_pages_back() {
         let later = t.now + Duration::from_secs(i);
         t.reg.handle_datagram(
             addr(2),
-            LocalId::ANY,
+            None,
             &dgram("r", &t.bob, &format!("m{i}")),
             later,
             &mut out,
@@ -1541,19 +1432,13 @@ fn a_hostile_state_file_cannot_break_the_registry() {
     let h1 = Token::from_stored("h1");
     reg.handle_datagram(
         addr(1),
-        LocalId::ANY,
+        None,
         &dgram("seq", &h1, "__REGISTER__"),
         now,
         &mut out,
     );
     for _ in 0..3 {
-        let h = reg.handle_datagram(
-            addr(1),
-            LocalId::ANY,
-            &dgram("seq", &h1, "hi"),
-            now,
-            &mut out,
-        );
+        let h = reg.handle_datagram(addr(1), None, &dgram("seq", &h1, "hi"), now, &mut out);
         assert_eq!(h, Handled::Relayed { deliveries: 0 });
     }
 }
@@ -1607,7 +1492,7 @@ fn history_checkpoints_follow_the_messages_whatever_numbers_a_file_gave_them() {
     let mut out = Outbox::default();
     reg.handle_datagram(
         addr(1),
-        LocalId::ANY,
+        None,
         &dgram("r", &h1, "__REGISTER__"),
         now,
         &mut out,
@@ -1621,7 +1506,7 @@ fn history_checkpoints_follow_the_messages_whatever_numbers_a_file_gave_them() {
             .collect()
     };
     for (i, text) in ["a", "b", "c"].iter().enumerate() {
-        reg.handle_datagram(addr(1), LocalId::ANY, &dgram("r", &h1, text), now, &mut out);
+        reg.handle_datagram(addr(1), None, &dgram("r", &h1, text), now, &mut out);
         if i != 1 {
             assert_eq!(reg.checkpoint_history(), 1);
         }
@@ -1658,13 +1543,7 @@ fn sequence_numbers_are_checkpointed_with_history_off_too() {
         state.apply(&r);
     }
     for text in ["1", "2", "3"] {
-        reg.handle_datagram(
-            addr(1),
-            LocalId::ANY,
-            &dgram("a", &hosts[0], text),
-            now,
-            &mut out,
-        );
+        reg.handle_datagram(addr(1), None, &dgram("a", &hosts[0], text), now, &mut out);
     }
     assert_eq!(reg.checkpoint_history(), 1, "only the room that chatted");
     for r in reg.take_records() {
@@ -1687,13 +1566,7 @@ fn sequence_numbers_are_checkpointed_with_history_off_too() {
     // The restarted registry numbers the next message 4, not 1.
     let next_seq = |reg: &Registry| reg.rooms[reg.room_index["a"].0].next_seq;
     assert_eq!(next_seq(&reg), 4);
-    reg.handle_datagram(
-        addr(1),
-        LocalId::ANY,
-        &dgram("a", &hosts[0], "4"),
-        now,
-        &mut out,
-    );
+    reg.handle_datagram(addr(1), None, &dgram("a", &hosts[0], "4"), now, &mut out);
     assert_eq!(next_seq(&reg), 5);
 }
 
@@ -1714,21 +1587,9 @@ fn lower_history_limits_trim_at_once_and_the_next_checkpoint_trims_the_file() {
     let mut out = Outbox::default();
     let hosts = rooms_of_two(&mut reg, &["a", "b"], now, &mut out);
     for text in ["1", "2", "3", "4"] {
-        reg.handle_datagram(
-            addr(1),
-            LocalId::ANY,
-            &dgram("a", &hosts[0], text),
-            now,
-            &mut out,
-        );
+        reg.handle_datagram(addr(1), None, &dgram("a", &hosts[0], text), now, &mut out);
     }
-    reg.handle_datagram(
-        addr(2),
-        LocalId::ANY,
-        &dgram("b", &hosts[1], "x"),
-        now,
-        &mut out,
-    );
+    reg.handle_datagram(addr(2), None, &dgram("b", &hosts[1], "x"), now, &mut out);
     let mut state = State::default();
     // The (room, kept) of each record written; a trim carries no message.
     let checkpoint = |reg: &mut Registry, state: &mut State| -> Vec<(String, usize)> {
@@ -1849,7 +1710,7 @@ fn stored_names_that_fail_todays_check_are_kept() {
         let t = Token::from_stored(&format!("t{i}"));
         reg.handle_datagram(
             addr(i as u16 + 1),
-            LocalId::ANY,
+            None,
             &dgram("bad\nroom", &t, "__REGISTER__"),
             now,
             &mut out,
@@ -1858,7 +1719,7 @@ fn stored_names_that_fail_todays_check_are_kept() {
     let host = Token::from_stored("t0");
     let h = reg.handle_datagram(
         addr(1),
-        LocalId::ANY,
+        None,
         &dgram("bad\nroom", &host, "hi"),
         now,
         &mut out,
@@ -1911,16 +1772,10 @@ fn a_member_with_an_empty_stored_name_is_not_announced() {
         let token = |i: u16| Token::from_stored(&format!("t{i}"));
         for i in 0..3 {
             let bytes = dgram("r", &token(i), "__REGISTER__");
-            reg.handle_datagram(addr(i + 1), LocalId::ANY, &bytes, now, &mut out);
+            reg.handle_datagram(addr(i + 1), None, &bytes, now, &mut out);
         }
         out.clear();
-        reg.handle_datagram(
-            addr(2),
-            LocalId::ANY,
-            &dgram("r", &token(1), "hi"),
-            now,
-            &mut out,
-        );
+        reg.handle_datagram(addr(2), None, &dgram("r", &token(1), "hi"), now, &mut out);
         assert_eq!(
             sent(&out),
             vec![(addr(1), "#1 : hi".into()), (addr(3), "#1 : hi".into())]
@@ -1934,13 +1789,13 @@ fn a_member_with_an_empty_stored_name_is_not_announced() {
         } else {
             let bytes = dgram("r", &token(1), "__LEAVE__");
             assert_eq!(
-                reg.handle_datagram(addr(2), LocalId::ANY, &bytes, now, &mut out),
+                reg.handle_datagram(addr(2), None, &bytes, now, &mut out),
                 Handled::Left
             );
         }
         assert_eq!(sent(&out), vec![], "expired: {expires}");
         let bytes = dgram("r", &token(2), "__LEAVE__");
-        reg.handle_datagram(addr(3), LocalId::ANY, &bytes, later, &mut out);
+        reg.handle_datagram(addr(3), None, &bytes, later, &mut out);
         assert_eq!(sent(&out), vec![(addr(1), "* named Left".into())]);
     }
 }
@@ -1961,19 +1816,13 @@ fn fuzz_regression_next_seq_overflow() {
     let h = Token::from_stored("h");
     reg.handle_datagram(
         addr(1),
-        LocalId::ANY,
+        None,
         &dgram("r", &h, "__REGISTER__"),
         now,
         &mut out,
     );
     assert_eq!(
-        reg.handle_datagram(
-            addr(1),
-            LocalId::ANY,
-            &dgram("r", &h, "chat"),
-            now,
-            &mut out
-        ),
+        reg.handle_datagram(addr(1), None, &dgram("r", &h, "chat"), now, &mut out),
         Handled::Relayed { deliveries: 0 }
     );
 }
@@ -2024,7 +1873,7 @@ fn batch_limits_follow_max_datagram_and_survive_a_reload_checked() {
     for (t, p) in &tokens {
         reg.handle_datagram(
             addr(*p),
-            LocalId::ANY,
+            None,
             &dgram("r", t, "__REGISTER__"),
             now,
             &mut out,
@@ -2034,7 +1883,7 @@ fn batch_limits_follow_max_datagram_and_survive_a_reload_checked() {
         let mut out = Outbox::default();
         reg.handle_datagram(
             addr(1),
-            LocalId::ANY,
+            None,
             &dgram("r", &tokens[0].0, "hi"),
             now,
             &mut out,
@@ -2128,13 +1977,7 @@ fn a_registry_rebuilt_from_its_records_answers_as_the_live_one_through_random_se
                         _ => format!("m{step}"),
                     };
                     let from = addr(rng.gen_range(1..=PORTS));
-                    live.handle_datagram(
-                        from,
-                        LocalId::ANY,
-                        &dgram(room, &token, &text),
-                        now,
-                        &mut out,
-                    );
+                    live.handle_datagram(from, None, &dgram(room, &token, &text), now, &mut out);
                 }
                 8 => {
                     now += Duration::from_millis(rng.gen_range(0..2500));
@@ -2232,8 +2075,8 @@ fn a_registry_rebuilt_from_its_records_answers_as_the_live_one_through_random_se
             for port in 1..=PORTS {
                 let bytes = dgram(room, token, "after the restart");
                 let (mut a, mut b) = (Outbox::default(), Outbox::default());
-                let got = rebuilt.handle_datagram(addr(port), LocalId::ANY, &bytes, now, &mut b);
-                let want = live.handle_datagram(addr(port), LocalId::ANY, &bytes, now, &mut a);
+                let got = rebuilt.handle_datagram(addr(port), None, &bytes, now, &mut b);
+                let want = live.handle_datagram(addr(port), None, &bytes, now, &mut a);
                 assert_eq!(got, want, "seed {seed} port {port}");
                 assert_eq!(sent(&b), sent(&a), "seed {seed} port {port}");
             }
@@ -2296,10 +2139,8 @@ fn a_registry_whose_hashes_all_collide_answers_as_one_whose_hashes_do_not() {
                     let mut bytes = Vec::new();
                     ucrp::datagram::encode(to_room.as_bytes(), &token, text, &mut bytes).unwrap();
                     let from = addr(rng.gen_range(1..=4));
-                    let want =
-                        plain.handle_datagram(from, LocalId::ANY, &bytes, now, &mut want_out);
-                    let got =
-                        colliding.handle_datagram(from, LocalId::ANY, &bytes, now, &mut got_out);
+                    let want = plain.handle_datagram(from, None, &bytes, now, &mut want_out);
+                    let got = colliding.handle_datagram(from, None, &bytes, now, &mut got_out);
                     assert_eq!(got, want, "{context}");
                     assert_eq!(
                         colliding.is_member(to_room, &token),
@@ -2365,7 +2206,7 @@ fn rebuilt_from_state_keeps_rooms_tokens_and_addresses() {
     let mut out = Outbox::default();
     let h = reg.handle_datagram(
         addr(2),
-        LocalId::ANY,
+        None,
         &dgram("r", &t.bob, "still here"),
         t.now,
         &mut out,
@@ -2373,7 +2214,7 @@ fn rebuilt_from_state_keeps_rooms_tokens_and_addresses() {
     assert_eq!(h, Handled::Relayed { deliveries: 2 });
     let h = reg.handle_datagram(
         addr(1),
-        LocalId::ANY,
+        None,
         &dgram("r", &t.host, "__LEAVE__"),
         t.now,
         &mut out,
