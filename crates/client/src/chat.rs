@@ -32,7 +32,7 @@ use std::io::{self, BufRead, Read};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -399,8 +399,11 @@ fn send_text(session: &Session, own: &OwnSends, screen: &Mutex<Screen>, text: &s
 /// ([`OwnSends`]) before it leaves: the receiver takes the notes before it renders, so it
 /// cannot show a reply to our message (which the daemon numbers after it) before our
 /// message's number is known to be ours, and report that number as lost. The screen's lock
-/// is not taken unless the send fails: the receiver may hold it, blocked on a stalled
-/// standard output, and keepalives must still go out.
+/// is never waited for: the receiver may hold it, blocked on a stalled standard output, and
+/// keepalives must still go out. A failed send's complaint goes through the screen when it
+/// is free, and straight to standard error when it is not (in plain mode, the only one in
+/// which the receiver writes while holding it; the line editor's printing goes through a
+/// queue).
 fn send_own(
     own: &OwnSends,
     screen: &Mutex<Screen>,
@@ -415,7 +418,11 @@ fn send_own(
         Err(e) => format!("* message not sent: {e}"),
     };
     own.take_back();
-    lock(screen).err(&complaint);
+    match screen.try_lock() {
+        Ok(mut screen) => screen.err(&complaint),
+        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner().err(&complaint),
+        Err(TryLockError::WouldBlock) => to_stderr(&complaint),
+    }
 }
 
 /// What the input thread needs to act on typed lines: local commands are answered here,
@@ -1270,6 +1277,23 @@ mod tests {
         });
         assert_eq!(own.pending(), 1, "a failed send is taken back");
         assert_eq!(rec.lines(), ["err: * message not sent: refused"]);
+        // Failing while the screen is held, the complaint does not wait for it either.
+        let held = lock(&screen);
+        let (done_tx, done) = mpsc::channel();
+        thread::scope(|s| {
+            s.spawn(|| {
+                send_own(&own, &screen, session.max_message_len(), || {
+                    Err(io::Error::other("refused again"))
+                });
+                done_tx.send(()).unwrap();
+            });
+            assert!(
+                done.recv_timeout(Duration::from_secs(10)).is_ok(),
+                "the complaint waited for the screen"
+            );
+            drop(held);
+        });
+        assert_eq!(rec.lines().len(), 1, "it went straight to standard error");
     }
 
     #[test]

@@ -108,7 +108,9 @@ impl SeqTracker {
         }
         let lost = match self.last {
             Some(last) if seq > last => {
-                let gap = seq - last - 1;
+                // Numbers in the gap already shown (late ones from before a count that started
+                // again) are not lost.
+                let gap = seq - last - 1 - self.shown_between(last, seq);
                 let own = gap.min(self.own_unseen.len() as u64);
                 // At most OWN_REMEMBERED, so the count fits.
                 self.own_unseen.drain(..own as usize);
@@ -147,6 +149,22 @@ impl SeqTracker {
             self.own_unseen.pop_front();
         }
         self.own_unseen.push_back(now);
+    }
+
+    /// How many distinct numbers strictly between `low` and `high` were shown recently.
+    fn shown_between(&self, low: u64, high: u64) -> u64 {
+        if high - low < 2 {
+            return 0;
+        }
+        let mut shown: Vec<u64> = self
+            .recent
+            .iter()
+            .map(|&(seq, _)| seq)
+            .filter(|&seq| seq > low && seq < high)
+            .collect();
+        shown.sort_unstable();
+        shown.dedup();
+        shown.len() as u64
     }
 
     fn remember(&mut self, seq: u64, digest: u64) {
@@ -473,6 +491,15 @@ mod tests {
             late.observe(5, d("m5"), now),
             SeqVerdict::Deliver { lost: 1 }
         );
+
+        // 3 shown before a late 1 and then 2: 4 follows 3, nothing is lost.
+        let mut shuffled = SeqTracker::default();
+        for (seq, text) in [(3, "m3"), (1, "m1"), (2, "m2"), (4, "m4")] {
+            assert_eq!(
+                shuffled.observe(seq, d(text), now),
+                SeqVerdict::Deliver { lost: 0 }
+            );
+        }
 
         let mut again = SeqTracker::default();
         assert_eq!(
