@@ -60,7 +60,7 @@ impl Registry {
     }
 
     /// The hash of `username` in `room` in the name index.
-    pub(super) fn name_hash(&self, room: RoomId, username: &str) -> u64 {
+    fn name_hash(&self, room: RoomId, username: &str) -> u64 {
         name_key(&self.hasher, room, username)
     }
 

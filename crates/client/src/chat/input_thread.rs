@@ -1,0 +1,169 @@
+//! The input thread: typed lines read plainly from standard input, or through a `rustyline`
+//! editor when standard input and output are a terminal, with the terminal's mode put back
+//! however the chat ends.
+
+use std::io::{self, BufRead, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use log::{debug, warn};
+use rustyline::error::ReadlineError;
+use rustyline::DefaultEditor;
+
+use super::commands::{too_long, Commands};
+use super::{lock, Event};
+use crate::error::ClientError;
+use crate::feed::Feed;
+use crate::screen::{to_stderr, EditorPrinter, Screen};
+
+/// The line editor's prompt.
+const PROMPT: &str = "> ";
+
+/// The terminal mode as it was before the line editor ran, put back on drop.
+pub(super) struct TerminalGuard {
+    saved: Option<nix::sys::termios::Termios>,
+    /// Set while the editor waits for a line (the cursor is on the prompt line).
+    pub(super) reading: Arc<AtomicBool>,
+}
+
+impl TerminalGuard {
+    pub(super) fn save() -> TerminalGuard {
+        let saved = nix::sys::termios::tcgetattr(io::stdin())
+            .inspect_err(|e| debug!("cannot read the terminal mode: {e}"))
+            .ok();
+        TerminalGuard {
+            saved,
+            reading: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+impl Drop for TerminalGuard {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.saved {
+            use nix::sys::termios::{tcsetattr, SetArg};
+            if let Err(e) = tcsetattr(io::stdin(), SetArg::TCSADRAIN, saved) {
+                debug!("cannot restore the terminal mode: {e}");
+            }
+            if self.reading.load(Ordering::SeqCst) {
+                // Leave the prompt line, so the shell's prompt starts on a line of its own.
+                to_stderr("");
+            }
+        }
+    }
+}
+
+/// Starts the input thread. `reading` is set when the line editor is to be used (and is
+/// the flag the terminal guard reads).
+pub(super) fn spawn_input(
+    mut commands: Commands,
+    join_history: bool,
+    reading: Option<Arc<AtomicBool>>,
+) {
+    let spawned = thread::Builder::new().name("input".into()).spawn(move || {
+        let mut editor = reading.and_then(|reading| match start_editor(&commands.screen) {
+            Ok(editor) => Some((editor, reading)),
+            Err(e) => {
+                warn!("line editing unavailable, reading plain lines: {e}");
+                None
+            }
+        });
+        if join_history {
+            commands.show_recent_history();
+        }
+        let end = match &mut editor {
+            Some((editor, reading)) => read_edited(&mut commands, editor, reading),
+            None => read_lines(&mut commands, &mut io::stdin().lock()),
+        };
+        if let Some(event) = end {
+            let _ = commands.events.send(event);
+        }
+    });
+    if let Err(e) = spawned {
+        // Without input we can still receive; leaving is then up to a signal.
+        warn!("could not start the input thread: {e}");
+    }
+}
+
+/// A line editor with in-memory history, whose external printer becomes the screen's.
+fn start_editor(screen: &Mutex<Screen>) -> Result<DefaultEditor, ReadlineError> {
+    let mut editor = DefaultEditor::new()?;
+    let feed = Feed::start(editor.create_external_printer()?)?;
+    lock(screen).set_editor_printer(Box::new(EditorPrinter::new(feed)));
+    Ok(editor)
+}
+
+/// Acts on each line of `input`; returns the event that ends the input, or `None` when
+/// `/quit` already told the main loop. A line too long to be sent is skipped with a
+/// complaint, without ever being held whole.
+pub(super) fn read_lines(commands: &mut Commands, input: &mut impl BufRead) -> Option<Event> {
+    // The longest line that may be sent: a message escaped with one more '/', then "\r\n".
+    let limit = commands.max_message_len + 3;
+    let mut raw = Vec::new();
+    loop {
+        raw.clear();
+        match input
+            .by_ref()
+            .take(limit as u64)
+            .read_until(b'\n', &mut raw)
+        {
+            Ok(0) => return Some(Event::Eof),
+            Ok(n) if n == limit && raw.last() != Some(&b'\n') => {
+                if let Err(source) = input.skip_until(b'\n') {
+                    return Some(Event::Failed(ClientError::Io {
+                        context: "reading standard input",
+                        source,
+                    }));
+                }
+                commands.err(&too_long(commands.max_message_len));
+            }
+            Ok(_) => {
+                let line = String::from_utf8_lossy(&raw);
+                if !commands.handle_line(&line) {
+                    return None;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Some(Event::Failed(ClientError::Io {
+                    context: "reading standard input",
+                    source,
+                }))
+            }
+        }
+    }
+}
+
+/// The line editor's loop: Enter acts on the line, Ctrl+C and Ctrl+D leave.
+fn read_edited(
+    commands: &mut Commands,
+    editor: &mut DefaultEditor,
+    reading: &AtomicBool,
+) -> Option<Event> {
+    loop {
+        reading.store(true, Ordering::SeqCst);
+        let line = editor.readline(PROMPT);
+        reading.store(false, Ordering::SeqCst);
+        match line {
+            Ok(line) => {
+                if !line.trim().is_empty() {
+                    if let Err(e) = editor.add_history_entry(line.as_str()) {
+                        debug!("line not kept in the history: {e}");
+                    }
+                }
+                if !commands.handle_line(&line) {
+                    return None;
+                }
+            }
+            Err(ReadlineError::Interrupted) => return Some(Event::Quit),
+            Err(ReadlineError::Eof) => return Some(Event::Eof),
+            Err(e) => {
+                return Some(Event::Failed(ClientError::Io {
+                    context: "reading the terminal",
+                    source: io::Error::other(e.to_string()),
+                }))
+            }
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! The UDP half of a session: register, chat, keep alive, leave; and the chat's commands.
+//!
+//! [`Session`] owns the UDP socket and turns text into datagrams with [`ucrp::datagram`].
+//! [`run`] is the chat loop. Three helper threads feed one channel of [`Event`]s and the main
+//! thread alone decides what to send:
+//! - the *receiver* reads datagrams, ignores any whose source is not the server, hands them
+//!   to the shared [`Screen`] (which renders and prints them) and reports the room's closing;
+//! - the *input thread* reads typed lines, either line by line from standard input or, when
+//!   standard input and output are a terminal, through a `rustyline` editor whose external
+//!   printer keeps incoming messages above the line being typed. It answers the local
+//!   commands itself (`/help`, `/who`, `/history`), each query on a short-lived TCP
+//!   connection, so neither the receiver nor the keepalive waits on one; chat text and
+//!   `/quit` go to the main thread. On `ocm join` it first fetches the recent history and
+//!   releases the screen, which held the live messages meanwhile;
+//! - the *signal watcher* reports SIGINT, SIGTERM, SIGHUP and SIGQUIT, so that Ctrl+C,
+//!   `kill`, a closed terminal and Ctrl+\\ all leave the room properly instead of waiting for
+//!   the server's timeout (an `--original` member has none: it would stay until the room
+//!   closed).
+//!
+//! Two more kinds of thread are short-lived: before a notice that the room closed is believed,
+//! a *checker* asks the server over TCP ([`closure`]) and reports its verdict as an event, so
+//! a server slow to answer holds up neither the chat nor `/quit`; and once, shortly after
+//! registering, a *reach check* asks the server whether it hears our datagrams at all
+//! ([`reach`](crate::reach)), and warns if it does not.
+//!
+//! The keepalive needs no thread: the main loop waits on the channel no longer than the next
+//! keepalive is due, then resends `__REGISTER__`, which also re-teaches a restarted daemon
+//! our address. Every way out sends `__LEAVE__` except the room's closing, where the room is
+//! already gone.
+//!
+//! The work is split by thread: this module is the main loop (`run`) and what it does itself
+//! (sending, keepalives, the end of the session); `session` is the UDP endpoint; `receiver`
+//! the receiver thread; `input_thread` the input thread and the line editor; `commands` the
+//! local commands it answers; `checks` what is asked of the server over TCP during a chat.
+
+mod checks;
+mod commands;
+mod input_thread;
+mod receiver;
+mod session;
+
+pub use session::Session;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
+use signal_hook::iterator::Signals;
+use ucrp::datagram::REGISTER;
+
+use crate::closure;
+use crate::error::ClientError;
+use crate::handshake::Verb;
+use crate::query::HistoryPager;
+use crate::render::printable_name;
+use crate::screen::{to_stderr, OwnSends, PlainPrinter, Screen};
+use checks::{end_on, settle, spawn_reach_check, Checker};
+use commands::{too_long, Commands};
+use input_thread::{spawn_input, TerminalGuard};
+use receiver::spawn_receiver;
+
+/// Events the main loop may have waiting. Bounded, so that piped input waits for the sends
+/// instead of queueing without end, and a signal or `/quit` is acted on after at most this
+/// many sends, not after the whole pipe.
+const EVENT_QUEUE: usize = 64;
+
+/// What the helper threads tell the main loop.
+#[derive(Debug)]
+enum Event {
+    /// Chat text to send to the room.
+    Send(String),
+    /// `/quit`, Ctrl+C or Ctrl+D in the line editor.
+    Quit,
+    /// Standard input reached its end.
+    Eof,
+    /// A termination signal arrived.
+    Signal(i32),
+    /// A datagram said that the room closed or that we timed out (printed, or kept until
+    /// the closure is believed).
+    RoomClosed,
+    /// The server's answer to a closure check ([`Checker`]).
+    Verdict(closure::Verdict),
+    /// A helper thread hit an error it cannot go on after.
+    Failed(ClientError),
+}
+
+/// How a chat runs, beyond the session itself.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Whether the room was created or joined (for the greeting line).
+    pub verb: Verb,
+    /// The member's name (for the greeting line).
+    pub username: String,
+    /// Time between keepalives.
+    pub keepalive: Duration,
+    /// The daemon's TCP address, for `/who` and `/history`.
+    pub tcp: SocketAddr,
+    /// Fetch and show the recent history before the live messages.
+    pub join_history: bool,
+    /// Read input through the line editor (standard input and output are a terminal).
+    pub line_editor: bool,
+    /// Before believing a datagram saying that the room closed or that we timed out, ask the
+    /// server over TCP ([`closure`]). Off with `--original`: the original server has no such
+    /// request.
+    pub check_closures: bool,
+    /// Shortly after registering, ask the server over TCP whether it has our UDP address,
+    /// and warn if it never does ([`reach`](crate::reach)). Off with `--original`.
+    pub check_reach: bool,
+    /// The server is the original one (`--original`): datagrams are read as its frames only,
+    /// and `/who` and `/history`, which it cannot answer, are not sent.
+    pub original: bool,
+}
+
+/// Locks the screen. A panic elsewhere while printing leaves nothing half-done that matters,
+/// so a poisoned lock is used as is.
+fn lock(screen: &Mutex<Screen>) -> MutexGuard<'_, Screen> {
+    screen.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Runs the chat until the user leaves or the host closes the room. Prints
+/// `* joined ROOM as NAME (type /quit to leave, /help for commands)` to standard error once
+/// registered.
+pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
+    let (events, inbox) = mpsc::sync_channel(EVENT_QUEUE);
+    // Signals first: from here on Ctrl+C must not kill us before we can say __LEAVE__.
+    spawn_signal_watcher(events.clone())?;
+    let screen = Arc::new(Mutex::new(Screen::new(
+        &session.room_name,
+        Box::new(PlainPrinter),
+        options.join_history,
+    )));
+    if options.original {
+        lock(&screen).original_frames_only();
+    }
+    let own = lock(&screen).own_sends();
+    let mut closures = closure::Policy::new(options.check_closures);
+    if options.check_closures {
+        // Nothing says the room closed before the server confirms it.
+        lock(&screen).defer_closing_lines();
+    }
+    spawn_receiver(&session, Arc::clone(&screen), events.clone())?;
+
+    session
+        .send_control(REGISTER)
+        .map_err(ClientError::io("sending __REGISTER__"))?;
+    info!(
+        "registered with {} in {:?}",
+        session.server, session.room_name
+    );
+    lock(&screen).err(&format!(
+        "* {} {} as {} (type /quit to leave, /help for commands)",
+        options.verb.past(),
+        printable_name(&session.room_name),
+        printable_name(&options.username)
+    ));
+    if options.check_reach {
+        spawn_reach_check(&session, &options, Arc::clone(&screen));
+    }
+    // Restores the terminal mode however we leave, even while the editor holds it raw.
+    let mut terminal = options.line_editor.then(TerminalGuard::save);
+    let commands = Commands {
+        tcp: options.tcp,
+        room_name: session.room_name.clone(),
+        token: session.token.clone(),
+        pager: HistoryPager::default(),
+        screen: Arc::clone(&screen),
+        events: events.clone(),
+        max_message_len: session.max_message_len(),
+        original: options.original,
+    };
+    let reading = terminal.as_ref().map(|guard| Arc::clone(&guard.reading));
+    spawn_input(commands, options.join_history, reading);
+    let checker = Checker {
+        tcp: options.tcp,
+        room_name: session.room_name.clone(),
+        token: session.token.clone(),
+        events,
+    };
+
+    let mut next_keepalive = Instant::now() + options.keepalive;
+    loop {
+        // Timers first, on every pass: a steady stream of events must not hold them back.
+        if let Some(action) = closures.due(Instant::now()) {
+            let settled = settle(action, &mut closures, &checker, &screen);
+            if let Some(end) = end_on(settled, &session, &screen, &mut terminal) {
+                return end;
+            }
+        }
+        if Instant::now() >= next_keepalive {
+            if let Err(e) = session.send_control(REGISTER) {
+                warn!("keepalive to {} failed: {e}", session.server);
+            }
+            next_keepalive = Instant::now() + options.keepalive;
+        }
+        let wake = closures
+            .recheck_at()
+            .map_or(next_keepalive, |at| at.min(next_keepalive));
+        let event = match inbox.recv_timeout(wake.saturating_duration_since(Instant::now())) {
+            Ok(event) => event,
+            Err(RecvTimeoutError::Timeout) => continue,
+            // Every helper is gone; nothing more can happen. (Not while the checker and the
+            // signal watcher hold their senders: kept as the safe way out.)
+            Err(RecvTimeoutError::Disconnected) => Event::Eof,
+        };
+        match event {
+            Event::Send(text) => send_text(&session, &own, &screen, &text),
+            Event::Quit => {
+                debug!("quit");
+                break;
+            }
+            Event::Eof => {
+                debug!("end of input");
+                break;
+            }
+            Event::Signal(signal) => {
+                debug!("signal {signal}");
+                break;
+            }
+            Event::RoomClosed | Event::Verdict(_) => {
+                let action = match event {
+                    Event::Verdict(verdict) => closures.verdict(Instant::now(), verdict),
+                    _ => closures.notice(Instant::now()),
+                };
+                let settled = settle(action, &mut closures, &checker, &screen);
+                if let Some(end) = end_on(settled, &session, &screen, &mut terminal) {
+                    return end;
+                }
+            }
+            // The reader of our output is gone (`ocm join ... | head`): the chat ends as at
+            // the end of input, with a __LEAVE__, not as a failure.
+            Event::Failed(ClientError::Io { source, .. }) if output_gone(&source) => {
+                debug!("standard output closed: leaving");
+                break;
+            }
+            Event::Failed(error) => {
+                session.leave();
+                return Err(error);
+            }
+        }
+    }
+    session.leave();
+    Ok(())
+}
+
+/// Whether a write failed because the reader of standard output went away (`EPIPE`: Rust
+/// ignores `SIGPIPE`, so the write reports it): no one is left to show anything to.
+pub fn output_gone(error: &io::Error) -> bool {
+    error.kind() == io::ErrorKind::BrokenPipe
+}
+
+/// How long the line editor gets to take the lines queued for it when the room closes
+/// ([`Feed::drain`](crate::feed::Feed::drain)); what it has not taken by then is printed after the terminal is given
+/// back.
+const FEED_DRAIN: Duration = Duration::from_secs(1);
+
+/// How long the line editor gets to draw the last line it was handed. rustyline's external
+/// printer has no flush; `readline` draws each line as soon as it takes it, well within
+/// this.
+const EDITOR_DRAIN: Duration = Duration::from_millis(100);
+
+/// The room closed: with the line editor, let it take and draw what is queued for it, give
+/// the terminal back, then print what it did not take and the closing lines the screen
+/// kept, in that order (kept when the editor prints, or while closures are checked).
+fn finish_closed(screen: &Mutex<Screen>, terminal: Option<TerminalGuard>) {
+    if terminal.is_some() {
+        // Outside the screen's lock: the input thread may need it before the editor reads.
+        let feed = lock(screen).feed();
+        if let Some(feed) = feed {
+            feed.drain(FEED_DRAIN);
+        }
+        thread::sleep(EDITOR_DRAIN);
+    }
+    let closing = lock(screen).take_closing();
+    // Restores the terminal mode and leaves the prompt line.
+    drop(terminal);
+    let mut screen = lock(screen);
+    for line in &closing {
+        if let Err(e) = screen.out(line) {
+            debug!("cannot print the closing line: {e}");
+        }
+    }
+}
+
+/// Sends one chat message; local feedback goes to standard error.
+fn send_text(session: &Session, own: &OwnSends, screen: &Mutex<Screen>, text: &str) {
+    send_own(own, screen, session.max_message_len(), || {
+        session.send_chat(text)
+    });
+}
+
+/// Sends one of our chat messages with `send` ([`Session::send_chat`]), noted as ours
+/// ([`OwnSends`]) before it leaves: the receiver takes the notes before it renders, so it
+/// cannot show a reply to our message (which the daemon numbers after it) before our
+/// message's number is known to be ours, and report that number as lost. The screen's lock
+/// is never waited for: the receiver may hold it, blocked on a stalled standard output, and
+/// keepalives must still go out. A failed send's complaint goes through the screen when it
+/// is free, and straight to standard error when it is not (in plain mode, the only one in
+/// which the receiver writes while holding it; the line editor's printing goes through a
+/// queue).
+fn send_own(
+    own: &OwnSends,
+    screen: &Mutex<Screen>,
+    max_message_len: usize,
+    send: impl FnOnce() -> io::Result<Result<(), ucrp::Error>>,
+) {
+    own.note(Instant::now());
+    let complaint = match send() {
+        Ok(Ok(())) => return,
+        Ok(Err(ucrp::Error::TooLarge { .. })) => too_long(max_message_len),
+        Ok(Err(e)) => format!("* message not sent: {e}"),
+        Err(e) => format!("* message not sent: {e}"),
+    };
+    own.take_back();
+    match screen.try_lock() {
+        Ok(mut screen) => screen.err(&complaint),
+        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner().err(&complaint),
+        Err(TryLockError::WouldBlock) => to_stderr(&complaint),
+    }
+}
+
+fn spawn_signal_watcher(events: SyncSender<Event>) -> Result<(), ClientError> {
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT])
+        .map_err(ClientError::io("installing signal handlers"))?;
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                let _ = events.send(Event::Signal(signal));
+            }
+        })
+        .map_err(ClientError::io("starting the signal thread"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,114 @@
+//! The receiver thread: datagrams from the server (and only from it) handed to the screen,
+//! until the room closes.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex};
+use std::{io, thread};
+
+use log::debug;
+
+use super::session::Session;
+use super::{lock, Event};
+use crate::error::ClientError;
+use crate::feed::MAX_QUEUED_BYTES;
+use crate::render::Flow;
+use crate::screen::Screen;
+
+/// Receive buffer size, in bytes: room for the largest UDP datagram, so batch frames up to the
+/// `max_datagram` announced at join (65507 bytes on loopback) are read whole.
+const RECV_BUFFER_LEN: usize = 64 * 1024;
+
+/// Starts the receiver thread. After a datagram that closes the room it goes on receiving
+/// (the screen holds what comes until the closure is settled); it stops on an error.
+pub(super) fn spawn_receiver(
+    session: &Session,
+    screen: Arc<Mutex<Screen>>,
+    events: SyncSender<Event>,
+) -> Result<(), ClientError> {
+    let socket = session
+        .socket
+        .try_clone()
+        .map_err(ClientError::io("cloning the UDP socket"))?;
+    let server = session.server;
+    thread::Builder::new()
+        .name("receiver".into())
+        .spawn(move || loop {
+            let event = receive(&socket, server, &screen);
+            let go_on = matches!(event, Event::RoomClosed);
+            if events.send(event).is_err() || !go_on {
+                return;
+            }
+        })
+        .map_err(ClientError::io("starting the receiver thread"))?;
+    Ok(())
+}
+
+/// The remark shown once when datagrams come from the server's port at another address. A
+/// server bound to a wildcard address on a host with several addresses may answer from the
+/// one its route picks rather than the one we send to (`ocmd` answers from the address our
+/// `__REGISTER__` came to, but the original server does not); we ignore such datagrams
+/// (anyone could send them), so without this remark the chat would just look silent.
+pub(super) fn answered_from_elsewhere(server: SocketAddr, from: SocketAddr) -> String {
+    format!(
+        "* ignoring datagrams from {from}, the server's port at another address than {server}: \
+         a server bound to a wildcard address may answer from another of its addresses"
+    )
+}
+
+/// Receives and hands each datagram to the screen until the room closes or an error ends
+/// it; returns the event that ended it.
+pub(super) fn receive(socket: &UdpSocket, server: SocketAddr, screen: &Mutex<Screen>) -> Event {
+    let mut buf = vec![0u8; RECV_BUFFER_LEN];
+    let mut told_of_elsewhere = false;
+    loop {
+        let (len, from) = match socket.recv_from(&mut buf) {
+            Ok(received) => received,
+            // ICMP errors from earlier sends surface here on some systems; the server may
+            // come back, and the keepalive will find it.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted
+                        | io::ErrorKind::ConnectionRefused
+                        | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                debug!("receive: {e}");
+                continue;
+            }
+            Err(source) => {
+                return Event::Failed(ClientError::Io {
+                    context: "receiving from the server",
+                    source,
+                })
+            }
+        };
+        if from.ip() != server.ip() || from.port() != server.port() {
+            debug!("ignoring {len} bytes from {from}, not the server {server}");
+            if from.port() == server.port() && !std::mem::replace(&mut told_of_elsewhere, true) {
+                lock(screen).err(&answered_from_elsewhere(server, from));
+            }
+            continue;
+        }
+        // `len <= buf.len()`: recv_from never reports more than the buffer holds.
+        let (handled, feed) = {
+            let mut screen = lock(screen);
+            (screen.handle_datagram(&buf[..len]), screen.feed())
+        };
+        // Outside the lock, which the input thread needs before the editor reads again.
+        if let Some(feed) = feed {
+            feed.wait_below(MAX_QUEUED_BYTES);
+        }
+        match handled {
+            Ok(Flow::Continue) => {}
+            Ok(Flow::RoomClosed) => return Event::RoomClosed,
+            Err(source) => {
+                return Event::Failed(ClientError::Io {
+                    context: "writing to standard output",
+                    source,
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,814 @@
+//! The chat's unit tests: sessions against local sockets, fake daemons over TCP.
+
+use super::checks::{Answer, Settled};
+use super::input_thread::read_lines;
+use super::receiver::{answered_from_elsewhere, receive};
+use super::*;
+use crate::handshake::Token;
+use crate::input;
+use crate::render::Flow;
+use crate::screen::tests::Recorder;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::net::{Ipv4Addr, UdpSocket};
+use tcrp::{payload, Frame, Operation, State};
+
+/// A session aimed at a local socket that plays the server.
+fn pair(room: &str, token: &str) -> (Session, UdpSocket) {
+    pair_named(room, "me", token)
+}
+
+/// The same, with our username.
+fn pair_named(room: &str, username: &str, token: &str) -> (Session, UdpSocket) {
+    let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let session = Session::open(
+        server.local_addr().unwrap(),
+        room,
+        username,
+        Token::new(token.into()).unwrap(),
+    )
+    .unwrap();
+    (session, server)
+}
+
+fn recv(server: &UdpSocket) -> Vec<u8> {
+    let mut buf = [0u8; 8192];
+    let (n, _) = server.recv_from(&mut buf).unwrap();
+    buf[..n].to_vec()
+}
+
+fn screen(hold: bool) -> (Arc<Mutex<Screen>>, Recorder) {
+    let rec = Recorder::default();
+    let screen = Screen::new("lobby", Box::new(rec.clone()), hold);
+    (Arc::new(Mutex::new(screen)), rec)
+}
+
+/// Commands for room "lobby" with token "00ff", the daemon's TCP port at `tcp`.
+fn commands(tcp: SocketAddr, screen: &Arc<Mutex<Screen>>) -> (Commands, mpsc::Receiver<Event>) {
+    let (events, inbox) = mpsc::sync_channel(1024);
+    let commands = Commands {
+        tcp,
+        room_name: "lobby".into(),
+        token: Token::new("00ff".into()).unwrap(),
+        pager: HistoryPager::default(),
+        screen: Arc::clone(screen),
+        events,
+        max_message_len: 100,
+        original: false,
+    };
+    (commands, inbox)
+}
+
+/// A TCP address where nothing listens, for as long as it lives. Its port is the local
+/// end of a connection it holds open: a connect to it is refused, and no test running
+/// beside this one can be given it for a listener (a port merely bound and released
+/// could be).
+struct DeadTcp {
+    addr: SocketAddr,
+    _held: (TcpListener, std::net::TcpStream, std::net::TcpStream),
+}
+
+impl DeadTcp {
+    fn new() -> DeadTcp {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        DeadTcp {
+            addr: client.local_addr().unwrap(),
+            _held: (listener, client, server),
+        }
+    }
+}
+
+/// What a fake daemon was asked: operation, room name, payload.
+type Asked = Arc<Mutex<Vec<(Operation, String, String)>>>;
+
+/// A fake daemon on a local TCP port answering one connection per scripted reply
+/// (COMPLIANCE, plus COMPLETE when `Ok`), recording each request.
+fn fake_daemon(
+    replies: Vec<Result<&'static str, (tcrp::ErrorCode, &'static str)>>,
+) -> (SocketAddr, Asked) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let asked = Asked::default();
+    let log = Arc::clone(&asked);
+    thread::spawn(move || {
+        for reply in replies {
+            let Ok((mut stream, _)) = listener.accept() else {
+                return;
+            };
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 512];
+            let op = loop {
+                if let Some((f, _)) = tcrp::decode(&buf, 1 << 16).unwrap() {
+                    log.lock().unwrap().push((
+                        f.operation,
+                        String::from_utf8_lossy(f.room_name).into_owned(),
+                        String::from_utf8_lossy(f.payload).into_owned(),
+                    ));
+                    break f.operation;
+                }
+                let n = stream.read(&mut chunk).unwrap();
+                assert!(n > 0, "request cut short");
+                buf.extend_from_slice(&chunk[..n]);
+            };
+            let frame = |state, body: &[u8]| {
+                let mut out = Vec::new();
+                Frame {
+                    operation: op,
+                    state,
+                    room_name: b"lobby",
+                    payload: body,
+                }
+                .encode(&mut out)
+                .unwrap();
+                out
+            };
+            let mut out = Vec::new();
+            match reply {
+                Ok(complete) => {
+                    out.extend(frame(State::Compliance, br#"{"success": true}"#));
+                    out.extend(frame(State::Complete, complete.as_bytes()));
+                }
+                Err((code, message)) => {
+                    let mut failure = Vec::new();
+                    payload::encode_failure(code, message, &mut failure);
+                    out.extend(frame(State::Compliance, &failure));
+                }
+            }
+            stream.write_all(&out).unwrap();
+        }
+    });
+    (addr, asked)
+}
+
+fn sequenced(seq: u64, text: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    ucrp::delivery::encode_sequenced(seq, "bob", text.as_bytes(), &mut out).unwrap();
+    out
+}
+
+#[test]
+fn chat_and_quit_go_to_the_main_loop_and_the_rest_is_answered_here() {
+    let (screen, rec) = screen(false);
+    let dead = DeadTcp::new();
+    let (mut commands, inbox) = commands(dead.addr, &screen);
+    let mut input =
+        io::Cursor::new("/help\n__LEAVE__\nhello\n\n/shrug\n/history 0\n/quit\nnever sent\n");
+    assert!(read_lines(&mut commands, &mut input).is_none());
+    let events: Vec<Event> = inbox.try_iter().collect();
+    assert!(
+        matches!(&events[..], [Event::Send(text), Event::Quit] if text == "hello"),
+        "{events:?}"
+    );
+    assert_eq!(
+        rec.lines(),
+        [
+            format!("err: {}", input::HELP),
+            "err: * reserved word not sent".into(),
+            "err: * unknown command /shrug (try /help)".into(),
+            format!("err: {}", input::HISTORY_USAGE),
+        ]
+    );
+}
+
+/// The chat texts the input handed to the main loop; any other event fails the test.
+fn sent_texts(inbox: &mpsc::Receiver<Event>) -> Vec<String> {
+    inbox
+        .try_iter()
+        .map(|e| match e {
+            Event::Send(text) => text,
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+/// Lines are read at most a little over the longest message (100 bytes here): up to that
+/// they are sent, past it skipped whole with one complaint, never held in memory.
+#[test]
+fn lines_too_long_to_send_are_skipped_at_any_boundary() {
+    let (screen, rec) = screen(false);
+    let dead = DeadTcp::new();
+    let (mut commands, inbox) = commands(dead.addr, &screen);
+    let longest = "x".repeat(100);
+    let input = format!(
+        "{longest}\r\n//{longest}\n{}\nok\n{}",
+        "y".repeat(5_000),
+        "z".repeat(104)
+    );
+    let end = read_lines(&mut commands, &mut io::Cursor::new(input));
+    assert!(matches!(end, Some(Event::Eof)), "{end:?}");
+    let sent = sent_texts(&inbox);
+    // "//" escapes: the second line is a 101-byte message, which the send refuses later.
+    assert_eq!(sent, [longest.clone(), format!("/{longest}"), "ok".into()]);
+    assert_eq!(
+        rec.lines(),
+        [
+            "err: * message too long (max 100 bytes)",
+            "err: * message too long (max 100 bytes)"
+        ]
+    );
+}
+
+#[test]
+fn end_of_input_ends_the_chat() {
+    let (screen, _) = screen(false);
+    let dead = DeadTcp::new();
+    let (mut commands, inbox) = commands(dead.addr, &screen);
+    let end = read_lines(&mut commands, &mut io::Cursor::new("a\r\nb"));
+    assert!(matches!(end, Some(Event::Eof)), "{end:?}");
+    let sent = sent_texts(&inbox);
+    assert_eq!(sent, ["a", "b"]);
+}
+
+#[test]
+fn lines_become_datagrams() {
+    let (session, server) = pair("lobby", "00ff");
+    let (screen, rec) = screen(false);
+    let own = lock(&screen).own_sends();
+
+    send_text(&session, &own, &screen, "hello");
+    let bytes = recv(&server);
+    let d = ucrp::parse(&bytes).unwrap();
+    assert_eq!(d.room_name, b"lobby");
+    assert_eq!(d.token, b"00ff");
+    assert_eq!(d.message, ucrp::Message::Chat("hello"));
+    assert!(rec.lines().is_empty());
+}
+
+#[test]
+fn a_reply_to_our_message_never_shows_our_messages_number_as_lost() {
+    let (session, server) = pair("lobby", "00ff");
+    let (screen, rec) = screen(false);
+    assert_eq!(
+        lock(&screen)
+            .handle_datagram(&sequenced(1, "before"))
+            .unwrap(),
+        Flow::Continue
+    );
+    // The daemon numbers "mine" 2 and relays it; a reply, 3, can be back before the main
+    // thread's send returns. "mine" is noted as ours before it leaves, and the receiver
+    // takes the notes before it renders: the reply is not shown with "* 1 message lost".
+    let own = lock(&screen).own_sends();
+    let mut noted_before_send = None;
+    send_own(&own, &screen, session.max_message_len(), || {
+        noted_before_send = Some(own.pending());
+        session.send_chat("mine")
+    });
+    assert_eq!(noted_before_send, Some(1), "not noted before it left");
+    assert_eq!(
+        ucrp::parse(&recv(&server)).unwrap().message,
+        ucrp::Message::Chat("mine")
+    );
+    assert_eq!(
+        lock(&screen)
+            .handle_datagram(&sequenced(3, "reply"))
+            .unwrap(),
+        Flow::Continue
+    );
+    assert_eq!(rec.lines(), ["out: bob: before", "out: bob: reply"]);
+}
+
+/// The receiver holds the screen while it prints; a stalled standard output (a paused
+/// terminal, a full pipe) keeps it there. Our messages still leave, and a failed one is
+/// not counted as ours.
+#[test]
+fn a_screen_held_by_a_stalled_output_does_not_hold_our_sends() {
+    let (session, server) = pair("lobby", "00ff");
+    let (screen, rec) = screen(false);
+    let own = lock(&screen).own_sends();
+    let (done_tx, done) = mpsc::channel();
+    let held = lock(&screen);
+    thread::scope(|s| {
+        s.spawn(|| {
+            send_own(&own, &screen, session.max_message_len(), || {
+                session.send_chat("while stalled")
+            });
+            done_tx.send(()).unwrap();
+        });
+        assert!(
+            done.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "the send waited for the screen"
+        );
+        drop(held);
+    });
+    assert_eq!(
+        ucrp::parse(&recv(&server)).unwrap().message,
+        ucrp::Message::Chat("while stalled")
+    );
+    assert_eq!(own.pending(), 1);
+    send_own(&own, &screen, session.max_message_len(), || {
+        Err(io::Error::other("refused"))
+    });
+    assert_eq!(own.pending(), 1, "a failed send is taken back");
+    assert_eq!(rec.lines(), ["err: * message not sent: refused"]);
+    // Failing while the screen is held, the complaint does not wait for it either.
+    let held = lock(&screen);
+    let (done_tx, done) = mpsc::channel();
+    thread::scope(|s| {
+        s.spawn(|| {
+            send_own(&own, &screen, session.max_message_len(), || {
+                Err(io::Error::other("refused again"))
+            });
+            done_tx.send(()).unwrap();
+        });
+        assert!(
+            done.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "the complaint waited for the screen"
+        );
+        drop(held);
+    });
+    assert_eq!(rec.lines().len(), 1, "it went straight to standard error");
+}
+
+#[test]
+fn too_long_messages_are_not_sent() {
+    let (session, server) = pair("lobby", "00ff");
+    let max = session.max_message_len();
+    assert_eq!(max, ucrp::MAX_DATAGRAM_LEN - 2 - 5 - 4);
+    assert_eq!(
+        session.send(&"x".repeat(max + 1)).unwrap(),
+        Err(ucrp::Error::TooLarge {
+            len: ucrp::MAX_DATAGRAM_LEN + 1,
+            max: ucrp::MAX_DATAGRAM_LEN
+        })
+    );
+    let (screen, rec) = screen(false);
+    let own = lock(&screen).own_sends();
+    send_text(&session, &own, &screen, &"y".repeat(max + 1));
+    assert_eq!(
+        rec.lines(),
+        [format!("err: * message too long (max {max} bytes)")]
+    );
+    session.send(&"z".repeat(max)).unwrap().unwrap();
+    // The first datagram to arrive is the one that fits.
+    assert_eq!(recv(&server).len(), ucrp::MAX_DATAGRAM_LEN);
+}
+
+#[test]
+fn messages_the_daemon_could_not_relay_whole_are_not_sent() {
+    // Relayed, 1 + 100 + text must fit 4096 bytes: 3995 bytes of text at most, less than
+    // our own datagram would carry.
+    let name = "é".repeat(50); // 100 bytes, 50 characters (names have at most 64)
+    let (session, server) = pair_named("lobby", &name, "00ff");
+    assert_eq!(session.max_message_len(), 3995);
+    let (screen, rec) = screen(false);
+    let own = lock(&screen).own_sends();
+    send_text(&session, &own, &screen, &"y".repeat(3996));
+    assert_eq!(rec.lines(), ["err: * message too long (max 3995 bytes)"]);
+    send_text(&session, &own, &screen, &"z".repeat(3995));
+    let bytes = recv(&server);
+    assert_eq!(
+        ucrp::parse(&bytes).unwrap().message,
+        ucrp::Message::Chat(&"z".repeat(3995)),
+        "the longer one was not sent"
+    );
+}
+
+#[test]
+fn leave_sends_the_control_word() {
+    let (session, server) = pair("r", "ab");
+    session.leave();
+    let bytes = recv(&server);
+    assert_eq!(ucrp::parse(&bytes).unwrap().message, ucrp::Message::Leave);
+}
+
+#[test]
+fn receiver_ignores_strangers_and_stops_at_room_closed() {
+    let (session, server) = pair("lobby", "ab");
+    let stranger = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let me = session.socket.local_addr().unwrap();
+    let me = SocketAddr::from((Ipv4Addr::LOCALHOST, me.port()));
+    let chat = |sender: &str, message: &str| {
+        let mut out = Vec::new();
+        ucrp::delivery::encode_chat(sender, message.as_bytes(), &mut out).unwrap();
+        out
+    };
+    stranger.send_to(&chat("mallory", "spoofed"), me).unwrap();
+    stranger.send_to(ucrp::ROOM_CLOSED, me).unwrap();
+    server.send_to(&chat("bob", "hi"), me).unwrap();
+    server.send_to(&[0x00, 0x09], me).unwrap();
+    server.send_to(ucrp::ROOM_CLOSED, me).unwrap();
+    server.send_to(&chat("bob", "after the end"), me).unwrap();
+    let (screen, rec) = screen(false);
+    let event = receive(&session.socket, server.local_addr().unwrap(), &screen);
+    assert!(matches!(event, Event::RoomClosed), "{event:?}");
+    assert_eq!(
+        rec.lines(),
+        ["out: bob: hi", "out: * room lobby was closed by its host"]
+    );
+}
+
+/// Datagrams from the server's port at another of the host's addresses (a daemon bound
+/// to a wildcard address answering from the address its route picks) are ignored, and
+/// said so once, so that the chat does not just look silent.
+#[test]
+fn the_servers_port_at_another_address_is_ignored_and_told_once() {
+    let (session, server) = pair("lobby", "ab");
+    let server_addr = server.local_addr().unwrap();
+    let elsewhere = UdpSocket::bind(("127.0.0.2", server_addr.port())).unwrap();
+    let me = session.socket.local_addr().unwrap();
+    let me = SocketAddr::from((Ipv4Addr::LOCALHOST, me.port()));
+    let mut hi = Vec::new();
+    ucrp::delivery::encode_chat("bob", b"hi", &mut hi).unwrap();
+    elsewhere.send_to(&hi, me).unwrap();
+    elsewhere.send_to(&hi, me).unwrap();
+    server.send_to(&hi, me).unwrap();
+    server.send_to(ucrp::ROOM_CLOSED, me).unwrap();
+    let (screen, rec) = screen(false);
+    let event = receive(&session.socket, server_addr, &screen);
+    assert!(matches!(event, Event::RoomClosed), "{event:?}");
+    let told = format!(
+        "err: {}",
+        answered_from_elsewhere(server_addr, elsewhere.local_addr().unwrap())
+    );
+    assert_eq!(
+        rec.lines(),
+        [
+            told.as_str(),
+            "out: bob: hi",
+            "out: * room lobby was closed by its host"
+        ]
+    );
+}
+
+/// A closure is believed when the server says the room is gone or we are out of it, asked
+/// again when it is busy, and called forged only when it still takes our token.
+#[test]
+fn the_server_is_asked_about_a_closure_with_our_token() {
+    use crate::closure::{check, Verdict};
+    let (tcp, asked) = fake_daemon(vec![
+        Ok(r#"{"messages": [], "more": false}"#),
+        Err((tcrp::ErrorCode::RoomNotFound, "no room")),
+        Err((tcrp::ErrorCode::NotMember, "not a member")),
+        Err((tcrp::ErrorCode::RateLimited, "slow down")),
+        Err((tcrp::ErrorCode::MalformedRequest, "what?")),
+    ]);
+    let token = Token::new("00ff".into()).unwrap();
+    for expected in [
+        Verdict::Forged,
+        Verdict::Confirmed,
+        Verdict::Confirmed,
+        Verdict::Busy,
+        Verdict::Unknown,
+    ] {
+        assert_eq!(check(tcp, "lobby", &token), expected);
+    }
+    let dead = DeadTcp::new();
+    assert_eq!(check(dead.addr, "lobby", &token), Verdict::Unknown);
+    let asked = asked.lock().unwrap();
+    assert_eq!(asked.len(), 5);
+    assert!(asked
+        .iter()
+        .all(|(op, room, payload)| *op == Operation::History
+            && room == "lobby"
+            && payload.contains("00ff")));
+}
+
+/// The closure checks as `run` drives them: a [`Checker`] on `tcp` whose verdicts come
+/// back on the returned channel.
+fn checker(tcp: SocketAddr) -> (Checker, mpsc::Receiver<Event>) {
+    let (events, inbox) = mpsc::sync_channel(EVENT_QUEUE);
+    let checker = Checker {
+        tcp,
+        room_name: "lobby".into(),
+        token: Token::new("00ff".into()).unwrap(),
+        events,
+    };
+    (checker, inbox)
+}
+
+/// The verdict of the check in flight.
+fn next_verdict(inbox: &mpsc::Receiver<Event>) -> closure::Verdict {
+    match inbox.recv_timeout(Duration::from_secs(5)) {
+        Ok(Event::Verdict(verdict)) => verdict,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A notice of the room's closing reaches the screen, which is open: the receiver would
+/// report [`Event::RoomClosed`], which the main loop settles.
+fn closed_notice(
+    screen: &Mutex<Screen>,
+    closures: &mut closure::Policy,
+    checker: &Checker,
+) -> Settled {
+    let flow = lock(screen).handle_datagram(ucrp::ROOM_CLOSED).unwrap();
+    assert_eq!(flow, Flow::RoomClosed);
+    settle(closures.notice(Instant::now()), closures, checker, screen)
+}
+
+/// A check whose thread panics still sends its verdict (Unknown) as it unwinds, so the
+/// main loop, which waits for one, is not held for good.
+#[test]
+fn a_check_that_panics_still_answers_so_the_chat_is_not_held_for_good() {
+    let (events, inbox) = mpsc::sync_channel(1);
+    let check = thread::spawn(move || {
+        let _answer = Answer {
+            events,
+            verdict: closure::Verdict::Unknown,
+        };
+        panic!("the check failed");
+    });
+    assert!(check.join().is_err(), "the thread panicked");
+    assert!(matches!(
+        inbox.try_recv(),
+        Ok(Event::Verdict(closure::Verdict::Unknown))
+    ));
+}
+
+/// The real closure comes while a planned recheck (after forged notices) is in flight,
+/// and that check finds us still a member: the closure is checked again and believed, and
+/// its line is shown when the session ends, not dropped with the forged notice's.
+#[test]
+fn a_closure_noticed_during_a_check_that_finds_the_last_forged_is_shown_when_confirmed() {
+    let still_in = Ok(r#"{"messages": [], "more": false}"#);
+    let (tcp, asked) = fake_daemon(vec![
+        still_in,
+        still_in,
+        Err((tcrp::ErrorCode::RoomNotFound, "no room")),
+    ]);
+    let (screen, rec) = screen(false);
+    lock(&screen).defer_closing_lines();
+    let (checker, inbox) = checker(tcp);
+    let mut closures = closure::Policy::new(true);
+    // A forged notice, checked at once and found forged.
+    let settled = closed_notice(&screen, &mut closures, &checker);
+    assert!(matches!(settled, Settled::Stay));
+    let action = closures.verdict(Instant::now(), next_verdict(&inbox));
+    let settled = settle(action, &mut closures, &checker, &screen);
+    assert!(matches!(settled, Settled::Stay));
+    // Another within the cool-down: a recheck is planned.
+    let settled = closed_notice(&screen, &mut closures, &checker);
+    assert!(matches!(settled, Settled::Stay));
+    let due = closures.recheck_at().expect("a recheck planned");
+    // The recheck starts; the server answers it before the room really closes.
+    let action = closures.due(due).expect("the recheck");
+    assert!(matches!(
+        settle(action, &mut closures, &checker, &screen),
+        Settled::Stay
+    ));
+    // The real closure comes while that check is in flight.
+    let settled = closed_notice(&screen, &mut closures, &checker);
+    assert!(matches!(settled, Settled::Stay));
+    // The check says we are still in: it does not answer for the real closure.
+    let action = closures.verdict(Instant::now(), next_verdict(&inbox));
+    let settled = settle(action, &mut closures, &checker, &screen);
+    assert!(matches!(settled, Settled::Stay));
+    let due = closures.recheck_at().expect("a check for the real closure");
+    let action = closures.due(due).expect("the recheck");
+    assert!(matches!(
+        settle(action, &mut closures, &checker, &screen),
+        Settled::Stay
+    ));
+    let action = closures.verdict(Instant::now(), next_verdict(&inbox));
+    let settled = settle(action, &mut closures, &checker, &screen);
+    assert!(matches!(settled, Settled::Closed));
+    assert_eq!(asked.lock().unwrap().len(), 3);
+    assert!(
+        !rec.lines().iter().any(|line| line.contains("closed by")),
+        "the closure was shown before it was confirmed: {:?}",
+        rec.lines()
+    );
+    assert_eq!(
+        lock(&screen).take_closing(),
+        ["* room lobby was closed by its host"],
+        "what was shown: {:?}",
+        rec.lines()
+    );
+}
+
+#[test]
+fn who_asks_with_the_members_token() {
+    let (tcp, asked) = fake_daemon(vec![
+        Ok(
+            r#"{"room": "lobby", "host": "alice", "members": [{"name": "alice", "registered": true}, {"name": "bob", "registered": false}]}"#,
+        ),
+        Err((tcrp::ErrorCode::RoomNotFound, "no room \"lobby\"")),
+    ]);
+    let (screen, rec) = screen(false);
+    let (mut commands, _inbox) = commands(tcp, &screen);
+    assert!(commands.handle_line("/who\n"));
+    assert!(commands.handle_line("/who\n"));
+    assert_eq!(
+        rec.lines(),
+        [
+            "err: * host: alice",
+            "err: * alice (registered)",
+            "err: * bob (not registered)",
+            "err: * cannot see who is in room \"lobby\": no room \"lobby\"",
+        ]
+    );
+    assert_eq!(
+        asked.lock().unwrap()[0],
+        (
+            Operation::Presence,
+            "lobby".into(),
+            r#"{"token": "00ff"}"#.into()
+        )
+    );
+}
+
+#[test]
+fn history_pages_back_until_there_is_no_more() {
+    let (tcp, asked) = fake_daemon(vec![
+        Ok(
+            r#"{"messages": [{"seq": 9, "sender": "bob", "text": "nine", "at": 1700000000.0}, {"seq": 10, "sender": "bob", "text": "ten", "at": 1700000060.0}], "more": true}"#,
+        ),
+        Ok(
+            r#"{"messages": [{"seq": 8, "sender": "amy", "text": "eight", "at": 1699999940.0}], "more": false}"#,
+        ),
+    ]);
+    let (screen, rec) = screen(false);
+    let (mut commands, _inbox) = commands(tcp, &screen);
+    assert!(commands.handle_line("/history 2\n"));
+    assert!(commands.handle_line("/history\n"));
+    // Nothing older exists: no third request.
+    assert!(commands.handle_line("/history\n"));
+    assert_eq!(
+        rec.lines(),
+        [
+            "out: [22:13] bob: nine",
+            "out: [22:14] bob: ten",
+            "out: [22:12] amy: eight",
+            "err: * no more history",
+            "err: * no more history",
+        ]
+    );
+    let asked = asked.lock().unwrap();
+    let payloads: Vec<&str> = asked.iter().map(|(_, _, p)| p.as_str()).collect();
+    assert_eq!(
+        payloads,
+        [
+            r#"{"token": "00ff", "limit": 2}"#,
+            r#"{"token": "00ff", "before": 9, "limit": 20}"#
+        ]
+    );
+    assert!(asked
+        .iter()
+        .all(|(op, room, _)| *op == Operation::History && room == "lobby"));
+}
+
+#[test]
+fn recent_history_is_shown_before_the_held_live_messages() {
+    let (tcp, asked) = fake_daemon(vec![Ok(
+        r#"{"messages": [{"seq": 4, "sender": "bob", "text": "m4", "at": 1700000000.0}], "more": false}"#,
+    )]);
+    let (screen, rec) = screen(true);
+    assert_eq!(
+        lock(&screen).handle_datagram(&sequenced(4, "m4")).unwrap(),
+        Flow::Continue
+    );
+    assert_eq!(
+        lock(&screen).handle_datagram(&sequenced(5, "m5")).unwrap(),
+        Flow::Continue
+    );
+    let (mut commands, inbox) = commands(tcp, &screen);
+    commands.show_recent_history();
+    assert_eq!(
+        rec.lines(),
+        [
+            "out: [22:13] bob: m4",
+            "err: * --- live ---",
+            "out: bob: m5"
+        ]
+    );
+    assert_eq!(
+        asked.lock().unwrap()[0].2,
+        r#"{"token": "00ff", "limit": 20}"#
+    );
+    assert!(inbox.try_recv().is_err(), "nothing for the main loop");
+}
+
+/// The page shown at join is where `/history` starts: it is not shown twice.
+#[test]
+fn history_after_a_join_pages_back_from_what_the_join_showed() {
+    let (tcp, asked) = fake_daemon(vec![
+        Ok(
+            r#"{"messages": [{"seq": 9, "sender": "bob", "text": "nine", "at": 1700000000.0}], "more": true}"#,
+        ),
+        Ok(
+            r#"{"messages": [{"seq": 8, "sender": "amy", "text": "eight", "at": 1699999940.0}], "more": false}"#,
+        ),
+    ]);
+    let (screen, rec) = screen(true);
+    let (mut commands, _inbox) = commands(tcp, &screen);
+    commands.show_recent_history();
+    assert!(commands.handle_line("/history 5\n"));
+    assert!(commands.handle_line("/history\n"));
+    assert_eq!(
+        rec.lines(),
+        [
+            "out: [22:13] bob: nine",
+            "err: * --- live ---",
+            "out: [22:12] amy: eight",
+            "err: * no more history",
+            "err: * no more history",
+        ]
+    );
+    let asked = asked.lock().unwrap();
+    assert_eq!(
+        asked[1].2, r#"{"token": "00ff", "before": 9, "limit": 5}"#,
+        "the first /history asks for what precedes the join's page"
+    );
+    assert_eq!(asked.len(), 2);
+}
+
+/// A room with nothing said yet at join: `/history` later asks for the latest messages.
+#[test]
+fn history_after_joining_an_empty_room_fetches_what_was_said_since() {
+    let (tcp, asked) = fake_daemon(vec![
+        Ok(r#"{"messages": [], "more": false}"#),
+        Ok(
+            r#"{"messages": [{"seq": 1, "sender": "bob", "text": "one", "at": 1700000000.0}], "more": false}"#,
+        ),
+    ]);
+    let (screen, rec) = screen(true);
+    let (mut commands, _inbox) = commands(tcp, &screen);
+    commands.show_recent_history();
+    assert!(commands.handle_line("/history 5\n"));
+    assert_eq!(
+        rec.lines(),
+        [
+            "err: * --- live ---",
+            "out: [22:13] bob: one",
+            "err: * no more history"
+        ]
+    );
+    assert_eq!(
+        asked.lock().unwrap()[1].2,
+        r#"{"token": "00ff", "limit": 5}"#
+    );
+}
+
+#[test]
+fn a_server_without_history_is_passed_over_in_silence() {
+    let (tcp, _) = fake_daemon(vec![Err((
+        tcrp::ErrorCode::UnsupportedOperation,
+        "operation 5 is not supported",
+    ))]);
+    let (screen, rec) = screen(true);
+    assert_eq!(
+        lock(&screen).handle_datagram(&sequenced(1, "hi")).unwrap(),
+        Flow::Continue
+    );
+    let (mut commands, _inbox) = commands(tcp, &screen);
+    commands.show_recent_history();
+    assert_eq!(rec.lines(), ["out: bob: hi"]);
+}
+
+/// With `--original`, `/who` and `/history` are answered on the spot and nothing is asked
+/// over TCP: the original server has no such request and would hold the input up to the
+/// handshake timeout before failing.
+#[test]
+fn original_mode_asks_the_server_nothing_for_who_and_history() {
+    let (screen, rec) = screen(false);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let (mut commands, _inbox) = commands(listener.local_addr().unwrap(), &screen);
+    commands.original = true;
+    for line in ["/who", "/history", "/history 5", "/help"] {
+        assert!(commands.handle_line(line), "{line}");
+    }
+    let lines = rec.lines();
+    let not = format!("err: {}", input::NOT_ORIGINAL);
+    assert_eq!(lines[..3], [not.clone(), not.clone(), not], "{lines:?}");
+    assert_eq!(lines[3], format!("err: {}", input::HELP_ORIGINAL));
+    assert!(
+        matches!(listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "a connection was made"
+    );
+}
+
+#[test]
+fn other_history_failures_are_told_and_the_chat_goes_on() {
+    let (screen, rec) = screen(true);
+    assert_eq!(
+        lock(&screen).handle_datagram(&sequenced(1, "hi")).unwrap(),
+        Flow::Continue
+    );
+    assert_eq!(
+        lock(&screen).handle_datagram(ucrp::ROOM_CLOSED).unwrap(),
+        Flow::Continue
+    );
+    let dead = DeadTcp::new();
+    let (mut commands, inbox) = commands(dead.addr, &screen);
+    commands.show_recent_history();
+    let lines = rec.lines();
+    assert!(
+        lines[0].starts_with("err: * history unavailable: cannot connect to 127.0.0.1:"),
+        "{lines:?}"
+    );
+    assert_eq!(
+        lines[1..],
+        ["out: bob: hi", "out: * room lobby was closed by its host"]
+    );
+    // The room closed while the screen was held: the main loop is told.
+    assert!(matches!(inbox.try_recv(), Ok(Event::RoomClosed)));
+}
