@@ -468,89 +468,55 @@ mod tests {
         );
     }
 
+    /// The losses `t` reports for each message `(seq, text)` from sender "a" seen at `now`, in
+    /// order; `None` for one dropped as a duplicate.
+    fn losses(t: &mut SeqTracker, messages: &[(u64, &str)], now: Instant) -> Vec<Option<u64>> {
+        messages
+            .iter()
+            .map(
+                |&(seq, text)| match t.observe(seq, content_digest("a", text), now) {
+                    SeqVerdict::Deliver { lost } => Some(lost),
+                    SeqVerdict::Duplicate => None,
+                },
+            )
+            .collect()
+    }
+
     /// A first message that arrives after the second is late, not a daemon counting again:
     /// the third is no loss. A count that does start again goes on below the old one.
     #[test]
     fn a_late_number_one_is_told_from_a_count_started_again() {
-        let d = |text: &str| content_digest("a", text);
         let now = Instant::now();
-        let mut late = SeqTracker::default();
-        assert_eq!(
-            late.observe(2, d("m2"), now),
-            SeqVerdict::Deliver { lost: 0 }
-        );
-        assert_eq!(
-            late.observe(1, d("m1"), now),
-            SeqVerdict::Deliver { lost: 0 }
-        );
-        assert_eq!(
-            late.observe(3, d("m3"), now),
-            SeqVerdict::Deliver { lost: 0 }
-        );
-        assert_eq!(
-            late.observe(5, d("m5"), now),
-            SeqVerdict::Deliver { lost: 1 }
-        );
-
+        let late = [(2, "m2"), (1, "m1"), (3, "m3"), (5, "m5")];
+        let shown = losses(&mut SeqTracker::default(), &late, now);
+        assert_eq!(shown, [Some(0), Some(0), Some(0), Some(1)]);
         // 3 shown before a late 1 and then 2: 4 follows 3, nothing is lost.
-        let mut shuffled = SeqTracker::default();
-        for (seq, text) in [(3, "m3"), (1, "m1"), (2, "m2"), (4, "m4")] {
-            assert_eq!(
-                shuffled.observe(seq, d(text), now),
-                SeqVerdict::Deliver { lost: 0 }
-            );
-        }
-
-        let mut again = SeqTracker::default();
-        assert_eq!(
-            again.observe(9, d("m9"), now),
-            SeqVerdict::Deliver { lost: 0 }
-        );
-        assert_eq!(
-            again.observe(1, d("n1"), now),
-            SeqVerdict::Deliver { lost: 0 }
-        );
-        assert_eq!(
-            again.observe(2, d("n2"), now),
-            SeqVerdict::Deliver { lost: 0 }
-        );
-        assert_eq!(
-            again.observe(4, d("n4"), now),
-            SeqVerdict::Deliver { lost: 1 }
-        );
+        let shuffled = [(3, "m3"), (1, "m1"), (2, "m2"), (4, "m4")];
+        let shown = losses(&mut SeqTracker::default(), &shuffled, now);
+        assert_eq!(shown, [Some(0); 4]);
+        let again = [(9, "m9"), (1, "n1"), (2, "n2"), (4, "n4")];
+        let shown = losses(&mut SeqTracker::default(), &again, now);
+        assert_eq!(shown, [Some(0), Some(0), Some(0), Some(1)]);
     }
 
     /// Own messages sent long before the first number we see were numbered below it: they
     /// fill no later gap. One still on its way when that number came may.
     #[test]
     fn own_messages_sent_before_the_first_number_fill_a_gap_only_if_in_flight() {
-        let d = |text: &str| content_digest("bob", text);
         let start = Instant::now();
-        let later = start + IN_FLIGHT + Duration::from_secs(8);
         let mut alone = SeqTracker::default();
         for _ in 0..3 {
             alone.sent_own(start); // 1, 2, 3, talking alone
         }
-        assert_eq!(
-            alone.observe(4, d("b4"), later),
-            SeqVerdict::Deliver { lost: 0 }
-        );
-        assert_eq!(
-            alone.observe(6, d("b6"), later),
-            SeqVerdict::Deliver { lost: 1 }
-        );
+        let later = start + IN_FLIGHT + Duration::from_secs(8);
+        let shown = losses(&mut alone, &[(4, "b4"), (6, "b6")], later);
+        assert_eq!(shown, [Some(0), Some(1)]);
 
         let mut racing = SeqTracker::default();
         racing.sent_own(start); // numbered 5, after bob's 4
         let soon = start + Duration::from_millis(20);
-        assert_eq!(
-            racing.observe(4, d("b4"), soon),
-            SeqVerdict::Deliver { lost: 0 }
-        );
-        assert_eq!(
-            racing.observe(6, d("b6"), soon),
-            SeqVerdict::Deliver { lost: 0 }
-        );
+        let shown = losses(&mut racing, &[(4, "b4"), (6, "b6")], soon);
+        assert_eq!(shown, [Some(0), Some(0)]);
     }
 
     /// With `--original`, a datagram is the original server's: one that begins with a 0 byte
