@@ -80,6 +80,8 @@ pub struct Locals {
     ids: HashMap<LocalAddr, LocalId>,
     /// The table filled up, and it was said.
     told_full: bool,
+    /// Addresses retired so far (one counted again each time it comes back and is refused).
+    retired: u64,
 }
 
 impl Locals {
@@ -133,6 +135,7 @@ impl Locals {
             return;
         };
         if std::mem::replace(live, false) {
+            self.retired += 1;
             warn!(
                 "UDP: the kernel refuses {} as a source (no longer an address of this host?); \
                  its members are answered from the address the route picks until a datagram \
@@ -145,6 +148,16 @@ impl Locals {
     /// How many addresses are numbered.
     pub fn len(&self) -> usize {
         self.addrs.len()
+    }
+
+    /// How many numbered addresses are still taken as sources.
+    pub fn live(&self) -> usize {
+        self.addrs.iter().filter(|(_, live)| *live).count()
+    }
+
+    /// How many times an address was retired.
+    pub fn retired(&self) -> u64 {
+        self.retired
     }
 
     /// Whether none is.
@@ -249,9 +262,13 @@ mod tests {
         let id = locals.id(vip);
         locals.retire(id);
         assert_eq!(locals.get(id), None);
+        assert_eq!((locals.live(), locals.retired()), (0, 1));
+        locals.retire(id);
         locals.retire(LocalId::ANY);
+        assert_eq!(locals.retired(), 1, "retired once until it comes back");
         assert_eq!(locals.id(vip), id);
         assert_eq!(locals.get(id), vip.map(LocalAddr::as_source));
+        assert_eq!(locals.live(), 1);
     }
 
     #[test]

@@ -140,6 +140,11 @@ impl Metrics {
             stats.tombstones as f64,
         );
         gauge(
+            "ocm_udp_local_addresses",
+            "Addresses of this host that members are sent from (a UDP socket bound to a wildcard address only).",
+            stats.local_addresses as f64,
+        );
+        gauge(
             "ocm_tcp_connections_open",
             "TCP connections open.",
             self.tcp_open as f64,
@@ -164,7 +169,7 @@ impl Metrics {
             "Longest state file write, seconds.",
             self.compactions.max_seconds,
         );
-        let counters: [(&str, &str, f64); 15] = [
+        let counters: [(&str, &str, f64); 16] = [
             (
                 "ocm_tcp_connections_accepted_total",
                 "TCP connections accepted.",
@@ -234,6 +239,11 @@ impl Metrics {
                 "ocm_state_compaction_seconds_total",
                 "Time spent writing state files, seconds.",
                 self.compactions.seconds,
+            ),
+            (
+                "ocm_udp_sources_retired_total",
+                "Times an address members were sent from was no longer taken as a source by the kernel.",
+                stats.sources_retired as f64,
             ),
             (
                 "ocm_udp_receive_buffer_drops_total",
@@ -339,7 +349,11 @@ mod tests {
             members: 5,
             registered: 4,
             tombstones: 0,
+            local_addresses: 3,
+            sources_retired: 1,
         });
+        assert!(text.contains("ocm_udp_local_addresses 3\n"));
+        assert!(text.contains("ocm_udp_sources_retired_total 1\n"));
         assert!(text.contains("ocm_rooms 2\n"));
         assert!(text.contains("ocm_datagrams_dropped_total{reason=\"unknown_token\"} 2\n"));
         assert!(text.contains("ocm_handshakes_total{operation=\"join_room\",result=\"ok\"} 3\n"));

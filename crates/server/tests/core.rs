@@ -490,6 +490,7 @@ fn a_wildcard_bound_daemon_answers_each_member_from_the_address_it_was_sent_to()
     let d = Daemon::start_with(Options {
         tcp: Some("127.0.0.2:0".parse().unwrap()),
         udp: Some("0.0.0.0:0".parse().unwrap()),
+        metrics: true,
         ..Options::default()
     });
     let mut alice = Ocm::start_via(&d, "127.0.0.2", &["create", "lobby", "--name", "alice"]);
@@ -510,6 +511,8 @@ fn a_wildcard_bound_daemon_answers_each_member_from_the_address_it_was_sent_to()
         let err = ocm.stderr.lock().unwrap().clone();
         assert!(!err.contains("ignoring datagrams"), "{err}");
     }
+    assert_eq!(d.metric("ocm_udp_local_addresses"), 1.0);
+    assert_eq!(d.metric("ocm_udp_sources_retired_total"), 0.0);
 }
 
 #[test]

@@ -237,6 +237,10 @@ pub struct Stats {
     pub registered: usize,
     /// Tokens of closed rooms remembered.
     pub tombstones: usize,
+    /// Our addresses that members are sent from (a wildcard-bound UDP socket only).
+    pub local_addresses: usize,
+    /// Times such an address was retired, the kernel no longer taking it as a source.
+    pub sources_retired: u64,
 }
 
 /// All rooms and members.
@@ -322,6 +326,8 @@ impl Registry {
             members: self.members.len(),
             registered: self.registered,
             tombstones: self.tombstones.len(),
+            local_addresses: self.locals.live(),
+            sources_retired: self.locals.retired(),
         }
     }
 

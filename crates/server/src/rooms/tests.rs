@@ -168,7 +168,8 @@ fn create_join_refusals() {
             rooms: 1,
             members: 3,
             registered: 3,
-            tombstones: 0
+            tombstones: 0,
+            ..Stats::default()
         }
     );
 }
@@ -1414,7 +1415,8 @@ fn a_hostile_state_file_cannot_break_the_registry() {
             rooms: 1,
             members: 2,
             registered: 0,
-            tombstones: 0
+            tombstones: 0,
+            ..Stats::default()
         }
     );
     assert_eq!(reg.presence("dup").unwrap().members.len(), 2);
@@ -2200,7 +2202,8 @@ fn rebuilt_from_state_keeps_rooms_tokens_and_addresses() {
             rooms: 1,
             members: 3,
             registered: 3,
-            tombstones: 0
+            tombstones: 0,
+            ..Stats::default()
         }
     );
     let mut out = Outbox::default();
