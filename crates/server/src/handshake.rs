@@ -16,7 +16,7 @@ use crate::config::Names;
 use crate::outbox::Outbox;
 use crate::password::{self, Outcome};
 use crate::rate::{self, KeyedLimiter};
-use crate::rooms::{Registry, RoomInfo};
+use crate::rooms::{Issued, Registry, RoomInfo};
 
 /// Per-IP request rate limit settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -306,8 +306,19 @@ fn create(
         }
         _ => None,
     };
-    ctx.registry
-        .create_room(room_name, request, ctx.peer, hash, ctx.now, ctx.unix_now)
+    let created =
+        ctx.registry
+            .create_room(room_name, request, ctx.peer, hash, ctx.now, ctx.unix_now);
+    token_answer(created, room_name, request)
+}
+
+/// The answer to a create or join: the new member's token, or the registry's refusal.
+fn token_answer(
+    issued: Result<Issued, ErrorCode>,
+    room_name: &str,
+    request: &Request,
+) -> Result<Answer, Refusal> {
+    issued
         .map(|i| Answer::Token(i.token.as_str().to_owned()))
         .map_err(|code| (code, refusal_text(code, room_name, &request.username)))
 }
@@ -339,10 +350,10 @@ fn join(
             ));
         }
     }
-    ctx.registry
-        .join_room(room_name, request, ctx.peer, ctx.now, ctx.out)
-        .map(|i| Answer::Token(i.token.as_str().to_owned()))
-        .map_err(|code| (code, refusal_text(code, room_name, &request.username)))
+    let joined = ctx
+        .registry
+        .join_room(room_name, request, ctx.peer, ctx.now, ctx.out);
+    token_answer(joined, room_name, request)
 }
 
 /// Presence: who is in the room, for anyone who may enter it (password or member token).
