@@ -4,6 +4,7 @@
 mod common;
 
 use std::io::Write;
+use std::net::SocketAddr;
 
 use common::*;
 use tcrp::payload::{Compliance, ErrorCode};
@@ -487,9 +488,26 @@ fn ocm_ends_quietly_when_its_output_is_closed_and_leaves_the_room() {
 /// reply's source only there; every datagram of the test goes to and from 127.0.0.x.)
 #[test]
 fn a_wildcard_bound_daemon_answers_each_member_from_the_address_it_was_sent_to() {
+    members_talking_to_127_0_0_2_chat_through("0.0.0.0:0".parse().unwrap());
+}
+
+/// The same through a dual-stack socket (`[::]`): IPv4 datagrams arrive as v4-mapped
+/// addresses, and the answer's source is given back the same way.
+#[test]
+fn a_dual_stack_daemon_answers_ipv4_members_from_the_address_they_sent_to() {
+    let wildcard: SocketAddr = "[::]:0".parse().unwrap();
+    // A host without IPv6 cannot bind it; the IPv4 test above still runs there.
+    if let Err(e) = std::net::UdpSocket::bind(wildcard) {
+        eprintln!("skipped: this host cannot bind {wildcard}: {e}");
+        return;
+    }
+    members_talking_to_127_0_0_2_chat_through(wildcard);
+}
+
+fn members_talking_to_127_0_0_2_chat_through(udp: SocketAddr) {
     let d = Daemon::start_with(Options {
         tcp: Some("127.0.0.2:0".parse().unwrap()),
-        udp: Some("0.0.0.0:0".parse().unwrap()),
+        udp: Some(udp),
         metrics: true,
         ..Options::default()
     });
