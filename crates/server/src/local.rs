@@ -20,9 +20,11 @@
 //! datagram and the next leave by route until a datagram comes to the address again.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
+use std::str::FromStr;
 
 use log::warn;
 
@@ -59,6 +61,60 @@ impl LocalAddr {
             ifindex: if scoped { self.ifindex } else { 0 },
             ..self
         }
+    }
+}
+
+/// `192.0.2.1`, or `fe80::1%3` for an address whose interface counts (the state file's form).
+impl fmt::Display for LocalAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ifindex {
+            0 => write!(f, "{}", self.ip),
+            ifindex => write!(f, "{}%{ifindex}", self.ip),
+        }
+    }
+}
+
+impl FromStr for LocalAddr {
+    type Err = std::net::AddrParseError;
+
+    /// Reads what [`LocalAddr`]'s `Display` writes; an interface that is not a number reads as
+    /// none.
+    fn from_str(text: &str) -> Result<LocalAddr, Self::Err> {
+        let (ip, ifindex) = text.split_once('%').unwrap_or((text, ""));
+        Ok(LocalAddr {
+            ip: ip.parse::<IpAddr>()?.to_canonical(),
+            ifindex: ifindex.parse().unwrap_or(0),
+        })
+    }
+}
+
+/// Serde for an optional [`LocalAddr`] as its text, in journal records and the state file. A
+/// value that does not parse (a hand-edited file) reads as none: the member is then answered
+/// by route until it registers or chats again.
+pub mod optional_text {
+    use super::LocalAddr;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes `Some` as its text (fields that hold `None` are skipped by their attribute).
+    pub fn serialize<S: Serializer>(addr: &Option<LocalAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match addr {
+            Some(a) => s.collect_str(a),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// Reads the text, or anything else as `None`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<LocalAddr>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Any {
+            Text(String),
+            Other(serde::de::IgnoredAny),
+        }
+        Ok(match Option::<Any>::deserialize(d)? {
+            Some(Any::Text(text)) => text.parse().ok(),
+            Some(Any::Other(_)) | None => None,
+        })
     }
 }
 
@@ -282,6 +338,32 @@ mod tests {
         }
         assert_eq!(locals.id(v4([10, 9, 9, 9])), LocalId::ANY);
         assert_eq!(locals.len(), MAX_LOCALS);
+    }
+
+    #[test]
+    fn addresses_are_written_as_text_and_read_back() {
+        let link_local = LocalAddr {
+            ip: IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1)),
+            ifindex: 3,
+        };
+        for (addr, text) in [
+            (v4([192, 0, 2, 1]).map(|a| a.as_source()), "192.0.2.1"),
+            (Some(link_local), "fe80::1%3"),
+        ] {
+            let addr = addr.unwrap();
+            assert_eq!(addr.to_string(), text);
+            assert_eq!(text.parse::<LocalAddr>(), Ok(addr));
+        }
+        // A v4-mapped address reads as IPv4, as arrival addresses are kept; a bad interface
+        // reads as none.
+        assert_eq!(
+            "::ffff:127.0.0.2%x".parse::<LocalAddr>(),
+            Ok(LocalAddr {
+                ip: IpAddr::from([127, 0, 0, 2]),
+                ifindex: 0
+            })
+        );
+        assert!("127.0.0.300".parse::<LocalAddr>().is_err());
     }
 
     #[test]

@@ -10,6 +10,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
+use crate::local::LocalAddr;
+
 /// A persisted member, as written in a create or join record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MemberRecord {
@@ -62,12 +64,21 @@ pub enum Record {
         /// The new member.
         member: MemberRecord,
     },
-    /// A token's address was bound or changed.
+    /// A token's address was bound or changed, or the address of ours it sends to (on a
+    /// wildcard-bound socket).
     Register {
         /// The token.
         token: String,
-        /// Its new address.
+        /// Its address.
         address: SocketAddr,
+        /// Our address its datagrams came to, which what it hears is sent from; absent on a
+        /// socket bound to one address (and in records from before it was kept).
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            with = "crate::local::optional_text"
+        )]
+        local: Option<LocalAddr>,
     },
     /// A member (not the host) left or was expired.
     Leave {
@@ -131,9 +142,10 @@ mod tests {
 
     #[test]
     fn records_serialize_as_tagged_lines() {
-        let r = Record::Register {
+        let mut r = Record::Register {
             token: "ab".into(),
             address: "127.0.0.1:5000".parse().unwrap(),
+            local: None,
         };
         let line = serde_json::to_string(&r).unwrap();
         assert_eq!(
@@ -141,5 +153,28 @@ mod tests {
             r#"{"op":"register","token":"ab","address":"127.0.0.1:5000"}"#
         );
         assert_eq!(serde_json::from_str::<Record>(&line).unwrap(), r);
+        if let Record::Register { local, .. } = &mut r {
+            *local = "fe80::1%2".parse().ok();
+        }
+        let line = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            line,
+            r#"{"op":"register","token":"ab","address":"127.0.0.1:5000","local":"fe80::1%2"}"#
+        );
+        assert_eq!(serde_json::from_str::<Record>(&line).unwrap(), r);
+    }
+
+    #[test]
+    fn a_local_address_that_does_not_parse_reads_as_none() {
+        for value in [r#""not an address""#, "7", "[1, 2]", "null"] {
+            let line = format!(
+                r#"{{"op":"register","token":"ab","address":"127.0.0.1:5000","local":{value}}}"#
+            );
+            let record: Record = serde_json::from_str(&line).unwrap();
+            assert!(
+                matches!(record, Record::Register { local: None, .. }),
+                "{line}"
+            );
+        }
     }
 }

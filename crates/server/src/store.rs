@@ -35,6 +35,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
+use crate::local::LocalAddr;
 use crate::record::{HistoryEntry, MemberRecord, Record};
 
 /// Version written in the `version` field. Files without one (the original's) are version 0.
@@ -114,6 +115,14 @@ pub struct TokenEntry {
     /// and in files from before `ocmd` recorded it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub joined_from: Option<IpAddr>,
+    /// Our address the member's datagrams came to (a wildcard-bound socket only), which what
+    /// it hears is sent from.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::local::optional_text"
+    )]
+    pub local: Option<LocalAddr>,
 }
 
 fn yes() -> bool {
@@ -196,9 +205,14 @@ impl State {
                         .insert(member.token.clone(), token_entry(member, room, false));
                 }
             }
-            Record::Register { token, address } => {
+            Record::Register {
+                token,
+                address,
+                local,
+            } => {
                 if let Some(entry) = self.tokens.get_mut(token) {
                     entry.address = Some(*address);
+                    entry.local = *local;
                 }
             }
             Record::Leave { token } => {
@@ -295,6 +309,7 @@ fn token_entry(member: &MemberRecord, room: &str, is_host: bool) -> TokenEntry {
         caps: member.caps,
         max_datagram: member.max_datagram,
         joined_from: member.joined_from,
+        local: None,
     }
 }
 
@@ -768,7 +783,9 @@ mod tests {
         state.apply(&Record::Register {
             token: "t2".into(),
             address: "[::1]:9".parse().unwrap(),
+            local: "fe80::1%2".parse().ok(),
         });
+        assert!(state.tokens["t2"].local.is_some());
         let bytes = state.to_file_bytes(SystemTime::UNIX_EPOCH).unwrap();
         write_atomic(&paths.state, &bytes).unwrap();
         let loaded = load(&paths).unwrap();

@@ -504,6 +504,45 @@ fn a_dual_stack_daemon_answers_ipv4_members_from_the_address_they_sent_to() {
     members_talking_to_127_0_0_2_chat_through(wildcard);
 }
 
+/// Where each member's datagrams came to is saved with it: after `kill -9` and a start on the
+/// same state, members that do not register again (a keepalive of an hour) still hear the
+/// room from the address they talk to, before they send anything.
+#[test]
+fn after_a_crash_a_wildcard_bound_daemon_still_answers_from_the_address_members_sent_to() {
+    let mut d = Daemon::start_with(Options {
+        tcp: Some("127.0.0.2:0".parse().unwrap()),
+        udp: Some("0.0.0.0:0".parse().unwrap()),
+        metrics: true,
+        ..Options::default()
+    });
+    let hour = ["--keepalive", "3600"];
+    let args =
+        |op: &'static str, name: &'static str| [op, "lobby", "--name", name, hour[0], hour[1]];
+    let mut alice = Ocm::start_via(&d, "127.0.0.2", &args("create", "alice"));
+    alice.wait_stderr("* created lobby as alice");
+    let mut bob = Ocm::start_via(&d, "127.0.0.2", &args("join", "bob"));
+    bob.wait_stderr("* joined lobby as bob");
+    assert_eq!(alice.line(), "* bob joined");
+    // Both registrations, with the address they came to, are on disk before the kill.
+    let journal = d.state.with_extension("json.journal");
+    wait_until("both members saved with 127.0.0.2", || {
+        std::fs::read_to_string(&journal)
+            .is_ok_and(|j| j.matches(r#""local":"127.0.0.2""#).count() == 2)
+    });
+    d.kill9();
+    d.restart();
+    d.wait_for_log("tokens loaded");
+    alice.type_line("still there?");
+    assert_eq!(bob.line(), "alice: still there?");
+    bob.type_line("yes");
+    assert_eq!(alice.line(), "bob: yes");
+    assert_eq!(d.metric("ocm_udp_local_addresses"), 1.0);
+    for ocm in [&alice, &bob] {
+        let err = ocm.stderr.lock().unwrap().clone();
+        assert!(!err.contains("ignoring datagrams"), "{err}");
+    }
+}
+
 fn members_talking_to_127_0_0_2_chat_through(udp: SocketAddr) {
     let d = Daemon::start_with(Options {
         tcp: Some("127.0.0.2:0".parse().unwrap()),

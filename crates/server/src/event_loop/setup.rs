@@ -93,17 +93,25 @@ impl Server {
         if let Err(e) = mmsg::enable_timestamps(udp.as_raw_fd()) {
             warn!("UDP arrival timestamps unavailable ({e}); ocm_relay_delay_seconds stays empty");
         }
-        if local::needs_arrival_address(config.listen.udp) {
-            match local::enable_arrival_address(udp.as_raw_fd(), config.listen.udp) {
-                Ok(()) => info!(
-                    "UDP bound to a wildcard address: each member is answered from the address \
-                     its __REGISTER__ came to"
-                ),
-                Err(e) => warn!(
-                    "UDP arrival addresses unavailable ({e}); on a host with several addresses \
-                     replies leave from the address the route picks"
-                ),
-            }
+        let arrival_addresses = local::needs_arrival_address(config.listen.udp)
+            && match local::enable_arrival_address(udp.as_raw_fd(), config.listen.udp) {
+                Ok(()) => {
+                    info!(
+                        "UDP bound to a wildcard address: each member is answered from the \
+                         address its __REGISTER__ or chat came to"
+                    );
+                    true
+                }
+                Err(e) => {
+                    warn!(
+                        "UDP arrival addresses unavailable ({e}); on a host with several \
+                         addresses replies leave from the address the route picks"
+                    );
+                    false
+                }
+            };
+        if !arrival_addresses {
+            registry.forget_arrival_addresses();
         }
         let mut metrics_listener = match config.metrics_addr().map_err(Error::Config)? {
             Some(addr) => Some(TcpListener::bind(addr).map_err(|source| Error::Bind {

@@ -10,8 +10,8 @@ use ucrp::delivery::{self, Notice};
 use ucrp::Message;
 
 use super::tombstones::Gone;
-use super::{DropReason, Handled, Registry};
-use crate::local::LocalAddr;
+use super::{DropReason, Handled, MemberId, Registry};
+use crate::local::{LocalAddr, LocalId};
 use crate::outbox::Outbox;
 use crate::record::Record;
 use crate::token::Short;
@@ -46,6 +46,9 @@ impl Registry {
                 // even for a member bound elsewhere before the guard was turned on. A token
                 // from a file without join IPs is held to the IP of its registered address.
                 let changed = member.address != Some(src);
+                // Sent to another of our addresses (a wildcard-bound socket): saved too, so
+                // that after a restart the member is answered from it at once.
+                let relocated = member.local != local;
                 let bound = member
                     .joined_from
                     .or(member.address.map(|a| a.ip().to_canonical()));
@@ -58,7 +61,7 @@ impl Registry {
                 // A move writes a journal record: it costs what a chat message costs, or a
                 // member flipping between two ports (or anyone forging its token's datagrams)
                 // would write one per datagram. The first binding is free: it happens once.
-                if changed
+                if (changed || relocated)
                     && member.address.is_some()
                     && self.limits.chat_rate > 0.0
                     && !member
@@ -68,19 +71,17 @@ impl Registry {
                     return Handled::Dropped(DropReason::RateLimited);
                 }
                 member.last_seen = now;
-                // What the member hears leaves from the address it registers with (a keepalive
-                // follows a client that now sends to another of our addresses).
-                member.local = local;
                 if changed {
                     if member.address.is_none() {
                         self.registered += 1;
                     }
                     member.address = Some(src);
                     debug!("token {} registered from {src}", member.token.short());
-                    self.records.push(Record::Register {
-                        token: member.token.as_str().to_owned(),
-                        address: src,
-                    });
+                }
+                // What the member hears leaves from the address it registers with (a keepalive
+                // follows a client that now sends to another of our addresses).
+                if changed || relocated {
+                    self.save_address(id, local);
                 }
                 Handled::Registered { changed }
             }
@@ -92,9 +93,6 @@ impl Registry {
             }
             Message::Chat(text) => {
                 member.last_seen = now;
-                // Chat too: after a restart (the address is not saved) a member that speaks
-                // before its next keepalive is heard from the right address at once.
-                member.local = local;
                 // The original client reads 4096 bytes: a longer relay would reach it cut,
                 // perhaps inside a UTF-8 character. (Sequenced frames add 10 bytes; clients
                 // that ask for them read more.)
@@ -108,10 +106,30 @@ impl Registry {
                 {
                     return Handled::Dropped(DropReason::RateLimited);
                 }
+                // Chat sent to another of our addresses moves the member's source too (within
+                // the chat allowance just taken, so its journal records are bounded as moves are).
+                if member.local != local {
+                    self.save_address(id, local);
+                }
                 let deliveries = self.relay(id, text, now, out);
                 Handled::Relayed { deliveries }
             }
         }
+    }
+
+    /// Sets the member's source to `local` and journals its address with it, so that both
+    /// survive a restart.
+    fn save_address(&mut self, id: MemberId, local: LocalId) {
+        let member = &mut self.members[id.0];
+        member.local = local;
+        let Some(address) = member.address else {
+            return;
+        };
+        self.records.push(Record::Register {
+            token: member.token.as_str().to_owned(),
+            address,
+            local: self.locals.get(local),
+        });
     }
 
     /// A datagram whose token is not live: if the token died recently, the sender may be told

@@ -46,7 +46,7 @@ use hashbrown::HashTable;
 use rand::RngCore;
 use slab::Slab;
 
-use crate::local::Locals;
+use crate::local::{LocalId, Locals};
 use crate::record::Record;
 use crate::token::Token;
 use index::IndexHasher;
@@ -293,6 +293,19 @@ impl Registry {
     /// reads them, and retires those the kernel refuses.
     pub fn locals_mut(&mut self) -> &mut Locals {
         &mut self.locals
+    }
+
+    /// Forgets the addresses of ours that members were saved with: the UDP socket is now bound
+    /// to one address (or cannot say where datagrams arrive), and a source set per datagram
+    /// would override the bound one.
+    pub fn forget_arrival_addresses(&mut self) {
+        if self.locals.is_empty() {
+            return;
+        }
+        for (_, member) in &mut self.members {
+            member.local = LocalId::ANY;
+        }
+        self.locals = Locals::default();
     }
 
     /// Tells the registry which wall-clock time (Unix seconds) `now` is, so history entries

@@ -10,7 +10,6 @@ use tcrp::payload::{self, Caps};
 
 use super::room::{Member, Room};
 use super::{Limits, Registry, RoomId};
-use crate::local::LocalId;
 use crate::rate::TokenBucket;
 use crate::store::State;
 use crate::token::Token;
@@ -93,13 +92,16 @@ impl Registry {
                          kept as stored: {username:?}"
                     );
                 }
+                // Saved with the member on a wildcard-bound socket; the loop forgets these when
+                // the socket is now bound to one address (`forget_arrival_addresses`).
+                let local = registry.locals.id(entry.local);
                 let id = registry.insert_member(Member {
                     token: Token::from_stored(token),
                     username: entry.username.as_str().into(),
                     room: room_id,
                     is_host: *token == room.host_token,
                     address: entry.address,
-                    local: LocalId::ANY,
+                    local,
                     keepalive: entry.keepalive.map(|k| Duration::from_secs(k.into())),
                     last_seen: now,
                     caps: Caps::from_bits(entry.caps),

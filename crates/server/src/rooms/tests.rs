@@ -1,7 +1,7 @@
 //! The registry's unit tests: pure, no socket.
 
 use super::*;
-use crate::local::LocalAddr;
+use crate::local::{LocalAddr, LocalId};
 use crate::outbox::Outbox;
 use crate::record::{HistoryEntry, MemberRecord};
 use crate::store::State;
@@ -676,6 +676,82 @@ fn members_hear_the_room_from_the_address_they_registered_with() {
     let h = reg.handle_datagram(addr(3), ours(2), &late, now, &mut out);
     assert_eq!(h, Handled::ClosedReply);
     assert_eq!(ip_of(&mut reg, &out), [(3, second)]);
+}
+
+/// The address of ours a member sends to is journaled with its address when it changes, by
+/// a keepalive or by chat, and not again while it stays: a restarted registry answers each
+/// member from it at once, and forgets it all when the socket is bound to one address.
+#[test]
+fn the_address_a_member_sends_to_survives_a_restart() {
+    let Room3 {
+        mut reg,
+        host,
+        bob,
+        cy,
+        now,
+    } = room_of_three();
+    let ours = |last: u8| {
+        Some(LocalAddr {
+            ip: IpAddr::from([192, 0, 2, last]),
+            ifindex: 1,
+        })
+    };
+    let mut state = State::default();
+    for r in reg.take_records() {
+        state.apply(&r);
+    }
+    let mut out = Outbox::default();
+    let keepalive = dgram("r", &bob, "__REGISTER__");
+    for _ in 0..3 {
+        reg.handle_datagram(addr(2), ours(2), &keepalive, now, &mut out);
+    }
+    reg.handle_datagram(addr(3), ours(1), &dgram("r", &cy, "hello"), now, &mut out);
+    reg.handle_datagram(addr(3), ours(1), &dgram("r", &cy, "again"), now, &mut out);
+    let records = reg.take_records();
+    let saved: Vec<_> = records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Register { address, local, .. } => Some((address.port(), local.map(|l| l.ip))),
+            _ => None,
+        })
+        .collect();
+    let (first, second) = (
+        Some(IpAddr::from([192, 0, 2, 1])),
+        Some(IpAddr::from([192, 0, 2, 2])),
+    );
+    assert_eq!(saved, [(2, second), (3, first)], "once per change");
+    for r in &records {
+        state.apply(r);
+    }
+
+    let restored = |state: &State| {
+        let mut reg = Registry::from_state(
+            state,
+            Limits::default(),
+            Box::new(StdRng::seed_from_u64(9)),
+            now,
+        );
+        let mut out = Outbox::default();
+        reg.handle_datagram(addr(1), None, &dgram("r", &host, "hi"), now, &mut out);
+        (reg, out)
+    };
+    let (mut reg, out) = restored(&state);
+    let sources: Vec<_> = out
+        .sends
+        .iter()
+        .map(|s| (s.to.port(), reg.locals_mut().get(s.from).map(|l| l.ip)))
+        .collect();
+    assert_eq!(sources, [(2, second), (3, first)]);
+    // Kept, they write nothing more.
+    reg.handle_datagram(addr(2), ours(2), &keepalive, now, &mut Outbox::default());
+    assert!(reg.take_records().is_empty());
+
+    let (mut reg, _) = restored(&state);
+    reg.forget_arrival_addresses();
+    let mut out = Outbox::default();
+    reg.handle_datagram(addr(1), None, &dgram("r", &host, "hi"), now, &mut out);
+    assert!(out.sends.iter().all(|s| s.from == LocalId::ANY));
+    assert_eq!(reg.locals_mut().len(), 0);
 }
 
 #[test]
