@@ -116,13 +116,30 @@ pub struct TokenEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub joined_from: Option<IpAddr>,
     /// Our address the member's datagrams came to (a wildcard-bound socket only), which what
-    /// it hears is sent from.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "crate::local::optional_text"
-    )]
-    pub local: Option<LocalAddr>,
+    /// it hears is sent from. Boxed: 8 bytes in every entry instead of 24, which the
+    /// compactor's copy of 100,000 members notices, and only wildcard-bound daemons fill it.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "boxed_local")]
+    pub local: Option<Box<LocalAddr>>,
+}
+
+/// [`crate::local::optional_text`] for the boxed address of [`TokenEntry::local`].
+mod boxed_local {
+    use super::LocalAddr;
+    use crate::local::optional_text;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        addr: &Option<Box<LocalAddr>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        optional_text::serialize(&addr.as_deref().copied(), s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Box<LocalAddr>>, D::Error> {
+        Ok(optional_text::deserialize(d)?.map(Box::new))
+    }
 }
 
 fn yes() -> bool {
@@ -212,7 +229,7 @@ impl State {
             } => {
                 if let Some(entry) = self.tokens.get_mut(token) {
                     entry.address = Some(*address);
-                    entry.local = *local;
+                    entry.local = local.map(Box::new);
                 }
             }
             Record::Leave { token } => {

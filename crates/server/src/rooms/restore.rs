@@ -94,7 +94,7 @@ impl Registry {
                 }
                 // Saved with the member on a wildcard-bound socket; the loop forgets these when
                 // the socket is now bound to one address (`forget_arrival_addresses`).
-                let local = registry.locals.id(entry.local);
+                let local = registry.locals.id(entry.local.as_deref().copied());
                 let id = registry.insert_member(Member {
                     token: Token::from_stored(token),
                     username: entry.username.as_str().into(),
