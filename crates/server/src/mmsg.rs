@@ -499,12 +499,13 @@ pub fn send(
                     return result;
                 }
                 // Refused with the source it names (EINVAL for IPv6, ENETUNREACH for IPv4 when
-                // the address is no longer the host's): send it once more without, and name it
-                // if that goes through.
+                // the address is no longer the host's; ENODEV when a link-local source's
+                // interface is gone, or was saved before a reboot renumbered the interfaces):
+                // send it once more without, and name it if that goes through.
                 _ if !scratch.msgs[done].msg_hdr.msg_control.is_null()
                     && matches!(
                         err.raw_os_error(),
-                        Some(libc::EINVAL | libc::ENETUNREACH | libc::EADDRNOTAVAIL)
+                        Some(libc::EINVAL | libc::ENETUNREACH | libc::EADDRNOTAVAIL | libc::ENODEV)
                     ) =>
                 {
                     let hdr = &mut scratch.msgs[done].msg_hdr;
@@ -754,6 +755,40 @@ mod tests {
                 (b"c".to_vec(), at([127, 0, 2, 77])),
             ]
         );
+    }
+
+    /// A link-local source whose interface is gone (ENODEV) is dropped from its datagram and
+    /// named, like a source the host does not have.
+    #[test]
+    fn a_link_local_source_on_a_missing_interface_is_dropped_and_named() {
+        let Ok(server) = UdpSocket::bind("[::]:0") else {
+            eprintln!("skipped: this host cannot bind [::]");
+            return;
+        };
+        let Ok(client) = UdpSocket::bind("[::1]:0") else {
+            eprintln!("skipped: this host has no ::1");
+            return;
+        };
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let from = Some(LocalAddr {
+            ip: "fe80::1".parse().unwrap(),
+            ifindex: u32::MAX - 1,
+        });
+        let parts = [IoSlice::new(b"hi")];
+        let datagrams = [Outgoing {
+            to: client.local_addr().unwrap(),
+            from,
+            runs: 0..1,
+        }];
+        let mut scratch = SendScratch::default();
+        let sent = send(server.as_raw_fd(), &parts, &datagrams, &mut scratch);
+        assert_eq!((sent.sent, sent.failed), (1, 0));
+        assert_eq!(scratch.refused_sources(), &[0]);
+        let mut buf = [0u8; 4];
+        let (len, _) = client.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..len], b"hi");
     }
 
     /// A socket bound to one address reports no arrival address (none was asked for).
