@@ -152,6 +152,9 @@ pub struct Udp {
     /// Accept a token's `__REGISTER__` only from the IP address its join came from over TCP,
     /// so that a forged source cannot aim a room's fan-out at a third party (off by default).
     pub register_only_from_join_ip: bool,
+    /// Chat that waited longer than this in the socket's receive queue, milliseconds, is
+    /// dropped (`stale`) instead of relayed; 0 (the default) relays everything, however late.
+    pub max_chat_wait_ms: u64,
 }
 
 /// `[history]`
@@ -272,6 +275,7 @@ impl Default for Udp {
             datagrams_per_wakeup: 1024,
             max_batch_datagram_bytes: 65507,
             register_only_from_join_ip: false,
+            max_chat_wait_ms: 0,
         }
     }
 }
@@ -402,6 +406,11 @@ impl Config {
                 "history.max_bytes_per_room",
                 self.history.max_bytes_per_room as u64,
                 MAX_HISTORY_BYTES_PER_ROOM,
+            ),
+            (
+                "udp.max_chat_wait_ms",
+                self.udp.max_chat_wait_ms,
+                MAX_TIMER_SECS * 1000,
             ),
         ];
         for (key, value, max) in at_most {
@@ -567,6 +576,7 @@ mod tests {
                 "[udp]\nmax_batch_datagram_bytes = 65508",
                 "udp.max_batch_datagram_bytes",
             ),
+            ("[udp]\nmax_chat_wait_ms = 86400001", "udp.max_chat_wait_ms"),
             (
                 "[udp]\nmax_batch_datagram_bytes = 100",
                 "udp.max_batch_datagram_bytes",

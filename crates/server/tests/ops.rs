@@ -586,6 +586,61 @@ fn drop_log_lines_are_paced_and_zero_turns_them_off() {
     }
 }
 
+/// With `udp.max_chat_wait_ms`, chat that waited in the socket longer than that (here, while
+/// the daemon was stopped) is dropped and counted `stale`, not relayed late, and a
+/// `__LEAVE__` that waited as long is still acted on. By default the same chat is relayed.
+#[test]
+fn chat_that_waited_past_max_chat_wait_ms_is_shed_and_counted() {
+    for (config, shed) in [("[udp]\nmax_chat_wait_ms = 200\n", true), ("", false)] {
+        let d = Daemon::start_with(Options {
+            metrics: true,
+            config: Some(config.into()),
+            ..Options::default()
+        });
+        let (alice, bob) = room_of_two(&d, "r");
+        // Nothing to wait on: the datagram ages in a stopped daemon's socket, so the sleep is
+        // the stimulus (twice the limit), not a hope that something happened.
+        let stopped_for = Duration::from_millis(400);
+        d.signal(libc::SIGSTOP);
+        bob.send("queued");
+        thread::sleep(stopped_for);
+        d.signal(libc::SIGCONT);
+        // A fresh message until one arrives: on a loaded machine the daemon may take a while
+        // to run again, and a message sent right away could age past the limit as well.
+        let fresh = |member: &Member| {
+            let deadline = Instant::now() + PATIENCE;
+            member
+                .socket
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            loop {
+                bob.send("fresh");
+                let mut buf = [0u8; 512];
+                if let Ok((n, _)) = member.socket.recv_from(&mut buf) {
+                    member.socket.set_read_timeout(Some(PATIENCE)).unwrap();
+                    return render(&buf[..n]);
+                }
+                assert!(Instant::now() < deadline, "nothing relayed after SIGCONT");
+            }
+        };
+        let first = fresh(&alice);
+        let stale = d.metric("ocm_datagrams_dropped_total{reason=\"stale\"}");
+        if shed {
+            assert_eq!(first, "bob: fresh", "the queued chat was relayed");
+            assert!(stale >= 1.0, "stale drops: {stale}");
+        } else {
+            assert_eq!(first, "bob: queued");
+            assert_eq!(stale, 0.0);
+        }
+        // The host's __LEAVE__, as late, still closes the room.
+        d.signal(libc::SIGSTOP);
+        alice.send("__LEAVE__");
+        thread::sleep(stopped_for);
+        d.signal(libc::SIGCONT);
+        bob.recv_until("CLOSED");
+    }
+}
+
 /// Floods the UDP socket of a stopped daemon so that the kernel drops datagrams, then waits
 /// until `ocm_udp_receive_buffer_drops_total` shows them.
 fn flood_until_the_kernel_drop_counter_moves(d: &Daemon) {

@@ -4,7 +4,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{debug, warn};
 
@@ -39,14 +39,24 @@ impl Server {
             };
             budget = budget.saturating_sub(count);
             self.metrics.datagrams_received += count as u64;
+            let shed = self.shed_chat_arrived_before();
             for i in 0..count {
                 let Some((src, bytes)) = self.receiver.datagram(i) else {
                     continue;
                 };
                 let arrival = self.receiver.arrived_at(i);
-                let handled =
+                let late = shed.is_some_and(|limit| {
+                    self.receiver
+                        .arrived(i)
+                        .is_some_and(|arrived| arrived < limit)
+                });
+                let handled = if late {
                     self.registry
-                        .handle_datagram(src, arrival, bytes, now, &mut self.outbox);
+                        .handle_late_datagram(src, arrival, bytes, now, &mut self.outbox)
+                } else {
+                    self.registry
+                        .handle_datagram(src, arrival, bytes, now, &mut self.outbox)
+                };
                 account(
                     &mut self.metrics,
                     &mut self.drop_log,
@@ -62,6 +72,20 @@ impl Server {
             self.record_relay_delays(count);
         }
         true
+    }
+
+    /// With `udp.max_chat_wait_ms` set, the arrival time (the kernel's stamp, since the Unix
+    /// epoch) before which chat has waited too long to be relayed. Read once per batch: the
+    /// datagrams of a batch were all waiting when it was read. A wall clock stepped back
+    /// sheds nothing it would not have; stepped forward, it may shed what was queued at the
+    /// step once.
+    fn shed_chat_arrived_before(&self) -> Option<Duration> {
+        let max_wait = self.config.udp.max_chat_wait_ms;
+        if max_wait == 0 {
+            return None;
+        }
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
+        now.checked_sub(Duration::from_millis(max_wait))
     }
 
     /// Counts, for each datagram of the last batch read, the time from its arrival on the

@@ -91,7 +91,10 @@ impl Server {
         );
         debug!("UDP buffers: receive {rcvbuf} bytes, send {sndbuf} bytes");
         if let Err(e) = mmsg::enable_timestamps(udp.as_raw_fd()) {
-            warn!("UDP arrival timestamps unavailable ({e}); ocm_relay_delay_seconds stays empty");
+            warn!(
+                "UDP arrival timestamps unavailable ({e}); ocm_relay_delay_seconds stays empty \
+                 and udp.max_chat_wait_ms drops nothing"
+            );
         }
         let arrival_addresses = local::needs_arrival_address(config.listen.udp)
             && match local::enable_arrival_address(udp.as_raw_fd(), config.listen.udp) {

@@ -16,6 +16,14 @@ use crate::outbox::Outbox;
 use crate::record::Record;
 use crate::token::Short;
 
+/// What to do with a chat message that passes every check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chat {
+    Relay,
+    /// It waited too long in the socket: drop it (counted `stale`).
+    Shed,
+}
+
 impl Registry {
     /// Decides what to do with one datagram from `src`, sent to our address `arrival` (`None`
     /// when the socket does not say, being bound to one address).
@@ -26,6 +34,33 @@ impl Registry {
         bytes: &[u8],
         now: Instant,
         out: &mut Outbox,
+    ) -> Handled {
+        self.handle(src, arrival, bytes, now, out, Chat::Relay)
+    }
+
+    /// As [`Registry::handle_datagram`], for a datagram that waited in the socket's receive
+    /// queue past `udp.max_chat_wait_ms`: chat is dropped (`stale`) instead of relayed, once
+    /// checked like any other (so it still counts as a sign of life of its member);
+    /// `__REGISTER__` and `__LEAVE__` are handled as ever, however late.
+    pub fn handle_late_datagram(
+        &mut self,
+        src: SocketAddr,
+        arrival: Option<LocalAddr>,
+        bytes: &[u8],
+        now: Instant,
+        out: &mut Outbox,
+    ) -> Handled {
+        self.handle(src, arrival, bytes, now, out, Chat::Shed)
+    }
+
+    fn handle(
+        &mut self,
+        src: SocketAddr,
+        arrival: Option<LocalAddr>,
+        bytes: &[u8],
+        now: Instant,
+        out: &mut Outbox,
+        chat: Chat,
     ) -> Handled {
         let datagram = match ucrp::parse(bytes) {
             Ok(d) => d,
@@ -93,6 +128,9 @@ impl Registry {
             }
             Message::Chat(text) => {
                 member.last_seen = now;
+                if chat == Chat::Shed {
+                    return Handled::Dropped(DropReason::Stale);
+                }
                 // The original client reads 4096 bytes: a longer relay would reach it cut,
                 // perhaps inside a UTF-8 character. (Sequenced frames add 10 bytes; clients
                 // that ask for them read more.)

@@ -142,11 +142,15 @@ pub enum DropReason {
     /// `__REGISTER__` from an IP address other than the one the token joined from, with
     /// `register_only_from_join_ip` on.
     NotJoinIp,
+    /// Chat that waited in the socket's receive queue longer than `udp.max_chat_wait_ms`
+    /// ([`Registry::handle_late_datagram`]): relayed that late it would only add to the
+    /// backlog that delayed it.
+    Stale,
 }
 
 impl DropReason {
     /// Every reason that is not a codec error, for metrics.
-    pub const REGISTRY: [DropReason; 7] = [
+    pub const REGISTRY: [DropReason; 8] = [
         DropReason::UnknownToken,
         DropReason::WrongRoom,
         DropReason::Unregistered,
@@ -154,6 +158,7 @@ impl DropReason {
         DropReason::RateLimited,
         DropReason::TooLargeToRelay,
         DropReason::NotJoinIp,
+        DropReason::Stale,
     ];
 
     /// Stable label for counters and logs.
@@ -167,6 +172,7 @@ impl DropReason {
             DropReason::RateLimited => "rate_limited",
             DropReason::TooLargeToRelay => "too_large_to_relay",
             DropReason::NotJoinIp => "not_join_ip",
+            DropReason::Stale => "stale",
         }
     }
 }

@@ -754,6 +754,53 @@ fn the_address_a_member_sends_to_survives_a_restart() {
     assert_eq!(reg.locals_mut().len(), 0);
 }
 
+/// A datagram that waited in the socket past `udp.max_chat_wait_ms`: chat is checked as ever
+/// and dropped as `stale` (a bad token is still `unknown_token`), nothing is sent and the
+/// room's numbering does not move; `__REGISTER__` and `__LEAVE__` are acted on however late.
+#[test]
+fn late_chat_is_shed_and_late_control_datagrams_are_not() {
+    let mut t = room_of_three();
+    let mut out = Outbox::default();
+    let late = |t: &mut Room3, port, token: &Token, text: &str, out: &mut Outbox| {
+        let bytes = dgram("r", token, text);
+        t.reg
+            .handle_late_datagram(addr(port), None, &bytes, t.now, out)
+    };
+    let (bob, host) = (t.bob.clone(), t.host.clone());
+    assert_eq!(
+        late(&mut t, 2, &bob, "hello", &mut out),
+        Handled::Dropped(DropReason::Stale)
+    );
+    let stranger = Token::from_stored(&"ee".repeat(16));
+    assert_eq!(
+        late(&mut t, 2, &stranger, "hello", &mut out),
+        Handled::Dropped(DropReason::UnknownToken)
+    );
+    assert_eq!(
+        late(&mut t, 2, &bob, "hello", &mut out),
+        Handled::Dropped(DropReason::Stale),
+        "from its own address only"
+    );
+    assert!(out.is_empty());
+    assert_eq!(
+        late(&mut t, 7, &bob, "__REGISTER__", &mut out),
+        Handled::Registered { changed: true }
+    );
+    let relayed = t
+        .reg
+        .handle_datagram(addr(1), None, &dgram("r", &host, "hi"), t.now, &mut out);
+    assert_eq!(relayed, Handled::Relayed { deliveries: 2 });
+    assert_eq!(
+        sent(&out),
+        [(addr(7), "host: hi".into()), (addr(3), "host: hi".into())]
+    );
+    out.clear();
+    assert_eq!(
+        late(&mut t, 1, &host, "__LEAVE__", &mut out),
+        Handled::Closed { notified: 2 }
+    );
+}
+
 #[test]
 fn member_leave_then_host_leave_closes_the_room() {
     let mut t = room_of_three();
