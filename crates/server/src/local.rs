@@ -124,7 +124,7 @@ pub struct LocalId(u16);
 
 impl LocalId {
     /// No address known: the kernel picks the source (a socket bound to one address, a
-    /// member loaded from the state file that has not registered since).
+    /// member that has sent nothing to a wildcard-bound one since it was saved).
     pub const ANY: LocalId = LocalId(0);
 }
 

@@ -186,6 +186,14 @@ mod address_format {
 }
 
 impl State {
+    /// Drops the addresses of ours that members were saved with (`local`), for a daemon whose
+    /// UDP socket is bound to one address.
+    pub fn forget_local_addresses(&mut self) {
+        for entry in self.tokens.values_mut() {
+            entry.local = None;
+        }
+    }
+
     /// Applies one journal record. Records that refer to rooms or tokens that are gone are
     /// no-ops, so replay is safe whatever the file already holds.
     pub fn apply(&mut self, record: &Record) {

@@ -496,17 +496,23 @@ fn a_wildcard_bound_daemon_answers_each_member_from_the_address_it_was_sent_to()
 #[test]
 fn a_dual_stack_daemon_answers_ipv4_members_from_the_address_they_sent_to() {
     let wildcard: SocketAddr = "[::]:0".parse().unwrap();
-    // A host without IPv6 cannot bind it; the IPv4 test above still runs there.
+    // A host without IPv6 cannot bind it, and with net.ipv6.bindv6only = 1 it takes no IPv4;
+    // the IPv4 test above still runs there.
     if let Err(e) = std::net::UdpSocket::bind(wildcard) {
         eprintln!("skipped: this host cannot bind {wildcard}: {e}");
+        return;
+    }
+    if std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|v| v.trim() == "1") {
+        eprintln!("skipped: net.ipv6.bindv6only = 1, so {wildcard} takes no IPv4");
         return;
     }
     members_talking_to_127_0_0_2_chat_through(wildcard);
 }
 
 /// Where each member's datagrams came to is saved with it: after `kill -9` and a start on the
-/// same state, members that do not register again (a keepalive of an hour) still hear the
-/// room from the address they talk to, before they send anything.
+/// same state, a member that does not register again (a keepalive of an hour) still hears the
+/// room from the address it talks to, before it sends anything. (Bob, here: Alice's own chat
+/// would teach the restarted daemon her address.)
 #[test]
 fn after_a_crash_a_wildcard_bound_daemon_still_answers_from_the_address_members_sent_to() {
     let mut d = Daemon::start_with(Options {
@@ -527,7 +533,7 @@ fn after_a_crash_a_wildcard_bound_daemon_still_answers_from_the_address_members_
     let journal = d.state.with_extension("json.journal");
     wait_until("both members saved with 127.0.0.2", || {
         std::fs::read_to_string(&journal)
-            .is_ok_and(|j| j.matches(r#""local":"127.0.0.2""#).count() == 2)
+            .is_ok_and(|j| j.matches(r#""local":"127.0.0.2""#).count() >= 2)
     });
     d.kill9();
     d.restart();

@@ -130,6 +130,7 @@ impl Server {
         }
         self.flush_outbox();
         self.registry.checkpoint_history();
+        self.registry.save_sources();
         self.persist();
         if let Some(mut persister) = self.persister.take() {
             // Let waiting joins get their tokens: wait (bounded) for the batches in flight.

@@ -299,6 +299,7 @@ impl Server {
         if now >= self.next_checkpoint {
             self.registry
                 .checkpoint_history_within(HISTORY_CHECKPOINT_BYTES);
+            self.registry.save_sources();
             self.next_checkpoint = now + Duration::from_secs(self.config.history.checkpoint_secs);
         }
         if now >= self.next_status {

@@ -46,7 +46,13 @@ impl Server {
         let paths = Paths::new(&config.state.path);
         let lock = persist::lock(&paths)?;
         let started = Instant::now();
-        let loaded = store::load(&paths)?;
+        let mut loaded = store::load(&paths)?;
+        // Bound to one address, the socket sends from it: addresses members were saved with
+        // on a wildcard-bound socket would override it. Dropped from the writer's copy too, so
+        // the next snapshot leaves them out.
+        if !local::needs_arrival_address(config.listen.udp) {
+            loaded.state.forget_local_addresses();
+        }
         let now = Instant::now();
         let mut registry = Registry::from_state(
             &loaded.state,
@@ -114,6 +120,8 @@ impl Server {
                 }
             };
         if !arrival_addresses {
+            // Only when the kernel refused to say where datagrams arrive: the addresses stay
+            // in the state file for a start that can use them.
             registry.forget_arrival_addresses();
         }
         let mut metrics_listener = match config.metrics_addr().map_err(Error::Config)? {

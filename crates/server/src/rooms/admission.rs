@@ -52,6 +52,7 @@ impl Registry {
             is_host,
             address: None,
             local: LocalId::ANY,
+            local_unsaved: false,
             keepalive,
             last_seen: now,
             caps: request.caps,

@@ -81,9 +81,6 @@ impl Registry {
                 // even for a member bound elsewhere before the guard was turned on. A token
                 // from a file without join IPs is held to the IP of its registered address.
                 let changed = member.address != Some(src);
-                // Sent to another of our addresses (a wildcard-bound socket): saved too, so
-                // that after a restart the member is answered from it at once.
-                let relocated = member.local != local;
                 let bound = member
                     .joined_from
                     .or(member.address.map(|a| a.ip().to_canonical()));
@@ -96,7 +93,7 @@ impl Registry {
                 // A move writes a journal record: it costs what a chat message costs, or a
                 // member flipping between two ports (or anyone forging its token's datagrams)
                 // would write one per datagram. The first binding is free: it happens once.
-                if (changed || relocated)
+                if changed
                     && member.address.is_some()
                     && self.limits.chat_rate > 0.0
                     && !member
@@ -106,18 +103,24 @@ impl Registry {
                     return Handled::Dropped(DropReason::RateLimited);
                 }
                 member.last_seen = now;
-                if changed {
-                    if member.address.is_none() {
-                        self.registered += 1;
-                    }
-                    member.address = Some(src);
-                    debug!("token {} registered from {src}", member.token.short());
+                if !changed {
+                    // A keepalive to another of our addresses moves what the member hears
+                    // there; it is saved at the next checkpoint.
+                    self.move_source(id, local);
+                    return Handled::Registered { changed };
                 }
-                // What the member hears leaves from the address it registers with (a keepalive
-                // follows a client that now sends to another of our addresses).
-                if changed || relocated {
-                    self.save_address(id, local);
+                if member.address.is_none() {
+                    self.registered += 1;
                 }
+                member.address = Some(src);
+                member.local = local;
+                member.local_unsaved = false;
+                debug!("token {} registered from {src}", member.token.short());
+                self.records.push(Record::Register {
+                    token: member.token.as_str().to_owned(),
+                    address: src,
+                    local: self.locals.get(local),
+                });
                 Handled::Registered { changed }
             }
             _ if member.address.is_none() => Handled::Dropped(DropReason::Unregistered),
@@ -144,30 +147,56 @@ impl Registry {
                 {
                     return Handled::Dropped(DropReason::RateLimited);
                 }
-                // Chat sent to another of our addresses moves the member's source too (within
-                // the chat allowance just taken, so its journal records are bounded as moves are).
-                if member.local != local {
-                    self.save_address(id, local);
-                }
+                // Chat sent to another of our addresses moves the member's source too.
+                self.move_source(id, local);
                 let deliveries = self.relay(id, text, now, out);
                 Handled::Relayed { deliveries }
             }
         }
     }
 
-    /// Sets the member's source to `local` and journals its address with it, so that both
-    /// survive a restart.
-    fn save_address(&mut self, id: MemberId, local: LocalId) {
+    /// Sends the member what it hears from our address `local` from now on (a wildcard-bound
+    /// socket; the one its datagrams now come to). Saved at the next checkpoint
+    /// ([`Registry::save_sources`]), not at once: the address is soft state, a member whose
+    /// datagrams alternate between our addresses (a name with several of them, resolved
+    /// again for each send) would otherwise write a record per datagram, and one lost to a
+    /// crash is learned again from the member's next datagram.
+    fn move_source(&mut self, id: MemberId, local: LocalId) {
         let member = &mut self.members[id.0];
-        member.local = local;
-        let Some(address) = member.address else {
+        if member.local == local {
             return;
-        };
-        self.records.push(Record::Register {
-            token: member.token.as_str().to_owned(),
-            address,
-            local: self.locals.get(local),
-        });
+        }
+        member.local = local;
+        if !std::mem::replace(&mut member.local_unsaved, true) {
+            self.sources_unsaved.push(id);
+        }
+    }
+
+    /// Journals the address of each member whose source moved since it was last saved, with
+    /// that source, so that after a restart it is answered from there at once: at most one
+    /// record per member per checkpoint. Returns how many.
+    pub fn save_sources(&mut self) -> usize {
+        let mut written = 0;
+        for id in std::mem::take(&mut self.sources_unsaved) {
+            // A member gone since (its slot perhaps reused by a member with nothing unsaved)
+            // has nothing to save.
+            let Some(member) = self.members.get_mut(id.0) else {
+                continue;
+            };
+            if !std::mem::replace(&mut member.local_unsaved, false) {
+                continue;
+            }
+            let Some(address) = member.address else {
+                continue;
+            };
+            self.records.push(Record::Register {
+                token: member.token.as_str().to_owned(),
+                address,
+                local: self.locals.get(member.local),
+            });
+            written += 1;
+        }
+        written
     }
 
     /// A datagram whose token is not live: if the token died recently, the sender may be told

@@ -271,6 +271,8 @@ pub struct Registry {
     /// Our addresses that datagrams with a live token came to, numbered: each member is sent
     /// from the one it last registered or chatted with (a socket bound to a wildcard address).
     locals: Locals,
+    /// Members whose source (`local`) moved since it was last journaled.
+    sources_unsaved: Vec<MemberId>,
 }
 
 impl Registry {
@@ -292,6 +294,7 @@ impl Registry {
             wall_clock: None,
             checkpoint_cursor: 0,
             locals: Locals::default(),
+            sources_unsaved: Vec::new(),
         }
     }
 

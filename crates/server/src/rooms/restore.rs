@@ -102,6 +102,7 @@ impl Registry {
                     is_host: *token == room.host_token,
                     address: entry.address,
                     local,
+                    local_unsaved: false,
                     keepalive: entry.keepalive.map(|k| Duration::from_secs(k.into())),
                     last_seen: now,
                     caps: Caps::from_bits(entry.caps),

@@ -77,10 +77,11 @@ pub(super) struct Member {
     pub(super) room: RoomId,
     pub(super) is_host: bool,
     pub(super) address: Option<SocketAddr>,
-    /// Which of our addresses its last accepted `__REGISTER__` came to: what it is sent from
-    /// (on a socket bound to a wildcard address; not persisted, learned again at the next
-    /// register).
+    /// Which of our addresses its last accepted `__REGISTER__` or chat came to: what it is
+    /// sent from (on a socket bound to a wildcard address; saved with its address).
     pub(super) local: LocalId,
+    /// `local` moved since it was last journaled ([`super::Registry::save_sources`]).
+    pub(super) local_unsaved: bool,
     pub(super) keepalive: Option<Duration>,
     pub(super) last_seen: Instant,
     pub(super) caps: Caps,

@@ -657,7 +657,7 @@ fn members_hear_the_room_from_the_address_they_registered_with() {
     reg.handle_datagram(addr(2), ours(2), &keepalive, now, &mut out);
     reg.handle_datagram(addr(1), None, &chat, now, &mut out);
     assert_eq!(ip_of(&mut reg, &out), [(2, second), (3, second)]);
-    // Cy chats to our first address: she is answered from there (a restart forgets it).
+    // Cy chats to our first address: she is answered from there.
     out.clear();
     reg.handle_datagram(addr(3), ours(1), &dgram("r", &cy, "hello"), now, &mut out);
     reg.handle_datagram(addr(1), None, &chat, now, &mut out);
@@ -678,9 +678,10 @@ fn members_hear_the_room_from_the_address_they_registered_with() {
     assert_eq!(ip_of(&mut reg, &out), [(3, second)]);
 }
 
-/// The address of ours a member sends to is journaled with its address when it changes, by
-/// a keepalive or by chat, and not again while it stays: a restarted registry answers each
-/// member from it at once, and forgets it all when the socket is bound to one address.
+/// The address of ours a member sends to moves with its keepalives and chat, and is journaled
+/// with its address at the next checkpoint (`save_sources`), once however often it moved: a
+/// restarted registry answers each member from it at once, and forgets it all when the socket
+/// is bound to one address.
 #[test]
 fn the_address_a_member_sends_to_survives_a_restart() {
     let Room3 {
@@ -702,11 +703,18 @@ fn the_address_a_member_sends_to_survives_a_restart() {
     }
     let mut out = Outbox::default();
     let keepalive = dgram("r", &bob, "__REGISTER__");
-    for _ in 0..3 {
-        reg.handle_datagram(addr(2), ours(2), &keepalive, now, &mut out);
+    for local in [ours(1), ours(2), ours(1), ours(2)] {
+        let h = reg.handle_datagram(addr(2), local, &keepalive, now, &mut out);
+        assert_eq!(h, Handled::Registered { changed: false });
     }
     reg.handle_datagram(addr(3), ours(1), &dgram("r", &cy, "hello"), now, &mut out);
     reg.handle_datagram(addr(3), ours(1), &dgram("r", &cy, "again"), now, &mut out);
+    assert!(
+        reg.take_records().is_empty(),
+        "saved at the checkpoint, not at once"
+    );
+    assert_eq!(reg.save_sources(), 2);
+    assert_eq!(reg.save_sources(), 0, "nothing moved since");
     let records = reg.take_records();
     let saved: Vec<_> = records
         .iter()
@@ -719,7 +727,7 @@ fn the_address_a_member_sends_to_survives_a_restart() {
         Some(IpAddr::from([192, 0, 2, 1])),
         Some(IpAddr::from([192, 0, 2, 2])),
     );
-    assert_eq!(saved, [(2, second), (3, first)], "once per change");
+    assert_eq!(saved, [(2, second), (3, first)]);
     for r in &records {
         state.apply(r);
     }
@@ -744,14 +752,76 @@ fn the_address_a_member_sends_to_survives_a_restart() {
     assert_eq!(sources, [(2, second), (3, first)]);
     // Kept, they write nothing more.
     reg.handle_datagram(addr(2), ours(2), &keepalive, now, &mut Outbox::default());
+    assert_eq!(reg.save_sources(), 0);
     assert!(reg.take_records().is_empty());
 
+    // A socket bound to one address: the state forgets them before the registry is built.
+    let mut bound = state.clone();
+    bound.forget_local_addresses();
+    let (mut reg, out) = restored(&bound);
+    assert!(out.sends.iter().all(|s| s.from == LocalId::ANY));
+    assert_eq!(reg.locals_mut().len(), 0);
+    // So does a registry told so (the kernel would not say where datagrams arrive).
     let (mut reg, _) = restored(&state);
     reg.forget_arrival_addresses();
     let mut out = Outbox::default();
     reg.handle_datagram(addr(1), None, &dgram("r", &host, "hi"), now, &mut out);
     assert!(out.sends.iter().all(|s| s.from == LocalId::ANY));
     assert_eq!(reg.locals_mut().len(), 0);
+}
+
+/// A keepalive from the member's own address to another of ours is always accepted, however
+/// often (it takes nothing from the chat allowance, unlike a move to another address of the
+/// member's), and a move refused for the allowance leaves the member's source where it was.
+#[test]
+fn keepalives_to_our_other_addresses_are_never_rate_limited() {
+    let mut reg = Registry::new(
+        Limits {
+            chat_rate: 1.0,
+            chat_burst: 1.0,
+            ..Limits::default()
+        },
+        Box::new(StdRng::seed_from_u64(11)),
+    );
+    let now = Instant::now();
+    let mut out = Outbox::default();
+    let host = reg
+        .create_room("r", &Request::original("host"), HERE, None, now, 0.0)
+        .unwrap()
+        .token;
+    let ours = |last: u8| {
+        Some(LocalAddr {
+            ip: IpAddr::from([192, 0, 2, last]),
+            ifindex: 0,
+        })
+    };
+    let keepalive = dgram("r", &host, "__REGISTER__");
+    let h = reg.handle_datagram(addr(1), ours(1), &keepalive, now, &mut out);
+    assert_eq!(h, Handled::Registered { changed: true });
+    for i in 0..20 {
+        let h = reg.handle_datagram(addr(1), ours(1 + i % 2), &keepalive, now, &mut out);
+        assert_eq!(h, Handled::Registered { changed: false }, "keepalive {i}");
+    }
+    // Over the allowance, a move to another port is refused, and the source stays.
+    assert_eq!(
+        reg.handle_datagram(addr(5), ours(1), &keepalive, now, &mut out),
+        Handled::Registered { changed: true }
+    );
+    assert_eq!(
+        reg.handle_datagram(addr(6), ours(2), &keepalive, now, &mut out),
+        Handled::Dropped(DropReason::RateLimited)
+    );
+    let moves: Vec<_> = reg
+        .take_records()
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Register { address, local, .. } => Some((address.port(), local.map(|l| l.ip))),
+            _ => None,
+        })
+        .collect();
+    let first = Some(IpAddr::from([192, 0, 2, 1]));
+    assert_eq!(moves, [(1, first), (5, first)]);
+    assert_eq!(reg.save_sources(), 0, "the move saved the source with it");
 }
 
 /// A datagram that waited in the socket past `udp.max_chat_wait_ms`: chat is checked as ever
