@@ -609,6 +609,34 @@ fn create_refusal_names_what_create_room_would_refuse() {
     assert_eq!(refused.err(), Some(ErrorCode::ServerFull));
 }
 
+/// Our address 192.0.2.`last`, as a wildcard-bound socket reports where a datagram came to.
+fn ours(last: u8) -> Option<LocalAddr> {
+    Some(LocalAddr {
+        ip: IpAddr::from([192, 0, 2, last]),
+        ifindex: 1,
+    })
+}
+
+/// Each send's destination port and the IP of ours it leaves from (`None`: the kernel's
+/// choice).
+fn sources(reg: &mut Registry, out: &Outbox) -> Vec<(u16, Option<IpAddr>)> {
+    out.sends
+        .iter()
+        .map(|s| (s.to.port(), reg.locals_mut().get(s.from).map(|l| l.ip)))
+        .collect()
+}
+
+/// The `register` records among `records`: the member's port and the IP of ours saved with it.
+fn saved_sources(records: &[Record]) -> Vec<(u16, Option<IpAddr>)> {
+    records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Register { address, local, .. } => Some((address.port(), local.map(|l| l.ip))),
+            _ => None,
+        })
+        .collect()
+}
+
 /// On a socket bound to a wildcard address, each member is sent what it hears from the
 /// address of ours its last `__REGISTER__` or chat came to (a keepalive to another one moves
 /// it), and a late datagram with a dead token is answered from the address it came to. Only
@@ -622,18 +650,6 @@ fn members_hear_the_room_from_the_address_they_registered_with() {
         cy,
         now,
     } = room_of_three();
-    let ours = |last: u8| {
-        Some(LocalAddr {
-            ip: IpAddr::from([192, 0, 2, last]),
-            ifindex: 1,
-        })
-    };
-    let ip_of = |reg: &mut Registry, out: &Outbox| -> Vec<(u16, Option<IpAddr>)> {
-        out.sends
-            .iter()
-            .map(|s| (s.to.port(), reg.locals_mut().get(s.from).map(|l| l.ip)))
-            .collect()
-    };
     let (first, second) = (
         Some(IpAddr::from([192, 0, 2, 1])),
         Some(IpAddr::from([192, 0, 2, 2])),
@@ -650,32 +666,32 @@ fn members_hear_the_room_from_the_address_they_registered_with() {
     }
     let chat = dgram("r", &host, "hi");
     reg.handle_datagram(addr(1), None, &chat, now, &mut out);
-    assert_eq!(ip_of(&mut reg, &out), [(2, first), (3, second)]);
+    assert_eq!(sources(&mut reg, &out), [(2, first), (3, second)]);
     // Bob's keepalive now reaches our second address: so does what he hears.
     out.clear();
     let keepalive = dgram("r", &bob, "__REGISTER__");
     reg.handle_datagram(addr(2), ours(2), &keepalive, now, &mut out);
     reg.handle_datagram(addr(1), None, &chat, now, &mut out);
-    assert_eq!(ip_of(&mut reg, &out), [(2, second), (3, second)]);
+    assert_eq!(sources(&mut reg, &out), [(2, second), (3, second)]);
     // Cy chats to our first address: she is answered from there.
     out.clear();
     reg.handle_datagram(addr(3), ours(1), &dgram("r", &cy, "hello"), now, &mut out);
     reg.handle_datagram(addr(1), None, &chat, now, &mut out);
     assert_eq!(
-        ip_of(&mut reg, &out),
+        sources(&mut reg, &out),
         [(1, None), (2, second), (2, second), (3, first)]
     );
     // The host leaves: the closure leaves from each member's address too.
     out.clear();
     let leave = dgram("r", &host, "__LEAVE__");
     reg.handle_datagram(addr(1), None, &leave, now, &mut out);
-    assert_eq!(ip_of(&mut reg, &out), [(2, second), (3, first)]);
+    assert_eq!(sources(&mut reg, &out), [(2, second), (3, first)]);
     // A late datagram with cy's dead token, to our second address, is answered from there.
     out.clear();
     let late = dgram("r", &cy, "still here?");
     let h = reg.handle_datagram(addr(3), ours(2), &late, now, &mut out);
     assert_eq!(h, Handled::ClosedReply);
-    assert_eq!(ip_of(&mut reg, &out), [(3, second)]);
+    assert_eq!(sources(&mut reg, &out), [(3, second)]);
 }
 
 /// The address of ours a member sends to moves with its keepalives and chat, and is journaled
@@ -691,12 +707,6 @@ fn the_address_a_member_sends_to_survives_a_restart() {
         cy,
         now,
     } = room_of_three();
-    let ours = |last: u8| {
-        Some(LocalAddr {
-            ip: IpAddr::from([192, 0, 2, last]),
-            ifindex: 1,
-        })
-    };
     let mut state = State::default();
     for r in reg.take_records() {
         state.apply(&r);
@@ -716,13 +726,7 @@ fn the_address_a_member_sends_to_survives_a_restart() {
     assert_eq!(reg.save_sources(), 2);
     assert_eq!(reg.save_sources(), 0, "nothing moved since");
     let records = reg.take_records();
-    let saved: Vec<_> = records
-        .iter()
-        .filter_map(|r| match r {
-            Record::Register { address, local, .. } => Some((address.port(), local.map(|l| l.ip))),
-            _ => None,
-        })
-        .collect();
+    let saved = saved_sources(&records);
     let (first, second) = (
         Some(IpAddr::from([192, 0, 2, 1])),
         Some(IpAddr::from([192, 0, 2, 2])),
@@ -744,12 +748,7 @@ fn the_address_a_member_sends_to_survives_a_restart() {
         (reg, out)
     };
     let (mut reg, out) = restored(&state);
-    let sources: Vec<_> = out
-        .sends
-        .iter()
-        .map(|s| (s.to.port(), reg.locals_mut().get(s.from).map(|l| l.ip)))
-        .collect();
-    assert_eq!(sources, [(2, second), (3, first)]);
+    assert_eq!(sources(&mut reg, &out), [(2, second), (3, first)]);
     // Kept, they write nothing more.
     reg.handle_datagram(addr(2), ours(2), &keepalive, now, &mut Outbox::default());
     assert_eq!(reg.save_sources(), 0);
@@ -789,12 +788,6 @@ fn keepalives_to_our_other_addresses_are_never_rate_limited() {
         .create_room("r", &Request::original("host"), HERE, None, now, 0.0)
         .unwrap()
         .token;
-    let ours = |last: u8| {
-        Some(LocalAddr {
-            ip: IpAddr::from([192, 0, 2, last]),
-            ifindex: 0,
-        })
-    };
     let keepalive = dgram("r", &host, "__REGISTER__");
     let h = reg.handle_datagram(addr(1), ours(1), &keepalive, now, &mut out);
     assert_eq!(h, Handled::Registered { changed: true });
@@ -811,14 +804,7 @@ fn keepalives_to_our_other_addresses_are_never_rate_limited() {
         reg.handle_datagram(addr(6), ours(2), &keepalive, now, &mut out),
         Handled::Dropped(DropReason::RateLimited)
     );
-    let moves: Vec<_> = reg
-        .take_records()
-        .into_iter()
-        .filter_map(|r| match r {
-            Record::Register { address, local, .. } => Some((address.port(), local.map(|l| l.ip))),
-            _ => None,
-        })
-        .collect();
+    let moves = saved_sources(&reg.take_records());
     let first = Some(IpAddr::from([192, 0, 2, 1]));
     assert_eq!(moves, [(1, first), (5, first)]);
     assert_eq!(reg.save_sources(), 0, "the move saved the source with it");
