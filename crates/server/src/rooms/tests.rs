@@ -92,7 +92,12 @@ struct Room3 {
 /// A registry holding room `r`, created by an original client named `host`: the
 /// registry, the time used, an empty outbox and the host's token.
 fn room_r() -> (Registry, Instant, Outbox, Token) {
-    let mut reg = registry();
+    room_r_with(Limits::default())
+}
+
+/// Room `r` with its host, in a registry under `limits`.
+fn room_r_with(limits: Limits) -> (Registry, Instant, Outbox, Token) {
+    let mut reg = Registry::new(limits, Box::new(StdRng::seed_from_u64(7)));
     let now = Instant::now();
     let host = reg
         .create_room("r", &Request::original("host"), HERE, None, now, 1.0)
@@ -774,20 +779,11 @@ fn the_address_a_member_sends_to_survives_a_restart() {
 /// member's), and a move refused for the allowance leaves the member's source where it was.
 #[test]
 fn keepalives_to_our_other_addresses_are_never_rate_limited() {
-    let mut reg = Registry::new(
-        Limits {
-            chat_rate: 1.0,
-            chat_burst: 1.0,
-            ..Limits::default()
-        },
-        Box::new(StdRng::seed_from_u64(11)),
-    );
-    let now = Instant::now();
-    let mut out = Outbox::default();
-    let host = reg
-        .create_room("r", &Request::original("host"), HERE, None, now, 0.0)
-        .unwrap()
-        .token;
+    let (mut reg, now, mut out, host) = room_r_with(Limits {
+        chat_rate: 1.0,
+        chat_burst: 1.0,
+        ..Limits::default()
+    });
     let keepalive = dgram("r", &host, "__REGISTER__");
     let h = reg.handle_datagram(addr(1), ours(1), &keepalive, now, &mut out);
     assert_eq!(h, Handled::Registered { changed: true });
