@@ -154,9 +154,12 @@ fn is_zero(v: &u8) -> bool {
 
 /// `address` is `["127.0.0.1", 5000]` in the original's files (a Python tuple); we also read
 /// `"127.0.0.1:5000"`, and a value that is neither (or an unparsable IP) counts as no address.
+/// An IPv6 address with a zone (a link-local peer) keeps it in the pair's text:
+/// `["fe80::3%2", 5000]`.
 mod address_format {
     use super::*;
     use serde::{Deserializer, Serializer};
+    use std::net::SocketAddrV6;
 
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -168,6 +171,9 @@ mod address_format {
 
     pub fn serialize<S: Serializer>(addr: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
         match addr {
+            Some(SocketAddr::V6(a)) if a.scope_id() != 0 => {
+                (format!("{}%{}", a.ip(), a.scope_id()), a.port()).serialize(s)
+            }
             Some(a) => (a.ip().to_string(), a.port()).serialize(s),
             None => s.serialize_none(),
         }
@@ -175,13 +181,26 @@ mod address_format {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
         Ok(match Option::<Any>::deserialize(d)? {
-            Some(Any::Pair(ip, port)) => ip
-                .parse::<IpAddr>()
-                .ok()
-                .map(|ip| SocketAddr::new(ip, port)),
+            Some(Any::Pair(ip, port)) => pair(&ip, port),
             Some(Any::Text(text)) => text.parse().ok(),
             Some(Any::Other(_)) | None => None,
         })
+    }
+
+    /// The pair's IP text (with a zone after `%` for IPv6) and port; `None` if it does not
+    /// parse.
+    fn pair(ip: &str, port: u16) -> Option<SocketAddr> {
+        match ip.split_once('%') {
+            None => ip
+                .parse::<IpAddr>()
+                .ok()
+                .map(|ip| SocketAddr::new(ip, port)),
+            Some((ip, zone)) => {
+                let ip = ip.parse().ok()?;
+                let zone = zone.parse().ok()?;
+                Some(SocketAddr::V6(SocketAddrV6::new(ip, port, 0, zone)))
+            }
+        }
     }
 }
 
@@ -818,6 +837,39 @@ mod tests {
         let mode = fs::metadata(&paths.state).unwrap().permissions();
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(mode.mode() & 0o777, 0o600);
+    }
+
+    /// Found by the `state_loader` fuzz target: a link-local peer address registered with its
+    /// zone (`[fe80::3%2]:5` in the journal) lost the zone in the snapshot's pair form, so a
+    /// member registered that way was sent to without its interface after a compaction.
+    #[test]
+    fn fuzz_regression_scoped_ipv6_address_keeps_its_zone_through_a_snapshot() {
+        let bytes = include_bytes!("../../../fuzz/regressions/state_loader-scoped-ipv6-address");
+        let nul = bytes
+            .iter()
+            .position(|&b| b == 0)
+            .expect("state, NUL, journal");
+        let mut state = parse_state(&bytes[..nul]).expect("the state parses");
+        for (_, record) in parse_journal(&bytes[nul + 1..])
+            .expect("the journal parses")
+            .records
+        {
+            state.apply(&record);
+        }
+        let scoped: SocketAddr = "[fe80::3%2]:5".parse().unwrap();
+        assert_eq!(state.tokens["h"].address, Some(scoped));
+        let saved = state.to_file_bytes(SystemTime::UNIX_EPOCH).unwrap();
+        let text = String::from_utf8_lossy(&saved);
+        assert!(text.contains(r#""fe80::3%2""#), "{text}");
+        let mut loaded = parse_state(&saved).unwrap();
+        assert_eq!(loaded.tokens["h"].address, Some(scoped));
+        assert_eq!(loaded.to_file_bytes(SystemTime::UNIX_EPOCH).unwrap(), saved);
+        // A zone that is not a number reads as no address, like any unparsable IP.
+        let bad = text.replace("%2", "%eth0");
+        assert_eq!(
+            parse_state(bad.as_bytes()).unwrap().tokens["h"].address,
+            None
+        );
     }
 
     #[test]
