@@ -180,6 +180,15 @@ impl Locals {
         live.then_some(*addr)
     }
 
+    /// The address numbered `id`, retired or not; `None` for [`LocalId::ANY`] or a number never
+    /// given.
+    pub fn address(&self, id: LocalId) -> Option<LocalAddr> {
+        let (addr, _) = usize::from(id.0)
+            .checked_sub(1)
+            .and_then(|i| self.addrs.get(i))?;
+        Some(*addr)
+    }
+
     /// Stops sending from `id`'s address: the kernel refused it as a source (it is no longer
     /// one of the host's). Its members are answered by route until a datagram comes to it
     /// again ([`Locals::id`]).
@@ -318,6 +327,7 @@ mod tests {
         let id = locals.id(vip);
         locals.retire(id);
         assert_eq!(locals.get(id), None);
+        assert_eq!(locals.address(id), vip.map(LocalAddr::as_source));
         assert_eq!((locals.live(), locals.retired()), (0, 1));
         locals.retire(id);
         locals.retire(LocalId::ANY);

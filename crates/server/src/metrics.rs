@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tcrp::Operation;
 
 use crate::persist::Compactions;
-use crate::rooms::Stats;
+use crate::rooms::{DropReason, Stats};
 
 /// Every counter the daemon keeps.
 #[derive(Debug, Default)]
@@ -90,6 +90,13 @@ impl Metrics {
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or(Duration::ZERO)
                 .as_secs_f64(),
+            // Every reason the registry may drop for shows from the start, at 0, so that
+            // `rate()` and alerts see the series before the first drop. (The codec's parse
+            // failures show once they happen.)
+            datagrams_dropped: DropReason::REGISTRY
+                .iter()
+                .map(|reason| (reason.label(), 0))
+                .collect(),
             ..Metrics::default()
         }
     }
@@ -356,6 +363,7 @@ mod tests {
         assert!(text.contains("ocm_udp_sources_retired_total 1\n"));
         assert!(text.contains("ocm_rooms 2\n"));
         assert!(text.contains("ocm_datagrams_dropped_total{reason=\"unknown_token\"} 2\n"));
+        assert!(text.contains("ocm_datagrams_dropped_total{reason=\"stale\"} 0\n"));
         assert!(text.contains("ocm_handshakes_total{operation=\"join_room\",result=\"ok\"} 3\n"));
         assert!(text.contains("ocm_state_write_records_total 4\n"));
         assert!(text.contains("ocm_state_compactions_total 3\n"));

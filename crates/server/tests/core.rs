@@ -549,6 +549,36 @@ fn after_a_crash_a_wildcard_bound_daemon_still_answers_from_the_address_members_
     }
 }
 
+/// A keepalive that comes to another of our addresses moves what the member hears there, and
+/// that is saved with the next history checkpoint: after `kill -9` and a start on the same
+/// state, the member is answered from the new address before it sends anything.
+#[test]
+fn a_source_moved_by_a_keepalive_is_saved_at_the_checkpoint_and_survives_a_crash() {
+    let mut d = Daemon::start_with(Options {
+        udp: Some("0.0.0.0:0".parse().unwrap()),
+        config: Some("[history]\ncheckpoint_secs = 1\n".into()),
+        ..Options::default()
+    });
+    let at = |last: u8| SocketAddr::from(([127, 0, 0, last], d.udp.port()));
+    let (host, guest) = (create(&d, "r", "alice"), join(&d, "r", "bob"));
+    let mut alice = Member::new(&d, "r", &host);
+    let mut bob = Member::new(&d, "r", &guest);
+    (alice.server, bob.server) = (at(2), at(2));
+    alice.send("__REGISTER__");
+    bob.registered_with(&alice, "bob");
+    bob.server = at(3);
+    bob.send("__REGISTER__");
+    let journal = d.state.with_extension("json.journal");
+    wait_until("bob's new source saved", || {
+        std::fs::read_to_string(&journal).is_ok_and(|j| j.contains(r#""local":"127.0.0.3""#))
+    });
+    d.kill9();
+    d.restart();
+    alice.send("after the crash");
+    // `recv` checks that it comes from 127.0.0.3.
+    assert_eq!(bob.recv(), "alice: after the crash");
+}
+
 fn members_talking_to_127_0_0_2_chat_through(udp: SocketAddr) {
     let d = Daemon::start_with(Options {
         tcp: Some("127.0.0.2:0".parse().unwrap()),

@@ -82,6 +82,9 @@ const MAX_PASSWORD_JOBS_PER_SOURCE: usize = 8;
 /// History bytes a periodic checkpoint writes at most (the rest wait for the next one); the
 /// one at shutdown writes everything.
 const HISTORY_CHECKPOINT_BYTES: usize = 4 * 1024 * 1024;
+/// Members' moved sources journaled per periodic checkpoint at most (~150 bytes a record, so
+/// ~1.5 MB); the rest wait for the next ones. The one at shutdown writes everything.
+const SOURCES_PER_CHECKPOINT: usize = 10_000;
 /// How soon accepting is tried again after `accept` failed for want of descriptors or memory.
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
@@ -147,6 +150,9 @@ pub struct Server {
     nodelay_inherited: Option<bool>,
     /// Connections with input left unread by their read budget.
     revisit: Vec<ConnId>,
+    /// Which datagrams of the batch being handled were chat dropped as stale (their delay is
+    /// left out of `ocm_relay_delay_seconds`).
+    shed_in_batch: Vec<usize>,
     /// When to call `accept` again after it failed (EMFILE and friends). The listeners are
     /// edge-triggered: connections left in the backlog raise no new event, so without this
     /// they would wait for the next newcomer however many descriptors were freed meanwhile.
@@ -299,7 +305,7 @@ impl Server {
         if now >= self.next_checkpoint {
             self.registry
                 .checkpoint_history_within(HISTORY_CHECKPOINT_BYTES);
-            self.registry.save_sources();
+            self.registry.save_sources_within(SOURCES_PER_CHECKPOINT);
             self.next_checkpoint = now + Duration::from_secs(self.config.history.checkpoint_secs);
         }
         if now >= self.next_status {

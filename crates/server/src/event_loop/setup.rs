@@ -202,6 +202,7 @@ impl Server {
             udp_ready: true,
             nodelay_inherited,
             revisit: Vec::new(),
+            shed_in_batch: Vec::new(),
             accept_retry: None,
             next_deadline_check: now + DEADLINE_CHECK,
             next_status: now,

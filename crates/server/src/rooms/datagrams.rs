@@ -39,8 +39,9 @@ impl Registry {
     }
 
     /// As [`Registry::handle_datagram`], for a datagram that waited in the socket's receive
-    /// queue past `udp.max_chat_wait_ms`: chat is dropped (`stale`) instead of relayed, once
-    /// checked like any other (so it still counts as a sign of life of its member);
+    /// queue past `udp.max_chat_wait_ms`: chat is dropped (`stale`) instead of relayed once its
+    /// token, room and address are checked (so it still counts as a sign of life of its
+    /// member, and an error there is counted as such), before its size and rate are;
     /// `__REGISTER__` and `__LEAVE__` are handled as ever, however late.
     pub fn handle_late_datagram(
         &mut self,
@@ -131,9 +132,15 @@ impl Registry {
             }
             Message::Chat(text) => {
                 member.last_seen = now;
+                // Chat sent to another of our addresses moves the member's source too (soft
+                // state, free: also for chat dropped below).
+                self.move_source(id, local);
+                // Late chat is dropped before the checks on the chat itself (size, rate): it
+                // is not going to be relayed, so it takes nothing from the allowance.
                 if chat == Chat::Shed {
                     return Handled::Dropped(DropReason::Stale);
                 }
+                let member = &mut self.members[id.0];
                 // The original client reads 4096 bytes: a longer relay would reach it cut,
                 // perhaps inside a UTF-8 character. (Sequenced frames add 10 bytes; clients
                 // that ask for them read more.)
@@ -147,8 +154,6 @@ impl Registry {
                 {
                     return Handled::Dropped(DropReason::RateLimited);
                 }
-                // Chat sent to another of our addresses moves the member's source too.
-                self.move_source(id, local);
                 let deliveries = self.relay(id, text, now, out);
                 Handled::Relayed { deliveries }
             }
@@ -174,10 +179,21 @@ impl Registry {
 
     /// Journals the address of each member whose source moved since it was last saved, with
     /// that source, so that after a restart it is answered from there at once: at most one
-    /// record per member per checkpoint. Returns how many.
+    /// record per member per checkpoint. Returns how many. Used at shutdown: everything is
+    /// written.
     pub fn save_sources(&mut self) -> usize {
+        self.save_sources_within(usize::MAX)
+    }
+
+    /// Like [`Registry::save_sources`], but writes at most `budget` records; the members left
+    /// wait for the next call. A failover that moves every member to another of our addresses
+    /// is then saved over several checkpoints, not as one batch of every member.
+    pub fn save_sources_within(&mut self, budget: usize) -> usize {
         let mut written = 0;
-        for id in std::mem::take(&mut self.sources_unsaved) {
+        let mut unsaved = std::mem::take(&mut self.sources_unsaved);
+        let cut = unsaved.len().min(budget);
+        self.sources_unsaved = unsaved.split_off(cut);
+        for id in unsaved {
             // A member gone since (its slot perhaps reused by a member with nothing unsaved)
             // has nothing to save.
             let Some(member) = self.members.get_mut(id.0) else {
@@ -192,7 +208,9 @@ impl Registry {
             self.records.push(Record::Register {
                 token: member.token.as_str().to_owned(),
                 address,
-                local: self.locals.get(member.local),
+                // Retired or not: a source the kernel refused for now is still the one the
+                // member talks to, taken again once a datagram comes to it.
+                local: self.locals.address(member.local),
             });
             written += 1;
         }

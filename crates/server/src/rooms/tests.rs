@@ -774,6 +774,25 @@ fn the_address_a_member_sends_to_survives_a_restart() {
     assert_eq!(reg.locals_mut().len(), 0);
 }
 
+/// A periodic checkpoint saves at most its budget of moved sources; the rest wait for the next.
+#[test]
+fn moved_sources_are_saved_within_a_budget() {
+    let mut t = room_of_three();
+    let mut out = Outbox::default();
+    for (token, port) in [(&t.host, 1), (&t.bob, 2), (&t.cy, 3)] {
+        let keepalive = dgram("r", token, "__REGISTER__");
+        t.reg
+            .handle_datagram(addr(port), ours(2), &keepalive, t.now, &mut out);
+    }
+    t.reg.take_records();
+    assert_eq!(t.reg.save_sources_within(2), 2);
+    assert_eq!(t.reg.save_sources_within(2), 1);
+    assert_eq!(t.reg.save_sources_within(2), 0);
+    let saved = saved_sources(&t.reg.take_records());
+    let second = Some(IpAddr::from([192, 0, 2, 2]));
+    assert_eq!(saved, [(1, second), (2, second), (3, second)]);
+}
+
 /// A keepalive from the member's own address to another of ours is always accepted, however
 /// often (it takes nothing from the chat allowance, unlike a move to another address of the
 /// member's), and a move refused for the allowance leaves the member's source where it was.
@@ -806,9 +825,10 @@ fn keepalives_to_our_other_addresses_are_never_rate_limited() {
     assert_eq!(reg.save_sources(), 0, "the move saved the source with it");
 }
 
-/// A datagram that waited in the socket past `udp.max_chat_wait_ms`: chat is checked as ever
-/// and dropped as `stale` (a bad token is still `unknown_token`), nothing is sent and the
-/// room's numbering does not move; `__REGISTER__` and `__LEAVE__` are acted on however late.
+/// A datagram that waited in the socket past `udp.max_chat_wait_ms`: chat with a good token
+/// from its member's address is dropped as `stale` (a bad token is still `unknown_token`, a
+/// wrong address `address_mismatch`), nothing is sent; `__REGISTER__` and `__LEAVE__` are
+/// acted on however late.
 #[test]
 fn late_chat_is_shed_and_late_control_datagrams_are_not() {
     let mut t = room_of_three();
@@ -829,9 +849,8 @@ fn late_chat_is_shed_and_late_control_datagrams_are_not() {
         Handled::Dropped(DropReason::UnknownToken)
     );
     assert_eq!(
-        late(&mut t, 2, &bob, "hello", &mut out),
-        Handled::Dropped(DropReason::Stale),
-        "from its own address only"
+        late(&mut t, 9, &bob, "hello", &mut out),
+        Handled::Dropped(DropReason::AddressMismatch)
     );
     assert!(out.is_empty());
     assert_eq!(
