@@ -9,9 +9,11 @@
 //!   whether a password matched); a `$t` in the payload, followed by a byte that picks one,
 //!   is replaced by a token issued earlier, so that Presence `you` and History replies for
 //!   members are reached;
-//! - a datagram from one of four sources: a kind byte (`__REGISTER__`, `__LEAVE__`, chat, or
-//!   raw bytes), which token issued earlier it carries, the source, then the message;
-//! - time passing (up to 4 s), then expiry and a history checkpoint.
+//! - a datagram from one of four sources to one of three addresses of ours (or one the socket
+//!   does not say, as when bound to one address): a kind byte (`__REGISTER__`, `__LEAVE__`,
+//!   chat, or raw bytes), which token issued earlier it carries, the source and our address,
+//!   then the message;
+//! - time passing (up to 4 s), then expiry, a history checkpoint and the moved sources saved.
 //!
 //! Properties:
 //! - every reply is a COMPLIANCE that parses; a success of a create or join carries a COMPLETE
@@ -25,7 +27,8 @@
 //! - the registry's records, each through its journal line's JSON, keep the state model's
 //!   rooms and tokens in step (each room lists exactly the tokens that name it);
 //! - at the end, the registry rebuilt from that model has the same rooms, members and
-//!   registrations as the live one.
+//!   registrations as the live one, and (once the sources are saved) answers every member
+//!   from the same address of ours.
 #![no_main]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -36,6 +39,7 @@ use ocm_server::config::Names;
 use ocm_server::handshake::{
     handle_frame, Context, RequestLimits, Step, HISTORY_PAGE, MAX_HISTORY_PAGE, MAX_REPLY_BYTES,
 };
+use ocm_server::local::LocalAddr;
 use ocm_server::outbox::Outbox;
 use ocm_server::password::{Job, Outcome};
 use ocm_server::rate::KeyedLimiter;
@@ -61,6 +65,16 @@ fn small_limits() -> Limits {
 
 fn source(i: u8) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 40_000 + u16::from(i % 4)))
+}
+
+/// The address of ours a datagram came to: none (a socket bound to one address), or one of
+/// three.
+fn arrival(i: u8) -> Option<LocalAddr> {
+    let last = (i / 4) % 4;
+    (last > 0).then(|| LocalAddr {
+        ip: IpAddr::from([192, 0, 2, last]),
+        ifindex: 0,
+    })
 }
 
 /// Checks that the model's two indexes agree.
@@ -284,8 +298,13 @@ impl Session {
                 return;
             }
         }
-        self.registry
-            .handle_datagram(source(*from), None, &bytes, self.now, &mut self.out);
+        self.registry.handle_datagram(
+            source(*from),
+            arrival(*from),
+            &bytes,
+            self.now,
+            &mut self.out,
+        );
     }
 
     fn time_passes(&mut self, step: &[u8]) {
@@ -293,6 +312,7 @@ impl Session {
         self.now += Duration::from_millis(millis.min(4_000));
         self.registry.poll_expired(self.now, &mut self.out);
         self.registry.checkpoint_history();
+        self.registry.save_sources_within(2);
     }
 
     fn persist(&mut self) {
@@ -340,6 +360,8 @@ fuzz_target!(|data: &[u8]| {
         }
         s.persist();
     }
+    s.registry.save_sources();
+    s.persist();
     let rebuilt = Registry::from_state(
         &s.state,
         small_limits(),
@@ -355,4 +377,11 @@ fuzz_target!(|data: &[u8]| {
         counts(&s.registry),
         "rebuilt from the records"
     );
+    for (_, token) in &s.issued {
+        assert_eq!(
+            rebuilt.source_of(token),
+            s.registry.source_of(token),
+            "the source saved for a member"
+        );
+    }
 });

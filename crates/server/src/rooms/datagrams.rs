@@ -177,6 +177,13 @@ impl Registry {
         }
     }
 
+    /// The address of ours that what the member with `token` hears leaves from, if one was
+    /// learned (a wildcard-bound socket) and the kernel still takes it as a source.
+    pub fn source_of(&self, token: &str) -> Option<LocalAddr> {
+        let id = self.find_token(token.as_bytes())?;
+        self.locals.get(self.members[id.0].local)
+    }
+
     /// Journals the address of each member whose source moved since it was last saved, with
     /// that source, so that after a restart it is answered from there at once: at most one
     /// record per member per checkpoint. Returns how many. Used at shutdown: everything is
