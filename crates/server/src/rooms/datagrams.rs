@@ -16,9 +16,10 @@ use crate::outbox::Outbox;
 use crate::record::Record;
 use crate::token::Short;
 
-/// What to do with a chat message that passes every check.
+/// What to do with chat from a member (its token, room and address checked).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Chat {
+    /// Relay it, if its size and the member's rate allow.
     Relay,
     /// It waited too long in the socket: drop it (counted `stale`).
     Shed,
