@@ -180,9 +180,14 @@ pub enum Mode {
         /// Joins per room.
         #[arg(long, default_value_t = 16)]
         joins: usize,
-        /// Concurrent client threads (one TCP connection per request).
+        /// Requests in flight, each on a TCP connection of its own.
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
+        /// Threads driving the requests in flight, each over one epoll set. One thread per
+        /// connection, blocking in `read`, cost the generator about as much CPU per join as
+        /// the daemon (crates/bench/NOTES.md, "A handshake driver on epoll").
+        #[arg(long, default_value_t = crate::inflight::DEFAULT_THREADS)]
+        client_threads: usize,
         /// Tokens to create first (in rooms of 10) so the state is large.
         #[arg(long, default_value_t = 0)]
         preload: usize,
@@ -198,9 +203,12 @@ pub enum Mode {
         /// Members per room.
         #[arg(long, default_value_t = 64)]
         room_size: usize,
-        /// Concurrent join threads.
+        /// Requests in flight, each on a TCP connection of its own.
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
+        /// Threads driving the requests in flight.
+        #[arg(long, default_value_t = crate::inflight::DEFAULT_THREADS)]
+        client_threads: usize,
     },
     /// Churn for a long time (rooms created, chatted in, left and closed, silent hosts
     /// expired, junk between) while the daemon's size, descriptors, state on disk and gauges

@@ -3,20 +3,20 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tcrp::payload::{self, Caps, Compliance, Request, RequestForm};
 use tcrp::{Frame, Operation, State};
 
 use crate::error::{Context, Error, Result};
+use crate::inflight::{self, Clients, Finished, Job};
 use crate::report::{DaemonDelay, Percentiles, RateWindows};
 
 /// Longest wait for any reply.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Source addresses handed out so far (see [`connect`]).
 static NEXT_SOURCE: AtomicU32 = AtomicU32::new(0);
@@ -27,16 +27,16 @@ static NEXT_SOURCE: AtomicU32 = AtomicU32::new(0);
 /// TIME_WAIT entries on the same address pair (both ends live in this kernel), and every
 /// `connect` then searches the ephemeral port range past them: measured as ~13% of the
 /// generator's CPU after a 100,000-join preload, a cost of the generator, not of the daemon.
-fn connect(tcp: SocketAddr) -> std::io::Result<TcpStream> {
+pub fn connect(tcp: SocketAddr) -> std::io::Result<socket2::Socket> {
     if !tcp.ip().is_loopback() || !tcp.is_ipv4() {
-        return TcpStream::connect(tcp);
+        return TcpStream::connect(tcp).map(socket2::Socket::from);
     }
     let n = NEXT_SOURCE.fetch_add(1, Ordering::Relaxed) % (250 * 250);
     let source = Ipv4Addr::new(127, 0, (n / 250) as u8, (n % 250) as u8 + 1);
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     socket.bind(&SocketAddr::new(IpAddr::V4(source), 0).into())?;
     socket.connect(&tcp.into())?;
-    Ok(socket.into())
+    Ok(socket)
 }
 
 /// Creates (`create = true`) or joins `room` as `username`; returns the token.
@@ -61,21 +61,36 @@ pub fn request_token(
 }
 
 /// Creates (`create = true`) or joins `room` with `request` as its payload; returns the token.
+/// Blocks on its own connection.
 pub fn send_request(
     tcp: SocketAddr,
     create: bool,
     room: &str,
     request: &Request,
 ) -> Result<String> {
-    let (operation, name) = if create {
-        (Operation::CreateRoom, "create")
+    let bytes = encode_request(create, room, request)?;
+    let mut reply = Reply::new(create, room);
+    let mut stream: TcpStream = connect(tcp).ctx(format!("connect {tcp}"))?.into();
+    stream
+        .set_read_timeout(Some(REPLY_TIMEOUT))
+        .ctx("set read timeout")?;
+    let _ = stream.set_nodelay(true);
+    stream.write_all(&bytes).ctx("send REQUEST")?;
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).ctx("read reply")?;
+        if let Some(token) = reply.feed(&chunk[..n])? {
+            return Ok(token);
+        }
+    }
+}
+
+/// The REQUEST frame that creates (`create = true`) or joins `room` with `request`.
+pub fn encode_request(create: bool, room: &str, request: &Request) -> Result<Vec<u8>> {
+    let operation = if create {
+        Operation::CreateRoom
     } else {
-        (Operation::JoinRoom, "join")
-    };
-    let fail = |reason: String| Error::Handshake {
-        operation: name,
-        room: room.to_owned(),
-        reason,
+        Operation::JoinRoom
     };
     let mut body = Vec::new();
     request.encode(&mut body);
@@ -87,95 +102,77 @@ pub fn send_request(
         payload: &body,
     }
     .encode(&mut bytes)?;
-    let mut stream = connect(tcp).ctx(format!("connect {tcp}"))?;
-    stream
-        .set_read_timeout(Some(REPLY_TIMEOUT))
-        .ctx("set read timeout")?;
-    let _ = stream.set_nodelay(true);
-    stream.write_all(&bytes).ctx("send REQUEST")?;
-    let mut buf = Vec::with_capacity(256);
-    let mut chunk = [0u8; 1024];
-    let mut compliant = false;
-    loop {
+    Ok(bytes)
+}
+
+/// Reads the daemon's reply to one REQUEST: COMPLIANCE, then COMPLETE with the token, in
+/// whatever pieces the stream delivers them.
+pub struct Reply {
+    operation: &'static str,
+    room: String,
+    buf: Vec<u8>,
+    compliant: bool,
+}
+
+impl Reply {
+    /// Waits for the reply to a create (`create = true`) or a join of `room`.
+    pub fn new(create: bool, room: &str) -> Reply {
+        Reply {
+            operation: if create { "create" } else { "join" },
+            room: room.to_owned(),
+            buf: Vec::new(),
+            compliant: false,
+        }
+    }
+
+    /// Takes the next bytes read (none: the end of the stream). Returns the token once
+    /// COMPLETE has arrived, `None` while more is needed, and an error for a refusal, a frame
+    /// out of order or an end of stream before COMPLETE.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Option<String>> {
+        if bytes.is_empty() {
+            return Err(self.fail("connection closed before COMPLETE".into()));
+        }
+        self.buf.extend_from_slice(bytes);
         // Decode every whole frame buffered so far.
-        while let Some((frame, used)) = tcrp::decode(&buf, tcrp::DEFAULT_MAX_PAYLOAD)? {
+        while let Some((frame, used)) = tcrp::decode(&self.buf, tcrp::DEFAULT_MAX_PAYLOAD)? {
             match frame.state {
                 State::Compliance => match payload::parse_compliance(frame.payload)? {
-                    Compliance::Success => compliant = true,
+                    Compliance::Success => self.compliant = true,
                     Compliance::Failure { code, message } => {
-                        return Err(fail(format!(
+                        return Err(self.fail(format!(
                             "refused: {} {}",
                             code.map_or("?", |c| c.as_str()),
                             message.unwrap_or_default()
                         )))
                     }
                 },
-                State::Complete if compliant => return Ok(payload::parse_complete(frame.payload)?),
-                state => return Err(fail(format!("unexpected {state:?} frame"))),
+                State::Complete if self.compliant => {
+                    return Ok(Some(payload::parse_complete(frame.payload)?))
+                }
+                state => return Err(self.fail(format!("unexpected {state:?} frame"))),
             }
-            buf.drain(..used);
+            self.buf.drain(..used);
         }
-        let n = stream.read(&mut chunk).ctx("read reply")?;
-        if n == 0 {
-            return Err(fail("connection closed before COMPLETE".into()));
+        Ok(None)
+    }
+
+    /// The failure of this request for `reason`.
+    pub fn fail(&self, reason: String) -> Error {
+        Error::Handshake {
+            operation: self.operation,
+            room: self.room.clone(),
+            reason,
         }
-        buf.extend_from_slice(&chunk[..n]);
     }
 }
 
-/// One timed request: when it finished (since the run's start) and how long it took.
-#[derive(Debug, Clone, Copy)]
-struct Op {
-    done_at: Duration,
-    took: Duration,
-}
-
-/// Runs `jobs` requests over `concurrency` threads; `job(i)` makes request `i`.
-/// Returns the timed successes (in no particular order) and the error count.
-fn run_jobs(
-    jobs: usize,
-    concurrency: usize,
-    job: &(dyn Fn(usize) -> Result<()> + Sync),
-) -> (Vec<Op>, usize, Option<Error>, Duration) {
-    let next = AtomicUsize::new(0);
-    let ops = Mutex::new(Vec::with_capacity(jobs));
-    let errors = AtomicUsize::new(0);
-    let first_error = Mutex::new(None);
-    let start = Instant::now();
-    thread::scope(|s| {
-        for _ in 0..concurrency.max(1) {
-            s.spawn(|| {
-                let mut mine = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= jobs {
-                        break;
-                    }
-                    let t = Instant::now();
-                    match job(i) {
-                        Ok(()) => mine.push(Op {
-                            done_at: start.elapsed(),
-                            took: t.elapsed(),
-                        }),
-                        Err(e) => {
-                            errors.fetch_add(1, Ordering::Relaxed);
-                            if let Ok(mut first) = first_error.lock() {
-                                first.get_or_insert(e);
-                            }
-                        }
-                    }
-                }
-                if let Ok(mut ops) = ops.lock() {
-                    ops.extend(mine);
-                }
-            });
-        }
-    });
-    let elapsed = start.elapsed();
-    let mut ops = ops.into_inner().unwrap_or_default();
-    ops.sort_by_key(|o| o.done_at);
-    let first_error = first_error.into_inner().unwrap_or(None);
-    (ops, errors.into_inner(), first_error, elapsed)
+/// An original client's create (`create = true`) or join of `room` as `username`, for
+/// [`inflight::run`].
+fn request_job(create: bool, room: &str, username: &str) -> Result<Job> {
+    Ok(Job {
+        request: encode_request(create, room, &Request::original(username))?,
+        reply: Reply::new(create, room),
+    })
 }
 
 /// The result of a timed batch of requests.
@@ -197,9 +194,15 @@ pub struct PhaseResult {
     pub latency_us: Percentiles,
 }
 
-fn phase(ops: &[Op], errors: usize, first_error: Option<Error>, elapsed: Duration) -> PhaseResult {
+fn phase(finished: Finished) -> PhaseResult {
+    let Finished {
+        ops,
+        errors,
+        first_error,
+        elapsed,
+    } = finished;
     let mut hist = crate::report::histogram();
-    for op in ops {
+    for op in &ops {
         let _ = hist.record((op.took.as_micros() as u64).max(1));
     }
     let done: Vec<Duration> = ops.iter().map(|o| o.done_at).collect();
@@ -236,43 +239,31 @@ pub fn populate(
     prefix: &str,
     tokens: usize,
     room_size: usize,
-    concurrency: usize,
+    clients: Clients,
 ) -> Result<Populated> {
     let room_size = room_size.max(1);
     let rooms = tokens.div_ceil(room_size);
     let names: Vec<String> = (0..rooms).map(|r| format!("{prefix}{r}")).collect();
     let creates: Vec<Mutex<Vec<String>>> = (0..rooms).map(|_| Mutex::new(Vec::new())).collect();
-    let create = |r: usize| -> Result<()> {
-        let token = request_token(tcp, true, &names[r], "m0", (Caps::none(), None))?;
+    let create = |r: usize| request_job(true, &names[r], "m0");
+    let keep = |r: usize, token: String| {
         if let Ok(mut t) = creates[r].lock() {
             t.push(token);
         }
-        Ok(())
     };
-    let (ops, errors, first, t) = run_jobs(rooms, concurrency, &create);
-    let creates_phase = phase(&ops, errors, first, t);
+    let creates_phase = phase(inflight::run(tcp, rooms, clients, &create, &keep));
     let join_jobs: Vec<(usize, usize)> = (0..rooms)
         .flat_map(|r| {
             let members = (tokens - r * room_size).min(room_size);
             (1..members).map(move |m| (r, m))
         })
         .collect();
-    let join = |i: usize| -> Result<()> {
+    let join = |i: usize| {
         let (r, m) = join_jobs[i];
-        let token = request_token(
-            tcp,
-            false,
-            &names[r],
-            &format!("m{m}"),
-            (Caps::none(), None),
-        )?;
-        if let Ok(mut t) = creates[r].lock() {
-            t.push(token);
-        }
-        Ok(())
+        request_job(false, &names[r], &format!("m{m}"))
     };
-    let (ops, errors, first, t) = run_jobs(join_jobs.len(), concurrency, &join);
-    let joins = phase(&ops, errors, first, t);
+    let keep = |i: usize, token: String| keep(join_jobs[i].0, token);
+    let joins = phase(inflight::run(tcp, join_jobs.len(), clients, &join, &keep));
     // A state short of what was asked would be reported under the size asked for.
     if creates_phase.errors + joins.errors > 0 {
         let first = [&creates_phase.first_error, &joins.first_error]
@@ -307,8 +298,12 @@ pub struct HandshakeResult {
     pub rooms: usize,
     /// Joins per room.
     pub joins_per_room: usize,
-    /// Client threads.
+    /// Requests in flight, each on its own connection.
     pub concurrency: usize,
+    /// Threads driving them (0: one blocking thread per connection, as before 2026-12-03
+    /// 14:00 UTC).
+    #[serde(default)]
+    pub client_threads: usize,
     /// Tokens in the state before the measured run.
     pub preload: usize,
     /// The preload's creates, when there was a preload.
@@ -352,18 +347,18 @@ pub fn run(
     state_on_tmpfs: bool,
     rooms: usize,
     joins: usize,
-    concurrency: usize,
+    clients: Clients,
     preload: usize,
     repeat: usize,
 ) -> Result<HandshakeResult> {
     let (preload_creates, preload_joins) = if preload > 0 {
-        let p = populate(daemon.tcp, "pre", preload, 10, concurrency)?;
+        let p = populate(daemon.tcp, "pre", preload, 10, clients)?;
         (Some(p.creates), Some(p.joins))
     } else {
         (None, None)
     };
     let mut rounds = (0..repeat.max(1))
-        .map(|i| round(daemon, &format!("h{i}-"), rooms, joins, concurrency))
+        .map(|i| round(daemon, &format!("h{i}-"), rooms, joins, clients))
         .collect::<Result<Vec<_>>>()?;
     let join_rates: Vec<f64> = rounds.iter().map(|r| r.1.per_sec).collect();
     let errors_all_rounds = rounds.iter().map(|r| r.0.errors + r.1.errors).sum();
@@ -372,7 +367,8 @@ pub fn run(
     Ok(HandshakeResult {
         rooms,
         joins_per_room: joins,
-        concurrency,
+        concurrency: clients.connections,
+        client_threads: clients.threads,
         preload,
         preload_creates,
         preload_joins,
@@ -415,30 +411,26 @@ fn round(
     prefix: &str,
     rooms: usize,
     joins: usize,
-    concurrency: usize,
+    clients: Clients,
 ) -> Result<(PhaseResult, PhaseResult, Journal)> {
     let tcp = daemon.tcp;
     let names: Vec<String> = (0..rooms).map(|r| format!("{prefix}{r}")).collect();
-    let create =
-        |r: usize| request_token(tcp, true, &names[r], "host", (Caps::none(), None)).map(drop);
-    let (ops, errors, first, t) = run_jobs(rooms, concurrency, &create);
-    let creates = phase(&ops, errors, first, t);
+    let create = |r: usize| request_job(true, &names[r], "host");
+    let creates = phase(inflight::run(tcp, rooms, clients, &create, &|_, _| {}));
     let before = daemon.scrape()?;
     let cpu_before = (daemon.cpu_time(), crate::daemon::own_cpu_time());
-    // Spread consecutive joins over rooms so concurrent threads rarely share one.
+    // Spread consecutive joins over rooms so concurrent requests rarely share one.
     let join = |i: usize| {
         let (r, k) = (i % rooms.max(1), i / rooms.max(1));
-        request_token(
-            tcp,
-            false,
-            &names[r],
-            &format!("j{k}"),
-            (Caps::none(), None),
-        )
-        .map(drop)
+        request_job(false, &names[r], &format!("j{k}"))
     };
-    let (ops, errors, first, t) = run_jobs(rooms * joins, concurrency, &join);
-    let joins_phase = phase(&ops, errors, first, t);
+    let joins_phase = phase(inflight::run(
+        tcp,
+        rooms * joins,
+        clients,
+        &join,
+        &|_, _| {},
+    ));
     let cpu_after = (daemon.cpu_time(), crate::daemon::own_cpu_time());
     let after = daemon.scrape()?;
     let per_join = |a: Duration, b: Duration| {

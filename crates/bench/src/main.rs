@@ -9,9 +9,11 @@
 mod ceiling;
 mod cli;
 mod daemon;
+mod epoll;
 mod error;
 mod fanout;
 mod handshake;
+mod inflight;
 mod matrix;
 mod members;
 mod memory;
@@ -32,6 +34,7 @@ use crate::cli::{Cli, Common, Mode};
 use crate::daemon::{is_tmpfs, Launcher, StateDir};
 use crate::error::{Error, Result};
 use crate::fanout::Pace;
+use crate::inflight::Clients;
 use crate::receivers::Draining;
 use crate::report::print_json;
 
@@ -201,6 +204,7 @@ fn run(cli: Cli) -> Result<()> {
             rooms,
             joins,
             concurrency,
+            client_threads,
             preload,
             repeat,
         } => {
@@ -212,7 +216,10 @@ fn run(cli: Cli) -> Result<()> {
                 is_tmpfs(dir.path()),
                 rooms,
                 joins,
-                concurrency,
+                Clients {
+                    connections: concurrency,
+                    threads: client_threads,
+                },
                 preload,
                 repeat,
             )?;
@@ -224,9 +231,18 @@ fn run(cli: Cli) -> Result<()> {
             members,
             room_size,
             concurrency,
+            client_threads,
         } => {
             let launcher = launcher(common)?;
-            let r = memory::run(&launcher, members, room_size, concurrency)?;
+            let r = memory::run(
+                &launcher,
+                members,
+                room_size,
+                Clients {
+                    connections: concurrency,
+                    threads: client_threads,
+                },
+            )?;
             r.print();
             print_json(json, "memory", &r);
         }

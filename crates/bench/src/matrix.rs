@@ -16,6 +16,7 @@ use crate::daemon::{is_tmpfs, Launcher, StateDir};
 use crate::error::{Context, Result};
 use crate::fanout::{self, FanoutResult, Pace, SweepResult};
 use crate::handshake::{self, HandshakeResult};
+use crate::inflight::Clients;
 use crate::memory::{self, MemoryResult};
 use crate::receivers::Draining;
 use crate::report::{loadavg, machine_busy_pct, micros, si, Machine};
@@ -285,12 +286,20 @@ pub fn run(launcher: &Launcher, plan: &Plan) -> Result<Results> {
     for preload in [0, plan.state_tokens] {
         let dir = StateDir::new(&launcher.state_root)?;
         let mut daemon = launcher.spawn(&dir)?;
-        let h = handshake::run(&daemon, is_tmpfs(dir.path()), 200, 16, 16, preload, 5)?;
+        let h = handshake::run(
+            &daemon,
+            is_tmpfs(dir.path()),
+            200,
+            16,
+            Clients::STANDARD,
+            preload,
+            5,
+        )?;
         daemon.check_alive()?;
         h.print();
         hs.push(h);
     }
-    let memory = memory::run(launcher, plan.state_tokens, 64, 16)?;
+    let memory = memory::run(launcher, plan.state_tokens, 64, Clients::STANDARD)?;
     memory.print();
     let handshakes_preloaded = hs
         .pop()
@@ -621,7 +630,13 @@ pub fn markdown(r: &Results) -> String {
         w,
         "## Handshakes (durable: the daemon fsyncs its journal before replying)\n"
     );
-    let _ = writeln!(w, "R = 200 rooms created, then R × K = 3,200 joins over C = 16 threads, one TCP connection per request, each from its own 127.0.0.0/8 source address; {} rounds on each daemon (fresh rooms each), the round with the median join rate shown. State under the target directory (tmpfs: {}).\n", h0.join_rates.len().max(1), h0.state_on_tmpfs);
+    let driver = match h0.client_threads {
+        0 => "from one blocking thread per connection (results from before 2026-12-03 14:00 UTC)"
+            .to_owned(),
+        1 => "driven by one generator thread over epoll".to_owned(),
+        n => format!("driven by {n} generator threads over epoll"),
+    };
+    let _ = writeln!(w, "R = 200 rooms created, then R × K = 3,200 joins with C = 16 requests in flight, one TCP connection per request, each from its own 127.0.0.0/8 source address, {driver}; {} rounds on each daemon (fresh rooms each), the round with the median join rate shown. State under the target directory (tmpfs: {}).\n", h0.join_rates.len().max(1), h0.state_on_tmpfs);
     let _ = writeln!(w, "| state before | joins/s (median round) | every round's joins/s | first 10% /s | last 10% /s | p50 µs | p90 µs | p99 µs | max µs | creates/s | records per fsync | write + fsync µs | CPU µs per join: ocmd / bench | errors, all rounds |");
     let _ = writeln!(
         w,

@@ -19,6 +19,7 @@ use ucrp::datagram;
 use crate::daemon::{Daemon, Launcher, StateDir};
 use crate::error::{Context, Error, Result};
 use crate::handshake::{populate, PhaseResult};
+use crate::inflight::Clients;
 
 /// REGISTERs sent before waiting for the daemon to catch up.
 const REGISTER_CHUNK: usize = 2_000;
@@ -183,7 +184,7 @@ pub fn run(
     launcher: &Launcher,
     members: usize,
     room_size: usize,
-    concurrency: usize,
+    clients: Clients,
 ) -> Result<MemoryResult> {
     if room_size < 1 || members < 1 {
         return Err(Error::Usage(
@@ -195,7 +196,7 @@ pub fn run(
     let startup_empty_ms = daemon.startup.as_secs_f64() * 1e3;
     thread::sleep(Duration::from_millis(100));
     let rss_fresh_kib = daemon.rss_kib()?;
-    let populated = populate(daemon.tcp, "mem", members, room_size, concurrency)?;
+    let populated = populate(daemon.tcp, "mem", members, room_size, clients)?;
     for p in [&populated.creates, &populated.joins] {
         if let Some(e) = &p.first_error {
             eprintln!("memory: {} requests failed; first: {e}", p.errors);

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use ucrp::delivery::{self, Delivery};
 
+use crate::epoll::{self, Epoll};
 use crate::error::{Context, Result};
 use crate::report::histogram;
 
@@ -326,42 +327,6 @@ impl Receivers {
     }
 }
 
-/// An epoll set that closes itself.
-struct Epoll(RawFd);
-
-impl Epoll {
-    fn new(sockets: &[Arc<UdpSocket>]) -> Result<Epoll> {
-        // SAFETY: epoll_create1 has no memory preconditions.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error()).ctx("epoll_create1");
-        }
-        let epoll = Epoll(fd);
-        for (i, socket) in sockets.iter().enumerate() {
-            let mut event = libc::epoll_event {
-                events: libc::EPOLLIN as u32,
-                u64: i as u64,
-            };
-            // SAFETY: both descriptors are live; event is a valid epoll_event.
-            let rc =
-                unsafe { libc::epoll_ctl(fd, libc::EPOLL_CTL_ADD, socket.as_raw_fd(), &mut event) };
-            if rc < 0 {
-                return Err(std::io::Error::last_os_error()).ctx("epoll_ctl");
-            }
-        }
-        Ok(epoll)
-    }
-}
-
-impl Drop for Epoll {
-    fn drop(&mut self) {
-        // SAFETY: we own this descriptor.
-        unsafe {
-            libc::close(self.0);
-        }
-    }
-}
-
 /// `recvmmsg` scratch: buffers, iovecs and headers for [`RECV_BATCH`] datagrams.
 struct Batch {
     bufs: Vec<u8>,
@@ -429,21 +394,20 @@ fn receive_loop(
     since_ns: u64,
     poll_ns: u64,
 ) -> Result<Received> {
-    let epoll = Epoll::new(sockets)?;
+    let epoll = Epoll::new()?;
+    for (i, socket) in sockets.iter().enumerate() {
+        epoll.add_readable(socket.as_raw_fd(), i as u64)?;
+    }
     let mut batch = Batch::new();
     let mut seen = Received::new(since_ns);
-    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; sockets.len().max(1)];
+    let mut events = epoll::events(sockets.len());
     let mut last_ready_ns = 0;
     while !stop.load(Ordering::Relaxed) {
         let polling = poll_ns > 0 && clock.nanos().saturating_sub(last_ready_ns) < poll_ns;
         let timeout = if polling { 0 } else { EPOLL_TIMEOUT_MS };
         seen.polls += u64::from(polling);
-        // SAFETY: events has room for the count passed.
-        let n =
-            unsafe { libc::epoll_wait(epoll.0, events.as_mut_ptr(), events.len() as i32, timeout) };
-        let n = usize::try_from(n).unwrap_or(0);
-        for event in &events[..n] {
-            let Some(socket) = sockets.get(event.u64 as usize) else {
+        for key in epoll.wait(&mut events, timeout) {
+            let Some(socket) = sockets.get(key as usize) else {
                 continue;
             };
             let fd = socket.as_raw_fd();

@@ -9,6 +9,7 @@ use crate::cli::CapsArg;
 use crate::daemon::{is_tmpfs, Launcher, StateDir};
 use crate::error::{Error, Result};
 use crate::fanout::{self, Pace};
+use crate::inflight::Clients;
 use crate::receivers::Draining;
 use crate::{ceiling, handshake, members, memory, soak};
 
@@ -59,7 +60,18 @@ pub fn run(launcher: &Launcher, draining: Draining, rcvbuf: usize) -> Result<()>
     )?;
     s.print();
     deliveries += s.max.received;
-    let h = handshake::run(&daemon, is_tmpfs(dir.path()), 5, 4, 2, 50, 2)?;
+    let h = handshake::run(
+        &daemon,
+        is_tmpfs(dir.path()),
+        5,
+        4,
+        Clients {
+            connections: 2,
+            threads: 1,
+        },
+        50,
+        2,
+    )?;
     h.print();
     daemon.check_alive()?;
     drop(daemon);
@@ -79,7 +91,15 @@ pub fn run(launcher: &Launcher, draining: Draining, rcvbuf: usize) -> Result<()>
         return Err(Error::Smoke(format!("soak: {}", problems.join("; "))));
     }
     drop(soak_daemon);
-    let m = memory::run(launcher, 300, 16, 4)?;
+    let m = memory::run(
+        launcher,
+        300,
+        16,
+        Clients {
+            connections: 4,
+            threads: 1,
+        },
+    )?;
     m.print();
     let handshakes = h.joins.ok + h.creates.ok;
     let soak_rooms = soaked.totals.cycles;

@@ -1,0 +1,64 @@
+//! A minimal epoll set over raw descriptors, for the generator's threads that watch many
+//! sockets (the receivers, the handshake driver). Each descriptor carries a caller's key.
+
+use std::os::fd::RawFd;
+
+use crate::error::{Context, Result};
+
+/// An epoll set that closes itself.
+pub struct Epoll(RawFd);
+
+impl Epoll {
+    /// An empty set.
+    pub fn new() -> Result<Epoll> {
+        // SAFETY: epoll_create1 has no memory preconditions.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).ctx("epoll_create1");
+        }
+        Ok(Epoll(fd))
+    }
+
+    /// Watches `fd` for reading (level-triggered); ready events carry `key`. A descriptor
+    /// leaves the set by itself when it is closed.
+    pub fn add_readable(&self, fd: RawFd, key: u64) -> Result<()> {
+        let mut event = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: key,
+        };
+        // SAFETY: both descriptors are live; event is a valid epoll_event.
+        let rc = unsafe { libc::epoll_ctl(self.0, libc::EPOLL_CTL_ADD, fd, &mut event) };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error()).ctx("epoll_ctl");
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout_ms` (0: not at all) and returns the keys of the ready
+    /// descriptors, at most `events.len()` of them.
+    pub fn wait<'e>(
+        &self,
+        events: &'e mut [libc::epoll_event],
+        timeout_ms: i32,
+    ) -> impl Iterator<Item = u64> + 'e {
+        let room = i32::try_from(events.len()).unwrap_or(i32::MAX);
+        // SAFETY: events has room for the count passed.
+        let n = unsafe { libc::epoll_wait(self.0, events.as_mut_ptr(), room, timeout_ms) };
+        let n = usize::try_from(n).unwrap_or(0);
+        events[..n].iter().map(|event| event.u64)
+    }
+}
+
+impl Drop for Epoll {
+    fn drop(&mut self) {
+        // SAFETY: we own this descriptor.
+        unsafe {
+            libc::close(self.0);
+        }
+    }
+}
+
+/// Scratch for `n` ready events.
+pub fn events(n: usize) -> Vec<libc::epoll_event> {
+    vec![libc::epoll_event { events: 0, u64: 0 }; n.max(1)]
+}
