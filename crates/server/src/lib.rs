@@ -35,6 +35,7 @@ pub mod sockopt;
 pub mod store;
 pub mod token;
 pub mod udp;
+pub mod wall_clock;
 
 pub use config::Config;
 pub use error::Error;

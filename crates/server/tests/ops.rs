@@ -586,6 +586,25 @@ fn drop_log_lines_are_paced_and_zero_turns_them_off() {
     }
 }
 
+/// What `to` hears first while `from` sends "fresh" until something arrives: on a loaded
+/// machine a daemon just continued may take a while to run again, and a message sent right
+/// away could age past a chat limit as well.
+fn first_relayed(from: &Member, to: &Member) -> String {
+    let deadline = Instant::now() + PATIENCE;
+    to.socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    loop {
+        from.send("fresh");
+        let mut buf = [0u8; 512];
+        if let Ok((n, _)) = to.socket.recv_from(&mut buf) {
+            to.socket.set_read_timeout(Some(PATIENCE)).unwrap();
+            return render(&buf[..n]);
+        }
+        assert!(Instant::now() < deadline, "nothing relayed after SIGCONT");
+    }
+}
+
 /// With `udp.max_chat_wait_ms` (set by a reload), chat that waited in the socket longer than
 /// that (here, while the daemon was stopped) is dropped and counted `stale`, not relayed late,
 /// and a `__LEAVE__` that waited as long is still acted on. By default the same chat is
@@ -616,25 +635,7 @@ fn chat_that_waited_past_max_chat_wait_ms_is_shed_and_counted() {
         bob.send("queued");
         thread::sleep(stopped_for);
         d.signal(libc::SIGCONT);
-        // A fresh message until one arrives: on a loaded machine the daemon may take a while
-        // to run again, and a message sent right away could age past the limit as well.
-        let fresh = |member: &Member| {
-            let deadline = Instant::now() + PATIENCE;
-            member
-                .socket
-                .set_read_timeout(Some(Duration::from_millis(200)))
-                .unwrap();
-            loop {
-                bob.send("fresh");
-                let mut buf = [0u8; 512];
-                if let Ok((n, _)) = member.socket.recv_from(&mut buf) {
-                    member.socket.set_read_timeout(Some(PATIENCE)).unwrap();
-                    return render(&buf[..n]);
-                }
-                assert!(Instant::now() < deadline, "nothing relayed after SIGCONT");
-            }
-        };
-        let first = fresh(&alice);
+        let first = first_relayed(&bob, &alice);
         let stale = d.metric("ocm_datagrams_dropped_total{reason=\"stale\"}");
         if shed {
             assert_eq!(first, "bob: fresh", "the queued chat was relayed");
@@ -650,6 +651,66 @@ fn chat_that_waited_past_max_chat_wait_ms_is_shed_and_counted() {
         d.signal(libc::SIGCONT);
         bob.recv_until("CLOSED");
     }
+}
+
+/// libfaketime, when installed (`.ci/run` installs it): makes a process's wall clock read a
+/// file, leaving its monotonic clock alone.
+fn libfaketime() -> Option<PathBuf> {
+    let mut dirs = vec![
+        PathBuf::from("/usr/lib/faketime"),
+        PathBuf::from("/usr/lib64/faketime"),
+    ];
+    if let Ok(entries) = std::fs::read_dir("/usr/lib") {
+        dirs.extend(entries.flatten().map(|e| e.path().join("faketime")));
+    }
+    dirs.into_iter()
+        .map(|dir| dir.join("libfaketime.so.1"))
+        .find(|lib| lib.is_file())
+}
+
+/// A step of the wall clock makes no chat look older than it is. The kernel stamps arrivals
+/// on the wall clock; `ocmd` runs under libfaketime, whose wall clock (not its monotonic one)
+/// steps an hour forward while chat waits 400 ms in the stopped daemon's socket, with a limit
+/// of 30 s. The chat is relayed, not shed as an hour old. (libfaketime steps only the daemon's
+/// clock, not the kernel's stamps, so past the 30 s window all chat would look an hour old;
+/// the test is over long before.) Skips, saying so, without libfaketime.
+#[test]
+fn a_forward_step_of_the_wall_clock_sheds_no_fresh_chat() {
+    let Some(lib) = libfaketime() else {
+        eprintln!("skipped: libfaketime is not installed (apt-get install faketime)");
+        return;
+    };
+    let clock = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(clock.path(), "+0\n").unwrap();
+    let d = Daemon::start_with(Options {
+        metrics: true,
+        config: Some("[udp]\nmax_chat_wait_ms = 30000\n".into()),
+        env: vec![
+            ("LD_PRELOAD".into(), lib.display().to_string()),
+            (
+                "FAKETIME_TIMESTAMP_FILE".into(),
+                clock.path().display().to_string(),
+            ),
+            ("FAKETIME_NO_CACHE".into(), "1".into()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+        ],
+        ..Options::default()
+    });
+    // Chat before the step: the daemon has read both clocks.
+    let (alice, bob) = room_of_two(&d, "r");
+    bob.send("before");
+    alice.recv_until("bob: before");
+    d.signal(libc::SIGSTOP);
+    bob.send("queued");
+    std::fs::write(clock.path(), "+3600\n").unwrap();
+    // The stimulus, not a wait for a condition: the chat ages in the stopped daemon's socket.
+    thread::sleep(Duration::from_millis(400));
+    d.signal(libc::SIGCONT);
+    assert_eq!(first_relayed(&bob, &alice), "bob: queued");
+    assert_eq!(
+        d.metric("ocm_datagrams_dropped_total{reason=\"stale\"}"),
+        0.0
+    );
 }
 
 /// Floods the UDP socket of a stopped daemon so that the kernel drops datagrams, then waits

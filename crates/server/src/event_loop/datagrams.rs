@@ -4,7 +4,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 
@@ -13,6 +13,10 @@ use crate::metrics::Metrics;
 use crate::rate::TokenBucket;
 use crate::rooms::{DropReason, Handled};
 use crate::{mmsg, udp};
+
+/// How long after a forward step of the wall clock arrival stamps are measured against it
+/// read back by the step, at least: the relay delay histogram's last bound (5 s).
+const STEP_WINDOW: Duration = Duration::from_secs(5);
 
 impl Server {
     /// Reads datagrams (`recvmmsg`, a batch per call) until the socket is drained or the
@@ -79,16 +83,23 @@ impl Server {
 
     /// With `udp.max_chat_wait_ms` set, the arrival time (the kernel's stamp, since the Unix
     /// epoch) before which chat has waited too long to be relayed. Read once per batch: the
-    /// datagrams of a batch were all waiting when it was read. A wall clock stepped back
-    /// sheds nothing it would not have; stepped forward, it may shed what was queued at the
-    /// step once.
-    fn shed_chat_arrived_before(&self) -> Option<Duration> {
+    /// datagrams of a batch were all waiting when it was read. A step of the wall clock makes
+    /// no chat look older than it is ([`WallClock`](crate::wall_clock::WallClock)).
+    fn shed_chat_arrived_before(&mut self) -> Option<Duration> {
         let max_wait = self.config.udp.max_chat_wait_ms;
         if max_wait == 0 {
             return None;
         }
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
+        let now = self.wall_clock_now()?;
         now.checked_sub(Duration::from_millis(max_wait))
+    }
+
+    /// The wall clock to measure arrival stamps against, read back by a recent forward step
+    /// for as long as the longest age measured: the chat limit, or the relay delay
+    /// histogram's last bound.
+    fn wall_clock_now(&mut self) -> Option<Duration> {
+        let limit = Duration::from_millis(self.config.udp.max_chat_wait_ms);
+        self.wall_clock.now(limit.max(STEP_WINDOW))
     }
 
     /// Counts, for each datagram of the last batch read, the time from its arrival on the
@@ -97,7 +108,7 @@ impl Server {
     /// the backlog the limit cut.
     fn record_relay_delays(&mut self, count: usize) {
         let mut shed = std::mem::take(&mut self.shed_in_batch);
-        if let Ok(now) = SystemTime::now().duration_since(UNIX_EPOCH) {
+        if let Some(now) = self.wall_clock_now() {
             let mut skip = shed.iter().copied().peekable();
             for i in 0..count {
                 if skip.next_if_eq(&i).is_some() {

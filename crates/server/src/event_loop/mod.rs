@@ -48,6 +48,7 @@ use crate::persist::Persister;
 use crate::rate::{KeyedLimiter, TokenBucket};
 use crate::rooms::Registry;
 use crate::udp;
+use crate::wall_clock::WallClock;
 
 const TCP_LISTENER: Token = Token(0);
 const UDP_SOCKET: Token = Token(1);
@@ -153,6 +154,8 @@ pub struct Server {
     /// Which datagrams of the batch being handled were chat dropped as stale (their delay is
     /// left out of `ocm_relay_delay_seconds`).
     shed_in_batch: Vec<usize>,
+    /// The wall clock that arrival stamps are measured against, read back after a step.
+    wall_clock: WallClock,
     /// When to call `accept` again after it failed (EMFILE and friends). The listeners are
     /// edge-triggered: connections left in the backlog raise no new event, so without this
     /// they would wait for the next newcomer however many descriptors were freed meanwhile.

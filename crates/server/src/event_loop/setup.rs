@@ -28,6 +28,7 @@ use crate::persist::{self, Persister};
 use crate::rate::{KeyedLimiter, TokenBucket};
 use crate::rooms::Registry;
 use crate::store::{self, Paths};
+use crate::wall_clock::WallClock;
 use crate::{conn, mmsg, password, udp};
 
 impl Server {
@@ -203,6 +204,7 @@ impl Server {
             nodelay_inherited,
             revisit: Vec::new(),
             shed_in_batch: Vec::new(),
+            wall_clock: WallClock::new(),
             accept_retry: None,
             next_deadline_check: now + DEADLINE_CHECK,
             next_status: now,
