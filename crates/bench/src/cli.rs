@@ -186,7 +186,8 @@ pub enum Mode {
         /// Threads driving the requests in flight, each over one epoll set. One thread per
         /// connection, blocking in `read`, cost the generator about as much CPU per join as
         /// the daemon (crates/bench/NOTES.md, "A handshake driver on epoll").
-        #[arg(long, default_value_t = crate::inflight::DEFAULT_THREADS)]
+        #[arg(long, default_value_t = crate::inflight::DEFAULT_THREADS,
+            value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         client_threads: usize,
         /// Tokens to create first (in rooms of 10) so the state is large.
         #[arg(long, default_value_t = 0)]
@@ -207,7 +208,8 @@ pub enum Mode {
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
         /// Threads driving the requests in flight.
-        #[arg(long, default_value_t = crate::inflight::DEFAULT_THREADS)]
+        #[arg(long, default_value_t = crate::inflight::DEFAULT_THREADS,
+            value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         client_threads: usize,
     },
     /// Churn for a long time (rooms created, chatted in, left and closed, silent hosts

@@ -368,7 +368,7 @@ pub fn run(
         rooms,
         joins_per_room: joins,
         concurrency: clients.connections,
-        client_threads: clients.threads,
+        client_threads: clients.threads_used(),
         preload,
         preload_creates,
         preload_joins,

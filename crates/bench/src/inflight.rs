@@ -6,7 +6,9 @@
 //! every join cost it a sleep and a wake-up, about as much CPU as the daemon spent on the join,
 //! on the cores the two share. Here one wake-up serves every reply that one pass of the
 //! daemon's loop sent. The connect and the request's write block (on loopback both complete
-//! inside the call); the reply is read without blocking once epoll says it is there.
+//! inside the call, unless the daemon's accept backlog is full: then a SYN retry holds every
+//! request of the thread for a second or more, as it held one thread before); the reply is
+//! read without blocking once epoll says it is there.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -40,6 +42,13 @@ impl Clients {
     };
 }
 
+impl Clients {
+    /// The threads `run` starts: at least one, at most one per connection.
+    pub fn threads_used(self) -> usize {
+        self.threads.clamp(1, self.connections.max(1))
+    }
+}
+
 /// Threads driving the requests in flight unless told otherwise.
 pub const DEFAULT_THREADS: usize = 1;
 
@@ -65,7 +74,7 @@ pub struct Finished {
     pub ops: Vec<Op>,
     /// Failed requests.
     pub errors: usize,
-    /// The first failure seen.
+    /// A failure, when there were any: the first of the first thread to report one.
     pub first_error: Option<Error>,
     /// Wall time of the whole run.
     pub elapsed: Duration,
@@ -81,7 +90,7 @@ pub fn run(
     on_token: &(dyn Fn(usize, String) + Sync),
 ) -> Finished {
     let concurrency = clients.connections.max(1);
-    let threads = clients.threads.clamp(1, concurrency);
+    let threads = clients.threads_used();
     let next = AtomicUsize::new(0);
     let finished = Mutex::new(Finished {
         ops: Vec::with_capacity(jobs),
@@ -105,14 +114,15 @@ pub fn run(
                     on_token,
                     flights: (0..slots).map(|_| None).collect(),
                     ops: Vec::new(),
-                    errors: Vec::new(),
+                    errors: 0,
+                    first_error: None,
                 };
                 driver.drive();
                 if let Ok(mut f) = finished.lock() {
                     f.ops.append(&mut driver.ops);
-                    f.errors += driver.errors.len();
+                    f.errors += driver.errors;
                     if f.first_error.is_none() {
-                        f.first_error = driver.errors.into_iter().next();
+                        f.first_error = driver.first_error;
                     }
                 }
             });
@@ -143,7 +153,8 @@ struct Driver<'a> {
     /// Slot k's request in flight; its connection's epoll key is k.
     flights: Vec<Option<Flight>>,
     ops: Vec<Op>,
-    errors: Vec<Error>,
+    errors: usize,
+    first_error: Option<Error>,
 }
 
 impl Driver<'_> {
@@ -151,7 +162,7 @@ impl Driver<'_> {
         let epoll = match Epoll::new() {
             Ok(epoll) => epoll,
             Err(e) => {
-                self.errors.push(e);
+                self.fail(e);
                 return;
             }
         };
@@ -160,16 +171,24 @@ impl Driver<'_> {
             self.launch(&epoll, slot);
         }
         let mut ready = Vec::with_capacity(self.flights.len());
+        let mut freed = Vec::with_capacity(self.flights.len());
         let mut last_check = Instant::now();
         while self.flights.iter().any(Option::is_some) {
             ready.clear();
             ready.extend(epoll.wait(&mut events, DEADLINE_CHECK.as_millis() as i32));
+            // Every reply that came is taken before any new request is sent: a `connect` on
+            // loopback runs the daemon's side of the handshake, and would count in the
+            // latency of the replies read after it.
+            freed.clear();
             for &key in &ready {
                 let slot = key as usize;
                 if let Some(done) = self.read(slot) {
                     self.finish(slot, done);
-                    self.launch(&epoll, slot);
+                    freed.push(slot);
                 }
+            }
+            for &slot in &freed {
+                self.launch(&epoll, slot);
             }
             if last_check.elapsed() >= DEADLINE_CHECK {
                 last_check = Instant::now();
@@ -203,7 +222,7 @@ impl Driver<'_> {
                     self.flights[slot] = Some(flight);
                     return;
                 }
-                Err(e) => self.errors.push(e),
+                Err(e) => self.fail(e),
             }
         }
     }
@@ -259,8 +278,13 @@ impl Driver<'_> {
                 });
                 (self.on_token)(flight.index, token);
             }
-            Err(e) => self.errors.push(e),
+            Err(e) => self.fail(e),
         }
+    }
+
+    fn fail(&mut self, e: Error) {
+        self.errors += 1;
+        self.first_error.get_or_insert(e);
     }
 }
 
