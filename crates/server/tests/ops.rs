@@ -707,6 +707,10 @@ fn a_forward_step_of_the_wall_clock_sheds_no_fresh_chat() {
     thread::sleep(Duration::from_millis(400));
     d.signal(libc::SIGCONT);
     assert_eq!(first_relayed(&bob, &alice), "bob: queued");
+    // The daemon saw the step (without libfaketime in force, it would not have stepped).
+    wait_until("the step is logged", || {
+        d.log().contains("the wall clock stepped forward by 3600.0")
+    });
     assert_eq!(
         d.metric("ocm_datagrams_dropped_total{reason=\"stale\"}"),
         0.0
