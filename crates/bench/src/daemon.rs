@@ -379,6 +379,17 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// CPU time used so far by the daemon's event loop (its main thread), to the nanosecond
+    /// (`/proc/PID/task/PID/schedstat`); `None` where the kernel keeps no such count.
+    pub fn loop_cpu_time(&self) -> Option<Duration> {
+        let pid = self.pid();
+        let text = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/schedstat")).ok()?;
+        let nanos = text.split_whitespace().next()?.parse().ok()?;
+        Some(Duration::from_nanos(nanos))
+    }
+}
+
 /// CPU time used so far by all of this process's threads, to the nanosecond.
 pub fn own_cpu_time() -> Duration {
     clock_time(libc::CLOCK_PROCESS_CPUTIME_ID).unwrap_or_else(|| cpu_time_of("/proc/self/stat"))

@@ -63,6 +63,11 @@ pub struct MemoryResult {
     pub rss_restarted_kib: u64,
     /// Size of the state directory after the stop, bytes.
     pub state_bytes: u64,
+    /// CPU the daemon's event loop used per second while it held every member and nothing
+    /// came, ms (the liveness sweeps, every `sweep_interval_ms`); `None` in results from
+    /// before it was measured, or where the kernel does not count a thread's CPU time.
+    #[serde(default)]
+    pub idle_cpu_ms_per_sec: Option<f64>,
 }
 
 impl MemoryResult {
@@ -96,6 +101,12 @@ impl MemoryResult {
             "  RSS per registered member {:.0} bytes (registration alone {:.0} bytes)",
             self.bytes_per_member, self.bytes_per_registration
         );
+        if let Some(ms) = self.idle_cpu_ms_per_sec {
+            println!(
+                "  idle with them ({} s, nothing sent): ocmd's loop used {ms:.2} ms of CPU per second",
+                IDLE_FOR.as_secs()
+            );
+        }
         if let Some(bytes) = self.bytes_per_member_restarted() {
             println!(
                 "  after a restart on that state: VmRSS {} KiB, {bytes:.0} bytes per member",
@@ -210,6 +221,7 @@ pub fn run(
     let registered = register_all(&daemon, &rooms, room_size)?;
     let register_seconds = t.elapsed().as_secs_f64();
     let rss_registered_kib = daemon.rss_kib()?;
+    let idle_cpu_ms_per_sec = idle_loop_cpu(&daemon);
     let stop_ms = daemon.stop()?.as_secs_f64() * 1e3;
     let state_bytes = dir_bytes(dir.path());
     let restarted = launcher.spawn(&dir)?;
@@ -236,5 +248,18 @@ pub fn run(
         members_after_restart,
         rss_restarted_kib,
         state_bytes,
+        idle_cpu_ms_per_sec,
     })
+}
+
+/// How long the daemon is idle for [`idle_cpu`].
+const IDLE_FOR: Duration = Duration::from_secs(3);
+
+/// CPU the daemon's event loop uses per second while nothing comes, ms. The loop alone: the
+/// journal writer and the compactor may still be busy with the registrations.
+fn idle_loop_cpu(daemon: &crate::daemon::Daemon) -> Option<f64> {
+    let before = daemon.loop_cpu_time()?;
+    thread::sleep(IDLE_FOR);
+    let used = daemon.loop_cpu_time()?.saturating_sub(before);
+    Some(used.as_secs_f64() * 1e3 / IDLE_FOR.as_secs_f64())
 }

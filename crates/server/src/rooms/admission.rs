@@ -55,6 +55,7 @@ impl Registry {
             local_unsaved: false,
             keepalive,
             last_seen: now,
+            serial: 0,
             caps: request.caps,
             max_datagram: request.max_datagram,
             joined_from: Some(joined_from),

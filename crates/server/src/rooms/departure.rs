@@ -1,7 +1,7 @@
 //! Members leaving: a `__LEAVE__`, a keepalive expiry, and the host's departure, which
 //! closes its room and tells everyone still in it.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{debug, info};
 use tcrp::payload::Caps;
@@ -13,6 +13,26 @@ use crate::outbox::Outbox;
 use crate::record::Record;
 
 impl Registry {
+    /// How long a member with keepalives every `interval` may stay silent.
+    pub(super) fn keepalive_limit(&self, interval: Duration) -> Duration {
+        interval.saturating_mul(self.limits.keepalive_misses.max(1))
+    }
+
+    /// Queues every member with keepalives again at its deadline under the current limits
+    /// (after a reload changed `keepalive_misses`): the entries queued before were due under
+    /// the old ones.
+    pub(super) fn requeue_deadlines(&mut self) {
+        self.deadlines.clear();
+        let misses = self.limits.keepalive_misses.max(1);
+        for (i, member) in &self.members {
+            if let Some(interval) = member.keepalive {
+                let limit = interval.saturating_mul(misses);
+                self.deadlines
+                    .queue(MemberId(i), member.serial, member.last_seen, limit);
+            }
+        }
+    }
+
     /// Removes a member; a host's removal closes its room.
     pub(super) fn remove_member(
         &mut self,
@@ -99,14 +119,23 @@ impl Registry {
     /// Returns how many members were expired.
     pub fn poll_expired(&mut self, now: Instant, out: &mut Outbox) -> usize {
         self.tombstones.expire(now, &self.limits);
-        let misses = self.limits.keepalive_misses.max(1);
         self.scratch.clear();
-        for (i, member) in &self.members {
-            if let Some(interval) = member.keepalive {
-                if now.saturating_duration_since(member.last_seen) > interval.saturating_mul(misses)
-                {
-                    self.scratch.push(MemberId(i));
-                }
+        // Only the members whose deadline, as queued, has passed: the others were heard from
+        // recently enough whatever they did since.
+        while let Some(entry) = self.deadlines.pop_due(now) {
+            let Some(member) = self.members.get(entry.member.0) else {
+                continue;
+            };
+            let Some(interval) = member.keepalive.filter(|_| member.serial == entry.serial) else {
+                // A member that took the slot since: it has its own entry.
+                continue;
+            };
+            let limit = self.keepalive_limit(interval);
+            if now.saturating_duration_since(member.last_seen) > limit {
+                self.scratch.push(entry.member);
+            } else {
+                self.deadlines
+                    .queue(entry.member, member.serial, member.last_seen, limit);
             }
         }
         let mut expired = 0;

@@ -36,7 +36,12 @@ fn name_key(hasher: &IndexHasher, room: RoomId, username: &str) -> u64 {
 
 impl Registry {
     /// Adds a member to the slab, the token and name indexes and its room's member list.
-    pub(super) fn insert_member(&mut self, member: Member) -> MemberId {
+    pub(super) fn insert_member(&mut self, mut member: Member) -> MemberId {
+        member.serial = self.next_serial;
+        self.next_serial = self.next_serial.wrapping_add(1);
+        let keepalive = member
+            .keepalive
+            .map(|interval| (interval, member.last_seen, member.serial));
         let hash = self.hasher.hash_one(member.token.as_str().as_bytes());
         let room = member.room;
         if member.address.is_some() {
@@ -56,6 +61,10 @@ impl Registry {
             name_key(hasher, members[m.0].room, &members[m.0].username)
         });
         self.rooms[room.0].members.push(id);
+        if let Some((interval, last_seen, serial)) = keepalive {
+            let limit = self.keepalive_limit(interval);
+            self.deadlines.queue(id, serial, last_seen, limit);
+        }
         id
     }
 

@@ -32,6 +32,7 @@
 mod admission;
 mod datagrams;
 mod departure;
+mod expiry;
 mod history;
 mod index;
 mod relay;
@@ -49,6 +50,7 @@ use slab::Slab;
 use crate::local::{LocalId, Locals};
 use crate::record::Record;
 use crate::token::Token;
+use expiry::Deadlines;
 use index::IndexHasher;
 use room::{Member, Room};
 use tombstones::Tombstones;
@@ -58,7 +60,7 @@ use tombstones::Tombstones;
 pub struct RoomId(usize);
 
 /// Index of a member in the registry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MemberId(usize);
 
 impl MemberId {
@@ -273,6 +275,10 @@ pub struct Registry {
     locals: Locals,
     /// Members whose source (`local`) moved since it was last journaled.
     sources_unsaved: Vec<MemberId>,
+    /// When each member with keepalives is next to be looked at.
+    deadlines: Deadlines,
+    /// The serial of the next member inserted (see [`Deadlines`]).
+    next_serial: u32,
 }
 
 impl Registry {
@@ -295,6 +301,8 @@ impl Registry {
             checkpoint_cursor: 0,
             locals: Locals::default(),
             sources_unsaved: Vec::new(),
+            deadlines: Deadlines::default(),
+            next_serial: 0,
         }
     }
 
@@ -338,7 +346,11 @@ impl Registry {
         for (_, room) in &mut self.rooms {
             room.shrink_history_to(limits.history, limits.history_bytes);
         }
+        let misses_changed = limits.keepalive_misses != self.limits.keepalive_misses;
         self.limits = limits;
+        if misses_changed {
+            self.requeue_deadlines();
+        }
     }
 
     /// Room, member and registration counts.

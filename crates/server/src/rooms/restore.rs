@@ -105,6 +105,7 @@ impl Registry {
                     local_unsaved: false,
                     keepalive: entry.keepalive.map(|k| Duration::from_secs(k.into())),
                     last_seen: now,
+                    serial: 0,
                     caps: Caps::from_bits(entry.caps),
                     // Checked like a request's: a hand-edited value out of range is dropped.
                     max_datagram: entry.max_datagram.filter(|m| {

@@ -84,6 +84,11 @@ pub(super) struct Member {
     pub(super) local_unsaved: bool,
     pub(super) keepalive: Option<Duration>,
     pub(super) last_seen: Instant,
+    /// Told apart from an earlier member of the same slot (set by `insert_member`; it wraps
+    /// after 2³² members, and a slot would have to see exactly that many between an entry's
+    /// queueing and its turn for an old entry to be taken for the new member's: even then the
+    /// member is only looked at early, and queued again).
+    pub(super) serial: u32,
     pub(super) caps: Caps,
     /// The largest datagram the member accepts (`max_datagram` at join), if it said.
     pub(super) max_datagram: Option<u16>,

@@ -2419,3 +2419,126 @@ fn rebuilt_from_state_keeps_rooms_tokens_and_addresses() {
     assert_eq!(h, Handled::Closed { notified: 2 });
     let _ = &t.cy;
 }
+
+/// A member that asks for keepalives every `secs` seconds.
+fn keeping_alive(name: &str, secs: u32) -> Request {
+    Request {
+        keepalive_secs: Some(secs),
+        form: tcrp::payload::RequestForm::JsonObject,
+        ..Request::original(name)
+    }
+}
+
+#[test]
+fn a_sweep_looks_only_at_members_whose_deadline_passed() {
+    let (mut reg, now, mut out, _host) = room_r();
+    let talker = reg
+        .join_room("r", &keeping_alive("talker", 10), HERE, now, &mut out)
+        .unwrap()
+        .token;
+    for i in 0..100 {
+        reg.join_room(
+            "r",
+            &Request::original(&format!("o{i}")),
+            HERE,
+            now,
+            &mut out,
+        )
+        .unwrap();
+    }
+    // Only the member with keepalives is queued, once.
+    assert_eq!(reg.deadlines.len(), 1);
+    register(&mut reg, addr(2), &talker, now, &mut out);
+    // It keeps talking every 10 s for five minutes, the loop sweeping every 500 ms.
+    let mut t = now;
+    for step in 1..=600u64 {
+        t = now + Duration::from_millis(500 * step);
+        if step % 20 == 0 {
+            register(&mut reg, addr(2), &talker, t, &mut out);
+        }
+        assert_eq!(reg.poll_expired(t, &mut out), 0, "at {step}");
+        assert_eq!(
+            reg.deadlines.len(),
+            1,
+            "its one entry, queued again when due"
+        );
+    }
+    // Silent past 3 × 10 s, it goes at the first sweep after.
+    assert_eq!(reg.poll_expired(t + Duration::from_secs(30), &mut out), 0);
+    assert_eq!(
+        reg.poll_expired(t + Duration::from_millis(30_500), &mut out),
+        1
+    );
+    assert_eq!(reg.stats().members, 101);
+}
+
+#[test]
+fn a_slot_taken_by_a_new_member_neither_expires_it_early_nor_queues_it_twice() {
+    let (mut reg, now, mut out, _host) = room_r();
+    let first = reg
+        .join_room("r", &keeping_alive("first", 1), HERE, now, &mut out)
+        .unwrap()
+        .token;
+    register(&mut reg, addr(2), &first, now, &mut out);
+    reg.handle_datagram(
+        addr(2),
+        None,
+        &dgram("r", &first, "__LEAVE__"),
+        now,
+        &mut out,
+    );
+    assert_eq!(reg.stats().members, 1);
+    // The next member takes the freed slot, with a longer limit (3 × 100 s).
+    let later = now + Duration::from_secs(1);
+    reg.join_room("r", &keeping_alive("second", 100), HERE, later, &mut out)
+        .unwrap();
+    assert_eq!(
+        reg.deadlines.len(),
+        2,
+        "the first one's entry, and the second one's"
+    );
+    // The first one's deadline passes: its entry names nobody now and is dropped.
+    assert_eq!(reg.poll_expired(now + Duration::from_secs(10), &mut out), 0);
+    assert_eq!(reg.deadlines.len(), 1);
+    assert_eq!(reg.stats().members, 2);
+    assert_eq!(
+        reg.poll_expired(later + Duration::from_secs(301), &mut out),
+        1
+    );
+    assert_eq!(reg.deadlines.len(), 0);
+}
+
+#[test]
+fn a_reload_that_lowers_keepalive_misses_applies_to_members_already_queued() {
+    let (mut reg, now, mut out, _host) = room_r();
+    reg.join_room("r", &keeping_alive("quiet", 10), HERE, now, &mut out)
+        .unwrap();
+    // Queued for 3 × 10 s; now one missed keepalive is enough.
+    let mut limits = reg.limits.clone();
+    limits.keepalive_misses = 1;
+    reg.set_limits(limits);
+    assert_eq!(reg.poll_expired(now + Duration::from_secs(11), &mut out), 1);
+}
+
+#[test]
+fn restored_members_with_keepalives_are_queued() {
+    let (mut reg, now, mut out, _host) = room_r();
+    reg.join_room("r", &keeping_alive("quiet", 10), HERE, now, &mut out)
+        .unwrap();
+    let mut state = State::default();
+    for r in reg.take_records() {
+        state.apply(&r);
+    }
+    let later = now + Duration::from_secs(100);
+    let rng = Box::new(StdRng::seed_from_u64(7));
+    let mut restored = Registry::from_state(&state, reg.limits.clone(), rng, later);
+    assert_eq!(restored.deadlines.len(), 1);
+    assert_eq!(
+        restored.poll_expired(later + Duration::from_secs(29), &mut out),
+        0
+    );
+    assert_eq!(
+        restored.poll_expired(later + Duration::from_secs(31), &mut out),
+        1
+    );
+}
