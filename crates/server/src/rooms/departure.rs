@@ -18,9 +18,9 @@ impl Registry {
         interval.saturating_mul(self.limits.keepalive_misses.max(1))
     }
 
-    /// Queues every member with keepalives again at its deadline under the current limits
-    /// (after a reload changed `keepalive_misses`): the entries queued before were due under
-    /// the old ones.
+    /// Queues every member with keepalives again at its deadline under the current limits:
+    /// after a reload changed `keepalive_misses` (the entries queued before were due under the
+    /// old ones), or once departed members' entries outnumber the live ones.
     pub(super) fn requeue_deadlines(&mut self) {
         self.deadlines.clear();
         let misses = self.limits.keepalive_misses.max(1);
@@ -122,8 +122,11 @@ impl Registry {
         self.scratch.clear();
         // Only the members whose deadline, as queued, has passed: the others were heard from
         // recently enough whatever they did since.
+        if self.deadlines.mostly_stale(self.keepalive_members) {
+            self.requeue_deadlines();
+        }
         while let Some(entry) = self.deadlines.pop_due(now) {
-            let Some(member) = self.members.get(entry.member.0) else {
+            let Some(member) = self.members.get(entry.slot) else {
                 continue;
             };
             let Some(interval) = member.keepalive.filter(|_| member.serial == entry.serial) else {
@@ -132,10 +135,10 @@ impl Registry {
             };
             let limit = self.keepalive_limit(interval);
             if now.saturating_duration_since(member.last_seen) > limit {
-                self.scratch.push(entry.member);
+                self.scratch.push(entry.member());
             } else {
                 self.deadlines
-                    .queue(entry.member, member.serial, member.last_seen, limit);
+                    .queue(entry.member(), member.serial, member.last_seen, limit);
             }
         }
         let mut expired = 0;

@@ -3,22 +3,28 @@
 //! A member that asked for keepalives (`keepalive_secs` at join) expires once it has been
 //! silent for `keepalive_misses` of its intervals. Its datagrams move its `last_seen` and
 //! leave this queue alone: the queue holds one entry per such member, with the time the member
-//! was due when the entry was made. A sweep takes only the entries now due; it expires the
+//! was due when the entry was made (`last_seen` only moves forward: the loop's clock is
+//! monotonic). A sweep takes only the entries now due; it expires the
 //! members that really are silent past their limit and queues the others again at their true
 //! deadline. So a sweep reads the members whose deadline passed, about once per limit each,
 //! where it used to read every member (100,000 of them every 500 ms), and members without
 //! keepalives never.
 //!
-//! An entry names its member by slot and serial: a slot freed and taken by a new member leaves
-//! the old entry pointing at nobody, and it is dropped when it comes due. A sweep decides on
-//! the member's own `last_seen`, never on the entry's time, so an entry taken for the wrong
-//! member could only make it looked at early.
+//! An entry names its member by slot and serial: a member that leaves leaves its entry
+//! pointing at nobody, and it is dropped when it comes due. A member may ask for keepalives
+//! centuries apart, so such entries could pile up: once they outnumber the live ones (and a
+//! thousand more), the sweep builds the queue again from the members. A sweep decides on the
+//! member's own `last_seen`, never on the entry's time, so an entry taken for the wrong member
+//! could only make it looked at early.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};
 
 use super::MemberId;
+
+/// Entries beyond twice the live ones that the queue may hold before it is built again.
+const STALE_SLACK: usize = 1024;
 
 /// The queue of keepalive deadlines.
 #[derive(Debug, Default)]
@@ -30,8 +36,16 @@ pub(super) struct Deadlines {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) struct Entry {
     pub(super) due: Instant,
-    pub(super) member: MemberId,
+    /// The member's slot ([`MemberId`]'s index).
+    pub(super) slot: usize,
     pub(super) serial: u32,
+}
+
+impl Entry {
+    /// Its slot as a member id (the member there now may be another: compare serials).
+    pub(super) fn member(&self) -> MemberId {
+        MemberId(self.slot)
+    }
 }
 
 impl Deadlines {
@@ -47,7 +61,7 @@ impl Deadlines {
         if let Some(due) = last_seen.checked_add(limit) {
             self.heap.push(Reverse(Entry {
                 due,
-                member,
+                slot: member.0,
                 serial,
             }));
         }
@@ -68,8 +82,16 @@ impl Deadlines {
         self.heap.len()
     }
 
+    /// Whether the queue holds so many entries of departed members, next to the `live`
+    /// members with keepalives, that it should be built again.
+    pub(super) fn mostly_stale(&self, live: usize) -> bool {
+        self.heap.len() > live.saturating_mul(2).saturating_add(STALE_SLACK)
+    }
+
     /// Forgets every entry (before queueing every member again).
     pub(super) fn clear(&mut self) {
         self.heap.clear();
+        // A queue that grew with departed members gives the memory back.
+        self.heap.shrink_to(STALE_SLACK);
     }
 }

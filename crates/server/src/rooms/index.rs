@@ -62,6 +62,7 @@ impl Registry {
         });
         self.rooms[room.0].members.push(id);
         if let Some((interval, last_seen, serial)) = keepalive {
+            self.keepalive_members += 1;
             let limit = self.keepalive_limit(interval);
             self.deadlines.queue(id, serial, last_seen, limit);
         }
@@ -105,6 +106,10 @@ impl Registry {
         }
         if member.address.is_some() {
             self.registered -= 1;
+        }
+        if member.keepalive.is_some() {
+            // Its deadline stays queued until it comes due, or the queue is built again.
+            self.keepalive_members -= 1;
         }
         member
     }

@@ -60,7 +60,7 @@ use tombstones::Tombstones;
 pub struct RoomId(usize);
 
 /// Index of a member in the registry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MemberId(usize);
 
 impl MemberId {
@@ -279,6 +279,8 @@ pub struct Registry {
     deadlines: Deadlines,
     /// The serial of the next member inserted (see [`Deadlines`]).
     next_serial: u32,
+    /// Members with keepalives.
+    keepalive_members: usize,
 }
 
 impl Registry {
@@ -303,6 +305,7 @@ impl Registry {
             sources_unsaved: Vec::new(),
             deadlines: Deadlines::default(),
             next_serial: 0,
+            keepalive_members: 0,
         }
     }
 

@@ -84,10 +84,11 @@ pub(super) struct Member {
     pub(super) local_unsaved: bool,
     pub(super) keepalive: Option<Duration>,
     pub(super) last_seen: Instant,
-    /// Told apart from an earlier member of the same slot (set by `insert_member`; it wraps
-    /// after 2³² members, and a slot would have to see exactly that many between an entry's
-    /// queueing and its turn for an old entry to be taken for the new member's: even then the
-    /// member is only looked at early, and queued again).
+    /// Told apart from an earlier member of the same slot (set by `insert_member` from one
+    /// registry-wide count, which wraps after 2³² members: only if exactly that many joined
+    /// between a departed member's entry and its turn could the entry be taken for the slot's
+    /// new member, which would then be looked at early and hold a second entry until the
+    /// queue is next built again).
     pub(super) serial: u32,
     pub(super) caps: Caps,
     /// The largest datagram the member accepts (`max_datagram` at join), if it said.
