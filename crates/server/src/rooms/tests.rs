@@ -2543,57 +2543,38 @@ fn restored_members_with_keepalives_are_queued() {
     );
 }
 
+/// A member that asks for keepalives 136 years apart joins, registers and leaves: an entry
+/// that would not come due in this process's life.
+fn join_and_leave_for_good(reg: &mut Registry, now: Instant, out: &mut Outbox) {
+    let token = reg
+        .join_room("r", &keeping_alive("churn", u32::MAX), HERE, now, out)
+        .unwrap()
+        .token;
+    register(reg, addr(2), &token, now, out);
+    reg.handle_datagram(addr(2), None, &dgram("r", &token, "__LEAVE__"), now, out);
+}
+
 #[test]
 fn departed_members_entries_do_not_pile_up() {
     let (mut reg, now, mut out, _host) = room_r();
-    // Members that ask for keepalives 136 years apart, join and leave, over and over: their
-    // entries would not come due in this process's life.
     for i in 0..5_000u32 {
-        let token = reg
-            .join_room("r", &keeping_alive("churn", u32::MAX), HERE, now, &mut out)
-            .unwrap()
-            .token;
-        register(&mut reg, addr(2), &token, now, &mut out);
-        reg.handle_datagram(
-            addr(2),
-            None,
-            &dgram("r", &token, "__LEAVE__"),
-            now,
-            &mut out,
-        );
+        join_and_leave_for_good(&mut reg, now, &mut out);
         if i % 100 == 0 {
             reg.poll_expired(now, &mut out);
         }
     }
     reg.poll_expired(now, &mut out);
-    assert!(
-        reg.deadlines.len() <= 1_024,
-        "{} entries",
-        reg.deadlines.len()
-    );
+    let entries = reg.deadlines.len();
+    assert!(entries <= 1_024, "{entries} entries");
     // A live member's entry survives the rebuilds and still expires it.
     reg.join_room("r", &keeping_alive("live", 10), HERE, now, &mut out)
         .unwrap();
     for _ in 0..3_000 {
-        let token = reg
-            .join_room("r", &keeping_alive("churn", u32::MAX), HERE, now, &mut out)
-            .unwrap()
-            .token;
-        register(&mut reg, addr(2), &token, now, &mut out);
-        reg.handle_datagram(
-            addr(2),
-            None,
-            &dgram("r", &token, "__LEAVE__"),
-            now,
-            &mut out,
-        );
+        join_and_leave_for_good(&mut reg, now, &mut out);
     }
     assert_eq!(reg.stats().members, 2, "the host and the live one");
     assert_eq!(reg.poll_expired(now + Duration::from_secs(29), &mut out), 0);
-    assert!(
-        reg.deadlines.len() <= 1_026,
-        "{} entries",
-        reg.deadlines.len()
-    );
+    let entries = reg.deadlines.len();
+    assert!(entries <= 1_026, "{entries} entries");
     assert_eq!(reg.poll_expired(now + Duration::from_secs(31), &mut out), 1);
 }
