@@ -252,7 +252,7 @@ pub fn run(
     })
 }
 
-/// How long the daemon is idle for [`idle_cpu`].
+/// How long the daemon is idle for [`idle_loop_cpu`].
 const IDLE_FOR: Duration = Duration::from_secs(3);
 
 /// CPU the daemon's event loop uses per second while nothing comes, ms. The loop alone: the
