@@ -440,7 +440,9 @@ fn ocm_clients_chat_and_the_host_closes_the_room() {
     // ocm announces notices, so alice hears bob join.
     assert_eq!(alice.line(), "* bob joined");
     // ocm sends its __REGISTER__ before it says it joined, so the daemon reads it before
-    // anything alice types from here: bob hears her first line.
+    // anything alice types from here; once bob has shown the history and gone live, her first
+    // line reaches him live.
+    bob.wait_live();
     alice.type_line("hello");
     assert_eq!(bob.line(), "alice: hello");
     bob.type_line("hi alice");
@@ -470,7 +472,7 @@ fn ocm_ends_quietly_when_its_output_is_closed_and_leaves_the_room() {
     );
     bob.wait_stderr("* joined lobby as bob");
     assert_eq!(alice.line(), "* bob joined");
-    // Bob's ocm cannot print it: it leaves.
+    // Bob's ocm cannot print it (live or in the history): it leaves.
     alice.type_line("hello");
     assert_eq!(alice.line(), "* bob left");
     let status = bob.wait();
@@ -528,6 +530,7 @@ fn after_a_crash_a_wildcard_bound_daemon_still_answers_from_the_address_members_
     alice.wait_stderr("* created lobby as alice");
     let mut bob = Ocm::start_via(&d, "127.0.0.2", &args("join", "bob"));
     bob.wait_stderr("* joined lobby as bob");
+    bob.wait_live();
     assert_eq!(alice.line(), "* bob joined");
     // Both registrations, with the address they came to, are on disk before the kill.
     let journal = d.state.with_extension("json.journal");
@@ -594,6 +597,7 @@ fn members_talking_to_127_0_0_2_chat_through(udp: SocketAddr) {
         &["join", "lobby", "--name", "bob", "--keepalive", "3600"],
     );
     bob.wait_stderr("* joined lobby as bob");
+    bob.wait_live();
     assert_eq!(alice.line(), "* bob joined");
     alice.type_line("hello");
     assert_eq!(bob.line(), "alice: hello");

@@ -519,6 +519,7 @@ fn a_live_ocm_chat_survives_a_daemon_restart() {
     alice.wait_stderr("* created live as alice");
     let mut bob = Ocm::start(&d, &["join", "live", "--name", "bob", "--keepalive", "1"]);
     bob.wait_stderr("* joined live as bob");
+    bob.wait_live();
     assert_eq!(alice.line(), "* bob joined");
 
     fn deliver(from: &mut Ocm, to: &Ocm, sender: &str, text: &str) {

@@ -770,6 +770,12 @@ impl Ocm {
         });
     }
 
+    /// Waits until a joined `ocm` has shown the room's recent history and gone live: a message
+    /// sent before that may show in the history (`[hh:mm] alice: hello`) instead of live.
+    pub fn wait_live(&self) {
+        self.wait_stderr("* --- live ---");
+    }
+
     /// Waits for exit and returns the status.
     pub fn wait(&mut self) -> ExitStatus {
         let deadline = Instant::now() + PATIENCE;
