@@ -5,6 +5,13 @@ use std::os::fd::RawFd;
 
 use crate::error::{Context, Result};
 
+/// What a descriptor is watched for. Errors and hang-ups are reported either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watch {
+    Readable,
+    Writable,
+}
+
 /// An epoll set that closes itself.
 pub struct Epoll(RawFd);
 
@@ -22,12 +29,30 @@ impl Epoll {
     /// Watches `fd` for reading (level-triggered); ready events carry `key`. A descriptor
     /// leaves the set by itself when it is closed.
     pub fn add_readable(&self, fd: RawFd, key: u64) -> Result<()> {
+        self.control(libc::EPOLL_CTL_ADD, fd, key, Watch::Readable)
+    }
+
+    /// Watches `fd` for `watch` (level-triggered); ready events carry `key`.
+    pub fn add(&self, fd: RawFd, key: u64, watch: Watch) -> Result<()> {
+        self.control(libc::EPOLL_CTL_ADD, fd, key, watch)
+    }
+
+    /// Watches `fd`, already in the set, for `watch` instead.
+    pub fn change(&self, fd: RawFd, key: u64, watch: Watch) -> Result<()> {
+        self.control(libc::EPOLL_CTL_MOD, fd, key, watch)
+    }
+
+    fn control(&self, op: i32, fd: RawFd, key: u64, watch: Watch) -> Result<()> {
+        let events = match watch {
+            Watch::Readable => libc::EPOLLIN,
+            Watch::Writable => libc::EPOLLOUT,
+        };
         let mut event = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
+            events: events as u32,
             u64: key,
         };
         // SAFETY: both descriptors are live; event is a valid epoll_event.
-        let rc = unsafe { libc::epoll_ctl(self.0, libc::EPOLL_CTL_ADD, fd, &mut event) };
+        let rc = unsafe { libc::epoll_ctl(self.0, op, fd, &mut event) };
         if rc < 0 {
             return Err(std::io::Error::last_os_error()).ctx("epoll_ctl");
         }

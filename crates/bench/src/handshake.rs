@@ -21,21 +21,46 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Source addresses handed out so far (see [`connect`]).
 static NEXT_SOURCE: AtomicU32 = AtomicU32::new(0);
 
-/// Connects to the daemon. On IPv4 loopback each connection comes from the next address of
-/// 127.0.0.0/8 (127.0.0.1 … 127.0.249.250, then round again), as connections from many
-/// client hosts would. From one source address, 100,000 short connections leave as many
-/// TIME_WAIT entries on the same address pair (both ends live in this kernel), and every
-/// `connect` then searches the ephemeral port range past them: measured as ~13% of the
-/// generator's CPU after a 100,000-join preload, a cost of the generator, not of the daemon.
+/// Connects to the daemon, blocking until the connection is made. On IPv4 loopback each
+/// connection comes from the next address of 127.0.0.0/8 (127.0.0.1 … 127.0.249.250, then
+/// round again), as connections from many client hosts would. From one source address,
+/// 100,000 short connections leave as many TIME_WAIT entries on the same address pair (both
+/// ends live in this kernel), and every `connect` then searches the ephemeral port range
+/// past them: measured as ~13% of the generator's CPU after a 100,000-join preload, a cost
+/// of the generator, not of the daemon.
 pub fn connect(tcp: SocketAddr) -> std::io::Result<socket2::Socket> {
-    if !tcp.ip().is_loopback() || !tcp.is_ipv4() {
-        return TcpStream::connect(tcp).map(socket2::Socket::from);
-    }
-    let n = NEXT_SOURCE.fetch_add(1, Ordering::Relaxed) % (250 * 250);
-    let source = Ipv4Addr::new(127, 0, (n / 250) as u8, (n % 250) as u8 + 1);
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    socket.bind(&SocketAddr::new(IpAddr::V4(source), 0).into())?;
+    let socket = client_socket(tcp)?;
     socket.connect(&tcp.into())?;
+    Ok(socket)
+}
+
+/// Starts connecting to the daemon without blocking, from the same source addresses as
+/// [`connect`]. Returns the socket (non-blocking) and whether the connection is already
+/// made (on loopback it usually is); if not, the socket turns writable once it is, and
+/// `take_error` then says whether it failed.
+pub fn start_connect(tcp: SocketAddr) -> std::io::Result<(socket2::Socket, bool)> {
+    let socket = client_socket(tcp)?;
+    socket.set_nonblocking(true)?;
+    match socket.connect(&tcp.into()) {
+        Ok(()) => Ok((socket, true)),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok((socket, false)),
+        Err(e) => Err(e),
+    }
+}
+
+/// A TCP socket for a connection to `tcp`, bound to the next loopback source address when
+/// `tcp` is on IPv4 loopback (see [`connect`]).
+fn client_socket(tcp: SocketAddr) -> std::io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(tcp),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    if tcp.ip().is_loopback() && tcp.is_ipv4() {
+        let n = NEXT_SOURCE.fetch_add(1, Ordering::Relaxed) % (250 * 250);
+        let source = Ipv4Addr::new(127, 0, (n / 250) as u8, (n % 250) as u8 + 1);
+        socket.bind(&SocketAddr::new(IpAddr::V4(source), 0).into())?;
+    }
     Ok(socket)
 }
 

@@ -5,12 +5,12 @@
 //! The generator used to run one thread per connection, asleep in `read` until its reply:
 //! every join cost it a sleep and a wake-up, about as much CPU as the daemon spent on the join,
 //! on the cores the two share. Here one wake-up serves every reply that one pass of the
-//! daemon's loop sent. The connect and the request's write block (on loopback both complete
-//! inside the call, unless the daemon's accept backlog is full: then a SYN retry holds every
-//! request of the thread for a second or more, as it held one thread before); the reply is
-//! read without blocking once epoll says it is there.
+//! daemon's loop sent. Nothing blocks: a connect that does not complete inside the call (on
+//! loopback it does, unless the daemon's accept backlog is full and the SYN is retried) and a
+//! request that does not fit the socket wait for epoll to say the socket is writable, while
+//! the thread's other requests go on. A request with no reply after the reply timeout
+//! counts as failed.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,11 +18,11 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::epoll::{self, Epoll};
+use crate::epoll::{self, Epoll, Watch};
 use crate::error::{Context, Error, Result};
-use crate::handshake::{connect, Reply, REPLY_TIMEOUT};
+use crate::handshake::{start_connect, Reply, REPLY_TIMEOUT};
 
-/// How often a thread looks for replies overdue past [`REPLY_TIMEOUT`].
+/// How often a thread looks for requests overdue past their reply timeout, at most.
 const DEADLINE_CHECK: Duration = Duration::from_millis(100);
 
 /// How the generator makes its requests: `connections` in flight, spread over `threads`.
@@ -81,8 +81,20 @@ pub struct Finished {
 }
 
 /// Makes requests `0..jobs` (`job(i)` builds request `i`; `on_token(i, token)` takes its
-/// token) as `clients` says.
+/// token) as `clients` says, each given [`REPLY_TIMEOUT`] from its `connect` to its token.
 pub fn run(
+    tcp: SocketAddr,
+    jobs: usize,
+    clients: Clients,
+    job: &(dyn Fn(usize) -> Result<Job> + Sync),
+    on_token: &(dyn Fn(usize, String) + Sync),
+) -> Finished {
+    run_within(REPLY_TIMEOUT, tcp, jobs, clients, job, on_token)
+}
+
+/// [`run`], each request given `reply_timeout` from its `connect` to its token.
+pub fn run_within(
+    reply_timeout: Duration,
     tcp: SocketAddr,
     jobs: usize,
     clients: Clients,
@@ -112,6 +124,7 @@ pub fn run(
                     start,
                     job,
                     on_token,
+                    reply_timeout,
                     flights: (0..slots).map(|_| None).collect(),
                     ops: Vec::new(),
                     errors: 0,
@@ -139,7 +152,59 @@ struct Flight {
     index: usize,
     socket: socket2::Socket,
     started: Instant,
+    /// The REQUEST frame, and how much of it the socket took so far.
+    request: Vec<u8>,
+    sent: usize,
+    /// The connection is known to be made: `connect` completed at once, or the socket took
+    /// bytes of the request.
+    connected: bool,
     reply: Reply,
+}
+
+impl Flight {
+    /// Whether the whole request went out; until then the socket is watched for writing.
+    fn sending(&self) -> bool {
+        self.sent < self.request.len()
+    }
+
+    /// Writes what the socket takes of the request; returns whether all of it is out. A
+    /// socket still connecting takes nothing (`EAGAIN`), one whose connect failed says why.
+    fn push_request(&mut self) -> std::io::Result<bool> {
+        while self.sending() {
+            match self.socket.send(&self.request[self.sent..]) {
+                Ok(n) => {
+                    self.sent += n;
+                    self.connected = true;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // A failed connect shows in `send` as EPIPE; its own error says more.
+                Err(e) => return Err(self.socket.take_error().ok().flatten().unwrap_or(e)),
+            }
+        }
+        Ok(true)
+    }
+
+    /// What a failure of [`Flight::push_request`] failed to do.
+    fn step(&self) -> &'static str {
+        if self.connected {
+            "send REQUEST"
+        } else {
+            "connect to the daemon"
+        }
+    }
+
+    /// Why a request overdue at its timeout failed, by how far it got.
+    fn overdue(&self, timeout: Duration) -> Error {
+        let secs = timeout.as_secs_f64();
+        self.reply.fail(if !self.connected {
+            format!("not connected within {secs} s")
+        } else if self.sending() {
+            format!("request not taken within {secs} s")
+        } else {
+            format!("no reply within {secs} s")
+        })
+    }
 }
 
 /// One thread's share of the requests in flight.
@@ -150,6 +215,7 @@ struct Driver<'a> {
     start: Instant,
     job: &'a (dyn Fn(usize) -> Result<Job> + Sync),
     on_token: &'a (dyn Fn(usize, String) + Sync),
+    reply_timeout: Duration,
     /// Slot k's request in flight; its connection's epoll key is k.
     flights: Vec<Option<Flight>>,
     ops: Vec<Op>,
@@ -175,31 +241,43 @@ impl Driver<'_> {
         let mut last_check = Instant::now();
         while self.flights.iter().any(Option::is_some) {
             ready.clear();
-            ready.extend(epoll.wait(&mut events, DEADLINE_CHECK.as_millis() as i32));
+            let wait_ms = i32::try_from(self.deadline_check().as_millis().max(1)).unwrap_or(100);
+            ready.extend(epoll.wait(&mut events, wait_ms));
             // Every reply that came is taken before any new request is sent: a `connect` on
             // loopback runs the daemon's side of the handshake, and would count in the
             // latency of the replies read after it.
             freed.clear();
             for &key in &ready {
                 let slot = key as usize;
-                if let Some(done) = self.read(slot) {
-                    self.finish(slot, done);
-                    freed.push(slot);
+                let awaiting_reply = self.flights[slot].as_ref().is_some_and(|f| !f.sending());
+                if awaiting_reply {
+                    if let Some(done) = self.read(slot) {
+                        self.finish(slot, done);
+                        freed.push(slot);
+                    }
+                }
+            }
+            // Then the requests whose connect completed or whose socket took more.
+            for &key in &ready {
+                let slot = key as usize;
+                let sending = self.flights[slot].as_ref().is_some_and(Flight::sending);
+                if sending {
+                    if let Err(e) = self.push(&epoll, slot) {
+                        self.finish(slot, Err(e));
+                        freed.push(slot);
+                    }
                 }
             }
             for &slot in &freed {
                 self.launch(&epoll, slot);
             }
-            if last_check.elapsed() >= DEADLINE_CHECK {
+            if last_check.elapsed() >= self.deadline_check() {
                 last_check = Instant::now();
                 for slot in 0..self.flights.len() {
                     let overdue = self.flights[slot]
                         .as_ref()
-                        .filter(|f| f.started.elapsed() > REPLY_TIMEOUT)
-                        .map(|f| {
-                            f.reply
-                                .fail(format!("no reply within {} s", REPLY_TIMEOUT.as_secs()))
-                        });
+                        .filter(|f| f.started.elapsed() > self.reply_timeout)
+                        .map(|f| f.overdue(self.reply_timeout));
                     if let Some(failure) = overdue {
                         self.finish(slot, Err(failure));
                         self.launch(&epoll, slot);
@@ -207,6 +285,12 @@ impl Driver<'_> {
                 }
             }
         }
+    }
+
+    /// How often overdue requests are looked for: [`DEADLINE_CHECK`], or a tenth of a
+    /// shorter reply timeout.
+    fn deadline_check(&self) -> Duration {
+        DEADLINE_CHECK.min(self.reply_timeout / 10)
     }
 
     /// Starts the next request in `slot`, if any is left; one that cannot even be sent
@@ -227,18 +311,45 @@ impl Driver<'_> {
         }
     }
 
+    /// Starts request `index` in `slot`: connects and sends as far as the socket goes without
+    /// blocking, and watches the socket for what comes next.
     fn send(&self, epoll: &Epoll, index: usize, slot: usize) -> Result<Flight> {
         let started = Instant::now();
         let Job { request, reply } = (self.job)(index)?;
-        let mut socket = connect(self.tcp).ctx("connect to the daemon")?;
-        socket.write_all(&request).ctx("send REQUEST")?;
-        epoll.add_readable(socket.as_raw_fd(), slot as u64)?;
-        Ok(Flight {
+        let (socket, connected) = start_connect(self.tcp).ctx("connect to the daemon")?;
+        let mut flight = Flight {
             index,
             socket,
             started,
+            request,
+            sent: 0,
+            connected,
             reply,
-        })
+        };
+        // On loopback the connect has nearly always completed by the time `connect` returns
+        // (the reply to the SYN is handled as the call releases the socket), even when it
+        // says EINPROGRESS: the request goes at once, with no pass through epoll.
+        let sent = flight.push_request().ctx(flight.step())?;
+        let watch = if sent {
+            Watch::Readable
+        } else {
+            Watch::Writable
+        };
+        epoll.add(flight.socket.as_raw_fd(), slot as u64, watch)?;
+        Ok(flight)
+    }
+
+    /// Goes on with `slot`'s request once its socket is writable: completes the connect,
+    /// sends more of the request, and watches for the reply once all of it is out.
+    fn push(&mut self, epoll: &Epoll, slot: usize) -> Result<()> {
+        let Some(flight) = self.flights.get_mut(slot).and_then(Option::as_mut) else {
+            return Ok(());
+        };
+        let step = flight.step();
+        if flight.push_request().ctx(step)? {
+            epoll.change(flight.socket.as_raw_fd(), slot as u64, Watch::Readable)?;
+        }
+        Ok(())
     }
 
     /// Reads what has come on `slot`'s connection: `Some` once the request is over.
@@ -290,7 +401,7 @@ impl Driver<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Read;
+    use std::io::{Read, Write};
     use std::net::{Shutdown, TcpListener, TcpStream};
     use std::sync::Mutex;
 
@@ -328,9 +439,11 @@ mod tests {
     }
 
     /// A scripted server for `n` connections, one at a time. Room `refuse` is refused,
-    /// `hang-up` gets no reply, `slow` gets its reply a few bytes at a time; any other room
-    /// `r` gets token `token-r`.
-    fn serve(listener: TcpListener, n: usize) {
+    /// `hang-up` gets no reply, `slow` gets its reply a few bytes at a time, `silent` gets
+    /// nothing, its connection held open and returned; any other room `r` gets token
+    /// `token-r`.
+    fn serve(listener: TcpListener, n: usize) -> Vec<TcpStream> {
+        let mut held = Vec::new();
         for _ in 0..n {
             let (mut stream, _) = listener.accept().expect("accept");
             let room = read_request(&mut stream);
@@ -338,6 +451,10 @@ mod tests {
             match room.as_str() {
                 "hang-up" => {
                     let _ = stream.shutdown(Shutdown::Both);
+                    continue;
+                }
+                "silent" => {
+                    held.push(stream);
                     continue;
                 }
                 "refuse" => {
@@ -364,6 +481,86 @@ mod tests {
                 stream.write_all(&reply).expect("write");
             }
         }
+        held
+    }
+
+    /// A job that joins room `rooms[i]` as an original client.
+    fn join_job(rooms: &[&str], i: usize) -> Result<Job> {
+        Ok(Job {
+            request: encode_request(false, rooms[i], &tcrp::payload::Request::original("m"))?,
+            reply: Reply::new(false, rooms[i]),
+        })
+    }
+
+    #[test]
+    fn a_request_with_no_reply_fails_at_its_timeout_without_holding_up_the_others() {
+        let rooms = ["a", "silent", "b", "c", "d"];
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let tcp = listener.local_addr().expect("local address");
+        let server = thread::spawn(move || serve(listener, rooms.len()));
+        let tokens = Mutex::new(Vec::new());
+        let job = |i: usize| join_job(&rooms, i);
+        let on_token = |i: usize, token: String| tokens.lock().expect("lock").push((i, token));
+        // Two requests in flight on one thread: the silent one holds a slot, not the thread.
+        let clients = Clients {
+            connections: 2,
+            threads: 1,
+        };
+        let timeout = Duration::from_secs(2);
+        let finished = run_within(timeout, tcp, rooms.len(), clients, &job, &on_token);
+        let held = server.join().expect("server");
+
+        assert_eq!(held.len(), 1, "the silent request reached the server");
+        assert_eq!(finished.errors, 1);
+        let first = finished
+            .first_error
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(first.contains("no reply within 2 s"), "{first}");
+        assert!(first.contains("silent"), "{first}");
+        let mut tokens = tokens.into_inner().expect("lock");
+        tokens.sort();
+        let names = |list: &[(usize, String)]| list.iter().map(|(i, _)| rooms[*i]).collect();
+        let answered: Vec<&str> = names(&tokens);
+        assert_eq!(answered, ["a", "b", "c", "d"]);
+        assert!(
+            finished.ops.iter().all(|op| op.done_at < timeout),
+            "the others finished while the silent one waited: {:?}",
+            finished.ops
+        );
+        assert!(finished.elapsed >= timeout, "{:?}", finished.elapsed);
+    }
+
+    #[test]
+    fn a_connect_the_server_never_takes_fails_at_its_timeout() {
+        // A backlog of 0 holds one connection, which the server never accepts; the kernel
+        // then drops the driver's SYN, so its connect stays pending.
+        let listener = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        listener
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .expect("bind");
+        listener.listen(0).expect("listen");
+        let tcp = listener
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .expect("local address");
+        let _queued = TcpStream::connect_timeout(&tcp, Duration::from_secs(5))
+            .expect("the first connection fills the backlog");
+        let rooms = ["never"];
+        let job = |i: usize| join_job(&rooms, i);
+        let timeout = Duration::from_millis(500);
+        let finished = run_within(timeout, tcp, 1, Clients::STANDARD, &job, &|_, _| {});
+
+        assert_eq!(finished.errors, 1);
+        assert!(finished.ops.is_empty());
+        let first = finished
+            .first_error
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(first.contains("not connected within 0.5 s"), "{first}");
+        assert!(finished.elapsed >= timeout, "{:?}", finished.elapsed);
     }
 
     #[test]
@@ -375,12 +572,7 @@ mod tests {
         let tcp = listener.local_addr().expect("local address");
         let server = thread::spawn(move || serve(listener, rooms.len()));
         let tokens = Mutex::new(Vec::new());
-        let job = |i: usize| {
-            Ok(Job {
-                request: encode_request(false, rooms[i], &tcrp::payload::Request::original("m"))?,
-                reply: Reply::new(false, rooms[i]),
-            })
-        };
+        let job = |i: usize| join_job(&rooms, i);
         let on_token = |i: usize, token: String| tokens.lock().expect("lock").push((i, token));
         let clients = Clients {
             connections: 3,
