@@ -85,7 +85,7 @@ pub struct Liveness {
     /// How many closed-room tokens are remembered.
     pub tombstone_capacity: usize,
     /// Least time between two replies to remembered tokens (`__ROOM_CLOSED__` or the
-    /// timed-out notice) to one address, milliseconds.
+    /// timed-out notice) to one source (an IPv4 address or an IPv6 /64), milliseconds.
     pub closed_reply_interval_ms: u64,
     /// How often silent members are looked for, milliseconds.
     pub sweep_interval_ms: u64,

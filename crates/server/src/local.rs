@@ -171,6 +171,15 @@ impl Locals {
         id
     }
 
+    /// The number `addr` already has, without numbering it: [`LocalId::ANY`] if it has none.
+    /// For replies to datagrams without a live token, so that they cannot fill the table.
+    pub fn known(&self, addr: Option<LocalAddr>) -> LocalId {
+        addr.filter(LocalAddr::is_source)
+            .map(LocalAddr::as_source)
+            .and_then(|addr| self.ids.get(&addr).copied())
+            .unwrap_or(LocalId::ANY)
+    }
+
     /// The address numbered `id`, if the kernel still takes it as a source; `None` for
     /// [`LocalId::ANY`], a retired address, or a number never given.
     pub fn get(&self, id: LocalId) -> Option<LocalAddr> {

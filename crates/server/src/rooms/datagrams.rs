@@ -248,11 +248,13 @@ impl Registry {
         // per interval per source.
         if !reply.is_empty()
             && reply.len() <= len
-            && self.tombstones.may_reply(src, now, &self.limits)
+            && self.tombstones.may_reply(src.ip(), now, &self.limits)
         {
             debug!("dead token {} from {src}: told", Short::of(token));
             let bytes = out.payload(|b| b.extend_from_slice(&reply));
-            let local = self.locals.id(arrival);
+            // Answered from the address the token's member last came to, which its live
+            // datagrams numbered; a dead token numbers nothing (anyone can have one).
+            let local = self.locals.known(arrival);
             out.send(src, local, bytes);
             return Handled::ClosedReply;
         }

@@ -644,8 +644,8 @@ fn saved_sources(records: &[Record]) -> Vec<(u16, Option<IpAddr>)> {
 
 /// On a socket bound to a wildcard address, each member is sent what it hears from the
 /// address of ours its last `__REGISTER__` or chat came to (a keepalive to another one moves
-/// it), and a late datagram with a dead token is answered from the address it came to. Only
-/// datagrams with a live token of the room number an address.
+/// it), and a late datagram with a dead token is answered from the address it came to, when
+/// that address is numbered. Only datagrams with a live token of the room number an address.
 #[test]
 fn members_hear_the_room_from_the_address_they_registered_with() {
     let Room3 {
@@ -697,6 +697,15 @@ fn members_hear_the_room_from_the_address_they_registered_with() {
     let h = reg.handle_datagram(addr(3), ours(2), &late, now, &mut out);
     assert_eq!(h, Handled::ClosedReply);
     assert_eq!(sources(&mut reg, &out), [(3, second)]);
+    // Bob's dead token, to a fourth address, is answered by route: a dead token numbers
+    // nothing (anyone can have one), so dead tokens cannot fill the table.
+    out.clear();
+    let later = now + Duration::from_secs(2);
+    let late = dgram("r", &bob, "hello?");
+    let h = reg.handle_datagram(addr(2), ours(4), &late, later, &mut out);
+    assert_eq!(h, Handled::ClosedReply);
+    assert_eq!(sources(&mut reg, &out), [(2, None)]);
+    assert_eq!(reg.locals_mut().len(), 2);
 }
 
 /// The address of ours a member sends to moves with its keepalives and chat, and is journaled

@@ -1,12 +1,19 @@
 //! Tokens that died recently (their room closed, or the member was expired): what a late
-//! datagram carrying one is told, and how often one source address may be told.
+//! datagram carrying one is told, and how often one source may be told.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::time::Instant;
 
 use super::Limits;
+use crate::rate;
+
+/// Sources remembered as told within the reply interval, at most. Past it, a source not
+/// remembered is not told: a flood of dead tokens from ever new sources (other ports, other
+/// addresses of an IPv6 /64, spoofed addresses) costs a bounded table, not memory without
+/// end, and the sources already told are still held to their interval.
+pub(super) const MAX_REPLY_SOURCES: usize = 65_536;
 
 /// Why a token is no longer live, and so what a late datagram carrying it is told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,7 +34,9 @@ pub(super) struct Tombstones {
     hasher: RandomState,
     by_hash: HashMap<u64, (Instant, Gone)>,
     order: VecDeque<(Instant, u64)>,
-    last_reply: HashMap<SocketAddr, Instant>,
+    /// When each source (an IPv4 address or an IPv6 /64, as [`rate::source`] counts them)
+    /// was last told, within the reply interval.
+    last_reply: HashMap<IpAddr, Instant>,
 }
 
 impl Tombstones {
@@ -96,6 +105,12 @@ impl Tombstones {
         }
         self.last_reply
             .retain(|_, at| now.saturating_duration_since(*at) < limits.closed_reply_interval);
+        // A flood that filled the table leaves its room behind when it ends; give it back.
+        if self.last_reply.capacity() > 1024
+            && self.last_reply.capacity() > 4 * self.last_reply.len()
+        {
+            self.last_reply.shrink_to(2 * self.last_reply.len());
+        }
     }
 
     /// Why `token` is gone, if it is remembered.
@@ -105,12 +120,21 @@ impl Tombstones {
             .map(|(_, gone)| *gone)
     }
 
-    /// Whether `src` may be told again now; records the reply if so.
-    pub(super) fn may_reply(&mut self, src: SocketAddr, now: Instant, limits: &Limits) -> bool {
-        match self.last_reply.get(&src) {
+    /// Whether a datagram from `src` may be told now: its source (address, or IPv6 /64) was
+    /// not told within the reply interval, and the table has room for it. Records the reply
+    /// if so.
+    pub(super) fn may_reply(&mut self, src: IpAddr, now: Instant, limits: &Limits) -> bool {
+        let source = rate::source(src);
+        let full = self.last_reply.len() >= MAX_REPLY_SOURCES;
+        match self.last_reply.get_mut(&source) {
             Some(at) if now.saturating_duration_since(*at) < limits.closed_reply_interval => false,
-            _ => {
-                self.last_reply.insert(src, now);
+            Some(at) => {
+                *at = now;
+                true
+            }
+            None if full => false,
+            None => {
+                self.last_reply.insert(source, now);
                 true
             }
         }
@@ -119,7 +143,66 @@ impl Tombstones {
 
 #[cfg(test)]
 mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    use std::time::Duration;
+
     use super::*;
+
+    /// A source is an address, whatever the port, or an IPv6 /64: one reply each per interval.
+    #[test]
+    fn a_source_is_told_once_per_interval_whatever_its_port_or_address_in_a_64() {
+        let limits = Limits::default();
+        let mut tombstones = Tombstones::new();
+        let now = Instant::now();
+        // The callers pass only the address: every port of 10.0.0.1 is the same source.
+        let v4 = IpAddr::from(Ipv4Addr::new(10, 0, 0, 1));
+        let told = (0..1_000)
+            .filter(|_| tombstones.may_reply(v4, now, &limits))
+            .count();
+        assert_eq!(told, 1);
+        let told = (0..1_000u16)
+            .map(|i| IpAddr::from(Ipv6Addr::new(0x2001, 0xdb8, 0, 7, 0, 0, i, 1)))
+            .filter(|&ip| tombstones.may_reply(ip, now, &limits))
+            .count();
+        assert_eq!(told, 1, "one /64");
+        assert_eq!(tombstones.last_reply.len(), 2);
+        let later = now + limits.closed_reply_interval;
+        assert!(
+            tombstones.may_reply(v4, later, &limits),
+            "told again after the interval"
+        );
+    }
+
+    /// A flood from ever new sources fills the table to its cap and no further; once the
+    /// interval is over, the sweep empties it and gives its room back.
+    #[test]
+    fn the_sources_told_are_capped_and_their_room_given_back() {
+        let limits = Limits::default();
+        let mut tombstones = Tombstones::new();
+        let now = Instant::now();
+        let sources = MAX_REPLY_SOURCES as u32 + 10_000;
+        let told = (0..sources)
+            .map(|i| IpAddr::from(Ipv4Addr::from(0x0a00_0000 + i)))
+            .filter(|&ip| tombstones.may_reply(ip, now, &limits))
+            .count();
+        assert_eq!(told, MAX_REPLY_SOURCES);
+        assert_eq!(tombstones.last_reply.len(), MAX_REPLY_SOURCES);
+        let first = IpAddr::from(Ipv4Addr::from(0x0a00_0000));
+        assert!(
+            !tombstones.may_reply(first, now, &limits),
+            "still held to its interval"
+        );
+
+        tombstones.expire(now + limits.closed_reply_interval, &limits);
+        assert!(tombstones.last_reply.is_empty());
+        assert!(
+            tombstones.last_reply.capacity() <= 1024,
+            "{}",
+            tombstones.last_reply.capacity()
+        );
+        let next = now + limits.closed_reply_interval + Duration::from_millis(1);
+        assert!(tombstones.may_reply(first, next, &limits));
+    }
 
     /// Full and churning, the index never grows past the room it was given at the first
     /// token: it never doubles mid-run.
