@@ -1391,6 +1391,38 @@ fn a_peer_that_never_reads_is_disconnected() {
     assert_state_intact(d, &[room, "deaf".into()]);
 }
 
+/// The output cap counts what the kernel would not take: a client that pipelines requests
+/// whose replies together pass it, and reads them, gets every reply.
+#[test]
+fn pipelined_replies_over_the_output_cap_all_reach_a_peer_that_reads() {
+    let d = daemon("[limits]\nmax_output_bytes = 256\n");
+    let mut s = connect(&d);
+    let mut bytes = Vec::new();
+    // Each refusal is over 100 bytes: five of them are twice the cap.
+    for i in 0..5 {
+        let payload = format!("\"m{i}\"");
+        bytes.extend(request_bytes(Operation::JoinRoom, "nope", payload.as_bytes()));
+    }
+    s.write_all(&bytes).unwrap();
+    let mut frames = FrameReader::default();
+    let mut refused = 0;
+    for _ in 0..5 {
+        let (state, body) = frames.next(&mut s).expect("a reply, not EOF");
+        assert_eq!(state, State::Compliance);
+        let compliance = payload::parse_compliance(&body).expect("a compliance payload");
+        if let Compliance::Failure { code, .. } = compliance {
+            assert_eq!(code, Some(ErrorCode::RoomNotFound));
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 5);
+    assert_eq!(closed(&d, "output_overflow"), 0.0);
+    // The connection still serves: one more request, one more reply.
+    s.write_all(&request_bytes(Operation::JoinRoom, "nope", b"\"m5\""))
+        .unwrap();
+    assert!(frames.next(&mut s).is_some(), "still open");
+}
+
 /// Peak resident memory of a process, in bytes (`VmHWM`).
 fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");

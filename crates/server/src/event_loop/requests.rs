@@ -48,9 +48,16 @@ impl Server {
             };
             self.process_input(id, now, None);
             let conn = self.conns.get_mut(id.0)?;
-            // A peer that keeps sending requests but does not read the replies.
+            // A peer that keeps sending requests but does not read the replies: over the cap
+            // once the kernel took what it would (a pipelining peer that reads is not).
             if conn.pending_bytes() > self.config.limits.max_output_bytes {
-                return Some("output_overflow");
+                if let Err(e) = conn.flush() {
+                    debug!("{} conn {id:?}: write failed: {e}", conn.peer);
+                    return Some("io_error");
+                }
+                if conn.pending_bytes() > self.config.limits.max_output_bytes {
+                    return Some("output_overflow");
+                }
             }
             // While a password is being checked the input waits; reading resumes after.
             if conn.awaiting_password.is_some() {
@@ -70,6 +77,7 @@ impl Server {
     /// input, and the connection waits for the check.
     fn process_input(&mut self, id: ConnId, now: Instant, mut outcome: Option<Outcome>) {
         let max_payload = self.config.limits.max_payload_bytes;
+        let max_output = self.config.limits.max_output_bytes;
         let timeout = Duration::from_secs(self.config.limits.handshake_timeout_secs);
         let Some(conn) = self.conns.get(id.0) else {
             return;
@@ -81,6 +89,14 @@ impl Server {
                 return;
             };
             if conn.close_after_flush || (conn.awaiting_password.is_some() && outcome.is_none()) {
+                break;
+            }
+            // Past the output cap, the kernel takes what it will before the next frame is
+            // answered; if the peer still has not read, nothing more is answered for it (the
+            // caller closes it). A write error is found again by the caller's flush.
+            if conn.pending_bytes() > max_output
+                && (conn.flush().is_err() || conn.pending_bytes() > max_output)
+            {
                 break;
             }
             conn.awaiting_password = None;
