@@ -97,10 +97,13 @@ pub struct Liveness {
 pub struct LimitsConfig {
     /// Largest TCRP payload accepted, bytes.
     pub max_payload_bytes: usize,
-    /// A TCP connection that does not complete a frame within this many seconds is closed.
+    /// A TCP connection that does not complete a request within this many seconds of its
+    /// accept or its last answer (not counting refusals of junk or of the request rate) is
+    /// closed.
     pub handshake_timeout_secs: u64,
-    /// Open TCRP (handshake) connections in all. Metrics connections do not count here; they
-    /// have their own cap of 16.
+    /// Open TCRP (handshake) connections in all; when full, the one idle the longest makes
+    /// room for a new one. Metrics connections do not count here; they have their own cap of
+    /// 16.
     pub max_connections: usize,
     /// Open TCRP (handshake) connections per source IP.
     pub max_connections_per_ip: usize,

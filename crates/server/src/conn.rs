@@ -149,13 +149,15 @@ impl Conn {
     }
 
     /// Moves replies whose batch is durable to the output, counting in `waited` how long
-    /// each reply that waited for its own batch took to get there.
+    /// each reply that waited for its own batch took to get there. Returns whether any did:
+    /// the reply then counts as sent now, for the handshake timer.
     pub fn release(
         &mut self,
         durable: u64,
         now: Instant,
         waited: &mut DelayHistogram<DurableWait>,
-    ) {
+    ) -> bool {
+        let before = self.held.len();
         while let Some((batch, _, _)) = self.held.front() {
             if *batch > durable {
                 break;
@@ -167,6 +169,7 @@ impl Conn {
                 self.output.extend_from_slice(&bytes);
             }
         }
+        self.held.len() < before
     }
 
     /// Whether replies wait for durability.
@@ -278,17 +281,17 @@ mod tests {
             Some((2, t0 + Duration::from_millis(1))),
         );
         let mut waited = DelayHistogram::<DurableWait>::default();
-        c.release(0, t0 + Duration::from_millis(2), &mut waited);
+        let released = c.release(0, t0 + Duration::from_millis(2), &mut waited);
         assert!(
-            c.output.is_empty() && waited.count() == 0,
+            !released && c.output.is_empty() && waited.count() == 0,
             "nothing is durable yet"
         );
-        c.release(1, t0 + Duration::from_micros(2700), &mut waited);
+        assert!(c.release(1, t0 + Duration::from_micros(2700), &mut waited));
         assert_eq!(c.output, b"token-1;refused;");
         assert_eq!(waited.count(), 1);
         // 2.7 ms: above the 2 ms bound, within the 3 ms one.
         assert_eq!(waited.quantile_bound(1.0), Some(0.003));
-        c.release(2, t0 + Duration::from_millis(401), &mut waited);
+        assert!(c.release(2, t0 + Duration::from_millis(401), &mut waited));
         assert_eq!(c.output, b"token-1;refused;token-2;");
         assert_eq!(waited.count(), 2);
         // The second waited 400 ms: within the 1 s bound, above 250 ms.

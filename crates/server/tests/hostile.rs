@@ -1257,6 +1257,96 @@ fn connections_over_the_per_ip_cap_are_closed_at_once() {
     assert_state_intact(d, &[room, "held-0".into()]);
 }
 
+/// Asks for the room list on `s` and reads the whole reply (`which` names it in a failure).
+fn list_rooms_on(s: &mut TcpStream, which: u8) {
+    s.write_all(&request_bytes(Operation::ListRooms, "", b"{}"))
+        .unwrap();
+    let mut frames = FrameReader::default();
+    let (state, body) = frames.next(s).expect("COMPLIANCE");
+    assert_eq!(state, State::Compliance, "connection {which}");
+    assert_eq!(payload::parse_compliance(&body), Ok(Compliance::Success));
+    let (state, _) = frames.next(s).expect("the room list");
+    assert_eq!(state, State::Complete, "connection {which}");
+}
+
+/// A full connection table makes room: the connection idle the longest (answered, then
+/// silent) is closed for the newcomer, so sources that hold every slot open with cheap
+/// requests cannot lock other clients out.
+#[test]
+fn a_full_connection_table_closes_the_longest_idle_connection_for_a_new_one() {
+    let d = daemon(
+        "[limits]\nmax_connections = 8\nmax_connections_per_ip = 4\nhandshake_timeout_secs = 600\n",
+    );
+    // Eight connections from two other sources, each answered once and then idle, oldest
+    // first.
+    let mut held: Vec<TcpStream> = Vec::new();
+    for i in 0..8u8 {
+        let mut s = connect_from(Ipv4Addr::new(127, 0, 0, 2 + i / 4), d.tcp, None);
+        list_rooms_on(&mut s, i);
+        held.push(s);
+    }
+    wait_until("eight connections open", || {
+        d.metric("ocm_tcp_connections_open") >= 8.0
+    });
+    // A ninth client is served: the oldest holder made room.
+    let token = create(&d, "made-room", "h");
+    assert!(!token.is_empty());
+    assert_eq!(closed(&d, "evicted"), 1.0);
+    assert_eq!(
+        d.metric("ocm_tcp_connections_rejected_total{reason=\"max_connections\"}"),
+        0.0
+    );
+    assert_eq!(
+        read_until_closed(&mut held[0]),
+        b"",
+        "the oldest was closed"
+    );
+    // The others are still open and served.
+    for (i, s) in held.iter_mut().enumerate().skip(1) {
+        list_rooms_on(s, i as u8);
+    }
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room, "made-room".into()]);
+}
+
+/// Frames refused before the request limit (here COMPLIANCE headers, which a server never
+/// takes) are answered but do not restart the handshake timer: a connection that sends
+/// only those is closed when it runs out.
+#[test]
+fn junk_frames_do_not_keep_a_connection_open() {
+    let d = daemon("[limits]\nhandshake_timeout_secs = 1\n");
+    let mut s = connect(&d);
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let junk = header(0, 1, 1, 0);
+    let started = Instant::now();
+    let mut replies = 0;
+    let mut chunk = [0u8; 4096];
+    let closed_after = loop {
+        assert!(
+            started.elapsed() < 3 * PATIENCE,
+            "still open after {:?} of junk",
+            started.elapsed()
+        );
+        if s.write_all(&junk).is_err() {
+            break started.elapsed();
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => break started.elapsed(),
+            Ok(_) => replies += 1,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break started.elapsed(),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => panic!("read: {e}"),
+        }
+    };
+    eprintln!("closed after {closed_after:?}, {replies} refusals read");
+    assert!(replies >= 1, "the junk was answered");
+    wait_until("the timeout is counted", || closed(&d, "timeout") >= 1.0);
+    assert_eq!(closed(&d, "timeout"), 1.0);
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room]);
+}
+
 #[test]
 fn metrics_connections_do_not_use_up_the_per_ip_handshake_cap() {
     let d = daemon("[limits]\nmax_connections_per_ip = 1\n");
@@ -1401,7 +1491,11 @@ fn pipelined_replies_over_the_output_cap_all_reach_a_peer_that_reads() {
     // Each refusal is over 100 bytes: five of them are twice the cap.
     for i in 0..5 {
         let payload = format!("\"m{i}\"");
-        bytes.extend(request_bytes(Operation::JoinRoom, "nope", payload.as_bytes()));
+        bytes.extend(request_bytes(
+            Operation::JoinRoom,
+            "nope",
+            payload.as_bytes(),
+        ));
     }
     s.write_all(&bytes).unwrap();
     let mut frames = FrameReader::default();

@@ -45,9 +45,13 @@ impl Server {
                 .unwrap_or(0);
             let tcrp_open = self.conns.len() - self.http_open;
             let refusal = match kind {
-                Kind::Tcrp if tcrp_open >= limits.max_connections => Some("max_connections"),
                 Kind::Tcrp if from_ip >= limits.max_connections_per_ip => {
                     Some("max_connections_per_ip")
+                }
+                // Full: the connection idle the longest makes room, if one is idle. Holding
+                // every slot then takes requests on all of them, not just open sockets.
+                Kind::Tcrp if tcrp_open >= limits.max_connections && !self.evict_idle() => {
+                    Some("max_connections")
                 }
                 // Scrapers and health checks have their own small allowance, so they can
                 // neither fill the handshake table nor be locked out by it.
@@ -106,6 +110,35 @@ impl Server {
                 self.after_io(id, close);
             }
         }
+    }
+
+    /// Closes the TCRP connection that has waited longest for its next request (the earliest
+    /// handshake deadline), among those with no reply waiting for the disk or a password
+    /// check; returns whether there was one. Reads every connection: only when the table is
+    /// full.
+    fn evict_idle(&mut self) -> bool {
+        let idle = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.kind == Kind::Tcrp
+                    && !c.has_held()
+                    && c.awaiting_password.is_none()
+                    && !c.close_after_flush
+            })
+            .min_by_key(|(_, c)| c.deadline)
+            .map(|(k, _)| ConnId(k));
+        let Some(id) = idle else {
+            return false;
+        };
+        if let Some(conn) = self.conns.get(id.0) {
+            debug!(
+                "{} conn {id:?}: closed to make room for a new connection",
+                conn.peer
+            );
+        }
+        self.close(id, "evicted");
+        true
     }
 
     pub(super) fn conn_event(&mut self, id: ConnId, event: &Event, now: Instant) {

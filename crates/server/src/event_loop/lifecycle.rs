@@ -144,7 +144,7 @@ impl Server {
             for id in ids {
                 if let Some(conn) = self.conns.get_mut(id.0) {
                     // Counted like any release, though no scrape follows the exit.
-                    conn.release(durable, Instant::now(), &mut self.metrics.durable_wait);
+                    let _ = conn.release(durable, Instant::now(), &mut self.metrics.durable_wait);
                     let _ = conn.flush();
                 }
             }

@@ -360,6 +360,7 @@ impl Server {
         }
         let durable = persister.durable();
         let now = Instant::now();
+        let timeout = Duration::from_secs(self.config.limits.handshake_timeout_secs);
         let waiting: Vec<ConnId> = self
             .conns
             .iter()
@@ -368,7 +369,12 @@ impl Server {
             .collect();
         for id in waiting {
             if let Some(conn) = self.conns.get_mut(id.0) {
-                conn.release(durable, now, &mut self.metrics.durable_wait);
+                // The timer restarts when a reply leaves, as after a reply not held: a wait
+                // for the disk longer than the timeout does not close the connection the
+                // moment its reply is out.
+                if conn.release(durable, now, &mut self.metrics.durable_wait) {
+                    conn.deadline = now + timeout;
+                }
             }
             self.after_io(id, None);
         }

@@ -21,6 +21,16 @@ use crate::password::{self, Outcome};
 use crate::rate;
 use crate::udp;
 
+/// Whether a reply with `result` restarts the handshake timer: any but a refusal of the frame
+/// itself (`malformed_request`, `unsupported_operation`) or of the request rate
+/// (`rate_limited`).
+fn restarts_timer(result: Result<(), ErrorCode>) -> bool {
+    !matches!(
+        result,
+        Err(ErrorCode::MalformedRequest | ErrorCode::UnsupportedOperation | ErrorCode::RateLimited)
+    )
+}
+
 impl Server {
     /// Reads and answers TCRP frames; returns a close reason on I/O failure. Reads at most
     /// [`READS_PER_EVENT`] buffers per call so one busy peer cannot hold the loop; a connection
@@ -195,7 +205,12 @@ impl Server {
                 response.bytes,
                 wait_for.map(|batch| (batch, Instant::now())),
             );
-            conn.deadline = now + timeout;
+            // A reply restarts the timer, unless it refused a frame before or at the request
+            // limit: junk and refused requests cost a sender nothing, and must not keep its
+            // connection (one of `max_connections`) open for ever.
+            if restarts_timer(response.result) {
+                conn.deadline = now + timeout;
+            }
             if response.close {
                 conn.close_after_flush = true;
                 conn.input.clear();
