@@ -98,28 +98,67 @@ pub fn enable_timestamps(fd: RawFd) -> io::Result<()> {
     crate::sockopt::set_int(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1)
 }
 
-/// Receive buffers for [`BATCH`] datagrams of up to `slot` bytes each.
+/// Receive buffers for [`BATCH`] datagrams of up to `slot` bytes each, and the headers that
+/// point into them, built once: a receive allocates nothing.
 pub struct Receiver {
     slot: usize,
     buf: Vec<u8>,
     addrs: Vec<libc::sockaddr_storage>,
     lens: Vec<usize>,
-    control: Vec<u64>,
+    /// Control-message space, [`CONTROL_WORDS`] per datagram; read through `msgs`' pointers.
+    _control: Vec<u64>,
+    /// One per slot of `buf`; read by the kernel through `msgs`' pointers.
+    _iovecs: Vec<libc::iovec>,
+    /// One per datagram: its name is in `addrs`, its iovec in `_iovecs`, its control space in
+    /// `_control`. None of those four vectors is ever resized, so their heap buffers, and
+    /// these pointers into them, stay where they are when the receiver moves.
+    msgs: Vec<libc::mmsghdr>,
     arrived: Vec<Option<Duration>>,
     arrived_at: Vec<Option<LocalAddr>>,
     count: usize,
 }
 
+// SAFETY: the raw pointers in `iovecs` and `msgs` point only into the receiver's own heap
+// buffers, which go wherever it goes; nothing else holds them.
+unsafe impl Send for Receiver {}
+
 impl Receiver {
     /// Buffers for datagrams of up to `slot` bytes (longer ones are truncated to `slot`).
     pub fn new(slot: usize) -> Receiver {
+        let mut buf = vec![0u8; slot.max(1) * BATCH];
+        // SAFETY: all-zero sockaddr_storage is valid.
+        let mut addrs: Vec<libc::sockaddr_storage> = vec![unsafe { mem::zeroed() }; BATCH];
+        let mut control = vec![0u64; CONTROL_WORDS * BATCH];
+        let mut iovecs: Vec<libc::iovec> = buf
+            .chunks_mut(slot.max(1))
+            .map(|chunk| libc::iovec {
+                iov_base: chunk.as_mut_ptr().cast(),
+                iov_len: chunk.len(),
+            })
+            .collect();
+        // SAFETY: mmsghdr is plain old data.
+        let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { mem::zeroed() }; BATCH];
+        // Each pointer comes from an element's own `&mut` out of one iterator over its
+        // buffer, so taking the next one leaves the earlier ones valid.
+        let slots = addrs.iter_mut().zip(iovecs.iter_mut());
+        for ((msg, control), (addr, iov)) in msgs
+            .iter_mut()
+            .zip(control.chunks_mut(CONTROL_WORDS))
+            .zip(slots)
+        {
+            msg.msg_hdr.msg_name = (addr as *mut libc::sockaddr_storage).cast();
+            msg.msg_hdr.msg_iov = iov;
+            msg.msg_hdr.msg_iovlen = 1;
+            msg.msg_hdr.msg_control = control.as_mut_ptr().cast();
+        }
         Receiver {
-            slot,
-            buf: vec![0u8; slot * BATCH],
-            // SAFETY: all-zero sockaddr_storage is valid.
-            addrs: vec![unsafe { mem::zeroed() }; BATCH],
+            slot: slot.max(1),
+            buf,
+            addrs,
             lens: vec![0; BATCH],
-            control: vec![0; CONTROL_WORDS * BATCH],
+            _control: control,
+            _iovecs: iovecs,
+            msgs,
             arrived: vec![None; BATCH],
             arrived_at: vec![None; BATCH],
             count: 0,
@@ -129,34 +168,14 @@ impl Receiver {
     /// Receives up to `max` (≤ [`BATCH`]) datagrams without blocking; returns how many.
     pub fn recv(&mut self, fd: RawFd, max: usize) -> io::Result<usize> {
         let n = max.clamp(1, BATCH);
-        let mut iovecs: Vec<libc::iovec> = self
-            .buf
-            .chunks_mut(self.slot)
-            .take(n)
-            .map(|chunk| libc::iovec {
-                iov_base: chunk.as_mut_ptr().cast(),
-                iov_len: chunk.len(),
-            })
-            .collect();
-        // SAFETY: mmsghdr is plain old data.
-        let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { mem::zeroed() }; n];
-        // Each pointer comes from an element's own `&mut` out of one iterator over its
-        // buffer, so taking the next one leaves the earlier ones valid.
-        let slots = self.addrs.iter_mut().zip(iovecs.iter_mut());
-        for ((msg, control), (addr, iov)) in msgs
-            .iter_mut()
-            .zip(self.control.chunks_mut(CONTROL_WORDS))
-            .zip(slots)
-        {
-            msg.msg_hdr.msg_name = (addr as *mut libc::sockaddr_storage).cast();
+        // The kernel shortens both lengths to what it wrote: give each its whole room back.
+        for msg in &mut self.msgs[..n] {
             msg.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            msg.msg_hdr.msg_iov = iov;
-            msg.msg_hdr.msg_iovlen = 1;
-            msg.msg_hdr.msg_control = control.as_mut_ptr().cast();
-            msg.msg_hdr.msg_controllen = mem::size_of_val(control) as _;
+            msg.msg_hdr.msg_controllen = (CONTROL_WORDS * mem::size_of::<u64>()) as _;
         }
-        // SAFETY: every pointer in msgs points into buffers that outlive the call, with the
-        // lengths given; the kernel writes at most that much.
+        let msgs = &mut self.msgs;
+        // SAFETY: every pointer in msgs points into the receiver's buffers, which outlive the
+        // call, with the lengths given; the kernel writes at most that much.
         let rc = unsafe {
             libc::recvmmsg(
                 fd,
@@ -171,7 +190,7 @@ impl Receiver {
             return Err(io::Error::last_os_error());
         }
         self.count = rc as usize;
-        for (i, msg) in msgs.iter().enumerate().take(self.count) {
+        for (i, msg) in self.msgs.iter().enumerate().take(self.count) {
             self.lens[i] = (msg.msg_len as usize).min(self.slot);
             self.arrived[i] = timestamp(&msg.msg_hdr);
             self.arrived_at[i] = destination(&msg.msg_hdr);
