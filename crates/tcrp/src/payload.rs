@@ -253,11 +253,22 @@ struct ObjectRequest {
     #[serde(default)]
     caps: Vec<String>,
     max_datagram: Option<u64>,
+    #[serde(default, deserialize_with = "password_field")]
     password: Option<String>,
     listed: Option<bool>,
     before: Option<u64>,
     limit: Option<u32>,
     token: Option<String>,
+}
+
+/// `"password"`: a string, or null for none. Anything else is refused without quoting it (a
+/// type error would show the value in the reply and the logs, and it may be a password).
+fn password_field<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::String(password) => Ok(Some(password)),
+        Value::Null => Ok(None),
+        _ => Err(serde::de::Error::custom("\"password\" must be a string")),
+    }
 }
 
 /// The largest server datagram a client accepts when it does not say (`"max_datagram"`):
@@ -564,6 +575,25 @@ mod tests {
             br#"{"username": "bob", "keepalive": 10, "caps": ["seq"]}"#
         );
         assert_eq!(parse_request(&out).unwrap(), rich);
+    }
+
+    /// A password that is not a string is refused without its value in the message, which
+    /// the reply and the logs carry; null is no password.
+    #[test]
+    fn a_password_of_the_wrong_type_is_refused_without_being_quoted() {
+        for payload in [
+            &br#"{"username": "bob", "password": 8675309}"#[..],
+            br#"{"username": "bob", "password": ["hunter2"]}"#,
+            br#"{"username": "bob", "password": {"p": "hunter2"}}"#,
+        ] {
+            let error = parse_request(payload).expect_err("refused").to_string();
+            assert!(error.contains("\"password\" must be a string"), "{error}");
+            assert!(!error.contains("8675309") && !error.contains("hunter2"), "{error}");
+        }
+        let none = parse_request(br#"{"username": "bob", "password": null}"#).expect("parsed");
+        assert_eq!(none.password, None);
+        let some = parse_request(br#"{"username": "bob", "password": "pw"}"#).expect("parsed");
+        assert_eq!(some.password.as_deref(), Some("pw"));
     }
 
     #[test]
