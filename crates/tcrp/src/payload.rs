@@ -588,7 +588,10 @@ mod tests {
         ] {
             let error = parse_request(payload).expect_err("refused").to_string();
             assert!(error.contains("\"password\" must be a string"), "{error}");
-            assert!(!error.contains("8675309") && !error.contains("hunter2"), "{error}");
+            assert!(
+                !error.contains("8675309") && !error.contains("hunter2"),
+                "{error}"
+            );
         }
         let none = parse_request(br#"{"username": "bob", "password": null}"#).expect("parsed");
         assert_eq!(none.password, None);

@@ -218,7 +218,7 @@ impl Server {
             }
         }
         if let Some(conn) = self.conns.get_mut(id.0) {
-            conn.input.drain(..consumed);
+            conn.consume(consumed);
         }
     }
 
