@@ -84,8 +84,9 @@ pub struct Liveness {
     pub tombstone_ttl_secs: u64,
     /// How many closed-room tokens are remembered.
     pub tombstone_capacity: usize,
-    /// Least time between two replies to remembered tokens (`__ROOM_CLOSED__` or the
-    /// timed-out notice) to one source (an IPv4 address or an IPv6 /64), milliseconds.
+    /// The interval, in milliseconds, within which one source (an IPv4 address or an IPv6
+    /// /64) gets at most 4 replies to remembered tokens (`__ROOM_CLOSED__` or the timed-out
+    /// notice).
     pub closed_reply_interval_ms: u64,
     /// How often silent members are looked for, milliseconds.
     pub sweep_interval_ms: u64,
@@ -107,7 +108,7 @@ pub struct LimitsConfig {
     pub max_connections: usize,
     /// Open TCRP (handshake) connections per source IP.
     pub max_connections_per_ip: usize,
-    /// Unsent reply bytes per connection before the peer counts as not reading.
+    /// Unsent reply bytes per connection past which it is paused until the peer reads.
     pub max_output_bytes: usize,
     /// Rooms in all (0: no cap).
     pub max_rooms: usize,

@@ -94,10 +94,18 @@ pub struct Conn {
     held: VecDeque<(u64, Vec<u8>, Option<Instant>)>,
     /// When the connection is closed unless a frame completes first.
     pub deadline: Instant,
+    /// When it was accepted or last answered, as the loop's count of such moments: orders
+    /// connections by how long they have been idle, which deadlines, read from the clock
+    /// once per pass of the loop, cannot within a pass.
+    pub activity: u64,
     /// The peer has closed its sending side.
     pub read_closed: bool,
     /// Close once the output is flushed.
     pub close_after_flush: bool,
+    /// Answering stopped because the replies waiting (held ones included) stayed over
+    /// `max_output_bytes` after a write: the peer's requests wait, unread, until they drain
+    /// under it. A peer that never reads is closed when its handshake timer runs out.
+    pub paused: bool,
     /// The interest currently registered with the poll.
     pub interest: Interest,
     /// The ticket of the password check the first buffered frame waits for.
@@ -116,8 +124,10 @@ impl Conn {
             written: 0,
             held: VecDeque::new(),
             deadline,
+            activity: 0,
             read_closed: false,
             close_after_flush: false,
+            paused: false,
             interest: Interest::READABLE,
             awaiting_password: None,
         }

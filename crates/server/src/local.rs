@@ -172,12 +172,20 @@ impl Locals {
     }
 
     /// The number `addr` already has, without numbering it: [`LocalId::ANY`] if it has none.
-    /// For replies to datagrams without a live token, so that they cannot fill the table.
-    pub fn known(&self, addr: Option<LocalAddr>) -> LocalId {
-        addr.filter(LocalAddr::is_source)
-            .map(LocalAddr::as_source)
-            .and_then(|addr| self.ids.get(&addr).copied())
-            .unwrap_or(LocalId::ANY)
+    /// For replies to datagrams without a live token, so that they cannot fill the table. A
+    /// retired address is taken as a source again, as by [`Locals::id`]: a datagram just came
+    /// to it.
+    pub fn known(&mut self, addr: Option<LocalAddr>) -> LocalId {
+        let Some(addr) = addr.filter(LocalAddr::is_source).map(LocalAddr::as_source) else {
+            return LocalId::ANY;
+        };
+        let Some(&id) = self.ids.get(&addr) else {
+            return LocalId::ANY;
+        };
+        if let Some((_, live)) = self.addrs.get_mut(usize::from(id.0) - 1) {
+            *live = true;
+        }
+        id
     }
 
     /// The address numbered `id`, if the kernel still takes it as a source; `None` for
@@ -344,6 +352,12 @@ mod tests {
         assert_eq!(locals.id(vip), id);
         assert_eq!(locals.get(id), vip.map(LocalAddr::as_source));
         assert_eq!(locals.live(), 1);
+        // A datagram with a dead token coming to it does the same, and numbers nothing new.
+        locals.retire(id);
+        assert_eq!(locals.known(vip), id);
+        assert_eq!(locals.get(id), vip.map(LocalAddr::as_source));
+        assert_eq!(locals.known(v4([192, 0, 2, 10])), LocalId::ANY);
+        assert_eq!(locals.len(), 1);
     }
 
     #[test]

@@ -8,7 +8,9 @@ use log::{debug, warn};
 use mio::event::Event;
 use mio::Interest;
 
-use super::{may_log_drop, ConnId, Server, ACCEPT_RETRY, MAX_HTTP_CONNECTIONS};
+use super::{
+    may_log_drop, ConnId, EvictionClass, Server, ACCEPT_RETRY, EVICTION_PICKS, MAX_HTTP_CONNECTIONS,
+};
 use crate::conn::{Conn, Kind, ReadUntil};
 use crate::metrics::Metrics;
 use crate::rate;
@@ -91,7 +93,10 @@ impl Server {
                 continue;
             }
             let deadline = now + Duration::from_secs(self.config.limits.handshake_timeout_secs);
-            entry.insert(Conn::new(stream, peer, kind, deadline));
+            let mut conn = Conn::new(stream, peer, kind, deadline);
+            self.activity += 1;
+            conn.activity = self.activity;
+            entry.insert(conn);
             match kind {
                 Kind::Tcrp => *self.per_ip.entry(rate::source(peer.ip())).or_insert(0) += 1,
                 Kind::Http => self.http_open += 1,
@@ -112,33 +117,79 @@ impl Server {
         }
     }
 
-    /// Closes the TCRP connection that has waited longest for its next request (the earliest
-    /// handshake deadline), among those with no reply waiting for the disk or a password
-    /// check; returns whether there was one. Reads every connection: only when the table is
-    /// full.
+    /// Goes on with a paused connection (see [`crate::conn::Conn::paused`]) once a write
+    /// brought its replies under `max_output_bytes`: answers its buffered frames and reads its
+    /// socket, whose earlier bytes raised edges that were not acted on (mio is edge-triggered).
+    /// Returns a close reason if that failed.
+    fn resume(&mut self, id: ConnId) -> Option<&'static str> {
+        let conn = self.conns.get_mut(id.0)?;
+        if !conn.paused {
+            return None;
+        }
+        if let Err(e) = conn.flush() {
+            debug!("{} conn {id:?}: write failed: {e}", conn.peer);
+            return Some("io_error");
+        }
+        if conn.pending_bytes() > self.config.limits.max_output_bytes {
+            return None;
+        }
+        conn.paused = false;
+        self.read_tcrp(id, Instant::now(), ReadUntil::WouldBlock)
+    }
+
+    /// Closes a TCRP connection to make room for a new one, if one may go: never one whose
+    /// reply waits for the disk or a password check. The first choice is one already closing
+    /// or paused on unread replies, then one idle with nothing unsent, then one still sending
+    /// a reply; within each, the one that has waited longest for its next request (the oldest
+    /// [`Conn::activity`]). Returns whether one was closed.
+    ///
+    /// The choice comes from a pass over the table that keeps the best [`EVICTION_PICKS`]; a
+    /// pick that was answered since (its activity moved) or that now waits is skipped.
     fn evict_idle(&mut self) -> bool {
-        let idle = self
+        let mut picked = false;
+        loop {
+            let Some((_, activity, id)) = self.evict_candidates.pop() else {
+                // One fresh pass at most: its picks are all valid.
+                if !picked && self.pick_evictions() {
+                    picked = true;
+                    continue;
+                }
+                return false;
+            };
+            let still = self
+                .conns
+                .get(id.0)
+                .is_some_and(|c| c.activity == activity && eviction_class(c).is_some());
+            if !still {
+                continue;
+            }
+            if let Some(conn) = self.conns.get(id.0) {
+                debug!(
+                    "{} conn {id:?}: closed to make room for a new connection",
+                    conn.peer
+                );
+            }
+            self.close(id, "evicted");
+            return true;
+        }
+    }
+
+    /// Fills `evict_candidates` with the best [`EVICTION_PICKS`] connections to close, the
+    /// first choice last. Returns whether there is any.
+    fn pick_evictions(&mut self) -> bool {
+        let mut picks: Vec<(EvictionClass, u64, ConnId)> = self
             .conns
             .iter()
-            .filter(|(_, c)| {
-                c.kind == Kind::Tcrp
-                    && !c.has_held()
-                    && c.awaiting_password.is_none()
-                    && !c.close_after_flush
-            })
-            .min_by_key(|(_, c)| c.deadline)
-            .map(|(k, _)| ConnId(k));
-        let Some(id) = idle else {
-            return false;
-        };
-        if let Some(conn) = self.conns.get(id.0) {
-            debug!(
-                "{} conn {id:?}: closed to make room for a new connection",
-                conn.peer
-            );
+            .filter_map(|(k, c)| Some((eviction_class(c)?, c.activity, ConnId(k))))
+            .collect();
+        let by_choice = |p: &(EvictionClass, u64, ConnId)| (p.0, p.1);
+        if picks.len() > EVICTION_PICKS {
+            picks.select_nth_unstable_by_key(EVICTION_PICKS, by_choice);
+            picks.truncate(EVICTION_PICKS);
         }
-        self.close(id, "evicted");
-        true
+        picks.sort_unstable_by_key(|p| std::cmp::Reverse(by_choice(p)));
+        self.evict_candidates = picks;
+        !self.evict_candidates.is_empty()
     }
 
     pub(super) fn conn_event(&mut self, id: ConnId, event: &Event, now: Instant) {
@@ -164,8 +215,12 @@ impl Server {
         self.after_io(id, close);
     }
 
-    /// Flushes, updates interest, and closes the connection if it is done or failed.
+    /// Flushes, resumes a paused connection whose replies drained, updates interest, and
+    /// closes the connection if it is done or failed.
     pub(super) fn after_io(&mut self, id: ConnId, mut close: Option<&'static str>) {
+        if close.is_none() {
+            close = self.resume(id);
+        }
         let Some(conn) = self.conns.get_mut(id.0) else {
             return;
         };
@@ -173,8 +228,6 @@ impl Server {
             if let Err(e) = conn.flush() {
                 debug!("{} conn {id:?}: write failed: {e}", conn.peer);
                 close = Some("io_error");
-            } else if conn.pending_bytes() > self.config.limits.max_output_bytes {
-                close = Some("output_overflow");
             } else if conn.finished() {
                 close = Some(if conn.close_after_flush {
                     "protocol"
@@ -229,4 +282,19 @@ impl Server {
         Metrics::bump(&mut self.metrics.tcp_closed, reason);
         debug!("{} conn {id:?}: closed ({reason})", conn.peer);
     }
+}
+
+/// How readily a full table closes `conn` for a newcomer; `None` if it must not: not a
+/// handshake connection, or its reply waits for the disk or a password check.
+fn eviction_class(conn: &Conn) -> Option<EvictionClass> {
+    if conn.kind != Kind::Tcrp || conn.has_held() || conn.awaiting_password.is_some() {
+        return None;
+    }
+    Some(if conn.close_after_flush || conn.paused {
+        EvictionClass::Stuck
+    } else if conn.wants_write() {
+        EvictionClass::Sending
+    } else {
+        EvictionClass::Idle
+    })
 }

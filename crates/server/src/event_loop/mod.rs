@@ -89,6 +89,19 @@ const SOURCES_PER_CHECKPOINT: usize = 10_000;
 /// How soon accepting is tried again after `accept` failed for want of descriptors or memory.
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
+/// Which connections a full table closes first: those already closing or paused on unread
+/// replies, then idle ones with nothing unsent, then idle ones still sending a reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum EvictionClass {
+    Stuck,
+    Idle,
+    Sending,
+}
+
+/// Connections a pass over a full table picks to close, at most: one pass serves that many
+/// newcomers, so a flood of connections costs a pass over the table per this many accepts.
+const EVICTION_PICKS: usize = 64;
+
 /// A connection's place in the slab, as seen in logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct ConnId(usize);
@@ -151,6 +164,12 @@ pub struct Server {
     nodelay_inherited: Option<bool>,
     /// Connections with input left unread by their read budget.
     revisit: Vec<ConnId>,
+    /// When the connection table is full: the connections to close for newcomers, the first
+    /// choice last (see `evict_idle`).
+    evict_candidates: Vec<(EvictionClass, u64, ConnId)>,
+    /// Accepts and answers so far, in order: each connection's last is its
+    /// [`Conn::activity`].
+    activity: u64,
     /// Which datagrams of the batch being handled were chat dropped as stale (their delay is
     /// left out of `ocm_relay_delay_seconds`).
     shed_in_batch: Vec<usize>,
@@ -299,10 +318,17 @@ impl Server {
                 .map(|(k, _)| ConnId(k))
                 .collect();
             for id in late {
+                // A paused connection ran out of time with its replies unread.
+                let mut reason = "timeout";
                 if let Some(conn) = self.conns.get(id.0) {
-                    debug!("{} conn {id:?}: no complete frame in time", conn.peer);
+                    if conn.paused {
+                        reason = "output_overflow";
+                        debug!("{} conn {id:?}: replies not read in time", conn.peer);
+                    } else {
+                        debug!("{} conn {id:?}: no complete request in time", conn.peer);
+                    }
                 }
-                self.close(id, "timeout");
+                self.close(id, reason);
             }
         }
         if now >= self.next_checkpoint {
@@ -374,6 +400,8 @@ impl Server {
                 // moment its reply is out.
                 if conn.release(durable, now, &mut self.metrics.durable_wait) {
                     conn.deadline = now + timeout;
+                    self.activity += 1;
+                    conn.activity = self.activity;
                 }
             }
             self.after_io(id, None);

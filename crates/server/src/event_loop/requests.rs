@@ -22,8 +22,9 @@ use crate::rate;
 use crate::udp;
 
 /// Whether a reply with `result` restarts the handshake timer: any but a refusal of the frame
-/// itself (`malformed_request`, `unsupported_operation`) or of the request rate
-/// (`rate_limited`).
+/// itself (`malformed_request`, `unsupported_operation`) or of the peer's allowances
+/// (`rate_limited`: requests, password failures). A `rate_limited` for a busy password queue
+/// restarts it (the caller knows which).
 fn restarts_timer(result: Result<(), ErrorCode>) -> bool {
     !matches!(
         result,
@@ -46,7 +47,8 @@ impl Server {
             HEADER_LEN + usize::from(u8::MAX) + self.config.limits.max_payload_bytes + READ_SLACK;
         for _ in 0..READS_PER_EVENT {
             let conn = self.conns.get_mut(id.0)?;
-            if conn.close_after_flush {
+            // A paused connection reads nothing until its replies drain (`after_io` resumes).
+            if conn.close_after_flush || conn.paused {
                 return None;
             }
             let filled = match conn.fill(cap, until) {
@@ -58,17 +60,6 @@ impl Server {
             };
             self.process_input(id, now, None);
             let conn = self.conns.get_mut(id.0)?;
-            // A peer that keeps sending requests but does not read the replies: over the cap
-            // once the kernel took what it would (a pipelining peer that reads is not).
-            if conn.pending_bytes() > self.config.limits.max_output_bytes {
-                if let Err(e) = conn.flush() {
-                    debug!("{} conn {id:?}: write failed: {e}", conn.peer);
-                    return Some("io_error");
-                }
-                if conn.pending_bytes() > self.config.limits.max_output_bytes {
-                    return Some("output_overflow");
-                }
-            }
             // While a password is being checked the input waits; reading resumes after.
             if conn.awaiting_password.is_some() {
                 return None;
@@ -102,11 +93,14 @@ impl Server {
                 break;
             }
             // Past the output cap, the kernel takes what it will before the next frame is
-            // answered; if the peer still has not read, nothing more is answered for it (the
-            // caller closes it). A write error is found again by the caller's flush.
-            if conn.pending_bytes() > max_output
+            // answered; if the peer still has not read enough, the connection pauses (a
+            // frame whose password outcome came is answered first: its check was queued
+            // under the cap). A write error is found again by the caller's flush.
+            if outcome.is_none()
+                && conn.pending_bytes() > max_output
                 && (conn.flush().is_err() || conn.pending_bytes() > max_output)
             {
+                conn.paused = true;
                 break;
             }
             conn.awaiting_password = None;
@@ -208,8 +202,11 @@ impl Server {
             // A reply restarts the timer, unless it refused a frame before or at the request
             // limit: junk and refused requests cost a sender nothing, and must not keep its
             // connection (one of `max_connections`) open for ever.
-            if restarts_timer(response.result) {
+            // A busy password queue is the daemon's doing, not the peer's.
+            if restarts_timer(response.result) || queue_full {
                 conn.deadline = now + timeout;
+                self.activity += 1;
+                conn.activity = self.activity;
             }
             if response.close {
                 conn.close_after_flush = true;

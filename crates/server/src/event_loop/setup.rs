@@ -203,6 +203,8 @@ impl Server {
             udp_ready: true,
             nodelay_inherited,
             revisit: Vec::new(),
+            evict_candidates: Vec::new(),
+            activity: 0,
             shed_in_batch: Vec::new(),
             wall_clock: WallClock::new(),
             accept_retry: None,

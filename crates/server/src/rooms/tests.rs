@@ -936,7 +936,7 @@ fn a_member_that_left_a_live_room_is_not_told_the_room_closed() {
 }
 
 #[test]
-fn tombstoned_token_gets_room_closed_once_per_interval() {
+fn tombstoned_token_gets_room_closed_a_few_times_per_interval() {
     let mut t = room_of_three();
     let mut out = Outbox::default();
     t.reg.handle_datagram(
@@ -954,14 +954,15 @@ fn tombstoned_token_gets_room_closed_once_per_interval() {
     );
     assert_eq!(sent(&out), vec![(addr(2), "CLOSED".into())]);
     assert!(out.sends[0].bytes.len() <= late.len());
+    // The same source (any port) is told a few times per interval, then not.
+    let soon = t.now + Duration::from_millis(500);
+    let told = (0..10)
+        .map(|_| t.reg.handle_datagram(addr(3), None, &late, soon, &mut out))
+        .filter(|h| *h == Handled::ClosedReply)
+        .count();
+    assert_eq!(told, usize::from(super::tombstones::REPLIES_PER_SOURCE) - 1);
     assert_eq!(
-        t.reg.handle_datagram(
-            addr(2),
-            None,
-            &late,
-            t.now + Duration::from_millis(500),
-            &mut out
-        ),
+        t.reg.handle_datagram(addr(2), None, &late, soon, &mut out),
         Handled::Dropped(DropReason::UnknownToken)
     );
     assert_eq!(
@@ -1082,8 +1083,9 @@ fn an_expired_member_that_comes_back_is_told_if_it_reads_notices() {
     assert!(out.is_empty());
     // The room lives on for the host.
     assert_eq!(reg.stats().rooms, 1);
-    // Both replies share one interval per source: the address just told it timed out
-    // hears of the room's closing only once the interval has passed.
+    // Both replies share one allowance per source and interval: the address just told it
+    // timed out has one reply fewer left for the room's closing, then hears of it only once
+    // the interval has passed.
     reg.handle_datagram(
         addr(1),
         None,
@@ -1094,6 +1096,12 @@ fn an_expired_member_that_comes_back_is_told_if_it_reads_notices() {
     out.clear();
     let closed = dgram("r", &host, "anyone?");
     let soon = later + Duration::from_millis(500);
+    let told = (0..10)
+        .map(|_| reg.handle_datagram(addr(2), None, &closed, soon, &mut out))
+        .filter(|h| *h == Handled::ClosedReply)
+        .count();
+    assert_eq!(told, usize::from(super::tombstones::REPLIES_PER_SOURCE) - 1);
+    out.clear();
     let h = reg.handle_datagram(addr(2), None, &closed, soon, &mut out);
     assert_eq!(h, Handled::Dropped(DropReason::UnknownToken));
     assert!(out.is_empty());

@@ -15,6 +15,11 @@ use crate::rate;
 /// end, and the sources already told are still held to their interval.
 pub(super) const MAX_REPLY_SOURCES: usize = 65_536;
 
+/// Replies one source may get per reply interval: a few clients behind one address (a NAT)
+/// whose room closed are each told, while a forger aiming replies at one address gets no
+/// more than this many per interval.
+pub(super) const REPLIES_PER_SOURCE: u8 = 4;
+
 /// Why a token is no longer live, and so what a late datagram carrying it is told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Gone {
@@ -34,9 +39,10 @@ pub(super) struct Tombstones {
     hasher: RandomState,
     by_hash: HashMap<u64, (Instant, Gone)>,
     order: VecDeque<(Instant, u64)>,
-    /// When each source (an IPv4 address or an IPv6 /64, as [`rate::source`] counts them)
-    /// was last told, within the reply interval.
-    last_reply: HashMap<IpAddr, Instant>,
+    /// For each source (an IPv4 address or an IPv6 /64, as [`rate::source`] counts them)
+    /// told within the reply interval: when its interval began, and how often it was told
+    /// since.
+    last_reply: HashMap<IpAddr, (Instant, u8)>,
 }
 
 impl Tombstones {
@@ -103,8 +109,9 @@ impl Tombstones {
             }
             self.evict_oldest();
         }
-        self.last_reply
-            .retain(|_, at| now.saturating_duration_since(*at) < limits.closed_reply_interval);
+        self.last_reply.retain(|_, (since, _)| {
+            now.saturating_duration_since(*since) < limits.closed_reply_interval
+        });
         // A flood that filled the table leaves its room behind when it ends; give it back.
         if self.last_reply.capacity() > 1024
             && self.last_reply.capacity() > 4 * self.last_reply.len()
@@ -121,20 +128,28 @@ impl Tombstones {
     }
 
     /// Whether a datagram from `src` may be told now: its source (address, or IPv6 /64) was
-    /// not told within the reply interval, and the table has room for it. Records the reply
-    /// if so.
+    /// told fewer than [`REPLIES_PER_SOURCE`] times within the reply interval, and the table
+    /// has room for it. Records the reply if so.
     pub(super) fn may_reply(&mut self, src: IpAddr, now: Instant, limits: &Limits) -> bool {
         let source = rate::source(src);
         let full = self.last_reply.len() >= MAX_REPLY_SOURCES;
         match self.last_reply.get_mut(&source) {
-            Some(at) if now.saturating_duration_since(*at) < limits.closed_reply_interval => false,
-            Some(at) => {
-                *at = now;
+            Some((since, told))
+                if now.saturating_duration_since(*since) < limits.closed_reply_interval =>
+            {
+                if *told >= REPLIES_PER_SOURCE {
+                    return false;
+                }
+                *told += 1;
+                true
+            }
+            Some(entry) => {
+                *entry = (now, 1);
                 true
             }
             None if full => false,
             None => {
-                self.last_reply.insert(source, now);
+                self.last_reply.insert(source, (now, 1));
                 true
             }
         }
@@ -148,9 +163,10 @@ mod tests {
 
     use super::*;
 
-    /// A source is an address, whatever the port, or an IPv6 /64: one reply each per interval.
+    /// A source is an address, whatever the port, or an IPv6 /64: a few replies each per
+    /// interval.
     #[test]
-    fn a_source_is_told_once_per_interval_whatever_its_port_or_address_in_a_64() {
+    fn a_source_is_told_a_few_times_per_interval_whatever_its_port_or_address_in_a_64() {
         let limits = Limits::default();
         let mut tombstones = Tombstones::new();
         let now = Instant::now();
@@ -159,12 +175,12 @@ mod tests {
         let told = (0..1_000)
             .filter(|_| tombstones.may_reply(v4, now, &limits))
             .count();
-        assert_eq!(told, 1);
+        assert_eq!(told, usize::from(REPLIES_PER_SOURCE));
         let told = (0..1_000u16)
             .map(|i| IpAddr::from(Ipv6Addr::new(0x2001, 0xdb8, 0, 7, 0, 0, i, 1)))
             .filter(|&ip| tombstones.may_reply(ip, now, &limits))
             .count();
-        assert_eq!(told, 1, "one /64");
+        assert_eq!(told, usize::from(REPLIES_PER_SOURCE), "one /64");
         assert_eq!(tombstones.last_reply.len(), 2);
         let later = now + limits.closed_reply_interval;
         assert!(
@@ -187,11 +203,12 @@ mod tests {
             .count();
         assert_eq!(told, MAX_REPLY_SOURCES);
         assert_eq!(tombstones.last_reply.len(), MAX_REPLY_SOURCES);
+        // A source in the table still has its allowance, and is held to it.
         let first = IpAddr::from(Ipv4Addr::from(0x0a00_0000));
-        assert!(
-            !tombstones.may_reply(first, now, &limits),
-            "still held to its interval"
-        );
+        let again = (0..10)
+            .filter(|_| tombstones.may_reply(first, now, &limits))
+            .count();
+        assert_eq!(again, usize::from(REPLIES_PER_SOURCE) - 1);
 
         tombstones.expire(now + limits.closed_reply_interval, &limits);
         assert!(tombstones.last_reply.is_empty());
