@@ -21,6 +21,8 @@ pub struct Metrics {
     pub tcp_accepted: u64,
     /// `accept` calls that failed (EMFILE and friends).
     pub accept_errors: u64,
+    /// Times a connection was paused for not reading its replies.
+    pub tcp_pauses: u64,
     /// TCP connections refused by reason (`max_connections`, `max_connections_per_ip`,
     /// `max_metrics_connections`).
     pub tcp_rejected: BTreeMap<&'static str, u64>,
@@ -176,7 +178,7 @@ impl Metrics {
             "Longest state file write, seconds.",
             self.compactions.max_seconds,
         );
-        let counters: [(&str, &str, f64); 16] = [
+        let counters: [(&str, &str, f64); 17] = [
             (
                 "ocm_tcp_connections_accepted_total",
                 "TCP connections accepted.",
@@ -186,6 +188,11 @@ impl Metrics {
                 "ocm_tcp_accept_errors_total",
                 "accept calls that failed (EMFILE and friends); the listener is retried 50 ms later.",
                 self.accept_errors as f64,
+            ),
+            (
+                "ocm_tcp_output_pauses_total",
+                "Times a TCP connection was paused (its requests left unread) because its unread replies passed max_output_bytes.",
+                self.tcp_pauses as f64,
             ),
             (
                 "ocm_datagrams_received_total",

@@ -1489,6 +1489,38 @@ fn a_pipelining_peer_is_paused_until_its_replies_drain_and_gets_every_one() {
     assert_state_intact(d, &[room, "deaf".into()]);
 }
 
+/// A pipelining peer whose replies its socket cannot all take (a small receive buffer, big
+/// room lists) is paused while it does not read and resumed as it reads: it gets every reply.
+#[test]
+fn a_pipelining_peer_that_reads_late_is_paused_and_then_gets_every_reply() {
+    // No request limit: a thousand requests in one write.
+    let d = daemon("[limits]\nmax_output_bytes = 1024\n[rate]\nrequests_per_sec = 0\n");
+    // Room lists of several KiB each: a thousand of them is more than any socket buffer.
+    for i in 0..200 {
+        create(&d, &format!("a-room-with-a-rather-long-name-{i:03}"), "h");
+    }
+    let mut s = connect_from(Ipv4Addr::new(127, 0, 0, 2), d.tcp, Some(4096));
+    const ASKED: usize = 1000;
+    s.write_all(&request_bytes(Operation::ListRooms, "", b"{}").repeat(ASKED))
+        .unwrap();
+    // It reads nothing until the daemon has stopped answering it.
+    wait_until("the connection is paused", || {
+        d.metric("ocm_tcp_output_pauses_total") >= 1.0
+    });
+    let mut frames = FrameReader::default();
+    for i in 0..ASKED {
+        let (state, body) = frames.next(&mut s).expect("COMPLIANCE, not EOF");
+        assert_eq!(state, State::Compliance, "reply {i}");
+        assert_eq!(payload::parse_compliance(&body), Ok(Compliance::Success));
+        let (state, list) = frames.next(&mut s).expect("the room list");
+        assert_eq!(state, State::Complete, "reply {i}");
+        assert!(list.len() > 1024, "reply {i} is {} bytes", list.len());
+    }
+    assert_eq!(closed(&d, "output_overflow"), 0.0);
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room, "a-room-with-a-rather-long-name-000".into()]);
+}
+
 /// The output cap counts what the kernel would not take: a client that pipelines requests
 /// whose replies together pass it, and reads them, gets every reply.
 #[test]

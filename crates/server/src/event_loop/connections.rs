@@ -46,6 +46,10 @@ impl Server {
                 .copied()
                 .unwrap_or(0);
             let tcrp_open = self.conns.len() - self.http_open;
+            if tcrp_open < limits.max_connections {
+                // Picks from a full table go stale once it is not full.
+                self.evict_candidates.clear();
+            }
             let refusal = match kind {
                 Kind::Tcrp if from_ip >= limits.max_connections_per_ip => {
                     Some("max_connections_per_ip")
@@ -138,9 +142,9 @@ impl Server {
     }
 
     /// Closes a TCRP connection to make room for a new one, if one may go: never one whose
-    /// reply waits for the disk or a password check. The first choice is one already closing
-    /// or paused on unread replies, then one idle with nothing unsent, then one still sending
-    /// a reply; within each, the one that has waited longest for its next request (the oldest
+    /// reply waits for the disk or a password check. The first choice is one already closing,
+    /// then one idle with nothing unsent, then one paused on unread replies, then one still
+    /// sending a reply; within each, the one that has waited longest for its next request (the oldest
     /// [`Conn::activity`]). Returns whether one was closed.
     ///
     /// The choice comes from a pass over the table that keeps the best [`EVICTION_PICKS`]; a
@@ -228,6 +232,11 @@ impl Server {
             if let Err(e) = conn.flush() {
                 debug!("{} conn {id:?}: write failed: {e}", conn.peer);
                 close = Some("io_error");
+            } else if conn.paused && conn.pending_bytes() <= self.config.limits.max_output_bytes {
+                // This flush, not the one in `resume`, brought the replies under the cap (the
+                // peer read in between). No edge would come for it: nothing is left to write.
+                conn.paused = false;
+                self.revisit.push(id);
             } else if conn.finished() {
                 close = Some(if conn.close_after_flush {
                     "protocol"
@@ -290,8 +299,10 @@ fn eviction_class(conn: &Conn) -> Option<EvictionClass> {
     if conn.kind != Kind::Tcrp || conn.has_held() || conn.awaiting_password.is_some() {
         return None;
     }
-    Some(if conn.close_after_flush || conn.paused {
-        EvictionClass::Stuck
+    Some(if conn.close_after_flush {
+        EvictionClass::Closing
+    } else if conn.paused {
+        EvictionClass::Paused
     } else if conn.wants_write() {
         EvictionClass::Sending
     } else {

@@ -89,12 +89,13 @@ const SOURCES_PER_CHECKPOINT: usize = 10_000;
 /// How soon accepting is tried again after `accept` failed for want of descriptors or memory.
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
-/// Which connections a full table closes first: those already closing or paused on unread
-/// replies, then idle ones with nothing unsent, then idle ones still sending a reply.
+/// Which connections a full table closes first: those already closing, then idle ones with
+/// nothing unsent, then those paused on unread replies, then those still sending a reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum EvictionClass {
-    Stuck,
+    Closing,
     Idle,
+    Paused,
     Sending,
 }
 

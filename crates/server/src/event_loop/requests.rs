@@ -101,6 +101,7 @@ impl Server {
                 && (conn.flush().is_err() || conn.pending_bytes() > max_output)
             {
                 conn.paused = true;
+                self.metrics.tcp_pauses += 1;
                 break;
             }
             conn.awaiting_password = None;

@@ -244,8 +244,8 @@ impl Registry {
             }
             Some(Gone::Expired { notices: false }) | None => {}
         }
-        // Never answer with more bytes than we were sent (no amplification), and at most once
-        // per interval per source.
+        // Never answer with more bytes than we were sent (no amplification), and only a few
+        // times per window per source.
         if !reply.is_empty()
             && reply.len() <= len
             && self.tombstones.may_reply(src.ip(), now, &self.limits)
