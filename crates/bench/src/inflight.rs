@@ -484,6 +484,13 @@ mod tests {
         held
     }
 
+    /// [`serve`] on a free loopback port, for `n` connections.
+    fn scripted_server(n: usize) -> (SocketAddr, thread::JoinHandle<Vec<TcpStream>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let tcp = listener.local_addr().expect("local address");
+        (tcp, thread::spawn(move || serve(listener, n)))
+    }
+
     /// A job that joins room `rooms[i]` as an original client.
     fn join_job(rooms: &[&str], i: usize) -> Result<Job> {
         Ok(Job {
@@ -495,9 +502,7 @@ mod tests {
     #[test]
     fn a_request_with_no_reply_fails_at_its_timeout_without_holding_up_the_others() {
         let rooms = ["a", "silent", "b", "c", "d"];
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let tcp = listener.local_addr().expect("local address");
-        let server = thread::spawn(move || serve(listener, rooms.len()));
+        let (tcp, server) = scripted_server(rooms.len());
         let tokens = Mutex::new(Vec::new());
         let job = |i: usize| join_job(&rooms, i);
         let on_token = |i: usize, token: String| tokens.lock().expect("lock").push((i, token));
@@ -568,9 +573,7 @@ mod tests {
         let rooms = [
             "a", "refuse", "b", "slow", "hang-up", "c", "d", "e", "f", "g",
         ];
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let tcp = listener.local_addr().expect("local address");
-        let server = thread::spawn(move || serve(listener, rooms.len()));
+        let (tcp, server) = scripted_server(rooms.len());
         let tokens = Mutex::new(Vec::new());
         let job = |i: usize| join_job(&rooms, i);
         let on_token = |i: usize, token: String| tokens.lock().expect("lock").push((i, token));
