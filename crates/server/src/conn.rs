@@ -102,6 +102,8 @@ pub struct Conn {
     pub read_closed: bool,
     /// Close once the output is flushed.
     pub close_after_flush: bool,
+    /// The connection is in the loop's list of those holding replies for the disk.
+    pub listed_holding: bool,
     /// Answering stopped because the replies waiting (held ones included) stayed over
     /// `max_output_bytes` after a write: the peer's requests wait, unread, until they drain
     /// under it. A peer that never reads is closed when its handshake timer runs out.
@@ -128,6 +130,7 @@ impl Conn {
             read_closed: false,
             close_after_flush: false,
             paused: false,
+            listed_holding: false,
             interest: Interest::READABLE,
             awaiting_password: None,
         }

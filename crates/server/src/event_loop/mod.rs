@@ -168,6 +168,9 @@ pub struct Server {
     /// When the connection table is full: the connections to close for newcomers, the first
     /// choice last (see `evict_idle`).
     evict_candidates: Vec<(EvictionClass, u64, ConnId)>,
+    /// Connections that hold replies for the disk, so that a durable batch reads only
+    /// them, not every open connection (one closed since is skipped).
+    holding: Vec<ConnId>,
     /// Accepts and answers so far, in order: each connection's last is its
     /// [`Conn::activity`].
     activity: u64,
@@ -388,25 +391,34 @@ impl Server {
         let durable = persister.durable();
         let now = Instant::now();
         let timeout = Duration::from_secs(self.config.limits.handshake_timeout_secs);
-        let waiting: Vec<ConnId> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.has_held())
-            .map(|(k, _)| ConnId(k))
-            .collect();
-        for id in waiting {
-            if let Some(conn) = self.conns.get_mut(id.0) {
-                // The timer restarts when a reply leaves, as after a reply not held: a wait
-                // for the disk longer than the timeout does not close the connection the
-                // moment its reply is out.
-                if conn.release(durable, now, &mut self.metrics.durable_wait) {
-                    conn.deadline = now + timeout;
-                    self.activity += 1;
-                    conn.activity = self.activity;
-                }
+        let mut still = Vec::new();
+        for id in std::mem::take(&mut self.holding) {
+            // Gone, or a connection in a reused slot that is not listed.
+            let Some(conn) = self.conns.get_mut(id.0).filter(|c| c.listed_holding) else {
+                continue;
+            };
+            conn.listed_holding = false;
+            // The timer restarts when a reply leaves, as after a reply not held: a wait for
+            // the disk longer than the timeout does not close the connection the moment its
+            // reply is out.
+            if conn.release(durable, now, &mut self.metrics.durable_wait) {
+                conn.deadline = now + timeout;
+                self.activity += 1;
+                conn.activity = self.activity;
             }
             self.after_io(id, None);
+            // Answering more (a paused connection resumed) may have listed it again.
+            if let Some(conn) = self.conns.get_mut(id.0) {
+                if conn.has_held() && !conn.listed_holding {
+                    conn.listed_holding = true;
+                    still.push(id);
+                }
+            }
         }
+        self.holding.extend(still);
+        // A slot reused while its old connection was listed can list the new one twice.
+        self.holding.sort_unstable_by_key(|id| id.0);
+        self.holding.dedup();
     }
 }
 

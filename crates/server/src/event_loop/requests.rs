@@ -200,6 +200,10 @@ impl Server {
                 response.bytes,
                 wait_for.map(|batch| (batch, Instant::now())),
             );
+            if wait_for.is_some() && !conn.listed_holding {
+                conn.listed_holding = true;
+                self.holding.push(id);
+            }
             // A reply restarts the timer, unless it refused a frame before or at the request
             // limit: junk and refused requests cost a sender nothing, and must not keep its
             // connection (one of `max_connections`) open for ever.

@@ -204,6 +204,7 @@ impl Server {
             nodelay_inherited,
             revisit: Vec::new(),
             evict_candidates: Vec::new(),
+            holding: Vec::new(),
             activity: 0,
             shed_in_batch: Vec::new(),
             wall_clock: WallClock::new(),
