@@ -23,8 +23,8 @@ use crate::udp;
 
 /// Whether a reply with `result` restarts the handshake timer: any but a refusal of the frame
 /// itself (`malformed_request`, `unsupported_operation`) or of the peer's allowances
-/// (`rate_limited`: requests, password failures). A `rate_limited` for a busy password queue
-/// restarts it (the caller knows which).
+/// (`rate_limited`: requests, password failures). A `rate_limited` for a full password queue
+/// restarts it (the caller knows which): that request passed the request limit.
 fn restarts_timer(result: Result<(), ErrorCode>) -> bool {
     !matches!(
         result,
@@ -207,7 +207,7 @@ impl Server {
             // A reply restarts the timer, unless it refused a frame before or at the request
             // limit: junk and refused requests cost a sender nothing, and must not keep its
             // connection (one of `max_connections`) open for ever.
-            // A busy password queue is the daemon's doing, not the peer's.
+            // A request refused for a full password queue was charged to the request limit.
             if restarts_timer(response.result) || queue_full {
                 conn.deadline = now + timeout;
                 self.activity += 1;
@@ -222,6 +222,21 @@ impl Server {
         if let Some(conn) = self.conns.get_mut(id.0) {
             conn.consume(consumed);
         }
+        self.prune_holding();
+    }
+
+    /// While the disk is stuck no batch completes, and `collect_durable` does not drop the
+    /// entries of connections closed meanwhile: they go here, so that the list of connections
+    /// holding replies never outgrows the table.
+    fn prune_holding(&mut self) {
+        if self.holding.len() <= 2 * self.conns.len() + 64 {
+            return;
+        }
+        let conns = &self.conns;
+        self.holding
+            .retain(|id| conns.get(id.0).is_some_and(|c| c.listed_holding));
+        self.holding.sort_unstable_by_key(|id| id.0);
+        self.holding.dedup();
     }
 
     /// Password checks finished: resume the connections that waited for them.
