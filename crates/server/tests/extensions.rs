@@ -260,6 +260,38 @@ fn an_empty_password_neither_makes_a_room_nor_opens_one() {
     create_with(&d, "open", r#""username": "a""#);
 }
 
+/// A `"password"` that is not a string is refused as malformed without its value in the
+/// reply or the log (the daemon runs at `debug` here, which logs each refusal's message).
+#[test]
+fn a_password_that_is_not_a_string_is_refused_without_being_echoed() {
+    let d = Daemon::start();
+    create_with(&d, "vault", r#""username": "h", "password": "pw""#);
+    for payload in [
+        &br#"{"username": "g", "password": 8675309}"#[..],
+        br#"{"username": "g", "password": ["8675309"]}"#,
+    ] {
+        let r = request(&d, Operation::JoinRoom, "vault", payload);
+        assert_eq!(refused(&r), Some(tcrp::ErrorCode::MalformedRequest));
+        let Compliance::Failure { message, .. } = &r.compliance else {
+            panic!("not a refusal: {r:?}");
+        };
+        let message = message.as_deref().unwrap_or_default();
+        assert!(
+            message.contains("\"password\" must be a string"),
+            "{message}"
+        );
+        assert!(!message.contains("8675309"), "{message}");
+    }
+    // A TCP round trip later, every refusal above is logged.
+    create_with(&d, "after", r#""username": "a""#);
+    let log = d.log();
+    assert!(
+        log.contains("must be a string"),
+        "the refusals were not logged"
+    );
+    assert!(!log.contains("8675309"), "the password reached the log");
+}
+
 /// A state file may hold a member with an empty username (another server's file, or one
 /// edited by hand); `ocmd` keeps it, relays its chat, and lets it leave without a notice,
 /// which would otherwise name nobody. A named member's departure is announced as ever.
