@@ -54,8 +54,8 @@ impl Server {
                 Kind::Tcrp if from_ip >= limits.max_connections_per_ip => {
                     Some("max_connections_per_ip")
                 }
-                // Full: the connection idle the longest makes room, if one is idle. Holding
-                // every slot then takes requests on all of them, not just open sockets.
+                // Full: another connection makes room, if one may go (see `evict_idle`), so
+                // sources holding every slot open cannot lock newcomers out.
                 Kind::Tcrp if tcrp_open >= limits.max_connections && !self.evict_idle() => {
                     Some("max_connections")
                 }
@@ -144,8 +144,8 @@ impl Server {
     /// Closes a TCRP connection to make room for a new one, if one may go: never one whose
     /// reply waits for the disk or a password check. The first choice is one already closing,
     /// then one idle with nothing unsent, then one paused on unread replies, then one still
-    /// sending a reply; within each, the one that has waited longest for its next request (the oldest
-    /// [`Conn::activity`]). Returns whether one was closed.
+    /// sending a reply; within each, the one that has waited longest for its next request
+    /// (the oldest [`Conn::activity`]). Returns whether one was closed.
     ///
     /// The choice comes from a pass over the table that keeps the best [`EVICTION_PICKS`]; a
     /// pick that was answered since (its activity moved) or that now waits is skipped.
