@@ -136,6 +136,14 @@ impl Conn {
         }
     }
 
+    /// Restarts the handshake timer at `deadline`: the connection was accepted or answered
+    /// just now, the next of the loop's moments counted in `activity`.
+    pub fn restart_timer(&mut self, deadline: Instant, activity: &mut u64) {
+        *activity += 1;
+        self.deadline = deadline;
+        self.activity = *activity;
+    }
+
     /// Reads until the socket is drained (see [`ReadUntil`]), the peer closes, or `input`
     /// holds `cap` bytes.
     pub fn fill(&mut self, cap: usize, until: ReadUntil) -> io::Result<Filled> {

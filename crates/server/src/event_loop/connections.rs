@@ -98,8 +98,7 @@ impl Server {
             }
             let deadline = now + Duration::from_secs(self.config.limits.handshake_timeout_secs);
             let mut conn = Conn::new(stream, peer, kind, deadline);
-            self.activity += 1;
-            conn.activity = self.activity;
+            conn.restart_timer(deadline, &mut self.activity);
             entry.insert(conn);
             match kind {
                 Kind::Tcrp => *self.per_ip.entry(rate::source(peer.ip())).or_insert(0) += 1,

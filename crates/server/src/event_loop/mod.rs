@@ -402,9 +402,7 @@ impl Server {
             // the disk longer than the timeout does not close the connection the moment its
             // reply is out.
             if conn.release(durable, now, &mut self.metrics.durable_wait) {
-                conn.deadline = now + timeout;
-                self.activity += 1;
-                conn.activity = self.activity;
+                conn.restart_timer(now + timeout, &mut self.activity);
             }
             self.after_io(id, None);
             // Answering more (a paused connection resumed) may have listed it again.

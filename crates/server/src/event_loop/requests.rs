@@ -209,9 +209,7 @@ impl Server {
             // connection (one of `max_connections`) open for ever.
             // A request refused for a full password queue was charged to the request limit.
             if restarts_timer(response.result) || queue_full {
-                conn.deadline = now + timeout;
-                self.activity += 1;
-                conn.activity = self.activity;
+                conn.restart_timer(now + timeout, &mut self.activity);
             }
             if response.close {
                 conn.close_after_flush = true;
