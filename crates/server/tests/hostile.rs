@@ -1309,6 +1309,47 @@ fn a_full_connection_table_closes_the_longest_idle_connection_for_a_new_one() {
     assert_state_intact(d, &[room, "made-room".into()]);
 }
 
+/// A full table closes an idle connection before one paused on unread replies, even when the
+/// paused one was answered longer ago: the paused peer still gets every reply once it reads.
+#[test]
+fn a_full_table_closes_an_idle_connection_before_a_paused_one() {
+    let d = daemon(
+        "[limits]\nmax_connections = 2\nmax_output_bytes = 1024\nhandshake_timeout_secs = 600\n\
+         [rate]\nrequests_per_sec = 0\n",
+    );
+    // Room lists of several KiB each, made before the table is filled.
+    for i in 0..200 {
+        create(&d, &format!("a-room-with-a-rather-long-name-{i:03}"), "h");
+    }
+    // The paused one: a thousand room lists it does not read yet.
+    let mut paused = connect_from(Ipv4Addr::new(127, 0, 0, 2), d.tcp, Some(4096));
+    const ASKED: usize = 1000;
+    paused
+        .write_all(&request_bytes(Operation::ListRooms, "", b"{}").repeat(ASKED))
+        .unwrap();
+    wait_until("the connection is paused", || {
+        d.metric("ocm_tcp_output_pauses_total") >= 1.0
+    });
+    // The idle one, answered after it.
+    let mut idle = connect_from(Ipv4Addr::new(127, 0, 0, 3), d.tcp, None);
+    list_rooms_on(&mut idle, 1);
+    wait_until("two connections open", || {
+        d.metric("ocm_tcp_connections_open") >= 2.0
+    });
+    // A newcomer makes the idle one go.
+    create(&d, "newcomer", "n");
+    assert_eq!(closed(&d, "evicted"), 1.0);
+    assert_eq!(read_until_closed(&mut idle), b"", "the idle one was closed");
+    let mut frames = FrameReader::default();
+    for i in 0..ASKED {
+        let (state, _) = frames.next(&mut paused).expect("COMPLIANCE, not EOF");
+        assert_eq!(state, State::Compliance, "reply {i}");
+        let (state, _) = frames.next(&mut paused).expect("the room list");
+        assert_eq!(state, State::Complete, "reply {i}");
+    }
+    assert_eq!(closed(&d, "output_overflow"), 0.0);
+}
+
 /// Frames refused before the request limit (here COMPLIANCE headers, which a server never
 /// takes) are answered but do not restart the handshake timer: a connection that sends
 /// only those is closed when it runs out.
