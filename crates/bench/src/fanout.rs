@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use crate::cli::CapsArg;
@@ -15,7 +16,7 @@ use crate::daemon::{own_cpu_time, Daemon};
 use crate::error::{Context, Error, Result};
 use crate::members::Room;
 use crate::receivers::{kernel_drops, write_text, Clock, Draining, Receivers};
-use crate::report::{si, steal_time, CpuUse, DaemonDelay, LossAttribution, Percentiles};
+use crate::report::{histogram, si, steal_time, CpuUse, DaemonDelay, LossAttribution, Percentiles};
 use crate::stalls::{StallMeter, Stalls};
 
 /// Messages per `sendmmsg` call.
@@ -145,6 +146,11 @@ pub struct FanoutResult {
     /// sending them late in a burst.
     #[serde(default)]
     pub paced_skips: u64,
+    /// Paced runs: how late each message left its sender, µs: from the time its schedule
+    /// slot was due (the time it carries) until `sendmmsg` returned, skipped slots counted as
+    /// late as they were when skipped. The generator's own share of the latency.
+    #[serde(default)]
+    pub sender_lateness_us: Option<Percentiles>,
 }
 
 impl FanoutResult {
@@ -200,6 +206,12 @@ impl FanoutResult {
             "  latency µs p50 {:.0} p90 {:.0} p99 {:.0} max {:.0}",
             l.p50, l.p90, l.p99, l.max
         );
+        if let Some(l) = &self.sender_lateness_us {
+            println!(
+                "  senders' lateness µs (slot due → handed to the kernel): p50 {:.0} p90 {:.0} p99 {:.0} max {:.0}",
+                l.p50, l.p90, l.p99, l.max
+            );
+        }
         if let Some(d) = &self.daemon_delay {
             println!(
                 "  daemon relay delay (arrival on its socket → sent): {}",
@@ -226,7 +238,7 @@ impl FanoutResult {
 }
 
 /// What one sender thread did.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 struct Sent {
     messages: u64,
     errors: u64,
@@ -234,6 +246,20 @@ struct Sent {
     skipped: u64,
     /// Paced: how late each skipped slot already was when it was skipped, nanoseconds.
     skipped_late_ns: Vec<u64>,
+    /// Paced: how late each slot left (sent or skipped), nanoseconds.
+    lateness_ns: Histogram<u64>,
+}
+
+impl Default for Sent {
+    fn default() -> Sent {
+        Sent {
+            messages: 0,
+            errors: 0,
+            skipped: 0,
+            skipped_late_ns: Vec::new(),
+            lateness_ns: histogram(),
+        }
+    }
 }
 
 /// When schedule slot `k` of a sender paced at `rate` msgs/s is due, nanoseconds after its
@@ -361,6 +387,7 @@ fn send_loop(
                     for slot in first..first + (due - catch_up) {
                         let late = now.saturating_sub(start_ns + slot_due_ns(slot, r));
                         sent.skipped_late_ns.push(late);
+                        let _ = sent.lateness_ns.record(late.max(1));
                     }
                     sent.skipped += due - catch_up;
                     due = catch_up;
@@ -395,6 +422,13 @@ fn send_loop(
             Ok(k) => {
                 sent.messages += k as u64;
                 sent.errors += (n - k) as u64;
+                if let Some(r) = rate {
+                    let left = clock.nanos();
+                    for i in 0..k as u64 {
+                        let due = start_ns + slot_due_ns(seq + sent.skipped + i, r);
+                        let _ = sent.lateness_ns.record(left.saturating_sub(due).max(1));
+                    }
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => sent.errors += n as u64,
@@ -461,6 +495,13 @@ pub fn measure(
     let offered: u64 = sent.iter().map(|s| s.messages).sum();
     let client_send_errors = sent.iter().map(|s| s.errors).sum();
     let paced_skips = sent.iter().map(|s| s.skipped).sum();
+    let sender_lateness_us = per_sender.map(|_| {
+        let mut all = histogram();
+        for s in &sent {
+            let _ = all.add(&s.lateness_ns);
+        }
+        Percentiles::scaled(&all, 1e3)
+    });
     let expected = offered * (m as u64 - 1);
     let mut got = receivers.finish(expected, DRAIN_QUIET, DRAIN_MAX)?;
     for late in sent.iter().flat_map(|s| &s.skipped_late_ns) {
@@ -501,6 +542,7 @@ pub fn measure(
         steal_ms: steal.as_secs_f64() * 1e3,
         stalls: Some(stalls),
         paced_skips,
+        sender_lateness_us,
         daemon_delay: DaemonDelay::from_buckets(
             &after.histogram_delta(&before, "ocm_relay_delay_seconds"),
         ),
@@ -685,7 +727,8 @@ mod tests {
 
     /// A paced sender stamps each message with the time its schedule slot was due, so two
     /// messages sent in the same call, or one sent late, carry times a whole number of
-    /// periods apart; a skipped slot's lateness is kept for the latency figures.
+    /// periods apart; a skipped slot's lateness is kept for the latency figures, and every
+    /// slot, sent or skipped, is counted once in the senders' lateness.
     #[test]
     fn paced_messages_carry_their_slot_times() {
         let to = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -731,6 +774,7 @@ mod tests {
         assert!(sent.messages >= 3, "{sent:?}");
         assert_eq!(stamps.len() as u64, sent.messages);
         assert_eq!(sent.skipped as usize, sent.skipped_late_ns.len());
+        assert_eq!(sent.lateness_ns.len(), sent.messages + sent.skipped);
         let period = slot_due_ns(1, rate);
         for pair in stamps.windows(2) {
             let ((a, at), (b, bt)) = (pair[0], pair[1]);

@@ -333,6 +333,12 @@ fn daemon_p99(f: &FanoutResult) -> String {
     f.daemon_delay.map_or("–".into(), |d| d.show(d.p99_us))
 }
 
+/// The paced senders' own p99 lateness (slot due → handed to the kernel), or `–` for
+/// flat-out runs and results recorded before it was measured.
+fn senders_p99(f: &FanoutResult) -> String {
+    f.sender_lateness_us.map_or("–".into(), |l| micros(l.p99))
+}
+
 /// The stall meter's count and longest stall, or `–` for results recorded before it existed;
 /// marked when the meter lacked real-time priority (then it also counts waits for a core).
 fn stalls_cell(f: &FanoutResult) -> String {
@@ -346,7 +352,14 @@ fn stalls_cell(f: &FanoutResult) -> String {
 /// load a stall of T holds back about 2T of messages, so a stall of 10 ms or more in a run of a
 /// few seconds can set the p99 alone.
 fn tail_context(f: &FanoutResult) -> String {
-    let own = format!("daemon's own p99 {}", daemon_p99(f));
+    let own = match f.sender_lateness_us {
+        Some(_) => format!(
+            "daemon's own p99 {}, senders' {}",
+            daemon_p99(f),
+            senders_p99(f)
+        ),
+        None => format!("daemon's own p99 {}", daemon_p99(f)),
+    };
     match f.stalls {
         // A meter without real-time priority also counts its own wait for a core.
         Some(s) if !s.realtime => format!(
@@ -538,16 +551,16 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(w, "## Fan-out (S = 2 senders, B = 128-byte texts)\n");
     let _ = writeln!(
         w,
-        "`max`: senders flat out; `half`: paced at half the message rate `max` delivered. Deliveries/s counts messages received by members (a batch datagram carries several). The ceiling is one thread doing one plain `sendto` per {}-byte datagram to M loopback sockets, each message encoded once and sent to all M as a relay does, same receivers. Paced messages carry the time their schedule slot was due, so a late sender counts as latency, and a slot skipped after a stall counts as M − 1 deliveries as late as it was when skipped. `plain` members join with the original JSON-string payload; `batch` members with `{{\"caps\": [\"batch\"], \"max_datagram\": 65507}}`, as `ocm` joins a daemon on loopback. `daemon's p99` is the bucket of `ocm_relay_delay_seconds` (arrival on the daemon's socket → everything it caused handed to the kernel) that holds the 99th percentile: the daemon's own share of the latency. `stolen ms`: CPU time the hypervisor took from the machine's vCPUs during the run (`/proc/stat`). `stalls`: times a `SCHED_FIFO` thread sleeping 1 ms at a time woke at least 1 ms late during the sending (only what stops a whole vCPU delays it: the hypervisor, or kernel work that cannot be preempted), and the longest.\n",
+        "`max`: senders flat out; `half`: paced at half the message rate `max` delivered. Deliveries/s counts messages received by members (a batch datagram carries several). The ceiling is one thread doing one plain `sendto` per {}-byte datagram to M loopback sockets, each message encoded once and sent to all M as a relay does, same receivers. Paced messages carry the time their schedule slot was due, so a late sender counts as latency, and a slot skipped after a stall counts as M − 1 deliveries as late as it was when skipped. `plain` members join with the original JSON-string payload; `batch` members with `{{\"caps\": [\"batch\"], \"max_datagram\": 65507}}`, as `ocm` joins a daemon on loopback. `daemon's p99` is the bucket of `ocm_relay_delay_seconds` (arrival on the daemon's socket → everything it caused handed to the kernel) that holds the 99th percentile: the daemon's own share of the latency. `senders' p99`: how late paced messages left the generator's senders (slot due → `sendmmsg` returned), the generator's own share. `stolen ms`: CPU time the hypervisor took from the machine's vCPUs during the run (`/proc/stat`). `stalls`: times a `SCHED_FIFO` thread sleeping 1 ms at a time woke at least 1 ms late during the sending (only what stops a whole vCPU delays it: the hypervisor, or kernel work that cannot be preempted), and the longest.\n",
         r.rows.first().map_or(0, |x| x.ceiling.datagram_bytes)
     );
     let _ = writeln!(
         w,
-        "| M | ceiling dgram/s | caps | pace | offered msg/s | deliveries/s | % of ceiling | loss % | p50 | p99 | max | daemon's p99 | daemon rcvbuf drops | send errors | client drops | ocmd CPU % | bench CPU % | stolen ms | stalls ≥ 1 ms (longest) |"
+        "| M | ceiling dgram/s | caps | pace | offered msg/s | deliveries/s | % of ceiling | loss % | p50 | p99 | max | daemon's p99 | senders' p99 | daemon rcvbuf drops | send errors | client drops | ocmd CPU % | bench CPU % | stolen ms | stalls ≥ 1 ms (longest) |"
     );
     let _ = writeln!(
         w,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for row in &r.rows {
         for (caps, pace, f) in [
@@ -558,7 +571,7 @@ pub fn markdown(r: &Results) -> String {
         ] {
             let _ = writeln!(
                 w,
-                "| {} | {} | {} | {} | {} | {} | {:.1} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {:.1} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {} |",
                 row.members,
                 si(row.ceiling.received_per_sec),
                 caps,
@@ -571,6 +584,7 @@ pub fn markdown(r: &Results) -> String {
                 micros(f.latency_us.p99),
                 micros(f.latency_us.max),
                 daemon_p99(f),
+                senders_p99(f),
                 f.loss.daemon_rcvbuf_drops,
                 f.loss.daemon_send_errors_total,
                 f.loss.client_rcvbuf_drops,
@@ -588,8 +602,8 @@ pub fn markdown(r: &Results) -> String {
         "## Sweep: highest rate with loss < 0.1% (M = 64, S = 2, B = 128)\n"
     );
     let _ = writeln!(w, "A flat-out probe bounds the rate; paced 2 s steps then go up by half while they pass and bisect once one fails. A step passes when loss < 0.1%, the senders kept the pace, and deliveries kept up with the offered deliveries (≥ 97%, so no backlog grew in the daemon's socket buffer). `batch4k`: batch members that announce no `max_datagram`, so their batches stop at 4096 bytes (the default). The plain sweep's ceiling is the mean of two measurements just before and just after it (with the sweep's idle daemon running), since the machine's speed drifts within minutes; the batch rows' % of ceiling uses the M = 64 row's ceiling.\n");
-    let _ = writeln!(w, "| caps | sustained msg/s | deliveries/s | % of ceiling | p50 at half | p99 at half | max at half | daemon's p99 at half | stolen ms at half | stalls ≥ 1 ms at half (longest) | steps (msg/s → loss %, p99) |");
-    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(w, "| caps | sustained msg/s | deliveries/s | % of ceiling | p50 at half | p99 at half | max at half | daemon's p99 at half | senders' p99 at half | stolen ms at half | stalls ≥ 1 ms at half (longest) | steps (msg/s → loss %, p99) |");
+    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for s in &r.sweeps {
         let d = s.sustained.as_ref().map_or(0.0, |x| x.deliveries_per_sec);
         let steps: Vec<String> = s
@@ -610,7 +624,7 @@ pub fn markdown(r: &Results) -> String {
         });
         let _ = writeln!(
             w,
-            "| {} | {:.0} | {} | {:.1} | {} | {} | {} | {} | {:.0} | {} | {} |",
+            "| {} | {:.0} | {} | {:.1} | {} | {} | {} | {} | {} | {:.0} | {} | {} |",
             s.max.caps,
             s.sustained_rate,
             si(d),
@@ -619,6 +633,7 @@ pub fn markdown(r: &Results) -> String {
             micros(p99),
             micros(max),
             s.half.as_ref().map_or("–".into(), daemon_p99),
+            s.half.as_ref().map_or("–".into(), senders_p99),
             s.half.as_ref().map_or(0.0, |h| h.steal_ms),
             s.half.as_ref().map_or("–".into(), stalls_cell),
             steps.join("; ")
