@@ -137,8 +137,8 @@ fuzz_target!(|data: &[u8]| {
         Err(_) => State::default(),
     };
     if let Ok(replay) = store::parse_journal(journal_bytes) {
-        for (_, record) in &replay.records {
-            state.apply(record);
+        for entry in &replay.records {
+            state.apply(&entry.record);
         }
         if !replay.records.is_empty() {
             check_save_load(&state);

@@ -35,19 +35,50 @@ pub enum StoreError {
         /// What the parser said.
         reason: String,
     },
-    /// `journal.old` ends in a torn tail and the journal after it does not go on from its last
-    /// record: `journal.old` was complete when it was rotated, so records are missing.
+    /// `journal.old` ends in a torn tail. It was synced whole before it was rotated, so the
+    /// records from there on were acknowledged and are lost: a disk that dropped synced data,
+    /// or mismatched copies.
     #[error(
-        "{old} is cut short at line {line}, and {journal} does not go on from its last record: \
-         acknowledged records between them are missing (the files were left untouched)"
+        "{old} is cut short at line {line}: it was synced whole before it was rotated, so \
+         acknowledged records from there on are lost (the files were left untouched)"
     )]
     CutShort {
         /// `journal.old`.
         old: PathBuf,
         /// Where its torn tail begins, 1-based.
         line: usize,
-        /// The journal holding the later records.
-        journal: PathBuf,
+    },
+    /// A record number skips ahead of the last record applied: records are numbered one by
+    /// one, so the ones in between, acknowledged, are missing.
+    #[error(
+        "{path} line {line} holds record {found} where record {expected} was due: records \
+         {expected} to {last_missing} are missing ({hint}; the files were left untouched)",
+        last_missing = found - 1
+    )]
+    Gap {
+        /// The journal holding the record.
+        path: PathBuf,
+        /// Its 1-based line.
+        line: usize,
+        /// The number due: one more than the last applied (the state file's `journal_seq`
+        /// before any record).
+        expected: u64,
+        /// The number found, larger.
+        found: u64,
+        /// What most likely happened.
+        hint: &'static str,
+    },
+    /// The record numbers went past [`crate::store::START_LIMIT`]: a hand-edited or corrupt
+    /// file, since the daemon counts from 1.
+    #[error(
+        "the record numbers of {state} and its journals reach {last}, past 2^62, where \
+         ocmd stops numbering: the files were edited or are corrupt (they were left untouched)"
+    )]
+    NumbersExhausted {
+        /// The state file.
+        state: PathBuf,
+        /// The largest number found.
+        last: u64,
     },
     /// Writing, syncing or renaming failed.
     #[error("cannot write {path}: {source}")]

@@ -407,23 +407,29 @@ pub struct Loaded {
 /// Reads the state file (a missing file is a fresh start) and replays `journal.old`, then the
 /// journal (a missing journal is an empty one).
 ///
+/// Records are numbered one by one, from the state file's `journal_seq` + 1, so a record that
+/// skips ahead of the last one applied means acknowledged records are missing: the load
+/// stops ([`StoreError::Gap`]). A record at or below the last one applied is skipped: the
+/// daemon's own files never overlap, but a live backup's can.
+///
 /// A torn tail (a torn last line, or a zero-filled hole and everything after it: see
-/// [`parse_journal`]) is accepted at the end of the last journal that has records to replay.
-/// `journal.old` was rotated only after an append to it was synced, so all of it was durable:
-/// when it ends in a torn tail and the journal's next record is not the one right after the
-/// last record applied (records are numbered one by one), synced records were lost in
-/// between, and the load stops ([`StoreError::CutShort`]) rather than replay the journal
-/// across the gap. Otherwise the torn tail is ignored, as for the journal.
+/// [`parse_journal`]) is accepted at the end of the journal: it holds an append that no
+/// `fdatasync` completed for, never acknowledged. `journal.old` was rotated only after an
+/// append to it was synced, so all of it was durable: a torn tail there is accepted only when
+/// the journal goes on from the last record before it, which shows that nothing was lost;
+/// otherwise the load stops ([`StoreError::CutShort`]).
 pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
-    let mut state = match read_if_exists(&paths.state)? {
+    let state_bytes = read_if_exists(&paths.state)?;
+    let state_missing = state_bytes.is_none();
+    let mut state = match state_bytes {
         Some(bytes) => parse_state(&bytes).map_err(|source| StoreError::Parse {
             path: paths.state.clone(),
             source,
         })?,
         None => State::default(),
     };
-    // The writer numbers the next record `journal_seq + 1`: the largest number leaves none.
-    if state.journal_seq == u64::MAX {
+    // The writer numbers the next record `journal_seq + 1`.
+    if state.journal_seq > MAX_NUMBER {
         return Err(StoreError::Parse {
             path: paths.state.clone(),
             source: serde::de::Error::custom(LAST_NUMBER),
@@ -435,12 +441,10 @@ pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
         last_seq: state.journal_seq,
         ..Loaded::default()
     };
-    // journal.old holds the older records: replay it first. A record is applied only if it
-    // is newer than the file and than every record applied before it. The daemon's own files
-    // never overlap, but a live backup can: its copy of the journal may be older than its
-    // copy of journal.old, which then holds the same records and newer ones.
+    // journal.old holds the older records: replay it first.
     let mut applied = state.journal_seq;
-    // Where `journal.old`'s torn tail begins, if it has one.
+    // Where `journal.old`'s torn tail begins, if it has one: it must be vouched for by the
+    // journal's next record.
     let mut old_cut_at: Option<usize> = None;
     for (path, is_old) in [(&paths.journal_old, true), (&paths.journal, false)] {
         let Some(bytes) = read_if_exists(path)? else {
@@ -456,30 +460,63 @@ pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
         loaded
             .zero_holes
             .extend(replay.zero_hole.map(|hole| (path.clone(), hole)));
+        for entry in replay.records {
+            loaded.last_seq = loaded.last_seq.max(entry.n);
+            if entry.n <= applied {
+                continue;
+            }
+            if entry.n != applied + 1 {
+                return Err(match old_cut_at {
+                    Some(line) => StoreError::CutShort {
+                        old: paths.journal_old.clone(),
+                        line,
+                    },
+                    None => StoreError::Gap {
+                        path: path.clone(),
+                        line: entry.line,
+                        expected: applied + 1,
+                        found: entry.n,
+                        hint: gap_hint(state_missing, applied == state.journal_seq),
+                    },
+                });
+            }
+            old_cut_at = None;
+            state.apply(&entry.record);
+            loaded.replayed += 1;
+            applied = entry.n;
+        }
         if is_old && replay.torn_tail {
             // A hole's first line, or else the torn last line.
             let last_line = bytes.split_inclusive(|&b| b == b'\n').count();
             old_cut_at = Some(replay.zero_hole.map_or(last_line, |hole| hole.line));
         }
-        for (n, record) in replay.records {
-            if n > applied {
-                // Records are numbered one by one, so a gap is records lost.
-                if let (false, Some(line), true) = (is_old, old_cut_at, n > applied + 1) {
-                    return Err(StoreError::CutShort {
-                        old: paths.journal_old.clone(),
-                        line,
-                        journal: path.clone(),
-                    });
-                }
-                state.apply(&record);
-                loaded.replayed += 1;
-                applied = n;
-            }
-            loaded.last_seq = loaded.last_seq.max(n);
-        }
+    }
+    if let Some(line) = old_cut_at {
+        // Nothing after journal.old's torn tail shows that no synced record was in it.
+        return Err(StoreError::CutShort {
+            old: paths.journal_old.clone(),
+            line,
+        });
+    }
+    if loaded.last_seq > START_LIMIT {
+        return Err(StoreError::NumbersExhausted {
+            state: paths.state.clone(),
+            last: loaded.last_seq,
+        });
     }
     loaded.state = state;
     Ok(loaded)
+}
+
+/// What most likely left a gap in the record numbers.
+fn gap_hint(state_missing: bool, first_record: bool) -> &'static str {
+    match (state_missing, first_record) {
+        (true, true) => "the state file is missing: restore it, or the backup it came with",
+        (false, true) => {
+            "the state file is older than the journals: restore the files of one backup together"
+        }
+        _ => "the disk lost written data, or the journals come from different moments",
+    }
 }
 
 /// The file's bytes, or `None` when it does not exist.
@@ -548,11 +585,20 @@ impl<'de> Deserialize<'de> for Shape {
     }
 }
 
-/// Why a record number (or a state file's `journal_seq`) of `u64::MAX` is refused: the next
-/// record would be numbered past it, and a number that wrapped to 0 would be skipped at the
-/// next load as already folded.
+/// The largest record number (or state file `journal_seq`) a file may hold: `i64::MAX`. The
+/// daemon's own numbers start at 1 and go up by one per record; only a hand-edited or hostile
+/// file comes near it.
+pub const MAX_NUMBER: u64 = i64::MAX as u64;
+
+/// The largest last record number a daemon starts from: 2^62. From there the writer could
+/// number 2^62 − 1 records more (centuries of appends) before it passed [`MAX_NUMBER`], so
+/// every number it writes loads again, and its count never wraps (a number that wrapped to 0
+/// would be skipped at the next load as already folded).
+pub const START_LIMIT: u64 = 1 << 62;
+
+/// Why a number over [`MAX_NUMBER`] is refused.
 const LAST_NUMBER: &str =
-    "record number 18446744073709551615 is the largest: no record can follow it";
+    "record number over 9223372036854775807 (2^63 - 1): no file of ocmd's numbers that far";
 
 /// One journal line: a sequence number and a record.
 #[derive(Serialize, Deserialize)]
@@ -564,13 +610,24 @@ pub struct JournalLine<R> {
     pub record: R,
 }
 
+/// One record read from a journal.
+#[derive(Debug)]
+pub struct Entry {
+    /// 1-based line of the journal it was read from.
+    pub line: usize,
+    /// Its sequence number.
+    pub n: u64,
+    /// The record.
+    pub record: Record,
+}
+
 /// The records of a journal, and whether its tail was torn.
 #[derive(Debug, Default)]
 pub struct Replay {
-    /// `(n, record)` in file order.
-    pub records: Vec<(u64, Record)>,
-    /// The tail was torn and ignored: the last line had no newline or did not parse, or a
-    /// zero-filled hole (see [`ZeroHole`]) cut the journal short.
+    /// The records in file order.
+    pub records: Vec<Entry>,
+    /// The tail was torn and ignored: the last line had no newline, or a zero-filled hole
+    /// (see [`ZeroHole`]) cut the journal short.
     pub torn_tail: bool,
     /// The zero-filled hole that cut the journal short, if any.
     pub zero_hole: Option<ZeroHole>,
@@ -586,8 +643,10 @@ pub struct ZeroHole {
     pub lines: usize,
 }
 
-/// Parses journal bytes. A final line without its newline, or a final line that does not parse,
-/// is a torn append and is ignored; a bad line before the last is an error `(line, reason)`.
+/// Parses journal bytes. A final line without its newline is a torn append and is ignored; any
+/// whole line (newline included) that does not parse is an error `(line, reason)`: neither a
+/// crash nor a copy taken during an append leaves one, since a write cut short ends without
+/// its newline, and one cut in the middle leaves the NUL bytes below.
 ///
 /// A NUL byte starts a torn tail wherever it is: the first line holding one and every line
 /// after it are ignored. The writer never writes a NUL (records are JSON, which escapes it),
@@ -616,15 +675,21 @@ pub fn parse_journal(bytes: &[u8]) -> Result<Replay, (usize, String)> {
         if body.iter().all(u8::is_ascii_whitespace) && complete {
             continue;
         }
+        if !complete {
+            // The last line, cut short: an append that was never acknowledged. (Only the last
+            // line can lack its newline: the split keeps every other one's.)
+            debug_assert!(is_last);
+            replay.torn_tail = true;
+            break;
+        }
         match serde_json::from_slice::<JournalLine<Record>>(body) {
-            Ok(parsed) if complete && parsed.n == u64::MAX => {
-                return Err((index + 1, LAST_NUMBER.to_owned()))
-            }
-            Ok(parsed) if complete => replay.records.push((parsed.n, parsed.record)),
-            Err(e) if complete && !is_last => return Err((index + 1, e.to_string())),
-            // The last line, cut short or unreadable: an append that was never acknowledged.
-            // (Only the last line can lack its newline: the split keeps every other one's.)
-            _ => replay.torn_tail = true,
+            Ok(parsed) if parsed.n > MAX_NUMBER => return Err((index + 1, LAST_NUMBER.to_owned())),
+            Ok(parsed) => replay.records.push(Entry {
+                line: index + 1,
+                n: parsed.n,
+                record: parsed.record,
+            }),
+            Err(e) => return Err((index + 1, e.to_string())),
         }
     }
     Ok(replay)
@@ -683,6 +748,30 @@ pub fn create_private(path: &Path) -> io::Result<File> {
         .create_new(true)
         .mode(0o600)
         .open(path)
+}
+
+/// Takes group and other permissions off `file` (at `path`), which holds tokens and password
+/// hashes: files the daemon creates are 0600 already, but a state file left by the original
+/// server or restored with `cp` under a umask of 022 is not. Says so in the log either way.
+pub fn restrict_to_owner(file: &File, path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(mode) = file.metadata().map(|m| m.permissions().mode() & 0o7777) else {
+        return;
+    };
+    if mode & 0o077 == 0 {
+        return;
+    }
+    let owner_only = mode & 0o700;
+    match file.set_permissions(fs::Permissions::from_mode(owner_only)) {
+        Ok(()) => log::info!(
+            "state: {} was readable by others (mode {mode:o}); now {owner_only:o}",
+            path.display()
+        ),
+        Err(e) => log::warn!(
+            "state: {} is readable by others (mode {mode:o}) and cannot be restricted: {e}",
+            path.display()
+        ),
+    }
 }
 
 /// Fsyncs the directory holding `path`, making a rename or a creation durable.
@@ -850,11 +939,11 @@ mod tests {
             .position(|&b| b == 0)
             .expect("state, NUL, journal");
         let mut state = parse_state(&bytes[..nul]).expect("the state parses");
-        for (_, record) in parse_journal(&bytes[nul + 1..])
+        for entry in parse_journal(&bytes[nul + 1..])
             .expect("the journal parses")
             .records
         {
-            state.apply(&record);
+            state.apply(&entry.record);
         }
         let scoped: SocketAddr = "[fe80::3%2]:5".parse().unwrap();
         assert_eq!(state.tokens["h"].address, Some(scoped));
@@ -1085,6 +1174,22 @@ mod tests {
         assert_eq!(err.0, 2);
     }
 
+    /// A whole last line (its newline written) that does not parse is no torn append: a
+    /// write cut short ends without its newline. It is corruption, or a record this build
+    /// does not know, and may have been acknowledged.
+    #[test]
+    fn a_whole_last_line_that_does_not_parse_is_an_error_and_a_cut_one_is_a_torn_tail() {
+        for last in [&b"garbage\n"[..], b"{\"n\":3,\"op\":\"no_such_op\"}\n"] {
+            let mut bytes = two_records();
+            bytes.extend_from_slice(last);
+            assert_eq!(parse_journal(&bytes).unwrap_err().0, 3, "{last:?}");
+            let cut = &bytes[..bytes.len() - 1];
+            let replay = parse_journal(cut).unwrap_or_else(|e| panic!("{last:?}: {e:?}"));
+            assert!(replay.torn_tail, "{last:?}");
+            assert_eq!(replay.records.len(), 2);
+        }
+    }
+
     #[test]
     fn a_record_numbered_at_the_end_of_the_range_is_an_error_even_last() {
         let bytes = b"{\"n\":1,\"op\":\"leave\",\"token\":\"x\"}\n{\"n\":18446744073709551615,\"op\":\"leave\",\"token\":\"y\"}\n";
@@ -1125,7 +1230,7 @@ mod tests {
                 lines: ignored,
             };
             assert_eq!(replay.zero_hole, Some(expected), "{what}");
-            let ns: Vec<u64> = replay.records.iter().map(|(n, _)| *n).collect();
+            let ns: Vec<u64> = replay.records.iter().map(|entry| entry.n).collect();
             assert_eq!(ns, [1, 2], "{what}: only the records before the hole");
         }
     }
@@ -1148,69 +1253,171 @@ mod tests {
         }
     }
 
-    /// Through [`load`], in either file: a hole in journal.old ends journal.old only (the
-    /// fresh journal was started after journal.old's last durable append, and still replays).
+    /// Through [`load`]: a hole in the journal ends it; a hole in journal.old (synced whole
+    /// before its rotation) is accepted only when the journal goes on from the last record
+    /// before it, and stops the load when the journal skips records or holds none after it.
     #[test]
-    fn a_zero_filled_hole_in_either_journal_is_a_torn_tail() {
-        let after = journal_bytes(&[(3, join("a", "m3")), (4, join("a", "m4"))]);
-        for hole_in_old in [true, false] {
-            let (_dir, paths) = temp_paths();
-            let mut holed = two_records();
-            holed.extend_from_slice(&[0; 100]);
-            holed.extend_from_slice(&after);
-            let fresh = journal_bytes(&[(5, join("a", "m5"))]);
-            let path = if hole_in_old {
-                fs::write(&paths.journal_old, &holed).unwrap();
-                fs::write(&paths.journal, &fresh).unwrap();
-                &paths.journal_old
-            } else {
-                fs::write(&paths.journal, &holed).unwrap();
-                &paths.journal
-            };
-            if hole_in_old {
-                // journal.old was durable when it was rotated: a hole in it followed by
-                // journal records means synced records are missing in between.
-                let err = load(&paths).unwrap_err();
-                assert!(
-                    matches!(&err, StoreError::CutShort { line: 3, .. }),
-                    "{err}"
-                );
-                // With nothing to replay after it, the hole just ends the records.
-                fs::remove_file(&paths.journal).unwrap();
+    fn a_zero_filled_hole_ends_the_journal_and_journal_old_only_when_nothing_is_missing() {
+        let mut holed = two_records();
+        holed.extend_from_slice(&[0; 100]);
+        holed.extend_from_slice(&journal_bytes(&[
+            (3, join("a", "m3")),
+            (4, join("a", "m4")),
+        ]));
+
+        let (_dir, paths) = temp_paths();
+        fs::write(&paths.journal, &holed).unwrap();
+        let loaded = load(&paths).unwrap();
+        assert!(loaded.torn_tail);
+        assert_eq!(
+            loaded.zero_holes,
+            [(paths.journal.clone(), ZeroHole { line: 3, lines: 2 })]
+        );
+        assert_eq!(&loaded.state.rooms["a"].members, &["h1", "m2"]);
+        assert_eq!(loaded.last_seq, 2);
+
+        let (_dir, paths) = temp_paths();
+        fs::write(&paths.journal_old, &holed).unwrap();
+        for journal in [
+            None,
+            Some(vec![]),
+            Some(journal_bytes(&[(5, join("a", "m5"))])),
+        ] {
+            match &journal {
+                Some(bytes) => fs::write(&paths.journal, bytes).unwrap(),
+                None => {
+                    let _ = fs::remove_file(&paths.journal);
+                }
             }
-            let loaded = load(&paths).unwrap();
-            assert!(loaded.torn_tail, "hole in old: {hole_in_old}");
-            assert_eq!(
-                loaded.zero_holes,
-                [(path.clone(), ZeroHole { line: 3, lines: 2 })]
+            let err = load(&paths).unwrap_err();
+            assert!(
+                matches!(&err, StoreError::CutShort { line: 3, old } if *old == paths.journal_old),
+                "journal {journal:?}: {err}"
             );
-            assert_eq!(&loaded.state.rooms["a"].members, &["h1", "m2"]);
-            assert_eq!(loaded.last_seq, 2);
         }
+        // Record 3 in the journal shows that the hole held no synced record.
+        fs::write(&paths.journal, journal_bytes(&[(3, join("a", "m3"))])).unwrap();
+        let loaded = load(&paths).unwrap();
+        assert_eq!(&loaded.state.rooms["a"].members, &["h1", "m2", "m3"]);
+        assert_eq!(
+            loaded.zero_holes,
+            [(paths.journal_old.clone(), ZeroHole { line: 3, lines: 2 })]
+        );
     }
 
     #[test]
-    fn a_torn_journal_old_is_refused_only_when_the_journal_skips_records_after_it() {
+    fn a_torn_journal_old_is_accepted_only_when_the_journal_goes_on_from_its_last_record() {
         let (_dir, paths) = temp_paths();
         let mut torn = two_records();
         torn.extend_from_slice(b"{\"n\":3,\"op\":\"jo");
         fs::write(&paths.journal_old, &torn).unwrap();
-        // Records the old journal already holds (a backup's overlap) are skipped: no gap.
+        // Only records the old journal already holds (a backup's overlap): nothing vouches
+        // for the torn line, which was synced, so it may have held record 3.
         fs::write(&paths.journal, journal_bytes(&[(2, join("a", "m2"))])).unwrap();
-        let loaded = load(&paths).unwrap();
-        assert_eq!(&loaded.state.rooms["a"].members, &["h1", "m2"]);
+        let err = load(&paths).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::CutShort { line: 3, old } if *old == paths.journal_old),
+            "{err}"
+        );
         // The record right after the last one applied: no gap, the torn line is ignored.
-        fs::write(&paths.journal, journal_bytes(&[(3, join("a", "m3"))])).unwrap();
+        fs::write(
+            &paths.journal,
+            journal_bytes(&[(2, join("a", "m2")), (3, join("a", "m3"))]),
+        )
+        .unwrap();
         let loaded = load(&paths).unwrap();
         assert_eq!(&loaded.state.rooms["a"].members, &["h1", "m2", "m3"]);
         // A later record would be replayed across a gap: refused, naming the torn line.
         fs::write(&paths.journal, journal_bytes(&[(5, join("a", "m5"))])).unwrap();
         let err = load(&paths).unwrap_err();
         assert!(
-            matches!(&err, StoreError::CutShort { line: 3, old, journal }
-                if *old == paths.journal_old && *journal == paths.journal),
+            matches!(&err, StoreError::CutShort { line: 3, old } if *old == paths.journal_old),
             "{err}"
         );
+    }
+
+    /// Records are numbered one by one from the state file's `journal_seq` + 1: a record that
+    /// skips ahead stops the load, naming the file, the line and the missing numbers, whether
+    /// the gap follows the state file, comes between the journals or within one.
+    #[test]
+    fn a_gap_in_the_record_numbers_stops_the_load() {
+        let snapshot_at = |seq: u64| {
+            let state = State {
+                journal_seq: seq,
+                ..State::default()
+            };
+            serde_json::to_vec(&state).unwrap()
+        };
+        // No state file: the journals must start at record 1.
+        let (_dir, paths) = temp_paths();
+        fs::write(&paths.journal, journal_bytes(&[(1001, join("a", "m"))])).unwrap();
+        let err = load(&paths).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                StoreError::Gap {
+                    line: 1,
+                    expected: 1,
+                    found: 1001,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("the state file is missing"),
+            "{err}"
+        );
+        // A state file older than the journal.
+        fs::write(&paths.state, snapshot_at(10)).unwrap();
+        let err = load(&paths).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                StoreError::Gap {
+                    expected: 11,
+                    found: 1001,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("records 11 to 1000 are missing"),
+            "{err}"
+        );
+        // Between journal.old and the journal.
+        let (_dir, paths) = temp_paths();
+        fs::write(&paths.journal_old, two_records()).unwrap();
+        fs::write(&paths.journal, journal_bytes(&[(4, join("a", "m4"))])).unwrap();
+        let err = load(&paths).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Gap { path, line: 1, expected: 3, found: 4, .. }
+                if *path == paths.journal),
+            "{err}"
+        );
+        // Within one journal, after records that followed on.
+        fs::remove_file(&paths.journal_old).unwrap();
+        let mut bytes = two_records();
+        bytes.extend_from_slice(&journal_bytes(&[(7, join("a", "m7"))]));
+        fs::write(&paths.journal, bytes).unwrap();
+        let err = load(&paths).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                StoreError::Gap {
+                    line: 3,
+                    expected: 3,
+                    found: 7,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // Numbers that follow on from the state file load.
+        fs::write(&paths.state, snapshot_at(0)).unwrap();
+        fs::write(&paths.journal, two_records()).unwrap();
+        assert_eq!(load(&paths).unwrap().last_seq, 2);
     }
 
     /// A bad line without a NUL byte is not a crash artifact: acknowledged records may follow

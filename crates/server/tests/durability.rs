@@ -692,10 +692,9 @@ fn a_torn_final_journal_line_is_ignored() {
     assert_eq!(r.token, None, "m2 is still taken");
 }
 
-/// A power cut during an append that no `fdatasync` completed for can leave it as a
-/// zero-filled hole with later bytes after it. The hole and everything after it were never
-/// acknowledged: the daemon starts with every record before the hole, says what it ignored,
-/// and folds the journal away.
+/// journal.old was synced whole before its rotation, so a torn tail there lost acknowledged
+/// records: the start stops, the files untouched, whether the journal goes on past the lost
+/// record or holds nothing after it, until the operator cuts journal.old as documented.
 #[test]
 fn a_journal_old_cut_short_before_later_records_stops_the_start_untouched() {
     let dir = Arc::new(tempfile::tempdir().unwrap());
@@ -723,8 +722,7 @@ fn a_journal_old_cut_short_before_later_records_stops_the_start_untouched() {
         Err(log) => log,
     };
     assert!(
-        log.contains("is cut short at line 3")
-            && log.contains("does not go on from its last record"),
+        log.contains("is cut short at line 3") && log.contains("acknowledged records"),
         "{log}"
     );
     assert_eq!(std::fs::read(&old).unwrap(), cut, "journal.old untouched");
@@ -733,9 +731,17 @@ fn a_journal_old_cut_short_before_later_records_stops_the_start_untouched() {
         lines[3],
         "journal untouched"
     );
-    // The documented way out: move the journal aside; journal.old folds up to its hole.
+    // Without the journal nothing shows that the hole held no synced record either.
     std::fs::rename(&journal, dir.path().join("journal.aside")).unwrap();
-    let d = spawn_on(&dir).expect("ocmd starts without the journal");
+    let log = match spawn_on(&dir) {
+        Ok(_) => panic!("ocmd folded journal.old's hole away"),
+        Err(log) => log,
+    };
+    assert!(log.contains("is cut short at line 3"), "{log}");
+    assert_eq!(std::fs::read(&old).unwrap(), cut, "journal.old untouched");
+    // The documented way out: cut journal.old before the line named, the journal aside.
+    std::fs::write(&old, lines[..2].concat()).unwrap();
+    let d = spawn_on(&dir).expect("ocmd starts on the cut journal.old");
     assert!(
         d.log().contains(": 1 rooms, 2 tokens loaded"),
         "{}",
@@ -743,6 +749,59 @@ fn a_journal_old_cut_short_before_later_records_stops_the_start_untouched() {
     );
 }
 
+/// Records are numbered one by one from the state file's `journal_seq`: a journal that starts
+/// past the number due (its state file lost, or older than the journal) stops the start, the
+/// files untouched, instead of folding the acknowledged tokens away; with the right state file
+/// back, every token is there.
+#[test]
+fn a_journal_that_skips_records_after_the_state_file_stops_the_start_untouched() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let mut d = spawn_on(&dir).expect("ocmd starts");
+    create(&d, "gap", "host");
+    join(&d, "gap", "m1");
+    let (status, _) = d.terminate();
+    assert!(status.success(), "SIGTERM exit status: {status:?}");
+    drop(d);
+    // Records 1 and 2 are folded into the state file; 3 and 4 stay in the journal.
+    let mut d = spawn_on(&dir).expect("ocmd restarts");
+    join(&d, "gap", "m2");
+    join(&d, "gap", "m3");
+    d.kill9();
+    drop(d);
+    let state = dir.path().join("room_manager.json");
+    let aside = dir.path().join("state.aside");
+    let journal = dir.path().join("room_manager.json.journal");
+    let journal_bytes = std::fs::read(&journal).unwrap();
+    std::fs::rename(&state, &aside).unwrap();
+    let log = match spawn_on(&dir) {
+        Ok(_) => panic!("ocmd started on a journal without the state file it follows"),
+        Err(log) => log,
+    };
+    assert!(
+        log.contains("holds record 3 where record 1 was due")
+            && log.contains("records 1 to 2 are missing")
+            && log.contains("the state file is missing"),
+        "{log}"
+    );
+    assert_eq!(
+        std::fs::read(&journal).unwrap(),
+        journal_bytes,
+        "journal untouched"
+    );
+    assert!(!state.exists(), "no state file written in its place");
+    std::fs::rename(&aside, &state).unwrap();
+    let d = spawn_on(&dir).expect("ocmd starts with its state file back");
+    assert!(
+        d.log().contains(": 1 rooms, 4 tokens loaded"),
+        "{}",
+        d.log()
+    );
+}
+
+/// A power cut during an append that no `fdatasync` completed for can leave it as a
+/// zero-filled hole with later bytes after it. The hole and everything after it were never
+/// acknowledged: the daemon starts with every record before the hole, says what it ignored,
+/// and folds the journal away.
 #[test]
 fn a_zero_filled_hole_in_the_journal_ends_it_as_a_torn_tail() {
     let dir = Arc::new(tempfile::tempdir().unwrap());

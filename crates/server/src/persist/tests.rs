@@ -80,7 +80,12 @@ fn load_complete(paths: &Paths) -> Loaded {
     let mut next = snapshot_seq + 1;
     for path in [&paths.journal_old, &paths.journal] {
         let Ok(bytes) = fs::read(path) else { continue };
-        for (n, _) in store::parse_journal(&bytes).unwrap().records {
+        for n in store::parse_journal(&bytes)
+            .unwrap()
+            .records
+            .iter()
+            .map(|e| e.n)
+        {
             if n > snapshot_seq {
                 assert_eq!(n, next, "{}: record {next} missing", path.display());
                 next += 1;
@@ -464,16 +469,59 @@ fn start_folds_an_interrupted_compaction() {
     assert_eq!(load_complete(&paths).last_seq, 33);
 }
 
+/// Tokens and password hashes are secrets: a state file and journal left readable by others
+/// (the original server's file, a `cp` under umask 022) are made the owner's alone at start,
+/// without waiting for a rewrite.
+#[test]
+fn state_files_readable_by_others_are_restricted_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let paths = Paths::new(&dir.path().join("s.json"));
+    let mut snapshot = State::default();
+    store::write_atomic(
+        &paths.state,
+        &snapshot.to_file_bytes(SystemTime::now()).unwrap(),
+    )
+    .unwrap();
+    fs::write(&paths.journal, b"").unwrap();
+    for path in [&paths.state, &paths.journal] {
+        fs::set_permissions(path, fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let loaded = store::load(&paths).unwrap();
+    let poll = Poll::new().unwrap();
+    let waker = Arc::new(mio::Waker::new(poll.registry(), Token(0)).unwrap());
+    let persister =
+        Persister::start_with(paths.clone(), loaded, Options::default(), waker).unwrap();
+    for path in [&paths.state, &paths.journal] {
+        let mode = fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", path.display());
+    }
+    persister.shutdown();
+}
+
 #[test]
 fn a_state_file_numbered_at_the_end_of_the_range_neither_panics_nor_hides_new_records() {
     // `journal_seq` comes from the file: the largest number must not make the writer
     // panic (debug) or wrap record numbers to 0 (release), which the next load would skip
     // as already folded, losing records whose replies were sent. Refusing the file is
     // fine too.
+    for journal_seq in [
+        u64::MAX,
+        u64::MAX - 1,
+        store::MAX_NUMBER + 1,
+        store::MAX_NUMBER,
+        store::START_LIMIT + 1,
+        store::START_LIMIT,
+    ] {
+        starts_and_keeps_its_records_or_is_refused(journal_seq);
+    }
+}
+
+fn starts_and_keeps_its_records_or_is_refused(journal_seq: u64) {
     let dir = tempfile::tempdir().unwrap();
     let paths = Paths::new(&dir.path().join("s.json"));
     let mut snapshot = State {
-        journal_seq: u64::MAX,
+        journal_seq,
         ..State::default()
     };
     store::write_atomic(
@@ -503,11 +551,19 @@ fn a_state_file_numbered_at_the_end_of_the_range_neither_panics_nor_hides_new_re
         persister.poll_done();
     }
     // As after a kill -9: the files as they are now.
-    let reloaded = store::load(&paths).unwrap();
-    assert!(
-        reloaded.state.rooms.contains_key("r1"),
-        "a durable record is skipped at the next load"
-    );
+    match store::load(&paths) {
+        Ok(reloaded) => assert!(
+            reloaded.state.rooms.contains_key("r1"),
+            "journal_seq {journal_seq}: a durable record is skipped at the next load"
+        ),
+        // Started right at the limit, the next start is refused, the record kept on disk.
+        Err(StoreError::NumbersExhausted { last, .. }) => {
+            assert_eq!(last, journal_seq + 1);
+            let journal = store::parse_journal(&fs::read(&paths.journal).unwrap()).unwrap();
+            assert_eq!(journal.records.last().map(|e| e.n), Some(last));
+        }
+        Err(e) => panic!("journal_seq {journal_seq}: the next load fails: {e}"),
+    }
 }
 
 /// Not a test on its own: the process [`sigkill_at_any_moment_loses_no_durable_record`]

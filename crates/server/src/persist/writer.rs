@@ -169,6 +169,11 @@ impl Writer {
             path: paths.journal.clone(),
             source,
         })?;
+        store::restrict_to_owner(&journal, &paths.journal);
+        if let Ok(snapshot) = File::open(&paths.state) {
+            // Rewritten (0600) only once something changes, which may be long after start.
+            store::restrict_to_owner(&snapshot, &paths.state);
+        }
         let journal_len = journal.metadata().map(|m| m.len()).unwrap_or(0);
         let snapshot_len = fs::metadata(&paths.state).map(|m| m.len()).unwrap_or(0);
         let mut state = loaded.state;
@@ -272,6 +277,7 @@ impl Writer {
             &self.paths.journal,
         );
         self.journal_len += self.line.len() as u64;
+        // Cannot wrap: the load refuses to start past `store::START_LIMIT`, 2^62 numbers short.
         self.next_n += records.len() as u64;
         debug!("journal: {} records durable", records.len());
     }
