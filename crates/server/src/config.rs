@@ -22,6 +22,8 @@ pub const MAX_PAYLOAD_BYTES: u64 = 16 * 1024 * 1024;
 /// Largest timer setting accepted, in seconds (a day), for the keys that set a deadline or an
 /// interval: `handshake_timeout_secs`, `sweep_interval_ms` (in ms), `checkpoint_secs`.
 pub const MAX_TIMER_SECS: u64 = 86_400;
+/// Largest `liveness.room_idle_secs` accepted (a year).
+pub const MAX_ROOM_IDLE_SECS: u64 = 366 * 86_400;
 /// Largest `history.max_bytes_per_room` accepted (16 MiB).
 pub const MAX_HISTORY_BYTES_PER_ROOM: u64 = 16 * 1024 * 1024;
 
@@ -90,6 +92,9 @@ pub struct Liveness {
     pub closed_reply_interval_ms: u64,
     /// How often silent members are looked for, milliseconds.
     pub sweep_interval_ms: u64,
+    /// Seconds after which a room none of whose members has been heard from or joined is
+    /// closed (0: never).
+    pub room_idle_secs: u64,
 }
 
 /// `[limits]`
@@ -238,6 +243,7 @@ impl Default for Liveness {
             tombstone_capacity: 100_000,
             closed_reply_interval_ms: 1000,
             sweep_interval_ms: 500,
+            room_idle_secs: 0,
         }
     }
 }
@@ -416,6 +422,11 @@ impl Config {
                 self.udp.max_chat_wait_ms,
                 MAX_TIMER_SECS * 1000,
             ),
+            (
+                "liveness.room_idle_secs",
+                self.liveness.room_idle_secs,
+                MAX_ROOM_IDLE_SECS,
+            ),
         ];
         for (key, value, max) in at_most {
             if value > max {
@@ -480,6 +491,8 @@ impl Config {
             history: self.history.messages,
             history_bytes: self.history.max_bytes_per_room,
             register_only_from_join_ip: self.udp.register_only_from_join_ip,
+            room_idle: (self.liveness.room_idle_secs > 0)
+                .then(|| Duration::from_secs(self.liveness.room_idle_secs)),
         }
     }
 

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub closed_room_replies: u64,
     /// Members expired for missing keepalives.
     pub keepalive_expiries: u64,
+    /// Rooms closed because nobody was heard from in them (`[liveness] room_idle_secs`).
+    pub idle_rooms_closed: u64,
     /// Journal writes made durable (one `write` + `fdatasync` each, carrying every batch
     /// queued when it started).
     pub state_writes: u64,
@@ -178,7 +180,7 @@ impl Metrics {
             "Longest state file write, seconds.",
             self.compactions.max_seconds,
         );
-        let counters: [(&str, &str, f64); 17] = [
+        let counters: [(&str, &str, f64); 18] = [
             (
                 "ocm_tcp_connections_accepted_total",
                 "TCP connections accepted.",
@@ -223,6 +225,11 @@ impl Metrics {
                 "ocm_keepalive_expiries_total",
                 "Members expired for missing keepalives.",
                 self.keepalive_expiries as f64,
+            ),
+            (
+                "ocm_idle_rooms_closed_total",
+                "Rooms closed because none of their members was heard from for liveness.room_idle_secs.",
+                self.idle_rooms_closed as f64,
             ),
             (
                 "ocm_state_writes_total",

@@ -509,6 +509,62 @@ fn original_members_are_never_expired_for_silence() {
     assert_eq!(d.metric("ocm_members"), 2.0);
 }
 
+/// With `[liveness] room_idle_secs`, a room in which nobody is heard from closes as if its
+/// host had left (its registered members told `__ROOM_CLOSED__`) and stays closed after a
+/// restart: the way out for rooms of original clients whose host vanished without a
+/// `__LEAVE__`. A room where someone is heard from stays.
+#[test]
+fn a_room_nobody_is_heard_from_closes_after_room_idle_secs_and_stays_closed() {
+    let mut d = Daemon::start_with(Options {
+        config: Some(format!("{FAST_LIVENESS}room_idle_secs = 2\n")),
+        metrics: true,
+        ..Options::default()
+    });
+    let host_token = create(&d, "ghost", "host");
+    let host = Member::joined(&d, "ghost", &host_token);
+    let orig = Member::new(&d, "ghost", &join(&d, "ghost", "orig"));
+    orig.registered_with(&host, "orig");
+    let silent_since = Instant::now();
+    let live_token = create(&d, "live", "talker");
+    let talker = Member::joined(&d, "live", &live_token);
+    let listener = Member::new(&d, "live", &join(&d, "live", "listener"));
+    listener.registered_with(&talker, "listener");
+    // The original host vanished without a __LEAVE__; its member hears the room close.
+    let mut spoke = Instant::now();
+    wait_until("the idle room closes", || {
+        // Meanwhile the other room keeps talking, well within the chat rate (each message
+        // relayed proves it is still open).
+        if spoke.elapsed() >= Duration::from_millis(200) {
+            talker.send("still here");
+            assert_eq!(listener.recv(), "talker: still here");
+            spoke = Instant::now();
+        }
+        d.metric("ocm_idle_rooms_closed_total") >= 1.0
+    });
+    assert_eq!(orig.recv(), "CLOSED");
+    assert!(silent_since.elapsed() >= Duration::from_secs(2));
+    assert_eq!(d.metric("ocm_idle_rooms_closed_total"), 1.0);
+    assert_eq!(d.metric("ocm_rooms"), 1.0, "the room heard from stays");
+    assert!(
+        d.log()
+            .contains("room \"ghost\" closed: nobody heard from for 2 s; 1 member told"),
+        "{}",
+        d.log()
+    );
+    // The close was journaled: after a restart the name is free, the other room still there.
+    let (status, _) = d.terminate();
+    assert!(status.success(), "SIGTERM exit status: {status:?}");
+    d.restart();
+    let r = request(&d, Operation::JoinRoom, "ghost", b"\"late\"");
+    assert_eq!(refused(&r), Some(ErrorCode::RoomNotFound));
+    assert!(
+        request(&d, Operation::JoinRoom, "live", b"\"late\"")
+            .token
+            .is_some(),
+        "the room heard from survives the restart"
+    );
+}
+
 #[test]
 fn a_live_ocm_chat_survives_a_daemon_restart() {
     let mut d = Daemon::start();

@@ -309,6 +309,8 @@ impl Server {
         if now >= self.next_sweep {
             let expired = self.registry.poll_expired(now, &mut self.outbox);
             self.metrics.keepalive_expiries += expired as u64;
+            let idle = self.registry.close_idle_rooms(now, &mut self.outbox);
+            self.metrics.idle_rooms_closed += idle as u64;
             self.next_sweep = now + Duration::from_millis(self.config.liveness.sweep_interval_ms);
         }
         if now >= self.next_deadline_check {

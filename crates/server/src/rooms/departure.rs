@@ -51,7 +51,7 @@ impl Registry {
             } else {
                 Gone::RoomClosed
             };
-            let notified = self.close_room(room, host_gone, now, out);
+            let notified = self.close_room(room, host_gone, Closing::HostLeft, now, out);
             return Handled::Closed { notified };
         }
         let member = self.unlink(id);
@@ -81,6 +81,7 @@ impl Registry {
         &mut self,
         room: RoomId,
         host_gone: Gone,
+        why: Closing,
         now: Instant,
         out: &mut Outbox,
     ) -> usize {
@@ -105,7 +106,7 @@ impl Registry {
             }
         }
         info!(
-            "room {:?} closed: host left; {notified} member{} told",
+            "room {:?} closed: {why}; {notified} member{} told",
             entry.name,
             if notified == 1 { "" } else { "s" }
         );
@@ -113,6 +114,39 @@ impl Registry {
             room: entry.name.into_string(),
         });
         notified
+    }
+
+    /// With `room_idle` set, closes the rooms none of whose members has been heard from (a
+    /// `__REGISTER__`, chat or `__LEAVE__`) or joined for that long, as if their host had
+    /// left: members are told `__ROOM_CLOSED__` and the close is journaled. Original clients
+    /// never promise keepalives, so without this a room whose host vanished without a
+    /// `__LEAVE__` (a crash, a lost datagram) stays for good, its name taken. Reads every
+    /// member, so at most once per tenth of the limit (between 1 s and 60 s); returns how
+    /// many rooms were closed.
+    pub fn close_idle_rooms(&mut self, now: Instant, out: &mut Outbox) -> usize {
+        let Some(limit) = self.limits.room_idle else {
+            return 0;
+        };
+        if self.next_idle_check.is_some_and(|at| now < at) {
+            return 0;
+        }
+        let every = (limit / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        self.next_idle_check = Some(now + every);
+        let members = &self.members;
+        let idle: Vec<RoomId> = self
+            .rooms
+            .iter()
+            .filter(|(_, room)| {
+                room.members
+                    .iter()
+                    .all(|m| now.saturating_duration_since(members[m.0].last_seen) > limit)
+            })
+            .map(|(i, _)| RoomId(i))
+            .collect();
+        for &room in &idle {
+            self.close_room(room, Gone::RoomClosed, Closing::Idle(limit), now, out);
+        }
+        idle.len()
     }
 
     /// Expires members that promised keepalives and went silent, and old tombstones.
@@ -157,5 +191,23 @@ impl Registry {
         }
         self.scratch = silent;
         expired
+    }
+}
+
+/// Why a room closes, for the log.
+#[derive(Debug, Clone, Copy)]
+enum Closing {
+    /// Its host sent `__LEAVE__` or was expired.
+    HostLeft,
+    /// Nobody was heard from for this long.
+    Idle(Duration),
+}
+
+impl std::fmt::Display for Closing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Closing::HostLeft => f.write_str("host left"),
+            Closing::Idle(limit) => write!(f, "nobody heard from for {} s", limit.as_secs()),
+        }
     }
 }

@@ -101,6 +101,9 @@ pub struct Limits {
     /// Accept a token's `__REGISTER__` only from the IP address its join came from over TCP
     /// (the amplifier guard, `[udp] register_only_from_join_ip`).
     pub register_only_from_join_ip: bool,
+    /// Close a room once none of its members has been heard from or joined for this long
+    /// (`[liveness] room_idle_secs`; `None`: never).
+    pub room_idle: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -119,6 +122,7 @@ impl Default for Limits {
             history: 100,
             history_bytes: 64 * 1024,
             register_only_from_join_ip: false,
+            room_idle: None,
         }
     }
 }
@@ -281,6 +285,8 @@ pub struct Registry {
     next_serial: u32,
     /// Members with keepalives.
     keepalive_members: usize,
+    /// When the rooms are next looked at for idleness (see [`Registry::close_idle_rooms`]).
+    next_idle_check: Option<Instant>,
 }
 
 impl Registry {
@@ -306,6 +312,7 @@ impl Registry {
             deadlines: Deadlines::default(),
             next_serial: 0,
             keepalive_members: 0,
+            next_idle_check: None,
         }
     }
 
@@ -350,6 +357,10 @@ impl Registry {
             room.shrink_history_to(limits.history, limits.history_bytes);
         }
         let misses_changed = limits.keepalive_misses != self.limits.keepalive_misses;
+        if limits.room_idle != self.limits.room_idle {
+            // Looked at under the new limit at the next sweep.
+            self.next_idle_check = None;
+        }
         self.limits = limits;
         if misses_changed {
             self.requeue_deadlines();

@@ -1038,6 +1038,93 @@ fn keepalive_members_expire_and_original_members_never_do() {
     assert_eq!(reg.stats().rooms, 0);
 }
 
+/// With `room_idle` set, a room closes once none of its members has been heard from or
+/// joined for that long, whichever member it was and whatever kind of datagram: members are
+/// told, the close is journaled, and the host's token then learns the room is gone. Rooms
+/// are looked at no more often than a tenth of the limit (at least every second).
+#[test]
+fn rooms_nobody_is_heard_from_close_once_idle_and_activity_of_any_member_keeps_them() {
+    let mut reg = Registry::new(
+        Limits {
+            room_idle: Some(Duration::from_secs(100)),
+            ..Limits::default()
+        },
+        Box::new(StdRng::seed_from_u64(7)),
+    );
+    let t0 = Instant::now();
+    let at = |secs: u64| t0 + Duration::from_secs(secs);
+    let mut out = Outbox::default();
+    let original = |name: &str| Request::original(name);
+    let host = reg
+        .create_room("r", &original("host"), HERE, None, t0, 0.0)
+        .unwrap()
+        .token;
+    let guest = reg
+        .join_room("r", &original("guest"), HERE, t0, &mut out)
+        .unwrap()
+        .token;
+    reg.create_room("quiet", &original("q"), HERE, None, t0, 0.0)
+        .unwrap();
+    reg.create_room("quiet2", &original("q"), HERE, None, at(3), 0.0)
+        .unwrap();
+    register(&mut reg, addr(1), &host, t0, &mut out);
+    register(&mut reg, addr(2), &guest, t0, &mut out);
+    out.clear();
+    reg.take_records();
+    // Only the guest speaks, and only chat: it keeps the room open for both.
+    reg.handle_datagram(addr(2), None, &dgram("r", &guest, "hi"), at(60), &mut out);
+    out.clear();
+    assert_eq!(reg.close_idle_rooms(at(101), &mut out), 1, "'quiet' only");
+    assert!(out.sends.is_empty(), "nobody registered in 'quiet'");
+    // Looked at again only a tenth of the limit later: 'quiet2', idle since 103 s, waits.
+    assert_eq!(reg.close_idle_rooms(at(105), &mut out), 0);
+    assert_eq!(reg.close_idle_rooms(at(111), &mut out), 1, "'quiet2'");
+    assert_eq!(reg.stats().rooms, 1);
+    // A join counts as activity too.
+    reg.join_room("r", &original("late"), HERE, at(150), &mut out)
+        .unwrap();
+    assert_eq!(reg.close_idle_rooms(at(245), &mut out), 0);
+    // Silence past the limit from everyone, the latest joiner included: closed, as if the
+    // host had left; the registered members are told.
+    assert_eq!(reg.close_idle_rooms(at(255), &mut out), 1);
+    assert_eq!(reg.stats().rooms, 0);
+    let mut told = sent(&out);
+    told.sort();
+    assert_eq!(told, vec![(addr(2), "CLOSED".into())]);
+    let records = reg.take_records();
+    assert!(
+        records
+            .iter()
+            .any(|r| matches!(r, Record::CloseRoom { room } if room == "r")),
+        "{records:?}"
+    );
+    // The host's late keepalive learns the room closed.
+    out.clear();
+    register(&mut reg, addr(1), &host, at(256), &mut out);
+    assert_eq!(sent(&out), vec![(addr(1), "CLOSED".into())]);
+    check_indexes(&reg);
+}
+
+/// Off (the default), no room ever closes for silence, and a reload that turns it on looks
+/// at the rooms at the next sweep.
+#[test]
+fn without_room_idle_silent_rooms_stay_until_a_reload_sets_it() {
+    let mut reg = registry();
+    let t0 = Instant::now();
+    let mut out = Outbox::default();
+    reg.create_room("r", &Request::original("host"), HERE, None, t0, 0.0)
+        .unwrap();
+    let year = t0 + Duration::from_secs(366 * 86_400);
+    assert_eq!(reg.close_idle_rooms(year, &mut out), 0);
+    assert_eq!(reg.stats().rooms, 1);
+    reg.set_limits(Limits {
+        room_idle: Some(Duration::from_secs(3600)),
+        ..Limits::default()
+    });
+    assert_eq!(reg.close_idle_rooms(year, &mut out), 1);
+    assert_eq!(reg.stats().rooms, 0);
+}
+
 #[test]
 fn an_expired_member_that_comes_back_is_told_if_it_reads_notices() {
     let (mut reg, now, mut out, host) = room_r();
