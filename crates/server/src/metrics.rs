@@ -52,6 +52,8 @@ pub struct Metrics {
     pub keepalive_expiries: u64,
     /// Rooms closed because nobody was heard from in them (`[liveness] room_idle_secs`).
     pub idle_rooms_closed: u64,
+    /// Periodic checkpoints put off because the last one was not durable yet.
+    pub checkpoints_deferred: u64,
     /// Journal writes made durable (one `write` + `fdatasync` each, carrying every batch
     /// queued when it started).
     pub state_writes: u64,
@@ -180,7 +182,7 @@ impl Metrics {
             "Longest state file write, seconds.",
             self.compactions.max_seconds,
         );
-        let counters: [(&str, &str, f64); 18] = [
+        let counters: [(&str, &str, f64); 19] = [
             (
                 "ocm_tcp_connections_accepted_total",
                 "TCP connections accepted.",
@@ -225,6 +227,11 @@ impl Metrics {
                 "ocm_keepalive_expiries_total",
                 "Members expired for missing keepalives.",
                 self.keepalive_expiries as f64,
+            ),
+            (
+                "ocm_checkpoints_deferred_total",
+                "Periodic history checkpoints put off because the last one was not durable yet (a slow or stuck disk).",
+                self.checkpoints_deferred as f64,
             ),
             (
                 "ocm_idle_rooms_closed_total",

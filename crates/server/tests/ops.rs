@@ -373,6 +373,7 @@ fn metrics_count_traffic_exactly() {
         ("ocm_closed_room_replies_total", 0.0),
         ("ocm_keepalive_expiries_total", 0.0),
         ("ocm_idle_rooms_closed_total", 0.0),
+        ("ocm_checkpoints_deferred_total", 0.0),
         // Every datagram read gets its relay delay counted (kernel arrival stamps).
         ("ocm_relay_delay_seconds_count", 5.0),
         ("ocm_relay_delay_seconds_bucket{le=\"+Inf\"}", 5.0),

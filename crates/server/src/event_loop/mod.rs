@@ -152,6 +152,8 @@ pub struct Server {
     password_tickets: HashMap<u64, (ConnId, IpAddr)>,
     next_ticket: u64,
     next_checkpoint: Instant,
+    /// The batch that carries the last periodic checkpoint's records.
+    checkpoint_batch: u64,
     persister: Option<Persister>,
     outbox: Outbox,
     sender: udp::Sender,
@@ -338,9 +340,7 @@ impl Server {
             }
         }
         if now >= self.next_checkpoint {
-            self.registry
-                .checkpoint_history_within(HISTORY_CHECKPOINT_BYTES);
-            self.registry.save_sources_within(SOURCES_PER_CHECKPOINT);
+            self.checkpoint();
             self.next_checkpoint = now + Duration::from_secs(self.config.history.checkpoint_secs);
         }
         if now >= self.next_status {
@@ -362,6 +362,26 @@ impl Server {
                 self.notifier.send("WATCHDOG=1");
                 self.watchdog = Some((every, now));
             }
+        }
+    }
+
+    /// A periodic checkpoint of the rooms' new history and members' moved sources, unless
+    /// the last one is not durable yet (a slow or stuck disk): then the rooms keep their
+    /// unsaved messages for the next, so a stall holds one checkpoint's records in memory,
+    /// not one per interval.
+    fn checkpoint(&mut self) {
+        let Some(persister) = self.persister.as_mut() else {
+            return;
+        };
+        if persister.durable() < self.checkpoint_batch {
+            self.metrics.checkpoints_deferred += 1;
+            return;
+        }
+        self.registry
+            .checkpoint_history_within(HISTORY_CHECKPOINT_BYTES);
+        self.registry.save_sources_within(SOURCES_PER_CHECKPOINT);
+        if self.registry.has_records() {
+            self.checkpoint_batch = persister.submit(self.registry.take_records());
         }
     }
 

@@ -178,6 +178,7 @@ impl Server {
             password_tickets: HashMap::new(),
             next_ticket: 0,
             next_checkpoint: now + Duration::from_secs(config.history.checkpoint_secs),
+            checkpoint_batch: 0,
             drop_log: TokenBucket::full(DROP_LOG_BURST, now),
             accept_log: TokenBucket::full(1.0, now),
             kernel_drops_logged: 0,

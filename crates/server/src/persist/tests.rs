@@ -299,6 +299,42 @@ fn the_writer_takes_every_queued_batch_in_one_write_and_stops_at_a_shutdown() {
     );
 }
 
+/// A backlog (after a stalled disk) goes out in groups of bounded size, whole batches each:
+/// the batch that brings a group to the cap is the group's last.
+#[test]
+fn group_commit_takes_whole_batches_up_to_its_cap() {
+    use super::writer::MAX_GROUP_RECORDS;
+    let leaves = |n: usize| -> Vec<Record> {
+        (0..n)
+            .map(|i| Record::Leave {
+                token: format!("t{i}"),
+            })
+            .collect()
+    };
+    let (tx, rx) = mpsc::channel();
+    let third = MAX_GROUP_RECORDS / 3 + 1;
+    for batch in 2..=5 {
+        tx.send(Command::Append {
+            batch,
+            records: leaves(third),
+        })
+        .unwrap();
+    }
+    let (last, records, stop) = take_queued(&rx, 1, leaves(third));
+    assert_eq!((last, records.len(), stop), (3, 3 * third, false));
+    // The writer's next receive, as in `Writer::run`.
+    let Ok(Command::Append { batch, records }) = rx.recv() else {
+        panic!("batch 4 stays queued")
+    };
+    assert_eq!(batch, 4);
+    let (last, records, _) = take_queued(&rx, batch, records);
+    assert_eq!(
+        (last, records.len()),
+        (5, 2 * third),
+        "the rest in the next group"
+    );
+}
+
 #[test]
 fn batches_handed_over_without_waiting_become_durable_in_order_and_none_early() {
     let dir = tempfile::tempdir().unwrap();

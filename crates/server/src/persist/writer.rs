@@ -134,8 +134,19 @@ pub(super) fn open_journal(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
-/// Group commit: adds every batch already queued behind `first` to its records. Returns the
-/// last batch taken, the records, and whether a shutdown was queued behind them.
+/// Records one group commit takes at most (whole batches only, so one batch may bring it
+/// over): after a stall, the backlog goes to disk in writes of bounded size, each of which
+/// releases its replies, rather than in one write that the disk space freed after an
+/// `ENOSPC` may never fit again.
+pub(super) const MAX_GROUP_RECORDS: usize = 4096;
+
+/// Bytes of the serialized line buffer kept between writes; a larger one (a big history
+/// checkpoint, a group after a stall) is given back.
+const LINE_KEEP_BYTES: usize = 1024 * 1024;
+
+/// Group commit: adds the batches already queued behind `first` to its records, until they
+/// hold [`MAX_GROUP_RECORDS`]. Returns the last batch taken, the records, and whether a
+/// shutdown was queued behind them.
 pub(super) fn take_queued(
     rx: &Receiver<Command>,
     first: u64,
@@ -143,6 +154,9 @@ pub(super) fn take_queued(
 ) -> (u64, Vec<Record>, bool) {
     let mut last = first;
     loop {
+        if records.len() >= MAX_GROUP_RECORDS {
+            return (last, records, false);
+        }
         match rx.try_recv() {
             Ok(Command::Append {
                 batch,
@@ -279,6 +293,9 @@ impl Writer {
         self.journal_len += self.line.len() as u64;
         // Cannot wrap: the load refuses to start past `store::START_LIMIT`, 2^62 numbers short.
         self.next_n += records.len() as u64;
+        if self.line.capacity() > LINE_KEEP_BYTES {
+            self.line = Vec::new();
+        }
         debug!("journal: {} records durable", records.len());
     }
 
