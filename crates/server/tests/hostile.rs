@@ -1409,38 +1409,43 @@ fn metrics_connections_do_not_use_up_the_per_ip_handshake_cap() {
     );
 }
 
+/// Metrics connections open at once at most (`MAX_HTTP_CONNECTIONS` in the event loop).
+const MAX_METRICS_CONNECTIONS: usize = 16;
+
 #[test]
-fn idle_metrics_connections_cannot_fill_the_connection_table() {
-    let d = daemon("[limits]\nmax_connections = 4\n");
+fn idle_metrics_connections_neither_fill_the_connection_table_nor_lock_out_health_checks() {
+    // The handshake timer would close the idle connections; it must not run out mid-test.
+    let d = daemon("[limits]\nmax_connections = 4\nhandshake_timeout_secs = 600\n");
     let metrics = d.metrics.expect("metrics on");
-    // Sixteen idle scrapers fill the metrics allowance, not the handshake table.
-    let idle: Vec<TcpStream> = (0..16)
+    // Idle connections fill the metrics allowance, not the handshake table.
+    let mut idle: Vec<TcpStream> = (0..MAX_METRICS_CONNECTIONS)
         .map(|_| TcpStream::connect(metrics).unwrap())
         .collect();
-    let room = assert_still_serves(&d);
-    // The seventeenth scraper is closed at once.
-    let mut extra = TcpStream::connect(metrics).unwrap();
-    extra.set_read_timeout(Some(PATIENCE)).unwrap();
+    // A health check is answered: the oldest idle connection (accepted first, the backlog
+    // being in order) is closed to make room for it.
+    assert_eq!(d.http_get("/healthz"), "ok\n");
+    idle[0].set_read_timeout(Some(PATIENCE)).unwrap();
     let mut byte = [0u8; 1];
+    let oldest = idle[0].read(&mut byte);
     assert!(
-        matches!(extra.read(&mut byte), Ok(0) | Err(_)),
-        "the 17th metrics connection was not refused"
+        matches!(oldest, Ok(0)),
+        "the oldest idle connection is still open ({oldest:?})"
     );
+    // The others stay.
+    idle[1].set_nonblocking(true).unwrap();
+    let next = idle[1].read(&mut byte);
+    assert!(
+        matches!(&next, Err(e) if e.kind() == ErrorKind::WouldBlock),
+        "the second idle connection was closed too ({next:?})"
+    );
+    // This scrape fits without closing another: the health check's connection is gone.
+    assert_eq!(closed(&d, "evicted"), 1.0);
+    assert_eq!(
+        d.metric("ocm_tcp_connections_rejected_total{reason=\"max_metrics_connections\"}"),
+        0.0
+    );
+    let room = assert_still_serves(&d);
     drop(idle);
-    // Scrape once the daemon has seen the idle ones close (until then a scrape is refused too).
-    let sample = "ocm_tcp_connections_rejected_total{reason=\"max_metrics_connections\"} ";
-    wait_until("the refusal is counted", || {
-        let Ok(mut s) = TcpStream::connect(metrics) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(PATIENCE));
-        let mut body = String::new();
-        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").is_ok()
-            && s.read_to_string(&mut body).is_ok()
-            && body
-                .lines()
-                .any(|l| l.strip_prefix(sample).is_some_and(|v| v.trim() != "0"))
-    });
     assert_state_intact(d, &[room]);
 }
 

@@ -45,7 +45,7 @@ impl Server {
                 .get(&rate::source(peer.ip()))
                 .copied()
                 .unwrap_or(0);
-            let tcrp_open = self.conns.len() - self.http_open;
+            let tcrp_open = self.conns.len() - self.http_conns.len();
             if tcrp_open < limits.max_connections {
                 // Picks from a full table go stale once it is not full.
                 self.evict_candidates.clear();
@@ -60,8 +60,12 @@ impl Server {
                     Some("max_connections")
                 }
                 // Scrapers and health checks have their own small allowance, so they can
-                // neither fill the handshake table nor be locked out by it.
-                Kind::Http if self.http_open >= MAX_HTTP_CONNECTIONS => {
+                // neither fill the handshake table nor be locked out by it. Full: the oldest
+                // connection still without a request makes room (see `evict_idle_http`), so
+                // idle connections cannot lock health checks out either.
+                Kind::Http
+                    if self.http_conns.len() >= MAX_HTTP_CONNECTIONS && !self.evict_idle_http() =>
+                {
                     Some("max_metrics_connections")
                 }
                 _ => None,
@@ -102,7 +106,7 @@ impl Server {
             entry.insert(conn);
             match kind {
                 Kind::Tcrp => *self.per_ip.entry(rate::source(peer.ip())).or_insert(0) += 1,
-                Kind::Http => self.http_open += 1,
+                Kind::Http => self.http_conns.push(id),
             }
             self.metrics.tcp_accepted += 1;
             self.metrics.tcp_open += 1;
@@ -175,6 +179,28 @@ impl Server {
             self.close(id, "evicted");
             return true;
         }
+    }
+
+    /// Closes the oldest metrics connection that has not sent a complete request, to make
+    /// room for a new one. Each is answered once and closed, so one still without a request
+    /// is idle or slow; one whose answer is being sent stays. Returns whether one was closed.
+    fn evict_idle_http(&mut self) -> bool {
+        let idle = self.http_conns.iter().copied().find(|id| {
+            self.conns
+                .get(id.0)
+                .is_some_and(|conn| !conn.close_after_flush)
+        });
+        let Some(id) = idle else {
+            return false;
+        };
+        if let Some(conn) = self.conns.get(id.0) {
+            debug!(
+                "{} conn {id:?}: closed to make room for a new metrics connection",
+                conn.peer
+            );
+        }
+        self.close(id, "evicted");
+        true
     }
 
     /// Fills `evict_candidates` with the best [`EVICTION_PICKS`] connections to close, the
@@ -273,7 +299,7 @@ impl Server {
         // Linux, so the `epoll_ctl(DEL)` would be a system call per handshake for nothing.
         // Events already returned for this token are skipped or harmless (`conn_event`).
         if conn.kind == Kind::Http {
-            self.http_open -= 1;
+            self.http_conns.retain(|&open| open != id);
         }
         let counted = conn.kind == Kind::Tcrp;
         if let Some(count) = self

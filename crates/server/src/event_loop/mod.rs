@@ -68,7 +68,8 @@ const LIMITER_KEYS: usize = 65_536;
 /// Largest UDP datagram read (anything longer than a UCRP datagram is truncated, then dropped
 /// as too large).
 const RECV_BUF_LEN: usize = ucrp::MAX_DATAGRAM_LEN + 1;
-/// Open metrics connections at most (they do not count against `limits.max_connections`).
+/// Open metrics connections at most (they do not count against `limits.max_connections`);
+/// when full, a new one closes the oldest that has not sent a complete request.
 const MAX_HTTP_CONNECTIONS: usize = 16;
 /// Input buffers read from one connection per readiness event.
 const READS_PER_EVENT: usize = 4;
@@ -141,8 +142,8 @@ pub struct Server {
     signals: Signals,
     conns: Slab<Conn>,
     per_ip: HashMap<IpAddr, usize>,
-    /// Open metrics (HTTP) connections.
-    http_open: usize,
+    /// Open metrics (HTTP) connections, oldest first (at most [`MAX_HTTP_CONNECTIONS`]).
+    http_conns: Vec<ConnId>,
     registry: Registry,
     limiter: KeyedLimiter<IpAddr>,
     password_failures: KeyedLimiter<IpAddr>,

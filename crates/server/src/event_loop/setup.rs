@@ -194,7 +194,7 @@ impl Server {
             signals,
             conns: Slab::new(),
             per_ip: HashMap::new(),
-            http_open: 0,
+            http_conns: Vec::new(),
             registry,
             persister: Some(persister),
             outbox: Outbox::default(),
