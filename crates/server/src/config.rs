@@ -1,10 +1,12 @@
 //! Settings: embedded defaults, the TOML file (`--config`), and command-line overrides.
 //!
 //! Every key has a default, so `ocmd` runs with no file at all. Unknown keys, wrong types and
-//! impossible values stop start-up with a message naming the key and the file.
+//! impossible values stop start-up with a message naming the key and the file. Listeners
+//! that could not both be bound are checked on the file with the flags applied
+//! ([`Config::with_overrides`]), since a flag may move one of them.
 //! `config/ocmd.toml` is the annotated example of every key.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -465,6 +467,50 @@ impl Config {
         Ok(())
     }
 
+    /// Refuses TCP listeners that could not both be bound: the handshake and metrics
+    /// listeners on the same port, at the same address or with one of them on a wildcard
+    /// address. Port 0 asks the system for a free port, so it never clashes; the UDP socket
+    /// is another protocol and may share a port number with either.
+    pub fn check_listeners(&self) -> Result<(), String> {
+        let Some(metrics) = self.metrics_addr()? else {
+            return Ok(());
+        };
+        let tcp = self.listen.tcp;
+        if tcp.port() == 0 || tcp.port() != metrics.port() {
+            return Ok(());
+        }
+        // An IPv4-mapped IPv6 address is its IPv4 address to the kernel's port table.
+        let (a, b) = (tcp.ip().to_canonical(), metrics.ip().to_canonical());
+        if a == b {
+            return Err(format!(
+                "listen.tcp and listen.metrics are both {tcp}: give them different ports"
+            ));
+        }
+        let Some(wildcard) = [a, b]
+            .into_iter()
+            .find(|&w| takes_port_of(w, a) && takes_port_of(w, b))
+        else {
+            return Ok(());
+        };
+        Err(format!(
+            "listen.tcp ({tcp}) and listen.metrics ({metrics}) clash: {wildcard} takes TCP port \
+             {} on every {}address; give them different ports",
+            tcp.port(),
+            if wildcard.is_ipv4() { "IPv4 " } else { "" },
+        ))
+    }
+
+    /// This configuration (the file, or the defaults) with the command-line flags applied,
+    /// checked as a whole: the flags' values, and the listeners that the file and the flags
+    /// set together.
+    pub fn with_overrides(&self, overrides: &Overrides) -> Result<Config, String> {
+        let mut config = self.clone();
+        overrides.apply(&mut config);
+        config.validate()?;
+        config.check_listeners()?;
+        Ok(config)
+    }
+
     /// The metrics address, or `None` when turned off.
     pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, String> {
         match self.listen.metrics.trim() {
@@ -540,6 +586,19 @@ impl Overrides {
         if let Some(metrics) = &self.metrics {
             config.listen.metrics = metrics.clone();
         }
+    }
+}
+
+/// Whether a TCP listener bound to `wildcard` holds its port for `ip` too: `ip` itself,
+/// or every address when `wildcard` is unspecified. `0.0.0.0` takes the IPv4 addresses
+/// (IPv4-mapped IPv6 ones among them); `::` takes every address, IPv4 ones too: `ocmd`
+/// does not set `IPV6_V6ONLY`, and the host default (`net.ipv6.bindv6only`) is usually off.
+/// Both are canonical (see [`IpAddr::to_canonical`]).
+fn takes_port_of(wildcard: IpAddr, ip: IpAddr) -> bool {
+    match wildcard {
+        IpAddr::V6(w) if w.is_unspecified() => true,
+        IpAddr::V4(w) if w.is_unspecified() => ip.is_ipv4(),
+        _ => wildcard == ip,
     }
 }
 
@@ -633,6 +692,96 @@ mod tests {
         assert_eq!(
             Config::default().state.compact_journal_bytes,
             8 * 1024 * 1024
+        );
+    }
+
+    /// The defaults with these listeners.
+    fn listening(tcp: &str, metrics: &str) -> Config {
+        let mut c = Config::default();
+        c.listen.tcp = tcp.parse().unwrap();
+        c.listen.metrics = metrics.into();
+        c
+    }
+
+    #[test]
+    fn tcp_and_metrics_listeners_that_clash_are_refused() {
+        let clashes = [
+            (
+                "127.0.0.1:9090",
+                "127.0.0.1:9090",
+                "are both 127.0.0.1:9090",
+            ),
+            (
+                "0.0.0.0:9090",
+                "127.0.0.1:9090",
+                "0.0.0.0 takes TCP port 9090",
+            ),
+            (
+                "192.0.2.7:9090",
+                "0.0.0.0:9090",
+                "0.0.0.0 takes TCP port 9090",
+            ),
+            ("[::]:9090", "127.0.0.1:9090", ":: takes TCP port 9090"),
+            ("[::1]:9090", "[::]:9090", ":: takes TCP port 9090"),
+            ("0.0.0.0:9090", "[::]:9090", ":: takes TCP port 9090"),
+            ("[::ffff:127.0.0.1]:9090", "127.0.0.1:9090", "are both"),
+        ];
+        for (tcp, metrics, says) in clashes {
+            let err = listening(tcp, metrics).check_listeners().unwrap_err();
+            for part in ["listen.tcp", "listen.metrics", says] {
+                assert!(err.contains(part), "{tcp} / {metrics}: {err:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn listeners_on_other_ports_or_addresses_do_not_clash() {
+        let fine = [
+            ("127.0.0.1:9090", "127.0.0.1:9092"),
+            ("127.0.0.1:9090", "127.0.0.2:9090"),
+            // Port 0: the system picks a free port for each.
+            ("127.0.0.1:0", "127.0.0.1:0"),
+            ("0.0.0.0:0", "0.0.0.0:0"),
+            // An IPv4 wildcard leaves the IPv6 addresses alone.
+            ("0.0.0.0:9090", "[::1]:9090"),
+            ("127.0.0.1:9090", "off"),
+        ];
+        for (tcp, metrics) in fine {
+            assert_eq!(
+                listening(tcp, metrics).check_listeners(),
+                Ok(()),
+                "{tcp} / {metrics}"
+            );
+        }
+        // The UDP socket is another protocol: it may share the port number.
+        let mut c = listening("127.0.0.1:9090", "127.0.0.1:9092");
+        c.listen.udp = "127.0.0.1:9090".parse().unwrap();
+        assert_eq!(c.check_listeners(), Ok(()));
+        c.listen.udp = "127.0.0.1:9092".parse().unwrap();
+        assert_eq!(c.check_listeners(), Ok(()));
+    }
+
+    #[test]
+    fn listeners_are_checked_with_the_flags_applied() {
+        let file = Config::from_toml("[listen]\ntcp = \"127.0.0.1:9092\"").unwrap();
+        let err = file.with_overrides(&Overrides::default()).unwrap_err();
+        assert!(err.contains("listen.tcp and listen.metrics"), "{err}");
+        // A flag that moves one of them makes it fine, and one that moves it onto the other
+        // is a clash.
+        let moved = Overrides {
+            metrics: Some("127.0.0.1:9093".into()),
+            ..Overrides::default()
+        };
+        assert!(file.with_overrides(&moved).is_ok());
+        let onto = Overrides {
+            tcp: Some("127.0.0.1:9093".parse().unwrap()),
+            metrics: Some("0.0.0.0:9093".into()),
+            ..Overrides::default()
+        };
+        let err = Config::default().with_overrides(&onto).unwrap_err();
+        assert!(
+            err.contains("127.0.0.1:9093") && err.contains("0.0.0.0:9093"),
+            "{err}"
         );
     }
 

@@ -50,9 +50,9 @@ fn load_config(args: &Args) -> Result<(Config, Config), ocm_server::Error> {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
     };
-    let mut config = file.clone();
-    args.overrides().apply(&mut config);
-    config.validate().map_err(ocm_server::Error::Config)?;
+    let config = file
+        .with_overrides(&args.overrides())
+        .map_err(ocm_server::Error::Config)?;
     Ok((file, config))
 }
 

@@ -934,6 +934,95 @@ fn command_line_flags_override_the_file() {
     );
 }
 
+#[test]
+fn listeners_that_clash_are_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("room_manager.json");
+    // Both in the file; the wildcard takes the port on 127.0.0.1 too.
+    let path = dir.path().join("ocmd.toml");
+    std::fs::write(
+        &path,
+        "[listen]\ntcp = \"0.0.0.0:9090\"\nmetrics = \"127.0.0.1:9090\"\n",
+    )
+    .unwrap();
+    let out = ocmd(&[
+        "--check-config".as_ref(),
+        "--config".as_ref(),
+        path.as_os_str(),
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    for part in [
+        "listen.tcp",
+        "listen.metrics",
+        "0.0.0.0:9090",
+        "127.0.0.1:9090",
+    ] {
+        assert!(err.contains(part), "{err:?} does not name {part}");
+    }
+    assert!(!err.contains("configuration OK"), "{err}");
+    assert!(out.stdout.is_empty(), "printed a configuration");
+    // A flag onto the default metrics address, 127.0.0.1:9092; at start-up as with
+    // --check-config, refused before anything is bound (else the bind fails, exit 1).
+    for check in [true, false] {
+        let mut args = vec![
+            "--tcp".as_ref(),
+            "127.0.0.1:9092".as_ref(),
+            "--state".as_ref(),
+            state.as_os_str(),
+        ];
+        if check {
+            args.push("--check-config".as_ref());
+        }
+        let out = ocmd(&args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "check {check}: {err}");
+        assert!(
+            err.contains("listen.tcp and listen.metrics are both 127.0.0.1:9092"),
+            "check {check}: {err:?}"
+        );
+    }
+    assert!(!state.exists(), "the refused start wrote state");
+    // The UDP socket may share the port number: another protocol.
+    let out = ocmd(&[
+        "--tcp".as_ref(),
+        "127.0.0.1:9090".as_ref(),
+        "--udp".as_ref(),
+        "127.0.0.1:9090".as_ref(),
+        "--check-config".as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn reload_of_a_file_whose_listeners_clash_keeps_the_running_configuration() {
+    // The addresses come from the file here (no --tcp/--metrics flags).
+    let listen = "[listen]\ntcp = \"127.0.0.1:0\"\nudp = \"127.0.0.1:0\"\nmetrics = \"off\"\n";
+    let d = RawDaemon::spawn_listening_from_file(listen);
+    d.rewrite_config(
+        "[listen]\ntcp = \"127.0.0.1:9093\"\nudp = \"127.0.0.1:0\"\nmetrics = \"[::]:9093\"\n",
+    );
+    d.signal(libc::SIGHUP);
+    wait_until("the reload is refused", || {
+        d.log
+            .lock()
+            .unwrap()
+            .contains("keeping the running configuration")
+    });
+    let r = d.request(Operation::CreateRoom, "still", "here");
+    assert!(r.token.is_some(), "still serving");
+    let log = d.stop();
+    let line = log
+        .lines()
+        .find(|l| l.contains("SIGHUP: config file"))
+        .unwrap_or_else(|| panic!("no reload error line:\n{log}"));
+    assert!(
+        line.contains("listen.tcp (127.0.0.1:9093) and listen.metrics ([::]:9093) clash"),
+        "{line}"
+    );
+    assert!(!log.contains("configuration reloaded"), "{log}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // SIGHUP reloads
 

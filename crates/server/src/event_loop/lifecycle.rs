@@ -8,6 +8,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use super::{ConnId, Server};
 use crate::config::{self, Config};
+use crate::error::Error;
 use crate::metrics::Metrics;
 
 impl Server {
@@ -33,8 +34,16 @@ impl Server {
         };
         self.notifier
             .send(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
-        match Config::from_file(&path) {
-            Ok(file) => {
+        // The file with the flags applied is checked whole (the listeners too, though they
+        // change only at a restart: the next start would fail on a clash).
+        let read = Config::from_file(&path).and_then(|file| {
+            let new = file
+                .with_overrides(&self.overrides)
+                .map_err(|e| Error::Config(format!("config file {}: {e}", path.display())))?;
+            Ok((file, new))
+        });
+        match read {
+            Ok((file, mut new)) => {
                 // Settings fixed at start: compare the file with what the file said before
                 // (not with flag-overridden values), keep the running values, and say so.
                 let old = &self.file_config;
@@ -88,8 +97,6 @@ impl Server {
                         _ => {}
                     }
                 }
-                let mut new = file.clone();
-                self.overrides.apply(&mut new);
                 self.file_config = file;
                 new.listen = self.config.listen.clone();
                 new.state = self.config.state.clone();

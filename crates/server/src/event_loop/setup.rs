@@ -41,9 +41,9 @@ impl Server {
         config_path: Option<PathBuf>,
         overrides: Overrides,
     ) -> Result<Server, Error> {
-        let mut config = file_config.clone();
-        overrides.apply(&mut config);
-        config.validate().map_err(Error::Config)?;
+        let config = file_config
+            .with_overrides(&overrides)
+            .map_err(Error::Config)?;
         let paths = Paths::new(&config.state.path);
         let lock = persist::lock(&paths)?;
         let started = Instant::now();
