@@ -62,6 +62,13 @@ pub enum ClientError {
     /// malformed JSON, COMPLETE without a token).
     #[error("bad handshake reply from the server: {0}")]
     Handshake(#[from] tcrp::Error),
+    /// The server's reply has a header no TCRP server sends (a payload size over 64 bits, an
+    /// unknown state byte): the address most likely serves another protocol.
+    #[error(
+        "the reply is not TCRP ({0}): is --server an ocm server, and --tcp-port its handshake \
+         port (not its UDP or metrics port)?"
+    )]
+    NotTcrp(tcrp::Error),
     /// The server closed the TCP connection before sending a whole frame.
     #[error("the server closed the connection before sending its {expected} frame")]
     HandshakeClosed {

@@ -320,6 +320,17 @@ fn state_name(state: State) -> &'static str {
     }
 }
 
+/// The error for a reply header that does not decode: [`ClientError::NotTcrp`] when no TCRP
+/// server would send it, so the user looks at the address rather than at the server.
+fn reply_error(e: tcrp::Error) -> ClientError {
+    match e {
+        tcrp::Error::PayloadSizeOverflow | tcrp::Error::UnknownState { .. } => {
+            ClientError::NotTcrp(e)
+        }
+        e => ClientError::Handshake(e),
+    }
+}
+
 /// Reads until one whole frame is buffered, checks its state and returns its payload; past
 /// `deadline`, a [`ClientError::HandshakeTimeout`]. Bytes after the frame stay in `buf` for
 /// the next call.
@@ -335,7 +346,7 @@ fn read_frame<S: LimitedRead>(
     };
     let mut chunk = [0u8; 1024];
     loop {
-        if let Some((frame, used)) = tcrp::decode(buf, MAX_REPLY_PAYLOAD)? {
+        if let Some((frame, used)) = tcrp::decode(buf, MAX_REPLY_PAYLOAD).map_err(reply_error)? {
             if frame.state != expected {
                 return Err(ClientError::UnexpectedFrame {
                     expected,
@@ -775,11 +786,33 @@ mod tests {
         ));
         // An oversized reply is refused from its header alone.
         let mut header = vec![0x05, 0x02, 0x01];
-        header.extend_from_slice(&[0xff; 29]);
+        header.extend_from_slice(&[0x00; 21]);
+        header.extend_from_slice(&(1u64 << 40).to_be_bytes());
         assert!(matches!(
             join(&mut FakeServer::new(vec![header]), false),
             Err(ClientError::Handshake(tcrp::Error::PayloadTooLarge { .. }))
         ));
+    }
+
+    #[test]
+    fn a_reply_in_another_protocol_says_the_address_may_be_wrong() {
+        // An HTTP server's answer (the metrics port, say), and an unknown state byte.
+        let http = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n".to_vec();
+        let mut state = vec![0x05, 0x02, 0x07];
+        state.extend_from_slice(&[0x00; 29]);
+        for (reply, cause) in [
+            (http, tcrp::Error::PayloadSizeOverflow),
+            (state, tcrp::Error::UnknownState { state: 0x07 }),
+        ] {
+            let err = join(&mut FakeServer::new(vec![reply]), false).unwrap_err();
+            assert!(
+                matches!(&err, ClientError::NotTcrp(e) if *e == cause),
+                "{err:?}"
+            );
+            let text = err.to_string();
+            assert!(text.contains(&cause.to_string()), "{text}");
+            assert!(text.contains("--tcp-port"), "{text}");
+        }
     }
 
     #[test]

@@ -9,11 +9,16 @@ pub enum Error {
     /// header is complete, before any of the payload is buffered.
     #[error("payload of {size} bytes is over the limit of {max} bytes")]
     PayloadTooLarge {
-        /// The size the header announced (saturated at `u64::MAX`).
+        /// The size the header announced.
         size: u64,
         /// The cap in force.
         max: usize,
     },
+    /// The header's 29-byte payload size field holds a number over `u64::MAX`. No TCRP
+    /// writer sends one (every payload cap is far below), so the peer most likely speaks
+    /// another protocol: an HTTP request or an SSH banner lands here.
+    #[error("payload size field over 2^64 - 1 (not a TCRP peer?)")]
+    PayloadSizeOverflow,
     /// Header byte 2 is not one of the three states (0, 1, 2).
     #[error("unknown state {state:#04x} (expected 0 REQUEST, 1 COMPLIANCE or 2 COMPLETE)")]
     UnknownState {

@@ -11,8 +11,8 @@
 //!
 //! The original Python client writes the payload size as a zero byte then a 28-byte
 //! big-endian number; reading all 29 bytes as one big-endian number covers that and every
-//! other well-formed writer. Sizes that do not fit in a `u64` saturate, which the payload cap
-//! then rejects.
+//! other well-formed writer. A size that does not fit in a `u64` is refused as
+//! [`Error::PayloadSizeOverflow`]: it comes from a peer speaking another protocol.
 
 use crate::Error;
 
@@ -139,13 +139,13 @@ impl<'a> Frame<'a> {
     }
 }
 
-/// Reads the 29-byte big-endian payload size, saturating at `u64::MAX`.
-fn payload_size(field: &[u8]) -> u64 {
+/// Reads the 29-byte big-endian payload size; `None` if it does not fit in a `u64`.
+fn payload_size(field: &[u8]) -> Option<u64> {
     let (high, low) = field.split_at(field.len().saturating_sub(8));
     if high.iter().any(|&b| b != 0) {
-        return u64::MAX;
+        return None;
     }
-    low.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
+    Some(low.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
 }
 
 /// Decodes one frame from the front of `buf`.
@@ -160,7 +160,7 @@ pub fn decode(buf: &[u8], max_payload: usize) -> Result<Option<(Frame<'_>, usize
     };
     let room_name_len = usize::from(header[0]);
     let operation = Operation::from(header[1]);
-    let size = payload_size(&header[3..HEADER_LEN]);
+    let size = payload_size(&header[3..HEADER_LEN]).ok_or(Error::PayloadSizeOverflow)?;
     if size > max_payload as u64 {
         return Err(Error::PayloadTooLarge {
             size,
@@ -299,15 +299,43 @@ mod tests {
     }
 
     #[test]
-    fn payload_size_beyond_u64_saturates_and_is_refused() {
+    fn payload_size_beyond_u64_is_refused_as_not_tcrp() {
+        // The top byte of the 29 set: 2^224.
         let mut header = vec![0x01, 0x01, 0x00, 0x01];
         header.extend_from_slice(&[0u8; 28]);
+        assert_eq!(decode(&header, usize::MAX), Err(Error::PayloadSizeOverflow));
+        // One bit past u64::MAX: 2^64.
+        let mut header = vec![0x01, 0x01, 0x00];
+        header.extend_from_slice(&[0u8; 20]);
+        header.push(0x01);
+        header.extend_from_slice(&[0u8; 8]);
+        assert_eq!(decode(&header, 16 * 1024), Err(Error::PayloadSizeOverflow));
+        // An HTTP request sent to a TCRP port, as a health checker might.
+        let http = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+        let err = decode(http, DEFAULT_MAX_PAYLOAD).unwrap_err();
+        assert_eq!(err, Error::PayloadSizeOverflow);
         assert_eq!(
-            decode(&header, 16 * 1024),
-            Err(Error::PayloadTooLarge {
+            err.to_string(),
+            "payload size field over 2^64 - 1 (not a TCRP peer?)"
+        );
+    }
+
+    #[test]
+    fn payload_size_at_u64_max_is_refused_with_its_number() {
+        let mut header = vec![0x01, 0x01, 0x00];
+        header.extend_from_slice(&[0u8; 21]);
+        header.extend_from_slice(&u64::MAX.to_be_bytes());
+        let err = decode(&header, 16 * 1024).unwrap_err();
+        assert_eq!(
+            err,
+            Error::PayloadTooLarge {
                 size: u64::MAX,
                 max: 16 * 1024
-            })
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "payload of 18446744073709551615 bytes is over the limit of 16384 bytes"
         );
     }
 
