@@ -98,7 +98,8 @@ impl Metrics {
                 .as_secs_f64(),
             // Every reason the registry may drop for shows from the start, at 0, so that
             // `rate()` and alerts see the series before the first drop. (The codec's parse
-            // failures show once they happen.)
+            // failures show once they happen, and so does every other labelled counter's
+            // series: docs/OPERATIONS.md says which.)
             datagrams_dropped: DropReason::REGISTRY
                 .iter()
                 .map(|reason| (reason.label(), 0))
@@ -403,5 +404,47 @@ mod tests {
             assert!(declared(sample) || histogram, "{line}");
         }
         assert!(text.contains("ocm_relay_delay_seconds_bucket{le=\"+Inf\"} 0\n"));
+    }
+
+    /// docs/OPERATIONS.md's paragraph on which labelled series show before anything happened.
+    fn documented_start() -> &'static str {
+        let doc = include_str!("../../../docs/OPERATIONS.md");
+        let start = doc
+            .find("Of the labelled counters")
+            .expect("OPERATIONS.md says which labelled series show from the start");
+        let rest = &doc[start..];
+        &rest[..rest.find("\n\n").unwrap_or(rest.len())]
+    }
+
+    #[test]
+    fn fresh_metrics_show_the_labelled_series_the_docs_say() {
+        let text = Metrics::new().render(Stats::default());
+        let labelled: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.contains('{') && !l.contains("_bucket{"))
+            .collect();
+        // Only the registry's drop reasons, each at 0 (in label order, as rendered).
+        let mut expected: Vec<String> = DropReason::REGISTRY
+            .iter()
+            .map(|r| format!("ocm_datagrams_dropped_total{{reason=\"{}\"}} 0", r.label()))
+            .collect();
+        expected.sort();
+        assert_eq!(labelled, expected);
+        let doc = documented_start();
+        for reason in DropReason::REGISTRY {
+            assert!(
+                doc.contains(&format!("`{}`", reason.label())),
+                "{reason:?}: {doc}"
+            );
+        }
+        // So every other labelled counter starts with no series: the docs name each.
+        let labelled_families = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.strip_suffix(" counter"))
+            .filter(|family| !text.contains(&format!("\n{family} ")));
+        for family in labelled_families {
+            assert!(doc.contains(&format!("`{family}`")), "{family}: {doc}");
+        }
     }
 }
