@@ -44,57 +44,68 @@ impl Server {
         });
         match read {
             Ok((file, mut new)) => {
-                // Settings fixed at start: compare the file with what the file said before
-                // (not with flag-overridden values), keep the running values, and say so.
+                // Settings fixed at start. Those a flag overrides run as the flag says: a file
+                // change is moot, and the log says so once. The others are compared with the
+                // running value, so every reload reminds of a restart still due, and a file
+                // put back to the running value says nothing.
                 let old = &self.file_config;
+                let running = &self.config;
                 let fixed = [
                     (
                         "listen.tcp",
+                        new.listen.tcp != running.listen.tcp,
                         file.listen.tcp != old.listen.tcp,
                         self.overrides.tcp.is_some(),
                     ),
                     (
                         "listen.udp",
+                        new.listen.udp != running.listen.udp,
                         file.listen.udp != old.listen.udp,
                         self.overrides.udp.is_some(),
                     ),
                     (
                         "listen.metrics",
+                        new.listen.metrics != running.listen.metrics,
                         file.listen.metrics != old.listen.metrics,
                         self.overrides.metrics.is_some(),
                     ),
                     (
                         "state.path",
+                        new.state.path != running.state.path,
                         file.state.path != old.state.path,
                         self.overrides.state.is_some(),
                     ),
                     (
                         "state.compact_journal_bytes",
-                        file.state.compact_journal_bytes != old.state.compact_journal_bytes,
+                        new.state.compact_journal_bytes != running.state.compact_journal_bytes,
+                        false,
                         false,
                     ),
                     (
                         "udp.recv_buffer_bytes",
-                        file.udp.recv_buffer_bytes != old.udp.recv_buffer_bytes,
+                        new.udp.recv_buffer_bytes != running.udp.recv_buffer_bytes,
+                        false,
                         false,
                     ),
                     (
                         "udp.send_buffer_bytes",
-                        file.udp.send_buffer_bytes != old.udp.send_buffer_bytes,
+                        new.udp.send_buffer_bytes != running.udp.send_buffer_bytes,
+                        false,
                         false,
                     ),
                 ];
-                for (key, changed, overridden) in fixed {
-                    match (changed, overridden) {
-                        (true, false) => warn!(
-                            "SIGHUP: {key} changed in {}; it takes effect only after a restart",
-                            path.display()
-                        ),
-                        (true, true) => warn!(
+                for (key, not_running, file_changed, overridden) in fixed {
+                    if overridden && file_changed {
+                        warn!(
                             "SIGHUP: {key} changed in {}, but a command-line flag overrides it",
                             path.display()
-                        ),
-                        _ => {}
+                        );
+                    } else if !overridden && not_running {
+                        warn!(
+                            "SIGHUP: {key} in {} differs from the running value; it takes \
+                             effect only after a restart",
+                            path.display()
+                        );
                     }
                 }
                 self.file_config = file;

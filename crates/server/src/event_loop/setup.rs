@@ -97,6 +97,20 @@ impl Server {
             config.udp.send_buffer_bytes,
         );
         debug!("UDP buffers: receive {rcvbuf} bytes, send {sndbuf} bytes");
+        warn_if_capped(
+            "receive",
+            "recv_buffer_bytes",
+            config.udp.recv_buffer_bytes,
+            rcvbuf,
+            "net.core.rmem_max",
+        );
+        warn_if_capped(
+            "send",
+            "send_buffer_bytes",
+            config.udp.send_buffer_bytes,
+            sndbuf,
+            "net.core.wmem_max",
+        );
         if let Err(e) = mmsg::enable_timestamps(udp.as_raw_fd()) {
             warn!(
                 "UDP arrival timestamps unavailable ({e}); ocm_relay_delay_seconds stays empty \
@@ -217,4 +231,24 @@ impl Server {
             _lock: lock,
         })
     }
+}
+
+/// Says (level warn) when the kernel granted a UDP buffer smaller than `[udp] key` asked for:
+/// it caps the request at the `sysctl`'s value, silently. Linux reports twice the room it
+/// grants (the other half covers its bookkeeping), so `granted` is below twice `asked`
+/// exactly when the request was capped.
+fn warn_if_capped(what: &str, key: &str, asked: usize, granted: usize, sysctl: &str) {
+    if asked == 0 || granted >= asked.saturating_mul(2) {
+        return;
+    }
+    warn!(
+        "UDP {what} buffer: udp.{key} asks for {asked} bytes, the kernel allows {} \
+         ({sysctl} caps it); raise {sysctl} to at least {asked}{}",
+        granted / 2,
+        if what == "receive" {
+            ", or bursts past it are dropped (ocm_udp_receive_buffer_drops_total)"
+        } else {
+            ""
+        }
+    );
 }
