@@ -17,7 +17,9 @@ Usage: scripts/install.sh [OPTIONS]
 
 Builds ocmd and ocm (cargo build --release --locked) and installs:
   PREFIX/bin/ocmd, PREFIX/bin/ocm            mode 0755
-  PREFIX/share/doc/ocmd/OPERATIONS.md        mode 0644
+  PREFIX/share/doc/ocmd/OPERATIONS.md        mode 0644, with PROTOCOL.md, SECURITY.md,
+                                             PERSISTENCE.md and BENCHMARKS.md, which it
+                                             refers to
   UNIT_DIR/ocmd.service                      mode 0644 (ExecStart= follows PREFIX and
                                              CONFIG_DIR)
   CONFIG_DIR/ocmd.toml                       mode 0644, never overwritten: when a different
@@ -106,11 +108,13 @@ for bin in ocmd ocm; do
   fi
 done
 
-# Binaries and the operations guide.
+# Binaries, the operations guide and the documents it refers to.
 run install -d -m 0755 "$prefix/bin" "$prefix/share/doc/ocmd"
 run install -m 0755 "$build_dir/ocmd" "$prefix/bin/ocmd"
 run install -m 0755 "$build_dir/ocm" "$prefix/bin/ocm"
-run install -m 0644 "$root/docs/OPERATIONS.md" "$prefix/share/doc/ocmd/OPERATIONS.md"
+for doc in OPERATIONS PROTOCOL SECURITY PERSISTENCE BENCHMARKS; do
+  run install -m 0644 "$root/docs/$doc.md" "$prefix/share/doc/ocmd/$doc.md"
+done
 
 # The unit, pointed at this prefix and config directory. It is ours and is replaced on every install; local
 # changes belong in a drop-in (systemctl edit ocmd).

@@ -1132,6 +1132,24 @@ fn a_udp_buffer_the_kernel_caps_is_reported_at_start() {
     assert!(!log.contains("UDP send buffer"), "{log}");
 }
 
+/// `RUST_LOG` wins over `[log] level`; a reload that changes the level says so instead of
+/// changing nothing in silence (the harness sets `RUST_LOG`).
+#[test]
+fn reload_of_the_log_level_under_rust_log_says_rust_log_wins() {
+    let d = Daemon::start_with(Options {
+        config: Some("[log]\nlevel = \"info\"\n".into()),
+        ..Options::default()
+    });
+    rewrite_config(&d, "[log]\nlevel = \"warn\"\n");
+    d.signal(libc::SIGHUP);
+    d.wait_for_log("configuration reloaded");
+    assert!(
+        d.log().contains("log.level changed in ") && d.log().contains("but RUST_LOG overrides it"),
+        "{}",
+        d.log()
+    );
+}
+
 /// A restart-only key is compared with the running value: every reload while the file differs
 /// says a restart is due, and a file put back to the running value says nothing.
 #[test]
@@ -1753,10 +1771,18 @@ fn install_dry_run_plans_every_action_and_does_none() {
         "would run: install -m 0755 ",
         &format!("/release/ocm {p}/bin/ocm"),
     );
-    planned_line(
-        "would run: install -m 0644 ",
-        &format!("docs/OPERATIONS.md {p}/share/doc/ocmd/OPERATIONS.md"),
-    );
+    for doc in [
+        "OPERATIONS",
+        "PROTOCOL",
+        "SECURITY",
+        "PERSISTENCE",
+        "BENCHMARKS",
+    ] {
+        planned_line(
+            "would run: install -m 0644 ",
+            &format!("docs/{doc}.md {p}/share/doc/ocmd/{doc}.md"),
+        );
+    }
     planned_line(
         "would write: /etc/systemd/system/ocmd.service (mode 0644)",
         "",
@@ -1840,7 +1866,18 @@ fn install_puts_files_in_place_and_keeps_a_changed_config() {
         std::fs::read(&ocmd).unwrap(),
         std::fs::read(env!("CARGO_BIN_EXE_ocmd")).unwrap()
     );
-    assert_eq!(mode(&prefix.join("share/doc/ocmd/OPERATIONS.md")), 0o644);
+    for doc in [
+        "OPERATIONS",
+        "PROTOCOL",
+        "SECURITY",
+        "PERSISTENCE",
+        "BENCHMARKS",
+    ] {
+        assert_eq!(
+            mode(&prefix.join(format!("share/doc/ocmd/{doc}.md"))),
+            0o644
+        );
+    }
     let unit_path = units.join("ocmd.service");
     assert_eq!(mode(&unit_path), 0o644);
     let unit = std::fs::read_to_string(&unit_path).unwrap();

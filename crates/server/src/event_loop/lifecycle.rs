@@ -125,6 +125,11 @@ impl Server {
                     if let Some(level) = config::log_level(&new.log.level) {
                         log::set_max_level(level);
                     }
+                } else if new.log.level != self.config.log.level {
+                    warn!(
+                        "SIGHUP: log.level changed in {}, but RUST_LOG overrides it",
+                        path.display()
+                    );
                 }
                 self.config = new;
                 info!("SIGHUP: configuration reloaded from {}", path.display());
