@@ -58,11 +58,42 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct Listen {
     /// TCP address for TCRP handshakes.
+    #[serde(deserialize_with = "listen_addr")]
     pub tcp: SocketAddr,
     /// UDP address for UCRP datagrams.
+    #[serde(deserialize_with = "listen_addr")]
     pub udp: SocketAddr,
     /// HTTP address for `/metrics` and `/healthz`; `"off"` turns it off.
     pub metrics: String,
+}
+
+/// Parses a listening address, `IP:PORT` (an IPv6 address in brackets), saying what is wrong
+/// when it is not one: the standard parser's "invalid socket address syntax" does not tell a
+/// host name from a port out of range.
+pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
+    text.parse::<SocketAddr>().map_err(|_| {
+        let why = match text.rsplit_once(':') {
+            _ if text.trim_matches(['[', ']']).parse::<IpAddr>().is_ok() => "the :PORT is missing",
+            None => "the :PORT is missing",
+            Some((_, port)) if port.parse::<u16>().is_err() => {
+                "the port must be a number from 0 to 65535"
+            }
+            Some((ip, _)) if ip.starts_with('[') && ip.ends_with(']') => {
+                "the part in brackets is not an IPv6 address"
+            }
+            Some((ip, _)) if ip.parse::<IpAddr>().is_ok() => {
+                "an IPv6 address goes in brackets, as in [::1]:9090"
+            }
+            Some(_) => "the address must be an IP address: host names are not looked up",
+        };
+        format!("{text:?} is not an address like 127.0.0.1:9090 or [::1]:9090 ({why})")
+    })
+}
+
+/// Serde's side of [`parse_listen_addr`].
+fn listen_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_listen_addr(&text).map_err(serde::de::Error::custom)
 }
 
 /// `[state]`
@@ -515,9 +546,9 @@ impl Config {
     pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, String> {
         match self.listen.metrics.trim() {
             "" | "off" | "false" | "none" => Ok(None),
-            addr => addr.parse().map(Some).map_err(|_| {
-                format!("listen.metrics {addr:?} is not an address like 127.0.0.1:9092 or \"off\"")
-            }),
+            addr => parse_listen_addr(addr)
+                .map(Some)
+                .map_err(|e| format!("listen.metrics: {e}, or \"off\"")),
         }
     }
 
@@ -609,6 +640,31 @@ pub fn log_level(name: &str) -> Option<log::LevelFilter> {
 
 #[cfg(test)]
 mod tests {
+
+    /// Each way an address can be wrong is named, in the file and on the command line.
+    #[test]
+    fn a_listen_address_that_does_not_parse_says_why() {
+        for (text, why) in [
+            (
+                "127.0.0.1:70000",
+                "the port must be a number from 0 to 65535",
+            ),
+            ("localhost:9090", "host names are not looked up"),
+            ("127.0.0.1", "the :PORT is missing"),
+            ("::1", "the :PORT is missing"),
+            ("::ffff:10.0.0.1:9090", "an IPv6 address goes in brackets"),
+            ("[::g]:9090", "the part in brackets is not an IPv6 address"),
+        ] {
+            let e = parse_listen_addr(text).unwrap_err();
+            assert!(e.contains(why) && e.contains(text), "{text}: {e}");
+        }
+        assert_eq!(
+            parse_listen_addr("[::1]:9090").unwrap(),
+            "[::1]:9090".parse::<SocketAddr>().unwrap()
+        );
+        let e = Config::from_toml("[listen]\nudp = \"127.0.0.1:70000\"\n").unwrap_err();
+        assert!(e.to_string().contains("from 0 to 65535"), "{e}");
+    }
     use super::*;
 
     #[test]

@@ -10,7 +10,7 @@
 //! - [`store`], [`record`], [`persist`]: the state file, its journal and the writer thread;
 //! - [`event_loop`]: the mio shell that owns every socket;
 //! - [`conn`], [`udp`], [`mmsg`], [`local`], [`sockopt`]: what the loop does with its sockets;
-//! - [`config`], [`metrics`], [`delay`], [`notify`], [`http`]: what operators see.
+//! - [`config`], [`metrics`], [`delay`], [`notify`], [`http`], [`plural`]: what operators see.
 //!
 //! Wire formats live in the `tcrp` and `ucrp` crates, which know nothing of sockets.
 
@@ -28,6 +28,7 @@ pub mod notify;
 pub mod outbox;
 pub mod password;
 pub mod persist;
+pub mod plural;
 pub mod rate;
 pub mod record;
 pub mod rooms;

@@ -17,10 +17,10 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
     /// TCP address for create/join handshakes [default: 127.0.0.1:9090].
-    #[arg(long, value_name = "ADDR:PORT")]
+    #[arg(long, value_name = "ADDR:PORT", value_parser = config::parse_listen_addr)]
     tcp: Option<SocketAddr>,
     /// UDP address for chat datagrams [default: 127.0.0.1:9091].
-    #[arg(long, value_name = "ADDR:PORT")]
+    #[arg(long, value_name = "ADDR:PORT", value_parser = config::parse_listen_addr)]
     udp: Option<SocketAddr>,
     /// State file [default: ./room_manager.json].
     #[arg(long, value_name = "PATH")]

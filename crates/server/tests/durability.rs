@@ -798,11 +798,7 @@ fn a_journal_old_cut_short_before_later_records_stops_the_start_untouched() {
     // The documented way out: cut journal.old before the line named, the journal aside.
     std::fs::write(&old, lines[..2].concat()).unwrap();
     let d = spawn_on(&dir).expect("ocmd starts on the cut journal.old");
-    assert!(
-        d.log().contains(": 1 rooms, 2 tokens loaded"),
-        "{}",
-        d.log()
-    );
+    assert!(d.log().contains(": 1 room, 2 tokens loaded"), "{}", d.log());
 }
 
 /// Records are numbered one by one from the state file's `journal_seq`: a journal that starts
@@ -847,11 +843,7 @@ fn a_journal_that_skips_records_after_the_state_file_stops_the_start_untouched()
     assert!(!state.exists(), "no state file written in its place");
     std::fs::rename(&aside, &state).unwrap();
     let d = spawn_on(&dir).expect("ocmd starts with its state file back");
-    assert!(
-        d.log().contains(": 1 rooms, 4 tokens loaded"),
-        "{}",
-        d.log()
-    );
+    assert!(d.log().contains(": 1 room, 4 tokens loaded"), "{}", d.log());
 }
 
 /// A power cut during an append that no `fdatasync` completed for can leave it as a
@@ -889,7 +881,7 @@ fn a_zero_filled_hole_in_the_journal_ends_it_as_a_torn_tail() {
             && log.contains(&format!("{} from line 3: 2 lines", journal.display())),
         "{log}"
     );
-    assert!(log.contains(": 1 rooms, 2 tokens loaded"), "{log}");
+    assert!(log.contains(": 1 room, 2 tokens loaded"), "{log}");
     assert!(
         log.contains("WARN") && log.contains("otherwise check the disk"),
         "the hole is also a warning: {log}"

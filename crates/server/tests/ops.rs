@@ -235,7 +235,7 @@ fn notify_ready_status_reloading_and_stopping() {
     );
     // The status is live: it follows the registry (refreshed every 5 s).
     let (_alice, _bob) = room_of_two(&d, "lobby");
-    let status = sd.wait_for(PATIENCE, |m| m.starts_with("STATUS=1 rooms"));
+    let status = sd.wait_for(PATIENCE, |m| m.starts_with("STATUS=1 room,"));
     assert!(status.contains("2 members (2 registered)"), "{status:?}");
 
     // Reload: RELOADING=1 with the monotonic time of the request, then READY=1 again.
@@ -490,7 +490,7 @@ fn the_fold_at_start_shows_in_the_metrics_before_any_traffic() {
     d.kill9();
     d.restart();
     assert!(
-        d.log().contains("state: folded 1 journal records"),
+        d.log().contains("state: folded 1 journal record into"),
         "no fold at start:\n{}",
         d.log()
     );

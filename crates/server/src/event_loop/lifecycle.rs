@@ -10,6 +10,7 @@ use super::{ConnId, Server};
 use crate::config::{self, Config};
 use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::plural::Count;
 
 impl Server {
     /// Returns true when the daemon should stop.
@@ -174,7 +175,11 @@ impl Server {
             persister.shutdown();
         }
         let s = self.registry.stats();
-        info!("stopped: {} rooms, {} members saved", s.rooms, s.members);
+        info!(
+            "stopped: {}, {} saved",
+            Count(s.rooms, "room"),
+            Count(s.members, "member")
+        );
     }
 }
 

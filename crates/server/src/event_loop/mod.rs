@@ -45,6 +45,7 @@ use crate::notify::Notifier;
 use crate::outbox::Outbox;
 use crate::password;
 use crate::persist::Persister;
+use crate::plural::Count;
 use crate::rate::{KeyedLimiter, TokenBucket};
 use crate::rooms::Registry;
 use crate::udp;
@@ -350,11 +351,11 @@ impl Server {
             if self.notifier.enabled() {
                 let s = self.registry.stats();
                 self.notifier.send(&format!(
-                    "STATUS={} rooms, {} members ({} registered), {} TCP connections",
-                    s.rooms,
-                    s.members,
+                    "STATUS={}, {} ({} registered), {}",
+                    Count(s.rooms, "room"),
+                    Count(s.members, "member"),
                     s.registered,
-                    self.conns.len()
+                    Count(self.conns.len(), "TCP connection")
                 ));
             }
         }

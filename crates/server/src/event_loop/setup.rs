@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::notify::{self, Notifier};
 use crate::outbox::Outbox;
 use crate::persist::{self, Persister};
+use crate::plural::Count;
 use crate::rate::{KeyedLimiter, TokenBucket};
 use crate::rooms::Registry;
 use crate::store::{self, Paths};
@@ -64,10 +65,10 @@ impl Server {
         registry.set_wall_clock(now, unix_now());
         let stats = registry.stats();
         info!(
-            "state {}: {} rooms, {} tokens loaded in {:?}",
+            "state {}: {}, {} loaded in {:?}",
             paths.state.display(),
-            stats.rooms,
-            stats.members,
+            Count(stats.rooms, "room"),
+            Count(stats.members, "token"),
             started.elapsed()
         );
 

@@ -12,6 +12,7 @@ use log::{error, info};
 
 use super::{counters, Compactions, Job, Report};
 use crate::error::StoreError;
+use crate::plural::Count;
 use crate::store::{self, Paths, State};
 
 /// The writer's handle on the compactor thread.
@@ -123,11 +124,11 @@ pub(super) fn remove_journal_old(paths: &Paths) -> Result<(), StoreError> {
 
 pub(super) fn log_written(paths: &Paths, state: &State, bytes: u64, elapsed: Duration) {
     info!(
-        "state: wrote {} ({} rooms, {} tokens, {} bytes, journal record {}) in {:?}",
+        "state: wrote {} ({}, {}, {}, journal record {}) in {:?}",
         paths.state.display(),
-        state.rooms.len(),
-        state.tokens.len(),
-        bytes,
+        Count(state.rooms.len(), "room"),
+        Count(state.tokens.len(), "token"),
+        Count(usize::try_from(bytes).unwrap_or(usize::MAX), "byte"),
         state.journal_seq,
         elapsed
     );

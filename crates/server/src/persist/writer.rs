@@ -16,6 +16,7 @@ use log::{debug, error, info, warn};
 use super::compactor::{log_written, remove_journal_old, write_snapshot, Compactor};
 use super::{counters, Command, Compactions, Done, Job, Options, Report, APPLY_LOT, RETRY_DELAY};
 use crate::error::StoreError;
+use crate::plural::Count;
 use crate::record::Record;
 use crate::store::{self, JournalLine, Loaded, Paths, State, ZeroHole};
 
@@ -209,8 +210,8 @@ impl Writer {
         if journal_len > 0 || loaded.journal_old {
             writer.fold(&mut state)?;
             info!(
-                "state: folded {} journal records into {}{}",
-                loaded.replayed,
+                "state: folded {} into {}{}",
+                Count(loaded.replayed, "journal record"),
                 writer.paths.state.display(),
                 torn_tail_note(loaded.torn_tail, &loaded.zero_holes)
             );
