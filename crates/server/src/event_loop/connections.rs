@@ -110,7 +110,7 @@ impl Server {
             }
             self.metrics.tcp_accepted += 1;
             self.metrics.tcp_open += 1;
-            debug!("{peer} conn {id:?}: accepted ({kind:?})");
+            debug!("{peer}: accepted ({kind:?})");
             // The request often came with the connection (a client writes it as soon as
             // its connect returns): reading it now, rather than on the readable edge in a
             // later pass of the loop, takes a pass off every handshake (5% more joins/s in
@@ -134,7 +134,7 @@ impl Server {
             return None;
         }
         if let Err(e) = conn.flush() {
-            debug!("{} conn {id:?}: write failed: {e}", conn.peer);
+            debug!("{}: write failed: {e}", conn.peer);
             return Some("io_error");
         }
         if conn.pending_bytes() > self.config.limits.max_output_bytes {
@@ -171,10 +171,7 @@ impl Server {
                 continue;
             }
             if let Some(conn) = self.conns.get(id.0) {
-                debug!(
-                    "{} conn {id:?}: closed to make room for a new connection",
-                    conn.peer
-                );
+                debug!("{}: closed to make room for a new connection", conn.peer);
             }
             self.close(id, "evicted");
             return true;
@@ -195,7 +192,7 @@ impl Server {
         };
         if let Some(conn) = self.conns.get(id.0) {
             debug!(
-                "{} conn {id:?}: closed to make room for a new metrics connection",
+                "{}: closed to make room for a new metrics connection",
                 conn.peer
             );
         }
@@ -255,7 +252,7 @@ impl Server {
         };
         if close.is_none() {
             if let Err(e) = conn.flush() {
-                debug!("{} conn {id:?}: write failed: {e}", conn.peer);
+                debug!("{}: write failed: {e}", conn.peer);
                 close = Some("io_error");
             } else if conn.paused && conn.pending_bytes() <= self.config.limits.max_output_bytes {
                 // This flush, not the one in `resume`, brought the replies under the cap (the
@@ -281,7 +278,7 @@ impl Server {
                 .registry()
                 .reregister(&mut conn.stream, id.token(), desired)
             {
-                warn!("{} conn {id:?}: cannot reregister: {e}", conn.peer);
+                warn!("{}: cannot reregister: {e}", conn.peer);
                 self.close(id, "io_error");
                 return;
             }
@@ -314,7 +311,7 @@ impl Server {
         }
         self.metrics.tcp_open = self.metrics.tcp_open.saturating_sub(1);
         Metrics::bump(&mut self.metrics.tcp_closed, reason);
-        debug!("{} conn {id:?}: closed ({reason})", conn.peer);
+        debug!("{}: closed ({reason})", conn.peer);
     }
 }
 

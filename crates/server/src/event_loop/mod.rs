@@ -333,9 +333,9 @@ impl Server {
                 if let Some(conn) = self.conns.get(id.0) {
                     if conn.paused {
                         reason = "output_overflow";
-                        debug!("{} conn {id:?}: replies not read in time", conn.peer);
+                        debug!("{}: replies not read in time", conn.peer);
                     } else {
-                        debug!("{} conn {id:?}: no complete request in time", conn.peer);
+                        debug!("{}: no complete request in time", conn.peer);
                     }
                 }
                 self.close(id, reason);

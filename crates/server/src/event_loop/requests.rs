@@ -54,7 +54,7 @@ impl Server {
             let filled = match conn.fill(cap, until) {
                 Ok(f) => f,
                 Err(e) => {
-                    debug!("{} conn {id:?}: read failed: {e}", conn.peer);
+                    debug!("{}: read failed: {e}", conn.peer);
                     return Some("io_error");
                 }
             };
@@ -141,7 +141,7 @@ impl Server {
                                         &limits,
                                     );
                                 }
-                                debug!("{peer} conn {id:?}: password check refused: {why}");
+                                debug!("{peer}: password check refused: {why}");
                                 queue_full = true;
                                 consumed += used;
                                 handshake::refusal(
@@ -156,7 +156,7 @@ impl Server {
                                 let ticket = self.next_ticket;
                                 self.password_tickets.insert(ticket, (id, source));
                                 self.passwords.submit(ticket, job);
-                                debug!("{peer} conn {id:?}: password check queued");
+                                debug!("{peer}: password check queued");
                                 conn.awaiting_password = Some(ticket);
                                 break;
                             }
@@ -171,7 +171,7 @@ impl Server {
                         now,
                         self.config.rate.drop_logs_per_sec,
                     ) {
-                        warn!("{peer} conn {id:?}: bad frame: {e}; closing");
+                        warn!("{peer}: bad frame: {e}; closing");
                     }
                     handshake::refusal(op, &[], ErrorCode::MalformedRequest, &e.to_string(), true)
                 }
