@@ -70,10 +70,16 @@ pub enum ClientError {
     )]
     NotTcrp(tcrp::Error),
     /// The server closed the TCP connection before sending a whole frame.
-    #[error("the server closed the connection before sending its {expected} frame")]
+    #[error(
+        "the server closed the connection before sending its {expected} frame{}",
+        if *silent { " (it sent nothing at all: is --tcp-port its handshake port?)" } else { "" }
+    )]
     HandshakeClosed {
         /// The frame that was awaited: `COMPLIANCE` or `COMPLETE`.
         expected: &'static str,
+        /// Not a byte came back: an ocmd answers every whole request, so the port may serve
+        /// something else (the metrics port waits for an HTTP request, then closes).
+        silent: bool,
     },
     /// The server did not send a whole frame within the handshake timeout.
     #[error("the server did not send its {expected} frame within {} s", .after.as_secs())]

@@ -368,6 +368,7 @@ fn read_frame<S: LimitedRead>(
             Ok(0) => {
                 return Err(ClientError::HandshakeClosed {
                     expected: state_name(expected),
+                    silent: buf.is_empty() && expected == State::Compliance,
                 })
             }
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
@@ -694,8 +695,20 @@ mod tests {
                 "COMPLETE"
             };
             match join(&mut server, false) {
-                Err(ClientError::HandshakeClosed { expected: e }) => {
-                    assert_eq!(e, expected, "cut at {cut}")
+                Err(
+                    err @ ClientError::HandshakeClosed {
+                        expected: e,
+                        silent,
+                    },
+                ) => {
+                    assert_eq!(e, expected, "cut at {cut}");
+                    assert_eq!(silent, cut == 0, "cut at {cut}");
+                    assert_eq!(
+                        err.to_string()
+                            .contains("is --tcp-port its handshake port?"),
+                        cut == 0,
+                        "cut at {cut}: {err}"
+                    );
                 }
                 other => panic!("cut at {cut}: {other:?}"),
             }
