@@ -24,6 +24,9 @@ pub const MAX_PAYLOAD_BYTES: u64 = 16 * 1024 * 1024;
 /// Largest timer setting accepted, in seconds (a day), for the keys that set a deadline or an
 /// interval: `handshake_timeout_secs`, `sweep_interval_ms` (in ms), `checkpoint_secs`.
 pub const MAX_TIMER_SECS: u64 = 86_400;
+/// Largest `udp.recv_buffer_bytes` and `send_buffer_bytes` accepted: what Linux takes
+/// whatever `net.core.rmem_max` says (`INT_MAX / 2`, since it doubles the value).
+pub const MAX_SOCKET_BUFFER_BYTES: u64 = (i32::MAX / 2) as u64;
 /// Largest `liveness.room_idle_secs` accepted (a year).
 pub const MAX_ROOM_IDLE_SECS: u64 = 366 * 86_400;
 /// Largest `history.max_bytes_per_room` accepted (16 MiB).
@@ -460,6 +463,17 @@ impl Config {
                 self.liveness.room_idle_secs,
                 MAX_ROOM_IDLE_SECS,
             ),
+            // The kernel takes at most INT_MAX / 2 (it doubles the value for its bookkeeping).
+            (
+                "udp.recv_buffer_bytes",
+                self.udp.recv_buffer_bytes as u64,
+                MAX_SOCKET_BUFFER_BYTES,
+            ),
+            (
+                "udp.send_buffer_bytes",
+                self.udp.send_buffer_bytes as u64,
+                MAX_SOCKET_BUFFER_BYTES,
+            ),
         ];
         for (key, value, max) in at_most {
             if value > max {
@@ -509,6 +523,12 @@ impl Config {
         let tcp = self.listen.tcp;
         if tcp.port() == 0 || tcp.port() != metrics.port() {
             return Ok(());
+        }
+        // The same link-local address on two interfaces is two addresses.
+        if let (SocketAddr::V6(t), SocketAddr::V6(m)) = (tcp, metrics) {
+            if t.scope_id() != m.scope_id() && t.ip() == m.ip() {
+                return Ok(());
+            }
         }
         // An IPv4-mapped IPv6 address is its IPv4 address to the kernel's port table.
         let (a, b) = (tcp.ip().to_canonical(), metrics.ip().to_canonical());
@@ -800,6 +820,8 @@ mod tests {
             ("0.0.0.0:0", "0.0.0.0:0"),
             // An IPv4 wildcard leaves the IPv6 addresses alone.
             ("0.0.0.0:9090", "[::1]:9090"),
+            // One link-local address on two links is two addresses.
+            ("[fe80::1%2]:9090", "[fe80::1%3]:9090"),
             ("127.0.0.1:9090", "off"),
         ];
         for (tcp, metrics) in fine {

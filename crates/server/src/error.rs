@@ -25,7 +25,8 @@ pub enum StoreError {
         /// The parser's error, with line and column.
         source: serde_json::Error,
     },
-    /// A journal line before the last one is corrupt.
+    /// A whole journal line (its newline written) does not parse: corruption, not a torn
+    /// append.
     #[error("journal {path} is corrupt at line {line}: {reason} (the file was left untouched)")]
     Journal {
         /// The journal file.

@@ -442,10 +442,12 @@ pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
         ..Loaded::default()
     };
     // journal.old holds the older records: replay it first.
-    let mut applied = state.journal_seq;
-    // Where `journal.old`'s torn tail begins, if it has one: it must be vouched for by the
-    // journal's next record.
-    let mut old_cut_at: Option<usize> = None;
+    let snapshot_seq = state.journal_seq;
+    let mut applied = snapshot_seq;
+    // Where `journal.old`'s torn tail begins, if it has one, and the last whole record before
+    // it: the torn line held the record after that one, if any, so it must be vouched for by
+    // the journal's next record or by a snapshot that covers it.
+    let mut old_cut_at: Option<(usize, Option<u64>)> = None;
     for (path, is_old) in [(&paths.journal_old, true), (&paths.journal, false)] {
         let Some(bytes) = read_if_exists(path)? else {
             continue;
@@ -460,6 +462,7 @@ pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
         loaded
             .zero_holes
             .extend(replay.zero_hole.map(|hole| (path.clone(), hole)));
+        let last_whole = replay.records.last().map(|e| e.n);
         for entry in replay.records {
             loaded.last_seq = loaded.last_seq.max(entry.n);
             if entry.n <= applied {
@@ -467,7 +470,7 @@ pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
             }
             if entry.n != applied + 1 {
                 return Err(match old_cut_at {
-                    Some(line) => StoreError::CutShort {
+                    Some((line, _)) => StoreError::CutShort {
                         old: paths.journal_old.clone(),
                         line,
                     },
@@ -476,7 +479,7 @@ pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
                         line: entry.line,
                         expected: applied + 1,
                         found: entry.n,
-                        hint: gap_hint(state_missing, applied == state.journal_seq),
+                        hint: gap_hint(state_missing, applied == snapshot_seq),
                     },
                 });
             }
@@ -488,15 +491,22 @@ pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
         if is_old && replay.torn_tail {
             // A hole's first line, or else the torn last line.
             let last_line = bytes.split_inclusive(|&b| b == b'\n').count();
-            old_cut_at = Some(replay.zero_hole.map_or(last_line, |hole| hole.line));
+            let line = replay.zero_hole.map_or(last_line, |hole| hole.line);
+            old_cut_at = Some((line, last_whole));
         }
     }
-    if let Some(line) = old_cut_at {
+    match old_cut_at {
+        // The snapshot holds the record after journal.old's last whole one, so the torn line
+        // lost nothing: a start accepted it, folded, and stopped before removing journal.old.
+        Some((_, Some(last_whole))) if snapshot_seq > last_whole => {}
         // Nothing after journal.old's torn tail shows that no synced record was in it.
-        return Err(StoreError::CutShort {
-            old: paths.journal_old.clone(),
-            line,
-        });
+        Some((line, _)) => {
+            return Err(StoreError::CutShort {
+                old: paths.journal_old.clone(),
+                line,
+            })
+        }
+        None => {}
     }
     if loaded.last_seq > START_LIMIT {
         return Err(StoreError::NumbersExhausted {
@@ -511,7 +521,10 @@ pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
 /// What most likely left a gap in the record numbers.
 fn gap_hint(state_missing: bool, first_record: bool) -> &'static str {
     match (state_missing, first_record) {
-        (true, true) => "the state file is missing: restore it, or the backup it came with",
+        (true, true) => {
+            "the state file is missing: restore it with the journals of its backup, or move \
+             the journals aside too to start empty"
+        }
         (false, true) => {
             "the state file is older than the journals: restore the files of one backup together"
         }
@@ -590,10 +603,11 @@ impl<'de> Deserialize<'de> for Shape {
 /// file comes near it.
 pub const MAX_NUMBER: u64 = i64::MAX as u64;
 
-/// The largest last record number a daemon starts from: 2^62. From there the writer could
-/// number 2^62 − 1 records more (centuries of appends) before it passed [`MAX_NUMBER`], so
-/// every number it writes loads again, and its count never wraps (a number that wrapped to 0
-/// would be skipped at the next load as already folded).
+/// The largest last record number a daemon starts from: 2^62. From there the writer would
+/// need 2^62 − 1 records more (centuries of appends) to pass [`MAX_NUMBER`], so its count
+/// never wraps (a number that wrapped to 0 would be skipped at the next load as already
+/// folded). A daemon started right at the limit writes past it, and the next start is
+/// refused, the files untouched: only an edited file gets there.
 pub const START_LIMIT: u64 = 1 << 62;
 
 /// Why a number over [`MAX_NUMBER`] is refused.
@@ -1334,6 +1348,17 @@ mod tests {
             matches!(&err, StoreError::CutShort { line: 3, old } if *old == paths.journal_old),
             "{err}"
         );
+        // A snapshot that holds record 3 (the fold of a start that accepted the torn line,
+        // cut off before it removed journal.old) vouches for it; one that stops at 2 does not.
+        fs::write(&paths.journal, b"").unwrap();
+        for (journal_seq, loads) in [(3, true), (2, false)] {
+            let state = State {
+                journal_seq,
+                ..State::default()
+            };
+            fs::write(&paths.state, serde_json::to_vec(&state).unwrap()).unwrap();
+            assert_eq!(load(&paths).is_ok(), loads, "journal_seq {journal_seq}");
+        }
     }
 
     /// Records are numbered one by one from the state file's `journal_seq` + 1: a record that

@@ -542,27 +542,29 @@ fn a_room_nobody_is_heard_from_closes_after_room_idle_secs_and_stays_closed() {
         d.metric("ocm_idle_rooms_closed_total") >= 1.0
     });
     assert_eq!(orig.recv(), "CLOSED");
+    assert_eq!(
+        host.recv(),
+        "CLOSED",
+        "the host did not leave: it is told too"
+    );
     assert!(silent_since.elapsed() >= Duration::from_secs(2));
     assert_eq!(d.metric("ocm_idle_rooms_closed_total"), 1.0);
     assert_eq!(d.metric("ocm_rooms"), 1.0, "the room heard from stays");
     assert!(
         d.log()
-            .contains("room \"ghost\" closed: nobody heard from for 2 s; 1 member told"),
+            .contains("room \"ghost\" closed: nobody heard from for 2 s; 2 members told"),
         "{}",
         d.log()
     );
-    // The close was journaled: after a restart the name is free, the other room still there.
+    // The close was journaled: after a restart the name is free, the other room still there
+    // (read from the load's log line: with the same limit, the restarted daemon closes the
+    // silent "live" room 2 s later).
     let (status, _) = d.terminate();
     assert!(status.success(), "SIGTERM exit status: {status:?}");
     d.restart();
+    assert!(d.log().contains(": 1 room, 2 tokens loaded"), "{}", d.log());
     let r = request(&d, Operation::JoinRoom, "ghost", b"\"late\"");
     assert_eq!(refused(&r), Some(ErrorCode::RoomNotFound));
-    assert!(
-        request(&d, Operation::JoinRoom, "live", b"\"late\"")
-            .token
-            .is_some(),
-        "the room heard from survives the restart"
-    );
 }
 
 #[test]

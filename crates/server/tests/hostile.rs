@@ -1463,6 +1463,36 @@ fn idle_metrics_connections_neither_fill_the_connection_table_nor_lock_out_healt
     assert_state_intact(d, &[room]);
 }
 
+/// A burst of more metrics connections than the allowance, each with its request already
+/// sent, is accepted in one go (the daemon was stopped while they queued): a full table reads
+/// the oldest before closing it, so every request is answered and none is evicted.
+#[test]
+fn a_burst_of_metrics_requests_past_the_allowance_is_answered_whole() {
+    let d = daemon("");
+    let metrics = d.metrics.expect("metrics on");
+    d.signal(libc::SIGSTOP);
+    let mut scrapes: Vec<TcpStream> = (0..MAX_METRICS_CONNECTIONS + 4)
+        .map(|_| {
+            let mut s = TcpStream::connect(metrics).unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    d.signal(libc::SIGCONT);
+    for (i, s) in scrapes.iter_mut().enumerate() {
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        assert!(answer.ends_with("\r\n\r\nok\n"), "scrape {i}: {answer:?}");
+    }
+    assert_eq!(closed(&d, "evicted"), 0.0);
+    assert_eq!(
+        d.metric("ocm_tcp_connections_rejected_total{reason=\"max_metrics_connections\"}"),
+        0.0
+    );
+}
+
 /// Open descriptors of process `pid`.
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count())

@@ -1113,20 +1113,20 @@ fn reload_of_a_setting_fixed_at_start_says_restart() {
 }
 
 /// The kernel caps socket buffers at `net.core.rmem_max`/`wmem_max` without an error: a
-/// request past any cap a host would have (1 GiB) is reported at start, with the sysctl to
+/// request past any cap a host would have (512 MiB) is reported at start, with the sysctl to
 /// raise, and one it grants is not.
 #[test]
 fn a_udp_buffer_the_kernel_caps_is_reported_at_start() {
     let d = Daemon::start_with(Options {
-        config: Some("[udp]\nrecv_buffer_bytes = 1073741824\nsend_buffer_bytes = 4096\n".into()),
+        config: Some("[udp]\nrecv_buffer_bytes = 536870912\nsend_buffer_bytes = 4096\n".into()),
         ..Options::default()
     });
     d.wait_for_log("listening");
     let log = d.log();
     assert!(
         log.lines().any(|l| l.contains("WARN")
-            && l.contains("UDP receive buffer: udp.recv_buffer_bytes asks for 1073741824 bytes")
-            && l.contains("raise net.core.rmem_max to at least 1073741824")),
+            && l.contains("UDP receive buffer: udp.recv_buffer_bytes asks for 536870912 bytes")
+            && l.contains("raise net.core.rmem_max to at least 536870912")),
         "{log}"
     );
     assert!(!log.contains("UDP send buffer"), "{log}");

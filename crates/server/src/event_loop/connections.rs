@@ -178,26 +178,31 @@ impl Server {
         }
     }
 
-    /// Closes the oldest metrics connection that has not sent a complete request, to make
-    /// room for a new one. Each is answered once and closed, so one still without a request
-    /// is idle or slow; one whose answer is being sent stays. Returns whether one was closed.
+    /// Makes room for a new metrics connection: closes the oldest one that has not sent a
+    /// complete request. Each is answered once and closed, so one still without a request
+    /// is idle or slow; one whose answer is being sent stays. A request may be waiting unread
+    /// (a burst of connections is accepted before their readable events are handled), so each
+    /// is read first, oldest first, and answered if it can be; one answered at once frees its
+    /// slot. Returns whether a slot was freed.
     fn evict_idle_http(&mut self) -> bool {
-        let idle = self.http_conns.iter().copied().find(|id| {
-            self.conns
-                .get(id.0)
-                .is_some_and(|conn| !conn.close_after_flush)
-        });
-        let Some(id) = idle else {
-            return false;
-        };
-        if let Some(conn) = self.conns.get(id.0) {
+        let open = self.http_conns.len();
+        for id in self.http_conns.clone() {
+            let close = self.read_http(id);
+            self.after_io(id, close);
+            if self.http_conns.len() < open {
+                return true;
+            }
+            let Some(conn) = self.conns.get(id.0).filter(|c| !c.close_after_flush) else {
+                continue;
+            };
             debug!(
                 "{}: closed to make room for a new metrics connection",
                 conn.peer
             );
+            self.close(id, "evicted");
+            return true;
         }
-        self.close(id, "evicted");
-        true
+        false
     }
 
     /// Fills `evict_candidates` with the best [`EVICTION_PICKS`] connections to close, the

@@ -100,7 +100,10 @@ impl Registry {
             };
             self.tombstones
                 .insert(member.token.as_str().as_bytes(), gone, now, &self.limits);
-            if let (Some(to), false) = (member.address, m == entry.host) {
+            // A host that left needs no telling; one still there when the room is closed
+            // for it (idle) does.
+            let told = m != entry.host || why.tells_host();
+            if let (Some(to), true) = (member.address, told) {
                 out.send_to_member(to, member.local, closed.clone(), m.slot(), 0);
                 notified += 1;
             }
@@ -117,8 +120,8 @@ impl Registry {
     }
 
     /// With `room_idle` set, closes the rooms none of whose members has been heard from (a
-    /// `__REGISTER__`, chat or `__LEAVE__`) or joined for that long, as if their host had
-    /// left: members are told `__ROOM_CLOSED__` and the close is journaled. Original clients
+    /// `__REGISTER__`, chat or `__LEAVE__`) or joined for that long: the registered members,
+    /// the host included, are told `__ROOM_CLOSED__`, and the close is journaled. Original clients
     /// never promise keepalives, so without this a room whose host vanished without a
     /// `__LEAVE__` (a crash, a lost datagram) stays for good, its name taken. Reads every
     /// member, so at most once per tenth of the limit (between 1 s and 60 s); returns how
@@ -201,6 +204,13 @@ enum Closing {
     HostLeft,
     /// Nobody was heard from for this long.
     Idle(Duration),
+}
+
+impl Closing {
+    /// Whether the host is sent `__ROOM_CLOSED__` too: it did not leave.
+    fn tells_host(self) -> bool {
+        matches!(self, Closing::Idle(_))
+    }
 }
 
 impl std::fmt::Display for Closing {
