@@ -72,7 +72,7 @@ pub enum ClientError {
     /// The server closed the TCP connection before sending a whole frame.
     #[error(
         "the server closed the connection before sending its {expected} frame{}",
-        if *silent { " (it sent nothing at all: is --tcp-port its handshake port?)" } else { "" }
+        if *silent { " (it sent nothing at all: is --tcp-port its handshake port, or the server at its connection limit?)" } else { "" }
     )]
     HandshakeClosed {
         /// The frame that was awaited: `COMPLIANCE` or `COMPLETE`.
@@ -82,12 +82,18 @@ pub enum ClientError {
         silent: bool,
     },
     /// The server did not send a whole frame within the handshake timeout.
-    #[error("the server did not send its {expected} frame within {} s", .after.as_secs())]
+    #[error(
+        "the server did not send its {expected} frame within {} s{}",
+        .after.as_secs(),
+        if *silent { " (it sent nothing at all: is --tcp-port its handshake port?)" } else { "" }
+    )]
     HandshakeTimeout {
         /// The frame that was awaited: `COMPLIANCE` or `COMPLETE`.
         expected: &'static str,
         /// How long the client waited.
         after: Duration,
+        /// Not a byte came back (the metrics port, say, waits for an HTTP request).
+        silent: bool,
     },
     /// The server sent a frame in a state other than the one the exchange is at.
     #[error("the server sent a {got:?} frame where {expected:?} was expected")]

@@ -340,9 +340,12 @@ fn read_frame<S: LimitedRead>(
     expected: State,
     deadline: Instant,
 ) -> Result<Vec<u8>, ClientError> {
-    let timeout = || ClientError::HandshakeTimeout {
+    // Nothing at all came back: see `ClientError::HandshakeClosed`.
+    let silent = |buf: &[u8]| buf.is_empty() && expected == State::Compliance;
+    let timeout = |buf: &[u8]| ClientError::HandshakeTimeout {
         expected: state_name(expected),
         after: HANDSHAKE_TIMEOUT,
+        silent: silent(buf),
     };
     let mut chunk = [0u8; 1024];
     loop {
@@ -359,7 +362,7 @@ fn read_frame<S: LimitedRead>(
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(timeout());
+            return Err(timeout(buf));
         }
         stream
             .limit_next_read(left)
@@ -368,7 +371,7 @@ fn read_frame<S: LimitedRead>(
             Ok(0) => {
                 return Err(ClientError::HandshakeClosed {
                     expected: state_name(expected),
-                    silent: buf.is_empty() && expected == State::Compliance,
+                    silent: silent(buf),
                 })
             }
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
@@ -379,7 +382,7 @@ fn read_frame<S: LimitedRead>(
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                return Err(timeout())
+                return Err(timeout(buf))
             }
             Err(source) => {
                 return Err(ClientError::Io {
@@ -704,8 +707,7 @@ mod tests {
                     assert_eq!(e, expected, "cut at {cut}");
                     assert_eq!(silent, cut == 0, "cut at {cut}");
                     assert_eq!(
-                        err.to_string()
-                            .contains("is --tcp-port its handshake port?"),
+                        err.to_string().contains("is --tcp-port its handshake port"),
                         cut == 0,
                         "cut at {cut}: {err}"
                     );
@@ -759,13 +761,23 @@ mod tests {
     fn read_timeout_is_reported_as_such() {
         let mut server = FakeServer::new(vec![]);
         server.fail_reads_with = Some(io::ErrorKind::WouldBlock);
-        assert!(matches!(
-            join(&mut server, false),
-            Err(ClientError::HandshakeTimeout {
-                expected: "COMPLIANCE",
-                ..
-            })
-        ));
+        let err = join(&mut server, false).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClientError::HandshakeTimeout {
+                    expected: "COMPLIANCE",
+                    silent: true,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .contains("is --tcp-port its handshake port?"),
+            "{err}"
+        );
     }
 
     #[test]

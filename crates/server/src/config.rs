@@ -76,6 +76,10 @@ pub struct Listen {
 pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
     text.parse::<SocketAddr>().map_err(|_| {
         let why = match text.rsplit_once(':') {
+            _ if text.parse::<IpAddr>().is_ok_and(|ip| ip.is_ipv6()) => {
+                "the :PORT is missing; an IPv6 address with a port goes in brackets, as in \
+                 [::1]:9090"
+            }
             _ if text.trim_matches(['[', ']']).parse::<IpAddr>().is_ok() => "the :PORT is missing",
             None => "the :PORT is missing",
             Some((_, port)) if port.parse::<u16>().is_err() => {
@@ -524,9 +528,11 @@ impl Config {
         if tcp.port() == 0 || tcp.port() != metrics.port() {
             return Ok(());
         }
-        // The same link-local address on two interfaces is two addresses.
+        // The same link-local address on two interfaces is two addresses (the kernel reads
+        // the scope of link-local addresses only).
         if let (SocketAddr::V6(t), SocketAddr::V6(m)) = (tcp, metrics) {
-            if t.scope_id() != m.scope_id() && t.ip() == m.ip() {
+            let scoped = t.ip().is_unicast_link_local() && t.scope_id() != 0 && m.scope_id() != 0;
+            if scoped && t.scope_id() != m.scope_id() && t.ip() == m.ip() {
                 return Ok(());
             }
         }
@@ -672,6 +678,7 @@ mod tests {
             ("localhost:9090", "host names are not looked up"),
             ("127.0.0.1", "the :PORT is missing"),
             ("::1", "the :PORT is missing"),
+            ("::1:9090", "goes in brackets"),
             ("::ffff:10.0.0.1:9090", "an IPv6 address goes in brackets"),
             ("[::g]:9090", "the part in brackets is not an IPv6 address"),
         ] {
@@ -801,6 +808,8 @@ mod tests {
             ("[::1]:9090", "[::]:9090", ":: takes TCP port 9090"),
             ("0.0.0.0:9090", "[::]:9090", ":: takes TCP port 9090"),
             ("[::ffff:127.0.0.1]:9090", "127.0.0.1:9090", "are both"),
+            // The kernel ignores the scope of an address that needs none.
+            ("[2001:db8::1%2]:9090", "[2001:db8::1%3]:9090", "are both"),
         ];
         for (tcp, metrics, says) in clashes {
             let err = listening(tcp, metrics).check_listeners().unwrap_err();

@@ -444,10 +444,9 @@ pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
     // journal.old holds the older records: replay it first.
     let snapshot_seq = state.journal_seq;
     let mut applied = snapshot_seq;
-    // Where `journal.old`'s torn tail begins, if it has one, and the last whole record before
-    // it: the torn line held the record after that one, if any, so it must be vouched for by
-    // the journal's next record or by a snapshot that covers it.
-    let mut old_cut_at: Option<(usize, Option<u64>)> = None;
+    // journal.old's torn tail, if it has one: the line it begins at, and journal.old's last
+    // whole record (0: none).
+    let mut old_tail: Option<(usize, u64)> = None;
     for (path, is_old) in [(&paths.journal_old, true), (&paths.journal, false)] {
         let Some(bytes) = read_if_exists(path)? else {
             continue;
@@ -462,28 +461,36 @@ pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
         loaded
             .zero_holes
             .extend(replay.zero_hole.map(|hole| (path.clone(), hole)));
-        let last_whole = replay.records.last().map(|e| e.n);
+        if let (false, Some((line, last_whole))) = (is_old, old_tail) {
+            // The journal takes over from journal.old's last record, so the tail held the
+            // records between journal.old's last whole one and the journal's first after it.
+            // It lost nothing if there are none, or if the snapshot holds them all (a start
+            // that accepted the tail, folded, and stopped before removing journal.old).
+            let next = replay.records.iter().map(|e| e.n).find(|&n| n > last_whole);
+            let vouched = next.is_some_and(|n| n <= last_whole.max(snapshot_seq) + 1);
+            if !vouched {
+                return Err(StoreError::CutShort {
+                    old: paths.journal_old.clone(),
+                    line,
+                });
+            }
+            old_tail = None;
+        }
+        let last_whole = replay.records.last().map_or(0, |e| e.n);
         for entry in replay.records {
             loaded.last_seq = loaded.last_seq.max(entry.n);
             if entry.n <= applied {
                 continue;
             }
             if entry.n != applied + 1 {
-                return Err(match old_cut_at {
-                    Some((line, _)) => StoreError::CutShort {
-                        old: paths.journal_old.clone(),
-                        line,
-                    },
-                    None => StoreError::Gap {
-                        path: path.clone(),
-                        line: entry.line,
-                        expected: applied + 1,
-                        found: entry.n,
-                        hint: gap_hint(state_missing, applied == snapshot_seq),
-                    },
+                return Err(StoreError::Gap {
+                    path: path.clone(),
+                    line: entry.line,
+                    expected: applied + 1,
+                    found: entry.n,
+                    hint: gap_hint(state_missing, applied == snapshot_seq),
                 });
             }
-            old_cut_at = None;
             state.apply(&entry.record);
             loaded.replayed += 1;
             applied = entry.n;
@@ -492,21 +499,15 @@ pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
             // A hole's first line, or else the torn last line.
             let last_line = bytes.split_inclusive(|&b| b == b'\n').count();
             let line = replay.zero_hole.map_or(last_line, |hole| hole.line);
-            old_cut_at = Some((line, last_whole));
+            old_tail = Some((line, last_whole));
         }
     }
-    match old_cut_at {
-        // The snapshot holds the record after journal.old's last whole one, so the torn line
-        // lost nothing: a start accepted it, folded, and stopped before removing journal.old.
-        Some((_, Some(last_whole))) if snapshot_seq > last_whole => {}
-        // Nothing after journal.old's torn tail shows that no synced record was in it.
-        Some((line, _)) => {
-            return Err(StoreError::CutShort {
-                old: paths.journal_old.clone(),
-                line,
-            })
-        }
-        None => {}
+    if let Some((line, _)) = old_tail {
+        // No journal after journal.old's torn tail shows that no synced record was in it.
+        return Err(StoreError::CutShort {
+            old: paths.journal_old.clone(),
+            line,
+        });
     }
     if loaded.last_seq > START_LIMIT {
         return Err(StoreError::NumbersExhausted {
@@ -1348,10 +1349,51 @@ mod tests {
             matches!(&err, StoreError::CutShort { line: 3, old } if *old == paths.journal_old),
             "{err}"
         );
-        // A snapshot that holds record 3 (the fold of a start that accepted the torn line,
-        // cut off before it removed journal.old) vouches for it; one that stops at 2 does not.
+        // Without a journal after it, nothing bounds what the torn line held.
         fs::write(&paths.journal, b"").unwrap();
-        for (journal_seq, loads) in [(3, true), (2, false)] {
+        assert!(matches!(load(&paths), Err(StoreError::CutShort { .. })));
+        // After a start that accepted the tail and folded (the snapshot holds every record),
+        // cut off before it removed journal.old: the journal, still whole, takes over at 3.
+        let snapshot_at = |journal_seq: u64| {
+            let state = State {
+                journal_seq,
+                ..State::default()
+            };
+            fs::write(&paths.state, serde_json::to_vec(&state).unwrap()).unwrap();
+        };
+        snapshot_at(4);
+        fs::write(
+            &paths.journal,
+            journal_bytes(&[(3, join("a", "m3")), (4, join("a", "m4"))]),
+        )
+        .unwrap();
+        assert_eq!(load(&paths).unwrap().last_seq, 4);
+        // A journal that takes over at 5 leaves record 3 or 4 to the torn line: a snapshot
+        // that holds 4 vouches for it, one that stops at 3 does not.
+        fs::write(&paths.journal, journal_bytes(&[(5, join("a", "m5"))])).unwrap();
+        assert_eq!(load(&paths).unwrap().last_seq, 5);
+        snapshot_at(3);
+        assert!(matches!(
+            load(&paths),
+            Err(StoreError::CutShort { line: 3, .. })
+        ));
+    }
+
+    /// A zero-filled hole can swallow several records, and whole lines after it are ignored:
+    /// the records it may have held run up to the journal's first, and a snapshot must hold
+    /// them all to vouch for it.
+    #[test]
+    fn a_hole_in_journal_old_is_vouched_for_only_up_to_the_journal_first_record() {
+        let (_dir, paths) = temp_paths();
+        let mut holed = two_records();
+        holed.extend_from_slice(&[0; 64]);
+        holed.extend_from_slice(&journal_bytes(&[
+            (5, join("a", "m5")),
+            (6, join("a", "m6")),
+        ]));
+        fs::write(&paths.journal_old, &holed).unwrap();
+        fs::write(&paths.journal, journal_bytes(&[(7, join("a", "m7"))])).unwrap();
+        for (journal_seq, loads) in [(5, false), (6, true)] {
             let state = State {
                 journal_seq,
                 ..State::default()

@@ -66,7 +66,8 @@ impl Server {
                     ),
                     (
                         "listen.metrics",
-                        new.listen.metrics != running.listen.metrics,
+                        // "off" and "none" are one setting, as are two spellings of an address.
+                        new.metrics_addr().ok() != running.metrics_addr().ok(),
                         file.listen.metrics != old.listen.metrics,
                         self.overrides.metrics.is_some(),
                     ),
