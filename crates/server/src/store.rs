@@ -1212,6 +1212,15 @@ mod tests {
         assert_eq!(err.0, 2);
     }
 
+    /// An empty state file whose records run up to `journal_seq`.
+    fn write_snapshot_at(paths: &Paths, journal_seq: u64) {
+        let state = State {
+            journal_seq,
+            ..State::default()
+        };
+        fs::write(&paths.state, serde_json::to_vec(&state).unwrap()).unwrap();
+    }
+
     /// Records 1 (create `a`) and 2 (join `m2`), as journal bytes.
     fn two_records() -> Vec<u8> {
         journal_bytes(&[(1, create("a", "h1")), (2, join("a", "m2"))])
@@ -1354,14 +1363,7 @@ mod tests {
         assert!(matches!(load(&paths), Err(StoreError::CutShort { .. })));
         // After a start that accepted the tail and folded (the snapshot holds every record),
         // cut off before it removed journal.old: the journal, still whole, takes over at 3.
-        let snapshot_at = |journal_seq: u64| {
-            let state = State {
-                journal_seq,
-                ..State::default()
-            };
-            fs::write(&paths.state, serde_json::to_vec(&state).unwrap()).unwrap();
-        };
-        snapshot_at(4);
+        write_snapshot_at(&paths, 4);
         fs::write(
             &paths.journal,
             journal_bytes(&[(3, join("a", "m3")), (4, join("a", "m4"))]),
@@ -1372,7 +1374,7 @@ mod tests {
         // that holds 4 vouches for it, one that stops at 3 does not.
         fs::write(&paths.journal, journal_bytes(&[(5, join("a", "m5"))])).unwrap();
         assert_eq!(load(&paths).unwrap().last_seq, 5);
-        snapshot_at(3);
+        write_snapshot_at(&paths, 3);
         assert!(matches!(
             load(&paths),
             Err(StoreError::CutShort { line: 3, .. })
@@ -1394,11 +1396,7 @@ mod tests {
         fs::write(&paths.journal_old, &holed).unwrap();
         fs::write(&paths.journal, journal_bytes(&[(7, join("a", "m7"))])).unwrap();
         for (journal_seq, loads) in [(5, false), (6, true)] {
-            let state = State {
-                journal_seq,
-                ..State::default()
-            };
-            fs::write(&paths.state, serde_json::to_vec(&state).unwrap()).unwrap();
+            write_snapshot_at(&paths, journal_seq);
             assert_eq!(load(&paths).is_ok(), loads, "journal_seq {journal_seq}");
         }
     }
@@ -1408,13 +1406,6 @@ mod tests {
     /// the gap follows the state file, comes between the journals or within one.
     #[test]
     fn a_gap_in_the_record_numbers_stops_the_load() {
-        let snapshot_at = |seq: u64| {
-            let state = State {
-                journal_seq: seq,
-                ..State::default()
-            };
-            serde_json::to_vec(&state).unwrap()
-        };
         // No state file: the journals must start at record 1.
         let (_dir, paths) = temp_paths();
         fs::write(&paths.journal, journal_bytes(&[(1001, join("a", "m"))])).unwrap();
@@ -1436,7 +1427,7 @@ mod tests {
             "{err}"
         );
         // A state file older than the journal.
-        fs::write(&paths.state, snapshot_at(10)).unwrap();
+        write_snapshot_at(&paths, 10);
         let err = load(&paths).unwrap_err();
         assert!(
             matches!(
@@ -1482,7 +1473,7 @@ mod tests {
             "{err}"
         );
         // Numbers that follow on from the state file load.
-        fs::write(&paths.state, snapshot_at(0)).unwrap();
+        write_snapshot_at(&paths, 0);
         fs::write(&paths.journal, two_records()).unwrap();
         assert_eq!(load(&paths).unwrap().last_seq, 2);
     }

@@ -612,6 +612,31 @@ fn spawn_on(dir: &Arc<tempfile::TempDir>) -> Result<Daemon, String> {
     Daemon::spawn(Arc::clone(dir), Options::default())
 }
 
+/// Tokens and password hashes are secrets: a state file left readable by others (the
+/// original server's, or a `cp` under umask 022) is its owner's alone once `ocmd` has started
+/// on it, and the log says so.
+#[test]
+fn a_state_file_readable_by_others_is_narrowed_to_its_owner_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let mut d = spawn_on(&dir).expect("ocmd starts");
+    create(&d, "r", "host");
+    let (status, _) = d.terminate();
+    assert!(status.success(), "SIGTERM exit status: {status:?}");
+    drop(d);
+    let state = dir.path().join("room_manager.json");
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let d = spawn_on(&dir).expect("ocmd restarts");
+    let mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{}", d.log());
+    assert!(
+        d.log()
+            .contains("was readable by others (mode 644); now 600"),
+        "{}",
+        d.log()
+    );
+}
+
 #[test]
 fn a_corrupt_state_file_stops_the_start_and_is_left_untouched() {
     let dir = Arc::new(tempfile::tempdir().unwrap());

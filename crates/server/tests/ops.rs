@@ -934,6 +934,34 @@ fn command_line_flags_override_the_file() {
     );
 }
 
+/// A listen address that does not parse says why, in the file (with the line) and from a flag,
+/// and exits 2 before anything is bound.
+#[test]
+fn a_listen_address_that_does_not_parse_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ocmd.toml");
+    std::fs::write(&path, "[listen]\nudp = \"127.0.0.1:70000\"\n").unwrap();
+    let out = ocmd(&[
+        "--check-config".as_ref(),
+        "--config".as_ref(),
+        path.as_os_str(),
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("line 2") && err.contains("the port must be a number from 0 to 65535"),
+        "{err}"
+    );
+    let out = ocmd(&[
+        "--check-config".as_ref(),
+        "--tcp".as_ref(),
+        "localhost:9090".as_ref(),
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("host names are not looked up"), "{err}");
+}
+
 #[test]
 fn listeners_that_clash_are_a_config_error() {
     let dir = tempfile::tempdir().unwrap();
