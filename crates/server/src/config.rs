@@ -31,6 +31,10 @@ pub const MAX_SOCKET_BUFFER_BYTES: u64 = (i32::MAX / 2) as u64;
 pub const MAX_ROOM_IDLE_SECS: u64 = 366 * 86_400;
 /// Largest `history.max_bytes_per_room` accepted (16 MiB).
 pub const MAX_HISTORY_BYTES_PER_ROOM: u64 = 16 * 1024 * 1024;
+/// Largest `liveness.tombstone_capacity` accepted (ten million, about 1.1 GB once full): the
+/// tables are sized for it at the first closure, so a larger value would fail an allocation
+/// there, from the network, rather than at start.
+pub const MAX_TOMBSTONES: u64 = 10_000_000;
 
 /// The whole configuration.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -467,6 +471,11 @@ impl Config {
                 self.liveness.room_idle_secs,
                 MAX_ROOM_IDLE_SECS,
             ),
+            (
+                "liveness.tombstone_capacity",
+                self.liveness.tombstone_capacity as u64,
+                MAX_TOMBSTONES,
+            ),
             // The kernel takes at most INT_MAX / 2 (it doubles the value for its bookkeeping).
             (
                 "udp.recv_buffer_bytes",
@@ -756,6 +765,11 @@ mod tests {
             (
                 "[history]\ncheckpoint_secs = 9223372036854775807",
                 "history.checkpoint_secs",
+            ),
+            // Sized at the first closure: a huge value failed there, from the network.
+            (
+                "[liveness]\ntombstone_capacity = 10000001",
+                "liveness.tombstone_capacity",
             ),
         ];
         for (text, key) in cases {

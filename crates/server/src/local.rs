@@ -227,6 +227,11 @@ impl Locals {
         }
     }
 
+    /// Whether `ip` is a numbered address, retired or not.
+    pub fn contains_ip(&self, ip: IpAddr) -> bool {
+        self.addrs.iter().any(|(addr, _)| addr.ip == ip)
+    }
+
     /// How many addresses are numbered.
     pub fn len(&self) -> usize {
         self.addrs.len()

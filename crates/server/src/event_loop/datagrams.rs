@@ -46,6 +46,9 @@ impl Server {
             let shed = self.shed_chat_arrived_before();
             for i in 0..count {
                 let Some((src, bytes)) = self.receiver.datagram(i) else {
+                    // A source that is neither IPv4 nor IPv6: not on an INET socket, but
+                    // every datagram read is accounted for.
+                    Metrics::bump(&mut self.metrics.datagrams_dropped, "bad_source");
                     continue;
                 };
                 let arrival = self.receiver.arrived_at(i);

@@ -184,6 +184,7 @@ impl Server {
                 None => None,
             },
         };
+        registry.set_own_address(bound.udp);
         let watchdog = notify::watchdog_interval().map(|every| (every, now));
         Ok(Server {
             poll,

@@ -64,6 +64,9 @@ impl Registry {
         out: &mut Outbox,
         chat: Chat,
     ) -> Handled {
+        if self.sent_by_us(src, arrival) {
+            return Handled::Dropped(DropReason::OwnAddress);
+        }
         let datagram = match ucrp::parse(bytes) {
             Ok(d) => d,
             Err(e) => return Handled::Dropped(DropReason::Malformed(e.reason())),

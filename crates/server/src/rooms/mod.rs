@@ -41,13 +41,14 @@ mod room;
 mod tombstones;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use hashbrown::HashTable;
 use rand::RngCore;
 use slab::Slab;
 
-use crate::local::{LocalId, Locals};
+use crate::local::{LocalAddr, LocalId, Locals};
 use crate::record::Record;
 use crate::token::Token;
 use expiry::Deadlines;
@@ -152,11 +153,13 @@ pub enum DropReason {
     /// ([`Registry::handle_late_datagram`]): relayed that late it would only add to the
     /// backlog that delayed it.
     Stale,
+    /// A datagram from the daemon's own UDP address (see [`Registry::set_own_address`]).
+    OwnAddress,
 }
 
 impl DropReason {
     /// Every reason that is not a codec error: the metrics show each from the start, at 0.
-    pub const REGISTRY: [DropReason; 8] = [
+    pub const REGISTRY: [DropReason; 9] = [
         DropReason::UnknownToken,
         DropReason::WrongRoom,
         DropReason::Unregistered,
@@ -165,6 +168,7 @@ impl DropReason {
         DropReason::TooLargeToRelay,
         DropReason::NotJoinIp,
         DropReason::Stale,
+        DropReason::OwnAddress,
     ];
 
     /// Stable label for counters and logs.
@@ -179,6 +183,7 @@ impl DropReason {
             DropReason::TooLargeToRelay => "too_large_to_relay",
             DropReason::NotJoinIp => "not_join_ip",
             DropReason::Stale => "stale",
+            DropReason::OwnAddress => "own_address",
         }
     }
 }
@@ -287,6 +292,8 @@ pub struct Registry {
     keepalive_members: usize,
     /// When the rooms are next looked at for idleness (see [`Registry::close_idle_rooms`]).
     next_idle_check: Option<Instant>,
+    /// The address the daemon's UDP socket is bound to (see [`Registry::set_own_address`]).
+    own_udp: Option<SocketAddr>,
 }
 
 impl Registry {
@@ -313,7 +320,37 @@ impl Registry {
             next_serial: 0,
             keepalive_members: 0,
             next_idle_check: None,
+            own_udp: None,
         }
+    }
+
+    /// Tells the registry the address its datagrams arrive at. Datagrams from it are
+    /// dropped (`own_address`): they can only be forged (the daemon sends none to itself on
+    /// purpose), and a member registered at it would have the daemon read its own relays as
+    /// clients' datagrams: a relayed frame `[size][name][text]` parses as a datagram whose
+    /// room, token and message are set by whoever chose the name and text, so a forged
+    /// `__REGISTER__` would let one chat message act with other tokens, and loop.
+    pub fn set_own_address(&mut self, udp: SocketAddr) {
+        self.own_udp = Some(udp);
+    }
+
+    /// Whether `src`, which sent a datagram to our address `arrival`, is our own UDP socket:
+    /// our port, from our bound address or, bound to a wildcard, from an address of ours that
+    /// datagrams arrive at (loopback, the one this came to, or one numbered before).
+    fn sent_by_us(&self, src: SocketAddr, arrival: Option<LocalAddr>) -> bool {
+        let Some(own) = self.own_udp else {
+            return false;
+        };
+        if src.port() != own.port() {
+            return false;
+        }
+        let ip = src.ip().to_canonical();
+        if !own.ip().is_unspecified() {
+            return ip == own.ip().to_canonical();
+        }
+        ip.is_loopback()
+            || arrival.is_some_and(|a| a.ip.to_canonical() == ip)
+            || self.locals.contains_ip(ip)
     }
 
     /// The numbered local addresses the outbox's sends name as sources, for the sender: it

@@ -103,7 +103,13 @@ impl Registry {
                     address: entry.address,
                     local,
                     local_unsaved: false,
-                    keepalive: entry.keepalive.map(|k| Duration::from_secs(k.into())),
+                    // As a request's: `0` promises nothing, and a promise under today's
+                    // `min_keepalive_secs` (a hand-edited file, or a minimum raised since) is
+                    // raised to it.
+                    keepalive: entry
+                        .keepalive
+                        .filter(|&k| k > 0)
+                        .map(|k| Duration::from_secs(k.into()).max(registry.limits.min_keepalive)),
                     last_seen: now,
                     serial: 0,
                     caps: Caps::from_bits(entry.caps),

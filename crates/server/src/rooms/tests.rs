@@ -12,6 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::SystemTime;
 use tcrp::payload::{Caps, ErrorCode, Request};
 use ucrp::delivery::Delivery;
+use ucrp::Message;
 
 /// Where the tests' joins come from over TCP.
 const HERE: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -2684,4 +2685,128 @@ fn departed_members_entries_do_not_pile_up() {
     let entries = reg.deadlines.len();
     assert!(entries <= 1_026, "{entries} entries");
     assert_eq!(reg.poll_expired(now + Duration::from_secs(31), &mut out), 1);
+}
+
+#[test]
+fn datagrams_from_our_own_address_are_dropped_so_relays_never_come_back_as_input() {
+    let mut t = room_of_three();
+    let mut out = Outbox::default();
+    let own = addr(9091);
+    t.reg.set_own_address(own);
+    // A forged REGISTER from our address would bind a member there, and our relays to it
+    // would come back as datagrams.
+    let h = t.reg.handle_datagram(
+        own,
+        None,
+        &dgram("r", &t.bob, "__REGISTER__"),
+        t.now,
+        &mut out,
+    );
+    assert_eq!(h, Handled::Dropped(DropReason::OwnAddress));
+    // What a relay to such a member would have carried, read back from our address: a
+    // sender named " " (a size byte of 32) and text "r" + token + "hello" parse as chat
+    // with cy's token in room "r".
+    let relayed = format!("\u{1} r{}hello", t.cy.as_str());
+    let parsed = ucrp::parse(relayed.as_bytes()).unwrap();
+    assert_eq!(
+        (parsed.room_name, parsed.token, parsed.message),
+        (&b"r"[..], t.cy.as_str().as_bytes(), Message::Chat("hello"))
+    );
+    let h = t
+        .reg
+        .handle_datagram(own, None, relayed.as_bytes(), t.now, &mut out);
+    assert_eq!(h, Handled::Dropped(DropReason::OwnAddress));
+    assert!(out.is_empty(), "nothing sent for either");
+    // Our IP from another port, and another IP from our port, are clients like any other.
+    let h = t
+        .reg
+        .handle_datagram(addr(2), None, &dgram("r", &t.bob, "hi"), t.now, &mut out);
+    assert_eq!(h, Handled::Relayed { deliveries: 2 });
+    let elsewhere = SocketAddr::from(([192, 0, 2, 9], 9091));
+    let h = t.reg.handle_datagram(
+        elsewhere,
+        None,
+        &dgram("r", &t.bob, "__REGISTER__"),
+        t.now,
+        &mut out,
+    );
+    assert_eq!(h, Handled::Registered { changed: true });
+}
+
+#[test]
+fn on_a_wildcard_socket_our_port_from_any_address_of_ours_is_us() {
+    let mut t = room_of_three();
+    let mut out = Outbox::default();
+    t.reg
+        .set_own_address(SocketAddr::from(([0, 0, 0, 0], 9091)));
+    let from = |a: [u8; 4]| SocketAddr::from((a, 9091));
+    let register = |reg: &mut Registry, src, arrival, out: &mut Outbox| {
+        reg.handle_datagram(
+            src,
+            arrival,
+            &dgram("r", &t.bob, "__REGISTER__"),
+            t.now,
+            out,
+        )
+    };
+    // Loopback, and the address the datagram came to, are ours.
+    let h = register(&mut t.reg, from([127, 0, 0, 5]), None, &mut out);
+    assert_eq!(h, Handled::Dropped(DropReason::OwnAddress));
+    let h = register(&mut t.reg, from([192, 0, 2, 5]), ours(5), &mut out);
+    assert_eq!(h, Handled::Dropped(DropReason::OwnAddress));
+    // An address of ours that datagrams came to before, sending to another of ours.
+    let h = t.reg.handle_datagram(
+        addr(3),
+        ours(6),
+        &dgram("r", &t.cy, "__REGISTER__"),
+        t.now,
+        &mut out,
+    );
+    assert_eq!(h, Handled::Registered { changed: false });
+    let h = register(&mut t.reg, from([192, 0, 2, 6]), ours(5), &mut out);
+    assert_eq!(h, Handled::Dropped(DropReason::OwnAddress));
+    // A client elsewhere that happens to use our port number.
+    let h = register(&mut t.reg, from([198, 51, 100, 7]), ours(5), &mut out);
+    assert_eq!(h, Handled::Registered { changed: true });
+}
+
+#[test]
+fn restored_keepalives_of_zero_promise_nothing_and_short_ones_are_raised_to_the_minimum() {
+    let (mut reg, now, mut out, _host) = room_r();
+    for name in ["zero", "short"] {
+        reg.join_room("r", &keeping_alive(name, 10), HERE, now, &mut out)
+            .unwrap();
+    }
+    let mut state = State::default();
+    for r in reg.take_records() {
+        state.apply(&r);
+    }
+    // A hand-edited file (or the original server's, which has no such field, but may be
+    // given one): 0 for one, 1 s for the other, with a minimum of 5 s today.
+    for entry in state.tokens.values_mut() {
+        match entry.username.as_str() {
+            "zero" => entry.keepalive = Some(0),
+            "short" => entry.keepalive = Some(1),
+            _ => {}
+        }
+    }
+    let mut limits = reg.limits.clone();
+    limits.min_keepalive = Duration::from_secs(5);
+    let rng = Box::new(StdRng::seed_from_u64(7));
+    let mut restored = Registry::from_state(&state, limits, rng, now);
+    assert_eq!(restored.deadlines.len(), 1, "only the 1 s promise is kept");
+    // 3 missed intervals of 5 s, not of 1 s; the host and "zero" never expire.
+    assert_eq!(
+        restored.poll_expired(now + Duration::from_secs(14), &mut out),
+        0
+    );
+    assert_eq!(
+        restored.poll_expired(now + Duration::from_secs(16), &mut out),
+        1
+    );
+    assert_eq!(
+        restored.stats().members,
+        2,
+        "the host and \"zero\" are left"
+    );
 }
