@@ -47,6 +47,10 @@ impl Registry {
         };
         if self.members[id.0].is_host {
             let host_gone = if why == Notice::TimedOut {
+                // Members that read notices learn why the room closes: its host was not
+                // heard from, rather than left.
+                let name = self.members[id.0].username.to_string();
+                self.notify(room, Some(id), Notice::TimedOut, &name, out);
                 expired
             } else {
                 Gone::RoomClosed

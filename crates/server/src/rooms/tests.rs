@@ -2810,3 +2810,51 @@ fn restored_keepalives_of_zero_promise_nothing_and_short_ones_are_raised_to_the_
         "the host and \"zero\" are left"
     );
 }
+
+#[test]
+fn members_that_read_notices_hear_that_a_silent_host_timed_out_before_the_room_closes() {
+    let mut reg = registry();
+    let mut out = Outbox::default();
+    let now = Instant::now();
+    let host = reg
+        .create_room("r", &keeping_alive("boss", 10), HERE, None, now, 1.0)
+        .unwrap()
+        .token;
+    let rich = Request {
+        caps: Caps::NOTICES,
+        form: tcrp::payload::RequestForm::JsonObject,
+        ..Request::original("rich")
+    };
+    let rich = reg.join_room("r", &rich, HERE, now, &mut out).unwrap().token;
+    let plain = reg
+        .join_room("r", &Request::original("plain"), HERE, now, &mut out)
+        .unwrap()
+        .token;
+    for (t, p) in [(&host, 1), (&rich, 2), (&plain, 3)] {
+        register(&mut reg, addr(p), t, now, &mut out);
+    }
+    out.clear();
+    assert_eq!(reg.poll_expired(now + Duration::from_secs(31), &mut out), 1);
+    assert_eq!(
+        sent(&out),
+        vec![
+            (addr(2), "* boss TimedOut".into()),
+            (addr(2), "CLOSED".into()),
+            (addr(3), "CLOSED".into()),
+        ],
+        "the original member hears only the close"
+    );
+    // A host that leaves closes the room with no such notice.
+    let (mut reg, now, mut out, host) = room_r();
+    let rich = Request {
+        caps: Caps::NOTICES,
+        form: tcrp::payload::RequestForm::JsonObject,
+        ..Request::original("rich")
+    };
+    let rich = reg.join_room("r", &rich, HERE, now, &mut out).unwrap().token;
+    register(&mut reg, addr(1), &host, now, &mut out);
+    register(&mut reg, addr(2), &rich, now, &mut out);
+    out.clear();
+    reg.handle_datagram(addr(1), None, &dgram("r", &host, "__LEAVE__"), now, &mut out);
+    assert_eq!(sent(&out), vec![(addr(2), "CLOSED".into())]);
+}
