@@ -227,9 +227,9 @@ impl Locals {
         }
     }
 
-    /// Whether `ip` is a numbered address, retired or not.
-    pub fn contains_ip(&self, ip: IpAddr) -> bool {
-        self.addrs.iter().any(|(addr, _)| addr.ip == ip)
+    /// Whether a numbered address, retired or not, is one `matches` accepts.
+    pub fn any(&self, matches: impl Fn(LocalAddr) -> bool) -> bool {
+        self.addrs.iter().any(|&(addr, _)| matches(addr))
     }
 
     /// How many addresses are numbered.
@@ -256,7 +256,8 @@ impl Locals {
 /// Whether a socket bound to `addr` needs the arrival address of each datagram to answer from
 /// it: a wildcard address.
 pub fn needs_arrival_address(addr: SocketAddr) -> bool {
-    addr.ip().is_unspecified()
+    // `[::ffff:0.0.0.0]` is the IPv4 wildcard to the kernel.
+    addr.ip().to_canonical().is_unspecified()
 }
 
 /// Asks the kernel to report each datagram's destination address on `fd`, a UDP socket bound
@@ -408,6 +409,9 @@ mod tests {
     fn only_wildcard_binds_ask_for_arrival_addresses() {
         assert!(needs_arrival_address("0.0.0.0:9091".parse().unwrap()));
         assert!(needs_arrival_address("[::]:9091".parse().unwrap()));
+        assert!(needs_arrival_address(
+            "[::ffff:0.0.0.0]:9091".parse().unwrap()
+        ));
         assert!(!needs_arrival_address("127.0.0.1:9091".parse().unwrap()));
         assert!(!needs_arrival_address("[::1]:9091".parse().unwrap()));
     }

@@ -345,12 +345,18 @@ impl Registry {
             return false;
         }
         let ip = src.ip().to_canonical();
-        if !own.ip().is_unspecified() {
+        // `[::ffff:0.0.0.0]` is the IPv4 wildcard to the kernel.
+        if !own.ip().to_canonical().is_unspecified() {
             return ip == own.ip().to_canonical();
         }
-        ip.is_loopback()
-            || arrival.is_some_and(|a| a.ip.to_canonical() == ip)
-            || self.locals.contains_ip(ip)
+        // A link-local address is ours only on its own link: a peer on another link may
+        // use the same one.
+        let link = match src {
+            SocketAddr::V6(v6) if v6.ip().is_unicast_link_local() => Some(v6.scope_id()),
+            _ => None,
+        };
+        let ours = |a: LocalAddr| a.ip.to_canonical() == ip && link.is_none_or(|l| a.ifindex == l);
+        ip.is_loopback() || arrival.is_some_and(ours) || self.locals.any(ours)
     }
 
     /// The numbered local addresses the outbox's sends name as sources, for the sender: it

@@ -8,7 +8,7 @@ use crate::store::State;
 use crate::token::Token;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::SystemTime;
 use tcrp::payload::{Caps, ErrorCode, Request};
 use ucrp::delivery::Delivery;
@@ -2771,6 +2771,45 @@ fn on_a_wildcard_socket_our_port_from_any_address_of_ours_is_us() {
 }
 
 #[test]
+fn our_own_address_is_recognised_behind_an_ipv4_mapped_wildcard_and_link_local_peers_are_not_us() {
+    let mut t = room_of_three();
+    let mut out = Outbox::default();
+    // The kernel takes [::ffff:0.0.0.0] as the IPv4 wildcard.
+    let mapped_wildcard = SocketAddr::from((Ipv4Addr::UNSPECIFIED.to_ipv6_mapped(), 9091));
+    t.reg.set_own_address(mapped_wildcard);
+    let h = t.reg.handle_datagram(
+        SocketAddr::from(([127, 0, 0, 1], 9091)),
+        None,
+        &dgram("r", &t.bob, "__REGISTER__"),
+        t.now,
+        &mut out,
+    );
+    assert_eq!(h, Handled::Dropped(DropReason::OwnAddress));
+    // On [::], fe80::1 on link 2 is ours; the same address on link 3 is a peer's.
+    t.reg
+        .set_own_address(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 9091)));
+    let fe80 = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+    let link2 = Some(LocalAddr {
+        ip: IpAddr::V6(fe80),
+        ifindex: 2,
+    });
+    let on_link = |scope| SocketAddr::V6(std::net::SocketAddrV6::new(fe80, 9091, 0, scope));
+    for (scope, expected) in [
+        (2, Handled::Dropped(DropReason::OwnAddress)),
+        (3, Handled::Registered { changed: true }),
+    ] {
+        let h = t.reg.handle_datagram(
+            on_link(scope),
+            link2,
+            &dgram("r", &t.bob, "__REGISTER__"),
+            t.now,
+            &mut out,
+        );
+        assert_eq!(h, expected, "from fe80::1%{scope}");
+    }
+}
+
+#[test]
 fn restored_keepalives_of_zero_promise_nothing_and_short_ones_are_raised_to_the_minimum() {
     let (mut reg, now, mut out, _host) = room_r();
     for name in ["zero", "short"] {
@@ -2825,7 +2864,10 @@ fn members_that_read_notices_hear_that_a_silent_host_timed_out_before_the_room_c
         form: tcrp::payload::RequestForm::JsonObject,
         ..Request::original("rich")
     };
-    let rich = reg.join_room("r", &rich, HERE, now, &mut out).unwrap().token;
+    let rich = reg
+        .join_room("r", &rich, HERE, now, &mut out)
+        .unwrap()
+        .token;
     let plain = reg
         .join_room("r", &Request::original("plain"), HERE, now, &mut out)
         .unwrap()
@@ -2851,10 +2893,19 @@ fn members_that_read_notices_hear_that_a_silent_host_timed_out_before_the_room_c
         form: tcrp::payload::RequestForm::JsonObject,
         ..Request::original("rich")
     };
-    let rich = reg.join_room("r", &rich, HERE, now, &mut out).unwrap().token;
+    let rich = reg
+        .join_room("r", &rich, HERE, now, &mut out)
+        .unwrap()
+        .token;
     register(&mut reg, addr(1), &host, now, &mut out);
     register(&mut reg, addr(2), &rich, now, &mut out);
     out.clear();
-    reg.handle_datagram(addr(1), None, &dgram("r", &host, "__LEAVE__"), now, &mut out);
+    reg.handle_datagram(
+        addr(1),
+        None,
+        &dgram("r", &host, "__LEAVE__"),
+        now,
+        &mut out,
+    );
     assert_eq!(sent(&out), vec![(addr(2), "CLOSED".into())]);
 }
