@@ -44,23 +44,47 @@ pub enum Verdict {
 /// Asks the server over TCP whether our token still opens the room's history. The TCP
 /// handshake shows that the answer comes from the server.
 pub fn check(tcp: SocketAddr, room_name: &str, token: &Token) -> Verdict {
-    let answer = handshake::connect_addr(tcp)
-        .and_then(|mut stream| query::history(&mut stream, room_name, token, None, 1));
+    let verdict = verdict_of(&ask(tcp, room_name, token));
+    if verdict == Verdict::Unknown {
+        debug!("cannot check the closure");
+    }
+    verdict
+}
+
+/// Asks the server over TCP for one message of the room's history with our token: `Ok` while
+/// we are a member. [`verdict_of`] reads the answer.
+pub fn ask(tcp: SocketAddr, room_name: &str, token: &Token) -> Result<(), ClientError> {
+    handshake::connect_addr(tcp)
+        .and_then(|mut stream| query::history(&mut stream, room_name, token, None, 1))
+        .map(drop)
+}
+
+/// What an answer of [`ask`] says of our membership.
+pub fn verdict_of(answer: &Result<(), ClientError>) -> Verdict {
     match answer {
-        Ok(_) => Verdict::Forged,
-        Err(ClientError::QueryRefused {
-            code: Some(ErrorCode::RoomNotFound | ErrorCode::NotMember),
-            ..
-        }) => Verdict::Confirmed,
+        Ok(()) => Verdict::Forged,
+        Err(e) if is_gone(e) => Verdict::Confirmed,
         Err(ClientError::QueryRefused {
             code: Some(ErrorCode::RateLimited),
             ..
         }) => Verdict::Busy,
         Err(e) => {
-            debug!("cannot check the closure: {e}");
+            debug!("no telling answer from the server: {e}");
             Verdict::Unknown
         }
     }
+}
+
+/// Whether `error` is the server's word that our membership is over: the room is gone
+/// (`room_not_found`) or we are no longer in it (`not_member`).
+pub fn is_gone(error: &ClientError) -> bool {
+    matches!(
+        error,
+        ClientError::QueryRefused {
+            code: Some(ErrorCode::RoomNotFound | ErrorCode::NotMember),
+            ..
+        }
+    )
 }
 
 /// What to do next about a notice.
@@ -76,8 +100,12 @@ pub enum Action {
         /// Otherwise they are kept for a check to come.
         forged: bool,
     },
-    /// Believe the notice: the session ends.
-    Close,
+    /// Believe the notice: the session ends. Unless the server `confirmed` it, we say
+    /// `__LEAVE__` first: the room may still hold us.
+    Close {
+        /// The server said the room is gone or we are no longer in it.
+        confirmed: bool,
+    },
 }
 
 /// When to ask the server about closure notices (see the module docs).
@@ -114,7 +142,7 @@ impl Policy {
     /// A notice arrived.
     pub fn notice(&mut self, now: Instant) -> Action {
         if !self.enabled {
-            return Action::Close;
+            return Action::Close { confirmed: false };
         }
         if self.checking {
             self.noticed_while_checking = true;
@@ -164,12 +192,13 @@ impl Policy {
             Verdict::Busy => {
                 let until = *self.busy_until.get_or_insert(now + BUSY_FOR);
                 if now >= until {
-                    return Action::Close;
+                    return Action::Close { confirmed: false };
                 }
                 self.recheck_at = Some(now + RETRY_AFTER);
                 Action::Stay { forged: false }
             }
-            Verdict::Confirmed | Verdict::Unknown => Action::Close,
+            Verdict::Confirmed => Action::Close { confirmed: true },
+            Verdict::Unknown => Action::Close { confirmed: false },
         }
     }
 
@@ -207,7 +236,10 @@ mod tests {
     #[test]
     fn without_checks_every_notice_is_believed() {
         let mut policy = Policy::new(false);
-        assert_eq!(policy.notice(Instant::now()), Action::Close);
+        assert_eq!(
+            policy.notice(Instant::now()),
+            Action::Close { confirmed: false }
+        );
     }
 
     #[test]
@@ -225,7 +257,7 @@ mod tests {
         // That check finds the room really closed: believed.
         assert_eq!(
             policy.verdict(start + COOL_DOWN, Verdict::Confirmed),
-            Action::Close
+            Action::Close { confirmed: true }
         );
     }
 
@@ -267,7 +299,10 @@ mod tests {
             }
         }
         // Busy for BUSY_FOR: believed.
-        assert_eq!(policy.verdict(now, Verdict::Busy), Action::Close);
+        assert_eq!(
+            policy.verdict(now, Verdict::Busy),
+            Action::Close { confirmed: false }
+        );
         // An answer in time settles it, and a later busy spell starts its own count.
         let mut policy = Policy::new(true);
         policy.notice(start);
@@ -305,7 +340,7 @@ mod tests {
         assert_eq!(policy.notice(answered + COOL_DOWN), Action::Wait);
         assert_eq!(
             policy.verdict(answered + COOL_DOWN, Verdict::Confirmed),
-            Action::Close
+            Action::Close { confirmed: true }
         );
     }
 
@@ -321,6 +356,9 @@ mod tests {
         let mut policy = Policy::new(true);
         let now = Instant::now();
         assert_eq!(policy.notice(now), Action::Check);
-        assert_eq!(policy.verdict(now, Verdict::Unknown), Action::Close);
+        assert_eq!(
+            policy.verdict(now, Verdict::Unknown),
+            Action::Close { confirmed: false }
+        );
     }
 }

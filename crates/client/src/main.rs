@@ -119,6 +119,10 @@ struct RoomArgs {
     /// Seconds between keepalives (re-sent __REGISTER__).
     #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     keepalive: u32,
+    /// Seconds without a datagram from the server after which to ask it over TCP whether we
+    /// are still in the room (hidden: for tests; see README).
+    #[arg(long, value_name = "SECS", default_value_t = 60, hide = true, value_parser = clap::value_parser!(u32).range(1..))]
+    idle_check: u32,
     /// Send the original client's request (a bare JSON name: no keepalive promise, no
     /// notices, sequence numbers, batches, history or password).
     #[arg(long, conflicts_with_all = ["password", "password_file"])]
@@ -332,6 +336,7 @@ fn chat(
             join_history: verb == Verb::Join && !args.original,
             check_closures: !args.original,
             check_reach: !args.original,
+            idle_check: (!args.original).then(|| Duration::from_secs(u64::from(args.idle_check))),
             original: args.original,
             line_editor: std::io::stdin().is_terminal() && std::io::stdout().is_terminal(),
         },

@@ -4,11 +4,12 @@
 
 use std::net::SocketAddr;
 use std::sync::mpsc::SyncSender;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 use std::{io, thread};
 
 use log::{debug, warn};
+use tcrp::ErrorCode;
 use ucrp::datagram::REGISTER;
 
 use super::input_thread::TerminalGuard;
@@ -16,7 +17,7 @@ use super::session::Session;
 use super::{finish_closed, lock, output_gone, Event, Options};
 use crate::error::ClientError;
 use crate::handshake::Token;
-use crate::render::Flow;
+use crate::render::{printable_name, Flow};
 use crate::screen::Screen;
 use crate::{closure, reach};
 
@@ -60,8 +61,12 @@ pub(super) fn spawn_reach_check(session: &Session, options: &Options, screen: Ar
 pub(super) enum Settled {
     /// We stay in the room, for now if a check is on its way.
     Stay,
-    /// The closure is believed: the session ends.
-    Closed,
+    /// The closure is believed: the session ends, with a `__LEAVE__` unless the server
+    /// `confirmed` it.
+    Closed {
+        /// The server said the room is gone or we are no longer in it.
+        confirmed: bool,
+    },
     /// Printing failed.
     Failed(io::Error),
 }
@@ -97,6 +102,131 @@ impl Checker {
             })
             .map(drop)
     }
+}
+
+impl Checker {
+    /// Starts one idle check ([`Liveness`]): whether we are still a member. Its answer comes
+    /// back as an [`Event::Membership`].
+    fn start_membership(&self) -> io::Result<()> {
+        let (tcp, room_name, token) = (self.tcp, self.room_name.clone(), self.token.clone());
+        let events = self.events.clone();
+        thread::Builder::new()
+            .name("ocm-idle-check".into())
+            .spawn(move || {
+                let answer = closure::ask(tcp, &room_name, &token);
+                debug!("idle check: {answer:?}");
+                // The main loop has gone when this fails: the process is ending.
+                let _ = events.send(Event::Membership(answer));
+            })
+            .map(drop)
+    }
+}
+
+/// The idle check: after [`Options::idle_check`] without a datagram from the server (which
+/// does not answer keepalives, so a room that vanished, or expired us while we were
+/// stopped, falls silent), ask the server over TCP whether we are still a member
+/// ([`closure::ask`]). A confirmed end ends the session; an unreachable server is reported
+/// once, until it answers again.
+pub(super) struct Liveness {
+    /// Silence after which to ask.
+    period: Duration,
+    /// When the receiver last handed a datagram from the server to the screen.
+    pub(super) last_heard: Arc<Mutex<Instant>>,
+    /// When the last idle check answered (or the session started).
+    last_answer: Instant,
+    /// A check is in flight.
+    checking: bool,
+    /// "cannot reach the server" was said since the server last answered.
+    told_unreachable: bool,
+}
+
+/// What the main loop does after an idle check's answer.
+pub(super) enum Membership {
+    /// Still a member, or nothing to tell: go on.
+    GoOn,
+    /// The server says we are no longer in the room: the session ends with this line.
+    Gone(String),
+}
+
+impl Liveness {
+    pub(super) fn new(period: Duration) -> Liveness {
+        let now = Instant::now();
+        Liveness {
+            period,
+            last_heard: Arc::new(Mutex::new(now)),
+            last_answer: now,
+            checking: false,
+            told_unreachable: false,
+        }
+    }
+
+    /// When the next check is due, unless one is in flight.
+    pub(super) fn due_at(&self) -> Option<Instant> {
+        if self.checking {
+            return None;
+        }
+        let heard = *self
+            .last_heard
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        Some(heard.max(self.last_answer) + self.period)
+    }
+
+    /// Starts a check if one is due.
+    pub(super) fn poll(&mut self, now: Instant, checker: &Checker) {
+        if self.due_at().is_some_and(|at| now >= at) {
+            match checker.start_membership() {
+                Ok(()) => self.checking = true,
+                Err(e) => {
+                    warn!("cannot start a thread to check our membership: {e}");
+                    self.last_answer = now;
+                }
+            }
+        }
+    }
+
+    /// The answer to a check.
+    pub(super) fn answer(
+        &mut self,
+        answer: Result<(), ClientError>,
+        room_name: &str,
+        screen: &Mutex<Screen>,
+    ) -> Membership {
+        self.checking = false;
+        self.last_answer = Instant::now();
+        match answer {
+            Ok(()) => {
+                self.told_unreachable = false;
+                Membership::GoOn
+            }
+            Err(e) if closure::is_gone(&e) => Membership::Gone(gone_line(room_name, &e)),
+            Err(ClientError::QueryRefused {
+                code: Some(ErrorCode::RateLimited),
+                ..
+            }) => Membership::GoOn,
+            Err(e) => {
+                if !std::mem::replace(&mut self.told_unreachable, true) {
+                    lock(screen).err(&format!("* cannot reach the server: {e}"));
+                }
+                Membership::GoOn
+            }
+        }
+    }
+}
+
+/// The line that ends a session the server no longer counts us in.
+pub(super) fn gone_line(room_name: &str, error: &ClientError) -> String {
+    let why = match error {
+        ClientError::QueryRefused {
+            code: Some(ErrorCode::NotMember),
+            ..
+        } => "the server no longer counts you as a member (not_member)",
+        _ => "the server no longer has the room (room_not_found)",
+    };
+    format!(
+        "* you are no longer in room {}: {why}",
+        printable_name(room_name)
+    )
 }
 
 /// Sends its verdict to the main loop when dropped: when the check returns, and also if it
@@ -146,7 +276,7 @@ pub(super) fn settle(
                     Err(e) => return Settled::Failed(e),
                 }
             }
-            closure::Action::Close => return Settled::Closed,
+            closure::Action::Close { confirmed } => return Settled::Closed { confirmed },
         };
     }
 }
@@ -160,7 +290,12 @@ pub(super) fn end_on(
 ) -> Option<Result<(), ClientError>> {
     match settled {
         Settled::Stay => None,
-        Settled::Closed => {
+        Settled::Closed { confirmed } => {
+            // Unconfirmed, the room may still hold us: say we go, rather than leave the
+            // others waiting for our timeout.
+            if !confirmed {
+                session.leave();
+            }
             finish_closed(screen, terminal.take());
             Some(Ok(()))
         }

@@ -9,14 +9,15 @@ use log::{debug, warn};
 use tcrp::payload::HistoryPage;
 use tcrp::ErrorCode;
 
+use super::checks::gone_line;
 use super::{lock, Event};
 use crate::error::ClientError;
 use crate::handshake::{self, Token};
 use crate::input::{self, Input};
-use crate::listing;
 use crate::query::{self, HistoryPager, PageRequest, DEFAULT_HISTORY_LIMIT};
 use crate::render::{printable, Flow};
 use crate::screen::Screen;
+use crate::{closure, listing};
 
 /// What the input thread needs to act on typed lines: local commands are answered here,
 /// chat text and `/quit` are passed to the main loop.
@@ -47,8 +48,8 @@ impl Commands {
             Input::Help if self.original => self.err(input::HELP_ORIGINAL),
             Input::Help => self.err(input::HELP),
             Input::Who | Input::History { .. } if self.original => self.err(input::NOT_ORIGINAL),
-            Input::Who => self.who(),
-            Input::History { count } => self.history(count),
+            Input::Who => return self.who(),
+            Input::History { count } => return self.history(count),
             Input::Usage(text) => self.err(text),
             Input::Unknown(command) => {
                 self.err(&format!(
@@ -66,8 +67,20 @@ impl Commands {
         lock(&self.screen).err(line);
     }
 
-    /// `/who`: the room's host and members, as remarks.
-    fn who(&mut self) {
+    /// The server answered `error`: if it says we are no longer in the room, tells the main
+    /// loop to end the session and returns `false` (input stops); else shows it.
+    fn refused(&self, error: &ClientError) -> bool {
+        if closure::is_gone(error) {
+            let line = gone_line(&self.room_name, error);
+            let _ = self.events.send(Event::Gone(line));
+            return false;
+        }
+        self.err(&format!("* {error}"));
+        true
+    }
+
+    /// `/who`: the room's host and members, as remarks. `false` when the session ends.
+    fn who(&mut self) -> bool {
         let answer = handshake::connect_addr(self.tcp).and_then(|mut stream| {
             query::presence(&mut stream, &self.room_name, Some(&self.token), None)
         });
@@ -77,32 +90,38 @@ impl Commands {
                 for line in listing::presence_lines(&presence) {
                     screen.err(&format!("* {line}"));
                 }
+                true
             }
-            Err(e) => self.err(&format!("* {e}")),
+            Err(e) => self.refused(&e),
         }
     }
 
     /// `/history N`: the next page back, oldest first, then `* no more history` at the end.
-    fn history(&mut self, count: u32) {
+    /// `false` when the session ends.
+    fn history(&mut self, count: u32) -> bool {
         let before = match self.pager.next() {
             PageRequest::Fetch { before } => before,
-            PageRequest::Exhausted => return self.err("* no more history"),
+            PageRequest::Exhausted => {
+                self.err("* no more history");
+                return true;
+            }
         };
         let page = match self.fetch_history(before, count) {
             Ok(page) => page,
-            Err(e) => return self.err(&format!("* {e}")),
+            Err(e) => return self.refused(&e),
         };
         let more = self.pager.observe(&page);
         let mut screen = lock(&self.screen);
         for message in &page.messages {
             if let Err(e) = screen.out(&listing::history_line(message)) {
                 warn!("cannot print the history: {e}");
-                return;
+                return true;
             }
         }
         if !more {
             screen.err("* no more history");
         }
+        true
     }
 
     fn fetch_history(&self, before: Option<u64>, limit: u32) -> Result<HistoryPage, ClientError> {
@@ -112,8 +131,9 @@ impl Commands {
 
     /// On join: fetches the latest messages and releases the screen with them; `/history`
     /// then pages back from the oldest of them. A server without the extension (the original
-    /// one) is passed over in silence.
-    pub(super) fn show_recent_history(&mut self) {
+    /// one) is passed over in silence. `false` when the session ends (the server says we are
+    /// not in the room).
+    pub(super) fn show_recent_history(&mut self) -> bool {
         let page = match self.fetch_history(None, DEFAULT_HISTORY_LIMIT) {
             Ok(page) => {
                 // An empty room's page says nothing of what `/history` will find later.
@@ -129,6 +149,14 @@ impl Commands {
                 debug!("the server keeps no history");
                 None
             }
+            Err(e) if closure::is_gone(&e) => {
+                // Gone before we could even look: the session ends (the main loop prints
+                // the line; the screen stays held, so nothing else shows).
+                let _ = self
+                    .events
+                    .send(Event::Gone(gone_line(&self.room_name, &e)));
+                return false;
+            }
             Err(e) => {
                 self.err(&format!("* history unavailable: {e}"));
                 None
@@ -136,7 +164,7 @@ impl Commands {
         };
         let released = lock(&self.screen).release(page.as_ref());
         let event = match released {
-            Ok(Flow::Continue) => return,
+            Ok(Flow::Continue) => return true,
             Ok(Flow::RoomClosed) => Event::RoomClosed,
             Err(source) => Event::Failed(ClientError::Io {
                 context: "writing to standard output",
@@ -144,6 +172,7 @@ impl Commands {
             }),
         };
         let _ = self.events.send(event);
+        true
     }
 }
 

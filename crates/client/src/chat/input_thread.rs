@@ -69,8 +69,9 @@ pub(super) fn spawn_input(
                 None
             }
         });
-        if join_history {
-            commands.show_recent_history();
+        if join_history && !commands.show_recent_history() {
+            // The main loop ends the session.
+            return;
         }
         let end = match &mut editor {
             Some((editor, reading)) => read_edited(&mut commands, editor, reading),

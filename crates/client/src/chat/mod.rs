@@ -25,8 +25,13 @@
 //!
 //! The keepalive needs no thread: the main loop waits on the channel no longer than the next
 //! keepalive is due, then resends `__REGISTER__`, which also re-teaches a restarted daemon
-//! our address. Every way out sends `__LEAVE__` except the room's closing, where the room is
-//! already gone.
+//! our address. Every way out sends `__LEAVE__` except an end the server confirmed (a closure
+//! it confirmed, or `room_not_found` / `not_member` answered to `/who`, `/history` or an idle
+//! check), where the room does not hold us any more.
+//!
+//! The server does not answer keepalives, so a room that vanished falls silent: after
+//! [`Options::idle_check`] without a datagram from the server, the main loop asks it over TCP
+//! whether we are still a member (`checks::Liveness`), on a thread like the closure checks.
 //!
 //! The work is split by thread: this module is the main loop (`run`) and what it does itself
 //! (sending, keepalives, the end of the session); `session` is the UDP endpoint; `receiver`
@@ -59,7 +64,7 @@ use crate::handshake::Verb;
 use crate::query::HistoryPager;
 use crate::render::printable_name;
 use crate::screen::{to_stderr, OwnSends, PlainPrinter, Screen};
-use checks::{end_on, settle, spawn_reach_check, Checker};
+use checks::{end_on, settle, spawn_reach_check, Checker, Liveness, Membership};
 use commands::{too_long, Commands};
 use input_thread::{spawn_input, TerminalGuard};
 use receiver::spawn_receiver;
@@ -85,6 +90,11 @@ enum Event {
     RoomClosed,
     /// The server's answer to a closure check ([`Checker`]).
     Verdict(closure::Verdict),
+    /// The server's answer to an idle check ([`Liveness`]).
+    Membership(Result<(), ClientError>),
+    /// The server answered `/who`, `/history` or the join's history with `room_not_found` or
+    /// `not_member`: the session ends with this line.
+    Gone(String),
     /// A helper thread hit an error it cannot go on after.
     Failed(ClientError),
 }
@@ -111,6 +121,10 @@ pub struct Options {
     /// Shortly after registering, ask the server over TCP whether it has our UDP address,
     /// and warn if it never does ([`reach`](crate::reach)). Off with `--original`.
     pub check_reach: bool,
+    /// After this long without a datagram from the server, ask it over TCP whether we are
+    /// still a member ([`Liveness`]). `None` with `--original`: the original server cannot
+    /// answer.
+    pub idle_check: Option<Duration>,
     /// The server is the original one (`--original`): datagrams are read as its frames only,
     /// and `/who` and `/history`, which it cannot answer, are not sent.
     pub original: bool,
@@ -143,7 +157,9 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
         // Nothing says the room closed before the server confirms it.
         lock(&screen).defer_closing_lines();
     }
-    spawn_receiver(&session, Arc::clone(&screen), events.clone())?;
+    let mut liveness = options.idle_check.map(Liveness::new);
+    let last_heard = liveness.as_ref().map(|l| Arc::clone(&l.last_heard));
+    spawn_receiver(&session, Arc::clone(&screen), events.clone(), last_heard)?;
 
     session
         .send_control(REGISTER)
@@ -191,15 +207,22 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
                 return end;
             }
         }
+        if let Some(liveness) = &mut liveness {
+            liveness.poll(Instant::now(), &checker);
+        }
         if Instant::now() >= next_keepalive {
             if let Err(e) = session.send_control(REGISTER) {
                 warn!("keepalive to {} failed: {e}", session.server);
             }
             next_keepalive = Instant::now() + options.keepalive;
         }
-        let wake = closures
-            .recheck_at()
-            .map_or(next_keepalive, |at| at.min(next_keepalive));
+        let wake = [
+            closures.recheck_at(),
+            liveness.as_ref().and_then(Liveness::due_at),
+        ]
+        .into_iter()
+        .flatten()
+        .fold(next_keepalive, Instant::min);
         let event = match inbox.recv_timeout(wake.saturating_duration_since(Instant::now())) {
             Ok(event) => event,
             Err(RecvTimeoutError::Timeout) => continue,
@@ -230,6 +253,21 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
                 if let Some(end) = end_on(settled, &session, &screen, &mut terminal) {
                     return end;
                 }
+            }
+            Event::Membership(answer) => {
+                let Some(liveness) = &mut liveness else {
+                    continue;
+                };
+                if let Membership::Gone(line) = liveness.answer(answer, &session.room_name, &screen)
+                {
+                    finish_gone(&screen, terminal.take(), &line);
+                    return Ok(());
+                }
+            }
+            // The server's word: no __LEAVE__ to a room that does not hold us.
+            Event::Gone(line) => {
+                finish_gone(&screen, terminal.take(), &line);
+                return Ok(());
             }
             // The reader of our output is gone (`ocm join ... | head`): the chat ends as at
             // the end of input, with a __LEAVE__, not as a failure.
@@ -284,6 +322,13 @@ fn finish_closed(screen: &Mutex<Screen>, terminal: Option<TerminalGuard>) {
             debug!("cannot print the closing line: {e}");
         }
     }
+}
+
+/// The server says we are no longer in the room: the session ends as at a confirmed closure,
+/// then says why.
+fn finish_gone(screen: &Mutex<Screen>, terminal: Option<TerminalGuard>, line: &str) {
+    finish_closed(screen, terminal);
+    lock(screen).err(line);
 }
 
 /// Sends one chat message; local feedback goes to standard error.

@@ -3,7 +3,8 @@
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::mpsc::SyncSender;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 use std::{io, thread};
 
 use log::debug;
@@ -25,6 +26,7 @@ pub(super) fn spawn_receiver(
     session: &Session,
     screen: Arc<Mutex<Screen>>,
     events: SyncSender<Event>,
+    last_heard: Option<Arc<Mutex<Instant>>>,
 ) -> Result<(), ClientError> {
     let socket = session
         .socket
@@ -34,7 +36,7 @@ pub(super) fn spawn_receiver(
     thread::Builder::new()
         .name("receiver".into())
         .spawn(move || loop {
-            let event = receive(&socket, server, &screen);
+            let event = receive(&socket, server, &screen, last_heard.as_deref());
             let go_on = matches!(event, Event::RoomClosed);
             if events.send(event).is_err() || !go_on {
                 return;
@@ -56,9 +58,14 @@ pub(super) fn answered_from_elsewhere(server: SocketAddr, from: SocketAddr) -> S
     )
 }
 
-/// Receives and hands each datagram to the screen until the room closes or an error ends
+/// Receives and hands each datagram to the screen (noting when in `last_heard`) until the room closes or an error ends
 /// it; returns the event that ended it.
-pub(super) fn receive(socket: &UdpSocket, server: SocketAddr, screen: &Mutex<Screen>) -> Event {
+pub(super) fn receive(
+    socket: &UdpSocket,
+    server: SocketAddr,
+    screen: &Mutex<Screen>,
+    last_heard: Option<&Mutex<Instant>>,
+) -> Event {
     let mut buf = vec![0u8; RECV_BUFFER_LEN];
     let mut told_of_elsewhere = false;
     loop {
@@ -90,6 +97,9 @@ pub(super) fn receive(socket: &UdpSocket, server: SocketAddr, screen: &Mutex<Scr
                 lock(screen).err(&answered_from_elsewhere(server, from));
             }
             continue;
+        }
+        if let Some(last_heard) = last_heard {
+            *last_heard.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
         }
         // `len <= buf.len()`: recv_from never reports more than the buffer holds.
         let (handled, feed) = {

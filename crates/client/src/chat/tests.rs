@@ -397,7 +397,7 @@ fn receiver_ignores_strangers_and_stops_at_room_closed() {
     server.send_to(ucrp::ROOM_CLOSED, me).unwrap();
     server.send_to(&chat("bob", "after the end"), me).unwrap();
     let (screen, rec) = screen(false);
-    let event = receive(&session.socket, server.local_addr().unwrap(), &screen);
+    let event = receive(&session.socket, server.local_addr().unwrap(), &screen, None);
     assert!(matches!(event, Event::RoomClosed), "{event:?}");
     assert_eq!(
         rec.lines(),
@@ -422,7 +422,7 @@ fn the_servers_port_at_another_address_is_ignored_and_told_once() {
     server.send_to(&hi, me).unwrap();
     server.send_to(ucrp::ROOM_CLOSED, me).unwrap();
     let (screen, rec) = screen(false);
-    let event = receive(&session.socket, server_addr, &screen);
+    let event = receive(&session.socket, server_addr, &screen, None);
     assert!(matches!(event, Event::RoomClosed), "{event:?}");
     let told = format!(
         "err: {}",
@@ -569,7 +569,7 @@ fn a_closure_noticed_during_a_check_that_finds_the_last_forged_is_shown_when_con
     ));
     let action = closures.verdict(Instant::now(), next_verdict(&inbox));
     let settled = settle(action, &mut closures, &checker, &screen);
-    assert!(matches!(settled, Settled::Closed));
+    assert!(matches!(settled, Settled::Closed { confirmed: true }));
     assert_eq!(asked.lock().unwrap().len(), 3);
     assert!(
         !rec.lines().iter().any(|line| line.contains("closed by")),
@@ -593,18 +593,25 @@ fn who_asks_with_the_members_token() {
         Err((tcrp::ErrorCode::RoomNotFound, "no room \"lobby\"")),
     ]);
     let (screen, rec) = screen(false);
-    let (mut commands, _inbox) = commands(tcp, &screen);
+    let (mut commands, inbox) = commands(tcp, &screen);
     assert!(commands.handle_line("/who\n"));
-    assert!(commands.handle_line("/who\n"));
+    // The room is gone: input stops and the main loop is told to end the session.
+    assert!(!commands.handle_line("/who\n"));
     assert_eq!(
         rec.lines(),
         [
             "err: * host: alice",
             "err: * alice (registered)",
             "err: * bob (not registered)",
-            "err: * cannot see who is in room \"lobby\": no room \"lobby\"",
         ]
     );
+    match inbox.try_recv() {
+        Ok(Event::Gone(line)) => assert_eq!(
+            line,
+            "* you are no longer in room lobby: the server no longer has the room (room_not_found)"
+        ),
+        other => panic!("expected the end of the session, got {other:?}"),
+    }
     assert_eq!(
         asked.lock().unwrap()[0],
         (
