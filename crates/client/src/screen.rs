@@ -25,7 +25,7 @@ use crate::render::{Flow, Renderer};
 
 /// Most datagrams kept while the screen is held. The hold lasts one TCP round trip (at most
 /// the handshake timeout); past this, or past [`MAX_HELD_BYTES`], datagrams are dropped and
-/// show up as lost messages.
+/// show up as lost messages, except a notice that ends our membership, kept apart.
 pub const MAX_HELD_DATAGRAMS: usize = 1024;
 
 /// Most bytes of datagrams kept while the screen is held (a server decides how long the hold
@@ -281,7 +281,16 @@ impl Screen {
             }
             self.printer.print_err(LIVE_LINE);
         }
-        self.render_held(held)
+        let flow = self.render_held(held)?;
+        match self.closed_again.take() {
+            // A closure kept apart because the hold was full.
+            Some(notice) if flow == Flow::Continue => self.render(&notice),
+            // Closed by a held datagram: the one kept apart waits for `reopen`.
+            kept => {
+                self.closed_again = kept;
+                Ok(flow)
+            }
+        }
     }
 
     /// Keeps a datagram while held, within [`MAX_HELD_DATAGRAMS`] and [`MAX_HELD_BYTES`].
@@ -289,11 +298,16 @@ impl Screen {
         let Some(held) = &mut self.held else {
             return;
         };
-        if self.closure_pending && is_bare_closure(bytes) {
+        let room =
+            held.len() < MAX_HELD_DATAGRAMS && self.held_bytes + bytes.len() <= MAX_HELD_BYTES;
+        // Under a closure check, or in a full hold, a notice that ends our membership is kept
+        // apart: it must not be lost to a flood of chat, nor fill the hold (a flood of
+        // forged ones) and push chat out. `release` and `reopen` act on it after the rest.
+        if (self.closure_pending || !room) && is_bare_closure(bytes) {
             self.closed_again = Some(bytes.to_vec());
             return;
         }
-        if held.len() < MAX_HELD_DATAGRAMS && self.held_bytes + bytes.len() <= MAX_HELD_BYTES {
+        if room {
             held.push(bytes.to_vec());
             self.held_bytes += bytes.len();
         } else {
@@ -678,6 +692,42 @@ pub mod tests {
                 "* room lobby was closed by its host"
             ]
         );
+    }
+
+    #[test]
+    fn a_closure_reaching_a_full_join_hold_is_kept_for_release() {
+        let rec = Recorder::default();
+        let mut screen = Screen::new("lobby", Box::new(rec.clone()), true);
+        for seq in 1..=(MAX_HELD_DATAGRAMS as u64) {
+            assert_eq!(
+                screen.handle_datagram(&sequenced(seq, "x")).unwrap(),
+                Flow::Continue
+            );
+        }
+        assert_eq!(
+            screen.handle_datagram(delivery::ROOM_CLOSED).unwrap(),
+            Flow::Continue
+        );
+        assert_eq!(screen.release(None).unwrap(), Flow::RoomClosed);
+        let lines = rec.lines();
+        assert_eq!(lines.len(), MAX_HELD_DATAGRAMS + 1);
+        assert!(lines[MAX_HELD_DATAGRAMS].contains("room lobby was closed"));
+        // The same when the hold is full in bytes.
+        let rec = Recorder::default();
+        let mut screen = Screen::new("lobby", Box::new(rec.clone()), true);
+        let big = "y".repeat(65_000);
+        for seq in 1..=40 {
+            let flow = screen.handle_datagram(&sequenced(seq, &big)).unwrap();
+            assert_eq!(flow, Flow::Continue);
+        }
+        let flow = screen.handle_datagram(delivery::ROOM_CLOSED).unwrap();
+        assert_eq!(flow, Flow::Continue);
+        assert_eq!(screen.release(None).unwrap(), Flow::RoomClosed);
+        assert!(rec
+            .lines()
+            .last()
+            .unwrap()
+            .contains("room lobby was closed"));
     }
 
     #[test]
