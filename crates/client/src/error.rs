@@ -81,11 +81,17 @@ pub enum ClientError {
         /// something else (the metrics port waits for an HTTP request, then closes).
         silent: bool,
     },
-    /// The server did not send a whole frame within the handshake timeout.
+    /// The server did not send a whole frame within the handshake timeout (10 s for a query,
+    /// 30 s for a create or join).
     #[error(
         "the server did not send its {expected} frame within {} s{}",
         .after.as_secs(),
-        if *silent { " (it sent nothing at all: is --tcp-port its handshake port?)" } else { "" }
+        if *silent {
+            " (it sent nothing at all: the server may be busy, or --tcp-port may not be its \
+             handshake port)"
+        } else {
+            ""
+        }
     )]
     HandshakeTimeout {
         /// The frame that was awaited: `COMPLIANCE` or `COMPLETE`.

@@ -4,7 +4,8 @@
 //! [`connect`] and [`connect_addr`] own the socket options (no Nagle, connect/read/write
 //! timeouts); [`round_trip`] owns the REQUEST → COMPLIANCE → COMPLETE conversation for any
 //! operation (the extensions in [`crate::query`] use it too) and [`exchange`] reads the token
-//! out of it. The reply must come whole within [`HANDSHAKE_TIMEOUT`], however the server
+//! out of it. The reply must come whole within [`HANDSHAKE_TIMEOUT`] (a create or join's within
+//! [`ROOM_HANDSHAKE_TIMEOUT`]), however the server
 //! spreads its bytes. Both are generic over [`LimitedRead`] + `Write`, so they are tested
 //! against an in-memory server. All bytes go through [`tcrp`]. The reader is tolerant the way the original server
 //! needs: `{"success": 1}` counts as success, and the COMPLETE that the original server sends
@@ -26,9 +27,13 @@ use crate::render::printable;
 
 /// How long to wait for the TCP connection to be accepted, per resolved address.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the server has to send its whole reply (COMPLIANCE and COMPLETE), and how long
-/// one write of the request may block.
+/// How long the server has to send its whole reply (COMPLIANCE and COMPLETE) to a query
+/// (`rooms`, `who`, `/history`, the checks), and how long one write of a request may block.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the server has to send its whole reply to a create or join: longer than
+/// [`HANDSHAKE_TIMEOUT`], as a busy server answers those only after a durable write of the
+/// token and, for a password, a turn in its password-hashing queue.
+pub const ROOM_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the server's name may take to resolve.
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest reply payload accepted, in bytes. Replies are a few dozen bytes; the cap only
@@ -235,7 +240,13 @@ pub fn exchange<S: LimitedRead + Write>(
 ) -> Result<Token, ClientError> {
     let mut payload = Vec::new();
     request.encode(&mut payload);
-    match round_trip(stream, verb.operation(), room_name, &payload)? {
+    match round_trip_within(
+        stream,
+        verb.operation(),
+        room_name,
+        &payload,
+        ROOM_HANDSHAKE_TIMEOUT,
+    )? {
         Ok(complete) => {
             let token = Token::new(payload::parse_complete(&complete)?)?;
             debug!("{verb} {room_name:?}: token {token:?}");
@@ -268,6 +279,17 @@ pub fn round_trip<S: LimitedRead + Write>(
     room_name: &str,
     payload: &[u8],
 ) -> Result<Result<Vec<u8>, Refusal>, ClientError> {
+    round_trip_within(stream, operation, room_name, payload, HANDSHAKE_TIMEOUT)
+}
+
+/// [`round_trip`], the whole reply awaited for at most `limit`.
+pub fn round_trip_within<S: LimitedRead + Write>(
+    stream: &mut S,
+    operation: Operation,
+    room_name: &str,
+    payload: &[u8],
+    limit: Duration,
+) -> Result<Result<Vec<u8>, Refusal>, ClientError> {
     let mut out = Vec::new();
     Frame {
         operation,
@@ -281,9 +303,9 @@ pub fn round_trip<S: LimitedRead + Write>(
         .and_then(|()| stream.flush())
         .map_err(ClientError::io("sending the request"))?;
 
-    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let deadline = Instant::now() + limit;
     let mut buf = Vec::new();
-    let compliance = read_frame(stream, &mut buf, State::Compliance, deadline)?;
+    let compliance = read_frame(stream, &mut buf, State::Compliance, deadline, limit)?;
     match payload::parse_compliance(&compliance)? {
         Compliance::Success => {}
         Compliance::Failure { code, message } => {
@@ -293,7 +315,13 @@ pub fn round_trip<S: LimitedRead + Write>(
             }))
         }
     }
-    Ok(Ok(read_frame(stream, &mut buf, State::Complete, deadline)?))
+    Ok(Ok(read_frame(
+        stream,
+        &mut buf,
+        State::Complete,
+        deadline,
+        limit,
+    )?))
 }
 
 /// A stream whose next read can be bounded in time, so that one deadline covers a whole
@@ -332,19 +360,20 @@ fn reply_error(e: tcrp::Error) -> ClientError {
 }
 
 /// Reads until one whole frame is buffered, checks its state and returns its payload; past
-/// `deadline`, a [`ClientError::HandshakeTimeout`]. Bytes after the frame stay in `buf` for
-/// the next call.
+/// `deadline`, a [`ClientError::HandshakeTimeout`] saying it waited `limit`. Bytes after the
+/// frame stay in `buf` for the next call.
 fn read_frame<S: LimitedRead>(
     stream: &mut S,
     buf: &mut Vec<u8>,
     expected: State,
     deadline: Instant,
+    limit: Duration,
 ) -> Result<Vec<u8>, ClientError> {
     // Nothing at all came back: see `ClientError::HandshakeClosed`.
     let silent = |buf: &[u8]| buf.is_empty() && expected == State::Compliance;
     let timeout = |buf: &[u8]| ClientError::HandshakeTimeout {
         expected: state_name(expected),
-        after: HANDSHAKE_TIMEOUT,
+        after: limit,
         silent: silent(buf),
     };
     let mut chunk = [0u8; 1024];
@@ -742,7 +771,13 @@ mod tests {
         let mut stream = connect_addr(addr).unwrap();
         let started = Instant::now();
         let deadline = started + Duration::from_millis(300);
-        let got = read_frame(&mut stream, &mut Vec::new(), State::Compliance, deadline);
+        let got = read_frame(
+            &mut stream,
+            &mut Vec::new(),
+            State::Compliance,
+            deadline,
+            Duration::from_millis(300),
+        );
         assert!(
             matches!(got, Err(ClientError::HandshakeTimeout { .. })),
             "{got:?}"
@@ -774,8 +809,10 @@ mod tests {
             "{err:?}"
         );
         assert!(
-            err.to_string()
-                .contains("is --tcp-port its handshake port?"),
+            err.to_string().ends_with(
+                "within 30 s (it sent nothing at all: the server may be busy, or --tcp-port may \
+                 not be its handshake port)"
+            ),
             "{err}"
         );
     }
