@@ -35,6 +35,7 @@ mod feed;
 mod handshake;
 mod input;
 mod listing;
+mod pacing;
 mod query;
 mod reach;
 mod render;

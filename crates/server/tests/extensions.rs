@@ -424,8 +424,10 @@ fn a_flood_of_piped_lines_neither_grows_ocm_nor_delays_its_leaving() {
             }
         })
     };
+    // ocm paces its chat (45 lines a second after 90), so more than 200 lines written is
+    // more than its queue, the pipe and its reader hold: it is reading as it sends.
     wait_until("lines flowing into ocm", || {
-        written.load(Ordering::Relaxed) > 1000
+        written.load(Ordering::Relaxed) > 200
     });
     // The flood's length, not a wait for correctness: an unbounded queue grew ~150 MB in it.
     thread::sleep(Duration::from_secs(1));

@@ -61,6 +61,7 @@ use ucrp::datagram::REGISTER;
 use crate::closure;
 use crate::error::ClientError;
 use crate::handshake::Verb;
+use crate::pacing::{self, Pacer};
 use crate::query::HistoryPager;
 use crate::render::printable_name;
 use crate::screen::{to_stderr, OwnSends, PlainPrinter, Screen};
@@ -71,7 +72,7 @@ use receiver::spawn_receiver;
 
 /// Events the main loop may have waiting. Bounded, so that piped input waits for the sends
 /// instead of queueing without end, and a signal or `/quit` is acted on after at most this
-/// many sends, not after the whole pipe.
+/// many sends (about 1.4 s at the chat's pace, [`pacing`]), not after the whole pipe.
 const EVENT_QUEUE: usize = 64;
 
 /// What the helper threads tell the main loop.
@@ -198,6 +199,7 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
         events,
     };
 
+    let mut pacer = Pacer::new(pacing::CHAT_PER_SEC, pacing::CHAT_BURST, Instant::now());
     let mut next_keepalive = Instant::now() + options.keepalive;
     loop {
         // Timers first, on every pass: a steady stream of events must not hold them back.
@@ -231,7 +233,10 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
             Err(RecvTimeoutError::Disconnected) => Event::Eof,
         };
         match event {
-            Event::Send(text) => send_text(&session, &own, &screen, &text),
+            Event::Send(text) => {
+                pace(&mut pacer);
+                send_text(&session, &own, &screen, &text);
+            }
             Event::Quit => {
                 debug!("quit");
                 break;
@@ -329,6 +334,16 @@ fn finish_closed(screen: &Mutex<Screen>, terminal: Option<TerminalGuard>) {
 fn finish_gone(screen: &Mutex<Screen>, terminal: Option<TerminalGuard>, line: &str) {
     finish_closed(screen, terminal);
     lock(screen).err(line);
+}
+
+/// Waits until the pace of our chat ([`pacing`]) lets one more message go: at most one
+/// message's share of a second (about 22 ms), so keepalives and signals wait no longer than
+/// that per message queued before them; the lines wait in order, and the input thread,
+/// blocked on the full event queue, reads no faster than they go.
+fn pace(pacer: &mut Pacer) {
+    while let Err(wait) = pacer.take(Instant::now()) {
+        thread::sleep(wait);
+    }
 }
 
 /// Sends one chat message; local feedback goes to standard error.
