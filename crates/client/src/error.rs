@@ -10,7 +10,7 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tcrp::names::NameRule;
+use tcrp::names::{self, NameRule};
 use tcrp::ErrorCode;
 use thiserror::Error;
 
@@ -35,7 +35,7 @@ pub enum ClientError {
     },
     /// The username given with `--name` breaks the naming rules; found before any connection
     /// is made.
-    #[error("invalid username {name:?}: it {rule}")]
+    #[error("invalid username {name:?}: it {rule}{}; nothing was sent", username_limits(*.rule))]
     InvalidUsername {
         /// The name as given.
         name: String,
@@ -168,6 +168,20 @@ pub enum ClientError {
     },
 }
 
+/// The limits a username broke, when it broke one: `--name` may hold at most
+/// [`MAX_USERNAME_CHARS`](names::MAX_USERNAME_CHARS) characters and
+/// [`MAX_USERNAME_BYTES`](names::MAX_USERNAME_BYTES) bytes of UTF-8.
+fn username_limits(rule: NameRule) -> String {
+    match rule {
+        NameRule::TooLong => format!(
+            " (at most {} characters and {} bytes of UTF-8)",
+            names::MAX_USERNAME_CHARS,
+            names::MAX_USERNAME_BYTES
+        ),
+        _ => String::new(),
+    }
+}
+
 impl ClientError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> u8 {
@@ -261,7 +275,17 @@ mod tests {
         };
         assert_eq!(
             invalid.to_string(),
-            "invalid username \"a\\tb\": it contains a control character"
+            "invalid username \"a\\tb\": it contains a control character; nothing was sent"
+        );
+        let long = ClientError::InvalidUsername {
+            name: "a".repeat(65),
+            rule: NameRule::TooLong,
+        };
+        assert!(
+            long.to_string().ends_with(
+                ": it is too long (at most 64 characters and 255 bytes of UTF-8); nothing was sent"
+            ),
+            "{long}"
         );
         assert_eq!(invalid.exit_code(), EXIT_REFUSED);
         let connect = ClientError::Connect {

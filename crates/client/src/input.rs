@@ -30,7 +30,7 @@ pub const HELP_ORIGINAL: &str = "\
 
 /// What `/who` and `/history` answer with `--original`.
 pub const NOT_ORIGINAL: &str =
-    "* /who and /history need an ocmd server; the original one cannot answer them (--original)";
+    "* /who and /history are off with --original: that flag speaks the original protocol, which has no such requests";
 
 /// The usage line for a `/history` with a bad count.
 pub const HISTORY_USAGE: &str = "* usage: /history [N], N from 1 to 100";

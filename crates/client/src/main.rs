@@ -54,6 +54,9 @@ use tcrp::names;
 use crate::error::ClientError;
 use crate::handshake::Verb;
 
+/// The chat's UDP port when `--udp-port` gives none.
+const DEFAULT_UDP_PORT: u16 = 9091;
+
 /// The environment variable a password is read from when no flag gives one.
 const PASSWORD_ENV: &str = "OCM_PASSWORD";
 
@@ -68,9 +71,11 @@ struct Cli {
     /// TCP port of the handshake (create/join) and of the rooms/who/history requests.
     #[arg(long, global = true, default_value_t = 9090, value_parser = clap::value_parser!(u16).range(1..))]
     tcp_port: u16,
-    /// UDP port of the chat.
-    #[arg(long, global = true, default_value_t = 9091, value_parser = clap::value_parser!(u16).range(1..))]
-    udp_port: u16,
+    /// UDP port of the chat of `create` and `join` [default: 9091]
+    // Not global, unlike the others: `rooms` and `who` do not use it, so their help must not
+    // offer it. `create` and `join` take it after them too (`RoomArgs::udp_port`).
+    #[arg(long, value_name = "UDP_PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    udp_port: Option<u16>,
     #[command(subcommand)]
     command: Command,
 }
@@ -117,6 +122,9 @@ struct RoomArgs {
     /// Your name in the room.
     #[arg(long)]
     name: String,
+    /// UDP port of the chat [default: 9091].
+    #[arg(long = "udp-port", id = "room_udp_port", value_name = "UDP_PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    udp_port: Option<u16>,
     /// Seconds between keepalives (re-sent __REGISTER__).
     #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     keepalive: u32,
@@ -296,7 +304,7 @@ fn udp_address(tcp: SocketAddr, udp_port: u16) -> SocketAddr {
 fn chat(
     server: &str,
     tcp_port: u16,
-    udp_port: u16,
+    udp_port: Option<u16>,
     verb: Verb,
     args: &RoomArgs,
     listed: bool,
@@ -326,6 +334,7 @@ fn chat(
     let token = handshake::exchange(&mut stream, verb, room_name, &request)?;
     drop(stream);
 
+    let udp_port = args.udp_port.or(udp_port).unwrap_or(DEFAULT_UDP_PORT);
     let session = chat::Session::open(udp_address(tcp, udp_port), room_name, &args.name, token)?;
     chat::run(
         session,
@@ -381,7 +390,7 @@ mod tests {
     fn defaults_and_flags() {
         let cli = Cli::try_parse_from(["ocm", "join", "lobby", "--name", "alice"]).unwrap();
         assert_eq!(cli.server, "127.0.0.1");
-        assert_eq!((cli.tcp_port, cli.udp_port), (9090, 9091));
+        assert_eq!((cli.tcp_port, cli.udp_port), (9090, None));
         let Command::Join(args) = cli.command else {
             panic!("not a join: {:?}", cli.command)
         };
@@ -410,7 +419,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             (cli.server.as_str(), cli.tcp_port, cli.udp_port),
-            ("::1", 1, 2)
+            ("::1", 1, Some(2))
         );
         let Command::Create(args) = cli.command else {
             panic!("not a create: {:?}", cli.command)
@@ -570,6 +579,34 @@ mod tests {
         assert!(help.contains("--password-file"), "{help}");
         assert!(help.contains("OCM_PASSWORD"), "{help}");
         assert!(help.contains("ps"), "{help}");
+    }
+
+    #[test]
+    fn udp_port_is_offered_only_where_it_is_used() {
+        for name in ["rooms", "who"] {
+            let mut cmd = Cli::command();
+            cmd.build();
+            let sub = cmd.find_subcommand_mut(name).unwrap();
+            let help = sub.render_long_help().to_string();
+            assert!(!help.contains("--udp-port <"), "{name}: {help}");
+        }
+        for name in ["create", "join"] {
+            let mut cmd = Cli::command();
+            cmd.build();
+            let sub = cmd.find_subcommand_mut(name).unwrap();
+            let help = sub.render_long_help().to_string();
+            assert!(help.contains("--udp-port <"), "{name}: {help}");
+        }
+        // Before the command, as the usage lines show it, or after a create or join.
+        let cli = Cli::try_parse_from(["ocm", "--udp-port", "7", "rooms"]).unwrap();
+        assert_eq!(cli.udp_port, Some(7));
+        let cli =
+            Cli::try_parse_from(["ocm", "join", "r", "--name", "a", "--udp-port", "8"]).unwrap();
+        let Command::Join(args) = cli.command else {
+            panic!("not a join")
+        };
+        assert_eq!(args.udp_port, Some(8));
+        assert!(Cli::try_parse_from(["ocm", "rooms", "--udp-port", "7"]).is_err());
     }
 
     fn from_flag(password: Option<&str>, file: Option<PathBuf>) -> PasswordArgs {

@@ -11,7 +11,7 @@
 //! |------------------------------|-------------------------------|
 //! | chat / sequenced             | `sender: message`             |
 //! | notice joined / left / timed | `* name joined` (`left`, `timed out`) |
-//! | `__ROOM_CLOSED__`            | `* room ROOM was closed by its host`   |
+//! | `__ROOM_CLOSED__`            | `* room ROOM was closed`   |
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -283,9 +283,11 @@ impl Renderer {
                 };
                 out.push(format!("* {} {what}", printable_name(name)));
             }
+            // The notice does not say why: the host left, timed out or was idle, or an
+            // operator closed it. So it blames no one.
             Delivery::RoomClosed => {
                 out.push(format!(
-                    "* room {} was closed by its host",
+                    "* room {} was closed",
                     printable_name(&self.room_name)
                 ));
                 return Flow::RoomClosed;
@@ -682,13 +684,13 @@ mod tests {
     #[test]
     fn room_closed_ends_the_chat() {
         let (lines, flow) = render(&[chat("bob", "bye"), delivery::ROOM_CLOSED.to_vec()]);
-        assert_eq!(lines, ["bob: bye", "* room lobby was closed by its host"]);
+        assert_eq!(lines, ["bob: bye", "* room lobby was closed"]);
         assert_eq!(flow, Flow::RoomClosed);
         let (lines, flow) = render(&[batch(&[
             delivery::ROOM_CLOSED.to_vec(),
             chat("never", "shown"),
         ])]);
-        assert_eq!(lines, ["* room lobby was closed by its host"]);
+        assert_eq!(lines, ["* room lobby was closed"]);
         assert_eq!(flow, Flow::RoomClosed);
     }
 

@@ -530,10 +530,7 @@ pub mod tests {
             ["out: bob: two".to_owned(), "out: bob: three".to_owned()]
         );
         // Reopened without a verdict, the closing lines stay for a confirmation.
-        assert_eq!(
-            screen.take_closing(),
-            ["* room lobby was closed by its host"]
-        );
+        assert_eq!(screen.take_closing(), ["* room lobby was closed"]);
     }
 
     /// A flood of closure notices while one is checked is not kept: chat still fits.
@@ -576,7 +573,7 @@ pub mod tests {
         assert_eq!(screen.release(None).unwrap(), Flow::RoomClosed);
         assert_eq!(
             rec.lines(),
-            ["out: bob: bye", "out: * room lobby was closed by its host"]
+            ["out: bob: bye", "out: * room lobby was closed"]
         );
         // What comes after is held until the closure is settled.
         assert_eq!(
@@ -603,7 +600,7 @@ pub mod tests {
         assert_eq!(rec.lines(), ["out: bob: bye"]);
         assert_eq!(
             screen.take_closing(),
-            ["bob: last", "* room lobby was closed by its host"]
+            ["bob: last", "* room lobby was closed"]
         );
         assert!(screen.take_closing().is_empty());
     }
@@ -685,12 +682,7 @@ pub mod tests {
         after.extend(rest);
         assert_eq!(
             after,
-            [
-                "bob: 3",
-                "bob: 4",
-                "bob: 5",
-                "* room lobby was closed by its host"
-            ]
+            ["bob: 3", "bob: 4", "bob: 5", "* room lobby was closed"]
         );
     }
 

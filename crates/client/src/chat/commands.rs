@@ -176,7 +176,7 @@ impl Commands {
     }
 }
 
-/// The complaint about a message over `max` bytes.
+/// The complaint about a message over `max` bytes, which is not sent.
 pub(super) fn too_long(max: usize) -> String {
-    format!("* message too long (max {max} bytes)")
+    format!("* message not sent: too long (at most {max} bytes of UTF-8 fit one message)")
 }

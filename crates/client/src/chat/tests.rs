@@ -210,8 +210,8 @@ fn lines_too_long_to_send_are_skipped_at_any_boundary() {
     assert_eq!(
         rec.lines(),
         [
-            "err: * message too long (max 100 bytes)",
-            "err: * message too long (max 100 bytes)"
+            "err: * message not sent: too long (at most 100 bytes of UTF-8 fit one message)",
+            "err: * message not sent: too long (at most 100 bytes of UTF-8 fit one message)"
         ]
     );
 }
@@ -344,7 +344,9 @@ fn too_long_messages_are_not_sent() {
     send_text(&session, &own, &screen, &"y".repeat(max + 1));
     assert_eq!(
         rec.lines(),
-        [format!("err: * message too long (max {max} bytes)")]
+        [format!(
+            "err: * message not sent: too long (at most {max} bytes of UTF-8 fit one message)"
+        )]
     );
     session.send(&"z".repeat(max)).unwrap().unwrap();
     // The first datagram to arrive is the one that fits.
@@ -361,7 +363,10 @@ fn messages_the_daemon_could_not_relay_whole_are_not_sent() {
     let (screen, rec) = screen(false);
     let own = lock(&screen).own_sends();
     send_text(&session, &own, &screen, &"y".repeat(3996));
-    assert_eq!(rec.lines(), ["err: * message too long (max 3995 bytes)"]);
+    assert_eq!(
+        rec.lines(),
+        ["err: * message not sent: too long (at most 3995 bytes of UTF-8 fit one message)"]
+    );
     send_text(&session, &own, &screen, &"z".repeat(3995));
     let bytes = recv(&server);
     assert_eq!(
@@ -401,7 +406,7 @@ fn receiver_ignores_strangers_and_stops_at_room_closed() {
     assert!(matches!(event, Event::RoomClosed), "{event:?}");
     assert_eq!(
         rec.lines(),
-        ["out: bob: hi", "out: * room lobby was closed by its host"]
+        ["out: bob: hi", "out: * room lobby was closed"]
     );
 }
 
@@ -433,7 +438,7 @@ fn the_servers_port_at_another_address_is_ignored_and_told_once() {
         [
             told.as_str(),
             "out: bob: hi",
-            "out: * room lobby was closed by its host"
+            "out: * room lobby was closed"
         ]
     );
 }
@@ -572,13 +577,13 @@ fn a_closure_noticed_during_a_check_that_finds_the_last_forged_is_shown_when_con
     assert!(matches!(settled, Settled::Closed { confirmed: true }));
     assert_eq!(asked.lock().unwrap().len(), 3);
     assert!(
-        !rec.lines().iter().any(|line| line.contains("closed by")),
+        !rec.lines().iter().any(|line| line.contains("was closed")),
         "the closure was shown before it was confirmed: {:?}",
         rec.lines()
     );
     assert_eq!(
         lock(&screen).take_closing(),
-        ["* room lobby was closed by its host"],
+        ["* room lobby was closed"],
         "what was shown: {:?}",
         rec.lines()
     );
@@ -812,10 +817,7 @@ fn other_history_failures_are_told_and_the_chat_goes_on() {
         lines[0].starts_with("err: * history unavailable: cannot connect to 127.0.0.1:"),
         "{lines:?}"
     );
-    assert_eq!(
-        lines[1..],
-        ["out: bob: hi", "out: * room lobby was closed by its host"]
-    );
+    assert_eq!(lines[1..], ["out: bob: hi", "out: * room lobby was closed"]);
     // The room closed while the screen was held: the main loop is told.
     assert!(matches!(inbox.try_recv(), Ok(Event::RoomClosed)));
 }

@@ -1,0 +1,62 @@
+//! What the real `ocm` says, run against the real `ocmd`: refusals it finds itself, and its
+//! remarks.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+/// A username over the limits names them, and says nothing was sent.
+#[test]
+fn a_too_long_username_names_the_limits() {
+    let d = Daemon::start();
+    let name = "a".repeat(65);
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", &name]);
+    assert!(!alice.wait().success());
+    let stderr = alice.stderr.lock().unwrap().clone();
+    assert!(
+        stderr.contains(
+            "it is too long (at most 64 characters and 255 bytes of UTF-8); nothing was sent"
+        ),
+        "{stderr}"
+    );
+}
+
+/// A chat line over the limit says it was not sent, and the limit.
+#[test]
+fn a_too_long_message_says_it_was_not_sent_and_the_limit() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    alice.type_line(&"x".repeat(5000));
+    alice.wait_stderr("* message not sent: too long (at most ");
+    alice.wait_stderr(" bytes of UTF-8 fit one message)");
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
+
+/// With `--original`, `/who` names the flag as the reason, not the server.
+#[test]
+fn who_with_original_names_the_flag() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice", "--original"]);
+    alice.wait_stderr("* created lobby as alice");
+    alice.type_line("/who");
+    alice.wait_stderr("* /who and /history are off with --original: that flag speaks");
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
+
+/// `ocm rooms --help` does not offer `--udp-port`, which `rooms` does not use.
+#[test]
+fn rooms_help_offers_no_udp_port() {
+    let out = Command::new(sibling_binary("ocm"))
+        .args(["rooms", "--help"])
+        .output()
+        .expect("run ocm");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("--tcp-port"), "{help}");
+    assert!(!help.contains("--udp-port <"), "{help}");
+}
