@@ -95,20 +95,29 @@ fn text(bytes: &[u8]) -> Result<&str, Error> {
     std::str::from_utf8(bytes).map_err(|_| Error::NotUtf8)
 }
 
-/// Splits `[u8 S][S bytes][rest]`.
-fn sized(d: &[u8]) -> Result<(&[u8], &[u8]), Error> {
+/// Splits `[u8 S][S bytes][rest]`, the tail of a frame of `frame_len` bytes that starts
+/// at byte `at` (so that errors give the frame's real lengths, not the tail's).
+fn sized(d: &[u8], at: usize, frame_len: usize) -> Result<(&[u8], &[u8]), Error> {
     let [len, rest @ ..] = d else {
-        return Err(Error::TooShort { len: 0, min: 1 });
+        return Err(Error::TooShort {
+            len: frame_len,
+            min: at + 1,
+        });
     };
     let len = usize::from(*len);
     if rest.len() < len {
         return Err(Error::LengthMismatch {
-            declared: 1 + len,
-            actual: d.len(),
+            declared: at + 1 + len,
+            actual: frame_len,
         });
     }
     Ok(rest.split_at(len))
 }
+
+/// Bytes before a sequenced frame's sender size: `00 02` and the 8-byte sequence number.
+const SEQUENCED_HEAD: usize = 10;
+/// Bytes before a notice's name size: `00 03` and the `what` byte.
+const NOTICE_HEAD: usize = 3;
 
 /// Decodes one server datagram (or one batch entry).
 pub fn parse(d: &[u8]) -> Result<Delivery<'_>, Error> {
@@ -122,9 +131,9 @@ pub fn parse(d: &[u8]) -> Result<Delivery<'_>, Error> {
         [EXTENSION, KIND_SEQUENCED, rest @ ..] => {
             let (seq, rest) = rest.split_first_chunk::<8>().ok_or(Error::TooShort {
                 len: d.len(),
-                min: 11,
+                min: SEQUENCED_HEAD + 1,
             })?;
-            let (sender, message) = sized(rest)?;
+            let (sender, message) = sized(rest, SEQUENCED_HEAD, d.len())?;
             Ok(Delivery::Sequenced {
                 seq: u64::from_be_bytes(*seq),
                 sender: text(sender)?,
@@ -136,17 +145,22 @@ pub fn parse(d: &[u8]) -> Result<Delivery<'_>, Error> {
                 0x01 => Notice::Joined,
                 0x02 => Notice::Left,
                 0x03 => Notice::TimedOut,
-                _ => return Err(Error::UnknownKind { kind: *what }),
+                _ => return Err(Error::UnknownNotice { what: *what }),
             };
-            let (name, _) = sized(rest)?;
+            let (name, _) = sized(rest, NOTICE_HEAD, d.len())?;
             Ok(Delivery::Notice {
                 what,
                 name: text(name)?,
             })
         }
+        // A notice cut before its `what` byte: a known kind, too short.
+        [EXTENSION, KIND_NOTICE] => Err(Error::TooShort {
+            len: d.len(),
+            min: NOTICE_HEAD + 1,
+        }),
         [EXTENSION, kind, ..] => Err(Error::UnknownKind { kind: *kind }),
         _ => {
-            let (sender, message) = sized(d)?;
+            let (sender, message) = sized(d, 0, d.len())?;
             Ok(Delivery::Chat {
                 sender: text(sender)?,
                 message: text(message)?,
@@ -162,7 +176,7 @@ pub fn parse_original(d: &[u8]) -> Result<Delivery<'_>, Error> {
     if d == ROOM_CLOSED {
         return Ok(Delivery::RoomClosed);
     }
-    let (sender, message) = sized(d)?;
+    let (sender, message) = sized(d, 0, d.len())?;
     Ok(Delivery::Chat {
         sender: text(sender)?,
         message: text(message)?,
@@ -177,11 +191,13 @@ pub fn chat_message_bytes(d: &[u8]) -> Option<&[u8]> {
     match d {
         [EXTENSION, KIND_SEQUENCED, rest @ ..] => {
             let (_seq, rest) = rest.split_first_chunk::<8>()?;
-            sized(rest).ok().map(|(_, message)| message)
+            sized(rest, SEQUENCED_HEAD, d.len())
+                .ok()
+                .map(|(_, message)| message)
         }
         [EXTENSION, ..] => None,
         _ if d == ROOM_CLOSED => None,
-        _ => sized(d).ok().map(|(_, message)| message),
+        _ => sized(d, 0, d.len()).ok().map(|(_, message)| message),
     }
 }
 
@@ -293,6 +309,60 @@ mod tests {
     }
 
     #[test]
+    fn truncated_and_unknown_frames_say_what_is_wrong_with_their_real_lengths() {
+        // A notice cut before its `what` byte: a known kind, too short.
+        assert_eq!(
+            parse(&[0x00, 0x03]),
+            Err(Error::TooShort { len: 2, min: 4 })
+        );
+        // Cut before its name's size byte.
+        assert_eq!(
+            parse(&[0x00, 0x03, 0x01]),
+            Err(Error::TooShort { len: 3, min: 4 })
+        );
+        // A name longer than the frame: the whole frame's lengths.
+        assert_eq!(
+            parse(&[0x00, 0x03, 0x01, 0x05, b'a']),
+            Err(Error::LengthMismatch {
+                declared: 9,
+                actual: 5
+            })
+        );
+        // A notice type this version does not know is not an unknown frame kind.
+        let unknown = parse(&[0x00, 0x03, 0x07, 0x00]);
+        assert_eq!(unknown, Err(Error::UnknownNotice { what: 7 }));
+        assert_eq!(
+            unknown.unwrap_err().to_string(),
+            "unknown membership notice 0x07"
+        );
+        // A sequenced frame of 10 bytes: its sequence number and no sender size.
+        let mut ten = vec![0x00, 0x02];
+        ten.extend_from_slice(&9u64.to_be_bytes());
+        let short = parse(&ten);
+        assert_eq!(short, Err(Error::TooShort { len: 10, min: 11 }));
+        assert_eq!(
+            short.unwrap_err().to_string(),
+            "datagram of 10 bytes is shorter than its 11-byte fixed part"
+        );
+        // Its sender longer than the frame.
+        ten.extend_from_slice(&[0x04, b'b']);
+        assert_eq!(
+            parse(&ten),
+            Err(Error::LengthMismatch {
+                declared: 15,
+                actual: 12
+            })
+        );
+        // Shorter than its sequence number.
+        assert_eq!(
+            parse(&[0x00, 0x02, 0x00]),
+            Err(Error::TooShort { len: 3, min: 11 })
+        );
+        // A kind this version does not know is still that.
+        assert_eq!(parse(&[0x00, 0x09]), Err(Error::UnknownKind { kind: 9 }));
+    }
+
+    #[test]
     fn original_chat_golden_vector() {
         let mut out = Vec::new();
         encode_chat("bob", b"hi", &mut out).unwrap();
@@ -374,11 +444,11 @@ mod tests {
         }
         assert_eq!(
             parse(&[EXTENSION, KIND_NOTICE, 0x00, 0x00]),
-            Err(Error::UnknownKind { kind: 0 })
+            Err(Error::UnknownNotice { what: 0 })
         );
         assert_eq!(
             parse(&[EXTENSION, KIND_NOTICE, 0x04, 0x00]),
-            Err(Error::UnknownKind { kind: 4 })
+            Err(Error::UnknownNotice { what: 4 })
         );
     }
 
@@ -466,7 +536,7 @@ mod tests {
         ));
         assert_eq!(
             parse(&[0x00, 0x03, 0x09, 0x00]),
-            Err(Error::UnknownKind { kind: 9 })
+            Err(Error::UnknownNotice { what: 9 })
         );
         let broken: Vec<_> = batch_entries(&[0x00, 0x05, b'x']).collect();
         assert_eq!(broken.len(), 1);

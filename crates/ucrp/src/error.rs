@@ -55,6 +55,13 @@ pub enum Error {
         /// The kind byte.
         kind: u8,
     },
+    /// A membership notice (extension kind 0x03) whose `what` byte this version does not
+    /// know. Only server datagrams carry notices: a client meets this, the daemon never does.
+    #[error("unknown membership notice {what:#04x}")]
+    UnknownNotice {
+        /// The `what` byte.
+        what: u8,
+    },
 }
 
 impl Error {
@@ -70,6 +77,7 @@ impl Error {
             Error::ReservedWord => "reserved_word",
             Error::FieldTooLong { .. } => "field_too_long",
             Error::UnknownKind { .. } => "unknown_kind",
+            Error::UnknownNotice { .. } => "unknown_notice",
         }
     }
 }
@@ -104,6 +112,7 @@ mod tests {
             (Error::ReservedWord, "reserved_word"),
             (Error::FieldTooLong { len: 256 }, "field_too_long"),
             (Error::UnknownKind { kind: 9 }, "unknown_kind"),
+            (Error::UnknownNotice { what: 9 }, "unknown_notice"),
         ];
         for (error, label) in labels {
             assert_eq!(error.reason(), label, "{error:?}");
