@@ -49,7 +49,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use tcrp::names;
+use tcrp::{names, ErrorCode};
 
 use crate::error::ClientError;
 use crate::handshake::Verb;
@@ -292,6 +292,35 @@ fn print_lines(lines: &[String]) -> Result<(), ClientError> {
     }
 }
 
+/// How ocmd limits room-password guesses (docs/SECURITY.md, "Room passwords"; the numbers
+/// are its defaults, `[rate] password_failures_burst` and `password_failures_per_min`).
+const PASSWORD_LIMIT: &str = "ocmd counts wrong room passwords per source address (an IPv4 \
+     address or an IPv6 /64): after 5, it checks none, the right one included, until its \
+     allowance refills at one try every 6 s (by default)";
+
+/// A join with a password refused as `rate_limited`: the server's words ("too many wrong
+/// passwords; try again later") say neither what is counted nor that the right password is
+/// refused too, so the rule follows them.
+fn explain_password_limit(error: ClientError, password_sent: bool) -> ClientError {
+    match error {
+        ClientError::Refused {
+            verb: Verb::Join,
+            room,
+            code: Some(ErrorCode::RateLimited),
+            message,
+        } if password_sent => ClientError::Refused {
+            verb: Verb::Join,
+            room,
+            code: Some(ErrorCode::RateLimited),
+            message: Some(match message {
+                Some(words) => format!("{words} ({PASSWORD_LIMIT})"),
+                None => format!("rate_limited ({PASSWORD_LIMIT})"),
+            }),
+        },
+        other => other,
+    }
+}
+
 /// The server's UDP address: the handshake's address at `udp_port`, keeping an IPv6
 /// address's scope (a link-local `fe80::1%eth0` is unreachable without it).
 fn udp_address(tcp: SocketAddr, udp_port: u16) -> SocketAddr {
@@ -331,7 +360,9 @@ fn chat(
     if !args.original {
         request.max_datagram = handshake::max_datagram_for(tcp.ip());
     }
-    let token = handshake::exchange(&mut stream, verb, room_name, &request)?;
+    let password_sent = request.password.is_some();
+    let token = handshake::exchange(&mut stream, verb, room_name, &request)
+        .map_err(|e| explain_password_limit(e, password_sent))?;
     drop(stream);
 
     let udp_port = args.udp_port.or(udp_port).unwrap_or(DEFAULT_UDP_PORT);

@@ -60,3 +60,52 @@ fn rooms_help_offers_no_udp_port() {
     assert!(help.contains("--tcp-port"), "{help}");
     assert!(!help.contains("--udp-port <"), "{help}");
 }
+
+/// A join refused for too many wrong passwords says what is counted, and that the right
+/// password is refused too until the allowance refills.
+#[test]
+fn a_password_lockout_explains_its_rule() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(
+        &d,
+        &["create", "vault", "--name", "alice", "--password", "right"],
+    );
+    alice.wait_stderr("* created vault as alice");
+    // Wrong guesses until the server stops checking them (5 by default; a slow machine may
+    // see the allowance refill one now and then).
+    let mut locked = false;
+    for i in 0..20 {
+        let name = format!("guess{i}");
+        let mut guess = Ocm::start(
+            &d,
+            &["join", "vault", "--name", &name, "--password", "wrong"],
+        );
+        assert!(!guess.wait().success());
+        if guess.stderr.lock().unwrap().contains("rate_limited")
+            || guess
+                .stderr
+                .lock()
+                .unwrap()
+                .contains("too many wrong passwords")
+        {
+            locked = true;
+            break;
+        }
+    }
+    assert!(locked, "the server never stopped checking wrong passwords");
+    let mut bob = Ocm::start(
+        &d,
+        &["join", "vault", "--name", "bob", "--password", "right"],
+    );
+    assert!(!bob.wait().success());
+    let stderr = bob.stderr.lock().unwrap().clone();
+    assert!(
+        stderr.contains(
+            "per source address (an IPv4 address or an IPv6 /64): after 5, it checks none, \
+             the right one included"
+        ),
+        "{stderr}"
+    );
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
