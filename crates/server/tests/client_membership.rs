@@ -170,3 +170,105 @@ fn an_unconfirmed_closure_ends_the_session_with_a_leave() {
     wait_until("alice's __LEAVE__ at the relay", || relay.leaves() >= 1);
     assert_eq!(relay.leaves(), 1, "{}", alice.stderr.lock().unwrap());
 }
+
+/// A TCP relay in front of the daemon: the first connection (the join's handshake) goes
+/// through at once; later ones (the join's history fetch, then the checks) wait until
+/// `open` is set, so the test decides how long `ocm` holds its screen at join.
+struct HeldTcp {
+    port: u16,
+    open: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HeldTcp {
+    fn start(daemon: SocketAddr) -> HeldTcp {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a TCP port");
+        let port = listener.local_addr().unwrap().port();
+        let open = Arc::new(AtomicBool::new(false));
+        let gate = Arc::clone(&open);
+        // Detached: it ends with the test process.
+        std::thread::spawn(move || {
+            for (n, client) in listener.incoming().enumerate() {
+                let Ok(client) = client else { return };
+                let gate = Arc::clone(&gate);
+                std::thread::spawn(move || {
+                    if n > 0 {
+                        wait_until("the test to let the query through", || {
+                            gate.load(Ordering::SeqCst)
+                        });
+                    }
+                    let Ok(upstream) = std::net::TcpStream::connect(daemon) else {
+                        return;
+                    };
+                    let (mut c_read, mut u_write) =
+                        (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut c_read, &mut u_write);
+                        let _ = u_write.shutdown(std::net::Shutdown::Write);
+                    });
+                    let (mut u_read, mut c_write) = (upstream, client);
+                    let _ = std::io::copy(&mut u_read, &mut c_write);
+                    let _ = c_write.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        HeldTcp { port, open }
+    }
+
+    fn open(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A closure notice that reaches `ocm` while its join's hold is full (1 MiB of chat came
+/// before the history) is not lost with the overflow: here it is forged, so at
+/// release `ocm` asks the server, which says it is still in, and says so.
+#[test]
+fn a_closure_notice_after_a_full_join_hold_is_acted_on_at_release() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    let relay = Relay::start(d.udp);
+    let tcp = HeldTcp::start(d.tcp);
+    let mut bob = Ocm::start_at(
+        tcp.port,
+        relay.port(),
+        &["join", "lobby", "--name", "bob", "--keepalive", "3600"],
+    );
+    bob.wait_stderr("* joined lobby as bob");
+    wait_until("bob's __REGISTER__", || {
+        relay.client.lock().unwrap().is_some()
+    });
+    let client = relay.client.lock().unwrap().expect("bob's address");
+    // Bob's history fetch waits at the TCP relay: his screen holds. Fill the hold to exactly
+    // 1 MiB (16 frames of 62,000 bytes and one of the rest; spaced so that his socket's
+    // buffer never overflows), send a few more that it drops, then the notice.
+    let frame = |len: usize| {
+        let mut frame = Vec::new();
+        // 1 size byte and "eve" come before the text.
+        ucrp::delivery::encode_chat("eve", "z".repeat(len - 4).as_bytes(), &mut frame).unwrap();
+        assert_eq!(frame.len(), len);
+        frame
+    };
+    let full = 1 << 20;
+    let mut sizes = vec![62_000; 16];
+    sizes.push(full - 16 * 62_000);
+    sizes.extend([100; 3]);
+    for len in sizes {
+        relay
+            .socket
+            .send_to(&frame(len), client)
+            .expect("send a frame");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    relay
+        .socket
+        .send_to(ucrp::delivery::ROOM_CLOSED, client)
+        .expect("send the notice");
+    tcp.open();
+    bob.wait_stderr("* ignored a notice that the room closed");
+    bob.type_line("/quit");
+    assert!(bob.wait().success());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
