@@ -2850,6 +2850,15 @@ fn restored_keepalives_of_zero_promise_nothing_and_short_ones_are_raised_to_the_
     );
 }
 
+/// A join request from a client that reads notices.
+fn reading_notices(name: &str) -> Request {
+    Request {
+        caps: Caps::NOTICES,
+        form: tcrp::payload::RequestForm::JsonObject,
+        ..Request::original(name)
+    }
+}
+
 #[test]
 fn members_that_read_notices_hear_that_a_silent_host_timed_out_before_the_room_closes() {
     let mut reg = registry();
@@ -2859,13 +2868,8 @@ fn members_that_read_notices_hear_that_a_silent_host_timed_out_before_the_room_c
         .create_room("r", &keeping_alive("boss", 10), HERE, None, now, 1.0)
         .unwrap()
         .token;
-    let rich = Request {
-        caps: Caps::NOTICES,
-        form: tcrp::payload::RequestForm::JsonObject,
-        ..Request::original("rich")
-    };
     let rich = reg
-        .join_room("r", &rich, HERE, now, &mut out)
+        .join_room("r", &reading_notices("rich"), HERE, now, &mut out)
         .unwrap()
         .token;
     let plain = reg
@@ -2888,13 +2892,8 @@ fn members_that_read_notices_hear_that_a_silent_host_timed_out_before_the_room_c
     );
     // A host that leaves closes the room with no such notice.
     let (mut reg, now, mut out, host) = room_r();
-    let rich = Request {
-        caps: Caps::NOTICES,
-        form: tcrp::payload::RequestForm::JsonObject,
-        ..Request::original("rich")
-    };
     let rich = reg
-        .join_room("r", &rich, HERE, now, &mut out)
+        .join_room("r", &reading_notices("rich"), HERE, now, &mut out)
         .unwrap()
         .token;
     register(&mut reg, addr(1), &host, now, &mut out);
