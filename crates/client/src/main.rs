@@ -298,24 +298,23 @@ const PASSWORD_LIMIT: &str = "ocmd counts wrong room passwords per source addres
      address or an IPv6 /64): after 5, it checks none, the right one included, until its \
      allowance refills at one try every 6 s (by default)";
 
-/// A join with a password refused as `rate_limited`: the server's words ("too many wrong
-/// passwords; try again later") say neither what is counted nor that the right password is
-/// refused too, so the rule follows them.
+/// A join with a password refused as `rate_limited` for wrong passwords: the server's words
+/// ("too many wrong passwords; try again later") say neither what is counted nor that the
+/// right password is refused too, so the rule follows them. The same code also answers the
+/// request limit and a full password queue, which have nothing to do with passwords tried:
+/// only the wrong-password refusal, told by its words, gets the rule.
 fn explain_password_limit(error: ClientError, password_sent: bool) -> ClientError {
     match error {
         ClientError::Refused {
             verb: Verb::Join,
             room,
             code: Some(ErrorCode::RateLimited),
-            message,
-        } if password_sent => ClientError::Refused {
+            message: Some(words),
+        } if password_sent && words.contains("wrong password") => ClientError::Refused {
             verb: Verb::Join,
             room,
             code: Some(ErrorCode::RateLimited),
-            message: Some(match message {
-                Some(words) => format!("{words} ({PASSWORD_LIMIT})"),
-                None => format!("rate_limited ({PASSWORD_LIMIT})"),
-            }),
+            message: Some(format!("{words} ({PASSWORD_LIMIT})")),
         },
         other => other,
     }
@@ -388,6 +387,32 @@ fn chat(
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn only_the_wrong_password_refusal_gets_the_password_rule() {
+        let refusal = |words: &str| ClientError::Refused {
+            verb: Verb::Join,
+            room: "secret".into(),
+            code: Some(ErrorCode::RateLimited),
+            message: Some(words.into()),
+        };
+        let message = |e: ClientError| match e {
+            ClientError::Refused { message, .. } => message.unwrap_or_default(),
+            other => panic!("{other:?}"),
+        };
+        let told = message(explain_password_limit(
+            refusal("too many wrong passwords; try again later"),
+            true,
+        ));
+        assert!(told.contains(PASSWORD_LIMIT), "{told}");
+        // The request limit and a busy password queue use the same code.
+        for words in [
+            "too many requests; try again shortly",
+            "password checks are busy",
+        ] {
+            assert_eq!(message(explain_password_limit(refusal(words), true)), words);
+        }
+    }
 
     #[test]
     fn the_udp_address_keeps_the_handshakes_address_and_ipv6_scope() {

@@ -113,10 +113,14 @@ impl Checker {
         thread::Builder::new()
             .name("ocm-idle-check".into())
             .spawn(move || {
+                // Answers when dropped, also if `ask` panicked: the checks must go on.
+                let mut guard = MembershipAnswer {
+                    events,
+                    answer: None,
+                };
                 let answer = closure::ask(tcp, &room_name, &token);
                 debug!("idle check: {answer:?}");
-                // The main loop has gone when this fails: the process is ending.
-                let _ = events.send(Event::Membership(answer));
+                guard.answer = Some(answer);
             })
             .map(drop)
     }
@@ -138,6 +142,8 @@ pub(super) struct Liveness {
     checking: bool,
     /// "cannot reach the server" was said since the server last answered.
     told_unreachable: bool,
+    /// The server cannot answer the check (`unsupported_operation`): no more are made.
+    off: bool,
 }
 
 /// What the main loop does after an idle check's answer.
@@ -157,12 +163,13 @@ impl Liveness {
             last_answer: now,
             checking: false,
             told_unreachable: false,
+            off: false,
         }
     }
 
     /// When the next check is due, unless one is in flight.
     pub(super) fn due_at(&self) -> Option<Instant> {
-        if self.checking {
+        if self.checking || self.off {
             return None;
         }
         let heard = *self
@@ -186,14 +193,18 @@ impl Liveness {
     }
 
     /// The answer to a check.
+    /// `None`: the check failed without an answer (its thread panicked).
     pub(super) fn answer(
         &mut self,
-        answer: Result<(), ClientError>,
+        answer: Option<Result<(), ClientError>>,
         room_name: &str,
         screen: &Mutex<Screen>,
     ) -> Membership {
         self.checking = false;
         self.last_answer = Instant::now();
+        let Some(answer) = answer else {
+            return Membership::GoOn;
+        };
         match answer {
             Ok(()) => {
                 self.told_unreachable = false;
@@ -204,9 +215,26 @@ impl Liveness {
                 code: Some(ErrorCode::RateLimited),
                 ..
             }) => Membership::GoOn,
+            // A server without the history request (not ocmd, or an older one): it answered,
+            // and will answer the same every time.
+            Err(ClientError::QueryRefused {
+                code: Some(ErrorCode::UnsupportedOperation),
+                ..
+            }) => {
+                self.off = true;
+                lock(screen).err(
+                    "* the server cannot say whether you are still in the room \
+                     (unsupported_operation); idle checks are off",
+                );
+                Membership::GoOn
+            }
             Err(e) => {
                 if !std::mem::replace(&mut self.told_unreachable, true) {
-                    lock(screen).err(&format!("* cannot reach the server: {e}"));
+                    let what = match e {
+                        ClientError::QueryRefused { .. } => "the server refused the idle check",
+                        _ => "cannot reach the server",
+                    };
+                    lock(screen).err(&format!("* {what}: {e}"));
                 }
                 Membership::GoOn
             }
@@ -227,6 +255,19 @@ pub(super) fn gone_line(room_name: &str, error: &ClientError) -> String {
         "* you are no longer in room {}: {why}",
         printable_name(room_name)
     )
+}
+
+/// Sends an idle check's answer to the main loop when dropped: `None` if the check panicked.
+struct MembershipAnswer {
+    events: SyncSender<Event>,
+    answer: Option<Result<(), ClientError>>,
+}
+
+impl Drop for MembershipAnswer {
+    fn drop(&mut self) {
+        // The main loop has gone when this fails: the process is ending.
+        let _ = self.events.send(Event::Membership(self.answer.take()));
+    }
 }
 
 /// Sends its verdict to the main loop when dropped: when the check returns, and also if it
@@ -317,3 +358,66 @@ pub(super) fn end_on(
 /// The remark shown when a closure turns out to be forged.
 const FORGED_CLOSURE: &str =
     "* ignored a notice that the room closed: the server says we are still in it (forged?)";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::screen::tests::Recorder;
+
+    fn refused(code: ErrorCode) -> Option<Result<(), ClientError>> {
+        Some(Err(ClientError::QueryRefused {
+            what: "read the history of room \"lobby\"".into(),
+            code: Some(code),
+            message: None,
+        }))
+    }
+
+    fn unreachable() -> Option<Result<(), ClientError>> {
+        Some(Err(ClientError::Connect {
+            addr: "127.0.0.1:9090".into(),
+            source: io::ErrorKind::ConnectionRefused.into(),
+        }))
+    }
+
+    #[test]
+    fn idle_check_answers_end_the_session_only_when_the_server_says_we_are_gone() {
+        let rec = Recorder::default();
+        let screen = Mutex::new(Screen::new("lobby", Box::new(rec.clone()), false));
+        let mut live = Liveness::new(Duration::from_secs(60));
+        let ask = |live: &mut Liveness, answer| {
+            live.checking = true;
+            let m = live.answer(answer, "lobby", &screen);
+            assert!(!live.checking, "a new check may start");
+            m
+        };
+        for gone in [ErrorCode::RoomNotFound, ErrorCode::NotMember] {
+            assert!(matches!(
+                ask(&mut live, refused(gone)),
+                Membership::Gone(line) if line.contains("no longer in room lobby")
+            ));
+        }
+        // Busy, panicked, unreachable (said once until the server answers), refused.
+        for answer in [
+            refused(ErrorCode::RateLimited),
+            None,
+            unreachable(),
+            unreachable(),
+            Some(Ok(())),
+            refused(ErrorCode::MalformedRequest),
+        ] {
+            assert!(matches!(ask(&mut live, answer), Membership::GoOn));
+        }
+        let said = rec.lines();
+        assert_eq!(said.len(), 2, "{said:?}");
+        assert!(said[0].starts_with("err: * cannot reach the server: cannot connect"));
+        assert!(said[1].starts_with("err: * the server refused the idle check"));
+        assert!(live.due_at().is_some());
+        // A server without the request: said once, and no more checks.
+        assert!(matches!(
+            ask(&mut live, refused(ErrorCode::UnsupportedOperation)),
+            Membership::GoOn
+        ));
+        assert!(rec.lines()[2].contains("idle checks are off"));
+        assert_eq!(live.due_at(), None);
+    }
+}

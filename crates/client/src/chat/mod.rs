@@ -92,7 +92,7 @@ enum Event {
     /// The server's answer to a closure check ([`Checker`]).
     Verdict(closure::Verdict),
     /// The server's answer to an idle check ([`Liveness`]).
-    Membership(Result<(), ClientError>),
+    Membership(Option<Result<(), ClientError>>),
     /// The server answered `/who`, `/history` or the join's history with `room_not_found` or
     /// `not_member`: the session ends with this line.
     Gone(String),
