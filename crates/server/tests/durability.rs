@@ -412,7 +412,7 @@ fn a_crashed_ocm_host_closes_its_room_and_a_crashed_member_times_out() {
         ..Options::default()
     });
 
-    // The host crashes: the member hears the room close and exits 0.
+    // The host crashes: the member hears that it timed out, then the room close, and exits 0.
     let mut alice = Ocm::start(
         &d,
         &["create", "crash1", "--name", "alice", "--keepalive", "1"],
@@ -422,6 +422,7 @@ fn a_crashed_ocm_host_closes_its_room_and_a_crashed_member_times_out() {
     bob.wait_stderr("* joined crash1 as bob");
     assert_eq!(alice.line(), "* bob joined");
     alice.kill9();
+    bob.lines_until("* alice timed out");
     bob.lines_until("* room crash1 was closed");
     assert!(bob.wait().success(), "bob exits 0 after the room closed");
 
