@@ -411,6 +411,19 @@ pub mod tests {
         }
     }
 
+    /// A holding screen sent 40 datagrams of 65,000 bytes: its hold is full in bytes (it
+    /// takes 16).
+    fn held_past_its_bytes() -> (Recorder, Screen) {
+        let rec = Recorder::default();
+        let mut screen = Screen::new("lobby", Box::new(rec.clone()), true);
+        let big = "y".repeat(65_000);
+        for seq in 1..=40 {
+            let flow = screen.handle_datagram(&sequenced(seq, &big)).unwrap();
+            assert_eq!(flow, Flow::Continue);
+        }
+        (rec, screen)
+    }
+
     fn sequenced(seq: u64, text: &str) -> Vec<u8> {
         let mut out = Vec::new();
         delivery::encode_sequenced(seq, "bob", text.as_bytes(), &mut out).unwrap();
@@ -705,13 +718,7 @@ pub mod tests {
         assert_eq!(lines.len(), MAX_HELD_DATAGRAMS + 1);
         assert!(lines[MAX_HELD_DATAGRAMS].contains("room lobby was closed"));
         // The same when the hold is full in bytes.
-        let rec = Recorder::default();
-        let mut screen = Screen::new("lobby", Box::new(rec.clone()), true);
-        let big = "y".repeat(65_000);
-        for seq in 1..=40 {
-            let flow = screen.handle_datagram(&sequenced(seq, &big)).unwrap();
-            assert_eq!(flow, Flow::Continue);
-        }
+        let (rec, mut screen) = held_past_its_bytes();
         let flow = screen.handle_datagram(delivery::ROOM_CLOSED).unwrap();
         assert_eq!(flow, Flow::Continue);
         assert_eq!(screen.release(None).unwrap(), Flow::RoomClosed);
@@ -735,19 +742,16 @@ pub mod tests {
         assert_eq!(screen.release(None).unwrap(), Flow::Continue);
         assert_eq!(rec.lines().len(), MAX_HELD_DATAGRAMS);
         // In bytes too: datagrams of 65,000 bytes fill it after 16.
-        let rec = Recorder::default();
-        let mut screen = Screen::new("lobby", Box::new(rec.clone()), true);
-        let big = "y".repeat(65_000);
-        for seq in 1..=40 {
-            let flow = screen.handle_datagram(&sequenced(seq, &big)).unwrap();
-            assert_eq!(flow, Flow::Continue);
-        }
+        let (rec, mut screen) = held_past_its_bytes();
         assert_eq!(screen.release(None).unwrap(), Flow::Continue);
         let kept = rec
             .lines()
             .iter()
             .filter(|l| l.starts_with("out: bob:"))
             .count();
-        assert_eq!(kept, MAX_HELD_BYTES / sequenced(1, &big).len());
+        assert_eq!(
+            kept,
+            MAX_HELD_BYTES / sequenced(1, &"y".repeat(65_000)).len()
+        );
     }
 }

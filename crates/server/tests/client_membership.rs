@@ -63,31 +63,20 @@ fn ocm_notices_its_room_vanished_in_a_restart_and_an_unreachable_server_once() {
     assert!(alice.wait().success());
 }
 
-/// `/who` answered `room_not_found` (the room vanished in a restart) ends the session with
-/// the reason, rather than leaving the member chatting into nothing.
+/// `/who` or `/history` answered `room_not_found` (the room vanished in a restart) ends the
+/// session with the reason, rather than leaving the member chatting into nothing.
 #[test]
-fn ocm_ends_when_who_finds_the_room_gone() {
-    let mut d = Daemon::start();
-    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
-    d.kill9();
-    restart_with_fresh_state(&mut d);
-    alice.type_line("/who");
-    alice.wait_stderr("* you are no longer in room lobby: the server no longer has the room");
-    assert!(alice.wait().success());
-}
-
-/// The same for `/history`.
-#[test]
-fn ocm_ends_when_history_finds_the_room_gone() {
-    let mut d = Daemon::start();
-    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
-    d.kill9();
-    restart_with_fresh_state(&mut d);
-    alice.type_line("/history");
-    alice.wait_stderr("* you are no longer in room lobby: the server no longer has the room");
-    assert!(alice.wait().success());
+fn ocm_ends_when_who_or_history_finds_the_room_gone() {
+    for command in ["/who", "/history"] {
+        let mut d = Daemon::start();
+        let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+        alice.wait_stderr("* created lobby as alice");
+        d.kill9();
+        restart_with_fresh_state(&mut d);
+        alice.type_line(command);
+        alice.wait_stderr("* you are no longer in room lobby: the server no longer has the room");
+        assert!(alice.wait().success(), "after {command}");
+    }
 }
 
 /// A UDP relay between `ocm` and the daemon that records what `ocm` sends, and can send
