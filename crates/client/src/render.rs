@@ -182,7 +182,14 @@ pub struct Renderer {
     seq: SeqTracker,
     /// Read only what the original server sends ([`Renderer::original_frames_only`]).
     original: bool,
+    /// History entries shown cut short: number, digest of the sender, the text shown
+    /// ([`Renderer::shown_in_history`]), oldest first.
+    cut_shown: Vec<(u64, u64, String)>,
 }
+
+/// Cut-short history entries remembered at most. The server cuts only the newest message
+/// of a reply, and only when it does not fit alone, so a few pages' worth is plenty.
+const CUT_REMEMBERED: usize = 16;
 
 impl Renderer {
     /// A renderer for the room `room_name` (named in the room-closed line).
@@ -191,6 +198,7 @@ impl Renderer {
             room_name: room_name.to_owned(),
             seq: SeqTracker::default(),
             original: false,
+            cut_shown: Vec::new(),
         }
     }
 
@@ -208,9 +216,33 @@ impl Renderer {
     }
 
     /// Counts a message printed from the history as shown (see
-    /// [`SeqTracker::shown_in_history`]).
-    pub fn shown_in_history(&mut self, seq: u64, sender: &str, text: &str) {
+    /// [`SeqTracker::shown_in_history`]). A history entry `truncated` by the server (too
+    /// long for one reply) holds only the start of its text: its live copy is known by its
+    /// number, its sender and a text that begins with what was shown.
+    pub fn shown_in_history(&mut self, seq: u64, sender: &str, text: &str, truncated: bool) {
         self.seq.shown_in_history(seq, content_digest(sender, text));
+        if truncated {
+            if self.cut_shown.len() == CUT_REMEMBERED {
+                self.cut_shown.remove(0);
+            }
+            self.cut_shown
+                .push((seq, content_digest(sender, ""), text.to_owned()));
+        }
+    }
+
+    /// Whether message `seq` is the live copy of a history entry shown cut short; forgotten
+    /// once matched (a second copy is then a duplicate of what the tracker remembers).
+    fn was_shown_cut(&mut self, seq: u64, sender: &str, message: &str) -> bool {
+        let sender_digest = content_digest(sender, "");
+        let found = self.cut_shown.iter().position(|(at, who, start)| {
+            *at == seq && *who == sender_digest && message.starts_with(start.as_str())
+        });
+        if let Some(at) = found {
+            self.cut_shown.remove(at);
+            self.seq
+                .shown_in_history(seq, content_digest(sender, message));
+        }
+        found.is_some()
     }
 
     /// Handles one datagram from the server, received at `now`, appending the lines to print
@@ -250,6 +282,13 @@ impl Renderer {
     fn handle_delivery(&mut self, d: Delivery<'_>, now: Instant, out: &mut Vec<String>) -> Flow {
         match d {
             Delivery::Chat { sender, message } => out.push(chat_line(sender, message)),
+            Delivery::Sequenced {
+                seq,
+                sender,
+                message,
+            } if self.was_shown_cut(seq, sender, message) => {
+                debug!("dropping message {seq}: shown cut short in the history");
+            }
             Delivery::Sequenced {
                 seq,
                 sender,
@@ -318,19 +357,38 @@ fn is_unsafe(c: char) -> bool {
 }
 
 /// Text from the network made safe for one terminal line: unsafe characters are shown as
-/// Rust escapes (`\n`, `\u{1b}`), everything else as is.
+/// Rust escapes (`\n`, `\u{1b}`), everything else as is. A tab stays a tab: it moves the
+/// cursor along the line and no further, and pasted columns keep their shape.
 pub fn printable(text: &str) -> Cow<'_, str> {
-    escape_where(text, |_, c| is_unsafe(c))
+    escape_where(text, |_, c| c != '\t' && is_unsafe(c))
 }
 
 /// A name (sender, member, room) from the network made safe and unmistakable: as
-/// [`printable`], and invisible characters are shown as escapes too, so that `ali\u{200b}ce`
-/// cannot pass for `alice`. Message text keeps them: there they format, not deceive.
+/// [`printable`] (a tab included), and invisible characters are shown as escapes too, so
+/// that `ali\u{200b}ce` cannot pass for `alice`. Message text keeps them: there they format,
+/// not deceive. A name whose ends would not show (empty, or white space first or last, as
+/// the original server allowed: `bob ` for `bob`) is shown in double quotes, as is one that
+/// begins with a quote, so that no name passes for a quoted one; inside the quotes `"` and
+/// `\` are escaped.
 pub fn printable_name(name: &str) -> Cow<'_, str> {
     let hidden: Vec<usize> = hidden_chars(name).map(|(at, _)| at).collect();
-    escape_where(name, |at, c| {
-        is_unsafe(c) || hidden.binary_search(&at).is_ok()
-    })
+    let quoted = needs_quotes(name);
+    let shown = escape_where(name, |at, c| {
+        is_unsafe(c) || hidden.binary_search(&at).is_ok() || (quoted && matches!(c, '"' | '\\'))
+    });
+    if quoted {
+        Cow::Owned(format!("\"{shown}\""))
+    } else {
+        shown
+    }
+}
+
+/// Whether a name is shown in quotes ([`printable_name`]).
+fn needs_quotes(name: &str) -> bool {
+    name.is_empty()
+        || name.starts_with('"')
+        || name.starts_with(char::is_whitespace)
+        || name.ends_with(char::is_whitespace)
 }
 
 /// `text` with the characters `escape` picks (by byte offset and character) as escapes.
@@ -534,7 +592,7 @@ mod tests {
             original.handle_datagram(&removed, now, &mut lines),
             Flow::Continue
         );
-        assert_eq!(lines, [": \\u{3}\\u{3}\\u{0}"]);
+        assert_eq!(lines, ["\"\": \\u{3}\\u{3}\\u{0}"], "an empty name, quoted");
         lines.clear();
         assert_eq!(
             original.handle_datagram(ucrp::ROOM_CLOSED, now, &mut lines),
@@ -614,8 +672,8 @@ mod tests {
     fn history_shown_makes_live_copies_duplicates() {
         let mut renderer = Renderer::new("lobby");
         let now = Instant::now();
-        renderer.shown_in_history(6, "a", "six");
-        renderer.shown_in_history(7, "a", "seven");
+        renderer.shown_in_history(6, "a", "six", false);
+        renderer.shown_in_history(7, "a", "seven", false);
         let mut lines = Vec::new();
         for d in [
             sequenced(6, "a", "six"),
@@ -632,6 +690,32 @@ mod tests {
         assert_eq!(
             t.observe(9, content_digest("a", "nine"), now),
             SeqVerdict::Duplicate
+        );
+    }
+
+    /// A history entry the server cut short (too long for one reply) shows only the start
+    /// of its text: its live copy, same number and sender and a text that begins with it, is
+    /// a duplicate, and so is a second copy; another message under that number is not.
+    #[test]
+    fn a_live_copy_of_a_history_entry_cut_short_is_a_duplicate() {
+        let mut renderer = Renderer::new("lobby");
+        let now = Instant::now();
+        let long = "x".repeat(300);
+        renderer.shown_in_history(5, "a", "five", false);
+        renderer.shown_in_history(6, "a", &long[..100], true);
+        let mut lines = Vec::new();
+        for d in [
+            sequenced(6, "b", &long),
+            sequenced(6, "a", &long),
+            sequenced(6, "a", &long),
+            sequenced(6, "a", "other"),
+            sequenced(7, "a", "seven"),
+        ] {
+            let _ = renderer.handle_datagram(&d, now, &mut lines);
+        }
+        assert_eq!(
+            lines,
+            [format!("b: {long}"), "a: other".into(), "a: seven".into()]
         );
     }
 
@@ -736,5 +820,42 @@ mod tests {
         let (lines, _) = render(&[chat("ev\nil", "\u{1b}[2Jgone\u{202e}")]);
         assert_eq!(lines, ["ev\\nil: \\u{1b}[2Jgone\\u{202e}"]);
         assert!(matches!(printable("plain ☃"), Cow::Borrowed("plain ☃")));
+    }
+
+    /// Tabs in a message show as tabs (pasted columns), not as `\t`; in a name they are
+    /// escaped like every other control character.
+    #[test]
+    fn tabs_show_in_messages_only() {
+        let (lines, _) = render(&[chat("ta\tb", "a\tb\r")]);
+        assert_eq!(lines, ["ta\\tb: a\tb\\r"]);
+        assert!(matches!(printable("col1\tcol2"), Cow::Borrowed(_)));
+    }
+
+    /// A name that could pass for another because its ends do not show is quoted; so is one
+    /// that begins with a quote, whose quotes and backslashes are then escaped.
+    #[test]
+    fn names_with_hidden_ends_are_quoted() {
+        let (lines, _) = render(&[
+            chat("bob ", "trailing space"),
+            chat("\u{3000}bob", "ideographic space"),
+            chat("\"bob\"", "quotes"),
+            chat("\" x\\", "quote, space, backslash"),
+            notice(Notice::Joined, " carol"),
+            chat("bob", "plain"),
+            chat("b o\"b", "inner space and quote"),
+        ]);
+        assert_eq!(
+            lines,
+            [
+                "\"bob \": trailing space",
+                "\"\u{3000}bob\": ideographic space",
+                "\"\\\"bob\\\"\": quotes",
+                "\"\\\" x\\\\\": quote, space, backslash",
+                "* \" carol\" joined",
+                "bob: plain",
+                "b o\"b: inner space and quote",
+            ]
+        );
+        assert!(matches!(printable_name("bob"), Cow::Borrowed("bob")));
     }
 }

@@ -276,8 +276,12 @@ impl Screen {
         if let Some(page) = history {
             for message in &page.messages {
                 self.printer.print_out(&listing::history_line(message))?;
-                self.renderer
-                    .shown_in_history(message.seq, &message.sender, &message.text);
+                self.renderer.shown_in_history(
+                    message.seq,
+                    &message.sender,
+                    &message.text,
+                    message.truncated,
+                );
             }
             self.printer.print_err(LIVE_LINE);
         }
