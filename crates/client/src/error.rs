@@ -4,7 +4,8 @@
 //! room that was refused, the rule a name broke). `main` prints `ocm: {error}` and exits with
 //! [`ClientError::exit_code`]: 2 when the request itself was wrong or refused (including an
 //! unreadable `--password-file`), 1 for everything else (network, protocol and local I/O
-//! failures).
+//! failures). A chat that ends without an error exits 0, or [`EXIT_ROOM_ENDED`] when the
+//! room ended it.
 
 use std::io;
 use std::path::PathBuf;
@@ -20,6 +21,10 @@ use crate::handshake::Verb;
 pub const EXIT_REFUSED: u8 = 2;
 /// Exit code for every other failure.
 pub const EXIT_FAILURE: u8 = 1;
+/// Exit code for a chat that the room ended rather than the user: the room was closed, or
+/// the server no longer holds the member (removed after missing keepalives, or the room gone
+/// when asked). A script can tell it from `/quit` or the end of its input, which exit 0.
+pub const EXIT_ROOM_ENDED: u8 = 3;
 
 /// Everything that stops `ocm`.
 #[derive(Debug, Error)]

@@ -24,8 +24,9 @@
 //! long ...`) and errors go to standard error. `rooms` and `who` print their answer to
 //! standard output.
 //!
-//! Exit codes: 0 after leaving, when the host closed the room, or after `rooms`/`who`
-//! answered; 1 when the server cannot be reached or misbehaves; 2 for a bad command line,
+//! Exit codes: 0 after leaving (`/quit`, the end of input, a signal) or after `rooms`/`who`
+//! answered; 3 when the room ended the chat (it was closed, or the server no longer holds
+//! the member); 1 when the server cannot be reached or misbehaves; 2 for a bad command line,
 //! an invalid name, an unusable password, or a refusal.
 
 mod chat;
@@ -51,6 +52,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tcrp::{names, ErrorCode};
 
+use crate::chat::Ending;
 use crate::error::ClientError;
 use crate::handshake::Verb;
 
@@ -62,7 +64,14 @@ const PASSWORD_ENV: &str = "OCM_PASSWORD";
 
 /// Terminal client for the ocmd chat daemon.
 #[derive(Debug, Parser)]
-#[command(name = "ocm", version)]
+#[command(
+    name = "ocm",
+    version,
+    after_help = "Exit status: 0 after leaving (/quit, end of input, a signal) or an answer to \
+                  rooms/who; 3 when the room ended the chat (closed, or the server no longer \
+                  holds you); 2 for a bad command line or a refusal; 1 when the server cannot \
+                  be reached or misbehaves."
+)]
 struct Cli {
     /// Host name or IP address of the daemon (an IPv6 address with or without brackets); the
     /// ports are --tcp-port and --udp-port.
@@ -230,7 +239,8 @@ fn main() -> ExitCode {
     // Quiet by default: the terminal is the chat. RUST_LOG=debug shows the protocol steps.
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Ending::Left) => ExitCode::SUCCESS,
+        Ok(Ending::RoomEnded) => ExitCode::from(error::EXIT_ROOM_ENDED),
         Err(error) => {
             screen::to_stderr(&format!("ocm: {error}"));
             ExitCode::from(error.exit_code())
@@ -238,7 +248,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<(), ClientError> {
+fn run(cli: Cli) -> Result<Ending, ClientError> {
     let Cli {
         server,
         tcp_port,
@@ -249,14 +259,14 @@ fn run(cli: Cli) -> Result<(), ClientError> {
         Command::Rooms => {
             let mut stream = handshake::connect(&server, tcp_port)?;
             let list = query::list_rooms(&mut stream)?;
-            print_lines(&listing::room_list_lines(&list))
+            print_lines(&listing::room_list_lines(&list)).map(|()| Ending::Left)
         }
         Command::Who(args) => {
             let room_name = check_room_name(&args.room)?;
             let password = args.password.resolve(std::env::var_os(PASSWORD_ENV))?;
             let mut stream = handshake::connect(&server, tcp_port)?;
             let presence = query::presence(&mut stream, room_name, None, password.as_deref())?;
-            print_lines(&listing::presence_lines(&presence))
+            print_lines(&listing::presence_lines(&presence)).map(|()| Ending::Left)
         }
         Command::Create(args) => chat(
             &server,
@@ -336,7 +346,7 @@ fn chat(
     verb: Verb,
     args: &RoomArgs,
     listed: bool,
-) -> Result<(), ClientError> {
+) -> Result<Ending, ClientError> {
     let room_name = check_room_name(&args.room)?;
     names::check_username(&args.name).map_err(|rule| ClientError::InvalidUsername {
         name: args.name.clone(),

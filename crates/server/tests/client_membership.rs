@@ -60,7 +60,7 @@ fn ocm_notices_its_room_vanished_in_a_restart_and_an_unreachable_server_once() {
     alice.wait_stderr(
         "* you are no longer in room lobby: the server no longer has the room (room_not_found)",
     );
-    assert!(alice.wait().success());
+    assert_eq!(alice.wait().code(), Some(OCM_ROOM_ENDED));
 }
 
 /// `/who` or `/history` answered `room_not_found` (the room vanished in a restart) ends the
@@ -75,7 +75,7 @@ fn ocm_ends_when_who_or_history_finds_the_room_gone() {
         restart_with_fresh_state(&mut d);
         alice.type_line(command);
         alice.wait_stderr("* you are no longer in room lobby: the server no longer has the room");
-        assert!(alice.wait().success(), "after {command}");
+        assert_eq!(alice.wait().code(), Some(OCM_ROOM_ENDED), "after {command}");
     }
 }
 
@@ -154,7 +154,7 @@ fn an_unconfirmed_closure_ends_the_session_with_a_leave() {
         .socket
         .send_to(ucrp::delivery::ROOM_CLOSED, client)
         .expect("send the notice");
-    assert!(alice.wait().success());
+    assert_eq!(alice.wait().code(), Some(OCM_ROOM_ENDED));
     // The relay may not have read it yet when alice exits.
     wait_until("alice's __LEAVE__ at the relay", || relay.leaves() >= 1);
     assert_eq!(relay.leaves(), 1, "{}", alice.stderr.lock().unwrap());

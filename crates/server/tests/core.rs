@@ -450,7 +450,11 @@ fn ocm_clients_chat_and_the_host_closes_the_room() {
     alice.type_line("/quit");
     assert!(alice.wait().success());
     bob.lines_until("* room lobby was closed");
-    assert!(bob.wait().success());
+    assert_eq!(
+        bob.wait().code(),
+        Some(OCM_ROOM_ENDED),
+        "bob: the room ended"
+    );
 }
 
 /// A reader of `ocm`'s output that went away (`ocm rooms | head -1`, a chat piped into a

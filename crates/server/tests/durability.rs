@@ -424,7 +424,11 @@ fn a_crashed_ocm_host_closes_its_room_and_a_crashed_member_times_out() {
     alice.kill9();
     bob.lines_until("* alice timed out");
     bob.lines_until("* room crash1 was closed");
-    assert!(bob.wait().success(), "bob exits 0 after the room closed");
+    assert_eq!(
+        bob.wait().code(),
+        Some(OCM_ROOM_ENDED),
+        "bob: the room closed"
+    );
 
     // A silent member crashes: the host hears it timed out.
     let mut carol = Ocm::start(
@@ -468,7 +472,11 @@ fn an_ocm_member_that_slept_past_its_timeout_is_told_and_exits() {
         .expect("sleepy is told")
         .starts_with("* you were removed from room nap")
     {}
-    assert!(sleepy.wait().success());
+    assert_eq!(
+        sleepy.wait().code(),
+        Some(OCM_ROOM_ENDED),
+        "sleepy was removed"
+    );
     // The room lives on for the host.
     host.type_line("/quit");
     assert!(host.wait().success());
@@ -606,7 +614,11 @@ fn a_live_ocm_chat_survives_a_daemon_restart() {
     deliver(&mut alice, &bob, "alice", "third");
     alice.type_line("/quit");
     assert!(alice.wait().success());
-    assert!(bob.wait().success(), "bob exits 0 when the host leaves");
+    assert_eq!(
+        bob.wait().code(),
+        Some(OCM_ROOM_ENDED),
+        "bob: the host left"
+    );
 }
 
 fn spawn_on(dir: &Arc<tempfile::TempDir>) -> Result<Daemon, String> {

@@ -10,11 +10,10 @@ use std::{io, thread};
 
 use log::{debug, warn};
 use tcrp::ErrorCode;
-use ucrp::datagram::REGISTER;
 
 use super::input_thread::TerminalGuard;
 use super::session::Session;
-use super::{finish_closed, lock, output_gone, Event, Options};
+use super::{finish_closed, lock, output_gone, Ending, Event, Options};
 use crate::error::ClientError;
 use crate::handshake::Token;
 use crate::render::{printable_name, Flow};
@@ -43,8 +42,11 @@ pub(super) fn spawn_reach_check(session: &Session, options: &Options, screen: Ar
                 reach::Heard::Unknown => return debug!("cannot tell if the server hears us"),
             }
             debug!("the server has no UDP address for us yet: registering again");
-            if let Err(e) = session.send_control(REGISTER) {
-                debug!("registering again failed: {e}");
+            match session.register() {
+                Ok(true) => {}
+                // The chat ended meanwhile: nothing to warn about.
+                Ok(false) => return,
+                Err(e) => debug!("registering again failed: {e}"),
             }
             thread::sleep(reach::SECOND_LOOK);
             match ask() {
@@ -74,7 +76,7 @@ pub(super) enum Settled {
 /// Asks the server whether a closure notice is true, each time on a thread of its own that
 /// reports the [`closure::Verdict`] as an [`Event::Verdict`]. The main loop waits for it like
 /// for any event, so a server that takes its time (up to the connect and reply timeouts)
-/// holds up neither keepalives, nor typed lines, nor a way out.
+/// holds up neither typed lines nor a way out.
 pub(super) struct Checker {
     /// The daemon's TCP address.
     pub(super) tcp: SocketAddr,
@@ -309,7 +311,7 @@ pub(super) fn settle(
                     Ok(Flow::Continue) => return Settled::Stay,
                     // Closed again (by a datagram held meanwhile): a notice of its own.
                     // Waiting for a planned check, the screen stays held until then, and the
-                    // main loop goes on (signals, keepalives, that check).
+                    // main loop goes on (signals, typed lines, that check).
                     Ok(Flow::RoomClosed) => match closures.notice(Instant::now()) {
                         closure::Action::Stay { .. } => return Settled::Stay,
                         next => next,
@@ -328,22 +330,24 @@ pub(super) fn end_on(
     session: &Session,
     screen: &Mutex<Screen>,
     terminal: &mut Option<TerminalGuard>,
-) -> Option<Result<(), ClientError>> {
+) -> Option<Result<Ending, ClientError>> {
     match settled {
         Settled::Stay => None,
         Settled::Closed { confirmed } => {
             // Unconfirmed, the room may still hold us: say we go, rather than leave the
             // others waiting for our timeout.
-            if !confirmed {
+            if confirmed {
+                session.end_without_leave();
+            } else {
                 session.leave();
             }
             finish_closed(screen, terminal.take());
-            Some(Ok(()))
+            Some(Ok(Ending::RoomEnded))
         }
         Settled::Failed(source) if output_gone(&source) => {
             debug!("standard output closed: leaving");
             session.leave();
-            Some(Ok(()))
+            Some(Ok(Ending::Left))
         }
         Settled::Failed(source) => {
             session.leave();

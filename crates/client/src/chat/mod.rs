@@ -2,7 +2,7 @@
 //!
 //! [`Session`] owns the UDP socket and turns text into datagrams with [`ucrp::datagram`].
 //! [`run`] is the chat loop. Three helper threads feed one channel of [`Event`]s and the main
-//! thread alone decides what to send:
+//! thread alone decides what to send, keepalives apart (below):
 //! - the *receiver* reads datagrams, ignores any whose source is not the server, hands them
 //!   to the shared [`Screen`] (which renders and prints them) and reports the room's closing;
 //! - the *input thread* reads typed lines, either line by line from standard input or, when
@@ -23,19 +23,22 @@
 //! registering, a *reach check* asks the server whether it hears our datagrams at all
 //! ([`reach`](crate::reach)), and warns if it does not.
 //!
-//! The keepalive needs no thread: the main loop waits on the channel no longer than the next
-//! keepalive is due, then resends `__REGISTER__`, which also re-teaches a restarted daemon
-//! our address. Every way out sends `__LEAVE__` except an end the server confirmed (a closure
-//! it confirmed, or `room_not_found` / `not_member` answered to `/who`, `/history` or an idle
-//! check), where the room does not hold us any more.
+//! The *keepalive* thread resends `__REGISTER__` every keepalive period, which also
+//! re-teaches a restarted daemon our address. It is a thread of its own so that nothing the
+//! main loop may wait on (the screen's lock, held by a receiver blocked on a stopped
+//! terminal or an unread pipe; a paced burst of chat) can make the server expire us. Every
+//! way out sends `__LEAVE__` except an end the server confirmed (a closure it confirmed, or
+//! `room_not_found` / `not_member` answered to `/who`, `/history` or an idle check), where
+//! the room does not hold us any more; either way the session is marked ended first, and no
+//! `__REGISTER__` follows ([`Session::leave`]).
 //!
 //! The server does not answer keepalives, so a room that vanished falls silent: after
 //! [`Options::idle_check`] without a datagram from the server, the main loop asks it over TCP
 //! whether we are still a member (`checks::Liveness`), on a thread like the closure checks.
 //!
 //! The work is split by thread: this module is the main loop (`run`) and what it does itself
-//! (sending, keepalives, the end of the session); `session` is the UDP endpoint; `receiver`
-//! the receiver thread; `input_thread` the input thread and the line editor; `commands` the
+//! (sending, the end of the session); `session` is the UDP endpoint and the keepalive
+//! thread; `receiver` the receiver thread; `input_thread` the input thread and the line editor; `commands` the
 //! local commands it answers; `checks` what is asked of the server over TCP during a chat.
 
 mod checks;
@@ -44,6 +47,7 @@ mod input_thread;
 mod receiver;
 mod session;
 
+use session::spawn_keepalive;
 pub use session::Session;
 
 use std::io;
@@ -53,10 +57,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
+use log::{debug, info};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::Signals;
-use ucrp::datagram::REGISTER;
 
 use crate::closure;
 use crate::error::ClientError;
@@ -100,6 +103,15 @@ enum Event {
     Failed(ClientError),
 }
 
+/// How a chat ended without an error (the exit status tells them apart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The user left: `/quit`, the end of input, a signal, or the reader of our output gone.
+    Left,
+    /// The room ended the chat: it was closed, or the server no longer holds us.
+    RoomEnded,
+}
+
 /// How a chat runs, beyond the session itself.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -140,7 +152,7 @@ fn lock(screen: &Mutex<Screen>) -> MutexGuard<'_, Screen> {
 /// Runs the chat until the user leaves or the host closes the room. Prints
 /// `* joined ROOM as NAME (type /quit to leave, /help for commands)` to standard error once
 /// registered.
-pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
+pub fn run(session: Session, options: Options) -> Result<Ending, ClientError> {
     let (events, inbox) = mpsc::sync_channel(EVENT_QUEUE);
     // Signals first: from here on Ctrl+C must not kill us before we can say __LEAVE__.
     spawn_signal_watcher(events.clone())?;
@@ -163,8 +175,9 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
     spawn_receiver(&session, Arc::clone(&screen), events.clone(), last_heard)?;
 
     session
-        .send_control(REGISTER)
+        .register()
         .map_err(ClientError::io("sending __REGISTER__"))?;
+    spawn_keepalive(&session, options.keepalive)?;
     info!(
         "registered with {} in {:?}",
         session.server, session.room_name
@@ -200,7 +213,6 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
     };
 
     let mut pacer = Pacer::new(pacing::CHAT_PER_SEC, pacing::CHAT_BURST, Instant::now());
-    let mut next_keepalive = Instant::now() + options.keepalive;
     loop {
         // Timers first, on every pass: a steady stream of events must not hold them back.
         if let Some(action) = closures.due(Instant::now()) {
@@ -212,20 +224,18 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
         if let Some(liveness) = &mut liveness {
             liveness.poll(Instant::now(), &checker);
         }
-        if Instant::now() >= next_keepalive {
-            if let Err(e) = session.send_control(REGISTER) {
-                warn!("keepalive to {} failed: {e}", session.server);
-            }
-            next_keepalive = Instant::now() + options.keepalive;
-        }
         let wake = [
             closures.recheck_at(),
             liveness.as_ref().and_then(Liveness::due_at),
         ]
         .into_iter()
         .flatten()
-        .fold(next_keepalive, Instant::min);
-        let event = match inbox.recv_timeout(wake.saturating_duration_since(Instant::now())) {
+        .min();
+        let received = match wake {
+            Some(at) => inbox.recv_timeout(at.saturating_duration_since(Instant::now())),
+            None => inbox.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        let event = match received {
             Ok(event) => event,
             Err(RecvTimeoutError::Timeout) => continue,
             // Every helper is gone; nothing more can happen. (Not while the checker and the
@@ -265,14 +275,16 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
                 };
                 if let Membership::Gone(line) = liveness.answer(answer, &session.room_name, &screen)
                 {
+                    session.end_without_leave();
                     finish_gone(&screen, terminal.take(), &line);
-                    return Ok(());
+                    return Ok(Ending::RoomEnded);
                 }
             }
             // The server's word: no __LEAVE__ to a room that does not hold us.
             Event::Gone(line) => {
+                session.end_without_leave();
                 finish_gone(&screen, terminal.take(), &line);
-                return Ok(());
+                return Ok(Ending::RoomEnded);
             }
             // The reader of our output is gone (`ocm join ... | head`): the chat ends as at
             // the end of input, with a __LEAVE__, not as a failure.
@@ -287,7 +299,7 @@ pub fn run(session: Session, options: Options) -> Result<(), ClientError> {
         }
     }
     session.leave();
-    Ok(())
+    Ok(Ending::Left)
 }
 
 /// Whether a write failed because the reader of standard output went away (`EPIPE`: Rust
@@ -337,7 +349,7 @@ fn finish_gone(screen: &Mutex<Screen>, terminal: Option<TerminalGuard>, line: &s
 }
 
 /// Waits until the pace of our chat ([`pacing`]) lets one more message go: at most one
-/// message's share of a second (about 22 ms), so keepalives and signals wait no longer than
+/// message's share of a second (about 22 ms), so signals and `/quit` wait no longer than
 /// that per message queued before them; the lines wait in order, and the input thread,
 /// blocked on the full event queue, reads no faster than they go.
 fn pace(pacer: &mut Pacer) {
@@ -358,7 +370,7 @@ fn send_text(session: &Session, own: &OwnSends, screen: &Mutex<Screen>, text: &s
 /// cannot show a reply to our message (which the daemon numbers after it) before our
 /// message's number is known to be ours, and report that number as lost. The screen's lock
 /// is never waited for: the receiver may hold it, blocked on a stalled standard output, and
-/// keepalives must still go out. A failed send's complaint goes through the screen when it
+/// the main loop must still hear signals and `/quit`. A failed send's complaint goes through the screen when it
 /// is free, and straight to standard error when it is not (in plain mode, the only one in
 /// which the receiver writes while holding it; the line editor's printing goes through a
 /// queue).

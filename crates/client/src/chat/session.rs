@@ -1,10 +1,13 @@
-//! A member's UDP endpoint: the socket, and datagrams built with [`ucrp::datagram`].
+//! A member's UDP endpoint: the socket, datagrams built with [`ucrp::datagram`], and the
+//! end of the session, after which nothing registers us again.
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
-use ucrp::datagram::{self, LEAVE};
+use ucrp::datagram::{self, LEAVE, REGISTER};
 
 use crate::error::ClientError;
 use crate::handshake::Token;
@@ -19,6 +22,11 @@ pub struct Session {
     pub(super) token: Token,
     /// Our username's length: the relayed datagram carries it before the text.
     username_len: usize,
+    /// Whether the session has ended, shared with its duplicates, and a condition variable
+    /// that wakes the keepalive thread when it does. `__REGISTER__` is sent holding the
+    /// lock and only before the end, so none can follow our `__LEAVE__` (a late one would
+    /// put us back in the room).
+    ended: Arc<(Mutex<bool>, Condvar)>,
 }
 
 impl Session {
@@ -40,6 +48,7 @@ impl Session {
             room_name: room_name.to_owned(),
             token,
             username_len: username.len(),
+            ended: Arc::default(),
         })
     }
 
@@ -91,23 +100,170 @@ impl Session {
             room_name: self.room_name.clone(),
             token: self.token.clone(),
             username_len: self.username_len,
+            ended: Arc::clone(&self.ended),
         })
     }
 
     /// Sends a control word. Room name and token were checked to fit, so only the socket can
     /// fail.
-    pub(super) fn send_control(&self, word: &str) -> io::Result<()> {
+    fn send_control(&self, word: &str) -> io::Result<()> {
         match self.send(word)? {
             Ok(()) => Ok(()),
             Err(e) => Err(io::Error::new(io::ErrorKind::InvalidInput, e)),
         }
     }
 
-    /// Best-effort `__LEAVE__`: the process is exiting either way.
+    fn ended(&self) -> MutexGuard<'_, bool> {
+        self.ended.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sends `__REGISTER__` (the first, a keepalive, or a repeat for the reach check), unless
+    /// the session has ended: then `Ok(false)` and nothing is sent.
+    pub(super) fn register(&self) -> io::Result<bool> {
+        let ended = self.ended();
+        if *ended {
+            return Ok(false);
+        }
+        self.send_control(REGISTER)?;
+        Ok(true)
+    }
+
+    /// Best-effort `__LEAVE__`, once, and the end of the session: no `__REGISTER__` follows
+    /// it from any thread. The process is exiting either way.
     pub(super) fn leave(&self) {
+        let mut ended = self.ended();
+        if std::mem::replace(&mut *ended, true) {
+            return;
+        }
         match self.send_control(LEAVE) {
             Ok(()) => debug!("sent {LEAVE} to {}", self.server),
             Err(e) => warn!("could not send {LEAVE} to {}: {e}", self.server),
         }
+        self.ended.1.notify_all();
+    }
+
+    /// The end of the session without `__LEAVE__`: the server has confirmed that the room no
+    /// longer holds us. No `__REGISTER__` follows.
+    pub(super) fn end_without_leave(&self) {
+        *self.ended() = true;
+        self.ended.1.notify_all();
+    }
+
+    /// Waits up to `timeout` for the session to end; whether it has.
+    pub(super) fn wait_ended(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut ended = self.ended();
+        while !*ended {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            ended = self
+                .ended
+                .1
+                .wait_timeout(ended, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
+    }
+}
+
+/// Sends `__REGISTER__` every `period` from its own thread until the session ends. On its
+/// own thread nothing the main loop may wait on (the screen's lock while standard output is
+/// blocked, a paced burst of chat) holds a keepalive back past the server's limit.
+pub(super) fn spawn_keepalive(session: &Session, period: Duration) -> Result<(), ClientError> {
+    let session = session
+        .duplicate()
+        .map_err(ClientError::io("duplicating the UDP socket for keepalives"))?;
+    std::thread::Builder::new()
+        .name("keepalive".into())
+        .spawn(move || {
+            while !session.wait_ended(period) {
+                match session.register() {
+                    Ok(true) => debug!("keepalive to {}", session.server),
+                    Ok(false) => break,
+                    Err(e) => warn!("keepalive to {} failed: {e}", session.server),
+                }
+            }
+        })
+        .map_err(ClientError::io("starting the keepalive thread"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handshake::Token;
+
+    fn session_to(server: &UdpSocket) -> Session {
+        let server = server.local_addr().expect("server address");
+        Session::open(
+            server,
+            "lobby",
+            "alice",
+            Token::new("ab12".into()).expect("token"),
+        )
+        .expect("session")
+    }
+
+    fn words(server: &UdpSocket, until: Instant) -> Vec<String> {
+        let mut buf = [0u8; 512];
+        let mut seen = Vec::new();
+        while let Some(wait) = until.checked_duration_since(Instant::now()) {
+            if wait.is_zero() {
+                break;
+            }
+            server.set_read_timeout(Some(wait)).expect("timeout");
+            let Ok((n, _)) = server.recv_from(&mut buf) else {
+                break;
+            };
+            let text = String::from_utf8_lossy(&buf[..n]);
+            let word = [REGISTER, LEAVE].into_iter().find(|w| text.ends_with(w));
+            seen.push(word.unwrap_or("chat").to_owned());
+        }
+        seen
+    }
+
+    /// The keepalive thread registers every period, and after `__LEAVE__` no thread
+    /// registers again: a late keepalive would put us back in the room.
+    #[test]
+    fn keepalives_stop_at_the_leave() {
+        let server = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let session = session_to(&server);
+        spawn_keepalive(&session, Duration::from_millis(20)).expect("keepalive thread");
+        let twin = session.duplicate().expect("duplicate");
+        let before = words(&server, Instant::now() + Duration::from_millis(150));
+        assert!(
+            before.iter().filter(|w| *w == REGISTER).count() >= 2,
+            "{before:?}"
+        );
+        session.leave();
+        session.leave();
+        assert!(
+            !twin.register().expect("register"),
+            "ended for the twin too"
+        );
+        let after = words(&server, Instant::now() + Duration::from_millis(150));
+        let leave_at = after.iter().position(|w| w == LEAVE);
+        assert_eq!(after.iter().filter(|w| *w == LEAVE).count(), 1, "{after:?}");
+        assert!(
+            leave_at.is_some_and(|at| at == after.len() - 1),
+            "nothing after the leave: {after:?}"
+        );
+        assert!(session.wait_ended(Duration::ZERO));
+    }
+
+    /// A confirmed end sends nothing and stops the keepalives too.
+    #[test]
+    fn an_end_without_leave_sends_nothing_more() {
+        let server = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let session = session_to(&server);
+        assert!(session.register().expect("register"));
+        session.end_without_leave();
+        assert!(!session.register().expect("register"));
+        session.leave();
+        let seen = words(&server, Instant::now() + Duration::from_millis(100));
+        assert_eq!(seen, [REGISTER], "one register, then nothing");
     }
 }

@@ -32,6 +32,10 @@ pub const STOP_LIMIT: Duration = Duration::from_secs(5);
 /// in flight (which only a busy daemon needs) fails here.
 pub const IDLE_STOP_LIMIT: Duration = Duration::from_secs(1);
 
+/// `ocm`'s exit status when the room ended its chat (closed, or the member no longer held):
+/// 3, as documented in README.md, told apart from `/quit` and the end of input (0).
+pub const OCM_ROOM_ENDED: i32 = 3;
+
 /// Path of a binary built beside `ocmd` (e.g. `ocm`).
 pub fn sibling_binary(name: &str) -> PathBuf {
     let ocmd = Path::new(env!("CARGO_BIN_EXE_ocmd"));
