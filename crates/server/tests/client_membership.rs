@@ -219,10 +219,13 @@ fn a_closure_notice_after_a_full_join_hold_is_acted_on_at_release() {
     alice.wait_stderr("* created lobby as alice");
     let relay = Relay::start(d.udp);
     let tcp = HeldTcp::start(d.tcp);
-    let mut bob = Ocm::start_at(
+    // The screen's debug line for each datagram a full hold drops shows that the hold was
+    // full: without it (a frame lost in the kernel) the test would prove nothing.
+    let mut bob = Ocm::start_with_env(
         tcp.port,
         relay.port(),
         &["join", "lobby", "--name", "bob", "--keepalive", "3600"],
+        &[("RUST_LOG", "ocm::screen=debug")],
     );
     bob.wait_stderr("* joined lobby as bob");
     wait_until("bob's __REGISTER__", || {
@@ -254,8 +257,14 @@ fn a_closure_notice_after_a_full_join_hold_is_acted_on_at_release() {
         .socket
         .send_to(ucrp::delivery::ROOM_CLOSED, client)
         .expect("send the notice");
+    const DROPPED: &str = "dropping a datagram: the hold is full";
+    wait_until("bob's hold to drop the three frames past it", || {
+        bob.stderr.lock().unwrap().matches(DROPPED).count() == 3
+    });
     tcp.open();
     bob.wait_stderr("* ignored a notice that the room closed");
+    let said = bob.stderr.lock().unwrap().clone();
+    assert_eq!(said.matches(DROPPED).count(), 3, "{said}");
     bob.type_line("/quit");
     assert!(bob.wait().success());
     alice.type_line("/quit");
