@@ -6,8 +6,8 @@
 //! a member may read. [`Policy`] decides when to ask, so that a flood of forged notices
 //! costs the server at most one request per [`COOL_DOWN`], and a request refused for the
 //! server's rate limit is asked again instead of taken as an answer. The chat loop runs each
-//! check on a thread of its own and goes on meanwhile (keepalives, typed lines, `/quit`,
-//! signals): a server that accepts the connection but never answers holds up nothing.
+//! check on a thread of its own and goes on meanwhile (typed lines, `/quit`, signals):
+//! a server that accepts the connection but never answers holds up nothing.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

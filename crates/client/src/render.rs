@@ -182,14 +182,19 @@ pub struct Renderer {
     seq: SeqTracker,
     /// Read only what the original server sends ([`Renderer::original_frames_only`]).
     original: bool,
-    /// History entries shown cut short: number, digest of the sender, the text shown
+    /// History entries shown cut short: number, digest of the sender, the text shown, when
     /// ([`Renderer::shown_in_history`]), oldest first.
-    cut_shown: Vec<(u64, u64, String)>,
+    cut_shown: Vec<(u64, u64, String, Instant)>,
 }
 
 /// Cut-short history entries remembered at most. The server cuts only the newest message
 /// of a reply, and only when it does not fit alone, so a few pages' worth is plenty.
 const CUT_REMEMBERED: usize = 16;
+
+/// How long a cut-short history entry waits for its live copy: the datagrams held while
+/// the join fetched its history are released at once after it, and the fetch gives up after
+/// 10 s.
+const CUT_WINDOW: Duration = Duration::from_secs(30);
 
 impl Renderer {
     /// A renderer for the room `room_name` (named in the room-closed line).
@@ -221,20 +226,26 @@ impl Renderer {
     /// number, its sender and a text that begins with what was shown.
     pub fn shown_in_history(&mut self, seq: u64, sender: &str, text: &str, truncated: bool) {
         self.seq.shown_in_history(seq, content_digest(sender, text));
-        if truncated {
+        // An empty start would match any text of that sender's under that number.
+        if truncated && !text.is_empty() {
             if self.cut_shown.len() == CUT_REMEMBERED {
                 self.cut_shown.remove(0);
             }
+            let sender = content_digest(sender, "");
             self.cut_shown
-                .push((seq, content_digest(sender, ""), text.to_owned()));
+                .push((seq, sender, text.to_owned(), Instant::now()));
         }
     }
 
     /// Whether message `seq` is the live copy of a history entry shown cut short; forgotten
     /// once matched (a second copy is then a duplicate of what the tracker remembers).
-    fn was_shown_cut(&mut self, seq: u64, sender: &str, message: &str) -> bool {
+    fn was_shown_cut(&mut self, seq: u64, sender: &str, message: &str, now: Instant) -> bool {
+        // The live copy comes with the datagrams held while the history was fetched; one
+        // much later is another message under a number used again (a daemon restarted).
+        self.cut_shown
+            .retain(|&(.., shown)| now.saturating_duration_since(shown) < CUT_WINDOW);
         let sender_digest = content_digest(sender, "");
-        let found = self.cut_shown.iter().position(|(at, who, start)| {
+        let found = self.cut_shown.iter().position(|(at, who, start, _)| {
             *at == seq && *who == sender_digest && message.starts_with(start.as_str())
         });
         if let Some(at) = found {
@@ -286,7 +297,7 @@ impl Renderer {
                 seq,
                 sender,
                 message,
-            } if self.was_shown_cut(seq, sender, message) => {
+            } if self.was_shown_cut(seq, sender, message, now) => {
                 debug!("dropping message {seq}: shown cut short in the history");
             }
             Delivery::Sequenced {
@@ -368,8 +379,9 @@ pub fn printable(text: &str) -> Cow<'_, str> {
 /// that `ali\u{200b}ce` cannot pass for `alice`. Message text keeps them: there they format,
 /// not deceive. A name whose ends would not show (empty, or white space first or last, as
 /// the original server allowed: `bob ` for `bob`) is shown in double quotes, as is one that
-/// begins with a quote, so that no name passes for a quoted one; inside the quotes `"` and
-/// `\` are escaped.
+/// begins with a quote, so that no name passes for a quoted one, and one that holds a
+/// backslash, so that `ali\u{200b}ce` typed as is cannot pass for a name with a real
+/// zero-width space; inside the quotes `"` and `\` are escaped.
 pub fn printable_name(name: &str) -> Cow<'_, str> {
     let hidden: Vec<usize> = hidden_chars(name).map(|(at, _)| at).collect();
     let quoted = needs_quotes(name);
@@ -387,6 +399,7 @@ pub fn printable_name(name: &str) -> Cow<'_, str> {
 fn needs_quotes(name: &str) -> bool {
     name.is_empty()
         || name.starts_with('"')
+        || name.contains('\\')
         || name.starts_with(char::is_whitespace)
         || name.ends_with(char::is_whitespace)
 }
@@ -717,6 +730,16 @@ mod tests {
             lines,
             [format!("b: {long}"), "a: other".into(), "a: seven".into()]
         );
+        // An empty start matches nothing; a copy long after the history is another message
+        // under a number used again.
+        renderer.shown_in_history(8, "a", "", true);
+        renderer.shown_in_history(9, "a", "nin", true);
+        lines.clear();
+        let later = Instant::now() + CUT_WINDOW;
+        for d in [sequenced(8, "a", "eight"), sequenced(9, "a", "nine")] {
+            let _ = renderer.handle_datagram(&d, later, &mut lines);
+        }
+        assert_eq!(lines, ["a: eight", "a: nine"]);
     }
 
     #[test]
@@ -843,6 +866,8 @@ mod tests {
             notice(Notice::Joined, " carol"),
             chat("bob", "plain"),
             chat("b o\"b", "inner space and quote"),
+            chat("ali\\u{200b}ce", "a typed escape"),
+            chat("ali\u{200b}ce", "a real one"),
         ]);
         assert_eq!(
             lines,
@@ -854,6 +879,8 @@ mod tests {
                 "* \" carol\" joined",
                 "bob: plain",
                 "b o\"b: inner space and quote",
+                "\"ali\\\\u{200b}ce\": a typed escape",
+                "ali\\u{200b}ce: a real one",
             ]
         );
         assert!(matches!(printable_name("bob"), Cow::Borrowed("bob")));

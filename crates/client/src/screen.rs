@@ -126,7 +126,7 @@ impl Drop for EditorPrinter {
 /// Our own chat messages sent and not yet counted by the renderer. The main loop notes each
 /// here before sending it, without the screen's lock: the receiver holds that lock while it
 /// prints, and a write to a stalled standard output (a paused terminal, a full pipe) would
-/// otherwise hold the main loop and its keepalives too. The screen takes the notes before it
+/// otherwise hold the main loop too (its signals and `/quit`). The screen takes the notes before it
 /// renders each datagram, so a reply numbered after one of our messages never comes before
 /// that message's note.
 #[derive(Debug, Clone, Default)]

@@ -57,7 +57,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use log::{debug, info};
+use log::{debug, info, warn};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -155,7 +155,7 @@ fn lock(screen: &Mutex<Screen>) -> MutexGuard<'_, Screen> {
 pub fn run(session: Session, options: Options) -> Result<Ending, ClientError> {
     let (events, inbox) = mpsc::sync_channel(EVENT_QUEUE);
     // Signals first: from here on Ctrl+C must not kill us before we can say __LEAVE__.
-    spawn_signal_watcher(events.clone())?;
+    spawn_signal_watcher(events.clone(), &session)?;
     let screen = Arc::new(Mutex::new(Screen::new(
         &session.room_name,
         Box::new(PlainPrinter),
@@ -174,10 +174,12 @@ pub fn run(session: Session, options: Options) -> Result<Ending, ClientError> {
     let last_heard = liveness.as_ref().map(|l| Arc::clone(&l.last_heard));
     spawn_receiver(&session, Arc::clone(&screen), events.clone(), last_heard)?;
 
+    // The keepalive thread before the first register: nothing after it may fail without
+    // a __LEAVE__. Its first register comes a period later.
+    spawn_keepalive(&session, options.keepalive)?;
     session
         .register()
         .map_err(ClientError::io("sending __REGISTER__"))?;
-    spawn_keepalive(&session, options.keepalive)?;
     info!(
         "registered with {} in {:?}",
         session.server, session.room_name
@@ -395,18 +397,68 @@ fn send_own(
     }
 }
 
-fn spawn_signal_watcher(events: SyncSender<Event>) -> Result<(), ClientError> {
+/// How long the main loop gets to end the chat after a termination signal before the
+/// signal thread ends it itself ([`after_signal`]).
+const SIGNAL_GRACE: Duration = Duration::from_secs(3);
+
+/// Reports the first termination signal to the main loop, which leaves. Should the chat not
+/// have ended [`SIGNAL_GRACE`] later, the main loop is stuck: on the screen, which waits for
+/// a standard output nobody reads (a pipe whose reader stopped, a stopped terminal). The
+/// keepalive thread would then keep us in the room for as long as that lasts, so this
+/// thread says `__LEAVE__` itself and exits with [`EXIT_FAILURE`](crate::error::EXIT_FAILURE),
+/// printing nothing: standard error may be as stuck as standard output. The line editor
+/// prints through a queue, never stuck, so a terminal in raw mode is always given back by
+/// the main loop.
+fn spawn_signal_watcher(events: SyncSender<Event>, session: &Session) -> Result<(), ClientError> {
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT])
         .map_err(ClientError::io("installing signal handlers"))?;
+    let session = session.duplicate().map_err(ClientError::io(
+        "duplicating the UDP socket for the signal thread",
+    ))?;
     thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             if let Some(signal) = signals.forever().next() {
-                let _ = events.send(Event::Signal(signal));
+                if after_signal(signal, &events, &session, SIGNAL_GRACE) {
+                    std::process::exit(crate::error::EXIT_FAILURE.into());
+                }
             }
         })
         .map_err(ClientError::io("starting the signal thread"))?;
     Ok(())
+}
+
+/// Tells the main loop of `signal` and waits up to `grace` for the session to end; if it has
+/// not, says `__LEAVE__` and returns true (the caller exits). A full event queue (a paste
+/// being paced out) is retried within the same `grace`, never waited on for good.
+fn after_signal(
+    signal: i32,
+    events: &SyncSender<Event>,
+    session: &Session,
+    grace: Duration,
+) -> bool {
+    let deadline = Instant::now() + grace;
+    let mut event = Event::Signal(signal);
+    loop {
+        match events.try_send(event) {
+            Ok(()) => break,
+            // The main loop has returned: the process is ending.
+            Err(mpsc::TrySendError::Disconnected(_)) => return false,
+            Err(mpsc::TrySendError::Full(again)) if Instant::now() < deadline => {
+                event = again;
+                thread::sleep(Duration::from_millis(10));
+            }
+            Err(mpsc::TrySendError::Full(_)) => break,
+        }
+    }
+    if session.wait_ended(deadline.saturating_duration_since(Instant::now())) {
+        return false;
+    }
+    warn!(
+        "the chat did not end within {grace:?} of signal {signal}: leaving from the signal thread"
+    );
+    session.leave();
+    true
 }
 
 #[cfg(test)]

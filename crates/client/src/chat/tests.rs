@@ -821,3 +821,47 @@ fn other_history_failures_are_told_and_the_chat_goes_on() {
     // The room closed while the screen was held: the main loop is told.
     assert!(matches!(inbox.try_recv(), Ok(Event::RoomClosed)));
 }
+
+/// A signal the main loop acts on: it leaves, and the signal thread has nothing to do.
+#[test]
+fn a_signal_the_main_loop_acts_on_needs_no_help() {
+    let (session, server) = pair("lobby", "ab12");
+    let (events, inbox) = mpsc::sync_channel(1);
+    let main_loop = session.duplicate().unwrap();
+    let main = thread::spawn(move || {
+        assert!(matches!(inbox.recv(), Ok(Event::Signal(15))));
+        main_loop.leave();
+    });
+    assert!(!after_signal(
+        15,
+        &events,
+        &session,
+        Duration::from_secs(10)
+    ));
+    main.join().unwrap();
+    assert!(recv(&server).ends_with(b"__LEAVE__"));
+}
+
+/// A main loop stuck (on a standard output nobody reads) with its event queue full: the
+/// signal thread leaves for it once the grace has passed, and tells its caller to exit.
+#[test]
+fn a_stuck_main_loop_is_left_for_after_the_grace() {
+    let (session, server) = pair("lobby", "ab12");
+    let (events, _inbox) = mpsc::sync_channel(1);
+    events.send(Event::Eof).unwrap();
+    let started = Instant::now();
+    assert!(after_signal(
+        2,
+        &events,
+        &session,
+        Duration::from_millis(200)
+    ));
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    assert!(recv(&server).ends_with(b"__LEAVE__"));
+    assert!(!session.register().unwrap(), "the session has ended");
+    // A main loop already gone: nothing to do.
+    let (events, inbox) = mpsc::sync_channel(1);
+    drop(inbox);
+    let (other, _server) = pair("lobby", "cd34");
+    assert!(!after_signal(2, &events, &other, Duration::from_secs(10)));
+}
