@@ -87,6 +87,9 @@ struct Relay {
     client: Arc<Mutex<Option<SocketAddr>>>,
     /// Every datagram from `ocm`, as sent.
     from_client: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// Set: the way is cut, nothing is forwarded either way (what `ocm` sends is still
+    /// recorded).
+    cut: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Relay {
@@ -96,21 +99,29 @@ impl Relay {
             socket: socket.try_clone().expect("a second handle"),
             client: Arc::default(),
             from_client: Arc::default(),
+            cut: Arc::default(),
         };
         let (client, from_client) = (Arc::clone(&relay.client), Arc::clone(&relay.from_client));
+        let cut = Arc::clone(&relay.cut);
         // Detached: it ends with the test process, or after PATIENCE without a datagram.
         std::thread::spawn(move || {
             socket.set_read_timeout(Some(PATIENCE)).unwrap();
             let mut buf = [0u8; 65536];
             while let Ok((len, from)) = socket.recv_from(&mut buf) {
+                let cut = cut.load(std::sync::atomic::Ordering::SeqCst);
                 if from == daemon {
+                    if cut {
+                        continue;
+                    }
                     if let Some(to) = *client.lock().unwrap() {
                         let _ = socket.send_to(&buf[..len], to);
                     }
                 } else {
                     *client.lock().unwrap() = Some(from);
                     from_client.lock().unwrap().push(buf[..len].to_vec());
-                    let _ = socket.send_to(&buf[..len], daemon);
+                    if !cut {
+                        let _ = socket.send_to(&buf[..len], daemon);
+                    }
                 }
             }
         });
@@ -119,6 +130,11 @@ impl Relay {
 
     fn port(&self) -> u16 {
         self.socket.local_addr().unwrap().port()
+    }
+
+    /// Cuts the way: from now on nothing is forwarded.
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn leaves(&self) -> usize {
@@ -267,6 +283,48 @@ fn a_closure_notice_after_a_full_join_hold_is_acted_on_at_release() {
     assert_eq!(said.matches(DROPPED).count(), 3, "{said}");
     bob.type_line("/quit");
     assert!(bob.wait().success());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
+
+/// A member cut off from the server's UDP past its keepalive limit (a laptop asleep, a
+/// network gone) never hears the notice that it was removed: the server sends it into the
+/// void. Its idle check, over TCP, learns it instead: the session ends with the reason,
+/// exit status 3, and no `__LEAVE__` to a room that no longer holds it.
+#[test]
+fn a_member_cut_off_past_its_keepalive_limit_learns_it_from_the_idle_check() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    let relay = Relay::start(d.udp);
+    let mut bob = Ocm::start_at(
+        d.tcp.port(),
+        relay.port(),
+        &[
+            "join",
+            "lobby",
+            "--name",
+            "bob",
+            "--keepalive",
+            "1",
+            "--idle-check",
+            "1",
+        ],
+    );
+    bob.wait_stderr("* joined lobby as bob");
+    alice.lines_until("* bob joined");
+    wait_until("bob's __REGISTER__", || {
+        relay.client.lock().unwrap().is_some()
+    });
+    relay.cut();
+    // The server expires him after three silent keepalive periods, and says so to alice.
+    alice.lines_until("* bob timed out");
+    bob.wait_stderr(
+        "* you are no longer in room lobby: the server no longer counts you as a member \
+         (not_member)",
+    );
+    assert_eq!(bob.wait().code(), Some(OCM_ROOM_ENDED));
+    assert_eq!(relay.leaves(), 0, "no __LEAVE__ after a confirmed end");
     alice.type_line("/quit");
     assert!(alice.wait().success());
 }
