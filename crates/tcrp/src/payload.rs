@@ -4,7 +4,10 @@
 //! 1. a JSON string, `"alice"`: what the original Python client sends (`json.dumps(name)`);
 //! 2. a JSON object, `{"username": "alice", "keepalive": 10, "caps": ["seq"]}`: the door for
 //!    ocm extensions; unknown keys are ignored so later clients stay compatible;
-//! 3. failing both, the payload's UTF-8 text, taken whole as the username.
+//! 3. failing both, the payload's UTF-8 text, taken whole as the username; but a payload
+//!    that begins with `{` (after white space) and is not JSON is a JSON object gone wrong
+//!    (`{"username": "bob", "password": "pw",}`), refused as malformed: taken as a name, it
+//!    would create a room without its password and keep the password as the host's name.
 //!
 //! Replies are written the way Python's `json.dumps` writes them (`{"success": true}`, one
 //! space after `:` and `,`), so that an original client sees the bytes it always saw:
@@ -315,6 +318,11 @@ pub fn parse_request(payload: &[u8]) -> Result<Request, Error> {
                 token: parsed.token,
             };
         }
+        Err(e) if text.trim_start().starts_with('{') => {
+            return Err(Error::MalformedJson {
+                reason: format!("the payload begins like a JSON object but is not JSON ({e})"),
+            })
+        }
         _ => {
             request.username = text.to_owned();
             request.form = RequestForm::Text;
@@ -541,6 +549,28 @@ mod tests {
         assert_eq!(r.form, RequestForm::Text);
         // JSON that is neither string nor object is taken as text too.
         assert_eq!(parse_request(b"42").unwrap().username, "42");
+        // So is text that begins with a brace but not at its start, or a closing one.
+        assert_eq!(parse_request(b"a{b").unwrap().username, "a{b");
+        assert_eq!(parse_request(b"}x").unwrap().username, "}x");
+    }
+
+    /// A JSON object gone wrong (a trailing comma, a missing quote) is refused, never taken
+    /// whole as a name: that would create a room without its password and keep the password
+    /// as the host's name, shown to anyone who asks who is in the room.
+    #[test]
+    fn a_broken_json_object_is_refused_not_taken_as_a_name() {
+        for payload in [
+            &br#"{"username": "bob", "password": "hunter2",}"#[..],
+            br#"  {"username": "bob""#,
+            b"{",
+            b"\n{x}",
+        ] {
+            let refused = parse_request(payload);
+            let Err(Error::MalformedJson { reason }) = refused else {
+                panic!("{:?}: {refused:?}", String::from_utf8_lossy(payload));
+            };
+            assert!(!reason.contains("hunter2"), "{reason}");
+        }
     }
 
     #[test]
