@@ -171,13 +171,19 @@ impl Conn {
         }
     }
 
-    /// Drops the first `n` bytes of the input, decoded; once it is empty, gives back room
-    /// past what an idle connection keeps.
+    /// Drops the first `n` bytes of the input, decoded; once what is left is small, gives
+    /// back room past what an idle connection keeps. (A large request answered, followed by
+    /// a byte of the next, would otherwise keep its buffer for as long as the connection.)
     pub fn consume(&mut self, n: usize) {
         if n >= self.input.len() {
             empty(&mut self.input);
         } else {
             self.input.drain(..n);
+            if self.input.len() <= IDLE_BUFFER_BYTES / 2
+                && self.input.capacity() > IDLE_BUFFER_BYTES
+            {
+                self.input.shrink_to(IDLE_BUFFER_BYTES);
+            }
         }
     }
 
@@ -490,6 +496,15 @@ mod tests {
             c.input.len(),
             20 * 1024 - 100,
             "a partial consume keeps the rest"
+        );
+        // A large request answered with a byte of the next left behind: the room goes back
+        // too, not only once the input is empty.
+        c.consume(c.input.len() - 1);
+        assert_eq!(c.input, [1u8]);
+        assert!(
+            c.input.capacity() <= IDLE_BUFFER_BYTES,
+            "{}",
+            c.input.capacity()
         );
         c.consume(c.input.len());
         assert!(c.input.is_empty());
