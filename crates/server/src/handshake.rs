@@ -624,7 +624,12 @@ fn history_reply(messages: Vec<payload::HistoryMessage>, more: bool) -> Vec<u8> 
     serde_json::to_vec(&body).unwrap_or_default()
 }
 
-fn list_rooms(registry: &Registry) -> Vec<u8> {
+/// The ListRooms reply, made again only after a change ([`Registry::room_list`]).
+fn list_rooms(registry: &mut Registry) -> Vec<u8> {
+    registry.room_list(render_room_list)
+}
+
+fn render_room_list(registry: &Registry) -> Vec<u8> {
     // No entry is shorter than this one (a one-byte name, one digit of members, the
     // shortest number JSON writes for a float, and `true`, a byte shorter than `false`):
     // one more than fit at that size is enough to fill the reply and to know that more
@@ -1573,7 +1578,7 @@ mod tests {
         }
         assert_eq!(names.len(), 262);
         let sorted_all = room_list_reply(reg.list_rooms(usize::MAX));
-        let reply: payload::RoomList = serde_json::from_slice(&list_rooms(&reg)).unwrap();
+        let reply: payload::RoomList = serde_json::from_slice(&list_rooms(&mut reg)).unwrap();
         let expected: payload::RoomList = serde_json::from_slice(&sorted_all).unwrap();
         assert!(expected.more, "the test needs more rooms than fit");
         assert_eq!(reply.rooms.len(), expected.rooms.len());

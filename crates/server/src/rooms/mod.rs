@@ -275,6 +275,11 @@ pub struct Registry {
     tombstones: Tombstones,
     registered: usize,
     records: Vec<Record>,
+    /// Records taken so far ([`Registry::change_count`]).
+    records_taken: u64,
+    /// The last rendered room list and the [`Registry::change_count`] it was made at
+    /// ([`Registry::room_list`]).
+    room_list: Option<(u64, Vec<u8>)>,
     scratch: Vec<MemberId>,
     wall_clock: Option<(Instant, f64)>,
     /// The room key a budgeted history checkpoint stopped at; the next one starts there.
@@ -311,6 +316,8 @@ impl Registry {
             tombstones: Tombstones::new(),
             registered: 0,
             records: Vec::new(),
+            records_taken: 0,
+            room_list: None,
             scratch: Vec::new(),
             wall_clock: None,
             checkpoint_cursor: 0,
@@ -492,7 +499,31 @@ impl Registry {
 
     /// Takes the records of every change since the last call, for the journal.
     pub fn take_records(&mut self) -> Vec<Record> {
+        self.records_taken += self.records.len() as u64;
         std::mem::take(&mut self.records)
+    }
+
+    /// How many changes were recorded so far: every create, join, leave, room close,
+    /// registration and history checkpoint adds one. Whatever a room list shows (the rooms,
+    /// their member counts) changes only with a record, so a list made at one count is
+    /// current while the count stays.
+    pub fn change_count(&self) -> u64 {
+        self.records_taken + self.records.len() as u64
+    }
+
+    /// The room list rendered by `render`, made again only when a change was recorded since
+    /// the last one: a ListRooms request costs a pass over every room, and a flood of them
+    /// from a few sources must not take the loop's time from everyone else.
+    pub fn room_list(&mut self, render: impl FnOnce(&Registry) -> Vec<u8>) -> Vec<u8> {
+        let now = self.change_count();
+        if let Some((made_at, list)) = &self.room_list {
+            if *made_at == now {
+                return list.clone();
+            }
+        }
+        let list = render(self);
+        self.room_list = Some((now, list.clone()));
+        list
     }
 
     /// Whether changes are waiting to be persisted.

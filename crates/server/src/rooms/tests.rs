@@ -1356,6 +1356,62 @@ fn listing_takes_the_first_rooms_by_name() {
     out.clear();
 }
 
+/// The rendered room list is made again after every change it could show (a create, a
+/// join, a leave, a close, each with its record, taken or not), and only then.
+#[test]
+fn the_room_list_is_made_again_only_after_a_change() {
+    let mut t = room_of_three();
+    let mut out = Outbox::default();
+    let renders = std::cell::Cell::new(0);
+    let list = |reg: &mut Registry| {
+        reg.room_list(|reg: &Registry| {
+            renders.set(renders.get() + 1);
+            let rooms = reg.list_rooms(usize::MAX);
+            let shown: Vec<String> = rooms
+                .iter()
+                .map(|r| format!("{}:{}", r.name, r.members))
+                .collect();
+            shown.join(",").into_bytes()
+        })
+    };
+    assert_eq!(list(&mut t.reg), b"r:3");
+    assert_eq!(list(&mut t.reg), b"r:3");
+    assert_eq!(renders.get(), 1, "nothing changed");
+    // Records taken for the journal change nothing shown.
+    let _ = t.reg.take_records();
+    assert_eq!(list(&mut t.reg), b"r:3");
+    assert_eq!(renders.get(), 1);
+    t.reg
+        .create_room("s", &Request::original("sue"), HERE, None, t.now, 2.0)
+        .unwrap();
+    assert_eq!(list(&mut t.reg), b"r:3,s:1");
+    let _ = t.reg.take_records();
+    t.reg
+        .join_room("s", &Request::original("dan"), HERE, t.now, &mut out)
+        .unwrap();
+    assert_eq!(list(&mut t.reg), b"r:3,s:2");
+    let h = t.reg.handle_datagram(
+        addr(2),
+        None,
+        &dgram("r", &t.bob, "__LEAVE__"),
+        t.now,
+        &mut out,
+    );
+    assert_eq!(h, Handled::Left);
+    assert_eq!(list(&mut t.reg), b"r:2,s:2");
+    let h = t.reg.handle_datagram(
+        addr(1),
+        None,
+        &dgram("r", &t.host, "__LEAVE__"),
+        t.now,
+        &mut out,
+    );
+    assert!(matches!(h, Handled::Closed { .. }));
+    assert_eq!(list(&mut t.reg), b"s:2");
+    assert_eq!(list(&mut t.reg), b"s:2");
+    assert_eq!(renders.get(), 5, "one per change");
+}
+
 #[test]
 fn listing_and_presence() {
     let mut t = room_of_three();
