@@ -24,8 +24,10 @@ pub struct Metrics {
     /// Times a connection was paused for not reading its replies.
     pub tcp_pauses: u64,
     /// TCP connections refused by reason (`max_connections`, `max_connections_per_ip`,
-    /// `max_metrics_connections`).
+    /// `max_metrics_connections`, `poll_register`).
     pub tcp_rejected: BTreeMap<&'static str, u64>,
+    /// Answers of the metrics endpoint by status code (`200`, `400`, `404`, `431`).
+    pub http_responses: BTreeMap<&'static str, u64>,
     /// TCP connections closed by reason.
     pub tcp_closed: BTreeMap<&'static str, u64>,
     /// TCP connections open now.
@@ -286,7 +288,7 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
             );
         }
-        let labelled: [(&str, &str, &str, &BTreeMap<&'static str, u64>); 6] = [
+        let labelled: [(&str, &str, &str, &BTreeMap<&'static str, u64>); 7] = [
             (
                 "ocm_tcp_connections_rejected_total",
                 "TCP connections refused at accept.",
@@ -322,6 +324,12 @@ impl Metrics {
                 "Configuration reloads.",
                 "result",
                 &self.reloads,
+            ),
+            (
+                "ocm_http_responses_total",
+                "Answers of the metrics endpoint.",
+                "code",
+                &self.http_responses,
             ),
         ];
         for (name, help, label, map) in labelled {

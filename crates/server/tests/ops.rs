@@ -523,6 +523,20 @@ fn healthz_and_unknown_paths() {
     let (status, body) = http(addr, "GET /metrics?x=1 HTTP/1.1\r\n\r\n");
     assert_eq!(status, "HTTP/1.1 200 OK");
     assert!(body.contains("# TYPE ocm_rooms gauge"));
+    // A head that does not end within 8 KiB: exactly 8 KiB, so that nothing is left unread
+    // when the daemon closes (unread bytes would make the close an RST that may cut the
+    // answer).
+    let long = format!("GET /{} HTTP/1.1\r\n", "x".repeat(8192 - 16));
+    assert_eq!(long.len(), 8192);
+    let (status, _) = http(addr, &long);
+    assert_eq!(status, "HTTP/1.1 431 Request Header Fields Too Large");
+    // Every answer is counted by its code, this scrape included: /healthz twice (GET and
+    // HEAD), /metrics twice.
+    let body = d.http_get("/metrics");
+    for (code, count) in [("200", 4), ("400", 1), ("404", 2), ("431", 1)] {
+        let sample = format!("ocm_http_responses_total{{code=\"{code}\"}} {count}\n");
+        assert!(body.contains(&sample), "{sample:?} in:\n{body}");
+    }
 }
 
 #[test]

@@ -98,6 +98,7 @@ impl Server {
                     .register(&mut stream, id.token(), Interest::READABLE)
             {
                 warn!("{peer}: cannot register connection: {e}");
+                Metrics::bump(&mut self.metrics.tcp_rejected, "poll_register");
                 continue;
             }
             let deadline = now + Duration::from_secs(self.config.limits.handshake_timeout_secs);

@@ -274,7 +274,7 @@ impl Server {
             return Some("io_error");
         }
         let parsed = http::parse(&conn.input);
-        let reply = match parsed {
+        let (code, reply) = match parsed {
             Some((Route::Metrics, head)) => {
                 self.metrics.udp_kernel_drops =
                     udp::kernel_drops(&self.udp).unwrap_or(self.metrics.udp_kernel_drops);
@@ -283,30 +283,44 @@ impl Server {
                 if let Some(persister) = &self.persister {
                     self.metrics.state_compactions(persister.compactions());
                 }
+                // Counted before the render, so that a scrape sees itself.
+                Metrics::bump(&mut self.metrics.http_responses, "200");
                 let body = self.metrics.render(self.registry.stats());
-                http::response(
+                let reply = http::response(
                     "200 OK",
                     "text/plain; version=0.0.4; charset=utf-8",
                     &body,
                     head,
-                )
+                );
+                (None, reply)
             }
-            Some((Route::Health, head)) => http::response("200 OK", "text/plain", "ok\n", head),
-            Some((Route::NotFound, head)) => {
-                http::response("404 Not Found", "text/plain", "not found\n", head)
-            }
-            Some((Route::BadRequest, _)) => {
-                http::response("400 Bad Request", "text/plain", "bad request\n", false)
-            }
-            None if conn.input.len() >= http::MAX_REQUEST_BYTES => http::response(
-                "431 Request Header Fields Too Large",
-                "text/plain",
-                "too large\n",
-                false,
+            Some((Route::Health, head)) => (
+                Some("200"),
+                http::response("200 OK", "text/plain", "ok\n", head),
+            ),
+            Some((Route::NotFound, head)) => (
+                Some("404"),
+                http::response("404 Not Found", "text/plain", "not found\n", head),
+            ),
+            Some((Route::BadRequest, _)) => (
+                Some("400"),
+                http::response("400 Bad Request", "text/plain", "bad request\n", false),
+            ),
+            None if conn.input.len() >= http::MAX_REQUEST_BYTES => (
+                Some("431"),
+                http::response(
+                    "431 Request Header Fields Too Large",
+                    "text/plain",
+                    "too large\n",
+                    false,
+                ),
             ),
             None if conn.read_closed => return Some("peer_closed"),
             None => return None,
         };
+        if let Some(code) = code {
+            Metrics::bump(&mut self.metrics.http_responses, code);
+        }
         let conn = self.conns.get_mut(id.0)?;
         conn.queue(reply, None);
         conn.close_after_flush = true;
