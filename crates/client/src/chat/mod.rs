@@ -52,6 +52,7 @@ pub use session::Session;
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread;
@@ -155,7 +156,8 @@ fn lock(screen: &Mutex<Screen>) -> MutexGuard<'_, Screen> {
 pub fn run(session: Session, options: Options) -> Result<Ending, ClientError> {
     let (events, inbox) = mpsc::sync_channel(EVENT_QUEUE);
     // Signals first: from here on Ctrl+C must not kill us before we can say __LEAVE__.
-    spawn_signal_watcher(events.clone(), &session)?;
+    let signalled = Arc::new(AtomicI32::new(0));
+    spawn_signal_watcher(events.clone(), Arc::clone(&signalled), &session)?;
     let screen = Arc::new(Mutex::new(Screen::new(
         &session.room_name,
         Box::new(PlainPrinter),
@@ -216,7 +218,13 @@ pub fn run(session: Session, options: Options) -> Result<Ending, ClientError> {
 
     let mut pacer = Pacer::new(pacing::CHAT_PER_SEC, pacing::CHAT_BURST, Instant::now());
     loop {
-        // Timers first, on every pass: a steady stream of events must not hold them back.
+        // A signal first: it may be behind a full queue of lines to send.
+        let signal = signalled.load(Ordering::SeqCst);
+        if signal != 0 {
+            debug!("signal {signal}");
+            break;
+        }
+        // Timers next, on every pass: a steady stream of events must not hold them back.
         if let Some(action) = closures.due(Instant::now()) {
             let settled = settle(action, &mut closures, &checker, &screen);
             if let Some(end) = end_on(settled, &session, &screen, &mut terminal) {
@@ -401,15 +409,21 @@ fn send_own(
 /// signal thread ends it itself ([`after_signal`]).
 const SIGNAL_GRACE: Duration = Duration::from_secs(3);
 
-/// Reports the first termination signal to the main loop, which leaves. Should the chat not
-/// have ended [`SIGNAL_GRACE`] later, the main loop is stuck: on the screen, which waits for
+/// Reports the first termination signal to the main loop, which leaves: in `signalled`,
+/// which the main loop reads on every pass (the event queue may be full of lines being
+/// paced out), and as an event to wake it. Should the chat not have ended [`SIGNAL_GRACE`]
+/// later, the main loop is stuck: on the screen, which waits for
 /// a standard output nobody reads (a pipe whose reader stopped, a stopped terminal). The
 /// keepalive thread would then keep us in the room for as long as that lasts, so this
 /// thread says `__LEAVE__` itself and exits with [`EXIT_FAILURE`](crate::error::EXIT_FAILURE),
 /// printing nothing: standard error may be as stuck as standard output. The line editor
 /// prints through a queue, never stuck, so a terminal in raw mode is always given back by
 /// the main loop.
-fn spawn_signal_watcher(events: SyncSender<Event>, session: &Session) -> Result<(), ClientError> {
+fn spawn_signal_watcher(
+    events: SyncSender<Event>,
+    signalled: Arc<AtomicI32>,
+    session: &Session,
+) -> Result<(), ClientError> {
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT])
         .map_err(ClientError::io("installing signal handlers"))?;
     let session = session.duplicate().map_err(ClientError::io(
@@ -419,7 +433,7 @@ fn spawn_signal_watcher(events: SyncSender<Event>, session: &Session) -> Result<
         .name("signals".into())
         .spawn(move || {
             if let Some(signal) = signals.forever().next() {
-                if after_signal(signal, &events, &session, SIGNAL_GRACE) {
+                if after_signal(signal, (&signalled, &events), &session, SIGNAL_GRACE) {
                     std::process::exit(crate::error::EXIT_FAILURE.into());
                 }
             }
@@ -428,30 +442,21 @@ fn spawn_signal_watcher(events: SyncSender<Event>, session: &Session) -> Result<
     Ok(())
 }
 
-/// Tells the main loop of `signal` and waits up to `grace` for the session to end; if it has
-/// not, says `__LEAVE__` and returns true (the caller exits). A full event queue (a paste
-/// being paced out) is retried within the same `grace`, never waited on for good.
+/// Tells the main loop of `signal` (the flag, then an event to wake it, unless the queue is
+/// full: then it is busy and reads the flag within a pass) and waits up to `grace` for the
+/// session to end; if it has not, says `__LEAVE__` and returns true (the caller exits).
 fn after_signal(
     signal: i32,
-    events: &SyncSender<Event>,
+    (signalled, events): (&AtomicI32, &SyncSender<Event>),
     session: &Session,
     grace: Duration,
 ) -> bool {
-    let deadline = Instant::now() + grace;
-    let mut event = Event::Signal(signal);
-    loop {
-        match events.try_send(event) {
-            Ok(()) => break,
-            // The main loop has returned: the process is ending.
-            Err(mpsc::TrySendError::Disconnected(_)) => return false,
-            Err(mpsc::TrySendError::Full(again)) if Instant::now() < deadline => {
-                event = again;
-                thread::sleep(Duration::from_millis(10));
-            }
-            Err(mpsc::TrySendError::Full(_)) => break,
-        }
+    signalled.store(signal, Ordering::SeqCst);
+    if let Err(mpsc::TrySendError::Disconnected(_)) = events.try_send(Event::Signal(signal)) {
+        // The main loop has returned: the process is ending.
+        return false;
     }
-    if session.wait_ended(deadline.saturating_duration_since(Instant::now())) {
+    if session.wait_ended(grace) {
         return false;
     }
     warn!(

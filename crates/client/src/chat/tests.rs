@@ -827,17 +827,39 @@ fn other_history_failures_are_told_and_the_chat_goes_on() {
 fn a_signal_the_main_loop_acts_on_needs_no_help() {
     let (session, server) = pair("lobby", "ab12");
     let (events, inbox) = mpsc::sync_channel(1);
+    let signalled = AtomicI32::new(0);
     let main_loop = session.duplicate().unwrap();
     let main = thread::spawn(move || {
         assert!(matches!(inbox.recv(), Ok(Event::Signal(15))));
         main_loop.leave();
     });
-    assert!(!after_signal(
-        15,
-        &events,
-        &session,
-        Duration::from_secs(10)
-    ));
+    let grace = Duration::from_secs(10);
+    assert!(!after_signal(15, (&signalled, &events), &session, grace));
+    main.join().unwrap();
+    assert!(recv(&server).ends_with(b"__LEAVE__"));
+    assert_eq!(signalled.load(Ordering::SeqCst), 15);
+}
+
+/// A main loop busy with a full queue (lines being paced out) cannot be sent the event: it
+/// reads the flag on its next pass and leaves, well within the grace.
+#[test]
+fn a_busy_main_loop_reads_the_signal_from_the_flag() {
+    let (session, server) = pair("lobby", "ab12");
+    let (events, inbox) = mpsc::sync_channel(1);
+    events.send(Event::Eof).unwrap();
+    let signalled = Arc::new(AtomicI32::new(0));
+    let (main_loop, seen) = (session.duplicate().unwrap(), Arc::clone(&signalled));
+    let main = thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while seen.load(Ordering::SeqCst) != 2 {
+            assert!(Instant::now() < deadline, "the flag was never set");
+            thread::sleep(Duration::from_millis(1));
+        }
+        main_loop.leave();
+        drop(inbox);
+    });
+    let grace = Duration::from_secs(10);
+    assert!(!after_signal(2, (&signalled, &events), &session, grace));
     main.join().unwrap();
     assert!(recv(&server).ends_with(b"__LEAVE__"));
 }
@@ -849,19 +871,17 @@ fn a_stuck_main_loop_is_left_for_after_the_grace() {
     let (session, server) = pair("lobby", "ab12");
     let (events, _inbox) = mpsc::sync_channel(1);
     events.send(Event::Eof).unwrap();
+    let signalled = AtomicI32::new(0);
     let started = Instant::now();
-    assert!(after_signal(
-        2,
-        &events,
-        &session,
-        Duration::from_millis(200)
-    ));
-    assert!(started.elapsed() >= Duration::from_millis(200));
+    let grace = Duration::from_millis(200);
+    assert!(after_signal(2, (&signalled, &events), &session, grace));
+    assert!(started.elapsed() >= grace);
     assert!(recv(&server).ends_with(b"__LEAVE__"));
     assert!(!session.register().unwrap(), "the session has ended");
     // A main loop already gone: nothing to do.
     let (events, inbox) = mpsc::sync_channel(1);
     drop(inbox);
     let (other, _server) = pair("lobby", "cd34");
-    assert!(!after_signal(2, &events, &other, Duration::from_secs(10)));
+    let grace = Duration::from_secs(10);
+    assert!(!after_signal(2, (&signalled, &events), &other, grace));
 }
