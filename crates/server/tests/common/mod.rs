@@ -530,15 +530,29 @@ impl Member {
         self.socket.send_to(bytes, self.server).expect("send");
     }
 
-    /// Waits for the next datagram from the daemon (panics after [`PATIENCE`]).
+    /// Waits for the next datagram from the daemon (panics after [`PATIENCE`]). Datagrams
+    /// from any other source are skipped: tests run in parallel, and a port this socket took
+    /// may have been another test's, whose daemon or relay still sends to it.
     pub fn recv_raw(&self) -> Vec<u8> {
         let mut buf = vec![0u8; 65536];
-        let (n, from) = self
-            .socket
-            .recv_from(&mut buf)
-            .expect("a datagram within the deadline");
-        assert_eq!(from, self.server, "datagram from the daemon");
-        buf[..n].to_vec()
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let (n, from) = self
+                .socket
+                .recv_from(&mut buf)
+                .expect("a datagram within the deadline");
+            if from == self.server {
+                return buf[..n].to_vec();
+            }
+            eprintln!(
+                "skipped a datagram from {from}, not the daemon ({})",
+                self.server
+            );
+            assert!(
+                Instant::now() < deadline,
+                "no datagram from the daemon in time"
+            );
+        }
     }
 
     /// The next datagram, rendered: `sender: text`, `CLOSED`, `#seq sender: text`,
