@@ -528,8 +528,16 @@ impl Config {
     /// Refuses TCP listeners that could not both be bound: the handshake and metrics
     /// listeners on the same port, at the same address or with one of them on a wildcard
     /// address. Port 0 asks the system for a free port, so it never clashes; the UDP socket
-    /// is another protocol and may share a port number with either.
+    /// is another protocol and may share a port number with either. Whether `[::]` takes
+    /// the IPv4 addresses too is the host's `net.ipv6.bindv6only` (`ocmd` does not set
+    /// `IPV6_V6ONLY`): read here, as the bind will find it.
     pub fn check_listeners(&self) -> Result<(), String> {
+        self.check_listeners_where(v6_wildcard_takes_ipv4())
+    }
+
+    /// [`Config::check_listeners`] on a host where `[::]` does (`v6_takes_v4`) or does not
+    /// take the IPv4 addresses.
+    fn check_listeners_where(&self, v6_takes_v4: bool) -> Result<(), String> {
         let Some(metrics) = self.metrics_addr()? else {
             return Ok(());
         };
@@ -554,7 +562,7 @@ impl Config {
         }
         let Some(wildcard) = [a, b]
             .into_iter()
-            .find(|&w| takes_port_of(w, a) && takes_port_of(w, b))
+            .find(|&w| takes_port_of(w, a, v6_takes_v4) && takes_port_of(w, b, v6_takes_v4))
         else {
             return Ok(());
         };
@@ -562,7 +570,11 @@ impl Config {
             "listen.tcp ({tcp}) and listen.metrics ({metrics}) clash: {wildcard} takes TCP port \
              {} on every {}address; give them different ports",
             tcp.port(),
-            if wildcard.is_ipv4() { "IPv4 " } else { "" },
+            match wildcard {
+                IpAddr::V4(_) => "IPv4 ",
+                IpAddr::V6(_) if !v6_takes_v4 => "IPv6 ",
+                IpAddr::V6(_) => "",
+            },
         ))
     }
 
@@ -657,15 +669,23 @@ impl Overrides {
 
 /// Whether a TCP listener bound to `wildcard` holds its port for `ip` too: `ip` itself,
 /// or every address when `wildcard` is unspecified. `0.0.0.0` takes the IPv4 addresses
-/// (IPv4-mapped IPv6 ones among them); `::` takes every address, IPv4 ones too: `ocmd`
-/// does not set `IPV6_V6ONLY`, and the host default (`net.ipv6.bindv6only`) is usually off.
-/// Both are canonical (see [`IpAddr::to_canonical`]).
-fn takes_port_of(wildcard: IpAddr, ip: IpAddr) -> bool {
+/// (IPv4-mapped IPv6 ones among them); `::` takes every IPv6 address, and the IPv4 ones
+/// too when `v6_takes_v4` (`ocmd` does not set `IPV6_V6ONLY`, so the host's
+/// `net.ipv6.bindv6only` decides; it is usually off). Both are canonical (see
+/// [`IpAddr::to_canonical`]).
+fn takes_port_of(wildcard: IpAddr, ip: IpAddr, v6_takes_v4: bool) -> bool {
     match wildcard {
-        IpAddr::V6(w) if w.is_unspecified() => true,
+        IpAddr::V6(w) if w.is_unspecified() => v6_takes_v4 || ip.is_ipv6(),
         IpAddr::V4(w) if w.is_unspecified() => ip.is_ipv4(),
         _ => wildcard == ip,
     }
+}
+
+/// Whether a socket bound to `[::]` here takes the IPv4 addresses too: unless the host's
+/// `net.ipv6.bindv6only` is 1 (read from /proc; a host without it, or without IPv6, is
+/// taken as the kernel's default, 0).
+fn v6_wildcard_takes_ipv4() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").map_or(true, |v| v.trim() != "1")
 }
 
 /// Parses a log level name.
@@ -826,11 +846,35 @@ mod tests {
             ("[2001:db8::1%2]:9090", "[2001:db8::1%3]:9090", "are both"),
         ];
         for (tcp, metrics, says) in clashes {
-            let err = listening(tcp, metrics).check_listeners().unwrap_err();
+            let err = listening(tcp, metrics)
+                .check_listeners_where(true)
+                .unwrap_err();
             for part in ["listen.tcp", "listen.metrics", says] {
                 assert!(err.contains(part), "{tcp} / {metrics}: {err:?}");
             }
         }
+    }
+
+    /// With `net.ipv6.bindv6only = 1`, `[::]` takes only the IPv6 addresses: beside an IPv4
+    /// address on the same port it binds, and beside an IPv6 one it still clashes.
+    #[test]
+    fn with_bindv6only_the_ipv6_wildcard_leaves_ipv4_alone() {
+        for (tcp, metrics) in [
+            ("[::]:9090", "127.0.0.1:9090"),
+            ("0.0.0.0:9090", "[::]:9090"),
+            ("[::]:9090", "[::ffff:127.0.0.1]:9090"),
+        ] {
+            let c = listening(tcp, metrics);
+            assert_eq!(c.check_listeners_where(false), Ok(()), "{tcp} / {metrics}");
+            assert!(c.check_listeners_where(true).is_err(), "{tcp} / {metrics}");
+        }
+        let err = listening("[::1]:9090", "[::]:9090")
+            .check_listeners_where(false)
+            .unwrap_err();
+        assert!(
+            err.contains(":: takes TCP port 9090 on every IPv6 address"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -849,7 +893,7 @@ mod tests {
         ];
         for (tcp, metrics) in fine {
             assert_eq!(
-                listening(tcp, metrics).check_listeners(),
+                listening(tcp, metrics).check_listeners_where(true),
                 Ok(()),
                 "{tcp} / {metrics}"
             );
@@ -857,9 +901,9 @@ mod tests {
         // The UDP socket is another protocol: it may share the port number.
         let mut c = listening("127.0.0.1:9090", "127.0.0.1:9092");
         c.listen.udp = "127.0.0.1:9090".parse().unwrap();
-        assert_eq!(c.check_listeners(), Ok(()));
+        assert_eq!(c.check_listeners_where(true), Ok(()));
         c.listen.udp = "127.0.0.1:9092".parse().unwrap();
-        assert_eq!(c.check_listeners(), Ok(()));
+        assert_eq!(c.check_listeners_where(true), Ok(()));
     }
 
     #[test]
