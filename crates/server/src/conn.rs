@@ -22,6 +22,12 @@ use crate::delay::{DelayHistogram, DurableWait};
 /// 15 KiB room list do not hold its room for good.
 const IDLE_BUFFER_BYTES: usize = 4096;
 
+/// How long a lingering close waits for the peer's end (see [`Conn::linger`]).
+pub const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The most a lingering close reads and throws away in one go before it gives up on the peer.
+const LINGER_MAX_BYTES: usize = 256 * 1024;
+
 /// Empties `buffer`, giving back room past [`IDLE_BUFFER_BYTES`].
 fn empty(buffer: &mut Vec<u8>) {
     buffer.clear();
@@ -102,6 +108,10 @@ pub struct Conn {
     pub read_closed: bool,
     /// Close once the output is flushed.
     pub close_after_flush: bool,
+    /// Our side is shut down after the last reply, and what the peer still sends is read and
+    /// thrown away until its end ([`Conn::discard_input`]), so that the close sends no RST
+    /// that could destroy the reply before the peer reads it.
+    pub lingering: bool,
     /// The connection is in the loop's list of those holding replies for the disk.
     pub listed_holding: bool,
     /// Answering stopped because the replies waiting (held ones included) stayed over
@@ -129,6 +139,7 @@ impl Conn {
             activity: 0,
             read_closed: false,
             close_after_flush: false,
+            lingering: false,
             paused: false,
             listed_holding: false,
             interest: Interest::READABLE,
@@ -263,10 +274,49 @@ impl Conn {
         self.written < self.output.len()
     }
 
-    /// Whether the connection has nothing left to do and should be closed.
+    /// Whether the connection has nothing left to do and should be closed (once a lingering
+    /// close has begun, when the peer's end has come).
     pub fn finished(&self) -> bool {
         let idle = !self.wants_write() && self.held.is_empty() && self.awaiting_password.is_none();
-        idle && (self.close_after_flush || self.read_closed)
+        idle && (self.read_closed || (self.close_after_flush && !self.lingering))
+    }
+
+    /// Begins a lingering close: shuts our sending side (the peer reads our replies, then our
+    /// end) and throws away what has already come. Returns whether the connection can be
+    /// closed now: the peer's end has come, or shutting down failed.
+    pub fn linger(&mut self) -> bool {
+        self.lingering = true;
+        self.input = Vec::new();
+        if self.stream.shutdown(std::net::Shutdown::Write).is_err() {
+            return true;
+        }
+        !self.discard_input()
+    }
+
+    /// Reads and throws away what the peer sends, until the socket is drained; returns
+    /// whether to go on lingering: false once the peer's end has come, a read failed, or
+    /// more than [`LINGER_MAX_BYTES`] came in this call (a peer that keeps sending is not
+    /// waited for).
+    pub fn discard_input(&mut self) -> bool {
+        let mut chunk = [0u8; 4096];
+        let mut thrown = 0;
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => {
+                    self.read_closed = true;
+                    return false;
+                }
+                Ok(n) => {
+                    thrown += n;
+                    if thrown > LINGER_MAX_BYTES {
+                        return false;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            }
+        }
     }
 
     /// The interest the connection needs now: WRITABLE only while output is queued.

@@ -503,6 +503,54 @@ fn the_fold_at_start_shows_in_the_metrics_before_any_traffic() {
     assert!(d.metric("ocm_state_compaction_last_seconds") > 0.0);
 }
 
+/// A request refused before all of it was read (a head that never ends within 8 KiB) gets
+/// its whole answer: the daemon closes its side and reads what is still coming until the
+/// peer's end, instead of closing with unread bytes, which sends an RST that may destroy
+/// the answer before the client reads it.
+#[test]
+fn an_answer_to_an_oversized_request_is_not_cut_by_a_reset() {
+    let d = Daemon::start_with(Options {
+        metrics: true,
+        ..Options::default()
+    });
+    let addr = d.metrics.expect("metrics on");
+    for _ in 0..5 {
+        let mut s = TcpStream::connect(addr).expect("connect metrics");
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        // 64 KiB: far more than the daemon reads before it answers.
+        let junk = format!("GET /{} HTTP/1.1\r\n", "x".repeat(64 * 1024));
+        s.write_all(junk.as_bytes())
+            .expect("the daemon takes the request");
+        // The client has finished sending: only then does it read.
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut response = String::new();
+        s.read_to_string(&mut response)
+            .expect("the whole answer, then the end, not a reset");
+        assert!(
+            response.starts_with("HTTP/1.1 431 Request Header Fields Too Large"),
+            "{response:?}"
+        );
+    }
+    // The same for a TCRP frame whose payload is over the cap: its refusal arrives whole.
+    let mut s = TcpStream::connect(d.tcp).expect("connect");
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut frame = vec![0u8; 32];
+    frame[0] = 1;
+    frame[1] = 1; // create
+    frame[2] = 0; // REQUEST
+    let size: u64 = 1 << 30;
+    frame[24..32].copy_from_slice(&size.to_be_bytes());
+    frame.push(b'r');
+    frame.extend(std::iter::repeat_n(b'x', 64 * 1024));
+    s.write_all(&frame).expect("the daemon takes the frame");
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply)
+        .expect("the whole refusal, then the end, not a reset");
+    let text = String::from_utf8_lossy(&reply);
+    assert!(text.contains("malformed_request"), "{text:?}");
+}
+
 #[test]
 fn healthz_and_unknown_paths() {
     let d = Daemon::start_with(Options {

@@ -11,7 +11,7 @@ use mio::Interest;
 use super::{
     may_log_drop, ConnId, EvictionClass, Server, ACCEPT_RETRY, EVICTION_PICKS, MAX_HTTP_CONNECTIONS,
 };
-use crate::conn::{Conn, Kind, ReadUntil};
+use crate::conn::{Conn, Kind, ReadUntil, LINGER};
 use crate::metrics::Metrics;
 use crate::rate;
 
@@ -180,7 +180,7 @@ impl Server {
     }
 
     /// Makes room for a new metrics connection: closes the oldest one that has not sent a
-    /// complete request. Each is answered once and closed, so one still without a request
+    /// complete request or was answered and waits for the peer's end. Each is answered once and closed, so one still without a request
     /// is idle or slow; one whose answer is being sent stays. A request may be waiting unread
     /// (a burst of connections is accepted before their readable events are handled), so each
     /// is read first, oldest first, and answered if it can be; one answered at once frees its
@@ -193,14 +193,23 @@ impl Server {
             if self.http_conns.len() < open {
                 return true;
             }
-            let Some(conn) = self.conns.get(id.0).filter(|c| !c.close_after_flush) else {
+            // One being answered stays; one answered whose peer has not closed its side yet
+            // (lingering) does not need to.
+            let Some(conn) = self
+                .conns
+                .get(id.0)
+                .filter(|c| !c.close_after_flush || c.lingering)
+            else {
                 continue;
             };
             debug!(
                 "{}: closed to make room for a new metrics connection",
                 conn.peer
             );
-            self.close(id, "evicted");
+            // An answered one was closing anyway: its close is the protocol's, not an
+            // eviction of a client that got nothing.
+            let reason = if conn.lingering { "protocol" } else { "evicted" };
+            self.close(id, reason);
             return true;
         }
         false
@@ -266,11 +275,23 @@ impl Server {
                 conn.paused = false;
                 self.revisit.push(id);
             } else if conn.finished() {
-                close = Some(if conn.close_after_flush {
+                let reason = if conn.close_after_flush {
                     "protocol"
                 } else {
                     "peer_closed"
-                });
+                };
+                // Closing with the peer's bytes unread would send an RST, which may destroy
+                // our last reply before the peer reads it (a refusal of a request too large
+                // to read whole): shut our side and read to the peer's end first.
+                if conn.close_after_flush && !conn.read_closed && !conn.lingering {
+                    if conn.linger() {
+                        close = Some(reason);
+                    } else {
+                        conn.restart_timer(Instant::now() + LINGER, &mut self.activity);
+                    }
+                } else {
+                    close = Some(reason);
+                }
             }
         }
         if let Some(reason) = close {

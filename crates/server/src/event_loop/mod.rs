@@ -331,7 +331,10 @@ impl Server {
                 // A paused connection ran out of time with its replies unread.
                 let mut reason = "timeout";
                 if let Some(conn) = self.conns.get(id.0) {
-                    if conn.paused {
+                    if conn.lingering {
+                        // Its last reply was sent: the peer just never closed its side.
+                        reason = "protocol";
+                    } else if conn.paused {
                         reason = "output_overflow";
                         debug!("{}: replies not read in time", conn.peer);
                     } else {

@@ -13,7 +13,7 @@ use super::{
     unix_now, ConnId, Server, MAX_PASSWORD_JOBS, MAX_PASSWORD_JOBS_PER_SOURCE, READS_PER_EVENT,
     READ_SLACK,
 };
-use crate::conn::{Filled, ReadUntil};
+use crate::conn::{Conn, Filled, ReadUntil};
 use crate::handshake::{self, Context, Step};
 use crate::http::{self, Route};
 use crate::metrics::{operation_label, Metrics};
@@ -47,6 +47,9 @@ impl Server {
             HEADER_LEN + usize::from(u8::MAX) + self.config.limits.max_payload_bytes + READ_SLACK;
         for _ in 0..READS_PER_EVENT {
             let conn = self.conns.get_mut(id.0)?;
+            if conn.lingering {
+                return lingered(conn);
+            }
             // A paused connection reads nothing until its replies drain (`after_io` resumes).
             if conn.close_after_flush || conn.paused {
                 return None;
@@ -266,6 +269,9 @@ impl Server {
 
     pub(super) fn read_http(&mut self, id: ConnId) -> Option<&'static str> {
         let conn = self.conns.get_mut(id.0)?;
+        if conn.lingering {
+            return lingered(conn);
+        }
         if conn.close_after_flush {
             return None;
         }
@@ -325,6 +331,17 @@ impl Server {
         conn.queue(reply, None);
         conn.close_after_flush = true;
         None
+    }
+}
+
+/// Throws away what a lingering connection's peer sent ([`Conn::discard_input`]); the close
+/// reason when the lingering is over for another reason than the peer's end (which
+/// `after_io` sees as the connection finished).
+fn lingered(conn: &mut Conn) -> Option<&'static str> {
+    if conn.discard_input() || conn.read_closed {
+        None
+    } else {
+        Some("protocol")
     }
 }
 
