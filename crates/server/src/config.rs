@@ -538,7 +538,28 @@ impl Config {
     /// [`Config::check_listeners`] on a host where `[::]` does (`v6_takes_v4`) or does not
     /// take the IPv4 addresses.
     fn check_listeners_where(&self, v6_takes_v4: bool) -> Result<(), String> {
-        let Some(metrics) = self.metrics_addr()? else {
+        let metrics = self.metrics_addr()?;
+        // An IPv6 socket that takes no IPv4 cannot bind an IPv4-mapped address (EINVAL at
+        // start, exit 1, which systemd retries for ever).
+        if !v6_takes_v4 {
+            let listeners = [
+                ("listen.tcp", Some(self.listen.tcp)),
+                ("listen.udp", Some(self.listen.udp)),
+                ("listen.metrics", metrics),
+            ];
+            for (key, addr) in listeners {
+                if let Some(SocketAddr::V6(v6)) = addr {
+                    if let Some(v4) = v6.ip().to_ipv4_mapped() {
+                        return Err(format!(
+                            "{key} ({v6}) is an IPv4-mapped address, which this host cannot \
+                             bind (net.ipv6.bindv6only = 1): write it as {v4}:{}",
+                            v6.port()
+                        ));
+                    }
+                }
+            }
+        }
+        let Some(metrics) = metrics else {
             return Ok(());
         };
         let tcp = self.listen.tcp;
@@ -856,13 +877,13 @@ mod tests {
     }
 
     /// With `net.ipv6.bindv6only = 1`, `[::]` takes only the IPv6 addresses: beside an IPv4
-    /// address on the same port it binds, and beside an IPv6 one it still clashes.
+    /// address on the same port it binds, and beside an IPv6 one it still clashes; an
+    /// IPv4-mapped address cannot be bound at all.
     #[test]
     fn with_bindv6only_the_ipv6_wildcard_leaves_ipv4_alone() {
         for (tcp, metrics) in [
             ("[::]:9090", "127.0.0.1:9090"),
             ("0.0.0.0:9090", "[::]:9090"),
-            ("[::]:9090", "[::ffff:127.0.0.1]:9090"),
         ] {
             let c = listening(tcp, metrics);
             assert_eq!(c.check_listeners_where(false), Ok(()), "{tcp} / {metrics}");
@@ -875,6 +896,25 @@ mod tests {
             err.contains(":: takes TCP port 9090 on every IPv6 address"),
             "{err}"
         );
+        for (tcp, metrics, key) in [
+            ("[::]:9090", "[::ffff:127.0.0.1]:9090", "listen.metrics"),
+            ("[::ffff:127.0.0.1]:9090", "off", "listen.tcp"),
+        ] {
+            let err = listening(tcp, metrics)
+                .check_listeners_where(false)
+                .unwrap_err();
+            assert!(
+                err.contains(key) && err.contains("write it as 127.0.0.1:9090"),
+                "{err}"
+            );
+        }
+        let mut c = listening("127.0.0.1:9090", "off");
+        c.listen.udp = "[::ffff:127.0.0.1]:9091".parse().unwrap();
+        assert!(c
+            .check_listeners_where(false)
+            .unwrap_err()
+            .contains("listen.udp"));
+        assert_eq!(c.check_listeners_where(true), Ok(()));
     }
 
     #[test]

@@ -25,7 +25,7 @@ const IDLE_BUFFER_BYTES: usize = 4096;
 /// How long a lingering close waits for the peer's end (see [`Conn::linger`]).
 pub const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// The most a lingering close reads and throws away in one go before it gives up on the peer.
+/// The most a lingering close reads and throws away before it gives up on the peer.
 const LINGER_MAX_BYTES: usize = 256 * 1024;
 
 /// Empties `buffer`, giving back room past [`IDLE_BUFFER_BYTES`].
@@ -112,6 +112,8 @@ pub struct Conn {
     /// thrown away until its end ([`Conn::discard_input`]), so that the close sends no RST
     /// that could destroy the reply before the peer reads it.
     pub lingering: bool,
+    /// Bytes thrown away while lingering.
+    lingered_bytes: usize,
     /// The connection is in the loop's list of those holding replies for the disk.
     pub listed_holding: bool,
     /// Answering stopped because the replies waiting (held ones included) stayed over
@@ -140,6 +142,7 @@ impl Conn {
             read_closed: false,
             close_after_flush: false,
             lingering: false,
+            lingered_bytes: 0,
             paused: false,
             listed_holding: false,
             interest: Interest::READABLE,
@@ -282,39 +285,39 @@ impl Conn {
     }
 
     /// Begins a lingering close: shuts our sending side (the peer reads our replies, then our
-    /// end) and throws away what has already come. Returns whether the connection can be
-    /// closed now: the peer's end has come, or shutting down failed.
-    pub fn linger(&mut self) -> bool {
+    /// end) and throws away what has already come. Returns the close reason if the
+    /// connection is to be closed now ([`Conn::discard_input`]; a failed shutdown is an
+    /// `io_error`).
+    pub fn linger(&mut self) -> Option<&'static str> {
         self.lingering = true;
         self.input = Vec::new();
         if self.stream.shutdown(std::net::Shutdown::Write).is_err() {
-            return true;
+            return Some("io_error");
         }
-        !self.discard_input()
+        self.discard_input()
     }
 
-    /// Reads and throws away what the peer sends, until the socket is drained; returns
-    /// whether to go on lingering: false once the peer's end has come, a read failed, or
-    /// more than [`LINGER_MAX_BYTES`] came in this call (a peer that keeps sending is not
-    /// waited for).
-    pub fn discard_input(&mut self) -> bool {
-        let mut chunk = [0u8; 4096];
-        let mut thrown = 0;
+    /// Reads and throws away what the peer sends, until the socket is drained. Returns the
+    /// close reason once lingering is over: `protocol` at the peer's end (`read_closed` set)
+    /// or past [`LINGER_MAX_BYTES`] in all (a peer that keeps sending is not waited for),
+    /// `io_error` if a read failed; `None` to go on.
+    pub fn discard_input(&mut self) -> Option<&'static str> {
+        let mut chunk = [0u8; 16 * 1024];
         loop {
             match self.stream.read(&mut chunk) {
                 Ok(0) => {
                     self.read_closed = true;
-                    return false;
+                    return Some("protocol");
                 }
                 Ok(n) => {
-                    thrown += n;
-                    if thrown > LINGER_MAX_BYTES {
-                        return false;
+                    self.lingered_bytes += n;
+                    if self.lingered_bytes > LINGER_MAX_BYTES {
+                        return Some("protocol");
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return false,
+                Err(_) => return Some("io_error"),
             }
         }
     }

@@ -1234,6 +1234,38 @@ fn five_hundred_slow_connections_do_not_stop_a_good_client() {
     assert_state_intact(d, &[room]);
 }
 
+/// A connection refused for good (an oversized frame) waits for its peer's end after the
+/// refusal, so that the close sends no RST; meanwhile it no longer counts against its
+/// source's `max_connections_per_ip`, so a client that reconnects before closing the old
+/// socket is served. The old one is closed at the peer's end (or after 2 s), as `protocol`.
+#[test]
+fn a_connection_waiting_for_its_peers_end_leaves_its_per_ip_share() {
+    let d = daemon("[limits]\nmax_connections_per_ip = 1\n");
+    let mut old = connect(&d);
+    // A frame that announces 1 GiB of payload: refused, and the connection ends.
+    let mut header = request_bytes(Operation::CreateRoom, "x", b"");
+    header[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
+    old.write_all(&header).unwrap();
+    let refusal = FrameReader::default().reply(&mut old);
+    assert!(refusal.token.is_none(), "{refusal:?}");
+    wait_until("the daemon's end of the refused connection", || {
+        let mut byte = [0u8; 1];
+        matches!(old.read(&mut byte), Ok(0))
+    });
+    // The old socket is still open on our side: the new connection is served anyway.
+    let token = create(&d, "after", "bob");
+    assert!(!token.is_empty());
+    assert_eq!(
+        d.metric("ocm_tcp_connections_rejected_total{reason=\"max_connections_per_ip\"}"),
+        0.0
+    );
+    drop(old);
+    wait_until("the refused connection closed as protocol", || {
+        closed(&d, "protocol") >= 1.0
+    });
+    assert_still_serves(&d);
+}
+
 #[test]
 fn connections_over_the_per_ip_cap_are_closed_at_once() {
     let d = daemon("[limits]\nmax_connections_per_ip = 3\n");
@@ -1460,6 +1492,40 @@ fn idle_metrics_connections_neither_fill_the_connection_table_nor_lock_out_healt
 /// A burst of more metrics connections than the allowance, each with its request already
 /// sent, is accepted in one go (the daemon was stopped while they queued): a full table reads
 /// the oldest before closing it, so every request is answered and none is evicted.
+/// A full metrics table closes a connection that was answered and whose client has not
+/// closed it yet (counted as `protocol`) before it evicts one still waiting for its request.
+#[test]
+fn a_full_metrics_table_closes_an_answered_connection_before_an_idle_one() {
+    let d = daemon("");
+    let metrics = d.metrics.expect("metrics on");
+    let mut idle: Vec<TcpStream> = (0..MAX_METRICS_CONNECTIONS - 1)
+        .map(|_| TcpStream::connect(metrics).unwrap())
+        .collect();
+    // Answered, then kept open: the daemon waits for its end. Accepted after the idle ones.
+    let mut answered = TcpStream::connect(metrics).unwrap();
+    answered.set_read_timeout(Some(PATIENCE)).unwrap();
+    answered
+        .write_all(b"GET /healthz HTTP/1.1\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    answered
+        .read_to_string(&mut text)
+        .expect("the answer, then our end");
+    assert!(text.ends_with("\r\n\r\nok\n"), "{text:?}");
+    // The table is full: a new health check makes room by closing the answered one.
+    assert_eq!(d.http_get("/healthz"), "ok\n");
+    assert_eq!(closed(&d, "evicted"), 0.0, "no idle connection was evicted");
+    // Every idle connection is still there, and answered.
+    for (i, s) in idle.iter_mut().enumerate() {
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        assert!(text.ends_with("\r\n\r\nok\n"), "idle {i}: {text:?}");
+    }
+    drop(answered);
+}
+
 #[test]
 fn a_burst_of_metrics_requests_past_the_allowance_is_answered_whole() {
     let d = daemon("");

@@ -1,7 +1,9 @@
 //! TCP connections: accepted under the caps (or closed at once, counted), their readiness
 //! turned into reads and writes, and their closing.
 
+use std::collections::HashMap;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
@@ -171,20 +173,26 @@ impl Server {
             if !still {
                 continue;
             }
+            let mut reason = "evicted";
             if let Some(conn) = self.conns.get(id.0) {
                 debug!("{}: closed to make room for a new connection", conn.peer);
+                // An answered one was closing anyway: not an eviction of a client.
+                if conn.lingering {
+                    reason = "protocol";
+                }
             }
-            self.close(id, "evicted");
+            self.close(id, reason);
             return true;
         }
     }
 
-    /// Makes room for a new metrics connection: closes the oldest one that has not sent a
-    /// complete request or was answered and waits for the peer's end. Each is answered once and closed, so one still without a request
-    /// is idle or slow; one whose answer is being sent stays. A request may be waiting unread
-    /// (a burst of connections is accepted before their readable events are handled), so each
-    /// is read first, oldest first, and answered if it can be; one answered at once frees its
-    /// slot. Returns whether a slot was freed.
+    /// Makes room for a new metrics connection: closes the oldest one that was answered and
+    /// waits for its peer's end (counted as `protocol`), else the oldest that has not sent a
+    /// complete request (`evicted`). Each is answered once and closed, so one still without
+    /// a request is idle or slow; one whose answer is being sent stays. A request may be
+    /// waiting unread (a burst of connections is accepted before their readable events are
+    /// handled), so each is read first, oldest first, and answered if it can be; one
+    /// answered at once frees its slot. Returns whether a slot was freed.
     fn evict_idle_http(&mut self) -> bool {
         let open = self.http_conns.len();
         for id in self.http_conns.clone() {
@@ -193,26 +201,34 @@ impl Server {
             if self.http_conns.len() < open {
                 return true;
             }
-            // One being answered stays; one answered whose peer has not closed its side yet
-            // (lingering) does not need to.
-            let Some(conn) = self
-                .conns
-                .get(id.0)
-                .filter(|c| !c.close_after_flush || c.lingering)
-            else {
-                continue;
-            };
+        }
+        let oldest = |lingering: bool| {
+            self.http_conns.iter().copied().find(|id| {
+                self.conns.get(id.0).is_some_and(|c| {
+                    if lingering {
+                        c.lingering
+                    } else {
+                        // One being answered stays.
+                        !c.close_after_flush
+                    }
+                })
+            })
+        };
+        if let Some(id) = oldest(true) {
+            self.close(id, "protocol");
+            return true;
+        }
+        let Some(id) = oldest(false) else {
+            return false;
+        };
+        if let Some(conn) = self.conns.get(id.0) {
             debug!(
                 "{}: closed to make room for a new metrics connection",
                 conn.peer
             );
-            // An answered one was closing anyway: its close is the protocol's, not an
-            // eviction of a client that got nothing.
-            let reason = if conn.lingering { "protocol" } else { "evicted" };
-            self.close(id, reason);
-            return true;
         }
-        false
+        self.close(id, "evicted");
+        true
     }
 
     /// Fills `evict_candidates` with the best [`EVICTION_PICKS`] connections to close, the
@@ -284,11 +300,16 @@ impl Server {
                 // our last reply before the peer reads it (a refusal of a request too large
                 // to read whole): shut our side and read to the peer's end first.
                 if conn.close_after_flush && !conn.read_closed && !conn.lingering {
-                    if conn.linger() {
-                        close = Some(reason);
-                    } else {
-                        conn.restart_timer(Instant::now() + LINGER, &mut self.activity);
+                    close = conn.linger();
+                    // Its source's share of `max_connections_per_ip` is free again: a
+                    // client that reconnects before closing is not refused for it.
+                    if conn.kind == Kind::Tcrp {
+                        release_per_ip(&mut self.per_ip, conn.peer);
                     }
+                    // No longer than a handshake may take (a shorter timeout is kept).
+                    let handshake = Duration::from_secs(self.config.limits.handshake_timeout_secs);
+                    let until = Instant::now() + LINGER.min(handshake);
+                    conn.restart_timer(until, &mut self.activity);
                 } else {
                     close = Some(reason);
                 }
@@ -325,20 +346,24 @@ impl Server {
         if conn.kind == Kind::Http {
             self.http_conns.retain(|&open| open != id);
         }
-        let counted = conn.kind == Kind::Tcrp;
-        if let Some(count) = self
-            .per_ip
-            .get_mut(&rate::source(conn.peer.ip()))
-            .filter(|_| counted)
-        {
-            *count -= 1;
-            if *count == 0 {
-                self.per_ip.remove(&rate::source(conn.peer.ip()));
-            }
+        // A lingering connection gave its share back when it began to linger.
+        if conn.kind == Kind::Tcrp && !conn.lingering {
+            release_per_ip(&mut self.per_ip, conn.peer);
         }
         self.metrics.tcp_open = self.metrics.tcp_open.saturating_sub(1);
         Metrics::bump(&mut self.metrics.tcp_closed, reason);
         debug!("{}: closed ({reason})", conn.peer);
+    }
+}
+
+/// Gives back one of `peer`'s source's connections in `max_connections_per_ip`.
+fn release_per_ip(per_ip: &mut HashMap<IpAddr, usize>, peer: SocketAddr) {
+    let source = rate::source(peer.ip());
+    if let Some(count) = per_ip.get_mut(&source) {
+        *count -= 1;
+        if *count == 0 {
+            per_ip.remove(&source);
+        }
     }
 }
 

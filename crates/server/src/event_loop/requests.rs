@@ -334,15 +334,10 @@ impl Server {
     }
 }
 
-/// Throws away what a lingering connection's peer sent ([`Conn::discard_input`]); the close
-/// reason when the lingering is over for another reason than the peer's end (which
-/// `after_io` sees as the connection finished).
+/// Throws away what a lingering connection's peer sent; the close reason once the lingering
+/// is over ([`Conn::discard_input`]).
 fn lingered(conn: &mut Conn) -> Option<&'static str> {
-    if conn.discard_input() || conn.read_closed {
-        None
-    } else {
-        Some("protocol")
-    }
+    conn.discard_input()
 }
 
 /// Why a new password job from `source` is refused, if it is: the hashing thread works one
