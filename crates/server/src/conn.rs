@@ -299,7 +299,7 @@ impl Conn {
 
     /// Reads and throws away what the peer sends, until the socket is drained. Returns the
     /// close reason once lingering is over: `protocol` at the peer's end (`read_closed` set)
-    /// or past [`LINGER_MAX_BYTES`] in all (a peer that keeps sending is not waited for),
+    /// or past 256 KiB in all (a peer that keeps sending is not waited for),
     /// `io_error` if a read failed; `None` to go on.
     pub fn discard_input(&mut self) -> Option<&'static str> {
         let mut chunk = [0u8; 16 * 1024];
