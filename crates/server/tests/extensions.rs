@@ -12,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use tcrp::payload::{self, Compliance, HistoryPage};
+use tcrp::payload::{self, Compliance, ErrorCode, HistoryPage};
 use tcrp::{Operation, State};
 use ucrp::delivery::{self, Delivery};
 
@@ -157,6 +157,39 @@ fn ocm_who_shows_the_host_and_the_members() {
     let (code, out, err) = run_ocm(&d, &["who", "vault", "--password", "pw"]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(out, ["host: vic", "vic (not registered)"]);
+}
+
+/// A create whose JSON object is broken (a trailing comma) is refused as malformed: taken
+/// whole as the username, it would make a room without its password and keep the password
+/// as the host's name, in the state, the log and every Presence answer.
+#[test]
+fn a_create_with_a_broken_json_object_is_refused_and_its_password_kept_nowhere() {
+    const PASSWORD: &str = "hunter2-8812";
+    let mut d = Daemon::start_with(Options {
+        metrics: true,
+        ..Options::default()
+    });
+    let payload = format!(r#"{{"username": "bob", "password": "{PASSWORD}",}}"#);
+    let reply = request(&d, Operation::CreateRoom, "vault", payload.as_bytes());
+    assert_eq!(
+        refused(&reply),
+        Some(ErrorCode::MalformedRequest),
+        "{reply:?}"
+    );
+    assert!(reply.token.is_none());
+    assert!(
+        !format!("{:?}", reply.compliance).contains(PASSWORD),
+        "the refusal echoes the payload: {reply:?}"
+    );
+    // No room was made: a plain join finds none, and the name is free to create.
+    let join = request(&d, Operation::JoinRoom, "vault", b"\"eve\"");
+    assert_eq!(refused(&join), Some(ErrorCode::RoomNotFound), "{join:?}");
+    create(&d, "vault", "alice");
+    let (status, _) = d.terminate();
+    assert!(status.success());
+    let state = std::fs::read_to_string(&d.state).expect("state file");
+    assert!(!state.contains(PASSWORD), "the password is in the state");
+    assert!(!d.log().contains(PASSWORD), "the password is in the log");
 }
 
 #[test]
