@@ -267,10 +267,10 @@ pub struct Registry {
     rooms: Slab<Room>,
     room_index: HashMap<Box<str>, RoomId>,
     members: Slab<Member>,
-    token_index: HashTable<MemberId>,
+    token_index: HashTable<index::Indexed>,
     /// Members by room and username, so that a join's name check does not read the room's
     /// whole member list.
-    name_index: HashTable<MemberId>,
+    name_index: HashTable<index::Indexed>,
     hasher: IndexHasher,
     tombstones: Tombstones,
     registered: usize,
