@@ -475,6 +475,23 @@ fn a_flood_of_piped_lines_neither_grows_ocm_nor_delays_its_leaving() {
     writer.join().unwrap();
 }
 
+/// The line `watcher` shows for `text` from `sender`, registering and sending until it
+/// shows (the first datagrams may come before the watcher is live). A notice on the way must
+/// be the sender's join, named as `shown`; copies of earlier senders' lines are passed over.
+fn line_for(watcher: &Ocm, sender: &Member, shown: &str, text: &str) -> String {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        sender.send("__REGISTER__");
+        sender.send(text);
+        match watcher.line_within(Duration::from_millis(200)) {
+            Some(line) if line.starts_with('*') => assert_eq!(line, format!("* {shown} joined")),
+            Some(line) if line.ends_with(text) => return line,
+            Some(_) => {}
+            None => assert!(Instant::now() < deadline, "never heard {shown}"),
+        }
+    }
+}
+
 /// A member whose name differs from another's only by an invisible character is shown
 /// with that character escaped, so it cannot pass for the other in `ocm`.
 #[test]
@@ -483,22 +500,36 @@ fn ocm_shows_invisible_characters_in_names() {
     let alice = Ocm::start(&d, &["create", "look", "--name", "alice"]);
     alice.wait_stderr("* created look as alice");
     let fake = Member::new(&d, "look", &join(&d, "look", "ali\u{200b}ce"));
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        fake.send("__REGISTER__");
-        fake.send("it's me");
-        match alice.line_within(Duration::from_millis(200)) {
-            Some(line) if line.ends_with("it's me") => {
-                assert_eq!(line, "ali\\u{200b}ce: it's me");
-                break;
-            }
-            Some(line) => assert_eq!(line, "* ali\\u{200b}ce joined"),
-            None => assert!(
-                Instant::now() < deadline,
-                "alice never heard the look-alike"
-            ),
-        }
+    let line = line_for(&alice, &fake, "ali\\u{200b}ce", "it's me");
+    assert_eq!(line, "ali\\u{200b}ce: it's me");
+}
+
+/// Names whose ends would not show, or that could pass for an escaped or quoted name, are
+/// shown by `ocm` in quotes, and a tab in message text prints as a tab, through the real
+/// daemon (which keeps such names, as the original server did).
+#[test]
+fn ocm_quotes_names_that_could_pass_for_others_and_keeps_tabs_in_text() {
+    let d = Daemon::start();
+    let alice = Ocm::start(&d, &["create", "edges", "--name", "alice"]);
+    alice.wait_stderr("* created edges as alice");
+    for (n, (name, shown)) in [
+        ("bob ", r#""bob ""#),
+        (r"ali\u{200b}ce", r#""ali\\u{200b}ce""#),
+        (r#""cy""#, r#""\"cy\"""#),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let username = serde_json::to_string(name).unwrap();
+        let token = join_with(&d, "edges", &format!(r#""username": {username}"#));
+        let member = Member::new(&d, "edges", &token);
+        let text = format!("one\ttwo {n}");
+        let line = line_for(&alice, &member, shown, &text);
+        assert_eq!(line, format!("{shown}: {text}"), "{name:?}");
     }
+    // A plain name is shown as it is.
+    let plain = Member::new(&d, "edges", &join(&d, "edges", "dora"));
+    assert_eq!(line_for(&alice, &plain, "dora", "hi"), "dora: hi");
 }
 
 /// `[names] refuse_invisible`, turned on by a reload, refuses new names that hold an invisible
