@@ -105,8 +105,9 @@ impl Session {
     }
 
     /// Sends a control word. Room name and token were checked to fit, so only the socket can
-    /// fail.
-    fn send_control(&self, word: &str) -> io::Result<()> {
+    /// fail. Only under the lock of the session's end (`_held`): a `__REGISTER__` checked
+    /// against the end and sent under one hold cannot follow another thread's `__LEAVE__`.
+    fn send_control(&self, _held: &MutexGuard<'_, bool>, word: &str) -> io::Result<()> {
         match self.send(word)? {
             Ok(()) => Ok(()),
             Err(e) => Err(io::Error::new(io::ErrorKind::InvalidInput, e)),
@@ -124,7 +125,7 @@ impl Session {
         if *ended {
             return Ok(false);
         }
-        self.send_control(REGISTER)?;
+        self.send_control(&ended, REGISTER)?;
         Ok(true)
     }
 
@@ -135,7 +136,7 @@ impl Session {
         if std::mem::replace(&mut *ended, true) {
             return;
         }
-        match self.send_control(LEAVE) {
+        match self.send_control(&ended, LEAVE) {
             Ok(()) => debug!("sent {LEAVE} to {}", self.server),
             Err(e) => warn!("could not send {LEAVE} to {}: {e}", self.server),
         }
