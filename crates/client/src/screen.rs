@@ -368,7 +368,13 @@ impl Screen {
             }
         }
         for line in &lines {
-            self.printer.print_out(line)?;
+            match self.printer.print_out(line) {
+                Ok(()) => {}
+                // The room closed either way, and the exit status says so: a closing line
+                // that cannot be printed (the reader of our output gone) is not the end.
+                Err(e) if flow == Flow::RoomClosed => debug!("cannot print the closing line: {e}"),
+                Err(e) => return Err(e),
+            }
         }
         Ok(flow)
     }
@@ -454,6 +460,27 @@ pub mod tests {
                 .collect(),
             more: false,
         }
+    }
+
+    /// A printer whose reader has gone away.
+    struct Gone;
+
+    impl Printer for Gone {
+        fn print_out(&mut self, _: &str) -> io::Result<()> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+
+        fn print_err(&mut self, _: &str) {}
+    }
+
+    #[test]
+    fn a_closure_is_reported_when_its_line_cannot_be_printed() {
+        let mut screen = Screen::new("lobby", Box::new(Gone), false);
+        screen.original_frames_only();
+        let chat = screen.handle_datagram(&sequenced(1, "hi"));
+        assert_eq!(chat.unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+        let closed = screen.handle_datagram(delivery::ROOM_CLOSED);
+        assert_eq!(closed.unwrap(), Flow::RoomClosed);
     }
 
     #[test]

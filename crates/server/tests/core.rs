@@ -487,6 +487,36 @@ fn ocm_ends_quietly_when_its_output_is_closed_and_leaves_the_room() {
     );
 }
 
+/// With `--original` the closing line is printed as the notice comes (no closure check). A
+/// reader of the output that went away must not hide the closure: `ocm` still exits with the
+/// room-ended status, not as a user who left.
+#[test]
+fn an_original_member_whose_output_is_gone_still_exits_as_the_room_ended() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "shut", "--name", "alice"]);
+    alice.wait_stderr("* created shut as alice");
+    let mut bob = Ocm::start_output_closed(
+        &d,
+        &[
+            "join",
+            "shut",
+            "--name",
+            "bob",
+            "--original",
+            "--keepalive",
+            "3600",
+        ],
+    );
+    bob.wait_stderr("* joined shut as bob");
+    assert_eq!(alice.line(), "* bob joined");
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+    let status = bob.wait();
+    let err = bob.stderr.lock().unwrap().clone();
+    assert_eq!(status.code(), Some(OCM_ROOM_ENDED), "bob: {err}");
+    assert!(!err.contains("standard output"), "{err}");
+}
+
 /// Bound to the wildcard address, `ocmd` answers each member from the address its datagrams
 /// came to. Here every `ocm` talks to 127.0.0.2, and the route back to it would answer from
 /// 127.0.0.1: `ocm` takes datagrams only from the address it sends to, so without that the
