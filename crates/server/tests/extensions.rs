@@ -615,6 +615,84 @@ fn ocm_leaves_its_room_on_every_terminating_signal() {
     }
 }
 
+/// A pipe whose buffer is full and whose reader never reads: every write to it blocks, as to
+/// a terminal stopped with Ctrl+S or a pipe into a program that stopped reading.
+fn full_pipe() -> (std::io::PipeReader, std::io::PipeWriter) {
+    use std::os::fd::AsRawFd;
+    let (reader, mut writer) = std::io::pipe().expect("pipe");
+    let fd = writer.as_raw_fd();
+    let set_nonblocking = |on: bool| {
+        // SAFETY: fcntl on a descriptor this function owns; no memory is passed.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        let flags = if on {
+            flags | libc::O_NONBLOCK
+        } else {
+            flags & !libc::O_NONBLOCK
+        };
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFL, flags) }, 0);
+    };
+    set_nonblocking(true);
+    // Pages first, then bytes: a write of up to a page is all or nothing.
+    for chunk in [4096, 1] {
+        loop {
+            match writer.write(&vec![b'x'; chunk]) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("filling a pipe: {e}"),
+            }
+        }
+    }
+    set_nonblocking(false);
+    (reader, writer)
+}
+
+/// An `ocm` stuck on both its outputs (neither read) still obeys a signal: after the grace
+/// it says `__LEAVE__` from the signal thread and exits 1. Its last word goes to a standard
+/// error that blocks too, so it must come after the `__LEAVE__` and must not hold the exit.
+#[test]
+fn ocm_stuck_on_its_output_and_its_errors_still_leaves_and_exits_on_a_signal() {
+    let d = Daemon::start();
+    let alice = Ocm::start(&d, &["create", "stuck", "--name", "alice"]);
+    alice.wait_stderr("* created stuck as alice");
+    let (_unread_out, stdout) = full_pipe();
+    let (_unread_err, stderr) = full_pipe();
+    let mut bob = Command::new(sibling_binary("ocm"))
+        .args(["--server", "127.0.0.1", "--tcp-port"])
+        .arg(d.tcp.port().to_string())
+        .arg("--udp-port")
+        .arg(d.udp.port().to_string())
+        .args(["join", "stuck", "--name", "bob"])
+        .stdin(Stdio::piped())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn ocm");
+    alice.lines_until("* bob joined");
+    // Registered, so in its chat (the joined notice comes at the join, before that): alice
+    // and bob.
+    wait_until("bob registers", || {
+        d.log().matches(" registered from ").count() >= 2
+    });
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(bob.id() as i32, libc::SIGTERM) }, 0);
+    // The grace is 3 s; PATIENCE leaves room for a loaded machine.
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = bob.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = bob.kill();
+            let _ = bob.wait();
+            panic!("ocm stuck on its output did not exit after SIGTERM");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(1), "{status}");
+    alice.lines_until("* bob left");
+}
+
 /// An `ocm` whose standard error nobody reads (a closed pipe) loses its remarks, not its
 /// session: it still chats, and leaves the room at the end of its input.
 #[test]

@@ -459,11 +459,32 @@ fn after_signal(
     if session.wait_ended(grace) {
         return false;
     }
-    warn!(
-        "the chat did not end within {grace:?} of signal {signal}: leaving from the signal thread"
-    );
+    // The __LEAVE__ before any word: standard error may be as stuck as the main loop.
     session.leave();
+    let said = say_within(
+        format!("the chat did not end within {grace:?} of signal {signal}: left the room"),
+        SAY_WAIT,
+    );
+    if !said {
+        debug!("standard error is stuck too: exiting unsaid");
+    }
     true
+}
+
+/// How long the signal thread waits for its last word to be written before exiting anyway.
+const SAY_WAIT: Duration = Duration::from_millis(200);
+
+/// Logs `line` as a warning from a thread of its own, waiting up to `wait` for the write
+/// (which a stuck standard error would block forever); whether it was written.
+fn say_within(line: String, wait: Duration) -> bool {
+    let (done, written) = mpsc::sync_channel(1);
+    let spawned = thread::Builder::new()
+        .name("last-word".into())
+        .spawn(move || {
+            warn!("{line}");
+            let _ = done.send(());
+        });
+    spawned.is_ok() && written.recv_timeout(wait).is_ok()
 }
 
 #[cfg(test)]
