@@ -388,6 +388,11 @@ impl Config {
                 "liveness.sweep_interval_ms",
                 self.liveness.sweep_interval_ms as f64,
             ),
+            // 0 would not mean "never": every reply would open a new window, unpaced.
+            (
+                "liveness.closed_reply_interval_ms",
+                self.liveness.closed_reply_interval_ms as f64,
+            ),
             (
                 "udp.datagrams_per_wakeup",
                 self.udp.datagrams_per_wakeup as f64,
@@ -791,6 +796,10 @@ mod tests {
                 "udp.max_batch_datagram_bytes",
             ),
             ("[history]\ncheckpoint_secs = 0", "history.checkpoint_secs"),
+            (
+                "[liveness]\nclosed_reply_interval_ms = 0",
+                "liveness.closed_reply_interval_ms",
+            ),
             (
                 "[limits]\nhandshake_timeout_secs = 9223372036854775807",
                 "limits.handshake_timeout_secs",
