@@ -658,6 +658,39 @@ pub struct ZeroHole {
     pub lines: usize,
 }
 
+/// The most a journal append leaves unsynced: the writer syncs its bytes in pieces of at most
+/// this many ([`sync_pieces`]), so a crash tears at most the last piece. A zero-filled hole
+/// with more than this after its start, over more than one line, is not a torn append
+/// ([`parse_journal`]).
+pub const MAX_UNSYNCED_BYTES: usize = 64 * 1024;
+
+/// `bytes` (whole journal lines) in the pieces the writer syncs one by one: as many whole
+/// lines as fit in [`MAX_UNSYNCED_BYTES`], or a single longer line alone.
+pub fn sync_pieces(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = bytes;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let window = &rest[..rest.len().min(MAX_UNSYNCED_BYTES)];
+        let end = if window.len() == rest.len() {
+            rest.len()
+        } else {
+            match window.iter().rposition(|&b| b == b'\n') {
+                Some(last_newline) => last_newline + 1,
+                // One line longer than a piece: it goes alone.
+                None => rest
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(rest.len(), |newline| newline + 1),
+            }
+        };
+        let (piece, after) = rest.split_at(end);
+        rest = after;
+        Some(piece)
+    })
+}
+
 /// Parses journal bytes. A final line without its newline is a torn append and is ignored; any
 /// whole line (newline included) that does not parse is an error `(line, reason)`: neither a
 /// crash nor a copy taken during an append leaves one, since a write cut short ends without
@@ -669,21 +702,41 @@ pub struct ZeroHole {
 /// disk: a crash (a power cut) during an append that no `fdatasync` completed for, since an
 /// `fdatasync` makes every earlier write of the file durable. Every byte after it was written
 /// later and was not made durable either, so nothing from the hole on was ever acknowledged.
+///
+/// Since the writer syncs at most [`MAX_UNSYNCED_BYTES`] at a time, a hole followed by more
+/// than that, over more than one line, cannot be a torn append: acknowledged records lie
+/// behind it (a media error, a bad copy). That is an error, not a torn tail: ignoring it would
+/// drop them, and the fold after the load would erase them from the disk.
 pub fn parse_journal(bytes: &[u8]) -> Result<Replay, (usize, String)> {
     let mut replay = Replay::default();
     let mut lines = bytes
         .split_inclusive(|&b| b == b'\n')
         .enumerate()
         .peekable();
+    let mut offset = 0;
     while let Some((index, line)) = lines.next() {
         if line.contains(&0) {
+            let tail = bytes.len() - offset;
+            let ignored = 1 + lines.count();
+            if tail > MAX_UNSYNCED_BYTES && ignored > 1 {
+                return Err((
+                    index + 1,
+                    format!(
+                        "a zero-filled hole, with {tail} bytes ({ignored} lines) from its line to \
+                         the end: more than one append leaves unsynced ({MAX_UNSYNCED_BYTES}), so \
+                         records written and synced after it would be lost; the journal is \
+                         damaged (check the disk, and keep a copy before cutting it at this line)"
+                    ),
+                ));
+            }
             replay.torn_tail = true;
             replay.zero_hole = Some(ZeroHole {
                 line: index + 1,
-                lines: 1 + lines.count(),
+                lines: ignored,
             });
             break;
         }
+        offset += line.len();
         let is_last = lines.peek().is_none();
         let complete = line.ends_with(b"\n");
         let body = line.strip_suffix(b"\n").unwrap_or(line);
@@ -1256,6 +1309,82 @@ mod tests {
             assert_eq!(replay.zero_hole, Some(expected), "{what}");
             let ns: Vec<u64> = replay.records.iter().map(|entry| entry.n).collect();
             assert_eq!(ns, [1, 2], "{what}: only the records before the hole");
+        }
+    }
+
+    /// Joins numbered from `first` to `last` into room `a`, as journal lines.
+    fn joins(first: u64, last: u64) -> Vec<u8> {
+        let records: Vec<(u64, Record)> = (first..=last)
+            .map(|n| (n, join("a", &format!("m{n}"))))
+            .collect();
+        journal_bytes(&records)
+    }
+
+    /// More than one append's worth of lines after a hole cannot be a torn append: records
+    /// synced after it would be lost, so the journal is refused, naming the hole's line. A
+    /// single line longer than that (written alone) can still be torn.
+    #[test]
+    fn a_hole_followed_by_more_than_one_append_is_damage_not_a_torn_tail() {
+        let after = joins(3, 3000);
+        assert!(after.len() > MAX_UNSYNCED_BYTES);
+        let mut bytes = two_records();
+        bytes.extend_from_slice(&[0; 4096]);
+        bytes.extend_from_slice(&after);
+        let (line, reason) = parse_journal(&bytes).expect_err("a hole before 2,998 records");
+        assert_eq!(line, 3);
+        assert!(
+            reason.contains("zero-filled hole") && reason.contains("damaged"),
+            "{reason}"
+        );
+
+        // Just one append's worth after the hole's line begins: a torn append.
+        let mut bytes = two_records();
+        let mut tail = vec![0u8; 10];
+        tail.extend_from_slice(&after);
+        let cut = tail[..MAX_UNSYNCED_BYTES]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .unwrap();
+        bytes.extend_from_slice(&tail[..=cut]);
+        let replay = parse_journal(&bytes).expect("a torn append");
+        assert!(replay.torn_tail);
+        assert_eq!(replay.records.len(), 2);
+
+        // One line longer than a piece, torn: a torn append too.
+        let mut bytes = two_records();
+        bytes.extend_from_slice(&vec![0u8; MAX_UNSYNCED_BYTES + 1]);
+        bytes.extend_from_slice(b"\n");
+        let replay = parse_journal(&bytes).expect("one long torn line");
+        assert_eq!(replay.zero_hole, Some(ZeroHole { line: 3, lines: 1 }));
+    }
+
+    /// The writer's pieces: whole lines, none over the bound unless a single line is, and
+    /// all of the bytes once, in order.
+    #[test]
+    fn sync_pieces_are_whole_lines_within_the_bound() {
+        let long_line = [vec![b'x'; MAX_UNSYNCED_BYTES + 5], b"\n".to_vec()].concat();
+        let cases = [
+            Vec::new(),
+            two_records(),
+            joins(1, 3000),
+            [joins(1, 10), long_line.clone(), joins(11, 2000)].concat(),
+            [long_line.clone(), long_line.clone()].concat(),
+        ];
+        for bytes in cases {
+            let pieces: Vec<&[u8]> = sync_pieces(&bytes).collect();
+            assert_eq!(pieces.concat(), bytes);
+            for piece in &pieces {
+                assert!(piece.ends_with(b"\n"), "whole lines");
+                let lines = piece.iter().filter(|&&b| b == b'\n').count();
+                assert!(
+                    piece.len() <= MAX_UNSYNCED_BYTES || lines == 1,
+                    "{} bytes",
+                    piece.len()
+                );
+            }
+            if bytes.len() > MAX_UNSYNCED_BYTES {
+                assert!(pieces.len() > 1);
+            }
         }
     }
 

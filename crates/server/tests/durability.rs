@@ -942,6 +942,44 @@ fn a_zero_filled_hole_in_the_journal_ends_it_as_a_torn_tail() {
     }
 }
 
+/// A zero-filled hole with more after it than one append leaves unsynced (64 KiB) is not a
+/// torn append: acknowledged records lie behind it (a media error, a bad copy). `ocmd` refuses
+/// to start, naming the journal and the hole's line, and leaves the journal as it was, where
+/// a torn tail would have been folded away with those records.
+#[test]
+fn a_zero_filled_hole_with_synced_records_after_it_stops_the_start() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let mut d = spawn_on(&dir).expect("ocmd starts");
+    create(&d, "journal", "host");
+    join(&d, "journal", "m1");
+    join(&d, "journal", "m2");
+    d.kill9();
+    drop(d);
+    let journal = dir.path().join("room_manager.json.journal");
+    let text = std::fs::read(&journal).unwrap();
+    let lines: Vec<&[u8]> = text.split_inclusive(|&b| b == b'\n').collect();
+    assert_eq!(lines.len(), 3, "one line per record");
+    // m1's join reads as zeros; more than 64 KiB of lines follow (their content is not
+    // looked at: the hole alone stops the load).
+    let mut holed = lines[0].to_vec();
+    holed.extend_from_slice(&vec![0; lines[1].len()]);
+    while holed.len() < 70 * 1024 {
+        holed.extend_from_slice(lines[2]);
+    }
+    std::fs::write(&journal, &holed).unwrap();
+    let log = match spawn_on(&dir) {
+        Ok(_) => panic!("ocmd started on a journal with acknowledged records behind a hole"),
+        Err(log) => log,
+    };
+    assert!(
+        log.contains(&journal.display().to_string())
+            && log.contains("line 2")
+            && log.contains("zero-filled hole"),
+        "the refusal names the journal, the line and the hole:\n{log}"
+    );
+    assert_eq!(std::fs::read(&journal).unwrap(), holed, "journal unchanged");
+}
+
 /// A daemon killed in the middle of a compaction leaves the older records in `journal.old`
 /// and the newer ones in the journal: the next start replays both, in that order, and folds
 /// them into the state file.

@@ -249,6 +249,35 @@ fn a_failed_append_leaves_no_fragment_whatever_fails_and_how_often() {
     }
 }
 
+/// An append larger than [`store::MAX_UNSYNCED_BYTES`] is written and synced piece by
+/// piece, and a failure in a later piece cuts back only to the end of the pieces before it.
+#[test]
+fn a_large_append_is_synced_piece_by_piece() {
+    let line = |n: usize| format!("{{\"n\":{n},\"pad\":\"{}\"}}\n", "x".repeat(200));
+    let bytes: Vec<u8> = (1..=700).flat_map(|n| line(n).into_bytes()).collect();
+    let pieces: Vec<&[u8]> = store::sync_pieces(&bytes).collect();
+    assert!(pieces.len() >= 3, "{} pieces", pieces.len());
+    // The second piece's fsync fails once.
+    let mut journal = FlakyJournal {
+        bytes: Vec::new(),
+        faults: [false, false, false, true].into_iter().collect(),
+        calls: Vec::new(),
+    };
+    append_durably(
+        &mut journal,
+        0,
+        &bytes,
+        Duration::ZERO,
+        Path::new("journal"),
+    );
+    let mut expected = vec!["append", "sync", "append", "sync", "cut", "append", "sync"];
+    for _ in 2..pieces.len() {
+        expected.extend(["append", "sync"]);
+    }
+    assert_eq!(journal.calls, expected);
+    assert_eq!(journal.bytes, bytes, "every line once, in order");
+}
+
 /// The real journal file: opened for appending, so a write after a cut lands at the new
 /// end, not at the old cursor (which would leave a run of NUL bytes behind the cut).
 #[test]

@@ -100,26 +100,34 @@ impl JournalFile for File {
 /// before anything is written again, and the cut itself is retried until it works: an append
 /// behind a fragment would put a broken line in the middle of the journal, which the next
 /// start refuses.
+///
+/// The bytes go in pieces of at most [`store::MAX_UNSYNCED_BYTES`] (whole lines; a longer
+/// line alone), each synced before the next is written, so that a crash can leave no more
+/// than that unsynced: the bound by which the next start tells a torn append from a damaged
+/// journal ([`store::parse_journal`]).
 pub(super) fn append_durably(
     journal: &mut impl JournalFile,
-    len: u64,
+    mut len: u64,
     bytes: &[u8],
     retry: Duration,
     path: &Path,
 ) {
-    while let Err(e) = journal.append(bytes).and_then(|()| journal.sync()) {
-        error!(
-            "cannot append to journal {}: {e}; retrying in {retry:?}",
-            path.display()
-        );
-        while let Err(e) = journal.cut(len) {
+    for piece in store::sync_pieces(bytes) {
+        while let Err(e) = journal.append(piece).and_then(|()| journal.sync()) {
             error!(
-                "cannot cut journal {} back to its last whole line: {e}; retrying in {retry:?}",
+                "cannot append to journal {}: {e}; retrying in {retry:?}",
                 path.display()
             );
+            while let Err(e) = journal.cut(len) {
+                error!(
+                    "cannot cut journal {} back to its last whole line: {e}; retrying in {retry:?}",
+                    path.display()
+                );
+                thread::sleep(retry);
+            }
             thread::sleep(retry);
         }
-        thread::sleep(retry);
+        len += piece.len() as u64;
     }
 }
 
