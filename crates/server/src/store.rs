@@ -48,10 +48,10 @@ pub struct State {
     #[serde(default)]
     pub version: u32,
     /// Rooms by name.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     pub rooms: BTreeMap<String, RoomEntry>,
     /// Members by token.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     pub tokens: BTreeMap<String, TokenEntry>,
     /// When the file was written (RFC 3339); informational.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -59,6 +59,42 @@ pub struct State {
     /// The last journal record this file includes.
     #[serde(default)]
     pub journal_seq: u64,
+}
+
+/// Reads a JSON object into a map, refusing a key given twice: a plain map would keep the
+/// last copy and drop the first without a word (two rooms of one name, a token listed twice).
+fn unique_keys<'de, D, V>(deserializer: D) -> Result<BTreeMap<String, V>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    struct UniqueKeys<V>(std::marker::PhantomData<V>);
+
+    impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for UniqueKeys<V> {
+        type Value = BTreeMap<String, V>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some((key, value)) = map.next_entry::<String, V>()? {
+                if out.contains_key(&key) {
+                    return Err(serde::de::Error::custom(format_args!(
+                        "the key {key:?} is given twice"
+                    )));
+                }
+                out.insert(key, value);
+            }
+            Ok(out)
+        }
+    }
+
+    deserializer.deserialize_map(UniqueKeys(std::marker::PhantomData))
 }
 
 /// One room in the file.
@@ -242,7 +278,13 @@ impl State {
             }
             Record::Join { room, member } => {
                 if let Some(entry) = self.rooms.get_mut(room) {
-                    if !entry.members.contains(&member.token) {
+                    // Asked of the token map, not by a scan of the room's members: replaying
+                    // N joins into one room would cost N² string comparisons.
+                    let listed = self
+                        .tokens
+                        .get(&member.token)
+                        .is_some_and(|held| held.room_name == *room);
+                    if !listed {
                         entry.members.push(member.token.clone());
                     }
                     self.tokens
@@ -433,6 +475,17 @@ pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
         return Err(StoreError::Parse {
             path: paths.state.clone(),
             source: serde::de::Error::custom(LAST_NUMBER),
+        });
+    }
+    // A newer ocmd's file may hold what this one would drop at its next snapshot.
+    if state.version > STATE_VERSION {
+        return Err(StoreError::Parse {
+            path: paths.state.clone(),
+            source: serde::de::Error::custom(format_args!(
+                "written by a newer ocmd (format version {}; this one reads up to {STATE_VERSION}), \
+                 whose data it could drop: start that ocmd, or restore a backup",
+                state.version
+            )),
         });
     }
     // Only the snapshot can be the original's: journal records are always ocmd's.
@@ -804,7 +857,11 @@ pub fn write_atomic_with(
             return Err(e);
         }
     };
-    fs::rename(&tmp, path)?;
+    if let Err(e) = fs::rename(&tmp, path) {
+        // A whole copy of the state (tokens, password hashes) left for nothing.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     sync_dir(path)?;
     Ok(size)
 }
@@ -1310,6 +1367,72 @@ mod tests {
             let ns: Vec<u64> = replay.records.iter().map(|entry| entry.n).collect();
             assert_eq!(ns, [1, 2], "{what}: only the records before the hole");
         }
+    }
+
+    /// A key given twice in the rooms or the tokens object is refused, naming it: a plain
+    /// map kept the last copy and dropped the first without a word.
+    #[test]
+    fn a_room_or_token_given_twice_in_the_state_file_is_refused() {
+        let host = |token: &str| {
+            format!(r#"{{"username":"h","room_name":"a","is_host":true,"token":"{token}"}}"#)
+        };
+        let room = |token: &str| format!(r#"{{"host_token":"{token}","members":["{token}"]}}"#);
+        let twice_rooms = format!(
+            r#"{{"rooms":{{"a":{},"a":{}}},"tokens":{{"h1":{},"h2":{}}}}}"#,
+            room("h1"),
+            room("h2"),
+            host("h1"),
+            host("h2")
+        );
+        let twice_tokens = format!(
+            r#"{{"rooms":{{"a":{}}},"tokens":{{"h1":{},"h1":{}}}}}"#,
+            room("h1"),
+            host("h1"),
+            host("h1")
+        );
+        for (what, text, key) in [("rooms", twice_rooms, "a"), ("tokens", twice_tokens, "h1")] {
+            let error = parse_state(text.as_bytes()).expect_err(what).to_string();
+            assert!(
+                error.contains(&format!("the key {key:?} is given twice")),
+                "{what}: {error}"
+            );
+        }
+        let once = format!(
+            r#"{{"rooms":{{"a":{}}},"tokens":{{"h1":{}}}}}"#,
+            room("h1"),
+            host("h1")
+        );
+        let state = parse_state(once.as_bytes()).expect("each key once");
+        assert_eq!((state.rooms.len(), state.tokens.len()), (1, 1));
+    }
+
+    /// A state file from a newer ocmd (a higher format version) is refused rather than loaded
+    /// and rewritten without what this one does not know.
+    #[test]
+    fn a_state_file_of_a_newer_format_is_refused() {
+        let (_dir, paths) = temp_paths();
+        let file = |version: u32| {
+            format!(r#"{{"version":{version},"rooms":{{}},"tokens":{{}},"future":[1]}}"#)
+        };
+        fs::write(&paths.state, file(STATE_VERSION + 1)).unwrap();
+        let error = load(&paths).expect_err("a newer format").to_string();
+        assert!(error.contains("written by a newer ocmd"), "{error}");
+        fs::write(&paths.state, file(STATE_VERSION)).unwrap();
+        assert!(load(&paths).is_ok(), "today's format");
+    }
+
+    /// A join replayed for a token the room already lists (a live backup's overlapping
+    /// journals) lists it once; its leave takes it out.
+    #[test]
+    fn a_join_replayed_twice_lists_the_member_once() {
+        let mut state = State::default();
+        state.apply(&create("a", "h1"));
+        state.apply(&join("a", "m2"));
+        state.apply(&join("a", "m2"));
+        assert_eq!(state.rooms["a"].members, ["h1", "m2"]);
+        state.apply(&Record::Leave { token: "m2".into() });
+        assert_eq!(state.rooms["a"].members, ["h1"]);
+        assert!(!state.tokens.contains_key("m2"));
     }
 
     /// Joins numbered from `first` to `last` into room `a`, as journal lines.
