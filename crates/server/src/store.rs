@@ -900,12 +900,31 @@ pub fn restrict_to_owner(file: &File, path: &Path) {
 }
 
 /// Fsyncs the directory holding `path`, making a rename or a creation durable.
+///
+/// A failed `fsync` itself comes back marked ([`is_failed_dir_sync`]): the kernel reports a
+/// write-back error once, so an `fsync` retried through a fresh descriptor may succeed without
+/// the entries being on disk. A daemon must not go on as if a retry had made them durable.
 pub fn sync_dir(path: &Path) -> io::Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    File::open(dir)?.sync_all()
+    File::open(dir)?
+        .sync_all()
+        .map_err(|e| io::Error::new(e.kind(), FailedDirSync(e)))
+}
+
+/// The error of a directory `fsync` that failed (see [`sync_dir`]).
+#[derive(Debug, thiserror::Error)]
+#[error("fsync of the directory failed: {0}")]
+pub struct FailedDirSync(io::Error);
+
+/// Whether `error` is a directory `fsync` that failed, after which entries renamed or created
+/// in that directory may not be on disk whatever a retry says.
+pub fn is_failed_dir_sync(error: &io::Error) -> bool {
+    error
+        .get_ref()
+        .is_some_and(|inner| inner.is::<FailedDirSync>())
 }
 
 #[cfg(test)]
@@ -1404,6 +1423,23 @@ mod tests {
         );
         let state = parse_state(once.as_bytes()).expect("each key once");
         assert_eq!((state.rooms.len(), state.tokens.len()), (1, 1));
+    }
+
+    /// Only a directory `fsync` that failed is marked as one: a directory that cannot be
+    /// opened changed nothing and may be retried.
+    #[test]
+    fn only_a_failed_directory_fsync_is_marked_as_one() {
+        let missing = Path::new("/nonexistent-ocm-dir/state.json");
+        let not_opened = sync_dir(missing).expect_err("no such directory");
+        assert!(!is_failed_dir_sync(&not_opened));
+        let (_dir, paths) = temp_paths();
+        sync_dir(&paths.state).expect("a directory that can be synced");
+        let failed = io::Error::other(FailedDirSync(io::Error::from_raw_os_error(libc::EIO)));
+        assert!(is_failed_dir_sync(&failed));
+        assert!(failed.to_string().contains("fsync of the directory failed"));
+        assert!(!is_failed_dir_sync(&io::Error::from_raw_os_error(
+            libc::EIO
+        )));
     }
 
     /// A state file from a newer ocmd (a higher format version) is refused rather than loaded

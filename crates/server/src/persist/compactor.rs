@@ -70,6 +70,12 @@ fn compact_loop(
                         log_written(paths, &state, bytes, elapsed);
                         Some(bytes)
                     }
+                    // The snapshot's rename, or journal.old's removal, may not be on disk, and
+                    // a retried compaction's fsync could say it is: the next start must read
+                    // what is.
+                    Err(StoreError::Write { source, .. }) if store::is_failed_dir_sync(&source) => {
+                        super::stop_after_failed_dir_sync("compacting the journal", &source)
+                    }
                     Err(e) => {
                         counters(stats).failed += 1;
                         error!(

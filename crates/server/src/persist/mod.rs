@@ -112,6 +112,19 @@ impl Compactions {
     }
 }
 
+/// Stops the daemon after a failed directory `fsync` while it serves. The kernel reports a
+/// write-back error once, so a retry could not be trusted: a rename or a fresh journal might
+/// never reach the disk while records in it were acknowledged. Exiting (status 1, so systemd
+/// restarts it) leaves the next start to read what the disk really holds, as PostgreSQL does
+/// after a failed `fsync`.
+fn stop_after_failed_dir_sync(what: &str, error: &dyn std::fmt::Display) -> ! {
+    error!(
+        "{what}: {error}; stopping: after a failed directory fsync no retry can be trusted, so \
+         the next start reads what the disk holds"
+    );
+    std::process::exit(1)
+}
+
 /// The counters stay usable even if a thread panicked while holding them.
 fn counters(stats: &Mutex<Compactions>) -> MutexGuard<'_, Compactions> {
     stats.lock().unwrap_or_else(PoisonError::into_inner)

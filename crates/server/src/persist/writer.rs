@@ -415,6 +415,9 @@ impl Writer {
     /// changes nothing. Once it is done, the fresh journal is opened (and the directory
     /// fsync'd, which also makes the rename durable) with retries until it works: nothing is
     /// appended, so nothing acknowledged, meanwhile.
+    ///
+    /// A failed directory `fsync` stops the daemon ([`super::stop_after_failed_dir_sync`]):
+    /// records appended to a journal whose entry may not be on disk must not be acknowledged.
     fn rotate(&mut self) -> io::Result<()> {
         fs::rename(&self.paths.journal, &self.paths.journal_old)?;
         self.journal_old = true;
@@ -424,6 +427,9 @@ impl Writer {
                     self.journal = file;
                     self.journal_len = 0;
                     return Ok(());
+                }
+                Err(e) if store::is_failed_dir_sync(&e) => {
+                    super::stop_after_failed_dir_sync("rotating the journal", &e)
                 }
                 Err(e) => {
                     error!(
