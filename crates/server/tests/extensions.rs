@@ -615,6 +615,26 @@ fn ocm_leaves_its_room_on_every_terminating_signal() {
     }
 }
 
+/// Starts `ocm` against `d` with `args`, its standard input a pipe and its outputs as given.
+fn ocm_with_outputs(
+    d: &Daemon,
+    args: &[&str],
+    stdout: impl Into<Stdio>,
+    stderr: impl Into<Stdio>,
+) -> std::process::Child {
+    Command::new(sibling_binary("ocm"))
+        .args(["--server", "127.0.0.1", "--tcp-port"])
+        .arg(d.tcp.port().to_string())
+        .arg("--udp-port")
+        .arg(d.udp.port().to_string())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn ocm")
+}
+
 /// A pipe whose buffer is full and whose reader never reads: every write to it blocks, as to
 /// a terminal stopped with Ctrl+S or a pipe into a program that stopped reading.
 fn full_pipe() -> (std::io::PipeReader, std::io::PipeWriter) {
@@ -657,17 +677,7 @@ fn ocm_stuck_on_its_output_and_its_errors_still_leaves_and_exits_on_a_signal() {
     alice.wait_stderr("* created stuck as alice");
     let (_unread_out, stdout) = full_pipe();
     let (_unread_err, stderr) = full_pipe();
-    let mut bob = Command::new(sibling_binary("ocm"))
-        .args(["--server", "127.0.0.1", "--tcp-port"])
-        .arg(d.tcp.port().to_string())
-        .arg("--udp-port")
-        .arg(d.udp.port().to_string())
-        .args(["join", "stuck", "--name", "bob"])
-        .stdin(Stdio::piped())
-        .stdout(stdout)
-        .stderr(stderr)
-        .spawn()
-        .expect("spawn ocm");
+    let mut bob = ocm_with_outputs(&d, &["join", "stuck", "--name", "bob"], stdout, stderr);
     alice.lines_until("* bob joined");
     // Registered, so in its chat (the joined notice comes at the join, before that): alice
     // and bob.
@@ -702,17 +712,12 @@ fn ocm_with_a_closed_stderr_still_chats_and_leaves() {
     alice.wait_stderr("* created quiet as alice");
     let (unread, stderr) = std::io::pipe().expect("pipe");
     drop(unread);
-    let mut bob = Command::new(sibling_binary("ocm"))
-        .args(["--server", "127.0.0.1", "--tcp-port"])
-        .arg(d.tcp.port().to_string())
-        .arg("--udp-port")
-        .arg(d.udp.port().to_string())
-        .args(["join", "quiet", "--name", "bob"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .expect("spawn ocm");
+    let mut bob = ocm_with_outputs(
+        &d,
+        &["join", "quiet", "--name", "bob"],
+        Stdio::null(),
+        stderr,
+    );
     alice.lines_until("* bob joined");
     let mut stdin = bob.stdin.take().expect("stdin");
     writeln!(stdin, "hi from bob").unwrap();
