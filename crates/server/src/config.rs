@@ -708,10 +708,29 @@ fn takes_port_of(wildcard: IpAddr, ip: IpAddr, v6_takes_v4: bool) -> bool {
 }
 
 /// Whether a socket bound to `[::]` here takes the IPv4 addresses too: unless the host's
-/// `net.ipv6.bindv6only` is 1 (read from /proc; a host without it, or without IPv6, is
-/// taken as the kernel's default, 0).
+/// `net.ipv6.bindv6only` is 1. Read as a fresh IPv6 socket's `IPV6_V6ONLY`, whose default
+/// follows it, rather than from /proc, which the shipped unit hides (`ProcSubset=pid`); a
+/// host without IPv6 is taken as the kernel's default, 0.
 fn v6_wildcard_takes_ipv4() -> bool {
-    std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").map_or(true, |v| v.trim() != "1")
+    // SAFETY: a socket created and closed here; getsockopt writes at most `len` bytes into
+    // `only`, whose size `len` gives.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET6, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return true;
+        }
+        let mut only: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        let read = libc::getsockopt(
+            fd,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&mut only as *mut libc::c_int).cast(),
+            &mut len,
+        );
+        libc::close(fd);
+        read != 0 || only == 0
+    }
 }
 
 /// Parses a log level name.
@@ -888,6 +907,16 @@ mod tests {
     /// With `net.ipv6.bindv6only = 1`, `[::]` takes only the IPv6 addresses: beside an IPv4
     /// address on the same port it binds, and beside an IPv6 one it still clashes; an
     /// IPv4-mapped address cannot be bound at all.
+    #[test]
+    fn the_ipv6_wildcard_default_is_read_as_the_sysctl_says() {
+        // Where /proc shows the setting (not under the shipped unit), both ways agree.
+        if let Ok(v) = std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only") {
+            if std::net::UdpSocket::bind("[::1]:0").is_ok() {
+                assert_eq!(super::v6_wildcard_takes_ipv4(), v.trim() != "1");
+            }
+        }
+    }
+
     #[test]
     fn with_bindv6only_the_ipv6_wildcard_leaves_ipv4_alone() {
         for (tcp, metrics) in [

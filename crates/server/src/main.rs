@@ -56,8 +56,35 @@ fn load_config(args: &Args) -> Result<(Config, Config), ocm_server::Error> {
     Ok((file, config))
 }
 
+/// Whether standard error is journald's stream: `JOURNAL_STREAM` names its device and inode
+/// (`dev:ino`), and they are standard error's own. The variable alone is inherited by children
+/// whose standard error went elsewhere (a terminal, a file), which would get `<N>` prefixes
+/// and no timestamps (`systemd.exec(5)` asks for this check).
+fn stderr_is_journal() -> bool {
+    static IS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *IS.get_or_init(|| {
+        let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+            return false;
+        };
+        let Some((dev, ino)) = stream.to_str().and_then(|s| s.split_once(':')) else {
+            return false;
+        };
+        let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+            return false;
+        };
+        let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: fstat fills `stat` when it returns 0, which is checked before it is read.
+        if unsafe { libc::fstat(libc::STDERR_FILENO, stat.as_mut_ptr()) } != 0 {
+            return false;
+        }
+        // SAFETY: initialized by the successful fstat above.
+        let stat = unsafe { stat.assume_init() };
+        stat.st_dev == dev && stat.st_ino == ino
+    })
+}
+
 /// env_logger to stderr. `RUST_LOG` wins; otherwise the configured level. Under journald
-/// (`JOURNAL_STREAM` set) lines carry `<N>` syslog priorities and no timestamp of their own.
+/// (`JOURNAL_STREAM` naming standard error) lines carry `<N>` syslog priorities and no timestamp of their own.
 fn init_logging(level: &str) {
     let mut builder = env_logger::Builder::new();
     match std::env::var("RUST_LOG") {
@@ -68,7 +95,7 @@ fn init_logging(level: &str) {
             builder.filter_level(log::LevelFilter::Trace);
         }
     }
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
+    if stderr_is_journal() {
         builder.format(|buf, record| {
             let priority = match record.level() {
                 log::Level::Error => 3,
@@ -94,11 +121,7 @@ fn init_logging(level: &str) {
 /// when its level shows no errors. Under journald every line carries the error priority,
 /// so `journalctl -p warning` shows why a unit failed.
 fn print_fatal(error: &dyn std::fmt::Display) {
-    let priority = if std::env::var_os("JOURNAL_STREAM").is_some() {
-        "<3>"
-    } else {
-        ""
-    };
+    let priority = if stderr_is_journal() { "<3>" } else { "" };
     let text = format!("ocmd: {error}");
     // Best effort, unlike `eprintln!`, which panics on a closed standard error and would
     // turn the exit status into 101.

@@ -42,6 +42,65 @@ fn installed(program: &str) -> bool {
 }
 
 /// Runs a command to completion with a deadline (a hung script fails the test).
+/// Stands for journald's stream in a test's environment: the spawn replaces it with the
+/// `dev:ino` of the pipe it gives the daemon as standard error, as systemd does.
+const JOURNALD: &str = "journald";
+
+/// A pipe for a child's standard error, and the `dev:ino` of its writing end (what systemd
+/// puts in `JOURNAL_STREAM` for its own stream).
+fn stderr_pipe() -> (std::io::PipeReader, std::io::PipeWriter, String) {
+    use std::os::fd::AsRawFd;
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat on a descriptor we own, filling `stat`, read only after it succeeded.
+    assert_eq!(
+        unsafe { libc::fstat(writer.as_raw_fd(), stat.as_mut_ptr()) },
+        0
+    );
+    // SAFETY: initialized by the successful fstat.
+    let stat = unsafe { stat.assume_init() };
+    let dev_ino = format!("{}:{}", stat.st_dev, stat.st_ino);
+    (reader, writer, dev_ino)
+}
+
+/// [`run_with_deadline`] with standard error journald's stream (`JOURNAL_STREAM` naming it).
+fn run_under_journald(mut cmd: Command) -> Output {
+    let (mut reader, writer, dev_ino) = stderr_pipe();
+    let mut child = cmd
+        .env("JOURNAL_STREAM", dev_ino)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(writer)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    // Our copy of the writing end, or the reader would never see the end.
+    drop(cmd);
+    let pid = child.id();
+    let stdout = child.stdout.take();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut err = Vec::new();
+        let _ = reader.read_to_end(&mut err);
+        let mut out = Vec::new();
+        if let Some(mut stdout) = stdout {
+            let _ = stdout.read_to_end(&mut out);
+        }
+        let _ = tx.send(child.wait().map(|status| Output {
+            status,
+            stdout: out,
+            stderr: err,
+        }));
+    });
+    match rx.recv_timeout(PATIENCE * 6) {
+        Ok(output) => output.expect("wait for command"),
+        Err(_) => {
+            // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("ocmd did not finish in time");
+        }
+    }
+}
+
 fn run_with_deadline(mut cmd: Command) -> Output {
     let child = cmd
         .stdin(Stdio::null())
@@ -1414,6 +1473,7 @@ impl RawDaemon {
     ) -> RawDaemon {
         let config_path = dir.path().join("ocmd.toml");
         std::fs::write(&config_path, config).unwrap();
+        let (reader, writer, dev_ino) = stderr_pipe();
         let mut cmd = Command::new(program);
         cmd.args(listen_flags.unwrap_or_default())
             .arg("--state")
@@ -1426,12 +1486,18 @@ impl RawDaemon {
             .env_remove("WATCHDOG_USEC")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .stderr(writer);
         for (k, v) in env {
-            cmd.env(k, v);
+            if (*k, *v) == ("JOURNAL_STREAM", JOURNALD) {
+                cmd.env(k, &dev_ino);
+            } else {
+                cmd.env(k, v);
+            }
         }
         let mut child = cmd.spawn().expect("spawn ocmd");
-        let stderr = child.stderr.take().unwrap();
+        // Our copy of the writing end, or the reader would never see the end.
+        drop(cmd);
+        let stderr = reader;
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx): (_, Receiver<String>) = mpsc::channel();
         {
@@ -1537,7 +1603,7 @@ fn journald_lines_carry_priorities_and_never_whole_tokens() {
     // RUST_LOG unset: the level comes from the file. JOURNAL_STREAM set: journald format.
     let d = RawDaemon::spawn(
         "[log]\nlevel = \"debug\"\n",
-        &[("JOURNAL_STREAM", "8:1234")],
+        &[("JOURNAL_STREAM", JOURNALD)],
     );
     let mut tokens = Vec::new();
     let host = d.request(Operation::CreateRoom, "logs", "alice");
@@ -1635,10 +1701,9 @@ fn journald_a_failed_start_is_logged_once_at_error_priority() {
             .args(["--tcp", &taken, "--udp", "127.0.0.1:0", "--metrics", "off"])
             .arg("--state")
             .arg(&state)
-            .env("JOURNAL_STREAM", "8:1234")
             .env_remove("RUST_LOG")
             .env_remove("NOTIFY_SOCKET");
-        let out = run_with_deadline(cmd);
+        let out = run_under_journald(cmd);
         let err = text(&out.stderr);
         assert_eq!(out.status.code(), Some(code), "{what}: {err}");
         assert!(!err.is_empty(), "{what}: nothing said");
@@ -1652,23 +1717,31 @@ fn journald_a_failed_start_is_logged_once_at_error_priority() {
     }
     // A usage error too (clap's message, exit status 2).
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocmd"));
-    cmd.args(["--tcp", "nonsense"])
-        .env("JOURNAL_STREAM", "8:1234")
-        .env_remove("NOTIFY_SOCKET");
-    let out = run_with_deadline(cmd);
+    cmd.args(["--tcp", "nonsense"]).env_remove("NOTIFY_SOCKET");
+    let out = run_under_journald(cmd);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("invalid value 'nonsense'"), "{err}");
     for line in err.lines() {
         assert!(line.starts_with("<3>"), "{line:?} is not at error priority");
     }
+    // A JOURNAL_STREAM inherited from elsewhere (a shell in a desktop session) names another
+    // stream than this standard error: plain lines.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocmd"));
+    cmd.args(["--tcp", "nonsense"])
+        .env("JOURNAL_STREAM", "8:1234")
+        .env_remove("NOTIFY_SOCKET");
+    let out = run_with_deadline(cmd);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.starts_with("ocmd: ") && !err.contains("<3>"), "{err}");
 }
 
 /// A config error is several lines (the TOML parser's snippet); under journald each stderr
 /// line is an entry of its own, so the continuation lines would lose the `<3>` priority.
 #[test]
 fn journald_a_failed_reload_is_logged_on_lines_with_priorities() {
-    let d = RawDaemon::spawn("", &[("JOURNAL_STREAM", "8:1234")]);
+    let d = RawDaemon::spawn("", &[("JOURNAL_STREAM", JOURNALD)]);
     std::fs::write(
         d.dir.path().join("ocmd.toml"),
         "[rate\nrequests_per_sec = \n",
