@@ -2083,3 +2083,77 @@ fn install_puts_files_in_place_and_keeps_a_changed_config() {
     assert!(!new.exists());
     assert!(text(&out.stdout).contains("keep:"));
 }
+
+/// A SIGHUP (a log rotation script, an early reload) while `ocmd` is still loading its state
+/// does not kill it: the handlers come first, and the signal waits until the loop runs. The
+/// state file is a FIFO here, so the load waits until the test feeds it.
+#[test]
+fn a_sighup_while_the_state_loads_does_not_kill_ocmd() {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("room_manager.json");
+    let path = std::ffi::CString::new(state.as_os_str().as_bytes()).unwrap();
+    // SAFETY: mkfifo(3) with a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ocmd"))
+        .args(["--tcp", "127.0.0.1:0", "--udp", "127.0.0.1:0"])
+        .args(["--metrics", "off", "--state"])
+        .arg(&state)
+        .env_remove("RUST_LOG")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ocmd");
+    let (tx, lines) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // The lock is taken after the handlers are installed; the load then waits on the FIFO.
+    let lock = dir.path().join("room_manager.json.lock");
+    wait_until("the state lock taken", || {
+        std::fs::read_to_string(&lock).is_ok_and(|pid| pid.starts_with("pid "))
+    });
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGHUP) }, 0);
+    // Feed the state each time ocmd opens the FIFO for reading (the start opens it more than
+    // once; an open for writing without a reader fails with ENXIO) until it serves. A dead
+    // ocmd never opens it.
+    let deadline = Instant::now() + PATIENCE;
+    let mut seen: Vec<String> = Vec::new();
+    while !seen.iter().any(|l| l.contains("listening ")) {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("ocmd died while starting: {status}: {seen:#?}");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ocmd did not start: {seen:#?}");
+        }
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&state)
+        {
+            Ok(mut fifo) => {
+                use std::os::unix::fs::FileTypeExt;
+                let kind = fifo.metadata().unwrap().file_type();
+                assert!(kind.is_fifo(), "the state file is no longer the FIFO");
+                fifo.write_all(br#"{"rooms": {}, "tokens": {}}"#).unwrap();
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {}
+            Err(e) => panic!("opening the FIFO: {e}"),
+        }
+        seen.extend(lines.recv_timeout(Duration::from_millis(5)));
+    }
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = wait_for_exit(&mut child, "ocmd after SIGTERM");
+    assert!(status.success(), "{status}: {seen:#?}");
+}

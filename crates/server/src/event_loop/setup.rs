@@ -45,6 +45,11 @@ impl Server {
         let config = file_config
             .with_overrides(&overrides)
             .map_err(Error::Config)?;
+        // First: a SIGHUP (a log rotation script, an early reload) or a SIGTERM during a long
+        // load would otherwise kill the process with its default action. They wait in the
+        // handle and are acted on once the loop runs.
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])
+            .map_err(io_err("cannot install signal handlers"))?;
         let paths = Paths::new(&config.state.path);
         let lock = persist::lock(&paths)?;
         let started = Instant::now();
@@ -160,8 +165,6 @@ impl Server {
                 .register(listener, METRICS_LISTENER, Interest::READABLE)
                 .map_err(io_err("cannot register metrics listener"))?;
         }
-        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])
-            .map_err(io_err("cannot install signal handlers"))?;
         registry_handle
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .map_err(io_err("cannot register signals"))?;
