@@ -31,6 +31,10 @@ pub const MAX_SOCKET_BUFFER_BYTES: u64 = (i32::MAX / 2) as u64;
 pub const MAX_ROOM_IDLE_SECS: u64 = 366 * 86_400;
 /// Largest `history.max_bytes_per_room` accepted (16 MiB).
 pub const MAX_HISTORY_BYTES_PER_ROOM: u64 = 16 * 1024 * 1024;
+/// Largest `udp.datagrams_per_wakeup` accepted: a budget the loop can spend in well under a
+/// second (65,536 datagrams, about 64 `recvmmsg` calls), so that a flood cannot hold back
+/// accepts, handshakes and the systemd watchdog for long.
+pub const MAX_DATAGRAMS_PER_WAKEUP: u64 = 65_536;
 /// Largest `liveness.tombstone_capacity` accepted (ten million, about 1.1 GB once full): the
 /// tables are sized for it at the first closure, so a larger value would fail an allocation
 /// there, from the network, rather than at start.
@@ -472,6 +476,11 @@ impl Config {
                 MAX_TIMER_SECS * 1000,
             ),
             (
+                "udp.datagrams_per_wakeup",
+                self.udp.datagrams_per_wakeup as u64,
+                MAX_DATAGRAMS_PER_WAKEUP,
+            ),
+            (
                 "liveness.room_idle_secs",
                 self.liveness.room_idle_secs,
                 MAX_ROOM_IDLE_SECS,
@@ -810,6 +819,10 @@ mod tests {
                 "udp.max_batch_datagram_bytes",
             ),
             ("[udp]\nmax_chat_wait_ms = 86400001", "udp.max_chat_wait_ms"),
+            (
+                "[udp]\ndatagrams_per_wakeup = 65537",
+                "udp.datagrams_per_wakeup",
+            ),
             (
                 "[udp]\nmax_batch_datagram_bytes = 100",
                 "udp.max_batch_datagram_bytes",

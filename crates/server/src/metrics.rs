@@ -278,7 +278,7 @@ impl Metrics {
             ),
             (
                 "ocm_udp_receive_buffer_drops_total",
-                "Datagrams the kernel dropped for a full receive buffer.",
+                "Datagrams the kernel dropped on the UDP socket before they were read (a full receive buffer, mostly; also bad checksums and memory pressure).",
                 self.udp_kernel_drops as f64,
             ),
         ];

@@ -279,9 +279,35 @@ impl Sender {
     }
 }
 
-/// The kernel's count of datagrams dropped on this socket (full receive buffer and other
-/// receive errors), from its line in `/proc/self/net/udp` or `/proc/self/net/udp6`.
-pub fn kernel_drops(socket: &UdpSocket) -> Option<u64> {
+/// The kernel's drop count for a UDP socket as a 64-bit total. The kernel keeps a 32-bit
+/// count (`sk_drops`, printed as `%u`), which wraps after 2^32 drops: read as is, the metric
+/// would go backwards.
+#[derive(Debug, Default)]
+pub struct KernelDrops {
+    /// The kernel's count at the last reading.
+    raw: u32,
+    /// Drops since the socket was made.
+    total: u64,
+}
+
+impl KernelDrops {
+    /// Takes a reading of the kernel's count; returns the total so far.
+    pub fn observe(&mut self, raw: u32) -> u64 {
+        self.total += u64::from(raw.wrapping_sub(self.raw));
+        self.raw = raw;
+        self.total
+    }
+
+    /// The total so far.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+}
+
+/// The kernel's count of datagrams dropped on this socket before they were read (a full
+/// receive buffer mostly; also bad checksums and memory pressure), 32 bits and wrapping
+/// ([`KernelDrops`]), from its line in `/proc/self/net/udp` or `/proc/self/net/udp6`.
+pub fn kernel_drops(socket: &UdpSocket) -> Option<u32> {
     let fd = socket.as_raw_fd();
     // SAFETY: fstat on a live descriptor into a zeroed stat buffer.
     let inode = unsafe {
@@ -305,6 +331,24 @@ pub fn kernel_drops(socket: &UdpSocket) -> Option<u64> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod kernel_drop_tests {
+    use super::KernelDrops;
+
+    /// The total goes on through the kernel's 32-bit count wrapping.
+    #[test]
+    fn the_total_goes_on_when_the_kernels_count_wraps() {
+        let mut drops = KernelDrops::default();
+        assert_eq!(drops.observe(0), 0);
+        assert_eq!(drops.observe(10), 10);
+        assert_eq!(drops.observe(u32::MAX - 5), u64::from(u32::MAX) - 5);
+        // Wrapped: 6 up to 2^32, then 4 more.
+        assert_eq!(drops.observe(4), u64::from(u32::MAX) + 5);
+        assert_eq!(drops.observe(4), u64::from(u32::MAX) + 5, "no new drops");
+        assert_eq!(drops.total(), u64::from(u32::MAX) + 5);
+    }
 }
 
 #[cfg(test)]

@@ -140,16 +140,18 @@ impl Server {
     /// Reads the kernel's drop count for the UDP socket and warns when it grew: an overloaded
     /// daemon must never lose datagrams silently.
     pub(super) fn check_kernel_drops(&mut self) {
-        let Some(drops) = udp::kernel_drops(&self.udp) else {
+        let Some(raw) = udp::kernel_drops(&self.udp) else {
             return;
         };
+        let drops = self.kernel_drops.observe(raw);
         let before = self.kernel_drops_logged;
         self.kernel_drops_logged = drops;
         self.metrics.udp_kernel_drops = drops;
         if drops > before {
             warn!(
-                "the kernel dropped {} datagrams for a full UDP receive buffer (total {drops}); \
-                 consider raising udp.recv_buffer_bytes and net.core.rmem_max",
+                "the kernel dropped {} datagrams on the UDP socket before they were read (total \
+                 {drops}), for a full receive buffer unless memory was short; consider raising \
+                 udp.recv_buffer_bytes and net.core.rmem_max",
                 drops - before
             );
         }

@@ -198,6 +198,8 @@ pub struct Server {
     /// when it grew. Kept apart from the metric, which a scrape also refreshes: a scrape
     /// between two checks must not hide the drops from the log.
     kernel_drops_logged: u64,
+    /// The kernel's drop count for the UDP socket, kept as a 64-bit total.
+    kernel_drops: udp::KernelDrops,
     bound: Bound,
     _lock: File,
 }

@@ -282,8 +282,9 @@ impl Server {
         let parsed = http::parse(&conn.input);
         let (code, reply) = match parsed {
             Some((Route::Metrics, head)) => {
-                self.metrics.udp_kernel_drops =
-                    udp::kernel_drops(&self.udp).unwrap_or(self.metrics.udp_kernel_drops);
+                if let Some(raw) = udp::kernel_drops(&self.udp) {
+                    self.metrics.udp_kernel_drops = self.kernel_drops.observe(raw);
+                }
                 // The compactor's counters are otherwise copied when it or the writer wakes
                 // the loop, and nothing does after the fold at start.
                 if let Some(persister) = &self.persister {

@@ -201,6 +201,7 @@ impl Server {
             drop_log: TokenBucket::full(DROP_LOG_BURST, now),
             accept_log: TokenBucket::full(1.0, now),
             kernel_drops_logged: 0,
+            kernel_drops: udp::KernelDrops::default(),
             next_sweep: now + Duration::from_millis(config.liveness.sweep_interval_ms),
             sender: udp::Sender::new(config.udp.max_batch_datagram_bytes),
             config,
