@@ -615,14 +615,17 @@ fn ocm_leaves_its_room_on_every_terminating_signal() {
     }
 }
 
-/// Starts `ocm` against `d` with `args`, its standard input a pipe and its outputs as given.
+/// Starts `ocm` against `d` with `args` and `env`, its standard input a pipe and its outputs
+/// as given.
 fn ocm_with_outputs(
     d: &Daemon,
     args: &[&str],
+    env: &[(&str, &str)],
     stdout: impl Into<Stdio>,
     stderr: impl Into<Stdio>,
 ) -> std::process::Child {
     Command::new(sibling_binary("ocm"))
+        .envs(env.iter().copied())
         .args(["--server", "127.0.0.1", "--tcp-port"])
         .arg(d.tcp.port().to_string())
         .arg("--udp-port")
@@ -677,7 +680,15 @@ fn ocm_stuck_on_its_output_and_its_errors_still_leaves_and_exits_on_a_signal() {
     alice.wait_stderr("* created stuck as alice");
     let (_unread_out, stdout) = full_pipe();
     let (_unread_err, stderr) = full_pipe();
-    let mut bob = ocm_with_outputs(&d, &["join", "stuck", "--name", "bob"], stdout, stderr);
+    // The chat's debug lines on: none may be written by the signal thread but its last word,
+    // which it does not wait for (the __LEAVE__'s own line would hold the exit).
+    let mut bob = ocm_with_outputs(
+        &d,
+        &["join", "stuck", "--name", "bob"],
+        &[("RUST_LOG", "warn,ocm::chat=debug")],
+        stdout,
+        stderr,
+    );
     alice.lines_until("* bob joined");
     // Registered, so in its chat (the joined notice comes at the join, before that): alice
     // and bob.
@@ -715,6 +726,7 @@ fn ocm_with_a_closed_stderr_still_chats_and_leaves() {
     let mut bob = ocm_with_outputs(
         &d,
         &["join", "quiet", "--name", "bob"],
+        &[],
         Stdio::null(),
         stderr,
     );

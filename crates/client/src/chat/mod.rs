@@ -459,15 +459,17 @@ fn after_signal(
     if session.wait_ended(grace) {
         return false;
     }
-    // The __LEAVE__ before any word: standard error may be as stuck as the main loop.
-    session.leave();
-    let said = say_within(
-        format!("the chat did not end within {grace:?} of signal {signal}: left the room"),
-        SAY_WAIT,
-    );
-    if !said {
-        debug!("standard error is stuck too: exiting unsaid");
-    }
+    // The __LEAVE__ before any word, and no word but through `say_within`: standard error
+    // may be as stuck as the main loop, and a log line written here would hold the exit.
+    let line = match session.leave_unlogged() {
+        Some(Err(e)) => format!(
+            "the chat did not end within {grace:?} of signal {signal}, and __LEAVE__ could not be \
+             sent: {e}"
+        ),
+        _ => format!("the chat did not end within {grace:?} of signal {signal}: left the room"),
+    };
+    // Written or not within the wait, the caller exits.
+    let _ = say_within(line, SAY_WAIT);
     true
 }
 

@@ -132,15 +132,25 @@ impl Session {
     /// Best-effort `__LEAVE__`, once, and the end of the session: no `__REGISTER__` follows
     /// it from any thread. The process is exiting either way.
     pub(super) fn leave(&self) {
+        match self.leave_unlogged() {
+            Some(Ok(())) => debug!("sent {LEAVE} to {}", self.server),
+            Some(Err(e)) => warn!("could not send {LEAVE} to {}: {e}", self.server),
+            None => {}
+        }
+    }
+
+    /// [`Session::leave`] without a word in the log, for a thread whose standard error may be
+    /// stuck (the signal thread): what the send did, or `None` when the session had already
+    /// ended and nothing was sent.
+    pub(super) fn leave_unlogged(&self) -> Option<io::Result<()>> {
         let mut ended = self.ended();
         if std::mem::replace(&mut *ended, true) {
-            return;
+            return None;
         }
-        match self.send_control(&ended, LEAVE) {
-            Ok(()) => debug!("sent {LEAVE} to {}", self.server),
-            Err(e) => warn!("could not send {LEAVE} to {}: {e}", self.server),
-        }
+        let sent = self.send_control(&ended, LEAVE);
+        drop(ended);
         self.ended.1.notify_all();
+        Some(sent)
     }
 
     /// The end of the session without `__LEAVE__`: the server has confirmed that the room no
