@@ -917,9 +917,7 @@ mod tests {
         }
     }
 
-    /// With `net.ipv6.bindv6only = 1`, `[::]` takes only the IPv6 addresses: beside an IPv4
-    /// address on the same port it binds, and beside an IPv6 one it still clashes; an
-    /// IPv4-mapped address cannot be bound at all.
+    /// A fresh IPv6 socket's `IPV6_V6ONLY` says what the sysctl says.
     #[test]
     fn the_ipv6_wildcard_default_is_read_as_the_sysctl_says() {
         // Where /proc shows the setting (not under the shipped unit), both ways agree.
@@ -930,6 +928,9 @@ mod tests {
         }
     }
 
+    /// With `net.ipv6.bindv6only = 1`, `[::]` takes only the IPv6 addresses: beside an IPv4
+    /// address on the same port it binds, and beside an IPv6 one it still clashes; an
+    /// IPv4-mapped address cannot be bound at all.
     #[test]
     fn with_bindv6only_the_ipv6_wildcard_leaves_ipv4_alone() {
         for (tcp, metrics) in [

@@ -510,6 +510,27 @@ pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
             line,
             reason,
         })?;
+        if let (false, Some(hole)) = (is_old, replay.zero_hole) {
+            // The writer syncs at most MAX_UNSYNCED_BYTES at a time, so a hole with more
+            // after it, over more than one line, is not a torn append but damage (a media
+            // error, a bad copy) with synced, acknowledged records behind it: taken for a torn
+            // tail, they would be dropped and then folded away for good. (journal.old was
+            // synced whole: any hole there is judged by what vouches for its records, below.)
+            let tail = replay.hole_tail_bytes;
+            if tail > MAX_UNSYNCED_BYTES && hole.lines > 1 {
+                return Err(StoreError::Journal {
+                    path: path.clone(),
+                    line: hole.line,
+                    reason: format!(
+                        "a zero-filled hole, with {tail} bytes ({} lines) from its line to the \
+                         end: more than one append leaves unsynced ({MAX_UNSYNCED_BYTES}), so \
+                         records written and synced after it would be lost; the journal is \
+                         damaged (check the disk, and keep a copy before cutting it at this line)",
+                        hole.lines
+                    ),
+                });
+            }
+        }
         loaded.torn_tail |= replay.torn_tail;
         loaded
             .zero_holes
@@ -699,6 +720,8 @@ pub struct Replay {
     pub torn_tail: bool,
     /// The zero-filled hole that cut the journal short, if any.
     pub zero_hole: Option<ZeroHole>,
+    /// Bytes from the start of the hole's line to the end of the file (0 without a hole).
+    pub hole_tail_bytes: usize,
 }
 
 /// Where a journal's zero-filled hole starts: the first line holding a NUL byte. That line and
@@ -756,10 +779,8 @@ pub fn sync_pieces(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// `fdatasync` makes every earlier write of the file durable. Every byte after it was written
 /// later and was not made durable either, so nothing from the hole on was ever acknowledged.
 ///
-/// Since the writer syncs at most [`MAX_UNSYNCED_BYTES`] at a time, a hole followed by more
-/// than that, over more than one line, cannot be a torn append: acknowledged records lie
-/// behind it (a media error, a bad copy). That is an error, not a torn tail: ignoring it would
-/// drop them, and the fold after the load would erase them from the disk.
+/// How much follows the hole is kept in [`Replay::hole_tail_bytes`]: [`load`] refuses a
+/// journal whose hole cannot be a torn append ([`MAX_UNSYNCED_BYTES`]).
 pub fn parse_journal(bytes: &[u8]) -> Result<Replay, (usize, String)> {
     let mut replay = Replay::default();
     let mut lines = bytes
@@ -769,23 +790,11 @@ pub fn parse_journal(bytes: &[u8]) -> Result<Replay, (usize, String)> {
     let mut offset = 0;
     while let Some((index, line)) = lines.next() {
         if line.contains(&0) {
-            let tail = bytes.len() - offset;
-            let ignored = 1 + lines.count();
-            if tail > MAX_UNSYNCED_BYTES && ignored > 1 {
-                return Err((
-                    index + 1,
-                    format!(
-                        "a zero-filled hole, with {tail} bytes ({ignored} lines) from its line to \
-                         the end: more than one append leaves unsynced ({MAX_UNSYNCED_BYTES}), so \
-                         records written and synced after it would be lost; the journal is \
-                         damaged (check the disk, and keep a copy before cutting it at this line)"
-                    ),
-                ));
-            }
             replay.torn_tail = true;
+            replay.hole_tail_bytes = bytes.len() - offset;
             replay.zero_hole = Some(ZeroHole {
                 line: index + 1,
-                lines: ignored,
+                lines: 1 + lines.count(),
             });
             break;
         }
@@ -1434,8 +1443,9 @@ mod tests {
         assert!(!is_failed_dir_sync(&not_opened));
         let (_dir, paths) = temp_paths();
         sync_dir(&paths.state).expect("a directory that can be synced");
-        let failed = io::Error::other(FailedDirSync(io::Error::from_raw_os_error(libc::EIO)));
-        assert!(is_failed_dir_sync(&failed));
+        // procfs refuses an fsync of its directories (EINVAL): a real failed fsync.
+        let failed = sync_dir(Path::new("/proc/self/x")).expect_err("fsync of /proc/self");
+        assert!(is_failed_dir_sync(&failed), "{failed}");
         assert!(failed.to_string().contains("fsync of the directory failed"));
         assert!(!is_failed_dir_sync(&io::Error::from_raw_os_error(
             libc::EIO
@@ -1479,42 +1489,59 @@ mod tests {
         journal_bytes(&records)
     }
 
-    /// More than one append's worth of lines after a hole cannot be a torn append: records
-    /// synced after it would be lost, so the journal is refused, naming the hole's line. A
-    /// single line longer than that (written alone) can still be torn.
+    /// More than one append's worth of lines after a hole in the journal cannot be a torn
+    /// append: records synced after it would be lost, so the load is refused, naming the
+    /// hole's line. One append's worth, or a single line longer than that (written alone), is
+    /// a torn append. In journal.old the hole is judged by what vouches for its records: a
+    /// snapshot that holds them all lets it pass whatever follows it.
     #[test]
     fn a_hole_followed_by_more_than_one_append_is_damage_not_a_torn_tail() {
         let after = joins(3, 3000);
         assert!(after.len() > MAX_UNSYNCED_BYTES);
-        let mut bytes = two_records();
-        bytes.extend_from_slice(&[0; 4096]);
-        bytes.extend_from_slice(&after);
-        let (line, reason) = parse_journal(&bytes).expect_err("a hole before 2,998 records");
-        assert_eq!(line, 3);
-        assert!(
-            reason.contains("zero-filled hole") && reason.contains("damaged"),
-            "{reason}"
-        );
+        let holed = |tail: &[u8]| [two_records(), tail.to_vec()].concat();
+        let damaged = holed(&[vec![0; 4096], after.clone()].concat());
+        let (_dir, paths) = temp_paths();
+        fs::write(&paths.journal, &damaged).unwrap();
+        match load(&paths) {
+            Err(StoreError::Journal { line, reason, .. }) => {
+                assert_eq!(line, 3);
+                assert!(reason.contains("zero-filled hole") && reason.contains("damaged"));
+            }
+            other => panic!("a hole before 2,998 records: {other:?}"),
+        }
 
-        // Just one append's worth after the hole's line begins: a torn append.
-        let mut bytes = two_records();
+        // Just one append's worth from the hole's line: a torn append.
         let mut tail = vec![0u8; 10];
         tail.extend_from_slice(&after);
         let cut = tail[..MAX_UNSYNCED_BYTES]
             .iter()
             .rposition(|&b| b == b'\n')
             .unwrap();
-        bytes.extend_from_slice(&tail[..=cut]);
-        let replay = parse_journal(&bytes).expect("a torn append");
-        assert!(replay.torn_tail);
-        assert_eq!(replay.records.len(), 2);
+        fs::write(&paths.journal, holed(&tail[..=cut])).unwrap();
+        let loaded = load(&paths).expect("a torn append");
+        assert!(loaded.torn_tail);
+        assert_eq!(loaded.last_seq, 2);
 
         // One line longer than a piece, torn: a torn append too.
-        let mut bytes = two_records();
-        bytes.extend_from_slice(&vec![0u8; MAX_UNSYNCED_BYTES + 1]);
-        bytes.extend_from_slice(b"\n");
-        let replay = parse_journal(&bytes).expect("one long torn line");
-        assert_eq!(replay.zero_hole, Some(ZeroHole { line: 3, lines: 1 }));
+        let long = [vec![0u8; MAX_UNSYNCED_BYTES + 1], b"\n".to_vec()].concat();
+        fs::write(&paths.journal, holed(&long)).unwrap();
+        let loaded = load(&paths).expect("one long torn line");
+        assert_eq!(loaded.last_seq, 2);
+
+        // The same damage in journal.old, behind a snapshot that holds all of it: nothing
+        // is lost, and the load goes on.
+        let mut state = State::default();
+        state.apply(&create("a", "h1"));
+        state.apply(&join("a", "m2"));
+        for n in 3..=3000 {
+            state.apply(&join("a", &format!("m{n}")));
+        }
+        state.journal_seq = 3000;
+        write_state(&paths, &state);
+        fs::write(&paths.journal_old, &damaged).unwrap();
+        fs::write(&paths.journal, joins(3001, 3001)).unwrap();
+        let loaded = load(&paths).expect("journal.old vouched for by the snapshot");
+        assert_eq!(loaded.last_seq, 3001);
     }
 
     /// The writer's pieces: whole lines, none over the bound unless a single line is, and

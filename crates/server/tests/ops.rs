@@ -41,7 +41,6 @@ fn installed(program: &str) -> bool {
     })
 }
 
-/// Runs a command to completion with a deadline (a hung script fails the test).
 /// Stands for journald's stream in a test's environment: the spawn replaces it with the
 /// `dev:ino` of the pipe it gives the daemon as standard error, as systemd does.
 const JOURNALD: &str = "journald";
@@ -101,6 +100,7 @@ fn run_under_journald(mut cmd: Command) -> Output {
     }
 }
 
+/// Runs a command to completion with a deadline (a hung script fails the test).
 fn run_with_deadline(mut cmd: Command) -> Output {
     let child = cmd
         .stdin(Stdio::null())
