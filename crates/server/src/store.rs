@@ -278,17 +278,15 @@ impl State {
             }
             Record::Join { room, member } => {
                 if let Some(entry) = self.rooms.get_mut(room) {
-                    // Asked of the token map, not by a scan of the room's members: replaying
-                    // N joins into one room would cost N² string comparisons.
-                    let listed = self
+                    let previous = self
                         .tokens
-                        .get(&member.token)
-                        .is_some_and(|held| held.room_name == *room);
-                    if !listed {
+                        .insert(member.token.clone(), token_entry(member, room, false));
+                    // A token this room already held (a replayed join) is listed already. Told
+                    // by the insert's own descent: a scan of the room's members would cost N²
+                    // over N joins into one room, a second lookup a descent per join.
+                    if previous.is_none_or(|held| held.room_name != *room) {
                         entry.members.push(member.token.clone());
                     }
-                    self.tokens
-                        .insert(member.token.clone(), token_entry(member, room, false));
                 }
             }
             Record::Register {
