@@ -433,9 +433,13 @@ fn spawn_signal_watcher(
         .name("signals".into())
         .spawn(move || {
             if let Some(signal) = signals.forever().next() {
-                if after_signal(signal, (&signalled, &events), &session, SIGNAL_GRACE) {
-                    std::process::exit(crate::error::EXIT_FAILURE.into());
+                if !after_signal(signal, (&signalled, &events), &session, SIGNAL_GRACE) {
+                    // The chat ended on the signal: the process ends within moments. A main
+                    // thread stuck after that (a last line to a blocked standard error) must
+                    // not keep it alive, with later signals caught and ignored.
+                    thread::sleep(SIGNAL_GRACE);
                 }
+                std::process::exit(crate::error::EXIT_FAILURE.into());
             }
         })
         .map_err(ClientError::io("starting the signal thread"))?;

@@ -104,7 +104,7 @@ impl JournalFile for File {
 /// The bytes go in pieces of at most [`store::MAX_UNSYNCED_BYTES`] (whole lines; a longer
 /// line alone), each synced before the next is written, so that a crash can leave no more
 /// than that unsynced: the bound by which the next start tells a torn append from a damaged
-/// journal ([`store::parse_journal`]).
+/// journal ([`store::load`]).
 pub(super) fn append_durably(
     journal: &mut impl JournalFile,
     mut len: u64,
