@@ -503,21 +503,91 @@ pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
     // whole record (0: none).
     let mut old_tail: Option<(usize, u64)> = None;
     for (path, is_old) in [(&paths.journal_old, true), (&paths.journal, false)] {
-        let Some(bytes) = read_if_exists(path)? else {
-            continue;
+        let file = match File::open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(source) => {
+                return Err(StoreError::Read {
+                    path: path.clone(),
+                    source,
+                })
+            }
         };
         loaded.journal_old |= is_old;
-        let replay = parse_journal(&bytes).map_err(|(line, reason)| StoreError::Journal {
-            path: path.clone(),
-            line,
-            reason,
-        })?;
+        // journal.old's torn tail, when this is the journal after it: vouched for (below) at
+        // the journal's first record after journal.old's last whole one.
+        let mut unvouched = if is_old { None } else { old_tail.take() };
+        // This file's last whole record (0: none).
+        let mut last_whole = 0;
+        // Each record is applied as it is read: a journal that grew for days behind failing
+        // compactions replays in the memory of one line, not of the file and its records.
+        let scan = scan_journal(io::BufReader::with_capacity(256 * 1024, file), |entry| {
+            if let Some((line, old_last)) = unvouched {
+                if entry.n > old_last {
+                    // The journal takes over from journal.old's last record, so the tail held
+                    // the records between journal.old's last whole one and the journal's first
+                    // after it. It lost nothing if there are none, or if the snapshot holds
+                    // them all (a start that accepted the tail, folded, and stopped before
+                    // removing journal.old).
+                    if entry.n > old_last.max(snapshot_seq) + 1 {
+                        return Err(StoreError::CutShort {
+                            old: paths.journal_old.clone(),
+                            line,
+                        });
+                    }
+                    unvouched = None;
+                }
+            }
+            last_whole = entry.n;
+            loaded.last_seq = loaded.last_seq.max(entry.n);
+            if entry.n <= applied {
+                return Ok(());
+            }
+            if entry.n != applied + 1 {
+                return Err(StoreError::Gap {
+                    path: path.clone(),
+                    line: entry.line,
+                    expected: applied + 1,
+                    found: entry.n,
+                    hint: gap_hint(state_missing, applied == snapshot_seq),
+                });
+            }
+            state.apply(&entry.record);
+            loaded.replayed += 1;
+            applied = entry.n;
+            Ok(())
+        });
+        let replay = match scan {
+            Ok(replay) => replay,
+            Err(ScanError::Line(line, reason)) => {
+                return Err(StoreError::Journal {
+                    path: path.clone(),
+                    line,
+                    reason,
+                })
+            }
+            Err(ScanError::Read(source)) => {
+                return Err(StoreError::Read {
+                    path: path.clone(),
+                    source,
+                })
+            }
+            Err(ScanError::Apply(e)) => return Err(e),
+        };
+        if let Some((line, _)) = unvouched {
+            // No record in the journal after journal.old's last whole one: nothing shows that
+            // no synced record was in its tail.
+            return Err(StoreError::CutShort {
+                old: paths.journal_old.clone(),
+                line,
+            });
+        }
         if let (false, Some(hole)) = (is_old, replay.zero_hole) {
             // The writer syncs at most MAX_UNSYNCED_BYTES at a time, so a hole with more
             // after it, over more than one line, is not a torn append but damage (a media
             // error, a bad copy) with synced, acknowledged records behind it: taken for a torn
             // tail, they would be dropped and then folded away for good. (journal.old was
-            // synced whole: any hole there is judged by what vouches for its records, below.)
+            // synced whole: any hole there is judged by what vouches for its records.)
             let tail = replay.hole_tail_bytes;
             if tail > MAX_UNSYNCED_BYTES && hole.lines > 1 {
                 return Err(StoreError::Journal {
@@ -537,44 +607,9 @@ pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
         loaded
             .zero_holes
             .extend(replay.zero_hole.map(|hole| (path.clone(), hole)));
-        if let (false, Some((line, last_whole))) = (is_old, old_tail) {
-            // The journal takes over from journal.old's last record, so the tail held the
-            // records between journal.old's last whole one and the journal's first after it.
-            // It lost nothing if there are none, or if the snapshot holds them all (a start
-            // that accepted the tail, folded, and stopped before removing journal.old).
-            let next = replay.records.iter().map(|e| e.n).find(|&n| n > last_whole);
-            let vouched = next.is_some_and(|n| n <= last_whole.max(snapshot_seq) + 1);
-            if !vouched {
-                return Err(StoreError::CutShort {
-                    old: paths.journal_old.clone(),
-                    line,
-                });
-            }
-            old_tail = None;
-        }
-        let last_whole = replay.records.last().map_or(0, |e| e.n);
-        for entry in replay.records {
-            loaded.last_seq = loaded.last_seq.max(entry.n);
-            if entry.n <= applied {
-                continue;
-            }
-            if entry.n != applied + 1 {
-                return Err(StoreError::Gap {
-                    path: path.clone(),
-                    line: entry.line,
-                    expected: applied + 1,
-                    found: entry.n,
-                    hint: gap_hint(state_missing, applied == snapshot_seq),
-                });
-            }
-            state.apply(&entry.record);
-            loaded.replayed += 1;
-            applied = entry.n;
-        }
         if is_old && replay.torn_tail {
             // A hole's first line, or else the torn last line.
-            let last_line = bytes.split_inclusive(|&b| b == b'\n').count();
-            let line = replay.zero_hole.map_or(last_line, |hole| hole.line);
+            let line = replay.zero_hole.map_or(replay.last_line, |hole| hole.line);
             old_tail = Some((line, last_whole));
         }
     }
@@ -724,6 +759,8 @@ pub struct Replay {
     pub zero_hole: Option<ZeroHole>,
     /// Bytes from the start of the hole's line to the end of the file (0 without a hole).
     pub hole_tail_bytes: usize,
+    /// The number of the last line read: a torn last line's, when the tail was torn there.
+    pub last_line: usize,
 }
 
 /// Where a journal's zero-filled hole starts: the first line holding a NUL byte. That line and
@@ -784,47 +821,95 @@ pub fn sync_pieces(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// How much follows the hole is kept in [`Replay::hole_tail_bytes`]: [`load`] refuses a
 /// journal whose hole cannot be a torn append ([`MAX_UNSYNCED_BYTES`]).
 pub fn parse_journal(bytes: &[u8]) -> Result<Replay, (usize, String)> {
-    let mut replay = Replay::default();
-    let mut lines = bytes
-        .split_inclusive(|&b| b == b'\n')
-        .enumerate()
-        .peekable();
-    let mut offset = 0;
-    while let Some((index, line)) = lines.next() {
-        if line.contains(&0) {
-            replay.torn_tail = true;
-            replay.hole_tail_bytes = bytes.len() - offset;
-            replay.zero_hole = Some(ZeroHole {
-                line: index + 1,
-                lines: 1 + lines.count(),
-            });
-            break;
+    let mut records = Vec::new();
+    let scan = scan_journal(bytes, |entry| {
+        records.push(entry);
+        Ok::<(), std::convert::Infallible>(())
+    });
+    match scan {
+        Ok(mut replay) => {
+            replay.records = records;
+            Ok(replay)
         }
-        offset += line.len();
-        let is_last = lines.peek().is_none();
-        let complete = line.ends_with(b"\n");
-        let body = line.strip_suffix(b"\n").unwrap_or(line);
-        if body.iter().all(u8::is_ascii_whitespace) && complete {
+        Err(ScanError::Line(line, reason)) => Err((line, reason)),
+        // Reading a slice cannot fail, nor can the closure above.
+        Err(ScanError::Read(e)) => Err((0, e.to_string())),
+        Err(ScanError::Apply(never)) => match never {},
+    }
+}
+
+/// Why [`scan_journal`] stopped.
+#[derive(Debug)]
+enum ScanError<E> {
+    /// A whole line that does not parse: `(line, reason)`.
+    Line(usize, String),
+    /// The file could not be read.
+    Read(io::Error),
+    /// `each` refused a record.
+    Apply(E),
+}
+
+/// [`parse_journal`] on a reader, handing each record to `each` as it is parsed instead of
+/// keeping them: a start replays a journal in the memory of one line. The returned
+/// [`Replay`] has no records.
+fn scan_journal<E>(
+    mut reader: impl io::BufRead,
+    mut each: impl FnMut(Entry) -> Result<(), E>,
+) -> Result<Replay, ScanError<E>> {
+    let mut replay = Replay::default();
+    let mut line = Vec::new();
+    let mut index = 0;
+    loop {
+        line.clear();
+        if reader
+            .read_until(b'\n', &mut line)
+            .map_err(ScanError::Read)?
+            == 0
+        {
+            return Ok(replay);
+        }
+        index += 1;
+        replay.last_line = index;
+        if line.contains(&0) {
+            // This line and every one after it: the torn tail.
+            let (mut lines, mut bytes) = (1, line.len());
+            loop {
+                line.clear();
+                match reader
+                    .read_until(b'\n', &mut line)
+                    .map_err(ScanError::Read)?
+                {
+                    0 => break,
+                    read => (lines, bytes) = (lines + 1, bytes + read),
+                }
+            }
+            replay.torn_tail = true;
+            replay.hole_tail_bytes = bytes;
+            replay.zero_hole = Some(ZeroHole { line: index, lines });
+            return Ok(replay);
+        }
+        let Some(body) = line.strip_suffix(b"\n") else {
+            // The last line, cut short: an append that was never acknowledged. (Only the last
+            // line can lack its newline: `read_until` stops only at one or at the end.)
+            replay.torn_tail = true;
+            return Ok(replay);
+        };
+        if body.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        if !complete {
-            // The last line, cut short: an append that was never acknowledged. (Only the last
-            // line can lack its newline: the split keeps every other one's.)
-            debug_assert!(is_last);
-            replay.torn_tail = true;
-            break;
-        }
         match serde_json::from_slice::<JournalLine<Record>>(body) {
-            Ok(parsed) if parsed.n > MAX_NUMBER => return Err((index + 1, LAST_NUMBER.to_owned())),
-            Ok(parsed) => replay.records.push(Entry {
-                line: index + 1,
+            Ok(parsed) if parsed.n > MAX_NUMBER => {
+                return Err(ScanError::Line(index, LAST_NUMBER.to_owned()))
+            }
+            Ok(parsed) => each(Entry {
+                line: index,
                 n: parsed.n,
                 record: parsed.record,
-            }),
-            Err(e) => return Err((index + 1, e.to_string())),
+            })
+            .map_err(ScanError::Apply)?,
+            Err(e) => return Err(ScanError::Line(index, e.to_string())),
         }
     }
-    Ok(replay)
 }
 
 /// Writes `bytes` to `path` so that a crash leaves either the old or the new file whole

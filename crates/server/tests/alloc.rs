@@ -1,6 +1,7 @@
 //! The receive path allocates nothing: `mmsg::Receiver` builds its message headers once, and
-//! a receive (with datagrams or without) only refills lengths. Measured with a global
-//! allocator that counts this thread's allocations.
+//! a receive (with datagrams or without) only refills lengths. A start replays its journal in
+//! the memory of a line, not of the file. Measured with a global allocator that counts this
+//! thread's allocations and the bytes it holds.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -14,21 +15,34 @@ struct Counting;
 
 thread_local! {
     static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+    /// Bytes this thread holds (freed on another thread: still counted), and the most it held.
+    static HELD: Cell<(i64, i64)> = const { Cell::new((0, 0)) };
+}
+
+/// Counts `change` bytes more (or fewer) held by this thread.
+fn hold(change: i64) {
+    let _ = HELD.try_with(|held| {
+        let (now, peak) = held.get();
+        held.set((now + change, peak.max(now + change)));
+    });
 }
 
 // SAFETY: every call is passed on to the system allocator unchanged.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+        hold(layout.size() as i64);
         // SAFETY: the caller's contract is the system allocator's.
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        hold(-(layout.size() as i64));
         // SAFETY: as above.
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+        hold(new_size as i64 - layout.size() as i64);
         // SAFETY: as above.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -88,4 +102,54 @@ fn receiving_allocates_nothing_and_survives_a_move() {
     assert_eq!(got, messages.len());
     assert_eq!(lengths, [100, 101, 102]);
     assert_eq!(allocated, 0, "allocations on the receive path");
+}
+
+/// A journal of churn (joins that left) replays in the memory of a line: the most `load` holds
+/// at once is far below the file's size. Reading the file whole and parsing every record
+/// before applying them held several times its size (105 MB at the peak for a 32 MB journal,
+/// against 5 MB now, measured on `ocmd`'s start).
+#[test]
+fn a_journal_replays_in_far_less_memory_than_its_size() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let paths = ocm_server::store::Paths::new(&dir.path().join("room_manager.json"));
+    let mut journal = std::io::BufWriter::new(std::fs::File::create(&paths.journal).unwrap());
+    let host = r#"{"token":"00000000000000000000000000000000","username":"host","joined_from":"127.0.0.1"}"#;
+    writeln!(
+        journal,
+        r#"{{"n":1,"op":"create_room","room":"lobby","host":{host},"created_at":1.5}}"#
+    )
+    .unwrap();
+    let pairs = 20_000;
+    for k in 0..pairs {
+        let token = format!("{:032x}", k + 1);
+        let n = 2 + 2 * k;
+        writeln!(
+            journal,
+            r#"{{"n":{n},"op":"join","room":"lobby","member":{{"token":"{token}","username":"user{k}","joined_from":"127.0.0.1"}}}}"#
+        )
+        .unwrap();
+        writeln!(
+            journal,
+            r#"{{"n":{},"op":"leave","token":"{token}"}}"#,
+            n + 1
+        )
+        .unwrap();
+    }
+    drop(journal);
+    let size = std::fs::metadata(&paths.journal).unwrap().len() as i64;
+    assert!(size > 4_000_000, "{size} bytes");
+
+    let (start, _) = HELD.with(Cell::get);
+    HELD.with(|held| held.set((start, start)));
+    let loaded = ocm_server::store::load(&paths).expect("load");
+    let (_, peak) = HELD.with(Cell::get);
+
+    assert_eq!(loaded.last_seq, 1 + 2 * pairs as u64);
+    assert_eq!(loaded.state.tokens.len(), 1, "the host alone is left");
+    let most = peak - start;
+    assert!(
+        most < size / 8,
+        "held {most} bytes at once for a {size}-byte journal"
+    );
 }
