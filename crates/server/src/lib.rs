@@ -7,7 +7,8 @@
 //! - [`handshake`]: TCRP requests to reply bytes;
 //! - [`rate`]: the token-bucket rate limits (chat, requests, failed passwords);
 //! - [`password`]: room-password hashing and checks on a worker thread;
-//! - [`store`], [`record`], [`persist`]: the state file, its journal and the writer thread;
+//! - [`store`], [`journal`], [`record`], [`persist`]: the state file, its journal and the writer
+//!   thread;
 //! - [`event_loop`]: the mio shell that owns every socket;
 //! - [`conn`], [`udp`], [`mmsg`], [`local`], [`sockopt`]: what the loop does with its sockets;
 //! - [`config`], [`metrics`], [`delay`], [`notify`], [`http`], [`plural`]: what operators see.
@@ -21,6 +22,7 @@ pub mod error;
 pub mod event_loop;
 pub mod handshake;
 pub mod http;
+pub mod journal;
 pub mod local;
 pub mod metrics;
 pub mod mmsg;
