@@ -714,6 +714,50 @@ fn a_state_file_of_the_wrong_shape_stops_the_start_and_is_left_untouched() {
     }
 }
 
+/// A state file that would lose something if loaded stops the start, naming why, and is left
+/// as it was: a room given twice in "rooms" (the last copy would win) and a file of a newer
+/// format (this ocmd would drop what it does not know at its next snapshot).
+#[test]
+fn a_state_file_that_would_lose_data_stops_the_start_and_is_left_untouched() {
+    let host = |token: &str| {
+        format!(r#"{{"username":"h","room_name":"lobby","is_host":true,"token":"{token}"}}"#)
+    };
+    let room = |token: &str| format!(r#"{{"host_token":"{token}","members":["{token}"]}}"#);
+    let twice = format!(
+        r#"{{"rooms":{{"lobby":{},"lobby":{}}},"tokens":{{"h1":{},"h2":{}}}}}"#,
+        room("h1"),
+        room("h2"),
+        host("h1"),
+        host("h2")
+    );
+    let newer = r#"{"version":99,"rooms":{},"tokens":{},"future":[1]}"#.to_owned();
+    for (what, text, reason) in [
+        (
+            "a room given twice",
+            twice,
+            r#"the key "lobby" is given twice"#,
+        ),
+        ("a newer format", newer, "written by a newer ocmd"),
+    ] {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let state = dir.path().join("room_manager.json");
+        std::fs::write(&state, &text).unwrap();
+        let log = match spawn_on(&dir) {
+            Ok(_) => panic!("ocmd started on {what}"),
+            Err(log) => log,
+        };
+        assert!(
+            log.contains(&state.display().to_string()) && log.contains(reason),
+            "{what}: the refusal names the file and says {reason:?}:\n{log}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&state).unwrap(),
+            text,
+            "{what}: file unchanged"
+        );
+    }
+}
+
 /// A daemon on `dir` that created `journal` and joined `m1`, `m2`, then was killed, so the
 /// records are only in the journal. Returns the tokens.
 fn journal_only_state(dir: &Arc<tempfile::TempDir>) -> Vec<String> {

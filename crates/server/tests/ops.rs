@@ -970,6 +970,17 @@ fn bad_configs_name_the_key_and_the_file() {
         ),
         ("unknown section", "[nonsense]\nx = 1\n", "nonsense"),
         ("bad level", "[log]\nlevel = \"loud\"\n", "log.level"),
+        // 0 would not mean "never": it turned the pacing of dead-token replies off.
+        (
+            "unpaced replies",
+            "[liveness]\nclosed_reply_interval_ms = 0\n",
+            "liveness.closed_reply_interval_ms",
+        ),
+        (
+            "huge wakeup budget",
+            "[udp]\ndatagrams_per_wakeup = 100000000000\n",
+            "udp.datagrams_per_wakeup",
+        ),
     ];
     for (what, body, key) in cases {
         let path = dir.path().join(format!("{}.toml", what.replace(' ', "-")));
