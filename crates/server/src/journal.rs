@@ -48,7 +48,8 @@ pub struct Replay {
     pub zero_hole: Option<ZeroHole>,
     /// Bytes from the start of the hole's line to the end of the file (0 without a hole).
     pub hole_tail_bytes: usize,
-    /// The number of the last line read: a torn last line's, when the tail was torn there.
+    /// The number of the last line read: a torn last line's, when the tail was torn there
+    /// (with a zero-filled hole, the hole's line: the rest is counted, not read as lines).
     pub last_line: usize,
 }
 
@@ -160,18 +161,25 @@ pub(crate) fn scan_journal<E>(
         index += 1;
         replay.last_line = index;
         if line.contains(&0) {
-            // This line and every one after it: the torn tail.
-            let (mut lines, mut bytes) = (1, line.len());
+            // This line and every one after it: the torn tail, counted without being kept
+            // (its lines may be as long as the hole). The rest's lines are its newlines, and
+            // one more if it ends without one.
+            let (mut newlines, mut rest, mut last) = (0, 0, b'\n');
             loop {
-                line.clear();
-                match reader
-                    .read_until(b'\n', &mut line)
-                    .map_err(ScanError::Read)?
-                {
-                    0 => break,
-                    read => (lines, bytes) = (lines + 1, bytes + read),
-                }
+                let chunk = match reader.fill_buf() {
+                    Ok([]) => break,
+                    Ok(chunk) => chunk,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(ScanError::Read(e)),
+                };
+                newlines += chunk.iter().filter(|&&b| b == b'\n').count();
+                last = chunk[chunk.len() - 1];
+                rest += chunk.len();
+                let read = chunk.len();
+                reader.consume(read);
             }
+            let lines = 1 + newlines + usize::from(last != b'\n');
+            let bytes = line.len() + rest;
             replay.torn_tail = true;
             replay.hole_tail_bytes = bytes;
             replay.zero_hole = Some(ZeroHole { line: index, lines });
@@ -197,6 +205,54 @@ pub(crate) fn scan_journal<E>(
             })
             .map_err(ScanError::Apply)?,
             Err(e) => return Err(ScanError::Line(index, e.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What a hole's torn tail is, worked out on the whole bytes: the line number of the first
+    /// line holding a NUL, the lines from it to the end, and their bytes.
+    fn hole_of(bytes: &[u8]) -> Option<(usize, usize, usize)> {
+        let lines: Vec<&[u8]> = bytes.split_inclusive(|&b| b == b'\n').collect();
+        let at = lines.iter().position(|line| line.contains(&0))?;
+        let tail = lines[at..].iter().map(|line| line.len()).sum();
+        Some((at + 1, lines.len() - at, tail))
+    }
+
+    proptest! {
+        /// The scan counts a hole's tail as the whole bytes split into lines would, whatever
+        /// the lines (short, long, blank, cut), wherever the NULs fall and however the reader
+        /// cuts the bytes.
+        #[test]
+        fn a_holes_tail_is_counted_as_its_lines(
+            parts in proptest::collection::vec(
+                prop_oneof![
+                    Just(b"\n".to_vec()),
+                    Just(b"\0".to_vec()),
+                    Just(b" \n".to_vec()),
+                    proptest::collection::vec(b'a'..=b'z', 1..300),
+                ],
+                0..40,
+            ),
+            capacity in 1usize..64,
+        ) {
+            let bytes = parts.concat();
+            let reader = io::BufReader::with_capacity(capacity, &bytes[..]);
+            // A whole line without a NUL is no record: the scan stops there, and the case
+            // tells nothing about holes.
+            if let Ok(replay) = scan_journal(reader, |_| Ok::<(), ()>(())) {
+                match hole_of(&bytes) {
+                    Some((line, lines, tail)) if replay.zero_hole.is_some() => {
+                        prop_assert_eq!(replay.zero_hole, Some(ZeroHole { line, lines }));
+                        prop_assert_eq!(replay.hole_tail_bytes, tail);
+                    }
+                    _ => prop_assert!(replay.zero_hole.is_none()),
+                }
+            }
         }
     }
 }

@@ -466,6 +466,9 @@ pub struct Loaded {
 /// A hole in the journal with more than [`MAX_UNSYNCED_BYTES`] after its line, over more
 /// than one line, is not a torn append (the writer syncs no more at a time) but damage with
 /// acknowledged records behind it: the load stops ([`StoreError::Journal`]).
+///
+/// Records are applied as they are read, so of several defects in one file the first in file
+/// order is the one reported.
 pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
     let state_bytes = read_if_exists(&paths.state)?;
     let state_missing = state_bytes.is_none();
