@@ -1,6 +1,7 @@
 //! The journal's lines: a record and its sequence number per line, read back with what a
-//! crash can leave at the end (a torn last line, a zero-filled hole), and the pieces the
-//! writer syncs one by one so that a crash can leave no more than one unsynced. How the
+//! crash can leave at the end (a torn last line, a zero-filled hole) and with the NUL bytes
+//! the writer lays down ahead of its appends, and the pieces the writer syncs one by one so
+//! that a crash can leave no more than one unsynced. How the
 //! records are replayed on a state file is [`crate::store::load`]'s; see
 //! `docs/PERSISTENCE.md`.
 
@@ -46,26 +47,92 @@ pub struct Replay {
     pub torn_tail: bool,
     /// The zero-filled hole that cut the journal short, if any.
     pub zero_hole: Option<ZeroHole>,
-    /// Bytes from the start of the hole's line to the end of the file (0 without a hole).
+    /// Bytes from the start of the hole's line to the end of the data, the space written
+    /// ahead not counted (0 without a hole).
     pub hole_tail_bytes: usize,
     /// The number of the last line read: a torn last line's, when the tail was torn there
     /// (with a zero-filled hole, the hole's line: the rest is counted, not read as lines).
     pub last_line: usize,
+    /// Bytes before the space written ahead: where the next append would go, had the tail
+    /// not been torn.
+    pub data_bytes: u64,
+    /// NUL bytes at the end of the file, after its last byte of anything else: space the
+    /// writer laid down ahead of its appends ([`SPACE_AHEAD_BYTES`]), not a tear.
+    pub spare_bytes: u64,
 }
 
-/// Where a journal's zero-filled hole starts: the first line holding a NUL byte. That line and
-/// every line after it are a torn tail, ignored.
+/// How a journal may end, besides its lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The live journal: the NUL bytes after its last byte of anything else are the space the
+    /// writer laid down ahead of its appends ([`SPACE_AHEAD_BYTES`]).
+    SpaceAhead,
+    /// `journal.old`: the writer cut the space ahead off and synced the journal before it
+    /// rotated it, so NUL bytes at its end are a hole (a tear, or synced data lost).
+    Cut,
+}
+
+/// What follows the first line holding a NUL byte, counted a chunk at a time.
+#[derive(Default)]
+struct TailCount {
+    /// Bytes counted.
+    bytes: usize,
+    /// Bytes up to and with the last byte that is not a NUL: the data; the NULs after it are
+    /// the writer's space ahead.
+    data_end: usize,
+    /// Newlines counted (all in the data: a newline is not a NUL).
+    newlines: usize,
+    /// The data's last byte.
+    last_data_byte: u8,
+    /// The last byte counted.
+    last_byte: u8,
+}
+
+impl TailCount {
+    fn add(&mut self, chunk: &[u8]) {
+        if let Some(last) = chunk.iter().rposition(|&b| b != 0) {
+            self.data_end = self.bytes + last + 1;
+            self.last_data_byte = chunk[last];
+        }
+        if let Some(&last) = chunk.last() {
+            self.last_byte = last;
+        }
+        self.newlines += chunk.iter().filter(|&&b| b == b'\n').count();
+        self.bytes += chunk.len();
+    }
+
+    /// Lines in the data: its newlines, and one more if it ends without one.
+    fn lines(&self) -> usize {
+        self.newlines + usize::from(self.last_data_byte != b'\n')
+    }
+
+    /// Takes every byte counted for data: no space ahead.
+    fn all_data(&mut self) {
+        self.data_end = self.bytes;
+        self.last_data_byte = self.last_byte;
+    }
+}
+
+/// Where a journal's zero-filled hole starts: the first line holding a NUL byte with data after
+/// it. That line and every line after it are a torn tail, ignored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ZeroHole {
     /// 1-based number of the first line holding a NUL byte.
     pub line: usize,
-    /// How many lines were ignored: that line and those after it.
+    /// How many lines were ignored: that line and those after it, up to the space written
+    /// ahead.
     pub lines: usize,
 }
 
+/// NUL bytes the writer lays down past the end of the journal's lines at a time, and syncs,
+/// so that its appends overwrite blocks the file already has: an `fdatasync` then writes the
+/// data alone, not the file's new size through the file system's own journal as well
+/// (measured in `crates/bench/NOTES.md`, "Space written ahead of the journal").
+pub const SPACE_AHEAD_BYTES: u64 = 1024 * 1024;
+
 /// The most a journal append leaves unsynced: the writer syncs its bytes in pieces of at most
 /// this many ([`sync_pieces`]), so a crash tears at most the last piece. A zero-filled hole
-/// with more than this after its start, over more than one line, is not a torn append:
+/// with more data than this from its start, over more than one line, is not a torn append:
 /// [`load`](crate::store::load) refuses such a journal.
 pub const MAX_UNSYNCED_BYTES: usize = 64 * 1024;
 
@@ -101,18 +168,27 @@ pub fn sync_pieces(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// crash nor a copy taken during an append leaves one, since a write cut short ends without
 /// its newline, and one cut in the middle leaves the NUL bytes below.
 ///
-/// A NUL byte starts a torn tail wherever it is: the first line holding one and every line
-/// after it are ignored. The writer never writes a NUL (records are JSON, which escapes it),
-/// so a NUL on disk is a block the file system allocated but whose data never reached the
-/// disk: a crash (a power cut) during an append that no `fdatasync` completed for, since an
-/// `fdatasync` makes every earlier write of the file durable. Every byte after it was written
-/// later and was not made durable either, so nothing from the hole on was ever acknowledged.
+/// The NUL bytes at the end of the file, after its last byte of anything else, are the space
+/// the writer lays down ahead of its appends ([`SPACE_AHEAD_BYTES`]): they end the data and
+/// are no tear. A final line cut short before them is a torn append, as at the end of the file.
 ///
-/// How much follows the hole is kept in [`Replay::hole_tail_bytes`]: [`load`](crate::store::load) refuses a
-/// journal whose hole cannot be a torn append ([`MAX_UNSYNCED_BYTES`]).
+/// A NUL byte with data after it starts a torn tail: the first line holding one and every
+/// line after it are ignored. Records are JSON, which escapes a NUL, so a NUL inside the data
+/// is a block whose data never reached the disk: the space written ahead, or a block the file
+/// system allocated, that a crash (a power cut) left as it was during an append that no
+/// `fdatasync` completed for, since an `fdatasync` makes every earlier write of the file
+/// durable. Every byte after it was written later and was not made durable either, so nothing
+/// from the hole on was ever acknowledged.
+///
+/// How much data follows the hole is kept in [`Replay::hole_tail_bytes`]:
+/// [`load`](crate::store::load) refuses a journal whose hole cannot be a torn append
+/// ([`MAX_UNSYNCED_BYTES`]).
+///
+/// This reads a live journal ([`Ending::SpaceAhead`]); [`load`](crate::store::load) reads
+/// `journal.old` as [`Ending::Cut`], where NUL bytes at the end are a hole like any other.
 pub fn parse_journal(bytes: &[u8]) -> Result<Replay, (usize, String)> {
     let mut records = Vec::new();
-    let scan = scan_journal(bytes, |entry| {
+    let scan = scan_journal(bytes, Ending::SpaceAhead, |entry| {
         records.push(entry);
         Ok::<(), std::convert::Infallible>(())
     });
@@ -144,11 +220,14 @@ pub(crate) enum ScanError<E> {
 /// [`Replay`] has no records.
 pub(crate) fn scan_journal<E>(
     mut reader: impl io::BufRead,
+    ending: Ending,
     mut each: impl FnMut(Entry) -> Result<(), E>,
 ) -> Result<Replay, ScanError<E>> {
     let mut replay = Replay::default();
     let mut line = Vec::new();
     let mut index = 0;
+    // Bytes before this line.
+    let mut offset = 0;
     loop {
         line.clear();
         if reader
@@ -160,11 +239,11 @@ pub(crate) fn scan_journal<E>(
         }
         index += 1;
         replay.last_line = index;
-        if line.contains(&0) {
-            // This line and every one after it: the torn tail, counted without being kept
-            // (its lines may be as long as the hole). The rest's lines are its newlines, and
-            // one more if it ends without one.
-            let (mut newlines, mut rest, mut last) = (0, 0, b'\n');
+        if let Some(first_nul) = line.iter().position(|&b| b == 0) {
+            // This line and everything after it, counted without being kept (its lines may be
+            // as long as the hole).
+            let mut tail = TailCount::default();
+            tail.add(&line);
             loop {
                 let chunk = match reader.fill_buf() {
                     Ok([]) => break,
@@ -172,19 +251,35 @@ pub(crate) fn scan_journal<E>(
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err(ScanError::Read(e)),
                 };
-                newlines += chunk.iter().filter(|&&b| b == b'\n').count();
-                last = chunk[chunk.len() - 1];
-                rest += chunk.len();
+                tail.add(chunk);
                 let read = chunk.len();
                 reader.consume(read);
             }
-            let lines = 1 + newlines + usize::from(last != b'\n');
-            let bytes = line.len() + rest;
+            if ending == Ending::Cut {
+                tail.all_data();
+            }
+            replay.spare_bytes = (tail.bytes - tail.data_end) as u64;
+            replay.data_bytes = offset + tail.data_end as u64;
+            if tail.data_end <= first_nul {
+                // Nothing but NULs from the first one on: the writer's space ahead, after
+                // the whole lines or after a last line cut short.
+                if tail.data_end == 0 {
+                    replay.last_line = index - 1;
+                } else {
+                    replay.torn_tail = true;
+                }
+                return Ok(replay);
+            }
             replay.torn_tail = true;
-            replay.hole_tail_bytes = bytes;
-            replay.zero_hole = Some(ZeroHole { line: index, lines });
+            replay.hole_tail_bytes = tail.data_end;
+            replay.zero_hole = Some(ZeroHole {
+                line: index,
+                lines: tail.lines(),
+            });
             return Ok(replay);
         }
+        offset += line.len() as u64;
+        replay.data_bytes = offset;
         let Some(body) = line.strip_suffix(b"\n") else {
             // The last line, cut short: an append that was never acknowledged. (Only the last
             // line can lack its newline: `read_until` stops only at one or at the end.)
@@ -214,19 +309,135 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// The bytes before the trailing NULs (the space written ahead).
+    fn data_of(bytes: &[u8]) -> &[u8] {
+        &bytes[..bytes
+            .iter()
+            .rposition(|&b| b != 0)
+            .map_or(0, |last| last + 1)]
+    }
+
     /// What a hole's torn tail is, worked out on the whole bytes: the line number of the first
-    /// line holding a NUL, the lines from it to the end, and their bytes.
-    fn hole_of(bytes: &[u8]) -> Option<(usize, usize, usize)> {
-        let lines: Vec<&[u8]> = bytes.split_inclusive(|&b| b == b'\n').collect();
+    /// line of the data holding a NUL, the lines from it to the end of the data, and their
+    /// bytes.
+    fn hole_of(bytes: &[u8], ending: Ending) -> Option<(usize, usize, usize)> {
+        let data = match ending {
+            Ending::SpaceAhead => data_of(bytes),
+            Ending::Cut => bytes,
+        };
+        let lines: Vec<&[u8]> = data.split_inclusive(|&b| b == b'\n').collect();
         let at = lines.iter().position(|line| line.contains(&0))?;
         let tail = lines[at..].iter().map(|line| line.len()).sum();
         Some((at + 1, lines.len() - at, tail))
     }
 
+    /// Journal lines for records 1 ..= `count`.
+    fn record_lines(count: u64) -> Vec<u8> {
+        (1..=count)
+            .flat_map(|n| {
+                let record = Record::Leave {
+                    token: format!("token-{n}"),
+                };
+                let mut line = serde_json::to_vec(&JournalLine { n, record: &record }).unwrap();
+                line.push(b'\n');
+                line
+            })
+            .collect()
+    }
+
+    fn scan(bytes: &[u8]) -> Replay {
+        parse_journal(bytes).unwrap()
+    }
+
+    #[test]
+    fn whole_lines_then_the_space_written_ahead_are_no_tear() {
+        let lines = record_lines(3);
+        let bytes = [lines.as_slice(), &[0; 5000]].concat();
+        let replay = scan(&bytes);
+        assert_eq!(replay.records.len(), 3);
+        assert!(!replay.torn_tail);
+        assert_eq!(replay.zero_hole, None);
+        assert_eq!(replay.data_bytes, lines.len() as u64);
+        assert_eq!(replay.spare_bytes, 5000);
+        assert_eq!(replay.last_line, 3);
+        // Nothing but space ahead: an empty journal.
+        let replay = scan(&[0; 300]);
+        assert_eq!((replay.records.len(), replay.torn_tail), (0, false));
+        assert_eq!((replay.data_bytes, replay.spare_bytes), (0, 300));
+    }
+
+    #[test]
+    fn a_line_cut_short_before_the_space_written_ahead_is_a_torn_last_line() {
+        let lines = record_lines(3);
+        let cut = lines.len() - 10;
+        let bytes = [&lines[..cut], &[0; 5000]].concat();
+        let replay = scan(&bytes);
+        assert_eq!(replay.records.len(), 2);
+        assert!(replay.torn_tail);
+        assert_eq!(replay.zero_hole, None, "no data after the NULs: no hole");
+        assert_eq!(replay.last_line, 3);
+        assert_eq!(replay.data_bytes, cut as u64);
+    }
+
+    /// A page of an append left unwritten in the space ahead, a later page written: the hole is
+    /// measured to the end of the data, not to the end of the space ahead, which would take
+    /// every torn append for damage once the space ahead is over [`MAX_UNSYNCED_BYTES`].
+    #[test]
+    fn a_hole_is_measured_to_the_end_of_the_data_before_the_space_written_ahead() {
+        let lines = record_lines(40);
+        let (kept, torn) = lines.split_at(record_lines(20).len());
+        let mut torn = torn.to_vec();
+        torn[5..15].fill(0);
+        let bytes = [kept, &torn, &[0; 200_000]].concat();
+        let replay = scan(&bytes);
+        assert_eq!(replay.records.len(), 20);
+        assert!(replay.torn_tail);
+        assert_eq!(
+            replay.zero_hole,
+            Some(ZeroHole {
+                line: 21,
+                lines: 20
+            })
+        );
+        assert_eq!(replay.hole_tail_bytes, torn.len());
+        assert_eq!(replay.spare_bytes, 200_000);
+    }
+
     proptest! {
-        /// The scan counts a hole's tail as the whole bytes split into lines would, whatever
-        /// the lines (short, long, blank, cut), wherever the NULs fall and however the reader
-        /// cuts the bytes.
+        /// NUL bytes added at the end are space written ahead, whatever came before: the
+        /// records, the tear, the hole and the data are those of the bytes without them.
+        #[test]
+        fn nuls_at_the_end_change_nothing_but_the_space_ahead(
+            records in 0u64..6,
+            cut in 0usize..400,
+            hole in proptest::option::of((0usize..400, 1usize..80)),
+            ahead in 0usize..3000,
+        ) {
+            let mut bytes = record_lines(records);
+            bytes.truncate(bytes.len().saturating_sub(cut));
+            if let Some((at, len)) = hole {
+                let at = at.min(bytes.len());
+                let end = (at + len).min(bytes.len());
+                bytes[at..end].fill(0);
+            }
+            let with = [bytes.as_slice(), &vec![0; ahead]].concat();
+            let (plain, ahead_too) = (scan(&bytes), scan(&with));
+            prop_assert_eq!(
+                format!("{:?}", plain.records),
+                format!("{:?}", ahead_too.records)
+            );
+            prop_assert_eq!(plain.torn_tail, ahead_too.torn_tail);
+            prop_assert_eq!(plain.zero_hole, ahead_too.zero_hole);
+            prop_assert_eq!(plain.hole_tail_bytes, ahead_too.hole_tail_bytes);
+            prop_assert_eq!(plain.data_bytes, ahead_too.data_bytes);
+            prop_assert_eq!(ahead_too.data_bytes, data_of(&with).len() as u64);
+            prop_assert_eq!(ahead_too.spare_bytes, (with.len() - data_of(&with).len()) as u64);
+        }
+
+        /// The scan finds a hole, and counts its tail, as the whole bytes split into lines
+        /// would, whatever the lines (short, long, blank, cut), wherever the NULs fall, however
+        /// the reader cuts the bytes, and for either ending (the live journal's NULs at the
+        /// end are space ahead, `journal.old`'s a hole).
         #[test]
         fn a_holes_tail_is_counted_as_its_lines(
             parts in proptest::collection::vec(
@@ -239,19 +450,20 @@ mod tests {
                 0..40,
             ),
             capacity in 1usize..64,
+            cut: bool,
         ) {
             let bytes = parts.concat();
             let reader = io::BufReader::with_capacity(capacity, &bytes[..]);
             // A whole line without a NUL is no record: the scan stops there, and the case
             // tells nothing about holes.
-            if let Ok(replay) = scan_journal(reader, |_| Ok::<(), ()>(())) {
-                match hole_of(&bytes) {
-                    Some((line, lines, tail)) if replay.zero_hole.is_some() => {
-                        prop_assert_eq!(replay.zero_hole, Some(ZeroHole { line, lines }));
-                        prop_assert_eq!(replay.hole_tail_bytes, tail);
-                    }
-                    _ => prop_assert!(replay.zero_hole.is_none()),
-                }
+            let ending = if cut { Ending::Cut } else { Ending::SpaceAhead };
+            if let Ok(replay) = scan_journal(reader, ending, |_| Ok::<(), ()>(())) {
+                let expected = hole_of(&bytes, ending);
+                prop_assert_eq!(
+                    replay.zero_hole,
+                    expected.map(|(line, lines, _)| ZeroHole { line, lines })
+                );
+                prop_assert_eq!(replay.hole_tail_bytes, expected.map_or(0, |(.., tail)| tail));
             }
         }
     }

@@ -37,8 +37,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::StoreError;
 pub use crate::journal::{
     parse_journal, sync_pieces, Entry, JournalLine, Replay, ZeroHole, MAX_UNSYNCED_BYTES,
+    SPACE_AHEAD_BYTES,
 };
-use crate::journal::{scan_journal, ScanError, LAST_NUMBER};
+use crate::journal::{scan_journal, Ending, ScanError, LAST_NUMBER};
 use crate::local::LocalAddr;
 use crate::record::{HistoryEntry, MemberRecord, Record};
 
@@ -446,6 +447,9 @@ pub struct Loaded {
     pub zero_holes: Vec<(PathBuf, ZeroHole)>,
     /// Whether `journal.old` was there: a compaction was interrupted.
     pub journal_old: bool,
+    /// The journal's bytes before the space written ahead ([`SPACE_AHEAD_BYTES`]): 0 when
+    /// it holds nothing to fold (missing, empty, or nothing but that space).
+    pub journal_data_bytes: u64,
 }
 
 /// Reads the state file (a missing file is a fresh start) and replays `journal.old`, then the
@@ -463,9 +467,10 @@ pub struct Loaded {
 /// the journal goes on from the last record before it, which shows that nothing was lost;
 /// otherwise the load stops ([`StoreError::CutShort`]).
 ///
-/// A hole in the journal with more than [`MAX_UNSYNCED_BYTES`] after its line, over more
-/// than one line, is not a torn append (the writer syncs no more at a time) but damage with
-/// acknowledged records behind it: the load stops ([`StoreError::Journal`]).
+/// A hole in the journal with more data than [`MAX_UNSYNCED_BYTES`] after its line (the space
+/// written ahead of the appends not counted), over more than one line, is not a torn append
+/// (the writer syncs no more at a time) but damage with acknowledged records behind it: the
+/// load stops ([`StoreError::Journal`]).
 ///
 /// Records are applied as they are read, so of several defects in one file the first in file
 /// order is the one reported.
@@ -528,7 +533,14 @@ pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
         let mut last_whole = 0;
         // Each record is applied as it is read: a journal that grew for days behind failing
         // compactions replays in the memory of one line, not of the file and its records.
-        let scan = scan_journal(io::BufReader::with_capacity(256 * 1024, file), |entry| {
+        // journal.old had its space ahead cut off before its rotation.
+        let ending = if is_old {
+            Ending::Cut
+        } else {
+            Ending::SpaceAhead
+        };
+        let reader = io::BufReader::with_capacity(256 * 1024, file);
+        let scan = scan_journal(reader, ending, |entry| {
             if let Some((line, old_last)) = unvouched {
                 if entry.n > old_last {
                     // The journal takes over from journal.old's last record, so the tail held
@@ -602,13 +614,16 @@ pub fn load(paths: &Paths) -> Result<Loaded, StoreError> {
                     line: hole.line,
                     reason: format!(
                         "a zero-filled hole, with {tail} bytes ({} lines) from its line to the \
-                         end: more than one append leaves unsynced ({MAX_UNSYNCED_BYTES}), so \
+                         end of the data: more than one append leaves unsynced ({MAX_UNSYNCED_BYTES}), so \
                          records written and synced after it would be lost; the journal is \
                          damaged (check the disk, and keep a copy before cutting it at this line)",
                         hole.lines
                     ),
                 });
             }
+        }
+        if !is_old {
+            loaded.journal_data_bytes = replay.data_bytes;
         }
         loaded.torn_tail |= replay.torn_tail;
         loaded
@@ -1431,6 +1446,23 @@ mod tests {
         assert!(loaded.torn_tail);
         assert_eq!(loaded.last_seq, 2);
 
+        // The same with the space the writer laid down ahead after it: its NULs are not
+        // counted, or every torn append into it would be taken for damage.
+        let ahead = vec![0; SPACE_AHEAD_BYTES as usize];
+        fs::write(&paths.journal, holed(&[&tail[..=cut], &ahead].concat())).unwrap();
+        let loaded = load(&paths).expect("a torn append before the space ahead");
+        assert!(loaded.torn_tail);
+        assert_eq!(loaded.last_seq, 2);
+        assert_eq!(
+            loaded.journal_data_bytes,
+            (two_records().len() + cut + 1) as u64
+        );
+        fs::write(&paths.journal, [damaged.as_slice(), &ahead].concat()).unwrap();
+        assert!(matches!(
+            load(&paths),
+            Err(StoreError::Journal { line: 3, .. })
+        ));
+
         // One line longer than a piece, torn: a torn append too.
         let long = [vec![0u8; MAX_UNSYNCED_BYTES + 1], b"\n".to_vec()].concat();
         fs::write(&paths.journal, holed(&long)).unwrap();
@@ -1484,19 +1516,24 @@ mod tests {
     }
 
     #[test]
-    fn a_zero_filled_hole_at_the_end_is_a_torn_tail() {
-        // Zeros alone, or zeros and newlines (bits of the torn appends that reached the disk).
+    fn nuls_at_the_end_are_space_ahead_and_a_hole_only_with_data_after_them() {
+        // Zeros alone are the space the writer lays down ahead; zeros with newlines after them
+        // (bits of the torn appends that reached the disk) are a hole, up to the last newline.
         for (zeros, lines) in [
-            (&[0u8; 1][..], 1),
-            (&[0; 4096], 1),
-            (b"\0\0\n", 1),
-            (b"\0\n\0\0\n\0", 3),
+            (&[0u8; 1][..], None),
+            (&[0; 4096], None),
+            (b"\0\0\n", Some(1)),
+            (b"\0\n\0\0\n\0", Some(2)),
         ] {
             let mut bytes = two_records();
             bytes.extend_from_slice(zeros);
             let replay = parse_journal(&bytes).unwrap_or_else(|e| panic!("{zeros:?}: {e:?}"));
-            assert!(replay.torn_tail);
-            assert_eq!(replay.zero_hole, Some(ZeroHole { line: 3, lines }));
+            assert_eq!(replay.torn_tail, lines.is_some(), "{zeros:?}");
+            assert_eq!(
+                replay.zero_hole,
+                lines.map(|lines| ZeroHole { line: 3, lines }),
+                "{zeros:?}"
+            );
             assert_eq!(replay.records.len(), 2);
         }
     }

@@ -758,6 +758,21 @@ fn a_state_file_that_would_lose_data_stops_the_start_and_is_left_untouched() {
     }
 }
 
+/// The journal's bytes before the NULs at its end: the space the daemon lays down ahead of
+/// its appends, there or not depending on when the kill came.
+fn journal_data(journal: &std::path::Path) -> Vec<u8> {
+    let mut bytes = std::fs::read(journal).unwrap();
+    let data_end = bytes
+        .iter()
+        .rposition(|&b| b != 0)
+        .map_or(0, |last| last + 1);
+    bytes.truncate(data_end);
+    bytes
+}
+
+/// The space `ocmd` lays down ahead of its journal appends, as the tests write it back.
+const SPACE_AHEAD: usize = 1024 * 1024;
+
 /// A daemon on `dir` that created `journal` and joined `m1`, `m2`, then was killed, so the
 /// records are only in the journal. Returns the tokens.
 fn journal_only_state(dir: &Arc<tempfile::TempDir>) -> Vec<String> {
@@ -776,7 +791,7 @@ fn a_corrupt_journal_line_stops_the_start_and_is_left_untouched() {
     let dir = Arc::new(tempfile::tempdir().unwrap());
     journal_only_state(&dir);
     let journal = dir.path().join("room_manager.json.journal");
-    let text = std::fs::read(&journal).unwrap();
+    let text = journal_data(&journal);
     let lines: Vec<&[u8]> = text.split_inclusive(|&b| b == b'\n').collect();
     assert_eq!(lines.len(), 3, "one line per record");
     let mut corrupt = lines[0].to_vec();
@@ -810,13 +825,11 @@ fn a_torn_final_journal_line_is_ignored() {
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let tokens = journal_only_state(&dir);
     let journal = dir.path().join("room_manager.json.journal");
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&journal)
-        .unwrap();
-    file.write_all(br#"{"n":4,"op":"join","room":"journal","member":{"tok"#)
-        .unwrap();
-    drop(file);
+    // The append of record 4 was cut short: its first bytes reached the space ahead.
+    let mut torn = journal_data(&journal);
+    torn.extend_from_slice(br#"{"n":4,"op":"join","room":"journal","member":{"tok"#);
+    torn.resize(torn.len() + SPACE_AHEAD, 0);
+    std::fs::write(&journal, &torn).unwrap();
     let d = spawn_on(&dir).expect("ocmd starts despite a torn last line");
     assert!(
         d.log().contains("torn final line was ignored"),
@@ -850,7 +863,7 @@ fn a_journal_old_cut_short_before_later_records_stops_the_start_untouched() {
     // on with record 4.
     let journal = dir.path().join("room_manager.json.journal");
     let old = dir.path().join("room_manager.json.journal.old");
-    let text = std::fs::read(&journal).unwrap();
+    let text = journal_data(&journal);
     let lines: Vec<&[u8]> = text.split_inclusive(|&b| b == b'\n').collect();
     assert_eq!(lines.len(), 4, "one line per record");
     let mut cut = lines[..2].concat();
@@ -947,7 +960,7 @@ fn a_zero_filled_hole_in_the_journal_ends_it_as_a_torn_tail() {
     d.kill9();
     drop(d);
     let journal = dir.path().join("room_manager.json.journal");
-    let text = std::fs::read(&journal).unwrap();
+    let text = journal_data(&journal);
     let lines: Vec<&[u8]> = text.split_inclusive(|&b| b == b'\n').collect();
     assert_eq!(lines.len(), 4, "one line per record");
     // m2's join was being appended when the power went: the block holding its first half
@@ -957,6 +970,7 @@ fn a_zero_filled_hole_in_the_journal_ends_it_as_a_torn_tail() {
     holed.extend_from_slice(&vec![0; half]);
     holed.extend_from_slice(&lines[2][half..]);
     holed.extend_from_slice(lines[3]);
+    holed.resize(holed.len() + SPACE_AHEAD, 0);
     std::fs::write(&journal, &holed).unwrap();
     let d = spawn_on(&dir).expect("ocmd starts despite a zero-filled hole");
     let log = d.log();
@@ -986,6 +1000,51 @@ fn a_zero_filled_hole_in_the_journal_ends_it_as_a_torn_tail() {
     }
 }
 
+/// `ocmd` lays NUL bytes down ahead of its journal appends, so that an append's `fdatasync`
+/// writes no new file size. Killed with that space there, it restarts with every record and
+/// without a word about a torn tail, and the fold empties the journal.
+#[test]
+fn a_kill_with_space_laid_ahead_of_the_journal_restarts_with_every_record_and_no_tear() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let mut d = spawn_on(&dir).expect("ocmd starts");
+    let tokens = [
+        create(&d, "ahead", "host"),
+        join(&d, "ahead", "m1"),
+        join(&d, "ahead", "m2"),
+    ];
+    let journal = dir.path().join("room_manager.json.journal");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let size = std::fs::metadata(&journal).unwrap().len();
+        if size >= (journal_data(&journal).len() + SPACE_AHEAD / 4) as u64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no space laid ahead: {size} bytes"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    d.kill9();
+    drop(d);
+    let records = journal_data(&journal)
+        .split_inclusive(|&b| b == b'\n')
+        .count();
+    assert_eq!(records, 3, "one line per record");
+    let d = spawn_on(&dir).expect("ocmd restarts");
+    let log = d.log();
+    assert_clean_start(&log);
+    assert!(
+        log.contains("folded 3 journal records") && !log.contains("torn") && !log.contains("WARN"),
+        "{log}"
+    );
+    assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0, "folded");
+    let host = Member::joined(&d, "ahead", &tokens[0]);
+    for (name, token) in ["m1", "m2"].iter().zip(&tokens[1..]) {
+        Member::new(&d, "ahead", token).registered_with(&host, name);
+    }
+}
+
 /// A zero-filled hole with more after it than one append leaves unsynced (64 KiB) is not a
 /// torn append: acknowledged records lie behind it (a media error, a bad copy). `ocmd` refuses
 /// to start, naming the journal and the hole's line, and leaves the journal as it was, where
@@ -1000,7 +1059,7 @@ fn a_zero_filled_hole_with_synced_records_after_it_stops_the_start() {
     d.kill9();
     drop(d);
     let journal = dir.path().join("room_manager.json.journal");
-    let text = std::fs::read(&journal).unwrap();
+    let text = journal_data(&journal);
     let lines: Vec<&[u8]> = text.split_inclusive(|&b| b == b'\n').collect();
     assert_eq!(lines.len(), 3, "one line per record");
     // m1's join reads as zeros; more than 64 KiB of lines follow (their content is not
@@ -1010,6 +1069,7 @@ fn a_zero_filled_hole_with_synced_records_after_it_stops_the_start() {
     while holed.len() < 70 * 1024 {
         holed.extend_from_slice(lines[2]);
     }
+    holed.resize(holed.len() + SPACE_AHEAD, 0);
     std::fs::write(&journal, &holed).unwrap();
     let log = match spawn_on(&dir) {
         Ok(_) => panic!("ocmd started on a journal with acknowledged records behind a hole"),
@@ -1033,7 +1093,7 @@ fn a_kill_between_rotation_and_compaction_loses_nothing() {
     let tokens = journal_only_state(&dir);
     let journal = dir.path().join("room_manager.json.journal");
     let old = dir.path().join("room_manager.json.journal.old");
-    let text = std::fs::read(&journal).unwrap();
+    let text = journal_data(&journal);
     let lines: Vec<&[u8]> = text.split_inclusive(|&b| b == b'\n').collect();
     assert_eq!(lines.len(), 3, "one line per record");
     // The create is in journal.old: the joins replay only if it comes first.

@@ -11,10 +11,10 @@ use std::io;
 use std::path::Path;
 use std::time::{Instant, SystemTime};
 
-use super::writer::{append_durably, open_journal, take_queued, JournalFile};
+use super::writer::{append_durably, lay_space_ahead, open_journal, take_queued, JournalFile};
 use super::*;
 use crate::record::MemberRecord;
-use crate::store::{self, JournalLine, State};
+use crate::store::{self, JournalLine, State, SPACE_AHEAD_BYTES};
 
 /// The environment variable that turns [`crash_child`] into the process to kill.
 const CRASH_DIR_ENV: &str = "OCM_PERSIST_CRASH_DIR";
@@ -156,13 +156,18 @@ fn tiny(bytes: u64) -> Options {
     }
 }
 
+/// The journal's bytes before the space written ahead of its appends.
 fn journal_len(paths: &Paths) -> u64 {
-    fs::metadata(&paths.journal).map_or(0, |m| m.len())
+    let bytes = fs::read(&paths.journal).unwrap_or_default();
+    bytes
+        .iter()
+        .rposition(|&b| b != 0)
+        .map_or(0, |last| last as u64 + 1)
 }
 
-/// A journal in memory whose appends, fsyncs and cuts fail as scripted: `faults` holds
+/// A journal in memory whose writes, fsyncs and cuts fail as scripted: `faults` holds
 /// one entry per call, in order (`true` fails it), and calls past its end work. A failed
-/// append writes the first half of its bytes, as a short write before ENOSPC would.
+/// write writes the first half of its bytes, as a short write before ENOSPC would.
 #[derive(Default)]
 struct FlakyJournal {
     bytes: Vec<u8>,
@@ -178,15 +183,24 @@ impl FlakyJournal {
         }
         Ok(())
     }
+
+    /// Writes `bytes` at `offset`, over what is there and past the end, as `pwrite` does.
+    fn put(&mut self, bytes: &[u8], offset: u64) {
+        let at = offset as usize;
+        if self.bytes.len() < at + bytes.len() {
+            self.bytes.resize(at + bytes.len(), 0);
+        }
+        self.bytes[at..at + bytes.len()].copy_from_slice(bytes);
+    }
 }
 
 impl JournalFile for FlakyJournal {
-    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
-        if let Err(e) = self.fails("append") {
-            self.bytes.extend_from_slice(&bytes[..bytes.len() / 2]);
+    fn write_at(&mut self, bytes: &[u8], offset: u64) -> io::Result<()> {
+        if let Err(e) = self.fails("write") {
+            self.put(&bytes[..bytes.len() / 2], offset);
             return Err(e);
         }
-        self.bytes.extend_from_slice(bytes);
+        self.put(bytes, offset);
         Ok(())
     }
     fn sync(&mut self) -> io::Result<()> {
@@ -204,36 +218,38 @@ fn a_failed_append_leaves_no_fragment_whatever_fails_and_how_often() {
     let whole = b"{\"n\":1}\n".to_vec();
     let line = b"{\"n\":2,\"record\":\"x\"}\n".to_vec();
     let cases: [(&[bool], &[&str]); 7] = [
-        (&[], &["append", "sync"]),
+        (&[], &["write", "sync"]),
         // A short write, then everything works.
-        (&[true], &["append", "cut", "append", "sync"]),
+        (&[true], &["write", "cut", "write", "sync"]),
         // The line was written whole but not synced: it is cut and written once more.
-        (&[false, true], &["append", "sync", "cut", "append", "sync"]),
+        (&[false, true], &["write", "sync", "cut", "write", "sync"]),
         // The cut fails once: it is retried before anything is appended.
-        (&[true, true], &["append", "cut", "cut", "append", "sync"]),
+        (&[true, true], &["write", "cut", "cut", "write", "sync"]),
         // The cut fails twice: nothing is appended until it worked.
         (
             &[true, true, true],
-            &["append", "cut", "cut", "cut", "append", "sync"],
+            &["write", "cut", "cut", "cut", "write", "sync"],
         ),
         // The line was written whole, its fsync failed, and so did the first cut.
         (
             &[false, true, true],
-            &["append", "sync", "cut", "cut", "append", "sync"],
+            &["write", "sync", "cut", "cut", "write", "sync"],
         ),
         // Two failed appends in a row, each cut back.
         (
             &[true, false, true, false],
-            &["append", "cut", "append", "cut", "append", "sync"],
+            &["write", "cut", "write", "cut", "write", "sync"],
         ),
     ];
+    // The journal has space laid down ahead of its appends.
+    let ahead = 64;
     for (faults, calls) in cases {
         let mut journal = FlakyJournal {
-            bytes: whole.clone(),
+            bytes: [whole.as_slice(), &vec![0; ahead]].concat(),
             faults: faults.iter().copied().collect(),
             calls: Vec::new(),
         };
-        append_durably(
+        let cut = append_durably(
             &mut journal,
             whole.len() as u64,
             &line,
@@ -241,11 +257,21 @@ fn a_failed_append_leaves_no_fragment_whatever_fails_and_how_often() {
             Path::new("journal"),
         );
         assert_eq!(journal.calls, calls, "faults {faults:?}");
+        assert_eq!(cut, calls.contains(&"cut"), "faults {faults:?}");
+        let expected = [whole.as_slice(), line.as_slice()].concat();
+        let data_end = journal.bytes.iter().rposition(|&b| b != 0).unwrap() + 1;
         assert_eq!(
-            String::from_utf8_lossy(&journal.bytes),
-            String::from_utf8_lossy(&[whole.as_slice(), line.as_slice()].concat()),
+            String::from_utf8_lossy(&journal.bytes[..data_end]),
+            String::from_utf8_lossy(&expected),
             "faults {faults:?}: the journal must hold its old lines and the new one once"
         );
+        // Written into the space ahead, which is left as it was after it; a cut drops it.
+        let len = if cut {
+            expected.len()
+        } else {
+            whole.len() + ahead
+        };
+        assert_eq!(journal.bytes.len(), len, "faults {faults:?}");
     }
 }
 
@@ -263,33 +289,91 @@ fn a_large_append_is_synced_piece_by_piece() {
         faults: [false, false, false, true].into_iter().collect(),
         calls: Vec::new(),
     };
-    append_durably(
+    let cut = append_durably(
         &mut journal,
         0,
         &bytes,
         Duration::ZERO,
         Path::new("journal"),
     );
-    let mut expected = vec!["append", "sync", "append", "sync", "cut", "append", "sync"];
+    assert!(cut);
+    let mut expected = vec!["write", "sync", "write", "sync", "cut", "write", "sync"];
     for _ in 2..pieces.len() {
-        expected.extend(["append", "sync"]);
+        expected.extend(["write", "sync"]);
     }
     assert_eq!(journal.calls, expected);
     assert_eq!(journal.bytes, bytes, "every line once, in order");
 }
 
-/// The real journal file: opened for appending, so a write after a cut lands at the new
-/// end, not at the old cursor (which would leave a run of NUL bytes behind the cut).
+/// The real journal file: an append goes into the space laid down ahead, which keeps the
+/// file's size, and a cut drops the fragment with the space ahead.
 #[test]
-fn the_journal_file_appends_at_its_end_after_a_cut() {
+fn the_journal_file_writes_into_its_space_ahead_and_a_cut_drops_it() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("journal");
     let mut journal = open_journal(&path).unwrap();
-    JournalFile::append(&mut journal, b"whole\nfragm").unwrap();
+    lay_space_ahead(&journal, 0, 100_000).unwrap();
+    journal.write_at(b"whole\n", 0).unwrap();
+    journal.sync().unwrap();
+    let bytes = fs::read(&path).unwrap();
+    assert_eq!(bytes.len(), 100_000, "the size is the space laid down");
+    assert_eq!(&bytes[..6], b"whole\n");
+    assert!(bytes[6..].iter().all(|&b| b == 0));
+    journal.write_at(b"fragm", 6).unwrap();
     journal.cut(6).unwrap();
-    JournalFile::append(&mut journal, b"next\n").unwrap();
+    journal.write_at(b"next\n", 6).unwrap();
     journal.sync().unwrap();
     assert_eq!(fs::read(&path).unwrap(), b"whole\nnext\n");
+}
+
+/// After each commit the writer keeps space laid down ahead of its appends, and the journal
+/// with it loads as the records alone: no torn tail, no hole.
+#[test]
+fn the_writer_keeps_space_ahead_of_its_appends_and_it_loads_as_no_tear() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Driver::start(dir.path(), Options::default());
+    let last = d.write(3);
+    let deadline = Instant::now() + PATIENCE;
+    let ahead = || {
+        let size = fs::metadata(&d.paths.journal).map_or(0, |m| m.len());
+        size.saturating_sub(journal_len(&d.paths))
+    };
+    while ahead() < SPACE_AHEAD_BYTES / 4 {
+        assert!(Instant::now() < deadline, "no space laid down ahead");
+        thread::sleep(Duration::from_millis(5));
+    }
+    // Appends go into it: the file keeps its size.
+    let size = fs::metadata(&d.paths.journal).unwrap().len();
+    let last = last.max(d.write(2));
+    assert_eq!(fs::metadata(&d.paths.journal).unwrap().len(), size);
+    let replay = store::parse_journal(&fs::read(&d.paths.journal).unwrap()).unwrap();
+    assert_eq!(replay.records.len(), 5);
+    assert!(!replay.torn_tail);
+    assert_eq!(replay.zero_hole, None);
+    let loaded = load_complete(&d.paths);
+    assert_eq!(loaded.last_seq, last);
+    assert!(!loaded.torn_tail);
+    assert_eq!(loaded.journal_data_bytes, journal_len(&d.paths));
+}
+
+/// A journal holding nothing but space laid down ahead (a stop right after a rotation, or a
+/// fold): nothing to fold, so no state file is written at the start, and the appends go into
+/// it from its first byte.
+#[test]
+fn a_journal_of_nothing_but_space_ahead_is_not_folded_and_is_written_from_its_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = Paths::new(&dir.path().join("s.json"));
+    fs::write(&paths.journal, vec![0; 4096]).unwrap();
+    let mut d = Driver::start(dir.path(), Options::default());
+    assert!(!paths.state.exists(), "no fold");
+    let last = d.write(2);
+    let bytes = fs::read(&paths.journal).unwrap();
+    assert!(
+        bytes.starts_with(b"{\"n\":1,"),
+        "{:?}",
+        String::from_utf8_lossy(&bytes[..40])
+    );
+    assert_eq!(load_complete(&paths).last_seq, last);
 }
 
 #[test]
@@ -478,6 +562,12 @@ fn a_failed_compaction_keeps_the_old_journal_and_is_retried() {
     }
     assert!(d.paths.journal_old.exists(), "journal.old is kept");
     assert!(!d.paths.state.exists());
+    // Its space ahead was cut off before the rotation: NULs at its end would read as a hole.
+    let old = fs::read(&d.paths.journal_old).unwrap();
+    assert!(
+        old.ends_with(b"\n"),
+        "journal.old ends with its last record"
+    );
     // Nothing is lost meanwhile: the two journals hold every record.
     assert_eq!(load_complete(&d.paths).last_seq, last);
 

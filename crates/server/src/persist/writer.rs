@@ -3,8 +3,8 @@
 //! rotates the journal when a compaction is due.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
@@ -18,7 +18,7 @@ use super::{counters, Command, Compactions, Done, Job, Options, Report, APPLY_LO
 use crate::error::StoreError;
 use crate::plural::Count;
 use crate::record::Record;
-use crate::store::{self, JournalLine, Loaded, Paths, State, ZeroHole};
+use crate::store::{self, JournalLine, Loaded, Paths, State, ZeroHole, SPACE_AHEAD_BYTES};
 
 /// What the start-up fold says about a torn tail it ignored: a torn final line, or a
 /// zero-filled hole and the lines after it (either is an append that was never acknowledged).
@@ -49,7 +49,13 @@ pub(super) struct Writer {
     paths: Paths,
     options: Options,
     journal: File,
+    /// Bytes of whole lines in the journal: where the next append goes.
     journal_len: u64,
+    /// Where the NUL bytes laid down ahead of the appends end (the file's size when they were
+    /// laid; at most `journal_len` once the appends have caught up with them).
+    ahead_end: u64,
+    /// After a failure to lay them down, none is tried before this.
+    ahead_retry_at: Option<Instant>,
     /// Size of the last state file written.
     snapshot_len: u64,
     next_n: u64,
@@ -69,11 +75,12 @@ pub(super) struct Writer {
     stats: Arc<Mutex<Compactions>>,
 }
 
-/// What the writer does to its journal: an append-only file it can cut back. The file is
-/// the real one; tests put a file that fails on demand in its place.
+/// What the writer does to its journal: a file it writes at the end of its lines (into the
+/// space laid down ahead, or past the file's end) and can cut back. The file is the real one;
+/// tests put a file that fails on demand in its place.
 pub(super) trait JournalFile {
-    /// Appends `bytes` at the end.
-    fn append(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// Writes `bytes` at `offset`, the end of the journal's whole lines.
+    fn write_at(&mut self, bytes: &[u8], offset: u64) -> io::Result<()>;
     /// Makes the appended bytes durable (`fdatasync`).
     fn sync(&mut self) -> io::Result<()>;
     /// Cuts the file back to `len` bytes.
@@ -81,9 +88,8 @@ pub(super) trait JournalFile {
 }
 
 impl JournalFile for File {
-    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
-        // Opened with O_APPEND: every write goes to the end, wherever a cut left it.
-        self.write_all(bytes)
+    fn write_at(&mut self, bytes: &[u8], offset: u64) -> io::Result<()> {
+        self.write_all_at(bytes, offset)
     }
     fn sync(&mut self) -> io::Result<()> {
         self.sync_data()
@@ -95,11 +101,13 @@ impl JournalFile for File {
 
 /// Appends `bytes` to a journal of `len` whole bytes and makes them durable, retrying every
 /// `retry` until the disk takes them: a token is only ever acknowledged once this returns.
+/// Returns whether the journal was cut back on the way (which drops the space laid down
+/// ahead of the appends).
 ///
 /// After a failed append (a short write, a failed fsync) the journal is cut back to `len`
-/// before anything is written again, and the cut itself is retried until it works: an append
-/// behind a fragment would put a broken line in the middle of the journal, which the next
-/// start refuses.
+/// before anything is written again, and the cut itself is retried until it works: the
+/// fragment, left before the space ahead, would be taken for a torn append at the next start
+/// and the records written after it dropped.
 ///
 /// The bytes go in pieces of at most [`store::MAX_UNSYNCED_BYTES`] (whole lines; a longer
 /// line alone), each synced before the next is written, so that a crash can leave no more
@@ -111,9 +119,10 @@ pub(super) fn append_durably(
     bytes: &[u8],
     retry: Duration,
     path: &Path,
-) {
+) -> bool {
+    let mut cut = false;
     for piece in store::sync_pieces(bytes) {
-        while let Err(e) = journal.append(piece).and_then(|()| journal.sync()) {
+        while let Err(e) = journal.write_at(piece, len).and_then(|()| journal.sync()) {
             error!(
                 "cannot append to journal {}: {e}; retrying in {retry:?}",
                 path.display()
@@ -125,18 +134,35 @@ pub(super) fn append_durably(
                 );
                 thread::sleep(retry);
             }
+            cut = true;
             thread::sleep(retry);
         }
         len += piece.len() as u64;
     }
+    cut
 }
 
-/// Opens (creating it if needed) the journal for appending, and makes its directory entry
+/// Lays down `bytes` NUL bytes at `offset` of the journal and makes them durable.
+pub(super) fn lay_space_ahead(journal: &File, offset: u64, bytes: u64) -> io::Result<()> {
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    let mut written = 0;
+    while written < bytes {
+        let n = (bytes - written).min(ZEROS.len() as u64);
+        journal.write_all_at(&ZEROS[..n as usize], offset + written)?;
+        written += n;
+    }
+    journal.sync_data()
+}
+
+/// Opens (creating it if needed) the journal for writing, and makes its directory entry
 /// durable, since a record in it is acknowledged as soon as the record itself is fsync'd.
+/// Not with `O_APPEND`: appends go at the end of the lines, into the space laid down ahead.
 pub(super) fn open_journal(path: &Path) -> io::Result<File> {
     let file = OpenOptions::new()
         .create(true)
-        .append(true)
+        .write(true)
+        // Its records are replayed at start, and it is emptied only once they are folded.
+        .truncate(false)
         .mode(0o600)
         .open(path)?;
     store::sync_dir(path)?;
@@ -197,14 +223,17 @@ impl Writer {
             // Rewritten (0600) only once something changes, which may be long after start.
             store::restrict_to_owner(&snapshot, &paths.state);
         }
-        let journal_len = journal.metadata().map(|m| m.len()).unwrap_or(0);
+        // Folded below if it holds anything but space laid down ahead, which is kept.
+        let file_len = journal.metadata().map(|m| m.len()).unwrap_or(0);
         let snapshot_len = fs::metadata(&paths.state).map(|m| m.len()).unwrap_or(0);
         let mut state = loaded.state;
         let mut writer = Writer {
             paths,
             options,
             journal,
-            journal_len,
+            journal_len: loaded.journal_data_bytes,
+            ahead_end: file_len,
+            ahead_retry_at: None,
             snapshot_len,
             next_n: loaded.last_seq + 1,
             line: Vec::new(),
@@ -215,7 +244,7 @@ impl Writer {
             retry_at: None,
             stats,
         };
-        if journal_len > 0 || loaded.journal_old {
+        if loaded.journal_data_bytes > 0 || loaded.journal_old {
             writer.fold(&mut state)?;
             info!(
                 "state: folded {} into {}{}",
@@ -269,6 +298,7 @@ impl Writer {
                         return;
                     }
                     self.maybe_compact();
+                    self.keep_space_ahead();
                 }
                 Command::Shutdown => {
                     self.finish();
@@ -292,7 +322,7 @@ impl Writer {
             let _ = serde_json::to_writer(&mut self.line, &line);
             self.line.push(b'\n');
         }
-        append_durably(
+        let cut = append_durably(
             &mut self.journal,
             self.journal_len,
             &self.line,
@@ -300,12 +330,46 @@ impl Writer {
             &self.paths.journal,
         );
         self.journal_len += self.line.len() as u64;
+        if cut {
+            self.ahead_end = self.journal_len;
+        }
         // Cannot wrap: the load refuses to start past `store::START_LIMIT`, 2^62 numbers short.
         self.next_n += records.len() as u64;
         if self.line.capacity() > LINE_KEEP_BYTES {
             self.line = Vec::new();
         }
         debug!("journal: {} records durable", records.len());
+    }
+
+    /// Lays down [`SPACE_AHEAD_BYTES`] more NUL bytes past the journal's end, and syncs them,
+    /// once less than a quarter of that is left ahead of the appends: an append into blocks
+    /// the file already has leaves its size alone, so its `fdatasync` writes the data and
+    /// nothing else. Done after a commit's replies are out, so no reply waits for it; a
+    /// failure costs only speed (appends go past the file's end meanwhile) and is retried
+    /// later.
+    pub(super) fn keep_space_ahead(&mut self) {
+        if self.ahead_end.saturating_sub(self.journal_len) >= SPACE_AHEAD_BYTES / 4 {
+            return;
+        }
+        let now = Instant::now();
+        if self.ahead_retry_at.is_some_and(|at| now < at) {
+            return;
+        }
+        let from = self.ahead_end.max(self.journal_len);
+        match lay_space_ahead(&self.journal, from, SPACE_AHEAD_BYTES) {
+            Ok(()) => {
+                self.ahead_end = from + SPACE_AHEAD_BYTES;
+                self.ahead_retry_at = None;
+                debug!("journal: space laid down ahead to byte {}", self.ahead_end);
+            }
+            Err(e) => {
+                warn!(
+                    "cannot lay down space ahead in journal {}: {e}; appends go on past its end",
+                    self.paths.journal.display()
+                );
+                self.ahead_retry_at = Some(now + RETRY_DELAY);
+            }
+        }
     }
 
     /// Durable records not yet handed to the compactor.
@@ -388,7 +452,7 @@ impl Writer {
             }
             if let Err(e) = self.rotate() {
                 error!(
-                    "cannot rename {} to {}: {e}; compaction postponed, the journal keeps every change",
+                    "cannot rotate {} to {}: {e}; compaction postponed, the journal keeps every change",
                     self.paths.journal.display(),
                     self.paths.journal_old.display()
                 );
@@ -411,14 +475,22 @@ impl Writer {
         }
     }
 
-    /// Renames the journal to `journal.old` and goes on in a fresh journal. A failed rename
-    /// changes nothing. Once it is done, the fresh journal is opened (and the directory
+    /// Cuts the space laid down ahead off the journal, renames it to `journal.old` and goes on
+    /// in a fresh journal. A failed cut or rename changes nothing the next start reads
+    /// differently. Once it is done, the fresh journal is opened (and the directory
     /// fsync'd, which also makes the rename durable) with retries until it works: nothing is
     /// appended, so nothing acknowledged, meanwhile.
     ///
     /// A failed directory `fsync` stops the daemon ([`super::stop_after_failed_dir_sync`]):
     /// records appended to a journal whose entry may not be on disk must not be acknowledged.
     fn rotate(&mut self) -> io::Result<()> {
+        // journal.old must end with its last record: NUL bytes at its end are read as a hole
+        // (synced records lost), not as space ahead.
+        if self.ahead_end > self.journal_len {
+            self.journal.set_len(self.journal_len)?;
+            self.ahead_end = self.journal_len;
+            self.journal.sync_data()?;
+        }
         fs::rename(&self.paths.journal, &self.paths.journal_old)?;
         self.journal_old = true;
         loop {
@@ -426,6 +498,7 @@ impl Writer {
                 Ok(file) => {
                     self.journal = file;
                     self.journal_len = 0;
+                    self.ahead_end = 0;
                     return Ok(());
                 }
                 Err(e) if store::is_failed_dir_sync(&e) => {
@@ -490,6 +563,7 @@ impl Writer {
                 source,
             })?;
         self.journal_len = 0;
+        self.ahead_end = 0;
         self.journal_old = false;
         self.snapshot_len = bytes;
         let elapsed = started.elapsed();
