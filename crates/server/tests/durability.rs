@@ -1084,6 +1084,111 @@ fn a_zero_filled_hole_with_synced_records_after_it_stops_the_start() {
     assert_eq!(std::fs::read(&journal).unwrap(), holed, "journal unchanged");
 }
 
+/// Builds a shared library for `LD_PRELOAD` that makes `fsync` of a directory fail with `EIO`
+/// while the file named by `OCM_TEST_FAIL_DIR_FSYNC` exists, past the first
+/// `OCM_TEST_FAIL_DIR_FSYNC_SKIP` such calls (every other `fsync` goes through), with the C
+/// compiler that links Rust binaries. Returns its path.
+fn directory_fsync_failer(dir: &std::path::Path) -> std::path::PathBuf {
+    const SOURCE: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+int fsync(int fd) {
+    static int (*real_fsync)(int);
+    if (!real_fsync) real_fsync = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
+    static int seen;
+    const char *flag = getenv("OCM_TEST_FAIL_DIR_FSYNC");
+    const char *skip = getenv("OCM_TEST_FAIL_DIR_FSYNC_SKIP");
+    struct stat st;
+    if (flag && access(flag, F_OK) == 0 && fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)
+        && __atomic_fetch_add(&seen, 1, __ATOMIC_SEQ_CST) >= (skip ? atoi(skip) : 0)) {
+        errno = EIO;
+        return -1;
+    }
+    return real_fsync(fd);
+}
+"#;
+    let source = dir.join("fail_dir_fsync.c");
+    let library = dir.join("libfail_dir_fsync.so");
+    std::fs::write(&source, SOURCE).unwrap();
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let status = std::process::Command::new(&cc)
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&library)
+        .arg(&source)
+        .arg("-ldl")
+        .status()
+        .unwrap_or_else(|e| panic!("{cc}: {e}"));
+    assert!(status.success(), "{cc} failed: {status}");
+    library
+}
+
+/// After a failed directory `fsync` (a rotation's fresh journal, or the compactor's new
+/// state file), no retry can be trusted: `ocmd` stops with status 1 and says why, and the
+/// next start has every token it acknowledged.
+#[test]
+fn a_failed_directory_fsync_while_serving_stops_ocmd_and_loses_no_acknowledged_token() {
+    // The rotation's is the first directory fsync once the flag is there, the compactor's
+    // (its state file's rename) the second.
+    for (skip, when) in [(0, "rotating the journal"), (1, "compacting the journal")] {
+        a_failed_directory_fsync_stops_ocmd(skip, when);
+    }
+}
+
+fn a_failed_directory_fsync_stops_ocmd(skip: u32, when: &str) {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let library = directory_fsync_failer(dir.path());
+    let flag = dir.path().join("fail-directory-fsyncs");
+    let options = Options {
+        config: Some(format!("{NO_REQUEST_LIMIT}{TINY_COMPACTION}")),
+        env: vec![
+            ("LD_PRELOAD".into(), library.display().to_string()),
+            ("OCM_TEST_FAIL_DIR_FSYNC".into(), flag.display().to_string()),
+            ("OCM_TEST_FAIL_DIR_FSYNC_SKIP".into(), skip.to_string()),
+        ],
+        ..Options::default()
+    };
+    let mut d = Daemon::spawn(Arc::clone(&dir), options).expect("ocmd starts");
+    let mut tokens = vec![create(&d, "fsync", "host")];
+    std::fs::write(&flag, b"").unwrap();
+    // Joins until the first rotation or compaction stops the daemon (4 KiB of journal is
+    // a few dozen joins); a join it never answered was never acknowledged.
+    for n in 0.. {
+        assert!(
+            n < 10_000,
+            "ocmd kept serving after failed directory fsyncs"
+        );
+        let name = format!("\"m{n}\"");
+        match try_request(d.tcp, Operation::JoinRoom, "fsync", name.as_bytes()) {
+            Some(reply) => tokens.push(reply.token.expect("a join is answered with a token")),
+            None => break,
+        }
+    }
+    let status = d.wait_exit();
+    assert_eq!(status.code(), Some(1), "{when}: {}", d.log());
+    let log = d.log();
+    assert!(
+        log.contains(&format!(
+            "{when}: fsync of the directory failed: Input/output error (os error 5); stopping: \
+             after a failed directory fsync no retry can be trusted"
+        )),
+        "{when}: {log}"
+    );
+    std::fs::remove_file(&flag).unwrap();
+    d.restart();
+    assert_clean_start(&d.log());
+    let (status, _) = d.terminate();
+    assert!(status.success(), "{status:?}");
+    let saved = saved_tokens(&d);
+    for (n, token) in tokens.iter().enumerate() {
+        assert!(saved.contains(token), "{when}: acknowledged token {n} lost");
+    }
+}
+
 /// A daemon killed in the middle of a compaction leaves the older records in `journal.old`
 /// and the newer ones in the journal: the next start replays both, in that order, and folds
 /// them into the state file.
