@@ -641,11 +641,18 @@ fn ocm_with_outputs(
 /// A pipe whose buffer is full and whose reader never reads: every write to it blocks, as to
 /// a terminal stopped with Ctrl+S or a pipe into a program that stopped reading.
 fn full_pipe() -> (std::io::PipeReader, std::io::PipeWriter) {
-    use std::os::fd::AsRawFd;
     let (reader, mut writer) = std::io::pipe().expect("pipe");
+    fill(&mut writer);
+    (reader, writer)
+}
+
+/// Fills the pipe behind `writer` (its reader reads nothing meanwhile), so that every write
+/// to it, from any process holding it, blocks.
+fn fill(writer: &mut std::io::PipeWriter) {
+    use std::os::fd::AsRawFd;
     let fd = writer.as_raw_fd();
     let set_nonblocking = |on: bool| {
-        // SAFETY: fcntl on a descriptor this function owns; no memory is passed.
+        // SAFETY: fcntl on a descriptor the caller owns; no memory is passed.
         let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
         let flags = if on {
             flags | libc::O_NONBLOCK
@@ -667,7 +674,6 @@ fn full_pipe() -> (std::io::PipeReader, std::io::PipeWriter) {
         }
     }
     set_nonblocking(false);
-    (reader, writer)
 }
 
 /// An `ocm` stuck on both its outputs (neither read) still obeys a signal: after the grace
@@ -712,6 +718,49 @@ fn ocm_stuck_on_its_output_and_its_errors_still_leaves_and_exits_on_a_signal() {
     };
     assert_eq!(status.code(), Some(1), "{status}");
     alice.lines_until("* bob left");
+}
+
+/// An `ocm` whose chat ended on a signal but whose main thread is then stuck on a last line
+/// to standard error (here the `__LEAVE__`'s debug line; the reader of the errors stopped
+/// reading just before) does not live on: the signal thread exits with status 1 a grace
+/// period later. The `__LEAVE__` itself was sent, so the room hears that bob left.
+#[test]
+fn ocm_stuck_on_its_errors_after_a_signal_ended_its_chat_still_exits() {
+    let d = Daemon::start();
+    let alice = Ocm::start(&d, &["create", "after", "--name", "alice"]);
+    alice.wait_stderr("* created after as alice");
+    let (_unread, mut errors) = std::io::pipe().expect("pipe");
+    let mut bob = ocm_with_outputs(
+        &d,
+        &["join", "after", "--name", "bob"],
+        // Nothing between the signal and the __LEAVE__, one line after it.
+        &[("RUST_LOG", "warn,ocm::chat::session=debug")],
+        Stdio::null(),
+        errors.try_clone().expect("dup the pipe"),
+    );
+    alice.lines_until("* bob joined");
+    wait_until("bob registers", || {
+        d.log().matches(" registered from ").count() >= 2
+    });
+    fill(&mut errors);
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(bob.id() as i32, libc::SIGTERM) }, 0);
+    alice.lines_until("* bob left");
+    // The grace is 3 s; PATIENCE leaves room for a loaded machine.
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = bob.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = bob.kill();
+            let _ = bob.wait();
+            panic!("ocm stuck on its errors after its chat ended did not exit");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    // A chat that ends on a signal exits 0 when nothing holds it.
+    assert_eq!(status.code(), Some(1), "{status}");
 }
 
 /// An `ocm` whose standard error nobody reads (a closed pipe) loses its remarks, not its
