@@ -1538,6 +1538,26 @@ mod tests {
         }
     }
 
+    /// NUL bytes at the end of journal.old are a hole, not space ahead (the writer cuts that
+    /// off before it rotates): with no journal after it to vouch for the records they may have
+    /// held, the load stops. The same bytes as the journal are its records and space ahead.
+    #[test]
+    fn nuls_at_the_end_of_journal_old_are_a_hole_not_space_ahead() {
+        let (_dir, paths) = temp_paths();
+        let with_nuls = [two_records(), vec![0; 4096]].concat();
+        fs::write(&paths.journal_old, &with_nuls).unwrap();
+        match load(&paths) {
+            Err(StoreError::CutShort { line, .. }) => assert_eq!(line, 3),
+            other => panic!("journal.old ending in NUL bytes: {other:?}"),
+        }
+        fs::remove_file(&paths.journal_old).unwrap();
+        fs::write(&paths.journal, &with_nuls).unwrap();
+        let loaded = load(&paths).unwrap();
+        assert_eq!(loaded.last_seq, 2);
+        assert!(!loaded.torn_tail);
+        assert_eq!(loaded.journal_data_bytes, two_records().len() as u64);
+    }
+
     /// Through [`load`]: a hole in the journal ends it; a hole in journal.old (synced whole
     /// before its rotation) is accepted only when the journal goes on from the last record
     /// before it, and stops the load when the journal skips records or holds none after it.

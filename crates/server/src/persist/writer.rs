@@ -105,9 +105,10 @@ impl JournalFile for File {
 /// ahead of the appends).
 ///
 /// After a failed append (a short write, a failed fsync) the journal is cut back to `len`
-/// before anything is written again, and the cut itself is retried until it works: the
-/// fragment, left before the space ahead, would be taken for a torn append at the next start
-/// and the records written after it dropped.
+/// before anything is written again, and the cut itself is retried until it works, so that
+/// while the disk fails the journal holds its whole lines and nothing after them. (The retry
+/// writes the same piece at the same place, over any fragment; the cut keeps a crash during
+/// the retries from leaving one, and drops the space laid down ahead, laid again later.)
 ///
 /// The bytes go in pieces of at most [`store::MAX_UNSYNCED_BYTES`] (whole lines; a longer
 /// line alone), each synced before the next is written, so that a crash can leave no more
@@ -483,14 +484,15 @@ impl Writer {
     ///
     /// A failed directory `fsync` stops the daemon ([`super::stop_after_failed_dir_sync`]):
     /// records appended to a journal whose entry may not be on disk must not be acknowledged.
-    fn rotate(&mut self) -> io::Result<()> {
+    pub(super) fn rotate(&mut self) -> io::Result<()> {
         // journal.old must end with its last record: NUL bytes at its end are read as a hole
-        // (synced records lost), not as space ahead.
-        if self.ahead_end > self.journal_len {
+        // (synced records lost), not as space ahead. The file's own size says whether any are
+        // there (a failed lay may have left some that `ahead_end` does not count).
+        if self.journal.metadata()?.len() > self.journal_len {
             self.journal.set_len(self.journal_len)?;
-            self.ahead_end = self.journal_len;
             self.journal.sync_data()?;
         }
+        self.ahead_end = self.journal_len;
         fs::rename(&self.paths.journal, &self.paths.journal_old)?;
         self.journal_old = true;
         loop {
@@ -540,6 +542,21 @@ impl Writer {
         };
         if self.journal_len == 0 && !self.journal_old {
             debug!("state: the state file already holds every change");
+            // Nothing to fold, but the journal may hold space laid down ahead: a clean stop
+            // leaves it empty.
+            let emptied = self.journal.metadata().and_then(|m| match m.len() {
+                0 => Ok(()),
+                _ => self
+                    .journal
+                    .set_len(0)
+                    .and_then(|()| self.journal.sync_data()),
+            });
+            if let Err(e) = emptied {
+                warn!(
+                    "cannot empty journal {} of its space ahead: {e}",
+                    self.paths.journal.display()
+                );
+            }
             return;
         }
         if let Err(e) = self.fold(&mut state) {
