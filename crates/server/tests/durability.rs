@@ -1087,7 +1087,8 @@ fn a_zero_filled_hole_with_synced_records_after_it_stops_the_start() {
 /// Builds a shared library for `LD_PRELOAD` that makes `fsync` of a directory fail with `EIO`
 /// while the file named by `OCM_TEST_FAIL_DIR_FSYNC` exists, past the first
 /// `OCM_TEST_FAIL_DIR_FSYNC_SKIP` such calls (every other `fsync` goes through), with the C
-/// compiler that links Rust binaries. Returns its path.
+/// compiler that links Rust binaries (`$CC`, which may carry arguments, or `cc`), in `dir`
+/// (not `/tmp`, which may be mounted `noexec`). Returns its path.
 fn directory_fsync_failer(dir: &std::path::Path) -> std::path::PathBuf {
     const SOURCE: &str = r#"
 #define _GNU_SOURCE
@@ -1116,7 +1117,9 @@ int fsync(int fd) {
     let library = dir.join("libfail_dir_fsync.so");
     std::fs::write(&source, SOURCE).unwrap();
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-    let status = std::process::Command::new(&cc)
+    let mut words = cc.split_whitespace();
+    let status = std::process::Command::new(words.next().unwrap_or("cc"))
+        .args(words)
         .args(["-shared", "-fPIC", "-o"])
         .arg(&library)
         .arg(&source)
@@ -1134,14 +1137,15 @@ int fsync(int fd) {
 fn a_failed_directory_fsync_while_serving_stops_ocmd_and_loses_no_acknowledged_token() {
     // The rotation's is the first directory fsync once the flag is there, the compactor's
     // (its state file's rename) the second.
+    let build = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let library = directory_fsync_failer(build.path());
     for (skip, when) in [(0, "rotating the journal"), (1, "compacting the journal")] {
-        a_failed_directory_fsync_stops_ocmd(skip, when);
+        a_failed_directory_fsync_stops_ocmd(&library, skip, when);
     }
 }
 
-fn a_failed_directory_fsync_stops_ocmd(skip: u32, when: &str) {
+fn a_failed_directory_fsync_stops_ocmd(library: &std::path::Path, skip: u32, when: &str) {
     let dir = Arc::new(tempfile::tempdir().unwrap());
-    let library = directory_fsync_failer(dir.path());
     let flag = dir.path().join("fail-directory-fsyncs");
     let options = Options {
         config: Some(format!("{NO_REQUEST_LIMIT}{TINY_COMPACTION}")),
@@ -1153,6 +1157,13 @@ fn a_failed_directory_fsync_stops_ocmd(skip: u32, when: &str) {
         ..Options::default()
     };
     let mut d = Daemon::spawn(Arc::clone(&dir), options).expect("ocmd starts");
+    // The loader took the library (it only warns when it cannot).
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", d.pid())).unwrap();
+    assert!(
+        maps.contains(&library.display().to_string()),
+        "{} is not loaded into ocmd",
+        library.display()
+    );
     let mut tokens = vec![create(&d, "fsync", "host")];
     std::fs::write(&flag, b"").unwrap();
     // Joins until the first rotation or compaction stops the daemon (4 KiB of journal is

@@ -646,23 +646,25 @@ fn full_pipe() -> (std::io::PipeReader, std::io::PipeWriter) {
     (reader, writer)
 }
 
+/// Turns `O_NONBLOCK` on or off on a descriptor the caller owns.
+fn set_nonblocking(fd: std::os::fd::RawFd, on: bool) {
+    // SAFETY: fcntl on a descriptor the caller owns; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    let flags = if on {
+        flags | libc::O_NONBLOCK
+    } else {
+        flags & !libc::O_NONBLOCK
+    };
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFL, flags) }, 0);
+}
+
 /// Fills the pipe behind `writer` (its reader reads nothing meanwhile), so that every write
 /// to it, from any process holding it, blocks.
 fn fill(writer: &mut std::io::PipeWriter) {
     use std::os::fd::AsRawFd;
     let fd = writer.as_raw_fd();
-    let set_nonblocking = |on: bool| {
-        // SAFETY: fcntl on a descriptor the caller owns; no memory is passed.
-        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-        let flags = if on {
-            flags | libc::O_NONBLOCK
-        } else {
-            flags & !libc::O_NONBLOCK
-        };
-        // SAFETY: as above.
-        assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFL, flags) }, 0);
-    };
-    set_nonblocking(true);
+    set_nonblocking(fd, true);
     // Pages first, then bytes: a write of up to a page is all or nothing.
     for chunk in [4096, 1] {
         loop {
@@ -673,7 +675,7 @@ fn fill(writer: &mut std::io::PipeWriter) {
             }
         }
     }
-    set_nonblocking(false);
+    set_nonblocking(fd, false);
 }
 
 /// An `ocm` stuck on both its outputs (neither read) still obeys a signal: after the grace
@@ -729,7 +731,7 @@ fn ocm_stuck_on_its_errors_after_a_signal_ended_its_chat_still_exits() {
     let d = Daemon::start();
     let alice = Ocm::start(&d, &["create", "after", "--name", "alice"]);
     alice.wait_stderr("* created after as alice");
-    let (_unread, mut errors) = std::io::pipe().expect("pipe");
+    let (mut unread, mut errors) = std::io::pipe().expect("pipe");
     let mut bob = ocm_with_outputs(
         &d,
         &["join", "after", "--name", "bob"],
@@ -738,10 +740,30 @@ fn ocm_stuck_on_its_errors_after_a_signal_ended_its_chat_still_exits() {
         Stdio::null(),
         errors.try_clone().expect("dup the pipe"),
     );
-    alice.lines_until("* bob joined");
-    wait_until("bob registers", || {
-        d.log().matches(" registered from ").count() >= 2
+    // Bob's errors are read until its main loop runs: it printed its join notice, and it
+    // relayed a line from its input. Filled earlier, the pipe would stop the main thread
+    // before its loop, and the signal thread would leave by itself (the other way out).
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    set_nonblocking(unread.as_raw_fd(), true);
+    let mut said = String::new();
+    let mut drain = |said: &mut String| loop {
+        let mut chunk = [0u8; 4096];
+        match unread.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => said.push_str(&String::from_utf8_lossy(&chunk[..n])),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("reading bob's errors: {e}"),
+        }
+    };
+    wait_until("bob's join notice", || {
+        drain(&mut said);
+        said.contains("* joined after as bob")
     });
+    let mut stdin = bob.stdin.take().expect("stdin");
+    writeln!(stdin, "still here").unwrap();
+    alice.lines_until("bob: still here");
+    drain(&mut said);
     fill(&mut errors);
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(bob.id() as i32, libc::SIGTERM) }, 0);

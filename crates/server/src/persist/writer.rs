@@ -487,12 +487,13 @@ impl Writer {
     pub(super) fn rotate(&mut self) -> io::Result<()> {
         // journal.old must end with its last record: NUL bytes at its end are read as a hole
         // (synced records lost), not as space ahead. The file's own size says whether any are
-        // there (a failed lay may have left some that `ahead_end` does not count).
+        // there (a failed lay may have left some that `ahead_end` does not count), and the sync
+        // is done every time, so that a cut whose sync failed is made durable on the retry.
         if self.journal.metadata()?.len() > self.journal_len {
             self.journal.set_len(self.journal_len)?;
-            self.journal.sync_data()?;
         }
         self.ahead_end = self.journal_len;
+        self.journal.sync_data()?;
         fs::rename(&self.paths.journal, &self.paths.journal_old)?;
         self.journal_old = true;
         loop {
