@@ -43,6 +43,8 @@ pub(super) struct Tombstones {
     /// told within the reply interval: when its interval began, and how often it was told
     /// since.
     last_reply: HashMap<IpAddr, (Instant, u8)>,
+    /// The capacity the tables were last sized for ([`Tombstones::reserve_for`]).
+    reserved_for: usize,
 }
 
 impl Tombstones {
@@ -58,6 +60,7 @@ impl Tombstones {
             by_hash: HashMap::new(),
             order: VecDeque::new(),
             last_reply: HashMap::new(),
+            reserved_for: 0,
         }
     }
 
@@ -82,7 +85,16 @@ impl Tombstones {
     /// the tombstones filled, a pause of the loop to move 100,000 entries and a step of
     /// about 4 MiB in resident size (the soak saw it). Sized at twice the cap, the index
     /// only ever rehashes in place. The memory is touched as tokens come, not here.
+    ///
+    /// Once per capacity: the index's `capacity()` counts its free slots but not the deleted
+    /// ones a churn leaves between rehashes, so it falls below the mark, and a `reserve` then
+    /// makes hashbrown grow to more than its full size: the very doubling this avoids (the
+    /// soak saw it at 2026-12-04, 17 MB at once).
     fn reserve_for(&mut self, capacity: usize) {
+        if self.reserved_for == capacity {
+            return;
+        }
+        self.reserved_for = capacity;
         let index = capacity.saturating_mul(2);
         if self.by_hash.capacity() < index {
             self.by_hash.reserve(index - self.by_hash.len());
@@ -246,5 +258,43 @@ mod tests {
             Some(Gone::RoomClosed)
         );
         assert_eq!(tombstones.get(b"first"), None);
+    }
+
+    /// The index's deleted slots do not make it grow: filled to its last free slot and
+    /// emptied again, it is left with deleted marks where its free room was (a long churn
+    /// leaves them the same way, more slowly), and the next token is taken by a rehash in
+    /// place, not by a table of twice the size.
+    #[test]
+    fn deleted_slots_in_the_index_do_not_make_it_double() {
+        let limits = Limits {
+            tombstone_capacity: 1_000,
+            ..Limits::default()
+        };
+        let mut tombstones = Tombstones::new();
+        let now = Instant::now();
+        tombstones.insert(b"first", Gone::RoomClosed, now, &limits);
+        let room = tombstones.by_hash.capacity();
+        let fillers: Vec<u64> = (0..)
+            .map(|i| u64::MAX - i)
+            .take(room - tombstones.by_hash.len())
+            .collect();
+        for &key in &fillers {
+            tombstones.by_hash.insert(key, (now, Gone::RoomClosed));
+        }
+        for key in &fillers {
+            tombstones.by_hash.remove(key);
+        }
+        assert!(
+            tombstones.by_hash.capacity() < 2 * limits.tombstone_capacity,
+            "the free room left is no lower than the mark: {}",
+            tombstones.by_hash.capacity()
+        );
+        tombstones.insert(b"second", Gone::RoomClosed, now, &limits);
+        assert!(
+            tombstones.by_hash.capacity() <= room,
+            "{} > {room}",
+            tombstones.by_hash.capacity()
+        );
+        assert_eq!(tombstones.get(b"second"), Some(Gone::RoomClosed));
     }
 }
