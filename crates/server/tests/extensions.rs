@@ -703,23 +703,28 @@ fn ocm_stuck_on_its_output_and_its_errors_still_leaves_and_exits_on_a_signal() {
     wait_until("bob registers", || {
         d.log().matches(" registered from ").count() >= 2
     });
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(bob.id() as i32, libc::SIGTERM) }, 0);
-    // The grace is 3 s; PATIENCE leaves room for a loaded machine.
-    let deadline = Instant::now() + PATIENCE;
-    let status = loop {
-        if let Some(status) = bob.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = bob.kill();
-            let _ = bob.wait();
-            panic!("ocm stuck on its output did not exit after SIGTERM");
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
+    let status = terminate(&mut bob, "ocm stuck on its output");
     assert_eq!(status.code(), Some(1), "{status}");
     alice.lines_until("* bob left");
+}
+
+/// Sends SIGTERM to `child` and waits for it to exit; kills it and fails if it has not
+/// within PATIENCE (`ocm`'s grace is 3 s; the rest is room for a loaded machine).
+fn terminate(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not exit after SIGTERM");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// An `ocm` whose chat ended on a signal but whose main thread is then stuck on a last line
@@ -765,24 +770,10 @@ fn ocm_stuck_on_its_errors_after_a_signal_ended_its_chat_still_exits() {
     alice.lines_until("bob: still here");
     drain(&mut said);
     fill(&mut errors);
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(bob.id() as i32, libc::SIGTERM) }, 0);
-    alice.lines_until("* bob left");
-    // The grace is 3 s; PATIENCE leaves room for a loaded machine.
-    let deadline = Instant::now() + PATIENCE;
-    let status = loop {
-        if let Some(status) = bob.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = bob.kill();
-            let _ = bob.wait();
-            panic!("ocm stuck on its errors after its chat ended did not exit");
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
+    let status = terminate(&mut bob, "ocm stuck on its errors after its chat ended");
     // A chat that ends on a signal exits 0 when nothing holds it.
     assert_eq!(status.code(), Some(1), "{status}");
+    alice.lines_until("* bob left");
 }
 
 /// An `ocm` whose standard error nobody reads (a closed pipe) loses its remarks, not its
