@@ -348,7 +348,7 @@ impl Writer {
     /// nothing else. Done after a commit's replies are out, so no reply waits for it; a
     /// failure costs only speed (appends go past the file's end meanwhile) and is retried
     /// later.
-    pub(super) fn keep_space_ahead(&mut self) {
+    fn keep_space_ahead(&mut self) {
         if self.ahead_end.saturating_sub(self.journal_len) >= SPACE_AHEAD_BYTES / 4 {
             return;
         }
