@@ -1045,6 +1045,42 @@ fn a_kill_with_space_laid_ahead_of_the_journal_restarts_with_every_record_and_no
     }
 }
 
+/// A journal of nothing but space laid down ahead (a stop right after a rotation leaves one
+/// if nothing was appended since, and so does a crash) is no journal to fold: `ocmd` starts
+/// on it without a word, writes its first record at its first byte, and a clean stop leaves
+/// it empty.
+#[test]
+fn a_journal_of_only_space_ahead_starts_quietly_and_a_clean_stop_empties_it() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let journal = dir.path().join("room_manager.json.journal");
+    // Stopped with nothing to fold: the space goes, and no state file is written.
+    std::fs::write(&journal, vec![0; SPACE_AHEAD]).unwrap();
+    let mut d = spawn_on(&dir).expect("ocmd starts");
+    let (status, _) = d.terminate();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0, "{}", d.log());
+    assert!(!d.state.exists());
+    drop(d);
+    // Written into.
+    std::fs::write(&journal, vec![0; SPACE_AHEAD]).unwrap();
+    let mut d = spawn_on(&dir).expect("ocmd starts");
+    let log = d.log();
+    assert_clean_start(&log);
+    assert!(
+        !log.contains("folded") && !log.contains("torn") && !log.contains("WARN"),
+        "{log}"
+    );
+    let token = create(&d, "ahead", "host");
+    assert!(
+        std::fs::read(&journal).unwrap().starts_with(b"{\"n\":1,"),
+        "the first record at the journal's first byte"
+    );
+    let (status, _) = d.terminate();
+    assert!(status.success(), "{status:?}");
+    assert_folded(&d);
+    assert!(saved_tokens(&d).contains(&token));
+}
+
 /// A zero-filled hole with more after it than one append leaves unsynced (64 KiB) is not a
 /// torn append: acknowledged records lie behind it (a media error, a bad copy). `ocmd` refuses
 /// to start, naming the journal and the hole's line, and leaves the journal as it was, where
