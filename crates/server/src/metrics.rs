@@ -42,6 +42,11 @@ pub struct Metrics {
     pub datagrams_sent: u64,
     /// Messages delivered (a batch datagram carries several).
     pub deliveries: u64,
+    /// Datagrams sent as part of a segmented send (`UDP_SEGMENT`), among `datagrams_sent`.
+    pub datagrams_segmented: u64,
+    /// Times the kernel refused a segmented send that it took one datagram at a time, which
+    /// turned segmenting off until a reload.
+    pub segmentation_refusals: u64,
     /// Datagrams dropped, by reason.
     pub datagrams_dropped: BTreeMap<&'static str, u64>,
     /// Sends that failed, by reason.
@@ -185,7 +190,7 @@ impl Metrics {
             "Longest state file write, seconds.",
             self.compactions.max_seconds,
         );
-        let counters: [(&str, &str, f64); 19] = [
+        let counters: [(&str, &str, f64); 21] = [
             (
                 "ocm_tcp_connections_accepted_total",
                 "TCP connections accepted.",
@@ -220,6 +225,16 @@ impl Metrics {
                 "ocm_deliveries_total",
                 "Messages delivered to members (a batch datagram carries several).",
                 self.deliveries as f64,
+            ),
+            (
+                "ocm_datagrams_segmented_total",
+                "Datagrams sent as part of a segmented send (several per system-call entry).",
+                self.datagrams_segmented as f64,
+            ),
+            (
+                "ocm_udp_segmentation_refusals_total",
+                "Segmented sends the kernel refused but took one datagram at a time; each turned segmenting off until a reload.",
+                self.segmentation_refusals as f64,
             ),
             (
                 "ocm_closed_room_replies_total",

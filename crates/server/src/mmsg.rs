@@ -88,9 +88,9 @@ fn from_storage(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
 /// dual-stack socket reports both for an IPv4 datagram): 104 bytes, and slack.
 const CONTROL_WORDS: usize = 16;
 
-/// Control-message space per sent datagram, in `u64` words: one `IPV6_PKTINFO` or
-/// `IP_PKTINFO`.
-const SEND_CONTROL_WORDS: usize = 6;
+/// Control-message space per sent datagram, in `u64` words: one `UDP_SEGMENT` (a 16-byte
+/// header and a `u16`, padded to 24) and one `IPV6_PKTINFO` (40) or `IP_PKTINFO` (32).
+const SEND_CONTROL_WORDS: usize = 8;
 
 /// Asks the kernel to stamp every datagram received on `fd` with its arrival time
 /// (`SO_TIMESTAMPNS`); [`Receiver::arrived`] reads the stamps.
@@ -295,79 +295,93 @@ fn destination(hdr: &libc::msghdr) -> Option<LocalAddr> {
     ipv6
 }
 
-/// Writes into `control` the message that makes a datagram to `to` leave from `from`
-/// (`IP_PKTINFO` on an IPv4 socket, `IPV6_PKTINFO` on an IPv6 one, with an IPv4-mapped address
-/// for an IPv4 source); returns its length, 0 when `from` cannot be said to such a socket.
+/// Writes one control message of `level` and `kind` carrying `value` into `control` at byte
+/// `at` (a multiple of 8); returns the byte just past it, or `None` when it does not fit.
+fn put_control<T: Copy>(
+    control: &mut [u64; SEND_CONTROL_WORDS],
+    at: usize,
+    level: libc::c_int,
+    kind: libc::c_int,
+    value: T,
+) -> Option<usize> {
+    let len = u32::try_from(mem::size_of::<T>()).ok()?;
+    // SAFETY: CMSG_SPACE is arithmetic.
+    let space = unsafe { libc::CMSG_SPACE(len) } as usize;
+    let end = at.checked_add(space)?;
+    if !at.is_multiple_of(mem::align_of::<u64>()) || end > mem::size_of_val(control) {
+        return None;
+    }
+    // SAFETY: the message lies in `control` (checked above), at an 8-byte boundary of an array
+    // of u64, which is aligned for cmsghdr; its payload is written unaligned.
+    unsafe {
+        let cmsg = control
+            .as_mut_ptr()
+            .cast::<u8>()
+            .add(at)
+            .cast::<libc::cmsghdr>();
+        (*cmsg).cmsg_level = level;
+        (*cmsg).cmsg_type = kind;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(len) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<T>(), value);
+    }
+    Some(end)
+}
+
+/// Writes into `control` at byte `at` the message that makes a datagram to `to` leave from
+/// `from` (`IP_PKTINFO` on an IPv4 socket, `IPV6_PKTINFO` on an IPv6 one, with an IPv4-mapped
+/// address for an IPv4 source); returns the byte just past it, `at` when `from` cannot be
+/// said to such a socket.
 fn source_control(
     to: &SocketAddr,
     from: &LocalAddr,
     control: &mut [u64; SEND_CONTROL_WORDS],
+    at: usize,
 ) -> usize {
-    let (level, kind, payload_len) = match to {
-        SocketAddr::V4(_) => (
-            libc::IPPROTO_IP,
-            libc::IP_PKTINFO,
-            mem::size_of::<libc::in_pktinfo>(),
-        ),
-        SocketAddr::V6(_) => (
-            libc::IPPROTO_IPV6,
-            libc::IPV6_PKTINFO,
-            mem::size_of::<libc::in6_pktinfo>(),
-        ),
+    let end = match (to, from.ip) {
+        (SocketAddr::V4(_), IpAddr::V4(ip)) => {
+            let info = libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(ip.octets()),
+                },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            };
+            put_control(control, at, libc::IPPROTO_IP, libc::IP_PKTINFO, info)
+        }
+        (SocketAddr::V6(_), ip) => {
+            let (ip, scoped) = match ip {
+                IpAddr::V4(ip) => (ip.to_ipv6_mapped(), false),
+                IpAddr::V6(ip) => (ip, ip.is_unicast_link_local()),
+            };
+            let info = libc::in6_pktinfo {
+                ipi6_addr: libc::in6_addr {
+                    s6_addr: ip.octets(),
+                },
+                // The interface matters only for a link-local source; otherwise routing
+                // picks it, as for any datagram.
+                ipi6_ifindex: if scoped { from.ifindex } else { 0 },
+            };
+            put_control(control, at, libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, info)
+        }
+        // An IPv6 source for an IPv4 socket: cannot be.
+        (SocketAddr::V4(_), IpAddr::V6(_)) => None,
     };
-    // SAFETY: CMSG_SPACE is arithmetic.
-    let space = unsafe { libc::CMSG_SPACE(payload_len as u32) } as usize;
-    if space > mem::size_of_val(control) {
-        return 0;
-    }
-    *control = [0; SEND_CONTROL_WORDS];
-    // SAFETY: a msghdr whose control buffer is `control` (8-byte aligned, `space` bytes checked
-    // above) has its first cmsghdr at the buffer's start; header and payload are written
-    // inside it (unaligned writes for the payload).
-    unsafe {
-        let mut hdr: libc::msghdr = mem::zeroed();
-        hdr.msg_control = control.as_mut_ptr().cast();
-        hdr.msg_controllen = space as _;
-        let cmsg = libc::CMSG_FIRSTHDR(&hdr);
-        if cmsg.is_null() {
-            return 0;
-        }
-        (*cmsg).cmsg_level = level;
-        (*cmsg).cmsg_type = kind;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(payload_len as u32) as _;
-        let data = libc::CMSG_DATA(cmsg);
-        match (to, from.ip) {
-            (SocketAddr::V4(_), IpAddr::V4(ip)) => {
-                let info = libc::in_pktinfo {
-                    ipi_ifindex: 0,
-                    ipi_spec_dst: libc::in_addr {
-                        s_addr: u32::from_ne_bytes(ip.octets()),
-                    },
-                    ipi_addr: libc::in_addr { s_addr: 0 },
-                };
-                std::ptr::write_unaligned(data.cast(), info);
-            }
-            (SocketAddr::V6(_), ip) => {
-                let (ip, scoped) = match ip {
-                    IpAddr::V4(ip) => (ip.to_ipv6_mapped(), false),
-                    IpAddr::V6(ip) => (ip, ip.is_unicast_link_local()),
-                };
-                let info = libc::in6_pktinfo {
-                    ipi6_addr: libc::in6_addr {
-                        s6_addr: ip.octets(),
-                    },
-                    // The interface matters only for a link-local source; otherwise routing
-                    // picks it, as for any datagram.
-                    ipi6_ifindex: if scoped { from.ifindex } else { 0 },
-                };
-                std::ptr::write_unaligned(data.cast(), info);
-            }
-            // An IPv6 source for an IPv4 socket: cannot be.
-            (SocketAddr::V4(_), IpAddr::V6(_)) => return 0,
-        }
-    }
-    space
+    end.unwrap_or(at)
 }
+
+/// Whether the kernel can split one send into datagrams of equal size (`UDP_SEGMENT`, Linux
+/// 4.18 and later). Older kernels ignore the control message and would send the whole as one
+/// datagram, so [`Outgoing::segment`] must stay 0 on a socket for which this is false.
+pub fn can_segment(fd: RawFd) -> bool {
+    crate::sockopt::get_int(fd, libc::SOL_UDP, libc::UDP_SEGMENT).is_ok()
+}
+
+/// Most datagrams one segmented send may carry (the kernel's `UDP_MAX_SEGMENTS`, 64 before
+/// Linux 6.11).
+pub const MAX_SEGMENTS: usize = 64;
+
+/// Most bytes one segmented send may carry: the payload of the largest IPv4 datagram.
+pub const MAX_SEGMENTED_BYTES: usize = 65_507;
 
 /// One datagram for [`send`]: where it goes, which of our addresses it leaves from (`None`:
 /// the kernel's choice), and which of the call's byte runs it is made of.
@@ -379,6 +393,9 @@ pub struct Outgoing {
     pub from: Option<LocalAddr>,
     /// Its runs in the call's `parts`.
     pub runs: Range<usize>,
+    /// 0 for one datagram; otherwise the kernel splits the bytes into datagrams of this many
+    /// bytes each, the last one possibly shorter (`UDP_SEGMENT`; only where [`can_segment`]).
+    pub segment: u16,
 }
 
 /// What a [`send`] managed.
@@ -390,14 +407,19 @@ pub struct Sent {
     pub would_block: usize,
     /// Datagrams dropped for another error.
     pub failed: usize,
+    /// A segmented datagram the kernel refused (not for a full buffer): its index, and the
+    /// error. Nothing from it on was sent, and the counts above are of the datagrams before
+    /// it; the caller sends the rest again unsegmented.
+    pub refused_segmented: Option<(usize, i32)>,
 }
 
 /// Scratch space for [`send`], kept between calls to avoid allocating per batch.
 #[derive(Default)]
 pub struct SendScratch {
     addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)>,
-    /// Each header's control message (its source address), and its length (0: none).
-    controls: Vec<([u64; SEND_CONTROL_WORDS], usize)>,
+    /// Each header's control messages: its segment size first, then its source address; the
+    /// byte where the source begins (0: not segmented) and where it ends (0: neither).
+    controls: Vec<([u64; SEND_CONTROL_WORDS], usize, usize)>,
     msgs: Vec<libc::mmsghdr>,
     /// For each header in `msgs`, its datagram's index in the call's `datagrams`.
     indices: Vec<usize>,
@@ -452,10 +474,15 @@ pub fn send(
             if runs(&datagram.runs).is_some() {
                 scratch.addrs.push(to_storage(&datagram.to));
                 let mut control = [0; SEND_CONTROL_WORDS];
-                let len = datagram
-                    .from
-                    .map_or(0, |from| source_control(&datagram.to, &from, &mut control));
-                scratch.controls.push((control, len));
+                let source_at = match datagram.segment {
+                    0 => 0,
+                    size => put_control(&mut control, 0, libc::SOL_UDP, libc::UDP_SEGMENT, size)
+                        .unwrap_or(0),
+                };
+                let end = datagram.from.map_or(source_at, |from| {
+                    source_control(&datagram.to, &from, &mut control, source_at)
+                });
+                scratch.controls.push((control, source_at, end));
                 scratch.indices.push(first + i);
             } else {
                 scratch.failed.push(first + i);
@@ -466,7 +493,7 @@ pub fn send(
         // own `&mut` out of one iterator, so taking the next leaves the earlier ones valid.
         scratch.msgs.clear();
         let headers = scratch.addrs.iter_mut().zip(scratch.controls.iter_mut());
-        for (((storage, len), (control, control_len)), &index) in headers.zip(&scratch.indices) {
+        for (((storage, len), (control, _, control_len)), &index) in headers.zip(&scratch.indices) {
             let iov = runs(&datagrams[index].runs).unwrap_or_default();
             // SAFETY: mmsghdr is plain old data.
             let mut msg: libc::mmsghdr = unsafe { mem::zeroed() };
@@ -514,6 +541,17 @@ pub fn send(
                     scratch.refused_sources.retain(|&i| i < from);
                     result.failed -= set_aside;
                     result.would_block += datagrams.len() - from;
+                    scratch.failed.sort_unstable();
+                    return result;
+                }
+                // A segmented datagram refused (a path MTU below its segments, a kernel that
+                // cannot checksum it, or its destination's own fault): stop here, so that the
+                // caller sends the rest again one datagram per message, in order.
+                _ if scratch.controls[done].1 > 0 => {
+                    let errno = err.raw_os_error().unwrap_or(0);
+                    result.refused_segmented = Some((scratch.indices[done], errno));
+                    scratch.failed.retain(|&i| i < scratch.indices[done]);
+                    result.failed = scratch.failed.len();
                     scratch.failed.sort_unstable();
                     return result;
                 }
@@ -572,6 +610,7 @@ mod tests {
                 to: datagrams[i].0,
                 from: None,
                 runs: i..i + 1,
+                segment: 0,
             })
             .collect();
         send(fd, &parts, &ranges, scratch)
@@ -654,6 +693,7 @@ mod tests {
             to,
             from: None,
             runs,
+            segment: 0,
         })
         .collect();
         let mut scratch = SendScratch::default();
@@ -702,11 +742,13 @@ mod tests {
                 to: from,
                 from: Some(arrived),
                 runs: 0..1,
+                segment: 0,
             },
             Outgoing {
                 to: from,
                 from: None,
                 runs: 0..1,
+                segment: 0,
             },
         ];
         let sent = send(
@@ -747,7 +789,12 @@ mod tests {
         let (gone, ours) = (source(192), source(127));
         let refused: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let parts = [IoSlice::new(b"a"), IoSlice::new(b"b"), IoSlice::new(b"c")];
-        let outgoing = |to, from, runs| Outgoing { to, from, runs };
+        let outgoing = |to, from, runs| Outgoing {
+            to,
+            from,
+            runs,
+            segment: 0,
+        };
         let datagrams = [
             outgoing(to, None, 0..1),
             outgoing(to, gone, 1..2),
@@ -800,6 +847,7 @@ mod tests {
             to: client.local_addr().unwrap(),
             from,
             runs: 0..1,
+            segment: 0,
         }];
         let mut scratch = SendScratch::default();
         let sent = send(server.as_raw_fd(), &parts, &datagrams, &mut scratch);
@@ -808,6 +856,130 @@ mod tests {
         let mut buf = [0u8; 4];
         let (len, _) = client.recv_from(&mut buf).unwrap();
         assert_eq!(&buf[..len], b"hi");
+    }
+
+    /// Receives `count` datagrams on `socket` (waiting up to 10 s for each).
+    fn receive(socket: &UdpSocket, count: usize) -> Vec<(SocketAddr, Vec<u8>)> {
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = [0u8; 2048];
+        (0..count)
+            .map(|_| {
+                let (len, from) = socket.recv_from(&mut buf).unwrap();
+                (from, buf[..len].to_vec())
+            })
+            .collect()
+    }
+
+    /// A segmented datagram arrives as datagrams of the segment's size, the last one shorter,
+    /// in order, before the datagram sent after it; with a source it leaves from that source.
+    #[test]
+    fn a_segmented_send_arrives_as_datagrams_of_the_segment_size() {
+        let server = UdpSocket::bind("0.0.0.0:0").unwrap();
+        if !can_segment(server.as_raw_fd()) {
+            eprintln!("skipped: this kernel cannot segment UDP sends");
+            return;
+        }
+        let port = server.local_addr().unwrap().port();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = client.local_addr().unwrap();
+        let parts: Vec<IoSlice> = [&b"aaa"[..], b"bbb", b"ccc", b"dd", b"x"]
+            .into_iter()
+            .map(IoSlice::new)
+            .collect();
+        let source = Some(LocalAddr {
+            ip: IpAddr::from([127, 0, 0, 3]),
+            ifindex: 0,
+        });
+        let outgoing = |from, runs, segment| Outgoing {
+            to,
+            from,
+            runs,
+            segment,
+        };
+        let datagrams = [
+            outgoing(None, 0..4, 3),
+            outgoing(None, 4..5, 0),
+            outgoing(source, 0..3, 3),
+        ];
+        let sent = send(
+            server.as_raw_fd(),
+            &parts,
+            &datagrams,
+            &mut SendScratch::default(),
+        );
+        assert_eq!(
+            sent,
+            Sent {
+                sent: 3,
+                ..Sent::default()
+            }
+        );
+        let at = |ip: [u8; 4]| SocketAddr::from((ip, port));
+        let got = receive(&client, 8);
+        let expected: Vec<(SocketAddr, &[u8])> = vec![
+            (at([127, 0, 0, 1]), b"aaa"),
+            (at([127, 0, 0, 1]), b"bbb"),
+            (at([127, 0, 0, 1]), b"ccc"),
+            (at([127, 0, 0, 1]), b"dd"),
+            (at([127, 0, 0, 1]), b"x"),
+            (at([127, 0, 0, 3]), b"aaa"),
+            (at([127, 0, 0, 3]), b"bbb"),
+            (at([127, 0, 0, 3]), b"ccc"),
+        ];
+        let got: Vec<(SocketAddr, &[u8])> = got.iter().map(|(a, b)| (*a, &b[..])).collect();
+        assert_eq!(got, expected);
+    }
+
+    /// A segmented send the kernel refuses (here: a socket told to send without UDP
+    /// checksums, which segmenting needs) stops the call there; what came before it left.
+    #[test]
+    fn a_segmented_send_the_kernel_refuses_stops_the_call_there() {
+        let (a, b) = sender_and_receiver();
+        if !can_segment(a.as_raw_fd()) {
+            eprintln!("skipped: this kernel cannot segment UDP sends");
+            return;
+        }
+        crate::sockopt::set_int(a.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NO_CHECK, 1).unwrap();
+        let to = b.local_addr().unwrap();
+        let refused: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let parts = [IoSlice::new(b"a"), IoSlice::new(b"bb"), IoSlice::new(b"cc")];
+        let outgoing = |to, runs, segment| Outgoing {
+            to,
+            from: None,
+            runs,
+            segment,
+        };
+        let datagrams = [
+            outgoing(to, 0..1, 0),
+            outgoing(refused, 0..1, 0), // fails on its own
+            outgoing(to, 0..1, 0),
+            outgoing(to, 1..3, 2), // refused: segmented without checksums
+            outgoing(to, 0..1, 0), // not tried
+        ];
+        let mut scratch = SendScratch::default();
+        let sent = send(a.as_raw_fd(), &parts, &datagrams, &mut scratch);
+        assert_eq!(
+            sent,
+            Sent {
+                sent: 2,
+                failed: 1,
+                would_block: 0,
+                refused_segmented: Some((3, libc::EINVAL)),
+            }
+        );
+        assert_eq!(scratch.failed(), &[1]);
+        // Without the segment size the same bytes leave as one datagram.
+        let whole = [outgoing(to, 1..3, 0)];
+        assert_eq!(send(a.as_raw_fd(), &parts, &whole, &mut scratch).sent, 1);
+        let got: Vec<Vec<u8>> = receive(&b, 3).into_iter().map(|(_, bytes)| bytes).collect();
+        assert_eq!(got, [&b"a"[..], b"a", b"bbcc"]);
+        b.set_nonblocking(true).unwrap();
+        assert!(
+            b.recv(&mut [0; 8]).is_err(),
+            "nothing after the refused send left"
+        );
     }
 
     /// A socket bound to one address reports no arrival address (none was asked for).

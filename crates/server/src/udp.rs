@@ -1,7 +1,7 @@
 //! The UDP socket: buffer sizing, sending an [`Outbox`] (packing batch-capable recipients'
 //! messages into batch frames, `sendmmsg` underneath), and reading the kernel's drop count.
 
-use std::io::IoSlice;
+use std::io::{self, IoSlice};
 use std::mem;
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -13,7 +13,7 @@ use ucrp::delivery;
 use crate::local::{LocalId, Locals};
 use crate::metrics::Metrics;
 use crate::mmsg;
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, Send as QueuedSend};
 use crate::sockopt;
 
 /// Asks for socket buffer sizes; returns what the kernel granted `(recv, send)`.
@@ -44,6 +44,14 @@ const MAX_BATCH_RUNS: usize = mmsg::MAX_PARTS - 1;
 /// Bytes one run of a batch plan takes.
 const RUN_SIZE: usize = mem::size_of::<Range<usize>>();
 
+/// The largest datagram a segmented send carries: what fits a path of the minimum IPv6 MTU
+/// (1280 bytes, less 40 of IPv6 header and 8 of UDP header). The kernel refuses a segmented
+/// send whose segments do not fit the path's MTU, where it would fragment a lone datagram.
+pub const MAX_SEGMENT_BYTES: usize = 1232;
+
+// A segment size goes to the kernel as a u16.
+const _: () = assert!(MAX_SEGMENT_BYTES <= u16::MAX as usize);
+
 /// Sends everything in an [`Outbox`]. Messages for a batch-capable member in the same pass
 /// are packed into batch frames, never delayed: only what is already in the outbox is packed,
 /// and a "batch" of one leaves as the plain frame. A batch frame is never larger than the
@@ -54,16 +62,25 @@ const RUN_SIZE: usize = mem::size_of::<Range<usize>>();
 /// kernel gathers them (`sendmmsg` with several iovecs per datagram, [`mmsg::BATCH`]
 /// datagrams per system call). A member that gets every message of a pass but its own gets
 /// them as one or two runs of bytes, however many there are.
+///
+/// Members without batches still get one datagram per message, but when segmentation is on
+/// ([`Sender::set_segmentation`]) a member's messages of one pass that are of equal length
+/// (the last may be shorter) go to the kernel as one segmented send (`UDP_SEGMENT`): it
+/// splits them into the same datagrams, and pays its per-datagram routing once for them all.
 #[derive(Default)]
 pub struct Sender {
     /// The daemon's cap on batch frames, in bytes.
     max_batch: usize,
-    /// Datagrams to send, in order: destination, our address it leaves from, what it
-    /// carries, messages carried.
-    plan: Vec<(SocketAddr, LocalId, Bytes, usize)>,
+    /// Whether a member's equal-length datagrams go as one segmented send.
+    segmenting: bool,
+    /// Datagrams to send, in order.
+    plan: Vec<Planned>,
     /// Batch frames being planned, reused between passes.
     batches: Vec<Batch>,
     used_batches: usize,
+    /// Segmented sends being planned, reused between passes.
+    groups: Vec<Segments>,
+    used_groups: usize,
     /// Open batch per member slot: plan index + 1 (0: none). Indexed by slot, so no hashing.
     open: Vec<u32>,
     /// Slots set in `open` during this pass, to reset them after.
@@ -80,6 +97,31 @@ enum Bytes {
     Outbox(Range<usize>),
     /// A batch frame: an index into [`Sender::batches`].
     Batch(usize),
+    /// Datagrams of equal length for one member: an index into [`Sender::groups`].
+    Segments(usize),
+}
+
+/// Datagrams going to one member in one segmented send: where their payloads lie in the
+/// outbox, and their length.
+#[derive(Default)]
+struct Segments {
+    /// Each datagram's payload, in order.
+    runs: Vec<Range<usize>>,
+    /// The length of every datagram but the last, which may be shorter.
+    size: usize,
+    /// Bytes of all of them.
+    len: usize,
+}
+
+impl Segments {
+    /// Whether a datagram of `len` bytes may follow these in the same send.
+    fn takes(&self, len: usize) -> bool {
+        let last_was_short = self.runs.last().is_some_and(|run| run.len() < self.size);
+        !last_was_short
+            && len <= self.size
+            && self.runs.len() < mmsg::MAX_SEGMENTS
+            && self.len + len <= mmsg::MAX_SEGMENTED_BYTES
+    }
 }
 
 /// A batch frame being planned: where its entries lie in the outbox.
@@ -124,6 +166,17 @@ impl Sender {
         self.max_batch = max_batch;
     }
 
+    /// Turns segmented sends on or off. Only on for a socket whose kernel can segment
+    /// ([`mmsg::can_segment`]): an older kernel would send the whole as one datagram.
+    pub fn set_segmentation(&mut self, on: bool) {
+        self.segmenting = on;
+    }
+
+    /// Whether segmented sends are on: set so, and not refused by the kernel since.
+    pub fn segmenting(&self) -> bool {
+        self.segmenting
+    }
+
     /// Sends and clears `outbox`; each datagram leaves from the address of `locals` its send
     /// names, and an address the kernel refuses as a source is retired.
     pub fn send_all(
@@ -134,7 +187,53 @@ impl Sender {
         metrics: &mut Metrics,
     ) {
         self.plan(outbox);
-        let parts = self.gather(outbox, locals);
+        let mut start = 0;
+        // A refused segmented send whose datagrams go again one apiece from `start`.
+        let mut retrying = None;
+        loop {
+            let sent = self.send_from(start, socket, outbox, locals, metrics);
+            if let Some(errno) = retrying.take() {
+                // Its first datagram left on its own: segmenting was at fault, not the
+                // destination.
+                let first_left =
+                    sent.sent + sent.failed > 0 && self.scratch.failed().first() != Some(&0);
+                if first_left && self.segmenting {
+                    self.segmenting = false;
+                    metrics.segmentation_refusals += 1;
+                    log::warn!(
+                        "UDP: the kernel refused a segmented send ({}) but took its datagrams \
+                         one at a time; sending one datagram per message from now on (a reload \
+                         turns udp.segment_sends on again)",
+                        io::Error::from_raw_os_error(errno)
+                    );
+                }
+            }
+            let Some((refused, errno)) = sent.refused_segmented else {
+                break;
+            };
+            // The kernel refused a segmented send, and nothing after it went. Its datagrams go
+            // again one apiece, in order; the rest of the plan too once segmenting is off.
+            start += refused;
+            self.unsegment(start, !self.segmenting);
+            retrying = Some(errno);
+        }
+        outbox.clear();
+        // Keep a bounded pool of batch and segment plans between passes.
+        keep_pooled(&mut self.batches, |b| b.runs.capacity());
+        keep_pooled(&mut self.groups, |g| g.runs.capacity());
+    }
+
+    /// Sends the plan from `start` on, counts in `metrics` what left and what did not, and
+    /// retires the sources the kernel refused.
+    fn send_from(
+        &mut self,
+        start: usize,
+        socket: &UdpSocket,
+        outbox: &Outbox,
+        locals: &mut Locals,
+        metrics: &mut Metrics,
+    ) -> mmsg::Sent {
+        let parts = self.gather(outbox, locals, start);
         let sent = mmsg::send(
             socket.as_raw_fd(),
             &parts,
@@ -142,56 +241,82 @@ impl Sender {
             &mut self.scratch,
         );
         drop(parts);
-        metrics.datagrams_sent += sent.sent as u64;
-        // Deliveries: messages carried by the datagrams that went out. They go in order up to
-        // a full send buffer, but one refused on its own (an unroutable or forbidden address)
-        // leaves a hole that those after it do not fill.
-        let mut refused = self.scratch.failed().iter().copied().peekable();
-        metrics.deliveries += self
-            .plan
-            .iter()
-            .take(sent.sent + sent.failed)
-            .enumerate()
-            .filter(|(i, _)| refused.next_if_eq(i).is_none())
-            .map(|(_, (_, _, _, n))| *n as u64)
-            .sum::<u64>();
-        if sent.would_block > 0 {
-            *metrics.send_errors.entry("would_block").or_insert(0) += sent.would_block as u64;
-        }
-        if sent.failed > 0 {
-            *metrics.send_errors.entry("other").or_insert(0) += sent.failed as u64;
-        }
-        for &i in self.scratch.refused_sources() {
-            if let Some((_, from, _, _)) = self.plan.get(i) {
-                locals.retire(*from);
+        let plan = &self.plan[start..];
+        let failed = self.scratch.failed();
+        // They go in order up to a full send buffer, but one refused on its own (an
+        // unroutable or forbidden address) leaves a hole that those after it do not fill.
+        let tried = sent.sent + sent.failed;
+        let mut refused = failed.iter().copied().peekable();
+        for (i, planned) in plan.iter().enumerate().take(tried) {
+            if refused.next_if_eq(&i).is_some() {
+                continue;
+            }
+            let datagrams = planned.datagrams() as u64;
+            metrics.datagrams_sent += datagrams;
+            metrics.deliveries += planned.messages as u64;
+            if datagrams > 1 {
+                metrics.datagrams_segmented += datagrams;
             }
         }
-        outbox.clear();
-        // Keep a bounded pool of batch plans between passes.
-        let mut pooled = 0;
-        let keep = self
-            .batches
-            .iter()
-            .take_while(|b| {
-                pooled += mem::size_of::<Batch>() + b.runs.capacity() * RUN_SIZE;
-                pooled <= POOLED_BATCH_BYTES
-            })
-            .count();
-        self.batches.truncate(keep);
+        if sent.would_block > 0 {
+            let dropped: usize = plan.iter().skip(tried).map(Planned::datagrams).sum();
+            *metrics.send_errors.entry("would_block").or_insert(0) += dropped as u64;
+        }
+        if sent.failed > 0 {
+            let dropped: usize = failed
+                .iter()
+                .filter_map(|&i| plan.get(i))
+                .map(Planned::datagrams)
+                .sum();
+            *metrics.send_errors.entry("other").or_insert(0) += dropped as u64;
+        }
+        for &i in self.scratch.refused_sources() {
+            if let Some(planned) = plan.get(i) {
+                locals.retire(planned.from);
+            }
+        }
+        sent
     }
 
-    /// The byte runs of every planned datagram, in order; fills [`Sender::datagrams`] with
-    /// where each datagram goes, where from, and where its runs are in the returned list.
-    fn gather<'a>(&mut self, outbox: &'a Outbox, locals: &Locals) -> Vec<IoSlice<'a>> {
-        let mut parts = Vec::with_capacity(self.plan.len() * 2);
+    /// Replaces the segmented send at `at` in the plan by its datagrams, one apiece, and every
+    /// later one too when `all`.
+    fn unsegment(&mut self, at: usize, all: bool) {
+        let rest = self.plan.split_off(at.min(self.plan.len()));
+        for (i, planned) in rest.into_iter().enumerate() {
+            match planned.bytes {
+                Bytes::Segments(g) if i == 0 || all => {
+                    self.plan
+                        .extend(self.groups[g].runs.iter().map(|run| Planned {
+                            bytes: Bytes::Outbox(run.clone()),
+                            messages: 1,
+                            ..planned
+                        }))
+                }
+                _ => self.plan.push(planned),
+            }
+        }
+    }
+
+    /// The byte runs of every planned datagram from `start` on, in order; fills
+    /// [`Sender::datagrams`] with where each datagram goes, where from, and where its runs are
+    /// in the returned list.
+    fn gather<'a>(
+        &mut self,
+        outbox: &'a Outbox,
+        locals: &Locals,
+        start: usize,
+    ) -> Vec<IoSlice<'a>> {
+        let plan = self.plan.get(start..).unwrap_or_default();
+        let mut parts = Vec::with_capacity(plan.len() * 2);
         self.datagrams.clear();
-        for (to, from, bytes, count) in &self.plan {
+        for planned in plan {
             let first = parts.len();
-            match bytes {
+            let mut segment = 0;
+            match &planned.bytes {
                 Bytes::Outbox(range) => parts.push(IoSlice::new(outbox.get(range.clone()))),
                 Bytes::Batch(i) => {
                     let runs = &self.batches[*i].runs;
-                    if *count == 1 {
+                    if planned.messages == 1 {
                         // A batch of one leaves as its frame, without the length prefix.
                         if let Some(run) = runs.first() {
                             let frame = run.start + delivery::BATCH_ENTRY_OVERHEAD..run.end;
@@ -202,26 +327,68 @@ impl Sender {
                         parts.extend(runs.iter().map(|run| IoSlice::new(outbox.get(run.clone()))));
                     }
                 }
+                Bytes::Segments(i) => {
+                    let group = &self.groups[*i];
+                    if group.runs.len() > 1 {
+                        // At most MAX_SEGMENT_BYTES (a u16): `plan` segments nothing longer.
+                        segment = group.size as u16;
+                    }
+                    parts.extend(
+                        group
+                            .runs
+                            .iter()
+                            .map(|run| IoSlice::new(outbox.get(run.clone()))),
+                    );
+                }
             }
             self.datagrams.push(mmsg::Outgoing {
-                to: *to,
-                from: locals.get(*from),
+                to: planned.to,
+                from: locals.get(planned.from),
                 runs: first..parts.len(),
+                segment,
             });
         }
         parts
     }
 
-    fn close_batch(&mut self, slot: u32) {
+    /// Ends the batch or segmented send open for the member in `slot`: what follows for it
+    /// goes after.
+    fn close_open(&mut self, slot: u32) {
         if let Some(open) = self.open.get_mut(slot as usize) {
             *open = 0;
         }
     }
 
-    /// Decides the datagrams: one per send, or batch frames for batch-capable members.
+    /// The plan entry open for the member in `slot`, if it still goes to `to` from `from`: a
+    /// member that registered from a new address (or to another of ours) within the pass
+    /// starts a new one.
+    fn open_for(&mut self, slot: u32, to: SocketAddr, from: LocalId) -> Option<usize> {
+        let index = slot as usize;
+        if self.open.len() <= index {
+            self.open.resize(index + 1, 0);
+        }
+        let p = (self.open[index] as usize).checked_sub(1)?;
+        let planned = self.plan.get(p)?;
+        (planned.to == to && planned.from == from).then_some(p)
+    }
+
+    /// Appends `planned` to the plan as the entry open for the member in `slot`; returns its
+    /// index.
+    fn open_new(&mut self, slot: u32, planned: Planned) -> usize {
+        self.plan.push(planned);
+        if let Some(open) = self.open.get_mut(slot as usize) {
+            *open = self.plan.len() as u32;
+        }
+        self.touched.push(slot);
+        self.plan.len() - 1
+    }
+
+    /// Decides the datagrams: one per send, batch frames for batch-capable members, and
+    /// segmented sends for the others when segmenting is on.
     fn plan(&mut self, outbox: &Outbox) {
         self.plan.clear();
         self.used_batches = 0;
+        self.used_groups = 0;
         for slot in self.touched.drain(..) {
             if let Some(open) = self.open.get_mut(slot as usize) {
                 *open = 0;
@@ -229,54 +396,125 @@ impl Sender {
         }
         for send in &outbox.sends {
             let limit = usize::from(send.batch_limit).min(self.max_batch);
-            let entry = outbox.entry_of(send);
-            let (Some(slot), true, Some(entry)) = (send.member, limit > 0, entry) else {
-                // Whatever is packed for this member stays before this datagram.
-                if let Some(slot) = send.member {
-                    self.close_batch(slot);
+            match (send.member, outbox.entry_of(send)) {
+                (Some(slot), Some(entry)) if limit > 0 => {
+                    self.plan_batched(send, slot, entry, limit)
                 }
-                self.plan
-                    .push((send.to, send.from, Bytes::Outbox(send.bytes.clone()), 1));
-                continue;
-            };
-            let index = slot as usize;
-            if self.open.len() <= index {
-                self.open.resize(index + 1, 0);
-            }
-            let open = self.open[index] as usize;
-            // The open batch must also still go where this send goes, and from the same
-            // address: a member that registered from a new address (or to another of ours)
-            // within the pass starts a new one.
-            let fits = open > 0
-                && match &self.plan[open - 1] {
-                    (to, from, Bytes::Batch(i), _) if *to == send.to && *from == send.from => {
-                        self.batches[*i].takes(&entry, limit)
+                (Some(slot), _)
+                    if self.segmenting
+                        && send.batch_limit == 0
+                        && (1..=MAX_SEGMENT_BYTES).contains(&send.bytes.len()) =>
+                {
+                    self.plan_segmented(send, slot)
+                }
+                (member, _) => {
+                    // Whatever is packed for this member stays before this datagram.
+                    if let Some(slot) = member {
+                        self.close_open(slot);
                     }
-                    _ => false,
-                };
-            let p = if fits {
-                open - 1
-            } else {
-                let batch_index = self.used_batches;
-                self.used_batches += 1;
-                if self.batches.len() <= batch_index {
-                    self.batches.push(Batch::default());
+                    self.plan.push(Planned {
+                        to: send.to,
+                        from: send.from,
+                        bytes: Bytes::Outbox(send.bytes.clone()),
+                        messages: 1,
+                    });
                 }
-                let batch = &mut self.batches[batch_index];
-                batch.runs.clear();
-                batch.len = delivery::BATCH_HEADER_LEN;
-                self.plan
-                    .push((send.to, send.from, Bytes::Batch(batch_index), 0));
-                self.open[index] = self.plan.len() as u32;
-                self.touched.push(slot);
-                self.plan.len() - 1
-            };
-            if let (_, _, Bytes::Batch(i), count) = &mut self.plan[p] {
-                self.batches[*i].push(entry);
-                *count += 1;
             }
         }
     }
+
+    /// Adds the batch entry at `entry` to the batch open for the member in `slot`, or to a new
+    /// one.
+    fn plan_batched(&mut self, send: &QueuedSend, slot: u32, entry: Range<usize>, limit: usize) {
+        let open = self.open_for(slot, send.to, send.from).filter(|&p| {
+            matches!(self.plan[p].bytes, Bytes::Batch(i) if self.batches[i].takes(&entry, limit))
+        });
+        let p = open.unwrap_or_else(|| {
+            let batch_index = self.used_batches;
+            self.used_batches += 1;
+            if self.batches.len() <= batch_index {
+                self.batches.push(Batch::default());
+            }
+            let batch = &mut self.batches[batch_index];
+            batch.runs.clear();
+            batch.len = delivery::BATCH_HEADER_LEN;
+            self.open_new(slot, Planned::new(send, Bytes::Batch(batch_index)))
+        });
+        if let Bytes::Batch(i) = self.plan[p].bytes {
+            self.batches[i].push(entry);
+            self.plan[p].messages += 1;
+        }
+    }
+
+    /// Adds the datagram of `send` to the segmented send open for the member in `slot`, or to
+    /// a new one.
+    fn plan_segmented(&mut self, send: &QueuedSend, slot: u32) {
+        let len = send.bytes.len();
+        let open = self.open_for(slot, send.to, send.from).filter(
+            |&p| matches!(self.plan[p].bytes, Bytes::Segments(i) if self.groups[i].takes(len)),
+        );
+        let p = open.unwrap_or_else(|| {
+            let group_index = self.used_groups;
+            self.used_groups += 1;
+            if self.groups.len() <= group_index {
+                self.groups.push(Segments::default());
+            }
+            let group = &mut self.groups[group_index];
+            group.runs.clear();
+            group.size = len;
+            group.len = 0;
+            self.open_new(slot, Planned::new(send, Bytes::Segments(group_index)))
+        });
+        if let Bytes::Segments(i) = self.plan[p].bytes {
+            let group = &mut self.groups[i];
+            group.runs.push(send.bytes.clone());
+            group.len += len;
+            self.plan[p].messages += 1;
+        }
+    }
+}
+
+/// One entry of a send plan: a datagram, or a segmented send of several.
+struct Planned {
+    to: SocketAddr,
+    from: LocalId,
+    bytes: Bytes,
+    /// Messages carried: the batch frame's entries, or the segmented send's datagrams.
+    messages: usize,
+}
+
+impl Planned {
+    /// An entry for `send`'s destination and source carrying nothing yet.
+    fn new(send: &QueuedSend, bytes: Bytes) -> Planned {
+        Planned {
+            to: send.to,
+            from: send.from,
+            bytes,
+            messages: 0,
+        }
+    }
+
+    /// Datagrams on the wire.
+    fn datagrams(&self) -> usize {
+        match self.bytes {
+            Bytes::Segments(_) => self.messages,
+            Bytes::Outbox(_) | Bytes::Batch(_) => 1,
+        }
+    }
+}
+
+/// Keeps the first plans of `pool` up to [`POOLED_BATCH_BYTES`] between passes, counting
+/// `runs` ranges of each (their capacity), and frees the rest.
+fn keep_pooled<T>(pool: &mut Vec<T>, runs: impl Fn(&T) -> usize) {
+    let mut pooled = 0;
+    let keep = pool
+        .iter()
+        .take_while(|plan| {
+            pooled += mem::size_of::<T>() + runs(plan) * RUN_SIZE;
+            pooled <= POOLED_BATCH_BYTES
+        })
+        .count();
+    pool.truncate(keep);
 }
 
 /// The kernel's drop count for a UDP socket as a 64-bit total. The kernel keeps a 32-bit
@@ -368,16 +606,16 @@ mod tests {
     /// kernel would send, messages carried.
     fn planned(sender: &mut Sender, out: &Outbox) -> Vec<(SocketAddr, Vec<u8>, usize)> {
         sender.plan(out);
-        let parts = sender.gather(out, &Locals::default());
+        let parts = sender.gather(out, &Locals::default(), 0);
         sender
             .datagrams
             .iter()
             .zip(&sender.plan)
-            .map(|(datagram, (_, _, _, n))| {
+            .map(|(datagram, planned)| {
                 let bytes = parts[datagram.runs.clone()]
                     .iter()
                     .flat_map(|run| run.iter().copied());
-                (datagram.to, bytes.collect(), *n)
+                (datagram.to, bytes.collect(), planned.messages)
             })
             .collect()
     }
@@ -437,7 +675,7 @@ mod tests {
         let shown: Vec<(u16, usize)> = sender
             .plan
             .iter()
-            .map(|(to, _, _, n)| (to.port(), *n))
+            .map(|planned| (planned.to.port(), planned.messages))
             .collect();
         assert_eq!(shown, vec![(1, 2), (9, 2)]);
     }
@@ -477,6 +715,110 @@ mod tests {
         }
     }
 
+    /// A socket whose segmented sends the kernel refuses (it sends without UDP checksums,
+    /// which segmenting needs), and a peer with room for many small datagrams.
+    fn refusing_socket_and_peer() -> Option<(UdpSocket, std::net::UdpSocket)> {
+        let socket = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        if !mmsg::can_segment(socket.as_raw_fd()) {
+            eprintln!("skipped: this kernel cannot segment UDP sends");
+            return None;
+        }
+        crate::sockopt::set_int(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NO_CHECK, 1)
+            .unwrap();
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let _ =
+            crate::sockopt::set_int(peer.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, 1 << 20);
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        Some((socket, peer))
+    }
+
+    /// What `peer` has received, `count` datagrams.
+    fn texts_received(peer: &std::net::UdpSocket, count: usize) -> Vec<String> {
+        let mut buf = [0u8; 2048];
+        (0..count)
+            .map(|_| {
+                let len = peer.recv(&mut buf).unwrap();
+                texts(&buf[..len]).concat()
+            })
+            .collect()
+    }
+
+    /// A segmented send the kernel refuses but whose datagrams it takes one at a time: they
+    /// and everything after them leave one apiece, in order, and segmenting stops (counted).
+    #[test]
+    fn a_segmented_send_the_kernel_refuses_goes_one_datagram_at_a_time_and_segmenting_stops() {
+        let Some((socket, peer)) = refusing_socket_and_peer() else {
+            return;
+        };
+        let to = peer.local_addr().unwrap();
+        let mut out = Outbox::default();
+        let messages: Vec<Range<usize>> =
+            (0..5).map(|i| chat(&mut out, &format!("m{i}"))).collect();
+        let first = chat(&mut out, "first");
+        out.send(to, LocalId::ANY, first);
+        for (i, msg) in messages.iter().enumerate() {
+            // Two members at one address: 0 gets m0 m1 m2, 1 gets m3 m4.
+            out.send_to_member(to, LocalId::ANY, msg.clone(), u32::from(i >= 3), 0);
+        }
+        let mut metrics = Metrics::default();
+        let mut sender = Sender::new(65507);
+        sender.set_segmentation(true);
+        sender.send_all(&socket, &mut out, &mut Locals::default(), &mut metrics);
+        assert!(!sender.segmenting());
+        assert_eq!(metrics.segmentation_refusals, 1);
+        assert_eq!((metrics.datagrams_sent, metrics.deliveries), (6, 6));
+        assert_eq!(metrics.datagrams_segmented, 0);
+        assert!(metrics.send_errors.is_empty(), "{:?}", metrics.send_errors);
+        assert_eq!(
+            texts_received(&peer, 6),
+            ["first", "m0", "m1", "m2", "m3", "m4"]
+        );
+        // The next pass plans one datagram per message from the start.
+        let again = chat(&mut out, "again");
+        for _ in 0..2 {
+            out.send_to_member(to, LocalId::ANY, again.clone(), 0, 0);
+        }
+        sender.send_all(&socket, &mut out, &mut Locals::default(), &mut metrics);
+        assert_eq!(
+            (metrics.datagrams_sent, metrics.segmentation_refusals),
+            (8, 1)
+        );
+        assert_eq!(texts_received(&peer, 2), ["again", "again"]);
+    }
+
+    /// A segmented send refused for its destination (port 0), whose datagrams are refused one
+    /// apiece too: they count as send errors, and segmenting goes on for the others.
+    #[test]
+    fn a_segmented_send_refused_for_its_destination_leaves_segmenting_on() {
+        let Ok(socket) = UdpSocket::bind("127.0.0.1:0".parse().unwrap()) else {
+            return;
+        };
+        if !mmsg::can_segment(socket.as_raw_fd()) {
+            eprintln!("skipped: this kernel cannot segment UDP sends");
+            return;
+        }
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut out = Outbox::default();
+        let msg = chat(&mut out, "same");
+        for _ in 0..3 {
+            out.send_to_member(addr(0), LocalId::ANY, msg.clone(), 0, 0);
+            out.send_to_member(peer.local_addr().unwrap(), LocalId::ANY, msg.clone(), 1, 0);
+        }
+        let mut metrics = Metrics::default();
+        let mut sender = Sender::new(65507);
+        sender.set_segmentation(true);
+        sender.send_all(&socket, &mut out, &mut Locals::default(), &mut metrics);
+        assert!(sender.segmenting());
+        assert_eq!(metrics.segmentation_refusals, 0);
+        assert_eq!(metrics.send_errors.get("other"), Some(&3));
+        assert_eq!((metrics.datagrams_sent, metrics.deliveries), (3, 3));
+        assert_eq!(metrics.datagrams_segmented, 3);
+        assert_eq!(texts_received(&peer, 3), ["same", "same", "same"]);
+    }
+
     #[test]
     fn deliveries_count_the_datagrams_that_left_not_a_prefix_of_the_plan() {
         // A destination the kernel refuses on its own (port 0: EINVAL) sits between a plain
@@ -497,6 +839,100 @@ mod tests {
         assert_eq!(metrics.send_errors.get("other"), Some(&1));
         // One plain message and three in the batch reached the kernel; the refused one did not.
         assert_eq!(metrics.deliveries, 4);
+    }
+
+    /// Each planned datagram: where it goes, its messages, and its segment size (0: alone).
+    fn segmenting(sender: &mut Sender, out: &Outbox) -> Vec<(u16, usize, u16)> {
+        sender.plan(out);
+        let _ = sender.gather(out, &Locals::default(), 0);
+        sender
+            .datagrams
+            .iter()
+            .zip(&sender.plan)
+            .map(|(datagram, planned)| (datagram.to.port(), planned.messages, datagram.segment))
+            .collect()
+    }
+
+    #[test]
+    fn a_members_equal_datagrams_go_as_one_segmented_send_up_to_a_shorter_one() {
+        let mut out = Outbox::default();
+        // Chat frames of 10 bytes, one of 7, two of 13.
+        let [a, b, c, e] = ["a", "b", "c", "e"].map(|t| chat(&mut out, &format!("{t}-------")));
+        let short = chat(&mut out, "d----");
+        let [f, g] = ["f", "g"].map(|t| chat(&mut out, &format!("{t}----------")));
+        let to_member = |out: &mut Outbox, port, msg: &Range<usize>| {
+            out.send_to_member(addr(port), LocalId::ANY, msg.clone(), u32::from(port), 0);
+        };
+        for msg in [&a, &b] {
+            to_member(&mut out, 1, msg);
+            to_member(&mut out, 2, msg);
+            out.send(addr(3), LocalId::ANY, msg.clone()); // not a member: alone
+        }
+        for msg in [&c, &short, &e, &f, &g] {
+            to_member(&mut out, 1, msg);
+        }
+        let (ten, seven, twelve) = (a.len() as u16, short.len() as u16, f.len() as u16);
+        assert_eq!((ten, seven, twelve), (10, 7, 13));
+        let mut sender = Sender::new(65507);
+        sender.set_segmentation(true);
+        assert_eq!(
+            segmenting(&mut sender, &out),
+            vec![
+                (1, 4, ten), // a b c and the shorter d, which ends it
+                (2, 2, ten),
+                (3, 1, 0),
+                (3, 1, 0),
+                (1, 1, 0),      // e alone: the send after d
+                (1, 2, twelve), // f g: longer, so a send of their own
+            ]
+        );
+        // Split as the kernel splits them, member 1 gets its datagrams in order.
+        let parts = sender.gather(&out, &Locals::default(), 0);
+        let mut to_one: Vec<Vec<u8>> = Vec::new();
+        for datagram in sender.datagrams.iter().filter(|d| d.to.port() == 1) {
+            let bytes: Vec<u8> = parts[datagram.runs.clone()]
+                .iter()
+                .flat_map(|run| run.to_vec())
+                .collect();
+            match usize::from(datagram.segment) {
+                0 => to_one.push(bytes),
+                size => to_one.extend(bytes.chunks(size).map(<[u8]>::to_vec)),
+            }
+        }
+        let sent: Vec<Vec<u8>> = [&a, &b, &c, &short, &e, &f, &g]
+            .map(|r| out.get(r.clone()).to_vec())
+            .to_vec();
+        assert_eq!(to_one, sent);
+        // Off: one datagram per message.
+        sender.set_segmentation(false);
+        assert!(segmenting(&mut sender, &out)
+            .iter()
+            .all(|&(_, n, s)| (n, s) == (1, 0)));
+    }
+
+    #[test]
+    fn segmented_sends_keep_to_the_kernels_limits_and_leave_batches_alone() {
+        let counts = |text_len: usize, count: usize, limit: u16| {
+            let mut out = Outbox::default();
+            let msg = chat(&mut out, &"x".repeat(text_len));
+            for _ in 0..count {
+                out.send_to_member(addr(1), LocalId::ANY, msg.clone(), 7, limit);
+            }
+            let mut sender = Sender::new(65507);
+            sender.set_segmentation(true);
+            segmenting(&mut sender, &out)
+                .into_iter()
+                .map(|(_, n, segment)| (n, segment))
+                .collect::<Vec<_>>()
+        };
+        // 100-byte datagrams: 64 a send, the kernel's most segments.
+        assert_eq!(counts(98, 70, 0), vec![(64, 100), (6, 100)]);
+        // 1232-byte datagrams: 53 a send (65,296 bytes; 54 would pass 65,507).
+        assert_eq!(counts(1230, 60, 0), vec![(53, 1232), (7, 1232)]);
+        // One byte longer than a minimum-MTU path takes: alone.
+        assert_eq!(counts(1231, 2, 0), vec![(1, 0), (1, 0)]);
+        // A member with batches gets a batch, not segments.
+        assert_eq!(counts(98, 3, 4096), vec![(3, 0)]);
     }
 
     /// Messages per datagram for one member with `limit`, under a daemon cap of `cap`, and
@@ -566,9 +1002,9 @@ mod tests {
         let runs: Vec<usize> = sender
             .plan
             .iter()
-            .map(|(_, _, b, _)| match b {
-                Bytes::Batch(i) => sender.batches[*i].runs.len(),
-                Bytes::Outbox(_) => 0,
+            .map(|planned| match planned.bytes {
+                Bytes::Batch(i) => sender.batches[i].runs.len(),
+                Bytes::Outbox(_) | Bytes::Segments(_) => 0,
             })
             .collect();
         assert_eq!(runs, vec![3, 1, 1, 3]);
@@ -622,10 +1058,13 @@ mod planned_against_push_batch_entry {
     use ucrp::delivery::Delivery;
 
     /// Random outboxes (empty, short and long payloads, members with and without batches,
-    /// moves within a pass): every batch is the frame begin_batch and push_batch_entry build
-    /// from its entries, within the cap, and each member gets its messages in order.
+    /// moves within a pass; segmenting on for odd seeds): every batch is the frame begin_batch
+    /// and push_batch_entry build from its entries, within the cap; every segmented send,
+    /// split as the kernel splits it, is its datagrams, within the kernel's limits; and each
+    /// member gets its messages in order.
     #[test]
     fn random_outboxes_plan_exact_bytes_in_order() {
+        let mut segmented_sends = 0;
         for seed in 0..500u64 {
             let mut rng = StdRng::seed_from_u64(seed);
             let mut out = Outbox::default();
@@ -663,11 +1102,13 @@ mod planned_against_push_batch_entry {
                 );
             }
             let mut sender = Sender::new(cap);
+            sender.set_segmentation(seed % 2 == 1);
             sender.plan(&out);
-            let parts = sender.gather(&out, &Locals::default());
+            let parts = sender.gather(&out, &Locals::default(), 0);
             let mut got: Vec<(u32, Vec<u8>)> = Vec::new();
             let mut total = 0;
-            for (datagram, (to2, _, _, n)) in sender.datagrams.iter().zip(&sender.plan) {
+            for (datagram, planned) in sender.datagrams.iter().zip(&sender.plan) {
+                let (to2, n) = (&planned.to, &planned.messages);
                 let (to, runs) = (&datagram.to, &datagram.runs);
                 assert_eq!(to, to2);
                 assert!(runs.len() <= mmsg::MAX_PARTS);
@@ -676,7 +1117,14 @@ mod planned_against_push_batch_entry {
                     .flat_map(|r| r.iter().copied())
                     .collect();
                 let member = ((to.port() - 100) / 2) as u32;
-                let frames: Vec<Vec<u8>> = if *n >= 2 {
+                let frames: Vec<Vec<u8>> = if datagram.segment > 0 {
+                    let size = usize::from(datagram.segment);
+                    assert!(size <= MAX_SEGMENT_BYTES, "seed {seed}");
+                    assert!(runs.len() <= mmsg::MAX_SEGMENTS, "seed {seed}");
+                    assert!(bytes.len() <= mmsg::MAX_SEGMENTED_BYTES, "seed {seed}");
+                    segmented_sends += 1;
+                    bytes.chunks(size).map(<[u8]>::to_vec).collect()
+                } else if *n >= 2 {
                     assert!(bytes.len() <= cap, "seed {seed}");
                     let Ok(Delivery::Batch(body)) = delivery::parse(&bytes) else {
                         panic!("seed {seed}: not a batch")
@@ -705,5 +1153,9 @@ mod planned_against_push_batch_entry {
                 assert_eq!(e, g, "seed {seed} member {m}");
             }
         }
+        assert!(
+            segmented_sends > 100,
+            "only {segmented_sends} segmented sends"
+        );
     }
 }

@@ -880,6 +880,44 @@ fn history_entries_carry_the_time_they_were_relayed() {
     );
 }
 
+/// Members without batches get a burst through segmented sends (`UDP_SEGMENT`): the same
+/// datagrams, one per message, in order; `udp.segment_sends` turns it off and on at a reload.
+#[test]
+fn plain_members_get_a_burst_through_segmented_sends_one_datagram_per_message() {
+    let config = |on: bool| format!("[udp]\nsegment_sends = {on}\n[rate]\nchat_per_sec = 0.0\n");
+    let d = Daemon::start_with(Options {
+        config: Some(config(true)),
+        metrics: true,
+        ..Options::default()
+    });
+    let host = Member::new(&d, "plain", &create(&d, "plain", "host"));
+    let bob = roomy(Member::new(&d, "plain", &join(&d, "plain", "bob")));
+    let carol = roomy(Member::new(&d, "plain", &join(&d, "plain", "carol")));
+    host.send("__REGISTER__");
+    bob.registered_with(&host, "bob");
+    carol.registered_with(&host, "carol");
+    let segmented = || d.metric("ocm_datagrams_segmented_total");
+    for (round, on) in [("a", true), ("b", false), ("c", true)] {
+        if round != "a" {
+            d.reload(&config(on));
+        }
+        let before = segmented();
+        let expected: Vec<String> = (0..120)
+            .map(|i| format!("{i:04} {}", "x".repeat(994)))
+            .collect();
+        for (sizes, texts) in burst(&d, &host, &[&bob, &carol], round, 120) {
+            assert_eq!(texts, expected, "{round}: every message, in order");
+            // One message a datagram: "host" and a 1000-byte text, as the original frame.
+            assert_eq!(sizes, vec![1 + 4 + 1000; 120], "{round}");
+        }
+        // All 120 were relayed in one pass: each member's went in two segmented sends (64
+        // and 56 datagrams: the kernel's most segments), or none at all.
+        let expected_segmented = if on { 240.0 } else { 0.0 };
+        assert_eq!(segmented() - before, expected_segmented, "{round}");
+    }
+    assert_eq!(d.metric("ocm_udp_segmentation_refusals_total"), 0.0);
+}
+
 /// Gives a test member a 2 MiB receive buffer: a burst for it waits in the kernel while
 /// another member's is read.
 fn roomy(m: Member) -> Member {

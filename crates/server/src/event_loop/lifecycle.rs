@@ -1,11 +1,13 @@
 //! The daemon's lifecycle inside the loop: signals, configuration reload (SIGHUP) and the
 //! orderly shutdown (SIGTERM, SIGINT).
 
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
+use super::setup::segmentation;
 use super::{ConnId, Server};
 use crate::config::{self, Config};
 use crate::error::Error;
@@ -117,6 +119,8 @@ impl Server {
                 new.udp.send_buffer_bytes = self.config.udp.send_buffer_bytes;
                 self.registry.set_limits(new.registry_limits());
                 self.sender.set_max_batch(new.udp.max_batch_datagram_bytes);
+                self.sender
+                    .set_segmentation(segmentation(&new, self.udp.as_raw_fd()));
                 // Shorter periods apply now, not after the sweep or checkpoint already due.
                 let now = Instant::now();
                 let sweep = Duration::from_millis(new.liveness.sweep_interval_ms);

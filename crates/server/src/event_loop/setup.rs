@@ -2,7 +2,7 @@
 //! tuned, the writer and password threads started.
 
 use std::collections::HashMap;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -117,6 +117,8 @@ impl Server {
             sndbuf,
             "net.core.wmem_max",
         );
+        let mut sender = udp::Sender::new(config.udp.max_batch_datagram_bytes);
+        sender.set_segmentation(segmentation(&config, udp.as_raw_fd()));
         if let Err(e) = mmsg::enable_timestamps(udp.as_raw_fd()) {
             warn!(
                 "UDP arrival timestamps unavailable ({e}); ocm_relay_delay_seconds stays empty \
@@ -203,7 +205,7 @@ impl Server {
             kernel_drops_logged: 0,
             kernel_drops: udp::KernelDrops::default(),
             next_sweep: now + Duration::from_millis(config.liveness.sweep_interval_ms),
-            sender: udp::Sender::new(config.udp.max_batch_datagram_bytes),
+            sender,
             config,
             config_path,
             file_config,
@@ -243,6 +245,22 @@ impl Server {
 /// it caps the request at the `sysctl`'s value, silently. Linux reports twice the room it
 /// grants (the other half covers its bookkeeping), so `granted` is below twice `asked`
 /// exactly when the request was capped.
+/// Whether segmented sends are on: asked for by `config` and possible on the socket `fd`.
+/// Says so when asked for but not possible.
+pub(super) fn segmentation(config: &Config, fd: RawFd) -> bool {
+    if !config.udp.segment_sends {
+        return false;
+    }
+    let possible = mmsg::can_segment(fd);
+    if !possible {
+        info!(
+            "UDP: this kernel cannot segment sends (UDP_SEGMENT, Linux 4.18); udp.segment_sends \
+             has no effect, one datagram per message"
+        );
+    }
+    possible
+}
+
 fn warn_if_capped(what: &str, key: &str, asked: usize, granted: usize, sysctl: &str) {
     if asked == 0 || granted >= asked.saturating_mul(2) {
         return;
