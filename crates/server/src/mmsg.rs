@@ -418,7 +418,8 @@ pub struct Sent {
 pub struct SendScratch {
     addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)>,
     /// Each header's control messages: its segment size first, then its source address; the
-    /// byte where the source begins (0: not segmented) and where it ends (0: neither).
+    /// byte where the source begins (0: not segmented) and where the messages end (the same:
+    /// no source, or no longer).
     controls: Vec<([u64; SEND_CONTROL_WORDS], usize, usize)>,
     msgs: Vec<libc::mmsghdr>,
     /// For each header in `msgs`, its datagram's index in the call's `datagrams`.
@@ -471,22 +472,26 @@ pub fn send(
         scratch.controls.clear();
         scratch.indices.clear();
         for (i, datagram) in chunk.iter().enumerate() {
-            if runs(&datagram.runs).is_some() {
-                scratch.addrs.push(to_storage(&datagram.to));
-                let mut control = [0; SEND_CONTROL_WORDS];
-                let source_at = match datagram.segment {
-                    0 => 0,
-                    size => put_control(&mut control, 0, libc::SOL_UDP, libc::UDP_SEGMENT, size)
-                        .unwrap_or(0),
-                };
-                let end = datagram.from.map_or(source_at, |from| {
-                    source_control(&datagram.to, &from, &mut control, source_at)
-                });
-                scratch.controls.push((control, source_at, end));
-                scratch.indices.push(first + i);
-            } else {
-                scratch.failed.push(first + i);
-                result.failed += 1;
+            let mut control = [0; SEND_CONTROL_WORDS];
+            // A segment size that did not fit would send the datagrams as one: fail instead
+            // (it always fits: the buffer is sized for it).
+            let source_at = match datagram.segment {
+                0 => Some(0),
+                size => put_control(&mut control, 0, libc::SOL_UDP, libc::UDP_SEGMENT, size),
+            };
+            match (runs(&datagram.runs), source_at) {
+                (Some(_), Some(source_at)) => {
+                    scratch.addrs.push(to_storage(&datagram.to));
+                    let end = datagram.from.map_or(source_at, |from| {
+                        source_control(&datagram.to, &from, &mut control, source_at)
+                    });
+                    scratch.controls.push((control, source_at, end));
+                    scratch.indices.push(first + i);
+                }
+                _ => {
+                    scratch.failed.push(first + i);
+                    result.failed += 1;
+                }
             }
         }
         // `addrs` is complete: the headers may now point into it, each through its element's
@@ -544,31 +549,44 @@ pub fn send(
                     scratch.failed.sort_unstable();
                     return result;
                 }
-                // A segmented datagram refused (a path MTU below its segments, a kernel that
-                // cannot checksum it, or its destination's own fault): stop here, so that the
-                // caller sends the rest again one datagram per message, in order.
-                _ if scratch.controls[done].1 > 0 => {
-                    let errno = err.raw_os_error().unwrap_or(0);
-                    result.refused_segmented = Some((scratch.indices[done], errno));
-                    scratch.failed.retain(|&i| i < scratch.indices[done]);
-                    result.failed = scratch.failed.len();
-                    scratch.failed.sort_unstable();
-                    return result;
-                }
                 // Refused with the source it names (EINVAL for IPv6, ENETUNREACH for IPv4 when
                 // the address is no longer the host's; ENODEV when a link-local source's
                 // interface is gone, or was saved before a reboot renumbered the interfaces):
-                // send it once more without, and name it if that goes through.
-                _ if !scratch.msgs[done].msg_hdr.msg_control.is_null()
+                // send it once more without (keeping a segment size), and name it if that goes
+                // through.
+                _ if scratch.controls[done].2 > scratch.controls[done].1
                     && matches!(
                         err.raw_os_error(),
                         Some(libc::EINVAL | libc::ENETUNREACH | libc::EADDRNOTAVAIL | libc::ENODEV)
                     ) =>
                 {
+                    let (_, segment_len, end) = &mut scratch.controls[done];
+                    *end = *segment_len;
+                    let segment_len = *segment_len;
                     let hdr = &mut scratch.msgs[done].msg_hdr;
-                    hdr.msg_control = std::ptr::null_mut();
-                    hdr.msg_controllen = 0;
+                    hdr.msg_controllen = segment_len as _;
+                    if segment_len == 0 {
+                        hdr.msg_control = std::ptr::null_mut();
+                    }
                     scratch.refused_sources.push(scratch.indices[done]);
+                }
+                // A segmented datagram refused (a path MTU below its segments, an IPsec
+                // policy, a firewall, or a destination refused whatever it is sent): stop
+                // here, so that the caller sends the rest again one datagram per message, in
+                // order. A source refused on the way is not proven at fault. (The socket has no
+                // IP_RECVERR, so a send the kernel took is never reported failed afterwards: the
+                // retry cannot send a datagram twice.)
+                _ if scratch.controls[done].1 > 0 => {
+                    let index = scratch.indices[done];
+                    if scratch.refused_sources.last() == Some(&index) {
+                        scratch.refused_sources.pop();
+                    }
+                    let errno = err.raw_os_error().unwrap_or(0);
+                    result.refused_segmented = Some((index, errno));
+                    scratch.failed.retain(|&i| i < index);
+                    result.failed = scratch.failed.len();
+                    scratch.failed.sort_unstable();
+                    return result;
                 }
                 // The first datagram of the rest failed on its own (e.g. unreachable): skip it.
                 _ => {

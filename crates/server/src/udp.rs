@@ -1,11 +1,13 @@
 //! The UDP socket: buffer sizing, sending an [`Outbox`] (packing batch-capable recipients'
 //! messages into batch frames, `sendmmsg` underneath), and reading the kernel's drop count.
 
+use std::collections::HashMap;
 use std::io::{self, IoSlice};
 use std::mem;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
 
 use mio::net::UdpSocket;
 use ucrp::delivery;
@@ -52,6 +54,14 @@ pub const MAX_SEGMENT_BYTES: usize = 1232;
 // A segment size goes to the kernel as a u16.
 const _: () = assert!(MAX_SEGMENT_BYTES <= u16::MAX as usize);
 
+/// How long a destination whose segmented send the kernel refused, but whose datagrams it took
+/// one at a time, gets one datagram per send: the kernel's default lifetime of a path MTU it
+/// learned (`net.ipv4.route.mtu_expires`), the likeliest cause.
+pub const UNSEGMENTED_FOR: Duration = Duration::from_secs(600);
+
+/// Most destinations remembered so; past it, the memory starts over.
+const MAX_UNSEGMENTED: usize = 4096;
+
 /// Sends everything in an [`Outbox`]. Messages for a batch-capable member in the same pass
 /// are packed into batch frames, never delayed: only what is already in the outbox is packed,
 /// and a "batch" of one leaves as the plain frame. A batch frame is never larger than the
@@ -73,6 +83,11 @@ pub struct Sender {
     max_batch: usize,
     /// Whether a member's equal-length datagrams go as one segmented send.
     segmenting: bool,
+    /// Destinations that get one datagram per send until the time given (see
+    /// [`UNSEGMENTED_FOR`]).
+    unsegmented: HashMap<SocketAddr, Instant>,
+    /// Whether a refusal was logged at level warn (later ones go to debug).
+    refusal_logged: bool,
     /// Datagrams to send, in order.
     plan: Vec<Planned>,
     /// Batch frames being planned, reused between passes.
@@ -172,11 +187,6 @@ impl Sender {
         self.segmenting = on;
     }
 
-    /// Whether segmented sends are on: set so, and not refused by the kernel since.
-    pub fn segmenting(&self) -> bool {
-        self.segmenting
-    }
-
     /// Sends and clears `outbox`; each datagram leaves from the address of `locals` its send
     /// names, and an address the kernel refuses as a source is retired.
     pub fn send_all(
@@ -197,24 +207,18 @@ impl Sender {
                 // destination.
                 let first_left =
                     sent.sent + sent.failed > 0 && self.scratch.failed().first() != Some(&0);
-                if first_left && self.segmenting {
-                    self.segmenting = false;
-                    metrics.segmentation_refusals += 1;
-                    log::warn!(
-                        "UDP: the kernel refused a segmented send ({}) but took its datagrams \
-                         one at a time; sending one datagram per message from now on (a reload \
-                         turns udp.segment_sends on again)",
-                        io::Error::from_raw_os_error(errno)
-                    );
+                if let (true, Some(planned)) = (first_left, self.plan.get(start)) {
+                    let to = planned.to;
+                    self.refused_for(to, errno, metrics);
                 }
             }
             let Some((refused, errno)) = sent.refused_segmented else {
                 break;
             };
             // The kernel refused a segmented send, and nothing after it went. Its datagrams go
-            // again one apiece, in order; the rest of the plan too once segmenting is off.
+            // again one apiece, in order, and the rest after them.
             start += refused;
-            self.unsegment(start, !self.segmenting);
+            self.unsegment(start);
             retrying = Some(errno);
         }
         outbox.clear();
@@ -242,34 +246,7 @@ impl Sender {
         );
         drop(parts);
         let plan = &self.plan[start..];
-        let failed = self.scratch.failed();
-        // They go in order up to a full send buffer, but one refused on its own (an
-        // unroutable or forbidden address) leaves a hole that those after it do not fill.
-        let tried = sent.sent + sent.failed;
-        let mut refused = failed.iter().copied().peekable();
-        for (i, planned) in plan.iter().enumerate().take(tried) {
-            if refused.next_if_eq(&i).is_some() {
-                continue;
-            }
-            let datagrams = planned.datagrams() as u64;
-            metrics.datagrams_sent += datagrams;
-            metrics.deliveries += planned.messages as u64;
-            if datagrams > 1 {
-                metrics.datagrams_segmented += datagrams;
-            }
-        }
-        if sent.would_block > 0 {
-            let dropped: usize = plan.iter().skip(tried).map(Planned::datagrams).sum();
-            *metrics.send_errors.entry("would_block").or_insert(0) += dropped as u64;
-        }
-        if sent.failed > 0 {
-            let dropped: usize = failed
-                .iter()
-                .filter_map(|&i| plan.get(i))
-                .map(Planned::datagrams)
-                .sum();
-            *metrics.send_errors.entry("other").or_insert(0) += dropped as u64;
-        }
+        count(plan, &sent, self.scratch.failed(), metrics);
         for &i in self.scratch.refused_sources() {
             if let Some(planned) = plan.get(i) {
                 locals.retire(planned.from);
@@ -278,13 +255,55 @@ impl Sender {
         sent
     }
 
-    /// Replaces the segmented send at `at` in the plan by its datagrams, one apiece, and every
-    /// later one too when `all`.
-    fn unsegment(&mut self, at: usize, all: bool) {
+    /// Remembers that the kernel refused a segmented send to `to` and took its datagrams one
+    /// at a time: a path MTU below the segments (learned, perhaps from a forged ICMP message),
+    /// an IPsec policy or a firewall rule for that destination. It gets one datagram per send
+    /// for [`UNSEGMENTED_FOR`]; the others keep their segmented sends.
+    fn refused_for(&mut self, to: SocketAddr, errno: i32, metrics: &mut Metrics) {
+        let now = Instant::now();
+        if self.unsegmented.len() >= MAX_UNSEGMENTED {
+            self.unsegmented.retain(|_, until| *until > now);
+            if self.unsegmented.len() >= MAX_UNSEGMENTED {
+                self.unsegmented.clear();
+            }
+        }
+        if self.unsegmented.insert(to, now + UNSEGMENTED_FOR).is_some() {
+            return;
+        }
+        metrics.segmentation_refusals += 1;
+        let err = io::Error::from_raw_os_error(errno);
+        if mem::replace(&mut self.refusal_logged, true) {
+            log::debug!("UDP: segmented sends to {to} refused ({err}); one datagram per send");
+        } else {
+            log::warn!(
+                "UDP: the kernel refused a segmented send to {to} ({err}) but took its \
+                 datagrams one at a time; {to} gets one datagram per send for {} minutes \
+                 (further refusals are logged at debug level and counted in \
+                 ocm_udp_segmentation_refusals_total)",
+                UNSEGMENTED_FOR.as_secs() / 60
+            );
+        }
+    }
+
+    /// Whether datagrams to `to` may go as segmented sends at `now` (`None`: no destination
+    /// is kept from them).
+    fn segments_to(&mut self, to: &SocketAddr, now: Option<Instant>) -> bool {
+        let (Some(now), Some(&until)) = (now, self.unsegmented.get(to)) else {
+            return true;
+        };
+        if now < until {
+            return false;
+        }
+        self.unsegmented.remove(to);
+        true
+    }
+
+    /// Replaces the segmented send at `at` in the plan by its datagrams, one apiece.
+    fn unsegment(&mut self, at: usize) {
         let rest = self.plan.split_off(at.min(self.plan.len()));
         for (i, planned) in rest.into_iter().enumerate() {
             match planned.bytes {
-                Bytes::Segments(g) if i == 0 || all => {
+                Bytes::Segments(g) if i == 0 => {
                     self.plan
                         .extend(self.groups[g].runs.iter().map(|run| Planned {
                             bytes: Bytes::Outbox(run.clone()),
@@ -394,6 +413,8 @@ impl Sender {
                 *open = 0;
             }
         }
+        // The clock is read only when some destination is kept from segmented sends.
+        let now = (!self.unsegmented.is_empty()).then(Instant::now);
         for send in &outbox.sends {
             let limit = usize::from(send.batch_limit).min(self.max_batch);
             match (send.member, outbox.entry_of(send)) {
@@ -403,7 +424,8 @@ impl Sender {
                 (Some(slot), _)
                     if self.segmenting
                         && send.batch_limit == 0
-                        && (1..=MAX_SEGMENT_BYTES).contains(&send.bytes.len()) =>
+                        && (1..=MAX_SEGMENT_BYTES).contains(&send.bytes.len())
+                        && self.segments_to(&send.to, now) =>
                 {
                     self.plan_segmented(send, slot)
                 }
@@ -500,6 +522,38 @@ impl Planned {
             Bytes::Segments(_) => self.messages,
             Bytes::Outbox(_) | Bytes::Batch(_) => 1,
         }
+    }
+}
+
+/// Counts in `metrics` what one [`mmsg::send`] of `plan` did: `sent`, with the indices in
+/// `plan` of the entries that failed on their own (ascending).
+fn count(plan: &[Planned], sent: &mmsg::Sent, failed: &[usize], metrics: &mut Metrics) {
+    // They go in order up to a full send buffer, but one refused on its own (an unroutable
+    // or forbidden address) leaves a hole that those after it do not fill.
+    let tried = sent.sent + sent.failed;
+    let mut refused = failed.iter().copied().peekable();
+    for (i, planned) in plan.iter().enumerate().take(tried) {
+        if refused.next_if_eq(&i).is_some() {
+            continue;
+        }
+        let datagrams = planned.datagrams() as u64;
+        metrics.datagrams_sent += datagrams;
+        metrics.deliveries += planned.messages as u64;
+        if datagrams > 1 {
+            metrics.datagrams_segmented += datagrams;
+        }
+    }
+    if sent.would_block > 0 {
+        let dropped: usize = plan.iter().skip(tried).map(Planned::datagrams).sum();
+        *metrics.send_errors.entry("would_block").or_insert(0) += dropped as u64;
+    }
+    if sent.failed > 0 {
+        let dropped: usize = failed
+            .iter()
+            .filter_map(|&i| plan.get(i))
+            .map(Planned::datagrams)
+            .sum();
+        *metrics.send_errors.entry("other").or_insert(0) += dropped as u64;
     }
 }
 
@@ -715,25 +769,33 @@ mod tests {
         }
     }
 
-    /// A socket whose segmented sends the kernel refuses (it sends without UDP checksums,
-    /// which segmenting needs), and a peer with room for many small datagrams.
-    fn refusing_socket_and_peer() -> Option<(UdpSocket, std::net::UdpSocket)> {
-        let socket = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    /// A socket bound to the wildcard address (so that sources matter), whose segmented sends
+    /// the kernel refuses when `refusing` (it sends without UDP checksums, which segmenting
+    /// needs); `None` on a kernel that cannot segment.
+    fn segmenting_socket(refusing: bool) -> Option<UdpSocket> {
+        let socket = UdpSocket::bind("0.0.0.0:0".parse().unwrap()).unwrap();
         if !mmsg::can_segment(socket.as_raw_fd()) {
             eprintln!("skipped: this kernel cannot segment UDP sends");
             return None;
         }
-        crate::sockopt::set_int(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NO_CHECK, 1)
-            .unwrap();
+        if refusing {
+            let fd = socket.as_raw_fd();
+            crate::sockopt::set_int(fd, libc::SOL_SOCKET, libc::SO_NO_CHECK, 1).unwrap();
+        }
+        Some(socket)
+    }
+
+    /// A loopback peer with room for many small datagrams.
+    fn peer() -> std::net::UdpSocket {
         let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let _ =
             crate::sockopt::set_int(peer.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, 1 << 20);
         peer.set_read_timeout(Some(std::time::Duration::from_secs(10)))
             .unwrap();
-        Some((socket, peer))
+        peer
     }
 
-    /// What `peer` has received, `count` datagrams.
+    /// The texts of the next `count` datagrams `peer` receives.
     fn texts_received(peer: &std::net::UdpSocket, count: usize) -> Vec<String> {
         let mut buf = [0u8; 2048];
         (0..count)
@@ -744,79 +806,167 @@ mod tests {
             .collect()
     }
 
-    /// A segmented send the kernel refuses but whose datagrams it takes one at a time: they
-    /// and everything after them leave one apiece, in order, and segmenting stops (counted).
+    /// A source address the host does not have.
+    fn gone_source(locals: &mut Locals) -> LocalId {
+        locals.id(Some(crate::local::LocalAddr {
+            ip: std::net::IpAddr::from([192, 0, 2, 77]),
+            ifindex: 0,
+        }))
+    }
+
+    /// Segmented sends the kernel refuses but whose datagrams it takes one at a time: they
+    /// and everything after them leave in order, and each destination refused gets one
+    /// datagram per send from then on (counted once), while sources retired on the retry are
+    /// the right ones.
     #[test]
-    fn a_segmented_send_the_kernel_refuses_goes_one_datagram_at_a_time_and_segmenting_stops() {
-        let Some((socket, peer)) = refusing_socket_and_peer() else {
+    fn a_destination_whose_segmented_send_is_refused_gets_one_datagram_per_send() {
+        let Some(socket) = segmenting_socket(true) else {
             return;
         };
-        let to = peer.local_addr().unwrap();
+        let (a, b) = (peer(), peer());
+        let (to_a, to_b) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+        let mut locals = Locals::default();
+        let gone = gone_source(&mut locals);
         let mut out = Outbox::default();
         let messages: Vec<Range<usize>> =
             (0..5).map(|i| chat(&mut out, &format!("m{i}"))).collect();
         let first = chat(&mut out, "first");
-        out.send(to, LocalId::ANY, first);
+        out.send(to_a, LocalId::ANY, first.clone());
         for (i, msg) in messages.iter().enumerate() {
-            // Two members at one address: 0 gets m0 m1 m2, 1 gets m3 m4.
-            out.send_to_member(to, LocalId::ANY, msg.clone(), u32::from(i >= 3), 0);
+            // Member 0 at a gets m0 m1 m2, member 1 at b gets m3 m4.
+            let (to, member) = if i < 3 { (to_a, 0) } else { (to_b, 1) };
+            out.send_to_member(to, LocalId::ANY, msg.clone(), member, 0);
+        }
+        // After both refusals, from a source the host does not have: retired, so it leaves
+        // from the address the route picks.
+        out.send(to_b, gone, first);
+        let mut metrics = Metrics::default();
+        let mut sender = Sender::new(65507);
+        sender.set_segmentation(true);
+        sender.send_all(&socket, &mut out, &mut locals, &mut metrics);
+        assert_eq!(metrics.segmentation_refusals, 2);
+        assert_eq!((metrics.datagrams_sent, metrics.deliveries), (7, 7));
+        assert_eq!(metrics.datagrams_segmented, 0);
+        assert!(metrics.send_errors.is_empty(), "{:?}", metrics.send_errors);
+        assert_eq!(locals.get(gone), None, "the refused source is retired");
+        assert_eq!(texts_received(&a, 4), ["first", "m0", "m1", "m2"]);
+        assert_eq!(texts_received(&b, 3), ["m3", "m4", "first"]);
+        // The next pass plans one datagram per message for them, without a refusal.
+        let again = chat(&mut out, "again");
+        for _ in 0..2 {
+            out.send_to_member(to_a, LocalId::ANY, again.clone(), 0, 0);
+        }
+        assert_eq!(segmenting(&mut sender, &out), vec![(to_a.port(), 1, 0); 2]);
+        sender.send_all(&socket, &mut out, &mut locals, &mut metrics);
+        assert_eq!(
+            (metrics.datagrams_sent, metrics.segmentation_refusals),
+            (9, 2)
+        );
+        assert_eq!(texts_received(&a, 2), ["again", "again"]);
+        // Once the time is up, a destination gets segmented sends again.
+        let again = chat(&mut out, "again");
+        for _ in 0..2 {
+            out.send_to_member(to_a, LocalId::ANY, again.clone(), 0, 0);
+        }
+        let until = Instant::now() - Duration::from_secs(1);
+        sender.unsegmented.insert(to_a, until);
+        assert_eq!(segmenting(&mut sender, &out), vec![(to_a.port(), 2, 7)]);
+        assert!(!sender.unsegmented.contains_key(&to_a));
+    }
+
+    /// A segmented send from a source the host no longer has: the source is dropped and
+    /// retired, and the datagrams still go as one segmented send.
+    #[test]
+    fn a_segmented_send_from_a_source_gone_keeps_its_segments() {
+        let Some(socket) = segmenting_socket(false) else {
+            return;
+        };
+        let a = peer();
+        let mut locals = Locals::default();
+        let gone = gone_source(&mut locals);
+        let mut out = Outbox::default();
+        let msg = chat(&mut out, "same");
+        for _ in 0..3 {
+            out.send_to_member(a.local_addr().unwrap(), gone, msg.clone(), 0, 0);
         }
         let mut metrics = Metrics::default();
         let mut sender = Sender::new(65507);
         sender.set_segmentation(true);
-        sender.send_all(&socket, &mut out, &mut Locals::default(), &mut metrics);
-        assert!(!sender.segmenting());
-        assert_eq!(metrics.segmentation_refusals, 1);
-        assert_eq!((metrics.datagrams_sent, metrics.deliveries), (6, 6));
-        assert_eq!(metrics.datagrams_segmented, 0);
-        assert!(metrics.send_errors.is_empty(), "{:?}", metrics.send_errors);
+        sender.send_all(&socket, &mut out, &mut locals, &mut metrics);
+        assert_eq!(locals.get(gone), None);
+        assert_eq!(metrics.segmentation_refusals, 0);
+        assert!(sender.unsegmented.is_empty());
         assert_eq!(
-            texts_received(&peer, 6),
-            ["first", "m0", "m1", "m2", "m3", "m4"]
+            (metrics.datagrams_sent, metrics.datagrams_segmented),
+            (3, 3)
         );
-        // The next pass plans one datagram per message from the start.
-        let again = chat(&mut out, "again");
-        for _ in 0..2 {
-            out.send_to_member(to, LocalId::ANY, again.clone(), 0, 0);
-        }
-        sender.send_all(&socket, &mut out, &mut Locals::default(), &mut metrics);
-        assert_eq!(
-            (metrics.datagrams_sent, metrics.segmentation_refusals),
-            (8, 1)
-        );
-        assert_eq!(texts_received(&peer, 2), ["again", "again"]);
+        assert_eq!(texts_received(&a, 3), ["same", "same", "same"]);
     }
 
     /// A segmented send refused for its destination (port 0), whose datagrams are refused one
-    /// apiece too: they count as send errors, and segmenting goes on for the others.
+    /// apiece too: they count as send errors, and the destination is not kept from segmented
+    /// sends, nor anyone else.
     #[test]
     fn a_segmented_send_refused_for_its_destination_leaves_segmenting_on() {
-        let Ok(socket) = UdpSocket::bind("127.0.0.1:0".parse().unwrap()) else {
+        let Some(socket) = segmenting_socket(false) else {
             return;
         };
-        if !mmsg::can_segment(socket.as_raw_fd()) {
-            eprintln!("skipped: this kernel cannot segment UDP sends");
-            return;
-        }
-        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        peer.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-            .unwrap();
+        let a = peer();
         let mut out = Outbox::default();
         let msg = chat(&mut out, "same");
         for _ in 0..3 {
             out.send_to_member(addr(0), LocalId::ANY, msg.clone(), 0, 0);
-            out.send_to_member(peer.local_addr().unwrap(), LocalId::ANY, msg.clone(), 1, 0);
+            out.send_to_member(a.local_addr().unwrap(), LocalId::ANY, msg.clone(), 1, 0);
         }
         let mut metrics = Metrics::default();
         let mut sender = Sender::new(65507);
         sender.set_segmentation(true);
         sender.send_all(&socket, &mut out, &mut Locals::default(), &mut metrics);
-        assert!(sender.segmenting());
+        assert!(sender.unsegmented.is_empty());
         assert_eq!(metrics.segmentation_refusals, 0);
         assert_eq!(metrics.send_errors.get("other"), Some(&3));
         assert_eq!((metrics.datagrams_sent, metrics.deliveries), (3, 3));
         assert_eq!(metrics.datagrams_segmented, 3);
-        assert_eq!(texts_received(&peer, 3), ["same", "same", "same"]);
+        assert_eq!(texts_received(&a, 3), ["same", "same", "same"]);
+    }
+
+    /// Sends that do not leave are counted in datagrams, whatever carried them: a segmented
+    /// send of three that failed, and a full buffer before a batch of five and a segmented
+    /// send of two.
+    #[test]
+    fn what_did_not_leave_is_counted_in_datagrams() {
+        let planned = |bytes, messages| Planned {
+            to: addr(1),
+            from: LocalId::ANY,
+            bytes,
+            messages,
+        };
+        let plan = [
+            planned(Bytes::Outbox(0..1), 1),
+            planned(Bytes::Segments(0), 3),
+            planned(Bytes::Batch(0), 5),
+            planned(Bytes::Segments(1), 2),
+        ];
+        let sent = mmsg::Sent {
+            sent: 1,
+            failed: 1,
+            would_block: 2,
+            refused_segmented: None,
+        };
+        let mut metrics = Metrics::default();
+        count(&plan, &sent, &[1], &mut metrics);
+        assert_eq!((metrics.datagrams_sent, metrics.deliveries), (1, 1));
+        assert_eq!(metrics.send_errors.get("other"), Some(&3));
+        assert_eq!(metrics.send_errors.get("would_block"), Some(&3));
+        // All of it left: the segmented sends' datagrams are counted as such.
+        let sent = mmsg::Sent {
+            sent: 4,
+            ..mmsg::Sent::default()
+        };
+        let mut metrics = Metrics::default();
+        count(&plan, &sent, &[], &mut metrics);
+        assert_eq!((metrics.datagrams_sent, metrics.deliveries), (7, 11));
+        assert_eq!(metrics.datagrams_segmented, 5);
     }
 
     #[test]

@@ -241,10 +241,6 @@ impl Server {
     }
 }
 
-/// Says (level warn) when the kernel granted a UDP buffer smaller than `[udp] key` asked for:
-/// it caps the request at the `sysctl`'s value, silently. Linux reports twice the room it
-/// grants (the other half covers its bookkeeping), so `granted` is below twice `asked`
-/// exactly when the request was capped.
 /// Whether segmented sends are on: asked for by `config` and possible on the socket `fd`.
 /// Says so when asked for but not possible.
 pub(super) fn segmentation(config: &Config, fd: RawFd) -> bool {
@@ -261,6 +257,10 @@ pub(super) fn segmentation(config: &Config, fd: RawFd) -> bool {
     possible
 }
 
+/// Says (level warn) when the kernel granted a UDP buffer smaller than `[udp] key` asked for:
+/// it caps the request at the `sysctl`'s value, silently. Linux reports twice the room it
+/// grants (the other half covers its bookkeeping), so `granted` is below twice `asked`
+/// exactly when the request was capped.
 fn warn_if_capped(what: &str, key: &str, asked: usize, granted: usize, sysctl: &str) {
     if asked == 0 || granted >= asked.saturating_mul(2) {
         return;
