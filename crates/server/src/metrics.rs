@@ -44,8 +44,9 @@ pub struct Metrics {
     pub deliveries: u64,
     /// Datagrams sent as part of a segmented send (`UDP_SEGMENT`), among `datagrams_sent`.
     pub datagrams_segmented: u64,
-    /// Destinations whose segmented send the kernel refused but whose datagrams it took one
-    /// at a time; each gets one datagram per send for a while (`udp::UNSEGMENTED_FOR`).
+    /// Destination IP addresses whose segmented send the kernel refused but whose datagrams
+    /// it took one at a time; each gets one datagram per send for a while
+    /// (`udp::UNSEGMENTED_FOR`).
     pub segmentation_refusals: u64,
     /// Datagrams dropped, by reason.
     pub datagrams_dropped: BTreeMap<&'static str, u64>,
@@ -233,7 +234,7 @@ impl Metrics {
             ),
             (
                 "ocm_udp_segmentation_refusals_total",
-                "Destinations whose segmented send the kernel refused but whose datagrams it took one at a time; each gets one datagram per send for 10 minutes.",
+                "Destination IP addresses whose segmented send the kernel refused but whose datagrams it took one at a time; each gets one datagram per send for 10 minutes.",
                 self.segmentation_refusals as f64,
             ),
             (

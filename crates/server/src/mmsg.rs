@@ -419,7 +419,7 @@ pub struct SendScratch {
     addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)>,
     /// Each header's control messages: its segment size first, then its source address; the
     /// byte where the source begins (0: not segmented) and where the messages end (the same:
-    /// no source, or no longer).
+    /// no source).
     controls: Vec<([u64; SEND_CONTROL_WORDS], usize, usize)>,
     msgs: Vec<libc::mmsghdr>,
     /// For each header in `msgs`, its datagram's index in the call's `datagrams`.
@@ -442,6 +442,13 @@ impl SendScratch {
     pub fn refused_sources(&self) -> &[usize] {
         &self.refused_sources
     }
+}
+
+/// A header's control-message length as a `usize` (a `size_t` on glibc, a `socklen_t` on
+/// musl).
+#[allow(clippy::unnecessary_cast)]
+fn control_len(hdr: &libc::msghdr) -> usize {
+    hdr.msg_controllen as usize
 }
 
 /// Most byte runs one datagram may be gathered from (the kernel's `UIO_MAXIOV`).
@@ -553,16 +560,18 @@ pub fn send(
                 // the address is no longer the host's; ENODEV when a link-local source's
                 // interface is gone, or was saved before a reboot renumbered the interfaces):
                 // send it once more without (keeping a segment size), and name it if that goes
-                // through.
-                _ if scratch.controls[done].2 > scratch.controls[done].1
+                // through. A segmented send's EINVAL may be the segments' fault instead: the
+                // arm below takes it, and the datagrams sent again one apiece tell which.
+                _ if control_len(&scratch.msgs[done].msg_hdr) > scratch.controls[done].1
                     && matches!(
                         err.raw_os_error(),
-                        Some(libc::EINVAL | libc::ENETUNREACH | libc::EADDRNOTAVAIL | libc::ENODEV)
-                    ) =>
+                        Some(libc::ENETUNREACH | libc::EADDRNOTAVAIL | libc::ENODEV)
+                    )
+                    || (scratch.controls[done].1 == 0
+                        && err.raw_os_error() == Some(libc::EINVAL)
+                        && !scratch.msgs[done].msg_hdr.msg_control.is_null()) =>
                 {
-                    let (_, segment_len, end) = &mut scratch.controls[done];
-                    *end = *segment_len;
-                    let segment_len = *segment_len;
+                    let segment_len = scratch.controls[done].1;
                     let hdr = &mut scratch.msgs[done].msg_hdr;
                     hdr.msg_controllen = segment_len as _;
                     if segment_len == 0 {
@@ -571,12 +580,23 @@ pub fn send(
                     scratch.refused_sources.push(scratch.indices[done]);
                 }
                 // A segmented datagram refused (a path MTU below its segments, an IPsec
-                // policy, a firewall, or a destination refused whatever it is sent): stop
-                // here, so that the caller sends the rest again one datagram per message, in
-                // order. A source refused on the way is not proven at fault. (The socket has no
-                // IP_RECVERR, so a send the kernel took is never reported failed afterwards: the
-                // retry cannot send a datagram twice.)
-                _ if scratch.controls[done].1 > 0 => {
+                // policy, a firewall): stop here, so that the caller sends the rest again one
+                // datagram per message, in order. A source refused on the way is not proven at
+                // fault. (The socket has no IP_RECVERR, so a send the kernel took is never
+                // reported failed afterwards: the retry cannot send a datagram twice.) A lack
+                // of memory is no refusal: the datagrams are dropped, as any others would be.
+                _ if scratch.controls[done].1 > 0
+                    && matches!(
+                        err.raw_os_error(),
+                        Some(
+                            libc::EINVAL
+                                | libc::EMSGSIZE
+                                | libc::EIO
+                                | libc::EPERM
+                                | libc::EOPNOTSUPP
+                        )
+                    ) =>
+                {
                     let index = scratch.indices[done];
                     if scratch.refused_sources.last() == Some(&index) {
                         scratch.refused_sources.pop();

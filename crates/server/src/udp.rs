@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::io::{self, IoSlice};
 use std::mem;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
@@ -62,6 +62,54 @@ pub const UNSEGMENTED_FOR: Duration = Duration::from_secs(600);
 /// Most destinations remembered so; past it, the memory starts over.
 const MAX_UNSEGMENTED: usize = 4096;
 
+/// Destinations (IP addresses: a path MTU is the route's) whose segmented send the kernel
+/// refused but whose datagrams it took one at a time: each gets one datagram per send for
+/// [`UNSEGMENTED_FOR`].
+#[derive(Default)]
+struct Unsegmented {
+    until: HashMap<IpAddr, Instant>,
+    /// The earliest time in `until`: from then on, a pass drops what is over.
+    prune_at: Option<Instant>,
+    /// Whether a refusal was logged at level warn (later ones go to debug).
+    logged: bool,
+}
+
+impl Unsegmented {
+    /// The time to check destinations against in this pass; `None`, without reading the
+    /// clock, when none is kept.
+    fn now(&mut self) -> Option<Instant> {
+        if self.until.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        if self.prune_at.is_some_and(|at| at <= now) {
+            self.until.retain(|_, until| *until > now);
+            self.prune_at = self.until.values().min().copied();
+        }
+        Some(now)
+    }
+
+    /// Whether `ip` is kept from segmented sends at `now` (from [`Unsegmented::now`]).
+    fn keeps(&self, ip: &IpAddr, now: Option<Instant>) -> bool {
+        now.is_some_and(|now| self.until.get(ip).is_some_and(|until| now < *until))
+    }
+
+    /// Keeps `ip` from segmented sends from `now` on; returns whether it was not kept yet.
+    fn keep(&mut self, ip: IpAddr, now: Instant) -> bool {
+        if self.until.len() >= MAX_UNSEGMENTED {
+            self.until.retain(|_, until| *until > now);
+            if self.until.len() >= MAX_UNSEGMENTED {
+                self.until.clear();
+            }
+        }
+        let until = now + UNSEGMENTED_FOR;
+        self.prune_at = Some(self.prune_at.map_or(until, |at| at.min(until)));
+        self.until
+            .insert(ip, until)
+            .is_none_or(|before| before <= now)
+    }
+}
+
 /// Sends everything in an [`Outbox`]. Messages for a batch-capable member in the same pass
 /// are packed into batch frames, never delayed: only what is already in the outbox is packed,
 /// and a "batch" of one leaves as the plain frame. A batch frame is never larger than the
@@ -83,11 +131,8 @@ pub struct Sender {
     max_batch: usize,
     /// Whether a member's equal-length datagrams go as one segmented send.
     segmenting: bool,
-    /// Destinations that get one datagram per send until the time given (see
-    /// [`UNSEGMENTED_FOR`]).
-    unsegmented: HashMap<SocketAddr, Instant>,
-    /// Whether a refusal was logged at level warn (later ones go to debug).
-    refusal_logged: bool,
+    /// Destinations kept from segmented sends for a while.
+    unsegmented: Unsegmented,
     /// Datagrams to send, in order.
     plan: Vec<Planned>,
     /// Batch frames being planned, reused between passes.
@@ -203,10 +248,11 @@ impl Sender {
         loop {
             let sent = self.send_from(start, socket, outbox, locals, metrics);
             if let Some(errno) = retrying.take() {
-                // Its first datagram left on its own: segmenting was at fault, not the
-                // destination.
-                let first_left =
-                    sent.sent + sent.failed > 0 && self.scratch.failed().first() != Some(&0);
+                // Its first datagram left on its own, with the source it named: segmenting
+                // was at fault, not the destination nor the source.
+                let first_left = sent.sent + sent.failed > 0
+                    && self.scratch.failed().first() != Some(&0)
+                    && self.scratch.refused_sources().first() != Some(&0);
                 if let (true, Some(planned)) = (first_left, self.plan.get(start)) {
                     let to = planned.to;
                     self.refused_for(to, errno, metrics);
@@ -257,27 +303,21 @@ impl Sender {
 
     /// Remembers that the kernel refused a segmented send to `to` and took its datagrams one
     /// at a time: a path MTU below the segments (learned, perhaps from a forged ICMP message),
-    /// an IPsec policy or a firewall rule for that destination. It gets one datagram per send
-    /// for [`UNSEGMENTED_FOR`]; the others keep their segmented sends.
+    /// an IPsec policy or a firewall rule for that destination. Its IP address gets one
+    /// datagram per send for [`UNSEGMENTED_FOR`]; the others keep their segmented sends.
     fn refused_for(&mut self, to: SocketAddr, errno: i32, metrics: &mut Metrics) {
-        let now = Instant::now();
-        if self.unsegmented.len() >= MAX_UNSEGMENTED {
-            self.unsegmented.retain(|_, until| *until > now);
-            if self.unsegmented.len() >= MAX_UNSEGMENTED {
-                self.unsegmented.clear();
-            }
-        }
-        if self.unsegmented.insert(to, now + UNSEGMENTED_FOR).is_some() {
+        if !self.unsegmented.keep(to.ip(), Instant::now()) {
             return;
         }
         metrics.segmentation_refusals += 1;
         let err = io::Error::from_raw_os_error(errno);
-        if mem::replace(&mut self.refusal_logged, true) {
-            log::debug!("UDP: segmented sends to {to} refused ({err}); one datagram per send");
+        let ip = to.ip();
+        if mem::replace(&mut self.unsegmented.logged, true) {
+            log::debug!("UDP: segmented sends to {ip} refused ({err}); one datagram per send");
         } else {
             log::warn!(
                 "UDP: the kernel refused a segmented send to {to} ({err}) but took its \
-                 datagrams one at a time; {to} gets one datagram per send for {} minutes \
+                 datagrams one at a time; {ip} gets one datagram per send for {} minutes \
                  (further refusals are logged at debug level and counted in \
                  ocm_udp_segmentation_refusals_total)",
                 UNSEGMENTED_FOR.as_secs() / 60
@@ -285,25 +325,14 @@ impl Sender {
         }
     }
 
-    /// Whether datagrams to `to` may go as segmented sends at `now` (`None`: no destination
-    /// is kept from them).
-    fn segments_to(&mut self, to: &SocketAddr, now: Option<Instant>) -> bool {
-        let (Some(now), Some(&until)) = (now, self.unsegmented.get(to)) else {
-            return true;
-        };
-        if now < until {
-            return false;
-        }
-        self.unsegmented.remove(to);
-        true
-    }
-
-    /// Replaces the segmented send at `at` in the plan by its datagrams, one apiece.
+    /// Replaces the segmented send at `at` in the plan by its datagrams, one apiece, and the
+    /// later ones to destinations kept from segmented sends.
     fn unsegment(&mut self, at: usize) {
+        let now = self.unsegmented.now();
         let rest = self.plan.split_off(at.min(self.plan.len()));
         for (i, planned) in rest.into_iter().enumerate() {
             match planned.bytes {
-                Bytes::Segments(g) if i == 0 => {
+                Bytes::Segments(g) if i == 0 || self.unsegmented.keeps(&planned.to.ip(), now) => {
                     self.plan
                         .extend(self.groups[g].runs.iter().map(|run| Planned {
                             bytes: Bytes::Outbox(run.clone()),
@@ -413,8 +442,7 @@ impl Sender {
                 *open = 0;
             }
         }
-        // The clock is read only when some destination is kept from segmented sends.
-        let now = (!self.unsegmented.is_empty()).then(Instant::now);
+        let now = self.unsegmented.now();
         for send in &outbox.sends {
             let limit = usize::from(send.batch_limit).min(self.max_batch);
             match (send.member, outbox.entry_of(send)) {
@@ -425,7 +453,7 @@ impl Sender {
                     if self.segmenting
                         && send.batch_limit == 0
                         && (1..=MAX_SEGMENT_BYTES).contains(&send.bytes.len())
-                        && self.segments_to(&send.to, now) =>
+                        && !self.unsegmented.keeps(&send.to.ip(), now) =>
                 {
                     self.plan_segmented(send, slot)
                 }
@@ -452,15 +480,10 @@ impl Sender {
             matches!(self.plan[p].bytes, Bytes::Batch(i) if self.batches[i].takes(&entry, limit))
         });
         let p = open.unwrap_or_else(|| {
-            let batch_index = self.used_batches;
-            self.used_batches += 1;
-            if self.batches.len() <= batch_index {
-                self.batches.push(Batch::default());
-            }
-            let batch = &mut self.batches[batch_index];
+            let (index, batch) = next_pooled(&mut self.batches, &mut self.used_batches);
             batch.runs.clear();
             batch.len = delivery::BATCH_HEADER_LEN;
-            self.open_new(slot, Planned::new(send, Bytes::Batch(batch_index)))
+            self.open_new(slot, Planned::new(send, Bytes::Batch(index)))
         });
         if let Bytes::Batch(i) = self.plan[p].bytes {
             self.batches[i].push(entry);
@@ -476,16 +499,11 @@ impl Sender {
             |&p| matches!(self.plan[p].bytes, Bytes::Segments(i) if self.groups[i].takes(len)),
         );
         let p = open.unwrap_or_else(|| {
-            let group_index = self.used_groups;
-            self.used_groups += 1;
-            if self.groups.len() <= group_index {
-                self.groups.push(Segments::default());
-            }
-            let group = &mut self.groups[group_index];
+            let (index, group) = next_pooled(&mut self.groups, &mut self.used_groups);
             group.runs.clear();
             group.size = len;
             group.len = 0;
-            self.open_new(slot, Planned::new(send, Bytes::Segments(group_index)))
+            self.open_new(slot, Planned::new(send, Bytes::Segments(index)))
         });
         if let Bytes::Segments(i) = self.plan[p].bytes {
             let group = &mut self.groups[i];
@@ -555,6 +573,16 @@ fn count(plan: &[Planned], sent: &mmsg::Sent, failed: &[usize], metrics: &mut Me
             .sum();
         *metrics.send_errors.entry("other").or_insert(0) += dropped as u64;
     }
+}
+
+/// The next plan of `pool` not yet `used` in this pass (a new one when all are), and its index.
+fn next_pooled<'a, T: Default>(pool: &'a mut Vec<T>, used: &mut usize) -> (usize, &'a mut T) {
+    let index = *used;
+    *used += 1;
+    if pool.len() <= index {
+        pool.push(T::default());
+    }
+    (index, &mut pool[index])
 }
 
 /// Keeps the first plans of `pool` up to [`POOLED_BATCH_BYTES`] between passes, counting
@@ -785,9 +813,21 @@ mod tests {
         Some(socket)
     }
 
+    /// A sender with segmented sends on, and the daemon's default cap on batches.
+    fn segmenting_sender() -> Sender {
+        let mut sender = Sender::new(65507);
+        sender.set_segmentation(true);
+        sender
+    }
+
     /// A loopback peer with room for many small datagrams.
     fn peer() -> std::net::UdpSocket {
-        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        peer_at("127.0.0.1")
+    }
+
+    /// A peer at `ip`, one of the host's, with room for many small datagrams.
+    fn peer_at(ip: &str) -> std::net::UdpSocket {
+        let peer = std::net::UdpSocket::bind((ip, 0)).unwrap();
         let _ =
             crate::sockopt::set_int(peer.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, 1 << 20);
         peer.set_read_timeout(Some(std::time::Duration::from_secs(10)))
@@ -815,7 +855,7 @@ mod tests {
     }
 
     /// Segmented sends the kernel refuses but whose datagrams it takes one at a time: they
-    /// and everything after them leave in order, and each destination refused gets one
+    /// and everything after them leave in order, and each IP address refused gets one
     /// datagram per send from then on (counted once), while sources retired on the retry are
     /// the right ones.
     #[test]
@@ -823,34 +863,39 @@ mod tests {
         let Some(socket) = segmenting_socket(true) else {
             return;
         };
-        let (a, b) = (peer(), peer());
-        let (to_a, to_b) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+        // a and b share an address; c has another one of the host's.
+        let (a, b, c) = (peer(), peer(), peer_at("127.0.0.2"));
+        let [to_a, to_b, to_c] = [&a, &b, &c].map(|p| p.local_addr().unwrap());
         let mut locals = Locals::default();
         let gone = gone_source(&mut locals);
         let mut out = Outbox::default();
         let messages: Vec<Range<usize>> =
-            (0..5).map(|i| chat(&mut out, &format!("m{i}"))).collect();
+            (0..7).map(|i| chat(&mut out, &format!("m{i}"))).collect();
         let first = chat(&mut out, "first");
         out.send(to_a, LocalId::ANY, first.clone());
         for (i, msg) in messages.iter().enumerate() {
-            // Member 0 at a gets m0 m1 m2, member 1 at b gets m3 m4.
-            let (to, member) = if i < 3 { (to_a, 0) } else { (to_b, 1) };
+            // Member 0 at a gets m0 m1 m2, member 1 at b m3 m4, member 2 at c m5 m6.
+            let (to, member) = match i {
+                0..=2 => (to_a, 0),
+                3 | 4 => (to_b, 1),
+                _ => (to_c, 2),
+            };
             out.send_to_member(to, LocalId::ANY, msg.clone(), member, 0);
         }
-        // After both refusals, from a source the host does not have: retired, so it leaves
+        // After the refusals, from a source the host does not have: retired, so it leaves
         // from the address the route picks.
         out.send(to_b, gone, first);
         let mut metrics = Metrics::default();
-        let mut sender = Sender::new(65507);
-        sender.set_segmentation(true);
+        let mut sender = segmenting_sender();
         sender.send_all(&socket, &mut out, &mut locals, &mut metrics);
-        assert_eq!(metrics.segmentation_refusals, 2);
-        assert_eq!((metrics.datagrams_sent, metrics.deliveries), (7, 7));
+        assert_eq!(metrics.segmentation_refusals, 2, "127.0.0.1 and 127.0.0.2");
+        assert_eq!((metrics.datagrams_sent, metrics.deliveries), (9, 9));
         assert_eq!(metrics.datagrams_segmented, 0);
         assert!(metrics.send_errors.is_empty(), "{:?}", metrics.send_errors);
         assert_eq!(locals.get(gone), None, "the refused source is retired");
         assert_eq!(texts_received(&a, 4), ["first", "m0", "m1", "m2"]);
         assert_eq!(texts_received(&b, 3), ["m3", "m4", "first"]);
+        assert_eq!(texts_received(&c, 2), ["m5", "m6"]);
         // The next pass plans one datagram per message for them, without a refusal.
         let again = chat(&mut out, "again");
         for _ in 0..2 {
@@ -860,7 +905,7 @@ mod tests {
         sender.send_all(&socket, &mut out, &mut locals, &mut metrics);
         assert_eq!(
             (metrics.datagrams_sent, metrics.segmentation_refusals),
-            (9, 2)
+            (11, 2)
         );
         assert_eq!(texts_received(&a, 2), ["again", "again"]);
         // Once the time is up, a destination gets segmented sends again.
@@ -868,10 +913,80 @@ mod tests {
         for _ in 0..2 {
             out.send_to_member(to_a, LocalId::ANY, again.clone(), 0, 0);
         }
-        let until = Instant::now() - Duration::from_secs(1);
-        sender.unsegmented.insert(to_a, until);
+        let long_ago = Instant::now() - UNSEGMENTED_FOR - Duration::from_secs(1);
+        let mut unsegmented = Unsegmented::default();
+        assert!(unsegmented.keep(to_a.ip(), long_ago));
+        sender.unsegmented = unsegmented;
         assert_eq!(segmenting(&mut sender, &out), vec![(to_a.port(), 2, 7)]);
-        assert!(!sender.unsegmented.contains_key(&to_a));
+        assert!(sender.unsegmented.until.is_empty(), "dropped once over");
+    }
+
+    /// A segmented send refused for its segments from a source the host has: the source is
+    /// not blamed (nor retired), and the datagrams, sent one apiece, leave from it.
+    #[test]
+    fn a_refused_segmented_send_keeps_a_good_source() {
+        let Some(socket) = segmenting_socket(true) else {
+            return;
+        };
+        let a = peer();
+        let mut locals = Locals::default();
+        let ours = locals.id(Some(crate::local::LocalAddr {
+            ip: std::net::IpAddr::from([127, 0, 0, 3]),
+            ifindex: 0,
+        }));
+        let mut out = Outbox::default();
+        let msg = chat(&mut out, "same");
+        for _ in 0..3 {
+            out.send_to_member(a.local_addr().unwrap(), ours, msg.clone(), 0, 0);
+        }
+        let mut metrics = Metrics::default();
+        segmenting_sender().send_all(&socket, &mut out, &mut locals, &mut metrics);
+        assert!(locals.get(ours).is_some(), "the source is kept");
+        assert_eq!(metrics.segmentation_refusals, 1);
+        assert_eq!(metrics.datagrams_sent, 3);
+        let mut buf = [0u8; 64];
+        for _ in 0..3 {
+            let (_, from) = a.recv_from(&mut buf).unwrap();
+            assert_eq!(from.ip(), std::net::IpAddr::from([127, 0, 0, 3]));
+        }
+    }
+
+    /// An IPv6 source the host does not have makes even a segmented send fail with EINVAL,
+    /// which a refusal of its segments also gives: sent again one apiece, the source is
+    /// found at fault and retired, and the destination keeps its segmented sends.
+    #[test]
+    fn a_segmented_send_from_an_ipv6_source_gone_blames_the_source() {
+        let (Ok(socket), Ok(a)) = (
+            UdpSocket::bind("[::]:0".parse().unwrap()),
+            std::net::UdpSocket::bind("[::1]:0"),
+        ) else {
+            eprintln!("skipped: this host has no IPv6 loopback");
+            return;
+        };
+        if !mmsg::can_segment(socket.as_raw_fd()) {
+            eprintln!("skipped: this kernel cannot segment UDP sends");
+            return;
+        }
+        a.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut locals = Locals::default();
+        let gone = locals.id(Some(crate::local::LocalAddr {
+            ip: "2001:db8::77".parse().unwrap(),
+            ifindex: 0,
+        }));
+        let mut out = Outbox::default();
+        let msg = chat(&mut out, "same");
+        for _ in 0..3 {
+            out.send_to_member(a.local_addr().unwrap(), gone, msg.clone(), 0, 0);
+        }
+        let mut metrics = Metrics::default();
+        let mut sender = segmenting_sender();
+        sender.send_all(&socket, &mut out, &mut locals, &mut metrics);
+        assert_eq!(locals.get(gone), None, "the source is retired");
+        assert_eq!(metrics.segmentation_refusals, 0);
+        assert!(sender.unsegmented.until.is_empty());
+        assert_eq!(metrics.datagrams_sent, 3);
+        assert_eq!(texts_received(&a, 3), ["same", "same", "same"]);
     }
 
     /// A segmented send from a source the host no longer has: the source is dropped and
@@ -890,12 +1005,11 @@ mod tests {
             out.send_to_member(a.local_addr().unwrap(), gone, msg.clone(), 0, 0);
         }
         let mut metrics = Metrics::default();
-        let mut sender = Sender::new(65507);
-        sender.set_segmentation(true);
+        let mut sender = segmenting_sender();
         sender.send_all(&socket, &mut out, &mut locals, &mut metrics);
         assert_eq!(locals.get(gone), None);
         assert_eq!(metrics.segmentation_refusals, 0);
-        assert!(sender.unsegmented.is_empty());
+        assert!(sender.unsegmented.until.is_empty());
         assert_eq!(
             (metrics.datagrams_sent, metrics.datagrams_segmented),
             (3, 3)
@@ -919,10 +1033,9 @@ mod tests {
             out.send_to_member(a.local_addr().unwrap(), LocalId::ANY, msg.clone(), 1, 0);
         }
         let mut metrics = Metrics::default();
-        let mut sender = Sender::new(65507);
-        sender.set_segmentation(true);
+        let mut sender = segmenting_sender();
         sender.send_all(&socket, &mut out, &mut Locals::default(), &mut metrics);
-        assert!(sender.unsegmented.is_empty());
+        assert!(sender.unsegmented.until.is_empty());
         assert_eq!(metrics.segmentation_refusals, 0);
         assert_eq!(metrics.send_errors.get("other"), Some(&3));
         assert_eq!((metrics.datagrams_sent, metrics.deliveries), (3, 3));
@@ -1023,8 +1136,7 @@ mod tests {
         }
         let (ten, seven, twelve) = (a.len() as u16, short.len() as u16, f.len() as u16);
         assert_eq!((ten, seven, twelve), (10, 7, 13));
-        let mut sender = Sender::new(65507);
-        sender.set_segmentation(true);
+        let mut sender = segmenting_sender();
         assert_eq!(
             segmenting(&mut sender, &out),
             vec![
@@ -1068,9 +1180,7 @@ mod tests {
             for _ in 0..count {
                 out.send_to_member(addr(1), LocalId::ANY, msg.clone(), 7, limit);
             }
-            let mut sender = Sender::new(65507);
-            sender.set_segmentation(true);
-            segmenting(&mut sender, &out)
+            segmenting(&mut segmenting_sender(), &out)
                 .into_iter()
                 .map(|(_, n, segment)| (n, segment))
                 .collect::<Vec<_>>()
