@@ -133,6 +133,7 @@ impl Counters {
             junk_datagrams: get(&self.junk_datagrams),
             junk_connections: get(&self.junk_connections),
             dropped: 0.0,
+            segmented: 0.0,
             silent_hosts: get(&self.silent_hosts),
             expiries: 0.0,
             reloads_applied: 0.0,
@@ -169,6 +170,9 @@ pub struct Totals {
     /// Datagrams the daemon counted as dropped (`ocm_datagrams_dropped_total`, every
     /// reason): one per junk datagram.
     pub dropped: f64,
+    /// Datagrams the daemon sent in segmented sends (`ocm_datagrams_segmented_total`): not
+    /// judged, shown so that a run says whether it went that way.
+    pub segmented: f64,
     /// Rooms whose host promised keepalives and went silent.
     pub silent_hosts: u64,
     /// Keepalive expiries the daemon counted (`ocm_keepalive_expiries_total`): one per
@@ -210,6 +214,8 @@ pub struct Sample {
     pub expiries: f64,
     /// `ocm_datagrams_dropped_total`, every reason.
     pub dropped: f64,
+    /// `ocm_datagrams_segmented_total`.
+    pub segmented: f64,
     /// `ocm_config_reloads_total{result="ok"}`.
     pub reloads_applied: f64,
 }
@@ -352,7 +358,7 @@ impl SoakResult {
         println!("  {}  (idle)", self.idle.row());
         let t = &self.totals;
         println!(
-            "  {} rooms, {} members, {} messages; deliveries {}/{}, room-closed {}/{}, unexpected {}",
+            "  {} rooms, {} members, {} messages; deliveries {}/{}, room-closed {}/{}, unexpected {}; datagrams the daemon sent in segmented sends {}",
             t.cycles,
             t.members,
             t.messages,
@@ -361,6 +367,7 @@ impl SoakResult {
             t.closures_received,
             t.closures_expected,
             t.unexpected,
+            t.segmented,
         );
         println!(
             "  silent hosts expired {}/{}; junk datagrams counted as dropped {}/{}; connections of garbage closed by the daemon {}; reloads applied {}/{}; failed cycles {}",
@@ -443,6 +450,7 @@ impl Sample {
             tcp_open: scrape.total("ocm_tcp_connections_open"),
             expiries: scrape.total("ocm_keepalive_expiries_total"),
             dropped: scrape.total("ocm_datagrams_dropped_total"),
+            segmented: scrape.total("ocm_datagrams_segmented_total"),
             reloads_applied: scrape.total("ocm_config_reloads_total{result=\"ok\"}"),
         })
     }
@@ -480,6 +488,7 @@ pub fn run(daemon: &mut Daemon, dir: &StateDir, plan: Plan) -> Result<SoakResult
     let mut totals = counters.totals();
     totals.expiries = idle.expiries - start.expiries;
     totals.dropped = idle.dropped - start.dropped;
+    totals.segmented = idle.segmented - start.segmented;
     totals.reloads_applied = idle.reloads_applied - start.reloads_applied;
     Ok(SoakResult {
         plan,
@@ -873,6 +882,7 @@ mod tests {
             tcp_open: 0.0,
             expiries: 0.0,
             dropped: 0.0,
+            segmented: 0.0,
             reloads_applied: 0.0,
         }
     }
