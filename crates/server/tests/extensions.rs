@@ -884,21 +884,52 @@ fn history_entries_carry_the_time_they_were_relayed() {
 /// datagrams, one per message, in order; `udp.segment_sends` turns it off and on at a reload.
 #[test]
 fn plain_members_get_a_burst_through_segmented_sends_one_datagram_per_message() {
+    segmented_bursts("127.0.0.1:0", &[true, false, true]);
+}
+
+/// The same from a daemon on IPv6, to members on IPv6.
+#[test]
+fn plain_members_on_ipv6_get_a_burst_through_segmented_sends() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("skipped: this host has no IPv6 loopback");
+        return;
+    }
+    segmented_bursts("[::1]:0", &[true]);
+}
+
+/// A daemon on `udp` and three members at its loopback address; the host sends a burst of 120
+/// 1000-byte messages for each of `rounds` (segmented sends on or off, at a reload after the
+/// first), which the two others must get whole, in order, one datagram per message, in two
+/// segmented sends each when on.
+fn segmented_bursts(udp: &str, rounds: &[bool]) {
     let config = |on: bool| format!("[udp]\nsegment_sends = {on}\n[rate]\nchat_per_sec = 0.0\n");
+    let udp: std::net::SocketAddr = udp.parse().unwrap();
     let d = Daemon::start_with(Options {
-        config: Some(config(true)),
+        config: Some(config(rounds[0])),
+        udp: Some(udp),
         metrics: true,
         ..Options::default()
     });
-    let host = Member::new(&d, "plain", &create(&d, "plain", "host"));
-    let bob = roomy(Member::new(&d, "plain", &join(&d, "plain", "bob")));
-    let carol = roomy(Member::new(&d, "plain", &join(&d, "plain", "carol")));
+    let member = |token: &str| {
+        let socket = std::net::UdpSocket::bind(std::net::SocketAddr::new(udp.ip(), 0)).unwrap();
+        socket.set_read_timeout(Some(PATIENCE)).unwrap();
+        roomy(Member {
+            socket,
+            server: d.udp,
+            room: "plain".into(),
+            token: token.into(),
+        })
+    };
+    let host = member(&create(&d, "plain", "host"));
+    let bob = member(&join(&d, "plain", "bob"));
+    let carol = member(&join(&d, "plain", "carol"));
     host.send("__REGISTER__");
     bob.registered_with(&host, "bob");
     carol.registered_with(&host, "carol");
     let segmented = || d.metric("ocm_datagrams_segmented_total");
-    for (round, on) in [("a", true), ("b", false), ("c", true)] {
-        if round != "a" {
+    for (i, &on) in rounds.iter().enumerate() {
+        let round = ["a", "b", "c", "d"][i % 4];
+        if i > 0 {
             d.reload(&config(on));
         }
         let before = segmented();
