@@ -133,6 +133,9 @@ pub struct Sender {
     segmenting: bool,
     /// Destinations kept from segmented sends for a while.
     unsegmented: Unsegmented,
+    /// Segmented sends the kernel refused, for tests.
+    #[cfg(test)]
+    refused_calls: usize,
     /// Datagrams to send, in order.
     plan: Vec<Planned>,
     /// Batch frames being planned, reused between passes.
@@ -243,16 +246,19 @@ impl Sender {
     ) {
         self.plan(outbox);
         let mut start = 0;
-        // A refused segmented send whose datagrams go again one apiece from `start`.
+        // A refused segmented send whose datagrams go again one apiece from `start`: the
+        // error, and the source it named.
         let mut retrying = None;
         loop {
             let sent = self.send_from(start, socket, outbox, locals, metrics);
-            if let Some(errno) = retrying.take() {
-                // Its first datagram left on its own, with the source it named: segmenting
-                // was at fault, not the destination nor the source.
+            if let Some((errno, refused_from)) = retrying.take() {
+                // Its first datagram left on its own, from the source the refused send named
+                // (not retired meanwhile by another datagram's retry): segmenting was at
+                // fault, not the destination nor the source.
                 let first_left = sent.sent + sent.failed > 0
                     && self.scratch.failed().first() != Some(&0)
-                    && self.scratch.refused_sources().first() != Some(&0);
+                    && self.scratch.refused_sources().first() != Some(&0)
+                    && self.datagrams.first().map(|d| d.from) == Some(refused_from);
                 if let (true, Some(planned)) = (first_left, self.plan.get(start)) {
                     let to = planned.to;
                     self.refused_for(to, errno, metrics);
@@ -261,11 +267,16 @@ impl Sender {
             let Some((refused, errno)) = sent.refused_segmented else {
                 break;
             };
+            #[cfg(test)]
+            {
+                self.refused_calls += 1;
+            }
             // The kernel refused a segmented send, and nothing after it went. Its datagrams go
             // again one apiece, in order, and the rest after them.
+            let refused_from = self.datagrams.get(refused).and_then(|d| d.from);
             start += refused;
             self.unsegment(start);
-            retrying = Some(errno);
+            retrying = Some((errno, refused_from));
         }
         outbox.clear();
         // Keep a bounded pool of batch and segment plans between passes.
@@ -326,13 +337,14 @@ impl Sender {
     }
 
     /// Replaces the segmented send at `at` in the plan by its datagrams, one apiece, and the
-    /// later ones to destinations kept from segmented sends.
+    /// later ones to the same IP address: whatever made the kernel refuse one would refuse
+    /// them too, and each refusal costs a call and a retry.
     fn unsegment(&mut self, at: usize) {
-        let now = self.unsegmented.now();
         let rest = self.plan.split_off(at.min(self.plan.len()));
-        for (i, planned) in rest.into_iter().enumerate() {
+        let ip = rest.first().map(|planned| planned.to.ip());
+        for planned in rest {
             match planned.bytes {
-                Bytes::Segments(g) if i == 0 || self.unsegmented.keeps(&planned.to.ip(), now) => {
+                Bytes::Segments(g) if Some(planned.to.ip()) == ip => {
                     self.plan
                         .extend(self.groups[g].runs.iter().map(|run| Planned {
                             bytes: Bytes::Outbox(run.clone()),
@@ -889,6 +901,8 @@ mod tests {
         let mut sender = segmenting_sender();
         sender.send_all(&socket, &mut out, &mut locals, &mut metrics);
         assert_eq!(metrics.segmentation_refusals, 2, "127.0.0.1 and 127.0.0.2");
+        // One refused call per address: b's send was split with a's, before a's retry.
+        assert_eq!(sender.refused_calls, 2);
         assert_eq!((metrics.datagrams_sent, metrics.deliveries), (9, 9));
         assert_eq!(metrics.datagrams_segmented, 0);
         assert!(metrics.send_errors.is_empty(), "{:?}", metrics.send_errors);
@@ -953,7 +967,10 @@ mod tests {
 
     /// An IPv6 source the host does not have makes even a segmented send fail with EINVAL,
     /// which a refusal of its segments also gives: sent again one apiece, the source is
-    /// found at fault and retired, and the destination keeps its segmented sends.
+    /// found at fault and retired, and the destination keeps its segmented sends. The member
+    /// has two segmented sends in the pass (a shorter datagram ends the first): the second is
+    /// split with the first, so that it is not refused in turn once the source is retired,
+    /// and taken for a refusal of its segments.
     #[test]
     fn a_segmented_send_from_an_ipv6_source_gone_blames_the_source() {
         let (Ok(socket), Ok(a)) = (
@@ -975,8 +992,8 @@ mod tests {
             ifindex: 0,
         }));
         let mut out = Outbox::default();
-        let msg = chat(&mut out, "same");
-        for _ in 0..3 {
+        let (same, short) = (chat(&mut out, "same"), chat(&mut out, "x"));
+        for msg in [&same, &same, &short, &same, &same] {
             out.send_to_member(a.local_addr().unwrap(), gone, msg.clone(), 0, 0);
         }
         let mut metrics = Metrics::default();
@@ -984,9 +1001,14 @@ mod tests {
         sender.send_all(&socket, &mut out, &mut locals, &mut metrics);
         assert_eq!(locals.get(gone), None, "the source is retired");
         assert_eq!(metrics.segmentation_refusals, 0);
-        assert!(sender.unsegmented.until.is_empty());
-        assert_eq!(metrics.datagrams_sent, 3);
-        assert_eq!(texts_received(&a, 3), ["same", "same", "same"]);
+        assert!(sender.unsegmented.until.is_empty(), "::1 is not kept");
+        assert_eq!(sender.refused_calls, 1);
+        // Sent again one apiece: the EINVAL was taken for a refusal of the segments first.
+        assert_eq!(
+            (metrics.datagrams_sent, metrics.datagrams_segmented),
+            (5, 0)
+        );
+        assert_eq!(texts_received(&a, 5), ["same", "same", "x", "same", "same"]);
     }
 
     /// A segmented send from a source the host no longer has: the source is dropped and
@@ -1025,7 +1047,8 @@ mod tests {
         let Some(socket) = segmenting_socket(false) else {
             return;
         };
-        let a = peer();
+        // At another address: the rest of the pass to 127.0.0.1 goes one datagram apiece.
+        let a = peer_at("127.0.0.2");
         let mut out = Outbox::default();
         let msg = chat(&mut out, "same");
         for _ in 0..3 {
