@@ -258,7 +258,7 @@ impl Sender {
                 let first_left = sent.sent + sent.failed > 0
                     && self.scratch.failed().first() != Some(&0)
                     && self.scratch.refused_sources().first() != Some(&0)
-                    && self.datagrams.first().map(|d| d.from) == Some(refused_from);
+                    && self.datagrams.first().map(|d| d.from) == refused_from;
                 if let (true, Some(planned)) = (first_left, self.plan.get(start)) {
                     let to = planned.to;
                     self.refused_for(to, errno, metrics);
@@ -273,7 +273,7 @@ impl Sender {
             }
             // The kernel refused a segmented send, and nothing after it went. Its datagrams go
             // again one apiece, in order, and the rest after them.
-            let refused_from = self.datagrams.get(refused).and_then(|d| d.from);
+            let refused_from = self.datagrams.get(refused).map(|d| d.from);
             start += refused;
             self.unsegment(start);
             retrying = Some((errno, refused_from));
@@ -962,6 +962,41 @@ mod tests {
         for _ in 0..3 {
             let (_, from) = a.recv_from(&mut buf).unwrap();
             assert_eq!(from.ip(), std::net::IpAddr::from([127, 0, 0, 3]));
+        }
+    }
+
+    /// Two segmented sends to two addresses from a source the host no longer has, on a socket
+    /// that refuses segments: the first one's retry retires the source, so the second one's
+    /// datagrams leave without it. That proves nothing against the segments (they were sent
+    /// from another source than the refused send named): nobody is kept from segmented sends.
+    #[test]
+    fn a_source_retired_between_a_refusal_and_its_retry_blames_no_one() {
+        let Some(socket) = segmenting_socket(true) else {
+            return;
+        };
+        let (a, b) = (peer(), peer_at("127.0.0.2"));
+        let mut locals = Locals::default();
+        let gone = gone_source(&mut locals);
+        let mut out = Outbox::default();
+        let msg = chat(&mut out, "same");
+        for (member, to) in [(0, &a), (1, &b)] {
+            for _ in 0..3 {
+                out.send_to_member(to.local_addr().unwrap(), gone, msg.clone(), member, 0);
+            }
+        }
+        let mut metrics = Metrics::default();
+        let mut sender = segmenting_sender();
+        sender.send_all(&socket, &mut out, &mut locals, &mut metrics);
+        assert_eq!(sender.refused_calls, 2);
+        assert_eq!(locals.get(gone), None);
+        assert_eq!(metrics.segmentation_refusals, 0);
+        assert!(sender.unsegmented.until.is_empty());
+        assert_eq!(
+            (metrics.datagrams_sent, metrics.datagrams_segmented),
+            (6, 0)
+        );
+        for peer in [&a, &b] {
+            assert_eq!(texts_received(peer, 3), ["same", "same", "same"]);
         }
     }
 
