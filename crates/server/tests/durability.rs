@@ -1122,9 +1122,8 @@ fn a_zero_filled_hole_with_synced_records_after_it_stops_the_start() {
 
 /// Builds a shared library for `LD_PRELOAD` that makes `fsync` of a directory fail with `EIO`
 /// while the file named by `OCM_TEST_FAIL_DIR_FSYNC` exists, past the first
-/// `OCM_TEST_FAIL_DIR_FSYNC_SKIP` such calls (every other `fsync` goes through), with the C
-/// compiler that links Rust binaries (`$CC`, which may carry arguments, or `cc`), in `dir`
-/// (not `/tmp`, which may be mounted `noexec`). Returns its path.
+/// `OCM_TEST_FAIL_DIR_FSYNC_SKIP` such calls (every other `fsync` goes through), in `dir`.
+/// Returns its path.
 fn directory_fsync_failer(dir: &std::path::Path) -> std::path::PathBuf {
     const SOURCE: &str = r#"
 #define _GNU_SOURCE
@@ -1149,21 +1148,7 @@ int fsync(int fd) {
     return real_fsync(fd);
 }
 "#;
-    let source = dir.join("fail_dir_fsync.c");
-    let library = dir.join("libfail_dir_fsync.so");
-    std::fs::write(&source, SOURCE).unwrap();
-    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-    let mut words = cc.split_whitespace();
-    let status = std::process::Command::new(words.next().unwrap_or("cc"))
-        .args(words)
-        .args(["-shared", "-fPIC", "-o"])
-        .arg(&library)
-        .arg(&source)
-        .arg("-ldl")
-        .status()
-        .unwrap_or_else(|e| panic!("{cc}: {e}"));
-    assert!(status.success(), "{cc} failed: {status}");
-    library
+    preload_library(dir, "fail_dir_fsync", SOURCE)
 }
 
 /// After a failed directory `fsync` (a rotation's fresh journal, or the compactor's new
@@ -1193,13 +1178,7 @@ fn a_failed_directory_fsync_stops_ocmd(library: &std::path::Path, skip: u32, whe
         ..Options::default()
     };
     let mut d = Daemon::spawn(Arc::clone(&dir), options).expect("ocmd starts");
-    // The loader took the library (it only warns when it cannot).
-    let maps = std::fs::read_to_string(format!("/proc/{}/maps", d.pid())).unwrap();
-    assert!(
-        maps.contains(&library.display().to_string()),
-        "{} is not loaded into ocmd",
-        library.display()
-    );
+    d.assert_loaded(library);
     let mut tokens = vec![create(&d, "fsync", "host")];
     std::fs::write(&flag, b"").unwrap();
     // Joins until the first rotation or compaction stops the daemon (4 KiB of journal is

@@ -897,6 +897,72 @@ fn plain_members_on_ipv6_get_a_burst_through_segmented_sends() {
     segmented_bursts("[::1]:0", &[true]);
 }
 
+/// A library for `LD_PRELOAD` that, before `ocmd`'s first `sendmmsg` on a socket, tells the
+/// socket to send without UDP checksums (`SO_NO_CHECK`), which segmenting needs: the kernel
+/// then refuses every segmented send on it, and takes single datagrams.
+const NO_UDP_CHECKSUMS: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <sys/socket.h>
+
+int sendmmsg(int fd, struct mmsghdr *msgs, unsigned int n, int flags) {
+    static int (*real_sendmmsg)(int, struct mmsghdr *, unsigned int, int);
+    if (!real_sendmmsg)
+        real_sendmmsg = (int (*)(int, struct mmsghdr *, unsigned int, int))dlsym(RTLD_NEXT, "sendmmsg");
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_NO_CHECK, &one, sizeof one);
+    return real_sendmmsg(fd, msgs, n, flags);
+}
+"#;
+
+/// A kernel that refuses every segmented send costs no message: a burst still arrives whole,
+/// in order, one datagram per message; the address is counted and warned about once, and the
+/// next burst goes to it one datagram per send, without another refusal.
+#[test]
+fn a_kernel_that_refuses_segmented_sends_costs_no_message() {
+    let build = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let library = preload_library(build.path(), "no_udp_checksums", NO_UDP_CHECKSUMS);
+    let d = Daemon::start_with(Options {
+        config: Some("[rate]\nchat_per_sec = 0.0\n".into()),
+        metrics: true,
+        env: vec![("LD_PRELOAD".into(), library.display().to_string())],
+        ..Options::default()
+    });
+    d.assert_loaded(&library);
+    let host = Member::new(&d, "plain", &create(&d, "plain", "host"));
+    let bob = roomy(Member::new(&d, "plain", &join(&d, "plain", "bob")));
+    let carol = roomy(Member::new(&d, "plain", &join(&d, "plain", "carol")));
+    host.send("__REGISTER__");
+    bob.registered_with(&host, "bob");
+    carol.registered_with(&host, "carol");
+    for round in ["a", "b"] {
+        let expected: Vec<String> = (0..120)
+            .map(|i| format!("{i:04} {}", "x".repeat(994)))
+            .collect();
+        for (sizes, texts) in burst(&d, &host, &[&bob, &carol], round, 120) {
+            assert_eq!(texts, expected, "{round}: every message, in order");
+            assert_eq!(sizes, vec![1 + 4 + 1000; 120], "{round}");
+        }
+        assert_eq!(
+            d.metric("ocm_udp_segmentation_refusals_total"),
+            1.0,
+            "{round}"
+        );
+    }
+    assert_eq!(d.metric("ocm_datagrams_segmented_total"), 0.0);
+    let log = d.log();
+    assert_eq!(
+        log.matches("UDP: the kernel refused a segmented send to 127.0.0.1:")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(
+        log.contains("127.0.0.1 gets one datagram per send for 10 minutes"),
+        "{log}"
+    );
+}
+
 /// A daemon on `udp` and three members at its loopback address; the host sends a burst of 120
 /// 1000-byte messages for each of `rounds` (segmented sends on or off, at a reload after the
 /// first), which the two others must get whole, in order, one datagram per message, in two

@@ -248,6 +248,17 @@ impl Daemon {
         });
     }
 
+    /// Asserts that the dynamic loader took `library` into this daemon (it only warns when it
+    /// cannot).
+    pub fn assert_loaded(&self, library: &std::path::Path) {
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", self.pid())).unwrap();
+        assert!(
+            maps.contains(&library.display().to_string()),
+            "{} is not loaded into ocmd",
+            library.display()
+        );
+    }
+
     /// The child's pid.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
@@ -338,6 +349,28 @@ impl Drop for Daemon {
             eprintln!("---- ocmd stderr ----\n{}---------------------", self.log());
         }
     }
+}
+
+/// Builds the C `source` into a shared library for `LD_PRELOAD` named after `name`, in `dir`
+/// (not `/tmp`, which may be mounted `noexec`: the tests pass `CARGO_TARGET_TMPDIR`), with the
+/// C compiler that links Rust binaries (`$CC`, which may carry arguments, or `cc`). Returns
+/// its path.
+pub fn preload_library(dir: &std::path::Path, name: &str, source: &str) -> PathBuf {
+    let source_path = dir.join(format!("{name}.c"));
+    let library = dir.join(format!("lib{name}.so"));
+    std::fs::write(&source_path, source).unwrap();
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let mut words = cc.split_whitespace();
+    let status = Command::new(words.next().unwrap_or("cc"))
+        .args(words)
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&library)
+        .arg(&source_path)
+        .arg("-ldl")
+        .status()
+        .unwrap_or_else(|e| panic!("{cc}: {e}"));
+    assert!(status.success(), "{cc} failed: {status}");
+    library
 }
 
 /// What a TCRP exchange returned.
