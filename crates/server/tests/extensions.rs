@@ -1548,16 +1548,6 @@ fn presence_of_a_crowded_room_is_cut_to_one_reply() {
     assert_eq!(out.len(), names.len() + 2, "host line, members, the note");
 }
 
-/// A child process killed and reaped when the test ends, failed or not.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A pseudo-terminal pair: `ocm` gets the terminal end, the test the other.
 struct Pty {
     controller: std::fs::File,

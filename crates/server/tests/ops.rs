@@ -2107,18 +2107,22 @@ fn a_sighup_while_the_state_loads_does_not_kill_ocmd() {
     let path = std::ffi::CString::new(state.as_os_str().as_bytes()).unwrap();
     // SAFETY: mkfifo(3) with a valid C string.
     assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ocmd"))
-        .args(["--tcp", "127.0.0.1:0", "--udp", "127.0.0.1:0"])
-        .args(["--metrics", "off", "--state"])
-        .arg(&state)
-        .env_remove("RUST_LOG")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("JOURNAL_STREAM")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ocmd");
+    // Killed and reaped however the test ends (a failed assertion included).
+    let mut guard = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_ocmd"))
+            .args(["--tcp", "127.0.0.1:0", "--udp", "127.0.0.1:0"])
+            .args(["--metrics", "off", "--state"])
+            .arg(&state)
+            .env_remove("RUST_LOG")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ocmd"),
+    );
+    let child = &mut guard.0;
     let (tx, lines) = mpsc::channel();
     let stderr = child.stderr.take().unwrap();
     thread::spawn(move || {
@@ -2171,6 +2175,6 @@ fn a_sighup_while_the_state_loads_does_not_kill_ocmd() {
     }
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let status = wait_for_exit(&mut child, "ocmd after SIGTERM");
+    let status = wait_for_exit(child, "ocmd after SIGTERM");
     assert!(status.success(), "{status}: {seen:#?}");
 }

@@ -373,6 +373,16 @@ pub fn preload_library(dir: &std::path::Path, name: &str, source: &str) -> PathB
     library
 }
 
+/// A child process killed and reaped when the test ends, failed or not.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// What a TCRP exchange returned.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reply {
