@@ -936,13 +936,7 @@ fn a_kernel_that_refuses_segmented_sends_costs_no_message() {
     bob.registered_with(&host, "bob");
     carol.registered_with(&host, "carol");
     for round in ["a", "b"] {
-        let expected: Vec<String> = (0..120)
-            .map(|i| format!("{i:04} {}", "x".repeat(994)))
-            .collect();
-        for (sizes, texts) in burst(&d, &host, &[&bob, &carol], round, 120) {
-            assert_eq!(texts, expected, "{round}: every message, in order");
-            assert_eq!(sizes, vec![1 + 4 + 1000; 120], "{round}");
-        }
+        plain_burst_arrives_whole(&d, &host, &[&bob, &carol], round);
         assert_eq!(
             d.metric("ocm_udp_segmentation_refusals_total"),
             1.0,
@@ -961,6 +955,19 @@ fn a_kernel_that_refuses_segmented_sends_costs_no_message() {
         log.contains("127.0.0.1 gets one datagram per send for 10 minutes"),
         "{log}"
     );
+}
+
+/// Has `host` send a burst of 120 1000-byte messages (tagged `round`), and checks that each of
+/// `members` got them whole, in order, one datagram per message.
+fn plain_burst_arrives_whole(d: &Daemon, host: &Member, members: &[&Member], round: &str) {
+    let expected: Vec<String> = (0..120)
+        .map(|i| format!("{i:04} {}", "x".repeat(994)))
+        .collect();
+    for (sizes, texts) in burst(d, host, members, round, 120) {
+        assert_eq!(texts, expected, "{round}: every message, in order");
+        // One message a datagram: "host" and a 1000-byte text, as the original frame.
+        assert_eq!(sizes, vec![1 + 4 + 1000; 120], "{round}");
+    }
 }
 
 /// A daemon on `udp` and three members at its loopback address; the host sends a burst of 120
@@ -999,14 +1006,7 @@ fn segmented_bursts(udp: &str, rounds: &[bool]) {
             d.reload(&config(on));
         }
         let before = segmented();
-        let expected: Vec<String> = (0..120)
-            .map(|i| format!("{i:04} {}", "x".repeat(994)))
-            .collect();
-        for (sizes, texts) in burst(&d, &host, &[&bob, &carol], round, 120) {
-            assert_eq!(texts, expected, "{round}: every message, in order");
-            // One message a datagram: "host" and a 1000-byte text, as the original frame.
-            assert_eq!(sizes, vec![1 + 4 + 1000; 120], "{round}");
-        }
+        plain_burst_arrives_whole(&d, &host, &[&bob, &carol], round);
         // All 120 were relayed in one pass: each member's went in two segmented sends (64
         // and 56 datagrams: the kernel's most segments), or none at all.
         let expected_segmented = if on { 240.0 } else { 0.0 };
