@@ -969,6 +969,11 @@ fn bad_configs_name_the_key_and_the_file() {
             "limits.handshake_timeout_secs",
         ),
         ("unknown section", "[nonsense]\nx = 1\n", "nonsense"),
+        (
+            "not a bool",
+            "[udp]\nsegment_sends = \"yes\"\n",
+            "segment_sends",
+        ),
         ("bad level", "[log]\nlevel = \"loud\"\n", "log.level"),
         // 0 would not mean "never": it turned the pacing of dead-token replies off.
         (
