@@ -10,7 +10,8 @@
 //! - [`store`], [`journal`], [`record`], [`persist`]: the state file, its journal and the writer
 //!   thread;
 //! - [`event_loop`]: the mio shell that owns every socket;
-//! - [`conn`], [`udp`], [`mmsg`], [`local`], [`sockopt`]: what the loop does with its sockets;
+//! - [`conn`], [`udp`], [`mmsg`], [`local`], [`peer`], [`sockopt`]: what the loop does with its
+//!   sockets;
 //! - [`config`], [`metrics`], [`delay`], [`notify`], [`http`], [`plural`]: what operators see.
 //!
 //! Wire formats live in the `tcrp` and `ucrp` crates, which know nothing of sockets.
@@ -29,6 +30,7 @@ pub mod mmsg;
 pub mod notify;
 pub mod outbox;
 pub mod password;
+pub mod peer;
 pub mod persist;
 pub mod plural;
 pub mod rate;

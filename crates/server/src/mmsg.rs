@@ -15,6 +15,7 @@ use std::os::fd::RawFd;
 use std::time::Duration;
 
 use crate::local::LocalAddr;
+use crate::peer;
 
 /// Datagrams per system call.
 pub const BATCH: usize = 256;
@@ -216,14 +217,15 @@ impl Receiver {
         self.arrived_at[i]
     }
 
-    /// The `i`th datagram of the last [`Receiver::recv`]: its source and bytes.
+    /// The `i`th datagram of the last [`Receiver::recv`]: its source (an IPv4 peer of a
+    /// dual-stack socket as its IPv4 address, [`peer::canonical`]) and bytes.
     pub fn datagram(&self, i: usize) -> Option<(SocketAddr, &[u8])> {
         if i >= self.count {
             return None;
         }
         let start = i * self.slot;
         Some((
-            from_storage(&self.addrs[i])?,
+            peer::canonical(from_storage(&self.addrs[i])?),
             &self.buf[start..start + self.lens[i]],
         ))
     }

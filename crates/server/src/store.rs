@@ -41,6 +41,7 @@ pub use crate::journal::{
 };
 use crate::journal::{scan_journal, Ending, ScanError, LAST_NUMBER};
 use crate::local::LocalAddr;
+use crate::peer;
 use crate::record::{HistoryEntry, MemberRecord, Record};
 
 /// Version written in the `version` field. Files without one (the original's) are version 0.
@@ -220,12 +221,15 @@ mod address_format {
         }
     }
 
+    /// Read in the canonical form ([`peer::canonical`]): an IPv4-mapped address (written by an
+    /// older ocmd on a dual-stack socket) as the IPv4 address.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
-        Ok(match Option::<Any>::deserialize(d)? {
+        let addr = match Option::<Any>::deserialize(d)? {
             Some(Any::Pair(ip, port)) => pair(&ip, port),
             Some(Any::Text(text)) => text.parse().ok(),
             Some(Any::Other(_)) | None => None,
-        })
+        };
+        Ok(addr.map(peer::canonical))
     }
 
     /// The pair's IP text (with a zone after `%` for IPv6) and port; `None` if it does not
@@ -300,7 +304,9 @@ impl State {
                 local,
             } => {
                 if let Some(entry) = self.tokens.get_mut(token) {
-                    entry.address = Some(*address);
+                    // Canonical, as the daemon keeps it: an older ocmd on a dual-stack socket
+                    // wrote IPv4 peers IPv4-mapped.
+                    entry.address = Some(peer::canonical(*address));
                     entry.local = local.map(Box::new);
                 }
             }
@@ -998,6 +1004,36 @@ mod tests {
         let mode = fs::metadata(&paths.state).unwrap().permissions();
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(mode.mode() & 0o777, 0o600);
+    }
+
+    /// An older ocmd on a dual-stack socket saved IPv4 peers IPv4-mapped, in the file and in
+    /// register records; they load as IPv4 addresses, the form the daemon now keeps whichever
+    /// socket it has, and a real IPv6 address stays as it is.
+    #[test]
+    fn ipv4_mapped_addresses_load_as_ipv4() {
+        let text = r#"{"rooms": {"r": {"host_token": "h", "members": ["h", "g"]}},
+            "tokens": {"h": {"username": "alice", "room_name": "r", "is_host": true,
+                             "address": ["::ffff:127.0.0.1", 5000]},
+                       "g": {"username": "bob", "room_name": "r", "is_host": false,
+                             "address": ["::1", 5001]}}}"#;
+        let mut state = parse_state(text.as_bytes()).unwrap();
+        assert_eq!(
+            state.tokens["h"].address,
+            Some("127.0.0.1:5000".parse().unwrap())
+        );
+        assert_eq!(
+            state.tokens["g"].address,
+            Some("[::1]:5001".parse().unwrap())
+        );
+        let journal = br#"{"n":1,"op":"register","token":"g","address":"[::ffff:10.0.0.2]:7"}
+"#;
+        for entry in parse_journal(journal).unwrap().records {
+            state.apply(&entry.record);
+        }
+        assert_eq!(
+            state.tokens["g"].address,
+            Some("10.0.0.2:7".parse().unwrap())
+        );
     }
 
     /// Found by the `state_loader` fuzz target: a link-local peer address registered with its

@@ -16,6 +16,7 @@ use crate::local::{LocalId, Locals};
 use crate::metrics::Metrics;
 use crate::mmsg;
 use crate::outbox::{Outbox, Send as QueuedSend};
+use crate::peer;
 use crate::sockopt;
 
 /// Asks for socket buffer sizes; returns what the kernel granted `(recv, send)`.
@@ -131,6 +132,9 @@ pub struct Sender {
     max_batch: usize,
     /// Whether a member's equal-length datagrams go as one segmented send.
     segmenting: bool,
+    /// Whether the socket is an IPv6 one: its IPv4 peers, kept as IPv4 addresses, are sent to
+    /// as IPv4-mapped ones ([`peer::native`]).
+    ipv6_socket: bool,
     /// Destinations kept from segmented sends for a while.
     unsegmented: Unsegmented,
     /// Segmented sends the kernel refused, for tests.
@@ -227,6 +231,12 @@ impl Sender {
     /// Changes the cap on batch frames (configuration reload).
     pub fn set_max_batch(&mut self, max_batch: usize) {
         self.max_batch = max_batch;
+    }
+
+    /// Says whether the socket the sender sends through is an IPv6 one (dual-stack), whose
+    /// IPv4 peers are addressed as IPv4-mapped addresses.
+    pub fn set_ipv6_socket(&mut self, ipv6: bool) {
+        self.ipv6_socket = ipv6;
     }
 
     /// Turns segmented sends on or off. Only on for a socket whose kernel can segment
@@ -402,7 +412,7 @@ impl Sender {
                 }
             }
             self.datagrams.push(mmsg::Outgoing {
-                to: planned.to,
+                to: peer::native(planned.to, self.ipv6_socket),
                 from: locals.get(planned.from),
                 runs: first..parts.len(),
                 segment,

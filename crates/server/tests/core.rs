@@ -532,17 +532,129 @@ fn a_wildcard_bound_daemon_answers_each_member_from_the_address_it_was_sent_to()
 #[test]
 fn a_dual_stack_daemon_answers_ipv4_members_from_the_address_they_sent_to() {
     let wildcard: SocketAddr = "[::]:0".parse().unwrap();
-    // A host without IPv6 cannot bind it, and with net.ipv6.bindv6only = 1 it takes no IPv4;
-    // the IPv4 test above still runs there.
+    if dual_stack(wildcard) {
+        members_talking_to_127_0_0_2_chat_through(wildcard);
+    }
+}
+
+/// Whether a UDP socket bound to `wildcard` (`[::]`) here takes IPv4 datagrams too; says why
+/// not. A host without IPv6 cannot bind it, and with net.ipv6.bindv6only = 1 it takes no IPv4;
+/// the IPv4 tests still run there.
+fn dual_stack(wildcard: SocketAddr) -> bool {
     if let Err(e) = std::net::UdpSocket::bind(wildcard) {
         eprintln!("skipped: this host cannot bind {wildcard}: {e}");
-        return;
+        return false;
     }
     if std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|v| v.trim() == "1") {
         eprintln!("skipped: net.ipv6.bindv6only = 1, so {wildcard} takes no IPv4");
+        return false;
+    }
+    true
+}
+
+/// A restart that moves the UDP socket from an IPv4 address to the dual-stack wildcard (to
+/// serve IPv6 clients too), and back, keeps every member: a dual-stack socket reports an IPv4
+/// peer as `[::ffff:a.b.c.d]`, the same peer, and the state file holds it as IPv4 either way.
+/// (Members registered behind `127.0.0.1` had their chat dropped as `address_mismatch` behind
+/// `[::]`, and an original client registers only once.)
+#[test]
+fn members_keep_their_addresses_across_restarts_between_ipv4_and_dual_stack() {
+    if !dual_stack("[::]:0".parse().unwrap()) {
         return;
     }
-    members_talking_to_127_0_0_2_chat_through(wildcard);
+    let mut d = Daemon::start_with(Options {
+        metrics: true,
+        ..Options::default()
+    });
+    let ipv4 = d.udp;
+    let (alice, bob) = room_of_two(&d, "lobby");
+    let carol_token = join(&d, "lobby", "carol");
+    let mut carol = None;
+    for udp in [SocketAddr::from(([0u16; 8], ipv4.port())), ipv4] {
+        let (status, _) = d.terminate();
+        assert!(status.success(), "{status:?}");
+        d.restart_on_udp(udp);
+        bob.send("hello again");
+        assert_eq!(alice.recv(), "bob: hello again", "behind {udp}");
+        alice.send("welcome back");
+        assert_eq!(bob.recv(), "alice: welcome back", "behind {udp}");
+        match &carol {
+            // Carol registers behind [::], and is heard behind 127.0.0.1 after the restart.
+            None => {
+                let mut m = Member::new(&d, "lobby", &carol_token);
+                m.server = ipv4;
+                m.registered_with(&alice, "carol");
+                assert_eq!(bob.recv(), "carol: probe from carol");
+                carol = Some(m);
+            }
+            Some(carol) => {
+                carol.send("still here");
+                assert_eq!(alice.recv(), "carol: still here");
+                assert_eq!(bob.recv(), "carol: still here");
+            }
+        }
+        assert_eq!(
+            d.metric("ocm_datagrams_dropped_total{reason=\"address_mismatch\"}"),
+            0.0,
+            "behind {udp}"
+        );
+    }
+    // The state a clean stop folds names every member by its IPv4 address, Carol's too.
+    let (status, _) = d.terminate();
+    assert!(status.success(), "{status:?}");
+    let text = std::fs::read_to_string(&d.state).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let carol_port = carol.map(|m| m.addr().port()).unwrap();
+    let addresses: Vec<_> = state["tokens"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|t| t["address"].clone())
+        .collect();
+    assert_eq!(addresses.len(), 3, "{text}");
+    assert!(
+        addresses.iter().all(|a| a[0] == "127.0.0.1"),
+        "{addresses:?}"
+    );
+    assert!(
+        addresses.iter().any(|a| a[1] == carol_port),
+        "{addresses:?}"
+    );
+}
+
+/// A state whose members registered from IPv6 addresses, started behind an IPv4 socket that
+/// cannot send to them: the daemon says so at start, and keeps their tokens.
+#[test]
+fn members_behind_ipv6_that_an_ipv4_socket_cannot_reach_are_reported_at_start() {
+    let loopback6: SocketAddr = "[::1]:0".parse().unwrap();
+    if let Err(e) = std::net::UdpSocket::bind(loopback6) {
+        eprintln!("skipped: this host cannot bind {loopback6}: {e}");
+        return;
+    }
+    let mut d = Daemon::start_with(Options {
+        tcp: Some(loopback6),
+        udp: Some(loopback6),
+        ..Options::default()
+    });
+    let ipv6 = |token: &str| {
+        let socket = std::net::UdpSocket::bind(loopback6).unwrap();
+        socket.set_read_timeout(Some(PATIENCE)).unwrap();
+        Member {
+            socket,
+            server: d.udp,
+            room: "lobby".into(),
+            token: token.into(),
+        }
+    };
+    let alice = ipv6(&create(&d, "lobby", "alice"));
+    let bob = ipv6(&join(&d, "lobby", "bob"));
+    alice.send("__REGISTER__");
+    bob.registered_with(&alice, "bob");
+    let (status, _) = d.terminate();
+    assert!(status.success(), "{status:?}");
+    d.restart_on_udp(SocketAddr::from(([127, 0, 0, 1], d.udp.port())));
+    d.wait_for_log("2 members registered from IPv6 addresses, which the IPv4 UDP socket");
+    d.wait_for_log("2 tokens loaded");
 }
 
 /// Where each member's datagrams came to is saved with it: after `kill -9` and a start on the

@@ -2,6 +2,7 @@
 //! tuned, the writer and password threads started.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -60,6 +61,7 @@ impl Server {
         if !local::needs_arrival_address(config.listen.udp) {
             loaded.state.forget_local_addresses();
         }
+        warn_of_unreachable_members(&loaded.state, config.listen.udp);
         let now = Instant::now();
         let mut registry = Registry::from_state(
             &loaded.state,
@@ -118,6 +120,7 @@ impl Server {
             "net.core.wmem_max",
         );
         let mut sender = udp::Sender::new(config.udp.max_batch_datagram_bytes);
+        sender.set_ipv6_socket(config.listen.udp.is_ipv6());
         sender.set_segmentation(segmentation(&config, udp.as_raw_fd()));
         if let Err(e) = mmsg::enable_timestamps(udp.as_raw_fd()) {
             warn!(
@@ -238,6 +241,28 @@ impl Server {
             bound,
             _lock: lock,
         })
+    }
+}
+
+/// Says (level warn) how many members were registered from IPv6 addresses when the UDP socket
+/// is now an IPv4 one, which cannot send to them (the state moved from a daemon on `[::]`).
+/// They keep their tokens, and are heard again once they register from an IPv4 address.
+fn warn_of_unreachable_members(state: &store::State, udp: SocketAddr) {
+    if udp.is_ipv6() {
+        return;
+    }
+    let unreachable = state
+        .tokens
+        .values()
+        .filter(|t| t.address.is_some_and(|a| a.is_ipv6()))
+        .count();
+    if unreachable > 0 {
+        warn!(
+            "{} registered from IPv6 addresses, which the IPv4 UDP socket ({udp}) cannot \
+             send to: they hear nothing until they register from an IPv4 address, or \
+             listen.udp is an IPv6 address again",
+            Count(unreachable, "member")
+        );
     }
 }
 

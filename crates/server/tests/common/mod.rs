@@ -294,10 +294,15 @@ impl Daemon {
     /// Starts a new daemon on the same state directory and the same ports (the old one
     /// must have exited).
     pub fn restart(&mut self) {
+        self.restart_on_udp(self.udp);
+    }
+
+    /// Like [`Daemon::restart`], with the UDP socket bound to `udp` instead.
+    pub fn restart_on_udp(&mut self, udp: SocketAddr) {
         assert!(self.child.is_none(), "stop the daemon first");
         let mut options = self.options.clone();
         options.tcp = Some(self.tcp);
-        options.udp = Some(self.udp);
+        options.udp = Some(udp);
         let deadline = Instant::now() + PATIENCE;
         loop {
             match Daemon::spawn(Arc::clone(&self.dir), options.clone()) {
@@ -305,6 +310,7 @@ impl Daemon {
                     self.child = fresh.child.take();
                     self.log = Arc::clone(&fresh.log);
                     self.metrics = fresh.metrics;
+                    self.udp = fresh.udp;
                     return;
                 }
                 // The old ports can take a moment to be free again.
