@@ -53,6 +53,7 @@ impl Registry {
             address: None,
             local: LocalId::ANY,
             local_unsaved: false,
+            source_queued: false,
             keepalive,
             last_seen: now,
             serial: 0,

@@ -176,8 +176,9 @@ impl Registry {
             return;
         }
         member.local = local;
-        if !std::mem::replace(&mut member.local_unsaved, true) {
-            self.sources_unsaved.push(id);
+        member.local_unsaved = true;
+        if !std::mem::replace(&mut member.source_queued, true) {
+            self.sources_unsaved.push_back((id, member.serial));
         }
     }
 
@@ -201,15 +202,20 @@ impl Registry {
     /// is then saved over several checkpoints, not as one batch of every member.
     pub fn save_sources_within(&mut self, budget: usize) -> usize {
         let mut written = 0;
-        let mut unsaved = std::mem::take(&mut self.sources_unsaved);
-        let cut = unsaved.len().min(budget);
-        self.sources_unsaved = unsaved.split_off(cut);
-        for id in unsaved {
-            // A member gone since (its slot perhaps reused by a member with nothing unsaved)
-            // has nothing to save.
-            let Some(member) = self.members.get_mut(id.0) else {
+        while written < budget {
+            let Some((id, serial)) = self.sources_unsaved.pop_front() else {
+                break;
+            };
+            // A member gone since (its slot empty, or another member's) has nothing to save.
+            let Some(member) = self
+                .members
+                .get_mut(id.0)
+                .filter(|member| member.serial == serial)
+            else {
                 continue;
             };
+            member.source_queued = false;
+            // Nothing, when a move to a new address saved it since (with its own record).
             if !std::mem::replace(&mut member.local_unsaved, false) {
                 continue;
             }

@@ -40,7 +40,7 @@ mod restore;
 mod room;
 mod tombstones;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -287,8 +287,10 @@ pub struct Registry {
     /// Our addresses that datagrams with a live token came to, numbered: each member is sent
     /// from the one it last registered or chatted with (a socket bound to a wildcard address).
     locals: Locals,
-    /// Members whose source (`local`) moved since it was last journaled.
-    sources_unsaved: Vec<MemberId>,
+    /// Members whose source (`local`) moved since it was last journaled, in the order they
+    /// moved, each once, with its serial (a departed member's entry names a slot that may
+    /// hold another member since).
+    sources_unsaved: VecDeque<(MemberId, u32)>,
     /// When each member with keepalives is next to be looked at.
     deadlines: Deadlines,
     /// The serial of the next member inserted (see [`Deadlines`]).
@@ -322,7 +324,7 @@ impl Registry {
             wall_clock: None,
             checkpoint_cursor: 0,
             locals: Locals::default(),
-            sources_unsaved: Vec::new(),
+            sources_unsaved: VecDeque::new(),
             deadlines: Deadlines::default(),
             next_serial: 0,
             keepalive_members: 0,

@@ -103,6 +103,7 @@ impl Registry {
                     address: entry.address,
                     local,
                     local_unsaved: false,
+                    source_queued: false,
                     // As a request's: `0` promises nothing, and a promise under today's
                     // `min_keepalive_secs` (a hand-edited file, or a minimum raised since) is
                     // raised to it.

@@ -82,6 +82,9 @@ pub(super) struct Member {
     pub(super) local: LocalId,
     /// `local` moved since it was last journaled ([`super::Registry::save_sources`]).
     pub(super) local_unsaved: bool,
+    /// The member has an entry in the registry's queue of sources to save: a member that
+    /// keeps moving is queued once, not once per move.
+    pub(super) source_queued: bool,
     pub(super) keepalive: Option<Duration>,
     pub(super) last_seen: Instant,
     /// Told apart from an earlier member of the same slot (set by `insert_member` from one

@@ -803,6 +803,82 @@ fn moved_sources_are_saved_within_a_budget() {
     assert_eq!(saved, [(1, second), (2, second), (3, second)]);
 }
 
+/// A member that moves back and forth (a REGISTER from a new port of its, which writes its own
+/// record, then a keepalive to another of our addresses, which is saved at the checkpoint) is
+/// queued once until the checkpoint, not once per move (a review found 1,001 entries for three
+/// members); the budget counts records written, so an honest member's moved source is saved
+/// at the next checkpoint however many such moves came before it.
+#[test]
+fn a_member_that_keeps_moving_is_queued_once_and_spends_no_budget_for_nothing() {
+    let mut t = room_of_three();
+    let mut out = Outbox::default();
+    let keepalive = dgram("r", &t.cy, "__REGISTER__");
+    let mut now = t.now;
+    for i in 0..1_000u16 {
+        now += Duration::from_millis(20); // within the default 50 a second
+        let h = t
+            .reg
+            .handle_datagram(addr(1_000 + i), ours(1), &keepalive, now, &mut out);
+        assert_eq!(h, Handled::Registered { changed: true }, "move {i}");
+        let h = t
+            .reg
+            .handle_datagram(addr(1_000 + i), ours(2), &keepalive, now, &mut out);
+        assert_eq!(h, Handled::Registered { changed: false }, "keepalive {i}");
+    }
+    let bob = dgram("r", &t.bob, "__REGISTER__");
+    let h = t.reg.handle_datagram(addr(2), ours(2), &bob, now, &mut out);
+    assert_eq!(h, Handled::Registered { changed: false });
+    t.reg.take_records();
+    assert_eq!(t.reg.sources_unsaved.len(), 2, "cy once, bob once");
+    assert_eq!(t.reg.save_sources_within(2), 2);
+    let second = Some(IpAddr::from([192, 0, 2, 2]));
+    assert_eq!(
+        saved_sources(&t.reg.take_records()),
+        [(1_999, second), (2, second)]
+    );
+    assert!(t.reg.sources_unsaved.is_empty());
+    // Saved: the next move queues the member again.
+    let h = t.reg.handle_datagram(addr(2), ours(1), &bob, now, &mut out);
+    assert_eq!(h, Handled::Registered { changed: false });
+    assert_eq!(t.reg.save_sources_within(1), 1);
+}
+
+/// The entry of a member that left names its slot; a member that takes the slot later is not
+/// saved for it (nor kept from being queued by it).
+#[test]
+fn a_departed_members_queued_source_is_not_saved_for_the_next_member_of_its_slot() {
+    let mut t = room_of_three();
+    let mut out = Outbox::default();
+    let cy = dgram("r", &t.cy, "__REGISTER__");
+    t.reg
+        .handle_datagram(addr(3), ours(2), &cy, t.now, &mut out);
+    t.reg.handle_datagram(
+        addr(3),
+        None,
+        &dgram("r", &t.cy, "__LEAVE__"),
+        t.now,
+        &mut out,
+    );
+    let dee = t
+        .reg
+        .join_room("r", &Request::original("dee"), HERE, t.now, &mut out)
+        .unwrap()
+        .token;
+    let dee_register = dgram("r", &dee, "__REGISTER__");
+    t.reg
+        .handle_datagram(addr(4), ours(1), &dee_register, t.now, &mut out);
+    t.reg.take_records();
+    assert_eq!(t.reg.save_sources_within(usize::MAX), 0);
+    // Dee moves: queued, though the departed member's entry named the same slot.
+    t.reg
+        .handle_datagram(addr(4), ours(2), &dee_register, t.now, &mut out);
+    assert_eq!(t.reg.save_sources_within(usize::MAX), 1);
+    assert_eq!(
+        saved_sources(&t.reg.take_records()),
+        [(4, Some(IpAddr::from([192, 0, 2, 2])))]
+    );
+}
+
 /// A keepalive from the member's own address to another of ours is always accepted, however
 /// often (it takes nothing from the chat allowance, unlike a move to another address of the
 /// member's), and a move refused for the allowance leaves the member's source where it was.
