@@ -230,11 +230,7 @@ pub(crate) fn scan_journal<E>(
     let mut offset = 0;
     loop {
         line.clear();
-        if reader
-            .read_until(b'\n', &mut line)
-            .map_err(ScanError::Read)?
-            == 0
-        {
+        if read_line_to_nul(&mut reader, &mut line).map_err(ScanError::Read)? == 0 {
             return Ok(replay);
         }
         index += 1;
@@ -282,7 +278,7 @@ pub(crate) fn scan_journal<E>(
         replay.data_bytes = offset;
         let Some(body) = line.strip_suffix(b"\n") else {
             // The last line, cut short: an append that was never acknowledged. (Only the last
-            // line can lack its newline: `read_until` stops only at one or at the end.)
+            // line can lack its newline, or one holding a NUL, handled above.)
             replay.torn_tail = true;
             return Ok(replay);
         };
@@ -300,6 +296,34 @@ pub(crate) fn scan_journal<E>(
             })
             .map_err(ScanError::Apply)?,
             Err(e) => return Err(ScanError::Line(index, e.to_string())),
+        }
+    }
+}
+
+/// Appends to `line` the bytes up to and including the next newline, as `read_until` does,
+/// or up to and including the first NUL byte if one comes first: what follows a NUL is
+/// counted by the caller a chunk at a time, not kept, so a run of NULs (or a hole with long
+/// lines after it) costs no memory however long it is. Returns the bytes appended (0: at the
+/// end).
+fn read_line_to_nul(reader: &mut impl io::BufRead, line: &mut Vec<u8>) -> io::Result<usize> {
+    let start = line.len();
+    loop {
+        let chunk = match reader.fill_buf() {
+            Ok(chunk) => chunk,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if chunk.is_empty() {
+            return Ok(line.len() - start);
+        }
+        let (taken, done) = match chunk.iter().position(|&b| b == b'\n' || b == 0) {
+            Some(at) => (at + 1, true),
+            None => (chunk.len(), false),
+        };
+        line.extend_from_slice(&chunk[..taken]);
+        reader.consume(taken);
+        if done {
+            return Ok(line.len() - start);
         }
     }
 }

@@ -153,3 +153,51 @@ fn a_journal_replays_in_far_less_memory_than_its_size() {
         "held {most} bytes at once for a {size}-byte journal"
     );
 }
+
+/// A journal whose record is followed by a long run of NUL bytes (a sparse file: a
+/// `truncate -s`, a bad copy or restore) loads in the memory of a read buffer, as a journal of
+/// records does: the run is counted, never kept, whether it is the space ahead (NULs to the
+/// end) or a hole (a torn line after it). The first line holding a NUL was read whole, up to
+/// the next newline or the end of the file: 64 MiB of NULs held 128 MiB, and 1.5 GiB under
+/// `ulimit -v 1048576` aborted `ocmd` (found by a review).
+#[test]
+fn a_long_run_of_nul_bytes_in_the_journal_is_not_read_into_memory_at_once() {
+    use std::io::Write;
+    for after in [&b""[..], b"{\"n\":2,\"op\""] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let paths = ocm_server::store::Paths::new(&dir.path().join("room_manager.json"));
+        let mut journal = std::fs::File::create(&paths.journal).unwrap();
+        let host = r#"{"token":"00000000000000000000000000000000","username":"host"}"#;
+        writeln!(
+            journal,
+            r#"{{"n":1,"op":"create_room","room":"lobby","host":{host},"created_at":1.5}}"#
+        )
+        .unwrap();
+        // 64 MiB of NUL bytes after the record, without writing them (a sparse file).
+        let run: u64 = 64 * 1024 * 1024;
+        let len = journal.metadata().unwrap().len();
+        journal.set_len(len + run).unwrap();
+        std::io::Seek::seek(&mut journal, std::io::SeekFrom::End(0)).unwrap();
+        journal.write_all(after).unwrap();
+        drop(journal);
+
+        let (start, _) = HELD.with(Cell::get);
+        HELD.with(|held| held.set((start, start)));
+        let loaded = ocm_server::store::load(&paths).expect("load");
+        let (_, peak) = HELD.with(Cell::get);
+
+        assert_eq!(loaded.last_seq, 1);
+        assert_eq!(
+            loaded.torn_tail,
+            !after.is_empty(),
+            "NULs at the end are the space ahead"
+        );
+        let most = peak - start;
+        assert!(
+            most < 8 * 1024 * 1024,
+            "held {most} bytes at once for a journal of one record, {run} NUL bytes and {} \
+             more",
+            after.len()
+        );
+    }
+}
