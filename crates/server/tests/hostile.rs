@@ -1904,3 +1904,104 @@ fn a_datagram_flood_does_not_starve_handshakes() {
     Member::new(&d, "busy", &join(&d, "busy", "late")).registered_with(&hostm, "late");
     assert_state_intact(d, &[room, "busy".into(), "during".into()]);
 }
+
+/// The daemon-side queue length of a TCP socket of the daemon, from `/proc/<pid>/net/tcp`:
+/// for a listener (`remote` None) its accept backlog, for a connection its unread bytes.
+fn rx_queue(pid: u32, local: SocketAddr, remote: Option<SocketAddr>) -> Option<u64> {
+    let hex = |a: SocketAddr| {
+        let SocketAddr::V4(v4) = a else {
+            panic!("IPv4 expected")
+        };
+        format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(v4.ip().octets()),
+            v4.port()
+        )
+    };
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).ok()?;
+    let local = hex(local);
+    let remote = remote.map_or_else(|| "00000000:0000".to_owned(), hex);
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(1) == Some(&local.as_str()) && fields.get(2) == Some(&remote.as_str()) {
+            let queues = fields.get(4)?;
+            let (_, rx) = queues.split_once(':')?;
+            u64::from_str_radix(rx, 16).ok()
+        } else {
+            None
+        }
+    })
+}
+
+/// A TCRP connection put on the loop's `revisit` list (its input was more than
+/// `READS_PER_EVENT` buffers) and then closed in the same pass (here: a bad frame in its
+/// fourth buffer ends it, and its peer's end is already there) frees its slab slot, which a
+/// metrics connection accepted later in the same pass takes. The list was walked by slot
+/// number alone, so that HTTP connection was read as TCRP and the scraper's `GET /metrics`
+/// answered with a TCRP `malformed_request` frame (found by a review); a connection now
+/// leaves the list when it closes.
+///
+/// The daemon is stopped (SIGSTOP) while both things happen, so that one `poll` reports them
+/// in one pass, in the order they happened.
+#[test]
+fn a_metrics_connection_in_a_reused_slot_is_not_read_as_tcrp() {
+    let d = Daemon::start_with(Options {
+        config: Some(
+            "[limits]\nmax_payload_bytes = 64\nhandshake_timeout_secs = 600\n\
+             [rate]\nrequests_per_sec = 0\n"
+                .into(),
+        ),
+        metrics: true,
+        ..Options::default()
+    });
+    let metrics = d.metrics.expect("metrics on");
+    // A: the one TCRP connection, answered once, idle.
+    let mut a = connect(&d);
+    // ListRooms with a 64-byte payload: 96 bytes in, ~93 bytes out.
+    let mut padded = b"{}".to_vec();
+    padded.resize(64, b' ');
+    let list = request_bytes(Operation::ListRooms, "", &padded);
+    assert_eq!(list.len(), 96);
+    a.write_all(&list).unwrap();
+    let mut frames = FrameReader::default();
+    assert_eq!(frames.next(&mut a).map(|f| f.0), Some(State::Compliance));
+    assert_eq!(frames.next(&mut a).map(|f| f.0), Some(State::Complete));
+    let a_local = a.local_addr().unwrap();
+
+    d.signal(libc::SIGSTOP);
+    // 1. A sends far more than four input buffers' worth (a buffer is 4447 bytes at this
+    //    payload cap; each read takes 46 whole frames), with a frame of an unknown state
+    //    (which ends the connection) in the fourth buffer (frames 139 to 184), then its end
+    //    (its FIN counts one more in the queue).
+    let mut burst = list.repeat(320);
+    burst[149 * 96 + 2] = 7;
+    a.write_all(&burst).unwrap();
+    a.shutdown(Shutdown::Write).unwrap();
+    wait_until("the burst queued in the stopped daemon", || {
+        rx_queue(d.pid(), d.tcp, Some(a_local)) >= Some(burst.len() as u64)
+    });
+    // 2. C, a scraper, asks for the metrics.
+    let mut c = TcpStream::connect(metrics).unwrap();
+    c.set_read_timeout(Some(PATIENCE)).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    wait_until("C in the backlog", || {
+        rx_queue(d.pid(), metrics, None) == Some(1)
+    });
+    d.signal(libc::SIGCONT);
+
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match c.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            Err(e) => panic!("reading the metrics answer: {e}"),
+        }
+    }
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "the scraper got {:?} instead of the metrics",
+        String::from_utf8_lossy(&answer[..answer.len().min(60)])
+    );
+}

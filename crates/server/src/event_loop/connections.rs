@@ -346,6 +346,9 @@ impl Server {
         if conn.kind == Kind::Http {
             self.http_conns.retain(|&open| open != id);
         }
+        // Its slot may take a connection accepted later in this pass, which must not be read
+        // for it (a metrics one would be read as TCRP; found by a review).
+        self.revisit.retain(|&queued| queued != id);
         // A lingering connection gave its share back when it began to linger.
         if conn.kind == Kind::Tcrp && !conn.lingering {
             release_per_ip(&mut self.per_ip, conn.peer);
