@@ -22,6 +22,9 @@ use crate::delay::{DelayHistogram, DurableWait};
 /// 15 KiB room list do not hold its room for good.
 const IDLE_BUFFER_BYTES: usize = 4096;
 
+/// Room for held replies an idle connection keeps (more is given back once none is held).
+const HELD_IDLE_REPLIES: usize = 16;
+
 /// How long a lingering close waits for the peer's end (see [`Conn::linger`]).
 pub const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -233,6 +236,11 @@ impl Conn {
                 self.output.extend_from_slice(&bytes);
             }
         }
+        // Hundreds of cheap refusals queued behind one held reply would otherwise keep their
+        // room for the connection's life, as the byte buffers do not ([`empty`]).
+        if self.held.is_empty() && self.held.capacity() > HELD_IDLE_REPLIES {
+            self.held = VecDeque::new();
+        }
         self.held.len() < before
     }
 
@@ -400,6 +408,27 @@ mod tests {
         // The second waited 400 ms: within the 1 s bound, above 250 ms.
         assert_eq!(waited.quantile_bound(1.0), Some(1.0));
         assert!(!c.has_held());
+    }
+
+    /// Hundreds of refusals queued behind a held reply give their room back once it leaves.
+    #[test]
+    fn the_room_of_many_replies_held_behind_one_is_given_back() {
+        let (_peer, stream) = pair(true);
+        let mut c = conn(stream);
+        c.queue(b"token;".to_vec(), Some((1, Instant::now())));
+        for _ in 0..500 {
+            c.queue(b"refused;".to_vec(), None);
+        }
+        assert!(c.held.capacity() >= 501);
+        let mut waited = DelayHistogram::<DurableWait>::default();
+        assert!(c.release(1, Instant::now(), &mut waited));
+        assert!(!c.has_held());
+        assert!(
+            c.held.capacity() <= HELD_IDLE_REPLIES,
+            "{}",
+            c.held.capacity()
+        );
+        assert_eq!(c.output.len(), 6 + 500 * 8);
     }
 
     /// Waits until the socket has `n` bytes queued, so a read sees them all at once.
