@@ -31,7 +31,7 @@ use crate::rate::{KeyedLimiter, TokenBucket};
 use crate::rooms::Registry;
 use crate::store::{self, Paths};
 use crate::wall_clock::WallClock;
-use crate::{conn, mmsg, password, udp};
+use crate::{conn, mmsg, password, sockopt, udp};
 
 impl Server {
     /// Locks and loads the state, binds every socket and starts the writer. Any failure here
@@ -61,7 +61,6 @@ impl Server {
         if !local::needs_arrival_address(config.listen.udp) {
             loaded.state.forget_local_addresses();
         }
-        warn_of_unreachable_members(&loaded.state, config.listen.udp);
         let now = Instant::now();
         let mut registry = Registry::from_state(
             &loaded.state,
@@ -119,6 +118,7 @@ impl Server {
             sndbuf,
             "net.core.wmem_max",
         );
+        warn_of_unreachable_members(&loaded.state, &config, udp.as_raw_fd());
         let mut sender = udp::Sender::new(config.udp.max_batch_datagram_bytes);
         sender.set_ipv6_socket(config.listen.udp.is_ipv6());
         sender.set_segmentation(segmentation(&config, udp.as_raw_fd()));
@@ -244,24 +244,45 @@ impl Server {
     }
 }
 
-/// Says (level warn) how many members were registered from IPv6 addresses when the UDP socket
-/// is now an IPv4 one, which cannot send to them (the state moved from a daemon on `[::]`).
-/// They keep their tokens, and are heard again once they register from an IPv4 address.
-fn warn_of_unreachable_members(state: &store::State, udp: SocketAddr) {
-    if udp.is_ipv6() {
-        return;
+/// Says (level warn) how many members were registered from addresses of a family the UDP
+/// socket `fd` cannot send to: IPv6 ones behind an IPv4 socket, IPv4 ones behind an IPv6 socket
+/// that takes no IPv4 (bound to a specific IPv6 address, or `[::]` with `IPV6_V6ONLY`), after
+/// `listen.udp` moved. They keep their tokens; sends to them fail and are counted.
+fn warn_of_unreachable_members(state: &store::State, config: &Config, fd: RawFd) {
+    let udp = config.listen.udp;
+    let (reaches_ipv4, reaches_ipv6) = match udp {
+        SocketAddr::V4(_) => (true, false),
+        SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_some() => (true, false),
+        SocketAddr::V6(v6) if !v6.ip().is_unspecified() => (false, true),
+        SocketAddr::V6(_) => {
+            let v6_only = sockopt::get_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
+                .is_ok_and(|only| only != 0);
+            (!v6_only, true)
+        }
+    };
+    let (mut ipv4, mut ipv6) = (0, 0);
+    for address in state.tokens.values().filter_map(|t| t.address) {
+        match address {
+            SocketAddr::V4(_) if !reaches_ipv4 => ipv4 += 1,
+            SocketAddr::V6(_) if !reaches_ipv6 => ipv6 += 1,
+            _ => {}
+        }
     }
-    let unreachable = state
-        .tokens
-        .values()
-        .filter(|t| t.address.is_some_and(|a| a.is_ipv6()))
-        .count();
-    if unreachable > 0 {
+    for (count, family, other) in [(ipv4, "IPv4", "IPv6"), (ipv6, "IPv6", "IPv4")] {
+        if count == 0 {
+            continue;
+        }
+        let again = if config.udp.register_only_from_join_ip {
+            // The guard holds them to the IP they joined from.
+            "they hear nothing until they join again (udp.register_only_from_join_ip holds \
+             them to the IP they joined from)"
+        } else {
+            "they hear nothing until they register from an address the socket reaches"
+        };
         warn!(
-            "{} registered from IPv6 addresses, which the IPv4 UDP socket ({udp}) cannot \
-             send to: they hear nothing until they register from an IPv4 address, or \
-             listen.udp is an IPv6 address again",
-            Count(unreachable, "member")
+            "{} registered from {family} addresses, which the UDP socket ({udp}, {other} \
+             only) cannot send to: {again}, or until listen.udp reaches {family} again",
+            Count(count, "member")
         );
     }
 }
