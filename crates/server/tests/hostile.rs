@@ -2005,3 +2005,81 @@ fn a_metrics_connection_in_a_reused_slot_is_not_read_as_tcrp() {
         String::from_utf8_lossy(&answer[..answer.len().min(60)])
     );
 }
+
+/// A datagram forged with the daemon's own address and port as its source is dropped and
+/// counted (`own_address`): a `__REGISTER__` taken from there would bind the member to the
+/// daemon itself, which would then send the room's chat to its own socket. Forged from a raw
+/// socket (`IPPROTO_RAW`, so root or `CAP_NET_RAW`; skipped without), the only way to send
+/// from an address and port another socket holds.
+#[test]
+fn a_register_forged_from_the_daemons_own_address_is_dropped() {
+    // SAFETY: a plain socket(2) call; the descriptor is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        eprintln!("skipped: no raw socket here ({e})");
+        return;
+    }
+    // SAFETY: `fd` was just opened and nothing else owns it.
+    let raw = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let d = Daemon::start_with(Options {
+        metrics: true,
+        ..Options::default()
+    });
+    let SocketAddr::V4(own) = d.udp else {
+        panic!("the daemon listens on 127.0.0.1")
+    };
+    let host = create(&d, "lobby", "alice");
+    let guest = join(&d, "lobby", "bob");
+    let mut payload = Vec::new();
+    ucrp::datagram::encode(b"lobby", host.as_bytes(), "__REGISTER__", &mut payload).unwrap();
+    // IPPROTO_RAW implies IP_HDRINCL: the IPv4 header is ours (the kernel fills in its
+    // checksum), then UDP from the daemon's port to itself, checksum 0 (none, as IPv4 allows).
+    let udp_len = 8 + payload.len();
+    let total = 20 + udp_len;
+    let mut packet = vec![0x45, 0];
+    packet.extend_from_slice(&(total as u16).to_be_bytes());
+    packet.extend_from_slice(&[0, 0, 0x40, 0, 64, libc::IPPROTO_UDP as u8, 0, 0]);
+    packet.extend_from_slice(&own.ip().octets());
+    packet.extend_from_slice(&own.ip().octets());
+    packet.extend_from_slice(&own.port().to_be_bytes());
+    packet.extend_from_slice(&own.port().to_be_bytes());
+    packet.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    packet.extend_from_slice(&[0, 0]);
+    packet.extend_from_slice(&payload);
+    let to = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(own.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    use std::os::fd::AsRawFd;
+    // SAFETY: the buffer and address outlive the call, with their lengths given.
+    let sent = unsafe {
+        libc::sendto(
+            raw.as_raw_fd(),
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&to as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        sent,
+        packet.len() as isize,
+        "{}",
+        std::io::Error::last_os_error()
+    );
+    wait_until("the forged REGISTER dropped as own_address", || {
+        d.metric("ocm_datagrams_dropped_total{reason=\"own_address\"}") >= 1.0
+    });
+    // Nothing was bound to the daemon's address: the host's first REGISTER from its own
+    // socket binds it, and chat reaches it.
+    let alice = Member::joined(&d, "lobby", &host);
+    let bob = Member::new(&d, "lobby", &guest);
+    bob.registered_with(&alice, "bob");
+    assert_eq!(d.metric("ocm_members_registered"), 2.0);
+}
