@@ -179,9 +179,12 @@ pub fn run(session: Session, options: Options) -> Result<Ending, ClientError> {
     // The keepalive thread before the first register: nothing after it may fail without
     // a __LEAVE__. Its first register comes a period later.
     spawn_keepalive(&session, options.keepalive)?;
-    session
-        .register()
-        .map_err(ClientError::io("sending __REGISTER__"))?;
+    if let Err(e) = session.register() {
+        // Ended like every other way out: the keepalive thread stops, and the daemon hears
+        // a __LEAVE__ if the socket still sends one.
+        session.leave();
+        return Err(ClientError::io("sending __REGISTER__")(e));
+    }
     info!(
         "registered with {} in {:?}",
         session.server, session.room_name
