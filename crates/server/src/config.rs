@@ -746,6 +746,13 @@ fn v6_wildcard_takes_ipv4() -> bool {
     }
 }
 
+/// `RUST_LOG`'s filter, which wins over `[log] level`: `None` when unset, and when not
+/// UTF-8 (a stray byte in an `Environment=` line), which then counts as unset everywhere
+/// instead of leaving the logger at trace level and the configured level unapplied.
+pub fn rust_log() -> Option<String> {
+    std::env::var("RUST_LOG").ok()
+}
+
 /// Parses a log level name.
 pub fn log_level(name: &str) -> Option<log::LevelFilter> {
     name.parse().ok()

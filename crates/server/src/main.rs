@@ -87,11 +87,11 @@ fn stderr_is_journal() -> bool {
 /// (`JOURNAL_STREAM` naming standard error) lines carry `<N>` syslog priorities and no timestamp of their own.
 fn init_logging(level: &str) {
     let mut builder = env_logger::Builder::new();
-    match std::env::var("RUST_LOG") {
-        Ok(spec) => {
+    match config::rust_log() {
+        Some(spec) => {
             builder.parse_filters(&spec);
         }
-        Err(_) => {
+        None => {
             builder.filter_level(log::LevelFilter::Trace);
         }
     }
@@ -112,8 +112,11 @@ fn init_logging(level: &str) {
         });
     }
     builder.init();
-    if std::env::var_os("RUST_LOG").is_none() {
+    if config::rust_log().is_none() {
         log::set_max_level(config::log_level(level).unwrap_or(log::LevelFilter::Info));
+        if std::env::var_os("RUST_LOG").is_some() {
+            log::warn!("RUST_LOG is not UTF-8: ignored, [log] level applies");
+        }
     }
 }
 

@@ -2,13 +2,20 @@
 //! `WATCHDOG=1`, sent as datagrams to the Unix socket named by `NOTIFY_SOCKET`.
 //!
 //! Outside systemd (no `NOTIFY_SOCKET`) every call is a no-op. Failures are logged once and
-//! never stop the daemon.
+//! never stop the daemon, nor hold its loop: the socket's queue is shared by every service
+//! and fills while the manager is busy, so the periodic messages (`STATUS=`, `WATCHDOG=1`)
+//! are dropped when it is full, and the rarer ones it acts on wait at most
+//! [`LIFECYCLE_WAIT`] for room.
 
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::time::Duration;
 
 use log::warn;
+
+/// How long a `READY=1`, `RELOADING=1` or `STOPPING=1` waits for room in a full queue: the
+/// manager acts on them (a start waits for `READY=1`), so they are worth a short stall.
+pub const LIFECYCLE_WAIT: Duration = Duration::from_secs(1);
 
 /// A handle on the service manager's notification socket.
 pub struct Notifier {
@@ -25,7 +32,8 @@ impl Notifier {
                 Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
                 None => SocketAddr::from_pathname(&path),
             };
-            let socket = UnixDatagram::unbound();
+            let socket = UnixDatagram::unbound()
+                .and_then(|s| s.set_write_timeout(Some(LIFECYCLE_WAIT)).map(|()| s));
             match (socket, addr) {
                 (Ok(s), Ok(a)) => Some((s, a)),
                 (Err(e), _) | (_, Err(e)) => {
@@ -45,12 +53,26 @@ impl Notifier {
         self.target.is_some()
     }
 
-    /// Sends one notification (newline-separated `KEY=value` lines).
+    /// Sends one notification the manager acts on (newline-separated `KEY=value` lines),
+    /// waiting at most [`LIFECYCLE_WAIT`] for room in its queue.
     pub fn send(&mut self, state: &str) {
+        self.send_waiting(state, true);
+    }
+
+    /// Sends a periodic notification (`STATUS=`, `WATCHDOG=1`), dropped at once if the queue
+    /// is full: the next one comes soon, and the loop must not wait for the manager.
+    pub fn send_periodic(&mut self, state: &str) {
+        self.send_waiting(state, false);
+    }
+
+    fn send_waiting(&mut self, state: &str, wait: bool) {
         let Some((socket, addr)) = &self.target else {
             return;
         };
-        if let Err(e) = socket.send_to_addr(state.as_bytes(), addr) {
+        let sent = socket
+            .set_nonblocking(!wait)
+            .and_then(|()| socket.send_to_addr(state.as_bytes(), addr));
+        if let Err(e) = sent {
             if !self.warned {
                 warn!("cannot notify the service manager: {e}");
                 self.warned = true;

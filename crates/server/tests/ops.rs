@@ -377,6 +377,48 @@ fn notify_watchdog_meant_for_another_pid_is_ignored() {
     create(&d, "r", "host");
 }
 
+/// OPERATIONS.md: "A failing notification is logged once (warn) and never stops the daemon."
+/// A service manager that does not read its socket for a while (PID 1 busy in a long
+/// `daemon-reload`, the shared /run/systemd/notify queue full of other services' messages) must
+/// not stall the event loop: a periodic notification is dropped (EAGAIN), once warned about.
+/// The socket was blocking, so the daemon waited inside `sendto` for as long as nobody read,
+/// and answered nothing (not even /healthz) meanwhile (found by a review).
+#[test]
+fn a_notify_socket_nobody_reads_does_not_stall_the_loop() {
+    // Bound, never read: its queue (net.unix.max_dgram_qlen datagrams) fills with pings.
+    let sd = NotifyListener::bind();
+    let d = Daemon::start_with(Options {
+        metrics: true,
+        // A ping every 100 µs fills even a 512-datagram queue within a tenth of a second.
+        env: vec![sd.env(), ("WATCHDOG_USEC".into(), "200".into())],
+        ..Options::default()
+    });
+    let addr = d.metrics.expect("metrics on");
+    let start = Instant::now();
+    let mut checks = 0;
+    while start.elapsed() < Duration::from_secs(2) || checks < 3 {
+        let mut s = TcpStream::connect(addr).expect("connect metrics");
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+        let mut response = String::new();
+        let read = s.read_to_string(&mut response);
+        assert!(
+            read.is_ok() && response.ends_with("ok\n"),
+            "/healthz not answered {:?} after start ({read:?}, {response:?}): the loop is blocked \
+             sending to a notify socket nobody reads",
+            start.elapsed()
+        );
+        checks += 1;
+    }
+    d.wait_for_log("cannot notify the service manager");
+    assert_eq!(
+        d.log().matches("cannot notify the service manager").count(),
+        1,
+        "warned once"
+    );
+    drop(sd);
+}
+
 // ---------------------------------------------------------------------------------------------
 // /metrics and /healthz
 
@@ -1800,6 +1842,58 @@ fn without_journal_stream_lines_have_timestamps_and_info_is_the_default() {
         "info is the default level:\n{log}"
     );
     assert!(!log.lines().any(|l| l.starts_with('<')), "{log}");
+}
+
+/// A `RUST_LOG` that is not UTF-8 (a stray byte in a drop-in's `Environment=`) counts as
+/// unset, with a warning: it made the daemon log everything at trace level (mio's per-event
+/// lines included), whatever `[log] level` said, and a reload could not lower it (found by a
+/// review).
+#[test]
+fn a_non_utf8_rust_log_does_not_turn_on_trace_logging() {
+    use std::os::unix::ffi::OsStrExt;
+    let mut sd = NotifyListener::bind();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ocmd.toml");
+    std::fs::write(&config, "[log]\nlevel = \"warn\"\n").unwrap();
+    let (key, value) = sd.env();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ocmd"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--state")
+        .arg(dir.path().join("room_manager.json"))
+        .args([
+            "--tcp",
+            "127.0.0.1:0",
+            "--udp",
+            "127.0.0.1:0",
+            "--metrics",
+            "off",
+        ])
+        .env("RUST_LOG", std::ffi::OsStr::from_bytes(b"\xff"))
+        .env(key, value)
+        .env("WATCHDOG_USEC", "0")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ocmd");
+    sd.wait_for(PATIENCE, |m| m == "READY=1");
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    wait_for_exit(&mut child, "ocmd");
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(
+        !log.contains(" TRACE ") && !log.contains(" DEBUG ") && !log.contains(" INFO "),
+        "[log] level = \"warn\" with a RUST_LOG that is not UTF-8:\n{log}"
+    );
+    assert!(
+        log.contains("RUST_LOG is not UTF-8: ignored, [log] level applies"),
+        "{log}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

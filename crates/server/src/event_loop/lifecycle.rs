@@ -127,7 +127,7 @@ impl Server {
                 self.next_sweep = self.next_sweep.min(now + sweep);
                 let checkpoint = Duration::from_secs(new.history.checkpoint_secs);
                 self.next_checkpoint = self.next_checkpoint.min(now + checkpoint);
-                if std::env::var_os("RUST_LOG").is_none() {
+                if config::rust_log().is_none() {
                     if let Some(level) = config::log_level(&new.log.level) {
                         log::set_max_level(level);
                     }

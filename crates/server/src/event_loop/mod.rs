@@ -356,7 +356,7 @@ impl Server {
             self.check_kernel_drops();
             if self.notifier.enabled() {
                 let s = self.registry.stats();
-                self.notifier.send(&format!(
+                self.notifier.send_periodic(&format!(
                     "STATUS={}, {} ({} registered), {}",
                     Count(s.rooms, "room"),
                     Count(s.members, "member"),
@@ -367,7 +367,7 @@ impl Server {
         }
         if let Some((every, last)) = self.watchdog {
             if now >= last + every {
-                self.notifier.send("WATCHDOG=1");
+                self.notifier.send_periodic("WATCHDOG=1");
                 self.watchdog = Some((every, now));
             }
         }
