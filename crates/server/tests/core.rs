@@ -622,30 +622,43 @@ fn members_keep_their_addresses_across_restarts_between_ipv4_and_dual_stack() {
     );
 }
 
+/// `[::1]:0`, or `None` (and the test says it skipped) on a host that cannot bind it.
+fn ipv6_loopback() -> Option<SocketAddr> {
+    let loopback6: SocketAddr = "[::1]:0".parse().unwrap();
+    match std::net::UdpSocket::bind(loopback6) {
+        Ok(_) => Some(loopback6),
+        Err(e) => {
+            eprintln!("skipped: this host cannot bind {loopback6}: {e}");
+            None
+        }
+    }
+}
+
+/// A member of room `lobby` holding `token`, its socket bound to `at`, talking to `server`.
+fn lobby_member(token: &str, at: SocketAddr, server: SocketAddr) -> Member {
+    let socket = std::net::UdpSocket::bind(at).unwrap();
+    socket.set_read_timeout(Some(PATIENCE)).unwrap();
+    Member {
+        socket,
+        server,
+        room: "lobby".into(),
+        token: token.into(),
+    }
+}
+
 /// A state whose members registered from IPv6 addresses, started behind an IPv4 socket that
 /// cannot send to them: the daemon says so at start, and keeps their tokens.
 #[test]
 fn members_behind_ipv6_that_an_ipv4_socket_cannot_reach_are_reported_at_start() {
-    let loopback6: SocketAddr = "[::1]:0".parse().unwrap();
-    if let Err(e) = std::net::UdpSocket::bind(loopback6) {
-        eprintln!("skipped: this host cannot bind {loopback6}: {e}");
+    let Some(loopback6) = ipv6_loopback() else {
         return;
-    }
+    };
     let mut d = Daemon::start_with(Options {
         tcp: Some(loopback6),
         udp: Some(loopback6),
         ..Options::default()
     });
-    let ipv6 = |token: &str| {
-        let socket = std::net::UdpSocket::bind(loopback6).unwrap();
-        socket.set_read_timeout(Some(PATIENCE)).unwrap();
-        Member {
-            socket,
-            server: d.udp,
-            room: "lobby".into(),
-            token: token.into(),
-        }
-    };
+    let ipv6 = |token: &str| lobby_member(token, loopback6, d.udp);
     let alice = ipv6(&create(&d, "lobby", "alice"));
     let bob = ipv6(&join(&d, "lobby", "bob"));
     alice.send("__REGISTER__");
@@ -666,16 +679,14 @@ fn members_behind_ipv6_that_an_ipv4_socket_cannot_reach_are_reported_at_start() 
 /// same). (Nothing was said before a review.)
 #[test]
 fn members_behind_ipv4_that_an_ipv6_only_socket_cannot_reach_are_reported_at_start() {
-    let loopback6: SocketAddr = "[::1]:0".parse().unwrap();
-    if let Err(e) = std::net::UdpSocket::bind(loopback6) {
-        eprintln!("skipped: this host cannot bind {loopback6}: {e}");
+    let Some(loopback6) = ipv6_loopback() else {
         return;
-    }
+    };
     let mut d = Daemon::start();
     let (_alice, _bob) = room_of_two(&d, "lobby");
     let (status, _) = d.terminate();
     assert!(status.success(), "{status:?}");
-    d.restart_on_udp(SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], d.udp.port())));
+    d.restart_on_udp(SocketAddr::new(loopback6.ip(), d.udp.port()));
     d.wait_for_log("2 tokens loaded");
     d.wait_for_log(&format!(
         "2 members registered from IPv4 addresses, which the UDP socket ({}, IPv6 only)",
@@ -689,11 +700,9 @@ fn members_behind_ipv4_that_an_ipv6_only_socket_cannot_reach_are_reported_at_sta
 /// by a review).
 #[test]
 fn behind_the_join_ip_guard_ipv6_members_are_told_to_join_again() {
-    let loopback6: SocketAddr = "[::1]:0".parse().unwrap();
-    if let Err(e) = std::net::UdpSocket::bind(loopback6) {
-        eprintln!("skipped: this host cannot bind {loopback6}: {e}");
+    let Some(loopback6) = ipv6_loopback() else {
         return;
-    }
+    };
     let mut d = Daemon::start_with(Options {
         tcp: Some(loopback6),
         udp: Some(loopback6),
@@ -701,20 +710,10 @@ fn behind_the_join_ip_guard_ipv6_members_are_told_to_join_again() {
         metrics: true,
         ..Options::default()
     });
-    let member = |token: &str, at: SocketAddr, server: SocketAddr| {
-        let socket = std::net::UdpSocket::bind(at).unwrap();
-        socket.set_read_timeout(Some(PATIENCE)).unwrap();
-        Member {
-            socket,
-            server,
-            room: "lobby".into(),
-            token: token.into(),
-        }
-    };
     let alice_token = create(&d, "lobby", "alice");
     let bob_token = join(&d, "lobby", "bob");
-    let alice = member(&alice_token, loopback6, d.udp);
-    let bob = member(&bob_token, loopback6, d.udp);
+    let alice = lobby_member(&alice_token, loopback6, d.udp);
+    let bob = lobby_member(&bob_token, loopback6, d.udp);
     alice.send("__REGISTER__");
     bob.registered_with(&alice, "bob");
     let (status, _) = d.terminate();
@@ -723,7 +722,7 @@ fn behind_the_join_ip_guard_ipv6_members_are_told_to_join_again() {
     d.restart_on_udp(ipv4);
     d.wait_for_log("2 members registered from IPv6 addresses, which the UDP socket (127.0.0.1:");
     d.wait_for_log("they hear nothing until they join again");
-    let bob = member(&bob_token, SocketAddr::from(([127, 0, 0, 1], 0)), ipv4);
+    let bob = lobby_member(&bob_token, SocketAddr::from(([127, 0, 0, 1], 0)), ipv4);
     bob.send("__REGISTER__");
     wait_until("bob's REGISTER from IPv4 dropped by the guard", || {
         d.metric("ocm_datagrams_dropped_total{reason=\"not_join_ip\"}") >= 1.0
