@@ -489,6 +489,12 @@ impl Config {
                 self.liveness.room_idle_secs,
                 MAX_ROOM_IDLE_SECS,
             ),
+            // A member's interval is journaled as a u32 of seconds, as clients promise it.
+            (
+                "liveness.min_keepalive_secs",
+                self.liveness.min_keepalive_secs,
+                u64::from(u32::MAX),
+            ),
             (
                 "liveness.tombstone_capacity",
                 self.liveness.tombstone_capacity as u64,
@@ -863,6 +869,11 @@ mod tests {
             (
                 "[liveness]\ntombstone_capacity = 10000001",
                 "liveness.tombstone_capacity",
+            ),
+            // Journaled as a u32: a larger value was cut short there (from a review).
+            (
+                "[liveness]\nmin_keepalive_secs = 4294967296",
+                "liveness.min_keepalive_secs",
             ),
         ];
         for (text, key) in cases {
