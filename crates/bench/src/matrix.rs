@@ -401,6 +401,24 @@ fn pct_of(x: f64, of: f64) -> f64 {
     100.0 * x / of.max(1.0)
 }
 
+/// The sustained fan-out target: at least 90% of a ceiling that measured something (`pct_of`
+/// of a zero ceiling is the deliveries themselves, in the millions of percent).
+fn ratio_met(deliveries: f64, ceiling: f64) -> bool {
+    ceiling > 0.0 && pct_of(deliveries, ceiling) >= 90.0
+}
+
+/// The handshake target: 20,000 joins/s on both daemons, flat, and durable (on tmpfs an
+/// fsync is free).
+fn joins_met(empty: f64, preloaded: f64, flat: bool, on_tmpfs: bool) -> bool {
+    empty >= 20_000.0 && preloaded >= 20_000.0 && flat && !on_tmpfs
+}
+
+/// The memory target: under 1 KiB per registered member, live and restarted. The figure
+/// divides by the members created, so it holds only if all of them registered.
+fn memory_met(members: usize, registered: f64, per_member: f64, restarted: Option<f64>) -> bool {
+    registered >= members as f64 && per_member.max(restarted.unwrap_or(0.0)) < 1024.0
+}
+
 /// The Markdown report.
 pub fn markdown(r: &Results) -> String {
     let mut s = String::new();
@@ -476,7 +494,7 @@ pub fn markdown(r: &Results) -> String {
                     si(before),
                     si(after)
                 )),
-            verdict(pct >= 90.0)
+            verdict(ratio_met(d, p.ceiling_per_sec))
         );
         let p99 = p.half.as_ref().map_or(f64::INFINITY, |h| h.latency_us.p99);
         let _ = writeln!(
@@ -502,19 +520,35 @@ pub fn markdown(r: &Results) -> String {
         h0.joins.per_sec,
         hp.joins.per_sec,
         hp.preload,
-        verdict(h0.joins.per_sec >= 20_000.0 && hp.joins.per_sec >= 20_000.0 && flat)
+        verdict(joins_met(
+            h0.joins.per_sec,
+            hp.joins.per_sec,
+            flat,
+            h0.state_on_tmpfs || hp.state_on_tmpfs
+        ))
     );
     let mem = &r.memory;
     let restarted = mem.bytes_per_member_restarted();
+    let all_registered = mem.registered >= mem.members as f64;
     let _ = writeln!(
         w,
-        "| RSS per registered member < 1 KiB at {} members | {:.0} bytes{} | {} |",
+        "| RSS per registered member < 1 KiB at {} members | {:.0} bytes{}{} | {} |",
         mem.members,
         mem.bytes_per_member,
         restarted.map_or(String::new(), |b| format!(
             "; {b:.0} bytes after a restart on that state"
         )),
-        verdict(mem.bytes_per_member.max(restarted.unwrap_or(0.0)) < 1024.0)
+        if all_registered {
+            String::new()
+        } else {
+            format!(" (only {:.0} registered)", mem.registered)
+        },
+        verdict(memory_met(
+            mem.members,
+            mem.registered,
+            mem.bytes_per_member,
+            restarted
+        ))
     );
     if let Some(b) = batch {
         let p99 = b.half.as_ref().map_or(f64::INFINITY, |h| h.latency_us.p99);
@@ -551,7 +585,7 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(w, "## Fan-out (S = 2 senders, B = 128-byte texts)\n");
     let _ = writeln!(
         w,
-        "`max`: senders flat out; `half`: paced at half the message rate `max` delivered. Deliveries/s counts messages received by members (a batch datagram carries several). The ceiling is one thread doing one plain `sendto` per {}-byte datagram to M loopback sockets, each message encoded once and sent to all M as a relay does, same receivers. Paced messages carry the time their schedule slot was due, so a late sender counts as latency, and a slot skipped after a stall counts as M − 1 deliveries as late as it was when skipped. `plain` members join with the original JSON-string payload; `batch` members with `{{\"caps\": [\"batch\"], \"max_datagram\": 65507}}`, as `ocm` joins a daemon on loopback. `daemon's p99` is the bucket of `ocm_relay_delay_seconds` (arrival on the daemon's socket → everything it caused handed to the kernel) that holds the 99th percentile: the daemon's own share of the latency. `senders' p99`: how late paced messages left the generator's senders (slot due → `sendmmsg` returned), the generator's own share. `stolen ms`: CPU time the hypervisor took from the machine's vCPUs during the run (`/proc/stat`). `stalls`: times a `SCHED_FIFO` thread sleeping 1 ms at a time woke at least 1 ms late during the sending (only what stops a whole vCPU delays it: the hypervisor, or kernel work that cannot be preempted), and the longest.\n",
+        "`max`: senders flat out; `half`: paced at half the message rate `max` delivered. Deliveries/s counts messages received by members (a batch datagram carries several). The ceiling is one thread doing one plain `sendto` per {}-byte datagram to M loopback sockets, each message encoded once and sent to all M as a relay does, same receivers. Paced messages carry the time their schedule slot was due, so a late sender counts as latency, and a slot skipped after a stall counts as M − 1 deliveries as late as it was when skipped, and as lost in `loss %` (of every message due: skipped slots and sends the generator's socket refused count). `plain` members join with the original JSON-string payload; `batch` members with `{{\"caps\": [\"batch\"], \"max_datagram\": 65507}}`, as `ocm` joins a daemon on loopback. `daemon's p99` is the bucket of `ocm_relay_delay_seconds` (arrival on the daemon's socket → everything it caused handed to the kernel) that holds the 99th percentile: the daemon's own share of the latency. `senders' p99`: how late paced messages left the generator's senders (slot due → `sendmmsg` returned), the generator's own share. `stolen ms`: CPU time the hypervisor took from the machine's vCPUs during the run (`/proc/stat`). `stalls`: times a `SCHED_FIFO` thread sleeping 1 ms at a time woke at least 1 ms late during the sending (only what stops a whole vCPU delays it: the hypervisor, or kernel work that cannot be preempted), and the longest.\n",
         r.rows.first().map_or(0, |x| x.ceiling.datagram_bytes)
     );
     let _ = writeln!(
@@ -579,7 +613,7 @@ pub fn markdown(r: &Results) -> String {
                 si(f.offered_per_sec),
                 si(f.deliveries_per_sec),
                 pct_of(f.deliveries_per_sec, row.ceiling.received_per_sec),
-                f.loss_pct,
+                f.schedule_loss_pct(),
                 micros(f.latency_us.p50),
                 micros(f.latency_us.p99),
                 micros(f.latency_us.max),
@@ -601,7 +635,7 @@ pub fn markdown(r: &Results) -> String {
         w,
         "## Sweep: highest rate with loss < 0.1% (M = 64, S = 2, B = 128)\n"
     );
-    let _ = writeln!(w, "A flat-out probe bounds the rate; paced 2 s steps then go up by half while they pass and bisect once one fails. A step passes when loss < 0.1%, the senders kept the pace, and deliveries kept up with the offered deliveries (≥ 97%, so no backlog grew in the daemon's socket buffer). `batch4k`: batch members that announce no `max_datagram`, so their batches stop at 4096 bytes (the default). The plain sweep's ceiling is the mean of two measurements just before and just after it (with the sweep's idle daemon running), since the machine's speed drifts within minutes; the batch rows' % of ceiling uses the M = 64 row's ceiling.\n");
+    let _ = writeln!(w, "A flat-out probe bounds the rate; paced 2 s steps then go up by half while they pass and bisect once one fails. A step passes when loss < 0.1% (of every message the senders were due to send: a schedule slot a held-up sender skipped, or a send the generator's socket refused, is lost deliveries too), the senders kept the pace, and deliveries kept up with the offered deliveries (≥ 97%, so no backlog grew in the daemon's socket buffer). `batch4k`: batch members that announce no `max_datagram`, so their batches stop at 4096 bytes (the default). The plain sweep's ceiling is the mean of two measurements just before and just after it (with the sweep's idle daemon running), since the machine's speed drifts within minutes; the batch rows' % of ceiling uses the M = 64 row's ceiling.\n");
     let _ = writeln!(w, "| caps | sustained msg/s | deliveries/s | % of ceiling | p50 at half | p99 at half | max at half | daemon's p99 at half | senders' p99 at half | stolen ms at half | stalls ≥ 1 ms at half (longest) | steps (msg/s → loss %, p99) |");
     let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for s in &r.sweeps {
@@ -613,7 +647,7 @@ pub fn markdown(r: &Results) -> String {
                 Pace::Rate(rate) => Some(format!(
                     "{} → {:.2}%, {}",
                     si(rate),
-                    x.loss_pct,
+                    x.schedule_loss_pct(),
                     micros(x.latency_us.p99)
                 )),
                 Pace::Max => None,
@@ -754,6 +788,33 @@ fn notes() -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::{joins_met, memory_met, ratio_met};
+
+    /// Each verdict holds only when every condition its target names does (a review found a
+    /// zero ceiling, joins on tmpfs and a half-registered state all read as met).
+    #[test]
+    fn verdicts_need_every_condition() {
+        assert!(ratio_met(720_000.0, 800_000.0));
+        assert!(!ratio_met(700_000.0, 800_000.0));
+        assert!(
+            !ratio_met(1_590_000.0, 0.0),
+            "a ceiling that measured nothing"
+        );
+        assert!(joins_met(34_227.0, 27_655.0, true, false));
+        assert!(
+            !joins_met(34_227.0, 27_655.0, true, true),
+            "fsync free on tmpfs"
+        );
+        assert!(!joins_met(34_227.0, 27_655.0, false, false));
+        assert!(!joins_met(19_999.0, 27_655.0, true, false));
+        assert!(memory_met(100_000, 100_000.0, 777.0, Some(860.0)));
+        assert!(
+            !memory_met(100_000, 50_000.0, 777.0, Some(860.0)),
+            "half registered"
+        );
+        assert!(!memory_met(100_000, 100_000.0, 777.0, Some(1024.0)));
+    }
+
     /// docs/BENCHMARKS.md is written by the matrix with NOTES.md appended: after an edit of
     /// the notes, re-render it (`ocm-bench matrix --from-json target/bench-results.json
     /// --markdown docs/BENCHMARKS.md --svg docs/bench.svg`) so the two never disagree.
