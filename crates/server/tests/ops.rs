@@ -197,6 +197,22 @@ impl NotifyListener {
         }
     }
 
+    /// Fills the socket's queue the way other services' messages do (`OTHER=1`), until a
+    /// sender that has sent nothing yet, so whose own buffer is empty, is refused.
+    fn fill(&self) {
+        loop {
+            let other = UnixDatagram::unbound().expect("socket");
+            other.set_nonblocking(true).expect("nonblocking");
+            let mut sent = 0;
+            while other.send_to(b"OTHER=1", &self.path).is_ok() {
+                sent += 1;
+            }
+            if sent == 0 {
+                return;
+            }
+        }
+    }
+
     /// Waits (up to `wait`) for a notification satisfying `want`.
     fn wait_for(&mut self, wait: Duration, want: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + wait;
@@ -417,6 +433,29 @@ fn a_notify_socket_nobody_reads_does_not_stall_the_loop() {
         "warned once"
     );
     drop(sd);
+}
+
+/// A `READY=1` that found the manager's queue full for longer than the second it waits for
+/// room was lost: systemd, never told, would time the start out and kill a daemon that was
+/// serving. It is held and sent as soon as the queue has room, before any periodic
+/// notification (found by a review).
+#[test]
+fn a_ready_the_full_queue_refused_reaches_the_manager_once_there_is_room() {
+    let mut sd = NotifyListener::bind();
+    sd.fill();
+    let d = Daemon::start_with(Options {
+        env: vec![sd.env(), ("WATCHDOG_USEC".into(), "0".into())],
+        ..Options::default()
+    });
+    d.wait_for_log("notification queue is full: holding \"READY=1\"");
+    // The manager reads its queue (other services' messages first): READY=1 comes next.
+    let first = sd.wait_for(PATIENCE, |m| m != "OTHER=1");
+    assert_eq!(first, "READY=1", "so far: {:?}", sd.seen);
+    d.wait_for_log("notification queue took the held notifications");
+    // The periodic status follows, and the daemon served throughout.
+    let status = sd.next();
+    assert!(status.starts_with("STATUS="), "{status:?}");
+    create(&d, "served", "host");
 }
 
 // ---------------------------------------------------------------------------------------------

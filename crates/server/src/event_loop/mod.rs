@@ -304,6 +304,9 @@ impl Server {
         if let Some(retry) = self.accept_retry {
             next = next.min(retry);
         }
+        if let Some(retry) = self.notifier.retry_at() {
+            next = next.min(retry);
+        }
         next.saturating_duration_since(now)
     }
 
@@ -351,6 +354,7 @@ impl Server {
             self.checkpoint();
             self.next_checkpoint = now + Duration::from_secs(self.config.history.checkpoint_secs);
         }
+        self.notifier.retry(now);
         if now >= self.next_status {
             self.next_status = now + STATUS_INTERVAL;
             self.check_kernel_drops();
