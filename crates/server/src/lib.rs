@@ -42,6 +42,11 @@ pub mod token;
 pub mod udp;
 pub mod wall_clock;
 
+/// Checks the unit tests cannot run on this machine, reported as the integration tests do.
+#[cfg(test)]
+#[path = "../tests/common/skip.rs"]
+mod skip;
+
 pub use config::Config;
 pub use error::Error;
 pub use event_loop::Server;

@@ -249,8 +249,9 @@ fn a_closure_notice_after_a_full_join_hold_is_acted_on_at_release() {
     });
     let client = relay.client.lock().unwrap().expect("bob's address");
     // Bob's history fetch waits at the TCP relay: his screen holds. Fill the hold to exactly
-    // 1 MiB (16 frames of 62,000 bytes and one of the rest; spaced so that his socket's
-    // buffer never overflows), send a few more that it drops, then the notice.
+    // 1 MiB (16 frames of 62,000 bytes and one of the rest; each sent once bob read the one
+    // before, so that his socket's buffer never overflows), send a few more that it drops,
+    // then the notice.
     let frame = |len: usize| {
         let mut frame = Vec::new();
         // 1 size byte and "eve" come before the text.
@@ -263,11 +264,13 @@ fn a_closure_notice_after_a_full_join_hold_is_acted_on_at_release() {
     sizes.push(full - 16 * 62_000);
     sizes.extend([100; 3]);
     for len in sizes {
+        wait_until("bob reads the frame before", || {
+            udp_queue(client).is_some_and(|(queued, _)| queued == 0)
+        });
         relay
             .socket
             .send_to(&frame(len), client)
             .expect("send a frame");
-        std::thread::sleep(std::time::Duration::from_millis(10));
     }
     relay
         .socket
@@ -277,6 +280,11 @@ fn a_closure_notice_after_a_full_join_hold_is_acted_on_at_release() {
     wait_until("bob's hold to drop the three frames past it", || {
         bob.stderr.lock().unwrap().matches(DROPPED).count() == 3
     });
+    let (_, lost) = udp_queue(client).expect("bob's socket");
+    assert_eq!(
+        lost, 0,
+        "the kernel dropped frames for bob: the hold was not filled"
+    );
     tcp.open();
     bob.wait_stderr("* ignored a notice that the room closed");
     let said = bob.stderr.lock().unwrap().clone();
@@ -324,6 +332,20 @@ fn a_member_cut_off_past_its_keepalive_limit_learns_it_from_the_idle_check() {
          (not_member)",
     );
     assert_eq!(bob.wait().code(), Some(OCM_ROOM_ENDED));
+    // A marker behind anything bob sent before exiting: once the relay has it, it has read
+    // (and recorded) every earlier datagram, a last __LEAVE__ included.
+    let marker = UdpSocket::bind("127.0.0.1:0").unwrap();
+    marker
+        .send_to(b"marker", ("127.0.0.1", relay.port()))
+        .unwrap();
+    wait_until("the relay reads the marker", || {
+        relay
+            .from_client
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|d| d == b"marker")
+    });
     assert_eq!(relay.leaves(), 0, "no __LEAVE__ after a confirmed end");
     alice.type_line("/quit");
     assert!(alice.wait().success());

@@ -284,7 +284,7 @@ fn restart_keeps_rooms_tokens_and_addresses() {
 
     let (status, took) = d.terminate();
     assert!(status.success(), "clean exit on SIGTERM: {status:?}");
-    assert!(took < IDLE_STOP_LIMIT, "stopped in {took:?}");
+    assert_stopped_promptly(&d, took);
     let saved = std::fs::read_to_string(&d.state).expect("state file written on shutdown");
     assert!(
         saved.contains("\"keep\"") && saved.contains(&host_token) && saved.contains(&bob_token)
@@ -542,11 +542,13 @@ fn a_dual_stack_daemon_answers_ipv4_members_from_the_address_they_sent_to() {
 /// the IPv4 tests still run there.
 fn dual_stack(wildcard: SocketAddr) -> bool {
     if let Err(e) = std::net::UdpSocket::bind(wildcard) {
-        eprintln!("skipped: this host cannot bind {wildcard}: {e}");
+        skipped(&format!("this host cannot bind {wildcard}: {e}"));
         return false;
     }
     if std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|v| v.trim() == "1") {
-        eprintln!("skipped: net.ipv6.bindv6only = 1, so {wildcard} takes no IPv4");
+        skipped(&format!(
+            "net.ipv6.bindv6only = 1, so {wildcard} takes no IPv4"
+        ));
         return false;
     }
     true
@@ -628,7 +630,7 @@ fn ipv6_loopback() -> Option<SocketAddr> {
     match std::net::UdpSocket::bind(loopback6) {
         Ok(_) => Some(loopback6),
         Err(e) => {
-            eprintln!("skipped: this host cannot bind {loopback6}: {e}");
+            skipped(&format!("this host cannot bind {loopback6}: {e}"));
             None
         }
     }

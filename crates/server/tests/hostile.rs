@@ -68,7 +68,7 @@ fn assert_still_serves(d: &Daemon) -> String {
 fn assert_state_intact(mut d: Daemon, rooms: &[String]) {
     let (status, took) = d.terminate();
     assert!(status.success(), "SIGTERM exit status: {status:?}");
-    assert!(took < IDLE_STOP_LIMIT, "stopped in {took:?}");
+    assert_stopped_promptly(&d, took);
     let bytes = std::fs::read(&d.state).expect("state file written on shutdown");
     let state: serde_json::Value =
         serde_json::from_slice(&bytes).expect("state file parses as JSON");
@@ -713,9 +713,12 @@ fn a_member_flipping_its_address_cannot_write_a_journal_record_per_datagram() {
         if i % 2 == 0 { &a } else { &b }.send("__REGISTER__");
     }
     let elapsed = started.elapsed();
-    // Let the daemon take them all.
-    wait_until("the datagrams are read", || {
-        d.metric("ocm_datagrams_received_total") >= FLIPS as f64
+    // Let the daemon take them all, or the kernel drop what overflowed its socket's buffer
+    // (sent unpaced, against a buffer that `net.core.rmem_max` may cap; the drop count is
+    // read every 5 s, within the wait).
+    wait_until("the datagrams are read or dropped", || {
+        d.metric("ocm_datagrams_received_total") + d.metric("ocm_udp_receive_buffer_drops_total")
+            >= FLIPS as f64
     });
     // A join is answered only once its journal record is durable, batches become durable in
     // order, and a finished write is counted before the replies it releases: once this join
@@ -1724,7 +1727,7 @@ fn a_peer_that_writes_without_reading_is_cut_off_and_others_stay_served() {
     // Refusals need no durability, so their bytes go straight to the output buffer: a peer
     // that keeps writing requests and never reads makes them pile up in the daemon.
     // It is paused at the cap, and closed when its handshake timer runs out.
-    let d = daemon("[limits]\nmax_output_bytes = 1024\nhandshake_timeout_secs = 2\n");
+    let d = daemon("[limits]\nmax_output_bytes = 1024\nhandshake_timeout_secs = 5\n");
     let rss_before = peak_rss(d.pid());
     let s = connect_from(Ipv4Addr::LOCALHOST, d.tcp, Some(4096));
     let one = request_bytes(Operation::Other(0x42), &"r".repeat(255), b"\"x\"");
@@ -1763,16 +1766,20 @@ fn a_peer_that_writes_without_reading_is_cut_off_and_others_stay_served() {
     let answered = other.read(&mut first);
     let waited = t.elapsed();
     assert!(matches!(answered, Ok(1)), "no answer: {answered:?}");
+    // Answered during the flood, not after it: with the bug the answer waited until the
+    // peer was cut off (at its handshake timeout, 5 s after it connected). An order of
+    // events, not a time limit, so a loaded machine does not fail it.
+    assert_eq!(
+        closed(&d, "output_overflow"),
+        0.0,
+        "another client was answered (after {waited:?}) only once the flooding peer was cut off"
+    );
     writer.join().unwrap();
     let _ = s.shutdown(Shutdown::Both);
     let flooded = sent.load(Ordering::SeqCst);
     let grew = peak_rss(d.pid()).saturating_sub(rss_before);
     eprintln!(
         "meanwhile answered in {waited:?}; {flooded} bytes written; peak memory grew by {grew} bytes"
-    );
-    assert!(
-        waited < Duration::from_secs(1),
-        "another client waited {waited:?} during the flood"
     );
     wait_until("the peer is cut off", || {
         closed(&d, "output_overflow") >= 1.0
@@ -1869,6 +1876,9 @@ fn a_datagram_flood_does_not_starve_handshakes() {
     wait_until("the flood is under way", || {
         dropped(&d, "unknown_token") >= 10_000.0
     });
+    // Starved, a handshake would not finish until the flood stops, and each waits at most
+    // PATIENCE (an order of events, not a time limit: a loaded machine does not fail it).
+    let before = dropped(&d, "unknown_token");
     let mut slowest = Duration::ZERO;
     for i in 0..10 {
         let t = Instant::now();
@@ -1878,6 +1888,12 @@ fn a_datagram_flood_does_not_starve_handshakes() {
     let t = Instant::now();
     create(&d, "during", "x");
     slowest = slowest.max(t.elapsed());
+    // And the daemon went on reading the flood meanwhile: the handshakes shared the loop.
+    let after = dropped(&d, "unknown_token");
+    assert!(
+        after > before,
+        "no flood datagram read during the handshakes ({before} dropped before, {after} after)"
+    );
     // (Chat is checked after the flood: under it the kernel may drop any datagram, ours too.)
     stop.store(true, Ordering::SeqCst);
     for f in flooders {
@@ -1894,10 +1910,6 @@ fn a_datagram_flood_does_not_starve_handshakes() {
     eprintln!(
         "{} datagrams flooded; slowest handshake {slowest:?}",
         flooded.load(Ordering::SeqCst)
-    );
-    assert!(
-        slowest < Duration::from_secs(2),
-        "a handshake took {slowest:?} during the flood"
     );
     // The room the flood aimed at is unharmed.
     let hostm = Member::joined(&d, "busy", &host);
@@ -2017,7 +2029,7 @@ fn a_register_forged_from_the_daemons_own_address_is_dropped() {
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
     if fd < 0 {
         let e = std::io::Error::last_os_error();
-        eprintln!("skipped: no raw socket here ({e})");
+        skipped(&format!("no raw socket here ({e})"));
         return;
     }
     // SAFETY: `fd` was just opened and nothing else owns it.

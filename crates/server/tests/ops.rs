@@ -610,7 +610,7 @@ fn metrics_count_traffic_exactly() {
         );
         eprintln!("promtool check metrics: OK");
     } else {
-        eprintln!("note: promtool not installed (apt-get install prometheus); format lint skipped");
+        skipped("promtool not installed (apt-get install prometheus): the format lint");
     }
 }
 
@@ -881,7 +881,7 @@ fn libfaketime() -> Option<PathBuf> {
 #[test]
 fn a_forward_step_of_the_wall_clock_sheds_no_fresh_chat() {
     let Some(lib) = libfaketime() else {
-        eprintln!("skipped: libfaketime is not installed (apt-get install faketime)");
+        skipped("libfaketime is not installed (apt-get install faketime)");
         return;
     };
     let clock = tempfile::NamedTempFile::new().unwrap();
@@ -959,7 +959,7 @@ fn kernel_receive_buffer_drops_are_counted() {
 #[test]
 fn kernel_drops_are_counted_under_proc_subset_pid() {
     if !installed("unshare") {
-        eprintln!("note: unshare not installed; skipped");
+        skipped("unshare not installed");
         return;
     }
     let probe = Command::new("unshare")
@@ -969,8 +969,9 @@ fn kernel_drops_are_counted_under_proc_subset_pid() {
         .stderr(Stdio::null())
         .status();
     if !probe.is_ok_and(|s| s.success()) {
-        eprintln!(
-            "note: cannot mount /proc with subset=pid in a mount namespace here (not root, or a kernel before 5.8); skipped"
+        skipped(
+            "cannot mount /proc with subset=pid in a mount namespace here (not root, or a kernel \
+             before 5.8)",
         );
         return;
     }
@@ -2004,7 +2005,7 @@ fn the_unit_file_is_valid_and_sandboxed() {
     assert_eq!(one("ProcSubset"), "pid");
 
     if !installed("systemd-analyze") {
-        eprintln!("note: systemd-analyze not installed; static checks only");
+        skipped("systemd-analyze not installed: static checks only");
         return;
     }
     let mut cmd = Command::new(repo_root().join("scripts/check-unit"));

@@ -163,10 +163,17 @@ impl Server {
         self.persist();
         if let Some(mut persister) = self.persister.take() {
             // Let waiting joins get their tokens: wait (bounded) for the batches in flight.
-            let deadline = Instant::now() + Duration::from_millis(1500);
+            let deadline = Instant::now() + SHUTDOWN_WRITE_WAIT;
             while persister.busy() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(1));
                 persister.poll_done();
+            }
+            if persister.busy() {
+                warn!(
+                    "stopping: state writes still in flight after {} ms; the joins waiting \
+                     for them get no token (made durable later, their names stay taken)",
+                    SHUTDOWN_WRITE_WAIT.as_millis()
+                );
             }
             let durable = persister.durable();
             let ids: Vec<ConnId> = self.conns.iter().map(|(k, _)| ConnId(k)).collect();
@@ -187,6 +194,10 @@ impl Server {
         );
     }
 }
+
+/// How long a clean stop waits for the state writes in flight, so that the joins waiting
+/// for them get their tokens.
+const SHUTDOWN_WRITE_WAIT: Duration = Duration::from_millis(1500);
 
 fn monotonic_usec() -> u128 {
     let mut ts = libc::timespec {

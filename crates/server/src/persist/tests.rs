@@ -708,11 +708,20 @@ fn a_state_file_numbered_at_the_end_of_the_range_neither_panics_nor_hides_new_re
         store::START_LIMIT + 1,
         store::START_LIMIT,
     ] {
-        starts_and_keeps_its_records_or_is_refused(journal_seq);
+        let wrote = starts_and_keeps_its_records_or_is_refused(journal_seq);
+        // Refusal is fine past the limit, but the limit itself must start and write: else
+        // no value above reaches the writer and the test checks nothing.
+        if journal_seq == store::START_LIMIT {
+            assert!(
+                wrote,
+                "journal_seq {journal_seq}: refused, so the writer was never tested"
+            );
+        }
     }
 }
 
-fn starts_and_keeps_its_records_or_is_refused(journal_seq: u64) {
+/// Whether the file was loaded, the writer started and a record made durable (false: refused).
+fn starts_and_keeps_its_records_or_is_refused(journal_seq: u64) -> bool {
     let dir = tempfile::tempdir().unwrap();
     let paths = Paths::new(&dir.path().join("s.json"));
     let mut snapshot = State {
@@ -725,7 +734,7 @@ fn starts_and_keeps_its_records_or_is_refused(journal_seq: u64) {
     )
     .unwrap();
     let Ok(loaded) = store::load(&paths) else {
-        return; // refused at load: nothing can be lost
+        return false; // refused at load: nothing can be lost
     };
     let poll = Poll::new().unwrap();
     let waker = Arc::new(mio::Waker::new(poll.registry(), Token(0)).unwrap());
@@ -734,7 +743,7 @@ fn starts_and_keeps_its_records_or_is_refused(journal_seq: u64) {
     }));
     let mut persister = match started {
         Ok(Ok(p)) => p,
-        Ok(Err(_)) => return, // refused at start: nothing can be lost
+        Ok(Err(_)) => return false, // refused at start: nothing can be lost
         Err(_) => panic!("the writer panicked on a journal_seq read from the file"),
     };
     let batch = persister.submit(vec![record(1)]);
@@ -759,16 +768,19 @@ fn starts_and_keeps_its_records_or_is_refused(journal_seq: u64) {
         }
         Err(e) => panic!("journal_seq {journal_seq}: the next load fails: {e}"),
     }
+    true
 }
 
 /// Not a test on its own: the process [`sigkill_at_any_moment_loses_no_durable_record`]
 /// starts and kills. It writes the history in batches of 1 to 6 records with a tiny
 /// compaction threshold, printing `durable N` once record N is durable.
+/// Ignored, so that it is not counted as a test that passed: the parent runs it with
+/// `--ignored`.
 #[test]
+#[ignore = "the child process of sigkill_at_any_moment_loses_no_durable_record"]
 fn crash_child() {
-    let Some(dir) = std::env::var_os(CRASH_DIR_ENV) else {
-        return;
-    };
+    let dir = std::env::var_os(CRASH_DIR_ENV)
+        .unwrap_or_else(|| panic!("run by sigkill_at_any_moment_loses_no_durable_record only"));
     let mut d = Driver::start(Path::new(&dir), tiny(512));
     for i in 0.. {
         let last = d.write(1 + i % 6);
@@ -796,6 +808,7 @@ fn sigkill_at_any_moment_loses_no_durable_record() {
             .args([
                 "persist::tests::crash_child",
                 "--exact",
+                "--ignored",
                 "--nocapture",
                 "--test-threads",
                 "1",
