@@ -344,10 +344,15 @@ impl State {
         }
     }
 
+    /// Removes a room and the tokens it lists that are in it: a listing of a token whose
+    /// entry names another room (a file the registry loaded without it) leaves that token to
+    /// its own room.
     fn close_room(&mut self, room: &str) {
         if let Some(entry) = self.rooms.remove(room) {
             for token in &entry.members {
-                self.tokens.remove(token);
+                if self.tokens.get(token).is_some_and(|t| t.room_name == room) {
+                    self.tokens.remove(token);
+                }
             }
         }
     }

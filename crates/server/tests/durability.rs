@@ -1525,3 +1525,37 @@ fn sigterm_under_hostile_load_still_stops_before_systemd_would_kill_it() {
     assert_all_saved(&d, &received);
     restart_and_verify(&mut d, &received);
 }
+
+/// A state file in which token `h5` was the host of "zz" and later joined "dup" (its entry
+/// says "dup"; "zz" still names it as host). The daemon serves `h5` as member "c" of "dup"
+/// and leaves "zz" out, while its writer keeps the file as loaded. Creating "zz" made the
+/// writer close the file's stale "zz" first, deleting every token that room listed: `h5`,
+/// a live member of "dup", gone after a clean restart (found by a review).
+#[test]
+fn a_room_created_over_one_skipped_at_load_does_not_cost_another_room_a_member() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let state = dir.path().join("room_manager.json");
+    std::fs::write(
+        &state,
+        r#"{"version":1,
+            "rooms":{"dup":{"host_token":"h3","members":["h3","h5"]},
+                     "zz":{"host_token":"h5","members":["h5"]}},
+            "tokens":{"h3":{"username":"b","room_name":"dup","is_host":true},
+                      "h5":{"username":"c","room_name":"dup","is_host":false}}}"#,
+    )
+    .unwrap();
+    let mut d = Daemon::spawn(Arc::clone(&dir), Options::default()).expect("ocmd starts");
+    let members = |d: &Daemon| -> Vec<String> {
+        let presence = presence_of(d, "dup", b"{}");
+        presence.members.into_iter().map(|m| m.name).collect()
+    };
+    assert_eq!(members(&d), ["b", "c"]);
+    d.wait_for_log("lists a token whose entry is in room \"dup\"");
+    // "zz" was left out at load: its name is free, and a client takes it.
+    create(&d, "zz", "new");
+    let (status, _) = d.terminate();
+    assert!(status.success());
+    d.restart();
+    assert_eq!(members(&d), ["b", "c"], "log:\n{}", d.log());
+    assert_eq!(presence_of(&d, "zz", b"{}").members.len(), 1);
+}

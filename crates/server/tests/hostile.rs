@@ -786,20 +786,6 @@ fn create_vault(d: &Daemon) {
     assert!(r.token.is_some(), "{:?}", r.compliance);
 }
 
-/// The Presence reply for `payload` in `room`.
-fn presence_of(d: &Daemon, room: &str, payload: &[u8]) -> payload::RoomPresence {
-    let mut stream = connect(d);
-    stream
-        .write_all(&request_bytes(Operation::Presence, room, payload))
-        .unwrap();
-    let mut frames = FrameReader::default();
-    let (state, _) = frames.next(&mut stream).expect("a COMPLIANCE");
-    assert_eq!(state, State::Compliance);
-    let (state, body) = frames.next(&mut stream).expect("a COMPLETE");
-    assert_eq!(state, State::Complete);
-    payload::parse_json(&body).unwrap()
-}
-
 /// A state file is read from disk: a room password hash edited to ask for 4 GiB of memory is
 /// refused (the join gets `bad_password`, the log says why) instead of run, and the daemon
 /// goes on serving. The same daemon shows Presence's `you`: the member a token belongs to.

@@ -51,7 +51,12 @@ impl Registry {
                 // heard from, rather than left.
                 let name = self.members[id.0].username.to_string();
                 self.notify(room, Some(id), Notice::TimedOut, &name, out);
-                expired
+                // The host itself, back later, hears that it timed out if it reads notices,
+                // and otherwise that its room is closed, as every other member does.
+                match expired {
+                    Gone::Expired { notices: true } => expired,
+                    _ => Gone::RoomClosed,
+                }
             } else {
                 Gone::RoomClosed
             };

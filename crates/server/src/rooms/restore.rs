@@ -16,7 +16,8 @@ use crate::token::Token;
 
 impl Registry {
     /// Rebuilds the registry from a loaded state file. Entries that do not hang together (a
-    /// member token with no entry, a room whose host is missing) are skipped with a warning.
+    /// member token with no entry, or whose entry names another room; a room whose host is
+    /// missing) are skipped with a warning.
     /// Every member counts as seen `now`, so keepalive members get a full timeout to return.
     ///
     /// Names are not checked again with today's rules. Every name in the state was checked
@@ -74,6 +75,18 @@ impl Registry {
                     warn!("state: room {name:?} lists a token with no entry; skipped");
                     continue;
                 };
+                // The token's own entry says which room it is in: a listing elsewhere (a
+                // stray line, or a room the token left by joining another) is skipped, so
+                // that it cannot take the token from the room it belongs to, whichever comes
+                // first (for a host, its room is then left out: it has no usable host).
+                if entry.room_name != *name {
+                    warn!(
+                        "state: room {name:?} lists a token whose entry is in room {:?}; \
+                         skipped",
+                        entry.room_name
+                    );
+                    continue;
+                }
                 if registry.find_token(token.as_bytes()).is_some() {
                     warn!("state: room {name:?} lists a token already loaded; skipped");
                     continue;

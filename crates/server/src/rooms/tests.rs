@@ -1805,29 +1805,15 @@ fn history_keeps_the_last_messages_and_pages_back() {
 
 #[test]
 fn a_hostile_state_file_cannot_break_the_registry() {
-    let member = |t: &str, n: &str| MemberRecord {
-        token: t.into(),
-        username: n.into(),
-        keepalive: None,
-        caps: 0,
-        max_datagram: None,
-        joined_from: None,
-    };
-    let create = |room: &str, host: MemberRecord| Record::CreateRoom {
-        room: room.into(),
-        host,
-        created_at: 0.0,
-        listed: true,
-        password_hash: None,
-    };
+    let (member, create) = (stored_member, create_record);
     let now = Instant::now();
     let limits = Limits {
         chat_rate: 0.0,
         ..Limits::default()
     };
     // Rooms that do not hang together are left out: a host name too long to send, a room
-    // name too long to name in a request, a token listed by two rooms (the second loses
-    // it, and a room without its host is dropped whole).
+    // name too long to name in a request, a room whose host token's entry is in another
+    // room (the token stays in that room; a room without its host is dropped whole).
     let mut state = State::default();
     state.apply(&create("badhost", member("h2", &"x".repeat(300))));
     state.apply(&create(&"n".repeat(256), member("h4", "d")));
@@ -3080,4 +3066,156 @@ fn growing_the_indexes_hashes_no_member_again() {
         "joins that grew the indexes: {grew:?}"
     );
     check_indexes(&reg);
+}
+
+/// A member as a state file stores it: token `t`, name `n`, nothing else.
+fn stored_member(t: &str, n: &str) -> MemberRecord {
+    MemberRecord {
+        token: t.into(),
+        username: n.into(),
+        keepalive: None,
+        caps: 0,
+        max_datagram: None,
+        joined_from: None,
+    }
+}
+
+/// The record of `room`'s creation by `host`.
+fn create_record(room: &str, host: MemberRecord) -> Record {
+    Record::CreateRoom {
+        room: room.into(),
+        host,
+        created_at: 0.0,
+        listed: true,
+        password_hash: None,
+    }
+}
+
+/// A state file whose room "a" also lists, by mistake, the host token of room "b" (whose own
+/// entry says it is room "b"'s host). Rooms load in name order, and "a" used to take the
+/// token as an ordinary member: "b" then had no usable host and was dropped whole, with its
+/// consistent members. The token's entry says where it belongs; the stray listing is what is
+/// skipped (found by a review).
+#[test]
+fn a_stray_listing_of_another_rooms_host_does_not_drop_that_room() {
+    let mut state = State::default();
+    state.apply(&create_record("a", stored_member("ha", "anna")));
+    state.apply(&create_record("b", stored_member("hb", "bert")));
+    state.apply(&Record::Join {
+        room: "b".into(),
+        member: stored_member("mb", "mia"),
+    });
+    // The inconsistency: "a" lists "b"'s host too.
+    state.rooms.get_mut("a").unwrap().members.push("hb".into());
+    assert_eq!(state.tokens["hb"].room_name, "b");
+    assert!(state.tokens["hb"].is_host);
+
+    let reg = Registry::from_state(
+        &state,
+        Limits::default(),
+        Box::new(StdRng::seed_from_u64(1)),
+        Instant::now(),
+    );
+    check_indexes(&reg);
+    let b = reg
+        .presence("b")
+        .expect("room b is consistent and must be kept");
+    assert_eq!(b.host, "bert");
+    assert_eq!(b.members.len(), 2, "{:?}", b.members);
+    let a = reg.presence("a").expect("room a kept");
+    assert_eq!(
+        a.members.len(),
+        1,
+        "the stray listing is skipped: {:?}",
+        a.members
+    );
+}
+
+/// The writer's model of the file is the file as loaded, not what `from_state` made of it.
+/// Here the file's room "zz" names as host a token that a later join moved to room "dup":
+/// the registry serves the token in "dup" and leaves "zz" out, but the file still lists the
+/// token under "zz". A client then creates "zz", whose record closes the file's old "zz"
+/// first: that used to delete every token the old room listed, the live member of "dup"
+/// included, so it was gone after the next restart. Only the tokens in the room go with it
+/// (found by a review).
+#[test]
+fn recreating_a_room_skipped_at_load_does_not_delete_a_live_members_token() {
+    let mut state = State::default();
+    state.apply(&create_record("dup", stored_member("h3", "b")));
+    state.apply(&create_record("zz", stored_member("h5", "e")));
+    state.apply(&Record::Join {
+        room: "dup".into(),
+        member: stored_member("h5", "c"),
+    });
+    let now = Instant::now();
+    let mut reg = Registry::from_state(
+        &state,
+        Limits::default(),
+        Box::new(StdRng::seed_from_u64(1)),
+        now,
+    );
+    assert_eq!(reg.presence("dup").unwrap().members.len(), 2);
+    assert!(reg.presence("zz").is_none());
+
+    // A client creates "zz"; the writer applies the record to its model of the file.
+    reg.create_room("zz", &Request::original("new"), HERE, None, now, 1.0)
+        .unwrap();
+    for record in reg.take_records() {
+        state.apply(&record);
+    }
+    // Restart.
+    let reg = Registry::from_state(
+        &state,
+        Limits::default(),
+        Box::new(StdRng::seed_from_u64(2)),
+        now,
+    );
+    let dup = reg.presence("dup").expect("dup kept");
+    assert_eq!(
+        dup.members.len(),
+        2,
+        "member \"c\" (token h5) of dup was live before the restart: {:?}",
+        dup.members
+    );
+    assert!(reg.is_member("dup", b"h5"));
+}
+
+/// A host that promised keepalives but did not ask for notices sleeps through them: its room
+/// closes for the others. Back, it used to hear nothing (its token answered like an expired
+/// member's, whose room lives on) and went on talking to nobody; like every other member of
+/// a closed room, and like a host that left, it is told `__ROOM_CLOSED__` (docs/PROTOCOL.md,
+/// "Tokens of closed rooms"; found by a review).
+#[test]
+fn an_expired_host_without_notices_is_told_its_room_closed() {
+    let mut reg = registry();
+    let mut out = Outbox::default();
+    let now = Instant::now();
+    let host = reg
+        .create_room("r", &keeping_alive("boss", 10), HERE, None, now, 1.0)
+        .unwrap()
+        .token;
+    let bob = reg
+        .join_room("r", &Request::original("bob"), HERE, now, &mut out)
+        .unwrap()
+        .token;
+    register(&mut reg, addr(1), &host, now, &mut out);
+    register(&mut reg, addr(2), &bob, now, &mut out);
+    let later = now + Duration::from_secs(31);
+    assert_eq!(reg.poll_expired(later, &mut out), 1);
+    assert_eq!(reg.stats().rooms, 0);
+    out.clear();
+    // bob, whose room closed, is told again if he asks.
+    let h = reg.handle_datagram(addr(2), None, &dgram("r", &bob, "hello?"), later, &mut out);
+    assert_eq!(h, Handled::ClosedReply);
+    out.clear();
+    // The host, back from sleep, is told too.
+    let h = reg.handle_datagram(
+        addr(1),
+        None,
+        &dgram("r", &host, "__REGISTER__"),
+        later,
+        &mut out,
+    );
+    assert_eq!(h, Handled::ClosedReply, "the expired host's room is closed");
+    assert_eq!(sent(&out), vec![(addr(1), "CLOSED".into())]);
 }

@@ -100,6 +100,25 @@ pub fn udp_queue(addr: SocketAddr) -> Option<(u64, u64)> {
     })
 }
 
+/// The Presence reply for `payload` (`b"{}"`, or a token to be told `you`) in `room`.
+pub fn presence_of(d: &Daemon, room: &str, payload: &[u8]) -> payload::RoomPresence {
+    let mut stream = connect(d);
+    stream
+        .write_all(&request_bytes(Operation::Presence, room, payload))
+        .unwrap();
+    let mut frames = FrameReader::default();
+    let (state, body) = frames.next(&mut stream).expect("a COMPLIANCE");
+    assert_eq!(
+        state,
+        State::Compliance,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let (state, body) = frames.next(&mut stream).expect("a COMPLETE");
+    assert_eq!(state, State::Complete);
+    payload::parse_json(&body).unwrap()
+}
+
 /// Polls `condition` until it holds or [`PATIENCE`] runs out.
 pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + PATIENCE;
