@@ -34,23 +34,6 @@ fn join_with(daemon: &Daemon, room: &str, fields: &str) -> String {
     token_with(daemon, Operation::JoinRoom, room, fields)
 }
 
-/// One extension request on its own connection; the COMPLETE payload, or the refusal.
-fn ask(daemon: &Daemon, op: Operation, room: &str, body: &[u8]) -> Result<Vec<u8>, Compliance> {
-    let mut s = connect(daemon);
-    s.write_all(&request_bytes(op, room, body)).unwrap();
-    let mut reader = FrameReader::default();
-    let (state, body) = reader.next(&mut s).expect("COMPLIANCE");
-    assert_eq!(state, State::Compliance);
-    match payload::parse_compliance(&body).expect("COMPLIANCE payload") {
-        Compliance::Success => {
-            let (state, body) = reader.next(&mut s).expect("COMPLETE");
-            assert_eq!(state, State::Complete);
-            Ok(body)
-        }
-        refusal => Err(refusal),
-    }
-}
-
 /// Runs a one-shot `ocm` command (`rooms`, `who`, a refused join) to its end; returns its
 /// exit code, stdout lines and stderr. `ocm` bounds its own waits (connect and handshake
 /// timeouts), so this cannot hang.

@@ -921,6 +921,68 @@ fn a_forward_step_of_the_wall_clock_sheds_no_fresh_chat() {
     );
 }
 
+/// History entries carry the wall-clock time they were relayed, and follow a step of the wall
+/// clock: `ocmd` read it once at start and added monotonic time, so a daemon started before
+/// NTP's first sync (or resumed from suspend, which the monotonic clock does not count) dated
+/// its history wrong for as long as it ran (found by a review). It reads it again every 5 s.
+/// Skips, saying so, without libfaketime.
+#[test]
+fn history_times_follow_a_step_of_the_wall_clock() {
+    let Some(lib) = libfaketime() else {
+        skipped("libfaketime is not installed (apt-get install faketime)");
+        return;
+    };
+    let clock = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(clock.path(), "+0\n").unwrap();
+    // The STATUS notifications come from the same timer pass as the reading of the clock.
+    let mut sd = NotifyListener::bind();
+    let d = Daemon::start_with(Options {
+        env: vec![
+            sd.env(),
+            ("WATCHDOG_USEC".into(), "0".into()),
+            ("LD_PRELOAD".into(), lib.display().to_string()),
+            (
+                "FAKETIME_TIMESTAMP_FILE".into(),
+                clock.path().display().to_string(),
+            ),
+            ("FAKETIME_NO_CACHE".into(), "1".into()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+        ],
+        ..Options::default()
+    });
+    let (alice, bob) = room_of_two(&d, "r");
+    let unix_now = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    let last_at = || {
+        let body = format!(r#"{{"token": "{}"}}"#, alice.token);
+        let page = ask(&d, Operation::History, "r", body.as_bytes()).expect("history");
+        let page: tcrp::payload::HistoryPage = tcrp::payload::parse_json(&page).unwrap();
+        page.messages.last().expect("a message").at
+    };
+    bob.send("before");
+    alice.recv_until("bob: before");
+    let at = last_at();
+    assert!((at - unix_now()).abs() < 600.0, "before the step: at {at}");
+    // The daemon's wall clock jumps a day ahead. The second STATUS after that was sent after
+    // the step (the first may have been on its way before).
+    std::fs::write(clock.path(), "+86400\n").unwrap();
+    for _ in 0..2 {
+        sd.wait_for(PATIENCE, |m| m.starts_with("STATUS="));
+    }
+    bob.send("after");
+    alice.recv_until("bob: after");
+    let at = last_at();
+    assert!(
+        at > unix_now() + 86_000.0,
+        "after the step: at {at}, against {} on the stepped clock",
+        unix_now() + 86_400.0
+    );
+}
+
 /// Floods the UDP socket of a stopped daemon so that the kernel drops datagrams, then waits
 /// until `ocm_udp_receive_buffer_drops_total` shows them.
 fn flood_until_the_kernel_drop_counter_moves(d: &Daemon) {

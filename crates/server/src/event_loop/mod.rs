@@ -357,6 +357,10 @@ impl Server {
         self.notifier.retry(now);
         if now >= self.next_status {
             self.next_status = now + STATUS_INTERVAL;
+            // History times are the wall clock read at start plus monotonic time since: read
+            // it again, so that a step (NTP's first sync after an early start, a resume from
+            // suspend, which the monotonic clock does not count) shows within an interval.
+            self.registry.set_wall_clock(now, unix_now());
             self.check_kernel_drops();
             if self.notifier.enabled() {
                 let s = self.registry.stats();

@@ -119,6 +119,23 @@ pub fn presence_of(d: &Daemon, room: &str, payload: &[u8]) -> payload::RoomPrese
     payload::parse_json(&body).unwrap()
 }
 
+/// One extension request on its own connection; the COMPLETE payload, or the refusal.
+pub fn ask(daemon: &Daemon, op: Operation, room: &str, body: &[u8]) -> Result<Vec<u8>, Compliance> {
+    let mut s = connect(daemon);
+    s.write_all(&request_bytes(op, room, body)).unwrap();
+    let mut reader = FrameReader::default();
+    let (state, body) = reader.next(&mut s).expect("COMPLIANCE");
+    assert_eq!(state, State::Compliance);
+    match payload::parse_compliance(&body).expect("COMPLIANCE payload") {
+        Compliance::Success => {
+            let (state, body) = reader.next(&mut s).expect("COMPLETE");
+            assert_eq!(state, State::Complete);
+            Ok(body)
+        }
+        refusal => Err(refusal),
+    }
+}
+
 /// Polls `condition` until it holds or [`PATIENCE`] runs out.
 pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + PATIENCE;
