@@ -403,7 +403,8 @@ impl Registry {
 
     /// Applies new limits (a configuration reload). Existing members keep their state; kept
     /// histories over the new history limits are trimmed now, and the trim is journaled at
-    /// the next checkpoint.
+    /// the next checkpoint; tombstones over a lowered capacity are forgotten now, oldest
+    /// first.
     pub fn set_limits(&mut self, limits: Limits) {
         for (_, room) in &mut self.rooms {
             room.shrink_history_to(limits.history, limits.history_bytes);
@@ -412,6 +413,9 @@ impl Registry {
         if limits.room_idle != self.limits.room_idle {
             // Looked at under the new limit at the next sweep.
             self.next_idle_check = None;
+        }
+        if limits.tombstone_capacity < self.limits.tombstone_capacity {
+            self.tombstones.shrink_to(limits.tombstone_capacity);
         }
         self.limits = limits;
         if misses_changed {

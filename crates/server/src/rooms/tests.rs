@@ -1012,6 +1012,43 @@ fn a_member_that_left_a_live_room_is_not_told_the_room_closed() {
     assert_eq!(t.reg.stats().tombstones, 0);
 }
 
+/// A reload that lowers `liveness.tombstone_capacity` forgets the oldest tokens over it at
+/// once, and 0 forgets them all: they used to answer until their hour was up, since only an
+/// insert made room (found by a review).
+#[test]
+fn a_lowered_tombstone_capacity_forgets_the_oldest_at_the_reload() {
+    let mut t = room_of_three();
+    let mut out = Outbox::default();
+    t.reg.handle_datagram(
+        addr(1),
+        None,
+        &dgram("r", &t.host, "__LEAVE__"),
+        t.now,
+        &mut out,
+    );
+    assert_eq!(t.reg.stats().tombstones, 3);
+    let mut answered = |t: &mut Room3, token: &Token, from: u16| {
+        let late = dgram("r", token, "anyone there?");
+        t.reg
+            .handle_datagram(addr(from), None, &late, t.now, &mut out)
+            == Handled::ClosedReply
+    };
+    let lowered = |capacity| Limits {
+        tombstone_capacity: capacity,
+        ..Limits::default()
+    };
+    t.reg.set_limits(lowered(1));
+    assert_eq!(t.reg.stats().tombstones, 1);
+    // The three were remembered host first, then in the room's order: cy is the one kept.
+    let (host, bob, cy) = (t.host.clone(), t.bob.clone(), t.cy.clone());
+    assert!(!answered(&mut t, &host, 11));
+    assert!(!answered(&mut t, &bob, 12));
+    assert!(answered(&mut t, &cy, 13));
+    t.reg.set_limits(lowered(0));
+    assert_eq!(t.reg.stats().tombstones, 0);
+    assert!(!answered(&mut t, &cy, 14));
+}
+
 #[test]
 fn tombstoned_token_gets_room_closed_a_few_times_per_interval() {
     let mut t = room_of_three();

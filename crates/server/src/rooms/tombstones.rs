@@ -104,6 +104,19 @@ impl Tombstones {
         }
     }
 
+    /// Forgets the oldest tokens until at most `capacity` are left (a reload lowered
+    /// `liveness.tombstone_capacity`; 0 forgets them all, and their memory).
+    pub(super) fn shrink_to(&mut self, capacity: usize) {
+        while self.order.len() > capacity {
+            self.evict_oldest();
+        }
+        if capacity == 0 {
+            self.by_hash = HashMap::new();
+            self.order = VecDeque::new();
+            self.reserved_for = 0;
+        }
+    }
+
     /// Forgets the oldest token, unless it was remembered again since (its entry is newer).
     fn evict_oldest(&mut self) {
         if let Some((at, hash)) = self.order.pop_front() {
