@@ -350,3 +350,68 @@ fn a_member_cut_off_past_its_keepalive_limit_learns_it_from_the_idle_check() {
     alice.type_line("/quit");
     assert!(alice.wait().success());
 }
+
+/// A library for `LD_PRELOAD` whose first `sendto` on a datagram socket fails with `EPERM`
+/// (as a firewall rule makes it fail), and every later one goes through.
+const FIRST_UDP_SEND_REFUSED: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <sys/socket.h>
+
+ssize_t sendto(int fd, const void *buf, size_t len, int flags,
+               const struct sockaddr *to, socklen_t tolen) {
+    static ssize_t (*real_sendto)(int, const void *, size_t, int, const struct sockaddr *, socklen_t);
+    static int refused;
+    if (!real_sendto)
+        real_sendto = (ssize_t (*)(int, const void *, size_t, int, const struct sockaddr *, socklen_t))
+            dlsym(RTLD_NEXT, "sendto");
+    int type = 0;
+    socklen_t size = sizeof type;
+    if (!refused && getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &size) == 0 && type == SOCK_DGRAM) {
+        refused = 1;
+        errno = EPERM;
+        return -1;
+    }
+    return real_sendto(fd, buf, len, flags, to, tolen);
+}
+"#;
+
+/// A first `__REGISTER__` that cannot be sent ends `ocm` with the error, and ends its session
+/// as every other way out does: the daemon hears a `__LEAVE__` (the socket takes that one), so
+/// the room does not keep a member that is gone. `ocm` used to return the error alone, and
+/// the room kept bob until he expired.
+#[test]
+fn a_first_register_that_cannot_be_sent_ends_the_session_with_a_leave() {
+    let build = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let library = preload_library(
+        build.path(),
+        "first_udp_send_refused",
+        FIRST_UDP_SEND_REFUSED,
+    );
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    let library = library.display().to_string();
+    let mut bob = Ocm::start_with_env(
+        d.tcp.port(),
+        d.udp.port(),
+        &["join", "lobby", "--name", "bob"],
+        &[("LD_PRELOAD", &library)],
+    );
+    let status = bob.wait();
+    assert!(!status.success(), "{status:?}");
+    let said = bob.stderr.lock().unwrap().clone();
+    assert!(said.contains("sending __REGISTER__"), "{said}");
+    assert!(said.contains("Operation not permitted"), "{said}");
+    // The join was acknowledged, so bob was in the room; his __LEAVE__ takes him out.
+    alice.lines_until("* bob left");
+    let names: Vec<String> = presence_of(&d, "lobby", b"{}")
+        .members
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    assert_eq!(names, ["alice"]);
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}

@@ -128,6 +128,21 @@ impl Registry {
                 });
                 Handled::Registered { changed }
             }
+            // A member that never registered has no address to hold its datagrams to: its
+            // __LEAVE__ is taken on the token alone, as its first __REGISTER__ would be (from
+            // the join's IP under the guard). A client whose first __REGISTER__ could not be
+            // sent leaves so, instead of staying in the room until it expires, if ever.
+            Message::Leave if member.address.is_none() => {
+                if self.limits.register_only_from_join_ip
+                    && member
+                        .joined_from
+                        .is_some_and(|ip| ip != src.ip().to_canonical())
+                {
+                    return Handled::Dropped(DropReason::NotJoinIp);
+                }
+                member.last_seen = now;
+                self.remove_member(id, Notice::Left, now, out)
+            }
             _ if member.address.is_none() => Handled::Dropped(DropReason::Unregistered),
             _ if member.address != Some(src) => Handled::Dropped(DropReason::AddressMismatch),
             Message::Leave => {

@@ -389,6 +389,55 @@ fn unregistered_member_cannot_chat() {
     assert_eq!(h, Handled::Relayed { deliveries: 2 });
 }
 
+/// A member that never registered leaves on its token alone (it has no address to be held
+/// to), from the join's IP under the guard; an `ocm` whose first `__REGISTER__` could not be
+/// sent leaves so.
+#[test]
+fn a_member_that_never_registered_can_leave() {
+    let mut t = room_of_three();
+    let mut out = Outbox::default();
+    let mut join = |t: &mut Room3, name: &str| {
+        t.reg
+            .join_room("r", &Request::original(name), HERE, t.now, &mut out)
+            .unwrap()
+            .token
+    };
+    let (dee, eve) = (join(&mut t, "dee"), join(&mut t, "eve"));
+    let members = t.reg.stats().members;
+    let h = t.reg.handle_datagram(
+        addr(4),
+        None,
+        &dgram("r", &dee, "__LEAVE__"),
+        t.now,
+        &mut out,
+    );
+    assert_eq!(h, Handled::Left);
+    assert_eq!(t.reg.stats().members, members - 1);
+    assert!(!t.reg.is_member("r", dee.as_str().as_bytes()));
+    // Under the join-IP guard, only from the IP that joined.
+    let mut limits = t.reg.limits.clone();
+    limits.register_only_from_join_ip = true;
+    t.reg.set_limits(limits);
+    let elsewhere = SocketAddr::from(([127, 0, 0, 2], 5));
+    let h = t.reg.handle_datagram(
+        elsewhere,
+        None,
+        &dgram("r", &eve, "__LEAVE__"),
+        t.now,
+        &mut out,
+    );
+    assert_eq!(h, Handled::Dropped(DropReason::NotJoinIp));
+    assert!(t.reg.is_member("r", eve.as_str().as_bytes()));
+    let h = t.reg.handle_datagram(
+        addr(5),
+        None,
+        &dgram("r", &eve, "__LEAVE__"),
+        t.now,
+        &mut out,
+    );
+    assert_eq!(h, Handled::Left);
+}
+
 #[test]
 fn register_from_a_new_address_rebinds() {
     let mut t = room_of_three();
