@@ -42,10 +42,11 @@ pub mod token;
 pub mod udp;
 pub mod wall_clock;
 
-/// Checks the unit tests cannot run on this machine, reported as the integration tests do.
+/// Test helpers shared with the integration tests: skipped checks reported as they report
+/// them, and a full notification queue.
 #[cfg(test)]
-#[path = "../tests/common/skip.rs"]
-mod skip;
+#[path = "../tests/common/shared.rs"]
+mod test_shared;
 
 pub use config::Config;
 pub use error::Error;

@@ -868,11 +868,11 @@ mod tests {
     #[test]
     fn a_link_local_source_on_a_missing_interface_is_dropped_and_named() {
         let Ok(server) = UdpSocket::bind("[::]:0") else {
-            crate::skip::skipped("this host cannot bind [::]");
+            crate::test_shared::skipped("this host cannot bind [::]");
             return;
         };
         let Ok(client) = UdpSocket::bind("[::1]:0") else {
-            crate::skip::skipped("this host has no ::1");
+            crate::test_shared::skipped("this host has no ::1");
             return;
         };
         client
@@ -918,7 +918,7 @@ mod tests {
     fn a_segmented_send_arrives_as_datagrams_of_the_segment_size() {
         let server = UdpSocket::bind("0.0.0.0:0").unwrap();
         if !can_segment(server.as_raw_fd()) {
-            crate::skip::skipped("this kernel cannot segment UDP sends");
+            crate::test_shared::skipped("this kernel cannot segment UDP sends");
             return;
         }
         let port = server.local_addr().unwrap().port();
@@ -978,7 +978,7 @@ mod tests {
     fn a_segmented_send_the_kernel_refuses_stops_the_call_there() {
         let (a, b) = sender_and_receiver();
         if !can_segment(a.as_raw_fd()) {
-            crate::skip::skipped("this kernel cannot segment UDP sends");
+            crate::test_shared::skipped("this kernel cannot segment UDP sends");
             return;
         }
         crate::sockopt::set_int(a.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NO_CHECK, 1).unwrap();

@@ -235,20 +235,8 @@ mod tests {
             Notifier::to(SocketAddr::from_pathname(&self.path).expect("path")).expect("notifier")
         }
 
-        /// Fills the queue, the way other services do: until a sender that has sent nothing
-        /// yet (so its own send buffer is empty) is refused.
         fn fill(&self) {
-            loop {
-                let other = UnixDatagram::unbound().expect("socket");
-                other.set_nonblocking(true).expect("nonblocking");
-                let mut sent = 0;
-                while other.send_to(b"OTHER=1", &self.path).is_ok() {
-                    sent += 1;
-                }
-                if sent == 0 {
-                    return;
-                }
-            }
+            crate::test_shared::fill_datagram_queue(&self.path);
         }
 
         /// Everything queued, other services' messages left out.

@@ -825,7 +825,7 @@ mod tests {
     fn segmenting_socket(refusing: bool) -> Option<UdpSocket> {
         let socket = UdpSocket::bind("0.0.0.0:0".parse().unwrap()).unwrap();
         if !mmsg::can_segment(socket.as_raw_fd()) {
-            crate::skip::skipped("this kernel cannot segment UDP sends");
+            crate::test_shared::skipped("this kernel cannot segment UDP sends");
             return None;
         }
         if refusing {
@@ -1022,11 +1022,11 @@ mod tests {
             UdpSocket::bind("[::]:0".parse().unwrap()),
             std::net::UdpSocket::bind("[::1]:0"),
         ) else {
-            crate::skip::skipped("this host has no IPv6 loopback");
+            crate::test_shared::skipped("this host has no IPv6 loopback");
             return;
         };
         if !mmsg::can_segment(socket.as_raw_fd()) {
-            crate::skip::skipped("this kernel cannot segment UDP sends");
+            crate::test_shared::skipped("this kernel cannot segment UDP sends");
             return;
         }
         a.set_read_timeout(Some(std::time::Duration::from_secs(10)))

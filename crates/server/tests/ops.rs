@@ -197,20 +197,9 @@ impl NotifyListener {
         }
     }
 
-    /// Fills the socket's queue the way other services' messages do (`OTHER=1`), until a
-    /// sender that has sent nothing yet, so whose own buffer is empty, is refused.
+    /// Fills the socket's queue the way other services' messages do (`OTHER=1`).
     fn fill(&self) {
-        loop {
-            let other = UnixDatagram::unbound().expect("socket");
-            other.set_nonblocking(true).expect("nonblocking");
-            let mut sent = 0;
-            while other.send_to(b"OTHER=1", &self.path).is_ok() {
-                sent += 1;
-            }
-            if sent == 0 {
-                return;
-            }
-        }
+        fill_datagram_queue(&self.path);
     }
 
     /// Waits (up to `wait`) for a notification satisfying `want`.
@@ -872,6 +861,20 @@ fn libfaketime() -> Option<PathBuf> {
         .find(|lib| lib.is_file())
 }
 
+/// The environment that runs a process under libfaketime (`lib`): its wall clock, not its
+/// monotonic one, reads the offset written in `clock` (e.g. `+3600`), at every reading.
+fn faketime_env(lib: &Path, clock: &Path) -> Vec<(String, String)> {
+    vec![
+        ("LD_PRELOAD".into(), lib.display().to_string()),
+        (
+            "FAKETIME_TIMESTAMP_FILE".into(),
+            clock.display().to_string(),
+        ),
+        ("FAKETIME_NO_CACHE".into(), "1".into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ]
+}
+
 /// A step of the wall clock makes no chat look older than it is. The kernel stamps arrivals
 /// on the wall clock; `ocmd` runs under libfaketime, whose wall clock (not its monotonic one)
 /// steps an hour forward while chat waits 400 ms in the stopped daemon's socket, with a limit
@@ -889,15 +892,7 @@ fn a_forward_step_of_the_wall_clock_sheds_no_fresh_chat() {
     let d = Daemon::start_with(Options {
         metrics: true,
         config: Some("[udp]\nmax_chat_wait_ms = 30000\n".into()),
-        env: vec![
-            ("LD_PRELOAD".into(), lib.display().to_string()),
-            (
-                "FAKETIME_TIMESTAMP_FILE".into(),
-                clock.path().display().to_string(),
-            ),
-            ("FAKETIME_NO_CACHE".into(), "1".into()),
-            ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
-        ],
+        env: faketime_env(&lib, clock.path()),
         ..Options::default()
     });
     // Chat before the step: the daemon has read both clocks.
@@ -937,17 +932,10 @@ fn history_times_follow_a_step_of_the_wall_clock() {
     // The STATUS notifications come from the same timer pass as the reading of the clock.
     let mut sd = NotifyListener::bind();
     let d = Daemon::start_with(Options {
-        env: vec![
-            sd.env(),
-            ("WATCHDOG_USEC".into(), "0".into()),
-            ("LD_PRELOAD".into(), lib.display().to_string()),
-            (
-                "FAKETIME_TIMESTAMP_FILE".into(),
-                clock.path().display().to_string(),
-            ),
-            ("FAKETIME_NO_CACHE".into(), "1".into()),
-            ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
-        ],
+        env: [sd.env(), ("WATCHDOG_USEC".into(), "0".into())]
+            .into_iter()
+            .chain(faketime_env(&lib, clock.path()))
+            .collect(),
         ..Options::default()
     });
     let (alice, bob) = room_of_two(&d, "r");

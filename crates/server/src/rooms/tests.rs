@@ -42,6 +42,17 @@ fn register(
     reg.handle_datagram(from, None, &dgram("r", token, "__REGISTER__"), now, out)
 }
 
+/// A `__LEAVE__` from `from` with `token`, in room "r".
+fn leave(
+    reg: &mut Registry,
+    from: SocketAddr,
+    token: &Token,
+    now: Instant,
+    out: &mut Outbox,
+) -> Handled {
+    reg.handle_datagram(from, None, &dgram("r", token, "__LEAVE__"), now, out)
+}
+
 /// The sends of an outbox as (destination, decoded delivery) pairs, rendered as text.
 fn sent(out: &Outbox) -> Vec<(SocketAddr, String)> {
     out.sends
@@ -198,24 +209,12 @@ fn a_username_is_taken_per_room_and_free_again_once_its_member_is_gone() {
         Err(ErrorCode::NameTaken)
     );
     // A member that left frees its name in its room.
-    let h = t.reg.handle_datagram(
-        addr(2),
-        None,
-        &dgram("r", &t.bob, "__LEAVE__"),
-        t.now,
-        &mut out,
-    );
+    let h = leave(&mut t.reg, addr(2), &t.bob, t.now, &mut out);
     assert_eq!(h, Handled::Left);
     assert!(join(&mut t.reg, "r", "bob", &mut out).is_ok());
     check_indexes(&t.reg);
     // A closed room frees every name, also for a new room that takes its slot.
-    let h = t.reg.handle_datagram(
-        addr(1),
-        None,
-        &dgram("r", &t.host, "__LEAVE__"),
-        t.now,
-        &mut out,
-    );
+    let h = leave(&mut t.reg, addr(1), &t.host, t.now, &mut out);
     assert!(matches!(h, Handled::Closed { .. }));
     t.reg
         .create_room("r", &Request::original("host"), HERE, None, t.now, 0.0)
@@ -254,23 +253,11 @@ fn notices_follow_who_in_the_room_asked_for_them_as_members_come_and_go() {
     assert_eq!(sent(&out), vec![(addr(2), "* plain Joined".into())]);
     out.clear();
     check_indexes(&reg);
-    reg.handle_datagram(
-        addr(3),
-        None,
-        &dgram("r", &plain, "__LEAVE__"),
-        now,
-        &mut out,
-    );
+    leave(&mut reg, addr(3), &plain, now, &mut out);
     assert_eq!(sent(&out), vec![(addr(2), "* plain Left".into())]);
     out.clear();
     check_indexes(&reg);
-    reg.handle_datagram(
-        addr(2),
-        None,
-        &dgram("r", &rich, "__LEAVE__"),
-        now,
-        &mut out,
-    );
+    leave(&mut reg, addr(2), &rich, now, &mut out);
     join(&mut reg, &Request::original("quiet"), 4, &mut out);
     assert!(out.is_empty(), "nobody left in the room asked for notices");
     check_indexes(&reg);
@@ -354,13 +341,7 @@ fn drops_wrong_room_unknown_token_and_foreign_address() {
         .reg
         .handle_datagram(addr(9), None, &dgram("r", &t.bob, "x"), t.now, &mut out);
     assert_eq!(h, Handled::Dropped(DropReason::AddressMismatch));
-    let h = t.reg.handle_datagram(
-        addr(9),
-        None,
-        &dgram("r", &t.bob, "__LEAVE__"),
-        t.now,
-        &mut out,
-    );
+    let h = leave(&mut t.reg, addr(9), &t.bob, t.now, &mut out);
     assert_eq!(h, Handled::Dropped(DropReason::AddressMismatch));
     let h = t
         .reg
@@ -404,13 +385,7 @@ fn a_member_that_never_registered_can_leave() {
     };
     let (dee, eve) = (join(&mut t, "dee"), join(&mut t, "eve"));
     let members = t.reg.stats().members;
-    let h = t.reg.handle_datagram(
-        addr(4),
-        None,
-        &dgram("r", &dee, "__LEAVE__"),
-        t.now,
-        &mut out,
-    );
+    let h = leave(&mut t.reg, addr(4), &dee, t.now, &mut out);
     assert_eq!(h, Handled::Left);
     assert_eq!(t.reg.stats().members, members - 1);
     assert!(!t.reg.is_member("r", dee.as_str().as_bytes()));
@@ -419,22 +394,10 @@ fn a_member_that_never_registered_can_leave() {
     limits.register_only_from_join_ip = true;
     t.reg.set_limits(limits);
     let elsewhere = SocketAddr::from(([127, 0, 0, 2], 5));
-    let h = t.reg.handle_datagram(
-        elsewhere,
-        None,
-        &dgram("r", &eve, "__LEAVE__"),
-        t.now,
-        &mut out,
-    );
+    let h = leave(&mut t.reg, elsewhere, &eve, t.now, &mut out);
     assert_eq!(h, Handled::Dropped(DropReason::NotJoinIp));
     assert!(t.reg.is_member("r", eve.as_str().as_bytes()));
-    let h = t.reg.handle_datagram(
-        addr(5),
-        None,
-        &dgram("r", &eve, "__LEAVE__"),
-        t.now,
-        &mut out,
-    );
+    let h = leave(&mut t.reg, addr(5), &eve, t.now, &mut out);
     assert_eq!(h, Handled::Left);
 }
 
@@ -901,13 +864,7 @@ fn a_departed_members_queued_source_is_not_saved_for_the_next_member_of_its_slot
     let cy = dgram("r", &t.cy, "__REGISTER__");
     t.reg
         .handle_datagram(addr(3), ours(2), &cy, t.now, &mut out);
-    t.reg.handle_datagram(
-        addr(3),
-        None,
-        &dgram("r", &t.cy, "__LEAVE__"),
-        t.now,
-        &mut out,
-    );
+    leave(&mut t.reg, addr(3), &t.cy, t.now, &mut out);
     let dee = t
         .reg
         .join_room("r", &Request::original("dee"), HERE, t.now, &mut out)
@@ -1011,22 +968,10 @@ fn late_chat_is_shed_and_late_control_datagrams_are_not() {
 fn member_leave_then_host_leave_closes_the_room() {
     let mut t = room_of_three();
     let mut out = Outbox::default();
-    let h = t.reg.handle_datagram(
-        addr(3),
-        None,
-        &dgram("r", &t.cy, "__LEAVE__"),
-        t.now,
-        &mut out,
-    );
+    let h = leave(&mut t.reg, addr(3), &t.cy, t.now, &mut out);
     assert_eq!(h, Handled::Left);
     assert!(out.is_empty());
-    let h = t.reg.handle_datagram(
-        addr(1),
-        None,
-        &dgram("r", &t.host, "__LEAVE__"),
-        t.now,
-        &mut out,
-    );
+    let h = leave(&mut t.reg, addr(1), &t.host, t.now, &mut out);
     assert_eq!(h, Handled::Closed { notified: 1 });
     assert_eq!(sent(&out), vec![(addr(2), "CLOSED".into())]);
     assert_eq!(t.reg.stats().rooms, 0);
@@ -1045,13 +990,7 @@ fn member_leave_then_host_leave_closes_the_room() {
 fn a_member_that_left_a_live_room_is_not_told_the_room_closed() {
     let mut t = room_of_three();
     let mut out = Outbox::default();
-    t.reg.handle_datagram(
-        addr(3),
-        None,
-        &dgram("r", &t.cy, "__LEAVE__"),
-        t.now,
-        &mut out,
-    );
+    leave(&mut t.reg, addr(3), &t.cy, t.now, &mut out);
     let late = dgram("r", &t.cy, "still there?");
     assert_eq!(
         t.reg.handle_datagram(addr(3), None, &late, t.now, &mut out),
@@ -1068,13 +1007,7 @@ fn a_member_that_left_a_live_room_is_not_told_the_room_closed() {
 fn a_lowered_tombstone_capacity_forgets_the_oldest_at_the_reload() {
     let mut t = room_of_three();
     let mut out = Outbox::default();
-    t.reg.handle_datagram(
-        addr(1),
-        None,
-        &dgram("r", &t.host, "__LEAVE__"),
-        t.now,
-        &mut out,
-    );
+    leave(&mut t.reg, addr(1), &t.host, t.now, &mut out);
     assert_eq!(t.reg.stats().tombstones, 3);
     let mut answered = |t: &mut Room3, token: &Token, from: u16| {
         let late = dgram("r", token, "anyone there?");
@@ -1102,13 +1035,7 @@ fn a_lowered_tombstone_capacity_forgets_the_oldest_at_the_reload() {
 fn tombstoned_token_gets_room_closed_a_few_times_per_interval() {
     let mut t = room_of_three();
     let mut out = Outbox::default();
-    t.reg.handle_datagram(
-        addr(1),
-        None,
-        &dgram("r", &t.host, "__LEAVE__"),
-        t.now,
-        &mut out,
-    );
+    leave(&mut t.reg, addr(1), &t.host, t.now, &mut out);
     out.clear();
     let late = dgram("r", &t.bob, "anyone?");
     assert_eq!(
@@ -1339,13 +1266,7 @@ fn an_expired_member_that_comes_back_is_told_if_it_reads_notices() {
     // Both replies share one allowance per source and interval: the address just told it
     // timed out has one reply fewer left for the room's closing, then hears of it only once
     // the interval has passed.
-    reg.handle_datagram(
-        addr(1),
-        None,
-        &dgram("r", &host, "__LEAVE__"),
-        later,
-        &mut out,
-    );
+    leave(&mut reg, addr(1), &host, later, &mut out);
     out.clear();
     let closed = dgram("r", &host, "anyone?");
     let soon = later + Duration::from_millis(500);
@@ -1552,22 +1473,10 @@ fn the_room_list_is_made_again_only_after_a_change() {
         .join_room("s", &Request::original("dan"), HERE, t.now, &mut out)
         .unwrap();
     assert_eq!(list(&mut t.reg), b"r:3,s:2");
-    let h = t.reg.handle_datagram(
-        addr(2),
-        None,
-        &dgram("r", &t.bob, "__LEAVE__"),
-        t.now,
-        &mut out,
-    );
+    let h = leave(&mut t.reg, addr(2), &t.bob, t.now, &mut out);
     assert_eq!(h, Handled::Left);
     assert_eq!(list(&mut t.reg), b"r:2,s:2");
-    let h = t.reg.handle_datagram(
-        addr(1),
-        None,
-        &dgram("r", &t.host, "__LEAVE__"),
-        t.now,
-        &mut out,
-    );
+    let h = leave(&mut t.reg, addr(1), &t.host, t.now, &mut out);
     assert!(matches!(h, Handled::Closed { .. }));
     assert_eq!(list(&mut t.reg), b"s:2");
     assert_eq!(list(&mut t.reg), b"s:2");
@@ -2721,13 +2630,7 @@ fn rebuilt_from_state_keeps_rooms_tokens_and_addresses() {
         &mut out,
     );
     assert_eq!(h, Handled::Relayed { deliveries: 2 });
-    let h = reg.handle_datagram(
-        addr(1),
-        None,
-        &dgram("r", &t.host, "__LEAVE__"),
-        t.now,
-        &mut out,
-    );
+    let h = leave(&mut reg, addr(1), &t.host, t.now, &mut out);
     assert_eq!(h, Handled::Closed { notified: 2 });
     let _ = &t.cy;
 }
@@ -2792,13 +2695,7 @@ fn a_slot_taken_by_a_new_member_neither_expires_it_early_nor_queues_it_twice() {
         .unwrap()
         .token;
     register(&mut reg, addr(2), &first, now, &mut out);
-    reg.handle_datagram(
-        addr(2),
-        None,
-        &dgram("r", &first, "__LEAVE__"),
-        now,
-        &mut out,
-    );
+    leave(&mut reg, addr(2), &first, now, &mut out);
     assert_eq!(reg.stats().members, 1);
     // The next member takes the freed slot, with a longer limit (3 × 100 s).
     let later = now + Duration::from_secs(1);
@@ -3103,13 +3000,7 @@ fn members_that_read_notices_hear_that_a_silent_host_timed_out_before_the_room_c
     register(&mut reg, addr(1), &host, now, &mut out);
     register(&mut reg, addr(2), &rich, now, &mut out);
     out.clear();
-    reg.handle_datagram(
-        addr(1),
-        None,
-        &dgram("r", &host, "__LEAVE__"),
-        now,
-        &mut out,
-    );
+    leave(&mut reg, addr(1), &host, now, &mut out);
     assert_eq!(sent(&out), vec![(addr(2), "CLOSED".into())]);
 }
 

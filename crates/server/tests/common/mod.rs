@@ -5,9 +5,9 @@
 //! on drop and prints its stderr if the test panicked.
 #![allow(dead_code)]
 
-mod skip;
+mod shared;
 #[allow(unused_imports)]
-pub use skip::skipped;
+pub use shared::{fill_datagram_queue, skipped};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};

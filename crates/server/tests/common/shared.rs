@@ -1,8 +1,11 @@
-//! Checks that cannot run on this machine (no IPv6, no raw sockets, a tool not installed):
-//! shared by the integration tests and the crate's unit tests (`src/lib.rs` includes this
-//! file), so that a skip is never mistaken for a pass.
+//! Test helpers shared by the integration tests and the crate's unit tests (`src/lib.rs`
+//! includes this file): reporting checks that cannot run on this machine (no IPv6, no raw
+//! sockets, a tool not installed), so that a skip is never mistaken for a pass, and filling a
+//! Unix datagram socket's queue, as other services fill systemd's notification socket.
 
 use std::io::Write;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
 
 /// Records that a check could not run here, and why: on stderr, and as a line of the file
 /// named by `OCM_SKIPPED_CHECKS`, which `scripts/test` sets and prints at the end of the run.
@@ -26,5 +29,22 @@ pub fn skipped(why: &str) {
         .and_then(|mut file| file.write_all(format!("{line}\n").as_bytes()));
     if let Err(e) = appended {
         eprintln!("cannot record the skip in {path:?}: {e}");
+    }
+}
+
+/// Fills the queue of the Unix datagram socket bound at `path` with `OTHER=1` datagrams, the
+/// way other services' messages fill systemd's: until a sender that has sent nothing yet (so
+/// whose own send buffer is empty) is refused.
+pub fn fill_datagram_queue(path: &Path) {
+    loop {
+        let other = UnixDatagram::unbound().expect("socket");
+        other.set_nonblocking(true).expect("nonblocking");
+        let mut sent = 0;
+        while other.send_to(b"OTHER=1", path).is_ok() {
+            sent += 1;
+        }
+        if sent == 0 {
+            return;
+        }
     }
 }
