@@ -361,4 +361,98 @@ mod tests {
         }
         assert!(lookalike_keys("modern").look_alike(&lookalike_keys("modem")));
     }
+
+    /// Unicode's Default_Ignorable_Code_Point ranges, as DerivedCoreProperties.txt lists them,
+    /// written out from the Unicode data, not from the tables above.
+    const DEFAULT_IGNORABLE: [(char, char); 17] = [
+        ('\u{ad}', '\u{ad}'),
+        ('\u{34f}', '\u{34f}'),
+        ('\u{61c}', '\u{61c}'),
+        ('\u{115f}', '\u{1160}'),
+        ('\u{17b4}', '\u{17b5}'),
+        ('\u{180b}', '\u{180f}'),
+        ('\u{200b}', '\u{200f}'),
+        ('\u{202a}', '\u{202e}'),
+        ('\u{2060}', '\u{206f}'),
+        ('\u{3164}', '\u{3164}'),
+        ('\u{fe00}', '\u{fe0f}'),
+        ('\u{feff}', '\u{feff}'),
+        ('\u{ffa0}', '\u{ffa0}'),
+        ('\u{fff0}', '\u{fff8}'),
+        ('\u{1bca0}', '\u{1bca3}'),
+        ('\u{1d173}', '\u{1d17a}'),
+        ('\u{e0000}', '\u{e0fff}'),
+    ];
+    /// Not default-ignorable, but blank wherever they stand (the module docs): the line and
+    /// paragraph separators and the braille blank.
+    const BLANKS: [char; 3] = ['\u{2028}', '\u{2029}', '\u{2800}'];
+
+    /// The three tables together hold exactly the documented set: every default-ignorable
+    /// code point, the line and paragraph separators and the braille blank, and nothing
+    /// else. A range cut short, dropped or stretched by one lets a name pass for another
+    /// (`al\u{1d173}ice` beside `alice`) or refuses a visible one.
+    #[test]
+    fn the_hidden_tables_are_the_default_ignorables_and_the_blanks() {
+        let documented = |c: char| {
+            BLANKS.contains(&c)
+                || DEFAULT_IGNORABLE
+                    .iter()
+                    .any(|&(lo, hi)| (lo..=hi).contains(&c))
+        };
+        let mut hidden = 0;
+        for c in (0..=u32::from(char::MAX)).filter_map(char::from_u32) {
+            let tabled = is_invisible(c) || is_modifier(c) || is_reordering(c);
+            assert_eq!(tabled, documented(c), "U+{:04X}", u32::from(c));
+            if tabled {
+                hidden += 1;
+                // Between ASCII letters every one of them shows as nothing.
+                let name = format!("a{c}b");
+                assert_eq!(
+                    hidden_chars(&name).collect::<Vec<_>>(),
+                    [(1, c)],
+                    "{name:?}"
+                );
+                assert_eq!(
+                    check_visible(&name),
+                    Err(NameRule::Invisible(c)),
+                    "{name:?}"
+                );
+            }
+        }
+        let documented_count = BLANKS.len()
+            + DEFAULT_IGNORABLE
+                .iter()
+                .map(|&(lo, hi)| (u32::from(hi) - u32::from(lo) + 1) as usize)
+                .sum::<usize>();
+        assert_eq!(hidden, documented_count);
+    }
+
+    /// The reordering table is Unicode's Bidi_Control set less the three marks (ALM, LRM,
+    /// RLM), which reorder nothing and are in the invisible table; no character is in two
+    /// tables.
+    #[test]
+    fn reordering_characters_are_the_bidi_controls_that_are_not_marks() {
+        let marks = ['\u{61c}', '\u{200e}', '\u{200f}'];
+        let bidi_controls = ('\u{202a}'..='\u{202e}').chain('\u{2066}'..='\u{2069}');
+        let reordering: Vec<char> = (0..=u32::from(char::MAX))
+            .filter_map(char::from_u32)
+            .filter(|&c| is_reordering(c))
+            .collect();
+        assert_eq!(reordering, bidi_controls.collect::<Vec<_>>());
+        for c in marks {
+            assert!(
+                is_invisible(c) && !is_reordering(c),
+                "U+{:04X}",
+                u32::from(c)
+            );
+        }
+        for c in (0..=u32::from(char::MAX)).filter_map(char::from_u32) {
+            let tables = [is_invisible(c), is_modifier(c), is_reordering(c)];
+            assert!(
+                tables.iter().filter(|&&t| t).count() <= 1,
+                "U+{:04X}",
+                u32::from(c)
+            );
+        }
+    }
 }

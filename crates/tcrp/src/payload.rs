@@ -857,4 +857,49 @@ mod tests {
         assert_eq!(r.caps, Caps::SEQ.with(Caps::BATCH));
         assert_eq!(Caps::SEQ.with(Caps::SEQ), Caps::SEQ);
     }
+
+    /// A caps byte read back from the state file keeps only the three known capabilities: an
+    /// unknown bit kept would make a set with no capability look non-empty and be written back.
+    #[test]
+    fn caps_from_bits_drops_unknown_bits() {
+        let all = Caps::NOTICES.with(Caps::SEQ).with(Caps::BATCH);
+        assert_eq!(Caps::from_bits(0xff), all);
+        assert_eq!(Caps::from_bits(0xff).bits(), 0x07);
+        assert!(Caps::from_bits(0xf8).is_empty());
+        assert_eq!(Caps::from_bits(0x80 | Caps::SEQ.bits()), Caps::SEQ);
+    }
+
+    /// PROTOCOL.md: `max_datagram` is 512–65507, both ends included.
+    #[test]
+    fn max_datagram_accepts_both_ends_of_its_range() {
+        for edge in [512, 65507] {
+            let payload = format!(r#"{{"username": "bob", "max_datagram": {edge}}}"#);
+            let request = parse_request(payload.as_bytes()).unwrap();
+            assert_eq!(request.max_datagram, Some(edge), "{edge}");
+        }
+    }
+
+    /// As for Presence and History: a listing's `more` is written only when set, and a listing
+    /// without it (the reply of an older daemon) reads as complete.
+    #[test]
+    fn room_list_more_is_optional_and_round_trips() {
+        let list: RoomList =
+            parse_json(br#"{"rooms":[{"name":"r","members":2,"created_at":1.5,"password":true}]}"#)
+                .unwrap();
+        assert!(!list.more);
+        assert_eq!(
+            list.rooms,
+            [ListedRoom {
+                name: "r".into(),
+                members: 2,
+                created_at: 1.5,
+                password: true,
+            }]
+        );
+        assert!(!serde_json::to_string(&list).unwrap().contains("more"));
+        let cut = RoomList { more: true, ..list };
+        let text = serde_json::to_string(&cut).unwrap();
+        assert!(text.ends_with(r#"],"more":true}"#), "{text}");
+        assert_eq!(parse_json::<RoomList>(text.as_bytes()).unwrap(), cut);
+    }
 }

@@ -188,6 +188,22 @@ mod tests {
         assert!(out2.is_empty());
     }
 
+    /// A refusal to encode gives the size the datagram would have had, as [`parse`] does for
+    /// one received too large.
+    #[test]
+    fn encode_refusal_names_the_length_it_would_have_had() {
+        let mut out = Vec::new();
+        let msg = "m".repeat(MAX_DATAGRAM_LEN);
+        assert_eq!(
+            encode(b"room", b"tok", &msg, &mut out),
+            Err(Error::TooLarge {
+                len: 2 + 4 + 3 + MAX_DATAGRAM_LEN,
+                max: 4096
+            })
+        );
+        assert!(out.is_empty());
+    }
+
     #[test]
     fn encode_refuses_long_fields() {
         let mut out = Vec::new();

@@ -428,6 +428,25 @@ mod tests {
         );
     }
 
+    /// The sequence number is all eight bytes, big-endian both ways: a number past 2^32 must
+    /// not reach the client cut to its low bytes (it would see a gap or a repeat).
+    #[test]
+    fn sequence_numbers_keep_all_64_bits() {
+        for seq in [1 << 32, 0x0102_0304_0506_0708, u64::MAX] {
+            let mut out = Vec::new();
+            encode_sequenced(seq, "al", b"yo", &mut out).unwrap();
+            assert_eq!(out[2..10], seq.to_be_bytes(), "{seq:#x}");
+            assert_eq!(
+                parse(&out),
+                Ok(Delivery::Sequenced {
+                    seq,
+                    sender: "al",
+                    message: "yo"
+                })
+            );
+        }
+    }
+
     #[test]
     fn every_notice_kind_has_its_own_wire_byte() {
         // PROTOCOL.md: 1 joined, 2 left, 3 timed out. A client told "left" for a member who
