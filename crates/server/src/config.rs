@@ -845,6 +845,15 @@ mod tests {
                 "udp.max_batch_datagram_bytes",
             ),
             ("[history]\ncheckpoint_secs = 0", "history.checkpoint_secs"),
+            ("[history]\nmessages = 10001", "history.messages"),
+            (
+                "[history]\nmax_bytes_per_room = 16777217",
+                "history.max_bytes_per_room",
+            ),
+            (
+                "[udp]\ndatagrams_per_wakeup = 0",
+                "udp.datagrams_per_wakeup",
+            ),
             (
                 "[liveness]\nclosed_reply_interval_ms = 0",
                 "liveness.closed_reply_interval_ms",

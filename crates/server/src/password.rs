@@ -193,4 +193,26 @@ mod tests {
         assert!(verify("s3cret", &cheaper));
         assert!(!verify("wrong", &cheaper));
     }
+
+    /// The bounds are 256 MiB, 16 passes and 16 lanes: a stored hash at each is run, one a
+    /// step past any is refused (checked without running either).
+    #[test]
+    fn a_stored_hash_may_ask_for_256_mib_16_passes_and_16_lanes_and_no_more() {
+        let h = hash("s3cret").unwrap();
+        for (from, at, past) in [
+            ("m=19456", "m=262144", "m=262145"),
+            ("t=2", "t=16", "t=17"),
+            ("p=1", "p=16", "p=17"),
+        ] {
+            let at_bound = h.replacen(from, at, 1);
+            assert_eq!(
+                affordable(&PasswordHash::new(&at_bound).unwrap()),
+                Ok(()),
+                "{at}"
+            );
+            let over = h.replacen(from, past, 1);
+            let why = affordable(&PasswordHash::new(&over).unwrap()).unwrap_err();
+            assert!(why.contains(past), "{why}");
+        }
+    }
 }

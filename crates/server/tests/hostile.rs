@@ -2081,3 +2081,232 @@ fn a_register_forged_from_the_daemons_own_address_is_dropped() {
     bob.registered_with(&alice, "bob");
     assert_eq!(d.metric("ocm_members_registered"), 2.0);
 }
+
+/// A connection closed after a final refusal (here a payload size over the cap) is read and
+/// thrown away for at most 256 KiB: a peer that goes on sending and never sends its end is
+/// cut off then, not read for the whole linger time. (Counted in bytes sent, not time: a
+/// daemon that read on for its 2 s of linger would take far more than `ENOUGH`.)
+#[test]
+fn a_peer_that_keeps_sending_after_a_final_refusal_is_cut_off_after_256_kib() {
+    const ENOUGH: usize = 64 << 20;
+    let d = daemon("");
+    let mut s = connect(&d);
+    s.write_all(&header(1, 1, 0, 1 << 30)).unwrap();
+    let message = malformed_request_message(&mut s);
+    assert!(message.contains(&(1u64 << 30).to_string()), "{message}");
+    s.set_write_timeout(Some(PATIENCE)).unwrap();
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut sent = 0usize;
+    let cut_off = loop {
+        if sent >= ENOUGH {
+            break None;
+        }
+        match s.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => break Some(e),
+        }
+    };
+    eprintln!("{sent} bytes taken after the refusal, then {cut_off:?}");
+    assert!(
+        cut_off.is_some(),
+        "still reading after {sent} bytes past the refusal"
+    );
+    wait_until("the close is counted", || closed(&d, "protocol") >= 1.0);
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room]);
+}
+
+/// A connection that sends only requests over its source's request allowance is closed at
+/// its handshake timeout: a `rate_limited` refusal, like a junk frame, does not restart the
+/// timer, so requests the daemon will not serve cannot hold a slot of `max_connections`.
+#[test]
+fn requests_over_the_allowance_do_not_keep_a_connection_open() {
+    let d = daemon(
+        "[limits]\nhandshake_timeout_secs = 1\n[rate]\nrequests_per_sec = 0.001\nrequests_burst = 1.0\n",
+    );
+    let mut s = connect(&d);
+    // The one request the allowance holds is served.
+    let first = exchange(
+        &mut s,
+        &request_bytes(Operation::CreateRoom, "mine", b"\"h\""),
+    );
+    assert!(first.token.is_some(), "{first:?}");
+    let list = request_bytes(Operation::ListRooms, "", b"{}");
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let started = Instant::now();
+    let mut chunk = [0u8; 4096];
+    loop {
+        assert!(
+            started.elapsed() < 3 * PATIENCE,
+            "still open after {:?} of refused requests",
+            started.elapsed()
+        );
+        if s.write_all(&list).is_err() {
+            break;
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+    assert!(d.metric("ocm_rate_limited_total{kind=\"request\"}") >= 1.0);
+    wait_until("the timeout is counted", || closed(&d, "timeout") >= 1.0);
+    assert_eq!(closed(&d, "timeout"), 1.0);
+}
+
+/// With `drop_logs_per_sec = 0`, connections refused at a cap and malformed TCRP frames are
+/// only counted in the metrics: no line is logged about them.
+#[test]
+fn with_drop_logs_off_refused_connections_and_bad_frames_are_counted_not_logged() {
+    let d = daemon("[limits]\nmax_connections_per_ip = 1\n[rate]\ndrop_logs_per_sec = 0\n");
+    let held = connect(&d);
+    wait_until("the first connection is accepted", || {
+        d.metric("ocm_tcp_connections_accepted_total") >= 1.0
+    });
+    for _ in 0..10 {
+        let mut s = connect(&d);
+        assert_eq!(read_until_closed(&mut s), b"");
+    }
+    assert_eq!(
+        d.metric("ocm_tcp_connections_rejected_total{reason=\"max_connections_per_ip\"}"),
+        10.0
+    );
+    drop(held);
+    wait_until("the held connection is closed", || {
+        closed(&d, "peer_closed") >= 1.0
+    });
+    for _ in 0..10 {
+        let mut s = connect(&d);
+        // An unknown state byte: refused from the header, and the connection closed.
+        s.write_all(&header(0, 1, 9, 0)).unwrap();
+        malformed_request_message(&mut s);
+        read_until_closed(&mut s);
+    }
+    wait_until("the bad frames are counted", || {
+        d.metric("ocm_handshakes_total{operation=\"create_room\",result=\"malformed_request\"}")
+            >= 10.0
+    });
+    // A line logged after them: once it is read, every line about them is too.
+    create(&d, "marker", "m");
+    d.wait_for_log("\"marker\"");
+    let log = d.log();
+    assert_eq!(log.matches("connection refused").count(), 0, "{log}");
+    assert_eq!(log.matches("bad frame").count(), 0, "{log}");
+}
+
+/// A failed `accept` (EMFILE) is retried every 50 ms while connections wait in the backlog,
+/// and each failure is counted, but logged at most once a second (after the first).
+#[test]
+fn failed_accepts_are_logged_at_most_once_a_second() {
+    let d = daemon("[rate]\ndrop_logs_per_sec = 0\n");
+    let base = open_fds(d.pid());
+    assert!(base > 0, "cannot read /proc/{}/fd", d.pid());
+    let started = Instant::now();
+    let limit = (base + 3) as libc::rlim_t;
+    let lim = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: prlimit reads the struct we own and writes nothing (no old-limit pointer).
+    let rc = unsafe {
+        libc::prlimit(
+            d.pid() as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &lim,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let holders: Vec<TcpStream> = (0..3).map(|_| connect(&d)).collect();
+    let waiting: Vec<TcpStream> = (0..2).map(|_| connect(&d)).collect();
+    // Three lines: the first at once, then one a second; a line per failed retry would
+    // come every 50 ms.
+    wait_until("three accept failures logged", || {
+        d.log().matches("accept failed").count() >= 3
+    });
+    let lines = d.log().matches("accept failed").count();
+    let most = started.elapsed().as_secs() as usize + 1;
+    assert!(
+        lines <= most,
+        "{lines} lines about failed accepts in {:?}",
+        started.elapsed()
+    );
+    drop(holders);
+    drop(waiting);
+    wait_until("the failures are counted", || {
+        d.metric("ocm_tcp_accept_errors_total") > lines as f64
+    });
+}
+
+/// A datagram with a dead token is answered only when it was at least as long as the
+/// answer: a closed room's token shorter than the 15-byte `__ROOM_CLOSED__` (a token from an
+/// original server's file can be one byte) sent in a 5-byte datagram gets nothing, while the
+/// same token in a longer datagram is told. Never more bytes out than in.
+#[test]
+fn a_dead_token_in_a_datagram_shorter_than_the_notice_is_not_answered() {
+    let host = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let shorty = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let address = |s: &UdpSocket| {
+        let a = s.local_addr().unwrap();
+        format!("[\"{}\", {}]", a.ip(), a.port())
+    };
+    let state = format!(
+        r#"{{
+  "rooms": {{"r": {{"host_token": "host-token-of-some-length", "members": ["host-token-of-some-length", "m"], "created_at": 1731999999.0}}}},
+  "tokens": {{
+    "host-token-of-some-length": {{"username": "\"alice\"", "room_name": "r", "is_host": true, "address": {}}},
+    "m": {{"username": "\"bob\"", "room_name": "r", "is_host": false, "address": {}}}
+  }},
+  "saved_at": "2024-11-19T15:46:39.123456"
+}}"#,
+        address(&host),
+        address(&shorty)
+    );
+    std::fs::write(dir.path().join("room_manager.json"), state).unwrap();
+    let d = Daemon::spawn(
+        dir,
+        Options {
+            metrics: true,
+            ..Options::default()
+        },
+    )
+    .expect("ocmd starts");
+    let mut leave = Vec::new();
+    ucrp::datagram::encode(b"r", b"host-token-of-some-length", "__LEAVE__", &mut leave).unwrap();
+    host.send_to(&leave, d.udp).unwrap();
+    // bob hears the room close: its token is now a tombstone.
+    let bob = Member {
+        socket: shorty,
+        server: d.udp,
+        room: "r".into(),
+        token: "m".into(),
+    };
+    bob.socket.set_read_timeout(Some(PATIENCE)).unwrap();
+    assert_eq!(bob.recv(), "CLOSED");
+    let prober = Member::new(&d, "r", "m");
+    let mut short = Vec::new();
+    ucrp::datagram::encode(b"r", b"m", "x", &mut short).unwrap();
+    assert_eq!(short.len(), 5);
+    prober.send_raw(&short);
+    // Then the same token with room for the answer: told (and, sent after the short one,
+    // handled after it).
+    prober.send("a message longer than the notice");
+    assert_eq!(prober.recv(), "CLOSED");
+    assert_eq!(
+        dropped(&d, "unknown_token"),
+        1.0,
+        "the 5-byte datagram was answered with 15 bytes"
+    );
+    prober.socket.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        prober.socket.recv_from(&mut buf).is_err(),
+        "one answer only"
+    );
+}

@@ -716,6 +716,26 @@ fn healthz_and_unknown_paths() {
     }
 }
 
+/// A metrics request head of up to 8 KiB (`http::MAX_REQUEST_BYTES`) is read and answered:
+/// only a longer one gets 431. (Here a scraper's long header brings it to 8,000 bytes.)
+#[test]
+fn a_metrics_request_head_just_under_8_kib_is_answered() {
+    let d = Daemon::start_with(Options {
+        metrics: true,
+        ..Options::default()
+    });
+    let addr = d.metrics.expect("metrics on");
+    let start = "GET /healthz HTTP/1.1\r\nX-Pad: ";
+    let end = "\r\n\r\n";
+    let head = format!("{start}{}{end}", "p".repeat(8000 - start.len() - end.len()));
+    assert_eq!(head.len(), 8000);
+    let (status, body) = http(addr, &head);
+    assert_eq!(
+        (status.as_str(), body.as_str()),
+        ("HTTP/1.1 200 OK", "ok\n")
+    );
+}
+
 #[test]
 fn a_stalled_metrics_client_does_not_stall_relaying() {
     let d = Daemon::start_with(Options {
