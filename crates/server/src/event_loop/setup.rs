@@ -118,7 +118,7 @@ impl Server {
             sndbuf,
             "net.core.wmem_max",
         );
-        warn_of_unreachable_members(&loaded.state, &config, udp.as_raw_fd());
+        warn_of_unreachable_members(registry.registered_addresses(), &config, udp.as_raw_fd());
         let mut sender = udp::Sender::new(config.udp.max_batch_datagram_bytes);
         sender.set_ipv6_socket(config.listen.udp.is_ipv6());
         sender.set_segmentation(segmentation(&config, udp.as_raw_fd()));
@@ -248,7 +248,11 @@ impl Server {
 /// socket `fd` cannot send to: IPv6 ones behind an IPv4 socket, IPv4 ones behind an IPv6 socket
 /// that takes no IPv4 (bound to a specific IPv6 address, or `[::]` with `IPV6_V6ONLY`), after
 /// `listen.udp` moved. They keep their tokens; sends to them fail and are counted.
-fn warn_of_unreachable_members(state: &store::State, config: &Config, fd: RawFd) {
+fn warn_of_unreachable_members(
+    registered: impl Iterator<Item = SocketAddr>,
+    config: &Config,
+    fd: RawFd,
+) {
     let udp = config.listen.udp;
     let (reaches_ipv4, reaches_ipv6) = match udp {
         SocketAddr::V4(_) => (true, false),
@@ -261,7 +265,7 @@ fn warn_of_unreachable_members(state: &store::State, config: &Config, fd: RawFd)
         }
     };
     let (mut ipv4, mut ipv6) = (0, 0);
-    for address in state.tokens.values().filter_map(|t| t.address) {
+    for address in registered {
         match address {
             SocketAddr::V4(_) if !reaches_ipv4 => ipv4 += 1,
             SocketAddr::V6(_) if !reaches_ipv6 => ipv6 += 1,

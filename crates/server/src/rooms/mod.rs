@@ -423,6 +423,11 @@ impl Registry {
         }
     }
 
+    /// The addresses members registered from (as loaded, for the start's checks).
+    pub fn registered_addresses(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.members.iter().filter_map(|(_, m)| m.address)
+    }
+
     /// Room, member and registration counts.
     pub fn stats(&self) -> Stats {
         Stats {
