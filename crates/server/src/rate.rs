@@ -247,4 +247,56 @@ mod tests {
         l.give_back(7, t1, 1.0, 2.0); // unknown key: nothing to do
         assert!(!l.buckets.contains_key(&7));
     }
+
+    /// What a bucket holds at a moment counts the refill since it was last used, at its rate,
+    /// as `take` does, both for `has_budget` and for a give-back: at 0.5 a second, an emptied
+    /// bucket has half a token after a second and one after two; a token given back after a
+    /// second joins that half, no more.
+    #[test]
+    fn peeking_and_giving_back_count_the_refill_at_rate() {
+        let t0 = Instant::now();
+        let (rate, burst) = (0.5, 3.0);
+        let mut l = KeyedLimiter::new(4);
+        assert!((0..3).all(|_| l.allow(1, t0, rate, burst)));
+        assert!(!l.has_budget(1, t0, rate, burst));
+        let t1 = t0 + Duration::from_secs(1);
+        assert!(!l.has_budget(1, t1, rate, burst), "half a token");
+        assert!(l.has_budget(1, t0 + Duration::from_secs(2), rate, burst));
+        l.give_back(1, t1, rate, burst);
+        assert!(l.allow(1, t1, rate, burst));
+        assert!(!l.allow(1, t1, rate, burst), "half a token left");
+        assert!(l.allow(1, t1 + Duration::from_secs(1), rate, burst));
+    }
+
+    /// A bucket idle for exactly the time it takes to refill from empty is full again, so a
+    /// full limiter forgets it for a newcomer.
+    #[test]
+    fn a_bucket_idle_for_exactly_its_refill_time_is_forgotten() {
+        let t0 = Instant::now();
+        let mut l = KeyedLimiter::new(1);
+        assert!(l.allow(1, t0, 1.0, 1.0));
+        assert!(l.allow(2, t0 + Duration::from_secs(1), 1.0, 1.0));
+        assert!(!l.buckets.contains_key(&1));
+    }
+
+    /// A sweep that frees a sixteenth of the capacity (not less) does not back off: the next
+    /// newcomer may sweep again at once.
+    #[test]
+    fn a_sweep_that_frees_a_sixteenth_does_not_back_off() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut l = KeyedLimiter::new(16);
+        // Rate 100/s, burst 1: forgettable 10 ms after the last use. Key 0 goes idle first,
+        // key 1 next.
+        assert!(l.allow(0, at(0), 100.0, 1.0));
+        assert!(l.allow(1, at(25), 100.0, 1.0));
+        for key in 2..16 {
+            assert!(l.allow(key, at(30), 100.0, 1.0));
+        }
+        // The sweep frees key 0 only: 1 of 16, a sixteenth.
+        assert!(l.allow(100, at(31), 100.0, 1.0));
+        // Key 1 is idle 5 ms later, well within the backoff: a newcomer sweeps it out.
+        assert!(l.allow(101, at(36), 100.0, 1.0));
+        assert!(!l.buckets.contains_key(&1));
+    }
 }

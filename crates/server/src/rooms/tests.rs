@@ -3196,3 +3196,208 @@ fn an_expired_host_without_notices_is_told_its_room_closed() {
     assert_eq!(h, Handled::ClosedReply, "the expired host's room is closed");
     assert_eq!(sent(&out), vec![(addr(1), "CLOSED".into())]);
 }
+
+/// `source_of` names the address of ours that a member's datagrams last came to: none until
+/// one is learned, then the latest; none for a member whose datagrams named none, nor for a
+/// token that is no member's. (The fuzz target `handshake_session` compares it across a
+/// restart, so a `source_of` that always said `None` would blind that check too.)
+#[test]
+fn source_of_names_the_address_of_ours_a_member_last_sent_to() {
+    let Room3 {
+        mut reg,
+        bob,
+        cy,
+        now,
+        ..
+    } = room_of_three();
+    let mut out = Outbox::default();
+    let ip = |last: u8| Some(IpAddr::from([192, 0, 2, last]));
+    let source_ip = |reg: &Registry, token: &str| reg.source_of(token).map(|l| l.ip);
+    assert_eq!(source_ip(&reg, bob.as_str()), None, "nothing learned yet");
+    let keepalive = dgram("r", &bob, "__REGISTER__");
+    reg.handle_datagram(addr(2), ours(1), &keepalive, now, &mut out);
+    assert_eq!(source_ip(&reg, bob.as_str()), ip(1));
+    reg.handle_datagram(addr(2), ours(2), &keepalive, now, &mut out);
+    assert_eq!(source_ip(&reg, bob.as_str()), ip(2));
+    assert_eq!(source_ip(&reg, cy.as_str()), None);
+    assert_eq!(source_ip(&reg, &"ff".repeat(16)), None);
+}
+
+/// A host expired for missed keepalives: back later, one that reads notices hears that it
+/// timed out (the nameless notice), one that does not hears `__ROOM_CLOSED__` as a host that
+/// left does, and the other members' tokens hear `__ROOM_CLOSED__` either way (PROTOCOL.md,
+/// "Tokens of closed rooms").
+#[test]
+fn an_expired_host_hears_it_timed_out_if_it_reads_notices_and_its_members_that_the_room_closed() {
+    for (caps, host_hears) in [(Caps::NOTICES, "*  TimedOut"), (Caps::none(), "CLOSED")] {
+        let mut reg = registry();
+        let mut out = Outbox::default();
+        let now = Instant::now();
+        let boss = Request {
+            caps,
+            ..keeping_alive("boss", 10)
+        };
+        let host = reg
+            .create_room("r", &boss, HERE, None, now, 1.0)
+            .unwrap()
+            .token;
+        let rich = reg
+            .join_room("r", &reading_notices("rich"), HERE, now, &mut out)
+            .unwrap()
+            .token;
+        let plain = reg
+            .join_room("r", &Request::original("plain"), HERE, now, &mut out)
+            .unwrap()
+            .token;
+        for (t, p) in [(&host, 1), (&rich, 2), (&plain, 3)] {
+            register(&mut reg, addr(p), t, now, &mut out);
+        }
+        let later = now + Duration::from_secs(31);
+        assert_eq!(reg.poll_expired(later, &mut out), 1);
+        assert_eq!(reg.stats().rooms, 0);
+        for (t, p, heard) in [
+            (&host, 1, host_hears),
+            (&rich, 2, "CLOSED"),
+            (&plain, 3, "CLOSED"),
+        ] {
+            out.clear();
+            let h = register(&mut reg, addr(p), t, later, &mut out);
+            assert_eq!(h, Handled::ClosedReply, "port {p}");
+            assert_eq!(sent(&out), vec![(addr(p), heard.to_string())]);
+        }
+    }
+}
+
+/// A room closes for silence only once the limit has passed: silent for exactly `room_idle`
+/// it stays, as a member silent for exactly its keepalive limit does.
+#[test]
+fn a_room_silent_for_exactly_the_idle_limit_stays() {
+    let limit = Duration::from_secs(100);
+    let mut reg = Registry::new(
+        Limits {
+            room_idle: Some(limit),
+            ..Limits::default()
+        },
+        Box::new(StdRng::seed_from_u64(7)),
+    );
+    let t0 = Instant::now();
+    let mut out = Outbox::default();
+    reg.create_room("r", &Request::original("host"), HERE, None, t0, 0.0)
+        .unwrap();
+    assert_eq!(reg.close_idle_rooms(t0 + limit, &mut out), 0);
+    assert_eq!(reg.stats().rooms, 1);
+    let next_look = t0 + limit + limit / 10;
+    assert_eq!(reg.close_idle_rooms(next_look, &mut out), 1);
+}
+
+/// A closed room's tokens are remembered through the sweeps for `tombstone_ttl`, and
+/// forgotten by the first sweep once it has passed: a late datagram with one then gets
+/// nothing, as a token never issued does.
+#[test]
+fn tokens_of_a_closed_room_are_remembered_through_the_sweeps_until_the_ttl() {
+    let (mut reg, now, mut out, host) = room_r();
+    register(&mut reg, addr(1), &host, now, &mut out);
+    leave(&mut reg, addr(1), &host, now, &mut out);
+    let ttl = reg.limits.tombstone_ttl;
+    let just_before = now + ttl - Duration::from_millis(1);
+    reg.poll_expired(now + Duration::from_secs(1), &mut out);
+    reg.poll_expired(just_before, &mut out);
+    assert_eq!(reg.stats().tombstones, 1);
+    out.clear();
+    let h = register(&mut reg, addr(1), &host, just_before, &mut out);
+    assert_eq!(h, Handled::ClosedReply);
+    assert_eq!(sent(&out), vec![(addr(1), "CLOSED".into())]);
+    reg.poll_expired(now + ttl, &mut out);
+    assert_eq!(reg.stats().tombstones, 0);
+    out.clear();
+    let h = register(&mut reg, addr(1), &host, now + ttl, &mut out);
+    assert_eq!(h, Handled::Dropped(DropReason::UnknownToken));
+    assert!(out.is_empty());
+}
+
+/// A stored name as long as its one-byte size field can carry (255 bytes) can still be sent,
+/// so its entry is kept though today's checks refuse it (a username of 255 characters, a room
+/// name with a control character); one byte more and the entry is left out.
+#[test]
+fn stored_names_of_255_bytes_are_kept_and_of_256_left_out() {
+    let (member, create) = (stored_member, create_record);
+    let odd = format!("\u{7}{}", "n".repeat(254));
+    let odder = format!("\u{7}{}", "n".repeat(255));
+    let mut state = State::default();
+    state.apply(&create("long", member("h1", &"x".repeat(255))));
+    state.apply(&create("longer", member("h2", &"x".repeat(256))));
+    state.apply(&create(&odd, member("h3", "a")));
+    state.apply(&create(&odder, member("h4", "b")));
+    let reg = Registry::from_state(
+        &state,
+        Limits::default(),
+        Box::new(StdRng::seed_from_u64(1)),
+        Instant::now(),
+    );
+    assert_eq!(reg.stats().rooms, 2);
+    assert_eq!(reg.presence("long").unwrap().members.len(), 1);
+    assert!(reg.presence(&odd).is_some());
+    assert!(reg.presence("longer").is_none() && reg.presence(&odder).is_none());
+}
+
+/// A few departed members' entries stay queued through a sweep: the queue is built again
+/// (which reads every member) only once they outnumber the live ones by the slack, not at
+/// every sweep.
+#[test]
+fn a_sweep_leaves_a_few_departed_members_entries_queued() {
+    let (mut reg, now, mut out, _host) = room_r();
+    for _ in 0..10 {
+        join_and_leave_for_good(&mut reg, now, &mut out);
+    }
+    reg.poll_expired(now, &mut out);
+    assert_eq!(reg.deadlines.len(), 10);
+}
+
+/// `max_tokens` caps the members of all rooms together (SECURITY.md): a create or a join over
+/// it is refused with `server_full`, whichever room it is for; 0 is no cap.
+#[test]
+fn max_tokens_caps_the_members_of_all_rooms_together() {
+    let (mut reg, now, mut out, _host) = room_r_with(Limits {
+        max_tokens: 2,
+        ..Limits::default()
+    });
+    reg.create_room("s", &Request::original("s"), HERE, None, now, 0.0)
+        .unwrap();
+    let join = reg.join_room("r", &Request::original("bob"), HERE, now, &mut out);
+    assert_eq!(join.err(), Some(ErrorCode::ServerFull));
+    assert_eq!(reg.create_refusal("t"), Some(ErrorCode::ServerFull));
+    let create = reg.create_room("t", &Request::original("t"), HERE, None, now, 0.0);
+    assert_eq!(create.err(), Some(ErrorCode::ServerFull));
+    assert_eq!(reg.stats().members, 2);
+    reg.set_limits(Limits {
+        max_tokens: 0,
+        ..Limits::default()
+    });
+    assert!(reg
+        .join_room("r", &Request::original("bob"), HERE, now, &mut out)
+        .is_ok());
+    assert!(reg
+        .create_room("t", &Request::original("t"), HERE, None, now, 0.0)
+        .is_ok());
+}
+
+/// A join that promises keepalives every 0 seconds promises nothing (PROTOCOL.md): it is not
+/// raised to `min_keepalive_secs`, the member is never expired, and its record holds none.
+#[test]
+fn a_keepalive_of_zero_at_join_promises_nothing() {
+    let (mut reg, now, mut out, _host) = room_r();
+    reg.take_records();
+    reg.join_room("r", &keeping_alive("zero", 0), HERE, now, &mut out)
+        .unwrap();
+    assert_eq!(reg.deadlines.len(), 0);
+    let day = now + Duration::from_secs(86_400);
+    assert_eq!(reg.poll_expired(day, &mut out), 0);
+    assert_eq!(reg.stats().members, 2);
+    let records = reg.take_records();
+    assert!(
+        records
+            .iter()
+            .any(|r| matches!(r, Record::Join { member, .. } if member.keepalive.is_none())),
+        "{records:?}"
+    );
+}

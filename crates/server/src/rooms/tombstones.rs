@@ -308,4 +308,65 @@ mod tests {
         );
         assert_eq!(tombstones.get(b"second"), Some(Gone::RoomClosed));
     }
+
+    /// A sweep within the reply interval keeps each source's count: a source told its few
+    /// replies is not told again until the interval has passed, however often the sweep runs.
+    #[test]
+    fn a_sweep_within_the_interval_keeps_each_sources_count() {
+        let limits = Limits::default();
+        let mut tombstones = Tombstones::new();
+        let now = Instant::now();
+        let v4 = IpAddr::from(Ipv4Addr::new(10, 0, 0, 1));
+        for _ in 0..REPLIES_PER_SOURCE {
+            assert!(tombstones.may_reply(v4, now, &limits));
+        }
+        let within = now + limits.closed_reply_interval / 2;
+        tombstones.expire(within, &limits);
+        assert!(!tombstones.may_reply(v4, within, &limits));
+        tombstones.expire(now + limits.closed_reply_interval, &limits);
+        assert!(tombstones.last_reply.is_empty());
+    }
+
+    /// Only a table of sources grown past 1,024 gives its room back: a small one keeps it, so
+    /// that the sweep does not free it and the next replies grow it again at every interval.
+    #[test]
+    fn a_small_table_of_sources_keeps_its_room() {
+        let limits = Limits::default();
+        let mut tombstones = Tombstones::new();
+        let now = Instant::now();
+        for i in 0..100u32 {
+            assert!(tombstones.may_reply(
+                IpAddr::from(Ipv4Addr::from(0x0a00_0000 + i)),
+                now,
+                &limits
+            ));
+        }
+        tombstones.expire(now + limits.closed_reply_interval, &limits);
+        assert!(tombstones.last_reply.is_empty());
+        // (`capacity` counts free slots, not those its departed entries left deleted.)
+        assert_ne!(tombstones.last_reply.capacity(), 0, "its room kept");
+    }
+
+    /// Both tables are sized at the first token, the order for the cap and the index for twice
+    /// it; a cap raised later (a reload) sizes them as a fresh start at that cap would, not for
+    /// the tokens already there on top.
+    #[test]
+    fn a_raised_capacity_sizes_the_tables_as_a_fresh_start_would() {
+        let (mut tombstones, limits, now, _) = sized_for_a_thousand();
+        assert!(tombstones.order.capacity() >= limits.tombstone_capacity);
+        for i in 1..1_000u32 {
+            tombstones.insert(&i.to_be_bytes(), Gone::RoomClosed, now, &limits);
+        }
+        assert_eq!(tombstones.len(), 1_000);
+        let raised = Limits {
+            tombstone_capacity: 3_500,
+            ..limits
+        };
+        tombstones.insert(b"more", Gone::RoomClosed, now, &raised);
+        let mut fresh = Tombstones::new();
+        fresh.insert(b"more", Gone::RoomClosed, now, &raised);
+        assert_eq!(tombstones.by_hash.capacity(), fresh.by_hash.capacity());
+        assert_eq!(tombstones.order.capacity(), fresh.order.capacity());
+        assert_eq!(tombstones.len(), 1_001);
+    }
 }
