@@ -1547,11 +1547,9 @@ fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count())
 }
 
-#[test]
-fn connections_left_in_the_backlog_at_emfile_are_served_once_descriptors_free_up() {
-    // Lines about dropped input off: a failed accept is not that, and is logged anyway.
-    let d = daemon("[rate]\ndrop_logs_per_sec = 0\n");
-    // Give the daemon room for three more descriptors.
+/// Lowers the running daemon's descriptor limit (`prlimit`) to what it has open now plus
+/// three, so that a few more connections make its `accept` fail with EMFILE.
+fn limit_to_three_more_descriptors(d: &Daemon) {
     let base = open_fds(d.pid());
     assert!(base > 0, "cannot read /proc/{}/fd", d.pid());
     let limit = (base + 3) as libc::rlim_t;
@@ -1569,6 +1567,14 @@ fn connections_left_in_the_backlog_at_emfile_are_served_once_descriptors_free_up
         )
     };
     assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn connections_left_in_the_backlog_at_emfile_are_served_once_descriptors_free_up() {
+    // Lines about dropped input off: a failed accept is not that, and is logged anyway.
+    let d = daemon("[rate]\ndrop_logs_per_sec = 0\n");
+    // Give the daemon room for three more descriptors.
+    limit_to_three_more_descriptors(&d);
     // (`base` may count a descriptor the daemon held only for a moment, such as its read of
     // /proc/self/net/udp; then it has room for one more, and one of these is accepted.)
     let holders: Vec<TcpStream> = (0..3).map(|_| connect(&d)).collect();
@@ -2204,24 +2210,8 @@ fn with_drop_logs_off_refused_connections_and_bad_frames_are_counted_not_logged(
 #[test]
 fn failed_accepts_are_logged_at_most_once_a_second() {
     let d = daemon("[rate]\ndrop_logs_per_sec = 0\n");
-    let base = open_fds(d.pid());
-    assert!(base > 0, "cannot read /proc/{}/fd", d.pid());
     let started = Instant::now();
-    let limit = (base + 3) as libc::rlim_t;
-    let lim = libc::rlimit {
-        rlim_cur: limit,
-        rlim_max: limit,
-    };
-    // SAFETY: prlimit reads the struct we own and writes nothing (no old-limit pointer).
-    let rc = unsafe {
-        libc::prlimit(
-            d.pid() as libc::pid_t,
-            libc::RLIMIT_NOFILE,
-            &lim,
-            std::ptr::null_mut(),
-        )
-    };
-    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    limit_to_three_more_descriptors(&d);
     let holders: Vec<TcpStream> = (0..3).map(|_| connect(&d)).collect();
     let waiting: Vec<TcpStream> = (0..2).map(|_| connect(&d)).collect();
     // Three lines: the first at once, then one a second; a line per failed retry would
