@@ -285,6 +285,50 @@ pub mod tests {
         assert_eq!(seen, all);
     }
 
+    /// What is queued counts the lines not yet taken, byte for byte: a line taken by the
+    /// thread no longer counts, even while the editor has not read it.
+    #[test]
+    fn queued_bytes_count_the_lines_not_yet_taken() {
+        let (feed, readline) = one_slot_feed();
+        for line in ["aaaa", "bb", "c"] {
+            feed.push(line.into());
+        }
+        // Nobody reads: "aaaa" goes to the slot, "bb" is taken and waits for it.
+        feed.wait_below(1);
+        {
+            let queue = feed.0.lock();
+            assert_eq!(queue.bytes, "c".len());
+            assert_eq!(queue.lines, ["c"]);
+        }
+        assert_eq!(readline.recv_timeout(PATIENCE).unwrap(), "aaaa\n");
+        assert_eq!(readline.recv_timeout(PATIENCE).unwrap(), "bb\n");
+        assert_eq!(readline.recv_timeout(PATIENCE).unwrap(), "c\n");
+        feed.drain(PATIENCE);
+        assert_eq!(feed.0.lock().bytes, 0);
+    }
+
+    /// Once the feed is closed, draining has nothing to wait for, even with a line still
+    /// being handed to an editor that does not read.
+    #[test]
+    fn draining_a_closed_feed_returns_at_once() {
+        let (feed, _readline) = one_slot_feed();
+        feed.push("in the slot".into());
+        feed.push("handed over".into());
+        feed.wait_below(0);
+        assert!(
+            feed.0.lock().in_flight,
+            "the second line waits for the slot"
+        );
+        assert!(feed.close().is_empty());
+        let (done, finished) = std::sync::mpsc::channel();
+        let drainer = feed.clone();
+        thread::spawn(move || {
+            drainer.drain(Duration::from_secs(3600));
+            let _ = done.send(());
+        });
+        assert_eq!(finished.recv_timeout(PATIENCE), Ok(()));
+    }
+
     #[test]
     fn an_editor_that_is_gone_closes_the_feed() {
         let (feed, readline) = one_slot_feed();

@@ -495,6 +495,8 @@ mod tests {
         chunks: VecDeque<Vec<u8>>,
         written: Vec<u8>,
         fail_reads_with: Option<io::ErrorKind>,
+        /// Reads interrupted (`EINTR`) before the first one that returns anything.
+        interrupted_reads: usize,
     }
 
     impl FakeServer {
@@ -503,6 +505,7 @@ mod tests {
                 chunks: chunks.into(),
                 written: Vec::new(),
                 fail_reads_with: None,
+                interrupted_reads: 0,
             }
         }
     }
@@ -511,6 +514,10 @@ mod tests {
         fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
             if let Some(kind) = self.fail_reads_with {
                 return Err(kind.into());
+            }
+            if self.interrupted_reads > 0 {
+                self.interrupted_reads -= 1;
+                return Err(io::ErrorKind::Interrupted.into());
             }
             let Some(mut chunk) = self.chunks.pop_front() else {
                 return Ok(0);
@@ -815,6 +822,48 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    /// A read cut short by a signal is tried again; any other failure is reported as what
+    /// it is, neither retried nor taken for a timeout.
+    #[test]
+    fn an_interrupted_read_is_retried_and_a_reset_is_an_error() {
+        let reply = success_reply(
+            Operation::JoinRoom,
+            "lobby",
+            br#"{"success": true}"#,
+            "c0ffee",
+        );
+        let mut server = FakeServer::new(vec![reply]);
+        server.interrupted_reads = 3;
+        assert_eq!(join(&mut server, false).unwrap().as_bytes(), b"c0ffee");
+
+        let mut server = FakeServer::new(vec![]);
+        server.fail_reads_with = Some(io::ErrorKind::ConnectionReset);
+        let err = join(&mut server, false).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                ClientError::Io { source, .. } if source.kind() == io::ErrorKind::ConnectionReset
+            ),
+            "{err:?}"
+        );
+    }
+
+    /// Handshake connections send small requests at once and give up on a server that
+    /// stops reading or answering.
+    #[test]
+    fn handshake_connections_send_at_once_and_time_out() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        for stream in [
+            connect("127.0.0.1", addr.port()).unwrap(),
+            connect_addr(addr).unwrap(),
+        ] {
+            assert!(stream.nodelay().unwrap());
+            assert_eq!(stream.read_timeout().unwrap(), Some(HANDSHAKE_TIMEOUT));
+            assert_eq!(stream.write_timeout().unwrap(), Some(HANDSHAKE_TIMEOUT));
+        }
     }
 
     #[test]

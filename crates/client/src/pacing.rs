@@ -78,6 +78,21 @@ mod tests {
         assert!((449..=451).contains(&sent), "{sent}");
     }
 
+    /// Part of a token already refilled shortens the wait to what is missing.
+    #[test]
+    fn a_partly_refilled_bucket_tells_the_time_to_a_whole_token() {
+        let start = Instant::now();
+        let mut pacer = Pacer::new(CHAT_PER_SEC, 1.0, start);
+        assert_eq!(pacer.take(start), Ok(()));
+        let interval = Duration::from_secs_f64(1.0 / CHAT_PER_SEC);
+        let quarter = pacer
+            .take(start + interval / 4)
+            .expect_err("a quarter token");
+        let left = interval.as_secs_f64() * 0.75;
+        assert!((quarter.as_secs_f64() - left).abs() < 1e-6, "{quarter:?}");
+        assert_eq!(pacer.take(start + interval / 4 + quarter), Ok(()));
+    }
+
     #[test]
     fn a_quiet_spell_refills_no_more_than_the_burst() {
         let start = Instant::now();

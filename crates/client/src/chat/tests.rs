@@ -422,8 +422,9 @@ fn the_servers_port_at_another_address_is_ignored_and_told_once() {
     let me = SocketAddr::from((Ipv4Addr::LOCALHOST, me.port()));
     let mut hi = Vec::new();
     ucrp::delivery::encode_chat("bob", b"hi", &mut hi).unwrap();
-    elsewhere.send_to(&hi, me).unwrap();
-    elsewhere.send_to(&hi, me).unwrap();
+    for _ in 0..3 {
+        elsewhere.send_to(&hi, me).unwrap();
+    }
     server.send_to(&hi, me).unwrap();
     server.send_to(ucrp::ROOM_CLOSED, me).unwrap();
     let (screen, rec) = screen(false);
@@ -433,6 +434,14 @@ fn the_servers_port_at_another_address_is_ignored_and_told_once() {
         "err: {}",
         answered_from_elsewhere(server_addr, elsewhere.local_addr().unwrap())
     );
+    // Both addresses and the likely cause, so that the silence can be acted on.
+    for part in [
+        format!("127.0.0.2:{}", server_addr.port()),
+        server_addr.to_string(),
+        "wildcard".into(),
+    ] {
+        assert!(told.contains(&part), "{told:?} lacks {part:?}");
+    }
     assert_eq!(
         rec.lines(),
         [
@@ -445,6 +454,66 @@ fn the_servers_port_at_another_address_is_ignored_and_told_once() {
 
 /// A closure is believed when the server says the room is gone or we are out of it, asked
 /// again when it is busy, and called forged only when it still takes our token.
+/// A terminal whose output fails.
+struct FailingOutput;
+
+impl crate::screen::Printer for FailingOutput {
+    fn print_out(&mut self, _: &str) -> io::Result<()> {
+        Err(io::Error::other("output failed"))
+    }
+    fn print_err(&mut self, _: &str) {}
+}
+
+/// The receiver thread reports a failure once and stops: it does not read on into a chat
+/// that is ending.
+#[test]
+fn the_receiver_thread_stops_after_a_failure() {
+    let (session, server) = pair("lobby", "ab");
+    let screen = Arc::new(Mutex::new(Screen::new(
+        "lobby",
+        Box::new(FailingOutput),
+        false,
+    )));
+    let (events, inbox) = mpsc::sync_channel(16);
+    spawn_receiver(&session, screen, events, None).unwrap();
+    let me = session.socket.local_addr().unwrap();
+    let me = SocketAddr::from((Ipv4Addr::LOCALHOST, me.port()));
+    let mut hi = Vec::new();
+    ucrp::delivery::encode_chat("bob", b"hi", &mut hi).unwrap();
+    server.send_to(&hi, me).unwrap();
+    server.send_to(&hi, me).unwrap();
+    let patience = Duration::from_secs(10);
+    let first = inbox.recv_timeout(patience);
+    assert!(matches!(first, Ok(Event::Failed(_))), "{first:?}");
+    // The thread is gone, and its end of the channel with it: nothing for the second one.
+    let second = inbox.recv_timeout(patience);
+    assert!(
+        matches!(second, Err(RecvTimeoutError::Disconnected)),
+        "{second:?}"
+    );
+}
+
+/// A settled notice that could not be printed ends the session with a `__LEAVE__`: as a
+/// plain departure when the reader of our output is gone, as an error otherwise.
+#[test]
+fn a_failed_print_ends_the_session_with_a_leave_and_an_error_unless_the_reader_is_gone() {
+    for (kind, reader_gone) in [
+        (io::ErrorKind::BrokenPipe, true),
+        (io::ErrorKind::Other, false),
+    ] {
+        let (session, server) = pair("lobby", "ab");
+        let (screen, _) = screen(false);
+        let ended = end_on(Settled::Failed(kind.into()), &session, &screen, &mut None);
+        match ended {
+            Some(Ok(Ending::Left)) => assert!(reader_gone, "{kind:?}"),
+            Some(Err(ClientError::Io { .. })) => assert!(!reader_gone, "{kind:?}"),
+            other => panic!("{kind:?}: {other:?}"),
+        }
+        let bytes = recv(&server);
+        assert_eq!(ucrp::parse(&bytes).unwrap().message, ucrp::Message::Leave);
+    }
+}
+
 #[test]
 fn the_server_is_asked_about_a_closure_with_our_token() {
     use crate::closure::{check, Verdict};
