@@ -427,6 +427,112 @@ mod tests {
         assert_eq!(replay.spare_bytes, 200_000);
     }
 
+    /// [`MAX_NUMBER`] is the largest number a record may hold, not the first refused.
+    #[test]
+    fn a_record_numbered_max_number_parses_and_one_more_is_refused() {
+        let line = |n: u64| format!("{{\"n\":{n},\"op\":\"leave\",\"token\":\"x\"}}\n");
+        let replay = scan(line(MAX_NUMBER).as_bytes());
+        assert_eq!(replay.records.last().map(|e| e.n), Some(MAX_NUMBER));
+        let refused = parse_journal(line(MAX_NUMBER + 1).as_bytes()).unwrap_err();
+        assert_eq!(refused, (1, LAST_NUMBER.to_owned()));
+    }
+
+    /// A reader over `bytes`, handing out at most `step` bytes a call, whose `fill_buf`
+    /// number `fail_at` (from 0) fails once with `kind`.
+    struct FailsOnce<'a> {
+        bytes: &'a [u8],
+        step: usize,
+        calls: usize,
+        fail_at: usize,
+        kind: io::ErrorKind,
+    }
+
+    impl io::Read for FailsOnce<'_> {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            let n = io::BufRead::fill_buf(self)?.len().min(out.len());
+            out[..n].copy_from_slice(&self.bytes[..n]);
+            io::BufRead::consume(self, n);
+            Ok(n)
+        }
+    }
+
+    impl io::BufRead for FailsOnce<'_> {
+        fn fill_buf(&mut self) -> io::Result<&[u8]> {
+            self.calls += 1;
+            if self.calls - 1 == self.fail_at {
+                return Err(io::Error::from(self.kind));
+            }
+            Ok(&self.bytes[..self.bytes.len().min(self.step)])
+        }
+        fn consume(&mut self, n: usize) {
+            self.bytes = &self.bytes[n..];
+        }
+    }
+
+    /// Records, then a hole with a line after it: read a few bytes at a time, both the line
+    /// reader and the count of the hole's tail call `fill_buf` several times.
+    fn holed_journal() -> Vec<u8> {
+        let lines = record_lines(3);
+        let (kept, torn) = lines.split_at(record_lines(2).len());
+        let mut torn = torn.to_vec();
+        torn[3..9].fill(0);
+        [kept, &torn, &record_lines(1), &[0; 40]].concat()
+    }
+
+    /// How `scan_journal` ends on `bytes` read through [`FailsOnce`]: the records' numbers
+    /// and the hole, or the read error.
+    fn scan_failing_once(
+        bytes: &[u8],
+        fail_at: usize,
+        kind: io::ErrorKind,
+    ) -> Result<(Vec<u64>, Option<ZeroHole>), io::ErrorKind> {
+        let reader = FailsOnce {
+            bytes,
+            step: 16,
+            calls: 0,
+            fail_at,
+            kind,
+        };
+        let mut ns = Vec::new();
+        match scan_journal(reader, Ending::SpaceAhead, |entry| {
+            ns.push(entry.n);
+            Ok::<(), ()>(())
+        }) {
+            Ok(replay) => Ok((ns, replay.zero_hole)),
+            Err(ScanError::Read(e)) => Err(e.kind()),
+            Err(e) => panic!("fail_at {fail_at}: {e:?}"),
+        }
+    }
+
+    /// A read interrupted by a signal (`EINTR`) is retried wherever it falls, in a line or in
+    /// a hole's tail: it changes nothing.
+    #[test]
+    fn an_interrupted_read_is_retried_wherever_it_falls() {
+        let bytes = holed_journal();
+        let clean = scan_failing_once(&bytes, usize::MAX, io::ErrorKind::Other).unwrap();
+        assert_eq!(clean.0, [1, 2]);
+        assert_eq!(clean.1, Some(ZeroHole { line: 3, lines: 2 }));
+        for fail_at in 0..bytes.len() / 16 + 2 {
+            let scan = scan_failing_once(&bytes, fail_at, io::ErrorKind::Interrupted);
+            assert_eq!(scan, Ok(clean.clone()), "interrupted at call {fail_at}");
+        }
+    }
+
+    /// Any other read error stops the scan, in a line or in a hole's tail: it is not taken
+    /// for the end of the file, nor retried.
+    #[test]
+    fn a_read_error_stops_the_scan_wherever_it_falls() {
+        let bytes = holed_journal();
+        for fail_at in 0..bytes.len() / 16 + 1 {
+            let scan = scan_failing_once(&bytes, fail_at, io::ErrorKind::PermissionDenied);
+            assert_eq!(
+                scan,
+                Err(io::ErrorKind::PermissionDenied),
+                "failed at call {fail_at}"
+            );
+        }
+    }
+
     proptest! {
         /// NUL bytes added at the end are space written ahead, whatever came before: the
         /// records, the tear, the hole and the data are those of the bytes without them.

@@ -1526,6 +1526,32 @@ mod tests {
         assert_eq!(loaded.last_seq, 3001);
     }
 
+    /// The bound is the documented 64 KiB (docs/OPERATIONS.md, docs/PERSISTENCE.md), which
+    /// journals already on disk were written to: a hole with exactly that much data from its
+    /// line on, over several lines, is a torn append; one byte more is damage.
+    #[test]
+    fn a_hole_is_a_torn_append_up_to_exactly_64_kib_after_it() {
+        const DOCUMENTED: usize = 64 * 1024;
+        let after = joins(3, 40);
+        assert!(after.len() < DOCUMENTED / 2);
+        let (_dir, paths) = temp_paths();
+        for (extra, loads) in [(0, true), (1, false)] {
+            // The hole's line: NUL bytes and a newline, filling the tail to the bound.
+            let hole_line = [vec![0; DOCUMENTED - after.len() - 1 + extra], vec![b'\n']];
+            let tail = [hole_line.concat(), after.clone()].concat();
+            assert_eq!(tail.len(), DOCUMENTED + extra);
+            fs::write(&paths.journal, [two_records(), tail].concat()).unwrap();
+            match load(&paths) {
+                Ok(loaded) if loads => {
+                    assert!(loaded.torn_tail);
+                    assert_eq!(loaded.last_seq, 2);
+                }
+                Err(StoreError::Journal { line: 3, .. }) if !loads => {}
+                other => panic!("{extra} byte(s) over the bound: {other:?}"),
+            }
+        }
+    }
+
     /// The writer's pieces: whole lines, none over the bound unless a single line is, and
     /// all of the bytes once, in order.
     #[test]
@@ -1800,6 +1826,49 @@ mod tests {
         assert_eq!(load(&paths).unwrap().last_seq, 2);
     }
 
+    /// The hint says which file is most likely out of step: a state file older than the
+    /// journals (the first record due is missing) is told apart from lost data (a gap after
+    /// records that followed on).
+    #[test]
+    fn a_gap_after_the_state_file_blames_its_age_and_a_later_one_the_disk() {
+        let (_dir, paths) = temp_paths();
+        write_snapshot_at(&paths, 10);
+        fs::write(&paths.journal, journal_bytes(&[(13, join("a", "m"))])).unwrap();
+        let err = load(&paths).unwrap_err().to_string();
+        assert!(
+            err.contains("the state file is older than the journals"),
+            "{err}"
+        );
+        fs::write(
+            &paths.journal,
+            journal_bytes(&[(11, create("a", "h")), (13, join("a", "m"))]),
+        )
+        .unwrap();
+        let err = load(&paths).unwrap_err().to_string();
+        assert!(err.contains("the disk lost written data"), "{err}");
+    }
+
+    /// A state file numbered past [`MAX_NUMBER`] is refused as unreadable, naming the bound,
+    /// before any arithmetic on its number; [`MAX_NUMBER`] itself reads, and is refused only
+    /// as past [`START_LIMIT`].
+    #[test]
+    fn a_state_file_numbered_past_the_range_is_refused_as_unreadable() {
+        let (_dir, paths) = temp_paths();
+        for journal_seq in [MAX_NUMBER + 1, u64::MAX] {
+            write_snapshot_at(&paths, journal_seq);
+            match load(&paths) {
+                Err(StoreError::Parse { source, .. }) => {
+                    assert!(source.to_string().contains(LAST_NUMBER), "{source}");
+                }
+                other => panic!("journal_seq {journal_seq}: {other:?}"),
+            }
+        }
+        write_snapshot_at(&paths, MAX_NUMBER);
+        assert!(
+            matches!(load(&paths), Err(StoreError::NumbersExhausted { last, .. }) if last == MAX_NUMBER)
+        );
+    }
+
     /// A bad line without a NUL byte is not a crash artifact: acknowledged records may follow
     /// it, so it stops the load even when a hole comes later, and in journal.old too.
     #[test]
@@ -1889,6 +1958,113 @@ mod tests {
             3
         );
         assert_eq!(fs::read(&paths.state).unwrap(), b"new");
+    }
+
+    /// A room and a member that use nothing of ocmd's own are written in the original's
+    /// shape, none of the optional keys added (the module doc: its tools read our files); an
+    /// optional key is written when it holds something, and reads back.
+    #[test]
+    fn a_plain_room_and_member_are_written_in_the_originals_shape() {
+        let mut state = State::default();
+        state.apply(&create("r", "h"));
+        state.apply(&Record::Register {
+            token: "h".into(),
+            address: "[::1]:9".parse().unwrap(),
+            local: None,
+        });
+        let bytes = state.to_file_bytes(SystemTime::UNIX_EPOCH).unwrap();
+        let file: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        let keys = |value: &serde_json::Value| {
+            let mut keys: Vec<String> = value.as_object().unwrap().keys().cloned().collect();
+            keys.sort();
+            keys
+        };
+        assert_eq!(
+            keys(&file["rooms"]["r"]),
+            ["created_at", "host_token", "members"]
+        );
+        assert_eq!(
+            keys(&file["tokens"]["h"]),
+            ["address", "is_host", "room_name", "username"]
+        );
+        assert_eq!(
+            file["tokens"]["h"]["address"],
+            serde_json::json!(["::1", 9])
+        );
+
+        let room = state.rooms.get_mut("r").unwrap();
+        (room.listed, room.next_seq) = (false, 5);
+        state.tokens.get_mut("h").unwrap().caps = 3;
+        let bytes = state.to_file_bytes(SystemTime::UNIX_EPOCH).unwrap();
+        assert_eq!(parse_state(&bytes).unwrap(), state);
+    }
+
+    /// In the original's file only a name that starts with a quote is taken for a JSON
+    /// string: one with a space before the quotes is a name a client chose, kept as it is.
+    #[test]
+    fn the_originals_names_are_unquoted_only_when_they_start_with_a_quote() {
+        let text = r#"{"rooms": {}, "tokens": {
+            "a": {"username": " \"x\"", "room_name": "r"},
+            "b": {"username": "\"y\" ", "room_name": "r"}}}"#;
+        let mut state = parse_state(text.as_bytes()).unwrap();
+        state.normalize();
+        assert_eq!(state.tokens["a"].username, " \"x\"");
+        assert_eq!(state.tokens["b"].username, "y");
+    }
+
+    /// Only a missing file is taken for an empty one: a state file or journal that is there
+    /// but cannot be opened (here a symlink loop) stops the load, naming it, rather than
+    /// being skipped with the records it holds.
+    #[test]
+    fn a_file_that_cannot_be_opened_stops_the_load_naming_it() {
+        for which in 0..3 {
+            let (_dir, paths) = temp_paths();
+            let path = [&paths.state, &paths.journal_old, &paths.journal][which];
+            std::os::unix::fs::symlink(path, path).unwrap();
+            match load(&paths) {
+                Err(StoreError::Read { path: named, .. }) => assert_eq!(&named, path),
+                other => panic!("{}: {other:?}", path.display()),
+            }
+        }
+    }
+
+    /// A `rooms` value that is not an object is refused, saying what was expected.
+    #[test]
+    fn rooms_that_are_not_an_object_are_refused_saying_what_was_expected() {
+        let err = parse_state(br#"{"rooms": 5}"#).unwrap_err().to_string();
+        assert!(err.contains("expected a JSON object"), "{err}");
+    }
+
+    /// A crash mid-write leaves the temporary file behind: the next write replaces it
+    /// rather than failing on the exclusive create.
+    #[test]
+    fn a_temporary_file_left_by_a_crash_is_replaced() {
+        let (_dir, paths) = temp_paths();
+        let mut tmp = paths.state.as_os_str().to_owned();
+        tmp.push(".tmp");
+        fs::write(&tmp, b"half a snapshot").unwrap();
+        write_atomic(&paths.state, b"whole").expect("the leftover is replaced");
+        assert_eq!(fs::read(&paths.state).unwrap(), b"whole");
+        assert!(!Path::new(&tmp).exists());
+    }
+
+    /// A temporary file that cannot be created (here in sysfs, which refuses it) fails the
+    /// write with the creation's own error, not with that of removing a leftover that is
+    /// not there (`NotFound`, which would send the operator looking for a missing file).
+    #[test]
+    fn a_temporary_file_that_cannot_be_created_fails_with_the_reason() {
+        if !Path::new("/sys/kernel").is_dir() {
+            return crate::test_shared::skipped("this host has no sysfs");
+        }
+        let err = write_atomic(Path::new("/sys/ocm-state.json"), b"x").unwrap_err();
+        assert_ne!(err.kind(), io::ErrorKind::NotFound, "{err}");
+    }
+
+    /// A state path without a directory part (`--state room_manager.json`) lives in the
+    /// working directory, and that is the directory synced.
+    #[test]
+    fn a_bare_file_name_syncs_the_working_directory() {
+        sync_dir(Path::new("room_manager.json")).expect("the working directory is synced");
     }
 
     #[test]

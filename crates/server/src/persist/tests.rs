@@ -356,6 +356,28 @@ fn the_writer_keeps_space_ahead_of_its_appends_and_it_loads_as_no_tear() {
     assert_eq!(loaded.journal_data_bytes, journal_len(&d.paths));
 }
 
+/// Once the appends have used the space laid down ahead up to its last quarter, more is laid
+/// after it: it is kept ahead however far the journal grows, not laid once.
+#[test]
+fn the_space_ahead_is_laid_again_once_the_appends_have_used_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Driver::start(dir.path(), Options::default());
+    d.write(1);
+    // Past the first space laid: the appends alone grow the journal beyond it.
+    while journal_len(&d.paths) < SPACE_AHEAD_BYTES + SPACE_AHEAD_BYTES / 2 {
+        d.write(2000);
+    }
+    // The space is laid after a commit's replies: the next commit comes after it (and
+    // takes a little of it, so the check leaves room for that).
+    d.write(1);
+    let size = fs::metadata(&d.paths.journal).unwrap().len();
+    let ahead = size - journal_len(&d.paths);
+    assert!(ahead >= SPACE_AHEAD_BYTES / 8, "{ahead} bytes ahead");
+    let paths = d.paths.clone();
+    d.persister.shutdown();
+    assert_eq!(load_complete(&paths).replayed, 0);
+}
+
 /// A journal holding nothing but space laid down ahead (a stop right after a rotation, or a
 /// fold): nothing to fold, so no state file is written at the start, and the appends go into
 /// it from its first byte.
@@ -553,6 +575,10 @@ fn a_clean_stop_empties_a_journal_of_space_ahead() {
     let mut writer = writer_by_hand(&paths);
     writer.finish();
     assert_eq!(fs::metadata(&paths.journal).unwrap().len(), 0);
+    assert!(
+        !paths.state.exists(),
+        "nothing to fold, yet a state file was written"
+    );
 }
 
 #[test]
@@ -625,6 +651,114 @@ fn a_failed_compaction_keeps_the_old_journal_and_is_retried() {
     let loaded = load_complete(&paths);
     assert_eq!(loaded.replayed, 0);
     assert_eq!(loaded.last_seq, last);
+}
+
+/// After a failure, compaction waits for `compact_retry`: a disk that keeps failing is not
+/// hammered with a compaction (a whole snapshot written) after every commit.
+#[test]
+fn a_failed_compaction_is_not_retried_before_its_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        compact_journal_bytes: 256,
+        compact_retry: Duration::from_secs(3600),
+    };
+    let mut d = Driver::start(dir.path(), options);
+    fs::create_dir(dir.path().join("s.json.tmp")).unwrap();
+    while d.persister.compactions().failed == 0 {
+        let last = d.write(2);
+        assert!(last < 100_000, "the compaction never failed");
+    }
+    // Each commit asks for a compaction if one is due, after handling the last report.
+    for _ in 0..20 {
+        d.write(2);
+    }
+    assert_eq!(
+        d.persister.compactions().failed,
+        1,
+        "retried before its delay"
+    );
+    fs::remove_dir(dir.path().join("s.json.tmp")).unwrap();
+    d.persister.shutdown();
+}
+
+/// After a failed rotation, compaction waits for `compact_retry` too: the journal is not
+/// renamed and a snapshot not started before then, even once the rename would work.
+#[test]
+fn a_failed_rotation_is_not_retried_before_its_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        compact_journal_bytes: 256,
+        compact_retry: Duration::from_secs(3600),
+    };
+    let mut d = Driver::start(dir.path(), options);
+    // A directory at journal.old's name: the rename onto it fails.
+    fs::create_dir(&d.paths.journal_old).unwrap();
+    while journal_len(&d.paths) <= 256 {
+        d.write(2);
+    }
+    // The rotation is tried after that commit: the next one comes after it.
+    d.write(2);
+    fs::remove_dir(&d.paths.journal_old).unwrap();
+    for _ in 0..20 {
+        d.write(2);
+    }
+    // A rotation renames the journal; its compaction writes the state file before it
+    // removes journal.old: had one run, one of them would be there.
+    assert!(!d.paths.journal_old.exists(), "rotated before the delay");
+    assert!(!d.paths.state.exists(), "compacted before the delay");
+    let paths = d.paths.clone();
+    d.persister.shutdown();
+    assert_eq!(load_complete(&paths).replayed, 0);
+}
+
+/// Removing `journal.old` fails the compaction unless it is already gone: a snapshot
+/// reported written while journal.old stays would be folded again and again.
+#[test]
+fn journal_old_that_cannot_be_removed_fails_and_one_already_gone_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = Paths::new(&dir.path().join("s.json"));
+    fs::create_dir(&paths.journal_old).unwrap();
+    match compactor::remove_journal_old(&paths) {
+        Err(StoreError::Write { path, .. }) => assert_eq!(path, paths.journal_old),
+        other => panic!("a directory at journal.old: {other:?}"),
+    }
+    fs::remove_dir(&paths.journal_old).unwrap();
+    compactor::remove_journal_old(&paths).expect("nothing to remove");
+}
+
+/// The metrics' compaction times: the total adds up, the last and the longest are kept.
+#[test]
+fn compaction_times_add_up_and_keep_the_last_and_the_longest() {
+    let mut stats = Compactions::default();
+    stats.written(Duration::from_millis(500));
+    stats.written(Duration::from_millis(250));
+    assert_eq!(stats.written, 2);
+    assert_eq!(
+        (stats.seconds, stats.last_seconds, stats.max_seconds),
+        (0.75, 0.25, 0.5)
+    );
+}
+
+/// A journal left with a torn last line by a crash mid-append (and no journal.old): the start
+/// folds it away before anything is appended, so that no record lands after the fragment as
+/// one garbled whole line, which the next start would refuse.
+#[test]
+fn a_torn_journal_is_folded_away_before_the_first_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = Paths::new(&dir.path().join("s.json"));
+    let mut bytes = Vec::new();
+    for n in 1..=3 {
+        let record = record(n);
+        serde_json::to_writer(&mut bytes, &JournalLine { n, record: &record }).unwrap();
+        bytes.push(b'\n');
+    }
+    bytes.extend_from_slice(br#"{"n":4,"op":"jo"#);
+    fs::write(&paths.journal, &bytes).unwrap();
+    let mut d = Driver::start(dir.path(), Options::default());
+    assert_eq!(journal_len(&paths), 0, "not folded at start");
+    assert_eq!(d.write(2), 5);
+    assert_eq!(load_complete(&paths).last_seq, 5);
+    d.persister.shutdown();
 }
 
 /// A crash in the middle of a compaction: the next start folds the snapshot, journal.old

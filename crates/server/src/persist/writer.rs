@@ -34,10 +34,10 @@ fn torn_tail_note(torn_tail: bool, zero_holes: &[(PathBuf, ZeroHole)]) -> String
         .iter()
         .map(|(path, hole)| {
             format!(
-                "{} from line {}: {} lines, starting at a zero-filled hole",
+                "{} from line {}: {}, starting at a zero-filled hole",
                 path.display(),
                 hole.line,
-                hole.lines
+                Count(hole.lines, "line")
             )
         })
         .collect();
@@ -588,5 +588,30 @@ impl Writer {
         counters(&self.stats).written(elapsed);
         log_written(&self.paths, state, bytes, elapsed);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the start-up fold's log line says about a torn tail: nothing without one, the
+    /// torn final line, or each hole with its journal, line and lines ignored.
+    #[test]
+    fn the_fold_says_which_torn_tail_it_ignored() {
+        assert_eq!(torn_tail_note(false, &[]), "");
+        assert_eq!(
+            torn_tail_note(true, &[]),
+            " (a torn final line was ignored)"
+        );
+        let holes = [
+            (PathBuf::from("j.old"), ZeroHole { line: 3, lines: 2 }),
+            (PathBuf::from("j"), ZeroHole { line: 7, lines: 1 }),
+        ];
+        assert_eq!(
+            torn_tail_note(true, &holes),
+            " (a torn tail was ignored: j.old from line 3: 2 lines, starting at a zero-filled \
+             hole; j from line 7: 1 line, starting at a zero-filled hole)"
+        );
     }
 }
