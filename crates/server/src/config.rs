@@ -88,6 +88,9 @@ pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
                 "the :PORT is missing; an IPv6 address with a port goes in brackets, as in \
                  [::1]:9090"
             }
+            _ if text.starts_with('[') && !text.contains(']') => {
+                "the ] closing the IPv6 address is missing, as in [::1]:9090"
+            }
             _ if text.trim_matches(['[', ']']).parse::<IpAddr>().is_ok() => "the :PORT is missing",
             None => "the :PORT is missing",
             Some((_, port)) if port.parse::<u16>().is_err() => {
@@ -766,6 +769,7 @@ pub fn log_level(name: &str) -> Option<log::LevelFilter> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     /// Each way an address can be wrong is named, in the file and on the command line.
     #[test]
@@ -778,9 +782,12 @@ mod tests {
             ("localhost:9090", "host names are not looked up"),
             ("127.0.0.1", "the :PORT is missing"),
             ("::1", "the :PORT is missing"),
+            ("[::1]", "the :PORT is missing"),
             ("::1:9090", "goes in brackets"),
             ("::ffff:10.0.0.1:9090", "an IPv6 address goes in brackets"),
             ("[::g]:9090", "the part in brackets is not an IPv6 address"),
+            ("[::1:9090", "the ] closing the IPv6 address is missing"),
+            ("[::1", "the ] closing the IPv6 address is missing"),
         ] {
             let e = parse_listen_addr(text).unwrap_err();
             assert!(e.contains(why) && e.contains(text), "{text}: {e}");
@@ -792,7 +799,6 @@ mod tests {
         let e = Config::from_toml("[listen]\nudp = \"127.0.0.1:70000\"\n").unwrap_err();
         assert!(e.to_string().contains("from 0 to 65535"), "{e}");
     }
-    use super::*;
 
     #[test]
     fn empty_file_is_the_defaults() {
@@ -1051,6 +1057,216 @@ mod tests {
             err.contains("127.0.0.1:9093") && err.contains("0.0.0.0:9093"),
             "{err}"
         );
+    }
+
+    /// A file is read and checked as its text would be, and one that cannot be read or
+    /// checked is refused with its path.
+    #[test]
+    fn a_config_file_is_read_and_checked_and_named_when_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ocmd.toml");
+        std::fs::write(&path, "[history]\nmessages = 7\n").unwrap();
+        assert_eq!(Config::from_file(&path).unwrap().history.messages, 7);
+        std::fs::write(&path, "[history]\nmessages = 10001\n").unwrap();
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("ocmd.toml") && err.contains("history.messages"),
+            "{err}"
+        );
+        let missing = dir.path().join("missing.toml");
+        let err = Config::from_file(&missing).unwrap_err().to_string();
+        assert!(
+            err.contains("cannot read") && err.contains("missing.toml"),
+            "{err}"
+        );
+    }
+
+    /// What `--check-config` prints is the configuration in effect, not the defaults.
+    #[test]
+    fn a_changed_configuration_round_trips_through_its_toml() {
+        let c = Config::from_toml("[history]\nmessages = 7\n[udp]\nsegment_sends = false").unwrap();
+        assert_ne!(c, Config::default());
+        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+    }
+
+    /// Every bound is inclusive: a value at it is accepted.
+    #[test]
+    fn values_at_their_bounds_are_accepted() {
+        let at_bounds = "
+            [limits]
+            max_payload_bytes = 16777216
+            handshake_timeout_secs = 86400
+            [liveness]
+            sweep_interval_ms = 86400000
+            room_idle_secs = 31622400
+            min_keepalive_secs = 4294967295
+            tombstone_capacity = 10000000
+            [history]
+            checkpoint_secs = 86400
+            max_bytes_per_room = 16777216
+            messages = 10000
+            [udp]
+            max_chat_wait_ms = 86400000
+            datagrams_per_wakeup = 65536
+            max_batch_datagram_bytes = 65507
+            recv_buffer_bytes = 1073741823
+            send_buffer_bytes = 1073741823
+            [rate]
+            chat_per_sec = 0.0
+            chat_burst = 0.0
+            requests_per_sec = 0.5
+            requests_burst = 1.0
+            password_failures_per_min = 0.0
+            password_failures_burst = 0.0
+            drop_logs_per_sec = 0.0
+        ";
+        let c = Config::from_toml(at_bounds).unwrap();
+        assert_eq!(c.udp.recv_buffer_bytes, MAX_SOCKET_BUFFER_BYTES as usize);
+        let c = Config::from_toml("[udp]\nmax_batch_datagram_bytes = 512").unwrap();
+        assert_eq!(c.udp.max_batch_datagram_bytes, 512);
+        let c = "[rate]\npassword_failures_per_min = 6.0\npassword_failures_burst = 1.0";
+        assert!(Config::from_toml(c).is_ok());
+    }
+
+    /// One past a bound, or a rate that is no number, is refused by name.
+    #[test]
+    fn values_past_their_bounds_are_refused_by_name() {
+        let cases = [
+            (
+                "[liveness]\nroom_idle_secs = 31622401",
+                "liveness.room_idle_secs",
+            ),
+            (
+                "[udp]\nrecv_buffer_bytes = 1073741824",
+                "udp.recv_buffer_bytes",
+            ),
+            (
+                "[udp]\nsend_buffer_bytes = 1073741824",
+                "udp.send_buffer_bytes",
+            ),
+            (
+                "[udp]\nmax_batch_datagram_bytes = 511",
+                "udp.max_batch_datagram_bytes",
+            ),
+            ("[rate]\nchat_per_sec = -0.5", "rate.chat_per_sec"),
+            ("[rate]\nrequests_per_sec = nan", "rate.requests_per_sec"),
+            ("[rate]\nrequests_per_sec = inf", "rate.requests_per_sec"),
+            (
+                "[rate]\nrequests_per_sec = 1.0\nrequests_burst = nan",
+                "rate.requests_burst",
+            ),
+            (
+                "[rate]\npassword_failures_per_min = -1.0",
+                "password_failures",
+            ),
+            (
+                "[rate]\npassword_failures_per_min = inf",
+                "password_failures",
+            ),
+            (
+                "[rate]\npassword_failures_per_min = 6.0\npassword_failures_burst = 0.5",
+                "password_failures_burst",
+            ),
+            (
+                "[rate]\npassword_failures_per_min = 6.0\npassword_failures_burst = nan",
+                "password_failures_burst",
+            ),
+            ("[rate]\ndrop_logs_per_sec = -1.0", "rate.drop_logs_per_sec"),
+            ("[rate]\ndrop_logs_per_sec = nan", "rate.drop_logs_per_sec"),
+            ("[state]\npath = \"\"", "state.path"),
+        ];
+        for (text, key) in cases {
+            let err = Config::from_toml(text).unwrap_err();
+            assert!(err.contains(key), "{text:?} gave {err:?}");
+        }
+    }
+
+    /// The registry and the request limiter get the configured values, in their units.
+    #[test]
+    fn the_limits_handed_on_are_the_configured_ones() {
+        let c = Config::from_toml(
+            "
+            [limits]
+            max_rooms = 11
+            max_members_per_room = 12
+            max_tokens = 13
+            [liveness]
+            keepalive_misses = 4
+            min_keepalive_secs = 15
+            tombstone_ttl_secs = 16
+            tombstone_capacity = 17
+            closed_reply_interval_ms = 18
+            room_idle_secs = 19
+            [rate]
+            chat_per_sec = 2.5
+            chat_burst = 3.5
+            requests_per_sec = 4.5
+            requests_burst = 5.5
+            password_failures_per_min = 30.0
+            password_failures_burst = 6.5
+            [history]
+            messages = 20
+            max_bytes_per_room = 21
+            [udp]
+            register_only_from_join_ip = true
+            ",
+        )
+        .unwrap();
+        let l = c.registry_limits();
+        assert_eq!(
+            (l.max_rooms, l.max_members_per_room, l.max_tokens),
+            (11, 12, 13)
+        );
+        assert_eq!(l.keepalive_misses, 4);
+        assert_eq!(l.min_keepalive, Duration::from_secs(15));
+        assert_eq!(l.tombstone_ttl, Duration::from_secs(16));
+        assert_eq!(l.tombstone_capacity, 17);
+        assert_eq!(l.closed_reply_interval, Duration::from_millis(18));
+        assert_eq!((l.chat_rate, l.chat_burst), (2.5, 3.5));
+        assert_eq!((l.history, l.history_bytes), (20, 21));
+        assert!(l.register_only_from_join_ip);
+        assert_eq!(l.room_idle, Some(Duration::from_secs(19)));
+        let r = c.request_limits();
+        assert_eq!((r.rate, r.burst), (4.5, 5.5));
+        assert_eq!(
+            (r.password_failure_rate, r.password_failure_burst),
+            (0.5, 6.5)
+        );
+        // No idle limit when 0.
+        let c = Config::from_toml("[liveness]\nroom_idle_secs = 0").unwrap();
+        assert_eq!(c.registry_limits().room_idle, None);
+    }
+
+    /// Each command-line setting replaces the file's, and only that one.
+    #[test]
+    fn overrides_replace_only_what_they_name() {
+        let file = Config::default();
+        let none = Overrides::default();
+        assert_eq!(file.with_overrides(&none).unwrap(), file);
+        let all = Overrides {
+            tcp: Some("127.0.0.1:0".parse().unwrap()),
+            udp: Some("127.0.0.1:7".parse().unwrap()),
+            state: Some(PathBuf::from("/tmp/elsewhere.json")),
+            metrics: Some("off".into()),
+        };
+        let c = file.with_overrides(&all).unwrap();
+        assert_eq!(c.listen.tcp, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(c.listen.udp, "127.0.0.1:7".parse().unwrap());
+        assert_eq!(c.state.path, PathBuf::from("/tmp/elsewhere.json"));
+        assert_eq!(c.listen.metrics, "off");
+        let mut expected = file.clone();
+        expected.listen = c.listen.clone();
+        expected.state.path = c.state.path.clone();
+        assert_eq!(c, expected, "nothing else changed");
+        // An override that makes the configuration invalid is refused.
+        let bad = Overrides {
+            metrics: Some("nowhere".into()),
+            ..Overrides::default()
+        };
+        assert!(file
+            .with_overrides(&bad)
+            .unwrap_err()
+            .contains("listen.metrics"));
     }
 
     #[test]

@@ -598,6 +598,312 @@ mod tests {
     }
 
     #[test]
+    fn restarting_the_timer_counts_a_moment_of_activity() {
+        let (_peer, stream) = pair(true);
+        let mut c = conn(stream);
+        let mut activity = 41;
+        let deadline = Instant::now() + Duration::from_secs(7);
+        c.restart_timer(deadline, &mut activity);
+        assert_eq!((activity, c.activity, c.deadline), (42, 42, deadline));
+    }
+
+    /// What is unsent counts what the socket has not taken and every held reply, and
+    /// WRITABLE is asked for only while the socket has output to take.
+    #[test]
+    fn pending_bytes_and_interest_follow_the_output() {
+        let (_peer, stream) = small_buffer_pair();
+        let mut c = conn(stream);
+        assert_eq!(c.desired_interest(), Interest::READABLE);
+        c.queue(vec![1u8; 64 * 1024], None);
+        assert_eq!(c.pending_bytes(), 64 * 1024);
+        assert_eq!(
+            c.desired_interest(),
+            Interest::READABLE | Interest::WRITABLE
+        );
+        c.flush().unwrap();
+        let unsent = c.output.len() - c.written;
+        assert!(c.written > 0 && unsent > 0, "{} written", c.written);
+        c.queue(vec![2u8; 100], Some((1, Instant::now())));
+        c.queue(vec![3u8; 10], None);
+        assert_eq!(c.pending_bytes(), unsent + 110);
+        assert_eq!(
+            c.desired_interest(),
+            Interest::READABLE | Interest::WRITABLE
+        );
+        // Held replies alone do not ask for WRITABLE: nothing may leave yet.
+        let (_peer, stream) = pair(true);
+        let mut c = conn(stream);
+        c.queue(vec![2u8; 100], Some((1, Instant::now())));
+        assert_eq!(c.pending_bytes(), 100);
+        assert_eq!(c.desired_interest(), Interest::READABLE);
+    }
+
+    /// A connection is finished once nothing is left to send, hold or check, and either the
+    /// peer closed or it is to close after its replies without lingering.
+    #[test]
+    fn a_connection_is_finished_only_when_idle_and_closing() {
+        let (_peer, stream) = pair(true);
+        let mut c = conn(stream);
+        assert!(!c.finished(), "open and idle");
+        c.read_closed = true;
+        assert!(c.finished(), "the peer closed");
+        c.read_closed = false;
+        c.close_after_flush = true;
+        assert!(c.finished(), "to close after its replies");
+        c.lingering = true;
+        assert!(!c.finished(), "lingering: until the peer's end");
+        c.read_closed = true;
+        assert!(c.finished(), "lingering over");
+        // Anything left to do keeps it open.
+        c.awaiting_password = Some(1);
+        assert!(!c.finished(), "a password check in flight");
+        c.awaiting_password = None;
+        c.queue(b"held".to_vec(), Some((1, Instant::now())));
+        assert!(!c.finished(), "a reply held");
+        let mut waited = DelayHistogram::<DurableWait>::default();
+        assert!(c.release(1, Instant::now(), &mut waited));
+        assert!(!c.finished(), "a reply to write");
+        c.flush().unwrap();
+        assert!(c.finished());
+    }
+
+    /// Reads until the peer's bytes have all come (or 10 s have passed), then returns what
+    /// `discard_input` says at last.
+    fn discard_until_end(c: &mut Conn) -> Option<&'static str> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(reason) = c.discard_input() {
+                return Some(reason);
+            }
+            assert!(Instant::now() < deadline, "the peer's end never came");
+            std::thread::yield_now();
+        }
+    }
+
+    /// Closes `peer` with a zero linger time: its socket sends a reset, not its end.
+    fn reset(peer: StdStream) {
+        let reset = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt on a live descriptor, from a value that outlives the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                peer.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&reset as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+    }
+
+    /// A lingering close shuts our side (the peer reads our replies, then our end), throws
+    /// away what the peer sent, and ends at the peer's end.
+    #[test]
+    fn a_lingering_close_reads_to_the_peers_end_and_throws_it_away() {
+        let (mut peer, stream) = pair(true);
+        let mut c = conn(stream);
+        c.queue(b"reply".to_vec(), None);
+        c.flush().unwrap();
+        peer.write_all(b"more requests").unwrap();
+        wait_readable(&c.stream, 13);
+        c.input.extend_from_slice(b"unread");
+        assert_eq!(c.linger(), None, "the peer has not closed");
+        assert!(c.lingering && !c.read_closed);
+        assert!(c.input.is_empty());
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"reply", "our replies, then our end");
+        peer.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(discard_until_end(&mut c), Some("protocol"));
+        assert!(c.read_closed);
+        assert!(c.finished());
+    }
+
+    /// A peer that sends no more than 256 KiB while we linger is waited for to its end.
+    #[test]
+    fn a_lingering_close_waits_for_a_peer_that_sent_at_most_256_kib() {
+        let (mut peer, stream) = pair(true);
+        let mut c = conn(stream);
+        assert_eq!(c.linger(), None);
+        let writer = std::thread::spawn(move || {
+            peer.write_all(&[0u8; 256 * 1024]).unwrap();
+            peer
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while c.lingered_bytes < 256 * 1024 {
+            assert_eq!(c.discard_input(), None, "after {}", c.lingered_bytes);
+            assert!(Instant::now() < deadline, "the peer's bytes never came");
+            std::thread::yield_now();
+        }
+        drop(writer.join().unwrap());
+        assert_eq!(discard_until_end(&mut c), Some("protocol"));
+        assert!(c.read_closed);
+    }
+
+    /// A peer that goes on sending is not waited for past 256 KiB.
+    #[test]
+    fn a_lingering_close_gives_up_on_a_peer_that_keeps_sending() {
+        let (mut peer, stream) = pair(true);
+        let mut c = conn(stream);
+        assert_eq!(c.linger(), None);
+        let writer = std::thread::spawn(move || {
+            // Until our side is closed: a write then fails.
+            while peer.write_all(&[0u8; 16 * 1024]).is_ok() {}
+        });
+        assert_eq!(discard_until_end(&mut c), Some("protocol"));
+        assert!(!c.read_closed, "the peer never closed");
+        assert!(c.lingered_bytes > 256 * 1024, "{}", c.lingered_bytes);
+        assert!(
+            c.lingered_bytes <= (256 + 16) * 1024,
+            "{}",
+            c.lingered_bytes
+        );
+        drop(c);
+        writer.join().unwrap();
+    }
+
+    /// A peer that resets the connection while we linger ends it as an I/O error.
+    #[test]
+    fn a_lingering_close_ends_in_an_io_error_when_the_peer_resets() {
+        let (peer, stream) = pair(true);
+        let mut c = conn(stream);
+        assert_eq!(c.linger(), None);
+        reset(peer);
+        assert_eq!(discard_until_end(&mut c), Some("io_error"));
+        assert!(!c.read_closed);
+    }
+
+    #[test]
+    fn a_fill_reads_no_further_than_the_cap_with_input_already_buffered() {
+        let (mut peer, stream) = pair(true);
+        let mut c = conn(stream);
+        peer.write_all(&[7u8; 100]).unwrap();
+        wait_readable(&c.stream, 100);
+        assert_eq!(c.fill(60, ReadUntil::WouldBlock).unwrap(), Filled::Full);
+        c.consume(30);
+        assert_eq!(c.fill(60, ReadUntil::WouldBlock).unwrap(), Filled::Full);
+        assert_eq!(c.input.len(), 60);
+    }
+
+    /// A reset is an error of the connection, not the end of its input nor a drained socket.
+    #[test]
+    fn a_fill_reports_a_reset_as_an_error() {
+        let (mut peer, stream) = pair(true);
+        let mut c = conn(stream);
+        peer.write_all(b"x").unwrap();
+        wait_readable(&c.stream, 1);
+        reset(peer);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let err = loop {
+            match c.fill(1024, ReadUntil::WouldBlock) {
+                Err(e) => break e,
+                Ok(filled) => {
+                    assert_eq!(filled, Filled::Drained);
+                    assert!(Instant::now() < deadline, "the reset never came");
+                    std::thread::yield_now();
+                }
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        assert!(!c.read_closed);
+    }
+
+    /// Replies still held when some leave stay held, in order, however many there are.
+    #[test]
+    fn replies_released_in_part_leave_the_rest_held_in_order() {
+        let (_peer, stream) = pair(true);
+        let mut c = conn(stream);
+        for batch in 1..=20u8 {
+            c.queue(vec![batch], Some((u64::from(batch), Instant::now())));
+        }
+        assert!(c.held.capacity() > HELD_IDLE_REPLIES);
+        let mut waited = DelayHistogram::<DurableWait>::default();
+        assert!(c.release(2, Instant::now(), &mut waited));
+        assert_eq!(c.output, [1, 2]);
+        assert_eq!(c.pending_bytes(), 20);
+        assert!(c.has_held());
+        assert!(c.release(20, Instant::now(), &mut waited));
+        assert_eq!(c.output, (1..=20).collect::<Vec<u8>>());
+        assert!(!c.has_held());
+    }
+
+    /// A partial consume that leaves more than half an idle buffer keeps the room: the rest
+    /// of a large request is likely still coming.
+    #[test]
+    fn a_partial_consume_gives_room_back_only_once_little_is_left() {
+        let (_peer, stream) = pair(true);
+        let mut c = conn(stream);
+        c.input = vec![1u8; 20 * 1024];
+        c.consume(20 * 1024 - 3000);
+        assert_eq!(c.input.len(), 3000);
+        assert!(c.input.capacity() >= 20 * 1024, "{}", c.input.capacity());
+        c.consume(1000);
+        assert_eq!(c.input.len(), 2000);
+        assert!(
+            c.input.capacity() <= IDLE_BUFFER_BYTES,
+            "{}",
+            c.input.capacity()
+        );
+    }
+
+    /// A flush the socket stops short leaves the output in place while less than half of it
+    /// was written (moving it would cost more than it saves), and drops what was written
+    /// once that is half or more.
+    #[test]
+    fn a_blocked_flush_drops_what_was_written_only_once_it_is_half_the_output() {
+        let (mut peer, stream) = small_buffer_pair();
+        peer.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut c = conn(stream);
+        c.queue(vec![0u8; 64 * 1024], None);
+        c.flush().unwrap();
+        let written = c.written;
+        assert!(
+            written > 0 && written < 32 * 1024,
+            "{written} written at once"
+        );
+        assert_eq!(c.output.len(), 64 * 1024, "left in place");
+        let mut buf = [0u8; 4096];
+        while c.written > 0 {
+            let read = peer.read(&mut buf).unwrap();
+            assert!(read > 0, "the output was never moved");
+            c.flush().unwrap();
+        }
+        assert!(c.wants_write(), "all of it was written: nothing was moved");
+        assert!(c.output.len() <= 32 * 1024, "{}", c.output.len());
+        assert_eq!(c.output.len(), c.pending_bytes());
+    }
+
+    /// Output for a peer that reset the connection is an error of the flush.
+    #[test]
+    fn a_flush_to_a_peer_that_reset_is_an_error() {
+        let (peer, stream) = pair(true);
+        let mut c = conn(stream);
+        reset(peer);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let err = loop {
+            c.queue(b"reply".to_vec(), None);
+            match c.flush() {
+                Err(e) => break e,
+                Ok(()) => {
+                    assert!(Instant::now() < deadline, "the reset never came");
+                    std::thread::yield_now();
+                }
+            }
+        };
+        assert!(
+            matches!(
+                err.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn a_full_buffer_is_reported_before_the_cap_is_passed() {
         let (mut peer, stream) = pair(true);
         let mut c = conn(stream);

@@ -1022,6 +1022,42 @@ mod tests {
         );
     }
 
+    /// A destination without a route (a link-local address on an interface that does not
+    /// exist: ENETUNREACH, as from a source the host no longer has) fails alone, with or
+    /// without a source, and no source is blamed for it.
+    #[test]
+    fn a_destination_without_a_route_fails_alone_and_blames_no_source() {
+        let (Ok(server), Ok(client)) = (UdpSocket::bind("[::]:0"), UdpSocket::bind("[::1]:0"))
+        else {
+            crate::test_shared::skipped("this host has no IPv6 loopback");
+            return;
+        };
+        let nowhere = SocketAddr::V6(SocketAddrV6::new("fe80::1".parse().unwrap(), 9, 0, 4242));
+        let ours = Some(LocalAddr {
+            ip: Ipv6Addr::LOCALHOST.into(),
+            ifindex: 0,
+        });
+        let outgoing = |to, from| Outgoing {
+            to,
+            from,
+            runs: 0..1,
+            segment: 0,
+        };
+        let to = client.local_addr().unwrap();
+        let datagrams = [
+            outgoing(nowhere, None),
+            outgoing(nowhere, ours),
+            outgoing(to, None),
+        ];
+        let parts = [IoSlice::new(b"x")];
+        let mut scratch = SendScratch::default();
+        let sent = send(server.as_raw_fd(), &parts, &datagrams, &mut scratch);
+        assert_eq!((sent.sent, sent.failed), (1, 2));
+        assert_eq!(scratch.failed(), &[0, 1]);
+        assert!(scratch.refused_sources().is_empty());
+        assert_eq!(receive(&client, 1)[0].1, b"x");
+    }
+
     /// A socket bound to one address reports no arrival address (none was asked for).
     #[test]
     fn a_socket_bound_to_one_address_reports_no_arrival_address() {
@@ -1030,6 +1066,274 @@ mod tests {
         let mut rx = Receiver::new(16);
         assert_eq!(rx.recv(b.as_raw_fd(), BATCH).unwrap(), 1);
         assert_eq!(rx.arrived_at(0), None);
+    }
+
+    /// The seconds since the Unix epoch by the wall clock.
+    fn since_epoch() -> Duration {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+    }
+
+    /// A socket asked to stamp datagrams tells when each arrived (between the send and the
+    /// receive, by the wall clock), and nothing past the datagrams received; a socket not
+    /// asked tells nothing.
+    #[test]
+    fn a_stamping_socket_tells_when_each_datagram_arrived() {
+        let (a, stamping) = sender_and_receiver();
+        let (_, plain) = sender_and_receiver();
+        enable_timestamps(stamping.as_raw_fd()).unwrap();
+        let mut rx = Receiver::new(16);
+        let before = since_epoch();
+        a.send_to(b"x", stamping.local_addr().unwrap()).unwrap();
+        // Loopback delivers within the send: the datagram is queued already.
+        assert_eq!(rx.recv(stamping.as_raw_fd(), BATCH).unwrap(), 1);
+        let after = since_epoch();
+        let arrived = rx.arrived(0).expect("the datagram is stamped");
+        assert!(
+            before <= arrived && arrived <= after,
+            "{arrived:?} is not within {before:?}..={after:?}"
+        );
+        assert_eq!(rx.arrived(1), None);
+        a.send_to(b"y", plain.local_addr().unwrap()).unwrap();
+        assert_eq!(rx.recv(plain.as_raw_fd(), BATCH).unwrap(), 1);
+        assert_eq!(rx.arrived(0), None);
+    }
+
+    /// The bytes of a plain-old-data value.
+    fn bytes_of<T: Copy>(value: &T) -> Vec<u8> {
+        // SAFETY: any initialised `Copy` value may be read as its bytes.
+        unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), mem::size_of::<T>()) }
+            .to_vec()
+    }
+
+    /// A received message's header whose control messages are `messages` (level, type,
+    /// payload), in order, laid out in `control` as the kernel lays them out.
+    fn received_with(control: &mut Vec<u64>, messages: &[(i32, i32, Vec<u8>)]) -> libc::msghdr {
+        // SAFETY: CMSG_SPACE is arithmetic.
+        let space = |len: usize| unsafe { libc::CMSG_SPACE(len as u32) } as usize;
+        let total: usize = messages
+            .iter()
+            .map(|(_, _, payload)| space(payload.len()))
+            .sum();
+        control.clear();
+        control.resize(total.div_ceil(8), 0);
+        let mut at = 0;
+        for (level, kind, payload) in messages {
+            // SAFETY: each message lies within `control` (sized for them all above), at an
+            // 8-byte boundary of an array of u64, aligned for cmsghdr.
+            unsafe {
+                let cmsg = control
+                    .as_mut_ptr()
+                    .cast::<u8>()
+                    .add(at)
+                    .cast::<libc::cmsghdr>();
+                (*cmsg).cmsg_level = *level;
+                (*cmsg).cmsg_type = *kind;
+                (*cmsg).cmsg_len = libc::CMSG_LEN(payload.len() as u32) as _;
+                std::ptr::copy_nonoverlapping(
+                    payload.as_ptr(),
+                    libc::CMSG_DATA(cmsg),
+                    payload.len(),
+                );
+            }
+            at += space(payload.len());
+        }
+        // SAFETY: msghdr is plain old data.
+        let mut hdr: libc::msghdr = unsafe { mem::zeroed() };
+        hdr.msg_control = control.as_mut_ptr().cast();
+        hdr.msg_controllen = total as _;
+        hdr
+    }
+
+    /// Control messages a received datagram may carry besides those read, each a trap for a
+    /// check of level, type or length that lets another through: the original destination
+    /// at IPv4's level (16 bytes, more than an IPv4 packet information) and at IPv6's (28
+    /// bytes, more than an IPv6 one), three stamps at the socket's level (48 bytes, more
+    /// than one stamp), and a GRO segment size at UDP's.
+    fn others() -> [(i32, i32, Vec<u8>); 4] {
+        [
+            (libc::IPPROTO_IP, libc::IP_ORIGDSTADDR, vec![0x22; 16]),
+            (libc::IPPROTO_IPV6, libc::IPV6_ORIGDSTADDR, vec![0x33; 28]),
+            (libc::SOL_SOCKET, libc::SCM_TIMESTAMPING, vec![0x44; 48]),
+            (libc::SOL_UDP, libc::UDP_GRO, vec![0x55, 0x05, 0, 0]),
+        ]
+    }
+
+    /// An IPv4 packet information for `spec_dst` (the address read) on interface `ifindex`.
+    fn ip_pktinfo(spec_dst: [u8; 4], ifindex: i32) -> (i32, i32, Vec<u8>) {
+        let info = libc::in_pktinfo {
+            ipi_ifindex: ifindex,
+            ipi_spec_dst: libc::in_addr {
+                s_addr: u32::from_ne_bytes(spec_dst),
+            },
+            ipi_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes([127, 0, 0, 9]),
+            },
+        };
+        (libc::IPPROTO_IP, libc::IP_PKTINFO, bytes_of(&info))
+    }
+
+    /// An IPv6 packet information for `ip` on interface `ifindex`.
+    fn ipv6_pktinfo(ip: Ipv6Addr, ifindex: u32) -> (i32, i32, Vec<u8>) {
+        let info = libc::in6_pktinfo {
+            ipi6_addr: libc::in6_addr {
+                s6_addr: ip.octets(),
+            },
+            ipi6_ifindex: ifindex,
+        };
+        (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, bytes_of(&info))
+    }
+
+    /// A stamp of `secs` seconds and `nanos` nanoseconds since the Unix epoch.
+    fn stamp(secs: i64, nanos: i64) -> (i32, i32, Vec<u8>) {
+        let stamp = libc::timespec {
+            tv_sec: secs,
+            tv_nsec: nanos,
+        };
+        (libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS, bytes_of(&stamp))
+    }
+
+    #[test]
+    fn the_arrival_time_is_read_from_its_own_message_among_others() {
+        let mut messages = vec![ipv6_pktinfo(Ipv6Addr::LOCALHOST, 1)];
+        messages.extend(others());
+        messages.push(stamp(1_700_000_000, 5));
+        let mut control = Vec::new();
+        let hdr = received_with(&mut control, &messages);
+        assert_eq!(timestamp(&hdr), Some(Duration::new(1_700_000_000, 5)));
+        // Without it: none, whatever else there is.
+        messages.pop();
+        let hdr = received_with(&mut control, &messages);
+        assert_eq!(timestamp(&hdr), None);
+    }
+
+    #[test]
+    fn the_arrival_address_is_read_from_its_own_message_among_others() {
+        let v6: Ipv6Addr = "2001:db8::2".parse().unwrap();
+        let (ip, ipv6) = (ip_pktinfo([127, 0, 0, 2], 3), ipv6_pktinfo(v6, 4));
+        let from_ip = Some(LocalAddr {
+            ip: IpAddr::from([127, 0, 0, 2]),
+            ifindex: 3,
+        });
+        let from_ipv6 = Some(LocalAddr {
+            ip: IpAddr::V6(v6),
+            ifindex: 4,
+        });
+        let [origdst4, origdst6, timestamping, gro] = others();
+        let mut control = Vec::new();
+        let mut destination_of =
+            |messages: &[(i32, i32, Vec<u8>)]| destination(&received_with(&mut control, messages));
+        // After others (a stamp among them, longer than IPv4's), and before IPv6's.
+        let ip_first = [
+            stamp(1, 2),
+            origdst4.clone(),
+            timestamping.clone(),
+            ip.clone(),
+            ipv6.clone(),
+        ];
+        assert_eq!(destination_of(&ip_first), from_ip);
+        // IPv4's is preferred after IPv6's too.
+        assert_eq!(
+            destination_of(&[ipv6.clone(), ip, origdst6.clone()]),
+            from_ip
+        );
+        // IPv6's alone, with others after it (read to the end, as IPv4's may follow).
+        let ipv6_first = [ipv6, origdst6.clone(), timestamping.clone(), gro.clone()];
+        assert_eq!(destination_of(&ipv6_first), from_ipv6);
+        let neither = [origdst4, origdst6, timestamping, gro, stamp(1, 2)];
+        assert_eq!(destination_of(&neither), None);
+    }
+
+    /// A control message goes only where it fits whole, at an 8-byte boundary.
+    #[test]
+    fn a_control_message_is_written_only_where_it_fits_aligned() {
+        let info = libc::in6_pktinfo {
+            ipi6_addr: libc::in6_addr { s6_addr: [0; 16] },
+            ipi6_ifindex: 0,
+        };
+        let mut control = [0u64; SEND_CONTROL_WORDS];
+        let (udp, ipv6) = (libc::SOL_UDP, libc::IPPROTO_IPV6);
+        let segment = put_control(&mut control, 0, udp, libc::UDP_SEGMENT, 100u16);
+        assert_eq!(segment, Some(24));
+        // A segment size then a source: the largest pair, which fills the space exactly.
+        let pktinfo = libc::IPV6_PKTINFO;
+        assert_eq!(put_control(&mut control, 24, ipv6, pktinfo, info), Some(64));
+        // 40 bytes from byte 32 would pass the end; nothing is written there.
+        let before = control;
+        assert_eq!(put_control(&mut control, 32, ipv6, pktinfo, info), None);
+        assert_eq!(
+            put_control(&mut control, 4, udp, libc::UDP_SEGMENT, 7u16),
+            None
+        );
+        assert_eq!(control, before);
+    }
+
+    /// `can_segment` says yes on a UDP socket exactly when the kernel splits a segmented
+    /// send, and no on a socket of another kind.
+    #[test]
+    fn can_segment_says_whether_the_kernel_splits_a_segmented_send() {
+        let (a, b) = sender_and_receiver();
+        let parts = [IoSlice::new(b"aaabbb")];
+        let datagrams = [Outgoing {
+            to: b.local_addr().unwrap(),
+            from: None,
+            runs: 0..1,
+            segment: 3,
+        }];
+        let sent = send(
+            a.as_raw_fd(),
+            &parts,
+            &datagrams,
+            &mut SendScratch::default(),
+        );
+        // An older kernel refuses the option, or ignores it and sends the bytes whole.
+        let split = sent.sent == 1 && receive(&b, 1)[0].1 == b"aaa";
+        assert_eq!(can_segment(a.as_raw_fd()), split);
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(!can_segment(tcp.as_raw_fd()));
+    }
+
+    /// A full send buffer drops the datagram it refused and all after it, in this call's
+    /// later batches too, and those after it that had failed on their own count as dropped
+    /// for lack of room, not twice. (A UDP socket's buffer does not fill on loopback, where
+    /// each datagram is handed over within its send: a TCP connection whose peer reads
+    /// nothing stands in, as `sendmmsg` reports its full buffer the same way and it ignores
+    /// the destinations.)
+    #[test]
+    fn a_full_send_buffer_drops_the_rest_and_counts_each_datagram_once() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let fd = listener.as_raw_fd();
+        // Accepted connections take the listener's small receive buffer: a small window.
+        crate::sockopt::set_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, 4096).unwrap();
+        let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_reads_nothing, _) = listener.accept().unwrap();
+        let fd = stream.as_raw_fd();
+        crate::sockopt::set_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, 4096).unwrap();
+        let payload = [0x61u8; 1000];
+        let parts = [IoSlice::new(&payload)];
+        // 0 and 1 fail on their own, before the buffer fills; so does 255, the last of the
+        // first system-call batch, after it; 256 on are in the second.
+        let datagrams: Vec<Outgoing> = (0..300)
+            .map(|i| Outgoing {
+                to: "127.0.0.1:9".parse().unwrap(),
+                from: None,
+                runs: if [0, 1, 255].contains(&i) { 1..2 } else { 0..1 },
+                segment: 0,
+            })
+            .collect();
+        let mut scratch = SendScratch::default();
+        let sent = send(fd, &parts, &datagrams, &mut scratch);
+        assert!(
+            sent.sent > 0 && sent.sent < 253,
+            "{} sent: the buffer did not fill within the first batch",
+            sent.sent
+        );
+        assert_eq!(sent.failed, 2);
+        assert_eq!(scratch.failed(), &[0, 1]);
+        assert_eq!(sent.would_block, 300 - 2 - sent.sent);
+        assert_eq!(sent.refused_segmented, None);
+        assert!(scratch.refused_sources().is_empty());
     }
 
     #[test]

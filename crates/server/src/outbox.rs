@@ -167,6 +167,21 @@ mod tests {
     }
 
     #[test]
+    fn an_outbox_is_empty_until_a_datagram_is_queued() {
+        let mut out = Outbox::default();
+        assert!(out.is_empty());
+        let payload = out.payload(|b| b.push(1));
+        assert!(out.is_empty(), "a payload alone is no datagram");
+        out.send_to_member(to(), LocalId::ANY, payload.clone(), 0, 0);
+        assert!(!out.is_empty());
+        out.clear();
+        assert!(out.is_empty());
+        let payload = out.payload(|b| b.push(1));
+        out.send(to(), LocalId::ANY, payload);
+        assert!(!out.is_empty());
+    }
+
+    #[test]
     fn a_payload_too_long_for_a_prefix_is_no_batch_entry() {
         let mut out = Outbox::default();
         let huge = out.payload(|b| b.resize(b.len() + 65_536, 0));

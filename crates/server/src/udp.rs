@@ -691,6 +691,38 @@ mod kernel_drop_tests {
         assert_eq!(drops.observe(4), u64::from(u32::MAX) + 5, "no new drops");
         assert_eq!(drops.total(), u64::from(u32::MAX) + 5);
     }
+
+    /// The count read is this socket's: datagrams that found its receive queue full, and
+    /// none for another socket.
+    #[test]
+    fn the_drops_read_are_those_of_this_socket() {
+        use super::kernel_drops;
+        use mio::net::UdpSocket;
+        use std::os::fd::AsRawFd;
+        let localhost = "127.0.0.1:0".parse().unwrap();
+        let (quiet, flooded) = (UdpSocket::bind(localhost), UdpSocket::bind(localhost));
+        let (quiet, flooded) = (quiet.unwrap(), flooded.unwrap());
+        // The smallest receive buffer the kernel allows: room for two or three of these.
+        let fd = flooded.as_raw_fd();
+        crate::sockopt::set_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, 1).unwrap();
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        const SENT: usize = 50;
+        for _ in 0..SENT {
+            // Loopback delivers within the send: queued or dropped by the time it returns.
+            sender
+                .send_to(&[0x5a; 1000], flooded.local_addr().unwrap())
+                .unwrap();
+        }
+        let mut buf = [0u8; 1024];
+        let mut received = 0;
+        while flooded.recv_from(&mut buf).is_ok() {
+            received += 1;
+        }
+        let dropped = SENT - received;
+        assert!(dropped >= 2, "only {dropped} of {SENT} dropped");
+        assert_eq!(kernel_drops(&flooded), u32::try_from(dropped).ok());
+        assert_eq!(kernel_drops(&quiet), Some(0));
+    }
 }
 
 #[cfg(test)]
@@ -1360,6 +1392,152 @@ mod tests {
         let received: Vec<String> = batches.iter().flat_map(|(_, b, _)| texts(b)).collect();
         let sent: Vec<String> = (0..count).map(|i| i.to_string()).collect();
         assert_eq!(received, sent);
+    }
+
+    #[test]
+    fn buffer_sizes_asked_for_are_granted_and_zero_leaves_them_as_they_are() {
+        let socket = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let fd = socket.as_raw_fd();
+        let read = |opt| sockopt::get_int(fd, libc::SOL_SOCKET, opt).unwrap() as usize;
+        let defaults = (read(libc::SO_RCVBUF), read(libc::SO_SNDBUF));
+        assert_eq!(size_buffers(&socket, 0, 0), defaults);
+        assert_eq!((read(libc::SO_RCVBUF), read(libc::SO_SNDBUF)), defaults);
+        // Linux grants twice what is asked (room for its bookkeeping), within
+        // net.core.rmem_max and wmem_max (212,992 bytes by default).
+        let granted = size_buffers(&socket, 40_000, 50_000);
+        assert_eq!(granted, (80_000, 100_000));
+        assert_eq!(granted, (read(libc::SO_RCVBUF), read(libc::SO_SNDBUF)));
+    }
+
+    #[test]
+    fn an_ipv6_socket_sends_to_ipv4_peers_at_their_ipv4_mapped_addresses() {
+        let mut out = Outbox::default();
+        let one = chat(&mut out, "one");
+        let v6: SocketAddr = "[2001:db8::1]:6".parse().unwrap();
+        out.send(addr(5), LocalId::ANY, one.clone());
+        out.send_to_member(v6, LocalId::ANY, one, 0, 0);
+        let mut sender = Sender::new(65507);
+        let destinations = |sender: &mut Sender| -> Vec<SocketAddr> {
+            planned(sender, &out)
+                .into_iter()
+                .map(|(to, ..)| to)
+                .collect()
+        };
+        assert_eq!(destinations(&mut sender), [addr(5), v6]);
+        sender.set_ipv6_socket(true);
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:5".parse().unwrap();
+        assert_eq!(destinations(&mut sender), [mapped, v6]);
+    }
+
+    #[test]
+    fn a_reloaded_cap_on_batches_applies_from_the_next_pass() {
+        let mut out = Outbox::default();
+        let msg = chat(&mut out, &"x".repeat(1500));
+        for _ in 0..5 {
+            out.send_to_member(addr(1), LocalId::ANY, msg.clone(), 7, 65507);
+        }
+        let mut sender = Sender::new(65507);
+        let counts = |sender: &mut Sender| -> Vec<usize> {
+            planned(sender, &out).into_iter().map(|(.., n)| n).collect()
+        };
+        assert_eq!(counts(&mut sender), [5]);
+        sender.set_max_batch(4096);
+        assert_eq!(counts(&mut sender), [2, 2, 1]);
+    }
+
+    /// Plans kept between passes stop at the first one past the pool's bytes (each counts
+    /// its own size and its runs'), and the rest are freed.
+    #[test]
+    fn the_pool_keeps_plans_up_to_its_bytes_and_frees_the_rest() {
+        // A third of the pool's bytes in runs: with the plans' own size, only two fit.
+        let runs = POOLED_BATCH_BYTES / 3 / RUN_SIZE;
+        assert!(3 * (mem::size_of::<Batch>() + runs * RUN_SIZE) > POOLED_BATCH_BYTES);
+        let mut pool: Vec<Batch> = (0..5).map(|_| Batch::default()).collect();
+        keep_pooled(&mut pool, |_| runs);
+        assert_eq!(pool.len(), 2);
+        // About a megabyte: 65 plans of 1,000 runs (16,000 bytes of runs apiece).
+        let mut pool: Vec<Segments> = (0..100).map(|_| Segments::default()).collect();
+        keep_pooled(&mut pool, |_| 1000);
+        assert_eq!(pool.len(), 65);
+        // Small plans are all kept.
+        let mut pool: Vec<Segments> = (0..100).map(|_| Segments::default()).collect();
+        keep_pooled(&mut pool, |_| 100);
+        assert_eq!(pool.len(), 100);
+    }
+
+    /// A batch of scattered entries, its header included, is gathered from no more runs than
+    /// the kernel takes for one datagram.
+    #[test]
+    fn a_batch_of_scattered_entries_is_gathered_from_as_many_runs_as_the_kernel_takes() {
+        let mut out = Outbox::default();
+        for i in 0..mmsg::MAX_PARTS + 10 {
+            let mine = chat(&mut out, &format!("{i}"));
+            let other = chat(&mut out, "-");
+            out.send_to_member(addr(1), LocalId::ANY, mine, 1, 65507);
+            out.send(addr(2), LocalId::ANY, other);
+        }
+        let mut sender = Sender::new(65507);
+        sender.plan(&out);
+        let _ = sender.gather(&out, &Locals::default(), 0);
+        let mut parts: Vec<usize> = sender
+            .datagrams
+            .iter()
+            .filter(|d| d.to == addr(1))
+            .map(|d| d.runs.len())
+            .collect();
+        parts.sort_unstable();
+        assert_eq!(
+            parts.last(),
+            Some(&mmsg::MAX_PARTS),
+            "the first batch is full"
+        );
+        assert_eq!(parts.len(), 2);
+    }
+
+    /// IP addresses kept from segmented sends: each is kept for its time and then dropped,
+    /// counted as new once only while kept; past the most remembered, those over are
+    /// dropped first, and only when none is, all are forgotten.
+    #[test]
+    fn destinations_kept_from_segmented_sends_expire_and_are_bounded() {
+        let ip = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+        let now = Instant::now();
+        let long_ago = now - UNSEGMENTED_FOR - Duration::from_secs(1);
+        let mut kept = Unsegmented::default();
+        assert_eq!(kept.now(), None, "nothing kept: the clock is not read");
+        assert!(kept.keep(ip(1), long_ago));
+        assert!(kept.keep(ip(2), now));
+        assert!(!kept.keep(ip(2), now), "kept already");
+        let at = kept.now();
+        assert!(!kept.keeps(&ip(1), at), "its time is up");
+        assert!(kept.keeps(&ip(2), at));
+        assert!(
+            !kept.keeps(&ip(2), Some(now + UNSEGMENTED_FOR)),
+            "over at its time"
+        );
+        assert!(!kept.keeps(&ip(3), at));
+        assert_eq!(kept.until.len(), 1, "the one over is dropped");
+        assert_eq!(kept.prune_at, Some(now + UNSEGMENTED_FOR));
+        assert!(kept.keep(ip(1), now), "new again once dropped");
+
+        // Full, with half of them over (just now): those go, the rest stay.
+        let mut kept = Unsegmented::default();
+        let half = MAX_UNSEGMENTED as u32 / 2;
+        for i in 0..half {
+            kept.keep(ip(i), now - UNSEGMENTED_FOR);
+            kept.keep(ip(half + i), now);
+        }
+        assert_eq!(kept.until.len(), MAX_UNSEGMENTED);
+        assert!(kept.keep(ip(u32::MAX >> 8), now));
+        assert_eq!(kept.until.len(), MAX_UNSEGMENTED / 2 + 1);
+        assert!(kept.until.contains_key(&ip(half)) && !kept.until.contains_key(&ip(0)));
+        // Full, with none over: all are forgotten but the new one.
+        for i in 0..half - 1 {
+            kept.keep(ip(2 * half + i), now);
+        }
+        assert_eq!(kept.until.len(), MAX_UNSEGMENTED);
+        assert!(kept.keep(ip(0), now));
+        assert_eq!(kept.until.len(), 1);
+        assert!(kept.keeps(&ip(0), Some(now)));
     }
 
     #[test]
