@@ -151,6 +151,11 @@ pub struct FanoutResult {
     /// late as they were when skipped. The generator's own share of the latency.
     #[serde(default)]
     pub sender_lateness_us: Option<Percentiles>,
+    /// How long each delivery's datagram waited in its member's socket before a receiver
+    /// read it, µs (kernel stamp → read; see [`crate::receivers::Received::read_lag_ns`]).
+    /// The receivers' own share of the latency; `None` without stamps.
+    #[serde(default)]
+    pub receiver_lag_us: Option<Percentiles>,
 }
 
 impl FanoutResult {
@@ -226,6 +231,12 @@ impl FanoutResult {
         if let Some(l) = &self.sender_lateness_us {
             println!(
                 "  senders' lateness µs (slot due → handed to the kernel): p50 {:.0} p90 {:.0} p99 {:.0} max {:.0}",
+                l.p50, l.p90, l.p99, l.max
+            );
+        }
+        if let Some(l) = &self.receiver_lag_us {
+            println!(
+                "  receivers' read lag µs (in the member's socket → read): p50 {:.0} p90 {:.0} p99 {:.0} max {:.0}",
                 l.p50, l.p90, l.p99, l.max
             );
         }
@@ -479,6 +490,10 @@ pub fn measure(
     let clock = Clock::new();
     let drops_before = kernel_drops(&sockets);
     let before = daemon.scrape()?;
+    let draining = Draining {
+        stamp_arrivals: matches!(pace, Pace::Rate(_)),
+        ..draining
+    };
     let receivers = Receivers::spawn(&sockets, draining, clock, clock.nanos())?;
     let prefixes: Vec<Vec<u8>> = (0..senders)
         .map(|s| room.prefix(s))
@@ -560,6 +575,8 @@ pub fn measure(
         stalls: Some(stalls),
         paced_skips,
         sender_lateness_us,
+        receiver_lag_us: (!got.read_lag_ns.is_empty())
+            .then(|| Percentiles::scaled(&got.read_lag_ns, 1e3)),
         daemon_delay: DaemonDelay::from_buckets(
             &after.histogram_delta(&before, "ocm_relay_delay_seconds"),
         ),

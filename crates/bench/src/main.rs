@@ -99,6 +99,8 @@ fn run(cli: Cli) -> Result<()> {
     let draining = Draining {
         threads: common.receivers,
         poll: Duration::from_micros(common.receiver_poll_us),
+        // Turned on by the paced fan-out runs, which report the read lag.
+        stamp_arrivals: false,
     };
     let json = common.json;
     match cli.mode {

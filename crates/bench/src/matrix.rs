@@ -339,6 +339,12 @@ fn senders_p99(f: &FanoutResult) -> String {
     f.sender_lateness_us.map_or("–".into(), |l| micros(l.p99))
 }
 
+/// The receivers' own p99 read lag (in the member's socket → read), or `–` for results
+/// recorded before it was measured.
+fn receivers_p99(f: &FanoutResult) -> String {
+    f.receiver_lag_us.map_or("–".into(), |l| micros(l.p99))
+}
+
 /// The stall meter's count and longest stall, or `–` for results recorded before it existed;
 /// marked when the meter lacked real-time priority (then it also counts waits for a core).
 fn stalls_cell(f: &FanoutResult) -> String {
@@ -352,14 +358,13 @@ fn stalls_cell(f: &FanoutResult) -> String {
 /// load a stall of T holds back about 2T of messages, so a stall of 10 ms or more in a run of a
 /// few seconds can set the p99 alone.
 fn tail_context(f: &FanoutResult) -> String {
-    let own = match f.sender_lateness_us {
-        Some(_) => format!(
-            "daemon's own p99 {}, senders' {}",
-            daemon_p99(f),
-            senders_p99(f)
-        ),
-        None => format!("daemon's own p99 {}", daemon_p99(f)),
-    };
+    let mut own = format!("daemon's own p99 {}", daemon_p99(f));
+    if f.sender_lateness_us.is_some() {
+        own += &format!(", senders' {}", senders_p99(f));
+    }
+    if f.receiver_lag_us.is_some() {
+        own += &format!(", receivers' {}", receivers_p99(f));
+    }
     match f.stalls {
         // A meter without real-time priority also counts its own wait for a core.
         Some(s) if !s.realtime => format!(
@@ -585,16 +590,16 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(w, "## Fan-out (S = 2 senders, B = 128-byte texts)\n");
     let _ = writeln!(
         w,
-        "`max`: senders flat out; `half`: paced at half the message rate `max` delivered. Deliveries/s counts messages received by members (a batch datagram carries several). The ceiling is one thread doing one plain `sendto` per {}-byte datagram to M loopback sockets, each message encoded once and sent to all M as a relay does, same receivers. Paced messages carry the time their schedule slot was due, so a late sender counts as latency, and a slot skipped after a stall counts as M − 1 deliveries as late as it was when skipped, and as lost in `loss %` (of every message due: skipped slots and sends the generator's socket refused count). `plain` members join with the original JSON-string payload; `batch` members with `{{\"caps\": [\"batch\"], \"max_datagram\": 65507}}`, as `ocm` joins a daemon on loopback. `daemon's p99` is the bucket of `ocm_relay_delay_seconds` (arrival on the daemon's socket → everything it caused handed to the kernel) that holds the 99th percentile: the daemon's own share of the latency. `senders' p99`: how late paced messages left the generator's senders (slot due → `sendmmsg` returned), the generator's own share. `stolen ms`: CPU time the hypervisor took from the machine's vCPUs during the run (`/proc/stat`). `stalls`: times a `SCHED_FIFO` thread sleeping 1 ms at a time woke at least 1 ms late during the sending (only what stops a whole vCPU delays it: the hypervisor, or kernel work that cannot be preempted), and the longest.\n",
+        "`max`: senders flat out; `half`: paced at half the message rate `max` delivered. Deliveries/s counts messages received by members (a batch datagram carries several). The ceiling is one thread doing one plain `sendto` per {}-byte datagram to M loopback sockets, each message encoded once and sent to all M as a relay does, same receivers. Paced messages carry the time their schedule slot was due, so a late sender counts as latency, and a slot skipped after a stall counts as M − 1 deliveries as late as it was when skipped, and as lost in `loss %` (of every message due: skipped slots and sends the generator's socket refused count). `plain` members join with the original JSON-string payload; `batch` members with `{{\"caps\": [\"batch\"], \"max_datagram\": 65507}}`, as `ocm` joins a daemon on loopback. `daemon's p99` is the bucket of `ocm_relay_delay_seconds` (arrival on the daemon's socket → everything it caused handed to the kernel) that holds the 99th percentile: the daemon's own share of the latency. `senders' p99`: how late paced messages left the generator's senders (slot due → `sendmmsg` returned), the generator's own share on the way in. `receivers' p99`: how long deliveries waited in the members' sockets before the receiver read them (the kernel's `SO_TIMESTAMPNS` stamp, taken as the daemon's send hands the datagram to loopback → read), its share on the way out. The three shares' p99s do not add up to the end-to-end p99 (each is its own distribution), but a share near the end-to-end p99 is where the tail was spent. `stolen ms`: CPU time the hypervisor took from the machine's vCPUs during the run (`/proc/stat`). `stalls`: times a `SCHED_FIFO` thread sleeping 1 ms at a time woke at least 1 ms late during the sending (only what stops a whole vCPU delays it: the hypervisor, or kernel work that cannot be preempted), and the longest.\n",
         r.rows.first().map_or(0, |x| x.ceiling.datagram_bytes)
     );
     let _ = writeln!(
         w,
-        "| M | ceiling dgram/s | caps | pace | offered msg/s | deliveries/s | % of ceiling | loss % | p50 | p99 | max | daemon's p99 | senders' p99 | daemon rcvbuf drops | send errors | client drops | ocmd CPU % | bench CPU % | stolen ms | stalls ≥ 1 ms (longest) |"
+        "| M | ceiling dgram/s | caps | pace | offered msg/s | deliveries/s | % of ceiling | loss % | p50 | p99 | max | daemon's p99 | senders' p99 | receivers' p99 | daemon rcvbuf drops | send errors | client drops | ocmd CPU % | bench CPU % | stolen ms | stalls ≥ 1 ms (longest) |"
     );
     let _ = writeln!(
         w,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for row in &r.rows {
         for (caps, pace, f) in [
@@ -605,7 +610,7 @@ pub fn markdown(r: &Results) -> String {
         ] {
             let _ = writeln!(
                 w,
-                "| {} | {} | {} | {} | {} | {} | {:.1} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {:.1} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {} |",
                 row.members,
                 si(row.ceiling.received_per_sec),
                 caps,
@@ -619,6 +624,7 @@ pub fn markdown(r: &Results) -> String {
                 micros(f.latency_us.max),
                 daemon_p99(f),
                 senders_p99(f),
+                receivers_p99(f),
                 f.loss.daemon_rcvbuf_drops,
                 f.loss.daemon_send_errors_total,
                 f.loss.client_rcvbuf_drops,
@@ -636,8 +642,8 @@ pub fn markdown(r: &Results) -> String {
         "## Sweep: highest rate with loss < 0.1% (M = 64, S = 2, B = 128)\n"
     );
     let _ = writeln!(w, "A flat-out probe bounds the rate; paced 2 s steps then go up by half while they pass and bisect once one fails. A step passes when loss < 0.1% (of every message the senders were due to send: a schedule slot a held-up sender skipped, or a send the generator's socket refused, is lost deliveries too), the senders kept the pace, and deliveries kept up with the offered deliveries (≥ 97%, so no backlog grew in the daemon's socket buffer). `batch4k`: batch members that announce no `max_datagram`, so their batches stop at 4096 bytes (the default). The plain sweep's ceiling is the mean of two measurements just before and just after it (with the sweep's idle daemon running), since the machine's speed drifts within minutes; the batch rows' % of ceiling uses the M = 64 row's ceiling.\n");
-    let _ = writeln!(w, "| caps | sustained msg/s | deliveries/s | % of ceiling | p50 at half | p99 at half | max at half | daemon's p99 at half | senders' p99 at half | stolen ms at half | stalls ≥ 1 ms at half (longest) | steps (msg/s → loss %, p99) |");
-    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(w, "| caps | sustained msg/s | deliveries/s | % of ceiling | p50 at half | p99 at half | max at half | daemon's p99 at half | senders' p99 at half | receivers' p99 at half | stolen ms at half | stalls ≥ 1 ms at half (longest) | steps (msg/s → loss %, p99) |");
+    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for s in &r.sweeps {
         let d = s.sustained.as_ref().map_or(0.0, |x| x.deliveries_per_sec);
         let steps: Vec<String> = s
@@ -658,7 +664,7 @@ pub fn markdown(r: &Results) -> String {
         });
         let _ = writeln!(
             w,
-            "| {} | {:.0} | {} | {:.1} | {} | {} | {} | {} | {} | {:.0} | {} | {} |",
+            "| {} | {:.0} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} |",
             s.max.caps,
             s.sustained_rate,
             si(d),
@@ -668,6 +674,7 @@ pub fn markdown(r: &Results) -> String {
             micros(max),
             s.half.as_ref().map_or("–".into(), daemon_p99),
             s.half.as_ref().map_or("–".into(), senders_p99),
+            s.half.as_ref().map_or("–".into(), receivers_p99),
             s.half.as_ref().map_or(0.0, |h| h.steal_ms),
             s.half.as_ref().map_or("–".into(), stalls_cell),
             steps.join("; ")

@@ -47,6 +47,11 @@ pub struct Draining {
     pub threads: usize,
     /// How long a thread polls after its last datagram before it sleeps; zero sleeps at once.
     pub poll: Duration,
+    /// Whether the sockets have the kernel stamp each datagram's arrival, for the read lag
+    /// ([`Received::read_lag_ns`]). Paced fan-out runs only: the stamp and its control
+    /// message cost the receiver about 2.6% of the datagrams it reads per second (the
+    /// ceiling, four alternating pairs), which would lower the ceiling and the flat-out rates.
+    pub stamp_arrivals: bool,
 }
 
 /// The process-wide time origin, so that send times stay comparable across measurements.
@@ -176,6 +181,13 @@ pub struct Received {
     pub stale: u64,
     /// Latency of each delivery, nanoseconds.
     pub latency_ns: Histogram<u64>,
+    /// How long each delivery's datagram waited in its member's socket, nanoseconds: from
+    /// the kernel's receive stamp (`SO_TIMESTAMPNS`, taken as the daemon's send hands it to
+    /// loopback) until the receiver read it. The receivers' own share of the latency; empty
+    /// when the sockets give no stamps. (The kernel stamps arrivals only once some socket on
+    /// the host has asked for stamps for a moment; before that a datagram is stamped as it is
+    /// read. In a fan-out, `ocmd` asks for them at its start.)
+    pub read_lag_ns: Histogram<u64>,
     /// When the last delivery arrived, nanoseconds on the run's clock.
     pub last_at_ns: u64,
     /// `epoll_wait` calls made without sleeping, inside a polling window.
@@ -194,6 +206,7 @@ impl Received {
             stale: 0,
             polls: 0,
             latency_ns: histogram(),
+            read_lag_ns: histogram(),
             last_at_ns: 0,
         }
     }
@@ -205,6 +218,7 @@ impl Received {
         self.stale += other.stale;
         self.polls += other.polls;
         let _ = self.latency_ns.add(&other.latency_ns);
+        let _ = self.read_lag_ns.add(&other.read_lag_ns);
         self.last_at_ns = self.last_at_ns.max(other.last_at_ns);
     }
 
@@ -264,6 +278,11 @@ impl Receivers {
         let progress = Arc::new(AtomicU64::new(0));
         let threads = draining.threads.clamp(1, sockets.len().max(1));
         let poll_ns = u64::try_from(draining.poll.as_nanos()).unwrap_or(u64::MAX);
+        for socket in sockets.iter().filter(|_| draining.stamp_arrivals) {
+            // Before any thread reads, so that every datagram from now on is stamped as it
+            // lands. Without stamps the read lag just goes unmeasured.
+            let _ = stamp_arrivals(socket);
+        }
         let mut handles = Vec::with_capacity(threads);
         for t in 0..threads {
             let mine: Vec<Arc<UdpSocket>> = sockets
@@ -327,10 +346,16 @@ impl Receivers {
     }
 }
 
-/// `recvmmsg` scratch: buffers, iovecs and headers for [`RECV_BATCH`] datagrams.
+/// Room for one datagram's control messages: one `SCM_TIMESTAMPNS` (a 16-byte header and a
+/// 16-byte `timespec`) with room to spare, in words so that the headers are aligned.
+type Control = [u64; 8];
+
+/// `recvmmsg` scratch: buffers, iovecs, control buffers and headers for [`RECV_BATCH`]
+/// datagrams.
 struct Batch {
     bufs: Vec<u8>,
     iovecs: Vec<libc::iovec>,
+    controls: Vec<Control>,
     headers: Vec<libc::mmsghdr>,
 }
 
@@ -351,6 +376,7 @@ impl Batch {
         let mut batch = Batch {
             bufs,
             iovecs,
+            controls: vec![[0; 8]; RECV_BATCH],
             headers,
         };
         for (h, iov) in batch.headers.iter_mut().zip(batch.iovecs.iter_mut()) {
@@ -362,11 +388,15 @@ impl Batch {
 
     /// Reads up to [`RECV_BATCH`] datagrams without blocking; 0 when none is waiting.
     fn recv(&mut self, fd: RawFd) -> usize {
-        for h in &mut self.headers {
+        for (h, control) in self.headers.iter_mut().zip(self.controls.iter_mut()) {
             h.msg_len = 0;
+            // The kernel shrinks msg_controllen to what it wrote: give the whole room back.
+            h.msg_hdr.msg_control = control.as_mut_ptr().cast();
+            h.msg_hdr.msg_controllen = std::mem::size_of::<Control>() as _;
         }
-        // SAFETY: headers point at iovecs that point into `bufs`, all owned by self and alive
-        // for the call; the count matches the headers' length.
+        // SAFETY: headers point at iovecs that point into `bufs`, and at control buffers in
+        // `controls`, all owned by self and alive for the call; the count matches the headers'
+        // length.
         let n = unsafe {
             libc::recvmmsg(
                 fd,
@@ -384,6 +414,38 @@ impl Batch {
         let start = i * DATAGRAM_BUF_LEN;
         &self.bufs[start..start + len]
     }
+
+    /// When datagram `i` of the last [`Batch::recv`] landed in its socket, nanoseconds since
+    /// the Unix epoch: its `SCM_TIMESTAMPNS`, if the socket stamps datagrams.
+    fn arrived_ns(&self, i: usize) -> Option<u64> {
+        let hdr = &self.headers.get(i)?.msg_hdr;
+        // SAFETY: after a successful recvmmsg, msg_control/msg_controllen describe the
+        // control messages the kernel wrote into this header's buffer (owned by self), and
+        // the CMSG_* macros stay within msg_controllen.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(hdr);
+            while !cmsg.is_null() {
+                let c = &*cmsg;
+                if c.cmsg_level == libc::SOL_SOCKET && c.cmsg_type == libc::SCM_TIMESTAMPNS {
+                    let ts =
+                        std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::timespec>());
+                    let secs = u64::try_from(ts.tv_sec).ok()?;
+                    let nanos = u64::try_from(ts.tv_nsec).ok()?;
+                    return secs.checked_mul(1_000_000_000)?.checked_add(nanos);
+                }
+                cmsg = libc::CMSG_NXTHDR(hdr, cmsg);
+            }
+        }
+        None
+    }
+}
+
+/// The wall clock (`CLOCK_REALTIME`, as the kernel stamps datagrams), nanoseconds since the
+/// Unix epoch; 0 if it reads before it.
+fn wall_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 fn receive_loop(
@@ -417,11 +479,19 @@ fn receive_loop(
                     break;
                 }
                 let now = clock.nanos();
+                let wall = wall_ns();
                 // The polling window runs from the last datagram, not from the wake-up.
                 last_ready_ns = now;
                 let before = seen.deliveries;
                 for i in 0..got {
+                    let earlier = seen.deliveries;
                     seen.handle(batch.datagram(i), now);
+                    // Weighted by its deliveries, as the latency is.
+                    let carried = seen.deliveries - earlier;
+                    if let (Some(arrived), true) = (batch.arrived_ns(i), carried > 0) {
+                        let lag = wall.saturating_sub(arrived).max(1);
+                        let _ = seen.read_lag_ns.record_n(lag, carried);
+                    }
                 }
                 progress.fetch_add(seen.deliveries - before, Ordering::Relaxed);
                 if got < RECV_BATCH {
@@ -460,6 +530,27 @@ pub fn kernel_drops(sockets: &[Arc<UdpSocket>]) -> u64 {
             fields.last()?.parse::<u64>().ok()
         })
         .sum()
+}
+
+/// Has the kernel stamp each datagram `socket` receives with the time it arrived
+/// (`SO_TIMESTAMPNS`), read by [`Batch::arrived_ns`].
+fn stamp_arrivals(socket: &UdpSocket) -> std::io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt on a live descriptor with a pointer to a c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            std::ptr::addr_of!(on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Asks for a receive buffer of `bytes`: `SO_RCVBUFFORCE` (root may pass `rmem_max`), else
@@ -581,7 +672,11 @@ mod tests {
             let targets: Vec<_> = sockets.iter().map(|s| s.local_addr().unwrap()).collect();
             let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
             let clock = Clock::new();
-            let draining = Draining { threads: 2, poll };
+            let draining = Draining {
+                threads: 2,
+                poll,
+                stamp_arrivals: true,
+            };
             let receivers = Receivers::spawn(&sockets, draining, clock, clock.nanos()).unwrap();
             // Two bursts with a pause between, so a receiver that sleeps goes to sleep.
             send_messages(&sender, &targets, 200);
@@ -597,6 +692,7 @@ mod tests {
                 .unwrap();
             assert_eq!((got.deliveries, got.undecodable), (500, 0), "poll {poll:?}");
             assert_eq!(got.latency_ns.len(), 500);
+            assert_eq!(got.read_lag_ns.len(), 500, "a read lag per delivery");
             // Only a receiver with a window polls; one of 60 s polls after every datagram.
             // (20 µs is not asserted: a preempted thread may find its window gone.)
             if poll.is_zero() {
@@ -606,6 +702,73 @@ mod tests {
             }
             // A thread still inside its polling window sees the stop flag too.
             assert!(started.elapsed() < Duration::from_secs(5), "poll {poll:?}");
+        }
+    }
+
+    /// The read lag is measured from the kernel's stamp of the datagram's arrival, on the
+    /// same clock as [`wall_ns`]: a datagram left unread for 30 ms shows at least that.
+    #[test]
+    fn arrival_stamps_measure_how_long_a_datagram_waited_unread() {
+        let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut batch = Batch::new();
+        sender
+            .send_to(b"unstamped", receiver.local_addr().unwrap())
+            .unwrap();
+        assert_eq!(wait_for(&mut batch, &receiver), 1);
+        assert_eq!(batch.arrived_ns(0), None, "no stamp asked for");
+
+        stamp_arrivals(&receiver).unwrap();
+        // The kernel turns arrival stamps on for the whole host a moment after the first
+        // socket asks (deferred work); until then a datagram is stamped as it is read. In a
+        // fan-out run `ocmd`'s socket has them on from its start.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (sent, waited) = send_and_read_after(&sender, &receiver, &mut batch, 30);
+            let arrived = batch.arrived_ns(0).expect("stamped");
+            if arrived < waited - 20_000_000 || Instant::now() > deadline {
+                assert!(
+                    sent <= arrived && arrived <= waited,
+                    "{sent} ≤ {arrived} ≤ {waited}"
+                );
+                assert!(
+                    waited - arrived >= 30_000_000,
+                    "waited {} ns",
+                    waited - arrived
+                );
+                assert_eq!(batch.datagram(0), b"stamped");
+                break;
+            }
+        }
+    }
+
+    /// Sends a datagram to `receiver`, leaves it there for `ms` and reads it into `batch`:
+    /// the wall clock just before the send and just after the read.
+    fn send_and_read_after(
+        sender: &UdpSocket,
+        receiver: &UdpSocket,
+        batch: &mut Batch,
+        ms: u64,
+    ) -> (u64, u64) {
+        let sent = wall_ns();
+        sender
+            .send_to(b"stamped", receiver.local_addr().unwrap())
+            .unwrap();
+        // The wait being measured, not a wait for something to happen.
+        thread::sleep(Duration::from_millis(ms));
+        assert_eq!(wait_for(batch, receiver), 1);
+        (sent, wall_ns())
+    }
+
+    /// Reads what is waiting on `socket` into `batch`, polling until something is.
+    fn wait_for(batch: &mut Batch, socket: &UdpSocket) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = batch.recv(socket.as_raw_fd());
+            if got > 0 || Instant::now() > deadline {
+                return got;
+            }
+            thread::yield_now();
         }
     }
 
