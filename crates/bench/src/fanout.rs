@@ -186,6 +186,18 @@ impl FanoutResult {
         100.0 * owed.saturating_sub(self.received) as f64 / owed as f64
     }
 
+    /// The share of the schedule's slots that held-up senders skipped, %: the part of
+    /// [`FanoutResult::schedule_loss_pct`] that the generator, not the daemon, failed to send.
+    /// A step that fails on it alone says the senders were held up (by the daemon taking the
+    /// cores, or by anything else on them), not that the daemon dropped anything.
+    pub fn skipped_pct(&self) -> f64 {
+        let due = self.offered + self.paced_skips + self.client_send_errors;
+        if due == 0 {
+            return 0.0;
+        }
+        100.0 * self.paced_skips as f64 / due as f64
+    }
+
     /// deliveries/s as a percentage of the ceiling.
     pub fn of_ceiling_pct(&self) -> Option<f64> {
         self.ceiling_per_sec
@@ -619,9 +631,10 @@ impl SweepResult {
         for s in &self.steps {
             if let Pace::Rate(r) = s.pace {
                 println!(
-                    "  step {:>9.0} msg/s: loss {:.3}% of the schedule, deliveries/s {} p99 {:.0} µs",
+                    "  step {:>9.0} msg/s: loss {:.3}% of the schedule ({:.3}% skipped by the senders), deliveries/s {} p99 {:.0} µs",
                     r,
                     s.schedule_loss_pct(),
+                    s.skipped_pct(),
                     si(s.deliveries_per_sec),
                     s.latency_us.p99
                 );
@@ -792,12 +805,15 @@ mod tests {
             (schedule - 100.0 * 1_181.0 / due).abs() < 1e-9,
             "{schedule}"
         );
+        // All of it skipped slots: the daemon relayed every message it was sent.
+        assert!((step.skipped_pct() - schedule).abs() < 1e-9);
         assert!(!step.sustainable(rate, 0.1));
         assert!(step.sustainable(rate, 0.3), "passes the other tests");
         let mut refused = step.clone();
         refused.paced_skips = 0;
         refused.client_send_errors = refused.offered / 25;
         assert!(!refused.sustainable(rate, 0.1));
+        assert_eq!(refused.skipped_pct(), 0.0, "refused, not skipped");
         let mut clean = refused;
         clean.client_send_errors = 0;
         assert_eq!(clean.schedule_loss_pct(), 0.0);

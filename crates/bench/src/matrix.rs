@@ -345,6 +345,14 @@ fn receivers_p99(f: &FanoutResult) -> String {
     f.receiver_lag_us.map_or("–".into(), |l| micros(l.p99))
 }
 
+/// For a sweep step: how much of its schedule the held-up senders skipped, when any.
+fn skipped_note(f: &FanoutResult) -> String {
+    match f.skipped_pct() {
+        s if s > 0.0 => format!(" ({s:.2}% skipped)"),
+        _ => String::new(),
+    }
+}
+
 /// The stall meter's count and longest stall, or `–` for results recorded before it existed;
 /// marked when the meter lacked real-time priority (then it also counts waits for a core).
 fn stalls_cell(f: &FanoutResult) -> String {
@@ -641,7 +649,7 @@ pub fn markdown(r: &Results) -> String {
         w,
         "## Sweep: highest rate with loss < 0.1% (M = 64, S = 2, B = 128)\n"
     );
-    let _ = writeln!(w, "A flat-out probe bounds the rate; paced 2 s steps then go up by half while they pass and bisect once one fails. A step passes when loss < 0.1% (of every message the senders were due to send: a schedule slot a held-up sender skipped, or a send the generator's socket refused, is lost deliveries too), the senders kept the pace, and deliveries kept up with the offered deliveries (≥ 97%, so no backlog grew in the daemon's socket buffer). `batch4k`: batch members that announce no `max_datagram`, so their batches stop at 4096 bytes (the default). The plain sweep's ceiling is the mean of two measurements just before and just after it (with the sweep's idle daemon running), since the machine's speed drifts within minutes; the batch rows' % of ceiling uses the M = 64 row's ceiling.\n");
+    let _ = writeln!(w, "A flat-out probe bounds the rate; paced 2 s steps then go up by half while they pass and bisect once one fails. A step passes when loss < 0.1% (of every message the senders were due to send: a schedule slot a held-up sender skipped, or a send the generator's socket refused, is lost deliveries too; the part skipped is shown beside a step's loss), the senders kept the pace, and deliveries kept up with the offered deliveries (≥ 97%, so no backlog grew in the daemon's socket buffer). `batch4k`: batch members that announce no `max_datagram`, so their batches stop at 4096 bytes (the default). The plain sweep's ceiling is the mean of two measurements just before and just after it (with the sweep's idle daemon running), since the machine's speed drifts within minutes; the batch rows' % of ceiling uses the M = 64 row's ceiling.\n");
     let _ = writeln!(w, "| caps | sustained msg/s | deliveries/s | % of ceiling | p50 at half | p99 at half | max at half | daemon's p99 at half | senders' p99 at half | receivers' p99 at half | stolen ms at half | stalls ≥ 1 ms at half (longest) | steps (msg/s → loss %, p99) |");
     let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for s in &r.sweeps {
@@ -651,9 +659,10 @@ pub fn markdown(r: &Results) -> String {
             .iter()
             .filter_map(|x| match x.pace {
                 Pace::Rate(rate) => Some(format!(
-                    "{} → {:.2}%, {}",
+                    "{} → {:.2}%{}, {}",
                     si(rate),
                     x.schedule_loss_pct(),
+                    skipped_note(x),
                     micros(x.latency_us.p99)
                 )),
                 Pace::Max => None,
