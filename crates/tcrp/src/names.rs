@@ -71,8 +71,10 @@ impl fmt::Display for NameRule {
 /// right-to-left marks, word joiner and invisible operators, the deprecated format
 /// characters, byte-order mark, the reserved specials, shorthand format controls, musical
 /// symbol format controls, the unassigned ignorables of plane 14), the line and paragraph
-/// separators and the braille blank. The joiners, the variation selectors and the tag
-/// characters are left to [`is_modifier`]: emoji and several scripts need them.
+/// separators, the braille blank and the interlinear annotation controls (U+FFF9–U+FFFB,
+/// which show as nothing and may hide the text between them). The joiners, the variation
+/// selectors and the tag characters are left to [`is_modifier`]: emoji and several scripts
+/// need them.
 pub fn is_invisible(c: char) -> bool {
     matches!(
         c,
@@ -91,7 +93,7 @@ pub fn is_invisible(c: char) -> bool {
             | '\u{3164}'
             | '\u{feff}'
             | '\u{ffa0}'
-            | '\u{fff0}'..='\u{fff8}'
+            | '\u{fff0}'..='\u{fffb}'
             | '\u{1bca0}'..='\u{1bca3}'
             | '\u{1d173}'..='\u{1d17a}'
             | '\u{e0000}'..='\u{e001f}'
@@ -384,13 +386,16 @@ mod tests {
         ('\u{e0000}', '\u{e0fff}'),
     ];
     /// Not default-ignorable, but blank wherever they stand (the module docs): the line and
-    /// paragraph separators and the braille blank.
-    const BLANKS: [char; 3] = ['\u{2028}', '\u{2029}', '\u{2800}'];
+    /// paragraph separators, the braille blank and the interlinear annotation anchor,
+    /// separator and terminator.
+    const BLANKS: [char; 6] = [
+        '\u{2028}', '\u{2029}', '\u{2800}', '\u{fff9}', '\u{fffa}', '\u{fffb}',
+    ];
 
     /// The three tables together hold exactly the documented set: every default-ignorable
-    /// code point, the line and paragraph separators and the braille blank, and nothing
-    /// else. A range cut short, dropped or stretched by one lets a name pass for another
-    /// (`al\u{1d173}ice` beside `alice`) or refuses a visible one.
+    /// code point, the line and paragraph separators, the braille blank and the interlinear
+    /// annotation controls, and nothing else. A range cut short, dropped or stretched by one
+    /// lets a name pass for another (`al\u{1d173}ice` beside `alice`) or refuses a visible one.
     #[test]
     fn the_hidden_tables_are_the_default_ignorables_and_the_blanks() {
         let documented = |c: char| {
