@@ -1621,4 +1621,137 @@ mod tests {
         );
         assert_eq!(r.result, Err(ErrorCode::InvalidRoomName));
     }
+
+    #[test]
+    fn a_password_that_cannot_be_hashed_refuses_the_create_and_opens_no_room() {
+        let mut reg = Registry::new(Limits::default(), Box::new(StdRng::seed_from_u64(9)));
+        let mut limiter = KeyedLimiter::new(8);
+        let mut failures = KeyedLimiter::new(8);
+        let mut out = Outbox::default();
+        let create = request(
+            Operation::CreateRoom,
+            b"vault",
+            br#"{"username": "h", "password": "pw"}"#,
+        );
+        let (frame, _) = tcrp::decode(&create, 4096).unwrap().unwrap();
+        let mut ctx = context(&mut reg, &mut limiter, &mut failures, &mut out, (0.0, 0.0));
+        let failed = Outcome::Hashed(Err("out of memory".into()));
+        let r = match handle_frame(&frame, &mut ctx, Some(&failed)) {
+            Step::Reply(r) => r,
+            Step::Password(_) => panic!("hashed again"),
+        };
+        assert!(!r.needs_durability);
+        let (code, message) = refusal(&r).expect("refused");
+        assert_eq!(code, Some(ErrorCode::MalformedRequest));
+        let message = message.unwrap();
+        assert!(
+            message.contains("cannot hash the password: out of memory"),
+            "{message}"
+        );
+        assert!(!reg.room_exists("vault"), "opened without its password");
+    }
+
+    #[test]
+    fn only_the_leading_items_that_fit_are_kept_up_to_the_last_byte() {
+        // Each of these takes three bytes: two digits and a comma.
+        let items = [10u8, 20, 30];
+        assert_eq!(fitting(items, 1, 10), (vec![10, 20, 30], false));
+        // 1 + 3 + 3 = 7: the second fills the bound exactly and is kept.
+        assert_eq!(fitting(items, 1, 7), (vec![10, 20], true));
+        assert_eq!(fitting(items, 1, 6), (vec![10], true));
+        assert_eq!(fitting(items, 5, 7), (vec![], true));
+        assert_eq!(fitting(Vec::<u8>::new(), 7, 7), (vec![], false));
+    }
+
+    /// A history message from bob with `text`, numbered `seq`.
+    fn message(seq: u64, text: &str) -> payload::HistoryMessage {
+        payload::HistoryMessage {
+            seq,
+            sender: "bob".into(),
+            text: text.into(),
+            at: 1.5,
+            truncated: false,
+        }
+    }
+
+    /// The page `history_reply` makes of `messages`, checked to fit in one reply.
+    fn history_page_of(messages: Vec<payload::HistoryMessage>, more: bool) -> payload::HistoryPage {
+        let raw = history_reply(messages, more);
+        assert!(raw.len() <= MAX_REPLY_BYTES, "{} bytes", raw.len());
+        payload::parse_json(&raw).unwrap()
+    }
+
+    #[test]
+    fn a_history_page_too_large_for_one_reply_keeps_its_newest_messages_and_says_more() {
+        // Five messages of 4000 bytes: three fit in 15 KiB, the two oldest are left out.
+        let texts: Vec<String> = (0..5)
+            .map(|i| format!("m{i}-{}", "x".repeat(3997)))
+            .collect();
+        let all: Vec<_> = (0..5).map(|i| message(i, &texts[i as usize])).collect();
+        let page = history_page_of(all.clone(), false);
+        assert!(page.more, "the left-out messages are older ones");
+        assert_eq!(page.messages, all[2..]);
+        // A page that fits comes whole, and says `more` only when the registry did.
+        for more in [false, true] {
+            let page = history_page_of(all[..3].to_vec(), more);
+            assert_eq!(page.messages, all[..3]);
+            assert_eq!(page.more, more);
+        }
+    }
+
+    /// Bytes a page of one message takes besides the message's JSON, as the cut counts them:
+    /// the frame `{"messages":[],"more":true}` (27) and a comma each for it and the message.
+    const ONE_MESSAGE_PAGE: usize = 29;
+
+    /// The longest prefix of `text` (whole characters) whose message, marked truncated, fits
+    /// alone in a reply.
+    fn longest_fitting_prefix(seq: u64, text: &str) -> String {
+        let fits = |end: usize| {
+            let mut m = message(seq, &text[..end]);
+            m.truncated = true;
+            serde_json::to_vec(&m).unwrap().len() + ONE_MESSAGE_PAGE <= MAX_REPLY_BYTES
+        };
+        // Shorter prefixes are shorter JSON: the prefixes that fit lead the boundaries.
+        let ends: Vec<usize> = (0..=text.len())
+            .filter(|&end| text.is_char_boundary(end))
+            .collect();
+        let fitting_prefixes = ends.partition_point(|&end| fits(end));
+        text[..ends[fitting_prefixes - 1]].to_owned()
+    }
+
+    #[test]
+    fn a_newest_message_too_large_alone_is_cut_to_the_longest_text_that_fits_and_marked() {
+        for (what, text) in [
+            ("ASCII", "a".repeat(20_000)),
+            ("control characters", "\u{1}".repeat(4000)),
+            ("two-byte characters", "\u{e9}".repeat(9000)),
+            ("mixed", "\u{1}\u{e9}z\u{1F600}".repeat(3000)),
+        ] {
+            let older = message(6, "older");
+            let page = history_page_of(vec![older, message(7, &text)], false);
+            assert!(page.more, "{what}: the older message is left out");
+            assert_eq!(page.messages.len(), 1, "{what}");
+            let m = &page.messages[0];
+            assert_eq!(m.seq, 7, "{what}");
+            assert!(m.truncated, "{what}");
+            assert!(!m.text.is_empty(), "{what}");
+            assert_eq!(m.text, longest_fitting_prefix(7, &text), "{what}");
+        }
+    }
+
+    #[test]
+    fn a_message_that_fills_the_reply_to_its_last_byte_comes_whole() {
+        let json_len = |text: &str| serde_json::to_vec(&message(1, text)).unwrap().len();
+        let text = "y".repeat(MAX_REPLY_BYTES - ONE_MESSAGE_PAGE - json_len(""));
+        assert_eq!(json_len(&text) + ONE_MESSAGE_PAGE, MAX_REPLY_BYTES);
+        let page = history_page_of(vec![message(1, &text)], false);
+        assert_eq!(page.messages, vec![message(1, &text)]);
+        assert!(!page.more);
+        // One byte more and it no longer fits whole: cut to what fits with its mark.
+        let longer = format!("{text}y");
+        let page = history_page_of(vec![message(1, &longer)], false);
+        assert!(page.messages[0].truncated);
+        assert_eq!(page.messages[0].text, longest_fitting_prefix(1, &longer));
+        assert!(page.messages[0].text.len() < text.len());
+    }
 }

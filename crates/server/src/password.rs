@@ -152,6 +152,7 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, Instant};
 
     #[test]
     fn hash_then_verify() {
@@ -214,5 +215,47 @@ mod tests {
             let why = affordable(&PasswordHash::new(&over).unwrap()).unwrap_err();
             assert!(why.contains(past), "{why}");
         }
+    }
+
+    #[test]
+    fn the_worker_hands_back_each_outcome_with_its_ticket_and_wakes_the_loop() {
+        let mut poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
+        let worker = Worker::start(waker).unwrap();
+        // Hashes that do not parse: checked (and refused) without running argon2.
+        worker.submit(
+            7,
+            Job::Verify {
+                password: "pw".into(),
+                hash: "not a hash".into(),
+            },
+        );
+        worker.submit(
+            9,
+            Job::Verify {
+                password: "pw".into(),
+                hash: "nor this".into(),
+            },
+        );
+        let mut events = mio::Events::with_capacity(8);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut outcomes = Vec::new();
+        while outcomes.len() < 2 {
+            assert!(Instant::now() < deadline, "timed out with {outcomes:?}");
+            poll.poll(&mut events, Some(Duration::from_secs(1)))
+                .unwrap();
+            // Outcomes are only looked for once the worker has woken the loop.
+            if !events.is_empty() {
+                outcomes.extend(worker.poll());
+            }
+        }
+        let verified = |hash: &str| Outcome::Verified {
+            matched: false,
+            hash: hash.into(),
+        };
+        assert_eq!(
+            outcomes,
+            vec![(7, verified("not a hash")), (9, verified("nor this"))]
+        );
     }
 }

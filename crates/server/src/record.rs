@@ -177,4 +177,74 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn a_member_record_leaves_out_what_the_member_did_not_ask_for() {
+        let mut member = MemberRecord {
+            token: "ab".into(),
+            username: "bob".into(),
+            keepalive: None,
+            caps: 0,
+            max_datagram: None,
+            joined_from: None,
+        };
+        let join = |member: &MemberRecord| Record::Join {
+            room: "r".into(),
+            member: member.clone(),
+        };
+        let line = serde_json::to_string(&join(&member)).unwrap();
+        assert_eq!(
+            line,
+            r#"{"op":"join","room":"r","member":{"token":"ab","username":"bob"}}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Record>(&line).unwrap(),
+            join(&member)
+        );
+        member.keepalive = Some(30);
+        member.caps = 1;
+        member.max_datagram = Some(1200);
+        member.joined_from = Some([127, 0, 0, 1].into());
+        let line = serde_json::to_string(&join(&member)).unwrap();
+        assert_eq!(
+            line,
+            r#"{"op":"join","room":"r","member":{"token":"ab","username":"bob","keepalive":30,"caps":1,"max_datagram":1200,"joined_from":"127.0.0.1"}}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Record>(&line).unwrap(),
+            join(&member)
+        );
+    }
+
+    #[test]
+    fn a_create_record_says_listed_only_of_an_unlisted_room() {
+        let create = |listed: bool| Record::CreateRoom {
+            room: "r".into(),
+            host: MemberRecord {
+                token: "ab".into(),
+                username: "h".into(),
+                keepalive: None,
+                caps: 0,
+                max_datagram: None,
+                joined_from: None,
+            },
+            created_at: 1.5,
+            listed,
+            password_hash: None,
+        };
+        let host = r#""host":{"token":"ab","username":"h"},"created_at":1.5"#;
+        for (listed, line) in [
+            (true, format!(r#"{{"op":"create_room","room":"r",{host}}}"#)),
+            (
+                false,
+                format!(r#"{{"op":"create_room","room":"r",{host},"listed":false}}"#),
+            ),
+        ] {
+            assert_eq!(serde_json::to_string(&create(listed)).unwrap(), line);
+            assert_eq!(
+                serde_json::from_str::<Record>(&line).unwrap(),
+                create(listed)
+            );
+        }
+    }
 }
