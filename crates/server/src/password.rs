@@ -9,7 +9,8 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::thread;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::phc::PasswordHash;
+use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use argon2::Argon2;
 use log::error;
 
@@ -44,13 +45,17 @@ pub enum Outcome {
     },
 }
 
-/// Hashes `password` with a fresh random salt.
+/// Hashes `password` with a fresh random 16-byte salt.
 pub fn hash(password: &str) -> Result<String, String> {
     let mut salt = [0u8; 16];
     getrandom::getrandom(&mut salt).map_err(|e| e.to_string())?;
-    let salt = SaltString::encode_b64(&salt).map_err(|e| e.to_string())?;
+    hash_with_salt(password, &salt)
+}
+
+/// Hashes `password` with `salt`, in PHC form with argon2's defaults.
+fn hash_with_salt(password: &str, salt: &[u8]) -> Result<String, String> {
     Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
+        .hash_password_with_salt(password.as_bytes(), salt)
         .map(|h| h.to_string())
         .map_err(|e| e.to_string())
 }
@@ -87,7 +92,7 @@ pub fn verify(password: &str, hash: &str) -> bool {
 
 /// Whether a check against `hash` stays within [`MAX_M_COST_KIB`], [`MAX_T_COST`] and
 /// [`MAX_P_COST`]; if not, what it asks for.
-fn affordable(hash: &PasswordHash<'_>) -> Result<(), String> {
+fn affordable(hash: &PasswordHash) -> Result<(), String> {
     let p = argon2::Params::try_from(hash).map_err(|e| format!("has unusable parameters ({e})"))?;
     if p.m_cost() <= MAX_M_COST_KIB && p.t_cost() <= MAX_T_COST && p.p_cost() <= MAX_P_COST {
         return Ok(());
@@ -165,6 +170,24 @@ mod tests {
         assert_ne!(hash("s3cret").unwrap(), h, "salted");
     }
 
+    /// A hash stored by an `ocmd` built with argon2 0.5 (every release before 2026-12-04),
+    /// made of this password and salt: it still verifies, and the same password and salt
+    /// hash to the very same string, so state files carry over the upgrade both ways.
+    const STORED_BY_ARGON2_0_5: &str =
+        "$argon2id$v=19$m=19456,t=2,p=1$BwECAwQFBgcICQoLDA0ODw$Kf6vR7gfPvgjjpJbVtTUwFM5S7GH+zmBw3vMGdAlJYM";
+    const SALT_OF_THE_STORED_HASH: [u8; 16] =
+        [7, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
+
+    #[test]
+    fn a_hash_stored_by_the_argon2_0_5_build_verifies_and_is_made_the_same_way() {
+        assert!(verify("open sesame", STORED_BY_ARGON2_0_5));
+        assert!(!verify("open sesame!", STORED_BY_ARGON2_0_5));
+        assert_eq!(
+            hash_with_salt("open sesame", &SALT_OF_THE_STORED_HASH).unwrap(),
+            STORED_BY_ARGON2_0_5
+        );
+    }
+
     #[test]
     fn a_stored_hash_asking_for_too_much_is_refused_without_running_it() {
         let h = hash("s3cret").unwrap();
@@ -188,7 +211,7 @@ mod tests {
             argon2::Version::V0x13,
             argon2::Params::new(8 * 1024, 1, 1, None).unwrap(),
         )
-        .hash_password(b"s3cret", &SaltString::encode_b64(&[7; 16]).unwrap())
+        .hash_password_with_salt(b"s3cret", &[7; 16])
         .unwrap()
         .to_string();
         assert!(verify("s3cret", &cheaper));
