@@ -690,6 +690,21 @@ pub mod tests {
         assert_eq!(external.0.lock().unwrap().len(), 2);
     }
 
+    /// An editor printer let go (its screen dropped, or another printer set) closes its
+    /// queue: the lines the editor has not taken are dropped, and nothing more is queued.
+    #[test]
+    fn an_editor_printer_let_go_closes_its_queue() {
+        let (feed, _readline) = crate::feed::tests::one_slot_feed();
+        let mut printer = EditorPrinter::new(feed.clone());
+        // Nobody reads: the editor's slot and the line being handed over hold two at most.
+        for seq in 1..=3 {
+            printer.print_out(&format!("bob: {seq}")).unwrap();
+        }
+        drop(printer);
+        feed.push("bob: late".into());
+        assert_eq!(feed.close(), Vec::<String>::new());
+    }
+
     /// When the room closes, the editor takes what was queued before it, and the closing
     /// lines follow; lines the editor did not take come back before them.
     #[test]
@@ -758,6 +773,104 @@ pub mod tests {
             .last()
             .unwrap()
             .contains("room lobby was closed"));
+    }
+
+    /// A closure kept apart from a full join hold waits, when a held datagram closes the
+    /// room first, until that closure is settled; what followed the held one is kept
+    /// meanwhile, and shows if it was forged, before the closure kept apart.
+    #[test]
+    fn a_closure_kept_apart_at_join_waits_behind_a_held_one() {
+        let rec = Recorder::default();
+        let mut screen = Screen::new("lobby", Box::new(rec.clone()), true);
+        let before = MAX_HELD_DATAGRAMS as u64 - 2;
+        for seq in 1..=before {
+            assert_eq!(
+                screen.handle_datagram(&sequenced(seq, "x")).unwrap(),
+                Flow::Continue
+            );
+        }
+        // The last two places of the hold, then a closure kept apart from the full hold.
+        for datagram in [
+            delivery::ROOM_CLOSED.to_vec(),
+            sequenced(before + 1, "after"),
+            delivery::ROOM_CLOSED.to_vec(),
+        ] {
+            assert_eq!(screen.handle_datagram(&datagram).unwrap(), Flow::Continue);
+        }
+        assert_eq!(screen.release(None).unwrap(), Flow::RoomClosed);
+        let shown = rec.lines().len();
+        assert_eq!(shown, MAX_HELD_DATAGRAMS - 1);
+        assert_eq!(screen.reopen(Some("* forged")).unwrap(), Flow::RoomClosed);
+        assert_eq!(
+            rec.lines()[shown..],
+            [
+                "err: * forged",
+                "out: bob: after",
+                "out: * room lobby was closed"
+            ]
+        );
+    }
+
+    /// Reopening meets a held datagram that closes the room again: what came after it is
+    /// held for the next verdict, and what came before it is not shown twice.
+    #[test]
+    fn a_closure_met_again_on_reopening_holds_what_followed_it() {
+        let rec = Recorder::default();
+        let mut screen = Screen::new("lobby", Box::new(rec.clone()), false);
+        screen.defer_closing_lines();
+        let closed = delivery::ROOM_CLOSED;
+        assert_eq!(screen.handle_datagram(closed).unwrap(), Flow::RoomClosed);
+        // A closure in a batch is held in its turn; a bare one is kept apart.
+        let mut batch = Vec::new();
+        delivery::begin_batch(&mut batch);
+        delivery::push_batch_entry(closed, &mut batch).unwrap();
+        for datagram in [
+            sequenced(1, "one"),
+            batch,
+            closed.to_vec(),
+            sequenced(2, "two"),
+        ] {
+            assert_eq!(screen.handle_datagram(&datagram).unwrap(), Flow::Continue);
+        }
+        assert_eq!(screen.reopen(None).unwrap(), Flow::RoomClosed);
+        assert_eq!(rec.lines(), ["out: bob: one"]);
+        assert_eq!(screen.reopen(Some("* forged")).unwrap(), Flow::Continue);
+        assert_eq!(
+            rec.lines(),
+            ["out: bob: one", "err: * forged", "out: bob: two"]
+        );
+    }
+
+    /// With `--original`, the screen reads a datagram beginning with a 0 byte as the chat of
+    /// a member with an empty name, not as the notice that we were removed.
+    #[test]
+    fn an_original_screen_shows_a_leading_zero_as_chat() {
+        let rec = Recorder::default();
+        let mut screen = Screen::new("lobby", Box::new(rec.clone()), false);
+        screen.original_frames_only();
+        let removed = [0x00, 0x03, 0x03, 0x00];
+        assert_eq!(screen.handle_datagram(&removed).unwrap(), Flow::Continue);
+        assert_eq!(rec.lines(), ["out: \"\": \\u{3}\\u{3}\\u{0}"]);
+    }
+
+    /// The editor's queue is handed out, for the main loop to drain when the room closes;
+    /// plain printing has none.
+    #[test]
+    fn the_screen_hands_out_the_editors_queue() {
+        let mut screen = Screen::new("lobby", Box::new(PlainPrinter), false);
+        assert!(screen.feed().is_none());
+        let external = FakeExternal::default();
+        let feed = Feed::start(external.clone()).unwrap();
+        screen.set_editor_printer(Box::new(EditorPrinter::new(feed)));
+        let given = screen.feed().expect("the editor's queue");
+        given.push("bob: hi".into());
+        given.wait_below(0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while external.0.lock().unwrap().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "line not handed over");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(*external.0.lock().unwrap(), ["bob: hi\n"]);
     }
 
     #[test]

@@ -691,6 +691,10 @@ fn ocm_stuck_on_its_output_and_its_errors_still_leaves_and_exits_on_a_signal() {
     alice.lines_until("* bob left");
 }
 
+/// How long `ocm` gives its main loop to end the chat after a termination signal before the
+/// signal thread ends it (`SIGNAL_GRACE` in crates/client/src/chat/mod.rs).
+const OCM_SIGNAL_GRACE: Duration = Duration::from_secs(3);
+
 /// Sends SIGTERM to `child` and waits for it to exit; kills it and fails if it has not
 /// within PATIENCE (`ocm`'s grace is 3 s; the rest is room for a loaded machine).
 fn terminate(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
@@ -753,9 +757,13 @@ fn ocm_stuck_on_its_errors_after_a_signal_ended_its_chat_still_exits() {
     alice.lines_until("bob: still here");
     drain(&mut said);
     fill(&mut errors);
+    let signalled = Instant::now();
     let status = terminate(&mut bob, "ocm stuck on its errors after its chat ended");
     // A chat that ends on a signal exits 0 when nothing holds it.
     assert_eq!(status.code(), Some(1), "{status}");
+    // Not before the grace, which the main thread had to finish on its own.
+    let took = signalled.elapsed();
+    assert!(took >= OCM_SIGNAL_GRACE, "exited after {took:?}");
     alice.lines_until("* bob left");
 }
 
@@ -783,6 +791,44 @@ fn ocm_with_a_closed_stderr_still_chats_and_leaves() {
     let status = wait_for_exit(&mut bob, "ocm at the end of its input");
     assert!(status.success(), "{status:?}");
     alice.lines_until("* bob left");
+}
+
+/// An output that fails for another reason than its reader going away (a full disk, here
+/// `/dev/full`) ends the chat as a failure: `ocm` leaves the room, says why and exits 1,
+/// unlike a closed pipe, which ends it as the user leaving.
+#[test]
+fn ocm_whose_output_fails_leaves_and_exits_with_the_error() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "full", "--name", "alice"]);
+    alice.wait_stderr("* created full as alice");
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("open /dev/full");
+    let mut bob = ocm_with_outputs(
+        &d,
+        &["join", "full", "--name", "bob"],
+        &[],
+        full,
+        Stdio::piped(),
+    );
+    alice.lines_until("* bob joined");
+    // Bob's ocm cannot print it.
+    alice.type_line("hello");
+    alice.lines_until("* bob left");
+    let status = wait_for_exit(&mut bob, "ocm whose output failed");
+    let mut said = String::new();
+    use std::io::Read;
+    bob.stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut said)
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{status}: {said}");
+    assert!(
+        said.contains("writing to standard output: No space left on device"),
+        "{said}"
+    );
 }
 
 #[test]
@@ -1646,6 +1692,89 @@ fn ocm_in_a_terminal_answers_commands_while_a_flood_pours_in() {
     let sent = flood.join().unwrap();
     assert!(status.success(), "ocm: {status}");
     assert!(sent > 1, "{sent} messages sent");
+}
+
+/// The room closes while the line editor holds the terminal in raw mode, waiting for a
+/// line: `ocm` exits with the terminal's mode put back (canonical input and echo), not
+/// leaving the shell a raw terminal.
+#[test]
+fn ocm_in_a_terminal_gives_it_back_cooked_when_the_room_closes() {
+    let d = Daemon::start();
+    let host = Member::joined(&d, "brief", &create(&d, "brief", "host"));
+    let pty = Pty::open();
+    assert_eq!(pty.mode(), COOKED, "a new terminal is cooked");
+    let mut ocm = pty.ocm(&d, &["join", "brief", "--name", "alice"]);
+    wait_until("the line editor reads", || pty.mode() == 0);
+    host.send("__LEAVE__");
+    let status = wait_for_exit(&mut ocm.0, "ocm after the room closed");
+    assert_eq!(status.code(), Some(OCM_ROOM_ENDED), "{status}");
+    assert_eq!(pty.mode(), COOKED, "the terminal was left raw");
+}
+
+/// In a terminal, the up arrow brings back the last line typed, to be sent again.
+#[test]
+fn ocm_in_a_terminal_recalls_the_last_line_with_the_up_arrow() {
+    let d = Daemon::start();
+    let host = Member::joined(&d, "again", &create(&d, "again", "host"));
+    let pty = Pty::open();
+    let mut ocm = pty.ocm(&d, &["join", "again", "--name", "alice"]);
+    wait_until("the line editor reads", || pty.mode() == 0);
+    let mut keys = pty.controller.try_clone().unwrap();
+    let said = |text: &str| loop {
+        if host.recv().ends_with(text) {
+            return;
+        }
+    };
+    keys.write_all(b"hello\r").unwrap();
+    said("alice: hello");
+    wait_until("the line editor reads again", || pty.mode() == 0);
+    keys.write_all(b"\x1b[A\r").unwrap();
+    said("alice: hello");
+    keys.write_all(b"/quit\r").unwrap();
+    let status = wait_for_exit(&mut ocm.0, "ocm on /quit");
+    assert!(status.success(), "{status}");
+}
+
+/// The local-mode flags of a terminal in canonical mode with echo, as a new one is.
+const COOKED: libc::tcflag_t = libc::ICANON | libc::ECHO;
+
+impl Pty {
+    /// Which of the [`COOKED`] flags the terminal has on: none while a line editor holds it
+    /// raw.
+    fn mode(&self) -> libc::tcflag_t {
+        use std::os::fd::AsRawFd;
+        let mut termios = std::mem::MaybeUninit::<libc::termios>::uninit();
+        // SAFETY: tcgetattr fills the termios of a terminal descriptor we hold.
+        let rc = unsafe { libc::tcgetattr(self.terminal.as_raw_fd(), termios.as_mut_ptr()) };
+        assert_eq!(rc, 0, "tcgetattr: {}", std::io::Error::last_os_error());
+        // SAFETY: filled by the successful call above.
+        unsafe { termios.assume_init() }.c_lflag & COOKED
+    }
+
+    /// Starts `ocm` against `d` with `args` in this terminal, its output read and dropped.
+    fn ocm(&self, d: &Daemon, args: &[&str]) -> KillOnDrop {
+        use std::io::Read;
+        let ocm = Command::new(sibling_binary("ocm"))
+            .args(["--server", "127.0.0.1", "--tcp-port"])
+            .arg(d.tcp.port().to_string())
+            .arg("--udp-port")
+            .arg(d.udp.port().to_string())
+            .args(args)
+            .stdin(self.stdio())
+            .stdout(self.stdio())
+            .stderr(self.stdio())
+            .env_remove("RUST_LOG")
+            .spawn()
+            .map(KillOnDrop)
+            .expect("spawn ocm");
+        let mut controller = self.controller.try_clone().unwrap();
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // Ends with EIO once the terminal's last holder is gone.
+            while let Ok(1..) = controller.read(&mut buf) {}
+        });
+        ocm
+    }
 }
 
 /// The local port of the UDP socket process `pid` holds (its only one), from

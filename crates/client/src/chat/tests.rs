@@ -227,6 +227,75 @@ fn end_of_input_ends_the_chat() {
     assert_eq!(sent, ["a", "b"]);
 }
 
+/// Standard input whose reads give out these results in turn, then its end.
+struct ScriptedInput(std::collections::VecDeque<io::Result<&'static [u8]>>);
+
+impl Read for ScriptedInput {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let Some(next) = self.0.pop_front() else {
+            return Ok(0);
+        };
+        let bytes = next?;
+        out[..bytes.len()].copy_from_slice(bytes);
+        Ok(bytes.len())
+    }
+}
+
+/// A read of standard input that fails ends the input with the error: what follows it is
+/// not read, let alone sent.
+#[test]
+fn a_failed_read_of_standard_input_ends_the_input_with_the_error() {
+    let (screen, rec) = screen(false);
+    let dead = DeadTcp::new();
+    let (mut commands, inbox) = commands(dead.addr, &screen);
+    let mut input = io::BufReader::new(ScriptedInput(
+        [
+            Ok(&b"before\n"[..]),
+            Err(io::Error::other("device gone")),
+            Ok(&b"after\n"[..]),
+        ]
+        .into(),
+    ));
+    let end = read_lines(&mut commands, &mut input);
+    assert!(
+        matches!(
+            &end,
+            Some(Event::Failed(ClientError::Io {
+                context: "reading standard input",
+                source,
+            })) if source.to_string() == "device gone"
+        ),
+        "{end:?}"
+    );
+    assert_eq!(sent_texts(&inbox), ["before"]);
+    assert!(rec.lines().is_empty(), "{:?}", rec.lines());
+}
+
+/// On `ocm join` the input thread shows the recent history before it reads a line; when
+/// the server says then that we are not in the room, it tells the main loop and ends
+/// without reading any input.
+#[test]
+fn the_input_thread_reads_nothing_when_the_join_finds_us_gone() {
+    let (tcp, asked) = fake_daemon(vec![Err((tcrp::ErrorCode::RoomNotFound, "no room"))]);
+    let (screen, rec) = screen(true);
+    let (commands, inbox) = commands(tcp, &screen);
+    spawn_input(commands, true, None);
+    let patience = Duration::from_secs(10);
+    let first = inbox.recv_timeout(patience);
+    assert!(
+        matches!(&first, Ok(Event::Gone(line)) if line.contains("no longer in room lobby")),
+        "{first:?}"
+    );
+    // The thread has ended, and its end of the channel with it: no Eof from a read input.
+    let second = inbox.recv_timeout(patience);
+    assert!(
+        matches!(second, Err(RecvTimeoutError::Disconnected)),
+        "{second:?}"
+    );
+    assert_eq!(asked.lock().unwrap()[0].0, Operation::History);
+    assert!(rec.lines().is_empty(), "{:?}", rec.lines());
+}
+
 #[test]
 fn lines_become_datagrams() {
     let (session, server) = pair("lobby", "00ff");
@@ -512,6 +581,58 @@ fn a_failed_print_ends_the_session_with_a_leave_and_an_error_unless_the_reader_i
         let bytes = recv(&server);
         assert_eq!(ucrp::parse(&bytes).unwrap().message, ucrp::Message::Leave);
     }
+}
+
+/// A screen whose closing lines are kept, and which a notice has just closed.
+fn closed_screen() -> (Arc<Mutex<Screen>>, Recorder) {
+    let (screen, rec) = screen(false);
+    lock(&screen).defer_closing_lines();
+    assert_eq!(
+        lock(&screen).handle_datagram(ucrp::ROOM_CLOSED).unwrap(),
+        Flow::RoomClosed
+    );
+    (screen, rec)
+}
+
+/// A believed closure ends the session: the kept closing line is taken for printing (on
+/// standard output, past the screen's printer), and a `__LEAVE__` goes first only when the
+/// server did not confirm it: a room that is gone does not hold us.
+#[test]
+fn a_believed_closure_prints_its_kept_line_and_leaves_unless_confirmed() {
+    for confirmed in [true, false] {
+        let (session, server) = pair("lobby", "ab");
+        let (screen, rec) = closed_screen();
+        let ended = end_on(Settled::Closed { confirmed }, &session, &screen, &mut None);
+        assert!(matches!(ended, Some(Ok(Ending::RoomEnded))), "{ended:?}");
+        assert_eq!(
+            lock(&screen).take_closing(),
+            Vec::<String>::new(),
+            "the closing line was left unprinted ({confirmed})"
+        );
+        assert!(rec.lines().is_empty(), "{:?}", rec.lines());
+        assert!(!session.register().unwrap(), "the session has ended");
+        // UDP on loopback keeps the order: a __LEAVE__, if any, comes before this.
+        session.send("marker").unwrap().unwrap();
+        let bytes = recv(&server);
+        let first = ucrp::parse(&bytes).unwrap().message;
+        let expected = if confirmed {
+            ucrp::Message::Chat("marker")
+        } else {
+            ucrp::Message::Leave
+        };
+        assert_eq!(first, expected, "confirmed: {confirmed}");
+    }
+}
+
+/// The server says we are no longer in the room: the session ends as at a confirmed
+/// closure, the kept lines taken for printing like the reason after them.
+#[test]
+fn a_session_the_server_no_longer_holds_ends_as_a_confirmed_closure() {
+    let (screen, rec) = closed_screen();
+    finish_gone(&screen, None, "* you are no longer in room lobby");
+    assert_eq!(lock(&screen).take_closing(), Vec::<String>::new());
+    // Printing went back to plain standard output and error first.
+    assert!(rec.lines().is_empty(), "{:?}", rec.lines());
 }
 
 #[test]
@@ -844,6 +965,28 @@ fn a_server_without_history_is_passed_over_in_silence() {
     assert_eq!(rec.lines(), ["out: bob: hi"]);
 }
 
+/// The server says at join that we are no longer a member: the session ends with that
+/// line, and the held screen shows nothing of the room (not even "live").
+#[test]
+fn a_join_whose_history_finds_us_gone_ends_the_session() {
+    let (tcp, _) = fake_daemon(vec![Err((tcrp::ErrorCode::NotMember, "members only"))]);
+    let (screen, rec) = screen(true);
+    assert_eq!(
+        lock(&screen).handle_datagram(&sequenced(1, "hi")).unwrap(),
+        Flow::Continue
+    );
+    let (mut commands, inbox) = commands(tcp, &screen);
+    assert!(!commands.show_recent_history(), "input goes on");
+    match inbox.try_recv() {
+        Ok(Event::Gone(line)) => assert_eq!(
+            line,
+            "* you are no longer in room lobby: the server no longer counts you as a member (not_member)"
+        ),
+        other => panic!("expected the end of the session, got {other:?}"),
+    }
+    assert!(rec.lines().is_empty(), "{:?}", rec.lines());
+}
+
 /// With `--original`, `/who` and `/history` are answered on the spot and nothing is asked
 /// over TCP: the original server has no such request and would hold the input up to the
 /// handshake timeout before failing.
@@ -953,4 +1096,29 @@ fn a_stuck_main_loop_is_left_for_after_the_grace() {
     let (other, _server) = pair("lobby", "cd34");
     let grace = Duration::from_secs(10);
     assert!(!after_signal(2, (&signalled, &events), &other, grace));
+}
+
+/// Past its burst, a message waits for the pace to let it go.
+#[test]
+fn a_message_past_the_burst_waits_for_the_pace() {
+    let start = Instant::now();
+    let mut pacer = Pacer::new(20.0, 1.0, start);
+    pace(&mut pacer);
+    pace(&mut pacer);
+    let waited = start.elapsed();
+    // One message's share of a second, less the slack the pacer allows for rounding.
+    assert!(waited >= Duration::from_millis(49), "{waited:?}");
+    assert!(
+        pacer.take(Instant::now()).is_err(),
+        "the second token was taken"
+    );
+}
+
+/// The signal thread's last word, written within the wait, says so.
+#[test]
+fn a_last_word_written_in_time_says_so() {
+    assert!(say_within(
+        "the chat did not end within 3s of signal 15: left the room".into(),
+        Duration::from_secs(10)
+    ));
 }
