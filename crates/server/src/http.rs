@@ -80,6 +80,17 @@ mod tests {
     }
 
     #[test]
+    fn a_request_that_is_not_http_1_is_a_bad_request() {
+        for head in [
+            &b"GET /metrics HTTP/2.0\r\n\r\n"[..],
+            b"GET /metrics SPDY/3\r\n\r\n",
+            b"GET /metrics\r\n\r\n",
+        ] {
+            assert_eq!(parse(head), Some((Route::BadRequest, false)), "{head:?}");
+        }
+    }
+
+    #[test]
     fn response_has_length() {
         let r = response("200 OK", "text/plain", "ok\n", false);
         assert!(String::from_utf8(r)

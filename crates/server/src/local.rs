@@ -367,6 +367,18 @@ mod tests {
     }
 
     #[test]
+    fn a_table_is_empty_until_an_address_is_numbered() {
+        let mut locals = Locals::default();
+        assert!(locals.is_empty());
+        locals.id(v4([255, 255, 255, 255]));
+        assert!(locals.is_empty(), "a broadcast address is not numbered");
+        let id = locals.id(v4([192, 0, 2, 1]));
+        assert!(!locals.is_empty());
+        locals.retire(id);
+        assert!(!locals.is_empty(), "a retired address stays numbered");
+    }
+
+    #[test]
     fn numbering_stops_at_the_cap() {
         let mut locals = Locals::default();
         for i in 0..MAX_LOCALS {

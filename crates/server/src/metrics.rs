@@ -430,6 +430,43 @@ mod tests {
         assert!(text.contains("ocm_relay_delay_seconds_bucket{le=\"+Inf\"} 0\n"));
     }
 
+    #[test]
+    fn journal_writes_add_up_their_count_records_and_time_and_keep_the_longest() {
+        let mut m = Metrics::new();
+        m.state_write(4, Duration::from_millis(500));
+        m.state_write(6, Duration::from_millis(250));
+        assert_eq!((m.state_writes, m.state_write_records), (2, 10));
+        assert_eq!(m.state_write_seconds, 0.75);
+        assert_eq!(m.state_write_max_seconds, 0.5);
+        let text = m.render(Stats::default());
+        assert!(text.contains("ocm_state_writes_total 2\n"), "{text}");
+        assert!(
+            text.contains("ocm_state_write_seconds_total 0.75\n"),
+            "{text}"
+        );
+        assert!(text.contains("ocm_state_write_max_seconds 0.5\n"), "{text}");
+    }
+
+    #[test]
+    fn each_operation_is_labelled_as_the_docs_name_it() {
+        let doc = include_str!("../../../docs/OPERATIONS.md");
+        let row = doc
+            .lines()
+            .find(|l| l.starts_with("| `ocm_handshakes_total`"))
+            .expect("OPERATIONS.md lists ocm_handshakes_total");
+        for (op, label) in [
+            (Operation::CreateRoom, "create_room"),
+            (Operation::JoinRoom, "join_room"),
+            (Operation::ListRooms, "list_rooms"),
+            (Operation::Presence, "presence"),
+            (Operation::History, "history"),
+            (Operation::Other(0x2a), "other"),
+        ] {
+            assert_eq!(operation_label(op), label, "{op:?}");
+            assert!(row.contains(&format!("`{label}`")), "{label}: {row}");
+        }
+    }
+
     /// docs/OPERATIONS.md's paragraph on which labelled series show before anything happened.
     fn documented_start() -> &'static str {
         let doc = include_str!("../../../docs/OPERATIONS.md");

@@ -198,9 +198,19 @@ impl Notifier {
 
 /// Half the watchdog interval systemd asks for (`WATCHDOG_USEC`), if it asks and it is us.
 pub fn watchdog_interval() -> Option<Duration> {
-    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
-    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
-        if pid.parse::<u32>().ok()? != std::process::id() {
+    watchdog_interval_of(
+        std::env::var("WATCHDOG_USEC").ok().as_deref(),
+        std::env::var("WATCHDOG_PID").ok().as_deref(),
+        std::process::id(),
+    )
+}
+
+/// [`watchdog_interval`] from the values of `WATCHDOG_USEC` and `WATCHDOG_PID` (unset: any
+/// process, as systemd means it) and our own pid.
+fn watchdog_interval_of(usec: Option<&str>, pid: Option<&str>, own_pid: u32) -> Option<Duration> {
+    let usec: u64 = usec?.parse().ok()?;
+    if let Some(pid) = pid {
+        if pid.parse::<u32>().ok()? != own_pid {
             return None;
         }
     }
@@ -321,5 +331,57 @@ mod tests {
         notifier.send("READY=1");
         assert_eq!(notifier.retry_at(), None);
         assert!(notifier.warned);
+    }
+
+    /// Outside systemd nothing is sent, held or waited for, and the loop is told so.
+    #[test]
+    fn a_notifier_without_a_socket_is_off_and_holds_nothing() {
+        let mut off = Notifier::off();
+        assert!(!off.enabled());
+        off.send("READY=1");
+        off.send_periodic("STATUS=fine");
+        assert_eq!(off.retry_at(), None);
+        assert!(off.held.is_empty());
+        let manager = Manager::bind();
+        assert!(manager.notifier().enabled());
+    }
+
+    /// Only a lifecycle notification with none held before it waits for room in a full queue
+    /// (up to [`LIFECYCLE_WAIT`]); one behind it, a retry and a periodic one return at once,
+    /// so that a busy manager never stalls the loop for more than one wait.
+    #[test]
+    fn only_a_lifecycle_notification_with_none_held_waits_for_room() {
+        let manager = Manager::bind();
+        let mut notifier = manager.notifier();
+        manager.fill();
+        // Well apart from both: the wait is timed by the kernel (SO_SNDTIMEO).
+        let waited = |took: Duration| took >= LIFECYCLE_WAIT / 2;
+        let started = Instant::now();
+        notifier.send_periodic("STATUS=busy");
+        assert!(!waited(started.elapsed()), "{:?}", started.elapsed());
+        let started = Instant::now();
+        notifier.send("READY=1");
+        assert!(waited(started.elapsed()), "{:?}", started.elapsed());
+        let started = Instant::now();
+        notifier.send("STOPPING=1");
+        assert!(!waited(started.elapsed()), "{:?}", started.elapsed());
+        let started = Instant::now();
+        notifier.retry(notifier.retry_at().expect("held"));
+        assert!(!waited(started.elapsed()), "{:?}", started.elapsed());
+        assert_eq!(notifier.held, ["READY=1", "STOPPING=1"]);
+    }
+
+    /// systemd asks for a ping every `WATCHDOG_USEC`; we ping twice as often, and only if the
+    /// request is ours (`WATCHDOG_PID` unset, or our pid).
+    #[test]
+    fn the_watchdog_pings_at_half_the_interval_asked_and_only_when_asked_of_us() {
+        let every = Some(Duration::from_millis(100));
+        assert_eq!(watchdog_interval_of(Some("200000"), None, 7), every);
+        assert_eq!(watchdog_interval_of(Some("200000"), Some("7"), 7), every);
+        assert_eq!(watchdog_interval_of(Some("200000"), Some("8"), 7), None);
+        assert_eq!(watchdog_interval_of(Some("200000"), Some("me"), 7), None);
+        assert_eq!(watchdog_interval_of(Some("0"), None, 7), None);
+        assert_eq!(watchdog_interval_of(Some("soon"), None, 7), None);
+        assert_eq!(watchdog_interval_of(None, Some("7"), 7), None);
     }
 }

@@ -84,17 +84,12 @@ impl WallClock {
     /// The wall clock now (since the Unix epoch) to measure arrival stamps against, read back
     /// by the forward steps seen within the last `window`. `None` before 1970.
     pub fn now(&mut self, window: Duration) -> Option<Duration> {
-        let mut reading = None;
-        for _ in 0..READ_TRIES {
-            let before = self.origin.elapsed();
+        let origin = self.origin;
+        let (wall, before, after) = read_closely(|| {
+            let before = origin.elapsed();
             let wall = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
-            let after = self.origin.elapsed();
-            reading = Some((wall, before, after));
-            if after.saturating_sub(before) <= MAX_READ_SPREAD {
-                break;
-            }
-        }
-        let (wall, before, after) = reading?;
+            Some((wall, before, origin.elapsed()))
+        })?;
         Some(self.observe(wall, before, after, window))
     }
 
@@ -175,6 +170,23 @@ impl WallClock {
         }
         most
     }
+}
+
+/// Takes `read`'s readings (wall, monotonic before, monotonic after) until a pair of monotonic
+/// ones lies at most [`MAX_READ_SPREAD`] apart, [`READ_TRIES`] at most: the first such, or else
+/// the last. `None` if a reading is.
+fn read_closely(
+    mut read: impl FnMut() -> Option<(Duration, Duration, Duration)>,
+) -> Option<(Duration, Duration, Duration)> {
+    let mut reading = None;
+    for _ in 0..READ_TRIES {
+        let (wall, before, after) = read()?;
+        reading = Some((wall, before, after));
+        if after.saturating_sub(before) <= MAX_READ_SPREAD {
+            break;
+        }
+    }
+    reading
 }
 
 /// A non-negative count of nanoseconds as a duration.
@@ -309,6 +321,46 @@ mod tests {
             exact = exact.max(sum);
         }
         assert!(clock.read_back() >= ms(exact as u64).as_nanos() as i128);
+    }
+
+    /// A precise pair of readings puts the offset in the middle of what it allows: a step of
+    /// 950 to 1150 µs (the readings 200 µs apart) is taken as 1050 µs.
+    #[test]
+    fn a_precise_reading_takes_the_middle_of_what_it_allows() {
+        let mut clock = WallClock::unread();
+        read(&mut clock, ms(0), 0);
+        let us = Duration::from_micros;
+        let (before, after) = (ms(1_000), ms(1_000) + MAX_READ_SPREAD);
+        // The wall clock 950 µs ahead if read at `after`, 1150 µs if read at `before`.
+        let wall = EPOCH_NOW + after + us(950);
+        assert_eq!(clock.observe(wall, before, after, WINDOW), wall - us(1_050));
+    }
+
+    /// A thread preempted between the readings tries again, and keeps the first close pair:
+    /// a wider one would read the clock back by all the wait.
+    #[test]
+    fn readings_are_taken_again_until_close_enough_a_few_times_at_most() {
+        let us = Duration::from_micros;
+        let spreads = |spreads: Vec<Duration>| {
+            let mut taken = 0;
+            let reading = read_closely(|| {
+                let spread = spreads[taken];
+                taken += 1;
+                Some((EPOCH_NOW, ms(1_000), ms(1_000) + spread))
+            });
+            (reading.map(|(_, before, after)| after - before), taken)
+        };
+        let wide = MAX_READ_SPREAD + us(1);
+        assert_eq!(spreads(vec![us(3), wide]), (Some(us(3)), 1));
+        assert_eq!(
+            spreads(vec![ms(30), MAX_READ_SPREAD, us(3)]),
+            (Some(MAX_READ_SPREAD), 2)
+        );
+        assert_eq!(
+            spreads(vec![ms(30), ms(20), wide, us(3)]),
+            (Some(wide), READ_TRIES)
+        );
+        assert_eq!(read_closely(|| None), None);
     }
 
     #[test]
