@@ -572,6 +572,60 @@ mod tests {
         assert_eq!(shown, [Some(0), Some(0), Some(0), Some(1)]);
     }
 
+    /// After a number 1 that came after higher ones, the next number decides: one above the
+    /// old count goes on from it (only the numbers above the old last are lost), and another
+    /// 1, with a different text, leaves the question open for the number after it.
+    #[test]
+    fn a_number_above_the_old_count_after_a_one_goes_on_from_the_old_count() {
+        let now = Instant::now();
+        let above = [(5, "m5"), (1, "m1"), (7, "m7")];
+        let shown = losses(&mut SeqTracker::default(), &above, now);
+        assert_eq!(shown, [Some(0), Some(0), Some(1)]);
+        let two_ones = [(9, "m9"), (1, "n1"), (1, "o1"), (12, "m12")];
+        let shown = losses(&mut SeqTracker::default(), &two_ones, now);
+        assert_eq!(shown, [Some(0), Some(0), Some(0), Some(2)]);
+    }
+
+    /// Once a count started again reaches the numbers shown before it, those numbers are
+    /// not lost, however wide the gap; the number of the message itself is no such number.
+    #[test]
+    fn numbers_shown_before_a_count_started_again_are_not_lost_in_a_wide_gap() {
+        let now = Instant::now();
+        let mut t = SeqTracker::default();
+        let old = [(7, "m7"), (8, "m8"), (9, "m9")];
+        assert_eq!(losses(&mut t, &old, now), [Some(0); 3]);
+        let again = [
+            (1, "n1"),
+            (2, "n2"),
+            (3, "n3"),
+            (4, "n4"),
+            (5, "n5"),
+            (6, "n6"),
+        ];
+        assert_eq!(losses(&mut t, &again, now), [Some(0); 6]);
+        // 7 and 8 were shown: from 6 to 9 nothing is lost; 9 shown before is not among them.
+        let on = [(9, "n9"), (11, "n11")];
+        assert_eq!(losses(&mut t, &on, now), [Some(0), Some(1)]);
+        // Two apart, with the number between shown before the count started again.
+        let mut t = SeqTracker::default();
+        let close = [(3, "m3"), (5, "m5"), (1, "n1"), (2, "n2"), (4, "n4")];
+        assert_eq!(
+            losses(&mut t, &close, now),
+            [Some(0), Some(1), Some(0), Some(0), Some(0)]
+        );
+    }
+
+    /// An own message sent exactly [`IN_FLIGHT`] before the first number we see counts as
+    /// numbered before it.
+    #[test]
+    fn an_own_message_sent_in_flight_before_the_first_number_is_forgotten() {
+        let start = Instant::now();
+        let mut t = SeqTracker::default();
+        t.sent_own(start);
+        let shown = losses(&mut t, &[(4, "b4"), (6, "b6")], start + IN_FLIGHT);
+        assert_eq!(shown, [Some(0), Some(1)]);
+    }
+
     /// Own messages sent long before the first number we see were numbered below it: they
     /// fill no later gap. One still on its way when that number came may.
     #[test]
@@ -740,6 +794,34 @@ mod tests {
             let _ = renderer.handle_datagram(&d, later, &mut lines);
         }
         assert_eq!(lines, ["a: eight", "a: nine"]);
+    }
+
+    /// Only an entry the server cut short, with a start to match, is matched by its start:
+    /// a whole entry and an empty start leave a longer text under that number to be shown.
+    #[test]
+    fn only_a_history_entry_cut_short_with_some_text_is_matched_by_its_start() {
+        let mut renderer = Renderer::new("lobby");
+        let now = Instant::now();
+        renderer.shown_in_history(6, "a", "hi", false);
+        renderer.shown_in_history(8, "a", "", true);
+        let mut lines = Vec::new();
+        for d in [sequenced(6, "a", "hi there"), sequenced(8, "a", "eight")] {
+            let _ = renderer.handle_datagram(&d, now, &mut lines);
+        }
+        assert_eq!(lines, ["a: hi there", "a: eight"]);
+    }
+
+    /// A live copy that comes [`CUT_WINDOW`] after its history entry was shown cut short is
+    /// another message under a number used again.
+    #[test]
+    fn a_live_copy_a_whole_window_after_its_entry_cut_short_is_shown() {
+        let mut renderer = Renderer::new("lobby");
+        renderer.shown_in_history(9, "a", "nin", true);
+        let shown_at = renderer.cut_shown[0].3;
+        let mut lines = Vec::new();
+        let d = sequenced(9, "a", "nine");
+        let _ = renderer.handle_datagram(&d, shown_at + CUT_WINDOW, &mut lines);
+        assert_eq!(lines, ["a: nine"]);
     }
 
     #[test]
