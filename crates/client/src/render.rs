@@ -223,8 +223,16 @@ impl Renderer {
     /// Counts a message printed from the history as shown (see
     /// [`SeqTracker::shown_in_history`]). A history entry `truncated` by the server (too
     /// long for one reply) holds only the start of its text: its live copy is known by its
-    /// number, its sender and a text that begins with what was shown.
-    pub fn shown_in_history(&mut self, seq: u64, sender: &str, text: &str, truncated: bool) {
+    /// number, its sender and a text that begins with what was shown, for [`CUT_WINDOW`]
+    /// after `now`.
+    pub fn shown_in_history(
+        &mut self,
+        seq: u64,
+        sender: &str,
+        text: &str,
+        truncated: bool,
+        now: Instant,
+    ) {
         self.seq.shown_in_history(seq, content_digest(sender, text));
         // An empty start would match any text of that sender's under that number.
         if truncated && !text.is_empty() {
@@ -232,8 +240,7 @@ impl Renderer {
                 self.cut_shown.remove(0);
             }
             let sender = content_digest(sender, "");
-            self.cut_shown
-                .push((seq, sender, text.to_owned(), Instant::now()));
+            self.cut_shown.push((seq, sender, text.to_owned(), now));
         }
     }
 
@@ -739,8 +746,8 @@ mod tests {
     fn history_shown_makes_live_copies_duplicates() {
         let mut renderer = Renderer::new("lobby");
         let now = Instant::now();
-        renderer.shown_in_history(6, "a", "six", false);
-        renderer.shown_in_history(7, "a", "seven", false);
+        renderer.shown_in_history(6, "a", "six", false, now);
+        renderer.shown_in_history(7, "a", "seven", false, now);
         let mut lines = Vec::new();
         for d in [
             sequenced(6, "a", "six"),
@@ -768,8 +775,8 @@ mod tests {
         let mut renderer = Renderer::new("lobby");
         let now = Instant::now();
         let long = "x".repeat(300);
-        renderer.shown_in_history(5, "a", "five", false);
-        renderer.shown_in_history(6, "a", &long[..100], true);
+        renderer.shown_in_history(5, "a", "five", false, now);
+        renderer.shown_in_history(6, "a", &long[..100], true, now);
         let mut lines = Vec::new();
         for d in [
             sequenced(6, "b", &long),
@@ -786,10 +793,10 @@ mod tests {
         );
         // An empty start matches nothing; a copy long after the history is another message
         // under a number used again.
-        renderer.shown_in_history(8, "a", "", true);
-        renderer.shown_in_history(9, "a", "nin", true);
+        renderer.shown_in_history(8, "a", "", true, now);
+        renderer.shown_in_history(9, "a", "nin", true, now);
         lines.clear();
-        let later = Instant::now() + CUT_WINDOW;
+        let later = now + CUT_WINDOW;
         for d in [sequenced(8, "a", "eight"), sequenced(9, "a", "nine")] {
             let _ = renderer.handle_datagram(&d, later, &mut lines);
         }
@@ -802,8 +809,8 @@ mod tests {
     fn only_a_history_entry_cut_short_with_some_text_is_matched_by_its_start() {
         let mut renderer = Renderer::new("lobby");
         let now = Instant::now();
-        renderer.shown_in_history(6, "a", "hi", false);
-        renderer.shown_in_history(8, "a", "", true);
+        renderer.shown_in_history(6, "a", "hi", false, now);
+        renderer.shown_in_history(8, "a", "", true, now);
         let mut lines = Vec::new();
         for d in [sequenced(6, "a", "hi there"), sequenced(8, "a", "eight")] {
             let _ = renderer.handle_datagram(&d, now, &mut lines);
@@ -816,8 +823,8 @@ mod tests {
     #[test]
     fn a_live_copy_a_whole_window_after_its_entry_cut_short_is_shown() {
         let mut renderer = Renderer::new("lobby");
-        renderer.shown_in_history(9, "a", "nin", true);
-        let shown_at = renderer.cut_shown[0].3;
+        let shown_at = Instant::now();
+        renderer.shown_in_history(9, "a", "nin", true, shown_at);
         let mut lines = Vec::new();
         let d = sequenced(9, "a", "nine");
         let _ = renderer.handle_datagram(&d, shown_at + CUT_WINDOW, &mut lines);

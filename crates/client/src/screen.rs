@@ -274,6 +274,7 @@ impl Screen {
         };
         self.held_bytes = 0;
         if let Some(page) = history {
+            let now = Instant::now();
             for message in &page.messages {
                 self.printer.print_out(&listing::history_line(message))?;
                 self.renderer.shown_in_history(
@@ -281,6 +282,7 @@ impl Screen {
                     &message.sender,
                     &message.text,
                     message.truncated,
+                    now,
                 );
             }
             self.printer.print_err(LIVE_LINE);
