@@ -729,6 +729,12 @@ mod tests {
             "the password from --password-file is empty"
         );
         assert_eq!(err.exit_code(), error::EXIT_REFUSED);
+        // A file as long as a request can carry is read whole.
+        std::fs::write(&file, "a".repeat(MAX_PASSWORD_FILE_LEN)).unwrap();
+        assert_eq!(
+            from_flag(None, Some(file.clone())).resolve(None).unwrap(),
+            Some("a".repeat(MAX_PASSWORD_FILE_LEN))
+        );
         // A file longer than a request is refused after reading only that much, whether the
         // cut falls between characters or inside one.
         std::fs::write(&file, "é".repeat(10_000)).unwrap();
