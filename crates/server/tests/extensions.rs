@@ -831,6 +831,33 @@ fn ocm_whose_output_fails_leaves_and_exits_with_the_error() {
     );
 }
 
+/// An answer that cannot be written (a full disk, here `/dev/full`) is an error, exit 1, as
+/// in a chat; only a reader that went away (`ocm rooms | head -1`) is not.
+#[test]
+fn ocm_rooms_into_a_full_output_exits_with_the_error() {
+    let d = Daemon::start();
+    create(&d, "lobby", "alice");
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("open /dev/full");
+    let mut rooms = ocm_with_outputs(&d, &["rooms"], &[], full, Stdio::piped());
+    let status = wait_for_exit(&mut rooms, "ocm rooms into /dev/full");
+    let mut said = String::new();
+    use std::io::Read;
+    rooms
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut said)
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{status}: {said}");
+    assert!(
+        said.contains("writing to standard output: No space left on device"),
+        "{said}"
+    );
+}
+
 #[test]
 fn original_members_never_see_an_extension_frame() {
     let d = Daemon::start();
