@@ -627,7 +627,7 @@ mod tests {
     /// every position, and on random digit strings.
     #[test]
     fn eight_digits_reads_exactly_the_digit_strings() {
-        use rand::{Rng, SeedableRng};
+        use rand::{RngExt, SeedableRng};
         let slow = |bytes: &[u8; 8]| {
             bytes.iter().try_fold(0u64, |value, &b| {
                 b.is_ascii_digit().then(|| value * 10 + u64::from(b - b'0'))
@@ -642,7 +642,7 @@ mod tests {
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(8);
         for _ in 0..100_000 {
-            let value = rng.gen_range(0..100_000_000u64);
+            let value = rng.random_range(0..100_000_000u64);
             let bytes: [u8; 8] = format!("{value:08}").into_bytes().try_into().unwrap();
             assert_eq!(eight_digits(&bytes), Some(value));
         }

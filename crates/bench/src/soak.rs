@@ -37,7 +37,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 use tcrp::payload::{Caps, Request, RequestForm};
 use ucrp::datagram;
@@ -609,8 +609,8 @@ fn cycle(
     counters: &Counters,
     rng: &mut StdRng,
 ) -> Result<Room> {
-    let count = rng.gen_range(2..=plan.max_members);
-    let caps = if rng.gen_bool(0.5) {
+    let count = rng.random_range(2..=plan.max_members);
+    let caps = if rng.random_bool(0.5) {
         CapsArg::Plain
     } else {
         CapsArg::Batch
@@ -793,7 +793,7 @@ fn send_junk(
     rng: &mut StdRng,
     counters: &Counters,
 ) -> Result<()> {
-    let mut noise = vec![0u8; rng.gen_range(0..64)];
+    let mut noise = vec![0u8; rng.random_range(0..64)];
     rng.fill(&mut noise[..]);
     junk.send_to(&noise, udp).ctx("send junk")?;
     let mut token = room.members[0].token.clone().into_bytes();

@@ -48,7 +48,7 @@ pub enum Outcome {
 /// Hashes `password` with a fresh random 16-byte salt.
 pub fn hash(password: &str) -> Result<String, String> {
     let mut salt = [0u8; 16];
-    getrandom::getrandom(&mut salt).map_err(|e| e.to_string())?;
+    getrandom::fill(&mut salt).map_err(|e| e.to_string())?;
     hash_with_salt(password, &salt)
 }
 

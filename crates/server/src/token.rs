@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use rand::RngCore;
+use rand::CryptoRng;
 use subtle::ConstantTimeEq;
 
 /// Random bytes in a fresh token.
@@ -20,7 +20,7 @@ pub struct Token(Box<str>);
 
 impl Token {
     /// Draws a new token from `rng` (the OS CSPRNG in production, a seeded RNG in tests).
-    pub fn generate(rng: &mut dyn RngCore) -> Token {
+    pub fn generate(rng: &mut dyn CryptoRng) -> Token {
         let mut bytes = [0u8; TOKEN_BYTES];
         rng.fill_bytes(&mut bytes);
         Token(hex::encode(bytes).into_boxed_str())

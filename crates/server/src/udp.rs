@@ -1560,7 +1560,7 @@ mod tests {
 #[cfg(test)]
 mod planned_against_push_batch_entry {
     use super::*;
-    use rand::{rngs::StdRng, Rng, SeedableRng};
+    use rand::{rngs::StdRng, RngExt, SeedableRng};
     use ucrp::delivery::Delivery;
 
     /// Random outboxes (empty, short and long payloads, members with and without batches,
@@ -1574,13 +1574,13 @@ mod planned_against_push_batch_entry {
         for seed in 0..500u64 {
             let mut rng = StdRng::seed_from_u64(seed);
             let mut out = Outbox::default();
-            let npay = rng.gen_range(1..20);
+            let npay = rng.random_range(1..20);
             let payloads: Vec<Range<usize>> = (0..npay)
                 .map(|i| {
-                    let len = match rng.gen_range(0..10) {
+                    let len = match rng.random_range(0..10) {
                         0 => 0,
-                        1 => rng.gen_range(1000..3000),
-                        _ => rng.gen_range(1..40),
+                        1 => rng.random_range(1000..3000),
+                        _ => rng.random_range(1..40),
                     };
                     out.payload(|b| {
                         for j in 0..len {
@@ -1589,15 +1589,19 @@ mod planned_against_push_batch_entry {
                     })
                 })
                 .collect();
-            let nsend = rng.gen_range(0..400);
-            let cap = [512usize, 1472, 4096, 65507][rng.gen_range(0..4)];
+            let nsend = rng.random_range(0..400);
+            let cap = [512usize, 1472, 4096, 65507][rng.random_range(0..4)];
             let mut expected: Vec<(u32, Vec<u8>)> = Vec::new();
             for _ in 0..nsend {
-                let p = payloads[rng.gen_range(0..npay)].clone();
-                let member = rng.gen_range(0..5u32);
-                let port = 100 + member as u16 * 2 + u16::from(rng.gen_range(0..20) == 0);
+                let p = payloads[rng.random_range(0..npay)].clone();
+                let member = rng.random_range(0..5u32);
+                let port = 100 + member as u16 * 2 + u16::from(rng.random_range(0..20) == 0);
                 let limit = [0u16, 600, 4096, 65507][(member as usize) % 4];
-                let limit = if rng.gen_range(0..30) == 0 { 0 } else { limit };
+                let limit = if rng.random_range(0..30) == 0 {
+                    0
+                } else {
+                    limit
+                };
                 expected.push((member, out.get(p.clone()).to_vec()));
                 out.send_to_member(
                     SocketAddr::from(([127, 0, 0, 1], port)),

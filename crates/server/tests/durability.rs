@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use tcrp::payload::{self, Compliance, ErrorCode};
 use tcrp::{Operation, State};
 
@@ -271,7 +271,7 @@ fn sigkill_during_a_join_storm_loses_no_acknowledged_token() {
     let mut all = Vec::new();
     for round in 0..ROUNDS {
         let (stop, got) = storm_state();
-        let delay = Duration::from_millis(rng.gen_range(5..=80));
+        let delay = Duration::from_millis(rng.random_range(5..=80));
         let storm = start_storm(d.tcp, 4, &format!("r{round}"), &stop, &got);
         thread::sleep(delay); // the random kill moment, not a wait for correctness
         d.kill9();
@@ -334,7 +334,7 @@ fn sigkill_while_the_journal_is_rotated_and_compacted_loses_no_acknowledged_toke
         wait_until("a compaction finished while serving", || {
             compactions_while_serving(&d.log()) >= 1
         });
-        let delay = Duration::from_millis(rng.gen_range(0..=200));
+        let delay = Duration::from_millis(rng.random_range(0..=200));
         thread::sleep(delay); // the random kill moment, not a wait for correctness
         d.kill9();
         stop.store(true, Ordering::SeqCst);
@@ -386,7 +386,7 @@ fn sigterm_during_a_join_storm_exits_cleanly_and_keeps_every_token() {
     });
     for round in 0..3 {
         let (stop, got) = storm_state();
-        let delay = Duration::from_millis(rng.gen_range(20..=80));
+        let delay = Duration::from_millis(rng.random_range(20..=80));
         let storm = start_storm(d.tcp, 4, &format!("t{round}"), &stop, &got);
         thread::sleep(delay); // the random stop moment, not a wait for correctness
         let (status, took) = d.terminate();

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use rand::rngs::StdRng;
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, RngExt, SeedableRng};
 use tcrp::payload::{self, Compliance, ErrorCode};
 use tcrp::{Frame, Operation, State};
 
@@ -521,7 +521,7 @@ fn garbage_datagrams_are_dropped_counted_and_never_answered() {
     let mut sent = known.len();
     for _ in 0..20 {
         for _ in 0..20 {
-            let len = rng.gen_range(0..5000);
+            let len = rng.random_range(0..5000);
             let mut bytes = vec![0u8; len];
             rng.fill_bytes(&mut bytes);
             send(&bytes);

@@ -65,7 +65,10 @@ impl Server {
         let mut registry = Registry::from_state(
             &loaded.state,
             config.registry_limits(),
-            Box::new(rand::rngs::OsRng),
+            // Tokens come straight from the kernel (getrandom(2)), one call per token. It fails
+            // only where no entropy source exists at all, and a daemon that cannot draw a
+            // secret must not hand out a guessable one: that failure panics, as rand's OsRng did.
+            Box::new(rand::rand_core::UnwrapErr(rand::rngs::SysRng)),
             now,
         );
         registry.set_wall_clock(now, unix_now());

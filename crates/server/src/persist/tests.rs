@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command as Process, Stdio};
 
 use mio::{Events, Poll, Token};
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 use std::fs;
 use std::io;
@@ -968,7 +968,7 @@ fn sigkill_at_any_moment_loses_no_durable_record() {
                 }
             }
         });
-        let kill_after = rng.gen_range(10..=300);
+        let kill_after = rng.random_range(10..=300);
         let mut durable = 0;
         for _ in 0..kill_after {
             durable = rx.recv_timeout(PATIENCE).expect("the child writes");

@@ -45,7 +45,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use hashbrown::HashTable;
-use rand::RngCore;
+use rand::CryptoRng;
 use slab::Slab;
 
 use crate::local::{LocalAddr, LocalId, Locals};
@@ -263,7 +263,7 @@ pub struct Stats {
 /// All rooms and members.
 pub struct Registry {
     limits: Limits,
-    rng: Box<dyn RngCore + Send>,
+    rng: Box<dyn CryptoRng + Send>,
     rooms: Slab<Room>,
     room_index: HashMap<Box<str>, RoomId>,
     members: Slab<Member>,
@@ -304,8 +304,9 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// An empty registry drawing tokens from `rng`.
-    pub fn new(limits: Limits, rng: Box<dyn RngCore + Send>) -> Registry {
+    /// An empty registry drawing tokens from `rng`, a cryptographic generator (the type says so:
+    /// a token is a bearer secret).
+    pub fn new(limits: Limits, rng: Box<dyn CryptoRng + Send>) -> Registry {
         Registry {
             limits,
             rng,

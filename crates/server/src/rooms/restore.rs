@@ -5,7 +5,7 @@ use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use log::warn;
-use rand::RngCore;
+use rand::CryptoRng;
 use tcrp::payload::{self, Caps};
 
 use super::room::{Member, Room};
@@ -31,7 +31,7 @@ impl Registry {
     pub fn from_state(
         state: &State,
         limits: Limits,
-        rng: Box<dyn RngCore + Send>,
+        rng: Box<dyn CryptoRng + Send>,
         now: Instant,
     ) -> Registry {
         let mut registry = Registry::new(limits, rng);

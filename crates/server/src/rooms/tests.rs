@@ -6,7 +6,7 @@ use crate::outbox::Outbox;
 use crate::record::{HistoryEntry, MemberRecord};
 use crate::store::State;
 use crate::token::Token;
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand::{rngs::StdRng, RngExt, SeedableRng};
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::SystemTime;
@@ -1608,8 +1608,8 @@ fn history_checkpoints_carry_only_new_messages_and_rebuild_the_same_history() {
     };
     apply(&mut reg, &mut state);
     for _ in 0..300 {
-        let i = rng.gen_range(0..rooms.len());
-        let text = "x".repeat(rng.gen_range(1..20));
+        let i = rng.random_range(0..rooms.len());
+        let text = "x".repeat(rng.random_range(1..20));
         let h = reg.handle_datagram(
             addr(i as u16 + 1),
             None,
@@ -1618,8 +1618,8 @@ fn history_checkpoints_carry_only_new_messages_and_rebuild_the_same_history() {
             &mut out,
         );
         assert_eq!(h, Handled::Relayed { deliveries: 1 });
-        if rng.gen_bool(0.2) {
-            reg.checkpoint_history_within(rng.gen_range(1..60));
+        if rng.random_bool(0.2) {
+            reg.checkpoint_history_within(rng.random_range(1..60));
             apply(&mut reg, &mut state);
         }
     }
@@ -2364,16 +2364,16 @@ fn a_registry_rebuilt_from_its_records_answers_as_the_live_one_through_random_se
         // Every token issued, with its room.
         let mut issued: Vec<(&str, Token)> = Vec::new();
         for step in 0..120 {
-            let room = ROOMS[rng.gen_range(0..ROOMS.len())];
+            let room = ROOMS[rng.random_range(0..ROOMS.len())];
             let pick = |rng: &mut StdRng, issued: &[(&'static str, Token)]| {
-                (!issued.is_empty()).then(|| issued[rng.gen_range(0..issued.len())].clone())
+                (!issued.is_empty()).then(|| issued[rng.random_range(0..issued.len())].clone())
             };
-            match rng.gen_range(0..10) {
+            match rng.random_range(0..10) {
                 op @ 0..=2 => {
-                    let mut request = Request::original(&format!("u{}", rng.gen_range(0..5)));
-                    if rng.gen_bool(0.4) {
+                    let mut request = Request::original(&format!("u{}", rng.random_range(0..5)));
+                    if rng.random_bool(0.4) {
                         request.caps = Caps::SEQ.with(Caps::NOTICES);
-                        request.keepalive_secs = rng.gen_bool(0.5).then_some(1);
+                        request.keepalive_secs = rng.random_bool(0.5).then_some(1);
                     }
                     let result = if op == 0 {
                         live.create_room(room, &request, HERE, None, now, 1.0)
@@ -2393,20 +2393,20 @@ fn a_registry_rebuilt_from_its_records_answers_as_the_live_one_through_random_se
                         7 => "__LEAVE__".to_owned(),
                         _ => format!("m{step}"),
                     };
-                    let from = addr(rng.gen_range(1..=PORTS));
+                    let from = addr(rng.random_range(1..=PORTS));
                     live.handle_datagram(from, None, &dgram(room, &token, &text), now, &mut out);
                 }
                 8 => {
-                    now += Duration::from_millis(rng.gen_range(0..2500));
+                    now += Duration::from_millis(rng.random_range(0..2500));
                     live.poll_expired(now, &mut out);
                 }
-                _ if rng.gen_bool(0.7) => {
+                _ if rng.random_bool(0.7) => {
                     live.checkpoint_history();
                 }
                 _ => {
                     limits = Limits {
-                        history: rng.gen_range(0..6),
-                        history_bytes: rng.gen_range(1..120),
+                        history: rng.random_range(0..6),
+                        history_bytes: rng.random_range(1..120),
                         ..Limits::default()
                     };
                     live.set_limits(limits.clone());
@@ -2521,11 +2521,11 @@ fn a_registry_whose_hashes_all_collide_answers_as_one_whose_hashes_do_not() {
         let now = Instant::now();
         let mut issued: Vec<(&str, Token)> = Vec::new();
         for step in 0..150 {
-            let room = ROOMS[rng.gen_range(0..ROOMS.len())];
-            let name = NAMES[rng.gen_range(0..NAMES.len())];
+            let room = ROOMS[rng.random_range(0..ROOMS.len())];
+            let name = NAMES[rng.random_range(0..NAMES.len())];
             let (mut want_out, mut got_out) = (Outbox::default(), Outbox::default());
             let context = format!("seed {seed} step {step}");
-            match rng.gen_range(0..6) {
+            match rng.random_range(0..6) {
                 op @ 0..=2 => {
                     let request = Request::original(name);
                     let (want, got) = if op == 0 {
@@ -2545,17 +2545,17 @@ fn a_registry_whose_hashes_all_collide_answers_as_one_whose_hashes_do_not() {
                     }
                 }
                 3 | 4 if !issued.is_empty() => {
-                    let (own_room, token) = &issued[rng.gen_range(0..issued.len())];
+                    let (own_room, token) = &issued[rng.random_range(0..issued.len())];
                     let mut token = token.as_str().as_bytes().to_vec();
-                    if rng.gen_bool(0.2) {
+                    if rng.random_bool(0.2) {
                         let last = token.len() - 1;
                         token[last] ^= 1;
                     }
-                    let to_room = if rng.gen_bool(0.8) { own_room } else { room };
-                    let text = ["__REGISTER__", "hello", "__LEAVE__"][rng.gen_range(0..3)];
+                    let to_room = if rng.random_bool(0.8) { own_room } else { room };
+                    let text = ["__REGISTER__", "hello", "__LEAVE__"][rng.random_range(0..3)];
                     let mut bytes = Vec::new();
                     ucrp::datagram::encode(to_room.as_bytes(), &token, text, &mut bytes).unwrap();
-                    let from = addr(rng.gen_range(1..=4));
+                    let from = addr(rng.random_range(1..=4));
                     let want = plain.handle_datagram(from, None, &bytes, now, &mut want_out);
                     let got = colliding.handle_datagram(from, None, &bytes, now, &mut got_out);
                     assert_eq!(got, want, "{context}");
