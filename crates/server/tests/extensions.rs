@@ -1750,6 +1750,56 @@ fn ocm_in_a_terminal_recalls_the_last_line_with_the_up_arrow() {
     assert!(status.success(), "{status}");
 }
 
+/// `ocm` typed at in a terminal but writing into a pipe (`ocm join … 2>&1 | tee chat.log`)
+/// reads plain lines: the terminal stays cooked, and nothing in the pipe but what was said,
+/// neither the escape sequences of a line editor nor a warning that one could not start
+/// (rustyline refuses to print above the line when its output is not a terminal).
+#[test]
+fn ocm_typed_at_in_a_terminal_but_writing_into_a_pipe_reads_plain_lines() {
+    use std::io::Read;
+    let d = Daemon::start();
+    let host = Member::joined(&d, "piped", &create(&d, "piped", "host"));
+    let pty = Pty::open();
+    let (mut pipe, into_pipe) = std::io::pipe().expect("a pipe");
+    let mut ocm = pty.ocm_writing_to(
+        &d,
+        &["join", "piped", "--name", "alice"],
+        Stdio::from(into_pipe.try_clone().expect("dup the pipe")),
+        Stdio::from(into_pipe),
+    );
+    let written = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    {
+        let written = Arc::clone(&written);
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = pipe.read(&mut buf) {
+                written.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+    }
+    let output = || String::from_utf8_lossy(&written.lock().unwrap()).into_owned();
+    let mut keys = pty.controller.try_clone().unwrap();
+    keys.write_all(b"hello\n").unwrap();
+    while !host.recv().ends_with("alice: hello") {}
+    // Read from now on, by the reader that took "hello": a line editor would be holding
+    // the terminal raw for the next line while this shows.
+    host.send("are you there?");
+    wait_until("ocm shows the host's line", || {
+        output().contains("host: are you there?")
+    });
+    assert_eq!(pty.mode(), COOKED, "the terminal was taken raw");
+    keys.write_all(b"/quit\n").unwrap();
+    let status = wait_for_exit(&mut ocm.0, "ocm on /quit");
+    assert!(status.success(), "{status}");
+    let output = output();
+    assert!(output.contains("joined piped as alice"), "{output}");
+    assert!(
+        !output.contains('\x1b'),
+        "escape sequences in the pipe: {output:?}"
+    );
+    assert!(!output.contains("line editing"), "{output}");
+}
+
 /// The local-mode flags of a terminal in canonical mode with echo, as a new one is.
 const COOKED: libc::tcflag_t = libc::ICANON | libc::ECHO;
 
@@ -1768,6 +1818,17 @@ impl Pty {
 
     /// Starts `ocm` against `d` with `args` in this terminal, its output read and dropped.
     fn ocm(&self, d: &Daemon, args: &[&str]) -> KillOnDrop {
+        self.ocm_writing_to(d, args, self.stdio(), self.stdio())
+    }
+
+    /// [`Pty::ocm`] with standard output and error sent elsewhere than the terminal.
+    fn ocm_writing_to(
+        &self,
+        d: &Daemon,
+        args: &[&str],
+        stdout: Stdio,
+        stderr: Stdio,
+    ) -> KillOnDrop {
         use std::io::Read;
         let ocm = Command::new(sibling_binary("ocm"))
             .args(["--server", "127.0.0.1", "--tcp-port"])
@@ -1776,8 +1837,8 @@ impl Pty {
             .arg(d.udp.port().to_string())
             .args(args)
             .stdin(self.stdio())
-            .stdout(self.stdio())
-            .stderr(self.stdio())
+            .stdout(stdout)
+            .stderr(stderr)
             .env_remove("RUST_LOG")
             .spawn()
             .map(KillOnDrop)
