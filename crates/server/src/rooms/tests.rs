@@ -1128,6 +1128,32 @@ fn keepalive_members_expire_and_original_members_never_do() {
     assert_eq!(reg.stats().rooms, 0);
 }
 
+/// The expiry count is of members expired, not of members gone: a member whose keepalives
+/// stopped too, but whose host's deadline came first, leaves with the room (told it closed)
+/// and is not counted, as docs/OPERATIONS.md says of `ocm_keepalive_expiries_total`.
+#[test]
+fn a_silent_member_whose_host_expired_first_leaves_with_the_room_uncounted() {
+    let mut reg = registry();
+    let mut out = Outbox::default();
+    let now = Instant::now();
+    let host = reg
+        .create_room("r", &keeping_alive("host", 10), HERE, None, now, 0.0)
+        .unwrap()
+        .token;
+    let later = now + Duration::from_secs(1);
+    let quiet = reg
+        .join_room("r", &keeping_alive("quiet", 10), HERE, later, &mut out)
+        .unwrap()
+        .token;
+    register(&mut reg, addr(1), &host, now, &mut out);
+    register(&mut reg, addr(2), &quiet, later, &mut out);
+    out.clear();
+    // Both deadlines have passed by 60 s; the host's, a second earlier, is taken first.
+    assert_eq!(reg.poll_expired(now + Duration::from_secs(60), &mut out), 1);
+    assert_eq!(sent(&out), vec![(addr(2), "CLOSED".into())]);
+    assert_eq!((reg.stats().rooms, reg.stats().members), (0, 0));
+}
+
 /// With `room_idle` set, a room closes once none of its members has been heard from or
 /// joined for that long, whichever member it was and whatever kind of datagram: members are
 /// told, the close is journaled, and the host's token then learns the room is gone. Rooms
