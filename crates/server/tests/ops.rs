@@ -1023,6 +1023,56 @@ fn kernel_receive_buffer_drops_are_counted() {
     });
 }
 
+/// The periodic check of the kernel's drop count (it runs before each STATUS, the first at
+/// the start) warns only when the count grew: a daemon that lost no datagram says nothing.
+#[test]
+fn a_daemon_that_lost_no_datagram_never_warns_of_kernel_drops() {
+    let mut sd = NotifyListener::bind();
+    let d = Daemon::start_with(Options {
+        config: Some(String::new()),
+        env: vec![sd.env(), ("WATCHDOG_USEC".into(), "0".into())],
+        metrics: true,
+        ..Options::default()
+    });
+    sd.wait_for(PATIENCE, |m| m.starts_with("STATUS="));
+    // A later line: every line before it, the check's included, is in the log.
+    d.reload("");
+    assert_eq!(d.metric("ocm_udp_receive_buffer_drops_total"), 0.0);
+    assert!(!d.log().contains("the kernel dropped"), "{}", d.log());
+}
+
+/// The CPU time (user and system) process `pid` has used so far, from `/proc/PID/stat`.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let (_, rest) = stat.rsplit_once(')').expect("stat line");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat(5); `rest` starts at field 3.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    assert!(per_sec > 0, "clock ticks per second");
+    Duration::from_secs_f64(ticks as f64 / per_sec as f64)
+}
+
+/// Once its sockets are drained, the daemon sleeps in `poll` until the next timer: after
+/// chat and a handshake, an idle daemon uses next to no CPU. (A drain that took the empty
+/// socket's `WouldBlock` for an error would keep it ready, and the loop would spin.)
+#[test]
+fn an_idle_daemon_does_not_spin() {
+    let d = Daemon::start();
+    let (alice, bob) = room_of_two(&d, "idle");
+    chat_flows(&alice, &bob, "then silence");
+    create(&d, "other", "carol");
+    let before = cpu_time(d.pid());
+    let window = Duration::from_secs(2);
+    // A measurement window, not a wait for anything.
+    thread::sleep(window);
+    let used = cpu_time(d.pid()).saturating_sub(before);
+    // A spinning loop takes most of a core for the whole window, even on a loaded machine.
+    assert!(used < window / 4, "{used:?} of CPU in {window:?} of idling");
+}
+
 /// `ProcSubset=pid` in the unit mounts /proc with `subset=pid`, which hides /proc/net but
 /// keeps /proc/self/net. Runs ocmd that way (a private mount namespace via `unshare`, root
 /// only) and checks the kernel drop counter still works.
