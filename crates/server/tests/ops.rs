@@ -1576,6 +1576,64 @@ fn reload_of_an_unchanged_file_warns_about_nothing() {
         "spurious restart warning:\n{}",
         d.log()
     );
+    // Nor as a change that the flags (--tcp, --udp, --metrics, --state) make moot.
+    assert!(
+        !d.log().contains("but a command-line flag overrides it"),
+        "spurious override warning:\n{}",
+        d.log()
+    );
+}
+
+/// With every restart-only setting in the file (no --tcp, --udp, --metrics or --state), each
+/// is compared with its running value: a reload of the unchanged file says nothing, and one
+/// that moves the state file or the metrics listener names exactly those two.
+#[test]
+fn reload_with_every_restart_only_setting_in_the_file_warns_only_about_what_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |state: &str, metrics: &str| {
+        format!(
+            "[listen]\ntcp = \"127.0.0.1:0\"\nudp = \"127.0.0.1:0\"\nmetrics = \"{metrics}\"\n\
+             [state]\npath = \"{}\"\n",
+            dir.path().join(state).display()
+        )
+    };
+    let d = RawDaemon::spawn_all_from_file(&file("room_manager.json", "off"));
+    let reloads = |n: usize| {
+        wait_until("reload", || {
+            d.log
+                .lock()
+                .unwrap()
+                .matches("configuration reloaded")
+                .count()
+                >= n
+        });
+    };
+    d.signal(libc::SIGHUP);
+    reloads(1);
+    let log = d.log.lock().unwrap().clone();
+    assert!(!log.contains("SIGHUP: listen."), "{log}");
+    assert!(!log.contains("SIGHUP: state."), "{log}");
+    d.rewrite_config(&file("moved.json", "127.0.0.1:0"));
+    d.signal(libc::SIGHUP);
+    reloads(2);
+    let log = d.log.lock().unwrap().clone();
+    for key in ["state.path", "listen.metrics"] {
+        assert!(
+            log.lines().any(|l| l.contains("WARN")
+                && l.contains(&format!("SIGHUP: {key} in "))
+                && l.contains("takes effect only after a restart")),
+            "{key}: {log}"
+        );
+    }
+    assert!(!log.contains("SIGHUP: listen.tcp"), "{log}");
+    assert!(!log.contains("SIGHUP: listen.udp"), "{log}");
+    assert!(!log.contains("overrides it"), "{log}");
+    // Still on the state file it started with.
+    let r = d.request(Operation::CreateRoom, "still", "here");
+    assert!(r.token.is_some());
+    d.stop();
+    assert!(dir.path().join("room_manager.json").exists());
+    assert!(!dir.path().join("moved.json").exists());
 }
 
 #[test]
@@ -1661,6 +1719,21 @@ impl RawDaemon {
             config,
             &[("RUST_LOG", "info")],
             None,
+            true,
+        )
+    }
+
+    /// A daemon whose `[listen]` addresses and `[state] path` all come from `config`: no
+    /// flag overrides a restart-only setting.
+    fn spawn_all_from_file(config: &str) -> RawDaemon {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        RawDaemon::spawn_inner(
+            Path::new(env!("CARGO_BIN_EXE_ocmd")),
+            &dir,
+            config,
+            &[("RUST_LOG", "info")],
+            None,
+            false,
         )
     }
 
@@ -1679,7 +1752,7 @@ impl RawDaemon {
             "--metrics",
             if metrics { "127.0.0.1:0" } else { "off" },
         ];
-        RawDaemon::spawn_inner(program, dir, config, env, Some(&flags))
+        RawDaemon::spawn_inner(program, dir, config, env, Some(&flags), true)
     }
 
     fn spawn_inner(
@@ -1688,15 +1761,17 @@ impl RawDaemon {
         config: &str,
         env: &[(&str, &str)],
         listen_flags: Option<&[&str]>,
+        state_flag: bool,
     ) -> RawDaemon {
         let config_path = dir.path().join("ocmd.toml");
         std::fs::write(&config_path, config).unwrap();
         let (reader, writer, dev_ino) = stderr_pipe();
         let mut cmd = Command::new(program);
-        cmd.args(listen_flags.unwrap_or_default())
-            .arg("--state")
-            .arg(dir.path().join("room_manager.json"))
-            .arg("--config")
+        cmd.args(listen_flags.unwrap_or_default());
+        if state_flag {
+            cmd.arg("--state").arg(dir.path().join("room_manager.json"));
+        }
+        cmd.arg("--config")
             .arg(&config_path)
             .env_remove("RUST_LOG")
             .env_remove("NOTIFY_SOCKET")
