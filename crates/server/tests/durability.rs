@@ -404,6 +404,86 @@ fn sigterm_during_a_join_storm_exits_cleanly_and_keeps_every_token() {
     }
 }
 
+/// An `fdatasync` that waits while the file named by `OCM_TEST_HOLD_FDATASYNC` exists (a
+/// stuck disk the test can free), creating that name plus `.held` once it has begun to wait.
+fn fdatasync_holder(dir: &std::path::Path) -> std::path::PathBuf {
+    const SOURCE: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+int fdatasync(int fd) {
+    static int (*real_fdatasync)(int);
+    if (!real_fdatasync) real_fdatasync = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
+    const char *flag = getenv("OCM_TEST_HOLD_FDATASYNC");
+    /* At most 20 s: a test that failed before freeing it must not hang the daemon. */
+    for (int waited = 0; flag && access(flag, F_OK) == 0 && waited < 20000; waited++) {
+        if (waited == 0) {
+            char held[4096];
+            snprintf(held, sizeof held, "%s.held", flag);
+            int marker = open(held, O_WRONLY | O_CREAT, 0600);
+            if (marker >= 0) close(marker);
+        }
+        usleep(1000);
+    }
+    return real_fdatasync(fd);
+}
+"#;
+    preload_library(dir, "hold_fdatasync", SOURCE)
+}
+
+/// A clean stop waits (up to 1.5 s) for the state writes in flight, so that a join whose
+/// record is on its way to the disk still gets its token before the daemon exits: the
+/// join's client is not left without an answer for a name it then holds.
+#[test]
+fn a_clean_stop_lets_a_join_waiting_for_the_disk_get_its_token() {
+    let build = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let library = fdatasync_holder(build.path());
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let hold = dir.path().join("hold-fdatasync");
+    let held = dir.path().join("hold-fdatasync.held");
+    let mut d = Daemon::spawn(
+        Arc::clone(&dir),
+        Options {
+            env: vec![
+                ("LD_PRELOAD".into(), library.display().to_string()),
+                ("OCM_TEST_HOLD_FDATASYNC".into(), hold.display().to_string()),
+            ],
+            ..Options::default()
+        },
+    )
+    .expect("ocmd starts");
+    d.assert_loaded(&library);
+    let host = create(&d, "stuck", "alice");
+    // The disk sticks: bob's join is answered only once its record is durable.
+    std::fs::write(&hold, b"").unwrap();
+    let joining = {
+        let tcp = d.tcp;
+        thread::spawn(move || try_request(tcp, Operation::JoinRoom, "stuck", b"\"bob\""))
+    };
+    wait_until("the join's record waits in fdatasync", || held.exists());
+    d.signal(libc::SIGTERM);
+    d.wait_for_log("stopping: flushing state");
+    // The disk comes back while the stop waits for it.
+    std::fs::remove_file(&hold).unwrap();
+    let status = d.wait_exit();
+    assert!(status.success(), "{status:?}");
+    let reply = joining
+        .join()
+        .unwrap()
+        .expect("the join was answered before the daemon exited");
+    assert_eq!(reply.compliance, Compliance::Success);
+    let bob = reply.token.expect("bob's token");
+    let log = d.log();
+    assert!(!log.contains("state writes still in flight"), "{log}");
+    // The token it was given is saved.
+    let saved = saved_tokens(&d);
+    assert!(saved.contains(&host) && saved.contains(&bob), "{saved:?}");
+}
+
 #[test]
 fn a_crashed_ocm_host_closes_its_room_and_a_crashed_member_times_out() {
     let d = Daemon::start_with(Options {
