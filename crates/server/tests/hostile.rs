@@ -1417,6 +1417,25 @@ fn junk_frames_do_not_keep_a_connection_open() {
     assert_state_intact(d, &[room]);
 }
 
+/// An answered request restarts the handshake timer: a client that keeps asking on one
+/// connection, each request well within `handshake_timeout_secs` of the last answer, is served
+/// for longer than the timeout.
+#[test]
+fn answered_requests_keep_a_connection_open_past_the_handshake_timeout() {
+    let d = daemon("[limits]\nhandshake_timeout_secs = 2\n");
+    let mut s = connect(&d);
+    let started = Instant::now();
+    list_rooms_on(&mut s, 0);
+    let mut asked = 1;
+    while started.elapsed() < Duration::from_secs(3) {
+        // Pacing, not a wait for anything: the next request 1 s after the last answer.
+        thread::sleep(Duration::from_secs(1));
+        list_rooms_on(&mut s, asked);
+        asked += 1;
+    }
+    assert_eq!(closed(&d, "timeout"), 0.0);
+}
+
 #[test]
 fn metrics_connections_do_not_use_up_the_per_ip_handshake_cap() {
     let d = daemon("[limits]\nmax_connections_per_ip = 1\n");
