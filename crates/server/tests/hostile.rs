@@ -396,6 +396,31 @@ fn a_huge_payload_size_is_refused_at_once_and_the_connection_closed() {
     assert_state_intact(d, &[room]);
 }
 
+/// The largest request the limits allow, a 255-byte room name and a payload of exactly
+/// `max_payload_bytes` (the name, then JSON whitespace), is read whole and answered, twice on
+/// one connection: the read cap leaves room for a whole frame and more.
+#[test]
+fn the_largest_request_the_limits_allow_is_answered() {
+    let d = daemon("");
+    let room = "r".repeat(usize::from(u8::MAX));
+    let padded = |name: &str| {
+        let mut body = format!("\"{name}\"").into_bytes();
+        body.resize(tcrp::DEFAULT_MAX_PAYLOAD, b' ');
+        body
+    };
+    let mut s = connect(&d);
+    let mut both = request_bytes(Operation::CreateRoom, &room, &padded("alice"));
+    both.extend(request_bytes(Operation::JoinRoom, &room, &padded("bob")));
+    s.write_all(&both).unwrap();
+    let mut frames = FrameReader::default();
+    let host = frames.reply(&mut s);
+    assert_eq!(host.compliance, Compliance::Success, "{host:?}");
+    let bob = frames.reply(&mut s);
+    assert_eq!(bob.compliance, Compliance::Success, "{bob:?}");
+    let alice = Member::joined(&d, &room, &host.token.unwrap());
+    Member::new(&d, &room, &bob.token.unwrap()).registered_with(&alice, "bob");
+}
+
 #[test]
 fn an_unknown_operation_is_refused_and_the_connection_stays_usable() {
     let d = daemon("");
