@@ -1696,6 +1696,14 @@ fn a_pipelining_peer_that_reads_late_is_paused_and_then_gets_every_reply() {
     wait_until("the connection is paused", || {
         d.metric("ocm_tcp_output_pauses_total") >= 1.0
     });
+    // Paused, the connection is not read (its requests wait in the kernel), nor revisited:
+    // the daemon idles until the peer reads.
+    let before = cpu_time(d.pid());
+    let window = Duration::from_secs(2);
+    // A measurement window, not a wait for anything.
+    thread::sleep(window);
+    let used = cpu_time(d.pid()).saturating_sub(before);
+    assert!(used < window / 4, "{used:?} of CPU in {window:?} paused");
     let mut frames = FrameReader::default();
     for i in 0..ASKED {
         let (state, body) = frames.next(&mut s).expect("COMPLIANCE, not EOF");

@@ -1041,20 +1041,6 @@ fn a_daemon_that_lost_no_datagram_never_warns_of_kernel_drops() {
     assert!(!d.log().contains("the kernel dropped"), "{}", d.log());
 }
 
-/// The CPU time (user and system) process `pid` has used so far, from `/proc/PID/stat`.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
-    // The fields after the command name, which is in parentheses and may hold spaces.
-    let (_, rest) = stat.rsplit_once(')').expect("stat line");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat(5); `rest` starts at field 3.
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    assert!(per_sec > 0, "clock ticks per second");
-    Duration::from_secs_f64(ticks as f64 / per_sec as f64)
-}
-
 /// Once its sockets are drained, the daemon sleeps in `poll` until the next timer: after
 /// chat and a handshake, an idle daemon uses next to no CPU. (A drain that took the empty
 /// socket's `WouldBlock` for an error would keep it ready, and the loop would spin.)

@@ -100,6 +100,20 @@ pub fn udp_queue(addr: SocketAddr) -> Option<(u64, u64)> {
     })
 }
 
+/// The CPU time (user and system) process `pid` has used so far, from `/proc/PID/stat`.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let (_, rest) = stat.rsplit_once(')').expect("stat line");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat(5); `rest` starts at field 3.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    assert!(per_sec > 0, "clock ticks per second");
+    Duration::from_secs_f64(ticks as f64 / per_sec as f64)
+}
+
 /// The Presence reply for `payload` (`b"{}"`, or a token to be told `you`) in `room`.
 pub fn presence_of(d: &Daemon, room: &str, payload: &[u8]) -> payload::RoomPresence {
     let mut stream = connect(d);
