@@ -1129,6 +1129,61 @@ fn a_right_password_whose_connection_closed_does_not_spend_the_allowance() {
     );
 }
 
+/// A frame waiting for its password check stays at the front of the input and is checked
+/// once: a request that comes behind it while the check waits is read, answered after it,
+/// and does not queue the same check again.
+#[test]
+fn a_request_behind_a_waiting_password_check_does_not_queue_it_again() {
+    let d = daemon("");
+    create_vault(&d);
+    let queued = |source: &str| {
+        d.log()
+            .lines()
+            .filter(|l| l.contains(source) && l.contains("password check queued"))
+            .count()
+    };
+    // Password rooms created from four other sources keep the one hashing thread busy (tens
+    // of milliseconds a hash), so that the join below is still waiting when more comes.
+    let ahead: Vec<_> = (20..24u8)
+        .flat_map(|last| (0..2).map(move |n| (last, n)))
+        .map(|(last, n)| {
+            let tcp = d.tcp;
+            thread::spawn(move || {
+                let mut s = connect_from(Ipv4Addr::new(127, 0, 0, last), tcp, None);
+                let body = br#"{"username": "h", "password": "pw"}"#;
+                let room = format!("busy-{last}-{n}");
+                exchange(&mut s, &request_bytes(Operation::CreateRoom, &room, body))
+            })
+        })
+        .collect();
+    wait_until("eight hashes queued ahead", || {
+        (20..24)
+            .map(|last| queued(&format!("127.0.0.{last}:")))
+            .sum::<usize>()
+            == 8
+    });
+    let mut s = connect_from(Ipv4Addr::new(127, 0, 0, 25), d.tcp, None);
+    s.write_all(&request_bytes(
+        Operation::JoinRoom,
+        "vault",
+        br#"{"username": "g", "password": "right"}"#,
+    ))
+    .unwrap();
+    wait_until("the join's check is queued", || queued("127.0.0.25:") >= 1);
+    s.write_all(&request_bytes(Operation::ListRooms, "", b"{}"))
+        .unwrap();
+    let mut frames = FrameReader::default();
+    let joined = frames.reply(&mut s);
+    assert!(joined.token.is_some(), "{joined:?}");
+    let (state, body) = frames.next(&mut s).expect("the list's COMPLIANCE");
+    assert_eq!(state, State::Compliance);
+    assert_eq!(payload::parse_compliance(&body), Ok(Compliance::Success));
+    for t in ahead {
+        assert!(t.join().unwrap().token.is_some());
+    }
+    assert_eq!(queued("127.0.0.25:"), 1, "{}", d.log());
+}
+
 #[test]
 fn a_request_flood_from_one_ip_is_rate_limited_and_others_are_served() {
     let d = daemon("[rate]\nrequests_per_sec = 2.0\nrequests_burst = 5.0\n");
