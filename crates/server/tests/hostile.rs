@@ -2195,6 +2195,27 @@ fn a_register_forged_from_the_daemons_own_address_is_dropped() {
     assert_eq!(d.metric("ocm_members_registered"), 2.0);
 }
 
+/// While a connection closed after a final refusal waits for its peer's end, what the peer
+/// still sends is read and thrown away, and its end closes the connection as `protocol`.
+#[test]
+fn bytes_after_a_final_refusal_are_thrown_away_until_the_peers_end() {
+    let d = daemon("");
+    let mut s = connect(&d);
+    s.write_all(&header(1, 1, 0, 1 << 30)).unwrap();
+    let message = malformed_request_message(&mut s);
+    assert!(message.contains(&(1u64 << 30).to_string()), "{message}");
+    // The daemon has shut its side: it waits for ours now.
+    assert_eq!(read_until_closed(&mut s), b"");
+    s.write_all(&[b'x'; 1024]).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    d.wait_for_log(&format!("{}: closed (protocol)", s.local_addr().unwrap()));
+    // Everything was read before the close: a close with our bytes unread would be an RST.
+    let mut rest = [0u8; 16];
+    assert_eq!(s.read(&mut rest).map_err(|e| e.kind()), Ok(0));
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room]);
+}
+
 /// A connection closed after a final refusal (here a payload size over the cap) is read and
 /// thrown away for at most 256 KiB: a peer that goes on sending and never sends its end is
 /// cut off then, not read for the whole linger time. (Counted in bytes sent, not time: a
