@@ -4,6 +4,7 @@
 
 use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -17,7 +18,7 @@ use crate::error::{Context, Error, Result};
 use crate::members::Room;
 use crate::receivers::{kernel_drops, write_text, Clock, Draining, Receivers};
 use crate::report::{histogram, si, steal_time, CpuUse, DaemonDelay, LossAttribution, Percentiles};
-use crate::stalls::{StallMeter, Stalls};
+use crate::stalls::{become_realtime, StallMeter, Stalls};
 
 /// Messages per `sendmmsg` call.
 const SEND_BATCH: usize = 32;
@@ -84,6 +85,22 @@ pub enum Pace {
     Max,
     /// This many messages per second over all senders.
     Rate(f64),
+}
+
+/// Whether paced senders ask for real-time priority (`--sender-priority`, set once at start).
+static PACED_SENDERS_REALTIME: AtomicBool = AtomicBool::new(true);
+
+/// Sets whether paced senders run at `SCHED_FIFO` 1 (the default) or at normal priority.
+///
+/// The senders stand for members on other machines, whose messages leave on time whatever
+/// the daemon is doing. At normal priority on two vCPUs that the daemon and the receivers
+/// keep ~95% busy, a woken sender can wait milliseconds for a core and then skip slots
+/// (counted as loss): 5 of 8 normal-priority runs at 567k–6.3M deliveries/s skipped
+/// 0.006–0.22% of their schedule, none of 12 real-time runs did (crates/bench/NOTES.md,
+/// "Paced senders at real-time priority"). Flat-out senders never ask: they never sleep,
+/// and would take a core outright.
+pub fn set_paced_senders_realtime(on: bool) {
+    PACED_SENDERS_REALTIME.store(on, Ordering::Relaxed);
 }
 
 /// One fan-out measurement.
@@ -156,6 +173,10 @@ pub struct FanoutResult {
     /// The receivers' own share of the latency; `None` without stamps.
     #[serde(default)]
     pub receiver_lag_us: Option<Percentiles>,
+    /// Paced runs: whether every sender thread ran at `SCHED_FIFO` 1
+    /// ([`set_paced_senders_realtime`]); `None` flat out, and in results recorded before.
+    #[serde(default)]
+    pub paced_senders_realtime: Option<bool>,
 }
 
 impl FanoutResult {
@@ -274,6 +295,18 @@ impl FanoutResult {
         if let Some(stalls) = &self.stalls {
             println!("  {}", stalls.line());
         }
+        if let Some(realtime) = self.paced_senders_realtime {
+            println!("  paced senders: {}", senders_priority_note(realtime));
+        }
+    }
+}
+
+/// How the paced senders ran, in words for the reports.
+pub fn senders_priority_note(realtime: bool) -> &'static str {
+    if realtime {
+        "at real-time priority (`SCHED_FIFO` 1), so they leave on schedule as remote members would, whatever the daemon and receivers take (`--sender-priority`)"
+    } else {
+        "at normal priority, level with the daemon, which can hold them up past their slots (`--sender-priority normal`, or not permitted to raise it)"
     }
 }
 
@@ -288,6 +321,8 @@ struct Sent {
     skipped_late_ns: Vec<u64>,
     /// Paced: how late each slot left (sent or skipped), nanoseconds.
     lateness_ns: Histogram<u64>,
+    /// Paced: the thread ran at real-time priority.
+    realtime: bool,
 }
 
 impl Default for Sent {
@@ -298,6 +333,7 @@ impl Default for Sent {
             skipped: 0,
             skipped_late_ns: Vec::new(),
             lateness_ns: histogram(),
+            realtime: false,
         }
     }
 }
@@ -419,11 +455,12 @@ fn send_loop(
     clock: Clock,
 ) -> Sent {
     let count = lanes.len() as u64;
+    let mut sent = Sent::default();
     if rate.is_some() {
         precise_timers();
+        sent.realtime = PACED_SENDERS_REALTIME.load(Ordering::Relaxed) && become_realtime();
     }
     let mut text = Vec::with_capacity(text_len + 64);
-    let mut sent = Sent::default();
     // Slots sent or tried (`attempted`) and skipped: the next slot is their sum.
     let mut attempted = 0u64;
     let start_ns = clock.nanos();
@@ -649,6 +686,7 @@ pub fn measure(
         sender_lateness_us,
         receiver_lag_us: (!got.read_lag_ns.is_empty())
             .then(|| Percentiles::scaled(&got.read_lag_ns, 1e3)),
+        paced_senders_realtime: per_sender.map(|_| sent.iter().all(|s| s.realtime)),
         daemon_delay: DaemonDelay::from_buckets(
             &after.histogram_delta(&before, "ocm_relay_delay_seconds"),
         ),
@@ -886,6 +924,35 @@ mod tests {
     /// slot, sent or skipped, is counted once in the senders' lateness. Two members sending
     /// from one thread share its schedule: slots alternate between them, and each message's
     /// number and time name its slot.
+    /// A paced sender reports the priority it really ran at: `realtime` exactly when its
+    /// thread's policy is `SCHED_FIFO` (granted as root, unless a container forbids it; refused without the privilege), so a
+    /// report never claims real-time senders it did not have.
+    #[test]
+    fn a_paced_sender_reports_the_priority_it_really_ran_at() {
+        let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let from = UdpSocket::bind("127.0.0.1:0").unwrap();
+        from.connect(sink.local_addr().unwrap()).unwrap();
+        // Its own thread: the policy stays with the thread that asked for it.
+        let (sent, policy) = thread::scope(|s| {
+            s.spawn(|| {
+                let mut lanes = vec![Lane::new(&from, b"h:", 1, 64)];
+                let sent = send_loop(
+                    &mut lanes,
+                    64,
+                    Some(1_000.0),
+                    Duration::from_millis(20),
+                    Clock::new(),
+                );
+                // SAFETY: reads the calling thread's scheduling policy; no pointers.
+                (sent, unsafe { libc::sched_getscheduler(0) })
+            })
+            .join()
+            .unwrap()
+        });
+        assert!(sent.messages > 0, "{sent:?}");
+        assert_eq!(sent.realtime, policy == libc::SCHED_FIFO, "policy {policy}");
+    }
+
     #[test]
     fn paced_messages_carry_their_slot_times() {
         let to = UdpSocket::bind("127.0.0.1:0").unwrap();

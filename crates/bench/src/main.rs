@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Common, Mode};
+use crate::cli::{Cli, Common, Mode, SenderPriority};
 use crate::daemon::{is_tmpfs, Launcher, StateDir};
 use crate::error::{Error, Result};
 use crate::fanout::Pace;
@@ -96,6 +96,7 @@ fn secs(s: f64) -> Duration {
 
 fn run(cli: Cli) -> Result<()> {
     let common = &cli.common;
+    fanout::set_paced_senders_realtime(common.sender_priority == SenderPriority::Realtime);
     let draining = Draining {
         threads: common.receivers,
         poll: Duration::from_micros(common.receiver_poll_us),

@@ -14,7 +14,7 @@ use crate::ceiling::{self, CeilingResult};
 use crate::cli::CapsArg;
 use crate::daemon::{is_tmpfs, Launcher, StateDir};
 use crate::error::{Context, Result};
-use crate::fanout::{self, FanoutResult, Pace, SweepResult};
+use crate::fanout::{self, senders_priority_note, FanoutResult, Pace, SweepResult};
 use crate::handshake::{self, HandshakeResult};
 use crate::inflight::Clients;
 use crate::memory::{self, MemoryResult};
@@ -89,6 +89,10 @@ pub struct Results {
     /// The niceness `ocmd` ran at (the load generator runs at 0).
     #[serde(default)]
     pub daemon_nice: i32,
+    /// Whether every paced step ran its senders at real-time priority (`--sender-priority`);
+    /// `None` in reports made before the option (normal priority).
+    #[serde(default)]
+    pub paced_senders_realtime: Option<bool>,
     /// Fan-out rows.
     pub rows: Vec<SizeRow>,
     /// Sweeps at M = 64: plain, batch4k, batch.
@@ -319,6 +323,13 @@ pub fn run(launcher: &Launcher, plan: &Plan) -> Result<Results> {
         receivers: plan.draining.threads,
         receiver_poll_us: u64::try_from(plan.draining.poll.as_micros()).unwrap_or(u64::MAX),
         daemon_nice: launcher.nice,
+        paced_senders_realtime: sweeps
+            .iter()
+            .flat_map(|s| s.steps.iter().chain(&s.half))
+            .chain(&batch_at_3m)
+            .map(|r| r.paced_senders_realtime)
+            .collect::<Option<Vec<bool>>>()
+            .map(|all| all.iter().all(|&on| on)),
         rows,
         sweeps,
         batch_at_3m,
@@ -475,6 +486,11 @@ pub fn markdown(r: &Results) -> String {
         m.cpus
     );
     let _ = writeln!(w, "- {}", draining_note(r.receiver_poll_us));
+    let _ = writeln!(
+        w,
+        "- paced senders ran {}",
+        senders_priority_note(r.paced_senders_realtime.unwrap_or(false))
+    );
     let _ = writeln!(
         w,
         "- {}\n",

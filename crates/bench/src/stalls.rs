@@ -94,7 +94,7 @@ fn measure(stop: &AtomicBool) -> Stalls {
 }
 
 /// Puts the calling thread under `SCHED_FIFO` priority 1; false when not permitted.
-fn become_realtime() -> bool {
+pub(crate) fn become_realtime() -> bool {
     let param = libc::sched_param { sched_priority: 1 };
     // SAFETY: changes only the calling thread's policy; `param` is a valid sched_param.
     unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) == 0 }
