@@ -1698,20 +1698,18 @@ impl RawDaemon {
 
     /// A daemon whose `[listen]` addresses come from `config`, not from flags.
     fn spawn_listening_from_file(config: &str) -> RawDaemon {
-        let dir = Arc::new(tempfile::tempdir().unwrap());
-        RawDaemon::spawn_inner(
-            Path::new(env!("CARGO_BIN_EXE_ocmd")),
-            &dir,
-            config,
-            &[("RUST_LOG", "info")],
-            None,
-            true,
-        )
+        RawDaemon::spawn_logging_info_from_file(config, true)
     }
 
     /// A daemon whose `[listen]` addresses and `[state] path` all come from `config`: no
     /// flag overrides a restart-only setting.
     fn spawn_all_from_file(config: &str) -> RawDaemon {
+        RawDaemon::spawn_logging_info_from_file(config, false)
+    }
+
+    /// A daemon at `RUST_LOG=info` with no listen flags; `state_flag`: its state path given
+    /// by `--state` rather than by `config`.
+    fn spawn_logging_info_from_file(config: &str, state_flag: bool) -> RawDaemon {
         let dir = Arc::new(tempfile::tempdir().unwrap());
         RawDaemon::spawn_inner(
             Path::new(env!("CARGO_BIN_EXE_ocmd")),
@@ -1719,7 +1717,7 @@ impl RawDaemon {
             config,
             &[("RUST_LOG", "info")],
             None,
-            false,
+            state_flag,
         )
     }
 
