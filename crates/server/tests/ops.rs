@@ -1527,14 +1527,7 @@ fn reload_of_a_changed_listen_address_says_restart_until_it_is_the_running_one_a
     for (reload, file, expected) in [(1, moved, 1), (2, moved, 2), (3, listen, 2)] {
         d.rewrite_config(file);
         d.signal(libc::SIGHUP);
-        wait_until("reload", || {
-            d.log
-                .lock()
-                .unwrap()
-                .matches("configuration reloaded")
-                .count()
-                >= reload
-        });
+        d.wait_for_reloads(reload);
         assert_eq!(warnings(), expected, "after reload {reload}");
     }
     let tcp = d.tcp;
@@ -1584,24 +1577,14 @@ fn reload_with_every_restart_only_setting_in_the_file_warns_only_about_what_chan
         )
     };
     let d = RawDaemon::spawn_all_from_file(&file("room_manager.json", "off"));
-    let reloads = |n: usize| {
-        wait_until("reload", || {
-            d.log
-                .lock()
-                .unwrap()
-                .matches("configuration reloaded")
-                .count()
-                >= n
-        });
-    };
     d.signal(libc::SIGHUP);
-    reloads(1);
+    d.wait_for_reloads(1);
     let log = d.log.lock().unwrap().clone();
     assert!(!log.contains("SIGHUP: listen."), "{log}");
     assert!(!log.contains("SIGHUP: state."), "{log}");
     d.rewrite_config(&file("moved.json", "127.0.0.1:0"));
     d.signal(libc::SIGHUP);
-    reloads(2);
+    d.wait_for_reloads(2);
     let log = d.log.lock().unwrap().clone();
     for key in ["state.path", "listen.metrics"] {
         assert!(
@@ -1685,6 +1668,18 @@ struct RawDaemon {
 }
 
 impl RawDaemon {
+    /// Waits until the log holds `n` "configuration reloaded" lines.
+    fn wait_for_reloads(&self, n: usize) {
+        wait_until("reload", || {
+            self.log
+                .lock()
+                .unwrap()
+                .matches("configuration reloaded")
+                .count()
+                >= n
+        });
+    }
+
     fn spawn(config: &str, env: &[(&str, &str)]) -> RawDaemon {
         let dir = Arc::new(tempfile::tempdir().unwrap());
         RawDaemon::spawn_program(
