@@ -2452,7 +2452,36 @@ fn a_sighup_while_the_state_loads_does_not_kill_ocmd() {
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGHUP) }, 0);
     // Feed the state each time ocmd opens the FIFO for reading (the start opens it more than
     // once; an open for writing without a reader fails with ENXIO) until it serves. A dead
-    // ocmd never opens it.
+    // ocmd never opens it. Each reader gets the state once: the next write waits until the
+    // reader has taken it and closed its end, since an open for writing also succeeds while
+    // a reader that has not yet seen the end of the last write holds the FIFO, and a second
+    // copy would reach that reader as trailing bytes (seen once on a loaded machine).
+    // A reader whose open has not returned holds no descriptor yet, but it keeps the pipe
+    // and what was written to it: a look of our own (a read end opened and closed without
+    // reading) sees those bytes. ocmd also opens the file once without reading it.
+    let ocmd_holds_fifo = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+            fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+                .any(|target| target == state)
+        })
+    };
+    let unread_in_fifo = || {
+        use std::os::fd::AsRawFd;
+        let look = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&state)
+            .expect("open the FIFO to look");
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes the pipe's unread byte count to `n`.
+        let rc = unsafe { libc::ioctl(look.as_raw_fd(), libc::FIONREAD, &mut n) };
+        assert_eq!(rc, 0, "FIONREAD: {}", std::io::Error::last_os_error());
+        n
+    };
+    let ocmd_gone = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_or(true, |stat| stat.contains(") Z "))
+    };
     let deadline = Instant::now() + PATIENCE;
     let mut seen: Vec<String> = Vec::new();
     while !seen.iter().any(|l| l.contains("listening ")) {
@@ -2474,7 +2503,13 @@ fn a_sighup_while_the_state_loads_does_not_kill_ocmd() {
                 let kind = fifo.metadata().unwrap().file_type();
                 assert!(kind.is_fifo(), "the state file is no longer the FIFO");
                 match fifo.write_all(br#"{"rooms": {}, "tokens": {}}"#) {
-                    Ok(()) => {}
+                    Ok(()) => {
+                        drop(fifo);
+                        let pid = child.id();
+                        wait_until("ocmd took the state and closed the FIFO", || {
+                            ocmd_gone(pid) || (!ocmd_holds_fifo(pid) && unread_in_fifo() == 0)
+                        });
+                    }
                     // The reader closed between our open and the write (a write this short
                     // goes in whole or not at all): feed its next open.
                     Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
