@@ -1592,6 +1592,20 @@ fn presence_of_a_crowded_room_is_cut_to_one_reply() {
     assert_eq!(out.len(), names.len() + 2, "host line, members, the note");
 }
 
+/// Everything `source` yields until its end or an error, gathered by a thread of its own as
+/// it arrives.
+fn gathered(mut source: impl std::io::Read + Send + 'static) -> Arc<std::sync::Mutex<Vec<u8>>> {
+    let gathered = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let into = Arc::clone(&gathered);
+    thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        while let Ok(n @ 1..) = source.read(&mut buf) {
+            into.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    gathered
+}
+
 /// A pseudo-terminal pair: `ocm` gets the terminal end, the test the other.
 struct Pty {
     controller: std::fs::File,
@@ -1640,7 +1654,6 @@ impl Pty {
 /// command, waited for that lock before the editor could read again: both stopped for good.
 #[test]
 fn ocm_in_a_terminal_answers_commands_while_a_flood_pours_in() {
-    use std::io::Read;
     let d = Daemon::start_with(Options {
         config: Some("[rate]\nchat_per_sec = 0\n".into()),
         ..Options::default()
@@ -1660,20 +1673,11 @@ fn ocm_in_a_terminal_answers_commands_while_a_flood_pours_in() {
         .spawn()
         .map(KillOnDrop)
         .expect("spawn ocm");
-    let mut controller = pty.controller.try_clone().unwrap();
+    let controller = pty.controller.try_clone().unwrap();
     let mut keys = pty.controller.try_clone().unwrap();
     drop(pty);
-    let screen = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
-    {
-        let screen = Arc::clone(&screen);
-        thread::spawn(move || {
-            let mut buf = [0u8; 65536];
-            // Ends with EIO once ocm, the terminal's last holder, has exited.
-            while let Ok(n @ 1..) = controller.read(&mut buf) {
-                screen.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-    }
+    // Ends with EIO once ocm, the terminal's last holder, has exited.
+    let screen = gathered(controller);
     let shown = |needle: &str, from: usize| {
         let screen = screen.lock().unwrap();
         String::from_utf8_lossy(&screen[from.min(screen.len())..]).contains(needle)
@@ -1756,27 +1760,17 @@ fn ocm_in_a_terminal_recalls_the_last_line_with_the_up_arrow() {
 /// (rustyline refuses to print above the line when its output is not a terminal).
 #[test]
 fn ocm_typed_at_in_a_terminal_but_writing_into_a_pipe_reads_plain_lines() {
-    use std::io::Read;
     let d = Daemon::start();
     let host = Member::joined(&d, "piped", &create(&d, "piped", "host"));
     let pty = Pty::open();
-    let (mut pipe, into_pipe) = std::io::pipe().expect("a pipe");
+    let (pipe, into_pipe) = std::io::pipe().expect("a pipe");
     let mut ocm = pty.ocm_writing_to(
         &d,
         &["join", "piped", "--name", "alice"],
         Stdio::from(into_pipe.try_clone().expect("dup the pipe")),
         Stdio::from(into_pipe),
     );
-    let written = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
-    {
-        let written = Arc::clone(&written);
-        thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n @ 1..) = pipe.read(&mut buf) {
-                written.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-    }
+    let written = gathered(pipe);
     let output = || String::from_utf8_lossy(&written.lock().unwrap()).into_owned();
     let mut keys = pty.controller.try_clone().unwrap();
     keys.write_all(b"hello\n").unwrap();
