@@ -32,7 +32,7 @@ pub const MAX_ROOM_IDLE_SECS: u64 = 366 * 86_400;
 /// Largest `history.max_bytes_per_room` accepted (16 MiB).
 pub const MAX_HISTORY_BYTES_PER_ROOM: u64 = 16 * 1024 * 1024;
 /// Largest `udp.datagrams_per_wakeup` accepted: a budget the loop can spend in well under a
-/// second (65,536 datagrams, about 64 `recvmmsg` calls), so that a flood cannot hold back
+/// second (65,536 datagrams, 256 `recvmmsg` calls of 256), so that a flood cannot hold back
 /// accepts, handshakes and the systemd watchdog for long.
 pub const MAX_DATAGRAMS_PER_WAKEUP: u64 = 65_536;
 /// Largest `liveness.tombstone_capacity` accepted (ten million, about 1.1 GB once full): the

@@ -52,9 +52,9 @@ pub enum StoreError {
     /// A record number skips ahead of the last record applied: records are numbered one by
     /// one, so the ones in between, acknowledged, are missing.
     #[error(
-        "{path} line {line} holds record {found} where record {expected} was due: records \
-         {expected} to {last_missing} are missing ({hint}; the files were left untouched)",
-        last_missing = found - 1
+        "{path} line {line} holds record {found} where record {expected} was due: {missing} \
+         ({hint}; the files were left untouched)",
+        missing = missing_records(*expected, *found)
     )]
     Gap {
         /// The journal holding the record.
@@ -131,4 +131,14 @@ pub enum Error {
         /// The I/O error.
         source: io::Error,
     },
+}
+
+/// The records a [`StoreError::Gap`] lacks, `expected` up to the one before `found`, in words.
+fn missing_records(expected: u64, found: u64) -> String {
+    let last = found.saturating_sub(1);
+    if last <= expected {
+        format!("record {expected} is missing")
+    } else {
+        format!("records {expected} to {last} are missing")
+    }
 }

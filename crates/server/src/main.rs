@@ -16,7 +16,8 @@ struct Args {
     /// TOML configuration file (every key has an embedded default).
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
-    /// TCP address for create/join handshakes [default: 127.0.0.1:9090].
+    /// TCP address for the TCRP requests: create/join handshakes, room lists, presence and
+    /// history [default: 127.0.0.1:9090].
     #[arg(long, value_name = "ADDR:PORT", value_parser = config::parse_listen_addr)]
     tcp: Option<SocketAddr>,
     /// UDP address for chat datagrams [default: 127.0.0.1:9091].

@@ -1753,6 +1753,17 @@ mod tests {
     /// skips ahead stops the load, naming the file, the line and the missing numbers, whether
     /// the gap follows the state file, comes between the journals or within one.
     #[test]
+    fn a_gap_of_one_record_names_that_record_alone() {
+        let (_dir, paths) = temp_paths();
+        fs::write(&paths.journal, journal_bytes(&[(2, join("a", "m"))])).unwrap();
+        let err = load(&paths).unwrap_err().to_string();
+        assert!(
+            err.contains("holds record 2 where record 1 was due: record 1 is missing ("),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn a_gap_in_the_record_numbers_stops_the_load() {
         // No state file: the journals must start at record 1.
         let (_dir, paths) = temp_paths();
