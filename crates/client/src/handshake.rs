@@ -426,7 +426,7 @@ fn read_frame<S: LimitedRead>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::VecDeque;
+    use crate::fake_server::FakeServer;
     use tcrp::ErrorCode;
 
     #[test]
@@ -487,64 +487,6 @@ mod tests {
             matches!(&looked_up, Err(ClientError::Resolve { source, .. }) if source.to_string() == "[127.0.0.1]"),
             "{looked_up:?}"
         );
-    }
-
-    /// An in-memory server: hands out the scripted reply in the given chunks (one per
-    /// `read`), then end of stream, and records everything written to it.
-    struct FakeServer {
-        chunks: VecDeque<Vec<u8>>,
-        written: Vec<u8>,
-        fail_reads_with: Option<io::ErrorKind>,
-        /// Reads interrupted (`EINTR`) before the first one that returns anything.
-        interrupted_reads: usize,
-    }
-
-    impl FakeServer {
-        fn new(chunks: Vec<Vec<u8>>) -> FakeServer {
-            FakeServer {
-                chunks: chunks.into(),
-                written: Vec::new(),
-                fail_reads_with: None,
-                interrupted_reads: 0,
-            }
-        }
-    }
-
-    impl Read for FakeServer {
-        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-            if let Some(kind) = self.fail_reads_with {
-                return Err(kind.into());
-            }
-            if self.interrupted_reads > 0 {
-                self.interrupted_reads -= 1;
-                return Err(io::ErrorKind::Interrupted.into());
-            }
-            let Some(mut chunk) = self.chunks.pop_front() else {
-                return Ok(0);
-            };
-            let n = chunk.len().min(out.len());
-            out[..n].copy_from_slice(&chunk[..n]);
-            if n < chunk.len() {
-                self.chunks.push_front(chunk.split_off(n));
-            }
-            Ok(n)
-        }
-    }
-
-    impl LimitedRead for FakeServer {
-        fn limit_next_read(&mut self, _: Duration) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl Write for FakeServer {
-        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-            self.written.extend_from_slice(data);
-            Ok(data.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
     }
 
     fn frame(operation: Operation, state: State, room: &str, payload: &[u8]) -> Vec<u8> {

@@ -32,6 +32,8 @@
 mod chat;
 mod closure;
 mod error;
+#[cfg(test)]
+mod fake_server;
 mod feed;
 mod handshake;
 mod input;

@@ -176,36 +176,23 @@ impl HistoryPager {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::VecDeque;
-    use std::io::{self, Read};
+    use crate::fake_server::FakeServer;
     use tcrp::payload::{HistoryMessage, ListedRoom, PresentMember};
     use tcrp::{ErrorCode, Frame, State};
-
-    /// An in-memory server with a scripted reply that records what it was sent.
-    struct FakeServer {
-        reply: VecDeque<u8>,
-        written: Vec<u8>,
-    }
 
     impl FakeServer {
         /// A server answering success then COMPLETE `complete`.
         fn completing(complete: &[u8]) -> FakeServer {
             let mut reply = frame(State::Compliance, br#"{"success": true}"#);
             reply.extend(frame(State::Complete, complete));
-            FakeServer {
-                reply: reply.into(),
-                written: Vec::new(),
-            }
+            FakeServer::in_pieces(&reply, 3)
         }
 
         /// A server refusing with `code`.
         fn refusing(code: ErrorCode, message: &str) -> FakeServer {
             let mut failure = Vec::new();
             payload::encode_failure(code, message, &mut failure);
-            FakeServer {
-                reply: frame(State::Compliance, &failure).into(),
-                written: Vec::new(),
-            }
+            FakeServer::in_pieces(&frame(State::Compliance, &failure), 3)
         }
 
         /// The one frame the client sent: operation, room name, payload.
@@ -218,33 +205,6 @@ mod tests {
                 String::from_utf8(f.room_name.to_vec()).unwrap(),
                 String::from_utf8(f.payload.to_vec()).unwrap(),
             )
-        }
-    }
-
-    impl Read for FakeServer {
-        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-            // Three bytes at a time, to exercise reassembly.
-            let n = out.len().min(self.reply.len()).min(3);
-            for slot in out.iter_mut().take(n) {
-                *slot = self.reply.pop_front().unwrap();
-            }
-            Ok(n)
-        }
-    }
-
-    impl LimitedRead for FakeServer {
-        fn limit_next_read(&mut self, _: std::time::Duration) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl Write for FakeServer {
-        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-            self.written.extend_from_slice(data);
-            Ok(data.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
         }
     }
 
