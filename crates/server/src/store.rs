@@ -771,13 +771,15 @@ pub fn write_atomic_with(
     let mut tmp_name = path.as_os_str().to_owned();
     tmp_name.push(".tmp");
     let tmp = PathBuf::from(tmp_name);
+    // The caller names `path`; an error of the temporary file says it was that one.
+    let at_tmp = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", tmp.display()));
     let file = match create_private(&tmp) {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             // Left over by a crash mid-write; the lock file guarantees it is not in use.
-            fs::remove_file(&tmp)?;
-            create_private(&tmp)?
+            fs::remove_file(&tmp).map_err(at_tmp)?;
+            create_private(&tmp).map_err(at_tmp)?
         }
-        other => other?,
+        other => other.map_err(at_tmp)?,
     };
     let written = (|| {
         let mut buffered = io::BufWriter::with_capacity(64 * 1024, &file);
@@ -793,13 +795,16 @@ pub fn write_atomic_with(
         Err(e) => {
             // A partial file could hold the disk space the journal needs (ENOSPC).
             let _ = fs::remove_file(&tmp);
-            return Err(e);
+            return Err(at_tmp(e));
         }
     };
     if let Err(e) = fs::rename(&tmp, path) {
         // A whole copy of the state (tokens, password hashes) left for nothing.
         let _ = fs::remove_file(&tmp);
-        return Err(e);
+        return Err(io::Error::new(
+            e.kind(),
+            format!("renaming {} over it: {e}", tmp.display()),
+        ));
     }
     sync_dir(path)?;
     Ok(size)
@@ -1959,10 +1964,13 @@ mod tests {
             Err(io::Error::other("disk full"))
         })
         .unwrap_err();
-        assert_eq!(err.to_string(), "disk full");
-        assert_eq!(fs::read(&paths.state).unwrap(), b"old");
         let mut tmp = paths.state.as_os_str().to_owned();
         tmp.push(".tmp");
+        assert_eq!(
+            err.to_string(),
+            format!("{}: disk full", Path::new(&tmp).display())
+        );
+        assert_eq!(fs::read(&paths.state).unwrap(), b"old");
         assert!(!Path::new(&tmp).exists(), "the partial file is removed");
         assert_eq!(
             write_atomic_with(&paths.state, |f| f.write_all(b"new")).unwrap(),
@@ -2057,6 +2065,23 @@ mod tests {
         write_atomic(&paths.state, b"whole").expect("the leftover is replaced");
         assert_eq!(fs::read(&paths.state).unwrap(), b"whole");
         assert!(!Path::new(&tmp).exists());
+    }
+
+    /// Something in the way of the temporary file (here a directory, which an exclusive
+    /// create and the removal of a leftover both refuse) fails the write with an error that
+    /// names the temporary file: the caller names the state file, which is fine.
+    #[test]
+    fn an_error_of_the_temporary_file_names_it() {
+        let (_dir, paths) = temp_paths();
+        let mut tmp = paths.state.as_os_str().to_owned();
+        tmp.push(".tmp");
+        fs::create_dir(&tmp).unwrap();
+        let err = write_atomic(&paths.state, b"x").unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("{}: ", Path::new(&tmp).display())),
+            "{err}"
+        );
+        assert!(!paths.state.exists(), "nothing was written");
     }
 
     /// A temporary file that cannot be created (here in sysfs, which refuses it) fails the

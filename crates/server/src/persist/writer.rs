@@ -256,8 +256,9 @@ impl Writer {
             if !loaded.zero_holes.is_empty() {
                 // Normal after a crash or power cut; after neither, the disk lost synced data.
                 warn!(
-                    "state: journal lines after a zero-filled hole were ignored; this is \
-                     expected only after a crash or power loss, otherwise check the disk"
+                    "state: a zero-filled hole ended a journal, and it was ignored with \
+                     whatever followed it; this is expected only after a crash or power loss, \
+                     otherwise check the disk"
                 );
             }
         }
