@@ -1200,6 +1200,85 @@ fn a_zero_filled_hole_with_synced_records_after_it_stops_the_start() {
     assert_eq!(std::fs::read(&journal).unwrap(), holed, "journal unchanged");
 }
 
+/// An `fsync` that waits while the file named by `OCM_TEST_HOLD_FSYNC` exists, at most 60 s (a
+/// disk that stopped answering the state file's writes; the journal's `fdatasync` goes
+/// through), creating that name plus `.held` once it has begun to wait.
+fn fsync_holder(dir: &std::path::Path) -> std::path::PathBuf {
+    const SOURCE: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+int fsync(int fd) {
+    static int (*real_fsync)(int);
+    if (!real_fsync) real_fsync = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
+    const char *flag = getenv("OCM_TEST_HOLD_FSYNC");
+    for (int waited = 0; flag && access(flag, F_OK) == 0 && waited < 60000; waited++) {
+        if (waited == 0) {
+            char held[4096];
+            snprintf(held, sizeof held, "%s.held", flag);
+            int marker = open(held, O_WRONLY | O_CREAT, 0600);
+            if (marker >= 0) close(marker);
+        }
+        usleep(1000);
+    }
+    return real_fsync(fd);
+}
+"#;
+    preload_library(dir, "hold_fsync", SOURCE)
+}
+
+/// A clean stop whose final fold is stuck in `fsync` exits after its bound instead of waiting
+/// for the disk, and loses nothing: the journal holds every change, and the next start folds
+/// it. (The stop used to wait for the fold as long as the disk did.)
+#[test]
+fn a_clean_stop_stuck_in_its_final_fold_exits_without_it_and_loses_nothing() {
+    let build = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let library = fsync_holder(build.path());
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let hold = dir.path().join("hold-fsync");
+    let held = dir.path().join("hold-fsync.held");
+    let mut d = Daemon::spawn(
+        Arc::clone(&dir),
+        Options {
+            env: vec![
+                ("LD_PRELOAD".into(), library.display().to_string()),
+                ("OCM_TEST_HOLD_FSYNC".into(), hold.display().to_string()),
+            ],
+            ..Options::default()
+        },
+    )
+    .expect("ocmd starts");
+    d.assert_loaded(&library);
+    let host = create(&d, "stuck", "alice");
+    std::fs::write(&hold, b"").unwrap();
+    d.signal(libc::SIGTERM);
+    wait_until("the final fold waits in fsync", || held.exists());
+    // The daemon gives up on the fold after 10 s, long before the holder lets it go (60 s).
+    let gave_up = "state writer did not finish the final fold within 10 s; exiting without it";
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !d.log().contains(gave_up) {
+        assert!(
+            Instant::now() < deadline,
+            "ocmd still waits for its final fold: {}",
+            d.log()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let status = d.wait_exit();
+    assert!(status.success(), "{status:?}");
+    assert!(hold.exists(), "the disk never came back");
+    std::fs::remove_file(&hold).unwrap();
+    d.restart();
+    d.wait_for_log("state: folded 1 journal record");
+    let (status, _) = d.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(saved_tokens(&d).contains(&host), "the host's token is kept");
+}
+
 /// Builds a shared library for `LD_PRELOAD` that makes `fsync` of a directory fail with `EIO`
 /// while the file named by `OCM_TEST_FAIL_DIR_FSYNC` exists, past the first
 /// `OCM_TEST_FAIL_DIR_FSYNC_SKIP` such calls (every other `fsync` goes through), in `dir`.

@@ -46,6 +46,10 @@ use crate::record::Record;
 use crate::store::{Loaded, Paths};
 use writer::Writer;
 
+/// The most a clean stop waits for one batch of the writer, and for its final fold, before
+/// it exits without them.
+const SHUTDOWN_STEP_WAIT: Duration = Duration::from_secs(10);
+
 /// Default of `[state] compact_journal_bytes`: the journal is compacted once it is larger than
 /// this many bytes and larger than the last state file.
 pub const DEFAULT_COMPACT_JOURNAL_BYTES: u64 = 8 * 1024 * 1024;
@@ -310,20 +314,36 @@ impl Persister {
     }
 
     /// Writes everything queued, waits for a running compaction, folds the journals into the
-    /// state file and stops the threads. Blocks: for shutdown only.
+    /// state file and stops the threads. Blocks: for shutdown only, and at most
+    /// [`SHUTDOWN_STEP_WAIT`] for each batch and for the final fold: a disk that stopped
+    /// answering does not hold the exit for ever. Leaving the fold behind loses nothing (the
+    /// journals hold every change it would have folded, and the next start folds them).
     pub fn shutdown(mut self) {
+        let limit = SHUTDOWN_STEP_WAIT.as_secs();
         while self.busy() {
             self.pump();
-            match self.done_rx.recv_timeout(Duration::from_secs(10)) {
+            match self.done_rx.recv_timeout(SHUTDOWN_STEP_WAIT) {
                 Ok(d) => self.durable = self.durable.max(d.batch),
                 Err(_) => {
-                    error!("state writer did not finish within 10 s; exiting anyway");
+                    error!("state writer did not finish within {limit} s; exiting anyway");
                     return;
                 }
             }
         }
         let _ = self.tx.send(Command::Shutdown);
         if let Some(thread) = self.thread.take() {
+            let deadline = std::time::Instant::now() + SHUTDOWN_STEP_WAIT;
+            while !thread.is_finished() {
+                if std::time::Instant::now() >= deadline {
+                    error!(
+                        "state writer did not finish the final fold within {limit} s; exiting \
+                         without it: the journals keep every change, and the next start \
+                         folds them"
+                    );
+                    return;
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
             let _ = thread.join();
         }
     }
