@@ -2333,8 +2333,77 @@ fn with_drop_logs_off_refused_connections_and_bad_frames_are_counted_not_logged(
     assert_eq!(log.matches("bad frame").count(), 0, "{log}");
 }
 
+/// An `accept4` that fails the first time it is called with EINTR (as a signal arriving
+/// during the call would make it), creating the file named by `OCM_TEST_INTERRUPTED_ACCEPT`
+/// when it does.
+fn accept_interrupter(dir: &std::path::Path) -> std::path::PathBuf {
+    const SOURCE: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags) {
+    static int (*real_accept4)(int, struct sockaddr *, socklen_t *, int);
+    static int interrupted;
+    if (!real_accept4)
+        real_accept4 = (int (*)(int, struct sockaddr *, socklen_t *, int))dlsym(RTLD_NEXT, "accept4");
+    const char *mark = getenv("OCM_TEST_INTERRUPTED_ACCEPT");
+    if (mark && !interrupted) {
+        interrupted = 1;
+        int marker = open(mark, O_WRONLY | O_CREAT, 0600);
+        if (marker >= 0) close(marker);
+        errno = EINTR;
+        return -1;
+    }
+    return real_accept4(fd, addr, len, flags);
+}
+"#;
+    preload_library(dir, "interrupt_accept", SOURCE)
+}
+
+/// An `accept` interrupted by a signal is simply called again: the connection is taken in
+/// the same pass, and nothing counts or logs it as a failed accept (which would also put
+/// the listener off for 50 ms).
+#[test]
+fn an_interrupted_accept_is_retried_at_once_and_not_counted_as_failed() {
+    let build = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let library = accept_interrupter(build.path());
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let mark = dir.path().join("accept-interrupted");
+    let d = Daemon::spawn(
+        Arc::clone(&dir),
+        Options {
+            env: vec![
+                ("LD_PRELOAD".into(), library.display().to_string()),
+                (
+                    "OCM_TEST_INTERRUPTED_ACCEPT".into(),
+                    mark.display().to_string(),
+                ),
+            ],
+            metrics: true,
+            ..Options::default()
+        },
+    )
+    .expect("ocmd starts");
+    d.assert_loaded(&library);
+    // The first connection meets the interrupted call, and is answered all the same.
+    let mut s = connect(&d);
+    list_rooms_on(&mut s, 0);
+    assert!(mark.exists(), "accept4 was not interrupted");
+    assert_eq!(d.metric("ocm_tcp_accept_errors_total"), 0.0);
+    let log = d.log();
+    assert!(!log.contains("accept failed"), "{log}");
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room]);
+}
+
 /// A failed `accept` (EMFILE) is retried every 50 ms while connections wait in the backlog,
-/// and each failure is counted, but logged at most once a second (after the first).
+/// not in a spin, and each failure is counted, but logged at most once a second (after the
+/// first).
 #[test]
 fn failed_accepts_are_logged_at_most_once_a_second() {
     let d = daemon("[rate]\ndrop_logs_per_sec = 0\n");
@@ -2342,6 +2411,8 @@ fn failed_accepts_are_logged_at_most_once_a_second() {
     limit_to_three_more_descriptors(&d);
     let holders: Vec<TcpStream> = (0..3).map(|_| connect(&d)).collect();
     let waiting: Vec<TcpStream> = (0..2).map(|_| connect(&d)).collect();
+    d.wait_for_log("accept failed");
+    let (cpu_before, failing) = (cpu_time(d.pid()), Instant::now());
     // Three lines: the first at once, then one a second; a line per failed retry would
     // come every 50 ms.
     wait_until("three accept failures logged", || {
@@ -2353,6 +2424,13 @@ fn failed_accepts_are_logged_at_most_once_a_second() {
         lines <= most,
         "{lines} lines about failed accepts in {:?}",
         started.elapsed()
+    );
+    // About 2 s of failing accepts, a retry every 50 ms: a retry due at once would keep the
+    // poll timeout at zero and the loop on a core.
+    let (cpu, failing) = (cpu_time(d.pid()) - cpu_before, failing.elapsed());
+    assert!(
+        cpu < failing / 4,
+        "the daemon used {cpu:?} of CPU in {failing:?} of failing accepts"
     );
     drop(holders);
     drop(waiting);
