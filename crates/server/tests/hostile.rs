@@ -299,6 +299,80 @@ fn handshake_connections_have_tcp_nodelay_in_the_daemon() {
     );
 }
 
+/// A `setsockopt` that refuses its first TCP_NODELAY (the daemon sets it on its TCP listener
+/// first) with EINVAL, creating the file named by `OCM_TEST_REFUSED_NODELAY` when it does.
+fn listener_nodelay_refuser(dir: &std::path::Path) -> std::path::PathBuf {
+    const SOURCE: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+int setsockopt(int fd, int level, int name, const void *value, socklen_t len) {
+    static int (*real_setsockopt)(int, int, int, const void *, socklen_t);
+    static int refused;
+    if (!real_setsockopt)
+        real_setsockopt = (int (*)(int, int, int, const void *, socklen_t))dlsym(RTLD_NEXT, "setsockopt");
+    const char *mark = getenv("OCM_TEST_REFUSED_NODELAY");
+    if (mark && !refused && level == IPPROTO_TCP && name == TCP_NODELAY) {
+        refused = 1;
+        int marker = open(mark, O_WRONLY | O_CREAT, 0600);
+        if (marker >= 0) close(marker);
+        errno = EINVAL;
+        return -1;
+    }
+    return real_setsockopt(fd, level, name, value, len);
+}
+"#;
+    preload_library(dir, "refuse_listener_nodelay", SOURCE)
+}
+
+/// Where the listener refuses TCP_NODELAY, so that accepted connections cannot inherit it,
+/// the daemon sets it on each handshake connection itself.
+#[test]
+fn handshake_connections_have_tcp_nodelay_when_the_listener_refused_it() {
+    let build = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let library = listener_nodelay_refuser(build.path());
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let mark = dir.path().join("nodelay-refused");
+    let d = Daemon::spawn(
+        Arc::clone(&dir),
+        Options {
+            env: vec![
+                ("LD_PRELOAD".into(), library.display().to_string()),
+                (
+                    "OCM_TEST_REFUSED_NODELAY".into(),
+                    mark.display().to_string(),
+                ),
+            ],
+            ..Options::default()
+        },
+    )
+    .expect("ocmd starts");
+    d.assert_loaded(&library);
+    assert!(mark.exists(), "setsockopt(TCP_NODELAY) was not refused");
+    d.wait_for_log("TCP_NODELAY on the listener refused");
+    for i in 0..2 {
+        let mut s = connect(&d);
+        let reply = exchange(
+            &mut s,
+            &request_bytes(Operation::CreateRoom, &format!("nodelay-{i}"), b"\"host\""),
+        );
+        assert!(reply.token.is_some(), "{reply:?}");
+        let ours = s.local_addr().unwrap();
+        let theirs = daemon_side_of(&d, ours).expect("the daemon's side of our connection");
+        assert!(
+            theirs.nodelay().unwrap(),
+            "TCP_NODELAY off on the daemon's socket of connection {i}"
+        );
+    }
+}
+
 /// Urgent data is taken out of the byte stream, so the frame it was cut from never completes
 /// (and a read stops short at the urgent mark): the connection is closed at its deadline and
 /// counted, and the daemon goes on serving.
