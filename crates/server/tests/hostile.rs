@@ -1533,6 +1533,60 @@ fn a_full_table_closes_an_idle_connection_before_a_paused_one() {
     assert_eq!(closed(&d, "output_overflow"), 0.0);
 }
 
+/// The connections a full table picked to close are not kept for when it is full again: a
+/// paused connection left among the picks of a first full table is not closed the second
+/// time, when a connection answered since is idle and goes first.
+#[test]
+fn a_table_full_again_chooses_afresh_and_closes_an_idle_connection_before_a_paused_one() {
+    let d = daemon(
+        "[limits]\nmax_connections = 2\nmax_output_bytes = 1024\nhandshake_timeout_secs = 600\n\
+         [rate]\nrequests_per_sec = 0\n",
+    );
+    for i in 0..200 {
+        create(&d, &format!("a-room-with-a-rather-long-name-{i:03}"), "h");
+    }
+    let mut paused = connect_from(Ipv4Addr::new(127, 0, 0, 2), d.tcp, Some(4096));
+    const ASKED: usize = 1000;
+    paused
+        .write_all(&request_bytes(Operation::ListRooms, "", b"{}").repeat(ASKED))
+        .unwrap();
+    wait_until("the connection is paused", || {
+        d.metric("ocm_tcp_output_pauses_total") >= 1.0
+    });
+    let mut first_idle = connect_from(Ipv4Addr::new(127, 0, 0, 3), d.tcp, None);
+    list_rooms_on(&mut first_idle, 1);
+    // The table is full: the first newcomer's pass picks the idle one, then the paused one.
+    create(&d, "first-newcomer", "n");
+    assert_eq!(closed(&d, "evicted"), 1.0);
+    assert_eq!(
+        read_until_closed(&mut first_idle),
+        b"",
+        "the first idle one was closed"
+    );
+    // The newcomer's connection has gone too: only the paused one is open (and this scrape's).
+    wait_until("the table is no longer full", || {
+        d.metric("ocm_tcp_connections_open") <= 2.0
+    });
+    // Another idle one fills the table again; the next newcomer makes it go.
+    let mut second_idle = connect_from(Ipv4Addr::new(127, 0, 0, 4), d.tcp, None);
+    list_rooms_on(&mut second_idle, 2);
+    create(&d, "second-newcomer", "n");
+    assert_eq!(closed(&d, "evicted"), 2.0);
+    assert_eq!(
+        read_until_closed(&mut second_idle),
+        b"",
+        "the second idle one was closed"
+    );
+    let mut frames = FrameReader::default();
+    for i in 0..ASKED {
+        let (state, _) = frames.next(&mut paused).expect("COMPLIANCE, not EOF");
+        assert_eq!(state, State::Compliance, "reply {i}");
+        let (state, _) = frames.next(&mut paused).expect("the room list");
+        assert_eq!(state, State::Complete, "reply {i}");
+    }
+    assert_eq!(closed(&d, "output_overflow"), 0.0);
+}
+
 /// Frames refused before the request limit (here COMPLIANCE headers, which a server never
 /// takes) are answered but do not restart the handshake timer: a connection that sends
 /// only those is closed when it runs out.
