@@ -1492,6 +1492,38 @@ fn a_full_connection_table_closes_the_longest_idle_connection_for_a_new_one() {
     assert_state_intact(d, &[room, "made-room".into()]);
 }
 
+/// The connections picked to make room are checked again before each is closed: one that
+/// was answered since the pick is not the next to go, the next longest idle one is.
+#[test]
+fn a_connection_answered_since_the_table_filled_is_not_the_next_one_closed() {
+    let d = daemon(
+        "[limits]\nmax_connections = 4\nmax_connections_per_ip = 4\nhandshake_timeout_secs = 600\n",
+    );
+    let mut held: Vec<TcpStream> = Vec::new();
+    for i in 0..4u8 {
+        let mut s = connect_from(Ipv4Addr::new(127, 0, 0, 2 + i), d.tcp, None);
+        list_rooms_on(&mut s, i);
+        held.push(s);
+    }
+    wait_until("four connections open", || {
+        d.metric("ocm_tcp_connections_open") >= 4.0
+    });
+    // A newcomer, which stays, closes the longest idle (0); the others stay picked, 1 first.
+    let mut newcomer = connect_from(Ipv4Addr::new(127, 0, 0, 6), d.tcp, None);
+    list_rooms_on(&mut newcomer, 4);
+    assert_eq!(closed(&d, "evicted"), 1.0);
+    assert_eq!(read_until_closed(&mut held[0]), b"", "0 was closed");
+    // 1 asks again: it is now the most recently answered but for the newcomer.
+    list_rooms_on(&mut held[1], 1);
+    // The table is still full: the next newcomer makes the longest idle, 2, go.
+    create(&d, "second-newcomer", "n");
+    assert_eq!(closed(&d, "evicted"), 2.0);
+    assert_eq!(read_until_closed(&mut held[2]), b"", "2 was closed");
+    list_rooms_on(&mut held[1], 1);
+    list_rooms_on(&mut held[3], 3);
+    list_rooms_on(&mut newcomer, 4);
+}
+
 /// A full table closes an idle connection before one paused on unread replies, even when the
 /// paused one was answered longer ago: the paused peer still gets every reply once it reads.
 #[test]
@@ -1740,6 +1772,49 @@ fn a_full_metrics_table_closes_an_answered_connection_before_an_idle_one() {
         assert!(text.ends_with("\r\n\r\nok\n"), "idle {i}: {text:?}");
     }
     drop(answered);
+}
+
+/// A full metrics table reads its connections before it closes one: one whose request and
+/// end were waiting unread is answered and closed, which frees the slot, and no idle
+/// connection is evicted for the newcomer.
+#[test]
+fn a_full_metrics_table_that_frees_a_slot_by_answering_evicts_nobody() {
+    let d = daemon("");
+    let metrics = d.metrics.expect("metrics on");
+    let mut idle: Vec<TcpStream> = (0..MAX_METRICS_CONNECTIONS - 1)
+        .map(|_| TcpStream::connect(metrics).unwrap())
+        .collect();
+    wait_until("the idle connections are accepted", || {
+        d.metric("ocm_tcp_connections_accepted_total") >= idle.len() as f64
+    });
+    // Stopped, the daemon reads nothing: the last slot's request and end, then a newcomer,
+    // arrive together and are accepted in one go, before either is read.
+    d.signal(libc::SIGSTOP);
+    let mut done = TcpStream::connect(metrics).unwrap();
+    done.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+    done.shutdown(Shutdown::Write).unwrap();
+    let mut newcomer = TcpStream::connect(metrics).unwrap();
+    newcomer
+        .write_all(b"GET /healthz HTTP/1.1\r\n\r\n")
+        .unwrap();
+    d.signal(libc::SIGCONT);
+    for (which, s) in [
+        ("the finished one", &mut done),
+        ("the newcomer", &mut newcomer),
+    ] {
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        assert!(text.ends_with("\r\n\r\nok\n"), "{which}: {text:?}");
+    }
+    assert_eq!(closed(&d, "evicted"), 0.0);
+    for (i, s) in idle.iter_mut().enumerate() {
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        assert!(text.ends_with("\r\n\r\nok\n"), "idle {i}: {text:?}");
+    }
 }
 
 #[test]
