@@ -237,6 +237,30 @@ fn requests_sent_with_a_fin_are_all_answered_then_the_connection_closes() {
     assert_state_intact(d, &[room, "fin-19-2".to_owned()]);
 }
 
+/// A request and the FIN behind it that wait together for a daemon busy elsewhere (here
+/// stopped) come with one readiness edge, and no later one: that edge is read to the end, so
+/// the request is answered and the connection closed at once, not at the handshake timeout.
+#[test]
+fn a_request_and_its_fin_that_wait_together_are_answered_and_the_connection_closed_at_once() {
+    let d = daemon("[limits]\nhandshake_timeout_secs = 600\n");
+    let mut s = connect(&d);
+    wait_until("the connection is accepted", || {
+        d.metric("ocm_tcp_connections_accepted_total") >= 1.0
+    });
+    d.signal(libc::SIGSTOP);
+    s.write_all(&request_bytes(Operation::CreateRoom, "fin", b"\"host\""))
+        .unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    d.signal(libc::SIGCONT);
+    let reply = FrameReader::default().reply(&mut s);
+    assert!(reply.token.is_some(), "{reply:?}");
+    assert_eq!(read_until_closed(&mut s), b"", "closed after the reply");
+    wait_until("the close is counted", || closed(&d, "peer_closed") >= 1.0);
+    assert_eq!(closed(&d, "timeout"), 0.0);
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room, "fin".to_owned()]);
+}
+
 /// A copy of the daemon's descriptor for the TCP connection whose peer is `peer`, taken
 /// with `pidfd_getfd` (the test runs as the daemon's parent, so it may).
 fn daemon_side_of(d: &Daemon, peer: SocketAddr) -> Option<TcpStream> {
@@ -1488,6 +1512,39 @@ fn a_full_connection_table_closes_the_longest_idle_connection_for_a_new_one() {
     for (i, s) in held.iter_mut().enumerate().skip(1) {
         list_rooms_on(s, i as u8);
     }
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room, "made-room".into()]);
+}
+
+/// A full table of exactly as many connections as one pass picks (64) makes room like any
+/// other: the longest idle goes, and the daemon goes on serving. (All from one source, which
+/// may open one more: the newcomer.)
+#[test]
+fn a_full_table_of_exactly_one_pass_of_picks_closes_the_longest_idle_connection() {
+    const PICKS: usize = 64;
+    let d = daemon(&format!(
+        "[limits]\nmax_connections = {PICKS}\nmax_connections_per_ip = {}\n\
+         handshake_timeout_secs = 600\n[rate]\nrequests_per_sec = 0\n",
+        PICKS + 1
+    ));
+    let mut held: Vec<TcpStream> = Vec::new();
+    for i in 0..PICKS {
+        let mut s = connect(&d);
+        list_rooms_on(&mut s, i as u8);
+        held.push(s);
+    }
+    wait_until("the table is full", || {
+        d.metric("ocm_tcp_connections_open") >= PICKS as f64
+    });
+    let token = create(&d, "made-room", "h");
+    assert!(!token.is_empty());
+    assert_eq!(closed(&d, "evicted"), 1.0);
+    assert_eq!(
+        read_until_closed(&mut held[0]),
+        b"",
+        "the oldest was closed"
+    );
+    list_rooms_on(&mut held[1], 1);
     let room = assert_still_serves(&d);
     assert_state_intact(d, &[room, "made-room".into()]);
 }
