@@ -247,7 +247,7 @@ fn a_request_and_its_fin_that_wait_together_are_answered_and_the_connection_clos
     wait_until("the connection is accepted", || {
         d.metric("ocm_tcp_connections_accepted_total") >= 1.0
     });
-    d.signal(libc::SIGSTOP);
+    d.stop();
     s.write_all(&request_bytes(Operation::CreateRoom, "fin", b"\"host\""))
         .unwrap();
     s.shutdown(Shutdown::Write).unwrap();
@@ -1846,7 +1846,7 @@ fn a_full_metrics_table_that_frees_a_slot_by_answering_evicts_nobody() {
     });
     // Stopped, the daemon reads nothing: the last slot's request and end, then a newcomer,
     // arrive together and are accepted in one go, before either is read.
-    d.signal(libc::SIGSTOP);
+    d.stop();
     let mut done = TcpStream::connect(metrics).unwrap();
     done.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
     done.shutdown(Shutdown::Write).unwrap();
@@ -1878,7 +1878,7 @@ fn a_full_metrics_table_that_frees_a_slot_by_answering_evicts_nobody() {
 fn a_burst_of_metrics_requests_past_the_allowance_is_answered_whole() {
     let d = daemon("");
     let metrics = d.metrics.expect("metrics on");
-    d.signal(libc::SIGSTOP);
+    d.stop();
     let mut scrapes: Vec<TcpStream> = (0..MAX_METRICS_CONNECTIONS + 4)
         .map(|_| {
             let mut s = TcpStream::connect(metrics).unwrap();
@@ -2339,7 +2339,7 @@ fn a_metrics_connection_in_a_reused_slot_is_not_read_as_tcrp() {
     assert_eq!(frames.next(&mut a).map(|f| f.0), Some(State::Complete));
     let a_local = a.local_addr().unwrap();
 
-    d.signal(libc::SIGSTOP);
+    d.stop();
     // 1. A sends far more than four input buffers' worth (a buffer is 4447 bytes at this
     //    payload cap; each read takes 46 whole frames), with a frame of an unknown state
     //    (which ends the connection) in the fourth buffer (frames 139 to 184), then its end

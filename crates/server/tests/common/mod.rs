@@ -357,6 +357,21 @@ impl Daemon {
         assert_eq!(rc, 0, "kill failed");
     }
 
+    /// Stops the daemon (SIGSTOP) and waits until it is stopped: `kill` returns before a
+    /// running or waking process has stopped, and a pass it finishes meanwhile may read what
+    /// a test means to queue behind the stop.
+    pub fn stop(&self) {
+        self.signal(libc::SIGSTOP);
+        let stat = format!("/proc/{}/stat", self.pid());
+        wait_until("the daemon stopped", || {
+            std::fs::read_to_string(&stat).is_ok_and(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().next())
+                    == Some("T")
+            })
+        });
+    }
+
     /// Waits for the child to exit (with a deadline) and returns its status.
     pub fn wait_exit(&mut self) -> ExitStatus {
         let status = wait_for_exit(self.child.as_mut().expect("running"), "ocmd");
