@@ -2476,6 +2476,37 @@ fn bytes_after_a_final_refusal_are_thrown_away_until_the_peers_end() {
     assert_state_intact(d, &[room]);
 }
 
+/// The wait for the peer's end after a final refusal lasts up to 2 s (`LINGER`): a peer
+/// that sends more and its end half a second later still finds the connection waiting, and
+/// gets a clean end, not an RST.
+#[test]
+fn a_peer_that_ends_half_a_second_after_a_final_refusal_is_still_waited_for() {
+    let d = daemon("");
+    let mut s = connect(&d);
+    s.write_all(&header(1, 1, 0, 1 << 30)).unwrap();
+    let message = malformed_request_message(&mut s);
+    assert!(message.contains(&(1u64 << 30).to_string()), "{message}");
+    assert_eq!(read_until_closed(&mut s), b"");
+    // Pacing, not a wait for anything: a peer slow to close, well within the 2 s.
+    thread::sleep(Duration::from_millis(500));
+    // On a connection the daemon had closed, these bytes would draw an RST.
+    let ended = s
+        .write_all(&[b'x'; 1024])
+        .and_then(|()| s.shutdown(Shutdown::Write));
+    assert!(
+        ended.is_ok(),
+        "the connection was closed before the peer's end: {ended:?}"
+    );
+    d.wait_for_log(&format!("{}: closed (protocol)", s.local_addr().unwrap()));
+    let mut rest = [0u8; 16];
+    assert_eq!(
+        s.read(&mut rest).map_err(|e| e.kind()),
+        Ok(0),
+        "the connection was closed before the peer's end"
+    );
+    assert_eq!(closed(&d, "timeout"), 0.0);
+}
+
 /// A connection closed after a final refusal (here a payload size over the cap) is read and
 /// thrown away for at most 256 KiB: a peer that goes on sending and never sends its end is
 /// cut off then, not read for the whole linger time. (Counted in bytes sent, not time: a
