@@ -1754,6 +1754,62 @@ fn metrics_connections_do_not_use_up_the_per_ip_handshake_cap() {
     );
 }
 
+/// Metrics connections neither take nor give back shares of `max_connections_per_ip`: once
+/// an idle metrics connection from the same address has been closed by its client, a source
+/// holding its cap of handshake connections is still refused another.
+#[test]
+fn a_closed_metrics_connection_frees_no_share_of_the_per_ip_handshake_cap() {
+    let d = daemon("[limits]\nmax_connections_per_ip = 2\n");
+    let held: Vec<TcpStream> = (0..2).map(|_| connect(&d)).collect();
+    let idle = TcpStream::connect(d.metrics.expect("metrics on")).unwrap();
+    wait_until("every connection accepted", || {
+        d.metric("ocm_tcp_connections_accepted_total") >= 3.0
+    });
+    drop(idle);
+    wait_until("the idle metrics connection closed", || {
+        closed(&d, "peer_closed") >= 1.0
+    });
+    let mut third = connect(&d);
+    let _ = third.write_all(&request_bytes(Operation::CreateRoom, "x", b"\"y\""));
+    assert_eq!(read_until_closed(&mut third), b"", "a third was served");
+    assert_eq!(
+        d.metric("ocm_tcp_connections_rejected_total{reason=\"max_connections_per_ip\"}"),
+        1.0
+    );
+    drop(held);
+}
+
+/// A connection that waited for its peer's end after a final refusal gave its share of
+/// `max_connections_per_ip` back when it began to wait, and gives nothing back at its close:
+/// a source holding its cap is still refused another afterwards.
+#[test]
+fn a_connection_that_waited_for_its_peers_end_gives_its_share_back_once() {
+    let d = daemon("[limits]\nmax_connections_per_ip = 2\n");
+    let mut refused = connect(&d);
+    let mut header = request_bytes(Operation::CreateRoom, "x", b"");
+    header[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
+    refused.write_all(&header).unwrap();
+    let refusal = FrameReader::default().reply(&mut refused);
+    assert!(refusal.token.is_none(), "{refusal:?}");
+    assert_eq!(read_until_closed(&mut refused), b"");
+    // Two more, the cap, while it waits; then its end.
+    let held: Vec<TcpStream> = (0..2).map(|_| connect(&d)).collect();
+    wait_until("three handshake connections accepted", || {
+        d.metric("ocm_tcp_connections_accepted_total") >= 3.0
+    });
+    let local = refused.local_addr().unwrap();
+    drop(refused);
+    d.wait_for_log(&format!("{local}: closed (protocol)"));
+    let mut another = connect(&d);
+    let _ = another.write_all(&request_bytes(Operation::CreateRoom, "y", b"\"y\""));
+    assert_eq!(read_until_closed(&mut another), b"", "a third was served");
+    assert_eq!(
+        d.metric("ocm_tcp_connections_rejected_total{reason=\"max_connections_per_ip\"}"),
+        1.0
+    );
+    drop(held);
+}
+
 /// Metrics connections open at once at most (`MAX_HTTP_CONNECTIONS` in the event loop).
 const MAX_METRICS_CONNECTIONS: usize = 16;
 
