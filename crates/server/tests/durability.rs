@@ -484,6 +484,70 @@ fn a_clean_stop_lets_a_join_waiting_for_the_disk_get_its_token() {
     assert!(saved.contains(&host) && saved.contains(&bob), "{saved:?}");
 }
 
+/// A full connection table never closes a connection whose reply waits for the disk: a
+/// newcomer makes an idle one go instead, even one answered later, and the waiting join
+/// gets its token once the disk comes back.
+#[test]
+fn a_full_table_does_not_close_a_connection_whose_reply_waits_for_the_disk() {
+    let build = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let library = fdatasync_holder(build.path());
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let hold = dir.path().join("hold-fdatasync");
+    let held = dir.path().join("hold-fdatasync.held");
+    let d = Daemon::spawn(
+        Arc::clone(&dir),
+        Options {
+            config: Some("[limits]\nmax_connections = 2\nhandshake_timeout_secs = 600\n".into()),
+            env: vec![
+                ("LD_PRELOAD".into(), library.display().to_string()),
+                ("OCM_TEST_HOLD_FDATASYNC".into(), hold.display().to_string()),
+            ],
+            metrics: true,
+            ..Options::default()
+        },
+    )
+    .expect("ocmd starts");
+    d.assert_loaded(&library);
+    let host = create(&d, "stuck", "alice");
+    // The disk sticks: bob's join waits for its record to be durable.
+    std::fs::write(&hold, b"").unwrap();
+    let mut waiting = connect(&d);
+    waiting
+        .write_all(&request_bytes(Operation::JoinRoom, "stuck", b"\"bob\""))
+        .unwrap();
+    wait_until("the join's record waits in fdatasync", || held.exists());
+    // An idle connection, answered after the join was asked, fills the table.
+    let list_rooms = |s: &mut TcpStream| {
+        s.write_all(&request_bytes(Operation::ListRooms, "", b"{}"))
+            .unwrap();
+        let mut frames = FrameReader::default();
+        let (state, body) = frames.next(s).expect("COMPLIANCE");
+        assert_eq!(state, State::Compliance);
+        assert_eq!(payload::parse_compliance(&body), Ok(Compliance::Success));
+        let (state, _) = frames.next(s).expect("the room list");
+        assert_eq!(state, State::Complete);
+    };
+    let mut idle = connect(&d);
+    list_rooms(&mut idle);
+    // A newcomer is served: the idle one made room.
+    list_rooms(&mut connect(&d));
+    assert_eq!(
+        d.metric("ocm_tcp_connections_closed_total{reason=\"evicted\"}"),
+        1.0
+    );
+    let mut rest = Vec::new();
+    assert!(
+        matches!(idle.read_to_end(&mut rest), Ok(0)),
+        "the idle connection is still open"
+    );
+    // The disk comes back: the join is answered.
+    std::fs::remove_file(&hold).unwrap();
+    let reply = FrameReader::default().reply(&mut waiting);
+    assert_eq!(reply.compliance, Compliance::Success);
+    let bob = reply.token.expect("bob's token");
+    assert_ne!(bob, host);
+}
+
 #[test]
 fn a_crashed_ocm_host_closes_its_room_and_a_crashed_member_times_out() {
     let d = Daemon::start_with(Options {
