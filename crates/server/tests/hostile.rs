@@ -1581,6 +1581,34 @@ fn a_connection_answered_since_the_table_filled_is_not_the_next_one_closed() {
     list_rooms_on(&mut newcomer, 4);
 }
 
+/// A full handshake table makes room among handshake connections only: a metrics
+/// connection, however long idle, is not closed for a newcomer.
+#[test]
+fn a_full_handshake_table_does_not_close_a_metrics_connection_for_a_newcomer() {
+    let d = daemon("[limits]\nmax_connections = 2\nhandshake_timeout_secs = 600\n");
+    // Idle since before any handshake connection.
+    let mut scraper = TcpStream::connect(d.metrics.expect("metrics on")).unwrap();
+    let mut held: Vec<TcpStream> = Vec::new();
+    for i in 0..2u8 {
+        let mut s = connect_from(Ipv4Addr::new(127, 0, 0, 2 + i), d.tcp, None);
+        list_rooms_on(&mut s, i);
+        held.push(s);
+    }
+    create(&d, "newcomer", "n");
+    assert_eq!(closed(&d, "evicted"), 1.0);
+    assert_eq!(
+        read_until_closed(&mut held[0]),
+        b"",
+        "the oldest handshake connection was closed"
+    );
+    // The scraper's connection is still open, and answered.
+    scraper.set_read_timeout(Some(PATIENCE)).unwrap();
+    scraper.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+    let mut text = String::new();
+    let _ = scraper.read_to_string(&mut text);
+    assert!(text.ends_with("\r\n\r\nok\n"), "{text:?}");
+}
+
 /// A full table closes an idle connection before one paused on unread replies, even when the
 /// paused one was answered longer ago: the paused peer still gets every reply once it reads.
 #[test]
