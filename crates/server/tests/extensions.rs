@@ -1283,6 +1283,46 @@ fn history_appends(d: &Daemon, room: &str) -> Vec<(u64, Vec<String>)> {
         .collect()
 }
 
+/// A periodic checkpoint writes the new history of every room while it stays under its
+/// 4 MiB budget (`HISTORY_CHECKPOINT_BYTES`), not only the first room past a few KiB: a room
+/// with 6 KB of new messages and the room after it are saved by the same checkpoint.
+#[test]
+fn one_checkpoint_saves_the_new_history_of_every_room_while_under_4_mib() {
+    let d = Daemon::start_with(Options {
+        config: Some("[history]\ncheckpoint_secs = 3\n".into()),
+        ..Options::default()
+    });
+    // "big" is made first: a checkpoint takes the rooms in that order.
+    let (big_alice, big_bob) = room_of_two(&d, "big");
+    let (small_alice, small_bob) = room_of_two(&d, "small");
+    small_bob.send("hi");
+    assert_eq!(small_alice.recv(), "bob: hi");
+    let long = "x".repeat(1000);
+    for i in 0..6 {
+        let text = format!("{i}{long}");
+        big_bob.send(&text);
+        assert_eq!(big_alice.recv(), format!("bob: {text}"));
+    }
+    let last = format!("5{long}");
+    wait_until("a checkpoint holds the big room's last message", || {
+        history_appends(&d, "big")
+            .iter()
+            .any(|(_, texts)| texts.contains(&last))
+    });
+    // In the same batch, or else 3 s later, with the next checkpoint.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while !history_appends(&d, "small")
+        .iter()
+        .any(|(_, texts)| texts.iter().any(|t| t == "hi"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the small room's message was left for a later checkpoint"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn history_checkpoints_append_only_new_messages_and_survive_kill_9_and_a_clean_stop() {
     let mut d = Daemon::start_with(Options {
