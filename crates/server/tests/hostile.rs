@@ -2291,6 +2291,38 @@ fn deeply_nested_json_payloads_are_refused_without_harm() {
     assert_state_intact(d, &[room]);
 }
 
+/// Datagrams the per-wakeup budget left in the socket are read in the next pass at once,
+/// not at the next timer: forty chat lines queued while the daemon was stopped, read two a
+/// wakeup, all reach the other member within 2 s (the timers here are 5 s apart or more,
+/// and no TCP connection is open to bring the 100 ms deadline checks).
+#[test]
+fn datagrams_left_by_the_wakeup_budget_are_read_without_waiting_for_a_timer() {
+    let d = Daemon::start_with(Options {
+        config: Some(
+            "[udp]\ndatagrams_per_wakeup = 2\n[liveness]\nsweep_interval_ms = 60000\n\
+             [history]\ncheckpoint_secs = 3600\n"
+                .into(),
+        ),
+        ..Options::default()
+    });
+    let (alice, bob) = room_of_two(&d, "budget");
+    d.stop();
+    const LINES: usize = 40;
+    for i in 0..LINES {
+        bob.send(&format!("m{i}"));
+    }
+    let resumed = Instant::now();
+    d.signal(libc::SIGCONT);
+    for i in 0..LINES {
+        assert_eq!(alice.recv(), format!("bob: m{i}"));
+        let took = resumed.elapsed();
+        assert!(
+            took < Duration::from_secs(2),
+            "line {i} of {LINES} queued came after {took:?}"
+        );
+    }
+}
+
 #[test]
 fn a_datagram_flood_does_not_starve_handshakes() {
     let d = daemon("");
