@@ -343,7 +343,7 @@ fn notify_watchdog_pings_at_half_the_interval() {
         ..Options::default()
     });
     sd.wait_for(PATIENCE, |m| m == "WATCHDOG=1");
-    let start = Instant::now();
+    let (start, cpu_before) = (Instant::now(), cpu_time(d.pid()));
     for _ in 0..5 {
         sd.wait_for(PATIENCE, |m| m == "WATCHDOG=1");
     }
@@ -351,6 +351,13 @@ fn notify_watchdog_pings_at_half_the_interval() {
     // than the 5 s status interval (which would mean pings ride on other timers only).
     let took = start.elapsed();
     assert!(took < Duration::from_secs(4), "5 pings took {took:?}");
+    // The loop sleeps between pings: a ping due in the past would keep the poll timeout at
+    // zero, the loop on a core.
+    let cpu = cpu_time(d.pid()) - cpu_before;
+    assert!(
+        cpu < took / 4,
+        "the daemon used {cpu:?} of CPU in {took:?} of pings"
+    );
     // And the daemon pings from a working loop: it still serves.
     create(&d, "alive", "host");
 }
