@@ -430,7 +430,12 @@ fn urgent_data_in_a_request_ends_at_the_handshake_timeout() {
 
 #[test]
 fn a_truncated_header_then_silence_is_closed_at_the_handshake_timeout() {
-    let d = daemon("[limits]\nhandshake_timeout_secs = 1\n");
+    // The other timers far off (the 5 s status aside): only the 100 ms deadline checks,
+    // which an open connection brings into the poll timeout, close it on time.
+    let d = daemon(
+        "[limits]\nhandshake_timeout_secs = 1\n[liveness]\nsweep_interval_ms = 60000\n\
+         [history]\ncheckpoint_secs = 3600\n",
+    );
     let mut s = connect(&d);
     let t = Instant::now();
     s.write_all(&header(5, 1, 0, 7)[..10]).unwrap();
@@ -439,6 +444,10 @@ fn a_truncated_header_then_silence_is_closed_at_the_handshake_timeout() {
     assert!(
         waited >= Duration::from_millis(900),
         "closed after {waited:?}, before the timeout"
+    );
+    assert!(
+        waited < Duration::from_secs(3),
+        "closed after {waited:?}, late for a 1 s timeout"
     );
     wait_until("the timeout is counted", || closed(&d, "timeout") >= 1.0);
     assert_eq!(closed(&d, "timeout"), 1.0);
