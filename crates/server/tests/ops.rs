@@ -1055,10 +1055,18 @@ fn a_daemon_that_lost_no_datagram_never_warns_of_kernel_drops() {
 /// socket's `WouldBlock` for an error would keep it ready, and the loop would spin.)
 #[test]
 fn an_idle_daemon_does_not_spin() {
-    let d = Daemon::start();
+    // Checkpoints every second, so that the window below comes after one.
+    let d = Daemon::start_with(Options {
+        config: Some("[history]\ncheckpoint_secs = 1\n".into()),
+        ..Options::default()
+    });
     let (alice, bob) = room_of_two(&d, "idle");
     chat_flows(&alice, &bob, "then silence");
     create(&d, "other", "carol");
+    let journal = d.state.with_extension("json.journal");
+    wait_until("a periodic checkpoint saved the chat", || {
+        std::fs::read_to_string(&journal).is_ok_and(|j| j.contains("history_append"))
+    });
     let before = cpu_time(d.pid());
     let window = Duration::from_secs(2);
     // A measurement window, not a wait for anything.
