@@ -484,6 +484,49 @@ fn a_clean_stop_lets_a_join_waiting_for_the_disk_get_its_token() {
     assert!(saved.contains(&host) && saved.contains(&bob), "{saved:?}");
 }
 
+/// While a periodic checkpoint's records wait for a stuck disk, the next checkpoints are
+/// deferred, not stacked behind it, and each one is counted in
+/// `ocm_checkpoints_deferred_total`; once the disk comes back, the messages they left are
+/// saved by a later one.
+#[test]
+fn checkpoints_are_deferred_and_counted_while_the_last_one_waits_for_the_disk() {
+    let build = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let library = fdatasync_holder(build.path());
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let hold = dir.path().join("hold-fdatasync");
+    let held = dir.path().join("hold-fdatasync.held");
+    let d = Daemon::spawn(
+        Arc::clone(&dir),
+        Options {
+            config: Some("[history]\ncheckpoint_secs = 1\n".into()),
+            env: vec![
+                ("LD_PRELOAD".into(), library.display().to_string()),
+                ("OCM_TEST_HOLD_FDATASYNC".into(), hold.display().to_string()),
+            ],
+            metrics: true,
+            ..Options::default()
+        },
+    )
+    .expect("ocmd starts");
+    d.assert_loaded(&library);
+    let (alice, bob) = room_of_two(&d, "stuck");
+    // The disk sticks; the next checkpoint's history record waits in fdatasync.
+    std::fs::write(&hold, b"").unwrap();
+    alice.send("before");
+    assert_eq!(bob.recv(), "alice: before");
+    wait_until("a checkpoint waits in fdatasync", || held.exists());
+    alice.send("while stuck");
+    assert_eq!(bob.recv(), "alice: while stuck");
+    wait_until("a checkpoint deferred", || {
+        d.metric("ocm_checkpoints_deferred_total") >= 1.0
+    });
+    std::fs::remove_file(&hold).unwrap();
+    let journal = d.state.with_extension("json.journal");
+    wait_until("the message left by the deferred checkpoint saved", || {
+        std::fs::read_to_string(&journal).is_ok_and(|j| j.contains("while stuck"))
+    });
+}
+
 /// A full connection table never closes a connection whose reply waits for the disk: a
 /// newcomer makes an idle one go instead, even one answered later, and the waiting join
 /// gets its token once the disk comes back.
