@@ -362,6 +362,47 @@ fn notify_watchdog_pings_at_half_the_interval() {
     create(&d, "alive", "host");
 }
 
+/// The watchdog pings at half its interval however busy the loop is: a pass for other work
+/// (here a datagram every 10 ms) does not ping.
+#[test]
+fn notify_watchdog_pings_no_more_often_under_traffic() {
+    let mut sd = NotifyListener::bind();
+    // 2 s asked: a ping every second.
+    let d = Daemon::start_with(Options {
+        env: vec![sd.env(), ("WATCHDOG_USEC".into(), "2000000".into())],
+        ..Options::default()
+    });
+    sd.wait_for(PATIENCE, |m| m == "WATCHDOG=1");
+    let window = Duration::from_millis(1500);
+    let udp = d.udp;
+    let traffic = thread::spawn(move || {
+        let junk = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let start = Instant::now();
+        let mut sent = 0;
+        while start.elapsed() < window {
+            junk.send_to(b"not ucrp", udp).unwrap();
+            sent += 1;
+            // Pacing, not a wait for anything.
+            thread::sleep(Duration::from_millis(10));
+        }
+        sent
+    });
+    let start = Instant::now();
+    let mut pings = 0;
+    while start.elapsed() < window {
+        if sd.next_within(window.saturating_sub(start.elapsed())) == Some("WATCHDOG=1".into()) {
+            pings += 1;
+        }
+    }
+    let sent = traffic.join().unwrap();
+    assert!(sent > 20, "only {sent} datagrams sent");
+    // One a second: two in 1.5 s, three if the clocks' edges fall badly.
+    assert!(
+        pings <= 3,
+        "{pings} pings in {window:?} of {sent} datagrams"
+    );
+}
+
 #[test]
 fn notify_watchdog_meant_for_another_pid_is_ignored() {
     let mut sd = NotifyListener::bind();
