@@ -1770,6 +1770,23 @@ fn answered_requests_keep_a_connection_open_past_the_handshake_timeout() {
     assert_eq!(closed(&d, "timeout"), 0.0);
 }
 
+/// A reply that waited for the disk restarts the handshake timer when it leaves, as any
+/// other reply does: the client may ask again on the same connection afterwards.
+#[test]
+fn a_client_may_ask_again_after_a_reply_that_waited_for_the_disk() {
+    let d = daemon("[limits]\nhandshake_timeout_secs = 2\n");
+    let mut s = connect(&d);
+    let created = exchange(
+        &mut s,
+        &request_bytes(Operation::CreateRoom, "durable", b"\"host\""),
+    );
+    assert!(created.token.is_some(), "{created:?}");
+    // Pacing, not a wait for anything: a client that reads, then asks half a second later.
+    thread::sleep(Duration::from_millis(500));
+    list_rooms_on(&mut s, 1);
+    assert_eq!(closed(&d, "timeout"), 0.0);
+}
+
 #[test]
 fn metrics_connections_do_not_use_up_the_per_ip_handshake_cap() {
     let d = daemon("[limits]\nmax_connections_per_ip = 1\n");
