@@ -1713,6 +1713,59 @@ fn a_table_full_again_chooses_afresh_and_closes_an_idle_connection_before_a_paus
     assert_eq!(closed(&d, "output_overflow"), 0.0);
 }
 
+/// A paused connection stays paused, unread, while its replies are over `max_output_bytes`:
+/// bytes its peer sends meanwhile raise readiness edges, but neither resume it nor count as
+/// pauses again (`ocm_tcp_output_pauses_total` counts pauses, not edges), and every reply
+/// still comes once the peer reads.
+#[test]
+fn more_bytes_from_a_paused_peer_do_not_count_as_more_pauses() {
+    let d = daemon(
+        "[limits]\nmax_output_bytes = 1024\nhandshake_timeout_secs = 600\n\
+         [rate]\nrequests_per_sec = 0\n",
+    );
+    for i in 0..200 {
+        create(&d, &format!("a-room-with-a-rather-long-name-{i:03}"), "h");
+    }
+    let pauses = || d.metric("ocm_tcp_output_pauses_total");
+    let mut paused = connect_from(Ipv4Addr::new(127, 0, 0, 2), d.tcp, Some(4096));
+    const ASKED: usize = 1000;
+    let list = request_bytes(Operation::ListRooms, "", b"{}");
+    paused.write_all(&list.repeat(ASKED)).unwrap();
+    wait_until("the connection is paused", || pauses() >= 1.0);
+    // Until the kernel's buffers are full the daemon may still resume and pause it again:
+    // wait until the count holds for 300 ms.
+    let mut settled = pauses();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        thread::sleep(Duration::from_millis(300));
+        let now = pauses();
+        if now == settled {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pauses still rising: {now}");
+        settled = now;
+    }
+    const MORE: usize = 50;
+    for _ in 0..MORE {
+        paused.write_all(&list).unwrap();
+        // Pacing, not a wait for anything: one edge per request.
+        thread::sleep(Duration::from_millis(10));
+    }
+    let after = pauses();
+    assert!(
+        after - settled < 5.0,
+        "{MORE} requests to a paused connection counted {} more pauses",
+        after - settled
+    );
+    let mut frames = FrameReader::default();
+    for i in 0..ASKED + MORE {
+        let (state, _) = frames.next(&mut paused).expect("COMPLIANCE, not EOF");
+        assert_eq!(state, State::Compliance, "reply {i}");
+        let (state, _) = frames.next(&mut paused).expect("the room list");
+        assert_eq!(state, State::Complete, "reply {i}");
+    }
+}
+
 /// Frames refused before the request limit (here COMPLIANCE headers, which a server never
 /// takes) are answered but do not restart the handshake timer: a connection that sends
 /// only those is closed when it runs out.
