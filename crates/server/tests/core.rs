@@ -576,6 +576,9 @@ fn members_keep_their_addresses_across_restarts_between_ipv4_and_dual_stack() {
         let (status, _) = d.terminate();
         assert!(status.success(), "{status:?}");
         d.restart_on_udp(udp);
+        // Both sockets reach IPv4 members: no start warns that they cannot.
+        let log = d.log();
+        assert!(!log.contains("cannot send to"), "behind {udp}:\n{log}");
         bob.send("hello again");
         assert_eq!(alice.recv(), "bob: hello again", "behind {udp}");
         alice.send("welcome back");
@@ -694,6 +697,26 @@ fn members_behind_ipv4_that_an_ipv6_only_socket_cannot_reach_are_reported_at_sta
         "2 members registered from IPv4 addresses, which the UDP socket ({}, IPv6 only)",
         d.udp
     ));
+}
+
+/// A UDP socket bound to an IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]`) speaks IPv4:
+/// members registered over IPv4 are not reported as unreachable at start, and they chat.
+#[test]
+fn members_behind_ipv4_are_reachable_behind_an_ipv4_mapped_address() {
+    let mapped: SocketAddr = "[::ffff:127.0.0.1]:0".parse().unwrap();
+    if !dual_stack(mapped) {
+        return;
+    }
+    let mut d = Daemon::start();
+    let (alice, bob) = room_of_two(&d, "lobby");
+    let (status, _) = d.terminate();
+    assert!(status.success(), "{status:?}");
+    d.restart_on_udp(SocketAddr::new(mapped.ip(), d.udp.port()));
+    let log = d.log();
+    assert!(log.contains("2 tokens loaded"), "{log}");
+    assert!(!log.contains("cannot send to"), "{log}");
+    bob.send("hello again");
+    assert_eq!(alice.recv(), "bob: hello again");
 }
 
 /// With `register_only_from_join_ip`, members that joined over IPv6 cannot register from an
