@@ -719,6 +719,34 @@ fn members_behind_ipv4_are_reachable_behind_an_ipv4_mapped_address() {
     assert_eq!(alice.recv(), "bob: hello again");
 }
 
+/// Members registered over IPv6 are not reported as unreachable by a start on an IPv6
+/// socket, and they chat after it.
+#[test]
+fn members_behind_ipv6_are_not_reported_by_a_start_on_ipv6() {
+    let Some(loopback6) = ipv6_loopback() else {
+        return;
+    };
+    let mut d = Daemon::start_with(Options {
+        tcp: Some(loopback6),
+        udp: Some(loopback6),
+        ..Options::default()
+    });
+    let alice_token = create(&d, "lobby", "alice");
+    let bob_token = join(&d, "lobby", "bob");
+    let alice = lobby_member(&alice_token, loopback6, d.udp);
+    let bob = lobby_member(&bob_token, loopback6, d.udp);
+    alice.send("__REGISTER__");
+    bob.registered_with(&alice, "bob");
+    let (status, _) = d.terminate();
+    assert!(status.success(), "{status:?}");
+    d.restart_on_udp(d.udp);
+    let log = d.log();
+    assert!(log.contains("2 tokens loaded"), "{log}");
+    assert!(!log.contains("cannot send to"), "{log}");
+    bob.send("hello again");
+    assert_eq!(alice.recv(), "bob: hello again");
+}
+
 /// With `register_only_from_join_ip`, members that joined over IPv6 cannot register from an
 /// IPv4 address behind a daemon restarted on an IPv4 socket (the guard drops it, `not_join_ip`),
 /// and the start's warning says they must join again, not register (as it first said; found
