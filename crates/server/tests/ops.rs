@@ -1523,6 +1523,36 @@ fn reload_of_a_setting_fixed_at_start_says_restart() {
     chat_flows(&alice, &bob, "after");
 }
 
+/// On a kernel that segments UDP sends (`UDP_SEGMENT`, Linux 4.18), the start says nothing
+/// about a kernel that cannot.
+#[test]
+fn a_kernel_that_segments_sends_is_not_said_to_lack_it() {
+    let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into the int we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&probe),
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        skipped(&format!(
+            "this kernel cannot segment UDP sends: {}",
+            std::io::Error::last_os_error()
+        ));
+        return;
+    }
+    let d = Daemon::start();
+    let log = d.log();
+    assert!(log.contains("listening "), "{log}");
+    assert!(!log.contains("cannot segment sends"), "{log}");
+}
+
 /// The kernel caps socket buffers at `net.core.rmem_max`/`wmem_max` without an error: a
 /// request past any cap a host would have (512 MiB) is reported at start, with the sysctl to
 /// raise, and one it grants is not.
