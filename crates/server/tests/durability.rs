@@ -10,6 +10,7 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -404,10 +405,17 @@ fn sigterm_during_a_join_storm_exits_cleanly_and_keeps_every_token() {
     }
 }
 
-/// An `fdatasync` that waits while the file named by `OCM_TEST_HOLD_FDATASYNC` exists (a
-/// stuck disk the test can free), creating that name plus `.held` once it has begun to wait.
-fn fdatasync_holder(dir: &std::path::Path) -> std::path::PathBuf {
-    const SOURCE: &str = r#"
+/// The variable and file that switch [`fdatasync_holder`] on: the journal's appends stick.
+const HOLD_FDATASYNC: (&str, &str) = ("OCM_TEST_HOLD_FDATASYNC", "hold-fdatasync");
+/// The variable and file that switch [`fsync_holder`] on: the state file's writes stick.
+const HOLD_FSYNC: (&str, &str) = ("OCM_TEST_HOLD_FSYNC", "hold-fsync");
+
+/// Builds, in `dir`, a library for `LD_PRELOAD` whose `function` (`fsync` or `fdatasync`,
+/// both `int f(int)`) waits while the file named by `variable` exists, at most `cap_ms` (a
+/// stuck disk the test can free, and that frees itself if the test failed first), creating
+/// that name plus `.held` once it has begun to wait.
+fn sync_holder(dir: &Path, function: &str, variable: &str, cap_ms: u32) -> PathBuf {
+    const TEMPLATE: &str = r#"
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -415,12 +423,11 @@ fn fdatasync_holder(dir: &std::path::Path) -> std::path::PathBuf {
 #include <stdlib.h>
 #include <unistd.h>
 
-int fdatasync(int fd) {
-    static int (*real_fdatasync)(int);
-    if (!real_fdatasync) real_fdatasync = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
-    const char *flag = getenv("OCM_TEST_HOLD_FDATASYNC");
-    /* At most 20 s: a test that failed before freeing it must not hang the daemon. */
-    for (int waited = 0; flag && access(flag, F_OK) == 0 && waited < 20000; waited++) {
+int FUNCTION(int fd) {
+    static int (*real)(int);
+    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "FUNCTION");
+    const char *flag = getenv("VARIABLE");
+    for (int waited = 0; flag && access(flag, F_OK) == 0 && waited < CAP_MS; waited++) {
         if (waited == 0) {
             char held[4096];
             snprintf(held, sizeof held, "%s.held", flag);
@@ -429,10 +436,25 @@ int fdatasync(int fd) {
         }
         usleep(1000);
     }
-    return real_fdatasync(fd);
+    return real(fd);
 }
 "#;
-    preload_library(dir, "hold_fdatasync", SOURCE)
+    let source = TEMPLATE
+        .replace("FUNCTION", function)
+        .replace("VARIABLE", variable)
+        .replace("CAP_MS", &cap_ms.to_string());
+    preload_library(dir, &format!("hold_{function}"), &source)
+}
+
+/// An `fdatasync` held while [`HOLD_FDATASYNC`]'s file exists, at most 20 s.
+fn fdatasync_holder(dir: &Path) -> PathBuf {
+    sync_holder(dir, "fdatasync", HOLD_FDATASYNC.0, 20_000)
+}
+
+/// An `fsync` held while [`HOLD_FSYNC`]'s file exists, at most 60 s: the state file's
+/// writes (the journal's `fdatasync` goes through).
+fn fsync_holder(dir: &Path) -> PathBuf {
+    sync_holder(dir, "fsync", HOLD_FSYNC.0, 60_000)
 }
 
 /// A clean stop waits (up to 1.5 s) for the state writes in flight, so that a join whose
@@ -440,23 +462,9 @@ int fdatasync(int fd) {
 /// join's client is not left without an answer for a name it then holds.
 #[test]
 fn a_clean_stop_lets_a_join_waiting_for_the_disk_get_its_token() {
-    let build = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let library = fdatasync_holder(build.path());
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    let hold = dir.path().join("hold-fdatasync");
-    let held = dir.path().join("hold-fdatasync.held");
-    let mut d = Daemon::spawn(
-        Arc::clone(&dir),
-        Options {
-            env: vec![
-                ("LD_PRELOAD".into(), library.display().to_string()),
-                ("OCM_TEST_HOLD_FDATASYNC".into(), hold.display().to_string()),
-            ],
-            ..Options::default()
-        },
-    )
-    .expect("ocmd starts");
-    d.assert_loaded(&library);
+    let (mut d, hold, _library) =
+        spawn_preloaded(fdatasync_holder, HOLD_FDATASYNC, Options::default());
+    let held = hold.with_extension("held");
     let host = create(&d, "stuck", "alice");
     // The disk sticks: bob's join is answered only once its record is durable.
     std::fs::write(&hold, b"").unwrap();
@@ -490,25 +498,13 @@ fn a_clean_stop_lets_a_join_waiting_for_the_disk_get_its_token() {
 /// saved by a later one.
 #[test]
 fn checkpoints_are_deferred_and_counted_while_the_last_one_waits_for_the_disk() {
-    let build = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let library = fdatasync_holder(build.path());
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    let hold = dir.path().join("hold-fdatasync");
-    let held = dir.path().join("hold-fdatasync.held");
-    let d = Daemon::spawn(
-        Arc::clone(&dir),
-        Options {
-            config: Some("[history]\ncheckpoint_secs = 1\n".into()),
-            env: vec![
-                ("LD_PRELOAD".into(), library.display().to_string()),
-                ("OCM_TEST_HOLD_FDATASYNC".into(), hold.display().to_string()),
-            ],
-            metrics: true,
-            ..Options::default()
-        },
-    )
-    .expect("ocmd starts");
-    d.assert_loaded(&library);
+    let options = Options {
+        config: Some("[history]\ncheckpoint_secs = 1\n".into()),
+        metrics: true,
+        ..Options::default()
+    };
+    let (d, hold, _library) = spawn_preloaded(fdatasync_holder, HOLD_FDATASYNC, options);
+    let held = hold.with_extension("held");
     let (alice, bob) = room_of_two(&d, "stuck");
     // The disk sticks; the next checkpoint's history record waits in fdatasync.
     std::fs::write(&hold, b"").unwrap();
@@ -532,25 +528,13 @@ fn checkpoints_are_deferred_and_counted_while_the_last_one_waits_for_the_disk() 
 /// gets its token once the disk comes back.
 #[test]
 fn a_full_table_does_not_close_a_connection_whose_reply_waits_for_the_disk() {
-    let build = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let library = fdatasync_holder(build.path());
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    let hold = dir.path().join("hold-fdatasync");
-    let held = dir.path().join("hold-fdatasync.held");
-    let d = Daemon::spawn(
-        Arc::clone(&dir),
-        Options {
-            config: Some("[limits]\nmax_connections = 2\nhandshake_timeout_secs = 600\n".into()),
-            env: vec![
-                ("LD_PRELOAD".into(), library.display().to_string()),
-                ("OCM_TEST_HOLD_FDATASYNC".into(), hold.display().to_string()),
-            ],
-            metrics: true,
-            ..Options::default()
-        },
-    )
-    .expect("ocmd starts");
-    d.assert_loaded(&library);
+    let options = Options {
+        config: Some("[limits]\nmax_connections = 2\nhandshake_timeout_secs = 600\n".into()),
+        metrics: true,
+        ..Options::default()
+    };
+    let (d, hold, _library) = spawn_preloaded(fdatasync_holder, HOLD_FDATASYNC, options);
+    let held = hold.with_extension("held");
     let host = create(&d, "stuck", "alice");
     // The disk sticks: bob's join waits for its record to be durable.
     std::fs::write(&hold, b"").unwrap();
@@ -1307,59 +1291,13 @@ fn a_zero_filled_hole_with_synced_records_after_it_stops_the_start() {
     assert_eq!(std::fs::read(&journal).unwrap(), holed, "journal unchanged");
 }
 
-/// An `fsync` that waits while the file named by `OCM_TEST_HOLD_FSYNC` exists, at most 60 s (a
-/// disk that stopped answering the state file's writes; the journal's `fdatasync` goes
-/// through), creating that name plus `.held` once it has begun to wait.
-fn fsync_holder(dir: &std::path::Path) -> std::path::PathBuf {
-    const SOURCE: &str = r#"
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <fcntl.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <unistd.h>
-
-int fsync(int fd) {
-    static int (*real_fsync)(int);
-    if (!real_fsync) real_fsync = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
-    const char *flag = getenv("OCM_TEST_HOLD_FSYNC");
-    for (int waited = 0; flag && access(flag, F_OK) == 0 && waited < 60000; waited++) {
-        if (waited == 0) {
-            char held[4096];
-            snprintf(held, sizeof held, "%s.held", flag);
-            int marker = open(held, O_WRONLY | O_CREAT, 0600);
-            if (marker >= 0) close(marker);
-        }
-        usleep(1000);
-    }
-    return real_fsync(fd);
-}
-"#;
-    preload_library(dir, "hold_fsync", SOURCE)
-}
-
 /// A clean stop whose final fold is stuck in `fsync` exits after its bound instead of waiting
 /// for the disk, and loses nothing: the journal holds every change, and the next start folds
 /// it. (The stop used to wait for the fold as long as the disk did.)
 #[test]
 fn a_clean_stop_stuck_in_its_final_fold_exits_without_it_and_loses_nothing() {
-    let build = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let library = fsync_holder(build.path());
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    let hold = dir.path().join("hold-fsync");
-    let held = dir.path().join("hold-fsync.held");
-    let mut d = Daemon::spawn(
-        Arc::clone(&dir),
-        Options {
-            env: vec![
-                ("LD_PRELOAD".into(), library.display().to_string()),
-                ("OCM_TEST_HOLD_FSYNC".into(), hold.display().to_string()),
-            ],
-            ..Options::default()
-        },
-    )
-    .expect("ocmd starts");
-    d.assert_loaded(&library);
+    let (mut d, hold, _library) = spawn_preloaded(fsync_holder, HOLD_FSYNC, Options::default());
+    let held = hold.with_extension("held");
     let host = create(&d, "stuck", "alice");
     std::fs::write(&hold, b"").unwrap();
     d.signal(libc::SIGTERM);

@@ -360,25 +360,13 @@ int setsockopt(int fd, int level, int name, const void *value, socklen_t len) {
 /// the daemon sets it on each handshake connection itself.
 #[test]
 fn handshake_connections_have_tcp_nodelay_when_the_listener_refused_it() {
-    let build = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let library = listener_nodelay_refuser(build.path());
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    let mark = dir.path().join("nodelay-refused");
-    let d = Daemon::spawn(
-        Arc::clone(&dir),
+    let (d, mark, _library) = spawn_preloaded(
+        listener_nodelay_refuser,
+        ("OCM_TEST_REFUSED_NODELAY", "nodelay-refused"),
         Options {
-            env: vec![
-                ("LD_PRELOAD".into(), library.display().to_string()),
-                (
-                    "OCM_TEST_REFUSED_NODELAY".into(),
-                    mark.display().to_string(),
-                ),
-            ],
             ..Options::default()
         },
-    )
-    .expect("ocmd starts");
-    d.assert_loaded(&library);
+    );
     assert!(mark.exists(), "setsockopt(TCP_NODELAY) was not refused");
     d.wait_for_log("TCP_NODELAY on the listener refused");
     for i in 0..2 {
@@ -2856,26 +2844,14 @@ int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags) {
 /// the listener off for 50 ms).
 #[test]
 fn an_interrupted_accept_is_retried_at_once_and_not_counted_as_failed() {
-    let build = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let library = accept_interrupter(build.path());
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    let mark = dir.path().join("accept-interrupted");
-    let d = Daemon::spawn(
-        Arc::clone(&dir),
+    let (d, mark, _library) = spawn_preloaded(
+        accept_interrupter,
+        ("OCM_TEST_INTERRUPTED_ACCEPT", "accept-interrupted"),
         Options {
-            env: vec![
-                ("LD_PRELOAD".into(), library.display().to_string()),
-                (
-                    "OCM_TEST_INTERRUPTED_ACCEPT".into(),
-                    mark.display().to_string(),
-                ),
-            ],
             metrics: true,
             ..Options::default()
         },
-    )
-    .expect("ocmd starts");
-    d.assert_loaded(&library);
+    );
     // The first connection meets the interrupted call, and is answered all the same.
     let mut s = connect(&d);
     list_rooms_on(&mut s, 0);

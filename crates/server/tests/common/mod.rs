@@ -481,6 +481,31 @@ pub fn preload_library(dir: &std::path::Path, name: &str, source: &str) -> PathB
     library
 }
 
+/// Starts `ocmd` on a fresh temporary directory with the `LD_PRELOAD` library `build` makes
+/// (in a directory of its own under `CARGO_TARGET_TMPDIR`), `variable` naming the file
+/// `switch` in the daemon's directory (the flag or mark the library reads), and `options`
+/// for the rest; checks that the library is loaded. Returns the daemon, the switch's path,
+/// and the library's directory, to keep while the daemon may restart with it.
+pub fn spawn_preloaded(
+    build: impl FnOnce(&Path) -> PathBuf,
+    (variable, switch): (&str, &str),
+    mut options: Options,
+) -> (Daemon, PathBuf, tempfile::TempDir) {
+    let build_dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let library = build(build_dir.path());
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let switch = dir.path().join(switch);
+    options
+        .env
+        .push(("LD_PRELOAD".into(), library.display().to_string()));
+    options
+        .env
+        .push((variable.into(), switch.display().to_string()));
+    let d = Daemon::spawn(dir, options).expect("ocmd starts");
+    d.assert_loaded(&library);
+    (d, switch, build_dir)
+}
+
 /// A child process killed and reaped when the test ends, failed or not.
 pub struct KillOnDrop(pub Child);
 
