@@ -1606,27 +1606,47 @@ fn a_full_handshake_table_does_not_close_a_metrics_connection_for_a_newcomer() {
     assert!(text.ends_with("\r\n\r\nok\n"), "{text:?}");
 }
 
-/// A full table closes an idle connection before one paused on unread replies, even when the
-/// paused one was answered longer ago: the paused peer still gets every reply once it reads.
-#[test]
-fn a_full_table_closes_an_idle_connection_before_a_paused_one() {
+/// Room lists a paused connection of [`a_table_of_two_with_a_paused_connection`] asked for.
+const ROOM_LISTS_ASKED: usize = 1000;
+
+/// A daemon whose connection table holds two, and one connection on it (from 127.0.0.2)
+/// paused for not reading: it asked for [`ROOM_LISTS_ASKED`] lists of 200 rooms, several KiB
+/// each, against a 1 KiB output cap.
+fn a_table_of_two_with_a_paused_connection() -> (Daemon, TcpStream) {
     let d = daemon(
         "[limits]\nmax_connections = 2\nmax_output_bytes = 1024\nhandshake_timeout_secs = 600\n\
          [rate]\nrequests_per_sec = 0\n",
     );
-    // Room lists of several KiB each, made before the table is filled.
+    // The rooms are made before the table is filled.
     for i in 0..200 {
         create(&d, &format!("a-room-with-a-rather-long-name-{i:03}"), "h");
     }
-    // The paused one: a thousand room lists it does not read yet.
     let mut paused = connect_from(Ipv4Addr::new(127, 0, 0, 2), d.tcp, Some(4096));
-    const ASKED: usize = 1000;
     paused
-        .write_all(&request_bytes(Operation::ListRooms, "", b"{}").repeat(ASKED))
+        .write_all(&request_bytes(Operation::ListRooms, "", b"{}").repeat(ROOM_LISTS_ASKED))
         .unwrap();
     wait_until("the connection is paused", || {
         d.metric("ocm_tcp_output_pauses_total") >= 1.0
     });
+    (d, paused)
+}
+
+/// Reads `asked` room-list replies (COMPLIANCE, then COMPLETE) from `s`, failing at an EOF.
+fn read_room_lists(s: &mut TcpStream, asked: usize) {
+    let mut frames = FrameReader::default();
+    for i in 0..asked {
+        let (state, _) = frames.next(s).expect("COMPLIANCE, not EOF");
+        assert_eq!(state, State::Compliance, "reply {i}");
+        let (state, _) = frames.next(s).expect("the room list");
+        assert_eq!(state, State::Complete, "reply {i}");
+    }
+}
+
+/// A full table closes an idle connection before one paused on unread replies, even when the
+/// paused one was answered longer ago: the paused peer still gets every reply once it reads.
+#[test]
+fn a_full_table_closes_an_idle_connection_before_a_paused_one() {
+    let (d, mut paused) = a_table_of_two_with_a_paused_connection();
     // The idle one, answered after it.
     let mut idle = connect_from(Ipv4Addr::new(127, 0, 0, 3), d.tcp, None);
     list_rooms_on(&mut idle, 1);
@@ -1637,13 +1657,7 @@ fn a_full_table_closes_an_idle_connection_before_a_paused_one() {
     create(&d, "newcomer", "n");
     assert_eq!(closed(&d, "evicted"), 1.0);
     assert_eq!(read_until_closed(&mut idle), b"", "the idle one was closed");
-    let mut frames = FrameReader::default();
-    for i in 0..ASKED {
-        let (state, _) = frames.next(&mut paused).expect("COMPLIANCE, not EOF");
-        assert_eq!(state, State::Compliance, "reply {i}");
-        let (state, _) = frames.next(&mut paused).expect("the room list");
-        assert_eq!(state, State::Complete, "reply {i}");
-    }
+    read_room_lists(&mut paused, ROOM_LISTS_ASKED);
     assert_eq!(closed(&d, "output_overflow"), 0.0);
 }
 
@@ -1652,21 +1666,7 @@ fn a_full_table_closes_an_idle_connection_before_a_paused_one() {
 /// time, when a connection answered since is idle and goes first.
 #[test]
 fn a_table_full_again_chooses_afresh_and_closes_an_idle_connection_before_a_paused_one() {
-    let d = daemon(
-        "[limits]\nmax_connections = 2\nmax_output_bytes = 1024\nhandshake_timeout_secs = 600\n\
-         [rate]\nrequests_per_sec = 0\n",
-    );
-    for i in 0..200 {
-        create(&d, &format!("a-room-with-a-rather-long-name-{i:03}"), "h");
-    }
-    let mut paused = connect_from(Ipv4Addr::new(127, 0, 0, 2), d.tcp, Some(4096));
-    const ASKED: usize = 1000;
-    paused
-        .write_all(&request_bytes(Operation::ListRooms, "", b"{}").repeat(ASKED))
-        .unwrap();
-    wait_until("the connection is paused", || {
-        d.metric("ocm_tcp_output_pauses_total") >= 1.0
-    });
+    let (d, mut paused) = a_table_of_two_with_a_paused_connection();
     let mut first_idle = connect_from(Ipv4Addr::new(127, 0, 0, 3), d.tcp, None);
     list_rooms_on(&mut first_idle, 1);
     // The table is full: the first newcomer's pass picks the idle one, then the paused one.
@@ -1691,13 +1691,7 @@ fn a_table_full_again_chooses_afresh_and_closes_an_idle_connection_before_a_paus
         b"",
         "the second idle one was closed"
     );
-    let mut frames = FrameReader::default();
-    for i in 0..ASKED {
-        let (state, _) = frames.next(&mut paused).expect("COMPLIANCE, not EOF");
-        assert_eq!(state, State::Compliance, "reply {i}");
-        let (state, _) = frames.next(&mut paused).expect("the room list");
-        assert_eq!(state, State::Complete, "reply {i}");
-    }
+    read_room_lists(&mut paused, ROOM_LISTS_ASKED);
     assert_eq!(closed(&d, "output_overflow"), 0.0);
 }
 
