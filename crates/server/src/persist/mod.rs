@@ -314,8 +314,8 @@ impl Persister {
     }
 
     /// Writes everything queued, waits for a running compaction, folds the journals into the
-    /// state file and stops the threads. Blocks: for shutdown only, and at most
-    /// [`SHUTDOWN_STEP_WAIT`] for each batch and for the final fold: a disk that stopped
+    /// state file and stops the threads. Blocks: for shutdown only, and at most 10 s
+    /// (`SHUTDOWN_STEP_WAIT`) for each batch and for the final fold: a disk that stopped
     /// answering does not hold the exit for ever. Leaving the fold behind loses nothing (the
     /// journals hold every change it would have folded, and the next start folds them).
     pub fn shutdown(mut self) {
