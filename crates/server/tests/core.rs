@@ -639,6 +639,18 @@ fn ipv6_loopback() -> Option<SocketAddr> {
     }
 }
 
+/// A daemon with both sockets on `[::1]` and `options` for the rest, and that address; `None`
+/// (the test skipped) on a host without IPv6 loopback.
+fn daemon_on_ipv6_loopback(options: Options) -> Option<(Daemon, SocketAddr)> {
+    let loopback6 = ipv6_loopback()?;
+    let d = Daemon::start_with(Options {
+        tcp: Some(loopback6),
+        udp: Some(loopback6),
+        ..options
+    });
+    Some((d, loopback6))
+}
+
 /// A member of room `lobby` holding `token`, its socket bound to `at`, talking to `server`.
 fn lobby_member(token: &str, at: SocketAddr, server: SocketAddr) -> Member {
     let socket = std::net::UdpSocket::bind(at).unwrap();
@@ -655,14 +667,9 @@ fn lobby_member(token: &str, at: SocketAddr, server: SocketAddr) -> Member {
 /// cannot send to them: the daemon says so at start, and keeps their tokens.
 #[test]
 fn members_behind_ipv6_that_an_ipv4_socket_cannot_reach_are_reported_at_start() {
-    let Some(loopback6) = ipv6_loopback() else {
+    let Some((mut d, loopback6)) = daemon_on_ipv6_loopback(Options::default()) else {
         return;
     };
-    let mut d = Daemon::start_with(Options {
-        tcp: Some(loopback6),
-        udp: Some(loopback6),
-        ..Options::default()
-    });
     let ipv6 = |token: &str| lobby_member(token, loopback6, d.udp);
     let alice = ipv6(&create(&d, "lobby", "alice"));
     let bob = ipv6(&join(&d, "lobby", "bob"));
@@ -731,14 +738,9 @@ fn restart_and_find_both_reachable(d: &mut Daemon, udp: SocketAddr, alice: &Memb
 /// socket, and they chat after it.
 #[test]
 fn members_behind_ipv6_are_not_reported_by_a_start_on_ipv6() {
-    let Some(loopback6) = ipv6_loopback() else {
+    let Some((mut d, loopback6)) = daemon_on_ipv6_loopback(Options::default()) else {
         return;
     };
-    let mut d = Daemon::start_with(Options {
-        tcp: Some(loopback6),
-        udp: Some(loopback6),
-        ..Options::default()
-    });
     let alice_token = create(&d, "lobby", "alice");
     let bob_token = join(&d, "lobby", "bob");
     let alice = lobby_member(&alice_token, loopback6, d.udp);
@@ -755,16 +757,13 @@ fn members_behind_ipv6_are_not_reported_by_a_start_on_ipv6() {
 /// by a review).
 #[test]
 fn behind_the_join_ip_guard_ipv6_members_are_told_to_join_again() {
-    let Some(loopback6) = ipv6_loopback() else {
-        return;
-    };
-    let mut d = Daemon::start_with(Options {
-        tcp: Some(loopback6),
-        udp: Some(loopback6),
+    let Some((mut d, loopback6)) = daemon_on_ipv6_loopback(Options {
         config: Some("[udp]\nregister_only_from_join_ip = true\n".into()),
         metrics: true,
         ..Options::default()
-    });
+    }) else {
+        return;
+    };
     let alice_token = create(&d, "lobby", "alice");
     let bob_token = join(&d, "lobby", "bob");
     let alice = lobby_member(&alice_token, loopback6, d.udp);
