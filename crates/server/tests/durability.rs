@@ -1763,3 +1763,53 @@ fn a_room_created_over_one_skipped_at_load_does_not_cost_another_room_a_member()
     assert_eq!(members(&d), ["b", "c"], "log:\n{}", d.log());
     assert_eq!(presence_of(&d, "zz", b"{}").members.len(), 1);
 }
+
+/// The `register` records in `dir`'s journal.
+fn register_records(dir: &Path) -> usize {
+    let journal = journal_data(&dir.join("room_manager.json.journal"));
+    String::from_utf8_lossy(&journal)
+        .lines()
+        .filter(|line| line.contains(r#""op":"register""#))
+        .count()
+}
+
+/// `ocm` sends `__REGISTER__` every keepalive interval: from the address the member already
+/// has, that is no change and writes nothing (a record each would be a journal write per
+/// member per interval for as long as the room lives). A REGISTER from a new address is a
+/// change and writes one. A join is acknowledged only once its record is durable, after
+/// every record emitted before it, so each count is read behind one.
+#[test]
+fn keepalive_registers_from_an_unchanged_address_write_no_journal_record() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let d = spawn_on(&dir).expect("ocmd starts");
+    let host_token = create(&d, "keep", "host");
+    let m1_token = join(&d, "keep", "m1");
+    let host = Member::joined(&d, "keep", &host_token);
+    let m1 = Member::new(&d, "keep", &m1_token);
+    m1.registered_with(&host, "m1");
+    join(&d, "keep", "after-first-registers");
+    assert_eq!(register_records(dir.path()), 2, "one record per member");
+
+    for _ in 0..20 {
+        host.send("__REGISTER__");
+        m1.send("__REGISTER__");
+    }
+    // Loopback and the daemon keep one socket's datagrams in order: once the probe is
+    // relayed, every REGISTER before it has been handled.
+    m1.registered_with(&host, "m1");
+    join(&d, "keep", "after-keepalives");
+    assert_eq!(
+        register_records(dir.path()),
+        2,
+        "REGISTERs from unchanged addresses wrote records"
+    );
+
+    let moved = Member::new(&d, "keep", &m1_token);
+    moved.registered_with(&host, "m1");
+    join(&d, "keep", "after-the-move");
+    assert_eq!(
+        register_records(dir.path()),
+        3,
+        "a REGISTER from a new address writes one record"
+    );
+}
