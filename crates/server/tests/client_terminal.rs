@@ -1,0 +1,170 @@
+//! The real `ocm` in a pseudo-terminal, as a person uses it: its line editor reads the keys
+//! typed, and another member (`ocm` on pipes) reads what reached the room.
+
+mod common;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// `ocm` whose standard input, output and error are one pseudo-terminal, its controlling
+/// terminal, as in a shell.
+struct Terminal {
+    child: Child,
+    /// The terminal's other side: what is written to it is typed.
+    master: File,
+    /// Everything `ocm` wrote to the terminal so far.
+    screen: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Terminal {
+    /// Starts `ocm --server 127.0.0.1 --tcp-port T --udp-port U ARGS...` against `daemon` in
+    /// a terminal of 24 rows and 80 columns.
+    fn start(daemon: &Daemon, args: &[&str]) -> Terminal {
+        let (mut master, mut slave) = (-1, -1);
+        let size = libc::winsize {
+            ws_row: 24,
+            ws_col: 80,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: openpty writes two descriptors, which are owned below.
+        let rc = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                &size,
+            )
+        };
+        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: both descriptors were just opened and nothing else owns them.
+        let (master, slave) = unsafe { (File::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+        let mut command = Command::new(sibling_binary("ocm"));
+        command
+            .args(["--server", "127.0.0.1", "--tcp-port"])
+            .arg(daemon.tcp.port().to_string())
+            .arg("--udp-port")
+            .arg(daemon.udp.port().to_string())
+            .args(args)
+            .env("TERM", "xterm")
+            .stdin(Stdio::from(slave.try_clone().expect("dup")))
+            .stdout(Stdio::from(slave.try_clone().expect("dup")))
+            .stderr(Stdio::from(slave));
+        // SAFETY: setsid and ioctl are async-signal-safe; the child gets a session of its
+        // own whose controlling terminal is the pseudo-terminal on its standard input.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().expect("spawn ocm");
+        // The command held the child's copies of the terminal: gone, so reading the master
+        // ends once the child is.
+        drop(command);
+        let screen = Arc::new(Mutex::new(Vec::new()));
+        let mut reader = master.try_clone().expect("dup");
+        let shown = Arc::clone(&screen);
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // Ends with EIO once no process holds the terminal.
+            while let Ok(n @ 1..) = reader.read(&mut buf) {
+                shown.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Terminal {
+            child,
+            master,
+            screen,
+        }
+    }
+
+    /// Types `keys` at once, as a fast typist or a paste without bracketed paste would.
+    fn type_keys(&mut self, keys: &str) {
+        self.master.write_all(keys.as_bytes()).expect("type");
+    }
+
+    /// What the terminal shows so far, escape sequences and all.
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.screen.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until the terminal shows `needle`.
+    fn wait_for(&self, needle: &str) {
+        let deadline = Instant::now() + PATIENCE;
+        while !self.text().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "the terminal never showed {needle:?}; it shows:\n{:?}",
+                self.text()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for `ocm` to exit.
+    fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ocm did not exit; the terminal shows:\n{:?}",
+                self.text()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A host on pipes and `bob` in a terminal, live in `lobby`.
+fn host_and_terminal(d: &Daemon) -> (Ocm, Terminal) {
+    let alice = Ocm::start(d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    let bob = Terminal::start(d, &["join", "lobby", "--name", "bob"]);
+    bob.wait_for("* --- live ---");
+    assert_eq!(alice.line(), "* bob joined");
+    (alice, bob)
+}
+
+/// Lines typed faster than the editor takes them (type-ahead, or a paste in a terminal
+/// without bracketed paste) are each sent, none lost between two reads of the editor.
+#[test]
+fn lines_typed_ahead_are_all_sent() {
+    let d = Daemon::start();
+    let (mut alice, mut bob) = host_and_terminal(&d);
+    bob.type_keys("one\rtwo\rthree\r");
+    for text in ["one", "two", "three"] {
+        let line = alice.line_within(PATIENCE);
+        assert_eq!(
+            line.as_deref(),
+            Some(format!("bob: {text}").as_str()),
+            "bob's terminal: {:?}",
+            bob.text()
+        );
+    }
+    bob.type_keys("/quit\r");
+    assert!(bob.wait().success());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
