@@ -168,3 +168,28 @@ fn lines_typed_ahead_are_all_sent() {
     alice.type_line("/quit");
     assert!(alice.wait().success());
 }
+
+/// Lines pasted into a terminal with bracketed paste (which rustyline turns on) wait in the
+/// editor as one text until Enter, then go as the lines they were, as piped lines do: not as
+/// one message whose line breaks the others see as `\n`.
+#[test]
+fn a_pasted_block_of_lines_is_sent_line_by_line() {
+    let d = Daemon::start();
+    let (mut alice, mut bob) = host_and_terminal(&d);
+    bob.type_keys("\x1b[200~first line\rsecond line\r\x1b[201~");
+    bob.wait_for("second line");
+    bob.type_keys("\r");
+    for text in ["first line", "second line"] {
+        let line = alice.line_within(PATIENCE);
+        assert_eq!(
+            line.as_deref(),
+            Some(format!("bob: {text}").as_str()),
+            "bob's terminal: {:?}",
+            bob.text()
+        );
+    }
+    bob.type_keys("/quit\r");
+    assert!(bob.wait().success());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}

@@ -153,7 +153,7 @@ fn read_edited(
                         debug!("line not kept in the history: {e}");
                     }
                 }
-                if !commands.handle_line(&line) {
+                if !handle_edited(commands, &line) {
                     return None;
                 }
             }
@@ -167,4 +167,11 @@ fn read_edited(
             }
         }
     }
+}
+
+/// Acts on a line the editor returned. A paste (rustyline turns on the terminal's bracketed
+/// paste) keeps its line breaks in the edited text, so each of its lines is acted on in turn,
+/// as if piped; returns `false` when input should stop ([`Commands::handle_line`]).
+pub(super) fn handle_edited(commands: &mut Commands, edited: &str) -> bool {
+    edited.split('\n').all(|line| commands.handle_line(line))
 }

@@ -1,7 +1,7 @@
 //! The chat's unit tests: sessions against local sockets, fake daemons over TCP.
 
 use super::checks::{Answer, Settled};
-use super::input_thread::read_lines;
+use super::input_thread::{handle_edited, read_lines};
 use super::receiver::{answered_from_elsewhere, receive};
 use super::*;
 use crate::handshake::Token;
@@ -213,6 +213,24 @@ fn lines_too_long_to_send_are_skipped_at_any_boundary() {
             "err: * message not sent: too long (at most 100 bytes of UTF-8 fit one message)",
             "err: * message not sent: too long (at most 100 bytes of UTF-8 fit one message)"
         ]
+    );
+}
+
+/// A block pasted into the line editor comes back as one text with its line breaks: each
+/// of its lines is acted on in turn, as piped lines are, up to a `/quit` among them.
+#[test]
+fn an_edited_paste_is_acted_on_line_by_line() {
+    let (screen, rec) = screen(false);
+    let dead = DeadTcp::new();
+    let (mut commands, inbox) = commands(dead.addr, &screen);
+    assert!(handle_edited(&mut commands, "one\ntwo\n\n/help\nthree\n"));
+    assert_eq!(sent_texts(&inbox), ["one", "two", "three"]);
+    assert_eq!(rec.lines(), [format!("err: {}", input::HELP)]);
+    assert!(!handle_edited(&mut commands, "four\n/quit\nnever sent"));
+    let events: Vec<Event> = inbox.try_iter().collect();
+    assert!(
+        matches!(&events[..], [Event::Send(text), Event::Quit] if text == "four"),
+        "{events:?}"
     );
 }
 
