@@ -193,3 +193,42 @@ fn a_pasted_block_of_lines_is_sent_line_by_line() {
     alice.type_line("/quit");
     assert!(alice.wait().success());
 }
+
+/// Whether the terminal was last told to turn bracketed paste on (`ESC [?2004h`) and not
+/// off again: the shell after `ocm` would then get each paste wrapped in `ESC [200~` and
+/// `ESC [201~`.
+fn bracketed_paste_left_on(screen: &str) -> bool {
+    screen.rfind("\x1b[?2004h") > screen.rfind("\x1b[?2004l")
+}
+
+/// The room closing while bob's editor waits for a line gives the terminal back as it
+/// found it: bracketed paste off, as well as the terminal's mode.
+#[test]
+fn a_closed_room_leaves_bracketed_paste_off() {
+    let d = Daemon::start();
+    let (mut alice, mut bob) = host_and_terminal(&d);
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+    bob.wait_for("* room lobby was closed");
+    assert_eq!(bob.wait().code(), Some(OCM_ROOM_ENDED));
+    assert!(!bracketed_paste_left_on(&bob.text()), "{:?}", bob.text());
+}
+
+/// So does a SIGTERM while the editor waits for a line.
+#[test]
+fn a_signal_leaves_bracketed_paste_off() {
+    let d = Daemon::start();
+    let (mut alice, mut bob) = host_and_terminal(&d);
+    bob.type_keys("half a line");
+    bob.wait_for("half a line");
+    // SAFETY: a signal to our own child, which has not been reaped.
+    assert_eq!(
+        unsafe { libc::kill(bob.child.id() as i32, libc::SIGTERM) },
+        0
+    );
+    assert!(bob.wait().success());
+    assert_eq!(alice.line(), "* bob left");
+    assert!(!bracketed_paste_left_on(&bob.text()), "{:?}", bob.text());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}

@@ -2,7 +2,7 @@
 //! editor when standard input and output are a terminal, with the terminal's mode put back
 //! however the chat ends.
 
-use std::io::{self, BufRead, Read};
+use std::io::{self, BufRead, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -19,6 +19,9 @@ use crate::screen::{to_stderr, EditorPrinter, Screen};
 
 /// The line editor's prompt.
 const PROMPT: &str = "> ";
+
+/// What turns a terminal's bracketed paste off (rustyline writes it to standard output).
+const BRACKETED_PASTE_OFF: &[u8] = b"\x1b[?2004l";
 
 /// The terminal mode as it was before the line editor ran, put back on drop.
 pub(super) struct TerminalGuard {
@@ -47,6 +50,17 @@ impl Drop for TerminalGuard {
                 debug!("cannot restore the terminal mode: {e}");
             }
             if self.reading.load(Ordering::SeqCst) {
+                // The editor turns the terminal's bracketed paste on for each line it reads
+                // and off when it returns one: stopped while reading, it is left on, and the
+                // shell would get every paste wrapped in `ESC [200~` ... `ESC [201~`.
+                let mut out = io::stdout().lock();
+                if let Err(e) = out
+                    .write_all(BRACKETED_PASTE_OFF)
+                    .and_then(|()| out.flush())
+                {
+                    debug!("cannot turn bracketed paste off: {e}");
+                }
+                drop(out);
                 // Leave the prompt line, so the shell's prompt starts on a line of its own.
                 to_stderr("");
             }
