@@ -28,6 +28,12 @@ impl Terminal {
     /// Starts `ocm --server 127.0.0.1 --tcp-port T --udp-port U ARGS...` against `daemon` in
     /// a terminal of 24 rows and 80 columns.
     fn start(daemon: &Daemon, args: &[&str]) -> Terminal {
+        Terminal::start_with_stderr(daemon, args, None)
+    }
+
+    /// [`Terminal::start`] with standard error `stderr` if given (`2>ocm.log`), else the
+    /// terminal too.
+    fn start_with_stderr(daemon: &Daemon, args: &[&str], stderr: Option<Stdio>) -> Terminal {
         let (mut master, mut slave) = (-1, -1);
         let size = libc::winsize {
             ws_row: 24,
@@ -58,7 +64,7 @@ impl Terminal {
             .env("TERM", "xterm")
             .stdin(Stdio::from(slave.try_clone().expect("dup")))
             .stdout(Stdio::from(slave.try_clone().expect("dup")))
-            .stderr(Stdio::from(slave));
+            .stderr(stderr.unwrap_or_else(|| Stdio::from(slave)));
         // SAFETY: setsid and ioctl are async-signal-safe; the child gets a session of its
         // own whose controlling terminal is the pseudo-terminal on its standard input.
         unsafe {
@@ -231,4 +237,34 @@ fn a_signal_leaves_bracketed_paste_off() {
     assert!(!bracketed_paste_left_on(&bob.text()), "{:?}", bob.text());
     alice.type_line("/quit");
     assert!(alice.wait().success());
+}
+
+/// With standard error redirected (`2>ocm.log`), the room closing while bob has half a
+/// line typed still ends that line on the terminal: the closing notice, on standard
+/// output, starts a line of its own, and so would the shell's prompt.
+#[test]
+fn with_stderr_redirected_the_closing_line_starts_a_line_of_its_own() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    let log = d.dir.path().join("bob.log");
+    let file = File::create(&log).expect("bob's log");
+    let mut bob = Terminal::start_with_stderr(
+        &d,
+        &["join", "lobby", "--name", "bob"],
+        Some(Stdio::from(file)),
+    );
+    assert_eq!(alice.line(), "* bob joined");
+    let logged = || std::fs::read_to_string(&log).expect("bob's log");
+    wait_until("bob live", || logged().contains("* --- live ---"));
+    bob.type_keys("half typed");
+    bob.wait_for("half typed");
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+    assert_eq!(bob.wait().code(), Some(OCM_ROOM_ENDED));
+    bob.wait_for("* room lobby was closed");
+    let shown = bob.text();
+    let before = &shown[..shown.find("* room lobby was closed").unwrap()];
+    assert!(before.ends_with('\n'), "{shown:?}");
+    assert!(logged().contains("* joined lobby as bob"), "{:?}", logged());
 }

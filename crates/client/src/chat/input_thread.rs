@@ -15,7 +15,7 @@ use super::commands::{too_long, Commands};
 use super::{lock, Event};
 use crate::error::ClientError;
 use crate::feed::Feed;
-use crate::screen::{to_stderr, EditorPrinter, Screen};
+use crate::screen::{EditorPrinter, Screen};
 
 /// The line editor's prompt.
 const PROMPT: &str = "> ";
@@ -52,17 +52,18 @@ impl Drop for TerminalGuard {
             if self.reading.load(Ordering::SeqCst) {
                 // The editor turns the terminal's bracketed paste on for each line it reads
                 // and off when it returns one: stopped while reading, it is left on, and the
-                // shell would get every paste wrapped in `ESC [200~` ... `ESC [201~`.
+                // shell would get every paste wrapped in `ESC [200~` ... `ESC [201~`. Then
+                // leave the prompt line, so that what follows (the closing notice, the
+                // shell's prompt) starts on a line of its own. Both on standard output, the
+                // terminal the editor draws on: standard error may be redirected.
                 let mut out = io::stdout().lock();
-                if let Err(e) = out
+                let written = out
                     .write_all(BRACKETED_PASTE_OFF)
-                    .and_then(|()| out.flush())
-                {
-                    debug!("cannot turn bracketed paste off: {e}");
+                    .and_then(|()| out.write_all(b"\n"))
+                    .and_then(|()| out.flush());
+                if let Err(e) = written {
+                    debug!("cannot leave the prompt line: {e}");
                 }
-                drop(out);
-                // Leave the prompt line, so the shell's prompt starts on a line of its own.
-                to_stderr("");
             }
         }
     }
