@@ -34,6 +34,18 @@ impl Terminal {
     /// [`Terminal::start`] with standard error `stderr` if given (`2>ocm.log`), else the
     /// terminal too.
     fn start_with_stderr(daemon: &Daemon, args: &[&str], stderr: Option<Stdio>) -> Terminal {
+        let mut command = Command::new(sibling_binary("ocm"));
+        command
+            .args(["--server", "127.0.0.1", "--tcp-port"])
+            .arg(daemon.tcp.port().to_string())
+            .arg("--udp-port")
+            .arg(daemon.udp.port().to_string())
+            .args(args);
+        Terminal::spawn(command, stderr)
+    }
+
+    /// Runs `command` in a new terminal, with standard error `stderr` if given.
+    fn spawn(mut command: Command, stderr: Option<Stdio>) -> Terminal {
         let (mut master, mut slave) = (-1, -1);
         let size = libc::winsize {
             ws_row: 24,
@@ -54,13 +66,7 @@ impl Terminal {
         assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
         // SAFETY: both descriptors were just opened and nothing else owns them.
         let (master, slave) = unsafe { (File::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
-        let mut command = Command::new(sibling_binary("ocm"));
         command
-            .args(["--server", "127.0.0.1", "--tcp-port"])
-            .arg(daemon.tcp.port().to_string())
-            .arg("--udp-port")
-            .arg(daemon.udp.port().to_string())
-            .args(args)
             .env("TERM", "xterm")
             .stdin(Stdio::from(slave.try_clone().expect("dup")))
             .stdout(Stdio::from(slave.try_clone().expect("dup")))
@@ -267,4 +273,51 @@ fn with_stderr_redirected_the_closing_line_starts_a_line_of_its_own() {
     let before = &shown[..shown.find("* room lobby was closed").unwrap()];
     assert!(before.ends_with('\n'), "{shown:?}");
     assert!(logged().contains("* joined lobby as bob"), "{:?}", logged());
+}
+
+/// Suspended with Ctrl+Z from a shell with job control and brought back with `fg`, the
+/// editor has the terminal as before: what is typed is the editor's to show, and a message
+/// arriving redraws the half-typed line under it.
+#[test]
+fn after_ctrl_z_and_fg_the_editor_still_owns_the_line() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    let mut shell = Command::new("bash");
+    shell
+        .args(["--norc", "--noprofile", "-i"])
+        .env("PS1", "$ ")
+        .env("HISTFILE", "/dev/null");
+    let mut term = Terminal::spawn(shell, None);
+    term.wait_for("$ ");
+    term.type_keys(&format!(
+        "{} --server 127.0.0.1 --tcp-port {} --udp-port {} join lobby --name bob\r",
+        sibling_binary("ocm").display(),
+        d.tcp.port(),
+        d.udp.port()
+    ));
+    term.wait_for("* --- live ---");
+    assert_eq!(alice.line(), "* bob joined");
+    term.type_keys("\x1a");
+    term.wait_for("Stopped");
+    term.type_keys("fg\r");
+    // bob is back once the editor has redrawn its prompt after the command line `fg` shows.
+    let shown = term.text().len();
+    let deadline = Instant::now() + PATIENCE;
+    while !term.text()[shown..].contains("> ") {
+        assert!(Instant::now() < deadline, "{:?}", term.text());
+        thread::sleep(Duration::from_millis(10));
+    }
+    term.type_keys("half");
+    term.wait_for("half");
+    alice.type_line("while you typed");
+    term.wait_for("alice: while you typed\r\n> half");
+    term.type_keys("\r");
+    assert_eq!(alice.line(), "bob: half");
+    term.type_keys("/quit\r");
+    assert_eq!(alice.line(), "* bob left");
+    term.type_keys("exit\r");
+    assert!(term.wait().success());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
 }

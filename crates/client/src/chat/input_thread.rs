@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 
 use log::{debug, warn};
+use nix::sys::signal::{SigSet, Signal};
 use rustyline::error::ReadlineError;
 use rustyline::DefaultEditor;
 
@@ -69,6 +70,28 @@ impl Drop for TerminalGuard {
     }
 }
 
+/// Ctrl+Z, to the line editor, means: give the terminal its mode back, stop the process
+/// with `kill(0, SIGTSTP)`, and once continued (`fg`), take raw mode again and redraw. In a
+/// process of several threads any thread may take that SIGTSTP, and `kill` returns at once
+/// to the editor, which took raw mode again before the process stopped; the shell then gave
+/// the terminal back to `ocm` in its own, cooked mode, which the editor did not know: after
+/// `fg` the terminal echoed what was typed, and the editor saw it only at Enter (a message
+/// arriving redrew the line without it). So SIGTSTP is blocked in the main thread before any
+/// helper thread starts (they inherit it) and unblocked on the input thread alone, where
+/// the editor's `kill` then stops the process before it returns, as in a program of one
+/// thread. Called by the main thread when the editor is used.
+pub(super) fn suspend_on_input_thread() {
+    if let Err(e) = tstp().thread_block() {
+        debug!("cannot block SIGTSTP: {e}");
+    }
+}
+
+fn tstp() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTSTP);
+    set
+}
+
 /// Starts the input thread. `reading` is set when the line editor is to be used (and is
 /// the flag the terminal guard reads).
 pub(super) fn spawn_input(
@@ -77,6 +100,7 @@ pub(super) fn spawn_input(
     reading: Option<Arc<AtomicBool>>,
 ) {
     let spawned = thread::Builder::new().name("input".into()).spawn(move || {
+        let editing = reading.is_some();
         let mut editor = reading.and_then(|reading| match start_editor(&commands.screen) {
             Ok(editor) => Some((editor, reading)),
             Err(e) => {
@@ -84,6 +108,14 @@ pub(super) fn spawn_input(
                 None
             }
         });
+        if editing {
+            // After the editor's printing thread started, which keeps SIGTSTP blocked (see
+            // `suspend_on_input_thread`). Also without the editor: this thread then takes
+            // the Ctrl+Z of the terminal's own line editing.
+            if let Err(e) = tstp().thread_unblock() {
+                debug!("cannot unblock SIGTSTP: {e}");
+            }
+        }
         if join_history && !commands.show_recent_history() {
             // The main loop ends the session.
             return;

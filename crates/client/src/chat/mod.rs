@@ -71,7 +71,7 @@ use crate::render::printable_name;
 use crate::screen::{to_stderr, OwnSends, PlainPrinter, Screen};
 use checks::{end_on, settle, spawn_reach_check, Checker, Liveness, Membership};
 use commands::{too_long, Commands};
-use input_thread::{spawn_input, TerminalGuard};
+use input_thread::{spawn_input, suspend_on_input_thread, TerminalGuard};
 use receiver::spawn_receiver;
 
 /// Events the main loop may have waiting. Bounded, so that piped input waits for the sends
@@ -155,6 +155,10 @@ fn lock(screen: &Mutex<Screen>) -> MutexGuard<'_, Screen> {
 /// registered.
 pub fn run(session: Session, options: Options) -> Result<Ending, ClientError> {
     let (events, inbox) = mpsc::sync_channel(EVENT_QUEUE);
+    if options.line_editor {
+        // Before any thread starts: they inherit it.
+        suspend_on_input_thread();
+    }
     // Signals first: from here on Ctrl+C must not kill us before we can say __LEAVE__.
     let signalled = Arc::new(AtomicI32::new(0));
     spawn_signal_watcher(events.clone(), Arc::clone(&signalled), &session)?;
