@@ -104,7 +104,12 @@ impl Terminal {
 
     /// Types `keys` at once, as a fast typist or a paste without bracketed paste would.
     fn type_keys(&mut self, keys: &str) {
-        self.master.write_all(keys.as_bytes()).expect("type");
+        self.type_bytes(keys.as_bytes());
+    }
+
+    /// Types `bytes`, UTF-8 or not (a terminal set to Latin-1, for one).
+    fn type_bytes(&mut self, bytes: &[u8]) {
+        self.master.write_all(bytes).expect("type");
     }
 
     /// What the terminal shows so far, escape sequences and all.
@@ -300,9 +305,9 @@ fn after_ctrl_z_and_fg_the_editor_still_owns_the_line() {
     assert_eq!(alice.line(), "* bob joined");
     term.type_keys("\x1a");
     term.wait_for("Stopped");
-    term.type_keys("fg\r");
-    // bob is back once the editor has redrawn its prompt after the command line `fg` shows.
+    // bob is back once the editor has redrawn its prompt after `fg`.
     let shown = term.text().len();
+    term.type_keys("fg\r");
     let deadline = Instant::now() + PATIENCE;
     while !term.text()[shown..].contains("> ") {
         assert!(Instant::now() < deadline, "{:?}", term.text());
@@ -318,6 +323,23 @@ fn after_ctrl_z_and_fg_the_editor_still_owns_the_line() {
     assert_eq!(alice.line(), "* bob left");
     term.type_keys("exit\r");
     assert!(term.wait().success());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
+
+/// A byte that is not UTF-8 from the terminal (one set to Latin-1, a stray byte) costs the
+/// line it was typed in, said so, not the chat.
+#[test]
+fn a_line_that_is_not_utf8_is_dropped_and_the_chat_goes_on() {
+    let d = Daemon::start();
+    let (mut alice, mut bob) = host_and_terminal(&d);
+    bob.type_bytes(b"caf\xe9\r");
+    bob.wait_for("* the terminal sent a byte that is not UTF-8");
+    bob.type_keys("still here\r");
+    let line = alice.line_within(PATIENCE);
+    assert_eq!(line.as_deref(), Some("bob: still here"), "{:?}", bob.text());
+    bob.type_keys("/quit\r");
+    assert!(bob.wait().success());
     alice.type_line("/quit");
     assert!(alice.wait().success());
 }

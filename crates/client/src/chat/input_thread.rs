@@ -21,6 +21,10 @@ use crate::screen::{EditorPrinter, Screen};
 /// The line editor's prompt.
 const PROMPT: &str = "> ";
 
+/// The remark when the editor met a byte that is not UTF-8, and dropped the line.
+const NOT_UTF8: &str =
+    "* the terminal sent a byte that is not UTF-8: that line was dropped (is the terminal set to UTF-8?)";
+
 /// What turns a terminal's bracketed paste off (rustyline writes it to standard output).
 const BRACKETED_PASTE_OFF: &[u8] = b"\x1b[?2004l";
 
@@ -206,6 +210,11 @@ fn read_edited(
             }
             Err(ReadlineError::Interrupted) => return Some(Event::Quit),
             Err(ReadlineError::Eof) => return Some(Event::Eof),
+            // The editor reads UTF-8 only and gives up the line at the first byte that is
+            // not; the terminal is still there to read (plain lines take such bytes as U+FFFD).
+            Err(ReadlineError::Io(e)) if e.kind() == io::ErrorKind::InvalidData => {
+                commands.err(NOT_UTF8);
+            }
             Err(e) => {
                 return Some(Event::Failed(ClientError::Io {
                     context: "reading the terminal",
