@@ -332,6 +332,19 @@ fn explain_password_limit(error: ClientError, password_sent: bool) -> ClientErro
     }
 }
 
+/// Terminal types the line editor cannot draw on (rustyline's own list); on these it could
+/// only fail, and plain lines are what such a terminal (an Emacs shell buffer, say) expects.
+const UNEDITABLE_TERMINALS: [&str; 3] = ["dumb", "cons25", "emacs"];
+
+/// Whether a terminal of type `term` (the value of `TERM`) can take the line editor.
+fn editable_terminal(term: Option<OsString>) -> bool {
+    !term.is_some_and(|term| {
+        UNEDITABLE_TERMINALS
+            .iter()
+            .any(|plain| term.eq_ignore_ascii_case(plain))
+    })
+}
+
 /// The server's UDP address: the handshake's address at `udp_port`, keeping an IPv6
 /// address's scope (a link-local `fe80::1%eth0` is unreachable without it).
 fn udp_address(tcp: SocketAddr, udp_port: u16) -> SocketAddr {
@@ -390,7 +403,9 @@ fn chat(
             check_reach: !args.original,
             idle_check: (!args.original).then(|| Duration::from_secs(u64::from(args.idle_check))),
             original: args.original,
-            line_editor: std::io::stdin().is_terminal() && std::io::stdout().is_terminal(),
+            line_editor: std::io::stdin().is_terminal()
+                && std::io::stdout().is_terminal()
+                && editable_terminal(std::env::var_os("TERM")),
         },
     )
 }
@@ -399,6 +414,17 @@ fn chat(
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn dumb_terminals_get_plain_lines() {
+        for term in ["dumb", "DUMB", "emacs", "cons25"] {
+            assert!(!editable_terminal(Some(term.into())), "{term}");
+        }
+        for term in ["xterm", "xterm-256color", "screen", "linux", ""] {
+            assert!(editable_terminal(Some(term.into())), "{term}");
+        }
+        assert!(editable_terminal(None));
+    }
 
     #[test]
     fn only_the_wrong_password_refusal_gets_the_password_rule() {

@@ -34,14 +34,7 @@ impl Terminal {
     /// [`Terminal::start`] with standard error `stderr` if given (`2>ocm.log`), else the
     /// terminal too.
     fn start_with_stderr(daemon: &Daemon, args: &[&str], stderr: Option<Stdio>) -> Terminal {
-        let mut command = Command::new(sibling_binary("ocm"));
-        command
-            .args(["--server", "127.0.0.1", "--tcp-port"])
-            .arg(daemon.tcp.port().to_string())
-            .arg("--udp-port")
-            .arg(daemon.udp.port().to_string())
-            .args(args);
-        Terminal::spawn(command, stderr)
+        Terminal::spawn(ocm_command(daemon, args, "xterm"), stderr)
     }
 
     /// Runs `command` in a new terminal, with standard error `stderr` if given.
@@ -67,7 +60,6 @@ impl Terminal {
         // SAFETY: both descriptors were just opened and nothing else owns them.
         let (master, slave) = unsafe { (File::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
         command
-            .env("TERM", "xterm")
             .stdin(Stdio::from(slave.try_clone().expect("dup")))
             .stdout(Stdio::from(slave.try_clone().expect("dup")))
             .stderr(stderr.unwrap_or_else(|| Stdio::from(slave)));
@@ -152,6 +144,20 @@ impl Drop for Terminal {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `ocm --server 127.0.0.1 --tcp-port T --udp-port U ARGS...` against `daemon`, in a
+/// terminal of type `term`.
+fn ocm_command(daemon: &Daemon, args: &[&str], term: &str) -> Command {
+    let mut command = Command::new(sibling_binary("ocm"));
+    command
+        .args(["--server", "127.0.0.1", "--tcp-port"])
+        .arg(daemon.tcp.port().to_string())
+        .arg("--udp-port")
+        .arg(daemon.udp.port().to_string())
+        .args(args)
+        .env("TERM", term);
+    command
 }
 
 /// A host on pipes and `bob` in a terminal, live in `lobby`.
@@ -292,6 +298,7 @@ fn after_ctrl_z_and_fg_the_editor_still_owns_the_line() {
     shell
         .args(["--norc", "--noprofile", "-i"])
         .env("PS1", "$ ")
+        .env("TERM", "xterm")
         .env("HISTFILE", "/dev/null");
     let mut term = Terminal::spawn(shell, None);
     term.wait_for("$ ");
@@ -340,6 +347,34 @@ fn a_line_that_is_not_utf8_is_dropped_and_the_chat_goes_on() {
     assert_eq!(line.as_deref(), Some("bob: still here"), "{:?}", bob.text());
     bob.type_keys("/quit\r");
     assert!(bob.wait().success());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
+
+/// A terminal that cannot be edited on (`TERM=dumb`: an Emacs shell buffer, for one) gets
+/// plain lines, as documented, without a warning that calls it no terminal ("ENOTTY").
+#[test]
+fn a_dumb_terminal_gets_plain_lines_without_a_warning() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    let mut bob = Terminal::spawn(
+        ocm_command(&d, &["join", "lobby", "--name", "bob"], "dumb"),
+        None,
+    );
+    bob.wait_for("* --- live ---");
+    assert_eq!(alice.line(), "* bob joined");
+    bob.type_keys("plain\r");
+    assert_eq!(alice.line(), "bob: plain");
+    alice.type_line("hello");
+    bob.wait_for("alice: hello");
+    bob.type_keys("/quit\r");
+    assert!(bob.wait().success());
+    let shown = bob.text();
+    assert!(
+        !shown.contains("WARN") && !shown.contains("ENOTTY"),
+        "{shown:?}"
+    );
     alice.type_line("/quit");
     assert!(alice.wait().success());
 }
