@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// `ocm` whose standard input, output and error are one pseudo-terminal, its controlling
-/// terminal, as in a shell.
+/// `ocm` (or a shell) whose standard input, output and error are one pseudo-terminal, its
+/// controlling terminal.
 struct Terminal {
     child: Child,
     /// The terminal's other side: what is written to it is typed.
@@ -57,6 +57,15 @@ impl Terminal {
             )
         };
         assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+        // Not inherited: a child holding the master would keep the terminal alive (and
+        // itself unhung-up) should this process die.
+        for fd in [master, slave] {
+            // SAFETY: fcntl on a descriptor this function owns.
+            assert_eq!(
+                unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) },
+                0
+            );
+        }
         // SAFETY: both descriptors were just opened and nothing else owns them.
         let (master, slave) = unsafe { (File::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
         command
