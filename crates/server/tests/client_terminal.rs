@@ -5,9 +5,10 @@ mod common;
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -18,10 +19,13 @@ use common::*;
 /// controlling terminal.
 struct Terminal {
     child: Child,
-    /// The terminal's other side: what is written to it is typed.
-    master: File,
+    /// The terminal's other side: what is written to it is typed. `None` once hung up.
+    master: Option<File>,
     /// Everything `ocm` wrote to the terminal so far.
     screen: Arc<Mutex<Vec<u8>>>,
+    /// Set to make the thread reading the master let go of it.
+    hung_up: Arc<AtomicBool>,
+    reader: Option<thread::JoinHandle<()>>,
 }
 
 impl Terminal {
@@ -87,20 +91,45 @@ impl Terminal {
         // ends once the child is.
         drop(command);
         let screen = Arc::new(Mutex::new(Vec::new()));
-        let mut reader = master.try_clone().expect("dup");
-        let shown = Arc::clone(&screen);
-        thread::spawn(move || {
+        let hung_up = Arc::new(AtomicBool::new(false));
+        let mut from = master.try_clone().expect("dup");
+        let (shown, stop) = (Arc::clone(&screen), Arc::clone(&hung_up));
+        let reader = thread::spawn(move || {
             let mut buf = [0u8; 4096];
-            // Ends with EIO once no process holds the terminal.
-            while let Ok(n @ 1..) = reader.read(&mut buf) {
-                shown.lock().unwrap().extend_from_slice(&buf[..n]);
+            while !stop.load(Ordering::SeqCst) {
+                let mut ready = libc::pollfd {
+                    fd: from.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one pollfd, on a descriptor this thread owns.
+                if unsafe { libc::poll(&mut ready, 1, 10) } < 1 {
+                    continue;
+                }
+                // Ends with EIO once no process holds the terminal.
+                match from.read(&mut buf) {
+                    Ok(n @ 1..) => shown.lock().unwrap().extend_from_slice(&buf[..n]),
+                    _ => return,
+                }
             }
         });
         Terminal {
             child,
-            master,
+            master: Some(master),
             screen,
+            hung_up,
+            reader: Some(reader),
         }
+    }
+
+    /// Closes the terminal's other side, as closing a terminal window or losing an SSH
+    /// connection does: the child is hung up.
+    fn hang_up(&mut self) {
+        self.hung_up.store(true, Ordering::SeqCst);
+        if let Some(reader) = self.reader.take() {
+            reader.join().expect("the reader");
+        }
+        self.master = None;
     }
 
     /// Types `keys` at once, as a fast typist or a paste without bracketed paste would.
@@ -110,7 +139,8 @@ impl Terminal {
 
     /// Types `bytes`, UTF-8 or not (a terminal set to Latin-1, for one).
     fn type_bytes(&mut self, bytes: &[u8]) {
-        self.master.write_all(bytes).expect("type");
+        let master = self.master.as_mut().expect("not hung up");
+        master.write_all(bytes).expect("type");
     }
 
     /// What the terminal shows so far, escape sequences and all.
@@ -384,6 +414,22 @@ fn a_dumb_terminal_gets_plain_lines_without_a_warning() {
         !shown.contains("WARN") && !shown.contains("ENOTTY"),
         "{shown:?}"
     );
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
+
+/// Closing the terminal (its window, an SSH connection lost) leaves the room as any signal
+/// does (SIGHUP): `__LEAVE__` said, exit status 0, not an error about reading the terminal.
+#[test]
+fn a_terminal_hung_up_leaves_the_room_as_a_signal_does() {
+    let d = Daemon::start();
+    let (mut alice, mut bob) = host_and_terminal(&d);
+    bob.type_keys("half");
+    bob.wait_for("half");
+    bob.hang_up();
+    let status = bob.wait();
+    assert_eq!(alice.line(), "* bob left");
+    assert!(status.success(), "{status:?}");
     alice.type_line("/quit");
     assert!(alice.wait().success());
 }

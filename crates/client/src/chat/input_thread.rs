@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 
 use log::{debug, warn};
+use nix::errno::Errno;
 use nix::sys::signal::{SigSet, Signal};
 use rustyline::error::ReadlineError;
 use rustyline::DefaultEditor;
@@ -214,6 +215,12 @@ fn read_edited(
             // not; the terminal is still there to read (plain lines take such bytes as U+FFFD).
             Err(ReadlineError::Io(e)) if e.kind() == io::ErrorKind::InvalidData => {
                 commands.err(NOT_UTF8);
+            }
+            // The terminal hung up (its window closed, an SSH connection lost): the end of
+            // input, as the SIGHUP that comes with it says, not a failure.
+            Err(ReadlineError::Errno(Errno::EIO)) => return Some(Event::Eof),
+            Err(ReadlineError::Io(e)) if e.raw_os_error() == Some(Errno::EIO as i32) => {
+                return Some(Event::Eof)
             }
             Err(e) => {
                 return Some(Event::Failed(ClientError::Io {
