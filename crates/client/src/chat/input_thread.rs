@@ -164,6 +164,9 @@ pub(super) fn read_lines(commands: &mut Commands, input: &mut impl BufRead) -> O
             Ok(0) => return Some(Event::Eof),
             Ok(n) if n == limit && raw.last() != Some(&b'\n') => {
                 if let Err(source) = input.skip_until(b'\n') {
+                    if hung_up(&source) {
+                        return Some(Event::Eof);
+                    }
                     return Some(Event::Failed(ClientError::Io {
                         context: "reading standard input",
                         source,
@@ -178,6 +181,7 @@ pub(super) fn read_lines(commands: &mut Commands, input: &mut impl BufRead) -> O
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if hung_up(&e) => return Some(Event::Eof),
             Err(source) => {
                 return Some(Event::Failed(ClientError::Io {
                     context: "reading standard input",
@@ -186,6 +190,12 @@ pub(super) fn read_lines(commands: &mut Commands, input: &mut impl BufRead) -> O
             }
         }
     }
+}
+
+/// Whether a read failed because the terminal hung up (its window closed, an SSH connection
+/// lost): the end of the input, as the SIGHUP that comes with it says, not a failure.
+fn hung_up(error: &io::Error) -> bool {
+    error.raw_os_error() == Some(Errno::EIO as i32)
 }
 
 /// The line editor's loop: Enter acts on the line, Ctrl+C and Ctrl+D leave.
@@ -216,12 +226,9 @@ fn read_edited(
             Err(ReadlineError::Io(e)) if e.kind() == io::ErrorKind::InvalidData => {
                 commands.err(NOT_UTF8);
             }
-            // The terminal hung up (its window closed, an SSH connection lost): the end of
-            // input, as the SIGHUP that comes with it says, not a failure.
+            // The terminal hung up (see `hung_up`).
             Err(ReadlineError::Errno(Errno::EIO)) => return Some(Event::Eof),
-            Err(ReadlineError::Io(e)) if e.raw_os_error() == Some(Errno::EIO as i32) => {
-                return Some(Event::Eof)
-            }
+            Err(ReadlineError::Io(e)) if hung_up(&e) => return Some(Event::Eof),
             Err(e) => {
                 return Some(Event::Failed(ClientError::Io {
                     context: "reading the terminal",

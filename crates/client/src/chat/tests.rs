@@ -261,6 +261,27 @@ impl Read for ScriptedInput {
 
 /// A read of standard input that fails ends the input with the error: what follows it is
 /// not read, let alone sent.
+/// A terminal that hung up (its window closed) answers reads with EIO: that is the end of
+/// the input, as the SIGHUP that comes with it says, not a failure.
+#[test]
+fn a_hung_up_terminal_ends_the_input_as_its_end_does() {
+    let (screen, rec) = screen(false);
+    let dead = DeadTcp::new();
+    let (mut commands, inbox) = commands(dead.addr, &screen);
+    let mut input = io::BufReader::new(ScriptedInput(
+        [
+            Ok(&b"before\n"[..]),
+            Err(io::Error::from_raw_os_error(nix::errno::Errno::EIO as i32)),
+            Ok(&b"after\n"[..]),
+        ]
+        .into(),
+    ));
+    let end = read_lines(&mut commands, &mut input);
+    assert!(matches!(end, Some(Event::Eof)), "{end:?}");
+    assert_eq!(sent_texts(&inbox), ["before"]);
+    assert!(rec.lines().is_empty(), "{:?}", rec.lines());
+}
+
 #[test]
 fn a_failed_read_of_standard_input_ends_the_input_with_the_error() {
     let (screen, rec) = screen(false);
