@@ -161,12 +161,12 @@ impl Terminal {
         }
     }
 
-    /// Waits for `ocm` to exit.
+    /// Waits for `ocm` (or the shell) to exit and for the terminal to show all it wrote.
     fn wait(&mut self) -> ExitStatus {
         let deadline = Instant::now() + PATIENCE;
-        loop {
+        let status = loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
+                break status;
             }
             assert!(
                 Instant::now() < deadline,
@@ -174,7 +174,22 @@ impl Terminal {
                 self.text()
             );
             thread::sleep(Duration::from_millis(10));
+        };
+        // What the child wrote last (a terminal reset on its way out) may still wait in the
+        // terminal: the reader ends once it has read it all, at the EIO of a terminal no
+        // process holds.
+        if let Some(reader) = self.reader.take() {
+            while !reader.is_finished() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the terminal is still held after its process exited; it shows:\n{:?}",
+                    self.text()
+                );
+                thread::sleep(Duration::from_millis(10));
+            }
+            reader.join().expect("the reader");
         }
+        status
     }
 }
 
