@@ -259,8 +259,6 @@ impl Read for ScriptedInput {
     }
 }
 
-/// A read of standard input that fails ends the input with the error: what follows it is
-/// not read, let alone sent.
 /// A terminal that hung up (its window closed) answers reads with EIO: that is the end of
 /// the input, as the SIGHUP that comes with it says, not a failure.
 #[test]
@@ -282,6 +280,8 @@ fn a_hung_up_terminal_ends_the_input_as_its_end_does() {
     assert!(rec.lines().is_empty(), "{:?}", rec.lines());
 }
 
+/// A read of standard input that fails ends the input with the error: what follows it is
+/// not read, let alone sent.
 #[test]
 fn a_failed_read_of_standard_input_ends_the_input_with_the_error() {
     let (screen, rec) = screen(false);
