@@ -332,6 +332,35 @@ fn explain_password_limit(error: ClientError, password_sent: bool) -> ClientErro
     }
 }
 
+/// What holds a name after a session ends without leaving (a crash, a lost network): ocmd
+/// expires a member after `[liveness] keepalive_misses` (3) of the intervals it promised
+/// (`--keepalive`, 10 s), and never one that promised none.
+const NAME_HELD: &str = "a session that ended without leaving keeps its name until the \
+     server expires it: after three missed keepalives (about 30 s with the defaults), or, \
+     if it promised none (--original, the original client), only when the room closes";
+
+/// A join refused as `name_taken`: the server's words do not say that the holder may be the
+/// user's own session that crashed a moment ago, nor when such a name frees up.
+fn explain_name_taken(error: ClientError) -> ClientError {
+    match error {
+        ClientError::Refused {
+            verb: Verb::Join,
+            room,
+            code: Some(ErrorCode::NameTaken),
+            message,
+        } => ClientError::Refused {
+            verb: Verb::Join,
+            room,
+            code: Some(ErrorCode::NameTaken),
+            message: Some(match message {
+                Some(words) => format!("{words} ({NAME_HELD})"),
+                None => NAME_HELD.to_owned(),
+            }),
+        },
+        other => other,
+    }
+}
+
 /// Terminal types the line editor cannot draw on (rustyline's own list); on these it could
 /// only fail, and plain lines are what such a terminal (an Emacs shell buffer, say) expects.
 const UNEDITABLE_TERMINALS: [&str; 3] = ["dumb", "cons25", "emacs"];
@@ -386,7 +415,7 @@ fn chat(
     }
     let password_sent = request.password.is_some();
     let token = handshake::exchange(&mut stream, verb, room_name, &request)
-        .map_err(|e| explain_password_limit(e, password_sent))?;
+        .map_err(|e| explain_name_taken(explain_password_limit(e, password_sent)))?;
     drop(stream);
 
     let udp_port = args.udp_port.or(udp_port).unwrap_or(DEFAULT_UDP_PORT);
@@ -449,6 +478,29 @@ mod tests {
             "password checks are busy",
         ] {
             assert_eq!(message(explain_password_limit(refusal(words), true)), words);
+        }
+    }
+
+    #[test]
+    fn only_a_join_refused_for_its_name_gets_the_rule_of_held_names() {
+        let refusal = |verb, code| ClientError::Refused {
+            verb,
+            room: "lobby".into(),
+            code: Some(code),
+            message: Some("the name \"alice\" is already taken in room \"lobby\"".into()),
+        };
+        let told = explain_name_taken(refusal(Verb::Join, ErrorCode::NameTaken)).to_string();
+        assert!(
+            told.contains("is already taken in room \"lobby\" (a session that ended"),
+            "{told}"
+        );
+        assert!(told.contains(NAME_HELD), "{told}");
+        for (verb, code) in [
+            (Verb::Create, ErrorCode::NameTaken),
+            (Verb::Join, ErrorCode::RoomNotFound),
+        ] {
+            let told = explain_name_taken(refusal(verb, code)).to_string();
+            assert!(!told.contains(NAME_HELD), "{told}");
         }
     }
 

@@ -109,3 +109,24 @@ fn a_password_lockout_explains_its_rule() {
     alice.type_line("/quit");
     assert!(alice.wait().success());
 }
+
+/// A join refused because the name is taken says that a session that ended without leaving
+/// (the user's own, crashed a moment ago, perhaps) holds it until it expires, and when.
+#[test]
+fn a_taken_name_says_how_long_a_vanished_session_holds_it() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    let mut again = Ocm::start(&d, &["join", "lobby", "--name", "alice"]);
+    assert!(!again.wait().success());
+    let stderr = again.stderr.lock().unwrap().clone();
+    assert!(
+        stderr.contains(
+            "is already taken in room \"lobby\" (a session that ended without leaving keeps \
+             its name until the server expires it: after three missed keepalives"
+        ),
+        "{stderr}"
+    );
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
