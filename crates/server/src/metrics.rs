@@ -191,7 +191,7 @@ impl Metrics {
             "Longest state file write, seconds.",
             self.compactions.max_seconds,
         );
-        let counters: [(&str, &str, f64); 21] = [
+        let counters: [(&str, &str, f64); 22] = [
             (
                 "ocm_tcp_connections_accepted_total",
                 "TCP connections accepted.",
@@ -271,6 +271,11 @@ impl Metrics {
                 "ocm_state_write_seconds_total",
                 "Time spent writing them, seconds.",
                 self.state_write_seconds,
+            ),
+            (
+                "ocm_state_write_failures_total",
+                "Failed tries to write the journal (a full disk, an I/O error), each retried a second later; creates and joins wait meanwhile.",
+                self.compactions.write_failures as f64,
             ),
             (
                 "ocm_state_compactions_total",
@@ -396,6 +401,7 @@ mod tests {
             seconds: 0.25,
             last_seconds: 0.125,
             max_seconds: 0.125,
+            write_failures: 2,
         });
         let text = m.render(Stats {
             rooms: 2,
@@ -414,6 +420,7 @@ mod tests {
         assert!(text.contains("ocm_state_write_records_total 4\n"));
         assert!(text.contains("ocm_state_compactions_total 3\n"));
         assert!(text.contains("ocm_state_compaction_failures_total 1\n"));
+        assert!(text.contains("ocm_state_write_failures_total 2\n"));
         assert!(text.contains("ocm_state_compaction_last_seconds 0.125\n"));
         // Every sample line belongs to a family declared with # TYPE (a histogram's samples
         // add _bucket, _sum and _count to its name).

@@ -2614,3 +2614,70 @@ fn a_sighup_while_the_state_loads_does_not_kill_ocmd() {
     let status = wait_for_exit(child, "ocmd after SIGTERM");
     assert!(status.success(), "{status}: {seen:#?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// A journal the disk does not take
+
+/// The variable and file that switch [`fdatasync_failer`] on.
+const FAIL_FDATASYNC: (&str, &str) = ("OCM_TEST_FAIL_FDATASYNC", "fail-fdatasync");
+
+/// Builds, in `dir`, a library for `LD_PRELOAD` whose `fdatasync` fails with `ENOSPC` while
+/// the file named by `OCM_TEST_FAIL_FDATASYNC` exists: a journal whose appends fail, as on a
+/// full disk, until the test lets them through.
+fn fdatasync_failer(dir: &Path) -> PathBuf {
+    const SOURCE: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+int fdatasync(int fd) {
+    static int (*real)(int);
+    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
+    const char *flag = getenv("OCM_TEST_FAIL_FDATASYNC");
+    if (flag && access(flag, F_OK) == 0) {
+        errno = ENOSPC;
+        return -1;
+    }
+    return real(fd);
+}
+"#;
+    preload_library(dir, "fail_fdatasync", SOURCE)
+}
+
+/// A journal that cannot be written (a full disk) holds every create and join until it can,
+/// and nothing else showed it: `/healthz` answers, and the write counters only move once a
+/// write succeeds. `ocm_state_write_failures_total` counts each failed try while it lasts.
+#[test]
+fn journal_write_failures_are_counted_while_they_last() {
+    let (d, fail, _library) = spawn_preloaded(
+        fdatasync_failer,
+        FAIL_FDATASYNC,
+        Options {
+            metrics: true,
+            ..Options::default()
+        },
+    );
+    create(&d, "before", "alice");
+    assert_eq!(d.metric("ocm_state_write_failures_total"), 0.0);
+    std::fs::write(&fail, b"").unwrap();
+    thread::scope(|s| {
+        let joining = s.spawn(|| create(&d, "during", "bob"));
+        // Retried every second: two failures take about two seconds.
+        wait_until("failed journal writes are counted", || {
+            d.metric("ocm_state_write_failures_total") >= 2.0
+        });
+        std::fs::remove_file(&fail).unwrap();
+        joining
+            .join()
+            .expect("the create is answered once the disk takes it");
+    });
+    let failures = d.metric("ocm_state_write_failures_total");
+    create(&d, "after", "carol");
+    assert_eq!(
+        d.metric("ocm_state_write_failures_total"),
+        failures,
+        "a write that succeeds is not a failure"
+    );
+}

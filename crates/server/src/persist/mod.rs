@@ -104,6 +104,11 @@ pub struct Compactions {
     pub last_seconds: f64,
     /// The longest one's time, seconds.
     pub max_seconds: f64,
+    /// Failed tries to write the journal, each retried a second later: an append or its
+    /// fsync, the cut back to the last whole line after one, or opening a fresh journal after
+    /// a rotation. Counted as they happen, so that the metrics show a disk that does not take
+    /// writes while the creates and joins wait for it.
+    pub write_failures: u64,
 }
 
 impl Compactions {

@@ -249,14 +249,23 @@ fn a_failed_append_leaves_no_fragment_whatever_fails_and_how_often() {
             faults: faults.iter().copied().collect(),
             calls: Vec::new(),
         };
+        let stats = Mutex::new(Compactions::default());
         let cut = append_durably(
             &mut journal,
             whole.len() as u64,
             &line,
             Duration::ZERO,
             Path::new("journal"),
+            &stats,
         );
         assert_eq!(journal.calls, calls, "faults {faults:?}");
+        // Every failed call is counted for the metrics, as it happens.
+        let failed = faults.iter().filter(|&&f| f).count() as u64;
+        assert_eq!(
+            stats.lock().unwrap().write_failures,
+            failed,
+            "faults {faults:?}"
+        );
         assert_eq!(cut, calls.contains(&"cut"), "faults {faults:?}");
         let expected = [whole.as_slice(), line.as_slice()].concat();
         let data_end = journal.bytes.iter().rposition(|&b| b != 0).unwrap() + 1;
@@ -289,14 +298,17 @@ fn a_large_append_is_synced_piece_by_piece() {
         faults: [false, false, false, true].into_iter().collect(),
         calls: Vec::new(),
     };
+    let stats = Mutex::new(Compactions::default());
     let cut = append_durably(
         &mut journal,
         0,
         &bytes,
         Duration::ZERO,
         Path::new("journal"),
+        &stats,
     );
     assert!(cut);
+    assert_eq!(stats.lock().unwrap().write_failures, 1);
     let mut expected = vec!["write", "sync", "write", "sync", "cut", "write", "sync"];
     for _ in 2..pieces.len() {
         expected.extend(["write", "sync"]);

@@ -120,15 +120,18 @@ pub(super) fn append_durably(
     bytes: &[u8],
     retry: Duration,
     path: &Path,
+    stats: &Mutex<Compactions>,
 ) -> bool {
     let mut cut = false;
     for piece in store::sync_pieces(bytes) {
         while let Err(e) = journal.write_at(piece, len).and_then(|()| journal.sync()) {
+            counters(stats).write_failures += 1;
             error!(
                 "cannot append to journal {}: {e}; retrying in {retry:?}",
                 path.display()
             );
             while let Err(e) = journal.cut(len) {
+                counters(stats).write_failures += 1;
                 error!(
                     "cannot cut journal {} back to its last whole line: {e}; retrying in {retry:?}",
                     path.display()
@@ -330,6 +333,7 @@ impl Writer {
             &self.line,
             RETRY_DELAY,
             &self.paths.journal,
+            &self.stats,
         );
         self.journal_len += self.line.len() as u64;
         if cut {
@@ -509,6 +513,7 @@ impl Writer {
                     super::stop_after_failed_dir_sync("rotating the journal", &e)
                 }
                 Err(e) => {
+                    counters(&self.stats).write_failures += 1;
                     error!(
                         "cannot open a fresh journal {}: {e}; retrying in {RETRY_DELAY:?}",
                         self.paths.journal.display()
