@@ -2681,3 +2681,54 @@ fn journal_write_failures_are_counted_while_they_last() {
         "a write that succeeds is not a failure"
     );
 }
+
+/// A journal that cannot be written is retried every second; the log says so at the first
+/// failure, not at every retry (a full disk for an hour made 3,600 error lines), and says
+/// when the journal takes writes again, with how long it failed: otherwise the errors just
+/// stop, which reads the same as a daemon that died or a log that stopped.
+#[test]
+fn a_journal_that_cannot_be_written_is_logged_once_and_so_is_its_recovery() {
+    let (d, fail, _library) = spawn_preloaded(
+        fdatasync_failer,
+        FAIL_FDATASYNC,
+        Options {
+            metrics: true,
+            ..Options::default()
+        },
+    );
+    create(&d, "before", "alice");
+    std::fs::write(&fail, b"").unwrap();
+    thread::scope(|s| {
+        let joining = s.spawn(|| create(&d, "during", "bob"));
+        wait_until("four failed journal writes", || {
+            d.metric("ocm_state_write_failures_total") >= 4.0
+        });
+        std::fs::remove_file(&fail).unwrap();
+        joining
+            .join()
+            .expect("the create is answered once the disk takes it");
+    });
+    d.wait_for_log("takes writes again");
+    let log = d.log();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("cannot append to journal"))
+        .collect();
+    assert_eq!(
+        errors.len(),
+        1,
+        "one line for the failure, not one a retry:\n{log}"
+    );
+    assert!(errors[0].contains("ERROR"), "{log}");
+    let recovered = log
+        .lines()
+        .find(|l| l.contains("takes writes again"))
+        .unwrap();
+    assert!(
+        recovered.contains("WARN")
+            && recovered.contains(&d.state.with_extension("json.journal").display().to_string())
+            && recovered.contains("failed attempts"),
+        "the recovery names the journal and how often it failed, at the failure's \
+         neighbouring level (journalctl -p warning shows both): {recovered}"
+    );
+}

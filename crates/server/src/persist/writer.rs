@@ -44,6 +44,50 @@ fn torn_tail_note(torn_tail: bool, zero_holes: &[(PathBuf, ZeroHole)]) -> String
     format!(" (a torn tail was ignored: {})", holes.join("; "))
 }
 
+/// How often a failure that lasts is logged again: a full disk retried every second would
+/// otherwise log a line a second for as long as it lasts.
+pub(super) const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// One kind of write failure retried every second, logged without flooding the log: the
+/// first failure of a run, then at most one line every [`FAILURE_LOG_INTERVAL`] while it
+/// lasts, each with the tally so far; and the end of the run, once.
+#[derive(Debug, Default)]
+pub(super) struct Failing {
+    /// The run: when its first failure came, its failures, and when one was last logged.
+    run: Option<(Instant, u64, Instant)>,
+}
+
+impl Failing {
+    /// Counts a failure at `now`. Returns what to add to its log line ("" for the first of
+    /// a run, the tally for a reminder), or `None` when it is not to be logged.
+    pub(super) fn failed(&mut self, now: Instant) -> Option<String> {
+        let Some((since, tries, logged)) = &mut self.run else {
+            self.run = Some((now, 1, now));
+            return Some(String::new());
+        };
+        *tries += 1;
+        if now.saturating_duration_since(*logged) < FAILURE_LOG_INTERVAL {
+            return None;
+        }
+        *logged = now;
+        Some(format!(
+            " (still failing: {} over {} s)",
+            Count(*tries as usize, "failed attempt"),
+            now.saturating_duration_since(*since).as_secs()
+        ))
+    }
+
+    /// The run ended at `now` (the write worked): returns its tally, if there was one.
+    pub(super) fn ended(&mut self, now: Instant) -> Option<String> {
+        let (since, tries, _) = self.run.take()?;
+        Some(format!(
+            "{} over {} s",
+            Count(tries as usize, "failed attempt"),
+            now.saturating_duration_since(since).as_secs()
+        ))
+    }
+}
+
 /// The writer thread's side: the journal, and the hand-off to the compactor.
 pub(super) struct Writer {
     paths: Paths,
@@ -56,6 +100,8 @@ pub(super) struct Writer {
     ahead_end: u64,
     /// After a failure to lay them down, none is tried before this.
     ahead_retry_at: Option<Instant>,
+    /// Failures to lay them down, logged without a line at every retry.
+    ahead_failing: Failing,
     /// Size of the last state file written.
     snapshot_len: u64,
     next_n: u64,
@@ -123,25 +169,40 @@ pub(super) fn append_durably(
     stats: &Mutex<Compactions>,
 ) -> bool {
     let mut cut = false;
+    let mut appends = Failing::default();
+    let mut cuts = Failing::default();
     for piece in store::sync_pieces(bytes) {
         while let Err(e) = journal.write_at(piece, len).and_then(|()| journal.sync()) {
             counters(stats).write_failures += 1;
-            error!(
-                "cannot append to journal {}: {e}; retrying in {retry:?}",
-                path.display()
-            );
-            while let Err(e) = journal.cut(len) {
-                counters(stats).write_failures += 1;
+            if let Some(note) = appends.failed(Instant::now()) {
                 error!(
-                    "cannot cut journal {} back to its last whole line: {e}; retrying in {retry:?}",
+                    "cannot append to journal {}: {e}; retrying every {retry:?}{note}",
                     path.display()
                 );
+            }
+            while let Err(e) = journal.cut(len) {
+                counters(stats).write_failures += 1;
+                if let Some(note) = cuts.failed(Instant::now()) {
+                    error!(
+                        "cannot cut journal {} back to its last whole line: {e}; retrying \
+                         every {retry:?}{note}",
+                        path.display()
+                    );
+                }
                 thread::sleep(retry);
             }
+            cuts = Failing::default();
             cut = true;
             thread::sleep(retry);
         }
         len += piece.len() as u64;
+    }
+    if let Some(tally) = appends.ended(Instant::now()) {
+        // At the failure's neighbouring level, so that `journalctl -p warning` shows both.
+        warn!(
+            "journal {} takes writes again, after {tally}",
+            path.display()
+        );
     }
     cut
 }
@@ -238,6 +299,7 @@ impl Writer {
             journal_len: loaded.journal_data_bytes,
             ahead_end: file_len,
             ahead_retry_at: None,
+            ahead_failing: Failing::default(),
             snapshot_len,
             next_n: loaded.last_seq + 1,
             line: Vec::new(),
@@ -367,12 +429,25 @@ impl Writer {
                 self.ahead_end = from + SPACE_AHEAD_BYTES;
                 self.ahead_retry_at = None;
                 debug!("journal: space laid down ahead to byte {}", self.ahead_end);
+                if let Some(tally) = self.ahead_failing.ended(Instant::now()) {
+                    info!(
+                        "journal {}: space laid down ahead again, after {tally}",
+                        self.paths.journal.display()
+                    );
+                }
             }
             Err(e) => {
-                warn!(
-                    "cannot lay down space ahead in journal {}: {e}; appends go on past its end",
-                    self.paths.journal.display()
-                );
+                match self.ahead_failing.failed(now) {
+                    Some(note) => warn!(
+                        "cannot lay down space ahead in journal {}: {e}; appends go on past \
+                         its end{note}",
+                        self.paths.journal.display()
+                    ),
+                    None => debug!(
+                        "cannot lay down space ahead in journal {}: {e}",
+                        self.paths.journal.display()
+                    ),
+                }
                 self.ahead_retry_at = Some(now + RETRY_DELAY);
             }
         }
@@ -501,12 +576,19 @@ impl Writer {
         self.journal.sync_data()?;
         fs::rename(&self.paths.journal, &self.paths.journal_old)?;
         self.journal_old = true;
+        let mut failing = Failing::default();
         loop {
             match open_journal(&self.paths.journal) {
                 Ok(file) => {
                     self.journal = file;
                     self.journal_len = 0;
                     self.ahead_end = 0;
+                    if let Some(tally) = failing.ended(Instant::now()) {
+                        warn!(
+                            "fresh journal {} opened, after {tally}",
+                            self.paths.journal.display()
+                        );
+                    }
                     return Ok(());
                 }
                 Err(e) if store::is_failed_dir_sync(&e) => {
@@ -514,10 +596,13 @@ impl Writer {
                 }
                 Err(e) => {
                     counters(&self.stats).write_failures += 1;
-                    error!(
-                        "cannot open a fresh journal {}: {e}; retrying in {RETRY_DELAY:?}",
-                        self.paths.journal.display()
-                    );
+                    if let Some(note) = failing.failed(Instant::now()) {
+                        error!(
+                            "cannot open a fresh journal {}: {e}; retrying every \
+                             {RETRY_DELAY:?}{note}",
+                            self.paths.journal.display()
+                        );
+                    }
                     thread::sleep(RETRY_DELAY);
                 }
             }
@@ -600,6 +685,35 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failure retried every second is logged at its first try, then once every
+    /// [`FAILURE_LOG_INTERVAL`] with the tally, and its end once; a new run starts afresh.
+    #[test]
+    fn a_lasting_failure_is_logged_at_first_then_once_a_minute_and_at_its_end() {
+        let start = Instant::now();
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        let mut failing = Failing::default();
+        assert_eq!(failing.ended(at(0)), None, "no run, no end");
+        assert_eq!(failing.failed(at(0)), Some(String::new()));
+        for second in 1..60 {
+            assert_eq!(failing.failed(at(second)), None, "second {second}");
+        }
+        assert_eq!(
+            failing.failed(at(60)),
+            Some(" (still failing: 61 failed attempts over 60 s)".to_owned())
+        );
+        assert_eq!(failing.failed(at(61)), None);
+        assert_eq!(
+            failing.ended(at(62)),
+            Some("62 failed attempts over 62 s".to_owned())
+        );
+        assert_eq!(failing.ended(at(63)), None, "ended once");
+        assert_eq!(failing.failed(at(64)), Some(String::new()), "a new run");
+        assert_eq!(
+            failing.ended(at(64)),
+            Some("1 failed attempt over 0 s".to_owned())
+        );
+    }
 
     /// What the start-up fold's log line says about a torn tail: nothing without one, the
     /// torn final line, or each hole with its journal, line and lines ignored.
