@@ -678,6 +678,34 @@ impl Config {
         }
     }
 
+    /// The settings that differ from `self` in `new`, as `section.key old -> new`, sorted by
+    /// name: what a reload changed, for its log line.
+    /// `None` when they cannot be compared (a state path that is not UTF-8 cannot be
+    /// rendered as TOML).
+    pub fn changes(&self, new: &Config) -> Option<Vec<String>> {
+        let (Ok(old), Ok(new)) = (toml::Table::try_from(self), toml::Table::try_from(new)) else {
+            return None;
+        };
+        let mut changes = Vec::new();
+        for (section, old_keys) in &old {
+            let (Some(old_keys), Some(new_keys)) = (
+                old_keys.as_table(),
+                new.get(section).and_then(toml::Value::as_table),
+            ) else {
+                continue;
+            };
+            for (key, was) in old_keys {
+                match new_keys.get(key) {
+                    Some(now) if now != was => {
+                        changes.push(format!("{section}.{key} {was} -> {now}"))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Some(changes)
+    }
+
     /// The effective configuration as TOML, for `--check-config`.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
@@ -769,6 +797,32 @@ pub fn log_level(name: &str) -> Option<log::LevelFilter> {
 
 #[cfg(test)]
 mod tests {
+    /// A reload's changes: each changed key with its old and new value, sorted by name; none
+    /// for an equal configuration.
+    #[test]
+    fn changes_name_each_changed_key_with_both_values() {
+        let old = super::Config::default();
+        assert_eq!(old.changes(&old.clone()), Some(Vec::new()));
+        let new = super::Config::from_toml(
+            "[rate]\nchat_per_sec = 20.0\n[log]\nlevel = \"debug\"\n[names]\nrefuse_invisible = true\n",
+        )
+        .unwrap();
+        assert_eq!(
+            old.changes(&new).unwrap(),
+            [
+                "log.level \"info\" -> \"debug\"",
+                "names.refuse_invisible false -> true",
+                "rate.chat_per_sec 50.0 -> 20.0",
+            ]
+        );
+        // A state path that is not UTF-8 cannot be rendered: not "nothing changed".
+        let mut odd = super::Config::default();
+        odd.state.path = std::path::PathBuf::from(
+            <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"\xff.json"),
+        );
+        assert_eq!(odd.changes(&odd.clone()), None);
+    }
+
     use super::*;
 
     /// Each way an address can be wrong is named, in the file and on the command line.

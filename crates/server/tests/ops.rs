@@ -2732,3 +2732,33 @@ fn a_journal_that_cannot_be_written_is_logged_once_and_so_is_its_recovery() {
          neighbouring level (journalctl -p warning shows both): {recovered}"
     );
 }
+
+/// The reload's log line says what it changed, with the old and the new value, or that it
+/// changed nothing: "configuration reloaded" alone read the same after an edit of the wrong
+/// file (the `.new` beside it, a copy elsewhere) as after the intended one.
+#[test]
+fn reload_says_which_settings_it_changed() {
+    let d = Daemon::start_with(Options {
+        config: Some("[rate]\nchat_per_sec = 50.0\n".into()),
+        ..Options::default()
+    });
+    d.reload("[rate]\nchat_per_sec = 20.0\n[history]\nmessages = 7\n");
+    let line = |n: usize| {
+        d.log()
+            .lines()
+            .filter(|l| l.contains("configuration reloaded"))
+            .nth(n)
+            .map(str::to_owned)
+            .unwrap()
+    };
+    let changed = line(0);
+    assert!(
+        changed.contains("history.messages 100 -> 7")
+            && changed.contains("rate.chat_per_sec 50.0 -> 20.0"),
+        "{changed}"
+    );
+    // The same file again: nothing changed, and the line says so.
+    d.reload("[rate]\nchat_per_sec = 20.0\n[history]\nmessages = 7\n");
+    let unchanged = line(1);
+    assert!(unchanged.contains("no setting changed"), "{unchanged}");
+}

@@ -137,8 +137,19 @@ impl Server {
                         path.display()
                     );
                 }
+                let changes = self.config.changes(&new);
                 self.config = new;
-                info!("SIGHUP: configuration reloaded from {}", path.display());
+                // What changed, so that a reload of the wrong file (the `.new` beside it) does
+                // not read like the intended one.
+                let changed = match changes {
+                    Some(changes) if changes.is_empty() => "no setting changed".to_owned(),
+                    Some(changes) => changes.join(", "),
+                    None => "the changes cannot be listed".to_owned(),
+                };
+                info!(
+                    "SIGHUP: configuration reloaded from {}: {changed}",
+                    path.display()
+                );
                 Metrics::bump(&mut self.metrics.reloads, "ok");
             }
             Err(e) => {
