@@ -2762,3 +2762,29 @@ fn reload_says_which_settings_it_changed() {
     let unchanged = line(1);
     assert!(unchanged.contains("no setting changed"), "{unchanged}");
 }
+
+/// A dropped datagram's debug line names the room and the token (its prefix) it claimed, not
+/// only its source: a chat dropped as `address_mismatch` comes from an address no other line
+/// names, so "127.0.0.1:40000: datagram dropped (address_mismatch)" left an operator asking
+/// why bob's messages vanish unable to tell whether these were bob's.
+#[test]
+fn a_dropped_datagram_is_logged_with_its_room_and_token() {
+    let d = Daemon::start();
+    let (_alice, bob) = room_of_two(&d, "lobby");
+    // bob's token from another socket: not the address bob registered.
+    let elsewhere = Member::new(&d, "lobby", &bob.token);
+    elsewhere.send("hello?");
+    d.wait_for_log("datagram dropped (address_mismatch)");
+    let log = d.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("datagram dropped (address_mismatch)"))
+        .unwrap();
+    assert!(
+        line.contains(&elsewhere.addr().to_string())
+            && line.contains("room \"lobby\"")
+            && line.contains(&format!("token {}…", &bob.token[..6])),
+        "{line}"
+    );
+    assert!(!line.contains(&bob.token), "never the whole token: {line}");
+}

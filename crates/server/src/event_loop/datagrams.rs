@@ -12,6 +12,7 @@ use super::{may_log_drop, Server};
 use crate::metrics::Metrics;
 use crate::rate::TokenBucket;
 use crate::rooms::{DropReason, Handled};
+use crate::token::Short;
 use crate::{mmsg, udp};
 
 /// How long after a forward step of the wall clock arrival stamps are measured against it
@@ -71,7 +72,7 @@ impl Server {
                     &mut self.metrics,
                     &mut self.drop_log,
                     self.config.rate.drop_logs_per_sec,
-                    src,
+                    (src, bytes),
                     handled,
                     now,
                 );
@@ -158,13 +159,13 @@ impl Server {
     }
 }
 
-/// Counts what the registry did with a datagram (a free function so that the receive loop
-/// can borrow the receive buffer and the counters at once).
+/// Counts what the registry did with the datagram `bytes` from `src` (a free function so that
+/// the receive loop can borrow the receive buffer and the counters at once).
 fn account(
     metrics: &mut Metrics,
     drop_log: &mut TokenBucket,
     log_rate: f64,
-    src: SocketAddr,
+    (src, bytes): (SocketAddr, &[u8]),
     handled: Handled,
     now: Instant,
 ) {
@@ -179,9 +180,27 @@ fn account(
             // Only when the line would show: a token spent on a hidden line would be one
             // fewer for the warnings that share the bucket.
             if log::log_enabled!(log::Level::Debug) && may_log_drop(drop_log, now, log_rate) {
-                debug!("{src}: datagram dropped ({})", reason.label());
+                debug!(
+                    "{src}: datagram dropped ({}){}",
+                    reason.label(),
+                    claimed(bytes)
+                );
             }
         }
         Handled::Registered { .. } | Handled::Left | Handled::Closed { .. } => {}
+    }
+}
+
+/// The room and token (its prefix only: a bearer secret) a datagram claims, for the line
+/// saying it was dropped: the source alone does not tell whose it was when it is not the
+/// member's address. Nothing for a datagram too malformed to name them.
+fn claimed(bytes: &[u8]) -> String {
+    match ucrp::datagram::parse(bytes) {
+        Ok(d) => format!(
+            " for room {:?}, token {}",
+            String::from_utf8_lossy(d.room_name),
+            Short::of(d.token)
+        ),
+        Err(_) => String::new(),
     }
 }
