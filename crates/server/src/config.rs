@@ -83,6 +83,20 @@ pub struct Listen {
 /// host name from a port out of range.
 pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
     text.parse::<SocketAddr>().map_err(|_| {
+        // A port alone (`9090`), or with the address left out (`:9090`, `*:9090`, which
+        // other daemons read as every address): the address is what is missing.
+        let port_alone = match text.rsplit_once(':') {
+            None => text.parse::<u16>().ok(),
+            Some(("" | "*", port)) => port.parse::<u16>().ok(),
+            Some(_) => None,
+        };
+        if let Some(port) = port_alone {
+            return format!(
+                "{text:?} is not an address like 127.0.0.1:9090 or [::1]:9090 (the IP address \
+                 is missing: 0.0.0.0:{port} listens on every IPv4 address, [::]:{port} on \
+                 every address, 127.0.0.1:{port} on this host only)"
+            );
+        }
         let why = match text.rsplit_once(':') {
             _ if text.parse::<IpAddr>().is_ok_and(|ip| ip.is_ipv6()) => {
                 "the :PORT is missing; an IPv6 address with a port goes in brackets, as in \
@@ -842,6 +856,13 @@ mod tests {
             ("[::g]:9090", "the part in brackets is not an IPv6 address"),
             ("[::1:9090", "the ] closing the IPv6 address is missing"),
             ("[::1", "the ] closing the IPv6 address is missing"),
+            ("9090", "the IP address is missing: 0.0.0.0:9090 listens"),
+            (":9090", "the IP address is missing"),
+            (
+                "*:9090",
+                "[::]:9090 on every address, 127.0.0.1:9090 on this host only",
+            ),
+            ("*:x", "the port must be a number from 0 to 65535"),
         ] {
             let e = parse_listen_addr(text).unwrap_err();
             assert!(e.contains(why) && e.contains(text), "{text}: {e}");

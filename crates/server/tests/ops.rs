@@ -2788,3 +2788,23 @@ fn a_dropped_datagram_is_logged_with_its_room_and_token() {
     );
     assert!(!line.contains(&bob.token), "never the whole token: {line}");
 }
+
+/// A listen address given as a port alone (`--tcp 9090`), or with the address left out
+/// (`:9090`, `*:9090`, as other daemons take for every address) says that the address is
+/// missing: it used to say that the port was missing, or that host names are not looked up.
+#[test]
+fn a_listen_address_without_its_ip_says_the_address_is_missing() {
+    for given in ["9090", ":9090", "*:9090"] {
+        let out = ocmd(&["--check-config".as_ref(), "--tcp".as_ref(), given.as_ref()]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("the IP address is missing")
+                && err.contains("0.0.0.0:9090")
+                && err.contains("127.0.0.1:9090")
+                && !err.contains("PORT is missing")
+                && !err.contains("host names"),
+            "{given}: {err}"
+        );
+    }
+}
