@@ -2808,3 +2808,137 @@ fn a_listen_address_without_its_ip_says_the_address_is_missing() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The open-file limit
+
+/// Starts `ocmd` with the open-file limit set to `soft` and `hard` and the config `toml`;
+/// returns it (killed on drop), its TCP address, and its stderr so far (after the `listening`
+/// line; more arrives on the receiver).
+fn spawn_with_open_files(
+    dir: &Path,
+    soft: u64,
+    hard: u64,
+    toml: &str,
+) -> (KillOnDrop, SocketAddr, String, Receiver<String>) {
+    use std::os::unix::process::CommandExt;
+    let config = dir.join("ocmd.toml");
+    std::fs::write(&config, toml).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocmd"));
+    cmd.args([
+        "--tcp",
+        "127.0.0.1:0",
+        "--udp",
+        "127.0.0.1:0",
+        "--metrics",
+        "off",
+    ])
+    .arg("--state")
+    .arg(dir.join("room_manager.json"))
+    .arg("--config")
+    .arg(&config)
+    .env("RUST_LOG", "info")
+    .env_remove("NOTIFY_SOCKET")
+    .env_remove("JOURNAL_STREAM")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    // SAFETY: setrlimit(2) only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut guard = KillOnDrop(cmd.spawn().expect("spawn ocmd"));
+    let (tx, lines) = mpsc::channel();
+    let stderr = guard.0.stderr.take().unwrap();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut log = String::new();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("ocmd did not start:\n{log}"));
+        log.push_str(&line);
+        log.push('\n');
+        if let Some(rest) = line.split("listening tcp=").nth(1) {
+            let tcp = rest.split_whitespace().next().unwrap().parse().unwrap();
+            return (guard, tcp, log, lines);
+        }
+    }
+}
+
+/// The soft open-file limit of process `pid`, from /proc.
+fn soft_open_files(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+/// `ocmd` started with a soft open-file limit below what `limits.max_connections` needs (1024
+/// in a shell outside systemd, against 4096 connections by default) raises it, up to the hard
+/// limit. Otherwise, once the descriptors ran out, `accept` failed (EMFILE) before
+/// `max_connections` was reached, so an idle connection was never closed to make room: a
+/// create waited behind held-open connections until their handshake timer closed them (seen:
+/// 9.6 s with 80 idle connections under `ulimit -n 64`).
+#[test]
+fn a_soft_open_file_limit_below_max_connections_is_raised() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = "[limits]\nmax_connections = 100\nhandshake_timeout_secs = 60\n";
+    let (guard, tcp, log, _lines) = spawn_with_open_files(dir.path(), 64, 4096, toml);
+    assert!(
+        soft_open_files(guard.0.id()) > 100 + 16,
+        "the soft limit stayed at {}:\n{log}",
+        soft_open_files(guard.0.id())
+    );
+    // More idle connections than max_connections: the newest request makes room at once.
+    let idle: Vec<TcpStream> = (0..110).map(|_| TcpStream::connect(tcp).unwrap()).collect();
+    let started = Instant::now();
+    let mut s = TcpStream::connect(tcp).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let reply = exchange(
+        &mut s,
+        &request_bytes(Operation::CreateRoom, "r", b"\"alice\""),
+    );
+    assert!(reply.token.is_some(), "{reply:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(idle);
+}
+
+/// A hard open-file limit too low for `limits.max_connections` is said at start, with both
+/// numbers and what to change.
+#[test]
+fn a_hard_open_file_limit_below_max_connections_is_reported_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_guard, _tcp, log, _lines) =
+        spawn_with_open_files(dir.path(), 200, 200, "[limits]\nmax_connections = 4096\n");
+    let warning = log
+        .lines()
+        .find(|l| l.contains("open files"))
+        .unwrap_or_else(|| panic!("no warning about the open-file limit:\n{log}"));
+    assert!(
+        warning.contains("WARN")
+            && warning.contains("limits.max_connections = 4096")
+            && warning.contains("200"),
+        "{warning}"
+    );
+}

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use log::{error, info, warn};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
-use super::setup::segmentation;
+use super::setup::{fit_open_files, segmentation};
 use super::{ConnId, Server};
 use crate::config::{self, Config};
 use crate::error::Error;
@@ -136,6 +136,9 @@ impl Server {
                         "SIGHUP: log.level changed in {}, but RUST_LOG overrides it",
                         path.display()
                     );
+                }
+                if new.limits.max_connections != self.config.limits.max_connections {
+                    fit_open_files(&new);
                 }
                 let changes = self.config.changes(&new);
                 self.config = new;

@@ -17,7 +17,7 @@ use slab::Slab;
 
 use super::{
     io_err, unix_now, Bound, Server, DEADLINE_CHECK, DROP_LOG_BURST, LIMITER_KEYS,
-    METRICS_LISTENER, RECV_BUF_LEN, SIGNALS, TCP_LISTENER, UDP_SOCKET, WAKER,
+    MAX_HTTP_CONNECTIONS, METRICS_LISTENER, RECV_BUF_LEN, SIGNALS, TCP_LISTENER, UDP_SOCKET, WAKER,
 };
 use crate::config::{Config, Overrides};
 use crate::error::Error;
@@ -81,6 +81,7 @@ impl Server {
             started.elapsed()
         );
 
+        fit_open_files(&config);
         let poll = Poll::new().map_err(io_err("cannot create poll"))?;
         let mut tcp = TcpListener::bind(config.listen.tcp).map_err(|source| Error::Bind {
             what: "TCP",
@@ -314,6 +315,75 @@ pub(super) fn segmentation(config: &Config, fd: RawFd) -> bool {
 /// it caps the request at the `sysctl`'s value, silently. Linux reports twice the room it
 /// grants (the other half covers its bookkeeping), so `granted` is below twice `asked`
 /// exactly when the request was capped.
+/// Descriptors the daemon holds besides its connections (standard streams, poll and its
+/// waker, the listeners and the UDP socket, the signal pipe, the state's lock, journal,
+/// snapshot and directory, the notify socket), with room to spare.
+const FIXED_DESCRIPTORS: u64 = 64;
+
+/// Open files `config` may need at once: every connection it allows, and the rest.
+fn open_files_needed(config: &Config) -> u64 {
+    (config.limits.max_connections as u64)
+        .saturating_add(MAX_HTTP_CONNECTIONS as u64 + FIXED_DESCRIPTORS)
+}
+
+/// Raises the soft open-file limit to what `config` needs, no further than the hard limit,
+/// and warns when that is short of `max_connections` itself. Once the descriptors run out, `accept` fails (EMFILE)
+/// before `limits.max_connections` is reached, so the idle connections that the cap would
+/// close to make room hold newcomers (and scrapes) off instead, until their handshake timer
+/// runs out. A shell's soft limit is 1024 on most systems, under the 4096 connections allowed
+/// by default; the shipped unit sets both limits to 65536 (`LimitNOFILE=`), and then nothing
+/// is changed.
+pub(super) fn fit_open_files(config: &Config) {
+    let needed = open_files_needed(config);
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2) fills the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    if limit.rlim_cur >= needed {
+        return;
+    }
+    let raised = needed.min(limit.rlim_max);
+    if raised > limit.rlim_cur {
+        let new = libc::rlimit {
+            rlim_cur: raised,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit(2) reads the struct we own.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
+            debug!(
+                "open files: soft limit raised from {} to {raised}",
+                limit.rlim_cur
+            );
+            limit.rlim_cur = raised;
+        } else {
+            debug!(
+                "open files: cannot raise the soft limit: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    // Said only when the connections alone cannot fit: a hard limit of 4096 (some systems'
+    // default) against the default 4096 connections falls short by the spare descriptors
+    // alone, and a warning at every start there would teach operators to ignore it.
+    if limit.rlim_cur < config.limits.max_connections as u64 {
+        warn!(
+            "open files: limits.max_connections = {} needs about {needed}, but the limit is {} \
+             (ulimit -n; LimitNOFILE= under systemd): past about {} connections, accept fails \
+             (EMFILE) before max_connections closes idle ones to make room; raise the limit or \
+             lower limits.max_connections",
+            config.limits.max_connections,
+            limit.rlim_cur,
+            limit
+                .rlim_cur
+                .saturating_sub(MAX_HTTP_CONNECTIONS as u64 + FIXED_DESCRIPTORS)
+        );
+    }
+}
+
 fn warn_if_capped(what: &str, key: &str, asked: usize, granted: usize, sysctl: &str) {
     if asked == 0 || granted >= asked.saturating_mul(2) {
         return;
