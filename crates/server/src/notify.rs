@@ -190,7 +190,17 @@ impl Notifier {
 
     fn warn_once(&mut self, e: &io::Error) {
         if !self.warned {
-            warn!("cannot notify the service manager: {e}");
+            // The socket is named: NOTIFY_SOCKET comes from whatever started the daemon, and
+            // an error such as ENOENT does not say which file it is about.
+            let at = match &self.target {
+                Some((_, addr)) => match (addr.as_pathname(), addr.as_abstract_name()) {
+                    (Some(path), _) => format!(" at {}", path.display()),
+                    (None, Some(name)) => format!(" at @{}", String::from_utf8_lossy(name)),
+                    (None, None) => String::new(),
+                },
+                None => String::new(),
+            };
+            warn!("cannot notify the service manager{at}: {e}");
             self.warned = true;
         }
     }

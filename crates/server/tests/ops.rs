@@ -2942,3 +2942,23 @@ fn a_hard_open_file_limit_below_max_connections_is_reported_at_start() {
         "{warning}"
     );
 }
+
+/// A notification that cannot be sent is logged with the socket it was for: "cannot notify
+/// the service manager: No such file or directory (os error 2)" did not say which file, and
+/// `NOTIFY_SOCKET` is set by whatever started the daemon, not by the operator reading the log.
+#[test]
+fn a_notify_socket_that_does_not_exist_is_named_in_the_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-notify.sock");
+    let d = Daemon::start_with(Options {
+        env: vec![("NOTIFY_SOCKET".into(), missing.display().to_string())],
+        ..Options::default()
+    });
+    d.wait_for_log("cannot notify the service manager");
+    let log = d.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("cannot notify the service manager"))
+        .unwrap();
+    assert!(line.contains(&missing.display().to_string()), "{line}");
+}
