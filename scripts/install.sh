@@ -64,6 +64,16 @@ done
 for d in "$prefix" "$unit_dir" "$config_dir"; do
   [[ "$d" == /* ]] || die "directories must be absolute: $d"
 done
+# The unit's sandbox hides some places from the service: a unit whose ExecStart= or --config
+# points there cannot start (203/EXEC, or a missing configuration file).
+for d in "$prefix" "$config_dir"; do
+  case "$d/" in
+    /home/* | /root/* | /run/user/*)
+      echo "note: $d is hidden from the service by the unit's ProtectHome=yes: it would not find ocmd or its configuration there; install elsewhere, or set ProtectHome=read-only in a drop-in (systemctl edit ocmd)" >&2 ;;
+    /tmp/* | /var/tmp/*)
+      echo "note: $d is hidden from the service by the unit's PrivateTmp=yes (it gets an empty /tmp and /var/tmp of its own): it would not find ocmd or its configuration there; install elsewhere" >&2 ;;
+  esac
+done
 if [[ -z "$build_dir" ]]; then
   build_dir="${CARGO_TARGET_DIR:-$root/target}/release"
 fi

@@ -2962,3 +2962,36 @@ fn a_notify_socket_that_does_not_exist_is_named_in_the_warning() {
         .unwrap();
     assert!(line.contains(&missing.display().to_string()), "{line}");
 }
+
+/// `scripts/install.sh` says so when it installs where the unit's sandbox hides things from
+/// the service: under /home, /root or /run/user (`ProtectHome=yes`) or /tmp and /var/tmp
+/// (`PrivateTmp=yes`), a unit whose ExecStart or --config points there cannot start (the
+/// binary or the file is not there for it), and the install used to say "Installed".
+#[test]
+fn install_into_a_directory_the_unit_hides_says_so() {
+    let out = install_sh(&[
+        "--dry-run".as_ref(),
+        "--no-build".as_ref(),
+        "--prefix".as_ref(),
+        "/home/ocm-install-test/usr".as_ref(),
+        "--config-dir".as_ref(),
+        "/tmp/ocm-install-test/etc".as_ref(),
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{}{stderr}", text(&out.stdout));
+    assert!(
+        stderr.contains("/home/ocm-install-test/usr") && stderr.contains("ProtectHome=yes"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("/tmp/ocm-install-test/etc") && stderr.contains("PrivateTmp=yes"),
+        "{stderr}"
+    );
+    // The default places are visible to the service: nothing to say.
+    let out = install_sh(&["--dry-run".as_ref(), "--no-build".as_ref()]);
+    let stderr = text(&out.stderr);
+    assert!(
+        !stderr.contains("ProtectHome") && !stderr.contains("PrivateTmp"),
+        "{stderr}"
+    );
+}
