@@ -2995,3 +2995,88 @@ fn install_into_a_directory_the_unit_hides_says_so() {
         "{stderr}"
     );
 }
+
+/// The variable and file that switch [`file_fsync_failer`] on.
+const FAIL_FILE_FSYNC: (&str, &str) = ("OCM_TEST_FAIL_FILE_FSYNC", "fail-file-fsync");
+
+/// Builds, in `dir`, a library for `LD_PRELOAD` whose `fsync` of a regular file fails with
+/// `ENOSPC` while the file named by `OCM_TEST_FAIL_FILE_FSYNC` exists: the state file cannot
+/// be written (its temporary file's `fsync`), while the journal's `fdatasync` and the
+/// directories' `fsync` go through.
+fn file_fsync_failer(dir: &Path) -> PathBuf {
+    const SOURCE: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+int fsync(int fd) {
+    static int (*real)(int);
+    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
+    const char *flag = getenv("OCM_TEST_FAIL_FILE_FSYNC");
+    struct stat st;
+    if (flag && access(flag, F_OK) == 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) {
+        errno = ENOSPC;
+        return -1;
+    }
+    return real(fd);
+}
+"#;
+    preload_library(dir, "fail_file_fsync", SOURCE)
+}
+
+/// A compaction that keeps failing (the state file cannot be written: a full disk) is retried
+/// with the first journal write at least 5 s later; the log says so at the first failure, not
+/// at every retry (an error every 5 s for as long as the disk stays full), and says when a
+/// compaction works again.
+#[test]
+fn a_compaction_that_keeps_failing_is_logged_once_and_so_is_its_recovery() {
+    let (d, fail, _library) = spawn_preloaded(
+        file_fsync_failer,
+        FAIL_FILE_FSYNC,
+        Options {
+            // Every append is past the threshold: a compaction is due at each one.
+            config: Some("[state]\ncompact_journal_bytes = 1\n".into()),
+            metrics: true,
+            ..Options::default()
+        },
+    );
+    std::fs::write(&fail, b"").unwrap();
+    // Creates keep coming, so that every retry that is due is made.
+    let mut n = 0;
+    let mut create_until = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            create(&d, &format!("r{n}"), "alice");
+            n += 1;
+            thread::sleep(Duration::from_millis(100));
+        }
+    };
+    create_until("two failed compactions", &|| {
+        d.metric("ocm_state_compaction_failures_total") >= 2.0
+    });
+    std::fs::remove_file(&fail).unwrap();
+    create_until("a compaction that works again", &|| {
+        d.log().contains("compaction works again")
+    });
+    let log = d.log();
+    let errors = log
+        .lines()
+        .filter(|l| l.contains("compaction failed after"))
+        .count();
+    assert_eq!(
+        errors, 1,
+        "one line for the failure, not one a retry:\n{log}"
+    );
+    let recovered = log
+        .lines()
+        .find(|l| l.contains("compaction works again"))
+        .unwrap();
+    assert!(
+        recovered.contains("WARN") && recovered.contains("2 failed attempts"),
+        "{recovered}"
+    );
+}

@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
-use log::{error, info};
+use log::{debug, error, info, warn};
 
+use super::writer::Failing;
 use super::{counters, Compactions, Job, Report};
 use crate::error::StoreError;
 use crate::plural::Count;
@@ -56,6 +57,9 @@ fn compact_loop(
     stats: &Mutex<Compactions>,
     waker: &mio::Waker,
 ) -> State {
+    // A compaction that keeps failing (a full disk) is retried every few seconds: logged at
+    // its first failure, then once a minute, and once it works again.
+    let mut failing = Failing::default();
     while let Ok(job) = jobs.recv() {
         match job {
             Job::Apply(records) => records.iter().for_each(|r| state.apply(r)),
@@ -68,6 +72,13 @@ fn compact_loop(
                     Ok(bytes) => {
                         counters(stats).written(elapsed);
                         log_written(paths, &state, bytes, elapsed);
+                        if let Some(tally) = failing.ended(Instant::now()) {
+                            // At the failure's neighbouring level (journalctl -p warning).
+                            warn!(
+                                "state: compaction works again, after {tally}; {} is gone",
+                                paths.journal_old.display()
+                            );
+                        }
                         Some(bytes)
                     }
                     // The snapshot's rename, or journal.old's removal, may not be on disk, and
@@ -78,11 +89,14 @@ fn compact_loop(
                     }
                     Err(e) => {
                         counters(stats).failed += 1;
-                        error!(
-                            "{e}; compaction failed after {elapsed:?}: {} is kept (its records \
-                             are still needed) and compaction is retried later",
-                            paths.journal_old.display()
-                        );
+                        match failing.failed(Instant::now()) {
+                            Some(note) => error!(
+                                "{e}; compaction failed after {elapsed:?}: {} is kept (its \
+                                 records are still needed) and compaction is retried later{note}",
+                                paths.journal_old.display()
+                            ),
+                            None => debug!("{e}; compaction failed again"),
+                        }
                         None
                     }
                 };

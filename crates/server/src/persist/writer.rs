@@ -118,6 +118,8 @@ pub(super) struct Writer {
     journal_old: bool,
     /// After a failure, no compaction starts before this.
     retry_at: Option<Instant>,
+    /// Failures to rotate the journal, logged without a line at every retry.
+    rotate_failing: Failing,
     stats: Arc<Mutex<Compactions>>,
 }
 
@@ -308,6 +310,7 @@ impl Writer {
             compacting: false,
             journal_old: loaded.journal_old,
             retry_at: None,
+            rotate_failing: Failing::default(),
             stats,
         };
         if loaded.journal_data_bytes > 0 || loaded.journal_old {
@@ -532,13 +535,23 @@ impl Writer {
                 return;
             }
             if let Err(e) = self.rotate() {
-                error!(
-                    "cannot rotate {} to {}: {e}; compaction postponed, the journal keeps every change",
-                    self.paths.journal.display(),
-                    self.paths.journal_old.display()
-                );
+                match self.rotate_failing.failed(now) {
+                    Some(note) => error!(
+                        "cannot rotate {} to {}: {e}; compaction postponed, the journal keeps \
+                         every change{note}",
+                        self.paths.journal.display(),
+                        self.paths.journal_old.display()
+                    ),
+                    None => debug!("cannot rotate {}: {e}", self.paths.journal.display()),
+                }
                 self.retry_at = Some(now + self.options.compact_retry);
                 return;
+            }
+            if let Some(tally) = self.rotate_failing.ended(now) {
+                warn!(
+                    "journal {} rotated, after {tally}",
+                    self.paths.journal.display()
+                );
             }
         }
         // The snapshot must hold every record up to `journal_seq`.
