@@ -92,6 +92,21 @@ pub enum StoreError {
     /// Serializing the state failed (should not happen: the model is plain data).
     #[error("cannot serialize state: {0}")]
     Serialize(serde_json::Error),
+    /// The state file is a symbolic link: each snapshot is renamed over the state file's
+    /// path, which would replace the link, and the lock beside the link does not guard its
+    /// target.
+    #[error(
+        "state file {state} is a symbolic link to {target}: ocmd writes the state file by \
+         renaming a new one over it, which would replace the link (and the lock beside the link \
+         does not keep another ocmd off its target); give the target itself as --state or \
+         [state] path, or link the directory instead"
+    )]
+    Symlink {
+        /// The state file's path, as given.
+        state: PathBuf,
+        /// Where the link points.
+        target: PathBuf,
+    },
     /// Another process holds the state file's lock.
     #[error("state file {state} is in use by another ocmd ({holder}); lock file {lock}")]
     Locked {

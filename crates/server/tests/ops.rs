@@ -3080,3 +3080,32 @@ fn a_compaction_that_keeps_failing_is_logged_once_and_so_is_its_recovery() {
         "{recovered}"
     );
 }
+
+/// A state file that is a symbolic link (to put the state on another disk) is refused at
+/// start, with the link and its target named. It used to be taken: the first snapshot was
+/// renamed over the link, so the state silently moved beside the link (the target kept a
+/// stale copy, and its backups with it), and the lock beside the link did not keep a second
+/// `ocmd` started on the target itself off the same state.
+#[test]
+fn a_state_file_that_is_a_symbolic_link_is_refused() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let target = data.join("room_manager.json");
+    let state = br#"{"rooms": {}, "tokens": {}}"#;
+    std::fs::write(&target, state).unwrap();
+    let link = dir.path().join("room_manager.json");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let log = match Daemon::spawn(Arc::clone(&dir), Options::default()) {
+        Ok(_) => panic!("ocmd started on a state file that is a symbolic link"),
+        Err(log) => log,
+    };
+    assert!(
+        log.contains("symbolic link")
+            && log.contains(&link.display().to_string())
+            && log.contains(&target.display().to_string()),
+        "{log}"
+    );
+    assert!(link.symlink_metadata().unwrap().file_type().is_symlink());
+    assert_eq!(std::fs::read(&target).unwrap(), state);
+}

@@ -30,7 +30,7 @@
 mod compactor;
 mod writer;
 
-use std::fs::{File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -183,6 +183,12 @@ pub struct Persister {
 /// Takes the advisory lock beside the state file, so that two daemons never share it.
 /// The returned file must live as long as the process uses the state.
 pub fn lock(paths: &Paths) -> Result<File, StoreError> {
+    if let Ok(target) = fs::read_link(&paths.state) {
+        return Err(StoreError::Symlink {
+            state: paths.state.clone(),
+            target,
+        });
+    }
     let write_err = |source| StoreError::Write {
         path: paths.lock.clone(),
         source,
