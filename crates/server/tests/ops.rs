@@ -3109,3 +3109,31 @@ fn a_state_file_that_is_a_symbolic_link_is_refused() {
     assert!(link.symlink_metadata().unwrap().file_type().is_symlink());
     assert_eq!(std::fs::read(&target).unwrap(), state);
 }
+
+/// A create or join refused because a registry cap is reached (`server_full`) is said at warn,
+/// naming the cap, once a minute at most: it was logged only at debug, so at the default
+/// level an operator whose users were all turned away saw nothing in the log (the connection
+/// caps, by contrast, are warned about).
+#[test]
+fn server_full_is_warned_about_with_the_cap_reached() {
+    let d = Daemon::start_with(Options {
+        config: Some("[limits]\nmax_rooms = 2\n".into()),
+        env: vec![("RUST_LOG".into(), "info".into())],
+        ..Options::default()
+    });
+    create(&d, "a", "alice");
+    create(&d, "b", "bob");
+    for n in 0..5 {
+        let r = request(&d, Operation::CreateRoom, &format!("c{n}"), b"\"carol\"");
+        assert_eq!(refused(&r), Some(ErrorCode::ServerFull));
+    }
+    d.wait_for_log("server_full");
+    let log = d.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("server_full")).collect();
+    assert_eq!(lines.len(), 1, "once, not once a refusal:\n{log}");
+    assert!(
+        lines[0].contains("WARN") && lines[0].contains("limits.max_rooms (2)"),
+        "{}",
+        lines[0]
+    );
+}

@@ -62,6 +62,9 @@ const CONN_OFFSET: usize = 16;
 const DEADLINE_CHECK: Duration = Duration::from_millis(100);
 /// How often the systemd status line is refreshed.
 const STATUS_INTERVAL: Duration = Duration::from_secs(5);
+/// How often a cap that keeps refusing creates and joins (`server_full`) is logged again.
+const SERVER_FULL_LOG_EVERY: Duration = Duration::from_secs(60);
+
 /// Lines about dropped input that may be logged at once, before `drop_logs_per_sec` paces them.
 const DROP_LOG_BURST: f64 = 5.0;
 /// Per-IP request limiter memory.
@@ -195,6 +198,9 @@ pub struct Server {
     drop_log: TokenBucket,
     /// Paces the lines about failed `accept` calls (one a second).
     accept_log: TokenBucket,
+    /// Requests refused as `server_full` since the last line saying so, and when that was
+    /// (one a [`SERVER_FULL_LOG_EVERY`] at most).
+    server_full: (u64, Option<Instant>),
     /// The kernel's drop count for the UDP socket at the last periodic check, which warns
     /// when it grew. Kept apart from the metric, which a scrape also refreshes: a scrape
     /// between two checks must not hide the drops from the log.

@@ -11,7 +11,7 @@ use tcrp::{Operation, HEADER_LEN};
 
 use super::{
     unix_now, ConnId, Server, MAX_PASSWORD_JOBS, MAX_PASSWORD_JOBS_PER_SOURCE, READS_PER_EVENT,
-    READ_SLACK,
+    READ_SLACK, SERVER_FULL_LOG_EVERY,
 };
 use crate::conn::{Conn, Filled, ReadUntil};
 use crate::handshake::{self, Context, Step};
@@ -33,6 +33,41 @@ fn restarts_timer(result: Result<(), ErrorCode>) -> bool {
 }
 
 impl Server {
+    /// A create or join refused because a cap of the registry is reached: the operator must
+    /// hear of it at the default level, as of the connection caps, but not once a refusal.
+    /// Said at warn, naming the caps reached, at most once a [`SERVER_FULL_LOG_EVERY`], with
+    /// the refusals since the last such line.
+    fn warn_server_full(&mut self, op: &str, peer: std::net::SocketAddr, now: Instant) {
+        let (refused, logged_at) = &mut self.server_full;
+        *refused += 1;
+        if logged_at.is_some_and(|at| now < at + SERVER_FULL_LOG_EVERY) {
+            return;
+        }
+        let limits = &self.config.limits;
+        let stats = self.registry.stats();
+        let mut caps = Vec::new();
+        if limits.max_rooms != 0 && stats.rooms >= limits.max_rooms {
+            caps.push(format!("limits.max_rooms ({})", limits.max_rooms));
+        }
+        if limits.max_tokens != 0 && stats.members >= limits.max_tokens {
+            caps.push(format!("limits.max_tokens ({})", limits.max_tokens));
+        }
+        if caps.is_empty() {
+            caps.push(format!(
+                "limits.max_members_per_room ({}) in the room asked for",
+                limits.max_members_per_room
+            ));
+        }
+        warn!(
+            "{peer}: {op} refused (server_full): {} reached; {} since the last such line \
+             (ocm_handshakes_total{{result=\"server_full\"}} counts them all)",
+            caps.join(" and "),
+            crate::plural::Count(*refused as usize, "refusal")
+        );
+        *refused = 0;
+        *logged_at = Some(now);
+    }
+
     /// Reads and answers TCRP frames; returns a close reason on I/O failure. Reads at most
     /// [`READS_PER_EVENT`] buffers per call so one busy peer cannot hold the loop; a connection
     /// with more to read is revisited on the next pass.
@@ -182,6 +217,9 @@ impl Server {
             let op = operation_label(response.operation);
             let result = response.result.map_or_else(|c| c.as_str(), |()| "ok");
             *self.metrics.handshakes.entry((op, result)).or_insert(0) += 1;
+            if response.result == Err(ErrorCode::ServerFull) {
+                self.warn_server_full(op, peer, now);
+            }
             if response.result == Err(ErrorCode::RateLimited) {
                 let kind = if queue_full {
                     "password_queue"
