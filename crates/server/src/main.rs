@@ -168,8 +168,23 @@ fn main() -> ExitCode {
         }
     };
     if args.check_config {
-        print!("{}", config.to_toml());
-        eprintln!("ocmd: configuration OK");
+        let mut stdout = std::io::stdout().lock();
+        let written = stdout
+            .write_all(config.to_toml().as_bytes())
+            .and_then(|()| stdout.flush());
+        match written {
+            Ok(()) => {}
+            // A reader that stopped early (`| grep -q …`, `| head`): the check itself passed.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+            Err(e) => {
+                print_fatal(&format!(
+                    "configuration OK, but it cannot be written to standard output: {e}"
+                ));
+                return ExitCode::FAILURE;
+            }
+        }
+        // Best effort, as in `print_fatal`: `eprintln!` panics on a broken pipe.
+        let _ = writeln!(std::io::stderr(), "ocmd: configuration OK");
         return ExitCode::SUCCESS;
     }
     init_logging(&config.log.level);

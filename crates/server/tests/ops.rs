@@ -3137,3 +3137,37 @@ fn server_full_is_warned_about_with_the_cap_reached() {
         lines[0]
     );
 }
+
+/// `--check-config` into a reader that stopped early (`| grep -q …`, `| head -0`, `| true`)
+/// still reports the check: it panicked on the broken pipe ("failed printing to stdout"),
+/// with a backtrace and exit status 101, which a script under `set -o pipefail` read as a
+/// bad configuration of an unknown kind.
+#[test]
+fn check_config_into_a_pipe_closed_early_still_says_ok() {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_ocmd"))
+            .arg("--check-config")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(writer))
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ocmd"),
+    );
+    let status = wait_for_exit(&mut child.0, "ocmd --check-config");
+    let mut err = String::new();
+    child
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("ocmd: configuration OK") && !err.contains("panicked"),
+        "{err}"
+    );
+}
