@@ -3171,3 +3171,41 @@ fn check_config_into_a_pipe_closed_early_still_says_ok() {
         "{err}"
     );
 }
+
+/// While the journal cannot be written, the `STATUS=` line that `systemctl status` shows
+/// says so, and goes back to normal once it can: it said "1 room, 1 member …" all along,
+/// while every create and join waited for the disk.
+#[test]
+fn status_says_when_the_journal_cannot_be_written() {
+    let mut sd = NotifyListener::bind();
+    let (d, fail, _library) = spawn_preloaded(
+        fdatasync_failer,
+        FAIL_FDATASYNC,
+        Options {
+            metrics: true,
+            env: vec![sd.env(), ("WATCHDOG_USEC".into(), "0".into())],
+            ..Options::default()
+        },
+    );
+    create(&d, "before", "alice");
+    std::fs::write(&fail, b"").unwrap();
+    thread::scope(|s| {
+        let joining = s.spawn(|| create(&d, "during", "bob"));
+        // STATUS= comes every 5 s.
+        let status = sd.wait_for(Duration::from_secs(15), |m| {
+            m.starts_with("STATUS=") && m.contains("journal")
+        });
+        assert!(
+            status.contains("the journal cannot be written") && status.contains("wait"),
+            "{status}"
+        );
+        std::fs::remove_file(&fail).unwrap();
+        joining
+            .join()
+            .expect("the create is answered once the disk takes it");
+    });
+    let status = sd.wait_for(Duration::from_secs(15), |m| {
+        m.starts_with("STATUS=") && !m.contains("journal")
+    });
+    assert!(status.starts_with("STATUS=2 rooms, 2 members"), "{status}");
+}

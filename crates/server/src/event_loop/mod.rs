@@ -198,6 +198,8 @@ pub struct Server {
     drop_log: TokenBucket,
     /// Paces the lines about failed `accept` calls (one a second).
     accept_log: TokenBucket,
+    /// Failed journal writes counted at the last `STATUS=`: more since then are said in it.
+    status_write_failures: u64,
     /// Requests refused as `server_full` since the last line saying so, and when that was
     /// (one a [`SERVER_FULL_LOG_EVERY`] at most).
     server_full: (u64, Option<Instant>),
@@ -370,8 +372,27 @@ impl Server {
             self.check_kernel_drops();
             if self.notifier.enabled() {
                 let s = self.registry.stats();
+                // `systemctl status` is where an operator looks first: a journal that the
+                // disk does not take (every create and join waiting) is said there too.
+                let failures = self
+                    .persister
+                    .as_ref()
+                    .map_or(0, |p| p.compactions().write_failures);
+                let failing = if failures > self.status_write_failures {
+                    format!(
+                        "; the journal cannot be written ({} since the last status): creates \
+                         and joins wait",
+                        Count(
+                            (failures - self.status_write_failures) as usize,
+                            "failed attempt"
+                        )
+                    )
+                } else {
+                    String::new()
+                };
+                self.status_write_failures = failures;
                 self.notifier.send_periodic(&format!(
-                    "STATUS={}, {} ({} registered), {}",
+                    "STATUS={}, {} ({} registered), {}{failing}",
                     Count(s.rooms, "room"),
                     Count(s.members, "member"),
                     s.registered,

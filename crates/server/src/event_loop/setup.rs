@@ -209,6 +209,7 @@ impl Server {
             checkpoint_batch: 0,
             drop_log: TokenBucket::full(DROP_LOG_BURST, now),
             accept_log: TokenBucket::full(1.0, now),
+            status_write_failures: 0,
             server_full: (0, None),
             kernel_drops_logged: 0,
             kernel_drops: udp::KernelDrops::default(),
