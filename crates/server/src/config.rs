@@ -122,6 +122,23 @@ pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
     })
 }
 
+/// Parses a metrics setting: a listening address, or `off` (also `none`, `false` or empty)
+/// for none.
+pub fn parse_metrics(text: &str) -> Result<Option<SocketAddr>, String> {
+    match text.trim() {
+        "" | "off" | "false" | "none" => Ok(None),
+        addr => parse_listen_addr(addr)
+            .map(Some)
+            .map_err(|e| format!("{e}, or \"off\"")),
+    }
+}
+
+/// The `--metrics` flag's side of [`parse_metrics`]: the value as given, checked, so that a
+/// bad one is reported as the flag's.
+pub fn parse_metrics_flag(text: &str) -> Result<String, String> {
+    parse_metrics(text).map(|_| text.to_owned())
+}
+
 /// Serde's side of [`parse_listen_addr`].
 fn listen_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
     let text = String::deserialize(d)?;
@@ -653,12 +670,7 @@ impl Config {
 
     /// The metrics address, or `None` when turned off.
     pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, String> {
-        match self.listen.metrics.trim() {
-            "" | "off" | "false" | "none" => Ok(None),
-            addr => parse_listen_addr(addr)
-                .map(Some)
-                .map_err(|e| format!("listen.metrics: {e}, or \"off\"")),
-        }
+        parse_metrics(&self.listen.metrics).map_err(|e| format!("listen.metrics: {e}"))
     }
 
     /// The registry's limits.

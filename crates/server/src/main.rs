@@ -27,7 +27,7 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     state: Option<PathBuf>,
     /// Metrics HTTP address, or "off" [default: 127.0.0.1:9092].
-    #[arg(long, value_name = "ADDR:PORT|off")]
+    #[arg(long, value_name = "ADDR:PORT|off", value_parser = config::parse_metrics_flag)]
     metrics: Option<String>,
     /// Validate the configuration, print the effective settings and exit.
     #[arg(long)]

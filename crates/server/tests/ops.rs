@@ -3209,3 +3209,30 @@ fn status_says_when_the_journal_cannot_be_written() {
     });
     assert!(status.starts_with("STATUS=2 rooms, 2 members"), "{status}");
 }
+
+/// A `--metrics` value that is not an address is refused as a bad `--metrics`, as `--tcp` and
+/// `--udp` are: it was reported as `listen.metrics: …`, a key of a file the operator may not
+/// have, with nothing naming the flag actually given.
+#[test]
+fn a_bad_metrics_flag_is_named_as_the_flag() {
+    let out = ocmd(&[
+        "--check-config".as_ref(),
+        "--metrics".as_ref(),
+        "garbage".as_ref(),
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("'--metrics <ADDR:PORT|off>'") && err.contains("\"garbage\""),
+        "{err}"
+    );
+    // Every spelling of "off" still works.
+    for off in ["off", "none", "false", ""] {
+        let out = ocmd(&[
+            "--check-config".as_ref(),
+            "--metrics".as_ref(),
+            off.as_ref(),
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{off:?}: {}", text(&out.stderr));
+    }
+}
