@@ -492,6 +492,76 @@ fn a_clean_stop_lets_a_join_waiting_for_the_disk_get_its_token() {
     assert!(saved.contains(&host) && saved.contains(&bob), "{saved:?}");
 }
 
+/// `TimeoutStopSec` of config/ocmd.service: how long systemd waits for a stop before it
+/// sends SIGKILL.
+fn unit_stop_timeout() -> Duration {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/ocmd.service");
+    let text = std::fs::read_to_string(&unit).expect("config/ocmd.service");
+    let secs = text
+        .lines()
+        .find_map(|line| line.strip_prefix("TimeoutStopSec="))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("TimeoutStopSec=SECONDS in config/ocmd.service");
+    Duration::from_secs(secs)
+}
+
+/// A clean stop whose last writes the disk never takes exits all the same, 11.5 s after
+/// SIGTERM at most (1.5 s for the writes in flight, then 10 s for the writer in all), within
+/// systemd's `TimeoutStopSec`, and says what it could not make durable: the join that waited
+/// for those writes is never answered (its record, written but not synced, may or may not
+/// be there after a restart, as after a `kill -9`); the room made before is kept.
+#[test]
+fn a_clean_stop_whose_last_writes_never_reach_the_disk_exits_and_says_so() {
+    let (mut d, hold, _library) =
+        spawn_preloaded(fdatasync_holder, HOLD_FDATASYNC, Options::default());
+    let held = hold.with_extension("held");
+    let host = create(&d, "stuck", "alice");
+    std::fs::write(&hold, b"").unwrap();
+    let joining = {
+        let tcp = d.tcp;
+        thread::spawn(move || try_request(tcp, Operation::JoinRoom, "stuck", b"\"bob\""))
+    };
+    wait_until("the join's record waits in fdatasync", || held.exists());
+    let signalled = Instant::now();
+    d.signal(libc::SIGTERM);
+    // The holder lets go after 20 s; the daemon gives up on the writer after 11.5 s.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !d.log().contains("stopped: ") {
+        assert!(Instant::now() < deadline, "ocmd still stops: {}", d.log());
+        thread::sleep(Duration::from_millis(50));
+    }
+    let status = d.wait_exit();
+    let took = signalled.elapsed();
+    assert!(status.success(), "{status:?}");
+    let systemd_waits = unit_stop_timeout();
+    assert!(
+        took < systemd_waits,
+        "the stop took {took:?}: systemd would have killed it after {systemd_waits:?}"
+    );
+    assert!(
+        hold.exists(),
+        "the disk came back before the daemon gave up"
+    );
+    let log = d.log();
+    for said in [
+        "state writer did not finish its last writes within 10 s",
+        "stopped: 1 room, 2 members; the changes still waiting for the disk are not durable",
+    ] {
+        assert!(log.contains(said), "{said:?} not in:\n{log}");
+    }
+    let reply = joining.join().unwrap();
+    assert!(
+        reply.as_ref().is_none_or(|r| r.token.is_none()),
+        "a join that never reached the disk was answered with a token: {reply:?}"
+    );
+    std::fs::remove_file(&hold).unwrap();
+    d.restart();
+    let (status, _) = d.terminate();
+    assert!(status.success(), "{status:?}");
+    let saved = saved_tokens(&d);
+    assert!(saved.contains(&host), "the host's token is kept: {saved:?}");
+}
+
 /// While a periodic checkpoint's records wait for a stuck disk, the next checkpoints are
 /// deferred, not stacked behind it, and each one is counted in
 /// `ocm_checkpoints_deferred_total`; once the disk comes back, the messages they left are
@@ -1315,6 +1385,11 @@ fn a_clean_stop_stuck_in_its_final_fold_exits_without_it_and_loses_nothing() {
     }
     let status = d.wait_exit();
     assert!(status.success(), "{status:?}");
+    let log = d.log();
+    assert!(
+        log.contains("stopped: 1 room, 1 member saved in the journal, not folded"),
+        "{log}"
+    );
     assert!(hold.exists(), "the disk never came back");
     std::fs::remove_file(&hold).unwrap();
     d.restart();

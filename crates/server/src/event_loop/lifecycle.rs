@@ -12,6 +12,7 @@ use super::{ConnId, Server};
 use crate::config::{self, Config};
 use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::persist::Stopped;
 use crate::plural::Count;
 
 impl Server {
@@ -175,7 +176,7 @@ impl Server {
         self.registry.checkpoint_history();
         self.registry.save_sources();
         self.persist();
-        if let Some(mut persister) = self.persister.take() {
+        let stopped = if let Some(mut persister) = self.persister.take() {
             // Let waiting joins get their tokens: wait (bounded) for the batches in flight.
             let deadline = Instant::now() + SHUTDOWN_WRITE_WAIT;
             while persister.busy() && Instant::now() < deadline {
@@ -198,14 +199,23 @@ impl Server {
                     let _ = conn.flush();
                 }
             }
-            persister.shutdown();
-        }
+            persister.shutdown()
+        } else {
+            Stopped::Folded
+        };
         let s = self.registry.stats();
-        info!(
-            "stopped: {}, {} saved",
-            Count(s.rooms, "room"),
-            Count(s.members, "member")
-        );
+        let (rooms, members) = (Count(s.rooms, "room"), Count(s.members, "member"));
+        match stopped {
+            Stopped::Folded => info!("stopped: {rooms}, {members} saved"),
+            Stopped::Unfolded => warn!(
+                "stopped: {rooms}, {members} saved in the journal, not folded into the state \
+                 file (the next start folds them)"
+            ),
+            Stopped::Unwritten => error!(
+                "stopped: {rooms}, {members}; the changes still waiting for the disk are not \
+                 durable"
+            ),
+        }
     }
 }
 

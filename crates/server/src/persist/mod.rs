@@ -46,9 +46,25 @@ use crate::record::Record;
 use crate::store::{Loaded, Paths};
 use writer::Writer;
 
-/// The most a clean stop waits for one batch of the writer, and for its final fold, before
-/// it exits without them.
-const SHUTDOWN_STEP_WAIT: Duration = Duration::from_secs(10);
+/// The most a clean stop waits for the writer's last batches and its final fold, all told,
+/// before it exits without them. With the loop's own 1.5 s for the writes in flight, a stop
+/// ends within 11.5 s whatever the disk does: inside config/ocmd.service's `TimeoutStopSec`.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
+
+/// How far a clean stop got with the state ([`Persister::shutdown`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Stopped {
+    /// Every change written and folded into the state file.
+    Folded,
+    /// Every change durable in the journals, but the fold into the state file failed (a full
+    /// disk) or did not finish in time: the next start folds them. Nothing is lost.
+    Unfolded,
+    /// The disk did not take the last batches in time: the changes in them are not durable
+    /// (none was acknowledged, since a reply waits for its record to be durable). What was
+    /// written without its sync survives the exit, as after a `kill -9`; the rest is lost.
+    Unwritten,
+}
 
 /// Default of `[state] compact_journal_bytes`: the journal is compacted once it is larger than
 /// this many bytes and larger than the last state file.
@@ -172,7 +188,9 @@ pub struct Done {
 pub struct Persister {
     tx: Sender<Command>,
     done_rx: Receiver<Done>,
-    thread: Option<JoinHandle<()>>,
+    /// The writer thread; it returns whether its final fold put every change in the state
+    /// file.
+    thread: Option<JoinHandle<bool>>,
     compactions: Arc<Mutex<Compactions>>,
     pending: Vec<Record>,
     /// The number the next batch handed to the writer gets; every lower one was handed over.
@@ -326,24 +344,30 @@ impl Persister {
 
     /// Writes everything queued, waits for a running compaction, folds the journals into the
     /// state file and stops the threads. Blocks: for shutdown only, and at most 10 s
-    /// (`SHUTDOWN_STEP_WAIT`) for each batch and for the final fold: a disk that stopped
-    /// answering does not hold the exit for ever. Leaving the fold behind loses nothing (the
-    /// journals hold every change it would have folded, and the next start folds them).
-    pub fn shutdown(mut self) {
-        let limit = SHUTDOWN_STEP_WAIT.as_secs();
+    /// (`SHUTDOWN_WAIT`) in all, so that a disk that stopped answering does not hold the exit
+    /// for ever. Leaving the fold behind loses nothing (the journals hold every change it
+    /// would have folded, and the next start folds them); leaving batches behind leaves their
+    /// changes not durable.
+    pub fn shutdown(mut self) -> Stopped {
+        let limit = SHUTDOWN_WAIT.as_secs();
+        let deadline = std::time::Instant::now() + SHUTDOWN_WAIT;
         while self.busy() {
             self.pump();
-            match self.done_rx.recv_timeout(SHUTDOWN_STEP_WAIT) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.done_rx.recv_timeout(left) {
                 Ok(d) => self.durable = self.durable.max(d.batch),
                 Err(_) => {
-                    error!("state writer did not finish within {limit} s; exiting anyway");
-                    return;
+                    error!(
+                        "state writer did not finish its last writes within {limit} s; \
+                         exiting without them: the changes they held (none acknowledged) \
+                         are lost, or kept only as far as the disk took them"
+                    );
+                    return Stopped::Unwritten;
                 }
             }
         }
         let _ = self.tx.send(Command::Shutdown);
         if let Some(thread) = self.thread.take() {
-            let deadline = std::time::Instant::now() + SHUTDOWN_STEP_WAIT;
             while !thread.is_finished() {
                 if std::time::Instant::now() >= deadline {
                     error!(
@@ -351,12 +375,15 @@ impl Persister {
                          without it: the journals keep every change, and the next start \
                          folds them"
                     );
-                    return;
+                    return Stopped::Unfolded;
                 }
                 thread::sleep(Duration::from_millis(5));
             }
-            let _ = thread.join();
+            if thread.join().unwrap_or(false) {
+                return Stopped::Folded;
+            }
         }
+        Stopped::Unfolded
     }
 }
 

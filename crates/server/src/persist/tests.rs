@@ -392,7 +392,7 @@ fn the_space_ahead_is_laid_again_once_the_appends_have_used_it() {
     let ahead = size - journal_len(&d.paths);
     assert!(ahead >= SPACE_AHEAD_BYTES / 8, "{ahead} bytes ahead");
     let paths = d.paths.clone();
-    d.persister.shutdown();
+    assert_eq!(d.persister.shutdown(), Stopped::Folded);
     assert_eq!(load_complete(&paths).replayed, 0);
 }
 
@@ -521,7 +521,7 @@ fn batches_handed_over_without_waiting_become_durable_in_order_and_none_early() 
     assert!(!d.persister.busy());
     let last_n = d.next_n - 1;
     let paths = d.paths.clone();
-    d.persister.shutdown();
+    assert_eq!(d.persister.shutdown(), Stopped::Folded);
     assert_eq!(load_complete(&paths).state.journal_seq, last_n);
 }
 
@@ -544,7 +544,7 @@ fn durable_records_reach_the_compactor_in_full_lots_and_all_of_them_at_shutdown(
     assert_eq!(writer.unapplied(), 3);
     // The final state file comes from the compactor's state: it holds the lot (most of
     // the rooms still open were created in it) and the three records kept back.
-    writer.finish();
+    assert!(writer.finish(), "folded");
     let loaded = load_complete(&paths);
     assert_eq!(loaded.state.journal_seq, lot + 4);
     assert_eq!(loaded.replayed, 0);
@@ -583,6 +583,29 @@ fn a_rotation_cuts_off_nul_bytes_a_failed_lay_left() {
     assert_eq!(load_complete(&paths).last_seq, 3);
 }
 
+/// A final fold that cannot write the state file (here a directory stands in its place)
+/// says so to the stop, which then does not call the state saved in the state file, and
+/// leaves the journal whole for the next start.
+#[test]
+fn a_final_fold_that_fails_says_so_and_keeps_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = Paths::new(&dir.path().join("s.json"));
+    let mut writer = writer_by_hand(&paths);
+    writer.append(&(1..=3).map(record).collect::<Vec<_>>());
+    writer.forward((1..=3).map(record).collect());
+    fs::create_dir(&paths.state).unwrap();
+    assert!(
+        !writer.finish(),
+        "a fold that could not write was taken as done"
+    );
+    fs::remove_dir(&paths.state).unwrap();
+    assert_eq!(
+        load_complete(&paths).last_seq,
+        3,
+        "the journal keeps every record"
+    );
+}
+
 /// A clean stop with nothing to fold (the state file holds every record) still empties a
 /// journal that holds space laid down ahead, as after a rotation with no append since.
 #[test]
@@ -591,7 +614,7 @@ fn a_clean_stop_empties_a_journal_of_space_ahead() {
     let paths = Paths::new(&dir.path().join("s.json"));
     fs::write(&paths.journal, vec![0; 4096]).unwrap();
     let mut writer = writer_by_hand(&paths);
-    writer.finish();
+    assert!(writer.finish(), "nothing left to fold");
     assert_eq!(fs::metadata(&paths.journal).unwrap().len(), 0);
     assert!(
         !paths.state.exists(),
@@ -624,7 +647,7 @@ fn appends_go_on_while_the_journal_is_rotated_and_compacted() {
     }
     assert_eq!(d.persister.compactions().failed, 0);
     let paths = d.paths.clone();
-    d.persister.shutdown();
+    assert_eq!(d.persister.shutdown(), Stopped::Folded);
     assert!(!paths.journal_old.exists());
     assert_eq!(journal_len(&paths), 0, "shutdown empties the journal");
     let loaded = load_complete(&paths);
@@ -664,7 +687,7 @@ fn a_failed_compaction_keeps_the_old_journal_and_is_retried() {
     assert_eq!(load_complete(&d.paths).last_seq, last);
     last = d.write(7);
     let paths = d.paths.clone();
-    d.persister.shutdown();
+    assert_eq!(d.persister.shutdown(), Stopped::Folded);
     assert!(!paths.journal_old.exists());
     let loaded = load_complete(&paths);
     assert_eq!(loaded.replayed, 0);
@@ -696,7 +719,7 @@ fn a_failed_compaction_is_not_retried_before_its_delay() {
         "retried before its delay"
     );
     fs::remove_dir(dir.path().join("s.json.tmp")).unwrap();
-    d.persister.shutdown();
+    assert_eq!(d.persister.shutdown(), Stopped::Folded);
 }
 
 /// After a failed rotation, compaction waits for `compact_retry` too: the journal is not
@@ -725,7 +748,7 @@ fn a_failed_rotation_is_not_retried_before_its_delay() {
     assert!(!d.paths.journal_old.exists(), "rotated before the delay");
     assert!(!d.paths.state.exists(), "compacted before the delay");
     let paths = d.paths.clone();
-    d.persister.shutdown();
+    assert_eq!(d.persister.shutdown(), Stopped::Folded);
     assert_eq!(load_complete(&paths).replayed, 0);
 }
 
@@ -776,7 +799,7 @@ fn a_torn_journal_is_folded_away_before_the_first_append() {
     assert_eq!(journal_len(&paths), 0, "not folded at start");
     assert_eq!(d.write(2), 5);
     assert_eq!(load_complete(&paths).last_seq, 5);
-    d.persister.shutdown();
+    assert_eq!(d.persister.shutdown(), Stopped::Folded);
 }
 
 /// A crash in the middle of a compaction: the next start folds the snapshot, journal.old
@@ -812,7 +835,7 @@ fn start_folds_an_interrupted_compaction() {
     assert_eq!(d.persister.compactions().written, 1);
     let last = d.write(3);
     assert_eq!(last, 33, "numbering goes on after the folded records");
-    d.persister.shutdown();
+    assert_eq!(d.persister.shutdown(), Stopped::Folded);
     assert_eq!(load_complete(&paths).last_seq, 33);
 }
 
@@ -843,7 +866,7 @@ fn state_files_readable_by_others_are_restricted_at_start() {
         let mode = fs::metadata(path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{}", path.display());
     }
-    persister.shutdown();
+    assert_eq!(persister.shutdown(), Stopped::Folded);
 }
 
 #[test]
@@ -1011,7 +1034,7 @@ fn sigkill_at_any_moment_loses_no_durable_record() {
         assert_eq!(journal_len(&paths), 0);
         let last = d.write(4);
         assert_eq!(last, loaded.last_seq + 4);
-        d.persister.shutdown();
+        assert_eq!(d.persister.shutdown(), Stopped::Folded);
         assert_eq!(load_complete(&paths).last_seq, last);
     }
     eprintln!("{killed_mid_compaction} of {ROUNDS} kills left a journal.old");

@@ -339,12 +339,14 @@ impl Writer {
         Ok(writer)
     }
 
+    /// Serves `rx` until it is told to stop or the loop is gone; returns whether the last
+    /// act, the final fold, put every change in the state file ([`Writer::finish`]).
     pub(super) fn run(
         &mut self,
         rx: Receiver<Command>,
         done: Sender<Done>,
         waker: Arc<mio::Waker>,
-    ) {
+    ) -> bool {
         while let Ok(command) = rx.recv() {
             match command {
                 Command::Append { batch, records } => {
@@ -357,25 +359,22 @@ impl Writer {
                         elapsed: started.elapsed(),
                     };
                     if done.send(report).is_err() {
-                        return;
+                        return false;
                     }
                     if let Err(e) = waker.wake() {
                         error!("cannot wake the event loop: {e}");
                     }
                     self.forward(records);
                     if stop {
-                        self.finish();
-                        return;
+                        return self.finish();
                     }
                     self.maybe_compact();
                     self.keep_space_ahead();
                 }
-                Command::Shutdown => {
-                    self.finish();
-                    return;
-                }
+                Command::Shutdown => return self.finish(),
             }
         }
+        false
     }
 
     /// Appends and fsyncs the records, retrying until the disk takes them: a token is only
@@ -623,8 +622,9 @@ impl Writer {
     }
 
     /// At shutdown: lets a running compaction finish, takes the compactor's state back and
-    /// folds what the journals still hold into the state file.
-    pub(super) fn finish(&mut self) {
+    /// folds what the journals still hold into the state file. Returns whether the state file
+    /// then holds every change (if not, the journals do, and the next start folds them).
+    pub(super) fn finish(&mut self) -> bool {
         self.hand_over();
         let Some(Compactor {
             jobs,
@@ -633,7 +633,7 @@ impl Writer {
         }) = self.compactor.take()
         else {
             error!("no final state file (the compactor is gone); the journals keep every change");
-            return;
+            return false;
         };
         // The compactor applies what is queued, finishes, and hands its state back.
         drop(jobs);
@@ -643,7 +643,7 @@ impl Writer {
         }
         let Ok(mut state) = joined else {
             error!("the state compactor panicked; the journals keep every change");
-            return;
+            return false;
         };
         if self.journal_len == 0 && !self.journal_old {
             debug!("state: the state file already holds every change");
@@ -662,10 +662,14 @@ impl Writer {
                     self.paths.journal.display()
                 );
             }
-            return;
+            return true;
         }
-        if let Err(e) = self.fold(&mut state) {
-            error!("{e}; the journals keep every change");
+        match self.fold(&mut state) {
+            Ok(()) => true,
+            Err(e) => {
+                error!("{e}; the journals keep every change");
+                false
+            }
         }
     }
 

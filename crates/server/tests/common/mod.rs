@@ -26,9 +26,10 @@ use ucrp::delivery::{self, Delivery};
 /// 2-core machine).
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
-/// The most a clean stop (SIGTERM) may take: `TimeoutStopSec=5` in config/ocmd.service, after
-/// which systemd sends SIGKILL. (A stop normally takes milliseconds, but the daemon alone
-/// may wait up to 1.5 s for state writes in flight, and a loaded machine's fsync adds to it.)
+/// The most a clean stop (SIGTERM) may take on a disk that answers: a stop normally takes
+/// milliseconds, but the daemon may wait up to 1.5 s for state writes in flight, and a
+/// loaded machine's fsync adds to it. (Only a disk that stops answering takes it to its own
+/// 11.5 s bound, still inside `TimeoutStopSec=15` in config/ocmd.service.)
 pub const STOP_LIMIT: Duration = Duration::from_secs(5);
 
 /// Checks a clean stop that took `took`: within [`STOP_LIMIT`], and without waiting out the
