@@ -1888,3 +1888,36 @@ fn keepalive_registers_from_an_unchanged_address_write_no_journal_record() {
         "a REGISTER from a new address writes one record"
     );
 }
+
+/// A journal deleted while the daemon runs (its directory removed, a cleaner let loose)
+/// would still take appends and syncs that no start could read back: a join acknowledged
+/// into it would be lost. The write counts as failed instead, so the join waits, and the log
+/// says why.
+#[test]
+fn a_journal_deleted_while_serving_acknowledges_no_join() {
+    let mut d = Daemon::start_with(Options {
+        metrics: true,
+        ..Options::default()
+    });
+    let _host = create(&d, "gone", "alice");
+    std::fs::remove_file(d.dir.path().join("room_manager.json.journal")).unwrap();
+    let joining = {
+        let tcp = d.tcp;
+        thread::spawn(move || try_request(tcp, Operation::JoinRoom, "gone", b"\"bob\""))
+    };
+    wait_until(
+        "the append into the deleted journal counts as failed",
+        || d.metric("ocm_state_write_failures_total") >= 1.0,
+    );
+    d.wait_for_log("was deleted while in use");
+    assert!(
+        !joining.is_finished(),
+        "the join was answered from a deleted journal"
+    );
+    d.kill9();
+    let reply = joining.join().unwrap();
+    assert!(
+        reply.as_ref().is_none_or(|r| r.token.is_none()),
+        "a join written only to a deleted journal got a token: {reply:?}"
+    );
+}

@@ -4,7 +4,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
@@ -135,12 +135,24 @@ pub(super) trait JournalFile {
     fn cut(&mut self, len: u64) -> io::Result<()>;
 }
 
+/// Why an append to a journal that was deleted while open fails.
+const JOURNAL_DELETED: &str = "it was deleted while in use (its directory removed?), so \
+     nothing written to it can be read back: creates and joins wait; restart ocmd to start \
+     again on the state that is left";
+
 impl JournalFile for File {
     fn write_at(&mut self, bytes: &[u8], offset: u64) -> io::Result<()> {
         self.write_all_at(bytes, offset)
     }
     fn sync(&mut self) -> io::Result<()> {
-        self.sync_data()
+        self.sync_data()?;
+        // A journal unlinked while open (its directory removed, a cleaner let loose on it)
+        // still takes writes and syncs, which no start will ever read: they are not durable,
+        // and a reply must not say they are.
+        if self.metadata()?.nlink() == 0 {
+            return Err(io::Error::other(JOURNAL_DELETED));
+        }
+        Ok(())
     }
     fn cut(&mut self, len: u64) -> io::Result<()> {
         self.set_len(len)
