@@ -11,7 +11,9 @@ use std::io;
 use std::path::Path;
 use std::time::{Instant, SystemTime};
 
-use super::writer::{append_durably, lay_space_ahead, open_journal, take_queued, JournalFile};
+use super::writer::{
+    append_durably, lay_space_ahead, link_count, open_journal, take_queued, JournalFile,
+};
 use super::*;
 use crate::record::MemberRecord;
 use crate::store::{self, JournalLine, State, SPACE_AHEAD_BYTES};
@@ -1038,4 +1040,19 @@ fn sigkill_at_any_moment_loses_no_durable_record() {
         assert_eq!(load_complete(&paths).last_seq, last);
     }
     eprintln!("{killed_mid_compaction} of {ROUNDS} kills left a journal.old");
+}
+
+/// The check behind refusing appends to a deleted journal: a file's names, counted without
+/// reading its times (see `link_count`).
+#[test]
+fn link_count_sees_a_journal_deleted_while_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let file = open_journal(&path).unwrap();
+    assert_eq!(link_count(&file).unwrap(), 1);
+    fs::hard_link(&path, dir.path().join("j2")).unwrap();
+    assert_eq!(link_count(&file).unwrap(), 2);
+    fs::remove_file(&path).unwrap();
+    fs::remove_file(dir.path().join("j2")).unwrap();
+    assert_eq!(link_count(&file).unwrap(), 0);
 }
