@@ -1654,32 +1654,10 @@ struct Pty {
 
 impl Pty {
     fn open() -> Pty {
-        use std::os::fd::FromRawFd;
-        let (mut controller, mut terminal) = (0, 0);
-        let size = libc::winsize {
-            ws_row: 24,
-            ws_col: 80,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        // SAFETY: openpty writes two descriptors into the integers passed; the name buffer
-        // and termios are optional (null).
-        let rc = unsafe {
-            libc::openpty(
-                &mut controller,
-                &mut terminal,
-                std::ptr::null_mut(),
-                std::ptr::null(),
-                &size,
-            )
-        };
-        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-        // SAFETY: both descriptors were just opened and are owned by nobody else.
-        unsafe {
-            Pty {
-                controller: std::fs::File::from_raw_fd(controller),
-                terminal: std::os::fd::OwnedFd::from_raw_fd(terminal),
-            }
+        let (controller, terminal) = open_pty();
+        Pty {
+            controller,
+            terminal,
         }
     }
 

@@ -1019,3 +1019,44 @@ impl Drop for Ocm {
         let _ = self.child.wait();
     }
 }
+
+/// A pseudo-terminal of 24 rows and 80 columns: the test's side (what is written to it is
+/// typed; what the child writes is read from it) and the terminal a child is given. Neither
+/// is inherited by a child unless handed to it: one holding the test's side would keep the
+/// terminal alive (and itself never hung up) should the test die.
+pub fn open_pty() -> (std::fs::File, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let (mut controller, mut terminal) = (-1, -1);
+    let size = libc::winsize {
+        ws_row: 24,
+        ws_col: 80,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty writes two descriptors into the integers passed; the name buffer and
+    // termios are optional (null).
+    let rc = unsafe {
+        libc::openpty(
+            &mut controller,
+            &mut terminal,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &size,
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    for fd in [controller, terminal] {
+        // SAFETY: fcntl on a descriptor this function owns.
+        assert_eq!(
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) },
+            0
+        );
+    }
+    // SAFETY: both descriptors were just opened and nothing else owns them.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(controller),
+            std::os::fd::OwnedFd::from_raw_fd(terminal),
+        )
+    }
+}
