@@ -457,22 +457,50 @@ fn fsync_holder(dir: &Path) -> PathBuf {
     sync_holder(dir, "fsync", HOLD_FSYNC.0, 60_000)
 }
 
-/// A clean stop waits (up to 1.5 s) for the state writes in flight, so that a join whose
-/// record is on its way to the disk still gets its token before the daemon exits: the
-/// join's client is not left without an answer for a name it then holds.
-#[test]
-fn a_clean_stop_lets_a_join_waiting_for_the_disk_get_its_token() {
-    let (mut d, hold, _library) =
-        spawn_preloaded(fdatasync_holder, HOLD_FDATASYNC, Options::default());
+/// A daemon whose disk stuck under a join: `alice` created "stuck" (durable), then bob's join
+/// waits in an `fdatasync` held while `hold` exists (see [`fdatasync_holder`]).
+struct StuckJoin {
+    d: Daemon,
+    hold: PathBuf,
+    /// Keeps the preloaded library's directory.
+    _library: tempfile::TempDir,
+    /// alice's token.
+    host: String,
+    /// bob's join, answered only once its record is durable.
+    joining: thread::JoinHandle<Option<Reply>>,
+}
+
+fn a_join_stuck_in_fdatasync() -> StuckJoin {
+    let (d, hold, _library) = spawn_preloaded(fdatasync_holder, HOLD_FDATASYNC, Options::default());
     let held = hold.with_extension("held");
     let host = create(&d, "stuck", "alice");
-    // The disk sticks: bob's join is answered only once its record is durable.
     std::fs::write(&hold, b"").unwrap();
     let joining = {
         let tcp = d.tcp;
         thread::spawn(move || try_request(tcp, Operation::JoinRoom, "stuck", b"\"bob\""))
     };
     wait_until("the join's record waits in fdatasync", || held.exists());
+    StuckJoin {
+        d,
+        hold,
+        _library,
+        host,
+        joining,
+    }
+}
+
+/// A clean stop waits (up to 1.5 s) for the state writes in flight, so that a join whose
+/// record is on its way to the disk still gets its token before the daemon exits: the
+/// join's client is not left without an answer for a name it then holds.
+#[test]
+fn a_clean_stop_lets_a_join_waiting_for_the_disk_get_its_token() {
+    let StuckJoin {
+        mut d,
+        hold,
+        _library,
+        host,
+        joining,
+    } = a_join_stuck_in_fdatasync();
     d.signal(libc::SIGTERM);
     d.wait_for_log("stopping: flushing state");
     // The disk comes back while the stop waits for it.
@@ -512,16 +540,13 @@ fn unit_stop_timeout() -> Duration {
 /// be there after a restart, as after a `kill -9`); the room made before is kept.
 #[test]
 fn a_clean_stop_whose_last_writes_never_reach_the_disk_exits_and_says_so() {
-    let (mut d, hold, _library) =
-        spawn_preloaded(fdatasync_holder, HOLD_FDATASYNC, Options::default());
-    let held = hold.with_extension("held");
-    let host = create(&d, "stuck", "alice");
-    std::fs::write(&hold, b"").unwrap();
-    let joining = {
-        let tcp = d.tcp;
-        thread::spawn(move || try_request(tcp, Operation::JoinRoom, "stuck", b"\"bob\""))
-    };
-    wait_until("the join's record waits in fdatasync", || held.exists());
+    let StuckJoin {
+        mut d,
+        hold,
+        _library,
+        host,
+        joining,
+    } = a_join_stuck_in_fdatasync();
     let signalled = Instant::now();
     d.signal(libc::SIGTERM);
     // The holder lets go after 20 s; the daemon gives up on the writer after 11.5 s.
