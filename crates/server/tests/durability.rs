@@ -410,51 +410,25 @@ const HOLD_FDATASYNC: (&str, &str) = ("OCM_TEST_HOLD_FDATASYNC", "hold-fdatasync
 /// The variable and file that switch [`fsync_holder`] on: the state file's writes stick.
 const HOLD_FSYNC: (&str, &str) = ("OCM_TEST_HOLD_FSYNC", "hold-fsync");
 
-/// Builds, in `dir`, a library for `LD_PRELOAD` whose `function` (`fsync` or `fdatasync`,
-/// both `int f(int)`) waits while the file named by `variable` exists, at most `cap_ms` (a
-/// stuck disk the test can free, and that frees itself if the test failed first), creating
-/// that name plus `.held` once it has begun to wait.
-fn sync_holder(dir: &Path, function: &str, variable: &str, cap_ms: u32) -> PathBuf {
-    const TEMPLATE: &str = r#"
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <fcntl.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <unistd.h>
-
-int FUNCTION(int fd) {
-    static int (*real)(int);
-    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "FUNCTION");
-    const char *flag = getenv("VARIABLE");
-    for (int waited = 0; flag && access(flag, F_OK) == 0 && waited < CAP_MS; waited++) {
-        if (waited == 0) {
-            char held[4096];
-            snprintf(held, sizeof held, "%s.held", flag);
-            int marker = open(held, O_WRONLY | O_CREAT, 0600);
-            if (marker >= 0) close(marker);
-        }
-        usleep(1000);
-    }
-    return real(fd);
-}
-"#;
-    let source = TEMPLATE
-        .replace("FUNCTION", function)
-        .replace("VARIABLE", variable)
-        .replace("CAP_MS", &cap_ms.to_string());
-    preload_library(dir, &format!("hold_{function}"), &source)
-}
-
 /// An `fdatasync` held while [`HOLD_FDATASYNC`]'s file exists, at most 20 s.
 fn fdatasync_holder(dir: &Path) -> PathBuf {
-    sync_holder(dir, "fdatasync", HOLD_FDATASYNC.0, 20_000)
+    sync_stub(
+        dir,
+        "fdatasync",
+        HOLD_FDATASYNC.0,
+        SyncStub::Hold { cap_ms: 20_000 },
+    )
 }
 
 /// An `fsync` held while [`HOLD_FSYNC`]'s file exists, at most 60 s: the state file's
 /// writes (the journal's `fdatasync` goes through).
 fn fsync_holder(dir: &Path) -> PathBuf {
-    sync_holder(dir, "fsync", HOLD_FSYNC.0, 60_000)
+    sync_stub(
+        dir,
+        "fsync",
+        HOLD_FSYNC.0,
+        SyncStub::Hold { cap_ms: 60_000 },
+    )
 }
 
 /// A daemon whose disk stuck under a join: `alice` created "stuck" (durable), then bob's join

@@ -2621,43 +2621,17 @@ fn a_sighup_while_the_state_loads_does_not_kill_ocmd() {
 /// The variable and file that switch [`fdatasync_failer`] on.
 const FAIL_FDATASYNC: (&str, &str) = ("OCM_TEST_FAIL_FDATASYNC", "fail-fdatasync");
 
-/// Builds, in `dir`, a library for `LD_PRELOAD` whose `function` (`fsync` or `fdatasync`,
-/// both `int f(int)`) fails with `ENOSPC` while the file named by `variable` exists, on
-/// regular files only if `regular_files_only`: a disk that does not take the writes, until
-/// the test lets them through.
-fn sync_failer(dir: &Path, function: &str, variable: &str, regular_files_only: bool) -> PathBuf {
-    const TEMPLATE: &str = r#"
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <errno.h>
-#include <stdlib.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
-int FUNCTION(int fd) {
-    static int (*real)(int);
-    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "FUNCTION");
-    const char *flag = getenv("VARIABLE");
-    struct stat st;
-    if (flag && access(flag, F_OK) == 0
-            && (!REGULAR_ONLY || (fstat(fd, &st) == 0 && S_ISREG(st.st_mode)))) {
-        errno = ENOSPC;
-        return -1;
-    }
-    return real(fd);
-}
-"#;
-    let source = TEMPLATE
-        .replace("FUNCTION", function)
-        .replace("VARIABLE", variable)
-        .replace("REGULAR_ONLY", if regular_files_only { "1" } else { "0" });
-    preload_library(dir, &format!("fail_{function}"), &source)
-}
-
 /// An `fdatasync` that fails while [`FAIL_FDATASYNC`]'s file exists: a journal whose appends
 /// fail, as on a full disk.
 fn fdatasync_failer(dir: &Path) -> PathBuf {
-    sync_failer(dir, "fdatasync", FAIL_FDATASYNC.0, false)
+    sync_stub(
+        dir,
+        "fdatasync",
+        FAIL_FDATASYNC.0,
+        SyncStub::Fail {
+            regular_files_only: false,
+        },
+    )
 }
 
 /// A journal that cannot be written (a full disk) holds every create and join until it can,
@@ -3017,7 +2991,14 @@ const FAIL_FILE_FSYNC: (&str, &str) = ("OCM_TEST_FAIL_FILE_FSYNC", "fail-file-fs
 /// file cannot be written (its temporary file's `fsync`), while the journal's `fdatasync` and
 /// the directories' `fsync` go through.
 fn file_fsync_failer(dir: &Path) -> PathBuf {
-    sync_failer(dir, "fsync", FAIL_FILE_FSYNC.0, true)
+    sync_stub(
+        dir,
+        "fsync",
+        FAIL_FILE_FSYNC.0,
+        SyncStub::Fail {
+            regular_files_only: true,
+        },
+    )
 }
 
 /// A compaction that keeps failing (the state file cannot be written: a full disk) is retried

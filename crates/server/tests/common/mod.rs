@@ -482,6 +482,67 @@ pub fn preload_library(dir: &std::path::Path, name: &str, source: &str) -> PathB
     library
 }
 
+/// What a [`sync_stub`] does to the calls it stands in for while its switch file exists.
+#[derive(Debug, Clone, Copy)]
+pub enum SyncStub {
+    /// Waits, at most `cap_ms` (a stuck disk the test can free, and that frees itself should
+    /// the test fail first), creating the switch's name plus `.held` once it has begun.
+    Hold { cap_ms: u32 },
+    /// Fails with `ENOSPC` (a full disk), on regular files only if `regular_files_only`.
+    Fail { regular_files_only: bool },
+}
+
+/// Builds, in `dir`, a library for `LD_PRELOAD` whose `function` (`fsync` or `fdatasync`,
+/// both `int f(int)`) does what `stub` says while the file named by the environment
+/// variable `variable` exists, and otherwise calls the real one.
+pub fn sync_stub(dir: &Path, function: &str, variable: &str, stub: SyncStub) -> PathBuf {
+    const TEMPLATE: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+int @FUNCTION@(int fd) {
+    static int (*real)(int);
+    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "@FUNCTION@");
+    const char *flag = getenv("@VARIABLE@");
+    struct stat st;
+    if (@FAIL@ && flag && access(flag, F_OK) == 0
+            && (!@REGULAR_ONLY@ || (fstat(fd, &st) == 0 && S_ISREG(st.st_mode)))) {
+        errno = ENOSPC;
+        return -1;
+    }
+    for (int waited = 0; @HOLD@ && flag && access(flag, F_OK) == 0 && waited < @CAP_MS@; waited++) {
+        if (waited == 0) {
+            char held[4096];
+            snprintf(held, sizeof held, "%s.held", flag);
+            int marker = open(held, O_WRONLY | O_CREAT, 0600);
+            if (marker >= 0) close(marker);
+        }
+        usleep(1000);
+    }
+    return real(fd);
+}
+"#;
+    let (hold, cap_ms, fail, regular_only) = match stub {
+        SyncStub::Hold { cap_ms } => (1, cap_ms, 0, false),
+        SyncStub::Fail { regular_files_only } => (0, 0, 1, regular_files_only),
+    };
+    let source = TEMPLATE
+        .replace("@HOLD@", &hold.to_string())
+        .replace("@CAP_MS@", &cap_ms.to_string())
+        .replace("@FAIL@", &fail.to_string())
+        .replace("@REGULAR_ONLY@", if regular_only { "1" } else { "0" })
+        .replace("@FUNCTION@", function)
+        .replace("@VARIABLE@", variable);
+    let kind = if hold == 1 { "hold" } else { "fail" };
+    preload_library(dir, &format!("{kind}_{function}"), &source)
+}
+
 /// Starts `ocmd` on a fresh temporary directory with the `LD_PRELOAD` library `build` makes
 /// (in a directory of its own under `CARGO_TARGET_TMPDIR`), `variable` naming the file
 /// `switch` in the daemon's directory (the flag or mark the library reads), and `options`
