@@ -432,7 +432,8 @@ fn fsync_holder(dir: &Path) -> PathBuf {
 }
 
 /// A daemon whose disk stuck under a join: `alice` created "stuck" (durable), then bob's join
-/// waits in an `fdatasync` held while `hold` exists (see [`fdatasync_holder`]).
+/// was admitted and waits for an `fdatasync` held while `hold` exists (see
+/// [`fdatasync_holder`]).
 struct StuckJoin {
     d: Daemon,
     hold: PathBuf,
@@ -453,7 +454,10 @@ fn a_join_stuck_in_fdatasync() -> StuckJoin {
         let tcp = d.tcp;
         thread::spawn(move || try_request(tcp, Operation::JoinRoom, "stuck", b"\"bob\""))
     };
-    wait_until("the join's record waits in fdatasync", || held.exists());
+    wait_until("the disk is held", || held.exists());
+    // The held sync may be the space laid ahead after alice's record, before bob's request
+    // was even read: wait until his join is admitted, its record queued behind the disk.
+    d.wait_for_log(r#"room "stuck": "bob" joined"#);
     StuckJoin {
         d,
         hold,
