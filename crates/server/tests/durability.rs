@@ -1892,35 +1892,45 @@ fn keepalive_registers_from_an_unchanged_address_write_no_journal_record() {
     );
 }
 
-/// A journal deleted while the daemon runs (its directory removed, a cleaner let loose)
-/// would still take appends and syncs that no start could read back: a join acknowledged
-/// into it would be lost. The write counts as failed instead, so the join waits, and the log
-/// says why.
+/// A journal deleted while the daemon runs (a cleaner let loose, an `rm` in the wrong
+/// place) would still take appends and syncs that no start could read back, and the joins
+/// acknowledged since the last state file would be lost at the next start. The daemon puts a
+/// fresh journal in its place and writes the state file from memory before it answers the
+/// next join; a deleted state file is written again within a second or so. Each is shown by
+/// a `kill -9` and a start on what is left on disk.
 #[test]
-fn a_journal_deleted_while_serving_acknowledges_no_join() {
+fn state_files_deleted_while_serving_are_written_again_and_lose_no_join() {
     let mut d = Daemon::start_with(Options {
         metrics: true,
         ..Options::default()
     });
-    let _host = create(&d, "gone", "alice");
+    let mut tokens = vec![create(&d, "gone", "alice"), join(&d, "gone", "bob")];
     std::fs::remove_file(d.dir.path().join("room_manager.json.journal")).unwrap();
-    let joining = {
-        let tcp = d.tcp;
-        thread::spawn(move || try_request(tcp, Operation::JoinRoom, "gone", b"\"bob\""))
-    };
-    wait_until(
-        "the append into the deleted journal counts as failed",
-        || d.metric("ocm_state_write_failures_total") >= 1.0,
-    );
-    d.wait_for_log("was deleted while in use");
+    tokens.push(join(&d, "gone", "carol"));
     assert!(
-        !joining.is_finished(),
-        "the join was answered from a deleted journal"
+        d.log().contains("replaced and state file"),
+        "carol's join was answered before the files were written again:\n{}",
+        d.log()
+    );
+    assert!(
+        d.metric("ocm_state_write_failures_total") >= 1.0,
+        "the append into the deleted journal was not counted as failed"
     );
     d.kill9();
-    let reply = joining.join().unwrap();
-    assert!(
-        reply.as_ref().is_none_or(|r| r.token.is_none()),
-        "a join written only to a deleted journal got a token: {reply:?}"
-    );
+    d.restart();
+    assert_clean_start(&d.log());
+
+    tokens.push(join(&d, "gone", "dave"));
+    std::fs::remove_file(&d.state).unwrap();
+    d.wait_for_log("written again from memory");
+    assert!(d.state.exists(), "the log says so, but no state file");
+    d.kill9();
+    d.restart();
+    assert_clean_start(&d.log());
+    let (status, _) = d.terminate();
+    assert!(status.success(), "{status:?}");
+    let saved = saved_tokens(&d);
+    for token in &tokens {
+        assert!(saved.contains(token), "{token} acknowledged, then lost");
+    }
 }

@@ -12,7 +12,8 @@ use std::path::Path;
 use std::time::{Instant, SystemTime};
 
 use super::writer::{
-    append_durably, lay_space_ahead, link_count, open_journal, take_queued, JournalFile,
+    append_durably, lay_space_ahead, link_count, open_journal, take_queued, JournalDeleted,
+    JournalFile,
 };
 use super::*;
 use crate::record::MemberRecord;
@@ -175,6 +176,8 @@ struct FlakyJournal {
     bytes: Vec<u8>,
     faults: std::collections::VecDeque<bool>,
     calls: Vec<&'static str>,
+    /// The file lost its name: syncs work, and `linked` says so.
+    deleted: bool,
 }
 
 impl FlakyJournal {
@@ -207,6 +210,9 @@ impl JournalFile for FlakyJournal {
     }
     fn sync(&mut self) -> io::Result<()> {
         self.fails("sync")
+    }
+    fn linked(&mut self) -> io::Result<bool> {
+        Ok(!self.deleted)
     }
     fn cut(&mut self, len: u64) -> io::Result<()> {
         self.fails("cut")?;
@@ -250,6 +256,7 @@ fn a_failed_append_leaves_no_fragment_whatever_fails_and_how_often() {
             bytes: [whole.as_slice(), &vec![0; ahead]].concat(),
             faults: faults.iter().copied().collect(),
             calls: Vec::new(),
+            deleted: false,
         };
         let stats = Mutex::new(Compactions::default());
         let cut = append_durably(
@@ -259,7 +266,8 @@ fn a_failed_append_leaves_no_fragment_whatever_fails_and_how_often() {
             Duration::ZERO,
             Path::new("journal"),
             &stats,
-        );
+        )
+        .unwrap();
         assert_eq!(journal.calls, calls, "faults {faults:?}");
         // Every failed call is counted for the metrics, as it happens.
         let failed = faults.iter().filter(|&&f| f).count() as u64;
@@ -299,6 +307,7 @@ fn a_large_append_is_synced_piece_by_piece() {
         bytes: Vec::new(),
         faults: [false, false, false, true].into_iter().collect(),
         calls: Vec::new(),
+        deleted: false,
     };
     let stats = Mutex::new(Compactions::default());
     let cut = append_durably(
@@ -308,7 +317,8 @@ fn a_large_append_is_synced_piece_by_piece() {
         Duration::ZERO,
         Path::new("journal"),
         &stats,
-    );
+    )
+    .unwrap();
     assert!(cut);
     assert_eq!(stats.lock().unwrap().write_failures, 1);
     let mut expected = vec!["write", "sync", "write", "sync", "cut", "write", "sync"];
@@ -1055,4 +1065,97 @@ fn link_count_sees_a_journal_deleted_while_open() {
     fs::remove_file(&path).unwrap();
     fs::remove_file(dir.path().join("j2")).unwrap();
     assert_eq!(link_count(&file).unwrap(), 0);
+}
+
+/// A piece synced into a journal that lost its name is not durable: the append stops at once
+/// (no cut, no retry into the same file), counted as a failed write, for the writer to put a
+/// fresh journal in its place.
+#[test]
+fn an_append_synced_into_a_deleted_journal_is_not_durable() {
+    let mut journal = FlakyJournal {
+        deleted: true,
+        ..FlakyJournal::default()
+    };
+    let stats = Mutex::new(Compactions::default());
+    let appended = append_durably(
+        &mut journal,
+        0,
+        b"{\"n\":1}\n",
+        Duration::ZERO,
+        Path::new("journal"),
+        &stats,
+    );
+    assert_eq!(appended, Err(JournalDeleted));
+    assert_eq!(journal.calls, ["write", "sync"]);
+    assert_eq!(stats.lock().unwrap().write_failures, 1);
+}
+
+/// Waits until the files on `paths` load with every record up to `last`, as a start after a
+/// `kill -9` would read them.
+fn wait_for_files_holding(d: &mut Driver, last: u64, what: &str) {
+    let paths = d.paths.clone();
+    d.wait(what, |_| {
+        paths.journal.exists() && store::load(&paths).is_ok_and(|l| l.last_seq == last)
+    });
+    assert_eq!(load_complete(&paths).last_seq, last);
+}
+
+/// A journal deleted while in use (here by a name, as `rm` would) takes no append that a
+/// start could not read back: the writer opens a fresh journal and writes the state file from
+/// memory before it appends again, so the records acknowledged into the deleted journal are
+/// on disk again, and so are the ones after. With compactions running (a tiny threshold),
+/// `journal.old` may be there too, and a compaction under way.
+#[test]
+fn a_journal_deleted_while_in_use_is_replaced_and_no_durable_record_is_lost() {
+    for options in [Options::default(), tiny(512)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = Driver::start(dir.path(), options);
+        let mut last = 0;
+        for _ in 0..5 {
+            d.write(20);
+            fs::remove_file(&d.paths.journal).unwrap();
+            last = d.write(3);
+            assert_eq!(
+                load_complete(&d.paths).last_seq,
+                last,
+                "after an append answered as durable"
+            );
+        }
+        // Deleted while idle: the writer's check puts the files back without an append.
+        fs::remove_file(&d.paths.journal).unwrap();
+        wait_for_files_holding(&mut d, last, "a fresh journal and state file");
+        assert_eq!(d.persister.shutdown(), Stopped::Folded);
+        assert_eq!(load_complete(&d.paths).last_seq, last);
+    }
+}
+
+/// A state file deleted while in use leaves the journals with only the changes since it was
+/// written; the writer notices (idle, or between appends) and writes it again from memory.
+/// A clean stop right after a deletion writes it too.
+#[test]
+fn a_state_file_deleted_while_in_use_is_written_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Driver::start(dir.path(), Options::default());
+    let last = d.write(30);
+    assert_eq!(d.persister.shutdown(), Stopped::Folded);
+    assert!(d.paths.state.exists(), "the stop wrote the state file");
+
+    let mut d = Driver::start(dir.path(), Options::default());
+    let mut last = d.write(4).max(last);
+    fs::remove_file(&d.paths.state).unwrap();
+    wait_for_files_holding(&mut d, last, "the state file written again");
+    // Between appends too.
+    fs::remove_file(&d.paths.state).unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    while !d.paths.state.exists() {
+        assert!(Instant::now() < deadline, "the state file never came back");
+        last = d.write(1);
+    }
+    assert_eq!(load_complete(&d.paths).last_seq, last);
+
+    fs::remove_file(&d.paths.state).unwrap();
+    let paths = d.paths.clone();
+    assert_eq!(d.persister.shutdown(), Stopped::Folded);
+    assert_eq!(load_complete(&paths).last_seq, last);
+    assert!(paths.state.exists(), "the stop wrote the state file again");
 }

@@ -1,13 +1,14 @@
 //! The writer thread: appends each batch of records to the journal and makes it durable
-//! (group commit), wakes the loop, hands durable records to the compactor in lots, and
-//! rotates the journal when a compaction is due.
+//! (group commit), wakes the loop, hands durable records to the compactor in lots, rotates
+//! the journal when a compaction is due, and writes the journal and state file again when
+//! one is deleted while in use.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -43,6 +44,16 @@ fn torn_tail_note(torn_tail: bool, zero_holes: &[(PathBuf, ZeroHole)]) -> String
         })
         .collect();
     format!(" (a torn tail was ignored: {})", holes.join("; "))
+}
+
+/// How long the writer waits idle before it checks that its files are still there, and how
+/// often at most it checks between appends ([`Writer::check_files`]).
+pub(super) const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Whether nothing has the name `path` (an error other than "not found" says nothing: it is
+/// taken as there).
+fn is_missing(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_err_and(|e| e.kind() == io::ErrorKind::NotFound)
 }
 
 /// How often a failure that lasts is logged again: a full disk retried every second would
@@ -105,6 +116,11 @@ pub(super) struct Writer {
     ahead_failing: Failing,
     /// Size of the last state file written.
     snapshot_len: u64,
+    /// A state file was there at start or has been written since: if it goes missing, the
+    /// journals alone no longer hold the state ([`Writer::check_files`]).
+    state_written: bool,
+    /// When [`Writer::check_files`] last looked.
+    files_checked_at: Instant,
     next_n: u64,
     line: Vec<u8>,
     /// Durable records not yet handed to the compactor (fewer than [`APPLY_LOT`] between
@@ -132,6 +148,8 @@ pub(super) trait JournalFile {
     fn write_at(&mut self, bytes: &[u8], offset: u64) -> io::Result<()>;
     /// Makes the appended bytes durable (`fdatasync`).
     fn sync(&mut self) -> io::Result<()>;
+    /// Whether the file still has a name, so that a start will read what was synced into it.
+    fn linked(&mut self) -> io::Result<bool>;
     /// Cuts the file back to `len` bytes.
     fn cut(&mut self, len: u64) -> io::Result<()>;
 }
@@ -167,34 +185,32 @@ pub(super) fn link_count(file: &File) -> io::Result<u64> {
     Ok(u64::from(stat.stx_nlink))
 }
 
-/// Why an append to a journal that was deleted while open fails.
-const JOURNAL_DELETED: &str = "it was deleted while in use (its directory removed?), so \
-     nothing written to it can be read back: creates and joins wait; restart ocmd to start \
-     again on the state that is left";
-
 impl JournalFile for File {
     fn write_at(&mut self, bytes: &[u8], offset: u64) -> io::Result<()> {
         self.write_all_at(bytes, offset)
     }
     fn sync(&mut self) -> io::Result<()> {
-        self.sync_data()?;
-        // A journal unlinked while open (its directory removed, a cleaner let loose on it)
-        // still takes writes and syncs, which no start will ever read: they are not durable,
-        // and a reply must not say they are.
-        if link_count(self)? == 0 {
-            return Err(io::Error::other(JOURNAL_DELETED));
-        }
-        Ok(())
+        self.sync_data()
+    }
+    fn linked(&mut self) -> io::Result<bool> {
+        link_count(self).map(|links| links > 0)
     }
     fn cut(&mut self, len: u64) -> io::Result<()> {
         self.set_len(len)
     }
 }
 
+/// The journal was deleted while open (its directory removed, a cleaner let loose on it): it
+/// still takes writes and syncs, which no start will ever read. Nothing synced into it is
+/// durable, and a reply must not say it is ([`Writer::replace_deleted_journal`]).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct JournalDeleted;
+
 /// Appends `bytes` to a journal of `len` whole bytes and makes them durable, retrying every
 /// `retry` until the disk takes them: a token is only ever acknowledged once this returns.
 /// Returns whether the journal was cut back on the way (which drops the space laid down
-/// ahead of the appends).
+/// ahead of the appends), or [`JournalDeleted`] at once when a synced piece went into a
+/// journal that no longer has a name: retrying into it would never make the bytes durable.
 ///
 /// After a failed append (a short write, a failed fsync) the journal is cut back to `len`
 /// before anything is written again, and the cut itself is retried until it works, so that
@@ -213,12 +229,24 @@ pub(super) fn append_durably(
     retry: Duration,
     path: &Path,
     stats: &Mutex<Compactions>,
-) -> bool {
+) -> Result<bool, JournalDeleted> {
     let mut cut = false;
     let mut appends = Failing::default();
     let mut cuts = Failing::default();
     for piece in store::sync_pieces(bytes) {
-        while let Err(e) = journal.write_at(piece, len).and_then(|()| journal.sync()) {
+        loop {
+            let appended = journal
+                .write_at(piece, len)
+                .and_then(|()| journal.sync())
+                .and_then(|()| journal.linked());
+            let e = match appended {
+                Ok(true) => break,
+                Ok(false) => {
+                    counters(stats).write_failures += 1;
+                    return Err(JournalDeleted);
+                }
+                Err(e) => e,
+            };
             counters(stats).write_failures += 1;
             if let Some(note) = appends.failed(Instant::now()) {
                 error!(
@@ -250,7 +278,7 @@ pub(super) fn append_durably(
             path.display()
         );
     }
-    cut
+    Ok(cut)
 }
 
 /// Lays down `bytes` NUL bytes at `offset` of the journal and makes them durable.
@@ -336,7 +364,7 @@ impl Writer {
         }
         // Folded below if it holds anything but space laid down ahead, which is kept.
         let file_len = journal.metadata().map(|m| m.len()).unwrap_or(0);
-        let snapshot_len = fs::metadata(&paths.state).map(|m| m.len()).unwrap_or(0);
+        let snapshot = fs::metadata(&paths.state).ok();
         let mut state = loaded.state;
         let mut writer = Writer {
             paths,
@@ -346,7 +374,9 @@ impl Writer {
             ahead_end: file_len,
             ahead_retry_at: None,
             ahead_failing: Failing::default(),
-            snapshot_len,
+            snapshot_len: snapshot.as_ref().map_or(0, fs::Metadata::len),
+            state_written: snapshot.is_some(),
+            files_checked_at: Instant::now(),
             next_n: loaded.last_seq + 1,
             line: Vec::new(),
             unapplied: Vec::new(),
@@ -391,7 +421,15 @@ impl Writer {
         done: Sender<Done>,
         waker: Arc<mio::Waker>,
     ) -> bool {
-        while let Ok(command) = rx.recv() {
+        loop {
+            let command = match rx.recv_timeout(FILE_CHECK_INTERVAL) {
+                Ok(command) => command,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.check_files();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return false,
+            };
             match command {
                 Command::Append { batch, records } => {
                     let started = Instant::now();
@@ -414,11 +452,13 @@ impl Writer {
                     }
                     self.maybe_compact();
                     self.keep_space_ahead();
+                    if self.files_checked_at.elapsed() >= FILE_CHECK_INTERVAL {
+                        self.check_files();
+                    }
                 }
                 Command::Shutdown => return self.finish(),
             }
         }
-        false
     }
 
     /// Appends and fsyncs the records, retrying until the disk takes them: a token is only
@@ -435,14 +475,21 @@ impl Writer {
             let _ = serde_json::to_writer(&mut self.line, &line);
             self.line.push(b'\n');
         }
-        let cut = append_durably(
-            &mut self.journal,
-            self.journal_len,
-            &self.line,
-            RETRY_DELAY,
-            &self.paths.journal,
-            &self.stats,
-        );
+        let cut = loop {
+            match append_durably(
+                &mut self.journal,
+                self.journal_len,
+                &self.line,
+                RETRY_DELAY,
+                &self.paths.journal,
+                &self.stats,
+            ) {
+                Ok(cut) => break cut,
+                // Into the fresh journal, from its start: the state file now holds every
+                // record before these.
+                Err(JournalDeleted) => self.replace_deleted_journal(),
+            }
+        };
         self.journal_len += self.line.len() as u64;
         if cut {
             self.ahead_end = self.journal_len;
@@ -453,6 +500,134 @@ impl Writer {
             self.line = Vec::new();
         }
         debug!("journal: {} records durable", records.len());
+    }
+
+    /// Checks that the files a start reads are still there, and writes them again from memory
+    /// if not: a journal deleted while in use ([`Writer::replace_deleted_journal`]), or a
+    /// state file deleted (the journals hold only the changes since it was written). Done
+    /// when the writer has been idle for [`FILE_CHECK_INTERVAL`], and at most that often
+    /// between appends (each of which checks the journal anyway).
+    fn check_files(&mut self) {
+        self.files_checked_at = Instant::now();
+        if matches!(link_count(&self.journal), Ok(0)) {
+            self.replace_deleted_journal();
+            return;
+        }
+        if !self.state_written || !is_missing(&self.paths.state) {
+            return;
+        }
+        error!(
+            "state file {} was deleted while in use: its rooms and tokens are on no disk \
+             (the journal holds only the changes since it was written); writing it again \
+             from memory",
+            self.paths.state.display()
+        );
+        self.rewrite_state();
+        warn!(
+            "state file {} written again from memory: every durable change is on disk again",
+            self.paths.state.display()
+        );
+    }
+
+    /// The journal was deleted while in use: the changes since the last state file are on no
+    /// disk, though every one made durable is in the compactor's state (they go there once
+    /// synced, before their files could go). Opens a fresh journal and writes the state file
+    /// from that state, retrying until both are done: nothing is appended, so no create or
+    /// join answered, meanwhile. A start in between reads the old files, as it would have
+    /// without this.
+    fn replace_deleted_journal(&mut self) {
+        error!(
+            "journal {} was deleted while in use: the changes since the last state file are \
+             on no disk; writing them again from memory (a fresh journal, then the state \
+             file), and creates and joins wait until then",
+            self.paths.journal.display()
+        );
+        let mut failing = Failing::default();
+        loop {
+            // Emptied, in case a file took the name meanwhile: what it holds is not ours.
+            let fresh = open_journal(&self.paths.journal).and_then(|file| {
+                file.set_len(0)
+                    .and_then(|()| file.sync_all())
+                    .map(|()| file)
+            });
+            match fresh {
+                Ok(file) => {
+                    self.journal = file;
+                    self.journal_len = 0;
+                    self.ahead_end = 0;
+                    self.ahead_retry_at = None;
+                    break;
+                }
+                Err(e) if store::is_failed_dir_sync(&e) => {
+                    super::stop_after_failed_dir_sync("replacing a deleted journal", &e)
+                }
+                Err(e) => {
+                    counters(&self.stats).write_failures += 1;
+                    if let Some(note) = failing.failed(Instant::now()) {
+                        error!(
+                            "cannot open a fresh journal {}: {e}; retrying every \
+                             {RETRY_DELAY:?} (if its directory was removed, create it again)\
+                             {note}",
+                            self.paths.journal.display()
+                        );
+                    }
+                    thread::sleep(RETRY_DELAY);
+                }
+            }
+        }
+        self.rewrite_state();
+        warn!(
+            "journal {} replaced and state file {} written again from memory: every durable \
+             change is on disk again",
+            self.paths.journal.display(),
+            self.paths.state.display()
+        );
+    }
+
+    /// Has the compactor write the state file with every durable record (up to the last
+    /// appended) and waits for it, retrying until it is written; the compactor logs its
+    /// failures. Waits for a compaction already running first. Gives up only if the
+    /// compactor is gone.
+    fn rewrite_state(&mut self) {
+        loop {
+            if self.compacting {
+                // The running compaction's report (it stops the daemon rather than hang).
+                match self.compactor.as_ref().map(|c| c.reports.recv()) {
+                    Some(Ok(report)) => self.handle_report(report),
+                    _ => self.compactor_gone(),
+                }
+            }
+            self.hand_over();
+            let journal_seq = self.next_n - 1;
+            let asked = self
+                .compactor
+                .as_ref()
+                .map(|c| c.jobs.send(Job::Compact { journal_seq }).is_ok());
+            match asked {
+                Some(true) => self.compacting = true,
+                Some(false) => self.compactor_gone(),
+                None => {}
+            }
+            let Some(compactor) = self.compactor.as_ref() else {
+                error!(
+                    "cannot write {} again: the compactor thread is gone; restart ocmd, and \
+                     expect to lose the changes since it was last written",
+                    self.paths.state.display()
+                );
+                return;
+            };
+            match compactor.reports.recv() {
+                Ok(Some(bytes)) => {
+                    self.handle_report(Some(bytes));
+                    return;
+                }
+                Ok(None) => {
+                    self.handle_report(None);
+                    thread::sleep(RETRY_DELAY);
+                }
+                Err(_) => self.compactor_gone(),
+            }
+        }
     }
 
     /// Lays down [`SPACE_AHEAD_BYTES`] more NUL bytes past the journal's end, and syncs them,
@@ -554,6 +729,7 @@ impl Writer {
             Some(bytes) => {
                 self.journal_old = false;
                 self.snapshot_len = bytes;
+                self.state_written = true;
                 self.retry_at = None;
             }
             None => self.retry_at = Some(Instant::now() + self.options.compact_retry),
@@ -689,7 +865,9 @@ impl Writer {
             error!("the state compactor panicked; the journals keep every change");
             return false;
         };
-        if self.journal_len == 0 && !self.journal_old {
+        // A state file deleted since the last check is written again by the fold.
+        let state_there = !self.state_written || !is_missing(&self.paths.state);
+        if self.journal_len == 0 && !self.journal_old && state_there {
             debug!("state: the state file already holds every change");
             // Nothing to fold, but the journal may hold space laid down ahead: a clean stop
             // leaves it empty.
@@ -736,6 +914,7 @@ impl Writer {
         self.ahead_end = 0;
         self.journal_old = false;
         self.snapshot_len = bytes;
+        self.state_written = true;
         let elapsed = started.elapsed();
         counters(&self.stats).written(elapsed);
         log_written(&self.paths, state, bytes, elapsed);
