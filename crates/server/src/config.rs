@@ -74,7 +74,7 @@ pub struct Listen {
     /// UDP address for UCRP datagrams.
     #[serde(deserialize_with = "listen_addr")]
     pub udp: SocketAddr,
-    /// HTTP address for `/metrics` and `/healthz`; `"off"` turns it off.
+    /// HTTP address for `/metrics`, `/healthz` and `/readyz`; `"off"` turns it off.
     pub metrics: String,
 }
 

@@ -1,4 +1,5 @@
-//! A minimal HTTP/1.x responder for `/metrics` and `/healthz`, served from the event loop.
+//! A minimal HTTP/1.x responder for `/metrics`, `/healthz` and `/readyz`, served from the
+//! event loop.
 //!
 //! It reads one request head (at most [`MAX_REQUEST_BYTES`]), answers it and closes: enough for
 //! Prometheus and health checks, nothing more. Rendering is a few microseconds, so it never
@@ -14,6 +15,8 @@ pub enum Route {
     Metrics,
     /// `GET /healthz`
     Health,
+    /// `GET /readyz`
+    Ready,
     /// Any other path.
     NotFound,
     /// Not a GET/HEAD, or not HTTP.
@@ -32,6 +35,7 @@ pub fn parse(input: &[u8]) -> Option<(Route, bool)> {
             match path.split('?').next() {
                 Some("/metrics") => Route::Metrics,
                 Some("/healthz") => Route::Health,
+                Some("/readyz") => Route::Ready,
                 _ => Route::NotFound,
             }
         }
@@ -66,6 +70,10 @@ mod tests {
         assert_eq!(
             parse(b"HEAD /healthz HTTP/1.0\r\n\r\n"),
             Some((Route::Health, true))
+        );
+        assert_eq!(
+            parse(b"GET /readyz?verbose HTTP/1.1\r\n\r\n"),
+            Some((Route::Ready, false))
         );
         assert_eq!(
             parse(b"GET /x HTTP/1.1\r\n\r\n"),

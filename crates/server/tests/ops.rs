@@ -3184,6 +3184,57 @@ fn status_says_when_the_journal_cannot_be_written() {
     assert!(status.starts_with("STATUS=2 rooms, 2 members"), "{status}");
 }
 
+/// `/readyz` answers 503 once creates and joins have waited more than 5 s for a journal the
+/// disk does not take, while `/healthz` (the loop runs) stays 200; both are 200 again once
+/// the disk takes the journal.
+#[test]
+fn readyz_says_when_creates_and_joins_wait_for_the_disk() {
+    let (d, fail, _library) = spawn_preloaded(
+        fdatasync_failer,
+        FAIL_FDATASYNC,
+        Options {
+            metrics: true,
+            ..Options::default()
+        },
+    );
+    let addr = d.metrics.expect("metrics on");
+    assert_eq!(
+        http(addr, "GET /readyz HTTP/1.0\r\n\r\n").0,
+        "HTTP/1.1 200 OK"
+    );
+    assert_eq!(d.http_get("/readyz"), "ready\n");
+    create(&d, "before", "alice");
+    std::fs::write(&fail, b"").unwrap();
+    thread::scope(|s| {
+        let joining = s.spawn(|| create(&d, "during", "bob"));
+        let started = Instant::now();
+        wait_until("/readyz to say not ready", || {
+            http(addr, "GET /readyz HTTP/1.0\r\n\r\n").0 != "HTTP/1.1 200 OK"
+        });
+        assert!(
+            started.elapsed() > Duration::from_secs(5),
+            "not ready after {:?}, under the 5 s a batch may wait",
+            started.elapsed()
+        );
+        let answer = http(addr, "GET /readyz HTTP/1.0\r\n\r\n");
+        assert_eq!(answer.0, "HTTP/1.1 503 Service Unavailable", "{answer:?}");
+        assert!(
+            answer
+                .1
+                .starts_with("not ready: the journal has taken no write for ")
+                && answer.1.contains("creates and joins wait"),
+            "{answer:?}"
+        );
+        assert_eq!(d.http_get("/healthz"), "ok\n", "the loop runs all along");
+        std::fs::remove_file(&fail).unwrap();
+        joining
+            .join()
+            .expect("the create is answered once the disk takes it");
+    });
+    assert_eq!(d.http_get("/readyz"), "ready\n");
+    assert!(d.metric("ocm_http_responses_total{code=\"503\"}") >= 1.0);
+}
+
 /// A `--metrics` value that is not an address is refused as a bad `--metrics`, as `--tcp` and
 /// `--udp` are: it was reported as `listen.metrics: …`, a key of a file the operator may not
 /// have, with nothing naming the flag actually given.

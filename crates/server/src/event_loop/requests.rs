@@ -21,6 +21,11 @@ use crate::password::{self, Outcome};
 use crate::rate;
 use crate::udp;
 
+/// How long a batch of creates and joins may wait for the disk before `/readyz` answers 503:
+/// far above a slow `fsync` (tens of ms) or a group commit behind a compaction (under 30 ms at
+/// 100,000 tokens), and five of the writer's one-second retries of a failed append.
+const READY_DISK_WAIT: Duration = Duration::from_secs(5);
+
 /// Whether a reply with `result` restarts the handshake timer: any but a refusal of the frame
 /// itself (`malformed_request`, `unsupported_operation`) or of the peer's allowances
 /// (`rate_limited`: requests, password failures). A `rate_limited` for a full password queue
@@ -305,6 +310,13 @@ impl Server {
         }
     }
 
+    /// How long the oldest create or join has waited for the disk, once that is longer than
+    /// [`READY_DISK_WAIT`]: `/readyz` then says the daemon cannot take new members.
+    fn disk_wait(&self, now: Instant) -> Option<Duration> {
+        let since = self.persister.as_ref()?.waiting_since()?;
+        Some(now.saturating_duration_since(since)).filter(|&waited| waited > READY_DISK_WAIT)
+    }
+
     pub(super) fn read_http(&mut self, id: ConnId) -> Option<&'static str> {
         let conn = self.conns.get_mut(id.0)?;
         if conn.lingering {
@@ -343,6 +355,25 @@ impl Server {
                 Some("200"),
                 http::response("200 OK", "text/plain", "ok\n", head),
             ),
+            Some((Route::Ready, head)) => match self.disk_wait(Instant::now()) {
+                Some(waited) => (
+                    Some("503"),
+                    http::response(
+                        "503 Service Unavailable",
+                        "text/plain",
+                        &format!(
+                            "not ready: the journal has taken no write for {} s, and creates \
+                             and joins wait for it (the log says why)\n",
+                            waited.as_secs()
+                        ),
+                        head,
+                    ),
+                ),
+                None => (
+                    Some("200"),
+                    http::response("200 OK", "text/plain", "ready\n", head),
+                ),
+            },
             Some((Route::NotFound, head)) => (
                 Some("404"),
                 http::response("404 Not Found", "text/plain", "not found\n", head),

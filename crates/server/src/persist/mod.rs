@@ -30,13 +30,14 @@
 mod compactor;
 mod writer;
 
+use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::error;
 
@@ -196,6 +197,8 @@ pub struct Persister {
     /// The number the next batch handed to the writer gets; every lower one was handed over.
     next_batch: u64,
     durable: u64,
+    /// The batches handed over and not yet durable, with when each was, oldest first.
+    in_flight: VecDeque<(u64, Instant)>,
 }
 
 /// Takes the advisory lock beside the state file, so that two daemons never share it.
@@ -287,6 +290,7 @@ impl Persister {
             pending: Vec::new(),
             next_batch: 1,
             durable: 0,
+            in_flight: VecDeque::new(),
         })
     }
 
@@ -311,6 +315,13 @@ impl Persister {
         self.durable
     }
 
+    /// When the oldest batch still waiting for the disk was handed to the writer, if one is:
+    /// how long creates and joins have waited (a disk that does not take the journal, or a
+    /// `fsync` that hangs, makes it grow).
+    pub fn waiting_since(&self) -> Option<Instant> {
+        self.in_flight.front().map(|&(_, since)| since)
+    }
+
     /// Whether records are queued or being written.
     pub fn busy(&self) -> bool {
         !self.pending.is_empty() || self.durable + 1 < self.next_batch
@@ -325,6 +336,7 @@ impl Persister {
         let records = std::mem::take(&mut self.pending);
         let batch = self.next_batch;
         if self.tx.send(Command::Append { batch, records }).is_ok() {
+            self.in_flight.push_back((batch, Instant::now()));
             self.next_batch += 1;
         } else {
             error!("state writer thread is gone; changes are no longer persisted");
@@ -338,6 +350,13 @@ impl Persister {
             self.durable = self.durable.max(d.batch);
             done.push(d);
         }
+        while self
+            .in_flight
+            .front()
+            .is_some_and(|&(batch, _)| batch <= self.durable)
+        {
+            self.in_flight.pop_front();
+        }
         self.pump();
         done
     }
@@ -350,10 +369,10 @@ impl Persister {
     /// changes not durable.
     pub fn shutdown(mut self) -> Stopped {
         let limit = SHUTDOWN_WAIT.as_secs();
-        let deadline = std::time::Instant::now() + SHUTDOWN_WAIT;
+        let deadline = Instant::now() + SHUTDOWN_WAIT;
         while self.busy() {
             self.pump();
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let left = deadline.saturating_duration_since(Instant::now());
             match self.done_rx.recv_timeout(left) {
                 Ok(d) => self.durable = self.durable.max(d.batch),
                 Err(_) => {
@@ -369,7 +388,7 @@ impl Persister {
         let _ = self.tx.send(Command::Shutdown);
         if let Some(thread) = self.thread.take() {
             while !thread.is_finished() {
-                if std::time::Instant::now() >= deadline {
+                if Instant::now() >= deadline {
                     error!(
                         "state writer did not finish the final fold within {limit} s; exiting \
                          without it: the journals keep every change, and the next start \
