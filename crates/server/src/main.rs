@@ -168,6 +168,11 @@ fn main() -> ExitCode {
         }
     };
     if args.check_config {
+        // The one state check a start would fail on before it reads anything.
+        if let Err(e) = ocm_server::persist::refuse_symlinked_state(&config.state.path) {
+            print_fatal(&e);
+            return ExitCode::from(2);
+        }
         let mut stdout = std::io::stdout().lock();
         let written = stdout
             .write_all(config.to_toml().as_bytes())

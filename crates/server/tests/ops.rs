@@ -3070,6 +3070,18 @@ fn a_state_file_that_is_a_symbolic_link_is_refused() {
     std::fs::write(&target, state).unwrap();
     let link = dir.path().join("room_manager.json");
     std::os::unix::fs::symlink(&target, &link).unwrap();
+    // `--check-config` says so too, as the operator's check before a restart.
+    let out = ocmd(&[
+        "--check-config".as_ref(),
+        "--state".as_ref(),
+        link.as_os_str(),
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("symbolic link") && err.contains(&target.display().to_string()),
+        "{err}"
+    );
     let log = match Daemon::spawn(Arc::clone(&dir), Options::default()) {
         Ok(_) => panic!("ocmd started on a state file that is a symbolic link"),
         Err(log) => log,

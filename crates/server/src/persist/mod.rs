@@ -34,6 +34,7 @@ use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -201,15 +202,22 @@ pub struct Persister {
     in_flight: VecDeque<(u64, Instant)>,
 }
 
+/// Refuses a state file that is a symbolic link ([`StoreError::Symlink`] says why); checked
+/// at start and by `--check-config`.
+pub fn refuse_symlinked_state(state: &Path) -> Result<(), StoreError> {
+    match fs::read_link(state) {
+        Ok(target) => Err(StoreError::Symlink {
+            state: state.to_owned(),
+            target,
+        }),
+        Err(_) => Ok(()),
+    }
+}
+
 /// Takes the advisory lock beside the state file, so that two daemons never share it.
 /// The returned file must live as long as the process uses the state.
 pub fn lock(paths: &Paths) -> Result<File, StoreError> {
-    if let Ok(target) = fs::read_link(&paths.state) {
-        return Err(StoreError::Symlink {
-            state: paths.state.clone(),
-            target,
-        });
-    }
+    refuse_symlinked_state(&paths.state)?;
     let write_err = |source| StoreError::Write {
         path: paths.lock.clone(),
         source,
