@@ -132,14 +132,21 @@ impl Checker {
 /// does not answer keepalives, so a room that vanished, or expired us while we were
 /// stopped, falls silent), ask the server over TCP whether we are still a member
 /// ([`closure::ask`]). A confirmed end ends the session; an unreachable server is reported
-/// once, until it answers again.
+/// once, until it answers again. A check is also made at once when the server's UDP port
+/// turns out to be closed ([`Liveness::check_now`]).
 pub(super) struct Liveness {
     /// Silence after which to ask.
     period: Duration,
     /// When the receiver last handed a datagram from the server to the screen.
-    pub(super) last_heard: Arc<Mutex<Instant>>,
+    last_heard: Arc<Mutex<Instant>>,
     /// When the last idle check answered (or the session started).
     last_answer: Instant,
+    /// When a check last found the server again after "cannot reach the server" was said:
+    /// the server is back. (Not every answer: a server answering over TCP while its UDP port
+    /// refuses us, a wrong `--udp-port`, has not come back from anything.)
+    back_at: Option<Instant>,
+    /// A check is due now, whatever the silence.
+    now: bool,
     /// A check is in flight.
     checking: bool,
     /// "cannot reach the server" was said since the server last answered.
@@ -157,12 +164,14 @@ pub(super) enum Membership {
 }
 
 impl Liveness {
-    pub(super) fn new(period: Duration) -> Liveness {
-        let now = Instant::now();
+    /// Checks after `period` of silence, as the receiver notes it in `last_heard`.
+    pub(super) fn new(period: Duration, last_heard: Arc<Mutex<Instant>>) -> Liveness {
         Liveness {
             period,
-            last_heard: Arc::new(Mutex::new(now)),
-            last_answer: now,
+            last_heard,
+            last_answer: Instant::now(),
+            back_at: None,
+            now: false,
             checking: false,
             told_unreachable: false,
             off: false,
@@ -174,6 +183,9 @@ impl Liveness {
         if self.checking || self.off {
             return None;
         }
+        if self.now {
+            return Some(self.last_answer);
+        }
         let heard = *self
             .last_heard
             .lock()
@@ -181,9 +193,22 @@ impl Liveness {
         Some(heard.max(self.last_answer) + self.period)
     }
 
+    /// Makes a check due now (unless one is in flight: its answer will do), for the
+    /// existing answers to apply: "cannot reach the server" once, or the end of the session
+    /// if the server came back without the room.
+    pub(super) fn check_now(&mut self) {
+        self.now = !self.checking;
+    }
+
+    /// When a check last found the server back after it could not be reached.
+    pub(super) fn back_at(&self) -> Option<Instant> {
+        self.back_at
+    }
+
     /// Starts a check if one is due.
     pub(super) fn poll(&mut self, now: Instant, checker: &Checker) {
         if self.due_at().is_some_and(|at| now >= at) {
+            self.now = false;
             match checker.start_membership() {
                 Ok(()) => self.checking = true,
                 Err(e) => {
@@ -209,7 +234,9 @@ impl Liveness {
         };
         match answer {
             Ok(()) => {
-                self.told_unreachable = false;
+                if std::mem::replace(&mut self.told_unreachable, false) {
+                    self.back_at = Some(self.last_answer);
+                }
                 Membership::GoOn
             }
             Err(e) if closure::is_gone(&e) => Membership::Gone(gone_line(room_name, &e)),
@@ -242,6 +269,35 @@ impl Liveness {
             }
         }
     }
+}
+
+/// Whether the user was told that the server's UDP port refused our datagrams (a port
+/// unreachable, [`icmp`](super::icmp)): once per outage, that is until the server is heard
+/// from again (a datagram, or an idle check answered after one could not reach it).
+#[derive(Debug, Default)]
+pub(super) struct Outage {
+    /// When the user was last told.
+    told_at: Option<Instant>,
+}
+
+impl Outage {
+    /// Our datagram was refused at `now`; the server was last heard from at `heard`. Whether
+    /// to tell the user (then make an idle check now).
+    pub(super) fn refused(&mut self, now: Instant, heard: Instant) -> bool {
+        if self.told_at.is_some_and(|told| heard <= told) {
+            return false;
+        }
+        self.told_at = Some(now);
+        true
+    }
+}
+
+/// The remark on a refused datagram ([`Outage`]): `server` is the server's UDP address.
+pub(super) fn port_closed(server: SocketAddr) -> String {
+    format!(
+        "* the server's UDP port {server} is closed (is the server down or restarting? is \
+         --udp-port right?): what you send until it is back is lost"
+    )
 }
 
 /// The line that ends a session the server no longer counts us in.
@@ -387,7 +443,10 @@ mod tests {
     fn idle_check_answers_end_the_session_only_when_the_server_says_we_are_gone() {
         let rec = Recorder::default();
         let screen = Mutex::new(Screen::new("lobby", Box::new(rec.clone()), false));
-        let mut live = Liveness::new(Duration::from_secs(60));
+        let mut live = Liveness::new(
+            Duration::from_secs(60),
+            Arc::new(Mutex::new(Instant::now())),
+        );
         let ask = |live: &mut Liveness, answer| {
             live.checking = true;
             let m = live.answer(answer, "lobby", &screen);
@@ -423,5 +482,59 @@ mod tests {
         ));
         assert!(rec.lines()[2].contains("idle checks are off"));
         assert_eq!(live.due_at(), None);
+    }
+
+    /// A refused datagram is told once per outage: again only after the server was heard
+    /// from (a datagram, or a check answered) since the last time it was told.
+    #[test]
+    fn a_closed_port_is_told_once_per_outage() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut outage = Outage::default();
+        assert!(outage.refused(at(10), t0), "the first refusal");
+        assert!(!outage.refused(at(20), t0), "the same outage");
+        assert!(!outage.refused(at(30), at(10)), "heard before it was told");
+        assert!(outage.refused(at(40), at(35)), "heard since: a new outage");
+        assert!(!outage.refused(at(50), at(35)));
+        let remark = port_closed("127.0.0.1:9091".parse().unwrap());
+        assert!(remark.starts_with("* the server's UDP port 127.0.0.1:9091 is closed"));
+    }
+
+    /// A check made due at once starts on the next poll, whatever the silence, and only
+    /// once; a server found again after it could not be reached is back.
+    #[test]
+    fn a_check_due_now_starts_at_once() {
+        let heard = Arc::new(Mutex::new(Instant::now()));
+        let mut live = Liveness::new(Duration::from_secs(3600), Arc::clone(&heard));
+        let now = Instant::now();
+        assert!(live
+            .due_at()
+            .is_some_and(|at| at > now + Duration::from_secs(60)));
+        live.check_now();
+        assert!(live.due_at().is_some_and(|at| at <= Instant::now()));
+        // In flight: no other is due, and asking for one now waits for its answer.
+        live.checking = true;
+        live.now = false;
+        live.check_now();
+        assert_eq!(live.due_at(), None);
+        let rec = Recorder::default();
+        let screen = Mutex::new(Screen::new("lobby", Box::new(rec.clone()), false));
+        let answer = |live: &mut Liveness, answer| {
+            live.checking = true;
+            assert!(matches!(
+                live.answer(answer, "lobby", &screen),
+                Membership::GoOn
+            ));
+        };
+        answer(&mut live, Some(Ok(())));
+        assert_eq!(live.back_at(), None, "it had not been away");
+        answer(&mut live, unreachable());
+        assert_eq!(live.back_at(), None);
+        answer(&mut live, Some(Ok(())));
+        assert!(live.back_at().is_some(), "back");
+        assert!(live
+            .due_at()
+            .is_some_and(|at| at > now + Duration::from_secs(60)));
+        assert_eq!(rec.lines().len(), 1, "{:?}", rec.lines());
     }
 }

@@ -4,7 +4,8 @@
 //! [`run`] is the chat loop. Three helper threads feed one channel of [`Event`]s and the main
 //! thread alone decides what to send, keepalives apart (below):
 //! - the *receiver* reads datagrams, ignores any whose source is not the server, hands them
-//!   to the shared [`Screen`] (which renders and prints them) and reports the room's closing;
+//!   to the shared [`Screen`] (which renders and prints them) and reports the room's closing,
+//!   and each datagram of ours that the server's closed UDP port refused ([`icmp`]);
 //! - the *input thread* reads typed lines, either line by line from standard input or, when
 //!   standard input and output are a terminal, through a `rustyline` editor whose external
 //!   printer keeps incoming messages above the line being typed. It answers the local
@@ -35,14 +36,17 @@
 //! The server does not answer keepalives, so a room that vanished falls silent: after
 //! [`Options::idle_check`] without a datagram from the server, the main loop asks it over TCP
 //! whether we are still a member (`checks::Liveness`), on a thread like the closure checks.
+//! A datagram refused by the server's UDP port (the daemon down or restarting) is told at
+//! once, once per outage (`checks::Outage`), and makes that check at once.
 //!
 //! The work is split by thread: this module is the main loop (`run`) and what it does itself
 //! (sending, the end of the session); `session` is the UDP endpoint and the keepalive
-//! thread; `receiver` the receiver thread; `input_thread` the input thread and the line editor; `commands` the
+//! thread; `icmp` the ICMP errors its socket hears of; `receiver` the receiver thread; `input_thread` the input thread and the line editor; `commands` the
 //! local commands it answers; `checks` what is asked of the server over TCP during a chat.
 
 mod checks;
 mod commands;
+mod icmp;
 mod input_thread;
 mod receiver;
 mod session;
@@ -69,7 +73,9 @@ use crate::pacing::{self, Pacer};
 use crate::query::HistoryPager;
 use crate::render::printable_name;
 use crate::screen::{to_stderr, OwnSends, PlainPrinter, Screen};
-use checks::{end_on, settle, spawn_reach_check, Checker, Liveness, Membership};
+use checks::{
+    end_on, port_closed, settle, spawn_reach_check, Checker, Liveness, Membership, Outage,
+};
 use commands::{too_long, Commands};
 use input_thread::{spawn_input, suspend_on_input_thread, TerminalGuard};
 use receiver::spawn_receiver;
@@ -97,6 +103,8 @@ enum Event {
     Verdict(closure::Verdict),
     /// The server's answer to an idle check ([`Liveness`]).
     Membership(Option<Result<(), ClientError>>),
+    /// The server's UDP port refused a datagram of ours ([`icmp`]): nothing listens there.
+    Refused,
     /// The server answered `/who`, `/history` or the join's history with `room_not_found` or
     /// `not_member`: the session ends with this line.
     Gone(String),
@@ -176,9 +184,18 @@ pub fn run(session: Session, options: Options) -> Result<Ending, ClientError> {
         // Nothing says the room closed before the server confirms it.
         lock(&screen).defer_closing_lines();
     }
-    let mut liveness = options.idle_check.map(Liveness::new);
-    let last_heard = liveness.as_ref().map(|l| Arc::clone(&l.last_heard));
-    spawn_receiver(&session, Arc::clone(&screen), events.clone(), last_heard)?;
+    // When the receiver last handed a datagram from the server to the screen.
+    let last_heard = Arc::new(Mutex::new(Instant::now()));
+    let mut liveness = options
+        .idle_check
+        .map(|period| Liveness::new(period, Arc::clone(&last_heard)));
+    let mut outage = Outage::default();
+    spawn_receiver(
+        &session,
+        Arc::clone(&screen),
+        events.clone(),
+        Arc::clone(&last_heard),
+    )?;
 
     // The keepalive thread before the first register: nothing after it may fail without
     // a __LEAVE__. Its first register comes a period later.
@@ -295,6 +312,22 @@ pub fn run(session: Session, options: Options) -> Result<Ending, ClientError> {
                     session.end_without_leave();
                     finish_gone(&screen, terminal.take(), &line);
                     return Ok(Ending::RoomEnded);
+                }
+            }
+            // Told once per outage, with a check at once: if the server stays away, "cannot
+            // reach the server"; if it came back without the room, the end of the session.
+            // The session itself goes on: the keepalives register us again once it is back.
+            Event::Refused => {
+                let datagram = *last_heard.lock().unwrap_or_else(PoisonError::into_inner);
+                let heard = liveness
+                    .as_ref()
+                    .and_then(Liveness::back_at)
+                    .map_or(datagram, |back| back.max(datagram));
+                if outage.refused(Instant::now(), heard) {
+                    lock(&screen).err(&port_closed(session.server));
+                    if let Some(liveness) = &mut liveness {
+                        liveness.check_now();
+                    }
                 }
             }
             // The server's word: no __LEAVE__ to a room that does not hold us.

@@ -10,7 +10,7 @@ use std::{io, thread};
 use log::debug;
 
 use super::session::Session;
-use super::{lock, Event};
+use super::{icmp, lock, Event};
 use crate::error::ClientError;
 use crate::feed::MAX_QUEUED_BYTES;
 use crate::render::Flow;
@@ -21,12 +21,13 @@ use crate::screen::Screen;
 const RECV_BUFFER_LEN: usize = 64 * 1024;
 
 /// Starts the receiver thread. After a datagram that closes the room it goes on receiving
-/// (the screen holds what comes until the closure is settled); it stops on an error.
+/// (the screen holds what comes until the closure is settled); it stops on an error. Each
+/// port unreachable is an [`Event::Refused`].
 pub(super) fn spawn_receiver(
     session: &Session,
     screen: Arc<Mutex<Screen>>,
     events: SyncSender<Event>,
-    last_heard: Option<Arc<Mutex<Instant>>>,
+    last_heard: Arc<Mutex<Instant>>,
 ) -> Result<(), ClientError> {
     let socket = session
         .socket
@@ -36,7 +37,9 @@ pub(super) fn spawn_receiver(
     thread::Builder::new()
         .name("receiver".into())
         .spawn(move || loop {
-            let event = receive(&socket, server, &screen, last_heard.as_deref());
+            // The main loop has gone when this fails: the process is ending.
+            let mut refused = || drop(events.send(Event::Refused));
+            let event = receive(&socket, server, &screen, &last_heard, &mut refused);
             let go_on = matches!(event, Event::RoomClosed);
             if events.send(event).is_err() || !go_on {
                 return;
@@ -58,37 +61,45 @@ pub(super) fn answered_from_elsewhere(server: SocketAddr, from: SocketAddr) -> S
     )
 }
 
-/// Receives and hands each datagram to the screen (noting when in `last_heard`) until the room closes or an error ends
-/// it; returns the event that ended it.
+/// Receives and hands each datagram to the screen (noting when in `last_heard`) until the
+/// room closes or an error ends it; returns the event that ended it. ICMP errors about our
+/// datagrams ([`icmp`]) end nothing: the server may come back. A port unreachable, the
+/// server's UDP port closed, is passed to `refused`.
 pub(super) fn receive(
     socket: &UdpSocket,
     server: SocketAddr,
     screen: &Mutex<Screen>,
-    last_heard: Option<&Mutex<Instant>>,
+    last_heard: &Mutex<Instant>,
+    refused: &mut dyn FnMut(),
 ) -> Event {
     let mut buf = vec![0u8; RECV_BUFFER_LEN];
     let mut told_of_elsewhere = false;
     loop {
         let (len, from) = match socket.recv_from(&mut buf) {
             Ok(received) => received,
-            // ICMP errors from earlier sends surface here on some systems; the server may
-            // come back, and the keepalive will find it.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::Interrupted
-                        | io::ErrorKind::ConnectionRefused
-                        | io::ErrorKind::ConnectionReset
-                ) =>
-            {
-                debug!("receive: {e}");
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                // An ICMP error waits on the error queue too: take it, or a long outage
+                // fills the receive buffer ([`icmp`]).
+                let queued = icmp::drain(socket);
+                match icmp::report_of(&e) {
+                    Some(icmp::Report::PortClosed) => {
+                        debug!("receive: {e}: the server's UDP port is closed");
+                        refused();
+                    }
+                    // The way to the server, not the server: it may come back, and the
+                    // keepalives and idle check find it.
+                    Some(icmp::Report::Unreachable) => debug!("receive: {e}"),
+                    // Another ICMP error the queue held (`EMSGSIZE`, `EHOSTDOWN`, ...).
+                    None if queued > 0 => debug!("receive: {e} ({queued} ICMP reports)"),
+                    None => {
+                        return Event::Failed(ClientError::Io {
+                            context: "receiving from the server",
+                            source: e,
+                        })
+                    }
+                }
                 continue;
-            }
-            Err(source) => {
-                return Event::Failed(ClientError::Io {
-                    context: "receiving from the server",
-                    source,
-                })
             }
         };
         if from.ip() != server.ip() || from.port() != server.port() {
@@ -98,9 +109,7 @@ pub(super) fn receive(
             }
             continue;
         }
-        if let Some(last_heard) = last_heard {
-            *last_heard.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
-        }
+        *last_heard.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
         // `len <= buf.len()`: recv_from never reports more than the buffer holds.
         let (handled, feed) = {
             let mut screen = lock(screen);

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use log::{debug, warn};
 use ucrp::datagram::{self, LEAVE, REGISTER};
 
+use super::icmp;
 use crate::error::ClientError;
 use crate::handshake::Token;
 
@@ -30,7 +31,9 @@ pub struct Session {
 }
 
 impl Session {
-    /// Binds a UDP socket on an ephemeral port of the server address's family.
+    /// Binds a UDP socket on an ephemeral port of the server address's family, and asks to
+    /// hear of ICMP errors about our datagrams ([`icmp`]): the receiver tells the user when
+    /// the server's port is closed.
     pub fn open(
         server: SocketAddr,
         room_name: &str,
@@ -42,6 +45,10 @@ impl Session {
             SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
         };
         let socket = UdpSocket::bind(local).map_err(ClientError::io("binding the UDP socket"))?;
+        if let Err(e) = icmp::enable(&socket) {
+            // Only a remark the less: the idle check still finds a server that is gone.
+            debug!("ICMP errors will not be reported: {e}");
+        }
         Ok(Session {
             socket,
             server,
@@ -88,7 +95,20 @@ impl Session {
         ) {
             return Ok(Err(e));
         }
-        self.socket.send_to(&bytes, self.server)?;
+        if let Err(e) = self.socket.send_to(&bytes, self.server) {
+            // An ICMP error about an earlier datagram, not yet taken by the receiver, fails
+            // the next send on the same socket without sending it ([`icmp`]). Taken here, it
+            // is gone: send again, once; should the server still be down, this datagram is
+            // refused in its turn, and the receiver hears of it.
+            if icmp::report_of(&e).is_none() {
+                return Err(e);
+            }
+            debug!(
+                "sending to {}: {e} (about an earlier datagram): sending again",
+                self.server
+            );
+            self.socket.send_to(&bytes, self.server)?;
+        }
         Ok(Ok(()))
     }
 

@@ -510,7 +510,14 @@ fn receiver_ignores_strangers_and_stops_at_room_closed() {
     server.send_to(ucrp::ROOM_CLOSED, me).unwrap();
     server.send_to(&chat("bob", "after the end"), me).unwrap();
     let (screen, rec) = screen(false);
-    let event = receive(&session.socket, server.local_addr().unwrap(), &screen, None);
+    let heard = Mutex::new(Instant::now());
+    let event = receive(
+        &session.socket,
+        server.local_addr().unwrap(),
+        &screen,
+        &heard,
+        &mut || panic!("nothing was refused"),
+    );
     assert!(matches!(event, Event::RoomClosed), "{event:?}");
     assert_eq!(
         rec.lines(),
@@ -536,7 +543,10 @@ fn the_servers_port_at_another_address_is_ignored_and_told_once() {
     server.send_to(&hi, me).unwrap();
     server.send_to(ucrp::ROOM_CLOSED, me).unwrap();
     let (screen, rec) = screen(false);
-    let event = receive(&session.socket, server_addr, &screen, None);
+    let heard = Mutex::new(Instant::now());
+    let event = receive(&session.socket, server_addr, &screen, &heard, &mut || {
+        panic!("nothing was refused")
+    });
     assert!(matches!(event, Event::RoomClosed), "{event:?}");
     let told = format!(
         "err: {}",
@@ -557,6 +567,68 @@ fn the_servers_port_at_another_address_is_ignored_and_told_once() {
             "out: bob: hi",
             "out: * room lobby was closed"
         ]
+    );
+}
+
+/// A datagram refused by the server's closed UDP port (a daemon down or restarting) is an
+/// [`Event::Refused`] for each refusal, and the receiver goes on: the server that comes back
+/// on the port is heard, and noted as heard.
+#[test]
+fn a_closed_server_port_is_reported_and_the_receiver_goes_on() {
+    let (session, server) = pair("lobby", "ab");
+    let server_addr = server.local_addr().unwrap();
+    drop(server);
+    let (screen, rec) = screen(false);
+    let (events, inbox) = mpsc::sync_channel(16);
+    let start = Instant::now();
+    let heard = Arc::new(Mutex::new(start));
+    spawn_receiver(&session, screen, events, Arc::clone(&heard)).unwrap();
+    let patience = Duration::from_secs(10);
+    for text in ["hello", "again"] {
+        assert!(matches!(session.send_chat(text), Ok(Ok(()))));
+        let event = inbox.recv_timeout(patience);
+        assert!(matches!(event, Ok(Event::Refused)), "{event:?}");
+    }
+    // The server is back on its port (nothing else took it meanwhile: else, skip the rest).
+    let Ok(server) = UdpSocket::bind(server_addr) else {
+        return;
+    };
+    let me = session.socket.local_addr().unwrap();
+    let me = SocketAddr::from((Ipv4Addr::LOCALHOST, me.port()));
+    let mut hi = Vec::new();
+    ucrp::delivery::encode_chat("bob", b"back", &mut hi).unwrap();
+    server.send_to(&hi, me).unwrap();
+    server.send_to(ucrp::ROOM_CLOSED, me).unwrap();
+    let event = inbox.recv_timeout(patience);
+    assert!(matches!(event, Ok(Event::RoomClosed)), "{event:?}");
+    assert_eq!(rec.lines()[0], "out: bob: back");
+    assert!(*heard.lock().unwrap() > start);
+}
+
+/// Sends that meet an ICMP error the receiver has not taken yet go out all the same: the
+/// error is about an earlier datagram.
+#[test]
+fn a_send_after_a_refusal_not_yet_received_still_goes() {
+    let (session, server) = pair("lobby", "ab");
+    let server_addr = server.local_addr().unwrap();
+    drop(server);
+    // Nobody receives: each refusal waits on the socket for the next send to meet.
+    for _ in 0..3 {
+        assert!(matches!(session.send_chat("hello"), Ok(Ok(()))));
+        assert!(session.register().unwrap());
+    }
+    let Ok(server) = UdpSocket::bind(server_addr) else {
+        return;
+    };
+    server
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // A refusal may still be on its way; the send meeting it goes again.
+    assert!(matches!(session.send_chat("back"), Ok(Ok(()))));
+    let bytes = recv(&server);
+    assert_eq!(
+        ucrp::parse(&bytes).unwrap().message,
+        ucrp::Message::Chat("back")
     );
 }
 
@@ -583,7 +655,13 @@ fn the_receiver_thread_stops_after_a_failure() {
         false,
     )));
     let (events, inbox) = mpsc::sync_channel(16);
-    spawn_receiver(&session, screen, events, None).unwrap();
+    spawn_receiver(
+        &session,
+        screen,
+        events,
+        Arc::new(Mutex::new(Instant::now())),
+    )
+    .unwrap();
     let me = session.socket.local_addr().unwrap();
     let me = SocketAddr::from((Ipv4Addr::LOCALHOST, me.port()));
     let mut hi = Vec::new();
