@@ -6,6 +6,7 @@ mod common;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -61,6 +62,99 @@ fn ocm_notices_its_room_vanished_in_a_restart_and_an_unreachable_server_once() {
         "* you are no longer in room lobby: the server no longer has the room (room_not_found)",
     );
     assert_eq!(alice.wait().code(), Some(OCM_ROOM_ENDED));
+}
+
+/// A member whose server went down (killed: nothing listens on its UDP port) is told as soon
+/// as it sends, by the port's refusal (an ICMP port unreachable), rather than losing its
+/// messages in silence until the idle check, which is an hour away here; an idle check is
+/// made at once, and says the server cannot be reached. Told once per outage: not again for
+/// the next message, but again once the server was heard from in between (back on the same
+/// state, it relays bob's message) and then went down again. The session goes on throughout.
+#[test]
+fn ocm_tells_at_once_that_the_servers_udp_port_refused_a_message_once_per_outage() {
+    const NOTICE: &str = "is closed (is the server down or restarting? is --udp-port right?)";
+    const REFUSED: &str = "the server's UDP port is closed";
+    let mut d = Daemon::start();
+    let notice = format!("* the server's UDP port {} {NOTICE}", d.udp);
+    // No keepalive and no idle check for an hour: only what alice types goes to the server.
+    let mut alice = Ocm::start_with_env(
+        d.tcp.port(),
+        d.udp.port(),
+        &[
+            "create",
+            "lobby",
+            "--name",
+            "alice",
+            "--keepalive",
+            "3600",
+            "--idle-check",
+            "3600",
+        ],
+        &[("RUST_LOG", "ocm::chat=debug")],
+    );
+    alice.wait_stderr("* created lobby as alice");
+    let mut bob = Ocm::start(&d, &["join", "lobby", "--name", "bob", "--keepalive", "1"]);
+    bob.wait_live();
+    alice.lines_until("* bob joined");
+
+    d.kill9();
+    let sent = Instant::now();
+    alice.type_line("anyone there?");
+    alice.wait_stderr(&notice);
+    let took = sent.elapsed();
+    assert!(took < PATIENCE, "told after {took:?}");
+    alice.wait_stderr("* cannot reach the server: ");
+    // The next refusal in the same outage is not told again.
+    alice.type_line("hello?");
+    wait_until("the second refusal", || count(&alice, REFUSED) >= 2);
+    assert_eq!(count(&alice, NOTICE), 1, "{}", alice.stderr.lock().unwrap());
+
+    // Back on the same state: bob's keepalives register him again, and his message reaches
+    // alice (the server kept her address), which is the server heard from again.
+    d.restart();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        bob.type_line("back");
+        if alice.line_within(Duration::from_millis(200)).as_deref() == Some("bob: back") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "alice never heard bob again");
+    }
+    // Down again: a new outage, told again.
+    d.kill9();
+    alice.type_line("gone again?");
+    wait_until("the second notice", || count(&alice, NOTICE) >= 2);
+    alice.type_line("/quit");
+    assert!(alice.wait().success(), "{}", alice.stderr.lock().unwrap());
+    bob.kill9();
+}
+
+/// With `--original` (no idle check: the original server cannot answer one) the refusal is
+/// told all the same, and the chat goes on until the user leaves.
+#[test]
+fn an_original_member_is_told_of_the_refusal_too() {
+    let mut d = Daemon::start();
+    let notice = format!("* the server's UDP port {} is closed", d.udp);
+    let mut alice = Ocm::start(
+        &d,
+        &[
+            "create",
+            "lobby",
+            "--name",
+            "alice",
+            "--keepalive",
+            "3600",
+            "--original",
+        ],
+    );
+    alice.wait_stderr("* created lobby as alice");
+    d.kill9();
+    alice.type_line("anyone there?");
+    alice.wait_stderr(&notice);
+    alice.type_line("/quit");
+    assert!(alice.wait().success(), "{}", alice.stderr.lock().unwrap());
+    let said = alice.stderr.lock().unwrap().clone();
+    assert!(!said.contains("cannot reach the server"), "{said}");
 }
 
 /// `/who` or `/history` answered `room_not_found` (the room vanished in a restart) ends the
