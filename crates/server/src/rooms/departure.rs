@@ -96,7 +96,9 @@ impl Registry {
     ) -> usize {
         let entry = self.rooms.remove(room.0);
         self.room_index.remove(&entry.name);
-        let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
+        // Written with the first send: the loop clears the outbox only when it holds a
+        // datagram, so bytes nobody is sent would stay there until some later one.
+        let mut closed = None;
         let mut notified = 0;
         for &m in &entry.members {
             let member = self.unlink(m);
@@ -113,7 +115,12 @@ impl Registry {
             // for it (idle) does.
             let told = m != entry.host || why.tells_host();
             if let (Some(to), true) = (member.address, told) {
-                out.send_to_member(to, member.local, closed.clone(), m.slot(), 0);
+                let closed = closed
+                    .get_or_insert_with(|| {
+                        out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED))
+                    })
+                    .clone();
+                out.send_to_member(to, member.local, closed, m.slot(), 0);
                 notified += 1;
             }
         }
