@@ -226,9 +226,13 @@ pub fn batch_entries(mut body: &[u8]) -> impl Iterator<Item = Result<&[u8], Erro
     })
 }
 
+/// The size byte of a field sent behind one, or why it cannot be sent so.
+fn size_byte(field: &[u8]) -> Result<u8, Error> {
+    u8::try_from(field.len()).map_err(|_| Error::FieldTooLong { len: field.len() })
+}
+
 fn push_sized(field: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
-    let len = u8::try_from(field.len()).map_err(|_| Error::FieldTooLong { len: field.len() })?;
-    out.push(len);
+    out.push(size_byte(field)?);
     out.extend_from_slice(field);
     Ok(())
 }
@@ -240,13 +244,14 @@ pub fn encode_chat(sender: &str, message: &[u8], out: &mut Vec<u8>) -> Result<()
     Ok(())
 }
 
-/// Appends a sequenced chat frame.
+/// Appends a sequenced chat frame. Like every encoder here, appends nothing when it fails.
 pub fn encode_sequenced(
     seq: u64,
     sender: &str,
     message: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<(), Error> {
+    size_byte(sender.as_bytes())?;
     out.extend_from_slice(&[EXTENSION, KIND_SEQUENCED]);
     out.extend_from_slice(&seq.to_be_bytes());
     encode_chat(sender, message, out)
@@ -254,6 +259,7 @@ pub fn encode_sequenced(
 
 /// Appends a membership notice.
 pub fn encode_notice(what: Notice, name: &str, out: &mut Vec<u8>) -> Result<(), Error> {
+    size_byte(name.as_bytes())?;
     out.extend_from_slice(&[EXTENSION, KIND_NOTICE, what.byte()]);
     push_sized(name.as_bytes(), out)
 }
@@ -560,11 +566,23 @@ mod tests {
         let broken: Vec<_> = batch_entries(&[0x00, 0x05, b'x']).collect();
         assert_eq!(broken.len(), 1);
         assert!(broken[0].is_err());
-        let mut out = Vec::new();
+        // A name too long for its size byte: refused, and nothing appended (the caller's
+        // buffer may hold other frames).
+        let long = "x".repeat(256);
+        let mut out = b"kept".to_vec();
         assert_eq!(
-            encode_chat(&"x".repeat(256), b"", &mut out),
+            encode_chat(&long, b"", &mut out),
             Err(Error::FieldTooLong { len: 256 })
         );
+        assert_eq!(
+            encode_sequenced(7, &long, b"hi", &mut out),
+            Err(Error::FieldTooLong { len: 256 })
+        );
+        assert_eq!(
+            encode_notice(Notice::Joined, &long, &mut out),
+            Err(Error::FieldTooLong { len: 256 })
+        );
+        assert_eq!(out, b"kept");
     }
 
     proptest! {
