@@ -522,11 +522,13 @@ impl Writer {
              from memory",
             self.paths.state.display()
         );
-        self.rewrite_state();
-        warn!(
-            "state file {} written again from memory: every durable change is on disk again",
-            self.paths.state.display()
-        );
+        if self.rewrite_state() {
+            warn!(
+                "state file {} written again from memory: every durable change is on disk \
+                 again",
+                self.paths.state.display()
+            );
+        }
     }
 
     /// The journal was deleted while in use: the changes since the last state file are on no
@@ -575,20 +577,21 @@ impl Writer {
                 }
             }
         }
-        self.rewrite_state();
-        warn!(
-            "journal {} replaced and state file {} written again from memory: every durable \
-             change is on disk again",
-            self.paths.journal.display(),
-            self.paths.state.display()
-        );
+        if self.rewrite_state() {
+            warn!(
+                "journal {} replaced and state file {} written again from memory: every \
+                 durable change is on disk again",
+                self.paths.journal.display(),
+                self.paths.state.display()
+            );
+        }
     }
 
     /// Has the compactor write the state file with every durable record (up to the last
     /// appended) and waits for it, retrying until it is written; the compactor logs its
-    /// failures. Waits for a compaction already running first. Gives up only if the
-    /// compactor is gone.
-    fn rewrite_state(&mut self) {
+    /// failures. Waits for a compaction already running first. Gives up, returning false,
+    /// only if the compactor is gone.
+    fn rewrite_state(&mut self) -> bool {
         loop {
             if self.compacting {
                 // The running compaction's report (it stops the daemon rather than hang).
@@ -614,12 +617,12 @@ impl Writer {
                      expect to lose the changes since it was last written",
                     self.paths.state.display()
                 );
-                return;
+                return false;
             };
             match compactor.reports.recv() {
                 Ok(Some(bytes)) => {
                     self.handle_report(Some(bytes));
-                    return;
+                    return true;
                 }
                 Ok(None) => {
                     self.handle_report(None);
