@@ -57,7 +57,7 @@ pub use session::Session;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -162,194 +162,285 @@ fn lock(screen: &Mutex<Screen>) -> MutexGuard<'_, Screen> {
 /// `* joined ROOM as NAME (type /quit to leave, /help for commands)` to standard error once
 /// registered.
 pub fn run(session: Session, options: Options) -> Result<Ending, ClientError> {
-    let (events, inbox) = mpsc::sync_channel(EVENT_QUEUE);
-    if options.line_editor {
-        // Before any thread starts: they inherit it.
-        suspend_on_input_thread();
-    }
-    // Signals first: from here on Ctrl+C must not kill us before we can say __LEAVE__.
-    let signalled = Arc::new(AtomicI32::new(0));
-    spawn_signal_watcher(events.clone(), Arc::clone(&signalled), &session)?;
-    let screen = Arc::new(Mutex::new(Screen::new(
-        &session.room_name,
-        Box::new(PlainPrinter),
-        options.join_history,
-    )));
-    if options.original {
-        lock(&screen).original_frames_only();
-    }
-    let own = lock(&screen).own_sends();
-    let mut closures = closure::Policy::new(options.check_closures);
-    if options.check_closures {
-        // Nothing says the room closed before the server confirms it.
-        lock(&screen).defer_closing_lines();
-    }
-    // When the receiver last handed a datagram from the server to the screen.
-    let last_heard = Arc::new(Mutex::new(Instant::now()));
-    let mut liveness = options
-        .idle_check
-        .map(|period| Liveness::new(period, Arc::clone(&last_heard)));
-    let mut outage = Outage::default();
-    spawn_receiver(
-        &session,
-        Arc::clone(&screen),
-        events.clone(),
-        Arc::clone(&last_heard),
-    )?;
+    Chat::start(session, options)?.serve()
+}
 
-    // The keepalive thread before the first register: nothing after it may fail without
-    // a __LEAVE__. Its first register comes a period later.
-    spawn_keepalive(&session, options.keepalive)?;
-    if let Err(e) = session.register() {
-        // Ended like every other way out: the keepalive thread stops, and the daemon hears
-        // a __LEAVE__ if the socket still sends one.
-        session.leave();
-        return Err(ClientError::io("sending __REGISTER__")(e));
-    }
-    info!(
-        "registered with {} in {:?}",
-        session.server, session.room_name
-    );
-    lock(&screen).err(&format!(
-        "* {} {} as {} (type /quit to leave, /help for commands)",
-        options.verb.past(),
-        printable_name(&session.room_name),
-        printable_name(&options.username)
-    ));
-    if options.check_reach {
-        spawn_reach_check(&session, &options, Arc::clone(&screen));
-    }
-    // Restores the terminal mode however we leave, even while the editor holds it raw.
-    let mut terminal = options.line_editor.then(TerminalGuard::save);
-    let commands = Commands {
-        tcp: options.tcp,
-        room_name: session.room_name.clone(),
-        token: session.token.clone(),
-        pager: HistoryPager::default(),
-        screen: Arc::clone(&screen),
-        events: events.clone(),
-        max_message_len: session.max_message_len(),
-        original: options.original,
-    };
-    let reading = terminal.as_ref().map(|guard| Arc::clone(&guard.reading));
-    spawn_input(commands, options.join_history, reading);
-    let checker = Checker {
-        tcp: options.tcp,
-        room_name: session.room_name.clone(),
-        token: session.token.clone(),
-        events,
-    };
+/// A chat under way: the session, the channel the helper threads feed, and what the main
+/// loop keeps between events.
+struct Chat {
+    session: Session,
+    inbox: Receiver<Event>,
+    /// The signal watcher's last signal (0: none), read before each event.
+    signalled: Arc<AtomicI32>,
+    screen: Arc<Mutex<Screen>>,
+    own: OwnSends,
+    closures: closure::Policy,
+    /// When the receiver last handed a datagram from the server to the screen.
+    last_heard: Arc<Mutex<Instant>>,
+    liveness: Option<Liveness>,
+    outage: Outage,
+    /// Restores the terminal mode however we leave, even while the editor holds it raw.
+    terminal: Option<TerminalGuard>,
+    checker: Checker,
+    pacer: Pacer,
+}
 
-    let mut pacer = Pacer::new(pacing::CHAT_PER_SEC, pacing::CHAT_BURST, Instant::now());
-    loop {
-        // A signal first: it may be behind a full queue of lines to send.
-        let signal = signalled.load(Ordering::SeqCst);
-        if signal != 0 {
-            debug!("signal {signal}");
-            break;
+/// What the main loop does after an event.
+enum Next {
+    /// Wait for the next event.
+    GoOn,
+    /// Leave the room (`__LEAVE__`): the user's way out.
+    Leave,
+    /// The chat is over, already ended as it had to be.
+    End(Result<Ending, ClientError>),
+}
+
+impl Chat {
+    /// Starts the helper threads, registers and greets: everything before the first event.
+    /// The order matters: signals are watched before anything can be interrupted, and the
+    /// keepalive thread runs before the first `__REGISTER__`, so that nothing after it can
+    /// fail without a `__LEAVE__`.
+    fn start(session: Session, options: Options) -> Result<Chat, ClientError> {
+        let (events, inbox) = mpsc::sync_channel(EVENT_QUEUE);
+        if options.line_editor {
+            // Before any thread starts: they inherit it.
+            suspend_on_input_thread();
         }
-        // Timers next, on every pass: a steady stream of events must not hold them back.
-        if let Some(action) = closures.due(Instant::now()) {
-            let settled = settle(action, &mut closures, &checker, &screen);
-            if let Some(end) = end_on(settled, &session, &screen, &mut terminal) {
+        // Signals first: from here on Ctrl+C must not kill us before we can say __LEAVE__.
+        let signalled = Arc::new(AtomicI32::new(0));
+        spawn_signal_watcher(events.clone(), Arc::clone(&signalled), &session)?;
+        let screen = Arc::new(Mutex::new(Screen::new(
+            &session.room_name,
+            Box::new(PlainPrinter),
+            options.join_history,
+        )));
+        if options.original {
+            lock(&screen).original_frames_only();
+        }
+        let own = lock(&screen).own_sends();
+        let closures = closure::Policy::new(options.check_closures);
+        if options.check_closures {
+            // Nothing says the room closed before the server confirms it.
+            lock(&screen).defer_closing_lines();
+        }
+        let last_heard = Arc::new(Mutex::new(Instant::now()));
+        let liveness = options
+            .idle_check
+            .map(|period| Liveness::new(period, Arc::clone(&last_heard)));
+        spawn_receiver(
+            &session,
+            Arc::clone(&screen),
+            events.clone(),
+            Arc::clone(&last_heard),
+        )?;
+
+        // Its first register comes a period later.
+        spawn_keepalive(&session, options.keepalive)?;
+        if let Err(e) = session.register() {
+            // Ended like every other way out: the keepalive thread stops, and the daemon
+            // hears a __LEAVE__ if the socket still sends one.
+            session.leave();
+            return Err(ClientError::io("sending __REGISTER__")(e));
+        }
+        info!(
+            "registered with {} in {:?}",
+            session.server, session.room_name
+        );
+        lock(&screen).err(&format!(
+            "* {} {} as {} (type /quit to leave, /help for commands)",
+            options.verb.past(),
+            printable_name(&session.room_name),
+            printable_name(&options.username)
+        ));
+        if options.check_reach {
+            spawn_reach_check(&session, &options, Arc::clone(&screen));
+        }
+        let terminal = options.line_editor.then(TerminalGuard::save);
+        let commands = Commands {
+            tcp: options.tcp,
+            room_name: session.room_name.clone(),
+            token: session.token.clone(),
+            pager: HistoryPager::default(),
+            screen: Arc::clone(&screen),
+            events: events.clone(),
+            max_message_len: session.max_message_len(),
+            original: options.original,
+        };
+        let reading = terminal.as_ref().map(|guard| Arc::clone(&guard.reading));
+        spawn_input(commands, options.join_history, reading);
+        let checker = Checker {
+            tcp: options.tcp,
+            room_name: session.room_name.clone(),
+            token: session.token.clone(),
+            events,
+        };
+        Ok(Chat {
+            session,
+            inbox,
+            signalled,
+            screen,
+            own,
+            closures,
+            last_heard,
+            liveness,
+            outage: Outage::default(),
+            terminal,
+            checker,
+            pacer: Pacer::new(pacing::CHAT_PER_SEC, pacing::CHAT_BURST, Instant::now()),
+        })
+    }
+
+    /// The main loop: the timers, then the next event, until the chat ends.
+    fn serve(mut self) -> Result<Ending, ClientError> {
+        loop {
+            // A signal first: it may be behind a full queue of lines to send.
+            let signal = self.signalled.load(Ordering::SeqCst);
+            if signal != 0 {
+                debug!("signal {signal}");
+                break;
+            }
+            // Timers next, on every pass: a steady stream of events must not hold them back.
+            if let Some(end) = self.run_timers() {
                 return end;
             }
+            let event = match self.next_event() {
+                Some(event) => event,
+                None => continue,
+            };
+            match self.handle(event) {
+                Next::GoOn => {}
+                Next::Leave => break,
+                Next::End(end) => return end,
+            }
         }
-        if let Some(liveness) = &mut liveness {
-            liveness.poll(Instant::now(), &checker);
+        self.session.leave();
+        Ok(Ending::Left)
+    }
+
+    /// A closure check whose time has come, and the idle check; `Some` when the chat ended.
+    fn run_timers(&mut self) -> Option<Result<Ending, ClientError>> {
+        if let Some(action) = self.closures.due(Instant::now()) {
+            let settled = settle(action, &mut self.closures, &self.checker, &self.screen);
+            if let Some(end) = end_on(settled, &self.session, &self.screen, &mut self.terminal) {
+                return Some(end);
+            }
         }
+        if let Some(liveness) = &mut self.liveness {
+            liveness.poll(Instant::now(), &self.checker);
+        }
+        None
+    }
+
+    /// The next event, waiting no later than the next timer; `None` when a timer is due.
+    fn next_event(&self) -> Option<Event> {
         let wake = [
-            closures.recheck_at(),
-            liveness.as_ref().and_then(Liveness::due_at),
+            self.closures.recheck_at(),
+            self.liveness.as_ref().and_then(Liveness::due_at),
         ]
         .into_iter()
         .flatten()
         .min();
         let received = match wake {
-            Some(at) => inbox.recv_timeout(at.saturating_duration_since(Instant::now())),
-            None => inbox.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(at) => self
+                .inbox
+                .recv_timeout(at.saturating_duration_since(Instant::now())),
+            None => self
+                .inbox
+                .recv()
+                .map_err(|_| RecvTimeoutError::Disconnected),
         };
-        let event = match received {
-            Ok(event) => event,
-            Err(RecvTimeoutError::Timeout) => continue,
+        match received {
+            Ok(event) => Some(event),
+            Err(RecvTimeoutError::Timeout) => None,
             // Every helper is gone; nothing more can happen. (Not while the checker and the
             // signal watcher hold their senders: kept as the safe way out.)
-            Err(RecvTimeoutError::Disconnected) => Event::Eof,
-        };
+            Err(RecvTimeoutError::Disconnected) => Some(Event::Eof),
+        }
+    }
+
+    /// Acts on one event from a helper thread.
+    fn handle(&mut self, event: Event) -> Next {
         match event {
             Event::Send(text) => {
-                pace(&mut pacer);
-                send_text(&session, &own, &screen, &text);
+                pace(&mut self.pacer);
+                send_text(&self.session, &self.own, &self.screen, &text);
+                Next::GoOn
             }
             Event::Quit => {
                 debug!("quit");
-                break;
+                Next::Leave
             }
             Event::Eof => {
                 debug!("end of input");
-                break;
+                Next::Leave
             }
             Event::Signal(signal) => {
                 debug!("signal {signal}");
-                break;
+                Next::Leave
             }
             Event::RoomClosed | Event::Verdict(_) => {
                 let action = match event {
-                    Event::Verdict(verdict) => closures.verdict(Instant::now(), verdict),
-                    _ => closures.notice(Instant::now()),
+                    Event::Verdict(verdict) => self.closures.verdict(Instant::now(), verdict),
+                    _ => self.closures.notice(Instant::now()),
                 };
-                let settled = settle(action, &mut closures, &checker, &screen);
-                if let Some(end) = end_on(settled, &session, &screen, &mut terminal) {
-                    return end;
+                let settled = settle(action, &mut self.closures, &self.checker, &self.screen);
+                match end_on(settled, &self.session, &self.screen, &mut self.terminal) {
+                    Some(end) => Next::End(end),
+                    None => Next::GoOn,
                 }
             }
             Event::Membership(answer) => {
-                let Some(liveness) = &mut liveness else {
-                    continue;
+                let Some(liveness) = &mut self.liveness else {
+                    return Next::GoOn;
                 };
-                if let Membership::Gone(line) = liveness.answer(answer, &session.room_name, &screen)
-                {
-                    session.end_without_leave();
-                    finish_gone(&screen, terminal.take(), &line);
-                    return Ok(Ending::RoomEnded);
+                match liveness.answer(answer, &self.session.room_name, &self.screen) {
+                    Membership::Gone(line) => self.end_gone(&line),
+                    Membership::GoOn => Next::GoOn,
                 }
             }
             // Told once per outage, with a check at once: if the server stays away, "cannot
             // reach the server"; if it came back without the room, the end of the session.
             // The session itself goes on: the keepalives register us again once it is back.
             Event::Refused => {
-                let datagram = *last_heard.lock().unwrap_or_else(PoisonError::into_inner);
-                let heard = liveness
+                let datagram = *self
+                    .last_heard
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                let heard = self
+                    .liveness
                     .as_ref()
                     .and_then(Liveness::back_at)
                     .map_or(datagram, |back| back.max(datagram));
-                if outage.refused(Instant::now(), heard) {
-                    lock(&screen).err(&port_closed(session.server));
-                    if let Some(liveness) = &mut liveness {
+                if self.outage.refused(Instant::now(), heard) {
+                    lock(&self.screen).err(&port_closed(self.session.server));
+                    if let Some(liveness) = &mut self.liveness {
                         liveness.check_now();
                     }
                 }
+                Next::GoOn
             }
             // The server's word: no __LEAVE__ to a room that does not hold us.
-            Event::Gone(line) => {
-                session.end_without_leave();
-                finish_gone(&screen, terminal.take(), &line);
-                return Ok(Ending::RoomEnded);
-            }
+            Event::Gone(line) => self.end_gone(&line),
             // The reader of our output is gone (`ocm join ... | head`): the chat ends as at
             // the end of input, with a __LEAVE__, not as a failure.
             Event::Failed(ClientError::Io { source, .. }) if output_gone(&source) => {
                 debug!("standard output closed: leaving");
-                break;
+                Next::Leave
             }
             Event::Failed(error) => {
-                session.leave();
-                return Err(error);
+                self.session.leave();
+                Next::End(Err(error))
             }
         }
     }
-    session.leave();
-    Ok(Ending::Left)
+
+    /// The server says the room no longer holds us: the session ends with `line`, and
+    /// without a `__LEAVE__`.
+    fn end_gone(&mut self, line: &str) -> Next {
+        self.session.end_without_leave();
+        finish_gone(&self.screen, self.terminal.take(), line);
+        Next::End(Ok(Ending::RoomEnded))
+    }
 }
 
 /// Whether a write failed because the reader of standard output went away (`EPIPE`: Rust
