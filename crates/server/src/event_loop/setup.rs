@@ -2,6 +2,7 @@
 //! tuned, the writer and password threads started.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
@@ -46,139 +47,30 @@ impl Server {
         let config = file_config
             .with_overrides(&overrides)
             .map_err(Error::Config)?;
-        // First: a SIGHUP (a log rotation script, an early reload) or a SIGTERM during a long
-        // load would otherwise kill the process with its default action. They wait in the
-        // handle and are acted on once the loop runs.
-        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])
-            .map_err(io_err("cannot install signal handlers"))?;
+        let mut signals = hold_signals()?;
         let paths = Paths::new(&config.state.path);
         let lock = persist::lock(&paths)?;
-        let started = Instant::now();
-        let mut loaded = store::load(&paths)?;
-        // Bound to one address, the socket sends from it: addresses members were saved with
-        // on a wildcard-bound socket would override it. Dropped from the writer's copy too, so
-        // the next snapshot leaves them out.
-        if !local::needs_arrival_address(config.listen.udp) {
-            loaded.state.forget_local_addresses();
-        }
-        let now = Instant::now();
-        let mut registry = Registry::from_state(
-            &loaded.state,
-            config.registry_limits(),
-            // Tokens come straight from the kernel (getrandom(2)), one call per token. It fails
-            // only where no entropy source exists at all, and a daemon that cannot draw a
-            // secret must not hand out a guessable one: that failure panics, as rand's OsRng did.
-            Box::new(rand::rand_core::UnwrapErr(rand::rngs::SysRng)),
-            now,
-        );
-        registry.set_wall_clock(now, unix_now());
-        let stats = registry.stats();
-        info!(
-            "state {}: {}, {} loaded in {:?}",
-            paths.state.display(),
-            Count(stats.rooms, "room"),
-            Count(stats.members, "token"),
-            started.elapsed()
-        );
-
+        let (loaded, mut registry, now) = load_registry(&paths, &config)?;
         fit_open_files(&config);
         let poll = Poll::new().map_err(io_err("cannot create poll"))?;
-        let mut tcp = TcpListener::bind(config.listen.tcp).map_err(|source| Error::Bind {
-            what: "TCP",
-            addr: config.listen.tcp,
-            source,
-        })?;
-        // Accepted connections inherit TCP_NODELAY; if the listener refuses it, each
-        // connection gets it instead.
-        let nodelay_inherited = match conn::set_listener_nodelay(&tcp) {
-            Ok(()) => None,
-            Err(e) => {
-                debug!("TCP_NODELAY on the listener refused ({e}); set per connection");
-                Some(false)
-            }
-        };
-        let mut udp = UdpSocket::bind(config.listen.udp).map_err(|source| Error::Bind {
-            what: "UDP",
-            addr: config.listen.udp,
-            source,
-        })?;
-        let (rcvbuf, sndbuf) = udp::size_buffers(
-            &udp,
-            config.udp.recv_buffer_bytes,
-            config.udp.send_buffer_bytes,
-        );
-        debug!("UDP buffers: receive {rcvbuf} bytes, send {sndbuf} bytes");
-        warn_if_capped(
-            "receive",
-            "recv_buffer_bytes",
-            config.udp.recv_buffer_bytes,
-            rcvbuf,
-            "net.core.rmem_max",
-        );
-        warn_if_capped(
-            "send",
-            "send_buffer_bytes",
-            config.udp.send_buffer_bytes,
-            sndbuf,
-            "net.core.wmem_max",
-        );
+        let (mut tcp, nodelay_inherited) = bind_tcp(&config)?;
+        let mut udp = bind_udp(&config)?;
         warn_of_unreachable_members(registry.registered_addresses(), &config, udp.as_raw_fd());
-        let mut sender = udp::Sender::new(config.udp.max_batch_datagram_bytes);
-        sender.set_ipv6_socket(config.listen.udp.is_ipv6());
-        sender.set_segmentation(segmentation(&config, udp.as_raw_fd()));
-        if let Err(e) = mmsg::enable_timestamps(udp.as_raw_fd()) {
-            warn!(
-                "UDP arrival timestamps unavailable ({e}); ocm_relay_delay_seconds stays empty \
-                 and udp.max_chat_wait_ms drops nothing"
-            );
-        }
-        let arrival_addresses = local::needs_arrival_address(config.listen.udp)
-            && match local::enable_arrival_address(udp.as_raw_fd(), config.listen.udp) {
-                Ok(()) => {
-                    info!(
-                        "UDP bound to a wildcard address: each member is answered from the \
-                         address its __REGISTER__ or chat came to"
-                    );
-                    true
-                }
-                Err(e) => {
-                    warn!(
-                        "UDP arrival addresses unavailable ({e}); on a host with several \
-                         addresses replies leave from the address the route picks"
-                    );
-                    false
-                }
-            };
-        if !arrival_addresses {
+        let sender = udp_sender(&config, udp.as_raw_fd());
+        enable_arrival_timestamps(udp.as_raw_fd());
+        if !enable_arrival_addresses(&config, udp.as_raw_fd()) {
             // Only when the kernel refused to say where datagrams arrive: the addresses stay
             // in the state file for a start that can use them.
             registry.forget_arrival_addresses();
         }
-        let mut metrics_listener = match config.metrics_addr().map_err(Error::Config)? {
-            Some(addr) => Some(TcpListener::bind(addr).map_err(|source| Error::Bind {
-                what: "metrics",
-                addr,
-                source,
-            })?),
-            None => None,
-        };
-        let registry_handle = poll.registry();
-        registry_handle
-            .register(&mut tcp, TCP_LISTENER, Interest::READABLE)
-            .map_err(io_err("cannot register TCP listener"))?;
-        registry_handle
-            .register(&mut udp, UDP_SOCKET, Interest::READABLE)
-            .map_err(io_err("cannot register UDP socket"))?;
-        if let Some(listener) = metrics_listener.as_mut() {
-            registry_handle
-                .register(listener, METRICS_LISTENER, Interest::READABLE)
-                .map_err(io_err("cannot register metrics listener"))?;
-        }
-        registry_handle
-            .register(&mut signals, SIGNALS, Interest::READABLE)
-            .map_err(io_err("cannot register signals"))?;
-        let waker =
-            Arc::new(Waker::new(registry_handle, WAKER).map_err(io_err("cannot create waker"))?);
+        let mut metrics_listener = bind_metrics(&config)?;
+        let waker = register_sources(
+            &poll,
+            &mut tcp,
+            &mut udp,
+            metrics_listener.as_mut(),
+            &mut signals,
+        )?;
         let persister = Persister::start_with(
             paths,
             loaded,
@@ -187,18 +79,53 @@ impl Server {
         )?;
         let passwords =
             password::Worker::start(waker).map_err(io_err("cannot start the password thread"))?;
-
-        let bound = Bound {
-            tcp: tcp.local_addr().map_err(io_err("TCP local address"))?,
-            udp: udp.local_addr().map_err(io_err("UDP local address"))?,
-            metrics: match &metrics_listener {
-                Some(l) => Some(l.local_addr().map_err(io_err("metrics local address"))?),
-                None => None,
-            },
-        };
+        let bound = bound_addresses(&tcp, &udp, metrics_listener.as_ref())?;
         registry.set_own_address(bound.udp);
+        Ok(Server::assemble(Parts {
+            config,
+            config_path,
+            file_config,
+            overrides,
+            poll,
+            tcp,
+            udp,
+            metrics_listener,
+            signals,
+            nodelay_inherited,
+            sender,
+            registry,
+            persister,
+            passwords,
+            bound,
+            lock,
+            now,
+        }))
+    }
+
+    /// The server over what [`Server::bind`] set up, every counter, timer and list at its
+    /// first value: kept apart so that `bind` reads as its steps.
+    fn assemble(parts: Parts) -> Server {
+        let Parts {
+            config,
+            config_path,
+            file_config,
+            overrides,
+            poll,
+            tcp,
+            udp,
+            metrics_listener,
+            signals,
+            nodelay_inherited,
+            sender,
+            registry,
+            persister,
+            passwords,
+            bound,
+            lock,
+            now,
+        } = parts;
         let watchdog = notify::watchdog_interval().map(|every| (every, now));
-        Ok(Server {
+        Server {
             poll,
             limiter: KeyedLimiter::new(LIMITER_KEYS),
             password_failures: KeyedLimiter::new(LIMITER_KEYS),
@@ -246,8 +173,225 @@ impl Server {
             watchdog,
             bound,
             _lock: lock,
-        })
+        }
     }
+}
+
+/// What [`Server::bind`] sets up before the server is assembled from it.
+struct Parts {
+    config: Config,
+    config_path: Option<PathBuf>,
+    file_config: Config,
+    overrides: Overrides,
+    poll: Poll,
+    tcp: TcpListener,
+    udp: UdpSocket,
+    metrics_listener: Option<TcpListener>,
+    signals: Signals,
+    nodelay_inherited: Option<bool>,
+    sender: udp::Sender,
+    registry: Registry,
+    persister: Persister,
+    passwords: password::Worker,
+    bound: Bound,
+    /// The state's lock, held for as long as the server runs.
+    lock: File,
+    /// When the registry was built: the loop's first timers count from it.
+    now: Instant,
+}
+
+/// Installs the handlers for SIGTERM, SIGINT and SIGHUP. Done first: a SIGHUP (a log rotation
+/// script, an early reload) or a SIGTERM during a long load would otherwise kill the process
+/// with its default action. They wait in the handle and are acted on once the loop runs.
+fn hold_signals() -> Result<Signals, Error> {
+    Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(io_err("cannot install signal handlers"))
+}
+
+/// Reads the state (whose lock the caller holds) and builds the registry from it, saying what
+/// was loaded and how long it took. Also returns when the registry was built.
+fn load_registry(
+    paths: &Paths,
+    config: &Config,
+) -> Result<(store::Loaded, Registry, Instant), Error> {
+    let started = Instant::now();
+    let mut loaded = store::load(paths)?;
+    // Bound to one address, the socket sends from it: addresses members were saved with
+    // on a wildcard-bound socket would override it. Dropped from the writer's copy too, so
+    // the next snapshot leaves them out.
+    if !local::needs_arrival_address(config.listen.udp) {
+        loaded.state.forget_local_addresses();
+    }
+    let now = Instant::now();
+    let mut registry = Registry::from_state(
+        &loaded.state,
+        config.registry_limits(),
+        // Tokens come straight from the kernel (getrandom(2)), one call per token. It fails
+        // only where no entropy source exists at all, and a daemon that cannot draw a
+        // secret must not hand out a guessable one: that failure panics, as rand's OsRng did.
+        Box::new(rand::rand_core::UnwrapErr(rand::rngs::SysRng)),
+        now,
+    );
+    registry.set_wall_clock(now, unix_now());
+    let stats = registry.stats();
+    info!(
+        "state {}: {}, {} loaded in {:?}",
+        paths.state.display(),
+        Count(stats.rooms, "room"),
+        Count(stats.members, "token"),
+        started.elapsed()
+    );
+    Ok((loaded, registry, now))
+}
+
+/// Binds the TCRP listener and asks it for TCP_NODELAY. Also returns what
+/// `nodelay_inherited` starts as: `None` (to be checked on the first connection) when the
+/// listener took the option, `Some(false)` (each connection sets it) when it refused.
+fn bind_tcp(config: &Config) -> Result<(TcpListener, Option<bool>), Error> {
+    let tcp = TcpListener::bind(config.listen.tcp).map_err(|source| Error::Bind {
+        what: "TCP",
+        addr: config.listen.tcp,
+        source,
+    })?;
+    // Accepted connections inherit TCP_NODELAY; if the listener refuses it, each
+    // connection gets it instead.
+    let nodelay_inherited = match conn::set_listener_nodelay(&tcp) {
+        Ok(()) => None,
+        Err(e) => {
+            debug!("TCP_NODELAY on the listener refused ({e}); set per connection");
+            Some(false)
+        }
+    };
+    Ok((tcp, nodelay_inherited))
+}
+
+/// Binds the UCRP socket and sizes its buffers as `[udp]` asks, warning when the kernel
+/// granted less.
+fn bind_udp(config: &Config) -> Result<UdpSocket, Error> {
+    let udp = UdpSocket::bind(config.listen.udp).map_err(|source| Error::Bind {
+        what: "UDP",
+        addr: config.listen.udp,
+        source,
+    })?;
+    let (rcvbuf, sndbuf) = udp::size_buffers(
+        &udp,
+        config.udp.recv_buffer_bytes,
+        config.udp.send_buffer_bytes,
+    );
+    debug!("UDP buffers: receive {rcvbuf} bytes, send {sndbuf} bytes");
+    warn_if_capped(
+        "receive",
+        "recv_buffer_bytes",
+        config.udp.recv_buffer_bytes,
+        rcvbuf,
+        "net.core.rmem_max",
+    );
+    warn_if_capped(
+        "send",
+        "send_buffer_bytes",
+        config.udp.send_buffer_bytes,
+        sndbuf,
+        "net.core.wmem_max",
+    );
+    Ok(udp)
+}
+
+/// The batching sender for the UDP socket `fd`: its batch size, address family and whether
+/// it segments.
+fn udp_sender(config: &Config, fd: RawFd) -> udp::Sender {
+    let mut sender = udp::Sender::new(config.udp.max_batch_datagram_bytes);
+    sender.set_ipv6_socket(config.listen.udp.is_ipv6());
+    sender.set_segmentation(segmentation(config, fd));
+    sender
+}
+
+/// Asks the kernel to stamp each datagram's arrival on the UDP socket `fd`, warning of what
+/// goes without when it cannot.
+fn enable_arrival_timestamps(fd: RawFd) {
+    if let Err(e) = mmsg::enable_timestamps(fd) {
+        warn!(
+            "UDP arrival timestamps unavailable ({e}); ocm_relay_delay_seconds stays empty \
+             and udp.max_chat_wait_ms drops nothing"
+        );
+    }
+}
+
+/// Whether each datagram on the UDP socket `fd` says which local address it came to: asked
+/// for only when `listen.udp` is a wildcard address, and said either way.
+fn enable_arrival_addresses(config: &Config, fd: RawFd) -> bool {
+    local::needs_arrival_address(config.listen.udp)
+        && match local::enable_arrival_address(fd, config.listen.udp) {
+            Ok(()) => {
+                info!(
+                    "UDP bound to a wildcard address: each member is answered from the \
+                     address its __REGISTER__ or chat came to"
+                );
+                true
+            }
+            Err(e) => {
+                warn!(
+                    "UDP arrival addresses unavailable ({e}); on a host with several \
+                     addresses replies leave from the address the route picks"
+                );
+                false
+            }
+        }
+}
+
+/// Binds the metrics listener, when `listen.metrics` asks for one.
+fn bind_metrics(config: &Config) -> Result<Option<TcpListener>, Error> {
+    Ok(match config.metrics_addr().map_err(Error::Config)? {
+        Some(addr) => Some(TcpListener::bind(addr).map_err(|source| Error::Bind {
+            what: "metrics",
+            addr,
+            source,
+        })?),
+        None => None,
+    })
+}
+
+/// Registers the listeners, the UDP socket and the signals with `poll` under their fixed
+/// tokens, then creates the waker that the writer and password threads wake the loop with.
+fn register_sources(
+    poll: &Poll,
+    tcp: &mut TcpListener,
+    udp: &mut UdpSocket,
+    metrics_listener: Option<&mut TcpListener>,
+    signals: &mut Signals,
+) -> Result<Arc<Waker>, Error> {
+    let registry_handle = poll.registry();
+    registry_handle
+        .register(tcp, TCP_LISTENER, Interest::READABLE)
+        .map_err(io_err("cannot register TCP listener"))?;
+    registry_handle
+        .register(udp, UDP_SOCKET, Interest::READABLE)
+        .map_err(io_err("cannot register UDP socket"))?;
+    if let Some(listener) = metrics_listener {
+        registry_handle
+            .register(listener, METRICS_LISTENER, Interest::READABLE)
+            .map_err(io_err("cannot register metrics listener"))?;
+    }
+    registry_handle
+        .register(signals, SIGNALS, Interest::READABLE)
+        .map_err(io_err("cannot register signals"))?;
+    Ok(Arc::new(
+        Waker::new(registry_handle, WAKER).map_err(io_err("cannot create waker"))?,
+    ))
+}
+
+/// The addresses the sockets were bound to, with the ports the OS chose for those asked as 0.
+fn bound_addresses(
+    tcp: &TcpListener,
+    udp: &UdpSocket,
+    metrics_listener: Option<&TcpListener>,
+) -> Result<Bound, Error> {
+    Ok(Bound {
+        tcp: tcp.local_addr().map_err(io_err("TCP local address"))?,
+        udp: udp.local_addr().map_err(io_err("UDP local address"))?,
+        metrics: match metrics_listener {
+            Some(l) => Some(l.local_addr().map_err(io_err("metrics local address"))?),
+            None => None,
+        },
+    })
 }
 
 /// Says (level warn) how many members were registered from addresses of a family the UDP
@@ -313,10 +457,6 @@ pub(super) fn segmentation(config: &Config, fd: RawFd) -> bool {
     possible
 }
 
-/// Says (level warn) when the kernel granted a UDP buffer smaller than `[udp] key` asked for:
-/// it caps the request at the `sysctl`'s value, silently. Linux reports twice the room it
-/// grants (the other half covers its bookkeeping), so `granted` is below twice `asked`
-/// exactly when the request was capped.
 /// Descriptors the daemon holds besides its connections (standard streams, poll and its
 /// waker, the listeners and the UDP socket, the signal pipe, the state's lock, journal,
 /// snapshot and directory, the notify socket), with room to spare.
@@ -386,6 +526,10 @@ pub(super) fn fit_open_files(config: &Config) {
     }
 }
 
+/// Says (level warn) when the kernel granted a UDP buffer smaller than `[udp] key` asked for:
+/// it caps the request at the `sysctl`'s value, silently. Linux reports twice the room it
+/// grants (the other half covers its bookkeeping), so `granted` is below twice `asked`
+/// exactly when the request was capped.
 fn warn_if_capped(what: &str, key: &str, asked: usize, granted: usize, sysctl: &str) {
     if asked == 0 || granted >= asked.saturating_mul(2) {
         return;
