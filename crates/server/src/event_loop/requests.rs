@@ -2,7 +2,7 @@
 //! password checks to their thread and resuming after), and the metrics responder.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
@@ -14,7 +14,7 @@ use super::{
     READ_SLACK, SERVER_FULL_LOG_EVERY,
 };
 use crate::conn::{Conn, Filled, ReadUntil};
-use crate::handshake::{self, Context, Step};
+use crate::handshake::{self, Context, Response, Step};
 use crate::http::{self, Route};
 use crate::metrics::{operation_label, Metrics};
 use crate::password::{self, Outcome};
@@ -120,153 +120,213 @@ impl Server {
     /// first frame waited for. A frame that needs a password check stays at the front of the
     /// input, and the connection waits for the check.
     fn process_input(&mut self, id: ConnId, now: Instant, mut outcome: Option<Outcome>) {
-        let max_payload = self.config.limits.max_payload_bytes;
-        let max_output = self.config.limits.max_output_bytes;
-        let timeout = Duration::from_secs(self.config.limits.handshake_timeout_secs);
         let Some(conn) = self.conns.get(id.0) else {
             return;
         };
         let peer = conn.peer;
         let mut consumed = 0;
         loop {
-            let Some(conn) = self.conns.get_mut(id.0) else {
-                return;
-            };
-            if conn.close_after_flush || (conn.awaiting_password.is_some() && outcome.is_none()) {
-                break;
-            }
-            // Past the output cap, the kernel takes what it will before the next frame is
-            // answered; if the peer still has not read enough, the connection pauses (a
-            // frame whose password outcome came is answered first: its check was queued
-            // under the cap). A write error is found again by the caller's flush.
-            if outcome.is_none()
-                && conn.pending_bytes() > max_output
-                && (conn.flush().is_err() || conn.pending_bytes() > max_output)
-            {
-                conn.paused = true;
-                self.metrics.tcp_pauses += 1;
-                break;
-            }
-            conn.awaiting_password = None;
-            let decoded = tcrp::decode(&conn.input[consumed..], max_payload);
-            // Whether a `rate_limited` below is the password queue's, not the request limit's.
-            let mut queue_full = false;
-            let response = match decoded {
-                Ok(None) => break,
-                Ok(Some((frame, used))) => {
-                    let mut ctx = Context {
-                        registry: &mut self.registry,
-                        limiter: &mut self.limiter,
-                        password_failures: &mut self.password_failures,
-                        limits: self.config.request_limits(),
-                        names: self.config.names,
-                        out: &mut self.outbox,
-                        peer: peer.ip(),
-                        now,
-                        unix_now: unix_now(),
-                    };
-                    match handshake::handle_frame(&frame, &mut ctx, outcome.take().as_ref()) {
-                        Step::Reply(response) => {
-                            consumed += used;
-                            response
-                        }
-                        Step::Password(job) => {
-                            let source = peer.ip();
-                            if let Some(why) = password_queue_full(&self.password_tickets, source) {
-                                // Refused unchecked: a check that took a failure token
-                                // gives it back (nothing was tried).
-                                if matches!(job, password::Job::Verify { .. }) {
-                                    let limits = self.config.request_limits();
-                                    handshake::give_back_check(
-                                        &mut self.password_failures,
-                                        source,
-                                        now,
-                                        &limits,
-                                    );
-                                }
-                                debug!("{peer}: password check refused: {why}");
-                                queue_full = true;
-                                consumed += used;
-                                handshake::refusal(
-                                    frame.operation,
-                                    frame.room_name,
-                                    ErrorCode::RateLimited,
-                                    "password checks are busy; try again shortly",
-                                    false,
-                                )
-                            } else {
-                                self.next_ticket += 1;
-                                let ticket = self.next_ticket;
-                                self.password_tickets.insert(ticket, (id, source));
-                                self.passwords.submit(ticket, job);
-                                debug!("{peer}: password check queued");
-                                conn.awaiting_password = Some(ticket);
-                                break;
-                            }
-                        }
+            match self.answer_next_frame(id, peer, now, consumed, &mut outcome) {
+                FrameStep::Gone => return,
+                FrameStep::Wait => break,
+                FrameStep::CheckPassword(job) => {
+                    self.queue_password_check(id, peer, job);
+                    break;
+                }
+                FrameStep::Reply {
+                    response,
+                    used,
+                    queue_full,
+                } => {
+                    consumed += used;
+                    if !self.queue_reply(id, peer, now, response, queue_full) {
+                        return;
                     }
                 }
-                Err(e) => {
-                    let header = &conn.input[consumed..];
-                    let op = Operation::from(header.get(1).copied().unwrap_or(0));
-                    if super::may_log_drop(
-                        &mut self.drop_log,
-                        now,
-                        self.config.rate.drop_logs_per_sec,
-                    ) {
-                        warn!("{peer}: bad frame: {e}; closing");
-                    }
-                    handshake::refusal(op, &[], ErrorCode::MalformedRequest, &e.to_string(), true)
-                }
-            };
-            let op = operation_label(response.operation);
-            let result = response.result.map_or_else(|c| c.as_str(), |()| "ok");
-            *self.metrics.handshakes.entry((op, result)).or_insert(0) += 1;
-            if response.result == Err(ErrorCode::ServerFull) {
-                self.warn_server_full(op, peer, now);
-            }
-            if response.result == Err(ErrorCode::RateLimited) {
-                let kind = if queue_full {
-                    "password_queue"
-                } else {
-                    "request"
-                };
-                Metrics::bump(&mut self.metrics.rate_limited, kind);
-            }
-            let wait_for = match (response.needs_durability, self.persister.as_mut()) {
-                (true, Some(p)) => Some(p.submit(self.registry.take_records())),
-                _ => None,
-            };
-            let Some(conn) = self.conns.get_mut(id.0) else {
-                return;
-            };
-            // The wait starts now, not at the start of the pass: earlier work in the pass
-            // (relaying, other requests) is not the disk's.
-            conn.queue(
-                response.bytes,
-                wait_for.map(|batch| (batch, Instant::now())),
-            );
-            if wait_for.is_some() && !conn.listed_holding {
-                conn.listed_holding = true;
-                self.holding.push(id);
-            }
-            // A reply restarts the timer, unless it refused a frame before or at the request
-            // limit: junk and refused requests cost a sender nothing, and must not keep its
-            // connection (one of `max_connections`) open for ever.
-            // A request refused for a full password queue was charged to the request limit.
-            if restarts_timer(response.result) || queue_full {
-                conn.restart_timer(now + timeout, &mut self.activity);
-            }
-            if response.close {
-                conn.close_after_flush = true;
-                conn.input.clear();
-                return;
             }
         }
         if let Some(conn) = self.conns.get_mut(id.0) {
             conn.consume(consumed);
         }
         self.prune_holding();
+    }
+
+    /// Decodes the next whole frame in the connection's input (from `consumed` on) and
+    /// answers it, if it may be answered now (see [`may_answer_next`]). `outcome` is taken by
+    /// the frame it was waited for. Kept apart from sending the reply: the frame borrows the
+    /// input while the registry answers it.
+    fn answer_next_frame(
+        &mut self,
+        id: ConnId,
+        peer: SocketAddr,
+        now: Instant,
+        consumed: usize,
+        outcome: &mut Option<Outcome>,
+    ) -> FrameStep {
+        let max_payload = self.config.limits.max_payload_bytes;
+        let max_output = self.config.limits.max_output_bytes;
+        let Some(conn) = self.conns.get_mut(id.0) else {
+            return FrameStep::Gone;
+        };
+        if !may_answer_next(conn, outcome.is_some(), max_output, &mut self.metrics) {
+            return FrameStep::Wait;
+        }
+        conn.awaiting_password = None;
+        let (frame, used) = match tcrp::decode(&conn.input[consumed..], max_payload) {
+            Ok(None) => return FrameStep::Wait,
+            Ok(Some(decoded)) => decoded,
+            Err(e) => {
+                let header = &conn.input[consumed..];
+                let op = Operation::from(header.get(1).copied().unwrap_or(0));
+                return FrameStep::Reply {
+                    response: self.refuse_bad_frame(peer, op, &e, now),
+                    used: 0,
+                    queue_full: false,
+                };
+            }
+        };
+        let mut ctx = Context {
+            registry: &mut self.registry,
+            limiter: &mut self.limiter,
+            password_failures: &mut self.password_failures,
+            limits: self.config.request_limits(),
+            names: self.config.names,
+            out: &mut self.outbox,
+            peer: peer.ip(),
+            now,
+            unix_now: unix_now(),
+        };
+        let job = match handshake::handle_frame(&frame, &mut ctx, outcome.take().as_ref()) {
+            Step::Reply(response) => {
+                return FrameStep::Reply {
+                    response,
+                    used,
+                    queue_full: false,
+                }
+            }
+            Step::Password(job) => job,
+        };
+        let source = peer.ip();
+        let Some(why) = password_queue_full(&self.password_tickets, source) else {
+            return FrameStep::CheckPassword(job);
+        };
+        // Refused unchecked: a check that took a failure token
+        // gives it back (nothing was tried).
+        if matches!(job, password::Job::Verify { .. }) {
+            let limits = self.config.request_limits();
+            handshake::give_back_check(&mut self.password_failures, source, now, &limits);
+        }
+        debug!("{peer}: password check refused: {why}");
+        FrameStep::Reply {
+            response: handshake::refusal(
+                frame.operation,
+                frame.room_name,
+                ErrorCode::RateLimited,
+                "password checks are busy; try again shortly",
+                false,
+            ),
+            used,
+            queue_full: true,
+        }
+    }
+
+    /// The reply to a frame that does not decode, which closes the connection; says so, at
+    /// the pace `rate.drop_logs_per_sec` allows.
+    fn refuse_bad_frame(
+        &mut self,
+        peer: SocketAddr,
+        op: Operation,
+        e: &tcrp::Error,
+        now: Instant,
+    ) -> Response {
+        if super::may_log_drop(&mut self.drop_log, now, self.config.rate.drop_logs_per_sec) {
+            warn!("{peer}: bad frame: {e}; closing");
+        }
+        handshake::refusal(op, &[], ErrorCode::MalformedRequest, &e.to_string(), true)
+    }
+
+    /// Hands the password check of the frame at the front of the connection's input to the
+    /// hashing thread; the connection waits for its outcome.
+    fn queue_password_check(&mut self, id: ConnId, peer: SocketAddr, job: password::Job) {
+        let source = peer.ip();
+        self.next_ticket += 1;
+        let ticket = self.next_ticket;
+        self.password_tickets.insert(ticket, (id, source));
+        self.passwords.submit(ticket, job);
+        debug!("{peer}: password check queued");
+        if let Some(conn) = self.conns.get_mut(id.0) {
+            conn.awaiting_password = Some(ticket);
+        }
+    }
+
+    /// Counts `response`, hands the records it needs durable to the writer, and queues it on
+    /// the connection (held until they are). Returns whether more frames may be answered:
+    /// not once the connection is gone, or closing after this reply.
+    fn queue_reply(
+        &mut self,
+        id: ConnId,
+        peer: SocketAddr,
+        now: Instant,
+        response: Response,
+        queue_full: bool,
+    ) -> bool {
+        let timeout = Duration::from_secs(self.config.limits.handshake_timeout_secs);
+        self.count_reply(&response, peer, now, queue_full);
+        let wait_for = match (response.needs_durability, self.persister.as_mut()) {
+            (true, Some(p)) => Some(p.submit(self.registry.take_records())),
+            _ => None,
+        };
+        let Some(conn) = self.conns.get_mut(id.0) else {
+            return false;
+        };
+        // The wait starts now, not at the start of the pass: earlier work in the pass
+        // (relaying, other requests) is not the disk's.
+        conn.queue(
+            response.bytes,
+            wait_for.map(|batch| (batch, Instant::now())),
+        );
+        if wait_for.is_some() && !conn.listed_holding {
+            conn.listed_holding = true;
+            self.holding.push(id);
+        }
+        // A reply restarts the timer, unless it refused a frame before or at the request
+        // limit: junk and refused requests cost a sender nothing, and must not keep its
+        // connection (one of `max_connections`) open for ever.
+        // A request refused for a full password queue was charged to the request limit.
+        if restarts_timer(response.result) || queue_full {
+            conn.restart_timer(now + timeout, &mut self.activity);
+        }
+        if response.close {
+            conn.close_after_flush = true;
+            conn.input.clear();
+            return false;
+        }
+        true
+    }
+
+    /// Counts a reply in the metrics (by operation and result, and a `rate_limited` by
+    /// which limit: `queue_full` for the password queue), and warns of a `server_full`.
+    fn count_reply(
+        &mut self,
+        response: &Response,
+        peer: SocketAddr,
+        now: Instant,
+        queue_full: bool,
+    ) {
+        let op = operation_label(response.operation);
+        let result = response.result.map_or_else(|c| c.as_str(), |()| "ok");
+        *self.metrics.handshakes.entry((op, result)).or_insert(0) += 1;
+        if response.result == Err(ErrorCode::ServerFull) {
+            self.warn_server_full(op, peer, now);
+        }
+        if response.result == Err(ErrorCode::RateLimited) {
+            let kind = if queue_full {
+                "password_queue"
+            } else {
+                "request"
+            };
+            Metrics::bump(&mut self.metrics.rate_limited, kind);
+        }
     }
 
     /// While the disk is stuck no batch completes, and `collect_durable` does not drop the
@@ -402,6 +462,53 @@ impl Server {
         conn.close_after_flush = true;
         None
     }
+}
+
+/// What [`Server::answer_next_frame`] came to.
+enum FrameStep {
+    /// The connection is gone.
+    Gone,
+    /// Nothing to answer now: no whole frame yet, or the connection may not answer more
+    /// (see [`may_answer_next`]).
+    Wait,
+    /// The reply to send, the input bytes its frame used (none for a frame that does not
+    /// decode: its reply closes the connection), and whether it refused the frame for a full
+    /// password queue.
+    Reply {
+        response: Response,
+        used: usize,
+        queue_full: bool,
+    },
+    /// A password check to queue; the frame stays at the front of the input until its
+    /// outcome comes.
+    CheckPassword(password::Job),
+}
+
+/// Whether `conn`'s next frame may be answered now: not while it is closing or waits for a
+/// password check whose outcome has not come (`outcome_came`), nor, past `max_output`
+/// bytes unsent, while its peer has not read enough: the connection then pauses.
+fn may_answer_next(
+    conn: &mut Conn,
+    outcome_came: bool,
+    max_output: usize,
+    metrics: &mut Metrics,
+) -> bool {
+    if conn.close_after_flush || (conn.awaiting_password.is_some() && !outcome_came) {
+        return false;
+    }
+    // Past the output cap, the kernel takes what it will before the next frame is
+    // answered; if the peer still has not read enough, the connection pauses (a
+    // frame whose password outcome came is answered first: its check was queued
+    // under the cap). A write error is found again by the caller's flush.
+    if !outcome_came
+        && conn.pending_bytes() > max_output
+        && (conn.flush().is_err() || conn.pending_bytes() > max_output)
+    {
+        conn.paused = true;
+        metrics.tcp_pauses += 1;
+        return false;
+    }
+    true
 }
 
 /// Throws away what a lingering connection's peer sent; the close reason once the lingering
