@@ -2,6 +2,7 @@
 //! orderly shutdown (SIGTERM, SIGINT).
 
 use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
@@ -30,6 +31,9 @@ impl Server {
         stop
     }
 
+    /// Reloads the configuration file on SIGHUP, telling systemd (`RELOADING=1`, then
+    /// `READY=1`) whether or not the file could be used; a file that cannot keeps the running
+    /// configuration.
     fn reload(&mut self) {
         let Some(path) = self.config_path.clone() else {
             info!("SIGHUP: no --config file; nothing to reload");
@@ -38,130 +42,156 @@ impl Server {
         };
         self.notifier
             .send(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
-        // The file with the flags applied is checked whole (the listeners too, though they
-        // change only at a restart: the next start would fail on a clash).
-        let read = Config::from_file(&path).and_then(|file| {
-            let new = file
-                .with_overrides(&self.overrides)
-                .map_err(|e| Error::Config(format!("config file {}: {e}", path.display())))?;
-            Ok((file, new))
-        });
-        match read {
-            Ok((file, mut new)) => {
-                // Settings fixed at start. Those a flag overrides run as the flag says: a file
-                // change is moot, and the log says so once. The others are compared with the
-                // running value, so every reload reminds of a restart still due, and a file
-                // put back to the running value says nothing.
-                let old = &self.file_config;
-                let running = &self.config;
-                let fixed = [
-                    (
-                        "listen.tcp",
-                        new.listen.tcp != running.listen.tcp,
-                        file.listen.tcp != old.listen.tcp,
-                        self.overrides.tcp.is_some(),
-                    ),
-                    (
-                        "listen.udp",
-                        new.listen.udp != running.listen.udp,
-                        file.listen.udp != old.listen.udp,
-                        self.overrides.udp.is_some(),
-                    ),
-                    (
-                        "listen.metrics",
-                        // "off" and "none" are one setting, as are two spellings of an address.
-                        new.metrics_addr().ok() != running.metrics_addr().ok(),
-                        file.listen.metrics != old.listen.metrics,
-                        self.overrides.metrics.is_some(),
-                    ),
-                    (
-                        "state.path",
-                        new.state.path != running.state.path,
-                        file.state.path != old.state.path,
-                        self.overrides.state.is_some(),
-                    ),
-                    (
-                        "state.compact_journal_bytes",
-                        new.state.compact_journal_bytes != running.state.compact_journal_bytes,
-                        false,
-                        false,
-                    ),
-                    (
-                        "udp.recv_buffer_bytes",
-                        new.udp.recv_buffer_bytes != running.udp.recv_buffer_bytes,
-                        false,
-                        false,
-                    ),
-                    (
-                        "udp.send_buffer_bytes",
-                        new.udp.send_buffer_bytes != running.udp.send_buffer_bytes,
-                        false,
-                        false,
-                    ),
-                ];
-                for (key, not_running, file_changed, overridden) in fixed {
-                    if overridden && file_changed {
-                        warn!(
-                            "SIGHUP: {key} changed in {}, but a command-line flag overrides it",
-                            path.display()
-                        );
-                    } else if !overridden && not_running {
-                        warn!(
-                            "SIGHUP: {key} in {} differs from the running value; it takes \
-                             effect only after a restart",
-                            path.display()
-                        );
-                    }
-                }
-                self.file_config = file;
-                new.listen = self.config.listen.clone();
-                new.state = self.config.state.clone();
-                new.udp.recv_buffer_bytes = self.config.udp.recv_buffer_bytes;
-                new.udp.send_buffer_bytes = self.config.udp.send_buffer_bytes;
-                self.registry.set_limits(new.registry_limits());
-                self.sender.set_max_batch(new.udp.max_batch_datagram_bytes);
-                self.sender
-                    .set_segmentation(segmentation(&new, self.udp.as_raw_fd()));
-                // Shorter periods apply now, not after the sweep or checkpoint already due.
-                let now = Instant::now();
-                let sweep = Duration::from_millis(new.liveness.sweep_interval_ms);
-                self.next_sweep = self.next_sweep.min(now + sweep);
-                let checkpoint = Duration::from_secs(new.history.checkpoint_secs);
-                self.next_checkpoint = self.next_checkpoint.min(now + checkpoint);
-                if config::rust_log().is_none() {
-                    if let Some(level) = config::log_level(&new.log.level) {
-                        log::set_max_level(level);
-                    }
-                } else if new.log.level != self.config.log.level {
-                    warn!(
-                        "SIGHUP: log.level changed in {}, but RUST_LOG overrides it",
-                        path.display()
-                    );
-                }
-                if new.limits.max_connections != self.config.limits.max_connections {
-                    fit_open_files(&new);
-                }
-                let changes = self.config.changes(&new);
-                self.config = new;
-                // What changed, so that a reload of the wrong file (the `.new` beside it) does
-                // not read like the intended one.
-                let changed = match changes {
-                    Some(changes) if changes.is_empty() => "no setting changed".to_owned(),
-                    Some(changes) => changes.join(", "),
-                    None => "the changes cannot be listed".to_owned(),
-                };
-                info!(
-                    "SIGHUP: configuration reloaded from {}: {changed}",
-                    path.display()
-                );
-                Metrics::bump(&mut self.metrics.reloads, "ok");
-            }
+        match self.read_config(&path) {
+            Ok((file, new)) => self.apply_config(&path, file, new),
             Err(e) => {
                 error!("SIGHUP: {e}; keeping the running configuration");
                 Metrics::bump(&mut self.metrics.reloads, "error");
             }
         }
         self.notifier.send("READY=1");
+    }
+
+    /// The configuration file at `path` as read, and with the command-line flags applied.
+    fn read_config(&self, path: &Path) -> Result<(Config, Config), Error> {
+        // The file with the flags applied is checked whole (the listeners too, though they
+        // change only at a restart: the next start would fail on a clash).
+        Config::from_file(path).and_then(|file| {
+            let new = file
+                .with_overrides(&self.overrides)
+                .map_err(|e| Error::Config(format!("config file {}: {e}", path.display())))?;
+            Ok((file, new))
+        })
+    }
+
+    /// Runs with `new` (the file read from `path`, `file`, with the flags applied), except
+    /// for the settings fixed at start, and says what changed.
+    fn apply_config(&mut self, path: &Path, file: Config, mut new: Config) {
+        self.warn_of_fixed_settings(path, &file, &new);
+        self.file_config = file;
+        new.listen = self.config.listen.clone();
+        new.state = self.config.state.clone();
+        new.udp.recv_buffer_bytes = self.config.udp.recv_buffer_bytes;
+        new.udp.send_buffer_bytes = self.config.udp.send_buffer_bytes;
+        self.registry.set_limits(new.registry_limits());
+        self.sender.set_max_batch(new.udp.max_batch_datagram_bytes);
+        self.sender
+            .set_segmentation(segmentation(&new, self.udp.as_raw_fd()));
+        self.shorten_timers(&new);
+        self.apply_log_level(path, &new);
+        if new.limits.max_connections != self.config.limits.max_connections {
+            fit_open_files(&new);
+        }
+        let changes = self.config.changes(&new);
+        self.config = new;
+        // What changed, so that a reload of the wrong file (the `.new` beside it) does
+        // not read like the intended one.
+        let changed = match changes {
+            Some(changes) if changes.is_empty() => "no setting changed".to_owned(),
+            Some(changes) => changes.join(", "),
+            None => "the changes cannot be listed".to_owned(),
+        };
+        info!(
+            "SIGHUP: configuration reloaded from {}: {changed}",
+            path.display()
+        );
+        Metrics::bump(&mut self.metrics.reloads, "ok");
+    }
+
+    /// Warns of the settings fixed at start that `new` (the file read from `path`, `file`,
+    /// with the flags applied) would change. Those a flag overrides run as the flag says: a
+    /// file change is moot, and the log says so once. The others are compared with the
+    /// running value, so every reload reminds of a restart still due, and a file put back to
+    /// the running value says nothing.
+    fn warn_of_fixed_settings(&self, path: &Path, file: &Config, new: &Config) {
+        let old = &self.file_config;
+        let running = &self.config;
+        // Each: the key, whether `new` differs from the running value, whether the file
+        // changed it, and whether a flag overrides it.
+        let fixed = [
+            (
+                "listen.tcp",
+                new.listen.tcp != running.listen.tcp,
+                file.listen.tcp != old.listen.tcp,
+                self.overrides.tcp.is_some(),
+            ),
+            (
+                "listen.udp",
+                new.listen.udp != running.listen.udp,
+                file.listen.udp != old.listen.udp,
+                self.overrides.udp.is_some(),
+            ),
+            (
+                "listen.metrics",
+                // "off" and "none" are one setting, as are two spellings of an address.
+                new.metrics_addr().ok() != running.metrics_addr().ok(),
+                file.listen.metrics != old.listen.metrics,
+                self.overrides.metrics.is_some(),
+            ),
+            (
+                "state.path",
+                new.state.path != running.state.path,
+                file.state.path != old.state.path,
+                self.overrides.state.is_some(),
+            ),
+            (
+                "state.compact_journal_bytes",
+                new.state.compact_journal_bytes != running.state.compact_journal_bytes,
+                false,
+                false,
+            ),
+            (
+                "udp.recv_buffer_bytes",
+                new.udp.recv_buffer_bytes != running.udp.recv_buffer_bytes,
+                false,
+                false,
+            ),
+            (
+                "udp.send_buffer_bytes",
+                new.udp.send_buffer_bytes != running.udp.send_buffer_bytes,
+                false,
+                false,
+            ),
+        ];
+        for (key, not_running, file_changed, overridden) in fixed {
+            if overridden && file_changed {
+                warn!(
+                    "SIGHUP: {key} changed in {}, but a command-line flag overrides it",
+                    path.display()
+                );
+            } else if !overridden && not_running {
+                warn!(
+                    "SIGHUP: {key} in {} differs from the running value; it takes \
+                     effect only after a restart",
+                    path.display()
+                );
+            }
+        }
+    }
+
+    /// Brings the next sweep and checkpoint forward when `new` shortens their periods:
+    /// shorter periods apply now, not after the sweep or checkpoint already due.
+    fn shorten_timers(&mut self, new: &Config) {
+        let now = Instant::now();
+        let sweep = Duration::from_millis(new.liveness.sweep_interval_ms);
+        self.next_sweep = self.next_sweep.min(now + sweep);
+        let checkpoint = Duration::from_secs(new.history.checkpoint_secs);
+        self.next_checkpoint = self.next_checkpoint.min(now + checkpoint);
+    }
+
+    /// Sets the log level `new` asks for, unless `RUST_LOG` sets it (then a changed
+    /// `log.level` in the file at `path` is warned of).
+    fn apply_log_level(&self, path: &Path, new: &Config) {
+        if config::rust_log().is_none() {
+            if let Some(level) = config::log_level(&new.log.level) {
+                log::set_max_level(level);
+            }
+        } else if new.log.level != self.config.log.level {
+            warn!(
+                "SIGHUP: log.level changed in {}, but RUST_LOG overrides it",
+                path.display()
+            );
+        }
     }
 
     /// Stops accepting, answers what can be answered, makes every change durable, and folds
