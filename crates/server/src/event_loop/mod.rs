@@ -318,6 +318,8 @@ impl Server {
         next.saturating_duration_since(now)
     }
 
+    /// Runs what is due at `now`: a retried accept, the liveness sweep, the connections'
+    /// deadlines, the history checkpoint, the status and the watchdog.
     fn timers(&mut self, now: Instant) {
         if self.accept_retry.is_some_and(|at| now >= at) {
             self.accept_retry = None;
@@ -325,38 +327,12 @@ impl Server {
             self.accept(Kind::Http, now);
         }
         if now >= self.next_sweep {
-            let expired = self.registry.poll_expired(now, &mut self.outbox);
-            self.metrics.keepalive_expiries += expired as u64;
-            let idle = self.registry.close_idle_rooms(now, &mut self.outbox);
-            self.metrics.idle_rooms_closed += idle as u64;
+            self.sweep_liveness(now);
             self.next_sweep = now + Duration::from_millis(self.config.liveness.sweep_interval_ms);
         }
         if now >= self.next_deadline_check {
             self.next_deadline_check = now + DEADLINE_CHECK;
-            let late: Vec<ConnId> = self
-                .conns
-                .iter()
-                .filter(|(_, c)| {
-                    c.deadline <= now && !c.has_held() && c.awaiting_password.is_none()
-                })
-                .map(|(k, _)| ConnId(k))
-                .collect();
-            for id in late {
-                // A paused connection ran out of time with its replies unread.
-                let mut reason = "timeout";
-                if let Some(conn) = self.conns.get(id.0) {
-                    if conn.lingering {
-                        // Its last reply was sent: the peer just never closed its side.
-                        reason = "protocol";
-                    } else if conn.paused {
-                        reason = "output_overflow";
-                        debug!("{}: replies not read in time", conn.peer);
-                    } else {
-                        debug!("{}: no complete request in time", conn.peer);
-                    }
-                }
-                self.close(id, reason);
-            }
+            self.close_late_connections(now);
         }
         if now >= self.next_checkpoint {
             self.checkpoint();
@@ -365,40 +341,7 @@ impl Server {
         self.notifier.retry(now);
         if now >= self.next_status {
             self.next_status = now + STATUS_INTERVAL;
-            // History times are the wall clock read at start plus monotonic time since: read
-            // it again, so that a step (NTP's first sync after an early start, a resume from
-            // suspend, which the monotonic clock does not count) shows within an interval.
-            self.registry.set_wall_clock(now, unix_now());
-            self.check_kernel_drops();
-            if self.notifier.enabled() {
-                let s = self.registry.stats();
-                // `systemctl status` is where an operator looks first: a journal that the
-                // disk does not take (every create and join waiting) is said there too.
-                let failures = self
-                    .persister
-                    .as_ref()
-                    .map_or(0, |p| p.compactions().write_failures);
-                let failing = if failures > self.status_write_failures {
-                    format!(
-                        "; the journal cannot be written ({} since the last status): creates \
-                         and joins wait",
-                        Count(
-                            (failures - self.status_write_failures) as usize,
-                            "failed attempt"
-                        )
-                    )
-                } else {
-                    String::new()
-                };
-                self.status_write_failures = failures;
-                self.notifier.send_periodic(&format!(
-                    "STATUS={}, {} ({} registered), {}{failing}",
-                    Count(s.rooms, "room"),
-                    Count(s.members, "member"),
-                    s.registered,
-                    Count(self.conns.len(), "TCP connection")
-                ));
-            }
+            self.periodic_status(now);
         }
         if let Some((every, last)) = self.watchdog {
             if now >= last + every {
@@ -406,6 +349,85 @@ impl Server {
                 self.watchdog = Some((every, now));
             }
         }
+    }
+
+    /// Expires members whose keepalives stopped and closes rooms idle for too long.
+    fn sweep_liveness(&mut self, now: Instant) {
+        let expired = self.registry.poll_expired(now, &mut self.outbox);
+        self.metrics.keepalive_expiries += expired as u64;
+        let idle = self.registry.close_idle_rooms(now, &mut self.outbox);
+        self.metrics.idle_rooms_closed += idle as u64;
+    }
+
+    /// Closes the connections past their deadline, each with the reason it ran out of time
+    /// (none that waits for the disk or for a password check: those have their own limits).
+    fn close_late_connections(&mut self, now: Instant) {
+        let late: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.deadline <= now && !c.has_held() && c.awaiting_password.is_none())
+            .map(|(k, _)| ConnId(k))
+            .collect();
+        for id in late {
+            // A paused connection ran out of time with its replies unread.
+            let mut reason = "timeout";
+            if let Some(conn) = self.conns.get(id.0) {
+                if conn.lingering {
+                    // Its last reply was sent: the peer just never closed its side.
+                    reason = "protocol";
+                } else if conn.paused {
+                    reason = "output_overflow";
+                    debug!("{}: replies not read in time", conn.peer);
+                } else {
+                    debug!("{}: no complete request in time", conn.peer);
+                }
+            }
+            self.close(id, reason);
+        }
+    }
+
+    /// Every [`STATUS_INTERVAL`]: the wall clock read again, the kernel's drop count, and the
+    /// `STATUS=` line for systemd.
+    fn periodic_status(&mut self, now: Instant) {
+        // History times are the wall clock read at start plus monotonic time since: read
+        // it again, so that a step (NTP's first sync after an early start, a resume from
+        // suspend, which the monotonic clock does not count) shows within an interval.
+        self.registry.set_wall_clock(now, unix_now());
+        self.check_kernel_drops();
+        if self.notifier.enabled() {
+            let status = self.status_line();
+            self.notifier.send_periodic(&status);
+        }
+    }
+
+    /// The `STATUS=` line `systemctl status` shows: rooms, members, connections, and a
+    /// journal that the disk does not take, where an operator looks first.
+    fn status_line(&mut self) -> String {
+        let s = self.registry.stats();
+        let failures = self
+            .persister
+            .as_ref()
+            .map_or(0, |p| p.compactions().write_failures);
+        let failing = if failures > self.status_write_failures {
+            format!(
+                "; the journal cannot be written ({} since the last status): creates and joins \
+                 wait",
+                Count(
+                    (failures - self.status_write_failures) as usize,
+                    "failed attempt"
+                )
+            )
+        } else {
+            String::new()
+        };
+        self.status_write_failures = failures;
+        format!(
+            "STATUS={}, {} ({} registered), {}{failing}",
+            Count(s.rooms, "room"),
+            Count(s.members, "member"),
+            s.registered,
+            Count(self.conns.len(), "TCP connection")
+        )
     }
 
     /// A periodic checkpoint of the rooms' new history and members' moved sources, unless
