@@ -1090,6 +1090,18 @@ fn an_append_synced_into_a_deleted_journal_is_not_durable() {
     assert_eq!(stats.lock().unwrap().write_failures, 1);
 }
 
+/// Deletes the journal by its name, as `rm` would. A rotation that the last commit started
+/// may have renamed it without having opened the fresh one yet: the name is then free for a
+/// moment, and the deletion is tried again until it finds the fresh journal.
+fn delete_journal(d: &mut Driver) {
+    let journal = d.paths.journal.clone();
+    d.wait("a journal to delete", |_| match fs::remove_file(&journal) {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => panic!("cannot delete {}: {e}", journal.display()),
+    });
+}
+
 /// Waits until the files on `paths` load with every record up to `last`, as a start after a
 /// `kill -9` would read them.
 fn wait_for_files_holding(d: &mut Driver, last: u64, what: &str) {
@@ -1113,7 +1125,7 @@ fn a_journal_deleted_while_in_use_is_replaced_and_no_durable_record_is_lost() {
         let mut last = 0;
         for _ in 0..5 {
             d.write(20);
-            fs::remove_file(&d.paths.journal).unwrap();
+            delete_journal(&mut d);
             last = d.write(3);
             assert_eq!(
                 load_complete(&d.paths).last_seq,
@@ -1122,7 +1134,7 @@ fn a_journal_deleted_while_in_use_is_replaced_and_no_durable_record_is_lost() {
             );
         }
         // Deleted while idle: the writer's check puts the files back without an append.
-        fs::remove_file(&d.paths.journal).unwrap();
+        delete_journal(&mut d);
         wait_for_files_holding(&mut d, last, "a fresh journal and state file");
         assert_eq!(d.persister.shutdown(), Stopped::Folded);
         assert_eq!(load_complete(&d.paths).last_seq, last);
@@ -1158,4 +1170,154 @@ fn a_state_file_deleted_while_in_use_is_written_again() {
     assert_eq!(d.persister.shutdown(), Stopped::Folded);
     assert_eq!(load_complete(&paths).last_seq, last);
     assert!(paths.state.exists(), "the stop wrote the state file again");
+}
+
+/// `/readyz` reads how long creates and joins have waited for the disk from `waiting_since`:
+/// nothing before a batch is handed over, the oldest batch's hand-over while any waits, and
+/// nothing once the writer reported every one durable, whenever its reports come.
+#[test]
+fn waiting_since_is_the_oldest_batch_not_yet_reported_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Driver::start(dir.path(), Options::default());
+    assert_eq!(d.persister.waiting_since(), None, "nothing handed over");
+    let before = Instant::now();
+    d.persister.submit(vec![record(1)]);
+    d.persister.pump();
+    let handed = Instant::now();
+    let since = d
+        .persister
+        .waiting_since()
+        .expect("a batch handed over waits");
+    assert!(before <= since && since <= handed);
+    let second = d.persister.submit(vec![record(2)]);
+    d.persister.pump();
+    d.next_n = 3;
+    assert_eq!(
+        d.persister.waiting_since(),
+        Some(since),
+        "the oldest batch's hand-over"
+    );
+    d.wait("both batches to be durable", |p| {
+        assert_eq!(
+            p.waiting_since().is_some(),
+            p.durable() < second,
+            "waiting while batch {} of {second} is durable",
+            p.durable()
+        );
+        p.durable() >= second
+    });
+    assert_eq!(d.persister.waiting_since(), None, "every batch durable");
+    assert_eq!(d.write(1), 3);
+    assert_eq!(d.persister.waiting_since(), None);
+}
+
+/// A state file written by hand with a saved time no writer gives one now, so that its
+/// bytes tell whether it was written again; returns them.
+fn state_file_of_long_ago(paths: &Paths) -> Vec<u8> {
+    let bytes = State::default()
+        .to_file_bytes(SystemTime::UNIX_EPOCH)
+        .unwrap();
+    store::write_atomic(&paths.state, &bytes).unwrap();
+    bytes
+}
+
+/// The writer's check of its files writes the state file again only when it went missing:
+/// not while it is there, and not when there never was one (the journal then holds every
+/// record).
+#[test]
+fn the_file_check_writes_the_state_file_again_only_when_it_went_missing() {
+    let records: Vec<Record> = (1..=3).map(record).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let paths = Paths::new(&dir.path().join("s.json"));
+    let mut writer = writer_by_hand(&paths);
+    writer.append(&records);
+    writer.forward(records.clone());
+    writer.check_files();
+    assert!(
+        !paths.state.exists(),
+        "a state file was written though none went missing"
+    );
+    assert_eq!(load_complete(&paths).last_seq, 3);
+
+    let dir = tempfile::tempdir().unwrap();
+    let paths = Paths::new(&dir.path().join("s.json"));
+    let old = state_file_of_long_ago(&paths);
+    let mut writer = writer_by_hand(&paths);
+    writer.append(&records);
+    writer.forward(records);
+    writer.check_files();
+    assert_eq!(
+        fs::read(&paths.state).unwrap(),
+        old,
+        "a state file that is there was written again"
+    );
+    fs::remove_file(&paths.state).unwrap();
+    writer.check_files();
+    let loaded = load_complete(&paths);
+    assert_eq!(loaded.state.journal_seq, 3, "written again from memory");
+    assert!(writer.finish());
+}
+
+/// A clean stop with nothing to fold leaves the state file that is there as it is: it holds
+/// every change already.
+#[test]
+fn a_clean_stop_with_nothing_to_fold_leaves_the_state_file_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = Paths::new(&dir.path().join("s.json"));
+    let old = state_file_of_long_ago(&paths);
+    let mut writer = writer_by_hand(&paths);
+    assert!(writer.finish(), "the state file holds every change");
+    assert_eq!(
+        fs::read(&paths.state).unwrap(),
+        old,
+        "the state file was written again at the stop"
+    );
+}
+
+/// The state directory removed while in use (a cleaner let loose on it): no fresh journal
+/// can be opened in it, and the writer retries, counting each failed try for the metrics,
+/// until the directory is back; then the journal and the state file hold every durable
+/// record again, and the appends go on.
+#[test]
+fn a_state_directory_removed_while_in_use_is_filled_again_once_it_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    fs::create_dir(&state_dir).unwrap();
+    let mut d = Driver::start(&state_dir, Options::default());
+    let last = d.write(5);
+    fs::remove_dir_all(&state_dir).unwrap();
+    d.wait("a failed try to open a fresh journal", |p| {
+        p.compactions().write_failures > 0
+    });
+    fs::create_dir(&state_dir).unwrap();
+    wait_for_files_holding(&mut d, last, "a fresh journal and state file");
+    let last = d.write(2);
+    let paths = d.paths.clone();
+    assert_eq!(d.persister.shutdown(), Stopped::Folded);
+    assert_eq!(load_complete(&paths).last_seq, last);
+}
+
+/// A journal deleted while a compaction has not reported to the writer yet (no commit since
+/// the one that asked for it): the writer takes that report, then has the state file written
+/// again, and the compactor is still there for the compactions and the fold after.
+#[test]
+fn a_journal_deleted_before_a_compaction_reported_is_replaced_with_the_compactor_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Driver::start(dir.path(), tiny(512));
+    // Past the threshold, with no state file yet: the commit asks for a compaction.
+    let last = d.write(10);
+    d.wait("the compaction the commit asked for", |p| {
+        p.compactions().written == 1
+    });
+    fs::remove_file(&d.paths.journal).unwrap();
+    d.wait("the state file written again", |p| {
+        p.compactions().written == 2
+    });
+    wait_for_files_holding(&mut d, last, "a fresh journal and state file");
+    let last = d.write(3);
+    let paths = d.paths.clone();
+    assert_eq!(d.persister.shutdown(), Stopped::Folded);
+    let loaded = load_complete(&paths);
+    assert_eq!(loaded.replayed, 0, "folded at the stop");
+    assert_eq!(loaded.last_seq, last);
 }

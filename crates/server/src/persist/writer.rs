@@ -507,7 +507,7 @@ impl Writer {
     /// state file deleted (the journals hold only the changes since it was written). Done
     /// when the writer has been idle for [`FILE_CHECK_INTERVAL`], and at most that often
     /// between appends (each of which checks the journal anyway).
-    fn check_files(&mut self) {
+    pub(super) fn check_files(&mut self) {
         self.files_checked_at = Instant::now();
         if matches!(link_count(&self.journal), Ok(0)) {
             self.replace_deleted_journal();
