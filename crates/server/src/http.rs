@@ -21,6 +21,9 @@ pub enum Route {
     NotFound,
     /// Not a GET/HEAD, or not HTTP.
     BadRequest,
+    /// No end of the request head within [`MAX_REQUEST_BYTES`] (never returned by [`parse`]:
+    /// the caller tells it by the bytes it holds).
+    TooLarge,
 }
 
 /// Parses the request head in `input`; `None` until the blank line has arrived.

@@ -377,21 +377,12 @@ impl Server {
         Some(now.saturating_duration_since(since)).filter(|&waited| waited > READY_DISK_WAIT)
     }
 
-    pub(super) fn read_http(&mut self, id: ConnId) -> Option<&'static str> {
-        let conn = self.conns.get_mut(id.0)?;
-        if conn.lingering {
-            return lingered(conn);
-        }
-        if conn.close_after_flush {
-            return None;
-        }
-        if let Err(e) = conn.fill(http::MAX_REQUEST_BYTES, ReadUntil::WouldBlock) {
-            debug!("{} metrics conn: read failed: {e}", conn.peer);
-            return Some("io_error");
-        }
-        let parsed = http::parse(&conn.input);
-        let (code, reply) = match parsed {
-            Some((Route::Metrics, head)) => {
+    /// The answer to a request for `route` (`head`: a HEAD request, answered without its
+    /// body), with the status code to count it under (`None`: counted already, as a scrape
+    /// counts itself).
+    fn http_reply(&mut self, route: Route, head: bool) -> (Option<&'static str>, Vec<u8>) {
+        match route {
+            Route::Metrics => {
                 if let Some(raw) = udp::kernel_drops(&self.udp) {
                     self.metrics.udp_kernel_drops = self.kernel_drops.observe(raw);
                 }
@@ -411,11 +402,11 @@ impl Server {
                 );
                 (None, reply)
             }
-            Some((Route::Health, head)) => (
+            Route::Health => (
                 Some("200"),
                 http::response("200 OK", "text/plain", "ok\n", head),
             ),
-            Some((Route::Ready, head)) => match self.disk_wait(Instant::now()) {
+            Route::Ready => match self.disk_wait(Instant::now()) {
                 Some(waited) => (
                     Some("503"),
                     http::response(
@@ -434,15 +425,15 @@ impl Server {
                     http::response("200 OK", "text/plain", "ready\n", head),
                 ),
             },
-            Some((Route::NotFound, head)) => (
+            Route::NotFound => (
                 Some("404"),
                 http::response("404 Not Found", "text/plain", "not found\n", head),
             ),
-            Some((Route::BadRequest, _)) => (
+            Route::BadRequest => (
                 Some("400"),
                 http::response("400 Bad Request", "text/plain", "bad request\n", false),
             ),
-            None if conn.input.len() >= http::MAX_REQUEST_BYTES => (
+            Route::TooLarge => (
                 Some("431"),
                 http::response(
                     "431 Request Header Fields Too Large",
@@ -451,9 +442,28 @@ impl Server {
                     false,
                 ),
             ),
+        }
+    }
+
+    pub(super) fn read_http(&mut self, id: ConnId) -> Option<&'static str> {
+        let conn = self.conns.get_mut(id.0)?;
+        if conn.lingering {
+            return lingered(conn);
+        }
+        if conn.close_after_flush {
+            return None;
+        }
+        if let Err(e) = conn.fill(http::MAX_REQUEST_BYTES, ReadUntil::WouldBlock) {
+            debug!("{} metrics conn: read failed: {e}", conn.peer);
+            return Some("io_error");
+        }
+        let (route, head) = match http::parse(&conn.input) {
+            Some(parsed) => parsed,
+            None if conn.input.len() >= http::MAX_REQUEST_BYTES => (Route::TooLarge, false),
             None if conn.read_closed => return Some("peer_closed"),
             None => return None,
         };
+        let (code, reply) = self.http_reply(route, head);
         if let Some(code) = code {
             Metrics::bump(&mut self.metrics.http_responses, code);
         }
