@@ -820,7 +820,96 @@ fn notes() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{joins_met, memory_met, ratio_met};
+    use serde_json::{json, Value};
+
+    use super::{joins_met, markdown, memory_met, ratio_met, Results};
+
+    /// A matrix run's results, recorded once and kept fixed so the report renders the same.
+    fn fixture() -> Value {
+        serde_json::from_str(include_str!("testdata/matrix-results.json"))
+            .expect("the fixture is valid JSON")
+    }
+
+    fn results(value: Value) -> Results {
+        serde_json::from_value(value).expect("the fixture matches `Results`")
+    }
+
+    /// The fixture with every optional part the report words differently missing or changed:
+    /// no halt polling, one receiver that sleeps at once, a niced daemon, results recorded
+    /// before the per-share p99s and the stall meter, a normal-priority meter, no plain
+    /// ceiling pair, blocking handshake clients, no preload phases and no restart figures.
+    fn variant() -> Value {
+        let mut v = fixture();
+        v["machine"]["halt_poll_ns"] = Value::Null;
+        v["receivers"] = json!(1);
+        v["receiver_poll_us"] = json!(0);
+        v["daemon_nice"] = json!(5);
+        v["paced_senders_realtime"] = Value::Null;
+        v["batch_at_3m"] = Value::Null;
+        let plain_max = &mut v["rows"][0]["plain_max"];
+        plain_max["stalls"]["realtime"] = json!(false);
+        let plain_half = &mut v["rows"][0]["plain_half"];
+        for field in [
+            "stalls",
+            "daemon_delay",
+            "sender_lateness_us",
+            "receiver_lag_us",
+        ] {
+            plain_half[field] = Value::Null;
+        }
+        v["rows"][1]["batch_half"]["stalls"]["count"] = json!(1);
+        v["rows"][2]["batch_half"]["stalls"]["count"] = json!(0);
+        v["sweeps"][0]["ceiling_around"] = Value::Null;
+        v["sweeps"][0]["half"]["stalls"]["count"] = json!(1);
+        v["sweeps"][2]["half"]["stalls"]["count"] = json!(0);
+        v["sweeps"][1]["half"] = Value::Null;
+        v["sweeps"][2]["sustained"] = Value::Null;
+        v["handshakes"]["client_threads"] = json!(0);
+        v["handshakes"]["journal_write_seconds"] = json!(0.0);
+        v["handshakes_preloaded"]["client_threads"] = json!(4);
+        v["handshakes_preloaded"]["preload_joins"] = Value::Null;
+        v["handshakes_preloaded"]["cpu_us_per_join"] = Value::Null;
+        v["memory"]["rss_restarted_kib"] = json!(0);
+        v["memory"]["idle_cpu_ms_per_sec"] = Value::Null;
+        v["memory"]["registered"] = json!(50_000.0);
+        v
+    }
+
+    /// The report renders a fixed run byte for byte as it did when the test was written, so
+    /// a change to how it is built cannot change what it says.
+    #[test]
+    fn the_report_renders_a_fixed_run_unchanged() {
+        assert_eq!(
+            markdown(&results(fixture())),
+            include_str!("testdata/matrix-report.md")
+        );
+    }
+
+    /// As above, for the wordings only older or unusual runs take.
+    #[test]
+    fn the_report_renders_a_fixed_variant_run_unchanged() {
+        assert_eq!(
+            markdown(&results(variant())),
+            include_str!("testdata/matrix-report-variant.md")
+        );
+    }
+
+    /// Writes the expected reports; run once by hand with `--ignored` to record them.
+    #[test]
+    #[ignore = "records the golden reports; run by hand only when the report is meant to change"]
+    fn record_the_golden_reports() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/testdata");
+        std::fs::write(
+            format!("{dir}/matrix-report.md"),
+            markdown(&results(fixture())),
+        )
+        .expect("write matrix-report.md");
+        std::fs::write(
+            format!("{dir}/matrix-report-variant.md"),
+            markdown(&results(variant())),
+        )
+        .expect("write matrix-report-variant.md");
+    }
 
     /// Each verdict holds only when every condition its target names does (a review found a
     /// zero ceiling, joins on tmpfs and a half-registered state all read as met).
