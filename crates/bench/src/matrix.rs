@@ -11,15 +11,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::ceiling::{self, CeilingResult};
 use crate::cli::CapsArg;
-use crate::daemon::{is_tmpfs, Launcher, StateDir};
+use crate::daemon::{is_tmpfs, Daemon, Launcher, StateDir};
 use crate::error::{Context, Result};
 use crate::fanout::{self, FanoutResult, Pace, SweepResult};
 use crate::handshake::{self, HandshakeResult};
 use crate::inflight::Clients;
+use crate::members::{self, Room};
 use crate::memory::{self, MemoryResult};
 use crate::receivers::Draining;
 use crate::report::{loadavg, machine_busy_pct, Machine};
-use crate::{members, svg};
+use crate::svg;
 
 mod report;
 
@@ -203,106 +204,15 @@ pub fn run(launcher: &Launcher, plan: &Plan) -> Result<Results> {
     println!(
         "matrix: machine busy {busy_before_pct:.0}% before start, loadavg {loadavg_before:.2}"
     );
-    let mut rows = Vec::new();
-    for m in SIZES {
-        let c = measure_ceiling(plan, m)?;
-        let (plain_max, plain_half) =
-            fanout_pair(launcher, plan, m, CapsArg::Plain, c.received_per_sec)?;
-        let (batch_max, batch_half) =
-            fanout_pair(launcher, plan, m, CapsArg::Batch, c.received_per_sec)?;
-        rows.push(SizeRow {
-            members: m,
-            ceiling: c,
-            plain_max,
-            plain_half,
-            batch_max,
-            batch_half,
-        });
-    }
-    let mut sweeps = Vec::new();
-    let mut batch_at_3m = None;
-    for caps in [CapsArg::Plain, CapsArg::Batch4k, CapsArg::Batch] {
-        let ceiling = rows
-            .iter()
-            .find(|r| r.members == 64)
-            .map_or(0.0, |r| r.ceiling.received_per_sec);
-        let dir = StateDir::new(&launcher.state_root)?;
-        let mut daemon = launcher.spawn(&dir)?;
-        let room = members::build_room(
-            daemon.tcp,
-            daemon.udp,
-            "sweep",
-            64,
-            caps,
-            plan.client_rcvbuf,
-        )?;
-        // The plain target is a ratio to the ceiling, and the machine's speed drifts within
-        // minutes: measure the ceiling again right around that sweep.
-        let before = if caps == CapsArg::Plain {
-            Some(measure_ceiling(plan, 64)?.received_per_sec)
-        } else {
-            None
-        };
-        let mut s = fanout::sweep(
-            &mut daemon,
-            &room,
-            SENDERS,
-            BYTES,
-            caps,
-            Duration::from_secs(2),
-            7,
-            0.1,
-            plan.draining,
-            before.unwrap_or(ceiling),
-        )?;
-        if let Some(before) = before {
-            let after = measure_ceiling(plan, 64)?.received_per_sec;
-            s.ceiling_around = Some((before, after));
-            s.ceiling_per_sec = (before + after) / 2.0;
-        }
-        s.print();
-        sweeps.push(s);
-        if caps == CapsArg::Batch {
-            let mut at = fanout::measure(
-                &mut daemon,
-                &room,
-                SENDERS,
-                BYTES,
-                caps,
-                Pace::Rate(3e6 / 63.0),
-                plan.duration,
-                plan.draining,
-            )?;
-            at.ceiling_per_sec = Some(ceiling);
-            at.print();
-            batch_at_3m = Some(at);
-        }
-    }
-    let mut hs = Vec::new();
-    for preload in [0, plan.state_tokens] {
-        let dir = StateDir::new(&launcher.state_root)?;
-        let mut daemon = launcher.spawn(&dir)?;
-        let h = handshake::run(
-            &daemon,
-            is_tmpfs(dir.path()),
-            200,
-            16,
-            Clients::STANDARD,
-            preload,
-            5,
-        )?;
-        daemon.check_alive()?;
-        h.print();
-        hs.push(h);
-    }
+    let rows = SIZES
+        .into_iter()
+        .map(|m| measure_size_row(launcher, plan, m))
+        .collect::<Result<Vec<_>>>()?;
+    let (sweeps, batch_at_3m) = measure_sweeps(launcher, plan, ceiling_at_64(&rows))?;
+    let handshakes = measure_handshakes(launcher, 0)?;
+    let handshakes_preloaded = measure_handshakes(launcher, plan.state_tokens)?;
     let memory = memory::run(launcher, plan.state_tokens, 64, Clients::STANDARD)?;
     memory.print();
-    let handshakes_preloaded = hs
-        .pop()
-        .ok_or_else(|| crate::error::Error::Usage("no run".into()))?;
-    let handshakes = hs
-        .pop()
-        .ok_or_else(|| crate::error::Error::Usage("no run".into()))?;
     Ok(Results {
         date,
         machine: Machine::probe(),
@@ -315,13 +225,7 @@ pub fn run(launcher: &Launcher, plan: &Plan) -> Result<Results> {
         receivers: plan.draining.threads,
         receiver_poll_us: u64::try_from(plan.draining.poll.as_micros()).unwrap_or(u64::MAX),
         daemon_nice: launcher.nice,
-        paced_senders_realtime: sweeps
-            .iter()
-            .flat_map(|s| s.steps.iter().chain(&s.half))
-            .chain(&batch_at_3m)
-            .map(|r| r.paced_senders_realtime)
-            .collect::<Option<Vec<bool>>>()
-            .map(|all| all.iter().all(|&on| on)),
+        paced_senders_realtime: paced_senders_realtime(&sweeps, batch_at_3m.as_ref()),
         rows,
         sweeps,
         batch_at_3m,
@@ -329,6 +233,149 @@ pub fn run(launcher: &Launcher, plan: &Plan) -> Result<Results> {
         handshakes_preloaded,
         memory,
     })
+}
+
+/// One room size: its ceiling, then plain and batch members flat out and at half.
+fn measure_size_row(launcher: &Launcher, plan: &Plan, m: usize) -> Result<SizeRow> {
+    let c = measure_ceiling(plan, m)?;
+    let (plain_max, plain_half) =
+        fanout_pair(launcher, plan, m, CapsArg::Plain, c.received_per_sec)?;
+    let (batch_max, batch_half) =
+        fanout_pair(launcher, plan, m, CapsArg::Batch, c.received_per_sec)?;
+    Ok(SizeRow {
+        members: m,
+        ceiling: c,
+        plain_max,
+        plain_half,
+        batch_max,
+        batch_half,
+    })
+}
+
+/// The M = 64 row's ceiling, which the sweeps are compared with (0 when there is none).
+fn ceiling_at_64(rows: &[SizeRow]) -> f64 {
+    rows.iter()
+        .find(|r| r.members == 64)
+        .map_or(0.0, |r| r.ceiling.received_per_sec)
+}
+
+/// The sweeps at M = 64 (plain, batch4k, batch), each on a fresh daemon, and batch members
+/// paced at 3M deliveries/s on the batch sweep's daemon.
+fn measure_sweeps(
+    launcher: &Launcher,
+    plan: &Plan,
+    ceiling: f64,
+) -> Result<(Vec<SweepResult>, Option<FanoutResult>)> {
+    let mut sweeps = Vec::new();
+    let mut batch_at_3m = None;
+    for caps in [CapsArg::Plain, CapsArg::Batch4k, CapsArg::Batch] {
+        let dir = StateDir::new(&launcher.state_root)?;
+        let mut daemon = launcher.spawn(&dir)?;
+        let room = members::build_room(
+            daemon.tcp,
+            daemon.udp,
+            "sweep",
+            64,
+            caps,
+            plan.client_rcvbuf,
+        )?;
+        sweeps.push(sweep_at_64(&mut daemon, &room, plan, caps, ceiling)?);
+        if caps == CapsArg::Batch {
+            batch_at_3m = Some(batch_at_3m_deliveries(&mut daemon, &room, plan, ceiling)?);
+        }
+    }
+    Ok((sweeps, batch_at_3m))
+}
+
+/// One sweep at M = 64, printed; the plain one between two fresh measurements of the ceiling.
+fn sweep_at_64(
+    daemon: &mut Daemon,
+    room: &Room,
+    plan: &Plan,
+    caps: CapsArg,
+    ceiling: f64,
+) -> Result<SweepResult> {
+    // The plain target is a ratio to the ceiling, and the machine's speed drifts within
+    // minutes: measure the ceiling again right around that sweep.
+    let before = if caps == CapsArg::Plain {
+        Some(measure_ceiling(plan, 64)?.received_per_sec)
+    } else {
+        None
+    };
+    let mut s = fanout::sweep(
+        daemon,
+        room,
+        SENDERS,
+        BYTES,
+        caps,
+        Duration::from_secs(2),
+        7,
+        0.1,
+        plan.draining,
+        before.unwrap_or(ceiling),
+    )?;
+    if let Some(before) = before {
+        let after = measure_ceiling(plan, 64)?.received_per_sec;
+        s.ceiling_around = Some((before, after));
+        s.ceiling_per_sec = (before + after) / 2.0;
+    }
+    s.print();
+    Ok(s)
+}
+
+/// Batch members at M = 64 paced at 3M deliveries/s (half the 6M target), printed.
+fn batch_at_3m_deliveries(
+    daemon: &mut Daemon,
+    room: &Room,
+    plan: &Plan,
+    ceiling: f64,
+) -> Result<FanoutResult> {
+    let mut at = fanout::measure(
+        daemon,
+        room,
+        SENDERS,
+        BYTES,
+        CapsArg::Batch,
+        Pace::Rate(3e6 / 63.0),
+        plan.duration,
+        plan.draining,
+    )?;
+    at.ceiling_per_sec = Some(ceiling);
+    at.print();
+    Ok(at)
+}
+
+/// Handshakes (R = 200, K = 16) on a fresh daemon after preloading `preload` tokens, printed.
+fn measure_handshakes(launcher: &Launcher, preload: usize) -> Result<HandshakeResult> {
+    let dir = StateDir::new(&launcher.state_root)?;
+    let mut daemon = launcher.spawn(&dir)?;
+    let h = handshake::run(
+        &daemon,
+        is_tmpfs(dir.path()),
+        200,
+        16,
+        Clients::STANDARD,
+        preload,
+        5,
+    )?;
+    daemon.check_alive()?;
+    h.print();
+    Ok(h)
+}
+
+/// Whether every paced run (sweep steps, runs at half, the 3M run) had real-time senders;
+/// `None` when any result predates the option.
+fn paced_senders_realtime(
+    sweeps: &[SweepResult],
+    batch_at_3m: Option<&FanoutResult>,
+) -> Option<bool> {
+    sweeps
+        .iter()
+        .flat_map(|s| s.steps.iter().chain(&s.half))
+        .chain(batch_at_3m)
+        .map(|r| r.paced_senders_realtime)
+        .collect::<Option<Vec<bool>>>()
+        .map(|all| all.iter().all(|&on| on))
 }
 
 /// Writes the Markdown, the SVG and (optionally) the raw JSON.
