@@ -6,20 +6,56 @@
 use std::time::Duration;
 
 use crate::cli::CapsArg;
-use crate::daemon::{is_tmpfs, Launcher, StateDir};
+use crate::daemon::{is_tmpfs, Daemon, Launcher, StateDir};
 use crate::error::{Error, Result};
 use crate::fanout::{self, Pace};
+use crate::handshake::HandshakeResult;
 use crate::inflight::Clients;
 use crate::receivers::Draining;
+use crate::soak::SoakResult;
 use crate::{ceiling, handshake, members, memory, soak};
+
+/// The unit of every timed step: short, since nothing is timed.
+const SECOND: Duration = Duration::from_secs(1);
 
 /// Runs the smoke checks.
 pub fn run(launcher: &Launcher, draining: Draining, rcvbuf: usize) -> Result<()> {
-    let second = Duration::from_secs(1);
-    let c = ceiling::run(8, 64, second, draining, rcvbuf)?;
+    let c = ceiling::run(8, 64, SECOND, draining, rcvbuf)?;
     c.print();
+    let (deliveries, h) = on_one_daemon(launcher, draining, rcvbuf, c.received_per_sec)?;
+    let soaked = soak_briefly(launcher, rcvbuf)?;
+    measure_memory(launcher)?;
+    let handshakes = h.joins.ok + h.creates.ok;
+    let soak_rooms = soaked.totals.cycles;
+    println!("smoke: deliveries={deliveries} handshakes={handshakes} soak_rooms={soak_rooms}");
+    check_counts(deliveries, handshakes, &h)
+}
+
+/// Fan-out, a short sweep and a few handshakes on one daemon, which must still be alive
+/// after them; returns the deliveries counted and the handshakes.
+fn on_one_daemon(
+    launcher: &Launcher,
+    draining: Draining,
+    rcvbuf: usize,
+    ceiling: f64,
+) -> Result<(u64, HandshakeResult)> {
     let dir = StateDir::new(&launcher.state_root)?;
     let mut daemon = launcher.spawn(&dir)?;
+    let mut deliveries = fanout_runs(&mut daemon, draining, rcvbuf, ceiling)?;
+    deliveries += short_sweep(&mut daemon, draining, rcvbuf, ceiling)?;
+    let h = few_handshakes(&daemon, &dir)?;
+    daemon.check_alive()?;
+    Ok((deliveries, h))
+}
+
+/// Plain members paced at 2,000 msg/s, then batch members flat out, each in a room of 8,
+/// printed; returns the deliveries they received.
+fn fanout_runs(
+    daemon: &mut Daemon,
+    draining: Draining,
+    rcvbuf: usize,
+    ceiling: f64,
+) -> Result<u64> {
     let mut deliveries = 0;
     for (caps, pace) in [
         (CapsArg::Plain, Pace::Rate(2_000.0)),
@@ -33,11 +69,22 @@ pub fn run(launcher: &Launcher, draining: Draining, rcvbuf: usize) -> Result<()>
             caps,
             rcvbuf,
         )?;
-        let mut r = fanout::measure(&mut daemon, &room, 2, 64, caps, pace, second, draining)?;
-        r.ceiling_per_sec = Some(c.received_per_sec);
+        let mut r = fanout::measure(daemon, &room, 2, 64, caps, pace, SECOND, draining)?;
+        r.ceiling_per_sec = Some(ceiling);
         r.print();
         deliveries += r.received;
     }
+    Ok(deliveries)
+}
+
+/// A two-step sweep of plain members in a room of 8, printed; returns the deliveries its
+/// flat-out probe received.
+fn short_sweep(
+    daemon: &mut Daemon,
+    draining: Draining,
+    rcvbuf: usize,
+    ceiling: f64,
+) -> Result<u64> {
     let room = members::build_room(
         daemon.tcp,
         daemon.udp,
@@ -47,7 +94,7 @@ pub fn run(launcher: &Launcher, draining: Draining, rcvbuf: usize) -> Result<()>
         rcvbuf,
     )?;
     let s = fanout::sweep(
-        &mut daemon,
+        daemon,
         &room,
         2,
         64,
@@ -56,12 +103,16 @@ pub fn run(launcher: &Launcher, draining: Draining, rcvbuf: usize) -> Result<()>
         2,
         0.1,
         draining,
-        c.received_per_sec,
+        ceiling,
     )?;
     s.print();
-    deliveries += s.max.received;
+    Ok(s.max.received)
+}
+
+/// Two rounds of 5 rooms with 4 joins each, after a preload of 50 tokens, printed.
+fn few_handshakes(daemon: &Daemon, dir: &StateDir) -> Result<HandshakeResult> {
     let h = handshake::run(
-        &daemon,
+        daemon,
         is_tmpfs(dir.path()),
         5,
         4,
@@ -73,16 +124,20 @@ pub fn run(launcher: &Launcher, draining: Draining, rcvbuf: usize) -> Result<()>
         2,
     )?;
     h.print();
-    daemon.check_alive()?;
-    drop(daemon);
+    Ok(h)
+}
+
+/// A 3 s soak on its own daemon, printed; an error when it found a delivery missing or
+/// something left behind.
+fn soak_briefly(launcher: &Launcher, rcvbuf: usize) -> Result<SoakResult> {
     let soak_dir = StateDir::new(&launcher.state_root)?;
     let mut soak_daemon = launcher.spawn(&soak_dir)?;
     let plan = soak::Plan {
-        duration: 3 * second,
+        duration: 3 * SECOND,
         workers: 2,
         max_members: 5,
-        sample_every: second,
-        reload_every: 2 * second,
+        sample_every: SECOND,
+        reload_every: 2 * SECOND,
         rcvbuf,
     };
     let soaked = soak::run(&mut soak_daemon, &soak_dir, plan)?;
@@ -90,7 +145,11 @@ pub fn run(launcher: &Launcher, draining: Draining, rcvbuf: usize) -> Result<()>
     if let problems @ [_, ..] = soaked.problems().as_slice() {
         return Err(Error::Smoke(format!("soak: {}", problems.join("; "))));
     }
-    drop(soak_daemon);
+    Ok(soaked)
+}
+
+/// Memory and start-up with 300 members in rooms of 16, printed.
+fn measure_memory(launcher: &Launcher) -> Result<()> {
     let m = memory::run(
         launcher,
         300,
@@ -101,9 +160,12 @@ pub fn run(launcher: &Launcher, draining: Draining, rcvbuf: usize) -> Result<()>
         },
     )?;
     m.print();
-    let handshakes = h.joins.ok + h.creates.ok;
-    let soak_rooms = soaked.totals.cycles;
-    println!("smoke: deliveries={deliveries} handshakes={handshakes} soak_rooms={soak_rooms}");
+    Ok(())
+}
+
+/// Fails the smoke run when nothing was delivered, no handshake completed or the handshake
+/// rounds were not the 2 × 20 joins asked for.
+fn check_counts(deliveries: u64, handshakes: usize, h: &HandshakeResult) -> Result<()> {
     if deliveries == 0 {
         return Err(Error::Smoke("nothing was delivered".into()));
     }
