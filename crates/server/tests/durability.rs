@@ -1540,6 +1540,39 @@ fn a_second_daemon_on_the_same_state_refuses_and_names_the_holder() {
     Member::new(&first, "mine", &bob).registered_with(&host, "bob");
 }
 
+/// The state directory removed whole while the daemon runs, then made again (by hand, or by
+/// systemd at the next `StateDirectory=` setup): the daemon fills it again, lock file first,
+/// so a second ocmd started on it is refused as before, and the joins acknowledged before the
+/// removal survive a `kill -9`.
+#[test]
+fn a_state_directory_removed_while_serving_is_filled_again_with_its_lock() {
+    let mut d = Daemon::start();
+    let mut tokens = vec![create(&d, "gone", "alice"), join(&d, "gone", "bob")];
+    let dir = d.dir.path().to_owned();
+    std::fs::remove_dir_all(&dir).unwrap();
+    d.wait_for_log("cannot open a fresh journal");
+    std::fs::create_dir(&dir).unwrap();
+    d.wait_for_log("was deleted while in use: taken again");
+    tokens.push(join(&d, "gone", "carol"));
+    let log = match Daemon::spawn(Arc::clone(&d.dir), Options::default()) {
+        Ok(_) => panic!("a second ocmd started on a state directory made again"),
+        Err(log) => log,
+    };
+    assert!(
+        log.contains("in use by another ocmd") && log.contains(&format!("pid {}", d.pid())),
+        "the refusal names the holder:\n{log}"
+    );
+    d.kill9();
+    d.restart();
+    assert_clean_start(&d.log());
+    let (status, _) = d.terminate();
+    assert!(status.success(), "{status:?}");
+    let saved = saved_tokens(&d);
+    for token in &tokens {
+        assert!(saved.contains(token), "{token} acknowledged, then lost");
+    }
+}
+
 #[test]
 fn tombstones_answer_a_few_times_per_interval_and_never_for_unknown_tokens() {
     // Three times the default interval, so that the five datagrams below fall in one

@@ -121,6 +121,13 @@ pub(super) struct Writer {
     state_written: bool,
     /// When [`Writer::check_files`] last looked.
     files_checked_at: Instant,
+    /// The lock file was there when the writer started (the daemon took it): if it goes
+    /// missing, another `ocmd` could start on this state ([`Writer::check_lock`]).
+    lock_expected: bool,
+    /// The lock taken again after its file was deleted, held for as long as the writer runs.
+    relock: Option<File>,
+    /// Failures to take it again, logged without a line at every check.
+    relock_failing: Failing,
     next_n: u64,
     line: Vec<u8>,
     /// Durable records not yet handed to the compactor (fewer than [`APPLY_LOT`] between
@@ -365,6 +372,7 @@ impl Writer {
         // Folded below if it holds anything but space laid down ahead, which is kept.
         let file_len = journal.metadata().map(|m| m.len()).unwrap_or(0);
         let snapshot = fs::metadata(&paths.state).ok();
+        let lock_expected = paths.lock.exists();
         let mut state = loaded.state;
         let mut writer = Writer {
             paths,
@@ -377,6 +385,9 @@ impl Writer {
             snapshot_len: snapshot.as_ref().map_or(0, fs::Metadata::len),
             state_written: snapshot.is_some(),
             files_checked_at: Instant::now(),
+            lock_expected,
+            relock: None,
+            relock_failing: Failing::default(),
             next_n: loaded.last_seq + 1,
             line: Vec::new(),
             unapplied: Vec::new(),
@@ -509,6 +520,7 @@ impl Writer {
     /// between appends (each of which checks the journal anyway).
     pub(super) fn check_files(&mut self) {
         self.files_checked_at = Instant::now();
+        self.check_lock();
         if matches!(link_count(&self.journal), Ok(0)) {
             self.replace_deleted_journal();
             return;
@@ -528,6 +540,36 @@ impl Writer {
                  again",
                 self.paths.state.display()
             );
+        }
+    }
+
+    /// Takes the lock again when its file was deleted while in use (with its directory, or
+    /// alone): the daemon still holds the deleted file's lock, which keeps nobody out, so a
+    /// second `ocmd` could start on this state and both would write it. Retried at every
+    /// check until it works; a lock another process took meanwhile is an error to act on.
+    fn check_lock(&mut self) {
+        if !self.lock_expected || !is_missing(&self.paths.lock) {
+            return;
+        }
+        let now = Instant::now();
+        match super::lock(&self.paths) {
+            Ok(file) => {
+                self.relock = Some(file);
+                self.relock_failing = Failing::default();
+                warn!(
+                    "lock file {} was deleted while in use: taken again",
+                    self.paths.lock.display()
+                );
+            }
+            Err(e) => {
+                if let Some(note) = self.relock_failing.failed(now) {
+                    error!(
+                        "lock file {} was deleted while in use, and it cannot be taken again: \
+                         {e}; another ocmd could start on this state meanwhile{note}",
+                        self.paths.lock.display()
+                    );
+                }
+            }
         }
     }
 
@@ -577,6 +619,9 @@ impl Writer {
                 }
             }
         }
+        // Gone with the journal if its directory was removed: taken again before the state
+        // is there to be read by another ocmd.
+        self.check_lock();
         if self.rewrite_state() {
             warn!(
                 "journal {} replaced and state file {} written again from memory: every \
