@@ -191,7 +191,7 @@ impl Metrics {
             "Longest state file write, seconds.",
             self.compactions.max_seconds,
         );
-        let counters: [(&str, &str, f64); 22] = [
+        let counters: [(&str, &str, f64); 23] = [
             (
                 "ocm_tcp_connections_accepted_total",
                 "TCP connections accepted.",
@@ -276,6 +276,11 @@ impl Metrics {
                 "ocm_state_write_failures_total",
                 "Failed tries to write the journal (a full disk, an I/O error), each retried a second later; creates and joins wait meanwhile.",
                 self.compactions.write_failures as f64,
+            ),
+            (
+                "ocm_state_files_restored_total",
+                "State files deleted while in use and put back from memory: a journal (with the state file after it), a state file, a lock file.",
+                self.compactions.files_restored as f64,
             ),
             (
                 "ocm_state_compactions_total",
@@ -402,6 +407,7 @@ mod tests {
             last_seconds: 0.125,
             max_seconds: 0.125,
             write_failures: 2,
+            files_restored: 1,
         });
         let text = m.render(Stats {
             rooms: 2,
@@ -421,6 +427,7 @@ mod tests {
         assert!(text.contains("ocm_state_compactions_total 3\n"));
         assert!(text.contains("ocm_state_compaction_failures_total 1\n"));
         assert!(text.contains("ocm_state_write_failures_total 2\n"));
+        assert!(text.contains("ocm_state_files_restored_total 1\n"));
         assert!(text.contains("ocm_state_compaction_last_seconds 0.125\n"));
         // Every sample line belongs to a family declared with # TYPE (a histogram's samples
         // add _bucket, _sum and _count to its name).

@@ -1949,6 +1949,7 @@ fn state_files_deleted_while_serving_are_written_again_and_lose_no_join() {
         d.metric("ocm_state_write_failures_total") >= 1.0,
         "the append into the deleted journal was not counted as failed"
     );
+    assert_eq!(d.metric("ocm_state_files_restored_total"), 1.0);
     d.kill9();
     d.restart();
     assert_clean_start(&d.log());
@@ -1957,6 +1958,11 @@ fn state_files_deleted_while_serving_are_written_again_and_lose_no_join() {
     std::fs::remove_file(&d.state).unwrap();
     d.wait_for_log("written again from memory");
     assert!(d.state.exists(), "the log says so, but no state file");
+    assert_eq!(
+        d.metric("ocm_state_files_restored_total"),
+        1.0,
+        "since the restart"
+    );
     d.kill9();
     d.restart();
     assert_clean_start(&d.log());

@@ -127,6 +127,9 @@ pub struct Compactions {
     /// a rotation. Counted as they happen, so that the metrics show a disk that does not take
     /// writes while the creates and joins wait for it.
     pub write_failures: u64,
+    /// Files deleted while in use and put back from memory: a journal (with the state file
+    /// written after it), a state file, a lock file, each counted once it is back.
+    pub files_restored: u64,
 }
 
 impl Compactions {

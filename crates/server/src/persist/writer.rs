@@ -535,6 +535,7 @@ impl Writer {
             self.paths.state.display()
         );
         if self.rewrite_state() {
+            counters(&self.stats).files_restored += 1;
             warn!(
                 "state file {} written again from memory: every durable change is on disk \
                  again",
@@ -556,6 +557,7 @@ impl Writer {
             Ok(file) => {
                 self.relock = Some(file);
                 self.relock_failing = Failing::default();
+                counters(&self.stats).files_restored += 1;
                 warn!(
                     "lock file {} was deleted while in use: taken again",
                     self.paths.lock.display()
@@ -623,6 +625,7 @@ impl Writer {
         // is there to be read by another ocmd.
         self.check_lock();
         if self.rewrite_state() {
+            counters(&self.stats).files_restored += 1;
             warn!(
                 "journal {} replaced and state file {} written again from memory: every \
                  durable change is on disk again",
