@@ -1562,15 +1562,7 @@ fn a_state_directory_removed_while_serving_is_filled_again_with_its_lock() {
         log.contains("in use by another ocmd") && log.contains(&format!("pid {}", d.pid())),
         "the refusal names the holder:\n{log}"
     );
-    d.kill9();
-    d.restart();
-    assert_clean_start(&d.log());
-    let (status, _) = d.terminate();
-    assert!(status.success(), "{status:?}");
-    let saved = saved_tokens(&d);
-    for token in &tokens {
-        assert!(saved.contains(token), "{token} acknowledged, then lost");
-    }
+    assert_kept_through_a_kill(&mut d, &tokens);
 }
 
 #[test]
@@ -1925,6 +1917,20 @@ fn keepalive_registers_from_an_unchanged_address_write_no_journal_record() {
     );
 }
 
+/// Kills the daemon with SIGKILL, starts it again on what is on disk, stops it cleanly, and
+/// checks that every acknowledged token in `tokens` is in the state file it leaves.
+fn assert_kept_through_a_kill(d: &mut Daemon, tokens: &[String]) {
+    d.kill9();
+    d.restart();
+    assert_clean_start(&d.log());
+    let (status, _) = d.terminate();
+    assert!(status.success(), "{status:?}");
+    let saved = saved_tokens(d);
+    for token in tokens {
+        assert!(saved.contains(token), "{token} acknowledged, then lost");
+    }
+}
+
 /// A journal deleted while the daemon runs (a cleaner let loose, an `rm` in the wrong
 /// place) would still take appends and syncs that no start could read back, and the joins
 /// acknowledged since the last state file would be lost at the next start. The daemon puts a
@@ -1963,13 +1969,5 @@ fn state_files_deleted_while_serving_are_written_again_and_lose_no_join() {
         1.0,
         "since the restart"
     );
-    d.kill9();
-    d.restart();
-    assert_clean_start(&d.log());
-    let (status, _) = d.terminate();
-    assert!(status.success(), "{status:?}");
-    let saved = saved_tokens(&d);
-    for token in &tokens {
-        assert!(saved.contains(token), "{token} acknowledged, then lost");
-    }
+    assert_kept_through_a_kill(&mut d, &tokens);
 }
