@@ -408,6 +408,7 @@ mod tests {
             max_seconds: 0.125,
             write_failures: 2,
             files_restored: 1,
+            files_missing: false,
         });
         let text = m.render(Stats {
             rooms: 2,

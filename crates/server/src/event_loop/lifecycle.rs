@@ -241,6 +241,11 @@ impl Server {
                 "stopped: {rooms}, {members} saved in the journal, not folded into the state \
                  file (the next start folds them)"
             ),
+            Stopped::Lost => error!(
+                "stopped: {rooms}, {members}, not saved: the state's files were deleted while \
+                 in use and could not be written again, so the next start has only what is \
+                 left on disk (nothing, if their directory is gone)"
+            ),
             Stopped::Unwritten => error!(
                 "stopped: {rooms}, {members}; the changes still waiting for the disk are not \
                  durable"

@@ -62,6 +62,10 @@ pub enum Stopped {
     /// Every change durable in the journals, but the fold into the state file failed (a full
     /// disk) or did not finish in time: the next start folds them. Nothing is lost.
     Unfolded,
+    /// The state's files were deleted while in use (their directory removed, say) and could
+    /// not be written again before the exit: what they held is on no disk, and the next start
+    /// has only what is left there.
+    Lost,
     /// The disk did not take the last batches in time: the changes in them are not durable
     /// (none was acknowledged, since a reply waits for its record to be durable). What was
     /// written without its sync survives the exit, as after a `kill -9`; the rest is lost.
@@ -130,6 +134,9 @@ pub struct Compactions {
     /// Files deleted while in use and put back from memory: a journal (with the state file
     /// written after it), a state file, a lock file, each counted once it is back.
     pub files_restored: u64,
+    /// The journal or the state file was deleted while in use and is not written again yet
+    /// (its directory may be gone): until it is, what it held is on no disk.
+    pub files_missing: bool,
 }
 
 impl Compactions {
@@ -377,15 +384,29 @@ impl Persister {
     /// (`SHUTDOWN_WAIT`) in all, so that a disk that stopped answering does not hold the exit
     /// for ever. Leaving the fold behind loses nothing (the journals hold every change it
     /// would have folded, and the next start folds them); leaving batches behind leaves their
-    /// changes not durable.
+    /// changes not durable. Files deleted while in use and not yet written again hold
+    /// nothing: the stop then says so ([`Stopped::Lost`]) rather than call them saved.
     pub fn shutdown(mut self) -> Stopped {
         let limit = SHUTDOWN_WAIT.as_secs();
         let deadline = Instant::now() + SHUTDOWN_WAIT;
+        // The writer stuck writing deleted files again: neither the journals nor the state
+        // file keep what it would have written.
+        let lost = |what: &str| {
+            error!(
+                "state writer did not finish {what} within {limit} s: the state's files were \
+                 deleted while in use and cannot be written again (is their directory there?); \
+                 exiting without them"
+            );
+            Stopped::Lost
+        };
         while self.busy() {
             self.pump();
             let left = deadline.saturating_duration_since(Instant::now());
             match self.done_rx.recv_timeout(left) {
                 Ok(d) => self.durable = self.durable.max(d.batch),
+                Err(_) if counters(&self.compactions).files_missing => {
+                    return lost("its last writes");
+                }
                 Err(_) => {
                     error!(
                         "state writer did not finish its last writes within {limit} s; \
@@ -400,6 +421,9 @@ impl Persister {
         if let Some(thread) = self.thread.take() {
             while !thread.is_finished() {
                 if Instant::now() >= deadline {
+                    if counters(&self.compactions).files_missing {
+                        return lost("the final fold");
+                    }
                     error!(
                         "state writer did not finish the final fold within {limit} s; exiting \
                          without it: the journals keep every change, and the next start \
@@ -412,6 +436,9 @@ impl Persister {
             if thread.join().unwrap_or(false) {
                 return Stopped::Folded;
             }
+        }
+        if counters(&self.compactions).files_missing {
+            return Stopped::Lost;
         }
         Stopped::Unfolded
     }

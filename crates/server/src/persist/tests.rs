@@ -1297,6 +1297,51 @@ fn a_state_directory_removed_while_in_use_is_filled_again_once_it_is_back() {
     assert_eq!(load_complete(&paths).last_seq, last);
 }
 
+/// A stop while the state directory is gone (the writer retrying to open a fresh journal
+/// in it) does not call the state saved in the journal: there is no journal, and what the
+/// files held is on no disk.
+#[test]
+fn a_stop_while_the_state_directory_is_gone_says_the_state_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    fs::create_dir(&state_dir).unwrap();
+    let mut d = Driver::start(&state_dir, Options::default());
+    d.write(5);
+    fs::remove_dir_all(&state_dir).unwrap();
+    d.wait("a failed try to open a fresh journal", |p| {
+        p.compactions().write_failures > 0
+    });
+    assert!(d.persister.compactions().files_missing);
+    assert_eq!(d.persister.shutdown(), Stopped::Lost);
+}
+
+/// The same seen by the final fold, when the directory went since the writer's last check:
+/// the fold fails, and the stop is told that the journal keeps nothing.
+#[test]
+fn a_final_fold_with_the_state_directory_gone_says_the_state_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    fs::create_dir(&state_dir).unwrap();
+    let paths = Paths::new(&state_dir.join("s.json"));
+    let poll = Poll::new().unwrap();
+    let waker = Arc::new(mio::Waker::new(poll.registry(), Token(0)).unwrap());
+    let stats = Arc::new(Mutex::new(Compactions::default()));
+    let loaded = store::load(&paths).unwrap();
+    let mut writer =
+        Writer::open(paths, loaded, Options::default(), Arc::clone(&stats), waker).unwrap();
+    writer.append(&(1..=3).map(record).collect::<Vec<_>>());
+    writer.forward((1..=3).map(record).collect());
+    fs::remove_dir_all(&state_dir).unwrap();
+    assert!(
+        !writer.finish(),
+        "a fold into a removed directory was taken as done"
+    );
+    assert!(
+        counters(&stats).files_missing,
+        "the stop would say the journal keeps the changes"
+    );
+}
+
 /// A journal deleted while a compaction has not reported to the writer yet (no commit since
 /// the one that asked for it): the writer takes that report, then has the state file written
 /// again, and the compactor is still there for the compactions and the fold after.

@@ -534,8 +534,12 @@ impl Writer {
              from memory",
             self.paths.state.display()
         );
+        counters(&self.stats).files_missing = true;
         if self.rewrite_state() {
-            counters(&self.stats).files_restored += 1;
+            let mut counters = counters(&self.stats);
+            counters.files_restored += 1;
+            counters.files_missing = false;
+            drop(counters);
             warn!(
                 "state file {} written again from memory: every durable change is on disk \
                  again",
@@ -588,6 +592,7 @@ impl Writer {
              file), and creates and joins wait until then",
             self.paths.journal.display()
         );
+        counters(&self.stats).files_missing = true;
         let mut failing = Failing::default();
         loop {
             // Emptied, in case a file took the name meanwhile: what it holds is not ours.
@@ -625,7 +630,10 @@ impl Writer {
         // is there to be read by another ocmd.
         self.check_lock();
         if self.rewrite_state() {
-            counters(&self.stats).files_restored += 1;
+            let mut counters = counters(&self.stats);
+            counters.files_restored += 1;
+            counters.files_missing = false;
+            drop(counters);
             warn!(
                 "journal {} replaced and state file {} written again from memory: every \
                  durable change is on disk again",
@@ -939,6 +947,18 @@ impl Writer {
         }
         match self.fold(&mut state) {
             Ok(()) => true,
+            // Deleted since the last check: the journal, or the state file it follows.
+            Err(e)
+                if matches!(link_count(&self.journal), Ok(0))
+                    || (self.state_written && is_missing(&self.paths.state)) =>
+            {
+                counters(&self.stats).files_missing = true;
+                error!(
+                    "{e}; the state's files were deleted while in use, so the journal does \
+                     not keep the changes"
+                );
+                false
+            }
             Err(e) => {
                 error!("{e}; the journals keep every change");
                 false
