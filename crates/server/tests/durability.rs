@@ -1565,6 +1565,33 @@ fn a_state_directory_removed_while_serving_is_filled_again_with_its_lock() {
     assert_kept_through_a_kill(&mut d, &tokens);
 }
 
+/// A lock file replaced while in use (deleted, and another ocmd took a new one at its name
+/// before the daemon's next check; here the test takes it, in one rename, so that the check
+/// cannot come between): the daemon does not take the new file for its own lock, and says
+/// once that another process holds it, naming its pid.
+#[test]
+fn a_lock_file_taken_by_another_process_while_serving_is_reported() {
+    let d = Daemon::start();
+    create(&d, "locked", "alice");
+    let lock = d.dir.path().join("room_manager.json.lock");
+    let taken = d.dir.path().join("other.lock");
+    let mut other = std::fs::File::create(&taken).unwrap();
+    other.try_lock().unwrap();
+    writeln!(other, "pid 4242").unwrap();
+    std::fs::rename(&taken, &lock).unwrap();
+    d.wait_for_log("(pid 4242)");
+    let log = d.log();
+    assert!(
+        log.contains("another ocmd took it"),
+        "the line says what happened:\n{log}"
+    );
+    assert!(
+        !log.contains("taken again"),
+        "the daemon took the other process's lock file for its own:\n{log}"
+    );
+    drop(other);
+}
+
 #[test]
 fn tombstones_answer_a_few_times_per_interval_and_never_for_unknown_tokens() {
     // Three times the default interval, so that the five datagrams below fall in one

@@ -6,7 +6,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
@@ -49,6 +49,11 @@ fn torn_tail_note(torn_tail: bool, zero_holes: &[(PathBuf, ZeroHole)]) -> String
 /// How long the writer waits idle before it checks that its files are still there, and how
 /// often at most it checks between appends ([`Writer::check_files`]).
 pub(super) const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A file's identity: its device and inode.
+fn file_id(metadata: &fs::Metadata) -> (u64, u64) {
+    (metadata.dev(), metadata.ino())
+}
 
 /// Whether nothing has the name `path` (an error other than "not found" says nothing: it is
 /// taken as there).
@@ -121,9 +126,10 @@ pub(super) struct Writer {
     state_written: bool,
     /// When [`Writer::check_files`] last looked.
     files_checked_at: Instant,
-    /// The lock file was there when the writer started (the daemon took it): if it goes
-    /// missing, another `ocmd` could start on this state ([`Writer::check_lock`]).
-    lock_expected: bool,
+    /// The lock file the daemon holds (device and inode), once it took it: if another file
+    /// takes its name, or none, another `ocmd` could start on this state
+    /// ([`Writer::check_lock`]).
+    lock_held: Option<(u64, u64)>,
     /// The lock taken again after its file was deleted, held for as long as the writer runs.
     relock: Option<File>,
     /// Failures to take it again, logged without a line at every check.
@@ -372,7 +378,8 @@ impl Writer {
         // Folded below if it holds anything but space laid down ahead, which is kept.
         let file_len = journal.metadata().map(|m| m.len()).unwrap_or(0);
         let snapshot = fs::metadata(&paths.state).ok();
-        let lock_expected = paths.lock.exists();
+        // The daemon took the lock just before: the file at its name is the one it holds.
+        let lock_held = fs::metadata(&paths.lock).ok().map(|m| file_id(&m));
         let mut state = loaded.state;
         let mut writer = Writer {
             paths,
@@ -385,7 +392,7 @@ impl Writer {
             snapshot_len: snapshot.as_ref().map_or(0, fs::Metadata::len),
             state_written: snapshot.is_some(),
             files_checked_at: Instant::now(),
-            lock_expected,
+            lock_held,
             relock: None,
             relock_failing: Failing::default(),
             next_n: loaded.last_seq + 1,
@@ -553,12 +560,22 @@ impl Writer {
     /// second `ocmd` could start on this state and both would write it. Retried at every
     /// check until it works; a lock another process took meanwhile is an error to act on.
     fn check_lock(&mut self) {
-        if !self.lock_expected || !is_missing(&self.paths.lock) {
+        let Some(held) = self.lock_held else {
             return;
+        };
+        // Not by the name alone: a second ocmd that started since the deletion has made a
+        // file of its own there, and holds its lock.
+        match fs::symlink_metadata(&self.paths.lock) {
+            Ok(m) if file_id(&m) == held => return,
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return,
+            _ => {}
         }
         let now = Instant::now();
         match super::lock(&self.paths) {
             Ok(file) => {
+                if let Ok(m) = file.metadata() {
+                    self.lock_held = Some(file_id(&m));
+                }
                 self.relock = Some(file);
                 self.relock_failing = Failing::default();
                 counters(&self.stats).files_restored += 1;
@@ -566,6 +583,15 @@ impl Writer {
                     "lock file {} was deleted while in use: taken again",
                     self.paths.lock.display()
                 );
+            }
+            Err(e @ StoreError::Locked { .. }) => {
+                if let Some(note) = self.relock_failing.failed(now) {
+                    error!(
+                        "lock file {} was deleted while in use, and another ocmd took it since: \
+                         {e}; both write this state: stop one of them{note}",
+                        self.paths.lock.display()
+                    );
+                }
             }
             Err(e) => {
                 if let Some(note) = self.relock_failing.failed(now) {
