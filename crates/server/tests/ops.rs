@@ -3247,6 +3247,34 @@ fn readyz_says_when_creates_and_joins_wait_for_the_disk() {
     assert!(d.metric("ocm_http_responses_total{code=\"503\"}") >= 1.0);
 }
 
+/// `/readyz` says not ready as soon as the writer finds the state's files gone and cannot
+/// write them again (here their directory removed while the daemon is idle), not only once a
+/// create or join has waited 5 s for them; and ready again once they are back.
+#[test]
+fn readyz_says_not_ready_while_the_state_directory_is_gone() {
+    let d = Daemon::start_with(Options {
+        metrics: true,
+        ..Options::default()
+    });
+    create(&d, "gone", "alice");
+    assert_eq!(d.http_get("/readyz"), "ready\n");
+    let dir = d.dir.path().to_owned();
+    std::fs::remove_dir_all(&dir).unwrap();
+    d.wait_for_log("cannot open a fresh journal");
+    let addr = d.metrics.expect("metrics on");
+    let answer = http(addr, "GET /readyz HTTP/1.0\r\n\r\n");
+    assert_eq!(answer.0, "HTTP/1.1 503 Service Unavailable", "{answer:?}");
+    assert!(
+        answer
+            .1
+            .starts_with("not ready: the state's files were deleted while in use"),
+        "{answer:?}"
+    );
+    std::fs::create_dir(&dir).unwrap();
+    d.wait_for_log("written again from memory");
+    assert_eq!(d.http_get("/readyz"), "ready\n");
+}
+
 /// A `--metrics` value that is not an address is refused as a bad `--metrics`, as `--tcp` and
 /// `--udp` are: it was reported as `listen.metrics: …`, a key of a file the operator may not
 /// have, with nothing naming the flag actually given.

@@ -406,6 +406,26 @@ impl Server {
                 Some("200"),
                 http::response("200 OK", "text/plain", "ok\n", head),
             ),
+            // Found by the writer within a second, idle or not: creates and joins wait for
+            // the files from then on, so there is no need to wait for one to wait 5 s.
+            Route::Ready
+                if self
+                    .persister
+                    .as_ref()
+                    .is_some_and(|p| p.compactions().files_missing) =>
+            {
+                (
+                    Some("503"),
+                    http::response(
+                        "503 Service Unavailable",
+                        "text/plain",
+                        "not ready: the state's files were deleted while in use and are not \
+                         written again yet, and creates and joins wait for them (the log says \
+                         why)\n",
+                        head,
+                    ),
+                )
+            }
             Route::Ready => match self.disk_wait(Instant::now()) {
                 Some(waited) => (
                     Some("503"),
