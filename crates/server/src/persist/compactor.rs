@@ -91,9 +91,8 @@ fn compact_loop(
                         counters(stats).failed += 1;
                         match failing.failed(Instant::now()) {
                             Some(note) => error!(
-                                "{e}; compaction failed after {elapsed:?}: {} is kept (its \
-                                 records are still needed) and compaction is retried later{note}",
-                                paths.journal_old.display()
+                                "{e}; compaction failed after {elapsed:?}: {}{note}",
+                                retry_note(paths)
                             ),
                             None => debug!("{e}; compaction failed again"),
                         }
@@ -110,6 +109,19 @@ fn compact_loop(
         }
     }
     state
+}
+
+/// What a failed compaction leaves, for its log line: `journal.old` when there is one, but
+/// not when the state file was being written again after a deletion, with no rotation.
+fn retry_note(paths: &Paths) -> String {
+    if paths.journal_old.exists() {
+        format!(
+            "{} is kept (its records are still needed) and compaction is retried later",
+            paths.journal_old.display()
+        )
+    } else {
+        "it is retried later".to_owned()
+    }
 }
 
 /// Writes `state`, stamped as holding every record up to `journal_seq`, as the state file.
@@ -152,4 +164,26 @@ pub(super) fn log_written(paths: &Paths, state: &State, bytes: u64, elapsed: Dur
         state.journal_seq,
         elapsed
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed compaction names `journal.old` as kept only when there is one: a state file
+    /// written again after a deletion has none.
+    #[test]
+    fn a_failed_compaction_names_journal_old_only_when_there_is_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(&dir.path().join("s.json"));
+        assert_eq!(retry_note(&paths), "it is retried later");
+        fs::write(&paths.journal_old, b"").unwrap();
+        assert_eq!(
+            retry_note(&paths),
+            format!(
+                "{} is kept (its records are still needed) and compaction is retried later",
+                paths.journal_old.display()
+            )
+        );
+    }
 }
