@@ -386,6 +386,32 @@ fn the_writer_keeps_space_ahead_of_its_appends_and_it_loads_as_no_tear() {
     assert_eq!(loaded.journal_data_bytes, journal_len(&d.paths));
 }
 
+/// A fold gives the space laid down ahead back before it writes the state file: on a full
+/// disk that space (up to 1.25 MiB, the daemon's own) may be all the room the state file
+/// needs. Here the fold fails anyway (a directory stands in the state file's place), and the
+/// journal is left with its records and without the space.
+#[test]
+fn a_fold_gives_back_the_space_ahead_before_it_writes_the_state_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Driver::start(dir.path(), Options::default());
+    let last = d.write(3);
+    let deadline = Instant::now() + PATIENCE;
+    while fs::metadata(&d.paths.journal).map_or(0, |m| m.len()) < SPACE_AHEAD_BYTES {
+        assert!(Instant::now() < deadline, "no space laid down ahead");
+        thread::sleep(Duration::from_millis(5));
+    }
+    fs::create_dir(&d.paths.state).unwrap();
+    let paths = d.paths.clone();
+    assert_eq!(d.persister.shutdown(), Stopped::Unfolded);
+    assert_eq!(
+        fs::metadata(&paths.journal).unwrap().len(),
+        journal_len(&paths),
+        "the space ahead was kept through the fold"
+    );
+    fs::remove_dir(&paths.state).unwrap();
+    assert_eq!(load_complete(&paths).last_seq, last);
+}
+
 /// Once the appends have used the space laid down ahead up to its last quarter, more is laid
 /// after it: it is kept ahead however far the journal grows, not laid once.
 #[test]

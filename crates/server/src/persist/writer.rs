@@ -996,6 +996,22 @@ impl Writer {
     /// and empties the journal. Only while no compaction runs: at start and at shutdown.
     fn fold(&mut self, state: &mut State) -> Result<(), StoreError> {
         let started = Instant::now();
+        // The space laid down ahead holds no record (a start reads it as none), and on a full
+        // disk it may be the room the state file needs: given back first.
+        let cut = self.journal.metadata().and_then(|m| {
+            if m.len() > self.journal_len {
+                self.journal.set_len(self.journal_len)
+            } else {
+                Ok(())
+            }
+        });
+        match cut {
+            Ok(()) => self.ahead_end = self.journal_len,
+            Err(e) => debug!(
+                "cannot cut the space ahead off journal {}: {e}",
+                self.paths.journal.display()
+            ),
+        }
         let bytes = write_snapshot(&self.paths, state, self.next_n - 1)?;
         // The state file now holds every journal record (its journal_seq says so), so a crash
         // before or during what follows replays nothing twice.
