@@ -619,39 +619,12 @@ impl Writer {
             self.paths.journal.display()
         );
         counters(&self.stats).files_missing = true;
-        let mut failing = Failing::default();
-        loop {
-            // Emptied, in case a file took the name meanwhile: what it holds is not ours.
-            let fresh = open_journal(&self.paths.journal).and_then(|file| {
-                file.set_len(0)
-                    .and_then(|()| file.sync_all())
-                    .map(|()| file)
-            });
-            match fresh {
-                Ok(file) => {
-                    self.journal = file;
-                    self.journal_len = 0;
-                    self.ahead_end = 0;
-                    self.ahead_retry_at = None;
-                    break;
-                }
-                Err(e) if store::is_failed_dir_sync(&e) => {
-                    super::stop_after_failed_dir_sync("replacing a deleted journal", &e)
-                }
-                Err(e) => {
-                    counters(&self.stats).write_failures += 1;
-                    if let Some(note) = failing.failed(Instant::now()) {
-                        error!(
-                            "cannot open a fresh journal {}: {e}; retrying every \
-                             {RETRY_DELAY:?} (if its directory was removed, create it again)\
-                             {note}",
-                            self.paths.journal.display()
-                        );
-                    }
-                    thread::sleep(RETRY_DELAY);
-                }
-            }
-        }
+        // Emptied, in case a file took the name meanwhile: what it holds is not ours.
+        self.open_fresh_journal(
+            "replacing a deleted journal",
+            " (if its directory was removed, create it again)",
+            true,
+        );
         // Gone with the journal if its directory was removed: taken again before the state
         // is there to be read by another ocmd.
         self.check_lock();
@@ -893,30 +866,46 @@ impl Writer {
         self.journal.sync_data()?;
         fs::rename(&self.paths.journal, &self.paths.journal_old)?;
         self.journal_old = true;
+        self.open_fresh_journal("rotating the journal", "", false);
+        Ok(())
+    }
+
+    /// Opens a fresh, empty journal in place of the one gone (`emptied`: cut to nothing
+    /// first, should a file hold the name), retrying every [`RETRY_DELAY`] until it works:
+    /// nothing is appended, so nothing acknowledged, meanwhile. `what` names the step for a
+    /// failed directory `fsync`, which stops the daemon; `hint` ends the failure's log line.
+    fn open_fresh_journal(&mut self, what: &str, hint: &str, emptied: bool) {
         let mut failing = Failing::default();
         loop {
-            match open_journal(&self.paths.journal) {
+            let fresh = open_journal(&self.paths.journal).and_then(|file| {
+                if emptied {
+                    file.set_len(0).and_then(|()| file.sync_all())?;
+                }
+                Ok(file)
+            });
+            match fresh {
                 Ok(file) => {
                     self.journal = file;
                     self.journal_len = 0;
                     self.ahead_end = 0;
+                    self.ahead_retry_at = None;
                     if let Some(tally) = failing.ended(Instant::now()) {
                         warn!(
                             "fresh journal {} opened, after {tally}",
                             self.paths.journal.display()
                         );
                     }
-                    return Ok(());
+                    return;
                 }
                 Err(e) if store::is_failed_dir_sync(&e) => {
-                    super::stop_after_failed_dir_sync("rotating the journal", &e)
+                    super::stop_after_failed_dir_sync(what, &e)
                 }
                 Err(e) => {
                     counters(&self.stats).write_failures += 1;
                     if let Some(note) = failing.failed(Instant::now()) {
                         error!(
                             "cannot open a fresh journal {}: {e}; retrying every \
-                             {RETRY_DELAY:?}{note}",
+                             {RETRY_DELAY:?}{hint}{note}",
                             self.paths.journal.display()
                         );
                     }
