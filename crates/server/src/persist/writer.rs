@@ -655,17 +655,7 @@ impl Writer {
                     _ => self.compactor_gone(),
                 }
             }
-            self.hand_over();
-            let journal_seq = self.next_n - 1;
-            let asked = self
-                .compactor
-                .as_ref()
-                .map(|c| c.jobs.send(Job::Compact { journal_seq }).is_ok());
-            match asked {
-                Some(true) => self.compacting = true,
-                Some(false) => self.compactor_gone(),
-                None => {}
-            }
+            self.ask_for_compaction();
             let Some(compactor) = self.compactor.as_ref() else {
                 error!(
                     "cannot write {} again: the compactor thread is gone; restart ocmd, and \
@@ -831,19 +821,24 @@ impl Writer {
                 );
             }
         }
-        // The snapshot must hold every record up to `journal_seq`.
+        if let Some(journal_seq) = self.ask_for_compaction() {
+            debug!("journal rotated; compacting up to record {journal_seq}");
+        }
+    }
+
+    /// Hands the compactor every durable record and asks it for a state file holding them all
+    /// (the snapshot must hold every record up to the last appended); returns that record's
+    /// number, or `None` when the compactor is gone.
+    fn ask_for_compaction(&mut self) -> Option<u64> {
         self.hand_over();
         let journal_seq = self.next_n - 1;
-        let sent = self
-            .compactor
-            .as_ref()
-            .is_some_and(|c| c.jobs.send(Job::Compact { journal_seq }).is_ok());
-        if sent {
-            self.compacting = true;
-            debug!("journal rotated; compacting up to record {journal_seq}");
-        } else {
+        let compactor = self.compactor.as_ref()?;
+        if compactor.jobs.send(Job::Compact { journal_seq }).is_err() {
             self.compactor_gone();
+            return None;
         }
+        self.compacting = true;
+        Some(journal_seq)
     }
 
     /// Cuts the space laid down ahead off the journal, renames it to `journal.old` and goes on
