@@ -201,7 +201,9 @@ fn main() -> ExitCode {
         }
     };
     match server.run() {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(stopped) if stopped.kept_the_state() => ExitCode::SUCCESS,
+        // Already logged at error: the exit status is for systemd and scripts.
+        Ok(_) => ExitCode::FAILURE,
         Err(e) => {
             log_fatal(&e);
             ExitCode::FAILURE

@@ -535,7 +535,11 @@ fn a_clean_stop_whose_last_writes_never_reach_the_disk_exits_and_says_so() {
     }
     let status = d.wait_exit();
     let took = signalled.elapsed();
-    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "a stop that left changes not durable reports a failure: {status:?}"
+    );
     let systemd_waits = unit_stop_timeout();
     assert!(
         took < systemd_waits,
@@ -1563,6 +1567,31 @@ fn a_state_directory_removed_while_serving_is_filled_again_with_its_lock() {
         "the refusal names the holder:\n{log}"
     );
     assert_kept_through_a_kill(&mut d, &tokens);
+}
+
+/// A clean stop with the state directory removed and not made again exits once it gave up on
+/// the writer, says the state is lost, and reports it in its exit status (1, as systemd and
+/// scripts read it), not as the success of a stop that saved everything.
+#[test]
+fn a_stop_that_cannot_write_the_state_again_fails() {
+    let mut d = Daemon::start();
+    create(&d, "gone", "alice");
+    std::fs::remove_dir_all(d.dir.path()).unwrap();
+    d.wait_for_log("cannot open a fresh journal");
+    d.signal(libc::SIGTERM);
+    // The daemon gives up on the writer after 10 s, more than the helpers wait for a line.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !d.log().contains("stopped: ") {
+        assert!(Instant::now() < deadline, "ocmd still stops: {}", d.log());
+        thread::sleep(Duration::from_millis(50));
+    }
+    let status = d.wait_exit();
+    assert_eq!(status.code(), Some(1), "{status:?}\n{}", d.log());
+    let log = d.log();
+    assert!(
+        log.contains("stopped: 1 room, 1 member, not saved"),
+        "the stop says the state is lost:\n{log}"
+    );
 }
 
 /// A lock file replaced while in use (deleted, and another ocmd took a new one at its name

@@ -195,8 +195,8 @@ impl Server {
     }
 
     /// Stops accepting, answers what can be answered, makes every change durable, and folds
-    /// the journal into the state file.
-    pub(super) fn shutdown(&mut self) {
+    /// the journal into the state file; says how far it got with the state.
+    pub(super) fn shutdown(&mut self) -> Stopped {
         info!("stopping: flushing state");
         self.notifier.send("STOPPING=1");
         if let Some(mut tcp) = self.tcp.take() {
@@ -251,6 +251,7 @@ impl Server {
                  durable"
             ),
         }
+        stopped
     }
 }
 

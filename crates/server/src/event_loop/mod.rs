@@ -44,7 +44,7 @@ use crate::mmsg;
 use crate::notify::Notifier;
 use crate::outbox::Outbox;
 use crate::password;
-use crate::persist::Persister;
+use crate::persist::{Persister, Stopped};
 use crate::plural::Count;
 use crate::rate::{KeyedLimiter, TokenBucket};
 use crate::rooms::Registry;
@@ -230,8 +230,8 @@ impl Server {
         self.bound
     }
 
-    /// Serves until SIGTERM or SIGINT, then flushes state and returns.
-    pub fn run(mut self) -> Result<(), Error> {
+    /// Serves until SIGTERM or SIGINT, then flushes state and says how far that got.
+    pub fn run(mut self) -> Result<Stopped, Error> {
         let metrics = self
             .bound
             .metrics
@@ -272,8 +272,7 @@ impl Server {
                     }
                     SIGNALS => {
                         if self.handle_signals() {
-                            self.shutdown();
-                            return Ok(());
+                            return Ok(self.shutdown());
                         }
                     }
                     token => {

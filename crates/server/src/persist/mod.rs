@@ -72,6 +72,15 @@ pub enum Stopped {
     Unwritten,
 }
 
+impl Stopped {
+    /// Whether every change the daemon acknowledged is on disk after this stop: false for a
+    /// stop that exits without state ([`Stopped::Lost`]) or without the writes the disk did
+    /// not take ([`Stopped::Unwritten`]), which `ocmd` reports with a failed exit status.
+    pub fn kept_the_state(self) -> bool {
+        matches!(self, Stopped::Folded | Stopped::Unfolded)
+    }
+}
+
 /// Default of `[state] compact_journal_bytes`: the journal is compacted once it is larger than
 /// this many bytes and larger than the last state file.
 pub const DEFAULT_COMPACT_JOURNAL_BYTES: u64 = 8 * 1024 * 1024;
