@@ -409,6 +409,7 @@ mod tests {
             write_failures: 2,
             files_restored: 1,
             files_missing: false,
+            lock_taken: false,
         });
         let text = m.render(Stats {
             rooms: 2,

@@ -1597,10 +1597,14 @@ fn a_stop_that_cannot_write_the_state_again_fails() {
 /// A lock file replaced while in use (deleted, and another ocmd took a new one at its name
 /// before the daemon's next check; here the test takes it, in one rename, so that the check
 /// cannot come between): the daemon does not take the new file for its own lock, and says
-/// once that another process holds it, naming its pid.
+/// once that another process holds it, naming its pid; `/readyz` says not ready until the
+/// other process lets go and the daemon takes the lock again.
 #[test]
 fn a_lock_file_taken_by_another_process_while_serving_is_reported() {
-    let d = Daemon::start();
+    let d = Daemon::start_with(Options {
+        metrics: true,
+        ..Options::default()
+    });
     create(&d, "locked", "alice");
     let lock = d.dir.path().join("room_manager.json.lock");
     let taken = d.dir.path().join("other.lock");
@@ -1618,7 +1622,17 @@ fn a_lock_file_taken_by_another_process_while_serving_is_reported() {
         !log.contains("taken again"),
         "the daemon took the other process's lock file for its own:\n{log}"
     );
+    let answer = d.http_answer("/readyz");
+    assert_eq!(answer.0, "HTTP/1.1 503 Service Unavailable", "{answer:?}");
+    assert!(
+        answer
+            .1
+            .starts_with("not ready: the state's lock file was deleted while in use"),
+        "{answer:?}"
+    );
     drop(other);
+    d.wait_for_log("was deleted while in use: taken again");
+    assert_eq!(d.http_get("/readyz"), "ready\n");
 }
 
 #[test]

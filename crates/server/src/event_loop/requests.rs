@@ -426,6 +426,24 @@ impl Server {
                     ),
                 )
             }
+            Route::Ready
+                if self
+                    .persister
+                    .as_ref()
+                    .is_some_and(|p| p.compactions().lock_taken) =>
+            {
+                (
+                    Some("503"),
+                    http::response(
+                        "503 Service Unavailable",
+                        "text/plain",
+                        "not ready: the state's lock file was deleted while in use and another \
+                         process took it since: both may write the state; stop one of them (the \
+                         log names it)\n",
+                        head,
+                    ),
+                )
+            }
             Route::Ready => match self.disk_wait(Instant::now()) {
                 Some(waited) => (
                     Some("503"),

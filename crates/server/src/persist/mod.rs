@@ -146,6 +146,9 @@ pub struct Compactions {
     /// The journal or the state file was deleted while in use and is not written again yet
     /// (its directory may be gone): until it is, what it held is on no disk.
     pub files_missing: bool,
+    /// The lock file was deleted while in use and another process (a second `ocmd`) took a
+    /// lock of its own at its name: both may write this state, until one of them stops.
+    pub lock_taken: bool,
 }
 
 impl Compactions {

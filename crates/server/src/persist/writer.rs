@@ -578,13 +578,17 @@ impl Writer {
                 }
                 self.relock = Some(file);
                 self.relock_failing = Failing::default();
-                counters(&self.stats).files_restored += 1;
+                let mut counters = counters(&self.stats);
+                counters.files_restored += 1;
+                counters.lock_taken = false;
+                drop(counters);
                 warn!(
                     "lock file {} was deleted while in use: taken again",
                     self.paths.lock.display()
                 );
             }
             Err(e @ StoreError::Locked { .. }) => {
+                counters(&self.stats).lock_taken = true;
                 if let Some(note) = self.relock_failing.failed(now) {
                     error!(
                         "lock file {} was deleted while in use, and another ocmd took it since: \

@@ -427,6 +427,13 @@ impl Daemon {
 
     /// `GET path` on the metrics listener; returns the body.
     pub fn http_get(&self, path: &str) -> String {
+        let (status, body) = self.http_answer(path);
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        body
+    }
+
+    /// GET `path` from the metrics listener, whatever the answer: its status line and body.
+    pub fn http_answer(&self, path: &str) -> (String, String) {
         let addr = self.metrics.expect("metrics enabled");
         let mut s = TcpStream::connect(addr).expect("connect metrics");
         s.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -434,8 +441,10 @@ impl Daemon {
         let mut text = String::new();
         s.read_to_string(&mut text).expect("read response");
         let (head, body) = text.split_once("\r\n\r\n").expect("http response");
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        body.to_owned()
+        (
+            head.lines().next().unwrap_or_default().to_owned(),
+            body.to_owned(),
+        )
     }
 
     /// One sample from `/metrics` (0 when absent), e.g. `ocm_rooms` or
