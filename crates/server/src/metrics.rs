@@ -26,7 +26,7 @@ pub struct Metrics {
     /// TCP connections refused by reason (`max_connections`, `max_connections_per_ip`,
     /// `max_metrics_connections`, `poll_register`).
     pub tcp_rejected: BTreeMap<&'static str, u64>,
-    /// Answers of the metrics endpoint by status code (`200`, `400`, `404`, `431`).
+    /// Answers of the metrics endpoint by status code (`200`, `400`, `404`, `431`, `503`).
     pub http_responses: BTreeMap<&'static str, u64>,
     /// TCP connections closed by reason.
     pub tcp_closed: BTreeMap<&'static str, u64>,
@@ -52,7 +52,7 @@ pub struct Metrics {
     pub datagrams_dropped: BTreeMap<&'static str, u64>,
     /// Sends that failed, by reason.
     pub send_errors: BTreeMap<&'static str, u64>,
-    /// Rate-limit hits by kind (`chat`, `request`).
+    /// Rate-limit hits by kind (`chat`, `request`, `password_queue`).
     pub rate_limited: BTreeMap<&'static str, u64>,
     /// `__ROOM_CLOSED__` answers to tokens of closed rooms.
     pub closed_room_replies: u64,
@@ -259,7 +259,7 @@ impl Metrics {
             ),
             (
                 "ocm_state_writes_total",
-                "Journal writes made durable: one write and fdatasync each, carrying every batch queued.",
+                "Journal writes made durable (group commits): one write and fdatasync each (one pair per piece of at most 64 KiB for a larger one), carrying the batches queued meanwhile.",
                 self.state_writes as f64,
             ),
             (
@@ -284,12 +284,12 @@ impl Metrics {
             ),
             (
                 "ocm_state_compactions_total",
-                "State files written: the fold at start and each journal compaction.",
+                "State files written: the fold at start, each journal compaction, and each state file written again after a deletion.",
                 self.compactions.written as f64,
             ),
             (
                 "ocm_state_compaction_failures_total",
-                "Journal compactions that failed (retried; nothing is lost).",
+                "State file writes that failed, each retried: compactions (journal.old kept; nothing is lost) and rewrites of a state file deleted while in use.",
                 self.compactions.failed as f64,
             ),
             (
