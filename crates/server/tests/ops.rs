@@ -2931,6 +2931,39 @@ fn a_hard_open_file_limit_below_max_connections_is_reported_at_start() {
     );
 }
 
+/// A hard open-file limit too low for `limits.max_connections` lowers the cap to what the
+/// descriptors allow. Before, `accept` failed (EMFILE) before `max_connections` was reached,
+/// so no idle connection was ever closed to make room: sources that held their connections
+/// open (with a request now and then, under every limit) locked out every newcomer and every
+/// health check for good. Seen with the defaults under a hard limit of 4096 (no warning then):
+/// 4,012 connections open, a new client's request unanswered after 4 s.
+#[test]
+fn a_hard_open_file_limit_lowers_the_connection_cap_so_idle_connections_make_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = "[limits]\nhandshake_timeout_secs = 60\n";
+    let (_guard, tcp, log, _lines) = spawn_with_open_files(dir.path(), 200, 200, toml);
+    assert!(
+        log.contains("at most 120 handshake connections"),
+        "the lowered cap is not said:\n{log}"
+    );
+    // More idle connections than the descriptors hold.
+    let idle: Vec<TcpStream> = (0..200).map(|_| TcpStream::connect(tcp).unwrap()).collect();
+    let started = Instant::now();
+    let mut s = TcpStream::connect(tcp).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let reply = exchange(
+        &mut s,
+        &request_bytes(Operation::CreateRoom, "r", b"\"alice\""),
+    );
+    assert!(reply.token.is_some(), "{reply:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(idle);
+}
+
 /// A notification that cannot be sent is logged with the socket it was for: "cannot notify
 /// the service manager: No such file or directory (os error 2)" did not say which file, and
 /// `NOTIFY_SOCKET` is set by whatever started the daemon, not by the operator reading the log.

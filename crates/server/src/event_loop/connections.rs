@@ -48,7 +48,7 @@ impl Server {
                 .copied()
                 .unwrap_or(0);
             let tcrp_open = self.conns.len() - self.http_conns.len();
-            if tcrp_open < limits.max_connections {
+            if tcrp_open < self.connection_cap {
                 // Picks from a full table go stale once it is not full.
                 self.evict_candidates.clear();
             }
@@ -57,8 +57,9 @@ impl Server {
                     Some("max_connections_per_ip")
                 }
                 // Full: another connection makes room, if one may go (see `evict_idle`), so
-                // sources holding every slot open cannot lock newcomers out.
-                Kind::Tcrp if tcrp_open >= limits.max_connections && !self.evict_idle() => {
+                // sources holding every slot open cannot lock newcomers out. The cap fits the
+                // open-file limit, so the descriptors do not run out first.
+                Kind::Tcrp if tcrp_open >= self.connection_cap && !self.evict_idle() => {
                     Some("max_connections")
                 }
                 // Scrapers and health checks have their own small allowance, so they can

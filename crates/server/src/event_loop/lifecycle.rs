@@ -80,7 +80,7 @@ impl Server {
         self.shorten_timers(&new);
         self.apply_log_level(path, &new);
         if new.limits.max_connections != self.config.limits.max_connections {
-            fit_open_files(&new);
+            self.connection_cap = fit_open_files(&new);
         }
         let changes = self.config.changes(&new);
         self.config = new;

@@ -146,6 +146,9 @@ pub struct Server {
     signals: Signals,
     conns: Slab<Conn>,
     per_ip: HashMap<IpAddr, usize>,
+    /// Handshake connections open at most: `limits.max_connections`, or fewer if the
+    /// open-file limit cannot fit them (see `setup::fit_open_files`).
+    connection_cap: usize,
     /// Open metrics (HTTP) connections, oldest first (at most [`MAX_HTTP_CONNECTIONS`]).
     http_conns: Vec<ConnId>,
     registry: Registry,

@@ -51,7 +51,7 @@ impl Server {
         let paths = Paths::new(&config.state.path);
         let lock = persist::lock(&paths)?;
         let (loaded, mut registry, now) = load_registry(&paths, &config)?;
-        fit_open_files(&config);
+        let connection_cap = fit_open_files(&config);
         let poll = Poll::new().map_err(io_err("cannot create poll"))?;
         let (mut tcp, nodelay_inherited) = bind_tcp(&config)?;
         let mut udp = bind_udp(&config)?;
@@ -99,6 +99,7 @@ impl Server {
             bound,
             lock,
             now,
+            connection_cap,
         }))
     }
 
@@ -123,6 +124,7 @@ impl Server {
             bound,
             lock,
             now,
+            connection_cap,
         } = parts;
         let watchdog = notify::watchdog_interval().map(|every| (every, now));
         Server {
@@ -153,6 +155,7 @@ impl Server {
             conns: Slab::new(),
             per_ip: HashMap::new(),
             http_conns: Vec::new(),
+            connection_cap,
             registry,
             persister: Some(persister),
             outbox: Outbox::default(),
@@ -198,6 +201,8 @@ struct Parts {
     lock: File,
     /// When the registry was built: the loop's first timers count from it.
     now: Instant,
+    /// Handshake connections open at most (see [`fit_open_files`]).
+    connection_cap: usize,
 }
 
 /// Installs the handlers for SIGTERM, SIGINT and SIGHUP. Done first: a SIGHUP (a log rotation
@@ -468,14 +473,26 @@ fn open_files_needed(config: &Config) -> u64 {
         .saturating_add(MAX_HTTP_CONNECTIONS as u64 + FIXED_DESCRIPTORS)
 }
 
+/// The handshake connections the open-file limit `open_files` leaves room for, besides the
+/// metrics connections and [`FIXED_DESCRIPTORS`]: at most `max_connections`, at least one.
+fn connection_cap(max_connections: usize, open_files: u64) -> usize {
+    let room = open_files.saturating_sub(MAX_HTTP_CONNECTIONS as u64 + FIXED_DESCRIPTORS);
+    max_connections
+        .min(usize::try_from(room).unwrap_or(usize::MAX))
+        .max(1)
+}
+
 /// Raises the soft open-file limit to what `config` needs, no further than the hard limit,
-/// and warns when that is short of `max_connections` itself. Once the descriptors run out, `accept` fails (EMFILE)
-/// before `limits.max_connections` is reached, so the idle connections that the cap would
-/// close to make room hold newcomers (and scrapes) off instead, until their handshake timer
-/// runs out. A shell's soft limit is 1024 on most systems, under the 4096 connections allowed
-/// by default; the shipped unit sets both limits to 65536 (`LimitNOFILE=`), and then nothing
-/// is changed.
-pub(super) fn fit_open_files(config: &Config) {
+/// and returns how many handshake connections may be open at once: `limits.max_connections`,
+/// or fewer when the limit cannot fit them ([`connection_cap`]). Were the cap left above the
+/// descriptors, `accept` would fail (EMFILE) before it was reached, so the idle connections
+/// that a full table closes to make room would hold newcomers (and scrapes) off instead:
+/// sources keeping their connections open with a request now and then would lock everyone
+/// out for good. A shell's soft limit is 1024 on most systems, under the 4096 connections
+/// allowed by default; the shipped unit sets both limits to 65536 (`LimitNOFILE=`), and then
+/// nothing is changed.
+pub(super) fn fit_open_files(config: &Config) -> usize {
+    let max_connections = config.limits.max_connections;
     let needed = open_files_needed(config);
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -483,10 +500,10 @@ pub(super) fn fit_open_files(config: &Config) {
     };
     // SAFETY: getrlimit(2) fills the struct we own.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return;
+        return max_connections;
     }
     if limit.rlim_cur >= needed {
-        return;
+        return max_connections;
     }
     let raised = needed.min(limit.rlim_max);
     if raised > limit.rlim_cur {
@@ -508,22 +525,30 @@ pub(super) fn fit_open_files(config: &Config) {
             );
         }
     }
-    // Said only when the connections alone cannot fit: a hard limit of 4096 (some systems'
+    let cap = connection_cap(max_connections, limit.rlim_cur);
+    if cap == max_connections {
+        return cap;
+    }
+    // Warned only when the connections alone cannot fit: a hard limit of 4096 (some systems'
     // default) against the default 4096 connections falls short by the spare descriptors
     // alone, and a warning at every start there would teach operators to ignore it.
-    if limit.rlim_cur < config.limits.max_connections as u64 {
+    if limit.rlim_cur < max_connections as u64 {
         warn!(
-            "open files: limits.max_connections = {} needs about {needed}, but the limit is {} \
-             (ulimit -n; LimitNOFILE= under systemd): past about {} connections, accept fails \
-             (EMFILE) before max_connections closes idle ones to make room; raise the limit or \
-             lower limits.max_connections",
-            config.limits.max_connections,
-            limit.rlim_cur,
-            limit
-                .rlim_cur
-                .saturating_sub(MAX_HTTP_CONNECTIONS as u64 + FIXED_DESCRIPTORS)
+            "open files: limits.max_connections = {max_connections} needs about {needed}, but \
+             the limit is {} (ulimit -n; LimitNOFILE= under systemd): at most {cap} handshake \
+             connections are kept open, and a new one past them closes an idle one to make \
+             room; raise the limit to allow more",
+            limit.rlim_cur
+        );
+    } else {
+        info!(
+            "open files: the limit of {} leaves room for {cap} handshake connections besides \
+             the metrics connections and the daemon's own files: limits.max_connections = \
+             {max_connections} is taken as {cap}",
+            limit.rlim_cur
         );
     }
+    cap
 }
 
 /// Says (level warn) when the kernel granted a UDP buffer smaller than `[udp] key` asked for:
@@ -544,4 +569,22 @@ fn warn_if_capped(what: &str, key: &str, asked: usize, granted: usize, sysctl: &
             ""
         }
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_cap_leaves_room_for_metrics_and_the_daemons_own_files() {
+        let spare = MAX_HTTP_CONNECTIONS as u64 + FIXED_DESCRIPTORS;
+        assert_eq!(connection_cap(4096, 65_536), 4096);
+        assert_eq!(connection_cap(4096, 4096 + spare), 4096);
+        // A hard limit of 4096, some systems' default: short by the spare alone.
+        assert_eq!(connection_cap(4096, 4096), 4096 - spare as usize);
+        assert_eq!(connection_cap(4096, 200), 200 - spare as usize);
+        // Never none: a limit too low for anything still takes one.
+        assert_eq!(connection_cap(4096, 10), 1);
+        assert_eq!(connection_cap(100, u64::MAX), 100);
+    }
 }
