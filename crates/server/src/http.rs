@@ -27,8 +27,14 @@ pub enum Route {
 }
 
 /// Parses the request head in `input`; `None` until the blank line has arrived.
-pub fn parse(input: &[u8]) -> Option<(Route, bool)> {
-    let end = input.windows(4).position(|w| w == b"\r\n\r\n")?;
+///
+/// `searched` is how much of `input` is known to hold no end of the head (what an earlier call
+/// returned `None` for); the search starts 3 bytes before it, where an end split across two
+/// reads begins. Searching everything at every read would make a head sent a few bytes at a
+/// time cost the square of its length.
+pub fn parse(input: &[u8], searched: usize) -> Option<(Route, bool)> {
+    let from = searched.saturating_sub(3).min(input.len());
+    let end = from + input[from..].windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&input[..end]);
     let mut parts = head.lines().next().unwrap_or("").split(' ');
     let (method, path, version) = (parts.next(), parts.next(), parts.next());
@@ -67,27 +73,30 @@ mod tests {
     #[test]
     fn routes() {
         assert_eq!(
-            parse(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+            parse(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", 0),
             Some((Route::Metrics, false))
         );
         assert_eq!(
-            parse(b"HEAD /healthz HTTP/1.0\r\n\r\n"),
+            parse(b"HEAD /healthz HTTP/1.0\r\n\r\n", 0),
             Some((Route::Health, true))
         );
         assert_eq!(
-            parse(b"GET /readyz?verbose HTTP/1.1\r\n\r\n"),
+            parse(b"GET /readyz?verbose HTTP/1.1\r\n\r\n", 0),
             Some((Route::Ready, false))
         );
         assert_eq!(
-            parse(b"GET /x HTTP/1.1\r\n\r\n"),
+            parse(b"GET /x HTTP/1.1\r\n\r\n", 0),
             Some((Route::NotFound, false))
         );
         assert_eq!(
-            parse(b"POST /metrics HTTP/1.1\r\n\r\n"),
+            parse(b"POST /metrics HTTP/1.1\r\n\r\n", 0),
             Some((Route::BadRequest, false))
         );
-        assert_eq!(parse(b"\x00\xff\r\n\r\n"), Some((Route::BadRequest, false)));
-        assert_eq!(parse(b"GET /metrics HTTP/1.1\r\n"), None);
+        assert_eq!(
+            parse(b"\x00\xff\r\n\r\n", 0),
+            Some((Route::BadRequest, false))
+        );
+        assert_eq!(parse(b"GET /metrics HTTP/1.1\r\n", 0), None);
     }
 
     #[test]
@@ -97,8 +106,26 @@ mod tests {
             b"GET /metrics SPDY/3\r\n\r\n",
             b"GET /metrics\r\n\r\n",
         ] {
-            assert_eq!(parse(head), Some((Route::BadRequest, false)), "{head:?}");
+            assert_eq!(parse(head, 0), Some((Route::BadRequest, false)), "{head:?}");
         }
+    }
+
+    /// An end of the head split between two reads is found when searching from where the
+    /// first read left off, and bytes already searched are not searched again.
+    #[test]
+    fn the_search_resumes_where_the_last_one_ended() {
+        let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+        for split in 0..request.len() {
+            assert_eq!(parse(&request[..split], 0), None, "{split}");
+            assert_eq!(
+                parse(request, split),
+                Some((Route::Health, false)),
+                "split at {split}"
+            );
+        }
+        // An end wholly within what was searched is not looked for again.
+        assert_eq!(parse(request, request.len()), None);
+        assert_eq!(parse(request, request.len() + 10), None);
     }
 
     #[test]

@@ -491,11 +491,15 @@ impl Server {
         if conn.close_after_flush {
             return None;
         }
+        // What was read before holds no end of the head (it would have been answered), so
+        // only the new bytes are searched: a head sent a byte at a time, or a full table
+        // reading its 16 connections for each newcomer, costs the bytes that came.
+        let searched = conn.input.len();
         if let Err(e) = conn.fill(http::MAX_REQUEST_BYTES, ReadUntil::WouldBlock) {
             debug!("{} metrics conn: read failed: {e}", conn.peer);
             return Some("io_error");
         }
-        let (route, head) = match http::parse(&conn.input) {
+        let (route, head) = match http::parse(&conn.input, searched) {
             Some(parsed) => parsed,
             None if conn.input.len() >= http::MAX_REQUEST_BYTES => (Route::TooLarge, false),
             None if conn.read_closed => return Some("peer_closed"),
