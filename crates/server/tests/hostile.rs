@@ -2118,15 +2118,16 @@ fn cpu_for_unfinished_metrics_requests(head: usize, rounds: usize) -> Duration {
 /// byte held on each of them. The end of a head was looked for in all of a connection's
 /// input at every read, and a full metrics table reads (and so searched) all 16
 /// connections for each newcomer: 16 connections holding 8,000 bytes each made every new
-/// connection cost a search of 128,000 bytes (seen: 600 newcomers took 0.7 s of the loop's
-/// time in a debug build, against 0.1 s with 8-byte heads).
+/// connection cost a search of 128,000 bytes (seen: 600 newcomers took 1.04 s of the loop's
+/// time in a debug build, against 30 ms with 8-byte heads; 0.1 s since).
 #[test]
 fn unfinished_metrics_requests_cost_no_search_of_what_was_read_before() {
     raise_fd_limit(2 * 600 + 64);
     let control = cpu_for_unfinished_metrics_requests(8, 600);
     let long = cpu_for_unfinished_metrics_requests(8000, 600);
+    eprintln!("CPU: {long:?} with 8,000-byte heads, {control:?} with 8-byte heads");
     assert!(
-        long < control * 3 + Duration::from_millis(100),
+        long < control * 4 + Duration::from_millis(150),
         "8,000-byte heads took {long:?} of CPU, 8-byte heads {control:?}"
     );
 }
