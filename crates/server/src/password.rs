@@ -117,20 +117,6 @@ pub fn run(job: Job) -> Outcome {
     }
 }
 
-/// Hands the memory of the job just done (19 MiB for argon2's defaults) back to the system.
-/// glibc's allocator raises its mmap threshold to the size of a block freed from a mapping,
-/// so each later hash took its 19 MiB from an arena, which it does not trim: a dozen checks
-/// left the daemon some 150 MB larger for good. A trim after each job costs a walk of the
-/// arenas, next to a hash of tens of milliseconds. Other allocators return such blocks
-/// themselves.
-fn give_back_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim(3) takes no pointer and may be called from any thread.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// The loop's handle on the hashing thread. Jobs carry a ticket the loop chooses.
 pub struct Worker {
     tx: Sender<(u64, Job)>,
@@ -146,9 +132,7 @@ impl Worker {
             .name("ocmd-passwords".into())
             .spawn(move || {
                 for (ticket, job) in jobs {
-                    let outcome = run(job);
-                    give_back_memory();
-                    if results.send((ticket, outcome)).is_err() {
+                    if results.send((ticket, run(job))).is_err() {
                         return;
                     }
                     let _ = waker.wake();
