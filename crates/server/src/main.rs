@@ -145,12 +145,12 @@ fn log_fatal(error: &dyn std::fmt::Display) {
     }
 }
 
-/// Makes glibc map every allocation of 1 MiB or more and unmap it when it is freed. By default it raises that threshold to the size of a mapped block once one is
-/// freed (up to 32 MiB), so after the first password hash each later one took argon2's
-/// 19 MiB from a thread arena, which it does not trim: wrong passwords from a dozen source
-/// addresses, which anyone who can reach the TCP port may send, left the daemon some 150 MB
-/// larger for good. A fixed threshold turns that adjustment off. Other C libraries' allocators
-/// return such blocks themselves.
+/// Makes glibc map every allocation of 1 MiB or more for itself and unmap it when it is freed.
+/// By default glibc raises that threshold to the size of a mapped block once one is freed (up
+/// to 32 MiB), so after the first password hash each later one took argon2's 19 MiB from a
+/// thread arena, which it does not trim: wrong passwords from a dozen source addresses, which
+/// anyone who can reach the TCP port may send, left the daemon some 150 MB larger for good. A
+/// fixed threshold turns that adjustment off. (musl maps blocks that large by itself.)
 fn map_large_allocations() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
