@@ -420,3 +420,33 @@ fn a_terminal_hung_up_leaves_the_room_as_a_signal_does() {
     alice.type_line("/quit");
     assert!(alice.wait().success());
 }
+
+/// Ctrl+R recalls an earlier line without taking the terminal from the room: a message that
+/// arrives meanwhile shows at once (rustyline's own reverse-i-search reads keys alone until
+/// it ends, and held the room's lines back for as long as it lasted), and Enter sends the
+/// line recalled.
+#[test]
+fn ctrl_r_recalls_a_line_while_messages_keep_showing() {
+    let d = Daemon::start();
+    let (mut alice, mut bob) = host_and_terminal(&d);
+    bob.type_keys("hello there\r");
+    assert_eq!(alice.line(), "bob: hello there");
+    bob.type_keys("another line\r");
+    assert_eq!(alice.line(), "bob: another line");
+    // The earlier line starting with what is typed.
+    bob.type_keys("hel\x12");
+    alice.type_line("while bob searched");
+    bob.wait_for("alice: while bob searched");
+    bob.type_keys("\r");
+    let line = alice.line_within(PATIENCE);
+    assert_eq!(
+        line.as_deref(),
+        Some("bob: hello there"),
+        "{:?}",
+        bob.text()
+    );
+    bob.type_keys("/quit\r");
+    assert!(bob.wait().success());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}

@@ -11,7 +11,7 @@ use log::{debug, warn};
 use nix::errno::Errno;
 use nix::sys::signal::{SigSet, Signal};
 use rustyline::error::ReadlineError;
-use rustyline::DefaultEditor;
+use rustyline::{Cmd, DefaultEditor, KeyEvent};
 
 use super::commands::{too_long, Commands};
 use super::{lock, Event};
@@ -140,8 +140,16 @@ pub(super) fn spawn_input(
 }
 
 /// A line editor with in-memory history, whose external printer becomes the screen's.
+///
+/// Ctrl+R and Ctrl+S search the history by prefix: the previous (next) line starting with
+/// what is typed before the cursor. rustyline binds them to its incremental search, whose
+/// loop reads keys alone: the external printer is not served until the search ends, so the
+/// room's lines were held back (and, past the feed's bound, the socket's) for as long as
+/// the search prompt stayed open.
 fn start_editor(screen: &Mutex<Screen>) -> Result<DefaultEditor, ReadlineError> {
     let mut editor = DefaultEditor::new()?;
+    editor.bind_sequence(KeyEvent::ctrl('R'), Cmd::HistorySearchBackward);
+    editor.bind_sequence(KeyEvent::ctrl('S'), Cmd::HistorySearchForward);
     let feed = Feed::start(editor.create_external_printer()?)?;
     lock(screen).set_editor_printer(Box::new(EditorPrinter::new(feed)));
     Ok(editor)
