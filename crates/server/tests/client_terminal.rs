@@ -172,12 +172,14 @@ impl Drop for Terminal {
     }
 }
 
-/// `ocm --server 127.0.0.1 --tcp-port T --udp-port U ARGS...` against `daemon`, in a
-/// terminal of type `term`.
+/// `ocm --server IP --tcp-port T --udp-port U ARGS...` against `daemon` (at its TCP address),
+/// in a terminal of type `term`.
 fn ocm_command(daemon: &Daemon, args: &[&str], term: &str) -> Command {
     let mut command = Command::new(sibling_binary("ocm"));
     command
-        .args(["--server", "127.0.0.1", "--tcp-port"])
+        .arg("--server")
+        .arg(daemon.tcp.ip().to_string())
+        .arg("--tcp-port")
         .arg(daemon.tcp.port().to_string())
         .arg("--udp-port")
         .arg(daemon.udp.port().to_string())
@@ -449,4 +451,100 @@ fn ctrl_r_recalls_a_line_while_messages_keep_showing() {
     assert!(bob.wait().success());
     alice.type_line("/quit");
     assert!(alice.wait().success());
+}
+
+/// An address the tests in a private network ([`in_private_network`]) serve on, and take
+/// away to cut the way to the server as a network gone does.
+const PRIVATE_ADDRESS: &str = "10.77.0.1";
+
+/// Runs `ip ARGS...`; whether it succeeded.
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs `test` on a thread of its own in a network namespace of its own, whose loopback
+/// interface is up and holds [`PRIVATE_ADDRESS`]/8 too; the processes it starts inherit the
+/// namespace (it belongs to the thread), so the test may cut their way to each other. Where
+/// no such namespace can be made (not root, no `ip`), says so ([`skipped`]) and returns.
+fn in_private_network(test: impl FnOnce() + Send + 'static) {
+    let (ready, made) = std::sync::mpsc::channel();
+    let thread = thread::spawn(move || {
+        // SAFETY: unshare with no pointer arguments; it moves only this thread, which runs
+        // nothing but the test, to a new network namespace.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            let why = std::io::Error::last_os_error();
+            let _ = ready.send(Err(format!("no network namespace of our own here: {why}")));
+            return;
+        }
+        let address = format!("{PRIVATE_ADDRESS}/8");
+        if !ip(&["link", "set", "lo", "up"]) || !ip(&["addr", "add", &address, "dev", "lo"]) {
+            let _ = ready.send(Err("cannot set up a network namespace with ip".to_owned()));
+            return;
+        }
+        let _ = ready.send(Ok(()));
+        test();
+    });
+    let made = made.recv();
+    if let Err(panic) = thread.join() {
+        std::panic::resume_unwind(panic);
+    }
+    match made {
+        Ok(Ok(())) => {}
+        Ok(Err(why)) => skipped(&why),
+        Err(_) => panic!("the test thread ended before its network was set up"),
+    }
+}
+
+/// The network gone (a laptop off its Wi-Fi: no route to the server), the keepalives cannot
+/// be sent. That is told as a remark of the client, above the line being typed, which is
+/// drawn again under it; it used to be a log line written through that line, every
+/// keepalive, for as long as the network stayed away.
+#[test]
+fn a_network_gone_is_told_once_above_the_line_being_typed() {
+    in_private_network(|| {
+        let address = format!("{PRIVATE_ADDRESS}:0").parse().unwrap();
+        let d = Daemon::start_with(Options {
+            tcp: Some(address),
+            udp: Some(address),
+            ..Options::default()
+        });
+        let mut alice =
+            Ocm::start_via(&d, PRIVATE_ADDRESS, &["create", "lobby", "--name", "alice"]);
+        alice.wait_stderr("* created lobby as alice");
+        let mut bob = Terminal::start(&d, &["join", "lobby", "--name", "bob", "--keepalive", "1"]);
+        bob.wait_for("* --- live ---");
+        assert_eq!(alice.line(), "* bob joined");
+        bob.type_keys("half typed");
+        bob.wait_for("half typed");
+        let cut = format!("{PRIVATE_ADDRESS}/8");
+        assert!(
+            ip(&["addr", "del", &cut, "dev", "lo"]),
+            "the address taken away"
+        );
+        let told = format!("* cannot send to the server at {}: ", d.udp);
+        bob.wait_for(&format!("{told}Network is unreachable"));
+        // The remark came above the line being typed, which was drawn again under it.
+        let shown = bob.text();
+        let after = &shown[shown.find(&told).unwrap()..];
+        assert!(after.contains("\r\n> half typed"), "{shown:?}");
+        // What is sent meanwhile is said lost; the keepalives' failure is not said again.
+        bob.type_keys(" more\r");
+        bob.wait_for("* message not sent: Network is unreachable");
+        assert!(
+            ip(&["addr", "add", &cut, "dev", "lo"]),
+            "the address given back"
+        );
+        bob.type_keys("/quit\r");
+        assert!(bob.wait().success());
+        let shown = bob.text();
+        assert_eq!(shown.matches(&told).count(), 1, "{shown:?}");
+        assert!(!shown.contains("WARN"), "{shown:?}");
+        alice.type_line("/quit");
+        assert!(alice.wait().success());
+    });
 }

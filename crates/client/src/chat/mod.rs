@@ -105,6 +105,9 @@ enum Event {
     Membership(Option<Result<(), ClientError>>),
     /// The server's UDP port refused a datagram of ours ([`icmp`]): nothing listens there.
     Refused,
+    /// A keepalive could not be sent at all (the network gone: no route to the server); told
+    /// once per run of failures (`session::Failures`).
+    Unsendable(io::Error),
     /// The server answered `/who`, `/history` or the join's history with `room_not_found` or
     /// `not_member`: the session ends with this line.
     Gone(String),
@@ -235,7 +238,7 @@ impl Chat {
         )?;
 
         // Its first register comes a period later.
-        spawn_keepalive(&session, options.keepalive)?;
+        spawn_keepalive(&session, options.keepalive, events.clone())?;
         if let Err(e) = session.register() {
             // Ended like every other way out: the keepalive thread stops, and the daemon
             // hears a __LEAVE__ if the socket still sends one.
@@ -419,6 +422,10 @@ impl Chat {
                 }
                 Next::GoOn
             }
+            Event::Unsendable(error) => {
+                lock(&self.screen).err(&unsendable(self.session.server, &error));
+                Next::GoOn
+            }
             // The server's word: no __LEAVE__ to a room that does not hold us.
             Event::Gone(line) => self.end_gone(&line),
             // The reader of our output is gone (`ocm join ... | head`): the chat ends as at
@@ -441,6 +448,15 @@ impl Chat {
         finish_gone(&self.screen, self.terminal.take(), line);
         Next::End(Ok(Ending::RoomEnded))
     }
+}
+
+/// What is said when keepalives to `server` cannot be sent: the chat goes on, and the
+/// keepalives, which register us again once they get through.
+fn unsendable(server: SocketAddr, error: &io::Error) -> String {
+    format!(
+        "* cannot send to the server at {server}: {error} (the keepalives go on; what you \
+         send until they get through is lost)"
+    )
 }
 
 /// Whether a write failed because the reader of standard output went away (`EPIPE`: Rust

@@ -3,13 +3,14 @@
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use ucrp::datagram::{self, LEAVE, REGISTER};
 
-use super::icmp;
+use super::{icmp, Event};
 use crate::error::ClientError;
 use crate::handshake::Token;
 
@@ -203,23 +204,62 @@ impl Session {
 /// Sends `__REGISTER__` every `period` from its own thread until the session ends. On its
 /// own thread nothing the main loop may wait on (the screen's lock while standard output is
 /// blocked, a paced burst of chat) holds a keepalive back past the server's limit.
-pub(super) fn spawn_keepalive(session: &Session, period: Duration) -> Result<(), ClientError> {
+///
+/// A keepalive that cannot be sent (the network gone: no route to the server) is told to
+/// the main loop, which shows it through the screen ([`Event::Unsendable`]): a log line
+/// would be written through the line being typed. Once per run of failures
+/// ([`Failures`]): a network gone fails every keepalive.
+pub(super) fn spawn_keepalive(
+    session: &Session,
+    period: Duration,
+    events: SyncSender<Event>,
+) -> Result<(), ClientError> {
     let session = session
         .duplicate()
         .map_err(ClientError::io("duplicating the UDP socket for keepalives"))?;
     std::thread::Builder::new()
         .name("keepalive".into())
         .spawn(move || {
+            let mut failures = Failures::default();
             while !session.wait_ended(period) {
                 match session.register() {
-                    Ok(true) => debug!("keepalive to {}", session.server),
+                    Ok(true) => {
+                        debug!("keepalive to {}", session.server);
+                        failures.sent();
+                    }
                     Ok(false) => break,
-                    Err(e) => warn!("keepalive to {} failed: {e}", session.server),
+                    Err(e) => {
+                        debug!("keepalive to {} failed: {e}", session.server);
+                        // Not waited for: a full queue (a paste being paced out) only puts
+                        // the word off to the next failure.
+                        if failures.failed() && events.try_send(Event::Unsendable(e)).is_err() {
+                            failures.sent();
+                        }
+                    }
                 }
             }
         })
         .map_err(ClientError::io("starting the keepalive thread"))?;
     Ok(())
+}
+
+/// Which failed keepalives are told: the first of a run, and none after it until one goes
+/// through again.
+#[derive(Debug, Default)]
+pub(super) struct Failures {
+    told: bool,
+}
+
+impl Failures {
+    /// A keepalive failed: whether to tell.
+    pub(super) fn failed(&mut self) -> bool {
+        !std::mem::replace(&mut self.told, true)
+    }
+
+    /// A keepalive went through (or the failure could not be told): the next failure is told.
+    pub(super) fn sent(&mut self) {
+        self.told = false;
+    }
 }
 
 #[cfg(test)]
@@ -262,7 +302,8 @@ mod tests {
     fn keepalives_stop_at_the_leave() {
         let server = UdpSocket::bind("127.0.0.1:0").expect("bind");
         let session = session_to(&server);
-        spawn_keepalive(&session, Duration::from_millis(20)).expect("keepalive thread");
+        let (events, _inbox) = std::sync::mpsc::sync_channel(1);
+        spawn_keepalive(&session, Duration::from_millis(20), events).expect("keepalive thread");
         let twin = session.duplicate().expect("duplicate");
         let before = words(&server, Instant::now() + Duration::from_millis(150));
         assert!(
@@ -296,5 +337,36 @@ mod tests {
         session.leave();
         let seen = words(&server, Instant::now() + Duration::from_millis(100));
         assert_eq!(seen, [REGISTER], "one register, then nothing");
+    }
+
+    /// A keepalive that cannot be sent is told once, not again until one went through.
+    #[test]
+    fn failed_keepalives_are_told_once_per_run() {
+        let mut failures = Failures::default();
+        assert!(failures.failed());
+        assert!(!failures.failed());
+        assert!(!failures.failed());
+        failures.sent();
+        assert!(failures.failed());
+    }
+
+    /// A keepalive that cannot be sent (here to a broadcast address, which takes
+    /// `SO_BROADCAST`) goes to the main loop as an event, to be shown through the screen.
+    #[test]
+    fn an_unsendable_keepalive_is_an_event_for_the_main_loop() {
+        let session = Session::open(
+            "127.255.255.255:9".parse().expect("address"),
+            "lobby",
+            "alice",
+            Token::new("ab12".into()).expect("token"),
+        )
+        .expect("session");
+        let (events, inbox) = std::sync::mpsc::sync_channel(4);
+        spawn_keepalive(&session, Duration::from_millis(5), events).expect("keepalive");
+        match inbox.recv_timeout(Duration::from_secs(10)) {
+            Ok(Event::Unsendable(e)) => assert_eq!(e.kind(), io::ErrorKind::PermissionDenied),
+            other => panic!("{other:?}"),
+        }
+        session.end_without_leave();
     }
 }
