@@ -332,6 +332,33 @@ fn explain_password_limit(error: ClientError, password_sent: bool) -> ClientErro
     }
 }
 
+/// Why `--original` cannot join a room with a password.
+const ORIGINAL_SENDS_NO_PASSWORD: &str = "--original sends none: the original request is a \
+     bare name; join without --original to give it";
+
+/// A join with `--original` refused for its password: the server's words ("wrong or missing
+/// password") do not say that the flag cannot send one, whatever --password-file or
+/// `OCM_PASSWORD` holds.
+fn explain_original_password(error: ClientError, original: bool) -> ClientError {
+    match error {
+        ClientError::Refused {
+            verb: Verb::Join,
+            room,
+            code: Some(ErrorCode::BadPassword),
+            message,
+        } if original => ClientError::Refused {
+            verb: Verb::Join,
+            room,
+            code: Some(ErrorCode::BadPassword),
+            message: Some(match message {
+                Some(words) => format!("{words} ({ORIGINAL_SENDS_NO_PASSWORD})"),
+                None => ORIGINAL_SENDS_NO_PASSWORD.to_owned(),
+            }),
+        },
+        other => other,
+    }
+}
+
 /// What holds a name after a session ends without leaving (a crash, a lost network): ocmd
 /// expires a member after `[liveness] keepalive_misses` (3) of the intervals it promised
 /// (`--keepalive`, 10 s), and never one that promised none.
@@ -414,8 +441,10 @@ fn chat(
         request.max_datagram = handshake::max_datagram_for(tcp.ip());
     }
     let password_sent = request.password.is_some();
-    let token = handshake::exchange(&mut stream, verb, room_name, &request)
-        .map_err(|e| explain_name_taken(explain_password_limit(e, password_sent)))?;
+    let token = handshake::exchange(&mut stream, verb, room_name, &request).map_err(|e| {
+        let e = explain_original_password(e, args.original);
+        explain_name_taken(explain_password_limit(e, password_sent))
+    })?;
     drop(stream);
 
     let udp_port = args.udp_port.or(udp_port).unwrap_or(DEFAULT_UDP_PORT);
@@ -478,6 +507,30 @@ mod tests {
             "password checks are busy",
         ] {
             assert_eq!(message(explain_password_limit(refusal(words), true)), words);
+        }
+    }
+
+    #[test]
+    fn only_a_password_refused_to_an_original_join_names_the_flag() {
+        let refusal = |verb, code| ClientError::Refused {
+            verb,
+            room: "vault".into(),
+            code: Some(code),
+            message: Some("wrong or missing password for room \"vault\"".into()),
+        };
+        let told = explain_original_password(refusal(Verb::Join, ErrorCode::BadPassword), true)
+            .to_string();
+        assert!(
+            told.ends_with(&format!("\"vault\" ({ORIGINAL_SENDS_NO_PASSWORD})")),
+            "{told}"
+        );
+        for (verb, code, original) in [
+            (Verb::Join, ErrorCode::BadPassword, false),
+            (Verb::Join, ErrorCode::RoomNotFound, true),
+            (Verb::Create, ErrorCode::BadPassword, true),
+        ] {
+            let told = explain_original_password(refusal(verb, code), original).to_string();
+            assert!(!told.contains("--original"), "{told}");
         }
     }
 

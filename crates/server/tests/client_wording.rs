@@ -130,3 +130,30 @@ fn a_taken_name_says_how_long_a_vanished_session_holds_it() {
     alice.type_line("/quit");
     assert!(alice.wait().success());
 }
+
+/// A join with `--original` to a room with a password is refused for the password, which
+/// that flag cannot send (the original request is a bare name): the refusal says so, not
+/// only "wrong or missing password" when `OCM_PASSWORD` holds the right one.
+#[test]
+fn a_password_refused_with_original_names_the_flag() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(
+        &d,
+        &["create", "vault", "--name", "alice", "--password", "right"],
+    );
+    alice.wait_stderr("* created vault as alice");
+    let mut bob = Ocm::start_with_env(
+        d.tcp.port(),
+        d.udp.port(),
+        &["join", "vault", "--name", "bob", "--original"],
+        &[("OCM_PASSWORD", "right")],
+    );
+    assert_eq!(bob.wait().code(), Some(2));
+    let stderr = bob.stderr.lock().unwrap().clone();
+    assert!(
+        stderr.contains("wrong or missing password for room \"vault\" (--original sends none:"),
+        "{stderr}"
+    );
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
