@@ -548,3 +548,50 @@ fn a_network_gone_is_told_once_above_the_line_being_typed() {
         assert!(alice.wait().success());
     });
 }
+
+/// A `__LEAVE__` that cannot be sent (the network gone) when a signal ends the chat is
+/// logged after the terminal is given back, on a line of its own: not after the line being
+/// typed, as if typed there.
+#[test]
+fn a_leave_that_cannot_be_sent_is_said_on_a_line_of_its_own() {
+    in_private_network(|| {
+        let address = format!("{PRIVATE_ADDRESS}:0").parse().unwrap();
+        let d = Daemon::start_with(Options {
+            tcp: Some(address),
+            udp: Some(address),
+            ..Options::default()
+        });
+        let mut alice =
+            Ocm::start_via(&d, PRIVATE_ADDRESS, &["create", "lobby", "--name", "alice"]);
+        alice.wait_stderr("* created lobby as alice");
+        let mut bob = Terminal::start(&d, &["join", "lobby", "--name", "bob"]);
+        bob.wait_for("* --- live ---");
+        assert_eq!(alice.line(), "* bob joined");
+        bob.type_keys("half typed");
+        bob.wait_for("half typed");
+        let cut = format!("{PRIVATE_ADDRESS}/8");
+        assert!(
+            ip(&["addr", "del", &cut, "dev", "lo"]),
+            "the address taken away"
+        );
+        // SAFETY: a signal to our own child, which has not been reaped.
+        assert_eq!(
+            unsafe { libc::kill(bob.child.id() as i32, libc::SIGTERM) },
+            0
+        );
+        assert!(bob.wait().success());
+        let shown = bob.text();
+        let said = shown
+            .find("could not send __LEAVE__")
+            .unwrap_or_else(|| panic!("{shown:?}"));
+        let line = &shown[shown[..said].rfind('\n').unwrap_or(0)..said];
+        assert!(!line.contains("half typed"), "{shown:?}");
+        assert!(!bracketed_paste_left_on(&shown), "{shown:?}");
+        assert!(
+            ip(&["addr", "add", &cut, "dev", "lo"]),
+            "the address given back"
+        );
+        alice.type_line("/quit");
+        assert!(alice.wait().success());
+    });
+}

@@ -13,7 +13,7 @@ use tcrp::ErrorCode;
 
 use super::input_thread::TerminalGuard;
 use super::session::Session;
-use super::{finish_closed, lock, output_gone, Ending, Event, Options};
+use super::{finish_closed, leave, lock, output_gone, Ending, Event, Options};
 use crate::error::ClientError;
 use crate::handshake::Token;
 use crate::render::{printable_name, Flow};
@@ -391,22 +391,25 @@ pub(super) fn end_on(
         Settled::Stay => None,
         Settled::Closed { confirmed } => {
             // Unconfirmed, the room may still hold us: say we go, rather than leave the
-            // others waiting for our timeout.
-            if confirmed {
+            // others waiting for our timeout. What the send did is logged once the
+            // terminal is given back (see `leave`).
+            let sent = if confirmed {
                 session.end_without_leave();
+                None
             } else {
-                session.leave();
-            }
+                session.leave_unlogged()
+            };
             finish_closed(screen, terminal.take());
+            session.log_leave(sent);
             Some(Ok(Ending::RoomEnded))
         }
         Settled::Failed(source) if output_gone(&source) => {
             debug!("standard output closed: leaving");
-            session.leave();
+            leave(session, terminal);
             Some(Ok(Ending::Left))
         }
         Settled::Failed(source) => {
-            session.leave();
+            leave(session, terminal);
             Some(Err(ClientError::Io {
                 context: "writing to standard output",
                 source,

@@ -316,7 +316,7 @@ impl Chat {
                 Next::End(end) => return end,
             }
         }
-        self.session.leave();
+        leave(&self.session, &mut self.terminal);
         Ok(Ending::Left)
     }
 
@@ -435,7 +435,7 @@ impl Chat {
                 Next::Leave
             }
             Event::Failed(error) => {
-                self.session.leave();
+                leave(&self.session, &mut self.terminal);
                 Next::End(Err(error))
             }
         }
@@ -457,6 +457,15 @@ fn unsendable(server: SocketAddr, error: &io::Error) -> String {
         "* cannot send to the server at {server}: {error} (the keepalives go on; what you \
          send until they get through is lost)"
     )
+}
+
+/// Says `__LEAVE__`, gives the terminal back, and only then logs a `__LEAVE__` that could not
+/// be sent: written while the line editor still held the terminal, the warning would follow
+/// the line being typed, as if typed there.
+fn leave(session: &Session, terminal: &mut Option<TerminalGuard>) {
+    let sent = session.leave_unlogged();
+    drop(terminal.take());
+    session.log_leave(sent);
 }
 
 /// Whether a write failed because the reader of standard output went away (`EPIPE`: Rust

@@ -153,7 +153,13 @@ impl Session {
     /// Best-effort `__LEAVE__`, once, and the end of the session: no `__REGISTER__` follows
     /// it from any thread. The process is exiting either way.
     pub(super) fn leave(&self) {
-        match self.leave_unlogged() {
+        self.log_leave(self.leave_unlogged());
+    }
+
+    /// Logs what [`Session::leave_unlogged`] did: a `__LEAVE__` that could not be sent is
+    /// a warning.
+    pub(super) fn log_leave(&self, sent: Option<io::Result<()>>) {
+        match sent {
             Some(Ok(())) => debug!("sent {LEAVE} to {}", self.server),
             Some(Err(e)) => warn!("could not send {LEAVE} to {}: {e}", self.server),
             None => {}
