@@ -595,3 +595,23 @@ fn a_leave_that_cannot_be_sent_is_said_on_a_line_of_its_own() {
         assert!(alice.wait().success());
     });
 }
+
+/// Ctrl+V and Ctrl+Q do nothing. They were rustyline's quoted insert, which reads the next
+/// key alone: the room's lines were held back until then, and that key became text, so
+/// Ctrl+V then a paste sent `\u{1b}[200~` and the paste, and Ctrl+Q then Enter put a
+/// carriage return in the line, which made the `/quit` typed after it a message.
+#[test]
+fn ctrl_v_and_ctrl_q_neither_hold_messages_nor_quote_the_next_key() {
+    let d = Daemon::start();
+    let (mut alice, mut bob) = host_and_terminal(&d);
+    bob.type_keys("\x16");
+    alice.type_line("after ctrl-v");
+    bob.wait_for("alice: after ctrl-v");
+    bob.type_keys("\x1b[200~pasted\x1b[201~\r");
+    assert_eq!(alice.line(), "bob: pasted");
+    bob.type_keys("\x11\r/quit\r");
+    assert!(bob.wait().success(), "{:?}", bob.text());
+    assert_eq!(alice.line(), "* bob left");
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}

@@ -146,10 +146,19 @@ pub(super) fn spawn_input(
 /// loop reads keys alone: the external printer is not served until the search ends, so the
 /// room's lines were held back (and, past the feed's bound, the socket's) for as long as
 /// the search prompt stayed open.
+///
+/// Ctrl+V and Ctrl+Q do nothing: rustyline's quoted insert also reads the next key alone,
+/// holding the room's lines back until then, and makes that key text. The text it makes is
+/// of no use in a chat (control characters reach the others as escapes) and a trap: Ctrl+V
+/// (a paste, to a hand used to other programs) then a paste sent `ESC [200~` with it, and
+/// Ctrl+Q (a terminal's XON) then Enter put a carriage return in the line, which made the
+/// `/quit` typed after it a message.
 fn start_editor(screen: &Mutex<Screen>) -> Result<DefaultEditor, ReadlineError> {
     let mut editor = DefaultEditor::new()?;
     editor.bind_sequence(KeyEvent::ctrl('R'), Cmd::HistorySearchBackward);
     editor.bind_sequence(KeyEvent::ctrl('S'), Cmd::HistorySearchForward);
+    editor.bind_sequence(KeyEvent::ctrl('V'), Cmd::Noop);
+    editor.bind_sequence(KeyEvent::ctrl('Q'), Cmd::Noop);
     let feed = Feed::start(editor.create_external_printer()?)?;
     lock(screen).set_editor_printer(Box::new(EditorPrinter::new(feed)));
     Ok(editor)
