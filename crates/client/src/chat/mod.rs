@@ -25,7 +25,8 @@
 //! ([`reach`](crate::reach)), and warns if it does not.
 //!
 //! The *keepalive* thread resends `__REGISTER__` every keepalive period, which also
-//! re-teaches a restarted daemon our address. It is a thread of its own so that nothing the
+//! re-teaches a restarted daemon our address, and tells the main loop when one cannot be
+//! sent (the network gone), once per run of failures. It is a thread of its own so that nothing the
 //! main loop may wait on (the screen's lock, held by a receiver blocked on a stopped
 //! terminal or an unread pipe; a paced burst of chat) can make the server expire us. Every
 //! way out sends `__LEAVE__` except an end the server confirmed (a closure it confirmed, or
@@ -450,7 +451,7 @@ impl Chat {
     }
 }
 
-/// What is said when keepalives to `server` cannot be sent: the chat goes on, and the
+/// What is said when keepalives to `server` cannot be sent: the chat goes on, and so do the
 /// keepalives, which register us again once they get through.
 fn unsendable(server: SocketAddr, error: &io::Error) -> String {
     format!(
