@@ -615,3 +615,23 @@ fn ctrl_v_and_ctrl_q_neither_hold_messages_nor_quote_the_next_key() {
     alice.type_line("/quit");
     assert!(alice.wait().success());
 }
+
+/// Ctrl+X and Ctrl+] do nothing either. They were prefixes that read a second key alone
+/// (Ctrl+X Ctrl+U, a character search): the room's lines were held back until then, and the
+/// key was taken, so Ctrl+X then Enter sent nothing and Ctrl+] ate the next letter typed.
+#[test]
+fn ctrl_x_and_ctrl_bracket_wait_for_no_second_key() {
+    let d = Daemon::start();
+    let (mut alice, mut bob) = host_and_terminal(&d);
+    bob.type_keys("hi\x18");
+    alice.type_line("after ctrl-x");
+    bob.wait_for("alice: after ctrl-x");
+    bob.type_keys("\r");
+    assert_eq!(alice.line(), "bob: hi");
+    bob.type_keys("\x1dyo\r");
+    assert_eq!(alice.line(), "bob: yo");
+    bob.type_keys("/quit\r");
+    assert!(bob.wait().success(), "{:?}", bob.text());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}

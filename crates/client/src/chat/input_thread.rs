@@ -153,12 +153,20 @@ pub(super) fn spawn_input(
 /// (a paste, to a hand used to other programs) then a paste sent `ESC [200~` with it, and
 /// Ctrl+Q (a terminal's XON) then Enter put a carriage return in the line, which made the
 /// `/quit` typed after it a message.
+///
+/// Ctrl+X and Ctrl+] do nothing too: they were prefixes that read a second key alone in the
+/// same way (Ctrl+X Ctrl+U, which Ctrl+_ still does; a character search), so the room's
+/// lines waited for it, and it was taken: Ctrl+X then Enter sent nothing. (Alt with a digit,
+/// a count for the next key, reads keys alone as well, but shows its `(arg: N)` prompt and
+/// cannot be bound otherwise.)
 fn start_editor(screen: &Mutex<Screen>) -> Result<DefaultEditor, ReadlineError> {
     let mut editor = DefaultEditor::new()?;
     editor.bind_sequence(KeyEvent::ctrl('R'), Cmd::HistorySearchBackward);
     editor.bind_sequence(KeyEvent::ctrl('S'), Cmd::HistorySearchForward);
     editor.bind_sequence(KeyEvent::ctrl('V'), Cmd::Noop);
     editor.bind_sequence(KeyEvent::ctrl('Q'), Cmd::Noop);
+    editor.bind_sequence(KeyEvent::ctrl('X'), Cmd::Noop);
+    editor.bind_sequence(KeyEvent::ctrl(']'), Cmd::Noop);
     let feed = Feed::start(editor.create_external_printer()?)?;
     lock(screen).set_editor_printer(Box::new(EditorPrinter::new(feed)));
     Ok(editor)
