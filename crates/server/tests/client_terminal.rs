@@ -635,3 +635,24 @@ fn ctrl_x_and_ctrl_bracket_wait_for_no_second_key() {
     alice.type_line("/quit");
     assert!(alice.wait().success());
 }
+
+/// Escape alone is a key of its own after a moment, as in GNU readline: it neither holds
+/// the room's lines back until another key comes nor makes that key an Alt one (the `d`
+/// typed after it was taken as Alt+D, and dropped).
+#[test]
+fn a_lone_escape_holds_nothing_back_and_takes_no_key() {
+    let d = Daemon::start();
+    let (mut alice, mut bob) = host_and_terminal(&d);
+    bob.type_keys("abc\x1b");
+    alice.type_line("after escape");
+    bob.wait_for("alice: after escape");
+    bob.type_keys("d\r");
+    assert_eq!(alice.line(), "bob: abcd");
+    // Keys sent as escape sequences still are: Up recalls the line.
+    bob.type_keys("\x1b[A\r");
+    assert_eq!(alice.line(), "bob: abcd");
+    bob.type_keys("/quit\r");
+    assert!(bob.wait().success(), "{:?}", bob.text());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}

@@ -11,7 +11,7 @@ use log::{debug, warn};
 use nix::errno::Errno;
 use nix::sys::signal::{SigSet, Signal};
 use rustyline::error::ReadlineError;
-use rustyline::{Cmd, DefaultEditor, KeyEvent};
+use rustyline::{Cmd, Config, DefaultEditor, KeyEvent};
 
 use super::commands::{too_long, Commands};
 use super::{lock, Event};
@@ -21,6 +21,13 @@ use crate::screen::{EditorPrinter, Screen};
 
 /// The line editor's prompt.
 const PROMPT: &str = "> ";
+
+/// How long, in milliseconds, the line editor waits after Escape for the rest of a key's
+/// sequence (an arrow key's `ESC [ A` comes in one write) before taking it as Escape alone:
+/// GNU readline's `keyseq-timeout`. rustyline waits without end by default, reading keys
+/// alone meanwhile, so a lone Escape held the room's lines back until the next key, and
+/// made that key an Alt one.
+const KEYSEQ_TIMEOUT_MS: u16 = 500;
 
 /// The remark when the editor met a byte that is not UTF-8, and dropped the line.
 const NOT_UTF8: &str =
@@ -139,7 +146,8 @@ pub(super) fn spawn_input(
     }
 }
 
-/// A line editor with in-memory history, whose external printer becomes the screen's.
+/// A line editor with in-memory history, whose external printer becomes the screen's, and
+/// that takes Escape alone after [`KEYSEQ_TIMEOUT_MS`].
 ///
 /// Ctrl+R and Ctrl+S search the history by prefix: the previous (next) line starting with
 /// what is typed before the cursor. rustyline binds them to its incremental search, whose
@@ -160,7 +168,10 @@ pub(super) fn spawn_input(
 /// a count for the next key, reads keys alone as well, but shows its `(arg: N)` prompt and
 /// cannot be bound otherwise.)
 fn start_editor(screen: &Mutex<Screen>) -> Result<DefaultEditor, ReadlineError> {
-    let mut editor = DefaultEditor::new()?;
+    let config = Config::builder()
+        .keyseq_timeout(Some(KEYSEQ_TIMEOUT_MS))
+        .build();
+    let mut editor = DefaultEditor::with_config(config)?;
     editor.bind_sequence(KeyEvent::ctrl('R'), Cmd::HistorySearchBackward);
     editor.bind_sequence(KeyEvent::ctrl('S'), Cmd::HistorySearchForward);
     editor.bind_sequence(KeyEvent::ctrl('V'), Cmd::Noop);
