@@ -91,9 +91,18 @@ struct Cli {
     command: Command,
 }
 
-/// Checks `--server`: a host without a port. `127.0.0.1:9090` or `[::1]:9090` would
-/// otherwise reach the resolver as a name and fail as "not known", which says nothing of
-/// where the port goes.
+/// Longest host name, in bytes, without its trailing dot (RFC 1035: 255 bytes on the wire).
+const MAX_HOST_NAME_LEN: usize = 253;
+
+/// Longest label of a host name, in bytes (RFC 1035).
+const MAX_HOST_LABEL_LEN: usize = 63;
+
+/// Checks `--server`: a host without a port, that could be a host name or an address.
+/// `127.0.0.1:9090` or `[::1]:9090` would otherwise reach the resolver as a name and fail
+/// as "not known", which says nothing of where the port goes; an empty name, or one no
+/// resolver can know (a space in it, two dots in a row), failed the same way, as a server
+/// that cannot be reached (exit status 1) rather than the bad command line it is (2).
+/// Other characters are left to the resolver: `/etc/hosts` may name hosts as it likes.
 fn server_host(value: &str) -> Result<String, String> {
     let with_port = value.parse::<std::net::SocketAddr>().is_ok()
         || value.rsplit_once(':').is_some_and(|(host, port)| {
@@ -101,6 +110,34 @@ fn server_host(value: &str) -> Result<String, String> {
         });
     if with_port {
         return Err("give the host alone; the ports are --tcp-port and --udp-port".into());
+    }
+    if value.is_empty() {
+        return Err("the host is empty: give a host name or an IP address".into());
+    }
+    if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("a host name holds no spaces or control characters".into());
+    }
+    // An IPv6 address (scoped ones included) is the resolver's to judge.
+    if !value.contains(':') {
+        let name = value.strip_suffix('.').unwrap_or(value);
+        if name.len() > MAX_HOST_NAME_LEN {
+            return Err(format!(
+                "not a host name: longer than {MAX_HOST_NAME_LEN} bytes"
+            ));
+        }
+        if name.split('.').any(str::is_empty) {
+            return Err(
+                "not a host name: it has an empty label (a dot first, or two dots in a row)".into(),
+            );
+        }
+        if name
+            .split('.')
+            .any(|label| label.len() > MAX_HOST_LABEL_LEN)
+        {
+            return Err(format!(
+                "not a host name: a label (between dots) is longer than {MAX_HOST_LABEL_LEN} bytes"
+            ));
+        }
     }
     Ok(value.to_owned())
 }
@@ -654,6 +691,59 @@ mod tests {
             "fe80::1",
             "chat.example",
             "localhost",
+        ] {
+            let cli = Cli::try_parse_from(["ocm", "--server", host, "rooms"]).unwrap();
+            assert_eq!(cli.server, host);
+        }
+    }
+
+    /// A host no resolver can know is a bad command line (exit status 2), said before any
+    /// lookup; it used to fail as a server that cannot be reached.
+    #[test]
+    fn an_impossible_host_is_a_usage_error() {
+        let long_label = "a".repeat(64);
+        let long_name = [
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(62),
+        ]
+        .join(".");
+        for (host, said) in [
+            ("", "the host is empty"),
+            (" ", "no spaces"),
+            (" localhost", "no spaces"),
+            ("chat example", "no spaces"),
+            ("a\tb", "control characters"),
+            ("a\0b", "control characters"),
+            (".", "empty label"),
+            ("a..b", "empty label"),
+            (".example", "empty label"),
+            (long_label.as_str(), "longer than 63 bytes"),
+            (long_name.as_str(), "longer than 253 bytes"),
+        ] {
+            let err = Cli::try_parse_from(["ocm", "--server", host, "rooms"]).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{host:?}"
+            );
+            assert!(err.to_string().contains(said), "{host:?}: {err}");
+            assert_eq!(err.exit_code(), 2);
+        }
+        let longest = [
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(61),
+        ]
+        .join(".");
+        for host in [
+            "chat.example.",
+            "my_host",
+            "fe80::1%eth0",
+            longest.as_str(),
+            &format!("{longest}."),
         ] {
             let cli = Cli::try_parse_from(["ocm", "--server", host, "rooms"]).unwrap();
             assert_eq!(cli.server, host);

@@ -157,3 +157,30 @@ fn a_password_refused_with_original_names_the_flag() {
     alice.type_line("/quit");
     assert!(alice.wait().success());
 }
+
+/// An empty `--server`, or a host no resolver can know, is a bad command line: exit status
+/// 2 and a word on what is wrong, before anything is looked up or sent. It used to be tried
+/// as a name and fail as "cannot resolve server", status 1: a server that cannot be
+/// reached.
+#[test]
+fn an_impossible_server_host_is_a_bad_command_line() {
+    for (host, said) in [
+        ("", "the host is empty"),
+        ("chat example", "a host name holds no spaces"),
+        ("chat..example", "empty label"),
+    ] {
+        for args in [&["rooms"][..], &["join", "lobby", "--name", "bob"]] {
+            let out = Command::new(sibling_binary("ocm"))
+                .arg("--server")
+                .arg(host)
+                .args(args)
+                .output()
+                .expect("run ocm");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{host:?} {args:?}: {stderr}");
+            assert!(stderr.contains(said), "{host:?} {args:?}: {stderr}");
+            assert!(stderr.contains("--server"), "{stderr}");
+            assert!(!stderr.contains("resolve"), "{stderr}");
+        }
+    }
+}
