@@ -656,3 +656,147 @@ fn a_lone_escape_holds_nothing_back_and_takes_no_key() {
     alice.type_line("/quit");
     assert!(alice.wait().success());
 }
+
+/// A TCP relay in front of the daemon's TCP port that can hold what it accepts: while held,
+/// a question asked over TCP waits unanswered, as of a busy server (and the daemon goes on
+/// relaying the chat meanwhile, which stopping it would not).
+struct SlowTcp {
+    port: u16,
+    /// Whether new connections wait, and how many are waiting.
+    held: Arc<(Mutex<(bool, usize)>, std::sync::Condvar)>,
+}
+
+impl SlowTcp {
+    /// Starts relaying to `daemon`'s TCP port.
+    fn start(daemon: &Daemon) -> SlowTcp {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the relay");
+        let port = listener.local_addr().expect("relay address").port();
+        let held = Arc::new((Mutex::new((false, 0)), std::sync::Condvar::new()));
+        let (to, gate) = (daemon.tcp, Arc::clone(&held));
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let gate = Arc::clone(&gate);
+                thread::spawn(move || {
+                    let (lock, changed) = &*gate;
+                    let mut state = lock.lock().unwrap();
+                    if state.0 {
+                        state.1 += 1;
+                        changed.notify_all();
+                        while state.0 {
+                            state = changed.wait(state).unwrap();
+                        }
+                        state.1 -= 1;
+                    }
+                    drop(state);
+                    let Ok(server) = std::net::TcpStream::connect(to) else {
+                        return;
+                    };
+                    let pipe = |mut from: std::net::TcpStream, to: std::net::TcpStream| {
+                        let mut sink = &to;
+                        let _ = std::io::copy(&mut from, &mut sink);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    };
+                    let (c, s) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                    thread::spawn(move || pipe(c, s));
+                    pipe(server, client);
+                });
+            }
+        });
+        SlowTcp { port, held }
+    }
+
+    /// Holds the connections accepted from now on.
+    fn hold(&self) {
+        self.held.0.lock().unwrap().0 = true;
+    }
+
+    /// Waits until a connection is held: a question is waiting for its answer.
+    fn wait_held(&self) {
+        let (lock, changed) = &*self.held;
+        let deadline = Instant::now() + PATIENCE;
+        let mut state = lock.lock().unwrap();
+        while state.1 == 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no question reached the server");
+            state = changed.wait_timeout(state, left).unwrap().0;
+        }
+    }
+
+    /// Lets the connections held go on to the daemon, and those to come.
+    fn release(&self) {
+        self.held.0.lock().unwrap().0 = false;
+        self.held.1.notify_all();
+    }
+}
+
+/// While `/who` and `/history` wait for a slow server, the line editor keeps the terminal:
+/// the room's messages keep showing, what is typed is the editor's (drawn after its prompt,
+/// under the messages, not echoed raw), and the client says it is waiting. They used to be
+/// asked on the input thread, with the editor stopped and the terminal in its normal mode:
+/// nothing showed until the answer came, and the keys typed meanwhile were echoed over
+/// the screen.
+#[test]
+fn a_slow_answer_to_who_or_history_leaves_the_editor_the_terminal() {
+    let d = Daemon::start();
+    let relay = SlowTcp::start(&d);
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    let mut command = Command::new(sibling_binary("ocm"));
+    command
+        .args([
+            "--server",
+            "127.0.0.1",
+            "--tcp-port",
+            &relay.port.to_string(),
+        ])
+        .args(["--udp-port", &d.udp.port().to_string()])
+        .args(["join", "lobby", "--name", "bob"])
+        .env("TERM", "xterm");
+    let mut bob = Terminal::spawn(command, None);
+    bob.wait_for("* --- live ---");
+    assert_eq!(alice.line(), "* bob joined");
+    for (question, answer) in [
+        ("/who", "* host: alice\r\n"),
+        ("/history", "] alice: while bob asked /history"),
+    ] {
+        relay.hold();
+        bob.type_keys(&format!("{question}\r"));
+        relay.wait_held();
+        let shown = bob.text().len();
+        let asking = "* asking the server\u{2026}";
+        let deadline = Instant::now() + PATIENCE;
+        while !bob.text()[shown..].contains(asking) {
+            assert!(Instant::now() < deadline, "{:?}", bob.text());
+            thread::sleep(Duration::from_millis(10));
+        }
+        bob.type_keys("half");
+        alice.type_line(&format!("while bob asked {question}"));
+        bob.wait_for(&format!("alice: while bob asked {question}\r\n> half"));
+        relay.release();
+        bob.wait_for(answer);
+        bob.type_keys("\r");
+        let line = alice.line_within(PATIENCE);
+        assert_eq!(line.as_deref(), Some("bob: half"), "{:?}", bob.text());
+    }
+    bob.type_keys("/quit\r");
+    assert!(bob.wait().success(), "{:?}", bob.text());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
+
+/// The server's word that the room is gone, answered to `/who` on the asking thread while
+/// the editor reads, ends the chat as a closure does: the reason said, exit status 3, and
+/// the terminal given back as it was found.
+#[test]
+fn who_finding_the_room_gone_ends_the_chat_in_the_editor() {
+    let mut d = Daemon::start();
+    let mut bob = Terminal::start(&d, &["create", "lobby", "--name", "bob"]);
+    bob.wait_for("* created lobby as bob");
+    d.kill9();
+    restart_with_fresh_state(&mut d);
+    bob.type_keys("/who\r");
+    bob.wait_for("* you are no longer in room lobby: the server no longer has the room");
+    assert_eq!(bob.wait().code(), Some(OCM_ROOM_ENDED), "{:?}", bob.text());
+    assert!(!bracketed_paste_left_on(&bob.text()), "{:?}", bob.text());
+}

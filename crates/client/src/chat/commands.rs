@@ -1,9 +1,21 @@
-//! The chat's local commands (`/help`, `/who`, `/history`), answered on the input thread,
-//! each query on a short-lived TCP connection; chat text and `/quit` go to the main loop.
+//! The chat's local commands (`/help`, `/who`, `/history`), read on the input thread; chat
+//! text and `/quit` go to the main loop.
+//!
+//! `/who` and `/history` are questions to the server, each on a short-lived TCP connection
+//! ([`Asker`]), whose answer may take up to the queries' 10 s. With plain lines they are
+//! answered on the input thread, in turn with the lines around them, so that a script reads
+//! each answer before what it sends next. With the line editor they go to an *asking*
+//! thread ([`Commands::answer_elsewhere`]), which answers them in the order asked: the
+//! editor keeps reading meanwhile. Asked on the input thread, they had stopped it: the
+//! room's lines were written after whatever was typed, which the terminal, back in its
+//! normal mode, echoed raw, and nothing said that the client was waiting. Either way an
+//! answer slow to come is announced with [`ASKING`].
 
 use std::net::SocketAddr;
-use std::sync::mpsc::SyncSender;
+use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
 
 use log::{debug, warn};
 use tcrp::payload::HistoryPage;
@@ -19,9 +31,53 @@ use crate::render::{printable, Flow};
 use crate::screen::Screen;
 use crate::{closure, listing};
 
-/// What the input thread needs to act on typed lines: local commands are answered here,
-/// chat text and `/quit` are passed to the main loop.
+/// What is said when the server has not answered `/who` or `/history` within
+/// [`ASKING_REMARK_AFTER`].
+pub(super) const ASKING: &str = "* asking the server\u{2026}";
+
+/// How long the server may take to answer `/who` or `/history` before [`ASKING`] says that
+/// the client waits for it: a local server answers within milliseconds.
+const ASKING_REMARK_AFTER: Duration = Duration::from_secs(1);
+
+/// Questions that may wait for the asking thread; one more is refused with a remark rather
+/// than waited for, which would stop the line editor.
+const QUESTIONS_QUEUED: usize = 8;
+
+/// A question to the server typed in the chat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Question {
+    /// `/who`.
+    Who,
+    /// `/history N`.
+    History {
+        /// How many messages to ask for.
+        count: u32,
+    },
+}
+
+/// Who answers [`Question`]s.
+enum Answerer {
+    /// The input thread itself, as it reads them.
+    Here(Asker),
+    /// The asking thread, through its queue.
+    Elsewhere(SyncSender<Question>),
+}
+
+/// What the input thread needs to act on typed lines: local commands are answered here (or
+/// by the asking thread), chat text and `/quit` are passed to the main loop.
 pub(super) struct Commands {
+    pub(super) screen: Arc<Mutex<Screen>>,
+    pub(super) events: SyncSender<Event>,
+    /// The longest chat message that can be sent ([`Session::max_message_len`](super::Session::max_message_len)).
+    pub(super) max_message_len: usize,
+    /// The server is the original one: `/who` and `/history` are not asked.
+    pub(super) original: bool,
+    answerer: Answerer,
+}
+
+/// What asking the server `/who` and `/history` takes, and where `/history` stands.
+#[derive(Clone)]
+pub(super) struct Asker {
     /// The daemon's TCP address.
     pub(super) tcp: SocketAddr,
     pub(super) room_name: String,
@@ -29,13 +85,44 @@ pub(super) struct Commands {
     pub(super) pager: HistoryPager,
     pub(super) screen: Arc<Mutex<Screen>>,
     pub(super) events: SyncSender<Event>,
-    /// The longest chat message that can be sent ([`Session::max_message_len`](super::Session::max_message_len)).
-    pub(super) max_message_len: usize,
-    /// The server is the original one: `/who` and `/history` are not asked.
-    pub(super) original: bool,
 }
 
 impl Commands {
+    /// Commands answering questions on the input thread, until [`Commands::answer_elsewhere`].
+    pub(super) fn new(asker: Asker, max_message_len: usize, original: bool) -> Commands {
+        Commands {
+            screen: Arc::clone(&asker.screen),
+            events: asker.events.clone(),
+            max_message_len,
+            original,
+            answerer: Answerer::Here(asker),
+        }
+    }
+
+    /// From now on `/who` and `/history` are answered on an asking thread of their own, in
+    /// the order asked, and the input thread goes on reading at once: for the line editor,
+    /// which must keep the terminal while the server takes its time. Should the thread not
+    /// start, they are answered here as before.
+    pub(super) fn answer_elsewhere(&mut self) {
+        let Answerer::Here(asker) = &self.answerer else {
+            return;
+        };
+        let (questions, asked) = mpsc::sync_channel(QUESTIONS_QUEUED);
+        let mut asker = asker.clone();
+        let spawned = thread::Builder::new().name("asking".into()).spawn(move || {
+            for question in asked {
+                if !asker.answer(question) {
+                    // The main loop ends the session.
+                    return;
+                }
+            }
+        });
+        match spawned {
+            Ok(_) => self.answerer = Answerer::Elsewhere(questions),
+            Err(e) => warn!("could not start the asking thread: {e}"),
+        }
+    }
+
     /// Acts on one typed line; returns `false` when input should stop (after `/quit`, or
     /// when the main loop is gone).
     pub(super) fn handle_line(&mut self, line: &str) -> bool {
@@ -48,8 +135,8 @@ impl Commands {
             Input::Help if self.original => self.err(input::HELP_ORIGINAL),
             Input::Help => self.err(input::HELP),
             Input::Who | Input::History { .. } if self.original => self.err(input::NOT_ORIGINAL),
-            Input::Who => return self.who(),
-            Input::History { count } => return self.history(count),
+            Input::Who => return self.ask(Question::Who),
+            Input::History { count } => return self.ask(Question::History { count }),
             Input::Usage(text) => self.err(text),
             Input::Unknown(command) => {
                 self.err(&format!(
@@ -67,8 +154,53 @@ impl Commands {
         lock(&self.screen).err(line);
     }
 
+    /// Gets `question` answered, here or by the asking thread; `false` when the session ends.
+    fn ask(&mut self, question: Question) -> bool {
+        match &mut self.answerer {
+            Answerer::Here(asker) => asker.answer(question),
+            Answerer::Elsewhere(questions) => {
+                match questions.try_send(question) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) => self.err(&format!(
+                        "* not asked: {QUESTIONS_QUEUED} questions already wait for the server"
+                    )),
+                    // The asking thread ended: the server said we are not in the room, and
+                    // the main loop is ending the session.
+                    Err(TrySendError::Disconnected(_)) => {
+                        debug!("{question:?} not asked: the session ends")
+                    }
+                }
+                true
+            }
+        }
+    }
+
+    /// On join: see [`Asker::show_recent_history`]. Called before
+    /// [`Commands::answer_elsewhere`], on the input thread.
+    pub(super) fn show_recent_history(&mut self) -> bool {
+        match &mut self.answerer {
+            Answerer::Here(asker) => asker.show_recent_history(),
+            Answerer::Elsewhere(_) => true,
+        }
+    }
+}
+
+impl Asker {
+    fn err(&self, line: &str) {
+        lock(&self.screen).err(line);
+    }
+
+    /// Answers one question; `false` when the session ends.
+    fn answer(&mut self, question: Question) -> bool {
+        match question {
+            Question::Who => self.who(),
+            Question::History { count } => self.history(count),
+        }
+    }
+
     /// The server answered `error`: if it says we are no longer in the room, tells the main
-    /// loop to end the session and returns `false` (input stops); else shows it.
+    /// loop to end the session and returns `false` (no more questions are answered); else
+    /// shows it.
     fn refused(&self, error: &ClientError) -> bool {
         if closure::is_gone(error) {
             let line = gone_line(&self.room_name, error);
@@ -81,8 +213,10 @@ impl Commands {
 
     /// `/who`: the room's host and members, as remarks. `false` when the session ends.
     fn who(&mut self) -> bool {
-        let answer = handshake::connect_addr(self.tcp).and_then(|mut stream| {
-            query::presence(&mut stream, &self.room_name, Some(&self.token), None)
+        let (tcp, room_name, token) = (self.tcp, self.room_name.clone(), self.token.clone());
+        let answer = waiting(&self.screen, move || {
+            let mut stream = handshake::connect_addr(tcp)?;
+            query::presence(&mut stream, &room_name, Some(&token), None)
         });
         match answer {
             Ok(presence) => {
@@ -106,7 +240,11 @@ impl Commands {
                 return true;
             }
         };
-        let page = match self.fetch_history(before, count) {
+        let (tcp, room_name, token) = (self.tcp, self.room_name.clone(), self.token.clone());
+        let page = waiting(&self.screen, move || {
+            fetch_history(tcp, &room_name, &token, before, count)
+        });
+        let page = match page {
             Ok(page) => page,
             Err(e) => return self.refused(&e),
         };
@@ -124,17 +262,19 @@ impl Commands {
         true
     }
 
-    fn fetch_history(&self, before: Option<u64>, limit: u32) -> Result<HistoryPage, ClientError> {
-        let mut stream = handshake::connect_addr(self.tcp)?;
-        query::history(&mut stream, &self.room_name, &self.token, before, limit)
-    }
-
     /// On join: fetches the latest messages and releases the screen with them; `/history`
     /// then pages back from the oldest of them. A server without the extension (the original
     /// one) is passed over in silence. `false` when the session ends (the server says we are
     /// not in the room).
     pub(super) fn show_recent_history(&mut self) -> bool {
-        let page = match self.fetch_history(None, DEFAULT_HISTORY_LIMIT) {
+        let fetched = fetch_history(
+            self.tcp,
+            &self.room_name,
+            &self.token,
+            None,
+            DEFAULT_HISTORY_LIMIT,
+        );
+        let page = match fetched {
             Ok(page) => {
                 // An empty room's page says nothing of what `/history` will find later.
                 if !page.messages.is_empty() {
@@ -174,6 +314,44 @@ impl Commands {
         let _ = self.events.send(event);
         true
     }
+}
+
+fn fetch_history(
+    tcp: SocketAddr,
+    room_name: &str,
+    token: &Token,
+    before: Option<u64>,
+    limit: u32,
+) -> Result<HistoryPage, ClientError> {
+    let mut stream = handshake::connect_addr(tcp)?;
+    query::history(&mut stream, room_name, token, before, limit)
+}
+
+/// Runs `ask`, a question to the server, on a thread of its own and waits for its answer,
+/// saying [`ASKING`] if that takes longer than [`ASKING_REMARK_AFTER`]: the server may take
+/// up to the queries' 10 s, which should not look like nothing happening.
+pub(super) fn waiting<T: Send + 'static>(
+    screen: &Mutex<Screen>,
+    ask: impl FnOnce() -> Result<T, ClientError> + Send + 'static,
+) -> Result<T, ClientError> {
+    let (answer, answered) = mpsc::sync_channel(1);
+    thread::Builder::new()
+        .name("question".into())
+        .spawn(move || {
+            // The caller waits for the answer, or has gone with the process.
+            let _ = answer.send(ask());
+        })
+        .map_err(ClientError::io("starting a thread to ask the server"))?;
+    match answered.recv_timeout(ASKING_REMARK_AFTER) {
+        Ok(answer) => return answer,
+        Err(mpsc::RecvTimeoutError::Timeout) => lock(screen).err(ASKING),
+        Err(mpsc::RecvTimeoutError::Disconnected) => {}
+    }
+    answered.recv().unwrap_or_else(|_| {
+        Err(ClientError::io("asking the server")(std::io::Error::other(
+            "the thread asking it ended without an answer",
+        )))
+    })
 }
 
 /// The complaint about a message over `max` bytes, which is not sent.

@@ -132,6 +132,10 @@ pub(super) fn spawn_input(
             // The main loop ends the session.
             return;
         }
+        if editor.is_some() {
+            // The editor must keep reading while the server answers `/who` or `/history`.
+            commands.answer_elsewhere();
+        }
         let end = match &mut editor {
             Some((editor, reading)) => read_edited(&mut commands, editor, reading),
             None => read_lines(&mut commands, &mut io::stdin().lock()),

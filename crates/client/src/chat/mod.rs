@@ -9,10 +9,13 @@
 //! - the *input thread* reads typed lines, either line by line from standard input or, when
 //!   standard input and output are a terminal, through a `rustyline` editor whose external
 //!   printer keeps incoming messages above the line being typed. It answers the local
-//!   commands itself (`/help`, `/who`, `/history`), each query on a short-lived TCP
-//!   connection, so neither the receiver nor the keepalive waits on one; chat text and
-//!   `/quit` go to the main thread. On `ocm join` it first fetches the recent history and
-//!   releases the screen, which held the live messages meanwhile;
+//!   commands (`/help`, `/who`, `/history`), each query on a short-lived TCP connection, so
+//!   neither the receiver nor the keepalive waits on one; with the line editor the queries
+//!   go to an *asking* thread instead (each on a short-lived thread of its own, so that
+//!   a slow answer can be announced), and the editor keeps the terminal while the server
+//!   answers (`commands`); chat text and `/quit` go to the main thread.
+//!   On `ocm join` it first fetches the recent history and releases the screen, which held
+//!   the live messages meanwhile;
 //! - the *signal watcher* reports SIGINT, SIGTERM, SIGHUP and SIGQUIT, so that Ctrl+C,
 //!   `kill`, a closed terminal and Ctrl+\\ all leave the room properly instead of waiting for
 //!   the server's timeout (an `--original` member has none: it would stay until the room
@@ -77,7 +80,7 @@ use crate::screen::{to_stderr, OwnSends, PlainPrinter, Screen};
 use checks::{
     end_on, port_closed, settle, spawn_reach_check, Checker, Liveness, Membership, Outage,
 };
-use commands::{too_long, Commands};
+use commands::{too_long, Asker, Commands};
 use input_thread::{spawn_input, suspend_on_input_thread, TerminalGuard};
 use receiver::spawn_receiver;
 
@@ -260,16 +263,15 @@ impl Chat {
             spawn_reach_check(&session, &options, Arc::clone(&screen));
         }
         let terminal = options.line_editor.then(TerminalGuard::save);
-        let commands = Commands {
+        let asker = Asker {
             tcp: options.tcp,
             room_name: session.room_name.clone(),
             token: session.token.clone(),
             pager: HistoryPager::default(),
             screen: Arc::clone(&screen),
             events: events.clone(),
-            max_message_len: session.max_message_len(),
-            original: options.original,
         };
+        let commands = Commands::new(asker, session.max_message_len(), options.original);
         let reading = terminal.as_ref().map(|guard| Arc::clone(&guard.reading));
         spawn_input(commands, options.join_history, reading);
         let checker = Checker {

@@ -1,6 +1,7 @@
 //! The chat's unit tests: sessions against local sockets, fake daemons over TCP.
 
 use super::checks::{Answer, Settled};
+use super::commands::{waiting, ASKING};
 use super::input_thread::{handle_edited, read_lines};
 use super::receiver::{answered_from_elsewhere, receive};
 use super::*;
@@ -49,16 +50,15 @@ fn screen(hold: bool) -> (Arc<Mutex<Screen>>, Recorder) {
 /// Commands for room "lobby" with token "00ff", the daemon's TCP port at `tcp`.
 fn commands(tcp: SocketAddr, screen: &Arc<Mutex<Screen>>) -> (Commands, mpsc::Receiver<Event>) {
     let (events, inbox) = mpsc::sync_channel(1024);
-    let commands = Commands {
+    let asker = Asker {
         tcp,
         room_name: "lobby".into(),
         token: Token::new("00ff".into()).unwrap(),
         pager: HistoryPager::default(),
         screen: Arc::clone(screen),
         events,
-        max_message_len: 100,
-        original: false,
     };
+    let commands = Commands::new(asker, 100, false);
     (commands, inbox)
 }
 
@@ -972,6 +972,79 @@ fn history_pages_back_until_there_is_no_more() {
     assert!(asked
         .iter()
         .all(|(op, room, _)| *op == Operation::History && room == "lobby"));
+}
+
+/// Waits up to 10 s for `rec` to have shown `lines`.
+fn wait_for_lines(rec: &Recorder, lines: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rec.lines() != lines {
+        assert!(Instant::now() < deadline, "{:?}", rec.lines());
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A question the server answers at once is not announced; one it is slow to answer is,
+/// while it waits, and its answer still comes.
+#[test]
+fn a_slow_answer_is_announced_and_a_quick_one_is_not() {
+    let (screen, rec) = screen(false);
+    assert_eq!(waiting(&screen, || Ok(1)).unwrap(), 1);
+    assert!(rec.lines().is_empty(), "{:?}", rec.lines());
+    let (release, gate) = mpsc::channel::<()>();
+    let shared = Arc::clone(&screen);
+    let asking = thread::spawn(move || {
+        waiting(&shared, move || {
+            gate.recv().unwrap();
+            Ok(2)
+        })
+    });
+    wait_for_lines(&rec, &[&format!("err: {ASKING}")]);
+    release.send(()).unwrap();
+    assert_eq!(asking.join().unwrap().unwrap(), 2);
+    assert_eq!(rec.lines(), [format!("err: {ASKING}")]);
+}
+
+/// Once answered elsewhere (with the line editor), `/who` and `/history` return at once and
+/// are answered on the asking thread, in the order asked; the server's word that the room
+/// is gone ends the session there, and input goes on meanwhile.
+#[test]
+fn questions_answered_elsewhere_come_in_order() {
+    let (tcp, asked) = fake_daemon(vec![
+        Ok(r#"{"room": "lobby", "host": "alice", "members": []}"#),
+        Ok(
+            r#"{"messages": [{"seq": 9, "sender": "bob", "text": "nine", "at": 1700000000.0}], "more": false}"#,
+        ),
+        Err((tcrp::ErrorCode::RoomNotFound, "no room \"lobby\"")),
+    ]);
+    let (screen, rec) = screen(false);
+    let (mut commands, inbox) = commands(tcp, &screen);
+    commands.answer_elsewhere();
+    for line in ["/who\n", "/history 2\n", "/history\n", "/who\n", "hi\n"] {
+        assert!(commands.handle_line(line), "{line}");
+    }
+    wait_for_lines(
+        &rec,
+        &[
+            "err: * host: alice",
+            "out: [22:13] bob: nine",
+            "err: * no more history",
+            "err: * no more history",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut gone = None;
+    while gone.is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match inbox.recv_timeout(left) {
+            Ok(Event::Gone(line)) => gone = Some(line),
+            Ok(Event::Send(text)) => assert_eq!(text, "hi"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(gone.unwrap().contains("no longer has the room"));
+    assert_eq!(asked.lock().unwrap().len(), 3);
+    // The asking thread has ended; the main loop ends the session, and input is not cut.
+    assert!(commands.handle_line("/who\n"));
 }
 
 #[test]

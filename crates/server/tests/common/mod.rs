@@ -1130,3 +1130,19 @@ pub fn open_pty() -> (std::fs::File, std::os::fd::OwnedFd) {
         )
     }
 }
+
+/// Starts the stopped daemon again on the same ports with no state at all: every room and
+/// token it had is gone, as after a restart on a lost or fresh state file.
+pub fn restart_with_fresh_state(d: &mut Daemon) {
+    for entry in std::fs::read_dir(d.dir.path()).expect("the state directory") {
+        let path = entry.expect("a directory entry").path();
+        if path.file_name().is_some_and(|name| name != "ocmd.toml") {
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path).expect("remove a state directory");
+            } else {
+                std::fs::remove_file(&path).expect("remove a state file");
+            }
+        }
+    }
+    d.restart();
+}
