@@ -435,6 +435,18 @@ fn ctrl_r_recalls_a_line_while_messages_keep_showing() {
     assert_eq!(alice.line(), "bob: hello there");
     bob.type_keys("another line\r");
     assert_eq!(alice.line(), "bob: another line");
+    // Only once the editor reads again (its prompt drawn after the line sent): between two
+    // lines the terminal is in its normal mode, where Ctrl+R reprints the line instead.
+    let deadline = Instant::now() + PATIENCE;
+    let reading_again = |shown: &str| {
+        shown
+            .rfind("another line")
+            .is_some_and(|sent| shown[sent..].contains("> "))
+    };
+    while !reading_again(&bob.text()) {
+        assert!(Instant::now() < deadline, "{:?}", bob.text());
+        thread::sleep(Duration::from_millis(10));
+    }
     // The earlier line starting with what is typed.
     bob.type_keys("hel\x12");
     alice.type_line("while bob searched");
