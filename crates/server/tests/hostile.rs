@@ -2132,17 +2132,40 @@ fn unfinished_metrics_requests_cost_no_search_of_what_was_read_before() {
     );
 }
 
-/// Open descriptors of process `pid`.
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count())
+/// Open sockets of process `pid`: unlike a count of all its descriptors, not thrown off by
+/// the files it opens for a moment (its writer folding the journal at start, its read of
+/// /proc/self/net/udp).
+fn open_sockets(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| {
+        dir.flatten()
+            .filter(|e| {
+                std::fs::read_link(e.path())
+                    .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+            })
+            .count()
+    })
 }
 
-/// Lowers the running daemon's descriptor limit (`prlimit`) to what it has open now plus
-/// three, so that a few more connections make its `accept` fail with EMFILE.
-fn limit_to_three_more_descriptors(d: &Daemon) {
-    let base = open_fds(d.pid());
-    assert!(base > 0, "cannot read /proc/{}/fd", d.pid());
-    let limit = (base + 3) as libc::rlim_t;
+/// The lowest descriptor number process `pid` has free: the one its next open takes.
+fn lowest_free_fd(pid: u32) -> usize {
+    let open: std::collections::HashSet<usize> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    (0..).find(|n| !open.contains(n)).unwrap_or(0)
+}
+
+/// Lowers the running daemon's descriptor limit (`prlimit`) to the lowest descriptor number
+/// it has free, so that its next `accept` fails with EMFILE. (Not the count of its
+/// descriptors: it may hold one far above the others, inherited from the test runner. The
+/// lower of two readings: one may see a descriptor the daemon holds only for a moment, such
+/// as its read of /proc/self/net/udp.)
+fn limit_to_open_descriptors(d: &Daemon) {
+    let free = lowest_free_fd(d.pid()).min(lowest_free_fd(d.pid()));
+    assert!(free > 0, "cannot read /proc/{}/fd", d.pid());
+    let limit = free as libc::rlim_t;
     let lim = libc::rlimit {
         rlim_cur: limit,
         rlim_max: limit,
@@ -2159,17 +2182,31 @@ fn limit_to_three_more_descriptors(d: &Daemon) {
     assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
 }
 
+/// Opens `n` connections to the daemon's metrics listener and waits until it has accepted
+/// them, then leaves it no descriptor to spare ([`limit_to_open_descriptors`]). Silent
+/// metrics connections hold descriptors that a handshake newcomer never closes (they close
+/// at the handshake timeout), unlike idle handshake connections, which a failed accept
+/// closes to make room.
+fn hold_every_descriptor_with_metrics_connections(d: &Daemon, n: usize) -> Vec<TcpStream> {
+    let metrics = d.metrics.expect("metrics on");
+    let base = open_sockets(d.pid());
+    let holders: Vec<TcpStream> = (0..n)
+        .map(|_| TcpStream::connect(metrics).unwrap())
+        .collect();
+    wait_until("the metrics connections are accepted", || {
+        open_sockets(d.pid()) >= base + n
+    });
+    limit_to_open_descriptors(d);
+    holders
+}
+
 #[test]
 fn connections_left_in_the_backlog_at_emfile_are_served_once_descriptors_free_up() {
     // Lines about dropped input off: a failed accept is not that, and is logged anyway.
     let d = daemon("[rate]\ndrop_logs_per_sec = 0\n");
-    // Give the daemon room for three more descriptors.
-    limit_to_three_more_descriptors(&d);
-    // (`base` may count a descriptor the daemon held only for a moment, such as its read of
-    // /proc/self/net/udp; then it has room for one more, and one of these is accepted.)
-    let holders: Vec<TcpStream> = (0..3).map(|_| connect(&d)).collect();
-    // At least one of these completes its TCP handshake in the kernel but cannot be
-    // accepted: EMFILE, which the log line below confirms.
+    // Every descriptor held by a metrics connection, which a handshake newcomer does not
+    // close: these wait in the backlog, EMFILE, which the log line below confirms.
+    let holders = hold_every_descriptor_with_metrics_connections(&d, 3);
     let mut waiting: Vec<TcpStream> = (0..2).map(|_| connect(&d)).collect();
     for s in &mut waiting {
         s.write_all(&request_bytes(Operation::ListRooms, "", b"{}"))
@@ -2187,6 +2224,46 @@ fn connections_left_in_the_backlog_at_emfile_are_served_once_descriptors_free_up
         assert_eq!(state, State::Complete);
     }
     assert!(d.metric("ocm_tcp_accept_errors_total") >= 1.0);
+}
+
+/// Idle connections cannot hold the descriptors from newcomers when the daemon runs out of
+/// them for a reason its connection cap does not know of (the limit lowered while running,
+/// the system out of files): a failed accept closes the connection a full table would (the
+/// one idle longest) and takes the newcomer at once. Before, idle connections held every
+/// descriptor until their handshake timers closed them, and a new client waited that long
+/// (60 s here; the test's read timeout is 10 s).
+#[test]
+fn at_emfile_an_idle_connection_is_closed_for_a_newcomer() {
+    let d = daemon("[rate]\ndrop_logs_per_sec = 0\n[limits]\nhandshake_timeout_secs = 60\n");
+    let base = open_sockets(d.pid());
+    let mut idle: Vec<TcpStream> = (0..3).map(|_| connect(&d)).collect();
+    wait_until("the idle connections are accepted", || {
+        open_sockets(d.pid()) >= base + 3
+    });
+    limit_to_open_descriptors(&d);
+    // Takes a descriptor left by a count that was one too many, or closes the first idle
+    // connection to be accepted.
+    let _filler = connect(&d);
+    let started = Instant::now();
+    let mut s = connect(&d);
+    list_rooms_on(&mut s, 0);
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(5),
+        "answered after {waited:?}, with a handshake timeout of 60 s"
+    );
+    // A scrape, out of descriptors too, closes another idle handshake connection (or the
+    // first, if descriptors held for a moment when the limit was set let the filler and the
+    // client in without one).
+    assert!(closed(&d, "evicted") >= 1.0);
+    assert!(d.metric("ocm_tcp_accept_errors_total") >= 1.0);
+    d.wait_for_log("closed an idle connection to make room");
+    // The one idle longest went first.
+    let mut byte = [0u8; 1];
+    assert!(
+        matches!(idle[0].read(&mut byte), Ok(0) | Err(_)),
+        "the oldest idle connection is still open"
+    );
 }
 
 /// A peer that pipelines more than `max_output_bytes` of replies (here held for the disk) is
@@ -2919,6 +2996,80 @@ int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags) {
     preload_library(dir, "interrupt_accept", SOURCE)
 }
 
+/// A library for `LD_PRELOAD` whose `accept4` fails with ENFILE (the system out of files)
+/// while the file named by `OCM_TEST_ENFILE` exists.
+fn accept_out_of_files(dir: &std::path::Path) -> std::path::PathBuf {
+    const SOURCE: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags) {
+    static int (*real_accept4)(int, struct sockaddr *, socklen_t *, int);
+    if (!real_accept4)
+        real_accept4 = (int (*)(int, struct sockaddr *, socklen_t *, int))dlsym(RTLD_NEXT, "accept4");
+    const char *out_of_files = getenv("OCM_TEST_ENFILE");
+    if (out_of_files && access(out_of_files, F_OK) == 0) {
+        errno = ENFILE;
+        return -1;
+    }
+    return real_accept4(fd, addr, len, flags);
+}
+"#;
+    preload_library(dir, "enfile_accept", SOURCE)
+}
+
+/// When closing an idle connection does not let the next `accept` succeed (the system, not
+/// the daemon, is out of files, and another process took the descriptor), no more are closed
+/// for it until an accept succeeds: one is lost, not one per 50 ms retry, and the newcomer
+/// is served once files free up.
+#[test]
+fn out_of_files_system_wide_closes_one_idle_connection_not_one_per_retry() {
+    let (d, out_of_files, _library) = spawn_preloaded(
+        accept_out_of_files,
+        ("OCM_TEST_ENFILE", "out-of-files"),
+        Options {
+            config: Some("[rate]\ndrop_logs_per_sec = 0\n".into()),
+            metrics: true,
+            ..Options::default()
+        },
+    );
+    let mut idle: Vec<TcpStream> = (0..5).map(|_| connect(&d)).collect();
+    // Each answered, so each is in the daemon's table.
+    for (i, s) in idle.iter_mut().enumerate() {
+        list_rooms_on(s, i as u8);
+    }
+    std::fs::write(&out_of_files, b"").unwrap();
+    let mut newcomer = connect(&d);
+    newcomer
+        .write_all(&request_bytes(Operation::ListRooms, "", b"{}"))
+        .unwrap();
+    // Three lines a second apart: some 40 retries failed meanwhile.
+    wait_until("three accept failures logged", || {
+        d.log().matches("accept failed").count() >= 3
+    });
+    let closed_idle = idle
+        .iter_mut()
+        .filter_map(|s| {
+            s.set_nonblocking(true).unwrap();
+            matches!(s.read(&mut [0u8; 1]), Ok(0)).then_some(())
+        })
+        .count();
+    assert_eq!(
+        closed_idle, 1,
+        "idle connections closed for a newcomer never taken"
+    );
+    std::fs::remove_file(&out_of_files).unwrap();
+    let mut frames = FrameReader::default();
+    let (state, body) = frames.next(&mut newcomer).expect("a reply, not EOF");
+    assert_eq!(state, State::Compliance);
+    assert_eq!(payload::parse_compliance(&body), Ok(Compliance::Success));
+    assert_eq!(closed(&d, "evicted"), 1.0);
+}
+
 /// An `accept` interrupted by a signal is simply called again: the connection is taken in
 /// the same pass, and nothing counts or logs it as a failed accept (which would also put
 /// the listener off for 50 ms).
@@ -2950,8 +3101,9 @@ fn an_interrupted_accept_is_retried_at_once_and_not_counted_as_failed() {
 fn failed_accepts_are_logged_at_most_once_a_second() {
     let d = daemon("[rate]\ndrop_logs_per_sec = 0\n");
     let started = Instant::now();
-    limit_to_three_more_descriptors(&d);
-    let holders: Vec<TcpStream> = (0..3).map(|_| connect(&d)).collect();
+    // Held by metrics connections: idle handshake connections would be closed to make room,
+    // and the accepts would succeed.
+    let holders = hold_every_descriptor_with_metrics_connections(&d, 3);
     let waiting: Vec<TcpStream> = (0..2).map(|_| connect(&d)).collect();
     d.wait_for_log("accept failed");
     let (cpu_before, failing) = (cpu_time(d.pid()), Instant::now());

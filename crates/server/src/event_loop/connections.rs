@@ -4,10 +4,12 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use mio::event::Event;
+use mio::net::TcpListener;
 use mio::Interest;
 
 use super::{
@@ -15,10 +17,17 @@ use super::{
 };
 use crate::conn::{Conn, Kind, ReadUntil, LINGER};
 use crate::metrics::Metrics;
-use crate::rate;
+use crate::{rate, sockopt};
 
 impl Server {
     pub(super) fn accept(&mut self, kind: Kind, now: Instant) {
+        // Whether a connection was closed for a descriptor since the last accept that
+        // succeeded: a second failure after one means closing did not help (the system is
+        // out of files, not us; see `eviction_futile`).
+        let mut evicted_for_descriptor = false;
+        // Whether this pass closed a connection for a descriptor at all: its picks stay good
+        // for the next one (see `evict_idle`), though the table is not full.
+        let mut short_of_descriptors = false;
         loop {
             let listener = match kind {
                 Kind::Tcrp => self.tcp.as_ref(),
@@ -30,17 +39,41 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // EMFILE and friends: count, log, keep serving the connections we have, and
-                    // try again shortly for the connections still in the backlog. Not input
-                    // from a peer, so not under `drop_logs_per_sec`: at most a line a second.
-                    self.accept_retry = Some(now + ACCEPT_RETRY);
+                    // EMFILE and friends: count, log, keep serving the connections we have.
+                    // Not input from a peer, so not under `drop_logs_per_sec`: at most a line
+                    // a second.
                     self.metrics.accept_errors += 1;
-                    if self.accept_log.take(now, 1.0, 1.0) {
-                        warn!("accept failed: {e}; retrying in {ACCEPT_RETRY:?}");
+                    // Out of descriptors (the limit lowered while running, the system out of
+                    // files): idle connections would hold every one until their handshake
+                    // timers ran out, so the one a full table would close goes now, and the
+                    // accept is tried again at once. Once per successful accept at most.
+                    let short = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+                    if short && evicted_for_descriptor {
+                        self.eviction_futile = true;
                     }
+                    let evicted = short
+                        && !self.eviction_futile
+                        && newcomer_waits(listener)
+                        && self.evict_for_descriptor(kind);
+                    if self.accept_log.take(now, 1.0, 1.0) {
+                        if evicted {
+                            warn!("accept failed: {e}; closed an idle connection to make room");
+                        } else {
+                            warn!("accept failed: {e}; retrying in {ACCEPT_RETRY:?}");
+                        }
+                    }
+                    if evicted {
+                        evicted_for_descriptor = true;
+                        short_of_descriptors = true;
+                        continue;
+                    }
+                    // Try again shortly for the connections still in the backlog.
+                    self.accept_retry = Some(now + ACCEPT_RETRY);
                     return;
                 }
             };
+            evicted_for_descriptor = false;
+            self.eviction_futile = false;
             let limits = &self.config.limits;
             let from_ip = self
                 .per_ip
@@ -48,7 +81,7 @@ impl Server {
                 .copied()
                 .unwrap_or(0);
             let tcrp_open = self.conns.len() - self.http_conns.len();
-            if tcrp_open < self.connection_cap {
+            if tcrp_open < self.connection_cap && !short_of_descriptors {
                 // Picks from a full table go stale once it is not full.
                 self.evict_candidates.clear();
             }
@@ -185,6 +218,19 @@ impl Server {
             self.close(id, reason);
             return true;
         }
+    }
+
+    /// Closes a connection to free a descriptor for one that `accept` could not take for
+    /// want of them: the handshake connection a full table would close (see `evict_idle`),
+    /// and for a metrics connection, if there is none, the metrics connection a full set of
+    /// them would close (see `evict_idle_http`). A handshake newcomer never closes a metrics
+    /// connection, so that a flood of handshake connections cannot cut scrapes off. Returns
+    /// whether one was closed.
+    fn evict_for_descriptor(&mut self, kind: Kind) -> bool {
+        if self.evict_idle() {
+            return true;
+        }
+        kind == Kind::Http && !self.http_conns.is_empty() && self.evict_idle_http()
     }
 
     /// Makes room for a new metrics connection: closes the oldest one that was answered and
@@ -358,6 +404,14 @@ impl Server {
         Metrics::bump(&mut self.metrics.tcp_closed, reason);
         debug!("{}: closed ({reason})", conn.peer);
     }
+}
+
+/// Whether a connection waits in `listener`'s accept queue. Linux takes the descriptor
+/// before it looks at the queue, so `accept` fails for want of one even when none waits
+/// (as at every retry): closing a connection then would make room for nobody. Said false
+/// when the kernel cannot tell.
+fn newcomer_waits(listener: &TcpListener) -> bool {
+    sockopt::accept_queue(listener.as_raw_fd()).is_ok_and(|queue| queue.waiting > 0)
 }
 
 /// Gives back one of `peer`'s source's connections in `max_connections_per_ip`.

@@ -194,6 +194,11 @@ pub struct Server {
     /// edge-triggered: connections left in the backlog raise no new event, so without this
     /// they would wait for the next newcomer however many descriptors were freed meanwhile.
     accept_retry: Option<Instant>,
+    /// Whether `accept` failed for want of descriptors right after a connection was closed
+    /// to free one: the system, not the daemon, is out of files, and another process took it.
+    /// No more are closed for that until an accept succeeds, so that retries every
+    /// [`ACCEPT_RETRY`] do not close every idle connection for nothing.
+    eviction_futile: bool,
     next_deadline_check: Instant,
     next_sweep: Instant,
     next_status: Instant,

@@ -171,6 +171,7 @@ impl Server {
             shed_in_batch: Vec::new(),
             wall_clock: WallClock::new(),
             accept_retry: None,
+            eviction_futile: false,
             next_deadline_check: now + DEADLINE_CHECK,
             next_status: now,
             watchdog,
