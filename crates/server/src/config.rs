@@ -39,6 +39,11 @@ pub const MAX_DATAGRAMS_PER_WAKEUP: u64 = 65_536;
 /// tables are sized for it at the first closure, so a larger value would fail an allocation
 /// there, from the network, rather than at start.
 pub const MAX_TOMBSTONES: u64 = 10_000_000;
+/// `limits.listen_backlog` by default: the default `net.core.somaxconn` since Linux 5.4, and
+/// as many as the default `max_connections`, so that a full table's worth of clients
+/// arriving at once waits in the kernel rather than for SYN retransmits (mio binds with 128,
+/// the standard library's value).
+pub const DEFAULT_LISTEN_BACKLOG: u32 = 4096;
 
 /// The whole configuration.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -195,6 +200,9 @@ pub struct LimitsConfig {
     pub max_connections: usize,
     /// Open TCRP (handshake) connections per source IP.
     pub max_connections_per_ip: usize,
+    /// Handshake connections the kernel completes and queues for the daemon to accept
+    /// (`listen(2)`'s backlog; the kernel caps it at `net.core.somaxconn`).
+    pub listen_backlog: u32,
     /// Unsent reply bytes per connection past which it is paused until the peer reads.
     pub max_output_bytes: usize,
     /// Rooms in all (0: no cap).
@@ -340,6 +348,7 @@ impl Default for LimitsConfig {
             handshake_timeout_secs: 10,
             max_connections: 4096,
             max_connections_per_ip: 256,
+            listen_backlog: DEFAULT_LISTEN_BACKLOG,
             max_output_bytes: 64 * 1024,
             max_rooms: 10_000,
             max_members_per_room: 1024,
@@ -421,6 +430,10 @@ impl Config {
             (
                 "limits.max_output_bytes",
                 self.limits.max_output_bytes as f64,
+            ),
+            (
+                "limits.listen_backlog",
+                f64::from(self.limits.listen_backlog),
             ),
             (
                 "liveness.keepalive_misses",
@@ -533,6 +546,12 @@ impl Config {
                 "liveness.tombstone_capacity",
                 self.liveness.tombstone_capacity as u64,
                 MAX_TOMBSTONES,
+            ),
+            // listen(2) takes an int.
+            (
+                "limits.listen_backlog",
+                u64::from(self.limits.listen_backlog),
+                i32::MAX as u64,
             ),
             // The kernel takes at most INT_MAX / 2 (it doubles the value for its bookkeeping).
             (
@@ -1183,6 +1202,7 @@ mod tests {
             [limits]
             max_payload_bytes = 16777216
             handshake_timeout_secs = 86400
+            listen_backlog = 2147483647
             [liveness]
             sweep_interval_ms = 86400000
             room_idle_secs = 31622400
@@ -1226,6 +1246,10 @@ mod tests {
             (
                 "[udp]\nrecv_buffer_bytes = 1073741824",
                 "udp.recv_buffer_bytes",
+            ),
+            (
+                "[limits]\nlisten_backlog = 2147483648",
+                "limits.listen_backlog",
             ),
             (
                 "[udp]\nsend_buffer_bytes = 1073741824",

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use log::{error, info, warn};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
-use super::setup::{fit_open_files, segmentation};
+use super::setup::{fit_open_files, segmentation, set_listen_backlog};
 use super::{ConnId, Server};
 use crate::config::{self, Config};
 use crate::error::Error;
@@ -81,6 +81,14 @@ impl Server {
         self.apply_log_level(path, &new);
         if new.limits.max_connections != self.config.limits.max_connections {
             self.connection_cap = fit_open_files(&new);
+        }
+        if new.limits.listen_backlog != self.config.limits.listen_backlog {
+            if let Some(tcp) = &self.tcp {
+                if let Err(e) = set_listen_backlog(tcp, new.limits.listen_backlog) {
+                    warn!("SIGHUP: cannot set the TCP listen backlog: {e}; keeping the old one");
+                    new.limits.listen_backlog = self.config.limits.listen_backlog;
+                }
+            }
         }
         let changes = self.config.changes(&new);
         self.config = new;

@@ -249,15 +249,18 @@ fn load_registry(
     Ok((loaded, registry, now))
 }
 
-/// Binds the TCRP listener and asks it for TCP_NODELAY. Also returns what
-/// `nodelay_inherited` starts as: `None` (to be checked on the first connection) when the
-/// listener took the option, `Some(false)` (each connection sets it) when it refused.
+/// Binds the TCRP listener, sets its backlog (`limits.listen_backlog`) and asks it for
+/// TCP_NODELAY. Also returns what `nodelay_inherited` starts as: `None` (to be checked on the
+/// first connection) when the listener took the option, `Some(false)` (each connection sets
+/// it) when it refused.
 fn bind_tcp(config: &Config) -> Result<(TcpListener, Option<bool>), Error> {
     let tcp = TcpListener::bind(config.listen.tcp).map_err(|source| Error::Bind {
         what: "TCP",
         addr: config.listen.tcp,
         source,
     })?;
+    set_listen_backlog(&tcp, config.limits.listen_backlog)
+        .map_err(io_err("cannot set the TCP listen backlog"))?;
     // Accepted connections inherit TCP_NODELAY; if the listener refuses it, each
     // connection gets it instead.
     let nodelay_inherited = match conn::set_listener_nodelay(&tcp) {
@@ -268,6 +271,32 @@ fn bind_tcp(config: &Config) -> Result<(TcpListener, Option<bool>), Error> {
         }
     };
     Ok((tcp, nodelay_inherited))
+}
+
+/// Sets the backlog of the listening `listener` to `backlog`, warning when the kernel granted
+/// less. mio binds (socket, SO_REUSEADDR, bind, listen) with a backlog of 128; Linux takes a
+/// second `listen(2)` on a listening socket as a new backlog, so everything else about the
+/// socket (its address family, dual-stack or not, SO_REUSEADDR) stays as mio made it. Under a
+/// flood of connections, clients past the backlog have their SYN dropped and retry it after
+/// a second or more; a backlog as large as `max_connections` lets a full table's worth wait
+/// in the kernel instead.
+pub(super) fn set_listen_backlog(listener: &TcpListener, backlog: u32) -> std::io::Result<()> {
+    // Checked by `Config::validate`; a larger value would only be capped by the kernel.
+    let asked = libc::c_int::try_from(backlog).unwrap_or(libc::c_int::MAX);
+    // SAFETY: listen(2) on a descriptor we own; a failure is reported, not undefined.
+    if unsafe { libc::listen(listener.as_raw_fd(), asked) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    match sockopt::accept_queue(listener.as_raw_fd()) {
+        Ok(queue) if queue.backlog < backlog => warn!(
+            "TCP listen backlog: limits.listen_backlog asks for {backlog}, the kernel allows \
+             {} (net.core.somaxconn caps it); raise net.core.somaxconn to at least {backlog}",
+            queue.backlog
+        ),
+        Ok(queue) => debug!("TCP listen backlog: {}", queue.backlog),
+        Err(e) => debug!("TCP listen backlog: cannot read it back: {e}"),
+    }
+    Ok(())
 }
 
 /// Binds the UCRP socket and sizes its buffers as `[udp]` asks, warning when the kernel
