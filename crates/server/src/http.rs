@@ -28,13 +28,19 @@ pub enum Route {
 
 /// Parses the request head in `input`; `None` until the blank line has arrived.
 ///
+/// Lines may end in CRLF or in a bare LF (RFC 9112 §2.2 lets a recipient take a lone LF as a
+/// line's end and ignore a CR before it), so the head ends at an LF followed by an empty
+/// line: `\n\n` or `\n\r\n` (the end of `\r\n\r\n`, and of mixed endings). Some clients
+/// and hand-typed requests (`printf 'GET /healthz HTTP/1.1\n\n'`) end lines with LF only;
+/// such a head was never found, and its connection was closed only at the handshake timeout.
+///
 /// `searched` is how much of `input` is known to hold no end of the head (what an earlier call
-/// returned `None` for); the search starts 3 bytes before it, where an end split across two
-/// reads begins. Searching everything at every read would make a head sent a few bytes at a
-/// time cost the square of its length.
+/// returned `None` for); the search starts [`END_LEN_MAX`] - 1 bytes before it, where an end
+/// split across two reads begins. Searching everything at every read would make a head sent
+/// a few bytes at a time cost the square of its length.
 pub fn parse(input: &[u8], searched: usize) -> Option<(Route, bool)> {
-    let from = searched.saturating_sub(3).min(input.len());
-    let end = from + input[from..].windows(4).position(|w| w == b"\r\n\r\n")?;
+    let from = searched.saturating_sub(END_LEN_MAX - 1).min(input.len());
+    let end = from + end_of_head(&input[from..])?;
     let head = String::from_utf8_lossy(&input[..end]);
     let mut parts = head.lines().next().unwrap_or("").split(' ');
     let (method, path, version) = (parts.next(), parts.next(), parts.next());
@@ -51,6 +57,22 @@ pub fn parse(input: &[u8], searched: usize) -> Option<(Route, bool)> {
         _ => Route::BadRequest,
     };
     Some((route, head_only))
+}
+
+/// The longest end of a head: `\n\r\n`.
+const END_LEN_MAX: usize = 3;
+
+/// Where the end of a head begins in `bytes`: the first LF followed by an empty line (`\n` or
+/// `\r\n`). The head's last line ends there.
+fn end_of_head(bytes: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    loop {
+        at += bytes.get(at..)?.iter().position(|&b| b == b'\n')?;
+        match bytes.get(at + 1..) {
+            Some([b'\n', ..] | [b'\r', b'\n', ..]) => return Some(at),
+            _ => at += 1,
+        }
+    }
 }
 
 /// A complete response with `Connection: close`.
@@ -126,6 +148,77 @@ mod tests {
         // An end wholly within what was searched is not looked for again.
         assert_eq!(parse(request, request.len()), None);
         assert_eq!(parse(request, request.len() + 10), None);
+    }
+
+    /// A head whose lines end in a bare LF, or in a mix of LF and CRLF, is a request like
+    /// any other (RFC 9112 §2.2).
+    #[test]
+    fn a_head_with_bare_lf_line_ends_is_parsed() {
+        for head in [
+            &b"GET /healthz HTTP/1.1\n\n"[..],
+            b"GET /healthz HTTP/1.1\nHost: x\n\n",
+            b"GET /healthz HTTP/1.1\r\nHost: x\n\n",
+            b"GET /healthz HTTP/1.1\nHost: x\r\n\r\n",
+            b"GET /healthz HTTP/1.1\r\nHost: x\n\r\n",
+            b"GET /healthz HTTP/1.1\nHost: x\r\n\n",
+        ] {
+            assert_eq!(parse(head, 0), Some((Route::Health, false)), "{head:?}");
+        }
+        assert_eq!(
+            parse(b"HEAD /metrics HTTP/1.0\n\n", 0),
+            Some((Route::Metrics, true))
+        );
+        // The first blank line ends the head; what follows is not looked at.
+        assert_eq!(
+            parse(b"GET /readyz HTTP/1.1\n\nGET /x HTTP/1.1\n\n", 0),
+            Some((Route::Ready, false))
+        );
+        // Lone CRs, and a single LF, end nothing.
+        for unfinished in [
+            &b"GET /healthz HTTP/1.1\n"[..],
+            b"GET /healthz HTTP/1.1\r\n",
+            b"GET /healthz HTTP/1.1\nHost: x\n",
+            b"GET /healthz HTTP/1.1\nHost: x\n\r",
+            b"GET /healthz HTTP/1.1\r\r\r\r",
+            b"GET /healthz HTTP/1.1\n\r\r\n",
+        ] {
+            assert_eq!(parse(unfinished, 0), None, "{unfinished:?}");
+        }
+    }
+
+    /// Whatever the line ends, and wherever the bytes split between two reads, the end of
+    /// the head is found when the search resumes where the first read left off.
+    #[test]
+    fn every_kind_of_end_is_found_at_every_split() {
+        for request in [
+            &b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            b"GET /healthz HTTP/1.1\nHost: x\n\n",
+            b"GET /healthz HTTP/1.1\n\n",
+            b"GET /healthz HTTP/1.1\nHost: x\n\r\n",
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\n",
+        ] {
+            for split in 0..request.len() {
+                assert_eq!(
+                    parse(&request[..split], 0),
+                    None,
+                    "{request:?} cut at {split}"
+                );
+                assert_eq!(
+                    parse(request, split),
+                    Some((Route::Health, false)),
+                    "{request:?} split at {split}"
+                );
+                // And over three reads, as a byte-at-a-time sender makes them.
+                for second in split..request.len() {
+                    assert_eq!(parse(&request[..second], split), None, "{request:?}");
+                    assert_eq!(
+                        parse(request, second),
+                        Some((Route::Health, false)),
+                        "{request:?} split at {split} and {second}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -786,6 +786,44 @@ fn a_metrics_request_head_just_under_8_kib_is_answered() {
     );
 }
 
+/// A request head whose lines end in a bare LF (RFC 9112 §2.2 lets a server take it) is
+/// answered at once, like one with CRLF. Its end was never found, so it was answered with
+/// nothing and closed only at the handshake timeout (60 s here; the read gives up at 10 s).
+#[test]
+fn a_metrics_request_head_with_bare_lf_line_ends_is_answered_at_once() {
+    let d = Daemon::start_with(Options {
+        metrics: true,
+        config: Some("[limits]\nhandshake_timeout_secs = 60\n".into()),
+        ..Options::default()
+    });
+    let addr = d.metrics.expect("metrics on");
+    let started = Instant::now();
+    let (status, body) = http(addr, "GET /healthz HTTP/1.1\nHost: x\n\n");
+    assert_eq!(
+        (status.as_str(), body.as_str()),
+        ("HTTP/1.1 200 OK", "ok\n")
+    );
+    let (status, body) = http(addr, "GET /metrics HTTP/1.1\n\n");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(body.contains("ocm_rooms "), "{body}");
+    // The end in two writes, split between its LFs (separate segments with TCP_NODELAY,
+    // most often read apart).
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    s.write_all(b"GET /readyz HTTP/1.1\n").unwrap();
+    s.write_all(b"\n").unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response)
+        .expect("a response, then the daemon's end");
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "answered after {:?}",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn a_stalled_metrics_client_does_not_stall_relaying() {
     let d = Daemon::start_with(Options {
