@@ -35,7 +35,7 @@ pub enum Route {
 /// such a head was never found, and its connection was closed only at the handshake timeout.
 ///
 /// `searched` is how much of `input` is known to hold no end of the head (what an earlier call
-/// returned `None` for); the search starts [`END_LEN_MAX`] - 1 bytes before it, where an end
+/// returned `None` for); the search starts `END_LEN_MAX` − 1 (2) bytes before it, where an end
 /// split across two reads begins. Searching everything at every read would make a head sent
 /// a few bytes at a time cost the square of its length.
 pub fn parse(input: &[u8], searched: usize) -> Option<(Route, bool)> {
