@@ -528,11 +528,7 @@ fn a_clean_stop_whose_last_writes_never_reach_the_disk_exits_and_says_so() {
     let signalled = Instant::now();
     d.signal(libc::SIGTERM);
     // The holder lets go after 20 s; the daemon gives up on the writer after 11.5 s.
-    let deadline = Instant::now() + Duration::from_secs(40);
-    while !d.log().contains("stopped: ") {
-        assert!(Instant::now() < deadline, "ocmd still stops: {}", d.log());
-        thread::sleep(Duration::from_millis(50));
-    }
+    d.wait_for_log_within("stopped: ", Duration::from_secs(40));
     let status = d.wait_exit();
     let took = signalled.elapsed();
     assert_eq!(
@@ -1381,15 +1377,7 @@ fn a_clean_stop_stuck_in_its_final_fold_exits_without_it_and_loses_nothing() {
     wait_until("the final fold waits in fsync", || held.exists());
     // The daemon gives up on the fold after 10 s, long before the holder lets it go (60 s).
     let gave_up = "state writer did not finish the final fold within 10 s; exiting without it";
-    let deadline = Instant::now() + Duration::from_secs(40);
-    while !d.log().contains(gave_up) {
-        assert!(
-            Instant::now() < deadline,
-            "ocmd still waits for its final fold: {}",
-            d.log()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    d.wait_for_log_within(gave_up, Duration::from_secs(40));
     let status = d.wait_exit();
     assert!(status.success(), "{status:?}");
     let log = d.log();
@@ -1579,12 +1567,8 @@ fn a_stop_that_cannot_write_the_state_again_fails() {
     std::fs::remove_dir_all(d.dir.path()).unwrap();
     d.wait_for_log("cannot open a fresh journal");
     d.signal(libc::SIGTERM);
-    // The daemon gives up on the writer after 10 s, more than the helpers wait for a line.
-    let deadline = Instant::now() + Duration::from_secs(40);
-    while !d.log().contains("stopped: ") {
-        assert!(Instant::now() < deadline, "ocmd still stops: {}", d.log());
-        thread::sleep(Duration::from_millis(50));
-    }
+    // The daemon gives up on the writer after 10 s.
+    d.wait_for_log_within("stopped: ", Duration::from_secs(40));
     let status = d.wait_exit();
     assert_eq!(status.code(), Some(1), "{status:?}\n{}", d.log());
     let log = d.log();

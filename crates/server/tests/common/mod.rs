@@ -324,6 +324,20 @@ impl Daemon {
         });
     }
 
+    /// Like [`Daemon::wait_for_log`], for a line that comes only after a bound of the daemon's
+    /// own that is longer than [`PATIENCE`] (a stop that gives up on the disk after 10 s).
+    pub fn wait_for_log_within(&self, needle: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no log line {needle:?} within {limit:?}:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Rewrites the `--config` file (the one `Options::config` created) with `toml`, sends
     /// SIGHUP, and waits for this reload's `configuration reloaded` line.
     pub fn reload(&self, toml: &str) {
