@@ -2266,6 +2266,58 @@ fn at_emfile_an_idle_connection_is_closed_for_a_newcomer() {
     );
 }
 
+/// Which of `conns` the daemon has closed (read without waiting: an end already sent shows).
+fn closed_by_daemon(conns: &mut [TcpStream]) -> Vec<bool> {
+    conns
+        .iter_mut()
+        .map(|s| {
+            s.set_nonblocking(true).unwrap();
+            let closed = match s.read(&mut [0u8; 1]) {
+                Ok(n) => n == 0,
+                Err(e) => e.kind() != ErrorKind::WouldBlock,
+            };
+            s.set_nonblocking(false).unwrap();
+            closed
+        })
+        .collect()
+}
+
+/// A scrape out of descriptors, with the metrics allowance full, makes room by closing a
+/// metrics connection (one a full allowance closes for it once it is in), not a handshake
+/// connection as well. It closed the longest idle handshake connection first, to free a
+/// descriptor, and then, accepted into a full allowance, the oldest metrics connection:
+/// two connections closed for one newcomer, the handshake one for nothing.
+#[test]
+fn at_emfile_a_scrape_to_a_full_metrics_allowance_closes_no_handshake_connection() {
+    let d = daemon("[rate]\ndrop_logs_per_sec = 0\n[limits]\nhandshake_timeout_secs = 60\n");
+    let metrics = d.metrics.expect("metrics on");
+    let base = open_sockets(d.pid());
+    let mut idle: Vec<TcpStream> = (0..3).map(|_| connect(&d)).collect();
+    let _silent: Vec<TcpStream> = (0..MAX_METRICS_CONNECTIONS)
+        .map(|_| TcpStream::connect(metrics).unwrap())
+        .collect();
+    wait_until("the idle connections are accepted", || {
+        open_sockets(d.pid()) >= base + 3 + MAX_METRICS_CONNECTIONS
+    });
+    limit_to_open_descriptors(&d);
+    // Takes a descriptor left by a count that was one too many, or closes the first idle
+    // connection to be accepted: either way none is left to spare.
+    let mut filler = connect(&d);
+    list_rooms_on(&mut filler, 0);
+    let before = closed_by_daemon(&mut idle);
+    let mut scrape = TcpStream::connect(metrics).unwrap();
+    scrape.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+    let answer = String::from_utf8_lossy(&read_until_closed(&mut scrape)).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    d.wait_for_log("accept failed");
+    assert_eq!(
+        closed_by_daemon(&mut idle),
+        before,
+        "a handshake connection was closed for a scrape"
+    );
+    assert!(!closed_by_daemon(std::slice::from_mut(&mut filler))[0]);
+}
+
 /// A peer that pipelines more than `max_output_bytes` of replies (here held for the disk) is
 /// paused, not cut off: its requests wait until its replies drain, and it gets every one.
 #[test]

@@ -226,7 +226,14 @@ impl Server {
     /// them would close (see `evict_idle_http`). A handshake newcomer never closes a metrics
     /// connection, so that a flood of handshake connections cannot cut scrapes off. Returns
     /// whether one was closed.
+    ///
+    /// A metrics newcomer to a full set of metrics connections closes one of them alone: once
+    /// accepted, it would close one anyway (see `accept`), so a handshake connection closed
+    /// first would have been closed for nothing.
     fn evict_for_descriptor(&mut self, kind: Kind) -> bool {
+        if kind == Kind::Http && self.http_conns.len() >= MAX_HTTP_CONNECTIONS {
+            return self.evict_idle_http();
+        }
         if self.evict_idle() {
             return true;
         }
