@@ -3252,3 +3252,56 @@ fn a_dead_token_in_a_datagram_shorter_than_the_notice_is_not_answered() {
         "one answer only"
     );
 }
+
+/// Out of its own descriptors because the limit was lowered below what it holds, the daemon
+/// closes an idle connection whose descriptor `accept` can reuse (one below the limit), not
+/// merely the one idle longest. It closed that one, whose descriptor was above the limit, so
+/// the accept failed again; taking that for the system being out of files, it closed no
+/// other, and the newcomer waited while a connection below the limit, answered a moment
+/// earlier and kept busy, held the descriptor it needed (for 60 s here, its handshake timeout;
+/// for good under a client with a request now and then).
+#[test]
+fn at_emfile_below_what_is_open_the_idle_connection_closed_frees_a_usable_descriptor() {
+    let d = daemon("[rate]\ndrop_logs_per_sec = 0\n[limits]\nhandshake_timeout_secs = 60\n");
+    let base = open_sockets(d.pid());
+    let mut low = connect(&d);
+    wait_until("the first connection is accepted", || {
+        open_sockets(d.pid()) > base
+    });
+    let high = connect(&d);
+    wait_until("the second connection is accepted", || {
+        open_sockets(d.pid()) >= base + 2
+    });
+    // Answered: `high` is the one idle longest.
+    list_rooms_on(&mut low, 0);
+    // `high` holds the highest descriptor, one below the lowest free: the limit leaves it out.
+    let free = lowest_free_fd(d.pid()).min(lowest_free_fd(d.pid()));
+    let limit = (free - 1) as libc::rlim_t;
+    let lim = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: prlimit(2) reads the struct we own; the old limits are not asked for.
+    let rc = unsafe {
+        libc::prlimit(
+            d.pid() as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &lim,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let started = Instant::now();
+    let mut newcomer = connect(&d);
+    list_rooms_on(&mut newcomer, 1);
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(5),
+        "answered after {waited:?}, with a handshake timeout of 60 s"
+    );
+    assert_eq!(
+        closed_by_daemon(&mut [low, high]),
+        [true, false],
+        "the connection closed was not the one below the limit"
+    );
+}

@@ -51,10 +51,16 @@ impl Server {
                     if short && evicted_for_descriptor {
                         self.eviction_futile = true;
                     }
+                    // Out of the process's own descriptors, only one below the open-file
+                    // limit can be reused: closing one at or above it (the limit lowered
+                    // below what is open) frees nothing `accept` may take.
+                    let usable_below = (e.raw_os_error() == Some(libc::EMFILE))
+                        .then(open_file_limit)
+                        .flatten();
                     let evicted = short
                         && !self.eviction_futile
                         && newcomer_waits(listener)
-                        && self.evict_for_descriptor(kind);
+                        && self.evict_for_descriptor(kind, usable_below);
                     if self.accept_log.take(now, 1.0, 1.0) {
                         if evicted {
                             warn!("accept failed: {e}; closed an idle connection to make room");
@@ -92,7 +98,7 @@ impl Server {
                 // Full: another connection makes room, if one may go (see `evict_idle`), so
                 // sources holding every slot open cannot lock newcomers out. The cap fits the
                 // open-file limit, so the descriptors do not run out first.
-                Kind::Tcrp if tcrp_open >= self.connection_cap && !self.evict_idle() => {
+                Kind::Tcrp if tcrp_open >= self.connection_cap && !self.evict_idle(None) => {
                     Some("max_connections")
                 }
                 // Scrapers and health checks have their own small allowance, so they can
@@ -189,21 +195,25 @@ impl Server {
     ///
     /// The choice comes from a pass over the table that keeps the best [`EVICTION_PICKS`]; a
     /// pick that was answered since (its activity moved) or that now waits is skipped.
-    fn evict_idle(&mut self) -> bool {
+    /// With `usable_below`, only a connection whose descriptor is below it may go (see
+    /// `accept`), and the picks are made afresh among those.
+    fn evict_idle(&mut self, usable_below: Option<u64>) -> bool {
         let mut picked = false;
+        if usable_below.is_some() {
+            self.evict_candidates.clear();
+        }
         loop {
             let Some((_, activity, id)) = self.evict_candidates.pop() else {
                 // One fresh pass at most: its picks are all valid.
-                if !picked && self.pick_evictions() {
+                if !picked && self.pick_evictions(usable_below) {
                     picked = true;
                     continue;
                 }
                 return false;
             };
-            let still = self
-                .conns
-                .get(id.0)
-                .is_some_and(|c| c.activity == activity && eviction_class(c).is_some());
+            let still = self.conns.get(id.0).is_some_and(|c| {
+                c.activity == activity && eviction_class(c).is_some() && usable(c, usable_below)
+            });
             if !still {
                 continue;
             }
@@ -230,11 +240,11 @@ impl Server {
     /// A metrics newcomer to a full set of metrics connections closes one of them alone: once
     /// accepted, it would close one anyway (see `accept`), so a handshake connection closed
     /// first would have been closed for nothing.
-    fn evict_for_descriptor(&mut self, kind: Kind) -> bool {
+    fn evict_for_descriptor(&mut self, kind: Kind, usable_below: Option<u64>) -> bool {
         if kind == Kind::Http && self.http_conns.len() >= MAX_HTTP_CONNECTIONS {
             return self.evict_idle_http();
         }
-        if self.evict_idle() {
+        if self.evict_idle(usable_below) {
             return true;
         }
         kind == Kind::Http && !self.http_conns.is_empty() && self.evict_idle_http()
@@ -285,12 +295,14 @@ impl Server {
         true
     }
 
-    /// Fills `evict_candidates` with the best [`EVICTION_PICKS`] connections to close, the
-    /// first choice last. Returns whether there is any.
-    fn pick_evictions(&mut self) -> bool {
+    /// Fills `evict_candidates` with the best [`EVICTION_PICKS`] connections to close (with
+    /// `usable_below`, among those whose descriptor is below it), the first choice last.
+    /// Returns whether there is any.
+    fn pick_evictions(&mut self, usable_below: Option<u64>) -> bool {
         let mut picks: Vec<(EvictionClass, u64, ConnId)> = self
             .conns
             .iter()
+            .filter(|(_, c)| usable(c, usable_below))
             .filter_map(|(k, c)| Some((eviction_class(c)?, c.activity, ConnId(k))))
             .collect();
         let by_choice = |p: &(EvictionClass, u64, ConnId)| (p.0, p.1);
@@ -419,6 +431,28 @@ impl Server {
 /// when the kernel cannot tell.
 fn newcomer_waits(listener: &TcpListener) -> bool {
     sockopt::accept_queue(listener.as_raw_fd()).is_ok_and(|queue| queue.waiting > 0)
+}
+
+/// The soft open-file limit: `accept` fails with EMFILE when every descriptor below it is
+/// taken. `None` when it cannot be read or there is none.
+fn open_file_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2) fills the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0
+        || limit.rlim_cur == libc::RLIM_INFINITY
+    {
+        return None;
+    }
+    Some(limit.rlim_cur)
+}
+
+/// Whether closing `conn` frees a descriptor below `usable_below` (any, without it).
+fn usable(conn: &Conn, usable_below: Option<u64>) -> bool {
+    usable_below
+        .is_none_or(|below| u64::try_from(conn.stream.as_raw_fd()).is_ok_and(|fd| fd < below))
 }
 
 /// Gives back one of `peer`'s source's connections in `max_connections_per_ip`.
