@@ -65,9 +65,10 @@ pub struct AcceptQueue {
 
 /// Reads the accept queue of the listening TCP socket `fd`.
 pub fn accept_queue(fd: RawFd) -> io::Result<AcceptQueue> {
-    // The start of `struct tcp_info`: eight one-byte fields, then `u32`s of which
-    // `tcpi_unacked` is the sixth and `tcpi_sacked` the seventh (linux/tcp.h; unchanged since
-    // Linux 2.6). Only this much is asked for: the kernel copies at most `len` bytes.
+    // The start of `struct tcp_info`: eight one-byte fields (the array's first two words),
+    // then `u32`s of which `tcpi_unacked` is the fifth and `tcpi_sacked` the sixth: words 6
+    // and 7 (linux/tcp.h; unchanged since Linux 2.6). Only this much is asked for: the kernel
+    // copies at most `len` bytes.
     let mut info = [0u32; 8];
     let mut len = mem::size_of_val(&info) as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into a live array and updates `len`.
