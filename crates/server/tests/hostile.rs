@@ -2165,10 +2165,14 @@ fn lowest_free_fd(pid: u32) -> usize {
 fn limit_to_open_descriptors(d: &Daemon) {
     let free = lowest_free_fd(d.pid()).min(lowest_free_fd(d.pid()));
     assert!(free > 0, "cannot read /proc/{}/fd", d.pid());
-    let limit = free as libc::rlim_t;
+    set_open_files_limit(d, free);
+}
+
+/// Sets the running daemon's open-file limit, soft and hard, to `limit` (`prlimit`).
+fn set_open_files_limit(d: &Daemon, limit: usize) {
     let lim = libc::rlimit {
-        rlim_cur: limit,
-        rlim_max: limit,
+        rlim_cur: limit as libc::rlim_t,
+        rlim_max: limit as libc::rlim_t,
     };
     // SAFETY: prlimit reads the struct we own and writes nothing (no old-limit pointer).
     let rc = unsafe {
@@ -3276,21 +3280,7 @@ fn at_emfile_below_what_is_open_the_idle_connection_closed_frees_a_usable_descri
     list_rooms_on(&mut low, 0);
     // `high` holds the highest descriptor, one below the lowest free: the limit leaves it out.
     let free = lowest_free_fd(d.pid()).min(lowest_free_fd(d.pid()));
-    let limit = (free - 1) as libc::rlim_t;
-    let lim = libc::rlimit {
-        rlim_cur: limit,
-        rlim_max: limit,
-    };
-    // SAFETY: prlimit(2) reads the struct we own; the old limits are not asked for.
-    let rc = unsafe {
-        libc::prlimit(
-            d.pid() as libc::pid_t,
-            libc::RLIMIT_NOFILE,
-            &lim,
-            std::ptr::null_mut(),
-        )
-    };
-    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    set_open_files_limit(&d, free - 1);
     let started = Instant::now();
     let mut newcomer = connect(&d);
     list_rooms_on(&mut newcomer, 1);
