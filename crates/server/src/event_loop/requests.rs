@@ -370,6 +370,36 @@ impl Server {
         }
     }
 
+    /// Why `/readyz` says the daemon cannot take new members, if it cannot. State files
+    /// deleted and not written again come first: the writer finds them within a second, idle
+    /// or not, and creates and joins wait for them from then on, so there is no need for one
+    /// to wait 5 s. Then a lock taken by another process, then a disk that has held a batch
+    /// too long.
+    fn not_ready(&self, now: Instant) -> Option<String> {
+        let compactions = self.persister.as_ref().map(|p| p.compactions());
+        if compactions.is_some_and(|c| c.files_missing) {
+            return Some(
+                "the state's files were deleted while in use and are not written again yet, \
+                 and creates and joins wait for them (the log says why)"
+                    .to_owned(),
+            );
+        }
+        if compactions.is_some_and(|c| c.lock_taken) {
+            return Some(
+                "the state's lock file was deleted while in use and another process took it \
+                 since: both may write the state; stop one of them (the log names it)"
+                    .to_owned(),
+            );
+        }
+        self.disk_wait(now).map(|waited| {
+            format!(
+                "the journal has taken no write for {} s, and creates and joins wait for it \
+                 (the log says why)",
+                waited.as_secs()
+            )
+        })
+    }
+
     /// How long the oldest create or join has waited for the disk, once that is longer than
     /// [`READY_DISK_WAIT`]: `/readyz` then says the daemon cannot take new members.
     fn disk_wait(&self, now: Instant) -> Option<Duration> {
@@ -406,55 +436,13 @@ impl Server {
                 Some("200"),
                 http::response("200 OK", "text/plain", "ok\n", head),
             ),
-            // Found by the writer within a second, idle or not: creates and joins wait for
-            // the files from then on, so there is no need to wait for one to wait 5 s.
-            Route::Ready
-                if self
-                    .persister
-                    .as_ref()
-                    .is_some_and(|p| p.compactions().files_missing) =>
-            {
-                (
+            Route::Ready => match self.not_ready(Instant::now()) {
+                Some(reason) => (
                     Some("503"),
                     http::response(
                         "503 Service Unavailable",
                         "text/plain",
-                        "not ready: the state's files were deleted while in use and are not \
-                         written again yet, and creates and joins wait for them (the log says \
-                         why)\n",
-                        head,
-                    ),
-                )
-            }
-            Route::Ready
-                if self
-                    .persister
-                    .as_ref()
-                    .is_some_and(|p| p.compactions().lock_taken) =>
-            {
-                (
-                    Some("503"),
-                    http::response(
-                        "503 Service Unavailable",
-                        "text/plain",
-                        "not ready: the state's lock file was deleted while in use and another \
-                         process took it since: both may write the state; stop one of them (the \
-                         log names it)\n",
-                        head,
-                    ),
-                )
-            }
-            Route::Ready => match self.disk_wait(Instant::now()) {
-                Some(waited) => (
-                    Some("503"),
-                    http::response(
-                        "503 Service Unavailable",
-                        "text/plain",
-                        &format!(
-                            "not ready: the journal has taken no write for {} s, and creates \
-                             and joins wait for it (the log says why)\n",
-                            waited.as_secs()
-                        ),
+                        &format!("not ready: {reason}\n"),
                         head,
                     ),
                 ),
