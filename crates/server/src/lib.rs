@@ -24,6 +24,7 @@ pub mod event_loop;
 pub mod handshake;
 pub mod http;
 pub mod journal;
+pub mod last_words;
 pub mod local;
 pub mod metrics;
 pub mod mmsg;

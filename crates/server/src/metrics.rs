@@ -52,6 +52,9 @@ pub struct Metrics {
     pub datagrams_dropped: BTreeMap<&'static str, u64>,
     /// Sends that failed, by reason.
     pub send_errors: BTreeMap<&'static str, u64>,
+    /// Members' last words from their rooms (`__ROOM_CLOSED__`) that the kernel had no room
+    /// for, held to be sent again (`last_words.rs`).
+    pub last_words_held: u64,
     /// Rate-limit hits by kind (`chat`, `request`, `password_queue`).
     pub rate_limited: BTreeMap<&'static str, u64>,
     /// `__ROOM_CLOSED__` answers to tokens of closed rooms.
@@ -191,7 +194,7 @@ impl Metrics {
             "Longest state file write, seconds.",
             self.compactions.max_seconds,
         );
-        let counters: [(&str, &str, f64); 23] = [
+        let counters: [(&str, &str, f64); 24] = [
             (
                 "ocm_tcp_connections_accepted_total",
                 "TCP connections accepted.",
@@ -236,6 +239,11 @@ impl Metrics {
                 "ocm_udp_segmentation_refusals_total",
                 "Destination IP addresses whose segmented send the kernel refused but whose datagrams it took one at a time; each gets one datagram per send for 10 minutes.",
                 self.segmentation_refusals as f64,
+            ),
+            (
+                "ocm_last_words_held_total",
+                "__ROOM_CLOSED__ datagrams to members of a closing room that the kernel had no room for (a full send buffer, no buffer memory), held and sent again once it has; past 4096 held, they are dropped as ocm_send_errors_total{reason=\"last_words_full\"}.",
+                self.last_words_held as f64,
             ),
             (
                 "ocm_closed_room_replies_total",

@@ -427,6 +427,9 @@ pub struct SendScratch {
     /// For each header in `msgs`, its datagram's index in the call's `datagrams`.
     indices: Vec<usize>,
     failed: Vec<usize>,
+    /// Those of `failed` the kernel had no buffer memory for (`ENOBUFS`, `ENOMEM`): not
+    /// refused for themselves, so worth sending again.
+    no_memory: Vec<usize>,
     refused_sources: Vec<usize>,
 }
 
@@ -444,6 +447,39 @@ impl SendScratch {
     pub fn refused_sources(&self) -> &[usize] {
         &self.refused_sources
     }
+
+    /// Indices, among [`SendScratch::failed`], of the datagrams that failed for want of
+    /// buffer memory ([`Fate::NoRoom`]), ascending.
+    pub fn short_of_memory(&self) -> &[usize] {
+        &self.no_memory
+    }
+
+    /// What became of the datagram at `index` in the last [`send`]'s `datagrams`, which
+    /// returned `sent` (with no refused segmented send: nothing was tried after one).
+    pub fn fate(&self, index: usize, sent: &Sent) -> Fate {
+        if self.no_memory.binary_search(&index).is_ok() {
+            Fate::NoRoom
+        } else if self.failed.binary_search(&index).is_ok() {
+            Fate::Refused
+        } else if index < sent.sent + sent.failed {
+            Fate::Sent
+        } else {
+            Fate::NoRoom
+        }
+    }
+}
+
+/// What became of one datagram of a [`send`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// The kernel took it.
+    Sent,
+    /// It failed on its own (an unroutable or forbidden destination): sent again, it would
+    /// fail again.
+    Refused,
+    /// The kernel had no room for it: the send buffer was full (`EAGAIN`, this datagram or
+    /// one before it), or it had no buffer memory (`ENOBUFS`, `ENOMEM`). Later, it may.
+    NoRoom,
 }
 
 /// A header's control-message length as a `usize` (a `size_t` on glibc, a `socklen_t` on
@@ -474,6 +510,7 @@ pub fn send(
     };
     let mut result = Sent::default();
     scratch.failed.clear();
+    scratch.no_memory.clear();
     scratch.refused_sources.clear();
     for (chunk_index, chunk) in datagrams.chunks(BATCH).enumerate() {
         let first = chunk_index * BATCH;
@@ -550,6 +587,7 @@ pub fn send(
                     let from = scratch.indices[done];
                     let set_aside = scratch.failed.iter().filter(|&&i| i > from).count();
                     scratch.failed.retain(|&i| i < from);
+                    scratch.no_memory.retain(|&i| i < from);
                     // A datagram sent again without its source that found the buffer full says
                     // nothing about the source.
                     scratch.refused_sources.retain(|&i| i < from);
@@ -606,6 +644,7 @@ pub fn send(
                     let errno = err.raw_os_error().unwrap_or(0);
                     result.refused_segmented = Some((index, errno));
                     scratch.failed.retain(|&i| i < index);
+                    scratch.no_memory.retain(|&i| i < index);
                     result.failed = scratch.failed.len();
                     scratch.failed.sort_unstable();
                     return result;
@@ -618,6 +657,9 @@ pub fn send(
                         scratch.refused_sources.pop();
                     }
                     scratch.failed.push(index);
+                    if matches!(err.raw_os_error(), Some(libc::ENOBUFS | libc::ENOMEM)) {
+                        scratch.no_memory.push(index);
+                    }
                     result.failed += 1;
                     done += 1;
                 }
@@ -1334,6 +1376,12 @@ mod tests {
         assert_eq!(sent.would_block, 300 - 2 - sent.sent);
         assert_eq!(sent.refused_segmented, None);
         assert!(scratch.refused_sources().is_empty());
+        // What became of each: 255, set aside as failed, found no room like those around it.
+        assert_eq!(scratch.fate(0, &sent), Fate::Refused);
+        assert_eq!(scratch.fate(2, &sent), Fate::Sent);
+        assert_eq!(scratch.fate(255, &sent), Fate::NoRoom);
+        assert_eq!(scratch.fate(299, &sent), Fate::NoRoom);
+        assert!(scratch.short_of_memory().is_empty());
     }
 
     #[test]

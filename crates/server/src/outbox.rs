@@ -29,6 +29,11 @@ pub struct Send {
     /// The largest batch frame (several messages in one datagram) the recipient accepts, in
     /// bytes; 0 when it accepts none.
     pub batch_limit: u16,
+    /// Whether it is the recipient's last word from its room (`__ROOM_CLOSED__` as the room
+    /// closes): nothing it sends later would bring it again, so a full send buffer holds it
+    /// for later rather than dropping it (see `last_words.rs`). It always leaves alone, as a
+    /// plain datagram.
+    pub last_word: bool,
 }
 
 /// Encoded payloads and the datagrams that carry them.
@@ -85,6 +90,7 @@ impl Outbox {
             bytes,
             member: None,
             batch_limit: 0,
+            last_word: false,
         });
     }
 
@@ -104,6 +110,27 @@ impl Outbox {
             bytes,
             member: Some(member),
             batch_limit,
+            last_word: false,
+        });
+    }
+
+    /// Queues `bytes` for the member in registry slot `member`, at `to`, from our address
+    /// `from`, as its last word from its room ([`Send::last_word`]): alone in its datagram,
+    /// and held, not dropped, when the send buffer is full.
+    pub fn send_last_word(
+        &mut self,
+        to: SocketAddr,
+        from: LocalId,
+        bytes: Range<usize>,
+        member: u32,
+    ) {
+        self.sends.push(Send {
+            to,
+            from,
+            bytes,
+            member: Some(member),
+            batch_limit: 0,
+            last_word: true,
         });
     }
 

@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 use mio::net::UdpSocket;
 use ucrp::delivery;
 
+use crate::last_words::LastWords;
 use crate::local::{LocalId, Locals};
 use crate::metrics::Metrics;
-use crate::mmsg;
+use crate::mmsg::{self, Fate};
 use crate::outbox::{Outbox, Send as QueuedSend};
 use crate::peer;
 use crate::sockopt;
@@ -126,6 +127,10 @@ impl Unsegmented {
 /// ([`Sender::set_segmentation`]) a member's messages of one pass that are of equal length
 /// (the last may be shorter) go to the kernel as one segmented send (`UDP_SEGMENT`): it
 /// splits them into the same datagrams, and pays its per-datagram routing once for them all.
+///
+/// What the kernel has no room for is dropped and counted, but for members' last words from
+/// their rooms, which are held ([`LastWords`]) and sent before anything newer: at the next
+/// send, or sooner through [`Sender::send_held`].
 #[derive(Default)]
 pub struct Sender {
     /// The daemon's cap on batch frames, in bytes.
@@ -156,6 +161,8 @@ pub struct Sender {
     /// between passes (the runs themselves borrow the outbox, so they are not).
     datagrams: Vec<mmsg::Outgoing>,
     scratch: mmsg::SendScratch,
+    /// Last words the kernel had no room for, waiting to be sent again.
+    held: LastWords,
 }
 
 #[derive(Clone)]
@@ -245,8 +252,9 @@ impl Sender {
         self.segmenting = on;
     }
 
-    /// Sends and clears `outbox`; each datagram leaves from the address of `locals` its send
-    /// names, and an address the kernel refuses as a source is retired.
+    /// Sends and clears `outbox`, after the last words held from earlier sends; each datagram
+    /// leaves from the address of `locals` its send names, and an address the kernel refuses
+    /// as a source is retired.
     pub fn send_all(
         &mut self,
         socket: &UdpSocket,
@@ -254,6 +262,9 @@ impl Sender {
         locals: &mut Locals,
         metrics: &mut Metrics,
     ) {
+        // Held words go first: they are older, and a member's last word must not come after
+        // what the daemon tells that address later (a room it joined since).
+        self.send_held(socket, locals, metrics);
         self.plan(outbox);
         let mut start = 0;
         // A refused segmented send whose datagrams go again one apiece from `start`: the
@@ -313,13 +324,98 @@ impl Sender {
         );
         drop(parts);
         let plan = &self.plan[start..];
-        count(plan, &sent, self.scratch.failed(), metrics);
+        count(
+            plan,
+            &sent,
+            (self.scratch.failed(), self.scratch.short_of_memory()),
+            metrics,
+        );
         for &i in self.scratch.refused_sources() {
             if let Some(planned) = plan.get(i) {
                 locals.retire(planned.from);
             }
         }
+        // Only when something found no room: a pass the kernel took whole reads no plan entry
+        // again and copies nothing.
+        if sent.would_block > 0 || !self.scratch.short_of_memory().is_empty() {
+            self.hold_last_words(start, &sent, outbox, metrics);
+        }
         sent
+    }
+
+    /// Holds a copy of each last word of the plan from `start` on that the send which
+    /// returned `sent` had no room for; counts those the full queue cannot take.
+    fn hold_last_words(
+        &mut self,
+        start: usize,
+        sent: &mmsg::Sent,
+        outbox: &Outbox,
+        metrics: &mut Metrics,
+    ) {
+        let plan = self.plan.get(start..).unwrap_or_default();
+        // Nothing from a refused segmented send on was tried: it all goes again unsegmented.
+        let tried = sent.refused_segmented.map_or(plan.len(), |(at, _)| at);
+        for (i, planned) in plan.iter().enumerate().take(tried) {
+            let Bytes::Outbox(range) = &planned.bytes else {
+                // A last word always leaves alone, as a plain datagram (`plan`).
+                continue;
+            };
+            if !planned.last_word || self.scratch.fate(i, sent) != Fate::NoRoom {
+                continue;
+            }
+            if self
+                .held
+                .hold(planned.to, planned.from, outbox.get(range.clone()))
+            {
+                metrics.last_words_held += 1;
+            } else {
+                Metrics::bump(&mut metrics.send_errors, "last_words_full");
+            }
+        }
+    }
+
+    /// Whether last words wait for room in the send buffer: the socket's writability (or a
+    /// retry later) is then worth watching.
+    pub fn holds_last_words(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// Sends the last words held for want of room, oldest first, and lets go of those the
+    /// kernel takes or refuses for themselves (counted as any datagram is); the others stay
+    /// held for the next try.
+    pub fn send_held(&mut self, socket: &UdpSocket, locals: &mut Locals, metrics: &mut Metrics) {
+        if self.held.is_empty() {
+            return;
+        }
+        let parts: Vec<IoSlice<'_>> = self.held.iter().map(|w| IoSlice::new(&w.bytes)).collect();
+        self.datagrams.clear();
+        for (i, word) in self.held.iter().enumerate() {
+            self.datagrams.push(mmsg::Outgoing {
+                to: peer::native(word.to, self.ipv6_socket),
+                from: locals.get(word.from),
+                runs: i..i + 1,
+                segment: 0,
+            });
+        }
+        let sent = mmsg::send(
+            socket.as_raw_fd(),
+            &parts,
+            &self.datagrams,
+            &mut self.scratch,
+        );
+        drop(parts);
+        for &i in self.scratch.refused_sources() {
+            if let Some(word) = self.held.iter().nth(i) {
+                locals.retire(word.from);
+            }
+        }
+        let scratch = &self.scratch;
+        let settled = self.held.settle(|i| scratch.fate(i, &sent));
+        metrics.datagrams_sent += settled.sent as u64;
+        metrics.deliveries += settled.sent as u64;
+        if settled.refused > 0 {
+            *metrics.send_errors.entry("other").or_insert(0) += settled.refused as u64;
+        }
     }
 
     /// Remembers that the kernel refused a segmented send to `to` and took its datagrams one
@@ -468,6 +564,14 @@ impl Sender {
         for send in &outbox.sends {
             let limit = usize::from(send.batch_limit).min(self.max_batch);
             match (send.member, outbox.entry_of(send)) {
+                // A last word leaves alone, so that it can be held alone when the kernel has
+                // no room for it, and after whatever is packed for its member.
+                (member, _) if send.last_word => {
+                    if let Some(slot) = member {
+                        self.close_open(slot);
+                    }
+                    self.plan.push(Planned::alone(send));
+                }
                 (Some(slot), Some(entry)) if limit > 0 => {
                     self.plan_batched(send, slot, entry, limit)
                 }
@@ -484,12 +588,7 @@ impl Sender {
                     if let Some(slot) = member {
                         self.close_open(slot);
                     }
-                    self.plan.push(Planned {
-                        to: send.to,
-                        from: send.from,
-                        bytes: Bytes::Outbox(send.bytes.clone()),
-                        messages: 1,
-                    });
+                    self.plan.push(Planned::alone(send));
                 }
             }
         }
@@ -543,6 +642,9 @@ struct Planned {
     bytes: Bytes,
     /// Messages carried: the batch frame's entries, or the segmented send's datagrams.
     messages: usize,
+    /// Whether it is a member's last word ([`QueuedSend::last_word`]), held when the
+    /// kernel has no room for it.
+    last_word: bool,
 }
 
 impl Planned {
@@ -553,6 +655,18 @@ impl Planned {
             from: send.from,
             bytes,
             messages: 0,
+            last_word: false,
+        }
+    }
+
+    /// A plain datagram carrying `send`'s payload alone.
+    fn alone(send: &QueuedSend) -> Planned {
+        Planned {
+            to: send.to,
+            from: send.from,
+            bytes: Bytes::Outbox(send.bytes.clone()),
+            messages: 1,
+            last_word: send.last_word,
         }
     }
 
@@ -566,8 +680,15 @@ impl Planned {
 }
 
 /// Counts in `metrics` what one [`mmsg::send`] of `plan` did: `sent`, with the indices in
-/// `plan` of the entries that failed on their own (ascending).
-fn count(plan: &[Planned], sent: &mmsg::Sent, failed: &[usize], metrics: &mut Metrics) {
+/// `plan` of the entries that failed on their own, and of those among them that failed for
+/// want of buffer memory (both ascending). Last words the kernel had no room for are not
+/// counted here: they are held, or counted as `last_words_full` (`hold_last_words`).
+fn count(
+    plan: &[Planned],
+    sent: &mmsg::Sent,
+    (failed, short_of_memory): (&[usize], &[usize]),
+    metrics: &mut Metrics,
+) {
     // They go in order up to a full send buffer, but one refused on its own (an unroutable
     // or forbidden address) leaves a hole that those after it do not fill.
     let tried = sent.sent + sent.failed;
@@ -584,16 +705,29 @@ fn count(plan: &[Planned], sent: &mmsg::Sent, failed: &[usize], metrics: &mut Me
         }
     }
     if sent.would_block > 0 {
-        let dropped: usize = plan.iter().skip(tried).map(Planned::datagrams).sum();
-        *metrics.send_errors.entry("would_block").or_insert(0) += dropped as u64;
+        let dropped: usize = plan
+            .iter()
+            .skip(tried)
+            .filter(|planned| !planned.last_word)
+            .map(Planned::datagrams)
+            .sum();
+        if dropped > 0 {
+            *metrics.send_errors.entry("would_block").or_insert(0) += dropped as u64;
+        }
     }
     if sent.failed > 0 {
         let dropped: usize = failed
             .iter()
+            .filter(|&&i| {
+                let held = short_of_memory.binary_search(&i).is_ok();
+                !(held && plan.get(i).is_some_and(|planned| planned.last_word))
+            })
             .filter_map(|&i| plan.get(i))
             .map(Planned::datagrams)
             .sum();
-        *metrics.send_errors.entry("other").or_insert(0) += dropped as u64;
+        if dropped > 0 {
+            *metrics.send_errors.entry("other").or_insert(0) += dropped as u64;
+        }
     }
 }
 
@@ -1153,6 +1287,7 @@ mod tests {
             from: LocalId::ANY,
             bytes,
             messages,
+            last_word: false,
         };
         let plan = [
             planned(Bytes::Outbox(0..1), 1),
@@ -1167,7 +1302,7 @@ mod tests {
             refused_segmented: None,
         };
         let mut metrics = Metrics::default();
-        count(&plan, &sent, &[1], &mut metrics);
+        count(&plan, &sent, (&[1], &[]), &mut metrics);
         assert_eq!((metrics.datagrams_sent, metrics.deliveries), (1, 1));
         assert_eq!(metrics.send_errors.get("other"), Some(&3));
         assert_eq!(metrics.send_errors.get("would_block"), Some(&3));
@@ -1177,7 +1312,7 @@ mod tests {
             ..mmsg::Sent::default()
         };
         let mut metrics = Metrics::default();
-        count(&plan, &sent, &[], &mut metrics);
+        count(&plan, &sent, (&[], &[]), &mut metrics);
         assert_eq!((metrics.datagrams_sent, metrics.deliveries), (7, 11));
         assert_eq!(metrics.datagrams_segmented, 5);
     }
@@ -1214,6 +1349,61 @@ mod tests {
             .zip(&sender.plan)
             .map(|(datagram, planned)| (datagram.to.port(), planned.messages, datagram.segment))
             .collect()
+    }
+
+    /// A last word leaves alone, after whatever was packed for its member (a batch frame, a
+    /// segmented send), never inside it: held when the kernel has no room, it is held alone.
+    #[test]
+    fn a_last_word_leaves_alone_after_what_was_packed_for_its_member() {
+        let mut out = Outbox::default();
+        let hi = chat(&mut out, "hi");
+        let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
+        for _ in 0..2 {
+            out.send_to_member(addr(1), LocalId::ANY, hi.clone(), 1, 4096);
+            out.send_to_member(addr(2), LocalId::ANY, closed.clone(), 2, 0);
+        }
+        out.send_last_word(addr(1), LocalId::ANY, closed.clone(), 1);
+        out.send_last_word(addr(2), LocalId::ANY, closed.clone(), 2);
+        let mut sender = segmenting_sender();
+        assert_eq!(
+            segmenting(&mut sender, &out),
+            [(1, 2, 0), (2, 2, 15), (1, 1, 0), (2, 1, 0)]
+        );
+        let last_words: Vec<bool> = sender.plan.iter().map(|p| p.last_word).collect();
+        assert_eq!(last_words, [false, false, true, true]);
+    }
+
+    /// Last words the kernel had no room for are not counted as dropped (they are held); the
+    /// chat around them is, and so is a last word refused for itself.
+    #[test]
+    fn last_words_with_no_room_are_not_counted_as_dropped() {
+        let planned = |last_word| Planned {
+            to: addr(1),
+            from: LocalId::ANY,
+            bytes: Bytes::Outbox(0..1),
+            messages: 1,
+            last_word,
+        };
+        // 0 left; 1, a last word, was refused for itself; 2, a last word, found no memory;
+        // the buffer was full from 3 on: a chat and a last word.
+        let plan = [
+            planned(false),
+            planned(true),
+            planned(true),
+            planned(false),
+            planned(true),
+        ];
+        let sent = mmsg::Sent {
+            sent: 1,
+            failed: 2,
+            would_block: 2,
+            refused_segmented: None,
+        };
+        let mut metrics = Metrics::default();
+        count(&plan, &sent, (&[1, 2], &[2]), &mut metrics);
+        assert_eq!(metrics.datagrams_sent, 1);
+        assert_eq!(metrics.send_errors.get("other"), Some(&1));
+        assert_eq!(metrics.send_errors.get("would_block"), Some(&1));
     }
 
     #[test]

@@ -5,6 +5,7 @@ mod common;
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
 use common::*;
 use tcrp::payload::{Compliance, ErrorCode};
@@ -271,6 +272,99 @@ fn member_leave_and_host_leave_closes_the_room_for_everyone() {
     let r = request(&d, Operation::JoinRoom, "r", b"\"late\"");
     assert_eq!(refused(&r), Some(ErrorCode::RoomNotFound));
     create(&d, "r", "newhost");
+}
+
+/// The variable and file that switch [`full_send_buffer`] on: every `sendmmsg` finds the
+/// send buffer full.
+const FULL_SEND_BUFFER: (&str, &str) = ("OCM_TEST_FULL_SEND_BUFFER", "full-send-buffer");
+
+/// Builds, in `dir`, a library for `LD_PRELOAD` whose `sendmmsg` (the daemon's only UDP send)
+/// fails with `EAGAIN`, as for a full send buffer, while [`FULL_SEND_BUFFER`]'s file exists,
+/// adding a byte to that file's name plus `.refused` for each call it refuses.
+fn full_send_buffer(dir: &Path) -> PathBuf {
+    const SOURCE: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+int sendmmsg(int fd, struct mmsghdr *msgs, unsigned int n, int flags) {
+    static int (*real)(int, struct mmsghdr *, unsigned int, int);
+    if (!real) real = (int (*)(int, struct mmsghdr *, unsigned int, int))dlsym(RTLD_NEXT, "sendmmsg");
+    const char *flag = getenv("@VARIABLE@");
+    if (flag && access(flag, F_OK) == 0) {
+        char refused[4096];
+        snprintf(refused, sizeof refused, "%s.refused", flag);
+        int marker = open(refused, O_WRONLY | O_CREAT | O_APPEND, 0600);
+        if (marker >= 0) {
+            ssize_t wrote = write(marker, "x", 1);
+            (void)wrote;
+            close(marker);
+        }
+        errno = EAGAIN;
+        return -1;
+    }
+    return real(fd, msgs, n, flags);
+}
+"#;
+    let source = SOURCE.replace("@VARIABLE@", FULL_SEND_BUFFER.0);
+    preload_library(dir, "full_send_buffer", &source)
+}
+
+/// `__ROOM_CLOSED__` is a member's last word from its room: one that only listens would never
+/// hear of the close otherwise. A full send buffer when the host leaves holds it, and it is
+/// sent once the buffer has room, though the socket raises no event for that here (a refused
+/// send leaves it as writable as before); chat the buffer had no room for is still dropped
+/// and counted, never held.
+#[test]
+fn a_full_send_buffer_when_the_host_leaves_delays_room_closed_but_loses_it_for_nobody() {
+    let (d, full, _library) = spawn_preloaded(
+        full_send_buffer,
+        FULL_SEND_BUFFER,
+        Options {
+            metrics: true,
+            ..Options::default()
+        },
+    );
+    let refused_calls = full.with_extension("refused");
+    let refusals = || std::fs::metadata(&refused_calls).map_or(0, |m| m.len());
+    let host = Member::joined(&d, "r", &create(&d, "r", "host"));
+    let m1 = Member::new(&d, "r", &join(&d, "r", "m1"));
+    m1.registered_with(&host, "m1");
+    let m2 = Member::new(&d, "r", &join(&d, "r", "m2"));
+    m2.registered_with(&host, "m2");
+    m1.recv_until("m2: probe from m2");
+
+    std::fs::write(&full, b"").unwrap();
+    // Chat finds the buffer full: dropped for both its recipients, and counted.
+    m1.send("lost");
+    let would_block = r#"ocm_send_errors_total{reason="would_block"}"#;
+    wait_until("the chat to be dropped", || d.metric(would_block) == 2.0);
+    let before_close = refusals();
+    host.send("__LEAVE__");
+    d.wait_for_log(r#"room "r" closed: host left; 2 members told"#);
+    wait_until("the close to find the buffer full", || {
+        refusals() > before_close
+    });
+    std::fs::remove_file(&full).unwrap();
+
+    // Nothing more is sent to them: the close reaches them when the daemon tries again.
+    assert_eq!(m1.recv_raw(), b"__ROOM_CLOSED__");
+    assert_eq!(
+        m2.recv_raw(),
+        b"__ROOM_CLOSED__",
+        "the chat dropped for a full buffer was not held"
+    );
+    assert_eq!(d.metric("ocm_last_words_held_total"), 2.0);
+    assert_eq!(d.metric(would_block), 2.0, "held, the closes were not lost");
+    assert_eq!(
+        d.metric(r#"ocm_send_errors_total{reason="last_words_full"}"#),
+        0.0
+    );
 }
 
 #[test]

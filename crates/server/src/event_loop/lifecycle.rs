@@ -210,6 +210,9 @@ impl Server {
         if let Some(mut tcp) = self.tcp.take() {
             let _ = self.poll.registry().deregister(&mut tcp);
         }
+        // Last words held for a full send buffer get a last try: they live in memory only.
+        self.sender
+            .send_held(&self.udp, self.registry.locals_mut(), &mut self.metrics);
         self.flush_outbox();
         self.registry.checkpoint_history();
         self.registry.save_sources();

@@ -22,6 +22,7 @@ mod datagrams;
 mod lifecycle;
 mod requests;
 mod setup;
+mod udp_output;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -169,6 +170,9 @@ pub struct Server {
     notifier: Notifier,
     receiver: mmsg::Receiver,
     udp_ready: bool,
+    /// Whether the UDP socket is watched for room in its send buffer, and when held last
+    /// words are tried again (see `udp_output`).
+    udp_output: udp_output::Watch,
     /// Whether accepted TCRP connections get TCP_NODELAY from the listener: `None` until the
     /// first accepted connection is checked; `Some(false)` when the listener refused the
     /// option or the connection lacked it, and each connection then sets it itself.
@@ -263,8 +267,14 @@ impl Server {
             }
             let now = Instant::now();
             // Datagrams before connections (see the module docs): they may have waited longer.
-            if events.iter().any(|event| event.token() == UDP_SOCKET) {
-                self.udp_ready = true;
+            for event in events.iter().filter(|event| event.token() == UDP_SOCKET) {
+                // Room in the send buffer alone is no datagram to read.
+                if event.is_readable() || !event.is_writable() {
+                    self.udp_ready = true;
+                }
+                if event.is_writable() {
+                    self.udp_output.writable();
+                }
             }
             if self.udp_ready {
                 self.udp_ready = self.drain_udp(now);
@@ -297,7 +307,9 @@ impl Server {
                 }
             }
             self.timers(now);
+            self.send_held_last_words(now);
             self.flush_outbox();
+            self.watch_udp_output(now);
             self.persist();
         }
     }
@@ -320,6 +332,9 @@ impl Server {
             next = next.min(retry);
         }
         if let Some(retry) = self.notifier.retry_at() {
+            next = next.min(retry);
+        }
+        if let Some(retry) = self.udp_output.retry_at() {
             next = next.min(retry);
         }
         next.saturating_duration_since(now)

@@ -163,6 +163,7 @@ impl Server {
             notifier: Notifier::from_env(),
             receiver: mmsg::Receiver::new(RECV_BUF_LEN),
             udp_ready: true,
+            udp_output: Default::default(),
             nodelay_inherited,
             revisit: Vec::new(),
             evict_candidates: Vec::new(),

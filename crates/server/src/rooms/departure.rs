@@ -120,7 +120,9 @@ impl Registry {
                         out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED))
                     })
                     .clone();
-                out.send_to_member(to, member.local, closed, m.slot(), 0);
+                // Its last word from the room: a listening member sends nothing that would
+                // bring the tombstone's answer, so a full send buffer must not lose it.
+                out.send_last_word(to, member.local, closed, m.slot());
                 notified += 1;
             }
         }
