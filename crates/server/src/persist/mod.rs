@@ -27,6 +27,7 @@
 //! the state lock, the messages between the threads); `writer` is the writer thread and its
 //! journal; `compactor` is the compactor thread and the state files it writes.
 
+mod backoff;
 mod compactor;
 mod writer;
 

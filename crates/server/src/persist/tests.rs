@@ -12,8 +12,8 @@ use std::path::Path;
 use std::time::{Instant, SystemTime};
 
 use super::writer::{
-    append_durably, lay_space_ahead, link_count, open_journal, take_queued, JournalDeleted,
-    JournalFile,
+    append_durably, free_bytes, lay_space_ahead, link_count, open_journal, take_queued,
+    JournalDeleted, JournalFile,
 };
 use super::*;
 use crate::record::MemberRecord;
@@ -596,6 +596,71 @@ fn writer_by_hand(paths: &Paths) -> Writer {
     let loaded = store::load(paths).unwrap();
     let stats = Arc::new(Mutex::new(Compactions::default()));
     Writer::open(paths.clone(), loaded, Options::default(), stats, waker).unwrap()
+}
+
+/// A lay of the space ahead that fails (here a disk that stays full for ten minutes of
+/// commits, ten a second) is tried again at doubling intervals up to a minute, not at every
+/// commit a second after the last: 1 MiB of writes and a log line a second on a full disk
+/// buy nothing. Appends go on meanwhile, past the journal's end, and once the file system has
+/// room again the space is laid within a second, without waiting out the backoff.
+#[test]
+fn a_failed_lay_of_the_space_ahead_backs_off_while_appends_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = Paths::new(&dir.path().join("s.json"));
+    let mut writer = writer_by_hand(&paths);
+    let start = Instant::now();
+    let tenth = |i: u64| start + Duration::from_millis(100 * i);
+    let mut tries = Vec::new();
+    let mut last = 0;
+    for i in 0..6000 {
+        if i % 50 == 0 {
+            last += 1;
+            writer.append(&[record(last)]);
+        }
+        writer.keep_space_ahead_at(
+            tenth(i),
+            |_, _, _| {
+                tries.push(i);
+                Err(io::Error::from_raw_os_error(libc::ENOSPC))
+            },
+            |_| Ok(0),
+        );
+    }
+    // Doubling from a second up to a minute: at 0, 1, 3, 7, 15, 31 and 63 s, then once a
+    // minute (123 s, …, 543 s).
+    let gaps: Vec<u64> = tries.windows(2).map(|w| (w[1] - w[0]) / 10).collect();
+    assert_eq!(
+        gaps,
+        [1, 2, 4, 8, 16, 32, 60, 60, 60, 60, 60, 60, 60, 60],
+        "seconds between the tries to lay the space ahead on a full disk"
+    );
+    // Every append was durable meanwhile, past the journal's end.
+    assert_eq!(load_complete(&paths).last_seq, last);
+    // What the writer asks of the real file system: its free space, here some.
+    let journal = fs::File::open(&paths.journal).unwrap();
+    assert!(
+        free_bytes(&journal).unwrap() > 0,
+        "a file system with no room"
+    );
+    // The disk frees: the space is laid at the next commit a second on, though the backoff
+    // had most of a minute left.
+    let mut laid_at = None;
+    for i in 6000..6020 {
+        writer.keep_space_ahead_at(
+            tenth(i),
+            |file, from, bytes| {
+                laid_at.get_or_insert(i);
+                lay_space_ahead(file, from, bytes)
+            },
+            |_| Ok(u64::MAX),
+        );
+    }
+    assert!(
+        laid_at.is_some_and(|i| i <= 6000 + 10),
+        "laid at {laid_at:?}, not within a second"
+    );
+    assert!(fs::metadata(&paths.journal).unwrap().len() >= SPACE_AHEAD_BYTES);
+    assert_eq!(load_complete(&paths).last_seq, last);
 }
 
 /// A lay of the space ahead that failed part way leaves NUL bytes the writer does not count.

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 
+use super::backoff::{self, LayBackoff};
 use super::compactor::{log_written, remove_journal_old, write_snapshot, Compactor};
 use super::{counters, Command, Compactions, Done, Job, Options, Report, APPLY_LOT, RETRY_DELAY};
 use crate::error::StoreError;
@@ -115,10 +116,8 @@ pub(super) struct Writer {
     /// Where the NUL bytes laid down ahead of the appends end (the file's size when they were
     /// laid; at most `journal_len` once the appends have caught up with them).
     ahead_end: u64,
-    /// After a failure to lay them down, none is tried before this.
-    ahead_retry_at: Option<Instant>,
-    /// Failures to lay them down, logged without a line at every retry.
-    ahead_failing: Failing,
+    /// Failures to lay them down: when to try again, and what to log.
+    ahead_backoff: LayBackoff,
     /// Size of the last state file written.
     snapshot_len: u64,
     /// A state file was there at start or has been written since: if it goes missing, the
@@ -306,6 +305,20 @@ pub(super) fn lay_space_ahead(journal: &File, offset: u64, bytes: u64) -> io::Re
     journal.sync_data()
 }
 
+/// Bytes free to an unprivileged writer on the file system holding `file` (`fstatvfs`).
+pub(super) fn free_bytes(file: &File) -> io::Result<u64> {
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: fstatvfs fills the buffer for the descriptor `file` keeps open; the buffer is
+    // read only when the call succeeded.
+    let rc = unsafe { libc::fstatvfs(file.as_raw_fd(), stat.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: initialized by the successful fstatvfs above.
+    let stat = unsafe { stat.assume_init() };
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
 /// Opens (creating it if needed) the journal for writing, and makes its directory entry
 /// durable, since a record in it is acknowledged as soon as the record itself is fsync'd.
 /// Not with `O_APPEND`: appends go at the end of the lines, into the space laid down ahead.
@@ -387,8 +400,7 @@ impl Writer {
             journal,
             journal_len: loaded.journal_data_bytes,
             ahead_end: file_len,
-            ahead_retry_at: None,
-            ahead_failing: Failing::default(),
+            ahead_backoff: LayBackoff::default(),
             snapshot_len: snapshot.as_ref().map_or(0, fs::Metadata::len),
             state_written: snapshot.is_some(),
             files_checked_at: Instant::now(),
@@ -686,23 +698,37 @@ impl Writer {
     /// once less than a quarter of that is left ahead of the appends: an append into blocks
     /// the file already has leaves its size alone, so its `fdatasync` writes the data and
     /// nothing else. Done after a commit's replies are out, so no reply waits for it; a
-    /// failure costs only speed (appends go past the file's end meanwhile) and is retried
-    /// later.
+    /// failure costs only speed (appends go past the file's end meanwhile) and is retried at
+    /// doubling intervals up to a minute, or as soon as a full disk has room again
+    /// ([`LayBackoff`]), never holding an append back.
     fn keep_space_ahead(&mut self) {
+        self.keep_space_ahead_at(Instant::now(), lay_space_ahead, free_bytes);
+    }
+
+    /// [`Writer::keep_space_ahead`] at `now`, laying the space with `lay` and asking the file
+    /// system's free space with `free`: tests put a full disk and a clock of their own there.
+    pub(super) fn keep_space_ahead_at(
+        &mut self,
+        now: Instant,
+        mut lay: impl FnMut(&File, u64, u64) -> io::Result<()>,
+        mut free: impl FnMut(&File) -> io::Result<u64>,
+    ) {
         if self.ahead_end.saturating_sub(self.journal_len) >= SPACE_AHEAD_BYTES / 4 {
             return;
         }
-        let now = Instant::now();
-        if self.ahead_retry_at.is_some_and(|at| now < at) {
+        let journal = &self.journal;
+        if !self
+            .ahead_backoff
+            .due(now, SPACE_AHEAD_BYTES, || free(journal).ok())
+        {
             return;
         }
         let from = self.ahead_end.max(self.journal_len);
-        match lay_space_ahead(&self.journal, from, SPACE_AHEAD_BYTES) {
+        match lay(&self.journal, from, SPACE_AHEAD_BYTES) {
             Ok(()) => {
                 self.ahead_end = from + SPACE_AHEAD_BYTES;
-                self.ahead_retry_at = None;
                 debug!("journal: space laid down ahead to byte {}", self.ahead_end);
-                if let Some(tally) = self.ahead_failing.ended(Instant::now()) {
+                if let Some(tally) = self.ahead_backoff.succeeded(now) {
                     info!(
                         "journal {}: space laid down ahead again, after {tally}",
                         self.paths.journal.display()
@@ -710,18 +736,25 @@ impl Writer {
                 }
             }
             Err(e) => {
-                match self.ahead_failing.failed(now) {
-                    Some(note) => warn!(
+                // A full disk (less free than a lay needs) is tried again as soon as it has
+                // room; anything else only by the schedule.
+                let short_of_room = free(&self.journal).is_ok_and(|b| b < SPACE_AHEAD_BYTES);
+                let (first, delay) = self.ahead_backoff.failed(now, short_of_room);
+                if first {
+                    warn!(
                         "cannot lay down space ahead in journal {}: {e}; appends go on past \
-                         its end{note}",
+                         its end; trying again in {delay:?}, then at doubling intervals up to \
+                         {:?}, or as soon as the file system has room",
+                        self.paths.journal.display(),
+                        backoff::MAX_DELAY
+                    );
+                } else {
+                    debug!(
+                        "cannot lay down space ahead in journal {}: {e}; trying again in \
+                         {delay:?}",
                         self.paths.journal.display()
-                    ),
-                    None => debug!(
-                        "cannot lay down space ahead in journal {}: {e}",
-                        self.paths.journal.display()
-                    ),
+                    );
                 }
-                self.ahead_retry_at = Some(now + RETRY_DELAY);
             }
         }
     }
@@ -887,7 +920,6 @@ impl Writer {
                     self.journal = file;
                     self.journal_len = 0;
                     self.ahead_end = 0;
-                    self.ahead_retry_at = None;
                     if let Some(tally) = failing.ended(Instant::now()) {
                         warn!(
                             "fresh journal {} opened, after {tally}",
