@@ -107,6 +107,23 @@ pub enum StoreError {
         /// Where the link points.
         target: PathBuf,
     },
+    /// The state file or the journal has more than one name (a hard link made by hand:
+    /// `ocmd` never makes one). The lock is the state file's name plus `.lock`, so a second
+    /// `ocmd` started on another name would take a lock of its own and write the same file.
+    #[error(
+        "{what} {file} has {links} names (hard links): a second ocmd started on another of \
+         them would take a lock of its own (the lock is the state file's name plus .lock) and \
+         both would write this file; ocmd never makes hard links, so remove the other names \
+         (find them with `find / -xdev -samefile {file}`), or make them copies (cp, not ln)"
+    )]
+    HardLinked {
+        /// `state file` or `journal`.
+        what: &'static str,
+        /// The file's path, as the daemon names it.
+        file: PathBuf,
+        /// How many names it has.
+        links: u64,
+    },
     /// Another process holds the state file's lock.
     #[error("state file {state} is in use by another ocmd ({holder}); lock file {lock}")]
     Locked {

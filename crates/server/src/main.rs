@@ -187,8 +187,8 @@ fn main() -> ExitCode {
         }
     };
     if args.check_config {
-        // The one state check a start would fail on before it reads anything.
-        if let Err(e) = ocm_server::persist::refuse_symlinked_state(&config.state.path) {
+        // The state checks a start would fail on before it reads anything.
+        if let Err(e) = ocm_server::persist::refuse_linked_state(&config.state.path) {
             print_fatal(&e);
             return ExitCode::from(2);
         }

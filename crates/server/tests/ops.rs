@@ -3162,6 +3162,50 @@ fn a_state_file_that_is_a_symbolic_link_is_refused() {
     assert_eq!(std::fs::read(&target).unwrap(), state);
 }
 
+/// A state file or journal with a second name (a hard link) is refused at start, by
+/// `--check-config` too, with the file named; a daemon already serving when the link is made
+/// says so at its next file check. Before, a second `ocmd` started on the other name took a
+/// lock of its own (the lock is the name given plus `.lock`), so both daemons wrote the same
+/// file.
+#[test]
+fn a_state_file_or_journal_with_a_second_name_is_refused() {
+    let first_dir = Arc::new(tempfile::tempdir().unwrap());
+    let state = first_dir.path().join("room_manager.json");
+    std::fs::write(&state, br#"{"rooms": {}, "tokens": {}}"#).unwrap();
+    let first = Daemon::spawn(Arc::clone(&first_dir), Options::default()).expect("ocmd starts");
+    create(&first, "lobby", "alice");
+    for file in ["room_manager.json", "room_manager.json.journal"] {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let other = dir.path().join(file);
+        std::fs::hard_link(first_dir.path().join(file), &other).unwrap();
+        let out = ocmd(&[
+            "--check-config".as_ref(),
+            "--state".as_ref(),
+            dir.path().join("room_manager.json").as_os_str(),
+        ]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{file}: {err}");
+        assert!(
+            err.contains("hard link") && err.contains(&other.display().to_string()),
+            "{file}: {err}"
+        );
+        let log = match Daemon::spawn(Arc::clone(&dir), Options::default()) {
+            Ok(_) => panic!("a second ocmd started on another name of {file}"),
+            Err(log) => log,
+        };
+        assert!(
+            log.contains("hard link") && log.contains(&other.display().to_string()),
+            "{file}: {log}"
+        );
+        // The daemon serving the first name sees the second at its next check.
+        let named = first_dir.path().join(file);
+        first.wait_for_log(&format!("{} has 2 names", named.display()));
+        std::fs::remove_file(&other).unwrap();
+    }
+    // It serves on, its state whole.
+    join(&first, "lobby", "bob");
+}
+
 /// A create or join refused because a registry cap is reached (`server_full`) is said at warn,
 /// naming the cap, once a minute at most: it was logged only at debug, so at the default
 /// level an operator whose users were all turned away saw nothing in the log (the connection

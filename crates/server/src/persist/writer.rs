@@ -133,6 +133,10 @@ pub(super) struct Writer {
     relock: Option<File>,
     /// Failures to take it again, logged without a line at every check.
     relock_failing: Failing,
+    /// The state file, and the journal, found with more than one name by the file check
+    /// ([`Writer::check_names`]), said without a line at every check.
+    state_names: Failing,
+    journal_names: Failing,
     next_n: u64,
     line: Vec<u8>,
     /// Durable records not yet handed to the compactor (fewer than [`APPLY_LOT`] between
@@ -407,6 +411,8 @@ impl Writer {
             lock_held,
             relock: None,
             relock_failing: Failing::default(),
+            state_names: Failing::default(),
+            journal_names: Failing::default(),
             next_n: loaded.last_seq + 1,
             line: Vec::new(),
             unapplied: Vec::new(),
@@ -540,10 +546,12 @@ impl Writer {
     pub(super) fn check_files(&mut self) {
         self.files_checked_at = Instant::now();
         self.check_lock();
-        if matches!(link_count(&self.journal), Ok(0)) {
+        let journal_links = link_count(&self.journal);
+        if matches!(journal_links, Ok(0)) {
             self.replace_deleted_journal();
             return;
         }
+        self.check_names(journal_links.unwrap_or(1));
         if !self.state_written || !is_missing(&self.paths.state) {
             return;
         }
@@ -567,6 +575,46 @@ impl Writer {
         }
     }
 
+    /// Says, at error, when the state file or the journal has another name (`journal_links`
+    /// is the journal's count): a second `ocmd` started on it would take a lock of its own and
+    /// write the same file. A start refuses such a file ([`super::refuse_linked_state`]); this
+    /// catches a link made while the daemon serves, at first and then once a minute while it
+    /// lasts, and says at warn when the file has one name again. (A state file's link breaks
+    /// by itself at its next write, which renames a new file over the name.)
+    fn check_names(&mut self, journal_links: u64) {
+        let state_links = fs::symlink_metadata(&self.paths.state).map_or(1, |m| m.nlink());
+        let now = Instant::now();
+        let files = [
+            (
+                "state file",
+                &self.paths.state,
+                state_links,
+                &mut self.state_names,
+            ),
+            (
+                "journal",
+                &self.paths.journal,
+                journal_links,
+                &mut self.journal_names,
+            ),
+        ];
+        for (what, path, links, failing) in files {
+            if links > 1 {
+                if failing.failed(now).is_some() {
+                    error!(
+                        "{what} {} has {links} names (hard links): a second ocmd started on \
+                         another of them would take a lock of its own and both would write \
+                         this file; ocmd never makes hard links, so remove the other names, or \
+                         make them copies (cp, not ln)",
+                        path.display()
+                    );
+                }
+            } else if failing.ended(now).is_some() {
+                warn!("{what} {} has one name again", path.display());
+            }
+        }
+    }
+
     /// Takes the lock again when its file was deleted while in use (with its directory, or
     /// alone): the daemon still holds the deleted file's lock, which keeps nobody out, so a
     /// second `ocmd` could start on this state and both would write it. Retried at every
@@ -583,7 +631,7 @@ impl Writer {
             _ => {}
         }
         let now = Instant::now();
-        match super::lock(&self.paths) {
+        match super::take_lock(&self.paths) {
             Ok(file) => {
                 if let Ok(m) = file.metadata() {
                     self.lock_held = Some(file_id(&m));
