@@ -1235,6 +1235,37 @@ fn a_journal_deleted_while_in_use_is_replaced_and_no_durable_record_is_lost() {
 /// A state file deleted while in use leaves the journals with only the changes since it was
 /// written; the writer notices (idle, or between appends) and writes it again from memory.
 /// A clean stop right after a deletion writes it too.
+/// A `journal.old` kept by a failed compaction (here a snapshot that cannot be written) and
+/// deleted before the retry holds the only copy on disk of the records up to the rotation:
+/// the writer's file check sees it gone and has the state file written from memory at once,
+/// not at the retry, which may be long in coming (a disk that stays full). Before, nothing
+/// looked, and a crash until the retry worked started on a gap.
+#[test]
+fn a_journal_old_deleted_while_kept_is_written_into_the_state_file_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        compact_journal_bytes: 256,
+        compact_retry: Duration::from_secs(3600),
+    };
+    let mut d = Driver::start(dir.path(), options);
+    let blocker = dir.path().join("s.json.tmp");
+    fs::create_dir(&blocker).unwrap();
+    while d.persister.compactions().failed == 0 {
+        assert!(d.write(2) < 100_000, "no compaction failed");
+    }
+    assert!(d.paths.journal_old.exists(), "journal.old is kept");
+    let mut last = d.write(3);
+    fs::remove_dir(&blocker).unwrap();
+    fs::remove_file(&d.paths.journal_old).unwrap();
+    // An idle writer's check, long before the retry is due.
+    wait_for_files_holding(&mut d, last, "the state file written from memory");
+    assert!(!d.paths.journal_old.exists());
+    last = d.write(4);
+    let paths = d.paths.clone();
+    assert_eq!(d.persister.shutdown(), Stopped::Folded);
+    assert_eq!(load_complete(&paths).last_seq, last);
+}
+
 #[test]
 fn a_state_file_deleted_while_in_use_is_written_again() {
     let dir = tempfile::tempdir().unwrap();

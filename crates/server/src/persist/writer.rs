@@ -552,15 +552,38 @@ impl Writer {
             return;
         }
         self.check_names(journal_links.unwrap_or(1));
+        // A running compaction writes the state file from memory whatever became of
+        // journal.old (and removes it itself), so only one kept after a failure is looked for.
+        self.collect_reports();
+        if self.journal_old && !self.compacting && is_missing(&self.paths.journal_old) {
+            self.rewrite_after_deletion(
+                format!(
+                    "{} was deleted while in use: the changes it held since the last state \
+                     file, up to its rotation, are on no disk",
+                    self.paths.journal_old.display()
+                ),
+                "journal.old",
+            );
+            return;
+        }
         if !self.state_written || !is_missing(&self.paths.state) {
             return;
         }
-        error!(
-            "state file {} was deleted while in use: its rooms and tokens are on no disk \
-             (the journal holds only the changes since it was written); writing it again \
-             from memory",
-            self.paths.state.display()
+        self.rewrite_after_deletion(
+            format!(
+                "state file {} was deleted while in use: its rooms and tokens are on no disk \
+                 (the journal holds only the changes since it was written)",
+                self.paths.state.display()
+            ),
+            "state file",
         );
+    }
+
+    /// After `lost` (what was deleted, and what is on no disk since): writes the state file
+    /// from memory, with every durable record, and says so once it is on disk again
+    /// (`what` names the deleted file there). Creates and joins wait meanwhile.
+    fn rewrite_after_deletion(&mut self, lost: String, what: &str) {
+        error!("{lost}; writing the state file again from memory");
         counters(&self.stats).files_missing = true;
         if self.rewrite_state() {
             let mut counters = counters(&self.stats);
@@ -568,8 +591,8 @@ impl Writer {
             counters.files_missing = false;
             drop(counters);
             warn!(
-                "state file {} written again from memory: every durable change is on disk \
-                 again",
+                "state file {} written again from memory after the {what} was deleted: every \
+                 durable change is on disk again",
                 self.paths.state.display()
             );
         }
