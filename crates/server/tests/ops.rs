@@ -3482,3 +3482,32 @@ fn the_tcp_listen_backlog_is_limits_listen_backlog_and_a_reload_changes_it() {
         d.wait_for_log("TCP listen backlog: limits.listen_backlog asks for");
     }
 }
+
+/// The metrics listener's backlog is a deliberate 64 (four full allowances of metrics
+/// connections), not mio's 128, and `limits.listen_backlog`, sized for floods of handshake
+/// connections, does not change it.
+#[test]
+fn the_metrics_listen_backlog_is_64_whatever_limits_listen_backlog_says() {
+    let cap = somaxconn();
+    if cap < 64 {
+        skipped(&format!(
+            "net.core.somaxconn is {cap}: a backlog of 64 cannot be told from the kernel's cap"
+        ));
+        return;
+    }
+    let d = Daemon::start_with(Options {
+        metrics: true,
+        config: Some("[limits]\nlisten_backlog = 100\n".into()),
+        ..Options::default()
+    });
+    let metrics = d.metrics.expect("metrics on");
+    let Some(backlog) = listen_backlog(metrics) else {
+        skipped("ss is not installed (apt-get install iproute2): the listen backlog");
+        return;
+    };
+    assert_eq!(backlog, 64);
+    assert_eq!(listen_backlog(d.tcp), Some(cap.min(100)));
+    d.reload("[limits]\nlisten_backlog = 50\n");
+    assert_eq!(listen_backlog(metrics), Some(64));
+    assert_eq!(d.http_get("/healthz"), "ok\n");
+}

@@ -76,6 +76,15 @@ const RECV_BUF_LEN: usize = ucrp::MAX_DATAGRAM_LEN + 1;
 /// Open metrics connections at most (they do not count against `limits.max_connections`);
 /// when full, a new one closes the oldest that has not sent a complete request.
 const MAX_HTTP_CONNECTIONS: usize = 16;
+/// The metrics listener's backlog (connections the kernel completes and queues for `accept`):
+/// four full allowances of [`MAX_HTTP_CONNECTIONS`]. Scrapers and health checks connect a few
+/// times a second at most, and each connection is accepted within a pass of the loop, so the
+/// queue fills only while the loop is held up (a long pass, `accept` failing for want of
+/// descriptors); past it, a SYN is dropped and retried a second later, well within a scrape's
+/// timeout. Fixed rather than `limits.listen_backlog`, which is sized for floods of handshake
+/// connections: a metrics port left reachable queues no more than this in the kernel under a
+/// flood, and, below 128 (`net.core.somaxconn` before Linux 5.4), no default caps it.
+const METRICS_LISTEN_BACKLOG: u32 = 64;
 /// Input buffers read from one connection per readiness event.
 const READS_PER_EVENT: usize = 4;
 /// Extra bytes each connection may read beyond one frame.

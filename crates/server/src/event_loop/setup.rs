@@ -18,7 +18,8 @@ use slab::Slab;
 
 use super::{
     io_err, unix_now, Bound, Server, DEADLINE_CHECK, DROP_LOG_BURST, LIMITER_KEYS,
-    MAX_HTTP_CONNECTIONS, METRICS_LISTENER, RECV_BUF_LEN, SIGNALS, TCP_LISTENER, UDP_SOCKET, WAKER,
+    MAX_HTTP_CONNECTIONS, METRICS_LISTENER, METRICS_LISTEN_BACKLOG, RECV_BUF_LEN, SIGNALS,
+    TCP_LISTENER, UDP_SOCKET, WAKER,
 };
 use crate::config::{Config, Overrides};
 use crate::error::Error;
@@ -274,30 +275,42 @@ fn bind_tcp(config: &Config) -> Result<(TcpListener, Option<bool>), Error> {
     Ok((tcp, nodelay_inherited))
 }
 
-/// Sets the backlog of the listening `listener` to `backlog`, warning when the kernel granted
-/// less. mio binds (socket, SO_REUSEADDR, bind, listen) with a backlog of 128; Linux takes a
-/// second `listen(2)` on a listening socket as a new backlog, so everything else about the
-/// socket (its address family, dual-stack or not, SO_REUSEADDR) stays as mio made it. Under a
-/// flood of connections, clients past the backlog have their SYN dropped and retry it after
-/// a second or more; a backlog as large as `max_connections` lets a full table's worth wait
-/// in the kernel instead.
+/// Sets the backlog of the TCRP listener to `backlog` (`limits.listen_backlog`), warning when
+/// the kernel granted less. Under a flood of connections, clients past the backlog have their
+/// SYN dropped and retry it after a second or more; a backlog as large as `max_connections`
+/// lets a full table's worth wait in the kernel instead.
 pub(super) fn set_listen_backlog(listener: &TcpListener, backlog: u32) -> std::io::Result<()> {
+    match listen_again(listener, backlog)? {
+        Some(granted) if granted < backlog => warn!(
+            "TCP listen backlog: limits.listen_backlog asks for {backlog}, the kernel allows \
+             {granted} (net.core.somaxconn caps it); raise net.core.somaxconn to at least \
+             {backlog}"
+        ),
+        Some(granted) => debug!("TCP listen backlog: {granted}"),
+        None => {}
+    }
+    Ok(())
+}
+
+/// Gives the listening `listener` a backlog of `backlog` and returns the one the kernel
+/// granted (`None` when it cannot be read back). mio binds (socket, SO_REUSEADDR, bind,
+/// listen) with a backlog of 128; Linux takes a second `listen(2)` on a listening socket as a
+/// new backlog, so everything else about the socket (its address family, dual-stack or not,
+/// SO_REUSEADDR) stays as mio made it.
+fn listen_again(listener: &TcpListener, backlog: u32) -> std::io::Result<Option<u32>> {
     // Checked by `Config::validate`; a larger value would only be capped by the kernel.
     let asked = libc::c_int::try_from(backlog).unwrap_or(libc::c_int::MAX);
     // SAFETY: listen(2) on a descriptor we own; a failure is reported, not undefined.
     if unsafe { libc::listen(listener.as_raw_fd(), asked) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    match sockopt::accept_queue(listener.as_raw_fd()) {
-        Ok(queue) if queue.backlog < backlog => warn!(
-            "TCP listen backlog: limits.listen_backlog asks for {backlog}, the kernel allows \
-             {} (net.core.somaxconn caps it); raise net.core.somaxconn to at least {backlog}",
-            queue.backlog
-        ),
-        Ok(queue) => debug!("TCP listen backlog: {}", queue.backlog),
-        Err(e) => debug!("TCP listen backlog: cannot read it back: {e}"),
-    }
-    Ok(())
+    Ok(match sockopt::accept_queue(listener.as_raw_fd()) {
+        Ok(queue) => Some(queue.backlog),
+        Err(e) => {
+            debug!("listen backlog: cannot read it back: {e}");
+            None
+        }
+    })
 }
 
 /// Binds the UCRP socket and sizes its buffers as `[udp]` asks, warning when the kernel
@@ -373,16 +386,29 @@ fn enable_arrival_addresses(config: &Config, fd: RawFd) -> bool {
         }
 }
 
-/// Binds the metrics listener, when `listen.metrics` asks for one.
+/// Binds the metrics listener, when `listen.metrics` asks for one, with a backlog of
+/// [`METRICS_LISTEN_BACKLOG`], warning when the kernel granted less.
 fn bind_metrics(config: &Config) -> Result<Option<TcpListener>, Error> {
-    Ok(match config.metrics_addr().map_err(Error::Config)? {
-        Some(addr) => Some(TcpListener::bind(addr).map_err(|source| Error::Bind {
-            what: "metrics",
-            addr,
-            source,
-        })?),
-        None => None,
-    })
+    let Some(addr) = config.metrics_addr().map_err(Error::Config)? else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(addr).map_err(|source| Error::Bind {
+        what: "metrics",
+        addr,
+        source,
+    })?;
+    match listen_again(&listener, METRICS_LISTEN_BACKLOG)
+        .map_err(io_err("cannot set the metrics listen backlog"))?
+    {
+        Some(granted) if granted < METRICS_LISTEN_BACKLOG => warn!(
+            "metrics listen backlog: ocmd asks for {METRICS_LISTEN_BACKLOG}, the kernel allows \
+             {granted} (net.core.somaxconn caps it); raise net.core.somaxconn to at least \
+             {METRICS_LISTEN_BACKLOG}"
+        ),
+        Some(granted) => debug!("metrics listen backlog: {granted}"),
+        None => {}
+    }
+    Ok(Some(listener))
 }
 
 /// Registers the listeners, the UDP socket and the signals with `poll` under their fixed
