@@ -3126,6 +3126,70 @@ fn out_of_files_system_wide_closes_one_idle_connection_not_one_per_retry() {
     assert_eq!(closed(&d, "evicted"), 1.0);
 }
 
+/// A storm of ENFILE (the system out of files) that made closing futile does not keep the
+/// daemon from closing one for the EMFILE that follows it (its own limit lowered meanwhile),
+/// which closing one of its own does cure. The newcomer for whom the first was closed waits
+/// in the queue all along (the kernel takes none off it while `accept` fails), so no accept
+/// succeeded in between; before, nothing was closed again until one did, and the newcomer
+/// waited for the idle connections' handshake timers (60 s here).
+#[test]
+fn after_futile_closing_at_enfile_an_emfile_closes_an_idle_connection_again() {
+    let (d, out_of_files, _library) = spawn_preloaded(
+        accept_out_of_files,
+        ("OCM_TEST_ENFILE", "out-of-files"),
+        Options {
+            config: Some(
+                "[rate]\ndrop_logs_per_sec = 0\n[limits]\nhandshake_timeout_secs = 60\n".into(),
+            ),
+            metrics: true,
+            ..Options::default()
+        },
+    );
+    let base = open_sockets(d.pid());
+    let mut idle: Vec<TcpStream> = Vec::new();
+    for i in 0..5 {
+        idle.push(connect(&d));
+        wait_until("the idle connection is accepted", || {
+            open_sockets(d.pid()) > base + i
+        });
+    }
+    // Answered last to first: the last accepted, on the highest descriptor, is idle longest
+    // and closed first, so that the limit below leaves the others' descriptors usable.
+    for (i, s) in idle.iter_mut().enumerate().rev() {
+        list_rooms_on(s, i as u8);
+    }
+    std::fs::write(&out_of_files, b"").unwrap();
+    let mut newcomer = connect(&d);
+    newcomer
+        .write_all(&request_bytes(Operation::ListRooms, "", b"{}"))
+        .unwrap();
+    // The first line says one was closed; the second, a second later, comes from a retry
+    // after the accept right after the closing failed too: closing is futile.
+    wait_until("two accept failures logged", || {
+        d.log().matches("accept failed").count() >= 2
+    });
+    assert!(d.log().contains("closed an idle connection to make room"));
+    // The daemon's own descriptors run out, then the system's files come back: every retry
+    // from now on fails with EMFILE.
+    limit_to_open_descriptors(&d);
+    std::fs::remove_file(&out_of_files).unwrap();
+    let started = Instant::now();
+    let mut frames = FrameReader::default();
+    let (state, body) = frames.next(&mut newcomer).expect("a reply, not EOF");
+    let waited = started.elapsed();
+    assert_eq!(state, State::Compliance);
+    assert_eq!(payload::parse_compliance(&body), Ok(Compliance::Success));
+    assert!(
+        waited < Duration::from_secs(5),
+        "answered after {waited:?}, with a handshake timeout of 60 s"
+    );
+    assert_eq!(
+        closed_by_daemon(&mut idle),
+        [false, false, false, true, true],
+        "not one closed at ENFILE, then the one idle longest at EMFILE"
+    );
+}
+
 /// An `accept` interrupted by a signal is simply called again: the connection is taken in
 /// the same pass, and nothing counts or logs it as a failed accept (which would also put
 /// the listener off for 50 ms).

@@ -22,8 +22,8 @@ use crate::{rate, sockopt};
 impl Server {
     pub(super) fn accept(&mut self, kind: Kind, now: Instant) {
         // Whether a connection was closed for a descriptor since the last accept that
-        // succeeded: a second failure after one means closing did not help (the system is
-        // out of files, not us; see `eviction_futile`).
+        // succeeded: a second failure after one means closing did not help (for ENFILE, the
+        // system is out of files, not us; see `eviction_futile`).
         let mut evicted_for_descriptor = false;
         // Whether this pass closed a connection for a descriptor at all: its picks stay good
         // for the next one (see `evict_idle`), though the table is not full.
@@ -36,7 +36,12 @@ impl Server {
             let Some(listener) = listener else { return };
             let (mut stream, peer) = match listener.accept() {
                 Ok(pair) => pair,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Linux took a descriptor and a file before it found the queue empty:
+                    // neither is short now (see `eviction_futile`).
+                    self.eviction_futile = None;
+                    return;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // EMFILE and friends: count, log, keep serving the connections we have.
@@ -46,10 +51,11 @@ impl Server {
                     // Out of descriptors (the limit lowered while running, the system out of
                     // files): idle connections would hold every one until their handshake
                     // timers ran out, so the one a full table would close goes now, and the
-                    // accept is tried again at once. Once per successful accept at most.
+                    // accept is tried again at once. Once per successful accept at most (and
+                    // once more when the error changes; see `eviction_futile`).
                     let short = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
                     if short && evicted_for_descriptor {
-                        self.eviction_futile = true;
+                        self.eviction_futile = e.raw_os_error();
                     }
                     // Out of the process's own descriptors, only one below the open-file
                     // limit can be reused: closing one at or above it (the limit lowered
@@ -58,7 +64,7 @@ impl Server {
                         .then(open_file_limit)
                         .flatten();
                     let evicted = short
-                        && !self.eviction_futile
+                        && self.eviction_futile != e.raw_os_error()
                         && newcomer_waits(listener)
                         && self.evict_for_descriptor(kind, usable_below);
                     if self.accept_log.take(now, 1.0, 1.0) {
@@ -79,7 +85,7 @@ impl Server {
                 }
             };
             evicted_for_descriptor = false;
-            self.eviction_futile = false;
+            self.eviction_futile = None;
             let limits = &self.config.limits;
             let from_ip = self
                 .per_ip

@@ -207,11 +207,21 @@ pub struct Server {
     /// edge-triggered: connections left in the backlog raise no new event, so without this
     /// they would wait for the next newcomer however many descriptors were freed meanwhile.
     accept_retry: Option<Instant>,
-    /// Whether `accept` failed for want of descriptors right after a connection was closed
-    /// to free one: the system, not the daemon, is out of files, and another process took it.
-    /// No more are closed for that until an accept succeeds, so that retries every
-    /// [`ACCEPT_RETRY`] do not close every idle connection for nothing.
-    eviction_futile: bool,
+    /// The error (EMFILE or ENFILE) with which `accept` failed right after a connection was
+    /// closed to free a descriptor: closing did not help (for ENFILE, the system is out of
+    /// files and another process took the one freed). No more are closed for a failure with
+    /// that same error until an accept succeeds or finds no connection waiting (Linux takes
+    /// the descriptor and the file before it looks at the queue, so then neither is short),
+    /// so that retries every [`ACCEPT_RETRY`] through a storm of ENFILE do not close every
+    /// idle connection for nothing. A failure with the other error is another shortage, which
+    /// closing may cure: the daemon's own descriptors running out (EMFILE, the limit lowered)
+    /// at the end of a storm of the system's, while the connection closed for still waits, are
+    /// freed by closing one of its own; were the flag kept, newcomers would wait until idle
+    /// connections' handshake timers ran out. Not an expiry after a time instead: through a
+    /// long storm, each expiry would close a connection for nothing. Nor only a queue found
+    /// empty: a connection waits all through a storm (the kernel takes none off the queue
+    /// while `accept` fails), and through the EMFILE after it.
+    eviction_futile: Option<i32>,
     next_deadline_check: Instant,
     next_sweep: Instant,
     next_status: Instant,

@@ -173,7 +173,7 @@ impl Server {
             shed_in_batch: Vec::new(),
             wall_clock: WallClock::new(),
             accept_retry: None,
-            eviction_futile: false,
+            eviction_futile: None,
             next_deadline_check: now + DEADLINE_CHECK,
             next_status: now,
             watchdog,
