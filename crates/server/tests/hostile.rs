@@ -2270,6 +2270,50 @@ fn at_emfile_an_idle_connection_is_closed_for_a_newcomer() {
     );
 }
 
+/// At EMFILE, the connection closed for a newcomer goes before the newcomer's address is
+/// known, so a source at `max_connections_per_ip` costs another source's idle connection; but
+/// the descriptor its refused connection frees serves its next attempts, and then the next
+/// newcomer, without another closing: one closing per exhaustion, not one per attempt (as
+/// docs/OPERATIONS.md says).
+#[test]
+fn at_emfile_a_source_at_its_cap_costs_one_closing_not_one_per_attempt() {
+    let d = daemon(
+        "[rate]\ndrop_logs_per_sec = 0\n[limits]\nhandshake_timeout_secs = 60\n\
+         max_connections_per_ip = 2\n",
+    );
+    let capped = Ipv4Addr::new(127, 0, 0, 5);
+    let base = open_sockets(d.pid());
+    let mut others: Vec<TcpStream> = (2..5)
+        .map(|i| connect_from(Ipv4Addr::new(127, 0, 0, i), d.tcp, None))
+        .collect();
+    let mut held: Vec<TcpStream> = (0..2).map(|_| connect_from(capped, d.tcp, None)).collect();
+    wait_until("the idle connections are accepted", || {
+        open_sockets(d.pid()) >= base + 5
+    });
+    // The capped source's answered last: the one idle longest is another source's.
+    for (i, s) in others.iter_mut().chain(held.iter_mut()).enumerate() {
+        list_rooms_on(s, i as u8);
+    }
+    limit_to_open_descriptors(&d);
+    for attempt in 0..5 {
+        let mut refused = connect_from(capped, d.tcp, None);
+        refused.set_read_timeout(Some(PATIENCE)).unwrap();
+        let end = refused.read(&mut [0u8; 1]);
+        assert!(
+            matches!(end, Ok(0))
+                || matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+            "attempt {attempt} from the capped source: {end:?}"
+        );
+    }
+    d.wait_for_log("closed an idle connection to make room");
+    assert_eq!(closed_by_daemon(&mut others), [true, false, false]);
+    assert_eq!(closed_by_daemon(&mut held), [false, false]);
+    // The descriptor freed by the last refusal takes a newcomer from another source.
+    let mut newcomer = connect_from(Ipv4Addr::new(127, 0, 0, 6), d.tcp, None);
+    list_rooms_on(&mut newcomer, 9);
+    assert_eq!(closed_by_daemon(&mut others), [true, false, false]);
+}
+
 /// Which of `conns` the daemon has closed (read without waiting: an end already sent shows).
 fn closed_by_daemon(conns: &mut [TcpStream]) -> Vec<bool> {
     conns
