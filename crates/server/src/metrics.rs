@@ -400,6 +400,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::persist::LockState;
 
     #[test]
     fn renders_prometheus_text() {
@@ -417,7 +418,7 @@ mod tests {
             write_failures: 2,
             files_restored: 1,
             files_missing: false,
-            lock_taken: false,
+            lock: LockState::Held,
         });
         let text = m.render(Stats {
             rooms: 2,

@@ -1619,6 +1619,56 @@ fn a_lock_file_taken_by_another_process_while_serving_is_reported() {
     assert_eq!(d.http_get("/readyz"), "ready\n");
 }
 
+/// `/readyz` says what the writer's latest check found of a lock file deleted while in use:
+/// once the other process's lock file is gone in turn and the lock cannot be taken again (a
+/// directory at its name here), it says so, not that another process holds it, which it kept
+/// saying before, naming a holder that no longer existed. Ready again once the lock is taken.
+#[test]
+fn readyz_says_a_lock_that_cannot_be_taken_again_after_another_process_let_it_go() {
+    let d = Daemon::start_with(Options {
+        metrics: true,
+        ..Options::default()
+    });
+    create(&d, "locked", "alice");
+    let lock = d.dir.path().join("room_manager.json.lock");
+    let taken = d.dir.path().join("other.lock");
+    let mut other = std::fs::File::create(&taken).unwrap();
+    other.try_lock().unwrap();
+    writeln!(other, "pid 4242").unwrap();
+    std::fs::rename(&taken, &lock).unwrap();
+    d.wait_for_log("(pid 4242)");
+    assert!(
+        d.http_answer("/readyz")
+            .1
+            .contains("another process took it"),
+        "{}",
+        d.log()
+    );
+    // The other process stops, its lock file goes, and something else takes the name.
+    drop(other);
+    std::fs::remove_file(&lock).unwrap();
+    std::fs::create_dir(&lock).unwrap();
+    // The writer checks once a second.
+    wait_until("/readyz no longer names another process", || {
+        !d.http_answer("/readyz")
+            .1
+            .contains("another process took it")
+    });
+    let answer = d.http_answer("/readyz");
+    assert_eq!(answer.0, "HTTP/1.1 503 Service Unavailable", "{answer:?}");
+    assert!(
+        answer.1.starts_with(
+            "not ready: the state's lock file was deleted while in use and cannot be taken again"
+        ),
+        "{answer:?}"
+    );
+    // Logged at once, not as a reminder of the other failure a minute later.
+    d.wait_for_log("it cannot be taken again");
+    std::fs::remove_dir(&lock).unwrap();
+    d.wait_for_log("was deleted while in use: taken again");
+    assert_eq!(d.http_get("/readyz"), "ready\n");
+}
+
 #[test]
 fn tombstones_answer_a_few_times_per_interval_and_never_for_unknown_tokens() {
     // Three times the default interval, so that the five datagrams below fall in one

@@ -18,6 +18,7 @@ use crate::handshake::{self, Context, Response, Step};
 use crate::http::{self, Route};
 use crate::metrics::{operation_label, Metrics};
 use crate::password::{self, Outcome};
+use crate::persist::LockState;
 use crate::rate;
 use crate::udp;
 
@@ -373,8 +374,8 @@ impl Server {
     /// Why `/readyz` says the daemon cannot take new members, if it cannot. State files
     /// deleted and not written again come first: the writer finds them within a second, idle
     /// or not, and creates and joins wait for them from then on, so there is no need for one
-    /// to wait 5 s. Then a lock taken by another process, then a disk that has held a batch
-    /// too long.
+    /// to wait 5 s. Then a lock file deleted and not taken again (another process took it, or
+    /// it cannot be taken), then a disk that has held a batch too long.
     fn not_ready(&self, now: Instant) -> Option<String> {
         let compactions = self.persister.as_ref().map(|p| p.compactions());
         if compactions.is_some_and(|c| c.files_missing) {
@@ -384,12 +385,22 @@ impl Server {
                     .to_owned(),
             );
         }
-        if compactions.is_some_and(|c| c.lock_taken) {
-            return Some(
-                "the state's lock file was deleted while in use and another process took it \
-                 since: both may write the state; stop one of them (the log names it)"
-                    .to_owned(),
-            );
+        match compactions.map(|c| c.lock) {
+            Some(LockState::Taken) => {
+                return Some(
+                    "the state's lock file was deleted while in use and another process took \
+                     it since: both may write the state; stop one of them (the log names it)"
+                        .to_owned(),
+                )
+            }
+            Some(LockState::Lost) => {
+                return Some(
+                    "the state's lock file was deleted while in use and cannot be taken again: \
+                     another ocmd could start on the state and write it too (the log says why)"
+                        .to_owned(),
+                )
+            }
+            Some(LockState::Held) | None => {}
         }
         self.disk_wait(now).map(|waited| {
             format!(

@@ -147,9 +147,24 @@ pub struct Compactions {
     /// The journal or the state file was deleted while in use and is not written again yet
     /// (its directory may be gone): until it is, what it held is on no disk.
     pub files_missing: bool,
+    /// The state's lock as the writer's latest check found it, once its file was deleted
+    /// while in use (each check replaces it: a holder found once may be gone by the next).
+    pub lock: LockState,
+}
+
+/// The state's lock, as the writer's latest check of its file found it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LockState {
+    /// Held: its file never deleted, or the lock taken again since.
+    #[default]
+    Held,
     /// The lock file was deleted while in use and another process (a second `ocmd`) took a
     /// lock of its own at its name: both may write this state, until one of them stops.
-    pub lock_taken: bool,
+    Taken,
+    /// The lock file was deleted while in use and cannot be taken again for another reason
+    /// (its directory gone, no permission): nothing keeps a second `ocmd` from starting on
+    /// this state and writing it too.
+    Lost,
 }
 
 impl Compactions {

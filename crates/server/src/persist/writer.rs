@@ -17,7 +17,9 @@ use log::{debug, error, info, warn};
 
 use super::backoff::{self, LayBackoff};
 use super::compactor::{log_written, remove_journal_old, write_snapshot, Compactor};
-use super::{counters, Command, Compactions, Done, Job, Options, Report, APPLY_LOT, RETRY_DELAY};
+use super::{
+    counters, Command, Compactions, Done, Job, LockState, Options, Report, APPLY_LOT, RETRY_DELAY,
+};
 use crate::error::StoreError;
 use crate::plural::Count;
 use crate::record::Record;
@@ -663,7 +665,7 @@ impl Writer {
                 self.relock_failing = Failing::default();
                 let mut counters = counters(&self.stats);
                 counters.files_restored += 1;
-                counters.lock_taken = false;
+                counters.lock = LockState::Held;
                 drop(counters);
                 warn!(
                     "lock file {} was deleted while in use: taken again",
@@ -671,7 +673,7 @@ impl Writer {
                 );
             }
             Err(e @ StoreError::Locked { .. }) => {
-                counters(&self.stats).lock_taken = true;
+                self.lock_found(LockState::Taken);
                 if let Some(note) = self.relock_failing.failed(now) {
                     error!(
                         "lock file {} was deleted while in use, and another ocmd took it since: \
@@ -681,6 +683,9 @@ impl Writer {
                 }
             }
             Err(e) => {
+                // A holder found by an earlier check may be gone (with the directory): this
+                // failure, not that one, is what `/readyz` says.
+                self.lock_found(LockState::Lost);
                 if let Some(note) = self.relock_failing.failed(now) {
                     error!(
                         "lock file {} was deleted while in use, and it cannot be taken again: \
@@ -689,6 +694,17 @@ impl Writer {
                     );
                 }
             }
+        }
+    }
+
+    /// Records what the latest check found of a lock it could not take again. A failure of
+    /// another kind than the last starts a run of its own, so that its first is logged at
+    /// once rather than up to a minute later as a reminder of the other.
+    fn lock_found(&mut self, state: LockState) {
+        let mut counters = counters(&self.stats);
+        if counters.lock != state {
+            counters.lock = state;
+            self.relock_failing = Failing::default();
         }
     }
 
