@@ -540,7 +540,9 @@ fn a_network_gone_is_told_once_above_the_line_being_typed() {
         );
         let told = format!("* cannot send to the server at {}: ", d.udp);
         bob.wait_for(&format!("{told}Network is unreachable"));
-        // The remark came above the line being typed, which was drawn again under it.
+        // The remark came above the line being typed, which was drawn again under it (a
+        // moment after the remark: the screen is written in two steps).
+        bob.wait_for("\r\n> half typed");
         let shown = bob.text();
         let after = &shown[shown.find(&told).unwrap()..];
         assert!(after.contains("\r\n> half typed"), "{shown:?}");
