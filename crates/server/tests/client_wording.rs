@@ -184,3 +184,26 @@ fn an_impossible_server_host_is_a_bad_command_line() {
         }
     }
 }
+
+/// A long host name is the resolver's to judge, not the command line's: a label of 40 `é`
+/// (80 bytes of UTF-8) that `/etc/hosts` may hold was refused as a bad command line (status
+/// 2, "longer than 63 bytes"). Under `.invalid` (RFC 6761), which no resolver answers, it
+/// now passes the check and fails in the lookup: status 1, a server that cannot be reached.
+#[test]
+fn a_long_server_name_is_looked_up_not_refused() {
+    let host = format!("{}.invalid", "\u{e9}".repeat(40));
+    for args in [&["rooms"][..], &["join", "lobby", "--name", "bob"]] {
+        let out = Command::new(sibling_binary("ocm"))
+            .arg("--server")
+            .arg(&host)
+            .args(args)
+            .output()
+            .expect("run ocm");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("cannot resolve server {host:?}")),
+            "{args:?}: {stderr}"
+        );
+    }
+}
