@@ -676,8 +676,18 @@ fn a_lone_escape_holds_nothing_back_and_takes_no_key() {
 /// relaying the chat meanwhile, which stopping it would not).
 struct SlowTcp {
     port: u16,
-    /// Whether new connections wait, and how many are waiting.
-    held: Arc<(Mutex<(bool, usize)>, std::sync::Condvar)>,
+    held: Arc<(Mutex<Gate>, std::sync::Condvar)>,
+}
+
+/// What [`SlowTcp`] does with the connections it accepts.
+#[derive(Default)]
+struct Gate {
+    /// Whether new connections wait.
+    holding: bool,
+    /// How many connections still pass before those that follow wait.
+    passing: usize,
+    /// How many connections are waiting.
+    waiting: usize,
 }
 
 impl SlowTcp {
@@ -685,7 +695,7 @@ impl SlowTcp {
     fn start(daemon: &Daemon) -> SlowTcp {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the relay");
         let port = listener.local_addr().expect("relay address").port();
-        let held = Arc::new((Mutex::new((false, 0)), std::sync::Condvar::new()));
+        let held = Arc::new((Mutex::new(Gate::default()), std::sync::Condvar::new()));
         let (to, gate) = (daemon.tcp, Arc::clone(&held));
         thread::spawn(move || {
             for client in listener.incoming() {
@@ -694,13 +704,15 @@ impl SlowTcp {
                 thread::spawn(move || {
                     let (lock, changed) = &*gate;
                     let mut state = lock.lock().unwrap();
-                    if state.0 {
-                        state.1 += 1;
+                    if state.holding && state.passing > 0 {
+                        state.passing -= 1;
+                    } else if state.holding {
+                        state.waiting += 1;
                         changed.notify_all();
-                        while state.0 {
+                        while state.holding {
                             state = changed.wait(state).unwrap();
                         }
-                        state.1 -= 1;
+                        state.waiting -= 1;
                     }
                     drop(state);
                     let Ok(server) = std::net::TcpStream::connect(to) else {
@@ -722,7 +734,14 @@ impl SlowTcp {
 
     /// Holds the connections accepted from now on.
     fn hold(&self) {
-        self.held.0.lock().unwrap().0 = true;
+        self.hold_after(0);
+    }
+
+    /// Lets the next `passing` connections through, then holds those that follow.
+    fn hold_after(&self, passing: usize) {
+        let mut state = self.held.0.lock().unwrap();
+        state.holding = true;
+        state.passing = passing;
     }
 
     /// Waits until a connection is held: a question is waiting for its answer.
@@ -730,7 +749,7 @@ impl SlowTcp {
         let (lock, changed) = &*self.held;
         let deadline = Instant::now() + PATIENCE;
         let mut state = lock.lock().unwrap();
-        while state.1 == 0 {
+        while state.waiting == 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(!left.is_zero(), "no question reached the server");
             state = changed.wait_timeout(state, left).unwrap().0;
@@ -739,7 +758,7 @@ impl SlowTcp {
 
     /// Lets the connections held go on to the daemon, and those to come.
     fn release(&self) {
-        self.held.0.lock().unwrap().0 = false;
+        self.held.0.lock().unwrap().holding = false;
         self.held.1.notify_all();
     }
 }
@@ -813,4 +832,79 @@ fn who_finding_the_room_gone_ends_the_chat_in_the_editor() {
     bob.wait_for("* you are no longer in room lobby: the server no longer has the room");
     assert_eq!(bob.wait().code(), Some(OCM_ROOM_ENDED), "{:?}", bob.text());
     assert!(!bracketed_paste_left_on(&bob.text()), "{:?}", bob.text());
+}
+
+/// The history fetched on joining comes while the line editor already has the terminal:
+/// what is typed meanwhile is the editor's (drawn after its prompt, not echoed raw by the
+/// terminal in its normal mode), and the history, the `--- live ---` line and the messages
+/// that came meanwhile show above the line being typed, in that order. The history used to
+/// be fetched before the editor started: the keys typed while the server took its time were
+/// echoed raw over the screen, with no prompt shown until the answer came.
+#[test]
+fn the_history_on_joining_comes_while_the_editor_reads() {
+    let d = Daemon::start();
+    let relay = SlowTcp::start(&d);
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    // carol, a raw member, sees when the daemon has relayed (and kept) a message.
+    let carol = Member::joined(&d, "lobby", &join(&d, "lobby", "carol"));
+    alice.type_line("before bob");
+    carol.recv_until("alice: before bob");
+    // The join itself passes; the history it asks for next waits.
+    relay.hold_after(1);
+    let mut command = Command::new(sibling_binary("ocm"));
+    command
+        .args([
+            "--server",
+            "127.0.0.1",
+            "--tcp-port",
+            &relay.port.to_string(),
+        ])
+        .args(["--udp-port", &d.udp.port().to_string()])
+        .args(["join", "lobby", "--name", "bob"])
+        .env("TERM", "xterm");
+    let mut bob = Terminal::spawn(command, None);
+    relay.wait_held();
+    alice.lines_until("* bob joined");
+    // Kept by the daemon before it answers bob's history: in that history, then, and held
+    // by bob's screen as it came live, not shown twice.
+    alice.type_line("while bob joined");
+    carol.recv_until("alice: while bob joined");
+    bob.type_keys("early");
+    bob.wait_for("early");
+    let typed = bob.text();
+    let prompt = typed.find("> ");
+    assert!(
+        prompt.is_some_and(|prompt| prompt < typed.find("early").unwrap_or(0)),
+        "the keys were echoed raw, not drawn by the editor after its prompt: {typed:?}"
+    );
+    relay.release();
+    bob.wait_for("* --- live ---");
+    alice.type_line("after the history");
+    bob.wait_for("alice: after the history\r\n> early");
+    let shown = bob.text();
+    let at = |needle: &str| {
+        shown
+            .find(needle)
+            .unwrap_or_else(|| panic!("no {needle:?} in {shown:?}"))
+    };
+    let order = [
+        "] alice: before bob\r\n",
+        "] alice: while bob joined\r\n",
+        "* --- live ---\r\n",
+        "alice: after the history\r\n",
+    ];
+    assert!(order.windows(2).all(|w| at(w[0]) < at(w[1])), "{shown:?}");
+    assert_eq!(
+        shown.matches("alice: while bob joined").count(),
+        1,
+        "{shown:?}"
+    );
+    bob.type_keys("\r");
+    let line = alice.line_within(PATIENCE);
+    assert_eq!(line.as_deref(), Some("bob: early"), "{:?}", bob.text());
+    bob.type_keys("/quit\r");
+    assert!(bob.wait().success(), "{:?}", bob.text());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
 }

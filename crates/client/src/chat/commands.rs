@@ -101,15 +101,21 @@ impl Commands {
 
     /// From now on `/who` and `/history` are answered on an asking thread of their own, in
     /// the order asked, and the input thread goes on reading at once: for the line editor,
-    /// which must keep the terminal while the server takes its time. Should the thread not
-    /// start, they are answered here as before.
-    pub(super) fn answer_elsewhere(&mut self) {
+    /// which must keep the terminal while the server takes its time. With `join_history`
+    /// that thread first fetches and shows the join's history ([`Asker::show_recent_history`]),
+    /// before any question typed meanwhile. Should the thread not start, all of it is
+    /// answered here as before ([`Commands::show_recent_history`] included).
+    pub(super) fn answer_elsewhere(&mut self, join_history: bool) {
         let Answerer::Here(asker) = &self.answerer else {
             return;
         };
         let (questions, asked) = mpsc::sync_channel(QUESTIONS_QUEUED);
         let mut asker = asker.clone();
         let spawned = thread::Builder::new().name("asking".into()).spawn(move || {
+            if join_history && !asker.show_recent_history() {
+                // The main loop ends the session.
+                return;
+            }
             for question in asked {
                 if !asker.answer(question) {
                     // The main loop ends the session.
@@ -175,8 +181,8 @@ impl Commands {
         }
     }
 
-    /// On join: see [`Asker::show_recent_history`]. Called before
-    /// [`Commands::answer_elsewhere`], on the input thread.
+    /// On join: see [`Asker::show_recent_history`], here on the input thread unless the
+    /// asking thread took it ([`Commands::answer_elsewhere`]).
     pub(super) fn show_recent_history(&mut self) -> bool {
         match &mut self.answerer {
             Answerer::Here(asker) => asker.show_recent_history(),

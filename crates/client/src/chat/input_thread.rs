@@ -128,13 +128,16 @@ pub(super) fn spawn_input(
                 debug!("cannot unblock SIGTSTP: {e}");
             }
         }
+        if editor.is_some() {
+            // The editor must keep reading while the server answers `/who` or `/history`,
+            // and the join's history too: fetched here, before `readline`, it left the
+            // terminal in its normal mode meanwhile, which echoed what was typed raw over
+            // the screen, with no prompt until the server answered.
+            commands.answer_elsewhere(join_history);
+        }
         if join_history && !commands.show_recent_history() {
             // The main loop ends the session.
             return;
-        }
-        if editor.is_some() {
-            // The editor must keep reading while the server answers `/who` or `/history`.
-            commands.answer_elsewhere();
         }
         let end = match &mut editor {
             Some((editor, reading)) => read_edited(&mut commands, editor, reading),

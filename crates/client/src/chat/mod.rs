@@ -14,8 +14,9 @@
 //!   go to an *asking* thread instead (each on a short-lived thread of its own, so that
 //!   a slow answer can be announced), and the editor keeps the terminal while the server
 //!   answers (`commands`); chat text and `/quit` go to the main thread.
-//!   On `ocm join` it first fetches the recent history and releases the screen, which held
-//!   the live messages meanwhile;
+//!   On `ocm join` the recent history is fetched first (with the line editor, by the asking
+//!   thread while the editor already reads) and releases the screen, which held the live
+//!   messages meanwhile;
 //! - the *signal watcher* reports SIGINT, SIGTERM, SIGHUP and SIGQUIT, so that Ctrl+C,
 //!   `kill`, a closed terminal and Ctrl+\\ all leave the room properly instead of waiting for
 //!   the server's timeout (an `--original` member has none: it would stay until the room

@@ -1018,7 +1018,7 @@ fn questions_answered_elsewhere_come_in_order() {
     ]);
     let (screen, rec) = screen(false);
     let (mut commands, inbox) = commands(tcp, &screen);
-    commands.answer_elsewhere();
+    commands.answer_elsewhere(false);
     for line in ["/who\n", "/history 2\n", "/history\n", "/who\n", "hi\n"] {
         assert!(commands.handle_line(line), "{line}");
     }
@@ -1076,6 +1076,42 @@ fn recent_history_is_shown_before_the_held_live_messages() {
         r#"{"token": "00ff", "limit": 20}"#
     );
     assert!(inbox.try_recv().is_err(), "nothing for the main loop");
+}
+
+/// With the line editor the join's history is fetched on the asking thread, so that the
+/// editor reads meanwhile: the input thread goes on at once, and the history (then the live
+/// messages held meanwhile) comes before the answer to a question typed while it was asked.
+#[test]
+fn the_join_history_answered_elsewhere_comes_before_what_is_asked_meanwhile() {
+    let (tcp, asked) = fake_daemon(vec![
+        Ok(
+            r#"{"messages": [{"seq": 4, "sender": "bob", "text": "m4", "at": 1700000000.0}], "more": false}"#,
+        ),
+        Ok(r#"{"room": "lobby", "host": "alice", "members": []}"#),
+    ]);
+    let (screen, rec) = screen(true);
+    assert_eq!(
+        lock(&screen).handle_datagram(&sequenced(5, "m5")).unwrap(),
+        Flow::Continue
+    );
+    let (mut commands, inbox) = commands(tcp, &screen);
+    commands.answer_elsewhere(true);
+    assert!(commands.show_recent_history(), "taken by the asking thread");
+    assert!(commands.handle_line("/who\n"));
+    assert!(commands.handle_line("hi\n"));
+    wait_for_lines(
+        &rec,
+        &[
+            "out: [22:13] bob: m4",
+            "err: * --- live ---",
+            "out: bob: m5",
+            "err: * host: alice",
+        ],
+    );
+    let asked = asked.lock().unwrap();
+    assert_eq!(asked.len(), 2, "the history asked for once");
+    assert_eq!(asked[0].2, r#"{"token": "00ff", "limit": 20}"#);
+    assert!(matches!(inbox.try_recv(), Ok(Event::Send(text)) if text == "hi"));
 }
 
 /// The page shown at join is where `/history` starts: it is not shown twice.
