@@ -908,3 +908,33 @@ fn the_history_on_joining_comes_while_the_editor_reads() {
     alice.type_line("/quit");
     assert!(alice.wait().success());
 }
+
+/// Keys typed while the editor is between two lines (it has returned one and not yet asked
+/// for the next: here for as long as a paste of many lines waits for the chat's pace) are
+/// the editor's, like any others: kept for the next line and not echoed by the terminal.
+/// rustyline gives the terminal its normal mode back between two lines, whose echo wrote
+/// them raw on the screen (a control key as `^]`, which the editor ignores).
+#[test]
+fn keys_typed_between_two_lines_are_not_echoed_raw() {
+    let d = Daemon::start();
+    let (mut alice, mut bob) = host_and_terminal(&d);
+    // More lines than the chat's burst (90) and the events waiting (64) take: the input
+    // thread waits to hand one over, between two lines, for a few seconds.
+    let lines: Vec<String> = (0..300).map(|i| format!("l{i}")).collect();
+    bob.type_keys(&lines.iter().map(|l| format!("{l}\r")).collect::<String>());
+    for line in &lines[..120] {
+        assert_eq!(alice.line(), format!("bob: {line}"));
+    }
+    bob.type_keys("\x1dgap");
+    bob.type_keys("\r");
+    for line in &lines[120..] {
+        assert_eq!(alice.line(), format!("bob: {line}"));
+    }
+    let line = alice.line_within(PATIENCE);
+    assert_eq!(line.as_deref(), Some("bob: gap"), "{:?}", bob.text());
+    assert!(!bob.text().contains("^]"), "echoed raw: {:?}", bob.text());
+    bob.type_keys("/quit\r");
+    assert!(bob.wait().success(), "{:?}", bob.text());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}

@@ -241,12 +241,33 @@ fn hung_up(error: &io::Error) -> bool {
     error.raw_os_error() == Some(Errno::EIO as i32)
 }
 
+/// Makes the terminal's mode between two lines quiet: without echo and without its own line
+/// editing (ECHO, ICANON and IEXTEN off, as in the editor's raw mode). rustyline sets raw
+/// mode for each line it reads and, between two lines, puts back the mode it found: the
+/// terminal's normal one, which echoed the keys typed in that instant (while the line just
+/// entered is handed over, which waits for the chat's pace under a paste of many lines) raw
+/// on the screen, Enter included, before the editor read and drew them again. With this
+/// mode found, they wait unseen for the next line, as typed. Signals (ISIG) and output
+/// processing stay as they were; the terminal guard puts the whole mode back at the end.
+fn quiet_between_lines() {
+    use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
+    let quieted = tcgetattr(io::stdin()).and_then(|mut mode| {
+        mode.local_flags
+            .remove(LocalFlags::ECHO | LocalFlags::ICANON | LocalFlags::IEXTEN);
+        tcsetattr(io::stdin(), SetArg::TCSADRAIN, &mode)
+    });
+    if let Err(e) = quieted {
+        debug!("cannot quiet the terminal between two lines: {e}");
+    }
+}
+
 /// The line editor's loop: Enter acts on the line, Ctrl+C and Ctrl+D leave.
 fn read_edited(
     commands: &mut Commands,
     editor: &mut DefaultEditor,
     reading: &AtomicBool,
 ) -> Option<Event> {
+    quiet_between_lines();
     loop {
         reading.store(true, Ordering::SeqCst);
         let line = editor.readline(PROMPT);
