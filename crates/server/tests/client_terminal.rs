@@ -115,6 +115,31 @@ impl Terminal {
         master.write_all(bytes).expect("type");
     }
 
+    /// The terminal's mode now, as its process set it (a pseudo-terminal's other side reads
+    /// the mode of the terminal itself).
+    fn mode(&self) -> libc::termios {
+        let master = self.master.as_ref().expect("not hung up");
+        let mut mode = std::mem::MaybeUninit::<libc::termios>::uninit();
+        // SAFETY: tcgetattr fills the termios when it returns 0.
+        unsafe {
+            assert_eq!(libc::tcgetattr(master.as_raw_fd(), mode.as_mut_ptr()), 0);
+            mode.assume_init()
+        }
+    }
+
+    /// Waits until the terminal shows `needle` after the first `from` bytes it showed.
+    fn wait_for_after(&self, from: usize, needle: &str) {
+        let deadline = Instant::now() + PATIENCE;
+        while !self.text()[from..].contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} never came: {:?}",
+                self.text()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// What the terminal shows so far, escape sequences and all.
     fn text(&self) -> String {
         String::from_utf8_lossy(&self.screen.lock().unwrap()).into_owned()
@@ -186,6 +211,32 @@ fn ocm_command(daemon: &Daemon, args: &[&str], term: &str) -> Command {
         .args(args)
         .env("TERM", term);
     command
+}
+
+/// An interactive `shell` (with `ARGS`) in a terminal, at its prompt `$ `.
+fn shell_terminal(shell: &str, args: &[&str]) -> Terminal {
+    let mut command = Command::new(shell);
+    command
+        .args(args)
+        .env("PS1", "$ ")
+        .env("TERM", "xterm")
+        .env("HISTFILE", "/dev/null")
+        .env_remove("ENV");
+    let term = Terminal::spawn(command, None);
+    term.wait_for("$ ");
+    term
+}
+
+/// Types, in the shell in `term`, the command that joins `lobby` on `daemon` as bob, and
+/// waits until bob is live.
+fn join_from_shell(term: &mut Terminal, daemon: &Daemon) {
+    term.type_keys(&format!(
+        "{} --server 127.0.0.1 --tcp-port {} --udp-port {} join lobby --name bob\r",
+        sibling_binary("ocm").display(),
+        daemon.tcp.port(),
+        daemon.udp.port()
+    ));
+    term.wait_for("* --- live ---");
 }
 
 /// A host on pipes and `bob` in a terminal, live in `lobby`.
@@ -322,38 +373,87 @@ fn after_ctrl_z_and_fg_the_editor_still_owns_the_line() {
     let d = Daemon::start();
     let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
     alice.wait_stderr("* created lobby as alice");
-    let mut shell = Command::new("bash");
-    shell
-        .args(["--norc", "--noprofile", "-i"])
-        .env("PS1", "$ ")
-        .env("TERM", "xterm")
-        .env("HISTFILE", "/dev/null");
-    let mut term = Terminal::spawn(shell, None);
-    term.wait_for("$ ");
-    term.type_keys(&format!(
-        "{} --server 127.0.0.1 --tcp-port {} --udp-port {} join lobby --name bob\r",
-        sibling_binary("ocm").display(),
-        d.tcp.port(),
-        d.udp.port()
-    ));
-    term.wait_for("* --- live ---");
+    let mut term = shell_terminal("bash", &["--norc", "--noprofile", "-i"]);
+    join_from_shell(&mut term, &d);
     assert_eq!(alice.line(), "* bob joined");
     term.type_keys("\x1a");
     term.wait_for("Stopped");
     // bob is back once the editor has redrawn its prompt after `fg`.
     let shown = term.text().len();
     term.type_keys("fg\r");
-    let deadline = Instant::now() + PATIENCE;
-    while !term.text()[shown..].contains("> ") {
-        assert!(Instant::now() < deadline, "{:?}", term.text());
-        thread::sleep(Duration::from_millis(10));
-    }
+    term.wait_for_after(shown, "> ");
     term.type_keys("half");
     term.wait_for("half");
     alice.type_line("while you typed");
     term.wait_for("alice: while you typed\r\n> half");
     term.type_keys("\r");
     assert_eq!(alice.line(), "bob: half");
+    term.type_keys("/quit\r");
+    assert_eq!(alice.line(), "* bob left");
+    term.type_keys("exit\r");
+    assert!(term.wait().success());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
+
+/// Stopped with Ctrl+Z, in the editor or between two lines, `ocm` leaves the terminal in
+/// its mode before the chat, whatever the shell: dash, unlike bash, does not put back the
+/// mode a stopped job leaves, and was left without echo or line editing (the quiet mode
+/// `ocm` keeps between two lines, which the editor's Ctrl+Z put back). After `fg` the editor
+/// has the terminal again.
+#[test]
+fn ctrl_z_leaves_the_terminal_as_before_the_chat_even_in_dash() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    let mut term = shell_terminal("dash", &["-i"]);
+    let before = term.mode();
+    join_from_shell(&mut term, &d);
+    assert_eq!(alice.line(), "* bob joined");
+    let stopped_as_before = |term: &mut Terminal, shown: usize| {
+        term.wait_for_after(shown, "Stopped");
+        term.wait_for_after(shown, "$ ");
+        let mode = term.mode();
+        assert_eq!(
+            (mode.c_lflag, mode.c_iflag),
+            (before.c_lflag, before.c_iflag),
+            "{:?}",
+            term.text()
+        );
+        // What is typed shows, as the shell's terminal echoes it.
+        let shown = term.text().len();
+        term.type_keys(": seen\r");
+        term.wait_for_after(shown, ": seen");
+        term.wait_for_after(shown, "$ ");
+        let shown = term.text().len();
+        term.type_keys("fg\r");
+        term.wait_for_after(shown, "> ");
+        // Back to the editor's raw mode, or to the quiet one between two lines.
+        assert_eq!(term.mode().c_lflag & libc::ECHO, 0, "{:?}", term.text());
+    };
+
+    // In the editor: its Ctrl+Z.
+    let shown = term.text().len();
+    term.type_keys("\x1a");
+    stopped_as_before(&mut term, shown);
+    term.type_keys("half\r");
+    assert_eq!(alice.line(), "bob: half");
+
+    // Between two lines, while a paste waits for the chat's pace (see
+    // `keys_typed_between_two_lines_are_not_echoed_raw`): the terminal's own SIGTSTP, which
+    // also drops what the editor had not read yet.
+    let lines: Vec<String> = (0..300).map(|i| format!("l{i}")).collect();
+    term.type_keys(&lines.iter().map(|l| format!("{l}\r")).collect::<String>());
+    for line in &lines[..120] {
+        assert_eq!(alice.line(), format!("bob: {line}"));
+    }
+    let shown = term.text().len();
+    term.type_keys("\x1a");
+    stopped_as_before(&mut term, shown);
+    // A line cut short by the drop is ended before this one.
+    term.type_keys("\rafter\r");
+    let rest = alice.lines_until("bob: after");
+    assert!(rest.iter().all(|l| l.starts_with("bob: l")), "{rest:?}");
     term.type_keys("/quit\r");
     assert_eq!(alice.line(), "* bob left");
     term.type_keys("exit\r");

@@ -9,11 +9,13 @@ use std::thread;
 
 use log::{debug, warn};
 use nix::errno::Errno;
-use nix::sys::signal::{SigSet, Signal};
 use rustyline::error::ReadlineError;
 use rustyline::{Cmd, Config, DefaultEditor, KeyEvent};
 
 use super::commands::{too_long, Commands};
+use super::suspend::{
+    remember_mode_before_chat, stop_in_the_mode_before_the_chat, take_suspend_here,
+};
 use super::{lock, Event};
 use crate::error::ClientError;
 use crate::feed::Feed;
@@ -48,6 +50,9 @@ impl TerminalGuard {
         let saved = nix::sys::termios::tcgetattr(io::stdin())
             .inspect_err(|e| debug!("cannot read the terminal mode: {e}"))
             .ok();
+        if let Some(mode) = &saved {
+            remember_mode_before_chat(mode);
+        }
         TerminalGuard {
             saved,
             reading: Arc::new(AtomicBool::new(false)),
@@ -82,28 +87,6 @@ impl Drop for TerminalGuard {
     }
 }
 
-/// Ctrl+Z, to the line editor, means: give the terminal its mode back, stop the process
-/// with `kill(0, SIGTSTP)`, and once continued (`fg`), take raw mode again and redraw. In a
-/// process of several threads any thread may take that SIGTSTP, and `kill` returns at once
-/// to the editor, which took raw mode again before the process stopped; the shell then gave
-/// the terminal back to `ocm` in its own, cooked mode, which the editor did not know: after
-/// `fg` the terminal echoed what was typed, and the editor saw it only at Enter (a message
-/// arriving redrew the line without it). So SIGTSTP is blocked in the main thread before any
-/// helper thread starts (they inherit it) and unblocked on the input thread alone, where
-/// the editor's `kill` then stops the process before it returns, as in a program of one
-/// thread. Called by the main thread when the editor is used.
-pub(super) fn suspend_on_input_thread() {
-    if let Err(e) = tstp().thread_block() {
-        debug!("cannot block SIGTSTP: {e}");
-    }
-}
-
-fn tstp() -> SigSet {
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGTSTP);
-    set
-}
-
 /// Starts the input thread. `reading` is set when the line editor is to be used (and is
 /// the flag the terminal guard reads).
 pub(super) fn spawn_input(
@@ -122,11 +105,9 @@ pub(super) fn spawn_input(
         });
         if editing {
             // After the editor's printing thread started, which keeps SIGTSTP blocked (see
-            // `suspend_on_input_thread`). Also without the editor: this thread then takes
+            // `suspend::suspend_on_input_thread`). Also without the editor: this thread then takes
             // the Ctrl+Z of the terminal's own line editing.
-            if let Err(e) = tstp().thread_unblock() {
-                debug!("cannot unblock SIGTSTP: {e}");
-            }
+            take_suspend_here();
         }
         if editor.is_some() {
             // The editor must keep reading while the server answers `/who` or `/history`,
@@ -267,6 +248,7 @@ fn read_edited(
     editor: &mut DefaultEditor,
     reading: &AtomicBool,
 ) -> Option<Event> {
+    stop_in_the_mode_before_the_chat();
     quiet_between_lines();
     loop {
         reading.store(true, Ordering::SeqCst);

@@ -46,7 +46,7 @@
 //!
 //! The work is split by thread: this module is the main loop (`run`) and what it does itself
 //! (sending, the end of the session); `session` is the UDP endpoint and the keepalive
-//! thread; `icmp` the ICMP errors its socket hears of; `receiver` the receiver thread; `input_thread` the input thread and the line editor; `commands` the
+//! thread; `icmp` the ICMP errors its socket hears of; `receiver` the receiver thread; `input_thread` the input thread and the line editor; `suspend` its Ctrl+Z; `commands` the
 //! local commands it answers; `checks` what is asked of the server over TCP during a chat.
 
 mod checks;
@@ -55,6 +55,7 @@ mod icmp;
 mod input_thread;
 mod receiver;
 mod session;
+mod suspend;
 
 use session::spawn_keepalive;
 pub use session::Session;
@@ -82,8 +83,9 @@ use checks::{
     end_on, port_closed, settle, spawn_reach_check, Checker, Liveness, Membership, Outage,
 };
 use commands::{too_long, Asker, Commands};
-use input_thread::{spawn_input, suspend_on_input_thread, TerminalGuard};
+use input_thread::{spawn_input, TerminalGuard};
 use receiver::spawn_receiver;
+use suspend::suspend_on_input_thread;
 
 /// Events the main loop may have waiting. Bounded, so that piped input waits for the sends
 /// instead of queueing without end, and a signal or `/quit` is acted on after at most this
