@@ -1,7 +1,7 @@
 //! The UDP socket: buffer sizing, sending an [`Outbox`] (packing batch-capable recipients'
 //! messages into batch frames, `sendmmsg` underneath), and reading the kernel's drop count.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, IoSlice};
 use std::mem;
 use std::net::{IpAddr, SocketAddr};
@@ -266,6 +266,10 @@ impl Sender {
         // what the daemon tells that address later (a room it joined since).
         self.send_held(socket, locals, metrics);
         self.plan(outbox);
+        // Those the kernel still had no room for must not be overtaken either.
+        if self.holds_last_words() {
+            self.hold_back_behind_last_words(outbox, metrics);
+        }
         let mut start = 0;
         // A refused segmented send whose datagrams go again one apiece from `start`: the
         // error, and the source it named.
@@ -371,6 +375,38 @@ impl Sender {
             } else {
                 Metrics::bump(&mut metrics.send_errors, "last_words_full");
             }
+        }
+    }
+
+    /// Takes out of the plan every datagram to an address whose last word is still held, so
+    /// that nothing newer reaches it first: a member that joined another room from the same
+    /// address would take the older `__ROOM_CLOSED__` for its new room's. The kernel had no
+    /// room for the older datagram, so the newer ones are dropped and counted as
+    /// `would_block`, as they would be behind it in a full buffer; a newer last word is held
+    /// after it. Only while words are held: the pass that sends them all costs nothing here.
+    fn hold_back_behind_last_words(&mut self, outbox: &Outbox, metrics: &mut Metrics) {
+        let waiting: HashSet<SocketAddr> = self.held.iter().map(|word| word.to).collect();
+        let held = &mut self.held;
+        let mut dropped = 0;
+        self.plan.retain(|planned| {
+            if !waiting.contains(&planned.to) {
+                return true;
+            }
+            match &planned.bytes {
+                // A last word always leaves alone, as a plain datagram (`plan`).
+                Bytes::Outbox(range) if planned.last_word => {
+                    if held.hold(planned.to, planned.from, outbox.get(range.clone())) {
+                        metrics.last_words_held += 1;
+                    } else {
+                        Metrics::bump(&mut metrics.send_errors, "last_words_full");
+                    }
+                }
+                _ => dropped += planned.datagrams(),
+            }
+            false
+        });
+        if dropped > 0 {
+            *metrics.send_errors.entry("would_block").or_insert(0) += dropped as u64;
         }
     }
 

@@ -367,6 +367,102 @@ fn a_full_send_buffer_when_the_host_leaves_delays_room_closed_but_loses_it_for_n
     );
 }
 
+/// The variable and file that switch [`no_memory_for_room_closed`] on.
+const NO_MEMORY_FOR_ROOM_CLOSED: (&str, &str) = (
+    "OCM_TEST_NO_MEMORY_FOR_ROOM_CLOSED",
+    "no-memory-for-room-closed",
+);
+
+/// Builds, in `dir`, a library for `LD_PRELOAD` whose `sendmmsg` refuses every
+/// `__ROOM_CLOSED__` with `ENOBUFS` (no buffer memory), as the kernel would, and sends every
+/// other datagram, while [`NO_MEMORY_FOR_ROOM_CLOSED`]'s file exists.
+fn no_memory_for_room_closed(dir: &Path) -> PathBuf {
+    const SOURCE: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+int sendmmsg(int fd, struct mmsghdr *msgs, unsigned int n, int flags) {
+    static int (*real)(int, struct mmsghdr *, unsigned int, int);
+    if (!real) real = (int (*)(int, struct mmsghdr *, unsigned int, int))dlsym(RTLD_NEXT, "sendmmsg");
+    const char *flag = getenv("@VARIABLE@");
+    if (flag && access(flag, F_OK) == 0) {
+        for (unsigned int i = 0; i < n; i++) {
+            const struct msghdr *h = &msgs[i].msg_hdr;
+            if (h->msg_iovlen == 1 && h->msg_iov[0].iov_len == 15
+                && memcmp(h->msg_iov[0].iov_base, "__ROOM_CLOSED__", 15) == 0) {
+                if (i > 0) return real(fd, msgs, i, flags);
+                errno = ENOBUFS;
+                return -1;
+            }
+        }
+    }
+    return real(fd, msgs, n, flags);
+}
+"#;
+    let source = SOURCE.replace("@VARIABLE@", NO_MEMORY_FOR_ROOM_CLOSED.0);
+    preload_library(dir, "no_memory_for_room_closed", &source)
+}
+
+/// A held `__ROOM_CLOSED__` is not overtaken: while the kernel has no room for it, what the
+/// daemon has newer for the same address (here chat from a room the member joined since,
+/// from the same socket) is dropped and counted, not sent ahead of it, where the member
+/// would take the older close for its new room's. The close comes first once it has room,
+/// and chat to the address flows again after it.
+#[test]
+fn a_held_room_closed_is_not_overtaken_by_newer_datagrams_to_its_address() {
+    let (d, switch, _library) = spawn_preloaded(
+        no_memory_for_room_closed,
+        NO_MEMORY_FOR_ROOM_CLOSED,
+        Options {
+            metrics: true,
+            ..Options::default()
+        },
+    );
+    let host = Member::joined(&d, "r", &create(&d, "r", "host"));
+    let m1 = Member::new(&d, "r", &join(&d, "r", "m1"));
+    m1.registered_with(&host, "m1");
+    let other_host = Member::joined(&d, "s", &create(&d, "s", "other"));
+
+    std::fs::write(&switch, b"").unwrap();
+    host.send("__LEAVE__");
+    d.wait_for_log(r#"room "r" closed: host left; 1 member told"#);
+    wait_until("the close to be held", || {
+        d.metric("ocm_last_words_held_total") == 1.0
+    });
+    // The same socket joins another room, and hears its chat.
+    let m1_in_s = Member {
+        socket: m1.socket.try_clone().unwrap(),
+        server: d.udp,
+        room: "s".into(),
+        token: join(&d, "s", "m1"),
+    };
+    m1_in_s.registered_with(&other_host, "m1");
+    let relayed = d.metric("ocm_messages_relayed_total");
+    other_host.send("newer");
+    wait_until("the newer chat to be relayed", || {
+        d.metric("ocm_messages_relayed_total") > relayed
+    });
+    std::fs::remove_file(&switch).unwrap();
+
+    assert_eq!(
+        m1.recv(),
+        "CLOSED",
+        "the held close came after newer chat to its address"
+    );
+    assert_eq!(
+        d.metric(r#"ocm_send_errors_total{reason="would_block"}"#),
+        1.0,
+        "the chat held back behind the close is dropped and counted"
+    );
+    other_host.send("after");
+    assert_eq!(m1.recv(), "other: after");
+}
+
 #[test]
 fn restart_keeps_rooms_tokens_and_addresses() {
     let mut d = Daemon::start();
