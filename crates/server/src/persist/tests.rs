@@ -1232,9 +1232,6 @@ fn a_journal_deleted_while_in_use_is_replaced_and_no_durable_record_is_lost() {
     }
 }
 
-/// A state file deleted while in use leaves the journals with only the changes since it was
-/// written; the writer notices (idle, or between appends) and writes it again from memory.
-/// A clean stop right after a deletion writes it too.
 /// A `journal.old` kept by a failed compaction (here a snapshot that cannot be written) and
 /// deleted before the retry holds the only copy on disk of the records up to the rotation:
 /// the writer's file check sees it gone and has the state file written from memory at once,
@@ -1266,6 +1263,9 @@ fn a_journal_old_deleted_while_kept_is_written_into_the_state_file_at_once() {
     assert_eq!(load_complete(&paths).last_seq, last);
 }
 
+/// A state file deleted while in use leaves the journals with only the changes since it was
+/// written; the writer notices (idle, or between appends) and writes it again from memory.
+/// A clean stop right after a deletion writes it too.
 #[test]
 fn a_state_file_deleted_while_in_use_is_written_again() {
     let dir = tempfile::tempdir().unwrap();

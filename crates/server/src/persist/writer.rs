@@ -541,10 +541,11 @@ impl Writer {
     }
 
     /// Checks that the files a start reads are still there, and writes them again from memory
-    /// if not: a journal deleted while in use ([`Writer::replace_deleted_journal`]), or a
-    /// state file deleted (the journals hold only the changes since it was written). Done
-    /// when the writer has been idle for [`FILE_CHECK_INTERVAL`], and at most that often
-    /// between appends (each of which checks the journal anyway).
+    /// if not: a journal deleted while in use ([`Writer::replace_deleted_journal`]), a
+    /// `journal.old` kept after a failed compaction and deleted, or a state file deleted (the
+    /// journals hold only the changes since it was written). Done when the writer has been
+    /// idle for [`FILE_CHECK_INTERVAL`], and at most that often between appends (each of
+    /// which checks the journal anyway).
     pub(super) fn check_files(&mut self) {
         self.files_checked_at = Instant::now();
         self.check_lock();
