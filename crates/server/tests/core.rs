@@ -274,45 +274,96 @@ fn member_leave_and_host_leave_closes_the_room_for_everyone() {
     create(&d, "r", "newhost");
 }
 
-/// The variable and file that switch [`full_send_buffer`] on: every `sendmmsg` finds the
-/// send buffer full.
-const FULL_SEND_BUFFER: (&str, &str) = ("OCM_TEST_FULL_SEND_BUFFER", "full-send-buffer");
+/// What a [`refusing_sendmmsg`] library refuses while its switch file exists.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    /// Every datagram, with `EAGAIN`: every send finds the send buffer full.
+    FullSendBuffer,
+    /// Only `__ROOM_CLOSED__`, with `ENOBUFS` (no buffer memory), as the kernel would; every
+    /// other datagram is sent.
+    NoMemoryForRoomClosed,
+}
+
+impl Refusal {
+    /// The environment variable that names the switch file, and the file's name.
+    fn switch(self) -> (&'static str, &'static str) {
+        match self {
+            Refusal::FullSendBuffer => ("OCM_TEST_FULL_SEND_BUFFER", "full-send-buffer"),
+            Refusal::NoMemoryForRoomClosed => (
+                "OCM_TEST_NO_MEMORY_FOR_ROOM_CLOSED",
+                "no-memory-for-room-closed",
+            ),
+        }
+    }
+}
 
 /// Builds, in `dir`, a library for `LD_PRELOAD` whose `sendmmsg` (the daemon's only UDP send)
-/// fails with `EAGAIN`, as for a full send buffer, while [`FULL_SEND_BUFFER`]'s file exists,
-/// adding a byte to that file's name plus `.refused` for each call it refuses.
-fn full_send_buffer(dir: &Path) -> PathBuf {
-    const SOURCE: &str = r#"
+/// refuses what `refusal` says while its switch file exists: a call whose first datagram it
+/// refuses fails, adding a byte to the switch's name plus `.refused`; one that reaches such a
+/// datagram later sends those before it and returns their count, as the kernel does.
+fn refusing_sendmmsg(dir: &Path, refusal: Refusal) -> PathBuf {
+    const TEMPLATE: &str = r#"
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
+
+static int refused(const struct msghdr *h) {
+    return !@ONLY_ROOM_CLOSED@
+        || (h->msg_iovlen == 1 && h->msg_iov[0].iov_len == 15
+            && memcmp(h->msg_iov[0].iov_base, "__ROOM_CLOSED__", 15) == 0);
+}
 
 int sendmmsg(int fd, struct mmsghdr *msgs, unsigned int n, int flags) {
     static int (*real)(int, struct mmsghdr *, unsigned int, int);
     if (!real) real = (int (*)(int, struct mmsghdr *, unsigned int, int))dlsym(RTLD_NEXT, "sendmmsg");
     const char *flag = getenv("@VARIABLE@");
     if (flag && access(flag, F_OK) == 0) {
-        char refused[4096];
-        snprintf(refused, sizeof refused, "%s.refused", flag);
-        int marker = open(refused, O_WRONLY | O_CREAT | O_APPEND, 0600);
-        if (marker >= 0) {
-            ssize_t wrote = write(marker, "x", 1);
-            (void)wrote;
-            close(marker);
+        for (unsigned int i = 0; i < n; i++) {
+            if (!refused(&msgs[i].msg_hdr)) continue;
+            if (i > 0) return real(fd, msgs, i, flags);
+            char marks[4096];
+            snprintf(marks, sizeof marks, "%s.refused", flag);
+            int marker = open(marks, O_WRONLY | O_CREAT | O_APPEND, 0600);
+            if (marker >= 0) {
+                ssize_t wrote = write(marker, "x", 1);
+                (void)wrote;
+                close(marker);
+            }
+            errno = @ERRNO@;
+            return -1;
         }
-        errno = EAGAIN;
-        return -1;
     }
     return real(fd, msgs, n, flags);
 }
 "#;
-    let source = SOURCE.replace("@VARIABLE@", FULL_SEND_BUFFER.0);
-    preload_library(dir, "full_send_buffer", &source)
+    let (only_room_closed, errno, name) = match refusal {
+        Refusal::FullSendBuffer => ("0", "EAGAIN", "full_send_buffer"),
+        Refusal::NoMemoryForRoomClosed => ("1", "ENOBUFS", "no_memory_for_room_closed"),
+    };
+    let source = TEMPLATE
+        .replace("@ONLY_ROOM_CLOSED@", only_room_closed)
+        .replace("@ERRNO@", errno)
+        .replace("@VARIABLE@", refusal.switch().0);
+    preload_library(dir, name, &source)
+}
+
+/// Starts `ocmd`, with metrics, under a [`refusing_sendmmsg`] library for `refusal`; returns
+/// what [`spawn_preloaded`] does.
+fn spawn_refusing(refusal: Refusal) -> (Daemon, PathBuf, tempfile::TempDir) {
+    spawn_preloaded(
+        |dir| refusing_sendmmsg(dir, refusal),
+        refusal.switch(),
+        Options {
+            metrics: true,
+            ..Options::default()
+        },
+    )
 }
 
 /// `__ROOM_CLOSED__` is a member's last word from its room: one that only listens would never
@@ -322,14 +373,7 @@ int sendmmsg(int fd, struct mmsghdr *msgs, unsigned int n, int flags) {
 /// and counted, never held.
 #[test]
 fn a_full_send_buffer_when_the_host_leaves_delays_room_closed_but_loses_it_for_nobody() {
-    let (d, full, _library) = spawn_preloaded(
-        full_send_buffer,
-        FULL_SEND_BUFFER,
-        Options {
-            metrics: true,
-            ..Options::default()
-        },
-    );
+    let (d, full, _library) = spawn_refusing(Refusal::FullSendBuffer);
     let refused_calls = full.with_extension("refused");
     let refusals = || std::fs::metadata(&refused_calls).map_or(0, |m| m.len());
     let host = Member::joined(&d, "r", &create(&d, "r", "host"));
@@ -367,47 +411,6 @@ fn a_full_send_buffer_when_the_host_leaves_delays_room_closed_but_loses_it_for_n
     );
 }
 
-/// The variable and file that switch [`no_memory_for_room_closed`] on.
-const NO_MEMORY_FOR_ROOM_CLOSED: (&str, &str) = (
-    "OCM_TEST_NO_MEMORY_FOR_ROOM_CLOSED",
-    "no-memory-for-room-closed",
-);
-
-/// Builds, in `dir`, a library for `LD_PRELOAD` whose `sendmmsg` refuses every
-/// `__ROOM_CLOSED__` with `ENOBUFS` (no buffer memory), as the kernel would, and sends every
-/// other datagram, while [`NO_MEMORY_FOR_ROOM_CLOSED`]'s file exists.
-fn no_memory_for_room_closed(dir: &Path) -> PathBuf {
-    const SOURCE: &str = r#"
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <errno.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
-int sendmmsg(int fd, struct mmsghdr *msgs, unsigned int n, int flags) {
-    static int (*real)(int, struct mmsghdr *, unsigned int, int);
-    if (!real) real = (int (*)(int, struct mmsghdr *, unsigned int, int))dlsym(RTLD_NEXT, "sendmmsg");
-    const char *flag = getenv("@VARIABLE@");
-    if (flag && access(flag, F_OK) == 0) {
-        for (unsigned int i = 0; i < n; i++) {
-            const struct msghdr *h = &msgs[i].msg_hdr;
-            if (h->msg_iovlen == 1 && h->msg_iov[0].iov_len == 15
-                && memcmp(h->msg_iov[0].iov_base, "__ROOM_CLOSED__", 15) == 0) {
-                if (i > 0) return real(fd, msgs, i, flags);
-                errno = ENOBUFS;
-                return -1;
-            }
-        }
-    }
-    return real(fd, msgs, n, flags);
-}
-"#;
-    let source = SOURCE.replace("@VARIABLE@", NO_MEMORY_FOR_ROOM_CLOSED.0);
-    preload_library(dir, "no_memory_for_room_closed", &source)
-}
-
 /// A held `__ROOM_CLOSED__` is not overtaken: while the kernel has no room for it, what the
 /// daemon has newer for the same address (here chat from a room the member joined since,
 /// from the same socket) is dropped and counted, not sent ahead of it, where the member
@@ -415,14 +418,7 @@ int sendmmsg(int fd, struct mmsghdr *msgs, unsigned int n, int flags) {
 /// and chat to the address flows again after it.
 #[test]
 fn a_held_room_closed_is_not_overtaken_by_newer_datagrams_to_its_address() {
-    let (d, switch, _library) = spawn_preloaded(
-        no_memory_for_room_closed,
-        NO_MEMORY_FOR_ROOM_CLOSED,
-        Options {
-            metrics: true,
-            ..Options::default()
-        },
-    );
+    let (d, switch, _library) = spawn_refusing(Refusal::NoMemoryForRoomClosed);
     let host = Member::joined(&d, "r", &create(&d, "r", "host"));
     let m1 = Member::new(&d, "r", &join(&d, "r", "m1"));
     m1.registered_with(&host, "m1");
