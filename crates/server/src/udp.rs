@@ -320,25 +320,21 @@ impl Sender {
         metrics: &mut Metrics,
     ) -> mmsg::Sent {
         let parts = self.gather(outbox, locals, start);
-        let sent = mmsg::send(
-            socket.as_raw_fd(),
-            &parts,
+        let plan = &self.plan[start..];
+        let sent = send_retiring_refused(
+            socket,
+            parts,
             &self.datagrams,
             &mut self.scratch,
+            locals,
+            |i| plan.get(i).map(|planned| planned.from),
         );
-        drop(parts);
-        let plan = &self.plan[start..];
         count(
             plan,
             &sent,
             (self.scratch.failed(), self.scratch.short_of_memory()),
             metrics,
         );
-        for &i in self.scratch.refused_sources() {
-            if let Some(planned) = plan.get(i) {
-                locals.retire(planned.from);
-            }
-        }
         // Only when something found no room: a pass the kernel took whole reads no plan entry
         // again and copies nothing.
         if sent.would_block > 0 || !self.scratch.short_of_memory().is_empty() {
@@ -433,18 +429,14 @@ impl Sender {
                 segment: 0,
             });
         }
-        let sent = mmsg::send(
-            socket.as_raw_fd(),
-            &parts,
+        let sent = send_retiring_refused(
+            socket,
+            parts,
             &self.datagrams,
             &mut self.scratch,
+            locals,
+            |i| self.held.iter().nth(i).map(|word| word.from),
         );
-        drop(parts);
-        for &i in self.scratch.refused_sources() {
-            if let Some(word) = self.held.iter().nth(i) {
-                locals.retire(word.from);
-            }
-        }
         let scratch = &self.scratch;
         let settled = self.held.settle(|i| scratch.fate(i, &sent));
         metrics.datagrams_sent += settled.sent as u64;
@@ -713,6 +705,26 @@ impl Planned {
             Bytes::Outbox(_) | Bytes::Batch(_) => 1,
         }
     }
+}
+
+/// Sends `datagrams`, their payloads in `parts`, on `socket`, and retires in `locals` the
+/// source addresses the kernel refused ([`mmsg::SendScratch::refused_sources`]: no longer the
+/// host's), `source(i)` naming datagram `i`'s.
+fn send_retiring_refused(
+    socket: &UdpSocket,
+    parts: Vec<IoSlice<'_>>,
+    datagrams: &[mmsg::Outgoing],
+    scratch: &mut mmsg::SendScratch,
+    locals: &mut Locals,
+    source: impl Fn(usize) -> Option<LocalId>,
+) -> mmsg::Sent {
+    let sent = mmsg::send(socket.as_raw_fd(), &parts, datagrams, scratch);
+    for &i in scratch.refused_sources() {
+        if let Some(from) = source(i) {
+            locals.retire(from);
+        }
+    }
+    sent
 }
 
 /// Counts in `metrics` what one [`mmsg::send`] of `plan` did: `sent`, with the indices in
