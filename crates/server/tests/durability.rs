@@ -1578,13 +1578,12 @@ fn a_stop_that_cannot_write_the_state_again_fails() {
     );
 }
 
-/// A lock file replaced while in use (deleted, and another ocmd took a new one at its name
-/// before the daemon's next check; here the test takes it, in one rename, so that the check
-/// cannot come between): the daemon does not take the new file for its own lock, and says
-/// once that another process holds it, naming its pid; `/readyz` says not ready until the
-/// other process lets go and the daemon takes the lock again.
-#[test]
-fn a_lock_file_taken_by_another_process_while_serving_is_reported() {
+/// Starts `ocmd` (with its HTTP endpoint) and a room, then replaces its state's lock file by
+/// one another process holds (the test, naming itself "pid 4242"), in one rename so that no
+/// check of the daemon's can come between, and waits for the daemon to name that pid.
+/// Returns the daemon, the other process's file (its lock held until dropped), and the
+/// lock file's path.
+fn serving_with_its_lock_taken() -> (Daemon, std::fs::File, PathBuf) {
     let d = Daemon::start_with(Options {
         metrics: true,
         ..Options::default()
@@ -1597,6 +1596,17 @@ fn a_lock_file_taken_by_another_process_while_serving_is_reported() {
     writeln!(other, "pid 4242").unwrap();
     std::fs::rename(&taken, &lock).unwrap();
     d.wait_for_log("(pid 4242)");
+    (d, other, lock)
+}
+
+/// A lock file replaced while in use (deleted, and another ocmd took a new one at its name
+/// before the daemon's next check; here the test takes it, in one rename, so that the check
+/// cannot come between): the daemon does not take the new file for its own lock, and says
+/// once that another process holds it, naming its pid; `/readyz` says not ready until the
+/// other process lets go and the daemon takes the lock again.
+#[test]
+fn a_lock_file_taken_by_another_process_while_serving_is_reported() {
+    let (d, other, _) = serving_with_its_lock_taken();
     let log = d.log();
     assert!(
         log.contains("another ocmd took it"),
@@ -1625,18 +1635,7 @@ fn a_lock_file_taken_by_another_process_while_serving_is_reported() {
 /// saying before, naming a holder that no longer existed. Ready again once the lock is taken.
 #[test]
 fn readyz_says_a_lock_that_cannot_be_taken_again_after_another_process_let_it_go() {
-    let d = Daemon::start_with(Options {
-        metrics: true,
-        ..Options::default()
-    });
-    create(&d, "locked", "alice");
-    let lock = d.dir.path().join("room_manager.json.lock");
-    let taken = d.dir.path().join("other.lock");
-    let mut other = std::fs::File::create(&taken).unwrap();
-    other.try_lock().unwrap();
-    writeln!(other, "pid 4242").unwrap();
-    std::fs::rename(&taken, &lock).unwrap();
-    d.wait_for_log("(pid 4242)");
+    let (d, other, lock) = serving_with_its_lock_taken();
     assert!(
         d.http_answer("/readyz")
             .1
