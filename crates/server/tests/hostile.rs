@@ -3122,35 +3122,54 @@ int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags) {
     preload_library(dir, "enfile_accept", SOURCE)
 }
 
+/// Starts `ocmd` with metrics, drop logs off, the rest of its config from `config`, and an
+/// [`accept_out_of_files`] library; returns what [`spawn_preloaded`] does, the switch being
+/// the file that runs the system out of files.
+fn spawn_out_of_files_at_accept(config: &str) -> (Daemon, std::path::PathBuf, tempfile::TempDir) {
+    spawn_preloaded(
+        accept_out_of_files,
+        ("OCM_TEST_ENFILE", "out-of-files"),
+        Options {
+            config: Some(format!("[rate]\ndrop_logs_per_sec = 0\n{config}")),
+            metrics: true,
+            ..Options::default()
+        },
+    )
+}
+
+/// Runs the system out of files for `d`'s accepts (creates `out_of_files`, the switch of
+/// [`spawn_out_of_files_at_accept`]), connects a newcomer that asks for the rooms, and waits
+/// until the log has `failures` lines of accepts that failed. Returns the newcomer.
+fn newcomer_while_out_of_files(
+    d: &Daemon,
+    out_of_files: &std::path::Path,
+    failures: usize,
+) -> TcpStream {
+    std::fs::write(out_of_files, b"").unwrap();
+    let mut newcomer = connect(d);
+    newcomer
+        .write_all(&request_bytes(Operation::ListRooms, "", b"{}"))
+        .unwrap();
+    wait_until(&format!("{failures} accept failures logged"), || {
+        d.log().matches("accept failed").count() >= failures
+    });
+    newcomer
+}
+
 /// When closing an idle connection does not let the next `accept` succeed (the system, not
 /// the daemon, is out of files, and another process took the descriptor), no more are closed
 /// for it until an accept succeeds: one is lost, not one per 50 ms retry, and the newcomer
 /// is served once files free up.
 #[test]
 fn out_of_files_system_wide_closes_one_idle_connection_not_one_per_retry() {
-    let (d, out_of_files, _library) = spawn_preloaded(
-        accept_out_of_files,
-        ("OCM_TEST_ENFILE", "out-of-files"),
-        Options {
-            config: Some("[rate]\ndrop_logs_per_sec = 0\n".into()),
-            metrics: true,
-            ..Options::default()
-        },
-    );
+    let (d, out_of_files, _library) = spawn_out_of_files_at_accept("");
     let mut idle: Vec<TcpStream> = (0..5).map(|_| connect(&d)).collect();
     // Each answered, so each is in the daemon's table.
     for (i, s) in idle.iter_mut().enumerate() {
         list_rooms_on(s, i as u8);
     }
-    std::fs::write(&out_of_files, b"").unwrap();
-    let mut newcomer = connect(&d);
-    newcomer
-        .write_all(&request_bytes(Operation::ListRooms, "", b"{}"))
-        .unwrap();
     // Three lines a second apart: some 40 retries failed meanwhile.
-    wait_until("three accept failures logged", || {
-        d.log().matches("accept failed").count() >= 3
-    });
+    let mut newcomer = newcomer_while_out_of_files(&d, &out_of_files, 3);
     let closed_idle = idle
         .iter_mut()
         .filter_map(|s| {
@@ -3178,17 +3197,8 @@ fn out_of_files_system_wide_closes_one_idle_connection_not_one_per_retry() {
 /// waited for the idle connections' handshake timers (60 s here).
 #[test]
 fn after_futile_closing_at_enfile_an_emfile_closes_an_idle_connection_again() {
-    let (d, out_of_files, _library) = spawn_preloaded(
-        accept_out_of_files,
-        ("OCM_TEST_ENFILE", "out-of-files"),
-        Options {
-            config: Some(
-                "[rate]\ndrop_logs_per_sec = 0\n[limits]\nhandshake_timeout_secs = 60\n".into(),
-            ),
-            metrics: true,
-            ..Options::default()
-        },
-    );
+    let (d, out_of_files, _library) =
+        spawn_out_of_files_at_accept("[limits]\nhandshake_timeout_secs = 60\n");
     let base = open_sockets(d.pid());
     let mut idle: Vec<TcpStream> = Vec::new();
     for i in 0..5 {
@@ -3202,16 +3212,9 @@ fn after_futile_closing_at_enfile_an_emfile_closes_an_idle_connection_again() {
     for (i, s) in idle.iter_mut().enumerate().rev() {
         list_rooms_on(s, i as u8);
     }
-    std::fs::write(&out_of_files, b"").unwrap();
-    let mut newcomer = connect(&d);
-    newcomer
-        .write_all(&request_bytes(Operation::ListRooms, "", b"{}"))
-        .unwrap();
     // The first line says one was closed; the second, a second later, comes from a retry
     // after the accept right after the closing failed too: closing is futile.
-    wait_until("two accept failures logged", || {
-        d.log().matches("accept failed").count() >= 2
-    });
+    let mut newcomer = newcomer_while_out_of_files(&d, &out_of_files, 2);
     assert!(d.log().contains("closed an idle connection to make room"));
     // The daemon's own descriptors run out, then the system's files come back: every retry
     // from now on fails with EMFILE.
