@@ -863,6 +863,23 @@ impl SlowTcp {
     }
 }
 
+/// `ocm join lobby --name bob` in a terminal, its TCP through `relay` and its datagrams
+/// straight to `daemon`.
+fn bob_joining_lobby_through(relay: &SlowTcp, daemon: &Daemon) -> Terminal {
+    let mut command = Command::new(sibling_binary("ocm"));
+    command
+        .args([
+            "--server",
+            "127.0.0.1",
+            "--tcp-port",
+            &relay.port.to_string(),
+        ])
+        .args(["--udp-port", &daemon.udp.port().to_string()])
+        .args(["join", "lobby", "--name", "bob"])
+        .env("TERM", "xterm");
+    Terminal::spawn(command, None)
+}
+
 /// While `/who` and `/history` wait for a slow server, the line editor keeps the terminal:
 /// the room's messages keep showing, what is typed is the editor's (drawn after its prompt,
 /// under the messages, not echoed raw), and the client says it is waiting. They used to be
@@ -875,18 +892,7 @@ fn a_slow_answer_to_who_or_history_leaves_the_editor_the_terminal() {
     let relay = SlowTcp::start(&d);
     let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
     alice.wait_stderr("* created lobby as alice");
-    let mut command = Command::new(sibling_binary("ocm"));
-    command
-        .args([
-            "--server",
-            "127.0.0.1",
-            "--tcp-port",
-            &relay.port.to_string(),
-        ])
-        .args(["--udp-port", &d.udp.port().to_string()])
-        .args(["join", "lobby", "--name", "bob"])
-        .env("TERM", "xterm");
-    let mut bob = Terminal::spawn(command, None);
+    let mut bob = bob_joining_lobby_through(&relay, &d);
     bob.wait_for("* --- live ---");
     assert_eq!(alice.line(), "* bob joined");
     for (question, answer) in [
@@ -952,18 +958,7 @@ fn the_history_on_joining_comes_while_the_editor_reads() {
     carol.recv_until("alice: before bob");
     // The join itself passes; the history it asks for next waits.
     relay.hold_after(1);
-    let mut command = Command::new(sibling_binary("ocm"));
-    command
-        .args([
-            "--server",
-            "127.0.0.1",
-            "--tcp-port",
-            &relay.port.to_string(),
-        ])
-        .args(["--udp-port", &d.udp.port().to_string()])
-        .args(["join", "lobby", "--name", "bob"])
-        .env("TERM", "xterm");
-    let mut bob = Terminal::spawn(command, None);
+    let mut bob = bob_joining_lobby_through(&relay, &d);
     relay.wait_held();
     alice.lines_until("* bob joined");
     // Kept by the daemon before it answers bob's history: in that history, then, and held
