@@ -1033,3 +1033,90 @@ fn keys_typed_between_two_lines_are_not_echoed_raw() {
     alice.type_line("/quit");
     assert!(alice.wait().success());
 }
+
+/// Alice hosting `lobby` on pipes, and bob joined from `dash -i` in a terminal.
+fn host_and_dash(d: &Daemon) -> (Ocm, Terminal) {
+    let alice = Ocm::start(d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    let mut term = shell_terminal("dash", &["-i"]);
+    join_from_shell(&mut term, d);
+    assert_eq!(alice.line(), "* bob joined");
+    (alice, term)
+}
+
+/// Pastes, in bob's `term`, more lines than the chat takes at once, so that the input
+/// thread waits to hand one over (see `keys_typed_between_two_lines_are_not_echoed_raw`) in
+/// the mode it keeps between two lines, where the terminal makes each Enter typed a line
+/// end the shell reads as such; then more, within what the terminal holds unread (4095
+/// bytes), the last a command that creates `trace`.
+fn paste_past_the_pace(term: &mut Terminal, alice: &Ocm, trace: &std::path::Path) {
+    let lines =
+        |range: std::ops::Range<usize>| -> String { range.map(|i| format!("l{i}\r")).collect() };
+    term.type_keys(&lines(0..300));
+    for i in 0..120 {
+        assert_eq!(alice.line(), format!("bob: l{i}"));
+    }
+    term.type_keys(&format!("{}touch {}\r", lines(300..600), trace.display()));
+}
+
+/// Waits until the shell in `term` has run what it read so far (a command whose output
+/// differs from its echo), then checks that `trace` was not created.
+fn assert_the_shell_ran_no_paste(term: &mut Terminal, trace: &std::path::Path) {
+    let shown = term.text().len();
+    term.type_keys("echo DONE-$((6*7))\r");
+    term.wait_for_after(shown, "DONE-42");
+    assert!(
+        !trace.exists(),
+        "the shell ran the paste: {:?}",
+        term.text()
+    );
+}
+
+/// `ocm` ending while a paste still waits in the terminal (here the room closing while the
+/// pasted lines wait for the chat's pace) gives the shell none of what it had not read: a
+/// pasted chat line is not run as a command. The terminal kept that input, and the shell
+/// after `ocm` read it as its own lines.
+#[test]
+fn a_paste_left_unread_when_the_chat_ends_is_not_run_by_the_shell() {
+    let d = Daemon::start();
+    let (mut alice, mut term) = host_and_dash(&d);
+    let trace = d.dir.path().join("pasted-ran");
+    paste_past_the_pace(&mut term, &alice, &trace);
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+    term.wait_for("* room lobby was closed");
+    assert_the_shell_ran_no_paste(&mut term, &trace);
+    term.type_keys("exit\r");
+    assert!(term.wait().success());
+}
+
+/// Nor does a stop by a SIGTSTP sent from elsewhere (`kill -TSTP`; the terminal's own
+/// Ctrl+Z discards the unread input itself): the shell reads the terminal as soon as `ocm`
+/// stops.
+#[test]
+fn a_paste_left_unread_when_the_chat_stops_is_not_run_by_the_shell() {
+    let d = Daemon::start();
+    let (mut alice, mut term) = host_and_dash(&d);
+    let trace = d.dir.path().join("pasted-ran");
+    paste_past_the_pace(&mut term, &alice, &trace);
+    let shell = term.child.id();
+    let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children"))
+        .expect("the shell's children");
+    let ocm: i32 = children.trim().parse().expect("one child: ocm");
+    let shown = term.text().len();
+    // SAFETY: a signal to the shell's child, which the shell has not reaped: it waits for it.
+    assert_eq!(unsafe { libc::kill(ocm, libc::SIGTSTP) }, 0);
+    term.wait_for_after(shown, "Stopped");
+    assert_the_shell_ran_no_paste(&mut term, &trace);
+    let shown = term.text().len();
+    term.type_keys("fg\r");
+    term.wait_for_after(shown, "> ");
+    // A line cut short by the drop is ended before this one.
+    term.type_keys("\r/quit\r");
+    let rest = alice.lines_until("* bob left");
+    assert!(rest.iter().all(|l| l.starts_with("bob: l")), "{rest:?}");
+    term.type_keys("exit\r");
+    assert!(term.wait().success());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}

@@ -38,7 +38,8 @@ const NOT_UTF8: &str =
 /// What turns a terminal's bracketed paste off (rustyline writes it to standard output).
 const BRACKETED_PASTE_OFF: &[u8] = b"\x1b[?2004l";
 
-/// The terminal mode as it was before the line editor ran, put back on drop.
+/// The terminal mode as it was before the line editor ran, put back on drop with the
+/// terminal's unread input discarded.
 pub(super) struct TerminalGuard {
     saved: Option<nix::sys::termios::Termios>,
     /// Set while the editor waits for a line (the cursor is on the prompt line).
@@ -64,7 +65,10 @@ impl Drop for TerminalGuard {
     fn drop(&mut self) {
         if let Some(saved) = &self.saved {
             use nix::sys::termios::{tcsetattr, SetArg};
-            if let Err(e) = tcsetattr(io::stdin(), SetArg::TCSADRAIN, saved) {
+            // TCSAFLUSH: what the terminal holds unread (the rest of a paste that waited for
+            // the chat's pace, lines typed after a `/quit`) is discarded, not left to the
+            // shell, which would run each pasted chat line as a command.
+            if let Err(e) = tcsetattr(io::stdin(), SetArg::TCSAFLUSH, saved) {
                 debug!("cannot restore the terminal mode: {e}");
             }
             if self.reading.load(Ordering::SeqCst) {

@@ -78,9 +78,10 @@ fn sigtstp_action() -> SigAction {
     )
 }
 
-/// Puts the terminal in its mode before the chat, stops the process as SIGTSTP's default
-/// action would, and once continued puts back the mode found: the quiet one between two
-/// lines, or the one the editor's Ctrl+Z left, from which it takes raw mode again.
+/// Puts the terminal in its mode before the chat, its unread input discarded, stops the
+/// process as SIGTSTP's default action would, and once continued puts back the mode found:
+/// the quiet one between two lines, or the one the editor's Ctrl+Z left, from which it
+/// takes raw mode again.
 extern "C" fn on_sigtstp(_: libc::c_int) {
     let errno = Errno::last_raw();
     let mut found = MaybeUninit::<libc::termios>::uninit();
@@ -89,8 +90,12 @@ extern "C" fn on_sigtstp(_: libc::c_int) {
         (libc::tcgetattr(libc::STDIN_FILENO, found.as_mut_ptr()) == 0).then(|| found.assume_init())
     };
     if let Some(before) = MODE_BEFORE_CHAT.get() {
+        // TCSAFLUSH: the shell reads the terminal as soon as the process stops, and would
+        // run what `ocm` had not read (keys typed after the editor's Ctrl+Z, the rest of a
+        // paste) as commands. The terminal's own Ctrl+Z discards that input too (ISIG
+        // without NOFLSH), so a stop drops the same whichever way it comes.
         // SAFETY: as above.
-        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSADRAIN, before) };
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSAFLUSH, before) };
     }
     stop();
     if let Some(found) = found {
