@@ -239,6 +239,15 @@ fn join_from_shell(term: &mut Terminal, daemon: &Daemon) {
     term.wait_for("* --- live ---");
 }
 
+/// Types `keys` (ending in `/quit`) to the `ocm` run from the shell in `term`, and waits for
+/// the shell's prompt: keys typed before `ocm` has given the terminal back are discarded
+/// with its unread input, as a paste left over would be.
+fn quit_to_the_shell(term: &mut Terminal, keys: &str) {
+    let shown = term.text().len();
+    term.type_keys(keys);
+    term.wait_for_after(shown, "$ ");
+}
+
 /// A host on pipes and `bob` in a terminal, live in `lobby`.
 fn host_and_terminal(d: &Daemon) -> (Ocm, Terminal) {
     let alice = Ocm::start(d, &["create", "lobby", "--name", "alice"]);
@@ -388,7 +397,7 @@ fn after_ctrl_z_and_fg_the_editor_still_owns_the_line() {
     term.wait_for("alice: while you typed\r\n> half");
     term.type_keys("\r");
     assert_eq!(alice.line(), "bob: half");
-    term.type_keys("/quit\r");
+    quit_to_the_shell(&mut term, "/quit\r");
     assert_eq!(alice.line(), "* bob left");
     term.type_keys("exit\r");
     assert!(term.wait().success());
@@ -454,7 +463,7 @@ fn ctrl_z_leaves_the_terminal_as_before_the_chat_even_in_dash() {
     term.type_keys("\rafter\r");
     let rest = alice.lines_until("bob: after");
     assert!(rest.iter().all(|l| l.starts_with("bob: l")), "{rest:?}");
-    term.type_keys("/quit\r");
+    quit_to_the_shell(&mut term, "/quit\r");
     assert_eq!(alice.line(), "* bob left");
     term.type_keys("exit\r");
     assert!(term.wait().success());
@@ -1112,7 +1121,7 @@ fn a_paste_left_unread_when_the_chat_stops_is_not_run_by_the_shell() {
     term.type_keys("fg\r");
     term.wait_for_after(shown, "> ");
     // A line cut short by the drop is ended before this one.
-    term.type_keys("\r/quit\r");
+    quit_to_the_shell(&mut term, "\r/quit\r");
     let rest = alice.lines_until("* bob left");
     assert!(rest.iter().all(|l| l.starts_with("bob: l")), "{rest:?}");
     term.type_keys("exit\r");
