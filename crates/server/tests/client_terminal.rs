@@ -248,6 +248,17 @@ fn quit_to_the_shell(term: &mut Terminal, keys: &str) {
     term.wait_for_after(shown, "$ ");
 }
 
+/// Ends the chat of the `ocm` (bob) run from the shell in `term` with `/quit`, checks that
+/// the host `alice` hears it, then ends the shell and the host.
+fn bob_quits_and_both_exit(term: &mut Terminal, alice: &mut Ocm) {
+    quit_to_the_shell(term, "/quit\r");
+    assert_eq!(alice.line(), "* bob left");
+    term.type_keys("exit\r");
+    assert!(term.wait().success());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
+
 /// A host on pipes and `bob` in a terminal, live in `lobby`.
 fn host_and_terminal(d: &Daemon) -> (Ocm, Terminal) {
     let alice = Ocm::start(d, &["create", "lobby", "--name", "alice"]);
@@ -397,12 +408,7 @@ fn after_ctrl_z_and_fg_the_editor_still_owns_the_line() {
     term.wait_for("alice: while you typed\r\n> half");
     term.type_keys("\r");
     assert_eq!(alice.line(), "bob: half");
-    quit_to_the_shell(&mut term, "/quit\r");
-    assert_eq!(alice.line(), "* bob left");
-    term.type_keys("exit\r");
-    assert!(term.wait().success());
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    bob_quits_and_both_exit(&mut term, &mut alice);
 }
 
 /// Stopped with Ctrl+Z, in the editor or between two lines, `ocm` leaves the terminal in
@@ -463,12 +469,7 @@ fn ctrl_z_leaves_the_terminal_as_before_the_chat_even_in_dash() {
     term.type_keys("\rafter\r");
     let rest = alice.lines_until("bob: after");
     assert!(rest.iter().all(|l| l.starts_with("bob: l")), "{rest:?}");
-    quit_to_the_shell(&mut term, "/quit\r");
-    assert_eq!(alice.line(), "* bob left");
-    term.type_keys("exit\r");
-    assert!(term.wait().success());
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    bob_quits_and_both_exit(&mut term, &mut alice);
 }
 
 /// A byte that is not UTF-8 from the terminal (one set to Latin-1, a stray byte) costs the
