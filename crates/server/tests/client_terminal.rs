@@ -259,6 +259,15 @@ fn bob_quits_and_both_exit(term: &mut Terminal, alice: &mut Ocm) {
     assert!(alice.wait().success());
 }
 
+/// Ends the chat of `bob` (in a terminal) with `/quit`, then the host `alice`'s; both must
+/// exit cleanly.
+fn both_quit(bob: &mut Terminal, alice: &mut Ocm) {
+    bob.type_keys("/quit\r");
+    assert!(bob.wait().success(), "{:?}", bob.text());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
+
 /// A host on pipes and `bob` in a terminal, live in `lobby`.
 fn host_and_terminal(d: &Daemon) -> (Ocm, Terminal) {
     let alice = Ocm::start(d, &["create", "lobby", "--name", "alice"]);
@@ -285,10 +294,7 @@ fn lines_typed_ahead_are_all_sent() {
             bob.text()
         );
     }
-    bob.type_keys("/quit\r");
-    assert!(bob.wait().success());
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    both_quit(&mut bob, &mut alice);
 }
 
 /// Lines pasted into a terminal with bracketed paste (which rustyline turns on) wait in the
@@ -310,10 +316,7 @@ fn a_pasted_block_of_lines_is_sent_line_by_line() {
             bob.text()
         );
     }
-    bob.type_keys("/quit\r");
-    assert!(bob.wait().success());
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    both_quit(&mut bob, &mut alice);
 }
 
 /// Whether the terminal was last told to turn bracketed paste on (`ESC [?2004h`) and not
@@ -483,10 +486,7 @@ fn a_line_that_is_not_utf8_is_dropped_and_the_chat_goes_on() {
     bob.type_keys("still here\r");
     let line = alice.line_within(PATIENCE);
     assert_eq!(line.as_deref(), Some("bob: still here"), "{:?}", bob.text());
-    bob.type_keys("/quit\r");
-    assert!(bob.wait().success());
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    both_quit(&mut bob, &mut alice);
 }
 
 /// A terminal that cannot be edited on (`TERM=dumb`: an Emacs shell buffer, for one) gets
@@ -569,10 +569,7 @@ fn ctrl_r_recalls_a_line_while_messages_keep_showing() {
         "{:?}",
         bob.text()
     );
-    bob.type_keys("/quit\r");
-    assert!(bob.wait().success());
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    both_quit(&mut bob, &mut alice);
 }
 
 /// An address the tests in a private network ([`in_private_network`]) serve on, and take
@@ -754,10 +751,7 @@ fn ctrl_x_and_ctrl_bracket_wait_for_no_second_key() {
     assert_eq!(alice.line(), "bob: hi");
     bob.type_keys("\x1dyo\r");
     assert_eq!(alice.line(), "bob: yo");
-    bob.type_keys("/quit\r");
-    assert!(bob.wait().success(), "{:?}", bob.text());
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    both_quit(&mut bob, &mut alice);
 }
 
 /// Escape alone is a key of its own after a moment, as in GNU readline: it neither holds
@@ -775,10 +769,7 @@ fn a_lone_escape_holds_nothing_back_and_takes_no_key() {
     // Keys sent as escape sequences still are: Up recalls the line.
     bob.type_keys("\x1b[A\r");
     assert_eq!(alice.line(), "bob: abcd");
-    bob.type_keys("/quit\r");
-    assert!(bob.wait().success(), "{:?}", bob.text());
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    both_quit(&mut bob, &mut alice);
 }
 
 /// A TCP relay in front of the daemon's TCP port that can hold what it accepts: while held,
@@ -928,10 +919,7 @@ fn a_slow_answer_to_who_or_history_leaves_the_editor_the_terminal() {
         let line = alice.line_within(PATIENCE);
         assert_eq!(line.as_deref(), Some("bob: half"), "{:?}", bob.text());
     }
-    bob.type_keys("/quit\r");
-    assert!(bob.wait().success(), "{:?}", bob.text());
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    both_quit(&mut bob, &mut alice);
 }
 
 /// The server's word that the room is gone, answered to `/who` on the asking thread while
@@ -1008,10 +996,7 @@ fn the_history_on_joining_comes_while_the_editor_reads() {
     bob.type_keys("\r");
     let line = alice.line_within(PATIENCE);
     assert_eq!(line.as_deref(), Some("bob: early"), "{:?}", bob.text());
-    bob.type_keys("/quit\r");
-    assert!(bob.wait().success(), "{:?}", bob.text());
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    both_quit(&mut bob, &mut alice);
 }
 
 /// Keys typed while the editor is between two lines (it has returned one and not yet asked
@@ -1038,10 +1023,7 @@ fn keys_typed_between_two_lines_are_not_echoed_raw() {
     let line = alice.line_within(PATIENCE);
     assert_eq!(line.as_deref(), Some("bob: gap"), "{:?}", bob.text());
     assert!(!bob.text().contains("^]"), "echoed raw: {:?}", bob.text());
-    bob.type_keys("/quit\r");
-    assert!(bob.wait().success(), "{:?}", bob.text());
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    both_quit(&mut bob, &mut alice);
 }
 
 /// Alice hosting `lobby` on pipes, and bob joined from `dash -i` in a terminal.
