@@ -391,7 +391,9 @@ pub fn write(r: &Results, md: &Path, svg_path: &Path, json: Option<&Path>) -> Re
     Ok(())
 }
 
-/// Hand-written notes (how to run, method, observations) appended after the tables.
+/// Hand-written notes (how to run, method, observations, where the targets stand) appended
+/// after the tables. The run-by-run log, docs/BENCHMARK-RUNS.md, is not embedded: it is kept
+/// by hand.
 fn notes() -> String {
     include_str!("../NOTES.md").to_owned()
 }
