@@ -18,8 +18,9 @@ Usage: scripts/install.sh [OPTIONS]
 Builds ocmd and ocm (cargo build --release --locked) and installs:
   PREFIX/bin/ocmd, PREFIX/bin/ocm            mode 0755
   PREFIX/share/doc/ocmd/OPERATIONS.md        mode 0644, with PROTOCOL.md, SECURITY.md,
-                                             PERSISTENCE.md and BENCHMARKS.md, which it
-                                             refers to
+                                             PERSISTENCE.md, BENCHMARKS.md (with its
+                                             chart, bench.svg) and BENCHMARK-RUNS.md,
+                                             which it refers to
   UNIT_DIR/ocmd.service                      mode 0644 (ExecStart= follows PREFIX and
                                              CONFIG_DIR)
   CONFIG_DIR/ocmd.toml                       mode 0644, never overwritten: when a different
@@ -122,9 +123,11 @@ done
 run install -d -m 0755 "$prefix/bin" "$prefix/share/doc/ocmd"
 run install -m 0755 "$build_dir/ocmd" "$prefix/bin/ocmd"
 run install -m 0755 "$build_dir/ocm" "$prefix/bin/ocm"
-for doc in OPERATIONS PROTOCOL SECURITY PERSISTENCE BENCHMARKS; do
+for doc in OPERATIONS PROTOCOL SECURITY PERSISTENCE BENCHMARKS BENCHMARK-RUNS; do
   run install -m 0644 "$root/docs/$doc.md" "$prefix/share/doc/ocmd/$doc.md"
 done
+# The chart BENCHMARKS.md shows.
+run install -m 0644 "$root/docs/bench.svg" "$prefix/share/doc/ocmd/bench.svg"
 
 # The unit, pointed at this prefix and config directory. It is ours and is replaced on every install; local
 # changes belong in a drop-in (systemctl edit ocmd).

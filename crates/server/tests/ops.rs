@@ -2351,6 +2351,16 @@ fn build_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// The documents `scripts/install.sh` puts beside the operations guide, which refers to them.
+const INSTALLED_DOCS: [&str; 6] = [
+    "OPERATIONS",
+    "PROTOCOL",
+    "SECURITY",
+    "PERSISTENCE",
+    "BENCHMARKS",
+    "BENCHMARK-RUNS",
+];
+
 #[test]
 fn install_dry_run_plans_every_action_and_does_none() {
     let tmp = tempfile::tempdir().unwrap();
@@ -2384,18 +2394,16 @@ fn install_dry_run_plans_every_action_and_does_none() {
         "would run: install -m 0755 ",
         &format!("/release/ocm {p}/bin/ocm"),
     );
-    for doc in [
-        "OPERATIONS",
-        "PROTOCOL",
-        "SECURITY",
-        "PERSISTENCE",
-        "BENCHMARKS",
-    ] {
+    for doc in INSTALLED_DOCS {
         planned_line(
             "would run: install -m 0644 ",
             &format!("docs/{doc}.md {p}/share/doc/ocmd/{doc}.md"),
         );
     }
+    planned_line(
+        "would run: install -m 0644 ",
+        &format!("docs/bench.svg {p}/share/doc/ocmd/bench.svg"),
+    );
     planned_line(
         "would write: /etc/systemd/system/ocmd.service (mode 0644)",
         "",
@@ -2479,18 +2487,13 @@ fn install_puts_files_in_place_and_keeps_a_changed_config() {
         std::fs::read(&ocmd).unwrap(),
         std::fs::read(env!("CARGO_BIN_EXE_ocmd")).unwrap()
     );
-    for doc in [
-        "OPERATIONS",
-        "PROTOCOL",
-        "SECURITY",
-        "PERSISTENCE",
-        "BENCHMARKS",
-    ] {
+    for doc in INSTALLED_DOCS {
         assert_eq!(
             mode(&prefix.join(format!("share/doc/ocmd/{doc}.md"))),
             0o644
         );
     }
+    assert_eq!(mode(&prefix.join("share/doc/ocmd/bench.svg")), 0o644);
     let unit_path = units.join("ocmd.service");
     assert_eq!(mode(&unit_path), 0o644);
     let unit = std::fs::read_to_string(&unit_path).unwrap();
