@@ -400,7 +400,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::persist::LockState;
+    use crate::persist::{HardLinks, LockState};
 
     #[test]
     fn renders_prometheus_text() {
@@ -419,6 +419,7 @@ mod tests {
             files_restored: 1,
             files_missing: false,
             lock: LockState::Held,
+            hard_links: HardLinks::default(),
         });
         let text = m.render(Stats {
             rooms: 2,

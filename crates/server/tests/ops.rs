@@ -3209,6 +3209,77 @@ fn a_state_file_or_journal_with_a_second_name_is_refused() {
     join(&first, "lobby", "bob");
 }
 
+/// A hard link made to the state file or the journal while the daemon serves makes `/readyz`
+/// 503, naming the file and its count of names, from the writer's next check until the other
+/// name is removed; then it is ready again. It was only logged, so a check that takes a
+/// daemon out of rotation, or an alert on `/readyz`, never saw it.
+#[test]
+fn readyz_says_a_state_file_or_journal_has_a_second_name_while_it_has() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    std::fs::write(
+        dir.path().join("room_manager.json"),
+        br#"{"rooms": {}, "tokens": {}}"#,
+    )
+    .unwrap();
+    let options = Options {
+        metrics: true,
+        ..Options::default()
+    };
+    let d = Daemon::spawn(dir, options).expect("ocmd starts");
+    create(&d, "lobby", "alice");
+    assert_eq!(d.http_get("/readyz"), "ready\n");
+    for (what, file) in [
+        ("state file", "room_manager.json"),
+        ("journal", "room_manager.json.journal"),
+    ] {
+        let named = d.dir.path().join(file);
+        let other = d.dir.path().join(format!("copy of {file}"));
+        std::fs::hard_link(&named, &other).unwrap();
+        // The writer checks once a second.
+        wait_until(&format!("/readyz to name the {what}'s second name"), || {
+            d.http_answer("/readyz").0 != "HTTP/1.1 200 OK"
+        });
+        let answer = d.http_answer("/readyz");
+        assert_eq!(answer.0, "HTTP/1.1 503 Service Unavailable", "{answer:?}");
+        assert_eq!(
+            answer.1,
+            format!(
+                "not ready: the {what} {} has 2 names (hard links): a second ocmd started on \
+                 another name would take a lock of its own and both would write the same file; \
+                 remove the other names (the log says more)\n",
+                named.display()
+            ),
+            "{what}"
+        );
+        std::fs::remove_file(&other).unwrap();
+        wait_until(
+            &format!("/readyz to be ready once the {what} has one name"),
+            || d.http_answer("/readyz").0 == "HTTP/1.1 200 OK",
+        );
+        d.wait_for_log(&format!("{what} {} has one name again", named.display()));
+    }
+    // Both at once: each is named.
+    let links: Vec<PathBuf> = ["room_manager.json", "room_manager.json.journal"]
+        .iter()
+        .map(|file| {
+            let other = d.dir.path().join(format!("copy of {file}"));
+            std::fs::hard_link(d.dir.path().join(file), &other).unwrap();
+            other
+        })
+        .collect();
+    wait_until("/readyz to name both files", || {
+        let body = d.http_answer("/readyz").1;
+        body.contains("the state file ") && body.contains(" and the journal ")
+    });
+    for other in links {
+        std::fs::remove_file(other).unwrap();
+    }
+    wait_until("/readyz to be ready again", || {
+        d.http_answer("/readyz").0 == "HTTP/1.1 200 OK"
+    });
+    join(&d, "lobby", "bob");
+}
+
 /// A create or join refused because a registry cap is reached (`server_full`) is said at warn,
 /// naming the cap, once a minute at most: it was logged only at debug, so at the default
 /// level an operator whose users were all turned away saw nothing in the log (the connection

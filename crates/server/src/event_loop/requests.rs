@@ -18,8 +18,9 @@ use crate::handshake::{self, Context, Response, Step};
 use crate::http::{self, Route};
 use crate::metrics::{operation_label, Metrics};
 use crate::password::{self, Outcome};
-use crate::persist::LockState;
+use crate::persist::{HardLinks, LockState};
 use crate::rate;
+use crate::store::Paths;
 use crate::udp;
 
 /// How long a batch of creates and joins may wait for the disk before `/readyz` answers 503:
@@ -375,7 +376,8 @@ impl Server {
     /// deleted and not written again come first: the writer finds them within a second, idle
     /// or not, and creates and joins wait for them from then on, so there is no need for one
     /// to wait 5 s. Then a lock file deleted and not taken again (another process took it, or
-    /// it cannot be taken), then a disk that has held a batch too long.
+    /// it cannot be taken), then a state file or journal given a second name (a hard link)
+    /// while the daemon serves, then a disk that has held a batch too long.
     fn not_ready(&self, now: Instant) -> Option<String> {
         let compactions = self.persister.as_ref().map(|p| p.compactions());
         if compactions.is_some_and(|c| c.files_missing) {
@@ -402,6 +404,9 @@ impl Server {
             }
             Some(LockState::Held) | None => {}
         }
+        if let Some(reason) = compactions.and_then(|c| self.hard_links_reason(c.hard_links)) {
+            return Some(reason);
+        }
         self.disk_wait(now).map(|waited| {
             format!(
                 "the journal has taken no write for {} s, and creates and joins wait for it \
@@ -409,6 +414,30 @@ impl Server {
                 waited.as_secs()
             )
         })
+    }
+
+    /// What `/readyz` says of a state file or journal with more than one name (`links`, as
+    /// the writer's latest check counted them), naming each file and its count; `None` while
+    /// each has one.
+    fn hard_links_reason(&self, links: HardLinks) -> Option<String> {
+        let paths = Paths::new(&self.config.state.path);
+        let files: Vec<String> = [
+            ("state file", &paths.state, links.state_file),
+            ("journal", &paths.journal, links.journal),
+        ]
+        .into_iter()
+        .filter_map(|(what, path, names)| {
+            names.map(|n| format!("the {what} {} has {n} names", path.display()))
+        })
+        .collect();
+        if files.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "{} (hard links): a second ocmd started on another name would take a lock of its own \
+             and both would write the same file; remove the other names (the log says more)",
+            files.join(" and ")
+        ))
     }
 
     /// How long the oldest create or join has waited for the disk, once that is longer than

@@ -150,6 +150,22 @@ pub struct Compactions {
     /// The state's lock as the writer's latest check found it, once its file was deleted
     /// while in use (each check replaces it: a holder found once may be gone by the next).
     pub lock: LockState,
+    /// The state file's and the journal's names as the writer's latest check counted them,
+    /// each only while it has more than one.
+    pub hard_links: HardLinks,
+}
+
+/// A state file or journal given a second name (a hard link) while the daemon serves, as the
+/// writer's latest check found them: a second `ocmd` started on the other name would take a
+/// lock of its own beside it, and both would write the same file. A start refuses such a file
+/// ([`refuse_linked_state`]); a running daemon cannot undo the link, so it says so, in the
+/// log and on `/readyz`, until the other name is removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HardLinks {
+    /// The state file's count of names, when more than one.
+    pub state_file: Option<u64>,
+    /// The journal's count of names, when more than one.
+    pub journal: Option<u64>,
 }
 
 /// The state's lock, as the writer's latest check of its file found it.

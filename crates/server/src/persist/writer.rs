@@ -18,7 +18,8 @@ use log::{debug, error, info, warn};
 use super::backoff::{self, LayBackoff};
 use super::compactor::{log_written, remove_journal_old, write_snapshot, Compactor};
 use super::{
-    counters, Command, Compactions, Done, Job, LockState, Options, Report, APPLY_LOT, RETRY_DELAY,
+    counters, Command, Compactions, Done, HardLinks, Job, LockState, Options, Report, APPLY_LOT,
+    RETRY_DELAY,
 };
 use crate::error::StoreError;
 use crate::plural::Count;
@@ -606,9 +607,16 @@ impl Writer {
     /// write the same file. A start refuses such a file ([`super::refuse_linked_state`]); this
     /// catches a link made while the daemon serves, at first and then once a minute while it
     /// lasts, and says at warn when the file has one name again. (A state file's link breaks
-    /// by itself at its next write, which renames a new file over the name.)
+    /// by itself at its next write, which renames a new file over the name.) The counts go to
+    /// [`Compactions::hard_links`], each check replacing the last, so that `/readyz` says not
+    /// ready for as long as a second name lasts, not only the log.
     fn check_names(&mut self, journal_links: u64) {
         let state_links = fs::symlink_metadata(&self.paths.state).map_or(1, |m| m.nlink());
+        let more_than_one = |links: u64| Some(links).filter(|&n| n > 1);
+        counters(&self.stats).hard_links = HardLinks {
+            state_file: more_than_one(state_links),
+            journal: more_than_one(journal_links),
+        };
         let now = Instant::now();
         let files = [
             (
