@@ -1668,6 +1668,68 @@ fn readyz_says_a_lock_that_cannot_be_taken_again_after_another_process_let_it_go
     assert_eq!(d.http_get("/readyz"), "ready\n");
 }
 
+/// A lock file whose name cannot be examined (its `stat` fails with an error other than "not
+/// found": here a loop of symbolic links in its path, which root meets as well as anyone,
+/// unlike a directory's permissions) makes `/readyz` 503 with the error, from the writer's
+/// next check until it can look again and finds its own lock there; then it is ready again.
+/// The check kept what it had found last, so `/readyz` said ready while the daemon could not
+/// tell whether another ocmd could start on the state.
+#[test]
+fn readyz_says_a_lock_file_that_cannot_be_examined() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    // The state is reached through `via`, a link to the directory, which the test turns into a
+    // loop and back, each in one rename, so that no check comes between.
+    let via = dir.path().join("via");
+    let point_via_at = |target: &str| {
+        let new = dir.path().join("via.new");
+        std::os::unix::fs::symlink(target, &new).unwrap();
+        std::fs::rename(&new, &via).unwrap();
+    };
+    point_via_at(".");
+    let d = Daemon::spawn(
+        Arc::clone(&dir),
+        Options {
+            metrics: true,
+            state_in: Some("via".into()),
+            ..Options::default()
+        },
+    )
+    .expect("ocmd starts");
+    create(&d, "locked", "alice");
+    assert_eq!(d.http_get("/readyz"), "ready\n");
+    point_via_at("via");
+    // The writer checks once a second.
+    wait_until("/readyz to say not ready", || {
+        d.http_answer("/readyz").0 != "HTTP/1.1 200 OK"
+    });
+    let answer = d.http_answer("/readyz");
+    assert_eq!(answer.0, "HTTP/1.1 503 Service Unavailable", "{answer:?}");
+    let error = std::io::Error::from_raw_os_error(libc::ELOOP).to_string();
+    assert_eq!(
+        answer.1,
+        format!(
+            "not ready: the state's lock file cannot be examined: {error}; whether this ocmd \
+             still holds it is unknown, and if not, another ocmd could start on the state and \
+             write it too (the log says more)\n"
+        )
+    );
+    d.wait_for_log(&format!(
+        "lock file {} cannot be examined: {error}",
+        d.state.with_extension("json.lock").display()
+    ));
+    point_via_at(".");
+    wait_until("/readyz to be ready again", || {
+        d.http_answer("/readyz").0 == "HTTP/1.1 200 OK"
+    });
+    d.wait_for_log("can be examined again");
+    let log = d.log();
+    assert!(
+        !log.contains("taken again") && !log.contains("another ocmd took it"),
+        "the daemon took its own lock for another's, or took it again:\n{log}"
+    );
+    join(&d, "locked", "bob");
+}
+
 #[test]
 fn tombstones_answer_a_few_times_per_interval_and_never_for_unknown_tokens() {
     // Three times the default interval, so that the five datagrams below fall in one

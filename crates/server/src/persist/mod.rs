@@ -32,8 +32,9 @@ mod compactor;
 mod writer;
 
 use std::collections::VecDeque;
+use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, Write};
+use std::io::{self, Read, Seek, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -148,7 +149,8 @@ pub struct Compactions {
     /// (its directory may be gone): until it is, what it held is on no disk.
     pub files_missing: bool,
     /// The state's lock as the writer's latest check found it, once its file was deleted
-    /// while in use (each check replaces it: a holder found once may be gone by the next).
+    /// while in use or its name could not be examined (each check replaces it: a holder found
+    /// once may be gone by the next).
     pub lock: LockState,
     /// The state file's and the journal's names as the writer's latest check counted them,
     /// each only while it has more than one.
@@ -171,7 +173,8 @@ pub struct HardLinks {
 /// The state's lock, as the writer's latest check of its file found it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum LockState {
-    /// Held: its file never deleted, or the lock taken again since.
+    /// Held: the file at its name is the one the daemon locked (never deleted, or the lock
+    /// taken again since).
     #[default]
     Held,
     /// The lock file was deleted while in use and another process (a second `ocmd`) took a
@@ -181,6 +184,48 @@ pub enum LockState {
     /// (its directory gone, no permission): nothing keeps a second `ocmd` from starting on
     /// this state and writing it too.
     Lost,
+    /// The lock's name cannot be examined: its `stat` failed with an error other than "not
+    /// found" (no search permission on its directory, an I/O error, a loop of symbolic links
+    /// in its path), so whether the file there is still the one the daemon holds is unknown.
+    ///
+    /// Not taken as [`LockState::Held`], which the check used to keep (or whatever it had
+    /// found last): the check is there because a lock file gone lets a second `ocmd` in, and
+    /// a check that cannot look has not passed; keeping the last finding would also go on
+    /// naming a holder that may be gone. Nor as [`LockState::Lost`], and the lock is not
+    /// taken again: the file may well still be there and held by this daemon, and a new
+    /// `flock` on it would then be refused, which would read as another holder. So it is a
+    /// state of its own, with the error, that `/readyz` reports as not ready: what cannot
+    /// examine the lock's directory will soon fail the state file's next write and the next
+    /// start too, so an operator must look anyway, and the error says where. A passing
+    /// failure (one `EIO`) costs one check's second of 503: the next check that can look
+    /// replaces it.
+    Unverifiable(FileError),
+}
+
+/// An error from a file system call, kept as its `errno` (or its kind, for an error without
+/// one) so that [`Compactions`] stays a plain copy; it displays as the `io::Error` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileError {
+    errno: Option<i32>,
+    kind: io::ErrorKind,
+}
+
+impl From<&io::Error> for FileError {
+    fn from(error: &io::Error) -> FileError {
+        FileError {
+            errno: error.raw_os_error(),
+            kind: error.kind(),
+        }
+    }
+}
+
+impl fmt::Display for FileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.errno {
+            Some(errno) => io::Error::from_raw_os_error(errno).fmt(f),
+            None => self.kind.fmt(f),
+        }
+    }
 }
 
 impl Compactions {

@@ -1488,3 +1488,19 @@ fn a_journal_deleted_before_a_compaction_reported_is_replaced_with_the_compactor
     assert_eq!(loaded.replayed, 0, "folded at the stop");
     assert_eq!(loaded.last_seq, last);
 }
+
+/// The error a lock that cannot be examined is reported with reads as the `io::Error` did:
+/// the OS's words and number, or, for an error without a number, its kind.
+#[test]
+fn a_file_error_displays_as_the_io_error_it_was() {
+    let denied = io::Error::from_raw_os_error(libc::EACCES);
+    assert_eq!(FileError::from(&denied).to_string(), denied.to_string());
+    assert!(denied.to_string().contains("(os error 13)"), "{denied}");
+    let other = io::Error::new(io::ErrorKind::TimedOut, "injected");
+    assert_eq!(FileError::from(&other).to_string(), "timed out");
+    assert_ne!(
+        LockState::Unverifiable(FileError::from(&denied)),
+        LockState::Unverifiable(FileError::from(&io::Error::from_raw_os_error(libc::EIO))),
+        "another error is another finding, logged at once"
+    );
+}

@@ -18,8 +18,8 @@ use log::{debug, error, info, warn};
 use super::backoff::{self, LayBackoff};
 use super::compactor::{log_written, remove_journal_old, write_snapshot, Compactor};
 use super::{
-    counters, Command, Compactions, Done, HardLinks, Job, LockState, Options, Report, APPLY_LOT,
-    RETRY_DELAY,
+    counters, Command, Compactions, Done, FileError, HardLinks, Job, LockState, Options, Report,
+    APPLY_LOT, RETRY_DELAY,
 };
 use crate::error::StoreError;
 use crate::plural::Count;
@@ -653,18 +653,31 @@ impl Writer {
     /// alone): the daemon still holds the deleted file's lock, which keeps nobody out, so a
     /// second `ocmd` could start on this state and both would write it. Retried at every
     /// check until it works; a lock another process took meanwhile is an error to act on.
+    /// A name that cannot be examined is neither ([`LockState::Unverifiable`] says why).
     fn check_lock(&mut self) {
         let Some(held) = self.lock_held else {
             return;
         };
+        let now = Instant::now();
         // Not by the name alone: a second ocmd that started since the deletion has made a
         // file of its own there, and holds its lock.
         match fs::symlink_metadata(&self.paths.lock) {
-            Ok(m) if file_id(&m) == held => return,
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return,
+            Ok(m) if file_id(&m) == held => return self.lock_still_held(now),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                self.lock_found(LockState::Unverifiable(FileError::from(&e)));
+                if let Some(note) = self.relock_failing.failed(now) {
+                    error!(
+                        "lock file {} cannot be examined: {e}; whether this ocmd still holds \
+                         the state's lock is unknown, and if its file is gone another ocmd \
+                         could start on this state and write it too (check its \
+                         directory's permissions, and the disk){note}",
+                        self.paths.lock.display()
+                    );
+                }
+                return;
+            }
             _ => {}
         }
-        let now = Instant::now();
         match super::take_lock(&self.paths) {
             Ok(file) => {
                 if let Ok(m) = file.metadata() {
@@ -706,7 +719,30 @@ impl Writer {
         }
     }
 
-    /// Records what the latest check found of a lock it could not take again. A failure of
+    /// The latest check found the daemon's own lock file at its name: once it could not be
+    /// examined before, it is [`LockState::Held`] again, said at warn with the failures'
+    /// tally. (After [`LockState::Taken`] or [`LockState::Lost`] the lock is the daemon's
+    /// again only by taking it, which says so itself.)
+    fn lock_still_held(&mut self, now: Instant) {
+        let mut counters = counters(&self.stats);
+        if !matches!(counters.lock, LockState::Unverifiable(_)) {
+            return;
+        }
+        counters.lock = LockState::Held;
+        drop(counters);
+        let tally = self
+            .relock_failing
+            .ended(now)
+            .map(|tally| format!(", after {tally}"))
+            .unwrap_or_default();
+        warn!(
+            "lock file {} can be examined again, and it is still the one this ocmd holds{tally}",
+            self.paths.lock.display()
+        );
+    }
+
+    /// Records what the latest check found of a lock it could not take again, or examine. A
+    /// failure of
     /// another kind than the last starts a run of its own, so that its first is logged at
     /// once rather than up to a minute later as a reminder of the other.
     fn lock_found(&mut self, state: LockState) {

@@ -173,6 +173,9 @@ pub struct Options {
     pub udp: Option<SocketAddr>,
     /// Serve metrics on a free port.
     pub metrics: bool,
+    /// Where in the temporary directory the state goes (`--state DIR/state_in/room_manager.json`;
+    /// a symbolic link the test made there, say); the directory itself when `None`.
+    pub state_in: Option<PathBuf>,
 }
 
 /// A running `ocmd`.
@@ -186,7 +189,7 @@ pub struct Daemon {
     pub metrics: Option<SocketAddr>,
     /// The temporary directory holding the state.
     pub dir: Arc<tempfile::TempDir>,
-    /// `room_manager.json` inside `dir`.
+    /// `room_manager.json` inside `dir` (or inside its `Options::state_in`).
     pub state: PathBuf,
     options: Options,
     log: Arc<Mutex<String>>,
@@ -206,7 +209,11 @@ impl Daemon {
 
     /// Starts `ocmd` on `dir`; returns its stderr if it exits before listening.
     pub fn spawn(dir: Arc<tempfile::TempDir>, options: Options) -> Result<Daemon, String> {
-        let state = dir.path().join("room_manager.json");
+        let state = match &options.state_in {
+            Some(sub) => dir.path().join(sub),
+            None => dir.path().to_owned(),
+        }
+        .join("room_manager.json");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocmd"));
         cmd.arg("--tcp")
             .arg(
