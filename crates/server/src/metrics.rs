@@ -53,7 +53,8 @@ pub struct Metrics {
     /// Sends that failed, by reason.
     pub send_errors: BTreeMap<&'static str, u64>,
     /// Members' last words from their rooms (`__ROOM_CLOSED__`) that the kernel had no room
-    /// for, held to be sent again (`last_words.rs`).
+    /// for, held to be sent again (`last_words.rs`); those given up after
+    /// `last_words::MAX_HELD_AGE` count in `send_errors` as `last_words_expired`.
     pub last_words_held: u64,
     /// Rate-limit hits by kind (`chat`, `request`, `password_queue`).
     pub rate_limited: BTreeMap<&'static str, u64>,
@@ -242,7 +243,7 @@ impl Metrics {
             ),
             (
                 "ocm_last_words_held_total",
-                "__ROOM_CLOSED__ datagrams to members of a closing room that the kernel had no room for (a full send buffer, no buffer memory), held and sent again once it has; past 4096 held, they are dropped as ocm_send_errors_total{reason=\"last_words_full\"}.",
+                "__ROOM_CLOSED__ datagrams to members of a closing room that the kernel had no room for (a full send buffer, no buffer memory), held and sent again once it has; past 4096 held, they are dropped as ocm_send_errors_total{reason=\"last_words_full\"}, and one held for 30 s is given up as reason=\"last_words_expired\".",
                 self.last_words_held as f64,
             ),
             (

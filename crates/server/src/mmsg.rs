@@ -7,6 +7,7 @@
 //! `IP_PKTINFO`/`IPV6_PKTINFO`, and the one a reply leaves from, set the same way (see
 //! [`crate::local`]).
 
+use std::collections::HashSet;
 use std::io::{self, IoSlice};
 use std::mem;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -398,6 +399,10 @@ pub struct Outgoing {
     /// 0 for one datagram; otherwise the kernel splits the bytes into datagrams of this many
     /// bytes each, the last one possibly shorter (`UDP_SEGMENT`; only where [`can_segment`]).
     pub segment: u16,
+    /// Whether nothing later in the call may reach `to` before it: the caller sends it again
+    /// when the kernel has no buffer memory for it, so those later ones are then held back,
+    /// untried ([`SendScratch::held_back`]), instead of overtaking it.
+    pub in_order: bool,
 }
 
 /// What a [`send`] managed.
@@ -409,6 +414,9 @@ pub struct Sent {
     pub would_block: usize,
     /// Datagrams dropped for another error.
     pub failed: usize,
+    /// Datagrams not tried, behind an earlier [`Outgoing::in_order`] one to the same
+    /// destination that the kernel had no buffer memory for ([`SendScratch::held_back`]).
+    pub held_back: usize,
     /// A segmented datagram the kernel refused (not for a full buffer): its index, and the
     /// error. Nothing from it on was sent, and the counts above are of the datagrams before
     /// it; the caller sends the rest again unsegmented.
@@ -431,12 +439,28 @@ pub struct SendScratch {
     /// refused for themselves, so worth sending again.
     no_memory: Vec<usize>,
     refused_sources: Vec<usize>,
+    /// Destinations of the [`Outgoing::in_order`] datagrams the kernel had no buffer memory
+    /// for in this call: nothing more goes to them in it. Empty (and never hashed into)
+    /// unless that happened.
+    blocked: HashSet<SocketAddr>,
+    /// Indices of the datagrams held back behind them, ascending.
+    held_back: Vec<usize>,
+    /// A stand-in for the kernel in tests, for datagrams of one run (as `core.rs`'s
+    /// `LD_PRELOAD` stubs are for the daemon).
+    #[cfg(test)]
+    pub(crate) refusing: Option<StandIn>,
 }
+
+/// A test's stand-in for the kernel: the errno with which it refuses a datagram of these
+/// bytes, if it does.
+#[cfg(test)]
+pub(crate) type StandIn = fn(&[u8]) -> Option<i32>;
 
 impl SendScratch {
     /// Indices, in the last [`send`]'s `datagrams`, of those dropped for an error of their own
     /// ([`Sent::failed`] of them, ascending). The kernel took every other datagram before
-    /// index `sent + failed`, and none from there on.
+    /// index `sent + failed + held_back` but those [`SendScratch::held_back`], and none from
+    /// there on.
     pub fn failed(&self) -> &[usize] {
         &self.failed
     }
@@ -454,6 +478,13 @@ impl SendScratch {
         &self.no_memory
     }
 
+    /// Indices, in the last [`send`]'s `datagrams`, of those not tried because an earlier
+    /// [`Outgoing::in_order`] datagram to the same destination found no buffer memory
+    /// ([`Sent::held_back`] of them, ascending; [`Fate::NoRoom`]).
+    pub fn held_back(&self) -> &[usize] {
+        &self.held_back
+    }
+
     /// What became of the datagram at `index` in the last [`send`]'s `datagrams`, which
     /// returned `sent` (with no refused segmented send: nothing was tried after one).
     pub fn fate(&self, index: usize, sent: &Sent) -> Fate {
@@ -461,12 +492,63 @@ impl SendScratch {
             Fate::NoRoom
         } else if self.failed.binary_search(&index).is_ok() {
             Fate::Refused
-        } else if index < sent.sent + sent.failed {
+        } else if self.held_back.binary_search(&index).is_ok() {
+            Fate::NoRoom
+        } else if index < sent.sent + sent.failed + sent.held_back {
             Fate::Sent
         } else {
             Fate::NoRoom
         }
     }
+
+    /// Hands the headers from `done` on, `count` of them, to one `sendmmsg`: how many the
+    /// kernel took (at least one), or its error for the first.
+    fn sendmmsg(&mut self, fd: RawFd, done: usize, count: usize) -> io::Result<usize> {
+        let msgs = &mut self.msgs[done..done + count];
+        #[cfg(test)]
+        let msgs = match self
+            .refusing
+            .map(|refusing| refused_by_stand_in(msgs, refusing))
+        {
+            Some(Some((0, errno))) => return Err(io::Error::from_raw_os_error(errno)),
+            Some(Some((first, _))) => &mut msgs[..first],
+            _ => msgs,
+        };
+        // SAFETY: the headers point at addresses and control messages in scratch and at the
+        // caller's iovecs and bytes, all alive and unchanged for the call; the kernel only
+        // reads them.
+        let rc = unsafe {
+            libc::sendmmsg(
+                fd,
+                msgs.as_mut_ptr(),
+                msgs.len() as libc::c_uint,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if rc > 0 {
+            Ok(rc as usize)
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+/// The first of `msgs` the test stand-in refuses, and its errno.
+#[cfg(test)]
+fn refused_by_stand_in(msgs: &[libc::mmsghdr], refusing: StandIn) -> Option<(usize, i32)> {
+    msgs.iter().enumerate().find_map(|(i, msg)| {
+        let hdr = &msg.msg_hdr;
+        if hdr.msg_iovlen != 1 {
+            return None;
+        }
+        // SAFETY: a header of one run points at one iovec of the caller's, whose bytes are
+        // alive for the call.
+        let bytes = unsafe {
+            let iov = &*hdr.msg_iov;
+            std::slice::from_raw_parts(iov.iov_base.cast::<u8>(), iov.iov_len)
+        };
+        refusing(bytes).map(|errno| (i, errno))
+    })
 }
 
 /// What became of one datagram of a [`send`].
@@ -478,7 +560,9 @@ pub enum Fate {
     /// fail again.
     Refused,
     /// The kernel had no room for it: the send buffer was full (`EAGAIN`, this datagram or
-    /// one before it), or it had no buffer memory (`ENOBUFS`, `ENOMEM`). Later, it may.
+    /// one before it), or it had no buffer memory (`ENOBUFS`, `ENOMEM`) for it or for an
+    /// earlier [`Outgoing::in_order`] datagram to its destination (it was held back). Later,
+    /// it may.
     NoRoom,
 }
 
@@ -495,8 +579,12 @@ pub const MAX_PARTS: usize = libc::UIO_MAXIOV as usize;
 /// Sends every [`Outgoing`] datagram with as few `sendmmsg` calls as it takes: a datagram's
 /// bytes are those of `parts[runs]`, one after the other, which the kernel gathers from
 /// where they lie. Never blocks: when the send buffer is full the rest is dropped and
-/// counted. A range outside `parts` or of more than [`MAX_PARTS`] runs fails on its own
-/// without reaching the kernel (the caller never builds one).
+/// counted. A datagram the kernel refuses on its own (an unroutable destination, no buffer
+/// memory) is stepped over and the rest go on, but for those to the destination of an
+/// [`Outgoing::in_order`] one refused for want of memory: they are held back, untried, so
+/// that nothing newer reaches it before it is sent again. A range outside `parts` or of more
+/// than [`MAX_PARTS`] runs fails on its own without reaching the kernel (the caller never
+/// builds one).
 pub fn send(
     fd: RawFd,
     parts: &[IoSlice<'_>],
@@ -512,6 +600,10 @@ pub fn send(
     scratch.failed.clear();
     scratch.no_memory.clear();
     scratch.refused_sources.clear();
+    scratch.held_back.clear();
+    if !scratch.blocked.is_empty() {
+        scratch.blocked.clear();
+    }
     for (chunk_index, chunk) in datagrams.chunks(BATCH).enumerate() {
         let first = chunk_index * BATCH;
         scratch.addrs.clear();
@@ -562,23 +654,31 @@ pub fn send(
         }
         let mut done = 0;
         while done < scratch.msgs.len() {
-            let left = scratch.msgs.len() - done;
-            // SAFETY: the headers point at addresses and control messages in scratch and at the
-            // caller's iovecs and bytes, all alive and unchanged for the call; the kernel only reads them.
-            let rc = unsafe {
-                libc::sendmmsg(
-                    fd,
-                    scratch.msgs[done..].as_mut_ptr(),
-                    left as libc::c_uint,
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if rc > 0 {
-                done += rc as usize;
-                result.sent += rc as usize;
-                continue;
+            let mut left = scratch.msgs.len() - done;
+            if !scratch.blocked.is_empty() {
+                // Behind an in-order datagram the kernel had no memory for: not tried, so
+                // that it does not overtake it; the call goes up to the next such one.
+                let blocked = |&i: &usize| scratch.blocked.contains(&datagrams[i].to);
+                let index = scratch.indices[done];
+                if blocked(&index) {
+                    scratch.held_back.push(index);
+                    result.held_back += 1;
+                    done += 1;
+                    continue;
+                }
+                left = scratch.indices[done..]
+                    .iter()
+                    .position(blocked)
+                    .unwrap_or(left);
             }
-            let err = io::Error::last_os_error();
+            let err = match scratch.sendmmsg(fd, done, left) {
+                Ok(taken) => {
+                    done += taken;
+                    result.sent += taken;
+                    continue;
+                }
+                Err(err) => err,
+            };
             match err.kind() {
                 io::ErrorKind::Interrupted => continue,
                 io::ErrorKind::WouldBlock => {
@@ -659,6 +759,10 @@ pub fn send(
                     scratch.failed.push(index);
                     if matches!(err.raw_os_error(), Some(libc::ENOBUFS | libc::ENOMEM)) {
                         scratch.no_memory.push(index);
+                        // To be sent again: nothing newer to its destination goes first.
+                        if datagrams[index].in_order {
+                            scratch.blocked.insert(datagrams[index].to);
+                        }
                     }
                     result.failed += 1;
                     done += 1;
@@ -693,6 +797,7 @@ mod tests {
                 from: None,
                 runs: i..i + 1,
                 segment: 0,
+                in_order: false,
             })
             .collect();
         send(fd, &parts, &ranges, scratch)
@@ -776,6 +881,7 @@ mod tests {
             from: None,
             runs,
             segment: 0,
+            in_order: false,
         })
         .collect();
         let mut scratch = SendScratch::default();
@@ -825,12 +931,14 @@ mod tests {
                 from: Some(arrived),
                 runs: 0..1,
                 segment: 0,
+                in_order: false,
             },
             Outgoing {
                 to: from,
                 from: None,
                 runs: 0..1,
                 segment: 0,
+                in_order: false,
             },
         ];
         let sent = send(
@@ -876,6 +984,7 @@ mod tests {
             from,
             runs,
             segment: 0,
+            in_order: false,
         };
         let datagrams = [
             outgoing(to, None, 0..1),
@@ -930,6 +1039,7 @@ mod tests {
             from,
             runs: 0..1,
             segment: 0,
+            in_order: false,
         }];
         let mut scratch = SendScratch::default();
         let sent = send(server.as_raw_fd(), &parts, &datagrams, &mut scratch);
@@ -979,6 +1089,7 @@ mod tests {
             from,
             runs,
             segment,
+            in_order: false,
         };
         let datagrams = [
             outgoing(None, 0..4, 3),
@@ -1032,6 +1143,7 @@ mod tests {
             from: None,
             runs,
             segment,
+            in_order: false,
         };
         let datagrams = [
             outgoing(to, 0..1, 0),
@@ -1048,6 +1160,7 @@ mod tests {
                 sent: 2,
                 failed: 1,
                 would_block: 0,
+                held_back: 0,
                 refused_segmented: Some((3, libc::EINVAL)),
             }
         );
@@ -1084,6 +1197,7 @@ mod tests {
             from,
             runs: 0..1,
             segment: 0,
+            in_order: false,
         };
         let to = client.local_addr().unwrap();
         let datagrams = [
@@ -1322,6 +1436,7 @@ mod tests {
             from: None,
             runs: 0..1,
             segment: 3,
+            in_order: false,
         }];
         let sent = send(
             a.as_raw_fd(),
@@ -1334,6 +1449,79 @@ mod tests {
         assert_eq!(can_segment(a.as_raw_fd()), split);
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         assert!(!can_segment(tcp.as_raw_fd()));
+    }
+
+    /// An in-order datagram the kernel has no memory for (`ENOBUFS`, from a stand-in for the
+    /// kernel) holds back what follows it to its destination, in this call's later batches
+    /// too, last words or not, while the rest leaves; a datagram refused so that is not in
+    /// order holds back nothing.
+    #[test]
+    fn what_follows_an_in_order_datagram_refused_for_memory_to_its_address_is_held_back() {
+        let (a, x) = sender_and_receiver();
+        let y = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let _ = crate::sockopt::set_int(y.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, 4 << 20);
+        let (to_x, to_y) = (x.local_addr().unwrap(), y.local_addr().unwrap());
+        let parts = [
+            IoSlice::new(b"close"),
+            IoSlice::new(b"chat"),
+            IoSlice::new(b"later"),
+        ];
+        let (close, chat, later) = (0..1, 1..2, 2..3);
+        let outgoing = |to, runs, in_order| Outgoing {
+            to,
+            from: None,
+            runs,
+            segment: 0,
+            in_order,
+        };
+        let mut datagrams = vec![
+            outgoing(to_x, close.clone(), true), // 0: refused
+            outgoing(to_y, chat.clone(), false), // 1: sent
+            outgoing(to_x, chat.clone(), false), // 2: held back
+            outgoing(to_x, close.clone(), true), // 3: held back, not tried
+            outgoing(to_y, close, false),        // 4: refused, holds back nothing
+        ];
+        // 5 to 264 to y, across the first batch's end; 265 to x, in the second.
+        datagrams.extend((0..260).map(|_| outgoing(to_y, chat.clone(), false)));
+        datagrams.push(outgoing(to_x, later, false));
+        let mut scratch = SendScratch {
+            refusing: Some(|bytes| (bytes == b"close").then_some(libc::ENOBUFS)),
+            ..SendScratch::default()
+        };
+        let sent = send(a.as_raw_fd(), &parts, &datagrams, &mut scratch);
+        assert_eq!(
+            sent,
+            Sent {
+                sent: 261,
+                failed: 2,
+                held_back: 3,
+                ..Sent::default()
+            }
+        );
+        assert_eq!(scratch.failed(), &[0, 4]);
+        assert_eq!(scratch.short_of_memory(), &[0, 4]);
+        assert_eq!(scratch.held_back(), &[2, 3, 265]);
+        let fates: Vec<Fate> = [0, 1, 2, 3, 4, 5, 264, 265]
+            .iter()
+            .map(|&i| scratch.fate(i, &sent))
+            .collect();
+        use Fate::{NoRoom, Sent as Gone};
+        assert_eq!(
+            fates,
+            [NoRoom, Gone, NoRoom, NoRoom, NoRoom, Gone, Gone, NoRoom]
+        );
+        // Loopback delivers within the send: all that left is queued by now.
+        assert_eq!(receive(&y, 261).len(), 261);
+        x.set_nonblocking(true).unwrap();
+        let err = x.recv_from(&mut [0u8; 16]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "nothing reached x");
+        // The next call starts afresh: x is no longer held back.
+        scratch.refusing = None;
+        let sent = send(a.as_raw_fd(), &parts, &datagrams[2..3], &mut scratch);
+        assert_eq!((sent.sent, sent.held_back), (1, 0));
+        assert!(scratch.held_back().is_empty());
+        x.set_nonblocking(false).unwrap();
+        assert_eq!(receive(&x, 1)[0].1, b"chat");
     }
 
     /// A full send buffer drops the datagram it refused and all after it, in this call's
@@ -1362,6 +1550,7 @@ mod tests {
                 from: None,
                 runs: if [0, 1, 255].contains(&i) { 1..2 } else { 0..1 },
                 segment: 0,
+                in_order: false,
             })
             .collect();
         let mut scratch = SendScratch::default();

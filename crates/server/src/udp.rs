@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use mio::net::UdpSocket;
 use ucrp::delivery;
 
-use crate::last_words::LastWords;
+use crate::last_words::{ExpiryLog, LastWords, MAX_HELD_AGE};
 use crate::local::{LocalId, Locals};
 use crate::metrics::Metrics;
 use crate::mmsg::{self, Fate};
@@ -130,7 +130,10 @@ impl Unsegmented {
 ///
 /// What the kernel has no room for is dropped and counted, but for members' last words from
 /// their rooms, which are held ([`LastWords`]) and sent before anything newer: at the next
-/// send, or sooner through [`Sender::send_held`].
+/// send, or sooner through [`Sender::send_held`]; or let go, and counted, once held for
+/// [`MAX_HELD_AGE`]. Nothing newer to a held word's address leaves before it, in a later
+/// pass ([`Sender::send_all`]) nor later in the same `sendmmsg` when the kernel refuses it
+/// there for want of memory and takes the rest ([`mmsg::Outgoing::in_order`]).
 #[derive(Default)]
 pub struct Sender {
     /// The daemon's cap on batch frames, in bytes.
@@ -163,6 +166,8 @@ pub struct Sender {
     scratch: mmsg::SendScratch,
     /// Last words the kernel had no room for, waiting to be sent again.
     held: LastWords,
+    /// Paces the lines about held words let go for their age.
+    expiry_log: ExpiryLog,
 }
 
 #[derive(Clone)]
@@ -252,30 +257,31 @@ impl Sender {
         self.segmenting = on;
     }
 
-    /// Sends and clears `outbox`, after the last words held from earlier sends; each datagram
-    /// leaves from the address of `locals` its send names, and an address the kernel refuses
-    /// as a source is retired.
+    /// Sends and clears `outbox` at `now`, after the last words held from earlier sends; each
+    /// datagram leaves from the address of `locals` its send names, and an address the kernel
+    /// refuses as a source is retired.
     pub fn send_all(
         &mut self,
         socket: &UdpSocket,
         outbox: &mut Outbox,
         locals: &mut Locals,
         metrics: &mut Metrics,
+        now: Instant,
     ) {
         // Held words go first: they are older, and a member's last word must not come after
         // what the daemon tells that address later (a room it joined since).
-        self.send_held(socket, locals, metrics);
+        self.send_held(socket, locals, metrics, now);
         self.plan(outbox);
         // Those the kernel still had no room for must not be overtaken either.
         if self.holds_last_words() {
-            self.hold_back_behind_last_words(outbox, metrics);
+            self.hold_back_behind_last_words(0, outbox, metrics, now);
         }
         let mut start = 0;
         // A refused segmented send whose datagrams go again one apiece from `start`: the
         // error, and the source it named.
         let mut retrying = None;
         loop {
-            let sent = self.send_from(start, socket, outbox, locals, metrics);
+            let sent = self.send_from(start, socket, outbox, locals, metrics, now);
             if let Some((errno, refused_from)) = retrying.take() {
                 // Its first datagram left on its own, from the source the refused send named
                 // (not retired meanwhile by another datagram's retry): segmenting was at
@@ -301,6 +307,11 @@ impl Sender {
             let refused_from = self.datagrams.get(refused).map(|d| d.from);
             start += refused;
             self.unsegment(start);
+            // A last word held in the call just made (no memory for it) holds back what the
+            // rest has for its address, as the call itself did.
+            if self.holds_last_words() {
+                self.hold_back_behind_last_words(start, outbox, metrics, now);
+            }
             retrying = Some((errno, refused_from));
         }
         outbox.clear();
@@ -309,8 +320,9 @@ impl Sender {
         keep_pooled(&mut self.groups, |g| g.runs.capacity());
     }
 
-    /// Sends the plan from `start` on, counts in `metrics` what left and what did not, and
-    /// retires the sources the kernel refused.
+    /// Sends the plan from `start` on, counts in `metrics` what left and what did not, holds
+    /// (as of `now`) the last words the kernel had no room for, and retires the sources it
+    /// refused.
     fn send_from(
         &mut self,
         start: usize,
@@ -318,6 +330,7 @@ impl Sender {
         outbox: &Outbox,
         locals: &mut Locals,
         metrics: &mut Metrics,
+        now: Instant,
     ) -> mmsg::Sent {
         let parts = self.gather(outbox, locals, start);
         let plan = &self.plan[start..];
@@ -329,28 +342,33 @@ impl Sender {
             locals,
             |i| plan.get(i).map(|planned| planned.from),
         );
+        let scratch = &self.scratch;
+        let (failed, short_of_memory) = (scratch.failed(), scratch.short_of_memory());
         count(
             plan,
             &sent,
-            (self.scratch.failed(), self.scratch.short_of_memory()),
+            (failed, short_of_memory, scratch.held_back()),
             metrics,
         );
-        // Only when something found no room: a pass the kernel took whole reads no plan entry
-        // again and copies nothing.
-        if sent.would_block > 0 || !self.scratch.short_of_memory().is_empty() {
-            self.hold_last_words(start, &sent, outbox, metrics);
+        // Only when something found no room (anything held back was behind a datagram that
+        // found no memory): a pass the kernel took whole reads no plan entry again and copies
+        // nothing.
+        if sent.would_block > 0 || !short_of_memory.is_empty() {
+            self.hold_last_words(start, &sent, outbox, metrics, now);
         }
         sent
     }
 
-    /// Holds a copy of each last word of the plan from `start` on that the send which
-    /// returned `sent` had no room for; counts those the full queue cannot take.
+    /// Holds, as of `now`, a copy of each last word of the plan from `start` on that the send
+    /// which returned `sent` had no room for (or held back behind one), in order; counts
+    /// those the full queue cannot take.
     fn hold_last_words(
         &mut self,
         start: usize,
         sent: &mmsg::Sent,
         outbox: &Outbox,
         metrics: &mut Metrics,
+        now: Instant,
     ) {
         let plan = self.plan.get(start..).unwrap_or_default();
         // Nothing from a refused segmented send on was tried: it all goes again unsegmented.
@@ -365,7 +383,7 @@ impl Sender {
             }
             if self
                 .held
-                .hold(planned.to, planned.from, outbox.get(range.clone()))
+                .hold(planned.to, planned.from, outbox.get(range.clone()), now)
             {
                 metrics.last_words_held += 1;
             } else {
@@ -379,19 +397,29 @@ impl Sender {
     /// address would take the older `__ROOM_CLOSED__` for its new room's. The kernel had no
     /// room for the older datagram, so the newer ones are dropped and counted as
     /// `would_block`, as they would be behind it in a full buffer; a newer last word is held
-    /// after it. Only while words are held: the pass that sends them all costs nothing here.
-    fn hold_back_behind_last_words(&mut self, outbox: &Outbox, metrics: &mut Metrics) {
+    /// after it (as of `now`). Only the plan from `start` on is looked at (what is before it
+    /// was tried already), and only while words are held: the pass that sends them all costs
+    /// nothing here.
+    fn hold_back_behind_last_words(
+        &mut self,
+        start: usize,
+        outbox: &Outbox,
+        metrics: &mut Metrics,
+        now: Instant,
+    ) {
         let waiting: HashSet<SocketAddr> = self.held.iter().map(|word| word.to).collect();
         let held = &mut self.held;
         let mut dropped = 0;
+        let mut index = 0;
         self.plan.retain(|planned| {
-            if !waiting.contains(&planned.to) {
+            index += 1;
+            if index <= start || !waiting.contains(&planned.to) {
                 return true;
             }
             match &planned.bytes {
                 // A last word always leaves alone, as a plain datagram (`plan`).
                 Bytes::Outbox(range) if planned.last_word => {
-                    if held.hold(planned.to, planned.from, outbox.get(range.clone())) {
+                    if held.hold(planned.to, planned.from, outbox.get(range.clone()), now) {
                         metrics.last_words_held += 1;
                     } else {
                         Metrics::bump(&mut metrics.send_errors, "last_words_full");
@@ -414,8 +442,19 @@ impl Sender {
 
     /// Sends the last words held for want of room, oldest first, and lets go of those the
     /// kernel takes or refuses for themselves (counted as any datagram is); the others stay
-    /// held for the next try.
-    pub fn send_held(&mut self, socket: &UdpSocket, locals: &mut Locals, metrics: &mut Metrics) {
+    /// held for the next try, but for those held for [`MAX_HELD_AGE`] at `now`, let go first.
+    /// A word the kernel has no memory for holds back those after it to the same address.
+    pub fn send_held(
+        &mut self,
+        socket: &UdpSocket,
+        locals: &mut Locals,
+        metrics: &mut Metrics,
+        now: Instant,
+    ) {
+        if self.held.is_empty() {
+            return;
+        }
+        self.expire_held(now, metrics);
         if self.held.is_empty() {
             return;
         }
@@ -427,6 +466,7 @@ impl Sender {
                 from: locals.get(word.from),
                 runs: i..i + 1,
                 segment: 0,
+                in_order: true,
             });
         }
         let sent = send_retiring_refused(
@@ -443,6 +483,26 @@ impl Sender {
         metrics.deliveries += settled.sent as u64;
         if settled.refused > 0 {
             *metrics.send_errors.entry("other").or_insert(0) += settled.refused as u64;
+        }
+    }
+
+    /// Lets go of the words held for [`MAX_HELD_AGE`] at `now`: counted as
+    /// `last_words_expired`, and logged at most once an
+    /// [`EXPIRED_LOG_EVERY`](crate::last_words::EXPIRED_LOG_EVERY).
+    fn expire_held(&mut self, now: Instant, metrics: &mut Metrics) {
+        let Some(expired) = self.held.expire(now) else {
+            return;
+        };
+        *metrics.send_errors.entry("last_words_expired").or_insert(0) += expired.count as u64;
+        if let Some(count) = self.expiry_log.note(expired.count, now) {
+            log::warn!(
+                "UDP: let go of {} since the last such line (the last to {}): the kernel had \
+                 no room for them for {} s, and their members' addresses may be others' by \
+                 now (ocm_send_errors_total{{reason=\"last_words_expired\"}} counts them all)",
+                crate::plural::Count(count, "held __ROOM_CLOSED__ datagram"),
+                expired.last_to,
+                MAX_HELD_AGE.as_secs()
+            );
         }
     }
 
@@ -540,6 +600,7 @@ impl Sender {
                 from: locals.get(planned.from),
                 runs: first..parts.len(),
                 segment,
+                in_order: planned.last_word,
             });
         }
         parts
@@ -728,21 +789,24 @@ fn send_retiring_refused(
 }
 
 /// Counts in `metrics` what one [`mmsg::send`] of `plan` did: `sent`, with the indices in
-/// `plan` of the entries that failed on their own, and of those among them that failed for
-/// want of buffer memory (both ascending). Last words the kernel had no room for are not
-/// counted here: they are held, or counted as `last_words_full` (`hold_last_words`).
+/// `plan` of the entries that failed on their own, of those among them that failed for want
+/// of buffer memory, and of those held back behind a last word that did (all ascending).
+/// Last words the kernel had no room for are not counted here: they are held, or counted as
+/// `last_words_full` (`hold_last_words`).
 fn count(
     plan: &[Planned],
     sent: &mmsg::Sent,
-    (failed, short_of_memory): (&[usize], &[usize]),
+    (failed, short_of_memory, held_back): (&[usize], &[usize], &[usize]),
     metrics: &mut Metrics,
 ) {
     // They go in order up to a full send buffer, but one refused on its own (an unroutable
-    // or forbidden address) leaves a hole that those after it do not fill.
-    let tried = sent.sent + sent.failed;
+    // or forbidden address) leaves a hole that those after it do not fill, and so does one
+    // held back.
+    let tried = sent.sent + sent.failed + sent.held_back;
     let mut refused = failed.iter().copied().peekable();
+    let mut behind = held_back.iter().copied().peekable();
     for (i, planned) in plan.iter().enumerate().take(tried) {
-        if refused.next_if_eq(&i).is_some() {
+        if refused.next_if_eq(&i).is_some() || behind.next_if_eq(&i).is_some() {
             continue;
         }
         let datagrams = planned.datagrams() as u64;
@@ -752,16 +816,25 @@ fn count(
             metrics.datagrams_segmented += datagrams;
         }
     }
+    // What the kernel had no room for (after a full buffer, or held back behind a last word
+    // it had no memory for), but last words.
+    let mut dropped = 0;
     if sent.would_block > 0 {
-        let dropped: usize = plan
+        dropped += plan
             .iter()
             .skip(tried)
             .filter(|planned| !planned.last_word)
             .map(Planned::datagrams)
-            .sum();
-        if dropped > 0 {
-            *metrics.send_errors.entry("would_block").or_insert(0) += dropped as u64;
-        }
+            .sum::<usize>();
+    }
+    dropped += held_back
+        .iter()
+        .filter_map(|&i| plan.get(i))
+        .filter(|planned| !planned.last_word)
+        .map(Planned::datagrams)
+        .sum::<usize>();
+    if dropped > 0 {
+        *metrics.send_errors.entry("would_block").or_insert(0) += dropped as u64;
     }
     if sent.failed > 0 {
         let dropped: usize = failed
@@ -1016,13 +1089,13 @@ mod tests {
         out.send_to_member(to, gone, one, 1, 0);
         let mut metrics = Metrics::default();
         let mut sender = Sender::new(65507);
-        sender.send_all(&socket, &mut out, &mut locals, &mut metrics);
+        sender.send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
         assert_eq!(metrics.datagrams_sent, 1, "it left without the source");
         assert!(metrics.send_errors.is_empty());
         assert_eq!(locals.get(gone), None);
         let one = chat(&mut out, "one");
         out.send_to_member(to, gone, one, 1, 0);
-        sender.send_all(&socket, &mut out, &mut locals, &mut metrics);
+        sender.send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
         assert_eq!(metrics.datagrams_sent, 2);
         let mut buf = [0u8; 16];
         peer.set_read_timeout(Some(std::time::Duration::from_secs(10)))
@@ -1123,7 +1196,7 @@ mod tests {
         out.send(to_b, gone, first);
         let mut metrics = Metrics::default();
         let mut sender = segmenting_sender();
-        sender.send_all(&socket, &mut out, &mut locals, &mut metrics);
+        sender.send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
         assert_eq!(metrics.segmentation_refusals, 2, "127.0.0.1 and 127.0.0.2");
         // One refused call per address: b's send was split with a's, before a's retry.
         assert_eq!(sender.refused_calls, 2);
@@ -1140,7 +1213,7 @@ mod tests {
             out.send_to_member(to_a, LocalId::ANY, again.clone(), 0, 0);
         }
         assert_eq!(segmenting(&mut sender, &out), vec![(to_a.port(), 1, 0); 2]);
-        sender.send_all(&socket, &mut out, &mut locals, &mut metrics);
+        sender.send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
         assert_eq!(
             (metrics.datagrams_sent, metrics.segmentation_refusals),
             (11, 2)
@@ -1178,7 +1251,7 @@ mod tests {
             out.send_to_member(a.local_addr().unwrap(), ours, msg.clone(), 0, 0);
         }
         let mut metrics = Metrics::default();
-        segmenting_sender().send_all(&socket, &mut out, &mut locals, &mut metrics);
+        segmenting_sender().send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
         assert!(locals.get(ours).is_some(), "the source is kept");
         assert_eq!(metrics.segmentation_refusals, 1);
         assert_eq!(metrics.datagrams_sent, 3);
@@ -1210,7 +1283,7 @@ mod tests {
         }
         let mut metrics = Metrics::default();
         let mut sender = segmenting_sender();
-        sender.send_all(&socket, &mut out, &mut locals, &mut metrics);
+        sender.send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
         assert_eq!(sender.refused_calls, 2);
         assert_eq!(locals.get(gone), None);
         assert_eq!(metrics.segmentation_refusals, 0);
@@ -1257,7 +1330,7 @@ mod tests {
         }
         let mut metrics = Metrics::default();
         let mut sender = segmenting_sender();
-        sender.send_all(&socket, &mut out, &mut locals, &mut metrics);
+        sender.send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
         assert_eq!(locals.get(gone), None, "the source is retired");
         assert_eq!(metrics.segmentation_refusals, 0);
         assert!(sender.unsegmented.until.is_empty(), "::1 is not kept");
@@ -1287,7 +1360,7 @@ mod tests {
         }
         let mut metrics = Metrics::default();
         let mut sender = segmenting_sender();
-        sender.send_all(&socket, &mut out, &mut locals, &mut metrics);
+        sender.send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
         assert_eq!(locals.get(gone), None);
         assert_eq!(metrics.segmentation_refusals, 0);
         assert!(sender.unsegmented.until.is_empty());
@@ -1316,7 +1389,13 @@ mod tests {
         }
         let mut metrics = Metrics::default();
         let mut sender = segmenting_sender();
-        sender.send_all(&socket, &mut out, &mut Locals::default(), &mut metrics);
+        sender.send_all(
+            &socket,
+            &mut out,
+            &mut Locals::default(),
+            &mut metrics,
+            Instant::now(),
+        );
         assert!(sender.unsegmented.until.is_empty());
         assert_eq!(metrics.segmentation_refusals, 0);
         assert_eq!(metrics.send_errors.get("other"), Some(&3));
@@ -1347,10 +1426,11 @@ mod tests {
             sent: 1,
             failed: 1,
             would_block: 2,
+            held_back: 0,
             refused_segmented: None,
         };
         let mut metrics = Metrics::default();
-        count(&plan, &sent, (&[1], &[]), &mut metrics);
+        count(&plan, &sent, (&[1], &[], &[]), &mut metrics);
         assert_eq!((metrics.datagrams_sent, metrics.deliveries), (1, 1));
         assert_eq!(metrics.send_errors.get("other"), Some(&3));
         assert_eq!(metrics.send_errors.get("would_block"), Some(&3));
@@ -1360,7 +1440,7 @@ mod tests {
             ..mmsg::Sent::default()
         };
         let mut metrics = Metrics::default();
-        count(&plan, &sent, (&[], &[]), &mut metrics);
+        count(&plan, &sent, (&[], &[], &[]), &mut metrics);
         assert_eq!((metrics.datagrams_sent, metrics.deliveries), (7, 11));
         assert_eq!(metrics.datagrams_segmented, 5);
     }
@@ -1380,7 +1460,13 @@ mod tests {
             out.send_to_member(to, LocalId::ANY, one.clone(), 5, 4096);
         }
         let mut metrics = Metrics::default();
-        Sender::new(65507).send_all(&socket, &mut out, &mut Locals::default(), &mut metrics);
+        Sender::new(65507).send_all(
+            &socket,
+            &mut out,
+            &mut Locals::default(),
+            &mut metrics,
+            Instant::now(),
+        );
         assert_eq!(metrics.datagrams_sent, 2);
         assert_eq!(metrics.send_errors.get("other"), Some(&1));
         // One plain message and three in the batch reached the kernel; the refused one did not.
@@ -1445,13 +1531,219 @@ mod tests {
             sent: 1,
             failed: 2,
             would_block: 2,
+            held_back: 0,
             refused_segmented: None,
         };
         let mut metrics = Metrics::default();
-        count(&plan, &sent, (&[1, 2], &[2]), &mut metrics);
+        count(&plan, &sent, (&[1, 2], &[2], &[]), &mut metrics);
         assert_eq!(metrics.datagrams_sent, 1);
         assert_eq!(metrics.send_errors.get("other"), Some(&1));
         assert_eq!(metrics.send_errors.get("would_block"), Some(&1));
+    }
+
+    /// A stand-in for the kernel that has no memory for `__ROOM_CLOSED__` (`ENOBUFS`), as
+    /// `core.rs`'s `LD_PRELOAD` stub has, and takes every other datagram.
+    fn no_memory_for_room_closed(bytes: &[u8]) -> Option<i32> {
+        (bytes == delivery::ROOM_CLOSED).then_some(libc::ENOBUFS)
+    }
+
+    /// The raw datagrams `peer` receives next, `count` of them.
+    fn received(peer: &std::net::UdpSocket, count: usize) -> Vec<Vec<u8>> {
+        let mut buf = [0u8; 2048];
+        (0..count)
+            .map(|_| {
+                let len = peer.recv(&mut buf).unwrap();
+                buf[..len].to_vec()
+            })
+            .collect()
+    }
+
+    /// Whether nothing waits to be read on `peer` (loopback delivers within the send, so
+    /// what was sent is there).
+    fn got_nothing(peer: &std::net::UdpSocket) -> bool {
+        peer.set_nonblocking(true).unwrap();
+        let nothing = peer.recv(&mut [0u8; 64]).is_err();
+        peer.set_nonblocking(false).unwrap();
+        nothing
+    }
+
+    /// A last word the kernel has no memory for, within a send that goes on with the rest, is
+    /// overtaken by nothing newer to its address in that send: chat to it (a room it joined
+    /// from the same socket) is held back and counted as `would_block`, and a later last word
+    /// to it (that room closing too) is held after it; the rest leaves. The held words then
+    /// reach it in order.
+    #[test]
+    fn a_last_word_refused_for_memory_is_not_overtaken_within_its_send() {
+        let socket = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (x, y) = (peer(), peer());
+        let (to_x, to_y) = (x.local_addr().unwrap(), y.local_addr().unwrap());
+        let mut out = Outbox::default();
+        let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
+        let newer = chat(&mut out, "newer");
+        // x is member 1 of a room closing, and member 3 of another.
+        out.send_last_word(to_x, LocalId::ANY, closed.clone(), 1);
+        out.send_to_member(to_y, LocalId::ANY, newer.clone(), 2, 0);
+        out.send_to_member(to_x, LocalId::ANY, newer.clone(), 3, 0);
+        out.send_last_word(to_x, LocalId::ANY, closed, 3);
+        out.send_to_member(to_y, LocalId::ANY, newer, 2, 0);
+        let mut sender = Sender::new(65507);
+        sender.scratch.refusing = Some(no_memory_for_room_closed);
+        let (mut locals, mut metrics) = (Locals::default(), Metrics::default());
+        let now = Instant::now();
+        sender.send_all(&socket, &mut out, &mut locals, &mut metrics, now);
+        assert_eq!(texts_received(&y, 2), ["newer", "newer"]);
+        assert!(got_nothing(&x), "the chat to x overtook its held close");
+        assert_eq!(metrics.datagrams_sent, 2);
+        assert_eq!(metrics.last_words_held, 2);
+        assert_eq!(metrics.send_errors.get("would_block"), Some(&1));
+        assert_eq!(metrics.send_errors.get("other"), None);
+        let held: Vec<SocketAddr> = sender.held.iter().map(|word| word.to).collect();
+        assert_eq!(held, [to_x, to_x]);
+
+        sender.scratch.refusing = None;
+        sender.send_held(&socket, &mut locals, &mut metrics, now);
+        assert_eq!(received(&x, 2), [delivery::ROOM_CLOSED; 2]);
+        assert!(!sender.holds_last_words());
+        assert_eq!(metrics.datagrams_sent, 4);
+    }
+
+    /// Held words sent again are not overtaken by those held behind them: the kernel again
+    /// without memory for the older one to an address, the newer one to it stays held
+    /// (untried), while one to another address leaves.
+    #[test]
+    fn a_held_word_refused_again_for_memory_is_not_overtaken_by_one_held_behind_it() {
+        let socket = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (x, y) = (peer(), peer());
+        let (to_x, to_y) = (x.local_addr().unwrap(), y.local_addr().unwrap());
+        let mut out = Outbox::default();
+        let [first, other, second] =
+            [b"first", b"other", b"secnd"].map(|w| out.payload(|b| b.extend_from_slice(w)));
+        out.send_last_word(to_x, LocalId::ANY, first, 1);
+        out.send_last_word(to_y, LocalId::ANY, other, 2);
+        out.send_last_word(to_x, LocalId::ANY, second, 3);
+        let mut sender = Sender::new(65507);
+        // No memory for anything: all three are held, in order.
+        sender.scratch.refusing = Some(|_| Some(libc::ENOBUFS));
+        let (mut locals, mut metrics) = (Locals::default(), Metrics::default());
+        let now = Instant::now();
+        sender.send_all(&socket, &mut out, &mut locals, &mut metrics, now);
+        let held = |sender: &Sender| -> Vec<Vec<u8>> {
+            sender.held.iter().map(|word| word.bytes.to_vec()).collect()
+        };
+        assert_eq!(held(&sender), [b"first", b"other", b"secnd"]);
+
+        // Memory again, but for the first.
+        sender.scratch.refusing = Some(|bytes| (bytes == b"first").then_some(libc::ENOBUFS));
+        sender.send_held(&socket, &mut locals, &mut metrics, now);
+        assert_eq!(received(&y, 1), [b"other"]);
+        assert!(got_nothing(&x), "the second word to x overtook the first");
+        assert_eq!(held(&sender), [b"first", b"secnd"]);
+
+        sender.scratch.refusing = None;
+        sender.send_held(&socket, &mut locals, &mut metrics, now);
+        assert_eq!(received(&x, 2), [b"first", b"secnd"]);
+        assert_eq!(metrics.datagrams_sent, 3);
+        assert!(metrics.send_errors.is_empty(), "{:?}", metrics.send_errors);
+    }
+
+    /// A segmented send the kernel refuses stops the call before what a last word refused
+    /// for memory earlier in it holds back: the rest, sent again unsegmented in a second
+    /// call, still holds back what goes to that word's address.
+    #[test]
+    fn a_last_word_refused_for_memory_before_a_refused_segmented_send_is_not_overtaken() {
+        let Some(socket) = segmenting_socket(true) else {
+            return;
+        };
+        let (x, y) = (peer(), peer());
+        let (to_x, to_y) = (x.local_addr().unwrap(), y.local_addr().unwrap());
+        let mut out = Outbox::default();
+        let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
+        let newer = chat(&mut out, "newer");
+        out.send_last_word(to_x, LocalId::ANY, closed, 1);
+        for _ in 0..2 {
+            out.send_to_member(to_y, LocalId::ANY, newer.clone(), 2, 0);
+        }
+        out.send_to_member(to_x, LocalId::ANY, newer, 3, 0);
+        let mut sender = segmenting_sender();
+        sender.scratch.refusing = Some(no_memory_for_room_closed);
+        let (mut locals, mut metrics) = (Locals::default(), Metrics::default());
+        sender.send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
+        assert_eq!(sender.refused_calls, 1, "y's segmented send was refused");
+        assert_eq!(texts_received(&y, 2), ["newer", "newer"]);
+        assert!(got_nothing(&x), "the chat to x overtook its held close");
+        assert_eq!(metrics.send_errors.get("would_block"), Some(&1));
+        assert_eq!(metrics.last_words_held, 1);
+    }
+
+    /// A word held for [`MAX_HELD_AGE`] is let go at the next try, counted as
+    /// `last_words_expired`, and the sender holds nothing more (so the loop's retries stop);
+    /// just before, it is tried again. What goes to its address then flows.
+    #[test]
+    fn a_word_held_for_the_age_limit_is_let_go_and_counted() {
+        let socket = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let x = peer();
+        let to_x = x.local_addr().unwrap();
+        let mut out = Outbox::default();
+        let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
+        out.send_last_word(to_x, LocalId::ANY, closed, 1);
+        let mut sender = Sender::new(65507);
+        sender.scratch.refusing = Some(no_memory_for_room_closed);
+        let (mut locals, mut metrics) = (Locals::default(), Metrics::default());
+        let t0 = Instant::now();
+        sender.send_all(&socket, &mut out, &mut locals, &mut metrics, t0);
+        assert!(sender.holds_last_words());
+        let almost = t0 + MAX_HELD_AGE - Duration::from_millis(1);
+        sender.send_held(&socket, &mut locals, &mut metrics, almost);
+        assert!(
+            sender.holds_last_words(),
+            "tried again, refused again: held"
+        );
+        assert_eq!(metrics.send_errors.get("last_words_expired"), None);
+
+        sender.scratch.refusing = None;
+        sender.send_held(&socket, &mut locals, &mut metrics, t0 + MAX_HELD_AGE);
+        assert!(!sender.holds_last_words());
+        assert_eq!(metrics.send_errors.get("last_words_expired"), Some(&1));
+        assert_eq!(metrics.datagrams_sent, 0);
+        assert!(got_nothing(&x), "let go, not sent");
+        // Nothing is held back for it any more.
+        let after = chat(&mut out, "after");
+        out.send_to_member(to_x, LocalId::ANY, after, 1, 0);
+        sender.send_all(
+            &socket,
+            &mut out,
+            &mut locals,
+            &mut metrics,
+            t0 + MAX_HELD_AGE,
+        );
+        assert_eq!(texts_received(&x, 1), ["after"]);
+    }
+
+    /// What was held back behind a last word refused for memory counts as not sent: chat as
+    /// `would_block`, a last word not at all (it is held); what left around it is sent.
+    #[test]
+    fn what_was_held_back_is_counted_as_would_block_but_last_words() {
+        let planned = |last_word| Planned {
+            to: addr(1),
+            from: LocalId::ANY,
+            bytes: Bytes::Outbox(0..1),
+            messages: 1,
+            last_word,
+        };
+        // 0, a last word, found no memory; 1 (chat) and 2 (a last word) were held back behind
+        // it; 3, to another address, left.
+        let plan = [planned(true), planned(false), planned(true), planned(false)];
+        let sent = mmsg::Sent {
+            sent: 1,
+            failed: 1,
+            held_back: 2,
+            ..mmsg::Sent::default()
+        };
+        let mut metrics = Metrics::default();
+        count(&plan, &sent, (&[0], &[0], &[1, 2]), &mut metrics);
+        assert_eq!((metrics.datagrams_sent, metrics.deliveries), (1, 1));
+        assert_eq!(metrics.send_errors.get("would_block"), Some(&1));
+        assert_eq!(metrics.send_errors.get("other"), None);
     }
 
     #[test]

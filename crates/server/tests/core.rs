@@ -459,6 +459,53 @@ fn a_held_room_closed_is_not_overtaken_by_newer_datagrams_to_its_address() {
     assert_eq!(m1.recv(), "other: after");
 }
 
+/// A `__ROOM_CLOSED__` the kernel has no memory for is not overtaken within its own send
+/// either. The host of "r" leaving and chat in "s", where the member's socket has joined too,
+/// are read in one batch (they wait while the daemon is stopped), so their datagrams go to
+/// the kernel in one `sendmmsg`, which refuses the close and would take the chat after it.
+/// The chat is held back (dropped and counted as `would_block`), and the member hears the
+/// close first once there is memory for it.
+#[test]
+fn a_room_closed_refused_for_memory_is_not_overtaken_within_its_send() {
+    let (d, switch, _library) = spawn_refusing(Refusal::NoMemoryForRoomClosed);
+    let host = Member::joined(&d, "r", &create(&d, "r", "host"));
+    let m1 = Member::new(&d, "r", &join(&d, "r", "m1"));
+    m1.registered_with(&host, "m1");
+    let other_host = Member::joined(&d, "s", &create(&d, "s", "other"));
+    let m1_in_s = Member {
+        socket: m1.socket.try_clone().unwrap(),
+        server: d.udp,
+        room: "s".into(),
+        token: join(&d, "s", "m1"),
+    };
+    m1_in_s.registered_with(&other_host, "m1");
+
+    std::fs::write(&switch, b"").unwrap();
+    d.stop();
+    host.send("__LEAVE__");
+    other_host.send("newer");
+    d.signal(libc::SIGCONT);
+    d.wait_for_log(r#"room "r" closed: host left; 1 member told"#);
+    // The close and the chat were handled in the same pass.
+    wait_until("the close to be held", || {
+        d.metric("ocm_last_words_held_total") == 1.0
+    });
+    std::fs::remove_file(&switch).unwrap();
+
+    assert_eq!(
+        m1.recv(),
+        "CLOSED",
+        "the held close came after newer chat sent with it"
+    );
+    assert_eq!(
+        d.metric(r#"ocm_send_errors_total{reason="would_block"}"#),
+        1.0,
+        "the chat held back behind the close is dropped and counted"
+    );
+    other_host.send("after");
+    assert_eq!(m1.recv(), "other: after");
+}
+
 #[test]
 fn restart_keeps_rooms_tokens_and_addresses() {
     let mut d = Daemon::start();

@@ -79,7 +79,7 @@ impl Server {
             }
             // Send what this batch produced before reading the next: latency stays low and
             // the outbox small.
-            self.flush_outbox();
+            self.flush_outbox(now);
             self.record_relay_delays(count);
         }
         true
@@ -127,13 +127,15 @@ impl Server {
         self.shed_in_batch = shed;
     }
 
-    pub(super) fn flush_outbox(&mut self) {
+    /// Sends what the outbox holds, at `now` (after the last words held, if any).
+    pub(super) fn flush_outbox(&mut self, now: Instant) {
         if !self.outbox.is_empty() {
             self.sender.send_all(
                 &self.udp,
                 &mut self.outbox,
                 self.registry.locals_mut(),
                 &mut self.metrics,
+                now,
             );
         }
     }

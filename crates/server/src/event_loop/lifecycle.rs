@@ -211,9 +211,14 @@ impl Server {
             let _ = self.poll.registry().deregister(&mut tcp);
         }
         // Last words held for a full send buffer get a last try: they live in memory only.
-        self.sender
-            .send_held(&self.udp, self.registry.locals_mut(), &mut self.metrics);
-        self.flush_outbox();
+        let now = Instant::now();
+        self.sender.send_held(
+            &self.udp,
+            self.registry.locals_mut(),
+            &mut self.metrics,
+            now,
+        );
+        self.flush_outbox(now);
         self.registry.checkpoint_history();
         self.registry.save_sources();
         self.persist();

@@ -327,7 +327,7 @@ impl Server {
             }
             self.timers(now);
             self.send_held_last_words(now);
-            self.flush_outbox();
+            self.flush_outbox(now);
             self.watch_udp_output(now);
             self.persist();
         }
