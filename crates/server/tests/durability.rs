@@ -2136,3 +2136,71 @@ fn state_files_deleted_while_serving_are_written_again_and_lose_no_join() {
     );
     assert_kept_through_a_kill(&mut d, &tokens);
 }
+
+/// A journal moved from its name while the daemon serves (by `move_away`, given the journal's
+/// path and another in its directory) still has a name: appends go on into it and are
+/// acknowledged, but no start reads it, so a `kill -9` would lose every join since the last
+/// state file. The writer's file check (once a second) sees that the file at the journal's
+/// name is not the daemon's and does what it does for a deleted journal: a fresh journal at
+/// the name, the state file written from memory. Shown by the state file holding every join,
+/// one made in the window among them, and by a `kill -9` and a start on what is left on disk.
+/// The moved file is left alone.
+fn assert_a_journal_moved_away_is_replaced(how: &str, move_away: impl FnOnce(&Path, &Path)) {
+    let mut d = Daemon::start_with(Options {
+        metrics: true,
+        ..Options::default()
+    });
+    let mut tokens = vec![create(&d, "moved", "alice"), join(&d, "moved", "bob")];
+    let journal = d.dir.path().join("room_manager.json.journal");
+    let elsewhere = d.dir.path().join("elsewhere");
+    let moved = Instant::now();
+    move_away(&journal, &elsewhere);
+    // Acknowledged into the moved file, unless the check came first.
+    tokens.push(join(&d, "moved", "carol"));
+    wait_until(&format!("a journal {how} to be back at its name"), || {
+        journal.exists()
+    });
+    let took = moved.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "noticed after {took:?}, not at the writer's check a second later"
+    );
+    d.wait_for_log("replaced and state file");
+    assert!(
+        d.log().contains(
+            "room_manager.json.journal is no longer the file at its name (renamed away, or that \
+             name removed while the file had another, a hard link)"
+        ),
+        "{}",
+        d.log()
+    );
+    let saved = saved_tokens(&d);
+    for token in &tokens {
+        assert!(saved.contains(token), "{token} not in the state file");
+    }
+    assert_eq!(d.metric("ocm_state_files_restored_total"), 1.0);
+    assert_eq!(d.http_get("/readyz"), "ready\n");
+    assert!(elsewhere.exists(), "the moved file was left alone");
+    tokens.push(join(&d, "moved", "dave"));
+    assert_kept_through_a_kill(&mut d, &tokens);
+}
+
+/// `mv room_manager.json.journal elsewhere` while serving: the file keeps its one name, so the
+/// count of names after each sync never saw it (see [`assert_a_journal_moved_away_is_replaced`]).
+#[test]
+fn a_journal_renamed_away_while_serving_is_replaced_and_loses_no_join() {
+    assert_a_journal_moved_away_is_replaced("renamed away", |journal, elsewhere| {
+        std::fs::rename(journal, elsewhere).unwrap();
+    });
+}
+
+/// `ln room_manager.json.journal copy`, then `rm room_manager.json.journal` (the daemon's name,
+/// not the copy's): the file still has one name, so the daemon said "has one name again" and
+/// ready, with nothing at the journal's name (see [`assert_a_journal_moved_away_is_replaced`]).
+#[test]
+fn a_journal_whose_own_name_was_removed_while_it_had_another_is_replaced_and_loses_no_join() {
+    assert_a_journal_moved_away_is_replaced("its own name removed", |journal, copy| {
+        std::fs::hard_link(journal, copy).unwrap();
+        std::fs::remove_file(journal).unwrap();
+    });
+}

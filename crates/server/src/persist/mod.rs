@@ -29,6 +29,7 @@
 
 mod backoff;
 mod compactor;
+mod statx;
 mod writer;
 
 use std::collections::VecDeque;

@@ -11,9 +11,10 @@ use std::io;
 use std::path::Path;
 use std::time::{Instant, SystemTime};
 
+use super::statx::{identity_at, identity_of, link_count};
 use super::writer::{
-    append_durably, free_bytes, lay_space_ahead, link_count, open_journal, take_queued,
-    JournalDeleted, JournalFile,
+    append_durably, free_bytes, lay_space_ahead, open_journal, take_queued, JournalDeleted,
+    JournalFile,
 };
 use super::*;
 use crate::record::MemberRecord;
@@ -1158,6 +1159,50 @@ fn link_count_sees_a_journal_deleted_while_open() {
     assert_eq!(link_count(&file).unwrap(), 0);
 }
 
+/// The check behind replacing a journal moved from its name: the open file's identity and the
+/// one at its name, each asked of `statx` without reading times, agree until the journal is
+/// renamed away (nothing at the name), loses its own name while it has another, or another
+/// file takes the name; a second name alone changes nothing.
+#[test]
+fn identity_tells_the_open_journal_from_what_is_at_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let file = open_journal(&path).unwrap();
+    let open = identity_of(&file)
+        .unwrap()
+        .expect("this file system gives inodes");
+    assert_eq!(identity_at(&path).unwrap(), Some(open));
+    let copy = dir.path().join("j2");
+    fs::hard_link(&path, &copy).unwrap();
+    assert_eq!(identity_at(&path).unwrap(), Some(open), "a second name");
+    fs::remove_file(&path).unwrap();
+    let missing = identity_at(&path).unwrap_err();
+    assert_eq!(
+        missing.kind(),
+        io::ErrorKind::NotFound,
+        "its own name removed"
+    );
+    assert_eq!(
+        identity_of(&file).unwrap(),
+        Some(open),
+        "the open file is the same"
+    );
+    fs::rename(&copy, &path).unwrap();
+    assert_eq!(identity_at(&path).unwrap(), Some(open), "back at its name");
+    fs::rename(&path, &copy).unwrap();
+    assert_eq!(
+        identity_at(&path).unwrap_err().kind(),
+        io::ErrorKind::NotFound,
+        "renamed away"
+    );
+    fs::write(&path, b"").unwrap();
+    assert_ne!(
+        identity_at(&path).unwrap(),
+        Some(open),
+        "another file at its name"
+    );
+}
+
 /// A piece synced into a journal that lost its name is not durable: the append stops at once
 /// (no cut, no retry into the same file), counted as a failed write, for the writer to put a
 /// fresh journal in its place.
@@ -1229,6 +1274,44 @@ fn a_journal_deleted_while_in_use_is_replaced_and_no_durable_record_is_lost() {
         wait_for_files_holding(&mut d, last, "a fresh journal and state file");
         assert_eq!(d.persister.shutdown(), Stopped::Folded);
         assert_eq!(load_complete(&d.paths).last_seq, last);
+    }
+}
+
+/// A journal moved from its name while in use, renamed away (`mv`) or given a second name
+/// whose first is then removed (`ln`, then `rm` of the wrong one), still has a name, so the
+/// appends after each sync go on into it, and no start would read them. The writer's file
+/// check (within a second, idle or not) sees that the file at the journal's name is not its
+/// own, puts a fresh journal there and writes the state file from memory, so that what a start
+/// reads holds every durable record, including those acknowledged into the moved file. The
+/// moved file is left as it is.
+#[test]
+fn a_journal_renamed_away_or_whose_own_name_was_removed_is_replaced() {
+    type Move = fn(&Path, &Path);
+    let rename: Move = |journal, elsewhere| fs::rename(journal, elsewhere).unwrap();
+    let link_and_remove: Move = |journal, elsewhere| {
+        fs::hard_link(journal, elsewhere).unwrap();
+        fs::remove_file(journal).unwrap();
+    };
+    for (how, move_away) in [
+        ("renamed away", rename),
+        ("its name removed", link_and_remove),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = Driver::start(dir.path(), Options::default());
+        d.write(20);
+        let elsewhere = dir.path().join("elsewhere");
+        move_away(&d.paths.journal, &elsewhere);
+        // Into the moved file, unless a check came first.
+        let last = d.write(3);
+        wait_for_files_holding(&mut d, last, &format!("a journal {how} to be replaced"));
+        assert!(
+            fs::metadata(&elsewhere).unwrap().len() > 0,
+            "{how}: the moved file is left as it is"
+        );
+        let last = d.write(4);
+        let paths = d.paths.clone();
+        assert_eq!(d.persister.shutdown(), Stopped::Folded);
+        assert_eq!(load_complete(&paths).last_seq, last, "{how}");
     }
 }
 

@@ -17,6 +17,7 @@ use log::{debug, error, info, warn};
 
 use super::backoff::{self, LayBackoff};
 use super::compactor::{log_written, remove_journal_old, write_snapshot, Compactor};
+use super::statx::{identity_at, identity_of, link_count};
 use super::{
     counters, Command, Compactions, Done, FileError, HardLinks, Job, LockState, Options, Report,
     APPLY_LOT, RETRY_DELAY,
@@ -173,37 +174,6 @@ pub(super) trait JournalFile {
     fn cut(&mut self, len: u64) -> io::Result<()>;
 }
 
-/// How many names `file` has (`stx_nlink`), from a `statx` that asks for nothing else. Not
-/// `fstat` or `File::metadata`: reading a file's modification time marks it as looked at, so
-/// that the kernel (6.13 on, multigrain timestamps) stamps the next write with a fine-grained
-/// time, which dirties the inode on every append; each `fdatasync` then cost ~40–50 µs
-/// more here (write + fsync 143–160 µs against 185–206 µs in the join benchmark, and 107–110
-/// µs against 156–160 µs for an 800-byte `pwrite` + `fdatasync` alone).
-pub(super) fn link_count(file: &File) -> io::Result<u64> {
-    let mut stat = std::mem::MaybeUninit::<libc::statx>::uninit();
-    // SAFETY: statx fills the buffer for the descriptor `file` keeps open (the empty path
-    // with AT_EMPTY_PATH names it); the buffer is read only when the call succeeded.
-    let rc = unsafe {
-        libc::statx(
-            file.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            libc::STATX_NLINK,
-            stat.as_mut_ptr(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: initialized by the successful statx above.
-    let stat = unsafe { stat.assume_init() };
-    if stat.stx_mask & libc::STATX_NLINK == 0 {
-        // The file system did not say: take it as linked rather than refuse every append.
-        return Ok(1);
-    }
-    Ok(u64::from(stat.stx_nlink))
-}
-
 impl JournalFile for File {
     fn write_at(&mut self, bytes: &[u8], offset: u64) -> io::Result<()> {
         self.write_all_at(bytes, offset)
@@ -221,9 +191,22 @@ impl JournalFile for File {
 
 /// The journal was deleted while open (its directory removed, a cleaner let loose on it): it
 /// still takes writes and syncs, which no start will ever read. Nothing synced into it is
-/// durable, and a reply must not say it is ([`Writer::replace_deleted_journal`]).
+/// durable, and a reply must not say it is ([`Writer::replace_journal`]).
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct JournalDeleted;
+
+/// How the journal the writer appends to is gone from where a start reads it
+/// ([`Writer::replace_journal`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JournalGone {
+    /// It has no name left: deleted (seen after a sync, or by the file check).
+    Deleted,
+    /// It still has a name, but not the journal's: renamed away, or the journal's name
+    /// removed while the file had another (a hard link). Seen by the file check only, up to
+    /// [`FILE_CHECK_INTERVAL`] later: appends meanwhile are acknowledged into a file that a
+    /// start would not read.
+    NotAtItsName,
+}
 
 /// Appends `bytes` to a journal of `len` whole bytes and makes them durable, retrying every
 /// `retry` until the disk takes them: a token is only ever acknowledged once this returns.
@@ -526,7 +509,7 @@ impl Writer {
                 Ok(cut) => break cut,
                 // Into the fresh journal, from its start: the state file now holds every
                 // record before these.
-                Err(JournalDeleted) => self.replace_deleted_journal(),
+                Err(JournalDeleted) => self.replace_journal(JournalGone::Deleted),
             }
         };
         self.journal_len += self.line.len() as u64;
@@ -542,17 +525,28 @@ impl Writer {
     }
 
     /// Checks that the files a start reads are still there, and writes them again from memory
-    /// if not: a journal deleted while in use ([`Writer::replace_deleted_journal`]), a
+    /// if not: a journal deleted while in use, or no longer the file at its name (renamed
+    /// away, or its own name removed while it had another: [`Writer::replace_journal`]), a
     /// `journal.old` kept after a failed compaction and deleted, or a state file deleted (the
     /// journals hold only the changes since it was written). Done when the writer has been
     /// idle for [`FILE_CHECK_INTERVAL`], and at most that often between appends (each of
-    /// which checks the journal anyway).
+    /// which checks that the journal has a name, but not which).
+    ///
+    /// Only the journal's identity is compared, because only the journal is kept open: the
+    /// state file and `journal.old` are looked for by name, and a state file renamed away or
+    /// whose name was removed leaves that name empty, which is what the check finds. (The
+    /// state file's inode changes at each compaction, which renames a new file over it, so
+    /// an identity kept here would have to follow the compactor's reports for nothing more.)
     pub(super) fn check_files(&mut self) {
         self.files_checked_at = Instant::now();
         self.check_lock();
         let journal_links = link_count(&self.journal);
         if matches!(journal_links, Ok(0)) {
-            self.replace_deleted_journal();
+            self.replace_journal(JournalGone::Deleted);
+            return;
+        }
+        if !self.journal_at_its_name() {
+            self.replace_journal(JournalGone::NotAtItsName);
             return;
         }
         self.check_names(journal_links.unwrap_or(1));
@@ -753,23 +747,43 @@ impl Writer {
         }
     }
 
-    /// The journal was deleted while in use: the changes since the last state file are on no
-    /// disk, though every one made durable is in the compactor's state (they go there once
-    /// synced, before their files could go). Opens a fresh journal and writes the state file
-    /// from that state, retrying until both are done: nothing is appended, so no create or
-    /// join answered, meanwhile. A start in between reads the old files, as it would have
-    /// without this.
-    fn replace_deleted_journal(&mut self) {
+    /// The journal is not where a start reads it (`gone` says how): the changes since the last
+    /// state file are on no disk, or in a file no start reads, though every one made durable
+    /// is in the compactor's state (they go there once synced, before their files could go).
+    /// Opens a fresh journal at its name and writes the state file from that state, retrying
+    /// until both are done: nothing is appended, so no create or join answered, meanwhile. A
+    /// start in between reads the old files, as it would have without this. A journal moved
+    /// from its name is left where it is (renamed, or under its other name): once the state
+    /// file is written, it holds nothing the state file does not.
+    fn replace_journal(&mut self, gone: JournalGone) {
+        let (what, step) = match gone {
+            JournalGone::Deleted => (
+                "was deleted while in use: the changes since the last state file are on no \
+                 disk",
+                "replacing a deleted journal",
+            ),
+            JournalGone::NotAtItsName => (
+                "is no longer the file at its name (renamed away, or that name removed while \
+                 the file had another, a hard link): the changes since the last state file are \
+                 not where a start reads them",
+                "replacing a journal gone from its name",
+            ),
+        };
         error!(
-            "journal {} was deleted while in use: the changes since the last state file are \
-             on no disk; writing them again from memory (a fresh journal, then the state \
+            "journal {} {what}; writing them again from memory (a fresh journal, then the state \
              file), and creates and joins wait until then",
             self.paths.journal.display()
         );
-        counters(&self.stats).files_missing = true;
+        {
+            let mut counters = counters(&self.stats);
+            counters.files_missing = true;
+            // What the file check found of the file gone is no finding about the fresh one.
+            counters.hard_links.journal = None;
+        }
+        self.journal_names = Failing::default();
         // Emptied, in case a file took the name meanwhile: what it holds is not ours.
         self.open_fresh_journal(
-            "replacing a deleted journal",
+            step,
             " (if its directory was removed, create it again)",
             true,
         );
@@ -787,6 +801,35 @@ impl Writer {
                 self.paths.journal.display(),
                 self.paths.state.display()
             );
+        }
+    }
+
+    /// Whether the file at the journal's name is the one the writer appends to (device and
+    /// inode, each from a `statx` that reads no times: [`super::statx`]). A journal renamed
+    /// away, or whose own name was removed while it had another (a hard link), still has a
+    /// name, so the count of names after each sync does not see that a start would not read
+    /// it; this does, at the file check. A symbolic link at the name is followed, as a start
+    /// follows it. An error other than "not found" says nothing and is taken as yes, as
+    /// [`is_missing`] takes it.
+    fn journal_at_its_name(&self) -> bool {
+        let open = match identity_of(&self.journal) {
+            Ok(Some(open)) => open,
+            Ok(None) => return true,
+            Err(e) => {
+                debug!("cannot tell the open journal's inode: {e}");
+                return true;
+            }
+        };
+        match identity_at(&self.paths.journal) {
+            Ok(at_name) => at_name.is_none_or(|id| id == open),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => {
+                debug!(
+                    "cannot tell which file is at {}: {e}",
+                    self.paths.journal.display()
+                );
+                true
+            }
         }
     }
 
@@ -1125,9 +1168,11 @@ impl Writer {
         }
         match self.fold(&mut state) {
             Ok(()) => true,
-            // Deleted since the last check: the journal, or the state file it follows.
+            // Deleted (or, for the journal, moved from its name) since the last check: the
+            // journal, or the state file it follows.
             Err(e)
                 if matches!(link_count(&self.journal), Ok(0))
+                    || !self.journal_at_its_name()
                     || (self.state_written && is_missing(&self.paths.state)) =>
             {
                 counters(&self.stats).files_missing = true;

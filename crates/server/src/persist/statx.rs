@@ -1,0 +1,81 @@
+//! What the writer asks of its journal's inode without reading the file's times: its count of
+//! names after each sync, and, at the file check, whether the file at the journal's name is
+//! still the one it appends to. Each is a `statx` asking for that one field.
+//!
+//! Not `fstat`, `stat` or `File::metadata`: reading a file's modification time marks it as
+//! looked at, so that the kernel (6.13 on, multigrain timestamps) stamps the next write with a
+//! fine-grained time, which dirties the inode on every append; each `fdatasync` then cost
+//! ~40–50 µs more here (write + fsync 143–160 µs against 185–206 µs in the join benchmark,
+//! and 107–110 µs against 156–160 µs for an 800-byte `pwrite` + `fdatasync` alone; see
+//! `crates/bench/NOTES.md`, "A stat that slowed every group commit").
+
+use std::ffi::{CStr, CString};
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// A file's identity as a `statx` that asks for its inode alone gives it: the device (which
+/// every `statx` fills in) and the inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Identity {
+    dev_major: u32,
+    dev_minor: u32,
+    ino: u64,
+}
+
+/// `statx` of `path` relative to `dirfd`, with `flags`, asking for `mask` alone.
+fn statx(
+    dirfd: libc::c_int,
+    path: &CStr,
+    flags: libc::c_int,
+    mask: u32,
+) -> io::Result<libc::statx> {
+    let mut stat = std::mem::MaybeUninit::<libc::statx>::uninit();
+    // SAFETY: statx fills the buffer for `path` (a NUL-terminated string that outlives the
+    // call) relative to `dirfd`; the buffer is read only when the call succeeded.
+    let rc = unsafe { libc::statx(dirfd, path.as_ptr(), flags, mask, stat.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: initialized by the successful statx above.
+    Ok(unsafe { stat.assume_init() })
+}
+
+/// `statx` of the file `file` keeps open (the empty path with `AT_EMPTY_PATH` names it).
+fn statx_open(file: &File, mask: u32) -> io::Result<libc::statx> {
+    statx(file.as_raw_fd(), c"", libc::AT_EMPTY_PATH, mask)
+}
+
+/// How many names `file` has (`stx_nlink`), from a `statx` that asks for nothing else.
+pub(super) fn link_count(file: &File) -> io::Result<u64> {
+    let stat = statx_open(file, libc::STATX_NLINK)?;
+    if stat.stx_mask & libc::STATX_NLINK == 0 {
+        // The file system did not say: take it as linked rather than refuse every append.
+        return Ok(1);
+    }
+    Ok(u64::from(stat.stx_nlink))
+}
+
+/// The identity in `stat`, or `None` when the file system did not give the inode.
+fn identity(stat: &libc::statx) -> Option<Identity> {
+    (stat.stx_mask & libc::STATX_INO != 0).then_some(Identity {
+        dev_major: stat.stx_dev_major,
+        dev_minor: stat.stx_dev_minor,
+        ino: stat.stx_ino,
+    })
+}
+
+/// The identity of the file `file` keeps open; `None` when the file system did not say.
+pub(super) fn identity_of(file: &File) -> io::Result<Option<Identity>> {
+    statx_open(file, libc::STATX_INO).map(|stat| identity(&stat))
+}
+
+/// The identity of the file at `path`, following a symbolic link as a start's `open` of it
+/// would; `None` when the file system did not say.
+pub(super) fn identity_at(path: &Path) -> io::Result<Option<Identity>> {
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    statx(libc::AT_FDCWD, &path, 0, libc::STATX_INO).map(|stat| identity(&stat))
+}
