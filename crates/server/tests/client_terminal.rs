@@ -248,6 +248,17 @@ fn quit_to_the_shell(term: &mut Terminal, keys: &str) {
     term.wait_for_after(shown, "$ ");
 }
 
+/// Sends `signal` to the `ocm` run from the shell in `term` (the shell's one child), as
+/// `kill` from another terminal would.
+fn signal_ocm_run_from(term: &Terminal, signal: i32) {
+    let shell = term.child.id();
+    let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children"))
+        .expect("the shell's children");
+    let ocm: i32 = children.trim().parse().expect("one child: ocm");
+    // SAFETY: a signal to the shell's child, which the shell has not reaped: it waits for it.
+    assert_eq!(unsafe { libc::kill(ocm, signal) }, 0);
+}
+
 /// Ends the chat of the `ocm` (bob) run from the shell in `term` with `/quit`, checks that
 /// the host `alice` hears it, then ends the shell and the host.
 fn bob_quits_and_both_exit(term: &mut Terminal, alice: &mut Ocm) {
@@ -1091,13 +1102,8 @@ fn a_paste_left_unread_when_the_chat_stops_is_not_run_by_the_shell() {
     let (mut alice, mut term) = host_and_dash(&d);
     let trace = d.dir.path().join("pasted-ran");
     paste_past_the_pace(&mut term, &alice, &trace);
-    let shell = term.child.id();
-    let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children"))
-        .expect("the shell's children");
-    let ocm: i32 = children.trim().parse().expect("one child: ocm");
     let shown = term.text().len();
-    // SAFETY: a signal to the shell's child, which the shell has not reaped: it waits for it.
-    assert_eq!(unsafe { libc::kill(ocm, libc::SIGTSTP) }, 0);
+    signal_ocm_run_from(&term, libc::SIGTSTP);
     term.wait_for_after(shown, "Stopped");
     assert_the_shell_ran_no_paste(&mut term, &trace);
     let shown = term.text().len();
