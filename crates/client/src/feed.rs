@@ -11,6 +11,10 @@
 //! while too much is queued ([`Feed::wait_below`]). Memory stays bounded, and a flood is
 //! slowed to what the terminal shows: the excess waits in the socket's receive buffer, and
 //! what the kernel drops from it shows as lost messages.
+//!
+//! The same thread hands the editor a request to draw its line again ([`Feed::redraw`]), after
+//! a stop it did not see: through the external printer, so that the editor's own thread draws,
+//! between two keys, as it does for every line printed above its line.
 
 use std::collections::VecDeque;
 use std::io;
@@ -23,6 +27,16 @@ use rustyline::ExternalPrinter;
 
 /// Bytes of queued lines past which the receiver waits for the editor to catch up.
 pub const MAX_QUEUED_BYTES: usize = 1 << 20;
+
+/// What the external printer is handed to make the editor draw its prompt and line again.
+/// rustyline prints a text above the line by clearing the line's rows, writing the text (and a
+/// newline if it has none) and drawing the prompt and line after it: this text turns the
+/// terminal's bracketed paste on again (as the editor does for each line it reads: a shell
+/// may have turned it off meanwhile), then goes up a row and comes back down with its
+/// newline, so the prompt is drawn where the line was, with no empty line above it (except on
+/// a screen's top row, which has no row above). Written as is should the editor not be reading
+/// (rustyline then prints straight to the terminal), it moves the cursor up and back only.
+pub const REDRAW: &str = "\x1b[?2004h\x1b[A\n";
 
 /// The queue of lines for the line editor; clones share it.
 #[derive(Clone)]
@@ -42,6 +56,16 @@ struct Queue {
     closed: bool,
     /// The thread has taken a line and not yet handed it over.
     in_flight: bool,
+    /// The editor is to draw its line again once the lines queued are handed over.
+    redraw: bool,
+}
+
+/// What the thread hands the editor next.
+enum Next {
+    /// A line to print above the line being typed.
+    Line(String),
+    /// [`REDRAW`].
+    Redraw,
 }
 
 impl Shared {
@@ -49,8 +73,9 @@ impl Shared {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The next line to print, waiting for one; `None` once the feed is closed.
-    fn next(&self) -> Option<String> {
+    /// The next line to print, or the redraw asked for once none is left, waiting for one;
+    /// `None` once the feed is closed.
+    fn next(&self) -> Option<Next> {
         let mut queue = self.lock();
         loop {
             if queue.closed {
@@ -60,7 +85,12 @@ impl Shared {
                 queue.bytes -= line.len();
                 queue.in_flight = true;
                 self.changed.notify_all();
-                return Some(line);
+                return Some(Next::Line(line));
+            }
+            if queue.redraw {
+                queue.redraw = false;
+                queue.in_flight = true;
+                return Some(Next::Redraw);
             }
             queue = self
                 .changed
@@ -72,7 +102,7 @@ impl Shared {
 
 impl Feed {
     /// Starts the thread that hands queued lines to `printer`, one at a time, each with its
-    /// newline.
+    /// newline, and [`REDRAW`] when asked.
     pub fn start<P: ExternalPrinter + Send + 'static>(mut printer: P) -> io::Result<Feed> {
         let shared = Arc::new(Shared::default());
         let feeder = Arc::clone(&shared);
@@ -81,8 +111,11 @@ impl Feed {
         thread::Builder::new()
             .name("printer".into())
             .spawn(move || {
-                while let Some(line) = feeder.next() {
-                    let printed = printer.print(format!("{line}\n"));
+                while let Some(next) = feeder.next() {
+                    let printed = printer.print(match next {
+                        Next::Line(line) => format!("{line}\n"),
+                        Next::Redraw => REDRAW.to_owned(),
+                    });
                     feeder.lock().in_flight = false;
                     feeder.changed.notify_all();
                     if let Err(e) = printed {
@@ -105,6 +138,16 @@ impl Feed {
         queue.bytes += line.len();
         queue.lines.push_back(line);
         self.0.changed.notify_all();
+    }
+
+    /// Asks the editor to draw its prompt and line again ([`REDRAW`]), after the lines
+    /// queued; never waits. Several requests before the thread takes one make one redraw.
+    pub fn redraw(&self) {
+        let mut queue = self.0.lock();
+        if !queue.closed {
+            queue.redraw = true;
+            self.0.changed.notify_all();
+        }
     }
 
     /// Waits while more than `bytes` are queued and the feed is open.
@@ -327,6 +370,40 @@ pub mod tests {
             let _ = done.send(());
         });
         assert_eq!(finished.recv_timeout(PATIENCE), Ok(()));
+    }
+
+    /// A redraw goes to the editor after the lines queued before it, once however often it
+    /// was asked meanwhile, and again when asked again.
+    #[test]
+    fn a_redraw_follows_the_lines_queued_before_it_once() {
+        let (feed, readline) = one_slot_feed();
+        feed.push("in the slot".into());
+        feed.push("handed over".into());
+        feed.wait_below(0);
+        feed.push("queued".into());
+        feed.redraw();
+        feed.redraw();
+        assert_eq!(
+            drawn_raw(&readline),
+            ["in the slot\n", "handed over\n", "queued\n", REDRAW]
+        );
+        feed.redraw();
+        assert_eq!(drawn_raw(&readline), [REDRAW]);
+        assert!(feed.close().is_empty());
+        feed.redraw();
+        // Nothing comes: the thread has stopped (its printer dropped) or is stopping.
+        assert!(readline.recv_timeout(Duration::from_millis(200)).is_err());
+    }
+
+    /// What the editor is handed, as handed, until nothing comes for a moment.
+    fn drawn_raw(readline: &Receiver<String>) -> Vec<String> {
+        readline
+            .recv_timeout(PATIENCE)
+            .into_iter()
+            .chain(std::iter::from_fn(|| {
+                readline.recv_timeout(Duration::from_millis(200)).ok()
+            }))
+            .collect()
     }
 
     #[test]

@@ -486,6 +486,157 @@ fn ctrl_z_leaves_the_terminal_as_before_the_chat_even_in_dash() {
     bob_quits_and_both_exit(&mut term, &mut alice);
 }
 
+/// Stopped by a SIGTSTP sent from elsewhere (`kill -TSTP`) while a line is half typed, and
+/// brought back with `fg`, the editor draws its prompt and the line again, as after its own
+/// Ctrl+Z: the screen showed only what the shell had printed, and what was typed next went
+/// on blind. The shell gets the terminal with bracketed paste off, as at the chat's end
+/// (dash leaves it as it finds it), and the editor has it on again. The line typed on is
+/// sent whole.
+#[test]
+fn after_a_stop_from_elsewhere_and_fg_the_line_is_drawn_again() {
+    let d = Daemon::start();
+    let (mut alice, mut term) = host_and_dash(&d);
+    term.type_keys("half");
+    term.wait_for("half");
+    let shown = term.text().len();
+    signal_ocm_run_from(&term, libc::SIGTSTP);
+    term.wait_for_after(shown, "Stopped");
+    term.wait_for_after(shown, "$ ");
+    assert!(!bracketed_paste_left_on(&term.text()), "{:?}", term.text());
+    let shown = term.text().len();
+    term.type_keys("fg\r");
+    term.wait_for_after(shown, "> half");
+    assert!(bracketed_paste_left_on(&term.text()), "{:?}", term.text());
+    term.type_keys(" done\r");
+    assert_eq!(alice.line(), "bob: half done");
+    assert_eq!(term.text()[shown..].matches("> half").count(), 1);
+    bob_quits_and_both_exit(&mut term, &mut alice);
+}
+
+/// Stopped (by `stop`) with half a line typed, sent to the background (`bg`), and brought
+/// back with `fg`: the chat stops again at once (the editor's mode may not be given back
+/// from the background), draws nothing over the shell's screen meanwhile, and after `fg`
+/// has its mode and its line drawn once, and sends the line typed on whole. Returns what
+/// the terminal showed after `fg`.
+fn stopped_sent_to_the_background_and_brought_back(stop: impl FnOnce(&mut Terminal)) -> String {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    // -b: bash tells of a job's stop at once, not at its next prompt.
+    let mut term = shell_terminal("bash", &["--norc", "--noprofile", "-i", "-b"]);
+    join_from_shell(&mut term, &d);
+    assert_eq!(alice.line(), "* bob joined");
+    term.type_keys("half");
+    term.wait_for("half");
+    let editors = term.mode();
+    let shown = term.text().len();
+    stop(&mut term);
+    term.wait_for_after(shown, "Stopped");
+    term.wait_for_after(shown, "$ ");
+    let shown = term.text().len();
+    term.type_keys("bg\r");
+    term.wait_for_after(shown, "Stopped");
+    term.wait_for_after(shown, "$ ");
+    assert!(!term.text()[shown..].contains("half"), "{:?}", term.text());
+    let shown = term.text().len();
+    term.type_keys("fg\r");
+    term.wait_for_after(shown, "> half");
+    assert_eq!(term.mode().c_lflag, editors.c_lflag, "{:?}", term.text());
+    term.type_keys(" done\r");
+    assert_eq!(alice.line(), "bob: half done");
+    let after_fg = term.text()[shown..].to_owned();
+    assert_eq!(after_fg.matches("> half").count(), 1, "{after_fg:?}");
+    bob_quits_and_both_exit(&mut term, &mut alice);
+    after_fg
+}
+
+/// [`stopped_sent_to_the_background_and_brought_back`] after a `kill -TSTP`.
+#[test]
+fn stopped_from_elsewhere_sent_to_the_background_and_brought_back() {
+    stopped_sent_to_the_background_and_brought_back(|term| {
+        signal_ocm_run_from(term, libc::SIGTSTP)
+    });
+}
+
+/// [`stopped_sent_to_the_background_and_brought_back`] after the editor's own Ctrl+Z, where
+/// the editor draws its line itself: nothing is asked of it for the SIGCONTs (a redraw
+/// asked before it took its mode again is written as is: its cursor movements).
+#[test]
+fn stopped_with_ctrl_z_sent_to_the_background_and_brought_back() {
+    let after_fg = stopped_sent_to_the_background_and_brought_back(|term| term.type_keys("\x1a"));
+    assert!(!after_fg.contains("\x1b[A"), "{after_fg:?}");
+}
+
+/// After its own Ctrl+Z and `fg`, the editor draws its line itself, and only itself: nothing
+/// is asked of it for the SIGCONT (the line drawn a second time, or, asked while the editor
+/// has not taken raw mode again, the redraw's cursor movements written as they are).
+#[test]
+fn after_its_own_ctrl_z_the_editor_draws_its_line_once() {
+    let d = Daemon::start();
+    let (mut alice, mut term) = host_and_dash(&d);
+    term.type_keys("half");
+    term.wait_for("half");
+    let shown = term.text().len();
+    term.type_keys("\x1a");
+    term.wait_for_after(shown, "Stopped");
+    term.wait_for_after(shown, "$ ");
+    let shown = term.text().len();
+    term.type_keys("fg\r");
+    term.wait_for_after(shown, "> half");
+    term.type_keys(" done\r");
+    assert_eq!(alice.line(), "bob: half done");
+    let after_fg = &term.text()[shown..];
+    assert_eq!(after_fg.matches("> half").count(), 1, "{after_fg:?}");
+    assert!(!after_fg.contains("\x1b[A"), "{after_fg:?}");
+    bob_quits_and_both_exit(&mut term, &mut alice);
+}
+
+/// Stopped by a SIGSTOP (`kill -STOP`), which no handler sees, the editor leaves the
+/// terminal raw, and bash, its job stopped, gives it its own mode, which it does not give
+/// back on `fg`: the editor read on in a terminal that echoed what was typed and handed it
+/// over only at Enter, under no prompt. Now, continued in the foreground, it takes its raw
+/// mode again (the very mode the editor had) and draws its prompt and line. Continued in the
+/// background (`kill -CONT` while the shell has the terminal), it draws nothing over the
+/// shell's screen and stops again, as a read from the background would: bash's `fg`
+/// continues only a stopped job, and gave a running one the terminal without a SIGCONT.
+#[test]
+fn after_a_sigstop_and_fg_the_editor_takes_its_mode_and_draws_its_line_again() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    // -b: bash tells of a job's stop at once, not at its next prompt.
+    let mut term = shell_terminal("bash", &["--norc", "--noprofile", "-i", "-b"]);
+    join_from_shell(&mut term, &d);
+    assert_eq!(alice.line(), "* bob joined");
+    term.type_keys("half");
+    term.wait_for("half");
+    let editors = term.mode();
+    let shown = term.text().len();
+    signal_ocm_run_from(&term, libc::SIGSTOP);
+    term.wait_for_after(shown, "Stopped");
+    term.wait_for_after(shown, "$ ");
+    // Continued while the shell has the terminal, with keys typed to the shell meanwhile
+    // (which wake the editor too): stopped again, with nothing drawn on the shell's screen.
+    let shown = term.text().len();
+    signal_ocm_run_from(&term, libc::SIGCONT);
+    term.type_keys("echo DONE-$((6*7))\r");
+    term.wait_for_after(shown, "DONE-42");
+    term.wait_for_after(shown, "Stopped");
+    term.wait_for_after(shown, "$ ");
+    assert!(!term.text()[shown..].contains("half"), "{:?}", term.text());
+    let shown = term.text().len();
+    term.type_keys("fg\r");
+    term.wait_for_after(shown, "> half");
+    let mode = term.mode();
+    let parts = |m: libc::termios| (m.c_iflag, m.c_oflag, m.c_cflag, m.c_lflag, m.c_cc);
+    assert_eq!(parts(mode), parts(editors), "{:?}", term.text());
+    term.type_keys(" done\r");
+    assert_eq!(alice.line(), "bob: half done");
+    let after_fg = &term.text()[shown..];
+    assert_eq!(after_fg.matches("> half").count(), 1, "{after_fg:?}");
+    bob_quits_and_both_exit(&mut term, &mut alice);
+}
+
 /// A byte that is not UTF-8 from the terminal (one set to Latin-1, a stray byte) costs the
 /// line it was typed in, said so, not the chat.
 #[test]

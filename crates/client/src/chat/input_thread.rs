@@ -14,7 +14,8 @@ use rustyline::{Cmd, Config, DefaultEditor, KeyEvent};
 
 use super::commands::{too_long, Commands};
 use super::suspend::{
-    remember_mode_before_chat, stop_in_the_mode_before_the_chat, take_suspend_here,
+    redraw_on_resume, remember_mode_before_chat, stop_in_the_mode_before_the_chat,
+    take_suspend_here, EditorThread,
 };
 use super::{lock, Event};
 use crate::error::ClientError;
@@ -36,7 +37,7 @@ const NOT_UTF8: &str =
     "* the terminal sent a byte that is not UTF-8: that line was dropped (is the terminal set to UTF-8?)";
 
 /// What turns a terminal's bracketed paste off (rustyline writes it to standard output).
-const BRACKETED_PASTE_OFF: &[u8] = b"\x1b[?2004l";
+pub(super) const BRACKETED_PASTE_OFF: &[u8] = b"\x1b[?2004l";
 
 /// The terminal mode as it was before the line editor ran, put back on drop with the
 /// terminal's unread input discarded.
@@ -100,17 +101,18 @@ pub(super) fn spawn_input(
 ) {
     let spawned = thread::Builder::new().name("input".into()).spawn(move || {
         let editing = reading.is_some();
-        let mut editor = reading.and_then(|reading| match start_editor(&commands.screen) {
-            Ok(editor) => Some((editor, reading)),
-            Err(e) => {
-                warn!("line editing unavailable, reading plain lines: {e}");
-                None
-            }
-        });
+        let mut editor =
+            reading.and_then(|reading| match start_editor(&commands.screen, &reading) {
+                Ok((editor, resume)) => Some((editor, reading, resume)),
+                Err(e) => {
+                    warn!("line editing unavailable, reading plain lines: {e}");
+                    None
+                }
+            });
         if editing {
-            // After the editor's printing thread started, which keeps SIGTSTP blocked (see
-            // `suspend::suspend_on_input_thread`). Also without the editor: this thread then takes
-            // the Ctrl+Z of the terminal's own line editing.
+            // After the editor's printing and resume threads started, which keep SIGTSTP
+            // blocked (see `suspend::suspend_on_input_thread`). Also without the editor: this
+            // thread then takes the Ctrl+Z of the terminal's own line editing.
             take_suspend_here();
         }
         if editor.is_some() {
@@ -125,7 +127,7 @@ pub(super) fn spawn_input(
             return;
         }
         let end = match &mut editor {
-            Some((editor, reading)) => read_edited(&mut commands, editor, reading),
+            Some((editor, reading, _)) => read_edited(&mut commands, editor, reading),
             None => read_lines(&mut commands, &mut io::stdin().lock()),
         };
         if let Some(event) = end {
@@ -139,7 +141,9 @@ pub(super) fn spawn_input(
 }
 
 /// A line editor with in-memory history, whose external printer becomes the screen's, and
-/// that takes Escape alone after [`KEYSEQ_TIMEOUT_MS`].
+/// that takes Escape alone after [`KEYSEQ_TIMEOUT_MS`]. It draws its line again after a stop
+/// it did not see while `reading` ([`redraw_on_resume`]), as long as the [`EditorThread`]
+/// returned with it is kept (on the calling thread, which the editor must read on).
 ///
 /// Ctrl+R and Ctrl+S search the history by prefix: the previous (next) line starting with
 /// what is typed before the cursor. rustyline binds them to its incremental search, whose
@@ -159,7 +163,10 @@ pub(super) fn spawn_input(
 /// lines waited for it, and it was taken: Ctrl+X then Enter sent nothing. (Alt with a digit,
 /// a count for the next key, reads keys alone as well, but shows its `(arg: N)` prompt and
 /// cannot be bound otherwise.)
-fn start_editor(screen: &Mutex<Screen>) -> Result<DefaultEditor, ReadlineError> {
+fn start_editor(
+    screen: &Mutex<Screen>,
+    reading: &Arc<AtomicBool>,
+) -> Result<(DefaultEditor, Option<EditorThread>), ReadlineError> {
     let config = Config::builder()
         .keyseq_timeout(Some(KEYSEQ_TIMEOUT_MS))
         .build();
@@ -171,8 +178,11 @@ fn start_editor(screen: &Mutex<Screen>) -> Result<DefaultEditor, ReadlineError> 
     editor.bind_sequence(KeyEvent::ctrl('X'), Cmd::Noop);
     editor.bind_sequence(KeyEvent::ctrl(']'), Cmd::Noop);
     let feed = Feed::start(editor.create_external_printer()?)?;
+    let resume = redraw_on_resume(feed.clone(), Arc::clone(reading))
+        .inspect_err(|e| debug!("the line will not be drawn again after a stop: {e}"))
+        .ok();
     lock(screen).set_editor_printer(Box::new(EditorPrinter::new(feed)));
-    Ok(editor)
+    Ok((editor, resume))
 }
 
 /// Acts on each line of `input`; returns the event that ends the input, or `None` when

@@ -16,7 +16,8 @@
 //!   answers (`commands`); chat text and `/quit` go to the main thread.
 //!   On `ocm join` the recent history is fetched first (with the line editor, by the asking
 //!   thread while the editor already reads) and releases the screen, which held the live
-//!   messages meanwhile;
+//!   messages meanwhile. With the line editor, a *resume* thread has the editor take its
+//!   mode and draw its line again after a stop it did not see (`suspend`);
 //! - the *signal watcher* reports SIGINT, SIGTERM, SIGHUP and SIGQUIT, so that Ctrl+C,
 //!   `kill`, a closed terminal and Ctrl+\\ all leave the room properly instead of waiting for
 //!   the server's timeout (an `--original` member has none: it would stay until the room
@@ -46,7 +47,7 @@
 //!
 //! The work is split by thread: this module is the main loop (`run`) and what it does itself
 //! (sending, the end of the session); `session` is the UDP endpoint and the keepalive
-//! thread; `icmp` the ICMP errors its socket hears of; `receiver` the receiver thread; `input_thread` the input thread and the line editor; `suspend` its Ctrl+Z; `commands` the
+//! thread; `icmp` the ICMP errors its socket hears of; `receiver` the receiver thread; `input_thread` the input thread and the line editor; `suspend` its stops and resumes; `commands` the
 //! local commands it answers; `checks` what is asked of the server over TCP during a chat.
 
 mod checks;

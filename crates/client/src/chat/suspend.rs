@@ -1,17 +1,61 @@
-//! Ctrl+Z in the line editor: which thread stops the process, and in which terminal mode
-//! the shell gets the terminal back.
+//! Stops and resumes of a chat in the line editor: which thread stops the process on Ctrl+Z,
+//! in which terminal mode the shell gets the terminal back, and how the editor gets its mode
+//! and its line back on the screen however the process was stopped.
 
+use std::io;
 use std::mem::MaybeUninit;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::thread;
 
 use log::debug;
 use nix::errno::Errno;
 use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
-use nix::sys::termios::Termios;
+use nix::sys::termios::{tcsetattr, SetArg, Termios};
+use signal_hook::consts::SIGCONT;
+use signal_hook::iterator::Signals;
+
+use super::input_thread::BRACKETED_PASTE_OFF;
+use crate::feed::Feed;
 
 /// The terminal mode before the chat, the one the terminal guard puts back: the mode the
 /// process stops in. Plain data, read by the SIGTSTP handler.
 static MODE_BEFORE_CHAT: OnceLock<libc::termios> = OnceLock::new();
+
+/// The thread the editor reads on, while it runs ([`EditorThread`]).
+static EDITOR_THREAD: Mutex<Option<libc::pthread_t>> = Mutex::new(None);
+
+/// How the last stop came, as the SIGTSTP handler saw it ([`Stop`]); forgotten on the
+/// SIGCONT that finds the terminal ours.
+static LAST_STOP: AtomicU8 = AtomicU8::new(Stop::Unseen as u8);
+
+/// How the process was stopped, for what to do once it is continued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Stop {
+    /// No SIGTSTP went through the handler: a SIGSTOP, which no handler sees (or a SIGCONT
+    /// without a stop). The shell may have given the terminal its own mode meanwhile (bash
+    /// does), and the editor, which does not know, draws nothing.
+    Unseen,
+    /// A SIGTSTP that found the editor's raw mode: one from elsewhere (`kill -TSTP`) while
+    /// the editor reads. The handler puts that mode back; the editor, which does not know,
+    /// draws nothing.
+    InEditor,
+    /// A SIGTSTP in any other mode: the editor's own Ctrl+Z, after which the editor takes
+    /// its mode again and draws its line itself, or the terminal's between two lines, where
+    /// there is no line to draw.
+    Elsewhere,
+}
+
+impl Stop {
+    fn last() -> Stop {
+        match LAST_STOP.load(Ordering::SeqCst) {
+            x if x == Stop::InEditor as u8 => Stop::InEditor,
+            x if x == Stop::Elsewhere as u8 => Stop::Elsewhere,
+            _ => Stop::Unseen,
+        }
+    }
+}
 
 /// Ctrl+Z, to the line editor, means: give the terminal its mode back, stop the process
 /// with `kill(0, SIGTSTP)`, and once continued (`fg`), take raw mode again and redraw. In a
@@ -55,7 +99,8 @@ pub(super) fn remember_mode_before_chat(mode: &Termios) {
 /// line editing. bash and zsh put back the mode they had when a job stops; dash, busybox sh
 /// and others do not, and were left with a terminal that echoed nothing and edited no line
 /// until `fg` or `stty sane`. A SIGTSTP sent from elsewhere (`kill -TSTP`) while the editor
-/// reads stops in that mode too, and gets raw mode back, though the line is not redrawn.
+/// reads stops in that mode too, with bracketed paste turned off as at the chat's end, and
+/// gets raw mode back; the line is drawn again by [`redraw_on_resume`].
 /// Called on the input thread, the one that takes SIGTSTP.
 pub(super) fn stop_in_the_mode_before_the_chat() {
     if MODE_BEFORE_CHAT.get().is_none() {
@@ -80,8 +125,9 @@ fn sigtstp_action() -> SigAction {
 
 /// Puts the terminal in its mode before the chat, its unread input discarded, stops the
 /// process as SIGTSTP's default action would, and once continued puts back the mode found:
-/// the quiet one between two lines, or the one the editor's Ctrl+Z left, from which it
-/// takes raw mode again.
+/// the quiet one between two lines, the one the editor's Ctrl+Z left, from which it takes
+/// raw mode again, or the editor's raw mode itself (a SIGTSTP from elsewhere), noted in
+/// [`LAST_STOP`] for [`redraw_on_resume`].
 extern "C" fn on_sigtstp(_: libc::c_int) {
     let errno = Errno::last_raw();
     let mut found = MaybeUninit::<libc::termios>::uninit();
@@ -89,20 +135,49 @@ extern "C" fn on_sigtstp(_: libc::c_int) {
     let found = unsafe {
         (libc::tcgetattr(libc::STDIN_FILENO, found.as_mut_ptr()) == 0).then(|| found.assume_init())
     };
+    let in_editor = found.as_ref().is_some_and(in_editor_mode);
+    if in_editor {
+        // The editor turned the terminal's bracketed paste on for the line it reads, and
+        // turns it off only when it returns one or stops itself: the shell would get each
+        // paste wrapped in `ESC [200~` ... `ESC [201~` (see the terminal guard).
+        // SAFETY: write is async-signal-safe; the buffer is a static.
+        unsafe {
+            libc::write(
+                libc::STDOUT_FILENO,
+                BRACKETED_PASTE_OFF.as_ptr().cast(),
+                BRACKETED_PASTE_OFF.len(),
+            )
+        };
+    }
+    let seen = if in_editor {
+        Stop::InEditor
+    } else {
+        Stop::Elsewhere
+    };
+    LAST_STOP.store(seen as u8, Ordering::SeqCst);
     if let Some(before) = MODE_BEFORE_CHAT.get() {
         // TCSAFLUSH: the shell reads the terminal as soon as the process stops, and would
         // run what `ocm` had not read (keys typed after the editor's Ctrl+Z, the rest of a
         // paste) as commands. The terminal's own Ctrl+Z discards that input too (ISIG
         // without NOFLSH), so a stop drops the same whichever way it comes.
-        // SAFETY: as above.
-        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSAFLUSH, before) };
+        set_mode(libc::TCSAFLUSH, before);
     }
     stop();
     if let Some(found) = found {
-        // SAFETY: as above.
-        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSADRAIN, &found) };
+        set_mode(libc::TCSADRAIN, &found);
     }
     Errno::set_raw(errno);
+}
+
+/// Sets the terminal's `mode`, again if a signal handler that does not restart calls
+/// interrupts it: the editor's, for SIGWINCH, which [`wake_the_editor`] sends to this very
+/// thread when the process is continued, while the mode set from the background waits for
+/// `fg` (see [`redraw_on_resume`]). From a signal handler: async-signal-safe.
+fn set_mode(when: libc::c_int, mode: &libc::termios) {
+    // SAFETY: tcsetattr reads a whole termios.
+    while unsafe { libc::tcsetattr(libc::STDIN_FILENO, when, mode) } != 0
+        && Errno::last() == Errno::EINTR
+    {}
 }
 
 /// SIGTSTP's default action, from its handler: the signal is blocked while the handler
@@ -117,5 +192,157 @@ fn stop() {
         let _ = tstp().thread_unblock();
         let _ = tstp().thread_block();
         let _ = signal::sigaction(Signal::SIGTSTP, &sigtstp_action());
+    }
+}
+
+/// Whether `mode` is the editor's raw mode: neither line editing nor signals from the
+/// terminal (the quiet mode between two lines keeps signals, the shell's mode has both).
+fn in_editor_mode(mode: &libc::termios) -> bool {
+    mode.c_lflag & (libc::ICANON | libc::ISIG) == 0
+}
+
+/// The raw mode the editor reads a line in, made of the mode before the chat as rustyline
+/// (19, `tty/unix.rs`, `enable_raw_mode`) makes it of the mode it finds (the quiet one
+/// between two lines, itself the mode before the chat without echo and line editing): no
+/// break, CR to NL, parity check, bit stripping or flow control on input; 8 bits; no echo,
+/// line editing, extended input or signals; reads return each byte as it comes.
+fn editor_mode(before: &libc::termios) -> libc::termios {
+    let mut raw = *before;
+    raw.c_iflag &= !(libc::BRKINT | libc::ICRNL | libc::INPCK | libc::ISTRIP | libc::IXON);
+    raw.c_cflag |= libc::CS8;
+    raw.c_lflag &= !(libc::ECHO | libc::ICANON | libc::IEXTEN | libc::ISIG);
+    raw.c_cc[libc::VMIN] = 1;
+    raw.c_cc[libc::VTIME] = 0;
+    raw
+}
+
+/// Makes the editor draw its prompt and line again whenever the process is continued
+/// (SIGCONT: `fg`, `kill -CONT`) while the editor reads a line, once the terminal is ours
+/// (our process group in its foreground), unless the editor stopped the process itself (its
+/// Ctrl+Z), after which it draws them itself. A stop it did not see (`kill -TSTP`, `kill
+/// -STOP`) left the screen to the shell, and the line being typed off it until the next
+/// message. After a SIGSTOP, which no handler sees, the terminal may also be in the shell's
+/// own mode (bash puts its mode back when a job stops, and does not give the job's back on
+/// `fg`), which echoed what was typed and handed it to the editor only at Enter: the
+/// editor's raw mode is set again first ([`take_editor_mode`]). The drawing is asked of the
+/// editor through its external printer ([`Feed::redraw`]), so its own thread does it,
+/// between two keys, once it waits for the next one ([`wake_the_editor`]).
+///
+/// Continued in the background after a SIGSTOP (`kill -CONT` while the shell, which saw the
+/// job stop, has the terminal), the process ran on unseen, and a shell's `fg` continues
+/// (SIGCONT) only a job that is stopped, so it got the terminal back with no signal, no
+/// prompt and the shell's mode. Setting the editor's mode from the background now stops it
+/// again (SIGTTOU) until `fg`, which continues it in the foreground, where the mode is set
+/// and the line drawn. (After a SIGTSTP, the handler's setting the mode back stops it in the
+/// same way.)
+///
+/// Called on the thread the editor reads on, before it takes SIGTSTP (the watching thread
+/// must not); the editor's thread is known as such until the guard returned is dropped.
+pub(super) fn redraw_on_resume(feed: Feed, reading: Arc<AtomicBool>) -> io::Result<EditorThread> {
+    let mut signals = Signals::new([SIGCONT])?;
+    thread::Builder::new()
+        .name("resume".into())
+        .spawn(move || {
+            while signals.forever().next().is_some() {
+                if on_resume(&feed, &reading) {
+                    // A SIGCONT that came meanwhile continued the stop that setting the
+                    // mode from the background met: the one just answered, not a second.
+                    signals.pending().for_each(drop);
+                }
+            }
+        })?;
+    Ok(EditorThread::here())
+}
+
+/// The calling thread known as the editor's, for [`wake_the_editor`], until dropped (before
+/// the thread ends: a signal to a thread that has ended is undefined).
+pub(super) struct EditorThread;
+
+impl EditorThread {
+    fn here() -> EditorThread {
+        // SAFETY: no precondition.
+        *editor_thread() = Some(unsafe { libc::pthread_self() });
+        EditorThread
+    }
+}
+
+impl Drop for EditorThread {
+    fn drop(&mut self) {
+        *editor_thread() = None;
+    }
+}
+
+/// The editor's thread, locked: a poisoned lock holds a plain value, used as is.
+fn editor_thread() -> std::sync::MutexGuard<'static, Option<libc::pthread_t>> {
+    EDITOR_THREAD.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Makes the editor's thread go back to waiting for a key or a line to print, where it
+/// takes the redraw asked for. It may be inside a read of the terminal instead, where the
+/// external printer waits for the next key: a read begun in the background (keys typed to
+/// the shell wake the editor there too) stops the process with SIGTTIN, and once continued
+/// in the foreground waits for a key the shell has already read. A SIGWINCH to that thread
+/// ends its read (the editor's handler for it does not restart reads) and makes the editor
+/// read the terminal's size again, as after its own Ctrl+Z: the terminal may have been
+/// resized while the shell had it, and told only the shell.
+fn wake_the_editor() {
+    let thread = editor_thread();
+    if let Some(thread) = *thread {
+        // SAFETY: the thread is alive: it forgets itself (under this lock) before it ends.
+        unsafe { libc::pthread_kill(thread, libc::SIGWINCH) };
+    }
+}
+
+/// What [`redraw_on_resume`] does on each SIGCONT; whether it asked for a redraw.
+fn on_resume(feed: &Feed, reading: &AtomicBool) -> bool {
+    let stop = Stop::last();
+    if stop != Stop::Unseen {
+        if !in_foreground() {
+            // Continued in the background (`bg`): the handler, setting the mode it found
+            // again, stops the process (SIGTTOU) until `fg`, whose SIGCONT ends this stop.
+            return false;
+        }
+        LAST_STOP.store(Stop::Unseen as u8, Ordering::SeqCst);
+        if stop == Stop::Elsewhere {
+            return false;
+        }
+    }
+    if !reading.load(Ordering::SeqCst) {
+        return false;
+    }
+    if stop == Stop::Unseen {
+        take_editor_mode();
+    }
+    feed.redraw();
+    wake_the_editor();
+    true
+}
+
+/// Whether our process group has the terminal.
+fn in_foreground() -> bool {
+    // SAFETY: plain system calls on standard input, which stays open.
+    unsafe { libc::tcgetpgrp(libc::STDIN_FILENO) == libc::getpgrp() }
+}
+
+/// Sets the editor's raw mode, whatever the mode found (a shell may have given the
+/// terminal its own). From the background the kernel stops the process (SIGTTOU) until it
+/// is continued in the foreground, where the call goes through: it returns with the
+/// terminal ours, however long that takes, and with no moment between a check and a stop in
+/// which a shell's `fg` could come and find the process running.
+fn take_editor_mode() {
+    let Some(before) = MODE_BEFORE_CHAT.get() else {
+        return;
+    };
+    // TCSADRAIN, as the editor does: what was typed meanwhile is the editor's to read.
+    let mode = Termios::from(editor_mode(before));
+    // Again if interrupted: the editor's SIGWINCH handler does not restart calls.
+    let set = loop {
+        match tcsetattr(io::stdin(), SetArg::TCSADRAIN, &mode) {
+            Err(Errno::EINTR) => continue,
+            set => break set,
+        }
+    };
+    if let Err(e) = set {
+        debug!("cannot take the editor's mode again: {e}");
     }
 }
