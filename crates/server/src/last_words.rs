@@ -37,19 +37,23 @@ use crate::mmsg::Fate;
 pub const MAX_HELD: usize = 4096;
 
 /// How long a last word is held at most; it is let go at the first try after that (one every
-/// 100 ms while words are held). A member that sends keepalives needs it for no more than
-/// one of their intervals: its next `__REGISTER__` carries a dead token, which the
-/// tombstone answers with `__ROOM_CLOSED__` at the address it comes from now (`ocm` sends
-/// one every 10 s by default). One that only listens has nothing else, but the longer the
-/// close waits, the likelier its address is no longer that member's: many NATs forget a UDP
-/// mapping the client has not sent through for 30 to 60 s (RFC 4787 asks for 2 minutes; many
-/// give less) and hand its port to the next client, which would read the close as its own
-/// room's. And the daemon itself takes a member that promised keepalives and stayed silent
-/// for 30 s to be gone (three missed keepalives of `ocm`'s 10 s). So 30 s: three keepalive
-/// intervals for members that send them, the shortest common NAT lifetime for those that do
-/// not. The hour a tombstone lives is no bound here: its answer goes to the address a dead
-/// token comes from now, never to an old one. A constant: what it weighs is the clients'
-/// and the networks' timing, not the operator's.
+/// 100 ms while words are held). A member that sends keepalives has another way to hear of
+/// the close: its next `__REGISTER__` carries a dead token, which the tombstone answers with
+/// `__ROOM_CLOSED__` at the address it comes from (`ocm` sends one every 10 s by default).
+/// But while the word is held, that answer to the same address is dropped, like anything
+/// newer to it (`Sender::hold_back_behind_last_words` in `udp.rs`): holding the word longer
+/// delays that member's notice too, and once it is let go, the answer to the member's next
+/// `__REGISTER__` is sent. (One that moved to another address gets the answer there at
+/// once.) One that only listens has nothing else, but the longer the close waits, the
+/// likelier its address is no longer that member's: many NATs forget a UDP mapping the
+/// client has not sent through for 30 to 60 s (RFC 4787 asks for 2 minutes; many give less)
+/// and hand its port to the next client, which would read the close as its own room's. And
+/// the daemon itself takes a member that promised keepalives and stayed silent for 30 s to
+/// be gone (three missed keepalives of `ocm`'s 10 s). So 30 s: three keepalive intervals for
+/// members that send them, the shortest common NAT lifetime for those that do not. The hour
+/// a tombstone lives is no bound here: its answer goes to the address a dead token comes
+/// from now, never to an old one. A constant: what it weighs is the clients' and the
+/// networks' timing, not the operator's.
 pub const MAX_HELD_AGE: Duration = Duration::from_secs(30);
 
 /// How often words let go for their age are logged, at most: a kernel that stays short of
