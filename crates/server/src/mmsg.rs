@@ -1524,6 +1524,111 @@ mod tests {
         assert_eq!(receive(&x, 1)[0].1, b"chat");
     }
 
+    /// What the test stand-in for the kernel does with a datagram whose first byte is
+    /// `code`: takes it (0), has no memory for it (1, `ENOBUFS`), finds its destination
+    /// unreachable (2, `EHOSTUNREACH`: refused for itself), or finds the buffer full (3,
+    /// `EAGAIN`).
+    fn by_first_byte(bytes: &[u8]) -> Option<i32> {
+        match bytes.first() {
+            Some(1) => Some(libc::ENOBUFS),
+            Some(2) => Some(libc::EHOSTUNREACH),
+            Some(3) => Some(libc::EAGAIN),
+            _ => None,
+        }
+    }
+
+    /// What [`send`] is to do with `datagrams` (each `(code, destination, in order, runs
+    /// valid)`, `code` as in [`by_first_byte`]), worked out one datagram at a time: its
+    /// result, [`SendScratch::failed`], [`SendScratch::short_of_memory`],
+    /// [`SendScratch::held_back`] and each datagram's [`Fate`].
+    type Expected = (Sent, Vec<usize>, Vec<usize>, Vec<usize>, Vec<Fate>);
+    fn expected(datagrams: &[(u8, usize, bool, bool)]) -> Expected {
+        let mut sent = Sent::default();
+        let (mut failed, mut no_memory, mut held_back) = (Vec::new(), Vec::new(), Vec::new());
+        let mut fates = vec![Fate::NoRoom; datagrams.len()];
+        let mut blocked = HashSet::new();
+        for (i, &(code, to, in_order, valid)) in datagrams.iter().enumerate() {
+            if !valid {
+                failed.push(i);
+                fates[i] = Fate::Refused;
+            } else if blocked.contains(&to) {
+                held_back.push(i);
+            } else {
+                match code {
+                    0 => {
+                        sent.sent += 1;
+                        fates[i] = Fate::Sent;
+                    }
+                    1 => {
+                        failed.push(i);
+                        no_memory.push(i);
+                        if in_order {
+                            blocked.insert(to);
+                        }
+                    }
+                    2 => {
+                        failed.push(i);
+                        fates[i] = Fate::Refused;
+                    }
+                    _ => {
+                        // All from here on found no room; nothing after it failed on its own.
+                        sent.would_block = datagrams.len() - i;
+                        fates[i..].fill(Fate::NoRoom);
+                        break;
+                    }
+                }
+            }
+        }
+        sent.failed = failed.len();
+        sent.held_back = held_back.len();
+        (sent, failed, no_memory, held_back, fates)
+    }
+
+    proptest::proptest! {
+        /// Whatever the kernel does with each datagram of a call of several batches (the
+        /// stand-in decides by its bytes), [`send`]'s counts, its lists of what failed, was
+        /// short of memory or was held back, and each datagram's [`Fate`] agree with working
+        /// it out one datagram at a time: what follows an in-order datagram refused for want
+        /// of memory to its destination is held back, and a full buffer ends the call.
+        #[test]
+        fn a_send_agrees_with_its_datagrams_taken_one_at_a_time(
+            datagrams in proptest::collection::vec(
+                (0u8..4, 0usize..3, proptest::bool::ANY, proptest::bool::weighted(0.95)),
+                0..2 * BATCH + 50,
+            )
+        ) {
+            let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let peers: Vec<UdpSocket> =
+                (0..3).map(|_| UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+            let payloads: Vec<[u8; 1]> = datagrams.iter().map(|&(code, ..)| [code]).collect();
+            let parts: Vec<IoSlice> = payloads.iter().map(|p| IoSlice::new(p)).collect();
+            let outgoing: Vec<Outgoing> = datagrams
+                .iter()
+                .enumerate()
+                .map(|(i, &(_, to, in_order, valid))| Outgoing {
+                    to: peers[to].local_addr().unwrap(),
+                    from: None,
+                    // Past the parts: fails before the kernel sees it.
+                    runs: if valid { i..i + 1 } else { parts.len()..parts.len() + 1 },
+                    segment: 0,
+                    in_order,
+                })
+                .collect();
+            let mut scratch = SendScratch {
+                refusing: Some(by_first_byte),
+                ..SendScratch::default()
+            };
+            let sent = send(a.as_raw_fd(), &parts, &outgoing, &mut scratch);
+            let (want, failed, no_memory, held_back, fates) = expected(&datagrams);
+            proptest::prop_assert_eq!(sent, want);
+            proptest::prop_assert_eq!(scratch.failed(), &failed[..]);
+            proptest::prop_assert_eq!(scratch.short_of_memory(), &no_memory[..]);
+            proptest::prop_assert_eq!(scratch.held_back(), &held_back[..]);
+            let got: Vec<Fate> = (0..datagrams.len()).map(|i| scratch.fate(i, &sent)).collect();
+            proptest::prop_assert_eq!(got, fates);
+        }
+    }
+
     /// A full send buffer drops the datagram it refused and all after it, in this call's
     /// later batches too, and those after it that had failed on their own count as dropped
     /// for lack of room, not twice. (A UDP socket's buffer does not fill on loopback, where

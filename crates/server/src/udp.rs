@@ -1746,6 +1746,91 @@ mod tests {
         assert_eq!(metrics.send_errors.get("other"), None);
     }
 
+    /// A stand-in for the kernel that decides by a datagram's first byte: takes it (0), has
+    /// no memory for it (1, `ENOBUFS`), finds its destination unreachable (2), or finds the
+    /// buffer full (3, `EAGAIN`); each time it is tried.
+    fn by_first_byte(bytes: &[u8]) -> Option<i32> {
+        match bytes.first() {
+            Some(1) => Some(libc::ENOBUFS),
+            Some(2) => Some(libc::EHOSTUNREACH),
+            Some(3) => Some(libc::EAGAIN),
+            _ => None,
+        }
+    }
+
+    proptest::proptest! {
+        /// Over two passes of chat and last words to three addresses, whatever the kernel
+        /// does with each (the stand-in decides by its first byte), every datagram is either
+        /// received and counted as sent, counted once as a send error, or still held; and at
+        /// each address what arrives is in the order it was queued, with nothing queued after
+        /// a word still held for that address.
+        #[test]
+        fn every_datagram_is_sent_counted_or_held_and_none_overtakes_a_held_word(
+            // Up to 200 datagrams: few enough for any peer's receive buffer to keep them all.
+            passes in proptest::collection::vec(
+                proptest::collection::vec((0u8..4, 0usize..3, proptest::bool::ANY), 0..100),
+                2,
+            )
+        ) {
+            let socket = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let peers = [peer(), peer(), peer()];
+            let to: Vec<SocketAddr> = peers.iter().map(|p| p.local_addr().unwrap()).collect();
+            let mut sender = Sender::new(65507);
+            sender.scratch.refusing = Some(by_first_byte);
+            let (mut locals, mut metrics) = (Locals::default(), Metrics::default());
+            let mut queued = 0u16;
+            for pass in &passes {
+                let mut out = Outbox::default();
+                for &(code, member, last_word) in pass {
+                    queued += 1;
+                    let [hi, lo] = queued.to_be_bytes();
+                    let bytes = out.payload(|b| b.extend_from_slice(&[code, hi, lo]));
+                    let slot = member as u32;
+                    if last_word {
+                        out.send_last_word(to[member], LocalId::ANY, bytes, slot);
+                    } else {
+                        out.send_to_member(to[member], LocalId::ANY, bytes, slot, 0);
+                    }
+                }
+                sender.send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
+            }
+            let held = sender.held.len() as u64;
+            let errors: u64 = metrics.send_errors.values().sum();
+            proptest::prop_assert_eq!(
+                metrics.datagrams_sent + errors + held,
+                u64::from(queued),
+                "{:?}",
+                metrics.send_errors
+            );
+            let mut received = 0;
+            for (peer, &at) in peers.iter().zip(&to) {
+                peer.set_nonblocking(true).unwrap();
+                let mut order = Vec::new();
+                let mut buf = [0u8; 16];
+                while let Ok(3) = peer.recv(&mut buf) {
+                    order.push(u16::from_be_bytes([buf[1], buf[2]]));
+                }
+                received += order.len() as u64;
+                proptest::prop_assert!(order.is_sorted(), "{:?}", order);
+                let first_held = sender
+                    .held
+                    .iter()
+                    .filter(|word| word.to == at)
+                    .map(|word| u16::from_be_bytes([word.bytes[1], word.bytes[2]]))
+                    .min();
+                if let Some(first_held) = first_held {
+                    proptest::prop_assert!(
+                        order.iter().all(|&n| n < first_held),
+                        "{:?} arrived with {} held",
+                        order,
+                        first_held
+                    );
+                }
+            }
+            proptest::prop_assert_eq!(received, metrics.datagrams_sent);
+        }
+    }
+
     #[test]
     fn a_members_equal_datagrams_go_as_one_segmented_send_up_to_a_shorter_one() {
         let mut out = Outbox::default();
