@@ -376,8 +376,9 @@ impl Server {
     /// deleted and not written again come first: the writer finds them within a second, idle
     /// or not, and creates and joins wait for them from then on, so there is no need for one
     /// to wait 5 s. Then a lock file deleted and not taken again (another process took it, or
-    /// it cannot be taken) or whose name cannot be examined, then a state file or journal given a second name (a hard link)
-    /// while the daemon serves, then a disk that has held a batch too long.
+    /// it cannot be taken) or whose name cannot be examined, then a state file or journal
+    /// given a second name (a hard link) while the daemon serves, then a disk that has held a
+    /// batch too long.
     fn not_ready(&self, now: Instant) -> Option<String> {
         let compactions = self.persister.as_ref().map(|p| p.compactions());
         if compactions.is_some_and(|c| c.files_missing) {

@@ -736,9 +736,8 @@ impl Writer {
     }
 
     /// Records what the latest check found of a lock it could not take again, or examine. A
-    /// failure of
-    /// another kind than the last starts a run of its own, so that its first is logged at
-    /// once rather than up to a minute later as a reminder of the other.
+    /// failure of another kind than the last starts a run of its own, so that its first is
+    /// logged at once rather than up to a minute later as a reminder of the other.
     fn lock_found(&mut self, state: LockState) {
         let mut counters = counters(&self.stats);
         if counters.lock != state {
