@@ -3124,6 +3124,60 @@ fn a_compaction_that_keeps_failing_is_logged_once_and_so_is_its_recovery() {
     );
 }
 
+/// A journal moved from its name and a copy of it put back (`mv`, then `cp`) is replaced as a
+/// deleted one is, the state file written from memory; the copy at the name is emptied only
+/// once the state file holds its records, for until then it is the one place a start would
+/// find them. Here the state file cannot be written for a while (its `fsync` fails): the copy
+/// must still be whole then, and once the state file is written it must hold every join.
+#[test]
+fn a_copy_of_the_journal_put_back_at_its_name_is_kept_until_the_state_file_holds_it() {
+    let (d, fail, _library) = spawn_preloaded(
+        file_fsync_failer,
+        FAIL_FILE_FSYNC,
+        Options {
+            metrics: true,
+            ..Options::default()
+        },
+    );
+    let tokens = [create(&d, "copied", "alice"), join(&d, "copied", "bob")];
+    let journal = d.dir.path().join("room_manager.json.journal");
+    let elsewhere = d.dir.path().join("elsewhere");
+    std::fs::write(&fail, b"").unwrap();
+    std::fs::rename(&journal, &elsewhere).unwrap();
+    std::fs::copy(&elsewhere, &journal).unwrap();
+    let copy = std::fs::read(&journal).unwrap();
+    assert!(
+        tokens.iter().all(|t| text(&copy).contains(t.as_str())),
+        "the copy holds both joins"
+    );
+    d.wait_for_log("is no longer the file at its name");
+    // The first write to fail: the state file's, or a fresh journal's (emptied, then synced).
+    wait_until("a write that failed", || {
+        d.metric("ocm_state_compaction_failures_total") + d.metric("ocm_state_write_failures_total")
+            >= 1.0
+    });
+    assert_eq!(
+        std::fs::read(&journal).unwrap(),
+        copy,
+        "the copy at the journal's name was changed before the state file held its records"
+    );
+    std::fs::remove_file(&fail).unwrap();
+    d.wait_for_log("replaced and state file");
+    let state = std::fs::read(&d.state).unwrap();
+    for token in &tokens {
+        assert!(
+            text(&state).contains(token.as_str()),
+            "{token} not in the state file"
+        );
+    }
+    let fresh = std::fs::read(&journal).unwrap();
+    assert!(
+        fresh.iter().all(|&b| b == 0),
+        "the journal at the name is a fresh one once the state file is written: {:?}",
+        text(&fresh)
+    );
+}
+
 /// A state file that is a symbolic link (to put the state on another disk) is refused at
 /// start, with the link and its target named. It used to be taken: the first snapshot was
 /// renamed over the link, so the state silently moved beside the link (the target kept a

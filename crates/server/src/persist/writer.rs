@@ -754,6 +754,15 @@ impl Writer {
     /// start in between reads the old files, as it would have without this. A journal moved
     /// from its name is left where it is (renamed, or under its other name): once the state
     /// file is written, it holds nothing the state file does not.
+    ///
+    /// A file found at the name is emptied (what it holds is not the daemon's to keep), but
+    /// only once the state file is written: it may be a copy of the journal put back (`mv`,
+    /// then `cp`), the one place a start would find the records being replaced, and emptied
+    /// first it would leave a crash before the state file's write without them. A start
+    /// reads a state file and a journal that overlap as it reads them after any compaction
+    /// (records already in the state file are skipped by their number). With nothing at the
+    /// name the fresh journal comes first, as its directory may have gone with it: it is
+    /// made again there, and the lock taken again, before the state file is.
     fn replace_journal(&mut self, gone: JournalGone) {
         let (what, step) = match gone {
             JournalGone::Deleted => (
@@ -780,16 +789,19 @@ impl Writer {
             counters.hard_links.journal = None;
         }
         self.journal_names = Failing::default();
-        // Emptied, in case a file took the name meanwhile: what it holds is not ours.
-        self.open_fresh_journal(
-            step,
-            " (if its directory was removed, create it again)",
-            true,
-        );
+        let hint = " (if its directory was removed, create it again)";
+        let occupied = fs::symlink_metadata(&self.paths.journal).is_ok();
+        if !occupied {
+            self.open_fresh_journal(step, hint, true);
+        }
         // Gone with the journal if its directory was removed: taken again before the state
         // is there to be read by another ocmd.
         self.check_lock();
-        if self.rewrite_state() {
+        let written = self.rewrite_state();
+        if occupied {
+            self.open_fresh_journal(step, hint, true);
+        }
+        if written {
             let mut counters = counters(&self.stats);
             counters.files_restored += 1;
             counters.files_missing = false;
