@@ -405,11 +405,7 @@ fn with_stderr_redirected_the_closing_line_starts_a_line_of_its_own() {
 #[test]
 fn after_ctrl_z_and_fg_the_editor_still_owns_the_line() {
     let d = Daemon::start();
-    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
-    let mut term = shell_terminal("bash", &["--norc", "--noprofile", "-i"]);
-    join_from_shell(&mut term, &d);
-    assert_eq!(alice.line(), "* bob joined");
+    let (mut alice, mut term) = host_and_shell(&d, "bash", &["--norc", "--noprofile", "-i"]);
     term.type_keys("\x1a");
     term.wait_for("Stopped");
     // bob is back once the editor has redrawn its prompt after `fg`.
@@ -520,12 +516,8 @@ fn after_a_stop_from_elsewhere_and_fg_the_line_is_drawn_again() {
 /// the terminal showed after `fg`.
 fn stopped_sent_to_the_background_and_brought_back(stop: impl FnOnce(&mut Terminal)) -> String {
     let d = Daemon::start();
-    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
     // -b: bash tells of a job's stop at once, not at its next prompt.
-    let mut term = shell_terminal("bash", &["--norc", "--noprofile", "-i", "-b"]);
-    join_from_shell(&mut term, &d);
-    assert_eq!(alice.line(), "* bob joined");
+    let (mut alice, mut term) = host_and_shell(&d, "bash", &["--norc", "--noprofile", "-i", "-b"]);
     term.type_keys("half");
     term.wait_for("half");
     let editors = term.mode();
@@ -602,12 +594,8 @@ fn after_its_own_ctrl_z_the_editor_draws_its_line_once() {
 #[test]
 fn after_a_sigstop_and_fg_the_editor_takes_its_mode_and_draws_its_line_again() {
     let d = Daemon::start();
-    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
     // -b: bash tells of a job's stop at once, not at its next prompt.
-    let mut term = shell_terminal("bash", &["--norc", "--noprofile", "-i", "-b"]);
-    join_from_shell(&mut term, &d);
-    assert_eq!(alice.line(), "* bob joined");
+    let (mut alice, mut term) = host_and_shell(&d, "bash", &["--norc", "--noprofile", "-i", "-b"]);
     term.type_keys("half");
     term.wait_for("half");
     let editors = term.mode();
@@ -1190,9 +1178,15 @@ fn keys_typed_between_two_lines_are_not_echoed_raw() {
 
 /// Alice hosting `lobby` on pipes, and bob joined from `dash -i` in a terminal.
 fn host_and_dash(d: &Daemon) -> (Ocm, Terminal) {
+    host_and_shell(d, "dash", &["-i"])
+}
+
+/// Alice hosting `lobby` on pipes, and bob joined from `shell` (run with `args`) in a
+/// terminal.
+fn host_and_shell(d: &Daemon, shell: &str, args: &[&str]) -> (Ocm, Terminal) {
     let alice = Ocm::start(d, &["create", "lobby", "--name", "alice"]);
     alice.wait_stderr("* created lobby as alice");
-    let mut term = shell_terminal("dash", &["-i"]);
+    let mut term = shell_terminal(shell, args);
     join_from_shell(&mut term, d);
     assert_eq!(alice.line(), "* bob joined");
     (alice, term)
