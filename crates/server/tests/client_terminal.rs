@@ -722,53 +722,6 @@ fn ctrl_r_recalls_a_line_while_messages_keep_showing() {
     both_quit(&mut bob, &mut alice);
 }
 
-/// An address the tests in a private network ([`in_private_network`]) serve on, and take
-/// away to cut the way to the server as a network gone does.
-const PRIVATE_ADDRESS: &str = "10.77.0.1";
-
-/// Runs `ip ARGS...`; whether it succeeded.
-fn ip(args: &[&str]) -> bool {
-    Command::new("ip")
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Runs `test` on a thread of its own in a network namespace of its own, whose loopback
-/// interface is up and holds [`PRIVATE_ADDRESS`]/8 too; the processes it starts inherit the
-/// namespace (it belongs to the thread), so the test may cut their way to each other. Where
-/// no such namespace can be made (not root, no `ip`), says so ([`skipped`]) and returns.
-fn in_private_network(test: impl FnOnce() + Send + 'static) {
-    let (ready, made) = std::sync::mpsc::channel();
-    let thread = thread::spawn(move || {
-        // SAFETY: unshare with no pointer arguments; it moves only this thread, which runs
-        // nothing but the test, to a new network namespace.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            let why = std::io::Error::last_os_error();
-            let _ = ready.send(Err(format!("no network namespace of our own here: {why}")));
-            return;
-        }
-        let address = format!("{PRIVATE_ADDRESS}/8");
-        if !ip(&["link", "set", "lo", "up"]) || !ip(&["addr", "add", &address, "dev", "lo"]) {
-            let _ = ready.send(Err("cannot set up a network namespace with ip".to_owned()));
-            return;
-        }
-        let _ = ready.send(Ok(()));
-        test();
-    });
-    let made = made.recv();
-    if let Err(panic) = thread.join() {
-        std::panic::resume_unwind(panic);
-    }
-    match made {
-        Ok(Ok(())) => {}
-        Ok(Err(why)) => skipped(&why),
-        Err(_) => panic!("the test thread ended before its network was set up"),
-    }
-}
-
 /// The network gone (a laptop off its Wi-Fi: no route to the server), the keepalives cannot
 /// be sent. That is told as a remark of the client, above the line being typed, which is
 /// drawn again under it; it used to be a log line written through that line, every

@@ -3611,6 +3611,42 @@ fn the_tcp_listen_backlog_is_limits_listen_backlog_and_a_reload_changes_it() {
     }
 }
 
+/// Sets `net.core.somaxconn` in the calling thread's network namespace; whether it could.
+fn set_somaxconn(cap: u32) -> bool {
+    std::fs::write("/proc/sys/net/core/somaxconn", format!("{cap}\n")).is_ok()
+}
+
+/// A TCRP backlog the kernel capped at start (`net.core.somaxconn` below
+/// `limits.listen_backlog`) is what was asked for once the sysctl is raised and the daemon
+/// reloaded, the file unchanged, as docs/OPERATIONS.md tells the operator to do. The kernel
+/// reads the cap at listen(2), and a reload asked again only when `listen_backlog` changed:
+/// the backlog stayed capped until a restart.
+#[test]
+fn a_listen_backlog_capped_at_start_is_asked_for_again_at_a_reload_once_somaxconn_allows_it() {
+    in_private_network(|| {
+        // In this namespace only: the host's sysctl is left alone.
+        if !set_somaxconn(64) {
+            skipped("cannot set net.core.somaxconn in a network namespace of our own");
+            return;
+        }
+        let config = "[limits]\nlisten_backlog = 1000\n";
+        let d = Daemon::start_with(Options {
+            config: Some(config.into()),
+            ..Options::default()
+        });
+        let Some(backlog) = listen_backlog(d.tcp) else {
+            skipped("ss is not installed (apt-get install iproute2): the listen backlog");
+            return;
+        };
+        assert_eq!(backlog, 64);
+        d.wait_for_log("limits.listen_backlog asks for 1000, the kernel allows 64");
+        assert!(set_somaxconn(4096), "net.core.somaxconn set once already");
+        d.reload(config);
+        assert_eq!(listen_backlog(d.tcp), Some(1000), "{}", d.log());
+        create(&d, "after-the-reload", "host");
+    });
+}
+
 /// The metrics listener's backlog is a deliberate 64 (four full allowances of metrics
 /// connections), not mio's 128, and `limits.listen_backlog`, sized for floods of handshake
 /// connections, does not change it.

@@ -15,6 +15,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::persist::Stopped;
 use crate::plural::Count;
+use crate::sockopt;
 
 impl Server {
     /// Returns true when the daemon should stop.
@@ -82,8 +83,13 @@ impl Server {
         if new.limits.max_connections != self.config.limits.max_connections {
             self.connection_cap = fit_open_files(&new);
         }
-        if new.limits.listen_backlog != self.config.limits.listen_backlog {
-            if let Some(tcp) = &self.tcp {
+        if let Some(tcp) = &self.tcp {
+            // The kernel caps a backlog at `net.core.somaxconn` as it was at listen(2): one
+            // capped then is asked for again, so that a raised sysctl takes effect at this
+            // reload, not only at the next restart.
+            let capped = sockopt::accept_queue(tcp.as_raw_fd())
+                .is_ok_and(|queue| queue.backlog < new.limits.listen_backlog);
+            if capped || new.limits.listen_backlog != self.config.limits.listen_backlog {
                 if let Err(e) = set_listen_backlog(tcp, new.limits.listen_backlog) {
                     warn!("SIGHUP: cannot set the TCP listen backlog: {e}; keeping the old one");
                     new.limits.listen_backlog = self.config.limits.listen_backlog;
