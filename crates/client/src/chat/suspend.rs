@@ -67,9 +67,18 @@ impl Stop {
 /// helper thread starts (they inherit it) and unblocked on the input thread alone, where
 /// the editor's `kill` then stops the process before it returns, as in a program of one
 /// thread. Called by the main thread when the editor is used.
+///
+/// SIGCONT is blocked with it, and unblocked on the resume thread alone
+/// ([`redraw_on_resume`]), so that its handler runs on that thread, as it comes back from a
+/// stop and before it reads anything: taken by another thread, which may run only later, a
+/// SIGCONT already answered could be reported after the resume thread had looked for more,
+/// and be taken for a second stop, one no handler saw, with the line drawn again over the
+/// editor's own redraw. (A blocked SIGCONT still continues the process.)
 pub(super) fn suspend_on_input_thread() {
-    if let Err(e) = tstp().thread_block() {
-        debug!("cannot block SIGTSTP: {e}");
+    let mut set = tstp();
+    set.add(Signal::SIGCONT);
+    if let Err(e) = set.thread_block() {
+        debug!("cannot block SIGTSTP and SIGCONT: {e}");
     }
 }
 
@@ -243,10 +252,21 @@ pub(super) fn redraw_on_resume(feed: Feed, reading: Arc<AtomicBool>) -> io::Resu
     thread::Builder::new()
         .name("resume".into())
         .spawn(move || {
+            // Blocked in every other thread (see `suspend_on_input_thread`).
+            let mut cont = SigSet::empty();
+            cont.add(Signal::SIGCONT);
+            if let Err(e) = cont.thread_unblock() {
+                debug!("cannot unblock SIGCONT: {e}");
+            }
             while signals.forever().next().is_some() {
                 if on_resume(&feed, &reading) {
-                    // A SIGCONT that came meanwhile continued the stop that setting the
-                    // mode from the background met: the one just answered, not a second.
+                    // A SIGCONT that came meanwhile was for the stop just settled, not a
+                    // second one: the `fg` that continued the stop which setting the mode
+                    // from the background met, or, on a busy machine, the `fg` after the
+                    // `bg` being answered, which would otherwise be taken for a stop no
+                    // handler saw, and the line drawn again over the editor's own redraw.
+                    // Its handler ran on this thread as it came back from the stop (no
+                    // other thread takes SIGCONT), so it is pending here by now.
                     signals.pending().for_each(drop);
                 }
             }
@@ -293,7 +313,8 @@ fn wake_the_editor() {
     }
 }
 
-/// What [`redraw_on_resume`] does on each SIGCONT; whether it asked for a redraw.
+/// What [`redraw_on_resume`] does on each SIGCONT; whether it settled a stop with the
+/// terminal ours (a stop the handler saw, or one it asked a redraw for).
 fn on_resume(feed: &Feed, reading: &AtomicBool) -> bool {
     let stop = Stop::last();
     if stop != Stop::Unseen {
@@ -304,11 +325,11 @@ fn on_resume(feed: &Feed, reading: &AtomicBool) -> bool {
         }
         LAST_STOP.store(Stop::Unseen as u8, Ordering::SeqCst);
         if stop == Stop::Elsewhere {
-            return false;
+            return true;
         }
     }
     if !reading.load(Ordering::SeqCst) {
-        return false;
+        return stop != Stop::Unseen;
     }
     if stop == Stop::Unseen {
         take_editor_mode();
