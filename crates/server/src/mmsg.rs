@@ -456,6 +456,19 @@ pub struct SendScratch {
 #[cfg(test)]
 pub(crate) type StandIn = fn(&[u8]) -> Option<i32>;
 
+/// A [`StandIn`] that decides by a datagram's first byte, each time it is tried: takes it
+/// (0), has no memory for it (1, `ENOBUFS`), finds its destination unreachable (2,
+/// `EHOSTUNREACH`: refused for itself), or finds the buffer full (3, `EAGAIN`).
+#[cfg(test)]
+pub(crate) fn by_first_byte(bytes: &[u8]) -> Option<i32> {
+    match bytes.first() {
+        Some(1) => Some(libc::ENOBUFS),
+        Some(2) => Some(libc::EHOSTUNREACH),
+        Some(3) => Some(libc::EAGAIN),
+        _ => None,
+    }
+}
+
 impl SendScratch {
     /// Indices, in the last [`send`]'s `datagrams`, of those dropped for an error of their own
     /// ([`Sent::failed`] of them, ascending). The kernel took every other datagram before
@@ -1522,19 +1535,6 @@ mod tests {
         assert!(scratch.held_back().is_empty());
         x.set_nonblocking(false).unwrap();
         assert_eq!(receive(&x, 1)[0].1, b"chat");
-    }
-
-    /// What the test stand-in for the kernel does with a datagram whose first byte is
-    /// `code`: takes it (0), has no memory for it (1, `ENOBUFS`), finds its destination
-    /// unreachable (2, `EHOSTUNREACH`: refused for itself), or finds the buffer full (3,
-    /// `EAGAIN`).
-    fn by_first_byte(bytes: &[u8]) -> Option<i32> {
-        match bytes.first() {
-            Some(1) => Some(libc::ENOBUFS),
-            Some(2) => Some(libc::EHOSTUNREACH),
-            Some(3) => Some(libc::EAGAIN),
-            _ => None,
-        }
     }
 
     /// What [`send`] is to do with `datagrams` (each `(code, destination, in order, runs

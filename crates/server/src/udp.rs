@@ -1746,18 +1746,6 @@ mod tests {
         assert_eq!(metrics.send_errors.get("other"), None);
     }
 
-    /// A stand-in for the kernel that decides by a datagram's first byte: takes it (0), has
-    /// no memory for it (1, `ENOBUFS`), finds its destination unreachable (2), or finds the
-    /// buffer full (3, `EAGAIN`); each time it is tried.
-    fn by_first_byte(bytes: &[u8]) -> Option<i32> {
-        match bytes.first() {
-            Some(1) => Some(libc::ENOBUFS),
-            Some(2) => Some(libc::EHOSTUNREACH),
-            Some(3) => Some(libc::EAGAIN),
-            _ => None,
-        }
-    }
-
     proptest::proptest! {
         /// Over two passes of chat and last words to three addresses, whatever the kernel
         /// does with each (the stand-in decides by its first byte), every datagram is either
@@ -1776,7 +1764,7 @@ mod tests {
             let peers = [peer(), peer(), peer()];
             let to: Vec<SocketAddr> = peers.iter().map(|p| p.local_addr().unwrap()).collect();
             let mut sender = Sender::new(65507);
-            sender.scratch.refusing = Some(by_first_byte);
+            sender.scratch.refusing = Some(mmsg::by_first_byte);
             let (mut locals, mut metrics) = (Locals::default(), Metrics::default());
             let mut queued = 0u16;
             for pass in &passes {
