@@ -625,6 +625,55 @@ fn after_a_sigstop_and_fg_the_editor_takes_its_mode_and_draws_its_line_again() {
     bob_quits_and_both_exit(&mut term, &mut alice);
 }
 
+/// The names of `pid`'s threads that have `signal` unblocked (Linux: `SigBlk` in
+/// `/proc/PID/task/TID/status`), sorted.
+fn threads_taking(pid: u32, signal: i32) -> Vec<String> {
+    let mut taking = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("the threads") {
+        let task = task.expect("a thread").path();
+        // A thread that ended meanwhile takes nothing.
+        let (Ok(name), Ok(status)) = (
+            std::fs::read_to_string(task.join("comm")),
+            std::fs::read_to_string(task.join("status")),
+        ) else {
+            continue;
+        };
+        let blocked = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .map(|mask| u64::from_str_radix(mask.trim(), 16).expect("a hex mask"))
+            .expect("SigBlk");
+        if blocked & (1 << (signal - 1)) == 0 {
+            taking.push(name.trim().to_owned());
+        }
+    }
+    taking.sort();
+    taking
+}
+
+/// With the line editor, one thread takes SIGTSTP (the input thread, where the editor's own
+/// Ctrl+Z must stop the process before its `kill` returns) and one takes SIGCONT (the resume
+/// thread): a thread started by the input thread once it took SIGTSTP (the one that answers
+/// `/who` and `/history`) took it too, and with it the editor's Ctrl+Z, which then returned
+/// to the editor before the process stopped.
+#[test]
+fn only_the_input_thread_takes_sigtstp_and_only_the_resume_thread_sigcont() {
+    let d = Daemon::start();
+    let (mut alice, mut bob) = host_and_terminal(&d);
+    let pid = bob.child.id();
+    // Every helper thread has started once the one answering questions has.
+    let threads = || std::fs::read_dir(format!("/proc/{pid}/task")).expect("the threads");
+    wait_until("the asking thread", || {
+        threads().any(|t| {
+            std::fs::read_to_string(t.expect("a thread").path().join("comm"))
+                .is_ok_and(|name| name.trim() == "asking")
+        })
+    });
+    assert_eq!(threads_taking(pid, libc::SIGTSTP), ["input"]);
+    assert_eq!(threads_taking(pid, libc::SIGCONT), ["resume"]);
+    both_quit(&mut bob, &mut alice);
+}
+
 /// A byte that is not UTF-8 from the terminal (one set to Latin-1, a stray byte) costs the
 /// line it was typed in, said so, not the chat.
 #[test]

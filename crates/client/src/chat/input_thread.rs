@@ -109,18 +109,21 @@ pub(super) fn spawn_input(
                     None
                 }
             });
-        if editing {
-            // After the editor's printing and resume threads started, which keep SIGTSTP
-            // blocked (see `suspend::suspend_on_input_thread`). Also without the editor: this
-            // thread then takes the Ctrl+Z of the terminal's own line editing.
-            take_suspend_here();
-        }
         if editor.is_some() {
             // The editor must keep reading while the server answers `/who` or `/history`,
             // and the join's history too: fetched here, before `readline`, it left the
             // terminal in its normal mode meanwhile, which echoed what was typed raw over
             // the screen, with no prompt until the server answered.
             commands.answer_elsewhere(join_history);
+        }
+        if editing {
+            // After every thread this one starts (the editor's printing and resume threads,
+            // the asking thread), which must keep SIGTSTP blocked (see
+            // `suspend::suspend_on_input_thread`): one started after took the editor's
+            // Ctrl+Z as well, which then returned before the process stopped. Also without
+            // the editor: this thread then takes the Ctrl+Z of the terminal's own line
+            // editing.
+            take_suspend_here();
         }
         if join_history && !commands.show_recent_history() {
             // The main loop ends the session.
