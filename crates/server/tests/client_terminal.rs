@@ -542,6 +542,43 @@ fn stopped_sent_to_the_background_and_brought_back(stop: impl FnOnce(&mut Termin
     after_fg
 }
 
+/// Stopped with Ctrl+Z and then killed from the shell (`kill %1`: SIGTERM, then SIGCONT to
+/// let the job act on it, while the shell keeps the terminal), `ocm` leaves the room and
+/// exits at once. It must not touch the terminal on the way out from the background: the
+/// shell owns it then, and setting a mode from there would stop the process again (SIGTTOU)
+/// until `fg`, leaving a chat that was told to end still in its room.
+#[test]
+fn stopped_and_killed_from_the_shell_it_leaves_and_exits() {
+    let d = Daemon::start();
+    let (mut alice, mut term) = host_and_shell(&d, "bash", &["--norc", "--noprofile", "-i", "-b"]);
+    term.type_keys("half");
+    term.wait_for("half");
+    let shown = term.text().len();
+    term.type_keys("\x1a");
+    term.wait_for_after(shown, "Stopped");
+    term.wait_for_after(shown, "$ ");
+    let shown = term.text().len();
+    term.type_keys("kill %1\r");
+    assert_eq!(
+        alice.line_within(PATIENCE).as_deref(),
+        Some("* bob left"),
+        "{:?}",
+        term.text()
+    );
+    // The job ends as a chat ended by SIGTERM does: the shell says so, and no line of the
+    // editor's is drawn over its screen.
+    term.wait_for_after(shown, "[1]+  Done");
+    assert!(
+        !term.text()[shown..].contains("> half"),
+        "{:?}",
+        term.text()
+    );
+    term.type_keys("exit\r");
+    assert!(term.wait().success());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
+
 /// [`stopped_sent_to_the_background_and_brought_back`] after a `kill -TSTP`.
 #[test]
 fn stopped_from_elsewhere_sent_to_the_background_and_brought_back() {

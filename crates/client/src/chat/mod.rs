@@ -86,7 +86,7 @@ use checks::{
 use commands::{too_long, Asker, Commands};
 use input_thread::{spawn_input, TerminalGuard};
 use receiver::spawn_receiver;
-use suspend::suspend_on_input_thread;
+use suspend::{suspend_on_input_thread, watch_for_the_end};
 
 /// Events the main loop may have waiting. Bounded, so that piped input waits for the sends
 /// instead of queueing without end, and a signal or `/quit` is acted on after at most this
@@ -216,6 +216,7 @@ impl Chat {
         if options.line_editor {
             // Before any thread starts: they inherit it.
             suspend_on_input_thread();
+            watch_for_the_end();
         }
         // Signals first: from here on Ctrl+C must not kill us before we can say __LEAVE__.
         let signalled = Arc::new(AtomicI32::new(0));

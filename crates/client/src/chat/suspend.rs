@@ -7,6 +7,7 @@ use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread;
+use std::time::Duration;
 
 use log::debug;
 use nix::errno::Errno;
@@ -172,10 +173,114 @@ extern "C" fn on_sigtstp(_: libc::c_int) {
         set_mode(libc::TCSAFLUSH, before);
     }
     stop();
+    // Continued in the background (`bg`; or the SIGCONT a shell's `kill %1` sends after its
+    // SIGTERM, so that the job can act on it): setting the mode from there would stop the
+    // process (SIGTTOU) until `fg`. For `bg` that is right, and stopping again says so
+    // plainly; but a chat told to end must be let go on to its `__LEAVE__` and exit, with the
+    // terminal, still the shell's, left in the mode it stopped in.
+    while !in_foreground() {
+        if ending_within(END_SIGNAL_WAIT) {
+            // The signal watcher and the main loop end the chat and the process (within
+            // the watcher's grace). This thread waits for that here: returned to, the
+            // editor would draw its line over the shell's screen.
+            let_the_end_through();
+            loop {
+                // SAFETY: pause is async-signal-safe.
+                unsafe { libc::pause() };
+            }
+        }
+        stop();
+    }
     if let Some(found) = found {
         set_mode(libc::TCSADRAIN, &found);
     }
     Errno::set_raw(errno);
+}
+
+/// Set by the end signals' own handler ([`watch_for_the_end`]), at once, for
+/// [`on_sigtstp`] and [`on_resume`] to read: the watching thread may run only later.
+static ENDING: AtomicBool = AtomicBool::new(false);
+
+/// The signals that end the chat (the signal watcher's, in `chat::mod`).
+const END_SIGNALS: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+
+/// Notes each end signal in [`ENDING`] as it comes, beside the chat's own watcher. Called
+/// by the main thread before the editor starts.
+pub(super) fn watch_for_the_end() {
+    for signal in END_SIGNALS {
+        // SAFETY: the action stores to an atomic and calls tcgetpgrp, getpgrp and
+        // sigaction: async-signal-safe.
+        let registered = unsafe { signal_hook::low_level::register(signal, on_end_signal) };
+        if let Err(e) = registered {
+            debug!("cannot watch signal {signal} for the end of the chat: {e}");
+        }
+    }
+}
+
+/// An end signal's first action, before the signal watcher's thread hears of it: notes it,
+/// and in the background (a shell's `kill %1` on a stopped chat, with the SIGCONT after it)
+/// lets the end through ([`let_the_end_through`]) before any thread, ending the chat, sets
+/// the terminal's mode from there and so stops the process again before its `__LEAVE__`.
+fn on_end_signal() {
+    ENDING.store(true, Ordering::SeqCst);
+    if !in_foreground() {
+        let_the_end_through();
+    }
+}
+
+/// Whether the chat has been told to end: an end signal handled, or one still pending for
+/// the process (sent before the SIGCONT that continued it, and not yet taken by a thread).
+/// Async-signal-safe.
+fn ending() -> bool {
+    if ENDING.load(Ordering::SeqCst) {
+        return true;
+    }
+    let mut pending = MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigpending fills the set it is given; sigismember reads it.
+    unsafe {
+        libc::sigpending(pending.as_mut_ptr()) == 0
+            && END_SIGNALS
+                .iter()
+                .any(|&signal| libc::sigismember(pending.as_ptr(), signal) == 1)
+    }
+}
+
+/// How long a chat continued in the background waits for an end signal before it stops
+/// again ([`ending_within`]).
+const END_SIGNAL_WAIT: Duration = Duration::from_millis(200);
+
+/// Whether the chat is told to end ([`ending`]) within `wait`, asked every few
+/// milliseconds. A shell's `kill %1` sends SIGTERM before SIGCONT, but the thread that takes
+/// the SIGTERM may run its handler only after this one has looked (on a busy machine, a
+/// few milliseconds later): stopped again at once, the chat would have sent its
+/// `__LEAVE__` (from the other threads) and then stayed stopped until `fg`. A `bg` costs
+/// the wait before it stops again, while the editor's thread waits here and draws nothing.
+/// Async-signal-safe (nanosleep).
+fn ending_within(wait: Duration) -> bool {
+    let step = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 5_000_000,
+    };
+    let steps = wait.as_millis() / 5;
+    for _ in 0..steps {
+        if ending() {
+            return true;
+        }
+        // SAFETY: nanosleep reads the timespec; an interruption only shortens a step.
+        unsafe { libc::nanosleep(&step, std::ptr::null_mut()) };
+    }
+    ending()
+}
+
+/// Lets the end go through from the background: the editor takes its raw mode again when
+/// its Ctrl+Z returns, and the terminal guard puts back the mode before the chat at the
+/// end, each a `tcsetattr` that, from the background, would stop the process (SIGTTOU)
+/// before its `__LEAVE__`. With SIGTTOU ignored they go through; the last of them leaves the
+/// shell's terminal in the mode from before the chat. Async-signal-safe.
+fn let_the_end_through() {
+    let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    // SAFETY: sigaction is async-signal-safe; SIGTTOU has no handler of ours to lose.
+    let _ = unsafe { signal::sigaction(Signal::SIGTTOU, &ignore) };
 }
 
 /// Sets the terminal's `mode`, again if a signal handler that does not restart calls
@@ -316,6 +421,12 @@ fn wake_the_editor() {
 /// What [`redraw_on_resume`] does on each SIGCONT; whether it settled a stop with the
 /// terminal ours (a stop the handler saw, or one it asked a redraw for).
 fn on_resume(feed: &Feed, reading: &AtomicBool) -> bool {
+    if ending() {
+        // Continued to end (a shell's `kill %1`): nothing to draw, and no mode to take from
+        // the background, which would stop the process before its `__LEAVE__`.
+        let_the_end_through();
+        return true;
+    }
     let stop = Stop::last();
     if stop != Stop::Unseen {
         if !in_foreground() {
