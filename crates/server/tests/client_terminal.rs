@@ -516,15 +516,7 @@ fn after_a_stop_from_elsewhere_and_fg_the_line_is_drawn_again() {
 /// the terminal showed after `fg`.
 fn stopped_sent_to_the_background_and_brought_back(stop: impl FnOnce(&mut Terminal)) -> String {
     let d = Daemon::start();
-    // -b: bash tells of a job's stop at once, not at its next prompt.
-    let (mut alice, mut term) = host_and_shell(&d, "bash", &["--norc", "--noprofile", "-i", "-b"]);
-    term.type_keys("half");
-    term.wait_for("half");
-    let editors = term.mode();
-    let shown = term.text().len();
-    stop(&mut term);
-    term.wait_for_after(shown, "Stopped");
-    term.wait_for_after(shown, "$ ");
+    let (mut alice, mut term, editors) = stopped_with_half_a_line(&d, stop);
     let shown = term.text().len();
     term.type_keys("bg\r");
     term.wait_for_after(shown, "Stopped");
@@ -550,13 +542,7 @@ fn stopped_sent_to_the_background_and_brought_back(stop: impl FnOnce(&mut Termin
 #[test]
 fn stopped_and_killed_from_the_shell_it_leaves_and_exits() {
     let d = Daemon::start();
-    let (mut alice, mut term) = host_and_shell(&d, "bash", &["--norc", "--noprofile", "-i", "-b"]);
-    term.type_keys("half");
-    term.wait_for("half");
-    let shown = term.text().len();
-    term.type_keys("\x1a");
-    term.wait_for_after(shown, "Stopped");
-    term.wait_for_after(shown, "$ ");
+    let (mut alice, mut term, _) = stopped_with_half_a_line(&d, |term| term.type_keys("\x1a"));
     let shown = term.text().len();
     term.type_keys("kill %1\r");
     assert_eq!(
@@ -631,15 +617,8 @@ fn after_its_own_ctrl_z_the_editor_draws_its_line_once() {
 #[test]
 fn after_a_sigstop_and_fg_the_editor_takes_its_mode_and_draws_its_line_again() {
     let d = Daemon::start();
-    // -b: bash tells of a job's stop at once, not at its next prompt.
-    let (mut alice, mut term) = host_and_shell(&d, "bash", &["--norc", "--noprofile", "-i", "-b"]);
-    term.type_keys("half");
-    term.wait_for("half");
-    let editors = term.mode();
-    let shown = term.text().len();
-    signal_ocm_run_from(&term, libc::SIGSTOP);
-    term.wait_for_after(shown, "Stopped");
-    term.wait_for_after(shown, "$ ");
+    let (mut alice, mut term, editors) =
+        stopped_with_half_a_line(&d, |term| signal_ocm_run_from(term, libc::SIGSTOP));
     // Continued while the shell has the terminal, with keys typed to the shell meanwhile
     // (which wake the editor too): stopped again, with nothing drawn on the shell's screen.
     let shown = term.text().len();
@@ -1213,6 +1192,25 @@ fn keys_typed_between_two_lines_are_not_echoed_raw() {
     assert_eq!(line.as_deref(), Some("bob: gap"), "{:?}", bob.text());
     assert!(!bob.text().contains("^]"), "echoed raw: {:?}", bob.text());
     both_quit(&mut bob, &mut alice);
+}
+
+/// Alice hosting `lobby` on pipes, and bob joined from bash in a terminal, with `half`
+/// typed and then stopped by `stop`, the shell's prompt back. Returns them and the
+/// editor's terminal mode from before the stop.
+fn stopped_with_half_a_line(
+    d: &Daemon,
+    stop: impl FnOnce(&mut Terminal),
+) -> (Ocm, Terminal, libc::termios) {
+    // -b: bash tells of a job's stop at once, not at its next prompt.
+    let (alice, mut term) = host_and_shell(d, "bash", &["--norc", "--noprofile", "-i", "-b"]);
+    term.type_keys("half");
+    term.wait_for("half");
+    let editors = term.mode();
+    let shown = term.text().len();
+    stop(&mut term);
+    term.wait_for_after(shown, "Stopped");
+    term.wait_for_after(shown, "$ ");
+    (alice, term, editors)
 }
 
 /// Alice hosting `lobby` on pipes, and bob joined from `dash -i` in a terminal.
