@@ -411,6 +411,40 @@ fn a_full_send_buffer_when_the_host_leaves_delays_room_closed_but_loses_it_for_n
     );
 }
 
+/// The held-close tests' rooms: `host` hosting "r" with `m1` registered, and `other`
+/// hosting "s".
+fn host_and_m1_in_r_other_in_s(d: &Daemon) -> (Member, Member, Member) {
+    let host = Member::joined(d, "r", &create(d, "r", "host"));
+    let m1 = Member::new(d, "r", &join(d, "r", "m1"));
+    m1.registered_with(&host, "m1");
+    let other_host = Member::joined(d, "s", &create(d, "s", "other"));
+    (host, m1, other_host)
+}
+
+/// `m1`'s socket joins "s" as well, and registers there.
+fn m1_joins_s_from_its_socket(d: &Daemon, m1: &Member, other_host: &Member) {
+    let m1_in_s = Member {
+        socket: m1.socket.try_clone().unwrap(),
+        server: d.udp,
+        room: "s".into(),
+        token: join(d, "s", "m1"),
+    };
+    m1_in_s.registered_with(other_host, "m1");
+}
+
+/// Once the kernel takes it, `m1` hears the held close before anything else, the one chat
+/// held back behind it counted as dropped (`would_block`), and chat in "s" after it.
+fn assert_close_first_then_chat(d: &Daemon, m1: &Member, other_host: &Member, otherwise: &str) {
+    assert_eq!(m1.recv(), "CLOSED", "the held close {otherwise}");
+    assert_eq!(
+        d.metric(r#"ocm_send_errors_total{reason="would_block"}"#),
+        1.0,
+        "the chat held back behind the close is dropped and counted"
+    );
+    other_host.send("after");
+    assert_eq!(m1.recv(), "other: after");
+}
+
 /// A held `__ROOM_CLOSED__` is not overtaken: while the kernel has no room for it, what the
 /// daemon has newer for the same address (here chat from a room the member joined since,
 /// from the same socket) is dropped and counted, not sent ahead of it, where the member
@@ -419,10 +453,7 @@ fn a_full_send_buffer_when_the_host_leaves_delays_room_closed_but_loses_it_for_n
 #[test]
 fn a_held_room_closed_is_not_overtaken_by_newer_datagrams_to_its_address() {
     let (d, switch, _library) = spawn_refusing(Refusal::NoMemoryForRoomClosed);
-    let host = Member::joined(&d, "r", &create(&d, "r", "host"));
-    let m1 = Member::new(&d, "r", &join(&d, "r", "m1"));
-    m1.registered_with(&host, "m1");
-    let other_host = Member::joined(&d, "s", &create(&d, "s", "other"));
+    let (host, m1, other_host) = host_and_m1_in_r_other_in_s(&d);
 
     std::fs::write(&switch, b"").unwrap();
     host.send("__LEAVE__");
@@ -431,32 +462,14 @@ fn a_held_room_closed_is_not_overtaken_by_newer_datagrams_to_its_address() {
         d.metric("ocm_last_words_held_total") == 1.0
     });
     // The same socket joins another room, and hears its chat.
-    let m1_in_s = Member {
-        socket: m1.socket.try_clone().unwrap(),
-        server: d.udp,
-        room: "s".into(),
-        token: join(&d, "s", "m1"),
-    };
-    m1_in_s.registered_with(&other_host, "m1");
+    m1_joins_s_from_its_socket(&d, &m1, &other_host);
     let relayed = d.metric("ocm_messages_relayed_total");
     other_host.send("newer");
     wait_until("the newer chat to be relayed", || {
         d.metric("ocm_messages_relayed_total") > relayed
     });
     std::fs::remove_file(&switch).unwrap();
-
-    assert_eq!(
-        m1.recv(),
-        "CLOSED",
-        "the held close came after newer chat to its address"
-    );
-    assert_eq!(
-        d.metric(r#"ocm_send_errors_total{reason="would_block"}"#),
-        1.0,
-        "the chat held back behind the close is dropped and counted"
-    );
-    other_host.send("after");
-    assert_eq!(m1.recv(), "other: after");
+    assert_close_first_then_chat(&d, &m1, &other_host, "came after newer chat to its address");
 }
 
 /// A `__ROOM_CLOSED__` the kernel has no memory for is not overtaken within its own send
@@ -468,17 +481,8 @@ fn a_held_room_closed_is_not_overtaken_by_newer_datagrams_to_its_address() {
 #[test]
 fn a_room_closed_refused_for_memory_is_not_overtaken_within_its_send() {
     let (d, switch, _library) = spawn_refusing(Refusal::NoMemoryForRoomClosed);
-    let host = Member::joined(&d, "r", &create(&d, "r", "host"));
-    let m1 = Member::new(&d, "r", &join(&d, "r", "m1"));
-    m1.registered_with(&host, "m1");
-    let other_host = Member::joined(&d, "s", &create(&d, "s", "other"));
-    let m1_in_s = Member {
-        socket: m1.socket.try_clone().unwrap(),
-        server: d.udp,
-        room: "s".into(),
-        token: join(&d, "s", "m1"),
-    };
-    m1_in_s.registered_with(&other_host, "m1");
+    let (host, m1, other_host) = host_and_m1_in_r_other_in_s(&d);
+    m1_joins_s_from_its_socket(&d, &m1, &other_host);
 
     std::fs::write(&switch, b"").unwrap();
     d.stop();
@@ -491,19 +495,7 @@ fn a_room_closed_refused_for_memory_is_not_overtaken_within_its_send() {
         d.metric("ocm_last_words_held_total") == 1.0
     });
     std::fs::remove_file(&switch).unwrap();
-
-    assert_eq!(
-        m1.recv(),
-        "CLOSED",
-        "the held close came after newer chat sent with it"
-    );
-    assert_eq!(
-        d.metric(r#"ocm_send_errors_total{reason="would_block"}"#),
-        1.0,
-        "the chat held back behind the close is dropped and counted"
-    );
-    other_host.send("after");
-    assert_eq!(m1.recv(), "other: after");
+    assert_close_first_then_chat(&d, &m1, &other_host, "came after newer chat sent with it");
 }
 
 #[test]
