@@ -67,6 +67,10 @@ pub struct Common {
     /// loss). Flat-out senders always run at normal priority.
     #[arg(long, global = true, value_enum, default_value_t = SenderPriority::Realtime)]
     pub sender_priority: SenderPriority,
+    /// How much of its schedule a held-up paced sender still sends late, milliseconds; the
+    /// slots it missed beyond that are skipped and count as loss.
+    #[arg(long, global = true, default_value_t = 2, value_name = "MILLIS")]
+    pub catch_up_ms: u64,
     /// Also print each result as one JSON line.
     #[arg(long, global = true)]
     pub json: bool,

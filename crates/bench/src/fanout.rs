@@ -4,7 +4,7 @@
 
 use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -404,10 +404,19 @@ impl SendBatch {
 /// close to exact).
 const PACING_TICK: Duration = Duration::from_micros(100);
 
-/// How much of its schedule a paced sender that was held up still sends late (see
-/// `send_loop`): 2 ms, so ordinary scheduling delays at high rates are caught up, and a stall
-/// of 10 ms or more turns into skipped slots, not a burst.
-const CATCH_UP: Duration = Duration::from_millis(2);
+/// How much of its schedule, in microseconds, a paced sender that was held up still sends
+/// late (see `send_loop`; `--catch-up-ms`, set once at start).
+static CATCH_UP_US: AtomicU64 = AtomicU64::new(2_000);
+
+/// Sets how much of its schedule a held-up paced sender still sends late; the slots it
+/// missed beyond that are skipped and counted as loss. Either way each slot counts as late
+/// as it was (its message carries its slot's due time).
+pub fn set_catch_up(window: Duration) {
+    CATCH_UP_US.store(
+        u64::try_from(window.as_micros()).unwrap_or(u64::MAX),
+        Ordering::Relaxed,
+    );
+}
 
 /// Sets this thread's timer slack to 1 µs (the default 50 µs would make every paced sleep
 /// late by up to that much).
@@ -456,6 +465,7 @@ fn send_loop(
 ) -> Sent {
     let count = lanes.len() as u64;
     let mut sent = Sent::default();
+    let catch_up_secs = CATCH_UP_US.load(Ordering::Relaxed) as f64 / 1e6;
     if rate.is_some() {
         precise_timers();
         sent.realtime = PACED_SENDERS_REALTIME.load(Ordering::Relaxed) && become_realtime();
@@ -480,8 +490,8 @@ fn send_loop(
                 // A constant-rate source that was held up (this thread not scheduled: on a
                 // shared 2-core machine, 10–200 ms now and then) does not send its backlog
                 // in one burst: that would measure the stall, not the rate. Slots missed
-                // beyond CATCH_UP's worth (at least 4) are skipped, and counted.
-                let catch_up = ((r * CATCH_UP.as_secs_f64()).ceil() as u64).max(4);
+                // beyond the catch-up window's worth (at least 4) are skipped, and counted.
+                let catch_up = ((r * catch_up_secs).ceil() as u64).max(4);
                 if due > catch_up {
                     // Not sent, but not left out of the latency either: each skipped slot
                     // counts as deliveries at least as late as it is now.

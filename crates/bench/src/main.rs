@@ -98,6 +98,7 @@ fn secs(s: f64) -> Duration {
 fn run(cli: Cli) -> Result<()> {
     let common = &cli.common;
     fanout::set_paced_senders_realtime(common.sender_priority == SenderPriority::Realtime);
+    fanout::set_catch_up(Duration::from_millis(common.catch_up_ms));
     let draining = draining(common);
     match cli.mode {
         Mode::Ceiling {
