@@ -408,6 +408,12 @@ const PACING_TICK: Duration = Duration::from_micros(100);
 /// late (see `send_loop`; `--catch-up-ms`, set once at start).
 static CATCH_UP_US: AtomicU64 = AtomicU64::new(2_000);
 
+/// How much of its schedule a held-up paced sender still sends late, milliseconds (see
+/// [`set_catch_up`]).
+pub fn catch_up_ms() -> u64 {
+    CATCH_UP_US.load(Ordering::Relaxed) / 1_000
+}
+
 /// Sets how much of its schedule a held-up paced sender still sends late; the slots it
 /// missed beyond that are skipped and counted as loss. Either way each slot counts as late
 /// as it was (its message carries its slot's due time).
@@ -416,6 +422,12 @@ pub fn set_catch_up(window: Duration) {
         u64::try_from(window.as_micros()).unwrap_or(u64::MAX),
         Ordering::Relaxed,
     );
+}
+
+/// How many missed slots a held-up sender at `rate` messages/s still sends late: the
+/// catch-up window's worth, at least 4 (so that low rates still catch up a few).
+fn slots_caught_up(rate: f64, window_secs: f64) -> u64 {
+    ((rate * window_secs).ceil() as u64).max(4)
 }
 
 /// Sets this thread's timer slack to 1 µs (the default 50 µs would make every paced sleep
@@ -490,8 +502,8 @@ fn send_loop(
                 // A constant-rate source that was held up (this thread not scheduled: on a
                 // shared 2-core machine, 10–200 ms now and then) does not send its backlog
                 // in one burst: that would measure the stall, not the rate. Slots missed
-                // beyond the catch-up window's worth (at least 4) are skipped, and counted.
-                let catch_up = ((r * catch_up_secs).ceil() as u64).max(4);
+                // beyond the catch-up window's worth are skipped, and counted.
+                let catch_up = slots_caught_up(r, catch_up_secs);
                 if due > catch_up {
                     // Not sent, but not left out of the latency either: each skipped slot
                     // counts as deliveries at least as late as it is now.
@@ -961,6 +973,18 @@ mod tests {
         });
         assert!(sent.messages > 0, "{sent:?}");
         assert_eq!(sent.realtime, policy == libc::SCHED_FIFO, "policy {policy}");
+    }
+
+    #[test]
+    fn a_held_up_sender_catches_up_its_window_and_skips_the_rest() {
+        // 2 ms at 10,000 msg/s is 20 slots; 20 ms is 200.
+        assert_eq!(slots_caught_up(10_000.0, 0.002), 20);
+        assert_eq!(slots_caught_up(10_000.0, 0.020), 200);
+        // A partial slot counts whole; low rates and a zero window keep the floor of 4.
+        assert_eq!(slots_caught_up(10_001.0, 0.002), 21);
+        assert_eq!(slots_caught_up(500.0, 0.002), 4);
+        assert_eq!(slots_caught_up(134_594.0, 0.0), 4);
+        assert_eq!(slots_caught_up(134_594.0, 0.020), 2_692);
     }
 
     #[test]

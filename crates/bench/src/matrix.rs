@@ -95,6 +95,10 @@ pub struct Results {
     /// `None` in reports made before the option (normal priority).
     #[serde(default)]
     pub paced_senders_realtime: Option<bool>,
+    /// How much of its schedule a held-up paced sender sent late, milliseconds
+    /// (`--catch-up-ms`); `None` in reports made before the option (2 ms).
+    #[serde(default)]
+    pub paced_catch_up_ms: Option<u64>,
     /// Fan-out rows.
     pub rows: Vec<SizeRow>,
     /// Sweeps at M = 64: plain, batch4k, batch.
@@ -226,6 +230,7 @@ pub fn run(launcher: &Launcher, plan: &Plan) -> Result<Results> {
         receiver_poll_us: u64::try_from(plan.draining.poll.as_micros()).unwrap_or(u64::MAX),
         daemon_nice: launcher.nice,
         paced_senders_realtime: paced_senders_realtime(&sweeps, batch_at_3m.as_ref()),
+        paced_catch_up_ms: Some(crate::fanout::catch_up_ms()),
         rows,
         sweeps,
         batch_at_3m,

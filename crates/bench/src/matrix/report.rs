@@ -73,8 +73,9 @@ fn write_machine(w: &mut String, r: &Results) {
     let _ = writeln!(w, "- {}", draining_note(r.receiver_poll_us));
     let _ = writeln!(
         w,
-        "- paced senders ran {}",
-        senders_priority_note(r.paced_senders_realtime.unwrap_or(false))
+        "- paced senders ran {}; one held up sent up to {} ms of its schedule late (`--catch-up-ms`), each message stamped with its slot's due time, and skipped the slots it missed beyond that, counted as loss",
+        senders_priority_note(r.paced_senders_realtime.unwrap_or(false)),
+        r.paced_catch_up_ms.unwrap_or(2)
     );
     let _ = writeln!(w, "- {}\n", daemon_nice_note(r.daemon_nice));
 }
@@ -599,6 +600,7 @@ mod tests {
         v["receiver_poll_us"] = json!(0);
         v["daemon_nice"] = json!(5);
         v["paced_senders_realtime"] = Value::Null;
+        v["paced_catch_up_ms"] = Value::Null;
         v["batch_at_3m"] = Value::Null;
         let plain_max = &mut v["rows"][0]["plain_max"];
         plain_max["stalls"]["realtime"] = json!(false);
