@@ -712,15 +712,54 @@ fn ocm_ends_quietly_when_its_output_is_closed_and_leaves_the_room() {
     );
 }
 
+/// `ocm join lobby | head -1` in a quiet room: once the reader took its line and went away,
+/// `ocm` leaves the room and exits 0 then, not at the next line the room says, which may never
+/// come (its keepalives kept it in the room, and the shell's pipeline waited for it).
+#[test]
+fn ocm_whose_reader_took_its_line_and_went_leaves_a_quiet_room() {
+    use std::io::BufRead;
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "quiet", "--name", "alice"]);
+    alice.wait_stderr("* created quiet as alice");
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    let mut bob = Ocm::start_with_stdout(&d, &["join", "quiet", "--name", "bob"], writer.into());
+    // `head -1`: one line, then the reader goes.
+    let (took, first) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(reader).read_line(&mut line);
+        let _ = took.send(line);
+    });
+    assert_eq!(alice.line(), "* bob joined");
+    bob.wait_live();
+    alice.type_line("the only line");
+    let line = first.recv_timeout(PATIENCE).expect("bob's first line");
+    assert_eq!(line, "alice: the only line\n");
+    // Nothing more is said in the room.
+    alice.lines_until("* bob left");
+    let status = bob.wait();
+    let err = bob.stderr.lock().unwrap().clone();
+    assert!(
+        status.success() && !err.contains("standard output"),
+        "{status}: {err}"
+    );
+}
+
 /// With `--original` the closing line is printed as the notice comes (no closure check). A
 /// reader of the output that went away must not hide the closure: `ocm` still exits with the
-/// room-ended status, not as a user who left.
+/// room-ended status, not as a user who left. (Standard output is a socket whose far end
+/// reads no more: every write fails with `EPIPE`, but nothing says so before one is tried,
+/// as when the reader of a pipe goes just as the room closes. A pipe without a reader the
+/// output watcher would find at once, and leave.)
 #[test]
 fn an_original_member_whose_output_is_gone_still_exits_as_the_room_ended() {
     let d = Daemon::start();
     let mut alice = Ocm::start(&d, &["create", "shut", "--name", "alice"]);
     alice.wait_stderr("* created shut as alice");
-    let mut bob = Ocm::start_output_closed(
+    let (output, far) = std::os::unix::net::UnixStream::pair().expect("a socket pair");
+    far.shutdown(std::net::Shutdown::Read)
+        .expect("shut the far end for reading");
+    let mut bob = Ocm::start_with_stdout(
         &d,
         &[
             "join",
@@ -731,6 +770,7 @@ fn an_original_member_whose_output_is_gone_still_exits_as_the_room_ended() {
             "--keepalive",
             "3600",
         ],
+        std::os::fd::OwnedFd::from(output).into(),
     );
     bob.wait_stderr("* joined shut as bob");
     assert_eq!(alice.line(), "* bob joined");
@@ -740,6 +780,7 @@ fn an_original_member_whose_output_is_gone_still_exits_as_the_room_ended() {
     let err = bob.stderr.lock().unwrap().clone();
     assert_eq!(status.code(), Some(OCM_ROOM_ENDED), "bob: {err}");
     assert!(!err.contains("standard output"), "{err}");
+    drop(far);
 }
 
 /// Bound to the wildcard address, `ocmd` answers each member from the address its datagrams

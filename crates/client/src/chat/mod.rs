@@ -1,11 +1,14 @@
 //! The UDP half of a session: register, chat, keep alive, leave; and the chat's commands.
 //!
 //! [`Session`] owns the UDP socket and turns text into datagrams with [`ucrp::datagram`].
-//! [`run`] is the chat loop. Three helper threads feed one channel of [`Event`]s and the main
+//! [`run`] is the chat loop. Four helper threads feed one channel of [`Event`]s and the main
 //! thread alone decides what to send, keepalives apart (below):
 //! - the *receiver* reads datagrams, ignores any whose source is not the server, hands them
 //!   to the shared [`Screen`] (which renders and prints them) and reports the room's closing,
 //!   and each datagram of ours that the server's closed UDP port refused ([`icmp`]);
+//! - the *output watcher*, when standard output is a pipe or a socket, reports that its
+//!   reader went away, which a quiet room would otherwise not show until its next line
+//!   ([`output`]);
 //! - the *input thread* reads typed lines, either line by line from standard input or, when
 //!   standard input and output are a terminal, through a `rustyline` editor whose external
 //!   printer keeps incoming messages above the line being typed. It answers the local
@@ -47,13 +50,15 @@
 //!
 //! The work is split by thread: this module is the main loop (`run`) and what it does itself
 //! (sending, the end of the session); `session` is the UDP endpoint and the keepalive
-//! thread; `icmp` the ICMP errors its socket hears of; `receiver` the receiver thread; `input_thread` the input thread and the line editor; `suspend` its stops and resumes; `commands` the
-//! local commands it answers; `checks` what is asked of the server over TCP during a chat.
+//! thread; `icmp` the ICMP errors its socket hears of; `receiver` the receiver thread;
+//! `output` the output watcher; `input_thread` the input thread and the line editor; `suspend`
+//! its stops and resumes; `commands` the local commands it answers; `checks` what is asked of the server over TCP during a chat.
 
 mod checks;
 mod commands;
 mod icmp;
 mod input_thread;
+mod output;
 mod receiver;
 mod session;
 mod suspend;
@@ -85,6 +90,7 @@ use checks::{
 };
 use commands::{too_long, Asker, Commands};
 use input_thread::{spawn_input, TerminalGuard};
+use output::spawn_output_watcher;
 use receiver::spawn_receiver;
 use suspend::{suspend_on_input_thread, watch_for_the_end};
 
@@ -278,6 +284,7 @@ impl Chat {
         };
         let commands = Commands::new(asker, session.max_message_len(), options.original);
         let reading = terminal.as_ref().map(|guard| Arc::clone(&guard.reading));
+        spawn_output_watcher(events.clone());
         spawn_input(commands, options.join_history, reading);
         let checker = Checker {
             tcp: options.tcp,
@@ -436,8 +443,9 @@ impl Chat {
             }
             // The server's word: no __LEAVE__ to a room that does not hold us.
             Event::Gone(line) => self.end_gone(&line),
-            // The reader of our output is gone (`ocm join ... | head`): the chat ends as at
-            // the end of input, with a __LEAVE__, not as a failure.
+            // The reader of our output is gone (`ocm join ... | head`), found by a write or by
+            // the output watcher: the chat ends as at the end of input, with a __LEAVE__, not
+            // as a failure.
             Event::Failed(ClientError::Io { source, .. }) if output_gone(&source) => {
                 debug!("standard output closed: leaving");
                 Next::Leave

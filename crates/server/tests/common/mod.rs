@@ -918,6 +918,13 @@ impl Ocm {
         )
     }
 
+    /// [`Ocm::start`] with standard output `stdout` (the write end of a pipe the test reads,
+    /// for one), which [`Ocm::line`] then does not read.
+    pub fn start_with_stdout(daemon: &Daemon, args: &[&str], stdout: Stdio) -> Ocm {
+        let (tcp, udp) = (daemon.tcp.port(), daemon.udp.port());
+        Ocm::launch("127.0.0.1", tcp, udp, args, &[], Some(stdout))
+    }
+
     /// Starts `ocm`; its standard output is `stdout` if given, else read line by line.
     fn launch(
         server: &str,

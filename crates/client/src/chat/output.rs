@@ -1,0 +1,124 @@
+//! The *output watcher*: notices that the reader of standard output went away while the
+//! room is quiet.
+//!
+//! A write to a pipe whose reader has gone fails (`EPIPE`), and the chat then leaves the
+//! room ([`output_gone`](super::output_gone)). But a chat writes only when the room says
+//! something: `ocm join lobby | head -1` in a quiet room stayed in the room after `head`
+//! took its line and quit, its keepalives going on, and the shell's pipeline waited with it,
+//! until someone spoke. So when standard output is a pipe or a socket, a thread waits in
+//! `poll` for the kernel to say that nobody can read it any more (`POLLERR` on a pipe
+//! without readers, `POLLHUP` on a socket closed both ways) and tells the main loop, which
+//! leaves as at the end of input. (GNU `tail -f` watches its output the same way.) A
+//! terminal that hangs up sends `SIGHUP`, which the signal watcher takes; a file never goes
+//! away.
+
+use std::io;
+use std::sync::mpsc::SyncSender;
+use std::thread;
+
+use log::debug;
+
+use super::Event;
+use crate::error::ClientError;
+
+/// Starts the output watcher if standard output is a pipe or a socket. Best effort: without
+/// it, the reader's going away is noticed at the next line written.
+pub(super) fn spawn_output_watcher(events: SyncSender<Event>) {
+    if !can_lose_its_reader(libc::STDOUT_FILENO) {
+        return;
+    }
+    let spawned = thread::Builder::new()
+        .name("output-watcher".into())
+        .spawn(move || {
+            match wait_for_no_reader(libc::STDOUT_FILENO) {
+                // Told as a write that failed with EPIPE would be: the main loop leaves the
+                // room and the chat ends as the user leaving (exit status 0).
+                Ok(()) => {
+                    let _ = events.send(Event::Failed(ClientError::Io {
+                        context: "writing to standard output",
+                        source: io::ErrorKind::BrokenPipe.into(),
+                    }));
+                }
+                Err(e) => debug!("cannot watch standard output: {e}"),
+            }
+        });
+    if let Err(e) = spawned {
+        debug!("could not start the output watcher: {e}");
+    }
+}
+
+/// Whether `fd` is a pipe (FIFO) or a socket: what can lose its reader.
+fn can_lose_its_reader(fd: libc::c_int) -> bool {
+    let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes one `struct stat` into live memory of its size; a bad descriptor
+    // is reported as an error, and the value is read only after success.
+    if unsafe { libc::fstat(fd, stat.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: fstat succeeded, so it filled `stat`.
+    let kind = unsafe { stat.assume_init() }.st_mode & libc::S_IFMT;
+    kind == libc::S_IFIFO || kind == libc::S_IFSOCK
+}
+
+/// Waits until nobody can read what is written to `fd` any more. It asks `poll` for no
+/// event at all: `POLLERR` and `POLLHUP` are reported anyway, and a pipe or socket that can
+/// be written to does not wake it. An error, or `POLLNVAL`, is returned as such.
+fn wait_for_no_reader(fd: libc::c_int) -> io::Result<()> {
+    loop {
+        let mut watched = libc::pollfd {
+            fd,
+            events: 0,
+            revents: 0,
+        };
+        // SAFETY: poll reads and writes one live pollfd; -1 waits without end.
+        let ready = unsafe { libc::poll(&mut watched, 1, -1) };
+        if ready < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(error);
+        }
+        if watched.revents & libc::POLLNVAL != 0 {
+            return Err(io::Error::other("not an open descriptor"));
+        }
+        if watched.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    #[test]
+    fn pipes_and_sockets_are_watched_and_files_are_not() {
+        let (reader, writer) = std::io::pipe().unwrap();
+        assert!(can_lose_its_reader(writer.as_raw_fd()));
+        drop(reader);
+        let (one, _other) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(can_lose_its_reader(one.as_raw_fd()));
+        for path in ["/dev/null".into(), std::env::current_exe().unwrap()] {
+            let file = std::fs::File::open(&path).unwrap();
+            assert!(!can_lose_its_reader(file.as_raw_fd()), "{}", path.display());
+        }
+    }
+
+    #[test]
+    fn the_wait_ends_when_the_reader_goes_and_not_before() {
+        let (reader, writer) = std::io::pipe().unwrap();
+        let fd = writer.as_raw_fd();
+        let (done, waited) = mpsc::channel();
+        thread::spawn(move || done.send(wait_for_no_reader(fd).map_err(|e| e.kind())));
+        // The pipe can be written to: that wakes nothing.
+        assert!(waited.recv_timeout(Duration::from_millis(200)).is_err());
+        drop(reader);
+        let result = waited.recv_timeout(Duration::from_secs(10)).expect("woken");
+        assert_eq!(result, Ok(()));
+        drop(writer);
+    }
+}
