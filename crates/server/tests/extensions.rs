@@ -767,6 +767,117 @@ fn ocm_stuck_on_its_errors_after_a_signal_ended_its_chat_still_exits() {
     alice.lines_until("* bob left");
 }
 
+/// Whether `ocm` (`pid`)'s thread named `name` is blocked writing to a pipe, from its
+/// `/proc/PID/task/TID/wchan`; `None` where the kernel does not say (a wchan of `0`).
+fn thread_writing_a_pipe(pid: u32, name: &str) -> Option<bool> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("ocm's tasks");
+    for task in tasks {
+        let task = task.expect("a task").path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let wchan = std::fs::read_to_string(task.join("wchan")).unwrap_or_default();
+        if wchan.is_empty() || wchan == "0" {
+            return None;
+        }
+        return Some(wchan.contains("pipe_write"));
+    }
+    Some(false)
+}
+
+/// Bob, an `ocm` joined to `room` (which alice hosts in `d`) with `args`, stuck on its
+/// standard output, which nobody reads: its receiver blocked writing alice's message there,
+/// holding the screen. Bob's standard error is collected in the string returned. `None`
+/// (the check skipped) where the kernel does not say where a thread waits.
+fn bob_stuck_on_its_output(
+    d: &Daemon,
+    alice: &mut Ocm,
+    room: &str,
+    args: &[&str],
+) -> Option<(
+    KillOnDrop,
+    std::io::PipeReader,
+    Arc<std::sync::Mutex<String>>,
+)> {
+    let (unread, stdout) = full_pipe();
+    let args = [&["join", room, "--name", "bob"], args].concat();
+    let mut bob = KillOnDrop(ocm_with_outputs(d, &args, &[], stdout, Stdio::piped()));
+    let errors = bob.0.stderr.take().expect("stderr");
+    let said = Arc::new(std::sync::Mutex::new(String::new()));
+    {
+        let said = Arc::clone(&said);
+        thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(errors).lines() {
+                let Ok(line) = line else { break };
+                said.lock().unwrap().push_str(&format!("{line}\n"));
+            }
+        });
+    }
+    alice.lines_until("* bob joined");
+    wait_until("bob live", || {
+        said.lock().unwrap().contains("* --- live ---")
+    });
+    alice.type_line("for bob, who cannot show it");
+    let mut blocked = None;
+    wait_until("bob's receiver stuck on its output", || {
+        blocked = thread_writing_a_pipe(bob.0.id(), "receiver");
+        blocked != Some(false)
+    });
+    if blocked.is_none() {
+        skipped("the kernel does not say where a thread waits (/proc/PID/task/TID/wchan)");
+        return None;
+    }
+    Some((bob, unread, said))
+}
+
+/// A remark of the input thread (here `/help`) goes to standard error without waiting for
+/// standard output, which nobody reads: the receiver is stuck there with a message, holding
+/// the screen. So the lines after the remark are still sent, and the end of the input still
+/// leaves the room (the input thread had waited for the screen for good, and the keepalives
+/// kept bob in the room).
+#[test]
+fn ocm_stuck_on_its_output_still_reads_past_a_remark_and_leaves_at_the_end_of_input() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "unread", "--name", "alice"]);
+    alice.wait_stderr("* created unread as alice");
+    let Some((mut bob, _unread, said)) = bob_stuck_on_its_output(&d, &mut alice, "unread", &[])
+    else {
+        return;
+    };
+    let mut stdin = bob.0.stdin.take().expect("stdin");
+    writeln!(stdin, "/help\nafter the help").unwrap();
+    drop(stdin);
+    alice.lines_until("bob: after the help");
+    alice.lines_until("* bob left");
+    let status = wait_for_exit(&mut bob.0, "ocm at the end of its input");
+    assert!(status.success(), "{status:?}");
+    wait_until("bob's help", || said.lock().unwrap().contains("* /help "));
+}
+
+/// The main loop's remarks do not wait for a standard output nobody reads either: here
+/// `* cannot reach the server` (the daemon was killed; the idle check found it gone), after
+/// which the main loop had waited for the screen for good, and never acted on the end of
+/// the input.
+#[test]
+fn ocm_stuck_on_its_output_still_tells_of_a_server_gone_and_ends_with_its_input() {
+    let mut d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "gone", "--name", "alice"]);
+    alice.wait_stderr("* created gone as alice");
+    let stuck = bob_stuck_on_its_output(&d, &mut alice, "gone", &["--idle-check", "1"]);
+    let Some((mut bob, _unread, said)) = stuck else {
+        return;
+    };
+    d.kill9();
+    wait_until("bob told that the server cannot be reached", || {
+        said.lock().unwrap().contains("* cannot reach the server")
+    });
+    drop(bob.0.stdin.take());
+    let status = wait_for_exit(&mut bob.0, "ocm at the end of its input");
+    assert!(status.success(), "{status:?}");
+}
+
 /// An `ocm` whose standard error nobody reads (a closed pipe) loses its remarks, not its
 /// session: it still chats, and leaves the room at the end of its input.
 #[test]

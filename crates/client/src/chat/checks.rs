@@ -13,7 +13,7 @@ use tcrp::ErrorCode;
 
 use super::input_thread::TerminalGuard;
 use super::session::Session;
-use super::{finish_closed, leave, lock, output_gone, Ending, Event, Options};
+use super::{finish_closed, leave, lock, output_gone, remark, Ending, Event, Options};
 use crate::error::ClientError;
 use crate::handshake::Token;
 use crate::render::{printable_name, Flow};
@@ -226,6 +226,7 @@ impl Liveness {
         answer: Option<Result<(), ClientError>>,
         room_name: &str,
         screen: &Mutex<Screen>,
+        editor: bool,
     ) -> Membership {
         self.checking = false;
         self.last_answer = Instant::now();
@@ -251,7 +252,9 @@ impl Liveness {
                 ..
             }) => {
                 self.off = true;
-                lock(screen).err(
+                remark(
+                    screen,
+                    editor,
                     "* the server cannot say whether you are still in the room \
                      (unsupported_operation); idle checks are off",
                 );
@@ -263,7 +266,7 @@ impl Liveness {
                         ClientError::QueryRefused { .. } => "the server refused the idle check",
                         _ => "cannot reach the server",
                     };
-                    lock(screen).err(&format!("* {what}: {e}"));
+                    remark(screen, editor, &format!("* {what}: {e}"));
                 }
                 Membership::GoOn
             }
@@ -452,7 +455,7 @@ mod tests {
         );
         let ask = |live: &mut Liveness, answer| {
             live.checking = true;
-            let m = live.answer(answer, "lobby", &screen);
+            let m = live.answer(answer, "lobby", &screen, false);
             assert!(!live.checking, "a new check may start");
             m
         };
@@ -525,7 +528,7 @@ mod tests {
         let answer = |live: &mut Liveness, answer| {
             live.checking = true;
             assert!(matches!(
-                live.answer(answer, "lobby", &screen),
+                live.answer(answer, "lobby", &screen, false),
                 Membership::GoOn
             ));
         };

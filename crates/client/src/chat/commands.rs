@@ -22,7 +22,7 @@ use tcrp::payload::HistoryPage;
 use tcrp::ErrorCode;
 
 use super::checks::gone_line;
-use super::{lock, Event};
+use super::{lock, remark, Event};
 use crate::error::ClientError;
 use crate::handshake::{self, Token};
 use crate::input::{self, Input};
@@ -72,6 +72,8 @@ pub(super) struct Commands {
     pub(super) max_message_len: usize,
     /// The server is the original one: `/who` and `/history` are not asked.
     pub(super) original: bool,
+    /// The line editor prints (see [`Asker::editor`]).
+    editor: bool,
     answerer: Answerer,
 }
 
@@ -85,6 +87,10 @@ pub(super) struct Asker {
     pub(super) pager: HistoryPager,
     pub(super) screen: Arc<Mutex<Screen>>,
     pub(super) events: SyncSender<Event>,
+    /// The line editor prints: remarks wait for the screen, which is never held for long,
+    /// and are drawn above the line being typed. Else (plain lines) they do not wait for it
+    /// ([`remark_unheld`](super::remark_unheld)).
+    pub(super) editor: bool,
 }
 
 impl Commands {
@@ -95,7 +101,16 @@ impl Commands {
             events: asker.events.clone(),
             max_message_len,
             original,
+            editor: asker.editor,
             answerer: Answerer::Here(asker),
+        }
+    }
+
+    /// The line editor prints from now on: remarks wait for the screen ([`Asker::editor`]).
+    pub(super) fn editor_prints(&mut self) {
+        self.editor = true;
+        if let Answerer::Here(asker) = &mut self.answerer {
+            asker.editor = true;
         }
     }
 
@@ -157,7 +172,7 @@ impl Commands {
     }
 
     pub(super) fn err(&self, line: &str) {
-        lock(&self.screen).err(line);
+        remark(&self.screen, self.editor, line);
     }
 
     /// Gets `question` answered, here or by the asking thread; `false` when the session ends.
@@ -193,7 +208,7 @@ impl Commands {
 
 impl Asker {
     fn err(&self, line: &str) {
-        lock(&self.screen).err(line);
+        remark(&self.screen, self.editor, line);
     }
 
     /// Answers one question; `false` when the session ends.
@@ -220,15 +235,26 @@ impl Asker {
     /// `/who`: the room's host and members, as remarks. `false` when the session ends.
     fn who(&mut self) -> bool {
         let (tcp, room_name, token) = (self.tcp, self.room_name.clone(), self.token.clone());
-        let answer = waiting(&self.screen, move || {
-            let mut stream = handshake::connect_addr(tcp)?;
-            query::presence(&mut stream, &room_name, Some(&token), None)
-        });
+        let answer = waiting(
+            |line| self.err(line),
+            move || {
+                let mut stream = handshake::connect_addr(tcp)?;
+                query::presence(&mut stream, &room_name, Some(&token), None)
+            },
+        );
         match answer {
             Ok(presence) => {
-                let mut screen = lock(&self.screen);
-                for line in listing::presence_lines(&presence) {
-                    screen.err(&format!("* {line}"));
+                let lines = listing::presence_lines(&presence);
+                if self.editor {
+                    // Together, with no other line among them.
+                    let mut screen = lock(&self.screen);
+                    for line in lines {
+                        screen.err(&format!("* {line}"));
+                    }
+                } else {
+                    for line in lines {
+                        self.err(&format!("* {line}"));
+                    }
                 }
                 true
             }
@@ -247,9 +273,10 @@ impl Asker {
             }
         };
         let (tcp, room_name, token) = (self.tcp, self.room_name.clone(), self.token.clone());
-        let page = waiting(&self.screen, move || {
-            fetch_history(tcp, &room_name, &token, before, count)
-        });
+        let page = waiting(
+            |line| self.err(line),
+            move || fetch_history(tcp, &room_name, &token, before, count),
+        );
         let page = match page {
             Ok(page) => page,
             Err(e) => return self.refused(&e),
@@ -334,10 +361,10 @@ fn fetch_history(
 }
 
 /// Runs `ask`, a question to the server, on a thread of its own and waits for its answer,
-/// saying [`ASKING`] if that takes longer than [`ASKING_REMARK_AFTER`]: the server may take
-/// up to the queries' 10 s, which should not look like nothing happening.
+/// saying [`ASKING`] with `say` if that takes longer than [`ASKING_REMARK_AFTER`]: the server
+/// may take up to the queries' 10 s, which should not look like nothing happening.
 pub(super) fn waiting<T: Send + 'static>(
-    screen: &Mutex<Screen>,
+    say: impl FnOnce(&str),
     ask: impl FnOnce() -> Result<T, ClientError> + Send + 'static,
 ) -> Result<T, ClientError> {
     let (answer, answered) = mpsc::sync_channel(1);
@@ -350,7 +377,7 @@ pub(super) fn waiting<T: Send + 'static>(
         .map_err(ClientError::io("starting a thread to ask the server"))?;
     match answered.recv_timeout(ASKING_REMARK_AFTER) {
         Ok(answer) => return answer,
-        Err(mpsc::RecvTimeoutError::Timeout) => lock(screen).err(ASKING),
+        Err(mpsc::RecvTimeoutError::Timeout) => say(ASKING),
         Err(mpsc::RecvTimeoutError::Disconnected) => {}
     }
     answered.recv().unwrap_or_else(|_| {

@@ -110,6 +110,7 @@ pub(super) fn spawn_input(
                 }
             });
         if editor.is_some() {
+            commands.editor_prints();
             // The editor must keep reading while the server answers `/who` or `/history`,
             // and the join's history too: fetched here, before `readline`, it left the
             // terminal in its normal mode meanwhile, which echoed what was typed raw over

@@ -281,6 +281,7 @@ impl Chat {
             pager: HistoryPager::default(),
             screen: Arc::clone(&screen),
             events: events.clone(),
+            editor: false,
         };
         let commands = Commands::new(asker, session.max_message_len(), options.original);
         let reading = terminal.as_ref().map(|guard| Arc::clone(&guard.reading));
@@ -411,7 +412,8 @@ impl Chat {
                 let Some(liveness) = &mut self.liveness else {
                     return Next::GoOn;
                 };
-                match liveness.answer(answer, &self.session.room_name, &self.screen) {
+                let editor = self.terminal.is_some();
+                match liveness.answer(answer, &self.session.room_name, &self.screen, editor) {
                     Membership::Gone(line) => self.end_gone(&line),
                     Membership::GoOn => Next::GoOn,
                 }
@@ -430,7 +432,8 @@ impl Chat {
                     .and_then(Liveness::back_at)
                     .map_or(datagram, |back| back.max(datagram));
                 if self.outage.refused(Instant::now(), heard) {
-                    lock(&self.screen).err(&port_closed(self.session.server));
+                    let line = port_closed(self.session.server);
+                    remark(&self.screen, self.terminal.is_some(), &line);
                     if let Some(liveness) = &mut self.liveness {
                         liveness.check_now();
                     }
@@ -438,7 +441,8 @@ impl Chat {
                 Next::GoOn
             }
             Event::Unsendable(error) => {
-                lock(&self.screen).err(&unsendable(self.session.server, &error));
+                let line = unsendable(self.session.server, &error);
+                remark(&self.screen, self.terminal.is_some(), &line);
                 Next::GoOn
             }
             // The server's word: no __LEAVE__ to a room that does not hold us.
@@ -552,10 +556,8 @@ fn send_text(session: &Session, own: &OwnSends, screen: &Mutex<Screen>, text: &s
 /// cannot show a reply to our message (which the daemon numbers after it) before our
 /// message's number is known to be ours, and report that number as lost. The screen's lock
 /// is never waited for: the receiver may hold it, blocked on a stalled standard output, and
-/// the main loop must still hear signals and `/quit`. A failed send's complaint goes through the screen when it
-/// is free, and straight to standard error when it is not (in plain mode, the only one in
-/// which the receiver writes while holding it; the line editor's printing goes through a
-/// queue).
+/// the main loop must still hear signals and `/quit`; a failed send's complaint is a
+/// [`remark_unheld`].
 fn send_own(
     own: &OwnSends,
     screen: &Mutex<Screen>,
@@ -570,10 +572,34 @@ fn send_own(
         Err(e) => format!("* message not sent: {e}"),
     };
     own.take_back();
+    remark_unheld(screen, &complaint);
+}
+
+/// Shows a remark (`* ...`): waiting for the screen when the line `editor` prints, else
+/// not ([`remark_unheld`]).
+pub(super) fn remark(screen: &Mutex<Screen>, editor: bool, line: &str) {
+    if editor {
+        lock(screen).err(line);
+    } else {
+        remark_unheld(screen, line);
+    }
+}
+
+/// Shows a remark (`* ...`) without waiting for the screen's lock: through the screen when
+/// it is free, else straight to standard error. With plain lines the receiver holds the
+/// screen while it writes to standard output, so a standard output nobody reads (a full
+/// pipe, a stopped reader) holds it for as long as that lasts; a remark that waited for it
+/// stopped its thread: the main loop (its signals and `/quit`), or the input thread, which
+/// then read nothing more, not even the end of its input, while the keepalives kept us in
+/// the room. Straight to standard error is where the screen puts a remark with plain lines
+/// anyway. (The line editor's printing goes through a queue and never holds the screen for
+/// long; the input thread waits for it there, so that a remark is drawn above the line being
+/// typed, not through it.)
+pub(super) fn remark_unheld(screen: &Mutex<Screen>, line: &str) {
     match screen.try_lock() {
-        Ok(mut screen) => screen.err(&complaint),
-        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner().err(&complaint),
-        Err(TryLockError::WouldBlock) => to_stderr(&complaint),
+        Ok(mut screen) => screen.err(line),
+        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner().err(line),
+        Err(TryLockError::WouldBlock) => to_stderr(line),
     }
 }
 

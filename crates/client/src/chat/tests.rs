@@ -57,6 +57,7 @@ fn commands(tcp: SocketAddr, screen: &Arc<Mutex<Screen>>) -> (Commands, mpsc::Re
         pager: HistoryPager::default(),
         screen: Arc::clone(screen),
         events,
+        editor: false,
     };
     let commands = Commands::new(asker, 100, false);
     (commands, inbox)
@@ -988,15 +989,18 @@ fn wait_for_lines(rec: &Recorder, lines: &[&str]) {
 #[test]
 fn a_slow_answer_is_announced_and_a_quick_one_is_not() {
     let (screen, rec) = screen(false);
-    assert_eq!(waiting(&screen, || Ok(1)).unwrap(), 1);
+    assert_eq!(waiting(|l| lock(&screen).err(l), || Ok(1)).unwrap(), 1);
     assert!(rec.lines().is_empty(), "{:?}", rec.lines());
     let (release, gate) = mpsc::channel::<()>();
     let shared = Arc::clone(&screen);
     let asking = thread::spawn(move || {
-        waiting(&shared, move || {
-            gate.recv().unwrap();
-            Ok(2)
-        })
+        waiting(
+            |l| lock(&shared).err(l),
+            move || {
+                gate.recv().unwrap();
+                Ok(2)
+            },
+        )
     });
     wait_for_lines(&rec, &[&format!("err: {ASKING}")]);
     release.send(()).unwrap();
