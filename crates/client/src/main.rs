@@ -24,10 +24,12 @@
 //! long ...`) and errors go to standard error. `rooms` and `who` print their answer to
 //! standard output.
 //!
-//! Exit codes: 0 after leaving (`/quit`, the end of input, a signal) or after `rooms`/`who`
-//! answered; 3 when the room ended the chat (it was closed, or the server no longer holds
-//! the member); 1 when the server cannot be reached or misbehaves; 2 for a bad command line,
-//! an invalid name, an unusable password, or a refusal.
+//! Exit codes: 0 after leaving (`/quit`, the end of input, a signal, the reader of standard
+//! output gone) or after `rooms`/`who` answered; 3 when the room ended the chat (it was
+//! closed, or the server no longer holds the member); 1 when the server cannot be reached or
+//! misbehaves, when reading standard input or writing standard output fails, or when a
+//! signal could not end the chat within 3 s; 2 for a bad command line, an invalid name, an
+//! unusable password, or a refusal.
 
 mod chat;
 mod closure;
@@ -69,10 +71,12 @@ const PASSWORD_ENV: &str = "OCM_PASSWORD";
 #[command(
     name = "ocm",
     version,
-    after_help = "Exit status: 0 after leaving (/quit, end of input, a signal) or an answer to \
-                  rooms/who; 3 when the room ended the chat (closed, or the server no longer \
-                  holds you); 2 for a bad command line or a refusal; 1 when the server cannot \
-                  be reached or misbehaves."
+    after_help = "Exit status: 0 after leaving (/quit, end of input, a signal, the reader of \
+                  the output gone) or an answer to rooms/who; 3 when the room ended the chat \
+                  (closed, or the server no longer holds you); 2 for a bad command line or a \
+                  refusal; 1 when the server cannot be reached or misbehaves, when reading \
+                  the input or writing the output fails, or when a signal could not end the \
+                  chat within 3 s."
 )]
 struct Cli {
     /// Host name or IP address of the daemon (an IPv6 address with or without brackets); the
