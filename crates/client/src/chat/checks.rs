@@ -3,7 +3,6 @@
 //! server hears our datagrams at all.
 
 use std::net::SocketAddr;
-use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use std::{io, thread};
@@ -13,7 +12,7 @@ use tcrp::ErrorCode;
 
 use super::input_thread::TerminalGuard;
 use super::session::Session;
-use super::{finish_closed, leave, lock, output_gone, remark, Ending, Event, Options};
+use super::{finish_closed, leave, lock, output_gone, remark, Ahead, Ending, Event, Options};
 use crate::error::ClientError;
 use crate::handshake::Token;
 use crate::render::{printable_name, Flow};
@@ -74,15 +73,15 @@ pub(super) enum Settled {
 }
 
 /// Asks the server whether a closure notice is true, each time on a thread of its own that
-/// reports the [`closure::Verdict`] as an [`Event::Verdict`]. The main loop waits for it like
-/// for any event, so a server that takes its time (up to the connect and reply timeouts)
-/// holds up neither typed lines nor a way out.
+/// reports the [`closure::Verdict`] as an [`Event::Verdict`], sent [`Ahead`] of queued lines.
+/// The main loop waits for it like for any event, so a server that takes its time (up to the
+/// connect and reply timeouts) holds up neither typed lines nor a way out.
 pub(super) struct Checker {
     /// The daemon's TCP address.
     pub(super) tcp: SocketAddr,
     pub(super) room_name: String,
     pub(super) token: Token,
-    pub(super) events: SyncSender<Event>,
+    pub(super) events: Ahead,
 }
 
 impl Checker {
@@ -320,7 +319,7 @@ pub(super) fn gone_line(room_name: &str, error: &ClientError) -> String {
 
 /// Sends an idle check's answer to the main loop when dropped: `None` if the check panicked.
 struct MembershipAnswer {
-    events: SyncSender<Event>,
+    events: Ahead,
     answer: Option<Result<(), ClientError>>,
 }
 
@@ -334,7 +333,7 @@ impl Drop for MembershipAnswer {
 /// Sends its verdict to the main loop when dropped: when the check returns, and also if it
 /// panicked, with [`closure::Verdict::Unknown`] (believe the notice).
 pub(super) struct Answer {
-    pub(super) events: SyncSender<Event>,
+    pub(super) events: Ahead,
     pub(super) verdict: closure::Verdict,
 }
 

@@ -22,7 +22,7 @@ use tcrp::payload::HistoryPage;
 use tcrp::ErrorCode;
 
 use super::checks::gone_line;
-use super::{lock, remark, Event};
+use super::{lock, remark, Ahead, Event};
 use crate::error::ClientError;
 use crate::handshake::{self, Token};
 use crate::input::{self, Input};
@@ -67,6 +67,8 @@ enum Answerer {
 /// by the asking thread), chat text and `/quit` are passed to the main loop.
 pub(super) struct Commands {
     pub(super) screen: Arc<Mutex<Screen>>,
+    /// The main loop's queue of lines to send: chat text, `/quit` and the end of input, in
+    /// the order read.
     pub(super) events: SyncSender<Event>,
     /// The longest chat message that can be sent ([`Session::max_message_len`](super::Session::max_message_len)).
     pub(super) max_message_len: usize,
@@ -86,7 +88,9 @@ pub(super) struct Asker {
     pub(super) token: Token,
     pub(super) pager: HistoryPager,
     pub(super) screen: Arc<Mutex<Screen>>,
-    pub(super) events: SyncSender<Event>,
+    /// Where the server's word that the session is over goes: ahead of the queued lines,
+    /// which would go to a room that no longer holds us.
+    pub(super) events: Ahead,
     /// The line editor prints: remarks wait for the screen, which is never held for long,
     /// and are drawn above the line being typed. Else (plain lines) they do not wait for it
     /// ([`remark_unheld`](super::remark_unheld)).
@@ -94,11 +98,17 @@ pub(super) struct Asker {
 }
 
 impl Commands {
-    /// Commands answering questions on the input thread, until [`Commands::answer_elsewhere`].
-    pub(super) fn new(asker: Asker, max_message_len: usize, original: bool) -> Commands {
+    /// Commands answering questions on the input thread, until [`Commands::answer_elsewhere`];
+    /// chat text and `/quit` go to `events`, the main loop's queue of lines.
+    pub(super) fn new(
+        asker: Asker,
+        events: SyncSender<Event>,
+        max_message_len: usize,
+        original: bool,
+    ) -> Commands {
         Commands {
             screen: Arc::clone(&asker.screen),
-            events: asker.events.clone(),
+            events,
             max_message_len,
             original,
             editor: asker.editor,

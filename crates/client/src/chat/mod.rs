@@ -1,8 +1,9 @@
 //! The UDP half of a session: register, chat, keep alive, leave; and the chat's commands.
 //!
 //! [`Session`] owns the UDP socket and turns text into datagrams with [`ucrp::datagram`].
-//! [`run`] is the chat loop. Four helper threads feed one channel of [`Event`]s and the main
-//! thread alone decides what to send, keepalives apart (below):
+//! [`run`] is the chat loop. Four helper threads feed it [`Event`]s and the main thread alone
+//! decides what to send, keepalives apart (below). The events come on two queues: the input
+//! thread's lines, sent at the chat's pace, and the room's word ([`Ahead`]), read first:
 //! - the *receiver* reads datagrams, ignores any whose source is not the server, hands them
 //!   to the shared [`Screen`] (which renders and prints them) and reports the room's closing,
 //!   and each datagram of ours that the server's closed UDP port refused ([`icmp`]);
@@ -94,9 +95,11 @@ use output::spawn_output_watcher;
 use receiver::spawn_receiver;
 use suspend::{suspend_on_input_thread, watch_for_the_end};
 
-/// Events the main loop may have waiting. Bounded, so that piped input waits for the sends
-/// instead of queueing without end, and a signal or `/quit` is acted on after at most this
-/// many sends (about 1.4 s at the chat's pace, [`pacing`]), not after the whole pipe.
+/// Events the main loop may have waiting on each of its two queues. Bounded, so that piped
+/// input waits for the sends instead of queueing without end, and `/quit` or the end of
+/// input is acted on after at most this many sends (about 1.4 s at the chat's pace,
+/// [`pacing`]), not after the whole pipe. A signal and the room's word ([`Ahead`]) do not
+/// wait for them.
 const EVENT_QUEUE: usize = 64;
 
 /// What the helper threads tell the main loop.
@@ -127,6 +130,54 @@ enum Event {
     Gone(String),
     /// A helper thread hit an error it cannot go on after.
     Failed(ClientError),
+    /// Nothing in itself: an event was sent [`Ahead`], and the main loop, if it was waiting
+    /// for the queue of lines, reads it now.
+    Wake,
+}
+
+/// Sends the main loop the events that must not wait behind the lines queued to be sent:
+/// the room's word (a closure notice, the answers to the closure and idle checks, the
+/// server saying we are no longer in the room) and the failures that end the chat (standard
+/// output gone, the socket failing). Used by every helper thread but the input thread,
+/// whose lines, `/quit` and end of input keep their order, and the keepalive and signal
+/// threads, which never wait for the main queue ([`after_signal`]).
+///
+/// The input thread keeps the main queue full while a pipe of lines is paced out
+/// ([`EVENT_QUEUE`] lines, about 1.4 s at the chat's pace). A closure notice sent there
+/// waited for all of them, and the closure check's answer for as many more: `ocm` exited
+/// some 2.9 s after the host left, having sent about 130 lines into the closed room. These
+/// events go to a queue of their own, which the main loop reads before the main queue on
+/// every pass, and an [`Event::Wake`] on the main queue wakes it if it waits there. A full
+/// main queue takes no wake and needs none: the main loop is busy with it, and reads this
+/// queue on its next pass, at most one line's pace (about 22 ms) later.
+#[derive(Clone)]
+struct Ahead {
+    ahead: SyncSender<Event>,
+    /// The main queue, to wake the main loop on; `None` when the two are one (in tests).
+    wake: Option<SyncSender<Event>>,
+}
+
+impl Ahead {
+    /// Sends `event` ahead of the queued lines; an error when the main loop has gone.
+    fn send(&self, event: Event) -> Result<(), mpsc::SendError<Event>> {
+        self.ahead.send(event)?;
+        if let Some(wake) = &self.wake {
+            // Full: the main loop is busy and reads `ahead` within a pass. Disconnected: it
+            // has gone.
+            let _ = wake.try_send(Event::Wake);
+        }
+        Ok(())
+    }
+}
+
+/// One channel for everything, in order, without wakes: for tests that read the events.
+impl From<SyncSender<Event>> for Ahead {
+    fn from(events: SyncSender<Event>) -> Ahead {
+        Ahead {
+            ahead: events,
+            wake: None,
+        }
+    }
 }
 
 /// How a chat ended without an error (the exit status tells them apart).
@@ -187,6 +238,8 @@ pub fn run(session: Session, options: Options) -> Result<Ending, ClientError> {
 struct Chat {
     session: Session,
     inbox: Receiver<Event>,
+    /// What was sent [`Ahead`] of the lines in `inbox`, read first.
+    ahead: Receiver<Event>,
     /// The signal watcher's last signal (0: none), read before each event.
     signalled: Arc<AtomicI32>,
     screen: Arc<Mutex<Screen>>,
@@ -219,6 +272,11 @@ impl Chat {
     /// fail without a `__LEAVE__`.
     fn start(session: Session, options: Options) -> Result<Chat, ClientError> {
         let (events, inbox) = mpsc::sync_channel(EVENT_QUEUE);
+        let (ahead_events, ahead) = mpsc::sync_channel(EVENT_QUEUE);
+        let ahead_events = Ahead {
+            ahead: ahead_events,
+            wake: Some(events.clone()),
+        };
         if options.line_editor {
             // Before any thread starts: they inherit it.
             suspend_on_input_thread();
@@ -248,7 +306,7 @@ impl Chat {
         spawn_receiver(
             &session,
             Arc::clone(&screen),
-            events.clone(),
+            ahead_events.clone(),
             Arc::clone(&last_heard),
         )?;
 
@@ -280,22 +338,23 @@ impl Chat {
             token: session.token.clone(),
             pager: HistoryPager::default(),
             screen: Arc::clone(&screen),
-            events: events.clone(),
+            events: ahead_events.clone(),
             editor: false,
         };
-        let commands = Commands::new(asker, session.max_message_len(), options.original);
+        let commands = Commands::new(asker, events, session.max_message_len(), options.original);
         let reading = terminal.as_ref().map(|guard| Arc::clone(&guard.reading));
-        spawn_output_watcher(events.clone());
+        spawn_output_watcher(ahead_events.clone());
         spawn_input(commands, options.join_history, reading);
         let checker = Checker {
             tcp: options.tcp,
             room_name: session.room_name.clone(),
             token: session.token.clone(),
-            events,
+            events: ahead_events,
         };
         Ok(Chat {
             session,
             inbox,
+            ahead,
             signalled,
             screen,
             own,
@@ -322,9 +381,13 @@ impl Chat {
             if let Some(end) = self.run_timers() {
                 return end;
             }
-            let event = match self.next_event() {
-                Some(event) => event,
-                None => continue,
+            // The room's word next: it overtakes the queued lines ([`Ahead`]).
+            let event = match self.ahead.try_recv() {
+                Ok(event) => event,
+                Err(_) => match self.next_event() {
+                    Some(event) => event,
+                    None => continue,
+                },
             };
             match self.handle(event) {
                 Next::GoOn => {}
@@ -445,6 +508,8 @@ impl Chat {
                 remark(&self.screen, self.terminal.is_some(), &line);
                 Next::GoOn
             }
+            // The main loop reads what was sent ahead on its next pass.
+            Event::Wake => Next::GoOn,
             // The server's word: no __LEAVE__ to a room that does not hold us.
             Event::Gone(line) => self.end_gone(&line),
             // The reader of our output is gone (`ocm join ... | head`), found by a write or by

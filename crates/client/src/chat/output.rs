@@ -13,17 +13,16 @@
 //! away.
 
 use std::io;
-use std::sync::mpsc::SyncSender;
 use std::thread;
 
 use log::debug;
 
-use super::Event;
+use super::{Ahead, Event};
 use crate::error::ClientError;
 
 /// Starts the output watcher if standard output is a pipe or a socket. Best effort: without
 /// it, the reader's going away is noticed at the next line written.
-pub(super) fn spawn_output_watcher(events: SyncSender<Event>) {
+pub(super) fn spawn_output_watcher(events: Ahead) {
     if !can_lose_its_reader(libc::STDOUT_FILENO) {
         return;
     }

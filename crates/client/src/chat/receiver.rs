@@ -2,7 +2,6 @@
 //! until the room closes.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 use std::{io, thread};
@@ -10,7 +9,7 @@ use std::{io, thread};
 use log::debug;
 
 use super::session::Session;
-use super::{icmp, lock, Event};
+use super::{icmp, lock, Ahead, Event};
 use crate::error::ClientError;
 use crate::feed::MAX_QUEUED_BYTES;
 use crate::render::Flow;
@@ -22,11 +21,11 @@ const RECV_BUFFER_LEN: usize = 64 * 1024;
 
 /// Starts the receiver thread. After a datagram that closes the room it goes on receiving
 /// (the screen holds what comes until the closure is settled); it stops on an error. Each
-/// port unreachable is an [`Event::Refused`].
+/// port unreachable is an [`Event::Refused`]. All of it is sent [`Ahead`] of queued lines.
 pub(super) fn spawn_receiver(
     session: &Session,
     screen: Arc<Mutex<Screen>>,
-    events: SyncSender<Event>,
+    events: Ahead,
     last_heard: Arc<Mutex<Instant>>,
 ) -> Result<(), ClientError> {
     let socket = session

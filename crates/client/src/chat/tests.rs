@@ -56,10 +56,10 @@ fn commands(tcp: SocketAddr, screen: &Arc<Mutex<Screen>>) -> (Commands, mpsc::Re
         token: Token::new("00ff".into()).unwrap(),
         pager: HistoryPager::default(),
         screen: Arc::clone(screen),
-        events,
+        events: events.clone().into(),
         editor: false,
     };
-    let commands = Commands::new(asker, 100, false);
+    let commands = Commands::new(asker, events, 100, false);
     (commands, inbox)
 }
 
@@ -583,7 +583,7 @@ fn a_closed_server_port_is_reported_and_the_receiver_goes_on() {
     let (events, inbox) = mpsc::sync_channel(16);
     let start = Instant::now();
     let heard = Arc::new(Mutex::new(start));
-    spawn_receiver(&session, screen, events, Arc::clone(&heard)).unwrap();
+    spawn_receiver(&session, screen, events.into(), Arc::clone(&heard)).unwrap();
     let patience = Duration::from_secs(10);
     for text in ["hello", "again"] {
         assert!(matches!(session.send_chat(text), Ok(Ok(()))));
@@ -659,7 +659,7 @@ fn the_receiver_thread_stops_after_a_failure() {
     spawn_receiver(
         &session,
         screen,
-        events,
+        events.into(),
         Arc::new(Mutex::new(Instant::now())),
     )
     .unwrap();
@@ -792,7 +792,7 @@ fn checker(tcp: SocketAddr) -> (Checker, mpsc::Receiver<Event>) {
         tcp,
         room_name: "lobby".into(),
         token: Token::new("00ff".into()).unwrap(),
-        events,
+        events: events.into(),
     };
     (checker, inbox)
 }
@@ -824,7 +824,7 @@ fn a_check_that_panics_still_answers_so_the_chat_is_not_held_for_good() {
     let (events, inbox) = mpsc::sync_channel(1);
     let check = thread::spawn(move || {
         let _answer = Answer {
-            events,
+            events: events.into(),
             verdict: closure::Verdict::Unknown,
         };
         panic!("the check failed");
@@ -1351,4 +1351,38 @@ fn a_last_word_written_in_time_says_so() {
         "the chat did not end within 3s of signal 15: left the room".into(),
         Duration::from_secs(10)
     ));
+}
+
+/// What is sent [`Ahead`] does not wait behind a full queue of lines: it goes on a queue of
+/// its own, at once, with no wake (the main loop is busy with the lines); behind an empty
+/// queue, where the main loop waits, it comes with a wake.
+#[test]
+fn the_room_word_goes_ahead_of_a_full_queue_of_lines() {
+    let (lines, inbox) = mpsc::sync_channel(EVENT_QUEUE);
+    let (ahead_events, ahead) = mpsc::sync_channel(EVENT_QUEUE);
+    let ahead_events = Ahead {
+        ahead: ahead_events,
+        wake: Some(lines.clone()),
+    };
+    for i in 0..EVENT_QUEUE {
+        lines.try_send(Event::Send(format!("line {i}"))).unwrap();
+    }
+    ahead_events.send(Event::RoomClosed).unwrap();
+    assert!(matches!(ahead.try_recv(), Ok(Event::RoomClosed)));
+    let queued: Vec<Event> = inbox.try_iter().collect();
+    assert_eq!(queued.len(), EVENT_QUEUE, "no wake behind the lines");
+    assert!(queued.iter().all(|e| matches!(e, Event::Send(_))));
+    ahead_events
+        .send(Event::Verdict(closure::Verdict::Confirmed))
+        .unwrap();
+    assert!(matches!(inbox.try_recv(), Ok(Event::Wake)));
+    assert!(matches!(
+        ahead.try_recv(),
+        Ok(Event::Verdict(closure::Verdict::Confirmed))
+    ));
+    drop(ahead);
+    assert!(
+        ahead_events.send(Event::RoomClosed).is_err(),
+        "the main loop has gone"
+    );
 }
