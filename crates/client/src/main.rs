@@ -26,7 +26,8 @@
 //!
 //! Exit codes: 0 after leaving (`/quit`, the end of input, a signal, the reader of standard
 //! output gone) or after `rooms`/`who` answered; 3 when the room ended the chat (it was
-//! closed, or the server no longer holds the member); 1 when the server cannot be reached or
+//! closed, or the server no longer holds the member: at once, lines of the input still
+//! waiting their turn not sent); 1 when the server cannot be reached or
 //! misbehaves, when reading standard input or writing standard output fails, or when a
 //! signal could not end the chat within 3 s; 2 for a bad command line, an invalid name, an
 //! unusable password, or a refusal.
@@ -73,7 +74,8 @@ const PASSWORD_ENV: &str = "OCM_PASSWORD";
     version,
     after_help = "Exit status: 0 after leaving (/quit, end of input, a signal, the reader of \
                   the output gone) or an answer to rooms/who; 3 when the room ended the chat \
-                  (closed, or the server no longer holds you); 2 for a bad command line or a \
+                  (closed, or the server no longer holds you: at once, input lines still \
+                  waiting not sent); 2 for a bad command line or a \
                   refusal; 1 when the server cannot be reached or misbehaves, when reading \
                   the input or writing the output fails, or when a signal could not end the \
                   chat within 3 s."
