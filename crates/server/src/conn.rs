@@ -123,6 +123,11 @@ pub struct Conn {
     /// `max_output_bytes` after a write: the peer's requests wait, unread, until they drain
     /// under it. A peer that never reads is closed when its handshake timer runs out.
     pub paused: bool,
+    /// Answering stopped at the loop's budget of frames per turn with whole frames perhaps
+    /// left in the input: the loop answers them on a later pass, after the other connections
+    /// and the listeners have had their turn. Until then the connection is not finished,
+    /// even once its peer's end has come.
+    pub more_frames: bool,
     /// The interest currently registered with the poll.
     pub interest: Interest,
     /// The ticket of the password check the first buffered frame waits for.
@@ -147,6 +152,7 @@ impl Conn {
             lingering: false,
             lingered_bytes: 0,
             paused: false,
+            more_frames: false,
             listed_holding: false,
             interest: Interest::READABLE,
             awaiting_password: None,
@@ -288,7 +294,10 @@ impl Conn {
     /// Whether the connection has nothing left to do and should be closed (once a lingering
     /// close has begun, when the peer's end has come).
     pub fn finished(&self) -> bool {
-        let idle = !self.wants_write() && self.held.is_empty() && self.awaiting_password.is_none();
+        let idle = !self.wants_write()
+            && self.held.is_empty()
+            && self.awaiting_password.is_none()
+            && !self.more_frames;
         idle && (self.read_closed || (self.close_after_flush && !self.lingering))
     }
 

@@ -1363,6 +1363,43 @@ fn a_request_flood_from_one_ip_is_rate_limited_and_others_are_served() {
     assert_state_intact(d, &[room]);
 }
 
+/// One source's connections, each with thousands of requests pipelined, are answered a few
+/// frames at a time in turn: a client that comes after them is answered once each has had a
+/// turn, not after their whole backlog. (Before, a connection's input was answered to its
+/// end in one go, bounded only by the kernel taking the replies: 64 connections of 2,500
+/// room lists each, all within one source's allowance of connections and answered with
+/// cheap `rate_limited` refusals, held every other client up for seconds.)
+#[test]
+fn pipelined_floods_on_many_connections_do_not_hold_up_a_newcomer() {
+    let d = daemon("");
+    const CONNS: usize = 64;
+    // 80,000 bytes: what one event's reads (4 × ~20 KiB) take in at once.
+    const FRAMES: usize = 2_500;
+    let flood = request_bytes(Operation::ListRooms, "", b"").repeat(FRAMES);
+    let mut floods: Vec<TcpStream> = (0..CONNS)
+        .map(|_| connect_from(Ipv4Addr::new(127, 0, 0, 2), d.tcp, None))
+        .collect();
+    // Connected first, then written: the requests all wait in the kernel before the
+    // newcomer's connection comes behind them.
+    for s in &mut floods {
+        s.write_all(&flood).unwrap();
+    }
+    let t = Instant::now();
+    create(&d, "newcomer", "alice");
+    let took = t.elapsed();
+    let answered = d.metric("ocm_handshakes_total{operation=\"list_rooms\",result=\"ok\"}")
+        + d.metric("ocm_handshakes_total{operation=\"list_rooms\",result=\"rate_limited\"}");
+    let sent = (CONNS * FRAMES) as f64;
+    eprintln!("newcomer answered in {took:?}, after {answered} of the {sent} pipelined requests");
+    assert!(
+        answered < sent / 2.0,
+        "the newcomer waited for {answered} of {sent} pipelined requests ({took:?})"
+    );
+    drop(floods);
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room]);
+}
+
 #[test]
 fn a_64_member_room_joining_at_once_is_normal_use() {
     let d = daemon("");

@@ -87,6 +87,16 @@ const MAX_HTTP_CONNECTIONS: usize = 16;
 const METRICS_LISTEN_BACKLOG: u32 = 64;
 /// Input buffers read from one connection per readiness event.
 const READS_PER_EVENT: usize = 4;
+/// Frames answered from one connection per turn. One read can bring hundreds of pipelined
+/// requests (a 32-byte room list request, 2,600 of them in the four reads of an event), and
+/// what they cost is bounded only by the kernel taking the replies: answered to the end in
+/// one go, a few connections' backlogs held every other client up for seconds. Past this
+/// many, or once the turn's replies hold [`OUTPUT_PER_TURN`] bytes, the connection waits for
+/// its next turn (`revisit`), after the others.
+const FRAMES_PER_TURN: usize = 16;
+/// Reply bytes one connection's turn may produce (see [`FRAMES_PER_TURN`]): about one full
+/// room list (15 KiB), so that a turn costs the same whatever is asked for.
+const OUTPUT_PER_TURN: usize = 16 * 1024;
 /// Extra bytes each connection may read beyond one frame.
 const READ_SLACK: usize = 4096;
 /// Password jobs (argon2, tens of milliseconds each, one at a time) queued at most, in all and

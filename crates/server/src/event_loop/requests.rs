@@ -10,8 +10,8 @@ use tcrp::payload::ErrorCode;
 use tcrp::{Operation, HEADER_LEN};
 
 use super::{
-    unix_now, ConnId, Server, MAX_PASSWORD_JOBS, MAX_PASSWORD_JOBS_PER_SOURCE, READS_PER_EVENT,
-    READ_SLACK, SERVER_FULL_LOG_EVERY,
+    unix_now, ConnId, Server, FRAMES_PER_TURN, MAX_PASSWORD_JOBS, MAX_PASSWORD_JOBS_PER_SOURCE,
+    OUTPUT_PER_TURN, READS_PER_EVENT, READ_SLACK, SERVER_FULL_LOG_EVERY,
 };
 use crate::conn::{Conn, Filled, ReadUntil};
 use crate::handshake::{self, Context, Response, Step};
@@ -109,6 +109,10 @@ impl Server {
             if conn.awaiting_password.is_some() {
                 return None;
             }
+            // Its turn is over: the rest waits for the next pass.
+            if conn.more_frames {
+                break;
+            }
             match filled {
                 Filled::Full => continue,
                 Filled::Drained | Filled::Eof => return None,
@@ -118,16 +122,27 @@ impl Server {
         None
     }
 
-    /// Answers the whole frames in a connection's input. `outcome` is the password result the
-    /// first frame waited for. A frame that needs a password check stays at the front of the
-    /// input, and the connection waits for the check.
+    /// Answers the whole frames in a connection's input, at most [`FRAMES_PER_TURN`] of them
+    /// or [`OUTPUT_PER_TURN`] bytes of replies (then [`Conn::more_frames`] is set, and the
+    /// caller puts the connection on `revisit`).
+    /// `outcome` is the password result the first frame waited for. A frame that needs a
+    /// password check stays at the front of the input, and the connection waits for the
+    /// check.
     fn process_input(&mut self, id: ConnId, now: Instant, mut outcome: Option<Outcome>) {
-        let Some(conn) = self.conns.get(id.0) else {
+        let Some(conn) = self.conns.get_mut(id.0) else {
             return;
         };
+        conn.more_frames = false;
         let peer = conn.peer;
         let mut consumed = 0;
+        let (mut answered, mut output) = (0, 0);
         loop {
+            if answered == FRAMES_PER_TURN || output >= OUTPUT_PER_TURN {
+                if let Some(conn) = self.conns.get_mut(id.0) {
+                    conn.more_frames = true;
+                }
+                break;
+            }
             match self.answer_next_frame(id, peer, now, consumed, &mut outcome) {
                 FrameStep::Gone => return,
                 FrameStep::Wait => break,
@@ -141,6 +156,8 @@ impl Server {
                     queue_full,
                 } => {
                     consumed += used;
+                    answered += 1;
+                    output += response.bytes.len();
                     if !self.queue_reply(id, peer, now, response, queue_full) {
                         return;
                     }
