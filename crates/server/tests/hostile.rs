@@ -2753,6 +2753,82 @@ fn a_datagram_flood_does_not_starve_handshakes() {
     assert_state_intact(d, &[room, "busy".into(), "during".into()]);
 }
 
+/// Chat fanned out to a large room costs a send per member, and the budget of a wakeup
+/// counts those sends, not only the datagrams read: a backlog of chat to 512 members is
+/// relayed a slice at a time, with accepts and scrapes in between. (Before, a wakeup read up
+/// to `datagrams_per_wakeup` chats whatever each fanned out to: 1,024 at the default, half a
+/// million sends in a room of 512, and up to 65,536 at its cap, before TCP had a turn.)
+#[test]
+fn chat_fanned_out_to_a_large_room_does_not_hold_up_handshakes() {
+    const MEMBERS: usize = 512;
+    const CHATS: usize = 2_000;
+    let d = daemon(
+        "[rate]\nchat_per_sec = 0.0\nrequests_per_sec = 0.0\n\
+         [udp]\ndatagrams_per_wakeup = 65536\n",
+    );
+    let host = create(&d, "wide", "host");
+    // Joined on one connection, pipelined: one journal write for most of them.
+    let mut s = connect(&d);
+    let mut joins = Vec::new();
+    for i in 1..MEMBERS {
+        joins.extend(request_bytes(
+            Operation::JoinRoom,
+            "wide",
+            format!("\"m{i}\"").as_bytes(),
+        ));
+    }
+    s.write_all(&joins).unwrap();
+    let mut reader = FrameReader::default();
+    let members: Vec<Member> = (1..MEMBERS)
+        .map(|_| {
+            let token = reader.reply(&mut s).token.expect("joined");
+            Member::joined(&d, "wide", &token)
+        })
+        .collect();
+    let sender = Member::joined(&d, "wide", &host);
+    wait_until("every member registered", || {
+        d.metric("ocm_members_registered") == MEMBERS as f64
+    });
+    // A backlog of chat waits with a handshake and a scrape behind it.
+    d.stop();
+    for i in 0..CHATS {
+        sender.send(&format!("chat {i}"));
+    }
+    let mut list = connect(&d);
+    list.write_all(&request_bytes(Operation::ListRooms, "", b""))
+        .unwrap();
+    let mut scrape = TcpStream::connect(d.metrics.unwrap()).unwrap();
+    scrape.set_read_timeout(Some(PATIENCE)).unwrap();
+    scrape
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    d.signal(libc::SIGCONT);
+    let mut text = String::new();
+    scrape.read_to_string(&mut text).unwrap();
+    let relayed: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ocm_messages_relayed_total "))
+        .expect("counter")
+        .trim()
+        .parse()
+        .unwrap();
+    // The room list was answered too.
+    let (state, _) = FrameReader::default().next(&mut list).expect("COMPLIANCE");
+    assert_eq!(state, State::Compliance);
+    eprintln!("scrape answered after {relayed} of {CHATS} chats to {MEMBERS} members");
+    assert!(
+        relayed < (CHATS / 2) as f64,
+        "the scrape waited for {relayed} of {CHATS} chats to be relayed to {MEMBERS} members"
+    );
+    // The rest is relayed after.
+    wait_until("the backlog is relayed", || {
+        d.metric("ocm_messages_relayed_total") >= CHATS as f64
+    });
+    drop(members);
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room, "wide".into()]);
+}
+
 /// The daemon-side queue length of a TCP socket of the daemon, from `/proc/<pid>/net/tcp`:
 /// for a listener (`remote` None) its accept backlog, for a connection its unread bytes.
 fn rx_queue(pid: u32, local: SocketAddr, remote: Option<SocketAddr>) -> Option<u64> {

@@ -3,12 +3,13 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 
-use super::{may_log_drop, Server};
+use super::{may_log_drop, Server, SENDS_PER_WAKEUP};
 use crate::metrics::Metrics;
 use crate::rate::TokenBucket;
 use crate::rooms::{DropReason, Handled};
@@ -20,69 +21,95 @@ use crate::{mmsg, udp};
 const STEP_WINDOW: Duration = Duration::from_secs(5);
 
 impl Server {
-    /// Reads datagrams (`recvmmsg`, a batch per call) until the socket is drained or the
-    /// per-wakeup budget is spent. Returns whether the socket may still hold datagrams.
+    /// Reads datagrams (`recvmmsg`, a batch per call) and handles them until the socket is
+    /// drained, the per-wakeup budget of datagrams is spent, or what they made the daemon send
+    /// reaches [`SENDS_PER_WAKEUP`]. Returns whether the socket may still hold datagrams, or
+    /// datagrams read are still to be handled (`udp_unhandled`: the next wakeup begins with
+    /// them).
     pub(super) fn drain_udp(&mut self, now: Instant) -> bool {
         let mut budget = self.config.udp.datagrams_per_wakeup;
-        while budget > 0 {
-            let count = match self
-                .receiver
-                .recv(self.udp.as_raw_fd(), budget.min(mmsg::BATCH))
-            {
-                Ok(0) => return false,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // Not expected: without IP_RECVERR, Linux does not report ICMP errors for
-                    // earlier sends on an unconnected socket. Whatever it is concerns one
-                    // receive, not the socket, and the budget bounds the retries.
-                    debug!("UDP receive error: {e}");
-                    budget = budget.saturating_sub(1);
-                    continue;
+        let mut sent = 0;
+        loop {
+            if self.udp_unhandled.is_empty() {
+                if budget == 0 {
+                    return true;
                 }
-            };
-            budget = budget.saturating_sub(count);
-            self.metrics.datagrams_received += count as u64;
-            let shed = self.shed_chat_arrived_before();
-            for i in 0..count {
-                let Some((src, bytes)) = self.receiver.datagram(i) else {
-                    // A source that is neither IPv4 nor IPv6: not on an INET socket, but
-                    // every datagram read is accounted for.
-                    Metrics::bump(&mut self.metrics.datagrams_dropped, "bad_source");
-                    continue;
+                let count = match self
+                    .receiver
+                    .recv(self.udp.as_raw_fd(), budget.min(mmsg::BATCH))
+                {
+                    Ok(0) => return false,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        // Not expected: without IP_RECVERR, Linux does not report ICMP errors
+                        // for earlier sends on an unconnected socket. Whatever it is concerns
+                        // one receive, not the socket, and the budget bounds the retries.
+                        debug!("UDP receive error: {e}");
+                        budget = budget.saturating_sub(1);
+                        continue;
+                    }
                 };
-                let arrival = self.receiver.arrived_at(i);
-                let late = shed.is_some_and(|limit| {
-                    self.receiver
-                        .arrived(i)
-                        .is_some_and(|arrived| arrived < limit)
-                });
-                let handled = if late {
-                    self.registry
-                        .handle_late_datagram(src, arrival, bytes, now, &mut self.outbox)
-                } else {
-                    self.registry
-                        .handle_datagram(src, arrival, bytes, now, &mut self.outbox)
-                };
-                if handled == Handled::Dropped(DropReason::Stale) {
-                    self.shed_in_batch.push(i);
-                }
-                account(
-                    &mut self.metrics,
-                    &mut self.drop_log,
-                    self.config.rate.drop_logs_per_sec,
-                    (src, bytes),
-                    handled,
-                    now,
-                );
+                budget = budget.saturating_sub(count);
+                self.metrics.datagrams_received += count as u64;
+                self.udp_unhandled = 0..count;
             }
+            let handled = self.handle_read(now, sent);
+            sent += self.outbox.sends.len();
             // Send what this batch produced before reading the next: latency stays low and
             // the outbox small.
             self.flush_outbox(now);
-            self.record_relay_delays(count);
+            self.record_relay_delays(handled);
+            if sent >= SENDS_PER_WAKEUP {
+                return true;
+            }
         }
-        true
+    }
+
+    /// Handles the datagrams read and not yet handled, in order, until none is left or the
+    /// wakeup's sends (`sent` before, and the outbox) reach [`SENDS_PER_WAKEUP`]: one chat
+    /// to a large room is a send per member, and a batch of them must not hold the loop.
+    /// Returns the range handled.
+    fn handle_read(&mut self, now: Instant, sent: usize) -> Range<usize> {
+        let shed = self.shed_chat_arrived_before();
+        let from = self.udp_unhandled.start;
+        while let Some(i) = self.udp_unhandled.next() {
+            let Some((src, bytes)) = self.receiver.datagram(i) else {
+                // A source that is neither IPv4 nor IPv6: not on an INET socket, but
+                // every datagram read is accounted for.
+                Metrics::bump(&mut self.metrics.datagrams_dropped, "bad_source");
+                continue;
+            };
+            let arrival = self.receiver.arrived_at(i);
+            let late = shed.is_some_and(|limit| {
+                self.receiver
+                    .arrived(i)
+                    .is_some_and(|arrived| arrived < limit)
+            });
+            let handled = if late {
+                self.registry
+                    .handle_late_datagram(src, arrival, bytes, now, &mut self.outbox)
+            } else {
+                self.registry
+                    .handle_datagram(src, arrival, bytes, now, &mut self.outbox)
+            };
+            if handled == Handled::Dropped(DropReason::Stale) {
+                self.shed_in_batch.push(i);
+            }
+            account(
+                &mut self.metrics,
+                &mut self.drop_log,
+                self.config.rate.drop_logs_per_sec,
+                (src, bytes),
+                handled,
+                now,
+            );
+            if sent + self.outbox.sends.len() >= SENDS_PER_WAKEUP {
+                break;
+            }
+        }
+        from..self.udp_unhandled.start
     }
 
     /// With `udp.max_chat_wait_ms` set, the arrival time (the kernel's stamp, since the Unix
@@ -106,15 +133,15 @@ impl Server {
         self.wall_clock.now(limit.max(STEP_WINDOW))
     }
 
-    /// Counts, for each datagram of the last batch read, the time from its arrival on the
-    /// socket until now, when everything it caused has been handed to the kernel.
-    /// Chat dropped as stale is left out: the histogram shows what relayed chat waited, not
-    /// the backlog the limit cut.
-    fn record_relay_delays(&mut self, count: usize) {
+    /// Counts, for each datagram of the last batch read that was just handled (`handled`),
+    /// the time from its arrival on the socket until now, when everything it caused has been
+    /// handed to the kernel. Chat dropped as stale is left out: the histogram shows what
+    /// relayed chat waited, not the backlog the limit cut.
+    fn record_relay_delays(&mut self, handled: Range<usize>) {
         let mut shed = std::mem::take(&mut self.shed_in_batch);
         if let Some(now) = self.wall_clock_now() {
             let mut skip = shed.iter().copied().peekable();
-            for i in 0..count {
+            for i in handled {
                 if skip.next_if_eq(&i).is_some() {
                     continue;
                 }

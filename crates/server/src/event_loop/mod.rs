@@ -3,9 +3,11 @@
 //! carries out what they decide: replies, datagrams and journal records.
 //!
 //! Each pass: wait for events (the timeout is the nearest timer); read up to
-//! `datagrams_per_wakeup` datagrams (a still-ready socket makes the next wait zero, so a flood
-//! cannot starve TCP); accept until `WouldBlock`; read every ready connection and answer its
-//! frames; send the outbox; hand the new records to the writer. Datagrams come first because
+//! `datagrams_per_wakeup` datagrams, handling them until what they make the daemon send
+//! reaches `SENDS_PER_WAKEUP` (a still-ready socket, or datagrams read and not handled,
+//! make the next wait zero, so a flood cannot starve TCP); accept until `WouldBlock`; read
+//! every ready connection and answer up to `FRAMES_PER_TURN` of its frames (the rest on a
+//! later pass); send the outbox; hand the new records to the writer. Datagrams come first because
 //! a datagram waiting when the pass begins was sent before anything its TCP events could have
 //! answered: a `__REGISTER__` queued before a join's request binds its member first, so the
 //! member hears that join's notice however late the daemon wakes. A reply that carries a
@@ -87,6 +89,12 @@ const MAX_HTTP_CONNECTIONS: usize = 16;
 const METRICS_LISTEN_BACKLOG: u32 = 64;
 /// Input buffers read from one connection per readiness event.
 const READS_PER_EVENT: usize = 4;
+/// Datagrams one wakeup may send (relays, notices, replies) before TCP gets a turn, checked
+/// after each datagram handled. `udp.datagrams_per_wakeup` counts datagrams read, and one
+/// chat to a room of 1,024 members is 1,023 sends: 1,024 such chats (the default budget)
+/// held accepts, handshakes and scrapes up for a million sends. About as many as the
+/// largest budget of datagrams read ([`crate::config::MAX_DATAGRAMS_PER_WAKEUP`]).
+const SENDS_PER_WAKEUP: usize = 65_536;
 /// Frames answered from one connection per turn. One read can bring hundreds of pipelined
 /// requests (a 32-byte room list request, 2,600 of them in the four reads of an event), and
 /// what they cost is bounded only by the kernel taking the replies: answered to the end in
@@ -188,6 +196,9 @@ pub struct Server {
     metrics: Metrics,
     notifier: Notifier,
     receiver: mmsg::Receiver,
+    /// Datagrams of the receiver's last batch read but not handled yet: a wakeup stopped at
+    /// [`SENDS_PER_WAKEUP`] in the middle of it. The next one handles them first.
+    udp_unhandled: std::ops::Range<usize>,
     udp_ready: bool,
     /// Whether the UDP socket is watched for room in its send buffer, and when held last
     /// words are tried again (see `udp_output`).

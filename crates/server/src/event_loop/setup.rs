@@ -163,6 +163,7 @@ impl Server {
             metrics: Metrics::new(),
             notifier: Notifier::from_env(),
             receiver: mmsg::Receiver::new(RECV_BUF_LEN),
+            udp_unhandled: 0..0,
             udp_ready: true,
             udp_output: Default::default(),
             nodelay_inherited,
