@@ -52,6 +52,32 @@ pub fn get_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<l
     }
 }
 
+/// Makes the close of the socket `fd` reset the connection (`SO_LINGER` on, with no time):
+/// what its send queue holds is thrown away at once, and the peer gets an RST, not a FIN
+/// behind the queued bytes.
+pub fn reset_on_close(fd: RawFd) -> io::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads a `linger` of the stated size from a live stack value; an
+    // invalid descriptor is reported as an error, not undefined behaviour.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::addr_of!(linger).cast(),
+            mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// A listening TCP socket's accept queue, from `TCP_INFO`: for a listener, Linux reports the
 /// connections waiting to be accepted as `tcpi_unacked` and the queue's length (the listen
 /// backlog, as capped by `net.core.somaxconn`) as `tcpi_sacked`.

@@ -2829,6 +2829,74 @@ fn chat_fanned_out_to_a_large_room_does_not_hold_up_handshakes() {
     assert_state_intact(d, &[room, "wide".into()]);
 }
 
+/// The daemon's side of the TCP connection from `remote` to `local` in `/proc/<pid>/net/tcp`:
+/// its state (`01` established, `04` FIN-WAIT-1, ...) and the bytes in its send queue; `None`
+/// once the kernel has let it go.
+fn daemon_side(pid: u32, local: SocketAddr, remote: SocketAddr) -> Option<(String, u64)> {
+    let hex = |a: SocketAddr| {
+        let SocketAddr::V4(v4) = a else {
+            panic!("IPv4 expected")
+        };
+        format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(v4.ip().octets()),
+            v4.port()
+        )
+    };
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).ok()?;
+    let (local, remote) = (hex(local), hex(remote));
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(1) != Some(&local.as_str()) || fields.get(2) != Some(&remote.as_str()) {
+            return None;
+        }
+        let (tx, _) = fields.get(4)?.split_once(':')?;
+        Some((
+            fields.get(3)?.to_string(),
+            u64::from_str_radix(tx, 16).ok()?,
+        ))
+    })
+}
+
+/// A peer that sends requests and never reads makes the daemon's side of its connection
+/// hold a small send buffer in the kernel, and once the daemon closes it for that
+/// (`output_overflow`), nothing: the close resets the connection. (Before, Linux grew the
+/// send buffer up to `net.ipv4.tcp_wmem`'s 4 MiB, 2.1 MB of room lists queued on each such
+/// connection, and the closed connection stayed in FIN-WAIT-1 with all of it for as long as
+/// the peer acknowledged the kernel's window probes: 1,000 of them, from as many sources each
+/// within its request allowance, held 1.5 GB of the host's TCP memory, its pressure mark.)
+#[test]
+fn a_peer_that_never_reads_holds_little_kernel_memory_and_none_once_closed() {
+    let d = daemon("[limits]\nhandshake_timeout_secs = 2\n");
+    // Room lists of about 15 KiB.
+    for i in 0..60 {
+        create(&d, &format!("{i:02}{}", "x".repeat(240)), "h");
+    }
+    let mut peer = connect_from(Ipv4Addr::new(127, 0, 0, 2), d.tcp, Some(2048));
+    let local = peer.local_addr().unwrap();
+    // 150 lists (2.2 MB of replies) within the source's burst of 200 requests.
+    peer.write_all(&request_bytes(Operation::ListRooms, "", b"").repeat(150))
+        .unwrap();
+    wait_until("the daemon pauses the connection", || {
+        d.metric("ocm_tcp_output_pauses_total") >= 1.0
+    });
+    let (_, queued) = daemon_side(d.pid(), d.tcp, local).expect("the daemon's side");
+    eprintln!("{queued} bytes queued in the kernel for a peer that does not read");
+    assert!(
+        queued <= 256 * 1024,
+        "{queued} bytes queued in the kernel for a peer that does not read"
+    );
+    wait_until("the daemon closes the connection", || {
+        closed(&d, "output_overflow") >= 1.0
+    });
+    wait_until("the kernel lets the daemon's side go", || {
+        daemon_side(d.pid(), d.tcp, local).is_none()
+    });
+    drop(peer);
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room]);
+}
+
 /// The daemon-side queue length of a TCP socket of the daemon, from `/proc/<pid>/net/tcp`:
 /// for a listener (`remote` None) its accept backlog, for a connection its unread bytes.
 fn rx_queue(pid: u32, local: SocketAddr, remote: Option<SocketAddr>) -> Option<u64> {

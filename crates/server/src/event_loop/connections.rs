@@ -411,6 +411,15 @@ impl Server {
             return;
         }
         let conn = self.conns.remove(id.0);
+        // A peer that left its replies unread for its whole handshake timeout is reset:
+        // closed normally, the kernel would keep trying to deliver what its send queue holds
+        // (FIN-WAIT-1) for as long as the peer acknowledged its window probes, holding that
+        // memory of the host's after the connection is gone from the table.
+        if reason == "output_overflow" {
+            if let Err(e) = sockopt::reset_on_close(conn.stream.as_raw_fd()) {
+                debug!("{}: cannot reset the connection: {e}", conn.peer);
+            }
+        }
         // No deregister: epoll drops a descriptor from its interest list when the descriptor
         // is closed (the stream is never duplicated), and mio keeps no per-source state on
         // Linux, so the `epoll_ctl(DEL)` would be a system call per handshake for nothing.

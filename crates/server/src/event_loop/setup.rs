@@ -252,8 +252,14 @@ fn load_registry(
     Ok((loaded, registry, now))
 }
 
-/// Binds the TCRP listener, sets its backlog (`limits.listen_backlog`) and asks it for
-/// TCP_NODELAY. Also returns what `nodelay_inherited` starts as: `None` (to be checked on the
+/// The kernel send buffer asked for each TCRP connection (Linux doubles it, for its own
+/// bookkeeping): room for several of the largest replies (15 KiB), while a peer that sends
+/// requests and never reads pins 128 KiB of the host's TCP memory, not up to 4 MiB. The
+/// daemon holds up to `limits.max_output_bytes` more before it pauses the connection.
+const TCRP_SEND_BUFFER_BYTES: libc::c_int = 64 * 1024;
+
+/// Binds the TCRP listener, sets its backlog (`limits.listen_backlog`), its connections'
+/// send buffer ([`TCRP_SEND_BUFFER_BYTES`]) and asks it for TCP_NODELAY. Also returns what `nodelay_inherited` starts as: `None` (to be checked on the
 /// first connection) when the listener took the option, `Some(false)` (each connection sets
 /// it) when it refused.
 fn bind_tcp(config: &Config) -> Result<(TcpListener, Option<bool>), Error> {
@@ -264,6 +270,16 @@ fn bind_tcp(config: &Config) -> Result<(TcpListener, Option<bool>), Error> {
     })?;
     set_listen_backlog(&tcp, config.limits.listen_backlog)
         .map_err(io_err("cannot set the TCP listen backlog"))?;
+    // Accepted connections inherit the send buffer size: without it, Linux grows each one's
+    // up to `net.ipv4.tcp_wmem`'s maximum (4 MiB by default) for a peer that does not read.
+    if let Err(e) = sockopt::set_int(
+        tcp.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_SNDBUF,
+        TCRP_SEND_BUFFER_BYTES,
+    ) {
+        warn!("cannot set the TCP send buffer size on the listener: {e}");
+    }
     // Accepted connections inherit TCP_NODELAY; if the listener refuses it, each
     // connection gets it instead.
     let nodelay_inherited = match conn::set_listener_nodelay(&tcp) {
