@@ -78,6 +78,20 @@ pub fn reset_on_close(fd: RawFd) -> io::Result<()> {
     }
 }
 
+/// Bytes in the send queue of the TCP socket `fd` (`SIOCOUTQ`): written by us and not yet
+/// acknowledged by the peer.
+pub fn unacknowledged(fd: RawFd) -> io::Result<usize> {
+    let mut value: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one c_int into a live stack value; an invalid descriptor is
+    // reported as an error, not undefined behaviour.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, std::ptr::addr_of_mut!(value)) };
+    if rc == 0 {
+        Ok(usize::try_from(value).unwrap_or(0))
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// A listening TCP socket's accept queue, from `TCP_INFO`: for a listener, Linux reports the
 /// connections waiting to be accepted as `tcpi_unacked` and the queue's length (the listen
 /// backlog, as capped by `net.core.somaxconn`) as `tcpi_sacked`.

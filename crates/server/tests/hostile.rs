@@ -2860,7 +2860,8 @@ fn daemon_side(pid: u32, local: SocketAddr, remote: SocketAddr) -> Option<(Strin
 
 /// A peer that sends requests and never reads makes the daemon's side of its connection
 /// hold a small send buffer in the kernel, and once the daemon closes it for that
-/// (`output_overflow`), nothing: the close resets the connection. (Before, Linux grew the
+/// (`output_overflow`, or `timeout` with fewer replies unread), nothing: the close resets
+/// the connection. (Before, Linux grew the
 /// send buffer up to `net.ipv4.tcp_wmem`'s 4 MiB, 2.1 MB of room lists queued on each such
 /// connection, and the closed connection stayed in FIN-WAIT-1 with all of it for as long as
 /// the peer acknowledged the kernel's window probes: 1,000 of them, from as many sources each
@@ -2892,7 +2893,21 @@ fn a_peer_that_never_reads_holds_little_kernel_memory_and_none_once_closed() {
     wait_until("the kernel lets the daemon's side go", || {
         daemon_side(d.pid(), d.tcp, local).is_none()
     });
-    drop(peer);
+    // Six lists (90 KB) fit in the kernel's buffer and under the daemon's output cap: the
+    // connection is never paused, and its timer runs out with them unread (`timeout`).
+    let mut quiet = connect_from(Ipv4Addr::new(127, 0, 0, 3), d.tcp, Some(2048));
+    let quiet_local = quiet.local_addr().unwrap();
+    quiet
+        .write_all(&request_bytes(Operation::ListRooms, "", b"").repeat(6))
+        .unwrap();
+    wait_until("the daemon closes the quiet connection", || {
+        closed(&d, "timeout") >= 1.0
+    });
+    wait_until(
+        "the kernel lets the daemon's side of the quiet one go",
+        || daemon_side(d.pid(), d.tcp, quiet_local).is_none(),
+    );
+    drop((peer, quiet));
     let room = assert_still_serves(&d);
     assert_state_intact(d, &[room]);
 }

@@ -411,11 +411,15 @@ impl Server {
             return;
         }
         let conn = self.conns.remove(id.0);
-        // A peer that left its replies unread for its whole handshake timeout is reset:
-        // closed normally, the kernel would keep trying to deliver what its send queue holds
-        // (FIN-WAIT-1) for as long as the peer acknowledged its window probes, holding that
-        // memory of the host's after the connection is gone from the table.
-        if reason == "output_overflow" {
+        // A connection the daemon gives up on with replies its peer has not read, here or
+        // in the kernel, is reset: closed normally, the kernel would keep trying to deliver
+        // what its send queue holds (FIN-WAIT-1) for as long as the peer acknowledged its
+        // window probes, holding that memory of the host's after the connection is gone from
+        // the table.
+        if gives_up(reason)
+            && (conn.pending_bytes() > 0
+                || sockopt::unacknowledged(conn.stream.as_raw_fd()).is_ok_and(|n| n > 0))
+        {
             if let Err(e) = sockopt::reset_on_close(conn.stream.as_raw_fd()) {
                 debug!("{}: cannot reset the connection: {e}", conn.peer);
             }
@@ -438,6 +442,13 @@ impl Server {
         Metrics::bump(&mut self.metrics.tcp_closed, reason);
         debug!("{}: closed ({reason})", conn.peer);
     }
+}
+
+/// Whether the daemon closes a connection for `reason` on its own, not because its peer or its
+/// last reply ended it: its peer ran out of time (`timeout`, or `output_overflow` while paused
+/// on unread replies) or it made room for another (`evicted`).
+fn gives_up(reason: &str) -> bool {
+    matches!(reason, "timeout" | "output_overflow" | "evicted")
 }
 
 /// Whether a connection waits in `listener`'s accept queue. Linux takes the descriptor
