@@ -67,9 +67,11 @@ pub struct Common {
     /// loss). Flat-out senders always run at normal priority.
     #[arg(long, global = true, value_enum, default_value_t = SenderPriority::Realtime)]
     pub sender_priority: SenderPriority,
-    /// How much of its schedule a held-up paced sender still sends late, milliseconds; the
-    /// slots it missed beyond that are skipped and count as loss.
-    #[arg(long, global = true, default_value_t = 2, value_name = "MILLIS")]
+    /// How much of its schedule a held-up paced sender still sends late, milliseconds (each
+    /// message stamped with its slot's due time, so its lateness is latency); the slots it
+    /// missed beyond that are skipped and count as loss. 2 before 2026-12-05 13:00 UTC, when
+    /// stalls of a few ms failed sweep steps on skipped slots alone.
+    #[arg(long, global = true, default_value_t = 20, value_name = "MILLIS")]
     pub catch_up_ms: u64,
     /// Also print each result as one JSON line.
     #[arg(long, global = true)]
