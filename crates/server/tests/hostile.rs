@@ -2829,10 +2829,9 @@ fn chat_fanned_out_to_a_large_room_does_not_hold_up_handshakes() {
     assert_state_intact(d, &[room, "wide".into()]);
 }
 
-/// The daemon's side of the TCP connection from `remote` to `local` in `/proc/<pid>/net/tcp`:
-/// its state (`01` established, `04` FIN-WAIT-1, ...) and the bytes in its send queue; `None`
-/// once the kernel has let it go.
-fn daemon_side(pid: u32, local: SocketAddr, remote: SocketAddr) -> Option<(String, u64)> {
+/// The line of `/proc/<pid>/net/tcp` for the daemon's TCP socket at `local` whose peer is
+/// `remote` (a listener: `None`), split into its fields; `None` when there is none.
+fn proc_net_tcp(pid: u32, local: SocketAddr, remote: Option<SocketAddr>) -> Option<Vec<String>> {
     let hex = |a: SocketAddr| {
         let SocketAddr::V4(v4) = a else {
             panic!("IPv4 expected")
@@ -2844,18 +2843,21 @@ fn daemon_side(pid: u32, local: SocketAddr, remote: SocketAddr) -> Option<(Strin
         )
     };
     let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).ok()?;
-    let (local, remote) = (hex(local), hex(remote));
+    let local = hex(local);
+    let remote = remote.map_or_else(|| "00000000:0000".to_owned(), hex);
     table.lines().skip(1).find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.get(1) != Some(&local.as_str()) || fields.get(2) != Some(&remote.as_str()) {
-            return None;
-        }
-        let (tx, _) = fields.get(4)?.split_once(':')?;
-        Some((
-            fields.get(3)?.to_string(),
-            u64::from_str_radix(tx, 16).ok()?,
-        ))
+        let fields: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+        (fields.get(1) == Some(&local) && fields.get(2) == Some(&remote)).then_some(fields)
     })
+}
+
+/// The daemon's side of the TCP connection from `remote` to `local` in `/proc/<pid>/net/tcp`:
+/// its state (`01` established, `04` FIN-WAIT-1, ...) and the bytes in its send queue; `None`
+/// once the kernel has let it go.
+fn daemon_side(pid: u32, local: SocketAddr, remote: SocketAddr) -> Option<(String, u64)> {
+    let fields = proc_net_tcp(pid, local, Some(remote))?;
+    let (tx, _) = fields.get(4)?.split_once(':')?;
+    Some((fields.get(3)?.clone(), u64::from_str_radix(tx, 16).ok()?))
 }
 
 /// A peer that sends requests and never reads makes the daemon's side of its connection
@@ -2915,29 +2917,9 @@ fn a_peer_that_never_reads_holds_little_kernel_memory_and_none_once_closed() {
 /// The daemon-side queue length of a TCP socket of the daemon, from `/proc/<pid>/net/tcp`:
 /// for a listener (`remote` None) its accept backlog, for a connection its unread bytes.
 fn rx_queue(pid: u32, local: SocketAddr, remote: Option<SocketAddr>) -> Option<u64> {
-    let hex = |a: SocketAddr| {
-        let SocketAddr::V4(v4) = a else {
-            panic!("IPv4 expected")
-        };
-        format!(
-            "{:08X}:{:04X}",
-            u32::from_le_bytes(v4.ip().octets()),
-            v4.port()
-        )
-    };
-    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).ok()?;
-    let local = hex(local);
-    let remote = remote.map_or_else(|| "00000000:0000".to_owned(), hex);
-    table.lines().skip(1).find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.get(1) == Some(&local.as_str()) && fields.get(2) == Some(&remote.as_str()) {
-            let queues = fields.get(4)?;
-            let (_, rx) = queues.split_once(':')?;
-            u64::from_str_radix(rx, 16).ok()
-        } else {
-            None
-        }
-    })
+    let fields = proc_net_tcp(pid, local, remote)?;
+    let (_, rx) = fields.get(4)?.split_once(':')?;
+    u64::from_str_radix(rx, 16).ok()
 }
 
 /// A TCRP connection put on the loop's `revisit` list (its input was more than
