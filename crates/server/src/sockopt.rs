@@ -1,6 +1,7 @@
-//! Integer socket options through `setsockopt`/`getsockopt`, for the few the standard
+//! Socket options through `setsockopt`/`getsockopt`/`ioctl`, for the few the standard
 //! library and mio do not expose (buffer sizes, arrival timestamps, `TCP_NODELAY` on a
-//! listener).
+//! listener, a reset on close, the unacknowledged bytes of a TCP socket, a listener's accept
+//! queue).
 
 use std::io;
 use std::mem;
@@ -13,15 +14,21 @@ pub fn set_int(
     name: libc::c_int,
     value: libc::c_int,
 ) -> io::Result<()> {
-    // SAFETY: setsockopt reads a c_int of the stated size from a live stack value; an invalid
-    // descriptor or option is reported as an error, not undefined behaviour.
+    set(fd, level, name, &value)
+}
+
+/// Sets the option `level`/`name` on `fd` to `value`, a plain C value of the type the option
+/// takes (`c_int`, `linger`).
+fn set<T: Copy>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: setsockopt reads a `T` of the stated size from a live reference; an invalid
+    // descriptor, option or size is reported as an error, not undefined behaviour.
     let rc = unsafe {
         libc::setsockopt(
             fd,
             level,
             name,
-            std::ptr::addr_of!(value).cast(),
-            mem::size_of::<libc::c_int>() as libc::socklen_t,
+            std::ptr::from_ref(value).cast(),
+            mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if rc == 0 {
@@ -60,22 +67,7 @@ pub fn reset_on_close(fd: RawFd) -> io::Result<()> {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: setsockopt reads a `linger` of the stated size from a live stack value; an
-    // invalid descriptor is reported as an error, not undefined behaviour.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            std::ptr::addr_of!(linger).cast(),
-            mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    set(fd, libc::SOL_SOCKET, libc::SO_LINGER, &linger)
 }
 
 /// Bytes in the send queue of the TCP socket `fd` (`SIOCOUTQ`): written by us and not yet
