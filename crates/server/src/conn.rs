@@ -101,7 +101,9 @@ pub struct Conn {
     /// Replies waiting for a journal batch: the batch, the bytes, and when the reply was
     /// queued if it is the one whose record the batch holds (not one waiting behind it).
     held: VecDeque<(u64, Vec<u8>, Option<Instant>)>,
-    /// When the connection is closed unless a frame completes first.
+    /// When the connection is closed unless its timer restarts first
+    /// ([`Conn::restart_timer`]): most replies restart it, but not a refusal of a bad frame
+    /// or of a request past the rate limit.
     pub deadline: Instant,
     /// When it was accepted or last answered, as the loop's count of such moments: orders
     /// connections by how long they have been idle, which deadlines, read from the clock
@@ -123,8 +125,8 @@ pub struct Conn {
     /// `max_output_bytes` after a write: the peer's requests wait, unread, until they drain
     /// under it. A peer that never reads is closed when its handshake timer runs out.
     pub paused: bool,
-    /// Answering stopped at the loop's budget of frames per turn with whole frames perhaps
-    /// left in the input: the loop answers them on a later pass, after the other connections
+    /// Answering stopped at the loop's budget per turn (frames answered or reply bytes) with
+    /// whole frames perhaps left in the input: the loop answers them on a later pass, after the other connections
     /// and the listeners have had their turn. Until then the connection is not finished,
     /// even once its peer's end has come.
     pub more_frames: bool,
@@ -160,7 +162,8 @@ impl Conn {
     }
 
     /// Restarts the handshake timer at `deadline`: the connection was accepted or answered
-    /// just now, the next of the loop's moments counted in `activity`.
+    /// just now, or began a lingering close, the next of the loop's moments counted in
+    /// `activity`.
     pub fn restart_timer(&mut self, deadline: Instant, activity: &mut u64) {
         *activity += 1;
         self.deadline = deadline;

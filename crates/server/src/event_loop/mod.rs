@@ -207,8 +207,10 @@ pub struct Server {
     /// first accepted connection is checked; `Some(false)` when the listener refused the
     /// option or the connection lacked it, and each connection then sets it itself.
     nodelay_inherited: Option<bool>,
-    /// Connections with input left unread by their read budget (a connection leaves it when
-    /// it closes: its slot may be taken again before the list is walked).
+    /// Connections to read and answer again on the next pass: input left unread by their
+    /// read budget, frames left unanswered at the end of their turn ([`FRAMES_PER_TURN`]), or
+    /// replies that drained under the output cap (a connection leaves it when it closes: its
+    /// slot may be taken again before the list is walked).
     revisit: Vec<ConnId>,
     /// When the connection table is full: the connections to close for newcomers, the first
     /// choice last (see `evict_idle`).

@@ -259,9 +259,9 @@ fn load_registry(
 const TCRP_SEND_BUFFER_BYTES: libc::c_int = 64 * 1024;
 
 /// Binds the TCRP listener, sets its backlog (`limits.listen_backlog`), its connections'
-/// send buffer ([`TCRP_SEND_BUFFER_BYTES`]) and asks it for TCP_NODELAY. Also returns what `nodelay_inherited` starts as: `None` (to be checked on the
-/// first connection) when the listener took the option, `Some(false)` (each connection sets
-/// it) when it refused.
+/// send buffer ([`TCRP_SEND_BUFFER_BYTES`]) and asks it for TCP_NODELAY. Also returns what
+/// `nodelay_inherited` starts as: `None` (to be checked on the first connection) when the
+/// listener took the option, `Some(false)` (each connection sets it) when it refused.
 fn bind_tcp(config: &Config) -> Result<(TcpListener, Option<bool>), Error> {
     let tcp = TcpListener::bind(config.listen.tcp).map_err(|source| Error::Bind {
         what: "TCP",
