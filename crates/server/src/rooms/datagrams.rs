@@ -1,6 +1,7 @@
 //! What one UCRP datagram does: a register binds or moves a member's address, chat is
-//! relayed, a leave departs; anything else is dropped with a reason, and a late datagram with
-//! a dead token may be told so.
+//! relayed (or dropped as stale when it waited past `udp.max_chat_wait_ms`), a leave departs;
+//! anything else is dropped with a reason, and a late datagram with a dead token may be told
+//! so.
 
 use std::net::SocketAddr;
 use std::time::Instant;

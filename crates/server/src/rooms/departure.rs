@@ -1,5 +1,6 @@
 //! Members leaving: a `__LEAVE__`, a keepalive expiry, and the host's departure, which
-//! closes its room and tells everyone still in it.
+//! closes its room and tells everyone still in it; and rooms closed for being idle
+//! (`liveness.room_idle_secs`), which tells the host too.
 
 use std::time::{Duration, Instant};
 

@@ -1,8 +1,8 @@
 //! The room registry: rooms, members and tokens, and every decision about them.
 //!
 //! Pure logic, no I/O: the event loop hands it requests and datagrams with the current time,
-//! and it answers with replies, sends queued in an [`Outbox`](crate::outbox::Outbox), and journal [`Record`]s to
-//! persist. Its tests run without a socket.
+//! and it answers with replies, sends queued in an [`Outbox`](crate::outbox::Outbox), and
+//! journal [`Record`]s to persist. Its tests run without a socket.
 //!
 //! Room lifecycle (see also `docs/PROTOCOL.md`):
 //! 1. **Created** by a TCRP create: the room exists with its host as only member; the host's
@@ -16,7 +16,8 @@
 //!    past the timeout) removes it. When the member is the host, the room **closes**: every
 //!    other registered member gets `__ROOM_CLOSED__`, the room and all its tokens are deleted,
 //!    and the tokens are remembered for a while as tombstones so that a late datagram with one
-//!    learns the room is gone.
+//!    learns the room is gone. With `liveness.room_idle_secs` set, a room none of whose
+//!    members was heard from for that long closes the same way, its host told too.
 //!
 //! The registry's work is split by job:
 //! - `room`: a room and a member as the registry keeps them;
@@ -24,7 +25,8 @@
 //! - `admission`: creates and joins, and the refusals that come before them;
 //! - `datagrams`: what one UCRP datagram does;
 //! - `relay`: chat and notices queued for the other members;
-//! - `departure`: leaves, room closures and keepalive expiry;
+//! - `departure`: leaves, room closures (a host gone, a room idle) and keepalive expiry;
+//! - `expiry`: the queue of keepalive deadlines a sweep looks at;
 //! - `tombstones`: tokens that died recently, and what a late datagram with one is told;
 //! - `history`: kept messages, their pages and their checkpoints;
 //! - `restore`: the registry rebuilt from a loaded state file.
