@@ -1,9 +1,8 @@
 //! The journal's lines: a record and its sequence number per line, read back with what a
 //! crash can leave at the end (a torn last line, a zero-filled hole) and with the NUL bytes
 //! the writer lays down ahead of its appends, and the pieces the writer syncs one by one so
-//! that a crash can leave no more than one unsynced. How the
-//! records are replayed on a state file is [`crate::store::load`]'s; see
-//! `docs/PERSISTENCE.md`.
+//! that a crash can leave no more than one unsynced. How the records are replayed on a state
+//! file is [`crate::store::load`]'s; see `docs/PERSISTENCE.md`.
 
 use std::io;
 

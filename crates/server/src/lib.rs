@@ -10,9 +10,11 @@
 //! - [`store`], [`journal`], [`record`], [`persist`]: the state file, its journal and the writer
 //!   thread;
 //! - [`event_loop`]: the mio shell that owns every socket;
-//! - [`conn`], [`udp`], [`mmsg`], [`local`], [`peer`], [`sockopt`]: what the loop does with its
-//!   sockets;
-//! - [`config`], [`metrics`], [`delay`], [`notify`], [`http`], [`plural`]: what operators see.
+//! - [`conn`], [`udp`], [`last_words`], [`mmsg`], [`local`], [`peer`], [`sockopt`]: what the
+//!   loop does with its sockets;
+//! - [`wall_clock`]: the wall clock that datagram ages are measured on;
+//! - [`config`], [`metrics`], [`delay`], [`notify`], [`http`], [`plural`]: what operators see;
+//! - [`error`]: what can stop start-up, and what can fail in the store.
 //!
 //! Wire formats live in the `tcrp` and `ucrp` crates, which know nothing of sockets.
 

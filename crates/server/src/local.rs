@@ -8,8 +8,8 @@
 //! sends to (as `ocm` does) would then hear nothing. So on a wildcard socket the kernel is
 //! asked for each datagram's destination (`IP_PKTINFO`, `IPV6_RECVPKTINFO`, read by
 //! [`crate::mmsg::Receiver::arrived_at`]), the registry remembers for each member the address
-//! its `__REGISTER__` or chat came to, and the sender puts it back as the source of what it sends that
-//! member ([`crate::mmsg::send`]).
+//! its `__REGISTER__` or chat came to, and the sender puts it back as the source of what it
+//! sends that member ([`crate::mmsg::send`]).
 //!
 //! The registry holds a [`LocalId`], two bytes, not the address: [`Locals`] numbers the
 //! addresses that datagrams with a live token came to. A host has few; the table stops

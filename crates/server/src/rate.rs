@@ -1,5 +1,6 @@
-//! Token-bucket rate limits: one bucket per member for chat, and bounded maps of buckets per
-//! source IP: one for TCRP requests of every kind, one for failed room passwords.
+//! Token-bucket rate limits: one bucket per member for chat (and for moves of its address),
+//! and bounded maps of buckets per source (an IPv4 address or an IPv6 /64, [`source`]): one
+//! for TCRP requests of every kind, one for failed room passwords.
 
 use std::collections::HashMap;
 use std::hash::Hash;

@@ -1,7 +1,7 @@
-//! Socket options through `setsockopt`/`getsockopt`/`ioctl`, for the few the standard
-//! library and mio do not expose (buffer sizes, arrival timestamps, `TCP_NODELAY` on a
-//! listener, a reset on close, the unacknowledged bytes of a TCP socket, a listener's accept
-//! queue).
+//! Socket options and facts the standard library and mio do not expose: integer options
+//! through `setsockopt`/`getsockopt` (buffer sizes, arrival timestamps, `TCP_NODELAY` on a
+//! listener), a reset on close (`SO_LINGER`), a TCP socket's unacknowledged bytes
+//! (`SIOCOUTQ`) and a listener's accept queue (`TCP_INFO`).
 
 use std::io;
 use std::mem;

@@ -1,5 +1,6 @@
 //! The UDP socket: buffer sizing, sending an [`Outbox`] (packing batch-capable recipients'
-//! messages into batch frames, `sendmmsg` underneath), and reading the kernel's drop count.
+//! messages into batch frames, segmenting the others' when asked, holding the last words the
+//! kernel has no room for, `sendmmsg` underneath), and reading the kernel's drop count.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, IoSlice};
