@@ -35,9 +35,10 @@ pub const MAX_HISTORY_BYTES_PER_ROOM: u64 = 16 * 1024 * 1024;
 /// second (65,536 datagrams, 256 `recvmmsg` calls of 256), so that a flood cannot hold back
 /// accepts, handshakes and the systemd watchdog for long.
 pub const MAX_DATAGRAMS_PER_WAKEUP: u64 = 65_536;
-/// Largest `liveness.tombstone_capacity` accepted (ten million, about 1.1 GB once full): the
-/// tables are sized for it at the first closure, so a larger value would fail an allocation
-/// there, from the network, rather than at start.
+/// Largest `liveness.tombstone_capacity` accepted (ten million, about 1.35 GB once full: an
+/// index of 2^25 slots of 33 bytes, sized for twice the cap, and 24 bytes a token in the
+/// queue): the tables are sized for it at the first closure, so a larger value would fail an
+/// allocation there, from the network, rather than at start.
 pub const MAX_TOMBSTONES: u64 = 10_000_000;
 /// `limits.listen_backlog` by default: the default `net.core.somaxconn` since Linux 5.4, and
 /// as many as the default `max_connections`, so that a full table's worth of clients
@@ -198,7 +199,7 @@ pub struct LimitsConfig {
     /// room for a new one. Metrics connections do not count here; they have their own cap of
     /// 16.
     pub max_connections: usize,
-    /// Open TCRP (handshake) connections per source IP.
+    /// Open TCRP (handshake) connections per source (an IPv4 address or an IPv6 /64).
     pub max_connections_per_ip: usize,
     /// Handshake connections the kernel completes and queues for the daemon to accept
     /// (`listen(2)`'s backlog; the kernel caps it at `net.core.somaxconn`).
@@ -222,16 +223,16 @@ pub struct Rate {
     /// Chat burst per member.
     pub chat_burst: f64,
     /// TCRP requests of every kind (create, join, list, presence, history) per second per
-    /// source IP (0: unlimited).
+    /// source (an IPv4 address or an IPv6 /64; 0: unlimited).
     pub requests_per_sec: f64,
-    /// Request burst per source IP.
+    /// Request burst per source.
     pub requests_burst: f64,
     /// Log lines per second about dropped input (the rest are counted, not logged).
     pub drop_logs_per_sec: f64,
-    /// Failed password attempts per minute per source IP; past it, attempts are refused
-    /// with `rate_limited` without being checked.
+    /// Failed password attempts per minute per source (an IPv4 address or an IPv6 /64);
+    /// past it, attempts are refused with `rate_limited` without being checked.
     pub password_failures_per_min: f64,
-    /// Burst of failed password attempts per source IP.
+    /// Burst of failed password attempts per source.
     pub password_failures_burst: f64,
 }
 
@@ -243,7 +244,8 @@ pub struct Udp {
     pub recv_buffer_bytes: usize,
     /// `SO_SNDBUF` asked for, bytes (0: the system default).
     pub send_buffer_bytes: usize,
-    /// Datagrams handled per wakeup before TCP gets a turn.
+    /// Datagrams read per wakeup before TCP gets a turn; fewer are handled when what they
+    /// make the daemon send reaches 65,536 first (`event_loop::SENDS_PER_WAKEUP`).
     pub datagrams_per_wakeup: usize,
     /// The daemon's cap on batch frames, bytes (512..=65507). A member's batches are also
     /// capped by the `max_datagram` it announced (4096 if it did not).

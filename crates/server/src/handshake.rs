@@ -18,14 +18,15 @@ use crate::password::{self, Outcome};
 use crate::rate::{self, KeyedLimiter};
 use crate::rooms::{Issued, Registry, RoomInfo};
 
-/// Per-IP request rate limit settings.
+/// Per-source request rate limit settings (a source is an IPv4 address or an IPv6 /64,
+/// [`rate::source`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RequestLimits {
-    /// Requests per second per source IP (0: unlimited).
+    /// Requests per second per source (0: unlimited).
     pub rate: f64,
-    /// Burst of requests per source IP.
+    /// Burst of requests per source.
     pub burst: f64,
-    /// Failed password attempts per second per source IP (0: unlimited).
+    /// Failed password attempts per second per source (0: unlimited).
     pub password_failure_rate: f64,
     /// Burst of failed password attempts.
     pub password_failure_burst: f64,
@@ -64,9 +65,9 @@ pub enum Step {
 pub struct Context<'a> {
     /// The room registry.
     pub registry: &'a mut Registry,
-    /// Per-IP request limiter.
+    /// Per-source request limiter.
     pub limiter: &'a mut KeyedLimiter<IpAddr>,
-    /// Per-IP failed-password limiter.
+    /// Per-source failed-password limiter.
     pub password_failures: &'a mut KeyedLimiter<IpAddr>,
     /// Their settings.
     pub limits: RequestLimits,

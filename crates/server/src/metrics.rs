@@ -58,7 +58,7 @@ pub struct Metrics {
     pub last_words_held: u64,
     /// Rate-limit hits by kind (`chat`, `request`, `password_queue`).
     pub rate_limited: BTreeMap<&'static str, u64>,
-    /// `__ROOM_CLOSED__` answers to tokens of closed rooms.
+    /// Answers to remembered tokens: `__ROOM_CLOSED__`, or the timed-out notice.
     pub closed_room_replies: u64,
     /// Members expired for missing keepalives.
     pub keepalive_expiries: u64,
@@ -66,8 +66,9 @@ pub struct Metrics {
     pub idle_rooms_closed: u64,
     /// Periodic checkpoints put off because the last one was not durable yet.
     pub checkpoints_deferred: u64,
-    /// Journal writes made durable (one `write` + `fdatasync` each, carrying every batch
-    /// queued when it started).
+    /// Journal writes made durable (group commits, carrying every batch queued when each
+    /// started): one `write` + `fdatasync` each, or one pair per piece of at most 64 KiB
+    /// (`journal::MAX_UNSYNCED_BYTES`) for a larger one.
     pub state_writes: u64,
     /// Records in them.
     pub state_write_records: u64,
@@ -78,7 +79,8 @@ pub struct Metrics {
     /// State file writes by the compactor (and the fold at start), as last reported by the
     /// writer.
     pub compactions: Compactions,
-    /// The kernel's count of datagrams dropped for a full receive buffer.
+    /// The kernel's count of datagrams dropped on the UDP socket before they were read (a
+    /// full receive buffer mostly), as a 64-bit total (`udp::KernelDrops`).
     pub udp_kernel_drops: u64,
     /// Configuration reloads by result.
     pub reloads: BTreeMap<&'static str, u64>,
