@@ -20,6 +20,10 @@ use crate::metrics::Metrics;
 use crate::{rate, sockopt};
 
 impl Server {
+    /// Accepts on the listener for `kind` until `WouldBlock`: each newcomer is refused
+    /// (counted) past the caps, or registered and, for TCRP, read at once. A failure for want
+    /// of descriptors may close an idle connection and try again, else schedules a retry
+    /// ([`ACCEPT_RETRY`]).
     pub(super) fn accept(&mut self, kind: Kind, now: Instant) {
         // Whether a connection was closed for a descriptor since the last accept that
         // succeeded: a second failure after one means closing did not help (for ENFILE, the
@@ -406,6 +410,8 @@ impl Server {
         }
     }
 
+    /// Closes connection `id`, counting it under `reason`; one the daemon gives up on with
+    /// replies unread is reset ([`gives_up`]).
     pub(super) fn close(&mut self, id: ConnId, reason: &'static str) {
         if !self.conns.contains(id.0) {
             return;
