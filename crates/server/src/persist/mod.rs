@@ -124,7 +124,9 @@ impl From<&StateConfig> for Options {
     }
 }
 
-/// State files written since start, for the metrics.
+/// What the writer and the compactor tell the loop: the state files written since start, the
+/// failures, and what the writer's latest file check found; for the metrics, `/readyz` and
+/// the systemd status line.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Compactions {
     /// State files written: the fold at start (when the journals held records) and every
@@ -434,8 +436,8 @@ impl Persister {
         })
     }
 
-    /// State files written (and compactions failed) so far. The compactor wakes the loop
-    /// when one finishes.
+    /// The writer's and the compactor's counters and findings so far ([`Compactions`]). The
+    /// compactor wakes the loop when a compaction ends, written or failed.
     pub fn compactions(&self) -> Compactions {
         *counters(&self.compactions)
     }
