@@ -38,7 +38,7 @@ impl Server {
                 Kind::Http => self.metrics_listener.as_ref(),
             };
             let Some(listener) = listener else { return };
-            let (mut stream, peer) = match listener.accept() {
+            let (stream, peer) = match listener.accept() {
                 Ok(pair) => pair,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Linux took a descriptor and a file before it found the queue empty:
@@ -48,37 +48,7 @@ impl Server {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // EMFILE and friends: count, log, keep serving the connections we have.
-                    // Not input from a peer, so not under `drop_logs_per_sec`: at most a line
-                    // a second.
-                    self.metrics.accept_errors += 1;
-                    // Out of descriptors (the limit lowered while running, the system out of
-                    // files): idle connections would hold every one until their handshake
-                    // timers ran out, so the one a full table would close goes now, and the
-                    // accept is tried again at once. Once per successful accept at most (and
-                    // once more when the error changes; see `eviction_futile`).
-                    let short = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
-                    if short && evicted_for_descriptor {
-                        self.eviction_futile = e.raw_os_error();
-                    }
-                    // Out of the process's own descriptors, only one below the open-file
-                    // limit can be reused: closing one at or above it (the limit lowered
-                    // below what is open) frees nothing `accept` may take.
-                    let usable_below = (e.raw_os_error() == Some(libc::EMFILE))
-                        .then(open_file_limit)
-                        .flatten();
-                    let evicted = short
-                        && self.eviction_futile != e.raw_os_error()
-                        && newcomer_waits(listener)
-                        && self.evict_for_descriptor(kind, usable_below);
-                    if self.accept_log.take(now, 1.0, 1.0) {
-                        if evicted {
-                            warn!("accept failed: {e}; closed an idle connection to make room");
-                        } else {
-                            warn!("accept failed: {e}; retrying in {ACCEPT_RETRY:?}");
-                        }
-                    }
-                    if evicted {
+                    if self.accept_failed(kind, &e, evicted_for_descriptor, now) {
                         evicted_for_descriptor = true;
                         short_of_descriptors = true;
                         continue;
@@ -90,80 +60,16 @@ impl Server {
             };
             evicted_for_descriptor = false;
             self.eviction_futile = None;
-            let limits = &self.config.limits;
-            let from_ip = self
-                .per_ip
-                .get(&rate::source(peer.ip()))
-                .copied()
-                .unwrap_or(0);
-            let tcrp_open = self.conns.len() - self.http_conns.len();
-            if tcrp_open < self.connection_cap && !short_of_descriptors {
-                // Picks from a full table go stale once it is not full.
-                self.evict_candidates.clear();
-            }
-            let refusal = match kind {
-                Kind::Tcrp if from_ip >= limits.max_connections_per_ip => {
-                    Some("max_connections_per_ip")
-                }
-                // Full: another connection makes room, if one may go (see `evict_idle`), so
-                // sources holding every slot open cannot lock newcomers out. The cap fits the
-                // open-file limit, so the descriptors do not run out first.
-                Kind::Tcrp if tcrp_open >= self.connection_cap && !self.evict_idle(None) => {
-                    Some("max_connections")
-                }
-                // Scrapers and health checks have their own small allowance, so they can
-                // neither fill the handshake table nor be locked out by it. Full: the oldest
-                // connection still without a request makes room (see `evict_idle_http`), so
-                // idle connections cannot lock health checks out either.
-                Kind::Http
-                    if self.http_conns.len() >= MAX_HTTP_CONNECTIONS && !self.evict_idle_http() =>
-                {
-                    Some("max_metrics_connections")
-                }
-                _ => None,
-            };
-            if let Some(reason) = refusal {
+            if let Some(reason) = self.refusal(kind, peer, short_of_descriptors) {
                 Metrics::bump(&mut self.metrics.tcp_rejected, reason);
                 if may_log_drop(&mut self.drop_log, now, self.config.rate.drop_logs_per_sec) {
                     warn!("{peer}: connection refused ({reason})");
                 }
                 continue; // dropping the stream closes it
             }
-            if kind == Kind::Tcrp {
-                // One getsockopt in the daemon's life checks that the option was inherited.
-                let inherited = *self
-                    .nodelay_inherited
-                    .get_or_insert_with(|| stream.nodelay().unwrap_or(false));
-                if !inherited {
-                    if let Err(e) = stream.set_nodelay(true) {
-                        debug!("{peer}: cannot set TCP_NODELAY: {e}");
-                    }
-                }
-            }
-            // The stream is never duplicated (no try_clone, no fork, CLOEXEC): `close` relies
-            // on its drop being the descriptor's last close.
-            let entry = self.conns.vacant_entry();
-            let id = ConnId(entry.key());
-            if let Err(e) =
-                self.poll
-                    .registry()
-                    .register(&mut stream, id.token(), Interest::READABLE)
-            {
-                warn!("{peer}: cannot register connection: {e}");
-                Metrics::bump(&mut self.metrics.tcp_rejected, "poll_register");
+            let Some(id) = self.admit(kind, stream, peer, now) else {
                 continue;
-            }
-            let deadline = now + Duration::from_secs(self.config.limits.handshake_timeout_secs);
-            let mut conn = Conn::new(stream, peer, kind, deadline);
-            conn.restart_timer(deadline, &mut self.activity);
-            entry.insert(conn);
-            match kind {
-                Kind::Tcrp => *self.per_ip.entry(rate::source(peer.ip())).or_insert(0) += 1,
-                Kind::Http => self.http_conns.push(id),
-            }
-            self.metrics.tcp_accepted += 1;
-            self.metrics.tcp_open += 1;
-            debug!("{peer}: accepted ({kind:?})");
+            };
             // The request often came with the connection (a client writes it as soon as
             // its connect returns): reading it now, rather than on the readable edge in a
             // later pass of the loop, takes a pass off every handshake (5% more joins/s in
@@ -175,6 +81,139 @@ impl Server {
                 self.after_io(id, close);
             }
         }
+    }
+
+    /// Handles an `accept` that failed with `e` (EMFILE and friends): counts and logs it (not
+    /// input from a peer, so not under `drop_logs_per_sec`: at most a line a second), and
+    /// when descriptors are short, closes the idle connection a full table would close, so
+    /// that idle connections do not hold every descriptor until their handshake timers run
+    /// out. Once per successful accept at most (`evicted_before`: one was closed since), and
+    /// once more when the error changes (see `eviction_futile`). Returns whether one was
+    /// closed, and the accept is to be tried again at once.
+    fn accept_failed(
+        &mut self,
+        kind: Kind,
+        e: &io::Error,
+        evicted_before: bool,
+        now: Instant,
+    ) -> bool {
+        self.metrics.accept_errors += 1;
+        let short = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+        if short && evicted_before {
+            self.eviction_futile = e.raw_os_error();
+        }
+        // Out of the process's own descriptors, only one below the open-file limit can be
+        // reused: closing one at or above it (the limit lowered below what is open) frees
+        // nothing `accept` may take.
+        let usable_below = (e.raw_os_error() == Some(libc::EMFILE))
+            .then(open_file_limit)
+            .flatten();
+        let listener = match kind {
+            Kind::Tcrp => self.tcp.as_ref(),
+            Kind::Http => self.metrics_listener.as_ref(),
+        };
+        let evicted = short
+            && self.eviction_futile != e.raw_os_error()
+            && listener.is_some_and(newcomer_waits)
+            && self.evict_for_descriptor(kind, usable_below);
+        if self.accept_log.take(now, 1.0, 1.0) {
+            if evicted {
+                warn!("accept failed: {e}; closed an idle connection to make room");
+            } else {
+                warn!("accept failed: {e}; retrying in {ACCEPT_RETRY:?}");
+            }
+        }
+        evicted
+    }
+
+    /// Why a newcomer from `peer` on the listener for `kind` is refused, if it is: its
+    /// source's connection cap, or a full table no idle connection may leave to make room.
+    fn refusal(
+        &mut self,
+        kind: Kind,
+        peer: SocketAddr,
+        short_of_descriptors: bool,
+    ) -> Option<&'static str> {
+        let limits = &self.config.limits;
+        let from_ip = self
+            .per_ip
+            .get(&rate::source(peer.ip()))
+            .copied()
+            .unwrap_or(0);
+        let tcrp_open = self.conns.len() - self.http_conns.len();
+        if tcrp_open < self.connection_cap && !short_of_descriptors {
+            // Picks from a full table go stale once it is not full.
+            self.evict_candidates.clear();
+        }
+        match kind {
+            Kind::Tcrp if from_ip >= limits.max_connections_per_ip => {
+                Some("max_connections_per_ip")
+            }
+            // Full: another connection makes room, if one may go (see `evict_idle`), so
+            // sources holding every slot open cannot lock newcomers out. The cap fits the
+            // open-file limit, so the descriptors do not run out first.
+            Kind::Tcrp if tcrp_open >= self.connection_cap && !self.evict_idle(None) => {
+                Some("max_connections")
+            }
+            // Scrapers and health checks have their own small allowance, so they can
+            // neither fill the handshake table nor be locked out by it. Full: the oldest
+            // connection still without a request makes room (see `evict_idle_http`), so
+            // idle connections cannot lock health checks out either.
+            Kind::Http
+                if self.http_conns.len() >= MAX_HTTP_CONNECTIONS && !self.evict_idle_http() =>
+            {
+                Some("max_metrics_connections")
+            }
+            _ => None,
+        }
+    }
+
+    /// Takes a newcomer in: `TCP_NODELAY` (inherited from the listener, checked once), its
+    /// registration with the poll, its handshake timer and its place in the tables. `None`
+    /// (counted) when the poll refuses it.
+    fn admit(
+        &mut self,
+        kind: Kind,
+        mut stream: mio::net::TcpStream,
+        peer: SocketAddr,
+        now: Instant,
+    ) -> Option<ConnId> {
+        if kind == Kind::Tcrp {
+            // One getsockopt in the daemon's life checks that the option was inherited.
+            let inherited = *self
+                .nodelay_inherited
+                .get_or_insert_with(|| stream.nodelay().unwrap_or(false));
+            if !inherited {
+                if let Err(e) = stream.set_nodelay(true) {
+                    debug!("{peer}: cannot set TCP_NODELAY: {e}");
+                }
+            }
+        }
+        // The stream is never duplicated (no try_clone, no fork, CLOEXEC): `close` relies
+        // on its drop being the descriptor's last close.
+        let entry = self.conns.vacant_entry();
+        let id = ConnId(entry.key());
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut stream, id.token(), Interest::READABLE)
+        {
+            warn!("{peer}: cannot register connection: {e}");
+            Metrics::bump(&mut self.metrics.tcp_rejected, "poll_register");
+            return None;
+        }
+        let deadline = now + Duration::from_secs(self.config.limits.handshake_timeout_secs);
+        let mut conn = Conn::new(stream, peer, kind, deadline);
+        conn.restart_timer(deadline, &mut self.activity);
+        entry.insert(conn);
+        match kind {
+            Kind::Tcrp => *self.per_ip.entry(rate::source(peer.ip())).or_insert(0) += 1,
+            Kind::Http => self.http_conns.push(id),
+        }
+        self.metrics.tcp_accepted += 1;
+        self.metrics.tcp_open += 1;
+        debug!("{peer}: accepted ({kind:?})");
+        Some(id)
     }
 
     /// Goes on with a paused connection (see [`crate::conn::Conn::paused`]) once a write
