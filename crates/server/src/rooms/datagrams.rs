@@ -82,53 +82,7 @@ impl Registry {
         let local = self.locals.id(arrival);
         let member = &mut self.members[id.0];
         match datagram.message {
-            Message::Register => {
-                // A REGISTER from the member's own address moves nothing: it is a keepalive,
-                // even for a member bound elsewhere before the guard was turned on. A token
-                // from a file without join IPs is held to the IP of its registered address.
-                let changed = member.address != Some(src);
-                let bound = member
-                    .joined_from
-                    .or(member.address.map(|a| a.ip().to_canonical()));
-                if changed
-                    && self.limits.register_only_from_join_ip
-                    && bound.is_some_and(|ip| ip != src.ip().to_canonical())
-                {
-                    return Handled::Dropped(DropReason::NotJoinIp);
-                }
-                // A move writes a journal record: it costs what a chat message costs, or a
-                // member flipping between two ports (or anyone forging its token's datagrams)
-                // would write one per datagram. The first binding is free: it happens once.
-                if changed
-                    && member.address.is_some()
-                    && self.limits.chat_rate > 0.0
-                    && !member
-                        .chat
-                        .take(now, self.limits.chat_rate, self.limits.chat_burst)
-                {
-                    return Handled::Dropped(DropReason::RateLimited);
-                }
-                member.last_seen = now;
-                if !changed {
-                    // A keepalive to another of our addresses moves what the member hears
-                    // there; it is saved at the next checkpoint.
-                    self.move_source(id, local);
-                    return Handled::Registered { changed };
-                }
-                if member.address.is_none() {
-                    self.registered += 1;
-                }
-                member.address = Some(src);
-                member.local = local;
-                member.local_unsaved = false;
-                debug!("token {} registered from {src}", member.token.short());
-                self.records.push(Record::Register {
-                    token: member.token.as_str().to_owned(),
-                    address: src,
-                    local: self.locals.get(local),
-                });
-                Handled::Registered { changed }
-            }
+            Message::Register => self.register(id, src, local, now),
             // A member that never registered has no address to hold its datagrams to: its
             // __LEAVE__ is taken on the token alone, as its first __REGISTER__ would be (from
             // the join's IP under the guard). A client whose first __REGISTER__ could not be
@@ -178,6 +132,59 @@ impl Registry {
                 Handled::Relayed { deliveries }
             }
         }
+    }
+
+    /// A `__REGISTER__` from `src` with the token of member `id`, to our address `local`:
+    /// binds the member's address, or moves it (a journal record, paid from the member's
+    /// chat allowance, and only from its join's IP under the guard); from the address it
+    /// has, a keepalive.
+    fn register(&mut self, id: MemberId, src: SocketAddr, local: LocalId, now: Instant) -> Handled {
+        let member = &mut self.members[id.0];
+        // A REGISTER from the member's own address moves nothing: it is a keepalive,
+        // even for a member bound elsewhere before the guard was turned on. A token
+        // from a file without join IPs is held to the IP of its registered address.
+        let changed = member.address != Some(src);
+        let bound = member
+            .joined_from
+            .or(member.address.map(|a| a.ip().to_canonical()));
+        if changed
+            && self.limits.register_only_from_join_ip
+            && bound.is_some_and(|ip| ip != src.ip().to_canonical())
+        {
+            return Handled::Dropped(DropReason::NotJoinIp);
+        }
+        // A move writes a journal record: it costs what a chat message costs, or a
+        // member flipping between two ports (or anyone forging its token's datagrams)
+        // would write one per datagram. The first binding is free: it happens once.
+        if changed
+            && member.address.is_some()
+            && self.limits.chat_rate > 0.0
+            && !member
+                .chat
+                .take(now, self.limits.chat_rate, self.limits.chat_burst)
+        {
+            return Handled::Dropped(DropReason::RateLimited);
+        }
+        member.last_seen = now;
+        if !changed {
+            // A keepalive to another of our addresses moves what the member hears
+            // there; it is saved at the next checkpoint.
+            self.move_source(id, local);
+            return Handled::Registered { changed };
+        }
+        if member.address.is_none() {
+            self.registered += 1;
+        }
+        member.address = Some(src);
+        member.local = local;
+        member.local_unsaved = false;
+        debug!("token {} registered from {src}", member.token.short());
+        self.records.push(Record::Register {
+            token: member.token.as_str().to_owned(),
+            address: src,
+            local: self.locals.get(local),
+        });
+        Handled::Registered { changed }
     }
 
     /// Sends the member what it hears from our address `local` from now on (a wildcard-bound
