@@ -269,6 +269,54 @@ mod tests {
         assert_eq!(check_username("ali\u{200b}ce"), Ok(()));
     }
 
+    /// PROTOCOL.md: a control character is any of category Cc, U+0000–U+001F and
+    /// U+007F–U+009F. DEL and the C1 controls (U+009B is a terminal's CSI) are refused in
+    /// room names and usernames alike. Kills the hand mutants that narrow either check to
+    /// `c < ' '` or to `c < ' ' || c == '\u{7f}'` (room names had only a newline tested).
+    #[test]
+    fn control_characters_are_all_of_category_cc() {
+        for c in ['\u{0}', '\u{1f}', '\u{7f}', '\u{80}', '\u{9b}', '\u{9f}'] {
+            let name = format!("a{c}b");
+            assert_eq!(
+                check_room_name(name.as_bytes()),
+                Err(NameRule::ControlCharacter),
+                "{c:?}"
+            );
+            assert_eq!(
+                check_username(&name),
+                Err(NameRule::ControlCharacter),
+                "{c:?}"
+            );
+        }
+        // The neighbours of the two ranges are not controls.
+        for c in [' ', '~', '\u{a0}', 'é'] {
+            let name = format!("a{c}b");
+            assert_eq!(check_room_name(name.as_bytes()), Ok(name.as_str()), "{c:?}");
+            assert_eq!(check_username(&name), Ok(()), "{c:?}");
+        }
+    }
+
+    /// The zero-width non-joiner is a joiner for [`hidden_chars`] as the joiner is: after
+    /// another script's letter it is hidden when it ends the name or comes before an ASCII
+    /// character, and shown between two letters of other scripts. Kills the hand mutant that
+    /// takes U+200C out of `joiner` (only U+200D was tested after a non-ASCII letter).
+    #[test]
+    fn a_non_joiner_after_another_script_is_hidden_unless_one_follows() {
+        assert_eq!(
+            hidden_chars("部\u{200c}").collect::<Vec<_>>(),
+            [(3, '\u{200c}')]
+        );
+        assert_eq!(
+            hidden_chars("部\u{200c}a").collect::<Vec<_>>(),
+            [(3, '\u{200c}')]
+        );
+        assert_eq!(hidden_chars("部\u{200c}屋").next(), None);
+        assert_eq!(
+            check_visible("部\u{200c}a"),
+            Err(NameRule::Invisible('\u{200c}'))
+        );
+    }
+
     #[test]
     fn visible_names_pass_and_look_alikes_are_named() {
         let visible = [
