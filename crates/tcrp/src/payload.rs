@@ -792,6 +792,31 @@ mod tests {
         ));
     }
 
+    /// The codes as docs/PROTOCOL.md lists them: clients match on these strings, so a
+    /// renamed code breaks them even though `parse(as_str())` still round-trips. Kills the
+    /// hand mutants that rename a code (`room_exists`, `not_member`, `rate_limited`,
+    /// `bad_password` had no test spelling them).
+    #[test]
+    fn error_codes_are_spelled_as_the_protocol_lists_them() {
+        let spelled: Vec<_> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(
+            spelled,
+            [
+                "room_exists",
+                "room_not_found",
+                "name_taken",
+                "invalid_room_name",
+                "invalid_username",
+                "unsupported_operation",
+                "malformed_request",
+                "server_full",
+                "rate_limited",
+                "bad_password",
+                "not_member",
+            ]
+        );
+    }
+
     #[test]
     fn error_codes_round_trip() {
         for code in ErrorCode::ALL {
@@ -877,6 +902,20 @@ mod tests {
             let request = parse_request(payload.as_bytes()).unwrap();
             assert_eq!(request.max_datagram, Some(edge), "{edge}");
         }
+    }
+
+    /// A client that does not say `"max_datagram"` gets batches of at most 4096 bytes, the
+    /// original client's receive buffer (`ocm` says nothing when the daemon is on another
+    /// host). Nothing in this crate reads the constant (the daemon does), and the daemon's
+    /// own test only bounds its batches from above, so only a test of the value notices a
+    /// change. Kills the hand mutants that move `DEFAULT_MAX_DATAGRAM` to 4095 or 4097.
+    #[test]
+    fn the_default_max_datagram_is_the_original_receive_buffer() {
+        assert_eq!(DEFAULT_MAX_DATAGRAM, 4096);
+        assert_eq!(
+            parse_request(br#"{"username": "a"}"#).unwrap().max_datagram,
+            None
+        );
     }
 
     /// As for Presence and History: a listing's `more` is written only when set, and a listing
