@@ -136,6 +136,18 @@ mod tests {
         assert_eq!(hex::encode(out), ORIGINAL_REGISTER);
     }
 
+    /// `__LEAVE__` in room "r" with token "ab", byte for byte: the word is on the wire, so
+    /// a test that only round-trips through [`LEAVE`] cannot see it change. Kills the hand
+    /// mutant that respells `LEAVE`.
+    #[test]
+    fn leave_is_the_nine_bytes_the_protocol_names() {
+        let bytes = hex::decode("01027261625f5f4c454156455f5f").unwrap();
+        assert_eq!(parse(&bytes).unwrap().message, Message::Leave);
+        let mut out = Vec::new();
+        encode(b"r", b"ab", LEAVE, &mut out).unwrap();
+        assert_eq!(out, bytes);
+    }
+
     #[test]
     fn leave_and_chat() {
         let mut out = Vec::new();

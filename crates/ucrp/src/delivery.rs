@@ -494,6 +494,28 @@ mod tests {
         assert_eq!(entries, vec![&a[..], &b[..]]);
     }
 
+    /// A batch of one chat frame, byte for byte: `00 01`, then the entry's length `00 03`
+    /// and the entry `01 61 31` ("a" says "1"). The other tests build and read batches
+    /// through the same constants, so they cannot see the kind byte change. Kills the hand
+    /// mutant that moves `KIND_BATCH` off 0x01.
+    #[test]
+    fn batch_golden_vector() {
+        let mut entry = Vec::new();
+        encode_chat("a", b"1", &mut entry).unwrap();
+        let mut batch = Vec::new();
+        begin_batch(&mut batch);
+        push_batch_entry(&entry, &mut batch).unwrap();
+        assert_eq!(hex::encode(&batch), "00010003016131");
+        let bytes = hex::decode("00010003016131").unwrap();
+        let Ok(Delivery::Batch(body)) = parse(&bytes) else {
+            panic!("not a batch: {:?}", parse(&bytes))
+        };
+        assert_eq!(
+            batch_entries(body).collect::<Vec<_>>(),
+            [Ok(&[0x01, 0x61, 0x31][..])]
+        );
+    }
+
     #[test]
     fn a_batch_laid_out_from_prefixed_runs_is_the_same_frame() {
         // The daemon sends a batch as the header, then each entry's prefix and bytes taken
