@@ -300,4 +300,58 @@ mod tests {
         assert!(l.allow(101, at(36), 100.0, 1.0));
         assert!(!l.buckets.contains_key(&1));
     }
+
+    /// A full limiter whose sweep freed nothing refuses newcomers for 100 ms, as
+    /// docs/SECURITY.md ("Floods") says: still at 99 ms, no longer at 100 ms. Kills the hand
+    /// mutants `SWEEP_BACKOFF` 99 ms and 101 ms (the other tests use the constant itself).
+    #[test]
+    fn the_sweep_backoff_lasts_100_ms() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut l = KeyedLimiter::new(2);
+        // Rate 100/s, burst 1: a bucket is forgettable 10 ms after its last use.
+        assert!(l.allow(1, at(0), 100.0, 1.0));
+        assert!(l.allow(2, at(0), 100.0, 1.0));
+        assert!(!l.allow(3, at(0), 100.0, 1.0), "full of active keys");
+        assert!(!l.allow(3, at(99), 100.0, 1.0), "still backing off");
+        assert!(l.allow(3, at(100), 100.0, 1.0), "swept at 100 ms");
+    }
+
+    /// A sweep that frees less than a sixteenth of the capacity backs off, however little
+    /// less: 2 of 33 (2 × 16 = 32 < 33). Kills the hand mutant `freed * 17` (2 × 17 = 34),
+    /// which would let a crowd of newcomers cost a pass each by idling one bucket in 17.
+    #[test]
+    fn a_sweep_that_frees_just_under_a_sixteenth_backs_off() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut l = KeyedLimiter::new(33);
+        // Rate 100/s, burst 1: forgettable 10 ms after the last use. Keys 0 and 1 go idle
+        // first.
+        assert!(l.allow(0, at(0), 100.0, 1.0));
+        assert!(l.allow(1, at(0), 100.0, 1.0));
+        for key in 2..33 {
+            assert!(l.allow(key, at(20), 100.0, 1.0));
+        }
+        // The sweep frees keys 0 and 1 (2 of 33): two newcomers get their places...
+        assert!(l.allow(100, at(25), 100.0, 1.0));
+        assert!(l.allow(102, at(25), 100.0, 1.0));
+        // ...and the next is refused without a sweep, though the others are idle by then.
+        assert!(!l.allow(101, at(40), 100.0, 1.0));
+        assert_eq!(l.buckets.len(), 33, "no sweep within the backoff");
+    }
+
+    /// `has_budget` answers as `allow` would: a source never seen has a full bucket, and rate
+    /// 0 means unlimited, also for a source whose bucket was emptied before a reload set it to
+    /// 0. The handshake tests read the password limiter through it. Kills the hand mutants
+    /// `is_none_or` made `is_some_and` and `rate <= 0.0` made `rate < 0.0` in `has_budget`.
+    #[test]
+    fn has_budget_answers_as_allow_would() {
+        let t0 = Instant::now();
+        let mut l = KeyedLimiter::new(4);
+        assert!(l.has_budget(1, t0, 1.0, 1.0), "never seen");
+        assert!(l.allow(1, t0, 1.0, 1.0));
+        assert!(!l.has_budget(1, t0, 1.0, 1.0));
+        assert!(l.has_budget(1, t0, 0.0, 1.0), "rate 0 is unlimited");
+        assert!(l.allow(1, t0, 0.0, 1.0));
+    }
 }

@@ -99,4 +99,16 @@ mod tests {
         assert_eq!(t.short().to_string(), "abcdef…");
         assert_eq!(format!("{t:?}"), "Token(abcdef…)");
     }
+
+    /// A token from a datagram can be any 0 to 255 bytes: the log form of a shorter one is the
+    /// whole of it, and control characters in it are escaped, so a peer can neither panic the
+    /// daemon (slicing past the end) nor start a forged log line. Kills the hand mutants that
+    /// slice `..LOG_PREFIX_CHARS` without `min` and that drop `escape_debug`.
+    #[test]
+    fn the_log_form_of_peer_bytes_is_short_and_escaped() {
+        assert_eq!(Short::of(b"").to_string(), "…");
+        assert_eq!(Short::of(b"ab").to_string(), "ab…");
+        assert_eq!(Short::of(b"\nINFO: x").to_string(), "\\nINFO:…");
+        assert_eq!(Short::of(b"\x1b[2Jab").to_string(), "\\u{1b}[2Jab…");
+    }
 }
