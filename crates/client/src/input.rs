@@ -144,6 +144,8 @@ mod tests {
         assert_eq!(classify("/history\n"), Input::History { count: 20 });
         assert_eq!(classify("/history 5\r\n"), Input::History { count: 5 });
         assert_eq!(classify("/history  100 \n"), Input::History { count: 100 });
+        // The smallest count. (Hand mutant: the range `1..=` made `2..=`.)
+        assert_eq!(classify("/history 1"), Input::History { count: 1 });
         for bad in [
             "/history 0",
             "/history 101",
@@ -155,6 +157,26 @@ mod tests {
         }
         assert_eq!(classify("//who\n"), Input::Send("/who"));
         assert!(HELP.contains("/who") && HELP.contains("/history [N]"));
+    }
+
+    /// The help texts name every command and the figures the parser uses. (Hand mutants:
+    /// the default or the maximum changed in `HELP` or `HISTORY_USAGE`, `/quit` taken out.)
+    #[test]
+    fn the_help_texts_name_the_commands_and_the_figures() {
+        for command in ["/who", "/history [N]", "/quit", "/help", "//text"] {
+            assert!(HELP.contains(&format!("* {command} ")), "{command}");
+        }
+        let figures = format!("(default {DEFAULT_HISTORY_LIMIT}, max {MAX_HISTORY_LIMIT})");
+        assert!(HELP.contains(&figures), "{HELP}");
+        let range = format!("N from 1 to {MAX_HISTORY_LIMIT}");
+        assert!(HISTORY_USAGE.ends_with(&range), "{HISTORY_USAGE}");
+        for command in ["/quit", "/help", "//text"] {
+            assert!(
+                HELP_ORIGINAL.contains(&format!("* {command} ")),
+                "{command}"
+            );
+        }
+        assert!(!HELP_ORIGINAL.contains("* /who") && !HELP_ORIGINAL.contains("* /history"));
     }
 
     #[test]

@@ -93,6 +93,20 @@ mod tests {
         assert_eq!(pacer.take(start + interval / 4 + quarter), Ok(()));
     }
 
+    /// 99% of a token is not a token: the slack for rounding is a millionth, not a
+    /// hundredth. (Hand mutant: the slack `1e-6` made `1e-2`.)
+    #[test]
+    fn most_of_a_token_is_not_enough() {
+        let start = Instant::now();
+        let mut pacer = Pacer::new(CHAT_PER_SEC, 1.0, start);
+        assert_eq!(pacer.take(start), Ok(()));
+        let interval = Duration::from_secs_f64(1.0 / CHAT_PER_SEC);
+        let almost = start + interval.mul_f64(0.99);
+        let wait = pacer.take(almost).expect_err("99% of a token");
+        let left = interval.as_secs_f64() * 0.01;
+        assert!((wait.as_secs_f64() - left).abs() < 1e-6, "{wait:?}");
+    }
+
     #[test]
     fn a_quiet_spell_refills_no_more_than_the_burst() {
         let start = Instant::now();

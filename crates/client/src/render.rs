@@ -653,6 +653,105 @@ mod tests {
         assert_eq!(shown, [Some(0), Some(0)]);
     }
 
+    /// The tracker remembers the last 256 messages shown, no more: a copy of the oldest of
+    /// 256 is still a duplicate, a copy of one 257 back is shown again. (Hand mutants:
+    /// `RECENT_SHOWN` 255 or 257.)
+    #[test]
+    fn the_last_256_messages_shown_are_remembered() {
+        let now = Instant::now();
+        let d = |seq: u64| content_digest("a", &seq.to_string());
+        for (shown, copy_of_first) in [
+            (256, SeqVerdict::Duplicate),
+            (257, SeqVerdict::Deliver { lost: 0 }),
+        ] {
+            let mut t = SeqTracker::default();
+            for seq in 1..=shown {
+                assert_eq!(t.observe(seq, d(seq), now), SeqVerdict::Deliver { lost: 0 });
+            }
+            assert_eq!(t.observe(1, d(1), now), copy_of_first, "after {shown}");
+        }
+    }
+
+    /// 4,096 own messages are remembered, no more: a gap of 4,097 after 4,097 sends counts
+    /// one lost, and after 4,096 sends a gap of 4,096 counts none. (Hand mutants:
+    /// `OWN_REMEMBERED` 4095 or 4097.)
+    #[test]
+    fn at_most_4096_own_messages_are_remembered() {
+        let now = Instant::now();
+        for (sent, lost) in [(4096, 0), (4097, 1)] {
+            let mut t = SeqTracker::default();
+            assert_eq!(t.observe(1, 1, now), SeqVerdict::Deliver { lost: 0 });
+            for _ in 0..sent {
+                t.sent_own(now);
+            }
+            let next = 2 + sent;
+            assert_eq!(
+                t.observe(next, 2, now),
+                SeqVerdict::Deliver { lost },
+                "{sent} sent"
+            );
+        }
+    }
+
+    /// An own message sent 1.5 s before the first number we see may still be numbered
+    /// after it and fills a later gap; one sent 2.5 s before does not. (Hand mutants:
+    /// `IN_FLIGHT` 1 s or 3 s.)
+    #[test]
+    fn own_messages_are_in_flight_for_two_seconds() {
+        let start = Instant::now();
+        for (before, lost) in [(1500, 0), (2500, 1)] {
+            let mut t = SeqTracker::default();
+            t.sent_own(start);
+            let first = start + Duration::from_millis(before);
+            let shown = losses(&mut t, &[(4, "b4"), (6, "b6")], first);
+            assert_eq!(shown, [Some(0), Some(lost)], "sent {before} ms before");
+        }
+    }
+
+    /// 16 history entries shown cut short are remembered, no more: with 17, the live copy
+    /// of the first is shown, and of the second is not. (Hand mutants: `CUT_REMEMBERED` 15
+    /// or 17.)
+    #[test]
+    fn sixteen_history_entries_cut_short_are_remembered() {
+        let now = Instant::now();
+        let mut renderer = Renderer::new("lobby");
+        for seq in 1..=17 {
+            renderer.shown_in_history(seq, "a", "start", true, now);
+        }
+        let mut lines = Vec::new();
+        for seq in [1, 2] {
+            let d = sequenced(seq, "a", &format!("start of {seq}"));
+            let _ = renderer.handle_datagram(&d, now, &mut lines);
+        }
+        assert_eq!(lines, ["a: start of 1"]);
+    }
+
+    /// A history entry shown cut short waits 30 s for its live copy: one 29 s later is a
+    /// duplicate, one 30 s later is shown. (Hand mutants: `CUT_WINDOW` 29 s or 31 s.)
+    #[test]
+    fn a_history_entry_cut_short_waits_thirty_seconds_for_its_live_copy() {
+        let shown_at = Instant::now();
+        for (after, lines_shown) in [(29, 0), (30, 1)] {
+            let mut renderer = Renderer::new("lobby");
+            renderer.shown_in_history(9, "a", "nin", true, shown_at);
+            let mut lines = Vec::new();
+            let later = shown_at + Duration::from_secs(after);
+            let _ = renderer.handle_datagram(&sequenced(9, "a", "nine"), later, &mut lines);
+            assert_eq!(lines.len(), lines_shown, "{after} s later: {lines:?}");
+        }
+    }
+
+    /// After a number 1 that came after higher ones, a next number equal to the old last
+    /// (with another text) is a count started again, like one below it: the numbers
+    /// between 1 and it are lost. (Hand mutant: `seq <= last` made `seq < last`.)
+    #[test]
+    fn the_old_last_number_after_a_one_is_a_count_started_again() {
+        let now = Instant::now();
+        let again = [(9, "m9"), (1, "n1"), (9, "n9")];
+        let shown = losses(&mut SeqTracker::default(), &again, now);
+        assert_eq!(shown, [Some(0), Some(0), Some(7)]);
+    }
+
     /// With `--original`, a datagram is the original server's: one that begins with a 0 byte
     /// is the chat of a member with an empty name, never an extension frame.
     #[test]
@@ -973,5 +1072,29 @@ mod tests {
             ]
         );
         assert!(matches!(printable_name("bob"), Cow::Borrowed("bob")));
+    }
+
+    /// A name that ends in white space other than a space (no-break, ideographic) is
+    /// quoted too: its end does not show either. (Hand mutant: `ends_with(char::is_whitespace)`
+    /// made `ends_with(' ')`.)
+    #[test]
+    fn names_ending_in_any_white_space_are_quoted() {
+        let (lines, _) = render(&[
+            chat("bob\u{a0}", "no-break"),
+            chat("bob\u{3000}", "ideographic"),
+        ]);
+        assert_eq!(
+            lines,
+            ["\"bob\u{a0}\": no-break", "\"bob\u{3000}\": ideographic"]
+        );
+    }
+
+    /// The C1 controls (U+0080 to U+009F) are escaped like the C0 ones, in messages and in
+    /// names: U+009B is the one-character CSI of terminals that read 8-bit controls, and
+    /// U+0085 a line break. (Hand mutant: `is_control` made `is_ascii_control`.)
+    #[test]
+    fn c1_control_characters_are_escaped() {
+        let (lines, _) = render(&[chat("ev\u{85}il", "\u{9b}2Jgone\u{80}\u{9f}")]);
+        assert_eq!(lines, ["ev\\u{85}il: \\u{9b}2Jgone\\u{80}\\u{9f}"]);
     }
 }
