@@ -93,7 +93,7 @@ impl SeqTracker {
     /// last checkpoint after a crash, or from 1 with a new state), never a loss.
     ///
     /// A number 1 after higher ones is a count started again only if the next number goes
-    /// on from it below the old count (`1, 2` or `1, 3` after `14`): a first message that
+    /// on from it at or below the old count (`1, 2`, `1, 3` or `1, 14` after `14`): a first message that
     /// arrives late (`2, 1, 3`) is not. Own messages sent more than [`IN_FLIGHT`] before
     /// the first number seen are numbered below it and never fill a gap: they are forgotten.
     pub fn observe(&mut self, seq: u64, digest: u64, now: Instant) -> SeqVerdict {
