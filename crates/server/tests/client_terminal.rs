@@ -115,6 +115,15 @@ impl Terminal {
         master.write_all(bytes).expect("type");
     }
 
+    /// Types `fg` to the shell and waits until the terminal shows `drawn` after it (the
+    /// editor's prompt, with its line). Returns how much the terminal showed before `fg`.
+    fn fg(&mut self, drawn: &str) -> usize {
+        let shown = self.text().len();
+        self.type_keys("fg\r");
+        self.wait_for_after(shown, drawn);
+        shown
+    }
+
     /// The terminal's mode now, as its process set it (a pseudo-terminal's other side reads
     /// the mode of the terminal itself).
     fn mode(&self) -> libc::termios {
@@ -409,9 +418,7 @@ fn after_ctrl_z_and_fg_the_editor_still_owns_the_line() {
     term.type_keys("\x1a");
     term.wait_for("Stopped");
     // bob is back once the editor has redrawn its prompt after `fg`.
-    let shown = term.text().len();
-    term.type_keys("fg\r");
-    term.wait_for_after(shown, "> ");
+    term.fg("> ");
     term.type_keys("half");
     term.wait_for("half");
     alice.type_line("while you typed");
@@ -450,9 +457,7 @@ fn ctrl_z_leaves_the_terminal_as_before_the_chat_even_in_dash() {
         term.type_keys(": seen\r");
         term.wait_for_after(shown, ": seen");
         term.wait_for_after(shown, "$ ");
-        let shown = term.text().len();
-        term.type_keys("fg\r");
-        term.wait_for_after(shown, "> ");
+        term.fg("> ");
         // Back to the editor's raw mode, or to the quiet one between two lines.
         assert_eq!(term.mode().c_lflag & libc::ECHO, 0, "{:?}", term.text());
     };
@@ -499,9 +504,7 @@ fn after_a_stop_from_elsewhere_and_fg_the_line_is_drawn_again() {
     term.wait_for_after(shown, "Stopped");
     term.wait_for_after(shown, "$ ");
     assert!(!bracketed_paste_left_on(&term.text()), "{:?}", term.text());
-    let shown = term.text().len();
-    term.type_keys("fg\r");
-    term.wait_for_after(shown, "> half");
+    let shown = term.fg("> half");
     assert!(bracketed_paste_left_on(&term.text()), "{:?}", term.text());
     term.type_keys(" done\r");
     assert_eq!(alice.line(), "bob: half done");
@@ -522,9 +525,7 @@ fn stopped_sent_to_the_background_and_brought_back(stop: impl FnOnce(&mut Termin
     term.wait_for_after(shown, "Stopped");
     term.wait_for_after(shown, "$ ");
     assert!(!term.text()[shown..].contains("half"), "{:?}", term.text());
-    let shown = term.text().len();
-    term.type_keys("fg\r");
-    term.wait_for_after(shown, "> half");
+    let shown = term.fg("> half");
     assert_eq!(term.mode().c_lflag, editors.c_lflag, "{:?}", term.text());
     term.type_keys(" done\r");
     assert_eq!(alice.line(), "bob: half done");
@@ -595,9 +596,7 @@ fn after_its_own_ctrl_z_the_editor_draws_its_line_once() {
     term.type_keys("\x1a");
     term.wait_for_after(shown, "Stopped");
     term.wait_for_after(shown, "$ ");
-    let shown = term.text().len();
-    term.type_keys("fg\r");
-    term.wait_for_after(shown, "> half");
+    let shown = term.fg("> half");
     term.type_keys(" done\r");
     assert_eq!(alice.line(), "bob: half done");
     let after_fg = &term.text()[shown..];
@@ -628,9 +627,7 @@ fn after_a_sigstop_and_fg_the_editor_takes_its_mode_and_draws_its_line_again() {
     term.wait_for_after(shown, "Stopped");
     term.wait_for_after(shown, "$ ");
     assert!(!term.text()[shown..].contains("half"), "{:?}", term.text());
-    let shown = term.text().len();
-    term.type_keys("fg\r");
-    term.wait_for_after(shown, "> half");
+    let shown = term.fg("> half");
     let mode = term.mode();
     let parts = |m: libc::termios| (m.c_iflag, m.c_oflag, m.c_cflag, m.c_lflag, m.c_cc);
     assert_eq!(parts(mode), parts(editors), "{:?}", term.text());
@@ -1288,9 +1285,7 @@ fn a_paste_left_unread_when_the_chat_stops_is_not_run_by_the_shell() {
     signal_ocm_run_from(&term, libc::SIGTSTP);
     term.wait_for_after(shown, "Stopped");
     assert_the_shell_ran_no_paste(&mut term, &trace);
-    let shown = term.text().len();
-    term.type_keys("fg\r");
-    term.wait_for_after(shown, "> ");
+    term.fg("> ");
     // A line cut short by the drop is ended before this one.
     quit_to_the_shell(&mut term, "\r/quit\r");
     let rest = alice.lines_until("* bob left");
