@@ -116,6 +116,18 @@ pub enum Record {
     },
 }
 
+impl Record {
+    /// Whether the change can alter what a room list shows (a room's name, member count,
+    /// creation time or password flag): every kind but an address bound or moved and a
+    /// history write. A kind added later counts as one until it is said not to.
+    pub fn alters_room_list(&self) -> bool {
+        !matches!(
+            self,
+            Record::Register { .. } | Record::History { .. } | Record::HistoryAppend { .. }
+        )
+    }
+}
+
 /// One kept chat message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HistoryEntry {

@@ -115,7 +115,7 @@ impl Registry {
             request.username,
             token.short()
         );
-        self.records.push(Record::CreateRoom {
+        self.record(Record::CreateRoom {
             room: room_name.to_owned(),
             host: record,
             created_at: unix_now,
@@ -231,7 +231,7 @@ impl Registry {
             token.short()
         );
         self.notify(room, Some(id), Notice::Joined, &request.username, out);
-        self.records.push(Record::Join {
+        self.record(Record::Join {
             room: room_name.to_owned(),
             member: record,
         });

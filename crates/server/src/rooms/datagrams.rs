@@ -179,11 +179,12 @@ impl Registry {
         member.local = local;
         member.local_unsaved = false;
         debug!("token {} registered from {src}", member.token.short());
-        self.records.push(Record::Register {
+        let change = Record::Register {
             token: member.token.as_str().to_owned(),
             address: src,
             local: self.locals.get(local),
-        });
+        };
+        self.record(change);
         Handled::Registered { changed }
     }
 
@@ -245,13 +246,14 @@ impl Registry {
             let Some(address) = member.address else {
                 continue;
             };
-            self.records.push(Record::Register {
+            let change = Record::Register {
                 token: member.token.as_str().to_owned(),
                 address,
                 // Retired or not: a source the kernel refused for now is still the one the
                 // member talks to, taken again once a datagram comes to it.
                 local: self.locals.address(member.local),
-            });
+            };
+            self.record(change);
             written += 1;
         }
         written

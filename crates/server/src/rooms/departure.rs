@@ -79,7 +79,7 @@ impl Registry {
             room_entry.name, member.username
         );
         self.notify(room, None, why, &member.username, out);
-        self.records.push(Record::Leave {
+        self.record(Record::Leave {
             token: member.token.as_str().to_owned(),
         });
         Handled::Left
@@ -132,7 +132,7 @@ impl Registry {
             entry.name,
             if notified == 1 { "" } else { "s" }
         );
-        self.records.push(Record::CloseRoom {
+        self.record(Record::CloseRoom {
             room: entry.name.into_string(),
         });
         notified

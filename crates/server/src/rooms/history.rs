@@ -125,12 +125,13 @@ impl Registry {
             room.history_unsaved = 0;
             room.history_shrunk = false;
             room.seq_saved = room.next_seq;
-            self.records.push(Record::HistoryAppend {
+            let change = Record::HistoryAppend {
                 room: room.name.to_string(),
                 next_seq: room.next_seq,
                 kept: room.history.len(),
                 messages,
-            });
+            };
+            self.record(change);
             written += 1;
         }
         written

@@ -236,13 +236,28 @@ pub struct RoomInfo {
     pub has_password: bool,
 }
 
-/// Who is in a room.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Presence {
+/// Who is in a room, read in place: a reply takes only the members it has room for, so a
+/// request costs no copy of a large room's member list.
+#[derive(Clone, Copy)]
+pub struct Presence<'a> {
+    registry: &'a Registry,
+    room: &'a Room,
+}
+
+impl<'a> Presence<'a> {
     /// The host's username.
-    pub host: String,
+    pub fn host(&self) -> &'a str {
+        &self.registry.members[self.room.host.0].username
+    }
+
     /// Every member's username (host first) and whether it has registered an address.
-    pub members: Vec<(String, bool)>,
+    pub fn members(&self) -> impl Iterator<Item = (&'a str, bool)> + 'a {
+        let members = &self.registry.members;
+        self.room.members.iter().map(move |m| {
+            let member = &members[m.0];
+            (&*member.username, member.address.is_some())
+        })
+    }
 }
 
 /// Counts for status lines and metrics.
@@ -277,9 +292,9 @@ pub struct Registry {
     tombstones: Tombstones,
     registered: usize,
     records: Vec<Record>,
-    /// Records taken so far ([`Registry::change_count`]).
-    records_taken: u64,
-    /// The last rendered room list and the [`Registry::change_count`] it was made at
+    /// Changes recorded so far that can alter a room list ([`Record::alters_room_list`]).
+    list_changes: u64,
+    /// The last rendered room list and the `list_changes` count it was made at
     /// ([`Registry::room_list`]).
     room_list: Option<(u64, Vec<u8>)>,
     scratch: Vec<MemberId>,
@@ -321,7 +336,7 @@ impl Registry {
             tombstones: Tombstones::new(),
             registered: 0,
             records: Vec::new(),
-            records_taken: 0,
+            list_changes: 0,
             room_list: None,
             scratch: Vec::new(),
             wall_clock: None,
@@ -469,18 +484,11 @@ impl Registry {
     }
 
     /// Who is in `room_name`, host first.
-    pub fn presence(&self, room_name: &str) -> Option<Presence> {
+    pub fn presence(&self, room_name: &str) -> Option<Presence<'_>> {
         let room = &self.rooms[self.room_index.get(room_name)?.0];
         Some(Presence {
-            host: self.members[room.host.0].username.to_string(),
-            members: room
-                .members
-                .iter()
-                .map(|m| {
-                    let member = &self.members[m.0];
-                    (member.username.to_string(), member.address.is_some())
-                })
-                .collect(),
+            registry: self,
+            room,
         })
     }
 
@@ -513,23 +521,24 @@ impl Registry {
 
     /// Takes the records of every change since the last call, for the journal.
     pub fn take_records(&mut self) -> Vec<Record> {
-        self.records_taken += self.records.len() as u64;
         std::mem::take(&mut self.records)
     }
 
-    /// How many changes were recorded so far: every create, join, leave, room close,
-    /// registration and history checkpoint adds one. Whatever a room list shows (the rooms,
-    /// their member counts) changes only with a record, so a list made at one count is
-    /// current while the count stays.
-    pub fn change_count(&self) -> u64 {
-        self.records_taken + self.records.len() as u64
+    /// Records `change` for the journal, and counts it if a room list could show it.
+    fn record(&mut self, change: Record) {
+        if change.alters_room_list() {
+            self.list_changes += 1;
+        }
+        self.records.push(change);
     }
 
-    /// The room list rendered by `render`, made again only when a change was recorded since
-    /// the last one: a ListRooms request costs a pass over every room, and a flood of them
-    /// from a few sources must not take the loop's time from everyone else.
+    /// The room list rendered by `render`, made again only when a change that a list can
+    /// show (a create, join, leave or close: [`Record::alters_room_list`]) was recorded since
+    /// the last one. A ListRooms request costs a pass over every room, and a flood of them
+    /// from a few sources must not take the loop's time from everyone else, nor be made to
+    /// by members moving their addresses or by history checkpoints.
     pub fn room_list(&mut self, render: impl FnOnce(&Registry) -> Vec<u8>) -> Vec<u8> {
-        let now = self.change_count();
+        let now = self.list_changes;
         if let Some((made_at, list)) = &self.room_list {
             if *made_at == now {
                 return list.clone();
