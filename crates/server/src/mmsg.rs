@@ -604,24 +604,69 @@ pub fn send(
     datagrams: &[Outgoing],
     scratch: &mut SendScratch,
 ) -> Sent {
-    let runs = |range: &Range<usize>| {
-        parts
-            .get(range.clone())
-            .filter(|runs| runs.len() <= MAX_PARTS)
-    };
     let mut result = Sent::default();
-    scratch.failed.clear();
-    scratch.no_memory.clear();
-    scratch.refused_sources.clear();
-    scratch.held_back.clear();
-    if !scratch.blocked.is_empty() {
-        scratch.blocked.clear();
-    }
+    scratch.start();
     for (chunk_index, chunk) in datagrams.chunks(BATCH).enumerate() {
-        let first = chunk_index * BATCH;
-        scratch.addrs.clear();
-        scratch.controls.clear();
-        scratch.indices.clear();
+        scratch.prepare(parts, chunk, chunk_index * BATCH, &mut result);
+        scratch.point_headers(parts, datagrams);
+        if scratch.send_prepared(fd, datagrams, &mut result) == Flow::Stop {
+            break;
+        }
+    }
+    scratch.failed.sort_unstable();
+    result
+}
+
+/// The byte runs of a datagram, if `range` lies in `parts` and holds at most [`MAX_PARTS`].
+fn runs_of<'p, 'b>(parts: &'p [IoSlice<'b>], range: &Range<usize>) -> Option<&'p [IoSlice<'b>]> {
+    parts
+        .get(range.clone())
+        .filter(|runs| runs.len() <= MAX_PARTS)
+}
+
+/// Whether [`send`] goes on to its next chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    /// Every header of the chunk was handed to the kernel or stepped over.
+    Next,
+    /// Nothing more is tried: the buffer is full, or a segmented send was refused.
+    Stop,
+}
+
+/// What [`send`] does after the kernel refused the first header it was handed.
+enum AfterRefusal {
+    /// Hand it again (interrupted, or it now goes without its source).
+    Again,
+    /// Step over it: it failed on its own.
+    StepOver,
+    /// Try nothing more.
+    Stop,
+}
+
+impl SendScratch {
+    /// Clears what the last [`send`] left.
+    fn start(&mut self) {
+        self.failed.clear();
+        self.no_memory.clear();
+        self.refused_sources.clear();
+        self.held_back.clear();
+        if !self.blocked.is_empty() {
+            self.blocked.clear();
+        }
+    }
+
+    /// Takes the destination and control messages of each datagram of `chunk` (the first
+    /// at index `first`), or sets aside as failed one whose runs or segment size cannot be.
+    fn prepare(
+        &mut self,
+        parts: &[IoSlice<'_>],
+        chunk: &[Outgoing],
+        first: usize,
+        result: &mut Sent,
+    ) {
+        self.addrs.clear();
+        self.controls.clear();
+        self.indices.clear();
         for (i, datagram) in chunk.iter().enumerate() {
             let mut control = [0; SEND_CONTROL_WORDS];
             // A segment size that did not fit would send the datagrams as one: fail instead
@@ -630,27 +675,32 @@ pub fn send(
                 0 => Some(0),
                 size => put_control(&mut control, 0, libc::SOL_UDP, libc::UDP_SEGMENT, size),
             };
-            match (runs(&datagram.runs), source_at) {
+            match (runs_of(parts, &datagram.runs), source_at) {
                 (Some(_), Some(source_at)) => {
-                    scratch.addrs.push(to_storage(&datagram.to));
+                    self.addrs.push(to_storage(&datagram.to));
                     let end = datagram.from.map_or(source_at, |from| {
                         source_control(&datagram.to, &from, &mut control, source_at)
                     });
-                    scratch.controls.push((control, source_at, end));
-                    scratch.indices.push(first + i);
+                    self.controls.push((control, source_at, end));
+                    self.indices.push(first + i);
                 }
                 _ => {
-                    scratch.failed.push(first + i);
+                    self.failed.push(first + i);
                     result.failed += 1;
                 }
             }
         }
+    }
+
+    /// Builds a header for each datagram [`SendScratch::prepare`] took, pointing at its
+    /// destination, its control messages and its runs in `parts`.
+    fn point_headers(&mut self, parts: &[IoSlice<'_>], datagrams: &[Outgoing]) {
         // `addrs` is complete: the headers may now point into it, each through its element's
         // own `&mut` out of one iterator, so taking the next leaves the earlier ones valid.
-        scratch.msgs.clear();
-        let headers = scratch.addrs.iter_mut().zip(scratch.controls.iter_mut());
-        for (((storage, len), (control, _, control_len)), &index) in headers.zip(&scratch.indices) {
-            let iov = runs(&datagrams[index].runs).unwrap_or_default();
+        self.msgs.clear();
+        let headers = self.addrs.iter_mut().zip(self.controls.iter_mut());
+        for (((storage, len), (control, _, control_len)), &index) in headers.zip(&self.indices) {
+            let iov = runs_of(parts, &datagrams[index].runs).unwrap_or_default();
             // SAFETY: mmsghdr is plain old data.
             let mut msg: libc::mmsghdr = unsafe { mem::zeroed() };
             msg.msg_hdr.msg_name = (storage as *mut libc::sockaddr_storage).cast();
@@ -663,128 +713,141 @@ pub fn send(
                 msg.msg_hdr.msg_control = control.as_mut_ptr().cast();
                 msg.msg_hdr.msg_controllen = *control_len as _;
             }
-            scratch.msgs.push(msg);
+            self.msgs.push(msg);
         }
+    }
+
+    /// Hands the chunk's headers to the kernel, as few calls as it takes, stepping over those
+    /// it refuses on their own and holding back those behind a blocked in-order datagram.
+    fn send_prepared(&mut self, fd: RawFd, datagrams: &[Outgoing], result: &mut Sent) -> Flow {
         let mut done = 0;
-        while done < scratch.msgs.len() {
-            let mut left = scratch.msgs.len() - done;
-            if !scratch.blocked.is_empty() {
+        while done < self.msgs.len() {
+            let mut left = self.msgs.len() - done;
+            if !self.blocked.is_empty() {
                 // Behind an in-order datagram the kernel had no memory for: not tried, so
                 // that it does not overtake it; the call goes up to the next such one.
-                let blocked = |&i: &usize| scratch.blocked.contains(&datagrams[i].to);
-                let index = scratch.indices[done];
+                let blocked = |&i: &usize| self.blocked.contains(&datagrams[i].to);
+                let index = self.indices[done];
                 if blocked(&index) {
-                    scratch.held_back.push(index);
+                    self.held_back.push(index);
                     result.held_back += 1;
                     done += 1;
                     continue;
                 }
-                left = scratch.indices[done..]
+                left = self.indices[done..]
                     .iter()
                     .position(blocked)
                     .unwrap_or(left);
             }
-            let err = match scratch.sendmmsg(fd, done, left) {
+            match self.sendmmsg(fd, done, left) {
                 Ok(taken) => {
                     done += taken;
                     result.sent += taken;
-                    continue;
                 }
-                Err(err) => err,
-            };
-            match err.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock => {
-                    // Every datagram from this one on is dropped, including any of this chunk
-                    // already set aside as failed: count them all as not sent for lack of room.
-                    let from = scratch.indices[done];
-                    let set_aside = scratch.failed.iter().filter(|&&i| i > from).count();
-                    scratch.failed.retain(|&i| i < from);
-                    scratch.no_memory.retain(|&i| i < from);
-                    // A datagram sent again without its source that found the buffer full says
-                    // nothing about the source.
-                    scratch.refused_sources.retain(|&i| i < from);
-                    result.failed -= set_aside;
-                    result.would_block += datagrams.len() - from;
-                    scratch.failed.sort_unstable();
-                    return result;
+                Err(err) => match self.after_refusal(&err, done, datagrams, result) {
+                    AfterRefusal::Again => {}
+                    AfterRefusal::StepOver => done += 1,
+                    AfterRefusal::Stop => return Flow::Stop,
+                },
+            }
+        }
+        Flow::Next
+    }
+
+    /// Accounts for the kernel's refusal `err` of the header at `done`, and says what comes
+    /// next.
+    fn after_refusal(
+        &mut self,
+        err: &io::Error,
+        done: usize,
+        datagrams: &[Outgoing],
+        result: &mut Sent,
+    ) -> AfterRefusal {
+        match err.kind() {
+            io::ErrorKind::Interrupted => AfterRefusal::Again,
+            io::ErrorKind::WouldBlock => {
+                // Every datagram from this one on is dropped, including any of this chunk
+                // already set aside as failed: count them all as not sent for lack of room.
+                let from = self.indices[done];
+                let set_aside = self.failed.iter().filter(|&&i| i > from).count();
+                self.failed.retain(|&i| i < from);
+                self.no_memory.retain(|&i| i < from);
+                // A datagram sent again without its source that found the buffer full says
+                // nothing about the source.
+                self.refused_sources.retain(|&i| i < from);
+                result.failed -= set_aside;
+                result.would_block += datagrams.len() - from;
+                AfterRefusal::Stop
+            }
+            // Refused with the source it names (EINVAL for IPv6, ENETUNREACH for IPv4 when
+            // the address is no longer the host's; ENODEV when a link-local source's
+            // interface is gone, or was saved before a reboot renumbered the interfaces):
+            // send it once more without (keeping a segment size), and name it if that goes
+            // through. A segmented send's EINVAL may be the segments' fault instead: the
+            // arm below takes it, and the datagrams sent again one apiece tell which.
+            _ if control_len(&self.msgs[done].msg_hdr) > self.controls[done].1
+                && matches!(
+                    err.raw_os_error(),
+                    Some(libc::ENETUNREACH | libc::EADDRNOTAVAIL | libc::ENODEV)
+                )
+                || (self.controls[done].1 == 0
+                    && err.raw_os_error() == Some(libc::EINVAL)
+                    && !self.msgs[done].msg_hdr.msg_control.is_null()) =>
+            {
+                let segment_len = self.controls[done].1;
+                let hdr = &mut self.msgs[done].msg_hdr;
+                hdr.msg_controllen = segment_len as _;
+                if segment_len == 0 {
+                    hdr.msg_control = std::ptr::null_mut();
                 }
-                // Refused with the source it names (EINVAL for IPv6, ENETUNREACH for IPv4 when
-                // the address is no longer the host's; ENODEV when a link-local source's
-                // interface is gone, or was saved before a reboot renumbered the interfaces):
-                // send it once more without (keeping a segment size), and name it if that goes
-                // through. A segmented send's EINVAL may be the segments' fault instead: the
-                // arm below takes it, and the datagrams sent again one apiece tell which.
-                _ if control_len(&scratch.msgs[done].msg_hdr) > scratch.controls[done].1
-                    && matches!(
-                        err.raw_os_error(),
-                        Some(libc::ENETUNREACH | libc::EADDRNOTAVAIL | libc::ENODEV)
+                self.refused_sources.push(self.indices[done]);
+                AfterRefusal::Again
+            }
+            // A segmented datagram refused (a path MTU below its segments, an IPsec
+            // policy, a firewall): stop here, so that the caller sends the rest again one
+            // datagram per message, in order. A source refused on the way is not proven at
+            // fault. (The socket has no IP_RECVERR, so a send the kernel took is never
+            // reported failed afterwards: the retry cannot send a datagram twice.) A lack
+            // of memory is no refusal: the datagrams are dropped, as any others would be.
+            _ if self.controls[done].1 > 0
+                && matches!(
+                    err.raw_os_error(),
+                    Some(
+                        libc::EINVAL | libc::EMSGSIZE | libc::EIO | libc::EPERM | libc::EOPNOTSUPP
                     )
-                    || (scratch.controls[done].1 == 0
-                        && err.raw_os_error() == Some(libc::EINVAL)
-                        && !scratch.msgs[done].msg_hdr.msg_control.is_null()) =>
-                {
-                    let segment_len = scratch.controls[done].1;
-                    let hdr = &mut scratch.msgs[done].msg_hdr;
-                    hdr.msg_controllen = segment_len as _;
-                    if segment_len == 0 {
-                        hdr.msg_control = std::ptr::null_mut();
-                    }
-                    scratch.refused_sources.push(scratch.indices[done]);
+                ) =>
+            {
+                let index = self.indices[done];
+                if self.refused_sources.last() == Some(&index) {
+                    self.refused_sources.pop();
                 }
-                // A segmented datagram refused (a path MTU below its segments, an IPsec
-                // policy, a firewall): stop here, so that the caller sends the rest again one
-                // datagram per message, in order. A source refused on the way is not proven at
-                // fault. (The socket has no IP_RECVERR, so a send the kernel took is never
-                // reported failed afterwards: the retry cannot send a datagram twice.) A lack
-                // of memory is no refusal: the datagrams are dropped, as any others would be.
-                _ if scratch.controls[done].1 > 0
-                    && matches!(
-                        err.raw_os_error(),
-                        Some(
-                            libc::EINVAL
-                                | libc::EMSGSIZE
-                                | libc::EIO
-                                | libc::EPERM
-                                | libc::EOPNOTSUPP
-                        )
-                    ) =>
-                {
-                    let index = scratch.indices[done];
-                    if scratch.refused_sources.last() == Some(&index) {
-                        scratch.refused_sources.pop();
-                    }
-                    let errno = err.raw_os_error().unwrap_or(0);
-                    result.refused_segmented = Some((index, errno));
-                    scratch.failed.retain(|&i| i < index);
-                    scratch.no_memory.retain(|&i| i < index);
-                    result.failed = scratch.failed.len();
-                    scratch.failed.sort_unstable();
-                    return result;
+                let errno = err.raw_os_error().unwrap_or(0);
+                result.refused_segmented = Some((index, errno));
+                self.failed.retain(|&i| i < index);
+                self.no_memory.retain(|&i| i < index);
+                result.failed = self.failed.len();
+                AfterRefusal::Stop
+            }
+            // The first datagram of the rest failed on its own (e.g. unreachable): skip it.
+            _ => {
+                let index = self.indices[done];
+                // Refused without its source too: the destination is at fault.
+                if self.refused_sources.last() == Some(&index) {
+                    self.refused_sources.pop();
                 }
-                // The first datagram of the rest failed on its own (e.g. unreachable): skip it.
-                _ => {
-                    let index = scratch.indices[done];
-                    // Refused without its source too: the destination is at fault.
-                    if scratch.refused_sources.last() == Some(&index) {
-                        scratch.refused_sources.pop();
+                self.failed.push(index);
+                if matches!(err.raw_os_error(), Some(libc::ENOBUFS | libc::ENOMEM)) {
+                    self.no_memory.push(index);
+                    // To be sent again: nothing newer to its destination goes first.
+                    if datagrams[index].in_order {
+                        self.blocked.insert(datagrams[index].to);
                     }
-                    scratch.failed.push(index);
-                    if matches!(err.raw_os_error(), Some(libc::ENOBUFS | libc::ENOMEM)) {
-                        scratch.no_memory.push(index);
-                        // To be sent again: nothing newer to its destination goes first.
-                        if datagrams[index].in_order {
-                            scratch.blocked.insert(datagrams[index].to);
-                        }
-                    }
-                    result.failed += 1;
-                    done += 1;
                 }
+                result.failed += 1;
+                AfterRefusal::StepOver
             }
         }
     }
-    scratch.failed.sort_unstable();
-    result
 }
 
 #[cfg(test)]
