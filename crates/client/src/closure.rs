@@ -6,8 +6,9 @@
 //! a member may read. [`Policy`] decides when to ask, so that a flood of forged notices
 //! costs the server at most one request per [`COOL_DOWN`], and a request refused for the
 //! server's rate limit is asked again instead of taken as an answer. The chat loop runs each
-//! check on a thread of its own and goes on meanwhile (typed lines, `/quit`, signals):
-//! a server that accepts the connection but never answers holds up nothing.
+//! check on a thread of its own and goes on meanwhile (keepalives, signals), but holds the
+//! chat's lines while a notice is being confirmed ([`Policy::confirming`]), for at most 2 s:
+//! a server that accepts the connection but never answers holds up no more than that.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -202,6 +203,14 @@ impl Policy {
         }
     }
 
+    /// Whether a notice is being confirmed: a check is in flight, or the server refused one
+    /// for its rate limit and is asked again. Not while a notice waits out the
+    /// [`COOL_DOWN`] after one found forged: a flood of forged notices would then hold the
+    /// chat for good.
+    pub fn confirming(&self) -> bool {
+        self.checking || self.busy_until.is_some()
+    }
+
     /// When the next check is due, if one is.
     pub fn recheck_at(&self) -> Option<Instant> {
         self.recheck_at
@@ -349,6 +358,27 @@ mod tests {
         let (mut policy, start) = after_a_forged_notice();
         assert_eq!(policy.recheck_at(), None);
         assert_eq!(policy.due(start + BUSY_FOR), None);
+    }
+
+    /// Lines are held while a check is in flight or a busy server is asked again, not while
+    /// a notice waits out the cool-down after a forged one.
+    #[test]
+    fn a_notice_is_being_confirmed_only_while_the_server_is_asked() {
+        let mut policy = Policy::new(true);
+        let start = Instant::now();
+        assert!(!policy.confirming());
+        assert_eq!(policy.notice(start), Action::Check);
+        assert!(policy.confirming(), "a check in flight");
+        policy.verdict(start, Verdict::Busy);
+        assert!(policy.confirming(), "asked again after a busy answer");
+        assert_eq!(policy.due(start + RETRY_AFTER), Some(Action::Check));
+        policy.verdict(start + RETRY_AFTER, Verdict::Forged);
+        assert!(!policy.confirming(), "found forged");
+        assert_eq!(
+            policy.notice(start + RETRY_AFTER),
+            Action::Stay { forged: false }
+        );
+        assert!(!policy.confirming(), "waiting out the cool-down");
     }
 
     #[test]

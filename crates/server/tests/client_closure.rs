@@ -4,6 +4,7 @@ mod common;
 
 use std::io::Write;
 use std::net::UdpSocket;
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -98,4 +99,242 @@ fn a_closure_overtakes_a_pipe_of_lines_being_paced_out() {
     );
     assert!(lost <= 20.0, "{lost} lines went into the closed room");
     feeder.join().expect("the feeder");
+}
+
+/// The bare notice the daemon sends members when the host leaves.
+const ROOM_CLOSED: &[u8] = b"__ROOM_CLOSED__";
+
+/// How long the daemon is kept stopped after a closure notice reached `ocm`: the closure
+/// check waits that long for its answer, and every line `ocm` sends meanwhile is counted.
+/// Some 45 lines at the chat's pace.
+const CHECK_HELD: Duration = Duration::from_secs(1);
+
+/// Whether a datagram of `ocm`'s is one of the piped chat lines (`line N`), not a keepalive.
+fn is_chat_line(datagram: &[u8]) -> bool {
+    datagram.windows(5).any(|w| w == b"line ")
+}
+
+/// Stops process `pid` (SIGSTOP) and waits until it is stopped.
+fn stop_process(pid: u32) {
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
+    let stat = format!("/proc/{pid}/stat");
+    wait_until("the daemon stopped", || {
+        std::fs::read_to_string(&stat).is_ok_and(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                == Some("T")
+        })
+    });
+}
+
+/// What the proxy counted around one closure notice.
+#[derive(Debug, Clone, Copy)]
+struct Counted {
+    /// Chat lines the proxy read after the notice was sent to `ocm` but before `ocm`'s
+    /// receiver had taken it from its socket, or at that moment: sent before `ocm` knew.
+    before: usize,
+    /// Chat lines `ocm` sent once its receiver had taken the notice, while the daemon was
+    /// stopped (its closure check unanswered).
+    after: usize,
+}
+
+/// A UDP relay between one `ocm` (given the relay as `--udp-port`) and the daemon, which
+/// sees the relay as the member. When a `__ROOM_CLOSED__` comes from the daemon (or when
+/// told to forge one), it stops the daemon, hands the notice to `ocm`, waits until `ocm`'s
+/// receiver has taken it from its socket's queue, counts the chat lines `ocm` sends for
+/// [`CHECK_HELD`], then lets the daemon go on and reports what it counted.
+struct Relay {
+    addr: std::net::SocketAddr,
+    forge: std::sync::mpsc::Sender<()>,
+    counted: std::sync::mpsc::Receiver<Counted>,
+}
+
+impl Relay {
+    fn start(d: &Daemon) -> Relay {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind the relay");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(5)))
+            .expect("read timeout");
+        let addr = socket.local_addr().expect("relay address");
+        let (forge, forged) = std::sync::mpsc::channel();
+        let (report, counted) = std::sync::mpsc::channel();
+        let (daemon, pid) = (d.udp, d.pid());
+        thread::spawn(move || {
+            let mut client = None;
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let notice = match forged.try_recv() {
+                    Ok(()) => true,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+                    Err(std::sync::mpsc::TryRecvError::Empty) => false,
+                };
+                let (len, from) = if notice {
+                    (0, daemon)
+                } else {
+                    match socket.recv_from(&mut buf) {
+                        Ok(got) => got,
+                        Err(_) => continue,
+                    }
+                };
+                if from != daemon {
+                    client = Some(from);
+                    let _ = socket.send_to(&buf[..len], daemon);
+                    continue;
+                }
+                let Some(to) = client else { continue };
+                if !notice && &buf[..len] != ROOM_CLOSED {
+                    let _ = socket.send_to(&buf[..len], to);
+                    continue;
+                }
+                stop_process(pid);
+                socket.send_to(ROOM_CLOSED, to).expect("hand the notice on");
+                wait_until("ocm to read the notice", || {
+                    udp_queue(to).is_some_and(|(queued, _)| queued == 0)
+                });
+                let mut count = |until: Option<Instant>| {
+                    let mut lines = 0;
+                    socket.set_nonblocking(until.is_none()).expect("blocking");
+                    while until.is_none_or(|at| Instant::now() < at) {
+                        match socket.recv_from(&mut buf) {
+                            Ok((len, from)) if from == to => {
+                                lines += usize::from(is_chat_line(&buf[..len]));
+                                let _ = socket.send_to(&buf[..len], daemon);
+                            }
+                            Ok(_) => {}
+                            Err(_) if until.is_none() => break,
+                            Err(_) => {}
+                        }
+                    }
+                    socket.set_nonblocking(false).expect("blocking");
+                    lines
+                };
+                let before = count(None);
+                let after = count(Some(Instant::now() + CHECK_HELD));
+                assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGCONT) }, 0);
+                if report.send(Counted { before, after }).is_err() {
+                    return;
+                }
+            }
+        });
+        Relay {
+            addr,
+            forge,
+            counted,
+        }
+    }
+
+    /// What the relay counted around its next closure notice.
+    fn counted(&self) -> Counted {
+        self.counted
+            .recv_timeout(PATIENCE)
+            .expect("the relay saw a closure notice")
+    }
+}
+
+/// Starts alice hosting `lobby` and bob joining it through `relay`, with `lines` lines
+/// piped into bob; returns once alice has seen bob's line `seen`.
+fn bob_piping_through(
+    d: &Daemon,
+    relay: &Relay,
+    lines: usize,
+    seen: usize,
+) -> (Ocm, Ocm, thread::JoinHandle<()>) {
+    let alice = Ocm::start(d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    let mut bob = Ocm::start_at(
+        d.tcp.port(),
+        relay.addr.port(),
+        &["join", "lobby", "--name", "bob"],
+    );
+    bob.wait_stderr("* joined lobby as bob");
+    assert_eq!(alice.line(), "* bob joined");
+    bob.wait_live();
+    let mut stdin = bob.take_stdin();
+    let feeder = thread::spawn(move || {
+        for i in 1..=lines {
+            // Fails once bob has exited: the rest is not needed.
+            if writeln!(stdin, "line {i}").is_err() {
+                return;
+            }
+        }
+    });
+    let expected = format!("bob: line {seen}");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = alice.line_within(left).expect("bob's lines reach alice");
+        if line == expected {
+            break;
+        }
+    }
+    (alice, bob, feeder)
+}
+
+/// The host leaves while bob pipes lines paced out: from the moment bob's receiver has taken
+/// `__ROOM_CLOSED__` from its socket, bob sends no line, while the closure check waits for
+/// the daemon (stopped for a second), and then exits 3.
+///
+/// Before the fix bob went on sending while the check was out: some 45 lines in the second
+/// the daemon was stopped (2 with the daemon answering at once, on loopback).
+#[test]
+fn no_line_is_sent_once_the_closure_notice_came() {
+    let d = Daemon::start();
+    let relay = Relay::start(&d);
+    let (mut alice, mut bob, feeder) = bob_piping_through(&d, &relay, 4000, 150);
+    alice.close_stdin();
+    assert!(alice.wait().success());
+    let counted = relay.counted();
+    let status = bob.wait();
+    let stderr = bob.stderr.lock().unwrap().clone();
+    eprintln!(
+        "bob sent {} lines before he read the notice, {} after",
+        counted.before, counted.after
+    );
+    assert_eq!(counted.after, 0, "{counted:?}; bob's stderr:\n{stderr}");
+    assert_eq!(status.code(), Some(OCM_ROOM_ENDED), "stderr:\n{stderr}");
+    let rest = bob.rest_of_stdout();
+    assert!(
+        rest.iter().any(|l| l == "* room lobby was closed"),
+        "{rest:?}"
+    );
+    feeder.join().expect("the feeder");
+}
+
+/// A forged `__ROOM_CLOSED__` reaches bob while he pipes 300 lines: he holds his lines while
+/// the closure check waits for the daemon (stopped for a second), then, the daemon saying he
+/// is still a member, sends every one of them: alice gets all 300, in order.
+#[test]
+fn lines_held_for_a_forged_closure_are_all_sent_after_it() {
+    let d = Daemon::start();
+    let relay = Relay::start(&d);
+    let (alice, mut bob, feeder) = bob_piping_through(&d, &relay, 300, 100);
+    relay.forge.send(()).expect("the relay runs");
+    let counted = relay.counted();
+    eprintln!(
+        "bob sent {} lines before he read the notice, {} after",
+        counted.before, counted.after
+    );
+    let bob_stderr = Arc::clone(&bob.stderr);
+    let stderr = || bob_stderr.lock().unwrap().clone();
+    assert_eq!(counted.after, 0, "{counted:?}; bob's stderr:\n{}", stderr());
+    // About 200 lines left at 45 a second: some 5 s; a loaded machine gets more.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for i in 101..=300 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = alice.line_within(left).unwrap_or_else(|| {
+            panic!(
+                "alice got bob's lines to {} only; bob's stderr:\n{}",
+                i - 1,
+                stderr()
+            )
+        });
+        assert_eq!(line, format!("bob: line {i}"));
+    }
+    feeder.join().expect("the feeder");
+    assert!(bob.wait().success(), "stderr:\n{}", stderr());
+    assert!(
+        stderr().contains("* ignored a notice that the room closed"),
+        "{}",
+        stderr()
+    );
 }

@@ -28,8 +28,11 @@
 //!   closed).
 //!
 //! Two more kinds of thread are short-lived: before a notice that the room closed is believed,
-//! a *checker* asks the server over TCP ([`closure`]) and reports its verdict as an event, so
-//! a server slow to answer holds up neither the chat nor `/quit`; and once, shortly after
+//! a *checker* asks the server over TCP ([`closure`]) and reports its verdict as an event.
+//! Meanwhile the main loop sends no chat line, from the moment the receiver reads the notice
+//! ([`Ahead::notices`]): the lines wait for the verdict, and go if the room is still open,
+//! but for [`HOLD_LIMIT`] at most, so a server slow to answer holds up neither the chat nor
+//! `/quit` for long; and once, shortly after
 //! registering, a *reach check* asks the server whether it hears our datagrams at all
 //! ([`reach`](crate::reach)), and warns if it does not.
 //!
@@ -69,7 +72,7 @@ pub use session::Session;
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread;
@@ -101,6 +104,12 @@ use suspend::{suspend_on_input_thread, watch_for_the_end};
 /// [`pacing`]), not after the whole pipe. A signal and the room's word ([`Ahead`]) do not
 /// wait for them.
 const EVENT_QUEUE: usize = 64;
+
+/// How long chat lines wait, at most, while a closure notice is being confirmed
+/// ([`Chat::holding`]): the check is one TCP round trip, but a server that takes the
+/// connection and never answers would otherwise hold the chat, and `/quit` or the end of
+/// input behind it, for the check's 20 s of timeouts. Past this the lines go as before.
+const HOLD_LIMIT: Duration = Duration::from_secs(2);
 
 /// What the helper threads tell the main loop.
 #[derive(Debug)]
@@ -155,11 +164,18 @@ struct Ahead {
     ahead: SyncSender<Event>,
     /// The main queue, to wake the main loop on; `None` when the two are one (in tests).
     wake: Option<SyncSender<Event>>,
+    /// How many [`Event::RoomClosed`] were sent, counted before each is queued: the main
+    /// loop sends no chat line while it has handled fewer ([`Chat::holding`]), so none
+    /// leaves between the receiver reading a closure notice and the main loop acting on it.
+    notices: Arc<AtomicU64>,
 }
 
 impl Ahead {
     /// Sends `event` ahead of the queued lines; an error when the main loop has gone.
     fn send(&self, event: Event) -> Result<(), mpsc::SendError<Event>> {
+        if matches!(event, Event::RoomClosed) {
+            self.notices.fetch_add(1, Ordering::SeqCst);
+        }
         self.ahead.send(event)?;
         if let Some(wake) = &self.wake {
             // Full: the main loop is busy and reads `ahead` within a pass. Disconnected: it
@@ -176,6 +192,7 @@ impl From<SyncSender<Event>> for Ahead {
         Ahead {
             ahead: events,
             wake: None,
+            notices: Arc::default(),
         }
     }
 }
@@ -253,6 +270,15 @@ struct Chat {
     terminal: Option<TerminalGuard>,
     checker: Checker,
     pacer: Pacer,
+    /// The closure notices the receiver has sent ([`Ahead::notices`]).
+    notices: Arc<AtomicU64>,
+    /// The closure notices handled so far.
+    notices_handled: u64,
+    /// A chat line held while a closure notice is being confirmed ([`Chat::holding`]):
+    /// sent if the room turns out open, dropped if it closed.
+    held: Option<String>,
+    /// When the chat was first held for the closure notice being confirmed.
+    hold_started: Option<Instant>,
 }
 
 /// What the main loop does after an event.
@@ -276,6 +302,7 @@ impl Chat {
         let ahead_events = Ahead {
             ahead: ahead_events,
             wake: Some(events.clone()),
+            notices: Arc::default(),
         };
         if options.line_editor {
             // Before any thread starts: they inherit it.
@@ -284,7 +311,11 @@ impl Chat {
         }
         // Signals first: from here on Ctrl+C must not kill us before we can say __LEAVE__.
         let signalled = Arc::new(AtomicI32::new(0));
-        spawn_signal_watcher(events.clone(), Arc::clone(&signalled), &session)?;
+        spawn_signal_watcher(
+            [events.clone(), ahead_events.ahead.clone()],
+            Arc::clone(&signalled),
+            &session,
+        )?;
         let screen = Arc::new(Mutex::new(Screen::new(
             &session.room_name,
             Box::new(PlainPrinter),
@@ -345,6 +376,7 @@ impl Chat {
         let reading = terminal.as_ref().map(|guard| Arc::clone(&guard.reading));
         spawn_output_watcher(ahead_events.clone());
         spawn_input(commands, options.join_history, reading);
+        let notices = Arc::clone(&ahead_events.notices);
         let checker = Checker {
             tcp: options.tcp,
             room_name: session.room_name.clone(),
@@ -365,6 +397,10 @@ impl Chat {
             terminal,
             checker,
             pacer: Pacer::new(pacing::CHAT_PER_SEC, pacing::CHAT_BURST, Instant::now()),
+            notices,
+            notices_handled: 0,
+            held: None,
+            hold_started: None,
         })
     }
 
@@ -384,6 +420,13 @@ impl Chat {
             // The room's word next: it overtakes the queued lines ([`Ahead`]).
             let event = match self.ahead.try_recv() {
                 Ok(event) => event,
+                // A line held for a closure the server did not confirm goes first.
+                Err(_) if self.held.is_some() && !self.holding() => {
+                    if let Some(text) = self.held.take() {
+                        send_text(&self.session, &self.own, &self.screen, &text);
+                    }
+                    continue;
+                }
                 Err(_) => match self.next_event() {
                     Some(event) => event,
                     None => continue,
@@ -413,23 +456,46 @@ impl Chat {
         None
     }
 
+    /// Whether chat lines are held: a closure notice was received and is not yet handled, or
+    /// the server is being asked whether it is true ([`closure::Policy::confirming`]), for
+    /// at most [`HOLD_LIMIT`]. A line sent then would go into a room that may be closed; it
+    /// waits for the verdict (one TCP round trip), and goes if the room is still open.
+    fn holding(&mut self) -> bool {
+        let confirming = self.notices.load(Ordering::SeqCst) > self.notices_handled
+            || self.closures.confirming();
+        if !confirming {
+            self.hold_started = None;
+            return false;
+        }
+        let since = *self.hold_started.get_or_insert_with(Instant::now);
+        since.elapsed() < HOLD_LIMIT
+    }
+
     /// The next event, waiting no later than the next timer; `None` when a timer is due.
-    fn next_event(&self) -> Option<Event> {
+    /// While lines are held ([`Chat::holding`]) only the room's word is read: the queue of
+    /// lines, and `/quit` and the end of input in their place behind them, wait for the
+    /// verdict or the end of the [`HOLD_LIMIT`]. (A signal is also sent ahead, and its flag
+    /// is read on every pass.)
+    fn next_event(&mut self) -> Option<Event> {
+        let holding = self.holding();
         let wake = [
             self.closures.recheck_at(),
             self.liveness.as_ref().and_then(Liveness::due_at),
+            self.hold_started
+                .filter(|_| holding)
+                .map(|since| since + HOLD_LIMIT),
         ]
         .into_iter()
         .flatten()
         .min();
+        let queue = if holding || self.held.is_some() {
+            &self.ahead
+        } else {
+            &self.inbox
+        };
         let received = match wake {
-            Some(at) => self
-                .inbox
-                .recv_timeout(at.saturating_duration_since(Instant::now())),
-            None => self
-                .inbox
-                .recv()
-                .map_err(|_| RecvTimeoutError::Disconnected),
+            Some(at) => queue.recv_timeout(at.saturating_duration_since(Instant::now())),
+            None => queue.recv().map_err(|_| RecvTimeoutError::Disconnected),
         };
         match received {
             Ok(event) => Some(event),
@@ -445,7 +511,14 @@ impl Chat {
         match event {
             Event::Send(text) => {
                 pace(&mut self.pacer);
-                send_text(&self.session, &self.own, &self.screen, &text);
+                // Checked after the pace's wait, as late as can be: a notice may have come
+                // meanwhile.
+                if self.holding() {
+                    debug!("a closure notice is being confirmed: holding the chat");
+                    self.held = Some(text);
+                } else {
+                    send_text(&self.session, &self.own, &self.screen, &text);
+                }
                 Next::GoOn
             }
             Event::Quit => {
@@ -461,6 +534,9 @@ impl Chat {
                 Next::Leave
             }
             Event::RoomClosed | Event::Verdict(_) => {
+                if matches!(event, Event::RoomClosed) {
+                    self.notices_handled += 1;
+                }
                 let action = match event {
                     Event::Verdict(verdict) => self.closures.verdict(Instant::now(), verdict),
                     _ => self.closures.notice(Instant::now()),
@@ -674,7 +750,8 @@ const SIGNAL_GRACE: Duration = Duration::from_secs(3);
 
 /// Reports the first termination signal to the main loop, which leaves: in `signalled`,
 /// which the main loop reads on every pass (the event queue may be full of lines being
-/// paced out), and as an event to wake it. Should the chat not have ended [`SIGNAL_GRACE`]
+/// paced out), and as an event on both its queues to wake it (it waits on the [`Ahead`]
+/// one alone while it holds the chat for a closure check). Should the chat not have ended [`SIGNAL_GRACE`]
 /// later, the main loop is stuck: on the screen, which waits for
 /// a standard output nobody reads (a pipe whose reader stopped, a stopped terminal). The
 /// keepalive thread would then keep us in the room for as long as that lasts, so this
@@ -683,7 +760,7 @@ const SIGNAL_GRACE: Duration = Duration::from_secs(3);
 /// prints through a queue, never stuck, so a terminal in raw mode is always given back by
 /// the main loop.
 fn spawn_signal_watcher(
-    events: SyncSender<Event>,
+    [events, ahead]: [SyncSender<Event>; 2],
     signalled: Arc<AtomicI32>,
     session: &Session,
 ) -> Result<(), ClientError> {
@@ -696,6 +773,10 @@ fn spawn_signal_watcher(
         .name("signals".into())
         .spawn(move || {
             if let Some(signal) = signals.forever().next() {
+                // The main loop waits on the room's word alone while it holds the chat for a
+                // closure check: wake it there too, after the flag, never waiting.
+                signalled.store(signal, Ordering::SeqCst);
+                let _ = ahead.try_send(Event::Signal(signal));
                 if !after_signal(signal, (&signalled, &events), &session, SIGNAL_GRACE) {
                     // The chat ended on the signal: the process ends within moments. A main
                     // thread stuck after that (a last line to a blocked standard error) must

@@ -1363,12 +1363,15 @@ fn the_room_word_goes_ahead_of_a_full_queue_of_lines() {
     let ahead_events = Ahead {
         ahead: ahead_events,
         wake: Some(lines.clone()),
+        notices: Arc::default(),
     };
     for i in 0..EVENT_QUEUE {
         lines.try_send(Event::Send(format!("line {i}"))).unwrap();
     }
     ahead_events.send(Event::RoomClosed).unwrap();
     assert!(matches!(ahead.try_recv(), Ok(Event::RoomClosed)));
+    // Counted before it was queued: the main loop holds the chat until it handles it.
+    assert_eq!(ahead_events.notices.load(Ordering::SeqCst), 1);
     let queued: Vec<Event> = inbox.try_iter().collect();
     assert_eq!(queued.len(), EVENT_QUEUE, "no wake behind the lines");
     assert!(queued.iter().all(|e| matches!(e, Event::Send(_))));
