@@ -32,9 +32,8 @@
 //! Meanwhile the main loop sends no chat line, from the moment the receiver reads the notice
 //! ([`Ahead::notices`]): the lines wait for the verdict, and go if the room is still open,
 //! but for [`HOLD_LIMIT`] at most, so a server slow to answer holds up neither the chat nor
-//! `/quit` for long; and once, shortly after
-//! registering, a *reach check* asks the server whether it hears our datagrams at all
-//! ([`reach`](crate::reach)), and warns if it does not.
+//! `/quit` for long. And once, shortly after registering, a *reach check* asks the server
+//! whether it hears our datagrams at all ([`reach`](crate::reach)), and warns if it does not.
 //!
 //! The *keepalive* thread resends `__REGISTER__` every keepalive period, which also
 //! re-teaches a restarted daemon our address, and tells the main loop when one cannot be
@@ -751,9 +750,9 @@ const SIGNAL_GRACE: Duration = Duration::from_secs(3);
 /// Reports the first termination signal to the main loop, which leaves: in `signalled`,
 /// which the main loop reads on every pass (the event queue may be full of lines being
 /// paced out), and as an event on both its queues to wake it (it waits on the [`Ahead`]
-/// one alone while it holds the chat for a closure check). Should the chat not have ended [`SIGNAL_GRACE`]
-/// later, the main loop is stuck: on the screen, which waits for
-/// a standard output nobody reads (a pipe whose reader stopped, a stopped terminal). The
+/// one alone while it holds the chat for a closure check). Should the chat not have ended
+/// [`SIGNAL_GRACE`] later, the main loop is stuck: on the screen, which waits for a standard
+/// output nobody reads (a pipe whose reader stopped, a stopped terminal). The
 /// keepalive thread would then keep us in the room for as long as that lasts, so this
 /// thread says `__LEAVE__` itself and exits with [`EXIT_FAILURE`](crate::error::EXIT_FAILURE),
 /// printing nothing: standard error may be as stuck as standard output. The line editor
