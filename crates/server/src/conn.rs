@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::Interest;
@@ -26,7 +26,7 @@ const IDLE_BUFFER_BYTES: usize = 4096;
 const HELD_IDLE_REPLIES: usize = 16;
 
 /// How long a lingering close waits for the peer's end (see [`Conn::linger`]).
-pub const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+pub const LINGER: Duration = Duration::from_secs(2);
 
 /// The most a lingering close reads and throws away before it gives up on the peer.
 const LINGER_MAX_BYTES: usize = 256 * 1024;
@@ -48,6 +48,22 @@ pub fn set_listener_nodelay(listener: &TcpListener) -> io::Result<()> {
         libc::IPPROTO_TCP,
         libc::TCP_NODELAY,
         1,
+    )
+}
+
+/// Sets `TCP_USER_TIMEOUT` on a listening socket to `timeout` (rounded down to milliseconds,
+/// at most `c_int::MAX` of them): Linux copies it to every connection the listener accepts,
+/// at no cost per handshake. A connection whose peer then leaves bytes we sent
+/// unacknowledged, or keeps its receive window shut, for that long is dropped by the kernel,
+/// and so are the bytes still in its send queue; also once the daemon has closed it, when
+/// nothing else would drop them while the peer acknowledges the kernel's window probes.
+pub fn set_listener_user_timeout(listener: &TcpListener, timeout: Duration) -> io::Result<()> {
+    let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    crate::sockopt::set_int(
+        listener.as_raw_fd(),
+        libc::IPPROTO_TCP,
+        libc::TCP_USER_TIMEOUT,
+        millis,
     )
 }
 
@@ -365,6 +381,11 @@ mod tests {
         if nodelay {
             set_listener_nodelay(&listener).unwrap();
         }
+        connected(&listener)
+    }
+
+    /// A connection to `listener`: the peer's std stream and our accepted mio stream.
+    fn connected(listener: &TcpListener) -> (StdStream, TcpStream) {
         let peer = StdStream::connect(listener.local_addr().unwrap()).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -389,6 +410,28 @@ mod tests {
         assert!(!plain.nodelay().unwrap(), "off unless asked");
         let (_peer, inherited) = pair(true);
         assert!(inherited.nodelay().unwrap(), "copied from the listener");
+    }
+
+    #[test]
+    fn accepted_connections_inherit_the_user_timeout_from_the_listener() {
+        let user_timeout = |s: &TcpStream| {
+            crate::sockopt::get_int(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT)
+                .unwrap()
+        };
+        let listener = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (_peer, plain) = connected(&listener);
+        assert_eq!(
+            user_timeout(&plain),
+            0,
+            "the kernel's own retries unless asked"
+        );
+        set_listener_user_timeout(&listener, Duration::from_millis(20_500)).unwrap();
+        let (_peer, inherited) = connected(&listener);
+        assert_eq!(user_timeout(&inherited), 20_500, "copied from the listener");
+        // Past what the option holds: the most it does, not an error or a wrap.
+        set_listener_user_timeout(&listener, Duration::from_secs(u64::MAX)).unwrap();
+        let (_peer, longest) = connected(&listener);
+        assert_eq!(user_timeout(&longest), libc::c_int::MAX);
     }
 
     #[test]

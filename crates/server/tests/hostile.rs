@@ -323,6 +323,49 @@ fn handshake_connections_have_tcp_nodelay_in_the_daemon() {
     );
 }
 
+/// Handshake connections have a `TCP_USER_TIMEOUT` of twice `handshake_timeout_secs`
+/// (inherited from the listener; see
+/// `replies_left_unread_after_the_peers_end_are_let_go_after_a_bound`); after a reload that
+/// changes the timeout, new connections have the new one and open ones keep theirs.
+#[test]
+fn handshake_connections_have_a_user_timeout_of_twice_the_handshake_timeout() {
+    let d = daemon("[limits]\nhandshake_timeout_secs = 3\n");
+    // A connection the daemon answered, so accepted; it stays open until we close.
+    let answered = |room: &str| {
+        let mut s = connect(&d);
+        let reply = exchange(
+            &mut s,
+            &request_bytes(Operation::CreateRoom, room, b"\"host\""),
+        );
+        assert!(reply.token.is_some(), "{reply:?}");
+        s
+    };
+    let user_timeout_ms = |s: &TcpStream| {
+        let theirs = daemon_side_of(&d, s.local_addr().unwrap())
+            .expect("the daemon's side of our connection");
+        let mut millis: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into a live c_int.
+        let rc = unsafe {
+            libc::getsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&theirs),
+                libc::IPPROTO_TCP,
+                libc::TCP_USER_TIMEOUT,
+                std::ptr::addr_of_mut!(millis).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        millis
+    };
+    let before = answered("user-timeout-1");
+    assert_eq!(user_timeout_ms(&before), 6_000);
+    d.reload("[limits]\nhandshake_timeout_secs = 5\n");
+    let after = answered("user-timeout-2");
+    assert_eq!(user_timeout_ms(&after), 10_000);
+    assert_eq!(user_timeout_ms(&before), 6_000, "an open one keeps its own");
+}
+
 /// A `setsockopt` that refuses its first TCP_NODELAY (the daemon sets it on its TCP listener
 /// first) with EINVAL, creating the file named by `OCM_TEST_REFUSED_NODELAY` when it does.
 fn listener_nodelay_refuser(dir: &std::path::Path) -> std::path::PathBuf {
@@ -2910,6 +2953,64 @@ fn a_peer_that_never_reads_holds_little_kernel_memory_and_none_once_closed() {
         || daemon_side(d.pid(), d.tcp, quiet_local).is_none(),
     );
     drop((peer, quiet));
+    let room = assert_still_serves(&d);
+    assert_state_intact(d, &[room]);
+}
+
+/// A peer that sends its requests and its end (FIN) together and then never reads is answered
+/// into the kernel's send queue, and closed normally once the daemon has nothing of its own
+/// left to send: its replies stay in the kernel, the daemon's side in LAST-ACK. The kernel
+/// lets them go once the peer has left them unread for twice `handshake_timeout_secs`
+/// (`TCP_USER_TIMEOUT`, set on the listener, which connections inherit). Before, they stayed
+/// there for as long as the peer acknowledged the kernel's window probes (about 340 s on
+/// loopback). A peer that
+/// reads them late, within that time, still gets every reply and the daemon's end.
+#[test]
+fn replies_left_unread_after_the_peers_end_are_let_go_after_a_bound() {
+    let d = daemon("[limits]\nhandshake_timeout_secs = 2\n");
+    // Room lists of about 15 KiB.
+    for i in 0..60 {
+        create(&d, &format!("{i:02}{}", "x".repeat(240)), "h");
+    }
+    // Four lists (60 KB) fit in the kernel's send buffer, so the daemon has none left to
+    // send once the peer's end has come (six do not: see the test above).
+    const LISTS: usize = 4;
+    let lists = request_bytes(Operation::ListRooms, "", b"").repeat(LISTS);
+    let mut late = connect_from(Ipv4Addr::new(127, 0, 0, 4), d.tcp, Some(2048));
+    let mut never = connect_from(Ipv4Addr::new(127, 0, 0, 5), d.tcp, Some(2048));
+    for s in [&mut late, &mut never] {
+        s.write_all(&lists).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+    }
+    let (late_local, never_local) = (late.local_addr().unwrap(), never.local_addr().unwrap());
+    // LAST-ACK (`09`): the daemon closed its side after the peer's end, its FIN queued
+    // behind the replies the peer has not read.
+    let closed_unread = |local| {
+        daemon_side(d.pid(), d.tcp, local)
+            .is_some_and(|(state, queued)| state == "09" && queued > 0)
+    };
+    wait_until("the daemon closes both with replies unread", || {
+        closed_unread(late_local) && closed_unread(never_local)
+    });
+    let closed_at = Instant::now();
+
+    let got = read_until_closed(&mut late);
+    let mut rest = &got[..];
+    let mut complete = 0;
+    while let Some((frame, used)) = tcrp::decode(rest, 1 << 20).expect("valid frames") {
+        if frame.state == State::Complete {
+            complete += 1;
+        }
+        rest = &rest[used..];
+    }
+    assert!(rest.is_empty(), "a torn reply: {} bytes left", rest.len());
+    assert_eq!(complete, LISTS, "every list reaches a peer that reads late");
+
+    wait_until("the kernel to let go of the replies never read", || {
+        daemon_side(d.pid(), d.tcp, never_local).is_none()
+    });
+    eprintln!("let go {:?} after the daemon closed", closed_at.elapsed());
+    drop(never);
     let room = assert_still_serves(&d);
     assert_state_intact(d, &[room]);
 }

@@ -458,9 +458,12 @@ impl Server {
         let conn = self.conns.remove(id.0);
         // A connection the daemon gives up on with replies its peer has not read, here or
         // in the kernel, is reset: closed normally, the kernel would keep trying to deliver
-        // what its send queue holds (FIN-WAIT-1) for as long as the peer acknowledged its
-        // window probes, holding that memory of the host's after the connection is gone from
-        // the table.
+        // what its send queue holds (FIN-WAIT-1) while the peer acknowledged its window
+        // probes, holding that memory of the host's after the connection is gone from the
+        // table, until the user timeout inherited from the listener (twice the handshake
+        // timeout, `setup::set_user_timeout`) ran out. One closed normally after its peer's
+        // end is not asked about: the timeout alone bounds what it left unread, so the
+        // handshake's close costs no `SIOCOUTQ`.
         if gives_up(reason)
             && (conn.pending_bytes() > 0
                 || sockopt::unacknowledged(conn.stream.as_raw_fd()).is_ok_and(|n| n > 0))

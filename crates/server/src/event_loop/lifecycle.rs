@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use log::{error, info, warn};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
-use super::setup::{fit_open_files, segmentation, set_listen_backlog};
+use super::setup::{fit_open_files, segmentation, set_listen_backlog, set_user_timeout};
 use super::{ConnId, Server};
 use crate::config::{self, Config};
 use crate::error::Error;
@@ -94,6 +94,10 @@ impl Server {
                     warn!("SIGHUP: cannot set the TCP listen backlog: {e}; keeping the old one");
                     new.limits.listen_backlog = self.config.limits.listen_backlog;
                 }
+            }
+            // For connections accepted from now on: the open ones keep theirs.
+            if new.limits.handshake_timeout_secs != self.config.limits.handshake_timeout_secs {
+                set_user_timeout(tcp, &new);
             }
         }
         let changes = self.config.changes(&new);
