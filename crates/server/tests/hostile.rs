@@ -358,12 +358,25 @@ fn handshake_connections_have_a_user_timeout_of_twice_the_handshake_timeout() {
         assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
         millis
     };
+    // A metrics connection the daemon took, waiting for the end of its request's head.
+    let scraping = || {
+        let mut s = TcpStream::connect(d.metrics.expect("a metrics listener")).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+        let ours = s.local_addr().unwrap();
+        wait_until("the daemon to take the metrics connection", || {
+            daemon_side_of(&d, ours).is_some()
+        });
+        s
+    };
     let before = answered("user-timeout-1");
     assert_eq!(user_timeout_ms(&before), 6_000);
+    let scraper_before = scraping();
+    assert_eq!(user_timeout_ms(&scraper_before), 6_000, "metrics too");
     d.reload("[limits]\nhandshake_timeout_secs = 5\n");
     let after = answered("user-timeout-2");
     assert_eq!(user_timeout_ms(&after), 10_000);
     assert_eq!(user_timeout_ms(&before), 6_000, "an open one keeps its own");
+    assert_eq!(user_timeout_ms(&scraping()), 10_000, "metrics too");
 }
 
 /// A `setsockopt` that refuses its first TCP_NODELAY (the daemon sets it on its TCP listener

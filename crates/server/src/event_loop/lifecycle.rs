@@ -95,9 +95,14 @@ impl Server {
                     new.limits.listen_backlog = self.config.limits.listen_backlog;
                 }
             }
-            // For connections accepted from now on: the open ones keep theirs.
-            if new.limits.handshake_timeout_secs != self.config.limits.handshake_timeout_secs {
-                set_user_timeout(tcp, &new);
+        }
+        // For connections accepted from now on: the open ones keep theirs.
+        if new.limits.handshake_timeout_secs != self.config.limits.handshake_timeout_secs {
+            if let Some(tcp) = &self.tcp {
+                set_user_timeout(tcp, "TCP", &new);
+            }
+            if let Some(metrics) = &self.metrics_listener {
+                set_user_timeout(metrics, "metrics", &new);
             }
         }
         let changes = self.config.changes(&new);

@@ -260,9 +260,9 @@ const TCRP_SEND_BUFFER_BYTES: libc::c_int = 64 * 1024;
 
 /// Binds the TCRP listener, sets its backlog (`limits.listen_backlog`), its connections'
 /// send buffer ([`TCRP_SEND_BUFFER_BYTES`]) and user timeout ([`set_user_timeout`]), and asks
-/// it for TCP_NODELAY. Also returns what
-/// `nodelay_inherited` starts as: `None` (to be checked on the first connection) when the
-/// listener took the option, `Some(false)` (each connection sets it) when it refused.
+/// it for TCP_NODELAY. Also returns what `nodelay_inherited` starts as: `None` (to be checked
+/// on the first connection) when the listener took the option, `Some(false)` (each
+/// connection sets it) when it refused.
 fn bind_tcp(config: &Config) -> Result<(TcpListener, Option<bool>), Error> {
     let tcp = TcpListener::bind(config.listen.tcp).map_err(|source| Error::Bind {
         what: "TCP",
@@ -281,7 +281,7 @@ fn bind_tcp(config: &Config) -> Result<(TcpListener, Option<bool>), Error> {
     ) {
         warn!("cannot set the TCP send buffer size on the listener: {e}");
     }
-    set_user_timeout(&tcp, config);
+    set_user_timeout(&tcp, "TCP", config);
     // Accepted connections inherit TCP_NODELAY; if the listener refuses it, each
     // connection gets it instead.
     let nodelay_inherited = match conn::set_listener_nodelay(&tcp) {
@@ -294,7 +294,8 @@ fn bind_tcp(config: &Config) -> Result<(TcpListener, Option<bool>), Error> {
     Ok((tcp, nodelay_inherited))
 }
 
-/// Sets `TCP_USER_TIMEOUT` on the TCRP listener, which its connections inherit: twice
+/// Sets `TCP_USER_TIMEOUT` on the TCRP or metrics listener (`what`), which its connections
+/// inherit: twice
 /// `limits.handshake_timeout_secs`. Bytes a peer leaves unacknowledged, or refuses with its
 /// receive window shut, for that long are given up by the kernel, connection and all. The
 /// daemon's own timer (`handshake_timeout_secs` after the last reply, then a reset if replies
@@ -302,13 +303,15 @@ fn bind_tcp(config: &Config) -> Result<(TcpListener, Option<bool>), Error> {
 /// closed normally after its peer's end (FIN) while the peer reads none of them: without it,
 /// the kernel keeps them (LAST-ACK) for as long as the peer acknowledges its window probes.
 /// Twice, so that the kernel does not end a paused connection just before the daemon's
-/// timer would (the close would then count as `io_error`). Warns when the kernel refuses.
-pub(super) fn set_user_timeout(listener: &TcpListener, config: &Config) {
+/// timer would (the close would then count as `io_error`). A metrics answer is closed after
+/// it is written, so a scraper that never reads it is bounded the same way. Warns when the
+/// kernel refuses.
+pub(super) fn set_user_timeout(listener: &TcpListener, what: &str, config: &Config) {
     let timeout = Duration::from_secs(config.limits.handshake_timeout_secs.saturating_mul(2));
     if let Err(e) = conn::set_listener_user_timeout(listener, timeout) {
         warn!(
-            "cannot set TCP_USER_TIMEOUT on the TCP listener: {e}; replies a peer never reads \
-             may stay in the kernel for minutes after its connection is closed"
+            "cannot set TCP_USER_TIMEOUT on the {what} listener: {e}; replies a peer never \
+             reads may stay in the kernel for minutes after its connection is closed"
         );
     }
 }
@@ -446,6 +449,7 @@ fn bind_metrics(config: &Config) -> Result<Option<TcpListener>, Error> {
         Some(granted) => debug!("metrics listen backlog: {granted}"),
         None => {}
     }
+    set_user_timeout(&listener, "metrics", config);
     Ok(Some(listener))
 }
 
