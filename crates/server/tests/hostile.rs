@@ -343,20 +343,7 @@ fn handshake_connections_have_a_user_timeout_of_twice_the_handshake_timeout() {
     let user_timeout_ms = |s: &TcpStream| {
         let theirs = daemon_side_of(&d, s.local_addr().unwrap())
             .expect("the daemon's side of our connection");
-        let mut millis: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into a live c_int.
-        let rc = unsafe {
-            libc::getsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&theirs),
-                libc::IPPROTO_TCP,
-                libc::TCP_USER_TIMEOUT,
-                std::ptr::addr_of_mut!(millis).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-        millis
+        int_option(&theirs, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT).unwrap()
     };
     // A metrics connection the daemon took, waiting for the end of its request's head.
     let scraping = || {

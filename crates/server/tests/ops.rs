@@ -1566,23 +1566,8 @@ fn reload_of_a_setting_fixed_at_start_says_restart() {
 #[test]
 fn a_kernel_that_segments_sends_is_not_said_to_lack_it() {
     let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into the int we own.
-    let rc = unsafe {
-        libc::getsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&probe),
-            libc::SOL_UDP,
-            libc::UDP_SEGMENT,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        skipped(&format!(
-            "this kernel cannot segment UDP sends: {}",
-            std::io::Error::last_os_error()
-        ));
+    if let Err(e) = int_option(&probe, libc::SOL_UDP, libc::UDP_SEGMENT) {
+        skipped(&format!("this kernel cannot segment UDP sends: {e}"));
         return;
     }
     let d = Daemon::start();
