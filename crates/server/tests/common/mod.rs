@@ -950,6 +950,13 @@ impl Ocm {
         Ocm::launch("127.0.0.1", tcp, udp, args, &[], Some(stdout))
     }
 
+    /// [`Ocm::start`] with standard error `stderr` (a pipe nobody reads, for one), which
+    /// [`Ocm::wait_stderr`] then does not see.
+    pub fn start_with_stderr(daemon: &Daemon, args: &[&str], stderr: Stdio) -> Ocm {
+        let (tcp, udp) = (daemon.tcp.port(), daemon.udp.port());
+        Ocm::launch_with("127.0.0.1", tcp, udp, args, &[], (None, Some(stderr)))
+    }
+
     /// Starts `ocm`; its standard output is `stdout` if given, else read line by line.
     fn launch(
         server: &str,
@@ -958,6 +965,19 @@ impl Ocm {
         args: &[&str],
         env: &[(&str, &str)],
         stdout: Option<Stdio>,
+    ) -> Ocm {
+        Ocm::launch_with(server, tcp, udp, args, env, (stdout, None))
+    }
+
+    /// Starts `ocm`; its standard output and error are the ones given, else read line by
+    /// line.
+    fn launch_with(
+        server: &str,
+        tcp: u16,
+        udp: u16,
+        args: &[&str],
+        env: &[(&str, &str)],
+        (stdout, stderr): (Option<Stdio>, Option<Stdio>),
     ) -> Ocm {
         let read_stdout = stdout.is_none();
         let mut child = Command::new(sibling_binary("ocm"))
@@ -971,7 +991,7 @@ impl Ocm {
             .args(args)
             .stdin(Stdio::piped())
             .stdout(stdout.unwrap_or_else(Stdio::piped))
-            .stderr(Stdio::piped())
+            .stderr(stderr.unwrap_or_else(Stdio::piped))
             .spawn()
             .expect("spawn ocm");
         let stdin = child.stdin.take();
@@ -988,18 +1008,18 @@ impl Ocm {
             });
         }
         let stderr = Arc::new(Mutex::new(String::new()));
-        let err = child.stderr.take().expect("stderr");
-        let stderr_reader = {
+        // Taken only when piped: when given, it is not ours to read.
+        let stderr_reader = child.stderr.take().map(|err| {
             let stderr = Arc::clone(&stderr);
-            Some(thread::spawn(move || {
+            thread::spawn(move || {
                 for line in BufReader::new(err).lines() {
                     let Ok(line) = line else { break };
                     let mut s = stderr.lock().unwrap();
                     s.push_str(&line);
                     s.push('\n');
                 }
-            }))
-        };
+            })
+        });
         Ocm {
             child,
             stdin,
@@ -1141,6 +1161,37 @@ impl Drop for Ocm {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A pipe filled to the brim that nobody reads (a `2>` whose reader stopped): a write to its
+/// write end blocks until the test reads. The write end is handed back blocking, as a shell
+/// hands one over.
+pub fn full_pipe() -> (std::io::PipeReader, std::io::PipeWriter) {
+    use std::os::fd::AsRawFd;
+    let (reader, mut writer) = std::io::pipe().expect("a pipe");
+    let fd = writer.as_raw_fd();
+    // SAFETY: fcntl on a descriptor this function owns; it changes only its status flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    assert!(flags >= 0, "{}", std::io::Error::last_os_error());
+    let set = |flags: libc::c_int| {
+        // SAFETY: as above.
+        let rc = unsafe { libc::fcntl(fd, libc::F_SETFL, flags) };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    };
+    set(flags | libc::O_NONBLOCK);
+    // Whole pages first, then byte by byte into what is left of the last one.
+    for chunk in [4096, 1] {
+        let filler = vec![b'.'; chunk];
+        loop {
+            match writer.write(&filler) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("filling the pipe: {e}"),
+            }
+        }
+    }
+    set(flags);
+    (reader, writer)
 }
 
 /// A pseudo-terminal of 24 rows and 80 columns: the test's side (what is written to it is
