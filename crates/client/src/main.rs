@@ -21,8 +21,8 @@
 //! presence and history extensions) and [`chat`](mod@chat) (UDP: register, relay, keepalive, leave),
 //! which get their bytes from the `tcrp` and `ucrp` crates. Messages from the room go to
 //! standard output, one per line; the client's own remarks (`* joined ...`, `* message too
-//! long ...`) and errors go to standard error. `rooms` and `who` print their answer to
-//! standard output.
+//! long ...`) and errors go to standard error, through a queue that a standard error nobody
+//! reads cannot stop ([`stderr`]). `rooms` and `who` print their answer to standard output.
 //!
 //! Exit codes: 0 after leaving (`/quit`, the end of input, a signal, the reader of standard
 //! output gone) or after `rooms`/`who` answered; 3 when the room ended the chat (it was
@@ -46,6 +46,7 @@ mod query;
 mod reach;
 mod render;
 mod screen;
+mod stderr;
 
 use std::ffi::OsString;
 use std::io::{self, IsTerminal, Read};
@@ -270,16 +271,37 @@ impl PasswordArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Quiet by default: the terminal is the chat. RUST_LOG=debug shows the protocol steps.
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    match run(cli) {
+    start_logger();
+    let code = match run(cli) {
         Ok(Ending::Left) => ExitCode::SUCCESS,
         Ok(Ending::RoomEnded) => ExitCode::from(error::EXIT_ROOM_ENDED),
         Err(error) => {
             screen::to_stderr(&format!("ocm: {error}"));
             ExitCode::from(error.exit_code())
         }
+    };
+    // The last lines, when standard error is read; past the wait they are lost.
+    stderr::drain(stderr::EXIT_DRAIN);
+    code
+}
+
+/// Logs through standard error's queue ([`stderr`]), so that a log line never waits for a
+/// standard error nobody reads. Quiet by default: the terminal is the chat. RUST_LOG=debug
+/// shows the protocol steps.
+fn start_logger() {
+    let env = env_logger::Env::default().default_filter_or("warn");
+    let mut builder = env_logger::Builder::from_env(env);
+    // env_logger colours only what it writes to a terminal itself: choose as it would for
+    // standard error, unless RUST_LOG_STYLE says.
+    if !matches!(
+        std::env::var(env_logger::DEFAULT_WRITE_STYLE_ENV).as_deref(),
+        Ok("always" | "never")
+    ) {
+        builder.write_style(anstream::AutoStream::choice(&io::stderr()).into());
     }
+    builder
+        .target(env_logger::Target::Pipe(Box::new(stderr::LogPipe)))
+        .init();
 }
 
 fn run(cli: Cli) -> Result<Ending, ClientError> {

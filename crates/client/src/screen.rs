@@ -52,11 +52,12 @@ pub trait Printer: Send {
     }
 }
 
-/// Writes `line` to standard error, best effort: unlike `eprintln!`, a closed or full
-/// standard error (EPIPE) drops the line instead of panicking, so the client still leaves
-/// its room properly.
+/// Writes `line` to standard error through its queue ([`crate::stderr`]), best effort:
+/// unlike `eprintln!`, a closed standard error (EPIPE) drops the line instead of panicking,
+/// and one nobody reads does not stop the calling thread, so the client still chats and
+/// leaves its room properly.
 pub fn to_stderr(line: &str) {
-    let _ = writeln!(io::stderr().lock(), "{line}");
+    crate::stderr::write_line(line);
 }
 
 /// Standard output and standard error, flushed per line so a reader on a pipe sees each line

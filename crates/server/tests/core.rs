@@ -783,6 +783,115 @@ fn an_original_member_whose_output_is_gone_still_exits_as_the_room_ended() {
     drop(far);
 }
 
+/// How long an `ocm` whose standard error is stuck may take to exit once its chat is over:
+/// it waits up to 0.5 s for its last remarks to be written, then goes.
+const EXIT_WITH_STDERR_STUCK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// An `ocm` whose standard error nobody reads (a full pipe: `2>` into a program that
+/// stopped reading) still chats, and leaves at the end of its input. Its remarks wait for a
+/// reader, 64 at most: one that comes later gets them in order, and is told how many were
+/// dropped. It used to block writing its first remark, `* joined ...`, before it sent
+/// anything, and to stay in the room on its keepalives until a signal.
+#[test]
+fn ocm_whose_stderr_is_not_read_chats_and_leaves_at_the_end_of_input() {
+    use std::io::BufRead;
+    let d = Daemon::start();
+    let alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    let (reader, writer) = full_pipe();
+    let mut bob = Ocm::start_with_stderr(&d, &["join", "lobby", "--name", "bob"], writer.into());
+    assert_eq!(alice.line(), "* bob joined");
+    bob.type_line("hello");
+    assert_eq!(alice.line(), "bob: hello");
+    // More remarks than wait for a reader; the line after them is sent once they are made.
+    for i in 1..=80 {
+        bob.type_line(&format!("/unknown{i}"));
+    }
+    bob.type_line("after the remarks");
+    assert_eq!(alice.line(), "bob: after the remarks");
+    // A reader comes: it gets the pipe's filler, then what waited, then what follows.
+    let (read, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(reader).lines() {
+            let Ok(line) = line else { break };
+            if read.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut text = Vec::new();
+    let dropped = " remarks not shown (standard error not read)";
+    while !text.last().is_some_and(|l: &String| l.ends_with(dropped)) {
+        let line = lines.recv_timeout(PATIENCE).unwrap_or_else(|_| {
+            panic!("bob never said that remarks were dropped: {text:?}");
+        });
+        text.push(line.trim_start_matches('.').to_owned());
+    }
+    let said_dropped = text.len() - 1;
+    // Read again, standard error takes each remark as it comes.
+    bob.type_line("/last");
+    bob.close_stdin();
+    let closed = std::time::Instant::now();
+    assert_eq!(alice.line(), "* bob left");
+    let status = bob.wait();
+    assert!(status.success(), "{status:?}");
+    let took = closed.elapsed();
+    assert!(
+        took < EXIT_WITH_STDERR_STUCK,
+        "bob exited {took:?} after his input ended"
+    );
+    // Up to the end of bob's standard error.
+    text.extend(lines.iter());
+    let at = |said: &str| {
+        text.iter()
+            .position(|line| line.starts_with(said))
+            .unwrap_or_else(|| panic!("{said:?} not in bob's standard error: {text:?}"))
+    };
+    let order = [
+        at("* joined lobby as bob (type /quit"),
+        at("* --- live ---"),
+        at("* unknown command /unknown1 "),
+        said_dropped,
+        at("* unknown command /last "),
+    ];
+    assert!(order.is_sorted(), "{order:?}: {text:?}");
+    assert!(!text.iter().any(|l| l.contains("/unknown80 ")), "{text:?}");
+}
+
+/// The same at `/quit` and at SIGTERM, with standard error never read: exit status 0, at
+/// once. (A signal used to find the main loop stuck, and end the chat itself 3 s later,
+/// with exit status 1.)
+#[test]
+fn ocm_whose_stderr_is_never_read_leaves_at_quit_and_at_a_signal() {
+    let d = Daemon::start();
+    let alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    for by_signal in [false, true] {
+        let (reader, writer) = full_pipe();
+        let mut bob =
+            Ocm::start_with_stderr(&d, &["join", "lobby", "--name", "bob"], writer.into());
+        assert_eq!(alice.line(), "* bob joined");
+        bob.type_line("hello");
+        assert_eq!(alice.line(), "bob: hello");
+        if by_signal {
+            bob.signal(libc::SIGTERM);
+        } else {
+            bob.type_line("/quit");
+        }
+        let left = std::time::Instant::now();
+        assert_eq!(alice.line(), "* bob left");
+        let status = bob.wait();
+        assert!(status.success(), "{status:?}");
+        let took = left.elapsed();
+        assert!(
+            took < EXIT_WITH_STDERR_STUCK,
+            "bob exited {took:?} after {}",
+            if by_signal { "SIGTERM" } else { "/quit" }
+        );
+        drop(reader);
+    }
+}
+
 /// Bound to the wildcard address, `ocmd` answers each member from the address its datagrams
 /// came to. Here every `ocm` talks to 127.0.0.2, and the route back to it would answer from
 /// 127.0.0.1: `ocm` takes datagrams only from the address it sends to, so without that the

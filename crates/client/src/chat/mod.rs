@@ -51,6 +51,9 @@
 //! A datagram refused by the server's UDP port (the daemon down or restarting) is told at
 //! once, once per outage (`checks::Outage`), and makes that check at once.
 //!
+//! Remarks and log lines go to standard error through a queue written by a thread of its own
+//! ([`crate::stderr`]), so that none of these threads waits for a standard error nobody reads.
+//!
 //! The work is split by thread: this module is the main loop (`run`) and what it does itself
 //! (sending, the end of the session); `session` is the UDP endpoint and the keepalive
 //! thread; `icmp` the ICMP errors its socket hears of; `receiver` the receiver thread;
@@ -752,12 +755,12 @@ const SIGNAL_GRACE: Duration = Duration::from_secs(3);
 /// paced out), and as an event on both its queues to wake it (it waits on the [`Ahead`]
 /// one alone while it holds the chat for a closure check). Should the chat not have ended
 /// [`SIGNAL_GRACE`] later, the main loop is stuck: on the screen, which waits for a standard
-/// output nobody reads (a pipe whose reader stopped, a stopped terminal). The
-/// keepalive thread would then keep us in the room for as long as that lasts, so this
-/// thread says `__LEAVE__` itself and exits with [`EXIT_FAILURE`](crate::error::EXIT_FAILURE),
-/// printing nothing: standard error may be as stuck as standard output. The line editor
-/// prints through a queue, never stuck, so a terminal in raw mode is always given back by
-/// the main loop.
+/// output nobody reads (a pipe whose reader stopped, a stopped terminal). (Standard error
+/// stops no thread: it is written through a queue, [`crate::stderr`].) The keepalive thread
+/// would then keep us in the room for as long as that lasts, so this thread says
+/// `__LEAVE__` itself and exits with [`EXIT_FAILURE`](crate::error::EXIT_FAILURE), after
+/// a warning that standard error gets [`SAY_WAIT`] to take. The line editor prints through
+/// a queue, never stuck, so a terminal in raw mode is always given back by the main loop.
 fn spawn_signal_watcher(
     [events, ahead]: [SyncSender<Event>; 2],
     signalled: Arc<AtomicI32>,
@@ -777,9 +780,10 @@ fn spawn_signal_watcher(
                 signalled.store(signal, Ordering::SeqCst);
                 let _ = ahead.try_send(Event::Signal(signal));
                 if !after_signal(signal, (&signalled, &events), &session, SIGNAL_GRACE) {
-                    // The chat ended on the signal: the process ends within moments. A main
-                    // thread stuck after that (a last line to a blocked standard error) must
-                    // not keep it alive, with later signals caught and ignored.
+                    // The chat ended on the signal: the process ends within moments (`main`
+                    // waits at most `stderr::EXIT_DRAIN` for its last lines). Should the main
+                    // thread be stuck after that all the same, it must not keep the process
+                    // alive, with later signals caught and ignored.
                     thread::sleep(SIGNAL_GRACE);
                 }
                 std::process::exit(crate::error::EXIT_FAILURE.into());
@@ -806,8 +810,7 @@ fn after_signal(
     if session.wait_ended(grace) {
         return false;
     }
-    // The __LEAVE__ before any word, and no word but through `say_within`: standard error
-    // may be as stuck as the main loop, and a log line written here would hold the exit.
+    // The __LEAVE__ before any word: it is what matters.
     let line = match session.leave_unlogged() {
         Some(Err(e)) => format!(
             "the chat did not end within {grace:?} of signal {signal}, and __LEAVE__ could not be \
@@ -823,17 +826,12 @@ fn after_signal(
 /// How long the signal thread waits for its last word to be written before exiting anyway.
 const SAY_WAIT: Duration = Duration::from_millis(200);
 
-/// Logs `line` as a warning from a thread of its own, waiting up to `wait` for the write
-/// (which a stuck standard error would block forever); whether it was written.
+/// Logs `line` as a warning and waits up to `wait` for standard error to take it, and what
+/// was queued before it ([`crate::stderr::drain`]); whether it did. A standard error nobody
+/// reads blocks neither the log line nor the wait.
 fn say_within(line: String, wait: Duration) -> bool {
-    let (done, written) = mpsc::sync_channel(1);
-    let spawned = thread::Builder::new()
-        .name("last-word".into())
-        .spawn(move || {
-            warn!("{line}");
-            let _ = done.send(());
-        });
-    spawned.is_ok() && written.recv_timeout(wait).is_ok()
+    warn!("{line}");
+    crate::stderr::drain(wait)
 }
 
 #[cfg(test)]

@@ -166,9 +166,9 @@ impl Session {
         }
     }
 
-    /// [`Session::leave`] without a word in the log, for a thread whose standard error may be
-    /// stuck (the signal thread): what the send did, or `None` when the session had already
-    /// ended and nothing was sent.
+    /// [`Session::leave`] without a word in the log, for a caller that says it later (once
+    /// the terminal is given back) or in words of its own (the signal thread): what the send
+    /// did, or `None` when the session had already ended and nothing was sent.
     pub(super) fn leave_unlogged(&self) -> Option<io::Result<()>> {
         let mut ended = self.ended();
         if std::mem::replace(&mut *ended, true) {
