@@ -106,7 +106,7 @@ impl Registry {
             listed,
             password_hash.as_deref().map(Into::into),
         )));
-        self.room_index.insert(room_name.into(), room);
+        self.index_room(room);
         let (host, record) = self.new_member(room, request, joined_from, true, now);
         self.rooms[room.0].host = host;
         let token = self.members[host.0].token.clone();

@@ -95,8 +95,7 @@ impl Registry {
         now: Instant,
         out: &mut Outbox,
     ) -> usize {
-        let entry = self.rooms.remove(room.0);
-        self.room_index.remove(&entry.name);
+        let entry = self.remove_room(room);
         // Written with the first send: the loop clears the outbox only when it holds a
         // datagram, so bytes nobody is sent would stay there until some later one.
         let mut closed = None;

@@ -42,7 +42,7 @@ mod restore;
 mod room;
 mod tombstones;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -283,6 +283,12 @@ pub struct Registry {
     rng: Box<dyn CryptoRng + Send>,
     rooms: Slab<Room>,
     room_index: HashMap<Box<str>, RoomId>,
+    /// The listed rooms in name order, so that a room list reads only the rooms it shows.
+    listed: BTreeMap<Box<str>, RoomId>,
+    /// Rooms read by [`Registry::list_rooms`] so far, so that a test can see what a list
+    /// costs.
+    #[cfg(test)]
+    listing_reads: std::cell::Cell<usize>,
     members: Slab<Member>,
     token_index: HashTable<index::Indexed>,
     /// Members by room and username, so that a join's name check does not read the room's
@@ -329,6 +335,9 @@ impl Registry {
             rng,
             rooms: Slab::new(),
             room_index: HashMap::new(),
+            listed: BTreeMap::new(),
+            #[cfg(test)]
+            listing_reads: std::cell::Cell::new(0),
             members: Slab::new(),
             token_index: HashTable::new(),
             name_index: HashTable::new(),
@@ -458,29 +467,41 @@ impl Registry {
         }
     }
 
-    /// The first `limit` listed rooms by name. Only those are sorted and copied: a reply
-    /// holds a few hundred at most, and a request must not cost a sort of every room.
+    /// The first `limit` listed rooms by name. Only those are read: a reply holds a few
+    /// hundred at most, and a request must not cost a pass over every room.
     pub fn list_rooms(&self, limit: usize) -> Vec<RoomInfo> {
-        let mut rooms: Vec<&Room> = self
-            .rooms
-            .iter()
-            .map(|(_, r)| r)
-            .filter(|r| r.listed)
-            .collect();
-        if rooms.len() > limit {
-            rooms.select_nth_unstable_by(limit, |a, b| a.name.cmp(&b.name));
-            rooms.truncate(limit);
-        }
-        rooms.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-        rooms
-            .into_iter()
-            .map(|r| RoomInfo {
-                name: r.name.to_string(),
-                members: r.members.len(),
-                created_at: r.created_at,
-                has_password: r.password_hash.is_some(),
+        self.listed
+            .values()
+            .take(limit)
+            .map(|id| {
+                #[cfg(test)]
+                self.listing_reads.set(self.listing_reads.get() + 1);
+                let r = &self.rooms[id.0];
+                RoomInfo {
+                    name: r.name.to_string(),
+                    members: r.members.len(),
+                    created_at: r.created_at,
+                    has_password: r.password_hash.is_some(),
+                }
             })
             .collect()
+    }
+
+    /// Files a new room under its name, and among the listed rooms if it is listed.
+    fn index_room(&mut self, id: RoomId) {
+        let room = &self.rooms[id.0];
+        self.room_index.insert(room.name.clone(), id);
+        if room.listed {
+            self.listed.insert(room.name.clone(), id);
+        }
+    }
+
+    /// Takes a room out of the registry and its indexes.
+    fn remove_room(&mut self, id: RoomId) -> Room {
+        let room = self.rooms.remove(id.0);
+        self.room_index.remove(&room.name);
+        self.listed.remove(&room.name);
+        room
     }
 
     /// Who is in `room_name`, host first.
@@ -534,9 +555,9 @@ impl Registry {
 
     /// The room list rendered by `render`, made again only when a change that a list can
     /// show (a create, join, leave or close: [`Record::alters_room_list`]) was recorded since
-    /// the last one. A ListRooms request costs a pass over every room, and a flood of them
-    /// from a few sources must not take the loop's time from everyone else, nor be made to
-    /// by members moving their addresses or by history checkpoints.
+    /// the last one. Rendering reads and encodes the few hundred rooms a reply shows; a flood
+    /// of ListRooms from a few sources costs a copy each instead, and members moving their
+    /// addresses or history checkpoints do not make the list again.
     pub fn room_list(&mut self, render: impl FnOnce(&Registry) -> Vec<u8>) -> Vec<u8> {
         let now = self.list_changes;
         if let Some((made_at, list)) = &self.room_list {

@@ -63,7 +63,7 @@ impl Registry {
             // Kept under today's limits; the journal's copy is trimmed at the next checkpoint.
             entry.history_shrunk = entry.history.len() < room.history.len();
             let room_id = RoomId(registry.rooms.insert(entry));
-            registry.room_index.insert(name.as_str().into(), room_id);
+            registry.index_room(room_id);
             let mut tokens = vec![&room.host_token];
             tokens.extend(room.members.iter().filter(|t| **t != room.host_token));
             for token in tokens {
@@ -142,8 +142,7 @@ impl Registry {
             // A room whose host could not be loaded cannot close properly: leave it out.
             if registry.rooms[room_id.0].host.0 == usize::MAX {
                 warn!("state: room {name:?} has no usable host; room skipped");
-                let entry = registry.rooms.remove(room_id.0);
-                registry.room_index.remove(&entry.name);
+                let entry = registry.remove_room(room_id);
                 for m in entry.members {
                     registry.unlink(m);
                 }

@@ -1503,6 +1503,52 @@ fn listing_takes_the_first_rooms_by_name() {
     out.clear();
 }
 
+/// A room list reads only the rooms it shows, in name order: not every room, listed or
+/// not (measured before, at 100,000 rooms: 3.6 ms a ListRooms after each change, the loop
+/// held for it). Unlisted rooms are not among them, and a closed room is gone from it.
+#[test]
+fn a_room_list_reads_only_the_rooms_it_shows() {
+    let (mut reg, now, mut out, _) = room_r_with(Limits {
+        max_rooms: 0,
+        max_tokens: 0,
+        ..Limits::default()
+    });
+    let unlisted = Request {
+        listed: Some(false),
+        ..Request::original("h")
+    };
+    let mut hosts = Vec::new();
+    for i in 0..10_000 {
+        // Unlisted rooms first by name: a list must not read its way past them.
+        reg.create_room(&format!("a{i:05}"), &unlisted, HERE, None, now, 0.0)
+            .unwrap();
+        let host = reg
+            .create_room(
+                &format!("b{i:05}"),
+                &Request::original("h"),
+                HERE,
+                None,
+                now,
+                0.0,
+            )
+            .unwrap()
+            .token;
+        hosts.push(host);
+    }
+    reg.listing_reads.set(0);
+    let rooms = reg.list_rooms(300);
+    assert_eq!(reg.listing_reads.get(), 300, "rooms read");
+    let names: Vec<String> = rooms.into_iter().map(|r| r.name).collect();
+    let expected: Vec<String> = (0..300).map(|i| format!("b{i:05}")).collect();
+    assert_eq!(names, expected);
+    // The first listed room closes (its host leaves): the list starts at the next.
+    let leave = dgram("b00000", &hosts[0], "__LEAVE__");
+    let h = reg.handle_datagram(addr(7), None, &leave, now, &mut out);
+    assert!(matches!(h, Handled::Closed { .. }), "{h:?}");
+    let first = reg.list_rooms(1);
+    assert_eq!(first[0].name, "b00001");
+}
+
 /// The rendered room list is made again after every change it could show (a create, a
 /// join, a leave, a close, each with its record, taken or not), and only then: not after an
 /// address move or a history checkpoint, whose records no list shows.
