@@ -72,7 +72,7 @@ impl Registry {
         let room_entry = &mut self.rooms[room.0];
         room_entry.members.retain(|&m| m != id);
         if member.caps.contains(Caps::NOTICES) {
-            room_entry.notice_takers -= 1;
+            room_entry.notice_takers.retain(|&m| m != id);
         }
         debug!(
             "room {:?}: {:?} left ({why:?})",

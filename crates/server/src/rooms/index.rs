@@ -70,11 +70,12 @@ impl Registry {
         if member.address.is_some() {
             self.registered += 1;
         }
-        if member.caps.contains(Caps::NOTICES) {
-            self.rooms[room.0].notice_takers += 1;
-        }
+        let takes_notices = member.caps.contains(Caps::NOTICES);
         let name_hash = self.name_hash(room, &member.username);
         let id = MemberId(self.members.insert(member));
+        if takes_notices {
+            self.rooms[room.0].notice_takers.push(id);
+        }
         self.token_index
             .insert_unique(hash, Indexed { hash, id }, filed_hash);
         let entry = Indexed {

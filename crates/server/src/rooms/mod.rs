@@ -289,6 +289,9 @@ pub struct Registry {
     /// costs.
     #[cfg(test)]
     listing_reads: std::cell::Cell<usize>,
+    /// Members read by [`Registry::notify`] so far, for the same reason.
+    #[cfg(test)]
+    notice_reads: std::cell::Cell<usize>,
     members: Slab<Member>,
     token_index: HashTable<index::Indexed>,
     /// Members by room and username, so that a join's name check does not read the room's
@@ -338,6 +341,8 @@ impl Registry {
             listed: BTreeMap::new(),
             #[cfg(test)]
             listing_reads: std::cell::Cell::new(0),
+            #[cfg(test)]
+            notice_reads: std::cell::Cell::new(0),
             members: Slab::new(),
             token_index: HashTable::new(),
             name_index: HashTable::new(),

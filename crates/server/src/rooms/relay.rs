@@ -70,7 +70,8 @@ impl Registry {
         deliveries
     }
 
-    /// Sends a notice about `subject` to the room's notice-capable registered members.
+    /// Sends a notice about `subject` to the room's notice-capable registered members: reads
+    /// those members only.
     pub(super) fn notify(
         &mut self,
         room: RoomId,
@@ -80,18 +81,21 @@ impl Registry {
         out: &mut Outbox,
     ) {
         let subject_takes = subject.is_some_and(|s| self.members[s.0].caps.contains(Caps::NOTICES));
+        let takers = &self.rooms[room.0].notice_takers;
         // An empty name (only a state file can hold one) would make its timed-out notice the
         // nameless "you timed out" (PROTOCOL.md): such a member leaves unannounced.
-        if self.rooms[room.0].notice_takers == usize::from(subject_takes) || name.is_empty() {
+        if takers.len() == usize::from(subject_takes) || name.is_empty() {
             return;
         }
         let mut bytes = None;
-        for &m in &self.rooms[room.0].members {
+        for &m in takers {
+            #[cfg(test)]
+            self.notice_reads.set(self.notice_reads.get() + 1);
             if Some(m) == subject {
                 continue;
             }
             let member = &self.members[m.0];
-            let (Some(to), true) = (member.address, member.caps.contains(Caps::NOTICES)) else {
+            let Some(to) = member.address else {
                 continue;
             };
             let range = bytes

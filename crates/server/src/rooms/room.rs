@@ -19,9 +19,10 @@ pub(super) struct Room {
     pub(super) name: Box<str>,
     pub(super) host: MemberId,
     pub(super) members: Vec<MemberId>,
-    /// How many of `members` asked for notices (`Caps::NOTICES`): when none but the member
-    /// concerned did, a join or leave tells nobody and costs no walk over the members.
-    pub(super) notice_takers: usize,
+    /// The members that asked for notices (`Caps::NOTICES`), in join order: a join or leave
+    /// is told to them alone, so it reads these, not every member (one taker among 100,000
+    /// members made each join and leave of the room a walk over them all).
+    pub(super) notice_takers: Vec<MemberId>,
     pub(super) created_at: f64,
     pub(super) listed: bool,
     pub(super) password_hash: Option<Box<str>>,
@@ -63,7 +64,7 @@ impl Room {
             history_unsaved: 0,
             history_shrunk: false,
             seq_saved: 1,
-            notice_takers: 0,
+            notice_takers: Vec::new(),
             lookalike_hash: Cell::new(0),
         }
     }
