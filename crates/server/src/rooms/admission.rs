@@ -125,68 +125,6 @@ impl Registry {
         Ok(Issued { token })
     }
 
-    /// The name of a member of `room_name` that `username` looks like
-    /// ([`tcrp::names::lookalike_keys`]), if any; asked only when `[names]
-    /// refuse_lookalike_usernames` is on. Each member's keys are worked out once and kept as
-    /// hashes (8 bytes a member), so a check costs the new name's keys and a comparison per
-    /// member; the keys of a hash match are compared in full.
-    pub fn lookalike_member(&self, room_name: &str, username: &str) -> Option<&str> {
-        let room = self.room_index.get(room_name)?;
-        let keys = tcrp::names::lookalike_keys(username);
-        let hash = self.lookalike_hash(&keys);
-        self.rooms[room.0]
-            .members
-            .iter()
-            .map(|m| &self.members[m.0])
-            // The same name is `join_refusal`'s to refuse, with its own message.
-            .filter(|member| *member.username != *username)
-            .find(|member| self.looks_like(&member.username, &member.lookalike_hash, &keys, hash))
-            .map(|member| &*member.username)
-    }
-
-    /// An open room whose name `room_name` looks like ([`tcrp::names::lookalike_keys`]), if
-    /// any: its name, and whether it is listed. Asked only when `[names]
-    /// refuse_lookalike_room_names` is on; keys are kept as hashes as for members
-    /// ([`Registry::lookalike_member`]), so a check costs the new name's keys and a
-    /// comparison per room.
-    pub fn lookalike_room(&self, room_name: &str) -> Option<(&str, bool)> {
-        let keys = tcrp::names::lookalike_keys(room_name);
-        let hash = self.lookalike_hash(&keys);
-        self.rooms
-            .iter()
-            .map(|(_, room)| room)
-            .filter(|room| *room.name != *room_name)
-            .find(|room| self.looks_like(&room.name, &room.lookalike_hash, &keys, hash))
-            .map(|room| (&*room.name, room.listed))
-    }
-
-    /// The hashes of a name's two look-alike keys in one word, 32 bits each (skeleton high,
-    /// lower case low); never 0, which marks a member's or a room's as not yet worked out.
-    fn lookalike_hash(&self, keys: &tcrp::names::LookalikeKeys) -> u64 {
-        // Truncation is the point: half a word per key.
-        let skeleton = self.hasher.hash_one(&keys.skeleton) as u32;
-        let lower_case = self.hasher.hash_one(&keys.lower_case) as u32;
-        (u64::from(skeleton) << 32 | u64::from(lower_case)).max(1)
-    }
-
-    /// Whether `name` looks like a name with look-alike `keys` (whose hash is `hash`). The
-    /// hash of `name`'s own keys is kept in `cached`, worked out here the first time; only
-    /// when either half matches are the keys compared in full.
-    fn looks_like(
-        &self,
-        name: &str,
-        cached: &Cell<u64>,
-        keys: &tcrp::names::LookalikeKeys,
-        hash: u64,
-    ) -> bool {
-        if cached.get() == 0 {
-            cached.set(self.lookalike_hash(&tcrp::names::lookalike_keys(name)));
-        }
-        let own = cached.get();
-        let may_match = own >> 32 == hash >> 32 || own as u32 == hash as u32;
-        may_match && tcrp::names::lookalike_keys(name).look_alike(keys)
-    }
-
     /// Why a join of `room_name` as `username` would be refused before any look at the
     /// request's other fields, if it would: no such room, the name taken, the room or the
     /// server full.

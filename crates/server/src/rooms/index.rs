@@ -58,7 +58,8 @@ fn name_key(hasher: &IndexHasher, room: RoomId, username: &str) -> u64 {
 }
 
 impl Registry {
-    /// Adds a member to the slab, the token and name indexes and its room's member list.
+    /// Adds a member to the slab, the token, name and look-alike indexes and its room's
+    /// member list.
     pub(super) fn insert_member(&mut self, mut member: Member) -> MemberId {
         member.serial = self.next_serial;
         self.next_serial = self.next_serial.wrapping_add(1);
@@ -84,6 +85,7 @@ impl Registry {
         };
         self.name_index.insert_unique(name_hash, entry, filed_hash);
         self.rooms[room.0].members.push(id);
+        self.file_member(id);
         if let Some((interval, last_seen, serial)) = keepalive {
             self.keepalive_members += 1;
             let limit = self.keepalive_limit(interval);
@@ -120,8 +122,9 @@ impl Registry {
             .map(|e| e.id)
     }
 
-    /// Takes a member out of the slab, the token index and the name index.
+    /// Takes a member out of the slab, the token, name and look-alike indexes.
     pub(super) fn unlink(&mut self, id: MemberId) -> Member {
+        self.unfile_member(id);
         let member = self.members.remove(id.0);
         let hash = self.hasher.hash_one(member.token.as_str().as_bytes());
         if let Ok(entry) = self.token_index.find_entry(hash, |e| e.id == id) {

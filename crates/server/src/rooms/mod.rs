@@ -23,6 +23,7 @@
 //! - `room`: a room and a member as the registry keeps them;
 //! - `index`: the token and name indexes, and the hasher they share;
 //! - `admission`: creates and joins, and the refusals that come before them;
+//! - `lookalike`: the look-alike names a create or join may be refused for, and their index;
 //! - `datagrams`: what one UCRP datagram does;
 //! - `relay`: chat and notices queued for the other members;
 //! - `departure`: leaves, room closures (a host gone, a room idle) and keepalive expiry;
@@ -37,6 +38,7 @@ mod departure;
 mod expiry;
 mod history;
 mod index;
+mod lookalike;
 mod relay;
 mod restore;
 mod room;
@@ -292,6 +294,11 @@ pub struct Registry {
     /// Members read by [`Registry::notify`] so far, for the same reason.
     #[cfg(test)]
     notice_reads: std::cell::Cell<usize>,
+    /// Names whose look-alike keys were compared so far, for the same reason.
+    #[cfg(test)]
+    lookalike_reads: std::cell::Cell<usize>,
+    /// Members and rooms by their look-alike keys, once a check asked for them.
+    lookalikes: lookalike::Lookalikes,
     members: Slab<Member>,
     token_index: HashTable<index::Indexed>,
     /// Members by room and username, so that a join's name check does not read the room's
@@ -343,6 +350,9 @@ impl Registry {
             listing_reads: std::cell::Cell::new(0),
             #[cfg(test)]
             notice_reads: std::cell::Cell::new(0),
+            #[cfg(test)]
+            lookalike_reads: std::cell::Cell::new(0),
+            lookalikes: lookalike::Lookalikes::default(),
             members: Slab::new(),
             token_index: HashTable::new(),
             name_index: HashTable::new(),
@@ -499,10 +509,12 @@ impl Registry {
         if room.listed {
             self.listed.insert(room.name.clone(), id);
         }
+        self.file_room(id);
     }
 
     /// Takes a room out of the registry and its indexes.
     fn remove_room(&mut self, id: RoomId) -> Room {
+        self.unfile_room(id);
         let room = self.rooms.remove(id.0);
         self.room_index.remove(&room.name);
         self.listed.remove(&room.name);

@@ -41,6 +41,9 @@ pub(super) struct Room {
     /// The registry's hashes of the name's [`tcrp::names::lookalike_keys`], worked out the
     /// first time a look-alike check needs them (0: not yet).
     pub(super) lookalike_hash: Cell<u64>,
+    /// Whether the members are filed in the registry's look-alike index (from the first
+    /// look-alike check of a username in the room on).
+    pub(super) members_filed: bool,
 }
 
 impl Room {
@@ -66,6 +69,7 @@ impl Room {
             seq_saved: 1,
             notice_takers: Vec::new(),
             lookalike_hash: Cell::new(0),
+            members_filed: false,
         }
     }
 }
