@@ -297,6 +297,9 @@ pub struct Registry {
     /// Names whose look-alike keys were compared so far, for the same reason.
     #[cfg(test)]
     lookalike_reads: std::cell::Cell<usize>,
+    /// Entries of member lists read to take departing members out, for the same reason.
+    #[cfg(test)]
+    departure_reads: std::cell::Cell<usize>,
     /// Members and rooms by their look-alike keys, once a check asked for them.
     lookalikes: lookalike::Lookalikes,
     members: Slab<Member>,
@@ -352,6 +355,8 @@ impl Registry {
             notice_reads: std::cell::Cell::new(0),
             #[cfg(test)]
             lookalike_reads: std::cell::Cell::new(0),
+            #[cfg(test)]
+            departure_reads: std::cell::Cell::new(0),
             lookalikes: lookalike::Lookalikes::default(),
             members: Slab::new(),
             token_index: HashTable::new(),
