@@ -142,10 +142,13 @@ pub struct Conn {
     /// under it. A peer that never reads is closed when its handshake timer runs out.
     pub paused: bool,
     /// Answering stopped at the loop's budget per turn (frames answered or reply bytes) with
-    /// whole frames perhaps left in the input: the loop answers them on a later pass, after the other connections
-    /// and the listeners have had their turn. Until then the connection is not finished,
-    /// even once its peer's end has come.
+    /// whole frames perhaps left in the input: the loop answers them on a later pass, after
+    /// the other connections and the listeners have had their turn. Until then the connection
+    /// is not finished, even once its peer's end has come.
     pub more_frames: bool,
+    /// The connection is on the loop's list of those to read again this pass (`revisit`):
+    /// listed once, and read for itself only (a connection later in its slot is not).
+    pub revisit_listed: bool,
     /// The interest currently registered with the poll.
     pub interest: Interest,
     /// The ticket of the password check the first buffered frame waits for.
@@ -171,6 +174,7 @@ impl Conn {
             lingered_bytes: 0,
             paused: false,
             more_frames: false,
+            revisit_listed: false,
             listed_holding: false,
             interest: Interest::READABLE,
             awaiting_password: None,
@@ -308,6 +312,12 @@ impl Conn {
     /// Whether output is waiting for the socket.
     pub fn wants_write(&self) -> bool {
         self.written < self.output.len()
+    }
+
+    /// Lists the connection for the loop's `revisit`: whether it was not listed yet (the
+    /// caller then pushes it; a connection is listed once).
+    pub fn list_for_revisit(&mut self) -> bool {
+        !std::mem::replace(&mut self.revisit_listed, true)
     }
 
     /// Whether the connection has nothing left to do and should be closed (once a lingering

@@ -3023,50 +3023,39 @@ fn rx_queue(pid: u32, local: SocketAddr, remote: Option<SocketAddr>) -> Option<u
     u64::from_str_radix(rx, 16).ok()
 }
 
-/// A TCRP connection put on the loop's `revisit` list (its input was more than
-/// `READS_PER_EVENT` buffers) and then closed in the same pass (here: a bad frame in its
-/// fourth buffer ends it, and its peer's end is already there) frees its slab slot, which a
-/// metrics connection accepted later in the same pass takes. The list was walked by slot
-/// number alone, so that HTTP connection was read as TCRP and the scraper's `GET /metrics`
-/// answered with a TCRP `malformed_request` frame (found by a review); a connection now
-/// leaves the list when it closes.
+/// A TCRP connection put on the loop's `revisit` list (its turn ended at `FRAMES_PER_TURN`
+/// with more frames waiting) and then closed in the same pass frees its slab slot, which a
+/// metrics connection accepted later in the pass takes: here A is closed to free a
+/// descriptor for the scraper C, the daemon's open-file limit being reached (EMFILE), and
+/// C takes A's slot. The list was once walked by slot number alone, so that HTTP connection
+/// was read as TCRP and the scraper's `GET /metrics` answered with a TCRP
+/// `malformed_request` frame (found by a review); a slot is now read again only for a
+/// connection listed itself (`Conn::revisit_listed`).
 ///
-/// The daemon is stopped (SIGSTOP) while both things happen, so that one `poll` reports them
-/// in one pass, in the order they happened.
+/// The daemon is stopped (SIGSTOP) while A's burst and C's connection arrive, so that one
+/// `poll` reports them in one pass, in the order they happened.
 #[test]
 fn a_metrics_connection_in_a_reused_slot_is_not_read_as_tcrp() {
-    let d = Daemon::start_with(Options {
-        config: Some(
-            "[limits]\nmax_payload_bytes = 64\nhandshake_timeout_secs = 600\n\
-             [rate]\nrequests_per_sec = 0\n"
-                .into(),
-        ),
-        metrics: true,
-        ..Options::default()
-    });
+    let d = daemon(
+        "[limits]\nhandshake_timeout_secs = 600\n[rate]\nrequests_per_sec = 0\n\
+         drop_logs_per_sec = 0\n",
+    );
     let metrics = d.metrics.expect("metrics on");
-    // A: the one TCRP connection, answered once, idle.
+    // A: the one TCRP connection, answered once, idle: the one closed for a descriptor.
     let mut a = connect(&d);
-    // ListRooms with a 64-byte payload: 96 bytes in, ~93 bytes out.
-    let mut padded = b"{}".to_vec();
-    padded.resize(64, b' ');
-    let list = request_bytes(Operation::ListRooms, "", &padded);
-    assert_eq!(list.len(), 96);
+    let list = request_bytes(Operation::ListRooms, "", b"{}");
     a.write_all(&list).unwrap();
     let mut frames = FrameReader::default();
     assert_eq!(frames.next(&mut a).map(|f| f.0), Some(State::Compliance));
     assert_eq!(frames.next(&mut a).map(|f| f.0), Some(State::Complete));
     let a_local = a.local_addr().unwrap();
+    // Its next `accept` fails for want of a descriptor.
+    limit_to_open_descriptors(&d);
 
     d.stop();
-    // 1. A sends far more than four input buffers' worth (a buffer is 4447 bytes at this
-    //    payload cap; each read takes 46 whole frames), with a frame of an unknown state
-    //    (which ends the connection) in the fourth buffer (frames 139 to 184), then its end
-    //    (its FIN counts one more in the queue).
-    let mut burst = list.repeat(320);
-    burst[149 * 96 + 2] = 7;
+    // 1. A pipelines more room lists than one turn answers.
+    let burst = list.repeat(64);
     a.write_all(&burst).unwrap();
-    a.shutdown(Shutdown::Write).unwrap();
     wait_until("the burst queued in the stopped daemon", || {
         rx_queue(d.pid(), d.tcp, Some(a_local)) >= Some(burst.len() as u64)
     });
@@ -3093,6 +3082,12 @@ fn a_metrics_connection_in_a_reused_slot_is_not_read_as_tcrp() {
         answer.starts_with(b"HTTP/1.1 200"),
         "the scraper got {:?} instead of the metrics",
         String::from_utf8_lossy(&answer[..answer.len().min(60)])
+    );
+    // A was the one closed for C (so C took its slot), with its turn cut short.
+    assert_eq!(
+        closed(&d, "evicted"),
+        1.0,
+        "A closed to free a descriptor for C"
     );
 }
 

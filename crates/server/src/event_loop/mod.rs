@@ -343,7 +343,12 @@ impl Server {
                 }
             }
             for id in std::mem::take(&mut self.revisit) {
-                if self.conns.contains(id.0) {
+                // Gone, or a connection in a reused slot that is not listed itself.
+                let listed = self
+                    .conns
+                    .get_mut(id.0)
+                    .is_some_and(|conn| std::mem::replace(&mut conn.revisit_listed, false));
+                if listed {
                     let close = self.read_tcrp(id, now, ReadUntil::WouldBlock);
                     self.after_io(id, close);
                 }

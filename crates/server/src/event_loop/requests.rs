@@ -118,7 +118,9 @@ impl Server {
                 Filled::Drained | Filled::Eof => return None,
             }
         }
-        self.revisit.push(id);
+        if self.conns.get_mut(id.0).is_some_and(Conn::list_for_revisit) {
+            self.revisit.push(id);
+        }
         None
     }
 
