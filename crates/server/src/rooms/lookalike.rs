@@ -37,6 +37,49 @@ impl Lookalikes {
     }
 }
 
+#[cfg(test)]
+impl Registry {
+    /// Checks every look-alike entry against the registry, for the tests: each names a live
+    /// member of a room whose members are filed (or a live room), under a hash of one half
+    /// of that name's word, and each filed name is filed under both halves.
+    pub(super) fn check_lookalike_index(&self) {
+        let mut seen = std::collections::HashMap::new();
+        for entry in &self.lookalikes.members {
+            let member = self.members.get(entry.key).expect("a filed member is live");
+            assert!(
+                self.rooms[member.room.0].members_filed,
+                "{:?}",
+                member.username
+            );
+            let word = member.lookalike_hash.get();
+            let under = Half::of(word).map(|(h, b)| self.filed_under(Some(member.room), h, b));
+            assert!(under.contains(&entry.hash), "{:?}", member.username);
+            *seen.entry(entry.key).or_insert(0) += 1;
+        }
+        for (_, room) in &self.rooms {
+            if room.members_filed {
+                for m in &room.members {
+                    assert_eq!(seen.get(&m.0), Some(&2), "member {m:?} of {:?}", room.name);
+                }
+            }
+        }
+        let Some(rooms) = &self.lookalikes.rooms else {
+            return;
+        };
+        let mut seen = std::collections::HashMap::new();
+        for entry in rooms {
+            let room = self.rooms.get(entry.key).expect("a filed room is open");
+            let word = room.lookalike_hash.get();
+            let under = Half::of(word).map(|(h, b)| self.filed_under(None, h, b));
+            assert!(under.contains(&entry.hash), "{:?}", room.name);
+            *seen.entry(entry.key).or_insert(0) += 1;
+        }
+        for (key, room) in &self.rooms {
+            assert_eq!(seen.get(&key), Some(&2), "room {:?}", room.name);
+        }
+    }
+}
+
 /// A member or a room (by its slab key) and the hash it is filed under.
 #[derive(Clone, Copy)]
 struct Filed {

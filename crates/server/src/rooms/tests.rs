@@ -113,6 +113,28 @@ fn check_indexes(reg: &Registry) {
     let in_filed_rooms: usize = filed_rooms.map(|(_, r)| r.members.len()).sum();
     assert_eq!(members, 2 * in_filed_rooms);
     assert!(rooms.is_none_or(|n| n == 2 * reg.rooms.len()), "{rooms:?}");
+    reg.check_lookalike_index();
+    // Each open room under its name, the listed ones in `listed` too, and nothing else.
+    assert_eq!(reg.room_index.len(), reg.rooms.len());
+    let listed = reg.rooms.iter().filter(|(_, r)| r.listed).count();
+    assert_eq!(reg.listed.len(), listed);
+    for (key, room) in &reg.rooms {
+        assert_eq!(reg.room_index.get(&room.name), Some(&RoomId(key)));
+        if room.listed {
+            assert_eq!(reg.listed.get(&room.name), Some(&RoomId(key)));
+        }
+        assert_eq!(
+            reg.members[room.host.0].room,
+            RoomId(key),
+            "{:?}",
+            room.name
+        );
+        for m in &room.members {
+            assert_eq!(reg.members[m.0].room, RoomId(key), "{:?}", room.name);
+        }
+    }
+    let in_rooms: usize = reg.rooms.iter().map(|(_, r)| r.members.len()).sum();
+    assert_eq!(in_rooms, reg.members.len());
 }
 
 struct Room3 {
@@ -3718,4 +3740,346 @@ fn a_keepalive_of_zero_at_join_promises_nothing() {
             .any(|r| matches!(r, Record::Join { member, .. } if member.keepalive.is_none())),
         "{records:?}"
     );
+}
+
+/// A member as the model of
+/// [`the_registry_keeps_every_index_in_step_through_random_sessions_and_restarts`] keeps it.
+#[derive(Clone)]
+struct Modelled {
+    token: Token,
+    name: &'static str,
+    notices: bool,
+    keepalive: bool,
+    port: Option<u16>,
+    last_seen: Instant,
+}
+
+/// A room of that model: whether it is listed, and its members in join order, host first.
+struct ModelRoom {
+    listed: bool,
+    members: Vec<Modelled>,
+}
+
+/// The member of `room` that `username` looks like, as the full scan before the look-alike
+/// index named it: the first in join order.
+fn scanned_member(reg: &Registry, room: &str, username: &str) -> Option<String> {
+    let keys = tcrp::names::lookalike_keys(username);
+    let room = reg.room_index.get(room)?;
+    reg.rooms[room.0]
+        .members
+        .iter()
+        .map(|m| &reg.members[m.0])
+        .filter(|m| *m.username != *username)
+        .find(|m| tcrp::names::lookalike_keys(&m.username).look_alike(&keys))
+        .map(|m| m.username.to_string())
+}
+
+/// The open room `name` looks like, as the full scan named it: the first in slab order.
+fn scanned_room(reg: &Registry, name: &str) -> Option<(String, bool)> {
+    let keys = tcrp::names::lookalike_keys(name);
+    reg.rooms
+        .iter()
+        .map(|(_, r)| r)
+        .filter(|r| *r.name != *name)
+        .find(|r| tcrp::names::lookalike_keys(&r.name).look_alike(&keys))
+        .map(|r| (r.name.to_string(), r.listed))
+}
+
+/// A random member of the model: its room and its place there.
+fn pick_modelled(
+    model: &std::collections::BTreeMap<&'static str, ModelRoom>,
+    rng: &mut StdRng,
+) -> Option<(&'static str, usize)> {
+    let all: Vec<(&'static str, usize)> = model
+        .iter()
+        .flat_map(|(&name, r)| (0..r.members.len()).map(move |at| (name, at)))
+        .collect();
+    (!all.is_empty()).then(|| all[rng.random_range(0..all.len())])
+}
+
+/// The registered notice takers of a modelled room, in join order: whom a join or leave is
+/// told to.
+fn modelled_takers(room: Option<&ModelRoom>) -> Vec<SocketAddr> {
+    room.map(|r| {
+        r.members
+            .iter()
+            .filter(|m| m.notices)
+            .filter_map(|m| m.port.map(addr))
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// Adds to `state` a room `zz` that a restart skips (its host's name is longer than any
+/// datagram carries), with two members that take notices: the restore files and unfiles them.
+fn add_skipped_room(state: &mut State) {
+    let token = |i: u8| format!("{i:032x}");
+    state.rooms.insert(
+        "zz".into(),
+        serde_json::from_value(serde_json::json!({
+            "host_token": token(1),
+            "members": [token(1), token(2), token(3)],
+            "created_at": 1.0,
+        }))
+        .unwrap(),
+    );
+    for (i, name) in [(1, "h".repeat(300)), (2, "ann".into()), (3, "Zed".into())] {
+        let entry = serde_json::json!({
+            "username": name,
+            "room_name": "zz",
+            "is_host": i == 1,
+            "address": ["127.0.0.1", 50000 + u16::from(i)],
+            "caps": Caps::NOTICES.bits(),
+        });
+        state
+            .tokens
+            .insert(token(i), serde_json::from_value(entry).unwrap());
+    }
+}
+
+/// Random sessions of creates (listed or not), joins (some taking notices, some promising
+/// keepalives, some registered), look-alike checks as the handshake makes them with both
+/// `[names]` settings on, leaves (host or not, registered or not), keepalive expiry, idle
+/// closes under limits changed by a reload, and restarts from the records (with a room the
+/// restore skips): after each step the registry holds exactly the model's rooms and
+/// members (presence, room list, kept list and join notices), all its indexes agree with
+/// its rooms and members (`check_indexes`, look-alike entries included), and each look-alike
+/// check names what a full scan of the rooms and members names.
+#[test]
+fn the_registry_keeps_every_index_in_step_through_random_sessions_and_restarts() {
+    // Look-alike pairs among room names and usernames (case, a Cyrillic а, a zero for an o).
+    const ROOMS: [&str; 6] = ["ab", "AB", "\u{430}b", "cd", "CD", "ZZ"];
+    const NAMES: [&str; 9] = [
+        "ann",
+        "Ann",
+        "\u{430}nn",
+        "bob",
+        "b0b",
+        "BOB",
+        "cy",
+        "Cy",
+        "dee",
+    ];
+    let render = |reg: &Registry| format!("{:?}", reg.list_rooms(usize::MAX)).into_bytes();
+    for seed in 0..200u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut reg = Registry::new(Limits::default(), Box::new(StdRng::seed_from_u64(seed)));
+        let mut model: std::collections::BTreeMap<&'static str, ModelRoom> = Default::default();
+        let mut file = State::default();
+        let mut now = Instant::now();
+        let mut next_port = 1u16;
+        let mut idle = Duration::from_secs(2);
+        for step in 0..150 {
+            let context = format!("seed {seed} step {step}");
+            let mut out = Outbox::default();
+            let room = ROOMS[rng.random_range(0..ROOMS.len())];
+            let name = NAMES[rng.random_range(0..NAMES.len())];
+            'op: {
+                match rng.random_range(0..13) {
+                    op @ 0..=3 => {
+                        let create = op == 0;
+                        let mut request = Request::original(name);
+                        let notices = rng.random_bool(0.5);
+                        if notices {
+                            request.caps = Caps::NOTICES;
+                        }
+                        let keepalive = rng.random_bool(0.3);
+                        if keepalive {
+                            request.keepalive_secs = Some(1);
+                        }
+                        if create {
+                            request.listed = Some(rng.random_bool(0.7));
+                        }
+                        // The handshake's look-alike checks, at times.
+                        if rng.random_bool(0.5) {
+                            if create && reg.create_refusal(room).is_none() {
+                                let want = scanned_room(&reg, room);
+                                let got = reg.lookalike_room(room).map(|(n, l)| (n.to_owned(), l));
+                                assert_eq!(got, want, "{context}: create {room:?}");
+                                if got.is_some() {
+                                    break 'op;
+                                }
+                            }
+                            if !create && reg.join_refusal(room, name).is_none() {
+                                let want = scanned_member(&reg, room, name);
+                                let got = reg.lookalike_member(room, name).map(str::to_owned);
+                                assert_eq!(got, want, "{context}: join {room:?} as {name:?}");
+                                if got.is_some() {
+                                    break 'op;
+                                }
+                            }
+                        }
+                        let joinable = match model.get(room) {
+                            None => create,
+                            Some(r) => !create && r.members.iter().all(|m| m.name != name),
+                        };
+                        let takers = if create {
+                            Vec::new()
+                        } else {
+                            modelled_takers(model.get(room))
+                        };
+                        let result = if create {
+                            reg.create_room(room, &request, HERE, None, now, 1.0)
+                        } else {
+                            reg.join_room(room, &request, HERE, now, &mut out)
+                        };
+                        assert_eq!(result.is_ok(), joinable, "{context}: {result:?}");
+                        let Ok(issued) = result else {
+                            break 'op;
+                        };
+                        let told: Vec<SocketAddr> = sent(&out).into_iter().map(|s| s.0).collect();
+                        assert_eq!(told, takers, "{context}: join notices");
+                        out.clear();
+                        let mut member = Modelled {
+                            token: issued.token,
+                            name,
+                            notices,
+                            keepalive,
+                            port: None,
+                            last_seen: now,
+                        };
+                        if rng.random_bool(0.6) {
+                            let bytes = dgram(room, &member.token, "__REGISTER__");
+                            let h =
+                                reg.handle_datagram(addr(next_port), None, &bytes, now, &mut out);
+                            assert_eq!(h, Handled::Registered { changed: true }, "{context}");
+                            member.port = Some(next_port);
+                            next_port += 1;
+                        }
+                        if create {
+                            let listed = request.listed.unwrap_or(true);
+                            let members = vec![member];
+                            model.insert(room, ModelRoom { listed, members });
+                        } else if let Some(r) = model.get_mut(room) {
+                            r.members.push(member);
+                        }
+                    }
+                    4 | 5 => {
+                        let Some((room, at)) = pick_modelled(&model, &mut rng) else {
+                            break 'op;
+                        };
+                        let m = model[room].members[at].clone();
+                        // An unregistered member leaves by its token alone.
+                        let from = addr(m.port.unwrap_or(60_000));
+                        let bytes = dgram(room, &m.token, "__LEAVE__");
+                        let h = reg.handle_datagram(from, None, &bytes, now, &mut out);
+                        if at == 0 {
+                            assert!(matches!(h, Handled::Closed { .. }), "{context}: {h:?}");
+                            model.remove(room);
+                        } else {
+                            assert_eq!(h, Handled::Left, "{context}");
+                            if let Some(r) = model.get_mut(room) {
+                                r.members.remove(at);
+                            }
+                            let told: Vec<SocketAddr> =
+                                sent(&out).into_iter().map(|s| s.0).collect();
+                            assert_eq!(told, modelled_takers(model.get(room)), "{context}");
+                        }
+                    }
+                    6 => {
+                        let Some((room, at)) = pick_modelled(&model, &mut rng) else {
+                            break 'op;
+                        };
+                        let Some(m) = model.get_mut(room).map(|r| &mut r.members[at]) else {
+                            break 'op;
+                        };
+                        let port = m.port.unwrap_or(next_port);
+                        next_port += u16::from(m.port.is_none());
+                        let bytes = dgram(room, &m.token, "__REGISTER__");
+                        let h = reg.handle_datagram(addr(port), None, &bytes, now, &mut out);
+                        assert!(matches!(h, Handled::Registered { .. }), "{context}: {h:?}");
+                        m.port = Some(port);
+                        m.last_seen = now;
+                    }
+                    7 => {
+                        now += Duration::from_millis(rng.random_range(0..2500));
+                        reg.poll_expired(now, &mut out);
+                        // One-second keepalives, three missed.
+                        let gone = |m: &Modelled| {
+                            m.keepalive
+                                && now.saturating_duration_since(m.last_seen)
+                                    > Duration::from_secs(3)
+                        };
+                        model.retain(|_, r| !gone(&r.members[0]));
+                        for r in model.values_mut() {
+                            r.members.retain(|m| !gone(m));
+                        }
+                    }
+                    8 => {
+                        // A reload that changes the idle limit, then the sweep.
+                        now += Duration::from_millis(rng.random_range(0..3000));
+                        idle = Duration::from_secs(if idle.as_secs() == 2 { 3 } else { 2 });
+                        reg.set_limits(Limits {
+                            room_idle: Some(idle),
+                            ..Limits::default()
+                        });
+                        reg.close_idle_rooms(now, &mut out);
+                        model.retain(|_, r| {
+                            !r.members
+                                .iter()
+                                .all(|m| now.saturating_duration_since(m.last_seen) > idle)
+                        });
+                    }
+                    9 | 10 => {
+                        let pairs: Vec<(&str, &str)> = if rng.random_bool(0.3) {
+                            ROOMS
+                                .iter()
+                                .flat_map(|&r| NAMES.iter().map(move |&n| (r, n)))
+                                .collect()
+                        } else {
+                            vec![(room, name)]
+                        };
+                        for (room, name) in pairs {
+                            let want = scanned_member(&reg, room, name);
+                            let got = reg.lookalike_member(room, name).map(str::to_owned);
+                            assert_eq!(got, want, "{context}: {room:?} {name:?}");
+                            let want = scanned_room(&reg, room);
+                            let got = reg.lookalike_room(room).map(|(n, l)| (n.to_owned(), l));
+                            assert_eq!(got, want, "{context}: {room:?}");
+                        }
+                    }
+                    _ => {
+                        for record in reg.take_records() {
+                            let line = serde_json::to_string(&record).unwrap();
+                            file.apply(&serde_json::from_str::<Record>(&line).unwrap());
+                        }
+                        let mut state = file.clone();
+                        if rng.random_bool(0.5) {
+                            add_skipped_room(&mut state);
+                        }
+                        let rng = Box::new(StdRng::seed_from_u64(seed ^ step));
+                        reg = Registry::from_state(&state, Limits::default(), rng, now);
+                        for m in model.values_mut().flat_map(|r| r.members.iter_mut()) {
+                            m.last_seen = now;
+                        }
+                    }
+                }
+            }
+            check_indexes(&reg);
+            for room in ROOMS {
+                let want = model.get(room).map(|r| Who {
+                    host: r.members[0].name.to_owned(),
+                    members: r
+                        .members
+                        .iter()
+                        .map(|m| (m.name.to_owned(), m.port.is_some()))
+                        .collect(),
+                });
+                assert_eq!(who(&reg, room), want, "{context}: room {room:?}");
+            }
+            let listed: Vec<(String, usize)> = model
+                .iter()
+                .filter(|(_, r)| r.listed)
+                .map(|(name, r)| (name.to_string(), r.members.len()))
+                .collect();
+            let shown: Vec<(String, usize)> = reg
+                .list_rooms(usize::MAX)
+                .into_iter()
+                .map(|r| (r.name, r.members))
+                .collect();
+            assert_eq!(shown, listed, "{context}");
+            let kept = String::from_utf8(reg.room_list(render)).unwrap();
+            assert_eq!(kept, String::from_utf8(render(&reg)).unwrap(), "{context}");
+        }
+    }
 }
