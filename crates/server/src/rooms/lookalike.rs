@@ -122,6 +122,9 @@ impl Registry {
         let keys = names::lookalike_keys(username);
         let word = self.lookalike_word(&keys);
         let table = &self.lookalikes.members;
+        // Join order is serial order counted from the host's, the room's first member: the
+        // registry's count wraps after 2^32 members, a room's life would have to see as many.
+        let first = self.members[self.rooms[room.0].host.0].serial;
         Half::of(word)
             .into_iter()
             .flat_map(|(half, bits)| {
@@ -138,7 +141,7 @@ impl Registry {
                     && *member.username != *username
                     && self.looks_like(&member.username, &member.lookalike_hash, &keys, word)
             })
-            .min_by_key(|&key| self.members[key].serial)
+            .min_by_key(|&key| self.members[key].serial.wrapping_sub(first))
             .map(|key| &*self.members[key].username)
     }
 

@@ -1682,6 +1682,24 @@ fn a_room_list_reads_only_the_rooms_it_shows() {
     assert_eq!(first[0].name, "b00001");
 }
 
+/// When several members look like a new name, the one named is the first that joined, also
+/// when the registry's member serials wrapped past 2^32 between their joins.
+#[test]
+fn a_lookalike_check_names_the_first_joined_across_a_serial_wrap() {
+    let mut reg = registry();
+    let now = Instant::now();
+    let mut out = Outbox::default();
+    reg.next_serial = u32::MAX - 1;
+    reg.create_room("r", &Request::original("host"), HERE, None, now, 1.0)
+        .unwrap();
+    for name in ["Ann", "ANN"] {
+        reg.join_room("r", &Request::original(name), HERE, now, &mut out)
+            .unwrap();
+    }
+    assert_eq!(reg.lookalike_member("r", "ann"), Some("Ann"));
+    assert_eq!(reg.lookalike_member("r", "aNn"), Some("Ann"), "once filed");
+}
+
 /// A look-alike check reads only the names filed under the new name's keys, once the first
 /// check filed them all: not every member of the room, nor every open room (measured
 /// before, at 100,000: about 1 ms a create or join with the settings on). Members and rooms
