@@ -473,13 +473,18 @@ impl Chat {
         since.elapsed() < HOLD_LIMIT
     }
 
-    /// The next event, waiting no later than the next timer; `None` when a timer is due.
-    /// While lines are held ([`Chat::holding`]) only the room's word is read: the queue of
-    /// lines, and `/quit` and the end of input in their place behind them, wait for the
-    /// verdict or the end of the [`HOLD_LIMIT`]. (A signal is also sent ahead, and its flag
-    /// is read on every pass.)
+    /// The next event, waiting no later than the next timer; `None` when a timer is due, or
+    /// when a held line is to go (its hold ended). While lines are held ([`Chat::holding`])
+    /// only the room's word is read: the queue of lines, and `/quit` and the end of input in
+    /// their place behind them, wait for the verdict or the end of the [`HOLD_LIMIT`]. (A
+    /// signal is also sent ahead, and its flag is read on every pass.)
     fn next_event(&mut self) -> Option<Event> {
         let holding = self.holding();
+        if self.held.is_some() && !holding {
+            // The hold ran out since `serve` looked: the held line goes first, and the
+            // hold's end is no longer among the timers.
+            return None;
+        }
         let wake = [
             self.closures.recheck_at(),
             self.liveness.as_ref().and_then(Liveness::due_at),
@@ -490,11 +495,7 @@ impl Chat {
         .into_iter()
         .flatten()
         .min();
-        let queue = if holding || self.held.is_some() {
-            &self.ahead
-        } else {
-            &self.inbox
-        };
+        let queue = if holding { &self.ahead } else { &self.inbox };
         let received = match wake {
             Some(at) => queue.recv_timeout(at.saturating_duration_since(Instant::now())),
             None => queue.recv().map_err(|_| RecvTimeoutError::Disconnected),

@@ -1389,3 +1389,54 @@ fn the_room_word_goes_ahead_of_a_full_queue_of_lines() {
         "the main loop has gone"
     );
 }
+
+/// A main loop holding a line whose hold ran out between `serve`'s look and `next_event`'s
+/// (a pass begun just before [`HOLD_LIMIT`]), its check still unanswered: it waits for no
+/// event, so that `serve` sends the held line at once. It used to wait on the room's queue
+/// alone, with the hold's end no longer among its timers: for the verdict, up to the check's
+/// 20 s of timeouts, with the line, `/quit` and the end of input behind it.
+#[test]
+fn a_line_whose_hold_ran_out_is_sent_without_waiting_for_the_verdict() {
+    let (session, _server) = pair("lobby", "ab");
+    let (screen, _rec) = screen(false);
+    let (inbox_events, inbox) = mpsc::sync_channel(EVENT_QUEUE);
+    let (ahead_events, ahead) = mpsc::sync_channel(EVENT_QUEUE);
+    let dead = DeadTcp::new();
+    let (checker, _verdicts) = checker(dead.addr);
+    let mut closures = closure::Policy::new(true);
+    let now = Instant::now();
+    // A notice handled, its check in flight (never started: the verdict never comes).
+    assert_eq!(closures.notice(now), closure::Action::Check);
+    let mut chat = Chat {
+        session,
+        inbox,
+        ahead,
+        signalled: Arc::default(),
+        screen,
+        own: OwnSends::default(),
+        closures,
+        last_heard: Arc::new(Mutex::new(now)),
+        liveness: None,
+        outage: Outage::default(),
+        terminal: None,
+        checker,
+        pacer: Pacer::new(pacing::CHAT_PER_SEC, pacing::CHAT_BURST, now),
+        notices: Arc::new(AtomicU64::new(1)),
+        notices_handled: 1,
+        held: Some("held line".into()),
+        hold_started: Some(now - HOLD_LIMIT - Duration::from_millis(1)),
+    };
+    let (done, returned) = mpsc::channel();
+    thread::spawn(move || {
+        let event = chat.next_event();
+        let _ = done.send(format!("{event:?}"));
+        // Kept until the answer is read: the queues stay open.
+        drop((chat, inbox_events, ahead_events));
+    });
+    let event = returned.recv_timeout(Duration::from_secs(5));
+    assert_eq!(
+        event.as_deref(),
+        Ok("None"),
+        "next_event waited for an event with a line held past the hold"
+    );
+}
