@@ -136,13 +136,16 @@ struct Counted {
     /// Chat lines `ocm` sent once its receiver had taken the notice, while the daemon was
     /// stopped (its closure check unanswered).
     after: usize,
+    /// How long after its receiver had taken the notice `ocm` sent the first of those.
+    first_after: Option<Duration>,
 }
 
 /// A UDP relay between one `ocm` (given the relay as `--udp-port`) and the daemon, which
 /// sees the relay as the member. When a `__ROOM_CLOSED__` comes from the daemon (or when
 /// told to forge one), it stops the daemon, hands the notice to `ocm`, waits until `ocm`'s
 /// receiver has taken it from its socket's queue, counts the chat lines `ocm` sends for
-/// [`CHECK_HELD`], then lets the daemon go on and reports what it counted.
+/// `held` ([`CHECK_HELD`] unless told), then lets the daemon go on and reports what it
+/// counted.
 struct Relay {
     addr: std::net::SocketAddr,
     forge: std::sync::mpsc::Sender<()>,
@@ -151,6 +154,11 @@ struct Relay {
 
 impl Relay {
     fn start(d: &Daemon) -> Relay {
+        Relay::holding_the_daemon(d, CHECK_HELD)
+    }
+
+    /// A relay that keeps the daemon stopped for `held` after each notice.
+    fn holding_the_daemon(d: &Daemon, held: Duration) -> Relay {
         let socket = UdpSocket::bind("127.0.0.1:0").expect("bind the relay");
         socket
             .set_read_timeout(Some(Duration::from_millis(5)))
@@ -191,13 +199,20 @@ impl Relay {
                 wait_until("ocm to read the notice", || {
                     udp_queue(to).is_some_and(|(queued, _)| queued == 0)
                 });
+                let read = Instant::now();
+                let mut first_after = None;
                 let mut count = |until: Option<Instant>| {
                     let mut lines = 0;
                     socket.set_nonblocking(until.is_none()).expect("blocking");
                     while until.is_none_or(|at| Instant::now() < at) {
                         match socket.recv_from(&mut buf) {
                             Ok((len, from)) if from == to => {
-                                lines += usize::from(is_chat_line(&buf[..len]));
+                                if is_chat_line(&buf[..len]) {
+                                    lines += 1;
+                                    if until.is_some() && first_after.is_none() {
+                                        first_after = Some(read.elapsed());
+                                    }
+                                }
                                 let _ = socket.send_to(&buf[..len], daemon);
                             }
                             Ok(_) => {}
@@ -209,9 +224,14 @@ impl Relay {
                     lines
                 };
                 let before = count(None);
-                let after = count(Some(Instant::now() + CHECK_HELD));
+                let after = count(Some(Instant::now() + held));
                 assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGCONT) }, 0);
-                if report.send(Counted { before, after }).is_err() {
+                let counted = Counted {
+                    before,
+                    after,
+                    first_after,
+                };
+                if report.send(counted).is_err() {
                     return;
                 }
             }
@@ -330,6 +350,50 @@ fn lines_held_for_a_forged_closure_are_all_sent_after_it() {
         });
         assert_eq!(line, format!("bob: line {i}"));
     }
+    feeder.join().expect("the feeder");
+    assert!(bob.wait().success(), "stderr:\n{}", stderr());
+    assert!(
+        stderr().contains("* ignored a notice that the room closed"),
+        "{}",
+        stderr()
+    );
+}
+
+/// How long `ocm` holds its lines at most while a closure notice is being checked
+/// (`HOLD_LIMIT` in crates/client/src/chat/mod.rs).
+const OCM_HOLD_LIMIT: Duration = Duration::from_secs(2);
+
+/// A forged `__ROOM_CLOSED__` reaches bob while he pipes lines, and the daemon, stopped,
+/// takes the closure check's connection but does not answer for 5 s: bob holds his lines
+/// for `OCM_HOLD_LIMIT`, not for the check's timeouts, then sends them again; once the
+/// daemon answers that he is still a member, he stays, and the end of his input ends his
+/// chat. (Not every line reaches alice: those sent to the stopped daemon reach it together
+/// when it goes on, over its rate limit.)
+#[test]
+fn a_check_left_unanswered_holds_the_lines_for_the_hold_limit_only() {
+    let d = Daemon::start();
+    let relay = Relay::holding_the_daemon(&d, Duration::from_secs(5));
+    let (_alice, mut bob, feeder) = bob_piping_through(&d, &relay, 400, 100);
+    relay.forge.send(()).expect("the relay runs");
+    let counted = relay.counted();
+    let bob_stderr = Arc::clone(&bob.stderr);
+    let stderr = || bob_stderr.lock().unwrap().clone();
+    eprintln!("{counted:?}");
+    let first = counted
+        .first_after
+        .unwrap_or_else(|| panic!("no line in 5 s: {counted:?}; stderr:\n{}", stderr()));
+    // The hold starts when the receiver hands the notice on, just after the relay saw it
+    // taken from the socket; a loaded machine may start the lines late, not early.
+    assert!(
+        first >= OCM_HOLD_LIMIT - Duration::from_millis(100),
+        "{counted:?}; stderr:\n{}",
+        stderr()
+    );
+    assert!(
+        first < OCM_HOLD_LIMIT + Duration::from_millis(2500),
+        "{counted:?}; stderr:\n{}",
+        stderr()
+    );
     feeder.join().expect("the feeder");
     assert!(bob.wait().success(), "stderr:\n{}", stderr());
     assert!(
