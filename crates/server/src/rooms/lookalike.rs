@@ -105,6 +105,22 @@ impl Half {
     }
 }
 
+/// The keys filed in `table` under either half of `word`, each half hashed by `hash` (a
+/// name filed under both halves comes twice).
+fn filed_under<'t>(
+    table: &'t HashTable<Filed>,
+    word: u64,
+    hash: impl Fn(Half, u32) -> u64 + 't,
+) -> impl Iterator<Item = usize> + 't {
+    Half::of(word).into_iter().flat_map(move |(half, bits)| {
+        let hash = hash(half, bits);
+        table
+            .iter_hash(hash)
+            .filter(move |e| e.hash == hash)
+            .map(|e| e.key)
+    })
+}
+
 /// The hash an entry is filed under, for the table's growth.
 fn filed_hash(entry: &Filed) -> u64 {
     entry.hash
@@ -125,24 +141,18 @@ impl Registry {
         // Join order is serial order counted from the host's, the room's first member: the
         // registry's count wraps after 2^32 members, a room's life would have to see as many.
         let first = self.members[self.rooms[room.0].host.0].serial;
-        Half::of(word)
-            .into_iter()
-            .flat_map(|(half, bits)| {
-                let hash = self.hasher.hash_one((room.0, half, bits));
-                table
-                    .iter_hash(hash)
-                    .filter(move |e| e.hash == hash)
-                    .map(|e| e.key)
-            })
-            .filter(|&key| {
-                let member = &self.members[key];
-                // The same name is `join_refusal`'s to refuse, with its own message.
-                member.room == room
-                    && *member.username != *username
-                    && self.looks_like(&member.username, &member.lookalike_hash, &keys, word)
-            })
-            .min_by_key(|&key| self.members[key].serial.wrapping_sub(first))
-            .map(|key| &*self.members[key].username)
+        filed_under(table, word, |half, bits| {
+            self.hasher.hash_one((room.0, half, bits))
+        })
+        .filter(|&key| {
+            let member = &self.members[key];
+            // The same name is `join_refusal`'s to refuse, with its own message.
+            member.room == room
+                && *member.username != *username
+                && self.looks_like(&member.username, &member.lookalike_hash, &keys, word)
+        })
+        .min_by_key(|&key| self.members[key].serial.wrapping_sub(first))
+        .map(|key| &*self.members[key].username)
     }
 
     /// An open room whose name `room_name` looks like, if any (the first in the registry's
@@ -155,15 +165,7 @@ impl Registry {
         let keys = names::lookalike_keys(room_name);
         let word = self.lookalike_word(&keys);
         let table = self.lookalikes.rooms.as_ref()?;
-        Half::of(word)
-            .into_iter()
-            .flat_map(|(half, bits)| {
-                let hash = self.hasher.hash_one((half, bits));
-                table
-                    .iter_hash(hash)
-                    .filter(move |e| e.hash == hash)
-                    .map(|e| e.key)
-            })
+        filed_under(table, word, |half, bits| self.hasher.hash_one((half, bits)))
             .filter(|&key| {
                 let room = &self.rooms[key];
                 *room.name != *room_name
