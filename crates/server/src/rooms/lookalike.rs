@@ -107,7 +107,7 @@ impl Half {
 
 /// The keys filed in `table` under either half of `word`, each half hashed by `hash` (a
 /// name filed under both halves comes twice).
-fn filed_under<'t>(
+fn filed_keys<'t>(
     table: &'t HashTable<Filed>,
     word: u64,
     hash: impl Fn(Half, u32) -> u64 + 't,
@@ -141,8 +141,8 @@ impl Registry {
         // Join order is serial order counted from the host's, the room's first member: the
         // registry's count wraps after 2^32 members, a room's life would have to see as many.
         let first = self.members[self.rooms[room.0].host.0].serial;
-        filed_under(table, word, |half, bits| {
-            self.hasher.hash_one((room.0, half, bits))
+        filed_keys(table, word, |half, bits| {
+            self.filed_under(Some(room), half, bits)
         })
         .filter(|&key| {
             let member = &self.members[key];
@@ -165,7 +165,7 @@ impl Registry {
         let keys = names::lookalike_keys(room_name);
         let word = self.lookalike_word(&keys);
         let table = self.lookalikes.rooms.as_ref()?;
-        filed_under(table, word, |half, bits| self.hasher.hash_one((half, bits)))
+        filed_keys(table, word, |half, bits| self.filed_under(None, half, bits))
             .filter(|&key| {
                 let room = &self.rooms[key];
                 *room.name != *room_name
@@ -255,16 +255,20 @@ impl Registry {
         }
     }
 
+    /// The members' table if `member`, else the rooms' (`None` until room names are checked).
+    fn lookalike_table(&mut self, member: bool) -> Option<&mut HashTable<Filed>> {
+        if member {
+            Some(&mut self.lookalikes.members)
+        } else {
+            self.lookalikes.rooms.as_mut()
+        }
+    }
+
     /// Files `key` (a member of `room` if `member`, else a room) under both halves of `word`.
     fn file(&mut self, member: bool, room: Option<RoomId>, key: usize, word: u64) {
         for (half, bits) in Half::of(word) {
             let hash = self.filed_under(room, half, bits);
-            let table = if member {
-                Some(&mut self.lookalikes.members)
-            } else {
-                self.lookalikes.rooms.as_mut()
-            };
-            if let Some(table) = table {
+            if let Some(table) = self.lookalike_table(member) {
                 table.insert_unique(hash, Filed { hash, key }, filed_hash);
             }
         }
@@ -274,13 +278,9 @@ impl Registry {
     fn unfile(&mut self, member: bool, room: Option<RoomId>, key: usize, word: u64) {
         for (half, bits) in Half::of(word) {
             let hash = self.filed_under(room, half, bits);
-            let table = if member {
-                Some(&mut self.lookalikes.members)
-            } else {
-                self.lookalikes.rooms.as_mut()
-            };
-            if let Some(Ok(entry)) =
-                table.map(|t| t.find_entry(hash, |e| e.hash == hash && e.key == key))
+            if let Some(Ok(entry)) = self
+                .lookalike_table(member)
+                .map(|t| t.find_entry(hash, |e| e.hash == hash && e.key == key))
             {
                 entry.remove();
             }
