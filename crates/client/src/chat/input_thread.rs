@@ -14,8 +14,8 @@ use rustyline::{Cmd, Config, DefaultEditor, KeyEvent};
 
 use super::commands::{too_long, Commands};
 use super::suspend::{
-    redraw_on_resume, remember_mode_before_chat, stop_in_the_mode_before_the_chat,
-    take_suspend_here, EditorThread,
+    discard_unread_input, redraw_on_resume, remember_mode_before_chat,
+    stop_in_the_mode_before_the_chat, take_suspend_here, EditorThread,
 };
 use super::{lock, Event};
 use crate::error::ClientError;
@@ -72,6 +72,7 @@ impl Drop for TerminalGuard {
             if let Err(e) = tcsetattr(io::stdin(), SetArg::TCSAFLUSH, saved) {
                 debug!("cannot restore the terminal mode: {e}");
             }
+            discard_unread_input();
             if self.reading.load(Ordering::SeqCst) {
                 // The editor turns the terminal's bracketed paste on for each line it reads
                 // and off when it returns one: stopped while reading, it is left on, and the

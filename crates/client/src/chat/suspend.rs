@@ -171,6 +171,7 @@ extern "C" fn on_sigtstp(_: libc::c_int) {
         // paste) as commands. The terminal's own Ctrl+Z discards that input too (ISIG
         // without NOFLSH), so a stop drops the same whichever way it comes.
         set_mode(libc::TCSAFLUSH, before);
+        discard_unread_input();
     }
     stop();
     // Continued in the background (`bg`; or the SIGCONT a shell's `kill %1` sends after its
@@ -292,6 +293,16 @@ fn set_mode(when: libc::c_int, mode: &libc::termios) {
     while unsafe { libc::tcsetattr(libc::STDIN_FILENO, when, mode) } != 0
         && Errno::last() == Errno::EINTR
     {}
+}
+
+/// Discards all the terminal holds unread. `tcsetattr`'s TCSAFLUSH empties only the line
+/// discipline's queue: what the other side of a pseudo-terminal wrote last (the end of a
+/// paste) can still wait in the kernel's buffer before it, and reaches the queue after the
+/// flush, for the shell to read. `tcflush(TCIFLUSH)` empties both. Async-signal-safe.
+pub(super) fn discard_unread_input() {
+    // SAFETY: tcflush takes a descriptor and a constant. It fails only where standard input
+    // is no terminal (any more), whose unread input no shell would take as typed.
+    let _ = unsafe { libc::tcflush(libc::STDIN_FILENO, libc::TCIFLUSH) };
 }
 
 /// SIGTSTP's default action, from its handler: the signal is blocked while the handler
