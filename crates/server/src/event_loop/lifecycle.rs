@@ -75,6 +75,10 @@ impl Server {
         new.udp.recv_buffer_bytes = self.config.udp.recv_buffer_bytes;
         new.udp.send_buffer_bytes = self.config.udp.send_buffer_bytes;
         self.registry.set_limits(new.registry_limits());
+        self.registry.set_lookalike_checks(
+            new.names.refuse_lookalike_usernames,
+            new.names.refuse_lookalike_room_names,
+        );
         self.sender.set_max_batch(new.udp.max_batch_datagram_bytes);
         self.sender
             .set_segmentation(segmentation(&new, self.udp.as_raw_fd()));

@@ -241,6 +241,11 @@ fn load_registry(
         now,
     );
     registry.set_wall_clock(now, unix_now());
+    let names = &config.names;
+    registry.set_lookalike_checks(
+        names.refuse_lookalike_usernames,
+        names.refuse_lookalike_room_names,
+    );
     let stats = registry.stats();
     info!(
         "state {}: {}, {} loaded in {:?}",

@@ -4,13 +4,15 @@
 //!
 //! Each name's two keys are worked out once and kept as one word of two 32-bit hashes in its
 //! member or room (0: not yet). The first check of a room's members files each of them (by
-//! the room and each half of its word) in an index, and the first check of room names files
-//! every open room (by each half); the index is kept up to date from then on: a member or
-//! room added is filed, one removed unfiled. A check then reads only the names filed under
-//! the new name's two halves, whose keys are compared in full, not every member of the room
-//! or every open room (one look-alike create at 100,000 rooms was a pass over them all,
-//! 1.2 ms of the event loop). Until the first check nothing is filed, and a daemon with both
-//! settings off never works out a key.
+//! the room and each half of its word) in an index; every open room is filed (by each half)
+//! when the daemon starts or reloads with room names checked ([`Registry::set_lookalike_checks`]),
+//! before any request waits on it (at 100,000 rooms, 56-88 ms the first create after a
+//! start used to hold the event loop), or else at the first check. The index is kept up to
+//! date from then on: a member or room added is filed, one removed unfiled. A check then
+//! reads only the names filed under the new name's two halves, whose keys are compared in
+//! full, not every member of the room or every open room (one look-alike create at 100,000
+//! rooms was a pass over them all, 1.2 ms of the event loop). A setting turned off drops its
+//! index, and a daemon with both settings off never works out a key.
 
 use std::cell::Cell;
 
@@ -173,6 +175,25 @@ impl Registry {
             })
             .min()
             .map(|key| (&*self.rooms[key].name, self.rooms[key].listed))
+    }
+
+    /// Makes the indexes fit the `[names]` settings: with room names checked, every open
+    /// room is filed now (at a start, before the daemon is ready, or at the reload that turns
+    /// the check on), not by the first create that asks; with a check off, its index is
+    /// dropped, and no longer kept up to date. Members are filed a room at a time, by the
+    /// first check of each room (bounded by `max_members_per_room`).
+    pub fn set_lookalike_checks(&mut self, usernames: bool, room_names: bool) {
+        if !room_names {
+            self.lookalikes.rooms = None;
+        } else if self.lookalikes.rooms.is_none() {
+            self.file_all_rooms();
+        }
+        if !usernames && !self.lookalikes.members.is_empty() {
+            self.lookalikes.members = HashTable::new();
+            for (_, room) in &mut self.rooms {
+                room.members_filed = false;
+            }
+        }
     }
 
     /// Files a member just added, if its room's members are filed.
