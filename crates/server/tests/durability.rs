@@ -1469,7 +1469,7 @@ fn a_failed_directory_fsync_stops_ocmd(library: &std::path::Path, skip: u32, whe
         }
     }
     let status = d.wait_exit();
-    assert_eq!(status.code(), Some(1), "{when}: {}", d.log());
+    assert_eq!(status.code(), Some(1), "{when}: {status:?}: {}", d.log());
     let log = d.log();
     assert!(
         log.contains(&format!(

@@ -11,8 +11,9 @@ pub use shared::{fill_datagram_queue, skipped};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStderr, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -217,7 +218,81 @@ pub struct Daemon {
     /// `room_manager.json` inside `dir` (or inside its `Options::state_in`).
     pub state: PathBuf,
     options: Options,
-    log: Arc<Mutex<String>>,
+    log: Arc<Mutex<LogPipe>>,
+}
+
+/// The daemon's stderr, read without blocking, and the lines read from it. Every read takes
+/// the lock, so a read that finds the pipe empty has every line written before it started:
+/// no line can be out of the pipe and not yet in `text` (as with a reader thread that reads,
+/// then locks to append).
+struct LogPipe {
+    pipe: ChildStderr,
+    /// Every whole line read, each ending in `\n`.
+    text: String,
+    /// The start of a line whose end is not read yet.
+    partial: Vec<u8>,
+    /// False once the pipe reached its end (or failed).
+    open: bool,
+}
+
+impl LogPipe {
+    fn new(pipe: ChildStderr) -> LogPipe {
+        let fd = pipe.as_raw_fd();
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        assert!(flags >= 0, "F_GETFL on ocmd's stderr");
+        let rc = unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) };
+        assert_eq!(rc, 0, "O_NONBLOCK on ocmd's stderr");
+        LogPipe {
+            pipe,
+            text: String::new(),
+            partial: Vec::new(),
+            open: true,
+        }
+    }
+
+    fn fd(&self) -> RawFd {
+        self.pipe.as_raw_fd()
+    }
+
+    /// Reads what the pipe holds now; returns the whole lines it completed.
+    fn drain(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        let mut chunk = [0u8; 8192];
+        while self.open {
+            match self.pipe.read(&mut chunk) {
+                Ok(0) => {
+                    self.open = false;
+                    // A last line without its end, as `BufRead::lines` gives it.
+                    if !self.partial.is_empty() {
+                        self.partial.push(b'\n');
+                    }
+                }
+                Ok(n) => self.partial.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => self.open = false,
+            }
+            while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
+                let line = String::from_utf8_lossy(&self.partial[..end]).into_owned();
+                self.partial.drain(..=end);
+                self.text.push_str(&line);
+                self.text.push('\n');
+                lines.push(line);
+            }
+        }
+        lines
+    }
+}
+
+/// Blocks until `fd` can be read (data, or its end).
+fn wait_readable(fd: RawFd) {
+    let mut poll = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // EINTR or a spurious wake-up: the caller reads what there is and comes back.
+    unsafe { libc::poll(&mut poll, 1, -1) };
 }
 
 impl Daemon {
@@ -278,16 +353,23 @@ impl Daemon {
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn ocmd");
         let stderr = child.stderr.take().expect("stderr piped");
-        let log = Arc::new(Mutex::new(String::new()));
+        let log = Arc::new(Mutex::new(LogPipe::new(stderr)));
         let (tx, rx) = mpsc::channel::<String>();
         {
             let log = Arc::clone(&log);
-            thread::spawn(move || {
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    log.lock().unwrap().push_str(&line);
-                    log.lock().unwrap().push('\n');
+            thread::spawn(move || loop {
+                // Waits without the lock, so that `Daemon::log` can read meanwhile.
+                let fd = log.lock().unwrap().fd();
+                wait_readable(fd);
+                let (lines, open) = {
+                    let mut pipe = log.lock().unwrap();
+                    (pipe.drain(), pipe.open)
+                };
+                for line in lines {
                     let _ = tx.send(line);
+                }
+                if !open {
+                    break;
                 }
             });
         }
@@ -338,15 +420,19 @@ impl Daemon {
                             }
                         }
                     }
-                    return Err(log.lock().unwrap().clone());
+                    return Err(log.lock().unwrap().text.clone());
                 }
             }
         }
     }
 
-    /// Everything the daemon wrote to stderr so far.
+    /// Everything the daemon wrote to stderr before this call: what the reader thread has not
+    /// taken from the pipe yet is read here (so a line logged before a reply the test has
+    /// received, or before the daemon exited, is in it).
     pub fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
+        let mut pipe = self.log.lock().unwrap();
+        pipe.drain();
+        pipe.text.clone()
     }
 
     /// Waits until the daemon's log contains `needle`.
