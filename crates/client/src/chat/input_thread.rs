@@ -112,6 +112,16 @@ pub(super) fn spawn_input(
             });
         if editor.is_some() {
             commands.editor_prints();
+            // The terminal quiet (as between two lines) before the join's history is asked
+            // for, not only once the editor reads: the keys typed from then on wait unseen
+            // for the editor, which draws them after its prompt. Quieted after the asking
+            // thread started, a key typed while the asking thread sent its question was
+            // echoed raw in the terminal's normal mode, before the prompt (under load, 3 runs
+            // in 120 of the_history_on_joining_comes_while_the_editor_reads). SIGTSTP is
+            // still blocked here (`take_suspend_here` is below), so a Ctrl+Z meanwhile finds
+            // the handler that stops in the mode before the chat.
+            stop_in_the_mode_before_the_chat();
+            quiet_between_lines();
             // The editor must keep reading while the server answers `/who` or `/history`,
             // and the join's history too: fetched here, before `readline`, it left the
             // terminal in its normal mode meanwhile, which echoed what was typed raw over
@@ -261,14 +271,13 @@ fn quiet_between_lines() {
     }
 }
 
-/// The line editor's loop: Enter acts on the line, Ctrl+C and Ctrl+D leave.
+/// The line editor's loop: Enter acts on the line, Ctrl+C and Ctrl+D leave. The terminal is
+/// already quiet between lines, and SIGTSTP stops in the mode before the chat (`spawn_input`).
 fn read_edited(
     commands: &mut Commands,
     editor: &mut DefaultEditor,
     reading: &AtomicBool,
 ) -> Option<Event> {
-    stop_in_the_mode_before_the_chat();
-    quiet_between_lines();
     loop {
         reading.store(true, Ordering::SeqCst);
         let line = editor.readline(PROMPT);
