@@ -238,8 +238,10 @@ struct LogPipe {
 impl LogPipe {
     fn new(pipe: ChildStderr) -> LogPipe {
         let fd = pipe.as_raw_fd();
+        // SAFETY: fcntl on a descriptor `pipe` owns; it reads and sets its status flags only.
         let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
         assert!(flags >= 0, "F_GETFL on ocmd's stderr");
+        // SAFETY: as above.
         let rc = unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) };
         assert_eq!(rc, 0, "O_NONBLOCK on ocmd's stderr");
         LogPipe {
@@ -292,6 +294,8 @@ fn wait_readable(fd: RawFd) {
         revents: 0,
     };
     // EINTR or a spurious wake-up: the caller reads what there is and comes back.
+    // SAFETY: poll reads and fills one pollfd; the descriptor stays open while the caller
+    // holds the `LogPipe` that owns it.
     unsafe { libc::poll(&mut poll, 1, -1) };
 }
 
