@@ -436,6 +436,42 @@ fn chat_is_relayed_to_the_others_and_not_echoed() {
     assert_eq!(out.sends[0].bytes, out.sends[1].bytes);
 }
 
+/// Every send to a member names that member's slot in the registry, the same for a relay
+/// and for the room's closing `__ROOM_CLOSED__`, and no two members share one: the UDP shell
+/// groups a member's datagrams into its batches by that number alone. Kills the
+/// cargo-mutants mutants that make `MemberId::slot` return 0 or 1 (every member's sends
+/// then grouped as one member's).
+#[test]
+fn every_send_to_a_member_names_that_members_own_slot() {
+    let mut t = room_of_three();
+    let slot_of = |reg: &Registry, token: &Token| {
+        let id = reg.find_token(token.as_str().as_bytes()).unwrap();
+        Some(u32::try_from(id.0).unwrap())
+    };
+    let slots: HashMap<SocketAddr, Option<u32>> = [(1, &t.host), (2, &t.bob), (3, &t.cy)]
+        .into_iter()
+        .map(|(port, token)| (addr(port), slot_of(&t.reg, token)))
+        .collect();
+    let mut distinct: Vec<_> = slots.values().collect();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "{slots:?}");
+    let mut out = Outbox::default();
+    for (port, token) in [(1, &t.host), (2, &t.bob), (3, &t.cy)] {
+        let chat = dgram("r", token, "hi");
+        let h = t
+            .reg
+            .handle_datagram(addr(port), None, &chat, t.now, &mut out);
+        assert_eq!(h, Handled::Relayed { deliveries: 2 });
+    }
+    let h = leave(&mut t.reg, addr(1), &t.host, t.now, &mut out);
+    assert_eq!(h, Handled::Closed { notified: 2 });
+    assert_eq!(out.sends.len(), 8);
+    for send in &out.sends {
+        assert_eq!(send.member, slots[&send.to], "send to {}", send.to);
+    }
+}
+
 #[test]
 fn chat_that_would_relay_past_4096_bytes_is_dropped_not_cut() {
     let mut t = room_of_three();
@@ -3318,6 +3354,43 @@ fn our_own_address_is_recognised_behind_an_ipv4_mapped_wildcard_and_link_local_p
         );
         assert_eq!(h, expected, "from fe80::1%{scope}");
     }
+}
+
+/// Only a link-local address is held to its link: a global IPv6 address of ours is us
+/// whatever interface the datagram came in on, and its source carries no scope (the kernel
+/// gives 0). Kills the cargo-mutants mutant that takes every IPv6 source as link-local
+/// (`is_unicast_link_local()` replaced with `true` in `sent_by_us`), under which a forged
+/// `__REGISTER__` from our own global address bound a member there.
+#[test]
+fn a_global_ipv6_address_of_ours_is_us_whatever_link_it_came_in_on() {
+    let mut t = room_of_three();
+    let mut out = Outbox::default();
+    t.reg
+        .set_own_address(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 9091)));
+    let global = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+    let arrival = Some(LocalAddr {
+        ip: IpAddr::V6(global),
+        ifindex: 2,
+    });
+    let h = t.reg.handle_datagram(
+        SocketAddr::from((global, 9091)),
+        arrival,
+        &dgram("r", &t.bob, "__REGISTER__"),
+        t.now,
+        &mut out,
+    );
+    assert_eq!(h, Handled::Dropped(DropReason::OwnAddress));
+    // Another host's global address on our port is a client.
+    let peer = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
+    let h = t.reg.handle_datagram(
+        SocketAddr::from((peer, 9091)),
+        arrival,
+        &dgram("r", &t.bob, "__REGISTER__"),
+        t.now,
+        &mut out,
+    );
+    assert_eq!(h, Handled::Registered { changed: true });
+    assert!(out.is_empty());
 }
 
 #[test]
