@@ -3834,6 +3834,30 @@ fn a_sweep_leaves_a_few_departed_members_entries_queued() {
     assert_eq!(reg.deadlines.len(), 10);
 }
 
+/// The queue may hold twice its live entries and 1,024 more (`STALE_SLACK`) before a sweep
+/// builds it again: at exactly that many it is left alone, one more and it is built from the
+/// live members. Kills the cargo-mutants mutant `>` with `>=` in `Deadlines::mostly_stale`
+/// (a rebuild one entry early).
+#[test]
+fn the_deadline_queue_is_built_again_only_past_twice_the_live_entries_and_1024() {
+    let (mut reg, now, mut out, _host) = room_r();
+    reg.join_room("r", &keeping_alive("live", 10), HERE, now, &mut out)
+        .unwrap();
+    let slack = 2 + 1_024;
+    for _ in 1..slack {
+        join_and_leave_for_good(&mut reg, now, &mut out);
+    }
+    reg.poll_expired(now, &mut out);
+    assert_eq!(reg.deadlines.len(), slack, "at the mark: left alone");
+    join_and_leave_for_good(&mut reg, now, &mut out);
+    reg.poll_expired(now, &mut out);
+    assert_eq!(
+        reg.deadlines.len(),
+        1,
+        "past it: only the live member's entry"
+    );
+}
+
 /// `max_tokens` caps the members of all rooms together (SECURITY.md): a create or a join over
 /// it is refused with `server_full`, whichever room it is for; 0 is no cap.
 #[test]
