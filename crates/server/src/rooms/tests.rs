@@ -2010,6 +2010,50 @@ fn history_keeps_at_most_its_byte_budget_per_room() {
     assert_eq!(page.iter().map(|m| m.seq).collect::<Vec<_>>(), [6]);
 }
 
+/// A message exactly the byte budget is not over it: the older messages that still fit
+/// beside it stay. Only messages of no bytes (an empty text from an empty name, which only
+/// a state file can hold) fit beside one that fills the budget, so the file gives them.
+#[test]
+fn a_message_exactly_the_byte_budget_keeps_what_still_fits_beside_it() {
+    let entry = |seq: u64, sender: &str, text: &str| HistoryEntry {
+        seq,
+        sender: sender.into(),
+        text: text.into(),
+        at: 0.0,
+    };
+    let mut state = State::default();
+    state.apply(&Record::CreateRoom {
+        room: "r".into(),
+        host: MemberRecord {
+            token: "h1".into(),
+            username: "h".into(),
+            keepalive: None,
+            caps: 0,
+            max_datagram: None,
+            joined_from: None,
+        },
+        created_at: 0.0,
+        listed: true,
+        password_hash: None,
+    });
+    state.apply(&Record::History {
+        room: "r".into(),
+        next_seq: 4,
+        // 0, 0 and 4 bytes against a budget of 4.
+        messages: vec![entry(1, "", ""), entry(2, "", ""), entry(3, "h", "abc")],
+    });
+    let limits = Limits {
+        history: 5,
+        history_bytes: 4,
+        ..Limits::default()
+    };
+    let now = Instant::now();
+    let reg = Registry::from_state(&state, limits, Box::new(StdRng::seed_from_u64(1)), now);
+    let (page, more) = reg.history_page("r", b"h1", None, 10).unwrap();
+    assert_eq!(page.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2, 3]);
+    assert!(!more);
+}
+
 /// Creates each of `rooms` with a host `h` (registered from port i + 1, i the room's
 /// index) and a guest `g` (port i + 11); returns the hosts' tokens.
 fn rooms_of_two(reg: &mut Registry, rooms: &[&str], now: Instant, out: &mut Outbox) -> Vec<Token> {
@@ -2139,9 +2183,10 @@ fn a_budgeted_checkpoint_writes_some_rooms_and_the_next_one_the_rest() {
         names.sort();
         names
     };
-    // A budget smaller than one room still writes one room; then a budget of 5000
-    // bytes writes the other two (the second takes it past), and nothing is left.
-    assert_eq!(reg.checkpoint_history_within(1), 1);
+    // A budget smaller than one room, even none, still writes one room (each call makes
+    // progress); then a budget of 5000 bytes writes the other two (the second takes it
+    // past), and nothing is left.
+    assert_eq!(reg.checkpoint_history_within(0), 1);
     let first = rooms_written(&mut reg);
     assert_eq!(reg.checkpoint_history_within(5000), 2);
     let second = rooms_written(&mut reg);
