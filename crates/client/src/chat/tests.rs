@@ -1332,9 +1332,18 @@ fn a_stuck_main_loop_is_left_for_after_the_grace() {
 #[test]
 fn a_message_past_the_burst_waits_for_the_pace() {
     let start = Instant::now();
-    let mut pacer = Pacer::new(20.0, 1.0, start);
-    pace(&mut pacer);
-    pace(&mut pacer);
+    // On a thread, so that a pacer that never lets the message go fails the test instead of
+    // holding it.
+    let (done, paced) = mpsc::channel();
+    thread::spawn(move || {
+        let mut pacer = Pacer::new(20.0, 1.0, start);
+        pace(&mut pacer);
+        pace(&mut pacer);
+        let _ = done.send(pacer);
+    });
+    let mut pacer = paced
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the second message never went");
     let waited = start.elapsed();
     // One message's share of a second, less the slack the pacer allows for rounding.
     assert!(waited >= Duration::from_millis(49), "{waited:?}");
