@@ -2010,23 +2010,14 @@ fn history_keeps_at_most_its_byte_budget_per_room() {
     assert_eq!(page.iter().map(|m| m.seq).collect::<Vec<_>>(), [6]);
 }
 
-/// A message exactly the byte budget is not over it: the older messages that still fit
-/// beside it stay. Only messages of no bytes (an empty text from an empty name, which only
-/// a state file can hold) fit beside one that fills the budget, so the file gives them.
-#[test]
-fn a_message_exactly_the_byte_budget_keeps_what_still_fits_beside_it() {
-    let entry = |seq: u64, sender: &str, text: &str| HistoryEntry {
-        seq,
-        sender: sender.into(),
-        text: text.into(),
-        at: 0.0,
-    };
+/// A state file's model holding room `r`, created by `host_name` with `host_token`.
+fn state_with_room_r(host_token: &str, host_name: &str) -> State {
     let mut state = State::default();
     state.apply(&Record::CreateRoom {
         room: "r".into(),
         host: MemberRecord {
-            token: "h1".into(),
-            username: "h".into(),
+            token: host_token.into(),
+            username: host_name.into(),
             keepalive: None,
             caps: 0,
             max_datagram: None,
@@ -2036,11 +2027,30 @@ fn a_message_exactly_the_byte_budget_keeps_what_still_fits_beside_it() {
         listed: true,
         password_hash: None,
     });
+    state
+}
+
+/// A kept message as a state file holds it.
+fn said(seq: u64, sender: &str, text: &str) -> HistoryEntry {
+    HistoryEntry {
+        seq,
+        sender: sender.into(),
+        text: text.into(),
+        at: 0.0,
+    }
+}
+
+/// A message exactly the byte budget is not over it: the older messages that still fit
+/// beside it stay. Only messages of no bytes (an empty text from an empty name, which only
+/// a state file can hold) fit beside one that fills the budget, so the file gives them.
+#[test]
+fn a_message_exactly_the_byte_budget_keeps_what_still_fits_beside_it() {
+    let mut state = state_with_room_r("h1", "h");
     state.apply(&Record::History {
         room: "r".into(),
         next_seq: 4,
         // 0, 0 and 4 bytes against a budget of 4.
-        messages: vec![entry(1, "", ""), entry(2, "", ""), entry(3, "h", "abc")],
+        messages: vec![said(1, "", ""), said(2, "", ""), said(3, "h", "abc")],
     });
     let limits = Limits {
         history: 5,
@@ -2272,21 +2282,7 @@ fn history_keeps_the_last_messages_and_pages_back() {
     t.reg.take_records();
     assert_eq!(t.reg.checkpoint_history(), 1);
     assert_eq!(t.reg.checkpoint_history(), 0, "nothing new");
-    let mut state = State::default();
-    state.apply(&Record::CreateRoom {
-        room: "r".into(),
-        host: MemberRecord {
-            token: t.host.as_str().into(),
-            username: "host".into(),
-            keepalive: None,
-            caps: 0,
-            max_datagram: None,
-            joined_from: None,
-        },
-        created_at: 0.0,
-        listed: true,
-        password_hash: None,
-    });
+    let mut state = state_with_room_r(t.host.as_str(), "host");
     for r in t.reg.take_records() {
         state.apply(&r);
     }
@@ -2370,27 +2366,8 @@ fn a_hostile_state_file_cannot_break_the_registry() {
 /// registry keeps.
 #[test]
 fn history_checkpoints_follow_the_messages_whatever_numbers_a_file_gave_them() {
-    let entry = |seq: u64, text: &str| HistoryEntry {
-        seq,
-        sender: "h".into(),
-        text: text.into(),
-        at: 0.0,
-    };
-    let mut state = State::default();
-    state.apply(&Record::CreateRoom {
-        room: "r".into(),
-        host: MemberRecord {
-            token: "h1".into(),
-            username: "h".into(),
-            keepalive: None,
-            caps: 0,
-            max_datagram: None,
-            joined_from: None,
-        },
-        created_at: 0.0,
-        listed: true,
-        password_hash: None,
-    });
+    let entry = |seq: u64, text: &str| said(seq, "h", text);
+    let mut state = state_with_room_r("h1", "h");
     state.apply(&Record::History {
         room: "r".into(),
         next_seq: u64::MAX - 1,
