@@ -5,7 +5,7 @@
 use std::io;
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{mpsc, Arc, Mutex, OnceLock, PoisonError};
 use std::thread;
 use std::time::Duration;
 
@@ -365,6 +365,7 @@ fn editor_mode(before: &libc::termios) -> libc::termios {
 /// must not); the editor's thread is known as such until the guard returned is dropped.
 pub(super) fn redraw_on_resume(feed: Feed, reading: Arc<AtomicBool>) -> io::Result<EditorThread> {
     let mut signals = Signals::new([SIGCONT])?;
+    let again = spawn_rewaker(Arc::clone(&reading))?;
     thread::Builder::new()
         .name("resume".into())
         .spawn(move || {
@@ -375,7 +376,7 @@ pub(super) fn redraw_on_resume(feed: Feed, reading: Arc<AtomicBool>) -> io::Resu
                 debug!("cannot unblock SIGCONT: {e}");
             }
             while signals.forever().next().is_some() {
-                if on_resume(&feed, &reading) {
+                if on_resume(&feed, &reading, &again) {
                     // A SIGCONT that came meanwhile was for the stop just settled, not a
                     // second one: the `fg` that continued the stop which setting the mode
                     // from the background met, or, on a busy machine, the `fg` after the
@@ -431,7 +432,7 @@ fn wake_the_editor() {
 
 /// What [`redraw_on_resume`] does on each SIGCONT; whether it settled a stop with the
 /// terminal ours (a stop the handler saw, or one it asked a redraw for).
-fn on_resume(feed: &Feed, reading: &AtomicBool) -> bool {
+fn on_resume(feed: &Feed, reading: &AtomicBool, again: &mpsc::Sender<()>) -> bool {
     if ending() {
         // Continued to end (a shell's `kill %1`): nothing to draw, and no mode to take from
         // the background, which would stop the process before its `__LEAVE__`.
@@ -458,7 +459,72 @@ fn on_resume(feed: &Feed, reading: &AtomicBool) -> bool {
     }
     feed.redraw();
     wake_the_editor();
+    // The rewaker has gone only if its thread did (a panic): then this wake is the one.
+    let _ = again.send(());
     true
+}
+
+/// When the editor's thread is woken again after [`wake_the_editor`]: soon, then later for a
+/// thread that waits long for a core, as on a loaded machine.
+const WAKE_AGAIN_AFTER: [Duration; 3] = [
+    Duration::from_millis(10),
+    Duration::from_millis(50),
+    Duration::from_millis(250),
+];
+
+/// Starts the thread that wakes the editor's thread again, on the schedule of
+/// [`WAKE_AGAIN_AFTER`], after each wake asked for a redraw (a message on the sender
+/// returned; one during a schedule starts it again). Called on the input thread, where
+/// SIGTSTP and SIGCONT are blocked: the rewaker, which inherits its mask, takes neither.
+///
+/// Once wake is not always enough. The editor's thread, stopped in a read of the terminal
+/// begun in the background (SIGTTIN), and the resume thread are continued by the same
+/// SIGCONT. The wake's SIGWINCH can come just after the kernel, bringing the editor's thread
+/// back from its stop, has decided to restart that read and before the read runs again:
+/// its handler then runs, notes the signal for a `select` that is not running, and the read
+/// starts again, waiting for a key, with the redraw asked for left until one comes (one run
+/// in 120–240 of `after_a_sigstop_and_fg_the_editor_takes_its_mode_and_draws_its_line_again`
+/// under six-fold load). A SIGWINCH that finds the editor waiting where it should makes it
+/// read the terminal's size, and draw nothing if that did not change; one that finds it in
+/// the restarted read ends the read, and the editor takes the redraw. No wake is sent while
+/// keys wait unread: the editor is not stuck then, it reads them, and a signal in the middle
+/// of an escape sequence would cut it in two.
+fn spawn_rewaker(reading: Arc<AtomicBool>) -> io::Result<mpsc::Sender<()>> {
+    let (again, asked) = mpsc::channel::<()>();
+    thread::Builder::new()
+        .name("rewake".into())
+        .spawn(move || {
+            // The first request, then one schedule per request, started again by the next.
+            'requests: while asked.recv().is_ok() {
+                let mut step = 0;
+                while let Some(&wait) = WAKE_AGAIN_AFTER.get(step) {
+                    match asked.recv_timeout(wait) {
+                        Ok(()) => {
+                            step = 0;
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break 'requests,
+                    }
+                    step += 1;
+                    if ending() || !reading.load(Ordering::SeqCst) {
+                        continue 'requests;
+                    }
+                    if !keys_waiting() {
+                        wake_the_editor();
+                    }
+                }
+            }
+        })?;
+    Ok(again)
+}
+
+/// Whether the terminal holds input not yet read (`FIONREAD`); no when it cannot say.
+fn keys_waiting() -> bool {
+    let mut unread: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int to the pointer given.
+    let asked = unsafe { libc::ioctl(libc::STDIN_FILENO, libc::FIONREAD, &mut unread) };
+    asked == 0 && unread > 0
 }
 
 /// Whether our process group has the terminal.
@@ -487,5 +553,71 @@ fn take_editor_mode() {
     };
     if let Err(e) = set {
         debug!("cannot take the editor's mode again: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+
+    /// A SIGWINCH handler that does not restart the reads it interrupts, as the editor's.
+    extern "C" fn interrupt(_: libc::c_int) {}
+
+    /// The editor's thread, stuck in a read that the first wake missed (here a pipe's, which
+    /// nothing is written to: only a signal ends it, as for the restarted read of the
+    /// terminal), is woken out of it by the rewaker once a redraw has been asked for,
+    /// without another wake from the resume thread.
+    #[test]
+    fn the_rewaker_ends_a_read_the_first_wake_missed() {
+        let action = SigAction::new(
+            SigHandler::Handler(interrupt),
+            SaFlags::empty(),
+            SigSet::empty(),
+        );
+        // SAFETY: the handler does nothing.
+        unsafe { signal::sigaction(Signal::SIGWINCH, &action) }.expect("a SIGWINCH handler");
+        let (reader, mut writer) = io::pipe().expect("a pipe");
+        let (started, thread_id) = mpsc::channel();
+        let (told, interrupted) = mpsc::channel();
+        let editor = thread::spawn(move || {
+            let _known = EditorThread::here();
+            // SAFETY: no precondition.
+            started
+                .send(unsafe { libc::gettid() })
+                .expect("the test waits");
+            let mut byte = [0u8; 1];
+            loop {
+                // SAFETY: reads at most one byte into `byte`.
+                let read = unsafe { libc::read(reader.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
+                if read < 0 && Errno::last() == Errno::EINTR {
+                    let _ = told.send(());
+                    continue;
+                }
+                // The byte that ends the test (or the pipe closed).
+                return;
+            }
+        });
+        let tid = thread_id
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the editor's thread started");
+        // Asked only once the thread waits in its read.
+        let syscall = format!("/proc/self/task/{tid}/syscall");
+        let in_read = format!("{} ", libc::SYS_read);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&syscall).is_ok_and(|s| s.starts_with(&in_read)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the editor's thread never waited in its read"
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+        let again = spawn_rewaker(Arc::new(AtomicBool::new(true))).expect("the rewaker");
+        again.send(()).expect("the rewaker listens");
+        let woken = interrupted.recv_timeout(Duration::from_secs(10));
+        writer.write_all(b"x").expect("the byte that ends the read");
+        editor.join().expect("the editor's thread");
+        assert!(woken.is_ok(), "the read was never interrupted");
     }
 }
