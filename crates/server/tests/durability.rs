@@ -707,6 +707,10 @@ fn an_ocm_member_that_slept_past_its_timeout_is_told_and_exits() {
     let mut sleepy = Ocm::start(&d, &["join", "nap", "--name", "sleepy", "--keepalive", "1"]);
     sleepy.wait_stderr("* joined nap as sleepy");
     assert_eq!(host.line(), "* sleepy joined");
+    // Asleep while chatting: stopped before it had its join's history, `ocm` asks for it on
+    // waking, and that request's refusal (no longer a member: "* you are no longer in room
+    // nap", on standard error) can end the session before the notice does.
+    sleepy.wait_live();
     sleepy.signal(libc::SIGSTOP);
     host.lines_until("* sleepy timed out");
     sleepy.signal(libc::SIGCONT);
