@@ -21,7 +21,9 @@
 //!   On `ocm join` the recent history is fetched first (with the line editor, by the asking
 //!   thread while the editor already reads) and releases the screen, which held the live
 //!   messages meanwhile. With the line editor, a *resume* thread has the editor take its
-//!   mode and draw its line again after a stop it did not see (`suspend`);
+//!   mode and draw its line again after a stop it did not see, and a *rewake* thread wakes
+//!   the editor again over the next quarter second, for a wake that came as it went back
+//!   into a read (`suspend`);
 //! - the *signal watcher* reports SIGINT, SIGTERM, SIGHUP and SIGQUIT, so that Ctrl+C,
 //!   `kill`, a closed terminal and Ctrl+\\ all leave the room properly instead of waiting for
 //!   the server's timeout (an `--original` member has none: it would stay until the room
