@@ -1,7 +1,8 @@
 //! Socket options and facts the standard library and mio do not expose: integer options
 //! through `setsockopt`/`getsockopt` (buffer sizes, arrival timestamps, `TCP_NODELAY` on a
 //! listener), a reset on close (`SO_LINGER`), a TCP socket's unacknowledged bytes
-//! (`SIOCOUTQ`) and a listener's accept queue (`TCP_INFO`).
+//! (`SIOCOUTQ`), a listener's accept queue (`TCP_INFO`) and a socket's count of datagrams
+//! dropped before they were read (`SO_MEMINFO`).
 
 use std::io;
 use std::mem;
@@ -125,6 +126,34 @@ pub fn accept_queue(fd: RawFd) -> io::Result<AcceptQueue> {
     })
 }
 
+/// The kernel's count of what socket `fd` dropped before it was read (`sk_drops`, 32 bits,
+/// wrapping), from `SO_MEMINFO` (Linux 4.12 on): the same count `/proc/net/udp` prints in its
+/// last column, for one socket in one system call.
+pub fn drops(fd: RawFd) -> io::Result<u32> {
+    // `SK_MEMINFO_VARS` words; the drops are the ninth (linux/sock_diag.h). The kernel copies
+    // at most `len` bytes and says how many it had.
+    const DROPS: usize = libc::SK_MEMINFO_DROPS as usize;
+    let mut info = [0u32; DROPS + 1];
+    let mut len = mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into a live array and updates `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (len as usize) < mem::size_of_val(&info) {
+        return Err(io::Error::other("SO_MEMINFO without a drop count"));
+    }
+    Ok(info[DROPS])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,6 +176,8 @@ mod tests {
         );
         assert!(set_int(-1, libc::SOL_SOCKET, libc::SO_RCVBUF, 1).is_err());
         assert!(get_int(-1, libc::SOL_SOCKET, libc::SO_RCVBUF).is_err());
+        assert_eq!(drops(fd).unwrap(), 0);
+        assert!(drops(-1).is_err());
     }
 
     #[test]

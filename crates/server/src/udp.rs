@@ -904,8 +904,19 @@ impl KernelDrops {
 
 /// The kernel's count of datagrams dropped on this socket before they were read (a full
 /// receive buffer mostly; also bad checksums and memory pressure), 32 bits and wrapping
-/// ([`KernelDrops`]), from its line in `/proc/self/net/udp` or `/proc/self/net/udp6`.
+/// ([`KernelDrops`]): asked of the socket itself ([`sockopt::drops`]), one system call
+/// whatever else the host runs. Where the kernel cannot say (before Linux 4.12), from the
+/// socket's line in `/proc/self/net/udp` or `/proc/self/net/udp6`, for which the kernel
+/// prints every UDP socket of the network namespace: on a host with many, a pause of the
+/// event loop, which reads the count every few seconds and at each scrape.
 pub fn kernel_drops(socket: &UdpSocket) -> Option<u32> {
+    sockopt::drops(socket.as_raw_fd())
+        .ok()
+        .or_else(|| kernel_drops_listed(socket))
+}
+
+/// [`kernel_drops`] from the socket's line in `/proc/self/net/udp` or `/proc/self/net/udp6`.
+fn kernel_drops_listed(socket: &UdpSocket) -> Option<u32> {
     let fd = socket.as_raw_fd();
     // SAFETY: fstat on a live descriptor into a zeroed stat buffer.
     let inode = unsafe {
@@ -976,8 +987,13 @@ mod kernel_drop_tests {
         }
         let dropped = SENT - received;
         assert!(dropped >= 2, "only {dropped} of {SENT} dropped");
-        assert_eq!(kernel_drops(&flooded), u32::try_from(dropped).ok());
+        let dropped = u32::try_from(dropped).ok();
+        assert_eq!(kernel_drops(&flooded), dropped);
         assert_eq!(kernel_drops(&quiet), Some(0));
+        // Asked of the socket, and read from the kernel's list: the same count.
+        assert_eq!(super::kernel_drops_listed(&flooded), dropped);
+        assert_eq!(crate::sockopt::drops(flooded.as_raw_fd()).ok(), dropped);
+        assert_eq!(super::kernel_drops_listed(&quiet), Some(0));
     }
 }
 

@@ -1156,8 +1156,9 @@ fn an_idle_daemon_does_not_spin() {
 }
 
 /// `ProcSubset=pid` in the unit mounts /proc with `subset=pid`, which hides /proc/net but
-/// keeps /proc/self/net. Runs ocmd that way (a private mount namespace via `unshare`, root
-/// only) and checks the kernel drop counter still works.
+/// keeps /proc/self/net (where `ocmd` reads the count only on kernels without `SO_MEMINFO`).
+/// Runs ocmd that way (a private mount namespace via `unshare`, root only) and checks the
+/// kernel drop counter still works.
 #[test]
 fn kernel_drops_are_counted_under_proc_subset_pid() {
     if !installed("unshare") {
