@@ -102,24 +102,9 @@ pub fn accept_queue(fd: RawFd) -> io::Result<AcceptQueue> {
     // then `u32`s of which `tcpi_unacked` is the fifth and `tcpi_sacked` the sixth: words 6
     // and 7 (linux/tcp.h; unchanged since Linux 2.6). Only this much is asked for: the kernel
     // copies at most `len` bytes.
-    let mut info = [0u32; 8];
-    let mut len = mem::size_of_val(&info) as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into a live array and updates `len`.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if (len as usize) < mem::size_of_val(&info) {
-        return Err(io::Error::other("TCP_INFO shorter than its first fields"));
-    }
+    let info: [u32; 8] = get_words(fd, libc::IPPROTO_TCP, libc::TCP_INFO).and_then(|words| {
+        words.ok_or_else(|| io::Error::other("TCP_INFO shorter than its first fields"))
+    })?;
     Ok(AcceptQueue {
         waiting: info[6],
         backlog: info[7],
@@ -133,25 +118,28 @@ pub fn drops(fd: RawFd) -> io::Result<u32> {
     // `SK_MEMINFO_VARS` words; the drops are the ninth (linux/sock_diag.h). The kernel copies
     // at most `len` bytes and says how many it had.
     const DROPS: usize = libc::SK_MEMINFO_DROPS as usize;
-    let mut info = [0u32; DROPS + 1];
-    let mut len = mem::size_of_val(&info) as libc::socklen_t;
+    let info: [u32; DROPS + 1] =
+        get_words(fd, libc::SOL_SOCKET, libc::SO_MEMINFO).and_then(|words| {
+            words.ok_or_else(|| io::Error::other("SO_MEMINFO without a drop count"))
+        })?;
+    Ok(info[DROPS])
+}
+
+/// The first `N` 32-bit words of the option `level`/`name` of `fd`, a structure the kernel
+/// copies as far as it is asked; `None` when it had fewer.
+fn get_words<const N: usize>(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<Option<[u32; N]>> {
+    let mut words = [0u32; N];
+    let mut len = mem::size_of_val(&words) as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into a live array and updates `len`.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_MEMINFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
+    let rc = unsafe { libc::getsockopt(fd, level, name, words.as_mut_ptr().cast(), &mut len) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    if (len as usize) < mem::size_of_val(&info) {
-        return Err(io::Error::other("SO_MEMINFO without a drop count"));
-    }
-    Ok(info[DROPS])
+    Ok((len as usize >= mem::size_of_val(&words)).then_some(words))
 }
 
 #[cfg(test)]
