@@ -221,6 +221,28 @@ pub mod tests {
         (Feed::start(OneSlot(tx)).unwrap(), rx)
     }
 
+    /// How long [`wait_below_within`] waits: the thread takes a line from the queue in
+    /// microseconds, and a broken feed that fails several tests this way still fails the
+    /// suite well within the mutation run's 30 s (docs/SECURITY.md, "Mutation testing").
+    const WAIT_PATIENCE: Duration = Duration::from_secs(3);
+
+    /// [`Feed::wait_below`], failing the test instead of hanging when it does not return
+    /// within [`WAIT_PATIENCE`] (a feed whose thread stopped taking lines, or that counts
+    /// them wrong).
+    pub fn wait_below_within(feed: &Feed, bytes: usize) {
+        let (done, finished) = std::sync::mpsc::channel();
+        let waiter = feed.clone();
+        thread::spawn(move || {
+            waiter.wait_below(bytes);
+            let _ = done.send(());
+        });
+        assert_eq!(
+            finished.recv_timeout(WAIT_PATIENCE),
+            Ok(()),
+            "still more than {bytes} bytes queued"
+        );
+    }
+
     #[test]
     fn pushing_never_waits_for_the_editor_and_lines_arrive_in_order() {
         let (feed, readline) = one_slot_feed();
@@ -246,9 +268,13 @@ pub mod tests {
         for i in 0..10 {
             feed.push(format!("line {i}"));
         }
+        let (done, finished) = std::sync::mpsc::channel();
         let waiter = {
             let feed = feed.clone();
-            thread::spawn(move || feed.wait_below(0))
+            thread::spawn(move || {
+                feed.wait_below(0);
+                let _ = done.send(());
+            })
         };
         // Still queued: the waiter cannot have gone on.
         assert_eq!(readline.recv_timeout(PATIENCE).unwrap(), "line 0\n");
@@ -259,7 +285,21 @@ pub mod tests {
                 format!("line {i}\n")
             );
         }
-        waiter.join().unwrap();
+        assert_eq!(finished.recv_timeout(WAIT_PATIENCE), Ok(()));
+    }
+
+    /// The receiver goes on while up to a mebibyte of lines is queued for an editor that
+    /// does not read: a flood is slowed only past that.
+    #[test]
+    fn the_receiver_waits_only_past_a_mebibyte_queued() {
+        assert_eq!(MAX_QUEUED_BYTES, 1_048_576);
+        let (feed, _readline) = one_slot_feed();
+        let kib = "k".repeat(1024);
+        for _ in 0..1024 {
+            feed.push(kib.clone());
+        }
+        wait_below_within(&feed, MAX_QUEUED_BYTES);
+        assert!(feed.0.lock().bytes > MAX_QUEUED_BYTES - 3 * kib.len());
     }
 
     #[test]
@@ -269,13 +309,17 @@ pub mod tests {
             feed.push(format!("line {i}"));
         }
         // The thread puts line 0 in the slot and waits to put line 1 there: 8 lines left.
-        feed.wait_below(8 * "line 0".len());
-        let waiter = {
+        wait_below_within(&feed, 8 * "line 0".len());
+        let (done, finished) = std::sync::mpsc::channel();
+        {
             let feed = feed.clone();
-            thread::spawn(move || feed.wait_below(0))
-        };
+            thread::spawn(move || {
+                feed.wait_below(0);
+                let _ = done.send(());
+            });
+        }
         let left = feed.close();
-        waiter.join().unwrap();
+        assert_eq!(finished.recv_timeout(WAIT_PATIENCE), Ok(()));
         let expected: Vec<String> = (2..10).map(|i| format!("line {i}")).collect();
         assert_eq!(left, expected);
         // Closed: later lines are dropped.
@@ -337,7 +381,7 @@ pub mod tests {
             feed.push(line.into());
         }
         // Nobody reads: "aaaa" goes to the slot, "bb" is taken and waits for it.
-        feed.wait_below(1);
+        wait_below_within(&feed, 1);
         {
             let queue = feed.0.lock();
             assert_eq!(queue.bytes, "c".len());
@@ -357,7 +401,7 @@ pub mod tests {
         let (feed, _readline) = one_slot_feed();
         feed.push("in the slot".into());
         feed.push("handed over".into());
-        feed.wait_below(0);
+        wait_below_within(&feed, 0);
         assert!(
             feed.0.lock().in_flight,
             "the second line waits for the slot"
@@ -369,7 +413,7 @@ pub mod tests {
             drainer.drain(Duration::from_secs(3600));
             let _ = done.send(());
         });
-        assert_eq!(finished.recv_timeout(PATIENCE), Ok(()));
+        assert_eq!(finished.recv_timeout(WAIT_PATIENCE), Ok(()));
     }
 
     /// A redraw goes to the editor after the lines queued before it, once however often it
@@ -379,7 +423,7 @@ pub mod tests {
         let (feed, readline) = one_slot_feed();
         feed.push("in the slot".into());
         feed.push("handed over".into());
-        feed.wait_below(0);
+        wait_below_within(&feed, 0);
         feed.push("queued".into());
         feed.redraw();
         feed.redraw();
@@ -418,7 +462,7 @@ pub mod tests {
             thread::sleep(Duration::from_millis(5));
         }
         feed.push("later".into());
-        feed.wait_below(0);
+        wait_below_within(&feed, 0);
         assert!(feed.close().is_empty());
     }
 }

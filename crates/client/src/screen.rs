@@ -673,7 +673,7 @@ pub mod tests {
         };
         printer.print_out("bob: hi").unwrap();
         printer.print_err("* note");
-        feed.wait_below(0);
+        crate::feed::tests::wait_below_within(&feed, 0);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while external.0.lock().unwrap().len() < 2 {
             assert!(
@@ -867,7 +867,7 @@ pub mod tests {
         screen.set_editor_printer(Box::new(EditorPrinter::new(feed)));
         let given = screen.feed().expect("the editor's queue");
         given.push("bob: hi".into());
-        given.wait_below(0);
+        crate::feed::tests::wait_below_within(&given, 0);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while external.0.lock().unwrap().is_empty() {
             assert!(std::time::Instant::now() < deadline, "line not handed over");

@@ -345,6 +345,15 @@ mod tests {
         lines
     }
 
+    /// env_logger hands a record over with `write_all`, which writes again what a `write`
+    /// says it did not take: the pipe says it took the whole record, or the record's tail
+    /// would be queued again. (An empty record, so that nothing reaches the test's own
+    /// standard error.)
+    #[test]
+    fn the_log_pipe_takes_a_record_whole() {
+        assert_eq!(LogPipe.write(b"").unwrap(), 0);
+    }
+
     /// Read at once, a line is written before its hand-over returns: remarks keep their
     /// place among the chat lines written to standard output after them.
     #[test]
@@ -353,6 +362,7 @@ mod tests {
         let queue = Queue::start(gate.clone(), PATIENCE).unwrap();
         queue.write(line("* one"));
         assert_eq!(gate.lines(), ["* one"]);
+        assert!(!queue.lock().stuck, "the hand-over waited past the write");
         queue.write(line("* two"));
         assert_eq!(gate.lines(), ["* one", "* two"]);
         assert!(queue.drain(PATIENCE));
