@@ -741,11 +741,48 @@ mod tests {
         server.join().unwrap();
     }
 
+    /// A server that accepts and then says nothing is given up on at the reply's deadline,
+    /// not after the socket's own read timeout ([`HANDSHAKE_TIMEOUT`]), which is longer.
+    #[test]
+    fn a_silent_server_is_given_up_on_at_the_deadline_not_the_sockets_timeout() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut stream = connect_addr(listener.local_addr().unwrap()).unwrap();
+        let (_silent, _) = listener.accept().unwrap();
+        let limit = Duration::from_millis(200);
+        let started = Instant::now();
+        let got = read_frame(
+            &mut stream,
+            &mut Vec::new(),
+            State::Compliance,
+            started + limit,
+            limit,
+        );
+        assert!(
+            matches!(got, Err(ClientError::HandshakeTimeout { silent: true, .. })),
+            "{got:?}"
+        );
+        let waited = started.elapsed();
+        assert!(waited >= limit, "{waited:?}");
+        assert!(waited < HANDSHAKE_TIMEOUT / 2, "held {waited:?}");
+    }
+
+    /// Runs `exchange`, which must not take long: a failed read taken for an interrupted one
+    /// would be tried again until the reply's 30 s deadline. Fails the test after 5 s.
+    fn at_once<T: Send + 'static>(exchange: impl FnOnce() -> T + Send + 'static) -> T {
+        let (done, finished) = mpsc::channel();
+        thread::spawn(move || {
+            let _ = done.send(exchange());
+        });
+        finished
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the exchange ends at once")
+    }
+
     #[test]
     fn read_timeout_is_reported_as_such() {
         let mut server = FakeServer::new(vec![]);
         server.fail_reads_with = Some(io::ErrorKind::WouldBlock);
-        let err = join(&mut server, false).unwrap_err();
+        let err = at_once(move || join(&mut server, false)).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -782,7 +819,7 @@ mod tests {
 
         let mut server = FakeServer::new(vec![]);
         server.fail_reads_with = Some(io::ErrorKind::ConnectionReset);
-        let err = join(&mut server, false).unwrap_err();
+        let err = at_once(move || join(&mut server, false)).unwrap_err();
         assert!(
             matches!(
                 &err,
@@ -888,6 +925,32 @@ mod tests {
                 Err(ClientError::BadToken { len }) if len == token.len()
             ));
         }
+    }
+
+    /// The verbs' words, as the "* created ROOM as NAME" line and the refusals use them.
+    #[test]
+    fn each_verb_has_its_operation_and_its_words() {
+        assert_eq!(Verb::Create.operation(), Operation::CreateRoom);
+        assert_eq!(Verb::Join.operation(), Operation::JoinRoom);
+        assert_eq!(Verb::Create.past(), "created");
+        assert_eq!(Verb::Join.past(), "joined");
+        assert_eq!(Verb::Create.to_string(), "create");
+        assert_eq!(Verb::Join.to_string(), "join");
+    }
+
+    /// A token as long as a datagram's one-byte size field allows is taken. (Hand mutant:
+    /// the length check made `>=`; cargo mutants leaves functions named `new` alone.)
+    #[test]
+    fn a_token_of_255_bytes_is_taken() {
+        let longest = "a".repeat(255);
+        let reply = success_reply(
+            Operation::JoinRoom,
+            "lobby",
+            br#"{"success": true}"#,
+            &longest,
+        );
+        let token = join(&mut FakeServer::new(vec![reply]), false).unwrap();
+        assert_eq!(token.as_str(), longest);
     }
 
     #[test]
