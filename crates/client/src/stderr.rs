@@ -386,7 +386,13 @@ mod tests {
         queue.push(line("* first"));
         wait_for(&queue, "the writer taking the line", |s| s.writing);
         queue.lock().stuck = true;
-        queue.write(line("* second"));
+        let (done, handed_over) = std::sync::mpsc::channel();
+        let writer = Arc::clone(&queue);
+        thread::spawn(move || {
+            writer.write(line("* second"));
+            let _ = done.send(());
+        });
+        assert_eq!(handed_over.recv_timeout(PATIENCE), Ok(()), "it waited");
         assert!(!queue.drain(Duration::ZERO));
         gate.open();
         assert!(queue.drain(PATIENCE));
