@@ -102,9 +102,8 @@ pub fn accept_queue(fd: RawFd) -> io::Result<AcceptQueue> {
     // then `u32`s of which `tcpi_unacked` is the fifth and `tcpi_sacked` the sixth: words 6
     // and 7 (linux/tcp.h; unchanged since Linux 2.6). Only this much is asked for: the kernel
     // copies at most `len` bytes.
-    let info: [u32; 8] = get_words(fd, libc::IPPROTO_TCP, libc::TCP_INFO).and_then(|words| {
-        words.ok_or_else(|| io::Error::other("TCP_INFO shorter than its first fields"))
-    })?;
+    let info: [u32; 8] = get_words(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?
+        .ok_or_else(|| io::Error::other("TCP_INFO shorter than its first fields"))?;
     Ok(AcceptQueue {
         waiting: info[6],
         backlog: info[7],
@@ -118,10 +117,8 @@ pub fn drops(fd: RawFd) -> io::Result<u32> {
     // `SK_MEMINFO_VARS` words; the drops are the ninth (linux/sock_diag.h). The kernel copies
     // at most `len` bytes and says how many it had.
     const DROPS: usize = libc::SK_MEMINFO_DROPS as usize;
-    let info: [u32; DROPS + 1] =
-        get_words(fd, libc::SOL_SOCKET, libc::SO_MEMINFO).and_then(|words| {
-            words.ok_or_else(|| io::Error::other("SO_MEMINFO without a drop count"))
-        })?;
+    let info: [u32; DROPS + 1] = get_words(fd, libc::SOL_SOCKET, libc::SO_MEMINFO)?
+        .ok_or_else(|| io::Error::other("SO_MEMINFO without a drop count"))?;
     Ok(info[DROPS])
 }
 
