@@ -496,6 +496,7 @@ fn leave_sends_the_control_word() {
 #[test]
 fn receiver_ignores_strangers_and_stops_at_room_closed() {
     let (session, server) = pair("lobby", "ab");
+    fail_instead_of_waiting_for_ever(&session);
     let stranger = UdpSocket::bind("127.0.0.1:0").unwrap();
     let me = session.socket.local_addr().unwrap();
     let me = SocketAddr::from((Ipv4Addr::LOCALHOST, me.port()));
@@ -526,12 +527,23 @@ fn receiver_ignores_strangers_and_stops_at_room_closed() {
     );
 }
 
+/// Makes the receiver give up on `session`'s socket after 10 s of silence (its read then fails,
+/// and so does the test), for a test whose last datagram should end its `receive`: a receiver
+/// that misses the end would otherwise wait on the socket for ever.
+fn fail_instead_of_waiting_for_ever(session: &Session) {
+    session
+        .socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+}
+
 /// Datagrams from the server's port at another of the host's addresses (a daemon bound
 /// to a wildcard address answering from the address its route picks) are ignored, and
 /// said so once, so that the chat does not just look silent.
 #[test]
 fn the_servers_port_at_another_address_is_ignored_and_told_once() {
     let (session, server) = pair("lobby", "ab");
+    fail_instead_of_waiting_for_ever(&session);
     let server_addr = server.local_addr().unwrap();
     let elsewhere = UdpSocket::bind(("127.0.0.2", server_addr.port())).unwrap();
     let me = session.socket.local_addr().unwrap();
