@@ -1988,6 +1988,49 @@ mod tests {
         );
     }
 
+    /// [`START_LIMIT`] is the last record number a daemon starts from, not the first refused:
+    /// a state file at it loads, and one record past it, in the journal, stops the load.
+    #[test]
+    fn a_load_ending_at_the_start_limit_starts_and_one_record_past_it_is_refused() {
+        let (_dir, paths) = temp_paths();
+        write_snapshot_at(&paths, START_LIMIT);
+        assert_eq!(load(&paths).unwrap().last_seq, START_LIMIT);
+        fs::write(
+            &paths.journal,
+            journal_bytes(&[(START_LIMIT + 1, create("a", "h"))]),
+        )
+        .unwrap();
+        assert!(matches!(
+            load(&paths),
+            Err(StoreError::NumbersExhausted { last, .. }) if last == START_LIMIT + 1
+        ));
+    }
+
+    /// `restrict_to_owner` takes the group and other permissions off a state file that has
+    /// some, keeping the owner's, and leaves a file that has none as it is (a set-user-ID bit
+    /// included).
+    #[test]
+    fn a_state_file_readable_by_others_is_restricted_to_its_owner_and_a_private_one_left_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let (_dir, paths) = temp_paths();
+        let file = File::create(&paths.state).unwrap();
+        for (before, after) in [
+            (0o644, 0o600),
+            (0o777, 0o700),
+            (0o640, 0o600),
+            (0o604, 0o600),
+            (0o600, 0o600),
+            (0o4600, 0o4600),
+            (0o400, 0o400),
+        ] {
+            file.set_permissions(fs::Permissions::from_mode(before))
+                .unwrap();
+            restrict_to_owner(&file, &paths.state);
+            let mode = file.metadata().unwrap().permissions().mode() & 0o7777;
+            assert_eq!(mode, after, "{before:o} became {mode:o}");
+        }
+    }
+
     /// A bad line without a NUL byte is not a crash artifact: acknowledged records may follow
     /// it, so it stops the load even when a hole comes later, and in journal.old too.
     #[test]
