@@ -691,4 +691,22 @@ mod tests {
         assert_eq!(connection_cap(4096, 10), 1);
         assert_eq!(connection_cap(100, u64::MAX), 100);
     }
+
+    /// With `refuse_lookalike_room_names` on, the rooms of the state loaded are filed for the
+    /// check as the state is loaded, before the daemon serves, not by the first create inside
+    /// its request; with it off, nothing is filed.
+    #[test]
+    fn the_rooms_loaded_are_filed_for_the_lookalike_check_only_when_it_is_on() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let paths = store::Paths::new(&dir.path().join("room_manager.json"));
+        let original = include_str!("../../tests/data/original_room_manager.json");
+        std::fs::write(&paths.state, original).expect("the state file");
+        // One room, `lobby`, filed under each half of its word.
+        for (on, filed) in [(true, Some(2)), (false, None)] {
+            let mut config = Config::default();
+            config.names.refuse_lookalike_room_names = on;
+            let (_, registry, _) = load_registry(&paths, &config).expect("the state loads");
+            assert_eq!(registry.lookalikes_filed().1, filed, "check on: {on}");
+        }
+    }
 }

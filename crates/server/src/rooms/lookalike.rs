@@ -41,6 +41,12 @@ impl Lookalikes {
 
 #[cfg(test)]
 impl Registry {
+    /// Entries filed for members and for rooms ([`Lookalikes::filed`]), for the tests of
+    /// other modules.
+    pub(crate) fn lookalikes_filed(&self) -> (usize, Option<usize>) {
+        self.lookalikes.filed()
+    }
+
     /// Checks every look-alike entry against the registry, for the tests: each names a live
     /// member of a room whose members are filed (or a live room), under a hash of one half
     /// of that name's word, and each filed name is filed under both halves.
