@@ -179,6 +179,47 @@ fn chat_and_quit_go_to_the_main_loop_and_the_rest_is_answered_here() {
     );
 }
 
+/// Once the line editor prints, a remark waits for the screen (to be drawn above the line
+/// being typed) rather than going around it to standard error: the command's own, and the
+/// answer to a question asked on the input thread.
+#[test]
+fn with_the_line_editor_remarks_wait_for_the_screen() {
+    let (screen, rec) = screen(false);
+    let dead = DeadTcp::new();
+    let (mut commands, _inbox) = commands(dead.addr, &screen);
+    commands.editor_prints();
+    let (lines, typed) = mpsc::channel::<&'static str>();
+    let (done, handled) = mpsc::channel();
+    let typing = thread::spawn(move || {
+        for line in typed {
+            done.send(commands.handle_line(line)).unwrap();
+        }
+    });
+    for line in ["/help\n", "/who\n"] {
+        let held = lock(&screen);
+        lines.send(line).unwrap();
+        assert!(
+            handled.recv_timeout(Duration::from_millis(300)).is_err(),
+            "{line:?} was answered around the held screen"
+        );
+        drop(held);
+        assert_eq!(handled.recv_timeout(Duration::from_secs(10)), Ok(true));
+    }
+    drop(lines);
+    typing.join().unwrap();
+    let shown: Vec<String> = rec
+        .lines()
+        .into_iter()
+        .filter(|l| *l != format!("err: {ASKING}"))
+        .collect();
+    assert_eq!(shown.len(), 2, "{shown:?}");
+    assert_eq!(shown[0], format!("err: {}", input::HELP));
+    assert!(
+        shown[1].starts_with("err: * cannot connect to 127.0.0.1:"),
+        "{shown:?}"
+    );
+}
+
 /// The chat texts the input handed to the main loop; any other event fails the test.
 fn sent_texts(inbox: &mpsc::Receiver<Event>) -> Vec<String> {
     inbox
@@ -848,6 +889,71 @@ fn a_check_that_panics_still_answers_so_the_chat_is_not_held_for_good() {
     ));
 }
 
+/// The idle check starts on the first poll at or past its due time, not before, and its
+/// answer comes back to the main loop as an [`Event::Membership`] from the check's thread.
+#[test]
+fn an_idle_check_starts_when_due_and_its_answer_comes_back_as_an_event() {
+    let (tcp, asked) = fake_daemon(vec![Err((tcrp::ErrorCode::NotMember, "not a member"))]);
+    let (checker, inbox) = checker(tcp);
+    let mut live = Liveness::new(
+        Duration::from_secs(60),
+        Arc::new(Mutex::new(Instant::now())),
+    );
+    let due = live.due_at().expect("a check is due in a minute");
+    live.poll(due - Duration::from_millis(1), &checker);
+    assert_eq!(live.due_at(), Some(due), "not started before it is due");
+    live.poll(due, &checker);
+    assert_eq!(live.due_at(), None, "started: in flight");
+    match inbox.recv_timeout(Duration::from_secs(5)) {
+        Ok(Event::Membership(Some(Err(e)))) => assert!(closure::is_gone(&e), "{e}"),
+        other => panic!("expected the check's answer, got {other:?}"),
+    }
+    let asked = asked.lock().unwrap();
+    assert_eq!(asked.len(), 1);
+    assert!(asked[0].0 == Operation::History && asked[0].2.contains("00ff"));
+}
+
+/// Shortly after the join the server is asked whether it hears us; unheard, we register
+/// again and ask once more, and a second "no" is a warning on the screen.
+#[test]
+fn an_unheard_client_registers_again_and_is_warned_after_the_second_look() {
+    let unheard =
+        Ok(r#"{"room": "lobby", "host": "me", "members": [{"name": "me", "registered": false}]}"#);
+    let (tcp, asked) = fake_daemon(vec![unheard, unheard]);
+    let (session, server) = pair("lobby", "ab");
+    let (screen, rec) = screen(false);
+    let options = Options {
+        verb: Verb::Join,
+        username: "me".into(),
+        keepalive: Duration::from_secs(3600),
+        tcp,
+        join_history: false,
+        line_editor: false,
+        check_closures: true,
+        check_reach: true,
+        idle_check: None,
+        original: false,
+    };
+    spawn_reach_check(&session, &options, Arc::clone(&screen));
+    server
+        .set_read_timeout(Some(crate::reach::FIRST_LOOK + Duration::from_secs(5)))
+        .unwrap();
+    let again = recv(&server);
+    assert!(
+        again.ends_with(ucrp::datagram::REGISTER.as_bytes()),
+        "{again:?}"
+    );
+    let warning = format!("err: {}", crate::reach::warning(session.server));
+    wait_for_lines(&rec, &[&warning]);
+    let asked = asked.lock().unwrap();
+    assert_eq!(asked.len(), 2);
+    assert!(asked
+        .iter()
+        .all(|(op, room, payload)| *op == Operation::Presence
+            && room == "lobby"
+            && payload.contains("\"ab\"")));
+}
+
 /// The real closure comes while a planned recheck (after forged notices) is in flight,
 /// and that check finds us still a member: the closure is checked again and believed, and
 /// its line is shown when the session ends, not dropped with the forged notice's.
@@ -1239,9 +1345,16 @@ fn original_mode_asks_the_server_nothing_for_who_and_history() {
     listener.set_nonblocking(true).unwrap();
     let (mut commands, _inbox) = commands(listener.local_addr().unwrap(), &screen);
     commands.original = true;
-    for line in ["/who", "/history", "/history 5", "/help"] {
-        assert!(commands.handle_line(line), "{line}");
-    }
+    let (answered, done) = mpsc::channel();
+    thread::spawn(move || {
+        for line in ["/who", "/history", "/history 5", "/help"] {
+            assert!(commands.handle_line(line), "{line}");
+        }
+        answered.send(()).unwrap();
+    });
+    // Asked, this server, which never answers, would hold each question for 10 s.
+    done.recv_timeout(Duration::from_secs(5))
+        .expect("answered at once, without the server");
     let lines = rec.lines();
     let not = format!("err: {}", input::NOT_ORIGINAL);
     assert_eq!(lines[..3], [not.clone(), not.clone(), not], "{lines:?}");
