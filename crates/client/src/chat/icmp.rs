@@ -157,6 +157,78 @@ mod tests {
         assert_eq!(drain(&socket), 0);
     }
 
+    /// Sends datagrams to `closed` from `socket` until `count` went out: each send after a
+    /// refusal not yet taken fails with it (`an_error_not_yet_received_fails_the_next_send`).
+    #[cfg(target_os = "linux")]
+    fn refused_datagrams(
+        socket: &UdpSocket,
+        closed: std::net::SocketAddr,
+        text: &[u8],
+        count: usize,
+    ) {
+        let mut sent = 0;
+        for _ in 0..count * 4 {
+            if socket.send_to(text, closed).is_ok() {
+                sent += 1;
+                if sent == count {
+                    return;
+                }
+            }
+        }
+        panic!("only {sent} of {count} datagrams went out");
+    }
+
+    /// One pass reads at most [`MAX_DRAINED`] reports and leaves the rest for the next. (The
+    /// receive buffer, made large here, bounds the queue: where the system caps it below
+    /// 300 reports, the first pass takes them all.)
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_pass_drains_at_most_max_drained_reports() {
+        use std::os::fd::AsRawFd;
+        let closed = closed_port();
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        enable(&socket).expect("IP_RECVERR");
+        let size: libc::c_int = 1 << 20;
+        // SAFETY: setsockopt reads a c_int of the stated size from a live stack value.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                std::ptr::addr_of!(size).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        refused_datagrams(&socket, closed, b"hello", 300);
+        let (first, second) = (drain(&socket), drain(&socket));
+        assert!(first <= MAX_DRAINED, "{first}");
+        assert!(
+            first == MAX_DRAINED || second == 0,
+            "a pass stopped early: {first}, then {second}"
+        );
+        assert!(first + second <= 300);
+    }
+
+    /// A report quoting an empty datagram (nothing but the headers came back) counts too.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_report_of_an_empty_datagram_is_drained() {
+        let closed = closed_port();
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        enable(&socket).expect("IP_RECVERR");
+        refused_datagrams(&socket, closed, b"", 1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut drained = 0;
+        while drained == 0 && Instant::now() < deadline {
+            drained = drain(&socket);
+            if drained == 0 {
+                std::thread::yield_now();
+            }
+        }
+        assert_eq!(drained, 1);
+    }
+
     /// Without asking, an unconnected socket hears nothing: what the client saw before.
     #[cfg(target_os = "linux")]
     #[test]
