@@ -1387,4 +1387,32 @@ mod tests {
         let c = Config::from_toml("[listen]\nmetrics = \"off\"").unwrap();
         assert_eq!(c.metrics_addr(), Ok(None));
     }
+
+    /// Only an address wholly in brackets (`[…]:PORT`) is called a bad IPv6 address in
+    /// brackets; one with a bracket at one end only is no IP address at all.
+    #[test]
+    fn a_bracket_at_one_end_only_is_not_read_as_a_bracketed_address() {
+        for text in ["[::1]x:9090", "1.2.3.4]:9090"] {
+            let e = parse_listen_addr(text).unwrap_err();
+            assert!(
+                e.contains("the address must be an IP address: host names are not looked up"),
+                "{text}: {e}"
+            );
+            assert!(!e.contains("in brackets is not"), "{text}: {e}");
+        }
+    }
+
+    /// `--metrics` keeps the value as given (`off` included), once checked, so that the
+    /// file's `listen.metrics` it replaces reads the same; a bad one is refused.
+    #[test]
+    fn the_metrics_flag_keeps_its_value_as_given() {
+        for text in ["127.0.0.1:9100", "[::1]:9100", "off", " none "] {
+            assert_eq!(parse_metrics_flag(text), Ok(text.to_owned()));
+        }
+        let e = parse_metrics_flag("nowhere").unwrap_err();
+        assert!(
+            e.contains("\"nowhere\"") && e.ends_with("or \"off\""),
+            "{e}"
+        );
+    }
 }
