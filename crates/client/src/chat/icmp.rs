@@ -117,6 +117,15 @@ mod tests {
         socket.local_addr().expect("address")
     }
 
+    /// A socket that hears of ICMP errors ([`enable`]), and a closed port to earn some.
+    #[cfg(target_os = "linux")]
+    fn hearing_errors() -> (UdpSocket, std::net::SocketAddr) {
+        let closed = closed_port();
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        enable(&socket).expect("IP_RECVERR");
+        (socket, closed)
+    }
+
     #[test]
     fn errors_are_told_apart() {
         let report = |kind: io::ErrorKind| report_of(&kind.into());
@@ -139,9 +148,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn a_closed_port_is_reported_to_an_unconnected_socket_and_drained() {
-        let closed = closed_port();
-        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        enable(&socket).expect("IP_RECVERR");
+        let (socket, closed) = hearing_errors();
         socket
             .set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
@@ -185,9 +192,7 @@ mod tests {
     #[test]
     fn a_pass_drains_at_most_max_drained_reports() {
         use std::os::fd::AsRawFd;
-        let closed = closed_port();
-        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        enable(&socket).expect("IP_RECVERR");
+        let (socket, closed) = hearing_errors();
         let size: libc::c_int = 1 << 20;
         // SAFETY: setsockopt reads a c_int of the stated size from a live stack value.
         let rc = unsafe {
@@ -214,9 +219,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn a_report_of_an_empty_datagram_is_drained() {
-        let closed = closed_port();
-        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        enable(&socket).expect("IP_RECVERR");
+        let (socket, closed) = hearing_errors();
         refused_datagrams(&socket, closed, b"", 1);
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut drained = 0;
@@ -256,9 +259,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn an_error_not_yet_received_fails_the_next_send() {
-        let closed = closed_port();
-        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        enable(&socket).expect("IP_RECVERR");
+        let (socket, closed) = hearing_errors();
         socket.send_to(b"hello", closed).expect("send");
         let mut pending = libc::pollfd {
             fd: std::os::fd::AsRawFd::as_raw_fd(&socket),
