@@ -87,6 +87,19 @@ impl DeadTcp {
 /// What a fake daemon was asked: operation, room name, payload.
 type Asked = Arc<Mutex<Vec<(Operation, String, String)>>>;
 
+/// Checks that the fake daemon was asked `count` requests, each an `op` about `lobby` whose
+/// payload holds `needle` (the token, in the form the request carries it).
+fn assert_asked(asked: &Asked, count: usize, op: Operation, needle: &str) {
+    let asked = asked.lock().unwrap();
+    assert_eq!(asked.len(), count, "{asked:?}");
+    assert!(
+        asked
+            .iter()
+            .all(|(o, room, payload)| *o == op && room == "lobby" && payload.contains(needle)),
+        "{asked:?}"
+    );
+}
+
 /// A fake daemon on a local TCP port answering one connection per scripted reply
 /// (COMPLIANCE, plus COMPLETE when `Ok`), recording each request.
 fn fake_daemon(
@@ -828,13 +841,7 @@ fn the_server_is_asked_about_a_closure_with_our_token() {
     }
     let dead = DeadTcp::new();
     assert_eq!(check(dead.addr, "lobby", &token), Verdict::Unknown);
-    let asked = asked.lock().unwrap();
-    assert_eq!(asked.len(), 5);
-    assert!(asked
-        .iter()
-        .all(|(op, room, payload)| *op == Operation::History
-            && room == "lobby"
-            && payload.contains("00ff")));
+    assert_asked(&asked, 5, Operation::History, "00ff");
 }
 
 /// The closure checks as `run` drives them: a [`Checker`] on `tcp` whose verdicts come
@@ -945,13 +952,7 @@ fn an_unheard_client_registers_again_and_is_warned_after_the_second_look() {
     );
     let warning = format!("err: {}", crate::reach::warning(session.server));
     wait_for_lines(&rec, &[&warning]);
-    let asked = asked.lock().unwrap();
-    assert_eq!(asked.len(), 2);
-    assert!(asked
-        .iter()
-        .all(|(op, room, payload)| *op == Operation::Presence
-            && room == "lobby"
-            && payload.contains("\"ab\"")));
+    assert_asked(&asked, 2, Operation::Presence, "\"ab\"");
 }
 
 /// The real closure comes while a planned recheck (after forged notices) is in flight,
