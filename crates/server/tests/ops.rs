@@ -9,7 +9,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
@@ -163,21 +163,28 @@ impl NotifyListener {
         )
     }
 
-    /// The next notification, within `wait`.
+    /// The next notification, within `wait`. Only the timeout ends the wait empty-handed: an
+    /// interrupted read is read again, and any other error fails the test, named.
     fn next_within(&mut self, wait: Duration) -> Option<String> {
         let deadline = Instant::now() + wait;
-        let left = deadline.saturating_duration_since(Instant::now());
-        self.socket
-            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
-            .unwrap();
         let mut buf = [0u8; 4096];
-        match self.socket.recv(&mut buf) {
-            Ok(n) => {
-                let msg = text(&buf[..n]);
-                self.seen.push(msg.clone());
-                Some(msg)
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            self.socket
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            match self.socket.recv(&mut buf) {
+                Ok(n) => {
+                    let msg = text(&buf[..n]);
+                    self.seen.push(msg.clone());
+                    return Some(msg);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return None;
+                }
+                Err(e) => panic!("reading the notify socket: {e}; so far: {:?}", self.seen),
             }
-            Err(_) => None,
         }
     }
 
@@ -489,8 +496,16 @@ fn a_ready_the_full_queue_refused_reaches_the_manager_once_there_is_room() {
     let first = sd.wait_for(PATIENCE, |m| m != "OTHER=1");
     assert_eq!(first, "READY=1", "so far: {:?}", sd.seen);
     d.wait_for_log("notification queue took the held notifications");
-    // The periodic status follows, and the daemon served throughout.
-    let status = sd.next();
+    // The periodic status follows (within 5 s), and the daemon served throughout.
+    let waiting = Instant::now();
+    let status = sd.next_within(PATIENCE).unwrap_or_else(|| {
+        panic!(
+            "no STATUS= within {:?}; so far: {:?}\ndaemon log:\n{}",
+            waiting.elapsed(),
+            sd.seen,
+            d.log()
+        )
+    });
     assert!(status.starts_with("STATUS="), "{status:?}");
     create(&d, "served", "host");
 }
@@ -2627,7 +2642,7 @@ fn a_sighup_while_the_state_loads_does_not_kill_ocmd() {
                     }
                     // The reader closed between our open and the write (a write this short
                     // goes in whole or not at all): feed its next open.
-                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                    Err(e) if e.kind() == ErrorKind::BrokenPipe => {}
                     Err(e) => panic!("writing the FIFO: {e}"),
                 }
             }
