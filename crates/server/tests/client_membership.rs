@@ -185,7 +185,7 @@ impl Relay {
         std::thread::spawn(move || {
             socket.set_read_timeout(Some(PATIENCE)).unwrap();
             let mut buf = [0u8; 65536];
-            while let Ok((len, from)) = socket.recv_from(&mut buf) {
+            while let Ok((len, from)) = uninterrupted(|| socket.recv_from(&mut buf)) {
                 let cut = cut.load(std::sync::atomic::Ordering::SeqCst);
                 if from == daemon {
                     if cut {

@@ -579,7 +579,7 @@ fn ocm_warns_when_the_server_never_hears_its_datagrams() {
     sink.set_read_timeout(Some(PATIENCE)).unwrap();
     let mut buf = [0u8; 4096];
     for _ in 0..2 {
-        let (len, _) = sink.recv_from(&mut buf).expect("a __REGISTER__ from ocm");
+        let (len, _) = uninterrupted(|| sink.recv_from(&mut buf)).expect("a __REGISTER__ from ocm");
         let datagram = ucrp::datagram::parse(&buf[..len]).expect("a client datagram");
         assert_eq!(datagram.message, ucrp::datagram::Message::Register);
     }
@@ -634,7 +634,7 @@ fn ocm_registers_again_when_its_first_register_is_lost_and_says_nothing() {
         relay.set_read_timeout(Some(PATIENCE)).unwrap();
         let mut buf = [0u8; 65536];
         let mut dropped = false;
-        while let Ok((len, _)) = relay.recv_from(&mut buf) {
+        while let Ok((len, _)) = uninterrupted(|| relay.recv_from(&mut buf)) {
             if !dropped {
                 dropped = true;
                 continue;

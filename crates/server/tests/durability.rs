@@ -81,7 +81,7 @@ fn try_request(addr: SocketAddr, op: Operation, room: &str, body: &[u8]) -> Opti
                 });
             }
         }
-        match s.read(&mut chunk) {
+        match uninterrupted(|| s.read(&mut chunk)) {
             Ok(0) | Err(_) => return None,
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }

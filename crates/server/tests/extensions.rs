@@ -2118,7 +2118,7 @@ fn ocm_goes_on_while_the_server_is_slow_to_confirm_a_closure() {
         &["create", "quiet", "--name", "bob"],
     );
     let token = "0123456789abcdef0123456789abcdef";
-    let (mut create, _) = tcp.accept().expect("the create's connection");
+    let (mut create, _) = uninterrupted(|| tcp.accept()).expect("the create's connection");
     let mut frames = FrameReader::default();
     let (state, _) = frames.next(&mut create).expect("the create request");
     assert_eq!(state, State::Request);
@@ -2148,7 +2148,7 @@ fn ocm_goes_on_while_the_server_is_slow_to_confirm_a_closure() {
     // What bob sends: its text, checked to carry the room and the token.
     let from_bob = || {
         let mut buf = [0u8; 4096];
-        let (len, from) = udp.recv_from(&mut buf).expect("a datagram from ocm");
+        let (len, from) = uninterrupted(|| udp.recv_from(&mut buf)).expect("a datagram from ocm");
         let datagram = ucrp::datagram::parse(&buf[..len]).expect("a client datagram");
         assert_eq!(datagram.room_name, b"quiet");
         assert_eq!(datagram.token, token.as_bytes());

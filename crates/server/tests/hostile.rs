@@ -1893,7 +1893,7 @@ fn junk_frames_do_not_keep_a_connection_open() {
         if s.write_all(&junk).is_err() {
             break started.elapsed();
         }
-        match s.read(&mut chunk) {
+        match uninterrupted(|| s.read(&mut chunk)) {
             Ok(0) => break started.elapsed(),
             Ok(_) => replies += 1,
             Err(e) if e.kind() == ErrorKind::ConnectionReset => break started.elapsed(),
@@ -1958,7 +1958,7 @@ fn metrics_connections_do_not_use_up_the_per_ip_handshake_cap() {
     s.write_all(&request_bytes(Operation::CreateRoom, "one", b"\"h\""))
         .unwrap();
     let mut first = [0u8; 1];
-    let answered = s.read(&mut first);
+    let answered = uninterrupted(|| s.read(&mut first));
     assert!(
         matches!(answered, Ok(1)),
         "the only handshake connection from 127.0.0.1 was refused ({answered:?}); rejected: {}",
@@ -2039,7 +2039,7 @@ fn idle_metrics_connections_neither_fill_the_connection_table_nor_lock_out_healt
     assert_eq!(d.http_get("/healthz"), "ok\n");
     idle[0].set_read_timeout(Some(PATIENCE)).unwrap();
     let mut byte = [0u8; 1];
-    let oldest = idle[0].read(&mut byte);
+    let oldest = uninterrupted(|| idle[0].read(&mut byte));
     assert!(
         matches!(oldest, Ok(0)),
         "the oldest idle connection is still open ({oldest:?})"
@@ -2345,7 +2345,7 @@ fn at_emfile_an_idle_connection_is_closed_for_a_newcomer() {
     // The one idle longest went first.
     let mut byte = [0u8; 1];
     assert!(
-        matches!(idle[0].read(&mut byte), Ok(0) | Err(_)),
+        matches!(uninterrupted(|| idle[0].read(&mut byte)), Ok(0) | Err(_)),
         "the oldest idle connection is still open"
     );
 }
@@ -2378,7 +2378,7 @@ fn at_emfile_a_source_at_its_cap_costs_one_closing_not_one_per_attempt() {
     for attempt in 0..5 {
         let mut refused = connect_from(capped, d.tcp, None);
         refused.set_read_timeout(Some(PATIENCE)).unwrap();
-        let end = refused.read(&mut [0u8; 1]);
+        let end = uninterrupted(|| refused.read(&mut [0u8; 1]));
         assert!(
             matches!(end, Ok(0))
                 || matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset),
@@ -2610,7 +2610,7 @@ fn a_peer_that_writes_without_reading_is_cut_off_and_others_stay_served() {
         .write_all(&request_bytes(Operation::CreateRoom, "meanwhile", b"\"m\""))
         .unwrap();
     let mut first = [0u8; 1];
-    let answered = other.read(&mut first);
+    let answered = uninterrupted(|| other.read(&mut first));
     let waited = t.elapsed();
     assert!(matches!(answered, Ok(1)), "no answer: {answered:?}");
     // Answered during the flood, not after it: with the bug the answer waited until the
@@ -3072,7 +3072,7 @@ fn a_metrics_connection_in_a_reused_slot_is_not_read_as_tcrp() {
     let mut answer = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        match c.read(&mut chunk) {
+        match uninterrupted(|| c.read(&mut chunk)) {
             Ok(0) => break,
             Ok(n) => answer.extend_from_slice(&chunk[..n]),
             Err(e) => panic!("reading the metrics answer: {e}"),
@@ -3185,7 +3185,10 @@ fn bytes_after_a_final_refusal_are_thrown_away_until_the_peers_end() {
     d.wait_for_log(&format!("{}: closed (protocol)", s.local_addr().unwrap()));
     // Everything was read before the close: a close with our bytes unread would be an RST.
     let mut rest = [0u8; 16];
-    assert_eq!(s.read(&mut rest).map_err(|e| e.kind()), Ok(0));
+    assert_eq!(
+        uninterrupted(|| s.read(&mut rest)).map_err(|e| e.kind()),
+        Ok(0)
+    );
     let room = assert_still_serves(&d);
     assert_state_intact(d, &[room]);
 }
@@ -3214,7 +3217,7 @@ fn a_peer_that_ends_half_a_second_after_a_final_refusal_is_still_waited_for() {
     d.wait_for_log(&format!("{}: closed (protocol)", s.local_addr().unwrap()));
     let mut rest = [0u8; 16];
     assert_eq!(
-        s.read(&mut rest).map_err(|e| e.kind()),
+        uninterrupted(|| s.read(&mut rest)).map_err(|e| e.kind()),
         Ok(0),
         "the connection was closed before the peer's end"
     );
@@ -3285,7 +3288,7 @@ fn requests_over_the_allowance_do_not_keep_a_connection_open() {
         if s.write_all(&list).is_err() {
             break;
         }
-        match s.read(&mut chunk) {
+        match uninterrupted(|| s.read(&mut chunk)) {
             Ok(0) => break,
             Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::ConnectionReset => break,

@@ -163,28 +163,21 @@ impl NotifyListener {
         )
     }
 
-    /// The next notification, within `wait`. Only the timeout ends the wait empty-handed: an
-    /// interrupted read is read again, and any other error fails the test, named.
+    /// The next notification, within `wait`. Only the timeout ends the wait empty-handed: any
+    /// other error fails the test, named.
     fn next_within(&mut self, wait: Duration) -> Option<String> {
-        let deadline = Instant::now() + wait;
+        self.socket
+            .set_read_timeout(Some(wait.max(Duration::from_millis(1))))
+            .unwrap();
         let mut buf = [0u8; 4096];
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            self.socket
-                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
-                .unwrap();
-            match self.socket.recv(&mut buf) {
-                Ok(n) => {
-                    let msg = text(&buf[..n]);
-                    self.seen.push(msg.clone());
-                    return Some(msg);
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    return None;
-                }
-                Err(e) => panic!("reading the notify socket: {e}; so far: {:?}", self.seen),
+        match uninterrupted(|| self.socket.recv(&mut buf)) {
+            Ok(n) => {
+                let msg = text(&buf[..n]);
+                self.seen.push(msg.clone());
+                Some(msg)
             }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => None,
+            Err(e) => panic!("reading the notify socket: {e}; so far: {:?}", self.seen),
         }
     }
 
@@ -861,7 +854,7 @@ fn a_stalled_metrics_client_does_not_stall_relaying() {
     // And the silent client is cut off at the handshake deadline instead of holding its slot.
     stalled.set_read_timeout(Some(PATIENCE)).unwrap();
     let mut buf = [0u8; 64];
-    let n = stalled.read(&mut buf).unwrap_or(0);
+    let n = uninterrupted(|| stalled.read(&mut buf)).unwrap_or(0);
     assert_eq!(n, 0, "closed without a reply: {:?}", text(&buf[..n]));
     wait_until("timeout close counted", || {
         d.metric("ocm_tcp_connections_closed_total{reason=\"timeout\"}") >= 1.0

@@ -759,6 +759,21 @@ pub struct FrameReader {
     buf: Vec<u8>,
 }
 
+/// Runs a socket call that waits with a timeout (`read`, `recv_from`, `accept`) again when it
+/// was interrupted. After the test process is stopped and continued (Ctrl+Z and `fg` on a test
+/// run, a debugger, a host that freezes processes), Linux ends such a call with EINTR even
+/// where no signal handler is installed (signal(7), "Interruption of system calls and library
+/// functions by stop signals"); std tries again only inside `read_exact` and the like. Each
+/// try waits the socket's whole timeout again.
+pub fn uninterrupted<T>(mut call: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    loop {
+        match call() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            done => return done,
+        }
+    }
+}
+
 impl FrameReader {
     /// The next frame's state and payload; `None` on EOF.
     pub fn next(&mut self, stream: &mut TcpStream) -> Option<(State, Vec<u8>)> {
@@ -770,7 +785,7 @@ impl FrameReader {
                 self.buf.drain(..used);
                 return Some(parsed);
             }
-            let n = stream.read(&mut chunk).expect("read reply");
+            let n = uninterrupted(|| stream.read(&mut chunk)).expect("read reply");
             if n == 0 {
                 return None;
             }
@@ -920,9 +935,7 @@ impl Member {
         let mut buf = vec![0u8; 65536];
         let deadline = Instant::now() + PATIENCE;
         loop {
-            let (n, from) = self
-                .socket
-                .recv_from(&mut buf)
+            let (n, from) = uninterrupted(|| self.socket.recv_from(&mut buf))
                 .expect("a datagram within the deadline");
             if from == self.server {
                 return buf[..n].to_vec();
