@@ -46,7 +46,7 @@ pub mod udp;
 pub mod wall_clock;
 
 /// Test helpers shared with the integration tests: skipped checks reported as they report
-/// them, and a full notification queue.
+/// them, a full notification queue, and waits tried again after EINTR.
 #[cfg(test)]
 #[path = "../tests/common/shared.rs"]
 mod test_shared;

@@ -175,11 +175,16 @@ impl Notifier {
             .and_then(|()| socket.send_to_addr(state.as_bytes(), addr));
         match sent {
             Ok(_) => Sent::Delivered,
-            // A send timed out on SO_SNDTIMEO reports EAGAIN too.
+            // A send timed out on SO_SNDTIMEO reports EAGAIN too. One whose wait for room a
+            // signal ended reports EINTR: a SIGHUP, or a stop and continue of the daemon
+            // (`kill -STOP`, a frozen cgroup), which Linux reports so even with no handler
+            // (signal(7)). The queue was full, or the send would not have waited: held.
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
                 ) =>
             {
                 Sent::QueueFull
@@ -383,6 +388,56 @@ mod tests {
 
     /// systemd asks for a ping every `WATCHDOG_USEC`; we ping twice as often, and only if the
     /// request is ours (`WATCHDOG_PID` unset, or our pid).
+    /// A signal that ends the wait for room (a SIGHUP; a stop and continue of the daemon,
+    /// which Linux reports as EINTR even with no handler) leaves the notification held, to
+    /// be tried again: it was taken for a failure and dropped, and a lost `READY=1` gets
+    /// the daemon killed at the start timeout.
+    #[test]
+    fn a_wait_for_room_that_a_signal_ends_holds_the_notification() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+
+        extern "C" fn nothing(_: libc::c_int) {}
+        // SAFETY: installs a handler that does nothing for SIGUSR2, which nothing else in
+        // this process uses; the struct is zeroed and its mask emptied before use.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = nothing as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            libc::sigemptyset(&mut action.sa_mask);
+            assert_eq!(
+                libc::sigaction(libc::SIGUSR2, &action, std::ptr::null_mut()),
+                0
+            );
+        }
+        let manager = Manager::bind();
+        let mut notifier = manager.notifier();
+        manager.fill();
+        // SAFETY: pthread_self has no preconditions.
+        let waiting = unsafe { libc::pthread_self() };
+        let done = Arc::new(AtomicBool::new(false));
+        let ringer = {
+            let done = Arc::clone(&done);
+            std::thread::spawn(move || {
+                while !done.load(Ordering::SeqCst) {
+                    // SAFETY: the test thread outlives this one: it joins it below.
+                    unsafe { libc::pthread_kill(waiting, libc::SIGUSR2) };
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        };
+        let started = Instant::now();
+        notifier.send("READY=1");
+        let took = started.elapsed();
+        done.store(true, Ordering::SeqCst);
+        ringer.join().expect("ringer");
+        // The signal, not the timeout, ended the wait.
+        assert!(took < LIFECYCLE_WAIT / 2, "the wait took {took:?}");
+        let due = notifier.retry_at().expect("READY=1 held");
+        manager.read();
+        notifier.retry(due);
+        assert_eq!(manager.read(), ["READY=1"]);
+    }
+
     #[test]
     fn the_watchdog_pings_at_half_the_interval_asked_and_only_when_asked_of_us() {
         let every = Some(Duration::from_millis(100));

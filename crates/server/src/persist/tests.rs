@@ -146,9 +146,11 @@ impl Driver {
                 return;
             }
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            self.poll
-                .poll(&mut self.events, Some(Duration::from_millis(50)))
-                .unwrap();
+            crate::test_shared::uninterrupted(|| {
+                self.poll
+                    .poll(&mut self.events, Some(Duration::from_millis(50)))
+            })
+            .unwrap();
         }
     }
 }
@@ -548,9 +550,10 @@ fn batches_handed_over_without_waiting_become_durable_in_order_and_none_early() 
             reported.push(done.batch);
             records += done.records;
         }
-        d.poll
-            .poll(&mut d.events, Some(Duration::from_millis(50)))
-            .unwrap();
+        crate::test_shared::uninterrupted(|| {
+            d.poll.poll(&mut d.events, Some(Duration::from_millis(50)))
+        })
+        .unwrap();
     }
     // However the writer grouped them, every report names a later batch than the one
     // before, none names a batch it was not given, and the records add up.

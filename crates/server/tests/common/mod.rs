@@ -7,7 +7,7 @@
 
 mod shared;
 #[allow(unused_imports)]
-pub use shared::{fill_datagram_queue, skipped};
+pub use shared::{fill_datagram_queue, skipped, uninterrupted};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -757,21 +757,6 @@ pub fn wait_for_exit(child: &mut Child, what: &str) -> ExitStatus {
 #[derive(Default)]
 pub struct FrameReader {
     buf: Vec<u8>,
-}
-
-/// Runs a socket call that waits with a timeout (`read`, `recv_from`, `accept`) again when it
-/// was interrupted. After the test process is stopped and continued (Ctrl+Z and `fg` on a test
-/// run, a debugger, a host that freezes processes), Linux ends such a call with EINTR even
-/// where no signal handler is installed (signal(7), "Interruption of system calls and library
-/// functions by stop signals"); std tries again only inside `read_exact` and the like. Each
-/// try waits the socket's whole timeout again.
-pub fn uninterrupted<T>(mut call: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
-    loop {
-        match call() {
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            done => return done,
-        }
-    }
 }
 
 impl FrameReader {

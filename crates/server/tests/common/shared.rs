@@ -1,7 +1,8 @@
 //! Test helpers shared by the integration tests and the crate's unit tests (`src/lib.rs`
 //! includes this file): reporting checks that cannot run on this machine (no IPv6, no raw
-//! sockets, a tool not installed), so that a skip is never mistaken for a pass, and filling a
-//! Unix datagram socket's queue, as other services fill systemd's notification socket.
+//! sockets, a tool not installed), so that a skip is never mistaken for a pass; filling a
+//! Unix datagram socket's queue, as other services fill systemd's notification socket; and
+//! waits that a stop and continue of the test process does not fail.
 
 use std::io::Write;
 use std::os::unix::net::UnixDatagram;
@@ -45,6 +46,22 @@ pub fn fill_datagram_queue(path: &Path) {
         }
         if sent == 0 {
             return;
+        }
+    }
+}
+
+/// Runs a call that waits with a timeout (`read`, `recv_from` or `accept` on a socket with
+/// one, `epoll_wait` under `mio::Poll::poll`) again when it was interrupted. After the test
+/// process is stopped and continued (Ctrl+Z and `fg` on a test run, a debugger, a host that
+/// freezes processes), Linux ends such a call with EINTR even where no signal handler is
+/// installed (signal(7), "Interruption of system calls and library functions by stop
+/// signals"); std tries again only inside `read_exact` and the like. Each try waits the whole
+/// timeout again.
+pub fn uninterrupted<T>(mut call: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    loop {
+        match call() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            done => return done,
         }
     }
 }
