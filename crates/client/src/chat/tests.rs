@@ -37,8 +37,14 @@ fn pair_named(room: &str, username: &str, token: &str) -> (Session, UdpSocket) {
 
 fn recv(server: &UdpSocket) -> Vec<u8> {
     let mut buf = [0u8; 8192];
-    let (n, _) = server.recv_from(&mut buf).unwrap();
-    buf[..n].to_vec()
+    loop {
+        match server.recv_from(&mut buf) {
+            Ok((n, _)) => return buf[..n].to_vec(),
+            // A stop and continue of the test process ends the wait with EINTR.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("no datagram from the client: {e}"),
+        }
+    }
 }
 
 fn screen(hold: bool) -> (Arc<Mutex<Screen>>, Recorder) {
