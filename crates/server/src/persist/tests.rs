@@ -595,11 +595,24 @@ fn durable_records_reach_the_compactor_in_full_lots_and_all_of_them_at_shutdown(
 /// A writer on `paths` driven by hand (no thread): appends, rotations and the final fold
 /// happen when the test calls them.
 fn writer_by_hand(paths: &Paths) -> Writer {
+    writer_and_stats(paths).0
+}
+
+/// [`writer_by_hand`], with the counters it reports to.
+fn writer_and_stats(paths: &Paths) -> (Writer, Arc<Mutex<Compactions>>) {
     let poll = Poll::new().unwrap();
     let waker = Arc::new(mio::Waker::new(poll.registry(), Token(0)).unwrap());
     let loaded = store::load(paths).unwrap();
     let stats = Arc::new(Mutex::new(Compactions::default()));
-    Writer::open(paths.clone(), loaded, Options::default(), stats, waker).unwrap()
+    let writer = Writer::open(
+        paths.clone(),
+        loaded,
+        Options::default(),
+        Arc::clone(&stats),
+        waker,
+    )
+    .unwrap();
+    (writer, stats)
 }
 
 /// A lay of the space ahead that fails (here a disk that stays full for ten minutes of
@@ -640,11 +653,12 @@ fn a_failed_lay_of_the_space_ahead_backs_off_while_appends_go_on() {
     );
     // Every append was durable meanwhile, past the journal's end.
     assert_eq!(load_complete(&paths).last_seq, last);
-    // What the writer asks of the real file system: its free space, here some.
+    // What the writer asks of the real file system: its free space, here at least the room
+    // for a lay (other tests lay the space ahead on it).
     let journal = fs::File::open(&paths.journal).unwrap();
     assert!(
-        free_bytes(&journal).unwrap() > 0,
-        "a file system with no room"
+        free_bytes(&journal).unwrap() >= SPACE_AHEAD_BYTES,
+        "a file system with no room for a lay"
     );
     // The disk frees: the space is laid at the next commit a second on, though the backoff
     // had most of a minute left.
@@ -1450,7 +1464,7 @@ fn the_file_check_writes_the_state_file_again_only_when_it_went_missing() {
     let dir = tempfile::tempdir().unwrap();
     let paths = Paths::new(&dir.path().join("s.json"));
     let old = state_file_of_long_ago(&paths);
-    let mut writer = writer_by_hand(&paths);
+    let (mut writer, stats) = writer_and_stats(&paths);
     writer.append(&records);
     writer.forward(records);
     writer.check_files();
@@ -1459,10 +1473,17 @@ fn the_file_check_writes_the_state_file_again_only_when_it_went_missing() {
         old,
         "a state file that is there was written again"
     );
+    assert_eq!(counters(&stats).files_restored, 0);
     fs::remove_file(&paths.state).unwrap();
     writer.check_files();
     let loaded = load_complete(&paths);
     assert_eq!(loaded.state.journal_seq, 3, "written again from memory");
+    let restored = *counters(&stats);
+    assert_eq!(
+        (restored.files_restored, restored.files_missing),
+        (1, false),
+        "the state file written again is counted as put back"
+    );
     assert!(writer.finish());
 }
 
@@ -1589,4 +1610,205 @@ fn a_file_error_displays_as_the_io_error_it_was() {
         LockState::Unverifiable(FileError::from(&io::Error::from_raw_os_error(libc::EIO))),
         "another error is another finding, logged at once"
     );
+}
+
+/// The lock file replaced while in use by another process's (deleted, and a second `ocmd`
+/// locked a new file at its name) is not taken for the daemon's own: the file check reports
+/// it as taken, and takes the lock again once the other lets go; a lock file deleted with
+/// nobody to take it is taken again at the next check. Each lock taken again is counted
+/// once, and a check that finds the daemon's own lock there changes nothing.
+#[test]
+fn a_lock_file_deleted_while_in_use_is_taken_again_unless_another_process_holds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = Paths::new(&dir.path().join("s.json"));
+    let _held = lock(&paths).unwrap();
+    let (mut writer, stats) = writer_and_stats(&paths);
+    let found = |stats: &Mutex<Compactions>| {
+        let c = counters(stats);
+        (c.lock, c.files_restored)
+    };
+    writer.check_files();
+    assert_eq!(
+        found(&stats),
+        (LockState::Held, 0),
+        "its own lock, untouched"
+    );
+
+    fs::remove_file(&paths.lock).unwrap();
+    let other = lock(&paths).unwrap();
+    writer.check_files();
+    assert_eq!(
+        found(&stats),
+        (LockState::Taken, 0),
+        "another's lock taken for its own"
+    );
+
+    drop(other);
+    writer.check_files();
+    assert_eq!(
+        found(&stats),
+        (LockState::Held, 1),
+        "not taken again once let go"
+    );
+    writer.check_files();
+    assert_eq!(
+        found(&stats),
+        (LockState::Held, 1),
+        "its own new lock, taken again"
+    );
+    assert!(
+        lock(&paths).is_err_and(|e| matches!(e, StoreError::Locked { .. })),
+        "the lock taken again keeps a second ocmd out"
+    );
+
+    fs::remove_file(&paths.lock).unwrap();
+    writer.check_files();
+    assert_eq!(
+        found(&stats),
+        (LockState::Held, 2),
+        "deleted, and not taken again"
+    );
+    assert!(paths.lock.exists());
+}
+
+/// A second name given to the state file or the journal while the daemon serves is what the
+/// file check counts (for `/readyz`), each only while it has more than one, and the count
+/// goes once the other name is removed.
+#[test]
+fn the_file_check_counts_a_second_name_of_the_state_file_or_journal_while_it_lasts() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = Paths::new(&dir.path().join("s.json"));
+    state_file_of_long_ago(&paths);
+    let (mut writer, stats) = writer_and_stats(&paths);
+    let links = |stats: &Mutex<Compactions>| counters(stats).hard_links;
+    writer.check_files();
+    assert_eq!(links(&stats), HardLinks::default(), "one name each");
+
+    let journal_too = dir.path().join("journal.copy");
+    fs::hard_link(&paths.journal, &journal_too).unwrap();
+    writer.check_files();
+    assert_eq!(
+        links(&stats),
+        HardLinks {
+            state_file: None,
+            journal: Some(2)
+        }
+    );
+    let state_too = dir.path().join("state.copy");
+    fs::hard_link(&paths.state, &state_too).unwrap();
+    writer.check_files();
+    assert_eq!(
+        links(&stats),
+        HardLinks {
+            state_file: Some(2),
+            journal: Some(2)
+        }
+    );
+    fs::remove_file(&journal_too).unwrap();
+    fs::remove_file(&state_too).unwrap();
+    writer.check_files();
+    assert_eq!(links(&stats), HardLinks::default(), "one name each again");
+}
+
+/// A lock file whose name cannot be examined (its directory moved away and a file put in its
+/// place: its `stat` fails with ENOTDIR) is neither held nor taken again: the check says so,
+/// with the error, and once the name can be examined and holds the daemon's own file, the
+/// lock is held again, with nothing taken again or counted as restored.
+#[test]
+fn a_lock_file_that_cannot_be_examined_is_unverifiable_until_it_can() {
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    fs::create_dir(&state_dir).unwrap();
+    let paths = Paths::new(&state_dir.join("s.json"));
+    let _held = lock(&paths).unwrap();
+    let (mut writer, stats) = writer_and_stats(&paths);
+    let moved = dir.path().join("moved");
+    fs::rename(&state_dir, &moved).unwrap();
+    fs::write(&state_dir, b"").unwrap();
+    writer.check_files();
+    let not_a_dir = FileError::from(&io::Error::from_raw_os_error(libc::ENOTDIR));
+    assert_eq!(counters(&stats).lock, LockState::Unverifiable(not_a_dir));
+    fs::remove_file(&state_dir).unwrap();
+    fs::rename(&moved, &state_dir).unwrap();
+    writer.check_files();
+    assert_eq!(counters(&stats).lock, LockState::Held);
+    assert_eq!(
+        counters(&stats).files_restored,
+        0,
+        "nothing was taken again"
+    );
+}
+
+/// A clean stop kept the state when every acknowledged change is on disk (folded, or left in
+/// the journals for the next start to fold), not when the files were lost or the last
+/// batches never written: `ocmd` then exits with a failed status.
+#[test]
+fn only_a_stop_with_every_acknowledged_change_on_disk_kept_the_state() {
+    assert!(Stopped::Folded.kept_the_state());
+    assert!(Stopped::Unfolded.kept_the_state());
+    assert!(!Stopped::Lost.kept_the_state());
+    assert!(!Stopped::Unwritten.kept_the_state());
+}
+
+/// A start refuses a state path whose lock would not keep a second `ocmd` off its files: a
+/// state file or journal with a second name, or a state file that is a symbolic link; and a
+/// lock another process holds, naming the holder its file names.
+#[test]
+fn a_linked_state_file_or_journal_and_a_held_lock_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = Paths::new(&dir.path().join("s.json"));
+    refuse_linked_state(&paths.state).expect("nothing there yet");
+    fs::write(&paths.state, b"").unwrap();
+    fs::write(&paths.journal, b"").unwrap();
+    refuse_linked_state(&paths.state).expect("one name each");
+    let other = dir.path().join("other");
+    for (what, file) in [("state file", &paths.state), ("journal", &paths.journal)] {
+        fs::hard_link(file, &other).unwrap();
+        match lock(&paths) {
+            Err(StoreError::HardLinked {
+                what: refused,
+                file: named,
+                links: 2,
+            }) => assert_eq!((refused, &named), (what, file)),
+            other => panic!("{what} with two names: {other:?}"),
+        }
+        fs::remove_file(&other).unwrap();
+    }
+    let held = lock(&paths).unwrap();
+    match lock(&paths) {
+        Err(StoreError::Locked { holder, .. }) => {
+            assert_eq!(holder, format!("pid {}", std::process::id()));
+        }
+        other => panic!("a held lock: {other:?}"),
+    }
+    drop(held);
+    fs::rename(&paths.state, &other).unwrap();
+    std::os::unix::fs::symlink(&other, &paths.state).unwrap();
+    assert!(
+        matches!(lock(&paths), Err(StoreError::Symlink { target, .. }) if target == other),
+        "a symbolic link taken for the state file"
+    );
+}
+
+/// A journal deleted while in use, once a fresh one is open and the state file written
+/// again, is counted as put back (for the metrics), and the files then hold every durable
+/// record.
+#[test]
+fn a_journal_put_back_after_its_deletion_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = Paths::new(&dir.path().join("s.json"));
+    let (mut writer, stats) = writer_and_stats(&paths);
+    let records: Vec<Record> = (1..=3).map(record).collect();
+    writer.append(&records);
+    writer.forward(records);
+    fs::remove_file(&paths.journal).unwrap();
+    writer.check_files();
+    let restored = *counters(&stats);
+    assert_eq!(
+        (restored.files_restored, restored.files_missing),
+        (1, false),
+        "the journal put back is counted once"
+    );
+    assert_eq!(load_complete(&paths).last_seq, 3);
+    assert!(writer.finish());
 }
