@@ -369,4 +369,50 @@ mod tests {
         assert_eq!(tombstones.order.capacity(), fresh.order.capacity());
         assert_eq!(tombstones.len(), 1_001);
     }
+
+    // Mutation testing, part B
+    /// The source of each flood test: 10.0.0.0 plus `i`.
+    fn flooder(i: usize) -> IpAddr {
+        IpAddr::from(Ipv4Addr::from(0x0a00_0000 + u32::try_from(i).unwrap()))
+    }
+
+    /// A table of sources with room for four times the sources in it keeps that room at a
+    /// sweep: only more than four times is given back.
+    #[test]
+    fn a_table_of_sources_with_room_for_four_times_its_sources_keeps_its_room() {
+        let limits = Limits::default();
+        let mut tombstones = Tombstones::new();
+        let now = Instant::now();
+        // The room a flood leaves behind, without the deleted slots its departures leave,
+        // which `capacity` does not count.
+        tombstones.last_reply.reserve(4_096);
+        let room = tombstones.last_reply.capacity();
+        assert!(room > 1_024 && room.is_multiple_of(4), "{room}");
+        for i in 0..room / 4 {
+            assert!(tombstones.may_reply(flooder(i), now, &limits));
+        }
+        tombstones.expire(now, &limits);
+        assert_eq!(tombstones.last_reply.len() * 4, room);
+        assert_eq!(tombstones.last_reply.capacity(), room);
+    }
+
+    /// A flood's room is given back down to room for twice the sources still within their
+    /// interval, not less: the next interval's replies do not have to grow it again at once.
+    #[test]
+    fn a_flood_gives_back_its_room_down_to_twice_the_sources_left() {
+        let limits = Limits::default();
+        let mut tombstones = Tombstones::new();
+        let now = Instant::now();
+        for i in 0..20_000 {
+            assert!(tombstones.may_reply(flooder(i), now, &limits));
+        }
+        let later = now + limits.closed_reply_interval / 2;
+        for i in 20_000..21_000 {
+            assert!(tombstones.may_reply(flooder(i), later, &limits));
+        }
+        tombstones.expire(now + limits.closed_reply_interval, &limits);
+        assert_eq!(tombstones.last_reply.len(), 1_000);
+        let room = tombstones.last_reply.capacity();
+        assert!((2_000..20_000).contains(&room), "{room}");
+    }
 }
