@@ -503,6 +503,61 @@ fn a_ready_the_full_queue_refused_reaches_the_manager_once_there_is_room() {
     create(&d, "served", "host");
 }
 
+/// A `READY=1` waiting for room in a full queue when `ocmd` is stopped and continued (or gets
+/// any signal) has its wait ended with EINTR, even with no handler (signal(7)). That was taken
+/// for a failure: the `READY=1` was dropped, and systemd would have killed a serving daemon at
+/// the start timeout. It is held like one that timed out, and reaches the manager.
+#[test]
+fn a_ready_whose_wait_for_room_a_stop_interrupts_still_reaches_the_manager() {
+    // An attempt counts once the stop came while the daemon was in the waiting `sendto`;
+    // one that looked too late (the second's wait already over) is made again.
+    for _attempt in 0..3 {
+        let mut sd = NotifyListener::bind();
+        sd.fill();
+        let d = Daemon::start_with(Options {
+            env: vec![sd.env(), ("WATCHDOG_USEC".into(), "0".into())],
+            ..Options::default()
+        });
+        // `listening ...` (which start_with waits for) is logged just before READY=1 is sent.
+        let syscall = format!("/proc/{}/syscall", d.pid());
+        let in_sendto = || {
+            std::fs::read_to_string(&syscall)
+                .map(|s| s.split_whitespace().next() == Some(libc::SYS_sendto.to_string().as_str()))
+        };
+        let deadline = Instant::now() + PATIENCE;
+        let caught = loop {
+            match in_sendto() {
+                Ok(true) => break true,
+                Ok(false) => {}
+                Err(e) => {
+                    skipped(&format!("cannot read {syscall}: {e}"));
+                    return;
+                }
+            }
+            if d.log().contains("notification queue is full") {
+                break false;
+            }
+            assert!(Instant::now() < deadline, "ocmd never waited in sendto");
+            thread::sleep(Duration::from_millis(1));
+        };
+        if !caught {
+            continue;
+        }
+        d.signal(libc::SIGSTOP);
+        d.signal(libc::SIGCONT);
+        let first = sd.wait_for(PATIENCE, |m| m != "OTHER=1");
+        assert_eq!(first, "READY=1", "so far: {:?}\n{}", sd.seen, d.log());
+        assert!(
+            !d.log().contains("cannot notify"),
+            "the interrupted wait was taken for a failure:\n{}",
+            d.log()
+        );
+        create(&d, "served", "host");
+        return;
+    }
+    panic!("three daemons were past their wait for room before they could be stopped in it");
+}
+
 // ---------------------------------------------------------------------------------------------
 // /metrics and /healthz
 
