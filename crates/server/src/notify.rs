@@ -386,8 +386,6 @@ mod tests {
         assert_eq!(notifier.held, ["READY=1", "STOPPING=1"]);
     }
 
-    /// systemd asks for a ping every `WATCHDOG_USEC`; we ping twice as often, and only if the
-    /// request is ours (`WATCHDOG_PID` unset, or our pid).
     /// A signal that ends the wait for room (a SIGHUP; a stop and continue of the daemon,
     /// which Linux reports as EINTR even with no handler) leaves the notification held, to
     /// be tried again: it was taken for a failure and dropped, and a lost `READY=1` gets
@@ -438,6 +436,8 @@ mod tests {
         assert_eq!(manager.read(), ["READY=1"]);
     }
 
+    /// systemd asks for a ping every `WATCHDOG_USEC`; we ping twice as often, and only if the
+    /// request is ours (`WATCHDOG_PID` unset, or our pid).
     #[test]
     fn the_watchdog_pings_at_half_the_interval_asked_and_only_when_asked_of_us() {
         let every = Some(Duration::from_millis(100));
