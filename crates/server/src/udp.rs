@@ -2175,6 +2175,73 @@ mod tests {
         // No batches for a member without the capability (limit 0).
         assert_eq!(packing(10, 3, 0, 65507), (vec![1, 1, 1], 12));
     }
+
+    /// A last word queued in a later pass, to an address whose earlier last word is still
+    /// held, is held after it (not dropped), and nothing to another address counts as
+    /// dropped; once the kernel has room, both reach it, counted as sent and as deliveries.
+    #[test]
+    fn a_last_word_queued_behind_one_still_held_is_held_after_it() {
+        let socket = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (x, y) = (peer(), peer());
+        let (to_x, to_y) = (x.local_addr().unwrap(), y.local_addr().unwrap());
+        let mut out = Outbox::default();
+        let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
+        out.send_last_word(to_x, LocalId::ANY, closed, 1);
+        let mut sender = Sender::new(65507);
+        sender.scratch.refusing = Some(no_memory_for_room_closed);
+        let (mut locals, mut metrics) = (Locals::default(), Metrics::default());
+        let now = Instant::now();
+        sender.send_all(&socket, &mut out, &mut locals, &mut metrics, now);
+        assert_eq!(metrics.last_words_held, 1);
+
+        // x's other room closes too, while the first word is still held.
+        let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
+        let newer = chat(&mut out, "newer");
+        out.send_last_word(to_x, LocalId::ANY, closed, 3);
+        out.send_to_member(to_y, LocalId::ANY, newer, 2, 0);
+        sender.send_all(&socket, &mut out, &mut locals, &mut metrics, now);
+        let held: Vec<SocketAddr> = sender.held.iter().map(|word| word.to).collect();
+        assert_eq!(held, [to_x, to_x]);
+        assert_eq!(metrics.last_words_held, 2);
+        assert!(metrics.send_errors.is_empty(), "{:?}", metrics.send_errors);
+        assert_eq!(texts_received(&y, 1), ["newer"]);
+        assert!(got_nothing(&x));
+
+        sender.scratch.refusing = None;
+        sender.send_held(&socket, &mut locals, &mut metrics, now);
+        assert_eq!(received(&x, 2), [delivery::ROOM_CLOSED; 2]);
+        assert!(!sender.holds_last_words());
+        assert_eq!((metrics.datagrams_sent, metrics.deliveries), (3, 3));
+    }
+
+    /// A segmented send refused whose datagrams, sent again one apiece, find the send buffer
+    /// full: nothing proves the segments at fault (the first did not leave), so the
+    /// destination is not kept from segmented sends, and the datagrams count as
+    /// `would_block`.
+    #[test]
+    fn a_refused_segmented_send_whose_retry_finds_no_room_blames_no_one() {
+        let Some(socket) = segmenting_socket(true) else {
+            return;
+        };
+        let a = peer();
+        let mut out = Outbox::default();
+        // The stand-in finds the buffer full for these, one apiece (first byte 3); it does
+        // not look at a segmented send, which the socket refuses.
+        let full = out.payload(|b| b.extend_from_slice(&[3, 0, 1]));
+        for _ in 0..3 {
+            out.send_to_member(a.local_addr().unwrap(), LocalId::ANY, full.clone(), 0, 0);
+        }
+        let mut sender = segmenting_sender();
+        sender.scratch.refusing = Some(mmsg::by_first_byte);
+        let (mut locals, mut metrics) = (Locals::default(), Metrics::default());
+        sender.send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
+        assert_eq!(sender.refused_calls, 1);
+        assert_eq!(metrics.segmentation_refusals, 0);
+        assert!(sender.unsegmented.until.is_empty());
+        assert_eq!(metrics.datagrams_sent, 0);
+        assert_eq!(metrics.send_errors.get("would_block"), Some(&3));
+        assert!(got_nothing(&a));
+    }
 }
 
 #[cfg(test)]

@@ -1271,3 +1271,41 @@ fn ocm_reports_a_refused_join_and_exits_non_zero() {
         "{err}"
     );
 }
+
+/// A held `__ROOM_CLOSED__` is tried again on its own timer (every 100 ms while one is held),
+/// not only when something else wakes the daemon: with the liveness sweep and the history
+/// checkpoint an hour or more apart, no connection open and nothing else sent, the kernel
+/// still sees it again and again (about ten times a second), and takes it once it has room.
+#[test]
+fn a_held_room_closed_is_tried_again_on_its_own_timer() {
+    let refusal = Refusal::FullSendBuffer;
+    let (d, full, _library) = spawn_preloaded(
+        |dir| refusing_sendmmsg(dir, refusal),
+        refusal.switch(),
+        Options {
+            config: Some(
+                "[liveness]\nsweep_interval_ms = 3600000\n[history]\ncheckpoint_secs = 86400\n"
+                    .into(),
+            ),
+            ..Options::default()
+        },
+    );
+    let refused_calls = full.with_extension("refused");
+    let refusals = || std::fs::metadata(&refused_calls).map_or(0, |m| m.len());
+    let host = Member::joined(&d, "r", &create(&d, "r", "host"));
+    let m1 = Member::new(&d, "r", &join(&d, "r", "m1"));
+    m1.registered_with(&host, "m1");
+
+    std::fs::write(&full, b"").unwrap();
+    host.send("__LEAVE__");
+    d.wait_for_log(r#"room "r" closed: host left; 1 member told"#);
+    wait_until("the close to find the buffer full", || refusals() > 0);
+    // Only the retry timer wakes the daemon now; the 5 s status line at most once more
+    // within the wait.
+    let first = refusals();
+    wait_until("the held close to be tried five more times", || {
+        refusals() >= first + 5
+    });
+    std::fs::remove_file(&full).unwrap();
+    assert_eq!(m1.recv_raw(), b"__ROOM_CLOSED__");
+}
