@@ -2242,6 +2242,20 @@ mod tests {
         assert_eq!(metrics.send_errors.get("would_block"), Some(&3));
         assert!(got_nothing(&a));
     }
+
+    /// A destination whose segmented send was refused gets one datagram per send for the 10
+    /// minutes docs/OPERATIONS.md names (the kernel's default lifetime of a path MTU it
+    /// learned), and segmented sends again from then on.
+    #[test]
+    fn a_destination_is_kept_from_segmented_sends_for_ten_minutes() {
+        let ip = IpAddr::from([10, 0, 0, 1]);
+        let t0 = Instant::now();
+        let ten_minutes = t0 + Duration::from_secs(600);
+        let mut kept = Unsegmented::default();
+        assert!(kept.keep(ip, t0));
+        assert!(kept.keeps(&ip, Some(ten_minutes - Duration::from_millis(1))));
+        assert!(!kept.keeps(&ip, Some(ten_minutes)));
+    }
 }
 
 #[cfg(test)]

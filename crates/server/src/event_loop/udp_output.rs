@@ -168,4 +168,16 @@ mod tests {
             "no stale report of room"
         );
     }
+
+    /// Held words are tried again 100 ms after the pass that left them held, as
+    /// docs/OPERATIONS.md says ("or 100 ms later at most"), and not before.
+    #[test]
+    fn held_words_are_tried_again_100_ms_later() {
+        let t0 = Instant::now();
+        let mut watch = Watch::default();
+        let _ = watch.update(true, t0);
+        assert_eq!(watch.retry_at(), Some(t0 + Duration::from_millis(100)));
+        assert!(!watch.take_due(t0 + Duration::from_millis(99)));
+        assert!(watch.take_due(t0 + Duration::from_millis(100)));
+    }
 }
