@@ -50,12 +50,16 @@ fn statx_open(file: &File, mask: u32) -> io::Result<libc::statx> {
 
 /// How many names `file` has (`stx_nlink`), from a `statx` that asks for nothing else.
 pub(super) fn link_count(file: &File) -> io::Result<u64> {
-    let stat = statx_open(file, libc::STATX_NLINK)?;
+    statx_open(file, libc::STATX_NLINK).map(|stat| links(&stat))
+}
+
+/// The count of names in `stat`, or 1 when the file system did not give it.
+fn links(stat: &libc::statx) -> u64 {
     if stat.stx_mask & libc::STATX_NLINK == 0 {
         // The file system did not say: take it as linked rather than refuse every append.
-        return Ok(1);
+        return 1;
     }
-    Ok(u64::from(stat.stx_nlink))
+    u64::from(stat.stx_nlink)
 }
 
 /// The identity in `stat`, or `None` when the file system did not give the inode.
@@ -78,4 +82,51 @@ pub(super) fn identity_at(path: &Path) -> io::Result<Option<Identity>> {
     let path = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     statx(libc::AT_FDCWD, &path, 0, libc::STATX_INO).map(|stat| identity(&stat))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `statx` whose mask lacks `STATX_INO` (a file system that did not give the inode)
+    /// gives no identity, rather than one made of the zeros the kernel left: two such files
+    /// would otherwise look the same. With the bit, the identity is its device and inode.
+    #[test]
+    fn an_inode_the_file_system_did_not_give_is_no_identity() {
+        // SAFETY: `libc::statx` is plain integers, for which all zeros is a valid value.
+        let mut stat: libc::statx = unsafe { std::mem::zeroed() };
+        stat.stx_mask = libc::STATX_BASIC_STATS & !libc::STATX_INO;
+        stat.stx_ino = 7;
+        assert_eq!(identity(&stat), None);
+        stat.stx_mask = 0;
+        assert_eq!(identity(&stat), None);
+        stat.stx_mask = libc::STATX_INO;
+        stat.stx_dev_major = 8;
+        stat.stx_dev_minor = 1;
+        assert_eq!(
+            identity(&stat),
+            Some(Identity {
+                dev_major: 8,
+                dev_minor: 1,
+                ino: 7
+            })
+        );
+    }
+
+    /// A `statx` whose mask lacks `STATX_NLINK` counts as one name, not as the 0 the kernel
+    /// left there: 0 would read as a journal deleted while in use, and every append would
+    /// replace it. With the bit, the count is the file's.
+    #[test]
+    fn a_count_of_names_the_file_system_did_not_give_is_one() {
+        // SAFETY: `libc::statx` is plain integers, for which all zeros is a valid value.
+        let mut stat: libc::statx = unsafe { std::mem::zeroed() };
+        stat.stx_mask = libc::STATX_BASIC_STATS & !libc::STATX_NLINK;
+        assert_eq!(links(&stat), 1);
+        stat.stx_mask = 0;
+        assert_eq!(links(&stat), 1);
+        stat.stx_mask = libc::STATX_NLINK;
+        assert_eq!(links(&stat), 0, "a file without a name");
+        stat.stx_nlink = 3;
+        assert_eq!(links(&stat), 3);
+    }
 }

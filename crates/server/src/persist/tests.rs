@@ -1834,3 +1834,96 @@ fn a_journal_put_back_after_its_deletion_is_counted() {
     assert_eq!(load_complete(&paths).last_seq, 3);
     assert!(writer.finish());
 }
+
+// Mutation testing, 2026-12-05: the rest of `persist/` (see docs/SECURITY.md).
+
+/// A lay of the space ahead that fails with just the room it needs free (a quota, an I/O
+/// error: not a full disk) is tried again only by its schedule, though the file system says
+/// at every check that it has the room: only a failure for want of room is tried again as
+/// soon as room is freed.
+#[test]
+fn a_lay_that_failed_with_its_room_free_waits_for_its_schedule() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = Paths::new(&dir.path().join("s.json"));
+    let mut writer = writer_by_hand(&paths);
+    let start = Instant::now();
+    let tenth = |i: u64| start + Duration::from_millis(100 * i);
+    let mut tries = Vec::new();
+    for i in 0..70 {
+        writer.keep_space_ahead_at(
+            tenth(i),
+            |_, _, _| {
+                tries.push(i);
+                Err(io::Error::from_raw_os_error(libc::EDQUOT))
+            },
+            |_| Ok(SPACE_AHEAD_BYTES),
+        );
+    }
+    // At 0, 1 and 3 s; the next at 7 s.
+    assert_eq!(tries, [0, 10, 30], "tenths of a second of the tries");
+    assert!(writer.finish());
+}
+
+/// A final fold that fails with the state's files in place (here a directory put at the
+/// state file's name) loses nothing: the journal keeps every change, and the stop is not
+/// told that the files were deleted. One that fails after the journal was moved from its
+/// name is a loss, though the journal still has a name: no start reads it.
+#[test]
+fn a_failed_final_fold_is_a_loss_only_when_a_file_left_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = Paths::new(&dir.path().join("s.json"));
+    state_file_of_long_ago(&paths);
+    let (mut writer, stats) = writer_and_stats(&paths);
+    let records: Vec<Record> = (1..=3).map(record).collect();
+    writer.append(&records);
+    writer.forward(records);
+    fs::remove_file(&paths.state).unwrap();
+    fs::create_dir(&paths.state).unwrap();
+    assert!(
+        !writer.finish(),
+        "a fold that could not write was taken as done"
+    );
+    assert!(
+        !counters(&stats).files_missing,
+        "a failed fold with the files in place was called a loss"
+    );
+    fs::remove_dir(&paths.state).unwrap();
+    assert_eq!(load_complete(&paths).last_seq, 3, "the journal keeps them");
+
+    let dir = tempfile::tempdir().unwrap();
+    let paths = Paths::new(&dir.path().join("s.json"));
+    let (mut writer, stats) = writer_and_stats(&paths);
+    let records: Vec<Record> = (1..=3).map(record).collect();
+    writer.append(&records);
+    writer.forward(records);
+    fs::rename(&paths.journal, dir.path().join("elsewhere")).unwrap();
+    fs::create_dir(&paths.state).unwrap();
+    assert!(
+        !writer.finish(),
+        "a fold that could not write was taken as done"
+    );
+    assert!(
+        counters(&stats).files_missing,
+        "a journal moved from its name was said to keep the changes"
+    );
+}
+
+/// A stop with a batch still waiting for the writer while the state directory is gone (the
+/// writer retrying to open a fresh journal in it) says the state is lost, not merely that
+/// the last writes are not durable: what the files held before is on no disk either.
+#[test]
+fn a_stop_with_a_batch_waiting_while_the_state_directory_is_gone_says_the_state_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    fs::create_dir(&state_dir).unwrap();
+    let mut d = Driver::start(&state_dir, Options::default());
+    d.write(5);
+    fs::remove_dir_all(&state_dir).unwrap();
+    d.wait("a failed try to open a fresh journal", |p| {
+        p.compactions().write_failures > 0
+    });
+    d.persister.submit(vec![record(6)]);
+    d.persister.pump();
+    assert!(d.persister.busy(), "the batch went to the writer");
+    assert_eq!(d.persister.shutdown(), Stopped::Lost);
+}

@@ -1295,4 +1295,96 @@ mod tests {
              hole; j from line 7: 1 line, starting at a zero-filled hole)"
         );
     }
+
+    /// Once the compactor thread is gone (it panicked: here a stand-in whose ends of the
+    /// channels are dropped), the writer lets go of it rather than wait on it for ever: the
+    /// commits go on without compactions, and the stop says there is no final state file,
+    /// the journal keeping every change for the next start to fold.
+    #[test]
+    fn a_compactor_gone_is_let_go_and_the_journal_keeps_every_change() {
+        use std::sync::mpsc;
+
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(&dir.path().join("s.json"));
+        let poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
+        let loaded = store::load(&paths).unwrap();
+        let stats = Arc::new(Mutex::new(Compactions::default()));
+        let options = Options {
+            compact_journal_bytes: 1,
+            ..Options::default()
+        };
+        let mut writer = Writer::open(paths.clone(), loaded, options, stats, waker).unwrap();
+        let (jobs, _) = mpsc::channel();
+        let (_, reports) = mpsc::channel();
+        let gone = Compactor {
+            jobs,
+            reports,
+            thread: thread::spawn(State::default),
+        };
+        // The real compactor ends once its jobs' sender is dropped.
+        drop(writer.compactor.replace(gone));
+        let (done, finished) = mpsc::channel();
+        thread::spawn(move || {
+            let records = vec![Record::CloseRoom { room: "r".into() }];
+            writer.append(&records);
+            writer.forward(records);
+            writer.maybe_compact();
+            let _ = done.send((writer.compactor.is_none(), writer.finish()));
+        });
+        assert_eq!(
+            finished.recv_timeout(Duration::from_secs(20)),
+            Ok((true, false)),
+            "the compactor gone let go of, and no final state file"
+        );
+        let loaded = store::load(&paths).unwrap();
+        assert_eq!((loaded.last_seq, loaded.replayed), (1, 1));
+    }
+
+    /// One compaction at a time: a commit while one runs asks for no other, though the
+    /// journal is over its threshold again. (One queued behind it would remove a
+    /// `journal.old` rotated once the first reported, with records its state file lacks.)
+    #[test]
+    fn no_compaction_is_asked_for_while_one_runs() {
+        use std::sync::mpsc;
+
+        fn commit(writer: &mut Writer, room: &str) {
+            let records = vec![Record::CloseRoom { room: room.into() }];
+            writer.append(&records);
+            writer.forward(records);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(&dir.path().join("s.json"));
+        let poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
+        let loaded = store::load(&paths).unwrap();
+        let stats = Arc::new(Mutex::new(Compactions::default()));
+        let options = Options {
+            compact_journal_bytes: 1,
+            ..Options::default()
+        };
+        let mut writer =
+            Writer::open(paths.clone(), loaded, options, Arc::clone(&stats), waker).unwrap();
+        commit(&mut writer, "a");
+        writer.maybe_compact();
+        assert!(
+            writer.compacting,
+            "the journal rotated and a compaction asked for"
+        );
+        commit(&mut writer, "b");
+        // The compaction's report held back, whenever the compactor sends it: to the
+        // writer, it still runs.
+        let (_held, no_report) = mpsc::channel();
+        let compactor = writer.compactor.as_mut().unwrap();
+        let reports = std::mem::replace(&mut compactor.reports, no_report);
+        writer.maybe_compact();
+        writer.compactor.as_mut().unwrap().reports = reports;
+        assert!(writer.finish());
+        assert_eq!(
+            counters(&stats).written,
+            2,
+            "the compaction, then the final fold, and no state file in between"
+        );
+        assert_eq!(store::load(&paths).unwrap().state.journal_seq, 2);
+    }
 }
