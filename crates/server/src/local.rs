@@ -427,4 +427,20 @@ mod tests {
         assert!(!needs_arrival_address("127.0.0.1:9091".parse().unwrap()));
         assert!(!needs_arrival_address("[::1]:9091".parse().unwrap()));
     }
+
+    /// The count of retirements starts at 0, and counts each address retired, and each
+    /// time one is retired again after a datagram came to it.
+    #[test]
+    fn each_retirement_of_an_address_is_counted_from_zero() {
+        let mut locals = Locals::default();
+        assert_eq!(locals.retired(), 0);
+        let (a, b) = (locals.id(v4([192, 0, 2, 1])), locals.id(v4([192, 0, 2, 2])));
+        assert_eq!(locals.retired(), 0, "numbering retires none");
+        locals.retire(a);
+        locals.retire(b);
+        assert_eq!((locals.retired(), locals.live()), (2, 0));
+        assert_eq!(locals.id(v4([192, 0, 2, 1])), a);
+        locals.retire(a);
+        assert_eq!((locals.retired(), locals.live()), (3, 0));
+    }
 }

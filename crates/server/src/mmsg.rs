@@ -1752,4 +1752,109 @@ mod tests {
         assert_eq!(rx.datagram(0).unwrap().1.len(), 10);
         assert!(rx.datagram(1).is_none());
     }
+
+    std::thread_local! {
+        /// How many times, on this thread, [`full_after_first_try`] has been asked about a
+        /// datagram of `b"full"`.
+        static TRIES_OF_FULL: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+        /// How many more sends, on this thread, [`interrupted`] says a signal interrupted.
+        static INTERRUPTIONS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+
+    /// A [`StandIn`] that finds the send buffer full (`EAGAIN`) for a datagram of
+    /// `b"full"`, but for the first time it is asked about one (on this thread), when it
+    /// hands it to the kernel; it hands every other datagram to the kernel.
+    fn full_after_first_try(bytes: &[u8]) -> Option<i32> {
+        if bytes != b"full" {
+            return None;
+        }
+        let tries = TRIES_OF_FULL.with(|tries| tries.replace(tries.get() + 1));
+        (tries > 0).then_some(libc::EAGAIN)
+    }
+
+    /// A [`StandIn`] for which a signal interrupts the send (`EINTR`) while
+    /// [`INTERRUPTIONS`] lasts; then it hands every datagram to the kernel.
+    fn interrupted(_: &[u8]) -> Option<i32> {
+        let left = INTERRUPTIONS.with(|left| left.replace(left.get().saturating_sub(1)));
+        (left > 0).then_some(libc::EINTR)
+    }
+
+    /// A source the kernel refused for a datagram that then left without it stays named when
+    /// the buffer fills behind it; a datagram whose source was refused and that then found
+    /// the buffer full, sent without it, is not named: its source is not proven gone.
+    #[test]
+    fn a_full_buffer_forgets_only_the_sources_refused_from_where_it_filled() {
+        let server = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = client.local_addr().unwrap();
+        let gone = Some(LocalAddr {
+            ip: IpAddr::from([192, 0, 2, 77]),
+            ifindex: 0,
+        });
+        let parts = [IoSlice::new(b"a"), IoSlice::new(b"full")];
+        let outgoing = |from, runs| Outgoing {
+            to,
+            from,
+            runs,
+            segment: 0,
+            in_order: false,
+        };
+        let mut scratch = SendScratch {
+            refusing: Some(full_after_first_try),
+            ..SendScratch::default()
+        };
+        // "a" is refused from its source and leaves without it; "full" (no source) finds
+        // the buffer full.
+        TRIES_OF_FULL.with(|tries| tries.set(1));
+        let datagrams = [outgoing(gone, 0..1), outgoing(None, 1..2)];
+        let sent = send(server.as_raw_fd(), &parts, &datagrams, &mut scratch);
+        let dropped = Sent {
+            sent: 1,
+            would_block: 1,
+            ..Sent::default()
+        };
+        assert_eq!(sent, dropped);
+        assert_eq!(scratch.refused_sources(), &[0]);
+        assert_eq!(scratch.fate(1, &sent), Fate::NoRoom);
+        // "full" is refused from its source, then finds the buffer full without it.
+        TRIES_OF_FULL.with(|tries| tries.set(0));
+        let datagrams = [outgoing(gone, 1..2)];
+        let sent = send(server.as_raw_fd(), &parts, &datagrams, &mut scratch);
+        let dropped = Sent {
+            would_block: 1,
+            ..Sent::default()
+        };
+        assert_eq!(sent, dropped);
+        assert_eq!(TRIES_OF_FULL.with(std::cell::Cell::get), 2, "tried twice");
+        assert!(scratch.refused_sources().is_empty());
+        assert_eq!(receive(&client, 1)[0].1, b"a");
+    }
+
+    /// A send a signal interrupted before the kernel took anything (`EINTR`) is made again:
+    /// each datagram leaves once, and none counts as failed or dropped.
+    #[test]
+    fn a_send_a_signal_interrupted_is_made_again() {
+        let (a, b) = sender_and_receiver();
+        let to = b.local_addr().unwrap();
+        let mut scratch = SendScratch {
+            refusing: Some(interrupted),
+            ..SendScratch::default()
+        };
+        INTERRUPTIONS.with(|left| left.set(2));
+        let datagrams: [(SocketAddr, &[u8]); 2] = [(to, b"x"), (to, b"y")];
+        let sent = send_each(a.as_raw_fd(), &datagrams, &mut scratch);
+        assert_eq!(
+            sent,
+            Sent {
+                sent: 2,
+                ..Sent::default()
+            }
+        );
+        assert!(scratch.failed().is_empty());
+        assert_eq!(INTERRUPTIONS.with(std::cell::Cell::get), 0);
+        let got: Vec<Vec<u8>> = receive(&b, 2).into_iter().map(|(_, bytes)| bytes).collect();
+        assert_eq!(got, [b"x", b"y"]);
+        b.set_nonblocking(true).unwrap();
+        assert!(b.recv(&mut [0; 8]).is_err(), "each left once");
+    }
 }

@@ -182,4 +182,58 @@ mod tests {
         assert_eq!(accept_queue(fd).unwrap().waiting, 1);
         assert!(accept_queue(-1).is_err());
     }
+
+    /// A connected TCP socket and the one it is connected to, each end's own.
+    fn connected_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (theirs, _) = listener.accept().unwrap();
+        (ours, theirs)
+    }
+
+    /// The bytes written and not acknowledged are none on a fresh connection, and some but
+    /// not all of those written once a peer that reads nothing has filled its buffer (the
+    /// rest it acknowledged); a bad descriptor is an error.
+    #[test]
+    fn unacknowledged_bytes_are_those_a_peer_has_not_taken() {
+        use std::io::Write;
+        let (mut ours, _reads_nothing) = connected_pair();
+        let fd = ours.as_raw_fd();
+        assert_eq!(unacknowledged(fd).unwrap(), 0);
+        ours.set_nonblocking(true).unwrap();
+        let chunk = [0x61u8; 64 * 1024];
+        let mut written = 0;
+        // Loopback acknowledges what the peer's buffer takes within the write; the rest
+        // waits in our queue once that is full.
+        while let Ok(n) = ours.write(&chunk) {
+            written += n;
+        }
+        let queued = unacknowledged(fd).unwrap();
+        assert!(queued > 1 && queued < written, "{queued} of {written}");
+        assert!(unacknowledged(-1).is_err());
+    }
+
+    /// A socket told to reset on close resets its connection: the peer reads an error, not
+    /// the end of the stream (which it reads from a socket closed plainly).
+    #[test]
+    fn a_socket_told_to_reset_on_close_resets_its_connection() {
+        use std::io::Read;
+        let read_after_close = |reset: bool| {
+            let (ours, mut theirs) = connected_pair();
+            if reset {
+                reset_on_close(ours.as_raw_fd()).unwrap();
+            }
+            drop(ours);
+            theirs
+                .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                .unwrap();
+            theirs.read(&mut [0u8; 8]).map_err(|e| e.kind())
+        };
+        assert_eq!(read_after_close(false), Ok(0));
+        assert_eq!(
+            read_after_close(true),
+            Err(std::io::ErrorKind::ConnectionReset)
+        );
+        assert!(reset_on_close(-1).is_err());
+    }
 }
