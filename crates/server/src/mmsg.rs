@@ -1857,4 +1857,91 @@ mod tests {
         b.set_nonblocking(true).unwrap();
         assert!(b.recv(&mut [0; 8]).is_err(), "each left once");
     }
+
+    /// A stamp or an arrival address whose message is too short for it (its length says
+    /// fewer bytes than the value has) is not read, and the search goes on past it: what
+    /// follows its bytes is not taken for their end.
+    #[test]
+    fn a_message_too_short_for_its_value_is_passed_over() {
+        let cut = |(level, kind, mut payload): (i32, i32, Vec<u8>)| {
+            payload.pop();
+            (level, kind, payload)
+        };
+        let v6: Ipv6Addr = "2001:db8::2".parse().unwrap();
+        let mut control = Vec::new();
+        let hdr = received_with(&mut control, &[cut(stamp(7, 8)), stamp(3, 4)]);
+        assert_eq!(timestamp(&hdr), Some(Duration::new(3, 4)));
+        let hdr = received_with(&mut control, &[cut(stamp(7, 8))]);
+        assert_eq!(timestamp(&hdr), None);
+        let short_ip = cut(ip_pktinfo([127, 0, 0, 2], 3));
+        let hdr = received_with(&mut control, &[short_ip.clone(), ipv6_pktinfo(v6, 4)]);
+        let from_ipv6 = LocalAddr {
+            ip: IpAddr::V6(v6),
+            ifindex: 4,
+        };
+        assert_eq!(destination(&hdr), Some(from_ipv6));
+        let hdr = received_with(&mut control, &[cut(ipv6_pktinfo(v6, 4)), short_ip]);
+        assert_eq!(destination(&hdr), None);
+    }
+
+    /// Each datagram of a batch is read with its own source and its own length.
+    #[test]
+    fn each_datagram_of_a_batch_keeps_its_own_source_and_length() {
+        let (a, b) = sender_and_receiver();
+        let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = b.local_addr().unwrap();
+        a.send_to(b"one", to).unwrap();
+        c.send_to(b"three", to).unwrap();
+        a.send_to(b"xy", to).unwrap();
+        let mut rx = Receiver::new(16);
+        // Loopback delivers within the send: all three are queued already.
+        assert_eq!(rx.recv(b.as_raw_fd(), BATCH).unwrap(), 3);
+        let got: Vec<(SocketAddr, &[u8])> = (0..3).map(|i| rx.datagram(i).unwrap()).collect();
+        let (from_a, from_c) = (a.local_addr().unwrap(), c.local_addr().unwrap());
+        let expected: [(SocketAddr, &[u8]); 3] =
+            [(from_a, b"one"), (from_c, b"three"), (from_a, b"xy")];
+        assert_eq!(got, expected);
+    }
+
+    /// An IPv6 address keeps its flow information and its scope (the link of a link-local
+    /// peer, which a reply needs) through `sockaddr_storage`, both ways.
+    #[test]
+    fn an_ipv6_address_keeps_its_scope_and_flow_through_sockaddr_storage() {
+        let addr = SocketAddr::V6(SocketAddrV6::new("fe80::1".parse().unwrap(), 9091, 5, 7));
+        assert_eq!(from_storage(&to_storage(&addr).0), Some(addr));
+    }
+
+    /// A source that is not link-local leaves with no interface named, whatever interface
+    /// it was seen on (here one that does not exist): the route picks the interface.
+    #[test]
+    fn a_source_not_link_local_names_no_interface() {
+        let (Ok(server), Ok(client)) = (UdpSocket::bind("[::]:0"), UdpSocket::bind("[::1]:0"))
+        else {
+            crate::test_shared::skipped("this host has no IPv6 loopback");
+            return;
+        };
+        let port = server.local_addr().unwrap().port();
+        let from = Some(LocalAddr {
+            ip: Ipv6Addr::LOCALHOST.into(),
+            ifindex: u32::MAX - 1,
+        });
+        let datagrams = [Outgoing {
+            to: client.local_addr().unwrap(),
+            from,
+            runs: 0..1,
+            segment: 0,
+            in_order: false,
+        }];
+        let mut scratch = SendScratch::default();
+        let sent = send(
+            server.as_raw_fd(),
+            &[IoSlice::new(b"x")],
+            &datagrams,
+            &mut scratch,
+        );
+        assert_eq!((sent.sent, sent.failed), (1, 0));
+        assert!(scratch.refused_sources().is_empty());
+        let from_loopback = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+        assert_eq!(receive(&client, 1), [(from_loopback, b"x".to_vec())]);
+    }
 }

@@ -236,4 +236,17 @@ mod tests {
         );
         assert!(reset_on_close(-1).is_err());
     }
+
+    /// An option the kernel has fewer bytes of than the words asked for reads as none, not
+    /// as words it did not write; asked for no more than it has, it reads whole.
+    #[test]
+    fn an_option_shorter_than_the_words_asked_for_reads_as_none() {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let fd = s.as_raw_fd();
+        let rcvbuf = get_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF).unwrap();
+        let words = get_words::<1>(fd, libc::SOL_SOCKET, libc::SO_RCVBUF).unwrap();
+        assert_eq!(words, Some([u32::try_from(rcvbuf).unwrap()]));
+        let words = get_words::<2>(fd, libc::SOL_SOCKET, libc::SO_RCVBUF).unwrap();
+        assert_eq!(words, None, "an int is one word");
+    }
 }
