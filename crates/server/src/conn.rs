@@ -979,4 +979,37 @@ mod tests {
         assert_eq!(c.fill(200, ReadUntil::ShortRead).unwrap(), Filled::Drained);
         assert_eq!(c.input.len(), 100);
     }
+
+    // Added with the mutation run of 2026-12-05 (docs/SECURITY.md, "The daemon: TCP
+    // connections and requests").
+
+    /// A connection keeps room for up to [`HELD_IDLE_REPLIES`] held replies once none is
+    /// held (the next create or join need not allocate again); only more is given back.
+    #[test]
+    fn room_for_as_many_held_replies_as_an_idle_connection_keeps_is_not_given_back() {
+        let (_peer, stream) = pair(true);
+        let mut c = conn(stream);
+        for _ in 0..HELD_IDLE_REPLIES {
+            c.queue(b"token;".to_vec(), Some((1, Instant::now())));
+        }
+        assert_eq!(c.held.capacity(), HELD_IDLE_REPLIES, "the test's premise");
+        let mut waited = DelayHistogram::<DurableWait>::default();
+        assert!(c.release(1, Instant::now(), &mut waited));
+        assert!(!c.has_held());
+        assert_eq!(c.held.capacity(), HELD_IDLE_REPLIES);
+    }
+
+    /// A connection is listed for the loop's `revisit` once: the first call says to push it,
+    /// the next ones do not, until the loop takes it off the list.
+    #[test]
+    fn a_connection_is_listed_for_revisit_once_until_taken_off() {
+        let (_peer, stream) = pair(true);
+        let mut c = conn(stream);
+        assert!(c.list_for_revisit(), "not listed yet");
+        assert!(c.revisit_listed);
+        assert!(!c.list_for_revisit(), "listed already");
+        assert!(!c.list_for_revisit());
+        c.revisit_listed = false;
+        assert!(c.list_for_revisit(), "taken off the list");
+    }
 }

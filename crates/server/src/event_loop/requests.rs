@@ -669,4 +669,156 @@ mod tests {
         assert!(password_queue_full(&tickets(&others), source).is_some());
         assert_eq!(password_queue_full(&tickets(&others[1..]), source), None);
     }
+
+    // Added with the mutation run of 2026-12-05 (docs/SECURITY.md, "The daemon: TCP
+    // connections and requests").
+
+    /// A loopback pair: the peer's std stream and our side as a `Conn`.
+    fn loopback() -> (std::net::TcpStream, Conn) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, addr) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let stream = mio::net::TcpStream::from_std(ours);
+        let conn = Conn::new(stream, addr, crate::conn::Kind::Tcrp, Instant::now());
+        (peer, conn)
+    }
+
+    /// Closes `peer` with a reset (a zero linger time), not its end.
+    fn reset(peer: std::net::TcpStream) {
+        use std::os::fd::AsRawFd;
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt on a live descriptor, from a value that outlives the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                peer.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    }
+
+    /// Only a refusal of the frame itself or of the peer's allowances leaves the handshake
+    /// timer running: any other reply, refusals included, restarts it.
+    #[test]
+    fn only_refusals_of_the_frame_or_of_the_allowances_leave_the_timer_running() {
+        for code in [
+            ErrorCode::MalformedRequest,
+            ErrorCode::UnsupportedOperation,
+            ErrorCode::RateLimited,
+        ] {
+            assert!(!restarts_timer(Err(code)), "{code:?}");
+        }
+        assert!(restarts_timer(Ok(())));
+        for code in [
+            ErrorCode::ServerFull,
+            ErrorCode::BadPassword,
+            ErrorCode::RoomExists,
+        ] {
+            assert!(restarts_timer(Err(code)), "{code:?}");
+        }
+    }
+
+    /// The next frame is answered unless the connection closes, waits for a password check
+    /// whose outcome has not come, or holds more than `max_output` unsent bytes after a
+    /// flush: only then does it pause, counted once.
+    #[test]
+    fn a_connection_answers_until_it_closes_waits_for_a_check_or_its_peer_falls_behind() {
+        const MAX: usize = 1000;
+        let mut metrics = Metrics::new();
+        let (_peer, mut c) = loopback();
+        assert!(may_answer_next(&mut c, false, MAX, &mut metrics), "idle");
+        c.awaiting_password = Some(1);
+        assert!(
+            !may_answer_next(&mut c, false, MAX, &mut metrics),
+            "check in flight"
+        );
+        assert!(
+            may_answer_next(&mut c, true, MAX, &mut metrics),
+            "its outcome came"
+        );
+        c.awaiting_password = None;
+        // Exactly the cap held: not over it.
+        c.queue(vec![1; MAX], Some((1, Instant::now())));
+        assert!(
+            may_answer_next(&mut c, false, MAX, &mut metrics),
+            "at the cap"
+        );
+        // Over the cap only before the flush: the socket takes what may leave.
+        let (_peer2, mut d) = loopback();
+        d.queue(vec![2; 500], None);
+        d.queue(vec![1; MAX], Some((1, Instant::now())));
+        assert!(
+            may_answer_next(&mut d, false, MAX, &mut metrics),
+            "flushed to the cap"
+        );
+        assert!(!d.paused && d.pending_bytes() == MAX);
+        assert_eq!(metrics.tcp_pauses, 0);
+        // Over it after the flush: a pause, counted, unless a check's outcome came.
+        let (_peer3, mut e) = loopback();
+        e.queue(vec![1; MAX + 1], Some((1, Instant::now())));
+        assert!(
+            may_answer_next(&mut e, true, MAX, &mut metrics),
+            "outcome first"
+        );
+        assert!(!e.paused);
+        assert!(
+            !may_answer_next(&mut e, false, MAX, &mut metrics),
+            "over the cap"
+        );
+        assert!(e.paused);
+        assert_eq!(metrics.tcp_pauses, 1);
+        // Closing: nothing more, and no pause.
+        let (_peer4, mut f) = loopback();
+        f.close_after_flush = true;
+        assert!(
+            !may_answer_next(&mut f, false, MAX, &mut metrics),
+            "closing"
+        );
+        assert!(!f.paused);
+        assert_eq!(metrics.tcp_pauses, 1);
+    }
+
+    /// At the cap exactly, no flush is tried: a connection whose peer reset is answered (the
+    /// caller's flush finds the error), not paused.
+    #[test]
+    fn a_connection_at_the_cap_is_answered_without_a_flush() {
+        const MAX: usize = 1000;
+        let mut metrics = Metrics::new();
+        let (peer, mut c) = loopback();
+        reset(peer);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while c.fill(1024, ReadUntil::WouldBlock).is_ok() {
+            assert!(Instant::now() < deadline, "the reset never came");
+            std::thread::yield_now();
+        }
+        c.queue(vec![1; MAX], None);
+        assert!(may_answer_next(&mut c, false, MAX, &mut metrics));
+        assert!(!c.paused);
+        assert!(c.flush().is_err(), "a write to the reset connection fails");
+    }
+
+    /// A lingering connection goes on while the peer has not ended, and is over at its end.
+    #[test]
+    fn lingering_ends_at_the_peers_end() {
+        let (peer, mut c) = loopback();
+        assert_eq!(c.linger(), None);
+        assert_eq!(lingered(&mut c), None, "the peer has not ended");
+        drop(peer);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let reason = loop {
+            if let Some(reason) = lingered(&mut c) {
+                break reason;
+            }
+            assert!(Instant::now() < deadline, "the peer's end never came");
+            std::thread::yield_now();
+        };
+        assert_eq!(reason, "protocol");
+    }
 }
