@@ -646,6 +646,7 @@ fn password_queue_full(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     fn tickets(sources: &[&str]) -> HashMap<u64, (ConnId, IpAddr)> {
         sources
@@ -820,5 +821,159 @@ mod tests {
             std::thread::yield_now();
         };
         assert_eq!(reason, "protocol");
+    }
+
+    /// A server on loopback ports of its own, its state in `dir`, without the request limit,
+    /// the look-alike check of room names, or a metrics listener; its loop is not run; the
+    /// tests below drive its connections by hand.
+    fn server(dir: &std::path::Path) -> Server {
+        let mut config = crate::Config::default();
+        config.rate.requests_per_sec = 0.0;
+        config.names.refuse_lookalike_room_names = false;
+        let overrides = crate::config::Overrides {
+            tcp: Some("127.0.0.1:0".parse().unwrap()),
+            udp: Some("127.0.0.1:0".parse().unwrap()),
+            state: Some(dir.join("room_manager.json")),
+            metrics: Some("off".into()),
+        };
+        Server::bind(config, None, overrides).unwrap()
+    }
+
+    /// A loopback connection put in `server`'s table (not registered with its poll).
+    fn add_conn(server: &mut Server) -> (std::net::TcpStream, ConnId) {
+        let (peer, conn) = loopback();
+        (peer, ConnId(server.conns.insert(conn)))
+    }
+
+    fn request(op: Operation, room: &str, payload: &[u8]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        tcrp::Frame {
+            operation: op,
+            state: tcrp::State::Request,
+            room_name: room.as_bytes(),
+            payload,
+        }
+        .encode(&mut bytes)
+        .unwrap();
+        bytes
+    }
+
+    /// Frames answered so far of `input` (all of one length `len`) now that `conn` has
+    /// consumed what it answered.
+    fn answered(conn: &Conn, input: usize, len: usize) -> usize {
+        (input - conn.input.len()) / len
+    }
+
+    /// A turn answers at most [`FRAMES_PER_TURN`] frames of a connection's pipelined
+    /// requests, however small their replies, and leaves the rest for its next turn.
+    #[test]
+    fn a_turn_answers_at_most_its_share_of_frames() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = server(dir.path());
+        let (_peer, id) = add_conn(&mut s);
+        let list = request(Operation::ListRooms, "", b"{}");
+        let asked = FRAMES_PER_TURN + 5;
+        s.conns[id.0].input = list.repeat(asked);
+        s.process_input(id, Instant::now(), None);
+        let c = &s.conns[id.0];
+        assert_eq!(answered(c, asked * list.len(), list.len()), FRAMES_PER_TURN);
+        assert!(c.more_frames);
+        s.process_input(id, Instant::now(), None);
+        let c = &s.conns[id.0];
+        assert!(c.input.is_empty() && !c.more_frames);
+    }
+
+    /// A turn ends once its replies hold [`OUTPUT_PER_TURN`] bytes, before its share of
+    /// frames when the replies are large.
+    #[test]
+    fn a_turn_ends_once_its_replies_hold_its_share_of_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = server(dir.path());
+        // 20 rooms of long names: a room list of about 3 KiB.
+        let (_host, hosts) = add_conn(&mut s);
+        let creates: Vec<u8> = "abcdefghjkmnpqrstuvw"
+            .chars()
+            .flat_map(|c| request(Operation::CreateRoom, &c.to_string().repeat(100), b"\"h\""))
+            .collect();
+        s.conns[hosts.0].input = creates;
+        for _ in 0..4 {
+            s.process_input(hosts, Instant::now(), None);
+        }
+        assert!(s.conns[hosts.0].input.is_empty(), "the rooms are created");
+        assert_eq!(s.registry.stats().rooms, 20);
+        let (_peer, id) = add_conn(&mut s);
+        let list = request(Operation::ListRooms, "", b"{}");
+        s.conns[id.0].input = list.repeat(FRAMES_PER_TURN);
+        s.process_input(id, Instant::now(), None);
+        let c = &s.conns[id.0];
+        let done = answered(c, FRAMES_PER_TURN * list.len(), list.len());
+        let each = c.pending_bytes() / done;
+        assert!(
+            each > 1024 && each < OUTPUT_PER_TURN / 4,
+            "{each} bytes a list"
+        );
+        assert!(c.more_frames);
+        assert!(c.pending_bytes() >= OUTPUT_PER_TURN);
+        assert_eq!(done, OUTPUT_PER_TURN.div_ceil(each), "{each} bytes a list");
+    }
+
+    /// A reply that carries a token is held, and its connection listed as holding one; a
+    /// reply that needs no disk leaves a connection unlisted.
+    #[test]
+    fn only_a_reply_that_waits_for_the_disk_lists_its_connection_as_holding() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = server(dir.path());
+        let (_peer, id) = add_conn(&mut s);
+        s.conns[id.0].input = request(Operation::ListRooms, "", b"{}");
+        s.process_input(id, Instant::now(), None);
+        let c = &s.conns[id.0];
+        assert!(c.pending_bytes() > 0 && !c.has_held());
+        assert!(!c.listed_holding && s.holding.is_empty());
+        s.conns[id.0].input = request(Operation::CreateRoom, "lobby", b"\"h\"");
+        s.process_input(id, Instant::now(), None);
+        let c = &s.conns[id.0];
+        assert!(c.has_held() && c.listed_holding);
+        assert_eq!(s.holding, [id]);
+    }
+
+    /// The list of connections holding replies is pruned of connections gone once it is
+    /// longer than twice the table and 64 more, not before.
+    #[test]
+    fn the_list_of_connections_holding_replies_is_pruned_past_twice_the_table_and_64() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = server(dir.path());
+        let _conns: Vec<_> = (0..3).map(|_| add_conn(&mut s)).collect();
+        let bound = 2 * 3 + 64;
+        // Slots of connections gone, past every open one.
+        s.holding = (0..bound).map(|i| ConnId(100 + i)).collect();
+        s.prune_holding();
+        assert_eq!(s.holding.len(), bound, "not longer than the bound");
+        s.holding.push(ConnId(100 + bound));
+        s.prune_holding();
+        assert!(s.holding.is_empty(), "{} left", s.holding.len());
+    }
+
+    /// One read takes in at most a frame of the largest size and [`READ_SLACK`] more, however
+    /// much the peer has sent: a peer cannot make the daemon hold its backlog.
+    #[test]
+    fn a_read_takes_in_at_most_the_largest_frame_and_the_slack() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = server(dir.path());
+        let (mut peer, id) = add_conn(&mut s);
+        let list = request(Operation::ListRooms, "", b"{}");
+        let sent = list.repeat(64 * 1024 / list.len());
+        peer.write_all(&sent).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut buf = vec![0u8; sent.len()];
+        while s.conns[id.0].stream.peek(&mut buf).unwrap_or(0) < sent.len() {
+            assert!(Instant::now() < deadline, "the requests never arrived");
+            std::thread::yield_now();
+        }
+        assert_eq!(s.read_tcrp(id, Instant::now(), ReadUntil::WouldBlock), None);
+        let c = &s.conns[id.0];
+        let cap = HEADER_LEN + 255 + s.config.limits.max_payload_bytes + READ_SLACK;
+        // The first fill stopped at the cap, and the turn answered its share of it.
+        assert!(c.more_frames);
+        assert_eq!(c.input.len(), cap - FRAMES_PER_TURN * list.len());
     }
 }
