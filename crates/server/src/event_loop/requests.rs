@@ -976,4 +976,70 @@ mod tests {
         assert!(c.more_frames);
         assert_eq!(c.input.len(), cap - FRAMES_PER_TURN * list.len());
     }
+
+    /// A `server_full` refusal is warned about at most once a [`SERVER_FULL_LOG_EVERY`]: the
+    /// refusals between are counted for the next line, which starts the count again.
+    #[test]
+    fn server_full_is_warned_about_once_a_minute_with_the_refusals_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = server(dir.path());
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let t0 = Instant::now();
+        s.warn_server_full("create_room", peer, t0);
+        assert_eq!(s.server_full, (0, Some(t0)), "said at once");
+        let almost = t0 + SERVER_FULL_LOG_EVERY - Duration::from_millis(1);
+        s.warn_server_full("create_room", peer, almost);
+        s.warn_server_full("join_room", peer, almost);
+        assert_eq!(s.server_full, (2, Some(t0)), "counted for the next line");
+        let next = t0 + SERVER_FULL_LOG_EVERY;
+        s.warn_server_full("create_room", peer, next);
+        assert_eq!(
+            s.server_full,
+            (0, Some(next)),
+            "said again once the minute is over"
+        );
+    }
+
+    /// Each reply is counted by operation and result, and only a `rate_limited` one by the
+    /// limit that refused it.
+    #[test]
+    fn only_rate_limited_replies_are_counted_by_the_limit_that_refused_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = server(dir.path());
+        s.config.rate.requests_per_sec = 1.0;
+        s.config.rate.requests_burst = 1.0;
+        let (_peer, id) = add_conn(&mut s);
+        s.conns[id.0].input = request(Operation::ListRooms, "", b"{}").repeat(3);
+        s.process_input(id, Instant::now(), None);
+        let counted = |result| s.metrics.handshakes.get(&("list_rooms", result)).copied();
+        assert_eq!((counted("ok"), counted("rate_limited")), (Some(1), Some(2)));
+        assert_eq!(
+            s.metrics.rate_limited.iter().collect::<Vec<_>>(),
+            [(&"request", &2)]
+        );
+    }
+
+    /// A metrics client that ends its side before a whole request head has come is closed
+    /// at once (`peer_closed`), not left to hold one of the few metrics connections until
+    /// its timer runs out.
+    #[test]
+    fn a_metrics_request_cut_short_by_the_peers_end_closes_the_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = server(dir.path());
+        let (mut peer, id) = add_conn(&mut s);
+        s.conns[id.0].kind = crate::conn::Kind::Http;
+        peer.write_all(b"GET /metr").unwrap();
+        assert_eq!(s.read_http(id), None, "the rest of the head may come");
+        peer.shutdown(std::net::Shutdown::Write).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let reason = loop {
+            if let Some(reason) = s.read_http(id) {
+                break reason;
+            }
+            assert!(Instant::now() < deadline, "the peer's end never closed it");
+            std::thread::yield_now();
+        };
+        assert_eq!(reason, "peer_closed");
+        assert!(s.conns[id.0].pending_bytes() == 0, "nothing was answered");
+    }
 }
