@@ -559,3 +559,45 @@ fn eviction_class(conn: &Conn) -> Option<EvictionClass> {
         EvictionClass::Idle
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Added with the mutation run of 2026-12-05 (docs/SECURITY.md, "The daemon: TCP
+    // connections and requests").
+
+    /// A connection on a loopback pair of its own; the peer's stream is returned to keep.
+    fn loopback() -> (std::net::TcpStream, Conn) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, addr) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let stream = mio::net::TcpStream::from_std(ours);
+        (peer, Conn::new(stream, addr, Kind::Tcrp, Instant::now()))
+    }
+
+    /// Closing a connection frees a descriptor `accept` can use only when its own is below
+    /// the limit; without a limit, any will do.
+    #[test]
+    fn only_a_connection_below_the_descriptor_limit_frees_a_usable_one() {
+        let (_peer, c) = loopback();
+        let fd = u64::try_from(c.stream.as_raw_fd()).unwrap();
+        assert!(usable(&c, None));
+        assert!(usable(&c, Some(fd + 1)));
+        assert!(!usable(&c, Some(fd)), "its own descriptor is at the limit");
+        assert!(!usable(&c, Some(fd - 1)));
+    }
+
+    /// Only the closes the daemon decides on its own give up on replies (and reset a
+    /// connection that left some unread); a close its peer or its last reply ended does not.
+    #[test]
+    fn the_daemon_gives_up_only_on_timeouts_overflows_and_evictions() {
+        for reason in ["timeout", "output_overflow", "evicted"] {
+            assert!(gives_up(reason), "{reason}");
+        }
+        for reason in ["protocol", "peer_closed", "io_error"] {
+            assert!(!gives_up(reason), "{reason}");
+        }
+    }
+}
