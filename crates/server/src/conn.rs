@@ -378,8 +378,36 @@ impl Conn {
     }
 }
 
+/// Helpers for the tests of the modules that drive connections.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+    use std::time::Instant;
+
+    use super::{Conn, Kind};
+
+    /// A connection on a loopback pair of its own: the peer's std stream, to keep, and our
+    /// side as a `Conn`.
+    pub(crate) fn loopback() -> (TcpStream, Conn) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, addr) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let stream = mio::net::TcpStream::from_std(ours);
+        (peer, Conn::new(stream, addr, Kind::Tcrp, Instant::now()))
+    }
+
+    /// Closes `peer` with a reset (a zero linger time, [`crate::sockopt::reset_on_close`]),
+    /// not its end.
+    pub(crate) fn reset(peer: TcpStream) {
+        crate::sockopt::reset_on_close(peer.as_raw_fd()).unwrap();
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::testing::reset;
     use super::*;
     use std::net::{Shutdown, TcpStream as StdStream};
     use std::time::Duration;
@@ -743,25 +771,6 @@ mod tests {
             assert!(Instant::now() < deadline, "the peer's end never came");
             std::thread::yield_now();
         }
-    }
-
-    /// Closes `peer` with a zero linger time: its socket sends a reset, not its end.
-    fn reset(peer: StdStream) {
-        let reset = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: setsockopt on a live descriptor, from a value that outlives the call.
-        let rc = unsafe {
-            libc::setsockopt(
-                peer.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&reset as *const libc::linger).cast(),
-                std::mem::size_of::<libc::linger>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
     }
 
     /// A lingering close shuts our side (the peer reads our replies, then our end), throws

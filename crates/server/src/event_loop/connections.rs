@@ -563,19 +563,10 @@ fn eviction_class(conn: &Conn) -> Option<EvictionClass> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conn::testing::loopback;
 
     // Added with the mutation run of 2026-12-05 (docs/SECURITY.md, "The daemon: TCP
     // connections and requests").
-
-    /// A connection on a loopback pair of its own; the peer's stream is returned to keep.
-    fn loopback() -> (std::net::TcpStream, Conn) {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (ours, addr) = listener.accept().unwrap();
-        ours.set_nonblocking(true).unwrap();
-        let stream = mio::net::TcpStream::from_std(ours);
-        (peer, Conn::new(stream, addr, Kind::Tcrp, Instant::now()))
-    }
 
     /// Closing a connection frees a descriptor `accept` can use only when its own is below
     /// the limit; without a limit, any will do.

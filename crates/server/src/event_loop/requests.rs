@@ -646,6 +646,7 @@ fn password_queue_full(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conn::testing::{loopback, reset};
     use std::io::Write;
 
     fn tickets(sources: &[&str]) -> HashMap<u64, (ConnId, IpAddr)> {
@@ -673,37 +674,6 @@ mod tests {
 
     // Added with the mutation run of 2026-12-05 (docs/SECURITY.md, "The daemon: TCP
     // connections and requests").
-
-    /// A loopback pair: the peer's std stream and our side as a `Conn`.
-    fn loopback() -> (std::net::TcpStream, Conn) {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (ours, addr) = listener.accept().unwrap();
-        ours.set_nonblocking(true).unwrap();
-        let stream = mio::net::TcpStream::from_std(ours);
-        let conn = Conn::new(stream, addr, crate::conn::Kind::Tcrp, Instant::now());
-        (peer, conn)
-    }
-
-    /// Closes `peer` with a reset (a zero linger time), not its end.
-    fn reset(peer: std::net::TcpStream) {
-        use std::os::fd::AsRawFd;
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: setsockopt on a live descriptor, from a value that outlives the call.
-        let rc = unsafe {
-            libc::setsockopt(
-                peer.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&linger as *const libc::linger).cast(),
-                std::mem::size_of::<libc::linger>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-    }
 
     /// Only a refusal of the frame itself or of the peer's allowances leaves the handshake
     /// timer running: any other reply, refusals included, restarts it.
