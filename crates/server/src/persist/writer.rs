@@ -1296,15 +1296,11 @@ mod tests {
         );
     }
 
-    /// Once the compactor thread is gone (it panicked: here a stand-in whose ends of the
-    /// channels are dropped), the writer lets go of it rather than wait on it for ever: the
-    /// commits go on without compactions, and the stop says there is no final state file,
-    /// the journal keeping every change for the next start to fold.
-    #[test]
-    fn a_compactor_gone_is_let_go_and_the_journal_keeps_every_change() {
-        use std::sync::mpsc;
-
-        let dir = tempfile::tempdir().unwrap();
+    /// A writer on a fresh state in `dir` that asks for a compaction at every commit, its
+    /// paths, and its compactions' counters.
+    fn compacting_at_every_commit(
+        dir: &tempfile::TempDir,
+    ) -> (Writer, Paths, Arc<Mutex<Compactions>>) {
         let paths = Paths::new(&dir.path().join("s.json"));
         let poll = mio::Poll::new().unwrap();
         let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
@@ -1314,7 +1310,21 @@ mod tests {
             compact_journal_bytes: 1,
             ..Options::default()
         };
-        let mut writer = Writer::open(paths.clone(), loaded, options, stats, waker).unwrap();
+        let writer =
+            Writer::open(paths.clone(), loaded, options, Arc::clone(&stats), waker).unwrap();
+        (writer, paths, stats)
+    }
+
+    /// Once the compactor thread is gone (it panicked: here a stand-in whose ends of the
+    /// channels are dropped), the writer lets go of it rather than wait on it for ever: the
+    /// commits go on without compactions, and the stop says there is no final state file,
+    /// the journal keeping every change for the next start to fold.
+    #[test]
+    fn a_compactor_gone_is_let_go_and_the_journal_keeps_every_change() {
+        use std::sync::mpsc;
+
+        let dir = tempfile::tempdir().unwrap();
+        let (mut writer, paths, _) = compacting_at_every_commit(&dir);
         let (jobs, _) = mpsc::channel();
         let (_, reports) = mpsc::channel();
         let gone = Compactor {
@@ -1354,17 +1364,7 @@ mod tests {
             writer.forward(records);
         }
         let dir = tempfile::tempdir().unwrap();
-        let paths = Paths::new(&dir.path().join("s.json"));
-        let poll = mio::Poll::new().unwrap();
-        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
-        let loaded = store::load(&paths).unwrap();
-        let stats = Arc::new(Mutex::new(Compactions::default()));
-        let options = Options {
-            compact_journal_bytes: 1,
-            ..Options::default()
-        };
-        let mut writer =
-            Writer::open(paths.clone(), loaded, options, Arc::clone(&stats), waker).unwrap();
+        let (mut writer, paths, stats) = compacting_at_every_commit(&dir);
         commit(&mut writer, "a");
         writer.maybe_compact();
         assert!(
