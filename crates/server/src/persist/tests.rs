@@ -620,6 +620,14 @@ fn writer_by_hand(paths: &Paths) -> Writer {
     writer_and_stats(paths).0
 }
 
+/// Appends the records `numbers` to the journal and collects them for the compactor, as a
+/// commit does.
+fn journal(writer: &mut Writer, numbers: std::ops::RangeInclusive<u64>) {
+    let records: Vec<Record> = numbers.map(record).collect();
+    writer.append(&records);
+    writer.forward(records);
+}
+
 /// [`writer_by_hand`], with the counters it reports to.
 fn writer_and_stats(paths: &Paths) -> (Writer, Arc<Mutex<Compactions>>) {
     let poll = Poll::new().unwrap();
@@ -734,8 +742,7 @@ fn a_final_fold_that_fails_says_so_and_keeps_the_journal() {
     let dir = tempfile::tempdir().unwrap();
     let paths = Paths::new(&dir.path().join("s.json"));
     let mut writer = writer_by_hand(&paths);
-    writer.append(&(1..=3).map(record).collect::<Vec<_>>());
-    writer.forward((1..=3).map(record).collect());
+    journal(&mut writer, 1..=3);
     fs::create_dir(&paths.state).unwrap();
     assert!(
         !writer.finish(),
@@ -1580,8 +1587,7 @@ fn a_final_fold_with_the_state_directory_gone_says_the_state_is_lost() {
     let loaded = store::load(&paths).unwrap();
     let mut writer =
         Writer::open(paths, loaded, Options::default(), Arc::clone(&stats), waker).unwrap();
-    writer.append(&(1..=3).map(record).collect::<Vec<_>>());
-    writer.forward((1..=3).map(record).collect());
+    journal(&mut writer, 1..=3);
     fs::remove_dir_all(&state_dir).unwrap();
     assert!(
         !writer.finish(),
@@ -1820,9 +1826,7 @@ fn a_journal_put_back_after_its_deletion_is_counted() {
     let dir = tempfile::tempdir().unwrap();
     let paths = Paths::new(&dir.path().join("s.json"));
     let (mut writer, stats) = writer_and_stats(&paths);
-    let records: Vec<Record> = (1..=3).map(record).collect();
-    writer.append(&records);
-    writer.forward(records);
+    journal(&mut writer, 1..=3);
     fs::remove_file(&paths.journal).unwrap();
     writer.check_files();
     let restored = *counters(&stats);
@@ -1874,9 +1878,7 @@ fn a_failed_final_fold_is_a_loss_only_when_a_file_left_its_name() {
     let paths = Paths::new(&dir.path().join("s.json"));
     state_file_of_long_ago(&paths);
     let (mut writer, stats) = writer_and_stats(&paths);
-    let records: Vec<Record> = (1..=3).map(record).collect();
-    writer.append(&records);
-    writer.forward(records);
+    journal(&mut writer, 1..=3);
     fs::remove_file(&paths.state).unwrap();
     fs::create_dir(&paths.state).unwrap();
     assert!(
@@ -1893,9 +1895,7 @@ fn a_failed_final_fold_is_a_loss_only_when_a_file_left_its_name() {
     let dir = tempfile::tempdir().unwrap();
     let paths = Paths::new(&dir.path().join("s.json"));
     let (mut writer, stats) = writer_and_stats(&paths);
-    let records: Vec<Record> = (1..=3).map(record).collect();
-    writer.append(&records);
-    writer.forward(records);
+    journal(&mut writer, 1..=3);
     fs::rename(&paths.journal, dir.path().join("elsewhere")).unwrap();
     fs::create_dir(&paths.state).unwrap();
     assert!(
