@@ -373,6 +373,81 @@ mod tests {
         assert!(ours >= system && ours - system < Duration::from_secs(5));
     }
 
+    /// What this thread logs while `f` runs: (level, line). The unit tests' only logger; it
+    /// keeps nothing from other threads, so tests running beside this one do not mix in.
+    fn logged(f: impl FnOnce()) -> Vec<(log::Level, String)> {
+        use std::cell::RefCell;
+        thread_local! {
+            static LINES: RefCell<Option<Vec<(log::Level, String)>>> = const { RefCell::new(None) };
+        }
+        struct Capture;
+        impl log::Log for Capture {
+            fn enabled(&self, _: &log::Metadata) -> bool {
+                true
+            }
+            fn log(&self, record: &log::Record) {
+                let _ = LINES.try_with(|lines| {
+                    if let Some(lines) = lines.borrow_mut().as_mut() {
+                        lines.push((record.level(), record.args().to_string()));
+                    }
+                });
+            }
+            fn flush(&self) {}
+        }
+        static INSTALL: std::sync::Once = std::sync::Once::new();
+        INSTALL.call_once(|| {
+            log::set_logger(&Capture).expect("no other logger in the unit tests");
+            log::set_max_level(log::LevelFilter::Trace);
+        });
+        LINES.with(|lines| *lines.borrow_mut() = Some(Vec::new()));
+        f();
+        LINES.with(|lines| lines.borrow_mut().take().unwrap_or_default())
+    }
+
+    /// Each step is logged with its way and size: at info from a tenth of a second (the
+    /// default level shows it: ages measured past it), at debug below.
+    #[test]
+    fn a_step_is_logged_forward_or_back_at_info_from_a_tenth_of_a_second() {
+        let lines = logged(|| {
+            let mut clock = WallClock::unread();
+            read(&mut clock, ms(0), 0);
+            // Forward 1 h, back 250 ms, forward 2 ms, back 100 ms, back 99 ms.
+            for (t, jump) in [
+                (10, 3_600_000),
+                (20, 3_599_750),
+                (30, 3_599_752),
+                (40, 3_599_652),
+                (50, 3_599_553),
+            ] {
+                read(&mut clock, ms(t), jump);
+            }
+        });
+        let past = ": ages of datagrams that arrived before it are measured past the step";
+        let expected = [
+            (
+                log::Level::Info,
+                format!("the wall clock stepped forward by 3600.000 s{past}"),
+            ),
+            (
+                log::Level::Info,
+                format!("the wall clock stepped back by 0.250 s{past}"),
+            ),
+            (
+                log::Level::Debug,
+                "the wall clock stepped forward by 0.002 s".to_owned(),
+            ),
+            (
+                log::Level::Info,
+                format!("the wall clock stepped back by 0.100 s{past}"),
+            ),
+            (
+                log::Level::Debug,
+                "the wall clock stepped back by 0.099 s".to_owned(),
+            ),
+        ];
+        assert_eq!(lines, expected);
+    }
+
     /// One event of a clock's life: time passing, then maybe a step of the wall clock, then
     /// maybe a datagram arriving, then maybe the loop reading a batch.
     #[derive(Debug, Clone)]
