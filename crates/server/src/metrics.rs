@@ -537,4 +537,210 @@ mod tests {
             assert!(doc.contains(&format!("`{family}`")), "{family}: {doc}");
         }
     }
+
+    /// The metrics table of docs/OPERATIONS.md: each family's name, type and label names.
+    fn documented_families() -> BTreeMap<String, (String, Vec<String>)> {
+        let doc = include_str!("../../../docs/OPERATIONS.md");
+        doc.lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix("| `ocm_")?;
+                let (name, rest) = rest.split_once("` | ")?;
+                let (kind, rest) = rest.split_once(" |")?;
+                let cell = rest.split(" | ").next().unwrap_or("");
+                // A label name is written `name`: in its cell, its values after it.
+                let labels = cell
+                    .split('`')
+                    .collect::<Vec<_>>()
+                    .windows(2)
+                    .filter(|w| w[1].starts_with(':'))
+                    .map(|w| w[0].to_owned())
+                    .collect();
+                Some((format!("ocm_{name}"), (kind.to_owned(), labels)))
+            })
+            .collect()
+    }
+
+    /// Every family the metrics endpoint renders is in docs/OPERATIONS.md's table with its
+    /// type and label names, and every family there is rendered; and each shows its own
+    /// counter: given a different value each, every sample reads the one it was given.
+    #[test]
+    fn every_family_is_rendered_as_the_docs_list_it_with_its_own_value() {
+        let mut m = Metrics::new();
+        m.start_time = 101.0;
+        m.tcp_accepted = 102;
+        m.accept_errors = 103;
+        m.tcp_pauses = 104;
+        m.tcp_open = 105;
+        m.datagrams_received = 106;
+        m.messages_relayed = 107;
+        m.datagrams_sent = 108;
+        m.deliveries = 109;
+        m.datagrams_segmented = 110;
+        m.segmentation_refusals = 111;
+        m.last_words_held = 112;
+        m.closed_room_replies = 113;
+        m.keepalive_expiries = 114;
+        m.idle_rooms_closed = 115;
+        m.checkpoints_deferred = 116;
+        m.state_writes = 117;
+        m.state_write_records = 118;
+        m.state_write_seconds = 119.5;
+        m.state_write_max_seconds = 120.5;
+        m.udp_kernel_drops = 121;
+        m.compactions = Compactions {
+            written: 122,
+            failed: 123,
+            seconds: 124.5,
+            last_seconds: 125.5,
+            max_seconds: 126.5,
+            write_failures: 127,
+            files_restored: 128,
+            ..Compactions::default()
+        };
+        m.tcp_rejected.insert("max_connections", 131);
+        m.tcp_closed.insert("timeout", 132);
+        m.datagrams_dropped.insert("too_short", 133);
+        m.send_errors.insert("other", 134);
+        m.rate_limited.insert("chat", 135);
+        m.reloads.insert("ok", 136);
+        m.http_responses.insert("404", 137);
+        m.handshakes.insert(("presence", "ok"), 138);
+        m.relay_delay.record(Duration::from_millis(2));
+        m.durable_wait.record(Duration::from_secs(3));
+        m.durable_wait.record(Duration::from_secs(4));
+        let text = m.render(Stats {
+            rooms: 141,
+            members: 142,
+            registered: 143,
+            tombstones: 144,
+            local_addresses: 145,
+            sources_retired: 146,
+        });
+        let expected = [
+            ("ocm_rooms", 141.0),
+            ("ocm_members", 142.0),
+            ("ocm_members_registered", 143.0),
+            ("ocm_tombstones", 144.0),
+            ("ocm_udp_local_addresses", 145.0),
+            ("ocm_tcp_connections_open", 105.0),
+            ("ocm_process_start_time_seconds", 101.0),
+            ("ocm_state_write_max_seconds", 120.5),
+            ("ocm_state_compaction_last_seconds", 125.5),
+            ("ocm_state_compaction_max_seconds", 126.5),
+            ("ocm_tcp_connections_accepted_total", 102.0),
+            ("ocm_tcp_accept_errors_total", 103.0),
+            ("ocm_tcp_output_pauses_total", 104.0),
+            ("ocm_datagrams_received_total", 106.0),
+            ("ocm_messages_relayed_total", 107.0),
+            ("ocm_datagrams_sent_total", 108.0),
+            ("ocm_deliveries_total", 109.0),
+            ("ocm_datagrams_segmented_total", 110.0),
+            ("ocm_udp_segmentation_refusals_total", 111.0),
+            ("ocm_last_words_held_total", 112.0),
+            ("ocm_closed_room_replies_total", 113.0),
+            ("ocm_keepalive_expiries_total", 114.0),
+            ("ocm_idle_rooms_closed_total", 115.0),
+            ("ocm_checkpoints_deferred_total", 116.0),
+            ("ocm_state_writes_total", 117.0),
+            ("ocm_state_write_records_total", 118.0),
+            ("ocm_state_write_seconds_total", 119.5),
+            ("ocm_udp_receive_buffer_drops_total", 121.0),
+            ("ocm_state_compactions_total", 122.0),
+            ("ocm_state_compaction_failures_total", 123.0),
+            ("ocm_state_compaction_seconds_total", 124.5),
+            ("ocm_state_write_failures_total", 127.0),
+            ("ocm_state_files_restored_total", 128.0),
+            ("ocm_udp_sources_retired_total", 146.0),
+            (
+                "ocm_tcp_connections_rejected_total{reason=\"max_connections\"}",
+                131.0,
+            ),
+            (
+                "ocm_tcp_connections_closed_total{reason=\"timeout\"}",
+                132.0,
+            ),
+            ("ocm_datagrams_dropped_total{reason=\"too_short\"}", 133.0),
+            ("ocm_send_errors_total{reason=\"other\"}", 134.0),
+            ("ocm_rate_limited_total{kind=\"chat\"}", 135.0),
+            ("ocm_config_reloads_total{result=\"ok\"}", 136.0),
+            ("ocm_http_responses_total{code=\"404\"}", 137.0),
+            (
+                "ocm_handshakes_total{operation=\"presence\",result=\"ok\"}",
+                138.0,
+            ),
+            ("ocm_relay_delay_seconds_count", 1.0),
+            ("ocm_relay_delay_seconds_sum", 0.002),
+            ("ocm_handshake_durable_wait_seconds_count", 2.0),
+            ("ocm_handshake_durable_wait_seconds_sum", 7.0),
+        ];
+        let samples: BTreeMap<&str, f64> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' '))
+            .map(|(sample, value)| (sample, value.parse().expect("a number")))
+            .collect();
+        for (sample, value) in expected {
+            assert_eq!(samples.get(sample), Some(&value), "{sample}\n{text}");
+        }
+        // Each sample above is the only one of its family not at 0, the registry's drop
+        // reasons and the histograms' buckets aside: a new family needs a line here.
+        for (sample, value) in &samples {
+            let listed = expected.iter().any(|(s, _)| s == sample);
+            let bucket = sample.contains("_bucket{");
+            assert!(listed || bucket || *value == 0.0, "{sample} {value}");
+        }
+
+        // The families rendered, with their types and label names, as the docs list them.
+        let mut rendered = BTreeMap::new();
+        for line in text.lines() {
+            if let Some(family) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = family.split_once(' ').expect("# TYPE name type");
+                let previous = rendered.insert(name.to_owned(), (kind.to_owned(), Vec::new()));
+                assert!(previous.is_none(), "{name} declared twice");
+            } else if line.starts_with('#') {
+                continue;
+            } else if let Some((sample, labels)) = line.split_once('{') {
+                let family = sample
+                    .strip_suffix("_bucket")
+                    .filter(|f| rendered.contains_key(*f))
+                    .unwrap_or(sample);
+                let (_, names) = rendered.get_mut(family).expect("a declared family");
+                for label in labels.split(',') {
+                    let label = label.split('=').next().unwrap_or("").to_owned();
+                    if !names.contains(&label) {
+                        names.push(label);
+                    }
+                }
+            }
+        }
+        for name in rendered.keys() {
+            let help = format!("# HELP {name} ");
+            assert_eq!(text.matches(&help).count(), 1, "{name}: one HELP line");
+        }
+        assert_eq!(rendered, documented_families());
+    }
+
+    /// What a daemon that has seen nothing renders, byte for byte: every name, HELP line,
+    /// type, series and bucket bound that operators, dashboards and alerts read. The file
+    /// changes only with them (`OCM_BLESS=1` writes it again, for a change that is meant).
+    #[test]
+    fn a_fresh_render_is_the_text_operators_were_told_of() {
+        let mut m = Metrics::new();
+        m.start_time = 0.0;
+        let text = m.render(Stats::default());
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/metrics_fresh.prom");
+        if std::env::var_os("OCM_BLESS").is_some() {
+            std::fs::write(path, &text).expect("write the expected render");
+        }
+        let expected = std::fs::read_to_string(path).expect("tests/data/metrics_fresh.prom");
+        for (n, (got, want)) in text.lines().zip(expected.lines()).enumerate() {
+            assert_eq!(
+                got,
+                want,
+                "line {}: a changed metric: docs/OPERATIONS.md and dashboards may need it too",
+                n + 1
+            );
+        }
+        assert_eq!(text, expected);
+    }
 }
