@@ -3724,3 +3724,104 @@ fn the_metrics_listen_backlog_is_64_whatever_limits_listen_backlog_says() {
     assert_eq!(listen_backlog(metrics), Some(64));
     assert_eq!(d.http_get("/healthz"), "ok\n");
 }
+
+// ---------------------------------------------------------------------------------------------
+// `ocmd` itself: --help and --version, --check-config's output, journald's stream
+// (the mutation testing of main.rs, docs/SECURITY.md)
+
+/// `--help` and `--version` are answers, not errors: on standard output, status 0, as
+/// clap's own handling does (`ocmd --version | head -1` in a script). A usage error is the
+/// other kind: on standard error, status 2, nothing on standard output.
+#[test]
+fn help_and_version_are_printed_on_standard_output_with_status_0() {
+    let out = ocmd(&["--help".as_ref()]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "--help: {stderr}");
+    assert!(
+        stdout.contains("--check-config") && stderr.is_empty(),
+        "--help:\n{stdout}\nstandard error:\n{stderr}"
+    );
+    let out = ocmd(&["--version".as_ref()]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "--version: {stderr}");
+    assert_eq!(stdout, format!("ocmd {}\n", env!("CARGO_PKG_VERSION")));
+    assert!(stderr.is_empty(), "--version: {stderr}");
+    let out = ocmd(&["--no-such-flag".as_ref()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        out.stdout.is_empty() && stderr.starts_with("ocmd: "),
+        "{stderr}"
+    );
+}
+
+/// `--check-config` whose settings cannot be written (standard output a full disk, here
+/// `/dev/full`) says so and exits 1: only a reader that stopped early (a broken pipe) lets
+/// the check pass without them.
+#[test]
+fn check_config_whose_settings_cannot_be_written_says_so_and_fails() {
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("open /dev/full");
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_ocmd"))
+            .arg("--check-config")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(full))
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ocmd"),
+    );
+    let status = wait_for_exit(&mut child.0, "ocmd --check-config");
+    let mut err = String::new();
+    child
+        .0
+        .stderr
+        .take()
+        .expect("piped standard error")
+        .read_to_string(&mut err)
+        .expect("read standard error");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert_eq!(
+        err,
+        "ocmd: configuration OK, but it cannot be written to standard output: \
+         No space left on device (os error 28)\n"
+    );
+}
+
+/// A `JOURNAL_STREAM` is journald's only when both its device and its inode are standard
+/// error's: one inherited from a parent names another stream, which may be on the same
+/// device (another pipe) or have the same inode number on another device. Either way the
+/// lines are plain, with no `<N>` priority.
+#[test]
+fn a_journal_stream_with_only_the_device_or_only_the_inode_of_standard_error_is_not_journald() {
+    for (what, other_device, other_inode) in [("the device", 0, 1), ("the inode", 1, 0)] {
+        let (mut reader, writer, dev_ino) = stderr_pipe();
+        let (dev, ino) = dev_ino.split_once(':').expect("dev:ino");
+        let dev: u64 = dev.parse().expect("a device number");
+        let ino: u64 = ino.parse().expect("an inode number");
+        let stream = format!("{}:{}", dev + other_device, ino + other_inode);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocmd"));
+        cmd.args(["--tcp", "nonsense"])
+            .env("JOURNAL_STREAM", &stream)
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(writer);
+        let mut child = KillOnDrop(cmd.spawn().expect("spawn ocmd"));
+        // Our copy of the writing end, or the reader would never see the end.
+        drop(cmd);
+        let status = wait_for_exit(&mut child.0, "ocmd --tcp nonsense");
+        let mut err = String::new();
+        reader
+            .read_to_string(&mut err)
+            .expect("read standard error");
+        assert_eq!(status.code(), Some(2), "{what}: {err}");
+        assert!(
+            err.starts_with("ocmd: ") && !err.contains("<3>"),
+            "only {what} of standard error ({dev_ino}) in JOURNAL_STREAM={stream}: {err}"
+        );
+    }
+}
