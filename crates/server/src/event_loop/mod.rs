@@ -581,3 +581,342 @@ impl Server {
 fn may_log_drop(bucket: &mut TokenBucket, now: Instant, rate: f64) -> bool {
     rate > 0.0 && bucket.take(now, rate, DROP_LOG_BURST)
 }
+
+/// Tests of the loop's own parts: tokens, timers, deadlines, the status line and the hand-off
+/// of records to the writer, on a server whose loop is not run.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn::testing::loopback;
+    use tcrp::Operation;
+
+    /// A server on loopback ports of its own, its state in `dir`, without the request limit
+    /// or a metrics listener, rooms closed after a minute without a word; its loop is not
+    /// run: the tests call its steps by hand.
+    fn server(dir: &std::path::Path) -> Server {
+        let mut config = Config::default();
+        config.rate.requests_per_sec = 0.0;
+        config.liveness.room_idle_secs = 60;
+        let overrides = Overrides {
+            tcp: Some("127.0.0.1:0".parse().expect("an address")),
+            udp: Some("127.0.0.1:0".parse().expect("an address")),
+            state: Some(dir.join("room_manager.json")),
+            metrics: Some("off".into()),
+        };
+        Server::bind(config, None, overrides).expect("the server binds")
+    }
+
+    /// A loopback connection put in `server`'s table (not registered with its poll).
+    fn add_conn(server: &mut Server) -> (std::net::TcpStream, ConnId) {
+        let (peer, conn) = loopback();
+        (peer, ConnId(server.conns.insert(conn)))
+    }
+
+    /// A create of `room` by `payload` (the host's name, or a JSON object), as its bytes.
+    fn create(room: &str, payload: &[u8]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        tcrp::Frame {
+            operation: Operation::CreateRoom,
+            state: tcrp::State::Request,
+            room_name: room.as_bytes(),
+            payload,
+        }
+        .encode(&mut bytes)
+        .expect("a frame");
+        bytes
+    }
+
+    /// Sends `bytes` from `peer` to the connection `id` and has `s` read and answer them
+    /// until `answered` holds, for 10 s at most.
+    fn ask(
+        s: &mut Server,
+        peer: &mut std::net::TcpStream,
+        id: ConnId,
+        bytes: &[u8],
+        answered: fn(&Server) -> bool,
+    ) {
+        use std::io::Write;
+        peer.write_all(bytes).expect("the request is sent");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            assert_eq!(s.read_tcrp(id, Instant::now(), ReadUntil::WouldBlock), None);
+            if answered(s) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the request was never answered");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Calls `step` until `done` holds, for 10 s at most.
+    fn wait_for(s: &mut Server, what: &str, step: fn(&mut Server), done: fn(&Server) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            step(s);
+            if done(s) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what} never came");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// A connection's token is its slab key past the fixed tokens, and only tokens past them
+    /// name a connection.
+    #[test]
+    fn connection_tokens_start_past_the_fixed_ones_and_map_back() {
+        assert_eq!(ConnId(0).token(), Token(CONN_OFFSET));
+        assert_eq!(ConnId(7).token(), Token(CONN_OFFSET + 7));
+        assert_eq!(ConnId::from_token(Token(CONN_OFFSET + 7)), Some(ConnId(7)));
+        assert_eq!(ConnId::from_token(Token(CONN_OFFSET)), Some(ConnId(0)));
+        for fixed in [TCP_LISTENER, UDP_SOCKET, WAKER, SIGNALS, METRICS_LISTENER] {
+            assert_eq!(ConnId::from_token(fixed), None, "{fixed:?}");
+        }
+    }
+
+    /// The wall clock is read as seconds since 1970: after 2026-01-01 on any clock that
+    /// runs these tests.
+    #[test]
+    fn the_wall_clock_is_read_in_seconds_since_1970() {
+        let before = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("a clock after 1970")
+            .as_secs_f64();
+        let now = unix_now();
+        assert!(now > 1_767_225_600.0, "{now}");
+        assert!(now >= before && now - before < 60.0, "{before} then {now}");
+    }
+
+    /// Lines about dropped input come in a burst of five, then as the rate refills them; a
+    /// rate of 0 turns them off, burst and all.
+    #[test]
+    fn drop_lines_come_in_a_burst_then_at_the_rate_and_none_at_rate_zero() {
+        let now = Instant::now();
+        let mut bucket = TokenBucket::full(DROP_LOG_BURST, now);
+        assert!(!may_log_drop(&mut bucket, now, 0.0), "off at rate 0");
+        let mut bucket = TokenBucket::full(DROP_LOG_BURST, now);
+        for i in 0..5 {
+            assert!(may_log_drop(&mut bucket, now, 1.0), "line {i} of the burst");
+        }
+        assert!(!may_log_drop(&mut bucket, now, 1.0), "past the burst");
+        assert!(
+            !may_log_drop(&mut bucket, now, 0.0),
+            "past the burst at rate 0"
+        );
+        let later = now + Duration::from_secs(1);
+        assert!(
+            may_log_drop(&mut bucket, later, 1.0),
+            "one a second after it"
+        );
+        assert!(!may_log_drop(&mut bucket, later, 1.0));
+    }
+
+    /// The loop waits for the nearest of its timers: the sweep, the status, the checkpoint,
+    /// the connections' deadlines (only while there are connections), the watchdog and a
+    /// retried accept; not at all while datagrams or connections wait to be read again.
+    #[test]
+    fn the_loop_waits_until_its_nearest_timer_and_not_while_input_waits() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut s = server(dir.path());
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        s.udp_ready = false;
+        s.watchdog = None;
+        s.accept_retry = None;
+        s.next_sweep = now + ms(5000);
+        s.next_status = now + ms(4000);
+        s.next_checkpoint = now + ms(3000);
+        s.next_deadline_check = now + ms(1000);
+        assert_eq!(s.poll_timeout(now), ms(3000), "no connection: no deadline");
+        s.next_checkpoint = now + ms(6000);
+        assert_eq!(s.poll_timeout(now), ms(4000));
+        s.next_status = now + ms(7000);
+        assert_eq!(s.poll_timeout(now), ms(5000));
+        let (_peer, id) = add_conn(&mut s);
+        assert_eq!(s.poll_timeout(now), ms(1000), "a connection's deadline");
+        s.watchdog = Some((ms(500), now + ms(100)));
+        assert_eq!(s.poll_timeout(now), ms(600), "the watchdog's next ping");
+        s.accept_retry = Some(now + ms(200));
+        assert_eq!(s.poll_timeout(now), ms(200), "the accept retried");
+        s.revisit.push(id);
+        assert_eq!(
+            s.poll_timeout(now),
+            Duration::ZERO,
+            "a connection to read again"
+        );
+        s.revisit.clear();
+        s.udp_ready = true;
+        assert_eq!(s.poll_timeout(now), Duration::ZERO, "datagrams to read");
+        s.udp_ready = false;
+        assert_eq!(
+            s.poll_timeout(now + ms(300)),
+            Duration::ZERO,
+            "a timer past due"
+        );
+    }
+
+    /// Each timer runs when it is due, exactly then included, and is set again its interval
+    /// after that pass; a timer not due is left alone.
+    #[test]
+    fn each_timer_runs_when_due_and_is_set_again_its_interval_later() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut s = server(dir.path());
+        let now = Instant::now() + Duration::from_secs(60);
+        let every = Duration::from_secs(10);
+        let last = now - every;
+        s.accept_retry = Some(now);
+        s.next_sweep = now;
+        s.next_deadline_check = now;
+        s.next_checkpoint = now;
+        s.next_status = now;
+        s.watchdog = Some((every, last));
+        s.timers(now);
+        let sweep = now + Duration::from_millis(s.config.liveness.sweep_interval_ms);
+        let checkpoint = now + Duration::from_secs(s.config.history.checkpoint_secs);
+        assert_eq!(s.accept_retry, None, "the accept was retried");
+        assert_eq!(s.next_sweep, sweep);
+        assert_eq!(s.next_deadline_check, now + DEADLINE_CHECK);
+        assert_eq!(s.next_checkpoint, checkpoint);
+        assert_eq!(s.next_status, now + STATUS_INTERVAL);
+        assert_eq!(s.watchdog, Some((every, now)), "the watchdog was pinged");
+        // A moment later, nothing is due.
+        let soon = now + Duration::from_millis(1);
+        s.accept_retry = Some(soon + Duration::from_millis(1));
+        s.timers(soon);
+        assert_eq!(s.accept_retry, Some(soon + Duration::from_millis(1)));
+        assert_eq!(s.next_sweep, sweep);
+        assert_eq!(s.next_deadline_check, now + DEADLINE_CHECK);
+        assert_eq!(s.next_checkpoint, checkpoint);
+        assert_eq!(s.next_status, now + STATUS_INTERVAL);
+        assert_eq!(s.watchdog, Some((every, now)));
+    }
+
+    /// The deadline check closes the connections whose deadline has come, as timed out, but
+    /// not one whose reply waits for the disk or whose password is being checked.
+    #[test]
+    fn late_connections_are_closed_unless_they_wait_for_the_disk_or_a_password() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut s = server(dir.path());
+        let now = Instant::now() + Duration::from_secs(60);
+        let (_a, late) = add_conn(&mut s);
+        let (_b, early) = add_conn(&mut s);
+        let (_c, holding) = add_conn(&mut s);
+        let (_d, checking) = add_conn(&mut s);
+        s.conns[late.0].deadline = now;
+        s.conns[early.0].deadline = now + Duration::from_millis(1);
+        s.conns[holding.0].deadline = now;
+        s.conns[holding.0].queue(b"held".to_vec(), Some((1, now)));
+        s.conns[checking.0].deadline = now;
+        s.conns[checking.0].awaiting_password = Some(1);
+        s.close_late_connections(now);
+        assert!(!s.conns.contains(late.0), "the late one is closed");
+        for (id, what) in [
+            (early, "early"),
+            (holding, "holding"),
+            (checking, "checking"),
+        ] {
+            assert!(s.conns.contains(id.0), "the {what} one stays");
+        }
+        assert_eq!(s.metrics.tcp_closed.get("timeout"), Some(&1));
+        assert_eq!(s.metrics.tcp_closed.values().sum::<u64>(), 1);
+    }
+
+    /// The status line counts rooms, members and connections, and says nothing of the
+    /// journal while no write has failed.
+    #[test]
+    fn the_status_line_counts_rooms_members_and_connections() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut s = server(dir.path());
+        assert_eq!(
+            s.status_line(),
+            "STATUS=0 rooms, 0 members (0 registered), 0 TCP connections"
+        );
+        let (mut peer, id) = add_conn(&mut s);
+        ask(&mut s, &mut peer, id, &create("r", b"\"h\""), |s| {
+            s.registry.stats().rooms == 1
+        });
+        assert_eq!(
+            s.status_line(),
+            "STATUS=1 room, 1 member (0 registered), 1 TCP connection"
+        );
+    }
+
+    /// A periodic checkpoint is deferred, and counted, while the last one is not durable,
+    /// and made once it is.
+    #[test]
+    fn a_checkpoint_waits_while_the_last_one_is_not_durable() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut s = server(dir.path());
+        s.checkpoint_batch = 1;
+        s.checkpoint();
+        s.checkpoint();
+        assert_eq!(s.metrics.checkpoints_deferred, 2);
+        s.checkpoint_batch = 0;
+        s.checkpoint();
+        assert_eq!(s.metrics.checkpoints_deferred, 2, "batch 0 is durable");
+    }
+
+    /// The liveness sweep expires members whose keepalives stopped and closes rooms nobody
+    /// was heard from, counting both; what they record is handed to the writer by the end
+    /// of the pass.
+    #[test]
+    fn the_sweep_expires_silent_members_and_closes_idle_rooms_and_the_records_go_to_disk() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut s = server(dir.path());
+        let (mut peer, id) = add_conn(&mut s);
+        let mut input = create("kept", br#"{"username": "h", "keepalive": 1}"#);
+        input.extend(create("idle", b"\"h\""));
+        ask(&mut s, &mut peer, id, &input, |s| {
+            s.registry.stats().rooms == 2
+        });
+        assert!(
+            !s.registry.has_records(),
+            "the creates' records went with their replies"
+        );
+        s.sweep_liveness(Instant::now() + Duration::from_secs(3600));
+        assert_eq!(s.metrics.keepalive_expiries, 1);
+        assert_eq!(s.metrics.idle_rooms_closed, 1);
+        assert_eq!(s.registry.stats().rooms, 0);
+        assert!(s.registry.has_records());
+        s.persist();
+        assert!(!s.registry.has_records(), "handed to the writer");
+        let p = s.persister.as_ref().expect("a writer");
+        assert!(p.busy(), "the records are being written");
+    }
+
+    /// When the writer makes a batch durable, the replies that waited for it leave, the
+    /// connection's timer restarts from then, and only a connection with replies still
+    /// waiting stays listed as holding.
+    #[test]
+    fn a_durable_batch_releases_its_replies_and_keeps_only_connections_still_holding() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut s = server(dir.path());
+        let (mut x, creator) = add_conn(&mut s);
+        ask(&mut s, &mut x, creator, &create("r", b"\"h\""), |s| {
+            s.registry.stats().rooms == 1
+        });
+        assert!(
+            s.conns[creator.0].has_held(),
+            "the create's reply waits for batch 1"
+        );
+        // Another connection with a reply for batch 1 and one for batch 2, never written.
+        let (_y, waiting) = add_conn(&mut s);
+        let y = &mut s.conns[waiting.0];
+        y.queue(b"one".to_vec(), Some((1, Instant::now())));
+        y.queue(b"two".to_vec(), Some((2, Instant::now())));
+        y.listed_holding = true;
+        s.holding.push(waiting);
+        s.persist();
+        let before = Instant::now();
+        wait_for(&mut s, "batch 1", Server::collect_durable, |s: &Server| {
+            s.persister.as_ref().is_some_and(|p| p.durable() >= 1)
+        });
+        let timeout = Duration::from_secs(s.config.limits.handshake_timeout_secs);
+        let x = &s.conns[creator.0];
+        assert!(!x.has_held() && !x.listed_holding, "its reply left");
+        assert!(x.deadline >= before + timeout, "its timer restarted");
+        let y = &s.conns[waiting.0];
+        assert!(y.has_held() && y.listed_holding, "its second reply waits");
+        assert_eq!(s.holding, vec![waiting]);
+    }
+}
