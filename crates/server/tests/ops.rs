@@ -3825,3 +3825,84 @@ fn a_journal_stream_with_only_the_device_or_only_the_inode_of_standard_error_is_
         );
     }
 }
+
+/// A soft open-file limit below what `limits.max_connections` needs, under a hard limit that
+/// fits them, is raised and leaves the connection cap whole: nothing is said about a lower
+/// cap, and a second idle connection does not close the first to make room.
+#[test]
+fn a_soft_open_file_limit_raised_to_fit_leaves_the_connection_cap_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = "[limits]\nmax_connections = 100\nhandshake_timeout_secs = 60\n";
+    let (_guard, tcp, log, _lines) = spawn_with_open_files(dir.path(), 64, 4096, toml);
+    assert!(!log.contains("handshake connections"), "{log}");
+    let mut first = TcpStream::connect(tcp).unwrap();
+    let mut second = TcpStream::connect(tcp).unwrap();
+    second.set_read_timeout(Some(PATIENCE)).unwrap();
+    let reply = exchange(
+        &mut second,
+        &request_bytes(Operation::CreateRoom, "r", b"\"alice\""),
+    );
+    assert!(reply.token.is_some(), "{reply:?}");
+    // A connection closed to make room would have been closed before the second was read.
+    first.set_nonblocking(true).unwrap();
+    match first.read(&mut [0; 1]) {
+        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+        other => panic!("the first connection was closed: {other:?}"),
+    }
+}
+
+/// A hard open-file limit equal to `limits.max_connections` (4096 against the default 4096 on
+/// some systems) falls short only by the daemon's spare descriptors: the lowered cap is said
+/// at level info, not as a warning at every start.
+#[test]
+fn a_hard_open_file_limit_equal_to_max_connections_is_said_at_info_not_warned() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_guard, _tcp, log, _lines) =
+        spawn_with_open_files(dir.path(), 200, 200, "[limits]\nmax_connections = 200\n");
+    let line = log
+        .lines()
+        .find(|l| l.contains("open files"))
+        .unwrap_or_else(|| panic!("nothing said about the open-file limit:\n{log}"));
+    assert!(
+        line.contains("INFO") && line.contains("limits.max_connections = 200 is taken as 120"),
+        "{line}"
+    );
+}
+
+/// Only a listen backlog the kernel caps is warned about: the TCRP listener's
+/// `limits.listen_backlog` and the metrics listener's 64, granted whole under
+/// `net.core.somaxconn`, are not; the metrics listener's capped by it is, with the sysctl to
+/// raise.
+#[test]
+fn only_a_listen_backlog_the_kernel_caps_is_warned_about() {
+    in_private_network(|| {
+        // In this namespace only: the host's sysctl is left alone.
+        if !set_somaxconn(100) {
+            skipped("cannot set net.core.somaxconn in a network namespace of our own");
+            return;
+        }
+        let granted = Daemon::start_with(Options {
+            metrics: true,
+            config: Some("[limits]\nlisten_backlog = 100\n".into()),
+            ..Options::default()
+        });
+        let log = granted.log();
+        assert!(log.contains("listening tcp="), "{log}");
+        assert!(!log.contains("asks for"), "{log}");
+        assert!(set_somaxconn(32), "net.core.somaxconn set once already");
+        let capped = Daemon::start_with(Options {
+            metrics: true,
+            config: Some("[limits]\nlisten_backlog = 32\n".into()),
+            ..Options::default()
+        });
+        capped.wait_for_log(
+            "metrics listen backlog: ocmd asks for 64, the kernel allows 32 (net.core.somaxconn \
+             caps it); raise net.core.somaxconn to at least 64",
+        );
+        assert!(
+            !capped.log().contains("limits.listen_backlog asks for"),
+            "{}",
+            capped.log()
+        );
+    });
+}
