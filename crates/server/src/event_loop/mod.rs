@@ -590,6 +590,8 @@ mod tests {
     use crate::conn::testing::loopback;
     use tcrp::Operation;
 
+    const HERE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
     /// A server on loopback ports of its own, its state in `dir`, without the request limit
     /// or a metrics listener, rooms closed after a minute without a word; its loop is not
     /// run: the tests call its steps by hand.
@@ -854,6 +856,86 @@ mod tests {
         s.checkpoint_batch = 0;
         s.checkpoint();
         assert_eq!(s.metrics.checkpoints_deferred, 2, "batch 0 is durable");
+    }
+
+    /// A periodic checkpoint writes the new history of rooms until it holds
+    /// [`HISTORY_CHECKPOINT_BYTES`] (4 MiB), and leaves the rest for the next: of eight rooms
+    /// with 600 KB of new messages each, seven.
+    #[test]
+    fn a_checkpoint_writes_about_4_mib_of_new_history_and_leaves_the_rest() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut s = server(dir.path());
+        let mut config = s.config.clone();
+        config.history.messages = 200;
+        config.history.max_bytes_per_room = 1024 * 1024;
+        config.rate.chat_per_sec = 0.0;
+        s.registry.set_limits(config.registry_limits());
+        let now = Instant::now();
+        let mut out = Outbox::default();
+        let text = "x".repeat(3000);
+        for i in 0..8u16 {
+            let room = format!("room{i}");
+            let host = s
+                .registry
+                .create_room(
+                    &room,
+                    &tcrp::payload::Request::original("h"),
+                    HERE,
+                    None,
+                    now,
+                    1.0,
+                )
+                .expect("a room")
+                .token;
+            let guest = s
+                .registry
+                .join_room(
+                    &room,
+                    &tcrp::payload::Request::original("g"),
+                    HERE,
+                    now,
+                    &mut out,
+                )
+                .expect("a member")
+                .token;
+            let datagram = |token: &crate::token::Token, text: &str| {
+                let mut bytes = Vec::new();
+                ucrp::datagram::encode(
+                    room.as_bytes(),
+                    token.as_str().as_bytes(),
+                    text,
+                    &mut bytes,
+                )
+                .expect("a datagram");
+                bytes
+            };
+            let (host_at, guest_at) = (
+                SocketAddr::new(HERE, 1000 + 2 * i),
+                SocketAddr::new(HERE, 1001 + 2 * i),
+            );
+            for (at, token) in [(host_at, &host), (guest_at, &guest)] {
+                s.registry.handle_datagram(
+                    at,
+                    None,
+                    &datagram(token, "__REGISTER__"),
+                    now,
+                    &mut out,
+                );
+            }
+            // 200 messages of 3,000 bytes and a one-letter sender: 600,200 bytes.
+            let chat = datagram(&host, &text);
+            for _ in 0..200 {
+                s.registry
+                    .handle_datagram(host_at, None, &chat, now, &mut out);
+            }
+        }
+        s.registry.take_records();
+        s.checkpoint();
+        assert_eq!(
+            s.registry.checkpoint_history(),
+            1,
+            "rooms left for the next checkpoint"
+        );
     }
 
     /// The liveness sweep expires members whose keepalives stopped and closes rooms nobody
