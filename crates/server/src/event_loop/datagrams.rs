@@ -233,3 +233,91 @@ fn claimed(bytes: &[u8]) -> String {
         Err(_) => String::new(),
     }
 }
+
+/// The receive loop driven by hand on a server whose loop is not run.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket as StdUdpSocket;
+    use std::path::Path;
+
+    // Added with the mutation run of 2026-12-06 (docs/SECURITY.md, "The daemon: the loop's
+    // datagrams and lifecycle").
+
+    /// A server on loopback ports of its own that reads at most `per_wakeup` datagrams a
+    /// wakeup, its state in `dir`, without a metrics listener; its loop is not run.
+    fn server(dir: &Path, per_wakeup: usize) -> Server {
+        let mut config = crate::Config::default();
+        config.udp.datagrams_per_wakeup = per_wakeup;
+        let overrides = crate::config::Overrides {
+            tcp: Some("127.0.0.1:0".parse().expect("an address")),
+            udp: Some("127.0.0.1:0".parse().expect("an address")),
+            state: Some(dir.join("room_manager.json")),
+            metrics: Some("off".into()),
+        };
+        Server::bind(config, None, overrides).expect("a server on loopback")
+    }
+
+    fn dropped(server: &Server) -> u64 {
+        server.metrics.datagrams_dropped.values().sum()
+    }
+
+    /// A receive error (here the refusal that a port unreachable leaves on a connected
+    /// socket, reported before the datagrams queued after it) costs one datagram of the
+    /// wakeup's budget, and the drain goes on: with a budget of 3, the error and two of the
+    /// three datagrams behind it are read, and the drain says the socket may hold more.
+    #[test]
+    fn a_receive_error_costs_one_datagram_of_the_budget_and_the_drain_goes_on() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut server = server(dir.path(), 3);
+        let closed = StdUdpSocket::bind("127.0.0.1:0").expect("a socket");
+        let port = closed.local_addr().expect("its address");
+        drop(closed);
+        let socket = StdUdpSocket::bind("127.0.0.1:0").expect("a socket");
+        socket.connect(port).expect("connect");
+        // Nobody listens: the port unreachable that comes back (on loopback, before the send
+        // returns) is the next receive's error.
+        socket.send(b"anyone?").expect("send");
+        let peer = StdUdpSocket::bind(port).expect("the port bound again");
+        let to = socket.local_addr().expect("its address");
+        for _ in 0..3 {
+            peer.send_to(b"junk", to).expect("send");
+        }
+        socket.set_nonblocking(true).expect("non-blocking");
+        server.udp = mio::net::UdpSocket::from_std(socket);
+        assert!(
+            server.drain_udp(Instant::now()),
+            "a spent budget leaves the socket ready"
+        );
+        assert_eq!(server.metrics.datagrams_received, 2);
+        assert_eq!(dropped(&server), 2);
+        // The third is read at the next wakeup.
+        assert!(!server.drain_udp(Instant::now()), "drained");
+        assert_eq!(server.metrics.datagrams_received, 3);
+    }
+
+    /// Once the wakeup's sends reach [`SENDS_PER_WAKEUP`], the datagram being handled is the
+    /// last: the rest of the batch waits for the next wakeup, which begins with them.
+    #[test]
+    fn a_wakeup_whose_sends_reached_the_cap_leaves_the_rest_of_the_batch_for_the_next() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut server = server(dir.path(), 1024);
+        let from = StdUdpSocket::bind("127.0.0.1:0").expect("a socket");
+        for _ in 0..3 {
+            from.send_to(b"junk", server.bound().udp).expect("send");
+        }
+        // Loopback delivers before the send returns: all three are there.
+        let count = server
+            .receiver
+            .recv(server.udp.as_raw_fd(), 3)
+            .expect("three datagrams queued");
+        assert_eq!(count, 3);
+        server.udp_unhandled = 0..count;
+        let now = Instant::now();
+        assert_eq!(server.handle_read(now, SENDS_PER_WAKEUP), 0..1);
+        assert_eq!(server.udp_unhandled, 1..3);
+        assert_eq!(server.handle_read(now, SENDS_PER_WAKEUP - 1), 1..3);
+        assert!(server.udp_unhandled.is_empty());
+        assert_eq!(dropped(&server), 3);
+    }
+}

@@ -303,3 +303,96 @@ fn monotonic_usec() -> u128 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     (ts.tv_sec as u128) * 1_000_000 + (ts.tv_nsec as u128) / 1000
 }
+
+/// Reloads driven by hand on a server whose loop is not run.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    // Added with the mutation run of 2026-12-06 (docs/SECURITY.md, "The daemon: the loop's
+    // datagrams and lifecycle").
+
+    /// A server on loopback ports of its own that reads its configuration from a file in
+    /// `dir` (written with `text` first), its state in `dir`, without a metrics listener; its
+    /// loop is not run. Returns it and the file.
+    fn server_reading(dir: &Path, text: &str) -> (Server, PathBuf) {
+        let path = dir.join("ocmd.toml");
+        std::fs::write(&path, text).expect("write the configuration file");
+        let file = Config::from_file(&path).expect("a valid configuration file");
+        let overrides = config::Overrides {
+            tcp: Some("127.0.0.1:0".parse().expect("an address")),
+            udp: Some("127.0.0.1:0".parse().expect("an address")),
+            state: Some(dir.join("room_manager.json")),
+            metrics: Some("off".into()),
+        };
+        let server = Server::bind(file, Some(path.clone()), overrides).expect("a server");
+        (server, path)
+    }
+
+    /// Rewrites the file at `path` with `text` and reloads it, as a SIGHUP would.
+    fn reload_with(server: &mut Server, path: &Path, text: &str) {
+        std::fs::write(path, text).expect("rewrite the configuration file");
+        let before = server.metrics.reloads.get("ok").copied().unwrap_or(0);
+        server.reload();
+        assert_eq!(server.metrics.reloads.get("ok"), Some(&(before + 1)));
+    }
+
+    /// A reload that changes `limits.max_connections` caps the connection table at the new
+    /// value at once, not at the next restart.
+    #[test]
+    fn a_reload_that_changes_max_connections_caps_the_table_at_the_new_value() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (mut server, path) = server_reading(dir.path(), "[limits]\nmax_connections = 100\n");
+        assert_eq!(server.connection_cap, 100);
+        reload_with(&mut server, &path, "[limits]\nmax_connections = 10\n");
+        assert_eq!(server.connection_cap, 10);
+        reload_with(&mut server, &path, "[limits]\nmax_connections = 10\n");
+        assert_eq!(server.connection_cap, 10);
+    }
+
+    /// A reload that changes `limits.handshake_timeout_secs` sets the TCRP listener's
+    /// `TCP_USER_TIMEOUT` (twice the timeout, which the connections accepted from then on
+    /// inherit).
+    #[test]
+    fn a_reload_that_changes_the_handshake_timeout_sets_the_listeners_user_timeout() {
+        let user_timeout = |server: &Server| {
+            let tcp = server.tcp.as_ref().expect("the TCRP listener");
+            sockopt::get_int(tcp.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT)
+                .expect("TCP_USER_TIMEOUT")
+        };
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (mut server, path) =
+            server_reading(dir.path(), "[limits]\nhandshake_timeout_secs = 10\n");
+        assert_eq!(user_timeout(&server), 20_000);
+        reload_with(&mut server, &path, "[limits]\nhandshake_timeout_secs = 3\n");
+        assert_eq!(user_timeout(&server), 6_000);
+    }
+
+    /// A reload brings the next liveness sweep and history checkpoint forward when it
+    /// shortens their periods, to a period from the reload, and leaves them where they were
+    /// when it does not.
+    #[test]
+    fn a_reload_brings_the_sweep_and_the_checkpoint_forward_only_when_it_shortens_them() {
+        let long = "[liveness]\nsweep_interval_ms = 60000\n[history]\ncheckpoint_secs = 3600\n";
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (mut server, path) = server_reading(dir.path(), long);
+        let due = (server.next_sweep, server.next_checkpoint);
+        reload_with(&mut server, &path, long);
+        assert_eq!((server.next_sweep, server.next_checkpoint), due);
+        let before = Instant::now();
+        reload_with(
+            &mut server,
+            &path,
+            "[liveness]\nsweep_interval_ms = 1000\n[history]\ncheckpoint_secs = 2\n",
+        );
+        let after = Instant::now();
+        let sweep = Duration::from_millis(1000);
+        assert!(before + sweep <= server.next_sweep && server.next_sweep <= after + sweep);
+        let checkpoint = Duration::from_secs(2);
+        assert!(
+            before + checkpoint <= server.next_checkpoint
+                && server.next_checkpoint <= after + checkpoint
+        );
+    }
+}
