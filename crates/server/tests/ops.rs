@@ -3419,12 +3419,23 @@ fn server_full_is_warned_about_with_the_cap_reached() {
 fn check_config_into_a_pipe_closed_early_still_says_ok() {
     let (reader, writer) = std::io::pipe().expect("pipe");
     drop(reader);
+    let (status, err) = check_config_with_stdout(Stdio::from(writer));
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("ocmd: configuration OK") && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
+/// Runs `ocmd --check-config` with the embedded defaults and standard output `stdout`;
+/// its exit status and what it wrote to standard error.
+fn check_config_with_stdout(stdout: Stdio) -> (std::process::ExitStatus, String) {
     let mut child = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_ocmd"))
             .arg("--check-config")
             .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())
-            .stdout(Stdio::from(writer))
+            .stdout(stdout)
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn ocmd"),
@@ -3435,14 +3446,10 @@ fn check_config_into_a_pipe_closed_early_still_says_ok() {
         .0
         .stderr
         .take()
-        .unwrap()
+        .expect("piped standard error")
         .read_to_string(&mut err)
-        .unwrap();
-    assert_eq!(status.code(), Some(0), "{err}");
-    assert!(
-        err.contains("ocmd: configuration OK") && !err.contains("panicked"),
-        "{err}"
-    );
+        .expect("read standard error");
+    (status, err)
 }
 
 /// While the journal cannot be written, the `STATUS=` line that `systemctl status` shows
@@ -3764,25 +3771,7 @@ fn check_config_whose_settings_cannot_be_written_says_so_and_fails() {
         .write(true)
         .open("/dev/full")
         .expect("open /dev/full");
-    let mut child = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_ocmd"))
-            .arg("--check-config")
-            .env_remove("NOTIFY_SOCKET")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(full))
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ocmd"),
-    );
-    let status = wait_for_exit(&mut child.0, "ocmd --check-config");
-    let mut err = String::new();
-    child
-        .0
-        .stderr
-        .take()
-        .expect("piped standard error")
-        .read_to_string(&mut err)
-        .expect("read standard error");
+    let (status, err) = check_config_with_stdout(Stdio::from(full));
     assert_eq!(status.code(), Some(1), "{err}");
     assert_eq!(
         err,
