@@ -3683,3 +3683,158 @@ fn at_emfile_below_what_is_open_the_idle_connection_closed_frees_a_usable_descri
         "the connection closed was not the one below the limit"
     );
 }
+
+// Added with the mutation run of 2026-12-06 on the rest of connections.rs (docs/SECURITY.md,
+// "The daemon: accepting connections (the rest of connections.rs)").
+
+/// A peer that never reads, whose replies all fit in the kernel's send buffer (the daemon
+/// holds none of them itself), is reset when its timer runs out: the kernel drops what it
+/// still held for the peer at once, and the peer sees the reset, not the rest of its reply
+/// and an end. Closed normally, the daemon's side would stay in FIN-WAIT-1 with those bytes
+/// until the user timeout (twice the handshake timeout) ran out.
+#[test]
+fn a_silent_peer_whose_replies_wait_only_in_the_kernel_is_reset_at_its_timeout() {
+    let d = daemon("[limits]\nhandshake_timeout_secs = 2\n");
+    // A room list of about 7 KB: more than the peer's receive buffer takes, far less than
+    // the kernel's send buffer for the connection (128 KiB).
+    for i in 0..30 {
+        create(&d, &format!("{i:02}{}", "x".repeat(240)), "h");
+    }
+    let mut peer = connect_from(Ipv4Addr::new(127, 0, 0, 7), d.tcp, Some(2048));
+    let local = peer.local_addr().unwrap();
+    peer.write_all(&request_bytes(Operation::ListRooms, "", b""))
+        .unwrap();
+    wait_until("the kernel holds a reply the peer has not taken", || {
+        daemon_side(d.pid(), d.tcp, local).is_some_and(|(_, queued)| queued > 0)
+    });
+    wait_until("the daemon gives up on the peer", || {
+        closed(&d, "timeout") >= 1.0
+    });
+    // The scrape that saw the close was answered after it, in a later pass of the loop.
+    assert_eq!(
+        daemon_side(d.pid(), d.tcp, local),
+        None,
+        "the daemon's side outlived its close: not reset"
+    );
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        match peer.read(&mut chunk) {
+            Ok(0) => break None,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => break Some(e.kind()),
+        }
+    };
+    assert_eq!(
+        end,
+        Some(ErrorKind::ConnectionReset),
+        "the peer read {} bytes, then no reset",
+        got.len()
+    );
+}
+
+/// A request answered from memory (no wait for the disk, so the connection's interest never
+/// changes) and the FIN behind it, waiting together for a stopped daemon, come with one
+/// readiness edge: that edge is read to the end, so the connection is closed at the peer's
+/// end, not left open until its handshake timeout.
+#[test]
+fn a_request_answered_at_once_and_its_fin_on_one_edge_close_the_connection_at_once() {
+    let d = daemon("[limits]\nhandshake_timeout_secs = 600\n");
+    let base = open_sockets(d.pid());
+    let mut s = connect(&d);
+    wait_until("the connection is accepted", || {
+        open_sockets(d.pid()) > base
+    });
+    d.stop();
+    s.write_all(&request_bytes(Operation::ListRooms, "", b"{}"))
+        .unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    d.signal(libc::SIGCONT);
+    let mut frames = FrameReader::default();
+    let (state, body) = frames.next(&mut s).expect("COMPLIANCE");
+    assert_eq!(state, State::Compliance);
+    assert_eq!(payload::parse_compliance(&body), Ok(Compliance::Success));
+    let (state, _) = frames.next(&mut s).expect("the room list");
+    assert_eq!(state, State::Complete);
+    assert_eq!(read_until_closed(&mut s), b"", "closed after the reply");
+    wait_until("the close is counted", || closed(&d, "peer_closed") >= 1.0);
+    assert_eq!(closed(&d, "timeout"), 0.0);
+}
+
+/// A metrics request whose head comes in two parts, the first longer than a TCRP header, is
+/// answered as HTTP: reading the first part does not hand it to the TCRP reader (which would
+/// refuse it as a frame with an impossible size and close the connection).
+#[test]
+fn a_metrics_request_head_in_two_parts_is_answered_as_http() {
+    let d = daemon("");
+    let metrics = d.metrics.expect("metrics on");
+    let mut s = TcpStream::connect(metrics).unwrap();
+    let local = s.local_addr().unwrap();
+    let first = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n";
+    assert!(first.len() > tcrp::HEADER_LEN);
+    s.write_all(first).unwrap();
+    // Nothing left in the daemon's receive queue: it has read the first part.
+    wait_until("the daemon reads the first part", || {
+        proc_net_tcp(d.pid(), metrics, Some(local)).is_some_and(|fields| {
+            fields
+                .get(4)
+                .and_then(|queues| queues.split_once(':'))
+                .is_some_and(|(_, rx)| u64::from_str_radix(rx, 16) == Ok(0))
+        })
+    });
+    s.write_all(b"\r\n").unwrap();
+    let answer = String::from_utf8_lossy(&read_until_closed(&mut s)).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+}
+
+/// Out of descriptors, with every one held by silent metrics connections (fewer than the
+/// allowance of 16), a handshake newcomer closes none of them (it waits in the backlog),
+/// while a scrape closes the oldest and is answered: scrapes are not cut off by a flood of
+/// handshake connections, nor locked out by idle metrics connections.
+#[test]
+fn at_emfile_a_handshake_newcomer_closes_no_metrics_connection_but_a_scrape_does() {
+    let d = daemon("[rate]\ndrop_logs_per_sec = 0\n[limits]\nhandshake_timeout_secs = 60\n");
+    let mut holders = hold_every_descriptor_with_metrics_connections(&d, 3);
+    let _waiting = connect(&d);
+    d.wait_for_log("accept failed");
+    assert_eq!(
+        closed_by_daemon(&mut holders),
+        [false, false, false],
+        "a metrics connection was closed for a handshake newcomer"
+    );
+    let mut scrape = TcpStream::connect(d.metrics.expect("metrics on")).unwrap();
+    scrape.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+    let answer = String::from_utf8_lossy(&read_until_closed(&mut scrape)).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert_eq!(closed_by_daemon(&mut holders), [true, false, false]);
+}
+
+/// A failed `accept` is retried 50 ms later, not at once: the number of failures counted
+/// stays within two (one a listener) per 50 ms of failing. Retried at once, the loop would
+/// spin on `accept` (thousands of failures a second).
+#[test]
+fn a_failed_accept_is_retried_after_50_ms_not_at_once() {
+    let d = daemon("[rate]\ndrop_logs_per_sec = 0\n");
+    let started = Instant::now();
+    let holders = hold_every_descriptor_with_metrics_connections(&d, 3);
+    let mut waiting = connect(&d);
+    waiting
+        .write_all(&request_bytes(Operation::ListRooms, "", b"{}"))
+        .unwrap();
+    // Two lines a second apart: about 20 retries failed in between.
+    wait_until("two accept failures logged", || {
+        d.log().matches("accept failed").count() >= 2
+    });
+    drop(holders);
+    let mut frames = FrameReader::default();
+    let (state, _) = frames.next(&mut waiting).expect("a reply, not EOF");
+    assert_eq!(state, State::Compliance);
+    let failures = d.metric("ocm_tcp_accept_errors_total");
+    let retries = started.elapsed().as_millis() / 50;
+    assert!(
+        failures <= (2 * retries + 10) as f64,
+        "{failures} failed accepts in {:?}",
+        started.elapsed()
+    );
+}

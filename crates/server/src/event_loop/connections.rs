@@ -591,4 +591,56 @@ mod tests {
             assert!(!gives_up(reason), "{reason}");
         }
     }
+
+    // Added with the mutation run of 2026-12-06 on the rest of this file (docs/SECURITY.md,
+    // "The daemon: accepting connections (the rest of connections.rs)").
+
+    /// A server on loopback ports of its own, its state in `dir`, without a metrics
+    /// listener; its loop is not run (as in `requests.rs`' tests).
+    fn server(dir: &std::path::Path) -> Server {
+        let overrides = crate::config::Overrides {
+            tcp: Some("127.0.0.1:0".parse().unwrap()),
+            udp: Some("127.0.0.1:0".parse().unwrap()),
+            state: Some(dir.join("room_manager.json")),
+            metrics: Some("off".into()),
+        };
+        Server::bind(crate::Config::default(), None, overrides).unwrap()
+    }
+
+    /// An idle loopback connection, last answered at `activity`, put in `server`'s table
+    /// (not registered with its poll).
+    fn add_idle(server: &mut Server, activity: u64) -> (std::net::TcpStream, ConnId) {
+        let (peer, mut conn) = loopback();
+        conn.activity = activity;
+        (peer, ConnId(server.conns.insert(conn)))
+    }
+
+    /// The picks of a pass over a full table serve the newcomers that come while it stays
+    /// full (a pass per [`EVICTION_PICKS`] newcomers, not one each) or while descriptors are
+    /// short; they are dropped when a newcomer finds the table not full.
+    #[test]
+    fn a_full_tables_picks_are_kept_while_it_stays_full_or_descriptors_are_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = server(dir.path());
+        let newcomer: SocketAddr = "127.0.0.9:4000".parse().unwrap();
+        let (_older_peer, older) = add_idle(&mut s, 1);
+        let (_newer_peer, newer) = add_idle(&mut s, 2);
+        // Picks kept from an earlier pass: the newer one alone (a fresh pass would put the
+        // older one first).
+        let kept = vec![(EvictionClass::Idle, 2, newer)];
+        s.connection_cap = 3;
+        s.evict_candidates = kept.clone();
+        assert_eq!(s.refusal(Kind::Tcrp, newcomer, true), None);
+        assert_eq!(s.evict_candidates, kept, "short of descriptors: kept");
+        assert_eq!(s.refusal(Kind::Tcrp, newcomer, false), None);
+        assert!(s.evict_candidates.is_empty(), "not full: dropped");
+        s.connection_cap = 2;
+        s.evict_candidates = kept;
+        assert_eq!(s.refusal(Kind::Tcrp, newcomer, false), None);
+        assert!(!s.conns.contains(newer.0), "full: the kept pick made room");
+        assert!(
+            s.conns.contains(older.0),
+            "full: the older one stays (no fresh pass)"
+        );
+    }
 }
