@@ -355,6 +355,7 @@ impl Daemon {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        die_with_this_process(&mut cmd);
         let mut child = cmd.spawn().expect("spawn ocmd");
         let stderr = child.stderr.take().expect("stderr piped");
         let log = Arc::new(Mutex::new(LogPipe::new(stderr)));
@@ -1248,6 +1249,30 @@ impl Drop for Ocm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Has the process `cmd` starts killed when this one dies, however it dies: a test binary
+/// killed at a harness's time limit (or a mutation run's) would otherwise leave its `ocmd`
+/// running, and one built from a mutant that spins keeps a core busy for good. (The signal
+/// comes when the thread that spawned the child ends; every daemon here is started, and
+/// dropped, by the test's own thread.) If this process died before the `prctl`, the child is
+/// not started at all.
+pub fn die_with_this_process(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    // SAFETY: the closure makes raw system calls only and builds io::Errors from errno
+    // values, allocating nothing, as code between fork and exec must.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
     }
 }
 
