@@ -1581,3 +1581,382 @@ fn a_line_whose_hold_ran_out_is_sent_without_waiting_for_the_verdict() {
         "next_event waited for an event with a line held past the hold"
     );
 }
+
+/// A main loop as [`Chat::start`] makes it, without its helper threads: the test feeds its
+/// queue of lines and its queue of the room's word (the two senders returned), and its
+/// closure and idle checks go to a dead TCP port.
+fn main_loop(
+    session: Session,
+    screen: Arc<Mutex<Screen>>,
+    closures: closure::Policy,
+    tcp: SocketAddr,
+) -> (Chat, SyncSender<Event>, SyncSender<Event>) {
+    let (lines, inbox) = mpsc::sync_channel(EVENT_QUEUE);
+    let (ahead_events, ahead) = mpsc::sync_channel(EVENT_QUEUE);
+    let (checker, _verdicts) = checker(tcp);
+    let now = Instant::now();
+    let own = lock(&screen).own_sends();
+    let chat = Chat {
+        session,
+        inbox,
+        ahead,
+        signalled: Arc::default(),
+        screen,
+        own,
+        closures,
+        last_heard: Arc::new(Mutex::new(now)),
+        liveness: None,
+        outage: Outage::default(),
+        terminal: None,
+        checker,
+        pacer: Pacer::new(pacing::CHAT_PER_SEC, pacing::CHAT_BURST, now),
+        notices: Arc::default(),
+        notices_handled: 0,
+        held: None,
+        hold_started: None,
+    };
+    (chat, lines, ahead_events)
+}
+
+/// Runs `chat`'s main loop on a thread of its own; how it ended, or a failure after
+/// `patience` (a loop that never ends fails the test instead of holding it).
+fn serve_within(chat: Chat, patience: Duration) -> Result<Ending, ClientError> {
+    let (done, ended) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = done.send(chat.serve());
+    });
+    ended
+        .recv_timeout(patience)
+        .expect("the main loop did not end in time")
+}
+
+/// The messages `server` received, parsed, as text: `chat:TEXT` or `leave`.
+fn received(server: &UdpSocket, count: usize) -> Vec<String> {
+    (0..count)
+        .map(|_| match ucrp::parse(&recv(server)).unwrap().message {
+            ucrp::Message::Chat(text) => format!("chat:{text}"),
+            ucrp::Message::Leave => "leave".into(),
+            other => format!("{other:?}"),
+        })
+        .collect()
+}
+
+/// The main loop sends the typed lines in order, then leaves on `/quit` with a
+/// `__LEAVE__`: the user's way out.
+#[test]
+fn the_main_loop_sends_the_lines_in_order_and_leaves_on_quit() {
+    let (session, server) = pair("lobby", "ab");
+    let (screen, _rec) = screen(false);
+    let dead = DeadTcp::new();
+    let (chat, lines, _ahead) = main_loop(session, screen, closure::Policy::new(false), dead.addr);
+    for event in [
+        Event::Send("one".into()),
+        Event::Send("two".into()),
+        Event::Quit,
+    ] {
+        lines.send(event).unwrap();
+    }
+    let ended = serve_within(chat, Duration::from_secs(10));
+    assert!(matches!(ended, Ok(Ending::Left)), "{ended:?}");
+    assert_eq!(received(&server, 3), ["chat:one", "chat:two", "leave"]);
+}
+
+/// A signal's flag is read before the queued lines: the main loop leaves at once, and the
+/// lines behind it are not sent.
+#[test]
+fn a_signal_on_the_flag_goes_before_the_queued_lines() {
+    let (session, server) = pair("lobby", "ab");
+    let (screen, _rec) = screen(false);
+    let dead = DeadTcp::new();
+    let (chat, lines, _ahead) = main_loop(session, screen, closure::Policy::new(false), dead.addr);
+    chat.signalled.store(15, Ordering::SeqCst);
+    lines.send(Event::Send("never sent".into())).unwrap();
+    lines.send(Event::Quit).unwrap();
+    let ended = serve_within(chat, Duration::from_secs(10));
+    assert!(matches!(ended, Ok(Ending::Left)), "{ended:?}");
+    assert_eq!(received(&server, 1), ["leave"]);
+}
+
+/// A failure reported ahead ends the chat with a `__LEAVE__`: as a plain departure when it
+/// is the reader of our output gone (`EPIPE`), as the error otherwise.
+#[test]
+fn a_failure_ends_the_chat_as_leaving_only_when_the_reader_of_our_output_is_gone() {
+    for (kind, reader_gone) in [
+        (io::ErrorKind::BrokenPipe, true),
+        (io::ErrorKind::Other, false),
+    ] {
+        let (session, server) = pair("lobby", "ab");
+        let (screen, _rec) = screen(false);
+        let dead = DeadTcp::new();
+        let (chat, _lines, ahead) =
+            main_loop(session, screen, closure::Policy::new(false), dead.addr);
+        ahead
+            .send(Event::Failed(ClientError::Io {
+                context: "writing to standard output",
+                source: kind.into(),
+            }))
+            .unwrap();
+        match serve_within(chat, Duration::from_secs(10)) {
+            Ok(Ending::Left) => assert!(reader_gone, "{kind:?}"),
+            Err(ClientError::Io { source, .. }) => {
+                assert!(!reader_gone, "{kind:?}");
+                assert_eq!(source.kind(), kind);
+            }
+            other => panic!("{kind:?}: {other:?}"),
+        }
+        assert_eq!(received(&server, 1), ["leave"], "{kind:?}");
+    }
+}
+
+/// A held line whose hold is over (its notice handled, the room found open) is sent by
+/// the main loop before anything queued after it.
+#[test]
+fn a_held_line_goes_once_its_hold_is_over_before_what_was_queued_after_it() {
+    let (session, server) = pair("lobby", "ab");
+    let (screen, _rec) = screen(false);
+    let dead = DeadTcp::new();
+    let (mut chat, lines, _ahead) =
+        main_loop(session, screen, closure::Policy::new(true), dead.addr);
+    chat.held = Some("held".into());
+    lines.send(Event::Send("after".into())).unwrap();
+    lines.send(Event::Quit).unwrap();
+    let ended = serve_within(chat, Duration::from_secs(10));
+    assert!(matches!(ended, Ok(Ending::Left)), "{ended:?}");
+    assert_eq!(received(&server, 3), ["chat:held", "chat:after", "leave"]);
+}
+
+/// The server's word that the room no longer holds us ends the chat as the room's doing,
+/// as a confirmed closure does (the closing lines kept are taken to be printed, past the
+/// screen's printer), and without a `__LEAVE__`.
+#[test]
+fn the_servers_word_that_we_are_gone_ends_the_chat_as_a_closure_with_no_leave() {
+    let (session, server) = pair("lobby", "ab");
+    let ours = session.duplicate().unwrap();
+    let (screen, _rec) = closed_screen();
+    let dead = DeadTcp::new();
+    let (chat, _lines, ahead) = main_loop(
+        session,
+        Arc::clone(&screen),
+        closure::Policy::new(false),
+        dead.addr,
+    );
+    ahead.send(Event::Gone("* you are gone".into())).unwrap();
+    let ended = serve_within(chat, Duration::from_secs(10));
+    assert!(matches!(ended, Ok(Ending::RoomEnded)), "{ended:?}");
+    assert_eq!(
+        lock(&screen).take_closing(),
+        Vec::<String>::new(),
+        "the closing line was left unprinted"
+    );
+    assert!(!ours.register().unwrap(), "the session has ended");
+    server
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let after = server.recv_from(&mut buf);
+    assert!(after.is_err(), "a datagram was sent: {after:?}");
+}
+
+/// A closure notice handled is counted (the chat is no longer held for it) and, believed
+/// without a check, ends the chat; the verdict of a check is taken as a verdict, not as one
+/// more notice: a forged notice lets the chat go on, no longer held.
+#[test]
+fn the_main_loop_counts_the_notices_it_handles_and_takes_a_verdict_as_one() {
+    let (session, server) = pair("lobby", "ab");
+    let (screen, _rec) = closed_screen();
+    let dead = DeadTcp::new();
+    let (mut chat, _lines, _ahead) =
+        main_loop(session, screen, closure::Policy::new(false), dead.addr);
+    chat.notices.store(1, Ordering::SeqCst);
+    assert!(chat.holding(), "held while a notice waits to be handled");
+    let next = chat.handle(Event::RoomClosed);
+    assert!(matches!(next, Next::End(Ok(Ending::RoomEnded))));
+    assert_eq!(chat.notices_handled, 1);
+    assert!(!chat.holding(), "held after the notice was handled");
+    assert_eq!(received(&server, 1), ["leave"]);
+
+    let (session, _server) = pair("lobby", "ab");
+    let (screen, _rec) = closed_screen();
+    let mut closures = closure::Policy::new(true);
+    assert_eq!(closures.notice(Instant::now()), closure::Action::Check);
+    let (mut chat, _lines, _ahead) = main_loop(session, screen, closures, dead.addr);
+    chat.notices.store(1, Ordering::SeqCst);
+    chat.notices_handled = 1;
+    assert!(chat.holding(), "held while the check is in flight");
+    let next = chat.handle(Event::Verdict(closure::Verdict::Forged));
+    assert!(matches!(next, Next::GoOn));
+    assert!(!chat.closures.confirming(), "the verdict was not taken");
+    assert!(!chat.holding(), "held after a forged verdict");
+}
+
+/// The hold lasts while a notice waits or is being confirmed, for [`HOLD_LIMIT`] at most,
+/// and starts afresh for the next notice.
+#[test]
+fn the_chat_is_held_for_a_waiting_notice_up_to_the_hold_limit() {
+    let (session, _server) = pair("lobby", "ab");
+    let (screen, _rec) = screen(false);
+    let dead = DeadTcp::new();
+    let (mut chat, _lines, _ahead) =
+        main_loop(session, screen, closure::Policy::new(true), dead.addr);
+    assert!(!chat.holding(), "held with no notice");
+    chat.notices.store(1, Ordering::SeqCst);
+    assert!(chat.holding(), "not held for a notice not yet handled");
+    assert!(chat.hold_started.is_some());
+    chat.hold_started = Some(Instant::now() - HOLD_LIMIT - Duration::from_millis(1));
+    assert!(!chat.holding(), "held past the hold limit");
+    chat.notices_handled = 1;
+    assert!(!chat.holding(), "held for a notice handled");
+    assert_eq!(chat.hold_started, None, "the hold's start was kept");
+}
+
+/// The main loop's timers start an idle check that is due.
+#[test]
+fn the_main_loops_timers_start_a_due_idle_check() {
+    let (session, _server) = pair("lobby", "ab");
+    let (screen, _rec) = screen(false);
+    let dead = DeadTcp::new();
+    let (mut chat, _lines, _ahead) =
+        main_loop(session, screen, closure::Policy::new(true), dead.addr);
+    chat.liveness = Some(Liveness::new(Duration::ZERO, Arc::clone(&chat.last_heard)));
+    assert!(chat.run_timers().is_none());
+    let live = chat.liveness.as_ref().unwrap();
+    assert_eq!(live.due_at(), None, "no check in flight");
+}
+
+/// A refusal by the server's UDP port is told once per outage, and a keepalive that cannot
+/// be sent is told with the server's address and the error.
+#[test]
+fn a_refused_datagram_is_told_once_and_an_unsendable_keepalive_with_its_error() {
+    let (session, server) = pair("lobby", "ab");
+    let server = server.local_addr().unwrap();
+    let (screen, rec) = screen(false);
+    let dead = DeadTcp::new();
+    let (mut chat, _lines, _ahead) =
+        main_loop(session, screen, closure::Policy::new(true), dead.addr);
+    assert!(matches!(chat.handle(Event::Refused), Next::GoOn));
+    assert!(matches!(chat.handle(Event::Refused), Next::GoOn));
+    let error = io::Error::other("no route to host");
+    let unsent = unsendable(server, &error);
+    for part in [server.to_string(), "no route to host".into()] {
+        assert!(unsent.contains(&part), "{unsent:?} lacks {part:?}");
+    }
+    assert!(matches!(chat.handle(Event::Unsendable(error)), Next::GoOn));
+    assert_eq!(
+        rec.lines(),
+        [
+            format!("err: {}", port_closed(server)),
+            format!("err: {unsent}")
+        ]
+    );
+}
+
+/// A datagram as large as the receive buffer allows (a batch up to the `max_datagram`
+/// announced at join) is read whole, not cut to a smaller buffer.
+#[test]
+fn a_datagram_of_tens_of_kilobytes_is_received_whole() {
+    let (session, server) = pair("lobby", "ab");
+    fail_instead_of_waiting_for_ever(&session);
+    let me = session.socket.local_addr().unwrap();
+    let me = SocketAddr::from((Ipv4Addr::LOCALHOST, me.port()));
+    let long = "x".repeat(60_000);
+    let mut big = Vec::new();
+    ucrp::delivery::encode_chat("bob", long.as_bytes(), &mut big).unwrap();
+    server.send_to(&big, me).unwrap();
+    server.send_to(ucrp::ROOM_CLOSED, me).unwrap();
+    let (screen, rec) = screen(false);
+    let heard = Mutex::new(Instant::now());
+    let event = receive(
+        &session.socket,
+        server.local_addr().unwrap(),
+        &screen,
+        &heard,
+        &mut || panic!("nothing was refused"),
+    );
+    assert!(matches!(event, Event::RoomClosed), "{event:?}");
+    assert_eq!(
+        rec.lines(),
+        [
+            format!("out: bob: {long}"),
+            "out: * room lobby was closed".into()
+        ]
+    );
+}
+
+/// A signal caught by a handler without `SA_RESTART` interrupts the receiver's wait for a
+/// datagram (`EINTR`): the line editor installs such a handler for `SIGWINCH` while it
+/// reads, so a resized terminal does it. The receiver reads on; the chat does not end.
+#[test]
+fn a_signal_that_interrupts_the_receivers_wait_ends_nothing() {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
+    use std::os::unix::thread::JoinHandleExt;
+    extern "C" fn caught(_: nix::libc::c_int) {}
+    let action = SigAction::new(
+        SigHandler::Handler(caught),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    // SAFETY: the handler does nothing; SIGWINCH is otherwise ignored by the test process.
+    unsafe { sigaction(nix::sys::signal::SIGWINCH, &action) }.expect("SIGWINCH handler");
+    let (session, server) = pair("lobby", "ab");
+    fail_instead_of_waiting_for_ever(&session);
+    let socket = session.socket.try_clone().unwrap();
+    let server_addr = server.local_addr().unwrap();
+    let (screen, rec) = screen(false);
+    let receiver = thread::spawn(move || {
+        let heard = Mutex::new(Instant::now());
+        let event = receive(&socket, server_addr, &screen, &heard, &mut || {
+            panic!("nothing was refused")
+        });
+        format!("{event:?}")
+    });
+    // Many times over 100 ms, so that most find it waiting: nothing has been sent yet.
+    for _ in 0..20 {
+        // SAFETY: the thread is not joined yet, so its id is valid; whether it still runs
+        // does not matter (the result is not needed).
+        unsafe { nix::libc::pthread_kill(receiver.as_pthread_t(), nix::libc::SIGWINCH) };
+        thread::sleep(Duration::from_millis(5));
+    }
+    let me = session.socket.local_addr().unwrap();
+    let me = SocketAddr::from((Ipv4Addr::LOCALHOST, me.port()));
+    let mut hi = Vec::new();
+    ucrp::delivery::encode_chat("bob", b"hi", &mut hi).unwrap();
+    server.send_to(&hi, me).unwrap();
+    server.send_to(ucrp::ROOM_CLOSED, me).unwrap();
+    let event = receiver.join().expect("the receiver panicked");
+    assert_eq!(event, "RoomClosed");
+    assert_eq!(
+        rec.lines(),
+        ["out: bob: hi", "out: * room lobby was closed"]
+    );
+}
+
+/// A receive that fails with no ICMP report queued (here at the socket's read timeout, a
+/// failure a test can cause) ends the receiver with the error: it does not try again for
+/// ever on a socket that fails.
+#[test]
+fn a_failed_receive_with_no_icmp_report_queued_ends_the_receiver() {
+    let (session, server) = pair("lobby", "ab");
+    session
+        .socket
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let socket = session.socket.try_clone().unwrap();
+    let server_addr = server.local_addr().unwrap();
+    let (screen, rec) = screen(false);
+    let (done, ended) = mpsc::channel();
+    thread::spawn(move || {
+        let heard = Mutex::new(Instant::now());
+        let event = receive(&socket, server_addr, &screen, &heard, &mut || {
+            panic!("nothing was refused")
+        });
+        let _ = done.send(format!("{event:?}"));
+    });
+    let event = ended
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the receiver went on after its receive failed");
+    assert!(
+        event.starts_with("Failed(Io { context: \"receiving from the server\""),
+        "{event}"
+    );
+    assert!(rec.lines().is_empty(), "{:?}", rec.lines());
+}
