@@ -1404,7 +1404,8 @@ fn a_signal_the_main_loop_acts_on_needs_no_help() {
     let signalled = AtomicI32::new(0);
     let main_loop = session.duplicate().unwrap();
     let main = thread::spawn(move || {
-        assert!(matches!(inbox.recv(), Ok(Event::Signal(15))));
+        let event = inbox.recv_timeout(Duration::from_secs(10));
+        assert!(matches!(event, Ok(Event::Signal(15))), "{event:?}");
         main_loop.leave();
     });
     let grace = Duration::from_secs(10);
