@@ -391,4 +391,14 @@ mod tests {
             Action::Close { confirmed: false }
         );
     }
+
+    /// The figures README.md and docs/SECURITY.md give: a flood of forged notices costs one
+    /// check per 2 s, and a `rate_limited` answer is asked again every second for up to 30 s.
+    /// The tests above use the constants, so they would move with them.
+    #[test]
+    fn the_checks_keep_the_documented_pace() {
+        assert_eq!(COOL_DOWN, Duration::from_secs(2));
+        assert_eq!(RETRY_AFTER, Duration::from_secs(1));
+        assert_eq!(BUSY_FOR, Duration::from_secs(30));
+    }
 }

@@ -463,6 +463,12 @@ fn udp_address(tcp: SocketAddr, udp_port: u16) -> SocketAddr {
     udp
 }
 
+/// The chat's UDP port: `--udp-port` after `create` or `join` (`after`), else before it
+/// (`before`), else [`DEFAULT_UDP_PORT`].
+fn chat_udp_port(after: Option<u16>, before: Option<u16>) -> u16 {
+    after.or(before).unwrap_or(DEFAULT_UDP_PORT)
+}
+
 /// `create` and `join`: the handshake, then the chat.
 fn chat(
     server: &str,
@@ -501,7 +507,7 @@ fn chat(
     })?;
     drop(stream);
 
-    let udp_port = args.udp_port.or(udp_port).unwrap_or(DEFAULT_UDP_PORT);
+    let udp_port = chat_udp_port(args.udp_port, udp_port);
     let session = chat::Session::open(udp_address(tcp, udp_port), room_name, &args.name, token)?;
     chat::run(
         session,
@@ -626,6 +632,14 @@ mod tests {
         };
         assert_eq!((udp.port(), udp.scope_id()), (9091, 3));
         assert_eq!(*udp.ip(), "fe80::1".parse::<std::net::Ipv6Addr>().unwrap());
+    }
+
+    #[test]
+    fn the_udp_port_after_the_command_wins_and_9091_is_the_default() {
+        assert_eq!(chat_udp_port(None, None), 9091);
+        assert_eq!(chat_udp_port(None, Some(7)), 7);
+        assert_eq!(chat_udp_port(Some(8), None), 8);
+        assert_eq!(chat_udp_port(Some(8), Some(7)), 8);
     }
 
     #[test]

@@ -207,3 +207,37 @@ fn a_long_server_name_is_looked_up_not_refused() {
         );
     }
 }
+
+/// `RUST_LOG` shows the client's protocol steps on standard error, and `RUST_LOG_STYLE`
+/// decides their colours even though they reach standard error through the client's own
+/// queue (a pipe to env_logger): `always` colours them into a pipe, `never` does not. Only
+/// without `RUST_LOG_STYLE` does the client choose, as env_logger would for standard error
+/// (here a pipe: no colours).
+#[test]
+fn rust_log_shows_the_steps_and_rust_log_style_chooses_their_colours() {
+    // Port 1 on the loopback: the connection is refused at once, after the first step.
+    for (style, coloured) in [
+        (Some("always"), true),
+        (Some("never"), false),
+        (None, false),
+    ] {
+        let mut ocm = Command::new(sibling_binary("ocm"));
+        ocm.args(["--server", "127.0.0.1", "--tcp-port", "1", "rooms"])
+            .env("RUST_LOG", "debug")
+            .env_remove("RUST_LOG_STYLE")
+            .env_remove("NO_COLOR")
+            .env_remove("CLICOLOR")
+            .env_remove("CLICOLOR_FORCE");
+        if let Some(style) = style {
+            ocm.env("RUST_LOG_STYLE", style);
+        }
+        let out = ocm.output().expect("run ocm");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{style:?}: {stderr}");
+        assert!(
+            stderr.contains("connecting to 127.0.0.1:1"),
+            "{style:?}: {stderr}"
+        );
+        assert_eq!(stderr.contains('\u{1b}'), coloured, "{style:?}: {stderr:?}");
+    }
+}
