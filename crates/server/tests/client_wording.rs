@@ -241,3 +241,23 @@ fn rust_log_shows_the_steps_and_rust_log_style_chooses_their_colours() {
         assert_eq!(stderr.contains('\u{1b}'), coloured, "{style:?}: {stderr:?}");
     }
 }
+
+/// The line editor is for a terminal on both ends: on pipes `ocm` reads plain lines without
+/// trying it, whatever `TERM` says, so it says nothing of line editing (trying it printed
+/// "line editing unavailable, reading plain lines: ENOTTY" on every piped chat).
+#[test]
+fn on_pipes_with_an_editable_term_nothing_is_said_of_line_editing() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start_with_env(
+        d.tcp.port(),
+        d.udp.port(),
+        &["create", "lobby", "--name", "alice"],
+        &[("TERM", "xterm")],
+    );
+    alice.wait_stderr("* created lobby as alice");
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+    let stderr = alice.stderr.lock().unwrap().clone();
+    assert!(!stderr.contains("line editing"), "{stderr}");
+    assert!(!stderr.contains("ENOTTY"), "{stderr}");
+}
