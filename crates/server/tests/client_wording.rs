@@ -261,3 +261,51 @@ fn on_pipes_with_an_editable_term_nothing_is_said_of_line_editing() {
     assert!(!stderr.contains("line editing"), "{stderr}");
     assert!(!stderr.contains("ENOTTY"), "{stderr}");
 }
+
+/// The line editor needs a terminal on standard input as well as on standard output: with
+/// input from elsewhere (here `/dev/null`, an input at its end at once) and output to a
+/// terminal, `ocm` reads plain lines without trying the editor, so it says nothing of line
+/// editing, and leaves at the end of its input (status 0).
+#[test]
+fn with_only_the_output_a_terminal_nothing_is_said_of_line_editing() {
+    use std::io::Read;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let d = Daemon::start();
+    let (_controller, terminal) = open_pty();
+    let mut ocm = Command::new(sibling_binary("ocm"))
+        .args(["--server", "127.0.0.1", "--tcp-port"])
+        .arg(d.tcp.port().to_string())
+        .arg("--udp-port")
+        .arg(d.udp.port().to_string())
+        .args(["create", "lobby", "--name", "alice"])
+        .env("TERM", "xterm")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(terminal))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run ocm");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = ocm.try_wait().expect("wait for ocm") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ocm did not leave at the end of its input"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let mut stderr = String::new();
+    ocm.stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains("* created lobby as alice"), "{stderr}");
+    assert!(!stderr.contains("line editing"), "{stderr}");
+    assert!(!stderr.contains("ENOTTY"), "{stderr}");
+}
