@@ -309,3 +309,27 @@ fn with_only_the_output_a_terminal_nothing_is_said_of_line_editing() {
     assert!(!stderr.contains("line editing"), "{stderr}");
     assert!(!stderr.contains("ENOTTY"), "{stderr}");
 }
+
+/// Without `--password` or `--password-file`, the password comes from `OCM_PASSWORD`, for
+/// `join` and for `who` alike (so that it need not show in `ps`).
+#[test]
+fn ocm_password_in_the_environment_opens_a_room_with_a_password() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(
+        &d,
+        &["create", "vault", "--name", "alice", "--password", "right"],
+    );
+    alice.wait_stderr("* created vault as alice");
+    let env = [("OCM_PASSWORD", "right")];
+    let (tcp, udp) = (d.tcp.port(), d.udp.port());
+    let mut who = Ocm::start_with_env(tcp, udp, &["who", "vault"], &env);
+    let status = who.wait();
+    assert!(status.success(), "{status}: {}", who.stderr.lock().unwrap());
+    let mut bob = Ocm::start_with_env(tcp, udp, &["join", "vault", "--name", "bob"], &env);
+    bob.wait_stderr("* joined vault as bob");
+    alice.lines_until("* bob joined");
+    bob.type_line("/quit");
+    assert!(bob.wait().success());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
