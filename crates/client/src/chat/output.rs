@@ -120,4 +120,92 @@ mod tests {
         assert_eq!(result, Ok(()));
         drop(writer);
     }
+
+    /// A handler that does nothing, so that a signal interrupts the `poll` it comes in.
+    extern "C" fn interrupt(_: libc::c_int) {}
+
+    /// A signal that interrupts the wait (`EINTR`) is no error and no reader gone: the
+    /// thread waits on, and still sees the reader go.
+    #[test]
+    fn a_signal_in_the_wait_neither_ends_it_nor_is_taken_for_the_reader_gone() {
+        let action = nix::sys::signal::SigAction::new(
+            nix::sys::signal::SigHandler::Handler(interrupt),
+            nix::sys::signal::SaFlags::empty(),
+            nix::sys::signal::SigSet::empty(),
+        );
+        // SAFETY: the handler does nothing; `poll` it interrupts fails with EINTR.
+        unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGWINCH, &action) }
+            .expect("a SIGWINCH handler");
+        let (reader, writer) = std::io::pipe().unwrap();
+        let fd = writer.as_raw_fd();
+        let (started, waiter) = mpsc::channel();
+        let (done, waited) = mpsc::channel();
+        thread::spawn(move || {
+            // SAFETY: no precondition.
+            let _ = started.send((unsafe { libc::pthread_self() }, unsafe { libc::gettid() }));
+            let _ = done.send(wait_for_no_reader(fd).map_err(|e| e.kind()));
+        });
+        let (waiting, tid) = waiter
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the waiting thread started");
+        // Signalled once it waits in `poll` (or `ppoll`), where the kernel says so.
+        let syscall = format!("/proc/self/task/{tid}/syscall");
+        let in_poll = [
+            format!("{} ", libc::SYS_poll),
+            format!("{} ", libc::SYS_ppoll),
+        ];
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&syscall)
+            .is_ok_and(|s| in_poll.iter().any(|p| s.starts_with(p.as_str())))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the thread never waited in poll"
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+        for _ in 0..5 {
+            // SAFETY: the thread waits until the reader goes, below.
+            unsafe { libc::pthread_kill(waiting, libc::SIGWINCH) };
+            assert!(
+                waited.recv_timeout(Duration::from_millis(40)).is_err(),
+                "the wait ended on a signal"
+            );
+        }
+        drop(reader);
+        let result = waited.recv_timeout(Duration::from_secs(10)).expect("woken");
+        assert_eq!(result, Ok(()));
+        drop(writer);
+    }
+
+    /// A socket's peer gone ends the wait, whether it closed with nothing unread (`POLLHUP`)
+    /// or with what we wrote still unread (reset: `POLLERR` and `POLLHUP` at once).
+    #[test]
+    fn a_socket_whose_peer_closed_ends_the_wait_with_or_without_data_unread() {
+        use std::io::Write;
+        for unread in [false, true] {
+            let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            if unread {
+                ours.write_all(b"never read").unwrap();
+            }
+            drop(theirs);
+            let fd = ours.as_raw_fd();
+            let (done, waited) = mpsc::channel();
+            thread::spawn(move || done.send(wait_for_no_reader(fd).map_err(|e| e.kind())));
+            let result = waited.recv_timeout(Duration::from_secs(10));
+            assert_eq!(result, Ok(Ok(())), "with data unread: {unread}");
+            drop(ours);
+        }
+    }
+
+    /// A descriptor that is not open is an error (`POLLNVAL`), not a reader gone.
+    #[test]
+    fn a_descriptor_not_open_is_an_error() {
+        // Far above any descriptor a test opens meanwhile.
+        let fd = libc::c_int::MAX;
+        let (done, waited) = mpsc::channel();
+        thread::spawn(move || done.send(wait_for_no_reader(fd).map_err(|e| e.kind())));
+        let result = waited.recv_timeout(Duration::from_secs(10)).expect("woken");
+        assert_eq!(result, Err(io::ErrorKind::Other));
+    }
 }

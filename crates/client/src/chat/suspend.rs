@@ -565,60 +565,323 @@ mod tests {
     /// A SIGWINCH handler that does not restart the reads it interrupts, as the editor's.
     extern "C" fn interrupt(_: libc::c_int) {}
 
-    /// The editor's thread, stuck in a read that the first wake missed (here a pipe's, which
-    /// nothing is written to: only a signal ends it, as for the restarted read of the
-    /// terminal), is woken out of it by the rewaker once a redraw has been asked for,
-    /// without another wake from the resume thread.
+    /// Tests that set the editor's thread, SIGTTOU's action or [`LAST_STOP`] take turns.
+    fn serial() -> std::sync::MutexGuard<'static, ()> {
+        static SERIAL: Mutex<()> = Mutex::new(());
+        SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A thread known as the editor's, waiting in a read that only a signal ends (a pipe's,
+    /// which nothing is written to, as the restarted read of the terminal), and telling each
+    /// interruption.
+    struct EditorInARead {
+        thread: thread::JoinHandle<()>,
+        interrupted: mpsc::Receiver<()>,
+        writer: io::PipeWriter,
+    }
+
+    impl EditorInARead {
+        /// Starts it, and returns once it waits in its read, where the kernel says so
+        /// (where it does not, the wakes come on a schedule and find it there later).
+        fn start() -> EditorInARead {
+            let action = SigAction::new(
+                SigHandler::Handler(interrupt),
+                SaFlags::empty(),
+                SigSet::empty(),
+            );
+            // SAFETY: the handler does nothing.
+            unsafe { signal::sigaction(Signal::SIGWINCH, &action) }.expect("a SIGWINCH handler");
+            let (reader, writer) = io::pipe().expect("a pipe");
+            let (started, thread_id) = mpsc::channel();
+            let (told, interrupted) = mpsc::channel();
+            let thread = thread::spawn(move || {
+                let _known = EditorThread::here();
+                // SAFETY: no precondition.
+                started
+                    .send(unsafe { libc::gettid() })
+                    .expect("the test waits");
+                let mut byte = [0u8; 1];
+                loop {
+                    // SAFETY: reads at most one byte into `byte`.
+                    let read =
+                        unsafe { libc::read(reader.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
+                    if read < 0 && Errno::last() == Errno::EINTR {
+                        let _ = told.send(());
+                        continue;
+                    }
+                    // The byte that ends the test (or the pipe closed).
+                    return;
+                }
+            });
+            let tid = thread_id
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the editor's thread started");
+            let syscall = format!("/proc/self/task/{tid}/syscall");
+            let in_read = format!("{} ", libc::SYS_read);
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !std::fs::read_to_string(&syscall).map_or(true, |s| s.starts_with(&in_read)) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the editor's thread never waited in its read"
+                );
+                thread::sleep(Duration::from_millis(1));
+            }
+            EditorInARead {
+                thread,
+                interrupted,
+                writer,
+            }
+        }
+
+        /// Ends its read, and the thread.
+        fn end(mut self) {
+            self.writer
+                .write_all(b"x")
+                .expect("the byte that ends the read");
+            self.thread.join().expect("the editor's thread");
+        }
+    }
+
+    /// The editor's thread, stuck in a read that the first wake missed, is woken out of it
+    /// by the rewaker once a redraw has been asked for, without another wake from the
+    /// resume thread.
     #[test]
     fn the_rewaker_ends_a_read_the_first_wake_missed() {
-        let action = SigAction::new(
-            SigHandler::Handler(interrupt),
-            SaFlags::empty(),
-            SigSet::empty(),
-        );
-        // SAFETY: the handler does nothing.
-        unsafe { signal::sigaction(Signal::SIGWINCH, &action) }.expect("a SIGWINCH handler");
-        let (reader, mut writer) = io::pipe().expect("a pipe");
-        let (started, thread_id) = mpsc::channel();
-        let (told, interrupted) = mpsc::channel();
-        let editor = thread::spawn(move || {
-            let _known = EditorThread::here();
-            // SAFETY: no precondition.
-            started
-                .send(unsafe { libc::gettid() })
-                .expect("the test waits");
-            let mut byte = [0u8; 1];
-            loop {
-                // SAFETY: reads at most one byte into `byte`.
-                let read = unsafe { libc::read(reader.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
-                if read < 0 && Errno::last() == Errno::EINTR {
-                    let _ = told.send(());
-                    continue;
-                }
-                // The byte that ends the test (or the pipe closed).
-                return;
-            }
-        });
-        let tid = thread_id
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the editor's thread started");
-        // Asked once the thread waits in its read, where the kernel says so (where it does
-        // not, the rewaker's later wakes find the thread there).
-        let syscall = format!("/proc/self/task/{tid}/syscall");
-        let in_read = format!("{} ", libc::SYS_read);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !std::fs::read_to_string(&syscall).map_or(true, |s| s.starts_with(&in_read)) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the editor's thread never waited in its read"
-            );
-            thread::sleep(Duration::from_millis(1));
-        }
+        let _serial = serial();
+        let editor = EditorInARead::start();
         let again = spawn_rewaker(Arc::new(AtomicBool::new(true))).expect("the rewaker");
         again.send(()).expect("the rewaker listens");
-        let woken = interrupted.recv_timeout(Duration::from_secs(10));
-        writer.write_all(b"x").expect("the byte that ends the read");
-        editor.join().expect("the editor's thread");
+        let woken = editor.interrupted.recv_timeout(Duration::from_secs(10));
+        editor.end();
         assert!(woken.is_ok(), "the read was never interrupted");
+    }
+
+    /// One request makes the rewaker wake the editor three times (10, 60 and 310 ms after
+    /// it), then no more until the next; and none while the editor reads no line.
+    #[test]
+    fn the_rewaker_wakes_three_times_a_request_and_never_when_no_line_is_read() {
+        let _serial = serial();
+        let editor = EditorInARead::start();
+        let reading = Arc::new(AtomicBool::new(true));
+        let again = spawn_rewaker(Arc::clone(&reading)).expect("the rewaker");
+        again.send(()).expect("the rewaker listens");
+        for wake in 1..=3 {
+            let woken = editor.interrupted.recv_timeout(Duration::from_secs(10));
+            assert!(woken.is_ok(), "wake {wake} never came");
+        }
+        let fourth = editor.interrupted.recv_timeout(Duration::from_millis(600));
+        reading.store(false, Ordering::SeqCst);
+        again.send(()).expect("the rewaker listens");
+        let not_reading = editor.interrupted.recv_timeout(Duration::from_millis(600));
+        drop(again);
+        editor.end();
+        assert!(fourth.is_err(), "a fourth wake for one request");
+        assert!(not_reading.is_err(), "a wake while no line is read");
+    }
+
+    /// Continued after a stop no handler saw, while the editor reads a line, the line is
+    /// drawn again (through the feed) and the editor woken, with the rewaker told; while it
+    /// reads none, nothing is drawn or settled.
+    #[test]
+    fn resumed_after_an_unseen_stop_the_line_being_read_is_drawn_again() {
+        let _serial = serial();
+        let (feed, readline) = crate::feed::tests::one_slot_feed();
+        let (again, asked) = mpsc::channel();
+        let reading = AtomicBool::new(false);
+        LAST_STOP.store(Stop::Unseen as u8, Ordering::SeqCst);
+        assert!(!on_resume(&feed, &reading, &again), "settled with no line");
+        assert!(readline.recv_timeout(Duration::from_millis(200)).is_err());
+        assert!(asked.try_recv().is_err(), "the rewaker told with no line");
+        reading.store(true, Ordering::SeqCst);
+        assert!(on_resume(&feed, &reading, &again), "not settled");
+        assert_eq!(
+            readline.recv_timeout(Duration::from_secs(10)).as_deref(),
+            Ok(crate::feed::REDRAW)
+        );
+        assert_eq!(asked.try_recv(), Ok(()), "the rewaker not told");
+        assert!(feed.close().is_empty());
+    }
+
+    /// Continued in the background after a stop the handler saw (`bg`), nothing is drawn
+    /// and nothing settled: the stop is kept for the `fg` to come. (Only where the test's
+    /// standard input is not a terminal it has: the foreground is the integration tests'.)
+    #[test]
+    fn continued_in_the_background_after_a_seen_stop_nothing_is_drawn_or_settled() {
+        if in_foreground() {
+            return;
+        }
+        let _serial = serial();
+        let (feed, readline) = crate::feed::tests::one_slot_feed();
+        let (again, asked) = mpsc::channel();
+        for stop in [Stop::InEditor, Stop::Elsewhere] {
+            for reading in [false, true] {
+                LAST_STOP.store(stop as u8, Ordering::SeqCst);
+                let settled = on_resume(&feed, &AtomicBool::new(reading), &again);
+                assert!(!settled, "{stop:?}, reading {reading}: settled");
+                assert_eq!(Stop::last(), stop, "reading {reading}: the stop forgotten");
+            }
+        }
+        LAST_STOP.store(Stop::Unseen as u8, Ordering::SeqCst);
+        assert!(readline.recv_timeout(Duration::from_millis(200)).is_err());
+        assert!(asked.try_recv().is_err());
+        assert!(feed.close().is_empty());
+    }
+
+    /// Continued to end (an end signal pending), nothing is drawn, the stop is settled,
+    /// and SIGTTOU is ignored, so that the end is not stopped from the background.
+    #[test]
+    fn continued_to_end_nothing_is_drawn_and_the_end_is_let_through() {
+        let _serial = serial();
+        let (feed, readline) = crate::feed::tests::one_slot_feed();
+        let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+        // SAFETY: the default action, put back below.
+        let before = unsafe { signal::sigaction(Signal::SIGTTOU, &default) }.expect("SIGTTOU");
+        let (settled, asked) = {
+            let feed = feed.clone();
+            thread::spawn(move || {
+                let mut hup = SigSet::empty();
+                hup.add(Signal::SIGHUP);
+                hup.thread_block().expect("SIGHUP blocked");
+                // SAFETY: a signal to this very thread, which blocks it.
+                unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGHUP) };
+                let (again, asked) = mpsc::channel();
+                LAST_STOP.store(Stop::Unseen as u8, Ordering::SeqCst);
+                let settled = on_resume(&feed, &AtomicBool::new(true), &again);
+                assert_eq!(hup.wait(), Ok(Signal::SIGHUP));
+                (settled, asked.try_recv().is_ok())
+            })
+            .join()
+            .expect("the resuming thread")
+        };
+        // SAFETY: the action found is put back.
+        let after = unsafe { signal::sigaction(Signal::SIGTTOU, &before) }.expect("SIGTTOU");
+        assert!(settled, "not settled");
+        assert!(!asked, "the rewaker told");
+        assert!(matches!(after.handler(), SigHandler::SigIgn));
+        assert!(readline.recv_timeout(Duration::from_millis(200)).is_err());
+        assert!(feed.close().is_empty());
+    }
+
+    /// A terminal mode with the local flags `lflag` and nothing else.
+    fn mode_with(lflag: libc::tcflag_t) -> libc::termios {
+        // SAFETY: termios is plain data, for which all zeroes is a value.
+        let mut mode: libc::termios = unsafe { std::mem::zeroed() };
+        mode.c_lflag = lflag;
+        mode
+    }
+
+    /// The editor's raw mode is the one without both line editing and signals: the shell's
+    /// mode has both, the quiet mode between two lines keeps signals, and a mode with line
+    /// editing alone is not the editor's either.
+    #[test]
+    fn the_editor_mode_is_the_one_without_line_editing_and_signals() {
+        let others = libc::ECHOE | libc::ECHOK | libc::ECHOCTL;
+        assert!(in_editor_mode(&mode_with(0)));
+        assert!(in_editor_mode(&mode_with(others | libc::ECHO)));
+        for lflag in [
+            libc::ICANON | libc::ISIG | libc::ECHO | libc::IEXTEN,
+            libc::ISIG,
+            libc::ICANON,
+            libc::ISIG | others,
+        ] {
+            assert!(!in_editor_mode(&mode_with(lflag)), "{lflag:o}");
+        }
+    }
+
+    /// The editor's mode is made of the mode before the chat as rustyline makes its raw
+    /// mode: the input, control and local flags named are cleared (or CS8 set), every other
+    /// flag and character kept, and reads take each byte as it comes.
+    #[test]
+    fn the_editor_mode_clears_what_rustyline_clears_and_keeps_the_rest() {
+        let mut before = mode_with(
+            libc::ECHO | libc::ICANON | libc::IEXTEN | libc::ISIG | libc::ECHOE | libc::ECHOCTL,
+        );
+        before.c_iflag = libc::BRKINT
+            | libc::ICRNL
+            | libc::INPCK
+            | libc::ISTRIP
+            | libc::IXON
+            | libc::IUTF8
+            | libc::IMAXBEL;
+        before.c_oflag = libc::OPOST | libc::ONLCR;
+        before.c_cflag = libc::CS7 | libc::CREAD | libc::HUPCL;
+        before.c_cc[libc::VMIN] = 0;
+        before.c_cc[libc::VTIME] = 5;
+        before.c_cc[libc::VINTR] = 3;
+        let raw = editor_mode(&before);
+        assert_eq!(raw.c_iflag, libc::IUTF8 | libc::IMAXBEL, "input flags");
+        assert_eq!(raw.c_oflag, libc::OPOST | libc::ONLCR, "output flags");
+        assert_eq!(
+            raw.c_cflag,
+            libc::CS8 | libc::CREAD | libc::HUPCL,
+            "control flags"
+        );
+        assert_eq!(raw.c_lflag, libc::ECHOE | libc::ECHOCTL, "local flags");
+        assert_eq!(
+            (
+                raw.c_cc[libc::VMIN],
+                raw.c_cc[libc::VTIME],
+                raw.c_cc[libc::VINTR]
+            ),
+            (1, 0, 3)
+        );
+        assert!(in_editor_mode(&raw));
+    }
+
+    /// How the last stop came is read back as the handler noted it, and anything else as
+    /// a stop no handler saw.
+    #[test]
+    fn the_last_stop_is_read_back_as_noted() {
+        let _serial = serial();
+        for stop in [Stop::InEditor, Stop::Elsewhere, Stop::Unseen] {
+            LAST_STOP.store(stop as u8, Ordering::SeqCst);
+            assert_eq!(Stop::last(), stop);
+        }
+        LAST_STOP.store(200, Ordering::SeqCst);
+        assert_eq!(Stop::last(), Stop::Unseen);
+        LAST_STOP.store(Stop::Unseen as u8, Ordering::SeqCst);
+    }
+
+    /// An end signal pending for the thread that asks (here a SIGHUP it blocks, sent to
+    /// itself) is the chat told to end, at once; with none, the wait is waited out, and not
+    /// much longer.
+    #[test]
+    fn an_end_signal_pending_is_seen_and_without_one_the_wait_is_waited_out() {
+        thread::spawn(|| {
+            let mut hup = SigSet::empty();
+            hup.add(Signal::SIGHUP);
+            hup.thread_block().expect("SIGHUP blocked");
+            assert!(!ending(), "nothing is pending yet");
+            let started = std::time::Instant::now();
+            assert!(!ending_within(END_SIGNAL_WAIT));
+            let waited = started.elapsed();
+            assert!(
+                waited >= END_SIGNAL_WAIT && waited < Duration::from_millis(2500),
+                "waited {waited:?}"
+            );
+            // SAFETY: a signal to this very thread, which blocks it.
+            unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGHUP) };
+            assert!(ending(), "the SIGHUP pending is seen");
+            assert!(ending_within(END_SIGNAL_WAIT));
+            // Taken, so that it goes nowhere else.
+            assert_eq!(hup.wait(), Ok(Signal::SIGHUP));
+            assert!(!ending());
+        })
+        .join()
+        .expect("the asking thread");
+    }
+
+    /// Letting the end through ignores SIGTTOU, so that the mode set from the background
+    /// does not stop the process before its `__LEAVE__`.
+    #[test]
+    fn letting_the_end_through_ignores_sigttou() {
+        let _serial = serial();
+        let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+        // SAFETY: the default action, put back below.
+        let before = unsafe { signal::sigaction(Signal::SIGTTOU, &default) }.expect("SIGTTOU");
+        let_the_end_through();
+        // SAFETY: the action found is put back.
+        let after = unsafe { signal::sigaction(Signal::SIGTTOU, &before) }.expect("SIGTTOU");
+        assert!(matches!(after.handler(), SigHandler::SigIgn));
     }
 }
