@@ -121,6 +121,47 @@ mod tests {
         drop(writer);
     }
 
+    /// How often the thread `tid` of this process gave up its core waiting, as the kernel
+    /// counts it.
+    fn waits_of(tid: libc::pid_t) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status"))
+            .expect("the thread's status");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))
+            .expect("voluntary_ctxt_switches")
+            .trim()
+            .parse()
+            .expect("a count")
+    }
+
+    /// The wait sleeps in the kernel until the reader goes: it does not wake to look again
+    /// (a `poll` with a timeout would, hundreds of times a second).
+    #[test]
+    fn the_wait_sleeps_until_the_reader_goes_without_waking_to_look() {
+        let (reader, writer) = std::io::pipe().unwrap();
+        let fd = writer.as_raw_fd();
+        let (started, waiter) = mpsc::channel();
+        let (done, waited) = mpsc::channel();
+        thread::spawn(move || {
+            // SAFETY: no precondition.
+            let _ = started.send(unsafe { libc::gettid() });
+            let _ = done.send(wait_for_no_reader(fd).map_err(|e| e.kind()));
+        });
+        let tid = waiter
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the waiting thread started");
+        assert!(waited.recv_timeout(Duration::from_millis(100)).is_err());
+        let before = waits_of(tid);
+        assert!(waited.recv_timeout(Duration::from_millis(300)).is_err());
+        let woken = waits_of(tid) - before;
+        drop(reader);
+        let result = waited.recv_timeout(Duration::from_secs(10)).expect("woken");
+        assert_eq!(result, Ok(()));
+        assert!(woken < 5, "the waiting thread woke {woken} times in 300 ms");
+        drop(writer);
+    }
+
     /// A handler that does nothing, so that a signal interrupts the `poll` it comes in.
     extern "C" fn interrupt(_: libc::c_int) {}
 
