@@ -170,7 +170,7 @@ extern "C" fn on_sigtstp(_: libc::c_int) {
         // run what `ocm` had not read (keys typed after the editor's Ctrl+Z, the rest of a
         // paste) as commands. The terminal's own Ctrl+Z discards that input too (ISIG
         // without NOFLSH), so a stop drops the same whichever way it comes.
-        set_mode(libc::TCSAFLUSH, before);
+        set_mode(libc::STDIN_FILENO, libc::TCSAFLUSH, before);
         discard_unread_input();
     }
     stop();
@@ -193,7 +193,7 @@ extern "C" fn on_sigtstp(_: libc::c_int) {
         stop();
     }
     if let Some(found) = found {
-        set_mode(libc::TCSADRAIN, &found);
+        set_mode(libc::STDIN_FILENO, libc::TCSADRAIN, &found);
     }
     Errno::set_raw(errno);
 }
@@ -284,15 +284,13 @@ fn let_the_end_through() {
     let _ = unsafe { signal::sigaction(Signal::SIGTTOU, &ignore) };
 }
 
-/// Sets the terminal's `mode`, again if a signal handler that does not restart calls
+/// Sets the mode of the terminal `fd` (standard input), again if a signal handler that does not restart calls
 /// interrupts it: the editor's, for SIGWINCH, which [`wake_the_editor`] sends to this very
 /// thread when the process is continued, while the mode set from the background waits for
 /// `fg` (see [`redraw_on_resume`]). From a signal handler: async-signal-safe.
-fn set_mode(when: libc::c_int, mode: &libc::termios) {
+fn set_mode(fd: libc::c_int, when: libc::c_int, mode: &libc::termios) {
     // SAFETY: tcsetattr reads a whole termios.
-    while unsafe { libc::tcsetattr(libc::STDIN_FILENO, when, mode) } != 0
-        && Errno::last() == Errno::EINTR
-    {}
+    while unsafe { libc::tcsetattr(fd, when, mode) } != 0 && Errno::last() == Errno::EINTR {}
 }
 
 /// Discards all the terminal holds unread. `tcsetattr`'s TCSAFLUSH empties only the line
@@ -510,7 +508,7 @@ fn spawn_rewaker(reading: Arc<AtomicBool>) -> io::Result<mpsc::Sender<()>> {
                     if ending() || !reading.load(Ordering::SeqCst) {
                         continue 'requests;
                     }
-                    if !keys_waiting() {
+                    if !keys_waiting(libc::STDIN_FILENO) {
                         wake_the_editor();
                     }
                 }
@@ -519,11 +517,12 @@ fn spawn_rewaker(reading: Arc<AtomicBool>) -> io::Result<mpsc::Sender<()>> {
     Ok(again)
 }
 
-/// Whether the terminal holds input not yet read (`FIONREAD`); no when it cannot say.
-fn keys_waiting() -> bool {
+/// Whether the terminal `fd` (standard input) holds input not yet read (`FIONREAD`); no
+/// when it cannot say.
+fn keys_waiting(fd: libc::c_int) -> bool {
     let mut unread: libc::c_int = 0;
     // SAFETY: FIONREAD writes one int to the pointer given.
-    let asked = unsafe { libc::ioctl(libc::STDIN_FILENO, libc::FIONREAD, &mut unread) };
+    let asked = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut unread) };
     asked == 0 && unread > 0
 }
 
@@ -883,5 +882,84 @@ mod tests {
         // SAFETY: the action found is put back.
         let after = unsafe { signal::sigaction(Signal::SIGTTOU, &before) }.expect("SIGTTOU");
         assert!(matches!(after.handler(), SigHandler::SigIgn));
+    }
+
+    /// A new pseudo-terminal: its controlling side and the terminal.
+    fn pseudo_terminal() -> (std::fs::File, std::fs::File) {
+        use std::os::fd::FromRawFd;
+        let (mut controller, mut terminal) = (-1, -1);
+        // SAFETY: openpty writes two descriptors into the integers passed; the name, the
+        // mode and the size are optional (null).
+        let rc = unsafe {
+            libc::openpty(
+                &mut controller,
+                &mut terminal,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "openpty: {}", io::Error::last_os_error());
+        // SAFETY: both descriptors were just opened and nothing else owns them.
+        unsafe {
+            (
+                std::fs::File::from_raw_fd(controller),
+                std::fs::File::from_raw_fd(terminal),
+            )
+        }
+    }
+
+    /// The mode of the terminal `fd`.
+    fn mode_of(fd: libc::c_int) -> libc::termios {
+        let mut mode = MaybeUninit::<libc::termios>::uninit();
+        // SAFETY: tcgetattr fills `mode` when it returns 0.
+        assert_eq!(unsafe { libc::tcgetattr(fd, mode.as_mut_ptr()) }, 0);
+        // SAFETY: filled above.
+        unsafe { mode.assume_init() }
+    }
+
+    /// Setting a mode sets it once, even where `errno` says EINTR from before (only a
+    /// call that fails is tried again); a descriptor that is no terminal is given up on at
+    /// once.
+    #[test]
+    fn a_mode_is_set_once_and_a_descriptor_that_is_no_terminal_given_up_on() {
+        let (_controller, terminal) = pseudo_terminal();
+        let fd = terminal.as_raw_fd();
+        let raw = editor_mode(&mode_of(fd));
+        assert!(!in_editor_mode(&mode_of(fd)), "a new terminal in raw mode");
+        let (done, set) = mpsc::channel();
+        thread::spawn(move || {
+            Errno::set_raw(libc::EINTR);
+            set_mode(fd, libc::TCSADRAIN, &raw);
+            let (reader, _writer) = io::pipe().expect("a pipe");
+            set_mode(reader.as_raw_fd(), libc::TCSADRAIN, &raw);
+            let _ = done.send(());
+        });
+        assert!(
+            set.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "setting the mode never returned"
+        );
+        assert!(in_editor_mode(&mode_of(fd)), "the mode was not set");
+    }
+
+    /// Keys are waiting when the terminal holds a byte unread, and not when it holds none
+    /// or cannot say (a descriptor that is not open).
+    #[test]
+    fn keys_are_waiting_when_the_terminal_holds_a_byte_unread() {
+        let (mut controller, terminal) = pseudo_terminal();
+        let fd = terminal.as_raw_fd();
+        let raw = editor_mode(&mode_of(fd));
+        set_mode(fd, libc::TCSANOW, &raw);
+        assert!(!keys_waiting(fd), "keys in a new terminal");
+        controller.write_all(b"k").expect("a key typed");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !keys_waiting(fd) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the key typed never waited"
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert!(!keys_waiting(libc::c_int::MAX));
     }
 }
