@@ -1295,3 +1295,62 @@ fn a_paste_left_unread_when_the_chat_stops_is_not_run_by_the_shell() {
     alice.type_line("/quit");
     assert!(alice.wait().success());
 }
+
+/// Stopped by a SIGSTOP, continued in the background (`kill -CONT`), where taking the
+/// editor's mode stops it again (SIGTTOU), and then killed from the shell (`kill %1`:
+/// SIGTERM, then SIGCONT), `ocm` leaves the room and exits without drawing its line over
+/// the shell's screen: the mode it was setting when stopped goes through once continued
+/// (the end signal's handler ignores SIGTTOU), and the end is noticed before the redraw.
+/// (Not always yet: in about 1 run in 3 the whole chat is stopped again after `kill %1`,
+/// before its `__LEAVE__`, until `fg`; docs/SECURITY.md, "The client: suspending and
+/// output", tells of that race. Where it shows, the test fails: hence `#[ignore]`.)
+#[test]
+#[ignore = "a race left open (docs/SECURITY.md, \"The client: suspending and output\"): \
+            in 1 run in 3 the whole chat stops again before its __LEAVE__"]
+fn stopped_again_in_the_background_after_a_sigstop_and_killed_it_draws_nothing_and_exits() {
+    let d = Daemon::start();
+    let (mut alice, mut term, _) =
+        stopped_with_half_a_line(&d, |term| signal_ocm_run_from(term, libc::SIGSTOP));
+    let shown = term.text().len();
+    signal_ocm_run_from(&term, libc::SIGCONT);
+    term.type_keys("echo DONE-$((6*7))\r");
+    term.wait_for_after(shown, "DONE-42");
+    term.wait_for_after(shown, "Stopped");
+    term.wait_for_after(shown, "$ ");
+    let shown = term.text().len();
+    term.type_keys("kill %1\r");
+    assert_eq!(
+        alice.line_within(PATIENCE).as_deref(),
+        Some("* bob left"),
+        "{:?}",
+        term.text()
+    );
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let after = term.text()[shown..].to_owned();
+        if after.contains("[1]+  Done") {
+            break;
+        }
+        if after.contains("Stopped") {
+            // The race told above: `fg` lets it end.
+            term.type_keys("fg\r");
+            term.wait_for_after(shown, "$ fg");
+            term.wait_for_after(shown + after.len(), "$ ");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "neither done nor stopped: {after:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(
+        !term.text()[shown..].contains("> half"),
+        "{:?}",
+        term.text()
+    );
+    term.type_keys("exit\r");
+    assert!(term.wait().success(), "{:?}", term.text());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}

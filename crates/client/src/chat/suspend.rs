@@ -454,6 +454,13 @@ fn on_resume(feed: &Feed, reading: &AtomicBool, again: &mpsc::Sender<()>) -> boo
     }
     if stop == Stop::Unseen {
         take_editor_mode();
+        if ending() {
+            // Told to end while setting the mode stopped the process in the background
+            // (SIGTTOU; a shell's `kill %1` then continues it): the terminal is still the
+            // shell's, and the line must not be drawn over its screen.
+            let_the_end_through();
+            return true;
+        }
     }
     feed.redraw();
     wake_the_editor();
