@@ -660,6 +660,11 @@ mod tests {
         let woken = editor.interrupted.recv_timeout(Duration::from_secs(10));
         editor.end();
         assert!(woken.is_ok(), "the read was never interrupted");
+        // Ended, the thread is no longer known: no wake goes to it.
+        assert!(
+            editor_thread().is_none(),
+            "an ended editor's thread still known"
+        );
     }
 
     /// One request makes the rewaker wake the editor three times (10, 60 and 310 ms after
