@@ -47,6 +47,15 @@ fn recv(server: &UdpSocket) -> Vec<u8> {
     }
 }
 
+/// [`receive`] on `socket` from `server` onto `screen`, heard just now, with nothing refused
+/// (a refusal fails the test): the event that ended it.
+fn receive_unrefused(socket: &UdpSocket, server: SocketAddr, screen: &Mutex<Screen>) -> Event {
+    let heard = Mutex::new(Instant::now());
+    receive(socket, server, screen, &heard, &mut || {
+        panic!("nothing was refused")
+    })
+}
+
 fn screen(hold: bool) -> (Arc<Mutex<Screen>>, Recorder) {
     let rec = Recorder::default();
     let screen = Screen::new("lobby", Box::new(rec.clone()), hold);
@@ -572,14 +581,7 @@ fn receiver_ignores_strangers_and_stops_at_room_closed() {
     server.send_to(ucrp::ROOM_CLOSED, me).unwrap();
     server.send_to(&chat("bob", "after the end"), me).unwrap();
     let (screen, rec) = screen(false);
-    let heard = Mutex::new(Instant::now());
-    let event = receive(
-        &session.socket,
-        server.local_addr().unwrap(),
-        &screen,
-        &heard,
-        &mut || panic!("nothing was refused"),
-    );
+    let event = receive_unrefused(&session.socket, server.local_addr().unwrap(), &screen);
     assert!(matches!(event, Event::RoomClosed), "{event:?}");
     assert_eq!(
         rec.lines(),
@@ -616,10 +618,7 @@ fn the_servers_port_at_another_address_is_ignored_and_told_once() {
     server.send_to(&hi, me).unwrap();
     server.send_to(ucrp::ROOM_CLOSED, me).unwrap();
     let (screen, rec) = screen(false);
-    let heard = Mutex::new(Instant::now());
-    let event = receive(&session.socket, server_addr, &screen, &heard, &mut || {
-        panic!("nothing was refused")
-    });
+    let event = receive_unrefused(&session.socket, server_addr, &screen);
     assert!(matches!(event, Event::RoomClosed), "{event:?}");
     let told = format!(
         "err: {}",
@@ -1865,14 +1864,7 @@ fn a_datagram_of_tens_of_kilobytes_is_received_whole() {
     server.send_to(&big, me).unwrap();
     server.send_to(ucrp::ROOM_CLOSED, me).unwrap();
     let (screen, rec) = screen(false);
-    let heard = Mutex::new(Instant::now());
-    let event = receive(
-        &session.socket,
-        server.local_addr().unwrap(),
-        &screen,
-        &heard,
-        &mut || panic!("nothing was refused"),
-    );
+    let event = receive_unrefused(&session.socket, server.local_addr().unwrap(), &screen);
     assert!(matches!(event, Event::RoomClosed), "{event:?}");
     assert_eq!(
         rec.lines(),
@@ -1904,10 +1896,7 @@ fn a_signal_that_interrupts_the_receivers_wait_ends_nothing() {
     let server_addr = server.local_addr().unwrap();
     let (screen, rec) = screen(false);
     let receiver = thread::spawn(move || {
-        let heard = Mutex::new(Instant::now());
-        let event = receive(&socket, server_addr, &screen, &heard, &mut || {
-            panic!("nothing was refused")
-        });
+        let event = receive_unrefused(&socket, server_addr, &screen);
         format!("{event:?}")
     });
     // Many times over 100 ms, so that most find it waiting: nothing has been sent yet.
@@ -1946,10 +1935,7 @@ fn a_failed_receive_with_no_icmp_report_queued_ends_the_receiver() {
     let (screen, rec) = screen(false);
     let (done, ended) = mpsc::channel();
     thread::spawn(move || {
-        let heard = Mutex::new(Instant::now());
-        let event = receive(&socket, server_addr, &screen, &heard, &mut || {
-            panic!("nothing was refused")
-        });
+        let event = receive_unrefused(&socket, server_addr, &screen);
         let _ = done.send(format!("{event:?}"));
     });
     let event = ended
