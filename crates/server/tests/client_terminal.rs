@@ -1297,16 +1297,13 @@ fn a_paste_left_unread_when_the_chat_stops_is_not_run_by_the_shell() {
 }
 
 /// Stopped by a SIGSTOP, continued in the background (`kill -CONT`), where taking the
-/// editor's mode stops it again (SIGTTOU), and then killed from the shell (`kill %1`:
-/// SIGTERM, then SIGCONT), `ocm` leaves the room and exits without drawing its line over
-/// the shell's screen: the mode it was setting when stopped goes through once continued
-/// (the end signal's handler ignores SIGTTOU), and the end is noticed before the redraw.
-/// (Not always yet: in about 1 run in 4 the whole chat is stopped again after `kill %1`,
-/// before its `__LEAVE__`, until `fg`; docs/SECURITY.md, "The client: suspending and
-/// output", tells of that race. Where it shows, the test fails: hence `#[ignore]`.)
+/// editor's mode (and reading the keys typed to the shell) stops it again, and then killed
+/// from the shell (`kill %1`: SIGTERM, then SIGCONT), `ocm` leaves the room and exits
+/// without drawing its line over the shell's screen, and is not stopped again on its way
+/// out: the calls on the terminal it was making when stopped, made again once continued,
+/// wait for the end signal's handler, which lets them through (or fails the read), and the
+/// end is noticed before the redraw.
 #[test]
-#[ignore = "a race left open (docs/SECURITY.md, \"The client: suspending and output\"): \
-            in about 1 run in 4 the whole chat stops again before its __LEAVE__"]
 fn stopped_again_in_the_background_after_a_sigstop_and_killed_it_draws_nothing_and_exits() {
     let d = Daemon::start();
     let (mut alice, mut term, _) =
@@ -1325,25 +1322,10 @@ fn stopped_again_in_the_background_after_a_sigstop_and_killed_it_draws_nothing_a
         "{:?}",
         term.text()
     );
-    let deadline = std::time::Instant::now() + PATIENCE;
-    loop {
-        let after = term.text()[shown..].to_owned();
-        if after.contains("[1]+  Done") {
-            break;
-        }
-        if after.contains("Stopped") {
-            // The race told above: `fg` lets it end.
-            term.type_keys("fg\r");
-            term.wait_for_after(shown, "$ fg");
-            term.wait_for_after(shown + after.len(), "$ ");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "neither done nor stopped: {after:?}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    // Ended with no `fg`. (bash may tell of the stop before `kill %1` once more, at the
+    // prompt after it: under load, 2 runs in 30 showed a second "Stopped" before "Done",
+    // where a trace inside `ocm` showed it made one stop.)
+    term.wait_for_after(shown, "[1]+  Done");
     assert!(
         !term.text()[shown..].contains("> half"),
         "{:?}",

@@ -4,7 +4,7 @@
 
 use std::io;
 use std::mem::MaybeUninit;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock, PoisonError};
 use std::thread;
 use std::time::Duration;
@@ -205,9 +205,12 @@ static ENDING: AtomicBool = AtomicBool::new(false);
 /// The signals that end the chat (the signal watcher's, in `chat::mod`).
 const END_SIGNALS: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 
-/// Notes each end signal in [`ENDING`] as it comes, beside the chat's own watcher. Called
-/// by the main thread before the editor starts.
+/// Notes each end signal in [`ENDING`] as it comes, beside the chat's own watcher, and
+/// makes a call on the terminal from the background wait for one before it stops the
+/// process ([`stop_from_the_background_only_when_no_end_is_coming`]). Called by the main
+/// thread before the editor starts.
 pub(super) fn watch_for_the_end() {
+    stop_from_the_background_only_when_no_end_is_coming();
     for signal in END_SIGNALS {
         // SAFETY: the action stores to an atomic and calls tcgetpgrp, getpgrp and
         // sigaction: async-signal-safe.
@@ -217,6 +220,87 @@ pub(super) fn watch_for_the_end() {
         }
     }
 }
+
+/// Makes a thread that touches the terminal from the background (SIGTTIN for a read,
+/// SIGTTOU for a mode set) stop the process only once no end is coming
+/// ([`on_terminal_from_the_background`]), rather than at once as the default actions do.
+///
+/// A shell's `kill %1` on a stopped chat sends SIGTERM, then SIGCONT, and every thread comes
+/// back from the stop at once. Those stopped inside a call on the terminal (the editor's
+/// read begun in the background, the resume thread's setting of the editor's mode) restart
+/// it, still in the background, while the end signal's handler may not have run yet, on
+/// whichever thread took it: with the default actions the restarted call stopped the whole
+/// chat again, before its `__LEAVE__`, until `fg` (3 runs in 11 of
+/// `client_terminal::stopped_again_in_the_background_after_a_sigstop_and_killed_it_draws_nothing_and_exits`
+/// under four busy loops; every thread stopped, one in `read` of the terminal, or the
+/// resume thread in `tcsetattr`, and the handler half-way on a third).
+fn stop_from_the_background_only_when_no_end_is_coming() {
+    let action = SigAction::new(
+        SigHandler::Handler(on_terminal_from_the_background),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for signal in [Signal::SIGTTIN, Signal::SIGTTOU] {
+        // SAFETY: the handler does only what is async-signal-safe (sigpending, nanosleep,
+        // tcgetpgrp, getpgrp, sigaction, raise; errno saved and put back).
+        if let Err(e) = unsafe { signal::sigaction(signal, &action) } {
+            debug!("cannot wait for the end before a stop from the background: {e}");
+        }
+    }
+}
+
+/// A call on the terminal from the background (the kernel sends SIGTTIN or SIGTTOU, and
+/// restarts the call after this handler): waits for an end signal ([`ending_within`]) and
+/// lets the end through if one comes, so that the call restarted goes through or fails;
+/// otherwise stops the process, as the default action would, unless it was brought to the
+/// foreground meanwhile. Continued, the call is made again, and from the background comes
+/// back here.
+///
+/// Several threads may wait here at once (the editor's read, the resume thread's mode),
+/// and one stop is enough for all: the first to decide takes [`STOPS`] and stops the
+/// process. Another that had decided too, and was stopped with it before its own stop,
+/// would make that stop on the SIGCONT of `kill %1`, before the SIGTERM's handler ran (seen
+/// under four busy loops: two threads in `tgkill`, the handler half-way on a third). It
+/// finds [`STOPS`] taken or moved on since its wait began, and waits again instead.
+extern "C" fn on_terminal_from_the_background(_: libc::c_int) {
+    let errno = Errno::last_raw();
+    wait_for_the_end_or_stop(in_foreground, || {
+        // SIGSTOP, which no handler or mask holds back, rather than the signal itself,
+        // whose action is this handler.
+        // SAFETY: raise is async-signal-safe.
+        unsafe { libc::raise(libc::SIGSTOP) };
+    });
+    Errno::set_raw(errno);
+}
+
+/// What [`on_terminal_from_the_background`] does, given whether the process is in the
+/// foreground and how to stop it (returning once continued). Async-signal-safe.
+fn wait_for_the_end_or_stop(in_foreground: impl Fn() -> bool, stop: impl Fn()) {
+    loop {
+        let seen = STOPS.load(Ordering::SeqCst);
+        if ending_within(END_SIGNAL_WAIT) {
+            let_the_end_through();
+            return;
+        }
+        if in_foreground() {
+            return;
+        }
+        let free = seen.is_multiple_of(2);
+        if free
+            && STOPS
+                .compare_exchange(seen, seen + 1, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
+            stop();
+            STOPS.store(seen + 2, Ordering::SeqCst);
+            return;
+        }
+    }
+}
+
+/// The stops [`on_terminal_from_the_background`] made, twice over: odd while one is being
+/// made (from the decision until the process is continued).
+static STOPS: AtomicU32 = AtomicU32::new(0);
 
 /// An end signal's first action, before the signal watcher's thread hears of it: notes it,
 /// and in the background (a shell's `kill %1` on a stopped chat, with the SIGCONT after it)
@@ -256,32 +340,81 @@ const END_SIGNAL_WAIT: Duration = Duration::from_millis(200);
 /// few milliseconds later): stopped again at once, the chat would have sent its
 /// `__LEAVE__` (from the other threads) and then stayed stopped until `fg`. A `bg` costs
 /// the wait before it stops again, while the editor's thread waits here and draws nothing.
-/// Async-signal-safe (nanosleep).
+///
+/// The wait counts only time the process ran: a step that comes back late (the process was
+/// stopped meanwhile, by another thread that waited here first, or this thread got no core
+/// for that long) starts it again, up to [`FRESH_WAITS`] times. A wait begun before a stop
+/// would otherwise find its time spent on the SIGCONT of `kill %1`, and stop the process
+/// again at once, before the thread that took the SIGTERM had run its handler (seen under
+/// four busy loops). Async-signal-safe (nanosleep, clock_gettime).
 fn ending_within(wait: Duration) -> bool {
-    let step = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 5_000_000,
-    };
-    let steps = wait.as_millis() / 5;
-    for _ in 0..steps {
+    ending_within_steps_of(wait, || {
+        let step = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 5_000_000,
+        };
+        // SAFETY: nanosleep reads the timespec; an interruption only shortens a step.
+        unsafe { libc::nanosleep(&step, std::ptr::null_mut()) };
+    })
+}
+
+/// [`ending_within`], with `step` for its sleep between two looks.
+fn ending_within_steps_of(wait: Duration, step: impl Fn()) -> bool {
+    let mut waited = Duration::ZERO;
+    let mut fresh = 0;
+    while waited < wait {
         if ending() {
             return true;
         }
-        // SAFETY: nanosleep reads the timespec; an interruption only shortens a step.
-        unsafe { libc::nanosleep(&step, std::ptr::null_mut()) };
+        let before = monotonic();
+        step();
+        let slept = monotonic().saturating_sub(before);
+        if slept > LATE_STEP && fresh < FRESH_WAITS {
+            fresh += 1;
+            waited = Duration::ZERO;
+        } else {
+            waited += slept;
+        }
     }
     ending()
+}
+
+/// A step of [`ending_within`]'s 5 ms that takes longer than this came back from a stop
+/// (or from starvation), and starts the wait again.
+const LATE_STEP: Duration = Duration::from_millis(100);
+
+/// How many times [`ending_within`] starts its wait again: a machine so loaded that every
+/// step comes back late still gets its stop.
+const FRESH_WAITS: u32 = 4;
+
+/// The monotonic clock, which goes on while the process is stopped. Async-signal-safe.
+fn monotonic() -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the timespec; CLOCK_MONOTONIC is always there.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    Duration::new(
+        u64::try_from(now.tv_sec).unwrap_or(0),
+        u32::try_from(now.tv_nsec).unwrap_or(0),
+    )
 }
 
 /// Lets the end go through from the background: the editor takes its raw mode again when
 /// its Ctrl+Z returns, and the terminal guard puts back the mode before the chat at the
 /// end, each a `tcsetattr` that, from the background, would stop the process (SIGTTOU)
-/// before its `__LEAVE__`. With SIGTTOU ignored they go through; the last of them leaves the
-/// shell's terminal in the mode from before the chat. Async-signal-safe.
+/// before its `__LEAVE__`; and the editor's read of the terminal, begun or restarted there,
+/// would stop it (SIGTTIN). With SIGTTOU ignored the modes go through, the last of them
+/// leaving the shell's terminal in the mode from before the chat; with SIGTTIN ignored the
+/// read fails (`EIO`), which the input thread takes for the end of input. Async-signal-safe.
 fn let_the_end_through() {
     let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
-    // SAFETY: sigaction is async-signal-safe; SIGTTOU has no handler of ours to lose.
-    let _ = unsafe { signal::sigaction(Signal::SIGTTOU, &ignore) };
+    for signal in [Signal::SIGTTOU, Signal::SIGTTIN] {
+        // SAFETY: sigaction is async-signal-safe; the handler replaced,
+        // `on_terminal_from_the_background`, is one no end needs any more.
+        let _ = unsafe { signal::sigaction(signal, &ignore) };
+    }
 }
 
 /// Sets the mode of the terminal `fd` (standard input), again if a signal handler that does not restart calls
@@ -540,10 +673,12 @@ fn in_foreground() -> bool {
 }
 
 /// Sets the editor's raw mode, whatever the mode found (a shell may have given the
-/// terminal its own). From the background the kernel stops the process (SIGTTOU) until it
-/// is continued in the foreground, where the call goes through: it returns with the
-/// terminal ours, however long that takes, and with no moment between a check and a stop in
-/// which a shell's `fg` could come and find the process running.
+/// terminal its own). From the background the process is stopped (SIGTTOU, then
+/// [`on_terminal_from_the_background`]) until it is continued in the foreground, where the
+/// call goes through: it returns with the terminal ours, however long that takes. A shell's
+/// `fg` that comes while the handler waits for an end lets the call through at once; one
+/// that came in the instant between the handler's last look at the terminal and its stop
+/// would see the job stop again, and a second `fg` continue it.
 fn take_editor_mode() {
     let Some(before) = MODE_BEFORE_CHAT.get() else {
         return;
@@ -882,18 +1017,183 @@ mod tests {
         .expect("the asking thread");
     }
 
-    /// Letting the end through ignores SIGTTOU, so that the mode set from the background
-    /// does not stop the process before its `__LEAVE__`.
+    /// Letting the end through ignores SIGTTOU and SIGTTIN, so that neither the mode set
+    /// nor the read of the terminal from the background stops the process before its
+    /// `__LEAVE__`.
     #[test]
-    fn letting_the_end_through_ignores_sigttou() {
+    fn letting_the_end_through_ignores_sigttou_and_sigttin() {
         let _serial = serial();
+        let after = with_default_background_actions(let_the_end_through);
+        assert!(after
+            .iter()
+            .all(|a| matches!(a.handler(), SigHandler::SigIgn)));
+    }
+
+    /// Runs `f` with the default actions of SIGTTOU and SIGTTIN, then puts back the actions
+    /// found, and returns the ones `f` left.
+    fn with_default_background_actions(f: impl FnOnce()) -> [SigAction; 2] {
         let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
-        // SAFETY: the default action, put back below.
-        let before = unsafe { signal::sigaction(Signal::SIGTTOU, &default) }.expect("SIGTTOU");
-        let_the_end_through();
-        // SAFETY: the action found is put back.
-        let after = unsafe { signal::sigaction(Signal::SIGTTOU, &before) }.expect("SIGTTOU");
-        assert!(matches!(after.handler(), SigHandler::SigIgn));
+        let signals = [Signal::SIGTTOU, Signal::SIGTTIN];
+        // SAFETY: the default actions, put back below.
+        let before = signals.map(|s| unsafe { signal::sigaction(s, &default) }.expect("action"));
+        f();
+        // SAFETY: the actions found are put back.
+        [0, 1].map(|i| unsafe { signal::sigaction(signals[i], &before[i]) }.expect("action"))
+    }
+
+    /// A wait of [`ending_within`] whose step comes back late (from a stop) starts again,
+    /// so that it is waited in full once the process runs; and a step always late starts it
+    /// again only [`FRESH_WAITS`] times, then counts.
+    #[test]
+    fn a_late_step_starts_the_wait_again_a_few_times_at_most() {
+        thread::spawn(|| {
+            let steps = std::cell::Cell::new(0);
+            let started = std::time::Instant::now();
+            let ended = ending_within_steps_of(END_SIGNAL_WAIT, || {
+                steps.set(steps.get() + 1);
+                let nap = if steps.get() == 1 { 150 } else { 5 };
+                thread::sleep(Duration::from_millis(nap));
+            });
+            assert!(!ended);
+            let waited = started.elapsed();
+            assert!(
+                waited >= Duration::from_millis(150) + END_SIGNAL_WAIT,
+                "waited {waited:?} in {} steps",
+                steps.get()
+            );
+            let steps = std::cell::Cell::new(0);
+            let ended = ending_within_steps_of(END_SIGNAL_WAIT, || {
+                steps.set(steps.get() + 1);
+                thread::sleep(LATE_STEP + Duration::from_millis(20));
+            });
+            assert!(!ended);
+            // Each late step counts once the fresh waits are spent: 120 ms, then 240 ms.
+            assert_eq!(steps.get(), FRESH_WAITS + 2);
+        })
+        .join()
+        .expect("the waiting thread");
+    }
+
+    /// A thread that makes the stop for a call from the background, counting its calls.
+    struct Stopper {
+        foreground_asked: std::cell::Cell<u32>,
+        stops: std::cell::Cell<u32>,
+    }
+
+    impl Stopper {
+        /// Runs [`wait_for_the_end_or_stop`] from `stops_before` in [`STOPS`], with the
+        /// process in the foreground or not as `foreground` says on each question (given
+        /// its number, from 1), on a thread of its own, and checks that each stop is made
+        /// with [`STOPS`] odd; returns the counts, and [`STOPS`] after.
+        fn run(
+            stops_before: u32,
+            foreground: impl Fn(u32) -> bool + Send + 'static,
+        ) -> (u32, u32, u32) {
+            STOPS.store(stops_before, Ordering::SeqCst);
+            let (asked, stops) = thread::spawn(move || {
+                let stopper = Stopper {
+                    foreground_asked: std::cell::Cell::new(0),
+                    stops: std::cell::Cell::new(0),
+                };
+                wait_for_the_end_or_stop(
+                    || {
+                        let n = stopper.foreground_asked.get() + 1;
+                        stopper.foreground_asked.set(n);
+                        foreground(n)
+                    },
+                    || {
+                        let stops = STOPS.load(Ordering::SeqCst);
+                        assert!(
+                            !stops.is_multiple_of(2),
+                            "a stop being made is told ({stops})"
+                        );
+                        stopper.stops.set(stopper.stops.get() + 1);
+                    },
+                );
+                (stopper.foreground_asked.get(), stopper.stops.get())
+            })
+            .join()
+            .expect("the stopping thread");
+            let after = STOPS.swap(0, Ordering::SeqCst);
+            (asked, stops, after)
+        }
+    }
+
+    /// With no end coming and the process still in the background after the wait, one
+    /// stop is made, and counted as made and over.
+    #[test]
+    fn with_no_end_coming_one_stop_is_made() {
+        let _serial = serial();
+        assert_eq!(Stopper::run(0, |_| false), (1, 1, 2));
+    }
+
+    /// Brought to the foreground during the wait, the call is let through: no stop.
+    #[test]
+    fn brought_to_the_foreground_meanwhile_no_stop_is_made() {
+        let _serial = serial();
+        assert_eq!(Stopper::run(6, |_| true), (1, 0, 6));
+    }
+
+    /// With an end signal pending, the end is let through at once: no stop, and SIGTTOU
+    /// and SIGTTIN ignored.
+    #[test]
+    fn with_an_end_coming_the_end_is_let_through_and_no_stop_made() {
+        let _serial = serial();
+        let mut counts = None;
+        let after = with_default_background_actions(|| {
+            STOPS.store(0, Ordering::SeqCst);
+            counts = Some(
+                thread::spawn(|| {
+                    let mut hup = SigSet::empty();
+                    hup.add(Signal::SIGHUP);
+                    hup.thread_block().expect("SIGHUP blocked");
+                    // SAFETY: a signal to this very thread, which blocks it.
+                    unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGHUP) };
+                    let stops = std::cell::Cell::new(0);
+                    wait_for_the_end_or_stop(|| false, || stops.set(stops.get() + 1));
+                    assert_eq!(hup.wait(), Ok(Signal::SIGHUP));
+                    (stops.get(), STOPS.load(Ordering::SeqCst))
+                })
+                .join()
+                .expect("the waiting thread"),
+            );
+        });
+        assert_eq!(counts, Some((0, 0)));
+        assert!(after
+            .iter()
+            .all(|a| matches!(a.handler(), SigHandler::SigIgn)));
+    }
+
+    /// While another thread is making a stop (from its decision until the process is
+    /// continued), none is made here: this thread waits again, and makes its own only once
+    /// that stop is over.
+    #[test]
+    fn while_another_thread_makes_a_stop_none_is_made_here() {
+        let _serial = serial();
+        let counts = Stopper::run(1, |asked| {
+            if asked == 2 {
+                // The other thread's stop is over: the process was continued.
+                STOPS.store(2, Ordering::SeqCst);
+            }
+            false
+        });
+        assert_eq!(counts, (3, 1, 4));
+    }
+
+    /// A stop made by another thread between this one's wait and its own stop (which
+    /// stopped this thread too, and the SIGCONT continued both) makes it wait again rather
+    /// than stop the process once more, before an end signal that SIGCONT came with is
+    /// handled.
+    #[test]
+    fn a_stop_made_by_another_thread_during_the_wait_makes_it_wait_again() {
+        let _serial = serial();
+        let counts = Stopper::run(0, |asked| {
+            if asked == 1 {
+                STOPS.store(2, Ordering::SeqCst);
+            }
+            false
+        });
+        assert_eq!(counts, (2, 1, 4));
     }
 
     /// A new pseudo-terminal: its controlling side and the terminal.
