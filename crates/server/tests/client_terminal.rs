@@ -614,6 +614,20 @@ fn after_its_own_ctrl_z_the_editor_draws_its_line_once() {
     bob_quits_and_both_exit(&mut term, &mut alice);
 }
 
+/// Continues the stopped `ocm` run from the shell in `term` while the shell keeps the
+/// terminal (`kill -CONT`), types a command to the shell, and waits until the shell has run
+/// it, has told of the job's stop again and shows its prompt; returns where the terminal's
+/// text stood before.
+fn continued_in_the_background_and_stopped_again(term: &mut Terminal) -> usize {
+    let shown = term.text().len();
+    signal_ocm_run_from(term, libc::SIGCONT);
+    term.type_keys("echo DONE-$((6*7))\r");
+    term.wait_for_after(shown, "DONE-42");
+    term.wait_for_after(shown, "Stopped");
+    term.wait_for_after(shown, "$ ");
+    shown
+}
+
 /// Stopped by a SIGSTOP (`kill -STOP`), which no handler sees, the editor leaves the
 /// terminal raw, and bash, its job stopped, gives it its own mode, which it does not give
 /// back on `fg`: the editor read on in a terminal that echoed what was typed and handed it
@@ -629,12 +643,7 @@ fn after_a_sigstop_and_fg_the_editor_takes_its_mode_and_draws_its_line_again() {
         stopped_with_half_a_line(&d, |term| signal_ocm_run_from(term, libc::SIGSTOP));
     // Continued while the shell has the terminal, with keys typed to the shell meanwhile
     // (which wake the editor too): stopped again, with nothing drawn on the shell's screen.
-    let shown = term.text().len();
-    signal_ocm_run_from(&term, libc::SIGCONT);
-    term.type_keys("echo DONE-$((6*7))\r");
-    term.wait_for_after(shown, "DONE-42");
-    term.wait_for_after(shown, "Stopped");
-    term.wait_for_after(shown, "$ ");
+    let shown = continued_in_the_background_and_stopped_again(&mut term);
     assert!(!term.text()[shown..].contains("half"), "{:?}", term.text());
     let shown = term.fg("> half");
     let mode = term.mode();
@@ -1317,11 +1326,6 @@ fn stopped_again_in_the_background_after_a_sigstop_and_killed_it_draws_nothing_a
     let d = Daemon::start();
     let (mut alice, mut term, _) =
         stopped_with_half_a_line(&d, |term| signal_ocm_run_from(term, libc::SIGSTOP));
-    let shown = term.text().len();
-    signal_ocm_run_from(&term, libc::SIGCONT);
-    term.type_keys("echo DONE-$((6*7))\r");
-    term.wait_for_after(shown, "DONE-42");
-    term.wait_for_after(shown, "Stopped");
-    term.wait_for_after(shown, "$ ");
+    continued_in_the_background_and_stopped_again(&mut term);
     killed_from_the_shell_it_leaves_draws_nothing_and_exits(&mut term, &mut alice);
 }
