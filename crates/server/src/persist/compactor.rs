@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, error, info, warn};
 
-use super::writer::Failing;
+use super::failing::Failing;
 use super::{counters, Compactions, Job, Report};
 use crate::error::StoreError;
 use crate::plural::Count;

@@ -25,10 +25,14 @@
 //!
 //! The work is split by thread: this module is the loop's side (the [`Persister`] handle,
 //! the state lock, the messages between the threads); `writer` is the writer thread and its
-//! journal; `compactor` is the compactor thread and the state files it writes.
+//! journal; `compactor` is the compactor thread and the state files it writes. Beside them:
+//! `backoff` (when to lay space ahead again after a failure), `failing` (failures that last,
+//! logged without flooding the log) and `statx` (file identities and link counts read
+//! without touching times).
 
 mod backoff;
 mod compactor;
+mod failing;
 mod statx;
 mod writer;
 
