@@ -1809,6 +1809,34 @@ fn the_chat_is_held_for_a_waiting_notice_up_to_the_hold_limit() {
     assert_eq!(chat.hold_started, None, "the hold's start was kept");
 }
 
+/// While a line is held and nothing comes, the main loop sleeps until the hold's end: its
+/// wait for the next event ends then, not before (a wake set in the past would have it spin
+/// on a core for the whole hold).
+#[test]
+fn a_held_line_waits_asleep_until_the_holds_end() {
+    let (session, _server) = pair("lobby", "ab");
+    let (screen, _rec) = screen(false);
+    let dead = DeadTcp::new();
+    let (mut chat, _lines, _ahead) =
+        main_loop(session, screen, closure::Policy::new(true), dead.addr);
+    chat.notices.store(1, Ordering::SeqCst);
+    chat.held = Some("hi".into());
+    let left = Duration::from_millis(200);
+    let started = Instant::now();
+    chat.hold_started = Some(started - HOLD_LIMIT + left);
+    assert!(chat.holding(), "not held for a notice not yet handled");
+    assert!(
+        chat.next_event().is_none(),
+        "an event came, though none was sent"
+    );
+    let slept = started.elapsed();
+    assert!(
+        slept >= left,
+        "the wait ended {slept:?} into a hold with {left:?} left"
+    );
+    assert!(!chat.holding(), "still held after the hold's end");
+}
+
 /// The main loop's timers start an idle check that is due.
 #[test]
 fn the_main_loops_timers_start_a_due_idle_check() {
