@@ -1,0 +1,279 @@
+//! The plan of one pass: which datagrams leave for what the outbox holds. Messages for a
+//! batch-capable member go into batch frames under its limit; a member without batches gets
+//! its equal-length datagrams as one segmented send when segmenting is on; everything else,
+//! and every last word, leaves alone. The plans' vectors are pooled between passes.
+
+use std::mem;
+use std::net::SocketAddr;
+use std::ops::Range;
+
+use ucrp::delivery;
+
+use super::Sender;
+use crate::local::LocalId;
+use crate::mmsg;
+use crate::outbox::{Outbox, Send as QueuedSend};
+
+/// Bytes of batch plans kept for reuse between passes (beyond that they are freed).
+pub(super) const POOLED_BATCH_BYTES: usize = 1024 * 1024;
+
+/// Most runs of outbox bytes one batch gathers: the kernel's limit, less the header's run.
+pub(super) const MAX_BATCH_RUNS: usize = mmsg::MAX_PARTS - 1;
+
+/// Bytes one run of a batch plan takes.
+pub(super) const RUN_SIZE: usize = mem::size_of::<Range<usize>>();
+
+/// The largest datagram a segmented send carries: what fits a path of the minimum IPv6 MTU
+/// (1280 bytes, less 40 of IPv6 header and 8 of UDP header). The kernel refuses a segmented
+/// send whose segments do not fit the path's MTU, where it would fragment a lone datagram.
+pub const MAX_SEGMENT_BYTES: usize = 1232;
+
+// A segment size goes to the kernel as a u16.
+const _: () = assert!(MAX_SEGMENT_BYTES <= u16::MAX as usize);
+
+#[derive(Clone)]
+pub(super) enum Bytes {
+    /// One payload, alone in its datagram.
+    Outbox(Range<usize>),
+    /// A batch frame: an index into [`Sender::batches`].
+    Batch(usize),
+    /// Datagrams of equal length for one member: an index into [`Sender::groups`].
+    Segments(usize),
+}
+
+/// Datagrams going to one member in one segmented send: where their payloads lie in the
+/// outbox, and their length.
+#[derive(Default)]
+pub(super) struct Segments {
+    /// Each datagram's payload, in order.
+    pub(super) runs: Vec<Range<usize>>,
+    /// The length of every datagram but the last, which may be shorter.
+    pub(super) size: usize,
+    /// Bytes of all of them.
+    pub(super) len: usize,
+}
+
+impl Segments {
+    /// Whether a datagram of `len` bytes may follow these in the same send.
+    fn takes(&self, len: usize) -> bool {
+        let last_was_short = self.runs.last().is_some_and(|run| run.len() < self.size);
+        !last_was_short
+            && len <= self.size
+            && self.runs.len() < mmsg::MAX_SEGMENTS
+            && self.len + len <= mmsg::MAX_SEGMENTED_BYTES
+    }
+}
+
+/// A batch frame being planned: where its entries lie in the outbox.
+#[derive(Default)]
+pub(super) struct Batch {
+    /// Runs of the outbox's bytes, in order, each one or more whole entries (length prefix
+    /// and frame) that lie back to back.
+    pub(super) runs: Vec<Range<usize>>,
+    /// The frame's length so far: header and entries.
+    pub(super) len: usize,
+}
+
+impl Batch {
+    /// Whether the entry at `entry` may join this frame under `limit` bytes.
+    fn takes(&self, entry: &Range<usize>, limit: usize) -> bool {
+        let contiguous = self.runs.last().is_some_and(|run| run.end == entry.start);
+        self.len + entry.len() <= limit && (contiguous || self.runs.len() < MAX_BATCH_RUNS)
+    }
+
+    /// Adds the entry at `entry`, extending the last run when it follows it.
+    fn push(&mut self, entry: Range<usize>) {
+        self.len += entry.len();
+        match self.runs.last_mut() {
+            Some(run) if run.end == entry.start => run.end = entry.end,
+            _ => self.runs.push(entry),
+        }
+    }
+}
+
+impl Sender {
+    /// Ends the batch or segmented send open for the member in `slot`: what follows for it
+    /// goes after.
+    fn close_open(&mut self, slot: u32) {
+        if let Some(open) = self.open.get_mut(slot as usize) {
+            *open = 0;
+        }
+    }
+
+    /// The plan entry open for the member in `slot`, if it still goes to `to` from `from`: a
+    /// member that registered from a new address (or to another of ours) within the pass
+    /// starts a new one.
+    fn open_for(&mut self, slot: u32, to: SocketAddr, from: LocalId) -> Option<usize> {
+        let index = slot as usize;
+        if self.open.len() <= index {
+            self.open.resize(index + 1, 0);
+        }
+        let p = (self.open[index] as usize).checked_sub(1)?;
+        let planned = self.plan.get(p)?;
+        (planned.to == to && planned.from == from).then_some(p)
+    }
+
+    /// Appends `planned` to the plan as the entry open for the member in `slot`; returns its
+    /// index.
+    fn open_new(&mut self, slot: u32, planned: Planned) -> usize {
+        self.plan.push(planned);
+        if let Some(open) = self.open.get_mut(slot as usize) {
+            *open = self.plan.len() as u32;
+        }
+        self.touched.push(slot);
+        self.plan.len() - 1
+    }
+
+    /// Decides the datagrams: one per send, batch frames for batch-capable members, and
+    /// segmented sends for the others when segmenting is on.
+    pub(super) fn plan(&mut self, outbox: &Outbox) {
+        self.plan.clear();
+        self.used_batches = 0;
+        self.used_groups = 0;
+        for slot in self.touched.drain(..) {
+            if let Some(open) = self.open.get_mut(slot as usize) {
+                *open = 0;
+            }
+        }
+        let now = self.unsegmented.now();
+        for send in &outbox.sends {
+            let limit = usize::from(send.batch_limit).min(self.max_batch);
+            match (send.member, outbox.entry_of(send)) {
+                // A last word leaves alone, so that it can be held alone when the kernel has
+                // no room for it, and after whatever is packed for its member.
+                (member, _) if send.last_word => {
+                    if let Some(slot) = member {
+                        self.close_open(slot);
+                    }
+                    self.plan.push(Planned::alone(send));
+                }
+                (Some(slot), Some(entry)) if limit > 0 => {
+                    self.plan_batched(send, slot, entry, limit)
+                }
+                (Some(slot), _)
+                    if self.segmenting
+                        && send.batch_limit == 0
+                        && (1..=MAX_SEGMENT_BYTES).contains(&send.bytes.len())
+                        && !self.unsegmented.keeps(&send.to.ip(), now) =>
+                {
+                    self.plan_segmented(send, slot)
+                }
+                (member, _) => {
+                    // Whatever is packed for this member stays before this datagram.
+                    if let Some(slot) = member {
+                        self.close_open(slot);
+                    }
+                    self.plan.push(Planned::alone(send));
+                }
+            }
+        }
+    }
+
+    /// Adds the batch entry at `entry` to the batch open for the member in `slot`, or to a new
+    /// one.
+    fn plan_batched(&mut self, send: &QueuedSend, slot: u32, entry: Range<usize>, limit: usize) {
+        let open = self.open_for(slot, send.to, send.from).filter(|&p| {
+            matches!(self.plan[p].bytes, Bytes::Batch(i) if self.batches[i].takes(&entry, limit))
+        });
+        let p = open.unwrap_or_else(|| {
+            let (index, batch) = next_pooled(&mut self.batches, &mut self.used_batches);
+            batch.runs.clear();
+            batch.len = delivery::BATCH_HEADER_LEN;
+            self.open_new(slot, Planned::new(send, Bytes::Batch(index)))
+        });
+        if let Bytes::Batch(i) = self.plan[p].bytes {
+            self.batches[i].push(entry);
+            self.plan[p].messages += 1;
+        }
+    }
+
+    /// Adds the datagram of `send` to the segmented send open for the member in `slot`, or to
+    /// a new one.
+    fn plan_segmented(&mut self, send: &QueuedSend, slot: u32) {
+        let len = send.bytes.len();
+        let open = self.open_for(slot, send.to, send.from).filter(
+            |&p| matches!(self.plan[p].bytes, Bytes::Segments(i) if self.groups[i].takes(len)),
+        );
+        let p = open.unwrap_or_else(|| {
+            let (index, group) = next_pooled(&mut self.groups, &mut self.used_groups);
+            group.runs.clear();
+            group.size = len;
+            group.len = 0;
+            self.open_new(slot, Planned::new(send, Bytes::Segments(index)))
+        });
+        if let Bytes::Segments(i) = self.plan[p].bytes {
+            let group = &mut self.groups[i];
+            group.runs.push(send.bytes.clone());
+            group.len += len;
+            self.plan[p].messages += 1;
+        }
+    }
+}
+
+/// One entry of a send plan: a datagram, or a segmented send of several.
+pub(super) struct Planned {
+    pub(super) to: SocketAddr,
+    pub(super) from: LocalId,
+    pub(super) bytes: Bytes,
+    /// Messages carried: the batch frame's entries, or the segmented send's datagrams.
+    pub(super) messages: usize,
+    /// Whether it is a member's last word ([`QueuedSend::last_word`]), held when the
+    /// kernel has no room for it.
+    pub(super) last_word: bool,
+}
+
+impl Planned {
+    /// An entry for `send`'s destination and source carrying nothing yet.
+    fn new(send: &QueuedSend, bytes: Bytes) -> Planned {
+        Planned {
+            to: send.to,
+            from: send.from,
+            bytes,
+            messages: 0,
+            last_word: false,
+        }
+    }
+
+    /// A plain datagram carrying `send`'s payload alone.
+    fn alone(send: &QueuedSend) -> Planned {
+        Planned {
+            to: send.to,
+            from: send.from,
+            bytes: Bytes::Outbox(send.bytes.clone()),
+            messages: 1,
+            last_word: send.last_word,
+        }
+    }
+
+    /// Datagrams on the wire.
+    pub(super) fn datagrams(&self) -> usize {
+        match self.bytes {
+            Bytes::Segments(_) => self.messages,
+            Bytes::Outbox(_) | Bytes::Batch(_) => 1,
+        }
+    }
+}
+
+/// The next plan of `pool` not yet `used` in this pass (a new one when all are), and its index.
+fn next_pooled<'a, T: Default>(pool: &'a mut Vec<T>, used: &mut usize) -> (usize, &'a mut T) {
+    let index = *used;
+    *used += 1;
+    if pool.len() <= index {
+        pool.push(T::default());
+    }
+    (index, &mut pool[index])
+}
+
+/// Keeps the first plans of `pool` up to [`POOLED_BATCH_BYTES`] between passes, counting
+/// `runs` ranges of each (their capacity), and frees the rest.
+pub(super) fn keep_pooled<T>(pool: &mut Vec<T>, runs: impl Fn(&T) -> usize) {
+    let mut pooled = 0;
+    let keep = pool
+        .iter()
+        .take_while(|plan| {
+            pooled += mem::size_of::<T>() + runs(plan) * RUN_SIZE;
+            pooled <= POOLED_BATCH_BYTES
+        })
+        .count();
+    pool.truncate(keep);
+}
