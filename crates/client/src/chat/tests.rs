@@ -1618,6 +1618,39 @@ fn main_loop(
     (chat, lines, ahead_events)
 }
 
+/// A main loop from [`main_loop`] for the room "lobby" (token "ab") on a fresh socket pair,
+/// with a screen that holds nothing and its checks going to a dead TCP port, and the ends a
+/// test feeds and reads. Each lives as long as the test holds the whole: a sender dropped
+/// would read as every helper gone, and the dead port closed as a refusal.
+struct LoopUnderTest {
+    chat: Chat,
+    /// The queue of typed lines.
+    lines: SyncSender<Event>,
+    /// The queue of the room's word, read ahead of the lines.
+    ahead: SyncSender<Event>,
+    /// The server's end of the socket pair.
+    server: UdpSocket,
+    /// What the screen printed.
+    printed: Recorder,
+    _dead: DeadTcp,
+}
+
+/// [`LoopUnderTest`] with `closures` as the chat's policy for closure notices.
+fn loop_under_test(closures: closure::Policy) -> LoopUnderTest {
+    let (session, server) = pair("lobby", "ab");
+    let (screen, printed) = screen(false);
+    let dead = DeadTcp::new();
+    let (chat, lines, ahead) = main_loop(session, screen, closures, dead.addr);
+    LoopUnderTest {
+        chat,
+        lines,
+        ahead,
+        server,
+        printed,
+        _dead: dead,
+    }
+}
+
 /// Runs `chat`'s main loop on a thread of its own; how it ended, or a failure after
 /// `patience` (a loop that never ends fails the test instead of holding it).
 fn serve_within(chat: Chat, patience: Duration) -> Result<Ending, ClientError> {
@@ -1645,36 +1678,30 @@ fn received(server: &UdpSocket, count: usize) -> Vec<String> {
 /// `__LEAVE__`: the user's way out.
 #[test]
 fn the_main_loop_sends_the_lines_in_order_and_leaves_on_quit() {
-    let (session, server) = pair("lobby", "ab");
-    let (screen, _rec) = screen(false);
-    let dead = DeadTcp::new();
-    let (chat, lines, _ahead) = main_loop(session, screen, closure::Policy::new(false), dead.addr);
+    let t = loop_under_test(closure::Policy::new(false));
     for event in [
         Event::Send("one".into()),
         Event::Send("two".into()),
         Event::Quit,
     ] {
-        lines.send(event).unwrap();
+        t.lines.send(event).unwrap();
     }
-    let ended = serve_within(chat, Duration::from_secs(10));
+    let ended = serve_within(t.chat, Duration::from_secs(10));
     assert!(matches!(ended, Ok(Ending::Left)), "{ended:?}");
-    assert_eq!(received(&server, 3), ["chat:one", "chat:two", "leave"]);
+    assert_eq!(received(&t.server, 3), ["chat:one", "chat:two", "leave"]);
 }
 
 /// A signal's flag is read before the queued lines: the main loop leaves at once, and the
 /// lines behind it are not sent.
 #[test]
 fn a_signal_on_the_flag_goes_before_the_queued_lines() {
-    let (session, server) = pair("lobby", "ab");
-    let (screen, _rec) = screen(false);
-    let dead = DeadTcp::new();
-    let (chat, lines, _ahead) = main_loop(session, screen, closure::Policy::new(false), dead.addr);
-    chat.signalled.store(15, Ordering::SeqCst);
-    lines.send(Event::Send("never sent".into())).unwrap();
-    lines.send(Event::Quit).unwrap();
-    let ended = serve_within(chat, Duration::from_secs(10));
+    let t = loop_under_test(closure::Policy::new(false));
+    t.chat.signalled.store(15, Ordering::SeqCst);
+    t.lines.send(Event::Send("never sent".into())).unwrap();
+    t.lines.send(Event::Quit).unwrap();
+    let ended = serve_within(t.chat, Duration::from_secs(10));
     assert!(matches!(ended, Ok(Ending::Left)), "{ended:?}");
-    assert_eq!(received(&server, 1), ["leave"]);
+    assert_eq!(received(&t.server, 1), ["leave"]);
 }
 
 /// A failure reported ahead ends the chat with a `__LEAVE__`: as a plain departure when it
@@ -1685,18 +1712,14 @@ fn a_failure_ends_the_chat_as_leaving_only_when_the_reader_of_our_output_is_gone
         (io::ErrorKind::BrokenPipe, true),
         (io::ErrorKind::Other, false),
     ] {
-        let (session, server) = pair("lobby", "ab");
-        let (screen, _rec) = screen(false);
-        let dead = DeadTcp::new();
-        let (chat, _lines, ahead) =
-            main_loop(session, screen, closure::Policy::new(false), dead.addr);
-        ahead
+        let t = loop_under_test(closure::Policy::new(false));
+        t.ahead
             .send(Event::Failed(ClientError::Io {
                 context: "writing to standard output",
                 source: kind.into(),
             }))
             .unwrap();
-        match serve_within(chat, Duration::from_secs(10)) {
+        match serve_within(t.chat, Duration::from_secs(10)) {
             Ok(Ending::Left) => assert!(reader_gone, "{kind:?}"),
             Err(ClientError::Io { source, .. }) => {
                 assert!(!reader_gone, "{kind:?}");
@@ -1704,7 +1727,7 @@ fn a_failure_ends_the_chat_as_leaving_only_when_the_reader_of_our_output_is_gone
             }
             other => panic!("{kind:?}: {other:?}"),
         }
-        assert_eq!(received(&server, 1), ["leave"], "{kind:?}");
+        assert_eq!(received(&t.server, 1), ["leave"], "{kind:?}");
     }
 }
 
@@ -1712,17 +1735,13 @@ fn a_failure_ends_the_chat_as_leaving_only_when_the_reader_of_our_output_is_gone
 /// the main loop before anything queued after it.
 #[test]
 fn a_held_line_goes_once_its_hold_is_over_before_what_was_queued_after_it() {
-    let (session, server) = pair("lobby", "ab");
-    let (screen, _rec) = screen(false);
-    let dead = DeadTcp::new();
-    let (mut chat, lines, _ahead) =
-        main_loop(session, screen, closure::Policy::new(true), dead.addr);
-    chat.held = Some("held".into());
-    lines.send(Event::Send("after".into())).unwrap();
-    lines.send(Event::Quit).unwrap();
-    let ended = serve_within(chat, Duration::from_secs(10));
+    let mut t = loop_under_test(closure::Policy::new(true));
+    t.chat.held = Some("held".into());
+    t.lines.send(Event::Send("after".into())).unwrap();
+    t.lines.send(Event::Quit).unwrap();
+    let ended = serve_within(t.chat, Duration::from_secs(10));
     assert!(matches!(ended, Ok(Ending::Left)), "{ended:?}");
-    assert_eq!(received(&server, 3), ["chat:held", "chat:after", "leave"]);
+    assert_eq!(received(&t.server, 3), ["chat:held", "chat:after", "leave"]);
 }
 
 /// The server's word that the room no longer holds us ends the chat as the room's doing,
@@ -1793,20 +1812,16 @@ fn the_main_loop_counts_the_notices_it_handles_and_takes_a_verdict_as_one() {
 /// and starts afresh for the next notice.
 #[test]
 fn the_chat_is_held_for_a_waiting_notice_up_to_the_hold_limit() {
-    let (session, _server) = pair("lobby", "ab");
-    let (screen, _rec) = screen(false);
-    let dead = DeadTcp::new();
-    let (mut chat, _lines, _ahead) =
-        main_loop(session, screen, closure::Policy::new(true), dead.addr);
-    assert!(!chat.holding(), "held with no notice");
-    chat.notices.store(1, Ordering::SeqCst);
-    assert!(chat.holding(), "not held for a notice not yet handled");
-    assert!(chat.hold_started.is_some());
-    chat.hold_started = Some(Instant::now() - HOLD_LIMIT - Duration::from_millis(1));
-    assert!(!chat.holding(), "held past the hold limit");
-    chat.notices_handled = 1;
-    assert!(!chat.holding(), "held for a notice handled");
-    assert_eq!(chat.hold_started, None, "the hold's start was kept");
+    let mut t = loop_under_test(closure::Policy::new(true));
+    assert!(!t.chat.holding(), "held with no notice");
+    t.chat.notices.store(1, Ordering::SeqCst);
+    assert!(t.chat.holding(), "not held for a notice not yet handled");
+    assert!(t.chat.hold_started.is_some());
+    t.chat.hold_started = Some(Instant::now() - HOLD_LIMIT - Duration::from_millis(1));
+    assert!(!t.chat.holding(), "held past the hold limit");
+    t.chat.notices_handled = 1;
+    assert!(!t.chat.holding(), "held for a notice handled");
+    assert_eq!(t.chat.hold_started, None, "the hold's start was kept");
 }
 
 /// While a line is held and nothing comes, the main loop sleeps until the hold's end: its
@@ -1814,19 +1829,15 @@ fn the_chat_is_held_for_a_waiting_notice_up_to_the_hold_limit() {
 /// on a core for the whole hold).
 #[test]
 fn a_held_line_waits_asleep_until_the_holds_end() {
-    let (session, _server) = pair("lobby", "ab");
-    let (screen, _rec) = screen(false);
-    let dead = DeadTcp::new();
-    let (mut chat, _lines, _ahead) =
-        main_loop(session, screen, closure::Policy::new(true), dead.addr);
-    chat.notices.store(1, Ordering::SeqCst);
-    chat.held = Some("hi".into());
+    let mut t = loop_under_test(closure::Policy::new(true));
+    t.chat.notices.store(1, Ordering::SeqCst);
+    t.chat.held = Some("hi".into());
     let left = Duration::from_millis(200);
     let started = Instant::now();
-    chat.hold_started = Some(started - HOLD_LIMIT + left);
-    assert!(chat.holding(), "not held for a notice not yet handled");
+    t.chat.hold_started = Some(started - HOLD_LIMIT + left);
+    assert!(t.chat.holding(), "not held for a notice not yet handled");
     assert!(
-        chat.next_event().is_none(),
+        t.chat.next_event().is_none(),
         "an event came, though none was sent"
     );
     let slept = started.elapsed();
@@ -1834,20 +1845,19 @@ fn a_held_line_waits_asleep_until_the_holds_end() {
         slept >= left,
         "the wait ended {slept:?} into a hold with {left:?} left"
     );
-    assert!(!chat.holding(), "still held after the hold's end");
+    assert!(!t.chat.holding(), "still held after the hold's end");
 }
 
 /// The main loop's timers start an idle check that is due.
 #[test]
 fn the_main_loops_timers_start_a_due_idle_check() {
-    let (session, _server) = pair("lobby", "ab");
-    let (screen, _rec) = screen(false);
-    let dead = DeadTcp::new();
-    let (mut chat, _lines, _ahead) =
-        main_loop(session, screen, closure::Policy::new(true), dead.addr);
-    chat.liveness = Some(Liveness::new(Duration::ZERO, Arc::clone(&chat.last_heard)));
-    assert!(chat.run_timers().is_none());
-    let live = chat.liveness.as_ref().unwrap();
+    let mut t = loop_under_test(closure::Policy::new(true));
+    t.chat.liveness = Some(Liveness::new(
+        Duration::ZERO,
+        Arc::clone(&t.chat.last_heard),
+    ));
+    assert!(t.chat.run_timers().is_none());
+    let live = t.chat.liveness.as_ref().unwrap();
     assert_eq!(live.due_at(), None, "no check in flight");
 }
 
@@ -1855,22 +1865,21 @@ fn the_main_loops_timers_start_a_due_idle_check() {
 /// be sent is told with the server's address and the error.
 #[test]
 fn a_refused_datagram_is_told_once_and_an_unsendable_keepalive_with_its_error() {
-    let (session, server) = pair("lobby", "ab");
-    let server = server.local_addr().unwrap();
-    let (screen, rec) = screen(false);
-    let dead = DeadTcp::new();
-    let (mut chat, _lines, _ahead) =
-        main_loop(session, screen, closure::Policy::new(true), dead.addr);
-    assert!(matches!(chat.handle(Event::Refused), Next::GoOn));
-    assert!(matches!(chat.handle(Event::Refused), Next::GoOn));
+    let mut t = loop_under_test(closure::Policy::new(true));
+    let server = t.server.local_addr().unwrap();
+    assert!(matches!(t.chat.handle(Event::Refused), Next::GoOn));
+    assert!(matches!(t.chat.handle(Event::Refused), Next::GoOn));
     let error = io::Error::other("no route to host");
     let unsent = unsendable(server, &error);
     for part in [server.to_string(), "no route to host".into()] {
         assert!(unsent.contains(&part), "{unsent:?} lacks {part:?}");
     }
-    assert!(matches!(chat.handle(Event::Unsendable(error)), Next::GoOn));
+    assert!(matches!(
+        t.chat.handle(Event::Unsendable(error)),
+        Next::GoOn
+    ));
     assert_eq!(
-        rec.lines(),
+        t.printed.lines(),
         [
             format!("err: {}", port_closed(server)),
             format!("err: {unsent}")
