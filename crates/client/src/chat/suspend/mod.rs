@@ -1,0 +1,269 @@
+//! Stops and resumes of a chat in the line editor: which thread stops the process on Ctrl+Z,
+//! in which terminal mode the shell gets the terminal back, and how the editor gets its mode
+//! and its line back on the screen however the process was stopped.
+//!
+//! This module owns the stop: SIGTSTP taken on the input thread alone, and its handler,
+//! which stops the process in the mode from before the chat; `ending` lets an end signal
+//! through a chat continued in the background, and stops it again when none comes;
+//! `resume` takes the editor's mode and draws its line again once the process is continued
+//! in the foreground.
+
+mod ending;
+mod resume;
+#[cfg(test)]
+mod tests;
+
+use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use log::debug;
+use nix::errno::Errno;
+use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use nix::sys::termios::Termios;
+
+use super::input_thread::BRACKETED_PASTE_OFF;
+pub(super) use ending::watch_for_the_end;
+use ending::{ending_within, let_the_end_through, END_SIGNAL_WAIT};
+pub(super) use resume::{redraw_on_resume, EditorThread};
+
+/// The terminal mode before the chat, the one the terminal guard puts back: the mode the
+/// process stops in. Plain data, read by the SIGTSTP handler.
+static MODE_BEFORE_CHAT: OnceLock<libc::termios> = OnceLock::new();
+
+/// The thread the editor reads on, while it runs ([`EditorThread`]).
+static EDITOR_THREAD: Mutex<Option<libc::pthread_t>> = Mutex::new(None);
+
+/// How the last stop came, as the SIGTSTP handler saw it ([`Stop`]); forgotten on the
+/// SIGCONT that finds the terminal ours.
+static LAST_STOP: AtomicU8 = AtomicU8::new(Stop::Unseen as u8);
+
+/// How the process was stopped, for what to do once it is continued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Stop {
+    /// No SIGTSTP went through the handler: a SIGSTOP, which no handler sees (or a SIGCONT
+    /// without a stop). The shell may have given the terminal its own mode meanwhile (bash
+    /// does), and the editor, which does not know, draws nothing.
+    Unseen,
+    /// A SIGTSTP that found the editor's raw mode: one from elsewhere (`kill -TSTP`) while
+    /// the editor reads. The handler puts that mode back; the editor, which does not know,
+    /// draws nothing.
+    InEditor,
+    /// A SIGTSTP in any other mode: the editor's own Ctrl+Z, after which the editor takes
+    /// its mode again and draws its line itself, or the terminal's between two lines, where
+    /// there is no line to draw.
+    Elsewhere,
+}
+
+impl Stop {
+    fn last() -> Stop {
+        match LAST_STOP.load(Ordering::SeqCst) {
+            x if x == Stop::InEditor as u8 => Stop::InEditor,
+            x if x == Stop::Elsewhere as u8 => Stop::Elsewhere,
+            _ => Stop::Unseen,
+        }
+    }
+}
+
+/// Ctrl+Z, to the line editor, means: give the terminal its mode back, stop the process
+/// with `kill(0, SIGTSTP)`, and once continued (`fg`), take raw mode again and redraw. In a
+/// process of several threads any thread may take that SIGTSTP, and `kill` returns at once
+/// to the editor, which took raw mode again before the process stopped; the shell then gave
+/// the terminal back to `ocm` in its own, cooked mode, which the editor did not know: after
+/// `fg` the terminal echoed what was typed, and the editor saw it only at Enter (a message
+/// arriving redrew the line without it). So SIGTSTP is blocked in the main thread before any
+/// helper thread starts (they inherit it) and unblocked on the input thread alone, where
+/// the editor's `kill` then stops the process before it returns, as in a program of one
+/// thread. Called by the main thread when the editor is used.
+///
+/// SIGCONT is blocked with it, and unblocked on the resume thread alone
+/// ([`redraw_on_resume`]), so that its handler runs on that thread, as it comes back from a
+/// stop and before it reads anything: taken by another thread, which may run only later, a
+/// SIGCONT already answered could be reported after the resume thread had looked for more,
+/// and be taken for a second stop, one no handler saw, with the line drawn again over the
+/// editor's own redraw. (A blocked SIGCONT still continues the process.)
+pub(super) fn suspend_on_input_thread() {
+    let mut set = tstp();
+    set.add(Signal::SIGCONT);
+    if let Err(e) = set.thread_block() {
+        debug!("cannot block SIGTSTP and SIGCONT: {e}");
+    }
+}
+
+/// Lets the calling thread (the input thread) take SIGTSTP; see [`suspend_on_input_thread`].
+pub(super) fn take_suspend_here() {
+    if let Err(e) = tstp().thread_unblock() {
+        debug!("cannot unblock SIGTSTP: {e}");
+    }
+}
+
+fn tstp() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTSTP);
+    set
+}
+
+/// Keeps `mode`, the terminal's mode before the chat, as the one to stop in
+/// ([`stop_in_the_mode_before_the_chat`]).
+pub(super) fn remember_mode_before_chat(mode: &Termios) {
+    let _ = MODE_BEFORE_CHAT.set(libc::termios::from(mode.clone()));
+}
+
+/// Makes SIGTSTP stop the process in the terminal's mode before the chat, and put back the
+/// mode it found once continued. The editor stops the process in the mode it found when it
+/// took raw mode, and between two lines (where Ctrl+Z is the terminal's own SIGTSTP) the
+/// terminal stays in that mode: the quiet one `ocm` sets there, without echo and without
+/// line editing. bash and zsh put back the mode they had when a job stops; dash, busybox sh
+/// and others do not, and were left with a terminal that echoed nothing and edited no line
+/// until `fg` or `stty sane`. A SIGTSTP sent from elsewhere (`kill -TSTP`) while the editor
+/// reads stops in that mode too, with bracketed paste turned off as at the chat's end, and
+/// gets raw mode back; the line is drawn again by [`redraw_on_resume`].
+/// Called on the input thread, the one that takes SIGTSTP.
+pub(super) fn stop_in_the_mode_before_the_chat() {
+    if MODE_BEFORE_CHAT.get().is_none() {
+        return;
+    }
+    // SAFETY: the handler does only what is async-signal-safe (tcgetattr, tcsetattr,
+    // sigaction, raise, pthread_sigmask; errno saved and put back) and reads a static set
+    // before it is installed.
+    if let Err(e) = unsafe { signal::sigaction(Signal::SIGTSTP, &sigtstp_action()) } {
+        debug!("cannot stop in the terminal's mode before the chat: {e}");
+    }
+}
+
+/// The handler of [`stop_in_the_mode_before_the_chat`], restarting the reads it interrupts.
+fn sigtstp_action() -> SigAction {
+    SigAction::new(
+        SigHandler::Handler(on_sigtstp),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    )
+}
+
+/// Puts the terminal in its mode before the chat, its unread input discarded, stops the
+/// process as SIGTSTP's default action would, and once continued puts back the mode found:
+/// the quiet one between two lines, the one the editor's Ctrl+Z left, from which it takes
+/// raw mode again, or the editor's raw mode itself (a SIGTSTP from elsewhere), noted in
+/// [`LAST_STOP`] for [`redraw_on_resume`].
+extern "C" fn on_sigtstp(_: libc::c_int) {
+    let errno = Errno::last_raw();
+    let mut found = MaybeUninit::<libc::termios>::uninit();
+    // SAFETY: tcgetattr fills `found` when it returns 0; tcsetattr reads a whole termios.
+    let found = unsafe {
+        (libc::tcgetattr(libc::STDIN_FILENO, found.as_mut_ptr()) == 0).then(|| found.assume_init())
+    };
+    let in_editor = found.as_ref().is_some_and(in_editor_mode);
+    if in_editor {
+        // The editor turned the terminal's bracketed paste on for the line it reads, and
+        // turns it off only when it returns one or stops itself: the shell would get each
+        // paste wrapped in `ESC [200~` ... `ESC [201~` (see the terminal guard).
+        // SAFETY: write is async-signal-safe; the buffer is a static.
+        unsafe {
+            libc::write(
+                libc::STDOUT_FILENO,
+                BRACKETED_PASTE_OFF.as_ptr().cast(),
+                BRACKETED_PASTE_OFF.len(),
+            )
+        };
+    }
+    let seen = if in_editor {
+        Stop::InEditor
+    } else {
+        Stop::Elsewhere
+    };
+    LAST_STOP.store(seen as u8, Ordering::SeqCst);
+    if let Some(before) = MODE_BEFORE_CHAT.get() {
+        // TCSAFLUSH: the shell reads the terminal as soon as the process stops, and would
+        // run what `ocm` had not read (keys typed after the editor's Ctrl+Z, the rest of a
+        // paste) as commands. The terminal's own Ctrl+Z discards that input too (ISIG
+        // without NOFLSH), so a stop drops the same whichever way it comes.
+        set_mode(libc::STDIN_FILENO, libc::TCSAFLUSH, before);
+        discard_unread_input();
+    }
+    stop();
+    // Continued in the background (`bg`; or the SIGCONT a shell's `kill %1` sends after its
+    // SIGTERM, so that the job can act on it): setting the mode from there would stop the
+    // process (SIGTTOU) until `fg`. For `bg` that is right, and stopping again says so
+    // plainly; but a chat told to end must be let go on to its `__LEAVE__` and exit, with the
+    // terminal, still the shell's, left in the mode it stopped in.
+    while !in_foreground() {
+        if ending_within(END_SIGNAL_WAIT) {
+            // The signal watcher and the main loop end the chat and the process (within
+            // the watcher's grace). This thread waits for that here: returned to, the
+            // editor would draw its line over the shell's screen.
+            let_the_end_through();
+            loop {
+                // SAFETY: pause is async-signal-safe.
+                unsafe { libc::pause() };
+            }
+        }
+        stop();
+    }
+    if let Some(found) = found {
+        set_mode(libc::STDIN_FILENO, libc::TCSADRAIN, &found);
+    }
+    Errno::set_raw(errno);
+}
+
+/// Sets the mode of the terminal `fd` (standard input), again if a signal handler that does
+/// not restart calls interrupts it: the editor's, for SIGWINCH, which
+/// `resume::wake_the_editor` sends to this very thread when the process is continued, while
+/// the mode set from the background waits for `fg` (see [`redraw_on_resume`]). From a
+/// signal handler: async-signal-safe.
+fn set_mode(fd: libc::c_int, when: libc::c_int, mode: &libc::termios) {
+    // SAFETY: tcsetattr reads a whole termios.
+    while unsafe { libc::tcsetattr(fd, when, mode) } != 0 && Errno::last() == Errno::EINTR {}
+}
+
+/// Discards all the terminal holds unread. `tcsetattr`'s TCSAFLUSH empties only the line
+/// discipline's queue: what the other side of a pseudo-terminal wrote last (the end of a
+/// paste) can still wait in the kernel's buffer before it, and reaches the queue after the
+/// flush, for the shell to read. `tcflush(TCIFLUSH)` empties both. Async-signal-safe.
+pub(super) fn discard_unread_input() {
+    // SAFETY: tcflush takes a descriptor and a constant. It fails only where standard input
+    // is no terminal (any more), whose unread input no shell would take as typed.
+    let _ = unsafe { libc::tcflush(libc::STDIN_FILENO, libc::TCIFLUSH) };
+}
+
+/// SIGTSTP's default action, from its handler: the signal is blocked while the handler
+/// runs, so raised with the default action it waits until unblocked, and stops the process
+/// there; continued, the signal is blocked again and the handler put back.
+fn stop() {
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    // SAFETY: the default action, then this handler again; both async-signal-safe.
+    unsafe {
+        let _ = signal::sigaction(Signal::SIGTSTP, &default);
+        let _ = signal::raise(Signal::SIGTSTP);
+        let _ = tstp().thread_unblock();
+        let _ = tstp().thread_block();
+        let _ = signal::sigaction(Signal::SIGTSTP, &sigtstp_action());
+    }
+}
+
+/// Whether `mode` is the editor's raw mode: neither line editing nor signals from the
+/// terminal (the quiet mode between two lines keeps signals, the shell's mode has both).
+fn in_editor_mode(mode: &libc::termios) -> bool {
+    mode.c_lflag & (libc::ICANON | libc::ISIG) == 0
+}
+
+/// The raw mode the editor reads a line in, made of the mode before the chat as rustyline
+/// (19, `tty/unix.rs`, `enable_raw_mode`) makes it of the mode it finds (the quiet one
+/// between two lines, itself the mode before the chat without echo and line editing): no
+/// break, CR to NL, parity check, bit stripping or flow control on input; 8 bits; no echo,
+/// line editing, extended input or signals; reads return each byte as it comes.
+fn editor_mode(before: &libc::termios) -> libc::termios {
+    let mut raw = *before;
+    raw.c_iflag &= !(libc::BRKINT | libc::ICRNL | libc::INPCK | libc::ISTRIP | libc::IXON);
+    raw.c_cflag |= libc::CS8;
+    raw.c_lflag &= !(libc::ECHO | libc::ICANON | libc::IEXTEN | libc::ISIG);
+    raw.c_cc[libc::VMIN] = 1;
+    raw.c_cc[libc::VTIME] = 0;
+    raw
+}
+
+/// Whether our process group has the terminal.
+fn in_foreground() -> bool {
+    // SAFETY: plain system calls on standard input, which stays open.
+    unsafe { libc::tcgetpgrp(libc::STDIN_FILENO) == libc::getpgrp() }
+}

@@ -1,0 +1,245 @@
+//! Coming back from a stop: the resume thread, which takes each SIGCONT, sets the editor's
+//! mode again once the terminal is ours and has the editor draw its prompt and line anew,
+//! waking its read (and waking it again, in case the first wake came too early).
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, PoisonError};
+use std::thread;
+use std::time::Duration;
+
+use log::debug;
+use nix::errno::Errno;
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::termios::{tcsetattr, SetArg, Termios};
+use signal_hook::consts::SIGCONT;
+use signal_hook::iterator::Signals;
+
+use super::ending::{ending, let_the_end_through};
+use super::{editor_mode, in_foreground, Stop, EDITOR_THREAD, LAST_STOP, MODE_BEFORE_CHAT};
+use crate::feed::Feed;
+
+/// Makes the editor draw its prompt and line again whenever the process is continued
+/// (SIGCONT: `fg`, `kill -CONT`) while the editor reads a line, once the terminal is ours
+/// (our process group in its foreground), unless the editor stopped the process itself (its
+/// Ctrl+Z), after which it draws them itself. A stop it did not see (`kill -TSTP`, `kill
+/// -STOP`) left the screen to the shell, and the line being typed off it until the next
+/// message. After a SIGSTOP, which no handler sees, the terminal may also be in the shell's
+/// own mode (bash puts its mode back when a job stops, and does not give the job's back on
+/// `fg`), which echoed what was typed and handed it to the editor only at Enter: the
+/// editor's raw mode is set again first ([`take_editor_mode`]). The drawing is asked of the
+/// editor through its external printer ([`Feed::redraw`]), so its own thread does it,
+/// between two keys, once it waits for the next one ([`wake_the_editor`]).
+///
+/// Continued in the background after a SIGSTOP (`kill -CONT` while the shell, which saw the
+/// job stop, has the terminal), the process ran on unseen, and a shell's `fg` continues
+/// (SIGCONT) only a job that is stopped, so it got the terminal back with no signal, no
+/// prompt and the shell's mode. Setting the editor's mode from the background now stops it
+/// again (SIGTTOU, then `ending::on_terminal_from_the_background`'s SIGSTOP once no end
+/// has come) until `fg`, which continues it in the foreground, where the mode is set and the line
+/// drawn. (After a SIGTSTP, the handler's setting the mode back stops it in the
+/// same way.)
+///
+/// Called on the thread the editor reads on, before it takes SIGTSTP (the watching thread
+/// must not); the editor's thread is known as such until the guard returned is dropped.
+pub(in crate::chat) fn redraw_on_resume(
+    feed: Feed,
+    reading: Arc<AtomicBool>,
+) -> io::Result<EditorThread> {
+    let mut signals = Signals::new([SIGCONT])?;
+    let again = spawn_rewaker(Arc::clone(&reading))?;
+    thread::Builder::new()
+        .name("resume".into())
+        .spawn(move || {
+            // Blocked in every other thread (see `suspend_on_input_thread`).
+            let mut cont = SigSet::empty();
+            cont.add(Signal::SIGCONT);
+            if let Err(e) = cont.thread_unblock() {
+                debug!("cannot unblock SIGCONT: {e}");
+            }
+            while signals.forever().next().is_some() {
+                if on_resume(&feed, &reading, &again) {
+                    // A SIGCONT that came meanwhile was for the stop just settled, not a
+                    // second one: the `fg` that continued the stop which setting the mode
+                    // from the background met, or, on a busy machine, the `fg` after the
+                    // `bg` being answered, which would otherwise be taken for a stop no
+                    // handler saw, and the line drawn again over the editor's own redraw.
+                    // Its handler ran on this thread as it came back from the stop (no
+                    // other thread takes SIGCONT), so it is pending here by now.
+                    signals.pending().for_each(drop);
+                }
+            }
+        })?;
+    Ok(EditorThread::here())
+}
+
+/// The calling thread known as the editor's, for [`wake_the_editor`], until dropped (before
+/// the thread ends: a signal to a thread that has ended is undefined).
+pub(in crate::chat) struct EditorThread;
+
+impl EditorThread {
+    pub(super) fn here() -> EditorThread {
+        // SAFETY: no precondition.
+        *editor_thread() = Some(unsafe { libc::pthread_self() });
+        EditorThread
+    }
+}
+
+impl Drop for EditorThread {
+    fn drop(&mut self) {
+        *editor_thread() = None;
+    }
+}
+
+/// The editor's thread, locked: a poisoned lock holds a plain value, used as is.
+pub(super) fn editor_thread() -> std::sync::MutexGuard<'static, Option<libc::pthread_t>> {
+    EDITOR_THREAD.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Makes the editor's thread go back to waiting for a key or a line to print, where it
+/// takes the redraw asked for. It may be inside a read of the terminal instead, where the
+/// external printer waits for the next key: a read begun in the background (keys typed to
+/// the shell wake the editor there too) stops the process with SIGTTIN, and once continued
+/// in the foreground waits for a key the shell has already read. A SIGWINCH to that thread
+/// ends its read (the editor's handler for it does not restart reads) and makes the editor
+/// read the terminal's size again, as after its own Ctrl+Z: the terminal may have been
+/// resized while the shell had it, and told only the shell.
+fn wake_the_editor() {
+    let thread = editor_thread();
+    if let Some(thread) = *thread {
+        // SAFETY: the thread is alive: it forgets itself (under this lock) before it ends.
+        unsafe { libc::pthread_kill(thread, libc::SIGWINCH) };
+    }
+}
+
+/// What [`redraw_on_resume`] does on each SIGCONT; whether it settled a stop with the
+/// terminal ours (a stop the handler saw, or one it asked a redraw for).
+pub(super) fn on_resume(feed: &Feed, reading: &AtomicBool, again: &mpsc::Sender<()>) -> bool {
+    if ending() {
+        // Continued to end (a shell's `kill %1`): nothing to draw, and no mode to take from
+        // the background, which would stop the process before its `__LEAVE__`.
+        let_the_end_through();
+        return true;
+    }
+    let stop = Stop::last();
+    if stop != Stop::Unseen {
+        if !in_foreground() {
+            // Continued in the background (`bg`): the handler, setting the mode it found
+            // again, stops the process (SIGTTOU) until `fg`, whose SIGCONT ends this stop.
+            return false;
+        }
+        LAST_STOP.store(Stop::Unseen as u8, Ordering::SeqCst);
+        if stop == Stop::Elsewhere {
+            return true;
+        }
+    }
+    if !reading.load(Ordering::SeqCst) {
+        return stop != Stop::Unseen;
+    }
+    if stop == Stop::Unseen {
+        take_editor_mode();
+        if ending() {
+            // Told to end while setting the mode stopped the process in the background
+            // (SIGTTOU; a shell's `kill %1` then continues it): the terminal is still the
+            // shell's, and the line must not be drawn over its screen.
+            let_the_end_through();
+            return true;
+        }
+    }
+    feed.redraw();
+    wake_the_editor();
+    // The rewaker has gone only if its thread did (a panic): then this wake is the one.
+    let _ = again.send(());
+    true
+}
+
+/// When the editor's thread is woken again after [`wake_the_editor`]: soon, then later for a
+/// thread that waits long for a core, as on a loaded machine.
+const WAKE_AGAIN_AFTER: [Duration; 3] = [
+    Duration::from_millis(10),
+    Duration::from_millis(50),
+    Duration::from_millis(250),
+];
+
+/// Starts the thread that wakes the editor's thread again, on the schedule of
+/// [`WAKE_AGAIN_AFTER`], after each wake asked for a redraw (a message on the sender
+/// returned; one during a schedule starts it again). Called on the input thread, where
+/// SIGTSTP and SIGCONT are blocked: the rewaker, which inherits its mask, takes neither.
+///
+/// Once wake is not always enough. The editor's thread, stopped in a read of the terminal
+/// begun in the background (SIGTTIN), and the resume thread are continued by the same
+/// SIGCONT. The wake's SIGWINCH can come just after the kernel, bringing the editor's thread
+/// back from its stop, has decided to restart that read and before the read runs again:
+/// its handler then runs, notes the signal for a `select` that is not running, and the read
+/// starts again, waiting for a key, with the redraw asked for left until one comes (one run
+/// in 120–240 of `after_a_sigstop_and_fg_the_editor_takes_its_mode_and_draws_its_line_again`
+/// under six-fold load). A SIGWINCH that finds the editor waiting where it should makes it
+/// read the terminal's size, and draw nothing if that did not change; one that finds it in
+/// the restarted read ends the read, and the editor takes the redraw. (One that finds it
+/// still in `ending::on_terminal_from_the_background`, which it leaves within a step of 5
+/// ms of `fg`, only cuts that step short: a later one finds it in the read.) No wake is sent while
+/// keys wait unread: the editor is not stuck then, it reads them, and a signal in the middle
+/// of an escape sequence would cut it in two.
+pub(super) fn spawn_rewaker(reading: Arc<AtomicBool>) -> io::Result<mpsc::Sender<()>> {
+    let (again, asked) = mpsc::channel::<()>();
+    thread::Builder::new()
+        .name("rewake".into())
+        .spawn(move || {
+            // The first request, then one schedule per request, started again by the next.
+            'requests: while asked.recv().is_ok() {
+                let mut step = 0;
+                while let Some(&wait) = WAKE_AGAIN_AFTER.get(step) {
+                    match asked.recv_timeout(wait) {
+                        Ok(()) => {
+                            step = 0;
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break 'requests,
+                    }
+                    step += 1;
+                    if ending() || !reading.load(Ordering::SeqCst) {
+                        continue 'requests;
+                    }
+                    if !keys_waiting(libc::STDIN_FILENO) {
+                        wake_the_editor();
+                    }
+                }
+            }
+        })?;
+    Ok(again)
+}
+
+/// Whether the terminal `fd` (standard input) holds input not yet read (`FIONREAD`); no
+/// when it cannot say.
+pub(super) fn keys_waiting(fd: libc::c_int) -> bool {
+    let mut unread: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int to the pointer given.
+    let asked = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut unread) };
+    asked == 0 && unread > 0
+}
+
+/// Sets the editor's raw mode, whatever the mode found (a shell may have given the
+/// terminal its own). From the background the process is stopped (SIGTTOU, then
+/// `ending::on_terminal_from_the_background`) until it is continued in the foreground,
+/// where the call goes through: it returns with the terminal ours, however long that takes.
+/// A shell's `fg` that comes while the handler waits for an end lets the call through within
+/// a step of the wait (5 ms); one that came in the instant between the handler's last look
+/// at the terminal and its stop would see the job stop again, and a second `fg` continue it.
+fn take_editor_mode() {
+    let Some(before) = MODE_BEFORE_CHAT.get() else {
+        return;
+    };
+    // TCSADRAIN, as the editor does: what was typed meanwhile is the editor's to read.
+    let mode = Termios::from(editor_mode(before));
+    // Again if interrupted: the editor's SIGWINCH handler does not restart calls.
+    let set = loop {
+        match tcsetattr(io::stdin(), SetArg::TCSADRAIN, &mode) {
+            Err(Errno::EINTR) => continue,
+            set => break set,
+        }
+    };
+    if let Err(e) = set {
+        debug!("cannot take the editor's mode again: {e}");
+    }
+}

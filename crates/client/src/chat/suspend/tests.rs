@@ -1,0 +1,642 @@
+//! Stops, ends and resumes, against the process's own signals and pseudo-terminals.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, PoisonError};
+use std::thread;
+use std::time::Duration;
+
+use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
+
+use super::ending::*;
+use super::resume::*;
+use super::*;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+
+/// A SIGWINCH handler that does not restart the reads it interrupts, as the editor's.
+extern "C" fn interrupt(_: libc::c_int) {}
+
+/// Tests that set the editor's thread, SIGTTOU's action or [`LAST_STOP`] take turns.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A thread known as the editor's, waiting in a read that only a signal ends (a pipe's,
+/// which nothing is written to, as the restarted read of the terminal), and telling each
+/// interruption.
+struct EditorInARead {
+    thread: thread::JoinHandle<()>,
+    interrupted: mpsc::Receiver<()>,
+    writer: io::PipeWriter,
+}
+
+impl EditorInARead {
+    /// Starts it, and returns once it waits in its read, where the kernel says so
+    /// (where it does not, the wakes come on a schedule and find it there later).
+    fn start() -> EditorInARead {
+        let action = SigAction::new(
+            SigHandler::Handler(interrupt),
+            SaFlags::empty(),
+            SigSet::empty(),
+        );
+        // SAFETY: the handler does nothing.
+        unsafe { signal::sigaction(Signal::SIGWINCH, &action) }.expect("a SIGWINCH handler");
+        let (reader, writer) = io::pipe().expect("a pipe");
+        let (started, thread_id) = mpsc::channel();
+        let (told, interrupted) = mpsc::channel();
+        let thread = thread::spawn(move || {
+            let _known = EditorThread::here();
+            // SAFETY: no precondition.
+            started
+                .send(unsafe { libc::gettid() })
+                .expect("the test waits");
+            let mut byte = [0u8; 1];
+            loop {
+                // SAFETY: reads at most one byte into `byte`.
+                let read = unsafe { libc::read(reader.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
+                if read < 0 && Errno::last() == Errno::EINTR {
+                    let _ = told.send(());
+                    continue;
+                }
+                // The byte that ends the test (or the pipe closed).
+                return;
+            }
+        });
+        let tid = thread_id
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the editor's thread started");
+        let syscall = format!("/proc/self/task/{tid}/syscall");
+        let in_read = format!("{} ", libc::SYS_read);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&syscall).map_or(true, |s| s.starts_with(&in_read)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the editor's thread never waited in its read"
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+        EditorInARead {
+            thread,
+            interrupted,
+            writer,
+        }
+    }
+
+    /// Ends its read, and the thread.
+    fn end(mut self) {
+        self.writer
+            .write_all(b"x")
+            .expect("the byte that ends the read");
+        self.thread.join().expect("the editor's thread");
+    }
+}
+
+/// The editor's thread, stuck in a read that the first wake missed, is woken out of it
+/// by the rewaker once a redraw has been asked for, without another wake from the
+/// resume thread.
+#[test]
+fn the_rewaker_ends_a_read_the_first_wake_missed() {
+    let _serial = serial();
+    let editor = EditorInARead::start();
+    let again = spawn_rewaker(Arc::new(AtomicBool::new(true))).expect("the rewaker");
+    again.send(()).expect("the rewaker listens");
+    let woken = editor.interrupted.recv_timeout(Duration::from_secs(10));
+    editor.end();
+    assert!(woken.is_ok(), "the read was never interrupted");
+    // Ended, the thread is no longer known: no wake goes to it.
+    assert!(
+        editor_thread().is_none(),
+        "an ended editor's thread still known"
+    );
+}
+
+/// One request makes the rewaker wake the editor three times (10, 60 and 310 ms after
+/// it), then no more until the next; and none while the editor reads no line.
+#[test]
+fn the_rewaker_wakes_three_times_a_request_and_never_when_no_line_is_read() {
+    let _serial = serial();
+    let editor = EditorInARead::start();
+    let reading = Arc::new(AtomicBool::new(true));
+    let again = spawn_rewaker(Arc::clone(&reading)).expect("the rewaker");
+    again.send(()).expect("the rewaker listens");
+    for wake in 1..=3 {
+        let woken = editor.interrupted.recv_timeout(Duration::from_secs(10));
+        assert!(woken.is_ok(), "wake {wake} never came");
+    }
+    let fourth = editor.interrupted.recv_timeout(Duration::from_millis(600));
+    reading.store(false, Ordering::SeqCst);
+    again.send(()).expect("the rewaker listens");
+    let not_reading = editor.interrupted.recv_timeout(Duration::from_millis(600));
+    drop(again);
+    editor.end();
+    assert!(fourth.is_err(), "a fourth wake for one request");
+    assert!(not_reading.is_err(), "a wake while no line is read");
+}
+
+/// Continued after a stop no handler saw, while the editor reads a line, the line is
+/// drawn again (through the feed) and the editor woken, with the rewaker told; while it
+/// reads none, nothing is drawn or settled.
+#[test]
+fn resumed_after_an_unseen_stop_the_line_being_read_is_drawn_again() {
+    let _serial = serial();
+    let (feed, readline) = crate::feed::tests::one_slot_feed();
+    let (again, asked) = mpsc::channel();
+    let reading = AtomicBool::new(false);
+    LAST_STOP.store(Stop::Unseen as u8, Ordering::SeqCst);
+    assert!(!on_resume(&feed, &reading, &again), "settled with no line");
+    assert!(readline.recv_timeout(Duration::from_millis(200)).is_err());
+    assert!(asked.try_recv().is_err(), "the rewaker told with no line");
+    reading.store(true, Ordering::SeqCst);
+    assert!(on_resume(&feed, &reading, &again), "not settled");
+    assert_eq!(
+        readline.recv_timeout(Duration::from_secs(10)).as_deref(),
+        Ok(crate::feed::REDRAW)
+    );
+    assert_eq!(asked.try_recv(), Ok(()), "the rewaker not told");
+    assert!(feed.close().is_empty());
+}
+
+/// Continued in the background after a stop the handler saw (`bg`), nothing is drawn
+/// and nothing settled: the stop is kept for the `fg` to come. (Only where the test's
+/// standard input is not a terminal it has: the foreground is the integration tests'.)
+#[test]
+fn continued_in_the_background_after_a_seen_stop_nothing_is_drawn_or_settled() {
+    if in_foreground() {
+        return;
+    }
+    let _serial = serial();
+    let (feed, readline) = crate::feed::tests::one_slot_feed();
+    let (again, asked) = mpsc::channel();
+    for stop in [Stop::InEditor, Stop::Elsewhere] {
+        for reading in [false, true] {
+            LAST_STOP.store(stop as u8, Ordering::SeqCst);
+            let settled = on_resume(&feed, &AtomicBool::new(reading), &again);
+            assert!(!settled, "{stop:?}, reading {reading}: settled");
+            assert_eq!(Stop::last(), stop, "reading {reading}: the stop forgotten");
+        }
+    }
+    LAST_STOP.store(Stop::Unseen as u8, Ordering::SeqCst);
+    assert!(readline.recv_timeout(Duration::from_millis(200)).is_err());
+    assert!(asked.try_recv().is_err());
+    assert!(feed.close().is_empty());
+}
+
+/// Continued to end (an end signal pending), nothing is drawn, the stop is settled,
+/// and SIGTTOU and SIGTTIN are ignored, so that the end is not stopped from the
+/// background.
+#[test]
+fn continued_to_end_nothing_is_drawn_and_the_end_is_let_through() {
+    let _serial = serial();
+    let (feed, readline) = crate::feed::tests::one_slot_feed();
+    let mut outcome = None;
+    let after = with_default_background_actions(|| {
+        let feed = feed.clone();
+        outcome = Some(
+            thread::spawn(move || {
+                let mut hup = SigSet::empty();
+                hup.add(Signal::SIGHUP);
+                hup.thread_block().expect("SIGHUP blocked");
+                // SAFETY: a signal to this very thread, which blocks it.
+                unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGHUP) };
+                let (again, asked) = mpsc::channel();
+                LAST_STOP.store(Stop::Unseen as u8, Ordering::SeqCst);
+                let settled = on_resume(&feed, &AtomicBool::new(true), &again);
+                assert_eq!(hup.wait(), Ok(Signal::SIGHUP));
+                (settled, asked.try_recv().is_ok())
+            })
+            .join()
+            .expect("the resuming thread"),
+        );
+    });
+    let (settled, asked) = outcome.expect("run");
+    assert!(settled, "not settled");
+    assert!(!asked, "the rewaker told");
+    assert!(after
+        .iter()
+        .all(|a| matches!(a.handler(), SigHandler::SigIgn)));
+    assert!(readline.recv_timeout(Duration::from_millis(200)).is_err());
+    assert!(feed.close().is_empty());
+}
+
+/// A terminal mode with the local flags `lflag` and nothing else.
+fn mode_with(lflag: libc::tcflag_t) -> libc::termios {
+    // SAFETY: termios is plain data, for which all zeroes is a value.
+    let mut mode: libc::termios = unsafe { std::mem::zeroed() };
+    mode.c_lflag = lflag;
+    mode
+}
+
+/// The editor's raw mode is the one without both line editing and signals: the shell's
+/// mode has both, the quiet mode between two lines keeps signals, and a mode with line
+/// editing alone is not the editor's either.
+#[test]
+fn the_editor_mode_is_the_one_without_line_editing_and_signals() {
+    let others = libc::ECHOE | libc::ECHOK | libc::ECHOCTL;
+    assert!(in_editor_mode(&mode_with(0)));
+    assert!(in_editor_mode(&mode_with(others | libc::ECHO)));
+    for lflag in [
+        libc::ICANON | libc::ISIG | libc::ECHO | libc::IEXTEN,
+        libc::ISIG,
+        libc::ICANON,
+        libc::ISIG | others,
+    ] {
+        assert!(!in_editor_mode(&mode_with(lflag)), "{lflag:o}");
+    }
+}
+
+/// The editor's mode is made of the mode before the chat as rustyline makes its raw
+/// mode: the input, control and local flags named are cleared (or CS8 set), every other
+/// flag and character kept, and reads take each byte as it comes.
+#[test]
+fn the_editor_mode_clears_what_rustyline_clears_and_keeps_the_rest() {
+    let mut before = mode_with(
+        libc::ECHO | libc::ICANON | libc::IEXTEN | libc::ISIG | libc::ECHOE | libc::ECHOCTL,
+    );
+    before.c_iflag = libc::BRKINT
+        | libc::ICRNL
+        | libc::INPCK
+        | libc::ISTRIP
+        | libc::IXON
+        | libc::IUTF8
+        | libc::IMAXBEL;
+    before.c_oflag = libc::OPOST | libc::ONLCR;
+    before.c_cflag = libc::CS7 | libc::CREAD | libc::HUPCL;
+    before.c_cc[libc::VMIN] = 0;
+    before.c_cc[libc::VTIME] = 5;
+    before.c_cc[libc::VINTR] = 3;
+    let raw = editor_mode(&before);
+    assert_eq!(raw.c_iflag, libc::IUTF8 | libc::IMAXBEL, "input flags");
+    assert_eq!(raw.c_oflag, libc::OPOST | libc::ONLCR, "output flags");
+    assert_eq!(
+        raw.c_cflag,
+        libc::CS8 | libc::CREAD | libc::HUPCL,
+        "control flags"
+    );
+    assert_eq!(raw.c_lflag, libc::ECHOE | libc::ECHOCTL, "local flags");
+    assert_eq!(
+        (
+            raw.c_cc[libc::VMIN],
+            raw.c_cc[libc::VTIME],
+            raw.c_cc[libc::VINTR]
+        ),
+        (1, 0, 3)
+    );
+    assert!(in_editor_mode(&raw));
+}
+
+/// How the last stop came is read back as the handler noted it, and anything else as
+/// a stop no handler saw.
+#[test]
+fn the_last_stop_is_read_back_as_noted() {
+    let _serial = serial();
+    for stop in [Stop::InEditor, Stop::Elsewhere, Stop::Unseen] {
+        LAST_STOP.store(stop as u8, Ordering::SeqCst);
+        assert_eq!(Stop::last(), stop);
+    }
+    LAST_STOP.store(200, Ordering::SeqCst);
+    assert_eq!(Stop::last(), Stop::Unseen);
+    LAST_STOP.store(Stop::Unseen as u8, Ordering::SeqCst);
+}
+
+/// An end signal pending for the thread that asks (here a SIGHUP it blocks, sent to
+/// itself) is the chat told to end, at once; with none, the wait is waited out, and not
+/// much longer.
+#[test]
+fn an_end_signal_pending_is_seen_and_without_one_the_wait_is_waited_out() {
+    let _serial = serial();
+    thread::spawn(|| {
+        let mut hup = SigSet::empty();
+        hup.add(Signal::SIGHUP);
+        hup.thread_block().expect("SIGHUP blocked");
+        assert!(!ending(), "nothing is pending yet");
+        let started = std::time::Instant::now();
+        assert!(!ending_within(END_SIGNAL_WAIT));
+        let waited = started.elapsed();
+        assert!(
+            waited >= END_SIGNAL_WAIT && waited < Duration::from_millis(2500),
+            "waited {waited:?}"
+        );
+        // SAFETY: a signal to this very thread, which blocks it.
+        unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGHUP) };
+        assert!(ending(), "the SIGHUP pending is seen");
+        assert!(ending_within(END_SIGNAL_WAIT));
+        // Taken, so that it goes nowhere else.
+        assert_eq!(hup.wait(), Ok(Signal::SIGHUP));
+        assert!(!ending());
+    })
+    .join()
+    .expect("the asking thread");
+}
+
+/// Letting the end through ignores SIGTTOU and SIGTTIN, so that neither the mode set
+/// nor the read of the terminal from the background stops the process before its
+/// `__LEAVE__`.
+#[test]
+fn letting_the_end_through_ignores_sigttou_and_sigttin() {
+    let _serial = serial();
+    let after = with_default_background_actions(let_the_end_through);
+    assert!(after
+        .iter()
+        .all(|a| matches!(a.handler(), SigHandler::SigIgn)));
+}
+
+/// Runs `f` with the default actions of SIGTTOU and SIGTTIN, then puts back the actions
+/// found, and returns the ones `f` left.
+fn with_default_background_actions(f: impl FnOnce()) -> [SigAction; 2] {
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    let signals = [Signal::SIGTTOU, Signal::SIGTTIN];
+    // SAFETY: the default actions, put back below.
+    let before = signals.map(|s| unsafe { signal::sigaction(s, &default) }.expect("action"));
+    f();
+    // SAFETY: the actions found are put back.
+    [0, 1].map(|i| unsafe { signal::sigaction(signals[i], &before[i]) }.expect("action"))
+}
+
+/// A wait of [`ending_within`] whose step comes back late (from a stop) starts again,
+/// so that it is waited in full once the process runs; and a step always late starts it
+/// again only [`FRESH_WAITS`] times, then counts.
+#[test]
+fn a_late_step_starts_the_wait_again_a_few_times_at_most() {
+    let _serial = serial();
+    thread::spawn(|| {
+        let steps = std::cell::Cell::new(0);
+        let started = std::time::Instant::now();
+        let ended = ending_within_steps_of(END_SIGNAL_WAIT, || {
+            steps.set(steps.get() + 1);
+            let nap = if steps.get() == 1 { 150 } else { 5 };
+            thread::sleep(Duration::from_millis(nap));
+            false
+        });
+        assert!(!ended);
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(150) + END_SIGNAL_WAIT,
+            "waited {waited:?} in {} steps",
+            steps.get()
+        );
+        let steps = std::cell::Cell::new(0);
+        let ended = ending_within_steps_of(END_SIGNAL_WAIT, || {
+            steps.set(steps.get() + 1);
+            thread::sleep(LATE_STEP + Duration::from_millis(20));
+            false
+        });
+        assert!(!ended);
+        // Each late step counts once the fresh waits are spent: 120 ms, then 240 ms (or
+        // one step of 200 ms or more, on a loaded machine).
+        assert!(
+            (FRESH_WAITS + 1..=FRESH_WAITS + 2).contains(&steps.get()),
+            "{} steps",
+            steps.get()
+        );
+    })
+    .join()
+    .expect("the waiting thread");
+}
+
+/// A thread that makes the stop for a call from the background, counting its calls.
+struct Stopper {
+    foreground_asked: std::cell::Cell<u32>,
+    stops: std::cell::Cell<u32>,
+}
+
+impl Stopper {
+    /// Runs [`wait_for_the_end_or_stop`] from `stops_before` in [`STOPS`], with the
+    /// process in the foreground or not as `foreground` says on each question (given
+    /// its number, from 1), on a thread of its own, and checks that each stop is made
+    /// with [`STOPS`] odd; returns the counts, and [`STOPS`] after.
+    fn run(
+        stops_before: u32,
+        foreground: impl Fn(u32) -> bool + Send + 'static,
+    ) -> (u32, u32, u32) {
+        STOPS.store(stops_before, Ordering::SeqCst);
+        let (asked, stops) = thread::spawn(move || {
+            let stopper = Stopper {
+                foreground_asked: std::cell::Cell::new(0),
+                stops: std::cell::Cell::new(0),
+            };
+            wait_for_the_end_or_stop(
+                || false,
+                || {
+                    let n = stopper.foreground_asked.get() + 1;
+                    stopper.foreground_asked.set(n);
+                    foreground(n)
+                },
+                || {
+                    let stops = STOPS.load(Ordering::SeqCst);
+                    assert!(
+                        !stops.is_multiple_of(2),
+                        "a stop being made is told ({stops})"
+                    );
+                    stopper.stops.set(stopper.stops.get() + 1);
+                },
+            );
+            (stopper.foreground_asked.get(), stopper.stops.get())
+        })
+        .join()
+        .expect("the stopping thread");
+        let after = STOPS.swap(0, Ordering::SeqCst);
+        (asked, stops, after)
+    }
+}
+
+/// With no end coming and the process still in the background after the wait, one
+/// stop is made, and counted as made and over.
+#[test]
+fn with_no_end_coming_one_stop_is_made() {
+    let _serial = serial();
+    assert_eq!(Stopper::run(0, |_| false), (1, 1, 2));
+}
+
+/// Brought to the foreground during the wait, the call is let through: no stop.
+#[test]
+fn brought_to_the_foreground_meanwhile_no_stop_is_made() {
+    let _serial = serial();
+    assert_eq!(Stopper::run(6, |_| true), (1, 0, 6));
+}
+
+/// With an end signal pending, the end is let through at once: no stop, and SIGTTOU
+/// and SIGTTIN ignored.
+#[test]
+fn with_an_end_coming_the_end_is_let_through_and_no_stop_made() {
+    let _serial = serial();
+    let mut counts = None;
+    let after = with_default_background_actions(|| {
+        STOPS.store(0, Ordering::SeqCst);
+        counts = Some(
+            thread::spawn(|| {
+                let mut hup = SigSet::empty();
+                hup.add(Signal::SIGHUP);
+                hup.thread_block().expect("SIGHUP blocked");
+                // SAFETY: a signal to this very thread, which blocks it.
+                unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGHUP) };
+                let stops = std::cell::Cell::new(0);
+                wait_for_the_end_or_stop(|| false, || false, || stops.set(stops.get() + 1));
+                assert_eq!(hup.wait(), Ok(Signal::SIGHUP));
+                (stops.get(), STOPS.load(Ordering::SeqCst))
+            })
+            .join()
+            .expect("the waiting thread"),
+        );
+    });
+    assert_eq!(counts, Some((0, 0)));
+    assert!(after
+        .iter()
+        .all(|a| matches!(a.handler(), SigHandler::SigIgn)));
+}
+
+/// While another thread is making a stop (from its decision until the process is
+/// continued), none is made here: this thread waits again, and makes its own only once
+/// that stop is over.
+#[test]
+fn while_another_thread_makes_a_stop_none_is_made_here() {
+    let _serial = serial();
+    let counts = Stopper::run(1, |asked| {
+        if asked == 2 {
+            // The other thread's stop is over: the process was continued.
+            STOPS.store(2, Ordering::SeqCst);
+        }
+        false
+    });
+    assert_eq!(counts, (3, 1, 4));
+}
+
+/// A stop made by another thread between this one's wait and its own stop (which
+/// stopped this thread too, and the SIGCONT continued both) makes it wait again rather
+/// than stop the process once more, before an end signal that SIGCONT came with is
+/// handled.
+#[test]
+fn a_stop_made_by_another_thread_during_the_wait_makes_it_wait_again() {
+    let _serial = serial();
+    let counts = Stopper::run(0, |asked| {
+        if asked == 1 {
+            STOPS.store(2, Ordering::SeqCst);
+        }
+        false
+    });
+    assert_eq!(counts, (2, 1, 4));
+}
+
+/// An end already handled on another thread ([`ENDING`], which is how the chat's
+/// threads hear of one: `sigpending` tells only of signals they block) is let through
+/// at once: no stop, and SIGTTOU and SIGTTIN ignored.
+#[test]
+fn an_end_handled_on_another_thread_is_let_through_and_no_stop_made() {
+    let _serial = serial();
+    STOPS.store(0, Ordering::SeqCst);
+    let stops = std::cell::Cell::new(0);
+    let after = with_default_background_actions(|| {
+        ENDING.store(true, Ordering::SeqCst);
+        wait_for_the_end_or_stop(|| false, || false, || stops.set(stops.get() + 1));
+        ENDING.store(false, Ordering::SeqCst);
+    });
+    assert_eq!((stops.get(), STOPS.load(Ordering::SeqCst)), (0, 0));
+    assert!(after
+        .iter()
+        .all(|a| matches!(a.handler(), SigHandler::SigIgn)));
+}
+
+/// Brought to the foreground during the wait (`fg`), the wait ends there: the call is
+/// let through at once, without the question before a stop, and with no stop.
+#[test]
+fn brought_to_the_foreground_during_the_wait_it_ends_there() {
+    let _serial = serial();
+    STOPS.store(0, Ordering::SeqCst);
+    let (looks, decisions, stops) = (
+        std::cell::Cell::new(0),
+        std::cell::Cell::new(0),
+        std::cell::Cell::new(0),
+    );
+    wait_for_the_end_or_stop(
+        || {
+            looks.set(looks.get() + 1);
+            looks.get() == 3
+        },
+        || {
+            decisions.set(decisions.get() + 1);
+            false
+        },
+        || stops.set(stops.get() + 1),
+    );
+    assert_eq!((looks.get(), decisions.get(), stops.get()), (3, 0, 0));
+}
+
+/// A new pseudo-terminal: its controlling side and the terminal.
+fn pseudo_terminal() -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    let (mut controller, mut terminal) = (-1, -1);
+    // SAFETY: openpty writes two descriptors into the integers passed; the name, the
+    // mode and the size are optional (null).
+    let rc = unsafe {
+        libc::openpty(
+            &mut controller,
+            &mut terminal,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", io::Error::last_os_error());
+    // SAFETY: both descriptors were just opened and nothing else owns them.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(controller),
+            std::fs::File::from_raw_fd(terminal),
+        )
+    }
+}
+
+/// The mode of the terminal `fd`.
+fn mode_of(fd: libc::c_int) -> libc::termios {
+    let mut mode = MaybeUninit::<libc::termios>::uninit();
+    // SAFETY: tcgetattr fills `mode` when it returns 0.
+    assert_eq!(unsafe { libc::tcgetattr(fd, mode.as_mut_ptr()) }, 0);
+    // SAFETY: filled above.
+    unsafe { mode.assume_init() }
+}
+
+/// Setting a mode sets it once, even where `errno` says EINTR from before (only a
+/// call that fails is tried again); a descriptor that is no terminal is given up on at
+/// once.
+#[test]
+fn a_mode_is_set_once_and_a_descriptor_that_is_no_terminal_given_up_on() {
+    let (_controller, terminal) = pseudo_terminal();
+    let fd = terminal.as_raw_fd();
+    let raw = editor_mode(&mode_of(fd));
+    assert!(!in_editor_mode(&mode_of(fd)), "a new terminal in raw mode");
+    let (done, set) = mpsc::channel();
+    thread::spawn(move || {
+        Errno::set_raw(libc::EINTR);
+        set_mode(fd, libc::TCSADRAIN, &raw);
+        let (reader, _writer) = io::pipe().expect("a pipe");
+        set_mode(reader.as_raw_fd(), libc::TCSADRAIN, &raw);
+        let _ = done.send(());
+    });
+    assert!(
+        set.recv_timeout(Duration::from_secs(10)).is_ok(),
+        "setting the mode never returned"
+    );
+    assert!(in_editor_mode(&mode_of(fd)), "the mode was not set");
+}
+
+/// Keys are waiting when the terminal holds a byte unread, and not when it holds none
+/// or cannot say (a descriptor that is not open).
+#[test]
+fn keys_are_waiting_when_the_terminal_holds_a_byte_unread() {
+    let (mut controller, terminal) = pseudo_terminal();
+    let fd = terminal.as_raw_fd();
+    let raw = editor_mode(&mode_of(fd));
+    set_mode(fd, libc::TCSANOW, &raw);
+    assert!(!keys_waiting(fd), "keys in a new terminal");
+    controller.write_all(b"k").expect("a key typed");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !keys_waiting(fd) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the key typed never waited"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+    assert!(!keys_waiting(libc::c_int::MAX));
+}
