@@ -59,8 +59,9 @@
 //! The work is split by thread: this module is the main loop (`run`) and what it does itself
 //! (sending, the end of the session); `session` is the UDP endpoint and the keepalive
 //! thread; `icmp` the ICMP errors its socket hears of; `receiver` the receiver thread;
-//! `output` the output watcher; `input_thread` the input thread and the line editor; `suspend`
-//! its stops and resumes; `commands` the local commands it answers; `checks` what is asked of the server over TCP during a chat.
+//! `output` the output watcher; `signal_watcher` the signal watcher; `input_thread` the input
+//! thread and the line editor; `suspend` its stops and resumes; `commands` the local
+//! commands it answers; `checks` what is asked of the server over TCP during a chat.
 
 mod checks;
 mod commands;
@@ -69,6 +70,7 @@ mod input_thread;
 mod output;
 mod receiver;
 mod session;
+mod signal_watcher;
 mod suspend;
 
 use session::spawn_keepalive;
@@ -82,9 +84,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
-use signal_hook::iterator::Signals;
+use log::{debug, info};
 
 use crate::closure;
 use crate::error::ClientError;
@@ -100,6 +100,9 @@ use commands::{too_long, Asker, Commands};
 use input_thread::{spawn_input, TerminalGuard};
 use output::spawn_output_watcher;
 use receiver::spawn_receiver;
+use signal_watcher::spawn_signal_watcher;
+#[cfg(test)]
+use signal_watcher::{after_signal, say_within};
 use suspend::{suspend_on_input_thread, watch_for_the_end};
 
 /// Events the main loop may have waiting on each of its two queues. Bounded, so that piped
@@ -153,7 +156,7 @@ enum Event {
 /// server saying we are no longer in the room) and the failures that end the chat (standard
 /// output gone, the socket failing). Used by every helper thread but the input thread,
 /// whose lines, `/quit` and end of input keep their order, and the keepalive and signal
-/// threads, which never wait for the main queue ([`after_signal`]).
+/// threads, which never wait for the main queue (`signal_watcher::after_signal`).
 ///
 /// The input thread keeps the main queue full while a pipe of lines is paced out
 /// ([`EVENT_QUEUE`] lines, about 1.4 s at the chat's pace). A closure notice sent there
@@ -641,8 +644,8 @@ pub fn output_gone(error: &io::Error) -> bool {
 }
 
 /// How long the line editor gets to take the lines queued for it when the room closes
-/// ([`Feed::drain`](crate::feed::Feed::drain)); what it has not taken by then is printed after the terminal is given
-/// back.
+/// ([`Feed::drain`](crate::feed::Feed::drain)); what it has not taken by then is printed
+/// after the terminal is given back.
 const FEED_DRAIN: Duration = Duration::from_secs(1);
 
 /// How long the line editor gets to draw the last line it was handed. rustyline's external
@@ -747,94 +750,6 @@ pub(super) fn remark_unheld(screen: &Mutex<Screen>, line: &str) {
         Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner().err(line),
         Err(TryLockError::WouldBlock) => to_stderr(line),
     }
-}
-
-/// How long the main loop gets to end the chat after a termination signal before the
-/// signal thread ends it itself ([`after_signal`]).
-const SIGNAL_GRACE: Duration = Duration::from_secs(3);
-
-/// Reports the first termination signal to the main loop, which leaves: in `signalled`,
-/// which the main loop reads on every pass (the event queue may be full of lines being
-/// paced out), and as an event on both its queues to wake it (it waits on the [`Ahead`]
-/// one alone while it holds the chat for a closure check). Should the chat not have ended
-/// [`SIGNAL_GRACE`] later, the main loop is stuck: on the screen, which waits for a standard
-/// output nobody reads (a pipe whose reader stopped, a stopped terminal). (Standard error
-/// stops no thread: it is written through a queue, [`crate::stderr`].) The keepalive thread
-/// would then keep us in the room for as long as that lasts, so this thread says
-/// `__LEAVE__` itself and exits with [`EXIT_FAILURE`](crate::error::EXIT_FAILURE), after
-/// a warning that standard error gets [`SAY_WAIT`] to take. The line editor prints through
-/// a queue, never stuck, so a terminal in raw mode is always given back by the main loop.
-fn spawn_signal_watcher(
-    [events, ahead]: [SyncSender<Event>; 2],
-    signalled: Arc<AtomicI32>,
-    session: &Session,
-) -> Result<(), ClientError> {
-    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT])
-        .map_err(ClientError::io("installing signal handlers"))?;
-    let session = session.duplicate().map_err(ClientError::io(
-        "duplicating the UDP socket for the signal thread",
-    ))?;
-    thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Some(signal) = signals.forever().next() {
-                // The main loop waits on the room's word alone while it holds the chat for a
-                // closure check: wake it there too, after the flag, never waiting.
-                signalled.store(signal, Ordering::SeqCst);
-                let _ = ahead.try_send(Event::Signal(signal));
-                if !after_signal(signal, (&signalled, &events), &session, SIGNAL_GRACE) {
-                    // The chat ended on the signal: the process ends within moments (`main`
-                    // waits at most `stderr::EXIT_DRAIN` for its last lines). Should the main
-                    // thread be stuck after that all the same, it must not keep the process
-                    // alive, with later signals caught and ignored.
-                    thread::sleep(SIGNAL_GRACE);
-                }
-                std::process::exit(crate::error::EXIT_FAILURE.into());
-            }
-        })
-        .map_err(ClientError::io("starting the signal thread"))?;
-    Ok(())
-}
-
-/// Tells the main loop of `signal` (the flag, then an event to wake it, unless the queue is
-/// full: then it is busy and reads the flag within a pass) and waits up to `grace` for the
-/// session to end; if it has not, says `__LEAVE__` and returns true (the caller exits).
-fn after_signal(
-    signal: i32,
-    (signalled, events): (&AtomicI32, &SyncSender<Event>),
-    session: &Session,
-    grace: Duration,
-) -> bool {
-    signalled.store(signal, Ordering::SeqCst);
-    if let Err(mpsc::TrySendError::Disconnected(_)) = events.try_send(Event::Signal(signal)) {
-        // The main loop has returned: the process is ending.
-        return false;
-    }
-    if session.wait_ended(grace) {
-        return false;
-    }
-    // The __LEAVE__ before any word: it is what matters.
-    let line = match session.leave_unlogged() {
-        Some(Err(e)) => format!(
-            "the chat did not end within {grace:?} of signal {signal}, and __LEAVE__ could not be \
-             sent: {e}"
-        ),
-        _ => format!("the chat did not end within {grace:?} of signal {signal}: left the room"),
-    };
-    // Written or not within the wait, the caller exits.
-    let _ = say_within(line, SAY_WAIT);
-    true
-}
-
-/// How long the signal thread waits for its last word to be written before exiting anyway.
-const SAY_WAIT: Duration = Duration::from_millis(200);
-
-/// Logs `line` as a warning and waits up to `wait` for standard error to take it, and what
-/// was queued before it ([`crate::stderr::drain`]); whether it did. A standard error nobody
-/// reads blocks neither the log line nor the wait.
-fn say_within(line: String, wait: Duration) -> bool {
-    warn!("{line}");
-    crate::stderr::drain(wait)
 }
 
 #[cfg(test)]
