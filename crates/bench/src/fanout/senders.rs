@@ -1,0 +1,331 @@
+//! The sending members' threads: flat out, or paced on one schedule of slots (each message
+//! stamped with its slot's due time, a held-up sender catching up within a window and
+//! skipping the rest, counted as loss), at real-time priority unless told otherwise.
+
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use super::{Pace, SEND_BATCH};
+use crate::receivers::{write_text, Clock};
+use crate::report::histogram;
+use crate::stalls::become_realtime;
+
+/// Whether paced senders ask for real-time priority (`--sender-priority`, set once at start).
+static PACED_SENDERS_REALTIME: AtomicBool = AtomicBool::new(true);
+
+/// Sets whether paced senders run at `SCHED_FIFO` 1 (the default) or at normal priority.
+///
+/// The senders stand for members on other machines, whose messages leave on time whatever
+/// the daemon is doing. At normal priority on two vCPUs that the daemon and the receivers
+/// keep ~95% busy, a woken sender can wait milliseconds for a core and then skip slots
+/// (counted as loss): 5 of 8 normal-priority runs at 567k–6.3M deliveries/s skipped
+/// 0.006–0.22% of their schedule, none of 12 real-time runs did (crates/bench/NOTES.md,
+/// "Paced senders at real-time priority"). Flat-out senders never ask: they never sleep,
+/// and would take a core outright.
+pub fn set_paced_senders_realtime(on: bool) {
+    PACED_SENDERS_REALTIME.store(on, Ordering::Relaxed);
+}
+
+/// How the paced senders ran, in words for the reports.
+pub fn senders_priority_note(realtime: bool) -> &'static str {
+    if realtime {
+        "at real-time priority (`SCHED_FIFO` 1), so they leave on schedule as remote members would, whatever the daemon and receivers take (`--sender-priority`)"
+    } else {
+        "at normal priority, level with the daemon, which can hold them up past their slots (`--sender-priority normal`, or not permitted to raise it)"
+    }
+}
+
+/// What one sender thread did.
+#[derive(Debug, Clone)]
+pub(super) struct Sent {
+    pub(super) messages: u64,
+    pub(super) errors: u64,
+    /// Paced: schedule slots skipped after the thread was held up (see `send_loop`).
+    pub(super) skipped: u64,
+    /// Paced: how late each skipped slot already was when it was skipped, nanoseconds.
+    pub(super) skipped_late_ns: Vec<u64>,
+    /// Paced: how late each slot left (sent or skipped), nanoseconds.
+    pub(super) lateness_ns: Histogram<u64>,
+    /// Paced: the thread ran at real-time priority.
+    pub(super) realtime: bool,
+}
+
+impl Default for Sent {
+    fn default() -> Sent {
+        Sent {
+            messages: 0,
+            errors: 0,
+            skipped: 0,
+            skipped_late_ns: Vec::new(),
+            lateness_ns: histogram(),
+            realtime: false,
+        }
+    }
+}
+
+/// When schedule slot `k` of a sender paced at `rate` msgs/s is due, nanoseconds after its
+/// start.
+pub(super) fn slot_due_ns(k: u64, rate: f64) -> u64 {
+    (k as f64 * 1e9 / rate) as u64
+}
+
+/// `sendmmsg` scratch for one connected socket.
+struct SendBatch {
+    slot: usize,
+    bufs: Vec<u8>,
+    lens: [usize; SEND_BATCH],
+}
+
+impl SendBatch {
+    fn new(prefix: &[u8], text_len: usize) -> SendBatch {
+        // Room for the text even when the header words are longer than asked.
+        let slot = prefix.len() + text_len.max(64) + 64;
+        let mut bufs = vec![0u8; slot * SEND_BATCH];
+        for chunk in bufs.chunks_mut(slot) {
+            chunk[..prefix.len()].copy_from_slice(prefix);
+        }
+        SendBatch {
+            slot,
+            bufs,
+            lens: [0; SEND_BATCH],
+        }
+    }
+
+    /// Writes message `i` of this batch.
+    fn fill(&mut self, i: usize, prefix_len: usize, text: &[u8]) {
+        let start = i * self.slot + prefix_len;
+        let len = text.len().min(self.slot - prefix_len);
+        self.bufs[start..start + len].copy_from_slice(&text[..len]);
+        self.lens[i] = prefix_len + len;
+    }
+
+    /// Sends the first `n` messages; returns how many the kernel took.
+    fn send(&mut self, fd: i32, n: usize) -> std::io::Result<usize> {
+        let base = self.bufs.as_mut_ptr();
+        let mut iovecs: [libc::iovec; SEND_BATCH] = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; SEND_BATCH];
+        // SAFETY: mmsghdr is plain data; all-zero is valid.
+        let mut headers: [libc::mmsghdr; SEND_BATCH] = unsafe { std::mem::zeroed() };
+        for i in 0..n {
+            // SAFETY: i * slot is within bufs (SEND_BATCH slots).
+            iovecs[i].iov_base = unsafe { base.add(i * self.slot) }.cast();
+            iovecs[i].iov_len = self.lens[i];
+            headers[i].msg_hdr.msg_iov = &mut iovecs[i];
+            headers[i].msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: the headers point at iovecs into bufs, all alive for the call; the socket is
+        // connected, so no address is needed.
+        let rc = unsafe { libc::sendmmsg(fd, headers.as_mut_ptr(), n as libc::c_uint, 0) };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(rc as usize)
+    }
+}
+
+/// The shortest sleep of a paced sender (its timer slack is set to 1 µs, so sleeps are
+/// close to exact).
+const PACING_TICK: Duration = Duration::from_micros(100);
+
+/// How much of its schedule, in microseconds, a paced sender that was held up still sends
+/// late (see `send_loop`; `--catch-up-ms`, set once at start): 20 ms, past the vCPU stalls of
+/// a few ms that the real-time senders still meet (crates/bench/NOTES.md, "A catch-up window
+/// past the short stalls").
+static CATCH_UP_US: AtomicU64 = AtomicU64::new(20_000);
+
+/// How much of its schedule a held-up paced sender still sends late, milliseconds (see
+/// [`set_catch_up`]).
+pub fn catch_up_ms() -> u64 {
+    CATCH_UP_US.load(Ordering::Relaxed) / 1_000
+}
+
+/// Sets how much of its schedule a held-up paced sender still sends late; the slots it
+/// missed beyond that are skipped and counted as loss. Either way each slot counts as late
+/// as it was (its message carries its slot's due time).
+pub fn set_catch_up(window: Duration) {
+    CATCH_UP_US.store(
+        u64::try_from(window.as_micros()).unwrap_or(u64::MAX),
+        Ordering::Relaxed,
+    );
+}
+
+/// How many missed slots a held-up sender at `rate` messages/s still sends late: the
+/// catch-up window's worth, at least 4 (so that low rates still catch up a few).
+pub(super) fn slots_caught_up(rate: f64, window_secs: f64) -> u64 {
+    ((rate * window_secs).ceil() as u64).max(4)
+}
+
+/// Sets this thread's timer slack to 1 µs (the default 50 µs would make every paced sleep
+/// late by up to that much).
+pub(super) fn precise_timers() {
+    // SAFETY: PR_SET_TIMERSLACK takes a plain integer and affects only this thread.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
+    }
+}
+
+/// One sending member driven by a sender thread: its connected socket and its `sendmmsg`
+/// scratch.
+pub(super) struct Lane<'a> {
+    socket: &'a UdpSocket,
+    prefix_len: usize,
+    /// The member's index, written into every text.
+    sender: usize,
+    batch: SendBatch,
+    /// The schedule slots of the messages filled into `batch`, in order.
+    slots: [u64; SEND_BATCH],
+    filled: usize,
+}
+
+impl<'a> Lane<'a> {
+    pub(super) fn new(
+        socket: &'a UdpSocket,
+        prefix: &[u8],
+        sender: usize,
+        text_len: usize,
+    ) -> Lane<'a> {
+        Lane {
+            socket,
+            prefix_len: prefix.len(),
+            sender,
+            batch: SendBatch::new(prefix, text_len),
+            slots: [0; SEND_BATCH],
+            filled: 0,
+        }
+    }
+}
+
+/// Sends from the members of `lanes` until `duration` is over, flat out or paced at `rate`
+/// msgs/s in all. Paced, the lanes share one schedule: slot `k` is lane `k % lanes`'s
+/// message number `k / lanes`, so one thread's wake-up sends what is due from every lane.
+pub(super) fn send_loop(
+    lanes: &mut [Lane<'_>],
+    text_len: usize,
+    rate: Option<f64>,
+    duration: Duration,
+    clock: Clock,
+) -> Sent {
+    let count = lanes.len() as u64;
+    let mut sent = Sent::default();
+    let catch_up_secs = CATCH_UP_US.load(Ordering::Relaxed) as f64 / 1e6;
+    if rate.is_some() {
+        precise_timers();
+        sent.realtime = PACED_SENDERS_REALTIME.load(Ordering::Relaxed) && become_realtime();
+    }
+    let mut text = Vec::with_capacity(text_len + 64);
+    // Slots sent or tried (`attempted`) and skipped: the next slot is their sum.
+    let mut attempted = 0u64;
+    let start_ns = clock.nanos();
+    let start = Instant::now();
+    loop {
+        let elapsed = start.elapsed();
+        if elapsed >= duration || count == 0 {
+            break;
+        }
+        let due = match rate {
+            None => SEND_BATCH as u64 * count,
+            Some(r) => {
+                // Schedule slot `k` (counting from 0) is due at k / r; `attempted + skipped`
+                // slots are behind us.
+                let target = (elapsed.as_secs_f64() * r) as u64 + 1;
+                let mut due = target.saturating_sub(attempted + sent.skipped);
+                // A constant-rate source that was held up (its vCPU stopped: on a shared
+                // 2-core VM, a few ms often, 10–200 ms now and then) sends what it missed
+                // within the catch-up window late, each message stamped with its slot's due
+                // time, as remote members' messages would wait in a stopped daemon's socket.
+                // A longer backlog is not sent in one burst, which would measure the stall,
+                // not the rate: slots missed beyond the window are skipped, and counted.
+                let catch_up = slots_caught_up(r, catch_up_secs);
+                if due > catch_up {
+                    // Not sent, but not left out of the latency either: each skipped slot
+                    // counts as deliveries at least as late as it is now.
+                    let now = clock.nanos();
+                    let first = attempted + sent.skipped;
+                    for slot in first..first + (due - catch_up) {
+                        let late = now.saturating_sub(start_ns + slot_due_ns(slot, r));
+                        sent.skipped_late_ns.push(late);
+                        let _ = sent.lateness_ns.record(late.max(1));
+                    }
+                    sent.skipped += due - catch_up;
+                    due = catch_up;
+                }
+                if due == 0 {
+                    // Sleep, never spin: a spinning pacer takes a core the daemon needs.
+                    // Above 1 / PACING_TICK msgs/s the due messages leave together once a
+                    // tick, in one sendmmsg per lane.
+                    let next = Duration::from_secs_f64((attempted + sent.skipped) as f64 / r);
+                    let wait = next.saturating_sub(start.elapsed());
+                    thread::sleep(wait.max(PACING_TICK));
+                    continue;
+                }
+                due
+            }
+        };
+        let n = due.min(SEND_BATCH as u64 * count);
+        let now = clock.nanos();
+        let first = attempted + sent.skipped;
+        for slot in first..first + n {
+            let lane = &mut lanes[(slot % count) as usize];
+            // A paced message carries the time its slot was due, not the time it left: a
+            // sender held up (by the daemon or by anything else on the machine) then shows as
+            // latency instead of hiding it (coordinated omission).
+            let stamp = match rate {
+                Some(r) => start_ns + slot_due_ns(slot, r),
+                None => now,
+            };
+            text.clear();
+            write_text(&mut text, lane.sender, slot / count, stamp, text_len);
+            let i = lane.filled;
+            lane.batch.fill(i, lane.prefix_len, &text);
+            lane.slots[i] = slot;
+            lane.filled += 1;
+        }
+        for lane in lanes.iter_mut().filter(|lane| lane.filled > 0) {
+            let filled = std::mem::take(&mut lane.filled);
+            let result = loop {
+                match lane.batch.send(lane.socket.as_raw_fd(), filled) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    other => break other,
+                }
+            };
+            match result {
+                Ok(k) => {
+                    sent.messages += k as u64;
+                    sent.errors += (filled - k) as u64;
+                    if let Some(r) = rate {
+                        let left = clock.nanos();
+                        for &slot in &lane.slots[..k] {
+                            let due = start_ns + slot_due_ns(slot, r);
+                            let _ = sent.lateness_ns.record(left.saturating_sub(due).max(1));
+                        }
+                    }
+                }
+                // Refused: pacing never retries a slot.
+                Err(_) => sent.errors += filled as u64,
+            }
+        }
+        // Slots advance for every attempt so pacing does not retry forever.
+        attempted += n;
+    }
+    sent
+}
+
+/// How many threads send for `senders` members: flat out, one each (each sends as fast as
+/// its socket takes); paced, one for all, on one schedule. Each paced thread wakes every
+/// [`PACING_TICK`] at high rates, and every wake-up can switch the daemon's loop out: with
+/// the two senders of the standard matrix on one thread instead of two (2026-12-04, 19:00
+/// UTC, batch members at 3M and 6.3M deliveries/s, alternating pairs), the generator took
+/// 5–10% of a core less and the p50 and p90 came out lower in every pair.
+pub(super) fn sender_threads(senders: usize, pace: Pace) -> usize {
+    match pace {
+        Pace::Max => senders,
+        Pace::Rate(_) => senders.min(1),
+    }
+}
