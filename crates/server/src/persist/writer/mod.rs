@@ -265,13 +265,22 @@ impl Writer {
                     }
                     self.maybe_compact();
                     self.keep_space_ahead();
-                    if self.files_checked_at.elapsed() >= FILE_CHECK_INTERVAL {
-                        self.check_files();
-                    }
+                    self.check_files_when_due(Instant::now());
                 }
                 Command::Shutdown => return self.finish(),
             }
         }
+    }
+
+    /// Checks the files ([`Writer::check_files`]) when the last check is
+    /// [`FILE_CHECK_INTERVAL`] old at `now`, or older; returns whether it did. Between appends,
+    /// so that a writer never idle that long still checks once a second, and no more often.
+    fn check_files_when_due(&mut self, now: Instant) -> bool {
+        if now.saturating_duration_since(self.files_checked_at) < FILE_CHECK_INTERVAL {
+            return false;
+        }
+        self.check_files();
+        true
     }
 
     /// Appends and fsyncs the records, retrying until the disk takes them: a token is only
@@ -446,6 +455,36 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Between appends the files are checked once the last check is a second old, and not
+    /// before: a writer never idle still checks once a second, and a busy one no more often.
+    #[test]
+    fn between_appends_the_files_are_checked_once_a_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(&dir.path().join("s.json"));
+        let poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
+        let loaded = store::load(&paths).unwrap();
+        let stats = Arc::new(Mutex::new(Compactions::default()));
+        let mut writer = Writer::open(paths, loaded, Options::default(), stats, waker).unwrap();
+        let checked = writer.files_checked_at;
+        let just_short = checked + FILE_CHECK_INTERVAL - Duration::from_nanos(1);
+        assert!(
+            !writer.check_files_when_due(checked),
+            "checked again at once"
+        );
+        assert!(
+            !writer.check_files_when_due(just_short),
+            "checked before a second"
+        );
+        assert_eq!(writer.files_checked_at, checked, "the last check moved");
+        assert!(
+            writer.check_files_when_due(checked + FILE_CHECK_INTERVAL),
+            "not checked a second after the last check"
+        );
+        assert!(writer.files_checked_at > checked, "the check was not noted");
+        assert!(writer.finish());
+    }
 
     /// What the start-up fold's log line says about a torn tail: nothing without one, the
     /// torn final line, or each hole with its journal, line and lines ignored.
