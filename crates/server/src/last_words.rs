@@ -9,7 +9,7 @@
 //! tombstone's answer. Dropped, it would leave that member in a dead room for good. So such
 //! datagrams ([`Send::last_word`](crate::outbox::Send::last_word)) are copied here, the outbox
 //! being reused each pass, and sent again, in order, once the socket has room (see
-//! `Sender::send_held` in `udp.rs`).
+//! `Sender::send_held` in `udp`).
 //!
 //! The queue is bounded in number ([`MAX_HELD`]); past it, a last word is dropped and counted
 //! like any other datagram. It is bounded in time too ([`MAX_HELD_AGE`]): a close that
@@ -41,7 +41,7 @@ pub const MAX_HELD: usize = 4096;
 /// the close: its next `__REGISTER__` carries a dead token, which the tombstone answers with
 /// `__ROOM_CLOSED__` at the address it comes from (`ocm` sends one every 10 s by default).
 /// But while the word is held, that answer to the same address is dropped, like anything
-/// newer to it (`Sender::hold_back_behind_last_words` in `udp.rs`): holding the word longer
+/// newer to it (`Sender::hold_back_behind_last_words` in `udp`): holding the word longer
 /// delays that member's notice too, and once it is let go, the answer to the member's next
 /// `__REGISTER__` is sent. (One that moved to another address gets the answer there at
 /// once.) One that only listens has nothing else, but the longer the close waits, the

@@ -5,7 +5,7 @@
 //! behind its batch entry prefix (its length), so that a batch frame for a member is the batch
 //! header followed by runs of these bytes, handed to the kernel where they lie: packing
 //! messages into batches copies nothing either. The shell sends the list after each pass over
-//! the socket, batching where it can (see `udp.rs`).
+//! the socket, batching where it can (see `udp`).
 
 use std::net::SocketAddr;
 use std::ops::Range;
