@@ -1250,13 +1250,38 @@ fn host_and_shell(d: &Daemon, shell: &str, args: &[&str]) -> (Ocm, Terminal) {
 /// end the shell reads as such; then more, within what the terminal holds unread (4095
 /// bytes), the last a command that creates `trace`.
 fn paste_past_the_pace(term: &mut Terminal, alice: &Ocm, trace: &std::path::Path) {
-    let lines =
-        |range: std::ops::Range<usize>| -> String { range.map(|i| format!("l{i}\r")).collect() };
-    term.type_keys(&lines(0..300));
+    start_a_paste_past_the_pace(term, alice);
+    let lines: String = (300..600).map(|i| format!("l{i}\r")).collect();
+    term.type_keys(&format!("{lines}touch {}\r", trace.display()));
+}
+
+/// The start of [`paste_past_the_pace`]: the lines the chat does not take at once, with the
+/// input thread waiting to hand one over.
+fn start_a_paste_past_the_pace(term: &mut Terminal, alice: &Ocm) {
+    let lines: String = (0..300).map(|i| format!("l{i}\r")).collect();
+    term.type_keys(&lines);
     for i in 0..120 {
         assert_eq!(alice.line(), format!("bob: l{i}"));
     }
-    term.type_keys(&format!("{}touch {}\r", lines(300..600), trace.display()));
+}
+
+/// [`paste_past_the_pace`] with more than the terminal holds unread (4095 bytes) pasted
+/// after its start: 128 chat lines of 64 bytes, then the command that creates `trace`. What
+/// does not fit (some 4.7 KiB, the command last) waits in the kernel's buffer before the
+/// terminal, which takes more than that before a write to the other side waits (11.5 KiB
+/// in one write with nothing read, on Linux 6.18); the write is checked to have gone
+/// through, not left to wait for ever.
+fn paste_past_what_the_terminal_holds(term: &mut Terminal, alice: &Ocm, trace: &std::path::Path) {
+    start_a_paste_past_the_pace(term, alice);
+    let lines: String = (300..428)
+        .map(|i| format!("{:<63}\r", format!("l{i} and more words to fill the line")))
+        .collect();
+    let paste = format!("{lines}touch {}\r", trace.display());
+    let master = term.master.as_ref().expect("not hung up");
+    let mut master = master.try_clone().expect("dup");
+    let writer = thread::spawn(move || master.write_all(paste.as_bytes()));
+    wait_until("the paste written", || writer.is_finished());
+    writer.join().expect("the writer").expect("paste");
 }
 
 /// Waits until the shell in `term` has run what it read so far (a command whose output
@@ -1295,10 +1320,28 @@ fn a_paste_left_unread_when_the_chat_ends_is_not_run_by_the_shell() {
 /// stops.
 #[test]
 fn a_paste_left_unread_when_the_chat_stops_is_not_run_by_the_shell() {
+    a_paste_left_unread_is_not_run_when_the_chat_stops(paste_past_the_pace);
+}
+
+/// Nor the end of a paste longer than the terminal holds unread (4095 bytes): it waits in
+/// the kernel before the terminal, comes in once what the terminal held is discarded, and
+/// the shell, reading the terminal as soon as `ocm` stops, ran it as commands.
+#[test]
+fn a_paste_longer_than_the_terminal_holds_is_not_run_by_the_shell_when_the_chat_stops() {
+    a_paste_left_unread_is_not_run_when_the_chat_stops(paste_past_what_the_terminal_holds);
+}
+
+/// Pastes with `paste` in the terminal of bob, joined from dash, stops the chat by a
+/// SIGTSTP sent from elsewhere and checks that the shell ran none of the paste. Then, after
+/// `fg`, bob quits: the host has heard only pasted chat lines (no command). Both exit
+/// cleanly.
+fn a_paste_left_unread_is_not_run_when_the_chat_stops(
+    paste: fn(&mut Terminal, &Ocm, &std::path::Path),
+) {
     let d = Daemon::start();
     let (mut alice, mut term) = host_and_dash(&d);
     let trace = d.dir.path().join("pasted-ran");
-    paste_past_the_pace(&mut term, &alice, &trace);
+    paste(&mut term, &alice, &trace);
     let shown = term.text().len();
     signal_ocm_run_from(&term, libc::SIGTSTP);
     term.wait_for_after(shown, "Stopped");
