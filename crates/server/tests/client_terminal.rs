@@ -1303,10 +1303,25 @@ fn assert_the_shell_ran_no_paste(term: &mut Terminal, trace: &std::path::Path) {
 /// after `ocm` read it as its own lines.
 #[test]
 fn a_paste_left_unread_when_the_chat_ends_is_not_run_by_the_shell() {
+    a_paste_left_unread_is_not_run_when_the_chat_ends(paste_past_the_pace);
+}
+
+/// Nor the end of a paste longer than the terminal holds unread (4095 bytes), which waits in
+/// the kernel before the terminal and comes in once what the terminal held is discarded.
+#[test]
+fn a_paste_longer_than_the_terminal_holds_is_not_run_by_the_shell_when_the_chat_ends() {
+    a_paste_left_unread_is_not_run_when_the_chat_ends(paste_past_what_the_terminal_holds);
+}
+
+/// Pastes with `paste` in the terminal of bob, joined from dash, has the host close the room
+/// and checks that the shell ran none of the paste. Both exit cleanly.
+fn a_paste_left_unread_is_not_run_when_the_chat_ends(
+    paste: fn(&mut Terminal, &Ocm, &std::path::Path),
+) {
     let d = Daemon::start();
     let (mut alice, mut term) = host_and_dash(&d);
     let trace = d.dir.path().join("pasted-ran");
-    paste_past_the_pace(&mut term, &alice, &trace);
+    paste(&mut term, &alice, &trace);
     alice.type_line("/quit");
     assert!(alice.wait().success());
     term.wait_for("* room lobby was closed");
