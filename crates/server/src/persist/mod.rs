@@ -27,21 +27,20 @@
 //! the state lock, the messages between the threads); `writer` is the writer thread and its
 //! journal; `compactor` is the compactor thread and the state files it writes. Beside them:
 //! `backoff` (when to lay space ahead again after a failure), `failing` (failures that last,
-//! logged without flooding the log) and `statx` (file identities and link counts read
+//! logged without flooding the log), `lock` (the state's lock, and the state paths it
+//! refuses) and `statx` (file identities and link counts read
 //! without touching times).
 
 mod backoff;
 mod compactor;
 mod failing;
+mod lock;
 mod statx;
 mod writer;
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::Path;
+use std::io;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -53,6 +52,8 @@ use crate::config::StateConfig;
 use crate::error::StoreError;
 use crate::record::Record;
 use crate::store::{Loaded, Paths};
+use lock::take_lock;
+pub use lock::{lock, refuse_linked_state, refuse_symlinked_state};
 use writer::Writer;
 
 /// The most a clean stop waits for the writer's last batches and its final fold, all told,
@@ -306,90 +307,6 @@ pub struct Persister {
     durable: u64,
     /// The batches handed over and not yet durable, with when each was, oldest first.
     in_flight: VecDeque<(u64, Instant)>,
-}
-
-/// Refuses a state file that is a symbolic link ([`StoreError::Symlink`] says why); checked
-/// at start and by `--check-config`.
-pub fn refuse_symlinked_state(state: &Path) -> Result<(), StoreError> {
-    match fs::read_link(state) {
-        Ok(target) => Err(StoreError::Symlink {
-            state: state.to_owned(),
-            target,
-        }),
-        Err(_) => Ok(()),
-    }
-}
-
-/// Refuses a state path whose lock would not keep a second `ocmd` off its files: a state
-/// file that is a symbolic link ([`refuse_symlinked_state`]), or a state file or journal with
-/// another name ([`StoreError::HardLinked`]). Checked at start (before the lock is taken) and
-/// by `--check-config`; the writer's file check says so when a name is added while it serves.
-pub fn refuse_linked_state(state: &Path) -> Result<(), StoreError> {
-    refuse_symlinked_state(state)?;
-    refuse_hard_linked_state(state)
-}
-
-/// Refuses a state file or journal with more than one name ([`StoreError::HardLinked`]).
-fn refuse_hard_linked_state(state: &Path) -> Result<(), StoreError> {
-    let paths = Paths::new(state);
-    for (what, file) in [("state file", paths.state), ("journal", paths.journal)] {
-        // A file that is not there (a fresh start) or cannot be looked at has no other name
-        // to refuse; the load reports what it cannot read.
-        let links = fs::symlink_metadata(&file).map_or(1, |m| m.nlink());
-        if links > 1 {
-            return Err(StoreError::HardLinked { what, file, links });
-        }
-    }
-    Ok(())
-}
-
-/// Takes the advisory lock beside the state file, so that two daemons never share it.
-/// The returned file must live as long as the process uses the state.
-pub fn lock(paths: &Paths) -> Result<File, StoreError> {
-    refuse_linked_state(&paths.state)?;
-    take_lock(paths)
-}
-
-/// Takes the lock, refusing only a symbolic link: for the writer too, which takes it again
-/// when its file was deleted while in use, and says itself when the state file or journal has
-/// another name ([`Writer::check_files`]): refusing the lock for that would leave it to
-/// whichever `ocmd` comes next.
-fn take_lock(paths: &Paths) -> Result<File, StoreError> {
-    refuse_symlinked_state(&paths.state)?;
-    let write_err = |source| StoreError::Write {
-        path: paths.lock.clone(),
-        source,
-    };
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&paths.lock)
-        .map_err(write_err)?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = holder.trim();
-            return Err(StoreError::Locked {
-                state: paths.state.clone(),
-                lock: paths.lock.clone(),
-                holder: if holder.is_empty() {
-                    "unknown pid".into()
-                } else {
-                    holder.to_owned()
-                },
-            });
-        }
-        Err(std::fs::TryLockError::Error(e)) => return Err(write_err(e)),
-    }
-    file.set_len(0).map_err(write_err)?;
-    file.rewind().map_err(write_err)?;
-    writeln!(file, "pid {}", std::process::id()).map_err(write_err)?;
-    Ok(file)
 }
 
 impl Persister {

@@ -124,8 +124,9 @@ impl Writer {
     /// fsync'd, which also makes the rename durable) with retries until it works: nothing is
     /// appended, so nothing acknowledged, meanwhile.
     ///
-    /// A failed directory `fsync` stops the daemon ([`crate::persist::stop_after_failed_dir_sync`]):
-    /// records appended to a journal whose entry may not be on disk must not be acknowledged.
+    /// A failed directory `fsync` stops the daemon
+    /// ([`crate::persist::stop_after_failed_dir_sync`]): records appended to a journal whose
+    /// entry may not be on disk must not be acknowledged.
     pub(in crate::persist) fn rotate(&mut self) -> io::Result<()> {
         // journal.old must end with its last record: NUL bytes at its end are read as a hole
         // (synced records lost), not as space ahead. The file's own size says whether any are

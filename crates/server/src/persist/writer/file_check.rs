@@ -116,12 +116,13 @@ impl Writer {
 
     /// Says, at error, when the state file or the journal has another name (`journal_links`
     /// is the journal's count): a second `ocmd` started on it would take a lock of its own and
-    /// write the same file. A start refuses such a file ([`crate::persist::refuse_linked_state`]); this
-    /// catches a link made while the daemon serves, at first and then once a minute while it
-    /// lasts, and says at warn when the file has one name again. (A state file's link breaks
-    /// by itself at its next write, which renames a new file over the name.) The counts go to
-    /// [`crate::persist::Compactions::hard_links`], each check replacing the last, so that `/readyz` says not
-    /// ready for as long as a second name lasts, not only the log.
+    /// write the same file. A start refuses such a file
+    /// ([`crate::persist::refuse_linked_state`]); this catches a link made while the daemon
+    /// serves, at first and then once a minute while it lasts, and says at warn when the file
+    /// has one name again. (A state file's link breaks by itself at its next write, which
+    /// renames a new file over the name.) The counts go to
+    /// [`crate::persist::Compactions::hard_links`], each check replacing the last, so that
+    /// `/readyz` says not ready for as long as a second name lasts, not only the log.
     fn check_names(&mut self, journal_links: u64) {
         let state_links = fs::symlink_metadata(&self.paths.state).map_or(1, |m| m.nlink());
         let more_than_one = |links: u64| Some(links).filter(|&n| n > 1);
@@ -334,10 +335,10 @@ impl Writer {
     }
 
     /// Whether the file at the journal's name is the one the writer appends to (device and
-    /// inode, each from a `statx` that reads no times: [`crate::persist::statx`]). A journal renamed
-    /// away, or whose own name was removed while it had another (a hard link), still has a
-    /// name, so the count of names after each sync does not see that a start would not read
-    /// it; this does, at the file check. A symbolic link at the name is followed, as a start
+    /// inode, each from a `statx` that reads no times: [`crate::persist::statx`]). A journal
+    /// renamed away, or whose own name was removed while it had another (a hard link), still
+    /// has a name, so the count of names after each sync does not see that a start would not
+    /// read it; this does, at the file check. A symbolic link at the name is followed, as a start
     /// follows it. An error other than "not found" says nothing and is taken as yes, as
     /// [`is_missing`] takes it.
     pub(super) fn journal_at_its_name(&self) -> bool {
