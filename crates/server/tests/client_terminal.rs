@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 /// `ocm` (or a shell) whose standard input, output and error are one pseudo-terminal, its
-/// controlling terminal.
+/// controlling terminal (unless started with [`Terminal::spawn_with`]).
 struct Terminal {
     child: Child,
     /// The terminal's other side: what is written to it is typed. `None` once hung up.
@@ -42,17 +42,31 @@ impl Terminal {
     }
 
     /// Runs `command` in a new terminal, with standard error `stderr` if given.
-    fn spawn(mut command: Command, stderr: Option<Stdio>) -> Terminal {
+    fn spawn(command: Command, stderr: Option<Stdio>) -> Terminal {
+        Terminal::spawn_with(command, None, stderr, true)
+    }
+
+    /// [`Terminal::spawn`], with standard input `stdin` if given (`<` another terminal), the
+    /// terminal made the child's controlling terminal only if `controlling`. Otherwise the
+    /// child's session (its own) has none: a terminal's hang-up sends it no SIGHUP, and its
+    /// reads and writes of the terminal just fail.
+    fn spawn_with(
+        mut command: Command,
+        stdin: Option<Stdio>,
+        stderr: Option<Stdio>,
+        controlling: bool,
+    ) -> Terminal {
         let (master, slave) = open_pty();
         command
-            .stdin(Stdio::from(slave.try_clone().expect("dup")))
+            .stdin(stdin.unwrap_or_else(|| Stdio::from(slave.try_clone().expect("dup"))))
             .stdout(Stdio::from(slave.try_clone().expect("dup")))
             .stderr(stderr.unwrap_or_else(|| Stdio::from(slave)));
         // SAFETY: setsid and ioctl are async-signal-safe; the child gets a session of its
-        // own whose controlling terminal is the pseudo-terminal on its standard input.
+        // own whose controlling terminal, if any, is the pseudo-terminal on its standard
+        // input.
         unsafe {
-            command.pre_exec(|| {
-                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+            command.pre_exec(move || {
+                if libc::setsid() < 0 || (controlling && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0) {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -761,6 +775,139 @@ fn a_terminal_hung_up_leaves_the_room_as_a_signal_does() {
     assert!(status.success(), "{status:?}");
     alice.type_line("/quit");
     assert!(alice.wait().success());
+}
+
+/// A terminal that is not `ocm`'s controlling one (a program gave `ocm` a pseudo-terminal
+/// without making it that, or `ocm` was started with `setsid`) sends no SIGHUP when it is
+/// closed: the editor's reads and writes of it just fail. That is the end of the input, as
+/// Ctrl+D is: bob leaves the room, `ocm` exits with status 0, and says nothing of a byte
+/// that is not UTF-8. (Whatever its read met, rustyline then writes a line break to the
+/// closed terminal, and reports that failure, EIO, instead.)
+#[test]
+fn a_terminal_closed_without_a_sighup_ends_the_input() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    let log = BobsLog::new(&d);
+    let mut bob = Terminal::spawn_with(bob_joins(&d), None, Some(log.stderr()), false);
+    bob_types_half_a_character(&mut bob, &mut alice, &log, |bob, keys| bob.type_bytes(keys));
+    bob.hang_up();
+    the_input_ended(&mut bob, &mut alice, &log);
+}
+
+/// The same with only standard input on the terminal closed (`ocm ... </dev/pts/N`, its
+/// output on a terminal that stays): closed in the middle of a character typed (its first
+/// byte read, the rest never to come), the editor's read fails with EIO, which it reports
+/// as it is. That too is the end of the input, not a byte that is not UTF-8, nor a failure.
+#[test]
+fn input_from_a_terminal_closed_without_a_sighup_ends_there() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    let log = BobsLog::new(&d);
+    let (mut keys, input) = open_pty();
+    let mut bob = Terminal::spawn_with(
+        bob_joins(&d),
+        Some(Stdio::from(input)),
+        Some(log.stderr()),
+        false,
+    );
+    bob_types_half_a_character(&mut bob, &mut alice, &log, |_, typed| {
+        keys.write_all(typed).expect("type")
+    });
+    // The input's terminal closed; the output's stays.
+    drop(keys);
+    the_input_ended(&mut bob, &mut alice, &log);
+}
+
+/// What `ocm` (bob) writes to standard error, kept in a file: remarks go there when it is
+/// not the terminal, and can be read after the terminal is gone.
+struct BobsLog(std::path::PathBuf);
+
+impl BobsLog {
+    fn new(d: &Daemon) -> BobsLog {
+        BobsLog(d.dir.path().join("bob.log"))
+    }
+
+    /// A new standard error for bob.
+    fn stderr(&self) -> Stdio {
+        Stdio::from(File::create(&self.0).expect("bob's log"))
+    }
+
+    fn text(&self) -> String {
+        std::fs::read_to_string(&self.0).expect("bob's log")
+    }
+}
+
+/// `ocm` joining `lobby` on `d` as bob, in an editable terminal.
+fn bob_joins(d: &Daemon) -> Command {
+    ocm_command(d, &["join", "lobby", "--name", "bob"], "xterm")
+}
+
+/// Once bob (without a controlling terminal) is live and `alice` has seen him join, types
+/// `caf` with `type_bytes` (to bob's terminal, or to the one bob's input is), and checks
+/// that the editor reads it: its prompt and the text drawn on bob's terminal. Then types the
+/// first byte of "é", and returns once the editor waits in `read` for the second.
+fn bob_types_half_a_character(
+    bob: &mut Terminal,
+    alice: &mut Ocm,
+    log: &BobsLog,
+    mut type_bytes: impl FnMut(&mut Terminal, &[u8]),
+) {
+    assert_eq!(alice.line(), "* bob joined");
+    wait_until("bob live", || log.text().contains("* --- live ---"));
+    let pid = bob.child.id();
+    assert_eq!(
+        controlling_terminal(pid),
+        0,
+        "bob has a controlling terminal"
+    );
+    type_bytes(bob, b"caf");
+    bob.wait_for("caf");
+    assert!(bob.text().contains("> "), "no prompt: {:?}", bob.text());
+    type_bytes(bob, b"\xc3");
+    wait_until("the editor waiting for the rest of the character", || {
+        input_thread_reads_stdin(pid)
+    });
+}
+
+/// Bob's input closed: he leaves the room, `ocm` exits with status 0, without a remark that
+/// the terminal sent a byte that is not UTF-8. Then alice quits.
+fn the_input_ended(bob: &mut Terminal, alice: &mut Ocm, log: &BobsLog) {
+    let status = bob.wait();
+    assert_eq!(alice.line(), "* bob left");
+    assert!(status.success(), "{status:?}; bob's log: {:?}", log.text());
+    assert!(!log.text().contains("not UTF-8"), "{:?}", log.text());
+    assert!(!bob.text().contains("not UTF-8"), "{:?}", bob.text());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
+
+/// The controlling terminal of process `pid` (Linux: `tty_nr` in `/proc/PID/stat`), 0 for
+/// none.
+fn controlling_terminal(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the stat");
+    // After the name in parentheses: state, ppid, pgrp, session, tty_nr.
+    let fields = &stat[stat.rfind(')').expect("the name's end") + 1..];
+    fields
+        .split_whitespace()
+        .nth(4)
+        .and_then(|tty| tty.parse().ok())
+        .expect("tty_nr")
+}
+
+/// Whether the input thread of process `pid` waits in `read` on standard input (Linux:
+/// `/proc/PID/task/TID/syscall` gives the number of the call a blocked thread is in, then
+/// its arguments, the descriptor first; a thread running gives `running`).
+fn input_thread_reads_stdin(pid: u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the threads")
+        .filter_map(|task| task.ok().map(|task| task.path()))
+        .any(|task| {
+            std::fs::read_to_string(task.join("comm")).is_ok_and(|name| name.trim() == "input")
+                && std::fs::read_to_string(task.join("syscall"))
+                    .is_ok_and(|call| call.starts_with(&format!("{} 0x0 ", libc::SYS_read)))
+        })
 }
 
 /// Ctrl+R recalls an earlier line without taking the terminal from the room: a message that
