@@ -795,6 +795,38 @@ fn a_terminal_closed_without_a_sighup_ends_the_input() {
     the_input_ended(&mut bob, &mut alice, &log);
 }
 
+/// On a terminal that is not `ocm`'s controlling one there is no job control: the editor's
+/// Ctrl+Z cannot stop the chat (its process group, alone in its session, is orphaned, and
+/// the kernel drops the stop) and there is no shell to hand the terminal to. The chat goes
+/// on: the next line typed is sent, and `/quit` leaves.
+#[test]
+fn ctrl_z_on_a_terminal_that_is_not_the_controlling_one_leaves_the_chat_going() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    let log = BobsLog::new(&d);
+    let mut bob = Terminal::spawn_with(bob_joins(&d), None, Some(log.stderr()), false);
+    assert_eq!(alice.line(), "* bob joined");
+    wait_until("bob live", || log.text().contains("* --- live ---"));
+    assert_eq!(
+        controlling_terminal(bob.child.id()),
+        0,
+        "bob has a controlling terminal"
+    );
+    // The stop discards what was typed before it (as the terminal's own Ctrl+Z does): the
+    // next line is typed once the editor has drawn its prompt again.
+    let shown = bob.text().len();
+    bob.type_keys("\x1a");
+    bob.wait_for_after(shown, "> ");
+    bob.type_keys("after the stop\r");
+    assert_eq!(alice.line(), "bob: after the stop");
+    bob.type_keys("/quit\r");
+    assert!(bob.wait().success(), "bob's log: {:?}", log.text());
+    assert_eq!(alice.line(), "* bob left");
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
+
 /// The same with only standard input on the terminal closed (`ocm ... </dev/pts/N`, its
 /// output on a terminal that stays): closed in the middle of a character typed (its first
 /// byte read, the rest never to come), the editor's read fails with EIO, which it reports

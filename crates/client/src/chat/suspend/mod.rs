@@ -186,8 +186,9 @@ extern "C" fn on_sigtstp(_: libc::c_int) {
     // SIGTERM, so that the job can act on it): setting the mode from there would stop the
     // process (SIGTTOU) until `fg`. For `bg` that is right, and stopping again says so
     // plainly; but a chat told to end must be let go on to its `__LEAVE__` and exit, with the
-    // terminal, still the shell's, left in the mode it stopped in.
-    while !in_foreground() {
+    // terminal, still the shell's, left in the mode it stopped in. (On a terminal that is not
+    // ours there is neither a foreground to wait for nor a stop: see `in_background`.)
+    while in_background() {
         if ending_within(END_SIGNAL_WAIT) {
             // The signal watcher and the main loop end the chat and the process (within
             // the watcher's grace). This thread waits for that here: returned to, the
@@ -266,4 +267,17 @@ fn editor_mode(before: &libc::termios) -> libc::termios {
 fn in_foreground() -> bool {
     // SAFETY: plain system calls on standard input, which stays open.
     unsafe { libc::tcgetpgrp(libc::STDIN_FILENO) == libc::getpgrp() }
+}
+
+/// Whether another process group has the terminal: the chat runs in the background of a
+/// shell's job control. Not so on a terminal that is not our controlling one (`tcgetpgrp`
+/// fails: `ocm` started with `setsid`, or handed a terminal by a program that did not make it
+/// ours): there is no foreground there to wait for, and no stop to wait in (our process
+/// group, alone in its session, is orphaned, so the kernel drops a stop). Without that
+/// distinction the SIGTSTP handler waited for ever for a foreground that never comes, and
+/// the editor read nothing more. Async-signal-safe.
+fn in_background() -> bool {
+    // SAFETY: plain system calls on standard input, which stays open.
+    let group = unsafe { libc::tcgetpgrp(libc::STDIN_FILENO) };
+    group >= 0 && group != unsafe { libc::getpgrp() }
 }
