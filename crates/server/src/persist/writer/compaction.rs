@@ -204,18 +204,11 @@ mod tests {
     fn compacting_at_every_commit(
         dir: &tempfile::TempDir,
     ) -> (Writer, Paths, Arc<Mutex<Compactions>>) {
-        let paths = Paths::new(&dir.path().join("s.json"));
-        let poll = mio::Poll::new().unwrap();
-        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
-        let loaded = store::load(&paths).unwrap();
-        let stats = Arc::new(Mutex::new(Compactions::default()));
         let options = Options {
             compact_journal_bytes: 1,
             ..Options::default()
         };
-        let writer =
-            Writer::open(paths.clone(), loaded, options, Arc::clone(&stats), waker).unwrap();
-        (writer, paths, stats)
+        super::super::on_a_fresh_state(dir, options)
     }
 
     /// Once the compactor thread is gone (it panicked: here a stand-in whose ends of the

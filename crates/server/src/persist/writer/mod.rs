@@ -452,6 +452,22 @@ impl Writer {
     }
 }
 
+/// A writer on a fresh state in `dir` with `options`, its paths, and its compactions'
+/// counters.
+#[cfg(test)]
+pub(super) fn on_a_fresh_state(
+    dir: &tempfile::TempDir,
+    options: Options,
+) -> (Writer, Paths, Arc<Mutex<Compactions>>) {
+    let paths = Paths::new(&dir.path().join("s.json"));
+    let poll = mio::Poll::new().unwrap();
+    let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
+    let loaded = store::load(&paths).unwrap();
+    let stats = Arc::new(Mutex::new(Compactions::default()));
+    let writer = Writer::open(paths.clone(), loaded, options, Arc::clone(&stats), waker).unwrap();
+    (writer, paths, stats)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -461,12 +477,7 @@ mod tests {
     #[test]
     fn between_appends_the_files_are_checked_once_a_second() {
         let dir = tempfile::tempdir().unwrap();
-        let paths = Paths::new(&dir.path().join("s.json"));
-        let poll = mio::Poll::new().unwrap();
-        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
-        let loaded = store::load(&paths).unwrap();
-        let stats = Arc::new(Mutex::new(Compactions::default()));
-        let mut writer = Writer::open(paths, loaded, Options::default(), stats, waker).unwrap();
+        let (mut writer, _, _) = on_a_fresh_state(&dir, Options::default());
         let checked = writer.files_checked_at;
         let just_short = checked + FILE_CHECK_INTERVAL - Duration::from_nanos(1);
         assert!(
