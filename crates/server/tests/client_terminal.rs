@@ -813,6 +813,12 @@ fn ctrl_z_on_a_terminal_that_is_not_the_controlling_one_leaves_the_chat_going() 
         0,
         "bob has a controlling terminal"
     );
+    // The editor reads (its prompt drawn, its raw mode taken): the Ctrl+Z is its key, not the
+    // terminal's, which would take it itself and stop nothing without a foreground group.
+    bob.wait_for("> ");
+    wait_until("the editor's raw mode", || {
+        bob.mode().c_lflag & libc::ISIG == 0
+    });
     // The stop discards what was typed before it (as the terminal's own Ctrl+Z does): the
     // next line is typed once the editor has drawn its prompt again.
     let shown = bob.text().len();

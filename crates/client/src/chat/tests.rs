@@ -1832,7 +1832,8 @@ fn a_held_line_waits_asleep_until_the_holds_end() {
     let mut t = loop_under_test(closure::Policy::new(true));
     t.chat.notices.store(1, Ordering::SeqCst);
     t.chat.held = Some("hi".into());
-    let left = Duration::from_millis(200);
+    // Long enough that a loaded machine's pause before the first look still finds it held.
+    let left = Duration::from_secs(1);
     let started = Instant::now();
     t.chat.hold_started = Some(started - HOLD_LIMIT + left);
     assert!(t.chat.holding(), "not held for a notice not yet handled");
