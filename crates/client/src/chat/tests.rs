@@ -1538,35 +1538,22 @@ fn the_room_word_goes_ahead_of_a_full_queue_of_lines() {
 /// 20 s of timeouts, with the line, `/quit` and the end of input behind it.
 #[test]
 fn a_line_whose_hold_ran_out_is_sent_without_waiting_for_the_verdict() {
-    let (session, _server) = pair("lobby", "ab");
-    let (screen, _rec) = screen(false);
-    let (inbox_events, inbox) = mpsc::sync_channel(EVENT_QUEUE);
-    let (ahead_events, ahead) = mpsc::sync_channel(EVENT_QUEUE);
-    let dead = DeadTcp::new();
-    let (checker, _verdicts) = checker(dead.addr);
     let mut closures = closure::Policy::new(true);
     let now = Instant::now();
     // A notice handled, its check in flight (never started: the verdict never comes).
     assert_eq!(closures.notice(now), closure::Action::Check);
-    let mut chat = Chat {
-        session,
-        inbox,
-        ahead,
-        signalled: Arc::default(),
-        screen,
-        own: OwnSends::default(),
-        closures,
-        last_heard: Arc::new(Mutex::new(now)),
-        liveness: None,
-        outage: Outage::default(),
-        terminal: None,
-        checker,
-        pacer: Pacer::new(pacing::CHAT_PER_SEC, pacing::CHAT_BURST, now),
-        notices: Arc::new(AtomicU64::new(1)),
-        notices_handled: 1,
-        held: Some("held line".into()),
-        hold_started: Some(now - HOLD_LIMIT - Duration::from_millis(1)),
-    };
+    let LoopUnderTest {
+        mut chat,
+        lines: inbox_events,
+        ahead: ahead_events,
+        server: _server,
+        printed: _printed,
+        _dead,
+    } = loop_under_test(closures);
+    chat.notices.store(1, Ordering::SeqCst);
+    chat.notices_handled = 1;
+    chat.held = Some("held line".into());
+    chat.hold_started = Some(now - HOLD_LIMIT - Duration::from_millis(1));
     let (done, returned) = mpsc::channel();
     thread::spawn(move || {
         let event = chat.next_event();
