@@ -598,13 +598,7 @@ mod tests {
     /// A server on loopback ports of its own, its state in `dir`, without a metrics
     /// listener; its loop is not run (as in `requests.rs`' tests).
     fn server(dir: &std::path::Path) -> Server {
-        let overrides = crate::config::Overrides {
-            tcp: Some("127.0.0.1:0".parse().unwrap()),
-            udp: Some("127.0.0.1:0".parse().unwrap()),
-            state: Some(dir.join("room_manager.json")),
-            metrics: Some("off".into()),
-        };
-        Server::bind(crate::Config::default(), None, overrides).unwrap()
+        super::super::testing::on_loopback(dir, crate::Config::default())
     }
 
     /// An idle loopback connection, last answered at `activity`, put in `server`'s table

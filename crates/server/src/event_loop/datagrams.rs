@@ -249,13 +249,7 @@ mod tests {
     fn server(dir: &Path, per_wakeup: usize) -> Server {
         let mut config = crate::Config::default();
         config.udp.datagrams_per_wakeup = per_wakeup;
-        let overrides = crate::config::Overrides {
-            tcp: Some("127.0.0.1:0".parse().expect("an address")),
-            udp: Some("127.0.0.1:0".parse().expect("an address")),
-            state: Some(dir.join("room_manager.json")),
-            metrics: Some("off".into()),
-        };
-        Server::bind(config, None, overrides).expect("a server on loopback")
+        super::super::testing::on_loopback(dir, config)
     }
 
     fn dropped(server: &Server) -> u64 {

@@ -15,15 +15,19 @@
 //! durable.
 //!
 //! Split by job: `setup` binds and loads before the first pass, `connections` accepts and
-//! closes TCP connections, `requests` answers what they send, `datagrams` is the UDP side, and
-//! `lifecycle` handles signals, reloads and shutdown; this module owns the loop itself, its
-//! timers and the hand-off of records to the writer.
+//! closes TCP connections, `requests` answers what they send, `http_answers` what the metrics
+//! listener's send, `datagrams` is the UDP side, and `lifecycle` handles signals, reloads and
+//! shutdown; this module owns the loop itself, its timers and the hand-off of records to the
+//! writer. `testing` is what their unit tests share.
 
 mod connections;
 mod datagrams;
+mod http_answers;
 mod lifecycle;
 mod requests;
 mod setup;
+#[cfg(test)]
+mod testing;
 mod udp_output;
 
 use std::collections::HashMap;
@@ -586,8 +590,8 @@ fn may_log_drop(bucket: &mut TokenBucket, now: Instant, rate: f64) -> bool {
 /// of records to the writer, on a server whose loop is not run.
 #[cfg(test)]
 mod tests {
+    use super::testing::add_conn;
     use super::*;
-    use crate::conn::testing::loopback;
     use tcrp::Operation;
 
     const HERE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
@@ -599,19 +603,7 @@ mod tests {
         let mut config = Config::default();
         config.rate.requests_per_sec = 0.0;
         config.liveness.room_idle_secs = 60;
-        let overrides = Overrides {
-            tcp: Some("127.0.0.1:0".parse().expect("an address")),
-            udp: Some("127.0.0.1:0".parse().expect("an address")),
-            state: Some(dir.join("room_manager.json")),
-            metrics: Some("off".into()),
-        };
-        Server::bind(config, None, overrides).expect("the server binds")
-    }
-
-    /// A loopback connection put in `server`'s table (not registered with its poll).
-    fn add_conn(server: &mut Server) -> (std::net::TcpStream, ConnId) {
-        let (peer, conn) = loopback();
-        (peer, ConnId(server.conns.insert(conn)))
+        testing::on_loopback(dir, config)
     }
 
     /// A create of `room` by `payload` (the host's name, or a JSON object), as its bytes.
