@@ -274,12 +274,16 @@ fn quit_to_the_shell(term: &mut Terminal, keys: &str) {
 /// Sends `signal` to the `ocm` run from the shell in `term` (the shell's one child), as
 /// `kill` from another terminal would.
 fn signal_ocm_run_from(term: &Terminal, signal: i32) {
-    let shell = term.child.id();
-    let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children"))
-        .expect("the shell's children");
-    let ocm: i32 = children.trim().parse().expect("one child: ocm");
+    let ocm = only_child(term.child.id() as i32);
     // SAFETY: a signal to the shell's child, which the shell has not reaped: it waits for it.
     assert_eq!(unsafe { libc::kill(ocm, signal) }, 0);
+}
+
+/// The one child of process `pid` (Linux: `/proc/PID/task/PID/children`).
+fn only_child(pid: i32) -> i32 {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).expect("the children");
+    children.trim().parse().expect("one child")
 }
 
 /// Ends the chat of the `ocm` (bob) run from the shell in `term` with `/quit`, checks that
@@ -833,6 +837,170 @@ fn ctrl_z_on_a_terminal_that_is_not_the_controlling_one_leaves_the_chat_going() 
     assert!(alice.wait().success());
 }
 
+/// A chat whose process group is orphaned in the background of its terminal, then sent
+/// `kill -TSTP` from elsewhere: the kernel drops the stop in an orphaned group, and the
+/// handler waited for a foreground that never comes, in rounds of 200 ms, the chat joined
+/// and its input dead, until an end signal. It now sees the group orphaned and returns, and
+/// the editor's next read of the terminal, from the background of an orphaned group, fails
+/// (`EIO`), which ends the input: bob leaves at the next line typed.
+///
+/// The group: `ocm` run by a subshell, killed while the chat waits for a key (`ocm` is taken
+/// in by init, outside the session); bash, its foreground job gone, gives the terminal to
+/// the `sleep` after it, which reads nothing: the line typed is there for the chat alone (a
+/// key that bash read could wake the chat's wait for input first, and end it already).
+#[test]
+fn a_chat_orphaned_in_the_background_and_sent_a_stop_leaves_at_the_next_line() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    let mut term = shell_terminal("bash", &["--norc", "--noprofile", "-i"]);
+    // `; :`: the subshell waits for `ocm` rather than becoming it.
+    term.type_keys(&format!(
+        "({} --server 127.0.0.1 --tcp-port {} --udp-port {} join lobby --name bob; :); sleep 60\r",
+        sibling_binary("ocm").display(),
+        d.tcp.port(),
+        d.udp.port()
+    ));
+    assert_eq!(alice.line(), "* bob joined");
+    term.wait_for("* --- live ---");
+    wait_until("the editor's raw mode", || {
+        term.mode().c_lflag & libc::ISIG == 0
+    });
+    let bash = term.child.id() as i32;
+    let subshell = only_child(bash);
+    let ocm = only_child(subshell);
+    let _cleanup = KillOnDrop(ocm);
+    // SAFETY: signals to the shell's child and grandchild, not reaped yet.
+    assert_eq!(unsafe { libc::kill(subshell, libc::SIGKILL) }, 0);
+    wait_until("the sleep in the foreground", || {
+        ![0, bash, subshell].contains(&terminal_foreground(ocm))
+    });
+    assert_ne!(parent(ocm), subshell, "ocm was taken in");
+    assert_eq!(unsafe { libc::kill(ocm, libc::SIGTSTP) }, 0);
+    wait_until("the stop taken by the chat", || {
+        !pending_in_the_process(ocm, libc::SIGTSTP)
+    });
+    // A whole line: in the shell's mode, given to the terminal with the `sleep`, a reader
+    // gets only whole lines.
+    term.type_keys("x\r");
+    assert_eq!(alice.line(), "* bob left");
+    wait_until("ocm's exit", || !alive(ocm));
+    let shown = term.text().len();
+    term.type_keys("\x03");
+    term.wait_for_after(shown, "$ ");
+    term.type_keys("exit 0\r");
+    assert!(term.wait().success());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
+
+/// A chat started in the background, whose process group is orphaned while it waits, in
+/// the handler of its first call on the terminal from the background (SIGTTOU, SIGTTIN),
+/// for an end signal before it stops: the SIGSTOP it made then lasted for good, for no shell
+/// of the session can continue a job in an orphaned group, and the kernel, which continues
+/// (with a SIGHUP) an orphaned group's stopped processes, does so only when the group
+/// becomes orphaned, not for a stop made after. It now sees the group orphaned and makes no
+/// stop; the call made again fails (`EIO`), which ends the input: bob leaves.
+///
+/// The group: `ocm` run in the background by a subshell, killed while the chat waits in
+/// the handler (`ocm` is taken in by init, outside the session).
+#[test]
+fn a_chat_orphaned_while_it_waits_to_stop_in_the_background_leaves() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    let mut term = shell_terminal("bash", &["--norc", "--noprofile", "-i"]);
+    // `; :`: the subshell waits for `ocm` rather than becoming it.
+    term.type_keys(&format!(
+        "({} --server 127.0.0.1 --tcp-port {} --udp-port {} join lobby --name bob; :) &\r",
+        sibling_binary("ocm").display(),
+        d.tcp.port(),
+        d.udp.port()
+    ));
+    assert_eq!(alice.line(), "* bob joined");
+    let subshell = only_child(term.child.id() as i32);
+    let ocm = only_child(subshell);
+    let _cleanup = KillOnDrop(ocm);
+    // The handler holds SIGTTIN back while it runs (and nothing else does).
+    wait_until("the chat waiting to stop", || {
+        blocked_in_a_thread(ocm, libc::SIGTTIN)
+    });
+    // SAFETY: a signal to the shell's child, not reaped yet.
+    assert_eq!(unsafe { libc::kill(subshell, libc::SIGKILL) }, 0);
+    assert_eq!(alice.line(), "* bob left");
+    wait_until("ocm's exit", || !alive(ocm));
+    term.type_keys("exit 0\r");
+    assert!(term.wait().success());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
+
+/// Whether `signal` is blocked in a thread of process `pid` (`SigBlk` in
+/// `/proc/PID/task/TID/status`).
+fn blocked_in_a_thread(pid: i32, signal: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|task| {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        signal_in_mask(&status, "SigBlk:", signal)
+    })
+}
+
+/// Whether the signal mask on the line of `/proc` status `text` that starts with `field`
+/// holds `signal`.
+fn signal_in_mask(text: &str, field: &str, signal: i32) -> bool {
+    text.lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (signal - 1)) != 0)
+}
+
+/// Kills its process (SIGKILL) when dropped: a test that fails leaves no `ocm` behind.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: a signal; the process may be gone, and a pid reused meanwhile is only
+        // possible once it is reaped, long after the test.
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
+    }
+}
+
+/// The parent of process `pid` (`/proc/PID/stat`), 0 once it is gone.
+fn parent(pid: i32) -> i32 {
+    stat_fields(pid)
+        .and_then(|fields| fields.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The process group in the foreground of the terminal of process `pid` (`tpgid` in
+/// `/proc/PID/stat`), 0 if unknown.
+fn terminal_foreground(pid: i32) -> i32 {
+    stat_fields(pid)
+        .and_then(|fields| fields.split_whitespace().nth(5)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Whether `signal` is pending for process `pid` as a whole (`ShdPnd` in
+/// `/proc/PID/status`): sent to it and taken by none of its threads yet.
+fn pending_in_the_process(pid: i32, signal: i32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    signal_in_mask(&status, "ShdPnd:", signal)
+}
+
+/// Whether process `pid` runs: it has not ended, as a zombie or reaped.
+fn alive(pid: i32) -> bool {
+    stat_fields(pid).is_some_and(|fields| !fields.trim_start().starts_with(['Z', 'X']))
+}
+
+/// The fields of `/proc/PID/stat` after the name in parentheses (state, ppid, pgrp, session,
+/// tty_nr, ...); `None` once the process is reaped.
+fn stat_fields(pid: i32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(stat[stat.rfind(')')? + 1..].to_owned())
+}
+
 /// The same with only standard input on the terminal closed (`ocm ... </dev/pts/N`, its
 /// output on a terminal that stays): closed in the middle of a character typed (its first
 /// byte read, the rest never to come), the editor's read fails with EIO, which it reports
@@ -924,13 +1092,8 @@ fn the_input_ended(bob: &mut Terminal, alice: &mut Ocm, log: &BobsLog) {
 /// The controlling terminal of process `pid` (Linux: `tty_nr` in `/proc/PID/stat`), 0 for
 /// none.
 fn controlling_terminal(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the stat");
-    // After the name in parentheses: state, ppid, pgrp, session, tty_nr.
-    let fields = &stat[stat.rfind(')').expect("the name's end") + 1..];
-    fields
-        .split_whitespace()
-        .nth(4)
-        .and_then(|tty| tty.parse().ok())
+    stat_fields(pid as i32)
+        .and_then(|fields| fields.split_whitespace().nth(4)?.parse().ok())
         .expect("tty_nr")
 }
 

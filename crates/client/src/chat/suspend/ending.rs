@@ -11,7 +11,7 @@ use log::debug;
 use nix::errno::Errno;
 use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
-use super::in_foreground;
+use super::{in_foreground, orphaned};
 
 /// Set by the end signals' own handler ([`watch_for_the_end`]), at once, for
 /// [`super::on_sigtstp`] and [`super::resume::on_resume`] to read: the watching thread may
@@ -78,8 +78,9 @@ fn stop_from_the_background_only_when_no_end_is_coming() {
 /// restarts the call after this handler): waits for an end signal ([`ending_within`]) and
 /// lets the end through if one comes, so that the call restarted goes through or fails;
 /// otherwise stops the process, as the default action would, unless it was brought to the
-/// foreground meanwhile. Continued, the call is made again, and from the background comes
-/// back here.
+/// foreground meanwhile or its process group was orphaned ([`orphaned`]: the call restarted
+/// then fails, and no shell could continue the stop). Continued, the call is made again, and
+/// from the background comes back here.
 ///
 /// Several threads may wait here at once (the editor's read, the resume thread's mode),
 /// and one stop is enough for all: the first to decide takes [`STOPS`] and stops the
@@ -89,7 +90,8 @@ fn stop_from_the_background_only_when_no_end_is_coming() {
 /// finds [`STOPS`] taken or moved on since its wait began, and waits again instead.
 extern "C" fn on_terminal_from_the_background(_: libc::c_int) {
     let errno = Errno::last_raw();
-    wait_for_the_end_or_stop(in_foreground, in_foreground, || {
+    let let_through = || in_foreground() || orphaned();
+    wait_for_the_end_or_stop(in_foreground, let_through, || {
         // SIGSTOP, which no handler or mask holds back, rather than the signal itself,
         // whose action is this handler.
         // SAFETY: raise is async-signal-safe.
@@ -100,11 +102,12 @@ extern "C" fn on_terminal_from_the_background(_: libc::c_int) {
 
 /// What [`on_terminal_from_the_background`] does, given whether the process is in the
 /// foreground (`brought_back`, asked at every step of the wait, which it ends at once: a
-/// `fg` lets the call through then, not a wait later; `in_foreground`, asked before a stop)
-/// and how to stop it (returning once continued). Async-signal-safe.
+/// `fg` lets the call through then, not a wait later), whether the call may go on without a
+/// stop (`let_through`, asked before one: in the foreground, or in an orphaned process
+/// group) and how to stop it (returning once continued). Async-signal-safe.
 pub(super) fn wait_for_the_end_or_stop(
     brought_back: impl Fn() -> bool,
-    in_foreground: impl Fn() -> bool,
+    let_through: impl Fn() -> bool,
     stop: impl Fn(),
 ) {
     loop {
@@ -118,7 +121,7 @@ pub(super) fn wait_for_the_end_or_stop(
             let_the_end_through();
             return;
         }
-        if back.get() || in_foreground() {
+        if back.get() || let_through() {
             return;
         }
         let free = seen.is_multiple_of(2);

@@ -187,8 +187,9 @@ extern "C" fn on_sigtstp(_: libc::c_int) {
     // process (SIGTTOU) until `fg`. For `bg` that is right, and stopping again says so
     // plainly; but a chat told to end must be let go on to its `__LEAVE__` and exit, with the
     // terminal, still the shell's, left in the mode it stopped in. (On a terminal that is not
-    // ours there is neither a foreground to wait for nor a stop: see `in_background`.)
-    while in_background() {
+    // ours there is neither a foreground to wait for nor a stop: see `in_background`; nor in
+    // an orphaned process group, whose stops the kernel drops: see `orphaned`.)
+    while in_background() && !orphaned() {
         if ending_within(END_SIGNAL_WAIT) {
             // The signal watcher and the main loop end the chat and the process (within
             // the watcher's grace). This thread waits for that here: returned to, the
@@ -280,4 +281,23 @@ fn in_background() -> bool {
     // SAFETY: plain system calls on standard input, which stays open.
     let group = unsafe { libc::tcgetpgrp(libc::STDIN_FILENO) };
     group >= 0 && group != unsafe { libc::getpgrp() }
+}
+
+/// Whether our process group is orphaned, as near as `ocm` can tell from its own parent:
+/// that parent is in another session. The process that started the chat is gone and init
+/// or a subreaper took the chat in (a shell killed, or a subshell that ran `ocm`), or the
+/// chat was started in a session of its own (`setsid`). In an orphaned process group the
+/// kernel drops the stop of SIGTSTP, SIGTTIN and SIGTTOU, and fails a read or a mode set
+/// of the terminal from the background with `EIO`; no shell can continue a job there, so a
+/// SIGSTOP lasts until a `kill -CONT` by hand. A chat there waits for no foreground and
+/// stops nothing: its next call on the terminal fails, which ends its input.
+///
+/// A group is orphaned when none of its members has a parent in another group of the same
+/// session. A chat whose parent is in the session but in the chat's own group (a wrapper
+/// script, run without job control) is taken for not orphaned, as it is while the
+/// wrapper's own parent lives; that case waits as before. Async-signal-safe (`getppid`,
+/// `getsid`).
+fn orphaned() -> bool {
+    // SAFETY: plain system calls; a parent gone meanwhile gives -1, another session too.
+    unsafe { libc::getsid(libc::getppid()) != libc::getsid(0) }
 }
