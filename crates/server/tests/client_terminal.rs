@@ -837,6 +837,103 @@ fn ctrl_z_on_a_terminal_that_is_not_the_controlling_one_leaves_the_chat_going() 
     assert!(alice.wait().success());
 }
 
+/// After a Ctrl+Z on a terminal that is not its controlling one (its process group, alone
+/// in its session, orphaned: the kernel drops the stop), a `kill -STOP` and `kill -CONT`
+/// from elsewhere draw the prompt and the line being typed again, as after any stop no
+/// handler saw. The handler used to leave its Ctrl+Z noted as the last stop, never settled
+/// (no SIGCONT came for it), so each later SIGCONT was taken for its end and drew nothing.
+#[test]
+fn after_a_ctrl_z_on_a_terminal_that_is_not_the_controlling_one_a_stop_and_continue_redraw_the_line(
+) {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    let log = BobsLog::new(&d);
+    let mut bob = Terminal::spawn_with(bob_joins(&d), None, Some(log.stderr()), false);
+    assert_eq!(alice.line(), "* bob joined");
+    bob.wait_for("> ");
+    wait_until("the editor's raw mode", || {
+        bob.mode().c_lflag & libc::ISIG == 0
+    });
+    let shown = bob.text().len();
+    bob.type_keys("\x1a");
+    bob.wait_for_after(shown, "> ");
+    bob.type_keys("half");
+    bob.wait_for_after(shown, "half");
+    let shown = bob.text().len();
+    let ocm = bob.child.id() as i32;
+    // SAFETY: signals to bob's `ocm`, which the test has not reaped.
+    assert_eq!(unsafe { libc::kill(ocm, libc::SIGSTOP) }, 0);
+    wait_until("bob stopped", || state(ocm) == Some('T'));
+    assert_eq!(unsafe { libc::kill(ocm, libc::SIGCONT) }, 0);
+    bob.wait_for_after(shown, "> half");
+    bob.type_keys(" done\r");
+    assert_eq!(alice.line(), "bob: half done");
+    bob.type_keys("/quit\r");
+    assert!(bob.wait().success(), "bob's log: {:?}", log.text());
+    assert_eq!(alice.line(), "* bob left");
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
+
+/// A chat reading a terminal that is not its controlling one, run from a shell on another
+/// (`ocm ... </dev/pts/B >/dev/pts/B` typed in bash on A: a job of bash's, not orphaned),
+/// stopped with its Ctrl+Z on B and brought back with `fg` on A, then stopped with `kill
+/// -STOP` and brought back again: the prompt and the line being typed are drawn again on B.
+/// The resume thread asked whether the process was in the foreground, which on B (no
+/// foreground group: `tcgetpgrp` fails) it never is, so it took each SIGCONT for a
+/// continue in the background: the Ctrl+Z stayed noted as the last stop, and no later stop
+/// was drawn again for. It now asks whether another process group has the terminal.
+#[test]
+fn on_a_terminal_that_is_not_the_controlling_one_a_stop_after_a_ctrl_z_is_drawn_again() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    // B: a terminal no process has for its controlling one; `sleep` holds it open.
+    let mut sleep = Command::new("sleep");
+    sleep.arg("600");
+    let mut other = Terminal::spawn_with(sleep, None, None, false);
+    let path = std::fs::read_link(format!("/proc/{}/fd/0", other.child.id())).expect("B");
+    let mut shell = shell_terminal("bash", &["--norc", "--noprofile", "-i"]);
+    shell.type_keys(&format!(
+        "TERM=xterm {} --server 127.0.0.1 --tcp-port {} --udp-port {} join lobby --name bob <{p} >{p} 2>&1\r",
+        sibling_binary("ocm").display(),
+        d.tcp.port(),
+        d.udp.port(),
+        p = path.display()
+    ));
+    assert_eq!(alice.line(), "* bob joined");
+    other.wait_for("> ");
+    wait_until("the editor's raw mode", || {
+        other.mode().c_lflag & libc::ISIG == 0
+    });
+    let on_shell = shell.text().len();
+    other.type_keys("\x1a");
+    shell.wait_for_after(on_shell, "Stopped");
+    shell.wait_for_after(on_shell, "$ ");
+    let shown = other.text().len();
+    shell.type_keys("fg\r");
+    other.wait_for_after(shown, "> ");
+    other.type_keys("half");
+    other.wait_for_after(shown, "half");
+    let (shown, on_shell) = (other.text().len(), shell.text().len());
+    signal_ocm_run_from(&shell, libc::SIGSTOP);
+    shell.wait_for_after(on_shell, "Stopped");
+    shell.wait_for_after(on_shell, "$ ");
+    shell.type_keys("fg\r");
+    other.wait_for_after(shown, "> half");
+    other.type_keys(" done\r");
+    assert_eq!(alice.line(), "bob: half done");
+    let on_shell = shell.text().len();
+    other.type_keys("/quit\r");
+    assert_eq!(alice.line(), "* bob left");
+    shell.wait_for_after(on_shell, "$ ");
+    shell.type_keys("exit 0\r");
+    assert!(shell.wait().success());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
+
 /// A chat whose process group is orphaned in the background of its terminal, then sent
 /// `kill -TSTP` from elsewhere: the kernel drops the stop in an orphaned group, and the
 /// handler waited for a foreground that never comes, in rounds of 200 ms, the chat joined
@@ -991,7 +1088,13 @@ fn pending_in_the_process(pid: i32, signal: i32) -> bool {
 
 /// Whether process `pid` runs: it has not ended, as a zombie or reaped.
 fn alive(pid: i32) -> bool {
-    stat_fields(pid).is_some_and(|fields| !fields.trim_start().starts_with(['Z', 'X']))
+    !matches!(state(pid), None | Some('Z' | 'X'))
+}
+
+/// The state of process `pid` (`R`, `S`, `T`, `Z`, ...: `/proc/PID/stat`), `None` once it
+/// is reaped.
+fn state(pid: i32) -> Option<char> {
+    stat_fields(pid)?.trim_start().chars().next()
 }
 
 /// The fields of `/proc/PID/stat` after the name in parentheses (state, ppid, pgrp, session,

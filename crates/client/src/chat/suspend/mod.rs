@@ -202,6 +202,12 @@ extern "C" fn on_sigtstp(_: libc::c_int) {
         }
         stop();
     }
+    if orphaned() {
+        // The kernel dropped the stop: no SIGCONT is coming to settle it, and a later one
+        // (`kill -STOP`, then `-CONT`, from elsewhere) is for a stop no handler saw, after
+        // which the line is drawn again.
+        LAST_STOP.store(Stop::Unseen as u8, Ordering::SeqCst);
+    }
     if let Some(found) = found {
         set_mode(libc::STDIN_FILENO, libc::TCSADRAIN, &found);
     }

@@ -16,7 +16,7 @@ use signal_hook::consts::SIGCONT;
 use signal_hook::iterator::Signals;
 
 use super::ending::{ending, let_the_end_through};
-use super::{editor_mode, in_foreground, Stop, EDITOR_THREAD, LAST_STOP, MODE_BEFORE_CHAT};
+use super::{editor_mode, in_background, Stop, EDITOR_THREAD, LAST_STOP, MODE_BEFORE_CHAT};
 use crate::feed::Feed;
 
 /// Makes the editor draw its prompt and line again whenever the process is continued
@@ -115,6 +115,16 @@ fn wake_the_editor() {
 /// What [`redraw_on_resume`] does on each SIGCONT; whether it settled a stop with the
 /// terminal ours (a stop the handler saw, or one it asked a redraw for).
 pub(super) fn on_resume(feed: &Feed, reading: &AtomicBool, again: &mpsc::Sender<()>) -> bool {
+    resume_given(feed, reading, again, in_background)
+}
+
+/// [`on_resume`], given whether another process group has the terminal (`in_background`).
+pub(super) fn resume_given(
+    feed: &Feed,
+    reading: &AtomicBool,
+    again: &mpsc::Sender<()>,
+    in_background: impl Fn() -> bool,
+) -> bool {
     if ending() {
         // Continued to end (a shell's `kill %1`): nothing to draw, and no mode to take from
         // the background, which would stop the process before its `__LEAVE__`.
@@ -123,9 +133,12 @@ pub(super) fn on_resume(feed: &Feed, reading: &AtomicBool, again: &mpsc::Sender<
     }
     let stop = Stop::last();
     if stop != Stop::Unseen {
-        if !in_foreground() {
+        if in_background() {
             // Continued in the background (`bg`): the handler, setting the mode it found
             // again, stops the process (SIGTTOU) until `fg`, whose SIGCONT ends this stop.
+            // (On a terminal that is not ours no group has the terminal, and a SIGCONT
+            // always ends the stop: asked whether we are in the foreground, which there we
+            // never are, it ended none, and no later stop was drawn again for.)
             return false;
         }
         LAST_STOP.store(Stop::Unseen as u8, Ordering::SeqCst);

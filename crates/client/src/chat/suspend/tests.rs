@@ -159,20 +159,16 @@ fn resumed_after_an_unseen_stop_the_line_being_read_is_drawn_again() {
 }
 
 /// Continued in the background after a stop the handler saw (`bg`), nothing is drawn
-/// and nothing settled: the stop is kept for the `fg` to come. (Only where the test's
-/// standard input is not a terminal it has: the foreground is the integration tests'.)
+/// and nothing settled: the stop is kept for the `fg` to come.
 #[test]
 fn continued_in_the_background_after_a_seen_stop_nothing_is_drawn_or_settled() {
-    if in_foreground() {
-        return;
-    }
     let _serial = serial();
     let (feed, readline) = crate::feed::tests::one_slot_feed();
     let (again, asked) = mpsc::channel();
     for stop in [Stop::InEditor, Stop::Elsewhere] {
         for reading in [false, true] {
             LAST_STOP.store(stop as u8, Ordering::SeqCst);
-            let settled = on_resume(&feed, &AtomicBool::new(reading), &again);
+            let settled = resume_given(&feed, &AtomicBool::new(reading), &again, || true);
             assert!(!settled, "{stop:?}, reading {reading}: settled");
             assert_eq!(Stop::last(), stop, "reading {reading}: the stop forgotten");
         }
@@ -180,6 +176,39 @@ fn continued_in_the_background_after_a_seen_stop_nothing_is_drawn_or_settled() {
     LAST_STOP.store(Stop::Unseen as u8, Ordering::SeqCst);
     assert!(readline.recv_timeout(Duration::from_millis(200)).is_err());
     assert!(asked.try_recv().is_err());
+    assert!(feed.close().is_empty());
+}
+
+/// Continued where no other process group has the terminal (the foreground, or a terminal
+/// that is not the controlling one, which has no foreground group) after a stop the
+/// handler saw, the stop is settled and forgotten: after the editor's own Ctrl+Z
+/// (`Elsewhere`) nothing is drawn, for the editor draws its line itself; after a SIGTSTP
+/// from elsewhere while it reads (`InEditor`) the line is drawn again.
+#[test]
+fn continued_with_no_other_group_at_the_terminal_a_seen_stop_is_settled() {
+    let _serial = serial();
+    let (feed, readline) = crate::feed::tests::one_slot_feed();
+    let (again, asked) = mpsc::channel();
+    let reading = AtomicBool::new(true);
+    LAST_STOP.store(Stop::Elsewhere as u8, Ordering::SeqCst);
+    assert!(
+        resume_given(&feed, &reading, &again, || false),
+        "not settled"
+    );
+    assert_eq!(Stop::last(), Stop::Unseen, "the stop kept");
+    assert!(readline.recv_timeout(Duration::from_millis(200)).is_err());
+    assert!(asked.try_recv().is_err(), "the rewaker told");
+    LAST_STOP.store(Stop::InEditor as u8, Ordering::SeqCst);
+    assert!(
+        resume_given(&feed, &reading, &again, || false),
+        "not settled"
+    );
+    assert_eq!(Stop::last(), Stop::Unseen, "the stop kept");
+    assert_eq!(
+        readline.recv_timeout(Duration::from_secs(10)).as_deref(),
+        Ok(crate::feed::REDRAW)
+    );
+    assert_eq!(asked.try_recv(), Ok(()), "the rewaker not told");
     assert!(feed.close().is_empty());
 }
 
