@@ -293,23 +293,35 @@ fn read_edited(
                     return None;
                 }
             }
-            Err(ReadlineError::Interrupted) => return Some(Event::Quit),
-            Err(ReadlineError::Eof) => return Some(Event::Eof),
-            // The editor reads UTF-8 only and gives up the line at the first byte that is
-            // not; the terminal is still there to read (plain lines take such bytes as U+FFFD).
-            Err(ReadlineError::Io(e)) if e.kind() == io::ErrorKind::InvalidData => {
-                commands.err(NOT_UTF8);
-            }
-            // The terminal hung up (see `hung_up`).
-            Err(ReadlineError::Errno(Errno::EIO)) => return Some(Event::Eof),
-            Err(ReadlineError::Io(e)) if hung_up(&e) => return Some(Event::Eof),
-            Err(e) => {
-                return Some(Event::Failed(ClientError::Io {
-                    context: "reading the terminal",
-                    source: io::Error::other(e.to_string()),
-                }))
+            Err(error) => {
+                if let Some(end) = after_a_failed_read(commands, error) {
+                    return Some(end);
+                }
             }
         }
+    }
+}
+
+/// What the input does once the editor's read failed with `error`: the event that ends it
+/// (Ctrl+C, the end of input, a terminal hung up, any other failure), or `None` to read on
+/// (a byte that is not UTF-8, told of on the spot).
+pub(super) fn after_a_failed_read(commands: &Commands, error: ReadlineError) -> Option<Event> {
+    match error {
+        ReadlineError::Interrupted => Some(Event::Quit),
+        ReadlineError::Eof => Some(Event::Eof),
+        // The editor reads UTF-8 only and gives up the line at the first byte that is
+        // not; the terminal is still there to read (plain lines take such bytes as U+FFFD).
+        ReadlineError::Io(e) if e.kind() == io::ErrorKind::InvalidData => {
+            commands.err(NOT_UTF8);
+            None
+        }
+        // The terminal hung up (see `hung_up`).
+        ReadlineError::Errno(Errno::EIO) => Some(Event::Eof),
+        ReadlineError::Io(e) if hung_up(&e) => Some(Event::Eof),
+        e => Some(Event::Failed(ClientError::Io {
+            context: "reading the terminal",
+            source: io::Error::other(e.to_string()),
+        })),
     }
 }
 

@@ -2,7 +2,7 @@
 
 use super::checks::{Answer, Settled};
 use super::commands::{waiting, ASKING};
-use super::input_thread::{handle_edited, read_lines};
+use super::input_thread::{after_a_failed_read, handle_edited, read_lines};
 use super::receiver::{answered_from_elsewhere, receive};
 use super::*;
 use crate::handshake::Token;
@@ -283,6 +283,59 @@ fn lines_too_long_to_send_are_skipped_at_any_boundary() {
             "err: * message not sent: too long (at most 100 bytes of UTF-8 fit one message)",
             "err: * message not sent: too long (at most 100 bytes of UTF-8 fit one message)"
         ]
+    );
+}
+
+/// A failed read of the terminal: Ctrl+C quits; the end of input, and a terminal hung up
+/// (`EIO`, as rustyline reports it either way), end the input; a byte that is not UTF-8 is
+/// told of and the reading goes on; any other error ends the input with that error.
+#[test]
+fn a_failed_read_of_the_terminal_ends_the_input_as_its_error_says() {
+    use nix::errno::Errno;
+    use rustyline::error::ReadlineError;
+    let (screen, rec) = screen(false);
+    let dead = DeadTcp::new();
+    let (commands, _inbox) = commands(dead.addr, &screen);
+    let after = |error| after_a_failed_read(&commands, error);
+    let os = |errno| ReadlineError::Io(io::Error::from_raw_os_error(errno));
+    assert!(matches!(
+        after(ReadlineError::Interrupted),
+        Some(Event::Quit)
+    ));
+    assert!(matches!(after(ReadlineError::Eof), Some(Event::Eof)));
+    assert!(matches!(
+        after(ReadlineError::Errno(Errno::EIO)),
+        Some(Event::Eof)
+    ));
+    assert!(matches!(after(os(libc::EIO)), Some(Event::Eof)));
+    assert!(rec.lines().is_empty(), "{:?}", rec.lines());
+    for failure in [
+        os(libc::EAGAIN),
+        os(libc::EBADF),
+        ReadlineError::Errno(Errno::EBADF),
+    ] {
+        let told = format!("{failure:?}");
+        let end = after(failure);
+        assert!(
+            matches!(
+                end,
+                Some(Event::Failed(ClientError::Io {
+                    context: "reading the terminal",
+                    ..
+                }))
+            ),
+            "{told}: {end:?}"
+        );
+    }
+    let not_utf8 = io::Error::new(io::ErrorKind::InvalidData, "invalid utf-8");
+    assert!(
+        after(ReadlineError::Io(not_utf8)).is_none(),
+        "the input ended"
+    );
+    let lines = rec.lines();
+    assert!(
+        lines.len() == 1 && lines[0].starts_with("err: ") && lines[0].contains("UTF-8"),
+        "{lines:?}"
     );
 }
 
