@@ -3,8 +3,8 @@
 //! The registry emits a [`Record`] for every mutation (create, join, register, leave, close),
 //! and every few seconds a checkpoint: a `history_append` of each room's new messages, and a
 //! `register` for each member whose source address of ours moved. The writer
-//! appends them to the journal and applies them to its copy of the state file's model
-//! ([`crate::store::State::apply`]). Records are JSON objects, one per journal line, tagged by
+//! appends them to the journal, and the compactor applies them to its copy of the state
+//! file's model ([`crate::store::State::apply`]). Records are JSON objects, one per journal line, tagged by
 //! `"op"`.
 
 use std::net::{IpAddr, SocketAddr};
