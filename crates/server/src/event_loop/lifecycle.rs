@@ -250,8 +250,8 @@ impl Server {
             }
             if persister.busy() {
                 warn!(
-                    "stopping: state writes still in flight after {} ms; the joins waiting \
-                     for them get no token (made durable later, their names stay taken)",
+                    "stopping: state writes still in flight after {} ms; any join waiting \
+                     for them gets no token (made durable later, its name stays taken)",
                     SHUTDOWN_WRITE_WAIT.as_millis()
                 );
             }
