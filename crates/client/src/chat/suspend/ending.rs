@@ -90,7 +90,20 @@ fn stop_from_the_background_only_when_no_end_is_coming() {
 /// finds [`STOPS`] taken or moved on since its wait began, and waits again instead.
 extern "C" fn on_terminal_from_the_background(_: libc::c_int) {
     let errno = Errno::last_raw();
-    let let_through = || in_foreground() || orphaned();
+    // A call let through for an orphaned group, with no stop since, came back here: the
+    // kernel, which fails such a call in an orphaned group and sends this signal only
+    // otherwise, says the group is not orphaned (see `orphaned`). Stop as for any other.
+    let refuted = LET_THROUGH_ORPHANED.load(Ordering::SeqCst) == STOPS.load(Ordering::SeqCst);
+    let let_through = || {
+        if in_foreground() {
+            return true;
+        }
+        if refuted || !orphaned() {
+            return false;
+        }
+        LET_THROUGH_ORPHANED.store(STOPS.load(Ordering::SeqCst), Ordering::SeqCst);
+        true
+    };
     wait_for_the_end_or_stop(in_foreground, let_through, || {
         // SIGSTOP, which no handler or mask holds back, rather than the signal itself,
         // whose action is this handler.
@@ -145,6 +158,11 @@ pub(super) fn wait_for_the_end_or_stop(
 /// The stops [`on_terminal_from_the_background`] made, twice over: odd while one is being
 /// made (from the decision until the process is continued).
 pub(super) static STOPS: AtomicU32 = AtomicU32::new(0);
+
+/// [`STOPS`] when [`on_terminal_from_the_background`] last let a call through because the
+/// process group looked orphaned (`u32::MAX` until then, a value [`STOPS`] does not hold
+/// for two thousand million stops).
+static LET_THROUGH_ORPHANED: AtomicU32 = AtomicU32::new(u32::MAX);
 
 /// An end signal's first action, before the signal watcher's thread hears of it: notes it,
 /// and in the background (a shell's `kill %1` on a stopped chat, with the SIGCONT after it)

@@ -187,8 +187,8 @@ extern "C" fn on_sigtstp(_: libc::c_int) {
     // process (SIGTTOU) until `fg`. For `bg` that is right, and stopping again says so
     // plainly; but a chat told to end must be let go on to its `__LEAVE__` and exit, with the
     // terminal, still the shell's, left in the mode it stopped in. (On a terminal that is not
-    // ours there is neither a foreground to wait for nor a stop: see `in_background`; nor in
-    // an orphaned process group, whose stops the kernel drops: see `orphaned`.)
+    // ours there is no foreground group to wait for: see `in_background`; and in an orphaned
+    // process group the kernel drops the stops, and no `fg` can come: see `orphaned`.)
     while in_background() && !orphaned() {
         if ending_within(END_SIGNAL_WAIT) {
             // The signal watcher and the main loop end the chat and the process (within
@@ -278,21 +278,22 @@ fn in_foreground() -> bool {
 
 /// Whether another process group has the terminal: the chat runs in the background of a
 /// shell's job control. Not so on a terminal that is not our controlling one (`tcgetpgrp`
-/// fails: `ocm` started with `setsid`, or handed a terminal by a program that did not make it
-/// ours): there is no foreground there to wait for, and no stop to wait in (our process
-/// group, alone in its session, is orphaned, so the kernel drops a stop). Without that
-/// distinction the SIGTSTP handler waited for ever for a foreground that never comes, and
-/// the editor read nothing more. Async-signal-safe.
+/// fails: `ocm` started with `setsid`, or given another terminal by a shell on its own,
+/// `ocm </dev/pts/B >/dev/pts/B`): there is no foreground group there to wait for. (The stop
+/// itself is real there, unless the process group is orphaned, as with `setsid`: see
+/// [`orphaned`].) Without that distinction the SIGTSTP handler waited for ever for a
+/// foreground that never comes, and the editor read nothing more. Async-signal-safe.
 fn in_background() -> bool {
     // SAFETY: plain system calls on standard input, which stays open.
     let group = unsafe { libc::tcgetpgrp(libc::STDIN_FILENO) };
     group >= 0 && group != unsafe { libc::getpgrp() }
 }
 
-/// Whether our process group is orphaned, as near as `ocm` can tell from its own parent:
-/// that parent is in another session. The process that started the chat is gone and init
-/// or a subreaper took the chat in (a shell killed, or a subshell that ran `ocm`), or the
-/// chat was started in a session of its own (`setsid`). In an orphaned process group the
+/// Whether our process group is orphaned, as near as `ocm` can tell from itself: it leads
+/// its own session (started with `setsid`, or by `ssh`, `docker exec -t` and the like), or
+/// its parent is in another session (the process that started the chat is gone and init or
+/// a subreaper took the chat in: a shell killed, or a subshell that ran `ocm`). In an
+/// orphaned process group the
 /// kernel drops the stop of SIGTSTP, SIGTTIN and SIGTTOU, and fails a read or a mode set
 /// of the terminal from the background with `EIO`; no shell can continue a job there, so a
 /// SIGSTOP lasts until a `kill -CONT` by hand. A chat there waits for no foreground and
@@ -301,9 +302,20 @@ fn in_background() -> bool {
 /// A group is orphaned when none of its members has a parent in another group of the same
 /// session. A chat whose parent is in the session but in the chat's own group (a wrapper
 /// script, run without job control) is taken for not orphaned, as it is while the
-/// wrapper's own parent lives; that case waits as before. Async-signal-safe (`getppid`,
-/// `getsid`).
+/// wrapper's own parent lives; that case waits as before. The opposite mistake takes a job
+/// of several processes whose middle one died (`sleep 600 | (ocm ... </dev/tty; :)`, the
+/// subshell killed: the `sleep`'s parent still holds the group): a call on the terminal from
+/// the background, let through for it, then comes back with the kernel's SIGTTIN or
+/// SIGTTOU, which proves the group is not orphaned, and stops as before (see
+/// `ending::on_terminal_from_the_background`). A parent outside our pid namespace
+/// (`getppid` gives 0) tells nothing. From signal handlers: `getpid`, `getppid` and `getsid`
+/// are plain system calls that touch only `errno`, which the handlers keep (`getsid` is not
+/// on POSIX's list of async-signal-safe functions; glibc and musl make it the bare call).
 fn orphaned() -> bool {
     // SAFETY: plain system calls; a parent gone meanwhile gives -1, another session too.
-    unsafe { libc::getsid(libc::getppid()) != libc::getsid(0) }
+    unsafe {
+        let own = libc::getsid(0);
+        let parent = libc::getppid();
+        own == libc::getpid() || (parent != 0 && libc::getsid(parent) != own)
+    }
 }
