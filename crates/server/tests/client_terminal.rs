@@ -250,15 +250,20 @@ fn shell_terminal(shell: &str, args: &[&str]) -> Terminal {
     term
 }
 
-/// Types, in the shell in `term`, the command that joins `lobby` on `daemon` as bob, and
-/// waits until bob is live.
-fn join_from_shell(term: &mut Terminal, daemon: &Daemon) {
-    term.type_keys(&format!(
-        "{} --server 127.0.0.1 --tcp-port {} --udp-port {} join lobby --name bob\r",
+/// The command line that runs `ocm` joining `lobby` on `daemon` as bob, for a shell.
+fn bob_joins_line(daemon: &Daemon) -> String {
+    format!(
+        "{} --server 127.0.0.1 --tcp-port {} --udp-port {} join lobby --name bob",
         sibling_binary("ocm").display(),
         daemon.tcp.port(),
         daemon.udp.port()
-    ));
+    )
+}
+
+/// Types, in the shell in `term`, the command that joins `lobby` on `daemon` as bob, and
+/// waits until bob is live.
+fn join_from_shell(term: &mut Terminal, daemon: &Daemon) {
+    term.type_keys(&format!("{}\r", bob_joins_line(daemon)));
     term.wait_for("* --- live ---");
 }
 
@@ -943,10 +948,8 @@ fn on_a_terminal_that_is_not_the_controlling_one_a_stop_after_a_ctrl_z_is_drawn_
     let path = std::fs::read_link(format!("/proc/{}/fd/0", other.child.id())).expect("B");
     let mut shell = shell_terminal("bash", &["--norc", "--noprofile", "-i"]);
     shell.type_keys(&format!(
-        "TERM=xterm {} --server 127.0.0.1 --tcp-port {} --udp-port {} join lobby --name bob <{p} >{p} 2>&1\r",
-        sibling_binary("ocm").display(),
-        d.tcp.port(),
-        d.udp.port(),
+        "TERM=xterm {} <{p} >{p} 2>&1\r",
+        bob_joins_line(&d),
         p = path.display()
     ));
     assert_eq!(alice.line(), "* bob joined");
@@ -999,12 +1002,7 @@ fn a_chat_orphaned_in_the_background_and_sent_a_stop_leaves_at_the_next_line() {
     alice.wait_stderr("* created lobby as alice");
     let mut term = shell_terminal("bash", &["--norc", "--noprofile", "-i"]);
     // `; :`: the subshell waits for `ocm` rather than becoming it.
-    term.type_keys(&format!(
-        "({} --server 127.0.0.1 --tcp-port {} --udp-port {} join lobby --name bob; :); sleep 60\r",
-        sibling_binary("ocm").display(),
-        d.tcp.port(),
-        d.udp.port()
-    ));
+    term.type_keys(&format!("({}; :); sleep 60\r", bob_joins_line(&d)));
     assert_eq!(alice.line(), "* bob joined");
     term.wait_for("* --- live ---");
     wait_until("the editor's raw mode", || {
@@ -1058,10 +1056,8 @@ fn a_chat_orphaned_while_it_waits_to_stop_in_the_background_leaves() {
     // `; :`: the subshell waits for `ocm` rather than becoming it. The log tells how the chat
     // ended.
     term.type_keys(&format!(
-        "(RUST_LOG=debug {} --server 127.0.0.1 --tcp-port {} --udp-port {} join lobby --name bob 2>{}; :) &\r",
-        sibling_binary("ocm").display(),
-        d.tcp.port(),
-        d.udp.port(),
+        "(RUST_LOG=debug {} 2>{}; :) &\r",
+        bob_joins_line(&d),
         log.0.display()
     ));
     assert_eq!(alice.line(), "* bob joined");
@@ -1124,10 +1120,8 @@ fn a_chat_wrongly_taken_for_orphaned_still_stops_in_the_background() {
     let mut term = shell_terminal("bash", &["--norc", "--noprofile", "-i"]);
     // `; :`: the subshell waits for `ocm` rather than becoming it.
     term.type_keys(&format!(
-        "sleep 600 | ({} --server 127.0.0.1 --tcp-port {} --udp-port {} join lobby --name bob </dev/tty; :)\r",
-        sibling_binary("ocm").display(),
-        d.tcp.port(),
-        d.udp.port()
+        "sleep 600 | ({} </dev/tty; :)\r",
+        bob_joins_line(&d)
     ));
     assert_eq!(alice.line(), "* bob joined");
     term.wait_for("* --- live ---");
