@@ -150,6 +150,14 @@ impl Terminal {
         }
     }
 
+    /// Waits until the editor has taken its raw mode (no line editing, no signals from the
+    /// terminal): from then on Ctrl+Z and Ctrl+C are its keys, not the terminal's.
+    fn wait_for_the_editors_raw_mode(&self) {
+        wait_until("the editor's raw mode", || {
+            self.mode().c_lflag & libc::ISIG == 0
+        });
+    }
+
     /// Waits until the terminal shows `needle` after the first `from` bytes it showed.
     fn wait_for_after(&self, from: usize, needle: &str) {
         let deadline = Instant::now() + PATIENCE;
@@ -260,6 +268,11 @@ fn bob_joins_line(daemon: &Daemon) -> String {
     )
 }
 
+/// An interactive bash, without its start-up files, in a terminal, at its prompt `$ `.
+fn bash_terminal() -> Terminal {
+    shell_terminal("bash", &["--norc", "--noprofile", "-i"])
+}
+
 /// Types, in the shell in `term`, the command that joins `lobby` on `daemon` as bob, and
 /// waits until bob is live.
 fn join_from_shell(term: &mut Terminal, daemon: &Daemon) {
@@ -306,7 +319,12 @@ fn children(pid: i32) -> Vec<i32> {
 fn bob_quits_and_both_exit(term: &mut Terminal, alice: &mut Ocm) {
     quit_to_the_shell(term, "/quit\r");
     assert_eq!(alice.line(), "* bob left");
-    term.type_keys("exit\r");
+    the_shell_and_the_host_exit(term, alice);
+}
+
+/// Ends the shell in `term` (its status 0) and then the host `alice`; both must exit cleanly.
+fn the_shell_and_the_host_exit(term: &mut Terminal, alice: &mut Ocm) {
+    term.type_keys("exit 0\r");
     assert!(term.wait().success());
     alice.type_line("/quit");
     assert!(alice.wait().success());
@@ -835,9 +853,7 @@ fn ctrl_z_on_a_terminal_that_is_not_the_controlling_one_leaves_the_chat_going() 
     // The editor reads (its prompt drawn, its raw mode taken): the Ctrl+Z is its key, not the
     // terminal's, which would take it itself and stop nothing without a foreground group.
     bob.wait_for("> ");
-    wait_until("the editor's raw mode", || {
-        bob.mode().c_lflag & libc::ISIG == 0
-    });
+    bob.wait_for_the_editors_raw_mode();
     // The stop discards what was typed before it (as the terminal's own Ctrl+Z does): the
     // next line is typed once the editor has drawn its prompt again.
     let shown = bob.text().len();
@@ -904,9 +920,7 @@ fn stop_and_continue_after_a_ctrl_z_redraw_the_line(
     let mut bob = Terminal::spawn_with(command, None, Some(log.stderr()), false);
     assert_eq!(alice.line(), "* bob joined");
     bob.wait_for("> ");
-    wait_until("the editor's raw mode", || {
-        bob.mode().c_lflag & libc::ISIG == 0
-    });
+    bob.wait_for_the_editors_raw_mode();
     let shown = bob.text().len();
     bob.type_keys("\x1a");
     bob.wait_for_after(shown, "> ");
@@ -946,7 +960,7 @@ fn on_a_terminal_that_is_not_the_controlling_one_a_stop_after_a_ctrl_z_is_drawn_
     sleep.arg("600");
     let mut other = Terminal::spawn_with(sleep, None, None, false);
     let path = std::fs::read_link(format!("/proc/{}/fd/0", other.child.id())).expect("B");
-    let mut shell = shell_terminal("bash", &["--norc", "--noprofile", "-i"]);
+    let mut shell = bash_terminal();
     shell.type_keys(&format!(
         "TERM=xterm {} <{p} >{p} 2>&1\r",
         bob_joins_line(&d),
@@ -954,9 +968,7 @@ fn on_a_terminal_that_is_not_the_controlling_one_a_stop_after_a_ctrl_z_is_drawn_
     ));
     assert_eq!(alice.line(), "* bob joined");
     other.wait_for("> ");
-    wait_until("the editor's raw mode", || {
-        other.mode().c_lflag & libc::ISIG == 0
-    });
+    other.wait_for_the_editors_raw_mode();
     let on_shell = shell.text().len();
     other.type_keys("\x1a");
     shell.wait_for_after(on_shell, "Stopped");
@@ -978,10 +990,7 @@ fn on_a_terminal_that_is_not_the_controlling_one_a_stop_after_a_ctrl_z_is_drawn_
     other.type_keys("/quit\r");
     assert_eq!(alice.line(), "* bob left");
     shell.wait_for_after(on_shell, "$ ");
-    shell.type_keys("exit 0\r");
-    assert!(shell.wait().success());
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    the_shell_and_the_host_exit(&mut shell, &mut alice);
 }
 
 /// A chat whose process group is orphaned in the background of its terminal, then sent
@@ -1000,14 +1009,12 @@ fn a_chat_orphaned_in_the_background_and_sent_a_stop_leaves_at_the_next_line() {
     let d = Daemon::start();
     let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
     alice.wait_stderr("* created lobby as alice");
-    let mut term = shell_terminal("bash", &["--norc", "--noprofile", "-i"]);
+    let mut term = bash_terminal();
     // `; :`: the subshell waits for `ocm` rather than becoming it.
     term.type_keys(&format!("({}; :); sleep 60\r", bob_joins_line(&d)));
     assert_eq!(alice.line(), "* bob joined");
     term.wait_for("* --- live ---");
-    wait_until("the editor's raw mode", || {
-        term.mode().c_lflag & libc::ISIG == 0
-    });
+    term.wait_for_the_editors_raw_mode();
     let bash = term.child.id() as i32;
     let subshell = only_child(bash);
     let ocm = only_child(subshell);
@@ -1030,10 +1037,7 @@ fn a_chat_orphaned_in_the_background_and_sent_a_stop_leaves_at_the_next_line() {
     let shown = term.text().len();
     term.type_keys("\x03");
     term.wait_for_after(shown, "$ ");
-    term.type_keys("exit 0\r");
-    assert!(term.wait().success());
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    the_shell_and_the_host_exit(&mut term, &mut alice);
 }
 
 /// A chat started in the background, whose process group is orphaned while it waits, in
@@ -1052,7 +1056,7 @@ fn a_chat_orphaned_while_it_waits_to_stop_in_the_background_leaves() {
     let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
     alice.wait_stderr("* created lobby as alice");
     let log = BobsLog::new(&d);
-    let mut term = shell_terminal("bash", &["--norc", "--noprofile", "-i"]);
+    let mut term = bash_terminal();
     // `; :`: the subshell waits for `ocm` rather than becoming it. The log tells how the chat
     // ended.
     term.type_keys(&format!(
@@ -1079,10 +1083,7 @@ fn a_chat_orphaned_while_it_waits_to_stop_in_the_background_leaves() {
         told.contains("end of input") && !told.contains("signal "),
         "bob's log: {told:?}"
     );
-    term.type_keys("exit 0\r");
-    assert!(term.wait().success());
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    the_shell_and_the_host_exit(&mut term, &mut alice);
 }
 
 /// Whether `signal` is blocked in a thread of process `pid` (`SigBlk` in
@@ -1117,7 +1118,7 @@ fn a_chat_wrongly_taken_for_orphaned_still_stops_in_the_background() {
     let d = Daemon::start();
     let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
     alice.wait_stderr("* created lobby as alice");
-    let mut term = shell_terminal("bash", &["--norc", "--noprofile", "-i"]);
+    let mut term = bash_terminal();
     // `; :`: the subshell waits for `ocm` rather than becoming it.
     term.type_keys(&format!(
         "sleep 600 | ({} </dev/tty; :)\r",
@@ -1125,9 +1126,7 @@ fn a_chat_wrongly_taken_for_orphaned_still_stops_in_the_background() {
     ));
     assert_eq!(alice.line(), "* bob joined");
     term.wait_for("* --- live ---");
-    wait_until("the editor's raw mode", || {
-        term.mode().c_lflag & libc::ISIG == 0
-    });
+    term.wait_for_the_editors_raw_mode();
     // bash's children: the `sleep`, and the subshell, whose child is `ocm`.
     let (subshells, sleeps): (Vec<i32>, Vec<i32>) = children(term.child.id() as i32)
         .into_iter()
@@ -1155,10 +1154,7 @@ fn a_chat_wrongly_taken_for_orphaned_still_stops_in_the_background() {
     let shown = term.text().len();
     term.type_keys("\x03");
     term.wait_for_after(shown, "$ ");
-    term.type_keys("exit 0\r");
-    assert!(term.wait().success());
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    the_shell_and_the_host_exit(&mut term, &mut alice);
 }
 
 /// Kills its process (SIGKILL) when dropped: a test that fails leaves no `ocm` behind.
