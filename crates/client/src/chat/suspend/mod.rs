@@ -293,11 +293,11 @@ fn in_background() -> bool {
 /// its own session (started with `setsid`, or by `ssh`, `docker exec -t` and the like), or
 /// its parent is in another session (the process that started the chat is gone and init or
 /// a subreaper took the chat in: a shell killed, or a subshell that ran `ocm`). In an
-/// orphaned process group the
-/// kernel drops the stop of SIGTSTP, SIGTTIN and SIGTTOU, and fails a read or a mode set
-/// of the terminal from the background with `EIO`; no shell can continue a job there, so a
-/// SIGSTOP lasts until a `kill -CONT` by hand. A chat there waits for no foreground and
-/// stops nothing: its next call on the terminal fails, which ends its input.
+/// orphaned process group the kernel drops the stop of SIGTSTP, SIGTTIN and SIGTTOU, and
+/// fails a read or a mode set of the terminal from the background with `EIO`; no shell can
+/// continue a job there, so a SIGSTOP lasts until a `kill -CONT` by hand. A chat there
+/// waits for no foreground and stops nothing: its next call on the terminal fails, which
+/// ends its input.
 ///
 /// A group is orphaned when none of its members has a parent in another group of the same
 /// session. A chat whose parent is in the session but in the chat's own group (a wrapper
