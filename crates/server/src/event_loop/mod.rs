@@ -16,18 +16,21 @@
 //!
 //! Split by job: `setup` binds and loads before the first pass, `connections` accepts and
 //! closes TCP connections, `requests` answers what they send, `http_answers` what the metrics
-//! listener's send, `datagrams` is the UDP side, and `lifecycle` handles signals, reloads and
-//! shutdown; this module owns the loop itself, its timers and the hand-off of records to the
-//! writer. `testing` is what their unit tests share.
+//! listener's send, `datagrams` is the UDP side, `lifecycle` handles signals, reloads and
+//! shutdown, `timers` what is due when, and `durability` the hand-off of records to the
+//! writer; this module owns the loop itself, its constants and its state. `testing` is what
+//! their unit tests share.
 
 mod connections;
 mod datagrams;
+mod durability;
 mod http_answers;
 mod lifecycle;
 mod requests;
 mod setup;
 #[cfg(test)]
 mod testing;
+mod timers;
 mod udp_output;
 
 use std::collections::HashMap;
@@ -37,7 +40,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use log::{debug, info};
+use log::info;
 use mio::net::{TcpListener, UdpSocket};
 use mio::{Events, Poll, Token};
 use signal_hook_mio::v1_0::Signals;
@@ -52,7 +55,6 @@ use crate::notify::Notifier;
 use crate::outbox::Outbox;
 use crate::password;
 use crate::persist::{Persister, Stopped};
-use crate::plural::Count;
 use crate::rate::{KeyedLimiter, TokenBucket};
 use crate::rooms::Registry;
 use crate::udp;
@@ -363,220 +365,6 @@ impl Server {
             self.watch_udp_output(now);
             self.persist();
         }
-    }
-
-    fn poll_timeout(&self, now: Instant) -> Duration {
-        if self.udp_ready || !self.revisit.is_empty() {
-            return Duration::ZERO;
-        }
-        let mut next = self
-            .next_sweep
-            .min(self.next_status)
-            .min(self.next_checkpoint);
-        if !self.conns.is_empty() {
-            next = next.min(self.next_deadline_check);
-        }
-        if let Some((every, last)) = self.watchdog {
-            next = next.min(last + every);
-        }
-        if let Some(retry) = self.accept_retry {
-            next = next.min(retry);
-        }
-        if let Some(retry) = self.notifier.retry_at() {
-            next = next.min(retry);
-        }
-        if let Some(retry) = self.udp_output.retry_at() {
-            next = next.min(retry);
-        }
-        next.saturating_duration_since(now)
-    }
-
-    /// Runs what is due at `now`: a retried accept, the liveness sweep, the connections'
-    /// deadlines, the history checkpoint, the status and the watchdog.
-    fn timers(&mut self, now: Instant) {
-        if self.accept_retry.is_some_and(|at| now >= at) {
-            self.accept_retry = None;
-            self.accept(Kind::Tcrp, now);
-            self.accept(Kind::Http, now);
-        }
-        if now >= self.next_sweep {
-            self.sweep_liveness(now);
-            self.next_sweep = now + Duration::from_millis(self.config.liveness.sweep_interval_ms);
-        }
-        if now >= self.next_deadline_check {
-            self.next_deadline_check = now + DEADLINE_CHECK;
-            self.close_late_connections(now);
-        }
-        if now >= self.next_checkpoint {
-            self.checkpoint();
-            self.next_checkpoint = now + Duration::from_secs(self.config.history.checkpoint_secs);
-        }
-        self.notifier.retry(now);
-        if now >= self.next_status {
-            self.next_status = now + STATUS_INTERVAL;
-            self.periodic_status(now);
-        }
-        if let Some((every, last)) = self.watchdog {
-            if now >= last + every {
-                self.notifier.send_periodic("WATCHDOG=1");
-                self.watchdog = Some((every, now));
-            }
-        }
-    }
-
-    /// Expires members whose keepalives stopped and closes rooms idle for too long.
-    fn sweep_liveness(&mut self, now: Instant) {
-        let expired = self.registry.poll_expired(now, &mut self.outbox);
-        self.metrics.keepalive_expiries += expired as u64;
-        let idle = self.registry.close_idle_rooms(now, &mut self.outbox);
-        self.metrics.idle_rooms_closed += idle as u64;
-    }
-
-    /// Closes the connections past their deadline, each with the reason it ran out of time
-    /// (none that waits for the disk or for a password check: those have their own limits).
-    fn close_late_connections(&mut self, now: Instant) {
-        let late: Vec<ConnId> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.deadline <= now && !c.has_held() && c.awaiting_password.is_none())
-            .map(|(k, _)| ConnId(k))
-            .collect();
-        for id in late {
-            // A paused connection ran out of time with its replies unread.
-            let mut reason = "timeout";
-            if let Some(conn) = self.conns.get(id.0) {
-                if conn.lingering {
-                    // Its last reply was sent: the peer just never closed its side.
-                    reason = "protocol";
-                } else if conn.paused {
-                    reason = "output_overflow";
-                    debug!("{}: replies not read in time", conn.peer);
-                } else {
-                    debug!("{}: no complete request in time", conn.peer);
-                }
-            }
-            self.close(id, reason);
-        }
-    }
-
-    /// Every [`STATUS_INTERVAL`]: the wall clock read again, the kernel's drop count, and the
-    /// `STATUS=` line for systemd.
-    fn periodic_status(&mut self, now: Instant) {
-        // History times are the wall clock read at start plus monotonic time since: read
-        // it again, so that a step (NTP's first sync after an early start, a resume from
-        // suspend, which the monotonic clock does not count) shows within an interval.
-        self.registry.set_wall_clock(now, unix_now());
-        self.check_kernel_drops();
-        if self.notifier.enabled() {
-            let status = self.status_line();
-            self.notifier.send_periodic(&status);
-        }
-    }
-
-    /// The `STATUS=` line `systemctl status` shows: rooms, members, connections, and a
-    /// journal that the disk does not take, where an operator looks first.
-    fn status_line(&mut self) -> String {
-        let s = self.registry.stats();
-        let failures = self
-            .persister
-            .as_ref()
-            .map_or(0, |p| p.compactions().write_failures);
-        let failing = if failures > self.status_write_failures {
-            format!(
-                "; the journal cannot be written ({} since the last status): creates and joins \
-                 wait",
-                Count(
-                    (failures - self.status_write_failures) as usize,
-                    "failed attempt"
-                )
-            )
-        } else {
-            String::new()
-        };
-        self.status_write_failures = failures;
-        format!(
-            "STATUS={}, {} ({} registered), {}{failing}",
-            Count(s.rooms, "room"),
-            Count(s.members, "member"),
-            s.registered,
-            Count(self.conns.len(), "TCP connection")
-        )
-    }
-
-    /// A periodic checkpoint of the rooms' new history and members' moved sources, unless
-    /// the last one is not durable yet (a slow or stuck disk): then the rooms keep their
-    /// unsaved messages for the next, so a stall holds one checkpoint's records in memory,
-    /// not one per interval.
-    fn checkpoint(&mut self) {
-        let Some(persister) = self.persister.as_mut() else {
-            return;
-        };
-        if persister.durable() < self.checkpoint_batch {
-            self.metrics.checkpoints_deferred += 1;
-            return;
-        }
-        self.registry
-            .checkpoint_history_within(HISTORY_CHECKPOINT_BYTES);
-        self.registry.save_sources_within(SOURCES_PER_CHECKPOINT);
-        if self.registry.has_records() {
-            self.checkpoint_batch = persister.submit(self.registry.take_records());
-        }
-    }
-
-    /// Hands new records to the writer (those not tied to a reply: registers, leaves).
-    fn persist(&mut self) {
-        let Some(persister) = self.persister.as_mut() else {
-            return;
-        };
-        if self.registry.has_records() {
-            persister.submit(self.registry.take_records());
-        }
-        persister.pump();
-    }
-
-    /// The writer finished batches: release the replies that waited for them.
-    fn collect_durable(&mut self) {
-        let Some(persister) = self.persister.as_mut() else {
-            return;
-        };
-        let done = persister.poll_done();
-        // The compactor wakes the loop too, with no batch done: its counters still count.
-        self.metrics.state_compactions(persister.compactions());
-        if done.is_empty() {
-            return;
-        }
-        for d in &done {
-            self.metrics.state_write(d.records, d.elapsed);
-        }
-        let durable = persister.durable();
-        let now = Instant::now();
-        let timeout = Duration::from_secs(self.config.limits.handshake_timeout_secs);
-        let mut still = Vec::new();
-        for id in std::mem::take(&mut self.holding) {
-            // Gone, or a connection in a reused slot that is not listed.
-            let Some(conn) = self.conns.get_mut(id.0).filter(|c| c.listed_holding) else {
-                continue;
-            };
-            conn.listed_holding = false;
-            // The timer restarts when a reply leaves, as after a reply not held: a wait for
-            // the disk longer than the timeout does not close the connection the moment its
-            // reply is out.
-            if conn.release(durable, now, &mut self.metrics.durable_wait) {
-                conn.restart_timer(now + timeout, &mut self.activity);
-            }
-            self.after_io(id, None);
-            // Answering more (a paused connection resumed) may have listed it again.
-            if let Some(conn) = self.conns.get_mut(id.0) {
-                if conn.has_held() && !conn.listed_holding {
-                    conn.listed_holding = true;
-                    still.push(id);
-                }
-            }
-        }
-        self.holding.extend(still);
-        // A slot reused while its old connection was listed can list the new one twice.
-        self.holding.sort_unstable_by_key(|id| id.0);
-        self.holding.dedup();
     }
 }
 
