@@ -1,4 +1,5 @@
-//! Command-line flags. Every mode starts its own `ocmd` (see [`crate::daemon`]); the flags
+//! Command-line flags. Every mode but `ceiling` (and `matrix --from-json`) starts its own
+//! `ocmd` (see [`crate::daemon`]); the flags
 //! shared by all modes live in [`Common`].
 
 use std::path::PathBuf;
