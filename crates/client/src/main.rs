@@ -24,12 +24,13 @@
 //! long ...`) and errors go to standard error, through a queue that a standard error nobody
 //! reads cannot stop ([`stderr`]). `rooms` and `who` print their answer to standard output.
 //!
-//! Exit codes: 0 after leaving (`/quit`, the end of input, a signal, the reader of standard
-//! output gone) or after `rooms`/`who` answered; 3 when the room ended the chat (it was
-//! closed, or the server no longer holds the member: at once, lines of the input still
-//! waiting their turn not sent); 1 when the server cannot be reached or
-//! misbehaves, when reading standard input or writing standard output fails, or when a
-//! signal could not end the chat within 3 s; 2 for a bad command line, an invalid name, an
+//! Exit codes: 0 after leaving (`/quit`, the end of input, SIGINT, SIGTERM, SIGHUP or
+//! SIGQUIT, the reader of standard output gone) or after `rooms`/`who` answered; 3 when the
+//! room ended the chat (it was closed, or the server no longer holds the member: at once,
+//! lines of the input still waiting their turn not sent); 1 when the server cannot be reached
+//! or misbehaves, when reading standard input or writing standard output fails, or when after
+//! a signal the chat did not end within 3 s (`ocm` then leaves the room itself), or the
+//! process within 3 s after the chat ended; 2 for a bad command line, an invalid name, an
 //! unusable password, or a refusal.
 
 mod chat;
