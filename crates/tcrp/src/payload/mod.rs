@@ -1,0 +1,33 @@
+//! The JSON payloads carried in TCRP frames.
+//!
+//! REQUEST payload, three accepted forms, tried in this order:
+//! 1. a JSON string, `"alice"`: what the original Python client sends (`json.dumps(name)`);
+//! 2. a JSON object, `{"username": "alice", "keepalive": 10, "caps": ["seq"]}`: the door for
+//!    ocm extensions; unknown keys are ignored so later clients stay compatible;
+//! 3. failing both, the payload's UTF-8 text, taken whole as the username; but a payload
+//!    that begins with `{` (after white space) and is not JSON is a JSON object gone wrong
+//!    (`{"username": "bob", "password": "pw",}`), refused as malformed: taken as a name, it
+//!    would create a room without its password and keep the password as the host's name.
+//!
+//! Replies are written the way Python's `json.dumps` writes them (`{"success": true}`, one
+//! space after `:` and `,`), so that an original client sees the bytes it always saw:
+//! - success: COMPLIANCE `{"success": true}` then COMPLETE `{"token": "<hex>"}`;
+//! - refusal: COMPLIANCE `{"success": false, "error": CODE, "message": TEXT}`, no COMPLETE.
+//!
+//! Parsers for replies are lenient the way the original server needs: `success` may be a
+//! boolean or the numbers 1/0.
+//!
+//! Split by job: `request` parses a REQUEST payload (and names the capabilities it may ask
+//! for), `reply` writes and reads the COMPLIANCE and COMPLETE of a create or join (and names
+//! the error codes), `extensions` holds the JSON payloads of the list, presence and history
+//! operations.
+
+mod extensions;
+mod reply;
+mod request;
+#[cfg(test)]
+mod tests;
+
+pub use extensions::*;
+pub use reply::*;
+pub use request::*;

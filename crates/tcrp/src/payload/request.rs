@@ -1,0 +1,251 @@
+//! A REQUEST payload: its three forms, the keys of the JSON-object one, and the capabilities
+//! a client may ask for.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::reply::{json_string, write_object};
+use crate::Error;
+
+/// Optional capabilities a client asks for in its JSON-object request (`"caps": [...]`).
+/// Unknown names are ignored. A client that sends no caps sees only original frames.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Caps(u8);
+
+impl Caps {
+    /// `"notices"`: join/leave notices for the room.
+    pub const NOTICES: Caps = Caps(0x01);
+    /// `"seq"`: relayed messages carry a per-room sequence number.
+    pub const SEQ: Caps = Caps(0x02);
+    /// `"batch"`: several messages may arrive in one datagram.
+    pub const BATCH: Caps = Caps(0x04);
+    const NAMES: [(&'static str, Caps); 3] = [
+        ("notices", Caps::NOTICES),
+        ("seq", Caps::SEQ),
+        ("batch", Caps::BATCH),
+    ];
+
+    /// No capabilities: an original client.
+    pub const fn none() -> Caps {
+        Caps(0)
+    }
+    /// Whether every capability in `other` is present.
+    pub const fn contains(self, other: Caps) -> bool {
+        self.0 & other.0 == other.0
+    }
+    /// Whether no capability is present.
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+    /// The union of two sets.
+    pub const fn with(self, other: Caps) -> Caps {
+        Caps(self.0 | other.0)
+    }
+    /// The raw bit set, for persistence.
+    pub const fn bits(self) -> u8 {
+        self.0
+    }
+    /// Rebuilds a set from [`Caps::bits`], dropping unknown bits.
+    pub const fn from_bits(bits: u8) -> Caps {
+        Caps(bits & 0x07)
+    }
+    /// Builds a set from wire names, ignoring names it does not know.
+    pub fn from_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Caps {
+        names.into_iter().fold(Caps::none(), |caps, name| {
+            match Caps::NAMES.iter().find(|(n, _)| *n == name) {
+                Some((_, cap)) => caps.with(*cap),
+                None => caps,
+            }
+        })
+    }
+    /// The wire names of the capabilities present.
+    pub fn names(self) -> impl Iterator<Item = &'static str> {
+        Caps::NAMES
+            .into_iter()
+            .filter(move |(_, cap)| self.contains(*cap))
+            .map(|(name, _)| name)
+    }
+}
+
+/// Which form a REQUEST payload had; the server treats original-form members exactly as the
+/// original server did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestForm {
+    /// A JSON string: the original client.
+    JsonString,
+    /// A JSON object: an ocm-aware client.
+    JsonObject,
+    /// Plain UTF-8 text.
+    Text,
+}
+
+/// A decoded REQUEST payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// The username; may be empty or invalid (check with [`crate::names::check_username`]).
+    pub username: String,
+    /// The payload's form.
+    pub form: RequestForm,
+    /// Seconds between the client's keepalive REGISTERs, if it promises them.
+    pub keepalive_secs: Option<u32>,
+    /// Extensions the client understands.
+    pub caps: Caps,
+    /// The largest server datagram this client accepts, in bytes (`"max_datagram"`): the cap
+    /// on its batch frames. `None`: [`DEFAULT_MAX_DATAGRAM`].
+    pub max_datagram: Option<u16>,
+    /// Room password (create sets it, join must match it).
+    pub password: Option<String>,
+    /// Create: whether the room shows in room listings (default true).
+    pub listed: Option<bool>,
+    /// History: return messages with a sequence number below this.
+    pub before: Option<u64>,
+    /// History: at most this many messages.
+    pub limit: Option<u32>,
+    /// History: the requester's member token (history is for members only).
+    pub token: Option<String>,
+}
+
+impl Request {
+    /// A request in the original client's form.
+    pub fn original(username: &str) -> Request {
+        Request {
+            username: username.to_owned(),
+            form: RequestForm::JsonString,
+            keepalive_secs: None,
+            caps: Caps::none(),
+            max_datagram: None,
+            password: None,
+            listed: None,
+            before: None,
+            limit: None,
+            token: None,
+        }
+    }
+
+    /// Appends the payload bytes for this request: a bare JSON string when nothing but the
+    /// username is set (exactly what the original client sends), else a JSON object.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let plain = self.keepalive_secs.is_none()
+            && self.caps.is_empty()
+            && self.max_datagram.is_none()
+            && self.password.is_none()
+            && self.listed.is_none()
+            && self.before.is_none()
+            && self.limit.is_none()
+            && self.token.is_none();
+        if plain && self.form != RequestForm::JsonObject {
+            out.extend_from_slice(json_string(&self.username).as_bytes());
+            return;
+        }
+        let mut fields: Vec<(&str, Value)> =
+            vec![("username", Value::from(self.username.as_str()))];
+        if let Some(k) = self.keepalive_secs {
+            fields.push(("keepalive", Value::from(k)));
+        }
+        if !self.caps.is_empty() {
+            fields.push(("caps", Value::from(self.caps.names().collect::<Vec<_>>())));
+        }
+        if let Some(m) = self.max_datagram {
+            fields.push(("max_datagram", Value::from(m)));
+        }
+        if let Some(p) = &self.password {
+            fields.push(("password", Value::from(p.as_str())));
+        }
+        if let Some(l) = self.listed {
+            fields.push(("listed", Value::from(l)));
+        }
+        if let Some(b) = self.before {
+            fields.push(("before", Value::from(b)));
+        }
+        if let Some(l) = self.limit {
+            fields.push(("limit", Value::from(l)));
+        }
+        if let Some(t) = &self.token {
+            fields.push(("token", Value::from(t.as_str())));
+        }
+        write_object(&fields, out);
+    }
+}
+
+#[derive(Deserialize)]
+struct ObjectRequest {
+    #[serde(default)]
+    username: String,
+    keepalive: Option<u32>,
+    #[serde(default)]
+    caps: Vec<String>,
+    max_datagram: Option<u64>,
+    #[serde(default, deserialize_with = "password_field")]
+    password: Option<String>,
+    listed: Option<bool>,
+    before: Option<u64>,
+    limit: Option<u32>,
+    token: Option<String>,
+}
+
+/// `"password"`: a string, or null for none. Anything else is refused without quoting it (a
+/// type error would show the value in the reply and the logs, and it may be a password).
+fn password_field<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::String(password) => Ok(Some(password)),
+        Value::Null => Ok(None),
+        _ => Err(serde::de::Error::custom("\"password\" must be a string")),
+    }
+}
+
+/// The largest server datagram a client accepts when it does not say (`"max_datagram"`):
+/// the original client reads with a 4096-byte buffer.
+pub const DEFAULT_MAX_DATAGRAM: u16 = 4096;
+/// The smallest `"max_datagram"` a client may announce.
+pub const MIN_MAX_DATAGRAM: u16 = 512;
+/// The largest `"max_datagram"` a client may announce: the most an IPv4 UDP datagram carries.
+pub const MAX_MAX_DATAGRAM: u16 = 65507;
+
+fn check_max_datagram(value: u64) -> Result<u16, Error> {
+    match u16::try_from(value) {
+        Ok(v) if (MIN_MAX_DATAGRAM..=MAX_MAX_DATAGRAM).contains(&v) => Ok(v),
+        _ => Err(Error::OutOfRange {
+            field: "max_datagram",
+            min: MIN_MAX_DATAGRAM.into(),
+            max: MAX_MAX_DATAGRAM.into(),
+            value,
+        }),
+    }
+}
+
+/// Decodes a REQUEST payload (see the module docs for the three forms).
+pub fn parse_request(payload: &[u8]) -> Result<Request, Error> {
+    let text = std::str::from_utf8(payload).map_err(|_| Error::PayloadNotUtf8)?;
+    let mut request = Request::original("");
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::String(name)) => request.username = name,
+        Ok(object @ Value::Object(_)) => {
+            let parsed: ObjectRequest =
+                serde_json::from_value(object).map_err(|e| Error::MalformedJson {
+                    reason: e.to_string(),
+                })?;
+            request = Request {
+                username: parsed.username,
+                form: RequestForm::JsonObject,
+                keepalive_secs: parsed.keepalive,
+                caps: Caps::from_names(parsed.caps.iter().map(String::as_str)),
+                max_datagram: parsed.max_datagram.map(check_max_datagram).transpose()?,
+                password: parsed.password,
+                listed: parsed.listed,
+                before: parsed.before,
+                limit: parsed.limit,
+                token: parsed.token,
+            };
+        }
+        Err(e) if text.trim_start().starts_with('{') => {
+            return Err(Error::MalformedJson {
+                reason: format!("the payload begins like a JSON object but is not JSON ({e})"),
+            })
+        }
+        _ => {
+            request.username = text.to_owned();
+            request.form = RequestForm::Text;
+        }
+    }
+    Ok(request)
+}
