@@ -871,8 +871,9 @@ fn ctrl_z_on_a_terminal_that_is_not_the_controlling_one_leaves_the_chat_going() 
 /// After a Ctrl+Z on a terminal that is not its controlling one (its process group, alone
 /// in its session, orphaned: the kernel drops the stop), a `kill -STOP` and `kill -CONT`
 /// from elsewhere draw the prompt and the line being typed again, as after any stop no
-/// handler saw. The handler used to leave its Ctrl+Z noted as the last stop, never settled
-/// (no SIGCONT came for it), so each later SIGCONT was taken for its end and drew nothing.
+/// handler saw. The handler used to note its Ctrl+Z as the last stop, never settled (no
+/// SIGCONT came for it), so each later SIGCONT was taken for its end and drew nothing; in an
+/// orphaned group it now notes nothing, and leaves the terminal alone.
 #[test]
 fn after_a_ctrl_z_on_a_terminal_that_is_not_the_controlling_one_a_stop_and_continue_redraw_the_line(
 ) {
@@ -1086,6 +1087,19 @@ fn a_chat_orphaned_while_it_waits_to_stop_in_the_background_leaves() {
     the_shell_and_the_host_exit(&mut term, &mut alice);
 }
 
+/// Whether `signal` is blocked in process `pid`'s thread named `name` (`SigBlk` in
+/// `/proc/PID/task/TID/status`).
+fn thread_blocks(pid: i32, name: &str, signal: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|task| {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        comm.trim() == name && signal_in_mask(&status, "SigBlk:", signal)
+    })
+}
+
 /// Whether `signal` is blocked in a thread of process `pid` (`SigBlk` in
 /// `/proc/PID/task/TID/status`).
 fn blocked_in_a_thread(pid: i32, signal: i32) -> bool {
@@ -1105,6 +1119,58 @@ fn signal_in_mask(text: &str, field: &str, signal: i32) -> bool {
         .find_map(|line| line.strip_prefix(field))
         .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
         .is_some_and(|mask| mask & (1 << (signal - 1)) != 0)
+}
+
+/// A chat stopped with Ctrl+Z and sent on with `bg`, whose process group is orphaned while
+/// the SIGTSTP handler waits in the background for an end before it stops again (its
+/// subshell killed): the kernel then drops that stop, and the handler waited for good for a
+/// foreground that never comes, holding the thread that reads the keys. It now leaves that
+/// wait once the group is orphaned; the mode it sets and the read after it fail (`EIO`),
+/// which ends the input: bob leaves, and his log says it was the end of his input. (With the
+/// handler's wait kept, the chat still ends here, through the other threads' calls on the
+/// terminal, which are let through for an orphaned group, but not by its input, whose thread
+/// never comes out of the handler.)
+#[test]
+fn a_chat_orphaned_while_it_waits_after_bg_leaves() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    let log = BobsLog::new(&d);
+    let mut term = bash_terminal();
+    // `; :`: the subshell waits for `ocm` rather than becoming it. The log tells how the chat
+    // ended.
+    term.type_keys(&format!(
+        "(RUST_LOG=debug {} 2>{}; :)\r",
+        bob_joins_line(&d),
+        log.0.display()
+    ));
+    assert_eq!(alice.line(), "* bob joined");
+    term.wait_for("> ");
+    term.wait_for_the_editors_raw_mode();
+    let subshell = only_child(term.child.id() as i32);
+    let ocm = only_child(subshell);
+    let _cleanup = KillOnDrop(ocm);
+    let shown = term.text().len();
+    term.type_keys("\x1a");
+    term.wait_for_after(shown, "Stopped");
+    term.wait_for_after(shown, "$ ");
+    term.type_keys("bg\r");
+    // The handler holds SIGTSTP back on the input thread while it runs (every other thread
+    // always does), and waits there, running, for an end.
+    wait_until("the chat waiting in the background", || {
+        state(ocm) != Some('T') && thread_blocks(ocm, "input", libc::SIGTSTP)
+    });
+    // SAFETY: a signal to the shell's child, not reaped yet.
+    assert_eq!(unsafe { libc::kill(subshell, libc::SIGKILL) }, 0);
+    assert_eq!(alice.line(), "* bob left");
+    wait_until("ocm's exit", || !alive(ocm));
+    // Not the SIGHUP the kernel sends a group orphaned with a process already stopped.
+    let told = log.text();
+    assert!(
+        told.contains("end of input") && !told.contains("signal "),
+        "bob's log: {told:?}"
+    );
+    the_shell_and_the_host_exit(&mut term, &mut alice);
 }
 
 /// A chat taken for orphaned when it is not: `ocm` in a pipeline whose subshell around it
@@ -1206,6 +1272,35 @@ fn state(pid: i32) -> Option<char> {
 fn stat_fields(pid: i32) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     Some(stat[stat.rfind(')')? + 1..].to_owned())
+}
+
+/// A `kill -TSTP` to a chat whose process group is orphaned in the foreground of its
+/// controlling terminal (`ocm` leads its own session, as under `ssh -t host ocm` or `setsid
+/// -c`): the kernel drops the stop, and the handler leaves the terminal alone. It used to
+/// turn bracketed paste off (a paste then reached the editor as keys typed, each of its
+/// lines sent on its own), set the mode from before the chat and back, and throw away the
+/// keys typed ahead, for a stop that never came.
+#[test]
+fn a_stop_sent_to_a_chat_that_leads_its_own_session_leaves_the_terminal_alone() {
+    let d = Daemon::start();
+    let (mut alice, mut bob) = host_and_terminal(&d);
+    bob.wait_for("> ");
+    bob.wait_for_the_editors_raw_mode();
+    let shown = bob.text().len();
+    let ocm = bob.child.id() as i32;
+    // SAFETY: a signal to bob's `ocm`, which the test has not reaped.
+    assert_eq!(unsafe { libc::kill(ocm, libc::SIGTSTP) }, 0);
+    // Taken: the handler runs on the thread that reads the keys, before it reads these.
+    wait_until("the stop taken by the chat", || {
+        !pending_in_the_process(ocm, libc::SIGTSTP)
+    });
+    bob.type_keys("after\r");
+    assert_eq!(alice.line(), "bob: after");
+    bob.wait_for_after(shown, "after");
+    let written = &bob.text()[shown..];
+    let echoed = written.find("after").expect("the line echoed");
+    assert!(!written[..echoed].contains("\x1b[?2004l"), "{written:?}");
+    both_quit(&mut bob, &mut alice);
 }
 
 /// The same with only standard input on the terminal closed (`ocm ... </dev/pts/N`, its

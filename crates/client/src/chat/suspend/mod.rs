@@ -145,9 +145,15 @@ fn sigtstp_action() -> SigAction {
 /// process as SIGTSTP's default action would, and once continued puts back the mode found:
 /// the quiet one between two lines, the one the editor's Ctrl+Z left, from which it takes
 /// raw mode again, or the editor's raw mode itself (a SIGTSTP from elsewhere), noted in
-/// [`LAST_STOP`] for [`redraw_on_resume`].
+/// [`LAST_STOP`] for [`redraw_on_resume`]. In an orphaned process group ([`orphaned`]:
+/// `ssh -t host ocm`, `setsid -c ocm`, a shell gone) the kernel drops the stop, so the
+/// handler leaves the terminal alone: its mode, the keys typed ahead and bracketed paste.
 extern "C" fn on_sigtstp(_: libc::c_int) {
     let errno = Errno::last_raw();
+    if orphaned() {
+        Errno::set_raw(errno);
+        return;
+    }
     let mut found = MaybeUninit::<libc::termios>::uninit();
     // SAFETY: tcgetattr fills `found` when it returns 0; tcsetattr reads a whole termios.
     let found = unsafe {
@@ -201,12 +207,6 @@ extern "C" fn on_sigtstp(_: libc::c_int) {
             }
         }
         stop();
-    }
-    if orphaned() {
-        // The kernel dropped the stop: no SIGCONT is coming to settle it, and a later one
-        // (`kill -STOP`, then `-CONT`, from elsewhere) is for a stop no handler saw, after
-        // which the line is drawn again.
-        LAST_STOP.store(Stop::Unseen as u8, Ordering::SeqCst);
     }
     if let Some(found) = found {
         set_mode(libc::STDIN_FILENO, libc::TCSADRAIN, &found);
