@@ -23,8 +23,11 @@ const SIGNAL_GRACE: Duration = Duration::from_secs(3);
 /// which the main loop reads on every pass (the event queue may be full of lines being
 /// paced out), and as an event on both its queues to wake it (it waits on the [`super::Ahead`]
 /// one alone while it holds the chat for a closure check). Should the chat not have ended
-/// [`SIGNAL_GRACE`] later, the main loop is stuck: on the screen, which waits for a standard
-/// output nobody reads (a pipe whose reader stopped, a stopped terminal). (Standard error
+/// [`SIGNAL_GRACE`] later, the main loop is stuck: on the screen, which the receiver holds
+/// while it waits for a standard output nobody reads (a pipe whose reader stopped, a stopped
+/// terminal), and which the main loop takes to print a room's closure (its remarks go
+/// around it: `remark_unheld`; without a closure, such an output holds the receiver alone,
+/// and a signal ends the chat at once). (Standard error
 /// stops no thread: it is written through a queue, [`crate::stderr`].) The keepalive thread
 /// would then keep us in the room for as long as that lasts, so this thread says
 /// `__LEAVE__` itself and exits with [`EXIT_FAILURE`](crate::error::EXIT_FAILURE), after
