@@ -25,7 +25,7 @@ const SIGNAL_GRACE: Duration = Duration::from_secs(3);
 /// one alone while it holds the chat for a closure check). Should the chat not have ended
 /// [`SIGNAL_GRACE`] later, the main loop is stuck: on the screen, which the receiver holds
 /// while it waits for a standard output nobody reads (a pipe whose reader stopped, a stopped
-/// terminal), and which the main loop takes to print a room's closure (its remarks go
+/// terminal), and which the main loop takes to settle a room's closure, forged or not (its remarks go
 /// around it: `remark_unheld`; without a closure, such an output holds the receiver alone,
 /// and a signal ends the chat at once). (Standard error
 /// stops no thread: it is written through a queue, [`crate::stderr`].) The keepalive thread
