@@ -861,11 +861,7 @@ fn ctrl_z_on_a_terminal_that_is_not_the_controlling_one_leaves_the_chat_going() 
     bob.wait_for_after(shown, "> ");
     bob.type_keys("after the stop\r");
     assert_eq!(alice.line(), "bob: after the stop");
-    bob.type_keys("/quit\r");
-    assert!(bob.wait().success(), "bob's log: {:?}", log.text());
-    assert_eq!(alice.line(), "* bob left");
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    bob_quits_and_both_exit_cleanly(&mut bob, &mut alice, &log);
 }
 
 /// After a Ctrl+Z on a terminal that is not its controlling one (its process group, alone
@@ -936,11 +932,7 @@ fn stop_and_continue_after_a_ctrl_z_redraw_the_line(
     bob.wait_for_after(shown, "> half");
     bob.type_keys(" done\r");
     assert_eq!(alice.line(), "bob: half done");
-    bob.type_keys("/quit\r");
-    assert!(bob.wait().success(), "bob's log: {:?}", log.text());
-    assert_eq!(alice.line(), "* bob left");
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    bob_quits_and_both_exit_cleanly(&mut bob, &mut alice, &log);
 }
 
 /// A chat reading a terminal that is not its controlling one, run from a shell on another
@@ -1326,6 +1318,16 @@ fn input_from_a_terminal_closed_without_a_sighup_ends_there() {
     // The input's terminal closed; the output's stays.
     drop(keys);
     the_input_ended(&mut bob, &mut alice, &log);
+}
+
+/// Ends bob's chat (in a terminal, his standard error in `log`) with `/quit`, checks that the
+/// host `alice` hears him leave, then ends the host; both must exit cleanly.
+fn bob_quits_and_both_exit_cleanly(bob: &mut Terminal, alice: &mut Ocm, log: &BobsLog) {
+    bob.type_keys("/quit\r");
+    assert!(bob.wait().success(), "bob's log: {:?}", log.text());
+    assert_eq!(alice.line(), "* bob left");
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
 }
 
 /// What `ocm` (bob) writes to standard error, kept in a file: remarks go there when it is
