@@ -14,6 +14,8 @@ use tcrp::payload::{Caps, ErrorCode, Request};
 use ucrp::delivery::Delivery;
 use ucrp::Message;
 
+mod replay;
+
 /// Where the tests' joins come from over TCP.
 const HERE: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
