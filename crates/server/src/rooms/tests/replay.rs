@@ -8,6 +8,13 @@
 //! (rooms, members, tokens, registered addresses) must match at every crash; what waits for
 //! a checkpoint (history, sequence numbers, the address of ours each member sends to) must
 //! match after a full one, as at a clean stop.
+//!
+//! Beside the random sessions in `tests.rs`, which rebuild once at the end and compare what the
+//! registry answers (`a_registry_rebuilt_from_its_records_answers_as_the_live_one_...`) or
+//! its indexes against a model through restarts (`the_registry_keeps_every_index_in_step_...`),
+//! this one compares every saved field itself and keeps going on each rebuilt registry, so
+//! it also holds a restored registry's own records to account: a restore that took every
+//! member's source for queued already never saved a later move, and only this test fails.
 
 use super::*;
 use std::collections::BTreeMap;
