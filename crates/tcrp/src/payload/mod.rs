@@ -5,7 +5,8 @@
 //! 2. a JSON object, `{"username": "alice", "keepalive": 10, "caps": ["seq"]}`: the door for
 //!    ocm extensions; unknown keys are ignored so later clients stay compatible;
 //! 3. failing both, the payload's UTF-8 text, taken whole as the username; but a payload
-//!    that begins with `{` (after white space) and is not JSON is a JSON object gone wrong
+//!    that begins with `{` (after white space, or characters that show as nothing such as a
+//!    byte-order mark) and is not JSON is a JSON object gone wrong
 //!    (`{"username": "bob", "password": "pw",}`), refused as malformed: taken as a name, it
 //!    would create a room without its password and keep the password as the host's name.
 //!

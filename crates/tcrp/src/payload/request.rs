@@ -5,7 +5,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::reply::{json_string, write_object};
-use crate::Error;
+use crate::{names, Error};
 
 /// Optional capabilities a client asks for in its JSON-object request (`"caps": [...]`).
 /// Unknown names are ignored. A client that sends no caps sees only original frames.
@@ -213,6 +213,21 @@ fn check_max_datagram(value: u64) -> Result<u16, Error> {
     }
 }
 
+/// Whether text that is not JSON still begins like a JSON object: `{` after any white space
+/// (Unicode's, not only JSON's four) and any characters that show as nothing (a byte-order
+/// mark, a zero-width space, a bidirectional control: [`names::hidden_chars`]). Such a
+/// payload is a JSON object gone wrong, and taken whole as a name it would keep its password
+/// as the host's name for anyone to read.
+fn begins_like_an_object(text: &str) -> bool {
+    text.trim_start_matches(|c: char| {
+        c.is_whitespace()
+            || names::is_invisible(c)
+            || names::is_modifier(c)
+            || names::is_reordering(c)
+    })
+    .starts_with('{')
+}
+
 /// Decodes a REQUEST payload (see the module docs for the three forms).
 pub fn parse_request(payload: &[u8]) -> Result<Request, Error> {
     let text = std::str::from_utf8(payload).map_err(|_| Error::PayloadNotUtf8)?;
@@ -237,10 +252,21 @@ pub fn parse_request(payload: &[u8]) -> Result<Request, Error> {
                 token: parsed.token,
             };
         }
-        Err(e) if text.trim_start().starts_with('{') => {
+        Err(e) if begins_like_an_object(text) => {
+            let hidden = match text.chars().next() {
+                Some(c) if c != '{' && !c.is_whitespace() => {
+                    format!(
+                        "; it begins with U+{:04X}, which JSON does not allow",
+                        c as u32
+                    )
+                }
+                _ => String::new(),
+            };
             return Err(Error::MalformedJson {
-                reason: format!("the payload begins like a JSON object but is not JSON ({e})"),
-            })
+                reason: format!(
+                    "the payload begins like a JSON object but is not JSON ({e}{hidden})"
+                ),
+            });
         }
         _ => {
             request.username = text.to_owned();

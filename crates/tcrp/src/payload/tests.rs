@@ -46,13 +46,27 @@ fn a_broken_json_object_is_refused_not_taken_as_a_name() {
         br#"  {"username": "bob""#,
         b"{",
         b"\n{x}",
+        "\u{a0}\u{3000}{x".as_bytes(),
+        // JSON allows no byte-order mark, nor anything else that shows as nothing, before
+        // its value: a tool that writes one still sent an object.
+        "\u{feff}{\"username\": \"bob\", \"password\": \"hunter2\"}".as_bytes(),
+        "\u{200b}{\"username\": \"bob\", \"password\": \"hunter2\"}".as_bytes(),
+        "\u{2060} \u{202e}\u{200d}{\"password\": \"hunter2\"}".as_bytes(),
     ] {
         let refused = parse_request(payload);
         let Err(Error::MalformedJson { reason }) = refused else {
             panic!("{:?}: {refused:?}", String::from_utf8_lossy(payload));
         };
         assert!(!reason.contains("hunter2"), "{reason}");
+        assert!(reason.contains("begins like a JSON object"), "{reason}");
     }
+    let Err(Error::MalformedJson { reason }) = parse_request("\u{feff}{}".as_bytes()) else {
+        panic!("a byte-order mark before an object is refused");
+    };
+    assert!(reason.contains("it begins with U+FEFF"), "{reason}");
+    // Text that only holds such a character somewhere is still a name.
+    let name = "a\u{feff}{b}";
+    assert_eq!(parse_request(name.as_bytes()).unwrap().username, name);
 }
 
 #[test]
