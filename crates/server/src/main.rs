@@ -113,10 +113,27 @@ fn init_logging(level: &str) {
         });
     }
     builder.init();
-    if config::rust_log().is_none() {
-        log::set_max_level(config::log_level(level).unwrap_or(log::LevelFilter::Info));
-        if std::env::var_os("RUST_LOG").is_some() {
-            log::warn!("RUST_LOG is not UTF-8: ignored, [log] level applies");
+    match config::rust_log() {
+        None => {
+            log::set_max_level(config::log_level(level).unwrap_or(log::LevelFilter::Info));
+            if let Some(why) = config::rust_log_ignored() {
+                log::warn!("RUST_LOG {why}: ignored, [log] level applies");
+            }
+        }
+        Some(spec) => {
+            let silenced = config::errors_filtered_out(&spec);
+            if !silenced.is_empty() {
+                // Past the logger, which would drop it: the filter is obeyed, but not unseen.
+                print_line(
+                    4,
+                    &format!(
+                        "ocmd: RUST_LOG={spec:?} turns off even the errors of {} (a failed \
+                         journal write, a rejected reload); the daemon's log targets are \
+                         ocmd and ocm_server::*",
+                        silenced.join(", ")
+                    ),
+                );
+            }
         }
     }
 }
@@ -125,13 +142,21 @@ fn init_logging(level: &str) {
 /// when its level shows no errors. Under journald every line carries the error priority,
 /// so `journalctl -p warning` shows why a unit failed.
 fn print_fatal(error: &dyn std::fmt::Display) {
-    let priority = if stderr_is_journal() { "<3>" } else { "" };
-    let text = format!("ocmd: {error}");
-    // Best effort, unlike `eprintln!`, which panics on a closed standard error and would
-    // turn the exit status into 101.
+    print_line(3, &format!("ocmd: {error}"));
+}
+
+/// Writes `text` to standard error past the logger, each line with the syslog `priority`
+/// under journald (3 error, 4 warning). Best effort, unlike `eprintln!`, which panics on a
+/// closed standard error and would turn the exit status into 101.
+fn print_line(priority: u8, text: &str) {
+    let prefix = if stderr_is_journal() {
+        format!("<{priority}>")
+    } else {
+        String::new()
+    };
     let mut stderr = std::io::stderr().lock();
     for line in text.lines() {
-        let _ = writeln!(stderr, "{priority}{line}");
+        let _ = writeln!(stderr, "{prefix}{line}");
     }
 }
 

@@ -2233,13 +2233,9 @@ fn without_journal_stream_lines_have_timestamps_and_info_is_the_default() {
     assert!(!log.lines().any(|l| l.starts_with('<')), "{log}");
 }
 
-/// A `RUST_LOG` that is not UTF-8 (a stray byte in a drop-in's `Environment=`) counts as
-/// unset, with a warning: it made the daemon log everything at trace level (mio's per-event
-/// lines included), whatever `[log] level` said, and a reload could not lower it (found by a
-/// review).
-#[test]
-fn a_non_utf8_rust_log_does_not_turn_on_trace_logging() {
-    use std::os::unix::ffi::OsStrExt;
+/// What `ocmd` writes to standard error from its start to its stop, started directly with
+/// `[log] level = "warn"` and `RUST_LOG` set to `rust_log`.
+fn log_with_rust_log(rust_log: &std::ffi::OsStr) -> String {
     let mut sd = NotifyListener::bind();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("ocmd.toml");
@@ -2258,7 +2254,7 @@ fn a_non_utf8_rust_log_does_not_turn_on_trace_logging() {
             "--metrics",
             "off",
         ])
-        .env("RUST_LOG", std::ffi::OsStr::from_bytes(b"\xff"))
+        .env("RUST_LOG", rust_log)
         .env(key, value)
         .env("WATCHDOG_USEC", "0")
         .stderr(Stdio::piped())
@@ -2275,14 +2271,64 @@ fn a_non_utf8_rust_log_does_not_turn_on_trace_logging() {
         .unwrap()
         .read_to_string(&mut log)
         .unwrap();
+    log
+}
+
+/// A `RUST_LOG` that is not UTF-8 (a stray byte in a drop-in's `Environment=`) counts as
+/// unset, with a warning: it made the daemon log everything at trace level (mio's per-event
+/// lines included), whatever `[log] level` said, and a reload could not lower it (found by a
+/// review). So does an empty one (`Environment=RUST_LOG=`) or one that is not a filter (a
+/// typo): env_logger took either for errors only, `[log] level` unapplied, without a word of
+/// ours (found by an operator's review).
+#[test]
+fn a_rust_log_that_is_not_utf8_empty_or_not_a_filter_is_ignored_with_a_warning() {
+    use std::os::unix::ffi::OsStrExt;
+    for (rust_log, why) in [
+        (&b"\xff"[..], "RUST_LOG is not UTF-8"),
+        (b"", "RUST_LOG is empty"),
+        (b" ", "RUST_LOG is empty"),
+        (
+            b"this is=not=valid",
+            "RUST_LOG \"this is=not=valid\" is not a filter",
+        ),
+    ] {
+        let log = log_with_rust_log(std::ffi::OsStr::from_bytes(rust_log));
+        assert!(
+            !log.contains(" TRACE ") && !log.contains(" DEBUG ") && !log.contains(" INFO "),
+            "[log] level = \"warn\" with RUST_LOG {rust_log:?}:\n{log}"
+        );
+        assert!(
+            log.contains(&format!("WARN  ocmd] {why}"))
+                && log.contains(": ignored, [log] level applies"),
+            "RUST_LOG {rust_log:?}:\n{log}"
+        );
+    }
+}
+
+/// A `RUST_LOG` that is a filter but lets none of the daemon's errors through (a target
+/// that is not the daemon's, as `ocmd=info` for all but the binary's own lines, or `off`)
+/// is obeyed, and said once at start, past the logger: a failed journal write or a rejected
+/// reload would otherwise go unlogged with nothing to show why.
+#[test]
+fn a_rust_log_that_turns_off_the_daemons_errors_is_obeyed_and_said_at_start() {
+    let log = log_with_rust_log("ocmd=info".as_ref());
     assert!(
-        !log.contains(" TRACE ") && !log.contains(" DEBUG ") && !log.contains(" INFO "),
-        "[log] level = \"warn\" with a RUST_LOG that is not UTF-8:\n{log}"
-    );
-    assert!(
-        log.contains("RUST_LOG is not UTF-8: ignored, [log] level applies"),
+        log.contains(
+            "ocmd: RUST_LOG=\"ocmd=info\" turns off even the errors of \
+             ocm_server::event_loop, ocm_server::password, ocm_server::persist"
+        ),
         "{log}"
     );
+    assert!(!log.contains("listening"), "obeyed: {log}");
+    let log = log_with_rust_log("off".as_ref());
+    assert!(
+        log.contains("RUST_LOG=\"off\" turns off even the errors of ocmd, ocm_server::"),
+        "{log}"
+    );
+    // A filter that keeps them says nothing of the kind.
+    let log = log_with_rust_log("warn,ocm_server::rooms=debug".as_ref());
+    assert!(!log.contains("turns off"), "{log}");
+    assert!(!log.contains(" INFO "), "{log}");
 }
 
 // ---------------------------------------------------------------------------------------------

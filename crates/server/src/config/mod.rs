@@ -504,11 +504,61 @@ impl Config {
     }
 }
 
-/// `RUST_LOG`'s filter, which wins over `[log] level`: `None` when unset, and when not
-/// UTF-8 (a stray byte in an `Environment=` line), which then counts as unset everywhere
-/// instead of leaving the logger at trace level and the configured level unapplied.
+/// `RUST_LOG`'s filter, which wins over `[log] level`: `None` when unset, and when set but
+/// ignored ([`rust_log_ignored`]), which then counts as unset everywhere.
 pub fn rust_log() -> Option<String> {
-    std::env::var("RUST_LOG").ok()
+    read_rust_log().ok().flatten()
+}
+
+/// Why a `RUST_LOG` that is set is ignored, if it is, so that `[log] level` applies: not
+/// UTF-8 (a stray byte in an `Environment=` line: env_logger would then log everything at
+/// trace level), empty (`Environment=RUST_LOG=`), or not a filter (a typo): env_logger would
+/// take either for errors only, leaving `[log] level` unapplied without a word.
+pub fn rust_log_ignored() -> Option<String> {
+    read_rust_log().err()
+}
+
+fn read_rust_log() -> Result<Option<String>, String> {
+    let Some(value) = std::env::var_os("RUST_LOG") else {
+        return Ok(None);
+    };
+    let Some(spec) = value.to_str() else {
+        return Err("is not UTF-8".into());
+    };
+    if spec.trim().is_empty() {
+        return Err("is empty".into());
+    }
+    env_filter::Builder::new()
+        .try_parse(spec)
+        .map_err(|e| format!("{spec:?} is not a filter ({e})"))?;
+    Ok(Some(spec.to_owned()))
+}
+
+/// The daemon's modules that log errors, as `RUST_LOG` names them (`ocmd` is the binary).
+const ERROR_TARGETS: [&str; 4] = [
+    "ocmd",
+    "ocm_server::event_loop",
+    "ocm_server::password",
+    "ocm_server::persist",
+];
+
+/// Which of the daemon's modules that log errors the `RUST_LOG` filter `spec` turns off
+/// altogether: a filter for a target that is not the daemon's (`ocmd=info` turns off
+/// everything else), or `off`. The daemon still obeys it, but says so once at start.
+pub fn errors_filtered_out(spec: &str) -> Vec<&'static str> {
+    let mut builder = env_filter::Builder::new();
+    builder.parse(spec);
+    let filter = builder.build();
+    ERROR_TARGETS
+        .into_iter()
+        .filter(|target| {
+            let error = log::Metadata::builder()
+                .level(log::Level::Error)
+                .target(target)
+                .build();
+            !filter.enabled(&error)
+        })
+        .collect()
 }
 
 /// Parses a log level name.

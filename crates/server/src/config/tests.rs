@@ -571,3 +571,67 @@ fn the_metrics_flag_keeps_its_value_as_given() {
         "{e}"
     );
 }
+
+/// The daemon's modules that log errors, which a `RUST_LOG` filter may turn off: a filter
+/// for another target turns off the rest, and a module's own filter keeps its errors.
+#[test]
+fn errors_filtered_out_names_the_modules_whose_errors_a_filter_drops() {
+    assert!(errors_filtered_out("info").is_empty());
+    assert!(errors_filtered_out("warn,ocm_server::rooms=debug").is_empty());
+    assert!(errors_filtered_out("ocmd=error,ocm_server=error").is_empty());
+    assert_eq!(errors_filtered_out("off"), ERROR_TARGETS);
+    assert_eq!(errors_filtered_out("OCM_SERVER=debug"), ERROR_TARGETS);
+    assert_eq!(errors_filtered_out("ocm_server=info"), ["ocmd"]);
+    assert_eq!(
+        errors_filtered_out("ocmd=info"),
+        [
+            "ocm_server::event_loop",
+            "ocm_server::password",
+            "ocm_server::persist"
+        ]
+    );
+    assert_eq!(
+        errors_filtered_out("info,ocm_server::persist=off"),
+        ["ocm_server::persist"]
+    );
+}
+
+/// Every module that logs errors is under one of [`ERROR_TARGETS`], so the start-up warning
+/// of a `RUST_LOG` that turns them off names it.
+#[test]
+fn every_module_that_logs_errors_is_among_the_error_targets() {
+    fn walk(dir: &std::path::Path, found: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+            if path.is_dir() {
+                walk(&path, found);
+            } else if name.ends_with(".rs") && name != "tests.rs" && name != "testing.rs" {
+                let code = std::fs::read_to_string(&path).unwrap();
+                if code.contains("error!(") {
+                    found.push(path.to_str().unwrap().to_owned());
+                }
+            }
+        }
+    }
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    walk(&src, &mut files);
+    assert!(files.len() >= 5, "{files:?}");
+    for file in files {
+        let relative = file.strip_prefix(src.to_str().unwrap()).unwrap();
+        let module = relative
+            .trim_start_matches('/')
+            .trim_end_matches(".rs")
+            .trim_end_matches("/mod")
+            .replace('/', "::");
+        let target = match module.as_str() {
+            "main" => "ocmd".to_owned(),
+            _ => format!("ocm_server::{module}"),
+        };
+        assert!(
+            ERROR_TARGETS.iter().any(|t| target.starts_with(t)),
+            "{target} logs errors and is not in ERROR_TARGETS"
+        );
+    }
+}
