@@ -107,6 +107,21 @@ pub enum StoreError {
         /// Where the link points.
         target: PathBuf,
     },
+    /// The state file or the journal is there but is not a regular file: a directory
+    /// (`--state /var/lib/ocmd`, a directory for a file), a pipe, a socket or a device.
+    #[error(
+        "{what} {file} is {kind}, not a file: --state and [state] path name the state file \
+         itself, such as /var/lib/ocmd/room_manager.json (its journal and lock are made \
+         beside it)"
+    )]
+    NotAFile {
+        /// `state file` or `journal`.
+        what: &'static str,
+        /// The path, as the daemon names it.
+        file: PathBuf,
+        /// What it is instead: `a directory`, `a named pipe`, ...
+        kind: &'static str,
+    },
     /// The state file or the journal has more than one name (a hard link made by hand:
     /// `ocmd` never makes one). The lock is the state file's name plus `.lock`, so a second
     /// `ocmd` started on another name would take a lock of its own and write the same file.

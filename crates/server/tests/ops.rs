@@ -3358,6 +3358,42 @@ fn a_state_file_or_journal_with_a_second_name_is_refused() {
     join(&first, "lobby", "bob");
 }
 
+/// A state path that is a directory (`--state /var/lib/ocmd`, a directory for a file), or a
+/// journal that is a named pipe, is refused at start and by `--check-config`, saying what it
+/// is. A directory was called a state file with "2 names (hard links)", with advice to look
+/// for them (found by an operator's review).
+#[test]
+fn a_state_path_that_is_not_a_file_is_refused_saying_what_it_is() {
+    for (file, kind) in [
+        ("room_manager.json", "a directory"),
+        ("room_manager.json.journal", "a named pipe"),
+    ] {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let path = dir.path().join(file);
+        if kind == "a directory" {
+            std::fs::create_dir(&path).unwrap();
+        } else {
+            let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+            // SAFETY: a valid NUL-terminated path.
+            assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        }
+        let out = ocmd(&[
+            "--check-config".as_ref(),
+            "--state".as_ref(),
+            dir.path().join("room_manager.json").as_os_str(),
+        ]);
+        let err = text(&out.stderr);
+        let said = format!("{} is {kind}, not a file", path.display());
+        assert_eq!(out.status.code(), Some(2), "{file}: {err}");
+        assert!(err.contains(&said) && !err.contains("hard link"), "{err}");
+        let log = match Daemon::spawn(Arc::clone(&dir), Options::default()) {
+            Ok(_) => panic!("ocmd started on {kind}"),
+            Err(log) => log,
+        };
+        assert!(log.contains(&said) && !log.contains("hard link"), "{log}");
+    }
+}
+
 /// A hard link made to the state file or the journal while the daemon serves makes `/readyz`
 /// 503, naming the file and its count of names, from the writer's next check until the other
 /// name is removed; then it is ready again. It was only logged, so a check that takes a

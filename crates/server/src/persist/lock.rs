@@ -4,7 +4,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
 use crate::error::StoreError;
@@ -24,25 +24,50 @@ pub fn refuse_symlinked_state(state: &Path) -> Result<(), StoreError> {
 
 /// Refuses a state path whose lock would not keep a second `ocmd` off its files: a state
 /// file that is a symbolic link ([`refuse_symlinked_state`]), or a state file or journal with
-/// another name ([`StoreError::HardLinked`]). Checked at start (before the lock is taken) and
-/// by `--check-config`; the writer's file check says so when a name is added while it serves.
+/// another name ([`StoreError::HardLinked`]); and one that is no file at all
+/// ([`StoreError::NotAFile`]: a directory has two names or more of its own, and would be
+/// called hard-linked). Checked at start (before the lock is taken) and by `--check-config`;
+/// the writer's file check says so when a name is added while it serves.
 pub fn refuse_linked_state(state: &Path) -> Result<(), StoreError> {
     refuse_symlinked_state(state)?;
     refuse_hard_linked_state(state)
 }
 
-/// Refuses a state file or journal with more than one name ([`StoreError::HardLinked`]).
+/// Refuses a state file or journal with more than one name ([`StoreError::HardLinked`]), or
+/// that is not a regular file ([`StoreError::NotAFile`]).
 fn refuse_hard_linked_state(state: &Path) -> Result<(), StoreError> {
     let paths = Paths::new(state);
     for (what, file) in [("state file", paths.state), ("journal", paths.journal)] {
         // A file that is not there (a fresh start) or cannot be looked at has no other name
         // to refuse; the load reports what it cannot read.
-        let links = fs::symlink_metadata(&file).map_or(1, |m| m.nlink());
+        let Ok(metadata) = fs::symlink_metadata(&file) else {
+            continue;
+        };
+        if let Some(kind) = not_a_file(metadata.file_type()) {
+            return Err(StoreError::NotAFile { what, file, kind });
+        }
+        let links = metadata.nlink();
         if links > 1 {
             return Err(StoreError::HardLinked { what, file, links });
         }
     }
     Ok(())
+}
+
+/// What a path is when it is neither a regular file nor a symbolic link (whose own check
+/// comes first), in words.
+fn not_a_file(kind: fs::FileType) -> Option<&'static str> {
+    if kind.is_file() || kind.is_symlink() {
+        None
+    } else if kind.is_dir() {
+        Some("a directory")
+    } else if kind.is_fifo() {
+        Some("a named pipe")
+    } else if kind.is_socket() {
+        Some("a socket")
+    } else {
+        Some("a device")
+    }
 }
 
 /// Takes the advisory lock beside the state file, so that two daemons never share it.

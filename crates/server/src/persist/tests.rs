@@ -1778,6 +1778,34 @@ fn only_a_stop_with_every_acknowledged_change_on_disk_kept_the_state() {
     assert!(!Stopped::Unwritten.kept_the_state());
 }
 
+/// A state file or journal that is not a regular file is refused as what it is, before its
+/// count of names: a directory has two or more of its own.
+#[test]
+fn a_state_path_that_is_not_a_file_is_refused_as_what_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = Paths::new(&dir.path().join("s.json"));
+    fs::create_dir(&paths.state).unwrap();
+    fs::create_dir(paths.state.join("sub")).unwrap();
+    match refuse_linked_state(&paths.state) {
+        Err(StoreError::NotAFile { what, file, kind }) => {
+            assert_eq!(
+                (what, &file, kind),
+                ("state file", &paths.state, "a directory")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    fs::remove_dir_all(&paths.state).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(&paths.journal).unwrap();
+    match lock(&paths) {
+        Err(StoreError::NotAFile { what, kind, .. }) => {
+            assert_eq!((what, kind), ("journal", "a socket"));
+        }
+        other => panic!("{other:?}"),
+    }
+    drop(listener);
+}
+
 /// A start refuses a state path whose lock would not keep a second `ocmd` off its files: a
 /// state file or journal with a second name, or a state file that is a symbolic link; and a
 /// lock another process holds, naming the holder its file names.
