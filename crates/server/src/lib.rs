@@ -51,6 +51,9 @@ pub mod wall_clock;
 #[path = "../tests/common/shared.rs"]
 mod test_shared;
 
+#[cfg(test)]
+mod test_log;
+
 pub use config::Config;
 pub use error::Error;
 pub use event_loop::Server;

@@ -199,6 +199,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::test_log::logged;
 
     const WINDOW: Duration = Duration::from_secs(5);
     /// 2026-12-03 on the wall clock.
@@ -371,37 +372,6 @@ mod tests {
             .expect("after 1970");
         let ours = clock.now(WINDOW).expect("after 1970");
         assert!(ours >= system && ours - system < Duration::from_secs(5));
-    }
-
-    /// What this thread logs while `f` runs: (level, line). The unit tests' only logger; it
-    /// keeps nothing from other threads, so tests running beside this one do not mix in.
-    fn logged(f: impl FnOnce()) -> Vec<(log::Level, String)> {
-        use std::cell::RefCell;
-        thread_local! {
-            static LINES: RefCell<Option<Vec<(log::Level, String)>>> = const { RefCell::new(None) };
-        }
-        struct Capture;
-        impl log::Log for Capture {
-            fn enabled(&self, _: &log::Metadata) -> bool {
-                true
-            }
-            fn log(&self, record: &log::Record) {
-                let _ = LINES.try_with(|lines| {
-                    if let Some(lines) = lines.borrow_mut().as_mut() {
-                        lines.push((record.level(), record.args().to_string()));
-                    }
-                });
-            }
-            fn flush(&self) {}
-        }
-        static INSTALL: std::sync::Once = std::sync::Once::new();
-        INSTALL.call_once(|| {
-            log::set_logger(&Capture).expect("no other logger in the unit tests");
-            log::set_max_level(log::LevelFilter::Trace);
-        });
-        LINES.with(|lines| *lines.borrow_mut() = Some(Vec::new()));
-        f();
-        LINES.with(|lines| lines.borrow_mut().take().unwrap_or_default())
     }
 
     /// Each step is logged with its way and size: at info from a tenth of a second (the

@@ -319,6 +319,59 @@ fn a_failed_append_leaves_no_fragment_whatever_fails_and_how_often() {
     }
 }
 
+/// The log of a failed append and of failed cuts after it: each said once when it begins,
+/// and each end said with its own tally, so that the two tallies add up to what
+/// `ocm_state_write_failures_total` counted. The appends' tally alone said "1 failed attempt"
+/// where the counter said 10, the cut's failures untold (found by an operator's review).
+#[test]
+fn failed_cuts_are_told_apart_from_the_append_and_their_tallies_add_up_to_the_counter() {
+    let whole = b"{\"n\":1}\n".to_vec();
+    let line = b"{\"n\":2}\n".to_vec();
+    let mut journal = FlakyJournal {
+        bytes: whole.clone(),
+        // The write fails, then three cuts, then everything works.
+        faults: [true, true, true, true].into_iter().collect(),
+        calls: Vec::new(),
+        deleted: false,
+    };
+    let stats = Mutex::new(Compactions::default());
+    let lines = crate::test_log::logged(|| {
+        append_durably(
+            &mut journal,
+            whole.len() as u64,
+            &line,
+            Duration::ZERO,
+            Path::new("journal"),
+            &stats,
+        )
+        .unwrap();
+    });
+    assert_eq!(stats.lock().unwrap().write_failures, 4);
+    let said: Vec<(log::Level, &str)> = lines
+        .iter()
+        .map(|(level, text)| (*level, text.split(':').next().unwrap_or("")))
+        .collect();
+    assert_eq!(
+        said,
+        [
+            (log::Level::Error, "cannot append to journal journal"),
+            (
+                log::Level::Error,
+                "cannot cut journal journal back to its last whole line"
+            ),
+            (
+                log::Level::Warn,
+                "journal journal can be cut back again, after 3 failed attempts over 0 s"
+            ),
+            (
+                log::Level::Warn,
+                "journal journal takes writes again, after 1 failed attempt over 0 s"
+            ),
+        ],
+        "{lines:?}"
+    );
+}
+
 /// An append larger than [`store::MAX_UNSYNCED_BYTES`] is written and synced piece by
 /// piece, and a failure in a later piece cuts back only to the end of the pieces before it.
 #[test]

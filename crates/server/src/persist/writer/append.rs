@@ -110,7 +110,14 @@ pub(in crate::persist) fn append_durably(
                 }
                 thread::sleep(retry);
             }
-            cuts = Failing::default();
+            if let Some(tally) = cuts.ended(Instant::now()) {
+                // Its failures are counted in `write_failures` too: said apart from the
+                // appends' own tally, they add up to it.
+                warn!(
+                    "journal {} can be cut back again, after {tally}",
+                    path.display()
+                );
+            }
             cut = true;
             thread::sleep(retry);
         }
