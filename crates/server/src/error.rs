@@ -107,8 +107,8 @@ pub enum StoreError {
         /// Where the link points.
         target: PathBuf,
     },
-    /// The state file or the journal is there but is not a regular file: a directory
-    /// (`--state /var/lib/ocmd`, a directory for a file), a pipe, a socket or a device.
+    /// The state file or the journal is there but cannot hold one: a directory
+    /// (`--state /var/lib/ocmd`, a directory for a file), a socket or a device.
     #[error(
         "{what} {file} is {kind}, not a file: --state and [state] path name the state file \
          itself, such as /var/lib/ocmd/room_manager.json (its journal and lock are made \
@@ -119,7 +119,7 @@ pub enum StoreError {
         what: &'static str,
         /// The path, as the daemon names it.
         file: PathBuf,
-        /// What it is instead: `a directory`, `a named pipe`, ...
+        /// What it is instead: `a directory`, `a socket` or `a device`.
         kind: &'static str,
     },
     /// The state file or the journal has more than one name (a hard link made by hand:

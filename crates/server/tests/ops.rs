@@ -3359,24 +3359,23 @@ fn a_state_file_or_journal_with_a_second_name_is_refused() {
 }
 
 /// A state path that is a directory (`--state /var/lib/ocmd`, a directory for a file), or a
-/// journal that is a named pipe, is refused at start and by `--check-config`, saying what it
+/// journal that is a socket, is refused at start and by `--check-config`, saying what it
 /// is. A directory was called a state file with "2 names (hard links)", with advice to look
 /// for them (found by an operator's review).
 #[test]
 fn a_state_path_that_is_not_a_file_is_refused_saying_what_it_is() {
     for (file, kind) in [
         ("room_manager.json", "a directory"),
-        ("room_manager.json.journal", "a named pipe"),
+        ("room_manager.json.journal", "a socket"),
     ] {
         let dir = Arc::new(tempfile::tempdir().unwrap());
         let path = dir.path().join(file);
-        if kind == "a directory" {
+        let _socket = if kind == "a directory" {
             std::fs::create_dir(&path).unwrap();
+            None
         } else {
-            let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-            // SAFETY: a valid NUL-terminated path.
-            assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
-        }
+            Some(std::os::unix::net::UnixListener::bind(&path).unwrap())
+        };
         let out = ocmd(&[
             "--check-config".as_ref(),
             "--state".as_ref(),

@@ -229,6 +229,12 @@ impl Server {
         if let Some(mut tcp) = self.tcp.take() {
             let _ = self.poll.registry().deregister(&mut tcp);
         }
+        // Closed too, so that a health check is refused at once while the stop waits for the
+        // disk (up to 11.5 s), rather than left unanswered in the backlog: a monitor or load
+        // balancer then sees a daemon going away, not a wedged one.
+        if let Some(mut metrics) = self.metrics_listener.take() {
+            let _ = self.poll.registry().deregister(&mut metrics);
+        }
         // Last words held for a full send buffer get a last try: they live in memory only.
         let now = Instant::now();
         self.sender.send_held(
