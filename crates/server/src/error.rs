@@ -107,6 +107,17 @@ pub enum StoreError {
         /// Where the link points.
         target: PathBuf,
     },
+    /// The state file's directory does not exist: `ocmd` makes its files in it, not the
+    /// directory itself (the unit's `StateDirectory=` makes `/var/lib/ocmd`).
+    #[error(
+        "state directory {dir} does not exist: ocmd makes the state file, its journal and its \
+         lock in it but not the directory itself (the systemd unit's StateDirectory= makes \
+         /var/lib/ocmd); create it, or give --state or [state] path a file in one that exists"
+    )]
+    NoStateDirectory {
+        /// The missing directory.
+        dir: PathBuf,
+    },
     /// The state file or the journal is there but cannot hold one: a directory
     /// (`--state /var/lib/ocmd`, a directory for a file), a socket or a device.
     #[error(

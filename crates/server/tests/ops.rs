@@ -3393,6 +3393,35 @@ fn a_state_path_that_is_not_a_file_is_refused_saying_what_it_is() {
     }
 }
 
+/// A state path in a directory that does not exist stops the start (status 1: a mount that
+/// is late may be there at the next try) naming the directory as missing: it said only
+/// `cannot write …lock: No such file or directory` (found by an operator's review).
+#[test]
+fn a_state_directory_that_does_not_exist_is_named_as_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("not-made");
+    let out = ocmd(&[
+        "--state".as_ref(),
+        missing.join("room_manager.json").as_os_str(),
+        "--tcp".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--udp".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--metrics".as_ref(),
+        "off".as_ref(),
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "state directory {} does not exist",
+            missing.display()
+        )),
+        "{err}"
+    );
+    assert!(!missing.exists(), "ocmd made no directory");
+}
+
 /// A hard link made to the state file or the journal while the daemon serves makes `/readyz`
 /// 503, naming the file and its count of names, from the writer's next check until the other
 /// name is removed; then it is ready again. It was only logged, so a check that takes a

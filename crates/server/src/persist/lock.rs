@@ -73,7 +73,23 @@ fn not_a_file(kind: fs::FileType) -> Option<&'static str> {
 /// The returned file must live as long as the process uses the state.
 pub fn lock(paths: &Paths) -> Result<File, StoreError> {
     refuse_linked_state(&paths.state)?;
-    take_lock(paths)
+    take_lock(paths).map_err(|e| match e {
+        // The first file made in the state's directory: a missing directory is named as one.
+        StoreError::Write { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            match paths.lock.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() && !dir.exists() => {
+                    StoreError::NoStateDirectory {
+                        dir: dir.to_owned(),
+                    }
+                }
+                _ => StoreError::Write {
+                    path: paths.lock.clone(),
+                    source,
+                },
+            }
+        }
+        e => e,
+    })
 }
 
 /// Takes the lock, refusing only a symbolic link: for the writer too, which takes it again

@@ -321,7 +321,7 @@ impl Writer {
         if self.line.capacity() > LINE_KEEP_BYTES {
             self.line = Vec::new();
         }
-        debug!("journal: {} records durable", records.len());
+        debug!("journal: {} durable", Count(records.len(), "record"));
     }
 
     /// Durable records not yet handed to the compactor.
