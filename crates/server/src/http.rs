@@ -38,25 +38,53 @@ pub enum Route {
 /// returned `None` for); the search starts `END_LEN_MAX` − 1 (2) bytes before it, where an end
 /// split across two reads begins. Searching everything at every read would make a head sent
 /// a few bytes at a time cost the square of its length.
+///
+/// Empty lines before the request line are passed over (RFC 9112 §2.2: a server should ignore
+/// at least one). The request line must be `METHOD TARGET HTTP/1.0` or `HTTP/1.1`, one space
+/// apart; the target may be in origin form (`/healthz`) or absolute form
+/// (`http://host:port/healthz`, which RFC 9112 §3.2.2 says a server must accept).
 pub fn parse(input: &[u8], searched: usize) -> Option<(Route, bool)> {
+    let start = input.iter().position(|&b| b != b'\r' && b != b'\n')?;
+    let (input, searched) = (&input[start..], searched.saturating_sub(start));
     let from = searched.saturating_sub(END_LEN_MAX - 1).min(input.len());
     let end = from + end_of_head(&input[from..])?;
     let head = String::from_utf8_lossy(&input[..end]);
-    let mut parts = head.lines().next().unwrap_or("").split(' ');
-    let (method, path, version) = (parts.next(), parts.next(), parts.next());
-    let head_only = method == Some("HEAD");
-    let route = match (method, path, version) {
-        (Some("GET" | "HEAD"), Some(path), Some(v)) if v.starts_with("HTTP/1.") => {
-            match path.split('?').next() {
-                Some("/metrics") => Route::Metrics,
-                Some("/healthz") => Route::Health,
-                Some("/readyz") => Route::Ready,
-                _ => Route::NotFound,
-            }
-        }
+    // The head ends before its last LF: a CR before it is still there.
+    let request_line = head.lines().next().unwrap_or("").trim_end_matches('\r');
+    let parts: Vec<&str> = request_line.split(' ').collect();
+    let (method, target, version) = match parts[..] {
+        [method, target, version] => (method, target, version),
+        _ => return Some((Route::BadRequest, false)),
+    };
+    let head_only = method == "HEAD";
+    let route = match (method, version) {
+        ("GET" | "HEAD", "HTTP/1.1" | "HTTP/1.0") => match path_of(target) {
+            "/metrics" => Route::Metrics,
+            "/healthz" => Route::Health,
+            "/readyz" => Route::Ready,
+            _ => Route::NotFound,
+        },
         _ => Route::BadRequest,
     };
     Some((route, head_only))
+}
+
+/// The path a request target names, without its query: the target itself in origin form,
+/// what follows the authority in absolute form (`/` when nothing does).
+fn path_of(target: &str) -> &str {
+    let target = target.split('?').next().unwrap_or("");
+    let scheme_end = target
+        .split_once("://")
+        .filter(|(scheme, _)| {
+            scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https")
+        })
+        .map(|(scheme, _)| scheme.len() + 3);
+    match scheme_end {
+        Some(at) => target[at..]
+            .find('/')
+            .map_or("/", |slash| &target[at + slash..]),
+        None => target,
+    }
 }
 
 /// The longest end of a head: `\n\r\n`.
@@ -127,8 +155,44 @@ mod tests {
             &b"GET /metrics HTTP/2.0\r\n\r\n"[..],
             b"GET /metrics SPDY/3\r\n\r\n",
             b"GET /metrics\r\n\r\n",
+            // Found by an operator's review: answered 200 as HTTP/1.x request lines.
+            b"GET /healthz HTTP/1.1 extra\r\n\r\n",
+            b"GET /healthz HTTP/1.9\r\n\r\n",
+            b"GET  /healthz HTTP/1.1\r\n\r\n",
         ] {
             assert_eq!(parse(head, 0), Some((Route::BadRequest, false)), "{head:?}");
+        }
+    }
+
+    /// A target in absolute form is routed by its path (RFC 9112 §3.2.2), and empty lines
+    /// before the request line are passed over (§2.2), wherever the reads split: both got
+    /// 404 and 400 (found by an operator's review).
+    #[test]
+    fn absolute_targets_and_empty_lines_before_the_request_are_taken() {
+        for (head, route) in [
+            (
+                &b"GET http://127.0.0.1:9092/healthz HTTP/1.1\r\n\r\n"[..],
+                Route::Health,
+            ),
+            (
+                b"GET HTTP://example/readyz?x=1 HTTP/1.1\r\n\r\n",
+                Route::Ready,
+            ),
+            (b"GET https://h/metrics HTTP/1.0\r\n\r\n", Route::Metrics),
+            (b"GET http://h HTTP/1.1\r\n\r\n", Route::NotFound),
+            (b"GET ftp://h/healthz HTTP/1.1\r\n\r\n", Route::NotFound),
+            (b"\r\nGET /healthz HTTP/1.1\r\n\r\n", Route::Health),
+            (b"\r\n\n\r\nGET /healthz HTTP/1.1\n\n", Route::Health),
+        ] {
+            assert_eq!(parse(head, 0), Some((route, false)), "{head:?}");
+            for split in 0..head.len() {
+                assert_eq!(parse(&head[..split], 0), None, "{head:?} cut at {split}");
+                assert_eq!(
+                    parse(head, split),
+                    Some((route, false)),
+                    "{head:?} at {split}"
+                );
+            }
         }
     }
 
