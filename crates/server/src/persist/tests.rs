@@ -246,6 +246,24 @@ impl JournalFile for FlakyJournal {
     }
 }
 
+/// [`append_durably`] of `bytes` at `offset` of `journal`, retrying at once, counting into
+/// `stats`.
+fn append_now(
+    journal: &mut FlakyJournal,
+    offset: u64,
+    bytes: &[u8],
+    stats: &Mutex<Compactions>,
+) -> Result<bool, JournalDeleted> {
+    append_durably(
+        journal,
+        offset,
+        bytes,
+        Duration::ZERO,
+        Path::new("journal"),
+        stats,
+    )
+}
+
 #[test]
 fn a_failed_append_leaves_no_fragment_whatever_fails_and_how_often() {
     let whole = b"{\"n\":1}\n".to_vec();
@@ -284,15 +302,7 @@ fn a_failed_append_leaves_no_fragment_whatever_fails_and_how_often() {
             deleted: false,
         };
         let stats = Mutex::new(Compactions::default());
-        let cut = append_durably(
-            &mut journal,
-            whole.len() as u64,
-            &line,
-            Duration::ZERO,
-            Path::new("journal"),
-            &stats,
-        )
-        .unwrap();
+        let cut = append_now(&mut journal, whole.len() as u64, &line, &stats).unwrap();
         assert_eq!(journal.calls, calls, "faults {faults:?}");
         // Every failed call is counted for the metrics, as it happens.
         let failed = faults.iter().filter(|&&f| f).count() as u64;
@@ -336,15 +346,7 @@ fn failed_cuts_are_told_apart_from_the_append_and_their_tallies_add_up_to_the_co
     };
     let stats = Mutex::new(Compactions::default());
     let lines = crate::test_log::logged(|| {
-        append_durably(
-            &mut journal,
-            whole.len() as u64,
-            &line,
-            Duration::ZERO,
-            Path::new("journal"),
-            &stats,
-        )
-        .unwrap();
+        append_now(&mut journal, whole.len() as u64, &line, &stats).unwrap();
     });
     assert_eq!(stats.lock().unwrap().write_failures, 4);
     let said: Vec<(log::Level, &str)> = lines
@@ -388,15 +390,7 @@ fn a_large_append_is_synced_piece_by_piece() {
         deleted: false,
     };
     let stats = Mutex::new(Compactions::default());
-    let cut = append_durably(
-        &mut journal,
-        0,
-        &bytes,
-        Duration::ZERO,
-        Path::new("journal"),
-        &stats,
-    )
-    .unwrap();
+    let cut = append_now(&mut journal, 0, &bytes, &stats).unwrap();
     assert!(cut);
     assert_eq!(stats.lock().unwrap().write_failures, 1);
     let mut expected = vec!["write", "sync", "write", "sync", "cut", "write", "sync"];
@@ -1312,14 +1306,7 @@ fn an_append_synced_into_a_deleted_journal_is_not_durable() {
         ..FlakyJournal::default()
     };
     let stats = Mutex::new(Compactions::default());
-    let appended = append_durably(
-        &mut journal,
-        0,
-        b"{\"n\":1}\n",
-        Duration::ZERO,
-        Path::new("journal"),
-        &stats,
-    );
+    let appended = append_now(&mut journal, 0, b"{\"n\":1}\n", &stats);
     assert_eq!(appended, Err(JournalDeleted));
     assert_eq!(journal.calls, ["write", "sync"]);
     assert_eq!(stats.lock().unwrap().write_failures, 1);
