@@ -2,6 +2,8 @@
 //! `parse_compliance`, `parse_complete`, `names::check_room_name`, `names::check_username`.
 //!
 //! Properties:
+//! - a payload taken whole as a username (`RequestForm::Text`) does not begin with `{` once
+//!   white space and the characters that show as nothing are passed over;
 //! - a request in JSON-object or JSON-string form survives `Request::encode` then
 //!   `parse_request` unchanged (username, keepalive, caps, password, listed, before, limit,
 //!   token, form);
@@ -18,6 +20,18 @@ use tcrp::payload::{self, Compliance, RequestForm, RoomPresence};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(request) = payload::parse_request(data) {
+        if request.form == RequestForm::Text {
+            // Never a JSON object gone wrong taken whole as a name (its password with it),
+            // behind white space or characters that show as nothing.
+            let text = std::str::from_utf8(data).expect("a parsed payload is UTF-8");
+            let shown = text.trim_start_matches(|c: char| {
+                c.is_whitespace()
+                    || names::is_invisible(c)
+                    || names::is_modifier(c)
+                    || names::is_reordering(c)
+            });
+            assert!(!shown.starts_with('{'), "taken as a name: {text:?}");
+        }
         if matches!(
             request.form,
             RequestForm::JsonObject | RequestForm::JsonString
