@@ -14,7 +14,8 @@ use crate::query::{DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT};
 /// The `/help` text, printed to standard error.
 pub const HELP: &str = "\
 * /who           who is in the room, and who hosts it
-* /history [N]   N earlier messages (default 20, max 100); repeat to page further back
+* /history [N]   N earlier messages (default 20, max 100); repeat to page further back,
+*                and past the oldest to start again from the latest
 * /quit          leave the room (so do end of input, Ctrl+D and Ctrl+C)
 * /help          show this text
 * //text         send a message that starts with a slash: /text

@@ -129,41 +129,33 @@ fn ask<S: LimitedRead + Write>(
 }
 
 /// Where `/history` stands: the first call asks for the latest messages, each further call
-/// for the ones before the oldest seen so far, until the server says there are no more.
+/// for the ones before the oldest seen so far, until the server says there are no more; the
+/// call after that starts again from the latest, so that what was said since (or a room
+/// that was empty at the first call) can still be paged through.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HistoryPager {
-    /// The lowest sequence number received so far.
+    /// The lowest sequence number received since the last start from the latest.
     oldest: Option<u64>,
-    /// The server said no older messages exist.
+    /// The server said no older messages exist: the next call starts from the latest.
     exhausted: bool,
 }
 
-/// What the next `/history` should do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PageRequest {
-    /// Ask for messages with a sequence number below `before` (the latest when `None`).
-    Fetch {
-        /// The `before` field of the request.
-        before: Option<u64>,
-    },
-    /// Everything was paged through already: just say so.
-    Exhausted,
-}
-
 impl HistoryPager {
-    /// The request for the next page.
-    pub fn next(&self) -> PageRequest {
+    /// The `before` of the next page's request: `None` for the latest messages.
+    pub fn next(&self) -> Option<u64> {
         if self.exhausted {
-            PageRequest::Exhausted
+            None
         } else {
-            PageRequest::Fetch {
-                before: self.oldest,
-            }
+            self.oldest
         }
     }
 
-    /// Records a page received; returns whether older messages remain.
-    pub fn observe(&mut self, page: &HistoryPage) -> bool {
+    /// Records a page received for a request with `before` (as [`HistoryPager::next`] gave
+    /// it); returns whether older messages remain.
+    pub fn observe(&mut self, before: Option<u64>, page: &HistoryPage) -> bool {
+        if before.is_none() {
+            self.oldest = None;
+        }
         if let Some(low) = page.messages.iter().map(|m| m.seq).min() {
             self.oldest = Some(self.oldest.map_or(low, |old| old.min(low)));
         }
@@ -368,28 +360,45 @@ mod tests {
     }
 
     #[test]
-    fn pager_walks_back_until_no_more() {
+    fn pager_walks_back_until_no_more_then_starts_from_the_latest() {
         let mut pager = HistoryPager::default();
-        assert_eq!(pager.next(), PageRequest::Fetch { before: None });
+        assert_eq!(pager.next(), None);
         let page = |seqs: &[u64], more| HistoryPage {
             messages: seqs.iter().copied().map(message).collect(),
             more,
         };
-        assert!(pager.observe(&page(&[58, 59, 60], true)));
-        assert_eq!(pager.next(), PageRequest::Fetch { before: Some(58) });
-        assert!(pager.observe(&page(&[40, 57], true)));
-        assert_eq!(pager.next(), PageRequest::Fetch { before: Some(40) });
-        assert!(!pager.observe(&page(&[1, 2], false)));
-        assert_eq!(pager.next(), PageRequest::Exhausted);
+        assert!(pager.observe(None, &page(&[58, 59, 60], true)));
+        assert_eq!(pager.next(), Some(58));
+        assert!(pager.observe(Some(58), &page(&[40, 57], true)));
+        assert_eq!(pager.next(), Some(40));
+        assert!(!pager.observe(Some(40), &page(&[1, 2], false)));
+        // Past the end: the latest again, and back from there.
+        assert_eq!(pager.next(), None);
+        assert!(pager.observe(None, &page(&[70, 71], true)));
+        assert_eq!(pager.next(), Some(70), "not the 1 of the last walk");
     }
 
+    /// An empty page ends a walk, and the next call asks for the latest: a room empty at
+    /// the first `/history` is paged through once something is said (found by a review:
+    /// it said `no more history` for good).
     #[test]
-    fn pager_stops_on_an_empty_page() {
+    fn an_empty_page_ends_the_walk_not_the_pager() {
         let mut pager = HistoryPager::default();
-        assert!(!pager.observe(&HistoryPage {
-            messages: vec![],
-            more: true
-        }));
-        assert_eq!(pager.next(), PageRequest::Exhausted);
+        assert!(!pager.observe(
+            None,
+            &HistoryPage {
+                messages: vec![],
+                more: true
+            }
+        ));
+        assert_eq!(pager.next(), None);
+        assert!(!pager.observe(
+            None,
+            &HistoryPage {
+                messages: vec![message(1)],
+                more: false
+            }
+        ));
+        assert_eq!(pager.next(), None);
     }
 }

@@ -418,6 +418,14 @@ fn join_shows_recent_history_and_history_pages_back() {
             && last_two[1].ends_with("] alice: m2"),
         "{rest:?}"
     );
+    // Past the end, the latest again: what was said since the join (it stayed "no more
+    // history" for good).
+    bob.type_line("/history 2");
+    let latest = [bob.line(), bob.line()];
+    assert!(
+        latest[0].ends_with("] alice: live one") && latest[1].ends_with("] alice: end marker"),
+        "{latest:?}"
+    );
     bob.type_line("/who");
     bob.wait_stderr("* host: alice");
     bob.wait_stderr("* bob (registered)");

@@ -26,10 +26,14 @@ use super::{lock, remark, Ahead, Event};
 use crate::error::ClientError;
 use crate::handshake::{self, Token};
 use crate::input::{self, Input};
-use crate::query::{self, HistoryPager, PageRequest, DEFAULT_HISTORY_LIMIT};
+use crate::query::{self, HistoryPager, DEFAULT_HISTORY_LIMIT};
 use crate::render::{printable, Flow};
 use crate::screen::Screen;
 use crate::{closure, listing};
+
+/// Said when `/history` reaches the oldest message kept: the next `/history` shows the latest
+/// again.
+const NO_MORE_HISTORY: &str = "* no more history (/history again starts from the latest)";
 
 /// What is said when the server has not answered `/who` or `/history` within
 /// [`ASKING_REMARK_AFTER`].
@@ -272,16 +276,10 @@ impl Asker {
         }
     }
 
-    /// `/history N`: the next page back, oldest first, then `* no more history` at the end.
-    /// `false` when the session ends.
+    /// `/history N`: the next page back, oldest first, then `* no more history` at the end;
+    /// after that, the latest again. `false` when the session ends.
     fn history(&mut self, count: u32) -> bool {
-        let before = match self.pager.next() {
-            PageRequest::Fetch { before } => before,
-            PageRequest::Exhausted => {
-                self.err("* no more history");
-                return true;
-            }
-        };
+        let before = self.pager.next();
         let (tcp, room_name, token) = (self.tcp, self.room_name.clone(), self.token.clone());
         let page = waiting(
             |line| self.err(line),
@@ -291,7 +289,7 @@ impl Asker {
             Ok(page) => page,
             Err(e) => return self.refused(&e),
         };
-        let more = self.pager.observe(&page);
+        let more = self.pager.observe(before, &page);
         let mut screen = lock(&self.screen);
         for message in &page.messages {
             if let Err(e) = screen.out(&listing::history_line(message)) {
@@ -300,7 +298,7 @@ impl Asker {
             }
         }
         if !more {
-            screen.err("* no more history");
+            screen.err(NO_MORE_HISTORY);
         }
         true
     }
@@ -321,7 +319,7 @@ impl Asker {
             Ok(page) => {
                 // An empty room's page says nothing of what `/history` will find later.
                 if !page.messages.is_empty() {
-                    self.pager.observe(&page);
+                    self.pager.observe(None, &page);
                 }
                 Some(page)
             }

@@ -1112,8 +1112,11 @@ fn who_asks_with_the_members_token() {
     );
 }
 
+/// `/history` pages back until nothing older exists, and the one after that shows the latest
+/// messages again: what was said since can still be read (found by a review: `no more
+/// history` stayed for good).
 #[test]
-fn history_pages_back_until_there_is_no_more() {
+fn history_pages_back_until_there_is_no_more_then_starts_from_the_latest() {
     let (tcp, asked) = fake_daemon(vec![
         Ok(
             r#"{"messages": [{"seq": 9, "sender": "bob", "text": "nine", "at": 1700000000.0}, {"seq": 10, "sender": "bob", "text": "ten", "at": 1700000060.0}], "more": true}"#,
@@ -1121,21 +1124,23 @@ fn history_pages_back_until_there_is_no_more() {
         Ok(
             r#"{"messages": [{"seq": 8, "sender": "amy", "text": "eight", "at": 1699999940.0}], "more": false}"#,
         ),
+        Ok(
+            r#"{"messages": [{"seq": 11, "sender": "cy", "text": "eleven", "at": 1700000120.0}], "more": true}"#,
+        ),
     ]);
     let (screen, rec) = screen(false);
     let (mut commands, _inbox) = commands(tcp, &screen);
     assert!(commands.handle_line("/history 2\n"));
     assert!(commands.handle_line("/history\n"));
-    // Nothing older exists: no third request.
-    assert!(commands.handle_line("/history\n"));
+    assert!(commands.handle_line("/history 1\n"));
     assert_eq!(
         rec.lines(),
         [
             "out: [22:13] bob: nine",
             "out: [22:14] bob: ten",
             "out: [22:12] amy: eight",
-            "err: * no more history",
-            "err: * no more history",
+            "err: * no more history (/history again starts from the latest)",
+            "out: [22:15] cy: eleven",
         ]
     );
     let asked = asked.lock().unwrap();
@@ -1144,7 +1149,8 @@ fn history_pages_back_until_there_is_no_more() {
         payloads,
         [
             r#"{"token": "00ff", "limit": 2}"#,
-            r#"{"token": "00ff", "before": 9, "limit": 20}"#
+            r#"{"token": "00ff", "before": 9, "limit": 20}"#,
+            r#"{"token": "00ff", "limit": 1}"#
         ]
     );
     assert!(asked
@@ -1195,6 +1201,9 @@ fn questions_answered_elsewhere_come_in_order() {
         Ok(
             r#"{"messages": [{"seq": 9, "sender": "bob", "text": "nine", "at": 1700000000.0}], "more": false}"#,
         ),
+        Ok(
+            r#"{"messages": [{"seq": 10, "sender": "bob", "text": "ten", "at": 1700000060.0}], "more": false}"#,
+        ),
         Err((tcrp::ErrorCode::RoomNotFound, "no room \"lobby\"")),
     ]);
     let (screen, rec) = screen(false);
@@ -1208,8 +1217,9 @@ fn questions_answered_elsewhere_come_in_order() {
         &[
             "err: * host: alice",
             "out: [22:13] bob: nine",
-            "err: * no more history",
-            "err: * no more history",
+            "err: * no more history (/history again starts from the latest)",
+            "out: [22:14] bob: ten",
+            "err: * no more history (/history again starts from the latest)",
         ],
     );
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1223,7 +1233,7 @@ fn questions_answered_elsewhere_come_in_order() {
         }
     }
     assert!(gone.unwrap().contains("no longer has the room"));
-    assert_eq!(asked.lock().unwrap().len(), 3);
+    assert_eq!(asked.lock().unwrap().len(), 4);
     // The asking thread has ended; the main loop ends the session, and input is not cut.
     assert!(commands.handle_line("/who\n"));
 }
@@ -1305,20 +1315,24 @@ fn history_after_a_join_pages_back_from_what_the_join_showed() {
         Ok(
             r#"{"messages": [{"seq": 8, "sender": "amy", "text": "eight", "at": 1699999940.0}], "more": false}"#,
         ),
+        Ok(
+            r#"{"messages": [{"seq": 9, "sender": "bob", "text": "nine", "at": 1700000000.0}, {"seq": 10, "sender": "bob", "text": "ten", "at": 1700000060.0}], "more": true}"#,
+        ),
     ]);
     let (screen, rec) = screen(true);
     let (mut commands, _inbox) = commands(tcp, &screen);
     commands.show_recent_history();
     assert!(commands.handle_line("/history 5\n"));
-    assert!(commands.handle_line("/history\n"));
+    assert!(commands.handle_line("/history 2\n"));
     assert_eq!(
         rec.lines(),
         [
             "out: [22:13] bob: nine",
             "err: * --- live ---",
             "out: [22:12] amy: eight",
-            "err: * no more history",
-            "err: * no more history",
+            "err: * no more history (/history again starts from the latest)",
+            "out: [22:13] bob: nine",
+            "out: [22:14] bob: ten",
         ]
     );
     let asked = asked.lock().unwrap();
@@ -1326,7 +1340,11 @@ fn history_after_a_join_pages_back_from_what_the_join_showed() {
         asked[1].2, r#"{"token": "00ff", "before": 9, "limit": 5}"#,
         "the first /history asks for what precedes the join's page"
     );
-    assert_eq!(asked.len(), 2);
+    assert_eq!(
+        asked[2].2, r#"{"token": "00ff", "limit": 2}"#,
+        "past the end, the latest: what was said since the join"
+    );
+    assert_eq!(asked.len(), 3);
 }
 
 /// A room with nothing said yet at join: `/history` later asks for the latest messages.
@@ -1347,7 +1365,7 @@ fn history_after_joining_an_empty_room_fetches_what_was_said_since() {
         [
             "err: * --- live ---",
             "out: [22:13] bob: one",
-            "err: * no more history"
+            "err: * no more history (/history again starts from the latest)"
         ]
     );
     assert_eq!(
