@@ -418,6 +418,7 @@ impl Chat {
             let signal = self.signalled.load(Ordering::SeqCst);
             if signal != 0 {
                 debug!("signal {signal}");
+                self.say_unsent();
                 break;
             }
             // Timers next, on every pass: a steady stream of events must not hold them back.
@@ -514,6 +515,23 @@ impl Chat {
         }
     }
 
+    /// Says how many lines typed (or piped) and shown as entered still wait to go when a
+    /// signal ends the chat, which does not wait for them (a paste of hundreds of lines goes
+    /// at 45 a second): they are not sent, and without a word a user who saw them entered
+    /// took them for sent (found by a review).
+    fn say_unsent(&mut self) {
+        let waiting = self
+            .inbox
+            .try_iter()
+            .filter(|e| matches!(e, Event::Send(_)));
+        let unsent = waiting.count() + usize::from(self.held.is_some());
+        if unsent > 0 {
+            let lines = if unsent == 1 { "line" } else { "lines" };
+            let line = format!("* {unsent} {lines} not sent: the chat ended before their turn");
+            remark(&self.screen, self.terminal.is_some(), &line);
+        }
+    }
+
     /// Acts on one event from a helper thread.
     fn handle(&mut self, event: Event) -> Next {
         match event {
@@ -539,6 +557,7 @@ impl Chat {
             }
             Event::Signal(signal) => {
                 debug!("signal {signal}");
+                self.say_unsent();
                 Next::Leave
             }
             Event::RoomClosed | Event::Verdict(_) => {

@@ -1750,16 +1750,38 @@ fn the_main_loop_sends_the_lines_in_order_and_leaves_on_quit() {
 }
 
 /// A signal's flag is read before the queued lines: the main loop leaves at once, and the
-/// lines behind it are not sent.
+/// lines behind it are not sent, which it says (lines shown as entered were dropped without a
+/// word: found by a review).
 #[test]
-fn a_signal_on_the_flag_goes_before_the_queued_lines() {
+fn a_signal_on_the_flag_goes_before_the_queued_lines_and_says_they_were_not_sent() {
     let t = loop_under_test(closure::Policy::new(false));
     t.chat.signalled.store(15, Ordering::SeqCst);
     t.lines.send(Event::Send("never sent".into())).unwrap();
+    t.lines.send(Event::Send("nor this".into())).unwrap();
     t.lines.send(Event::Quit).unwrap();
     let ended = serve_within(t.chat, Duration::from_secs(10));
     assert!(matches!(ended, Ok(Ending::Left)), "{ended:?}");
     assert_eq!(received(&t.server, 1), ["leave"]);
+    assert_eq!(
+        t.printed.lines(),
+        ["err: * 2 lines not sent: the chat ended before their turn"]
+    );
+}
+
+/// A signal that finds no line waiting says nothing of the kind.
+#[test]
+fn a_signal_with_no_line_waiting_says_nothing_of_unsent_lines() {
+    let t = loop_under_test(closure::Policy::new(false));
+    t.lines.send(Event::Send("sent".into())).unwrap();
+    t.lines.send(Event::Signal(2)).unwrap();
+    let ended = serve_within(t.chat, Duration::from_secs(10));
+    assert!(matches!(ended, Ok(Ending::Left)), "{ended:?}");
+    assert_eq!(received(&t.server, 2), ["chat:sent", "leave"]);
+    assert!(
+        t.printed.lines().iter().all(|l| !l.contains("not sent")),
+        "{:?}",
+        t.printed.lines()
+    );
 }
 
 /// A failure reported ahead ends the chat with a `__LEAVE__`: as a plain departure when it
