@@ -409,6 +409,19 @@ fn needs_quotes(name: &str) -> bool {
         || name.contains('\\')
         || name.starts_with(char::is_whitespace)
         || name.ends_with(char::is_whitespace)
+        || ends_like_a_sender(name)
+}
+
+/// Whether a colon in `name` is followed by white space or ends it: unquoted, `alice: the
+/// password is` sending `hunter2` would show as `alice: the password is: hunter2`, a line
+/// from `alice` (found by a review).
+fn ends_like_a_sender(name: &str) -> bool {
+    name.match_indices(':').any(|(at, _)| {
+        name[at + 1..]
+            .chars()
+            .next()
+            .is_none_or(char::is_whitespace)
+    })
 }
 
 /// `text` with the characters `escape` picks (by byte offset and character) as escapes.
@@ -1086,6 +1099,29 @@ mod tests {
         assert_eq!(
             lines,
             ["\"bob\u{a0}\": no-break", "\"bob\u{3000}\": ideographic"]
+        );
+    }
+
+    /// A name with a colon before white space, or at its end, is quoted, so that it cannot
+    /// pass for another sender's name followed by text; other colons are shown as they are.
+    #[test]
+    fn names_that_could_end_like_a_sender_are_quoted() {
+        let (lines, _) = render(&[
+            chat("alice: the password is", "hunter2"),
+            chat("alice:\u{a0}x", "no-break space"),
+            chat("alice:", "ends in a colon"),
+            chat("team:ops", "inner colon"),
+            chat("12:30", "time"),
+        ]);
+        assert_eq!(
+            lines,
+            [
+                "\"alice: the password is\": hunter2",
+                "\"alice:\u{a0}x\": no-break space",
+                "\"alice:\": ends in a colon",
+                "team:ops: inner colon",
+                "12:30: time",
+            ]
         );
     }
 
