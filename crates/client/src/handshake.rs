@@ -188,8 +188,13 @@ where
     if let Some(ip) = bracketed.and_then(|h| h.parse::<Ipv6Addr>().ok()) {
         return Ok(vec![SocketAddr::new(IpAddr::V6(ip), port)]);
     }
+    // One with a zone (`[fe80::1%eth0]`) is the resolver's to read, which takes it without
+    // its brackets, as it takes `fe80::1%eth0`.
+    let name = match bracketed {
+        Some(inner) if inner.contains('%') => inner.to_owned(),
+        _ => host.to_owned(),
+    };
     let (answer, answered) = mpsc::sync_channel(1);
-    let name = host.to_owned();
     thread::Builder::new()
         .name("ocm-resolve".into())
         .spawn(move || {
@@ -487,6 +492,16 @@ mod tests {
             matches!(&looked_up, Err(ClientError::Resolve { source, .. }) if source.to_string() == "[127.0.0.1]"),
             "{looked_up:?}"
         );
+        // An IPv6 address with a zone goes to the resolver without its brackets, as it is
+        // taken without them (found by a review: the bracketed form was refused).
+        let zoned = SocketAddr::from((Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1), 7000));
+        for host in ["[fe80::1%lo]", "fe80::1%lo"] {
+            let found = resolve(host, 7000, Duration::from_secs(60), move |name, _| {
+                assert_eq!(name, "fe80::1%lo");
+                Ok(vec![zoned])
+            });
+            assert_eq!(found.unwrap(), vec![zoned], "{host}");
+        }
     }
 
     fn frame(operation: Operation, state: State, room: &str, payload: &[u8]) -> Vec<u8> {
