@@ -314,6 +314,18 @@ impl Conn {
         self.written < self.output.len()
     }
 
+    /// Ends a pause whose replies drained under the cap without an edge to come: the frames
+    /// it left unread in the input are answered at the loop's `revisit`, and until then the
+    /// connection is not finished ([`Conn::more_frames`]), even once its peer's end has come:
+    /// a durable batch released in the same pass would otherwise find it finished and close
+    /// it with whole requests unanswered (found by a review). Returns whether the caller must
+    /// list it ([`Conn::list_for_revisit`]).
+    pub fn unpause(&mut self) -> bool {
+        self.paused = false;
+        self.more_frames = true;
+        self.list_for_revisit()
+    }
+
     /// Lists the connection for the loop's `revisit`: whether it was not listed yet (the
     /// caller then pushes it; a connection is listed once).
     pub fn list_for_revisit(&mut self) -> bool {

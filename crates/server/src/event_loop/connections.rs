@@ -403,8 +403,7 @@ impl Server {
             } else if conn.paused && conn.pending_bytes() <= self.config.limits.max_output_bytes {
                 // This flush, not the one in `resume`, brought the replies under the cap (the
                 // peer read in between). No edge would come for it: nothing is left to write.
-                conn.paused = false;
-                if conn.list_for_revisit() {
+                if conn.unpause() {
                     self.revisit.push(id);
                 }
             } else if conn.finished() {

@@ -746,6 +746,66 @@ mod tests {
         assert!(p.busy(), "the records are being written");
     }
 
+    /// A connection unpaused for its revisit, with whole requests unread in its input and
+    /// its peer's end read, is not closed when a durable batch releases its held reply in
+    /// the same pass: the revisit answers the requests, and only then is it finished. It was
+    /// closed as `peer_closed` with them unanswered (found by a review of the loop).
+    #[test]
+    fn a_connection_unpaused_for_its_revisit_answers_its_requests_before_it_closes() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut s = server(dir.path());
+        let (mut peer, id) = add_conn(&mut s);
+        ask(&mut s, &mut peer, id, &create("r", b"\"h\""), |s| {
+            s.registry.stats().rooms == 1
+        });
+        assert!(s.conns[id.0].has_held());
+        let mut lists = Vec::new();
+        for _ in 0..3 {
+            tcrp::Frame {
+                operation: Operation::ListRooms,
+                state: tcrp::State::Request,
+                room_name: b"",
+                payload: b"{}",
+            }
+            .encode(&mut lists)
+            .expect("a frame");
+        }
+        // As `after_io` leaves it when its own flush ends a pause: the frames unread, the
+        // peer's end read with them.
+        let c = &mut s.conns[id.0];
+        c.input.extend_from_slice(&lists);
+        c.read_closed = true;
+        c.paused = true;
+        assert!(c.unpause());
+        s.revisit.push(id);
+        s.persist();
+        wait_for(&mut s, "the create's batch", Server::collect_durable, |s| {
+            s.persister.as_ref().is_some_and(|p| p.durable() >= 1)
+        });
+        assert!(s.conns.contains(id.0), "closed before its revisit");
+        for id in std::mem::take(&mut s.revisit) {
+            s.conns[id.0].revisit_listed = false;
+            let close = s.read_tcrp(id, Instant::now(), ReadUntil::WouldBlock);
+            s.after_io(id, close);
+        }
+        assert!(!s.conns.contains(id.0), "finished once answered");
+        let mut got = Vec::new();
+        peer.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("a timeout");
+        std::io::Read::read_to_end(&mut peer, &mut got).expect("the replies, then the end");
+        let mut frames = 0;
+        let mut at = 0;
+        while let Ok(Some((_, used))) = tcrp::decode(&got[at..], 1 << 20) {
+            frames += 1;
+            at += used;
+        }
+        assert_eq!(
+            frames,
+            2 + 3 * 2,
+            "the create's two frames and each ListRooms' two"
+        );
+    }
+
     /// When the writer makes a batch durable, the replies that waited for it leave, the
     /// connection's timer restarts from then, and only a connection with replies still
     /// waiting stays listed as holding.
