@@ -35,6 +35,25 @@ use crate::{closure, listing};
 /// again.
 const NO_MORE_HISTORY: &str = "* no more history (/history again starts from the latest)";
 
+/// The remark for a `/who` or `/history` (`command`) that got `error` instead of an answer.
+/// A server that says nothing in time, or closes without a word, is said to in plain words:
+/// the handshake's own message talks of frames and asks whether the port is the handshake
+/// one, which the join has just shown it is (found by a review).
+pub(super) fn unanswered(command: &str, error: &ClientError) -> String {
+    match error {
+        ClientError::HandshakeTimeout { after, .. } => {
+            format!(
+                "* {command}: the server did not answer within {} s",
+                after.as_secs()
+            )
+        }
+        ClientError::HandshakeClosed { .. } => {
+            format!("* {command}: the server closed the connection without an answer")
+        }
+        other => format!("* {other}"),
+    }
+}
+
 /// What is said when the server has not answered `/who` or `/history` within
 /// [`ASKING_REMARK_AFTER`].
 pub(super) const ASKING: &str = "* asking the server\u{2026}";
@@ -236,13 +255,13 @@ impl Asker {
     /// The server answered `error`: if it says we are no longer in the room, tells the main
     /// loop to end the session and returns `false` (no more questions are answered); else
     /// shows it.
-    fn refused(&self, error: &ClientError) -> bool {
+    fn refused(&self, command: &str, error: &ClientError) -> bool {
         if closure::is_gone(error) {
             let line = gone_line(&self.room_name, error);
             let _ = self.events.send(Event::Gone(line));
             return false;
         }
-        self.err(&format!("* {error}"));
+        self.err(&unanswered(command, error));
         true
     }
 
@@ -272,7 +291,7 @@ impl Asker {
                 }
                 true
             }
-            Err(e) => self.refused(&e),
+            Err(e) => self.refused("/who", &e),
         }
     }
 
@@ -287,7 +306,7 @@ impl Asker {
         );
         let page = match page {
             Ok(page) => page,
-            Err(e) => return self.refused(&e),
+            Err(e) => return self.refused("/history", &e),
         };
         let more = self.pager.observe(before, &page);
         let mut screen = lock(&self.screen);

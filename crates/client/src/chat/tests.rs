@@ -1,7 +1,7 @@
 //! The chat's unit tests: sessions against local sockets, fake daemons over TCP.
 
 use super::checks::{Answer, Settled};
-use super::commands::{waiting, ASKING};
+use super::commands::{unanswered, waiting, ASKING};
 use super::input_thread::{after_a_failed_read, handle_edited, read_lines};
 use super::receiver::{answered_from_elsewhere, receive};
 use super::*;
@@ -1156,6 +1156,37 @@ fn history_pages_back_until_there_is_no_more_then_starts_from_the_latest() {
     assert!(asked
         .iter()
         .all(|(op, room, _)| *op == Operation::History && room == "lobby"));
+}
+
+/// A `/who` or `/history` the server does not answer in time, or closes on, is said in plain
+/// words, naming the command: not in the handshake's words, which ask whether `--tcp-port` is
+/// the handshake port the join has just used (found by a review). Other errors are shown as
+/// they are.
+#[test]
+fn an_unanswered_question_names_the_command_in_plain_words() {
+    let timeout = ClientError::HandshakeTimeout {
+        expected: "COMPLIANCE",
+        after: Duration::from_secs(10),
+        silent: true,
+    };
+    assert_eq!(
+        unanswered("/who", &timeout),
+        "* /who: the server did not answer within 10 s"
+    );
+    let closed = ClientError::HandshakeClosed {
+        expected: "COMPLETE",
+        silent: false,
+    };
+    assert_eq!(
+        unanswered("/history", &closed),
+        "* /history: the server closed the connection without an answer"
+    );
+    let refused = ClientError::QueryRefused {
+        what: "history".into(),
+        code: Some(tcrp::ErrorCode::RateLimited),
+        message: Some("slow down".into()),
+    };
+    assert_eq!(unanswered("/history", &refused), format!("* {refused}"));
 }
 
 /// Waits up to 10 s for `rec` to have shown `lines`.
