@@ -352,7 +352,7 @@ fn join(
     // room is not scanned).
     if ctx.names.refuse_lookalike_usernames {
         if let Some(code) = ctx.registry.join_refusal(room_name, &request.username) {
-            return Err((code, refusal_text(code, room_name, &request.username)));
+            return Err(join_refusal_text(ctx, code, room_name, request));
         }
         if let Some(member) = ctx.registry.lookalike_member(room_name, &request.username) {
             return Err((
@@ -367,7 +367,24 @@ fn join(
     let joined = ctx
         .registry
         .join_room(room_name, request, ctx.peer, ctx.now, ctx.out);
-    token_answer(joined, room_name, request)
+    match joined {
+        Err(code) => Err(join_refusal_text(ctx, code, room_name, request)),
+        issued => token_answer(issued, room_name, request),
+    }
+}
+
+/// A join's refusal with its words: for `server_full`, which cap it met (the room's or the
+/// server's).
+fn join_refusal_text(
+    ctx: &Context<'_>,
+    code: ErrorCode,
+    room_name: &str,
+    request: &Request,
+) -> Refusal {
+    match code {
+        ErrorCode::ServerFull => (code, ctx.registry.join_full_text(room_name)),
+        _ => (code, refusal_text(code, room_name, &request.username)),
+    }
 }
 
 /// Presence: who is in the room, for anyone who may enter it (password or member token).

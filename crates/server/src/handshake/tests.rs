@@ -330,7 +330,53 @@ fn a_lookalike_join_of_a_full_room_is_refused_as_full() {
         &request(Operation::JoinRoom, b"full", br#""aIice""#),
         lookalikes,
     );
-    assert_eq!(refusal(&r).unwrap().0, Some(ErrorCode::ServerFull));
+    let full_room = (
+        Some(ErrorCode::ServerFull),
+        Some(
+            "room \"full\" is full (2 members, the most limits.max_members_per_room allows)"
+                .to_owned(),
+        ),
+    );
+    assert_eq!(refusal(&r), Some(full_room.clone()));
+    // Without the look-alike check too; the message names the room's own cap, where it said
+    // "the server is full" (found by a review).
+    let r = run(
+        &mut reg,
+        &mut limiter,
+        &request(Operation::JoinRoom, b"full", br#""carol""#),
+    );
+    assert_eq!(refusal(&r), Some(full_room));
+}
+
+/// A join refused because the server holds `max_tokens` members in all says the server is
+/// full, naming that cap.
+#[test]
+fn a_join_refused_at_the_token_cap_names_the_servers_cap() {
+    let limits = Limits {
+        max_tokens: 2,
+        ..Limits::default()
+    };
+    let mut reg = Registry::new(limits, Box::new(StdRng::seed_from_u64(8)));
+    let mut limiter = KeyedLimiter::new(8);
+    for (op, user) in [
+        (Operation::CreateRoom, "alice"),
+        (Operation::JoinRoom, "bob"),
+        (Operation::JoinRoom, "carol"),
+    ] {
+        let body = serde_json::to_string(user).unwrap();
+        let r = run(&mut reg, &mut limiter, &request(op, b"r", body.as_bytes()));
+        let expected = (user == "carol").then(|| {
+            (
+                Some(ErrorCode::ServerFull),
+                Some(
+                    "the server is full (its limit of members in all rooms, limits.max_tokens, \
+                     is reached)"
+                        .to_owned(),
+                ),
+            )
+        });
+        assert_eq!(refusal(&r), expected, "{user}");
+    }
 }
 
 #[test]

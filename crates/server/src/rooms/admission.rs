@@ -141,13 +141,32 @@ impl Registry {
         if self.name_taken(id, username) {
             return Err(ErrorCode::NameTaken);
         }
-        let room = &self.rooms[id.0];
-        let full_room = self.limits.max_members_per_room != 0
-            && room.members.len() >= self.limits.max_members_per_room;
-        if full_room || self.tokens_full() {
+        if self.room_full(id) || self.tokens_full() {
             return Err(ErrorCode::ServerFull);
         }
         Ok(id)
+    }
+
+    /// Whether room `id` holds as many members as `max_members_per_room` allows.
+    fn room_full(&self, id: RoomId) -> bool {
+        self.limits.max_members_per_room != 0
+            && self.rooms[id.0].members.len() >= self.limits.max_members_per_room
+    }
+
+    /// The cap a join of `room_name` refused as `server_full` met, in words: the room's own
+    /// (`room "lobby" is full: 3 members, limits.max_members_per_room`) or the server's. The
+    /// client shows it: "the server is full" for a full room sent users looking elsewhere.
+    pub fn join_full_text(&self, room_name: &str) -> String {
+        match self.room_index.get(room_name) {
+            Some(&id) if self.room_full(id) => format!(
+                "room {room_name:?} is full ({} members, the most limits.max_members_per_room \
+                 allows)",
+                self.rooms[id.0].members.len()
+            ),
+            _ => "the server is full (its limit of members in all rooms, limits.max_tokens, is \
+                  reached)"
+                .into(),
+        }
     }
 
     /// Adds the requester, whose TCP connection comes from `joined_from`, to `room_name`.
