@@ -236,6 +236,9 @@ impl Liveness {
             Ok(()) => {
                 if std::mem::replace(&mut self.told_unreachable, false) {
                     self.back_at = Some(self.last_answer);
+                    // Said, as its going was: the user knows when typing is worth it again
+                    // (found by a review).
+                    remark(screen, editor, "* the server answers again");
                 }
                 Membership::GoOn
             }
@@ -476,16 +479,17 @@ mod tests {
             assert!(matches!(ask(&mut live, answer), Membership::GoOn));
         }
         let said = rec.lines();
-        assert_eq!(said.len(), 2, "{said:?}");
+        assert_eq!(said.len(), 3, "{said:?}");
         assert!(said[0].starts_with("err: * cannot reach the server: cannot connect"));
-        assert!(said[1].starts_with("err: * the server refused the idle check"));
+        assert_eq!(said[1], "err: * the server answers again");
+        assert!(said[2].starts_with("err: * the server refused the idle check"));
         assert!(live.due_at().is_some());
         // A server without the request: said once, and no more checks.
         assert!(matches!(
             ask(&mut live, refused(ErrorCode::UnsupportedOperation)),
             Membership::GoOn
         ));
-        assert!(rec.lines()[2].contains("idle checks are off"));
+        assert!(rec.lines()[3].contains("idle checks are off"));
         assert_eq!(live.due_at(), None);
     }
 
@@ -540,6 +544,14 @@ mod tests {
         assert!(live
             .due_at()
             .is_some_and(|at| at > now + Duration::from_secs(60)));
-        assert_eq!(rec.lines().len(), 1, "{:?}", rec.lines());
+        // Its going and its coming back, each said once.
+        answer(&mut live, Some(Ok(())));
+        let lines = rec.lines();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines[0].starts_with("err: * cannot reach the server"),
+            "{lines:?}"
+        );
+        assert_eq!(lines[1], "err: * the server answers again");
     }
 }
