@@ -470,6 +470,8 @@ fn a_flood_of_piped_lines_neither_grows_ocm_nor_delays_its_leaving() {
         "ocm holds {rss} KiB after a second of flood"
     );
     bob.signal(libc::SIGTERM);
+    // The lines read and waiting their turn are not sent, and that is said.
+    bob.wait_stderr("lines not sent: the chat ended before their turn");
     assert!(bob.wait().success());
     alice.lines_until("* bob left");
     writer.join().unwrap();

@@ -2662,6 +2662,12 @@ fn room_and_member_caps_answer_server_full() {
     join(&d, "pair", "m1");
     let r = request(&d, Operation::JoinRoom, "pair", b"\"m2\"");
     assert_eq!(refused(&r), Some(ErrorCode::ServerFull), "{r:?}");
+    // Its words name the room's own cap, not the server's.
+    assert!(
+        matches!(&r.compliance, Compliance::Failure { message: Some(m), .. }
+            if m.starts_with("room \"pair\" is full (2 members")),
+        "{r:?}"
+    );
     let room = assert_still_serves(&d);
     assert_state_intact(d, &[room, "pair".into()]);
 }

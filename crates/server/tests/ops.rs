@@ -813,6 +813,18 @@ fn healthz_and_unknown_paths() {
     let (status, body) = http(addr, "GET /metrics?x=1 HTTP/1.1\r\n\r\n");
     assert_eq!(status, "HTTP/1.1 200 OK");
     assert!(body.contains("# TYPE ocm_rooms gauge"));
+    // An absolute-form target, behind an empty line, is the path it names (RFC 9112); a
+    // request line with more than three parts is a bad request.
+    let (status, body) = http(
+        addr,
+        &format!("\r\nGET http://{addr}/healthz HTTP/1.1\r\n\r\n"),
+    );
+    assert_eq!(
+        (status.as_str(), body.as_str()),
+        ("HTTP/1.1 200 OK", "ok\n")
+    );
+    let (status, _) = http(addr, "GET /healthz HTTP/1.1 extra\r\n\r\n");
+    assert_eq!(status, "HTTP/1.1 400 Bad Request");
     // A head that does not end within 8 KiB: exactly 8 KiB, so that nothing is left unread
     // when the daemon closes (unread bytes would make the close an RST that may cut the
     // answer).
@@ -820,10 +832,10 @@ fn healthz_and_unknown_paths() {
     assert_eq!(long.len(), 8192);
     let (status, _) = http(addr, &long);
     assert_eq!(status, "HTTP/1.1 431 Request Header Fields Too Large");
-    // Every answer is counted by its code, this scrape included: /healthz twice (GET and
-    // HEAD), /metrics twice.
+    // Every answer is counted by its code, this scrape included: /healthz three times (GET,
+    // HEAD and the absolute form), /metrics twice.
     let body = d.http_get("/metrics");
-    for (code, count) in [("200", 4), ("400", 1), ("404", 2), ("431", 1)] {
+    for (code, count) in [("200", 5), ("400", 2), ("404", 2), ("431", 1)] {
         let sample = format!("ocm_http_responses_total{{code=\"{code}\"}} {count}\n");
         assert!(body.contains(&sample), "{sample:?} in:\n{body}");
     }
