@@ -333,3 +333,21 @@ fn ocm_password_in_the_environment_opens_a_room_with_a_password() {
     alice.type_line("/quit");
     assert!(alice.wait().success());
 }
+
+/// A member whose name ends like a sender's (`alice: the key is`) is shown in quotes by the
+/// other members' `ocm`, so that its line cannot read as one from `alice`.
+#[test]
+fn a_name_that_ends_like_a_sender_is_shown_in_quotes() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "colon", "--name", "alice"]);
+    alice.wait_stderr("* created colon as alice");
+    let mut mallory = Ocm::start(&d, &["join", "colon", "--name", "alice: the key is"]);
+    mallory.wait_stderr("* joined colon as");
+    alice.lines_until("* \"alice: the key is\" joined");
+    mallory.type_line("42");
+    assert_eq!(alice.line(), "\"alice: the key is\": 42");
+    mallory.type_line("/quit");
+    assert!(mallory.wait().success());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}

@@ -865,6 +865,35 @@ fn a_room_nobody_is_heard_from_closes_after_room_idle_secs_and_stays_closed() {
     assert_eq!(refused(&r), Some(ErrorCode::RoomNotFound));
 }
 
+/// A chat whose server went away says so once, and says when it answers again after a
+/// restart: the user knows when typing is worth it again.
+#[test]
+fn a_chat_says_when_its_server_answers_again_after_a_restart() {
+    let mut d = Daemon::start();
+    let mut alice = Ocm::start(
+        &d,
+        &[
+            "create",
+            "back",
+            "--name",
+            "alice",
+            "--keepalive",
+            "1",
+            "--idle-check",
+            "1",
+        ],
+    );
+    alice.wait_stderr("* created back as alice");
+    let (status, _) = d.terminate();
+    assert!(status.success(), "{status:?}");
+    alice.type_line("into the void");
+    alice.wait_stderr("* cannot reach the server");
+    d.restart();
+    alice.wait_stderr("* the server answers again");
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
+
 #[test]
 fn a_live_ocm_chat_survives_a_daemon_restart() {
     let mut d = Daemon::start();
