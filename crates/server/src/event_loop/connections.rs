@@ -13,17 +13,18 @@ use mio::net::TcpListener;
 use mio::Interest;
 
 use super::{
-    may_log_drop, ConnId, EvictionClass, Server, ACCEPT_RETRY, EVICTION_PICKS, MAX_HTTP_CONNECTIONS,
+    may_log_drop, ConnId, EvictionClass, Server, ACCEPTS_PER_PASS, ACCEPT_RETRY, EVICTION_PICKS,
+    MAX_HTTP_CONNECTIONS,
 };
 use crate::conn::{Conn, Kind, ReadUntil, LINGER};
 use crate::metrics::Metrics;
 use crate::{rate, sockopt};
 
 impl Server {
-    /// Accepts on the listener for `kind` until `WouldBlock`: each newcomer is refused
-    /// (counted) past the caps, or registered and, for TCRP, read at once. A failure for want
-    /// of descriptors may close an idle connection and try again, else schedules a retry
-    /// ([`ACCEPT_RETRY`]).
+    /// Accepts on the listener for `kind` until `WouldBlock`, or [`ACCEPTS_PER_PASS`]
+    /// newcomers (the rest on the next pass): each is refused (counted) past the caps, or
+    /// registered and, for TCRP, read at once. A failure for want of descriptors may close an
+    /// idle connection and try again, else schedules a retry ([`ACCEPT_RETRY`]).
     pub(super) fn accept(&mut self, kind: Kind, now: Instant) {
         // Whether a connection was closed for a descriptor since the last accept that
         // succeeded: a second failure after one means closing did not help (for ENFILE, the
@@ -32,7 +33,7 @@ impl Server {
         // Whether this pass closed a connection for a descriptor at all: its picks stay good
         // for the next one (see `evict_idle`), though the table is not full.
         let mut short_of_descriptors = false;
-        loop {
+        for _ in 0..ACCEPTS_PER_PASS {
             let listener = match kind {
                 Kind::Tcrp => self.tcp.as_ref(),
                 Kind::Http => self.metrics_listener.as_ref(),
@@ -80,6 +81,10 @@ impl Server {
                 let close = self.read_tcrp(id, now, ReadUntil::ShortRead);
                 self.after_io(id, close);
             }
+        }
+        // The queue may hold more: the next pass takes them, with no edge to wait for.
+        if !self.accept_again.contains(&kind) {
+            self.accept_again.push(kind);
         }
     }
 

@@ -127,6 +127,12 @@ const HISTORY_CHECKPOINT_BYTES: usize = 4 * 1024 * 1024;
 const SOURCES_PER_CHECKPOINT: usize = 10_000;
 /// How soon accepting is tried again after `accept` failed for want of descriptors or memory.
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+/// Connections one pass takes from a listener's queue (each TCRP newcomer's request read at
+/// once, see `accept`); the rest wait for the next pass (`accept_again`), after the datagrams
+/// and the connections already open. Taken to the end of the queue, a flood of connects that
+/// refilled it as fast as it was drained held the relay up for as long as it lasted. Four
+/// times the handshake benchmark's concurrency, so an ordinary burst is taken in one pass.
+const ACCEPTS_PER_PASS: usize = 64;
 
 /// Which connections a full table closes first: those already closing, then idle ones with
 /// nothing unsent, then those paused on unread replies, then those still sending a reply.
@@ -218,6 +224,9 @@ pub struct Server {
     /// replies that drained under the output cap (a connection leaves it when it closes: its
     /// slot may be taken again before the list is walked).
     revisit: Vec<ConnId>,
+    /// Listeners whose queue a pass left unfinished at [`ACCEPTS_PER_PASS`]: the next pass
+    /// accepts on them again, edge or not (an edge comes only with a newcomer).
+    accept_again: Vec<Kind>,
     /// When the connection table is full: the connections to close for newcomers, the first
     /// choice last (see `evict_idle`).
     evict_candidates: Vec<(EvictionClass, u64, ConnId)>,
@@ -347,6 +356,9 @@ impl Server {
                         }
                     }
                 }
+            }
+            for kind in std::mem::take(&mut self.accept_again) {
+                self.accept(kind, now);
             }
             for id in std::mem::take(&mut self.revisit) {
                 // Gone, or a connection in a reused slot that is not listed itself.
@@ -804,6 +816,52 @@ mod tests {
             2 + 3 * 2,
             "the create's two frames and each ListRooms' two"
         );
+    }
+
+    /// One pass takes at most [`ACCEPTS_PER_PASS`] connections from the listener's queue and
+    /// lists the listener to be accepted on again, so that the next pass does not wait (no
+    /// edge comes for connections already queued); the pass that finds the queue empty lists
+    /// nothing.
+    #[test]
+    fn a_pass_accepts_a_bounded_number_and_comes_back_for_the_rest() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut s = server(dir.path());
+        let queued = ACCEPTS_PER_PASS + 10;
+        let clients: Vec<_> = (0..queued)
+            .map(|_| std::net::TcpStream::connect(s.bound().tcp).expect("a connection"))
+            .collect();
+        let now = Instant::now();
+        s.accept(Kind::Tcrp, now);
+        assert_eq!(s.conns.len(), ACCEPTS_PER_PASS, "one pass's worth");
+        assert_eq!(s.accept_again, vec![Kind::Tcrp]);
+        assert_eq!(
+            s.poll_timeout(now),
+            Duration::ZERO,
+            "the next pass comes at once"
+        );
+        // The rest, as the loop takes them (the last connects may reach the queue late).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let before = s.conns.len();
+            for kind in std::mem::take(&mut s.accept_again) {
+                s.accept(kind, Instant::now());
+            }
+            assert!(s.conns.len() - before <= ACCEPTS_PER_PASS);
+            if s.conns.len() == queued {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} of {queued} accepted",
+                s.conns.len()
+            );
+            s.accept_again = vec![Kind::Tcrp];
+        }
+        assert!(
+            s.accept_again.is_empty(),
+            "a queue found empty is not listed"
+        );
+        drop(clients);
     }
 
     /// When the writer makes a batch durable, the replies that waited for it leave, the

@@ -12,7 +12,7 @@ use crate::plural::Count;
 
 impl Server {
     pub(super) fn poll_timeout(&self, now: Instant) -> Duration {
-        if self.udp_ready || !self.revisit.is_empty() {
+        if self.udp_ready || !self.revisit.is_empty() || !self.accept_again.is_empty() {
             return Duration::ZERO;
         }
         let mut next = self

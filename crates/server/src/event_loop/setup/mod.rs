@@ -181,6 +181,7 @@ impl Server {
             udp_output: Default::default(),
             nodelay_inherited,
             revisit: Vec::new(),
+            accept_again: Vec::new(),
             evict_candidates: Vec::new(),
             holding: Vec::new(),
             activity: 0,
