@@ -85,7 +85,9 @@ fn stderr_is_journal() -> bool {
 }
 
 /// env_logger to stderr. `RUST_LOG` wins; otherwise the configured level. Under journald
-/// (`JOURNAL_STREAM` naming standard error) lines carry `<N>` syslog priorities and no timestamp of their own.
+/// (`JOURNAL_STREAM` naming standard error) lines carry `<N>` syslog priorities and no timestamp
+/// of their own; elsewhere each line of an entry carries env_logger's header (timestamp, level,
+/// target).
 fn init_logging(level: &str) {
     let mut builder = env_logger::Builder::new();
     match config::rust_log() {
@@ -108,6 +110,27 @@ fn init_logging(level: &str) {
             let text = record.args().to_string();
             for line in text.lines() {
                 writeln!(buf, "<{priority}>{line}")?;
+            }
+            Ok(())
+        });
+    } else {
+        builder.format(|buf, record| {
+            // env_logger's own header, on every line of an entry: a multi-line one (a TOML
+            // error in a rejected reload) stays whole under `grep ERROR` or a log shipper
+            // that takes a line for an entry.
+            let level = record.level();
+            let style = buf.default_level_style(level);
+            let header = format!(
+                "[{} {style}{level:<5}{style:#} {}]",
+                buf.timestamp(),
+                record.target()
+            );
+            let text = record.args().to_string();
+            if text.is_empty() {
+                return writeln!(buf, "{header}");
+            }
+            for line in text.lines() {
+                writeln!(buf, "{header} {line}")?;
             }
             Ok(())
         });

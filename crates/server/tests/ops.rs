@@ -1828,6 +1828,25 @@ fn reload_of_a_broken_file_keeps_the_running_settings() {
         .unwrap_or_else(|| panic!("no reload error line:\n{log}"));
     assert!(line.contains("ERROR"), "logged as an error: {line}");
     assert!(line.contains(&file), "names the file: {line}");
+    // The TOML error spans lines (the line quoted, a caret under the column): each carries
+    // the entry's timestamp and level, so `grep ERROR` or a shipper taking a line for an
+    // entry keeps it whole.
+    let entry: Vec<&str> = log
+        .lines()
+        .skip_while(|l| !l.contains("SIGHUP: config file"))
+        .take_while(|l| !l.contains("keeping the running configuration"))
+        .chain(
+            log.lines()
+                .filter(|l| l.contains("keeping the running configuration")),
+        )
+        .collect();
+    assert!(entry.len() >= 3, "a multi-line entry:\n{log}");
+    for l in &entry {
+        assert!(
+            l.starts_with("[20") && l.contains(" ERROR ") && l.contains("] "),
+            "a line of the entry without its header: {l:?}\n{log}"
+        );
+    }
     assert_eq!(d.metric("ocm_config_reloads_total{result=\"error\"}"), 1.0);
     // Still running, still limited to one request per second.
     chat_flows(&alice, &bob, "after");
