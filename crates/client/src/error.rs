@@ -56,7 +56,14 @@ pub enum ClientError {
         source: io::Error,
     },
     /// No resolved address accepted the TCP connection (refused, unreachable or timed out).
-    #[error("cannot connect to {addr}: {source}")]
+    #[error(
+        "cannot connect to {addr}: {source}{}",
+        if source.kind() == io::ErrorKind::ConnectionRefused {
+            "; is ocmd running there, and is that its handshake port?"
+        } else {
+            ""
+        }
+    )]
     Connect {
         /// The last address tried, as `host:port`.
         addr: String,
@@ -300,6 +307,20 @@ mod tests {
         assert!(connect
             .to_string()
             .starts_with("cannot connect to 127.0.0.1:9: "));
+        assert!(
+            connect
+                .to_string()
+                .ends_with("; is ocmd running there, and is that its handshake port?"),
+            "a refused connection says what most likely refused it: {connect}"
+        );
+        let timed_out = ClientError::Connect {
+            addr: "192.0.2.1:9".into(),
+            source: io::Error::from(io::ErrorKind::TimedOut),
+        };
+        assert!(
+            !timed_out.to_string().contains("is ocmd running"),
+            "only a refusal means nothing listens: {timed_out}"
+        );
         assert_eq!(connect.exit_code(), EXIT_FAILURE);
     }
 }

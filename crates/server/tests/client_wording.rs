@@ -351,3 +351,64 @@ fn a_name_that_ends_like_a_sender_is_shown_in_quotes() {
     alice.type_line("/quit");
     assert!(alice.wait().success());
 }
+
+/// A port where nothing listens: `ocm` says the connection was refused, and what most likely
+/// refused it (no daemon there, or not its handshake port), with exit status 1, a server that
+/// cannot be reached. The port is held by a TCP socket bound but not listening, so no other
+/// test can take it meanwhile.
+#[test]
+fn a_refused_connection_asks_whether_ocmd_runs_there() {
+    let closed = BoundNotListening::new();
+    for args in [&["rooms"][..], &["join", "lobby", "--name", "bob"]] {
+        let out = Command::new(sibling_binary("ocm"))
+            .args(["--server", "127.0.0.1", "--tcp-port"])
+            .arg(closed.port.to_string())
+            .args(args)
+            .output()
+            .expect("run ocm");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("cannot connect to 127.0.0.1:{}: ", closed.port)),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            stderr.contains("; is ocmd running there, and is that its handshake port?"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+/// A TCP socket bound to a loopback port of its own and never listening: a connection to
+/// that port is refused for as long as it is held.
+struct BoundNotListening {
+    _fd: std::os::fd::OwnedFd,
+    port: u16,
+}
+
+impl BoundNotListening {
+    fn new() -> BoundNotListening {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain system calls on a descriptor this function owns; each result is
+        // checked before the next step.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+            let mut addr: libc::sockaddr_in = std::mem::zeroed();
+            addr.sin_family = libc::AF_INET as libc::sa_family_t;
+            addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            use std::os::fd::AsRawFd;
+            let bound = libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len);
+            assert_eq!(bound, 0, "bind: {}", std::io::Error::last_os_error());
+            let mut len = len;
+            let named = libc::getsockname(fd.as_raw_fd(), (&raw mut addr).cast(), &mut len);
+            assert_eq!(named, 0, "getsockname: {}", std::io::Error::last_os_error());
+            BoundNotListening {
+                _fd: fd,
+                port: u16::from_be(addr.sin_port),
+            }
+        }
+    }
+}
