@@ -202,6 +202,9 @@ fn measure_ceiling(plan: &Plan, members: usize) -> Result<CeilingResult> {
 /// Runs the matrix, printing each result as it comes.
 pub fn run(launcher: &Launcher, plan: &Plan) -> Result<Results> {
     let date = utc_now();
+    // Read before the runs, as the date is: the daemon under test was built from the tree as
+    // it is now, and an edit made while the matrix runs is not in it.
+    let revision = revision();
     let started = std::time::Instant::now();
     let loadavg_before = loadavg();
     let busy_before_pct = machine_busy_pct(Duration::from_secs(2));
@@ -220,7 +223,7 @@ pub fn run(launcher: &Launcher, plan: &Plan) -> Result<Results> {
     Ok(Results {
         date,
         machine: Machine::probe(),
-        revision: revision(),
+        revision,
         command: plan.command.clone(),
         busy_before_pct,
         loadavg_before,
