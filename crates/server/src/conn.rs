@@ -67,6 +67,65 @@ pub fn set_listener_user_timeout(listener: &TcpListener, timeout: Duration) -> i
     )
 }
 
+/// Why a connection was closed: the `reason` label of `ocm_tcp_connections_closed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// A read, write, shutdown or poll registration failed.
+    IoError,
+    /// The daemon ended it after its last reply (a refusal, an answered metrics request, a
+    /// lingering close run out), or its peer's end came while it lingered.
+    Protocol,
+    /// Its peer closed its side, and nothing was left to answer.
+    PeerClosed,
+    /// No complete request within the handshake timeout.
+    Timeout,
+    /// Its replies went unread past the output cap until its timeout.
+    OutputOverflow,
+    /// Closed to make room for a newcomer (a full table, or descriptors short).
+    Evicted,
+}
+
+impl CloseReason {
+    /// Every reason, in the order the metric lists them.
+    pub const ALL: [CloseReason; 6] = [
+        CloseReason::IoError,
+        CloseReason::Protocol,
+        CloseReason::PeerClosed,
+        CloseReason::Timeout,
+        CloseReason::OutputOverflow,
+        CloseReason::Evicted,
+    ];
+
+    /// The metric's label, also written in the debug line of each close.
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseReason::IoError => "io_error",
+            CloseReason::Protocol => "protocol",
+            CloseReason::PeerClosed => "peer_closed",
+            CloseReason::Timeout => "timeout",
+            CloseReason::OutputOverflow => "output_overflow",
+            CloseReason::Evicted => "evicted",
+        }
+    }
+
+    /// Whether the daemon closes for this reason on its own, not because its peer or its
+    /// last reply ended the connection: its peer ran out of time (`timeout`, or
+    /// `output_overflow` while paused on unread replies) or it made room for another
+    /// (`evicted`). Such a close gives up on replies still unread, and resets the connection.
+    pub fn gives_up(self) -> bool {
+        matches!(
+            self,
+            CloseReason::Timeout | CloseReason::OutputOverflow | CloseReason::Evicted
+        )
+    }
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
 /// What a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -318,7 +377,7 @@ impl Conn {
     /// it left unread in the input are answered at the loop's `revisit`, and until then the
     /// connection is not finished ([`Conn::more_frames`]), even once its peer's end has come:
     /// a durable batch released in the same pass would otherwise find it finished and close
-    /// it with whole requests unanswered (found by a review). Returns whether the caller must
+    /// it with whole requests unanswered. Returns whether the caller must
     /// list it ([`Conn::list_for_revisit`]).
     pub fn unpause(&mut self) -> bool {
         self.paused = false;
@@ -346,11 +405,11 @@ impl Conn {
     /// end) and throws away what has already come. Returns the close reason if the
     /// connection is to be closed now ([`Conn::discard_input`]; a failed shutdown is an
     /// `io_error`).
-    pub fn linger(&mut self) -> Option<&'static str> {
+    pub fn linger(&mut self) -> Option<CloseReason> {
         self.lingering = true;
         self.input = Vec::new();
         if self.stream.shutdown(std::net::Shutdown::Write).is_err() {
-            return Some("io_error");
+            return Some(CloseReason::IoError);
         }
         self.discard_input()
     }
@@ -359,23 +418,23 @@ impl Conn {
     /// close reason once lingering is over: `protocol` at the peer's end (`read_closed` set)
     /// or past 256 KiB in all (a peer that keeps sending is not waited for),
     /// `io_error` if a read failed; `None` to go on.
-    pub fn discard_input(&mut self) -> Option<&'static str> {
+    pub fn discard_input(&mut self) -> Option<CloseReason> {
         let mut chunk = [0u8; 16 * 1024];
         loop {
             match self.stream.read(&mut chunk) {
                 Ok(0) => {
                     self.read_closed = true;
-                    return Some("protocol");
+                    return Some(CloseReason::Protocol);
                 }
                 Ok(n) => {
                     self.lingered_bytes += n;
                     if self.lingered_bytes > LINGER_MAX_BYTES {
-                        return Some("protocol");
+                        return Some(CloseReason::Protocol);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return Some("io_error"),
+                Err(_) => return Some(CloseReason::IoError),
             }
         }
     }
@@ -774,7 +833,7 @@ mod tests {
 
     /// Reads until the peer's bytes have all come (or 10 s have passed), then returns what
     /// `discard_input` says at last.
-    fn discard_until_end(c: &mut Conn) -> Option<&'static str> {
+    fn discard_until_end(c: &mut Conn) -> Option<CloseReason> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(reason) = c.discard_input() {
@@ -803,7 +862,7 @@ mod tests {
         peer.read_to_end(&mut got).unwrap();
         assert_eq!(got, b"reply", "our replies, then our end");
         peer.shutdown(Shutdown::Write).unwrap();
-        assert_eq!(discard_until_end(&mut c), Some("protocol"));
+        assert_eq!(discard_until_end(&mut c), Some(CloseReason::Protocol));
         assert!(c.read_closed);
         assert!(c.finished());
     }
@@ -825,7 +884,7 @@ mod tests {
             std::thread::yield_now();
         }
         drop(writer.join().unwrap());
-        assert_eq!(discard_until_end(&mut c), Some("protocol"));
+        assert_eq!(discard_until_end(&mut c), Some(CloseReason::Protocol));
         assert!(c.read_closed);
     }
 
@@ -839,7 +898,7 @@ mod tests {
             // Until our side is closed: a write then fails.
             while peer.write_all(&[0u8; 16 * 1024]).is_ok() {}
         });
-        assert_eq!(discard_until_end(&mut c), Some("protocol"));
+        assert_eq!(discard_until_end(&mut c), Some(CloseReason::Protocol));
         assert!(!c.read_closed, "the peer never closed");
         assert!(c.lingered_bytes > 256 * 1024, "{}", c.lingered_bytes);
         assert!(
@@ -858,7 +917,7 @@ mod tests {
         let mut c = conn(stream);
         assert_eq!(c.linger(), None);
         reset(peer);
-        assert_eq!(discard_until_end(&mut c), Some("io_error"));
+        assert_eq!(discard_until_end(&mut c), Some(CloseReason::IoError));
         assert!(!c.read_closed);
     }
 

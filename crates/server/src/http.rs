@@ -31,8 +31,7 @@ pub enum Route {
 /// Lines may end in CRLF or in a bare LF (RFC 9112 §2.2 lets a recipient take a lone LF as a
 /// line's end and ignore a CR before it), so the head ends at an LF followed by an empty
 /// line: `\n\n` or `\n\r\n` (the end of `\r\n\r\n`, and of mixed endings). Some clients
-/// and hand-typed requests (`printf 'GET /healthz HTTP/1.1\n\n'`) end lines with LF only;
-/// such a head was never found, and its connection was closed only at the handshake timeout.
+/// and hand-typed requests (`printf 'GET /healthz HTTP/1.1\n\n'`) end lines with LF only.
 ///
 /// `searched` is how much of `input` is known to hold no end of the head (what an earlier call
 /// returned `None` for); the search starts `END_LEN_MAX` − 1 (2) bytes before it, where an end
@@ -155,7 +154,7 @@ mod tests {
             &b"GET /metrics HTTP/2.0\r\n\r\n"[..],
             b"GET /metrics SPDY/3\r\n\r\n",
             b"GET /metrics\r\n\r\n",
-            // Found by an operator's review: answered 200 as HTTP/1.x request lines.
+            // Not request lines of HTTP/1.0 or 1.1, however close.
             b"GET /healthz HTTP/1.1 extra\r\n\r\n",
             b"GET /healthz HTTP/1.9\r\n\r\n",
             b"GET  /healthz HTTP/1.1\r\n\r\n",
@@ -165,8 +164,7 @@ mod tests {
     }
 
     /// A target in absolute form is routed by its path (RFC 9112 §3.2.2), and empty lines
-    /// before the request line are passed over (§2.2), wherever the reads split: both got
-    /// 404 and 400 (found by an operator's review).
+    /// before the request line are passed over (§2.2), wherever the reads split.
     #[test]
     fn absolute_targets_and_empty_lines_before_the_request_are_taken() {
         for (head, route) in [

@@ -2341,7 +2341,7 @@ fn at_emfile_an_idle_connection_is_closed_for_a_newcomer() {
     // client in without one).
     assert!(closed(&d, "evicted") >= 1.0);
     assert!(d.metric("ocm_tcp_accept_errors_total") >= 1.0);
-    d.wait_for_log("closed an idle connection to make room");
+    d.wait_for_log("closed a connection to make room");
     // The one idle longest went first.
     let mut byte = [0u8; 1];
     assert!(
@@ -2385,7 +2385,7 @@ fn at_emfile_a_source_at_its_cap_costs_one_closing_not_one_per_attempt() {
             "attempt {attempt} from the capped source: {end:?}"
         );
     }
-    d.wait_for_log("closed an idle connection to make room");
+    d.wait_for_log("closed a connection to make room");
     assert_eq!(closed_by_daemon(&mut others), [true, false, false]);
     assert_eq!(closed_by_daemon(&mut held), [false, false]);
     // The descriptor freed by the last refusal takes a newcomer from another source.
@@ -3498,7 +3498,7 @@ fn after_futile_closing_at_enfile_an_emfile_closes_an_idle_connection_again() {
     // The first line says one was closed; the second, a second later, comes from a retry
     // after the accept right after the closing failed too: closing is futile.
     let mut newcomer = newcomer_while_out_of_files(&d, &out_of_files, 2);
-    assert!(d.log().contains("closed an idle connection to make room"));
+    assert!(d.log().contains("closed a connection to make room"));
     // The daemon's own descriptors run out, then the system's files come back: every retry
     // from now on fails with EMFILE.
     limit_to_open_descriptors(&d);

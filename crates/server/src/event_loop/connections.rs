@@ -16,29 +16,35 @@ use super::{
     may_log_drop, ConnId, EvictionClass, Server, ACCEPTS_PER_PASS, ACCEPT_RETRY, EVICTION_PICKS,
     MAX_HTTP_CONNECTIONS,
 };
-use crate::conn::{Conn, Kind, ReadUntil, LINGER};
+use crate::conn::{CloseReason, Conn, Kind, ReadUntil, LINGER};
 use crate::metrics::Metrics;
 use crate::{rate, sockopt};
 
 impl Server {
+    /// The listener for connections of `kind`, while it is open (both close at a stop).
+    fn listener(&self, kind: Kind) -> Option<&TcpListener> {
+        match kind {
+            Kind::Tcrp => self.tcp.as_ref(),
+            Kind::Http => self.metrics_listener.as_ref(),
+        }
+    }
+
     /// Accepts on the listener for `kind` until `WouldBlock`, or [`ACCEPTS_PER_PASS`]
     /// newcomers (the rest on the next pass): each is refused (counted) past the caps, or
-    /// registered and, for TCRP, read at once. A failure for want of descriptors may close an
-    /// idle connection and try again, else schedules a retry ([`ACCEPT_RETRY`]).
+    /// registered and, for TCRP, read at once. A failure for want of descriptors may close the
+    /// connection a full table would close and try again, else schedules a retry ([`ACCEPT_RETRY`]).
     pub(super) fn accept(&mut self, kind: Kind, now: Instant) {
         // Whether a connection was closed for a descriptor since the last accept that
         // succeeded: a second failure after one means closing did not help (for ENFILE, the
         // system is out of files, not us; see `eviction_futile`).
         let mut evicted_for_descriptor = false;
         // Whether this pass closed a connection for a descriptor at all: its picks stay good
-        // for the next one (see `evict_idle`), though the table is not full.
+        // for the next one (see `evict_for_newcomer`), though the table is not full.
         let mut short_of_descriptors = false;
         for _ in 0..ACCEPTS_PER_PASS {
-            let listener = match kind {
-                Kind::Tcrp => self.tcp.as_ref(),
-                Kind::Http => self.metrics_listener.as_ref(),
+            let Some(listener) = self.listener(kind) else {
+                return;
             };
-            let Some(listener) = listener else { return };
             let (stream, peer) = match listener.accept() {
                 Ok(pair) => pair,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -90,7 +96,7 @@ impl Server {
 
     /// Handles an `accept` that failed with `e` (EMFILE and friends): counts and logs it (not
     /// input from a peer, so not under `drop_logs_per_sec`: at most a line a second), and
-    /// when descriptors are short, closes the idle connection a full table would close, so
+    /// when descriptors are short, closes the connection a full table would close, so
     /// that idle connections do not hold every descriptor until their handshake timers run
     /// out. Once per successful accept at most (`evicted_before`: one was closed since), and
     /// once more when the error changes (see `eviction_futile`). Returns whether one was
@@ -113,17 +119,13 @@ impl Server {
         let usable_below = (e.raw_os_error() == Some(libc::EMFILE))
             .then(open_file_limit)
             .flatten();
-        let listener = match kind {
-            Kind::Tcrp => self.tcp.as_ref(),
-            Kind::Http => self.metrics_listener.as_ref(),
-        };
         let evicted = short
             && self.eviction_futile != e.raw_os_error()
-            && listener.is_some_and(newcomer_waits)
+            && self.listener(kind).is_some_and(newcomer_waits)
             && self.evict_for_descriptor(kind, usable_below);
         if self.accept_log.take(now, 1.0, 1.0) {
             if evicted {
-                warn!("accept failed: {e}; closed an idle connection to make room");
+                warn!("accept failed: {e}; closed a connection to make room");
             } else {
                 warn!("accept failed: {e}; retrying in {ACCEPT_RETRY:?}");
             }
@@ -154,10 +156,10 @@ impl Server {
             Kind::Tcrp if from_ip >= limits.max_connections_per_ip => {
                 Some("max_connections_per_ip")
             }
-            // Full: another connection makes room, if one may go (see `evict_idle`), so
+            // Full: another connection makes room, if one may go (see `evict_for_newcomer`), so
             // sources holding every slot open cannot lock newcomers out. The cap fits the
             // open-file limit, so the descriptors do not run out first.
-            Kind::Tcrp if tcrp_open >= self.connection_cap && !self.evict_idle(None) => {
+            Kind::Tcrp if tcrp_open >= self.connection_cap && !self.evict_for_newcomer(None) => {
                 Some("max_connections")
             }
             // Scrapers and health checks have their own small allowance, so they can
@@ -225,14 +227,14 @@ impl Server {
     /// brought its replies under `max_output_bytes`: answers its buffered frames and reads its
     /// socket, whose earlier bytes raised edges that were not acted on (mio is edge-triggered).
     /// Returns a close reason if that failed.
-    fn resume(&mut self, id: ConnId) -> Option<&'static str> {
+    fn resume(&mut self, id: ConnId) -> Option<CloseReason> {
         let conn = self.conns.get_mut(id.0)?;
         if !conn.paused {
             return None;
         }
         if let Err(e) = conn.flush() {
             debug!("{}: write failed: {e}", conn.peer);
-            return Some("io_error");
+            return Some(CloseReason::IoError);
         }
         if conn.pending_bytes() > self.config.limits.max_output_bytes {
             return None;
@@ -251,7 +253,7 @@ impl Server {
     /// pick that was answered since (its activity moved) or that now waits is skipped.
     /// With `usable_below`, only a connection whose descriptor is below it may go (see
     /// `accept`), and the picks are made afresh among those.
-    fn evict_idle(&mut self, usable_below: Option<u64>) -> bool {
+    fn evict_for_newcomer(&mut self, usable_below: Option<u64>) -> bool {
         let mut picked = false;
         if usable_below.is_some() {
             self.evict_candidates.clear();
@@ -271,12 +273,12 @@ impl Server {
             if !still {
                 continue;
             }
-            let mut reason = "evicted";
+            let mut reason = CloseReason::Evicted;
             if let Some(conn) = self.conns.get(id.0) {
                 debug!("{}: closed to make room for a new connection", conn.peer);
                 // An answered one was closing anyway: not an eviction of a client.
                 if conn.lingering {
-                    reason = "protocol";
+                    reason = CloseReason::Protocol;
                 }
             }
             self.close(id, reason);
@@ -285,7 +287,7 @@ impl Server {
     }
 
     /// Closes a connection to free a descriptor for one that `accept` could not take for
-    /// want of them: the handshake connection a full table would close (see `evict_idle`),
+    /// want of them: the handshake connection a full table would close (see `evict_for_newcomer`),
     /// and for a metrics connection, if there is none, the metrics connection a full set of
     /// them would close (see `evict_idle_http`). A handshake newcomer never closes a metrics
     /// connection, so that a flood of handshake connections cannot cut scrapes off. Returns
@@ -298,7 +300,7 @@ impl Server {
         if kind == Kind::Http && self.http_conns.len() >= MAX_HTTP_CONNECTIONS {
             return self.evict_idle_http();
         }
-        if self.evict_idle(usable_below) {
+        if self.evict_for_newcomer(usable_below) {
             return true;
         }
         kind == Kind::Http && !self.http_conns.is_empty() && self.evict_idle_http()
@@ -333,7 +335,7 @@ impl Server {
             })
         };
         if let Some(id) = oldest(true) {
-            self.close(id, "protocol");
+            self.close(id, CloseReason::Protocol);
             return true;
         }
         let Some(id) = oldest(false) else {
@@ -345,7 +347,7 @@ impl Server {
                 conn.peer
             );
         }
-        self.close(id, "evicted");
+        self.close(id, CloseReason::Evicted);
         true
     }
 
@@ -394,7 +396,7 @@ impl Server {
 
     /// Flushes, resumes a paused connection whose replies drained, updates interest, and
     /// closes the connection if it is done or failed.
-    pub(super) fn after_io(&mut self, id: ConnId, mut close: Option<&'static str>) {
+    pub(super) fn after_io(&mut self, id: ConnId, mut close: Option<CloseReason>) {
         if close.is_none() {
             close = self.resume(id);
         }
@@ -404,7 +406,7 @@ impl Server {
         if close.is_none() {
             if let Err(e) = conn.flush() {
                 debug!("{}: write failed: {e}", conn.peer);
-                close = Some("io_error");
+                close = Some(CloseReason::IoError);
             } else if conn.paused && conn.pending_bytes() <= self.config.limits.max_output_bytes {
                 // This flush, not the one in `resume`, brought the replies under the cap (the
                 // peer read in between). No edge would come for it: nothing is left to write.
@@ -413,9 +415,9 @@ impl Server {
                 }
             } else if conn.finished() {
                 let reason = if conn.close_after_flush {
-                    "protocol"
+                    CloseReason::Protocol
                 } else {
-                    "peer_closed"
+                    CloseReason::PeerClosed
                 };
                 // Closing with the peer's bytes unread would send an RST, which may destroy
                 // our last reply before the peer reads it (a refusal of a request too large
@@ -448,7 +450,7 @@ impl Server {
                 .reregister(&mut conn.stream, id.token(), desired)
             {
                 warn!("{}: cannot reregister: {e}", conn.peer);
-                self.close(id, "io_error");
+                self.close(id, CloseReason::IoError);
                 return;
             }
             conn.interest = desired;
@@ -457,7 +459,7 @@ impl Server {
 
     /// Closes connection `id`, counting it under `reason`; one the daemon gives up on with
     /// replies unread is reset ([`gives_up`]).
-    pub(super) fn close(&mut self, id: ConnId, reason: &'static str) {
+    pub(super) fn close(&mut self, id: ConnId, reason: CloseReason) {
         if !self.conns.contains(id.0) {
             return;
         }
@@ -470,7 +472,7 @@ impl Server {
         // timeout, `setup::set_user_timeout`) ran out. One closed normally after its peer's
         // end is not asked about: the timeout alone bounds what it left unread, so the
         // handshake's close costs no `SIOCOUTQ`.
-        if gives_up(reason)
+        if reason.gives_up()
             && (conn.pending_bytes() > 0
                 || sockopt::unacknowledged(conn.stream.as_raw_fd()).is_ok_and(|n| n > 0))
         {
@@ -485,25 +487,15 @@ impl Server {
         if conn.kind == Kind::Http {
             self.http_conns.retain(|&open| open != id);
         }
-        // Its slot may take a connection accepted later in this pass, which must not be read
-        // for it (a metrics one would be read as TCRP; found by a review): the revisit reads
-        // only connections listed themselves ([`Conn::revisit_listed`]), so the list need not
-        // be searched at each close (closes × listed connections in a pass, up to 4096²).
-        // A lingering connection gave its share back when it began to linger.
+        // Its entry on `revisit`, if any, stays (see that field). A lingering connection gave
+        // its share of its source's count back when it began to linger.
         if conn.kind == Kind::Tcrp && !conn.lingering {
             release_per_ip(&mut self.per_ip, conn.peer);
         }
         self.metrics.tcp_open = self.metrics.tcp_open.saturating_sub(1);
-        Metrics::bump(&mut self.metrics.tcp_closed, reason);
+        Metrics::bump(&mut self.metrics.tcp_closed, reason.label());
         debug!("{}: closed ({reason})", conn.peer);
     }
-}
-
-/// Whether the daemon closes a connection for `reason` on its own, not because its peer or its
-/// last reply ended it: its peer ran out of time (`timeout`, or `output_overflow` while paused
-/// on unread replies) or it made room for another (`evicted`).
-fn gives_up(reason: &str) -> bool {
-    matches!(reason, "timeout" | "output_overflow" | "evicted")
 }
 
 /// Whether a connection waits in `listener`'s accept queue. Linux takes the descriptor
@@ -588,12 +580,18 @@ mod tests {
     /// connection that left some unread); a close its peer or its last reply ended does not.
     #[test]
     fn the_daemon_gives_up_only_on_timeouts_overflows_and_evictions() {
-        for reason in ["timeout", "output_overflow", "evicted"] {
-            assert!(gives_up(reason), "{reason}");
-        }
-        for reason in ["protocol", "peer_closed", "io_error"] {
-            assert!(!gives_up(reason), "{reason}");
-        }
+        let giving_up: Vec<_> = CloseReason::ALL
+            .into_iter()
+            .filter(|r| r.gives_up())
+            .collect();
+        assert_eq!(
+            giving_up,
+            [
+                CloseReason::Timeout,
+                CloseReason::OutputOverflow,
+                CloseReason::Evicted
+            ]
+        );
     }
 
     // Added with the mutation run of 2026-12-06 on the rest of this file (docs/SECURITY.md,

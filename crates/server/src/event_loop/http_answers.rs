@@ -6,9 +6,8 @@ use std::time::{Duration, Instant};
 
 use log::debug;
 
-use super::requests::lingered;
 use super::{ConnId, Server};
-use crate::conn::ReadUntil;
+use crate::conn::{CloseReason, ReadUntil};
 use crate::http::{self, Route};
 use crate::metrics::Metrics;
 use crate::persist::{HardLinks, LockState};
@@ -168,10 +167,10 @@ impl Server {
         }
     }
 
-    pub(super) fn read_http(&mut self, id: ConnId) -> Option<&'static str> {
+    pub(super) fn read_http(&mut self, id: ConnId) -> Option<CloseReason> {
         let conn = self.conns.get_mut(id.0)?;
         if conn.lingering {
-            return lingered(conn);
+            return conn.discard_input();
         }
         if conn.close_after_flush {
             return None;
@@ -182,12 +181,12 @@ impl Server {
         let searched = conn.input.len();
         if let Err(e) = conn.fill(http::MAX_REQUEST_BYTES, ReadUntil::WouldBlock) {
             debug!("{} metrics conn: read failed: {e}", conn.peer);
-            return Some("io_error");
+            return Some(CloseReason::IoError);
         }
         let (route, head) = match http::parse(&conn.input, searched) {
             Some(parsed) => parsed,
             None if conn.input.len() >= http::MAX_REQUEST_BYTES => (Route::TooLarge, false),
-            None if conn.read_closed => return Some("peer_closed"),
+            None if conn.read_closed => return Some(CloseReason::PeerClosed),
             None => return None,
         };
         let (code, reply) = self.http_reply(route, head);
@@ -227,7 +226,7 @@ mod tests {
             assert!(Instant::now() < deadline, "the peer's end never closed it");
             std::thread::yield_now();
         };
-        assert_eq!(reason, "peer_closed");
+        assert_eq!(reason, CloseReason::PeerClosed);
         assert!(s.conns[id.0].pending_bytes() == 0, "nothing was answered");
     }
 }

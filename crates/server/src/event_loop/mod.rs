@@ -17,8 +17,8 @@
 //! Split by job: `setup` binds and loads before the first pass, `connections` accepts and
 //! closes TCP connections, `requests` answers what they send, `http_answers` what the metrics
 //! listener's send, `datagrams` is the UDP side, `lifecycle` handles signals, reloads and
-//! shutdown, `timers` what is due when, and `durability` the hand-off of records to the
-//! writer; this module owns the loop itself, its constants and its state. `testing` is what
+//! shutdown, `timers` what is due when, `durability` the hand-off of records to the
+//! writer, and `udp_output` the wait for room in the UDP socket's send buffer; this module owns the loop itself, its constants and its state. `testing` is what
 //! their unit tests share.
 
 mod connections;
@@ -219,16 +219,19 @@ pub struct Server {
     /// first accepted connection is checked; `Some(false)` when the listener refused the
     /// option or the connection lacked it, and each connection then sets it itself.
     nodelay_inherited: Option<bool>,
-    /// Connections to read and answer again on the next pass: input left unread by their
-    /// read budget, frames left unanswered at the end of their turn ([`FRAMES_PER_TURN`]), or
-    /// replies that drained under the output cap (a connection leaves it when it closes: its
-    /// slot may be taken again before the list is walked).
+    /// Connections to read and answer again, walked at the end of the pass that listed them:
+    /// input left unread by their read budget, frames left unanswered at the end of their turn
+    /// ([`FRAMES_PER_TURN`]), or replies that drained under the output cap. A closed
+    /// connection's entry stays, and its slot may take a connection accepted later in the
+    /// pass, which must not be read for it (a metrics one would be read as TCRP): only a
+    /// connection with [`Conn::revisit_listed`] set is read, so a close need not search the
+    /// list (closes × listed connections in a pass, up to 4096²).
     revisit: Vec<ConnId>,
     /// Listeners whose queue a pass left unfinished at [`ACCEPTS_PER_PASS`]: the next pass
     /// accepts on them again, edge or not (an edge comes only with a newcomer).
     accept_again: Vec<Kind>,
     /// When the connection table is full: the connections to close for newcomers, the first
-    /// choice last (see `evict_idle`).
+    /// choice last (see `evict_for_newcomer`).
     evict_candidates: Vec<(EvictionClass, u64, ConnId)>,
     /// Connections that hold replies for the disk, so that a durable batch reads only
     /// them, not every open connection (one closed since is skipped).
@@ -761,7 +764,7 @@ mod tests {
     /// A connection unpaused for its revisit, with whole requests unread in its input and
     /// its peer's end read, is not closed when a durable batch releases its held reply in
     /// the same pass: the revisit answers the requests, and only then is it finished. It was
-    /// closed as `peer_closed` with them unanswered (found by a review of the loop).
+    /// closed as `peer_closed` with them unanswered.
     #[test]
     fn a_connection_unpaused_for_its_revisit_answers_its_requests_before_it_closes() {
         let dir = tempfile::tempdir().expect("a temporary directory");

@@ -14,7 +14,7 @@ use super::{
     unix_now, ConnId, Server, FRAMES_PER_TURN, MAX_PASSWORD_JOBS, MAX_PASSWORD_JOBS_PER_SOURCE,
     OUTPUT_PER_TURN, READS_PER_EVENT, READ_SLACK, SERVER_FULL_LOG_EVERY,
 };
-use crate::conn::{Conn, Filled, ReadUntil};
+use crate::conn::{CloseReason, Conn, Filled, ReadUntil};
 use crate::handshake::{self, Context, Response, Step};
 use crate::metrics::{operation_label, Metrics};
 use crate::password::{self, Outcome};
@@ -67,22 +67,23 @@ impl Server {
         *logged_at = Some(now);
     }
 
-    /// Reads and answers TCRP frames; returns a close reason on I/O failure. Reads at most
-    /// [`READS_PER_EVENT`] buffers per call so one busy peer cannot hold the loop; a connection
-    /// with more to read is revisited on the next pass.
+    /// Reads and answers TCRP frames; returns the close reason if the connection is done (an
+    /// I/O failure, a protocol error, its peer's end, a lingering close run out). Reads at
+    /// most [`READS_PER_EVENT`] buffers per call so one busy peer cannot hold the loop; a
+    /// connection with more to read is revisited at the end of the pass.
     /// `until` says how far the first buffer is read; see [`ReadUntil`].
     pub(super) fn read_tcrp(
         &mut self,
         id: ConnId,
         now: Instant,
         until: ReadUntil,
-    ) -> Option<&'static str> {
+    ) -> Option<CloseReason> {
         let cap =
             HEADER_LEN + usize::from(u8::MAX) + self.config.limits.max_payload_bytes + READ_SLACK;
         for _ in 0..READS_PER_EVENT {
             let conn = self.conns.get_mut(id.0)?;
             if conn.lingering {
-                return lingered(conn);
+                return conn.discard_input();
             }
             // A paused connection reads nothing until its replies drain (`after_io` resumes).
             if conn.close_after_flush || conn.paused {
@@ -92,7 +93,7 @@ impl Server {
                 Ok(f) => f,
                 Err(e) => {
                     debug!("{}: read failed: {e}", conn.peer);
-                    return Some("io_error");
+                    return Some(CloseReason::IoError);
                 }
             };
             self.process_input(id, now, None);
@@ -431,12 +432,6 @@ fn may_answer_next(
     true
 }
 
-/// Throws away what a lingering connection's peer sent; the close reason once the lingering
-/// is over ([`Conn::discard_input`]).
-pub(super) fn lingered(conn: &mut Conn) -> Option<&'static str> {
-    conn.discard_input()
-}
-
 /// Why a new password job from `source` is refused, if it is: the hashing thread works one
 /// job at a time (tens of milliseconds each), so its queue is bounded in all and per source,
 /// and a flood of password requests is refused at once rather than making every check wait
@@ -594,17 +589,17 @@ mod tests {
     fn lingering_ends_at_the_peers_end() {
         let (peer, mut c) = loopback();
         assert_eq!(c.linger(), None);
-        assert_eq!(lingered(&mut c), None, "the peer has not ended");
+        assert_eq!(c.discard_input(), None, "the peer has not ended");
         drop(peer);
         let deadline = Instant::now() + Duration::from_secs(10);
         let reason = loop {
-            if let Some(reason) = lingered(&mut c) {
+            if let Some(reason) = c.discard_input() {
                 break reason;
             }
             assert!(Instant::now() < deadline, "the peer's end never came");
             std::thread::yield_now();
         };
-        assert_eq!(reason, "protocol");
+        assert_eq!(reason, CloseReason::Protocol);
     }
 
     /// A server on loopback ports of its own, its state in `dir`, without the request limit,

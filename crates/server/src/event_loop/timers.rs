@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use log::debug;
 
 use super::{unix_now, ConnId, Server, DEADLINE_CHECK, STATUS_INTERVAL};
-use crate::conn::Kind;
+use crate::conn::{CloseReason, Kind};
 use crate::plural::Count;
 
 impl Server {
@@ -88,14 +88,14 @@ impl Server {
             .map(|(k, _)| ConnId(k))
             .collect();
         for id in late {
-            // A paused connection ran out of time with its replies unread.
-            let mut reason = "timeout";
+            let mut reason = CloseReason::Timeout;
             if let Some(conn) = self.conns.get(id.0) {
                 if conn.lingering {
                     // Its last reply was sent: the peer just never closed its side.
-                    reason = "protocol";
+                    reason = CloseReason::Protocol;
                 } else if conn.paused {
-                    reason = "output_overflow";
+                    // It ran out of time with its replies unread.
+                    reason = CloseReason::OutputOverflow;
                     debug!("{}: replies not read in time", conn.peer);
                 } else {
                     debug!("{}: no complete request in time", conn.peer);

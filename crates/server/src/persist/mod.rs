@@ -1,5 +1,6 @@
-//! The writer thread: durable group commit of journal records, off the event loop; and the
-//! compactor thread, which folds the journal into the state file off the append path.
+//! Durable group commit of journal records, off the event loop: the loop's handle on the
+//! writer thread (the [`Persister`]), and through it the compactor thread, which folds the
+//! journal into the state file off the append path.
 //!
 //! The loop hands the registry's records to [`Persister::submit`], which tags them with the
 //! batch number that will carry them, and sends each turn's records to the writer at once.
@@ -310,15 +311,6 @@ pub struct Persister {
 }
 
 impl Persister {
-    /// Starts the writer with the default [`Options`]; see [`Persister::start_with`].
-    pub fn start(
-        paths: Paths,
-        loaded: Loaded,
-        waker: Arc<mio::Waker>,
-    ) -> Result<Persister, StoreError> {
-        Persister::start_with(paths, loaded, Options::default(), waker)
-    }
-
     /// Starts the writer and the compactor on a loaded state. If the journals held records,
     /// they are folded into the state file first, so every start begins with an empty journal
     /// and no `journal.old`.

@@ -581,14 +581,14 @@ impl Registry {
     /// of ListRooms from a few sources costs a copy each instead, and members moving their
     /// addresses or history checkpoints do not make the list again.
     pub fn room_list(&mut self, render: impl FnOnce(&Registry) -> Vec<u8>) -> Vec<u8> {
-        let now = self.list_changes;
+        let changes = self.list_changes;
         if let Some((made_at, list)) = &self.room_list {
-            if *made_at == now {
+            if *made_at == changes {
                 return list.clone();
             }
         }
         let list = render(self);
-        self.room_list = Some((now, list.clone()));
+        self.room_list = Some((changes, list.clone()));
         list
     }
 

@@ -18,8 +18,9 @@
 //! takes the new records, so every record in `journal.old` precedes every record in `journal`.
 //! Loading reads the file, then replays `journal.old` and then `journal`, keeping the lines
 //! whose `n` is above the file's `journal_seq` and above every line replayed before. A torn
-//! tail (a crash in the middle of an append, which was never acknowledged) is ignored: a bad
-//! last line, or everything from the first line holding a NUL byte (a zero-filled hole) on.
+//! tail (a crash in the middle of an append, which was never acknowledged) is ignored: a last
+//! line cut short (no newline), or everything from the first line holding a NUL byte (a
+//! zero-filled hole) on; a whole line that does not parse is an error wherever it is.
 //! In `journal.old`, which was durable when it was rotated, it is ignored only if the journal
 //! goes on from its last record; otherwise records are missing and the load stops, as it does
 //! for a bad line anywhere else. See `docs/PERSISTENCE.md`.
@@ -441,7 +442,7 @@ pub fn parse_state(bytes: &[u8]) -> Result<State, serde_json::Error> {
     };
     if !looks_like_state {
         return Err(serde::de::Error::custom(
-            "not an ocm state file: expected a JSON object with \"rooms\" and \"tokens\"",
+            "not an ocm state file: expected a JSON object with a \"rooms\" or \"tokens\" key",
         ));
     }
     serde_json::from_slice(bytes)

@@ -1114,6 +1114,11 @@ fn json_of_another_shape_is_refused() {
     ] {
         let err = parse_state(text.as_bytes()).expect_err(text).to_string();
         assert!(err.contains("not an ocm state file"), "{text}: {err}");
+        // Either key will do: the message must not ask for both.
+        assert!(
+            err.contains("with a \"rooms\" or \"tokens\" key"),
+            "{text}: {err}"
+        );
     }
     // Right shape, wrong contents or syntax: the parser's own message.
     for text in [
