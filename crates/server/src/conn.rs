@@ -9,10 +9,9 @@
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use mio::net::{TcpListener, TcpStream};
+use mio::net::TcpStream;
 use mio::Interest;
 
 use crate::delay::{DelayHistogram, DurableWait};
@@ -37,34 +36,6 @@ fn empty(buffer: &mut Vec<u8>) {
     if buffer.capacity() > IDLE_BUFFER_BYTES {
         buffer.shrink_to(IDLE_BUFFER_BYTES);
     }
-}
-
-/// Sets `TCP_NODELAY` on a listening socket. Linux copies it to every connection the
-/// listener accepts, which saves a `setsockopt` per handshake; returns the error when the
-/// kernel refuses, and the caller then sets it on each connection.
-pub fn set_listener_nodelay(listener: &TcpListener) -> io::Result<()> {
-    crate::sockopt::set_int(
-        listener.as_raw_fd(),
-        libc::IPPROTO_TCP,
-        libc::TCP_NODELAY,
-        1,
-    )
-}
-
-/// Sets `TCP_USER_TIMEOUT` on a listening socket to `timeout` (rounded down to milliseconds,
-/// at most `c_int::MAX` of them): Linux copies it to every connection the listener accepts,
-/// at no cost per handshake. A connection whose peer then leaves bytes we sent
-/// unacknowledged, or keeps its receive window shut, for that long is dropped by the kernel,
-/// and so are the bytes still in its send queue; also once the daemon has closed it, when
-/// nothing else would drop them while the peer acknowledges the kernel's window probes.
-pub fn set_listener_user_timeout(listener: &TcpListener, timeout: Duration) -> io::Result<()> {
-    let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    crate::sockopt::set_int(
-        listener.as_raw_fd(),
-        libc::IPPROTO_TCP,
-        libc::TCP_USER_TIMEOUT,
-        millis,
-    )
 }
 
 /// Why a connection was closed: the `reason` label of `ocm_tcp_connections_closed_total`.
@@ -480,7 +451,9 @@ pub(crate) mod testing {
 mod tests {
     use super::testing::reset;
     use super::*;
+    use mio::net::TcpListener;
     use std::net::{Shutdown, TcpStream as StdStream};
+    use std::os::fd::AsRawFd;
     use std::time::Duration;
 
     /// A loopback pair: the peer's std stream and our accepted mio stream, with the
@@ -488,7 +461,7 @@ mod tests {
     fn pair(nodelay: bool) -> (StdStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         if nodelay {
-            set_listener_nodelay(&listener).unwrap();
+            crate::sockopt::set_listener_nodelay(&listener).unwrap();
         }
         connected(&listener)
     }
@@ -534,11 +507,13 @@ mod tests {
             0,
             "the kernel's own retries unless asked"
         );
-        set_listener_user_timeout(&listener, Duration::from_millis(20_500)).unwrap();
+        crate::sockopt::set_listener_user_timeout(&listener, Duration::from_millis(20_500))
+            .unwrap();
         let (_peer, inherited) = connected(&listener);
         assert_eq!(user_timeout(&inherited), 20_500, "copied from the listener");
         // Past what the option holds: the most it does, not an error or a wrap.
-        set_listener_user_timeout(&listener, Duration::from_secs(u64::MAX)).unwrap();
+        crate::sockopt::set_listener_user_timeout(&listener, Duration::from_secs(u64::MAX))
+            .unwrap();
         let (_peer, longest) = connected(&listener);
         assert_eq!(user_timeout(&longest), libc::c_int::MAX);
     }

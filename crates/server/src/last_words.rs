@@ -7,7 +7,7 @@
 //! `__ROOM_CLOSED__` as a room closes is another matter: it is sent once, the room and its
 //! tokens are deleted, and a member that only listens sends nothing that would bring the
 //! tombstone's answer. Dropped, it would leave that member in a dead room for good. So such
-//! datagrams ([`Send::last_word`](crate::outbox::Send::last_word)) are copied here, the outbox
+//! datagrams ([`QueuedSend::last_word`](crate::outbox::QueuedSend::last_word)) are copied here, the outbox
 //! being reused each pass, and sent again, in order, once the socket has room (see
 //! `Sender::send_held` in `udp`).
 //!

@@ -39,6 +39,7 @@ pub mod plural;
 pub mod rate;
 pub mod record;
 pub mod rooms;
+mod serde_skip;
 pub mod sockopt;
 pub mod store;
 pub mod token;

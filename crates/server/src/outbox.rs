@@ -1,6 +1,6 @@
 //! The send list the registry fills and the UDP shell drains.
 //!
-//! A relayed message is encoded once into the outbox's bytes; each recipient gets a [`Send`]
+//! A relayed message is encoded once into the outbox's bytes; each recipient gets a [`QueuedSend`]
 //! that points at those bytes, so fan-out to 256 members copies nothing. Each payload lies
 //! behind its batch entry prefix (its length), so that a batch frame for a member is the batch
 //! header followed by runs of these bytes, handed to the kernel where they lie: packing
@@ -16,7 +16,7 @@ use crate::local::LocalId;
 
 /// One datagram to send: where, and which bytes of the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Send {
+pub struct QueuedSend {
     /// Destination.
     pub to: SocketAddr,
     /// Which of our addresses it leaves from ([`LocalId::ANY`]: the kernel's choice).
@@ -43,7 +43,7 @@ pub struct Outbox {
     /// Every payload, back to back, each behind its batch entry prefix.
     bytes: Vec<u8>,
     /// Datagrams in the order they were decided.
-    pub sends: Vec<Send>,
+    pub sends: Vec<QueuedSend>,
 }
 
 /// Bytes in front of each payload: its length as a batch entry prefix.
@@ -75,7 +75,7 @@ impl Outbox {
 
     /// Where the batch entry of one send lies: its payload with the length prefix in front.
     /// `None` when the payload is too long to be a batch entry.
-    pub fn entry_of(&self, send: &Send) -> Option<Range<usize>> {
+    pub fn entry_of(&self, send: &QueuedSend) -> Option<Range<usize>> {
         let Range { start, end } = send.bytes;
         delivery::batch_entry_prefix(end.checked_sub(start)?)?;
         Some(start.checked_sub(PREFIX_LEN)?..end)
@@ -83,8 +83,8 @@ impl Outbox {
 
     /// Queues `bytes` (a range returned by [`Outbox::payload`]) for `to`, from our address
     /// `from`, alone in its datagram.
-    pub fn send(&mut self, to: SocketAddr, from: LocalId, bytes: Range<usize>) {
-        self.sends.push(Send {
+    pub fn queue(&mut self, to: SocketAddr, from: LocalId, bytes: Range<usize>) {
+        self.sends.push(QueuedSend {
             to,
             from,
             bytes,
@@ -96,7 +96,7 @@ impl Outbox {
 
     /// Queues `bytes` for the member in registry slot `member`, at `to`, from our address
     /// `from`; `batch_limit` is the largest batch frame the member accepts (0: none).
-    pub fn send_to_member(
+    pub fn queue_to_member(
         &mut self,
         to: SocketAddr,
         from: LocalId,
@@ -104,7 +104,7 @@ impl Outbox {
         member: u32,
         batch_limit: u16,
     ) {
-        self.sends.push(Send {
+        self.sends.push(QueuedSend {
             to,
             from,
             bytes,
@@ -115,16 +115,16 @@ impl Outbox {
     }
 
     /// Queues `bytes` for the member in registry slot `member`, at `to`, from our address
-    /// `from`, as its last word from its room ([`Send::last_word`]): alone in its datagram,
+    /// `from`, as its last word from its room ([`QueuedSend::last_word`]): alone in its datagram,
     /// and held, not dropped, when the send buffer is full.
-    pub fn send_last_word(
+    pub fn queue_last_word(
         &mut self,
         to: SocketAddr,
         from: LocalId,
         bytes: Range<usize>,
         member: u32,
     ) {
-        self.sends.push(Send {
+        self.sends.push(QueuedSend {
             to,
             from,
             bytes,
@@ -135,7 +135,7 @@ impl Outbox {
     }
 
     /// The bytes of one send.
-    pub fn bytes_of(&self, send: &Send) -> &[u8] {
+    pub fn bytes_of(&self, send: &QueuedSend) -> &[u8] {
         self.get(send.bytes.clone())
     }
 
@@ -167,8 +167,8 @@ mod tests {
         let empty = out.payload(|_| {});
         for (range, member) in [(a.clone(), Some(0)), (long.clone(), None), (empty, Some(1))] {
             match member {
-                Some(m) => out.send_to_member(to(), LocalId::ANY, range, m, 4096),
-                None => out.send(to(), LocalId::ANY, range),
+                Some(m) => out.queue_to_member(to(), LocalId::ANY, range, m, 4096),
+                None => out.queue(to(), LocalId::ANY, range),
             }
         }
         assert_eq!(out.bytes_of(&out.sends[0]), b"\x01aone");
@@ -199,12 +199,12 @@ mod tests {
         assert!(out.is_empty());
         let payload = out.payload(|b| b.push(1));
         assert!(out.is_empty(), "a payload alone is no datagram");
-        out.send_to_member(to(), LocalId::ANY, payload.clone(), 0, 0);
+        out.queue_to_member(to(), LocalId::ANY, payload.clone(), 0, 0);
         assert!(!out.is_empty());
         out.clear();
         assert!(out.is_empty());
         let payload = out.payload(|b| b.push(1));
-        out.send(to(), LocalId::ANY, payload);
+        out.queue(to(), LocalId::ANY, payload);
         assert!(!out.is_empty());
     }
 
@@ -213,8 +213,8 @@ mod tests {
         let mut out = Outbox::default();
         let huge = out.payload(|b| b.resize(b.len() + 65_536, 0));
         let fits = out.payload(|b| b.resize(b.len() + 65_535, 0));
-        out.send_to_member(to(), LocalId::ANY, huge, 0, u16::MAX);
-        out.send_to_member(to(), LocalId::ANY, fits.clone(), 0, u16::MAX);
+        out.queue_to_member(to(), LocalId::ANY, huge, 0, u16::MAX);
+        out.queue_to_member(to(), LocalId::ANY, fits.clone(), 0, u16::MAX);
         assert_eq!(out.entry_of(&out.sends[0]), None);
         assert_eq!(out.entry_of(&out.sends[1]), Some(fits.start - 2..fits.end));
         assert_eq!(out.bytes_of(&out.sends[0]).len(), 65_536);

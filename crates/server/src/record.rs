@@ -24,7 +24,7 @@ pub struct MemberRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keepalive: Option<u32>,
     /// Capability bits ([`tcrp::Caps::bits`]).
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "crate::serde_skip::is_default")]
     pub caps: u8,
     /// The largest datagram the member accepts, if it said (`max_datagram`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -33,10 +33,6 @@ pub struct MemberRecord {
     /// `[udp] register_only_from_join_ip`, the only one the token may register from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub joined_from: Option<IpAddr>,
-}
-
-fn is_zero(v: &u8) -> bool {
-    *v == 0
 }
 
 /// One state change.
@@ -52,7 +48,10 @@ pub enum Record {
         /// Unix time of creation, in seconds.
         created_at: f64,
         /// Whether the room shows in listings.
-        #[serde(default = "yes", skip_serializing_if = "is_true")]
+        #[serde(
+            default = "crate::serde_skip::yes",
+            skip_serializing_if = "crate::serde_skip::is_true"
+        )]
         listed: bool,
         /// PHC-format password hash, if the room has a password.
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -139,14 +138,6 @@ pub struct HistoryEntry {
     pub text: String,
     /// Unix time it was relayed, seconds.
     pub at: f64,
-}
-
-fn yes() -> bool {
-    true
-}
-
-fn is_true(v: &bool) -> bool {
-    *v
 }
 
 #[cfg(test)]

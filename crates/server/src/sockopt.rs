@@ -1,12 +1,43 @@
 //! Socket options and facts the standard library and mio do not expose: integer options
-//! through `setsockopt`/`getsockopt` (buffer sizes, arrival timestamps, `TCP_NODELAY` on a
-//! listener), a reset on close (`SO_LINGER`), a TCP socket's unacknowledged bytes
+//! through `setsockopt`/`getsockopt` (buffer sizes, arrival timestamps, `TCP_NODELAY` and
+//! `TCP_USER_TIMEOUT` on a listener, for its connections to inherit), a reset on close (`SO_LINGER`), a TCP socket's unacknowledged bytes
 //! (`SIOCOUTQ`), a listener's accept queue (`TCP_INFO`) and a socket's count of datagrams
 //! dropped before they were read (`SO_MEMINFO`).
 
 use std::io;
 use std::mem;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
+
+/// Sets `TCP_NODELAY` on a listening socket. Linux copies it to every connection the
+/// listener accepts, which saves a `setsockopt` per handshake; returns the error when the
+/// kernel refuses, and the caller then sets it on each connection.
+pub fn set_listener_nodelay(listener: &mio::net::TcpListener) -> io::Result<()> {
+    set_int(
+        listener.as_raw_fd(),
+        libc::IPPROTO_TCP,
+        libc::TCP_NODELAY,
+        1,
+    )
+}
+
+/// Sets `TCP_USER_TIMEOUT` on a listening socket to `timeout` (rounded down to milliseconds,
+/// at most `c_int::MAX` of them): Linux copies it to every connection the listener accepts,
+/// at no cost per handshake. A connection whose peer then leaves bytes we sent
+/// unacknowledged, or keeps its receive window shut, for that long is dropped by the kernel,
+/// and so are the bytes still in its send queue; also once the daemon has closed it, when
+/// nothing else would drop them while the peer acknowledges the kernel's window probes.
+pub fn set_listener_user_timeout(
+    listener: &mio::net::TcpListener,
+    timeout: std::time::Duration,
+) -> io::Result<()> {
+    let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    set_int(
+        listener.as_raw_fd(),
+        libc::IPPROTO_TCP,
+        libc::TCP_USER_TIMEOUT,
+        millis,
+    )
+}
 
 /// Sets the integer option `level`/`name` on `fd` to `value`.
 pub fn set_int(

@@ -82,6 +82,12 @@ impl Config {
                 "rate.requests_burst",
                 self.rate.requests_burst,
             ),
+            (
+                "rate.password_failures_per_min",
+                self.rate.password_failures_per_min,
+                "rate.password_failures_burst",
+                self.rate.password_failures_burst,
+            ),
         ];
         for (key, rate, burst_key, burst) in rates {
             if !rate.is_finite() || rate < 0.0 {
@@ -176,13 +182,6 @@ impl Config {
         }
         if self.history.messages > MAX_HISTORY {
             return Err(format!("history.messages must be at most {MAX_HISTORY}"));
-        }
-        let pw = (
-            self.rate.password_failures_per_min,
-            self.rate.password_failures_burst,
-        );
-        if !pw.0.is_finite() || pw.0 < 0.0 || (pw.0 > 0.0 && (!pw.1.is_finite() || pw.1 < 1.0)) {
-            return Err("rate.password_failures_per_min must be 0 or positive, with rate.password_failures_burst at least 1".into());
         }
         if !self.rate.drop_logs_per_sec.is_finite() || self.rate.drop_logs_per_sec < 0.0 {
             return Err("rate.drop_logs_per_sec must be 0 or a positive number".into());
@@ -294,23 +293,15 @@ fn takes_port_of(wildcard: IpAddr, ip: IpAddr, v6_takes_v4: bool) -> bool {
 /// follows it, rather than from /proc, which the shipped unit hides (`ProcSubset=pid`); a
 /// host without IPv6 is taken as the kernel's default, 0.
 pub(super) fn v6_wildcard_takes_ipv4() -> bool {
-    // SAFETY: a socket created and closed here; getsockopt writes at most `len` bytes into
-    // `only`, whose size `len` gives.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET6, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return true;
-        }
-        let mut only: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        let read = libc::getsockopt(
-            fd,
-            libc::IPPROTO_IPV6,
-            libc::IPV6_V6ONLY,
-            (&mut only as *mut libc::c_int).cast(),
-            &mut len,
-        );
-        libc::close(fd);
-        read != 0 || only == 0
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: socket(2) returns a new descriptor or -1, which is checked.
+    let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return true;
     }
+    // SAFETY: `fd` is the fresh descriptor above, which nothing else owns; dropping the
+    // `OwnedFd` closes it.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    crate::sockopt::get_int(socket.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)
+        .map_or(true, |only| only == 0)
 }

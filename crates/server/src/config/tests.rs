@@ -426,19 +426,19 @@ fn values_past_their_bounds_are_refused_by_name() {
         ),
         (
             "[rate]\npassword_failures_per_min = -1.0",
-            "password_failures",
+            "rate.password_failures_per_min must be 0 (unlimited) or a positive number",
         ),
         (
             "[rate]\npassword_failures_per_min = inf",
-            "password_failures",
+            "rate.password_failures_per_min must be 0 (unlimited) or a positive number",
         ),
         (
             "[rate]\npassword_failures_per_min = 6.0\npassword_failures_burst = 0.5",
-            "password_failures_burst",
+            "rate.password_failures_burst must be at least 1 when rate.password_failures_per_min is set",
         ),
         (
             "[rate]\npassword_failures_per_min = 6.0\npassword_failures_burst = nan",
-            "password_failures_burst",
+            "rate.password_failures_burst must be at least 1",
         ),
         ("[rate]\ndrop_logs_per_sec = -1.0", "rate.drop_logs_per_sec"),
         ("[rate]\ndrop_logs_per_sec = nan", "rate.drop_logs_per_sec"),

@@ -509,17 +509,9 @@ fn newcomer_waits(listener: &TcpListener) -> bool {
 /// The soft open-file limit: `accept` fails with EMFILE when every descriptor below it is
 /// taken. `None` when it cannot be read or there is none.
 fn open_file_limit() -> Option<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit(2) fills the struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0
-        || limit.rlim_cur == libc::RLIM_INFINITY
-    {
-        return None;
-    }
-    Some(limit.rlim_cur)
+    super::setup::nofile_limit()
+        .map(|limit| limit.rlim_cur)
+        .filter(|&soft| soft != libc::RLIM_INFINITY)
 }
 
 /// Whether closing `conn` frees a descriptor below `usable_below` (any, without it).

@@ -249,12 +249,7 @@ impl Server {
         self.persist();
         let stopped = if let Some(mut persister) = self.persister.take() {
             // Let waiting joins get their tokens: wait (bounded) for the batches in flight.
-            let deadline = Instant::now() + SHUTDOWN_WRITE_WAIT;
-            while persister.busy() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(1));
-                persister.poll_done();
-            }
-            if persister.busy() {
+            if !persister.wait_durable(Instant::now() + SHUTDOWN_WRITE_WAIT) {
                 warn!(
                     "stopping: state writes still in flight after {} ms; any join waiting \
                      for them gets no token (made durable later, its name stays taken)",

@@ -405,6 +405,30 @@ impl Persister {
             self.durable = self.durable.max(d.batch);
             done.push(d);
         }
+        self.forget_durable_in_flight();
+        self.pump();
+        done
+    }
+
+    /// Hands over what is queued and blocks until every batch is durable, or until
+    /// `deadline`, or until the writer is gone; returns whether every batch is durable. What
+    /// the writes were (their [`Done`]s) is not kept: for a stop, whose counters no scrape
+    /// reads.
+    pub fn wait_durable(&mut self, deadline: Instant) -> bool {
+        while self.busy() {
+            self.pump();
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.done_rx.recv_timeout(left) {
+                Ok(d) => self.durable = self.durable.max(d.batch),
+                Err(_) => break,
+            }
+        }
+        self.forget_durable_in_flight();
+        !self.busy()
+    }
+
+    /// Drops the batches now durable from the ones in flight.
+    fn forget_durable_in_flight(&mut self) {
         while self
             .in_flight
             .front()
@@ -412,8 +436,6 @@ impl Persister {
         {
             self.in_flight.pop_front();
         }
-        self.pump();
-        done
     }
 
     /// Writes everything queued, waits for a running compaction, folds the journals into the
@@ -436,23 +458,16 @@ impl Persister {
             );
             Stopped::Lost
         };
-        while self.busy() {
-            self.pump();
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.done_rx.recv_timeout(left) {
-                Ok(d) => self.durable = self.durable.max(d.batch),
-                Err(_) if counters(&self.compactions).files_missing => {
-                    return lost("its last writes");
-                }
-                Err(_) => {
-                    error!(
-                        "state writer did not finish its last writes within {limit} s; \
-                         exiting without them: the changes they held (none acknowledged) \
-                         are lost, or kept only as far as the disk took them"
-                    );
-                    return Stopped::Unwritten;
-                }
+        if !self.wait_durable(deadline) {
+            if counters(&self.compactions).files_missing {
+                return lost("its last writes");
             }
+            error!(
+                "state writer did not finish its last writes within {limit} s; exiting \
+                 without them: the changes they held (none acknowledged) are lost, or kept \
+                 only as far as the disk took them"
+            );
+            return Stopped::Unwritten;
         }
         let _ = self.tx.send(Command::Shutdown);
         if let Some(thread) = self.thread.take() {

@@ -289,7 +289,7 @@ impl Registry {
             // Answered from the address the token's member last came to, which its live
             // datagrams numbered; a dead token numbers nothing (anyone can have one).
             let local = self.locals.known(arrival);
-            out.send(src, local, bytes);
+            out.queue(src, local, bytes);
             return Handled::ClosedReply;
         }
         Handled::Dropped(DropReason::UnknownToken)

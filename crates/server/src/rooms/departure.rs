@@ -24,10 +24,9 @@ impl Registry {
     /// old ones), or once departed members' entries outnumber the live ones.
     pub(super) fn requeue_deadlines(&mut self) {
         self.deadlines.clear();
-        let misses = self.limits.keepalive_misses.max(1);
         for (i, member) in &self.members {
             if let Some(interval) = member.keepalive {
-                let limit = interval.saturating_mul(misses);
+                let limit = self.keepalive_limit(interval);
                 self.deadlines
                     .queue(MemberId(i), member.serial, member.last_seen, limit);
             }
@@ -136,7 +135,7 @@ impl Registry {
                     .clone();
                 // Its last word from the room: a listening member sends nothing that would
                 // bring the tombstone's answer, so a full send buffer must not lose it.
-                out.send_last_word(to, member.local, closed, m.slot());
+                out.queue_last_word(to, member.local, closed, m.slot());
                 notified += 1;
             }
         }

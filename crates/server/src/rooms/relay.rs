@@ -64,7 +64,7 @@ impl Registry {
                     })
                     .clone()
             };
-            out.send_to_member(to, member.local, bytes, m.slot(), member.batch_limit());
+            out.queue_to_member(to, member.local, bytes, m.slot(), member.batch_limit());
             deliveries += 1;
         }
         deliveries
@@ -105,7 +105,7 @@ impl Registry {
                     })
                 })
                 .clone();
-            out.send_to_member(to, member.local, range, m.slot(), member.batch_limit());
+            out.queue_to_member(to, member.local, range, m.slot(), member.batch_limit());
         }
     }
 }

@@ -125,21 +125,20 @@ pub struct RoomEntry {
     #[serde(default)]
     pub created_at: f64,
     /// Whether the room shows in listings.
-    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    #[serde(
+        default = "crate::serde_skip::yes",
+        skip_serializing_if = "crate::serde_skip::is_true"
+    )]
     pub listed: bool,
     /// PHC-format password hash.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_hash: Option<String>,
     /// The sequence number the next message gets (0: start at 1).
-    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    #[serde(default, skip_serializing_if = "crate::serde_skip::is_default")]
     pub next_seq: u64,
     /// Recent messages, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<HistoryEntry>,
-}
-
-fn is_zero_u64(v: &u64) -> bool {
-    *v == 0
 }
 
 /// One member in the file.
@@ -159,7 +158,7 @@ pub struct TokenEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keepalive: Option<u32>,
     /// Capability bits.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "crate::serde_skip::is_default")]
     pub caps: u8,
     /// The largest datagram the member accepts (`max_datagram` at join), if it said.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -193,16 +192,6 @@ mod boxed_local {
     ) -> Result<Option<Box<LocalAddr>>, D::Error> {
         Ok(optional_text::deserialize(d)?.map(Box::new))
     }
-}
-
-fn yes() -> bool {
-    true
-}
-fn is_true(v: &bool) -> bool {
-    *v
-}
-fn is_zero(v: &u8) -> bool {
-    *v == 0
 }
 
 /// `address` is `["127.0.0.1", 5000]` in the original's files (a Python tuple); we also read

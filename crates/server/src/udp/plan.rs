@@ -12,7 +12,7 @@ use ucrp::delivery;
 use super::Sender;
 use crate::local::LocalId;
 use crate::mmsg;
-use crate::outbox::{Outbox, Send as QueuedSend};
+use crate::outbox::{Outbox, QueuedSend};
 
 /// Bytes of batch plans kept for reuse between passes (beyond that they are freed).
 pub(super) const POOLED_BATCH_BYTES: usize = 1024 * 1024;

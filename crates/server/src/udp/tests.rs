@@ -43,12 +43,12 @@ fn batchable_recipients_get_batches_in_order_and_others_single_datagrams() {
     let one = chat(&mut out, "one");
     let two = chat(&mut out, "two");
     let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
-    out.send_to_member(addr(1), LocalId::ANY, one.clone(), 1, 4096);
-    out.send_to_member(addr(2), LocalId::ANY, one.clone(), 2, 0);
-    out.send_to_member(addr(1), LocalId::ANY, two.clone(), 1, 4096);
-    out.send_to_member(addr(2), LocalId::ANY, two, 2, 0);
-    out.send_to_member(addr(3), LocalId::ANY, one, 3, 4096); // alone: leaves as a plain frame
-    out.send_to_member(addr(1), LocalId::ANY, closed, 1, 0);
+    out.queue_to_member(addr(1), LocalId::ANY, one.clone(), 1, 4096);
+    out.queue_to_member(addr(2), LocalId::ANY, one.clone(), 2, 0);
+    out.queue_to_member(addr(1), LocalId::ANY, two.clone(), 1, 4096);
+    out.queue_to_member(addr(2), LocalId::ANY, two, 2, 0);
+    out.queue_to_member(addr(3), LocalId::ANY, one, 3, 4096); // alone: leaves as a plain frame
+    out.queue_to_member(addr(1), LocalId::ANY, closed, 1, 0);
     let mut sender = Sender::new(65507);
     let shown: Vec<(u16, String, usize)> = planned(&mut sender, &out)
         .iter()
@@ -82,11 +82,11 @@ fn a_member_that_moves_within_a_pass_gets_the_rest_at_its_new_address() {
     let one = chat(&mut out, "one");
     let two = chat(&mut out, "two");
     let three = chat(&mut out, "three");
-    out.send_to_member(addr(1), LocalId::ANY, one.clone(), 1, 4096);
-    out.send_to_member(addr(1), LocalId::ANY, two.clone(), 1, 4096);
+    out.queue_to_member(addr(1), LocalId::ANY, one.clone(), 1, 4096);
+    out.queue_to_member(addr(1), LocalId::ANY, two.clone(), 1, 4096);
     // The member re-registered from port 9 between these messages.
-    out.send_to_member(addr(9), LocalId::ANY, three.clone(), 1, 4096);
-    out.send_to_member(addr(9), LocalId::ANY, one, 1, 4096);
+    out.queue_to_member(addr(9), LocalId::ANY, three.clone(), 1, 4096);
+    out.queue_to_member(addr(9), LocalId::ANY, one, 1, 4096);
     let mut sender = Sender::new(65507);
     sender.plan(&out);
     let shown: Vec<(u16, usize)> = sender
@@ -112,7 +112,7 @@ fn a_source_the_kernel_refuses_is_retired() {
     assert!(locals.get(gone).is_some());
     let mut out = Outbox::default();
     let one = chat(&mut out, "one");
-    out.send_to_member(to, gone, one, 1, 0);
+    out.queue_to_member(to, gone, one, 1, 0);
     let mut metrics = Metrics::default();
     let mut sender = Sender::new(65507);
     sender.send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
@@ -120,7 +120,7 @@ fn a_source_the_kernel_refuses_is_retired() {
     assert!(metrics.send_errors.is_empty());
     assert_eq!(locals.get(gone), None);
     let one = chat(&mut out, "one");
-    out.send_to_member(to, gone, one, 1, 0);
+    out.queue_to_member(to, gone, one, 1, 0);
     sender.send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
     assert_eq!(metrics.datagrams_sent, 2);
     let mut buf = [0u8; 16];
@@ -205,7 +205,7 @@ fn a_destination_whose_segmented_send_is_refused_gets_one_datagram_per_send() {
     let mut out = Outbox::default();
     let messages: Vec<Range<usize>> = (0..7).map(|i| chat(&mut out, &format!("m{i}"))).collect();
     let first = chat(&mut out, "first");
-    out.send(to_a, LocalId::ANY, first.clone());
+    out.queue(to_a, LocalId::ANY, first.clone());
     for (i, msg) in messages.iter().enumerate() {
         // Member 0 at a gets m0 m1 m2, member 1 at b m3 m4, member 2 at c m5 m6.
         let (to, member) = match i {
@@ -213,11 +213,11 @@ fn a_destination_whose_segmented_send_is_refused_gets_one_datagram_per_send() {
             3 | 4 => (to_b, 1),
             _ => (to_c, 2),
         };
-        out.send_to_member(to, LocalId::ANY, msg.clone(), member, 0);
+        out.queue_to_member(to, LocalId::ANY, msg.clone(), member, 0);
     }
     // After the refusals, from a source the host does not have: retired, so it leaves
     // from the address the route picks.
-    out.send(to_b, gone, first);
+    out.queue(to_b, gone, first);
     let mut metrics = Metrics::default();
     let mut sender = segmenting_sender();
     sender.send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
@@ -234,7 +234,7 @@ fn a_destination_whose_segmented_send_is_refused_gets_one_datagram_per_send() {
     // The next pass plans one datagram per message for them, without a refusal.
     let again = chat(&mut out, "again");
     for _ in 0..2 {
-        out.send_to_member(to_a, LocalId::ANY, again.clone(), 0, 0);
+        out.queue_to_member(to_a, LocalId::ANY, again.clone(), 0, 0);
     }
     assert_eq!(segmenting(&mut sender, &out), vec![(to_a.port(), 1, 0); 2]);
     sender.send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
@@ -246,7 +246,7 @@ fn a_destination_whose_segmented_send_is_refused_gets_one_datagram_per_send() {
     // Once the time is up, a destination gets segmented sends again.
     let again = chat(&mut out, "again");
     for _ in 0..2 {
-        out.send_to_member(to_a, LocalId::ANY, again.clone(), 0, 0);
+        out.queue_to_member(to_a, LocalId::ANY, again.clone(), 0, 0);
     }
     let long_ago = Instant::now() - UNSEGMENTED_FOR - Duration::from_secs(1);
     let mut unsegmented = Unsegmented::default();
@@ -272,7 +272,7 @@ fn a_refused_segmented_send_keeps_a_good_source() {
     let mut out = Outbox::default();
     let msg = chat(&mut out, "same");
     for _ in 0..3 {
-        out.send_to_member(a.local_addr().unwrap(), ours, msg.clone(), 0, 0);
+        out.queue_to_member(a.local_addr().unwrap(), ours, msg.clone(), 0, 0);
     }
     let mut metrics = Metrics::default();
     segmenting_sender().send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
@@ -302,7 +302,7 @@ fn a_source_retired_between_a_refusal_and_its_retry_blames_no_one() {
     let msg = chat(&mut out, "same");
     for (member, to) in [(0, &a), (1, &b)] {
         for _ in 0..3 {
-            out.send_to_member(to.local_addr().unwrap(), gone, msg.clone(), member, 0);
+            out.queue_to_member(to.local_addr().unwrap(), gone, msg.clone(), member, 0);
         }
     }
     let mut metrics = Metrics::default();
@@ -350,7 +350,7 @@ fn a_segmented_send_from_an_ipv6_source_gone_blames_the_source() {
     let mut out = Outbox::default();
     let (same, short) = (chat(&mut out, "same"), chat(&mut out, "x"));
     for msg in [&same, &same, &short, &same, &same] {
-        out.send_to_member(a.local_addr().unwrap(), gone, msg.clone(), 0, 0);
+        out.queue_to_member(a.local_addr().unwrap(), gone, msg.clone(), 0, 0);
     }
     let mut metrics = Metrics::default();
     let mut sender = segmenting_sender();
@@ -380,7 +380,7 @@ fn a_segmented_send_from_a_source_gone_keeps_its_segments() {
     let mut out = Outbox::default();
     let msg = chat(&mut out, "same");
     for _ in 0..3 {
-        out.send_to_member(a.local_addr().unwrap(), gone, msg.clone(), 0, 0);
+        out.queue_to_member(a.local_addr().unwrap(), gone, msg.clone(), 0, 0);
     }
     let mut metrics = Metrics::default();
     let mut sender = segmenting_sender();
@@ -408,8 +408,8 @@ fn a_segmented_send_refused_for_its_destination_leaves_segmenting_on() {
     let mut out = Outbox::default();
     let msg = chat(&mut out, "same");
     for _ in 0..3 {
-        out.send_to_member(addr(0), LocalId::ANY, msg.clone(), 0, 0);
-        out.send_to_member(a.local_addr().unwrap(), LocalId::ANY, msg.clone(), 1, 0);
+        out.queue_to_member(addr(0), LocalId::ANY, msg.clone(), 0, 0);
+        out.queue_to_member(a.local_addr().unwrap(), LocalId::ANY, msg.clone(), 1, 0);
     }
     let mut metrics = Metrics::default();
     let mut sender = segmenting_sender();
@@ -478,10 +478,10 @@ fn deliveries_count_the_datagrams_that_left_not_a_prefix_of_the_plan() {
     let to = peer.local_addr().unwrap();
     let mut out = Outbox::default();
     let one = chat(&mut out, "one");
-    out.send(to, LocalId::ANY, one.clone());
-    out.send(addr(0), LocalId::ANY, one.clone());
+    out.queue(to, LocalId::ANY, one.clone());
+    out.queue(addr(0), LocalId::ANY, one.clone());
     for _ in 0..3 {
-        out.send_to_member(to, LocalId::ANY, one.clone(), 5, 4096);
+        out.queue_to_member(to, LocalId::ANY, one.clone(), 5, 4096);
     }
     let mut metrics = Metrics::default();
     Sender::new(65507).send_all(
@@ -517,11 +517,11 @@ fn a_last_word_leaves_alone_after_what_was_packed_for_its_member() {
     let hi = chat(&mut out, "hi");
     let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
     for _ in 0..2 {
-        out.send_to_member(addr(1), LocalId::ANY, hi.clone(), 1, 4096);
-        out.send_to_member(addr(2), LocalId::ANY, closed.clone(), 2, 0);
+        out.queue_to_member(addr(1), LocalId::ANY, hi.clone(), 1, 4096);
+        out.queue_to_member(addr(2), LocalId::ANY, closed.clone(), 2, 0);
     }
-    out.send_last_word(addr(1), LocalId::ANY, closed.clone(), 1);
-    out.send_last_word(addr(2), LocalId::ANY, closed.clone(), 2);
+    out.queue_last_word(addr(1), LocalId::ANY, closed.clone(), 1);
+    out.queue_last_word(addr(2), LocalId::ANY, closed.clone(), 2);
     let mut sender = segmenting_sender();
     assert_eq!(
         segmenting(&mut sender, &out),
@@ -605,11 +605,11 @@ fn a_last_word_refused_for_memory_is_not_overtaken_within_its_send() {
     let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
     let newer = chat(&mut out, "newer");
     // x is member 1 of a room closing, and member 3 of another.
-    out.send_last_word(to_x, LocalId::ANY, closed.clone(), 1);
-    out.send_to_member(to_y, LocalId::ANY, newer.clone(), 2, 0);
-    out.send_to_member(to_x, LocalId::ANY, newer.clone(), 3, 0);
-    out.send_last_word(to_x, LocalId::ANY, closed, 3);
-    out.send_to_member(to_y, LocalId::ANY, newer, 2, 0);
+    out.queue_last_word(to_x, LocalId::ANY, closed.clone(), 1);
+    out.queue_to_member(to_y, LocalId::ANY, newer.clone(), 2, 0);
+    out.queue_to_member(to_x, LocalId::ANY, newer.clone(), 3, 0);
+    out.queue_last_word(to_x, LocalId::ANY, closed, 3);
+    out.queue_to_member(to_y, LocalId::ANY, newer, 2, 0);
     let mut sender = Sender::new(65507);
     sender.scratch.refusing = Some(no_memory_for_room_closed);
     let (mut locals, mut metrics) = (Locals::default(), Metrics::default());
@@ -642,9 +642,9 @@ fn a_held_word_refused_again_for_memory_is_not_overtaken_by_one_held_behind_it()
     let mut out = Outbox::default();
     let [first, other, second] =
         [b"first", b"other", b"secnd"].map(|w| out.payload(|b| b.extend_from_slice(w)));
-    out.send_last_word(to_x, LocalId::ANY, first, 1);
-    out.send_last_word(to_y, LocalId::ANY, other, 2);
-    out.send_last_word(to_x, LocalId::ANY, second, 3);
+    out.queue_last_word(to_x, LocalId::ANY, first, 1);
+    out.queue_last_word(to_y, LocalId::ANY, other, 2);
+    out.queue_last_word(to_x, LocalId::ANY, second, 3);
     let mut sender = Sender::new(65507);
     // No memory for anything: all three are held, in order.
     sender.scratch.refusing = Some(|_| Some(libc::ENOBUFS));
@@ -683,11 +683,11 @@ fn a_last_word_refused_for_memory_before_a_refused_segmented_send_is_not_overtak
     let mut out = Outbox::default();
     let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
     let newer = chat(&mut out, "newer");
-    out.send_last_word(to_x, LocalId::ANY, closed, 1);
+    out.queue_last_word(to_x, LocalId::ANY, closed, 1);
     for _ in 0..2 {
-        out.send_to_member(to_y, LocalId::ANY, newer.clone(), 2, 0);
+        out.queue_to_member(to_y, LocalId::ANY, newer.clone(), 2, 0);
     }
-    out.send_to_member(to_x, LocalId::ANY, newer, 3, 0);
+    out.queue_to_member(to_x, LocalId::ANY, newer, 3, 0);
     let mut sender = segmenting_sender();
     sender.scratch.refusing = Some(no_memory_for_room_closed);
     let (mut locals, mut metrics) = (Locals::default(), Metrics::default());
@@ -709,7 +709,7 @@ fn a_word_held_for_the_age_limit_is_let_go_and_counted() {
     let to_x = x.local_addr().unwrap();
     let mut out = Outbox::default();
     let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
-    out.send_last_word(to_x, LocalId::ANY, closed, 1);
+    out.queue_last_word(to_x, LocalId::ANY, closed, 1);
     let mut sender = Sender::new(65507);
     sender.scratch.refusing = Some(no_memory_for_room_closed);
     let (mut locals, mut metrics) = (Locals::default(), Metrics::default());
@@ -732,7 +732,7 @@ fn a_word_held_for_the_age_limit_is_let_go_and_counted() {
     assert!(got_nothing(&x), "let go, not sent");
     // Nothing is held back for it any more.
     let after = chat(&mut out, "after");
-    out.send_to_member(to_x, LocalId::ANY, after, 1, 0);
+    out.queue_to_member(to_x, LocalId::ANY, after, 1, 0);
     sender.send_all(
         &socket,
         &mut out,
@@ -799,9 +799,9 @@ proptest::proptest! {
                 let bytes = out.payload(|b| b.extend_from_slice(&[code, hi, lo]));
                 let slot = member as u32;
                 if last_word {
-                    out.send_last_word(to[member], LocalId::ANY, bytes, slot);
+                    out.queue_last_word(to[member], LocalId::ANY, bytes, slot);
                 } else {
-                    out.send_to_member(to[member], LocalId::ANY, bytes, slot, 0);
+                    out.queue_to_member(to[member], LocalId::ANY, bytes, slot, 0);
                 }
             }
             sender.send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
@@ -851,12 +851,12 @@ fn a_members_equal_datagrams_go_as_one_segmented_send_up_to_a_shorter_one() {
     let short = chat(&mut out, "d----");
     let [f, g] = ["f", "g"].map(|t| chat(&mut out, &format!("{t}----------")));
     let to_member = |out: &mut Outbox, port, msg: &Range<usize>| {
-        out.send_to_member(addr(port), LocalId::ANY, msg.clone(), u32::from(port), 0);
+        out.queue_to_member(addr(port), LocalId::ANY, msg.clone(), u32::from(port), 0);
     };
     for msg in [&a, &b] {
         to_member(&mut out, 1, msg);
         to_member(&mut out, 2, msg);
-        out.send(addr(3), LocalId::ANY, msg.clone()); // not a member: alone
+        out.queue(addr(3), LocalId::ANY, msg.clone()); // not a member: alone
     }
     for msg in [&c, &short, &e, &f, &g] {
         to_member(&mut out, 1, msg);
@@ -905,7 +905,7 @@ fn segmented_sends_keep_to_the_kernels_limits_and_leave_batches_alone() {
         let mut out = Outbox::default();
         let msg = chat(&mut out, &"x".repeat(text_len));
         for _ in 0..count {
-            out.send_to_member(addr(1), LocalId::ANY, msg.clone(), 7, limit);
+            out.queue_to_member(addr(1), LocalId::ANY, msg.clone(), 7, limit);
         }
         segmenting(&mut segmenting_sender(), &out)
             .into_iter()
@@ -928,7 +928,7 @@ fn packing(message_len: usize, count: usize, limit: u16, cap: usize) -> (Vec<usi
     let mut out = Outbox::default();
     let msg = chat(&mut out, &"x".repeat(message_len));
     for _ in 0..count {
-        out.send_to_member(addr(1), LocalId::ANY, msg.clone(), 7, limit);
+        out.queue_to_member(addr(1), LocalId::ANY, msg.clone(), 7, limit);
     }
     let datagrams = planned(&mut Sender::new(cap), &out);
     let counts = datagrams.iter().map(|(_, _, n)| *n).collect();
@@ -961,7 +961,7 @@ fn a_member_that_gets_a_passs_messages_gets_them_as_one_run_of_the_outbox() {
         .collect();
     for (from, msg) in &messages {
         for member in (0..4u32).filter(|m| m != from) {
-            out.send_to_member(
+            out.queue_to_member(
                 addr(member as u16 + 1),
                 LocalId::ANY,
                 msg.clone(),
@@ -1006,8 +1006,8 @@ fn a_batch_of_scattered_entries_stops_at_the_kernels_limit_on_runs() {
     for i in 0..count {
         let mine = chat(&mut out, &format!("{i}"));
         let other = chat(&mut out, "-");
-        out.send_to_member(addr(1), LocalId::ANY, mine, 1, 65507);
-        out.send(addr(2), LocalId::ANY, other);
+        out.queue_to_member(addr(1), LocalId::ANY, mine, 1, 65507);
+        out.queue(addr(2), LocalId::ANY, other);
     }
     let datagrams = planned(&mut Sender::new(65507), &out);
     let batches: Vec<&(SocketAddr, Vec<u8>, usize)> = datagrams
@@ -1041,8 +1041,8 @@ fn an_ipv6_socket_sends_to_ipv4_peers_at_their_ipv4_mapped_addresses() {
     let mut out = Outbox::default();
     let one = chat(&mut out, "one");
     let v6: SocketAddr = "[2001:db8::1]:6".parse().unwrap();
-    out.send(addr(5), LocalId::ANY, one.clone());
-    out.send_to_member(v6, LocalId::ANY, one, 0, 0);
+    out.queue(addr(5), LocalId::ANY, one.clone());
+    out.queue_to_member(v6, LocalId::ANY, one, 0, 0);
     let mut sender = Sender::new(65507);
     let destinations = |sender: &mut Sender| -> Vec<SocketAddr> {
         planned(sender, &out)
@@ -1061,7 +1061,7 @@ fn a_reloaded_cap_on_batches_applies_from_the_next_pass() {
     let mut out = Outbox::default();
     let msg = chat(&mut out, &"x".repeat(1500));
     for _ in 0..5 {
-        out.send_to_member(addr(1), LocalId::ANY, msg.clone(), 7, 65507);
+        out.queue_to_member(addr(1), LocalId::ANY, msg.clone(), 7, 65507);
     }
     let mut sender = Sender::new(65507);
     let counts = |sender: &mut Sender| -> Vec<usize> {
@@ -1100,8 +1100,8 @@ fn a_batch_of_scattered_entries_is_gathered_from_as_many_runs_as_the_kernel_take
     for i in 0..mmsg::MAX_PARTS + 10 {
         let mine = chat(&mut out, &format!("{i}"));
         let other = chat(&mut out, "-");
-        out.send_to_member(addr(1), LocalId::ANY, mine, 1, 65507);
-        out.send(addr(2), LocalId::ANY, other);
+        out.queue_to_member(addr(1), LocalId::ANY, mine, 1, 65507);
+        out.queue(addr(2), LocalId::ANY, other);
     }
     let mut sender = Sender::new(65507);
     sender.plan(&out);
@@ -1193,7 +1193,7 @@ fn a_last_word_queued_behind_one_still_held_is_held_after_it() {
     let (to_x, to_y) = (x.local_addr().unwrap(), y.local_addr().unwrap());
     let mut out = Outbox::default();
     let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
-    out.send_last_word(to_x, LocalId::ANY, closed, 1);
+    out.queue_last_word(to_x, LocalId::ANY, closed, 1);
     let mut sender = Sender::new(65507);
     sender.scratch.refusing = Some(no_memory_for_room_closed);
     let (mut locals, mut metrics) = (Locals::default(), Metrics::default());
@@ -1204,8 +1204,8 @@ fn a_last_word_queued_behind_one_still_held_is_held_after_it() {
     // x's other room closes too, while the first word is still held.
     let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
     let newer = chat(&mut out, "newer");
-    out.send_last_word(to_x, LocalId::ANY, closed, 3);
-    out.send_to_member(to_y, LocalId::ANY, newer, 2, 0);
+    out.queue_last_word(to_x, LocalId::ANY, closed, 3);
+    out.queue_to_member(to_y, LocalId::ANY, newer, 2, 0);
     sender.send_all(&socket, &mut out, &mut locals, &mut metrics, now);
     let held: Vec<SocketAddr> = sender.held.iter().map(|word| word.to).collect();
     assert_eq!(held, [to_x, to_x]);
@@ -1236,7 +1236,7 @@ fn a_refused_segmented_send_whose_retry_finds_no_room_blames_no_one() {
     // not look at a segmented send, which the socket refuses.
     let full = out.payload(|b| b.extend_from_slice(&[3, 0, 1]));
     for _ in 0..3 {
-        out.send_to_member(a.local_addr().unwrap(), LocalId::ANY, full.clone(), 0, 0);
+        out.queue_to_member(a.local_addr().unwrap(), LocalId::ANY, full.clone(), 0, 0);
     }
     let mut sender = segmenting_sender();
     sender.scratch.refusing = Some(mmsg::by_first_byte);
@@ -1310,7 +1310,7 @@ mod planned_against_push_batch_entry {
                     limit
                 };
                 expected.push((member, out.get(p.clone()).to_vec()));
-                out.send_to_member(
+                out.queue_to_member(
                     SocketAddr::from(([127, 0, 0, 1], port)),
                     LocalId::ANY,
                     p,

@@ -41,7 +41,7 @@ use crate::rooms::Registry;
 use crate::store::{self, Paths};
 use crate::wall_clock::WallClock;
 use crate::{mmsg, password, sockopt, udp};
-pub(super) use open_files::fit_open_files;
+pub(super) use open_files::{fit_open_files, nofile_limit};
 use sockets::{
     bind_metrics, bind_tcp, bind_udp, enable_arrival_addresses, enable_arrival_timestamps,
     udp_sender,

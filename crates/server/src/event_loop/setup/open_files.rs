@@ -38,14 +38,9 @@ pub(super) fn connection_cap(max_connections: usize, open_files: u64) -> usize {
 pub(in crate::event_loop) fn fit_open_files(config: &Config) -> usize {
     let max_connections = config.limits.max_connections;
     let needed = open_files_needed(config);
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit(2) fills the struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+    let Some(mut limit) = nofile_limit() else {
         return max_connections;
-    }
+    };
     if limit.rlim_cur >= needed {
         return max_connections;
     }
@@ -95,22 +90,13 @@ pub(in crate::event_loop) fn fit_open_files(config: &Config) -> usize {
     cap
 }
 
-/// Says (level warn) when the kernel granted a UDP buffer smaller than `[udp] key` asked for:
-/// it caps the request at the `sysctl`'s value, silently. Linux reports twice the room it
-/// grants (the other half covers its bookkeeping), so `granted` is below twice `asked`
-/// exactly when the request was capped.
-pub(super) fn warn_if_capped(what: &str, key: &str, asked: usize, granted: usize, sysctl: &str) {
-    if asked == 0 || granted >= asked.saturating_mul(2) {
-        return;
-    }
-    warn!(
-        "UDP {what} buffer: udp.{key} asks for {asked} bytes, the kernel allows {} \
-         ({sysctl} caps it); raise {sysctl} to at least {asked}{}",
-        granted / 2,
-        if what == "receive" {
-            ", or bursts past it are dropped (ocm_udp_receive_buffer_drops_total)"
-        } else {
-            ""
-        }
-    );
+/// The process's open-file limits (`RLIMIT_NOFILE`), soft and hard; `None` when they cannot
+/// be read.
+pub(in crate::event_loop) fn nofile_limit() -> Option<libc::rlimit> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2) fills the struct we own.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0).then_some(limit)
 }

@@ -8,12 +8,11 @@ use std::time::Duration;
 use log::{debug, info, warn};
 use mio::net::{TcpListener, UdpSocket};
 
-use super::open_files::warn_if_capped;
 use crate::config::Config;
 use crate::error::Error;
 use crate::event_loop::{io_err, METRICS_LISTEN_BACKLOG};
 use crate::local;
-use crate::{conn, mmsg, sockopt, udp};
+use crate::{mmsg, sockopt, udp};
 
 /// The kernel send buffer asked for each TCRP connection (Linux doubles it, for its own
 /// bookkeeping): room for several of the largest replies (15 KiB), while a peer that sends
@@ -47,7 +46,7 @@ pub(super) fn bind_tcp(config: &Config) -> Result<(TcpListener, Option<bool>), E
     set_user_timeout(&tcp, "TCP", config);
     // Accepted connections inherit TCP_NODELAY; if the listener refuses it, each
     // connection gets it instead.
-    let nodelay_inherited = match conn::set_listener_nodelay(&tcp) {
+    let nodelay_inherited = match sockopt::set_listener_nodelay(&tcp) {
         Ok(()) => None,
         Err(e) => {
             debug!("TCP_NODELAY on the listener refused ({e}); set per connection");
@@ -71,7 +70,7 @@ pub(super) fn bind_tcp(config: &Config) -> Result<(TcpListener, Option<bool>), E
 /// kernel refuses.
 pub(in crate::event_loop) fn set_user_timeout(listener: &TcpListener, what: &str, config: &Config) {
     let timeout = Duration::from_secs(config.limits.handshake_timeout_secs.saturating_mul(2));
-    if let Err(e) = conn::set_listener_user_timeout(listener, timeout) {
+    if let Err(e) = sockopt::set_listener_user_timeout(listener, timeout) {
         warn!(
             "cannot set TCP_USER_TIMEOUT on the {what} listener: {e}; replies a peer never \
              reads may stay in the kernel for minutes after its connection is closed"
@@ -87,16 +86,22 @@ pub(in crate::event_loop) fn set_listen_backlog(
     listener: &TcpListener,
     backlog: u32,
 ) -> std::io::Result<()> {
-    match listen_again(listener, backlog)? {
+    let granted = listen_again(listener, backlog)?;
+    report_backlog("TCP", "limits.listen_backlog", backlog, granted);
+    Ok(())
+}
+
+/// Says the backlog the kernel granted the `which` listener: a warning when it is less than
+/// the `backlog` that `asker` asked for, at debug otherwise.
+fn report_backlog(which: &str, asker: &str, backlog: u32, granted: Option<u32>) {
+    match granted {
         Some(granted) if granted < backlog => warn!(
-            "TCP listen backlog: limits.listen_backlog asks for {backlog}, the kernel allows \
-             {granted} (net.core.somaxconn caps it); raise net.core.somaxconn to at least \
-             {backlog}"
+            "{which} listen backlog: {asker} asks for {backlog}, the kernel allows {granted} \
+             (net.core.somaxconn caps it); raise net.core.somaxconn to at least {backlog}"
         ),
-        Some(granted) => debug!("TCP listen backlog: {granted}"),
+        Some(granted) => debug!("{which} listen backlog: {granted}"),
         None => {}
     }
-    Ok(())
 }
 
 /// Gives the listening `listener` a backlog of `backlog` and returns the one the kernel
@@ -204,17 +209,9 @@ pub(super) fn bind_metrics(config: &Config) -> Result<Option<TcpListener>, Error
         addr,
         source,
     })?;
-    match listen_again(&listener, METRICS_LISTEN_BACKLOG)
-        .map_err(io_err("cannot set the metrics listen backlog"))?
-    {
-        Some(granted) if granted < METRICS_LISTEN_BACKLOG => warn!(
-            "metrics listen backlog: ocmd asks for {METRICS_LISTEN_BACKLOG}, the kernel allows \
-             {granted} (net.core.somaxconn caps it); raise net.core.somaxconn to at least \
-             {METRICS_LISTEN_BACKLOG}"
-        ),
-        Some(granted) => debug!("metrics listen backlog: {granted}"),
-        None => {}
-    }
+    let granted = listen_again(&listener, METRICS_LISTEN_BACKLOG)
+        .map_err(io_err("cannot set the metrics listen backlog"))?;
+    report_backlog("metrics", "ocmd", METRICS_LISTEN_BACKLOG, granted);
     set_user_timeout(&listener, "metrics", config);
     Ok(Some(listener))
 }
@@ -233,4 +230,24 @@ pub(in crate::event_loop) fn segmentation(config: &Config, fd: RawFd) -> bool {
         );
     }
     possible
+}
+
+/// Says (level warn) when the kernel granted a UDP buffer smaller than `[udp] key` asked for:
+/// it caps the request at the `sysctl`'s value, silently. Linux reports twice the room it
+/// grants (the other half covers its bookkeeping), so `granted` is below twice `asked`
+/// exactly when the request was capped.
+fn warn_if_capped(what: &str, key: &str, asked: usize, granted: usize, sysctl: &str) {
+    if asked == 0 || granted >= asked.saturating_mul(2) {
+        return;
+    }
+    warn!(
+        "UDP {what} buffer: udp.{key} asks for {asked} bytes, the kernel allows {} \
+         ({sysctl} caps it); raise {sysctl} to at least {asked}{}",
+        granted / 2,
+        if what == "receive" {
+            ", or bursts past it are dropped (ocm_udp_receive_buffer_drops_total)"
+        } else {
+            ""
+        }
+    );
 }
