@@ -235,42 +235,11 @@ pub(crate) fn scan_journal<E>(
         index += 1;
         replay.last_line = index;
         if let Some(first_nul) = line.iter().position(|&b| b == 0) {
-            // This line and everything after it, counted without being kept (its lines may be
-            // as long as the hole).
-            let mut tail = TailCount::default();
-            tail.add(&line);
-            loop {
-                let chunk = match reader.fill_buf() {
-                    Ok([]) => break,
-                    Ok(chunk) => chunk,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(ScanError::Read(e)),
-                };
-                tail.add(chunk);
-                let read = chunk.len();
-                reader.consume(read);
-            }
+            let mut tail = count_tail(&mut reader, &line).map_err(ScanError::Read)?;
             if ending == Ending::Cut {
                 tail.all_data();
             }
-            replay.spare_bytes = (tail.bytes - tail.data_end) as u64;
-            replay.data_bytes = offset + tail.data_end as u64;
-            if tail.data_end <= first_nul {
-                // Nothing but NULs from the first one on: the writer's space ahead, after
-                // the whole lines or after a last line cut short.
-                if tail.data_end == 0 {
-                    replay.last_line = index - 1;
-                } else {
-                    replay.torn_tail = true;
-                }
-                return Ok(replay);
-            }
-            replay.torn_tail = true;
-            replay.hole_tail_bytes = tail.data_end;
-            replay.zero_hole = Some(ZeroHole {
-                line: index,
-                lines: tail.lines(),
-            });
+            end_at_nul(&mut replay, &tail, first_nul, index, offset);
             return Ok(replay);
         }
         offset += line.len() as u64;
@@ -297,6 +266,47 @@ pub(crate) fn scan_journal<E>(
             Err(e) => return Err(ScanError::Line(index, e.to_string())),
         }
     }
+}
+
+/// Counts `line` (which holds a NUL) and everything `reader` holds after it, without keeping
+/// any of it: its lines may be as long as the hole.
+fn count_tail(reader: &mut impl io::BufRead, line: &[u8]) -> io::Result<TailCount> {
+    let mut tail = TailCount::default();
+    tail.add(line);
+    loop {
+        let chunk = match reader.fill_buf() {
+            Ok([]) => return Ok(tail),
+            Ok(chunk) => chunk,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        tail.add(chunk);
+        let read = chunk.len();
+        reader.consume(read);
+    }
+}
+
+/// Ends `replay` at line `index`, the first holding a NUL (at `first_nul` in it, `offset`
+/// bytes into the journal), from the `tail` counted from that line on: the writer's space
+/// ahead when nothing but NULs follows the first one (after the whole lines, or after a last
+/// line cut short), a zero-filled hole when data comes after it.
+fn end_at_nul(replay: &mut Replay, tail: &TailCount, first_nul: usize, index: usize, offset: u64) {
+    replay.spare_bytes = (tail.bytes - tail.data_end) as u64;
+    replay.data_bytes = offset + tail.data_end as u64;
+    if tail.data_end <= first_nul {
+        if tail.data_end == 0 {
+            replay.last_line = index - 1;
+        } else {
+            replay.torn_tail = true;
+        }
+        return;
+    }
+    replay.torn_tail = true;
+    replay.hole_tail_bytes = tail.data_end;
+    replay.zero_hole = Some(ZeroHole {
+        line: index,
+        lines: tail.lines(),
+    });
 }
 
 /// Appends to `line` the bytes up to and including the next newline, as `read_until` does,

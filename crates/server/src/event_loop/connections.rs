@@ -414,47 +414,61 @@ impl Server {
                     self.revisit.push(id);
                 }
             } else if conn.finished() {
-                let reason = if conn.close_after_flush {
-                    CloseReason::Protocol
-                } else {
-                    CloseReason::PeerClosed
-                };
-                // Closing with the peer's bytes unread would send an RST, which may destroy
-                // our last reply before the peer reads it (a refusal of a request too large
-                // to read whole): shut our side and read to the peer's end first.
-                if conn.close_after_flush && !conn.read_closed && !conn.lingering {
-                    close = conn.linger();
-                    // Its source's share of `max_connections_per_ip` is free again: a
-                    // client that reconnects before closing is not refused for it.
-                    if conn.kind == Kind::Tcrp {
-                        release_per_ip(&mut self.per_ip, conn.peer);
-                    }
-                    // No longer than a handshake may take (a shorter timeout is kept).
-                    let handshake = Duration::from_secs(self.config.limits.handshake_timeout_secs);
-                    let until = Instant::now() + LINGER.min(handshake);
-                    conn.restart_timer(until, &mut self.activity);
-                } else {
-                    close = Some(reason);
-                }
+                close = self.finish(id);
             }
         }
         if let Some(reason) = close {
             self.close(id, reason);
             return;
         }
-        let desired = conn.desired_interest();
-        if desired != conn.interest {
-            if let Err(e) = self
-                .poll
-                .registry()
-                .reregister(&mut conn.stream, id.token(), desired)
-            {
-                warn!("{}: cannot reregister: {e}", conn.peer);
-                self.close(id, CloseReason::IoError);
-                return;
-            }
-            conn.interest = desired;
+        self.update_interest(id);
+    }
+
+    /// A connection with nothing left to answer or send: the close reason, or `None` when
+    /// it begins a lingering close instead. Closing with the peer's bytes unread would send
+    /// an RST, which may destroy our last reply before the peer reads it (a refusal of a
+    /// request too large to read whole): our side is shut and the peer's read to its end
+    /// first.
+    fn finish(&mut self, id: ConnId) -> Option<CloseReason> {
+        let conn = self.conns.get_mut(id.0)?;
+        if !conn.close_after_flush {
+            return Some(CloseReason::PeerClosed);
         }
+        if conn.read_closed || conn.lingering {
+            return Some(CloseReason::Protocol);
+        }
+        let close = conn.linger();
+        // Its source's share of `max_connections_per_ip` is free again: a client that
+        // reconnects before closing is not refused for it.
+        if conn.kind == Kind::Tcrp {
+            release_per_ip(&mut self.per_ip, conn.peer);
+        }
+        // No longer than a handshake may take (a shorter timeout is kept).
+        let handshake = Duration::from_secs(self.config.limits.handshake_timeout_secs);
+        conn.restart_timer(Instant::now() + LINGER.min(handshake), &mut self.activity);
+        close
+    }
+
+    /// Registers the connection for the readiness it needs now (WRITABLE only while output
+    /// is queued); closes it if the poll refuses.
+    fn update_interest(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get_mut(id.0) else {
+            return;
+        };
+        let desired = conn.desired_interest();
+        if desired == conn.interest {
+            return;
+        }
+        if let Err(e) = self
+            .poll
+            .registry()
+            .reregister(&mut conn.stream, id.token(), desired)
+        {
+            warn!("{}: cannot reregister: {e}", conn.peer);
+            self.close(id, CloseReason::IoError);
+            return;
+        }
+        conn.interest = desired;
     }
 
     /// Closes connection `id`, counting it under `reason`; one the daemon gives up on with

@@ -327,58 +327,89 @@ impl Server {
             }
             let now = Instant::now();
             // Datagrams before connections (see the module docs): they may have waited longer.
-            for event in events.iter().filter(|event| event.token() == UDP_SOCKET) {
-                // Room in the send buffer alone is no datagram to read.
-                if event.is_readable() || !event.is_writable() {
-                    self.udp_ready = true;
-                }
-                if event.is_writable() {
-                    self.udp_output.writable();
-                }
-            }
+            self.note_udp_readiness(&events);
             if self.udp_ready {
                 self.udp_ready = self.drain_udp(now);
             }
-            for event in events.iter() {
-                match event.token() {
-                    TCP_LISTENER => self.accept(Kind::Tcrp, now),
-                    METRICS_LISTENER => self.accept(Kind::Http, now),
-                    UDP_SOCKET => {} // drained above
-                    WAKER => {
-                        self.collect_durable();
-                        self.collect_passwords(now);
-                    }
-                    SIGNALS => {
-                        if self.handle_signals() {
-                            return Ok(self.shutdown());
-                        }
-                    }
-                    token => {
-                        if let Some(id) = ConnId::from_token(token) {
-                            self.conn_event(id, event, now);
-                        }
-                    }
-                }
+            if self.dispatch(&events, now) == Pass::Stop {
+                return Ok(self.shutdown());
             }
-            for kind in std::mem::take(&mut self.accept_again) {
-                self.accept(kind, now);
-            }
-            for id in std::mem::take(&mut self.revisit) {
-                // Gone, or a connection in a reused slot that is not listed itself.
-                let listed = self
-                    .conns
-                    .get_mut(id.0)
-                    .is_some_and(|conn| std::mem::replace(&mut conn.revisit_listed, false));
-                if listed {
-                    let close = self.read_tcrp(id, now, ReadUntil::WouldBlock);
-                    self.after_io(id, close);
-                }
-            }
+            self.come_back(now);
             self.timers(now);
             self.send_held_last_words(now);
             self.flush_outbox(now);
             self.watch_udp_output(now);
             self.persist();
+        }
+    }
+}
+
+/// Whether a pass of the loop goes on or ends the loop for a stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Continue,
+    Stop,
+}
+
+impl Server {
+    /// Takes the UDP socket's readiness from `events`: datagrams to read, or room in its send
+    /// buffer for held last words.
+    fn note_udp_readiness(&mut self, events: &Events) {
+        for event in events.iter().filter(|event| event.token() == UDP_SOCKET) {
+            // Room in the send buffer alone is no datagram to read.
+            if event.is_readable() || !event.is_writable() {
+                self.udp_ready = true;
+            }
+            if event.is_writable() {
+                self.udp_output.writable();
+            }
+        }
+    }
+
+    /// Handles the pass's other events: accepts, the writer's and the password thread's
+    /// wake-ups, signals and connections' readiness. [`Pass::Stop`] for a stop's signal.
+    fn dispatch(&mut self, events: &Events, now: Instant) -> Pass {
+        for event in events.iter() {
+            match event.token() {
+                TCP_LISTENER => self.accept(Kind::Tcrp, now),
+                METRICS_LISTENER => self.accept(Kind::Http, now),
+                UDP_SOCKET => {} // drained before
+                WAKER => {
+                    self.collect_durable();
+                    self.collect_passwords(now);
+                }
+                SIGNALS => {
+                    if self.handle_signals() {
+                        return Pass::Stop;
+                    }
+                }
+                token => {
+                    if let Some(id) = ConnId::from_token(token) {
+                        self.conn_event(id, event, now);
+                    }
+                }
+            }
+        }
+        Pass::Continue
+    }
+
+    /// Comes back to what the pass left for its end, with no edge to wait for: listeners
+    /// with connections still queued ([`ACCEPTS_PER_PASS`]), and connections to read and
+    /// answer again (`revisit`).
+    fn come_back(&mut self, now: Instant) {
+        for kind in std::mem::take(&mut self.accept_again) {
+            self.accept(kind, now);
+        }
+        for id in std::mem::take(&mut self.revisit) {
+            // Gone, or a connection in a reused slot that is not listed itself.
+            let listed = self
+                .conns
+                .get_mut(id.0)
+                .is_some_and(|conn| std::mem::replace(&mut conn.revisit_listed, false));
+            if listed {
+                let close = self.read_tcrp(id, now, ReadUntil::WouldBlock);
+                self.after_io(id, close);
+            }
         }
     }
 }

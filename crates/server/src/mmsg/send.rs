@@ -141,14 +141,22 @@ pub struct Sent {
     pub refused_segmented: Option<(usize, i32)>,
 }
 
+/// One header's control messages: its segment size first, then its source address.
+struct Control {
+    words: [u64; SEND_CONTROL_WORDS],
+    /// The byte where the source begins: the segment size's message's length (0: not
+    /// segmented).
+    source_at: usize,
+    /// The byte where the messages end (`source_at`: no source).
+    end: usize,
+}
+
 /// Scratch space for [`send`], kept between calls to avoid allocating per batch.
 #[derive(Default)]
 pub struct SendScratch {
     addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)>,
-    /// Each header's control messages: its segment size first, then its source address; the
-    /// byte where the source begins (0: not segmented) and where the messages end (the same:
-    /// no source).
-    controls: Vec<([u64; SEND_CONTROL_WORDS], usize, usize)>,
+    /// Each header's control messages.
+    controls: Vec<Control>,
     msgs: Vec<libc::mmsghdr>,
     /// For each header in `msgs`, its datagram's index in the call's `datagrams`.
     indices: Vec<usize>,
@@ -399,7 +407,11 @@ impl SendScratch {
                     let end = datagram.from.map_or(source_at, |from| {
                         source_control(&datagram.to, &from, &mut control, source_at)
                     });
-                    self.controls.push((control, source_at, end));
+                    self.controls.push(Control {
+                        words: control,
+                        source_at,
+                        end,
+                    });
                     self.indices.push(first + i);
                 }
                 _ => {
@@ -417,7 +429,7 @@ impl SendScratch {
         // own `&mut` out of one iterator, so taking the next leaves the earlier ones valid.
         self.msgs.clear();
         let headers = self.addrs.iter_mut().zip(self.controls.iter_mut());
-        for (((storage, len), (control, _, control_len)), &index) in headers.zip(&self.indices) {
+        for (((storage, len), control), &index) in headers.zip(&self.indices) {
             let iov = runs_of(parts, &datagrams[index].runs).unwrap_or_default();
             // SAFETY: mmsghdr is plain old data.
             let mut msg: libc::mmsghdr = unsafe { mem::zeroed() };
@@ -427,9 +439,9 @@ impl SendScratch {
             // only reads the array.
             msg.msg_hdr.msg_iov = iov.as_ptr().cast::<libc::iovec>().cast_mut();
             msg.msg_hdr.msg_iovlen = iov.len() as _; // size_t on glibc, c_int on musl
-            if *control_len > 0 {
-                msg.msg_hdr.msg_control = control.as_mut_ptr().cast();
-                msg.msg_hdr.msg_controllen = *control_len as _;
+            if control.end > 0 {
+                msg.msg_hdr.msg_control = control.words.as_mut_ptr().cast();
+                msg.msg_hdr.msg_controllen = control.end as _;
             }
             self.msgs.push(msg);
         }
@@ -483,87 +495,126 @@ impl SendScratch {
     ) -> AfterRefusal {
         match err.kind() {
             io::ErrorKind::Interrupted => AfterRefusal::Again,
-            io::ErrorKind::WouldBlock => {
-                // Every datagram from this one on is dropped, including any of this chunk
-                // already set aside as failed: count them all as not sent for lack of room.
-                let from = self.indices[done];
-                let set_aside = self.failed.iter().filter(|&&i| i > from).count();
-                self.failed.retain(|&i| i < from);
-                self.no_memory.retain(|&i| i < from);
-                // A datagram sent again without its source that found the buffer full says
-                // nothing about the source.
-                self.refused_sources.retain(|&i| i < from);
-                result.failed -= set_aside;
-                result.would_block += datagrams.len() - from;
-                AfterRefusal::Stop
+            io::ErrorKind::WouldBlock => self.drop_rest_for_full_buffer(done, datagrams, result),
+            _ if self.source_refused(done, err) => self.retry_without_source(done),
+            _ if self.segments_refused(done, err) => {
+                self.stop_at_refused_segments(done, err, result)
             }
-            // Refused with the source it names (EINVAL for IPv6, ENETUNREACH for IPv4 when
-            // the address is no longer the host's; ENODEV when a link-local source's
-            // interface is gone, or was saved before a reboot renumbered the interfaces):
-            // send it once more without (keeping a segment size), and name it if that goes
-            // through. A segmented send's EINVAL may be the segments' fault instead: the
-            // arm below takes it, and the datagrams sent again one apiece tell which.
-            _ if control_len(&self.msgs[done].msg_hdr) > self.controls[done].1
-                && matches!(
-                    err.raw_os_error(),
-                    Some(libc::ENETUNREACH | libc::EADDRNOTAVAIL | libc::ENODEV)
-                )
-                || (self.controls[done].1 == 0
-                    && err.raw_os_error() == Some(libc::EINVAL)
-                    && !self.msgs[done].msg_hdr.msg_control.is_null()) =>
-            {
-                let segment_len = self.controls[done].1;
-                let hdr = &mut self.msgs[done].msg_hdr;
-                hdr.msg_controllen = segment_len as _;
-                if segment_len == 0 {
-                    hdr.msg_control = std::ptr::null_mut();
-                }
-                self.refused_sources.push(self.indices[done]);
-                AfterRefusal::Again
-            }
-            // A segmented datagram refused (a path MTU below its segments, an IPsec
-            // policy, a firewall): stop here, so that the caller sends the rest again one
-            // datagram per message, in order. A source refused on the way is not proven at
-            // fault. (The socket has no IP_RECVERR, so a send the kernel took is never
-            // reported failed afterwards: the retry cannot send a datagram twice.) A lack
-            // of memory is no refusal: the datagrams are dropped, as any others would be.
-            _ if self.controls[done].1 > 0
-                && matches!(
-                    err.raw_os_error(),
-                    Some(
-                        libc::EINVAL | libc::EMSGSIZE | libc::EIO | libc::EPERM | libc::EOPNOTSUPP
-                    )
-                ) =>
-            {
-                let index = self.indices[done];
-                if self.refused_sources.last() == Some(&index) {
-                    self.refused_sources.pop();
-                }
-                let errno = err.raw_os_error().unwrap_or(0);
-                result.refused_segmented = Some((index, errno));
-                self.failed.retain(|&i| i < index);
-                self.no_memory.retain(|&i| i < index);
-                result.failed = self.failed.len();
-                AfterRefusal::Stop
-            }
-            // The first datagram of the rest failed on its own (e.g. unreachable): skip it.
-            _ => {
-                let index = self.indices[done];
-                // Refused without its source too: the destination is at fault.
-                if self.refused_sources.last() == Some(&index) {
-                    self.refused_sources.pop();
-                }
-                self.failed.push(index);
-                if matches!(err.raw_os_error(), Some(libc::ENOBUFS | libc::ENOMEM)) {
-                    self.no_memory.push(index);
-                    // To be sent again: nothing newer to its destination goes first.
-                    if datagrams[index].in_order {
-                        self.blocked.insert(datagrams[index].to);
-                    }
-                }
-                result.failed += 1;
-                AfterRefusal::StepOver
+            _ => self.step_over_failed(done, err, datagrams, result),
+        }
+    }
+
+    /// Whether the header at `done` was refused for the source address it names: EINVAL for
+    /// IPv6, ENETUNREACH for IPv4 when the address is no longer the host's; ENODEV when a
+    /// link-local source's interface is gone, or was saved before a reboot renumbered the
+    /// interfaces. An unsegmented datagram's EINVAL with control messages is taken as the
+    /// source's too; a segmented one's may be the segments' fault instead, which
+    /// [`SendScratch::segments_refused`] takes, and the datagrams sent again one apiece tell
+    /// which.
+    fn source_refused(&self, done: usize, err: &io::Error) -> bool {
+        let source_at = self.controls[done].source_at;
+        let names_source = control_len(&self.msgs[done].msg_hdr) > source_at;
+        let errno = err.raw_os_error();
+        let unroutable = matches!(
+            errno,
+            Some(libc::ENETUNREACH | libc::EADDRNOTAVAIL | libc::ENODEV)
+        );
+        let invalid_unsegmented = source_at == 0
+            && errno == Some(libc::EINVAL)
+            && !self.msgs[done].msg_hdr.msg_control.is_null();
+        (names_source && unroutable) || invalid_unsegmented
+    }
+
+    /// Whether the header at `done` is a segmented datagram refused as such: a path MTU
+    /// below its segments, an IPsec policy, a firewall. A lack of memory is no refusal.
+    fn segments_refused(&self, done: usize, err: &io::Error) -> bool {
+        self.controls[done].source_at > 0
+            && matches!(
+                err.raw_os_error(),
+                Some(libc::EINVAL | libc::EMSGSIZE | libc::EIO | libc::EPERM | libc::EOPNOTSUPP)
+            )
+    }
+
+    /// `WouldBlock`: every datagram from the one at `done` on is dropped, including any of
+    /// the chunk already set aside as failed, all counted as not sent for lack of room.
+    fn drop_rest_for_full_buffer(
+        &mut self,
+        done: usize,
+        datagrams: &[Outgoing],
+        result: &mut Sent,
+    ) -> AfterRefusal {
+        let from = self.indices[done];
+        let set_aside = self.failed.iter().filter(|&&i| i > from).count();
+        self.failed.retain(|&i| i < from);
+        self.no_memory.retain(|&i| i < from);
+        // A datagram sent again without its source that found the buffer full says nothing
+        // about the source.
+        self.refused_sources.retain(|&i| i < from);
+        result.failed -= set_aside;
+        result.would_block += datagrams.len() - from;
+        AfterRefusal::Stop
+    }
+
+    /// The source refused ([`SendScratch::source_refused`]): the header at `done` goes once
+    /// more without it (keeping a segment size), and its datagram is named as refusing its
+    /// source if that goes through.
+    fn retry_without_source(&mut self, done: usize) -> AfterRefusal {
+        let source_at = self.controls[done].source_at;
+        let hdr = &mut self.msgs[done].msg_hdr;
+        hdr.msg_controllen = source_at as _;
+        if source_at == 0 {
+            hdr.msg_control = std::ptr::null_mut();
+        }
+        self.refused_sources.push(self.indices[done]);
+        AfterRefusal::Again
+    }
+
+    /// The segments refused ([`SendScratch::segments_refused`]): stop here, so that the
+    /// caller sends the rest again one datagram per message, in order. A source refused on
+    /// the way is not proven at fault. (The socket has no IP_RECVERR, so a send the kernel
+    /// took is never reported failed afterwards: the retry cannot send a datagram twice.)
+    fn stop_at_refused_segments(
+        &mut self,
+        done: usize,
+        err: &io::Error,
+        result: &mut Sent,
+    ) -> AfterRefusal {
+        let index = self.indices[done];
+        if self.refused_sources.last() == Some(&index) {
+            self.refused_sources.pop();
+        }
+        let errno = err.raw_os_error().unwrap_or(0);
+        result.refused_segmented = Some((index, errno));
+        self.failed.retain(|&i| i < index);
+        self.no_memory.retain(|&i| i < index);
+        result.failed = self.failed.len();
+        AfterRefusal::Stop
+    }
+
+    /// The datagram at `done` failed on its own (unreachable, no buffer memory): it is
+    /// counted and stepped over. One the kernel had no memory for is worth sending again, and
+    /// an in-order one blocks its destination for the rest of the call.
+    fn step_over_failed(
+        &mut self,
+        done: usize,
+        err: &io::Error,
+        datagrams: &[Outgoing],
+        result: &mut Sent,
+    ) -> AfterRefusal {
+        let index = self.indices[done];
+        // Refused without its source too: the destination is at fault.
+        if self.refused_sources.last() == Some(&index) {
+            self.refused_sources.pop();
+        }
+        self.failed.push(index);
+        if matches!(err.raw_os_error(), Some(libc::ENOBUFS | libc::ENOMEM)) {
+            self.no_memory.push(index);
+            // To be sent again: nothing newer to its destination goes first.
+            if datagrams[index].in_order {
+                self.blocked.insert(datagrams[index].to);
             }
         }
+        result.failed += 1;
+        AfterRefusal::StepOver
     }
 }

@@ -17,13 +17,14 @@ use crate::outbox::Outbox;
 use crate::record::Record;
 use crate::token::Short;
 
-/// What to do with chat from a member (its token, room and address checked).
+/// Whether a datagram waited in the socket past `udp.max_chat_wait_ms`, which decides what
+/// becomes of chat (its token, room and address checked).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chat {
-    /// Relay it, if its size and the member's rate allow.
-    Relay,
-    /// It waited too long in the socket: drop it (counted `stale`).
-    Shed,
+enum Lateness {
+    /// In time: chat is relayed, if its size and the member's rate allow.
+    OnTime,
+    /// Too late: chat is dropped (counted `stale`).
+    Late,
 }
 
 impl Registry {
@@ -37,7 +38,7 @@ impl Registry {
         now: Instant,
         out: &mut Outbox,
     ) -> Handled {
-        self.handle(src, arrival, bytes, now, out, Chat::Relay)
+        self.handle(src, arrival, bytes, now, out, Lateness::OnTime)
     }
 
     /// As [`Registry::handle_datagram`], for a datagram that waited in the socket's receive
@@ -53,9 +54,11 @@ impl Registry {
         now: Instant,
         out: &mut Outbox,
     ) -> Handled {
-        self.handle(src, arrival, bytes, now, out, Chat::Shed)
+        self.handle(src, arrival, bytes, now, out, Lateness::Late)
     }
 
+    /// One datagram from `src` to our address `arrival`: parsed, its token, room and address
+    /// checked, then a `__REGISTER__`, a `__LEAVE__` or chat (see [`Lateness`]).
     fn handle(
         &mut self,
         src: SocketAddr,
@@ -63,7 +66,7 @@ impl Registry {
         bytes: &[u8],
         now: Instant,
         out: &mut Outbox,
-        chat: Chat,
+        lateness: Lateness,
     ) -> Handled {
         if self.sent_by_us(src, arrival) {
             return Handled::Dropped(DropReason::OwnAddress);
@@ -106,32 +109,47 @@ impl Registry {
             }
             Message::Chat(text) => {
                 member.last_seen = now;
-                // Chat sent to another of our addresses moves the member's source too (soft
-                // state, free: also for chat dropped below).
-                self.move_source(id, local);
-                // Late chat is dropped before the checks on the chat itself (size, rate): it
-                // is not going to be relayed, so it takes nothing from the allowance.
-                if chat == Chat::Shed {
-                    return Handled::Dropped(DropReason::Stale);
-                }
-                let member = &mut self.members[id.0];
-                // The original client reads 4096 bytes: a longer relay would reach it cut,
-                // perhaps inside a UTF-8 character. (Sequenced frames add 10 bytes; clients
-                // that ask for them read more.)
-                if 1 + member.username.len() + text.len() > ucrp::MAX_DATAGRAM_LEN {
-                    return Handled::Dropped(DropReason::TooLargeToRelay);
-                }
-                if self.limits.chat_rate > 0.0
-                    && !member
-                        .chat
-                        .take(now, self.limits.chat_rate, self.limits.chat_burst)
-                {
-                    return Handled::Dropped(DropReason::RateLimited);
-                }
-                let deliveries = self.relay(id, text, now, out);
-                Handled::Relayed { deliveries }
+                self.chat(id, text, local, lateness, now, out)
             }
         }
+    }
+
+    /// Chat `text` from member `id` (its token, room and address checked), sent to our
+    /// address `local`: relayed to the room, or dropped as late, too large or over the
+    /// member's rate.
+    fn chat(
+        &mut self,
+        id: MemberId,
+        text: &str,
+        local: LocalId,
+        lateness: Lateness,
+        now: Instant,
+        out: &mut Outbox,
+    ) -> Handled {
+        // Chat sent to another of our addresses moves the member's source too (soft state,
+        // free: also for chat dropped below).
+        self.move_source(id, local);
+        // Late chat is dropped before the checks on the chat itself (size, rate): it is not
+        // going to be relayed, so it takes nothing from the allowance.
+        if lateness == Lateness::Late {
+            return Handled::Dropped(DropReason::Stale);
+        }
+        let member = &mut self.members[id.0];
+        // The original client reads 4096 bytes: a longer relay would reach it cut, perhaps
+        // inside a UTF-8 character. (Sequenced frames add 10 bytes; clients that ask for
+        // them read more.)
+        if 1 + member.username.len() + text.len() > ucrp::MAX_DATAGRAM_LEN {
+            return Handled::Dropped(DropReason::TooLargeToRelay);
+        }
+        if self.limits.chat_rate > 0.0
+            && !member
+                .chat
+                .take(now, self.limits.chat_rate, self.limits.chat_burst)
+        {
+            return Handled::Dropped(DropReason::RateLimited);
+        }
+        let deliveries = self.relay(id, text, now, out);
+        Handled::Relayed { deliveries }
     }
 
     /// A `__REGISTER__` from `src` with the token of member `id`, to our address `local`:

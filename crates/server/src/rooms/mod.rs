@@ -69,6 +69,11 @@ pub struct RoomId(usize);
 pub struct MemberId(usize);
 
 impl MemberId {
+    /// A room's host while the room is being built, before its host member exists: admission
+    /// sets the host at once, and a restore leaves out a room still without one, so no room
+    /// in the registry has it.
+    pub(super) const NO_HOST: MemberId = MemberId(usize::MAX);
+
     /// The slab index as a compact number for the send plan (members never number 2^32).
     fn slot(self) -> u32 {
         u32::try_from(self.0).unwrap_or(u32::MAX)

@@ -56,7 +56,7 @@ impl Room {
     ) -> Room {
         Room {
             name: name.into(),
-            host: MemberId(usize::MAX),
+            host: MemberId::NO_HOST,
             members: Vec::new(),
             created_at,
             listed,
