@@ -145,6 +145,24 @@ impl Metrics {
     /// Renders everything, with the registry's gauges, as Prometheus text.
     pub fn render(&self, stats: Stats) -> String {
         let mut out = String::with_capacity(4096);
+        self.render_gauges(&stats, &mut out);
+        self.render_counters(&stats, &mut out);
+        self.render_labelled(&mut out);
+        self.relay_delay.render(
+            "ocm_relay_delay_seconds",
+            "Time from a datagram's arrival on the UDP socket (kernel timestamp) until every datagram it caused was handed to the kernel.",
+            &mut out,
+        );
+        self.durable_wait.render(
+            "ocm_handshake_durable_wait_seconds",
+            "Time a create or join reply (one carrying a new token) waited for its journal batch to be written and fsync'd before it could leave: group commit and the disk, as clients see them.",
+            &mut out,
+        );
+        out
+    }
+
+    /// The gauges: the registry's `stats`, open connections and the state writes' timings.
+    fn render_gauges(&self, stats: &Stats, out: &mut String) {
         let mut gauge = |name: &str, help: &str, value: f64| {
             let _ = writeln!(
                 out,
@@ -197,6 +215,10 @@ impl Metrics {
             "Longest state file write, seconds.",
             self.compactions.max_seconds,
         );
+    }
+
+    /// The counters without labels (the registry's retired sources among them).
+    fn render_counters(&self, stats: &Stats, out: &mut String) {
         let counters: [(&str, &str, f64); 24] = [
             (
                 "ocm_tcp_connections_accepted_total",
@@ -325,6 +347,11 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
             );
         }
+    }
+
+    /// The counters with a label (a reason, a kind, a result), and the handshakes by
+    /// operation and result.
+    fn render_labelled(&self, out: &mut String) {
         let labelled: [(&str, &str, &str, &BTreeMap<&'static str, u64>); 7] = [
             (
                 "ocm_tcp_connections_rejected_total",
@@ -386,17 +413,6 @@ impl Metrics {
                 "{name}{{operation=\"{op}\",result=\"{result}\"}} {count}"
             );
         }
-        self.relay_delay.render(
-            "ocm_relay_delay_seconds",
-            "Time from a datagram's arrival on the UDP socket (kernel timestamp) until every datagram it caused was handed to the kernel.",
-            &mut out,
-        );
-        self.durable_wait.render(
-            "ocm_handshake_durable_wait_seconds",
-            "Time a create or join reply (one carrying a new token) waited for its journal batch to be written and fsync'd before it could leave: group commit and the disk, as clients see them.",
-            &mut out,
-        );
-        out
     }
 }
 

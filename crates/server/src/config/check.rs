@@ -11,6 +11,14 @@ use super::{
 impl Config {
     /// Checks values that parse but make no sense; the message names the key.
     pub fn validate(&self) -> Result<(), String> {
+        self.check_positive()?;
+        self.check_rates()?;
+        self.check_upper_bounds()?;
+        self.check_the_rest()
+    }
+
+    /// Values that must be above 0.
+    fn check_positive(&self) -> Result<(), String> {
         let positive = [
             (
                 "limits.max_payload_bytes",
@@ -69,6 +77,11 @@ impl Config {
                 return Err(format!("{key} must be greater than 0"));
             }
         }
+        Ok(())
+    }
+
+    /// Token-bucket rates (0: unlimited) and their bursts (at least 1 while the rate is set).
+    fn check_rates(&self) -> Result<(), String> {
         let rates = [
             (
                 "rate.chat_per_sec",
@@ -97,8 +110,16 @@ impl Config {
                 return Err(format!("{burst_key} must be at least 1 when {key} is set"));
             }
         }
-        // Upper bounds: deadlines are `Instant + Duration` (which panics past the clock's
-        // range) and read buffers are sized from the payload cap.
+        if !self.rate.drop_logs_per_sec.is_finite() || self.rate.drop_logs_per_sec < 0.0 {
+            return Err("rate.drop_logs_per_sec must be 0 or a positive number".into());
+        }
+        Ok(())
+    }
+
+    /// Upper bounds: deadlines are `Instant + Duration` (which panics past the clock's
+    /// range), read buffers are sized from the payload cap, and the kernel and the journal's
+    /// records take values of fixed width.
+    fn check_upper_bounds(&self) -> Result<(), String> {
         let at_most = [
             (
                 "limits.max_payload_bytes",
@@ -174,17 +195,19 @@ impl Config {
                 return Err(format!("{key} must be at most {max}, got {value}"));
             }
         }
+        if self.history.messages > MAX_HISTORY {
+            return Err(format!("history.messages must be at most {MAX_HISTORY}"));
+        }
+        Ok(())
+    }
+
+    /// A range, addresses, a path and a level.
+    fn check_the_rest(&self) -> Result<(), String> {
         let batch = self.udp.max_batch_datagram_bytes;
         if !(512..=65507).contains(&batch) {
             return Err(format!(
                 "udp.max_batch_datagram_bytes must be between 512 and 65507, got {batch}"
             ));
-        }
-        if self.history.messages > MAX_HISTORY {
-            return Err(format!("history.messages must be at most {MAX_HISTORY}"));
-        }
-        if !self.rate.drop_logs_per_sec.is_finite() || self.rate.drop_logs_per_sec < 0.0 {
-            return Err("rate.drop_logs_per_sec must be 0 or a positive number".into());
         }
         self.metrics_addr()?;
         if self.state.path.as_os_str().is_empty() {

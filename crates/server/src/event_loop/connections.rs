@@ -67,7 +67,7 @@ impl Server {
             };
             evicted_for_descriptor = false;
             self.eviction_futile = None;
-            if let Some(reason) = self.refusal(kind, peer, short_of_descriptors) {
+            if let Some(reason) = self.make_room_or_refuse(kind, peer, short_of_descriptors) {
                 Metrics::bump(&mut self.metrics.tcp_rejected, reason);
                 if may_log_drop(&mut self.drop_log, now, self.config.rate.drop_logs_per_sec) {
                     warn!("{peer}: connection refused ({reason})");
@@ -133,9 +133,10 @@ impl Server {
         evicted
     }
 
-    /// Why a newcomer from `peer` on the listener for `kind` is refused, if it is: its
-    /// source's connection cap, or a full table no idle connection may leave to make room.
-    fn refusal(
+    /// Makes room for a newcomer from `peer` on the listener for `kind` when its table is
+    /// full, by closing the connection a full table closes; or says why it is refused: its
+    /// source's connection cap, or a full table no connection may leave.
+    fn make_room_or_refuse(
         &mut self,
         kind: Kind,
         peer: SocketAddr,
@@ -143,7 +144,7 @@ impl Server {
     ) -> Option<&'static str> {
         let limits = &self.config.limits;
         let from_ip = self
-            .per_ip
+            .per_source
             .get(&rate::source(peer.ip()))
             .copied()
             .unwrap_or(0);
@@ -156,22 +157,22 @@ impl Server {
             Kind::Tcrp if from_ip >= limits.max_connections_per_ip => {
                 Some("max_connections_per_ip")
             }
-            // Full: another connection makes room, if one may go (see `evict_for_newcomer`), so
-            // sources holding every slot open cannot lock newcomers out. The cap fits the
+            // Full: another connection makes room, if one may go (see `evict_for_newcomer`),
+            // so sources holding every slot open cannot lock newcomers out. The cap fits the
             // open-file limit, so the descriptors do not run out first.
-            Kind::Tcrp if tcrp_open >= self.connection_cap && !self.evict_for_newcomer(None) => {
-                Some("max_connections")
+            Kind::Tcrp if tcrp_open >= self.connection_cap => {
+                let made_room = self.evict_for_newcomer(None);
+                (!made_room).then_some("max_connections")
             }
             // Scrapers and health checks have their own small allowance, so they can
             // neither fill the handshake table nor be locked out by it. Full: the oldest
             // connection still without a request makes room (see `evict_idle_http`), so
             // idle connections cannot lock health checks out either.
-            Kind::Http
-                if self.http_conns.len() >= MAX_HTTP_CONNECTIONS && !self.evict_idle_http() =>
-            {
-                Some("max_metrics_connections")
+            Kind::Http if self.http_conns.len() >= MAX_HTTP_CONNECTIONS => {
+                let made_room = self.evict_idle_http();
+                (!made_room).then_some("max_metrics_connections")
             }
-            _ => None,
+            Kind::Tcrp | Kind::Http => None,
         }
     }
 
@@ -214,7 +215,7 @@ impl Server {
         conn.restart_timer(deadline, &mut self.activity);
         entry.insert(conn);
         match kind {
-            Kind::Tcrp => *self.per_ip.entry(rate::source(peer.ip())).or_insert(0) += 1,
+            Kind::Tcrp => *self.per_source.entry(rate::source(peer.ip())).or_insert(0) += 1,
             Kind::Http => self.http_conns.push(id),
         }
         self.metrics.tcp_accepted += 1;
@@ -441,7 +442,7 @@ impl Server {
         // Its source's share of `max_connections_per_ip` is free again: a client that
         // reconnects before closing is not refused for it.
         if conn.kind == Kind::Tcrp {
-            release_per_ip(&mut self.per_ip, conn.peer);
+            release_per_source(&mut self.per_source, conn.peer);
         }
         // No longer than a handshake may take (a shorter timeout is kept).
         let handshake = Duration::from_secs(self.config.limits.handshake_timeout_secs);
@@ -504,7 +505,7 @@ impl Server {
         // Its entry on `revisit`, if any, stays (see that field). A lingering connection gave
         // its share of its source's count back when it began to linger.
         if conn.kind == Kind::Tcrp && !conn.lingering {
-            release_per_ip(&mut self.per_ip, conn.peer);
+            release_per_source(&mut self.per_source, conn.peer);
         }
         self.metrics.tcp_open = self.metrics.tcp_open.saturating_sub(1);
         Metrics::bump(&mut self.metrics.tcp_closed, reason.label());
@@ -535,12 +536,12 @@ fn usable(conn: &Conn, usable_below: Option<u64>) -> bool {
 }
 
 /// Gives back one of `peer`'s source's connections in `max_connections_per_ip`.
-fn release_per_ip(per_ip: &mut HashMap<IpAddr, usize>, peer: SocketAddr) {
+fn release_per_source(per_source: &mut HashMap<IpAddr, usize>, peer: SocketAddr) {
     let source = rate::source(peer.ip());
-    if let Some(count) = per_ip.get_mut(&source) {
+    if let Some(count) = per_source.get_mut(&source) {
         *count -= 1;
         if *count == 0 {
-            per_ip.remove(&source);
+            per_source.remove(&source);
         }
     }
 }
@@ -632,13 +633,13 @@ mod tests {
         let kept = vec![(EvictionClass::Idle, 2, newer)];
         s.connection_cap = 3;
         s.evict_candidates = kept.clone();
-        assert_eq!(s.refusal(Kind::Tcrp, newcomer, true), None);
+        assert_eq!(s.make_room_or_refuse(Kind::Tcrp, newcomer, true), None);
         assert_eq!(s.evict_candidates, kept, "short of descriptors: kept");
-        assert_eq!(s.refusal(Kind::Tcrp, newcomer, false), None);
+        assert_eq!(s.make_room_or_refuse(Kind::Tcrp, newcomer, false), None);
         assert!(s.evict_candidates.is_empty(), "not full: dropped");
         s.connection_cap = 2;
         s.evict_candidates = kept;
-        assert_eq!(s.refusal(Kind::Tcrp, newcomer, false), None);
+        assert_eq!(s.make_room_or_refuse(Kind::Tcrp, newcomer, false), None);
         assert!(!s.conns.contains(newer.0), "full: the kept pick made room");
         assert!(
             s.conns.contains(older.0),

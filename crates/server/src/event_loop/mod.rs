@@ -185,7 +185,9 @@ pub struct Server {
     metrics_listener: Option<TcpListener>,
     signals: Signals,
     conns: Slab<Conn>,
-    per_ip: HashMap<IpAddr, usize>,
+    /// Open handshake connections per source (an IPv4 address or an IPv6 /64, see
+    /// `rate::source`), against `limits.max_connections_per_ip`.
+    per_source: HashMap<IpAddr, usize>,
     /// Handshake connections open at most: `limits.max_connections`, or fewer if the
     /// open-file limit cannot fit them (see `setup::fit_open_files`).
     connection_cap: usize,

@@ -186,6 +186,8 @@ impl Server {
             return FrameStep::Wait;
         }
         conn.awaiting_password = None;
+        // In bounds: `consumed` adds up the lengths of frames `tcrp::decode` found whole in
+        // this input, and it reports a length only when the input holds that much.
         let (frame, used) = match tcrp::decode(&conn.input[consumed..], max_payload) {
             Ok(None) => return FrameStep::Wait,
             Ok(Some(decoded)) => decoded,

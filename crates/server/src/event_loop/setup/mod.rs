@@ -167,7 +167,7 @@ impl Server {
             metrics_listener,
             signals,
             conns: Slab::new(),
-            per_ip: HashMap::new(),
+            per_source: HashMap::new(),
             http_conns: Vec::new(),
             connection_cap,
             registry,
