@@ -34,7 +34,7 @@ pub enum Error {
     /// A payload that must be UTF-8 text is not.
     #[error("payload is not valid UTF-8")]
     PayloadNotUtf8,
-    /// A JSON payload is well-formed JSON but not of the expected shape.
+    /// A JSON payload does not parse, or is not of the expected shape.
     #[error("malformed JSON payload: {reason}")]
     MalformedJson {
         /// What was wrong, from the JSON parser.

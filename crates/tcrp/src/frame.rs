@@ -14,14 +14,14 @@
 //! other well-formed writer. A size that does not fit in a `u64` is refused as
 //! [`Error::PayloadSizeOverflow`]: it comes from a peer speaking another protocol.
 
+use std::fmt;
+
 use crate::Error;
 
 /// Length of the fixed header in bytes.
 pub const HEADER_LEN: usize = 32;
 /// Width of the payload size field in bytes.
 pub const PAYLOAD_SIZE_LEN: usize = 29;
-/// Largest room name the one-byte size field can carry, in bytes.
-pub const MAX_ROOM_NAME_LEN: usize = u8::MAX as usize;
 /// Default cap on a frame's payload, in bytes. Callers choose their own cap in [`decode`].
 pub const DEFAULT_MAX_PAYLOAD: usize = 16 * 1024;
 
@@ -88,6 +88,24 @@ impl TryFrom<u8> for State {
             0x02 => Ok(State::Complete),
             state => Err(Error::UnknownState { state }),
         }
+    }
+}
+
+impl State {
+    /// The state's name in the protocol's words: `REQUEST`, `COMPLIANCE` or `COMPLETE`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            State::Request => "REQUEST",
+            State::Compliance => "COMPLIANCE",
+            State::Complete => "COMPLETE",
+        }
+    }
+}
+
+/// Writes [`State::as_str`], the name users and logs see.
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -14,8 +14,8 @@
 
 use std::fmt;
 
-/// Longest room name, in bytes.
-pub const MAX_ROOM_NAME_BYTES: usize = 255;
+/// Longest room name, in bytes: what the frame's one-byte room name size can carry.
+pub const MAX_ROOM_NAME_BYTES: usize = u8::MAX as usize;
 /// Longest username, in characters.
 pub const MAX_USERNAME_CHARS: usize = 64;
 /// Longest username, in bytes (the UCRP sender size is one byte).

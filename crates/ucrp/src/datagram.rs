@@ -1,19 +1,21 @@
 //! Client-to-server datagrams.
 //!
-//! | offset   | size | field                       |
-//! |---------:|------|-----------------------------|
-//! | 0        | 1    | room name size `R` (u8)     |
-//! | 1        | 1    | token size `T` (u8)         |
-//! | 2        | `R`  | room name, UTF-8            |
-//! | 2+`R`    | `T`  | token, ASCII hex            |
-//! | 2+`R`+`T`| rest | message, UTF-8, not empty   |
+//! | offset   | size | field                         |
+//! |---------:|------|-------------------------------|
+//! | 0        | 1    | room name size `R` (u8)       |
+//! | 1        | 1    | token size `T` (u8)           |
+//! | 2        | `R`  | room name, UTF-8              |
+//! | 2+`R`    | `T`  | token, opaque bytes (1..=255) |
+//! | 2+`R`+`T`| rest | message, UTF-8, not empty     |
 //!
 //! At most [`MAX_DATAGRAM_LEN`] bytes in all. The messages `__REGISTER__` and `__LEAVE__` are
 //! control words; `__ROOM_CLOSED__` is reserved (the server's notice) and never valid chat.
 
 use crate::Error;
 
-/// Largest datagram either side sends, in bytes (the original client's receive buffer).
+/// Largest client datagram, and largest original chat frame the server relays, in bytes (the
+/// original client's receive buffer). Server frames can be longer: a sequenced chat frame
+/// adds 10 bytes to a relayed message, and a batch goes up to the member's `max_datagram`.
 pub const MAX_DATAGRAM_LEN: usize = 4096;
 /// Size of the fixed part (the two size bytes).
 pub const FIXED_LEN: usize = 2;

@@ -69,7 +69,8 @@ pub enum Delivery<'a> {
         /// The text.
         message: &'a str,
     },
-    /// `__ROOM_CLOSED__`: the host left, the room is gone.
+    /// `__ROOM_CLOSED__`: the room is gone (the host left or timed out, the room closed as
+    /// idle, or the answer to a token of a room that closed before).
     RoomClosed,
     /// A chat message with the room's sequence number.
     Sequenced {

@@ -3,8 +3,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::Error;
-
 /// One room in a ListRooms COMPLETE payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ListedRoom {
@@ -83,11 +81,4 @@ pub struct HistoryPage {
     /// Whether messages older than the first one exist (kept by the server but not in this
     /// page, whether beyond the page's `limit` or cut to fit the reply).
     pub more: bool,
-}
-
-/// Decodes any JSON COMPLETE payload of an extension operation.
-pub fn parse_json<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, Error> {
-    serde_json::from_slice(payload).map_err(|e| Error::MalformedJson {
-        reason: e.to_string(),
-    })
 }

@@ -32,3 +32,21 @@ mod tests;
 pub use extensions::*;
 pub use reply::*;
 pub use request::*;
+
+use serde::Deserialize;
+
+use crate::Error;
+
+/// Decodes a JSON payload into `T`: a COMPLIANCE or COMPLETE read as a [`serde_json::Value`],
+/// or the COMPLETE payload of an extension operation. Bytes that are not JSON, and JSON of
+/// another shape, are [`Error::MalformedJson`].
+pub fn parse_json<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, Error> {
+    serde_json::from_slice(payload).map_err(malformed)
+}
+
+/// The [`Error::MalformedJson`] for a JSON parser's error.
+fn malformed(e: serde_json::Error) -> Error {
+    Error::MalformedJson {
+        reason: e.to_string(),
+    }
+}

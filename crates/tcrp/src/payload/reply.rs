@@ -3,6 +3,7 @@
 
 use serde_json::Value;
 
+use super::parse_json;
 use crate::Error;
 
 /// Why a request was refused: the `error` field of a failed COMPLIANCE.
@@ -14,21 +15,28 @@ pub enum ErrorCode {
     RoomNotFound,
     /// Join: a member of the room already has that username.
     NameTaken,
-    /// The room name is empty, too long, not UTF-8 or holds control characters.
+    /// The room name is empty, too long, not UTF-8 or holds control characters; or, when the
+    /// server refuses invisible characters, a new room's name holds a character that shows as
+    /// nothing or reorders the text, or begins or ends with white space.
     InvalidRoomName,
-    /// The username is empty, too long or holds control characters.
+    /// The username is empty, too long or holds control characters; or, when the server
+    /// refuses invisible characters, holds such a character or white space at either end.
     InvalidUsername,
     /// The operation byte is not one this server serves.
     UnsupportedOperation,
-    /// The frame or its payload could not be understood.
+    /// The frame or its payload could not be understood: a COMPLIANCE or COMPLETE state sent
+    /// to the server, a payload that is not UTF-8 or not of the expected JSON shape, an
+    /// out-of-range `max_datagram`, an empty create password; or a password the server could
+    /// not hash. A state byte above 2 or an oversized payload also closes the connection.
     MalformedRequest,
     /// A server-wide cap (rooms, members, tokens) is reached.
     ServerFull,
-    /// The peer sent requests faster than its rate limit allows.
+    /// Too many requests or wrong passwords from this source, the rate limiter's table of
+    /// sources is full, or the password-checking queue is full. Any operation can get it.
     RateLimited,
-    /// The room has a password and the request did not give it.
+    /// A wrong or missing room password.
     BadPassword,
-    /// A members-only request (history) without a token of that room.
+    /// A members-only request (history) without a member token of that room.
     NotMember,
 }
 
@@ -109,9 +117,7 @@ pub fn encode_complete(token: &str, out: &mut Vec<u8>) {
 
 /// Reads a COMPLIANCE payload; `success` may be `true`/`false` or `1`/`0`.
 pub fn parse_compliance(payload: &[u8]) -> Result<Compliance, Error> {
-    let value: Value = serde_json::from_slice(payload).map_err(|e| Error::MalformedJson {
-        reason: e.to_string(),
-    })?;
+    let value: Value = parse_json(payload)?;
     let success = match value.get("success") {
         Some(Value::Bool(b)) => *b,
         Some(Value::Number(n)) if n.as_i64() == Some(1) => true,
@@ -139,9 +145,7 @@ pub fn parse_compliance(payload: &[u8]) -> Result<Compliance, Error> {
 
 /// Reads the token out of a COMPLETE payload.
 pub fn parse_complete(payload: &[u8]) -> Result<String, Error> {
-    let value: Value = serde_json::from_slice(payload).map_err(|e| Error::MalformedJson {
-        reason: e.to_string(),
-    })?;
+    let value: Value = parse_json(payload)?;
     value
         .get("token")
         .and_then(Value::as_str)
@@ -149,12 +153,15 @@ pub fn parse_complete(payload: &[u8]) -> Result<String, Error> {
         .ok_or(Error::MissingToken)
 }
 
-/// Writes a JSON string the way serde does (which matches Python for ASCII).
+/// A JSON string literal for `s`, quoted and escaped the way serde does (which matches
+/// Python for ASCII).
 pub(super) fn json_string(s: &str) -> String {
     Value::from(s).to_string()
 }
 
-/// Writes a flat JSON object in Python's `json.dumps` layout: `{"a": 1, "b": "x"}`.
+/// Appends a JSON object with its top-level separators as Python's `json.dumps` writes them
+/// (`{"a": 1, "b": "x"}`, one space after `:` and `,`). Nested values are written compactly
+/// (`["notices","seq"]`, where Python writes `["notices", "seq"]`).
 pub fn write_object(fields: &[(&str, Value)], out: &mut Vec<u8>) {
     out.push(b'{');
     for (i, (key, value)) in fields.iter().enumerate() {

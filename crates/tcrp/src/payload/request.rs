@@ -4,6 +4,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::malformed;
 use super::reply::{json_string, write_object};
 use crate::{names, Error};
 
@@ -24,6 +25,18 @@ impl Caps {
         ("seq", Caps::SEQ),
         ("batch", Caps::BATCH),
     ];
+    /// Every capability this version knows: the union of [`Caps::NAMES`].
+    const KNOWN: Caps = Caps::known();
+
+    const fn known() -> Caps {
+        let mut all = Caps::none();
+        let mut i = 0;
+        while i < Caps::NAMES.len() {
+            all = all.with(Caps::NAMES[i].1);
+            i += 1;
+        }
+        all
+    }
 
     /// No capabilities: an original client.
     pub const fn none() -> Caps {
@@ -47,7 +60,7 @@ impl Caps {
     }
     /// Rebuilds a set from [`Caps::bits`], dropping unknown bits.
     pub const fn from_bits(bits: u8) -> Caps {
-        Caps(bits & 0x07)
+        Caps(bits & Caps::KNOWN.0)
     }
     /// Builds a set from wire names, ignoring names it does not know.
     pub fn from_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Caps {
@@ -214,9 +227,11 @@ fn check_max_datagram(value: u64) -> Result<u16, Error> {
 }
 
 /// Whether text that is not JSON still begins like a JSON object: `{` after any white space
-/// (Unicode's, not only JSON's four) and any characters that show as nothing (a byte-order
-/// mark, a zero-width space, a bidirectional control: [`names::hidden_chars`]). Such a
-/// payload is a JSON object gone wrong, and taken whole as a name it would keep its password
+/// (Unicode's, not only JSON's four) and any characters that show as nothing or change how
+/// text around them shows: [`names::is_invisible`] (a byte-order mark, a zero-width space),
+/// [`names::is_modifier`] (a zero-width joiner, a variation selector) and [`names::is_reordering`] (a bidirectional
+/// control). That is wider than [`names::hidden_chars`], which keeps a modifier that follows
+/// a non-ASCII letter; here every leading one is skipped. Such a payload is a JSON object gone wrong, and taken whole as a name it would keep its password
 /// as the host's name for anyone to read.
 fn begins_like_an_object(text: &str) -> bool {
     text.trim_start_matches(|c: char| {
@@ -235,10 +250,7 @@ pub fn parse_request(payload: &[u8]) -> Result<Request, Error> {
     match serde_json::from_str::<Value>(text) {
         Ok(Value::String(name)) => request.username = name,
         Ok(object @ Value::Object(_)) => {
-            let parsed: ObjectRequest =
-                serde_json::from_value(object).map_err(|e| Error::MalformedJson {
-                    reason: e.to_string(),
-                })?;
+            let parsed: ObjectRequest = serde_json::from_value(object).map_err(malformed)?;
             request = Request {
                 username: parsed.username,
                 form: RequestForm::JsonObject,
