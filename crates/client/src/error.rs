@@ -70,8 +70,8 @@ pub enum ClientError {
         /// The error of that last attempt.
         source: io::Error,
     },
-    /// The server's handshake bytes could not be decoded (bad header, oversized payload,
-    /// malformed JSON, COMPLETE without a token).
+    /// The server's handshake bytes could not be decoded (oversized payload, malformed JSON,
+    /// COMPLETE without a token). A header no TCRP server sends is [`ClientError::NotTcrp`].
     #[error("bad handshake reply from the server: {0}")]
     Handshake(#[from] tcrp::Error),
     /// The server's reply has a header no TCRP server sends (a payload size over 64 bits, an
@@ -87,8 +87,8 @@ pub enum ClientError {
         if *silent { " (it sent nothing at all: is --tcp-port its handshake port, or the server at its connection limit?)" } else { "" }
     )]
     HandshakeClosed {
-        /// The frame that was awaited: `COMPLIANCE` or `COMPLETE`.
-        expected: &'static str,
+        /// The frame that was awaited: COMPLIANCE or COMPLETE.
+        expected: tcrp::State,
         /// Not a byte came back: an ocmd answers every whole request, so the port may serve
         /// something else (the metrics port waits for an HTTP request, then closes).
         silent: bool,
@@ -106,15 +106,15 @@ pub enum ClientError {
         }
     )]
     HandshakeTimeout {
-        /// The frame that was awaited: `COMPLIANCE` or `COMPLETE`.
-        expected: &'static str,
+        /// The frame that was awaited: COMPLIANCE or COMPLETE.
+        expected: tcrp::State,
         /// How long the client waited.
         after: Duration,
         /// Not a byte came back (the metrics port, say, waits for an HTTP request).
         silent: bool,
     },
     /// The server sent a frame in a state other than the one the exchange is at.
-    #[error("the server sent a {got:?} frame where {expected:?} was expected")]
+    #[error("the server sent a {got} frame where {expected} was expected")]
     UnexpectedFrame {
         /// The state the exchange expected.
         expected: tcrp::State,
@@ -162,7 +162,8 @@ pub enum ClientError {
         problem: &'static str,
     },
     /// The COMPLETE token cannot be carried in a UCRP datagram (empty or over 255 bytes), or
-    /// holds a byte that is not printable ASCII (a server's tokens are hex digits).
+    /// holds a byte that is not printable ASCII (ocmd's tokens are hex digits, or `token_` and
+    /// hex digits from an original server's state file).
     #[error(
         "the server issued an unusable token of {len} bytes (must be 1 to 255 visible ASCII characters, no spaces)"
     )]

@@ -344,15 +344,6 @@ impl LimitedRead for TcpStream {
     }
 }
 
-/// The frame name used in messages.
-fn state_name(state: State) -> &'static str {
-    match state {
-        State::Request => "REQUEST",
-        State::Compliance => "COMPLIANCE",
-        State::Complete => "COMPLETE",
-    }
-}
-
 /// The error for a reply header that does not decode: [`ClientError::NotTcrp`] when no TCRP
 /// server would send it, so the user looks at the address rather than at the server.
 fn reply_error(e: tcrp::Error) -> ClientError {
@@ -377,7 +368,7 @@ fn read_frame<S: LimitedRead>(
     // Nothing at all came back: see `ClientError::HandshakeClosed`.
     let silent = |buf: &[u8]| buf.is_empty() && expected == State::Compliance;
     let timeout = |buf: &[u8]| ClientError::HandshakeTimeout {
-        expected: state_name(expected),
+        expected,
         after: limit,
         silent: silent(buf),
     };
@@ -404,7 +395,7 @@ fn read_frame<S: LimitedRead>(
         match stream.read(&mut chunk) {
             Ok(0) => {
                 return Err(ClientError::HandshakeClosed {
-                    expected: state_name(expected),
+                    expected,
                     silent: silent(buf),
                 })
             }
@@ -686,9 +677,9 @@ mod tests {
         for cut in 0..reply.len() {
             let mut server = FakeServer::new(vec![reply[..cut].to_vec()]);
             let expected = if cut < compliance_len {
-                "COMPLIANCE"
+                State::Compliance
             } else {
-                "COMPLETE"
+                State::Complete
             };
             match join(&mut server, false) {
                 Err(
@@ -802,7 +793,7 @@ mod tests {
             matches!(
                 err,
                 ClientError::HandshakeTimeout {
-                    expected: "COMPLIANCE",
+                    expected: State::Compliance,
                     silent: true,
                     ..
                 }
@@ -871,6 +862,14 @@ mod tests {
                 got: State::Complete
             })
         ));
+        let unexpected = ClientError::UnexpectedFrame {
+            expected: State::Compliance,
+            got: State::Complete,
+        };
+        assert_eq!(
+            unexpected.to_string(),
+            "the server sent a COMPLETE frame where COMPLIANCE was expected"
+        );
         // COMPLIANCE without a success field.
         let reply = frame(Operation::JoinRoom, State::Compliance, "lobby", b"{}");
         assert!(matches!(

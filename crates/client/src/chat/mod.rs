@@ -73,8 +73,8 @@ mod session;
 mod signal_watcher;
 mod suspend;
 
-use session::spawn_keepalive;
 pub use session::Session;
+use session::{spawn_keepalive, Unsent};
 
 use std::io;
 use std::net::SocketAddr;
@@ -123,9 +123,9 @@ const HOLD_LIMIT: Duration = Duration::from_secs(2);
 enum Event {
     /// Chat text to send to the room.
     Send(String),
-    /// `/quit`, Ctrl+C or Ctrl+D in the line editor.
+    /// `/quit`, or Ctrl+C in the line editor.
     Quit,
-    /// Standard input reached its end.
+    /// Standard input reached its end (Ctrl+D in the line editor).
     Eof,
     /// A termination signal arrived.
     Signal(i32),
@@ -714,9 +714,7 @@ fn pace(pacer: &mut Pacer) {
 
 /// Sends one chat message; local feedback goes to standard error.
 fn send_text(session: &Session, own: &OwnSends, screen: &Mutex<Screen>, text: &str) {
-    send_own(own, screen, session.max_message_len(), || {
-        session.send_chat(text)
-    });
+    send_own(own, screen, || session.send_chat(text));
 }
 
 /// Sends one of our chat messages with `send` ([`Session::send_chat`]), noted as ours
@@ -729,14 +727,13 @@ fn send_text(session: &Session, own: &OwnSends, screen: &Mutex<Screen>, text: &s
 fn send_own(
     own: &OwnSends,
     screen: &Mutex<Screen>,
-    max_message_len: usize,
-    send: impl FnOnce() -> io::Result<Result<(), ucrp::Error>>,
+    send: impl FnOnce() -> io::Result<Result<(), Unsent>>,
 ) {
     own.note(Instant::now());
     let complaint = match send() {
         Ok(Ok(())) => return,
-        Ok(Err(ucrp::Error::TooLarge { .. })) => too_long(max_message_len),
-        Ok(Err(e)) => format!("* message not sent: {e}"),
+        Ok(Err(Unsent::MessageTooLong { max, .. })) => too_long(max),
+        Ok(Err(Unsent::Encode(e))) => format!("* message not sent: {e}"),
         Err(e) => format!("* message not sent: {e}"),
     };
     own.take_back();

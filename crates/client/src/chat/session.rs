@@ -14,6 +14,19 @@ use super::{icmp, Event};
 use crate::error::ClientError;
 use crate::handshake::Token;
 
+/// Why [`Session::send_chat`] sent nothing although the socket did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Unsent {
+    /// The message is longer than [`Session::max_message_len`]: the daemon would drop it.
+    MessageTooLong {
+        /// The message's length in bytes.
+        len: usize,
+        /// The longest message that is relayed, in bytes.
+        max: usize,
+    },
+    /// The datagram could not be encoded.
+    Encode(ucrp::Error),
+}
 /// A member's UDP endpoint: the socket, the server's chat address and the credentials every
 /// datagram carries.
 #[derive(Debug)]
@@ -72,16 +85,16 @@ impl Session {
     }
 
     /// Sends chat `text`, unless it is longer than [`Session::max_message_len`] (the daemon
-    /// would drop it): then `Ok(Err(TooLarge))` and nothing is sent.
-    pub(super) fn send_chat(&self, text: &str) -> io::Result<Result<(), ucrp::Error>> {
+    /// would drop it): then `Ok(Err(Unsent::MessageTooLong))` and nothing is sent.
+    pub(super) fn send_chat(&self, text: &str) -> io::Result<Result<(), Unsent>> {
         let max = self.max_message_len();
         if text.len() > max {
-            return Ok(Err(ucrp::Error::TooLarge {
+            return Ok(Err(Unsent::MessageTooLong {
                 len: text.len(),
                 max,
             }));
         }
-        self.send(text)
+        Ok(self.send(text)?.map_err(Unsent::Encode))
     }
 
     /// Sends one datagram carrying `message` (chat text or a control word). A message that

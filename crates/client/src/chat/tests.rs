@@ -488,7 +488,7 @@ fn a_reply_to_our_message_never_shows_our_messages_number_as_lost() {
     // takes the notes before it renders: the reply is not shown with "* 1 message lost".
     let own = lock(&screen).own_sends();
     let mut noted_before_send = None;
-    send_own(&own, &screen, session.max_message_len(), || {
+    send_own(&own, &screen, || {
         noted_before_send = Some(own.pending());
         session.send_chat("mine")
     });
@@ -518,9 +518,7 @@ fn a_screen_held_by_a_stalled_output_does_not_hold_our_sends() {
     let held = lock(&screen);
     thread::scope(|s| {
         s.spawn(|| {
-            send_own(&own, &screen, session.max_message_len(), || {
-                session.send_chat("while stalled")
-            });
+            send_own(&own, &screen, || session.send_chat("while stalled"));
             done_tx.send(()).unwrap();
         });
         assert!(
@@ -534,9 +532,7 @@ fn a_screen_held_by_a_stalled_output_does_not_hold_our_sends() {
         ucrp::Message::Chat("while stalled")
     );
     assert_eq!(own.pending(), 1);
-    send_own(&own, &screen, session.max_message_len(), || {
-        Err(io::Error::other("refused"))
-    });
+    send_own(&own, &screen, || Err(io::Error::other("refused")));
     assert_eq!(own.pending(), 1, "a failed send is taken back");
     assert_eq!(rec.lines(), ["err: * message not sent: refused"]);
     // Failing while the screen is held, the complaint does not wait for it either.
@@ -544,9 +540,7 @@ fn a_screen_held_by_a_stalled_output_does_not_hold_our_sends() {
     let (done_tx, done) = mpsc::channel();
     thread::scope(|s| {
         s.spawn(|| {
-            send_own(&own, &screen, session.max_message_len(), || {
-                Err(io::Error::other("refused again"))
-            });
+            send_own(&own, &screen, || Err(io::Error::other("refused again")));
             done_tx.send(()).unwrap();
         });
         assert!(
@@ -569,6 +563,10 @@ fn too_long_messages_are_not_sent() {
             len: ucrp::MAX_DATAGRAM_LEN + 1,
             max: ucrp::MAX_DATAGRAM_LEN
         })
+    );
+    assert_eq!(
+        session.send_chat(&"x".repeat(max + 1)).unwrap(),
+        Err(Unsent::MessageTooLong { len: max + 1, max })
     );
     let (screen, rec) = screen(false);
     let own = lock(&screen).own_sends();
@@ -1165,7 +1163,7 @@ fn history_pages_back_until_there_is_no_more_then_starts_from_the_latest() {
 #[test]
 fn an_unanswered_question_names_the_command_in_plain_words() {
     let timeout = ClientError::HandshakeTimeout {
-        expected: "COMPLIANCE",
+        expected: tcrp::State::Compliance,
         after: Duration::from_secs(10),
         silent: true,
     };
@@ -1174,7 +1172,7 @@ fn an_unanswered_question_names_the_command_in_plain_words() {
         "* /who: the server did not answer within 10 s"
     );
     let closed = ClientError::HandshakeClosed {
-        expected: "COMPLETE",
+        expected: tcrp::State::Complete,
         silent: false,
     };
     assert_eq!(
