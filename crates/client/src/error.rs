@@ -161,6 +161,15 @@ pub enum ClientError {
         /// What is wrong with it: `is empty` or `is not UTF-8`.
         problem: &'static str,
     },
+    /// The file named by `--password-file` holds more than one request can carry.
+    #[error(
+        "the password from --password-file is longer than a request can carry ({} KiB)",
+        .max / 1024
+    )]
+    PasswordFileTooLong {
+        /// The most a password file may hold, in bytes.
+        max: usize,
+    },
     /// The COMPLETE token cannot be carried in a UCRP datagram (empty or over 255 bytes), or
     /// holds a byte that is not printable ASCII (ocmd's tokens are hex digits, or `token_` and
     /// hex digits from an original server's state file).
@@ -204,7 +213,8 @@ impl ClientError {
             | ClientError::Refused { .. }
             | ClientError::QueryRefused { .. }
             | ClientError::PasswordFile { .. }
-            | ClientError::UnusablePassword { .. } => EXIT_REFUSED,
+            | ClientError::UnusablePassword { .. }
+            | ClientError::PasswordFileTooLong { .. } => EXIT_REFUSED,
             _ => EXIT_FAILURE,
         }
     }

@@ -52,7 +52,7 @@ mod stderr;
 use std::ffi::OsString;
 use std::io::{self, IsTerminal, Read};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -217,33 +217,7 @@ impl PasswordArgs {
         let (password, from) = if let Some(password) = &self.password {
             (password.clone(), "--password")
         } else if let Some(path) = &self.password_file {
-            // At most what one request can carry, plus one byte to tell a longer file: a
-            // wrong path such as /dev/zero must not be read without end.
-            let mut bytes = Vec::new();
-            let read = |source| ClientError::PasswordFile {
-                path: path.clone(),
-                source,
-            };
-            std::fs::File::open(path)
-                .and_then(|f| {
-                    f.take(MAX_PASSWORD_FILE_LEN as u64 + 1)
-                        .read_to_end(&mut bytes)
-                })
-                .map_err(read)?;
-            // The length first: the cut may fall inside a character.
-            if bytes.len() > MAX_PASSWORD_FILE_LEN {
-                return Err(ClientError::UnusablePassword {
-                    from: "--password-file",
-                    problem: "is longer than a request can carry (16 KiB)",
-                });
-            }
-            let text = String::from_utf8(bytes)
-                .map_err(|e| read(io::Error::new(io::ErrorKind::InvalidData, e)))?;
-            let line = text
-                .strip_suffix('\n')
-                .map(|t| t.strip_suffix('\r').unwrap_or(t))
-                .unwrap_or(&text);
-            (line.to_owned(), "--password-file")
+            (read_password_file(path)?, "--password-file")
         } else {
             match env {
                 // An empty variable counts as unset, as shells make it easy to export one.
@@ -268,6 +242,38 @@ impl PasswordArgs {
         }
         Ok(Some(password))
     }
+}
+
+/// The password in the file at `path`, less one trailing newline (`\n` or `\r\n`). At most
+/// what one request can carry is read, plus one byte to tell a longer file: a wrong path
+/// such as /dev/zero must not be read without end.
+fn read_password_file(path: &Path) -> Result<String, ClientError> {
+    let mut bytes = Vec::new();
+    let read = |source| ClientError::PasswordFile {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::File::open(path)
+        .and_then(|f| {
+            f.take(MAX_PASSWORD_FILE_LEN as u64 + 1)
+                .read_to_end(&mut bytes)
+        })
+        .map_err(read)?;
+    // The length first: the cut may fall inside a character.
+    if bytes.len() > MAX_PASSWORD_FILE_LEN {
+        return Err(ClientError::PasswordFileTooLong {
+            max: MAX_PASSWORD_FILE_LEN,
+        });
+    }
+    let mut text = String::from_utf8(bytes)
+        .map_err(|e| read(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    Ok(text)
 }
 
 fn main() -> ExitCode {

@@ -288,6 +288,75 @@ struct Chat {
     hold_started: Option<Instant>,
 }
 
+/// The screen the chat prints through, set up for the options, and the record of our own
+/// sends it reads before it renders ([`OwnSends`]).
+fn open_screen(session: &Session, options: &Options) -> (Arc<Mutex<Screen>>, OwnSends) {
+    let mut screen = Screen::new(
+        &session.room_name,
+        Box::new(PlainPrinter),
+        options.join_history,
+    );
+    if options.original {
+        screen.original_frames_only();
+    }
+    if options.check_closures {
+        // Nothing says the room closed before the server confirms it.
+        screen.defer_closing_lines();
+    }
+    let own = screen.own_sends();
+    (Arc::new(Mutex::new(screen)), own)
+}
+
+/// Sends the first `__REGISTER__` and greets the user. Should the send fail, the session is
+/// ended like every other way out: the keepalive thread stops, and the daemon hears a
+/// `__LEAVE__` if the socket still sends one.
+fn register_and_greet(
+    session: &Session,
+    options: &Options,
+    screen: &Mutex<Screen>,
+) -> Result<(), ClientError> {
+    if let Err(e) = session.register() {
+        session.leave();
+        return Err(ClientError::io("sending __REGISTER__")(e));
+    }
+    info!(
+        "registered with {} in {:?}",
+        session.server, session.room_name
+    );
+    lock(screen).err(&format!(
+        "* {} {} as {} (type /quit to leave, /help for commands)",
+        options.verb.past(),
+        printable_name(&session.room_name),
+        printable_name(&options.username)
+    ));
+    Ok(())
+}
+
+/// Starts the input thread with the local commands it answers; with the line editor, first
+/// saves the terminal's mode, and returns the guard that restores it.
+fn start_input(
+    session: &Session,
+    options: &Options,
+    screen: &Arc<Mutex<Screen>>,
+    events: SyncSender<Event>,
+    ahead_events: &Ahead,
+) -> Option<TerminalGuard> {
+    let terminal = options.line_editor.then(TerminalGuard::save);
+    let asker = Asker {
+        tcp: options.tcp,
+        room_name: session.room_name.clone(),
+        token: session.token.clone(),
+        pager: HistoryPager::default(),
+        screen: Arc::clone(screen),
+        events: ahead_events.clone(),
+        editor: false,
+    };
+    let commands = Commands::new(asker, events, session.max_message_len(), options.original);
+    let reading = terminal.as_ref().map(|guard| Arc::clone(&guard.reading));
+    spawn_input(commands, options.join_history, reading);
+    terminal
+}
+
 /// What the main loop does after an event.
 enum Next {
     /// Wait for the next event.
@@ -323,20 +392,8 @@ impl Chat {
             Arc::clone(&signalled),
             &session,
         )?;
-        let screen = Arc::new(Mutex::new(Screen::new(
-            &session.room_name,
-            Box::new(PlainPrinter),
-            options.join_history,
-        )));
-        if options.original {
-            lock(&screen).original_frames_only();
-        }
-        let own = lock(&screen).own_sends();
+        let (screen, own) = open_screen(&session, &options);
         let closures = closure::Policy::new(options.check_closures);
-        if options.check_closures {
-            // Nothing says the room closed before the server confirms it.
-            lock(&screen).defer_closing_lines();
-        }
         let last_heard = Arc::new(Mutex::new(Instant::now()));
         let liveness = options
             .idle_check
@@ -350,39 +407,12 @@ impl Chat {
 
         // Its first register comes a period later.
         spawn_keepalive(&session, options.keepalive, events.clone())?;
-        if let Err(e) = session.register() {
-            // Ended like every other way out: the keepalive thread stops, and the daemon
-            // hears a __LEAVE__ if the socket still sends one.
-            session.leave();
-            return Err(ClientError::io("sending __REGISTER__")(e));
-        }
-        info!(
-            "registered with {} in {:?}",
-            session.server, session.room_name
-        );
-        lock(&screen).err(&format!(
-            "* {} {} as {} (type /quit to leave, /help for commands)",
-            options.verb.past(),
-            printable_name(&session.room_name),
-            printable_name(&options.username)
-        ));
+        register_and_greet(&session, &options, &screen)?;
         if options.check_reach {
             spawn_reach_check(&session, &options, Arc::clone(&screen));
         }
-        let terminal = options.line_editor.then(TerminalGuard::save);
-        let asker = Asker {
-            tcp: options.tcp,
-            room_name: session.room_name.clone(),
-            token: session.token.clone(),
-            pager: HistoryPager::default(),
-            screen: Arc::clone(&screen),
-            events: ahead_events.clone(),
-            editor: false,
-        };
-        let commands = Commands::new(asker, events, session.max_message_len(), options.original);
-        let reading = terminal.as_ref().map(|guard| Arc::clone(&guard.reading));
         spawn_output_watcher(ahead_events.clone());
-        spawn_input(commands, options.join_history, reading);
+        let terminal = start_input(&session, &options, &screen, events, &ahead_events);
         let notices = Arc::clone(&ahead_events.notices);
         let checker = Checker {
             tcp: options.tcp,
@@ -429,12 +459,7 @@ impl Chat {
             let event = match self.ahead.try_recv() {
                 Ok(event) => event,
                 // A line held for a closure the server did not confirm goes first.
-                Err(_) if self.held.is_some() && !self.holding() => {
-                    if let Some(text) = self.held.take() {
-                        send_text(&self.session, &self.own, &self.screen, &text);
-                    }
-                    continue;
-                }
+                Err(_) if self.send_released_line() => continue,
                 Err(_) => match self.next_event() {
                     Some(event) => event,
                     None => continue,
@@ -453,8 +478,7 @@ impl Chat {
     /// A closure check whose time has come, and the idle check; `Some` when the chat ended.
     fn run_timers(&mut self) -> Option<Result<Ending, ClientError>> {
         if let Some(action) = self.closures.due(Instant::now()) {
-            let settled = settle(action, &mut self.closures, &self.checker, &self.screen);
-            if let Some(end) = end_on(settled, &self.session, &self.screen, &mut self.terminal) {
+            if let Some(end) = self.settle_closure(action) {
                 return Some(end);
             }
         }
@@ -464,19 +488,43 @@ impl Chat {
         None
     }
 
-    /// Whether chat lines are held: a closure notice was received and is not yet handled, or
-    /// the server is being asked whether it is true ([`closure::Policy::confirming`]), for
-    /// at most [`HOLD_LIMIT`]. A line sent then would go into a room that may be closed; it
-    /// waits for the verdict (one TCP round trip), and goes if the room is still open.
-    fn holding(&mut self) -> bool {
+    /// Starts the hold on chat lines when a closure notice was received and is not yet
+    /// handled, or the server is being asked whether it is true
+    /// ([`closure::Policy::confirming`]); ends it when neither is so. Called right before
+    /// each [`Chat::holding`], so that it sees the latest notice.
+    fn update_hold(&mut self, now: Instant) {
         let confirming = self.notices.load(Ordering::SeqCst) > self.notices_handled
             || self.closures.confirming();
-        if !confirming {
+        if confirming {
+            self.hold_started.get_or_insert(now);
+        } else {
             self.hold_started = None;
+        }
+    }
+
+    /// Whether chat lines are held ([`Chat::update_hold`]): for at most [`HOLD_LIMIT`]. A
+    /// line sent then would go into a room that may be closed; it waits for the verdict (one
+    /// TCP round trip), and goes if the room is still open.
+    fn holding(&self, now: Instant) -> bool {
+        self.hold_started
+            .is_some_and(|since| now.saturating_duration_since(since) < HOLD_LIMIT)
+    }
+
+    /// Sends the line held for a closure the server did not confirm, once its hold is over;
+    /// whether there was one to send.
+    fn send_released_line(&mut self) -> bool {
+        if self.held.is_none() {
             return false;
         }
-        let since = *self.hold_started.get_or_insert_with(Instant::now);
-        since.elapsed() < HOLD_LIMIT
+        let now = Instant::now();
+        self.update_hold(now);
+        if self.holding(now) {
+            return false;
+        }
+        if let Some(text) = self.held.take() {
+            send_text(&self.session, &self.own, &self.screen, &text);
+        }
+        true
     }
 
     /// The next event, waiting no later than the next timer; `None` when a timer is due, or
@@ -485,7 +533,9 @@ impl Chat {
     /// their place behind them, wait for the verdict or the end of the [`HOLD_LIMIT`]. (A
     /// signal is also sent ahead, and its flag is read on every pass.)
     fn next_event(&mut self) -> Option<Event> {
-        let holding = self.holding();
+        let now = Instant::now();
+        self.update_hold(now);
+        let holding = self.holding(now);
         if self.held.is_some() && !holding {
             // The hold ran out since `serve` looked: the held line goes first, and the
             // hold's end is no longer among the timers.
@@ -535,18 +585,7 @@ impl Chat {
     /// Acts on one event from a helper thread.
     fn handle(&mut self, event: Event) -> Next {
         match event {
-            Event::Send(text) => {
-                pace(&mut self.pacer);
-                // Checked after the pace's wait, as late as can be: a notice may have come
-                // meanwhile.
-                if self.holding() {
-                    debug!("a closure notice is being confirmed: holding the chat");
-                    self.held = Some(text);
-                } else {
-                    send_text(&self.session, &self.own, &self.screen, &text);
-                }
-                Next::GoOn
-            }
+            Event::Send(text) => self.handle_send(text),
             Event::Quit => {
                 debug!("quit");
                 Next::Leave
@@ -560,52 +599,17 @@ impl Chat {
                 self.say_unsent();
                 Next::Leave
             }
-            Event::RoomClosed | Event::Verdict(_) => {
-                if matches!(event, Event::RoomClosed) {
-                    self.notices_handled += 1;
-                }
-                let action = match event {
-                    Event::Verdict(verdict) => self.closures.verdict(Instant::now(), verdict),
-                    _ => self.closures.notice(Instant::now()),
-                };
-                let settled = settle(action, &mut self.closures, &self.checker, &self.screen);
-                match end_on(settled, &self.session, &self.screen, &mut self.terminal) {
-                    Some(end) => Next::End(end),
-                    None => Next::GoOn,
-                }
+            Event::RoomClosed => {
+                self.notices_handled += 1;
+                let action = self.closures.notice(Instant::now());
+                self.settle_closure(action).map_or(Next::GoOn, Next::End)
             }
-            Event::Membership(answer) => {
-                let Some(liveness) = &mut self.liveness else {
-                    return Next::GoOn;
-                };
-                let editor = self.terminal.is_some();
-                match liveness.answer(answer, &self.session.room_name, &self.screen, editor) {
-                    Membership::Gone(line) => self.end_gone(&line),
-                    Membership::GoOn => Next::GoOn,
-                }
+            Event::Verdict(verdict) => {
+                let action = self.closures.verdict(Instant::now(), verdict);
+                self.settle_closure(action).map_or(Next::GoOn, Next::End)
             }
-            // Told once per outage, with a check at once: if the server stays away, "cannot
-            // reach the server"; if it came back without the room, the end of the session.
-            // The session itself goes on: the keepalives register us again once it is back.
-            Event::Refused => {
-                let datagram = *self
-                    .last_heard
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                let heard = self
-                    .liveness
-                    .as_ref()
-                    .and_then(Liveness::back_at)
-                    .map_or(datagram, |back| back.max(datagram));
-                if self.outage.refused(Instant::now(), heard) {
-                    let line = port_closed(self.session.server);
-                    remark(&self.screen, self.terminal.is_some(), &line);
-                    if let Some(liveness) = &mut self.liveness {
-                        liveness.check_now();
-                    }
-                }
-                Next::GoOn
-            }
+            Event::Membership(answer) => self.handle_membership(answer),
+            Event::Refused => self.handle_refused(),
             Event::Unsendable(error) => {
                 let line = unsendable(self.session.server, &error);
                 remark(&self.screen, self.terminal.is_some(), &line);
@@ -627,6 +631,64 @@ impl Chat {
                 Next::End(Err(error))
             }
         }
+    }
+
+    /// A typed line: sent at the chat's pace, or held while a closure notice is confirmed.
+    fn handle_send(&mut self, text: String) -> Next {
+        pace(&mut self.pacer);
+        // Checked after the pace's wait, as late as can be: a notice may have come meanwhile.
+        let now = Instant::now();
+        self.update_hold(now);
+        if self.holding(now) {
+            debug!("a closure notice is being confirmed: holding the chat");
+            self.held = Some(text);
+        } else {
+            send_text(&self.session, &self.own, &self.screen, &text);
+        }
+        Next::GoOn
+    }
+
+    /// Follows a closure notice's or verdict's `action` ([`settle`]); `Some` when the chat
+    /// ended on it ([`end_on`]).
+    fn settle_closure(&mut self, action: closure::Action) -> Option<Result<Ending, ClientError>> {
+        let settled = settle(action, &mut self.closures, &self.checker, &self.screen);
+        end_on(settled, &self.session, &self.screen, &mut self.terminal)
+    }
+
+    /// The server's answer to an idle check ([`Liveness`]).
+    fn handle_membership(&mut self, answer: Option<Result<(), ClientError>>) -> Next {
+        let Some(liveness) = &mut self.liveness else {
+            return Next::GoOn;
+        };
+        let editor = self.terminal.is_some();
+        match liveness.answer(answer, &self.session.room_name, &self.screen, editor) {
+            Membership::Gone(line) => self.end_gone(&line),
+            Membership::GoOn => Next::GoOn,
+        }
+    }
+
+    /// The server's UDP port refused a datagram of ours: told once per outage, with an idle
+    /// check at once. If the server stays away, that check says it cannot be reached; if it
+    /// came back without the room, it ends the session. The session itself goes on: the
+    /// keepalives register us again once the server is back.
+    fn handle_refused(&mut self) -> Next {
+        let datagram = *self
+            .last_heard
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let heard = self
+            .liveness
+            .as_ref()
+            .and_then(Liveness::back_at)
+            .map_or(datagram, |back| back.max(datagram));
+        if self.outage.refused(Instant::now(), heard) {
+            let line = port_closed(self.session.server);
+            remark(&self.screen, self.terminal.is_some(), &line);
+            if let Some(liveness) = &mut self.liveness {
+                liveness.check_now();
+            }
+        }
+        Next::GoOn
     }
 
     /// The server says the room no longer holds us: the session ends with `line`, and

@@ -77,29 +77,10 @@ pub(super) fn receive(
         let (len, from) = match socket.recv_from(&mut buf) {
             Ok(received) => received,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                // An ICMP error waits on the error queue too: take it, or a long outage
-                // fills the receive buffer ([`icmp`]).
-                let queued = icmp::drain(socket);
-                match icmp::report_of(&e) {
-                    Some(icmp::Report::PortClosed) => {
-                        debug!("receive: {e}: the server's UDP port is closed");
-                        refused();
-                    }
-                    // The way to the server, not the server: it may come back, and the
-                    // keepalives and idle check find it.
-                    Some(icmp::Report::Unreachable) => debug!("receive: {e}"),
-                    // Another ICMP error the queue held (`EMSGSIZE`, `EHOSTDOWN`, ...).
-                    None if queued > 0 => debug!("receive: {e} ({queued} ICMP reports)"),
-                    None => {
-                        return Event::Failed(ClientError::Io {
-                            context: "receiving from the server",
-                            source: e,
-                        })
-                    }
-                }
-                continue;
-            }
+            Err(e) => match on_recv_error(socket, e, refused) {
+                Some(end) => return end,
+                None => continue,
+            },
         };
         if from.ip() != server.ip() || from.port() != server.port() {
             debug!("ignoring {len} bytes from {from}, not the server {server}");
@@ -129,4 +110,31 @@ pub(super) fn receive(
             }
         }
     }
+}
+
+/// What a failed receive means: `None` for an ICMP error about our datagrams, which ends
+/// nothing (the server may come back; a closed UDP port is passed to `refused`), else the
+/// event that ends the receiver.
+fn on_recv_error(socket: &UdpSocket, e: io::Error, refused: &mut dyn FnMut()) -> Option<Event> {
+    // An ICMP error waits on the error queue too: take it, or a long outage fills the
+    // receive buffer ([`icmp`]).
+    let queued = icmp::drain(socket);
+    match icmp::report_of(&e) {
+        Some(icmp::Report::PortClosed) => {
+            debug!("receive: {e}: the server's UDP port is closed");
+            refused();
+        }
+        // The way to the server, not the server: it may come back, and the keepalives and
+        // idle check find it.
+        Some(icmp::Report::Unreachable) => debug!("receive: {e}"),
+        // Another ICMP error the queue held (`EMSGSIZE`, `EHOSTDOWN`, ...).
+        None if queued > 0 => debug!("receive: {e} ({queued} ICMP reports)"),
+        None => {
+            return Some(Event::Failed(ClientError::Io {
+                context: "receiving from the server",
+                source: e,
+            }))
+        }
+    }
+    None
 }
