@@ -7,8 +7,9 @@
 //! costs the server at most one request per [`COOL_DOWN`], and a request refused for the
 //! server's rate limit is asked again instead of taken as an answer. The chat loop runs each
 //! check on a thread of its own and goes on meanwhile (keepalives, signals), but holds the
-//! chat's lines while a notice is being confirmed ([`Policy::confirming`]), for at most 2 s:
-//! a server that accepts the connection but never answers holds up no more than that.
+//! chat's lines while a notice is being confirmed ([`Policy::confirming`]), for at most the
+//! chat's `HOLD_LIMIT`: a server that accepts the connection but never answers holds up no
+//! more than that.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -93,8 +93,10 @@ pub enum ClientError {
         /// something else (the metrics port waits for an HTTP request, then closes).
         silent: bool,
     },
-    /// The server did not send a whole frame within the handshake timeout (10 s for a query,
-    /// 30 s for a create or join).
+    /// The server did not send a whole frame within the handshake timeout
+    /// ([`HANDSHAKE_TIMEOUT`](crate::handshake::HANDSHAKE_TIMEOUT) for a query,
+    /// [`ROOM_HANDSHAKE_TIMEOUT`](crate::handshake::ROOM_HANDSHAKE_TIMEOUT) for a create or
+    /// join).
     #[error(
         "the server did not send its {expected} frame within {} s{}",
         .after.as_secs(),

@@ -1,16 +1,16 @@
 //! Lines on their way to the line editor, and the thread that hands them over.
 //!
 //! rustyline's external printer hands a line to `readline` through a channel that holds one
-//! line while `readline` runs in raw mode; in the moment around Enter, as `readline`
-//! returns, a line can wait there, and the next print waits for room for as long as the
-//! input thread then takes to act on the line just entered. Whoever prints must therefore hold nothing the input thread needs
-//! meanwhile. The receiver used to print under the screen's lock, and the input thread,
-//! acting on `/help`, waited for that lock before `readline` could run again: under a flood
-//! of messages, a deadlock. Printing now only queues ([`Feed::push`], which never waits); a
-//! thread of its own hands the lines to the editor, and the receiver, holding no lock, waits
-//! while too much is queued ([`Feed::wait_below`]). Memory stays bounded, and a flood is
-//! slowed to what the terminal shows: the excess waits in the socket's receive buffer, and
-//! what the kernel drops from it shows as lost messages.
+//! line while `readline` runs in raw mode; in the moment around Enter, as `readline` returns, a
+//! line can wait there, and the next print waits for room for as long as the input thread then
+//! takes to act on the line just entered. Whoever prints must therefore hold nothing the input
+//! thread needs meanwhile: were the receiver to print under the screen's lock, the input
+//! thread, acting on `/help`, would wait for that lock before `readline` could run again, and a
+//! flood of messages would deadlock the two. So printing only queues ([`Feed::push`], which
+//! never waits); a thread of its own hands the lines to the editor, and the receiver, holding
+//! no lock, waits while too much is queued ([`Feed::wait_below`]). Memory stays bounded, and a
+//! flood is slowed to what the terminal shows: the excess waits in the socket's receive buffer,
+//! and what the kernel drops from it shows as lost messages.
 //!
 //! The same thread hands the editor a request to draw its line again ([`Feed::redraw`]), after
 //! a stop it did not see: through the external printer, so that the editor's own thread draws,
@@ -18,12 +18,14 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use log::debug;
 use rustyline::ExternalPrinter;
+
+use crate::locks;
 
 /// Bytes of queued lines past which the receiver waits for the editor to catch up.
 pub const MAX_QUEUED_BYTES: usize = 1 << 20;
@@ -70,7 +72,7 @@ enum Next {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+        locks::lock(&self.queue)
     }
 
     /// The next line to print, or the redraw asked for once none is left, waiting for one;
@@ -92,10 +94,7 @@ impl Shared {
                 queue.in_flight = true;
                 return Some(Next::Redraw);
             }
-            queue = self
-                .changed
-                .wait(queue)
-                .unwrap_or_else(PoisonError::into_inner);
+            queue = locks::wait(&self.changed, queue);
         }
     }
 }
@@ -109,7 +108,7 @@ impl Feed {
         let feed = Feed(shared);
         let closer = feed.clone();
         thread::Builder::new()
-            .name("printer".into())
+            .name("ocm-printer".into())
             .spawn(move || {
                 while let Some(next) = feeder.next() {
                     let printed = printer.print(match next {
@@ -154,11 +153,7 @@ impl Feed {
     pub fn wait_below(&self, bytes: usize) {
         let mut queue = self.0.lock();
         while !queue.closed && queue.bytes > bytes {
-            queue = self
-                .0
-                .changed
-                .wait(queue)
-                .unwrap_or_else(PoisonError::into_inner);
+            queue = locks::wait(&self.0.changed, queue);
         }
     }
 
@@ -176,12 +171,7 @@ impl Feed {
             if left.is_zero() {
                 break;
             }
-            queue = self
-                .0
-                .changed
-                .wait_timeout(queue, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            queue = locks::wait_timeout(&self.0.changed, queue, left);
         }
     }
 

@@ -4,12 +4,13 @@
 //! [`connect`] and [`connect_addr`] own the socket options (no Nagle, connect/read/write
 //! timeouts); [`round_trip`] owns the REQUEST → COMPLIANCE → COMPLETE conversation for any
 //! operation (the extensions in [`crate::query`] use it too) and [`exchange`] reads the token
-//! out of it. The reply must come whole within [`HANDSHAKE_TIMEOUT`] (a create or join's within
-//! [`ROOM_HANDSHAKE_TIMEOUT`]), however the server
-//! spreads its bytes. Both are generic over [`LimitedRead`] + `Write`, so they are tested
-//! against an in-memory server. All bytes go through [`tcrp`]. The reader is tolerant the way the original server
-//! needs: `{"success": 1}` counts as success, and the COMPLETE that the original server sends
-//! even after a refusal is never read.
+//! out of it. [`round_trip`] and [`exchange`] are generic over [`LimitedRead`] + `Write`, so
+//! they are tested against an in-memory server. All bytes go through [`tcrp`].
+//!
+//! The reply must come whole within [`HANDSHAKE_TIMEOUT`] (a create or join's within
+//! [`ROOM_HANDSHAKE_TIMEOUT`]), however the server spreads its bytes. The reader is tolerant
+//! the way the original server needs: `{"success": 1}` counts as success, and the COMPLETE
+//! that the original server sends even after a refusal is never read.
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -484,7 +485,7 @@ mod tests {
             "{looked_up:?}"
         );
         // An IPv6 address with a zone goes to the resolver without its brackets, as it is
-        // taken without them (found by a review: the bracketed form was refused).
+        // taken without them: the resolver refuses the bracketed form.
         let zoned = SocketAddr::from((Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1), 7000));
         for host in ["[fe80::1%lo]", "fe80::1%lo"] {
             let found = resolve(host, 7000, Duration::from_secs(60), move |name, _| {

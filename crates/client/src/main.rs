@@ -16,13 +16,13 @@
 //! A password may also come from the `OCM_PASSWORD` environment variable, read only when
 //! neither flag is given, so that it need not appear in `ps`.
 //!
-//! This file owns the command line, the logger and the exit codes; the work is in
-//! [`handshake`] (TCP: REQUEST → COMPLIANCE → COMPLETE for the token), [`query`] (the list,
-//! presence and history extensions) and [`chat`](mod@chat) (UDP: register, relay, keepalive, leave),
-//! which get their bytes from the `tcrp` and `ucrp` crates. Messages from the room go to
-//! standard output, one per line; the client's own remarks (`* joined ...`, `* message too
-//! long ...`) and errors go to standard error, through a queue that a standard error nobody
-//! reads cannot stop ([`stderr`]). `rooms` and `who` print their answer to standard output.
+//! This file owns the command line, the logger and the exit codes; the work is in [`handshake`]
+//! (TCP: REQUEST → COMPLIANCE → COMPLETE for the token), [`query`] (the list, presence and
+//! history extensions) and [`chat`](mod@chat) (UDP: register, relay, keepalive, leave), which
+//! get their bytes from the `tcrp` and `ucrp` crates. Messages from the room go to standard
+//! output, one per line; the client's own remarks (`* joined ...`, `* message too long ...`)
+//! and errors go to standard error, through a queue that a standard error nobody reads cannot
+//! stop ([`stderr`]). `rooms` and `who` print their answer to standard output.
 //!
 //! Exit codes: 0 after leaving (`/quit`, the end of input, SIGINT, SIGTERM, SIGHUP or
 //! SIGQUIT, the reader of standard output gone) or after `rooms`/`who` answered; 3 when the
@@ -42,6 +42,7 @@ mod feed;
 mod handshake;
 mod input;
 mod listing;
+mod locks;
 mod pacing;
 mod query;
 mod reach;
@@ -377,20 +378,15 @@ const PASSWORD_LIMIT: &str = "ocmd counts wrong room passwords per source addres
 /// request limit and a full password queue, which have nothing to do with passwords tried:
 /// only the wrong-password refusal, told by its words, gets the rule.
 fn explain_password_limit(error: ClientError, password_sent: bool) -> ClientError {
-    match error {
-        ClientError::Refused {
-            verb: Verb::Join,
-            room,
-            code: Some(ErrorCode::RateLimited),
-            message: Some(words),
-        } if password_sent && words.contains("wrong password") => ClientError::Refused {
-            verb: Verb::Join,
-            room,
-            code: Some(ErrorCode::RateLimited),
-            message: Some(format!("{words} ({PASSWORD_LIMIT})")),
-        },
-        other => other,
-    }
+    let for_wrong_passwords = |message: Option<&str>| {
+        password_sent && message.is_some_and(|words| words.contains("wrong password"))
+    };
+    with_note(
+        error,
+        ErrorCode::RateLimited,
+        for_wrong_passwords,
+        PASSWORD_LIMIT,
+    )
 }
 
 /// Why `--original` cannot join a room with a password.
@@ -401,23 +397,12 @@ const ORIGINAL_SENDS_NO_PASSWORD: &str = "--original sends none: the original re
 /// password") do not say that the flag cannot send one, whatever --password-file or
 /// `OCM_PASSWORD` holds.
 fn explain_original_password(error: ClientError, original: bool) -> ClientError {
-    match error {
-        ClientError::Refused {
-            verb: Verb::Join,
-            room,
-            code: Some(ErrorCode::BadPassword),
-            message,
-        } if original => ClientError::Refused {
-            verb: Verb::Join,
-            room,
-            code: Some(ErrorCode::BadPassword),
-            message: Some(match message {
-                Some(words) => format!("{words} ({ORIGINAL_SENDS_NO_PASSWORD})"),
-                None => ORIGINAL_SENDS_NO_PASSWORD.to_owned(),
-            }),
-        },
-        other => other,
-    }
+    with_note(
+        error,
+        ErrorCode::BadPassword,
+        |_| original,
+        ORIGINAL_SENDS_NO_PASSWORD,
+    )
 }
 
 /// What holds a name after a session ends without leaving (a crash, a lost network): ocmd
@@ -430,19 +415,31 @@ const NAME_HELD: &str = "a session that ended without leaving keeps its name unt
 /// A join refused as `name_taken`: the server's words do not say that the holder may be the
 /// user's own session that crashed a moment ago, nor when such a name frees up.
 fn explain_name_taken(error: ClientError) -> ClientError {
+    with_note(error, ErrorCode::NameTaken, |_| true, NAME_HELD)
+}
+
+/// A join refused with `code`, when its message passes `when`: the same refusal with `note`
+/// after the server's words, in brackets (or in their place when it sent none). Any other
+/// error is returned as it is.
+fn with_note(
+    error: ClientError,
+    code: ErrorCode,
+    when: impl Fn(Option<&str>) -> bool,
+    note: &str,
+) -> ClientError {
     match error {
         ClientError::Refused {
             verb: Verb::Join,
             room,
-            code: Some(ErrorCode::NameTaken),
+            code: Some(got),
             message,
-        } => ClientError::Refused {
+        } if got == code && when(message.as_deref()) => ClientError::Refused {
             verb: Verb::Join,
             room,
-            code: Some(ErrorCode::NameTaken),
+            code: Some(code),
             message: Some(match message {
-                Some(words) => format!("{words} ({NAME_HELD})"),
-                None => NAME_HELD.to_owned(),
+                Some(words) => format!("{words} ({note})"),
+                None => note.to_owned(),
             }),
         },
         other => other,

@@ -379,8 +379,8 @@ mod tests {
     }
 
     /// An empty page ends a walk, and the next call asks for the latest: a room empty at
-    /// the first `/history` is paged through once something is said (found by a review:
-    /// it said `no more history` for good).
+    /// the first `/history` is paged through once something is said, rather than saying
+    /// `no more history` for good.
     #[test]
     fn an_empty_page_ends_the_walk_not_the_pager() {
         let mut pager = HistoryPager::default();

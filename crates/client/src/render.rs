@@ -2,10 +2,10 @@
 //!
 //! Pure: bytes in, lines out, no I/O. [`Renderer`] parses each datagram with
 //! [`ucrp::delivery`], walks batches, and keeps a [`SeqTracker`] so that sequenced messages
-//! lost on the way are counted (`* 2 messages lost`, our own messages aside) and duplicates
-//! are dropped (a number shown before is a duplicate only with the same sender and text). Everything a
-//! peer or the server wrote passes through [`printable`] first, so a message cannot move the
-//! cursor, clear the screen or span several lines.
+//! lost on the way are counted (`* 2 messages lost`, our own messages aside) and duplicates are
+//! dropped (a number shown before is a duplicate only with the same sender and text).
+//! Everything a peer or the server wrote passes through [`printable`] first, so a message
+//! cannot move the cursor, clear the screen or span several lines.
 //!
 //! | delivery                     | line                          |
 //! |------------------------------|-------------------------------|
@@ -92,10 +92,11 @@ impl SeqTracker {
     /// at or below the last one is a late message, or a daemon numbering again (from its
     /// last checkpoint after a crash, or from 1 with a new state), never a loss.
     ///
-    /// A number 1 after higher ones is a count started again only if the next number goes
-    /// on from it at or below the old count (`1, 2`, `1, 3` or `1, 14` after `14`): a first message that
-    /// arrives late (`2, 1, 3`) is not. Own messages sent more than [`IN_FLIGHT`] before
-    /// the first number seen are numbered below it and never fill a gap: they are forgotten.
+    /// A number 1 after higher ones is a count started again only if the next number goes on
+    /// from it at or below the old count (`1, 2`, `1, 3` or `1, 14` after `14`): a first
+    /// message that arrives late (`2, 1, 3`) is not. Own messages sent more than [`IN_FLIGHT`]
+    /// before the first number seen are numbered below it and never fill a gap: they are
+    /// forgotten.
     pub fn observe(&mut self, seq: u64, digest: u64, now: Instant) -> SeqVerdict {
         if self.recent.contains(&(seq, digest)) {
             return SeqVerdict::Duplicate;
@@ -414,9 +415,11 @@ fn needs_quotes(name: &str) -> bool {
 
 /// Whether a colon in `name` is followed by white space or ends it: unquoted, `alice: the
 /// password is` sending `hunter2` would show as `alice: the password is: hunter2`, a line
-/// from `alice` (found by a review).
+/// from `alice`.
 fn ends_like_a_sender(name: &str) -> bool {
     name.match_indices(':').any(|(at, _)| {
+        // `at` is the offset of an ASCII `:`, so `at + 1` is a character boundary, at most
+        // `name.len()`: the slice cannot panic.
         name[at + 1..]
             .chars()
             .next()

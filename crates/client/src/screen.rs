@@ -12,7 +12,7 @@
 //! message that is both in the history and live is printed once.
 
 use std::io::{self, IsTerminal, Write};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use log::debug;
@@ -21,6 +21,7 @@ use ucrp::delivery::{self, Delivery, Notice};
 
 use crate::feed::Feed;
 use crate::listing;
+use crate::locks;
 use crate::render::{Flow, Renderer};
 
 /// Most datagrams kept while the screen is held. The hold lasts one TCP round trip (at most
@@ -156,7 +157,7 @@ impl OwnSends {
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<Instant>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        locks::lock(&self.0)
     }
 }
 

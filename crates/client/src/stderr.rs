@@ -25,9 +25,11 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use crate::locks;
 
 /// Most lines waiting to be written; one more is dropped and counted.
 pub const QUEUED_LINES: usize = 64;
@@ -142,7 +144,7 @@ impl Queue {
         });
         let writer = Arc::clone(&queue);
         thread::Builder::new()
-            .name("stderr".into())
+            .name("ocm-stderr".into())
             .spawn(move || writer.run(&mut out))?;
         Ok(queue)
     }
@@ -216,10 +218,7 @@ impl Queue {
                         state.writing = true;
                         break entry;
                     }
-                    state = self
-                        .changed
-                        .wait(state)
-                        .unwrap_or_else(PoisonError::into_inner);
+                    state = locks::wait(&self.changed, state);
                 }
             };
             // A line that cannot be written (standard error closed) is dropped, as every
@@ -242,15 +241,11 @@ impl Queue {
     }
 
     fn wait<'a>(&self, state: MutexGuard<'a, State>, wait: Duration) -> MutexGuard<'a, State> {
-        self.changed
-            .wait_timeout(state, wait)
-            .unwrap_or_else(PoisonError::into_inner)
-            .0
+        locks::wait_timeout(&self.changed, state, wait)
     }
 
-    /// Nothing is left half-done under the lock: a poisoned one is used as is.
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        locks::lock(&self.state)
     }
 }
 

@@ -1,9 +1,16 @@
-//! What a chat asks the server over TCP: whether a notice that the room closed is true (on a
-//! checker thread per question, so that nothing waits for the answer), and once, whether the
-//! server hears our datagrams at all.
+//! What a chat asks the server over TCP, each question on a thread of its own so that nothing
+//! waits for the answer, and what the main loop makes of the answers:
+//! - the closure check: whether a notice that the room closed is true ([`Checker`]), and
+//!   what follows from the notice and the verdict ([`settle`], [`end_on`]);
+//! - the idle check: after a silence, whether we are still a member ([`Liveness`]), and the
+//!   line that ends a session the server no longer counts us in ([`gone_line`]);
+//! - the outage remark: once per outage, that the server's UDP port refused a datagram
+//!   ([`Outage`], [`port_closed`]);
+//! - the reach check: once, shortly after registering, whether the server hears our
+//!   datagrams at all ([`spawn_reach_check`]).
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use std::{io, thread};
 
@@ -85,43 +92,51 @@ pub(super) struct Checker {
 }
 
 impl Checker {
-    /// Starts one check.
+    /// Starts one closure check; its verdict comes back as an [`Event::Verdict`].
     fn start(&self) -> io::Result<()> {
-        let (tcp, room_name, token) = (self.tcp, self.room_name.clone(), self.token.clone());
-        let events = self.events.clone();
-        thread::Builder::new()
-            .name("ocm-check".into())
-            .spawn(move || {
-                // Whatever happens to the check, the main loop hears a verdict: without one
-                // the screen would hold the chat for good.
-                let mut answer = Answer {
-                    events,
-                    verdict: closure::Verdict::Unknown,
-                };
-                answer.verdict = closure::check(tcp, &room_name, &token);
-                debug!("closure check: {:?}", answer.verdict);
-            })
-            .map(drop)
+        // A check that fails without a verdict believes the notice.
+        let unknown = Event::Verdict(closure::Verdict::Unknown);
+        self.spawn("ocm-check", unknown, |tcp, room_name, token| {
+            let verdict = closure::check(tcp, room_name, token);
+            debug!("closure check: {verdict:?}");
+            Event::Verdict(verdict)
+        })
     }
-}
 
-impl Checker {
     /// Starts one idle check ([`Liveness`]): whether we are still a member. Its answer comes
     /// back as an [`Event::Membership`].
     fn start_membership(&self) -> io::Result<()> {
+        self.spawn(
+            "ocm-idle-check",
+            Event::Membership(None),
+            |tcp, room_name, token| {
+                let answer = closure::ask(tcp, room_name, token);
+                debug!("idle check: {answer:?}");
+                Event::Membership(Some(answer))
+            },
+        )
+    }
+
+    /// Runs `job` with the daemon's TCP address, our room name and token on a thread named
+    /// `name`, and sends its event [`Ahead`]; `fallback` instead if the job panics. Whatever
+    /// happens to the check, the main loop hears an answer: without one it would wait for
+    /// good (a closure check holds the chat, an idle check is never made again).
+    fn spawn(
+        &self,
+        name: &str,
+        fallback: Event,
+        job: impl FnOnce(SocketAddr, &str, &Token) -> Event + Send + 'static,
+    ) -> io::Result<()> {
         let (tcp, room_name, token) = (self.tcp, self.room_name.clone(), self.token.clone());
         let events = self.events.clone();
         thread::Builder::new()
-            .name("ocm-idle-check".into())
+            .name(name.into())
             .spawn(move || {
-                // Answers when dropped, also if `ask` panicked: the checks must go on.
-                let mut guard = MembershipAnswer {
+                let mut answer = AnswerOnDrop {
                     events,
-                    answer: None,
+                    answer: fallback,
                 };
-                let answer = closure::ask(tcp, &room_name, &token);
-                debug!("idle check: {answer:?}");
-                guard.answer = Some(answer);
+                answer.answer = job(tcp, &room_name, &token);
             })
             .map(drop)
     }
@@ -185,10 +200,7 @@ impl Liveness {
         if self.now {
             return Some(self.last_answer);
         }
-        let heard = *self
-            .last_heard
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let heard = *lock(&self.last_heard);
         Some(heard.max(self.last_answer) + self.period)
     }
 
@@ -236,8 +248,7 @@ impl Liveness {
             Ok(()) => {
                 if std::mem::replace(&mut self.told_unreachable, false) {
                     self.back_at = Some(self.last_answer);
-                    // Said, as its going was: the user knows when typing is worth it again
-                    // (found by a review).
+                    // Said, as its going was: the user knows when typing is worth it again.
                     remark(screen, editor, "* the server answers again");
                 }
                 Membership::GoOn
@@ -320,30 +331,19 @@ pub(super) fn gone_line(room_name: &str, error: &ClientError) -> String {
     )
 }
 
-/// Sends an idle check's answer to the main loop when dropped: `None` if the check panicked.
-struct MembershipAnswer {
-    events: Ahead,
-    answer: Option<Result<(), ClientError>>,
-}
-
-impl Drop for MembershipAnswer {
-    fn drop(&mut self) {
-        // The main loop has gone when this fails: the process is ending.
-        let _ = self.events.send(Event::Membership(self.answer.take()));
-    }
-}
-
-/// Sends its verdict to the main loop when dropped: when the check returns, and also if it
-/// panicked, with [`closure::Verdict::Unknown`] (believe the notice).
-pub(super) struct Answer {
+/// Sends `answer` to the main loop when dropped: when a check's thread returns, and also if
+/// the check panicked, with the fallback the answer was first set to.
+pub(super) struct AnswerOnDrop {
     pub(super) events: Ahead,
-    pub(super) verdict: closure::Verdict,
+    /// The check's answer once it has one; until then, what the main loop hears.
+    pub(super) answer: Event,
 }
 
-impl Drop for Answer {
+impl Drop for AnswerOnDrop {
     fn drop(&mut self) {
+        let answer = std::mem::replace(&mut self.answer, Event::Wake);
         // The main loop has gone when this fails: the process is ending.
-        let _ = self.events.send(Event::Verdict(self.verdict));
+        let _ = self.events.send(answer);
     }
 }
 

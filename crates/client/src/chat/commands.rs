@@ -2,14 +2,14 @@
 //! text and `/quit` go to the main loop.
 //!
 //! `/who` and `/history` are questions to the server, each on a short-lived TCP connection
-//! ([`Asker`]), whose answer may take up to the queries' 10 s. With plain lines they are
-//! answered on the input thread, in turn with the lines around them, so that a script reads
-//! each answer before what it sends next. With the line editor they go to an *asking*
-//! thread ([`Commands::answer_elsewhere`]), which answers them in the order asked: the
-//! editor keeps reading meanwhile. Asked on the input thread, they had stopped it: the
-//! room's lines were written after whatever was typed, which the terminal, back in its
-//! normal mode, echoed raw, and nothing said that the client was waiting. Either way an
-//! answer slow to come is announced with [`ASKING`].
+//! ([`Asker`]), whose answer may take up to [`handshake::HANDSHAKE_TIMEOUT`]. With plain lines
+//! they are answered on the input thread, in turn with the lines around them, so that a script
+//! reads each answer before what it sends next. With the line editor they go to an *asking*
+//! thread ([`Commands::answer_elsewhere`]), which answers them in the order asked: the editor
+//! keeps reading meanwhile. The input thread must not wait for them there: the terminal would
+//! go back to its normal mode, echo raw whatever is typed, and the room's lines would be
+//! written after it, with nothing saying that the client waits. Either way an answer slow to
+//! come is announced with [`ASKING`].
 
 use std::net::SocketAddr;
 use std::sync::mpsc::{self, SyncSender, TrySendError};
@@ -38,7 +38,7 @@ const NO_MORE_HISTORY: &str = "* no more history (/history again starts from the
 /// The remark for a `/who` or `/history` (`command`) that got `error` instead of an answer.
 /// A server that says nothing in time, or closes without a word, is said to in plain words:
 /// the handshake's own message talks of frames and asks whether the port is the handshake
-/// one, which the join has just shown it is (found by a review).
+/// one, which the join has just shown it is.
 pub(super) fn unanswered(command: &str, error: &ClientError) -> String {
     match error {
         ClientError::HandshakeTimeout { after, .. } => {
@@ -159,18 +159,20 @@ impl Commands {
         };
         let (questions, asked) = mpsc::sync_channel(QUESTIONS_QUEUED);
         let mut asker = asker.clone();
-        let spawned = thread::Builder::new().name("asking".into()).spawn(move || {
-            if join_history && !asker.show_recent_history() {
-                // The main loop ends the session.
-                return;
-            }
-            for question in asked {
-                if !asker.answer(question) {
+        let spawned = thread::Builder::new()
+            .name("ocm-asking".into())
+            .spawn(move || {
+                if join_history && !asker.show_recent_history() {
                     // The main loop ends the session.
                     return;
                 }
-            }
-        });
+                for question in asked {
+                    if !asker.answer(question) {
+                        // The main loop ends the session.
+                        return;
+                    }
+                }
+            });
         match spawned {
             Ok(_) => self.answerer = Answerer::Elsewhere(questions),
             Err(e) => warn!("could not start the asking thread: {e}"),
@@ -389,14 +391,15 @@ fn fetch_history(
 
 /// Runs `ask`, a question to the server, on a thread of its own and waits for its answer,
 /// saying [`ASKING`] with `say` if that takes longer than [`ASKING_REMARK_AFTER`]: the server
-/// may take up to the queries' 10 s, which should not look like nothing happening.
+/// may take up to [`HANDSHAKE_TIMEOUT`](crate::handshake::HANDSHAKE_TIMEOUT), which should
+/// not look like nothing happening.
 pub(super) fn waiting<T: Send + 'static>(
     say: impl FnOnce(&str),
     ask: impl FnOnce() -> Result<T, ClientError> + Send + 'static,
 ) -> Result<T, ClientError> {
     let (answer, answered) = mpsc::sync_channel(1);
     thread::Builder::new()
-        .name("question".into())
+        .name("ocm-question".into())
         .spawn(move || {
             // The caller waits for the answer, or has gone with the process.
             let _ = answer.send(ask());

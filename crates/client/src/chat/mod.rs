@@ -37,15 +37,15 @@
 //! `/quit` for long. And once, shortly after registering, a *reach check* asks the server
 //! whether it hears our datagrams at all ([`reach`](crate::reach)), and warns if it does not.
 //!
-//! The *keepalive* thread resends `__REGISTER__` every keepalive period, which also
-//! re-teaches a restarted daemon our address, and tells the main loop when one cannot be
-//! sent (the network gone), once per run of failures. It is a thread of its own so that nothing the
-//! main loop may wait on (the screen's lock, held by a receiver blocked on a stopped
-//! terminal or an unread pipe; a paced burst of chat) can make the server expire us. Every
-//! way out sends `__LEAVE__` except an end the server confirmed (a closure it confirmed, or
-//! `room_not_found` / `not_member` answered to `/who`, `/history` or an idle check), where
-//! the room does not hold us any more; either way the session is marked ended first, and no
-//! `__REGISTER__` follows ([`Session::leave`]).
+//! The *keepalive* thread resends `__REGISTER__` every keepalive period, which also re-teaches
+//! a restarted daemon our address, and tells the main loop when one cannot be sent (the network
+//! gone), once per run of failures. It is a thread of its own so that nothing the main loop may
+//! wait on (the screen's lock, held by a receiver blocked on a stopped terminal or an unread
+//! pipe; a paced burst of chat) can make the server expire us. Every way out sends `__LEAVE__`
+//! except an end the server confirmed (a closure it confirmed, or `room_not_found` /
+//! `not_member` answered to `/who`, `/history` or an idle check), where the room does not hold
+//! us any more; either way the session is marked ended first, and no `__REGISTER__` follows
+//! ([`Session::leave`]).
 //!
 //! The server does not answer keepalives, so a room that vanished falls silent: after
 //! [`Options::idle_check`] without a datagram from the server, the main loop asks it over TCP
@@ -80,7 +80,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::sync::{Arc, Mutex, TryLockError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -89,6 +89,7 @@ use log::{debug, info};
 use crate::closure;
 use crate::error::ClientError;
 use crate::handshake::Verb;
+use crate::locks::lock;
 use crate::pacing::{self, Pacer};
 use crate::query::HistoryPager;
 use crate::render::printable_name;
@@ -242,12 +243,6 @@ pub struct Options {
     /// The server is the original one (`--original`): datagrams are read as its frames only,
     /// and `/who` and `/history`, which it cannot answer, are not sent.
     pub original: bool,
-}
-
-/// Locks the screen. A panic elsewhere while printing leaves nothing half-done that matters,
-/// so a poisoned lock is used as is.
-fn lock(screen: &Mutex<Screen>) -> MutexGuard<'_, Screen> {
-    screen.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Runs the chat until the user leaves or the host closes the room. Prints
@@ -567,8 +562,8 @@ impl Chat {
 
     /// Says how many lines typed (or piped) and shown as entered still wait to go when a
     /// signal ends the chat, which does not wait for them (a paste of hundreds of lines goes
-    /// at 45 a second): they are not sent, and without a word a user who saw them entered
-    /// took them for sent (found by a review).
+    /// at the chat's pace): they are not sent, and without a word a user who saw them
+    /// entered would take them for sent.
     fn say_unsent(&mut self) {
         let waiting = self
             .inbox
@@ -672,10 +667,7 @@ impl Chat {
     /// came back without the room, it ends the session. The session itself goes on: the
     /// keepalives register us again once the server is back.
     fn handle_refused(&mut self) -> Next {
-        let datagram = *self
-            .last_heard
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let datagram = *lock(&self.last_heard);
         let heard = self
             .liveness
             .as_ref()

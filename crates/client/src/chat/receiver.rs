@@ -2,7 +2,7 @@
 //! until the room closes.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use std::{io, thread};
 
@@ -34,7 +34,7 @@ pub(super) fn spawn_receiver(
         .map_err(ClientError::io("cloning the UDP socket"))?;
     let server = session.server;
     thread::Builder::new()
-        .name("receiver".into())
+        .name("ocm-receiver".into())
         .spawn(move || loop {
             // The main loop has gone when this fails: the process is ending.
             let mut refused = || drop(events.send(Event::Refused));
@@ -89,7 +89,7 @@ pub(super) fn receive(
             }
             continue;
         }
-        *last_heard.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        *lock(last_heard) = Instant::now();
         // `len <= buf.len()`: recv_from never reports more than the buffer holds.
         let (handled, feed) = {
             let mut screen = lock(screen);

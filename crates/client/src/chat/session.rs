@@ -4,7 +4,7 @@
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::mpsc::SyncSender;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
@@ -13,6 +13,7 @@ use ucrp::datagram::{self, LEAVE, REGISTER};
 use super::{icmp, Event};
 use crate::error::ClientError;
 use crate::handshake::Token;
+use crate::locks;
 
 /// Why [`Session::send_chat`] sent nothing although the socket did not fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,7 +150,7 @@ impl Session {
     }
 
     fn ended(&self) -> MutexGuard<'_, bool> {
-        self.ended.0.lock().unwrap_or_else(PoisonError::into_inner)
+        locks::lock(&self.ended.0)
     }
 
     /// Sends `__REGISTER__` (the first, a keepalive, or a repeat for the reach check), unless
@@ -209,12 +210,7 @@ impl Session {
             if left.is_zero() {
                 return false;
             }
-            ended = self
-                .ended
-                .1
-                .wait_timeout(ended, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            ended = locks::wait_timeout(&self.ended.1, ended, left);
         }
         true
     }
@@ -237,7 +233,7 @@ pub(super) fn spawn_keepalive(
         .duplicate()
         .map_err(ClientError::io("duplicating the UDP socket for keepalives"))?;
     std::thread::Builder::new()
-        .name("keepalive".into())
+        .name("ocm-keepalive".into())
         .spawn(move || {
             let mut failures = Failures::default();
             while !session.wait_ended(period) {

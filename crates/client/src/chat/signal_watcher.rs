@@ -19,20 +19,20 @@ use crate::error::ClientError;
 /// signal thread ends it itself ([`after_signal`]).
 const SIGNAL_GRACE: Duration = Duration::from_secs(3);
 
-/// Reports the first termination signal to the main loop, which leaves: in `signalled`,
-/// which the main loop reads on every pass (the event queue may be full of lines being
-/// paced out), and as an event on both its queues to wake it (it waits on the [`super::Ahead`]
-/// one alone while it holds the chat for a closure check). Should the chat not have ended
+/// Reports the first termination signal to the main loop, which leaves: in `signalled`, which
+/// the main loop reads on every pass (the event queue may be full of lines being paced out),
+/// and as an event on both its queues to wake it (it waits on the [`super::Ahead`] one alone
+/// while it holds the chat for a closure check). Should the chat not have ended
 /// [`SIGNAL_GRACE`] later, the main loop is stuck: on the screen, which the receiver holds
 /// while it waits for a standard output nobody reads (a pipe whose reader stopped, a stopped
-/// terminal), and which the main loop takes to settle a room's closure, forged or not (its remarks go
-/// around it: `remark_unheld`; without a closure, such an output holds the receiver alone,
-/// and a signal ends the chat at once). (Standard error
-/// stops no thread: it is written through a queue, [`crate::stderr`].) The keepalive thread
-/// would then keep us in the room for as long as that lasts, so this thread says
-/// `__LEAVE__` itself and exits with [`EXIT_FAILURE`](crate::error::EXIT_FAILURE), after
-/// a warning that standard error gets [`SAY_WAIT`] to take. The line editor prints through
-/// a queue, never stuck, so a terminal in raw mode is always given back by the main loop.
+/// terminal), and which the main loop takes to settle a room's closure, forged or not (its
+/// remarks go around it: `remark_unheld`; without a closure, such an output holds the receiver
+/// alone, and a signal ends the chat at once). (Standard error stops no thread: it is written
+/// through a queue, [`crate::stderr`].) The keepalive thread would then keep us in the room for
+/// as long as that lasts, so this thread says `__LEAVE__` itself and exits with
+/// [`EXIT_FAILURE`](crate::error::EXIT_FAILURE), after a warning that standard error gets
+/// [`SAY_WAIT`] to take. The line editor prints through a queue, never stuck, so a terminal in
+/// raw mode is always given back by the main loop.
 pub(super) fn spawn_signal_watcher(
     [events, ahead]: [SyncSender<Event>; 2],
     signalled: Arc<AtomicI32>,
@@ -44,7 +44,7 @@ pub(super) fn spawn_signal_watcher(
         "duplicating the UDP socket for the signal thread",
     ))?;
     thread::Builder::new()
-        .name("signals".into())
+        .name("ocm-signals".into())
         .spawn(move || {
             if let Some(signal) = signals.forever().next() {
                 // The main loop waits on the room's word alone while it holds the chat for a

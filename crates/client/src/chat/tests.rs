@@ -1,6 +1,6 @@
 //! The chat's unit tests: sessions against local sockets, fake daemons over TCP.
 
-use super::checks::{Answer, Settled};
+use super::checks::{AnswerOnDrop, Settled};
 use super::commands::{unanswered, waiting, ASKING};
 use super::input_thread::{after_a_failed_read, handle_edited, read_lines};
 use super::receiver::{answered_from_elsewhere, receive};
@@ -939,9 +939,9 @@ fn closed_notice(
 fn a_check_that_panics_still_answers_so_the_chat_is_not_held_for_good() {
     let (events, inbox) = mpsc::sync_channel(1);
     let check = thread::spawn(move || {
-        let _answer = Answer {
+        let _answer = AnswerOnDrop {
             events: events.into(),
-            verdict: closure::Verdict::Unknown,
+            answer: Event::Verdict(closure::Verdict::Unknown),
         };
         panic!("the check failed");
     });

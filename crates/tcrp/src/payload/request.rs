@@ -227,12 +227,13 @@ fn check_max_datagram(value: u64) -> Result<u16, Error> {
 }
 
 /// Whether text that is not JSON still begins like a JSON object: `{` after any white space
-/// (Unicode's, not only JSON's four) and any characters that show as nothing or change how
-/// text around them shows: [`names::is_invisible`] (a byte-order mark, a zero-width space),
-/// [`names::is_modifier`] (a zero-width joiner, a variation selector) and [`names::is_reordering`] (a bidirectional
-/// control). That is wider than [`names::hidden_chars`], which keeps a modifier that follows
-/// a non-ASCII letter; here every leading one is skipped. Such a payload is a JSON object gone wrong, and taken whole as a name it would keep its password
-/// as the host's name for anyone to read.
+/// (Unicode's, not only JSON's four) and any characters that show as nothing or change how text
+/// around them shows: [`names::is_invisible`] (a byte-order mark, a zero-width space),
+/// [`names::is_modifier`] (a zero-width joiner, a variation selector) and
+/// [`names::is_reordering`] (a bidirectional control). That is wider than
+/// [`names::hidden_chars`], which keeps a modifier that follows a non-ASCII letter; here every
+/// leading one is skipped. Such a payload is a JSON object gone wrong, and taken whole as a
+/// name it would keep its password as the host's name for anyone to read.
 fn begins_like_an_object(text: &str) -> bool {
     text.trim_start_matches(|c: char| {
         c.is_whitespace()

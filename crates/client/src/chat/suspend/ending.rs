@@ -46,10 +46,10 @@ pub(in crate::chat) fn watch_for_the_end() {
 /// read begun in the background, the resume thread's setting of the editor's mode) restart
 /// it, still in the background, while the end signal's handler may not have run yet, on
 /// whichever thread took it: with the default actions the restarted call stopped the whole
-/// chat again, before its `__LEAVE__`, until `fg` (3 runs in 11 of
-/// `client_terminal::stopped_again_in_the_background_after_a_sigstop_and_killed_it_draws_nothing_and_exits`
-/// under four busy loops; every thread stopped, one in `read` of the terminal, or the
-/// resume thread in `tcsetattr`, and the handler half-way on a third).
+/// chat again, before its `__LEAVE__`, until `fg`: every thread stopped, one in `read` of
+/// the terminal, or the resume thread in `tcsetattr`, and the handler half-way on a third
+/// (the server test
+/// `client_terminal::stopped_again_in_the_background_after_a_sigstop_and_killed_it_draws_nothing_and_exits`).
 fn stop_from_the_background_only_when_no_end_is_coming() {
     // Held back while the handler runs, which makes no call on the terminal itself: a
     // second job-control signal taken on the same thread would run the handler again

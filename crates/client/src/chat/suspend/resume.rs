@@ -4,7 +4,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, PoisonError};
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use signal_hook::iterator::Signals;
 use super::ending::{ending, let_the_end_through};
 use super::{editor_mode, in_background, Stop, EDITOR_THREAD, LAST_STOP, MODE_BEFORE_CHAT};
 use crate::feed::Feed;
+use crate::locks;
 
 /// Makes the editor draw its prompt and line again whenever the process is continued
 /// (SIGCONT: `fg`, `kill -CONT`) while the editor reads a line, once the terminal is ours
@@ -49,7 +50,7 @@ pub(in crate::chat) fn redraw_on_resume(
     let mut signals = Signals::new([SIGCONT])?;
     let again = spawn_rewaker(Arc::clone(&reading))?;
     thread::Builder::new()
-        .name("resume".into())
+        .name("ocm-resume".into())
         .spawn(move || {
             // Blocked in every other thread (see `suspend_on_input_thread`).
             let mut cont = SigSet::empty();
@@ -91,9 +92,9 @@ impl Drop for EditorThread {
     }
 }
 
-/// The editor's thread, locked: a poisoned lock holds a plain value, used as is.
+/// The editor's thread, locked.
 pub(super) fn editor_thread() -> std::sync::MutexGuard<'static, Option<libc::pthread_t>> {
-    EDITOR_THREAD.lock().unwrap_or_else(PoisonError::into_inner)
+    locks::lock(&EDITOR_THREAD)
 }
 
 /// Makes the editor's thread go back to waiting for a key or a line to print, where it
@@ -196,7 +197,7 @@ const WAKE_AGAIN_AFTER: [Duration; 3] = [
 pub(super) fn spawn_rewaker(reading: Arc<AtomicBool>) -> io::Result<mpsc::Sender<()>> {
     let (again, asked) = mpsc::channel::<()>();
     thread::Builder::new()
-        .name("rewake".into())
+        .name("ocm-rewake".into())
         .spawn(move || {
             // The first request, then one schedule per request, started again by the next.
             'requests: while asked.recv().is_ok() {

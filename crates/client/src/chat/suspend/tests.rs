@@ -2,7 +2,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, PoisonError};
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ extern "C" fn interrupt(_: libc::c_int) {}
 /// Tests that set the editor's thread, SIGTTOU's action or [`LAST_STOP`] take turns.
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+    crate::locks::lock(&SERIAL)
 }
 
 /// A thread known as the editor's, waiting in a read that only a signal ends (a pipe's,
