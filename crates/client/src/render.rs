@@ -267,18 +267,29 @@ impl Renderer {
     /// Handles one datagram from the server, received at `now`, appending the lines to print
     /// to `out`. Malformed datagrams add nothing.
     pub fn handle_datagram(&mut self, bytes: &[u8], now: Instant, out: &mut Vec<String>) -> Flow {
-        let parsed = if self.original {
-            delivery::parse_original(bytes)
-        } else {
-            delivery::parse(bytes)
-        };
-        match parsed {
+        match self.parse(bytes) {
             Ok(Delivery::Batch(body)) => self.handle_batch(body, now, out),
             Ok(d) => self.handle_delivery(d, now, out),
             Err(e) => {
                 debug!("dropping malformed datagram ({}): {e}", e.reason());
                 Flow::Continue
             }
+        }
+    }
+
+    /// Whether a datagram alone ends our membership ([`ends_membership`]), read as
+    /// [`Renderer::handle_datagram`] reads it: with `--original`, a datagram that begins with
+    /// a 0 byte is chat, and ends nothing. A batch is not looked into.
+    pub fn ends_membership(&self, bytes: &[u8]) -> bool {
+        self.parse(bytes).is_ok_and(|d| ends_membership(&d))
+    }
+
+    /// Parses a datagram as the server this renderer reads sends it.
+    fn parse<'a>(&self, bytes: &'a [u8]) -> Result<Delivery<'a>, ucrp::Error> {
+        if self.original {
+            delivery::parse_original(bytes)
+        } else {
+            delivery::parse(bytes)
         }
     }
 
@@ -331,7 +342,6 @@ impl Renderer {
                     "* you were removed from room {} after missing keepalives; join again to go on",
                     printable_name(&self.room_name)
                 ));
-                return Flow::RoomClosed;
             }
             Delivery::Notice { what, name } => {
                 let what = match what {
@@ -348,13 +358,29 @@ impl Renderer {
                     "* room {} was closed",
                     printable_name(&self.room_name)
                 ));
-                return Flow::RoomClosed;
             }
             // `handle_datagram` and `handle_batch` deal with batches before calling here.
             Delivery::Batch(_) => debug!("dropping a batch nested in a batch"),
         }
-        Flow::Continue
+        if ends_membership(&d) {
+            Flow::RoomClosed
+        } else {
+            Flow::Continue
+        }
     }
+}
+
+/// Whether a delivery ends our membership: `__ROOM_CLOSED__`, or the timed-out notice without
+/// a name, which is about us (the server expired us and no longer knows our token).
+fn ends_membership(d: &Delivery<'_>) -> bool {
+    matches!(
+        d,
+        Delivery::RoomClosed
+            | Delivery::Notice {
+                what: Notice::TimedOut,
+                name: "",
+            }
+    )
 }
 
 fn chat_line(sender: &str, message: &str) -> String {
@@ -794,6 +820,12 @@ mod tests {
             Flow::RoomClosed,
             "read with extensions, the same bytes are the nameless timed-out notice"
         );
+        // The screen's question, whether a datagram ends our membership, gets the same answer.
+        assert!(!original.ends_membership(&removed));
+        assert!(original.ends_membership(ucrp::ROOM_CLOSED));
+        assert!(extensions.ends_membership(&removed));
+        assert!(extensions.ends_membership(ucrp::ROOM_CLOSED));
+        assert!(!extensions.ends_membership(&[0x00, 0x03, 0x03, 0x01, b'b']));
     }
 
     /// The daemon numbers our own messages but does not send them back: their numbers are

@@ -17,7 +17,6 @@ use std::time::Instant;
 
 use log::debug;
 use tcrp::payload::HistoryPage;
-use ucrp::delivery::{self, Delivery, Notice};
 
 use crate::feed::Feed;
 use crate::listing;
@@ -311,7 +310,7 @@ impl Screen {
         // Under a closure check, or in a full hold, a notice that ends our membership is kept
         // apart: it must not be lost to a flood of chat, nor fill the hold (a flood of
         // forged ones) and push chat out. `release` and `reopen` act on it after the rest.
-        if (self.closure_pending || !room) && is_bare_closure(bytes) {
+        if (self.closure_pending || !room) && self.renderer.ends_membership(bytes) {
             self.closed_again = Some(bytes.to_vec());
             return;
         }
@@ -382,19 +381,6 @@ impl Screen {
         }
         Ok(flow)
     }
-}
-
-/// Whether a datagram is a bare notice that ends our membership: `__ROOM_CLOSED__`, or the
-/// timed-out notice without a name.
-fn is_bare_closure(bytes: &[u8]) -> bool {
-    matches!(
-        delivery::parse(bytes),
-        Ok(Delivery::RoomClosed
-            | Delivery::Notice {
-                what: Notice::TimedOut,
-                name: "",
-            })
-    )
 }
 
 #[cfg(test)]
