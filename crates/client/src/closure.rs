@@ -18,7 +18,7 @@ use log::debug;
 use tcrp::ErrorCode;
 
 use crate::error::ClientError;
-use crate::handshake::{self, Token};
+use crate::handshake::Token;
 use crate::query;
 
 /// After a notice turned out forged, later notices wait this long for the next check, and
@@ -56,9 +56,7 @@ pub fn check(tcp: SocketAddr, room_name: &str, token: &Token) -> Verdict {
 /// Asks the server over TCP for one message of the room's history with our token: `Ok` while
 /// we are a member. [`verdict_of`] reads the answer.
 pub fn ask(tcp: SocketAddr, room_name: &str, token: &Token) -> Result<(), ClientError> {
-    handshake::connect_addr(tcp)
-        .and_then(|mut stream| query::history(&mut stream, room_name, token, None, 1))
-        .map(drop)
+    query::history_at(tcp, room_name, token, None, 1).map(drop)
 }
 
 /// What an answer of [`ask`] says of our membership.

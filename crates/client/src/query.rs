@@ -15,10 +15,10 @@
 //! [`HistoryPager`] is the state behind `/history`: which page to ask for next.
 
 use std::io::Write;
+use std::net::SocketAddr;
 
-use serde_json::Value;
 use tcrp::payload::{self, HistoryPage, RoomList, RoomPresence};
-use tcrp::Operation;
+use tcrp::{Operation, Request};
 
 use crate::error::ClientError;
 use crate::handshake::{self, LimitedRead, Refusal, Token};
@@ -31,35 +31,36 @@ pub const MAX_HISTORY_LIMIT: u32 = 100;
 
 /// The ListRooms payload: an empty JSON object (no username is needed to list).
 pub fn list_rooms_payload() -> Vec<u8> {
-    let mut out = Vec::new();
-    payload::write_object(&[], &mut out);
-    out
+    query_payload(Request::query())
 }
 
 /// The Presence payload: a member proves membership with its token; anyone else gives the
 /// room's password, or nothing for an open room.
 pub fn presence_payload(token: Option<&Token>, password: Option<&str>) -> Vec<u8> {
-    let mut fields = Vec::new();
+    let mut request = Request::query();
     if let Some(token) = token {
-        fields.push(("token", Value::from(token.as_str())));
-    } else if let Some(password) = password {
-        fields.push(("password", Value::from(password)));
+        request.token = Some(token.as_str().to_owned());
+    } else {
+        request.password = password.map(str::to_owned);
     }
-    let mut out = Vec::new();
-    payload::write_object(&fields, &mut out);
-    out
+    query_payload(request)
 }
 
 /// The History payload: the member's token, the sequence number to page back from (omitted
 /// for the latest messages) and the page size.
 pub fn history_payload(token: &Token, before: Option<u64>, limit: u32) -> Vec<u8> {
-    let mut fields = vec![("token", Value::from(token.as_str()))];
-    if let Some(before) = before {
-        fields.push(("before", Value::from(before)));
-    }
-    fields.push(("limit", Value::from(limit)));
+    query_payload(Request {
+        token: Some(token.as_str().to_owned()),
+        before,
+        limit: Some(limit),
+        ..Request::query()
+    })
+}
+
+/// The bytes of an extension request ([`Request::encode_query`]).
+fn query_payload(request: Request) -> Vec<u8> {
     let mut out = Vec::new();
-    payload::write_object(&fields, &mut out);
+    request.encode_query(&mut out);
     out
 }
 
@@ -108,6 +109,29 @@ pub fn history<S: LimitedRead + Write>(
         || format!("read the history of room {:?}", printable(room_name)),
     )?;
     Ok(payload::parse_json(&complete)?)
+}
+
+/// [`presence`] on a connection of its own to the daemon at `tcp`.
+pub fn presence_at(
+    tcp: SocketAddr,
+    room_name: &str,
+    token: Option<&Token>,
+    password: Option<&str>,
+) -> Result<RoomPresence, ClientError> {
+    let mut stream = handshake::connect_addr(tcp)?;
+    presence(&mut stream, room_name, token, password)
+}
+
+/// [`history`] on a connection of its own to the daemon at `tcp`.
+pub fn history_at(
+    tcp: SocketAddr,
+    room_name: &str,
+    token: &Token,
+    before: Option<u64>,
+    limit: u32,
+) -> Result<HistoryPage, ClientError> {
+    let mut stream = handshake::connect_addr(tcp)?;
+    history(&mut stream, room_name, token, before, limit)
 }
 
 /// One exchange; a refusal becomes [`ClientError::QueryRefused`] saying what was asked.

@@ -14,7 +14,7 @@ use std::time::Duration;
 use log::debug;
 use tcrp::payload::RoomPresence;
 
-use crate::handshake::{self, Token};
+use crate::handshake::Token;
 use crate::query;
 
 /// How long after the first `__REGISTER__` the server is first asked.
@@ -49,8 +49,7 @@ pub fn heard_in(presence: &RoomPresence, username: &str) -> Heard {
 
 /// Asks the server whether it has `username`'s UDP address in `room_name`.
 pub fn ask(tcp: SocketAddr, room_name: &str, token: &Token, username: &str) -> Heard {
-    let answer = handshake::connect_addr(tcp)
-        .and_then(|mut stream| query::presence(&mut stream, room_name, Some(token), None));
+    let answer = query::presence_at(tcp, room_name, Some(token), None);
     match answer {
         Ok(presence) => heard_in(&presence, username),
         Err(e) => {

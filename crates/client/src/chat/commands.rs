@@ -2,14 +2,15 @@
 //! text and `/quit` go to the main loop.
 //!
 //! `/who` and `/history` are questions to the server, each on a short-lived TCP connection
-//! ([`Asker`]), whose answer may take up to [`handshake::HANDSHAKE_TIMEOUT`]. With plain lines
-//! they are answered on the input thread, in turn with the lines around them, so that a script
-//! reads each answer before what it sends next. With the line editor they go to an *asking*
-//! thread ([`Commands::answer_elsewhere`]), which answers them in the order asked: the editor
-//! keeps reading meanwhile. The input thread must not wait for them there: the terminal would
-//! go back to its normal mode, echo raw whatever is typed, and the room's lines would be
-//! written after it, with nothing saying that the client waits. Either way an answer slow to
-//! come is announced with [`ASKING`].
+//! ([`Asker`]), whose answer may take up to
+//! [`HANDSHAKE_TIMEOUT`](crate::handshake::HANDSHAKE_TIMEOUT). With plain lines they are
+//! answered on the input thread, in turn with the lines around them, so that a script reads
+//! each answer before what it sends next. With the line editor they go to an *asking* thread
+//! ([`Commands::answer_elsewhere`]), which answers them in the order asked: the editor keeps
+//! reading meanwhile. The input thread must not wait for them there: the terminal would go back
+//! to its normal mode, echo raw whatever is typed, and the room's lines would be written after
+//! it, with nothing saying that the client waits. Either way an answer slow to come is
+//! announced with [`ASKING`].
 
 use std::net::SocketAddr;
 use std::sync::mpsc::{self, SyncSender, TrySendError};
@@ -18,13 +19,12 @@ use std::thread;
 use std::time::Duration;
 
 use log::{debug, warn};
-use tcrp::payload::HistoryPage;
 use tcrp::ErrorCode;
 
 use super::checks::gone_line;
 use super::{lock, remark, Ahead, Event};
 use crate::error::ClientError;
-use crate::handshake::{self, Token};
+use crate::handshake::Token;
 use crate::input::{self, Input};
 use crate::query::{self, HistoryPager, DEFAULT_HISTORY_LIMIT};
 use crate::render::{printable, Flow};
@@ -272,10 +272,7 @@ impl Asker {
         let (tcp, room_name, token) = (self.tcp, self.room_name.clone(), self.token.clone());
         let answer = waiting(
             |line| self.err(line),
-            move || {
-                let mut stream = handshake::connect_addr(tcp)?;
-                query::presence(&mut stream, &room_name, Some(&token), None)
-            },
+            move || query::presence_at(tcp, &room_name, Some(&token), None),
         );
         match answer {
             Ok(presence) => {
@@ -304,7 +301,7 @@ impl Asker {
         let (tcp, room_name, token) = (self.tcp, self.room_name.clone(), self.token.clone());
         let page = waiting(
             |line| self.err(line),
-            move || fetch_history(tcp, &room_name, &token, before, count),
+            move || query::history_at(tcp, &room_name, &token, before, count),
         );
         let page = match page {
             Ok(page) => page,
@@ -329,7 +326,7 @@ impl Asker {
     /// one) is passed over in silence. `false` when the session ends (the server says we are
     /// not in the room).
     pub(super) fn show_recent_history(&mut self) -> bool {
-        let fetched = fetch_history(
+        let fetched = query::history_at(
             self.tcp,
             &self.room_name,
             &self.token,
@@ -376,17 +373,6 @@ impl Asker {
         let _ = self.events.send(event);
         true
     }
-}
-
-fn fetch_history(
-    tcp: SocketAddr,
-    room_name: &str,
-    token: &Token,
-    before: Option<u64>,
-    limit: u32,
-) -> Result<HistoryPage, ClientError> {
-    let mut stream = handshake::connect_addr(tcp)?;
-    query::history(&mut stream, room_name, token, before, limit)
 }
 
 /// Runs `ask`, a question to the server, on a thread of its own and waits for its answer,

@@ -180,6 +180,38 @@ impl Request {
     }
 }
 
+impl Request {
+    /// A request for an extension operation (list, presence, history), to be written with
+    /// [`Request::encode_query`]: set `token`, `password`, `before` and `limit` as the
+    /// operation needs.
+    pub fn query() -> Request {
+        Request {
+            form: RequestForm::JsonObject,
+            ..Request::original("")
+        }
+    }
+
+    /// Appends the payload of an extension request: a JSON object of `token`, `password`,
+    /// `before` and `limit`, those that are set, in that order (`{}` when none is). The
+    /// username and the create/join keys are left out: those operations do not read them.
+    pub fn encode_query(&self, out: &mut Vec<u8>) {
+        let mut fields: Vec<(&str, Value)> = Vec::new();
+        if let Some(t) = &self.token {
+            fields.push(("token", Value::from(t.as_str())));
+        }
+        if let Some(p) = &self.password {
+            fields.push(("password", Value::from(p.as_str())));
+        }
+        if let Some(b) = self.before {
+            fields.push(("before", Value::from(b)));
+        }
+        if let Some(l) = self.limit {
+            fields.push(("limit", Value::from(l)));
+        }
+        write_object(&fields, out);
+    }
+}
+
 #[derive(Deserialize)]
 struct ObjectRequest {
     #[serde(default)]

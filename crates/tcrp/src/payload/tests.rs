@@ -436,3 +436,31 @@ fn room_list_more_is_optional_and_round_trips() {
     assert!(text.ends_with(r#"],"more":true}"#), "{text}");
     assert_eq!(parse_json::<RoomList>(text.as_bytes()).unwrap(), cut);
 }
+
+#[test]
+fn query_requests_write_only_the_keys_set_and_read_back() {
+    let mut out = Vec::new();
+    Request::query().encode_query(&mut out);
+    assert_eq!(out, b"{}");
+    let asked = Request {
+        token: Some("t0k".into()),
+        before: Some(57),
+        limit: Some(5),
+        ..Request::query()
+    };
+    out.clear();
+    asked.encode_query(&mut out);
+    assert_eq!(out, br#"{"token": "t0k", "before": 57, "limit": 5}"#);
+    let read = parse_request(&out).unwrap();
+    assert_eq!(
+        (read.token, read.before, read.limit),
+        (asked.token, asked.before, asked.limit)
+    );
+    let with_password = Request {
+        password: Some("pw".into()),
+        ..Request::query()
+    };
+    out.clear();
+    with_password.encode_query(&mut out);
+    assert_eq!(out, br#"{"password": "pw"}"#);
+}
