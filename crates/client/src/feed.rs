@@ -108,7 +108,7 @@ impl Feed {
         let feed = Feed(shared);
         let closer = feed.clone();
         thread::Builder::new()
-            .name("ocm-printer".into())
+            .name("printer".into())
             .spawn(move || {
                 while let Some(next) = feeder.next() {
                     let printed = printer.print(match next {

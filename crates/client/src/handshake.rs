@@ -197,7 +197,7 @@ where
     };
     let (answer, answered) = mpsc::sync_channel(1);
     thread::Builder::new()
-        .name("ocm-resolve".into())
+        .name("resolve".into())
         .spawn(move || {
             // The caller has given up when this fails.
             let _ = answer.send(lookup(&name, port));

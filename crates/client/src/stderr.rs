@@ -144,7 +144,7 @@ impl Queue {
         });
         let writer = Arc::clone(&queue);
         thread::Builder::new()
-            .name("ocm-stderr".into())
+            .name("stderr".into())
             .spawn(move || writer.run(&mut out))?;
         Ok(queue)
     }

@@ -748,11 +748,11 @@ fn only_the_input_thread_takes_sigtstp_and_only_the_resume_thread_sigcont() {
     wait_until("the asking thread", || {
         threads().any(|t| {
             std::fs::read_to_string(t.expect("a thread").path().join("comm"))
-                .is_ok_and(|name| name.trim() == "ocm-asking")
+                .is_ok_and(|name| name.trim() == "asking")
         })
     });
-    assert_eq!(threads_taking(pid, libc::SIGTSTP), ["ocm-input"]);
-    assert_eq!(threads_taking(pid, libc::SIGCONT), ["ocm-resume"]);
+    assert_eq!(threads_taking(pid, libc::SIGTSTP), ["input"]);
+    assert_eq!(threads_taking(pid, libc::SIGCONT), ["resume"]);
     both_quit(&mut bob, &mut alice);
 }
 
@@ -1150,7 +1150,7 @@ fn a_chat_orphaned_while_it_waits_after_bg_leaves() {
     // The handler holds SIGTSTP back on the input thread while it runs (every other thread
     // always does), and waits there, running, for an end.
     wait_until("the chat waiting in the background", || {
-        state(ocm) != Some('T') && thread_blocks(ocm, "ocm-input", libc::SIGTSTP)
+        state(ocm) != Some('T') && thread_blocks(ocm, "input", libc::SIGTSTP)
     });
     // SAFETY: a signal to the shell's child, not reaped yet.
     assert_eq!(unsafe { libc::kill(subshell, libc::SIGKILL) }, 0);
@@ -1409,7 +1409,7 @@ fn input_thread_reads_stdin(pid: u32) -> bool {
         .expect("the threads")
         .filter_map(|task| task.ok().map(|task| task.path()))
         .any(|task| {
-            std::fs::read_to_string(task.join("comm")).is_ok_and(|name| name.trim() == "ocm-input")
+            std::fs::read_to_string(task.join("comm")).is_ok_and(|name| name.trim() == "input")
                 && std::fs::read_to_string(task.join("syscall"))
                     .is_ok_and(|call| call.starts_with(&format!("{} 0x0 ", libc::SYS_read)))
         })

@@ -37,29 +37,27 @@ pub(super) fn spawn_reach_check(session: &Session, options: &Options, screen: Ar
         }
     };
     let (tcp, username) = (options.tcp, options.username.clone());
-    let started = thread::Builder::new()
-        .name("ocm-reach".into())
-        .spawn(move || {
-            let ask = || reach::ask(tcp, &session.room_name, &session.token, &username);
-            thread::sleep(reach::FIRST_LOOK);
-            match ask() {
-                reach::Heard::No => {}
-                reach::Heard::Yes => return debug!("the server hears this client"),
-                reach::Heard::Unknown => return debug!("cannot tell if the server hears us"),
-            }
-            debug!("the server has no UDP address for us yet: registering again");
-            match session.register() {
-                Ok(true) => {}
-                // The chat ended meanwhile: nothing to warn about.
-                Ok(false) => return,
-                Err(e) => debug!("registering again failed: {e}"),
-            }
-            thread::sleep(reach::SECOND_LOOK);
-            match ask() {
-                reach::Heard::No => lock(&screen).err(&reach::warning(session.server)),
-                heard => debug!("the server hears us on the second look: {heard:?}"),
-            }
-        });
+    let started = thread::Builder::new().name("reach".into()).spawn(move || {
+        let ask = || reach::ask(tcp, &session.room_name, &session.token, &username);
+        thread::sleep(reach::FIRST_LOOK);
+        match ask() {
+            reach::Heard::No => {}
+            reach::Heard::Yes => return debug!("the server hears this client"),
+            reach::Heard::Unknown => return debug!("cannot tell if the server hears us"),
+        }
+        debug!("the server has no UDP address for us yet: registering again");
+        match session.register() {
+            Ok(true) => {}
+            // The chat ended meanwhile: nothing to warn about.
+            Ok(false) => return,
+            Err(e) => debug!("registering again failed: {e}"),
+        }
+        thread::sleep(reach::SECOND_LOOK);
+        match ask() {
+            reach::Heard::No => lock(&screen).err(&reach::warning(session.server)),
+            heard => debug!("the server hears us on the second look: {heard:?}"),
+        }
+    });
     if let Err(e) = started {
         debug!("no check that the server hears us: cannot start its thread: {e}");
     }
@@ -96,7 +94,7 @@ impl Checker {
     fn start(&self) -> io::Result<()> {
         // A check that fails without a verdict believes the notice.
         let unknown = Event::Verdict(closure::Verdict::Unknown);
-        self.spawn("ocm-check", unknown, |tcp, room_name, token| {
+        self.spawn("check", unknown, |tcp, room_name, token| {
             let verdict = closure::check(tcp, room_name, token);
             debug!("closure check: {verdict:?}");
             Event::Verdict(verdict)
@@ -107,7 +105,7 @@ impl Checker {
     /// back as an [`Event::Membership`].
     fn start_membership(&self) -> io::Result<()> {
         self.spawn(
-            "ocm-idle-check",
+            "idle-check",
             Event::Membership(None),
             |tcp, room_name, token| {
                 let answer = closure::ask(tcp, room_name, token);

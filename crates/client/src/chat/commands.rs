@@ -159,20 +159,18 @@ impl Commands {
         };
         let (questions, asked) = mpsc::sync_channel(QUESTIONS_QUEUED);
         let mut asker = asker.clone();
-        let spawned = thread::Builder::new()
-            .name("ocm-asking".into())
-            .spawn(move || {
-                if join_history && !asker.show_recent_history() {
+        let spawned = thread::Builder::new().name("asking".into()).spawn(move || {
+            if join_history && !asker.show_recent_history() {
+                // The main loop ends the session.
+                return;
+            }
+            for question in asked {
+                if !asker.answer(question) {
                     // The main loop ends the session.
                     return;
                 }
-                for question in asked {
-                    if !asker.answer(question) {
-                        // The main loop ends the session.
-                        return;
-                    }
-                }
-            });
+            }
+        });
         match spawned {
             Ok(_) => self.answerer = Answerer::Elsewhere(questions),
             Err(e) => warn!("could not start the asking thread: {e}"),
@@ -385,7 +383,7 @@ pub(super) fn waiting<T: Send + 'static>(
 ) -> Result<T, ClientError> {
     let (answer, answered) = mpsc::sync_channel(1);
     thread::Builder::new()
-        .name("ocm-question".into())
+        .name("question".into())
         .spawn(move || {
             // The caller waits for the answer, or has gone with the process.
             let _ = answer.send(ask());

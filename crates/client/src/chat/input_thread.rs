@@ -100,57 +100,55 @@ pub(super) fn spawn_input(
     join_history: bool,
     reading: Option<Arc<AtomicBool>>,
 ) {
-    let spawned = thread::Builder::new()
-        .name("ocm-input".into())
-        .spawn(move || {
-            let editing = reading.is_some();
-            let mut editor =
-                reading.and_then(|reading| match start_editor(&commands.screen, &reading) {
-                    Ok((editor, resume)) => Some((editor, reading, resume)),
-                    Err(e) => {
-                        warn!("line editing unavailable, reading plain lines: {e}");
-                        None
-                    }
-                });
-            if editor.is_some() {
-                commands.editor_prints();
-                // The terminal quiet (as between two lines) before the join's history is asked
-                // for, not only once the editor reads: the keys typed from then on wait unseen
-                // for the editor, which draws them after its prompt. Quieted only after the asking
-                // thread started, a key typed while it sent its question would be echoed raw in
-                // the terminal's normal mode, before the prompt (the server test
-                // `client_terminal::the_history_on_joining_comes_while_the_editor_reads`). SIGTSTP is
-                // still blocked here (`take_suspend_here` is below), so a Ctrl+Z meanwhile finds
-                // the handler that stops in the mode before the chat.
-                stop_in_the_mode_before_the_chat();
-                quiet_between_lines();
-                // The editor must keep reading while the server answers `/who` or `/history`,
-                // and the join's history too: fetched here, before `readline`, it left the
-                // terminal in its normal mode meanwhile, which echoed what was typed raw over
-                // the screen, with no prompt until the server answered.
-                commands.answer_elsewhere(join_history);
-            }
-            if editing {
-                // After every thread this one starts (the editor's printing and resume threads,
-                // the asking thread), which must keep SIGTSTP blocked (see
-                // `suspend::suspend_on_input_thread`): one started after took the editor's
-                // Ctrl+Z as well, which then returned before the process stopped. Also without
-                // the editor: this thread then takes the Ctrl+Z of the terminal's own line
-                // editing.
-                take_suspend_here();
-            }
-            if join_history && !commands.show_recent_history() {
-                // The main loop ends the session.
-                return;
-            }
-            let end = match &mut editor {
-                Some((editor, reading, _)) => read_edited(&mut commands, editor, reading),
-                None => read_lines(&mut commands, &mut io::stdin().lock()),
-            };
-            if let Some(event) = end {
-                let _ = commands.events.send(event);
-            }
-        });
+    let spawned = thread::Builder::new().name("input".into()).spawn(move || {
+        let editing = reading.is_some();
+        let mut editor =
+            reading.and_then(|reading| match start_editor(&commands.screen, &reading) {
+                Ok((editor, resume)) => Some((editor, reading, resume)),
+                Err(e) => {
+                    warn!("line editing unavailable, reading plain lines: {e}");
+                    None
+                }
+            });
+        if editor.is_some() {
+            commands.editor_prints();
+            // The terminal quiet (as between two lines) before the join's history is asked
+            // for, not only once the editor reads: the keys typed from then on wait unseen
+            // for the editor, which draws them after its prompt. Quieted only after the asking
+            // thread started, a key typed while it sent its question would be echoed raw in
+            // the terminal's normal mode, before the prompt (the server test
+            // `client_terminal::the_history_on_joining_comes_while_the_editor_reads`). SIGTSTP is
+            // still blocked here (`take_suspend_here` is below), so a Ctrl+Z meanwhile finds
+            // the handler that stops in the mode before the chat.
+            stop_in_the_mode_before_the_chat();
+            quiet_between_lines();
+            // The editor must keep reading while the server answers `/who` or `/history`,
+            // and the join's history too: fetched here, before `readline`, it left the
+            // terminal in its normal mode meanwhile, which echoed what was typed raw over
+            // the screen, with no prompt until the server answered.
+            commands.answer_elsewhere(join_history);
+        }
+        if editing {
+            // After every thread this one starts (the editor's printing and resume threads,
+            // the asking thread), which must keep SIGTSTP blocked (see
+            // `suspend::suspend_on_input_thread`): one started after took the editor's
+            // Ctrl+Z as well, which then returned before the process stopped. Also without
+            // the editor: this thread then takes the Ctrl+Z of the terminal's own line
+            // editing.
+            take_suspend_here();
+        }
+        if join_history && !commands.show_recent_history() {
+            // The main loop ends the session.
+            return;
+        }
+        let end = match &mut editor {
+            Some((editor, reading, _)) => read_edited(&mut commands, editor, reading),
+            None => read_lines(&mut commands, &mut io::stdin().lock()),
+        };
+        if let Some(event) = end {
+            let _ = commands.events.send(event);
+        }
+    });
     if let Err(e) = spawned {
         // Without input we can still receive; leaving is then up to a signal.
         warn!("could not start the input thread: {e}");

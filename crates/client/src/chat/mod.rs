@@ -56,6 +56,11 @@
 //! Remarks and log lines go to standard error through a queue written by a thread of its own
 //! ([`crate::stderr`]), so that none of these threads waits for a standard error nobody reads.
 //!
+//! Every thread the client starts is named for its job alone, without a prefix (`receiver`,
+//! `keepalive`, `input`, `asking`, `check`, `idle-check`, ...): they show under the `ocm`
+//! process already, the kernel keeps only 15 bytes of a name, and tests find them by these
+//! names.
+//!
 //! The work is split by thread: this module is the main loop (`run`) and what it does itself
 //! (sending, the end of the session); `session` is the UDP endpoint and the keepalive
 //! thread; `icmp` the ICMP errors its socket hears of; `receiver` the receiver thread;

@@ -27,7 +27,7 @@ pub(super) fn spawn_output_watcher(events: Ahead) {
         return;
     }
     let spawned = thread::Builder::new()
-        .name("ocm-output".into())
+        .name("output-watcher".into())
         .spawn(move || {
             match wait_for_no_reader(libc::STDOUT_FILENO) {
                 // Told as a write that failed with EPIPE would be: the main loop leaves the

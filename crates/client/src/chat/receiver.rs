@@ -34,7 +34,7 @@ pub(super) fn spawn_receiver(
         .map_err(ClientError::io("cloning the UDP socket"))?;
     let server = session.server;
     thread::Builder::new()
-        .name("ocm-receiver".into())
+        .name("receiver".into())
         .spawn(move || loop {
             // The main loop has gone when this fails: the process is ending.
             let mut refused = || drop(events.send(Event::Refused));

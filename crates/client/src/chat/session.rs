@@ -233,7 +233,7 @@ pub(super) fn spawn_keepalive(
         .duplicate()
         .map_err(ClientError::io("duplicating the UDP socket for keepalives"))?;
     std::thread::Builder::new()
-        .name("ocm-keepalive".into())
+        .name("keepalive".into())
         .spawn(move || {
             let mut failures = Failures::default();
             while !session.wait_ended(period) {

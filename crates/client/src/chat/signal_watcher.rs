@@ -44,7 +44,7 @@ pub(super) fn spawn_signal_watcher(
         "duplicating the UDP socket for the signal thread",
     ))?;
     thread::Builder::new()
-        .name("ocm-signals".into())
+        .name("signals".into())
         .spawn(move || {
             if let Some(signal) = signals.forever().next() {
                 // The main loop waits on the room's word alone while it holds the chat for a

@@ -50,7 +50,7 @@ pub(in crate::chat) fn redraw_on_resume(
     let mut signals = Signals::new([SIGCONT])?;
     let again = spawn_rewaker(Arc::clone(&reading))?;
     thread::Builder::new()
-        .name("ocm-resume".into())
+        .name("resume".into())
         .spawn(move || {
             // Blocked in every other thread (see `suspend_on_input_thread`).
             let mut cont = SigSet::empty();
@@ -197,7 +197,7 @@ const WAKE_AGAIN_AFTER: [Duration; 3] = [
 pub(super) fn spawn_rewaker(reading: Arc<AtomicBool>) -> io::Result<mpsc::Sender<()>> {
     let (again, asked) = mpsc::channel::<()>();
     thread::Builder::new()
-        .name("ocm-rewake".into())
+        .name("rewake".into())
         .spawn(move || {
             // The first request, then one schedule per request, started again by the next.
             'requests: while asked.recv().is_ok() {
