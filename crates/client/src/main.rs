@@ -733,7 +733,7 @@ mod tests {
     }
 
     /// A host no resolver can know is a bad command line (exit status 2), said before any
-    /// lookup; it used to fail as a server that cannot be reached.
+    /// lookup, not a server that cannot be reached.
     #[test]
     fn an_impossible_host_is_a_usage_error() {
         for (host, said) in [
@@ -766,8 +766,8 @@ mod tests {
 
     /// Lengths are the resolver's to judge: glibc finds in `/etc/hosts` a label of 40 `é`
     /// (80 bytes of UTF-8), of 64 ASCII letters, or a name over 253 bytes, all of which DNS
-    /// alone could not carry. They used to be refused as a bad command line, counted in
-    /// bytes of UTF-8.
+    /// alone could not carry. None is refused as a bad command line for its length in bytes
+    /// of UTF-8.
     #[test]
     fn a_long_name_is_left_to_the_resolver() {
         let accented = format!("{}.lan", "\u{e9}".repeat(40));

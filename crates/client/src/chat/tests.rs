@@ -1111,8 +1111,8 @@ fn who_asks_with_the_members_token() {
 }
 
 /// `/history` pages back until nothing older exists, and the one after that shows the latest
-/// messages again: what was said since can still be read (found by a review: `no more
-/// history` stayed for good).
+/// messages again: what was said since can still be read, rather than `no more history` for
+/// good.
 #[test]
 fn history_pages_back_until_there_is_no_more_then_starts_from_the_latest() {
     let (tcp, asked) = fake_daemon(vec![
@@ -1158,8 +1158,7 @@ fn history_pages_back_until_there_is_no_more_then_starts_from_the_latest() {
 
 /// A `/who` or `/history` the server does not answer in time, or closes on, is said in plain
 /// words, naming the command: not in the handshake's words, which ask whether `--tcp-port` is
-/// the handshake port the join has just used (found by a review). Other errors are shown as
-/// they are.
+/// the handshake port the join has just used. Other errors are shown as they are.
 #[test]
 fn an_unanswered_question_names_the_command_in_plain_words() {
     let timeout = ClientError::HandshakeTimeout {
@@ -1633,9 +1632,9 @@ fn the_room_word_goes_ahead_of_a_full_queue_of_lines() {
 
 /// A main loop holding a line whose hold ran out between `serve`'s look and `next_event`'s
 /// (a pass begun just before [`HOLD_LIMIT`]), its check still unanswered: it waits for no
-/// event, so that `serve` sends the held line at once. It used to wait on the room's queue
-/// alone, with the hold's end no longer among its timers: for the verdict, up to the check's
-/// 20 s of timeouts, with the line, `/quit` and the end of input behind it.
+/// event, so that `serve` sends the held line at once. Waiting on the room's queue alone, with
+/// the hold's end no longer among its timers, it would wait for the verdict, up to the check's
+/// timeouts, with the line, `/quit` and the end of input behind it.
 #[test]
 fn a_line_whose_hold_ran_out_is_sent_without_waiting_for_the_verdict() {
     let mut closures = closure::Policy::new(true);
@@ -1779,8 +1778,8 @@ fn the_main_loop_sends_the_lines_in_order_and_leaves_on_quit() {
 }
 
 /// A signal's flag is read before the queued lines: the main loop leaves at once, and the
-/// lines behind it are not sent, which it says (lines shown as entered were dropped without a
-/// word: found by a review).
+/// lines behind it are not sent, which it says: lines shown as entered are not dropped without
+/// a word.
 #[test]
 fn a_signal_on_the_flag_goes_before_the_queued_lines_and_says_they_were_not_sent() {
     let t = loop_under_test(closure::Policy::new(false));
