@@ -473,7 +473,7 @@ impl Server {
     }
 
     /// Closes connection `id`, counting it under `reason`; one the daemon gives up on with
-    /// replies unread is reset ([`gives_up`]).
+    /// replies unread is reset ([`CloseReason::gives_up`]).
     pub(super) fn close(&mut self, id: ConnId, reason: CloseReason) {
         if !self.conns.contains(id.0) {
             return;
