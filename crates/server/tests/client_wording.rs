@@ -169,15 +169,9 @@ fn an_impossible_server_host_is_a_bad_command_line() {
         ("chat example", "a host name holds no spaces"),
         ("chat..example", "empty label"),
     ] {
-        for args in [&["rooms"][..], &["join", "lobby", "--name", "bob"]] {
-            let out = Command::new(sibling_binary("ocm"))
-                .arg("--server")
-                .arg(host)
-                .args(args)
-                .output()
-                .expect("run ocm");
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(2), "{host:?} {args:?}: {stderr}");
+        for args in NO_DAEMON_NEEDED {
+            let (status, stderr) = ocm_at(&["--server", host], args);
+            assert_eq!(status, Some(2), "{host:?} {args:?}: {stderr}");
             assert!(stderr.contains(said), "{host:?} {args:?}: {stderr}");
             assert!(stderr.contains("--server"), "{stderr}");
             assert!(!stderr.contains("resolve"), "{stderr}");
@@ -192,15 +186,9 @@ fn an_impossible_server_host_is_a_bad_command_line() {
 #[test]
 fn a_long_server_name_is_looked_up_not_refused() {
     let host = format!("{}.invalid", "\u{e9}".repeat(40));
-    for args in [&["rooms"][..], &["join", "lobby", "--name", "bob"]] {
-        let out = Command::new(sibling_binary("ocm"))
-            .arg("--server")
-            .arg(&host)
-            .args(args)
-            .output()
-            .expect("run ocm");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    for args in NO_DAEMON_NEEDED {
+        let (status, stderr) = ocm_at(&["--server", &host], args);
+        assert_eq!(status, Some(1), "{args:?}: {stderr}");
         assert!(
             stderr.contains(&format!("cannot resolve server {host:?}")),
             "{args:?}: {stderr}"
@@ -359,15 +347,10 @@ fn a_name_that_ends_like_a_sender_is_shown_in_quotes() {
 #[test]
 fn a_refused_connection_asks_whether_ocmd_runs_there() {
     let closed = BoundNotListening::new();
-    for args in [&["rooms"][..], &["join", "lobby", "--name", "bob"]] {
-        let out = Command::new(sibling_binary("ocm"))
-            .args(["--server", "127.0.0.1", "--tcp-port"])
-            .arg(closed.port.to_string())
-            .args(args)
-            .output()
-            .expect("run ocm");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    let port = closed.port.to_string();
+    for args in NO_DAEMON_NEEDED {
+        let (status, stderr) = ocm_at(&["--server", "127.0.0.1", "--tcp-port", &port], args);
+        assert_eq!(status, Some(1), "{args:?}: {stderr}");
         assert!(
             stderr.contains(&format!("cannot connect to 127.0.0.1:{}: ", closed.port)),
             "{args:?}: {stderr}"
@@ -377,6 +360,21 @@ fn a_refused_connection_asks_whether_ocmd_runs_there() {
             "{args:?}: {stderr}"
         );
     }
+}
+
+/// Two commands that fail before any daemon answers when the server cannot be reached: a
+/// room list, and a join.
+const NO_DAEMON_NEEDED: [&[&str]; 2] = [&["rooms"], &["join", "lobby", "--name", "bob"]];
+
+/// Runs `ocm SERVER_ARGS... ARGS...` to its end: its exit status and its standard error.
+fn ocm_at(server_args: &[&str], args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(sibling_binary("ocm"))
+        .args(server_args)
+        .args(args)
+        .output()
+        .expect("run ocm");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code(), stderr)
 }
 
 /// A TCP socket bound to a loopback port of its own and never listening: a connection to
