@@ -114,19 +114,6 @@ fn is_chat_line(datagram: &[u8]) -> bool {
     datagram.windows(5).any(|w| w == b"line ")
 }
 
-/// Stops process `pid` (SIGSTOP) and waits until it is stopped.
-fn stop_process(pid: u32) {
-    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
-    let stat = format!("/proc/{pid}/stat");
-    wait_until("the daemon stopped", || {
-        std::fs::read_to_string(&stat).is_ok_and(|s| {
-            s.rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next())
-                == Some("T")
-        })
-    });
-}
-
 /// What the proxy counted around one closure notice.
 #[derive(Debug, Clone, Copy)]
 struct Counted {

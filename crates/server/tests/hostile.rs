@@ -1365,6 +1365,34 @@ fn a_request_behind_a_waiting_password_check_does_not_queue_it_again() {
     assert_eq!(queued("127.0.0.25:"), 1, "{}", d.log());
 }
 
+/// More connections than one pass of the loop accepts (64) wait in the listener's queue
+/// while the daemon is stopped; once it runs again, every one is accepted and answered, with
+/// no newcomer's edge to wake it for the rest: the pass that stops at its bound comes back
+/// for them.
+#[test]
+fn a_backlog_larger_than_one_pass_takes_is_answered_whole() {
+    const QUEUED: usize = 200;
+    let d = daemon("[rate]\nrequests_per_sec = 0.0\n");
+    stop_process(d.pid());
+    let list = request_bytes(Operation::ListRooms, "", b"{}");
+    let mut waiting: Vec<TcpStream> = (0..QUEUED)
+        .map(|_| {
+            let mut s = connect(&d);
+            s.write_all(&list)
+                .expect("the request queued with its connection");
+            s
+        })
+        .collect();
+    d.signal(libc::SIGCONT);
+    for (i, s) in waiting.iter_mut().enumerate() {
+        let (state, body) = FrameReader::default()
+            .next(s)
+            .unwrap_or_else(|| panic!("connection {i} of {QUEUED} got no answer"));
+        assert_eq!(state, State::Compliance, "connection {i}");
+        assert_eq!(payload::parse_compliance(&body), Ok(Compliance::Success));
+    }
+}
+
 #[test]
 fn a_request_flood_from_one_ip_is_rate_limited_and_others_are_served() {
     let d = daemon("[rate]\nrequests_per_sec = 2.0\nrequests_burst = 5.0\n");

@@ -177,6 +177,20 @@ pub fn int_option(
     }
 }
 
+/// Stops process `pid` (SIGSTOP) and waits until it is stopped.
+pub fn stop_process(pid: u32) {
+    // SAFETY: kill(2) on a process of the test's own; the result is checked.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
+    let stat = format!("/proc/{pid}/stat");
+    wait_until("the process stopped", || {
+        std::fs::read_to_string(&stat).is_ok_and(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                == Some("T")
+        })
+    });
+}
+
 /// Polls `condition` until it holds or [`PATIENCE`] runs out.
 pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + PATIENCE;
