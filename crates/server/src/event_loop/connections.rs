@@ -89,9 +89,7 @@ impl Server {
             }
         }
         // The queue may hold more: the next pass takes them, with no edge to wait for.
-        if !self.accept_again.contains(&kind) {
-            self.accept_again.push(kind);
-        }
+        self.accept_soon(kind);
     }
 
     /// Handles an `accept` that failed with `e` (EMFILE and friends): counts and logs it (not

@@ -229,8 +229,9 @@ pub struct Server {
     /// connection with [`Conn::revisit_listed`] set is read, so a close need not search the
     /// list (closes × listed connections in a pass, up to 4096²).
     revisit: Vec<ConnId>,
-    /// Listeners whose queue a pass left unfinished at [`ACCEPTS_PER_PASS`]: the next pass
-    /// accepts on them again, edge or not (an edge comes only with a newcomer).
+    /// Listeners to accept on at the end of the pass (see `accept_soon`): an edge came for
+    /// them, a retry is due, or the last pass left their queue at [`ACCEPTS_PER_PASS`] (no
+    /// edge comes for connections already queued).
     accept_again: Vec<Kind>,
     /// When the connection table is full: the connections to close for newcomers, the first
     /// choice last (see `evict_for_newcomer`).
@@ -373,8 +374,9 @@ impl Server {
     fn dispatch(&mut self, events: &Events, now: Instant) -> Pass {
         for event in events.iter() {
             match event.token() {
-                TCP_LISTENER => self.accept(Kind::Tcrp, now),
-                METRICS_LISTENER => self.accept(Kind::Http, now),
+                // Accepted at the end of the pass (`come_back`), once a listener a pass.
+                TCP_LISTENER => self.accept_soon(Kind::Tcrp),
+                METRICS_LISTENER => self.accept_soon(Kind::Http),
                 UDP_SOCKET => {} // drained before
                 WAKER => {
                     self.collect_durable();
@@ -395,9 +397,19 @@ impl Server {
         Pass::Continue
     }
 
+    /// Lists the listener for `kind` to be accepted on at the end of the pass, if it is not
+    /// listed already: a listener's edge, a retry and a queue left at [`ACCEPTS_PER_PASS`]
+    /// all come to one `accept` a pass, so that a pass takes at most that many connections
+    /// from each listener.
+    pub(super) fn accept_soon(&mut self, kind: Kind) {
+        if !self.accept_again.contains(&kind) {
+            self.accept_again.push(kind);
+        }
+    }
+
     /// Comes back to what the pass left for its end, with no edge to wait for: listeners
-    /// with connections still queued ([`ACCEPTS_PER_PASS`]), and connections to read and
-    /// answer again (`revisit`).
+    /// with connections queued (an edge this pass, a retry, or more than one pass's
+    /// [`ACCEPTS_PER_PASS`]), and connections to read and answer again (`revisit`).
     fn come_back(&mut self, now: Instant) {
         for kind in std::mem::take(&mut self.accept_again) {
             self.accept(kind, now);
@@ -604,6 +616,11 @@ mod tests {
         let sweep = now + Duration::from_millis(s.config.liveness.sweep_interval_ms);
         let checkpoint = now + Duration::from_secs(s.config.history.checkpoint_secs);
         assert_eq!(s.accept_retry, None, "the accept was retried");
+        assert_eq!(
+            s.accept_again,
+            vec![Kind::Tcrp, Kind::Http],
+            "at the end of the next pass"
+        );
         assert_eq!(s.next_sweep, sweep);
         assert_eq!(s.next_deadline_check, now + DEADLINE_CHECK);
         assert_eq!(s.next_checkpoint, checkpoint);
@@ -854,20 +871,23 @@ mod tests {
         );
     }
 
-    /// One pass takes at most [`ACCEPTS_PER_PASS`] connections from the listener's queue and
-    /// lists the listener to be accepted on again, so that the next pass does not wait (no
-    /// edge comes for connections already queued); the pass that finds the queue empty lists
-    /// nothing.
+    /// One pass takes at most [`ACCEPTS_PER_PASS`] connections from the listener's queue,
+    /// however many things asked for an accept in it (its edge, a retry), and lists the
+    /// listener to be accepted on again, so that the next pass does not wait (no edge comes
+    /// for connections already queued); the pass that finds the queue empty lists nothing.
     #[test]
     fn a_pass_accepts_a_bounded_number_and_comes_back_for_the_rest() {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let mut s = server(dir.path());
-        let queued = ACCEPTS_PER_PASS + 10;
+        let queued = ACCEPTS_PER_PASS * 2 + 10;
         let clients: Vec<_> = (0..queued)
             .map(|_| std::net::TcpStream::connect(s.bound().tcp).expect("a connection"))
             .collect();
         let now = Instant::now();
-        s.accept(Kind::Tcrp, now);
+        // The listener's edge and a retry in the same pass.
+        s.accept_soon(Kind::Tcrp);
+        s.accept_soon(Kind::Tcrp);
+        s.come_back(now);
         assert_eq!(s.conns.len(), ACCEPTS_PER_PASS, "one pass's worth");
         assert_eq!(s.accept_again, vec![Kind::Tcrp]);
         assert_eq!(
@@ -879,9 +899,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let before = s.conns.len();
-            for kind in std::mem::take(&mut s.accept_again) {
-                s.accept(kind, Instant::now());
-            }
+            s.come_back(Instant::now());
             assert!(s.conns.len() - before <= ACCEPTS_PER_PASS);
             if s.conns.len() == queued {
                 break;

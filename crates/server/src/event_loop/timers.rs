@@ -42,8 +42,8 @@ impl Server {
     pub(super) fn timers(&mut self, now: Instant) {
         if self.accept_retry.is_some_and(|at| now >= at) {
             self.accept_retry = None;
-            self.accept(Kind::Tcrp, now);
-            self.accept(Kind::Http, now);
+            self.accept_soon(Kind::Tcrp);
+            self.accept_soon(Kind::Http);
         }
         if now >= self.next_sweep {
             self.sweep_liveness(now);

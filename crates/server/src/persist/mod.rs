@@ -410,21 +410,26 @@ impl Persister {
         done
     }
 
-    /// Hands over what is queued and blocks until every batch is durable, or until
-    /// `deadline`, or until the writer is gone; returns whether every batch is durable. What
-    /// the writes were (their [`Done`]s) is not kept: for a stop, whose counters no scrape
-    /// reads.
+    /// Hands over what is queued and blocks until every batch is durable; returns whether it
+    /// came to that. `false` at `deadline`, or as soon as the writer is gone (what it had not
+    /// made durable never will be, and what was queued for it is dropped by [`Self::pump`]).
+    /// What the writes were (their [`Done`]s) is not kept: for a stop, whose counters no
+    /// scrape reads.
     pub fn wait_durable(&mut self, deadline: Instant) -> bool {
+        let mut all = true;
         while self.busy() {
             self.pump();
             let left = deadline.saturating_duration_since(Instant::now());
             match self.done_rx.recv_timeout(left) {
                 Ok(d) => self.durable = self.durable.max(d.batch),
-                Err(_) => break,
+                Err(_) => {
+                    all = false;
+                    break;
+                }
             }
         }
         self.forget_durable_in_flight();
-        !self.busy()
+        all
     }
 
     /// Drops the batches now durable from the ones in flight.
