@@ -58,7 +58,7 @@ pub enum ClientError {
     /// No resolved address accepted the TCP connection (refused, unreachable or timed out).
     #[error(
         "cannot connect to {addr}: {source}{}",
-        if source.kind() == io::ErrorKind::ConnectionRefused {
+        if *first && source.kind() == io::ErrorKind::ConnectionRefused {
             "; is ocmd running there, and is that its handshake port?"
         } else {
             ""
@@ -69,6 +69,10 @@ pub enum ClientError {
         addr: String,
         /// The error of that last attempt.
         source: io::Error,
+        /// Whether it was the run's first connection, to `--server` and `--tcp-port` as
+        /// given: a refusal then most likely means no daemon there, or the wrong port. A
+        /// later one (`/who`, `/history`, the checks) goes where the handshake went.
+        first: bool,
     },
     /// The server's handshake bytes could not be decoded (oversized payload, malformed JSON,
     /// COMPLETE without a token). A header no TCRP server sends is [`ClientError::NotTcrp`].
@@ -316,6 +320,7 @@ mod tests {
         let connect = ClientError::Connect {
             addr: "127.0.0.1:9".into(),
             source: io::Error::from(io::ErrorKind::ConnectionRefused),
+            first: true,
         };
         assert!(connect
             .to_string()
@@ -329,10 +334,20 @@ mod tests {
         let timed_out = ClientError::Connect {
             addr: "192.0.2.1:9".into(),
             source: io::Error::from(io::ErrorKind::TimedOut),
+            first: true,
         };
         assert!(
             !timed_out.to_string().contains("is ocmd running"),
             "only a refusal means nothing listens: {timed_out}"
+        );
+        let later = ClientError::Connect {
+            addr: "127.0.0.1:9".into(),
+            source: io::Error::from(io::ErrorKind::ConnectionRefused),
+            first: false,
+        };
+        assert!(
+            !later.to_string().contains("is ocmd running"),
+            "a later connection goes where the handshake went: {later}"
         );
         assert_eq!(connect.exit_code(), EXIT_FAILURE);
     }

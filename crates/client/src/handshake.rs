@@ -156,7 +156,11 @@ pub fn connect(host: &str, port: u16) -> Result<TcpStream, ClientError> {
                 } else {
                     format!("{host} ({addr})")
                 };
-                last = Err(ClientError::Connect { addr, source });
+                last = Err(ClientError::Connect {
+                    addr,
+                    source,
+                    first: true,
+                });
             }
         }
     }
@@ -220,6 +224,7 @@ pub fn connect_addr(addr: SocketAddr) -> Result<TcpStream, ClientError> {
         ClientError::Connect {
             addr: addr.to_string(),
             source,
+            first: false,
         }
     })?;
     set_options(&stream)?;

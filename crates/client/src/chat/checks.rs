@@ -442,6 +442,7 @@ mod tests {
         Some(Err(ClientError::Connect {
             addr: "127.0.0.1:9090".into(),
             source: io::ErrorKind::ConnectionRefused.into(),
+            first: false,
         }))
     }
 
