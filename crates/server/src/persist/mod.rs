@@ -308,6 +308,9 @@ pub struct Persister {
     durable: u64,
     /// The batches handed over and not yet durable, with when each was, oldest first.
     in_flight: VecDeque<(u64, Instant)>,
+    /// Whether records were dropped for want of a writer to take them (its thread gone):
+    /// they will never be durable, and a stop must not call the state saved.
+    dropped: bool,
 }
 
 impl Persister {
@@ -346,6 +349,7 @@ impl Persister {
             next_batch: 1,
             durable: 0,
             in_flight: VecDeque::new(),
+            dropped: false,
         })
     }
 
@@ -394,6 +398,7 @@ impl Persister {
             self.in_flight.push_back((batch, Instant::now()));
             self.next_batch += 1;
         } else {
+            self.dropped = true;
             error!("state writer thread is gone; changes are no longer persisted");
         }
     }
@@ -411,8 +416,9 @@ impl Persister {
     }
 
     /// Hands over what is queued and blocks until every batch is durable; returns whether it
-    /// came to that. `false` at `deadline`, or as soon as the writer is gone (what it had not
-    /// made durable never will be, and what was queued for it is dropped by [`Self::pump`]).
+    /// came to that. `false` at `deadline`, or as soon as the writer is gone, or once records
+    /// were dropped for want of it (what it had not made durable never will be, and what was
+    /// queued for it is dropped by [`Self::pump`]).
     /// What the writes were (their [`Done`]s) is not kept: for a stop, whose counters no
     /// scrape reads.
     pub fn wait_durable(&mut self, deadline: Instant) -> bool {
@@ -429,7 +435,7 @@ impl Persister {
             }
         }
         self.forget_durable_in_flight();
-        all
+        all && !self.dropped
     }
 
     /// Drops the batches now durable from the ones in flight.
@@ -466,6 +472,13 @@ impl Persister {
         if !self.wait_durable(deadline) {
             if counters(&self.compactions).files_missing {
                 return lost("its last writes");
+            }
+            if self.dropped {
+                error!(
+                    "state writer thread is gone: the changes it did not take (none \
+                     acknowledged) are lost; exiting without them"
+                );
+                return Stopped::Unwritten;
             }
             error!(
                 "state writer did not finish its last writes within {limit} s; exiting \

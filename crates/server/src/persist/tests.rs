@@ -1595,6 +1595,36 @@ fn a_state_directory_removed_while_in_use_is_filled_again_once_it_is_back() {
     assert_eq!(load_complete(&paths).last_seq, last);
 }
 
+/// With its writer thread gone, records handed over are dropped and never durable: the
+/// wait for them says so at once, and again at the stop, which calls them unwritten, not
+/// saved, though nothing is left in flight.
+#[test]
+fn a_stop_whose_writer_is_gone_reports_its_changes_unwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Driver::start(dir.path(), Options::default());
+    d.write(3);
+    // The writer's ends of both channels, gone as with its thread.
+    let (tx, rx) = mpsc::channel();
+    drop(rx);
+    let (done_tx, done_rx) = mpsc::channel();
+    drop(done_tx);
+    d.persister.tx = tx;
+    d.persister.done_rx = done_rx;
+    d.persister.submit(vec![record(4)]);
+    let asked = Instant::now();
+    assert!(!d.persister.wait_durable(asked + PATIENCE));
+    assert!(asked.elapsed() < PATIENCE / 2, "said at once");
+    assert!(
+        !d.persister.busy(),
+        "the record was dropped, not kept in flight"
+    );
+    assert!(
+        !d.persister.wait_durable(Instant::now() + PATIENCE),
+        "and stays lost"
+    );
+    assert_eq!(d.persister.shutdown(), Stopped::Unwritten);
+}
+
 /// A stop while the state directory is gone (the writer retrying to open a fresh journal
 /// in it) does not call the state saved in the journal: there is no journal, and what the
 /// files held is on no disk.
