@@ -30,7 +30,7 @@ impl Server {
     }
 
     /// Accepts on the listener for `kind` until `WouldBlock`, or [`ACCEPTS_PER_PASS`]
-    /// newcomers (the rest on the next pass): each is refused (counted) past the caps, or
+    /// newcomers taken (the rest on the next pass): each is refused (counted) past the caps, or
     /// registered and, for TCRP, read at once. A failure for want of descriptors may close the
     /// connection a full table would close and try again, else schedules a retry ([`ACCEPT_RETRY`]).
     pub(super) fn accept(&mut self, kind: Kind, now: Instant) {
@@ -41,7 +41,12 @@ impl Server {
         // Whether this pass closed a connection for a descriptor at all: its picks stay good
         // for the next one (see `evict_for_newcomer`), though the table is not full.
         let mut short_of_descriptors = false;
-        for _ in 0..ACCEPTS_PER_PASS {
+        // Newcomers taken off the queue. Failed calls do not count: a failure that closed a
+        // connection for a descriptor is followed at once by its retry, whose outcome decides
+        // whether closing helped (`evicted_for_descriptor`), and a failure that did not
+        // returns.
+        let mut taken = 0;
+        while taken < ACCEPTS_PER_PASS {
             let Some(listener) = self.listener(kind) else {
                 return;
             };
@@ -65,6 +70,7 @@ impl Server {
                     return;
                 }
             };
+            taken += 1;
             evicted_for_descriptor = false;
             self.eviction_futile = None;
             if let Some(reason) = self.make_room_or_refuse(kind, peer, short_of_descriptors) {
