@@ -118,10 +118,18 @@ fn init_logging(level: &str) {
             // env_logger's own header, on every line of an entry: a multi-line one (a TOML
             // error in a rejected reload) stays whole under `grep ERROR` or a log shipper
             // that takes a line for an entry.
+            use env_logger::fmt::style::{AnsiColor, Style};
             let level = record.level();
             let style = buf.default_level_style(level);
+            // Brackets dimmed as env_logger dims them, when it colours at all (every level
+            // has a colour of its own then).
+            let dim = if style == Style::new() {
+                Style::new()
+            } else {
+                AnsiColor::BrightBlack.on_default()
+            };
             let header = format!(
-                "[{} {style}{level:<5}{style:#} {}]",
+                "{dim}[{dim:#}{} {style}{level:<5}{style:#} {}{dim}]{dim:#}",
                 buf.timestamp(),
                 record.target()
             );
