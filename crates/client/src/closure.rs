@@ -391,7 +391,7 @@ mod tests {
         );
     }
 
-    /// The figures README.md and docs/SECURITY.md give: a flood of forged notices costs one
+    /// The figures docs/CLIENT.md and docs/SECURITY.md give: a flood of forged notices costs one
     /// check per 2 s, and a `rate_limited` answer is asked again every second for up to 30 s.
     /// The tests above use the constants, so they would move with them.
     #[test]

@@ -175,7 +175,7 @@ struct RoomArgs {
     #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     keepalive: u32,
     /// Seconds without a datagram from the server after which to ask it over TCP whether we
-    /// are still in the room (hidden: for tests; see README).
+    /// are still in the room (hidden: for tests; see docs/CLIENT.md).
     #[arg(long, value_name = "SECS", default_value_t = 60, hide = true, value_parser = clap::value_parser!(u32).range(1..))]
     idle_check: u32,
     /// Send the original client's request (a bare JSON name: no keepalive promise, no

@@ -126,7 +126,7 @@ mod tests {
         assert!(w.contains("127.0.0.1:9") && w.contains("--udp-port"), "{w}");
     }
 
-    /// README.md's figures: the server is asked two seconds after registering, and again
+    /// docs/CLIENT.md's figures: the server is asked two seconds after registering, and again
     /// three seconds after registering once more.
     #[test]
     fn the_server_is_asked_two_then_three_seconds_after_registering() {

@@ -49,7 +49,8 @@ pub fn assert_stopped_promptly(d: &Daemon, took: Duration) {
 }
 
 /// `ocm`'s exit status when the room ended its chat (closed, or the member no longer held):
-/// 3, as documented in README.md, told apart from `/quit` and the end of input (0).
+/// 3, as documented in README.md and docs/CLIENT.md, told apart from `/quit` and the end of
+/// input (0).
 pub const OCM_ROOM_ENDED: i32 = 3;
 
 /// Path of a binary built beside `ocmd` (e.g. `ocm`).
