@@ -498,6 +498,43 @@ fn a_room_closed_refused_for_memory_is_not_overtaken_within_its_send() {
     assert_close_first_then_chat(&d, &m1, &other_host, "came after newer chat sent with it");
 }
 
+/// One socket in two rooms hears room "r" close between two lines of room "s", all three
+/// read in one pass (they wait while the daemon is stopped), in the order they were sent:
+/// the daemon packs a member's chat of a pass (segmented sends, on by default, or a batch),
+/// and must not carry the newer line in a datagram planned before the close, where a client
+/// would take the close, read last, for its room "s".
+#[test]
+fn a_room_closed_is_not_overtaken_by_chat_packed_around_it() {
+    for m1_in_s_joins_with in [&b"\"m1\""[..], br#"{"username": "m1", "caps": ["batch"]}"#] {
+        let d = Daemon::start();
+        let (host, m1, other_host) = host_and_m1_in_r_other_in_s(&d);
+        let m1_in_s = Member {
+            socket: m1.socket.try_clone().unwrap(),
+            server: d.udp,
+            room: "s".into(),
+            token: request(&d, Operation::JoinRoom, "s", m1_in_s_joins_with)
+                .token
+                .expect("joined s"),
+        };
+        m1_in_s.registered_with(&other_host, "m1");
+
+        d.stop();
+        // Lines of one length, which one segmented send may carry together.
+        other_host.send("before");
+        host.send("__LEAVE__");
+        other_host.send("behind");
+        d.signal(libc::SIGCONT);
+        let heard: Vec<String> = (0..3).map(|_| m1.recv()).collect::<Vec<_>>();
+        let heard = heard.join(" / ");
+        assert_eq!(
+            heard,
+            "other: before / CLOSED / other: behind",
+            "m1 joined s with {}",
+            String::from_utf8_lossy(m1_in_s_joins_with)
+        );
+    }
+}
+
 #[test]
 fn restart_keeps_rooms_tokens_and_addresses() {
     let mut d = Daemon::start();

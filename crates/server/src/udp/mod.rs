@@ -12,7 +12,7 @@ mod socket;
 mod tests;
 mod unsegmented;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, IoSlice};
 use std::mem;
 use std::net::SocketAddr;
@@ -38,10 +38,11 @@ pub use unsegmented::UNSEGMENTED_FOR;
 /// are packed into batch frames, never delayed: only what is already in the outbox is packed,
 /// and a "batch" of one leaves as the plain frame. A batch frame is never larger than the
 /// member's limit (its `max_datagram`, 4096 bytes unless it said) nor the daemon's
-/// (`udp.max_batch_datagram_bytes`); a message too large for either leaves alone. Order per
-/// member is kept. Nothing is copied: a batch frame is the batch header followed by its
-/// entries where the outbox laid them out (each frame behind its length prefix), and the
-/// kernel gathers them (`sendmmsg` with several iovecs per datagram, [`mmsg::BATCH`]
+/// (`udp.max_batch_datagram_bytes`); a message too large for either leaves alone. What goes
+/// to one address leaves in the order it was queued, whichever of the members there it is
+/// for (one socket may be in several rooms). Nothing is copied: a batch frame is the batch
+/// header followed by its entries where the outbox laid them out (each frame behind its
+/// length prefix), and the kernel gathers them (`sendmmsg` with several iovecs per datagram, [`mmsg::BATCH`]
 /// datagrams per system call). A member that gets every message of a pass but its own gets
 /// them as one or two runs of bytes, however many there are.
 ///
@@ -80,6 +81,9 @@ pub struct Sender {
     used_groups: usize,
     /// Open batch per member slot: plan index + 1 (0: none). Indexed by slot, so no hashing.
     open: Vec<u32>,
+    /// The plan entry last planned to each address in this pass: the only one to it that may
+    /// take more datagrams ([`Planned::sealed`]). Hashed once per entry, not per datagram.
+    last_to: HashMap<SocketAddr, u32>,
     /// Slots set in `open` during this pass, to reset them after.
     touched: Vec<u32>,
     /// Each planned datagram's runs in the list of byte runs handed to the kernel; kept

@@ -1,7 +1,8 @@
 //! The plan of one pass: which datagrams leave for what the outbox holds. Messages for a
 //! batch-capable member go into batch frames under its limit; a member without batches gets
 //! its equal-length datagrams as one segmented send when segmenting is on; everything else,
-//! and every last word, leaves alone. The plans' vectors are pooled between passes.
+//! and every last word, leaves alone. What goes to one address leaves in the order it was
+//! queued, whichever members it is for. The plans' vectors are pooled between passes.
 
 use std::mem;
 use std::net::SocketAddr;
@@ -22,6 +23,10 @@ pub(super) const MAX_BATCH_RUNS: usize = mmsg::MAX_PARTS - 1;
 
 /// Bytes one run of a batch plan takes.
 pub(super) const RUN_SIZE: usize = mem::size_of::<Range<usize>>();
+
+/// Destinations whose last plan entry is remembered between passes without shrinking the
+/// table (a pass to more of them grows it for that pass only).
+pub(super) const KEPT_DESTINATIONS: usize = 4096;
 
 /// The largest datagram a segmented send carries: what fits a path of the minimum IPv6 MTU
 /// (1280 bytes, less 40 of IPv6 header and 8 of UDP header). The kernel refuses a segmented
@@ -93,16 +98,18 @@ impl Batch {
 
 impl Sender {
     /// Ends the batch or segmented send open for the member in `slot`: what follows for it
-    /// goes after.
+    /// goes after, wherever it goes (a member that moved within the pass).
     fn close_open(&mut self, slot: u32) {
         if let Some(open) = self.open.get_mut(slot as usize) {
             *open = 0;
         }
     }
 
-    /// The plan entry open for the member in `slot`, if it still goes to `to` from `from`: a
-    /// member that registered from a new address (or to another of ours) within the pass
-    /// starts a new one.
+    /// The plan entry open for the member in `slot`, if it may take a datagram to `to` from
+    /// `from`: a member that registered from a new address (or to another of ours) within
+    /// the pass starts a new one, and so does one whose address was sent anything since (a
+    /// last word, or another member's datagram at the same address), which must not be
+    /// overtaken.
     fn open_for(&mut self, slot: u32, to: SocketAddr, from: LocalId) -> Option<usize> {
         let index = slot as usize;
         if self.open.len() <= index {
@@ -110,24 +117,40 @@ impl Sender {
         }
         let p = (self.open[index] as usize).checked_sub(1)?;
         let planned = self.plan.get(p)?;
-        (planned.to == to && planned.from == from).then_some(p)
+        (planned.to == to && planned.from == from && !planned.sealed).then_some(p)
+    }
+
+    /// Appends `planned` to the plan; the entry planned before it to the same address takes
+    /// nothing more, so that nothing queued after this one goes ahead of it. Two members
+    /// share an address when one socket is in two rooms. Returns the new entry's index.
+    fn push(&mut self, planned: Planned) -> usize {
+        let index = self.plan.len();
+        if let Some(before) = self.last_to.insert(planned.to, index as u32) {
+            if let Some(entry) = self.plan.get_mut(before as usize) {
+                entry.sealed = true;
+            }
+        }
+        self.plan.push(planned);
+        index
     }
 
     /// Appends `planned` to the plan as the entry open for the member in `slot`; returns its
     /// index.
     fn open_new(&mut self, slot: u32, planned: Planned) -> usize {
-        self.plan.push(planned);
+        let index = self.push(planned);
         if let Some(open) = self.open.get_mut(slot as usize) {
-            *open = self.plan.len() as u32;
+            *open = index as u32 + 1;
         }
         self.touched.push(slot);
-        self.plan.len() - 1
+        index
     }
 
     /// Decides the datagrams: one per send, batch frames for batch-capable members, and
     /// segmented sends for the others when segmenting is on.
     pub(super) fn plan(&mut self, outbox: &Outbox) {
         self.plan.clear();
+        self.last_to.clear();
+        self.last_to.shrink_to(KEPT_DESTINATIONS);
         self.used_batches = 0;
         self.used_groups = 0;
         for slot in self.touched.drain(..) {
@@ -140,12 +163,12 @@ impl Sender {
             let limit = usize::from(send.batch_limit).min(self.max_batch);
             match (send.member, outbox.entry_of(send)) {
                 // A last word leaves alone, so that it can be held alone when the kernel has
-                // no room for it, and after whatever is packed for its member.
+                // no room for it, and after whatever is packed for its member or its address.
                 (member, _) if send.last_word => {
                     if let Some(slot) = member {
                         self.close_open(slot);
                     }
-                    self.plan.push(Planned::alone(send));
+                    self.push(Planned::alone(send));
                 }
                 (Some(slot), Some(entry)) if limit > 0 => {
                     self.plan_batched(send, slot, entry, limit)
@@ -158,12 +181,12 @@ impl Sender {
                 {
                     self.plan_segmented(send, slot)
                 }
+                // After whatever is packed for its member or its address.
                 (member, _) => {
-                    // Whatever is packed for this member stays before this datagram.
                     if let Some(slot) = member {
                         self.close_open(slot);
                     }
-                    self.plan.push(Planned::alone(send));
+                    self.push(Planned::alone(send));
                 }
             }
         }
@@ -220,6 +243,8 @@ pub(super) struct Planned {
     /// Whether it is a member's last word ([`QueuedSend::last_word`]), held when the
     /// kernel has no room for it.
     pub(super) last_word: bool,
+    /// Something was planned after it to the same address: it takes no more datagrams.
+    pub(super) sealed: bool,
 }
 
 impl Planned {
@@ -231,6 +256,7 @@ impl Planned {
             bytes,
             messages: 0,
             last_word: false,
+            sealed: false,
         }
     }
 
@@ -242,6 +268,7 @@ impl Planned {
             bytes: Bytes::Outbox(send.bytes.clone()),
             messages: 1,
             last_word: send.last_word,
+            sealed: false,
         }
     }
 

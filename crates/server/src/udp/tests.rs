@@ -97,6 +97,85 @@ fn a_member_that_moves_within_a_pass_gets_the_rest_at_its_new_address() {
     assert_eq!(shown, vec![(1, 2), (9, 2)]);
 }
 
+/// The texts of what `sender` planned last (`planned`, its datagrams), with their
+/// destinations' ports: a batch's entries each in turn, a segmented send's datagrams each
+/// in turn.
+fn texts_planned(sender: &Sender, planned: &[(SocketAddr, Vec<u8>, usize)]) -> Vec<(u16, String)> {
+    let text = |frame: &[u8]| match delivery::parse(frame).unwrap() {
+        Delivery::Chat { message, .. } => message.to_owned(),
+        Delivery::RoomClosed => "closed".into(),
+        other => format!("{other:?}"),
+    };
+    let mut texts = Vec::new();
+    for ((to, bytes, _), datagram) in planned.iter().zip(&sender.datagrams) {
+        if datagram.segment > 0 {
+            let segments = bytes.chunks(usize::from(datagram.segment));
+            texts.extend(segments.map(|segment| (to.port(), text(segment))));
+            continue;
+        }
+        match delivery::parse(bytes).unwrap() {
+            Delivery::Batch(body) => texts.extend(
+                delivery::batch_entries(body).map(|entry| (to.port(), text(entry.unwrap()))),
+            ),
+            _ => texts.push((to.port(), text(bytes))),
+        }
+    }
+    texts
+}
+
+/// One socket in two rooms is two members at one address. What the room it stays in sends
+/// it after the other room's `__ROOM_CLOSED__` (or after the answer to a datagram for a room
+/// gone) leaves after it, batched or segmented as it may be: a client that takes a bare
+/// close for its current room must not read the newer room's chat before it.
+#[test]
+fn nothing_queued_after_a_word_alone_overtakes_it_at_its_address() {
+    for (batch_limit, segmenting, member_word) in [
+        (4096, false, true),
+        (0, true, true),
+        (4096, false, false),
+        (0, true, false),
+    ] {
+        let mut out = Outbox::default();
+        let before = chat(&mut out, "before");
+        let behind = chat(&mut out, "behind");
+        let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
+        let beyond = chat(&mut out, "beyond");
+        // Member 2, at port 1 as member 1 is, and member 3 at port 2, get chat around member
+        // 1's last word (or a datagram for no member, to port 1); texts of one length, which
+        // a segmented send may carry together.
+        out.queue_to_member(addr(1), LocalId::ANY, before.clone(), 2, batch_limit);
+        out.queue_to_member(addr(2), LocalId::ANY, before, 3, batch_limit);
+        if member_word {
+            out.queue_last_word(addr(1), LocalId::ANY, closed, 1);
+        } else {
+            out.queue(addr(1), LocalId::ANY, closed);
+        }
+        out.queue_to_member(addr(1), LocalId::ANY, behind.clone(), 2, batch_limit);
+        out.queue_to_member(addr(2), LocalId::ANY, behind, 3, batch_limit);
+        out.queue_to_member(addr(2), LocalId::ANY, beyond, 3, batch_limit);
+        let mut sender = Sender::new(65507);
+        sender.set_segmentation(segmenting);
+        let planned = planned(&mut sender, &out);
+        let case = format!("batch limit {batch_limit}, segmenting {segmenting}");
+        let port = |p: u16| -> Vec<String> {
+            texts_planned(&sender, &planned)
+                .into_iter()
+                .filter(|(to, _)| *to == p)
+                .map(|(_, text)| text)
+                .collect()
+        };
+        assert_eq!(port(1), ["before", "closed", "behind"], "{case}");
+        assert_eq!(port(2), ["before", "behind", "beyond"], "{case}");
+        // Port 2, where nothing came between, still gets its three in one datagram.
+        let to_port_2: Vec<usize> = planned
+            .iter()
+            .filter(|(to, _, _)| to.port() == 2)
+            .map(|(_, _, messages)| *messages)
+            .collect();
+        assert_eq!(to_port_2, [3], "{case}");
+    }
+}
+
 /// A source the kernel refuses (no longer the host's) is retired: later datagrams to its
 /// members leave from the address the route picks.
 #[test]
@@ -439,6 +518,7 @@ fn what_did_not_leave_is_counted_in_datagrams() {
         bytes,
         messages,
         last_word: false,
+        sealed: false,
     };
     let plan = [
         planned(Bytes::Outbox(0..1), 1),
@@ -541,6 +621,7 @@ fn last_words_with_no_room_are_not_counted_as_dropped() {
         bytes: Bytes::Outbox(0..1),
         messages: 1,
         last_word,
+        sealed: false,
     };
     // 0 left; 1, a last word, was refused for itself; 2, a last word, found no memory;
     // the buffer was full from 3 on: a chat and a last word.
@@ -753,6 +834,7 @@ fn what_was_held_back_is_counted_as_would_block_but_last_words() {
         bytes: Bytes::Outbox(0..1),
         messages: 1,
         last_word,
+        sealed: false,
     };
     // 0, a last word, found no memory; 1 (chat) and 2 (a last word) were held back behind
     // it; 3, to another address, left.
@@ -1370,6 +1452,142 @@ mod planned_against_push_batch_entry {
                 assert_eq!(e, g, "seed {seed} member {m}");
             }
         }
+        assert!(
+            segmented_sends > 100,
+            "only {segmented_sends} segmented sends"
+        );
+    }
+
+    /// What a queued send was, for checking where the plan put it.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Kind {
+        /// Chat for a member with this batch limit (0: none).
+        Chat(u16),
+        LastWord,
+        /// A datagram for no member (an answer to a token of a room gone).
+        NoMember,
+    }
+
+    /// Random outboxes where members share addresses (one socket in several rooms), with
+    /// last words and datagrams for no member among the chat; segmenting on for odd seeds.
+    /// Each address gets exactly what was queued for it, in the order queued; a batch holds
+    /// only chat for members with batches, within each one's limit and the cap; a segmented
+    /// send only chat for members without; last words and datagrams for no member leave
+    /// alone.
+    #[test]
+    fn random_outboxes_keep_each_addresss_order() {
+        let (mut batches, mut segmented_sends) = (0, 0);
+        for seed in 0..500u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut out = Outbox::default();
+            let payloads: Vec<Range<usize>> = (0..rng.random_range(1..8))
+                .map(|i| {
+                    let len = match rng.random_range(0..12) {
+                        0 => rng.random_range(700..1500),
+                        _ => rng.random_range(1..24),
+                    };
+                    out.payload(|b| b.extend((0..len).map(|j| (i * 37 + j) as u8 | 1)))
+                })
+                .collect();
+            let cap = [512usize, 1472, 4096, 65507][rng.random_range(0..4)];
+            // Six members at three ports: 0 and 3 at port 200, 1 and 4 at 201, 2 and 5 at 202.
+            let limits = [0u16, 600, 4096, 65507, 0, 1000];
+            let mut queued: Vec<(u16, Vec<u8>, Kind)> = Vec::new();
+            for _ in 0..rng.random_range(0..300) {
+                let p = payloads[rng.random_range(0..payloads.len())].clone();
+                let member = rng.random_range(0..6u32);
+                let port = if rng.random_range(0..20) == 0 {
+                    200 + rng.random_range(0..3u16) // moved within the pass
+                } else {
+                    200 + (member % 3) as u16
+                };
+                let to = SocketAddr::from(([127, 0, 0, 1], port));
+                let kind = match rng.random_range(0..100) {
+                    0..=6 => Kind::LastWord,
+                    7..=13 => Kind::NoMember,
+                    _ => Kind::Chat(limits[member as usize]),
+                };
+                queued.push((port, out.get(p.clone()).to_vec(), kind));
+                match kind {
+                    Kind::Chat(limit) => out.queue_to_member(to, LocalId::ANY, p, member, limit),
+                    Kind::LastWord => out.queue_last_word(to, LocalId::ANY, p, member),
+                    Kind::NoMember => out.queue(to, LocalId::ANY, p),
+                }
+            }
+            let mut sender = Sender::new(cap);
+            sender.set_segmentation(seed % 2 == 1);
+            sender.plan(&out);
+            let parts = sender.gather(&out, &Locals::default(), 0);
+            // Every datagram's frames, with the datagram they left in.
+            let mut sent: Vec<(u16, Vec<u8>, usize)> = Vec::new();
+            for (d, (datagram, planned)) in sender.datagrams.iter().zip(&sender.plan).enumerate() {
+                let bytes: Vec<u8> = parts[datagram.runs.clone()]
+                    .iter()
+                    .flat_map(|r| r.iter().copied())
+                    .collect();
+                let frames: Vec<Vec<u8>> = if datagram.segment > 0 {
+                    segmented_sends += 1;
+                    let size = usize::from(datagram.segment);
+                    bytes.chunks(size).map(<[u8]>::to_vec).collect()
+                } else if planned.messages >= 2 {
+                    batches += 1;
+                    assert!(bytes.len() <= cap, "seed {seed}");
+                    let Ok(Delivery::Batch(body)) = delivery::parse(&bytes) else {
+                        panic!("seed {seed}: not a batch")
+                    };
+                    delivery::batch_entries(body)
+                        .map(|entry| entry.unwrap().to_vec())
+                        .collect()
+                } else {
+                    vec![bytes.clone()]
+                };
+                assert_eq!(frames.len(), planned.messages, "seed {seed}");
+                let port = datagram.to.port();
+                sent.extend(frames.into_iter().map(|frame| (port, frame, d)));
+            }
+            for port in 200..203 {
+                let want: Vec<&(u16, Vec<u8>, Kind)> =
+                    queued.iter().filter(|q| q.0 == port).collect();
+                let got: Vec<&(u16, Vec<u8>, usize)> =
+                    sent.iter().filter(|s| s.0 == port).collect();
+                let want_bytes: Vec<&[u8]> = want.iter().map(|q| &q.1[..]).collect();
+                let got_bytes: Vec<&[u8]> = got.iter().map(|s| &s.1[..]).collect();
+                // On a mismatch, each payload is shown by its length and first byte.
+                let brief = |frames: &[&[u8]]| -> Vec<(usize, Option<u8>)> {
+                    frames
+                        .iter()
+                        .map(|f| (f.len(), f.first().copied()))
+                        .collect()
+                };
+                assert!(
+                    want_bytes == got_bytes,
+                    "seed {seed} port {port}: queued {:?}, sent {:?}",
+                    brief(&want_bytes),
+                    brief(&got_bytes)
+                );
+                // What each frame was queued as, against the datagram that carried it.
+                for (q, s) in want.iter().zip(&got) {
+                    let d = s.2;
+                    let (datagram, planned) = (&sender.datagrams[d], &sender.plan[d]);
+                    let whole: usize = parts[datagram.runs.clone()].iter().map(|r| r.len()).sum();
+                    match q.2 {
+                        Kind::LastWord | Kind::NoMember => {
+                            assert_eq!(planned.messages, 1, "seed {seed}: {:?} packed", q.2);
+                            assert_eq!(datagram.segment, 0, "seed {seed}: {:?} segmented", q.2);
+                        }
+                        Kind::Chat(limit) if datagram.segment > 0 => {
+                            assert_eq!(limit, 0, "seed {seed}: a member with batches segmented")
+                        }
+                        Kind::Chat(limit) if planned.messages >= 2 => {
+                            assert!(limit > 0, "seed {seed}: a batch to a member without");
+                            assert!(whole <= usize::from(limit), "seed {seed}: over its limit");
+                        }
+                        Kind::Chat(_) => {}
+                    }
+                }
+            }
+        }
+        assert!(batches > 100, "only {batches} batches");
         assert!(
             segmented_sends > 100,
             "only {segmented_sends} segmented sends"
