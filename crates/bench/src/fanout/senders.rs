@@ -162,6 +162,50 @@ pub(super) fn slots_caught_up(rate: f64, window_secs: f64) -> u64 {
     ((rate * window_secs).ceil() as u64).max(4)
 }
 
+/// What a paced sender owes at one moment of its step: the slots due and not yet handled,
+/// the oldest of them past the catch-up window to skip, the rest to send.
+#[derive(Debug, PartialEq)]
+pub(super) struct Owed {
+    /// Slots to skip first (counted as loss), the oldest.
+    pub(super) skip: u64,
+    /// Slots to send after them.
+    pub(super) send: u64,
+}
+
+/// The slots a sender paced at `rate` msgs/s owes `elapsed` into a step of `duration`, with
+/// `handled` slots sent, tried or skipped so far and `catch_up` slots of window. Slot `k` is
+/// due at `k / rate`. Once the step is over, the slots owed are every one due within it, so
+/// that a sender held up at the very end catches up or skips them as anywhere else in the
+/// step; leaving them out would drop a stall's loss and lateness from the figures, and a
+/// step could pass on the stall that would fail it a moment earlier.
+pub(super) fn owed(
+    elapsed: Duration,
+    duration: Duration,
+    rate: f64,
+    handled: u64,
+    catch_up: u64,
+) -> Owed {
+    let due_by = if elapsed >= duration {
+        // Slots due strictly before the end.
+        (duration.as_secs_f64() * rate).ceil() as u64
+    } else {
+        // Slots due at or before now.
+        (elapsed.as_secs_f64() * rate) as u64 + 1
+    };
+    let due = due_by.saturating_sub(handled);
+    // A constant-rate source that was held up (its vCPU stopped: on a shared 2-core VM, a
+    // few ms often, 10–200 ms now and then) sends what it missed within the catch-up window
+    // late, each message stamped with its slot's due time, as remote members' messages would
+    // wait in a stopped daemon's socket. A longer backlog is not sent in one burst, which
+    // would measure the stall, not the rate: slots missed beyond the window are skipped, and
+    // counted.
+    let skip = due.saturating_sub(catch_up);
+    Owed {
+        skip,
+        send: due - skip,
+    }
+}
+
 /// Sets this thread's timer slack to 1 µs (the default 50 µs would make every paced sleep
 /// late by up to that much).
 pub(super) fn precise_timers() {
@@ -204,7 +248,8 @@ impl<'a> Lane<'a> {
 
 /// Sends from the members of `lanes` until `duration` is over, flat out or paced at `rate`
 /// msgs/s in all. Paced, the lanes share one schedule: slot `k` is lane `k % lanes`'s
-/// message number `k / lanes`, so one thread's wake-up sends what is due from every lane.
+/// message number `k / lanes`, so one thread's wake-up sends what is due from every lane;
+/// every slot due within `duration` is sent, tried or skipped ([`owed`]).
 pub(super) fn send_loop(
     lanes: &mut [Lane<'_>],
     text_len: usize,
@@ -226,37 +271,32 @@ pub(super) fn send_loop(
     let start = Instant::now();
     loop {
         let elapsed = start.elapsed();
-        if elapsed >= duration || count == 0 {
+        let over = elapsed >= duration;
+        if count == 0 || (over && rate.is_none()) {
             break;
         }
         let due = match rate {
             None => SEND_BATCH as u64 * count,
             Some(r) => {
-                // Schedule slot `k` (counting from 0) is due at k / r; `attempted + skipped`
-                // slots are behind us.
-                let target = (elapsed.as_secs_f64() * r) as u64 + 1;
-                let mut due = target.saturating_sub(attempted + sent.skipped);
-                // A constant-rate source that was held up (its vCPU stopped: on a shared
-                // 2-core VM, a few ms often, 10–200 ms now and then) sends what it missed
-                // within the catch-up window late, each message stamped with its slot's due
-                // time, as remote members' messages would wait in a stopped daemon's socket.
-                // A longer backlog is not sent in one burst, which would measure the stall,
-                // not the rate: slots missed beyond the window are skipped, and counted.
                 let catch_up = slots_caught_up(r, catch_up_secs);
-                if due > catch_up {
+                let Owed { skip, send } =
+                    owed(elapsed, duration, r, attempted + sent.skipped, catch_up);
+                if skip > 0 {
                     // Not sent, but not left out of the latency either: each skipped slot
                     // counts as deliveries at least as late as it is now.
                     let now = clock.nanos();
                     let first = attempted + sent.skipped;
-                    for slot in first..first + (due - catch_up) {
+                    for slot in first..first + skip {
                         let late = now.saturating_sub(start_ns + slot_due_ns(slot, r));
                         sent.skipped_late_ns.push(late);
                         let _ = sent.lateness_ns.record(late.max(1));
                     }
-                    sent.skipped += due - catch_up;
-                    due = catch_up;
+                    sent.skipped += skip;
                 }
-                if due == 0 {
+                if send == 0 && over {
+                    break;
+                }
+                if send == 0 {
                     // Sleep, never spin: a spinning pacer takes a core the daemon needs.
                     // Above 1 / PACING_TICK msgs/s the due messages leave together once a
                     // tick, in one sendmmsg per lane.
@@ -265,7 +305,7 @@ pub(super) fn send_loop(
                     thread::sleep(wait.max(PACING_TICK));
                     continue;
                 }
-                due
+                send
             }
         };
         let n = due.min(SEND_BATCH as u64 * count);
