@@ -1,7 +1,8 @@
 //! The machine's ceiling: one thread sending delivery-sized datagrams with plain `sendto`
 //! (one syscall per datagram) round-robin to M loopback sockets, drained by the same receivers
-//! as a fan-out run. No daemon is involved; it bounds what any relay on this machine could do
-//! with one datagram per delivery. Like a relay, it encodes each message once and sends the
+//! as a fan-out run. No daemon is involved: it is what one thread achieves with one system
+//! call per datagram, the yardstick, not a bound on a relay, which can hand the kernel
+//! several datagrams per call (`ocmd`'s segmented sends beat it severalfold). Like a relay, it encodes each message once and sends the
 //! same bytes to every socket: a datagram built per send would charge the ceiling for work a
 //! relay does not do (7–8% of it, measured), and flatter every ratio to it.
 

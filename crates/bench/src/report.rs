@@ -291,8 +291,20 @@ mod tests {
     fn windows_of_a_steady_run_are_equal() {
         let done: Vec<Duration> = (1..=100).map(|i| Duration::from_millis(i * 10)).collect();
         let w = RateWindows::of(&done);
-        assert!((w.first_10pct_per_sec - 100.0).abs() < 1.0);
-        assert!((w.last_10pct_per_sec - 100.0).abs() < 12.0);
+        assert!((w.first_10pct_per_sec - 100.0).abs() < 1e-6);
+        assert!((w.last_10pct_per_sec - 100.0).abs() < 1e-6);
+    }
+
+    /// A run that slows down halfway (ops every 10 ms, then every 20 ms) shows it: the
+    /// flatness verdict compares these two windows.
+    #[test]
+    fn windows_of_a_run_that_slows_down_differ() {
+        let done: Vec<Duration> = (1..=100u64)
+            .map(|i| Duration::from_millis(if i <= 50 { i * 10 } else { 500 + (i - 50) * 20 }))
+            .collect();
+        let w = RateWindows::of(&done);
+        assert!((w.first_10pct_per_sec - 100.0).abs() < 1e-6, "{w:?}");
+        assert!((w.last_10pct_per_sec - 50.0).abs() < 1e-6, "{w:?}");
     }
 
     #[test]

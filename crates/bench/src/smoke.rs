@@ -1,5 +1,6 @@
 //! `smoke`: every mode once, briefly and small, for CI. No timing is asserted; it fails only
-//! when the daemon fails, nothing is delivered, no handshake completes or the short soak
+//! when the daemon fails, nothing is delivered, a fan-out's counting is off (deliveries
+//! beyond those owed, or missing at a light pace), no handshake completes or the short soak
 //! finds a delivery missing or something left behind. Its last line is
 //! `smoke: deliveries=N handshakes=N soak_rooms=N`, which the crate's test reads.
 
@@ -72,6 +73,7 @@ fn fanout_runs(
         let mut r = fanout::measure(daemon, &room, 2, 64, caps, pace, SECOND, draining)?;
         r.ceiling_per_sec = Some(ceiling);
         r.print();
+        check_counting(&r)?;
         deliveries += r.received;
     }
     Ok(deliveries)
@@ -160,6 +162,24 @@ fn measure_memory(launcher: &Launcher) -> Result<()> {
         },
     )?;
     m.print();
+    Ok(())
+}
+
+/// Fails the smoke run when a fan-out's counting is off: a datagram the generator could not
+/// read or that came from an earlier run, more deliveries than owed, or, paced at a rate far
+/// below the machine's, fewer (nothing there should be lost).
+fn check_counting(r: &fanout::FanoutResult) -> Result<()> {
+    let paced = matches!(r.pace, Pace::Rate(_));
+    if r.undecodable > 0
+        || r.stale > 0
+        || r.received > r.expected
+        || (paced && r.received < r.expected)
+    {
+        return Err(Error::Smoke(format!(
+            "{} fan-out: received {} of {} owed, {} undecodable, {} stale",
+            r.caps, r.received, r.expected, r.undecodable, r.stale
+        )));
+    }
     Ok(())
 }
 

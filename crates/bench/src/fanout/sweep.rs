@@ -115,14 +115,11 @@ pub fn sweep(
     // Upper bound: what went through flat out (a bit more, in case the probe was unlucky),
     // and never more than was offered.
     let delivered_msgs = max.deliveries_per_sec / fanout;
-    let mut hi = (delivered_msgs * 1.3).min(max.offered_per_sec).max(100.0);
-    let mut lo = 0.0;
+    let mut search = Search::new((delivered_msgs * 1.3).min(max.offered_per_sec).max(100.0));
     let mut best: Option<FanoutResult> = None;
     let mut all = Vec::new();
-    // Until a step fails, each passing step raises the bound by half; then bisect.
-    let mut bracketed = false;
     for _ in 0..steps {
-        let rate = if bracketed { (lo + hi) / 2.0 } else { hi };
+        let rate = search.next_rate();
         let r = measure(
             daemon,
             room,
@@ -133,22 +130,17 @@ pub fn sweep(
             step,
             draining,
         )?;
-        if r.sustainable(rate, loss_pct) {
-            lo = rate;
+        let passed = r.sustainable(rate, loss_pct);
+        if passed {
             best = Some(r.clone());
-            if !bracketed {
-                hi = rate * 1.5;
-            }
-        } else {
-            hi = rate;
-            bracketed = true;
         }
+        search.record(rate, passed);
         all.push(r);
-        if bracketed && (hi - lo) / hi.max(1.0) < 0.03 {
+        if search.done() {
             break;
         }
     }
-    let sustained_rate = lo;
+    let sustained_rate = search.sustained();
     let half = if sustained_rate > 0.0 {
         Some(measure(
             daemon,
@@ -173,4 +165,60 @@ pub fn sweep(
         ceiling_per_sec,
         ceiling_around: None,
     })
+}
+
+/// The sweep's choice of rates: from a first guess, each passing step raises the rate by
+/// half until one fails; then it bisects between the highest pass and the lowest failure
+/// until they are within 3% of each other. The sustained rate is always a rate that passed
+/// (0 when none did).
+#[derive(Debug)]
+pub(super) struct Search {
+    /// The highest rate that passed.
+    lo: f64,
+    /// The next rate to try before a failure; the lowest that failed after.
+    hi: f64,
+    /// Whether a step has failed.
+    bracketed: bool,
+}
+
+impl Search {
+    pub(super) fn new(first: f64) -> Search {
+        Search {
+            lo: 0.0,
+            hi: first,
+            bracketed: false,
+        }
+    }
+
+    /// The rate of the next step.
+    pub(super) fn next_rate(&self) -> f64 {
+        if self.bracketed {
+            (self.lo + self.hi) / 2.0
+        } else {
+            self.hi
+        }
+    }
+
+    /// Takes the verdict of the step at `rate`.
+    pub(super) fn record(&mut self, rate: f64, passed: bool) {
+        if passed {
+            self.lo = self.lo.max(rate);
+            if !self.bracketed {
+                self.hi = rate * 1.5;
+            }
+        } else {
+            self.hi = self.hi.min(rate);
+            self.bracketed = true;
+        }
+    }
+
+    /// Whether the highest pass and the lowest failure are close enough.
+    pub(super) fn done(&self) -> bool {
+        self.bracketed && (self.hi - self.lo) / self.hi.max(1.0) < 0.03
+    }
+
+    /// The highest rate that passed.
+    pub(super) fn sustained(&self) -> f64 {
+        self.lo
+    }
 }

@@ -50,6 +50,43 @@ fn skipped_slots_and_refused_sends_are_loss() {
     clean.client_send_errors = 0;
     assert_eq!(clean.schedule_loss_pct(), 0.0);
     assert!(clean.sustainable(rate, 0.1));
+    assert_eq!(step.shortfall(rate, 0.1).as_deref(), Some("loss 0.23%"));
+}
+
+/// Each way a step can fail is named, the first that applies: members that got more than
+/// they were owed (a message twice, or back to its sender, which would hide as much loss),
+/// loss, senders that fell behind the pace, deliveries that fell behind the offered rate.
+#[test]
+fn a_failed_step_says_why() {
+    let clean: FanoutResult = serde_json::from_str(PUBLISHED_STEP).unwrap();
+    let mut clean = clean;
+    clean.paced_skips = 0;
+    let Pace::Rate(rate) = clean.pace else {
+        panic!("a paced step")
+    };
+    assert_eq!(clean.shortfall(rate, 0.1), None);
+
+    let mut doubled = clean.clone();
+    doubled.received += 63;
+    assert_eq!(
+        doubled.shortfall(rate, 0.1).as_deref(),
+        Some("63 deliveries more than owed")
+    );
+    assert!(!doubled.sustainable(rate, 0.1));
+
+    let mut slow = clean.clone();
+    slow.offered_per_sec = 0.9 * rate;
+    assert_eq!(
+        slow.shortfall(rate, 0.1).as_deref(),
+        Some("senders kept 90% of the pace")
+    );
+
+    let mut behind = clean.clone();
+    behind.deliveries_per_sec = 0.653 * behind.offered_per_sec * 63.0;
+    assert_eq!(
+        behind.shortfall(rate, 0.1).as_deref(),
+        Some("delivered 65.3% of the offered rate")
+    );
 }
 
 /// A paced sender reports the priority it really ran at: `realtime` exactly when its
@@ -220,4 +257,57 @@ fn paced_messages_carry_their_slot_times() {
             "{gap} ns between slots {a} and {b}"
         );
     }
+}
+
+/// The sweep's rate search against a daemon that sustains `capacity` msg/s exactly: the
+/// sustained rate is a rate that passed, at most the capacity and within 3% of it, whatever
+/// the first guess.
+#[test]
+fn the_sweep_settles_within_three_percent_below_what_holds() {
+    for (first, capacity) in [(10_000.0, 15_181.0), (200_000.0, 130_646.0), (100.0, 99.0)] {
+        let mut search = sweep::Search::new(first);
+        let mut passed = Vec::new();
+        for _ in 0..40 {
+            let rate = search.next_rate();
+            let ok = rate <= capacity;
+            if ok {
+                passed.push(rate);
+            }
+            search.record(rate, ok);
+            if search.done() {
+                break;
+            }
+        }
+        assert!(search.done(), "from {first} towards {capacity}");
+        let sustained = search.sustained();
+        assert!(passed.contains(&sustained), "{sustained} never passed");
+        assert!(
+            sustained <= capacity && sustained >= 0.97 * capacity,
+            "{sustained} for {capacity}"
+        );
+    }
+}
+
+/// Steps on a noisy machine do not pass in order of rate: one may fail below a rate that
+/// passes. The sustained rate is still the highest that passed, never one that failed.
+#[test]
+fn the_sweep_reports_a_rate_that_passed_even_when_steps_disagree() {
+    let mut search = sweep::Search::new(10_000.0);
+    // 10k passes, 15k fails, 12.5k passes, 13.75k fails, 13.125k passes.
+    let verdicts = [true, false, true, false, true];
+    let mut tried = Vec::new();
+    for ok in verdicts {
+        let rate = search.next_rate();
+        tried.push((rate, ok));
+        search.record(rate, ok);
+    }
+    let rates: Vec<f64> = tried.iter().map(|&(rate, _)| rate).collect();
+    assert_eq!(rates, [10_000.0, 15_000.0, 12_500.0, 13_750.0, 13_125.0]);
+    assert_eq!(search.sustained(), 13_125.0);
+    // A failure below the highest pass (a stall) lowers the bound, not the sustained rate.
+    search.record(11_000.0, false);
+    assert_eq!(search.sustained(), 13_125.0);
+    assert!(tried
+        .iter()
+        .any(|&(rate, ok)| ok && rate == search.sustained()));
 }
