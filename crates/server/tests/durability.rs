@@ -2278,3 +2278,77 @@ fn a_journal_whose_own_name_was_removed_while_it_had_another_is_replaced_and_los
         std::fs::remove_file(journal).unwrap();
     });
 }
+
+/// A library for `LD_PRELOAD` that, as it loads, puts `ocmd` under a seccomp filter refusing
+/// `statx` with `errno`: `ENOSYS` as a kernel before 4.11 does, or `EPERM` as container
+/// runtimes' default profiles did before they knew the call (glibc's `statx` emulates the
+/// call after `ENOSYS`, not after `EPERM`).
+fn statx_refuser(dir: &Path, errno: &str) -> PathBuf {
+    const SOURCE: &str = r#"
+#include <errno.h>
+#include <stddef.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+__attribute__((constructor)) static void refuse_statx(void) {
+    struct sock_filter filter[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_statx, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | @ERRNO@),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog program = { sizeof filter / sizeof filter[0], filter };
+    /* A filter that did not take would let the test pass on nothing: refuse to run. */
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &program) != 0) {
+        _exit(97);
+    }
+}
+"#;
+    let source = SOURCE.replace("@ERRNO@", errno);
+    preload_library(dir, &format!("refuse_statx_{errno}"), &source)
+}
+
+/// Where `statx` is refused, creates and joins are still acknowledged, durably: the writer
+/// counts the journal's names after each sync with `fstat` instead. Under a filter that said
+/// `EPERM` it took the refusal for a failed append and retried it for ever, so that no create
+/// or join was ever answered ("cannot append to journal …: Operation not permitted").
+#[test]
+fn creates_and_joins_are_acknowledged_where_statx_is_refused() {
+    for errno in ["EPERM", "ENOSYS"] {
+        let options = Options {
+            metrics: true,
+            ..Options::default()
+        };
+        let (mut d, _, _library) = spawn_preloaded(
+            |dir| statx_refuser(dir, errno),
+            ("OCM_UNUSED", "unused"),
+            options,
+        );
+        let created = try_request(d.tcp, Operation::CreateRoom, "nostatx", b"\"alice\"");
+        assert!(
+            created.is_some_and(|r| r.token.is_some()),
+            "{errno}: the create was answered\n{}",
+            d.log()
+        );
+        let joined = try_request(d.tcp, Operation::JoinRoom, "nostatx", b"\"bob\"");
+        assert!(
+            joined.is_some_and(|r| r.token.is_some()),
+            "{errno}: the join was answered"
+        );
+        assert_eq!(d.metric("ocm_state_write_failures_total"), 0.0, "{errno}");
+        assert!(!d.log().contains("cannot append"), "{errno}: {}", d.log());
+
+        // Durable: a kill -9 keeps both.
+        d.kill9();
+        d.restart();
+        assert_eq!(
+            refused(&request(&d, Operation::JoinRoom, "nostatx", b"\"bob\"")),
+            Some(ErrorCode::NameTaken),
+            "{errno}"
+        );
+    }
+}

@@ -8,12 +8,19 @@
 //! ~40–50 µs more here (write + fsync 143–160 µs against 185–206 µs in the join benchmark,
 //! and 107–110 µs against 156–160 µs for an 800-byte `pwrite` + `fdatasync` alone; see
 //! `crates/bench/NOTES.md`, "A stat that slowed every group commit").
+//!
+//! Where there is no `statx` (a kernel before 4.11, or a seccomp filter that refuses it with
+//! `ENOSYS` or `EPERM`), each question goes to `fstat` or `stat` instead, times and all: slower
+//! syncs there, rather than no answer. `statx` is called through `syscall(2)`, so that both
+//! refusals come back here alike (glibc's wrapper emulates the call after `ENOSYS`, through
+//! `fstatat`, but not after `EPERM`).
 
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 /// A file's identity as a `statx` that asks for its inode alone gives it: the device (which
@@ -34,8 +41,18 @@ fn statx(
 ) -> io::Result<libc::statx> {
     let mut stat = std::mem::MaybeUninit::<libc::statx>::uninit();
     // SAFETY: statx fills the buffer for `path` (a NUL-terminated string that outlives the
-    // call) relative to `dirfd`; the buffer is read only when the call succeeded.
-    let rc = unsafe { libc::statx(dirfd, path.as_ptr(), flags, mask, stat.as_mut_ptr()) };
+    // call) relative to `dirfd`; the buffer is read only when the call succeeded. The
+    // arguments are the system call's, in its order and types.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_statx,
+            dirfd,
+            path.as_ptr(),
+            flags,
+            mask,
+            stat.as_mut_ptr(),
+        )
+    };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -48,9 +65,21 @@ fn statx_open(file: &File, mask: u32) -> io::Result<libc::statx> {
     statx(file.as_raw_fd(), c"", libc::AT_EMPTY_PATH, mask)
 }
 
-/// How many names `file` has (`stx_nlink`), from a `statx` that asks for nothing else.
+/// Whether `e` says this system has no `statx` for the daemon: a kernel before 4.11
+/// (`ENOSYS`), or a seccomp filter that refuses it (`ENOSYS` or `EPERM`, as older container
+/// runtimes' default profiles did).
+fn no_statx(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM))
+}
+
+/// How many names `file` has (`stx_nlink`), from a `statx` that asks for nothing else, or
+/// from `fstat` where there is no `statx`.
 pub(super) fn link_count(file: &File) -> io::Result<u64> {
-    statx_open(file, libc::STATX_NLINK).map(|stat| links(&stat))
+    match statx_open(file, libc::STATX_NLINK) {
+        Ok(stat) => Ok(links(&stat)),
+        Err(e) if no_statx(&e) => file.metadata().map(|m| m.nlink()),
+        Err(e) => Err(e),
+    }
 }
 
 /// The count of names in `stat`, or 1 when the file system did not give it.
@@ -71,17 +100,35 @@ fn identity(stat: &libc::statx) -> Option<Identity> {
     })
 }
 
+/// The identity `fstat` or `stat` gave, where there is no `statx`.
+fn identity_of_metadata(m: &std::fs::Metadata) -> Identity {
+    let dev = m.dev();
+    Identity {
+        dev_major: libc::major(dev),
+        dev_minor: libc::minor(dev),
+        ino: m.ino(),
+    }
+}
+
 /// The identity of the file `file` keeps open; `None` when the file system did not say.
 pub(super) fn identity_of(file: &File) -> io::Result<Option<Identity>> {
-    statx_open(file, libc::STATX_INO).map(|stat| identity(&stat))
+    match statx_open(file, libc::STATX_INO) {
+        Ok(stat) => Ok(identity(&stat)),
+        Err(e) if no_statx(&e) => file.metadata().map(|m| Some(identity_of_metadata(&m))),
+        Err(e) => Err(e),
+    }
 }
 
 /// The identity of the file at `path`, following a symbolic link as a start's `open` of it
 /// would; `None` when the file system did not say.
 pub(super) fn identity_at(path: &Path) -> io::Result<Option<Identity>> {
-    let path = CString::new(path.as_os_str().as_bytes())
+    let name = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    statx(libc::AT_FDCWD, &path, 0, libc::STATX_INO).map(|stat| identity(&stat))
+    match statx(libc::AT_FDCWD, &name, 0, libc::STATX_INO) {
+        Ok(stat) => Ok(identity(&stat)),
+        Err(e) if no_statx(&e) => std::fs::metadata(path).map(|m| Some(identity_of_metadata(&m))),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]

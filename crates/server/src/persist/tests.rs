@@ -203,6 +203,8 @@ struct FlakyJournal {
     calls: Vec<&'static str>,
     /// The file lost its name: syncs work, and `linked` says so.
     deleted: bool,
+    /// `linked` cannot look (the system refuses the call that counts names).
+    look_fails: bool,
 }
 
 impl FlakyJournal {
@@ -237,6 +239,9 @@ impl JournalFile for FlakyJournal {
         self.fails("sync")
     }
     fn linked(&mut self) -> io::Result<bool> {
+        if self.look_fails {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
         Ok(!self.deleted)
     }
     fn cut(&mut self, len: u64) -> io::Result<()> {
@@ -300,6 +305,7 @@ fn a_failed_append_leaves_no_fragment_whatever_fails_and_how_often() {
             faults: faults.iter().copied().collect(),
             calls: Vec::new(),
             deleted: false,
+            look_fails: false,
         };
         let stats = Mutex::new(Compactions::default());
         let cut = append_now(&mut journal, whole.len() as u64, &line, &stats).unwrap();
@@ -343,6 +349,7 @@ fn failed_cuts_are_told_apart_from_the_append_and_their_tallies_add_up_to_the_co
         faults: [true, true, true, true].into_iter().collect(),
         calls: Vec::new(),
         deleted: false,
+        look_fails: false,
     };
     let stats = Mutex::new(Compactions::default());
     let lines = crate::test_log::logged(|| {
@@ -388,6 +395,7 @@ fn a_large_append_is_synced_piece_by_piece() {
         faults: [false, false, false, true].into_iter().collect(),
         calls: Vec::new(),
         deleted: false,
+        look_fails: false,
     };
     let stats = Mutex::new(Compactions::default());
     let cut = append_now(&mut journal, 0, &bytes, &stats).unwrap();
@@ -1310,6 +1318,23 @@ fn an_append_synced_into_a_deleted_journal_is_not_durable() {
     assert_eq!(appended, Err(JournalDeleted));
     assert_eq!(journal.calls, ["write", "sync"]);
     assert_eq!(stats.lock().unwrap().write_failures, 1);
+}
+
+/// A piece synced into a journal whose names cannot be counted (the system refuses the call)
+/// is durable as far as anyone can tell: the append succeeds, uncounted as a failure. Taken
+/// for a failed append, it was cut back and retried for ever, and nothing was acknowledged.
+#[test]
+fn an_append_whose_names_cannot_be_counted_is_taken_as_durable() {
+    let mut journal = FlakyJournal {
+        look_fails: true,
+        ..FlakyJournal::default()
+    };
+    let stats = Mutex::new(Compactions::default());
+    let appended = append_now(&mut journal, 0, b"{\"n\":1}\n", &stats);
+    assert_eq!(appended, Ok(false), "appended, not cut back");
+    assert_eq!(journal.calls, ["write", "sync"]);
+    assert_eq!(journal.bytes, b"{\"n\":1}\n");
+    assert_eq!(stats.lock().unwrap().write_failures, 0);
 }
 
 /// Deletes the journal by its name, as `rm` would. A rotation that the last commit started
