@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod mmsg;
 pub mod notify;
 pub mod outbox;
+pub mod panics;
 pub mod password;
 pub mod peer;
 pub mod persist;

@@ -269,6 +269,7 @@ fn main() -> ExitCode {
     }
     init_logging(&config.log.level);
     map_large_allocations();
+    ocm_server::panics::end_the_process_on_any_panic();
     let server = match Server::bind(file_config, args.config.clone(), args.overrides()) {
         Ok(s) => s,
         Err(e) => {
