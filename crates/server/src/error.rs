@@ -49,6 +49,26 @@ pub enum StoreError {
         /// Where its torn tail begins, 1-based.
         line: usize,
     },
+    /// `journal.old` ends in NUL bytes and nothing else, and no journal record after it
+    /// shows what they held. A rotated `journal.old` never ends so (the writer cuts the space
+    /// it lays ahead of its appends off first), but a live journal moved to that name does,
+    /// and so does one whose synced tail the disk lost: `ocmd` cannot tell which.
+    #[error(
+        "{old} ends in {bytes} NUL bytes from line {line}, and no journal after it shows what \
+         they held: either a live journal was moved to this name (the space it lays ahead of \
+         its appends: nothing lost; move it back to {journal}), or the disk lost synced \
+         records there (the files were left untouched)"
+    )]
+    OldEndsInNuls {
+        /// `journal.old`.
+        old: PathBuf,
+        /// The line of its first NUL byte, 1-based.
+        line: usize,
+        /// The NUL bytes from there to its end.
+        bytes: u64,
+        /// The journal's own name.
+        journal: PathBuf,
+    },
     /// A record number skips ahead of the last record applied: records are numbered one by
     /// one, so the ones in between, acknowledged, are missing.
     #[error(

@@ -58,6 +58,10 @@ pub struct Replay {
     /// NUL bytes at the end of the file, after its last byte of anything else: space the
     /// writer laid down ahead of its appends ([`SPACE_AHEAD_BYTES`]), not a tear.
     pub spare_bytes: u64,
+    /// [`Ending::Cut`]: when nothing but NUL bytes follows the first one, how many there are.
+    /// That is how a live journal's space ahead looks, so a `journal.old` ending so may be a
+    /// journal moved to that name, as well as synced data the disk lost.
+    pub nul_tail_bytes: Option<u64>,
 }
 
 /// How a journal may end, besides its lines.
@@ -237,6 +241,9 @@ pub(crate) fn scan_journal<E>(
         if let Some(first_nul) = line.iter().position(|&b| b == 0) {
             let mut tail = count_tail(&mut reader, &line).map_err(ScanError::Read)?;
             if ending == Ending::Cut {
+                if tail.data_end <= first_nul {
+                    replay.nul_tail_bytes = Some((tail.bytes - first_nul) as u64);
+                }
                 tail.all_data();
             }
             end_at_nul(&mut replay, &tail, first_nul, index, offset);

@@ -153,6 +153,8 @@ struct Replayer<'a> {
     /// journal.old's torn tail, if it has one: the line it begins at, and journal.old's last
     /// whole record (0: none).
     old_tail: Option<(usize, u64)>,
+    /// journal.old's NUL bytes, when nothing else follows its first ([`Replay::nul_tail_bytes`]).
+    old_nul_tail: Option<u64>,
 }
 
 impl<'a> Replayer<'a> {
@@ -171,6 +173,7 @@ impl<'a> Replayer<'a> {
             snapshot_seq,
             applied: snapshot_seq,
             old_tail: None,
+            old_nul_tail: None,
         }
     }
 
@@ -209,10 +212,7 @@ impl<'a> Replayer<'a> {
         if let Some((line, _)) = unvouched {
             // No record in the journal after journal.old's last whole one: nothing shows that
             // no synced record was in its tail.
-            return Err(StoreError::CutShort {
-                old: self.paths.journal_old.clone(),
-                line,
-            });
+            return Err(self.unvouched_old_tail(line));
         }
         if !is_old {
             check_zero_hole(path, &replay)?;
@@ -257,6 +257,25 @@ impl<'a> Replayer<'a> {
             // A hole's first line, or else the torn last line.
             let line = replay.zero_hole.map_or(replay.last_line, |hole| hole.line);
             self.old_tail = Some((line, last_whole));
+            self.old_nul_tail = replay.nul_tail_bytes;
+        }
+    }
+
+    /// The load's error for journal.old's torn tail from `line`, which no journal record after
+    /// it vouched for: cut short, or, when nothing but NUL bytes ends it, either a live
+    /// journal moved to its name or synced records lost (the start cannot tell which).
+    fn unvouched_old_tail(&self, line: usize) -> StoreError {
+        match self.old_nul_tail {
+            Some(bytes) => StoreError::OldEndsInNuls {
+                old: self.paths.journal_old.clone(),
+                line,
+                bytes,
+                journal: self.paths.journal.clone(),
+            },
+            None => StoreError::CutShort {
+                old: self.paths.journal_old.clone(),
+                line,
+            },
         }
     }
 
@@ -265,10 +284,7 @@ impl<'a> Replayer<'a> {
     fn finish(mut self) -> Result<Loaded, StoreError> {
         if let Some((line, _)) = self.old_tail {
             // No journal after journal.old's torn tail shows that no synced record was in it.
-            return Err(StoreError::CutShort {
-                old: self.paths.journal_old.clone(),
-                line,
-            });
+            return Err(self.unvouched_old_tail(line));
         }
         if self.loaded.last_seq > START_LIMIT {
             return Err(StoreError::NumbersExhausted {

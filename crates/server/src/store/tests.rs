@@ -744,16 +744,54 @@ fn nuls_at_the_end_are_space_ahead_and_a_hole_only_with_data_after_them() {
 
 /// NUL bytes at the end of journal.old are a hole, not space ahead (the writer cuts that
 /// off before it rotates): with no journal after it to vouch for the records they may have
-/// held, the load stops. The same bytes as the journal are its records and space ahead.
+/// held, the load stops. Since nothing but NULs ends it, as a live journal moved to that
+/// name would end, the refusal says both what it may be and how to put a moved journal
+/// back, not only that records were lost. The same bytes as the journal are its records and
+/// space ahead.
 #[test]
 fn nuls_at_the_end_of_journal_old_are_a_hole_not_space_ahead() {
     let (_dir, paths) = temp_paths();
     let with_nuls = [two_records(), vec![0; 4096]].concat();
     fs::write(&paths.journal_old, &with_nuls).unwrap();
-    match load(&paths) {
-        Err(StoreError::CutShort { line, .. }) => assert_eq!(line, 3),
-        other => panic!("journal.old ending in NUL bytes: {other:?}"),
-    }
+    let err = load(&paths).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            StoreError::OldEndsInNuls { line: 3, bytes: 4096, old, journal }
+                if *old == paths.journal_old && *journal == paths.journal
+        ),
+        "journal.old ending in NUL bytes: {err:?}"
+    );
+    let said = err.to_string();
+    assert!(
+        said.contains("a live journal was moved to this name"),
+        "{said}"
+    );
+    assert!(said.contains("or the disk lost synced records"), "{said}");
+    // A torn last line before the NULs is still a tail cut short.
+    let torn = [two_records(), b"{\"n\":3,".to_vec(), vec![0; 4096]].concat();
+    fs::write(&paths.journal_old, &torn).unwrap();
+    let err = load(&paths).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            StoreError::OldEndsInNuls {
+                line: 3,
+                bytes: 4096,
+                ..
+            }
+        ),
+        "a torn line, then NULs, as a live journal's torn append and space ahead: {err:?}"
+    );
+    // Data after the NULs is a hole in the middle: cut short, records lost.
+    let hole = [two_records(), vec![0; 4096], b"{\"n\":4}\n".to_vec()].concat();
+    fs::write(&paths.journal_old, &hole).unwrap();
+    let err = load(&paths).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::CutShort { line: 3, .. }),
+        "{err:?}"
+    );
+    fs::write(&paths.journal_old, &with_nuls).unwrap();
     fs::remove_file(&paths.journal_old).unwrap();
     fs::write(&paths.journal, &with_nuls).unwrap();
     let loaded = load(&paths).unwrap();
