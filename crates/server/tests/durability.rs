@@ -2286,9 +2286,9 @@ fn a_journal_whose_own_name_was_removed_while_it_had_another_is_replaced_and_los
 }
 
 /// A library for `LD_PRELOAD` that, as it loads, puts `ocmd` under a seccomp filter refusing
-/// `statx` with `errno`: `ENOSYS` as a kernel before 4.11 does, or `EPERM` as container
-/// runtimes' default profiles did before they knew the call (glibc's `statx` emulates the
-/// call after `ENOSYS`, not after `EPERM`).
+/// `statx` with `errno`: `ENOSYS` as a kernel before 4.11 does, `EPERM` as container
+/// runtimes' default profiles did before they knew the call, or any other a filter may be
+/// set to give (glibc's `statx` emulates the call after `ENOSYS`, not after the others).
 fn statx_refuser(dir: &Path, errno: &str) -> PathBuf {
     const SOURCE: &str = r#"
 #include <errno.h>
@@ -2324,7 +2324,7 @@ __attribute__((constructor)) static void refuse_statx(void) {
 /// or join was ever answered ("cannot append to journal …: Operation not permitted").
 #[test]
 fn creates_and_joins_are_acknowledged_where_statx_is_refused() {
-    for errno in ["EPERM", "ENOSYS"] {
+    for errno in ["EPERM", "ENOSYS", "EACCES"] {
         let options = Options {
             metrics: true,
             ..Options::default()

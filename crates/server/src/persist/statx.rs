@@ -9,11 +9,12 @@
 //! and 107–110 µs against 156–160 µs for an 800-byte `pwrite` + `fdatasync` alone; see
 //! `crates/bench/NOTES.md`, "A stat that slowed every group commit").
 //!
-//! Where there is no `statx` (a kernel before 4.11, or a seccomp filter that refuses it with
-//! `ENOSYS` or `EPERM`), each question goes to `fstat` or `stat` instead, times and all: slower
-//! syncs there, rather than no answer. `statx` is called through `syscall(2)`, so that both
-//! refusals come back here alike (glibc's wrapper emulates the call after `ENOSYS`, through
-//! `fstatat`, but not after `EPERM`).
+//! Where `statx` fails (a kernel before 4.11, a seccomp filter that refuses it, whatever error
+//! it gives), each question goes to `fstat` or `stat` instead, times and all: slower syncs
+//! there, rather than no answer; only when that fails too is the question unanswered.
+//! `statx` is called through `syscall(2)`, so that every refusal comes back here alike
+//! (glibc's wrapper emulates the call after `ENOSYS`, through `fstatat`, but not after
+//! `EPERM`).
 
 use std::ffi::{CStr, CString};
 use std::fs::File;
@@ -65,20 +66,12 @@ fn statx_open(file: &File, mask: u32) -> io::Result<libc::statx> {
     statx(file.as_raw_fd(), c"", libc::AT_EMPTY_PATH, mask)
 }
 
-/// Whether `e` says this system has no `statx` for the daemon: a kernel before 4.11
-/// (`ENOSYS`), or a seccomp filter that refuses it (`ENOSYS` or `EPERM`, as older container
-/// runtimes' default profiles did).
-fn no_statx(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM))
-}
-
 /// How many names `file` has (`stx_nlink`), from a `statx` that asks for nothing else, or
-/// from `fstat` where there is no `statx`.
+/// from `fstat` when `statx` fails.
 pub(super) fn link_count(file: &File) -> io::Result<u64> {
     match statx_open(file, libc::STATX_NLINK) {
         Ok(stat) => Ok(links(&stat)),
-        Err(e) if no_statx(&e) => file.metadata().map(|m| m.nlink()),
-        Err(e) => Err(e),
+        Err(_) => file.metadata().map(|m| m.nlink()),
     }
 }
 
@@ -114,8 +107,7 @@ fn identity_of_metadata(m: &std::fs::Metadata) -> Identity {
 pub(super) fn identity_of(file: &File) -> io::Result<Option<Identity>> {
     match statx_open(file, libc::STATX_INO) {
         Ok(stat) => Ok(identity(&stat)),
-        Err(e) if no_statx(&e) => file.metadata().map(|m| Some(identity_of_metadata(&m))),
-        Err(e) => Err(e),
+        Err(_) => file.metadata().map(|m| Some(identity_of_metadata(&m))),
     }
 }
 
@@ -126,8 +118,7 @@ pub(super) fn identity_at(path: &Path) -> io::Result<Option<Identity>> {
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     match statx(libc::AT_FDCWD, &name, 0, libc::STATX_INO) {
         Ok(stat) => Ok(identity(&stat)),
-        Err(e) if no_statx(&e) => std::fs::metadata(path).map(|m| Some(identity_of_metadata(&m))),
-        Err(e) => Err(e),
+        Err(_) => std::fs::metadata(path).map(|m| Some(identity_of_metadata(&m))),
     }
 }
 

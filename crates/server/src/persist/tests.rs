@@ -203,8 +203,8 @@ struct FlakyJournal {
     calls: Vec<&'static str>,
     /// The file lost its name: syncs work, and `linked` says so.
     deleted: bool,
-    /// `linked` cannot look (the system refuses the call that counts names).
-    look_fails: bool,
+    /// How many more times `linked` cannot look (`statx` and `fstat` both failing).
+    look_fails: u32,
 }
 
 impl FlakyJournal {
@@ -239,8 +239,9 @@ impl JournalFile for FlakyJournal {
         self.fails("sync")
     }
     fn linked(&mut self) -> io::Result<bool> {
-        if self.look_fails {
-            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        if self.look_fails > 0 {
+            self.look_fails -= 1;
+            return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         Ok(!self.deleted)
     }
@@ -305,7 +306,7 @@ fn a_failed_append_leaves_no_fragment_whatever_fails_and_how_often() {
             faults: faults.iter().copied().collect(),
             calls: Vec::new(),
             deleted: false,
-            look_fails: false,
+            look_fails: 0,
         };
         let stats = Mutex::new(Compactions::default());
         let cut = append_now(&mut journal, whole.len() as u64, &line, &stats).unwrap();
@@ -349,7 +350,7 @@ fn failed_cuts_are_told_apart_from_the_append_and_their_tallies_add_up_to_the_co
         faults: [true, true, true, true].into_iter().collect(),
         calls: Vec::new(),
         deleted: false,
-        look_fails: false,
+        look_fails: 0,
     };
     let stats = Mutex::new(Compactions::default());
     let lines = crate::test_log::logged(|| {
@@ -395,7 +396,7 @@ fn a_large_append_is_synced_piece_by_piece() {
         faults: [false, false, false, true].into_iter().collect(),
         calls: Vec::new(),
         deleted: false,
-        look_fails: false,
+        look_fails: 0,
     };
     let stats = Mutex::new(Compactions::default());
     let cut = append_now(&mut journal, 0, &bytes, &stats).unwrap();
@@ -1320,21 +1321,22 @@ fn an_append_synced_into_a_deleted_journal_is_not_durable() {
     assert_eq!(stats.lock().unwrap().write_failures, 1);
 }
 
-/// A piece synced into a journal whose names cannot be counted (the system refuses the call)
-/// is durable as far as anyone can tell: the append succeeds, uncounted as a failure. Taken
-/// for a failed append, it was cut back and retried for ever, and nothing was acknowledged.
+/// A piece synced into a journal whose names cannot be counted (`statx` and then `fstat`
+/// failing) is not acknowledged: no one can tell that a start will read it. It is retried as a
+/// failed write is (cut back, written and synced again) until a look says the journal has a
+/// name, and counted as a failed write.
 #[test]
-fn an_append_whose_names_cannot_be_counted_is_taken_as_durable() {
+fn an_append_whose_names_cannot_be_counted_is_retried_not_acknowledged() {
     let mut journal = FlakyJournal {
-        look_fails: true,
+        look_fails: 1,
         ..FlakyJournal::default()
     };
     let stats = Mutex::new(Compactions::default());
     let appended = append_now(&mut journal, 0, b"{\"n\":1}\n", &stats);
-    assert_eq!(appended, Ok(false), "appended, not cut back");
-    assert_eq!(journal.calls, ["write", "sync"]);
+    assert_eq!(appended, Ok(true), "appended after a cut");
+    assert_eq!(journal.calls, ["write", "sync", "cut", "write", "sync"]);
     assert_eq!(journal.bytes, b"{\"n\":1}\n");
-    assert_eq!(stats.lock().unwrap().write_failures, 0);
+    assert_eq!(stats.lock().unwrap().write_failures, 1);
 }
 
 /// Deletes the journal by its name, as `rm` would. A rotation that the last commit started

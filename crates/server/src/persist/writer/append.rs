@@ -5,7 +5,6 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -46,10 +45,6 @@ impl JournalFile for File {
     }
 }
 
-/// Whether a look at the journal's names after a sync has failed yet in this process: said
-/// once, not at every append.
-static LOOK_FAILED: AtomicBool = AtomicBool::new(false);
-
 /// The journal was deleted while open (its directory removed, a cleaner let loose on it): it
 /// still takes writes and syncs, which no start will ever read. Nothing synced into it is
 /// durable, and a reply must not say it is ([`super::Writer::replace_journal`]).
@@ -85,27 +80,18 @@ pub(in crate::persist) fn append_durably(
     let mut cuts = Failing::default();
     for piece in store::sync_pieces(bytes) {
         loop {
-            let appended = journal.write_at(piece, len).and_then(|()| journal.sync());
-            let e = match appended.map(|()| journal.linked()) {
-                Ok(Ok(true)) => break,
-                Ok(Ok(false)) => {
+            // A piece counts as durable only once synced into a journal seen to have a name:
+            // when even the look at its names fails (`statx`, then `fstat`), it is retried
+            // as a failed write is, rather than acknowledged into a file a start may not read.
+            let appended = journal
+                .write_at(piece, len)
+                .and_then(|()| journal.sync())
+                .and_then(|()| journal.linked());
+            let e = match appended {
+                Ok(true) => break,
+                Ok(false) => {
                     counters(stats).write_failures += 1;
                     return Err(JournalDeleted);
-                }
-                // The piece is synced; only the look at its names failed. Taken as still
-                // named: a failed look must not stop every acknowledgement (as it did where
-                // `statx` was refused), and the writer's file check looks again within a
-                // second.
-                Ok(Err(e)) => {
-                    if !LOOK_FAILED.swap(true, Ordering::Relaxed) {
-                        warn!(
-                            "cannot count the names of journal {} after a sync: {e}; taking it \
-                             as still named (the file check looks again every second); said \
-                             once",
-                            path.display()
-                        );
-                    }
-                    break;
                 }
                 Err(e) => e,
             };
