@@ -257,7 +257,8 @@ pub enum Mode {
         reload_every: f64,
     },
     /// A short run of every mode with small sizes (a 3 s soak included), for CI: fails only
-    /// if the daemon fails, nothing is delivered, no handshake completes or the soak fails.
+    /// if the daemon fails, nothing is delivered, a fan-out counts datagrams it could not read,
+    /// from an earlier run or beyond those owed, no handshake completes or the soak fails.
     Smoke,
     /// The standard matrix; writes the Markdown report and the SVG chart.
     Matrix {

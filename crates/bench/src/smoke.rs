@@ -1,7 +1,8 @@
 //! `smoke`: every mode once, briefly and small, for CI. No timing is asserted; it fails only
-//! when the daemon fails, nothing is delivered, a fan-out's counting is off (deliveries
-//! beyond those owed, or missing at a light pace), no handshake completes or the short soak
-//! finds a delivery missing or something left behind. Its last line is
+//! when the daemon fails, nothing is delivered, a fan-out's counting is off (datagrams it
+//! could not read or from an earlier run, deliveries beyond those owed), no handshake
+//! completes or the short soak finds a delivery missing or something left behind. Its last
+//! line is
 //! `smoke: deliveries=N handshakes=N soak_rooms=N`, which the crate's test reads.
 
 use std::time::Duration;
@@ -166,15 +167,12 @@ fn measure_memory(launcher: &Launcher) -> Result<()> {
 }
 
 /// Fails the smoke run when a fan-out's counting is off: a datagram the generator could not
-/// read or that came from an earlier run, more deliveries than owed, or, paced at a rate far
-/// below the machine's, fewer (nothing there should be lost).
+/// read or that came from an earlier run, or more deliveries than owed. Fewer is not checked:
+/// on a loaded machine a stall at the end of a run outlasts the receivers' drain (300 ms of
+/// quiet), and with a small `rmem_max` it can overflow their sockets, neither of which is the
+/// counting's fault.
 fn check_counting(r: &fanout::FanoutResult) -> Result<()> {
-    let paced = matches!(r.pace, Pace::Rate(_));
-    if r.undecodable > 0
-        || r.stale > 0
-        || r.received > r.expected
-        || (paced && r.received < r.expected)
-    {
+    if r.undecodable > 0 || r.stale > 0 || r.received > r.expected {
         return Err(Error::Smoke(format!(
             "{} fan-out: received {} of {} owed, {} undecodable, {} stale",
             r.caps, r.received, r.expected, r.undecodable, r.stale

@@ -56,8 +56,9 @@ pub enum StoreError {
     #[error(
         "{old} ends in {bytes} NUL bytes from line {line}, and no journal after it shows what \
          they held: either a live journal was moved to this name (the space it lays ahead of \
-         its appends: nothing lost; move it back to {journal}), or the disk lost synced \
-         records there (the files were left untouched)"
+         its appends, often hundreds of KiB: nothing lost; only if you or a script moved it \
+         there, move it back to {journal}), or the disk lost synced records there (the files \
+         were left untouched)"
     )]
     OldEndsInNuls {
         /// `journal.old`.

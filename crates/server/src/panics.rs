@@ -55,6 +55,9 @@ mod tests {
                 std::thread::park();
             }
         }
+        // Standard error to a file: a pipe read only after the exit could fill and hold the
+        // child (a long backtrace).
+        let stderr_file = tempfile::NamedTempFile::new().expect("a file for standard error");
         let mut child = Command::new(std::env::current_exe().expect("the test binary"))
             .args([
                 "--exact",
@@ -63,7 +66,7 @@ mod tests {
             ])
             .env(CHILD, "1")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(stderr_file.reopen().expect("the file for standard error"))
             .spawn()
             .expect("the test binary runs");
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -77,10 +80,7 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(10));
         };
-        let mut stderr = String::new();
-        if let Some(mut pipe) = child.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
-        }
+        let stderr = std::fs::read_to_string(stderr_file.path()).unwrap_or_default();
         assert_eq!(status.code(), Some(PANIC_STATUS), "{stderr}");
         assert!(stderr.contains("injected for the test"), "{stderr}");
         assert!(

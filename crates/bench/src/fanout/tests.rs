@@ -130,13 +130,6 @@ fn a_held_up_sender_catches_up_its_window_and_skips_the_rest() {
     assert_eq!(slots_caught_up(134_594.0, 0.020), 2_692);
 }
 
-/// A paced sender stamps each message with the time its schedule slot was due, so two
-/// messages sent in the same call, or one sent late, carry times a whole number of
-/// periods apart; a skipped slot's lateness is kept for the latency figures, and every
-/// slot, sent or skipped, is counted once in the senders' lateness. Two members sending
-/// from one thread share its schedule: slots alternate between them, and each message's
-/// number and time name its slot. Every slot due within the step is sent, tried or
-/// skipped, the last ones too.
 /// A sender held up at the very end of its step owes the slots due within it, as a sender
 /// held up anywhere else does: the catch-up window's worth sent late, the older ones skipped
 /// and counted as loss. Left out, a 50 ms stall at the end of a step at the batch sweep's
@@ -184,6 +177,41 @@ fn a_sender_held_up_at_the_end_of_its_step_owes_what_was_due_within_it() {
     );
 }
 
+/// A sender that cannot keep its pace (10 million messages a second, for 5 ms) is behind
+/// when its step ends: it still sends, late, every slot due within the step that its
+/// catch-up window holds (all 50,000 here), and skips none. The loop used to stop at the
+/// step's end and leave the slots it had not reached out of every figure.
+#[test]
+fn a_sender_behind_at_the_end_of_its_step_still_handles_every_slot_due() {
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let from = UdpSocket::bind("127.0.0.1:0").unwrap();
+    from.connect(sink.local_addr().unwrap()).unwrap();
+    let mut lanes = vec![Lane::new(&from, b"h:", 1, 16)];
+    let sent = send_loop(
+        &mut lanes,
+        16,
+        Some(10_000_000.0),
+        Duration::from_millis(5),
+        Clock::new(),
+    );
+    // The sink is never read: what its buffer refused counts as errors, still handled.
+    let handled = (sent.messages, sent.errors, sent.skipped);
+    assert_eq!(
+        sent.messages + sent.errors + sent.skipped,
+        50_000,
+        "sent, refused, skipped: {handled:?}"
+    );
+    assert_eq!(sent.skipped, 0, "all within the 20 ms catch-up window");
+    assert_eq!(sent.lateness_ns.len(), sent.messages + sent.skipped);
+}
+
+/// A paced sender stamps each message with the time its schedule slot was due, so two
+/// messages sent in the same call, or one sent late, carry times a whole number of
+/// periods apart; a skipped slot's lateness is kept for the latency figures, and every
+/// slot, sent or skipped, is counted once in the senders' lateness. Two members sending
+/// from one thread share its schedule: slots alternate between them, and each message's
+/// number and time name its slot. Every slot due within the step is sent, tried or
+/// skipped, the last ones too.
 #[test]
 fn paced_messages_carry_their_slot_times() {
     let to = UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -768,7 +768,8 @@ fn nuls_at_the_end_of_journal_old_are_a_hole_not_space_ahead() {
         "{said}"
     );
     assert!(said.contains("or the disk lost synced records"), "{said}");
-    // A torn last line before the NULs is still a tail cut short.
+    // A torn last line before the NULs reads the same: a live journal's torn append and space
+    // ahead.
     let torn = [two_records(), b"{\"n\":3,".to_vec(), vec![0; 4096]].concat();
     fs::write(&paths.journal_old, &torn).unwrap();
     let err = load(&paths).unwrap_err();

@@ -6,13 +6,14 @@
 //! datagrams), `unsegmented` remembers the destinations kept from segmented sends, and
 //! `socket` sizes the socket's buffers and reads the kernel's drop count.
 
+mod destinations;
 mod plan;
 mod socket;
 #[cfg(test)]
 mod tests;
 mod unsegmented;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::io::{self, IoSlice};
 use std::mem;
 use std::net::SocketAddr;
@@ -28,6 +29,7 @@ use crate::metrics::Metrics;
 use crate::mmsg::{self, Fate};
 use crate::outbox::Outbox;
 use crate::peer;
+use destinations::LastPlanned;
 pub use plan::MAX_SEGMENT_BYTES;
 use plan::{keep_pooled, Batch, Bytes, Planned, Segments};
 pub use socket::{kernel_drops, size_buffers, KernelDrops};
@@ -82,8 +84,8 @@ pub struct Sender {
     /// Open batch per member slot: plan index + 1 (0: none). Indexed by slot, so no hashing.
     open: Vec<u32>,
     /// The plan entry last planned to each address in this pass: the only one to it that may
-    /// take more datagrams ([`Planned::sealed`]). Hashed once per entry, not per datagram.
-    last_to: HashMap<SocketAddr, u32>,
+    /// take more datagrams ([`Planned::sealed`]).
+    last_to: LastPlanned,
     /// Slots set in `open` during this pass, to reset them after.
     touched: Vec<u32>,
     /// Each planned datagram's runs in the list of byte runs handed to the kernel; kept

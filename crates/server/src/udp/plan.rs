@@ -24,10 +24,6 @@ pub(super) const MAX_BATCH_RUNS: usize = mmsg::MAX_PARTS - 1;
 /// Bytes one run of a batch plan takes.
 pub(super) const RUN_SIZE: usize = mem::size_of::<Range<usize>>();
 
-/// Destinations whose last plan entry is remembered between passes without shrinking the
-/// table (a pass to more of them grows it for that pass only).
-pub(super) const KEPT_DESTINATIONS: usize = 4096;
-
 /// The largest datagram a segmented send carries: what fits a path of the minimum IPv6 MTU
 /// (1280 bytes, less 40 of IPv6 header and 8 of UDP header). The kernel refuses a segmented
 /// send whose segments do not fit the path's MTU, where it would fragment a lone datagram.
@@ -125,7 +121,7 @@ impl Sender {
     /// share an address when one socket is in two rooms. Returns the new entry's index.
     fn push(&mut self, planned: Planned) -> usize {
         let index = self.plan.len();
-        if let Some(before) = self.last_to.insert(planned.to, index as u32) {
+        if let Some(before) = self.last_to.replace(planned.to, index as u32) {
             if let Some(entry) = self.plan.get_mut(before as usize) {
                 entry.sealed = true;
             }
@@ -149,8 +145,7 @@ impl Sender {
     /// segmented sends for the others when segmenting is on.
     pub(super) fn plan(&mut self, outbox: &Outbox) {
         self.plan.clear();
-        self.last_to.clear();
-        self.last_to.shrink_to(KEPT_DESTINATIONS);
+        self.last_to.start_pass();
         self.used_batches = 0;
         self.used_groups = 0;
         for slot in self.touched.drain(..) {

@@ -1475,7 +1475,7 @@ mod planned_against_push_batch_entry {
     /// send only chat for members without; last words and datagrams for no member leave
     /// alone.
     #[test]
-    fn random_outboxes_keep_each_addresss_order() {
+    fn random_outboxes_keep_the_order_at_each_address() {
         let (mut batches, mut segmented_sends) = (0, 0);
         for seed in 0..500u64 {
             let mut rng = StdRng::seed_from_u64(seed);

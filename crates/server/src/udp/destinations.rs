@@ -1,0 +1,157 @@
+//! The plan's record of the entry last planned to each destination in one pass, which is the
+//! only entry to it that may take more datagrams ([`super::plan::Planned::sealed`]). It is
+//! looked up once per plan entry, which for members without batches is once per datagram, so
+//! it hashes an address with a keyed multiply-and-mix of its few words (a few ns) rather than
+//! SipHash (~28 ns a datagram here: a planned pass of 63 sends took 2.7 µs against 0.9 µs
+//! without the record).
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::net::SocketAddr;
+
+/// Destinations a pass may have without the table being shrunk after it.
+const KEPT: usize = 4096;
+
+/// The entry last planned to each destination in the pass under way.
+#[derive(Default)]
+pub(super) struct LastPlanned {
+    entries: HashMap<SocketAddr, u32, Keyed>,
+}
+
+impl LastPlanned {
+    /// Forgets the pass before. The table keeps its room, unless it has room for far more
+    /// destinations than that pass had (then it shrinks, so that one large pass does not keep
+    /// a large table, and a run of large passes does not reallocate it every pass).
+    pub(super) fn start_pass(&mut self) {
+        let used = self.entries.len();
+        self.entries.clear();
+        if self.entries.capacity() > KEPT.max(4 * used) {
+            self.entries.shrink_to(KEPT.max(2 * used));
+        }
+    }
+
+    /// Records entry `index` as the last planned to `to`; returns the one planned to it
+    /// before, if any.
+    pub(super) fn replace(&mut self, to: SocketAddr, index: u32) -> Option<u32> {
+        self.entries.insert(to, index)
+    }
+}
+
+/// Builds [`Mix`] hashers from a key drawn when the table is made: nobody sending to the
+/// daemon can choose addresses that collide (and as the table is cleared every pass, a
+/// collision could only slow the pass it happens in).
+#[derive(Clone)]
+struct Keyed(u64);
+
+impl Default for Keyed {
+    fn default() -> Keyed {
+        Keyed(rand::random::<u64>())
+    }
+}
+
+impl BuildHasher for Keyed {
+    type Hasher = Mix;
+
+    fn build_hasher(&self) -> Mix {
+        Mix(self.0)
+    }
+}
+
+/// Folds each word written into the state with a multiply, and mixes the state's bits when
+/// finished, so that the table's low bits (its bucket) and high bits (its tag) both depend
+/// on every word.
+struct Mix(u64);
+
+/// An odd constant whose bits are well spread (2^64 divided by the golden ratio).
+const SPREAD: u64 = 0x9e37_79b9_7f4a_7c15;
+
+impl Mix {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(23) ^ word).wrapping_mul(SPREAD);
+    }
+}
+
+impl Hasher for Mix {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.add(n.into());
+    }
+
+    fn write_u16(&mut self, n: u16) {
+        self.add(n.into());
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.add(n.into());
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 32;
+        x = x.wrapping_mul(SPREAD);
+        x ^ (x >> 29)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each destination keeps its own last entry, IPv4 and IPv6, and ports apart.
+    #[test]
+    fn each_destination_keeps_its_own_last_entry() {
+        let mut last = LastPlanned::default();
+        let a = SocketAddr::from(([127, 0, 0, 1], 4000));
+        let b = SocketAddr::from(([127, 0, 0, 1], 4001));
+        let c: SocketAddr = "[::1]:4000".parse().unwrap();
+        assert_eq!(last.replace(a, 0), None);
+        assert_eq!(last.replace(b, 1), None);
+        assert_eq!(last.replace(c, 2), None);
+        assert_eq!(last.replace(a, 3), Some(0));
+        assert_eq!(last.replace(c, 4), Some(2));
+        last.start_pass();
+        assert_eq!(last.replace(b, 0), None, "forgotten at the next pass");
+    }
+
+    /// The hash spreads addresses that differ in one port or one address byte over the
+    /// table's buckets and tags: 4,096 consecutive ports, or addresses, take as many distinct
+    /// values in the low 12 bits and nearly as many in the top 7 as a random spread would.
+    #[test]
+    fn near_addresses_spread_over_buckets_and_tags() {
+        let keyed = Keyed::default();
+        let ports: Vec<u64> = (0..4096u16)
+            .map(|p| keyed.hash_one(SocketAddr::from(([10, 0, 0, 1], 20_000 + p))))
+            .collect();
+        let hosts: Vec<u64> = (0..4096u32)
+            .map(|h| {
+                keyed.hash_one(SocketAddr::from((
+                    std::net::Ipv4Addr::from(0x0a00_0000 + h),
+                    9091,
+                )))
+            })
+            .collect();
+        for hashes in [ports, hosts] {
+            let buckets: std::collections::HashSet<u64> =
+                hashes.iter().map(|h| h & 0xfff).collect();
+            let tags: std::collections::HashSet<u64> = hashes.iter().map(|h| h >> 57).collect();
+            // A random spread of 4,096 over 4,096 buckets fills about 63% of them.
+            assert!(buckets.len() > 2_300, "{} buckets", buckets.len());
+            assert_eq!(tags.len(), 128, "every tag used");
+        }
+    }
+}
