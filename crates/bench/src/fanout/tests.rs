@@ -89,6 +89,20 @@ fn a_failed_step_says_why() {
     );
 }
 
+/// The bounds of the pace and relay tests pass: senders that offered exactly 95% of the
+/// pace, and a daemon that relayed exactly 97% of the deliveries offered.
+#[test]
+fn a_step_exactly_at_the_pace_and_relay_bounds_is_sustained() {
+    let mut edge: FanoutResult = serde_json::from_str(PUBLISHED_STEP).unwrap();
+    edge.paced_skips = 0;
+    let Pace::Rate(rate) = edge.pace else {
+        panic!("a paced step")
+    };
+    edge.offered_per_sec = 0.95 * rate;
+    edge.deliveries_per_sec = 0.97 * (edge.offered_per_sec * (edge.members - 1) as f64);
+    assert_eq!(edge.shortfall(rate, 0.1), None);
+}
+
 /// A paced sender reports the priority it really ran at: `realtime` exactly when its
 /// thread's policy is `SCHED_FIFO` (granted as root, unless a container forbids it; refused without the privilege), so a
 /// report never claims real-time senders it did not have.
@@ -183,6 +197,7 @@ fn a_sender_held_up_at_the_end_of_its_step_owes_what_was_due_within_it() {
 /// step's end and leave the slots it had not reached out of every figure.
 #[test]
 fn a_sender_behind_at_the_end_of_its_step_still_handles_every_slot_due() {
+    let _window = CatchUp::lock();
     let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
     let from = UdpSocket::bind("127.0.0.1:0").unwrap();
     from.connect(sink.local_addr().unwrap()).unwrap();
@@ -203,6 +218,101 @@ fn a_sender_behind_at_the_end_of_its_step_still_handles_every_slot_due() {
     );
     assert_eq!(sent.skipped, 0, "all within the 20 ms catch-up window");
     assert_eq!(sent.lateness_ns.len(), sent.messages + sent.skipped);
+}
+
+/// The catch-up window is the process's (`--catch-up-ms`, set once at start): a test that
+/// sets it, and one whose verdict depends on it, hold this while they send; the window is
+/// put back as it was when the holder lets go.
+struct CatchUp {
+    before: Duration,
+    _held: std::sync::MutexGuard<'static, ()>,
+}
+
+impl CatchUp {
+    fn lock() -> CatchUp {
+        static WINDOW: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let held = WINDOW.lock().unwrap_or_else(|e| e.into_inner());
+        CatchUp {
+            before: Duration::from_millis(catch_up_ms()),
+            _held: held,
+        }
+    }
+}
+
+impl Drop for CatchUp {
+    fn drop(&mut self) {
+        set_catch_up(self.before);
+    }
+}
+
+/// A sender behind by more than its catch-up window sends that much late and skips the
+/// rest, oldest first: each slot is still handled once, and each skipped one is counted with
+/// how late it was (after its slot was due, and no later than the step's own length). At 10
+/// million messages a second and a window of its floor of 4 slots, it falls behind at once.
+#[test]
+fn a_sender_behind_by_more_than_its_window_skips_the_rest_and_counts_how_late() {
+    let _window = CatchUp::lock();
+    set_catch_up(Duration::ZERO);
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let from = UdpSocket::bind("127.0.0.1:0").unwrap();
+    from.connect(sink.local_addr().unwrap()).unwrap();
+    let mut lanes = vec![Lane::new(&from, b"h:", 1, 16)];
+    let clock = Clock::new();
+    // The step starts well after the clock's origin, so that no slot is due at its 0.
+    while clock.nanos() < 1_000_000 {
+        thread::sleep(Duration::from_millis(1));
+    }
+    let before = clock.nanos();
+    let sent = send_loop(
+        &mut lanes,
+        16,
+        Some(10_000_000.0),
+        Duration::from_millis(5),
+        clock,
+    );
+    let took = clock.nanos() - before;
+    let handled = (sent.messages, sent.errors, sent.skipped);
+    assert!(sent.skipped > 0, "sent, refused, skipped: {handled:?}");
+    assert_eq!(
+        sent.messages + sent.errors + sent.skipped,
+        50_000,
+        "sent, refused, skipped: {handled:?}"
+    );
+    assert_eq!(sent.skipped as usize, sent.skipped_late_ns.len());
+    assert_eq!(sent.lateness_ns.len(), sent.messages + sent.skipped);
+    let out_of_bounds: Vec<u64> = sent
+        .skipped_late_ns
+        .iter()
+        .copied()
+        .filter(|&late| late == 0 || late > took)
+        .collect();
+    assert!(
+        out_of_bounds.is_empty(),
+        "{} of {} skipped slots late by 0 or more than the {took} ns the step took: {:?}",
+        out_of_bounds.len(),
+        sent.skipped,
+        &out_of_bounds[..out_of_bounds.len().min(5)]
+    );
+}
+
+/// Flat out, a sender sends until its step is over, and then stops.
+#[test]
+fn a_flat_out_sender_stops_when_its_step_is_over() {
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let from = UdpSocket::bind("127.0.0.1:0").unwrap();
+    from.connect(sink.local_addr().unwrap()).unwrap();
+    let (done, finished) = std::sync::mpsc::channel();
+    // Its own thread, so that a loop that never stops fails the test instead of hanging it.
+    thread::spawn(move || {
+        let mut lanes = vec![Lane::new(&from, b"h:", 1, 16)];
+        let sent = send_loop(&mut lanes, 16, None, Duration::from_millis(5), Clock::new());
+        let _ = done.send(sent);
+    });
+    let sent = finished
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the sender stopped");
+    assert!(sent.messages + sent.errors > 0, "{sent:?}");
+    assert_eq!(sent.skipped, 0, "{sent:?}");
 }
 
 /// A paced sender stamps each message with the time its schedule slot was due, so two
@@ -338,4 +448,17 @@ fn the_sweep_reports_a_rate_that_passed_even_when_steps_disagree() {
     assert!(tried
         .iter()
         .any(|&(rate, ok)| ok && rate == search.sustained()));
+}
+
+/// The search goes on while the highest pass and the lowest failure are 3% apart or more:
+/// 97 and 100 are not yet within 3% of each other.
+#[test]
+fn the_sweep_bisects_on_while_its_bounds_are_three_percent_apart() {
+    let mut search = sweep::Search::new(100.0);
+    search.record(100.0, false);
+    search.record(97.0, true);
+    assert!(!search.done(), "{search:?}");
+    assert_eq!(search.next_rate(), 98.5);
+    search.record(98.5, true);
+    assert!(search.done(), "{search:?}");
 }

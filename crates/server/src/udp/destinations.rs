@@ -154,4 +154,78 @@ mod tests {
             assert_eq!(tags.len(), 128, "every tag used");
         }
     }
+
+    /// The table keeps its room after a pass that used a quarter of it or more; after one
+    /// that used less it shrinks, to room for twice what that pass used, and never below
+    /// room for `KEPT`.
+    #[test]
+    fn the_table_keeps_room_for_four_times_a_pass_and_shrinks_past_that() {
+        let mut last = LastPlanned::default();
+        let fill = |last: &mut LastPlanned, n: u32| {
+            for i in 0..n {
+                last.replace(SocketAddr::from((std::net::Ipv4Addr::from(i), 9091)), i);
+            }
+        };
+        fill(&mut last, 20_000);
+        last.start_pass();
+        let room = last.entries.capacity();
+        assert!(room >= 20_000, "a large pass's room is kept: {room}");
+        assert_eq!(room % 4, 0, "{room}");
+        fill(&mut last, (room / 4) as u32);
+        last.start_pass();
+        assert_eq!(last.entries.capacity(), room, "a quarter used: kept");
+        fill(&mut last, 5_000);
+        last.start_pass();
+        let shrunk = last.entries.capacity();
+        assert!((10_000..room).contains(&shrunk), "{shrunk} of {room}");
+        last.start_pass();
+        let kept = last.entries.capacity();
+        assert!((KEPT..shrunk).contains(&kept), "{kept} of {shrunk}");
+    }
+
+    /// Every kind of write is folded into the hash: two values written alike hash apart.
+    #[test]
+    fn every_kind_of_write_is_folded_in() {
+        let keyed = Keyed(0x0123_4567_89ab_cdef);
+        /// Writes a value of one kind.
+        type Write = fn(&mut Mix, u8);
+        let writes: [(&str, Write); 6] = [
+            ("bytes", |h, n| h.write(&[n])),
+            ("u8", |h, n| h.write_u8(n)),
+            ("u16", |h, n| h.write_u16(n.into())),
+            ("u32", |h, n| h.write_u32(n.into())),
+            ("u64", |h, n| h.write_u64(n.into())),
+            ("usize", |h, n| h.write_usize(n.into())),
+        ];
+        for (name, write) in writes {
+            let [one, two] = [1, 2].map(|n| {
+                let mut h = keyed.build_hasher();
+                write(&mut h, n);
+                h.finish()
+            });
+            assert_ne!(one, two, "{name}");
+        }
+    }
+
+    /// The finish brings every bit of the state to the buckets (the low bits) and the tags
+    /// (the top 7): 4,096 words that differ only in their top 12 bits, or only in their low
+    /// 12, take as many buckets and tags as a random spread would, whatever the key.
+    #[test]
+    fn high_and_low_bits_of_a_word_reach_buckets_and_tags() {
+        for key in [0, 1, SPREAD, u64::MAX, 0x0123_4567_89ab_cdef] {
+            let keyed = Keyed(key);
+            for shift in [0, 52] {
+                let hashes: Vec<u64> = (0..4096u64).map(|k| keyed.hash_one(k << shift)).collect();
+                let buckets: std::collections::HashSet<u64> =
+                    hashes.iter().map(|h| h & 0xfff).collect();
+                let tags: std::collections::HashSet<u64> = hashes.iter().map(|h| h >> 57).collect();
+                assert!(
+                    buckets.len() > 2_300,
+                    "key {key:#x}, shift {shift}: {} buckets",
+                    buckets.len()
+                );
+                assert_eq!(tags.len(), 128, "key {key:#x}, shift {shift}");
+            }
+        }
+    }
 }
