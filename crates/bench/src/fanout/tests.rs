@@ -20,6 +20,14 @@ const PUBLISHED_STEP: &str = r#"{"members": 64, "senders": 2, "bytes": 128, "cap
     "cpu": {"daemon_pct": 79.5, "bench_pct": 97.5}, "ceiling_per_sec": null,
     "loadavg": 1.68, "client_rcvbuf": 8388608, "paced_skips": 1181}"#;
 
+/// A socket nobody reads, and a sending member's socket connected to it.
+fn sink_and_sender() -> (UdpSocket, UdpSocket) {
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let from = UdpSocket::bind("127.0.0.1:0").unwrap();
+    from.connect(sink.local_addr().unwrap()).unwrap();
+    (sink, from)
+}
+
 /// Slots a held-up sender skipped never reach a member: they are loss, and the pace test's
 /// 5% would have let them through. That step (0.23% skipped, "loss 0.000%" of what was
 /// offered) passed as sustained until a review; so would a run whose own socket refused 4%
@@ -108,9 +116,7 @@ fn a_step_exactly_at_the_pace_and_relay_bounds_is_sustained() {
 /// report never claims real-time senders it did not have.
 #[test]
 fn a_paced_sender_reports_the_priority_it_really_ran_at() {
-    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let from = UdpSocket::bind("127.0.0.1:0").unwrap();
-    from.connect(sink.local_addr().unwrap()).unwrap();
+    let (_sink, from) = sink_and_sender();
     // Its own thread: the policy stays with the thread that asked for it.
     let (sent, policy) = thread::scope(|s| {
         s.spawn(|| {
@@ -198,9 +204,7 @@ fn a_sender_held_up_at_the_end_of_its_step_owes_what_was_due_within_it() {
 #[test]
 fn a_sender_behind_at_the_end_of_its_step_still_handles_every_slot_due() {
     let _window = CatchUp::lock();
-    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let from = UdpSocket::bind("127.0.0.1:0").unwrap();
-    from.connect(sink.local_addr().unwrap()).unwrap();
+    let (_sink, from) = sink_and_sender();
     let mut lanes = vec![Lane::new(&from, b"h:", 1, 16)];
     let sent = send_loop(
         &mut lanes,
@@ -253,9 +257,7 @@ impl Drop for CatchUp {
 fn a_sender_behind_by_more_than_its_window_skips_the_rest_and_counts_how_late() {
     let _window = CatchUp::lock();
     set_catch_up(Duration::ZERO);
-    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let from = UdpSocket::bind("127.0.0.1:0").unwrap();
-    from.connect(sink.local_addr().unwrap()).unwrap();
+    let (_sink, from) = sink_and_sender();
     let mut lanes = vec![Lane::new(&from, b"h:", 1, 16)];
     let clock = Clock::new();
     // The step starts well after the clock's origin, so that no slot is due at its 0.
@@ -298,9 +300,7 @@ fn a_sender_behind_by_more_than_its_window_skips_the_rest_and_counts_how_late() 
 /// Flat out, a sender sends until its step is over, and then stops.
 #[test]
 fn a_flat_out_sender_stops_when_its_step_is_over() {
-    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let from = UdpSocket::bind("127.0.0.1:0").unwrap();
-    from.connect(sink.local_addr().unwrap()).unwrap();
+    let (_sink, from) = sink_and_sender();
     let (done, finished) = std::sync::mpsc::channel();
     // Its own thread, so that a loop that never stops fails the test instead of hanging it.
     thread::spawn(move || {
