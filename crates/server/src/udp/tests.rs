@@ -335,6 +335,50 @@ fn a_destination_whose_segmented_send_is_refused_gets_one_datagram_per_send() {
     assert!(sender.unsegmented.until.is_empty(), "dropped once over");
 }
 
+/// One socket in two rooms is two members at one address. Each one's run of equal
+/// datagrams is a segmented send of its own, sealed once the other's is planned after it;
+/// when the kernel refuses segmenting, the retry sends them one apiece in the order they
+/// were queued, across both members.
+#[test]
+fn a_refused_segmented_send_to_members_sharing_an_address_keeps_their_order() {
+    let Some(socket) = segmenting_socket(true) else {
+        return;
+    };
+    let x = peer();
+    let to_x = x.local_addr().unwrap();
+    let mut locals = Locals::default();
+    let mut out = Outbox::default();
+    // Member 0 (room A) gets a0 a1, member 1 (room B) b0 b1, member 0 again a2 a3.
+    let mut frame_lens = HashSet::new();
+    for (text, member) in [
+        ("a0", 0),
+        ("a1", 0),
+        ("b0", 1),
+        ("b1", 1),
+        ("a2", 0),
+        ("a3", 0),
+    ] {
+        let msg = chat(&mut out, text);
+        frame_lens.insert(msg.len() as u16);
+        out.queue_to_member(to_x, LocalId::ANY, msg, member, 0);
+    }
+    let frame = *frame_lens.iter().next().unwrap();
+    assert_eq!(frame_lens.len(), 1, "frames of one length");
+    let mut sender = segmenting_sender();
+    assert_eq!(
+        segmenting(&mut sender, &out),
+        vec![(to_x.port(), 2, frame); 3],
+        "three segmented sends, in the order queued"
+    );
+    let mut metrics = Metrics::default();
+    sender.send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
+    assert_eq!(sender.refused_calls, 1);
+    assert_eq!(metrics.segmentation_refusals, 1);
+    assert_eq!((metrics.datagrams_sent, metrics.deliveries), (6, 6));
+    assert!(metrics.send_errors.is_empty(), "{:?}", metrics.send_errors);
+    assert_eq!(texts_received(&x, 6), ["a0", "a1", "b0", "b1", "a2", "a3"]);
+}
+
 /// A segmented send refused for its segments from a source the host has: the source is
 /// not blamed (nor retired), and the datagrams, sent one apiece, leave from it.
 #[test]
