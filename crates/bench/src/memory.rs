@@ -6,8 +6,13 @@
 //! REGISTER binds the datagram's source address to the token named in it, and tokens of
 //! different rooms may share an address. VmRSS is read fresh, after the joins and after the
 //! registrations. Then the daemon gets SIGTERM and is restarted on the same state; the time
-//! from spawn to its listening line is the start-up time, and VmRSS is read again then: a
-//! daemon that loaded its members must not hold more per member than one that saw them join.
+//! from spawn to its listening line is the start-up time, and VmRSS is read again: a daemon
+//! that loaded its members must not hold more per member than one that saw them join.
+//!
+//! The figures after the joins, after the registrations and after the restart are each the
+//! highest VmRSS seen until it [settles](Settling): the journal's writer and the compactor may still be
+//! at work then (a restart on a journal folds it into a new state file), and a read at the
+//! first moment could miss what they take.
 
 use std::net::UdpSocket;
 use std::thread;
@@ -216,16 +221,16 @@ pub fn run(
     let (joins, rooms) = (populated.joins, populated.rooms);
     let created = populated.creates.ok + joins.ok;
     daemon.check_alive()?;
-    let rss_joined_kib = daemon.rss_kib()?;
+    let rss_joined_kib = settled_rss_kib(&daemon)?;
     let t = Instant::now();
     let registered = register_all(&daemon, &rooms, room_size)?;
     let register_seconds = t.elapsed().as_secs_f64();
-    let rss_registered_kib = daemon.rss_kib()?;
+    let rss_registered_kib = settled_rss_kib(&daemon)?;
     let idle_cpu_ms_per_sec = idle_loop_cpu(&daemon);
     let stop_ms = daemon.stop()?.as_secs_f64() * 1e3;
     let state_bytes = dir_bytes(dir.path());
     let restarted = launcher.spawn(&dir)?;
-    let rss_restarted_kib = restarted.rss_kib()?;
+    let rss_restarted_kib = settled_rss_kib(&restarted)?;
     let members_after_restart = restarted.scrape()?.total("ocm_members");
     let startup_loaded_ms = restarted.startup.as_secs_f64() * 1e3;
     drop(restarted);
@@ -252,6 +257,60 @@ pub fn run(
     })
 }
 
+/// How often [`settled_rss_kib`] reads VmRSS.
+const SETTLE_READ_EVERY: Duration = Duration::from_millis(100);
+/// Reads in a row, none more than [`SETTLE_BAND_KIB`] above the highest before them, that
+/// make VmRSS settled (one second).
+const SETTLE_READS: usize = 10;
+/// How far a read may rise above the highest before its run and still count as settled: 256 KiB, about 0.3%
+/// of a daemon holding 100,000 members (an allocator's trim or a stack page is not a trend).
+const SETTLE_BAND_KIB: u64 = 256;
+/// Reads after which the highest seen is taken, settled or not (ten seconds).
+const SETTLE_MAX_READS: usize = 100;
+
+/// The highest VmRSS of `daemon` seen until it settles, KiB.
+fn settled_rss_kib(daemon: &Daemon) -> Result<u64> {
+    let mut settling = Settling::default();
+    loop {
+        if let Some(kib) = settling.read(daemon.rss_kib()?) {
+            return Ok(kib);
+        }
+        thread::sleep(SETTLE_READ_EVERY);
+    }
+}
+
+/// Reads of a resident size, in order, until it settles: [`SETTLE_READS`] reads in a row
+/// none more than [`SETTLE_BAND_KIB`] above the highest before the first of them (a read
+/// above that starts the run again, so a slow climb never settles), or [`SETTLE_MAX_READS`]
+/// reads in all. What counts is the highest seen: memory taken for a moment is memory the
+/// machine must have.
+#[derive(Debug, Default)]
+struct Settling {
+    /// The highest read so far.
+    highest: u64,
+    /// The highest read before the current run: its reads must stay within the band of it.
+    base: u64,
+    /// Reads in the current run.
+    steady: usize,
+    /// Reads in all.
+    reads: usize,
+}
+
+impl Settling {
+    /// Takes one read; returns the highest seen once settled.
+    fn read(&mut self, kib: u64) -> Option<u64> {
+        self.reads += 1;
+        if self.reads == 1 || kib > self.base + SETTLE_BAND_KIB {
+            self.base = self.highest.max(kib);
+            self.steady = 1;
+        } else {
+            self.steady += 1;
+        }
+        self.highest = self.highest.max(kib);
+        (self.steady >= SETTLE_READS || self.reads >= SETTLE_MAX_READS).then_some(self.highest)
+    }
+}
+
 /// How long the daemon is idle for [`idle_loop_cpu`].
 const IDLE_FOR: Duration = Duration::from_secs(3);
 
@@ -262,4 +321,65 @@ fn idle_loop_cpu(daemon: &crate::daemon::Daemon) -> Option<f64> {
     thread::sleep(IDLE_FOR);
     let used = daemon.loop_cpu_time()?.saturating_sub(before);
     Some(used.as_secs_f64() * 1e3 / IDLE_FOR.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `reads` to a new [`Settling`]; returns the read (counted from 1) at which it
+    /// settled and the figure it gave, or `None` if it never did.
+    fn settle(reads: impl IntoIterator<Item = u64>) -> Option<(usize, u64)> {
+        let mut settling = Settling::default();
+        reads
+            .into_iter()
+            .enumerate()
+            .find_map(|(i, kib)| settling.read(kib).map(|got| (i + 1, got)))
+    }
+
+    #[test]
+    fn a_steady_size_settles_after_a_run_of_reads() {
+        assert_eq!(settle([80_000; 20]), Some((SETTLE_READS, 80_000)));
+    }
+
+    #[test]
+    fn a_jump_starts_the_run_again_and_the_highest_is_what_counts() {
+        // A compaction's buffer: up by 8 MiB for three reads, then given back.
+        let mut reads = vec![80_000; 4];
+        reads.extend([88_192; 3]);
+        reads.extend([80_000; 20]);
+        assert_eq!(settle(reads), Some((4 + SETTLE_READS, 88_192)));
+    }
+
+    #[test]
+    fn a_slow_climb_within_the_band_at_each_step_does_not_settle_until_it_stops() {
+        // 200 KiB a read: each within the band of the one before, not of the run's start.
+        let climb = (0..30).map(|i| 80_000 + 200 * i);
+        let top = 80_000 + 200 * 29;
+        let reads: Vec<u64> = climb.chain([top; 20]).collect();
+        let (at, got) = settle(reads).expect("settles once the climb stops");
+        assert_eq!(got, top);
+        assert!(at > 30, "settled at read {at}, during the climb");
+    }
+
+    #[test]
+    fn reads_within_the_band_count_as_steady() {
+        let reads = (0..20).map(|i| 80_000 + if i % 2 == 0 { 0 } else { SETTLE_BAND_KIB });
+        assert_eq!(
+            settle(reads),
+            Some((SETTLE_READS, 80_000 + SETTLE_BAND_KIB))
+        );
+    }
+
+    #[test]
+    fn a_size_that_never_settles_is_taken_at_the_last_read() {
+        let reads = (0..200).map(|i| 80_000 + 1_000 * i);
+        assert_eq!(
+            settle(reads),
+            Some((
+                SETTLE_MAX_READS,
+                80_000 + 1_000 * (SETTLE_MAX_READS as u64 - 1)
+            ))
+        );
+    }
 }
