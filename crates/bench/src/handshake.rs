@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tcrp::payload::{self, Caps, Compliance, Request, RequestForm};
 use tcrp::{Frame, Operation, State};
@@ -220,6 +221,11 @@ pub struct PhaseResult {
 }
 
 fn phase(finished: Finished) -> PhaseResult {
+    phase_and_latencies(finished).0
+}
+
+/// [`phase`], and the histogram of its latencies, µs.
+fn phase_and_latencies(finished: Finished) -> (PhaseResult, Histogram<u64>) {
     let Finished {
         ops,
         errors,
@@ -231,7 +237,7 @@ fn phase(finished: Finished) -> PhaseResult {
         let _ = hist.record((op.took.as_micros() as u64).max(1));
     }
     let done: Vec<Duration> = ops.iter().map(|o| o.done_at).collect();
-    PhaseResult {
+    let result = PhaseResult {
         ok: ops.len(),
         errors,
         first_error: first_error.map(|e| e.to_string()),
@@ -239,7 +245,8 @@ fn phase(finished: Finished) -> PhaseResult {
         per_sec: ops.len() as f64 / elapsed.as_secs_f64().max(1e-9),
         windows: RateWindows::of(&done),
         latency_us: Percentiles::of(&hist),
-    }
+    };
+    (result, hist)
 }
 
 /// Each room's name and the tokens issued in it.
@@ -362,6 +369,10 @@ pub struct HandshakeResult {
     /// Failed creates and joins over every round, not only the median one.
     #[serde(default)]
     pub errors_all_rounds: usize,
+    /// Join latency percentiles over the joins of every round, µs (the median round's are in
+    /// `joins`); `None` in results from before they were kept.
+    #[serde(default)]
+    pub join_latency_all_rounds_us: Option<Percentiles>,
 }
 
 /// R creates, then R×K joins, over C threads, after an optional preload; `repeat` rounds
@@ -387,8 +398,13 @@ pub fn run(
         .collect::<Result<Vec<_>>>()?;
     let join_rates: Vec<f64> = rounds.iter().map(|r| r.1.per_sec).collect();
     let errors_all_rounds = rounds.iter().map(|r| r.0.errors + r.1.errors).sum();
+    let mut all_joins = crate::report::histogram();
+    for r in &rounds {
+        // The histograms resize themselves: adding one cannot fall out of range.
+        let _ = all_joins.add(&r.3);
+    }
     rounds.sort_by(|a, b| a.1.per_sec.total_cmp(&b.1.per_sec));
-    let (creates, joins_phase, journal) = rounds.swap_remove(rounds.len() / 2);
+    let (creates, joins_phase, journal, _) = rounds.swap_remove(rounds.len() / 2);
     Ok(HandshakeResult {
         rooms,
         joins_per_room: joins,
@@ -407,6 +423,7 @@ pub fn run(
         state_on_tmpfs,
         join_rates,
         errors_all_rounds,
+        join_latency_all_rounds_us: Some(Percentiles::of(&all_joins)),
     })
 }
 
@@ -429,15 +446,15 @@ struct Journal {
     cpu: CpuPerJoin,
 }
 
-/// One round: R creates of rooms named `{prefix}{r}`, then R×K joins. Returns the two phases
-/// and the journal writes during the joins.
+/// One round: R creates of rooms named `{prefix}{r}`, then R×K joins. Returns the two phases,
+/// the journal writes during the joins and the joins' latencies.
 fn round(
     daemon: &crate::daemon::Daemon,
     prefix: &str,
     rooms: usize,
     joins: usize,
     clients: Clients,
-) -> Result<(PhaseResult, PhaseResult, Journal)> {
+) -> Result<(PhaseResult, PhaseResult, Journal, Histogram<u64>)> {
     let tcp = daemon.tcp;
     let names: Vec<String> = (0..rooms).map(|r| format!("{prefix}{r}")).collect();
     let create = |r: usize| request_job(true, &names[r], "host");
@@ -449,7 +466,7 @@ fn round(
         let (r, k) = (i % rooms.max(1), i / rooms.max(1));
         request_job(false, &names[r], &format!("j{k}"))
     };
-    let joins_phase = phase(inflight::run(
+    let (joins_phase, join_latencies) = phase_and_latencies(inflight::run(
         tcp,
         rooms * joins,
         clients,
@@ -474,7 +491,7 @@ fn round(
             bench: per_join(cpu_before.1, cpu_after.1),
         },
     };
-    Ok((creates, joins_phase, journal))
+    Ok((creates, joins_phase, journal, join_latencies))
 }
 
 impl PhaseResult {

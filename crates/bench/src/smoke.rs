@@ -181,8 +181,9 @@ fn check_counting(r: &fanout::FanoutResult) -> Result<()> {
     Ok(())
 }
 
-/// Fails the smoke run when nothing was delivered, no handshake completed or the handshake
-/// rounds were not the 2 × 20 joins asked for.
+/// Fails the smoke run when nothing was delivered, no handshake completed, the handshake
+/// rounds were not the 2 × 20 joins asked for, or the latencies over all rounds are not of
+/// all 40.
 fn check_counts(deliveries: u64, handshakes: usize, h: &HandshakeResult) -> Result<()> {
     if deliveries == 0 {
         return Err(Error::Smoke("nothing was delivered".into()));
@@ -194,6 +195,12 @@ fn check_counts(deliveries: u64, handshakes: usize, h: &HandshakeResult) -> Resu
         return Err(Error::Smoke(format!(
             "expected 2 rounds of 20 joins, got rates {:?} and {} joins",
             h.join_rates, h.joins.ok
+        )));
+    }
+    let pooled = h.join_latency_all_rounds_us.map(|all| all.count);
+    if pooled != Some(40) {
+        return Err(Error::Smoke(format!(
+            "the join latencies over all rounds counted {pooled:?} joins, not 40"
         )));
     }
     Ok(())
