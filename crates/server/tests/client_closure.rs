@@ -38,9 +38,9 @@ fn daemon_caught_up(d: &Daemon) {
 /// 1.4 s at the pace, and the closure check's answer behind 64 more: bob exited some 2.9 s
 /// after the host left, having sent about 130 lines into the closed room. Now the room's
 /// word overtakes the queued lines: the wait is the closure check, a TCP round trip on
-/// loopback (milliseconds), plus at most one line's pace (22 ms). One second is some twenty
-/// times that, for a loaded machine, and still well under the 2.9 s; 20 lines are 0.44 s of
-/// the pace.
+/// loopback (milliseconds), plus at most one line's pace (22 ms). Two seconds are some forty
+/// times that, for a loaded machine (six processes and threads hand the news on), and still
+/// under the 2.9 s; 20 lines are 0.44 s of the pace, the tighter check.
 #[test]
 fn a_closure_overtakes_a_pipe_of_lines_being_paced_out() {
     let d = Daemon::start_with(Options {
@@ -94,7 +94,7 @@ fn a_closure_overtakes_a_pipe_of_lines_being_paced_out() {
     let lost = after_closure(&d);
     eprintln!("bob exited {took:?} after the host left, with {lost} lines sent after the closure");
     assert!(
-        took < Duration::from_secs(1),
+        took < Duration::from_secs(2),
         "bob exited {took:?} after the host left; stderr:\n{stderr}"
     );
     assert!(lost <= 20.0, "{lost} lines went into the closed room");
@@ -123,7 +123,9 @@ struct Counted {
     /// Chat lines `ocm` sent once its receiver had taken the notice, while the daemon was
     /// stopped (its closure check unanswered).
     after: usize,
-    /// How long after its receiver had taken the notice `ocm` sent the first of those.
+    /// How long after its receiver had taken the notice `ocm` sent the first of those (timed
+    /// from the relay's last look that saw the notice still queued: never later than the
+    /// receiver took it, however late the relay looked again).
     first_after: Option<Duration>,
 }
 
@@ -182,11 +184,18 @@ impl Relay {
                     continue;
                 }
                 stop_process(pid);
+                // No later than the receiver took the notice: the last look that still saw
+                // it queued, or its send (the hold, which starts after, is timed from here).
+                let mut still_queued = Instant::now();
                 socket.send_to(ROOM_CLOSED, to).expect("hand the notice on");
                 wait_until("ocm to read the notice", || {
-                    udp_queue(to).is_some_and(|(queued, _)| queued == 0)
+                    let looked = Instant::now();
+                    let taken = udp_queue(to).is_some_and(|(queued, _)| queued == 0);
+                    if !taken {
+                        still_queued = looked;
+                    }
+                    taken
                 });
-                let read = Instant::now();
                 let mut first_after = None;
                 let mut count = |until: Option<Instant>| {
                     let mut lines = 0;
@@ -197,7 +206,7 @@ impl Relay {
                                 if is_chat_line(&buf[..len]) {
                                     lines += 1;
                                     if until.is_some() && first_after.is_none() {
-                                        first_after = Some(read.elapsed());
+                                        first_after = Some(still_queued.elapsed());
                                     }
                                 }
                                 let _ = socket.send_to(&buf[..len], daemon);
@@ -369,10 +378,10 @@ fn a_check_left_unanswered_holds_the_lines_for_the_hold_limit_only() {
     let first = counted
         .first_after
         .unwrap_or_else(|| panic!("no line in 5 s: {counted:?}; stderr:\n{}", stderr()));
-    // The hold starts when the receiver hands the notice on, just after the relay saw it
-    // taken from the socket; a loaded machine may start the lines late, not early.
+    // The hold starts when the receiver hands the notice on, after `first` starts; a loaded
+    // machine may start the lines late, not early.
     assert!(
-        first >= OCM_HOLD_LIMIT - Duration::from_millis(100),
+        first >= OCM_HOLD_LIMIT,
         "{counted:?}; stderr:\n{}",
         stderr()
     );

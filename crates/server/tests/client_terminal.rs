@@ -1050,38 +1050,69 @@ fn a_chat_orphaned_in_the_background_and_sent_a_stop_leaves_at_the_next_line() {
 /// the handler (`ocm` is taken in by init, outside the session).
 #[test]
 fn a_chat_orphaned_while_it_waits_to_stop_in_the_background_leaves() {
-    let d = Daemon::start();
-    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
-    let log = BobsLog::new(&d);
-    let mut term = bash_terminal();
-    // `; :`: the subshell waits for `ocm` rather than becoming it. The log tells how the chat
-    // ended.
-    term.type_keys(&format!(
-        "(RUST_LOG=debug {} 2>{}; :) &\r",
-        bob_joins_line(&d),
-        log.0.display()
-    ));
-    assert_eq!(alice.line(), "* bob joined");
-    let subshell = only_child(term.child.id() as i32);
-    let ocm = only_child(subshell);
-    let _cleanup = KillOnDrop(ocm);
-    // The handler holds SIGTTIN back while it runs (and nothing else does).
-    wait_until("the chat waiting to stop", || {
-        blocked_in_a_thread(ocm, libc::SIGTTIN)
+    in_three_tries(|| {
+        let d = Daemon::start();
+        let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+        alice.wait_stderr("* created lobby as alice");
+        let log = BobsLog::new(&d);
+        let mut term = bash_terminal();
+        // `; :`: the subshell waits for `ocm` rather than becoming it. The log tells how the
+        // chat ended.
+        term.type_keys(&format!(
+            "(RUST_LOG=debug {} 2>{}; :) &\r",
+            bob_joins_line(&d),
+            log.0.display()
+        ));
+        assert_eq!(alice.line(), "* bob joined");
+        let subshell = only_child(term.child.id() as i32);
+        let ocm = only_child(subshell);
+        let _cleanup = KillOnDrop(ocm);
+        // The handler holds SIGTTIN back while it runs (and nothing else does).
+        wait_until("the chat waiting to stop", || {
+            blocked_in_a_thread(ocm, libc::SIGTTIN)
+        });
+        // SAFETY: a signal to the shell's child, not reaped yet.
+        assert_eq!(unsafe { libc::kill(subshell, libc::SIGKILL) }, 0);
+        assert_eq!(alice.line(), "* bob left");
+        wait_until("ocm's exit", || !alive(ocm));
+        let told = log.text();
+        the_shell_and_the_host_exit(&mut term, &mut alice);
+        orphaned_in_its_wait(&told)
     });
-    // SAFETY: a signal to the shell's child, not reaped yet.
-    assert_eq!(unsafe { libc::kill(subshell, libc::SIGKILL) }, 0);
-    assert_eq!(alice.line(), "* bob left");
-    wait_until("ocm's exit", || !alive(ocm));
-    // Not the SIGHUP the kernel sends a group orphaned with a process already stopped: the
-    // kill came too late to test the wait (on a machine that held the test back for 200 ms).
-    let told = log.text();
-    assert!(
-        told.contains("end of input") && !told.contains("signal "),
-        "bob's log: {told:?}"
-    );
-    the_shell_and_the_host_exit(&mut term, &mut alice);
+}
+
+/// What one try at a test that must act within a window of `ocm`'s came to.
+enum Try {
+    /// It acted in time, and the test's checks passed.
+    Conclusive,
+    /// The machine held the test back past the window: the try tested nothing.
+    Missed,
+}
+
+/// Runs `try_once` until a try is conclusive, three times at most: a test that must act
+/// within one of `ocm`'s waits (the 200 ms it waits for an end before it stops) tries again
+/// when a loaded machine held it back past the wait. Only missed windows are tried again: a
+/// failed check fails at once.
+fn in_three_tries(mut try_once: impl FnMut() -> Try) {
+    for attempt in 1..=3 {
+        match try_once() {
+            Try::Conclusive => return,
+            Try::Missed => eprintln!("try {attempt}: the window was missed; trying again"),
+        }
+    }
+    panic!("the window was missed three times: the test tested nothing");
+}
+
+/// Checks the log of a chat whose group was orphaned while it waited in a handler: the end
+/// of its input ended it. A SIGHUP, which the kernel sends a group orphaned with a process
+/// already stopped, means the orphaning came after the wait (on a machine that held the
+/// test back for 200 ms): a missed try.
+fn orphaned_in_its_wait(told: &str) -> Try {
+    if told.contains("signal ") {
+        return Try::Missed;
+    }
+    assert!(told.contains("end of input"), "bob's log: {told:?}");
+    Try::Conclusive
 }
 
 /// Whether `signal` is blocked in process `pid`'s thread named `name` (`SigBlk` in
@@ -1129,45 +1160,66 @@ fn signal_in_mask(text: &str, field: &str, signal: i32) -> bool {
 /// never comes out of the handler.)
 #[test]
 fn a_chat_orphaned_while_it_waits_after_bg_leaves() {
-    let d = Daemon::start();
-    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
-    let log = BobsLog::new(&d);
-    let mut term = bash_terminal();
-    // `; :`: the subshell waits for `ocm` rather than becoming it. The log tells how the chat
-    // ended.
-    term.type_keys(&format!(
-        "(RUST_LOG=debug {} 2>{}; :)\r",
-        bob_joins_line(&d),
-        log.0.display()
-    ));
-    assert_eq!(alice.line(), "* bob joined");
-    term.wait_for("> ");
-    term.wait_for_the_editors_raw_mode();
-    let subshell = only_child(term.child.id() as i32);
-    let ocm = only_child(subshell);
-    let _cleanup = KillOnDrop(ocm);
-    let shown = term.text().len();
-    term.type_keys("\x1a");
-    term.wait_for_after(shown, "Stopped");
-    term.wait_for_after(shown, "$ ");
-    term.type_keys("bg\r");
-    // The handler holds SIGTSTP back on the input thread while it runs (every other thread
-    // always does), and waits there, running, for an end.
-    wait_until("the chat waiting in the background", || {
-        state(ocm) != Some('T') && thread_blocks(ocm, "input", libc::SIGTSTP)
+    in_three_tries(|| {
+        let d = Daemon::start();
+        let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+        alice.wait_stderr("* created lobby as alice");
+        let log = BobsLog::new(&d);
+        let mut term = bash_terminal();
+        // `; :`: the subshell waits for `ocm` rather than becoming it. The log tells how the
+        // chat ended.
+        term.type_keys(&format!(
+            "(RUST_LOG=debug {} 2>{}; :)\r",
+            bob_joins_line(&d),
+            log.0.display()
+        ));
+        assert_eq!(alice.line(), "* bob joined");
+        term.wait_for("> ");
+        term.wait_for_the_editors_raw_mode();
+        let subshell = only_child(term.child.id() as i32);
+        let ocm = only_child(subshell);
+        let _cleanup = KillOnDrop(ocm);
+        let shown = term.text().len();
+        term.type_keys("\x1a");
+        term.wait_for_after(shown, "Stopped");
+        term.wait_for_after(shown, "$ ");
+        let shown = term.text().len();
+        term.type_keys("bg\r");
+        term.wait_for_after(shown, "$ ");
+        // The handler holds SIGTSTP back on the input thread while it runs (every other
+        // thread always does), and waits there, running, for an end; then it stops again.
+        // Stopped a while after `bg`, with the wait never seen, it was missed.
+        let waiting = || state(ocm) != Some('T') && thread_blocks(ocm, "input", libc::SIGTSTP);
+        let deadline = Instant::now() + PATIENCE;
+        let mut stopped_since = None;
+        while !waiting() {
+            assert!(
+                Instant::now() < deadline,
+                "the chat never waited in the background"
+            );
+            let stopped = state(ocm) == Some('T');
+            match (stopped, stopped_since) {
+                (false, _) => stopped_since = None,
+                (true, None) => stopped_since = Some(Instant::now()),
+                (true, Some(since)) if since.elapsed() > Duration::from_secs(1) => {
+                    // SAFETY: a signal to the shell's child, not reaped yet.
+                    assert_eq!(unsafe { libc::kill(subshell, libc::SIGKILL) }, 0);
+                    wait_until("ocm's exit", || !alive(ocm));
+                    the_shell_and_the_host_exit(&mut term, &mut alice);
+                    return Try::Missed;
+                }
+                (true, Some(_)) => {}
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        // SAFETY: a signal to the shell's child, not reaped yet.
+        assert_eq!(unsafe { libc::kill(subshell, libc::SIGKILL) }, 0);
+        assert_eq!(alice.line(), "* bob left");
+        wait_until("ocm's exit", || !alive(ocm));
+        let told = log.text();
+        the_shell_and_the_host_exit(&mut term, &mut alice);
+        orphaned_in_its_wait(&told)
     });
-    // SAFETY: a signal to the shell's child, not reaped yet.
-    assert_eq!(unsafe { libc::kill(subshell, libc::SIGKILL) }, 0);
-    assert_eq!(alice.line(), "* bob left");
-    wait_until("ocm's exit", || !alive(ocm));
-    // Not the SIGHUP the kernel sends a group orphaned with a process already stopped.
-    let told = log.text();
-    assert!(
-        told.contains("end of input") && !told.contains("signal "),
-        "bob's log: {told:?}"
-    );
-    the_shell_and_the_host_exit(&mut term, &mut alice);
 }
 
 /// A chat taken for orphaned when it is not: `ocm` in a pipeline whose subshell around it
@@ -1487,12 +1539,11 @@ fn a_network_gone_is_told_once_above_the_line_being_typed() {
         );
         let told = format!("* cannot send to the server at {}: ", d.udp);
         bob.wait_for(&format!("{told}Network is unreachable"));
-        // The remark came above the line being typed, which was drawn again under it (a
-        // moment after the remark: the screen is written in two steps).
-        bob.wait_for("\r\n> half typed");
-        let shown = bob.text();
-        let after = &shown[shown.find(&told).unwrap()..];
-        assert!(after.contains("\r\n> half typed"), "{shown:?}");
+        // The remark came above the line being typed, which is drawn again under it (a
+        // moment after the remark: the screen is written in two steps). Looked for after the
+        // remark: the screen showed the line so before.
+        let remark_at = bob.text().find(&told).expect("the remark is on the screen");
+        bob.wait_for_after(remark_at, "\r\n> half typed");
         // What is sent meanwhile is said lost; the keepalives' failure is not said again.
         bob.type_keys(" more\r");
         bob.wait_for("* message not sent: Network is unreachable");
@@ -1741,9 +1792,11 @@ fn a_slow_answer_to_who_or_history_leaves_the_editor_the_terminal() {
         ("/history", "] alice: while bob asked /history"),
     ] {
         relay.hold();
+        // Before the question: the remark comes a second after it, and a test held up that
+        // long would find it already on the screen.
+        let shown = bob.text().len();
         bob.type_keys(&format!("{question}\r"));
         relay.wait_held();
-        let shown = bob.text().len();
         let asking = "* asking the server\u{2026}";
         let deadline = Instant::now() + PATIENCE;
         while !bob.text()[shown..].contains(asking) {

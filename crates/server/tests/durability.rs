@@ -790,8 +790,9 @@ fn original_members_are_never_expired_for_silence() {
         br#"{"username": "ka", "keepalive": 1}"#,
     );
     let ka = Member::new(&d, "quiet", &r.token.expect("keepalive member joins"));
-    ka.registered_with(&host, "ka");
+    // Before its last datagram: the daemon times the silence from that datagram's arrival.
     let silent_since = Instant::now();
+    ka.registered_with(&host, "ka");
     // Sweeps ran past the timeout: the keepalive member (seen after orig) is gone.
     wait_until("the keepalive member expires", || {
         d.metric("ocm_keepalive_expiries_total") >= 1.0
@@ -821,8 +822,9 @@ fn a_room_nobody_is_heard_from_closes_after_room_idle_secs_and_stays_closed() {
     let host_token = create(&d, "ghost", "host");
     let host = Member::joined(&d, "ghost", &host_token);
     let orig = Member::new(&d, "ghost", &join(&d, "ghost", "orig"));
-    orig.registered_with(&host, "orig");
+    // Before the room's last datagram: the daemon times the silence from its arrival.
     let silent_since = Instant::now();
+    orig.registered_with(&host, "orig");
     let live_token = create(&d, "live", "talker");
     let talker = Member::joined(&d, "live", &live_token);
     let listener = Member::new(&d, "live", &join(&d, "live", "listener"));
@@ -1833,9 +1835,11 @@ fn tombstones_answer_a_few_times_per_interval_and_never_for_unknown_tokens() {
 
     // A late datagram with the dead token is told, up to 4 times per interval from one
     // source.
+    // The interval starts as the daemon handles the first: taken before it is sent, `told`
+    // comes no later.
+    let told = Instant::now();
     bob.send("anyone?");
     assert_eq!(bob.recv_raw(), b"__ROOM_CLOSED__");
-    let told = Instant::now();
     for i in 0..4 {
         bob.send(&format!("anyone at all? ({i})"));
     }

@@ -3653,8 +3653,9 @@ fn readyz_says_when_creates_and_joins_wait_for_the_disk() {
     create(&d, "before", "alice");
     std::fs::write(&fail, b"").unwrap();
     thread::scope(|s| {
-        let joining = s.spawn(|| create(&d, "during", "bob"));
+        // Before the spawn: the daemon's wait starts no sooner.
         let started = Instant::now();
+        let joining = s.spawn(|| create(&d, "during", "bob"));
         wait_until("/readyz to say not ready", || {
             http(addr, "GET /readyz HTTP/1.0\r\n\r\n").0 != "HTTP/1.1 200 OK"
         });

@@ -334,10 +334,13 @@ fn paced_messages_carry_their_slot_times() {
         .collect();
     to.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
+    // Room for all 400 even if the reader below gets no core for the whole step.
+    crate::receivers::size_rcvbuf(&to, 4 << 20);
     let prefix = b"header:";
     let rate = 2_000.0; // a slot every 500 µs, the two members' together
     let sending = std::sync::atomic::AtomicBool::new(true);
-    // Drained while sending, so no socket buffer size decides what arrives.
+    // Drained while sending, and with room for every message, so no socket buffer size
+    // decides what arrives.
     let (sent, stamps) = thread::scope(|s| {
         let reader = s.spawn(|| {
             let mut stamps = Vec::new();
