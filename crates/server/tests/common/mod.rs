@@ -314,15 +314,54 @@ fn wait_readable(fd: RawFd) {
     unsafe { libc::poll(&mut poll, 1, -1) };
 }
 
+/// A port from 10000 up to the start of the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), at random: one no socket bound to port 0 or
+/// connecting is ever given. `None` where that range holds fewer than 1000 ports (the
+/// caller then asks for port 0).
+fn unhanded_port() -> Option<u16> {
+    use std::hash::{BuildHasher, RandomState};
+    static PICKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let first_handed: u16 = range.split_whitespace().next()?.parse().ok()?;
+    let from = 10_000u16;
+    let count = first_handed.checked_sub(from).filter(|&n| n >= 1000)?;
+    // A fresh random key each time (RandomState::new), and a count so that two picks differ.
+    let pick = PICKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let random = RandomState::new().hash_one(pick);
+    Some(from + (random % u64::from(count)) as u16)
+}
+
 impl Daemon {
     /// A daemon with default settings and a fresh state directory.
     pub fn start() -> Daemon {
         Daemon::start_with(Options::default())
     }
 
-    /// A daemon with `options` and a fresh state directory.
+    /// A daemon with `options` and a fresh state directory. Unless `options` names them, its
+    /// TCP and UDP ports are picked among those the kernel never hands out on its own
+    /// ([`unhanded_port`]), so that a [`Daemon::restart`] finds them free: a port from the
+    /// ephemeral range, left free while the daemon is down, may be given meanwhile to any
+    /// socket bound to port 0 or connecting, by any test.
     pub fn start_with(options: Options) -> Daemon {
         let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        if options.tcp.is_none() && options.udp.is_none() {
+            // Another program (or test) may hold the port picked: another pick.
+            for _ in 0..20 {
+                let (Some(tcp), Some(udp)) = (unhanded_port(), unhanded_port()) else {
+                    break;
+                };
+                let picked = Options {
+                    tcp: Some(SocketAddr::from(([127, 0, 0, 1], tcp))),
+                    udp: Some(SocketAddr::from(([127, 0, 0, 1], udp))),
+                    ..options.clone()
+                };
+                match Daemon::spawn(Arc::clone(&dir), picked) {
+                    Ok(daemon) => return daemon,
+                    Err(log) if log.contains("Address already in use") => {}
+                    Err(log) => panic!("ocmd did not start:\n{log}"),
+                }
+            }
+        }
         Daemon::spawn(dir, options).expect("ocmd starts")
     }
 
