@@ -581,7 +581,7 @@ fn a_register_queued_before_a_join_binds_its_member_before_the_join_notice() {
         br#"{"username": "alice", "caps": ["notices"]}"#,
     );
     let alice = Member::new(&d, "order", &created.token.expect("room created"));
-    d.signal(libc::SIGSTOP);
+    d.stop();
     alice.send("__REGISTER__");
     let mut bob = connect(&d);
     bob.write_all(&request_bytes(Operation::JoinRoom, "order", b"\"bob\""))

@@ -1221,7 +1221,7 @@ fn burst(
     tag: &str,
     count: usize,
 ) -> Vec<(Vec<usize>, Vec<String>)> {
-    daemon.signal(libc::SIGSTOP);
+    daemon.stop();
     for i in 0..count {
         sender.send(&format!("{tag}{i:04} {}", "x".repeat(994)));
     }

@@ -1007,7 +1007,7 @@ fn chat_that_waited_past_max_chat_wait_ms_is_shed_and_counted() {
         // Nothing to wait on: the datagram ages in a stopped daemon's socket, so the sleep is
         // the stimulus (twice the limit), not a hope that something happened.
         let stopped_for = Duration::from_millis(400);
-        d.signal(libc::SIGSTOP);
+        d.stop();
         bob.send("queued");
         thread::sleep(stopped_for);
         d.signal(libc::SIGCONT);
@@ -1021,7 +1021,7 @@ fn chat_that_waited_past_max_chat_wait_ms_is_shed_and_counted() {
             assert_eq!(stale, 0.0);
         }
         // The host's __LEAVE__, as late, still closes the room.
-        d.signal(libc::SIGSTOP);
+        d.stop();
         alice.send("__LEAVE__");
         thread::sleep(stopped_for);
         d.signal(libc::SIGCONT);
@@ -1082,7 +1082,7 @@ fn a_forward_step_of_the_wall_clock_sheds_no_fresh_chat() {
     let (alice, bob) = room_of_two(&d, "r");
     bob.send("before");
     alice.recv_until("bob: before");
-    d.signal(libc::SIGSTOP);
+    d.stop();
     bob.send("queued");
     std::fs::write(clock.path(), "+3600\n").unwrap();
     // The stimulus, not a wait for a condition: the chat ages in the stopped daemon's socket.
@@ -1158,7 +1158,7 @@ fn history_times_follow_a_step_of_the_wall_clock() {
 /// until `ocm_udp_receive_buffer_drops_total` shows them.
 fn flood_until_the_kernel_drop_counter_moves(d: &Daemon) {
     let flood = UdpSocket::bind("127.0.0.1:0").unwrap();
-    d.signal(libc::SIGSTOP);
+    d.stop();
     let payload = [0x41u8; 1000];
     for _ in 0..2000 {
         let _ = flood.send_to(&payload, d.udp);
