@@ -378,10 +378,11 @@ fn a_check_left_unanswered_holds_the_lines_for_the_hold_limit_only() {
     let first = counted
         .first_after
         .unwrap_or_else(|| panic!("no line in 5 s: {counted:?}; stderr:\n{}", stderr()));
-    // The hold starts when the receiver hands the notice on, after `first` starts; a loaded
-    // machine may start the lines late, not early.
+    // The hold starts when the receiver hands the notice on, after `first` starts (but for
+    // the few instructions between the main loop's reading of the clock and of the notice
+    // count, hence 5 ms); a loaded machine may start the lines late, not early.
     assert!(
-        first >= OCM_HOLD_LIMIT,
+        first >= OCM_HOLD_LIMIT - Duration::from_millis(5),
         "{counted:?}; stderr:\n{}",
         stderr()
     );

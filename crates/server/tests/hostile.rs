@@ -1541,7 +1541,9 @@ fn five_hundred_slow_connections_do_not_stop_a_good_client() {
     let took = t.elapsed();
     eprintln!("{open} connections open after {opened_in:?}; the good client took {took:?}");
     assert!(open > SLOW as f64, "the slow connections were open: {open}");
-    assert!(took < Duration::from_secs(5), "good client took {took:?}");
+    // Well under the 5 s timeout: served while the slow ones are still open, not after they
+    // time out.
+    assert!(took < Duration::from_secs(3), "good client took {took:?}");
     wait_until("every slow connection timed out", || {
         closed(&d, "timeout") >= SLOW as f64
     });

@@ -208,7 +208,8 @@ pub struct Options {
     pub config: Option<String>,
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
-    /// Fixed TCP/UDP addresses (for restarts on the same ports); free ports otherwise.
+    /// Fixed TCP/UDP addresses (for restarts on the same ports); otherwise free ports outside
+    /// the kernel's ephemeral range ([`Daemon::spawn`]).
     pub tcp: Option<SocketAddr>,
     /// See `tcp`.
     pub udp: Option<SocketAddr>,
@@ -337,36 +338,38 @@ impl Daemon {
         Daemon::start_with(Options::default())
     }
 
-    /// A daemon with `options` and a fresh state directory. Unless `options` names them, its
-    /// TCP and UDP ports are picked among those the kernel never hands out on its own
-    /// ([`unhanded_port`]), so that a [`Daemon::restart`] finds them free: a port from the
-    /// ephemeral range, left free while the daemon is down, may be given meanwhile to any
-    /// socket bound to port 0 or connecting, by any test.
+    /// A daemon with `options` and a fresh state directory.
     pub fn start_with(options: Options) -> Daemon {
         let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
-        if options.tcp.is_none() && options.udp.is_none() {
-            // Another program (or test) may hold the port picked: another pick.
-            for _ in 0..20 {
-                let (Some(tcp), Some(udp)) = (unhanded_port(), unhanded_port()) else {
-                    break;
-                };
-                let picked = Options {
-                    tcp: Some(SocketAddr::from(([127, 0, 0, 1], tcp))),
-                    udp: Some(SocketAddr::from(([127, 0, 0, 1], udp))),
-                    ..options.clone()
-                };
-                match Daemon::spawn(Arc::clone(&dir), picked) {
-                    Ok(daemon) => return daemon,
-                    Err(log) if log.contains("Address already in use") => {}
-                    Err(log) => panic!("ocmd did not start:\n{log}"),
-                }
-            }
-        }
         Daemon::spawn(dir, options).expect("ocmd starts")
     }
 
-    /// Starts `ocmd` on `dir`; returns its stderr if it exits before listening.
+    /// Starts `ocmd` on `dir`; returns its stderr if it exits before listening. The TCP and
+    /// UDP ports `options` leaves open are picked among those the kernel never hands out on
+    /// its own ([`unhanded_port`]), so that a [`Daemon::restart`] finds them free: a port
+    /// from the ephemeral range, left free while the daemon is down, may be given meanwhile
+    /// to any socket bound to port 0 or connecting, by any test. Another program (or test)
+    /// may hold a port picked: another pick then.
     pub fn spawn(dir: Arc<tempfile::TempDir>, options: Options) -> Result<Daemon, String> {
+        let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        for _ in 0..20 {
+            let picked = Options {
+                tcp: options.tcp.or_else(|| unhanded_port().map(loopback)),
+                udp: options.udp.or_else(|| unhanded_port().map(loopback)),
+                ..options.clone()
+            };
+            let any_picked = picked.tcp != options.tcp || picked.udp != options.udp;
+            match Daemon::spawn_once(Arc::clone(&dir), picked) {
+                Err(log) if any_picked && log.contains("Address already in use") => {}
+                started => return started,
+            }
+        }
+        Daemon::spawn_once(dir, options)
+    }
+
+    /// Starts `ocmd` on `dir` with the addresses of `options` (port 0 where it names none);
+    /// returns its stderr if it exits before listening.
+    fn spawn_once(dir: Arc<tempfile::TempDir>, options: Options) -> Result<Daemon, String> {
         let state = match &options.state_in {
             Some(sub) => dir.path().join(sub),
             None => dir.path().to_owned(),

@@ -110,8 +110,17 @@ fn wake_the_editor() {
     if let Some(thread) = *thread {
         // SAFETY: the thread is alive: it forgets itself (under this lock) before it ends.
         unsafe { libc::pthread_kill(thread, libc::SIGWINCH) };
+        #[cfg(test)]
+        WAKES_SENT.fetch_add(1, Ordering::SeqCst);
     }
 }
+
+/// The wakes [`wake_the_editor`] sent, for tests: counted where they are sent, as the
+/// signals themselves are not (two pending at once are one, and a test elsewhere in the
+/// process may have put its own handler in).
+#[cfg(test)]
+pub(super) static WAKES_SENT: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
 
 /// What [`redraw_on_resume`] does on each SIGCONT; whether it settled a stop with the
 /// terminal ours (a stop the handler saw, or one it asked a redraw for).
