@@ -10,9 +10,9 @@
 //! that loaded its members must not hold more per member than one that saw them join.
 //!
 //! The figures after the joins, after the registrations and after the restart are each the
-//! highest VmRSS seen until it [settles](Settling): the journal's writer and the compactor may still be
-//! at work then (a restart on a journal folds it into a new state file), and a read at the
-//! first moment could miss what they take.
+//! highest VmRSS seen until it [settles](Settling): the journal's writer and the compactor
+//! may still be at work then (a restart on a journal folds it into a new state file), and a
+//! read at the first moment could miss what they take.
 
 use std::net::UdpSocket;
 use std::thread;

@@ -496,7 +496,7 @@ fn write_memory(w: &mut String, mem: &MemoryResult) {
         mem.idle_cpu_ms_per_sec
             .map_or("not measured".to_owned(), |ms| format!("{ms:.2}"))
     );
-    let _ = writeln!(w, "Members are registered from {} shared sockets (member i of every room uses socket i): REGISTER binds its source address to the token it names, and tokens of different rooms may share an address. `per member`: VmRSS after every REGISTER less VmRSS fresh (the empty daemon's), divided by the members; `REGISTER alone`: the part of it that came with the REGISTERs. VmRSS after the joins, after the REGISTERs and restarted is each the highest read, every 100 ms, until ten reads in a row stay within 256 KiB of the highest before them. `loop's idle CPU`: what the daemon's event loop (its main thread) used per second, holding them all, over 3 s in which nothing was sent.\n", mem.room_size);
+    let _ = writeln!(w, "Members are registered from {} shared sockets (member i of every room uses socket i): REGISTER binds its source address to the token it names, and tokens of different rooms may share an address. `per member`: VmRSS after every REGISTER less VmRSS fresh (the empty daemon's), divided by the members; `REGISTER alone`: the part of it that came with the REGISTERs. VmRSS after the joins, after the REGISTERs and restarted is each the highest read, every 100 ms, until ten reads in a row rise no more than 256 KiB above the highest before them. `loop's idle CPU`: what the daemon's event loop (its main thread) used per second, holding them all, over 3 s in which nothing was sent.\n", mem.room_size);
 }
 
 /// `n` with its thousands grouped by commas: 3,200.
