@@ -1061,20 +1061,7 @@ fn a_chat_orphaned_in_the_background_and_sent_a_stop_leaves_at_the_next_line() {
 fn a_chat_orphaned_while_it_waits_to_stop_in_the_background_leaves() {
     in_three_tries(|| {
         let d = Daemon::start();
-        let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
-        alice.wait_stderr("* created lobby as alice");
-        let log = BobsLog::new(&d);
-        let mut term = bash_terminal();
-        // `; :`: the subshell waits for `ocm` rather than becoming it. The log tells how the
-        // chat ended.
-        term.type_keys(&format!(
-            "(RUST_LOG=debug {} 2>{}; :) &\r",
-            bob_joins_line(&d),
-            log.0.display()
-        ));
-        assert_eq!(alice.line(), "* bob joined");
-        let subshell = only_child(term.child.id() as i32);
-        let ocm = only_child(subshell);
+        let (mut alice, log, mut term, subshell, ocm) = bob_in_a_subshell(&d, "&");
         let _cleanup = KillOnDrop(ocm);
         // The handler holds SIGTTIN back while it runs (and nothing else does).
         wait_until("the chat waiting to stop", || {
@@ -1088,6 +1075,27 @@ fn a_chat_orphaned_while_it_waits_to_stop_in_the_background_leaves() {
         the_shell_and_the_host_exit(&mut term, &mut alice);
         orphaned_in_its_wait(&told)
     });
+}
+
+/// Alice hosting `lobby`, and bob joining it from a subshell of bash (`(ocm ...; :)`, then
+/// `then`: `&` to run it in the background), his log in `BobsLog`; returns alice, the log,
+/// the terminal, and the subshell's and `ocm`'s process ids once alice heard him join.
+fn bob_in_a_subshell(d: &Daemon, then: &str) -> (Ocm, BobsLog, Terminal, i32, i32) {
+    let alice = Ocm::start(d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    let log = BobsLog::new(d);
+    let mut term = bash_terminal();
+    // `; :`: the subshell waits for `ocm` rather than becoming it. The log tells how the chat
+    // ended.
+    term.type_keys(&format!(
+        "(RUST_LOG=debug {} 2>{}; :) {then}\r",
+        bob_joins_line(d),
+        log.0.display()
+    ));
+    assert_eq!(alice.line(), "* bob joined");
+    let subshell = only_child(term.child.id() as i32);
+    let ocm = only_child(subshell);
+    (alice, log, term, subshell, ocm)
 }
 
 /// What one try at a test that must act within a window of `ocm`'s came to.
@@ -1176,22 +1184,9 @@ fn signal_in_mask(text: &str, field: &str, signal: i32) -> bool {
 fn a_chat_orphaned_while_it_waits_after_bg_leaves() {
     in_three_tries(|| {
         let d = Daemon::start();
-        let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
-        alice.wait_stderr("* created lobby as alice");
-        let log = BobsLog::new(&d);
-        let mut term = bash_terminal();
-        // `; :`: the subshell waits for `ocm` rather than becoming it. The log tells how the
-        // chat ended.
-        term.type_keys(&format!(
-            "(RUST_LOG=debug {} 2>{}; :)\r",
-            bob_joins_line(&d),
-            log.0.display()
-        ));
-        assert_eq!(alice.line(), "* bob joined");
+        let (mut alice, log, mut term, subshell, ocm) = bob_in_a_subshell(&d, "");
         term.wait_for("> ");
         term.wait_for_the_editors_raw_mode();
-        let subshell = only_child(term.child.id() as i32);
-        let ocm = only_child(subshell);
         let _cleanup = KillOnDrop(ocm);
         let shown = term.text().len();
         term.type_keys("\x1a");
