@@ -622,8 +622,9 @@ fn killed_from_the_shell_it_leaves_draws_nothing_and_exits(term: &mut Terminal, 
     while alive(ocm) {
         assert!(
             Instant::now() < deadline,
-            "the chat left but did not end: state {:?}; {:?}",
+            "the chat left but did not end: state {:?}, threads {}; {:?}",
             state(ocm),
+            threads_of(ocm),
             term.text()
         );
         thread::sleep(Duration::from_millis(10));
@@ -638,6 +639,31 @@ fn killed_from_the_shell_it_leaves_draws_nothing_and_exits(term: &mut Terminal, 
     assert!(term.wait().success(), "{:?}", term.text());
     alice.type_line("/quit");
     assert!(alice.wait().success());
+}
+
+/// Each thread of process `pid` as `name state wchan` (`/proc/PID/task`), to tell a process
+/// stopped (`T`) from one whose threads wait on each other (`S futex_wait_queue`, say).
+fn threads_of(pid: i32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return "gone".into();
+    };
+    let read = |path: std::path::PathBuf| std::fs::read_to_string(path).unwrap_or_default();
+    let threads: Vec<String> = tasks
+        .flatten()
+        .map(|task| {
+            let stat = read(task.path().join("stat"));
+            let state = stat
+                .rsplit_once(')')
+                .map_or("", |(_, rest)| rest.trim_start());
+            format!(
+                "{} {} {}",
+                read(task.path().join("comm")).trim(),
+                state.chars().next().unwrap_or('?'),
+                read(task.path().join("wchan")).trim()
+            )
+        })
+        .collect();
+    threads.join(", ")
 }
 
 /// [`stopped_sent_to_the_background_and_brought_back`] after a `kill -TSTP`.
