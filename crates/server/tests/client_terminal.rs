@@ -651,14 +651,12 @@ fn threads_of(pid: i32) -> String {
     let threads: Vec<String> = tasks
         .flatten()
         .map(|task| {
-            let stat = read(task.path().join("stat"));
-            let state = stat
-                .rsplit_once(')')
-                .map_or("", |(_, rest)| rest.trim_start());
+            let state = fields_of_stat(task.path().join("stat"))
+                .and_then(|fields| fields.trim_start().chars().next())
+                .unwrap_or('?');
             format!(
-                "{} {} {}",
+                "{} {state} {}",
                 read(task.path().join("comm")).trim(),
-                state.chars().next().unwrap_or('?'),
                 read(task.path().join("wchan")).trim()
             )
         })
@@ -1354,7 +1352,13 @@ fn state(pid: i32) -> Option<char> {
 /// The fields of `/proc/PID/stat` after the name in parentheses (state, ppid, pgrp, session,
 /// tty_nr, ...); `None` once the process is reaped.
 fn stat_fields(pid: i32) -> Option<String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    fields_of_stat(format!("/proc/{pid}/stat"))
+}
+
+/// The fields after the name in parentheses of the `stat` file at `path` (a process's or
+/// one of its threads'); `None` once it is gone.
+fn fields_of_stat(path: impl AsRef<std::path::Path>) -> Option<String> {
+    let stat = std::fs::read_to_string(path).ok()?;
     Some(stat[stat.rfind(')')? + 1..].to_owned())
 }
 
