@@ -19,7 +19,6 @@
 use std::collections::VecDeque;
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use log::debug;
@@ -107,23 +106,21 @@ impl Feed {
         let feeder = Arc::clone(&shared);
         let feed = Feed(shared);
         let closer = feed.clone();
-        thread::Builder::new()
-            .name("printer".into())
-            .spawn(move || {
-                while let Some(next) = feeder.next() {
-                    let printed = printer.print(match next {
-                        Next::Line(line) => format!("{line}\n"),
-                        Next::Redraw => REDRAW.to_owned(),
-                    });
-                    feeder.lock().in_flight = false;
-                    feeder.changed.notify_all();
-                    if let Err(e) = printed {
-                        debug!("the line editor took no more lines: {e}");
-                        closer.close();
-                        return;
-                    }
+        crate::threads::spawn("printer", move || {
+            while let Some(next) = feeder.next() {
+                let printed = printer.print(match next {
+                    Next::Line(line) => format!("{line}\n"),
+                    Next::Redraw => REDRAW.to_owned(),
+                });
+                feeder.lock().in_flight = false;
+                feeder.changed.notify_all();
+                if let Err(e) = printed {
+                    debug!("the line editor took no more lines: {e}");
+                    closer.close();
+                    return;
                 }
-            })?;
+            }
+        })?;
         Ok(feed)
     }
 
@@ -190,6 +187,7 @@ impl Feed {
 pub mod tests {
     use super::*;
     use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+    use std::thread;
     use std::time::Duration;
 
     /// Like rustyline's printer: a channel of one line, which only `readline` empties.

@@ -16,7 +16,6 @@ use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::mpsc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use log::debug;
@@ -200,13 +199,11 @@ where
         _ => host.to_owned(),
     };
     let (answer, answered) = mpsc::sync_channel(1);
-    thread::Builder::new()
-        .name("resolve".into())
-        .spawn(move || {
-            // The caller has given up when this fails.
-            let _ = answer.send(lookup(&name, port));
-        })
-        .map_err(failed)?;
+    crate::threads::spawn("resolve", move || {
+        // The caller has given up when this fails.
+        let _ = answer.send(lookup(&name, port));
+    })
+    .map_err(failed)?;
     match answered.recv_timeout(timeout) {
         Ok(addrs) => addrs.map_err(failed),
         Err(_) => Err(failed(io::Error::new(
@@ -429,6 +426,7 @@ fn read_frame<S: LimitedRead>(
 mod tests {
     use super::*;
     use crate::fake_server::FakeServer;
+    use std::thread;
     use tcrp::ErrorCode;
 
     #[test]

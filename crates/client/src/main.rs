@@ -49,6 +49,7 @@ mod reach;
 mod render;
 mod screen;
 mod stderr;
+mod threads;
 
 use std::ffi::OsString;
 use std::io::{self, IsTerminal, Read};

@@ -26,7 +26,6 @@
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::locks;
@@ -143,9 +142,7 @@ impl Queue {
             write_through,
         });
         let writer = Arc::clone(&queue);
-        thread::Builder::new()
-            .name("stderr".into())
-            .spawn(move || writer.run(&mut out))?;
+        crate::threads::spawn("stderr", move || writer.run(&mut out))?;
         Ok(queue)
     }
 
@@ -252,6 +249,7 @@ impl Queue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::thread;
 
     /// Long enough that a test never sees it run out by chance, on any machine.
     const PATIENCE: Duration = Duration::from_secs(10);

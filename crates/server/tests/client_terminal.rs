@@ -780,18 +780,49 @@ fn threads_taking(pid: u32, signal: i32) -> Vec<String> {
 fn only_the_input_thread_takes_sigtstp_and_only_the_resume_thread_sigcont() {
     let d = Daemon::start();
     let (mut alice, mut bob) = host_and_terminal(&d);
+    only_the_input_and_resume_threads_take_job_control(&bob, &[]);
+    both_quit(&mut bob, &mut alice);
+}
+
+/// [`only_the_input_thread_takes_sigtstp_and_only_the_resume_thread_sigcont`] with threads
+/// started before the chat: with debug logging the stderr writer starts at the handshake's
+/// first line, before the main thread blocks SIGTSTP and SIGCONT for the chat's threads to
+/// inherit. Started with both open, it took the editor's Ctrl+Z as often as not.
+#[test]
+fn threads_started_before_the_chat_take_neither_sigtstp_nor_sigcont() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    let log = BobsLog::new(&d);
+    let mut debugging = bob_joins(&d);
+    debugging.env("RUST_LOG", "debug");
+    let mut bob = Terminal::spawn(debugging, Some(log.stderr()));
+    // Its remarks go to standard error too.
+    wait_until("bob live", || log.text().contains("* --- live ---"));
+    assert_eq!(alice.line(), "* bob joined");
+    only_the_input_and_resume_threads_take_job_control(&bob, &["stderr"]);
+    both_quit(&mut bob, &mut alice);
+    assert!(log.text().contains("connecting to"), "{}", log.text());
+}
+
+/// Checks that, once every helper thread of the chat in `bob` has started (the one answering
+/// questions, and those named in `also`), SIGTSTP is taken by the input thread alone and
+/// SIGCONT by the resume thread alone.
+fn only_the_input_and_resume_threads_take_job_control(bob: &Terminal, also: &[&str]) {
     let pid = bob.child.id();
-    // Every helper thread has started once the one answering questions has.
     let threads = || std::fs::read_dir(format!("/proc/{pid}/task")).expect("the threads");
-    wait_until("the asking thread", || {
+    let running = |wanted: &str| {
         threads().any(|t| {
             std::fs::read_to_string(t.expect("a thread").path().join("comm"))
-                .is_ok_and(|name| name.trim() == "asking")
+                .is_ok_and(|name| name.trim() == wanted)
         })
-    });
+    };
+    // Every helper thread has started once the one answering questions has.
+    for name in ["asking"].iter().chain(also) {
+        wait_until(&format!("the {name} thread"), || running(name));
+    }
     assert_eq!(threads_taking(pid, libc::SIGTSTP), ["input"]);
     assert_eq!(threads_taking(pid, libc::SIGCONT), ["resume"]);
-    both_quit(&mut bob, &mut alice);
 }
 
 /// A byte that is not UTF-8 from the terminal (one set to Latin-1, a stray byte) costs the

@@ -37,7 +37,7 @@ pub(super) fn spawn_reach_check(session: &Session, options: &Options, screen: Ar
         }
     };
     let (tcp, username) = (options.tcp, options.username.clone());
-    let started = thread::Builder::new().name("reach".into()).spawn(move || {
+    let started = crate::threads::spawn("reach", move || {
         let ask = || reach::ask(tcp, &session.room_name, &session.token, &username);
         thread::sleep(reach::FIRST_LOOK);
         match ask() {
@@ -127,16 +127,14 @@ impl Checker {
     ) -> io::Result<()> {
         let (tcp, room_name, token) = (self.tcp, self.room_name.clone(), self.token.clone());
         let events = self.events.clone();
-        thread::Builder::new()
-            .name(name.into())
-            .spawn(move || {
-                let mut answer = AnswerOnDrop {
-                    events,
-                    answer: fallback,
-                };
-                answer.answer = job(tcp, &room_name, &token);
-            })
-            .map(drop)
+        crate::threads::spawn(name, move || {
+            let mut answer = AnswerOnDrop {
+                events,
+                answer: fallback,
+            };
+            answer.answer = job(tcp, &room_name, &token);
+        })
+        .map(drop)
     }
 }
 

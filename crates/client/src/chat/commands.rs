@@ -15,7 +15,6 @@
 use std::net::SocketAddr;
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
-use std::thread;
 use std::time::Duration;
 
 use log::{debug, warn};
@@ -159,7 +158,7 @@ impl Commands {
         };
         let (questions, asked) = mpsc::sync_channel(QUESTIONS_QUEUED);
         let mut asker = asker.clone();
-        let spawned = thread::Builder::new().name("asking".into()).spawn(move || {
+        let spawned = crate::threads::spawn("asking", move || {
             if join_history && !asker.show_recent_history() {
                 // The main loop ends the session.
                 return;
@@ -382,13 +381,11 @@ pub(super) fn waiting<T: Send + 'static>(
     ask: impl FnOnce() -> Result<T, ClientError> + Send + 'static,
 ) -> Result<T, ClientError> {
     let (answer, answered) = mpsc::sync_channel(1);
-    thread::Builder::new()
-        .name("question".into())
-        .spawn(move || {
-            // The caller waits for the answer, or has gone with the process.
-            let _ = answer.send(ask());
-        })
-        .map_err(ClientError::io("starting a thread to ask the server"))?;
+    crate::threads::spawn("question", move || {
+        // The caller waits for the answer, or has gone with the process.
+        let _ = answer.send(ask());
+    })
+    .map_err(ClientError::io("starting a thread to ask the server"))?;
     match answered.recv_timeout(ASKING_REMARK_AFTER) {
         Ok(answer) => return answer,
         Err(mpsc::RecvTimeoutError::Timeout) => say(ASKING),

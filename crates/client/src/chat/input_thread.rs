@@ -5,7 +5,6 @@
 use std::io::{self, BufRead, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread;
 
 use log::{debug, warn};
 use nix::errno::Errno;
@@ -100,7 +99,7 @@ pub(super) fn spawn_input(
     join_history: bool,
     reading: Option<Arc<AtomicBool>>,
 ) {
-    let spawned = thread::Builder::new().name("input".into()).spawn(move || {
+    let spawned = crate::threads::spawn("input", move || {
         let editing = reading.is_some();
         let mut editor =
             reading.and_then(|reading| match start_editor(&commands.screen, &reading) {
@@ -130,11 +129,10 @@ pub(super) fn spawn_input(
         }
         if editing {
             // After every thread this one starts (the editor's printing and resume threads,
-            // the asking thread), which must keep SIGTSTP blocked (see
-            // `suspend::suspend_on_input_thread`): one started after took the editor's
-            // Ctrl+Z as well, which then returned before the process stopped. Also without
-            // the editor: this thread then takes the Ctrl+Z of the terminal's own line
-            // editing.
+            // the asking thread), though each starts with SIGTSTP blocked whoever starts it
+            // (`threads::spawn`): one that took it took the editor's Ctrl+Z as well, which
+            // then returned before the process stopped. Also without the editor: this
+            // thread then takes the Ctrl+Z of the terminal's own line editing.
             take_suspend_here();
         }
         if join_history && !commands.show_recent_history() {

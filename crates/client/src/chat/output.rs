@@ -13,7 +13,6 @@
 //! away.
 
 use std::io;
-use std::thread;
 
 use log::debug;
 
@@ -26,21 +25,19 @@ pub(super) fn spawn_output_watcher(events: Ahead) {
     if !can_lose_its_reader(libc::STDOUT_FILENO) {
         return;
     }
-    let spawned = thread::Builder::new()
-        .name("output-watcher".into())
-        .spawn(move || {
-            match wait_for_no_reader(libc::STDOUT_FILENO) {
-                // Told as a write that failed with EPIPE would be: the main loop leaves the
-                // room and the chat ends as the user leaving (exit status 0).
-                Ok(()) => {
-                    let _ = events.send(Event::Failed(ClientError::Io {
-                        context: "writing to standard output",
-                        source: io::ErrorKind::BrokenPipe.into(),
-                    }));
-                }
-                Err(e) => debug!("cannot watch standard output: {e}"),
+    let spawned = crate::threads::spawn("output-watcher", move || {
+        match wait_for_no_reader(libc::STDOUT_FILENO) {
+            // Told as a write that failed with EPIPE would be: the main loop leaves the
+            // room and the chat ends as the user leaving (exit status 0).
+            Ok(()) => {
+                let _ = events.send(Event::Failed(ClientError::Io {
+                    context: "writing to standard output",
+                    source: io::ErrorKind::BrokenPipe.into(),
+                }));
             }
-        });
+            Err(e) => debug!("cannot watch standard output: {e}"),
+        }
+    });
     if let Err(e) = spawned {
         debug!("could not start the output watcher: {e}");
     }
@@ -92,6 +89,7 @@ mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
     use std::sync::mpsc;
+    use std::thread;
     use std::time::Duration;
 
     #[test]

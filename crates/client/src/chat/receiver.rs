@@ -1,10 +1,10 @@
 //! The receiver thread: datagrams from the server (and only from it) handed to the screen,
 //! until the room closes.
 
+use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use std::{io, thread};
 
 use log::debug;
 
@@ -33,18 +33,16 @@ pub(super) fn spawn_receiver(
         .try_clone()
         .map_err(ClientError::io("cloning the UDP socket"))?;
     let server = session.server;
-    thread::Builder::new()
-        .name("receiver".into())
-        .spawn(move || loop {
-            // The main loop has gone when this fails: the process is ending.
-            let mut refused = || drop(events.send(Event::Refused));
-            let event = receive(&socket, server, &screen, &last_heard, &mut refused);
-            let go_on = matches!(event, Event::RoomClosed);
-            if events.send(event).is_err() || !go_on {
-                return;
-            }
-        })
-        .map_err(ClientError::io("starting the receiver thread"))?;
+    crate::threads::spawn("receiver", move || loop {
+        // The main loop has gone when this fails: the process is ending.
+        let mut refused = || drop(events.send(Event::Refused));
+        let event = receive(&socket, server, &screen, &last_heard, &mut refused);
+        let go_on = matches!(event, Event::RoomClosed);
+        if events.send(event).is_err() || !go_on {
+            return;
+        }
+    })
+    .map_err(ClientError::io("starting the receiver thread"))?;
     Ok(())
 }
 

@@ -232,29 +232,27 @@ pub(super) fn spawn_keepalive(
     let session = session
         .duplicate()
         .map_err(ClientError::io("duplicating the UDP socket for keepalives"))?;
-    std::thread::Builder::new()
-        .name("keepalive".into())
-        .spawn(move || {
-            let mut failures = Failures::default();
-            while !session.wait_ended(period) {
-                match session.register() {
-                    Ok(true) => {
-                        debug!("keepalive to {}", session.server);
+    crate::threads::spawn("keepalive", move || {
+        let mut failures = Failures::default();
+        while !session.wait_ended(period) {
+            match session.register() {
+                Ok(true) => {
+                    debug!("keepalive to {}", session.server);
+                    failures.sent();
+                }
+                Ok(false) => break,
+                Err(e) => {
+                    debug!("keepalive to {} failed: {e}", session.server);
+                    // Not waited for: a full queue (a paste being paced out) only puts
+                    // the word off to the next failure.
+                    if failures.failed() && events.try_send(Event::Unsendable(e)).is_err() {
                         failures.sent();
-                    }
-                    Ok(false) => break,
-                    Err(e) => {
-                        debug!("keepalive to {} failed: {e}", session.server);
-                        // Not waited for: a full queue (a paste being paced out) only puts
-                        // the word off to the next failure.
-                        if failures.failed() && events.try_send(Event::Unsendable(e)).is_err() {
-                            failures.sent();
-                        }
                     }
                 }
             }
-        })
-        .map_err(ClientError::io("starting the keepalive thread"))?;
+        }
+    })
+    .map_err(ClientError::io("starting the keepalive thread"))?;
     Ok(())
 }
 

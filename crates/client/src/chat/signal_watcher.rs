@@ -43,25 +43,23 @@ pub(super) fn spawn_signal_watcher(
     let session = session.duplicate().map_err(ClientError::io(
         "duplicating the UDP socket for the signal thread",
     ))?;
-    thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Some(signal) = signals.forever().next() {
-                // The main loop waits on the room's word alone while it holds the chat for a
-                // closure check: wake it there too, after the flag, never waiting.
-                signalled.store(signal, Ordering::SeqCst);
-                let _ = ahead.try_send(Event::Signal(signal));
-                if !after_signal(signal, (&signalled, &events), &session, SIGNAL_GRACE) {
-                    // The chat ended on the signal: the process ends within moments (`main`
-                    // waits at most `stderr::EXIT_DRAIN` for its last lines). Should the main
-                    // thread be stuck after that all the same, it must not keep the process
-                    // alive, with later signals caught and ignored.
-                    thread::sleep(SIGNAL_GRACE);
-                }
-                std::process::exit(crate::error::EXIT_FAILURE.into());
+    crate::threads::spawn("signals", move || {
+        if let Some(signal) = signals.forever().next() {
+            // The main loop waits on the room's word alone while it holds the chat for a
+            // closure check: wake it there too, after the flag, never waiting.
+            signalled.store(signal, Ordering::SeqCst);
+            let _ = ahead.try_send(Event::Signal(signal));
+            if !after_signal(signal, (&signalled, &events), &session, SIGNAL_GRACE) {
+                // The chat ended on the signal: the process ends within moments (`main`
+                // waits at most `stderr::EXIT_DRAIN` for its last lines). Should the main
+                // thread be stuck after that all the same, it must not keep the process
+                // alive, with later signals caught and ignored.
+                thread::sleep(SIGNAL_GRACE);
             }
-        })
-        .map_err(ClientError::io("starting the signal thread"))?;
+            std::process::exit(crate::error::EXIT_FAILURE.into());
+        }
+    })
+    .map_err(ClientError::io("starting the signal thread"))?;
     Ok(())
 }
 

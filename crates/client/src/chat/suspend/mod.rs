@@ -72,10 +72,11 @@ impl Stop {
 /// to the editor, which took raw mode again before the process stopped; the shell then gave
 /// the terminal back to `ocm` in its own, cooked mode, which the editor did not know: after
 /// `fg` the terminal echoed what was typed, and the editor saw it only at Enter (a message
-/// arriving redrew the line without it). So SIGTSTP is blocked in the main thread before any
-/// helper thread starts (they inherit it) and unblocked on the input thread alone, where
-/// the editor's `kill` then stops the process before it returns, as in a program of one
-/// thread. Called by the main thread when the editor is used.
+/// arriving redrew the line without it). So SIGTSTP is blocked in the main thread before the
+/// chat's helper threads start (they inherit it; and every thread of the client starts with
+/// it blocked whoever starts it: `threads::spawn`) and unblocked on the input thread alone,
+/// where the editor's `kill` then stops the process before it returns, as in a program of
+/// one thread. Called by the main thread when the editor is used.
 ///
 /// SIGCONT is blocked with it, and unblocked on the resume thread alone
 /// ([`redraw_on_resume`]), so that its handler runs on that thread, as it comes back from a

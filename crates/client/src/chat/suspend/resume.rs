@@ -5,7 +5,6 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
-use std::thread;
 use std::time::Duration;
 
 use log::debug;
@@ -49,28 +48,27 @@ pub(in crate::chat) fn redraw_on_resume(
 ) -> io::Result<EditorThread> {
     let mut signals = Signals::new([SIGCONT])?;
     let again = spawn_rewaker(Arc::clone(&reading))?;
-    thread::Builder::new()
-        .name("resume".into())
-        .spawn(move || {
-            // Blocked in every other thread (see `suspend_on_input_thread`).
-            let mut cont = SigSet::empty();
-            cont.add(Signal::SIGCONT);
-            if let Err(e) = cont.thread_unblock() {
-                debug!("cannot unblock SIGCONT: {e}");
+    crate::threads::spawn("resume", move || {
+        // Blocked in every other thread (see `suspend_on_input_thread`), and in this one
+        // until here (`threads::spawn`).
+        let mut cont = SigSet::empty();
+        cont.add(Signal::SIGCONT);
+        if let Err(e) = cont.thread_unblock() {
+            debug!("cannot unblock SIGCONT: {e}");
+        }
+        while signals.forever().next().is_some() {
+            if on_resume(&feed, &reading, &again) {
+                // A SIGCONT that came meanwhile was for the stop just settled, not a
+                // second one: the `fg` that continued the stop which setting the mode
+                // from the background met, or, on a busy machine, the `fg` after the
+                // `bg` being answered, which would otherwise be taken for a stop no
+                // handler saw, and the line drawn again over the editor's own redraw.
+                // Its handler ran on this thread as it came back from the stop (no
+                // other thread takes SIGCONT), so it is pending here by now.
+                signals.pending().for_each(drop);
             }
-            while signals.forever().next().is_some() {
-                if on_resume(&feed, &reading, &again) {
-                    // A SIGCONT that came meanwhile was for the stop just settled, not a
-                    // second one: the `fg` that continued the stop which setting the mode
-                    // from the background met, or, on a busy machine, the `fg` after the
-                    // `bg` being answered, which would otherwise be taken for a stop no
-                    // handler saw, and the line drawn again over the editor's own redraw.
-                    // Its handler ran on this thread as it came back from the stop (no
-                    // other thread takes SIGCONT), so it is pending here by now.
-                    signals.pending().for_each(drop);
-                }
-            }
-        })?;
+        }
+    })?;
     Ok(EditorThread::here())
 }
 
@@ -205,31 +203,29 @@ const WAKE_AGAIN_AFTER: [Duration; 3] = [
 /// of an escape sequence would cut it in two.
 pub(super) fn spawn_rewaker(reading: Arc<AtomicBool>) -> io::Result<mpsc::Sender<()>> {
     let (again, asked) = mpsc::channel::<()>();
-    thread::Builder::new()
-        .name("rewake".into())
-        .spawn(move || {
-            // The first request, then one schedule per request, started again by the next.
-            'requests: while asked.recv().is_ok() {
-                let mut step = 0;
-                while let Some(&wait) = WAKE_AGAIN_AFTER.get(step) {
-                    match asked.recv_timeout(wait) {
-                        Ok(()) => {
-                            step = 0;
-                            continue;
-                        }
-                        Err(mpsc::RecvTimeoutError::Timeout) => {}
-                        Err(mpsc::RecvTimeoutError::Disconnected) => break 'requests,
+    crate::threads::spawn("rewake", move || {
+        // The first request, then one schedule per request, started again by the next.
+        'requests: while asked.recv().is_ok() {
+            let mut step = 0;
+            while let Some(&wait) = WAKE_AGAIN_AFTER.get(step) {
+                match asked.recv_timeout(wait) {
+                    Ok(()) => {
+                        step = 0;
+                        continue;
                     }
-                    step += 1;
-                    if ending() || !reading.load(Ordering::SeqCst) {
-                        continue 'requests;
-                    }
-                    if !keys_waiting(libc::STDIN_FILENO) {
-                        wake_the_editor();
-                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break 'requests,
+                }
+                step += 1;
+                if ending() || !reading.load(Ordering::SeqCst) {
+                    continue 'requests;
+                }
+                if !keys_waiting(libc::STDIN_FILENO) {
+                    wake_the_editor();
                 }
             }
-        })?;
+        }
+    })?;
     Ok(again)
 }
 
