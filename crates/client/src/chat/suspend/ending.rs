@@ -4,7 +4,8 @@
 //! on a stopped chat ends it with its `__LEAVE__` rather than stopping it once more.
 
 use std::mem::MaybeUninit;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::ptr;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, Ordering};
 use std::time::Duration;
 
 use log::debug;
@@ -27,6 +28,7 @@ const END_SIGNALS: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP
 /// thread before the editor starts.
 pub(in crate::chat) fn watch_for_the_end() {
     stop_from_the_background_only_when_no_end_is_coming();
+    make_the_continuer();
     for signal in END_SIGNALS {
         // SAFETY: the action stores to an atomic and calls tcgetpgrp, getpgrp and
         // sigaction: async-signal-safe.
@@ -165,14 +167,77 @@ pub(super) static STOPS: AtomicU32 = AtomicU32::new(0);
 static LET_THROUGH_ORPHANED: AtomicU32 = AtomicU32::new(u32::MAX);
 
 /// An end signal's first action, before the signal watcher's thread hears of it: notes it,
-/// and in the background (a shell's `kill %1` on a stopped chat, with the SIGCONT after it)
+/// has any stop from then on undone ([`start_the_continuer`]), and in the background (a shell's `kill %1` on a stopped chat, with the SIGCONT after it)
 /// lets the end through ([`let_the_end_through`]) before any thread, ending the chat, sets
 /// the terminal's mode from there and so stops the process again before its `__LEAVE__`.
 fn on_end_signal() {
     ENDING.store(true, Ordering::SeqCst);
+    start_the_continuer();
     if !in_foreground() {
         let_the_end_through();
     }
+}
+
+/// The timer that continues the process every [`CONTINUE_EVERY`] once an end signal has come
+/// ([`start_the_continuer`]), once [`CONTINUER_MADE`] says [`make_the_continuer`] made it.
+/// (Null is a timer like any other: glibc gives the kernel's number, 0 for the first.)
+static CONTINUER: AtomicPtr<libc::c_void> = AtomicPtr::new(ptr::null_mut());
+
+/// Whether [`CONTINUER`] holds a timer.
+static CONTINUER_MADE: AtomicBool = AtomicBool::new(false);
+
+/// How often the process is continued once an end signal has come: a stop made after it
+/// lasts no longer than this.
+pub(super) const CONTINUE_EVERY: Duration = Duration::from_millis(20);
+
+/// Makes the timer of [`start_the_continuer`], unarmed: a POSIX timer that sends the process
+/// SIGCONT. Made before the chat's threads start, as `timer_create` may not be called from a
+/// signal handler.
+fn make_the_continuer() {
+    // SAFETY: an all-zero sigevent is a valid one (no value, no thread), filled in below.
+    let mut event: libc::sigevent = unsafe { std::mem::zeroed() };
+    event.sigev_notify = libc::SIGEV_SIGNAL;
+    event.sigev_signo = libc::SIGCONT;
+    let mut timer: libc::timer_t = ptr::null_mut();
+    // SAFETY: timer_create reads the sigevent and fills `timer` when it returns 0.
+    if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut timer) } == 0 {
+        CONTINUER.store(timer, Ordering::SeqCst);
+        CONTINUER_MADE.store(true, Ordering::SeqCst);
+    } else {
+        debug!(
+            "cannot make the timer that undoes a stop once the chat ends: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// From the first end signal on, continues the process every [`CONTINUE_EVERY`] until it
+/// exits (SIGCONT, which the resume thread answers with nothing once the end has come), so
+/// that no stop keeps a chat told to end from its `__LEAVE__` and its exit.
+///
+/// Every decision to stop is made on a look at [`ending`], and the stop itself comes a few
+/// instructions later (`on_sigtstp`'s `stop`, [`wait_for_the_end_or_stop`]'s SIGSTOP): an
+/// end signal handled in between, on another thread, still finds the process stopped with
+/// it; and a SIGTERM still pending when the stop's SIGTSTP is unblocked is handled first,
+/// and the stop made all the same. None of the chat's threads can continue a process they all stopped with; only
+/// the kernel can, and this timer asks it to. A SIGCONT to a process that runs does nothing
+/// but wake the resume thread. Async-signal-safe (`timer_settime`).
+fn start_the_continuer() {
+    if !CONTINUER_MADE.load(Ordering::SeqCst) {
+        return;
+    }
+    let timer = CONTINUER.load(Ordering::SeqCst);
+    let every = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: libc::c_long::try_from(CONTINUE_EVERY.as_nanos()).unwrap_or(20_000_000),
+    };
+    let schedule = libc::itimerspec {
+        it_interval: every,
+        it_value: every,
+    };
+    // SAFETY: a timer made by make_the_continuer and never deleted; timer_settime reads the
+    // schedule and, with a null old value, writes nothing.
+    unsafe { libc::timer_settime(timer, 0, &schedule, ptr::null_mut()) };
 }
 
 /// Whether the chat has been told to end: an end signal handled ([`ENDING`], set by the

@@ -148,10 +148,11 @@ fn sigtstp_action() -> SigAction {
 /// raw mode again, or the editor's raw mode itself (a SIGTSTP from elsewhere), noted in
 /// [`LAST_STOP`] for [`redraw_on_resume`]. In an orphaned process group ([`orphaned`]:
 /// `ssh -t host ocm`, `setsid -c ocm`, a shell gone) the kernel drops the stop, so the
-/// handler leaves the terminal alone: its mode, the keys typed ahead and bracketed paste.
+/// handler leaves the terminal alone: its mode, the keys typed ahead and bracketed paste. A
+/// chat told to end ([`ending::ending`]) is not stopped either: it is on its way out.
 extern "C" fn on_sigtstp(_: libc::c_int) {
     let errno = Errno::last_raw();
-    if orphaned() {
+    if orphaned() || ending::ending() {
         Errno::set_raw(errno);
         return;
     }

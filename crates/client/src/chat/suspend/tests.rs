@@ -684,3 +684,66 @@ fn keys_are_waiting_when_the_terminal_holds_a_byte_unread() {
     }
     assert!(!keys_waiting(libc::c_int::MAX));
 }
+
+/// Set for the test process [`a_stop_made_after_an_end_signal_is_undone`] starts.
+const STOPPED_AFTER_THE_END: &str = "OCM_TEST_STOPPED_AFTER_THE_END";
+
+/// A chat's process stopped once an end signal has come (a stop decided just before it, made
+/// just after) goes on all the same, with no SIGCONT from anyone: the end signal's handler
+/// has the kernel continue it ([`CONTINUE_EVERY`]). Run in a process of its own
+/// ([`stopped_after_an_end_signal`]), which installs the chat's handlers and stops itself.
+#[test]
+fn a_stop_made_after_an_end_signal_is_undone() {
+    let test = "chat::suspend::tests::stopped_after_an_end_signal";
+    let mut child = std::process::Command::new(std::env::current_exe().expect("the test binary"))
+        .args([
+            "--exact",
+            test,
+            "--ignored",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env(STOPPED_AFTER_THE_END, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the test process");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("its status") {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id()));
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the process stopped after its end signal never went on: {stat:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let output = child.wait_with_output().expect("its output");
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(status.success(), "{status}: {said}");
+    // It ran the test, rather than finding no test of that name.
+    assert!(said.contains("1 passed"), "{said}");
+}
+
+/// Not a test on its own: the process [`a_stop_made_after_an_end_signal_is_undone`] starts,
+/// which installs the chat's end-signal handlers, takes an end signal, then stops itself,
+/// and passes once continued. Ignored, so that it is not counted as a test that passed.
+#[test]
+#[ignore = "run by a_stop_made_after_an_end_signal_is_undone, in a process of its own"]
+fn stopped_after_an_end_signal() {
+    assert!(
+        std::env::var_os(STOPPED_AFTER_THE_END).is_some(),
+        "run by a_stop_made_after_an_end_signal_is_undone only: it installs signal handlers \
+         in the process and stops it"
+    );
+    watch_for_the_end();
+    // SAFETY: raise is always safe; the chat's handler takes SIGTERM.
+    unsafe { libc::raise(libc::SIGTERM) };
+    assert!(ENDING.load(Ordering::SeqCst));
+    // SAFETY: as above; no handler or mask holds SIGSTOP back.
+    unsafe { libc::raise(libc::SIGSTOP) };
+}
