@@ -641,27 +641,48 @@ fn killed_from_the_shell_it_leaves_draws_nothing_and_exits(term: &mut Terminal, 
     assert!(alice.wait().success());
 }
 
-/// Each thread of process `pid` as `name state wchan` (`/proc/PID/task`), to tell a process
-/// stopped (`T`) from one whose threads wait on each other (`S futex_wait_queue`, say).
+/// Each thread of process `pid` as `name state wchan syscall SigBlk SigPnd`
+/// (`/proc/PID/task`), after the process's ignored and pending signals (`SigIgn`, `ShdPnd`),
+/// to tell a process stopped (`T`) from one whose threads wait on each other (`S
+/// futex_wait_queue`, say), and a stop made after the end signal's handler ran (SIGTTOU and
+/// SIGTTIN ignored) from one made before it (SIGTERM still pending).
 fn threads_of(pid: i32) -> String {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return "gone".into();
     };
     let read = |path: std::path::PathBuf| std::fs::read_to_string(path).unwrap_or_default();
+    let masks = |status: &str, fields: &[&str]| -> String {
+        let value = |field: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .map_or("?", str::trim)
+                .to_owned()
+        };
+        let shown: Vec<String> = fields.iter().map(|f| format!("{f}{}", value(f))).collect();
+        shown.join(" ")
+    };
+    let process = masks(
+        &read(format!("/proc/{pid}/status").into()),
+        &["SigIgn:", "ShdPnd:"],
+    );
     let threads: Vec<String> = tasks
         .flatten()
         .map(|task| {
             let state = fields_of_stat(task.path().join("stat"))
                 .and_then(|fields| fields.trim_start().chars().next())
                 .unwrap_or('?');
+            let syscall = read(task.path().join("syscall"));
             format!(
-                "{} {state} {}",
+                "{} {state} {} syscall {} {}",
                 read(task.path().join("comm")).trim(),
-                read(task.path().join("wchan")).trim()
+                read(task.path().join("wchan")).trim(),
+                syscall.split_whitespace().next().unwrap_or("?"),
+                masks(&read(task.path().join("status")), &["SigBlk:", "SigPnd:"])
             )
         })
         .collect();
-    threads.join(", ")
+    format!("{process}; {}", threads.join(", "))
 }
 
 /// [`stopped_sent_to_the_background_and_brought_back`] after a `kill -TSTP`.
