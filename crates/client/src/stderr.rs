@@ -25,7 +25,8 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, TryLockError};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::locks;
@@ -157,7 +158,9 @@ impl Queue {
     /// Waits up to `wait` for everything queued to be written; whether it was.
     pub fn drain(&self, wait: Duration) -> bool {
         let deadline = Instant::now() + wait;
-        let mut state = self.lock();
+        let Some(mut state) = self.lock_by(deadline) else {
+            return false;
+        };
         while !state.entries.is_empty() || state.writing {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -168,9 +171,11 @@ impl Queue {
         true
     }
 
-    /// Queues `bytes`; its number, or `None` when the queue is full and they were dropped.
+    /// Queues `bytes`; its number, or `None` when the queue is full and they were dropped
+    /// (counted), or its lock could not be had within the write-through time (not counted:
+    /// see [`Queue::lock_by`]).
     fn push(&self, bytes: Vec<u8>) -> Option<u64> {
-        let mut state = self.lock();
+        let mut state = self.lock_by(Instant::now() + self.write_through)?;
         if state.lines >= QUEUED_LINES {
             match state.entries.back_mut() {
                 Some(Entry::NotShown(count)) => *count += 1,
@@ -190,7 +195,9 @@ impl Queue {
     /// error is stuck; a wait that ends without it marks it stuck.
     fn wait_written(&self, number: u64) {
         let deadline = Instant::now() + self.write_through;
-        let mut state = self.lock();
+        let Some(mut state) = self.lock_by(deadline) else {
+            return;
+        };
         while state.written < number && !state.stuck {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -244,12 +251,31 @@ impl Queue {
     fn lock(&self) -> MutexGuard<'_, State> {
         locks::lock(&self.state)
     }
+
+    /// The lock, for a thread that must not wait for it past `deadline` (a hand-over, or
+    /// the drain at exit): a thread stopped for good while it held it (the input thread,
+    /// stopped by the terminal's Ctrl+Z in the middle of a remark, then killed from the
+    /// shell, waits in its SIGTSTP handler for the process to end) must not keep the chat's
+    /// last lines, or its exit, waiting with it. `None` once the deadline has passed.
+    fn lock_by(&self, deadline: Instant) -> Option<MutexGuard<'_, State>> {
+        loop {
+            match self.state.try_lock() {
+                Ok(state) => return Some(state),
+                Err(TryLockError::Poisoned(poisoned)) => return Some(poisoned.into_inner()),
+                Err(TryLockError::WouldBlock) if Instant::now() >= deadline => return None,
+                // Held for a few instructions, as a rule: by the writer between two lines.
+                Err(TryLockError::WouldBlock) => thread::sleep(LOCK_RETRY),
+            }
+        }
+    }
 }
+
+/// How long [`Queue::lock_by`] waits between two tries.
+const LOCK_RETRY: Duration = Duration::from_micros(50);
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::thread;
 
     /// Long enough that a test never sees it run out by chance, on any machine.
     const PATIENCE: Duration = Duration::from_secs(10);
@@ -433,5 +459,40 @@ mod tests {
         expected.extend(["* late 1".into(), "* late 2".into()]);
         expected.push("* 2 remarks not shown (standard error not read)".into());
         assert_eq!(gate.lines(), expected);
+    }
+
+    /// A thread that holds the queue's lock for good (one stopped in a signal handler while
+    /// it held it) keeps neither a hand-over nor the drain at exit waiting past their time;
+    /// once it lets go, lines are written again.
+    #[test]
+    fn a_lock_held_for_good_holds_hand_overs_and_the_drain_no_longer_than_their_time() {
+        let gate = Gate::new(usize::MAX);
+        let queue = Queue::start(gate.clone(), Duration::from_millis(50)).unwrap();
+        let (taken, is_taken) = std::sync::mpsc::channel();
+        let (let_go, letting_go) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let queue = Arc::clone(&queue);
+            thread::spawn(move || {
+                let _state = queue.lock();
+                taken.send(()).unwrap();
+                let _ = letting_go.recv();
+            })
+        };
+        is_taken.recv().unwrap();
+        let (done, is_done) = std::sync::mpsc::channel();
+        {
+            let queue = Arc::clone(&queue);
+            thread::spawn(move || {
+                queue.write(line("* lost"));
+                done.send(queue.drain(Duration::from_millis(50))).unwrap();
+            });
+        }
+        let drained = is_done.recv_timeout(PATIENCE);
+        drop(let_go);
+        holder.join().unwrap();
+        assert_eq!(drained, Ok(false), "the hand-over and the drain gave up");
+        queue.write(line("* shown"));
+        assert!(queue.drain(PATIENCE));
+        assert_eq!(gate.lines(), ["* shown"]);
     }
 }

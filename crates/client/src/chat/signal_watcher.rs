@@ -98,8 +98,16 @@ const SAY_WAIT: Duration = Duration::from_millis(200);
 
 /// Logs `line` as a warning and waits up to `wait` for standard error to take it, and what
 /// was queued before it ([`crate::stderr::drain`]); whether it did. A standard error nobody
-/// reads blocks neither the log line nor the wait.
+/// reads blocks neither the log line nor the wait, and neither does a thread stopped for
+/// good while it held the logger's lock (the input thread, stopped by the terminal's Ctrl+Z
+/// in the middle of a log line, then killed from the shell, waits in its SIGTSTP handler
+/// for the process to end): the line is said on a thread of its own, which this one waits
+/// for no longer than `wait`.
 pub(super) fn say_within(line: String, wait: Duration) -> bool {
-    warn!("{line}");
-    crate::stderr::drain(wait)
+    let (said, heard) = mpsc::sync_channel(1);
+    let saying = crate::threads::spawn("last-word", move || {
+        warn!("{line}");
+        let _ = said.send(crate::stderr::drain(wait));
+    });
+    saying.is_ok() && heard.recv_timeout(wait).unwrap_or(false)
 }
