@@ -738,6 +738,68 @@ fn continued_in_the_background_and_stopped_again(term: &mut Terminal) -> usize {
     shown
 }
 
+/// Stopped by a SIGSTOP, continued in the background (where the resume thread's setting of
+/// the editor's mode stops it again, SIGTTOU) and killed from dash (`kill %1`), `ocm` leaves
+/// its room, exits, and leaves the terminal in its mode from before the chat. That mode set,
+/// made again once the end signal let it through, came a few milliseconds after the
+/// terminal guard had put the mode back, and left the shell's terminal raw: dash, unlike
+/// bash, does not give a terminal its own mode back. (dash reads lines ended by `\n` here:
+/// after the SIGSTOP the terminal stays in the editor's raw mode, which does not make a
+/// carriage return one.)
+#[test]
+fn killed_in_the_background_after_a_sigstop_it_leaves_dash_the_terminal_as_before() {
+    let d = Daemon::start();
+    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    let mut term = shell_terminal("dash", &["-i"]);
+    let before = term.mode();
+    join_from_shell(&mut term, &d);
+    assert_eq!(alice.line(), "* bob joined");
+    term.wait_for_the_editors_raw_mode();
+    let ocm = only_child(term.child.id() as i32);
+    let shown = term.text().len();
+    signal_ocm_run_from(&term, libc::SIGSTOP);
+    term.wait_for_after(shown, "Stopped");
+    term.wait_for_after(shown, "$ ");
+    let shown = term.text().len();
+    signal_ocm_run_from(&term, libc::SIGCONT);
+    wait_until("stopped again in the background", || {
+        state(ocm) == Some('T')
+    });
+    // dash's `kill` sends the signal alone; bash's sends a SIGCONT after it.
+    term.type_keys("kill %1; kill -CONT %1\n");
+    assert_eq!(
+        alice.line_within(PATIENCE).as_deref(),
+        Some("* bob left"),
+        "{:?}",
+        term.text()
+    );
+    wait_until("ocm's exit", || !alive(ocm));
+    let mode = term.mode();
+    assert_eq!(
+        (mode.c_lflag, mode.c_iflag),
+        (before.c_lflag, before.c_iflag),
+        "{:?}",
+        &term.text()[shown..]
+    );
+    // Until dash has looked at its jobs (at a prompt) it may take the job for stopped, and
+    // refuse the first `exit`; the second goes through.
+    let shown = term.text().len();
+    term.type_keys("exit 0\n");
+    let deadline = Instant::now() + PATIENCE;
+    while term.child.try_wait().expect("wait").is_none() {
+        if term.text()[shown..].contains("stopped jobs") {
+            term.type_keys("exit 0\n");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{:?}", term.text());
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert!(term.wait().success(), "{:?}", term.text());
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
+
 /// Stopped by a SIGSTOP (`kill -STOP`), which no handler sees, the editor leaves the
 /// terminal raw, and bash, its job stopped, gives it its own mode, which it does not give
 /// back on `fg`: the editor read on in a terminal that echoed what was typed and handed it

@@ -13,7 +13,7 @@ use rustyline::{Cmd, Config, DefaultEditor, KeyEvent};
 
 use super::commands::{too_long, Commands};
 use super::suspend::{
-    discard_unread_input, redraw_on_resume, remember_mode_before_chat,
+    discard_unread_input, keep_the_mode_before_chat, redraw_on_resume, remember_mode_before_chat,
     stop_in_the_mode_before_the_chat, take_suspend_here, EditorThread,
 };
 use super::{lock, Event};
@@ -65,6 +65,8 @@ impl Drop for TerminalGuard {
     fn drop(&mut self) {
         if let Some(saved) = &self.saved {
             use nix::sys::termios::{tcsetattr, SetArg};
+            // The last mode set, whatever the resume thread was doing.
+            keep_the_mode_before_chat();
             // TCSAFLUSH: what the terminal holds unread (the rest of a paste that waited for
             // the chat's pace, lines typed after a `/quit`) is discarded, not left to the
             // shell, which would run each pasted chat line as a command.

@@ -15,7 +15,8 @@ mod tests;
 
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock, TryLockError};
+use std::time::{Duration, Instant};
 
 use log::debug;
 use nix::errno::Errno;
@@ -30,6 +31,38 @@ pub(super) use resume::{redraw_on_resume, EditorThread};
 /// The terminal mode before the chat, the one the terminal guard puts back: the mode the
 /// process stops in. Plain data, read by the SIGTSTP handler.
 static MODE_BEFORE_CHAT: OnceLock<libc::termios> = OnceLock::new();
+
+/// Held by the resume thread while it sets the editor's mode (`resume::take_editor_mode`),
+/// and for good by the terminal guard once it has put back the mode from before the chat
+/// ([`keep_the_mode_before_chat`]), so that the guard's is the last mode set. From the
+/// background that set waits (SIGTTOU) for an end signal, then goes through once the end
+/// lets it, a few milliseconds after the end came: after the guard, as a rule, or as the
+/// process exits, which left the shell's terminal raw (dash does not give it its own mode
+/// back: the server test
+/// `client_terminal::killed_in_the_background_after_a_sigstop_it_leaves_dash_the_terminal_as_before`).
+static MODE_SETS: Mutex<()> = Mutex::new(());
+
+/// How long the terminal guard waits for a mode set in flight ([`MODE_SETS`]): one let
+/// through by the end takes a step of the end's wait (5 ms); one that waits for a `fg` that
+/// will not come, no longer than this.
+const MODE_SET_WAIT: Duration = Duration::from_secs(1);
+
+/// Waits (up to [`MODE_SET_WAIT`]) for the resume thread's mode set in flight, if any, and
+/// keeps any other from being made until the process exits: called by the terminal guard
+/// before it puts back the mode from before the chat, at the chat's end.
+pub(super) fn keep_the_mode_before_chat() {
+    let deadline = Instant::now() + MODE_SET_WAIT;
+    loop {
+        match MODE_SETS.try_lock() {
+            Ok(held) => return std::mem::forget(held),
+            Err(TryLockError::Poisoned(held)) => return std::mem::forget(held.into_inner()),
+            Err(TryLockError::WouldBlock) if Instant::now() >= deadline => {
+                return debug!("a mode set of the terminal is still in flight; restoring anyway")
+            }
+            Err(TryLockError::WouldBlock) => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+}
 
 /// The thread the editor reads on, while it runs ([`EditorThread`]).
 static EDITOR_THREAD: Mutex<Option<libc::pthread_t>> = Mutex::new(None);

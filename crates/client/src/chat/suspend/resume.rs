@@ -15,7 +15,9 @@ use signal_hook::consts::SIGCONT;
 use signal_hook::iterator::Signals;
 
 use super::ending::{ending, let_the_end_through};
-use super::{editor_mode, in_background, Stop, EDITOR_THREAD, LAST_STOP, MODE_BEFORE_CHAT};
+use super::{
+    editor_mode, in_background, Stop, EDITOR_THREAD, LAST_STOP, MODE_BEFORE_CHAT, MODE_SETS,
+};
 use crate::feed::Feed;
 use crate::locks;
 
@@ -251,6 +253,8 @@ fn take_editor_mode() {
     };
     // TCSADRAIN, as the editor does: what was typed meanwhile is the editor's to read.
     let mode = Termios::from(editor_mode(before));
+    // Held across the call, however long it waits in the background: see `MODE_SETS`.
+    let _setting = locks::lock(&MODE_SETS);
     // Again if interrupted: the editor's SIGWINCH handler does not restart calls.
     let set = loop {
         match tcsetattr(io::stdin(), SetArg::TCSADRAIN, &mode) {
