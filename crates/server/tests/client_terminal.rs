@@ -341,8 +341,7 @@ fn both_quit(bob: &mut Terminal, alice: &mut Ocm) {
 
 /// A host on pipes and `bob` in a terminal, live in `lobby`.
 fn host_and_terminal(d: &Daemon) -> (Ocm, Terminal) {
-    let alice = Ocm::start(d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
+    let alice = alice_hosts_lobby(d);
     let bob = Terminal::start(d, &["join", "lobby", "--name", "bob"]);
     bob.wait_for("* --- live ---");
     assert_eq!(alice.line(), "* bob joined");
@@ -435,8 +434,7 @@ fn a_signal_leaves_bracketed_paste_off() {
 #[test]
 fn with_stderr_redirected_the_closing_line_starts_a_line_of_its_own() {
     let d = Daemon::start();
-    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
+    let mut alice = alice_hosts_lobby(&d);
     let log = d.dir.path().join("bob.log");
     let file = File::create(&log).expect("bob's log");
     let mut bob = Terminal::start_with_stderr(
@@ -487,8 +485,7 @@ fn after_ctrl_z_and_fg_the_editor_still_owns_the_line() {
 #[test]
 fn ctrl_z_leaves_the_terminal_as_before_the_chat_even_in_dash() {
     let d = Daemon::start();
-    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
+    let mut alice = alice_hosts_lobby(&d);
     let mut term = shell_terminal("dash", &["-i"]);
     let before = term.mode();
     join_from_shell(&mut term, &d);
@@ -749,8 +746,7 @@ fn continued_in_the_background_and_stopped_again(term: &mut Terminal) -> usize {
 #[test]
 fn killed_in_the_background_after_a_sigstop_it_leaves_dash_the_terminal_as_before() {
     let d = Daemon::start();
-    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
+    let mut alice = alice_hosts_lobby(&d);
     let mut term = shell_terminal("dash", &["-i"]);
     let before = term.mode();
     join_from_shell(&mut term, &d);
@@ -874,8 +870,7 @@ fn only_the_input_thread_takes_sigtstp_and_only_the_resume_thread_sigcont() {
 #[test]
 fn threads_started_before_the_chat_take_neither_sigtstp_nor_sigcont() {
     let d = Daemon::start();
-    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
+    let mut alice = alice_hosts_lobby(&d);
     let log = BobsLog::new(&d);
     let mut debugging = bob_joins(&d);
     debugging.env("RUST_LOG", "debug");
@@ -927,8 +922,7 @@ fn a_line_that_is_not_utf8_is_dropped_and_the_chat_goes_on() {
 #[test]
 fn a_dumb_terminal_gets_plain_lines_without_a_warning() {
     let d = Daemon::start();
-    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
+    let mut alice = alice_hosts_lobby(&d);
     let mut bob = Terminal::spawn(
         ocm_command(&d, &["join", "lobby", "--name", "bob"], "dumb"),
         None,
@@ -975,8 +969,7 @@ fn a_terminal_hung_up_leaves_the_room_as_a_signal_does() {
 #[test]
 fn a_terminal_closed_without_a_sighup_ends_the_input() {
     let d = Daemon::start();
-    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
+    let mut alice = alice_hosts_lobby(&d);
     let log = BobsLog::new(&d);
     let mut bob = Terminal::spawn_with(bob_joins(&d), None, Some(log.stderr()), false);
     bob_types_half_a_character(&mut bob, &mut alice, &log, |bob, keys| bob.type_bytes(keys));
@@ -991,8 +984,7 @@ fn a_terminal_closed_without_a_sighup_ends_the_input() {
 #[test]
 fn ctrl_z_on_a_terminal_that_is_not_the_controlling_one_leaves_the_chat_going() {
     let d = Daemon::start();
-    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
+    let mut alice = alice_hosts_lobby(&d);
     let log = BobsLog::new(&d);
     let mut bob = Terminal::spawn_with(bob_joins(&d), None, Some(log.stderr()), false);
     assert_eq!(alice.line(), "* bob joined");
@@ -1063,8 +1055,7 @@ fn stop_and_continue_after_a_ctrl_z_redraw_the_line(
     command: Command,
     ocm: impl Fn(i32) -> i32,
 ) {
-    let mut alice = Ocm::start(d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
+    let mut alice = alice_hosts_lobby(d);
     let log = BobsLog::new(d);
     let mut bob = Terminal::spawn_with(command, None, Some(log.stderr()), false);
     assert_eq!(alice.line(), "* bob joined");
@@ -1098,8 +1089,7 @@ fn stop_and_continue_after_a_ctrl_z_redraw_the_line(
 #[test]
 fn on_a_terminal_that_is_not_the_controlling_one_a_stop_after_a_ctrl_z_is_drawn_again() {
     let d = Daemon::start();
-    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
+    let mut alice = alice_hosts_lobby(&d);
     // B: a terminal no process has for its controlling one; `sleep` holds it open.
     let mut sleep = Command::new("sleep");
     sleep.arg("600");
@@ -1152,8 +1142,7 @@ fn on_a_terminal_that_is_not_the_controlling_one_a_stop_after_a_ctrl_z_is_drawn_
 #[test]
 fn a_chat_orphaned_in_the_background_and_sent_a_stop_leaves_at_the_next_line() {
     let d = Daemon::start();
-    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
+    let mut alice = alice_hosts_lobby(&d);
     let mut term = bash_terminal();
     // `; :`: the subshell waits for `ocm` rather than becoming it.
     term.type_keys(&format!("({}; :); sleep 60\r", bob_joins_line(&d)));
@@ -1219,8 +1208,7 @@ fn a_chat_orphaned_while_it_waits_to_stop_in_the_background_leaves() {
 /// `then`: `&` to run it in the background), his log in `BobsLog`; returns alice, the log,
 /// the terminal, and the subshell's and `ocm`'s process ids once alice heard him join.
 fn bob_in_a_subshell(d: &Daemon, then: &str) -> (Ocm, BobsLog, Terminal, i32, i32) {
-    let alice = Ocm::start(d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
+    let alice = alice_hosts_lobby(d);
     let log = BobsLog::new(d);
     let mut term = bash_terminal();
     // `; :`: the subshell waits for `ocm` rather than becoming it. The log tells how the chat
@@ -1378,8 +1366,7 @@ fn a_chat_orphaned_while_it_waits_after_bg_leaves() {
 #[test]
 fn a_chat_wrongly_taken_for_orphaned_still_stops_in_the_background() {
     let d = Daemon::start();
-    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
+    let mut alice = alice_hosts_lobby(&d);
     let mut term = bash_terminal();
     // `; :`: the subshell waits for `ocm` rather than becoming it.
     term.type_keys(&format!(
@@ -1512,8 +1499,7 @@ fn a_stop_sent_to_a_chat_that_leads_its_own_session_leaves_the_terminal_alone() 
 #[test]
 fn input_from_a_terminal_closed_without_a_sighup_ends_there() {
     let d = Daemon::start();
-    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
+    let mut alice = alice_hosts_lobby(&d);
     let log = BobsLog::new(&d);
     let (mut keys, input) = open_pty();
     let mut bob = Terminal::spawn_with(
@@ -1935,8 +1921,7 @@ fn bob_joining_lobby_through(relay: &SlowTcp, daemon: &Daemon) -> Terminal {
 fn a_slow_answer_to_who_or_history_leaves_the_editor_the_terminal() {
     let d = Daemon::start();
     let relay = SlowTcp::start(&d);
-    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
+    let mut alice = alice_hosts_lobby(&d);
     let mut bob = bob_joining_lobby_through(&relay, &d);
     bob.wait_for("* --- live ---");
     assert_eq!(alice.line(), "* bob joined");
@@ -1994,8 +1979,7 @@ fn who_finding_the_room_gone_ends_the_chat_in_the_editor() {
 fn the_history_on_joining_comes_while_the_editor_reads() {
     let d = Daemon::start();
     let relay = SlowTcp::start(&d);
-    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
+    let mut alice = alice_hosts_lobby(&d);
     // carol, a raw member, sees when the daemon has relayed (and kept) a message.
     let carol = Member::joined(&d, "lobby", &join(&d, "lobby", "carol"));
     alice.type_line("before bob");
@@ -2091,6 +2075,13 @@ fn stopped_with_half_a_line(
     (alice, term, editors)
 }
 
+/// Alice hosting `lobby` on `d`, on pipes, once she has created it.
+fn alice_hosts_lobby(d: &Daemon) -> Ocm {
+    let alice = Ocm::start(d, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    alice
+}
+
 /// Alice hosting `lobby` on pipes, and bob joined from `dash -i` in a terminal.
 fn host_and_dash(d: &Daemon) -> (Ocm, Terminal) {
     host_and_shell(d, "dash", &["-i"])
@@ -2099,8 +2090,7 @@ fn host_and_dash(d: &Daemon) -> (Ocm, Terminal) {
 /// Alice hosting `lobby` on pipes, and bob joined from `shell` (run with `args`) in a
 /// terminal.
 fn host_and_shell(d: &Daemon, shell: &str, args: &[&str]) -> (Ocm, Terminal) {
-    let alice = Ocm::start(d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
+    let alice = alice_hosts_lobby(d);
     let mut term = shell_terminal(shell, args);
     join_from_shell(&mut term, d);
     assert_eq!(alice.line(), "* bob joined");
