@@ -4,9 +4,12 @@
 //! that matters: what they guard (the screen, the queues of lines, a timestamp, a flag) is
 //! whole between statements. So a poisoned lock is used as it is, rather than passing the
 //! panic on to the main loop, which must still leave the room and give the terminal back.
+//! A thread that is stopped for good while it holds one (in a signal handler that waits for
+//! the process to end) is another matter: [`lock_by`] is for those that must not wait on it.
 
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::thread;
+use std::time::{Duration, Instant};
 
 /// Locks `mutex`, poisoned or not.
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -29,4 +32,22 @@ pub(crate) fn wait_timeout<'a, T>(
         .wait_timeout(guard, within)
         .unwrap_or_else(PoisonError::into_inner)
         .0
+}
+
+/// Locks `mutex`, poisoned or not, unless that takes past `deadline` (`None` then): for a
+/// thread that must not wait for good on one another thread may hold for good (a thread
+/// stopped in a signal handler while it held it). Tries again every `retry`.
+pub(crate) fn lock_by<T>(
+    mutex: &Mutex<T>,
+    deadline: Instant,
+    retry: Duration,
+) -> Option<MutexGuard<'_, T>> {
+    loop {
+        match mutex.try_lock() {
+            Ok(guard) => return Some(guard),
+            Err(TryLockError::Poisoned(poisoned)) => return Some(poisoned.into_inner()),
+            Err(TryLockError::WouldBlock) if Instant::now() >= deadline => return None,
+            Err(TryLockError::WouldBlock) => thread::sleep(retry),
+        }
+    }
 }

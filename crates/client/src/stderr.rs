@@ -25,8 +25,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, TryLockError};
-use std::thread;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::locks;
@@ -258,24 +257,18 @@ impl Queue {
     /// shell, waits in its SIGTSTP handler for the process to end) must not keep the chat's
     /// last lines, or its exit, waiting with it. `None` once the deadline has passed.
     fn lock_by(&self, deadline: Instant) -> Option<MutexGuard<'_, State>> {
-        loop {
-            match self.state.try_lock() {
-                Ok(state) => return Some(state),
-                Err(TryLockError::Poisoned(poisoned)) => return Some(poisoned.into_inner()),
-                Err(TryLockError::WouldBlock) if Instant::now() >= deadline => return None,
-                // Held for a few instructions, as a rule: by the writer between two lines.
-                Err(TryLockError::WouldBlock) => thread::sleep(LOCK_RETRY),
-            }
-        }
+        locks::lock_by(&self.state, deadline, LOCK_RETRY)
     }
 }
 
-/// How long [`Queue::lock_by`] waits between two tries.
+/// How long [`Queue::lock_by`] waits between two tries: the lock is held for a few
+/// instructions, as a rule (by the writer, between two lines).
 const LOCK_RETRY: Duration = Duration::from_micros(50);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::thread;
 
     /// Long enough that a test never sees it run out by chance, on any machine.
     const PATIENCE: Duration = Duration::from_secs(10);

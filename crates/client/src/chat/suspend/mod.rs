@@ -15,7 +15,7 @@ mod tests;
 
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Mutex, OnceLock, TryLockError};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use log::debug;
@@ -52,15 +52,9 @@ const MODE_SET_WAIT: Duration = Duration::from_secs(1);
 /// before it puts back the mode from before the chat, at the chat's end.
 pub(super) fn keep_the_mode_before_chat() {
     let deadline = Instant::now() + MODE_SET_WAIT;
-    loop {
-        match MODE_SETS.try_lock() {
-            Ok(held) => return std::mem::forget(held),
-            Err(TryLockError::Poisoned(held)) => return std::mem::forget(held.into_inner()),
-            Err(TryLockError::WouldBlock) if Instant::now() >= deadline => {
-                return debug!("a mode set of the terminal is still in flight; restoring anyway")
-            }
-            Err(TryLockError::WouldBlock) => std::thread::sleep(Duration::from_millis(1)),
-        }
+    match crate::locks::lock_by(&MODE_SETS, deadline, Duration::from_millis(1)) {
+        Some(held) => std::mem::forget(held),
+        None => debug!("a mode set of the terminal is still in flight; restoring anyway"),
     }
 }
 
