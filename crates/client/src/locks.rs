@@ -5,11 +5,11 @@
 //! whole between statements. So a poisoned lock is used as it is, rather than passing the
 //! panic on to the main loop, which must still leave the room and give the terminal back.
 //! A thread that is stopped for good while it holds one (in a signal handler that waits for
-//! the process to end) is another matter: [`lock_by`] is for those that must not wait on it.
+//! the process to end) is another matter: [`lock_within`] is for those that must not wait on it.
 
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Locks `mutex`, poisoned or not.
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -34,20 +34,28 @@ pub(crate) fn wait_timeout<'a, T>(
         .0
 }
 
-/// Locks `mutex`, poisoned or not, unless that takes past `deadline` (`None` then): for a
-/// thread that must not wait for good on one another thread may hold for good (a thread
-/// stopped in a signal handler while it held it). Tries again every `retry`.
-pub(crate) fn lock_by<T>(
+/// Locks `mutex`, poisoned or not, unless that takes longer than `within` (`None` then):
+/// for a thread that must not wait for good on one another thread may hold for good (a
+/// thread stopped in a signal handler while it held it). Tries again every `retry`; the
+/// wait is counted in tries, so that time the process spent stopped meanwhile does not
+/// count (a stop longer than the wait would otherwise end it at the next try, whatever the
+/// other thread was about to do).
+pub(crate) fn lock_within<T>(
     mutex: &Mutex<T>,
-    deadline: Instant,
+    within: Duration,
     retry: Duration,
 ) -> Option<MutexGuard<'_, T>> {
+    let tries = within.as_nanos() / retry.as_nanos().max(1);
+    let mut tried = 0;
     loop {
         match mutex.try_lock() {
             Ok(guard) => return Some(guard),
             Err(TryLockError::Poisoned(poisoned)) => return Some(poisoned.into_inner()),
-            Err(TryLockError::WouldBlock) if Instant::now() >= deadline => return None,
-            Err(TryLockError::WouldBlock) => thread::sleep(retry),
+            Err(TryLockError::WouldBlock) if tried >= tries => return None,
+            Err(TryLockError::WouldBlock) => {
+                tried += 1;
+                thread::sleep(retry);
+            }
         }
     }
 }

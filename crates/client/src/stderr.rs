@@ -42,8 +42,9 @@ pub const WRITE_THROUGH: Duration = Duration::from_millis(100);
 pub const EXIT_DRAIN: Duration = Duration::from_millis(500);
 
 /// Writes `line` and a newline to standard error through the [`Queue`] (see the module
-/// docs): best effort, it never waits longer than [`WRITE_THROUGH`], and a line that cannot
-/// be shown is dropped.
+/// docs): best effort, it waits no longer than [`WRITE_THROUGH`] for the line to be written
+/// (and as long again, at most, for the queue's lock, should a thread hold it for good: see
+/// `Queue::lock_within`), and a line that cannot be shown is dropped.
 pub fn write_line(line: &str) {
     let mut bytes = Vec::with_capacity(line.len() + 1);
     bytes.extend_from_slice(line.as_bytes());
@@ -157,7 +158,7 @@ impl Queue {
     /// Waits up to `wait` for everything queued to be written; whether it was.
     pub fn drain(&self, wait: Duration) -> bool {
         let deadline = Instant::now() + wait;
-        let Some(mut state) = self.lock_by(deadline) else {
+        let Some(mut state) = self.lock_within(wait) else {
             return false;
         };
         while !state.entries.is_empty() || state.writing {
@@ -172,9 +173,9 @@ impl Queue {
 
     /// Queues `bytes`; its number, or `None` when the queue is full and they were dropped
     /// (counted), or its lock could not be had within the write-through time (not counted:
-    /// see [`Queue::lock_by`]).
+    /// see [`Queue::lock_within`]).
     fn push(&self, bytes: Vec<u8>) -> Option<u64> {
-        let mut state = self.lock_by(Instant::now() + self.write_through)?;
+        let mut state = self.lock_within(self.write_through)?;
         if state.lines >= QUEUED_LINES {
             match state.entries.back_mut() {
                 Some(Entry::NotShown(count)) => *count += 1,
@@ -194,7 +195,7 @@ impl Queue {
     /// error is stuck; a wait that ends without it marks it stuck.
     fn wait_written(&self, number: u64) {
         let deadline = Instant::now() + self.write_through;
-        let Some(mut state) = self.lock_by(deadline) else {
+        let Some(mut state) = self.lock_within(self.write_through) else {
             return;
         };
         while state.written < number && !state.stuck {
@@ -251,17 +252,17 @@ impl Queue {
         locks::lock(&self.state)
     }
 
-    /// The lock, for a thread that must not wait for it past `deadline` (a hand-over, or
+    /// The lock, for a thread that must not wait for it longer than `within` (a hand-over, or
     /// the drain at exit): a thread stopped for good while it held it (the input thread,
     /// stopped by the terminal's Ctrl+Z in the middle of a remark, then killed from the
     /// shell, waits in its SIGTSTP handler for the process to end) must not keep the chat's
-    /// last lines, or its exit, waiting with it. `None` once the deadline has passed.
-    fn lock_by(&self, deadline: Instant) -> Option<MutexGuard<'_, State>> {
-        locks::lock_by(&self.state, deadline, LOCK_RETRY)
+    /// last lines, or its exit, waiting with it. `None` once `within` has passed.
+    fn lock_within(&self, within: Duration) -> Option<MutexGuard<'_, State>> {
+        locks::lock_within(&self.state, within, LOCK_RETRY)
     }
 }
 
-/// How long [`Queue::lock_by`] waits between two tries: the lock is held for a few
+/// How long [`Queue::lock_within`] waits between two tries: the lock is held for a few
 /// instructions, as a rule (by the writer, between two lines).
 const LOCK_RETRY: Duration = Duration::from_micros(50);
 

@@ -14,7 +14,6 @@
 use std::io;
 use std::thread::{self, JoinHandle};
 
-use log::debug;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
 /// Starts `run` on a new thread named `name`, with SIGTSTP and SIGCONT blocked in it
@@ -29,18 +28,12 @@ where
     job_control.add(Signal::SIGTSTP);
     job_control.add(Signal::SIGCONT);
     // A signal that comes to this thread meanwhile waits, pending, until the mask is put back.
-    let before = match job_control.thread_swap_mask(SigmaskHow::SIG_BLOCK) {
-        Ok(before) => Some(before),
-        Err(e) => {
-            debug!("cannot block SIGTSTP and SIGCONT for the {name} thread: {e}");
-            None
-        }
-    };
+    // (pthread_sigmask fails only for arguments that are not valid, and these are. Nothing
+    // is logged here: the thread started may be the stderr writer, which a log line starts.)
+    let before = job_control.thread_swap_mask(SigmaskHow::SIG_BLOCK).ok();
     let spawned = builder.spawn(run);
     if let Some(before) = before {
-        if let Err(e) = before.thread_set_mask() {
-            debug!("cannot unblock SIGTSTP and SIGCONT after starting the {name} thread: {e}");
-        }
+        let _ = before.thread_set_mask();
     }
     spawned
 }
@@ -66,11 +59,7 @@ mod tests {
             open.add(Signal::SIGCONT);
             open.thread_unblock().expect("unblock");
             let child = spawn("child", || {
-                (
-                    blocked_here(Signal::SIGTSTP),
-                    blocked_here(Signal::SIGCONT),
-                    blocked_here(Signal::SIGINT),
-                )
+                (blocked_here(Signal::SIGTSTP), blocked_here(Signal::SIGCONT))
             })
             .expect("spawn")
             .join()
@@ -79,7 +68,7 @@ mod tests {
             (child, after)
         });
         let (child, after) = caller.join().expect("join");
-        assert_eq!(child, (true, true, false), "the new thread's mask");
+        assert_eq!(child, (true, true), "the new thread's mask");
         assert_eq!(after, (false, false), "the caller's mask, put back");
     }
 }

@@ -381,7 +381,8 @@ impl Chat {
             notices: Arc::default(),
         };
         if options.line_editor {
-            // Before any thread starts: they inherit it.
+            // The main thread's own mask: every other thread starts with both blocked
+            // (`threads::spawn`).
             suspend_on_input_thread();
             watch_for_the_end();
         }

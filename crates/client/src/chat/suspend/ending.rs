@@ -30,8 +30,8 @@ pub(in crate::chat) fn watch_for_the_end() {
     stop_from_the_background_only_when_no_end_is_coming();
     make_the_continuer();
     for signal in END_SIGNALS {
-        // SAFETY: the action stores to an atomic and calls tcgetpgrp, getpgrp and
-        // sigaction: async-signal-safe.
+        // SAFETY: the action stores to an atomic and calls timer_settime, tcgetpgrp,
+        // getpgrp and sigaction: async-signal-safe.
         let registered = unsafe { signal_hook::low_level::register(signal, on_end_signal) };
         if let Err(e) = registered {
             debug!("cannot watch signal {signal} for the end of the chat: {e}");
@@ -107,11 +107,18 @@ extern "C" fn on_terminal_from_the_background(_: libc::c_int) {
         true
     };
     wait_for_the_end_or_stop(in_foreground, let_through, || {
+        // An end that came since the stop was decided: none (the SIGCONT that would undo
+        // it, `start_the_continuer`'s, may be the one this stop would discard).
+        if ending() {
+            return;
+        }
         // SIGSTOP, which no handler or mask holds back, rather than the signal itself,
         // whose action is this handler.
         // SAFETY: raise is async-signal-safe.
         unsafe { libc::raise(libc::SIGSTOP) };
     });
+    // The editor's read, let through by the end, would fail and the editor set a mode.
+    super::park_the_editor_at_the_end();
     Errno::set_raw(errno);
 }
 
@@ -167,9 +174,10 @@ pub(super) static STOPS: AtomicU32 = AtomicU32::new(0);
 static LET_THROUGH_ORPHANED: AtomicU32 = AtomicU32::new(u32::MAX);
 
 /// An end signal's first action, before the signal watcher's thread hears of it: notes it,
-/// has any stop from then on undone ([`start_the_continuer`]), and in the background (a shell's `kill %1` on a stopped chat, with the SIGCONT after it)
-/// lets the end through ([`let_the_end_through`]) before any thread, ending the chat, sets
-/// the terminal's mode from there and so stops the process again before its `__LEAVE__`.
+/// has any stop from then on undone ([`start_the_continuer`]), and in the background (a
+/// shell's `kill %1` on a stopped chat, with the SIGCONT after it) lets the end through
+/// ([`let_the_end_through`]) before any thread, ending the chat, sets the terminal's mode
+/// from there and so stops the process again before its `__LEAVE__`.
 fn on_end_signal() {
     ENDING.store(true, Ordering::SeqCst);
     start_the_continuer();
@@ -219,9 +227,13 @@ fn make_the_continuer() {
 /// instructions later (`on_sigtstp`'s `stop`, [`wait_for_the_end_or_stop`]'s SIGSTOP): an
 /// end signal handled in between, on another thread, still finds the process stopped with
 /// it; and a SIGTERM still pending when the stop's SIGTSTP is unblocked is handled first,
-/// and the stop made all the same. None of the chat's threads can continue a process they all stopped with; only
-/// the kernel can, and this timer asks it to. A SIGCONT to a process that runs does nothing
-/// but wake the resume thread. Async-signal-safe (`timer_settime`).
+/// and the stop made all the same. None of the chat's threads can continue a process they
+/// all stopped with; only the kernel can, and this timer asks it to. A SIGCONT to a process
+/// that runs wakes the resume thread, and discards any stop signal pending. A best effort:
+/// the timer is armed again only when its signal is taken, and a stop made while one waits
+/// to be taken discards it, so the stops look at the end once more just before they are
+/// made (`stop` in `suspend`, [`on_terminal_from_the_background`]). Async-signal-safe
+/// (`timer_settime`).
 fn start_the_continuer() {
     if !CONTINUER_MADE.load(Ordering::SeqCst) {
         return;

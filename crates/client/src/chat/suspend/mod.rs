@@ -16,7 +16,7 @@ mod tests;
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use log::debug;
 use nix::errno::Errno;
@@ -34,7 +34,9 @@ static MODE_BEFORE_CHAT: OnceLock<libc::termios> = OnceLock::new();
 
 /// Held by the resume thread while it sets the editor's mode (`resume::take_editor_mode`),
 /// and for good by the terminal guard once it has put back the mode from before the chat
-/// ([`keep_the_mode_before_chat`]), so that the guard's is the last mode set. From the
+/// ([`keep_the_mode_before_chat`]), so that the guard's comes after any the resume thread
+/// makes. (The editor's own, on the editor's thread, are kept from coming after it at an
+/// end signal by [`park_the_editor_at_the_end`].) From the
 /// background that set waits (SIGTTOU) for an end signal, then goes through once the end
 /// lets it, a few milliseconds after the end came: after the guard, as a rule, or as the
 /// process exits, which left the shell's terminal raw (dash does not give it its own mode
@@ -42,17 +44,16 @@ static MODE_BEFORE_CHAT: OnceLock<libc::termios> = OnceLock::new();
 /// `client_terminal::killed_in_the_background_after_a_sigstop_it_leaves_dash_the_terminal_as_before`).
 static MODE_SETS: Mutex<()> = Mutex::new(());
 
-/// How long the terminal guard waits for a mode set in flight ([`MODE_SETS`]): one let
-/// through by the end takes a step of the end's wait (5 ms); one that waits for a `fg` that
-/// will not come, no longer than this.
+/// How long the terminal guard waits for a mode set in flight ([`MODE_SETS`]), counted while
+/// the process runs: one let through by the end takes a step of the end's wait (5 ms); one
+/// that waits for a `fg` that will not come, no longer than this.
 const MODE_SET_WAIT: Duration = Duration::from_secs(1);
 
 /// Waits (up to [`MODE_SET_WAIT`]) for the resume thread's mode set in flight, if any, and
 /// keeps any other from being made until the process exits: called by the terminal guard
 /// before it puts back the mode from before the chat, at the chat's end.
 pub(super) fn keep_the_mode_before_chat() {
-    let deadline = Instant::now() + MODE_SET_WAIT;
-    match crate::locks::lock_by(&MODE_SETS, deadline, Duration::from_millis(1)) {
+    match crate::locks::lock_within(&MODE_SETS, MODE_SET_WAIT, Duration::from_millis(1)) {
         Some(held) => std::mem::forget(held),
         None => debug!("a mode set of the terminal is still in flight; restoring anyway"),
     }
@@ -176,10 +177,12 @@ fn sigtstp_action() -> SigAction {
 /// [`LAST_STOP`] for [`redraw_on_resume`]. In an orphaned process group ([`orphaned`]:
 /// `ssh -t host ocm`, `setsid -c ocm`, a shell gone) the kernel drops the stop, so the
 /// handler leaves the terminal alone: its mode, the keys typed ahead and bracketed paste. A
-/// chat told to end ([`ending::ending`]) is not stopped either: it is on its way out.
+/// chat told to end ([`ending::ending`]) is not stopped either: it is on its way out, and
+/// this thread waits here for that ([`park_the_editor_at_the_end`]).
 extern "C" fn on_sigtstp(_: libc::c_int) {
     let errno = Errno::last_raw();
-    if orphaned() || ending::ending() {
+    park_the_editor_at_the_end();
+    if orphaned() {
         Errno::set_raw(errno);
         return;
     }
@@ -265,16 +268,50 @@ pub(super) fn discard_unread_input() {
 
 /// SIGTSTP's default action, from its handler: the signal is blocked while the handler
 /// runs, so raised with the default action it waits until unblocked, and stops the process
-/// there; continued, the signal is blocked again and the handler put back.
+/// there; continued, the signal is blocked again and the handler put back. An end that came
+/// since the stop was decided ([`ending::ending`], looked at once more between the raise and
+/// the unblock) discards it instead: the SIGCONT that would undo it (see
+/// `ending::start_the_continuer`) may be the one a stop made now would discard.
 fn stop() {
     let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
-    // SAFETY: the default action, then this handler again; both async-signal-safe.
+    let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    // SAFETY: the default action, then this handler again; both async-signal-safe. Ignoring
+    // a signal discards it where it is pending.
     unsafe {
         let _ = signal::sigaction(Signal::SIGTSTP, &default);
         let _ = signal::raise(Signal::SIGTSTP);
-        let _ = tstp().thread_unblock();
-        let _ = tstp().thread_block();
+        if ending::ending() {
+            let _ = signal::sigaction(Signal::SIGTSTP, &ignore);
+        } else {
+            let _ = tstp().thread_unblock();
+            let _ = tstp().thread_block();
+        }
         let _ = signal::sigaction(Signal::SIGTSTP, &sigtstp_action());
+    }
+}
+
+thread_local! {
+    /// Set on the editor's thread while it is known as such ([`EditorThread`]), for the
+    /// signal handlers that run on it: see [`park_the_editor_at_the_end`]. (A constant
+    /// initialiser and no destructor: a plain thread-local read, safe in a handler.)
+    static ON_THE_EDITORS_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Once the chat is told to end, keeps the editor's thread, in one of its signal handlers,
+/// from going back to the editor: returned to, the editor would set the terminal's mode
+/// again (its raw mode after its own Ctrl+Z, the mode it found when a read let through by the
+/// end fails), which could land after the terminal guard had put back the mode from before
+/// the chat, and leave the shell's terminal without echo. The signal watcher and the main
+/// loop end the chat and the process (within the watcher's grace). Does nothing on any other
+/// thread, or before the end. Async-signal-safe.
+fn park_the_editor_at_the_end() {
+    if !ON_THE_EDITORS_THREAD.with(std::cell::Cell::get) || !ending::ending() {
+        return;
+    }
+    let_the_end_through();
+    loop {
+        // SAFETY: pause is async-signal-safe.
+        unsafe { libc::pause() };
     }
 }
 

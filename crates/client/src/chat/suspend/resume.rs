@@ -17,6 +17,7 @@ use signal_hook::iterator::Signals;
 use super::ending::{ending, let_the_end_through};
 use super::{
     editor_mode, in_background, Stop, EDITOR_THREAD, LAST_STOP, MODE_BEFORE_CHAT, MODE_SETS,
+    ON_THE_EDITORS_THREAD,
 };
 use crate::feed::Feed;
 use crate::locks;
@@ -82,6 +83,7 @@ impl EditorThread {
     pub(super) fn here() -> EditorThread {
         // SAFETY: no precondition.
         *editor_thread() = Some(unsafe { libc::pthread_self() });
+        ON_THE_EDITORS_THREAD.with(|on| on.set(true));
         EditorThread
     }
 }
@@ -89,6 +91,7 @@ impl EditorThread {
 impl Drop for EditorThread {
     fn drop(&mut self) {
         *editor_thread() = None;
+        ON_THE_EDITORS_THREAD.with(|on| on.set(false));
     }
 }
 
@@ -186,8 +189,8 @@ const WAKE_AGAIN_AFTER: [Duration; 3] = [
 
 /// Starts the thread that wakes the editor's thread again, on the schedule of
 /// [`WAKE_AGAIN_AFTER`], after each wake asked for a redraw (a message on the sender
-/// returned; one during a schedule starts it again). Called on the input thread, where
-/// SIGTSTP and SIGCONT are blocked: the rewaker, which inherits its mask, takes neither.
+/// returned; one during a schedule starts it again). The rewaker takes neither SIGTSTP nor
+/// SIGCONT (`threads::spawn`).
 ///
 /// Once wake is not always enough. The editor's thread, stopped in a read of the terminal
 /// begun in the background (SIGTTIN), and the resume thread are continued by the same
