@@ -745,6 +745,32 @@ fn continued_in_the_background_and_stopped_again(term: &mut Terminal) -> usize {
 /// carriage return one.)
 #[test]
 fn killed_in_the_background_after_a_sigstop_it_leaves_dash_the_terminal_as_before() {
+    killed_in_the_background_from_dash(true);
+}
+
+/// [`killed_in_the_background_after_a_sigstop_it_leaves_dash_the_terminal_as_before`], but
+/// killed while it waits, continued in the background, for an end before it stops again:
+/// the editor's read of the terminal, let through by the end, failed, and the editor put
+/// back the mode it had found, which could land after the guard's as well.
+///
+/// Ignored: it finds a race not yet closed, in about 1 run in 15 beside a busy loop (none in
+/// 40 on an idle machine). The resume thread decides to stop (no end yet) and raises
+/// SIGSTOP; dash's SIGTERM and SIGCONT both come between that decision and the SIGSTOP; the
+/// kernel sets up the SIGTERM handler's frame on the way out of `tgkill`, then takes the
+/// SIGSTOP, and the process stops before the handler runs: nothing continues it (the
+/// SIGCONT came first, and the continuer is armed by that very handler). Seen: every thread
+/// `T`, the resume thread in `tgkill` with SIGTERM in its mask, nothing pending, SIGTTOU and
+/// SIGTTIN not ignored. Run with `--run-ignored all`.
+#[test]
+#[ignore = "a known race, about 1 run in 15 under load: see its doc comment"]
+fn killed_while_it_waits_in_the_background_it_leaves_dash_the_terminal_as_before() {
+    killed_in_the_background_from_dash(false);
+}
+
+/// Bob's chat in dash, stopped by a SIGSTOP, continued in the background, then (once
+/// `stopped_again`, or at once, while it waits for an end) killed from dash; checks that it
+/// leaves, exits, and leaves the terminal in its mode from before the chat.
+fn killed_in_the_background_from_dash(stopped_again: bool) {
     let d = Daemon::start();
     let mut alice = alice_hosts_lobby(&d);
     let mut term = shell_terminal("dash", &["-i"]);
@@ -759,15 +785,20 @@ fn killed_in_the_background_after_a_sigstop_it_leaves_dash_the_terminal_as_befor
     term.wait_for_after(shown, "$ ");
     let shown = term.text().len();
     signal_ocm_run_from(&term, libc::SIGCONT);
-    wait_until("stopped again in the background", || {
-        state(ocm) == Some('T')
-    });
+    if stopped_again {
+        wait_until("stopped again in the background", || {
+            state(ocm) == Some('T')
+        });
+    }
     // dash's `kill` sends the signal alone; bash's sends a SIGCONT after it.
     term.type_keys("kill %1; kill -CONT %1\n");
+    let left = alice.line_within(PATIENCE);
     assert_eq!(
-        alice.line_within(PATIENCE).as_deref(),
+        left.as_deref(),
         Some("* bob left"),
-        "{:?}",
+        "state {:?}, threads {}; {:?}",
+        state(ocm),
+        threads_of(ocm),
         term.text()
     );
     wait_until("ocm's exit", || !alive(ocm));
