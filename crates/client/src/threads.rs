@@ -10,13 +10,41 @@
 //! and `kill` returned to the editor, which took its raw mode again, before the process
 //! stopped. So every thread starts here, with both blocked from its first instruction; the
 //! input and resume threads then unblock their own.
+//!
+//! SIGTTIN and SIGTTOU are blocked too. The kernel sends them to the whole process group when
+//! a thread reads the terminal, or sets its mode, from the background, and any thread that
+//! does not block them takes them: in the line editor their handler waits there for `fg` or
+//! the end (`chat::suspend`), and the receiver, the printer or the keepalives, taking them,
+//! waited with it. Only the threads that read the terminal or set its mode take them (the
+//! input thread and the resume thread unblock them: [`take_terminal_signals_here`]); a thread
+//! that blocks them writes from the background even under `stty tostop`, and a mode it sets
+//! there goes through.
 
 use std::io;
 use std::thread::{self, JoinHandle};
 
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
-/// Starts `run` on a new thread named `name`, with SIGTSTP and SIGCONT blocked in it
+/// The job-control signals every thread starts with blocked (see the module docs).
+const JOB_CONTROL: [Signal; 4] = [
+    Signal::SIGTSTP,
+    Signal::SIGCONT,
+    Signal::SIGTTIN,
+    Signal::SIGTTOU,
+];
+
+/// Lets the calling thread take SIGTTIN and SIGTTOU, as a thread that reads the terminal or
+/// sets its mode must: blocked, a read from the background fails (`EIO`) and a mode set goes
+/// through, where it should wait for `fg` (or stop, without the line editor).
+pub fn take_terminal_signals_here() {
+    let mut terminal = SigSet::empty();
+    terminal.add(Signal::SIGTTIN);
+    terminal.add(Signal::SIGTTOU);
+    // Fails only for arguments that are not valid, and these are.
+    let _ = terminal.thread_unblock();
+}
+
+/// Starts `run` on a new thread named `name`, with the job-control signals blocked in it
 /// whatever the calling thread's mask (see the module docs); the caller's mask is put back.
 pub fn spawn<F, T>(name: &str, run: F) -> io::Result<JoinHandle<T>>
 where
@@ -25,8 +53,9 @@ where
 {
     let builder = thread::Builder::new().name(name.to_owned());
     let mut job_control = SigSet::empty();
-    job_control.add(Signal::SIGTSTP);
-    job_control.add(Signal::SIGCONT);
+    for signal in JOB_CONTROL {
+        job_control.add(signal);
+    }
     // A signal that comes to this thread meanwhile waits, pending, until the mask is put back.
     // (pthread_sigmask fails only for arguments that are not valid, and these are. Nothing
     // is logged here: the thread started may be the stderr writer, which a log line starts.)
@@ -49,26 +78,25 @@ mod tests {
             .contains(signal)
     }
 
-    /// A thread started from one that takes both signals has both blocked, and the starting
-    /// thread still takes them; one started from a thread that blocks them, too.
+    /// A thread started from one that takes the job-control signals has them all blocked,
+    /// and the starting thread still takes them.
     #[test]
     fn threads_start_with_job_control_blocked_and_leave_the_callers_mask_alone() {
         let caller = thread::spawn(|| {
             let mut open = SigSet::empty();
-            open.add(Signal::SIGTSTP);
-            open.add(Signal::SIGCONT);
+            for signal in JOB_CONTROL {
+                open.add(signal);
+            }
             open.thread_unblock().expect("unblock");
-            let child = spawn("child", || {
-                (blocked_here(Signal::SIGTSTP), blocked_here(Signal::SIGCONT))
-            })
-            .expect("spawn")
-            .join()
-            .expect("join");
-            let after = (blocked_here(Signal::SIGTSTP), blocked_here(Signal::SIGCONT));
+            let child = spawn("child", || JOB_CONTROL.map(blocked_here))
+                .expect("spawn")
+                .join()
+                .expect("join");
+            let after = JOB_CONTROL.map(blocked_here);
             (child, after)
         });
         let (child, after) = caller.join().expect("join");
-        assert_eq!(child, (true, true), "the new thread's mask");
-        assert_eq!(after, (false, false), "the caller's mask, put back");
+        assert_eq!(child, [true; 4], "the new thread's mask");
+        assert_eq!(after, [false; 4], "the caller's mask, put back");
     }
 }

@@ -14,7 +14,7 @@ use rustyline::{Cmd, Config, DefaultEditor, KeyEvent};
 use super::commands::{too_long, Commands};
 use super::suspend::{
     discard_unread_input, keep_the_mode_before_chat, redraw_on_resume, remember_mode_before_chat,
-    stop_in_the_mode_before_the_chat, take_suspend_here, EditorThread,
+    stop_in_the_mode_before_the_chat, take_suspend_here, EditorThread, InTheForeground,
 };
 use super::{lock, Event};
 use crate::error::ClientError;
@@ -102,6 +102,9 @@ pub(super) fn spawn_input(
     reading: Option<Arc<AtomicBool>>,
 ) {
     let spawned = crate::threads::spawn("input", move || {
+        // This thread reads the terminal and sets its mode: from the background, it is the
+        // one to wait (or stop) for that (`threads::spawn`).
+        crate::threads::take_terminal_signals_here();
         let editing = reading.is_some();
         let mut editor =
             reading.and_then(|reading| match start_editor(&commands.screen, &reading) {
@@ -192,7 +195,7 @@ fn start_editor(
     editor.bind_sequence(KeyEvent::ctrl('Q'), Cmd::Noop);
     editor.bind_sequence(KeyEvent::ctrl('X'), Cmd::Noop);
     editor.bind_sequence(KeyEvent::ctrl(']'), Cmd::Noop);
-    let feed = Feed::start(editor.create_external_printer()?)?;
+    let feed = Feed::start(InTheForeground(editor.create_external_printer()?))?;
     let resume = redraw_on_resume(feed.clone(), Arc::clone(reading))
         .inspect_err(|e| debug!("the line will not be drawn again after a stop: {e}"))
         .ok();

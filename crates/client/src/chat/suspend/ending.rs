@@ -1,11 +1,11 @@
-//! The end of a chat continued in the background: each end signal noted at once as it comes,
-//! and a call on the terminal from the background (SIGTTIN, SIGTTOU) that waits a moment for
-//! one before it stops the process again, one stop at a time, so that a shell's `kill %1`
-//! on a stopped chat ends it with its `__LEAVE__` rather than stopping it once more.
+//! A chat continued in the background: each end signal noted at once as it comes, and a
+//! call on the terminal from there (SIGTTIN, SIGTTOU) that waits, running, for the end or the
+//! foreground rather than stop the process again, so that a shell's `kill %1` on a stopped
+//! chat always ends it with its `__LEAVE__`.
 
 use std::mem::MaybeUninit;
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::time::Duration;
 
 use log::debug;
@@ -23,11 +23,11 @@ pub(super) static ENDING: AtomicBool = AtomicBool::new(false);
 const END_SIGNALS: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 
 /// Notes each end signal in [`ENDING`] as it comes, beside the chat's own watcher, and
-/// makes a call on the terminal from the background wait for one before it stops the
-/// process ([`stop_from_the_background_only_when_no_end_is_coming`]). Called by the main
-/// thread before the editor starts.
+/// makes a call on the terminal from the background wait for the end or the foreground
+/// ([`wait_for_the_end_or_the_foreground`]). Called by the main thread before the editor
+/// starts.
 pub(in crate::chat) fn watch_for_the_end() {
-    stop_from_the_background_only_when_no_end_is_coming();
+    wait_for_the_end_or_the_foreground();
     make_the_continuer();
     for signal in END_SIGNALS {
         // SAFETY: the action stores to an atomic and calls timer_settime, tcgetpgrp,
@@ -40,23 +40,20 @@ pub(in crate::chat) fn watch_for_the_end() {
 }
 
 /// Makes a thread that touches the terminal from the background (SIGTTIN for a read,
-/// SIGTTOU for a mode set) stop the process only once no end is coming
-/// ([`on_terminal_from_the_background`]), rather than at once as the default actions do.
+/// SIGTTOU for a mode set) wait for the end or the foreground
+/// ([`on_terminal_from_the_background`]) rather than stop the process, as the default
+/// actions do.
 ///
 /// A shell's `kill %1` on a stopped chat sends SIGTERM, then SIGCONT, and every thread comes
 /// back from the stop at once. Those stopped inside a call on the terminal (the editor's
 /// read begun in the background, the resume thread's setting of the editor's mode) restart
 /// it, still in the background, while the end signal's handler may not have run yet, on
 /// whichever thread took it: with the default actions the restarted call stopped the whole
-/// chat again, before its `__LEAVE__`, until `fg`: every thread stopped, one in `read` of
-/// the terminal, or the resume thread in `tcsetattr`, and the handler half-way on a third
-/// (the server test
-/// `client_terminal::stopped_again_in_the_background_after_a_sigstop_and_killed_it_draws_nothing_and_exits`).
-fn stop_from_the_background_only_when_no_end_is_coming() {
-    // Held back while the handler runs, which makes no call on the terminal itself: a
-    // second job-control signal taken on the same thread would run the handler again
-    // inside it, and could find the stop the outer one is making still unfinished
-    // ([`STOPS`] odd) and wait for it for ever.
+/// chat again, before its `__LEAVE__`, until `fg` (the server test
+/// `client_terminal::waiting_in_the_background_after_a_sigstop_and_killed_it_draws_nothing_and_exits`).
+fn wait_for_the_end_or_the_foreground() {
+    // Held back while the handler runs, which makes no call on the terminal itself: a stop
+    // (`kill -TSTP`) waits until the wait is over rather than be made inside it.
     let mut held = SigSet::empty();
     for signal in [Signal::SIGTTIN, Signal::SIGTTOU, Signal::SIGTSTP] {
         held.add(signal);
@@ -68,110 +65,110 @@ fn stop_from_the_background_only_when_no_end_is_coming() {
     );
     for signal in [Signal::SIGTTIN, Signal::SIGTTOU] {
         // SAFETY: the handler does only what is async-signal-safe (sigpending,
-        // sigismember, poll, clock_gettime, tcgetpgrp, getpgrp, sigaction, raise; errno
-        // saved and put back).
+        // sigismember, poll, clock_gettime, tcgetpgrp, getpgrp, getsid, sigaction, kill;
+        // errno saved and put back).
         if let Err(e) = unsafe { signal::sigaction(signal, &action) } {
-            debug!("cannot wait for the end before a stop from the background: {e}");
+            debug!("cannot wait for the end or the foreground in the background: {e}");
         }
     }
 }
 
 /// A call on the terminal from the background (the kernel sends SIGTTIN or SIGTTOU, and
-/// restarts the call after this handler): waits for an end signal ([`ending_within`]) and
-/// lets the end through if one comes, so that the call restarted goes through or fails;
-/// otherwise stops the process, as the default action would, unless it was brought to the
-/// foreground meanwhile or its process group was orphaned ([`orphaned`]: the call restarted
-/// then fails, and no shell could continue the stop). Continued, the call is made again, and
-/// from the background comes back here.
+/// restarts the call after this handler): waits, running, until the chat is told to end (and
+/// lets the end through, so that the call restarted goes through or fails), is brought to the
+/// foreground (the call goes through), or its process group is orphaned ([`orphaned`]: the
+/// call restarted fails, and no shell could bring it back); see [`wait_in_the_background`].
+/// Several threads may wait here at once (the editor's read, the resume thread's mode set).
 ///
-/// Several threads may wait here at once (the editor's read, the resume thread's mode),
-/// and one stop is enough for all: the first to decide takes [`STOPS`] and stops the
-/// process. Another that had decided too, and was stopped with it before its own stop,
-/// would make that stop on the SIGCONT of `kill %1`, before the SIGTERM's handler ran (seen
-/// under four busy loops: two threads in `tgkill`, the handler half-way on a third). It
-/// finds [`STOPS`] taken or moved on since its wait began, and waits again instead.
+/// It used to stop the process once no end had come within 200 ms, as the default action
+/// does at once; a shell's `kill %1` (SIGTERM, then SIGCONT) that came between that
+/// decision and the SIGSTOP left the chat stopped for good: the kernel took the SIGTERM first
+/// (setting up its handler on the way out of `tgkill`), then the SIGSTOP, before the handler
+/// ran, and the SIGCONT had come already. No stop made from the background can close that
+/// window, so none is made.
 extern "C" fn on_terminal_from_the_background(_: libc::c_int) {
     let errno = Errno::last_raw();
-    // A call let through for an orphaned group, with no stop since, came back here: the
-    // kernel, which fails such a call in an orphaned group and sends this signal only
-    // otherwise, says the group is not orphaned (see `orphaned`). Stop as for any other.
-    let refuted = LET_THROUGH_ORPHANED.load(Ordering::SeqCst) == STOPS.load(Ordering::SeqCst);
+    // A call let through for an orphaned group came back here: the kernel, which fails such
+    // a call in an orphaned group and sends this signal only otherwise, says the group is not
+    // orphaned (see `orphaned`). Wait as for any other, from then on.
+    let refuted = LET_THROUGH_ORPHANED.load(Ordering::SeqCst);
     let let_through = || {
-        if in_foreground() {
-            return true;
-        }
         if refuted || !orphaned() {
             return false;
         }
-        LET_THROUGH_ORPHANED.store(STOPS.load(Ordering::SeqCst), Ordering::SeqCst);
+        LET_THROUGH_ORPHANED.store(true, Ordering::SeqCst);
         true
     };
-    wait_for_the_end_or_stop(in_foreground, let_through, || {
-        // An end that came since the stop was decided: none (the SIGCONT that would undo
-        // it, `start_the_continuer`'s, may be the one this stop would discard).
-        if ending() {
-            return;
-        }
-        // SIGSTOP, which no handler or mask holds back, rather than the signal itself,
-        // whose action is this handler.
-        // SAFETY: raise is async-signal-safe.
-        unsafe { libc::raise(libc::SIGSTOP) };
-    });
+    if wait_in_the_background(in_foreground, let_through, sleep_a_step) == Waited::Foreground {
+        super::foreground_regained();
+    }
     // The editor's read, let through by the end, would fail and the editor set a mode.
     super::park_the_editor_at_the_end();
     Errno::set_raw(errno);
 }
 
-/// What [`on_terminal_from_the_background`] does, given whether the process is in the
-/// foreground (`brought_back`, asked at every step of the wait, which it ends at once: a
-/// `fg` lets the call through then, not a wait later), whether the call may go on without a
-/// stop (`let_through`, asked before one: in the foreground, or in an orphaned process
-/// group) and how to stop it (returning once continued). Async-signal-safe.
-pub(super) fn wait_for_the_end_or_stop(
+/// How a wait of [`wait_in_the_background`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Waited {
+    /// The chat was told to end, and the end let through ([`let_the_end_through`]).
+    Ended,
+    /// The terminal is ours again: a shell's `fg`.
+    Foreground,
+    /// Let go on without the foreground (an orphaned process group).
+    LetThrough,
+}
+
+/// Waits, running, until the chat is told to end ([`ending`]; the end is let through),
+/// `brought_back` says the terminal is ours again (a shell's `fg`, which sends no SIGCONT to
+/// a job that runs: bash's does not), or `let_through` says to go on without it; looks every
+/// [`QUICK_STEP`] for the first [`QUICK_WAIT`] (the SIGTERM of a `kill %1`, handled on
+/// another thread, is seen within a step of its SIGCONT), then every [`STEP`]. `pause`
+/// sleeps a step ([`sleep_a_step`]); a signal may cut it short. Async-signal-safe, given arguments that are.
+pub(super) fn wait_in_the_background(
     brought_back: impl Fn() -> bool,
     let_through: impl Fn() -> bool,
-    stop: impl Fn(),
-) {
+    pause: impl Fn(Duration),
+) -> Waited {
+    let mut steps = 0u32;
     loop {
-        let seen = STOPS.load(Ordering::SeqCst);
-        let back = std::cell::Cell::new(false);
-        let step = || {
-            back.set(brought_back());
-            back.get() || pause_a_step()
-        };
-        if ending_within_steps_of(END_SIGNAL_WAIT, step) {
+        if ending() {
             let_the_end_through();
-            return;
+            return Waited::Ended;
         }
-        if back.get() || let_through() {
-            return;
+        if brought_back() {
+            return Waited::Foreground;
         }
-        let free = seen.is_multiple_of(2);
-        if free
-            && STOPS
-                .compare_exchange(
-                    seen,
-                    seen.wrapping_add(1),
-                    Ordering::SeqCst,
-                    Ordering::SeqCst,
-                )
-                .is_ok()
-        {
-            stop();
-            STOPS.store(seen.wrapping_add(2), Ordering::SeqCst);
-            return;
+        if let_through() {
+            return Waited::LetThrough;
         }
+        let quick = QUICK_STEP * steps < QUICK_WAIT;
+        pause(if quick { QUICK_STEP } else { STEP });
+        steps = steps.saturating_add(1);
     }
 }
 
-/// The stops [`on_terminal_from_the_background`] made, twice over: odd while one is being
-/// made (from the decision until the process is continued).
-pub(super) static STOPS: AtomicU32 = AtomicU32::new(0);
+/// Sleeps `step` (less if a signal comes): `poll` with no descriptor, a sleep that is
+/// async-signal-safe.
+pub(super) fn sleep_a_step(step: Duration) {
+    let millis = libc::c_int::try_from(step.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: poll with no descriptors reads none.
+    unsafe { libc::poll(std::ptr::null_mut(), 0, millis) };
+}
 
-/// [`STOPS`] when [`on_terminal_from_the_background`] last let a call through because the
-/// process group looked orphaned (`u32::MAX` until then, a value [`STOPS`] does not hold
-/// for two thousand million stops).
-static LET_THROUGH_ORPHANED: AtomicU32 = AtomicU32::new(u32::MAX);
+/// How long [`wait_in_the_background`] looks every [`QUICK_STEP`].
+pub(super) const QUICK_WAIT: Duration = Duration::from_millis(200);
+
+/// The steps of [`wait_in_the_background`] at first.
+pub(super) const QUICK_STEP: Duration = Duration::from_millis(5);
+
+/// The steps of [`wait_in_the_background`] after [`QUICK_WAIT`]: a `fg` is seen within this.
+pub(super) const STEP: Duration = Duration::from_millis(50);
+
+/// Whether [`on_terminal_from_the_background`] let a call through because the process group
+/// looked orphaned. A call on the terminal from the background after that (the kernel sends
+/// the signal only to a group that is not orphaned, and a group once orphaned stays so) proves
+/// [`orphaned`] wrong for good.
+static LET_THROUGH_ORPHANED: AtomicBool = AtomicBool::new(false);
 
 /// An end signal's first action, before the signal watcher's thread hears of it: notes it,
 /// has any stop from then on undone ([`start_the_continuer`]), and in the background (a
@@ -223,17 +220,16 @@ fn make_the_continuer() {
 /// exits (SIGCONT, which the resume thread answers with nothing once the end has come), so
 /// that no stop keeps a chat told to end from its `__LEAVE__` and its exit.
 ///
-/// Every decision to stop is made on a look at [`ending`], and the stop itself comes a few
-/// instructions later (`on_sigtstp`'s `stop`, [`wait_for_the_end_or_stop`]'s SIGSTOP): an
-/// end signal handled in between, on another thread, still finds the process stopped with
-/// it; and a SIGTERM still pending when the stop's SIGTSTP is unblocked is handled first,
-/// and the stop made all the same. None of the chat's threads can continue a process they
-/// all stopped with; only the kernel can, and this timer asks it to. A SIGCONT to a process
-/// that runs wakes the resume thread, and discards any stop signal pending. A best effort:
-/// the timer is armed again only when its signal is taken, and a stop made while one waits
-/// to be taken discards it, so the stops look at the end once more just before they are
-/// made (`stop` in `suspend`, [`on_terminal_from_the_background`]). Async-signal-safe
-/// (`timer_settime`).
+/// The one stop the chat makes itself, on Ctrl+Z, is decided on a look at [`ending`], and
+/// made a few instructions later (`on_sigtstp`'s `stop`): an end signal handled in between,
+/// on another thread, still finds the process stopped with it; and a SIGTERM still pending
+/// when the stop's SIGTSTP is unblocked is handled first, and the stop made all the same.
+/// None of the chat's threads can continue a process they all stopped with; only the kernel
+/// can, and this timer asks it to. A SIGCONT to a process that runs wakes the resume thread,
+/// and discards any stop signal pending. A best effort: the timer is armed again only when
+/// its signal is taken, and a stop made while one waits to be taken discards it, so the stop
+/// looks at the end once more just before it is made (`stop` in `suspend`).
+/// Async-signal-safe (`timer_settime`).
 fn start_the_continuer() {
     if !CONTINUER_MADE.load(Ordering::SeqCst) {
         return;
@@ -270,82 +266,6 @@ pub(super) fn ending() -> bool {
                 .iter()
                 .any(|&signal| libc::sigismember(pending.as_ptr(), signal) == 1)
     }
-}
-
-/// How long a chat continued in the background waits for an end signal before it stops
-/// again ([`ending_within`]).
-pub(super) const END_SIGNAL_WAIT: Duration = Duration::from_millis(200);
-
-/// Whether the chat is told to end ([`ending`]) within `wait`, asked every few
-/// milliseconds. A shell's `kill %1` sends SIGTERM before SIGCONT, but the thread that takes
-/// the SIGTERM may run its handler only after this one has looked (on a busy machine, a
-/// few milliseconds later): stopped again at once, the chat would have sent its
-/// `__LEAVE__` (from the other threads) and then stayed stopped until `fg`. A `bg` costs
-/// the wait before it stops again, while the editor's thread waits here and draws nothing.
-///
-/// The wait counts only time the process ran, near enough: a step that takes more than
-/// [`LATE_STEP`] (the process was stopped meanwhile, by another thread that waited here
-/// first, or this thread got no core for that long) starts it again, up to [`FRESH_WAITS`]
-/// times. A wait begun before a stop would otherwise find its time spent on the SIGCONT of
-/// `kill %1`, and stop the process again at once, before the thread that took the SIGTERM
-/// had run its handler (seen under four busy loops). Async-signal-safe (poll, clock_gettime).
-pub(super) fn ending_within(wait: Duration) -> bool {
-    ending_within_steps_of(wait, pause_a_step)
-}
-
-/// Sleeps one step of [`ending_within`], 5 ms (fewer if a signal comes); never ends the
-/// wait. `poll` with no descriptor: a sleep that is async-signal-safe.
-fn pause_a_step() -> bool {
-    // SAFETY: poll with no descriptors reads none.
-    unsafe { libc::poll(std::ptr::null_mut(), 0, 5) };
-    false
-}
-
-/// [`ending_within`], with `step` for its sleep between two looks, which ends the wait
-/// early, with the answer as it stands, when it returns true.
-pub(super) fn ending_within_steps_of(wait: Duration, step: impl Fn() -> bool) -> bool {
-    let mut waited = Duration::ZERO;
-    let mut fresh = 0;
-    while waited < wait {
-        if ending() {
-            return true;
-        }
-        let before = monotonic();
-        if step() {
-            break;
-        }
-        let slept = monotonic().saturating_sub(before);
-        if slept > LATE_STEP && fresh < FRESH_WAITS {
-            fresh += 1;
-            waited = Duration::ZERO;
-        } else {
-            waited += slept;
-        }
-    }
-    ending()
-}
-
-/// A step of [`ending_within`]'s 5 ms that takes longer than this came back from a stop
-/// (or from starvation), and starts the wait again. A stop shorter than this is counted as
-/// waited.
-pub(super) const LATE_STEP: Duration = Duration::from_millis(100);
-
-/// How many times [`ending_within`] starts its wait again: a machine so loaded that every
-/// step comes back late still gets its stop.
-pub(super) const FRESH_WAITS: u32 = 4;
-
-/// The monotonic clock, which goes on while the process is stopped. Async-signal-safe.
-fn monotonic() -> Duration {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime fills the timespec; CLOCK_MONOTONIC is always there.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    Duration::new(
-        u64::try_from(now.tv_sec).unwrap_or(0),
-        u32::try_from(now.tv_nsec).unwrap_or(0),
-    )
 }
 
 /// Lets the end go through from the background: the editor takes its raw mode again when

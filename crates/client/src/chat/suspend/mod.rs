@@ -3,10 +3,12 @@
 //! and its line back on the screen however the process was stopped.
 //!
 //! This module owns the stop: SIGTSTP taken on the input thread alone, and its handler,
-//! which stops the process in the mode from before the chat; `ending` lets an end signal
-//! through a chat continued in the background, and stops it again when none comes;
-//! `resume` takes the editor's mode and draws its line again once the process is continued
-//! in the foreground.
+//! which stops the process in the mode from before the chat and, continued in the
+//! background, waits there, running, for `fg` or the end, its printer held
+//! ([`InTheForeground`]); `ending` notes the end signals and makes every call on the
+//! terminal from the background wait in the same way, and lets the end through; `resume`
+//! takes the editor's mode and draws its line again once the process is continued in the
+//! foreground.
 
 mod ending;
 mod resume;
@@ -14,7 +16,7 @@ mod resume;
 mod tests;
 
 use std::mem::MaybeUninit;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -25,7 +27,7 @@ use nix::sys::termios::Termios;
 
 use super::input_thread::BRACKETED_PASTE_OFF;
 pub(super) use ending::watch_for_the_end;
-use ending::{ending_within, let_the_end_through, END_SIGNAL_WAIT};
+use ending::{let_the_end_through, sleep_a_step, wait_in_the_background, Waited};
 pub(super) use resume::{redraw_on_resume, EditorThread};
 
 /// The terminal mode before the chat, the one the terminal guard puts back: the mode the
@@ -56,6 +58,26 @@ pub(super) fn keep_the_mode_before_chat() {
     match crate::locks::lock_within(&MODE_SETS, MODE_SET_WAIT, Duration::from_millis(1)) {
         Some(held) => std::mem::forget(held),
         None => debug!("a mode set of the terminal is still in flight; restoring anyway"),
+    }
+}
+
+/// The editor's external printer `P`, made to wait while the chat runs in the background of
+/// its terminal (continued there by `bg` or `kill -CONT`, or started there), where the shell
+/// owns the screen: the lines wait for `fg` (or the end), then are drawn above the line as
+/// ever. A terminal with `tostop` off lets a job write from the background, and the editor,
+/// between two keys or after its own Ctrl+Z, writes whatever it is handed; the room's lines
+/// were drawn over the shell's. (Meanwhile the feed holds at most [`crate::feed::MAX_QUEUED_BYTES`],
+/// then the receiver waits, and the rest waits in the socket.) Not on a terminal that is not
+/// ours, nor in an orphaned process group, where no `fg` can come: see [`in_background`] and
+/// [`orphaned`].
+pub(in crate::chat) struct InTheForeground<P>(pub(in crate::chat) P);
+
+impl<P: rustyline::ExternalPrinter> rustyline::ExternalPrinter for InTheForeground<P> {
+    fn print(&mut self, msg: String) -> rustyline::Result<()> {
+        while in_background() && !orphaned() {
+            std::thread::sleep(ending::STEP);
+        }
+        self.0.print(msg)
     }
 }
 
@@ -115,8 +137,13 @@ impl Stop {
 pub(super) fn suspend_on_input_thread() {
     let mut set = tstp();
     set.add(Signal::SIGCONT);
+    // And, as in every thread the client starts (`threads::spawn`), SIGTTIN and SIGTTOU, which
+    // only the threads that read the terminal or set its mode take: the terminal guard's
+    // restore of the mode, at the end, goes through from the background.
+    set.add(Signal::SIGTTIN);
+    set.add(Signal::SIGTTOU);
     if let Err(e) = set.thread_block() {
-        debug!("cannot block SIGTSTP and SIGCONT: {e}");
+        debug!("cannot block the job-control signals: {e}");
     }
 }
 
@@ -222,28 +249,78 @@ extern "C" fn on_sigtstp(_: libc::c_int) {
     stop();
     // Continued in the background (`bg`; or the SIGCONT a shell's `kill %1` sends after its
     // SIGTERM, so that the job can act on it): setting the mode from there would stop the
-    // process (SIGTTOU) until `fg`. For `bg` that is right, and stopping again says so
-    // plainly; but a chat told to end must be let go on to its `__LEAVE__` and exit, with the
-    // terminal, still the shell's, left in the mode it stopped in. (On a terminal that is not
-    // ours there is no foreground group to wait for: see `in_background`; and in an orphaned
-    // process group the kernel drops the stops, and no `fg` can come: see `orphaned`.)
-    while in_background() && !orphaned() {
-        if ending_within(END_SIGNAL_WAIT) {
+    // process (SIGTTOU) until `fg`. The chat waits here instead, running, until `fg` (then
+    // sets the mode and has the line drawn again) or the end (then goes on to its
+    // `__LEAVE__` and exit, with the terminal, still the shell's, left in the mode it stopped
+    // in); its printer waits too ([`InTheForeground`]). It used to stop again after 200 ms,
+    // which a `kill %1` coming just then could leave stopped for good (see
+    // `ending::on_terminal_from_the_background`). (On a terminal that is not ours there is no
+    // foreground group to wait for: see `in_background`; and in an orphaned process group no
+    // `fg` can come: see `orphaned`.)
+    let mut regained = false;
+    if in_background() && !orphaned() {
+        match wait_in_the_background(in_foreground, orphaned, sleep_a_step) {
             // The signal watcher and the main loop end the chat and the process (within
             // the watcher's grace). This thread waits for that here: returned to, the
             // editor would draw its line over the shell's screen.
-            let_the_end_through();
-            loop {
+            Waited::Ended => loop {
                 // SAFETY: pause is async-signal-safe.
                 unsafe { libc::pause() };
-            }
+            },
+            Waited::Foreground => regained = true,
+            Waited::LetThrough => {}
         }
-        stop();
     }
     if let Some(found) = found {
         set_mode(libc::STDIN_FILENO, libc::TCSADRAIN, &found);
     }
+    if regained {
+        foreground_regained();
+    }
     Errno::set_raw(errno);
+}
+
+/// The monotonic clock's nanoseconds when a wait in the background last ended with the
+/// terminal ours again ([`foreground_regained`]); 0 before.
+static REGAINED_AT: AtomicU64 = AtomicU64::new(0);
+
+/// A SIGCONT that no handler saw a stop for ([`Stop::Unseen`]), within this of
+/// [`REGAINED_AT`], is the other of the two a regained foreground can bring: see
+/// [`foreground_regained`].
+const REGAINED_WINDOW: Duration = Duration::from_millis(500);
+
+/// Tells the resume thread, as a SIGCONT to the process does, that a wait in the background
+/// ended with the terminal ours again: a shell's `fg` continues (SIGCONT) a job it saw stop,
+/// but bash gives a job that runs the terminal with no signal at all, and the line is to be
+/// drawn again either way. dash sends its SIGCONT all the same: the resume thread answers
+/// whichever of the two comes first, and takes the other, which finds no stop noted
+/// ([`Stop::Unseen`]) within [`REGAINED_WINDOW`] of this, for the same `fg`
+/// ([`regained_lately`]). Async-signal-safe (clock_gettime, getpid, kill).
+fn foreground_regained() {
+    REGAINED_AT.store(monotonic_nanos().max(1), Ordering::SeqCst);
+    // SAFETY: a signal to this very process, which only the resume thread takes.
+    unsafe { libc::kill(libc::getpid(), libc::SIGCONT) };
+}
+
+/// Whether a wait in the background ended with the terminal ours again within
+/// [`REGAINED_WINDOW`] ([`foreground_regained`]).
+fn regained_lately() -> bool {
+    let at = REGAINED_AT.load(Ordering::SeqCst);
+    let window = u64::try_from(REGAINED_WINDOW.as_nanos()).unwrap_or(u64::MAX);
+    at != 0 && monotonic_nanos().saturating_sub(at) < window
+}
+
+/// The monotonic clock, in nanoseconds. Async-signal-safe.
+fn monotonic_nanos() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the timespec; CLOCK_MONOTONIC is always there.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let secs = u64::try_from(now.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(now.tv_nsec).unwrap_or(0);
+    secs.saturating_mul(1_000_000_000).saturating_add(nanos)
 }
 
 /// Sets the mode of the terminal `fd` (standard input), again if a signal handler that does

@@ -16,8 +16,8 @@ use signal_hook::iterator::Signals;
 
 use super::ending::{ending, let_the_end_through};
 use super::{
-    editor_mode, in_background, Stop, EDITOR_THREAD, LAST_STOP, MODE_BEFORE_CHAT, MODE_SETS,
-    ON_THE_EDITORS_THREAD,
+    editor_mode, in_background, regained_lately, Stop, EDITOR_THREAD, LAST_STOP, MODE_BEFORE_CHAT,
+    MODE_SETS, ON_THE_EDITORS_THREAD,
 };
 use crate::feed::Feed;
 use crate::locks;
@@ -35,13 +35,12 @@ use crate::locks;
 /// between two keys, once it waits for the next one ([`wake_the_editor`]).
 ///
 /// Continued in the background after a SIGSTOP (`kill -CONT` while the shell, which saw the
-/// job stop, has the terminal), the process ran on unseen, and a shell's `fg` continues
+/// job stop, has the terminal), the process ran on unseen, and bash's `fg` continues
 /// (SIGCONT) only a job that is stopped, so it got the terminal back with no signal, no
-/// prompt and the shell's mode. Setting the editor's mode from the background now stops it
-/// again (SIGTTOU, then `ending::on_terminal_from_the_background`'s SIGSTOP once no end
-/// has come) until `fg`, which continues it in the foreground, where the mode is set and the line
-/// drawn. (After a SIGTSTP, the handler's setting the mode back stops it in the
-/// same way.)
+/// prompt and the shell's mode. Setting the editor's mode from the background now waits
+/// (SIGTTOU, then `ending::on_terminal_from_the_background`) until `fg`, after which the
+/// mode is set and the line drawn. (After a SIGTSTP, the handler waits in the same way, and
+/// tells this thread of the `fg` as a SIGCONT would: `foreground_regained`.)
 ///
 /// Called on the thread the editor reads on, before it takes SIGTSTP (the watching thread
 /// must not); the editor's thread is known as such until the guard returned is dropped.
@@ -59,6 +58,9 @@ pub(in crate::chat) fn redraw_on_resume(
         if let Err(e) = cont.thread_unblock() {
             debug!("cannot unblock SIGCONT: {e}");
         }
+        // It sets the terminal's mode: from the background it waits there for `fg` or the
+        // end (`ending::on_terminal_from_the_background`), rather than set it.
+        crate::threads::take_terminal_signals_here();
         while signals.forever().next().is_some() {
             if on_resume(&feed, &reading, &again) {
                 // A SIGCONT that came meanwhile was for the stop just settled, not a
@@ -145,10 +147,14 @@ pub(super) fn resume_given(
         return true;
     }
     let stop = Stop::last();
+    if stop == Stop::Unseen && regained_lately() {
+        // The second SIGCONT of one `fg`: see `foreground_regained`.
+        return true;
+    }
     if stop != Stop::Unseen {
         if in_background() {
-            // Continued in the background (`bg`): the handler, setting the mode it found
-            // again, stops the process (SIGTTOU) until `fg`, whose SIGCONT ends this stop.
+            // Continued in the background (`bg`): the handler waits there, running, until
+            // `fg`, then tells this thread as a SIGCONT would (`foreground_regained`).
             // (On a terminal that is not ours no group has the terminal, and a SIGCONT
             // always ends the stop: asked whether we are in the foreground, which there we
             // never are, it ended none, and no later stop was drawn again for.)
@@ -244,12 +250,10 @@ pub(super) fn keys_waiting(fd: libc::c_int) -> bool {
 }
 
 /// Sets the editor's raw mode, whatever the mode found (a shell may have given the
-/// terminal its own). From the background the process is stopped (SIGTTOU, then
-/// `ending::on_terminal_from_the_background`) until it is continued in the foreground,
-/// where the call goes through: it returns with the terminal ours, however long that takes.
-/// A shell's `fg` that comes while the handler waits for an end lets the call through within
-/// a step of the wait (5 ms); one that came in the instant between the handler's last look
-/// at the terminal and its stop would see the job stop again, and a second `fg` continue it.
+/// terminal its own). From the background the call waits (SIGTTOU, then
+/// `ending::on_terminal_from_the_background`) until the terminal is ours, and goes through
+/// within a step of that wait (50 ms at most) of a shell's `fg`: it returns with the
+/// terminal ours, however long that takes, or once an end lets it through.
 fn take_editor_mode() {
     let Some(before) = MODE_BEFORE_CHAT.get() else {
         return;

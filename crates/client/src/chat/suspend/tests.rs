@@ -344,34 +344,124 @@ fn the_last_stop_is_read_back_as_noted() {
     LAST_STOP.store(Stop::Unseen as u8, Ordering::SeqCst);
 }
 
-/// An end signal pending for the thread that asks (here a SIGHUP it blocks, sent to
-/// itself) is the chat told to end, at once; with none, the wait is waited out, and not
-/// much longer.
+/// Runs [`wait_in_the_background`] with the process in the foreground as `foreground` says
+/// on each look (given its number, from 1), never let through, with `step` run at each of its
+/// sleeps (given the step's number, from 1) in place of the sleep; returns how it ended, the
+/// looks at the foreground and the sleeps asked for.
+fn wait_given(
+    foreground: impl Fn(u32) -> bool,
+    step: impl Fn(u32),
+) -> (Waited, u32, Vec<Duration>) {
+    let looks = std::cell::Cell::new(0);
+    let sleeps = std::cell::RefCell::new(Vec::new());
+    let waited = wait_in_the_background(
+        || {
+            looks.set(looks.get() + 1);
+            foreground(looks.get())
+        },
+        || false,
+        |sleep| {
+            sleeps.borrow_mut().push(sleep);
+            step(u32::try_from(sleeps.borrow().len()).unwrap_or(u32::MAX));
+        },
+    );
+    (waited, looks.get(), sleeps.into_inner())
+}
+
+/// With nothing coming, the wait goes on, running (it never stops the process: the stop a
+/// `kill %1` coming just then left stopped for good), looking every [`QUICK_STEP`] for
+/// [`QUICK_WAIT`], then every [`STEP`]; brought to the foreground, it ends there, at the look
+/// after.
 #[test]
-fn an_end_signal_pending_is_seen_and_without_one_the_wait_is_waited_out() {
+fn the_wait_looks_often_at_first_then_less_and_ends_in_the_foreground() {
     let _serial = serial();
-    thread::spawn(|| {
-        let mut hup = SigSet::empty();
-        hup.add(Signal::SIGHUP);
-        hup.thread_block().expect("SIGHUP blocked");
-        assert!(!ending(), "nothing is pending yet");
-        let started = std::time::Instant::now();
-        assert!(!ending_within(END_SIGNAL_WAIT));
-        let waited = started.elapsed();
-        assert!(
-            waited >= END_SIGNAL_WAIT && waited < Duration::from_millis(2500),
-            "waited {waited:?}"
+    let (waited, looks, sleeps) = wait_given(|look| look == 100, |_| {});
+    assert_eq!((waited, looks, sleeps.len()), (Waited::Foreground, 100, 99));
+    let quick = usize::try_from(QUICK_WAIT.as_millis() / QUICK_STEP.as_millis()).unwrap();
+    assert!(
+        sleeps[..quick].iter().all(|&s| s == QUICK_STEP),
+        "{sleeps:?}"
+    );
+    assert!(sleeps[quick..].iter().all(|&s| s == STEP), "{sleeps:?}");
+}
+
+/// An end signal pending for the thread that waits (here a SIGHUP it blocks, sent to itself
+/// at the third sleep) ends the wait at the next look, with the end let through (SIGTTOU and
+/// SIGTTIN ignored), the foreground not looked at again.
+#[test]
+fn an_end_signal_pending_ends_the_wait_and_is_let_through() {
+    let _serial = serial();
+    let mut ended = None;
+    let after = with_default_background_actions(|| {
+        ended = Some(
+            thread::spawn(|| {
+                let mut hup = SigSet::empty();
+                hup.add(Signal::SIGHUP);
+                hup.thread_block().expect("SIGHUP blocked");
+                assert!(!ending(), "nothing is pending yet");
+                let (waited, looks, sleeps) = wait_given(
+                    |_| false,
+                    |sleep| {
+                        if sleep == 3 {
+                            // SAFETY: a signal to this very thread, which blocks it.
+                            unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGHUP) };
+                        }
+                    },
+                );
+                // Taken, so that it goes nowhere else.
+                assert_eq!(hup.wait(), Ok(Signal::SIGHUP));
+                assert!(!ending());
+                (waited, looks, sleeps.len())
+            })
+            .join()
+            .expect("the waiting thread"),
         );
-        // SAFETY: a signal to this very thread, which blocks it.
-        unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGHUP) };
-        assert!(ending(), "the SIGHUP pending is seen");
-        assert!(ending_within(END_SIGNAL_WAIT));
-        // Taken, so that it goes nowhere else.
-        assert_eq!(hup.wait(), Ok(Signal::SIGHUP));
-        assert!(!ending());
-    })
-    .join()
-    .expect("the asking thread");
+    });
+    assert_eq!(ended, Some((Waited::Ended, 3, 3)));
+    assert!(after
+        .iter()
+        .all(|a| matches!(a.handler(), SigHandler::SigIgn)));
+}
+
+/// An end already handled on another thread ([`ENDING`], which is how the chat's threads
+/// hear of one: `sigpending` tells only of signals they block) ends the wait at once, with
+/// the end let through, even in the foreground.
+#[test]
+fn an_end_handled_on_another_thread_ends_the_wait_at_once() {
+    let _serial = serial();
+    let mut ended = None;
+    let after = with_default_background_actions(|| {
+        ENDING.store(true, Ordering::SeqCst);
+        ended = Some(wait_given(|_| true, |_| {}));
+        ENDING.store(false, Ordering::SeqCst);
+    });
+    assert_eq!(ended, Some((Waited::Ended, 0, Vec::new())));
+    assert!(after
+        .iter()
+        .all(|a| matches!(a.handler(), SigHandler::SigIgn)));
+}
+
+/// Let through (an orphaned process group, where no `fg` can come), the wait ends at once,
+/// after a look at the foreground and with the end not let through.
+#[test]
+fn let_through_the_wait_ends_without_the_foreground() {
+    let _serial = serial();
+    let looks = std::cell::Cell::new(0);
+    let after = with_default_background_actions(|| {
+        let waited = wait_in_the_background(
+            || {
+                looks.set(looks.get() + 1);
+                false
+            },
+            || true,
+            |_| panic!("no sleep"),
+        );
+        assert_eq!(waited, Waited::LetThrough);
+    });
+    assert_eq!(looks.get(), 1);
+    assert!(after
+        .iter()
+        .all(|a| matches!(a.handler(), SigHandler::SigDfl)));
 }
 
 /// Letting the end through ignores SIGTTOU and SIGTTIN, so that neither the mode set
@@ -396,214 +486,6 @@ fn with_default_background_actions(f: impl FnOnce()) -> [SigAction; 2] {
     f();
     // SAFETY: the actions found are put back.
     [0, 1].map(|i| unsafe { signal::sigaction(signals[i], &before[i]) }.expect("action"))
-}
-
-/// A wait of [`ending_within`] whose step comes back late (from a stop) starts again,
-/// so that it is waited in full once the process runs; and a step always late starts it
-/// again only [`FRESH_WAITS`] times, then counts.
-#[test]
-fn a_late_step_starts_the_wait_again_a_few_times_at_most() {
-    let _serial = serial();
-    thread::spawn(|| {
-        let steps = std::cell::Cell::new(0);
-        let started = std::time::Instant::now();
-        let ended = ending_within_steps_of(END_SIGNAL_WAIT, || {
-            steps.set(steps.get() + 1);
-            let nap = if steps.get() == 1 { 150 } else { 5 };
-            thread::sleep(Duration::from_millis(nap));
-            false
-        });
-        assert!(!ended);
-        let waited = started.elapsed();
-        assert!(
-            waited >= Duration::from_millis(150) + END_SIGNAL_WAIT,
-            "waited {waited:?} in {} steps",
-            steps.get()
-        );
-        let steps = std::cell::Cell::new(0);
-        let ended = ending_within_steps_of(END_SIGNAL_WAIT, || {
-            steps.set(steps.get() + 1);
-            thread::sleep(LATE_STEP + Duration::from_millis(20));
-            false
-        });
-        assert!(!ended);
-        // Each late step counts once the fresh waits are spent: 120 ms, then 240 ms (or
-        // one step of 200 ms or more, on a loaded machine).
-        assert!(
-            (FRESH_WAITS + 1..=FRESH_WAITS + 2).contains(&steps.get()),
-            "{} steps",
-            steps.get()
-        );
-    })
-    .join()
-    .expect("the waiting thread");
-}
-
-/// A thread that makes the stop for a call from the background, counting its calls.
-struct Stopper {
-    foreground_asked: std::cell::Cell<u32>,
-    stops: std::cell::Cell<u32>,
-}
-
-impl Stopper {
-    /// Runs [`wait_for_the_end_or_stop`] from `stops_before` in [`STOPS`], with the
-    /// process in the foreground or not as `foreground` says on each question (given
-    /// its number, from 1), on a thread of its own, and checks that each stop is made
-    /// with [`STOPS`] odd; returns the counts, and [`STOPS`] after.
-    fn run(
-        stops_before: u32,
-        foreground: impl Fn(u32) -> bool + Send + 'static,
-    ) -> (u32, u32, u32) {
-        STOPS.store(stops_before, Ordering::SeqCst);
-        let (asked, stops) = thread::spawn(move || {
-            let stopper = Stopper {
-                foreground_asked: std::cell::Cell::new(0),
-                stops: std::cell::Cell::new(0),
-            };
-            wait_for_the_end_or_stop(
-                || false,
-                || {
-                    let n = stopper.foreground_asked.get() + 1;
-                    stopper.foreground_asked.set(n);
-                    foreground(n)
-                },
-                || {
-                    let stops = STOPS.load(Ordering::SeqCst);
-                    assert!(
-                        !stops.is_multiple_of(2),
-                        "a stop being made is told ({stops})"
-                    );
-                    stopper.stops.set(stopper.stops.get() + 1);
-                },
-            );
-            (stopper.foreground_asked.get(), stopper.stops.get())
-        })
-        .join()
-        .expect("the stopping thread");
-        let after = STOPS.swap(0, Ordering::SeqCst);
-        (asked, stops, after)
-    }
-}
-
-/// With no end coming and the process still in the background after the wait, one
-/// stop is made, and counted as made and over.
-#[test]
-fn with_no_end_coming_one_stop_is_made() {
-    let _serial = serial();
-    assert_eq!(Stopper::run(0, |_| false), (1, 1, 2));
-}
-
-/// Brought to the foreground during the wait, the call is let through: no stop.
-#[test]
-fn brought_to_the_foreground_meanwhile_no_stop_is_made() {
-    let _serial = serial();
-    assert_eq!(Stopper::run(6, |_| true), (1, 0, 6));
-}
-
-/// With an end signal pending, the end is let through at once: no stop, and SIGTTOU
-/// and SIGTTIN ignored.
-#[test]
-fn with_an_end_coming_the_end_is_let_through_and_no_stop_made() {
-    let _serial = serial();
-    let mut counts = None;
-    let after = with_default_background_actions(|| {
-        STOPS.store(0, Ordering::SeqCst);
-        counts = Some(
-            thread::spawn(|| {
-                let mut hup = SigSet::empty();
-                hup.add(Signal::SIGHUP);
-                hup.thread_block().expect("SIGHUP blocked");
-                // SAFETY: a signal to this very thread, which blocks it.
-                unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGHUP) };
-                let stops = std::cell::Cell::new(0);
-                wait_for_the_end_or_stop(|| false, || false, || stops.set(stops.get() + 1));
-                assert_eq!(hup.wait(), Ok(Signal::SIGHUP));
-                (stops.get(), STOPS.load(Ordering::SeqCst))
-            })
-            .join()
-            .expect("the waiting thread"),
-        );
-    });
-    assert_eq!(counts, Some((0, 0)));
-    assert!(after
-        .iter()
-        .all(|a| matches!(a.handler(), SigHandler::SigIgn)));
-}
-
-/// While another thread is making a stop (from its decision until the process is
-/// continued), none is made here: this thread waits again, and makes its own only once
-/// that stop is over.
-#[test]
-fn while_another_thread_makes_a_stop_none_is_made_here() {
-    let _serial = serial();
-    let counts = Stopper::run(1, |asked| {
-        if asked == 2 {
-            // The other thread's stop is over: the process was continued.
-            STOPS.store(2, Ordering::SeqCst);
-        }
-        false
-    });
-    assert_eq!(counts, (3, 1, 4));
-}
-
-/// A stop made by another thread between this one's wait and its own stop (which
-/// stopped this thread too, and the SIGCONT continued both) makes it wait again rather
-/// than stop the process once more, before an end signal that SIGCONT came with is
-/// handled.
-#[test]
-fn a_stop_made_by_another_thread_during_the_wait_makes_it_wait_again() {
-    let _serial = serial();
-    let counts = Stopper::run(0, |asked| {
-        if asked == 1 {
-            STOPS.store(2, Ordering::SeqCst);
-        }
-        false
-    });
-    assert_eq!(counts, (2, 1, 4));
-}
-
-/// An end already handled on another thread ([`ENDING`], which is how the chat's
-/// threads hear of one: `sigpending` tells only of signals they block) is let through
-/// at once: no stop, and SIGTTOU and SIGTTIN ignored.
-#[test]
-fn an_end_handled_on_another_thread_is_let_through_and_no_stop_made() {
-    let _serial = serial();
-    STOPS.store(0, Ordering::SeqCst);
-    let stops = std::cell::Cell::new(0);
-    let after = with_default_background_actions(|| {
-        ENDING.store(true, Ordering::SeqCst);
-        wait_for_the_end_or_stop(|| false, || false, || stops.set(stops.get() + 1));
-        ENDING.store(false, Ordering::SeqCst);
-    });
-    assert_eq!((stops.get(), STOPS.load(Ordering::SeqCst)), (0, 0));
-    assert!(after
-        .iter()
-        .all(|a| matches!(a.handler(), SigHandler::SigIgn)));
-}
-
-/// Brought to the foreground during the wait (`fg`), the wait ends there: the call is
-/// let through at once, without the question before a stop, and with no stop.
-#[test]
-fn brought_to_the_foreground_during_the_wait_it_ends_there() {
-    let _serial = serial();
-    STOPS.store(0, Ordering::SeqCst);
-    let (looks, decisions, stops) = (
-        std::cell::Cell::new(0),
-        std::cell::Cell::new(0),
-        std::cell::Cell::new(0),
-    );
-    wait_for_the_end_or_stop(
-        || {
-            looks.set(looks.get() + 1);
-            looks.get() == 3
-        },
-        || {
-            decisions.set(decisions.get() + 1);
-            false
-        },
-        || stops.set(stops.get() + 1),
-    );
-    assert_eq!((looks.get(), decisions.get(), stops.get()), (3, 0, 0));
 }
 
 /// A new pseudo-terminal: its controlling side and the terminal.
