@@ -11,27 +11,43 @@
 //! stopped. So every thread starts here, with both blocked from its first instruction; the
 //! input and resume threads then unblock their own.
 //!
-//! SIGTTIN and SIGTTOU are blocked too. The kernel sends them to the whole process group when
-//! a thread reads the terminal, or sets its mode, from the background, and any thread that
-//! does not block them takes them: in the line editor their handler waits there for `fg` or
-//! the end (`chat::suspend`), and the receiver, the printer or the keepalives, taking them,
-//! waited with it. Only the threads that read the terminal or set its mode take them (the
-//! input thread and the resume thread unblock them: [`take_terminal_signals_here`]); a thread
-//! that blocks them writes from the background even under `stty tostop`, and a mode it sets
-//! there goes through.
+//! In the line editor SIGTTIN and SIGTTOU are blocked too, once the chat says so
+//! ([`keep_terminal_signals_to_their_threads`]). The kernel sends them to the whole process
+//! group when a thread reads the terminal, or sets its mode, from the background, and any
+//! thread that does not block them takes them: their handler waits there for `fg` or the end
+//! (`chat::suspend`), and the receiver, the printer or the keepalives, taking them, waited
+//! with it. Only the threads that read the terminal or set its mode take them (the input
+//! thread and the resume thread unblock them: [`take_terminal_signals_here`]); a thread that
+//! blocks them writes from the background even under `stty tostop`, and a mode it sets there
+//! goes through. Without the line editor they keep their default actions in every thread, and
+//! `stty tostop` stops a chat that writes from the background, as it stops any program.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
-/// The job-control signals every thread starts with blocked (see the module docs).
+/// The job-control signals every thread starts with blocked, the last two only once
+/// [`TERMINAL_SIGNALS_KEPT`] (see the module docs).
 const JOB_CONTROL: [Signal; 4] = [
     Signal::SIGTSTP,
     Signal::SIGCONT,
     Signal::SIGTTIN,
     Signal::SIGTTOU,
 ];
+
+/// Whether the threads started from now on block SIGTTIN and SIGTTOU as well
+/// ([`keep_terminal_signals_to_their_threads`]).
+static TERMINAL_SIGNALS_KEPT: AtomicBool = AtomicBool::new(false);
+
+/// Makes every thread started from now on block SIGTTIN and SIGTTOU too, for the line
+/// editor, whose input and resume threads alone take them (see the module docs). Threads
+/// started before keep them open: the resolver's, gone by then, and the stderr writer's, started
+/// by the first log line (`RUST_LOG`), which may then take one and wait in its handler.
+pub fn keep_terminal_signals_to_their_threads() {
+    TERMINAL_SIGNALS_KEPT.store(true, Ordering::SeqCst);
+}
 
 /// Lets the calling thread take SIGTTIN and SIGTTOU, as a thread that reads the terminal or
 /// sets its mode must: blocked, a read from the background fails (`EIO`) and a mode set goes
@@ -52,9 +68,14 @@ where
     T: Send + 'static,
 {
     let builder = thread::Builder::new().name(name.to_owned());
+    let kept = if TERMINAL_SIGNALS_KEPT.load(Ordering::SeqCst) {
+        4
+    } else {
+        2
+    };
     let mut job_control = SigSet::empty();
-    for signal in JOB_CONTROL {
-        job_control.add(signal);
+    for signal in &JOB_CONTROL[..kept] {
+        job_control.add(*signal);
     }
     // A signal that comes to this thread meanwhile waits, pending, until the mask is put back.
     // (pthread_sigmask fails only for arguments that are not valid, and these are. Nothing
@@ -78,8 +99,10 @@ mod tests {
             .contains(signal)
     }
 
-    /// A thread started from one that takes the job-control signals has them all blocked,
-    /// and the starting thread still takes them.
+    /// A thread started from one that takes the job-control signals has SIGTSTP and SIGCONT
+    /// blocked, and SIGTTIN and SIGTTOU as well once the line editor keeps them to their
+    /// threads; the starting thread still takes them all. (A process of its own per test,
+    /// under nextest: the switch is for the whole process.)
     #[test]
     fn threads_start_with_job_control_blocked_and_leave_the_callers_mask_alone() {
         let caller = thread::spawn(|| {
@@ -88,15 +111,23 @@ mod tests {
                 open.add(signal);
             }
             open.thread_unblock().expect("unblock");
-            let child = spawn("child", || JOB_CONTROL.map(blocked_here))
-                .expect("spawn")
-                .join()
-                .expect("join");
-            let after = JOB_CONTROL.map(blocked_here);
-            (child, after)
+            let started = || {
+                spawn("child", || JOB_CONTROL.map(blocked_here))
+                    .expect("spawn")
+                    .join()
+                    .expect("join")
+            };
+            let before = started();
+            keep_terminal_signals_to_their_threads();
+            let kept = started();
+            (before, kept, JOB_CONTROL.map(blocked_here))
         });
-        let (child, after) = caller.join().expect("join");
-        assert_eq!(child, [true; 4], "the new thread's mask");
+        let (before, kept, after) = caller.join().expect("join");
+        assert_eq!(before, [true, true, false, false], "the new thread's mask");
+        assert_eq!(
+            kept, [true; 4],
+            "the new thread's mask, terminal signals kept"
+        );
         assert_eq!(after, [false; 4], "the caller's mask, put back");
     }
 }

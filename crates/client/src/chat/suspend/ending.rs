@@ -99,7 +99,8 @@ extern "C" fn on_terminal_from_the_background(_: libc::c_int) {
         LET_THROUGH_ORPHANED.store(true, Ordering::SeqCst);
         true
     };
-    if wait_in_the_background(in_foreground, let_through, sleep_a_step) == Waited::Foreground {
+    let brought_back = || !super::in_background();
+    if wait_in_the_background(brought_back, let_through, sleep_a_step) == Waited::Foreground {
         super::foreground_regained();
     }
     // The editor's read, let through by the end, would fail and the editor set a mode.
@@ -173,8 +174,8 @@ static LET_THROUGH_ORPHANED: AtomicBool = AtomicBool::new(false);
 /// An end signal's first action, before the signal watcher's thread hears of it: notes it,
 /// has any stop from then on undone ([`start_the_continuer`]), and in the background (a
 /// shell's `kill %1` on a stopped chat, with the SIGCONT after it) lets the end through
-/// ([`let_the_end_through`]) before any thread, ending the chat, sets the terminal's mode
-/// from there and so stops the process again before its `__LEAVE__`.
+/// ([`let_the_end_through`]): the calls on the terminal waiting there go through (or fail),
+/// and the editor's thread parks.
 fn on_end_signal() {
     ENDING.store(true, Ordering::SeqCst);
     start_the_continuer();
@@ -268,13 +269,13 @@ pub(super) fn ending() -> bool {
     }
 }
 
-/// Lets the end go through from the background: the editor takes its raw mode again when
-/// its Ctrl+Z returns, and the terminal guard puts back the mode before the chat at the
-/// end, each a `tcsetattr` that, from the background, would stop the process (SIGTTOU)
-/// before its `__LEAVE__`; and the editor's read of the terminal, begun or restarted there,
-/// would stop it (SIGTTIN). With SIGTTOU ignored the modes go through, the last of them
-/// leaving the shell's terminal in the mode from before the chat; with SIGTTIN ignored the
-/// read fails (`EIO`), which the input thread takes for the end of input. Async-signal-safe.
+/// Lets the end go through from the background: the resume thread's setting of the editor's
+/// mode, a `tcsetattr` that waits there (SIGTTOU, [`on_terminal_from_the_background`]) for
+/// the end or `fg`, and the editor's read of the terminal, begun or restarted there
+/// (SIGTTIN). With SIGTTOU ignored the mode set goes through (the terminal guard's, which
+/// comes after it, leaves the shell's terminal in the mode from before the chat); with
+/// SIGTTIN ignored the read fails (`EIO`), which the input thread takes for the end of input.
+/// Async-signal-safe.
 pub(super) fn let_the_end_through() {
     let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
     for signal in [Signal::SIGTTOU, Signal::SIGTTIN] {

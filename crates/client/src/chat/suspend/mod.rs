@@ -38,9 +38,9 @@ static MODE_BEFORE_CHAT: OnceLock<libc::termios> = OnceLock::new();
 /// and for good by the terminal guard once it has put back the mode from before the chat
 /// ([`keep_the_mode_before_chat`]), so that the guard's comes after any the resume thread
 /// makes. (The editor's own, on the editor's thread, are kept from coming after it at an
-/// end signal by [`park_the_editor_at_the_end`].) From the
-/// background that set waits (SIGTTOU) for an end signal, then goes through once the end
-/// lets it, a few milliseconds after the end came: after the guard, as a rule, or as the
+/// end by [`park_the_editor_at_the_end`].) From the background that set waits (SIGTTOU) for
+/// the end or `fg`, then goes through once the end lets it, a few milliseconds after the
+/// end came: after the guard, as a rule, or as the
 /// process exits, which left the shell's terminal raw (dash does not give it its own mode
 /// back: the server test
 /// `client_terminal::killed_in_the_background_after_a_sigstop_it_leaves_dash_the_terminal_as_before`).
@@ -54,7 +54,14 @@ const MODE_SET_WAIT: Duration = Duration::from_secs(1);
 /// Waits (up to [`MODE_SET_WAIT`]) for the resume thread's mode set in flight, if any, and
 /// keeps any other from being made until the process exits: called by the terminal guard
 /// before it puts back the mode from before the chat, at the chat's end.
+///
+/// A chat that ends in the background for a reason of its own (the room closed, the server
+/// gone) first waits there for `fg`, as it does for anything else ([`wait_for_the_end_here`]):
+/// the terminal is the shell's, or another job's (an editor's, say), whose mode the guard's
+/// restore and the closing lines would have trampled. An end signal (a shell's `kill %1`)
+/// ends it there, as it always did.
 pub(super) fn keep_the_mode_before_chat() {
+    wait_for_the_end_here();
     match crate::locks::lock_within(&MODE_SETS, MODE_SET_WAIT, Duration::from_millis(1)) {
         Some(held) => std::mem::forget(held),
         None => debug!("a mode set of the terminal is still in flight; restoring anyway"),
@@ -78,6 +85,28 @@ impl<P: rustyline::ExternalPrinter> rustyline::ExternalPrinter for InTheForegrou
             std::thread::sleep(ending::STEP);
         }
         self.0.print(msg)
+    }
+}
+
+/// Waits while the chat runs in the background of its terminal (not orphaned, and not told to
+/// end by a signal), then marks the chat as ending ([`ending::ENDING`]): from then on the
+/// handlers park the editor's thread ([`park_the_editor_at_the_end`]) rather than let the
+/// editor set its mode after the guard's, and let any call on the terminal through. Called
+/// on the main thread as the chat ends.
+fn wait_for_the_end_here() {
+    let mut waited = false;
+    while in_background() && !orphaned() && !ending::ending() {
+        if !waited {
+            debug!("the chat is over; waiting for the terminal, another group's, before giving it back");
+        }
+        std::thread::sleep(ending::STEP);
+        waited = true;
+    }
+    ending::ENDING.store(true, Ordering::SeqCst);
+    if waited {
+        // A handler that saw the terminal ours again before the end was marked goes back to
+        // the editor, which takes its raw mode at once: let that land before the guard's.
+        std::thread::sleep(ending::STEP);
     }
 }
 
@@ -137,9 +166,11 @@ impl Stop {
 pub(super) fn suspend_on_input_thread() {
     let mut set = tstp();
     set.add(Signal::SIGCONT);
-    // And, as in every thread the client starts (`threads::spawn`), SIGTTIN and SIGTTOU, which
-    // only the threads that read the terminal or set its mode take: the terminal guard's
-    // restore of the mode, at the end, goes through from the background.
+    // And, as in every thread the client starts from here on (`threads::spawn`), SIGTTIN and
+    // SIGTTOU, which only the threads that read the terminal or set its mode take: the
+    // terminal guard's restore of the mode, at an end signal, goes through from the
+    // background.
+    crate::threads::keep_terminal_signals_to_their_threads();
     set.add(Signal::SIGTTIN);
     set.add(Signal::SIGTTOU);
     if let Err(e) = set.thread_block() {
@@ -181,8 +212,9 @@ pub(super) fn stop_in_the_mode_before_the_chat() {
         return;
     }
     // SAFETY: the handler does only what is async-signal-safe (tcgetattr, tcsetattr,
-    // sigaction, raise, pthread_sigmask; errno saved and put back) and reads a static set
-    // before it is installed.
+    // tcflush, write, sigaction, raise, pthread_sigmask, sigpending, tcgetpgrp, getpgrp,
+    // getsid, poll, pause, clock_gettime, kill; errno saved and put back) and reads a static
+    // set before it is installed.
     if let Err(e) = unsafe { signal::sigaction(Signal::SIGTSTP, &sigtstp_action()) } {
         debug!("cannot stop in the terminal's mode before the chat: {e}");
     }
@@ -259,7 +291,7 @@ extern "C" fn on_sigtstp(_: libc::c_int) {
     // `fg` can come: see `orphaned`.)
     let mut regained = false;
     if in_background() && !orphaned() {
-        match wait_in_the_background(in_foreground, orphaned, sleep_a_step) {
+        match wait_in_the_background(|| !in_background(), orphaned, sleep_a_step) {
             // The signal watcher and the main loop end the chat and the process (within
             // the watcher's grace). This thread waits for that here: returned to, the
             // editor would draw its line over the shell's screen.
@@ -449,7 +481,7 @@ fn in_background() -> bool {
 /// of several processes whose middle one died (`sleep 600 | (ocm ... </dev/tty; :)`, the
 /// subshell killed: the `sleep`'s parent still holds the group): a call on the terminal from
 /// the background, let through for it, then comes back with the kernel's SIGTTIN or
-/// SIGTTOU, which proves the group is not orphaned, and stops as before (see
+/// SIGTTOU, which proves the group is not orphaned, and waits as any other (see
 /// `ending::on_terminal_from_the_background`). A parent outside our pid namespace
 /// (`getppid` gives 0) tells nothing. From signal handlers: `getpid`, `getppid` and `getsid`
 /// are plain system calls that touch only `errno`, which the handlers keep (`getsid` is not

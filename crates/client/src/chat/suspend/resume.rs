@@ -105,8 +105,8 @@ pub(super) fn editor_thread() -> std::sync::MutexGuard<'static, Option<libc::pth
 /// Makes the editor's thread go back to waiting for a key or a line to print, where it
 /// takes the redraw asked for. It may be inside a read of the terminal instead, where the
 /// external printer waits for the next key: a read begun in the background (keys typed to
-/// the shell wake the editor there too) stops the process with SIGTTIN, and once continued
-/// in the foreground waits for a key the shell has already read. A SIGWINCH to that thread
+/// the shell wake the editor there too) waits there (SIGTTIN) for `fg`, and then for a key
+/// the shell has already read. A SIGWINCH to that thread
 /// ends its read (the editor's handler for it does not restart reads) and makes the editor
 /// read the terminal's size again, as after its own Ctrl+Z: the terminal may have been
 /// resized while the shell had it, and told only the shell.
@@ -198,18 +198,19 @@ const WAKE_AGAIN_AFTER: [Duration; 3] = [
 /// returned; one during a schedule starts it again). The rewaker takes neither SIGTSTP nor
 /// SIGCONT (`threads::spawn`).
 ///
-/// Once wake is not always enough. The editor's thread, stopped in a read of the terminal
-/// begun in the background (SIGTTIN), and the resume thread are continued by the same
-/// SIGCONT. The wake's SIGWINCH can come just after the kernel, bringing the editor's thread
-/// back from its stop, has decided to restart that read and before the read runs again:
+/// Once wake is not always enough. The editor's thread, waiting in a read of the terminal
+/// begun in the background (SIGTTIN), and the resume thread both go on at the same `fg`.
+/// The wake's SIGWINCH can come just after the kernel, bringing the editor's thread back
+/// from the handler, has decided to restart that read and before the read runs again:
 /// its handler then runs, notes the signal for a `select` that is not running, and the read
 /// starts again, waiting for a key, with the redraw asked for left until one comes (one run
 /// in 120–240 of `after_a_sigstop_and_fg_the_editor_takes_its_mode_and_draws_its_line_again`
 /// under six-fold load). A SIGWINCH that finds the editor waiting where it should makes it
 /// read the terminal's size, and draw nothing if that did not change; one that finds it in
 /// the restarted read ends the read, and the editor takes the redraw. (One that finds it
-/// still in `ending::on_terminal_from_the_background`, which it leaves within a step of 5
-/// ms of `fg`, only cuts that step short: a later one finds it in the read.) No wake is sent while
+/// still in `ending::on_terminal_from_the_background` cuts that wait's step short, and the
+/// wait, looking again, finds the terminal ours and ends: a later one finds it in the read.)
+/// No wake is sent while
 /// keys wait unread: the editor is not stuck then, it reads them, and a signal in the middle
 /// of an escape sequence would cut it in two.
 pub(super) fn spawn_rewaker(reading: Arc<AtomicBool>) -> io::Result<mpsc::Sender<()>> {

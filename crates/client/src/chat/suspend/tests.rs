@@ -173,6 +173,44 @@ fn resumed_after_an_unseen_stop_the_line_being_read_is_drawn_again() {
     assert!(feed.close().is_empty());
 }
 
+/// A SIGCONT with no stop noted, within [`REGAINED_WINDOW`] of a wait in the background that
+/// ended with the terminal ours again, is the second of one `fg` (dash's, after the one the
+/// chat sends itself: `foreground_regained`, or before it): settled, with nothing drawn.
+/// Past the window it is a stop no handler saw, and the line is drawn again.
+#[test]
+fn the_second_sigcont_of_one_fg_draws_nothing() {
+    let _serial = serial();
+    let (feed, readline) = crate::feed::tests::one_slot_feed();
+    let (again, asked) = mpsc::channel();
+    let reading = AtomicBool::new(true);
+    LAST_STOP.store(Stop::Unseen as u8, Ordering::SeqCst);
+    REGAINED_AT.store(monotonic_nanos(), Ordering::SeqCst);
+    assert!(
+        resume_given(&feed, &reading, &again, || false),
+        "not settled"
+    );
+    assert!(
+        readline.recv_timeout(Duration::from_millis(200)).is_err(),
+        "drawn"
+    );
+    assert!(asked.try_recv().is_err(), "the rewaker told");
+    let window = u64::try_from(REGAINED_WINDOW.as_nanos()).expect("a window in u64");
+    REGAINED_AT.store(
+        monotonic_nanos().saturating_sub(window + 1),
+        Ordering::SeqCst,
+    );
+    assert!(
+        resume_given(&feed, &reading, &again, || false),
+        "not settled"
+    );
+    assert_eq!(
+        readline.recv_timeout(Duration::from_secs(10)).as_deref(),
+        Ok(crate::feed::REDRAW)
+    );
+    REGAINED_AT.store(0, Ordering::SeqCst);
+    assert!(feed.close().is_empty());
+}
+
 /// Continued in the background after a stop the handler saw (`bg`), nothing is drawn
 /// and nothing settled: the stop is kept for the `fg` to come.
 #[test]
