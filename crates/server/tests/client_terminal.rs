@@ -626,17 +626,7 @@ fn killed_from_the_shell_it_leaves_draws_nothing_and_exits(term: &mut Terminal, 
     // end at once; after `kill %1` it tells of the stop before it once more, a job that did
     // not stop again too: seen in a pty with `sleep`. Once in 58 CI runs "Done" did not come
     // within 10 s, with "* bob left" heard; which way the chat stood then is not known.)
-    let deadline = Instant::now() + PATIENCE;
-    while alive(ocm) {
-        assert!(
-            Instant::now() < deadline,
-            "the chat left but did not end: state {:?}, threads {}; {:?}",
-            state(ocm),
-            threads_of(ocm),
-            term.text()
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
+    wait_on_the_chat(term, ocm, "the chat left but did not end", || !alive(ocm));
     term.wait_for_after(shown, "[1]+  Done");
     assert!(
         !term.text()[shown..].contains("> half"),
@@ -647,6 +637,23 @@ fn killed_from_the_shell_it_leaves_draws_nothing_and_exits(term: &mut Terminal, 
     assert!(term.wait().success(), "{:?}", term.text());
     alice.type_line("/quit");
     assert!(alice.wait().success());
+}
+
+/// Waits until `condition` holds for the chat `ocm` run in `term`; past [`PATIENCE`], fails
+/// saying `what` went wrong, with the chat's state, its threads ([`threads_of`]) and the
+/// terminal's text.
+fn wait_on_the_chat(term: &Terminal, ocm: i32, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: state {:?}, threads {}; {:?}",
+            state(ocm),
+            threads_of(ocm),
+            term.text()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Each thread of process `pid` as `name state wchan syscall SigBlk SigPnd`
@@ -810,21 +817,13 @@ fn waiting_in_the_background(ocm: i32, thread: &str, signal: i32) {
 /// after the first `shown` bytes.
 fn said_while_away(alice: &mut Ocm, ocm: i32, term: &Terminal, shown: usize) {
     alice.type_line("while away");
-    let deadline = Instant::now() + PATIENCE;
-    while !thread_in_syscall(
-        ocm,
-        "printer",
-        &[libc::SYS_nanosleep, libc::SYS_clock_nanosleep],
-    ) {
-        assert!(
-            Instant::now() < deadline,
-            "the line was not held by bob's printer: state {:?}, threads {}; {:?}",
-            state(ocm),
-            threads_of(ocm),
-            term.text()
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
+    wait_on_the_chat(term, ocm, "the line was not held by bob's printer", || {
+        thread_in_syscall(
+            ocm,
+            "printer",
+            &[libc::SYS_nanosleep, libc::SYS_clock_nanosleep],
+        )
+    });
     assert!(
         !term.text()[shown..].contains("while away"),
         "{:?}",
@@ -910,6 +909,19 @@ fn killed_in_the_background_from_dash(waits: bool) {
         threads_of(ocm),
         term.text()
     );
+    exited_leaving_dash_its_mode(&mut term, ocm, &before, shown);
+    alice.type_line("/quit");
+    assert!(alice.wait().success());
+}
+
+/// Waits for `ocm`'s exit, checks that it left the terminal in `before`, dash's mode before
+/// the chat (the terminal's text since `shown` said if not), and ends dash.
+fn exited_leaving_dash_its_mode(
+    term: &mut Terminal,
+    ocm: i32,
+    before: &libc::termios,
+    shown: usize,
+) {
     wait_until("ocm's exit", || !alive(ocm));
     let mode = term.mode();
     assert_eq!(
@@ -918,9 +930,7 @@ fn killed_in_the_background_from_dash(waits: bool) {
         "{:?}",
         &term.text()[shown..]
     );
-    dash_exits(&mut term);
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    dash_exits(term);
 }
 
 /// Ends dash in `term` with `exit 0` (lines ended by `\n`, which any mode takes as one).
@@ -963,13 +973,7 @@ fn a_room_closed_while_the_chat_waits_in_the_background_ends_it() {
     assert_eq!(alice.line(), "* bob joined");
     term.wait_for_the_editors_raw_mode();
     let ocm = only_child(term.child.id() as i32);
-    let shown = term.text().len();
-    term.type_keys("\x1a");
-    term.wait_for_after(shown, "Stopped");
-    term.wait_for_after(shown, "$ ");
-    let shown = term.text().len();
-    term.type_keys("bg\n");
-    term.wait_for_after(shown, "$ ");
+    let shown = stopped_with_ctrl_z_and_sent_on(&mut term, "\n");
     waiting_in_the_background(ocm, "input", libc::SIGTSTP);
     alice.type_line("/quit");
     assert!(alice.wait().success());
@@ -985,15 +989,7 @@ fn a_room_closed_while_the_chat_waits_in_the_background_ends_it() {
     let shown = term.text().len();
     term.type_keys("fg\n");
     term.wait_for_after(shown, "* room lobby was closed");
-    wait_until("ocm's exit", || !alive(ocm));
-    let mode = term.mode();
-    assert_eq!(
-        (mode.c_lflag, mode.c_iflag),
-        (before.c_lflag, before.c_iflag),
-        "{:?}",
-        &term.text()[shown..]
-    );
-    dash_exits(&mut term);
+    exited_leaving_dash_its_mode(&mut term, ocm, &before, shown);
 }
 
 /// Stopped by a SIGSTOP (`kill -STOP`), which no handler sees, the editor leaves the
@@ -1387,18 +1383,12 @@ fn a_chat_orphaned_in_the_background_and_sent_a_stop_leaves_at_the_next_line() {
 #[test]
 fn a_chat_orphaned_while_it_waits_in_the_background_leaves() {
     let d = Daemon::start();
-    let (mut alice, log, mut term, subshell, ocm) = bob_in_a_subshell(&d, "&");
+    let (alice, log, term, subshell, ocm) = bob_in_a_subshell(&d, "&");
     let _cleanup = KillOnDrop(ocm);
     // The input thread, the first to touch the terminal, waits in the handler, which holds
     // SIGTTIN back (the thread takes it otherwise).
     waiting_in_the_background(ocm, "input", libc::SIGTTIN);
-    // SAFETY: a signal to the shell's child, not reaped yet.
-    assert_eq!(unsafe { libc::kill(subshell, libc::SIGKILL) }, 0);
-    assert_eq!(alice.line(), "* bob left");
-    wait_until("ocm's exit", || !alive(ocm));
-    let told = log.text();
-    the_shell_and_the_host_exit(&mut term, &mut alice);
-    ended_by_its_input(&told);
+    orphaned_it_leaves_at_the_end_of_its_input(subshell, ocm, &log, term, alice);
 }
 
 /// Alice hosting `lobby`, and bob joining it from a subshell of bash (`(ocm ...; :)`, then
@@ -1421,10 +1411,23 @@ fn bob_in_a_subshell(d: &Daemon, then: &str) -> (Ocm, BobsLog, Terminal, i32, i3
     (alice, log, term, subshell, ocm)
 }
 
-/// Checks the log of a chat whose group was orphaned while it waited in a handler: the end
-/// of its input ended it, not a signal (a SIGHUP, which the kernel sends a group orphaned
-/// with a process stopped).
-fn ended_by_its_input(told: &str) {
+/// Orphans the group of bob's chat `ocm`, waiting in a handler in the background of `term`,
+/// by killing `subshell`, its parent; checks that bob leaves and `ocm` exits, and that its
+/// `log` says the end of its input ended it, not a signal (a SIGHUP, which the kernel sends a
+/// group orphaned with a process stopped). Then ends the shell and the host `alice`.
+fn orphaned_it_leaves_at_the_end_of_its_input(
+    subshell: i32,
+    ocm: i32,
+    log: &BobsLog,
+    mut term: Terminal,
+    mut alice: Ocm,
+) {
+    // SAFETY: a signal to the shell's child, not reaped yet.
+    assert_eq!(unsafe { libc::kill(subshell, libc::SIGKILL) }, 0);
+    assert_eq!(alice.line(), "* bob left");
+    wait_until("ocm's exit", || !alive(ocm));
+    let told = log.text();
+    the_shell_and_the_host_exit(&mut term, &mut alice);
     assert!(!told.contains("signal "), "bob's log: {told:?}");
     assert!(told.contains("end of input"), "bob's log: {told:?}");
 }
@@ -1462,27 +1465,30 @@ fn signal_in_mask(text: &str, field: &str, signal: i32) -> bool {
 #[test]
 fn a_chat_orphaned_while_it_waits_after_bg_leaves() {
     let d = Daemon::start();
-    let (mut alice, log, mut term, subshell, ocm) = bob_in_a_subshell(&d, "");
+    let (alice, log, mut term, subshell, ocm) = bob_in_a_subshell(&d, "");
     term.wait_for("> ");
     term.wait_for_the_editors_raw_mode();
     let _cleanup = KillOnDrop(ocm);
+    stopped_with_ctrl_z_and_sent_on(&mut term, "\r");
+    // The handler holds SIGTSTP back on the input thread while it runs (every other thread
+    // always does).
+    waiting_in_the_background(ocm, "input", libc::SIGTSTP);
+    orphaned_it_leaves_at_the_end_of_its_input(subshell, ocm, &log, term, alice);
+}
+
+/// Stops the chat in `term` with Ctrl+Z and, once the shell has told of the stop and shows
+/// its prompt, sends it on with `bg` (ended by `enter`: `\r`, or `\n` for a shell that reads
+/// a terminal left in a raw mode); returns where the terminal's text stood before `bg`, once
+/// the shell shows its prompt again.
+fn stopped_with_ctrl_z_and_sent_on(term: &mut Terminal, enter: &str) -> usize {
     let shown = term.text().len();
     term.type_keys("\x1a");
     term.wait_for_after(shown, "Stopped");
     term.wait_for_after(shown, "$ ");
     let shown = term.text().len();
-    term.type_keys("bg\r");
+    term.type_keys(&format!("bg{enter}"));
     term.wait_for_after(shown, "$ ");
-    // The handler holds SIGTSTP back on the input thread while it runs (every other thread
-    // always does).
-    waiting_in_the_background(ocm, "input", libc::SIGTSTP);
-    // SAFETY: a signal to the shell's child, not reaped yet.
-    assert_eq!(unsafe { libc::kill(subshell, libc::SIGKILL) }, 0);
-    assert_eq!(alice.line(), "* bob left");
-    wait_until("ocm's exit", || !alive(ocm));
-    let told = log.text();
-    the_shell_and_the_host_exit(&mut term, &mut alice);
-    ended_by_its_input(&told);
+    shown
 }
 
 /// A chat taken for orphaned when it is not: `ocm` in a pipeline whose subshell around it
@@ -1514,13 +1520,7 @@ fn a_chat_wrongly_taken_for_orphaned_still_waits_in_the_background() {
     // SAFETY: a signal to bash's child, not reaped yet.
     assert_eq!(unsafe { libc::kill(subshell, libc::SIGKILL) }, 0);
     wait_until("ocm taken in", || parent(ocm) != subshell);
-    let shown = term.text().len();
-    term.type_keys("\x1a");
-    term.wait_for_after(shown, "Stopped");
-    term.wait_for_after(shown, "$ ");
-    let shown = term.text().len();
-    term.type_keys("bg\r");
-    term.wait_for_after(shown, "$ ");
+    stopped_with_ctrl_z_and_sent_on(&mut term, "\r");
     // The input thread, its mode set sent back, waits in the handler of SIGTTOU.
     waiting_in_the_background(ocm, "input", libc::SIGTTIN);
     term.fg("> ");
