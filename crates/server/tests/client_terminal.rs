@@ -1365,7 +1365,25 @@ fn a_chat_orphaned_in_the_background_and_sent_a_stop_leaves_at_the_next_line() {
     wait_until("ocm's exit", || !alive(ocm));
     let shown = term.text().len();
     term.type_keys("\x03");
-    term.wait_for_after(shown, "$ ");
+    // Seen twice in some 150 runs beside busy loops, not explained: no prompt after the ^C.
+    // Should it come again, say how the shell, its jobs and the terminal stood.
+    let deadline = Instant::now() + PATIENCE;
+    while !term.text()[shown..].contains("$ ") {
+        assert!(
+            Instant::now() < deadline,
+            "no prompt after ^C: the terminal's foreground group {}, ISIG {}; bash {:?} and \
+             its children {:?}; {:?}",
+            terminal_foreground(bash),
+            term.mode().c_lflag & libc::ISIG != 0,
+            stat_fields(bash),
+            children(bash)
+                .into_iter()
+                .map(|child| (child, stat_fields(child)))
+                .collect::<Vec<_>>(),
+            term.text()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
     the_shell_and_the_host_exit(&mut term, &mut alice);
 }
 
