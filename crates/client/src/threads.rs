@@ -16,10 +16,12 @@
 //! group when a thread reads the terminal, or sets its mode, from the background, and any
 //! thread that does not block them takes them: their handler waits there for `fg` or the end
 //! (`chat::suspend`), and the receiver, the printer or the keepalives, taking them, waited
-//! with it. Only the threads that read the terminal or set its mode take them (the input
-//! thread and the resume thread unblock them: [`take_terminal_signals_here`]); a thread that
-//! blocks them writes from the background even under `stty tostop`, and a mode it sets there
-//! goes through. Without the line editor they keep their default actions in every thread, and
+//! with it; and one thread's call, its signal taken by another, left each waiting on the
+//! other's behalf. So the input thread alone, which reads the terminal and sets its mode for
+//! the editor, takes them ([`take_terminal_signals_here`]); a thread that blocks them writes
+//! from the background even under `stty tostop`, and a mode it sets there goes through, so
+//! the others that set one (the resume thread, the terminal guard) first wait for the
+//! terminal themselves. Without the line editor they keep their default actions in every thread, and
 //! `stty tostop` stops a chat that writes from the background, as it stops any program.
 
 use std::io;
@@ -42,7 +44,7 @@ const JOB_CONTROL: [Signal; 4] = [
 static TERMINAL_SIGNALS_KEPT: AtomicBool = AtomicBool::new(false);
 
 /// Makes every thread started from now on block SIGTTIN and SIGTTOU too, for the line
-/// editor, whose input and resume threads alone take them (see the module docs). Threads
+/// editor, whose input thread alone takes them (see the module docs). Threads
 /// started before keep them open: the resolver's, gone by then, and the stderr writer's, started
 /// by the first log line (`RUST_LOG`), which may then take one and wait in its handler.
 pub fn keep_terminal_signals_to_their_threads() {

@@ -798,7 +798,7 @@ fn continued_in_the_background_it_waits(term: &mut Terminal, alice: &mut Ocm) ->
     term.type_keys("echo DONE-$((6*7))\r");
     term.wait_for_after(shown, "DONE-42");
     term.wait_for_after(shown, "$ ");
-    waiting_in_the_background(ocm, "resume", libc::SIGTTIN);
+    waits_in_the_background_after_a_sigstop(ocm);
     said_while_away(alice, ocm, term, shown);
     shown
 }
@@ -806,9 +806,38 @@ fn continued_in_the_background_it_waits(term: &mut Terminal, alice: &mut Ocm) ->
 /// Waits until the chat `ocm`, continued in the background, waits there running (not
 /// stopped, `T`), its thread `thread` in a handler that holds `signal` back.
 fn waiting_in_the_background(ocm: i32, thread: &str, signal: i32) {
-    wait_until("the chat waiting, running, in the background", || {
-        state(ocm).is_some_and(|s| s != 'T') && thread_blocks(ocm, thread, signal)
-    });
+    let deadline = Instant::now() + PATIENCE;
+    while !(state(ocm).is_some_and(|s| s != 'T') && thread_blocks(ocm, thread, signal)) {
+        assert!(
+            Instant::now() < deadline,
+            "the chat never waited, running, in the background, its {thread} thread holding \
+             signal {signal} back: state {:?}, threads {}",
+            state(ocm),
+            threads_of(ocm)
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until the chat `ocm`, continued in the background after a stop no handler saw, waits
+/// there running: its resume thread waiting for the terminal before it sets the editor's
+/// mode (asleep in `poll` between two looks, where it idles in `read`), or, when the editor's
+/// read of keys typed to the shell came first, the input thread in its handler (SIGTTIN held
+/// back), which leaves the resume thread to wait for its word.
+fn waits_in_the_background_after_a_sigstop(ocm: i32) {
+    let deadline = Instant::now() + PATIENCE;
+    while !(state(ocm).is_some_and(|s| s != 'T')
+        && (thread_in_syscall(ocm, "resume", &[libc::SYS_poll, libc::SYS_ppoll])
+            || thread_blocks(ocm, "input", libc::SIGTTIN)))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the resume thread never waited for the terminal: state {:?}, threads {}",
+            state(ocm),
+            threads_of(ocm)
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Alice says `while away` while bob's chat `ocm` waits in the background of `term`: waits
@@ -896,7 +925,7 @@ fn killed_in_the_background_from_dash(waits: bool) {
     let shown = term.text().len();
     signal_ocm_run_from(&term, libc::SIGCONT);
     if waits {
-        waiting_in_the_background(ocm, "resume", libc::SIGTTIN);
+        waits_in_the_background_after_a_sigstop(ocm);
     }
     // dash's `kill` sends the signal alone; bash's sends a SIGCONT after it.
     term.type_keys("kill %1; kill -CONT %1\n");
@@ -951,11 +980,37 @@ fn dash_exits(term: &mut Terminal) {
     assert!(term.wait().success(), "{:?}", term.text());
 }
 
+/// A chat started in the background (`ocm ... &`) waits there, running, for `fg`, its first
+/// call on the terminal (quieting it before the first line) in the handler, the room's
+/// lines kept until it is live; brought to the foreground by bash's `fg` (which sends no
+/// SIGCONT to a job that runs), it draws them and its prompt, and reads. (It used to stop at
+/// that first call, and be continued by `fg`.)
+#[test]
+fn started_in_the_background_it_waits_and_at_fg_draws_its_prompt() {
+    let d = Daemon::start();
+    let mut alice = alice_hosts_lobby(&d);
+    let mut term = bash_terminal();
+    let shown = term.text().len();
+    term.type_keys(&format!("{} &\r", bob_joins_line(&d)));
+    assert_eq!(alice.line(), "* bob joined");
+    let ocm = only_child(term.child.id() as i32);
+    waiting_in_the_background(ocm, "input", libc::SIGTTIN);
+    alice.type_line("while away");
+    assert!(!term.text()[shown..].contains("> "), "{:?}", term.text());
+    let shown = term.fg("* --- live ---");
+    term.wait_for_after(shown, "alice: while away");
+    term.wait_for_after(shown, "> ");
+    term.type_keys("hi\r");
+    assert_eq!(alice.line(), "bob: hi");
+    bob_quits_and_both_exit(&mut term, &mut alice);
+}
+
 /// A chat stopped with Ctrl+Z and sent on with `bg` waits in the background, running, and
 /// still hears its room: the host leaving closes the room, and `ocm` ends with it, but
 /// touches the terminal, which another job may have by then, only once `fg` gives it back:
-/// then it draws the closing line, exits, and leaves dash (which does not give a terminal
-/// its own mode back) the terminal in its mode from before the chat.
+/// then it draws the line said while it was away, then the closing line, exits, and leaves
+/// dash (which does not give a terminal its own mode back) the terminal in its mode from
+/// before the chat.
 #[test]
 fn a_room_closed_while_the_chat_waits_in_the_background_ends_it() {
     let d = Daemon::start();
@@ -975,6 +1030,7 @@ fn a_room_closed_while_the_chat_waits_in_the_background_ends_it() {
     let ocm = only_child(term.child.id() as i32);
     let shown = stopped_with_ctrl_z_and_sent_on(&mut term, "\n");
     waiting_in_the_background(ocm, "input", libc::SIGTSTP);
+    said_while_away(&mut alice, ocm, &term, shown);
     alice.type_line("/quit");
     assert!(alice.wait().success());
     wait_until("the chat over, waiting for the terminal", || {
@@ -989,6 +1045,11 @@ fn a_room_closed_while_the_chat_waits_in_the_background_ends_it() {
     let shown = term.text().len();
     term.type_keys("fg\n");
     term.wait_for_after(shown, "* room lobby was closed");
+    let after_fg = &term.text()[shown..];
+    assert!(
+        after_fg.find("alice: while away") < after_fg.find("* room lobby was closed"),
+        "the line held, then the closing line: {after_fg:?}"
+    );
     exited_leaving_dash_its_mode(&mut term, ocm, &before, shown);
 }
 
@@ -1512,9 +1573,12 @@ fn stopped_with_ctrl_z_and_sent_on(term: &mut Terminal, enter: &str) -> usize {
 /// A chat taken for orphaned when it is not: `ocm` in a pipeline whose subshell around it
 /// died, its parent now init, while the `sleep` before it, bash's child, still holds the
 /// group (`sleep 600 | (ocm ...; :)`). Stopped with Ctrl+Z and continued in the background
-/// (`bg`), it waits there for `fg`, as any chat does, its mode set let through once and
-/// sent back by the kernel (SIGTTOU), which proves the group is not orphaned, rather than
-/// let through again and again until `fg`.
+/// (`bg`), and reading the terminal from there (a line typed while a `sleep` has it), it
+/// waits there for `fg`, as any chat does, its read let through once and sent back by the
+/// kernel (SIGTTIN), which proves the group is not orphaned, rather than let through again
+/// and again until `fg`; and after `fg` it draws its prompt again. (It takes no stop: the
+/// kernel would drop one in an orphaned group, so the handler, taking the group for one,
+/// makes none; the `sleep` stops, and bash shows the job stopped.)
 #[test]
 fn a_chat_wrongly_taken_for_orphaned_still_waits_in_the_background() {
     let d = Daemon::start();
@@ -1539,8 +1603,23 @@ fn a_chat_wrongly_taken_for_orphaned_still_waits_in_the_background() {
     assert_eq!(unsafe { libc::kill(subshell, libc::SIGKILL) }, 0);
     wait_until("ocm taken in", || parent(ocm) != subshell);
     stopped_with_ctrl_z_and_sent_on(&mut term, "\r");
-    // The input thread, its mode set sent back, waits in the handler of SIGTTOU.
+    // A line for the chat to read from the background, typed while a `sleep` has the
+    // terminal (bash, at its prompt, would read it first; it runs it after the `sleep`).
+    term.type_keys("sleep 2\r");
+    let group = |pid: i32| -> i32 {
+        stat_fields(pid)
+            .and_then(|fields| fields.split_whitespace().nth(2)?.parse().ok())
+            .unwrap_or(0)
+    };
+    let bash = term.child.id() as i32;
+    wait_until("the new sleep in the foreground", || {
+        ![0, group(bash), group(ocm)].contains(&terminal_foreground(ocm))
+    });
+    let shown = term.text().len();
+    term.type_keys("true\r");
+    // The input thread, its read sent back, waits in the handler of SIGTTIN.
     waiting_in_the_background(ocm, "input", libc::SIGTTIN);
+    term.wait_for_after(shown, "$ ");
     term.fg("> ");
     term.type_keys("/quit\r");
     assert_eq!(alice.line(), "* bob left");

@@ -65,8 +65,12 @@ impl Drop for TerminalGuard {
     fn drop(&mut self) {
         if let Some(saved) = &self.saved {
             use nix::sys::termios::{tcsetattr, SetArg};
-            // The last mode set, whatever the resume thread was doing.
-            keep_the_mode_before_chat();
+            // The last mode set, whatever the resume thread was doing; none onto the terminal
+            // of another job.
+            if !keep_the_mode_before_chat() {
+                debug!("the terminal is another group's; leaving its mode alone");
+                return;
+            }
             // TCSAFLUSH: what the terminal holds unread (the rest of a paste that waited for
             // the chat's pace, lines typed after a `/quit`) is discarded, not left to the
             // shell, which would run each pasted chat line as a command.

@@ -109,7 +109,7 @@ use receiver::spawn_receiver;
 use signal_watcher::spawn_signal_watcher;
 #[cfg(test)]
 use signal_watcher::{after_signal, say_within};
-use suspend::{suspend_on_input_thread, watch_for_the_end};
+use suspend::{suspend_on_input_thread, wait_for_the_terminal, watch_for_the_end};
 
 /// Events the main loop may have waiting on each of its two queues. Bounded, so that piped
 /// input waits for the sends instead of queueing without end, and `/quit` or the end of
@@ -734,9 +734,12 @@ const EDITOR_DRAIN: Duration = Duration::from_millis(100);
 
 /// The room closed: with the line editor, let it take and draw what is queued for it, give
 /// the terminal back, then print what it did not take and the closing lines the screen
-/// kept, in that order (kept when the editor prints, or while closures are checked).
+/// kept, in that order (kept when the editor prints, or while closures are checked). In the
+/// background (after `bg`) all that waits for `fg`: the terminal is the shell's, or another
+/// job's, and the lines held meanwhile are the editor's to draw first.
 fn finish_closed(screen: &Mutex<Screen>, terminal: Option<TerminalGuard>) {
     if terminal.is_some() {
+        wait_for_the_terminal();
         // Outside the screen's lock: the input thread may need it before the editor reads.
         let feed = lock(screen).feed();
         if let Some(feed) = feed {

@@ -12,7 +12,7 @@ use log::debug;
 use nix::errno::Errno;
 use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
-use super::{in_foreground, orphaned};
+use super::orphaned;
 
 /// Set by the end signals' own handler ([`watch_for_the_end`]), at once, for
 /// [`super::on_sigtstp`] and [`super::resume::on_resume`] to read: the watching thread may
@@ -45,9 +45,9 @@ pub(in crate::chat) fn watch_for_the_end() {
 /// actions do.
 ///
 /// A shell's `kill %1` on a stopped chat sends SIGTERM, then SIGCONT, and every thread comes
-/// back from the stop at once. Those stopped inside a call on the terminal (the editor's
-/// read begun in the background, the resume thread's setting of the editor's mode) restart
-/// it, still in the background, while the end signal's handler may not have run yet, on
+/// back from the stop at once. The input thread, stopped inside a call on the terminal (the
+/// editor's read begun in the background, or a mode set) restarts it, still in the
+/// background, while the end signal's handler may not have run yet, on
 /// whichever thread took it: with the default actions the restarted call stopped the whole
 /// chat again, before its `__LEAVE__`, until `fg` (the server test
 /// `client_terminal::waiting_in_the_background_after_a_sigstop_and_killed_it_draws_nothing_and_exits`).
@@ -78,7 +78,8 @@ fn wait_for_the_end_or_the_foreground() {
 /// lets the end through, so that the call restarted goes through or fails), is brought to the
 /// foreground (the call goes through), or its process group is orphaned ([`orphaned`]: the
 /// call restarted fails, and no shell could bring it back); see [`wait_in_the_background`].
-/// Several threads may wait here at once (the editor's read, the resume thread's mode set).
+/// Only the input thread takes these signals (`threads::keep_terminal_signals_to_their_threads`;
+/// a stderr writer started before may too).
 ///
 /// It used to stop the process once no end had come within 200 ms, as the default action
 /// does at once; a shell's `kill %1` (SIGTERM, then SIGCONT) that came between that
@@ -88,6 +89,12 @@ fn wait_for_the_end_or_the_foreground() {
 /// window, so none is made.
 extern "C" fn on_terminal_from_the_background(_: libc::c_int) {
     let errno = Errno::last_raw();
+    if above_an_end_signals_handler() {
+        // The end's handler runs once this one returns; the call, made again after it,
+        // comes back here and finds the end.
+        Errno::set_raw(errno);
+        return;
+    }
     // A call let through for an orphaned group came back here: the kernel, which fails such
     // a call in an orphaned group and sends this signal only otherwise, says the group is not
     // orphaned (see `orphaned`). Wait as for any other, from then on.
@@ -100,18 +107,27 @@ extern "C" fn on_terminal_from_the_background(_: libc::c_int) {
         true
     };
     let brought_back = || !super::in_background();
-    if wait_in_the_background(brought_back, let_through, sleep_a_step) == Waited::Foreground {
-        super::foreground_regained();
+    let waited = super::waiting_in_the_background(|| {
+        wait_in_the_background(brought_back, let_through, sleep_a_step)
+    });
+    match waited {
+        Waited::Foreground => super::foreground_regained(),
+        Waited::Ended => {
+            // The editor's read, let through by the end, would fail and the editor set a
+            // mode, perhaps after the terminal guard's: its thread parks here. Another
+            // thread (a stderr writer started before the chat) goes on, its call let through.
+            super::park_the_editor_at_the_end();
+            let_the_end_through();
+        }
+        Waited::LetThrough => {}
     }
-    // The editor's read, let through by the end, would fail and the editor set a mode.
-    super::park_the_editor_at_the_end();
     Errno::set_raw(errno);
 }
 
 /// How a wait of [`wait_in_the_background`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Waited {
-    /// The chat was told to end, and the end let through ([`let_the_end_through`]).
+    /// The chat was told to end.
     Ended,
     /// The terminal is ours again: a shell's `fg`.
     Foreground,
@@ -133,7 +149,6 @@ pub(super) fn wait_in_the_background(
     let mut steps = 0u32;
     loop {
         if ending() {
-            let_the_end_through();
             return Waited::Ended;
         }
         if brought_back() {
@@ -172,15 +187,33 @@ pub(super) const STEP: Duration = Duration::from_millis(50);
 static LET_THROUGH_ORPHANED: AtomicBool = AtomicBool::new(false);
 
 /// An end signal's first action, before the signal watcher's thread hears of it: notes it,
-/// has any stop from then on undone ([`start_the_continuer`]), and in the background (a
-/// shell's `kill %1` on a stopped chat, with the SIGCONT after it) lets the end through
-/// ([`let_the_end_through`]): the calls on the terminal waiting there go through (or fail),
-/// and the editor's thread parks.
+/// and has any stop from then on undone ([`start_the_continuer`]). The calls on the terminal
+/// waiting in the background ([`on_terminal_from_the_background`]) see the end within a step
+/// and are let through there, the editor's thread parked; one made from then on comes back
+/// to that handler (SIGTTIN and SIGTTOU are not ignored here) and parks there too. Ignored
+/// here, a read of the editor's thread, restarted after this handler, failed instead, and
+/// the editor set its mode on the way out, perhaps after the terminal guard's.
 fn on_end_signal() {
     ENDING.store(true, Ordering::SeqCst);
     start_the_continuer();
-    if !in_foreground() {
-        let_the_end_through();
+}
+
+/// Whether the calling thread runs a handler stacked above an end signal's own, which has not
+/// run yet: an end signal is blocked in its mask, as only inside that signal's handler it is
+/// (no thread of the chat blocks one otherwise). A call on the terminal from the background
+/// that an end signal interrupts has the kernel deliver both signals at once, the end
+/// signal's handler set up first and SIGTTIN's above it, to run first: waiting there for the
+/// end, it waited for ever on a handler that could only run after it (seen: the input thread
+/// in `poll` with SIGTERM, SIGTTIN, SIGTTOU and SIGTSTP in its mask, nothing pending).
+/// Async-signal-safe (pthread_sigmask, sigismember).
+pub(super) fn above_an_end_signals_handler() -> bool {
+    let mut mask = MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: with a null set pthread_sigmask only fills `mask`; sigismember reads it.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_BLOCK, ptr::null(), mask.as_mut_ptr()) == 0
+            && END_SIGNALS
+                .iter()
+                .any(|&signal| libc::sigismember(mask.as_ptr(), signal) == 1)
     }
 }
 
@@ -269,13 +302,11 @@ pub(super) fn ending() -> bool {
     }
 }
 
-/// Lets the end go through from the background: the resume thread's setting of the editor's
-/// mode, a `tcsetattr` that waits there (SIGTTOU, [`on_terminal_from_the_background`]) for
-/// the end or `fg`, and the editor's read of the terminal, begun or restarted there
-/// (SIGTTIN). With SIGTTOU ignored the mode set goes through (the terminal guard's, which
-/// comes after it, leaves the shell's terminal in the mode from before the chat); with
-/// SIGTTIN ignored the read fails (`EIO`), which the input thread takes for the end of input.
-/// Async-signal-safe.
+/// Lets the end go through from the background: the input thread's calls on the terminal
+/// waiting there ([`on_terminal_from_the_background`]) for the end or `fg`. With SIGTTOU
+/// ignored a mode set goes through (the terminal guard's, which comes after it, leaves the
+/// shell's terminal in the mode from before the chat); with SIGTTIN ignored the editor's read
+/// fails (`EIO`), which the input thread takes for the end of input. Async-signal-safe.
 pub(super) fn let_the_end_through() {
     let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
     for signal in [Signal::SIGTTOU, Signal::SIGTTIN] {

@@ -16,7 +16,7 @@ mod resume;
 mod tests;
 
 use std::mem::MaybeUninit;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -38,34 +38,47 @@ static MODE_BEFORE_CHAT: OnceLock<libc::termios> = OnceLock::new();
 /// and for good by the terminal guard once it has put back the mode from before the chat
 /// ([`keep_the_mode_before_chat`]), so that the guard's comes after any the resume thread
 /// makes. (The editor's own, on the editor's thread, are kept from coming after it at an
-/// end by [`park_the_editor_at_the_end`].) From the background that set waits (SIGTTOU) for
-/// the end or `fg`, then goes through once the end lets it, a few milliseconds after the
-/// end came: after the guard, as a rule, or as the
+/// end by [`park_the_editor_at_the_end`].) From the background that set waits for the
+/// terminal, and is not made if the end comes first. It used to be made once the end let it
+/// through, a few milliseconds after the end came: after the guard, as a rule, or as the
 /// process exits, which left the shell's terminal raw (dash does not give it its own mode
 /// back: the server test
 /// `client_terminal::killed_in_the_background_after_a_sigstop_it_leaves_dash_the_terminal_as_before`).
 static MODE_SETS: Mutex<()> = Mutex::new(());
 
 /// How long the terminal guard waits for a mode set in flight ([`MODE_SETS`]), counted while
-/// the process runs: one let through by the end takes a step of the end's wait (5 ms); one
-/// that waits for a `fg` that will not come, no longer than this.
+/// the process runs: one whose wait the end ends takes a step of that wait (50 ms at most);
+/// one that waits for a `fg` that will not come, no longer than this.
 const MODE_SET_WAIT: Duration = Duration::from_secs(1);
 
 /// Waits (up to [`MODE_SET_WAIT`]) for the resume thread's mode set in flight, if any, and
 /// keeps any other from being made until the process exits: called by the terminal guard
-/// before it puts back the mode from before the chat, at the chat's end.
+/// before it puts back the mode from before the chat, at the chat's end. Returns whether the
+/// guard is to put it back: not in the background of an orphaned process group without an
+/// end signal, where the mode set (SIGTTOU blocked on this thread) would go through to the
+/// terminal of whatever job has it, as it did not before (the kernel failed it, `EIO`).
 ///
 /// A chat that ends in the background for a reason of its own (the room closed, the server
-/// gone) first waits there for `fg`, as it does for anything else ([`wait_for_the_end_here`]):
+/// gone) first waits there for `fg`, as it does for anything else ([`wait_for_the_terminal`]):
 /// the terminal is the shell's, or another job's (an editor's, say), whose mode the guard's
 /// restore and the closing lines would have trampled. An end signal (a shell's `kill %1`)
-/// ends it there, as it always did.
-pub(super) fn keep_the_mode_before_chat() {
-    wait_for_the_end_here();
+/// ends it there, as it always did. Then the chat is marked as ending ([`ending::ENDING`]):
+/// from then on the handlers park the editor's thread ([`park_the_editor_at_the_end`])
+/// rather than let the editor set its mode after the guard's.
+pub(super) fn keep_the_mode_before_chat() -> bool {
+    let waited = wait_for_the_terminal();
+    let told_to_end = ending::ending();
+    ending::ENDING.store(true, Ordering::SeqCst);
+    if waited || within_the_window(REGAINED_AT.load(Ordering::SeqCst)) {
+        // A handler that saw the terminal ours again before the end was marked went back to
+        // the editor, which takes its raw mode at once: let that land before the guard's.
+        std::thread::sleep(ending::STEP);
+    }
     match crate::locks::lock_within(&MODE_SETS, MODE_SET_WAIT, Duration::from_millis(1)) {
         Some(held) => std::mem::forget(held),
         None => debug!("a mode set of the terminal is still in flight; restoring anyway"),
     }
+    told_to_end || !in_background()
 }
 
 /// The editor's external printer `P`, made to wait while the chat runs in the background of
@@ -89,25 +102,19 @@ impl<P: rustyline::ExternalPrinter> rustyline::ExternalPrinter for InTheForegrou
 }
 
 /// Waits while the chat runs in the background of its terminal (not orphaned, and not told to
-/// end by a signal), then marks the chat as ending ([`ending::ENDING`]): from then on the
-/// handlers park the editor's thread ([`park_the_editor_at_the_end`]) rather than let the
-/// editor set its mode after the guard's, and let any call on the terminal through. Called
-/// on the main thread as the chat ends.
-fn wait_for_the_end_here() {
+/// end by a signal); returns whether it waited. Called on the main thread as the chat ends:
+/// by `finish_closed` before it lets the editor draw the lines held meanwhile, and by the
+/// terminal guard ([`keep_the_mode_before_chat`]).
+pub(super) fn wait_for_the_terminal() -> bool {
     let mut waited = false;
     while in_background() && !orphaned() && !ending::ending() {
         if !waited {
-            debug!("the chat is over; waiting for the terminal, another group's, before giving it back");
+            debug!("the chat is over; waiting for the terminal, another group's, before using it");
         }
         std::thread::sleep(ending::STEP);
         waited = true;
     }
-    ending::ENDING.store(true, Ordering::SeqCst);
-    if waited {
-        // A handler that saw the terminal ours again before the end was marked goes back to
-        // the editor, which takes its raw mode at once: let that land before the guard's.
-        std::thread::sleep(ending::STEP);
-    }
+    waited
 }
 
 /// The thread the editor reads on, while it runs ([`EditorThread`]).
@@ -240,6 +247,12 @@ fn sigtstp_action() -> SigAction {
 /// this thread waits here for that ([`park_the_editor_at_the_end`]).
 extern "C" fn on_sigtstp(_: libc::c_int) {
     let errno = Errno::last_raw();
+    if ending::above_an_end_signals_handler() {
+        // An end signal came with this stop: its handler, below this one, runs once this one
+        // returns, and no stop is made (see `ending::above_an_end_signals_handler`).
+        Errno::set_raw(errno);
+        return;
+    }
     park_the_editor_at_the_end();
     if orphaned() {
         Errno::set_raw(errno);
@@ -291,7 +304,9 @@ extern "C" fn on_sigtstp(_: libc::c_int) {
     // `fg` can come: see `orphaned`.)
     let mut regained = false;
     if in_background() && !orphaned() {
-        match wait_in_the_background(|| !in_background(), orphaned, sleep_a_step) {
+        match waiting_in_the_background(|| {
+            wait_in_the_background(|| !in_background(), orphaned, sleep_a_step)
+        }) {
             // The signal watcher and the main loop end the chat and the process (within
             // the watcher's grace). This thread waits for that here: returned to, the
             // editor would draw its line over the shell's screen.
@@ -312,32 +327,93 @@ extern "C" fn on_sigtstp(_: libc::c_int) {
     Errno::set_raw(errno);
 }
 
+/// Set while a handler on the editor's thread waits in the background
+/// ([`wait_in_the_background`]): a SIGCONT then (a `bg`, or dash's `fg` before the wait has
+/// seen it) is left to the handler, which tells the resume thread once the terminal is ours
+/// ([`foreground_regained`]).
+static WAITING_IN_THE_BACKGROUND: AtomicBool = AtomicBool::new(false);
+
 /// The monotonic clock's nanoseconds when a wait in the background last ended with the
 /// terminal ours again ([`foreground_regained`]); 0 before.
 static REGAINED_AT: AtomicU64 = AtomicU64::new(0);
 
-/// A SIGCONT that no handler saw a stop for ([`Stop::Unseen`]), within this of
-/// [`REGAINED_AT`], is the other of the two a regained foreground can bring: see
-/// [`foreground_regained`].
+/// [`REGAINED_AT`] as the resume thread last took it up ([`regain_to_answer`]).
+static REGAIN_ANSWERED: AtomicU64 = AtomicU64::new(0);
+
+/// When the resume thread last answered a regain ([`answered_a_regain_lately`]).
+static REGAIN_ANSWERED_AT: AtomicU64 = AtomicU64::new(0);
+
+/// When the resume thread last settled a stop in the foreground (drew the line again, or
+/// left it to the editor): a regain noted before that was answered already, by the shell's
+/// SIGCONT for the same `fg` ([`settled_since`]).
+static SETTLED_AT: AtomicU64 = AtomicU64::new(0);
+
+/// How long a regain waits to be answered ([`regain_to_answer`]), and how long after one is
+/// answered a SIGCONT that finds no stop noted is taken for the same `fg`'s
+/// ([`answered_a_regain_lately`]).
 const REGAINED_WINDOW: Duration = Duration::from_millis(500);
 
+/// Runs `wait` (a wait in the background, in a handler on the editor's thread) with
+/// [`WAITING_IN_THE_BACKGROUND`] set; once it ends with the terminal ours again, notes the
+/// regain for the resume thread before the flag is cleared ([`foreground_regained`]).
+/// Async-signal-safe, given a `wait` that is.
+fn waiting_in_the_background(wait: impl FnOnce() -> Waited) -> Waited {
+    WAITING_IN_THE_BACKGROUND.store(true, Ordering::SeqCst);
+    let waited = wait();
+    if waited == Waited::Foreground {
+        REGAINED_AT.store(monotonic_nanos().max(1), Ordering::SeqCst);
+    }
+    WAITING_IN_THE_BACKGROUND.store(false, Ordering::SeqCst);
+    waited
+}
+
 /// Tells the resume thread, as a SIGCONT to the process does, that a wait in the background
-/// ended with the terminal ours again: a shell's `fg` continues (SIGCONT) a job it saw stop,
-/// but bash gives a job that runs the terminal with no signal at all, and the line is to be
-/// drawn again either way. dash sends its SIGCONT all the same: the resume thread answers
-/// whichever of the two comes first, and takes the other, which finds no stop noted
-/// ([`Stop::Unseen`]) within [`REGAINED_WINDOW`] of this, for the same `fg`
-/// ([`regained_lately`]). Async-signal-safe (clock_gettime, getpid, kill).
+/// ended with the terminal ours again ([`waiting_in_the_background`] noted when): a shell's
+/// `fg` continues (SIGCONT) a job it saw stop, but bash gives a job that runs the terminal
+/// with no signal at all, and the line is to be drawn again either way. A shell's SIGCONT
+/// (dash sends one) that comes while the handler still waits is left to it; one that comes
+/// after the regain was noted answers it, and this one then finds it answered and no stop
+/// noted ([`answered_a_regain_lately`]); one that comes after this one was answered, the
+/// same. Async-signal-safe (getpid, kill).
 fn foreground_regained() {
-    REGAINED_AT.store(monotonic_nanos().max(1), Ordering::SeqCst);
     // SAFETY: a signal to this very process, which only the resume thread takes.
     unsafe { libc::kill(libc::getpid(), libc::SIGCONT) };
 }
 
-/// Whether a wait in the background ended with the terminal ours again within
-/// [`REGAINED_WINDOW`] ([`foreground_regained`]).
-fn regained_lately() -> bool {
+/// Whether a handler on the editor's thread waits in the background now.
+fn waiting_in_the_background_now() -> bool {
+    WAITING_IN_THE_BACKGROUND.load(Ordering::SeqCst)
+}
+
+/// The regain ([`waiting_in_the_background`]) waiting for the resume thread, if one was
+/// noted less than [`REGAINED_WINDOW`] ago and not taken up yet (it is, now): when.
+fn regain_to_answer() -> Option<u64> {
     let at = REGAINED_AT.load(Ordering::SeqCst);
+    (within_the_window(at) && REGAIN_ANSWERED.swap(at, Ordering::SeqCst) != at).then_some(at)
+}
+
+/// Notes that the resume thread settled a stop in the foreground now.
+fn settled_now() {
+    SETTLED_AT.store(monotonic_nanos().max(1), Ordering::SeqCst);
+}
+
+/// Whether the resume thread settled a stop at or after the monotonic instant `at`.
+fn settled_since(at: u64) -> bool {
+    SETTLED_AT.load(Ordering::SeqCst) >= at
+}
+
+/// Notes that the resume thread answered a regain now.
+fn answered_a_regain_now() {
+    REGAIN_ANSWERED_AT.store(monotonic_nanos().max(1), Ordering::SeqCst);
+}
+
+/// Whether the resume thread answered a regain less than [`REGAINED_WINDOW`] ago.
+fn answered_a_regain_lately() -> bool {
+    within_the_window(REGAIN_ANSWERED_AT.load(Ordering::SeqCst))
+}
+
+/// Whether the monotonic instant `at` (0: never) is less than [`REGAINED_WINDOW`] ago.
+fn within_the_window(at: u64) -> bool {
     let window = u64::try_from(REGAINED_WINDOW.as_nanos()).unwrap_or(u64::MAX);
     at != 0 && monotonic_nanos().saturating_sub(at) < window
 }
@@ -443,12 +519,6 @@ fn editor_mode(before: &libc::termios) -> libc::termios {
     raw.c_cc[libc::VMIN] = 1;
     raw.c_cc[libc::VTIME] = 0;
     raw
-}
-
-/// Whether our process group has the terminal.
-fn in_foreground() -> bool {
-    // SAFETY: plain system calls on standard input, which stays open.
-    unsafe { libc::tcgetpgrp(libc::STDIN_FILENO) == libc::getpgrp() }
 }
 
 /// Whether another process group has the terminal: the chat runs in the background of a

@@ -14,10 +14,11 @@ use nix::sys::termios::{tcsetattr, SetArg, Termios};
 use signal_hook::consts::SIGCONT;
 use signal_hook::iterator::Signals;
 
-use super::ending::{ending, let_the_end_through};
+use super::ending::{ending, sleep_a_step, wait_in_the_background, Waited};
 use super::{
-    editor_mode, in_background, regained_lately, Stop, EDITOR_THREAD, LAST_STOP, MODE_BEFORE_CHAT,
-    MODE_SETS, ON_THE_EDITORS_THREAD,
+    answered_a_regain_lately, answered_a_regain_now, editor_mode, in_background, orphaned,
+    regain_to_answer, settled_now, settled_since, waiting_in_the_background_now, Stop,
+    EDITOR_THREAD, LAST_STOP, MODE_BEFORE_CHAT, MODE_SETS, ON_THE_EDITORS_THREAD,
 };
 use crate::feed::Feed;
 use crate::locks;
@@ -58,9 +59,6 @@ pub(in crate::chat) fn redraw_on_resume(
         if let Err(e) = cont.thread_unblock() {
             debug!("cannot unblock SIGCONT: {e}");
         }
-        // It sets the terminal's mode: from the background it waits there for `fg` or the
-        // end (`ending::on_terminal_from_the_background`), rather than set it.
-        crate::threads::take_terminal_signals_here();
         while signals.forever().next().is_some() {
             if on_resume(&feed, &reading, &again) {
                 // A SIGCONT that came meanwhile was for the stop just settled, not a
@@ -141,14 +139,41 @@ pub(super) fn resume_given(
     in_background: impl Fn() -> bool,
 ) -> bool {
     if ending() {
-        // Continued to end (a shell's `kill %1`): nothing to draw, and no mode to take from
-        // the background, which would stop the process before its `__LEAVE__`.
-        let_the_end_through();
+        // Continued to end (a shell's `kill %1`): nothing to draw, and no mode to take.
         return true;
     }
+    if waiting_in_the_background_now() {
+        // A `bg`, or a shell's `fg` the handler waiting in the background has not seen yet:
+        // it tells this thread once the terminal is ours (`foreground_regained`).
+        return false;
+    }
+    let regained = regain_to_answer();
     let stop = Stop::last();
-    if stop == Stop::Unseen && regained_lately() {
-        // The second SIGCONT of one `fg`: see `foreground_regained`.
+    if let Some(at) = regained {
+        answered_a_regain_now();
+        if settled_since(at) {
+            // The shell's SIGCONT for the same `fg` came first and settled the stop.
+            return true;
+        }
+    } else if stop == Stop::Unseen && answered_a_regain_lately() {
+        // The shell's SIGCONT for the `fg` whose regain was answered just now.
+        return true;
+    }
+    if regained.is_some() {
+        // The handler's wait ended with the terminal ours: settle the stop it waited after
+        // as a SIGCONT in the foreground would (after the editor's own Ctrl+Z it draws its
+        // line itself; after `kill -TSTP` the handler gave the editor's mode back), or,
+        // after none noted (a read begun in the background), take the editor's mode, which
+        // a shell may have changed, and draw the line.
+        LAST_STOP.store(Stop::Unseen as u8, Ordering::SeqCst);
+        settled_now();
+        if stop == Stop::Elsewhere || !reading.load(Ordering::SeqCst) {
+            return true;
+        }
+        if stop == Stop::Unseen {
+            take_editor_mode();
+        }
+        draw_again(feed, again);
         return true;
     }
     if stop != Stop::Unseen {
@@ -161,6 +186,7 @@ pub(super) fn resume_given(
             return false;
         }
         LAST_STOP.store(Stop::Unseen as u8, Ordering::SeqCst);
+        settled_now();
         if stop == Stop::Elsewhere {
             return true;
         }
@@ -171,18 +197,23 @@ pub(super) fn resume_given(
     if stop == Stop::Unseen {
         take_editor_mode();
         if ending() {
-            // Told to end while setting the mode stopped the process in the background
-            // (SIGTTOU; a shell's `kill %1` then continues it): the terminal is still the
-            // shell's, and the line must not be drawn over its screen.
-            let_the_end_through();
+            // Told to end while waiting in the background to set the mode: the terminal is
+            // still the shell's, and the line must not be drawn over its screen.
             return true;
         }
     }
+    settled_now();
+    draw_again(feed, again);
+    true
+}
+
+/// Has the editor draw its prompt and line again ([`Feed::redraw`]) and wakes it to do so,
+/// now and on the rewaker's schedule.
+fn draw_again(feed: &Feed, again: &mpsc::Sender<()>) {
     feed.redraw();
     wake_the_editor();
     // The rewaker has gone only if its thread did (a panic): then this wake is the one.
     let _ = again.send(());
-    true
 }
 
 /// When the editor's thread is woken again after [`wake_the_editor`]: soon, then later for a
@@ -251,18 +282,28 @@ pub(super) fn keys_waiting(fd: libc::c_int) -> bool {
 }
 
 /// Sets the editor's raw mode, whatever the mode found (a shell may have given the
-/// terminal its own). From the background the call waits (SIGTTOU, then
-/// `ending::on_terminal_from_the_background`) until the terminal is ours, and goes through
-/// within a step of that wait (50 ms at most) of a shell's `fg`: it returns with the
-/// terminal ours, however long that takes, or once an end lets it through.
+/// terminal its own). From the background it first waits ([`wait_in_the_background`]) until
+/// the terminal is no longer another group's, within a step of that wait (50 ms at most) of
+/// a shell's `fg`, however long that takes; told to end meanwhile, or orphaned there, it sets
+/// nothing. It waits here rather than in the kernel's SIGTTOU, which this thread blocks (see
+/// `threads::keep_terminal_signals_to_their_threads`): the kernel sends that signal to the
+/// whole process, and a signal for this thread's call, taken by the input thread (or the
+/// input thread's, by this one) left each waiting on the other's behalf, and once let the
+/// input thread go back to the editor from the background with the resume thread waiting.
 fn take_editor_mode() {
     let Some(before) = MODE_BEFORE_CHAT.get() else {
         return;
     };
     // TCSADRAIN, as the editor does: what was typed meanwhile is the editor's to read.
     let mode = Termios::from(editor_mode(before));
-    // Held across the call, however long it waits in the background: see `MODE_SETS`.
+    // Held across the wait and the call: see `MODE_SETS`.
     let _setting = locks::lock(&MODE_SETS);
+    let waited = wait_in_the_background(|| !in_background(), orphaned, sleep_a_step);
+    if waited != Waited::Foreground {
+        // Told to end (nothing to draw), or orphaned in the background, where the mode set,
+        // SIGTTOU blocked, would go through to the terminal of another group.
+        return;
+    }
     // Again if interrupted: the editor's SIGWINCH handler does not restart calls.
     let set = loop {
         match tcsetattr(io::stdin(), SetArg::TCSADRAIN, &mode) {

@@ -173,41 +173,88 @@ fn resumed_after_an_unseen_stop_the_line_being_read_is_drawn_again() {
     assert!(feed.close().is_empty());
 }
 
-/// A SIGCONT with no stop noted, within [`REGAINED_WINDOW`] of a wait in the background that
-/// ended with the terminal ours again, is the second of one `fg` (dash's, after the one the
-/// chat sends itself: `foreground_regained`, or before it): settled, with nothing drawn.
-/// Past the window it is a stop no handler saw, and the line is drawn again.
+/// Puts back the regain bookkeeping of `foreground_regained` as a fresh chat has it.
+fn no_regain_and_nothing_settled() {
+    for at in [
+        &REGAINED_AT,
+        &REGAIN_ANSWERED,
+        &REGAIN_ANSWERED_AT,
+        &SETTLED_AT,
+    ] {
+        at.store(0, Ordering::SeqCst);
+    }
+    WAITING_IN_THE_BACKGROUND.store(false, Ordering::SeqCst);
+    LAST_STOP.store(Stop::Unseen as u8, Ordering::SeqCst);
+}
+
+/// A wait in the background that ended with the terminal ours again (a regain, noted for the
+/// resume thread with a SIGCONT of the process's own: bash's `fg` sends none to a job that
+/// runs) settles the stop the handler waited after and draws the line, once: dash's SIGCONT
+/// for the same `fg`, coming while the handler still waits, is left to it; coming after the
+/// regain was noted, it answers the regain, and the process's own then draws nothing.
 #[test]
-fn the_second_sigcont_of_one_fg_draws_nothing() {
+fn a_regain_draws_the_line_once_whenever_the_shells_sigcont_comes() {
     let _serial = serial();
     let (feed, readline) = crate::feed::tests::one_slot_feed();
-    let (again, asked) = mpsc::channel();
+    let (again, _asked) = mpsc::channel();
     let reading = AtomicBool::new(true);
-    LAST_STOP.store(Stop::Unseen as u8, Ordering::SeqCst);
+    for shells_while_waiting in [true, false] {
+        no_regain_and_nothing_settled();
+        LAST_STOP.store(Stop::InEditor as u8, Ordering::SeqCst);
+        if shells_while_waiting {
+            WAITING_IN_THE_BACKGROUND.store(true, Ordering::SeqCst);
+            assert!(!resume_given(&feed, &reading, &again, || false), "settled");
+            WAITING_IN_THE_BACKGROUND.store(false, Ordering::SeqCst);
+        }
+        REGAINED_AT.store(monotonic_nanos(), Ordering::SeqCst);
+        assert!(
+            resume_given(&feed, &reading, &again, || false),
+            "not settled"
+        );
+        assert_eq!(Stop::last(), Stop::Unseen, "the stop not forgotten");
+        assert!(
+            resume_given(&feed, &reading, &again, || false),
+            "not settled"
+        );
+        assert_eq!(
+            readline.recv_timeout(Duration::from_secs(10)).as_deref(),
+            Ok(crate::feed::REDRAW)
+        );
+        assert!(
+            readline.recv_timeout(Duration::from_millis(200)).is_err(),
+            "drawn twice, the shell's SIGCONT while the handler waited: {shells_while_waiting}"
+        );
+    }
+    no_regain_and_nothing_settled();
+    assert!(feed.close().is_empty());
+}
+
+/// While a handler waits in the background, a SIGCONT (a `bg`, or a shell's `fg` before the
+/// wait has seen it) is left to it: nothing drawn or settled. A regain older than
+/// [`REGAINED_WINDOW`] is not answered: a stop the handler saw, continued in the
+/// background, is kept for the `fg` to come.
+#[test]
+fn a_sigcont_during_a_wait_in_the_background_and_a_stale_regain_settle_nothing() {
+    let _serial = serial();
+    let (feed, readline) = crate::feed::tests::one_slot_feed();
+    let (again, _asked) = mpsc::channel();
+    let reading = AtomicBool::new(true);
+    no_regain_and_nothing_settled();
+    LAST_STOP.store(Stop::InEditor as u8, Ordering::SeqCst);
+    WAITING_IN_THE_BACKGROUND.store(true, Ordering::SeqCst);
     REGAINED_AT.store(monotonic_nanos(), Ordering::SeqCst);
-    assert!(
-        resume_given(&feed, &reading, &again, || false),
-        "not settled"
-    );
-    assert!(
-        readline.recv_timeout(Duration::from_millis(200)).is_err(),
-        "drawn"
-    );
-    assert!(asked.try_recv().is_err(), "the rewaker told");
+    assert!(!resume_given(&feed, &reading, &again, || false), "settled");
+    assert_eq!(Stop::last(), Stop::InEditor);
+    WAITING_IN_THE_BACKGROUND.store(false, Ordering::SeqCst);
     let window = u64::try_from(REGAINED_WINDOW.as_nanos()).expect("a window in u64");
     REGAINED_AT.store(
         monotonic_nanos().saturating_sub(window + 1),
         Ordering::SeqCst,
     );
-    assert!(
-        resume_given(&feed, &reading, &again, || false),
-        "not settled"
-    );
-    assert_eq!(
-        readline.recv_timeout(Duration::from_secs(10)).as_deref(),
-        Ok(crate::feed::REDRAW)
-    );
-    REGAINED_AT.store(0, Ordering::SeqCst);
+    assert!(!resume_given(&feed, &reading, &again, || true), "settled");
+    assert_eq!(Stop::last(), Stop::InEditor);
+    assert!(readline.recv_timeout(Duration::from_millis(200)).is_err());
+    no_regain_and_nothing_settled();
     assert!(feed.close().is_empty());
 }
 
@@ -265,11 +312,9 @@ fn continued_with_no_other_group_at_the_terminal_a_seen_stop_is_settled() {
     assert!(feed.close().is_empty());
 }
 
-/// Continued to end (an end signal pending), nothing is drawn, the stop is settled,
-/// and SIGTTOU and SIGTTIN are ignored, so that the end is not stopped from the
-/// background.
+/// Continued to end (an end signal pending), nothing is drawn and the stop is settled.
 #[test]
-fn continued_to_end_nothing_is_drawn_and_the_end_is_let_through() {
+fn continued_to_end_nothing_is_drawn() {
     let _serial = serial();
     let (feed, readline) = crate::feed::tests::one_slot_feed();
     let mut outcome = None;
@@ -295,9 +340,10 @@ fn continued_to_end_nothing_is_drawn_and_the_end_is_let_through() {
     let (settled, asked) = outcome.expect("run");
     assert!(settled, "not settled");
     assert!(!asked, "the rewaker told");
+    // Nothing let through here: the editor's thread, waiting in a handler, parks there.
     assert!(after
         .iter()
-        .all(|a| matches!(a.handler(), SigHandler::SigIgn)));
+        .all(|a| matches!(a.handler(), SigHandler::SigDfl)));
     assert!(readline.recv_timeout(Duration::from_millis(200)).is_err());
     assert!(feed.close().is_empty());
 }
@@ -424,10 +470,11 @@ fn the_wait_looks_often_at_first_then_less_and_ends_in_the_foreground() {
 }
 
 /// An end signal pending for the thread that waits (here a SIGHUP it blocks, sent to itself
-/// at the third sleep) ends the wait at the next look, with the end let through (SIGTTOU and
-/// SIGTTIN ignored), the foreground not looked at again.
+/// at the third sleep) ends the wait at the next look, the foreground not looked at again.
+/// The wait leaves SIGTTOU and SIGTTIN as they were: its caller decides (the editor's thread
+/// parks, where a read let through would fail and the editor set its mode).
 #[test]
-fn an_end_signal_pending_ends_the_wait_and_is_let_through() {
+fn an_end_signal_pending_ends_the_wait() {
     let _serial = serial();
     let mut ended = None;
     let after = with_default_background_actions(|| {
@@ -458,12 +505,12 @@ fn an_end_signal_pending_ends_the_wait_and_is_let_through() {
     assert_eq!(ended, Some((Waited::Ended, 3, 3)));
     assert!(after
         .iter()
-        .all(|a| matches!(a.handler(), SigHandler::SigIgn)));
+        .all(|a| matches!(a.handler(), SigHandler::SigDfl)));
 }
 
 /// An end already handled on another thread ([`ENDING`], which is how the chat's threads
-/// hear of one: `sigpending` tells only of signals they block) ends the wait at once, with
-/// the end let through, even in the foreground.
+/// hear of one: `sigpending` tells only of signals they block) ends the wait at once, even
+/// in the foreground, SIGTTOU and SIGTTIN left as they were.
 #[test]
 fn an_end_handled_on_another_thread_ends_the_wait_at_once() {
     let _serial = serial();
@@ -476,7 +523,7 @@ fn an_end_handled_on_another_thread_ends_the_wait_at_once() {
     assert_eq!(ended, Some((Waited::Ended, 0, Vec::new())));
     assert!(after
         .iter()
-        .all(|a| matches!(a.handler(), SigHandler::SigIgn)));
+        .all(|a| matches!(a.handler(), SigHandler::SigDfl)));
 }
 
 /// Let through (an orphaned process group, where no `fg` can come), the wait ends at once,
@@ -500,6 +547,23 @@ fn let_through_the_wait_ends_without_the_foreground() {
     assert!(after
         .iter()
         .all(|a| matches!(a.handler(), SigHandler::SigDfl)));
+}
+
+/// A thread with an end signal blocked (as inside that signal's handler, which a handler
+/// stacked above it runs before) is above an end signal's handler; with none, it is not.
+#[test]
+fn an_end_signal_blocked_in_the_thread_is_a_handler_below() {
+    thread::spawn(|| {
+        assert!(!above_an_end_signals_handler());
+        let mut term = SigSet::empty();
+        term.add(Signal::SIGTERM);
+        term.thread_block().expect("SIGTERM blocked");
+        assert!(above_an_end_signals_handler());
+        term.thread_unblock().expect("SIGTERM unblocked");
+        assert!(!above_an_end_signals_handler());
+    })
+    .join()
+    .expect("the asking thread");
 }
 
 /// Letting the end through ignores SIGTTOU and SIGTTIN, so that neither the mode set
