@@ -2460,6 +2460,37 @@ fn a_paste_left_unread_is_not_run_when_the_chat_stops(
     assert!(alice.wait().success());
 }
 
+/// Stopped by a SIGSTOP, continued in the background (`kill -CONT`), where it waits for the
+/// terminal, then sent `kill -TSTP` there: it stops at once without touching the terminal,
+/// the shell's (setting the mode from there waited for `fg`, and the stop came only after
+/// it), and after `fg` takes the editor's mode and draws its line once.
+#[test]
+fn stopped_from_elsewhere_while_it_waits_in_the_background_it_stops_at_once() {
+    let d = Daemon::start();
+    let (mut alice, mut term, editors) =
+        stopped_with_half_a_line(&d, |term| signal_ocm_run_from(term, libc::SIGSTOP));
+    let ocm = only_child(term.child.id() as i32);
+    signal_ocm_run_from(&term, libc::SIGCONT);
+    waits_in_the_background_after_a_sigstop(ocm);
+    let shells = term.mode();
+    let shown = term.text().len();
+    signal_ocm_run_from(&term, libc::SIGTSTP);
+    wait_on_the_chat(&term, ocm, "the chat did not stop", || {
+        state(ocm) == Some('T')
+    });
+    assert_eq!(term.mode().c_lflag, shells.c_lflag, "{:?}", term.text());
+    term.wait_for_after(shown, "Stopped");
+    let shown = term.fg("> half");
+    wait_until("the editor's mode again", || {
+        term.mode().c_lflag == editors.c_lflag
+    });
+    term.type_keys(" done\r");
+    assert_eq!(alice.line(), "bob: half done");
+    let after_fg = &term.text()[shown..];
+    assert_eq!(after_fg.matches("> half").count(), 1, "{after_fg:?}");
+    bob_quits_and_both_exit(&mut term, &mut alice);
+}
+
 /// Stopped by a SIGSTOP, continued in the background (`kill -CONT`), where taking the
 /// editor's mode (and reading the keys typed to the shell) waits for the end or `fg`, and
 /// then killed from the shell (`kill %1`: SIGTERM, then SIGCONT), `ocm` leaves the room and

@@ -13,8 +13,9 @@ use rustyline::{Cmd, Config, DefaultEditor, KeyEvent};
 
 use super::commands::{too_long, Commands};
 use super::suspend::{
-    discard_unread_input, keep_the_mode_before_chat, redraw_on_resume, remember_mode_before_chat,
-    stop_in_the_mode_before_the_chat, take_suspend_here, EditorThread, InTheForeground,
+    a_read_failed_with_eio, discard_unread_input, keep_the_mode_before_chat, redraw_on_resume,
+    remember_mode_before_chat, stop_in_the_mode_before_the_chat, take_suspend_here, EditorThread,
+    InTheForeground,
 };
 use super::{lock, Event};
 use crate::error::ClientError;
@@ -322,8 +323,12 @@ pub(super) fn after_a_failed_read(commands: &Commands, error: ReadlineError) -> 
             commands.err(NOT_UTF8);
             None
         }
-        // The terminal hung up (see `hung_up`).
-        ReadlineError::Errno(Errno::EIO) => Some(Event::Eof),
+        // The terminal hung up (see `hung_up`), or, from the background, the kernel says the
+        // process group is orphaned.
+        ReadlineError::Errno(Errno::EIO) => {
+            a_read_failed_with_eio();
+            Some(Event::Eof)
+        }
         ReadlineError::Io(e) if hung_up(&e) => Some(Event::Eof),
         e => Some(Event::Failed(ClientError::Io {
             context: "reading the terminal",

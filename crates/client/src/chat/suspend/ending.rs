@@ -30,8 +30,7 @@ pub(in crate::chat) fn watch_for_the_end() {
     wait_for_the_end_or_the_foreground();
     make_the_continuer();
     for signal in END_SIGNALS {
-        // SAFETY: the action stores to an atomic and calls timer_settime, tcgetpgrp,
-        // getpgrp and sigaction: async-signal-safe.
+        // SAFETY: the action stores to an atomic and calls timer_settime: async-signal-safe.
         let registered = unsafe { signal_hook::low_level::register(signal, on_end_signal) };
         if let Err(e) = registered {
             debug!("cannot watch signal {signal} for the end of the chat: {e}");
@@ -64,9 +63,9 @@ fn wait_for_the_end_or_the_foreground() {
         held,
     );
     for signal in [Signal::SIGTTIN, Signal::SIGTTOU] {
-        // SAFETY: the handler does only what is async-signal-safe (sigpending,
-        // sigismember, poll, clock_gettime, tcgetpgrp, getpgrp, getsid, sigaction, kill;
-        // errno saved and put back).
+        // SAFETY: the handler does only what is async-signal-safe (pthread_sigmask,
+        // sigpending, sigismember, poll, pause, clock_gettime, tcgetpgrp, getpgrp, getpid,
+        // getppid, getsid, sigaction, kill; errno saved and put back).
         if let Err(e) = unsafe { signal::sigaction(signal, &action) } {
             debug!("cannot wait for the end or the foreground in the background: {e}");
         }
@@ -135,7 +134,7 @@ pub(super) enum Waited {
     LetThrough,
 }
 
-/// Waits, running, until the chat is told to end ([`ending`]; the end is let through),
+/// Waits, running, until the chat is told to end ([`ending`]; the caller decides what then),
 /// `brought_back` says the terminal is ours again (a shell's `fg`, which sends no SIGCONT to
 /// a job that runs: bash's does not), or `let_through` says to go on without it; looks every
 /// [`QUICK_STEP`] for the first [`QUICK_WAIT`] (the SIGTERM of a `kill %1`, handled on
@@ -302,11 +301,12 @@ pub(super) fn ending() -> bool {
     }
 }
 
-/// Lets the end go through from the background: the input thread's calls on the terminal
-/// waiting there ([`on_terminal_from_the_background`]) for the end or `fg`. With SIGTTOU
-/// ignored a mode set goes through (the terminal guard's, which comes after it, leaves the
-/// shell's terminal in the mode from before the chat); with SIGTTIN ignored the editor's read
-/// fails (`EIO`), which the input thread takes for the end of input. Async-signal-safe.
+/// Lets the end go through from the background, once the editor's thread is parked (or for
+/// a thread that is not the editor's, which took a SIGTTIN or SIGTTOU: a stderr writer
+/// started before the chat): with SIGTTOU ignored a mode set goes through, with SIGTTIN
+/// ignored a read fails (`EIO`). Not at the end signal itself: the editor's read, failing
+/// there, had the editor set its mode on the way out, perhaps after the terminal guard's;
+/// coming back to the handler instead, its thread parks. Async-signal-safe.
 pub(super) fn let_the_end_through() {
     let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
     for signal in [Signal::SIGTTOU, Signal::SIGTTIN] {

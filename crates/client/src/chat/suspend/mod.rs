@@ -174,9 +174,8 @@ pub(super) fn suspend_on_input_thread() {
     let mut set = tstp();
     set.add(Signal::SIGCONT);
     // And, as in every thread the client starts from here on (`threads::spawn`), SIGTTIN and
-    // SIGTTOU, which only the threads that read the terminal or set its mode take: the
-    // terminal guard's restore of the mode, at an end signal, goes through from the
-    // background.
+    // SIGTTOU, which only the input thread takes: the terminal guard's restore of the mode,
+    // at an end signal, goes through from the background.
     crate::threads::keep_terminal_signals_to_their_threads();
     set.add(Signal::SIGTTIN);
     set.add(Signal::SIGTTOU);
@@ -219,9 +218,9 @@ pub(super) fn stop_in_the_mode_before_the_chat() {
         return;
     }
     // SAFETY: the handler does only what is async-signal-safe (tcgetattr, tcsetattr,
-    // tcflush, write, sigaction, raise, pthread_sigmask, sigpending, tcgetpgrp, getpgrp,
-    // getsid, poll, pause, clock_gettime, kill; errno saved and put back) and reads a static
-    // set before it is installed.
+    // tcflush, write, sigaction, raise, pthread_sigmask, sigpending, sigismember, tcgetpgrp,
+    // getpgrp, getpid, getppid, getsid, poll, pause, clock_gettime, kill; errno saved and
+    // put back) and reads a static set before it is installed.
     if let Err(e) = unsafe { signal::sigaction(Signal::SIGTSTP, &sigtstp_action()) } {
         debug!("cannot stop in the terminal's mode before the chat: {e}");
     }
@@ -258,11 +257,20 @@ extern "C" fn on_sigtstp(_: libc::c_int) {
         Errno::set_raw(errno);
         return;
     }
+    // A `kill -TSTP` to a chat running in the background (after `bg`) finds the terminal the
+    // shell's: its mode is not the chat's to change (from here the change would wait for
+    // `fg`, and the stop come only after it), and no mode is put back once continued; the
+    // stop is one no handler saw, and a `fg` has the resume thread take the editor's mode and
+    // draw the line.
+    let ours = !in_background();
     let mut found = MaybeUninit::<libc::termios>::uninit();
     // SAFETY: tcgetattr fills `found` when it returns 0; tcsetattr reads a whole termios.
-    let found = unsafe {
-        (libc::tcgetattr(libc::STDIN_FILENO, found.as_mut_ptr()) == 0).then(|| found.assume_init())
-    };
+    let found = ours
+        .then(|| unsafe {
+            (libc::tcgetattr(libc::STDIN_FILENO, found.as_mut_ptr()) == 0)
+                .then(|| found.assume_init())
+        })
+        .flatten();
     let in_editor = found.as_ref().is_some_and(in_editor_mode);
     if in_editor {
         // The editor turned the terminal's bracketed paste on for the line it reads, and
@@ -277,13 +285,15 @@ extern "C" fn on_sigtstp(_: libc::c_int) {
             )
         };
     }
-    let seen = if in_editor {
+    let seen = if !ours {
+        Stop::Unseen
+    } else if in_editor {
         Stop::InEditor
     } else {
         Stop::Elsewhere
     };
     LAST_STOP.store(seen as u8, Ordering::SeqCst);
-    if let Some(before) = MODE_BEFORE_CHAT.get() {
+    if let Some(before) = MODE_BEFORE_CHAT.get().filter(|_| ours) {
         // TCSAFLUSH: the shell reads the terminal as soon as the process stops, and would
         // run what `ocm` had not read (keys typed after the editor's Ctrl+Z, the rest of a
         // paste) as commands. The terminal's own Ctrl+Z discards that input too (ISIG
@@ -293,8 +303,8 @@ extern "C" fn on_sigtstp(_: libc::c_int) {
     }
     stop();
     // Continued in the background (`bg`; or the SIGCONT a shell's `kill %1` sends after its
-    // SIGTERM, so that the job can act on it): setting the mode from there would stop the
-    // process (SIGTTOU) until `fg`. The chat waits here instead, running, until `fg` (then
+    // SIGTERM, so that the job can act on it): setting the mode from there would wait
+    // (SIGTTOU) for `fg` in a handler of its own. The chat waits here, running, until `fg` (then
     // sets the mode and has the line drawn again) or the end (then goes on to its
     // `__LEAVE__` and exit, with the terminal, still the shell's, left in the mode it stopped
     // in); its printer waits too ([`InTheForeground`]). It used to stop again after 200 ms,
@@ -534,6 +544,22 @@ fn in_background() -> bool {
     group >= 0 && group != unsafe { libc::getpgrp() }
 }
 
+/// Set when the editor's read of the terminal failed (`EIO`) in the background: the kernel
+/// fails such a read in an orphaned process group (SIGTTIN is not ignored then, nor blocked
+/// on the input thread), whatever [`orphaned`]'s look at the parents says (a wrapper script
+/// in a group of its own, its own parent gone, leaves the chat's group orphaned though the
+/// chat's parent is in the session): the terminal guard would otherwise wait for a `fg` that
+/// can never come ([`wait_for_the_terminal`]).
+static READ_FAILED_IN_THE_BACKGROUND: AtomicBool = AtomicBool::new(false);
+
+/// Notes that the editor's read failed with `EIO`: in the background, before any end, the
+/// kernel's word that the process group is orphaned ([`READ_FAILED_IN_THE_BACKGROUND`]).
+pub(super) fn a_read_failed_with_eio() {
+    if in_background() && !ending::ending() {
+        READ_FAILED_IN_THE_BACKGROUND.store(true, Ordering::SeqCst);
+    }
+}
+
 /// Whether our process group is orphaned, as near as `ocm` can tell from itself: it leads
 /// its own session (started with `setsid`, or by `ssh`, `docker exec -t` and the like), or
 /// its parent is in another session (the process that started the chat is gone and init or
@@ -557,6 +583,9 @@ fn in_background() -> bool {
 /// are plain system calls that touch only `errno`, which the handlers keep (`getsid` is not
 /// on POSIX's list of async-signal-safe functions; glibc and musl make it the bare call).
 fn orphaned() -> bool {
+    if READ_FAILED_IN_THE_BACKGROUND.load(Ordering::SeqCst) {
+        return true;
+    }
     // SAFETY: plain system calls; a parent gone meanwhile gives -1, another session too.
     unsafe {
         let own = libc::getsid(0);

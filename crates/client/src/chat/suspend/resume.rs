@@ -39,9 +39,9 @@ use crate::locks;
 /// job stop, has the terminal), the process ran on unseen, and bash's `fg` continues
 /// (SIGCONT) only a job that is stopped, so it got the terminal back with no signal, no
 /// prompt and the shell's mode. Setting the editor's mode from the background now waits
-/// (SIGTTOU, then `ending::on_terminal_from_the_background`) until `fg`, after which the
-/// mode is set and the line drawn. (After a SIGTSTP, the handler waits in the same way, and
-/// tells this thread of the `fg` as a SIGCONT would: `foreground_regained`.)
+/// for the terminal ([`take_editor_mode`]) until `fg`, after which the mode is set and the
+/// line drawn. (After a SIGTSTP, the handler waits in the same way, and tells this thread of
+/// the `fg` as a SIGCONT would: `foreground_regained`.)
 ///
 /// Called on the thread the editor reads on, before it takes SIGTSTP (the watching thread
 /// must not); the editor's thread is known as such until the guard returned is dropped.
@@ -62,8 +62,8 @@ pub(in crate::chat) fn redraw_on_resume(
         while signals.forever().next().is_some() {
             if on_resume(&feed, &reading, &again) {
                 // A SIGCONT that came meanwhile was for the stop just settled, not a
-                // second one: the `fg` that continued the stop which setting the mode
-                // from the background met, or, on a busy machine, the `fg` after the
+                // second one: the `fg` that ended the wait for the terminal before the
+                // mode was set, a regain's, or, on a busy machine, the `fg` after the
                 // `bg` being answered, which would otherwise be taken for a stop no
                 // handler saw, and the line drawn again over the editor's own redraw.
                 // Its handler ran on this thread as it came back from the stop (no
@@ -200,6 +200,12 @@ pub(super) fn resume_given(
             // Told to end while waiting in the background to set the mode: the terminal is
             // still the shell's, and the line must not be drawn over its screen.
             return true;
+        }
+        if waiting_in_the_background_now() {
+            // The editor's read waits in the background too: it tells this thread once it
+            // sees the terminal ours, and that word draws the line (drawn here too, it was
+            // drawn twice).
+            return false;
         }
     }
     settled_now();
