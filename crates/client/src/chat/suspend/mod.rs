@@ -314,9 +314,7 @@ extern "C" fn on_sigtstp(_: libc::c_int) {
     // `fg` can come: see `orphaned`.)
     let mut regained = false;
     if in_background() && !orphaned() {
-        match waiting_in_the_background(|| {
-            wait_in_the_background(|| !in_background(), orphaned, sleep_a_step)
-        }) {
+        match waiting_in_the_background(wait_for_the_foreground) {
             // The signal watcher and the main loop end the chat and the process (within
             // the watcher's grace). This thread waits for that here: returned to, the
             // editor would draw its line over the shell's screen.
@@ -347,19 +345,18 @@ static WAITING_IN_THE_BACKGROUND: AtomicBool = AtomicBool::new(false);
 /// terminal ours again ([`foreground_regained`]); 0 before.
 static REGAINED_AT: AtomicU64 = AtomicU64::new(0);
 
-/// [`REGAINED_AT`] as the resume thread last took it up ([`regain_to_answer`]).
+/// [`REGAINED_AT`] as the resume thread last took it up ([`regain_to_answer`]): for
+/// [`REGAINED_WINDOW`] after it, a SIGCONT that finds no stop noted is that `fg`'s
+/// ([`answered_a_regain_lately`]).
 static REGAIN_ANSWERED: AtomicU64 = AtomicU64::new(0);
-
-/// When the resume thread last answered a regain ([`answered_a_regain_lately`]).
-static REGAIN_ANSWERED_AT: AtomicU64 = AtomicU64::new(0);
 
 /// When the resume thread last settled a stop in the foreground (drew the line again, or
 /// left it to the editor): a regain noted before that was answered already, by the shell's
 /// SIGCONT for the same `fg` ([`settled_since`]).
 static SETTLED_AT: AtomicU64 = AtomicU64::new(0);
 
-/// How long a regain waits to be answered ([`regain_to_answer`]), and how long after one is
-/// answered a SIGCONT that finds no stop noted is taken for the same `fg`'s
+/// How long a regain waits to be answered ([`regain_to_answer`]), and how long after an
+/// answered one a SIGCONT that finds no stop noted is taken for the same `fg`'s
 /// ([`answered_a_regain_lately`]).
 const REGAINED_WINDOW: Duration = Duration::from_millis(500);
 
@@ -412,14 +409,16 @@ fn settled_since(at: u64) -> bool {
     SETTLED_AT.load(Ordering::SeqCst) >= at
 }
 
-/// Notes that the resume thread answered a regain now.
-fn answered_a_regain_now() {
-    REGAIN_ANSWERED_AT.store(monotonic_nanos().max(1), Ordering::SeqCst);
+/// Whether the regain the resume thread last answered was noted less than
+/// [`REGAINED_WINDOW`] ago.
+fn answered_a_regain_lately() -> bool {
+    within_the_window(REGAIN_ANSWERED.load(Ordering::SeqCst))
 }
 
-/// Whether the resume thread answered a regain less than [`REGAINED_WINDOW`] ago.
-fn answered_a_regain_lately() -> bool {
-    within_the_window(REGAIN_ANSWERED_AT.load(Ordering::SeqCst))
+/// Waits in the background ([`wait_in_the_background`]) until the terminal is no longer
+/// another group's, the end comes, or the process group is orphaned. Async-signal-safe.
+fn wait_for_the_foreground() -> Waited {
+    wait_in_the_background(|| !in_background(), orphaned, sleep_a_step)
 }
 
 /// Whether the monotonic instant `at` (0: never) is less than [`REGAINED_WINDOW`] ago.

@@ -14,11 +14,11 @@ use nix::sys::termios::{tcsetattr, SetArg, Termios};
 use signal_hook::consts::SIGCONT;
 use signal_hook::iterator::Signals;
 
-use super::ending::{ending, sleep_a_step, wait_in_the_background, Waited};
+use super::ending::{ending, Waited};
 use super::{
-    answered_a_regain_lately, answered_a_regain_now, editor_mode, in_background, orphaned,
-    regain_to_answer, settled_now, settled_since, waiting_in_the_background_now, Stop,
-    EDITOR_THREAD, LAST_STOP, MODE_BEFORE_CHAT, MODE_SETS, ON_THE_EDITORS_THREAD,
+    answered_a_regain_lately, editor_mode, in_background, regain_to_answer, settled_now,
+    settled_since, wait_for_the_foreground, waiting_in_the_background_now, Stop, EDITOR_THREAD,
+    LAST_STOP, MODE_BEFORE_CHAT, MODE_SETS, ON_THE_EDITORS_THREAD,
 };
 use crate::feed::Feed;
 use crate::locks;
@@ -150,7 +150,6 @@ pub(super) fn resume_given(
     let regained = regain_to_answer();
     let stop = Stop::last();
     if let Some(at) = regained {
-        answered_a_regain_now();
         if settled_since(at) {
             // The shell's SIGCONT for the same `fg` came first and settled the stop.
             return true;
@@ -288,7 +287,7 @@ pub(super) fn keys_waiting(fd: libc::c_int) -> bool {
 }
 
 /// Sets the editor's raw mode, whatever the mode found (a shell may have given the
-/// terminal its own). From the background it first waits ([`wait_in_the_background`]) until
+/// terminal its own). From the background it first waits ([`wait_for_the_foreground`]) until
 /// the terminal is no longer another group's, within a step of that wait (50 ms at most) of
 /// a shell's `fg`, however long that takes; told to end meanwhile, or orphaned there, it sets
 /// nothing. It waits here rather than in the kernel's SIGTTOU, which this thread blocks (see
@@ -304,8 +303,7 @@ fn take_editor_mode() {
     let mode = Termios::from(editor_mode(before));
     // Held across the wait and the call: see `MODE_SETS`.
     let _setting = locks::lock(&MODE_SETS);
-    let waited = wait_in_the_background(|| !in_background(), orphaned, sleep_a_step);
-    if waited != Waited::Foreground {
+    if wait_for_the_foreground() != Waited::Foreground {
         // Told to end (nothing to draw), or orphaned in the background, where the mode set,
         // SIGTTOU blocked, would go through to the terminal of another group.
         return;

@@ -175,12 +175,7 @@ fn resumed_after_an_unseen_stop_the_line_being_read_is_drawn_again() {
 
 /// Puts back the regain bookkeeping of `foreground_regained` as a fresh chat has it.
 fn no_regain_and_nothing_settled() {
-    for at in [
-        &REGAINED_AT,
-        &REGAIN_ANSWERED,
-        &REGAIN_ANSWERED_AT,
-        &SETTLED_AT,
-    ] {
+    for at in [&REGAINED_AT, &REGAIN_ANSWERED, &SETTLED_AT] {
         at.store(0, Ordering::SeqCst);
     }
     WAITING_IN_THE_BACKGROUND.store(false, Ordering::SeqCst);
