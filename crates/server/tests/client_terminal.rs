@@ -2472,14 +2472,7 @@ fn stopped_from_elsewhere_while_it_waits_in_the_background_it_stops_at_once() {
     let ocm = only_child(term.child.id() as i32);
     signal_ocm_run_from(&term, libc::SIGCONT);
     waits_in_the_background_after_a_sigstop(ocm);
-    let shells = term.mode();
-    let shown = term.text().len();
-    signal_ocm_run_from(&term, libc::SIGTSTP);
-    wait_on_the_chat(&term, ocm, "the chat did not stop", || {
-        state(ocm) == Some('T')
-    });
-    assert_eq!(term.mode().c_lflag, shells.c_lflag, "{:?}", term.text());
-    term.wait_for_after(shown, "Stopped");
+    stopped_from_elsewhere_at_once(&mut term, ocm);
     let shown = term.fg("> half");
     wait_until("the editor's mode again", || {
         term.mode().c_lflag == editors.c_lflag
@@ -2489,6 +2482,79 @@ fn stopped_from_elsewhere_while_it_waits_in_the_background_it_stops_at_once() {
     let after_fg = &term.text()[shown..];
     assert_eq!(after_fg.matches("> half").count(), 1, "{after_fg:?}");
     bob_quits_and_both_exit(&mut term, &mut alice);
+}
+
+/// Stopped with Ctrl+Z and sent on with `bg`, the chat waits in the background in its
+/// SIGTSTP handler, which holds that signal back while it runs: a `kill -TSTP` from elsewhere
+/// then stops it at once all the same (it stayed pending until `fg`, which it stopped again
+/// at once), the shell tells of the stop and keeps its mode, and after `fg` the editor draws
+/// its line once and reads on.
+#[test]
+fn sent_on_with_bg_and_stopped_from_elsewhere_it_stops_at_once() {
+    let d = Daemon::start();
+    let (mut alice, mut term, editors) =
+        stopped_with_half_a_line(&d, |term| term.type_keys("\x1a"));
+    let ocm = only_child(term.child.id() as i32);
+    let shown = term.text().len();
+    term.type_keys("bg\r");
+    term.wait_for_after(shown, "$ ");
+    waiting_in_the_background(ocm, "input", libc::SIGTSTP);
+    stopped_from_elsewhere_at_once(&mut term, ocm);
+    let shown = term.fg("> half");
+    wait_until("the editor's mode again", || {
+        term.mode().c_lflag == editors.c_lflag
+    });
+    term.type_keys(" done\r");
+    assert_eq!(alice.line(), "bob: half done");
+    let after_fg = &term.text()[shown..];
+    assert_eq!(after_fg.matches("> half").count(), 1, "{after_fg:?}");
+    bob_quits_and_both_exit(&mut term, &mut alice);
+}
+
+/// Started in the background, the chat waits there in the handler of its first call on the
+/// terminal (SIGTTIN), which holds SIGTSTP back while it runs: a `kill -TSTP` from elsewhere
+/// stops it at once all the same, and after `fg` it draws its prompt and reads.
+#[test]
+fn started_in_the_background_and_stopped_from_elsewhere_it_stops_at_once() {
+    let d = Daemon::start();
+    let mut alice = alice_hosts_lobby(&d);
+    let mut term = bash_terminal();
+    term.type_keys(&format!("{} &\r", bob_joins_line(&d)));
+    assert_eq!(alice.line(), "* bob joined");
+    let ocm = only_child(term.child.id() as i32);
+    waiting_in_the_background(ocm, "input", libc::SIGTTIN);
+    stopped_from_elsewhere_at_once(&mut term, ocm);
+    let shown = term.fg("* --- live ---");
+    term.wait_for_after(shown, "> ");
+    term.type_keys("hi\r");
+    assert_eq!(alice.line(), "bob: hi");
+    bob_quits_and_both_exit(&mut term, &mut alice);
+}
+
+/// Sends the chat `ocm`, waiting in the background of the shell in `term`, a SIGTSTP (`kill
+/// -TSTP` from elsewhere), and checks that it stops at once, the terminal left in the
+/// shell's mode, and that the shell's `jobs` shows it stopped. (bash -b told of the stop at
+/// once for a job it had seen stop before, and not, in these runs, for one started with `&`.)
+fn stopped_from_elsewhere_at_once(term: &mut Terminal, ocm: i32) {
+    let shells = term.mode();
+    signal_ocm_run_from(term, libc::SIGTSTP);
+    wait_on_the_chat(term, ocm, "the chat did not stop", || {
+        state(ocm) == Some('T')
+    });
+    assert_eq!(term.mode().c_lflag, shells.c_lflag, "{:?}", term.text());
+    // Asked again until bash has taken the stop up (on a loaded machine, after a `jobs`
+    // that still shows the job running).
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let shown = term.text().len();
+        term.type_keys("jobs\r");
+        term.wait_for_after(shown, "$ ");
+        if term.text()[shown..].contains("Stopped") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{:?}", term.text());
+        thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Stopped by a SIGSTOP, continued in the background (`kill -CONT`), where taking the

@@ -52,7 +52,8 @@ pub(in crate::chat) fn watch_for_the_end() {
 /// `client_terminal::waiting_in_the_background_after_a_sigstop_and_killed_it_draws_nothing_and_exits`).
 fn wait_for_the_end_or_the_foreground() {
     // Held back while the handler runs, which makes no call on the terminal itself: a stop
-    // (`kill -TSTP`) waits until the wait is over rather than be made inside it.
+    // (`kill -TSTP`) is not made inside the wait, by a handler of its own, but by the wait
+    // itself, which looks for one pending (see `super::waiting_in_the_background`).
     let mut held = SigSet::empty();
     for signal in [Signal::SIGTTIN, Signal::SIGTTOU, Signal::SIGTSTP] {
         held.add(signal);
@@ -107,7 +108,7 @@ extern "C" fn on_terminal_from_the_background(_: libc::c_int) {
     };
     let brought_back = || !super::in_background();
     let waited = super::waiting_in_the_background(|| {
-        wait_in_the_background(brought_back, let_through, sleep_a_step)
+        wait_in_the_background(brought_back, a_stop_asked, let_through, sleep_a_step)
     });
     match waited {
         Waited::Foreground => super::foreground_regained(),
@@ -118,7 +119,7 @@ extern "C" fn on_terminal_from_the_background(_: libc::c_int) {
             super::park_the_editor_at_the_end();
             let_the_end_through();
         }
-        Waited::LetThrough => {}
+        Waited::LetThrough | Waited::StopAsked => {}
     }
     Errno::set_raw(errno);
 }
@@ -132,16 +133,21 @@ pub(super) enum Waited {
     Foreground,
     /// Let go on without the foreground (an orphaned process group).
     LetThrough,
+    /// A stop was asked from elsewhere (`kill -TSTP`), held back by the handler that waits:
+    /// the caller makes it ([`a_stop_asked`]).
+    StopAsked,
 }
 
 /// Waits, running, until the chat is told to end ([`ending`]; the caller decides what then),
 /// `brought_back` says the terminal is ours again (a shell's `fg`, which sends no SIGCONT to
-/// a job that runs: bash's does not), or `let_through` says to go on without it; looks every
+/// a job that runs: bash's does not), `stop_asked` says a stop waits to be made, or
+/// `let_through` says to go on without the foreground; looks every
 /// [`QUICK_STEP`] for the first [`QUICK_WAIT`] (the SIGTERM of a `kill %1`, handled on
 /// another thread, is seen within a step of its SIGCONT), then every [`STEP`]. `pause`
 /// sleeps a step ([`sleep_a_step`]); a signal may cut it short. Async-signal-safe, given arguments that are.
 pub(super) fn wait_in_the_background(
     brought_back: impl Fn() -> bool,
+    stop_asked: impl Fn() -> bool,
     let_through: impl Fn() -> bool,
     pause: impl Fn(Duration),
 ) -> Waited {
@@ -153,12 +159,29 @@ pub(super) fn wait_in_the_background(
         if brought_back() {
             return Waited::Foreground;
         }
+        if stop_asked() {
+            return Waited::StopAsked;
+        }
         if let_through() {
             return Waited::LetThrough;
         }
         let quick = QUICK_STEP * steps < QUICK_WAIT;
         pause(if quick { QUICK_STEP } else { STEP });
         steps = steps.saturating_add(1);
+    }
+}
+
+/// Whether a SIGTSTP is pending for the calling thread, which blocks it: a `kill -TSTP` to
+/// the process while the editor's thread, the only one that takes that signal, runs a handler
+/// that holds it back (the SIGTSTP handler itself, or the one for SIGTTIN and SIGTTOU). Left
+/// there, it would stop the chat only once the handler returns, after `fg`: the shell would
+/// show the job running, and `fg` stop it at once. Async-signal-safe.
+pub(super) fn a_stop_asked() -> bool {
+    let mut pending = MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigpending fills the set it is given; sigismember reads it.
+    unsafe {
+        libc::sigpending(pending.as_mut_ptr()) == 0
+            && libc::sigismember(pending.as_ptr(), libc::SIGTSTP) == 1
     }
 }
 

@@ -27,7 +27,7 @@ use nix::sys::termios::Termios;
 
 use super::input_thread::BRACKETED_PASTE_OFF;
 pub(super) use ending::watch_for_the_end;
-use ending::{let_the_end_through, sleep_a_step, wait_in_the_background, Waited};
+use ending::{a_stop_asked, let_the_end_through, sleep_a_step, wait_in_the_background, Waited};
 pub(super) use resume::{redraw_on_resume, EditorThread};
 
 /// The terminal mode before the chat, the one the terminal guard puts back: the mode the
@@ -314,7 +314,9 @@ extern "C" fn on_sigtstp(_: libc::c_int) {
     // `fg` can come: see `orphaned`.)
     let mut regained = false;
     if in_background() && !orphaned() {
-        match waiting_in_the_background(wait_for_the_foreground) {
+        let wait =
+            || wait_in_the_background(|| !in_background(), a_stop_asked, orphaned, sleep_a_step);
+        match waiting_in_the_background(wait) {
             // The signal watcher and the main loop end the chat and the process (within
             // the watcher's grace). This thread waits for that here: returned to, the
             // editor would draw its line over the shell's screen.
@@ -323,7 +325,7 @@ extern "C" fn on_sigtstp(_: libc::c_int) {
                 unsafe { libc::pause() };
             },
             Waited::Foreground => regained = true,
-            Waited::LetThrough => {}
+            Waited::LetThrough | Waited::StopAsked => {}
         }
     }
     if let Some(found) = found {
@@ -361,12 +363,20 @@ static SETTLED_AT: AtomicU64 = AtomicU64::new(0);
 const REGAINED_WINDOW: Duration = Duration::from_millis(500);
 
 /// Runs `wait` (a wait in the background, in a handler on the editor's thread) with
-/// [`WAITING_IN_THE_BACKGROUND`] set; once it ends with the terminal ours again, notes the
-/// regain for the resume thread before the flag is cleared ([`foreground_regained`]).
-/// Async-signal-safe, given a `wait` that is.
-fn waiting_in_the_background(wait: impl FnOnce() -> Waited) -> Waited {
+/// [`WAITING_IN_THE_BACKGROUND`] set, and again after each stop asked meanwhile, which it
+/// makes ([`stop`]: the handler holds SIGTSTP back, so a `kill -TSTP` waits for it; the
+/// terminal, not ours, is left as it is, and a SIGCONT for the stop is left to the wait, as
+/// any while it runs); once it ends with the terminal ours again, notes the regain for the
+/// resume thread before the flag is cleared ([`foreground_regained`]). Never returns
+/// [`Waited::StopAsked`]. Async-signal-safe, given a `wait` that is.
+fn waiting_in_the_background(wait: impl Fn() -> Waited) -> Waited {
     WAITING_IN_THE_BACKGROUND.store(true, Ordering::SeqCst);
-    let waited = wait();
+    let waited = loop {
+        match wait() {
+            Waited::StopAsked => stop(),
+            waited => break waited,
+        }
+    };
     if waited == Waited::Foreground {
         REGAINED_AT.store(monotonic_nanos().max(1), Ordering::SeqCst);
     }
@@ -416,9 +426,11 @@ fn answered_a_regain_lately() -> bool {
 }
 
 /// Waits in the background ([`wait_in_the_background`]) until the terminal is no longer
-/// another group's, the end comes, or the process group is orphaned. Async-signal-safe.
+/// another group's, the end comes, or the process group is orphaned: the resume thread's
+/// wait, which makes no stop (a SIGTSTP pending there is the editor's thread's to take).
+/// Async-signal-safe.
 fn wait_for_the_foreground() -> Waited {
-    wait_in_the_background(|| !in_background(), orphaned, sleep_a_step)
+    wait_in_the_background(|| !in_background(), || false, orphaned, sleep_a_step)
 }
 
 /// Whether the monotonic instant `at` (0: never) is less than [`REGAINED_WINDOW`] ago.

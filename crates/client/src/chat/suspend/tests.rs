@@ -424,9 +424,9 @@ fn the_last_stop_is_read_back_as_noted() {
 }
 
 /// Runs [`wait_in_the_background`] with the process in the foreground as `foreground` says
-/// on each look (given its number, from 1), never let through, with `step` run at each of its
-/// sleeps (given the step's number, from 1) in place of the sleep; returns how it ended, the
-/// looks at the foreground and the sleeps asked for.
+/// on each look (given its number, from 1), a stop asked as [`a_stop_asked`] says, never let
+/// through, with `step` run at each of its sleeps (given the step's number, from 1) in place
+/// of the sleep; returns how it ended, the looks at the foreground and the sleeps asked for.
 fn wait_given(
     foreground: impl Fn(u32) -> bool,
     step: impl Fn(u32),
@@ -438,6 +438,7 @@ fn wait_given(
             looks.set(looks.get() + 1);
             foreground(looks.get())
         },
+        a_stop_asked,
         || false,
         |sleep| {
             sleeps.borrow_mut().push(sleep);
@@ -521,6 +522,36 @@ fn an_end_handled_on_another_thread_ends_the_wait_at_once() {
         .all(|a| matches!(a.handler(), SigHandler::SigDfl)));
 }
 
+/// A SIGTSTP pending for the thread that waits (here one it blocks, sent to itself at the
+/// third sleep, as a `kill -TSTP` waits while a handler holds it back) ends the wait at the
+/// next look, after the foreground's, for the caller to make the stop; once taken, none is
+/// asked.
+#[test]
+fn a_stop_pending_ends_the_wait_for_its_caller_to_make() {
+    let _serial = serial();
+    let ended = thread::spawn(|| {
+        let tstp = super::tstp();
+        tstp.thread_block().expect("SIGTSTP blocked");
+        assert!(!a_stop_asked(), "nothing is pending yet");
+        let (waited, looks, sleeps) = wait_given(
+            |_| false,
+            |sleep| {
+                if sleep == 3 {
+                    // SAFETY: a signal to this very thread, which blocks it.
+                    unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGTSTP) };
+                }
+            },
+        );
+        // Taken, so that it stops nothing.
+        assert_eq!(tstp.wait(), Ok(Signal::SIGTSTP));
+        assert!(!a_stop_asked());
+        (waited, looks, sleeps.len())
+    })
+    .join()
+    .expect("the waiting thread");
+    assert_eq!(ended, (Waited::StopAsked, 4, 3));
+}
+
 /// Let through (an orphaned process group, where no `fg` can come), the wait ends at once,
 /// after a look at the foreground and with the end not let through.
 #[test]
@@ -533,6 +564,7 @@ fn let_through_the_wait_ends_without_the_foreground() {
                 looks.set(looks.get() + 1);
                 false
             },
+            || false,
             || true,
             |_| panic!("no sleep"),
         );
