@@ -603,14 +603,19 @@ fn stopped_sent_to_the_background_and_brought_back(
 fn stopped_and_killed_from_the_shell_it_leaves_and_exits() {
     let d = Daemon::start();
     let (mut alice, mut term, _) = stopped_with_half_a_line(&d, |term| term.type_keys("\x1a"));
-    killed_from_the_shell_it_leaves_draws_nothing_and_exits(&mut term, &mut alice);
+    killed_from_the_shell_it_leaves_draws_nothing_and_exits(&mut term, &mut alice, true);
 }
 
 /// Kills the stopped chat of bob in `term` from the shell (`kill %1`), and checks that it
 /// leaves (the host `alice` hears it) and that the job ends as a chat ended by SIGTERM
-/// does, with no `fg`: the shell says so, and no line of the editor's is drawn over its
-/// screen. Then ends the shell and the host.
-fn killed_from_the_shell_it_leaves_draws_nothing_and_exits(term: &mut Terminal, alice: &mut Ocm) {
+/// does, with no `fg`: the shell says so, and nothing of the editor's is drawn over its
+/// screen (after a stop its SIGTSTP handler saw, if `stop_seen`, not even bracketed paste
+/// off). Then ends the shell and the host.
+fn killed_from_the_shell_it_leaves_draws_nothing_and_exits(
+    term: &mut Terminal,
+    alice: &mut Ocm,
+    stop_seen: bool,
+) {
     let ocm = only_child(term.child.id() as i32);
     let shown = term.text().len();
     term.type_keys("kill %1\r");
@@ -628,11 +633,15 @@ fn killed_from_the_shell_it_leaves_draws_nothing_and_exits(term: &mut Terminal, 
     // within 10 s, with "* bob left" heard; which way the chat stood then is not known.)
     wait_on_the_chat(term, ocm, "the chat left but did not end", || !alive(ocm));
     term.wait_for_after(shown, "[1]+  Done");
-    assert!(
-        !term.text()[shown..].contains("> half"),
-        "{:?}",
-        term.text()
-    );
+    let after = &term.text()[shown..];
+    assert!(!after.contains("> half"), "{:?}", term.text());
+    // Nor a new line under the shell's prompt; and after a stop the handler saw (which
+    // turned the editor's bracketed paste off then), no paste off either, which would be
+    // bash's own for that prompt (bash writes its own only after a line it read).
+    assert!(!after.contains("$ \x1b[?2004l\r\n"), "{after:?}");
+    if stop_seen {
+        assert!(!after.contains("$ \x1b[?2004l"), "{after:?}");
+    }
     term.type_keys("exit\r");
     assert!(term.wait().success(), "{:?}", term.text());
     alice.type_line("/quit");
@@ -937,6 +946,15 @@ fn killed_in_the_background_from_dash(waits: bool) {
         state(ocm),
         threads_of(ocm),
         term.text()
+    );
+    wait_until("ocm's exit", || !alive(ocm));
+    // The editor's bracketed paste, left on by the SIGSTOP (dash uses none of its own), is
+    // turned off, and no new line is written under dash's prompt.
+    term.wait_for_after(shown, "\x1b[?2004l");
+    assert!(
+        !term.text()[shown..].contains("\x1b[?2004l\r\n"),
+        "{:?}",
+        &term.text()[shown..]
     );
     exited_leaving_dash_its_mode(&mut term, ocm, &before, shown);
     alice.type_line("/quit");
@@ -2569,5 +2587,5 @@ fn waiting_in_the_background_after_a_sigstop_and_killed_it_draws_nothing_and_exi
     let (mut alice, mut term, _) =
         stopped_with_half_a_line(&d, |term| signal_ocm_run_from(term, libc::SIGSTOP));
     continued_in_the_background_it_waits(&mut term, &mut alice);
-    killed_from_the_shell_it_leaves_draws_nothing_and_exits(&mut term, &mut alice);
+    killed_from_the_shell_it_leaves_draws_nothing_and_exits(&mut term, &mut alice, false);
 }

@@ -13,9 +13,9 @@ use rustyline::{Cmd, Config, DefaultEditor, KeyEvent};
 
 use super::commands::{too_long, Commands};
 use super::suspend::{
-    a_read_failed_with_eio, discard_unread_input, keep_the_mode_before_chat, redraw_on_resume,
-    remember_mode_before_chat, stop_in_the_mode_before_the_chat, take_suspend_here, EditorThread,
-    InTheForeground,
+    a_read_failed_with_eio, discard_unread_input, keep_the_mode_before_chat,
+    leaving_the_prompt_line, redraw_on_resume, remember_mode_before_chat,
+    stop_in_the_mode_before_the_chat, take_suspend_here, EditorThread, InTheForeground,
 };
 use super::{lock, Event};
 use crate::error::ClientError;
@@ -81,15 +81,14 @@ impl Drop for TerminalGuard {
             discard_unread_input();
             if self.reading.load(Ordering::SeqCst) {
                 // The editor turns the terminal's bracketed paste on for each line it reads
-                // and off when it returns one: stopped while reading, it is left on, and the
+                // and off when it returns one: ended while reading, it is left on, and the
                 // shell would get every paste wrapped in `ESC [200~` ... `ESC [201~`. Then
-                // leave the prompt line, so that what follows (the closing notice, the
-                // shell's prompt) starts on a line of its own. Both on standard output, the
-                // terminal the editor draws on: standard error may be redirected.
+                // leave the prompt line, unless the shell's prompt stands there (see
+                // `leaving_the_prompt_line`). On standard output, the terminal the editor
+                // draws on: standard error may be redirected.
                 let mut out = io::stdout().lock();
                 let written = out
-                    .write_all(BRACKETED_PASTE_OFF)
-                    .and_then(|()| out.write_all(b"\n"))
+                    .write_all(leaving_the_prompt_line())
                     .and_then(|()| out.flush());
                 if let Err(e) = written {
                     debug!("cannot leave the prompt line: {e}");

@@ -337,6 +337,29 @@ extern "C" fn on_sigtstp(_: libc::c_int) {
     Errno::set_raw(errno);
 }
 
+/// What the terminal guard writes to leave the editor's prompt line at the end of a chat that
+/// was reading one, once the mode from before the chat is back. In the foreground: bracketed
+/// paste off (the editor turns it on for each line it reads) and a new line, so that what
+/// follows (the closing notice, the shell's prompt) starts on a line of its own. In the
+/// background (an end signal there: a chat that ends there for a reason of its own waits for
+/// `fg` first) the screen and the line are the shell's, its prompt drawn already: no new
+/// line under it, and bracketed paste off only after a stop that no handler saw (a SIGSTOP,
+/// which leaves the editor's on; or a `kill -TSTP` in the background, after which it may be);
+/// after a stop the handler saw, it turned it off itself, and turned off again it would be
+/// bash's own, for the prompt bash shows.
+pub(super) fn leaving_the_prompt_line() -> &'static [u8] {
+    /// [`BRACKETED_PASTE_OFF`], then a new line.
+    const AND_A_NEW_LINE: &[u8] = b"\x1b[?2004l\n";
+    if !in_background() {
+        return AND_A_NEW_LINE;
+    }
+    if Stop::last() == Stop::Unseen {
+        BRACKETED_PASTE_OFF
+    } else {
+        b""
+    }
+}
+
 /// Set while a handler on the editor's thread waits in the background
 /// ([`wait_in_the_background`]): a SIGCONT then (a `bg`, or dash's `fg` before the wait has
 /// seen it) is left to the handler, which tells the resume thread once the terminal is ours
