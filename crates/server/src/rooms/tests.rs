@@ -19,8 +19,38 @@ mod replay;
 /// Where the tests' joins come from over TCP.
 const HERE: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
+/// An empty registry under the default limits.
 fn registry() -> Registry {
-    Registry::new(Limits::default(), Box::new(StdRng::seed_from_u64(7)))
+    registry_with(Limits::default())
+}
+
+/// An empty registry under `limits`, issuing the tests' usual tokens (seed 7).
+fn registry_with(limits: Limits) -> Registry {
+    Registry::new(limits, Box::new(StdRng::seed_from_u64(7)))
+}
+
+/// A registry started from `state` under the default limits, issuing tokens from `seed`.
+fn restarted(state: &State, seed: u64, now: Instant) -> Registry {
+    Registry::from_state(
+        state,
+        Limits::default(),
+        Box::new(StdRng::seed_from_u64(seed)),
+        now,
+    )
+}
+
+/// The state file model of the records `reg` has written since they were last taken.
+fn state_of(reg: &mut Registry) -> State {
+    let mut state = State::default();
+    apply_records(reg, &mut state);
+    state
+}
+
+/// Takes the records `reg` has written and applies them to `state`, as the writer does.
+fn apply_records(reg: &mut Registry, state: &mut State) {
+    for r in reg.take_records() {
+        state.apply(&r);
+    }
 }
 
 /// Who is in a room, copied out of the registry's [`Presence`] for comparing.
@@ -67,6 +97,36 @@ fn leave(
     out: &mut Outbox,
 ) -> Handled {
     reg.handle_datagram(from, None, &dgram("r", token, "__LEAVE__"), now, out)
+}
+
+/// A chat datagram saying `text` from `from` with `token`, in room "r".
+fn chat(
+    reg: &mut Registry,
+    from: SocketAddr,
+    token: &Token,
+    text: &str,
+    now: Instant,
+    out: &mut Outbox,
+) -> Handled {
+    reg.handle_datagram(from, None, &dgram("r", token, text), now, out)
+}
+
+/// Joins room "r" as `request`, from [`HERE`] at `now`; returns the new member's token.
+fn join(reg: &mut Registry, request: &Request, now: Instant, out: &mut Outbox) -> Token {
+    reg.join_room("r", request, HERE, now, out).unwrap().token
+}
+
+/// Joins room "r" as `request` and registers the new member from `port`; returns its token.
+fn join_registered(
+    reg: &mut Registry,
+    request: &Request,
+    port: u16,
+    now: Instant,
+    out: &mut Outbox,
+) -> Token {
+    let token = join(reg, request, now, out);
+    register(reg, addr(port), &token, now, out);
+    token
 }
 
 /// The sends of an outbox as (destination, decoded delivery) pairs, rendered as text.
@@ -155,7 +215,7 @@ fn room_r() -> (Registry, Instant, Outbox, Token) {
 
 /// Room `r` with its host, in a registry under `limits`.
 fn room_r_with(limits: Limits) -> (Registry, Instant, Outbox, Token) {
-    let mut reg = Registry::new(limits, Box::new(StdRng::seed_from_u64(7)));
+    let mut reg = registry_with(limits);
     let now = Instant::now();
     let host = reg
         .create_room("r", &Request::original("host"), HERE, None, now, 1.0)
@@ -164,18 +224,14 @@ fn room_r_with(limits: Limits) -> (Registry, Instant, Outbox, Token) {
     (reg, now, Outbox::default(), host)
 }
 
+/// Room `r` with its host, `bob` and `cy`, original clients registered from ports 1, 2
+/// and 3 (checked: each registration took, and nobody was sent a notice).
 fn room_of_three() -> Room3 {
     let (mut reg, now, mut out, host) = room_r();
-    let bob = reg
-        .join_room("r", &Request::original("bob"), HERE, now, &mut out)
-        .unwrap()
-        .token;
-    let cy = reg
-        .join_room("r", &Request::original("cy"), HERE, now, &mut out)
-        .unwrap()
-        .token;
+    let bob = join(&mut reg, &Request::original("bob"), now, &mut out);
+    let cy = join(&mut reg, &Request::original("cy"), now, &mut out);
     for (t, p) in [(&host, 1), (&bob, 2), (&cy, 3)] {
-        let h = reg.handle_datagram(addr(p), None, &dgram("r", t, "__REGISTER__"), now, &mut out);
+        let h = register(&mut reg, addr(p), t, now, &mut out);
         assert_eq!(h, Handled::Registered { changed: true });
     }
     assert!(out.is_empty(), "original clients get no notices");
@@ -186,6 +242,31 @@ fn room_of_three() -> Room3 {
         cy,
         now,
     }
+}
+
+/// A registry holding room `r`, created as the first of `requests` and joined as the rest,
+/// then each member registered from port 1, 2, ... in that order: the registry, the time
+/// used, an emptied outbox and the members' tokens, in the order of `requests`.
+fn registered_room<const N: usize>(
+    requests: [Request; N],
+) -> (Registry, Instant, Outbox, [Token; N]) {
+    let mut reg = registry();
+    let now = Instant::now();
+    let mut out = Outbox::default();
+    let mut creating = true;
+    let tokens = requests.map(|request| {
+        if std::mem::take(&mut creating) {
+            let created = reg.create_room("r", &request, HERE, None, now, 1.0);
+            created.unwrap().token
+        } else {
+            join(&mut reg, &request, now, &mut out)
+        }
+    });
+    for (port, token) in (1..).zip(&tokens) {
+        register(&mut reg, addr(port), token, now, &mut out);
+    }
+    out.clear();
+    (reg, now, out, tokens)
 }
 
 #[test]
@@ -283,19 +364,9 @@ fn a_username_is_taken_per_room_and_free_again_once_its_member_is_gone() {
 fn notices_follow_who_in_the_room_asked_for_them_as_members_come_and_go() {
     let (mut reg, now, mut out, host) = room_r();
     register(&mut reg, addr(1), &host, now, &mut out);
-    let aware = |name: &str| Request {
-        caps: Caps::NOTICES,
-        form: tcrp::payload::RequestForm::JsonObject,
-        ..Request::original(name)
-    };
-    let join = |reg: &mut Registry, request: &Request, port: u16, out: &mut Outbox| {
-        let token = reg.join_room("r", request, HERE, now, out).unwrap().token;
-        register(reg, addr(port), &token, now, out);
-        token
-    };
-    let rich = join(&mut reg, &aware("rich"), 2, &mut out);
+    let rich = join_registered(&mut reg, &reading_notices("rich"), 2, now, &mut out);
     assert!(out.is_empty(), "the only notice taker is the one joining");
-    let plain = join(&mut reg, &Request::original("plain"), 3, &mut out);
+    let plain = join_registered(&mut reg, &Request::original("plain"), 3, now, &mut out);
     assert_eq!(sent(&out), vec![(addr(2), "* plain Joined".into())]);
     out.clear();
     check_indexes(&reg);
@@ -304,14 +375,14 @@ fn notices_follow_who_in_the_room_asked_for_them_as_members_come_and_go() {
     out.clear();
     check_indexes(&reg);
     leave(&mut reg, addr(2), &rich, now, &mut out);
-    join(&mut reg, &Request::original("quiet"), 4, &mut out);
+    join_registered(&mut reg, &Request::original("quiet"), 4, now, &mut out);
     assert!(out.is_empty(), "nobody left in the room asked for notices");
     check_indexes(&reg);
-    join(&mut reg, &aware("second"), 5, &mut out);
-    join(&mut reg, &Request::original("late"), 6, &mut out);
+    join_registered(&mut reg, &reading_notices("second"), 5, now, &mut out);
+    join_registered(&mut reg, &Request::original("late"), 6, now, &mut out);
     assert_eq!(sent(&out), vec![(addr(5), "* late Joined".into())]);
     out.clear();
-    join(&mut reg, &aware("third"), 7, &mut out);
+    join_registered(&mut reg, &reading_notices("third"), 7, now, &mut out);
     assert_eq!(sent(&out), vec![(addr(5), "* third Joined".into())]);
     check_indexes(&reg);
 }
@@ -325,39 +396,15 @@ fn a_notice_reads_only_the_members_that_take_notices() {
         max_members_per_room: 0,
         ..Limits::default()
     });
-    let aware = Request {
-        caps: Caps::NOTICES,
-        form: tcrp::payload::RequestForm::JsonObject,
-        ..Request::original("aware")
-    };
-    let taker = reg
-        .join_room("r", &aware, HERE, now, &mut out)
-        .unwrap()
-        .token;
-    register(&mut reg, addr(2), &taker, now, &mut out);
+    join_registered(&mut reg, &reading_notices("aware"), 2, now, &mut out);
     for i in 0..10_000 {
-        reg.join_room(
-            "r",
-            &Request::original(&format!("m{i}")),
-            HERE,
-            now,
-            &mut out,
-        )
-        .unwrap();
+        let member = Request::original(&format!("m{i}"));
+        join(&mut reg, &member, now, &mut out);
     }
     out.clear();
     reg.notice_reads.set(0);
-    let late = reg
-        .join_room("r", &Request::original("late"), HERE, now, &mut out)
-        .unwrap()
-        .token;
-    let h = reg.handle_datagram(
-        addr(3),
-        None,
-        &dgram("r", &late, "__LEAVE__"),
-        now,
-        &mut out,
-    );
+    let late = join(&mut reg, &Request::original("late"), now, &mut out);
+    let h = leave(&mut reg, addr(3), &late, now, &mut out);
     assert_eq!(h, Handled::Left);
     assert_eq!(
         sent(&out),
@@ -390,11 +437,7 @@ fn a_leave_reads_the_room_from_its_newest_member_back() {
             form: tcrp::payload::RequestForm::JsonObject,
             ..Request::original(&format!("m{i}"))
         };
-        tokens.push(
-            reg.join_room("r", &request, HERE, now, &mut out)
-                .unwrap()
-                .token,
-        );
+        tokens.push(join(&mut reg, &request, now, &mut out));
     }
     reg.departure_reads.set(0);
     // The ten newest leave, newest first: each is the last of its lists (half of them take
@@ -423,9 +466,7 @@ fn a_leave_reads_the_room_from_its_newest_member_back() {
 fn chat_is_relayed_to_the_others_and_not_echoed() {
     let mut t = room_of_three();
     let mut out = Outbox::default();
-    let h = t
-        .reg
-        .handle_datagram(addr(2), None, &dgram("r", &t.bob, "hello"), t.now, &mut out);
+    let h = chat(&mut t.reg, addr(2), &t.bob, "hello", t.now, &mut out);
     assert_eq!(h, Handled::Relayed { deliveries: 2 });
     assert_eq!(
         sent(&out),
@@ -479,32 +520,18 @@ fn chat_that_would_relay_past_4096_bytes_is_dropped_not_cut() {
     let mut t = room_of_three();
     let mut out = Outbox::default();
     let long_name = "n".repeat(100);
-    let token = t
-        .reg
-        .join_room("r", &Request::original(&long_name), HERE, t.now, &mut out)
-        .unwrap()
-        .token;
-    let h = t.reg.handle_datagram(
-        addr(4),
-        None,
-        &dgram("r", &token, "__REGISTER__"),
-        t.now,
-        &mut out,
-    );
+    let token = join(&mut t.reg, &Request::original(&long_name), t.now, &mut out);
+    let h = register(&mut t.reg, addr(4), &token, t.now, &mut out);
     assert_eq!(h, Handled::Registered { changed: true });
     // 1 + 100 + 3995 = 4096: the largest relay, sent whole.
     let fits = "x".repeat(3995);
-    let h = t
-        .reg
-        .handle_datagram(addr(4), None, &dgram("r", &token, &fits), t.now, &mut out);
+    let h = chat(&mut t.reg, addr(4), &token, &fits, t.now, &mut out);
     assert_eq!(h, Handled::Relayed { deliveries: 3 });
     assert_eq!(out.sends.len(), 3);
     assert!(out.sends.iter().all(|s| out.bytes_of(s).len() == 4096));
     let mut out = Outbox::default();
     let over = "x".repeat(3996);
-    let h = t
-        .reg
-        .handle_datagram(addr(4), None, &dgram("r", &token, &over), t.now, &mut out);
+    let h = chat(&mut t.reg, addr(4), &token, &over, t.now, &mut out);
     assert_eq!(h, Handled::Dropped(DropReason::TooLargeToRelay));
     assert!(out.is_empty());
 }
@@ -518,13 +545,9 @@ fn drops_wrong_room_unknown_token_and_foreign_address() {
         .handle_datagram(addr(2), None, &dgram("other", &t.bob, "x"), t.now, &mut out);
     assert_eq!(h, Handled::Dropped(DropReason::WrongRoom));
     let fake = Token::from_stored("00000000000000000000000000000000");
-    let h = t
-        .reg
-        .handle_datagram(addr(2), None, &dgram("r", &fake, "x"), t.now, &mut out);
+    let h = chat(&mut t.reg, addr(2), &fake, "x", t.now, &mut out);
     assert_eq!(h, Handled::Dropped(DropReason::UnknownToken));
-    let h = t
-        .reg
-        .handle_datagram(addr(9), None, &dgram("r", &t.bob, "x"), t.now, &mut out);
+    let h = chat(&mut t.reg, addr(9), &t.bob, "x", t.now, &mut out);
     assert_eq!(h, Handled::Dropped(DropReason::AddressMismatch));
     let h = leave(&mut t.reg, addr(9), &t.bob, t.now, &mut out);
     assert_eq!(h, Handled::Dropped(DropReason::AddressMismatch));
@@ -539,19 +562,11 @@ fn drops_wrong_room_unknown_token_and_foreign_address() {
 fn unregistered_member_cannot_chat() {
     let mut t = room_of_three();
     let mut out = Outbox::default();
-    let dee = t
-        .reg
-        .join_room("r", &Request::original("dee"), HERE, t.now, &mut out)
-        .unwrap()
-        .token;
-    let h = t
-        .reg
-        .handle_datagram(addr(4), None, &dgram("r", &dee, "hi"), t.now, &mut out);
+    let dee = join(&mut t.reg, &Request::original("dee"), t.now, &mut out);
+    let h = chat(&mut t.reg, addr(4), &dee, "hi", t.now, &mut out);
     assert_eq!(h, Handled::Dropped(DropReason::Unregistered));
     // Relays skip it until it registers.
-    let h = t
-        .reg
-        .handle_datagram(addr(1), None, &dgram("r", &t.host, "hi"), t.now, &mut out);
+    let h = chat(&mut t.reg, addr(1), &t.host, "hi", t.now, &mut out);
     assert_eq!(h, Handled::Relayed { deliveries: 2 });
 }
 
@@ -562,13 +577,8 @@ fn unregistered_member_cannot_chat() {
 fn a_member_that_never_registered_can_leave() {
     let mut t = room_of_three();
     let mut out = Outbox::default();
-    let mut join = |t: &mut Room3, name: &str| {
-        t.reg
-            .join_room("r", &Request::original(name), HERE, t.now, &mut out)
-            .unwrap()
-            .token
-    };
-    let (dee, eve) = (join(&mut t, "dee"), join(&mut t, "eve"));
+    let dee = join(&mut t.reg, &Request::original("dee"), t.now, &mut out);
+    let eve = join(&mut t.reg, &Request::original("eve"), t.now, &mut out);
     let members = t.reg.stats().members;
     let h = leave(&mut t.reg, addr(4), &dee, t.now, &mut out);
     assert_eq!(h, Handled::Left);
@@ -591,22 +601,10 @@ fn register_from_a_new_address_rebinds() {
     let mut t = room_of_three();
     let mut out = Outbox::default();
     t.reg.take_records();
-    let h = t.reg.handle_datagram(
-        addr(2),
-        None,
-        &dgram("r", &t.bob, "__REGISTER__"),
-        t.now,
-        &mut out,
-    );
+    let h = register(&mut t.reg, addr(2), &t.bob, t.now, &mut out);
     assert_eq!(h, Handled::Registered { changed: false });
     assert!(!t.reg.has_records(), "a repeated REGISTER writes nothing");
-    let h = t.reg.handle_datagram(
-        addr(22),
-        None,
-        &dgram("r", &t.bob, "__REGISTER__"),
-        t.now,
-        &mut out,
-    );
+    let h = register(&mut t.reg, addr(22), &t.bob, t.now, &mut out);
     assert_eq!(h, Handled::Registered { changed: true });
     // The loop hands records to the writer only when `has_records` says so: a move that
     // said nothing would be lost at a restart. (Kills the cargo-mutants mutant that makes
@@ -614,27 +612,17 @@ fn register_from_a_new_address_rebinds() {
     assert!(t.reg.has_records(), "a move writes a record");
     assert_eq!(t.reg.take_records().len(), 1);
     assert!(!t.reg.has_records());
-    t.reg
-        .handle_datagram(addr(1), None, &dgram("r", &t.host, "hi"), t.now, &mut out);
+    chat(&mut t.reg, addr(1), &t.host, "hi", t.now, &mut out);
     assert!(sent(&out).contains(&(addr(22), "host: hi".into())));
 }
 
 #[test]
 fn with_the_join_ip_guard_a_register_must_come_from_the_ip_that_joined() {
     let elsewhere = |port: u16| SocketAddr::from(([127, 0, 0, 2], port));
-    let mut reg = Registry::new(
-        Limits {
-            register_only_from_join_ip: true,
-            ..Limits::default()
-        },
-        Box::new(StdRng::seed_from_u64(7)),
-    );
-    let now = Instant::now();
-    let mut out = Outbox::default();
-    let host = reg
-        .create_room("r", &Request::original("host"), HERE, None, now, 1.0)
-        .unwrap()
-        .token;
+    let (mut reg, now, mut out, host) = room_r_with(Limits {
+        register_only_from_join_ip: true,
+        ..Limits::default()
+    });
     // A join over IPv6 from an IPv4-mapped address is the same IPv4 address.
     let mapped = "::ffff:127.0.0.1".parse().unwrap();
     let bob = reg
@@ -658,7 +646,7 @@ fn with_the_join_ip_guard_a_register_must_come_from_the_ip_that_joined() {
     // Once registered, a forged REGISTER cannot move the member either.
     let moved = register(&mut reg, elsewhere(2), &bob, now, &mut out);
     assert_eq!(moved, Handled::Dropped(DropReason::NotJoinIp));
-    reg.handle_datagram(addr(1), None, &dgram("r", &host, "hi"), now, &mut out);
+    chat(&mut reg, addr(1), &host, "hi", now, &mut out);
     assert_eq!(sent(&out), vec![(addr(2), "host: hi".to_owned())]);
 
     // Without the guard (the default, as the original server) the same REGISTER rebinds.
@@ -679,19 +667,10 @@ fn the_join_ip_is_kept_in_the_state_and_guessed_for_files_that_lack_it() {
         .create_room("r", &Request::original("host"), remote, None, now, 1.0)
         .unwrap()
         .token;
-    let bob = reg
-        .join_room("r", &Request::original("bob"), HERE, now, &mut out)
-        .unwrap()
-        .token;
-    let cy = reg
-        .join_room("r", &Request::original("cy"), HERE, now, &mut out)
-        .unwrap()
-        .token;
+    let bob = join(&mut reg, &Request::original("bob"), now, &mut out);
+    let cy = join(&mut reg, &Request::original("cy"), now, &mut out);
     register(&mut reg, addr(2), &bob, now, &mut out);
-    let mut state = State::default();
-    for r in reg.take_records() {
-        state.apply(&r);
-    }
+    let state = state_of(&mut reg);
     assert_eq!(state.tokens[host.as_str()].joined_from, Some(remote));
     // As a file written before joins were recorded: bob registered, cy did not.
     let mut old = state.clone();
@@ -750,9 +729,7 @@ fn the_join_ip_is_kept_in_the_state_and_guessed_for_files_that_lack_it() {
         Handled::Dropped(DropReason::NotJoinIp),
         "then held to it"
     );
-    for r in reg.take_records() {
-        old.apply(&r);
-    }
+    apply_records(&mut reg, &mut old);
     assert_eq!(old.tokens[cy.as_str()].address, Some(first));
     assert_eq!(old.tokens[cy.as_str()].joined_from, None);
     let mut reg = Registry::from_state(&old, reg.limits.clone(), rng(), now);
@@ -767,15 +744,7 @@ fn the_join_ip_is_kept_in_the_state_and_guessed_for_files_that_lack_it() {
 #[test]
 fn with_the_guard_turned_on_later_a_member_bound_elsewhere_keeps_its_keepalives() {
     let (mut reg, now, mut out, host) = room_r();
-    let sleepy = Request {
-        keepalive_secs: Some(1),
-        form: tcrp::payload::RequestForm::JsonObject,
-        ..Request::original("roamer")
-    };
-    let roamer = reg
-        .join_room("r", &sleepy, HERE, now, &mut out)
-        .unwrap()
-        .token;
+    let roamer = join(&mut reg, &keeping_alive("roamer", 1), now, &mut out);
     // It registers from another IP while the guard is off (it moved, or its UDP leaves
     // through another address).
     let away = SocketAddr::from(([10, 0, 0, 2], 7));
@@ -800,13 +769,10 @@ fn with_the_guard_turned_on_later_a_member_bound_elsewhere_keeps_its_keepalives(
 
 #[test]
 fn create_refusal_names_what_create_room_would_refuse() {
-    let mut reg = Registry::new(
-        Limits {
-            max_rooms: 1,
-            ..Limits::default()
-        },
-        Box::new(StdRng::seed_from_u64(7)),
-    );
+    let mut reg = registry_with(Limits {
+        max_rooms: 1,
+        ..Limits::default()
+    });
     let now = Instant::now();
     assert_eq!(reg.create_refusal("a"), None);
     reg.create_room("a", &Request::original("h"), HERE, None, now, 0.0)
@@ -924,10 +890,7 @@ fn the_address_a_member_sends_to_survives_a_restart() {
         cy,
         now,
     } = room_of_three();
-    let mut state = State::default();
-    for r in reg.take_records() {
-        state.apply(&r);
-    }
+    let mut state = state_of(&mut reg);
     let mut out = Outbox::default();
     let keepalive = dgram("r", &bob, "__REGISTER__");
     for local in [ours(1), ours(2), ours(1), ours(2)] {
@@ -954,14 +917,9 @@ fn the_address_a_member_sends_to_survives_a_restart() {
     }
 
     let restored = |state: &State| {
-        let mut reg = Registry::from_state(
-            state,
-            Limits::default(),
-            Box::new(StdRng::seed_from_u64(9)),
-            now,
-        );
+        let mut reg = restarted(state, 9, now);
         let mut out = Outbox::default();
-        reg.handle_datagram(addr(1), None, &dgram("r", &host, "hi"), now, &mut out);
+        chat(&mut reg, addr(1), &host, "hi", now, &mut out);
         (reg, out)
     };
     let (mut reg, out) = restored(&state);
@@ -981,7 +939,7 @@ fn the_address_a_member_sends_to_survives_a_restart() {
     let (mut reg, _) = restored(&state);
     reg.forget_arrival_addresses();
     let mut out = Outbox::default();
-    reg.handle_datagram(addr(1), None, &dgram("r", &host, "hi"), now, &mut out);
+    chat(&mut reg, addr(1), &host, "hi", now, &mut out);
     assert!(out.sends.iter().all(|s| s.from == LocalId::ANY));
     assert_eq!(reg.locals_mut().len(), 0);
 }
@@ -1055,11 +1013,7 @@ fn a_departed_members_queued_source_is_not_saved_for_the_next_member_of_its_slot
     t.reg
         .handle_datagram(addr(3), ours(2), &cy, t.now, &mut out);
     leave(&mut t.reg, addr(3), &t.cy, t.now, &mut out);
-    let dee = t
-        .reg
-        .join_room("r", &Request::original("dee"), HERE, t.now, &mut out)
-        .unwrap()
-        .token;
+    let dee = join(&mut t.reg, &Request::original("dee"), t.now, &mut out);
     let dee_register = dgram("r", &dee, "__REGISTER__");
     t.reg
         .handle_datagram(addr(4), ours(1), &dee_register, t.now, &mut out);
@@ -1139,9 +1093,7 @@ fn late_chat_is_shed_and_late_control_datagrams_are_not() {
         late(&mut t, 7, &bob, "__REGISTER__", &mut out),
         Handled::Registered { changed: true }
     );
-    let relayed = t
-        .reg
-        .handle_datagram(addr(1), None, &dgram("r", &host, "hi"), t.now, &mut out);
+    let relayed = chat(&mut t.reg, addr(1), &host, "hi", t.now, &mut out);
     assert_eq!(relayed, Handled::Relayed { deliveries: 2 });
     assert_eq!(
         sent(&out),
@@ -1184,8 +1136,7 @@ fn member_leave_then_host_leave_closes_the_room() {
 fn a_room_closed_with_nobody_to_tell_leaves_nothing_in_the_outbox() {
     let (mut reg, now, mut out, host) = room_r();
     register(&mut reg, addr(1), &host, now, &mut out);
-    reg.join_room("r", &Request::original("guest"), HERE, now, &mut out)
-        .unwrap();
+    join(&mut reg, &Request::original("guest"), now, &mut out);
     assert_eq!(
         leave(&mut reg, addr(1), &host, now, &mut out),
         Handled::Closed { notified: 0 },
@@ -1290,49 +1241,19 @@ fn tombstoned_token_gets_room_closed_a_few_times_per_interval() {
 
 #[test]
 fn keepalive_members_expire_and_original_members_never_do() {
-    let mut reg = registry();
-    let now = Instant::now();
-    let mut out = Outbox::default();
     let live = Request {
-        keepalive_secs: Some(10),
         caps: Caps::NOTICES,
-        form: tcrp::payload::RequestForm::JsonObject,
-        ..Request::original("host")
+        ..keeping_alive("host", 10)
     };
-    let host = reg
-        .create_room("r", &live, HERE, None, now, 0.0)
-        .unwrap()
-        .token;
-    let old = reg
-        .join_room("r", &Request::original("old"), HERE, now, &mut out)
-        .unwrap()
-        .token;
-    let quiet = reg
-        .join_room(
-            "r",
-            &Request {
-                username: "quiet".into(),
-                ..live.clone()
-            },
-            HERE,
-            now,
-            &mut out,
-        )
-        .unwrap()
-        .token;
-    for (t, p) in [(&host, 1), (&old, 2), (&quiet, 3)] {
-        reg.handle_datagram(addr(p), None, &dgram("r", t, "__REGISTER__"), now, &mut out);
-    }
-    out.clear();
+    let quiet = Request {
+        username: "quiet".into(),
+        ..live.clone()
+    };
+    let (mut reg, now, mut out, [host, _old, _quiet]) =
+        registered_room([live, Request::original("old"), quiet]);
     // At 25 s the host has sent keepalives; quiet has not.
     let t25 = now + Duration::from_secs(25);
-    reg.handle_datagram(
-        addr(1),
-        None,
-        &dgram("r", &host, "__REGISTER__"),
-        t25,
-        &mut out,
-    );
+    register(&mut reg, addr(1), &host, t25, &mut out);
     assert_eq!(reg.poll_expired(now + Duration::from_secs(31), &mut out), 1);
     assert_eq!(sent(&out), vec![(addr(1), "* quiet TimedOut".into())]);
     out.clear();
@@ -1355,10 +1276,7 @@ fn a_silent_member_whose_host_expired_first_leaves_with_the_room_uncounted() {
         .unwrap()
         .token;
     let later = now + Duration::from_secs(1);
-    let quiet = reg
-        .join_room("r", &keeping_alive("quiet", 10), HERE, later, &mut out)
-        .unwrap()
-        .token;
+    let quiet = join(&mut reg, &keeping_alive("quiet", 10), later, &mut out);
     register(&mut reg, addr(1), &host, now, &mut out);
     register(&mut reg, addr(2), &quiet, later, &mut out);
     out.clear();
@@ -1374,25 +1292,13 @@ fn a_silent_member_whose_host_expired_first_leaves_with_the_room_uncounted() {
 /// are looked at no more often than a tenth of the limit (at least every second).
 #[test]
 fn rooms_nobody_is_heard_from_close_once_idle_and_activity_of_any_member_keeps_them() {
-    let mut reg = Registry::new(
-        Limits {
-            room_idle: Some(Duration::from_secs(100)),
-            ..Limits::default()
-        },
-        Box::new(StdRng::seed_from_u64(7)),
-    );
-    let t0 = Instant::now();
+    let (mut reg, t0, mut out, host) = room_r_with(Limits {
+        room_idle: Some(Duration::from_secs(100)),
+        ..Limits::default()
+    });
     let at = |secs: u64| t0 + Duration::from_secs(secs);
-    let mut out = Outbox::default();
     let original = |name: &str| Request::original(name);
-    let host = reg
-        .create_room("r", &original("host"), HERE, None, t0, 0.0)
-        .unwrap()
-        .token;
-    let guest = reg
-        .join_room("r", &original("guest"), HERE, t0, &mut out)
-        .unwrap()
-        .token;
+    let guest = join(&mut reg, &original("guest"), t0, &mut out);
     reg.create_room("quiet", &original("q"), HERE, None, t0, 0.0)
         .unwrap();
     reg.create_room("quiet2", &original("q"), HERE, None, at(3), 0.0)
@@ -1460,45 +1366,24 @@ fn without_room_idle_silent_rooms_stay_until_a_reload_sets_it() {
 
 #[test]
 fn an_expired_member_that_comes_back_is_told_if_it_reads_notices() {
-    let (mut reg, now, mut out, host) = room_r();
     let sleepy = |name: &str, caps| Request {
-        keepalive_secs: Some(1),
         caps,
-        form: tcrp::payload::RequestForm::JsonObject,
-        ..Request::original(name)
+        ..keeping_alive(name, 1)
     };
-    let aware = reg
-        .join_room("r", &sleepy("aware", Caps::NOTICES), HERE, now, &mut out)
-        .unwrap()
-        .token;
-    let plain = reg
-        .join_room("r", &sleepy("plain", Caps::none()), HERE, now, &mut out)
-        .unwrap()
-        .token;
-    for (t, p) in [(&host, 1), (&aware, 2), (&plain, 3)] {
-        reg.handle_datagram(addr(p), None, &dgram("r", t, "__REGISTER__"), now, &mut out);
-    }
+    let (mut reg, now, mut out, [host, aware, plain]) = registered_room([
+        Request::original("host"),
+        sleepy("aware", Caps::NOTICES),
+        sleepy("plain", Caps::none()),
+    ]);
     let later = now + Duration::from_secs(10);
     assert_eq!(reg.poll_expired(later, &mut out), 2);
     out.clear();
     // Back from sleep: the notice-aware member learns it was removed ("you": no name).
-    let h = reg.handle_datagram(
-        addr(2),
-        None,
-        &dgram("r", &aware, "__REGISTER__"),
-        later,
-        &mut out,
-    );
+    let h = register(&mut reg, addr(2), &aware, later, &mut out);
     assert_eq!(h, Handled::ClosedReply);
     assert_eq!(sent(&out), vec![(addr(2), "*  TimedOut".into())]);
     out.clear();
-    let h = reg.handle_datagram(
-        addr(3),
-        None,
-        &dgram("r", &plain, "__REGISTER__"),
-        later,
-        &mut out,
-    );
+    let h = register(&mut reg, addr(3), &plain, later, &mut out);
     assert_eq!(h, Handled::Dropped(DropReason::UnknownToken));
     assert!(out.is_empty());
     // The room lives on for the host.
@@ -1528,36 +1413,18 @@ fn an_expired_member_that_comes_back_is_told_if_it_reads_notices() {
 #[test]
 fn caps_members_get_sequenced_frames_and_notices() {
     let (mut reg, now, mut out, host) = room_r();
-    reg.handle_datagram(
-        addr(1),
-        None,
-        &dgram("r", &host, "__REGISTER__"),
-        now,
-        &mut out,
-    );
+    register(&mut reg, addr(1), &host, now, &mut out);
     let rich = Request {
         caps: Caps::SEQ.with(Caps::NOTICES),
-        form: tcrp::payload::RequestForm::JsonObject,
-        ..Request::original("rich")
+        ..reading_notices("rich")
     };
-    let rich_token = reg
-        .join_room("r", &rich, HERE, now, &mut out)
-        .unwrap()
-        .token;
-    reg.handle_datagram(
-        addr(2),
-        None,
-        &dgram("r", &rich_token, "__REGISTER__"),
-        now,
-        &mut out,
-    );
+    join_registered(&mut reg, &rich, 2, now, &mut out);
     assert!(out.is_empty(), "the original host hears no notice");
-    reg.join_room("r", &Request::original("late"), HERE, now, &mut out)
-        .unwrap();
+    join(&mut reg, &Request::original("late"), now, &mut out);
     assert_eq!(sent(&out), vec![(addr(2), "* late Joined".into())]);
     out.clear();
-    reg.handle_datagram(addr(1), None, &dgram("r", &host, "one"), now, &mut out);
-    reg.handle_datagram(addr(1), None, &dgram("r", &host, "two"), now, &mut out);
+    chat(&mut reg, addr(1), &host, "one", now, &mut out);
+    chat(&mut reg, addr(1), &host, "two", now, &mut out);
     assert_eq!(
         sent(&out),
         vec![
@@ -1736,8 +1603,7 @@ fn a_lookalike_check_names_the_first_joined_across_a_serial_wrap() {
     reg.create_room("r", &Request::original("host"), HERE, None, now, 1.0)
         .unwrap();
     for name in ["Ann", "ANN"] {
-        reg.join_room("r", &Request::original(name), HERE, now, &mut out)
-            .unwrap();
+        join(&mut reg, &Request::original(name), now, &mut out);
     }
     assert_eq!(reg.lookalike_member("r", "ann"), Some("Ann"));
     assert_eq!(reg.lookalike_member("r", "aNn"), Some("Ann"), "once filed");
@@ -1764,8 +1630,7 @@ fn room_names_are_filed_when_their_check_is_turned_on_and_dropped_when_it_is_off
         )
         .unwrap();
     }
-    reg.join_room("r", &Request::original("ann"), HERE, now, &mut out)
-        .unwrap();
+    join(&mut reg, &Request::original("ann"), now, &mut out);
     assert_eq!(reg.lookalikes.filed(), (0, None), "nothing filed before");
     reg.set_lookalike_checks(false, true);
     assert_eq!(
@@ -1813,14 +1678,8 @@ fn a_lookalike_check_reads_only_the_names_that_share_a_key() {
             .unwrap()
             .token;
         hosts.push((name, host));
-        reg.join_room(
-            "r",
-            &Request::original(&format!("m{i}")),
-            HERE,
-            now,
-            &mut out,
-        )
-        .unwrap();
+        let member = Request::original(&format!("m{i}"));
+        join(&mut reg, &member, now, &mut out);
     }
     // The first checks file every name.
     assert_eq!(reg.lookalike_member("r", "M7"), Some("m7"));
@@ -1847,10 +1706,7 @@ fn a_lookalike_check_reads_only_the_names_that_share_a_key() {
     );
     assert!(matches!(h, Handled::Closed { .. }), "{h:?}");
     assert_eq!(reg.lookalike_room("r00m4999"), None);
-    let m = reg
-        .join_room("r", &Request::original("late"), HERE, now, &mut out)
-        .unwrap()
-        .token;
+    let m = join(&mut reg, &Request::original("late"), now, &mut out);
     assert_eq!(reg.lookalike_member("r", "LATE"), Some("late"));
     leave(&mut reg, addr(8), &m, now, &mut out);
     assert_eq!(reg.lookalike_member("r", "LATE"), None);
@@ -1906,9 +1762,7 @@ fn the_room_list_is_made_again_only_after_a_change() {
     // Nor does a member's address move, or a history checkpoint, each with its record.
     let h = register(&mut t.reg, addr(9), &t.bob, t.now, &mut out);
     assert_eq!(h, Handled::Registered { changed: true });
-    let h = t
-        .reg
-        .handle_datagram(addr(9), None, &dgram("r", &t.bob, "hi"), t.now, &mut out);
+    let h = chat(&mut t.reg, addr(9), &t.bob, "hi", t.now, &mut out);
     assert_eq!(h, Handled::Relayed { deliveries: 2 });
     t.reg.checkpoint_history();
     let records = t.reg.take_records();
@@ -1985,9 +1839,7 @@ fn history_keeps_at_most_its_byte_budget_per_room() {
     // pushes the oldest out.
     for i in 1..=5 {
         let text = format!("{i}").repeat(3000);
-        let h = t
-            .reg
-            .handle_datagram(addr(2), None, &dgram("r", &t.bob, &text), t.now, &mut out);
+        let h = chat(&mut t.reg, addr(2), &t.bob, &text, t.now, &mut out);
         assert_eq!(h, Handled::Relayed { deliveries: 2 });
     }
     let token = t.cy.as_str().as_bytes();
@@ -2001,10 +1853,11 @@ fn history_keeps_at_most_its_byte_budget_per_room() {
         chat_rate: 0.0,
         ..Limits::default()
     });
-    t.reg.handle_datagram(
+    chat(
+        &mut t.reg,
         addr(2),
-        None,
-        &dgram("r", &t.bob, &"x".repeat(200)),
+        &t.bob,
+        &"x".repeat(200),
         t.now,
         &mut out,
     );
@@ -2015,20 +1868,7 @@ fn history_keeps_at_most_its_byte_budget_per_room() {
 /// A state file's model holding room `r`, created by `host_name` with `host_token`.
 fn state_with_room_r(host_token: &str, host_name: &str) -> State {
     let mut state = State::default();
-    state.apply(&Record::CreateRoom {
-        room: "r".into(),
-        host: MemberRecord {
-            token: host_token.into(),
-            username: host_name.into(),
-            keepalive: None,
-            caps: 0,
-            max_datagram: None,
-            joined_from: None,
-        },
-        created_at: 0.0,
-        listed: true,
-        password_hash: None,
-    });
+    state.apply(&create_record("r", stored_member(host_token, host_name)));
     state
 }
 
@@ -2250,10 +2090,11 @@ fn history_keeps_the_last_messages_and_pages_back() {
     let mut out = Outbox::default();
     for i in 1..=5 {
         let later = t.now + Duration::from_secs(i);
-        t.reg.handle_datagram(
+        chat(
+            &mut t.reg,
             addr(2),
-            None,
-            &dgram("r", &t.bob, &format!("m{i}")),
+            &t.bob,
+            &format!("m{i}"),
             later,
             &mut out,
         );
@@ -2285,17 +2126,10 @@ fn history_keeps_the_last_messages_and_pages_back() {
     assert_eq!(t.reg.checkpoint_history(), 1);
     assert_eq!(t.reg.checkpoint_history(), 0, "nothing new");
     let mut state = state_with_room_r(t.host.as_str(), "host");
-    for r in t.reg.take_records() {
-        state.apply(&r);
-    }
+    apply_records(&mut t.reg, &mut state);
     assert_eq!(state.rooms["r"].next_seq, 6);
     assert_eq!(state.rooms["r"].history.len(), 3);
-    let reg = Registry::from_state(
-        &state,
-        Limits::default(),
-        Box::new(StdRng::seed_from_u64(3)),
-        t.now,
-    );
+    let reg = restarted(&state, 3, t.now);
     let host = t.host.as_str().as_bytes();
     assert_eq!(reg.history_page("r", host, None, 10).unwrap().0.len(), 3);
 }
@@ -2390,13 +2224,7 @@ fn history_checkpoints_follow_the_messages_whatever_numbers_a_file_gave_them() {
     assert_eq!(reg.checkpoint_history(), 0, "nothing new was said");
     let h1 = Token::from_stored("h1");
     let mut out = Outbox::default();
-    reg.handle_datagram(
-        addr(1),
-        None,
-        &dgram("r", &h1, "__REGISTER__"),
-        now,
-        &mut out,
-    );
+    register(&mut reg, addr(1), &h1, now, &mut out);
     let kept = |reg: &Registry| -> Vec<String> {
         let room = reg.room_index["r"];
         reg.rooms[room.0]
@@ -2406,13 +2234,11 @@ fn history_checkpoints_follow_the_messages_whatever_numbers_a_file_gave_them() {
             .collect()
     };
     for (i, text) in ["a", "b", "c"].iter().enumerate() {
-        reg.handle_datagram(addr(1), None, &dgram("r", &h1, text), now, &mut out);
+        chat(&mut reg, addr(1), &h1, text, now, &mut out);
         if i != 1 {
             assert_eq!(reg.checkpoint_history(), 1);
         }
-        for r in reg.take_records() {
-            state.apply(&r);
-        }
+        apply_records(&mut reg, &mut state);
     }
     assert_eq!(reg.checkpoint_history(), 0, "a quiet room writes nothing");
     assert_eq!(kept(&reg), ["w", "a", "b", "c"]);
@@ -2438,10 +2264,7 @@ fn sequence_numbers_are_checkpointed_with_history_off_too() {
     let now = Instant::now();
     let mut out = Outbox::default();
     let hosts = rooms_of_two(&mut reg, &["a", "quiet"], now, &mut out);
-    let mut state = State::default();
-    for r in reg.take_records() {
-        state.apply(&r);
-    }
+    let mut state = state_of(&mut reg);
     for text in ["1", "2", "3"] {
         reg.handle_datagram(addr(1), None, &dgram("a", &hosts[0], text), now, &mut out);
     }
@@ -2571,23 +2394,10 @@ fn lower_history_limits_trim_at_once_and_the_next_checkpoint_trims_the_file() {
 /// character would take its whole room down at the next start.
 #[test]
 fn stored_names_that_fail_todays_check_are_kept() {
-    let member = |t: &str, n: &str| MemberRecord {
-        token: t.into(),
-        username: n.into(),
-        keepalive: None,
-        caps: 0,
-        max_datagram: None,
-        joined_from: None,
-    };
+    let (member, create) = (stored_member, create_record);
     let names = ["host\n", "", &"y".repeat(65), "tab\there", "ok"];
     let mut state = State::default();
-    state.apply(&Record::CreateRoom {
-        room: "bad\nroom".into(),
-        host: member("t0", names[0]),
-        created_at: 0.0,
-        listed: true,
-        password_hash: None,
-    });
+    state.apply(&create("bad\nroom", member("t0", names[0])));
     for (i, name) in names.iter().enumerate().skip(1) {
         state.apply(&Record::Join {
             room: "bad\nroom".into(),
@@ -2595,12 +2405,7 @@ fn stored_names_that_fail_todays_check_are_kept() {
         });
     }
     let now = Instant::now();
-    let mut reg = Registry::from_state(
-        &state,
-        Limits::default(),
-        Box::new(StdRng::seed_from_u64(4)),
-        now,
-    );
+    let mut reg = restarted(&state, 4, now);
     let presence = who(&reg, "bad\nroom").expect("room kept");
     assert_eq!(presence.host, names[0]);
     let listed: Vec<&str> = presence.members.iter().map(|(n, _)| n.as_str()).collect();
@@ -2648,13 +2453,7 @@ fn a_member_with_an_empty_stored_name_is_not_announced() {
     };
     for expires in [false, true] {
         let mut state = State::default();
-        state.apply(&Record::CreateRoom {
-            room: "r".into(),
-            host: member("t0", "host", None),
-            created_at: 0.0,
-            listed: true,
-            password_hash: None,
-        });
+        state.apply(&create_record("r", member("t0", "host", None)));
         for (token, name, keepalive) in [("t1", "", Some(1)), ("t2", "named", None)] {
             state.apply(&Record::Join {
                 room: "r".into(),
@@ -2662,12 +2461,7 @@ fn a_member_with_an_empty_stored_name_is_not_announced() {
             });
         }
         let now = Instant::now();
-        let mut reg = Registry::from_state(
-            &state,
-            Limits::default(),
-            Box::new(StdRng::seed_from_u64(5)),
-            now,
-        );
+        let mut reg = restarted(&state, 5, now);
         let mut out = Outbox::default();
         let token = |i: u16| Token::from_stored(&format!("t{i}"));
         for i in 0..3 {
@@ -2706,23 +2500,12 @@ fn fuzz_regression_next_seq_overflow() {
     let bytes = include_bytes!("../../../../fuzz/regressions/state_loader-next-seq-overflow");
     let state = crate::store::parse_state(bytes).expect("the reproducer parses");
     let now = Instant::now();
-    let mut reg = Registry::from_state(
-        &state,
-        Limits::default(),
-        Box::new(StdRng::seed_from_u64(2)),
-        now,
-    );
+    let mut reg = restarted(&state, 2, now);
     let mut out = Outbox::default();
     let h = Token::from_stored("h");
-    reg.handle_datagram(
-        addr(1),
-        None,
-        &dgram("r", &h, "__REGISTER__"),
-        now,
-        &mut out,
-    );
+    register(&mut reg, addr(1), &h, now, &mut out);
     assert_eq!(
-        reg.handle_datagram(addr(1), None, &dgram("r", &h, "chat"), now, &mut out),
+        chat(&mut reg, addr(1), &h, "chat", now, &mut out),
         Handled::Relayed { deliveries: 0 }
     );
 }
@@ -2753,41 +2536,20 @@ fn caps_are_enforced() {
 
 #[test]
 fn batch_limits_follow_max_datagram_and_survive_a_reload_checked() {
-    let (mut reg, now, mut out, host) = room_r();
     let batch = |name: &str, max_datagram| Request {
         caps: Caps::BATCH,
         max_datagram,
         ..Request::original(name)
     };
-    let mut tokens = vec![(host, 1)];
-    for (port, (name, max)) in [("wide", Some(65507)), ("plain", None), ("odd", Some(1472))]
-        .into_iter()
-        .enumerate()
-    {
-        let t = reg
-            .join_room("r", &batch(name, max), HERE, now, &mut out)
-            .unwrap()
-            .token;
-        tokens.push((t, port as u16 + 2));
-    }
-    for (t, p) in &tokens {
-        reg.handle_datagram(
-            addr(*p),
-            None,
-            &dgram("r", t, "__REGISTER__"),
-            now,
-            &mut out,
-        );
-    }
+    let (mut reg, now, _, [host, _wide, _plain, odd]) = registered_room([
+        Request::original("host"),
+        batch("wide", Some(65507)),
+        batch("plain", None),
+        batch("odd", Some(1472)),
+    ]);
     let limits = |reg: &mut Registry| {
         let mut out = Outbox::default();
-        reg.handle_datagram(
-            addr(1),
-            None,
-            &dgram("r", &tokens[0].0, "hi"),
-            now,
-            &mut out,
-        );
+        chat(reg, addr(1), &host, "hi", now, &mut out);
         let mut l: Vec<(u16, u16)> = out
             .sends
             .iter()
@@ -2800,25 +2562,11 @@ fn batch_limits_follow_max_datagram_and_survive_a_reload_checked() {
     assert_eq!(limits(&mut reg), expected);
 
     // Through the state file: kept; a hand-edited value out of range falls back to 4096.
-    let mut state = State::default();
-    for r in reg.take_records() {
-        state.apply(&r);
-    }
-    let mut reloaded = Registry::from_state(
-        &state,
-        Limits::default(),
-        Box::new(StdRng::seed_from_u64(5)),
-        now,
-    );
+    let mut state = state_of(&mut reg);
+    let mut reloaded = restarted(&state, 5, now);
     assert_eq!(limits(&mut reloaded), expected);
-    let odd = tokens[3].0.as_str();
-    state.tokens.get_mut(odd).unwrap().max_datagram = Some(70);
-    let mut tampered = Registry::from_state(
-        &state,
-        Limits::default(),
-        Box::new(StdRng::seed_from_u64(5)),
-        now,
-    );
+    state.tokens.get_mut(odd.as_str()).unwrap().max_datagram = Some(70);
+    let mut tampered = restarted(&state, 5, now);
     assert_eq!(
         limits(&mut tampered),
         vec![(2, 65507), (3, 4096), (4, 4096)]
@@ -3076,16 +2824,8 @@ fn a_registry_whose_hashes_all_collide_answers_as_one_whose_hashes_do_not() {
 #[test]
 fn rebuilt_from_state_keeps_rooms_tokens_and_addresses() {
     let mut t = room_of_three();
-    let mut state = State::default();
-    for r in t.reg.take_records() {
-        state.apply(&r);
-    }
-    let mut reg = Registry::from_state(
-        &state,
-        Limits::default(),
-        Box::new(StdRng::seed_from_u64(3)),
-        t.now,
-    );
+    let state = state_of(&mut t.reg);
+    let mut reg = restarted(&state, 3, t.now);
     assert_eq!(
         reg.stats(),
         Stats {
@@ -3097,13 +2837,7 @@ fn rebuilt_from_state_keeps_rooms_tokens_and_addresses() {
         }
     );
     let mut out = Outbox::default();
-    let h = reg.handle_datagram(
-        addr(2),
-        None,
-        &dgram("r", &t.bob, "still here"),
-        t.now,
-        &mut out,
-    );
+    let h = chat(&mut reg, addr(2), &t.bob, "still here", t.now, &mut out);
     assert_eq!(h, Handled::Relayed { deliveries: 2 });
     let h = leave(&mut reg, addr(1), &t.host, t.now, &mut out);
     assert_eq!(h, Handled::Closed { notified: 2 });
@@ -3119,19 +2853,9 @@ fn rebuilt_from_state_keeps_rooms_tokens_and_addresses() {
 fn registered_addresses_are_those_of_the_loaded_registered_members() {
     let mut t = room_of_three();
     let mut out = Outbox::default();
-    t.reg
-        .join_room("r", &Request::original("quiet"), HERE, t.now, &mut out)
-        .unwrap();
-    let mut state = State::default();
-    for r in t.reg.take_records() {
-        state.apply(&r);
-    }
-    let reg = Registry::from_state(
-        &state,
-        Limits::default(),
-        Box::new(StdRng::seed_from_u64(3)),
-        t.now,
-    );
+    join(&mut t.reg, &Request::original("quiet"), t.now, &mut out);
+    let state = state_of(&mut t.reg);
+    let reg = restarted(&state, 3, t.now);
     let mut addresses: Vec<SocketAddr> = reg.registered_addresses().collect();
     addresses.sort();
     assert_eq!(addresses, [addr(1), addr(2), addr(3)]);
@@ -3149,19 +2873,10 @@ fn keeping_alive(name: &str, secs: u32) -> Request {
 #[test]
 fn a_sweep_looks_only_at_members_whose_deadline_passed() {
     let (mut reg, now, mut out, _host) = room_r();
-    let talker = reg
-        .join_room("r", &keeping_alive("talker", 10), HERE, now, &mut out)
-        .unwrap()
-        .token;
+    let talker = join(&mut reg, &keeping_alive("talker", 10), now, &mut out);
     for i in 0..100 {
-        reg.join_room(
-            "r",
-            &Request::original(&format!("o{i}")),
-            HERE,
-            now,
-            &mut out,
-        )
-        .unwrap();
+        let member = Request::original(&format!("o{i}"));
+        join(&mut reg, &member, now, &mut out);
     }
     // Only the member with keepalives is queued, once.
     assert_eq!(reg.deadlines.len(), 1);
@@ -3192,17 +2907,12 @@ fn a_sweep_looks_only_at_members_whose_deadline_passed() {
 #[test]
 fn a_slot_taken_by_a_new_member_neither_expires_it_early_nor_queues_it_twice() {
     let (mut reg, now, mut out, _host) = room_r();
-    let first = reg
-        .join_room("r", &keeping_alive("first", 1), HERE, now, &mut out)
-        .unwrap()
-        .token;
-    register(&mut reg, addr(2), &first, now, &mut out);
+    let first = join_registered(&mut reg, &keeping_alive("first", 1), 2, now, &mut out);
     leave(&mut reg, addr(2), &first, now, &mut out);
     assert_eq!(reg.stats().members, 1);
     // The next member takes the freed slot, with a longer limit (3 × 100 s).
     let later = now + Duration::from_secs(1);
-    reg.join_room("r", &keeping_alive("second", 100), HERE, later, &mut out)
-        .unwrap();
+    join(&mut reg, &keeping_alive("second", 100), later, &mut out);
     assert_eq!(
         reg.deadlines.len(),
         2,
@@ -3222,8 +2932,7 @@ fn a_slot_taken_by_a_new_member_neither_expires_it_early_nor_queues_it_twice() {
 #[test]
 fn a_reload_that_lowers_keepalive_misses_applies_to_members_already_queued() {
     let (mut reg, now, mut out, _host) = room_r();
-    reg.join_room("r", &keeping_alive("quiet", 10), HERE, now, &mut out)
-        .unwrap();
+    join(&mut reg, &keeping_alive("quiet", 10), now, &mut out);
     // Queued for 3 × 10 s; now one missed keepalive is enough.
     let mut limits = reg.limits.clone();
     limits.keepalive_misses = 1;
@@ -3234,12 +2943,8 @@ fn a_reload_that_lowers_keepalive_misses_applies_to_members_already_queued() {
 #[test]
 fn restored_members_with_keepalives_are_queued() {
     let (mut reg, now, mut out, _host) = room_r();
-    reg.join_room("r", &keeping_alive("quiet", 10), HERE, now, &mut out)
-        .unwrap();
-    let mut state = State::default();
-    for r in reg.take_records() {
-        state.apply(&r);
-    }
+    join(&mut reg, &keeping_alive("quiet", 10), now, &mut out);
+    let state = state_of(&mut reg);
     let later = now + Duration::from_secs(100);
     let rng = Box::new(StdRng::seed_from_u64(7));
     let mut restored = Registry::from_state(&state, reg.limits.clone(), rng, later);
@@ -3257,12 +2962,8 @@ fn restored_members_with_keepalives_are_queued() {
 /// A member that asks for keepalives 136 years apart joins, registers and leaves: an entry
 /// that would not come due in this process's life.
 fn join_and_leave_for_good(reg: &mut Registry, now: Instant, out: &mut Outbox) {
-    let token = reg
-        .join_room("r", &keeping_alive("churn", u32::MAX), HERE, now, out)
-        .unwrap()
-        .token;
-    register(reg, addr(2), &token, now, out);
-    reg.handle_datagram(addr(2), None, &dgram("r", &token, "__LEAVE__"), now, out);
+    let token = join_registered(reg, &keeping_alive("churn", u32::MAX), 2, now, out);
+    leave(reg, addr(2), &token, now, out);
 }
 
 #[test]
@@ -3278,8 +2979,7 @@ fn departed_members_entries_do_not_pile_up() {
     let entries = reg.deadlines.len();
     assert!(entries <= 1_024, "{entries} entries");
     // A live member's entry survives the rebuilds and still expires it.
-    reg.join_room("r", &keeping_alive("live", 10), HERE, now, &mut out)
-        .unwrap();
+    join(&mut reg, &keeping_alive("live", 10), now, &mut out);
     for _ in 0..3_000 {
         join_and_leave_for_good(&mut reg, now, &mut out);
     }
@@ -3298,13 +2998,7 @@ fn datagrams_from_our_own_address_are_dropped_so_relays_never_come_back_as_input
     t.reg.set_own_address(own);
     // A forged REGISTER from our address would bind a member there, and our relays to it
     // would come back as datagrams.
-    let h = t.reg.handle_datagram(
-        own,
-        None,
-        &dgram("r", &t.bob, "__REGISTER__"),
-        t.now,
-        &mut out,
-    );
+    let h = register(&mut t.reg, own, &t.bob, t.now, &mut out);
     assert_eq!(h, Handled::Dropped(DropReason::OwnAddress));
     // What a relay to such a member would have carried, read back from our address: a
     // sender named " " (a size byte of 32) and text "r" + token + "hello" parse as chat
@@ -3321,18 +3015,10 @@ fn datagrams_from_our_own_address_are_dropped_so_relays_never_come_back_as_input
     assert_eq!(h, Handled::Dropped(DropReason::OwnAddress));
     assert!(out.is_empty(), "nothing sent for either");
     // Our IP from another port, and another IP from our port, are clients like any other.
-    let h = t
-        .reg
-        .handle_datagram(addr(2), None, &dgram("r", &t.bob, "hi"), t.now, &mut out);
+    let h = chat(&mut t.reg, addr(2), &t.bob, "hi", t.now, &mut out);
     assert_eq!(h, Handled::Relayed { deliveries: 2 });
     let elsewhere = SocketAddr::from(([192, 0, 2, 9], 9091));
-    let h = t.reg.handle_datagram(
-        elsewhere,
-        None,
-        &dgram("r", &t.bob, "__REGISTER__"),
-        t.now,
-        &mut out,
-    );
+    let h = register(&mut t.reg, elsewhere, &t.bob, t.now, &mut out);
     assert_eq!(h, Handled::Registered { changed: true });
 }
 
@@ -3453,13 +3139,9 @@ fn a_global_ipv6_address_of_ours_is_us_whatever_link_it_came_in_on() {
 fn restored_keepalives_of_zero_promise_nothing_and_short_ones_are_raised_to_the_minimum() {
     let (mut reg, now, mut out, _host) = room_r();
     for name in ["zero", "short"] {
-        reg.join_room("r", &keeping_alive(name, 10), HERE, now, &mut out)
-            .unwrap();
+        join(&mut reg, &keeping_alive(name, 10), now, &mut out);
     }
-    let mut state = State::default();
-    for r in reg.take_records() {
-        state.apply(&r);
-    }
+    let mut state = state_of(&mut reg);
     // A hand-edited file (or the original server's, which has no such field, but may be
     // given one): 0 for one, 1 s for the other, with a minimum of 5 s today.
     for entry in state.tokens.values_mut() {
@@ -3501,25 +3183,11 @@ fn reading_notices(name: &str) -> Request {
 
 #[test]
 fn members_that_read_notices_hear_that_a_silent_host_timed_out_before_the_room_closes() {
-    let mut reg = registry();
-    let mut out = Outbox::default();
-    let now = Instant::now();
-    let host = reg
-        .create_room("r", &keeping_alive("boss", 10), HERE, None, now, 1.0)
-        .unwrap()
-        .token;
-    let rich = reg
-        .join_room("r", &reading_notices("rich"), HERE, now, &mut out)
-        .unwrap()
-        .token;
-    let plain = reg
-        .join_room("r", &Request::original("plain"), HERE, now, &mut out)
-        .unwrap()
-        .token;
-    for (t, p) in [(&host, 1), (&rich, 2), (&plain, 3)] {
-        register(&mut reg, addr(p), t, now, &mut out);
-    }
-    out.clear();
+    let (mut reg, now, mut out, _) = registered_room([
+        keeping_alive("boss", 10),
+        reading_notices("rich"),
+        Request::original("plain"),
+    ]);
     assert_eq!(reg.poll_expired(now + Duration::from_secs(31), &mut out), 1);
     assert_eq!(
         sent(&out),
@@ -3531,14 +3199,8 @@ fn members_that_read_notices_hear_that_a_silent_host_timed_out_before_the_room_c
         "the original member hears only the close"
     );
     // A host that leaves closes the room with no such notice.
-    let (mut reg, now, mut out, host) = room_r();
-    let rich = reg
-        .join_room("r", &reading_notices("rich"), HERE, now, &mut out)
-        .unwrap()
-        .token;
-    register(&mut reg, addr(1), &host, now, &mut out);
-    register(&mut reg, addr(2), &rich, now, &mut out);
-    out.clear();
+    let (mut reg, now, mut out, [host, _rich]) =
+        registered_room([Request::original("host"), reading_notices("rich")]);
     leave(&mut reg, addr(1), &host, now, &mut out);
     assert_eq!(sent(&out), vec![(addr(2), "CLOSED".into())]);
 }
@@ -3553,14 +3215,8 @@ fn growing_the_indexes_hashes_no_member_again() {
     let (mut grew, mut kept) = (Vec::new(), Vec::new());
     for k in 0..1_000 {
         let before = reg.hasher.hashed.get();
-        reg.join_room(
-            "r",
-            &Request::original(&format!("u{k}")),
-            HERE,
-            now,
-            &mut out,
-        )
-        .unwrap();
+        let member = Request::original(&format!("u{k}"));
+        join(&mut reg, &member, now, &mut out);
         let hashed = reg.hasher.hashed.get() - before;
         if reg.token_index.capacity() == capacity {
             kept.push(hashed);
@@ -3626,12 +3282,7 @@ fn a_stray_listing_of_another_rooms_host_does_not_drop_that_room() {
     assert_eq!(state.tokens["hb"].room_name, "b");
     assert!(state.tokens["hb"].is_host);
 
-    let reg = Registry::from_state(
-        &state,
-        Limits::default(),
-        Box::new(StdRng::seed_from_u64(1)),
-        Instant::now(),
-    );
+    let reg = restarted(&state, 1, Instant::now());
     check_indexes(&reg);
     let b = who(&reg, "b").expect("room b is consistent and must be kept");
     assert_eq!(b.host, "bert");
@@ -3662,12 +3313,7 @@ fn recreating_a_room_skipped_at_load_does_not_delete_a_live_members_token() {
         member: stored_member("h5", "c"),
     });
     let now = Instant::now();
-    let mut reg = Registry::from_state(
-        &state,
-        Limits::default(),
-        Box::new(StdRng::seed_from_u64(1)),
-        now,
-    );
+    let mut reg = restarted(&state, 1, now);
     assert_eq!(who(&reg, "dup").unwrap().members.len(), 2);
     assert!(who(&reg, "zz").is_none());
 
@@ -3678,12 +3324,7 @@ fn recreating_a_room_skipped_at_load_does_not_delete_a_live_members_token() {
         state.apply(&record);
     }
     // Restart.
-    let reg = Registry::from_state(
-        &state,
-        Limits::default(),
-        Box::new(StdRng::seed_from_u64(2)),
-        now,
-    );
+    let reg = restarted(&state, 2, now);
     let dup = who(&reg, "dup").expect("dup kept");
     assert_eq!(
         dup.members.len(),
@@ -3701,35 +3342,18 @@ fn recreating_a_room_skipped_at_load_does_not_delete_a_live_members_token() {
 /// "Tokens of closed rooms"; found by a review).
 #[test]
 fn an_expired_host_without_notices_is_told_its_room_closed() {
-    let mut reg = registry();
-    let mut out = Outbox::default();
-    let now = Instant::now();
-    let host = reg
-        .create_room("r", &keeping_alive("boss", 10), HERE, None, now, 1.0)
-        .unwrap()
-        .token;
-    let bob = reg
-        .join_room("r", &Request::original("bob"), HERE, now, &mut out)
-        .unwrap()
-        .token;
-    register(&mut reg, addr(1), &host, now, &mut out);
-    register(&mut reg, addr(2), &bob, now, &mut out);
+    let (mut reg, now, mut out, [host, bob]) =
+        registered_room([keeping_alive("boss", 10), Request::original("bob")]);
     let later = now + Duration::from_secs(31);
     assert_eq!(reg.poll_expired(later, &mut out), 1);
     assert_eq!(reg.stats().rooms, 0);
     out.clear();
     // bob, whose room closed, is told again if he asks.
-    let h = reg.handle_datagram(addr(2), None, &dgram("r", &bob, "hello?"), later, &mut out);
+    let h = chat(&mut reg, addr(2), &bob, "hello?", later, &mut out);
     assert_eq!(h, Handled::ClosedReply);
     out.clear();
     // The host, back from sleep, is told too.
-    let h = reg.handle_datagram(
-        addr(1),
-        None,
-        &dgram("r", &host, "__REGISTER__"),
-        later,
-        &mut out,
-    );
+    let h = register(&mut reg, addr(1), &host, later, &mut out);
     assert_eq!(h, Handled::ClosedReply, "the expired host's room is closed");
     assert_eq!(sent(&out), vec![(addr(1), "CLOSED".into())]);
 }
@@ -3767,28 +3391,12 @@ fn source_of_names_the_address_of_ours_a_member_last_sent_to() {
 #[test]
 fn an_expired_host_hears_it_timed_out_if_it_reads_notices_and_its_members_that_the_room_closed() {
     for (caps, host_hears) in [(Caps::NOTICES, "*  TimedOut"), (Caps::none(), "CLOSED")] {
-        let mut reg = registry();
-        let mut out = Outbox::default();
-        let now = Instant::now();
         let boss = Request {
             caps,
             ..keeping_alive("boss", 10)
         };
-        let host = reg
-            .create_room("r", &boss, HERE, None, now, 1.0)
-            .unwrap()
-            .token;
-        let rich = reg
-            .join_room("r", &reading_notices("rich"), HERE, now, &mut out)
-            .unwrap()
-            .token;
-        let plain = reg
-            .join_room("r", &Request::original("plain"), HERE, now, &mut out)
-            .unwrap()
-            .token;
-        for (t, p) in [(&host, 1), (&rich, 2), (&plain, 3)] {
-            register(&mut reg, addr(p), t, now, &mut out);
-        }
+        let (mut reg, now, mut out, [host, rich, plain]) =
+            registered_room([boss, reading_notices("rich"), Request::original("plain")]);
         let later = now + Duration::from_secs(31);
         assert_eq!(reg.poll_expired(later, &mut out), 1);
         assert_eq!(reg.stats().rooms, 0);
@@ -3810,17 +3418,10 @@ fn an_expired_host_hears_it_timed_out_if_it_reads_notices_and_its_members_that_t
 #[test]
 fn a_room_silent_for_exactly_the_idle_limit_stays() {
     let limit = Duration::from_secs(100);
-    let mut reg = Registry::new(
-        Limits {
-            room_idle: Some(limit),
-            ..Limits::default()
-        },
-        Box::new(StdRng::seed_from_u64(7)),
-    );
-    let t0 = Instant::now();
-    let mut out = Outbox::default();
-    reg.create_room("r", &Request::original("host"), HERE, None, t0, 0.0)
-        .unwrap();
+    let (mut reg, t0, mut out, _host) = room_r_with(Limits {
+        room_idle: Some(limit),
+        ..Limits::default()
+    });
     assert_eq!(reg.close_idle_rooms(t0 + limit, &mut out), 0);
     assert_eq!(reg.stats().rooms, 1);
     let next_look = t0 + limit + limit / 10;
@@ -3865,12 +3466,7 @@ fn stored_names_of_255_bytes_are_kept_and_of_256_left_out() {
     state.apply(&create("longer", member("h2", &"x".repeat(256))));
     state.apply(&create(&odd, member("h3", "a")));
     state.apply(&create(&odder, member("h4", "b")));
-    let reg = Registry::from_state(
-        &state,
-        Limits::default(),
-        Box::new(StdRng::seed_from_u64(1)),
-        Instant::now(),
-    );
+    let reg = restarted(&state, 1, Instant::now());
     assert_eq!(reg.stats().rooms, 2);
     assert_eq!(who(&reg, "long").unwrap().members.len(), 1);
     assert!(who(&reg, &odd).is_some());
@@ -3897,8 +3493,7 @@ fn a_sweep_leaves_a_few_departed_members_entries_queued() {
 #[test]
 fn the_deadline_queue_is_built_again_only_past_twice_the_live_entries_and_1024() {
     let (mut reg, now, mut out, _host) = room_r();
-    reg.join_room("r", &keeping_alive("live", 10), HERE, now, &mut out)
-        .unwrap();
+    join(&mut reg, &keeping_alive("live", 10), now, &mut out);
     let slack = 2 + 1_024;
     for _ in 1..slack {
         join_and_leave_for_good(&mut reg, now, &mut out);
@@ -3948,8 +3543,7 @@ fn max_tokens_caps_the_members_of_all_rooms_together() {
 fn a_keepalive_of_zero_at_join_promises_nothing() {
     let (mut reg, now, mut out, _host) = room_r();
     reg.take_records();
-    reg.join_room("r", &keeping_alive("zero", 0), HERE, now, &mut out)
-        .unwrap();
+    join(&mut reg, &keeping_alive("zero", 0), now, &mut out);
     assert_eq!(reg.deadlines.len(), 0);
     let day = now + Duration::from_secs(86_400);
     assert_eq!(reg.poll_expired(day, &mut out), 0);
