@@ -8,7 +8,7 @@ use rand::{RngExt, SeedableRng};
 
 use std::fs;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
 use super::statx::{identity_at, identity_of, link_count};
@@ -137,8 +137,7 @@ impl Driver {
         let paths = Paths::new(&dir.join("s.json"));
         let loaded = store::load(&paths).unwrap();
         let next_n = loaded.last_seq + 1;
-        let poll = Poll::new().unwrap();
-        let waker = Arc::new(mio::Waker::new(poll.registry(), Token(0)).unwrap());
+        let (poll, waker) = poll_and_waker();
         let persister = Persister::start_with(paths.clone(), loaded, options, waker).unwrap();
         Driver {
             poll,
@@ -154,10 +153,16 @@ impl Driver {
     fn write(&mut self, count: u64) -> u64 {
         let records = (self.next_n..self.next_n + count).map(record).collect();
         self.next_n += count;
-        let batch = self.persister.submit(records);
-        self.persister.pump();
+        let batch = self.hand_over(records);
         self.wait("the batch to be durable", |p| p.durable() >= batch);
         self.next_n - 1
+    }
+
+    /// Submits `records` and hands them to the writer without waiting; returns their batch.
+    fn hand_over(&mut self, records: Vec<Record>) -> u64 {
+        let batch = self.persister.submit(records);
+        self.persister.pump();
+        batch
     }
 
     fn wait(&mut self, what: &str, mut condition: impl FnMut(&mut Persister) -> bool) {
@@ -184,6 +189,81 @@ fn tiny(bytes: u64) -> Options {
     }
 }
 
+/// [`tiny`], with a failed compaction or rotation not tried again for an hour.
+fn tiny_retried_late(bytes: u64) -> Options {
+    Options {
+        compact_retry: Duration::from_secs(3600),
+        ..tiny(bytes)
+    }
+}
+
+/// A temporary directory and the state's paths in it (`s.json` and its journals).
+fn temp_paths() -> (tempfile::TempDir, Paths) {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = Paths::new(&dir.path().join("s.json"));
+    (dir, paths)
+}
+
+/// A temporary directory and a [`Driver`] started on state files in it.
+fn temp_driver(options: Options) -> (tempfile::TempDir, Driver) {
+    let dir = tempfile::tempdir().unwrap();
+    let driver = Driver::start(dir.path(), options);
+    (dir, driver)
+}
+
+/// A temporary directory and an empty `state` directory in it, for the state's files, that
+/// a test can remove or move.
+fn temp_state_dir() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    fs::create_dir(&state_dir).unwrap();
+    (dir, state_dir)
+}
+
+/// Removes `state_dir` from under the running writer and waits until it failed to open a
+/// fresh journal there.
+fn remove_state_dir(d: &mut Driver, state_dir: &Path) {
+    fs::remove_dir_all(state_dir).unwrap();
+    d.wait("a failed try to open a fresh journal", |p| {
+        p.compactions().write_failures > 0
+    });
+}
+
+/// Puts a directory at the state file's temporary name in `dir`, so that every snapshot
+/// fails until it is removed; returns its path.
+fn block_snapshots(dir: &Path) -> PathBuf {
+    let blocker = dir.join("s.json.tmp");
+    fs::create_dir(&blocker).unwrap();
+    blocker
+}
+
+/// A poll and a waker registered with it, as the event loop hands the persister.
+fn poll_and_waker() -> (Poll, Arc<mio::Waker>) {
+    let poll = Poll::new().unwrap();
+    let waker = Arc::new(mio::Waker::new(poll.registry(), Token(0)).unwrap());
+    (poll, waker)
+}
+
+/// Writes `state` to the state file on `paths`, saved now.
+fn write_state_file(paths: &Paths, mut state: State) {
+    store::write_atomic(
+        &paths.state,
+        &state.to_file_bytes(SystemTime::now()).unwrap(),
+    )
+    .unwrap();
+}
+
+/// The journal lines of records `numbers` of the history, as the writer appends them.
+fn journal_lines(numbers: std::ops::RangeInclusive<u64>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for n in numbers {
+        let record = record(n);
+        serde_json::to_writer(&mut out, &JournalLine { n, record: &record }).unwrap();
+        out.push(b'\n');
+    }
+    out
+}
+
 /// The journal's bytes before the space written ahead of its appends.
 fn journal_len(paths: &Paths) -> u64 {
     let bytes = fs::read(&paths.journal).unwrap_or_default();
@@ -208,6 +288,15 @@ struct FlakyJournal {
 }
 
 impl FlakyJournal {
+    /// A journal holding `bytes` whose writes, fsyncs and cuts fail as `faults` says.
+    fn scripted(bytes: Vec<u8>, faults: &[bool]) -> FlakyJournal {
+        FlakyJournal {
+            bytes,
+            faults: faults.iter().copied().collect(),
+            ..FlakyJournal::default()
+        }
+    }
+
     fn fails(&mut self, call: &'static str) -> io::Result<()> {
         self.calls.push(call);
         if self.faults.pop_front().unwrap_or(false) {
@@ -301,14 +390,9 @@ fn a_failed_append_leaves_no_fragment_whatever_fails_and_how_often() {
     // The journal has space laid down ahead of its appends.
     let ahead = 64;
     for (faults, calls) in cases {
-        let mut journal = FlakyJournal {
-            bytes: [whole.as_slice(), &vec![0; ahead]].concat(),
-            faults: faults.iter().copied().collect(),
-            calls: Vec::new(),
-            deleted: false,
-            look_fails: 0,
-        };
-        let stats = Mutex::new(Compactions::default());
+        let mut journal =
+            FlakyJournal::scripted([whole.as_slice(), &vec![0; ahead]].concat(), faults);
+        let stats = Mutex::default();
         let cut = append_now(&mut journal, whole.len() as u64, &line, &stats).unwrap();
         assert_eq!(journal.calls, calls, "faults {faults:?}");
         // Every failed call is counted for the metrics, as it happens.
@@ -344,15 +428,9 @@ fn a_failed_append_leaves_no_fragment_whatever_fails_and_how_often() {
 fn failed_cuts_are_told_apart_from_the_append_and_their_tallies_add_up_to_the_counter() {
     let whole = b"{\"n\":1}\n".to_vec();
     let line = b"{\"n\":2}\n".to_vec();
-    let mut journal = FlakyJournal {
-        bytes: whole.clone(),
-        // The write fails, then three cuts, then everything works.
-        faults: [true, true, true, true].into_iter().collect(),
-        calls: Vec::new(),
-        deleted: false,
-        look_fails: 0,
-    };
-    let stats = Mutex::new(Compactions::default());
+    // The write fails, then three cuts, then everything works.
+    let mut journal = FlakyJournal::scripted(whole.clone(), &[true, true, true, true]);
+    let stats = Mutex::default();
     let lines = crate::test_log::logged(|| {
         append_now(&mut journal, whole.len() as u64, &line, &stats).unwrap();
     });
@@ -391,14 +469,8 @@ fn a_large_append_is_synced_piece_by_piece() {
     let pieces: Vec<&[u8]> = store::sync_pieces(&bytes).collect();
     assert!(pieces.len() >= 3, "{} pieces", pieces.len());
     // The second piece's fsync fails once.
-    let mut journal = FlakyJournal {
-        bytes: Vec::new(),
-        faults: [false, false, false, true].into_iter().collect(),
-        calls: Vec::new(),
-        deleted: false,
-        look_fails: 0,
-    };
-    let stats = Mutex::new(Compactions::default());
+    let mut journal = FlakyJournal::scripted(Vec::new(), &[false, false, false, true]);
+    let stats = Mutex::default();
     let cut = append_now(&mut journal, 0, &bytes, &stats).unwrap();
     assert!(cut);
     assert_eq!(stats.lock().unwrap().write_failures, 1);
@@ -435,8 +507,7 @@ fn the_journal_file_writes_into_its_space_ahead_and_a_cut_drops_it() {
 /// with it loads as the records alone: no torn tail, no hole.
 #[test]
 fn the_writer_keeps_space_ahead_of_its_appends_and_it_loads_as_no_tear() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut d = Driver::start(dir.path(), Options::default());
+    let (_dir, mut d) = temp_driver(Options::default());
     let last = d.write(3);
     let deadline = Instant::now() + PATIENCE;
     let ahead = || {
@@ -473,8 +544,7 @@ fn the_writer_keeps_space_ahead_of_its_appends_and_it_loads_as_no_tear() {
 /// journal is left with its records and without the space.
 #[test]
 fn a_fold_gives_back_the_space_ahead_before_it_writes_the_state_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut d = Driver::start(dir.path(), Options::default());
+    let (_dir, mut d) = temp_driver(Options::default());
     let last = d.write(3);
     let deadline = Instant::now() + PATIENCE;
     while fs::metadata(&d.paths.journal).map_or(0, |m| m.len()) < SPACE_AHEAD_BYTES {
@@ -482,23 +552,21 @@ fn a_fold_gives_back_the_space_ahead_before_it_writes_the_state_file() {
         thread::sleep(Duration::from_millis(5));
     }
     fs::create_dir(&d.paths.state).unwrap();
-    let paths = d.paths.clone();
     assert_eq!(d.persister.shutdown(), Stopped::Unfolded);
     assert_eq!(
-        fs::metadata(&paths.journal).unwrap().len(),
-        journal_len(&paths),
+        fs::metadata(&d.paths.journal).unwrap().len(),
+        journal_len(&d.paths),
         "the space ahead was kept through the fold"
     );
-    fs::remove_dir(&paths.state).unwrap();
-    assert_eq!(load_complete(&paths).last_seq, last);
+    fs::remove_dir(&d.paths.state).unwrap();
+    assert_eq!(load_complete(&d.paths).last_seq, last);
 }
 
 /// Once the appends have used the space laid down ahead up to its last quarter, more is laid
 /// after it: it is kept ahead however far the journal grows, not laid once.
 #[test]
 fn the_space_ahead_is_laid_again_once_the_appends_have_used_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut d = Driver::start(dir.path(), Options::default());
+    let (_dir, mut d) = temp_driver(Options::default());
     d.write(1);
     // Past the first space laid: the appends alone grow the journal beyond it.
     while journal_len(&d.paths) < SPACE_AHEAD_BYTES + SPACE_AHEAD_BYTES / 2 {
@@ -510,9 +578,8 @@ fn the_space_ahead_is_laid_again_once_the_appends_have_used_it() {
     let size = fs::metadata(&d.paths.journal).unwrap().len();
     let ahead = size - journal_len(&d.paths);
     assert!(ahead >= SPACE_AHEAD_BYTES / 8, "{ahead} bytes ahead");
-    let paths = d.paths.clone();
     assert_eq!(d.persister.shutdown(), Stopped::Folded);
-    assert_eq!(load_complete(&paths).replayed, 0);
+    assert_eq!(load_complete(&d.paths).replayed, 0);
 }
 
 /// A journal holding nothing but space laid down ahead (a stop right after a rotation, or a
@@ -520,8 +587,7 @@ fn the_space_ahead_is_laid_again_once_the_appends_have_used_it() {
 /// it from its first byte.
 #[test]
 fn a_journal_of_nothing_but_space_ahead_is_not_folded_and_is_written_from_its_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(&dir.path().join("s.json"));
+    let (dir, paths) = temp_paths();
     fs::write(&paths.journal, vec![0; 4096]).unwrap();
     let mut d = Driver::start(dir.path(), Options::default());
     assert!(!paths.state.exists(), "no fold");
@@ -609,14 +675,12 @@ fn group_commit_takes_whole_batches_up_to_its_cap() {
 
 #[test]
 fn batches_handed_over_without_waiting_become_durable_in_order_and_none_early() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut d = Driver::start(dir.path(), Options::default());
+    let (_dir, mut d) = temp_driver(Options::default());
     let mut last_batch = 0;
     for _ in 0..50 {
         let records = vec![record(d.next_n)];
         d.next_n += 1;
-        last_batch = d.persister.submit(records);
-        d.persister.pump();
+        last_batch = d.hand_over(records);
     }
     assert_eq!(last_batch, 50, "each pump hands over its own batch");
     assert!(d.persister.busy());
@@ -640,15 +704,13 @@ fn batches_handed_over_without_waiting_become_durable_in_order_and_none_early() 
     assert_eq!(records, 50, "{reported:?}");
     assert!(!d.persister.busy());
     let last_n = d.next_n - 1;
-    let paths = d.paths.clone();
     assert_eq!(d.persister.shutdown(), Stopped::Folded);
-    assert_eq!(load_complete(&paths).state.journal_seq, last_n);
+    assert_eq!(load_complete(&d.paths).state.journal_seq, last_n);
 }
 
 #[test]
 fn durable_records_reach_the_compactor_in_full_lots_and_all_of_them_at_shutdown() {
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(&dir.path().join("s.json"));
+    let (_dir, paths) = temp_paths();
     let mut writer = writer_by_hand(&paths);
     let durable = |writer: &mut Writer, numbers: std::ops::RangeInclusive<u64>| {
         let records: Vec<Record> = numbers.map(record).collect();
@@ -686,8 +748,7 @@ fn journal(writer: &mut Writer, numbers: std::ops::RangeInclusive<u64>) {
 
 /// [`writer_by_hand`], with the counters it reports to.
 fn writer_and_stats(paths: &Paths) -> (Writer, Arc<Mutex<Compactions>>) {
-    let poll = Poll::new().unwrap();
-    let waker = Arc::new(mio::Waker::new(poll.registry(), Token(0)).unwrap());
+    let (_poll, waker) = poll_and_waker();
     let loaded = store::load(paths).unwrap();
     let stats = Arc::new(Mutex::new(Compactions::default()));
     let writer = Writer::open(
@@ -708,8 +769,7 @@ fn writer_and_stats(paths: &Paths) -> (Writer, Arc<Mutex<Compactions>>) {
 /// room again the space is laid within a second, without waiting out the backoff.
 #[test]
 fn a_failed_lay_of_the_space_ahead_backs_off_while_appends_go_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(&dir.path().join("s.json"));
+    let (_dir, paths) = temp_paths();
     let mut writer = writer_by_hand(&paths);
     let start = Instant::now();
     let tenth = |i: u64| start + Duration::from_millis(100 * i);
@@ -772,8 +832,7 @@ fn a_failed_lay_of_the_space_ahead_backs_off_while_appends_go_on() {
 /// (NUL bytes there would read as synced records lost) and the files load.
 #[test]
 fn a_rotation_cuts_off_nul_bytes_a_failed_lay_left() {
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(&dir.path().join("s.json"));
+    let (_dir, paths) = temp_paths();
     let mut writer = writer_by_hand(&paths);
     writer.append(&(1..=3).map(record).collect::<Vec<_>>());
     let mut stray = fs::OpenOptions::new()
@@ -795,8 +854,7 @@ fn a_rotation_cuts_off_nul_bytes_a_failed_lay_left() {
 /// leaves the journal whole for the next start.
 #[test]
 fn a_final_fold_that_fails_says_so_and_keeps_the_journal() {
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(&dir.path().join("s.json"));
+    let (_dir, paths) = temp_paths();
     let mut writer = writer_by_hand(&paths);
     journal(&mut writer, 1..=3);
     fs::create_dir(&paths.state).unwrap();
@@ -816,8 +874,7 @@ fn a_final_fold_that_fails_says_so_and_keeps_the_journal() {
 /// journal that holds space laid down ahead, as after a rotation with no append since.
 #[test]
 fn a_clean_stop_empties_a_journal_of_space_ahead() {
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(&dir.path().join("s.json"));
+    let (_dir, paths) = temp_paths();
     fs::write(&paths.journal, vec![0; 4096]).unwrap();
     let mut writer = writer_by_hand(&paths);
     assert!(writer.finish(), "nothing left to fold");
@@ -830,8 +887,7 @@ fn a_clean_stop_empties_a_journal_of_space_ahead() {
 
 #[test]
 fn appends_go_on_while_the_journal_is_rotated_and_compacted() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut d = Driver::start(dir.path(), tiny(512));
+    let (_dir, mut d) = temp_driver(tiny(512));
     // 200 batches at least, and on until ten compactions are done and the journal is
     // small again (it holds what was appended while the last one ran): how many fit in
     // 200 depends on how often the compactor thread gets a CPU (6, and once none, in
@@ -852,22 +908,19 @@ fn appends_go_on_while_the_journal_is_rotated_and_compacted() {
         batches += 1;
     }
     assert_eq!(d.persister.compactions().failed, 0);
-    let paths = d.paths.clone();
     assert_eq!(d.persister.shutdown(), Stopped::Folded);
-    assert!(!paths.journal_old.exists());
-    assert_eq!(journal_len(&paths), 0, "shutdown empties the journal");
-    let loaded = load_complete(&paths);
+    assert!(!d.paths.journal_old.exists());
+    assert_eq!(journal_len(&d.paths), 0, "shutdown empties the journal");
+    let loaded = load_complete(&d.paths);
     assert_eq!(loaded.state.journal_seq, last);
     assert_eq!(loaded.replayed, 0);
 }
 
 #[test]
 fn a_failed_compaction_keeps_the_old_journal_and_is_retried() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut d = Driver::start(dir.path(), tiny(256));
+    let (dir, mut d) = temp_driver(tiny(256));
     // The state file's temporary name is taken by a directory: every snapshot fails.
-    let blocker = dir.path().join("s.json.tmp");
-    fs::create_dir(&blocker).unwrap();
+    let blocker = block_snapshots(dir.path());
     let mut last = 0;
     while d.persister.compactions().failed < 3 {
         last = d.write(2);
@@ -892,10 +945,9 @@ fn a_failed_compaction_keeps_the_old_journal_and_is_retried() {
     }
     assert_eq!(load_complete(&d.paths).last_seq, last);
     last = d.write(7);
-    let paths = d.paths.clone();
     assert_eq!(d.persister.shutdown(), Stopped::Folded);
-    assert!(!paths.journal_old.exists());
-    let loaded = load_complete(&paths);
+    assert!(!d.paths.journal_old.exists());
+    let loaded = load_complete(&d.paths);
     assert_eq!(loaded.replayed, 0);
     assert_eq!(loaded.last_seq, last);
 }
@@ -904,13 +956,8 @@ fn a_failed_compaction_keeps_the_old_journal_and_is_retried() {
 /// hammered with a compaction (a whole snapshot written) after every commit.
 #[test]
 fn a_failed_compaction_is_not_retried_before_its_delay() {
-    let dir = tempfile::tempdir().unwrap();
-    let options = Options {
-        compact_journal_bytes: 256,
-        compact_retry: Duration::from_secs(3600),
-    };
-    let mut d = Driver::start(dir.path(), options);
-    fs::create_dir(dir.path().join("s.json.tmp")).unwrap();
+    let (dir, mut d) = temp_driver(tiny_retried_late(256));
+    let blocker = block_snapshots(dir.path());
     while d.persister.compactions().failed == 0 {
         let last = d.write(2);
         assert!(last < 100_000, "the compaction never failed");
@@ -924,7 +971,7 @@ fn a_failed_compaction_is_not_retried_before_its_delay() {
         1,
         "retried before its delay"
     );
-    fs::remove_dir(dir.path().join("s.json.tmp")).unwrap();
+    fs::remove_dir(&blocker).unwrap();
     assert_eq!(d.persister.shutdown(), Stopped::Folded);
 }
 
@@ -932,12 +979,7 @@ fn a_failed_compaction_is_not_retried_before_its_delay() {
 /// renamed and a snapshot not started before then, even once the rename would work.
 #[test]
 fn a_failed_rotation_is_not_retried_before_its_delay() {
-    let dir = tempfile::tempdir().unwrap();
-    let options = Options {
-        compact_journal_bytes: 256,
-        compact_retry: Duration::from_secs(3600),
-    };
-    let mut d = Driver::start(dir.path(), options);
+    let (_dir, mut d) = temp_driver(tiny_retried_late(256));
     // A directory at journal.old's name: the rename onto it fails.
     fs::create_dir(&d.paths.journal_old).unwrap();
     while journal_len(&d.paths) <= 256 {
@@ -953,17 +995,15 @@ fn a_failed_rotation_is_not_retried_before_its_delay() {
     // removes journal.old: had one run, one of them would be there.
     assert!(!d.paths.journal_old.exists(), "rotated before the delay");
     assert!(!d.paths.state.exists(), "compacted before the delay");
-    let paths = d.paths.clone();
     assert_eq!(d.persister.shutdown(), Stopped::Folded);
-    assert_eq!(load_complete(&paths).replayed, 0);
+    assert_eq!(load_complete(&d.paths).replayed, 0);
 }
 
 /// Removing `journal.old` fails the compaction unless it is already gone: a snapshot
 /// reported written while journal.old stays would be folded again and again.
 #[test]
 fn journal_old_that_cannot_be_removed_fails_and_one_already_gone_does_not() {
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(&dir.path().join("s.json"));
+    let (_dir, paths) = temp_paths();
     fs::create_dir(&paths.journal_old).unwrap();
     match compactor::remove_journal_old(&paths) {
         Err(StoreError::Write { path, .. }) => assert_eq!(path, paths.journal_old),
@@ -991,14 +1031,8 @@ fn compaction_times_add_up_and_keep_the_last_and_the_longest() {
 /// one garbled whole line, which the next start would refuse.
 #[test]
 fn a_torn_journal_is_folded_away_before_the_first_append() {
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(&dir.path().join("s.json"));
-    let mut bytes = Vec::new();
-    for n in 1..=3 {
-        let record = record(n);
-        serde_json::to_writer(&mut bytes, &JournalLine { n, record: &record }).unwrap();
-        bytes.push(b'\n');
-    }
+    let (dir, paths) = temp_paths();
+    let mut bytes = journal_lines(1..=3);
     bytes.extend_from_slice(br#"{"n":4,"op":"jo"#);
     fs::write(&paths.journal, &bytes).unwrap();
     let mut d = Driver::start(dir.path(), Options::default());
@@ -1012,26 +1046,12 @@ fn a_torn_journal_is_folded_away_before_the_first_append() {
 /// and the journal into a fresh snapshot before anything else.
 #[test]
 fn start_folds_an_interrupted_compaction() {
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(&dir.path().join("s.json"));
+    let (dir, paths) = temp_paths();
     let mut snapshot = model(2);
     snapshot.journal_seq = 2;
-    store::write_atomic(
-        &paths.state,
-        &snapshot.to_file_bytes(SystemTime::now()).unwrap(),
-    )
-    .unwrap();
-    let lines = |range: std::ops::RangeInclusive<u64>| {
-        let mut out = Vec::new();
-        for n in range {
-            let record = record(n);
-            serde_json::to_writer(&mut out, &JournalLine { n, record: &record }).unwrap();
-            out.push(b'\n');
-        }
-        out
-    };
-    fs::write(&paths.journal_old, lines(1..=20)).unwrap();
-    fs::write(&paths.journal, lines(21..=30)).unwrap();
+    write_state_file(&paths, snapshot);
+    fs::write(&paths.journal_old, journal_lines(1..=20)).unwrap();
+    fs::write(&paths.journal, journal_lines(21..=30)).unwrap();
     let mut d = Driver::start(dir.path(), tiny(1 << 20));
     assert!(!paths.journal_old.exists());
     assert_eq!(journal_len(&paths), 0);
@@ -1051,28 +1071,18 @@ fn start_folds_an_interrupted_compaction() {
 #[test]
 fn state_files_readable_by_others_are_restricted_at_start() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(&dir.path().join("s.json"));
-    let mut snapshot = State::default();
-    store::write_atomic(
-        &paths.state,
-        &snapshot.to_file_bytes(SystemTime::now()).unwrap(),
-    )
-    .unwrap();
+    let (dir, paths) = temp_paths();
+    write_state_file(&paths, State::default());
     fs::write(&paths.journal, b"").unwrap();
     for path in [&paths.state, &paths.journal] {
         fs::set_permissions(path, fs::Permissions::from_mode(0o644)).unwrap();
     }
-    let loaded = store::load(&paths).unwrap();
-    let poll = Poll::new().unwrap();
-    let waker = Arc::new(mio::Waker::new(poll.registry(), Token(0)).unwrap());
-    let persister =
-        Persister::start_with(paths.clone(), loaded, Options::default(), waker).unwrap();
+    let d = Driver::start(dir.path(), Options::default());
     for path in [&paths.state, &paths.journal] {
         let mode = fs::metadata(path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{}", path.display());
     }
-    assert_eq!(persister.shutdown(), Stopped::Folded);
+    assert_eq!(d.persister.shutdown(), Stopped::Folded);
 }
 
 #[test]
@@ -1103,22 +1113,16 @@ fn a_state_file_numbered_at_the_end_of_the_range_neither_panics_nor_hides_new_re
 
 /// Whether the file was loaded, the writer started and a record made durable (false: refused).
 fn starts_and_keeps_its_records_or_is_refused(journal_seq: u64) -> bool {
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(&dir.path().join("s.json"));
-    let mut snapshot = State {
+    let (_dir, paths) = temp_paths();
+    let snapshot = State {
         journal_seq,
         ..State::default()
     };
-    store::write_atomic(
-        &paths.state,
-        &snapshot.to_file_bytes(SystemTime::now()).unwrap(),
-    )
-    .unwrap();
+    write_state_file(&paths, snapshot);
     let Ok(loaded) = store::load(&paths) else {
         return false; // refused at load: nothing can be lost
     };
-    let poll = Poll::new().unwrap();
-    let waker = Arc::new(mio::Waker::new(poll.registry(), Token(0)).unwrap());
+    let (_poll, waker) = poll_and_waker();
     let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         Persister::start_with(paths.clone(), loaded, Options::default(), waker)
     }));
@@ -1314,7 +1318,7 @@ fn an_append_synced_into_a_deleted_journal_is_not_durable() {
         deleted: true,
         ..FlakyJournal::default()
     };
-    let stats = Mutex::new(Compactions::default());
+    let stats = Mutex::default();
     let appended = append_now(&mut journal, 0, b"{\"n\":1}\n", &stats);
     assert_eq!(appended, Err(JournalDeleted));
     assert_eq!(journal.calls, ["write", "sync"]);
@@ -1331,7 +1335,7 @@ fn an_append_whose_names_cannot_be_counted_is_retried_not_acknowledged() {
         look_fails: 1,
         ..FlakyJournal::default()
     };
-    let stats = Mutex::new(Compactions::default());
+    let stats = Mutex::default();
     let appended = append_now(&mut journal, 0, b"{\"n\":1}\n", &stats);
     assert_eq!(appended, Ok(true), "appended after a cut");
     assert_eq!(journal.calls, ["write", "sync", "cut", "write", "sync"]);
@@ -1369,8 +1373,7 @@ fn wait_for_files_holding(d: &mut Driver, last: u64, what: &str) {
 #[test]
 fn a_journal_deleted_while_in_use_is_replaced_and_no_durable_record_is_lost() {
     for options in [Options::default(), tiny(512)] {
-        let dir = tempfile::tempdir().unwrap();
-        let mut d = Driver::start(dir.path(), options);
+        let (_dir, mut d) = temp_driver(options);
         let mut last = 0;
         for _ in 0..5 {
             d.write(20);
@@ -1409,8 +1412,7 @@ fn a_journal_renamed_away_or_whose_own_name_was_removed_is_replaced() {
         ("renamed away", rename),
         ("its name removed", link_and_remove),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let mut d = Driver::start(dir.path(), Options::default());
+        let (dir, mut d) = temp_driver(Options::default());
         d.write(20);
         let elsewhere = dir.path().join("elsewhere");
         move_away(&d.paths.journal, &elsewhere);
@@ -1422,9 +1424,8 @@ fn a_journal_renamed_away_or_whose_own_name_was_removed_is_replaced() {
             "{how}: the moved file is left as it is"
         );
         let last = d.write(4);
-        let paths = d.paths.clone();
         assert_eq!(d.persister.shutdown(), Stopped::Folded);
-        assert_eq!(load_complete(&paths).last_seq, last, "{how}");
+        assert_eq!(load_complete(&d.paths).last_seq, last, "{how}");
     }
 }
 
@@ -1435,14 +1436,8 @@ fn a_journal_renamed_away_or_whose_own_name_was_removed_is_replaced() {
 /// looked, and a crash until the retry worked started on a gap.
 #[test]
 fn a_journal_old_deleted_while_kept_is_written_into_the_state_file_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let options = Options {
-        compact_journal_bytes: 256,
-        compact_retry: Duration::from_secs(3600),
-    };
-    let mut d = Driver::start(dir.path(), options);
-    let blocker = dir.path().join("s.json.tmp");
-    fs::create_dir(&blocker).unwrap();
+    let (dir, mut d) = temp_driver(tiny_retried_late(256));
+    let blocker = block_snapshots(dir.path());
     while d.persister.compactions().failed == 0 {
         assert!(d.write(2) < 100_000, "no compaction failed");
     }
@@ -1454,9 +1449,8 @@ fn a_journal_old_deleted_while_kept_is_written_into_the_state_file_at_once() {
     wait_for_files_holding(&mut d, last, "the state file written from memory");
     assert!(!d.paths.journal_old.exists());
     last = d.write(4);
-    let paths = d.paths.clone();
     assert_eq!(d.persister.shutdown(), Stopped::Folded);
-    assert_eq!(load_complete(&paths).last_seq, last);
+    assert_eq!(load_complete(&d.paths).last_seq, last);
 }
 
 /// A state file deleted while in use leaves the journals with only the changes since it was
@@ -1464,8 +1458,7 @@ fn a_journal_old_deleted_while_kept_is_written_into_the_state_file_at_once() {
 /// A clean stop right after a deletion writes it too.
 #[test]
 fn a_state_file_deleted_while_in_use_is_written_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut d = Driver::start(dir.path(), Options::default());
+    let (dir, mut d) = temp_driver(Options::default());
     let last = d.write(30);
     assert_eq!(d.persister.shutdown(), Stopped::Folded);
     assert!(d.paths.state.exists(), "the stop wrote the state file");
@@ -1484,10 +1477,12 @@ fn a_state_file_deleted_while_in_use_is_written_again() {
     assert_eq!(load_complete(&d.paths).last_seq, last);
 
     fs::remove_file(&d.paths.state).unwrap();
-    let paths = d.paths.clone();
     assert_eq!(d.persister.shutdown(), Stopped::Folded);
-    assert_eq!(load_complete(&paths).last_seq, last);
-    assert!(paths.state.exists(), "the stop wrote the state file again");
+    assert_eq!(load_complete(&d.paths).last_seq, last);
+    assert!(
+        d.paths.state.exists(),
+        "the stop wrote the state file again"
+    );
 }
 
 /// `/readyz` reads how long creates and joins have waited for the disk from `waiting_since`:
@@ -1495,20 +1490,17 @@ fn a_state_file_deleted_while_in_use_is_written_again() {
 /// nothing once the writer reported every one durable, whenever its reports come.
 #[test]
 fn waiting_since_is_the_oldest_batch_not_yet_reported_durable() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut d = Driver::start(dir.path(), Options::default());
+    let (_dir, mut d) = temp_driver(Options::default());
     assert_eq!(d.persister.waiting_since(), None, "nothing handed over");
     let before = Instant::now();
-    d.persister.submit(vec![record(1)]);
-    d.persister.pump();
+    d.hand_over(vec![record(1)]);
     let handed = Instant::now();
     let since = d
         .persister
         .waiting_since()
         .expect("a batch handed over waits");
     assert!(before <= since && since <= handed);
-    let second = d.persister.submit(vec![record(2)]);
-    d.persister.pump();
+    let second = d.hand_over(vec![record(2)]);
     d.next_n = 3;
     assert_eq!(
         d.persister.waiting_since(),
@@ -1545,8 +1537,7 @@ fn state_file_of_long_ago(paths: &Paths) -> Vec<u8> {
 #[test]
 fn the_file_check_writes_the_state_file_again_only_when_it_went_missing() {
     let records: Vec<Record> = (1..=3).map(record).collect();
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(&dir.path().join("s.json"));
+    let (_dir, paths) = temp_paths();
     let mut writer = writer_by_hand(&paths);
     writer.append(&records);
     writer.forward(records.clone());
@@ -1557,8 +1548,7 @@ fn the_file_check_writes_the_state_file_again_only_when_it_went_missing() {
     );
     assert_eq!(load_complete(&paths).last_seq, 3);
 
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(&dir.path().join("s.json"));
+    let (_dir, paths) = temp_paths();
     let old = state_file_of_long_ago(&paths);
     let (mut writer, stats) = writer_and_stats(&paths);
     writer.append(&records);
@@ -1587,8 +1577,7 @@ fn the_file_check_writes_the_state_file_again_only_when_it_went_missing() {
 /// every change already.
 #[test]
 fn a_clean_stop_with_nothing_to_fold_leaves_the_state_file_alone() {
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(&dir.path().join("s.json"));
+    let (_dir, paths) = temp_paths();
     let old = state_file_of_long_ago(&paths);
     let mut writer = writer_by_hand(&paths);
     assert!(writer.finish(), "the state file holds every change");
@@ -1605,21 +1594,15 @@ fn a_clean_stop_with_nothing_to_fold_leaves_the_state_file_alone() {
 /// record again, and the appends go on.
 #[test]
 fn a_state_directory_removed_while_in_use_is_filled_again_once_it_is_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let state_dir = dir.path().join("state");
-    fs::create_dir(&state_dir).unwrap();
+    let (_dir, state_dir) = temp_state_dir();
     let mut d = Driver::start(&state_dir, Options::default());
     let last = d.write(5);
-    fs::remove_dir_all(&state_dir).unwrap();
-    d.wait("a failed try to open a fresh journal", |p| {
-        p.compactions().write_failures > 0
-    });
+    remove_state_dir(&mut d, &state_dir);
     fs::create_dir(&state_dir).unwrap();
     wait_for_files_holding(&mut d, last, "a fresh journal and state file");
     let last = d.write(2);
-    let paths = d.paths.clone();
     assert_eq!(d.persister.shutdown(), Stopped::Folded);
-    assert_eq!(load_complete(&paths).last_seq, last);
+    assert_eq!(load_complete(&d.paths).last_seq, last);
 }
 
 /// With its writer thread gone, records handed over are dropped and never durable: the
@@ -1627,8 +1610,7 @@ fn a_state_directory_removed_while_in_use_is_filled_again_once_it_is_back() {
 /// saved, though nothing is left in flight.
 #[test]
 fn a_stop_whose_writer_is_gone_reports_its_changes_unwritten() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut d = Driver::start(dir.path(), Options::default());
+    let (_dir, mut d) = temp_driver(Options::default());
     d.write(3);
     // The writer's ends of both channels, gone as with its thread.
     let (tx, rx) = mpsc::channel();
@@ -1657,15 +1639,10 @@ fn a_stop_whose_writer_is_gone_reports_its_changes_unwritten() {
 /// files held is on no disk.
 #[test]
 fn a_stop_while_the_state_directory_is_gone_says_the_state_is_lost() {
-    let dir = tempfile::tempdir().unwrap();
-    let state_dir = dir.path().join("state");
-    fs::create_dir(&state_dir).unwrap();
+    let (_dir, state_dir) = temp_state_dir();
     let mut d = Driver::start(&state_dir, Options::default());
     d.write(5);
-    fs::remove_dir_all(&state_dir).unwrap();
-    d.wait("a failed try to open a fresh journal", |p| {
-        p.compactions().write_failures > 0
-    });
+    remove_state_dir(&mut d, &state_dir);
     assert!(d.persister.compactions().files_missing);
     assert_eq!(d.persister.shutdown(), Stopped::Lost);
 }
@@ -1674,16 +1651,9 @@ fn a_stop_while_the_state_directory_is_gone_says_the_state_is_lost() {
 /// the fold fails, and the stop is told that the journal keeps nothing.
 #[test]
 fn a_final_fold_with_the_state_directory_gone_says_the_state_is_lost() {
-    let dir = tempfile::tempdir().unwrap();
-    let state_dir = dir.path().join("state");
-    fs::create_dir(&state_dir).unwrap();
+    let (_dir, state_dir) = temp_state_dir();
     let paths = Paths::new(&state_dir.join("s.json"));
-    let poll = Poll::new().unwrap();
-    let waker = Arc::new(mio::Waker::new(poll.registry(), Token(0)).unwrap());
-    let stats = Arc::new(Mutex::new(Compactions::default()));
-    let loaded = store::load(&paths).unwrap();
-    let mut writer =
-        Writer::open(paths, loaded, Options::default(), Arc::clone(&stats), waker).unwrap();
+    let (mut writer, stats) = writer_and_stats(&paths);
     journal(&mut writer, 1..=3);
     fs::remove_dir_all(&state_dir).unwrap();
     assert!(
@@ -1701,8 +1671,7 @@ fn a_final_fold_with_the_state_directory_gone_says_the_state_is_lost() {
 /// again, and the compactor is still there for the compactions and the fold after.
 #[test]
 fn a_journal_deleted_before_a_compaction_reported_is_replaced_with_the_compactor_kept() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut d = Driver::start(dir.path(), tiny(512));
+    let (_dir, mut d) = temp_driver(tiny(512));
     // Past the threshold, with no state file yet: the commit asks for a compaction.
     let last = d.write(10);
     d.wait("the compaction the commit asked for", |p| {
@@ -1714,9 +1683,8 @@ fn a_journal_deleted_before_a_compaction_reported_is_replaced_with_the_compactor
     });
     wait_for_files_holding(&mut d, last, "a fresh journal and state file");
     let last = d.write(3);
-    let paths = d.paths.clone();
     assert_eq!(d.persister.shutdown(), Stopped::Folded);
-    let loaded = load_complete(&paths);
+    let loaded = load_complete(&d.paths);
     assert_eq!(loaded.replayed, 0, "folded at the stop");
     assert_eq!(loaded.last_seq, last);
 }
@@ -1744,8 +1712,7 @@ fn a_file_error_displays_as_the_io_error_it_was() {
 /// once, and a check that finds the daemon's own lock there changes nothing.
 #[test]
 fn a_lock_file_deleted_while_in_use_is_taken_again_unless_another_process_holds_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(&dir.path().join("s.json"));
+    let (_dir, paths) = temp_paths();
     let _held = lock(&paths).unwrap();
     let (mut writer, stats) = writer_and_stats(&paths);
     let found = |stats: &Mutex<Compactions>| {
@@ -1801,8 +1768,7 @@ fn a_lock_file_deleted_while_in_use_is_taken_again_unless_another_process_holds_
 /// goes once the other name is removed.
 #[test]
 fn the_file_check_counts_a_second_name_of_the_state_file_or_journal_while_it_lasts() {
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(&dir.path().join("s.json"));
+    let (dir, paths) = temp_paths();
     state_file_of_long_ago(&paths);
     let (mut writer, stats) = writer_and_stats(&paths);
     let links = |stats: &Mutex<Compactions>| counters(stats).hard_links;
@@ -1841,9 +1807,7 @@ fn the_file_check_counts_a_second_name_of_the_state_file_or_journal_while_it_las
 /// lock is held again, with nothing taken again or counted as restored.
 #[test]
 fn a_lock_file_that_cannot_be_examined_is_unverifiable_until_it_can() {
-    let dir = tempfile::tempdir().unwrap();
-    let state_dir = dir.path().join("state");
-    fs::create_dir(&state_dir).unwrap();
+    let (dir, state_dir) = temp_state_dir();
     let paths = Paths::new(&state_dir.join("s.json"));
     let _held = lock(&paths).unwrap();
     let (mut writer, stats) = writer_and_stats(&paths);
@@ -1879,8 +1843,7 @@ fn only_a_stop_with_every_acknowledged_change_on_disk_kept_the_state() {
 /// count of names: a directory has two or more of its own.
 #[test]
 fn a_state_path_that_is_not_a_file_is_refused_as_what_it_is() {
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(&dir.path().join("s.json"));
+    let (_dir, paths) = temp_paths();
     fs::create_dir(&paths.state).unwrap();
     fs::create_dir(paths.state.join("sub")).unwrap();
     match refuse_linked_state(&paths.state) {
@@ -1908,8 +1871,7 @@ fn a_state_path_that_is_not_a_file_is_refused_as_what_it_is() {
 /// lock another process holds, naming the holder its file names.
 #[test]
 fn a_linked_state_file_or_journal_and_a_held_lock_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(&dir.path().join("s.json"));
+    let (dir, paths) = temp_paths();
     refuse_linked_state(&paths.state).expect("nothing there yet");
     fs::write(&paths.state, b"").unwrap();
     fs::write(&paths.journal, b"").unwrap();
@@ -1948,8 +1910,7 @@ fn a_linked_state_file_or_journal_and_a_held_lock_are_refused() {
 /// record.
 #[test]
 fn a_journal_put_back_after_its_deletion_is_counted() {
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(&dir.path().join("s.json"));
+    let (_dir, paths) = temp_paths();
     let (mut writer, stats) = writer_and_stats(&paths);
     journal(&mut writer, 1..=3);
     fs::remove_file(&paths.journal).unwrap();
@@ -1972,8 +1933,7 @@ fn a_journal_put_back_after_its_deletion_is_counted() {
 /// soon as room is freed.
 #[test]
 fn a_lay_that_failed_with_its_room_free_waits_for_its_schedule() {
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(&dir.path().join("s.json"));
+    let (_dir, paths) = temp_paths();
     let mut writer = writer_by_hand(&paths);
     let start = Instant::now();
     let tenth = |i: u64| start + Duration::from_millis(100 * i);
@@ -1999,8 +1959,7 @@ fn a_lay_that_failed_with_its_room_free_waits_for_its_schedule() {
 /// name is a loss, though the journal still has a name: no start reads it.
 #[test]
 fn a_failed_final_fold_is_a_loss_only_when_a_file_left_its_name() {
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(&dir.path().join("s.json"));
+    let (_dir, paths) = temp_paths();
     state_file_of_long_ago(&paths);
     let (mut writer, stats) = writer_and_stats(&paths);
     journal(&mut writer, 1..=3);
@@ -2017,8 +1976,7 @@ fn a_failed_final_fold_is_a_loss_only_when_a_file_left_its_name() {
     fs::remove_dir(&paths.state).unwrap();
     assert_eq!(load_complete(&paths).last_seq, 3, "the journal keeps them");
 
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(&dir.path().join("s.json"));
+    let (dir, paths) = temp_paths();
     let (mut writer, stats) = writer_and_stats(&paths);
     journal(&mut writer, 1..=3);
     fs::rename(&paths.journal, dir.path().join("elsewhere")).unwrap();
@@ -2038,17 +1996,11 @@ fn a_failed_final_fold_is_a_loss_only_when_a_file_left_its_name() {
 /// the last writes are not durable: what the files held before is on no disk either.
 #[test]
 fn a_stop_with_a_batch_waiting_while_the_state_directory_is_gone_says_the_state_is_lost() {
-    let dir = tempfile::tempdir().unwrap();
-    let state_dir = dir.path().join("state");
-    fs::create_dir(&state_dir).unwrap();
+    let (_dir, state_dir) = temp_state_dir();
     let mut d = Driver::start(&state_dir, Options::default());
     d.write(5);
-    fs::remove_dir_all(&state_dir).unwrap();
-    d.wait("a failed try to open a fresh journal", |p| {
-        p.compactions().write_failures > 0
-    });
-    d.persister.submit(vec![record(6)]);
-    d.persister.pump();
+    remove_state_dir(&mut d, &state_dir);
+    d.hand_over(vec![record(6)]);
     assert!(d.persister.busy(), "the batch went to the writer");
     assert_eq!(d.persister.shutdown(), Stopped::Lost);
 }

@@ -19,6 +19,66 @@ fn chat(out: &mut Outbox, text: &str) -> Range<usize> {
     out.payload(|b| delivery::encode_chat("s", text.as_bytes(), b).unwrap())
 }
 
+/// Puts a `__ROOM_CLOSED__` datagram's bytes in `out`; returns where they are.
+fn room_closed(out: &mut Outbox) -> Range<usize> {
+    out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED))
+}
+
+/// Queues `copies` copies of `msg` for `member` at `to`, from `from`, with batch limit
+/// `limit`.
+fn queue_copies_to_member(
+    out: &mut Outbox,
+    copies: usize,
+    to: SocketAddr,
+    from: LocalId,
+    msg: &Range<usize>,
+    member: u32,
+    limit: u16,
+) {
+    for _ in 0..copies {
+        out.queue_to_member(to, from, msg.clone(), member, limit);
+    }
+}
+
+/// The daemon's socket, on loopback at a port the kernel picks.
+fn loopback_socket() -> UdpSocket {
+    UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap()
+}
+
+/// Sends all that `out` holds with `sender` on `socket` now, from sources in `locals`;
+/// returns what the pass counted.
+fn send_now(
+    sender: &mut Sender,
+    socket: &UdpSocket,
+    out: &mut Outbox,
+    locals: &mut Locals,
+) -> Metrics {
+    let mut metrics = Metrics::default();
+    sender.send_all(socket, out, locals, &mut metrics, Instant::now());
+    metrics
+}
+
+/// The bytes of a datagram gathered from `runs` of `parts`, as the kernel sends them.
+fn datagram_bytes(parts: &[IoSlice], runs: &Range<usize>) -> Vec<u8> {
+    parts[runs.clone()]
+        .iter()
+        .flat_map(|run| run.iter().copied())
+        .collect()
+}
+
+/// A planned datagram to port 1, from no source in particular, carrying `messages` in
+/// `bytes`.
+fn planned_to_port_1(bytes: Bytes, messages: usize, last_word: bool) -> Planned {
+    Planned {
+        to: addr(1),
+        from: LocalId::ANY,
+        bytes,
+        messages,
+        last_word,
+        sealed: false,
+    }
+}
+
 /// Plans `out` and gathers each planned datagram's runs: destination, the bytes the
 /// kernel would send, messages carried.
 fn planned(sender: &mut Sender, out: &Outbox) -> Vec<(SocketAddr, Vec<u8>, usize)> {
@@ -29,10 +89,8 @@ fn planned(sender: &mut Sender, out: &Outbox) -> Vec<(SocketAddr, Vec<u8>, usize
         .iter()
         .zip(&sender.plan)
         .map(|(datagram, planned)| {
-            let bytes = parts[datagram.runs.clone()]
-                .iter()
-                .flat_map(|run| run.iter().copied());
-            (datagram.to, bytes.collect(), planned.messages)
+            let bytes = datagram_bytes(&parts, &datagram.runs);
+            (datagram.to, bytes, planned.messages)
         })
         .collect()
 }
@@ -42,7 +100,7 @@ fn batchable_recipients_get_batches_in_order_and_others_single_datagrams() {
     let mut out = Outbox::default();
     let one = chat(&mut out, "one");
     let two = chat(&mut out, "two");
-    let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
+    let closed = room_closed(&mut out);
     out.queue_to_member(addr(1), LocalId::ANY, one.clone(), 1, 4096);
     out.queue_to_member(addr(2), LocalId::ANY, one.clone(), 2, 0);
     out.queue_to_member(addr(1), LocalId::ANY, two.clone(), 1, 4096);
@@ -138,7 +196,7 @@ fn nothing_queued_after_a_word_alone_overtakes_it_at_its_address() {
         let mut out = Outbox::default();
         let before = chat(&mut out, "before");
         let behind = chat(&mut out, "behind");
-        let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
+        let closed = room_closed(&mut out);
         let beyond = chat(&mut out, "beyond");
         // Member 2, at port 1 as member 1 is, and member 3 at port 2, get chat around member
         // 1's last word (or a datagram for no member, to port 1); texts of one length, which
@@ -184,17 +242,13 @@ fn a_source_the_kernel_refuses_is_retired() {
     let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let to = peer.local_addr().unwrap();
     let mut locals = Locals::default();
-    let gone = locals.id(Some(crate::local::LocalAddr {
-        ip: std::net::IpAddr::from([192, 0, 2, 77]),
-        ifindex: 0,
-    }));
+    let gone = gone_source(&mut locals);
     assert!(locals.get(gone).is_some());
     let mut out = Outbox::default();
     let one = chat(&mut out, "one");
     out.queue_to_member(to, gone, one, 1, 0);
-    let mut metrics = Metrics::default();
     let mut sender = Sender::new(65507);
-    sender.send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
+    let mut metrics = send_now(&mut sender, &socket, &mut out, &mut locals);
     assert_eq!(metrics.datagrams_sent, 1, "it left without the source");
     assert!(metrics.send_errors.is_empty());
     assert_eq!(locals.get(gone), None);
@@ -259,12 +313,14 @@ fn texts_received(peer: &std::net::UdpSocket, count: usize) -> Vec<String> {
         .collect()
 }
 
+/// The id `locals` gives source address `ip`, on no interface in particular.
+fn source(locals: &mut Locals, ip: IpAddr) -> LocalId {
+    locals.id(Some(crate::local::LocalAddr { ip, ifindex: 0 }))
+}
+
 /// A source address the host does not have.
 fn gone_source(locals: &mut Locals) -> LocalId {
-    locals.id(Some(crate::local::LocalAddr {
-        ip: std::net::IpAddr::from([192, 0, 2, 77]),
-        ifindex: 0,
-    }))
+    source(locals, IpAddr::from([192, 0, 2, 77]))
 }
 
 /// Segmented sends the kernel refuses but whose datagrams it takes one at a time: they
@@ -297,9 +353,8 @@ fn a_destination_whose_segmented_send_is_refused_gets_one_datagram_per_send() {
     // After the refusals, from a source the host does not have: retired, so it leaves
     // from the address the route picks.
     out.queue(to_b, gone, first);
-    let mut metrics = Metrics::default();
     let mut sender = segmenting_sender();
-    sender.send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
+    let mut metrics = send_now(&mut sender, &socket, &mut out, &mut locals);
     assert_eq!(metrics.segmentation_refusals, 2, "127.0.0.1 and 127.0.0.2");
     // One refused call per address: b's send was split with a's, before a's retry.
     assert_eq!(sender.refused_calls, 2);
@@ -312,9 +367,7 @@ fn a_destination_whose_segmented_send_is_refused_gets_one_datagram_per_send() {
     assert_eq!(texts_received(&c, 2), ["m5", "m6"]);
     // The next pass plans one datagram per message for them, without a refusal.
     let again = chat(&mut out, "again");
-    for _ in 0..2 {
-        out.queue_to_member(to_a, LocalId::ANY, again.clone(), 0, 0);
-    }
+    queue_copies_to_member(&mut out, 2, to_a, LocalId::ANY, &again, 0, 0);
     assert_eq!(segmenting(&mut sender, &out), vec![(to_a.port(), 1, 0); 2]);
     sender.send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
     assert_eq!(
@@ -324,9 +377,7 @@ fn a_destination_whose_segmented_send_is_refused_gets_one_datagram_per_send() {
     assert_eq!(texts_received(&a, 2), ["again", "again"]);
     // Once the time is up, a destination gets segmented sends again.
     let again = chat(&mut out, "again");
-    for _ in 0..2 {
-        out.queue_to_member(to_a, LocalId::ANY, again.clone(), 0, 0);
-    }
+    queue_copies_to_member(&mut out, 2, to_a, LocalId::ANY, &again, 0, 0);
     let long_ago = Instant::now() - UNSEGMENTED_FOR - Duration::from_secs(1);
     let mut unsegmented = Unsegmented::default();
     assert!(unsegmented.keep(to_a.ip(), long_ago));
@@ -370,8 +421,7 @@ fn a_refused_segmented_send_to_members_sharing_an_address_keeps_their_order() {
         vec![(to_x.port(), 2, frame); 3],
         "three segmented sends, in the order queued"
     );
-    let mut metrics = Metrics::default();
-    sender.send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
+    let metrics = send_now(&mut sender, &socket, &mut out, &mut locals);
     assert_eq!(sender.refused_calls, 1);
     assert_eq!(metrics.segmentation_refusals, 1);
     assert_eq!((metrics.datagrams_sent, metrics.deliveries), (6, 6));
@@ -388,17 +438,11 @@ fn a_refused_segmented_send_keeps_a_good_source() {
     };
     let a = peer();
     let mut locals = Locals::default();
-    let ours = locals.id(Some(crate::local::LocalAddr {
-        ip: std::net::IpAddr::from([127, 0, 0, 3]),
-        ifindex: 0,
-    }));
+    let ours = source(&mut locals, IpAddr::from([127, 0, 0, 3]));
     let mut out = Outbox::default();
     let msg = chat(&mut out, "same");
-    for _ in 0..3 {
-        out.queue_to_member(a.local_addr().unwrap(), ours, msg.clone(), 0, 0);
-    }
-    let mut metrics = Metrics::default();
-    segmenting_sender().send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
+    queue_copies_to_member(&mut out, 3, a.local_addr().unwrap(), ours, &msg, 0, 0);
+    let metrics = send_now(&mut segmenting_sender(), &socket, &mut out, &mut locals);
     assert!(locals.get(ours).is_some(), "the source is kept");
     assert_eq!(metrics.segmentation_refusals, 1);
     assert_eq!(metrics.datagrams_sent, 3);
@@ -424,13 +468,10 @@ fn a_source_retired_between_a_refusal_and_its_retry_blames_no_one() {
     let mut out = Outbox::default();
     let msg = chat(&mut out, "same");
     for (member, to) in [(0, &a), (1, &b)] {
-        for _ in 0..3 {
-            out.queue_to_member(to.local_addr().unwrap(), gone, msg.clone(), member, 0);
-        }
+        queue_copies_to_member(&mut out, 3, to.local_addr().unwrap(), gone, &msg, member, 0);
     }
-    let mut metrics = Metrics::default();
     let mut sender = segmenting_sender();
-    sender.send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
+    let metrics = send_now(&mut sender, &socket, &mut out, &mut locals);
     assert_eq!(sender.refused_calls, 2);
     assert_eq!(locals.get(gone), None);
     assert_eq!(metrics.segmentation_refusals, 0);
@@ -466,18 +507,14 @@ fn a_segmented_send_from_an_ipv6_source_gone_blames_the_source() {
     a.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .unwrap();
     let mut locals = Locals::default();
-    let gone = locals.id(Some(crate::local::LocalAddr {
-        ip: "2001:db8::77".parse().unwrap(),
-        ifindex: 0,
-    }));
+    let gone = source(&mut locals, "2001:db8::77".parse().unwrap());
     let mut out = Outbox::default();
     let (same, short) = (chat(&mut out, "same"), chat(&mut out, "x"));
     for msg in [&same, &same, &short, &same, &same] {
         out.queue_to_member(a.local_addr().unwrap(), gone, msg.clone(), 0, 0);
     }
-    let mut metrics = Metrics::default();
     let mut sender = segmenting_sender();
-    sender.send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
+    let metrics = send_now(&mut sender, &socket, &mut out, &mut locals);
     assert_eq!(locals.get(gone), None, "the source is retired");
     assert_eq!(metrics.segmentation_refusals, 0);
     assert!(sender.unsegmented.until.is_empty(), "::1 is not kept");
@@ -502,12 +539,9 @@ fn a_segmented_send_from_a_source_gone_keeps_its_segments() {
     let gone = gone_source(&mut locals);
     let mut out = Outbox::default();
     let msg = chat(&mut out, "same");
-    for _ in 0..3 {
-        out.queue_to_member(a.local_addr().unwrap(), gone, msg.clone(), 0, 0);
-    }
-    let mut metrics = Metrics::default();
+    queue_copies_to_member(&mut out, 3, a.local_addr().unwrap(), gone, &msg, 0, 0);
     let mut sender = segmenting_sender();
-    sender.send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
+    let metrics = send_now(&mut sender, &socket, &mut out, &mut locals);
     assert_eq!(locals.get(gone), None);
     assert_eq!(metrics.segmentation_refusals, 0);
     assert!(sender.unsegmented.until.is_empty());
@@ -534,15 +568,8 @@ fn a_segmented_send_refused_for_its_destination_leaves_segmenting_on() {
         out.queue_to_member(addr(0), LocalId::ANY, msg.clone(), 0, 0);
         out.queue_to_member(a.local_addr().unwrap(), LocalId::ANY, msg.clone(), 1, 0);
     }
-    let mut metrics = Metrics::default();
     let mut sender = segmenting_sender();
-    sender.send_all(
-        &socket,
-        &mut out,
-        &mut Locals::default(),
-        &mut metrics,
-        Instant::now(),
-    );
+    let metrics = send_now(&mut sender, &socket, &mut out, &mut Locals::default());
     assert!(sender.unsegmented.until.is_empty());
     assert_eq!(metrics.segmentation_refusals, 0);
     assert_eq!(metrics.send_errors.get("other"), Some(&3));
@@ -556,14 +583,7 @@ fn a_segmented_send_refused_for_its_destination_leaves_segmenting_on() {
 /// send of two.
 #[test]
 fn what_did_not_leave_is_counted_in_datagrams() {
-    let planned = |bytes, messages| Planned {
-        to: addr(1),
-        from: LocalId::ANY,
-        bytes,
-        messages,
-        last_word: false,
-        sealed: false,
-    };
+    let planned = |bytes, messages| planned_to_port_1(bytes, messages, false);
     let plan = [
         planned(Bytes::Outbox(0..1), 1),
         planned(Bytes::Segments(0), 3),
@@ -597,23 +617,19 @@ fn what_did_not_leave_is_counted_in_datagrams() {
 fn deliveries_count_the_datagrams_that_left_not_a_prefix_of_the_plan() {
     // A destination the kernel refuses on its own (port 0: EINVAL) sits between a plain
     // datagram and a batch of three; the batch still leaves after the refusal.
-    let socket = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let socket = loopback_socket();
     let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let to = peer.local_addr().unwrap();
     let mut out = Outbox::default();
     let one = chat(&mut out, "one");
     out.queue(to, LocalId::ANY, one.clone());
     out.queue(addr(0), LocalId::ANY, one.clone());
-    for _ in 0..3 {
-        out.queue_to_member(to, LocalId::ANY, one.clone(), 5, 4096);
-    }
-    let mut metrics = Metrics::default();
-    Sender::new(65507).send_all(
+    queue_copies_to_member(&mut out, 3, to, LocalId::ANY, &one, 5, 4096);
+    let metrics = send_now(
+        &mut Sender::new(65507),
         &socket,
         &mut out,
         &mut Locals::default(),
-        &mut metrics,
-        Instant::now(),
     );
     assert_eq!(metrics.datagrams_sent, 2);
     assert_eq!(metrics.send_errors.get("other"), Some(&1));
@@ -639,7 +655,7 @@ fn segmenting(sender: &mut Sender, out: &Outbox) -> Vec<(u16, usize, u16)> {
 fn a_last_word_leaves_alone_after_what_was_packed_for_its_member() {
     let mut out = Outbox::default();
     let hi = chat(&mut out, "hi");
-    let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
+    let closed = room_closed(&mut out);
     for _ in 0..2 {
         out.queue_to_member(addr(1), LocalId::ANY, hi.clone(), 1, 4096);
         out.queue_to_member(addr(2), LocalId::ANY, closed.clone(), 2, 0);
@@ -659,14 +675,7 @@ fn a_last_word_leaves_alone_after_what_was_packed_for_its_member() {
 /// chat around them is, and so is a last word refused for itself.
 #[test]
 fn last_words_with_no_room_are_not_counted_as_dropped() {
-    let planned = |last_word| Planned {
-        to: addr(1),
-        from: LocalId::ANY,
-        bytes: Bytes::Outbox(0..1),
-        messages: 1,
-        last_word,
-        sealed: false,
-    };
+    let planned = |last_word| planned_to_port_1(Bytes::Outbox(0..1), 1, last_word);
     // 0 left; 1, a last word, was refused for itself; 2, a last word, found no memory;
     // the buffer was full from 3 on: a chat and a last word.
     let plan = [
@@ -696,6 +705,13 @@ fn no_memory_for_room_closed(bytes: &[u8]) -> Option<i32> {
     (bytes == delivery::ROOM_CLOSED).then_some(libc::ENOBUFS)
 }
 
+/// `sender`, sending through a stand-in for the kernel with no memory for `__ROOM_CLOSED__`
+/// ([`no_memory_for_room_closed`]).
+fn with_no_memory_for_room_closed(mut sender: Sender) -> Sender {
+    sender.scratch.refusing = Some(no_memory_for_room_closed);
+    sender
+}
+
 /// The raw datagrams `peer` receives next, `count` of them.
 fn received(peer: &std::net::UdpSocket, count: usize) -> Vec<Vec<u8>> {
     let mut buf = [0u8; 2048];
@@ -723,11 +739,11 @@ fn got_nothing(peer: &std::net::UdpSocket) -> bool {
 /// reach it in order.
 #[test]
 fn a_last_word_refused_for_memory_is_not_overtaken_within_its_send() {
-    let socket = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let socket = loopback_socket();
     let (x, y) = (peer(), peer());
     let (to_x, to_y) = (x.local_addr().unwrap(), y.local_addr().unwrap());
     let mut out = Outbox::default();
-    let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
+    let closed = room_closed(&mut out);
     let newer = chat(&mut out, "newer");
     // x is member 1 of a room closing, and member 3 of another.
     out.queue_last_word(to_x, LocalId::ANY, closed.clone(), 1);
@@ -735,8 +751,7 @@ fn a_last_word_refused_for_memory_is_not_overtaken_within_its_send() {
     out.queue_to_member(to_x, LocalId::ANY, newer.clone(), 3, 0);
     out.queue_last_word(to_x, LocalId::ANY, closed, 3);
     out.queue_to_member(to_y, LocalId::ANY, newer, 2, 0);
-    let mut sender = Sender::new(65507);
-    sender.scratch.refusing = Some(no_memory_for_room_closed);
+    let mut sender = with_no_memory_for_room_closed(Sender::new(65507));
     let (mut locals, mut metrics) = (Locals::default(), Metrics::default());
     let now = Instant::now();
     sender.send_all(&socket, &mut out, &mut locals, &mut metrics, now);
@@ -761,7 +776,7 @@ fn a_last_word_refused_for_memory_is_not_overtaken_within_its_send() {
 /// (untried), while one to another address leaves.
 #[test]
 fn a_held_word_refused_again_for_memory_is_not_overtaken_by_one_held_behind_it() {
-    let socket = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let socket = loopback_socket();
     let (x, y) = (peer(), peer());
     let (to_x, to_y) = (x.local_addr().unwrap(), y.local_addr().unwrap());
     let mut out = Outbox::default();
@@ -806,17 +821,13 @@ fn a_last_word_refused_for_memory_before_a_refused_segmented_send_is_not_overtak
     let (x, y) = (peer(), peer());
     let (to_x, to_y) = (x.local_addr().unwrap(), y.local_addr().unwrap());
     let mut out = Outbox::default();
-    let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
+    let closed = room_closed(&mut out);
     let newer = chat(&mut out, "newer");
     out.queue_last_word(to_x, LocalId::ANY, closed, 1);
-    for _ in 0..2 {
-        out.queue_to_member(to_y, LocalId::ANY, newer.clone(), 2, 0);
-    }
+    queue_copies_to_member(&mut out, 2, to_y, LocalId::ANY, &newer, 2, 0);
     out.queue_to_member(to_x, LocalId::ANY, newer, 3, 0);
-    let mut sender = segmenting_sender();
-    sender.scratch.refusing = Some(no_memory_for_room_closed);
-    let (mut locals, mut metrics) = (Locals::default(), Metrics::default());
-    sender.send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
+    let mut sender = with_no_memory_for_room_closed(segmenting_sender());
+    let metrics = send_now(&mut sender, &socket, &mut out, &mut Locals::default());
     assert_eq!(sender.refused_calls, 1, "y's segmented send was refused");
     assert_eq!(texts_received(&y, 2), ["newer", "newer"]);
     assert!(got_nothing(&x), "the chat to x overtook its held close");
@@ -829,14 +840,13 @@ fn a_last_word_refused_for_memory_before_a_refused_segmented_send_is_not_overtak
 /// just before, it is tried again. What goes to its address then flows.
 #[test]
 fn a_word_held_for_the_age_limit_is_let_go_and_counted() {
-    let socket = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let socket = loopback_socket();
     let x = peer();
     let to_x = x.local_addr().unwrap();
     let mut out = Outbox::default();
-    let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
+    let closed = room_closed(&mut out);
     out.queue_last_word(to_x, LocalId::ANY, closed, 1);
-    let mut sender = Sender::new(65507);
-    sender.scratch.refusing = Some(no_memory_for_room_closed);
+    let mut sender = with_no_memory_for_room_closed(Sender::new(65507));
     let (mut locals, mut metrics) = (Locals::default(), Metrics::default());
     let t0 = Instant::now();
     sender.send_all(&socket, &mut out, &mut locals, &mut metrics, t0);
@@ -872,14 +882,7 @@ fn a_word_held_for_the_age_limit_is_let_go_and_counted() {
 /// `would_block`, a last word not at all (it is held); what left around it is sent.
 #[test]
 fn what_was_held_back_is_counted_as_would_block_but_last_words() {
-    let planned = |last_word| Planned {
-        to: addr(1),
-        from: LocalId::ANY,
-        bytes: Bytes::Outbox(0..1),
-        messages: 1,
-        last_word,
-        sealed: false,
-    };
+    let planned = |last_word| planned_to_port_1(Bytes::Outbox(0..1), 1, last_word);
     // 0, a last word, found no memory; 1 (chat) and 2 (a last word) were held back behind
     // it; 3, to another address, left.
     let plan = [planned(true), planned(false), planned(true), planned(false)];
@@ -910,7 +913,7 @@ proptest::proptest! {
             2,
         )
     ) {
-        let socket = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let socket = loopback_socket();
         let peers = [peer(), peer(), peer()];
         let to: Vec<SocketAddr> = peers.iter().map(|p| p.local_addr().unwrap()).collect();
         let mut sender = Sender::new(65507);
@@ -1005,10 +1008,7 @@ fn a_members_equal_datagrams_go_as_one_segmented_send_up_to_a_shorter_one() {
     let parts = sender.gather(&out, &Locals::default(), 0);
     let mut to_one: Vec<Vec<u8>> = Vec::new();
     for datagram in sender.datagrams.iter().filter(|d| d.to.port() == 1) {
-        let bytes: Vec<u8> = parts[datagram.runs.clone()]
-            .iter()
-            .flat_map(|run| run.to_vec())
-            .collect();
+        let bytes = datagram_bytes(&parts, &datagram.runs);
         match usize::from(datagram.segment) {
             0 => to_one.push(bytes),
             size => to_one.extend(bytes.chunks(size).map(<[u8]>::to_vec)),
@@ -1030,9 +1030,7 @@ fn segmented_sends_keep_to_the_kernels_limits_and_leave_batches_alone() {
     let counts = |text_len: usize, count: usize, limit: u16| {
         let mut out = Outbox::default();
         let msg = chat(&mut out, &"x".repeat(text_len));
-        for _ in 0..count {
-            out.queue_to_member(addr(1), LocalId::ANY, msg.clone(), 7, limit);
-        }
+        queue_copies_to_member(&mut out, count, addr(1), LocalId::ANY, &msg, 7, limit);
         segmenting(&mut segmenting_sender(), &out)
             .into_iter()
             .map(|(_, n, segment)| (n, segment))
@@ -1053,9 +1051,7 @@ fn segmented_sends_keep_to_the_kernels_limits_and_leave_batches_alone() {
 fn packing(message_len: usize, count: usize, limit: u16, cap: usize) -> (Vec<usize>, usize) {
     let mut out = Outbox::default();
     let msg = chat(&mut out, &"x".repeat(message_len));
-    for _ in 0..count {
-        out.queue_to_member(addr(1), LocalId::ANY, msg.clone(), 7, limit);
-    }
+    queue_copies_to_member(&mut out, count, addr(1), LocalId::ANY, &msg, 7, limit);
     let datagrams = planned(&mut Sender::new(cap), &out);
     let counts = datagrams.iter().map(|(_, _, n)| *n).collect();
     let largest = datagrams.iter().map(|(_, b, _)| b.len()).max().unwrap_or(0);
@@ -1149,7 +1145,7 @@ fn a_batch_of_scattered_entries_stops_at_the_kernels_limit_on_runs() {
 
 #[test]
 fn buffer_sizes_asked_for_are_granted_and_zero_leaves_them_as_they_are() {
-    let socket = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let socket = loopback_socket();
     let fd = socket.as_raw_fd();
     let read = |opt| sockopt::get_int(fd, libc::SOL_SOCKET, opt).unwrap() as usize;
     let defaults = (read(libc::SO_RCVBUF), read(libc::SO_SNDBUF));
@@ -1186,9 +1182,7 @@ fn an_ipv6_socket_sends_to_ipv4_peers_at_their_ipv4_mapped_addresses() {
 fn a_reloaded_cap_on_batches_applies_from_the_next_pass() {
     let mut out = Outbox::default();
     let msg = chat(&mut out, &"x".repeat(1500));
-    for _ in 0..5 {
-        out.queue_to_member(addr(1), LocalId::ANY, msg.clone(), 7, 65507);
-    }
+    queue_copies_to_member(&mut out, 5, addr(1), LocalId::ANY, &msg, 7, 65507);
     let mut sender = Sender::new(65507);
     let counts = |sender: &mut Sender| -> Vec<usize> {
         planned(sender, &out).into_iter().map(|(.., n)| n).collect()
@@ -1314,21 +1308,20 @@ fn batches_never_exceed_the_members_limit_nor_the_daemons() {
 /// dropped; once the kernel has room, both reach it, counted as sent and as deliveries.
 #[test]
 fn a_last_word_queued_behind_one_still_held_is_held_after_it() {
-    let socket = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let socket = loopback_socket();
     let (x, y) = (peer(), peer());
     let (to_x, to_y) = (x.local_addr().unwrap(), y.local_addr().unwrap());
     let mut out = Outbox::default();
-    let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
+    let closed = room_closed(&mut out);
     out.queue_last_word(to_x, LocalId::ANY, closed, 1);
-    let mut sender = Sender::new(65507);
-    sender.scratch.refusing = Some(no_memory_for_room_closed);
+    let mut sender = with_no_memory_for_room_closed(Sender::new(65507));
     let (mut locals, mut metrics) = (Locals::default(), Metrics::default());
     let now = Instant::now();
     sender.send_all(&socket, &mut out, &mut locals, &mut metrics, now);
     assert_eq!(metrics.last_words_held, 1);
 
     // x's other room closes too, while the first word is still held.
-    let closed = out.payload(|b| b.extend_from_slice(delivery::ROOM_CLOSED));
+    let closed = room_closed(&mut out);
     let newer = chat(&mut out, "newer");
     out.queue_last_word(to_x, LocalId::ANY, closed, 3);
     out.queue_to_member(to_y, LocalId::ANY, newer, 2, 0);
@@ -1361,13 +1354,11 @@ fn a_refused_segmented_send_whose_retry_finds_no_room_blames_no_one() {
     // The stand-in finds the buffer full for these, one apiece (first byte 3); it does
     // not look at a segmented send, which the socket refuses.
     let full = out.payload(|b| b.extend_from_slice(&[3, 0, 1]));
-    for _ in 0..3 {
-        out.queue_to_member(a.local_addr().unwrap(), LocalId::ANY, full.clone(), 0, 0);
-    }
+    let to_a = a.local_addr().unwrap();
+    queue_copies_to_member(&mut out, 3, to_a, LocalId::ANY, &full, 0, 0);
     let mut sender = segmenting_sender();
     sender.scratch.refusing = Some(mmsg::by_first_byte);
-    let (mut locals, mut metrics) = (Locals::default(), Metrics::default());
-    sender.send_all(&socket, &mut out, &mut locals, &mut metrics, Instant::now());
+    let metrics = send_now(&mut sender, &socket, &mut out, &mut Locals::default());
     assert_eq!(sender.refused_calls, 1);
     assert_eq!(metrics.segmentation_refusals, 0);
     assert!(sender.unsegmented.until.is_empty());
@@ -1455,10 +1446,7 @@ mod planned_against_push_batch_entry {
                 let (to, runs) = (&datagram.to, &datagram.runs);
                 assert_eq!(to, to2);
                 assert!(runs.len() <= mmsg::MAX_PARTS);
-                let bytes: Vec<u8> = parts[runs.clone()]
-                    .iter()
-                    .flat_map(|r| r.iter().copied())
-                    .collect();
+                let bytes = datagram_bytes(&parts, runs);
                 let member = ((to.port() - 100) / 2) as u32;
                 let frames: Vec<Vec<u8>> = if datagram.segment > 0 {
                     let size = usize::from(datagram.segment);
@@ -1565,10 +1553,7 @@ mod planned_against_push_batch_entry {
             // Every datagram's frames, with the datagram they left in.
             let mut sent: Vec<(u16, Vec<u8>, usize)> = Vec::new();
             for (d, (datagram, planned)) in sender.datagrams.iter().zip(&sender.plan).enumerate() {
-                let bytes: Vec<u8> = parts[datagram.runs.clone()]
-                    .iter()
-                    .flat_map(|r| r.iter().copied())
-                    .collect();
+                let bytes = datagram_bytes(&parts, &datagram.runs);
                 let frames: Vec<Vec<u8>> = if datagram.segment > 0 {
                     segmented_sends += 1;
                     let size = usize::from(datagram.segment);
