@@ -45,6 +45,16 @@ fn installed(program: &str) -> bool {
 /// `dev:ino` of the pipe it gives the daemon as standard error, as systemd does.
 const JOURNALD: &str = "journald";
 
+/// `ocmd`'s flags for listeners on free loopback ports, and no metrics listener.
+const LOOPBACK_LISTENERS: [&str; 6] = [
+    "--tcp",
+    "127.0.0.1:0",
+    "--udp",
+    "127.0.0.1:0",
+    "--metrics",
+    "off",
+];
+
 /// A pipe for a child's standard error, and the `dev:ino` of its writing end (what systemd
 /// puts in `JOURNAL_STREAM` for its own stream).
 fn stderr_pipe() -> (std::io::PipeReader, std::io::PipeWriter, String) {
@@ -128,10 +138,36 @@ fn text(bytes: &[u8]) -> String {
 }
 
 /// `ocmd ARGS...` to completion (for `--check-config`).
-fn ocmd(args: &[&std::ffi::OsStr]) -> Output {
+fn ocmd(args: &[impl AsRef<std::ffi::OsStr>]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocmd"));
     cmd.args(args).env_remove("NOTIFY_SOCKET");
     run_with_deadline(cmd)
+}
+
+/// `ocmd --check-config --config PATH` to completion.
+fn check_config_file(path: &Path) -> Output {
+    ocmd(&[
+        "--check-config".as_ref(),
+        "--config".as_ref(),
+        path.as_os_str(),
+    ])
+}
+
+/// `ocmd --check-config --state PATH` to completion.
+fn check_config_state(path: &Path) -> Output {
+    ocmd(&[
+        "--check-config".as_ref(),
+        "--state".as_ref(),
+        path.as_os_str(),
+    ])
+}
+
+/// Asserts that the command behind `out` exited with `code`; returns its standard error.
+#[track_caller]
+fn assert_exit_code(out: &Output, code: i32) -> String {
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{err}");
+    err
 }
 
 /// The systemd side of the notify protocol: a datagram socket the daemon writes to.
@@ -161,6 +197,11 @@ impl NotifyListener {
             "NOTIFY_SOCKET".into(),
             self.path.to_str().expect("utf-8 path").to_owned(),
         )
+    }
+
+    /// [`NotifyListener::env`] and `WATCHDOG_USEC` set to `usec` (0: no watchdog).
+    fn env_with_watchdog_usec(&self, usec: &str) -> Vec<(String, String)> {
+        vec![self.env(), ("WATCHDOG_USEC".into(), usec.into())]
     }
 
     /// The next notification, within `wait`. Only the timeout ends the wait empty-handed: any
@@ -221,6 +262,14 @@ impl NotifyListener {
     }
 }
 
+/// Starts a daemon that notifies `sd`, with `WATCHDOG_USEC` set to `watchdog_usec`.
+fn start_notifying(sd: &NotifyListener, watchdog_usec: &str) -> Daemon {
+    Daemon::start_with(Options {
+        env: sd.env_with_watchdog_usec(watchdog_usec),
+        ..Options::default()
+    })
+}
+
 fn monotonic_usec() -> u128 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -229,6 +278,46 @@ fn monotonic_usec() -> u128 {
     // SAFETY: clock_gettime writes into the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     (ts.tv_sec as u128) * 1_000_000 + (ts.tv_nsec as u128) / 1000
+}
+
+/// The lines `child` writes to its standard error (piped), as they come.
+fn stderr_lines(child: &mut Child) -> Receiver<String> {
+    let (tx, lines) = mpsc::channel();
+    let stderr = child.stderr.take().expect("piped standard error");
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    lines
+}
+
+/// One request (`name` its payload) on a connection of its own to `tcp`.
+fn request_at(tcp: SocketAddr, op: Operation, room: &str, name: &str) -> Reply {
+    let mut s = TcpStream::connect(tcp).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    exchange(
+        &mut s,
+        &request_bytes(op, room, format!("\"{name}\"").as_bytes()),
+    )
+}
+
+/// The first line of `log` that contains `needle` (fails, showing the log, when none does).
+#[track_caller]
+fn line_with<'a>(log: &'a str, needle: &str) -> &'a str {
+    log.lines()
+        .find(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no line with {needle:?} in:\n{log}"))
+}
+
+/// Starts `ocmd` in `dir` with `options` expecting it to refuse; returns what it logged.
+#[track_caller]
+fn refused_start(dir: Arc<tempfile::TempDir>, options: Options) -> String {
+    let place = dir.path().display().to_string();
+    match Daemon::spawn(dir, options) {
+        Ok(_) => panic!("ocmd started in {place}, where it must refuse to"),
+        Err(log) => log,
+    }
 }
 
 /// One raw HTTP exchange; returns the status line and the body.
@@ -245,6 +334,11 @@ fn http(addr: SocketAddr, request: &str) -> (String, String) {
     )
 }
 
+/// `/readyz` asked in HTTP/1.0; the status line and the body.
+fn readyz_over_http_1_0(addr: SocketAddr) -> (String, String) {
+    http(addr, "GET /readyz HTTP/1.0\r\n\r\n")
+}
+
 /// Samples of a Prometheus text body: `name{labels}` → value.
 fn samples(body: &str) -> BTreeMap<String, f64> {
     body.lines()
@@ -258,6 +352,31 @@ fn samples(body: &str) -> BTreeMap<String, f64> {
 
 fn sample(samples: &BTreeMap<String, f64>, name: &str) -> f64 {
     samples.get(name).copied().unwrap_or(0.0)
+}
+
+/// The sum of the samples whose names start with `prefix` (a family's, over its labels).
+fn sum_of(samples: &BTreeMap<String, f64>, prefix: &str) -> f64 {
+    samples
+        .iter()
+        .filter(|(name, _)| name.starts_with(prefix))
+        .map(|(_, value)| value)
+        .sum()
+}
+
+/// Options for a daemon with its `/metrics` listener on.
+fn metrics_on() -> Options {
+    Options {
+        metrics: true,
+        ..Options::default()
+    }
+}
+
+/// Options for a daemon started with `toml` as its config file.
+fn configured(toml: &str) -> Options {
+    Options {
+        config: Some(toml.into()),
+        ..Options::default()
+    }
 }
 
 /// Rewrites the daemon's config file (`Options::config` puts it at `dir/ocmd.toml`).
@@ -281,12 +400,11 @@ fn chat_flows(alice: &Member, bob: &Member, what: &str) {
 fn notify_ready_status_reloading_and_stopping() {
     let mut sd = NotifyListener::bind();
     let mut d = Daemon::start_with(Options {
-        // A config file, so that SIGHUP has something to reload.
-        config: Some("[log]\nlevel = \"debug\"\n".into()),
         // 0: no watchdog (also guards against a WATCHDOG_USEC inherited from the test's own
         // environment).
-        env: vec![sd.env(), ("WATCHDOG_USEC".into(), "0".into())],
-        ..Options::default()
+        env: sd.env_with_watchdog_usec("0"),
+        // A config file, so that SIGHUP has something to reload.
+        ..configured("[log]\nlevel = \"debug\"\n")
     });
     // Start-up: READY=1 is the first notification, and it is sent only after the listening
     // line (Daemon::start_with returned once that line was logged); the daemon serves then.
@@ -338,10 +456,7 @@ fn notify_watchdog_pings_at_half_the_interval() {
     let mut sd = NotifyListener::bind();
     // 200 ms asked: a ping every 100 ms. WATCHDOG_PID is left unset: the child's pid is not
     // known before it is spawned, and an unset WATCHDOG_PID means "you".
-    let d = Daemon::start_with(Options {
-        env: vec![sd.env(), ("WATCHDOG_USEC".into(), "200000".into())],
-        ..Options::default()
-    });
+    let d = start_notifying(&sd, "200000");
     sd.wait_for(PATIENCE, |m| m == "WATCHDOG=1");
     let (start, cpu_before) = (Instant::now(), cpu_time(d.pid()));
     for _ in 0..5 {
@@ -368,10 +483,7 @@ fn notify_watchdog_pings_at_half_the_interval() {
 fn notify_watchdog_pings_no_more_often_under_traffic() {
     let mut sd = NotifyListener::bind();
     // 2 s asked: a ping every second.
-    let d = Daemon::start_with(Options {
-        env: vec![sd.env(), ("WATCHDOG_USEC".into(), "2000000".into())],
-        ..Options::default()
-    });
+    let d = start_notifying(&sd, "2000000");
     sd.wait_for(PATIENCE, |m| m == "WATCHDOG=1");
     let window = Duration::from_millis(1500);
     let udp = d.udp;
@@ -441,10 +553,9 @@ fn a_notify_socket_nobody_reads_does_not_stall_the_loop() {
     // Bound, never read: its queue (net.unix.max_dgram_qlen datagrams) fills with pings.
     let sd = NotifyListener::bind();
     let d = Daemon::start_with(Options {
-        metrics: true,
         // A ping every 100 µs fills even a 512-datagram queue within a tenth of a second.
-        env: vec![sd.env(), ("WATCHDOG_USEC".into(), "200".into())],
-        ..Options::default()
+        env: sd.env_with_watchdog_usec("200"),
+        ..metrics_on()
     });
     let addr = d.metrics.expect("metrics on");
     let start = Instant::now();
@@ -480,10 +591,7 @@ fn a_notify_socket_nobody_reads_does_not_stall_the_loop() {
 fn a_ready_the_full_queue_refused_reaches_the_manager_once_there_is_room() {
     let mut sd = NotifyListener::bind();
     sd.fill();
-    let d = Daemon::start_with(Options {
-        env: vec![sd.env(), ("WATCHDOG_USEC".into(), "0".into())],
-        ..Options::default()
-    });
+    let d = start_notifying(&sd, "0");
     d.wait_for_log("notification queue is full: holding \"READY=1\"");
     // The manager reads its queue (other services' messages first): READY=1 comes next.
     let first = sd.wait_for(PATIENCE, |m| m != "OTHER=1");
@@ -514,10 +622,7 @@ fn a_ready_whose_wait_for_room_a_stop_interrupts_still_reaches_the_manager() {
     for _attempt in 0..3 {
         let mut sd = NotifyListener::bind();
         sd.fill();
-        let d = Daemon::start_with(Options {
-            env: vec![sd.env(), ("WATCHDOG_USEC".into(), "0".into())],
-            ..Options::default()
-        });
+        let d = start_notifying(&sd, "0");
         // `listening ...` (which start_with waits for) is logged just before READY=1 is sent.
         let syscall = format!("/proc/{}/syscall", d.pid());
         let in_sendto = || {
@@ -567,10 +672,7 @@ fn metrics_count_traffic_exactly() {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs_f64();
-    let d = Daemon::start_with(Options {
-        metrics: true,
-        ..Options::default()
-    });
+    let d = Daemon::start_with(metrics_on());
     let host_token = create(&d, "m", "alice");
     let bob_token = join(&d, "m", "bob");
     let r = request(&d, Operation::JoinRoom, "nowhere", b"\"carol\"");
@@ -630,17 +732,9 @@ fn metrics_count_traffic_exactly() {
         assert_eq!(sample(&m, name), value, "{name}\n{body}");
     }
     // Nothing else was dropped or refused.
-    let dropped: f64 = m
-        .iter()
-        .filter(|(k, _)| k.starts_with("ocm_datagrams_dropped_total"))
-        .map(|(_, v)| v)
-        .sum();
+    let dropped = sum_of(&m, "ocm_datagrams_dropped_total");
     assert_eq!(dropped, 1.0, "{body}");
-    let handshakes: f64 = m
-        .iter()
-        .filter(|(k, _)| k.starts_with("ocm_handshakes_total"))
-        .map(|(_, v)| v)
-        .sum();
+    let handshakes = sum_of(&m, "ocm_handshakes_total");
     assert_eq!(handshakes, 3.0, "{body}");
     // The create and join were acknowledged only once durable, so writes happened.
     assert!(sample(&m, "ocm_state_writes_total") >= 1.0, "{body}");
@@ -723,10 +817,7 @@ fn metrics_count_traffic_exactly() {
 /// or not anything has been written to the journal since.
 #[test]
 fn the_fold_at_start_shows_in_the_metrics_before_any_traffic() {
-    let mut d = Daemon::start_with(Options {
-        metrics: true,
-        ..Options::default()
-    });
+    let mut d = Daemon::start_with(metrics_on());
     create(&d, "lobby", "alice");
     // A kill leaves the create in the journal, so the next start folds it.
     d.kill9();
@@ -751,10 +842,7 @@ fn the_fold_at_start_shows_in_the_metrics_before_any_traffic() {
 /// the answer before the client reads it.
 #[test]
 fn an_answer_to_an_oversized_request_is_not_cut_by_a_reset() {
-    let d = Daemon::start_with(Options {
-        metrics: true,
-        ..Options::default()
-    });
+    let d = Daemon::start_with(metrics_on());
     let addr = d.metrics.expect("metrics on");
     for _ in 0..5 {
         let mut s = TcpStream::connect(addr).expect("connect metrics");
@@ -795,10 +883,7 @@ fn an_answer_to_an_oversized_request_is_not_cut_by_a_reset() {
 
 #[test]
 fn healthz_and_unknown_paths() {
-    let d = Daemon::start_with(Options {
-        metrics: true,
-        ..Options::default()
-    });
+    let d = Daemon::start_with(metrics_on());
     let addr = d.metrics.expect("metrics on");
     assert_eq!(d.http_get("/healthz"), "ok\n");
     let (status, body) = http(addr, "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n");
@@ -845,10 +930,7 @@ fn healthz_and_unknown_paths() {
 /// only a longer one gets 431. (Here a scraper's long header brings it to 8,000 bytes.)
 #[test]
 fn a_metrics_request_head_just_under_8_kib_is_answered() {
-    let d = Daemon::start_with(Options {
-        metrics: true,
-        ..Options::default()
-    });
+    let d = Daemon::start_with(metrics_on());
     let addr = d.metrics.expect("metrics on");
     let start = "GET /healthz HTTP/1.1\r\nX-Pad: ";
     let end = "\r\n\r\n";
@@ -868,8 +950,7 @@ fn a_metrics_request_head_just_under_8_kib_is_answered() {
 fn a_metrics_request_head_with_bare_lf_line_ends_is_answered_at_once() {
     let d = Daemon::start_with(Options {
         metrics: true,
-        config: Some("[limits]\nhandshake_timeout_secs = 60\n".into()),
-        ..Options::default()
+        ..configured("[limits]\nhandshake_timeout_secs = 60\n")
     });
     let addr = d.metrics.expect("metrics on");
     let started = Instant::now();
@@ -903,8 +984,7 @@ fn a_metrics_request_head_with_bare_lf_line_ends_is_answered_at_once() {
 fn a_stalled_metrics_client_does_not_stall_relaying() {
     let d = Daemon::start_with(Options {
         metrics: true,
-        config: Some("[limits]\nhandshake_timeout_secs = 2\n".into()),
-        ..Options::default()
+        ..configured("[limits]\nhandshake_timeout_secs = 2\n")
     });
     let (alice, bob) = room_of_two(&d, "busy");
     // Half a request head, then silence.
@@ -935,8 +1015,7 @@ fn drop_log_lines_are_paced_and_zero_turns_them_off() {
     for rate in ["1.0", "0"] {
         let d = Daemon::start_with(Options {
             metrics: true,
-            config: Some(format!("[rate]\ndrop_logs_per_sec = {rate}\n")),
-            ..Options::default()
+            ..configured(&format!("[rate]\ndrop_logs_per_sec = {rate}\n"))
         });
         let from = UdpSocket::bind("127.0.0.1:0").unwrap();
         let started = Instant::now();
@@ -990,8 +1069,7 @@ fn chat_that_waited_past_max_chat_wait_ms_is_shed_and_counted() {
     for shed in [true, false] {
         let d = Daemon::start_with(Options {
             metrics: true,
-            config: Some(String::new()),
-            ..Options::default()
+            ..configured("")
         });
         // The room is set up without the limit: on a loaded machine its probes could wait
         // past it.
@@ -1044,6 +1122,17 @@ fn libfaketime() -> Option<PathBuf> {
         .find(|lib| lib.is_file())
 }
 
+/// libfaketime and a clock file for it that reads `+0`; `None` once it said the test skips.
+fn faketime_or_skip() -> Option<(PathBuf, tempfile::NamedTempFile)> {
+    let Some(lib) = libfaketime() else {
+        skipped("libfaketime is not installed (apt-get install faketime)");
+        return None;
+    };
+    let clock = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(clock.path(), "+0\n").unwrap();
+    Some((lib, clock))
+}
+
 /// The environment that runs a process under libfaketime (`lib`): its wall clock, not its
 /// monotonic one, reads the offset written in `clock` (e.g. `+3600`), at every reading.
 fn faketime_env(lib: &Path, clock: &Path) -> Vec<(String, String)> {
@@ -1066,17 +1155,13 @@ fn faketime_env(lib: &Path, clock: &Path) -> Vec<(String, String)> {
 /// the test is over long before.) Skips, saying so, without libfaketime.
 #[test]
 fn a_forward_step_of_the_wall_clock_sheds_no_fresh_chat() {
-    let Some(lib) = libfaketime() else {
-        skipped("libfaketime is not installed (apt-get install faketime)");
+    let Some((lib, clock)) = faketime_or_skip() else {
         return;
     };
-    let clock = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(clock.path(), "+0\n").unwrap();
     let d = Daemon::start_with(Options {
         metrics: true,
-        config: Some("[udp]\nmax_chat_wait_ms = 30000\n".into()),
         env: faketime_env(&lib, clock.path()),
-        ..Options::default()
+        ..configured("[udp]\nmax_chat_wait_ms = 30000\n")
     });
     // Chat before the step: the daemon has read both clocks.
     let (alice, bob) = room_of_two(&d, "r");
@@ -1106,19 +1191,17 @@ fn a_forward_step_of_the_wall_clock_sheds_no_fresh_chat() {
 /// Skips, saying so, without libfaketime.
 #[test]
 fn history_times_follow_a_step_of_the_wall_clock() {
-    let Some(lib) = libfaketime() else {
-        skipped("libfaketime is not installed (apt-get install faketime)");
+    let Some((lib, clock)) = faketime_or_skip() else {
         return;
     };
-    let clock = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(clock.path(), "+0\n").unwrap();
     // The STATUS notifications come from the same timer pass as the reading of the clock.
     let mut sd = NotifyListener::bind();
     let d = Daemon::start_with(Options {
-        env: [sd.env(), ("WATCHDOG_USEC".into(), "0".into())]
-            .into_iter()
-            .chain(faketime_env(&lib, clock.path()))
-            .collect(),
+        env: [
+            sd.env_with_watchdog_usec("0"),
+            faketime_env(&lib, clock.path()),
+        ]
+        .concat(),
         ..Options::default()
     });
     let (alice, bob) = room_of_two(&d, "r");
@@ -1175,8 +1258,7 @@ fn kernel_receive_buffer_drops_are_counted() {
     let d = Daemon::start_with(Options {
         metrics: true,
         // The smallest buffer the kernel grants: 2000 datagrams of 1000 bytes overflow it.
-        config: Some("[udp]\nrecv_buffer_bytes = 4096\n".into()),
-        ..Options::default()
+        ..configured("[udp]\nrecv_buffer_bytes = 4096\n")
     });
     flood_until_the_kernel_drop_counter_moves(&d);
     // The scrape that read the drops must not keep them out of the log: the periodic check
@@ -1192,10 +1274,9 @@ fn kernel_receive_buffer_drops_are_counted() {
 fn a_daemon_that_lost_no_datagram_never_warns_of_kernel_drops() {
     let mut sd = NotifyListener::bind();
     let d = Daemon::start_with(Options {
-        config: Some(String::new()),
-        env: vec![sd.env(), ("WATCHDOG_USEC".into(), "0".into())],
+        env: sd.env_with_watchdog_usec("0"),
         metrics: true,
-        ..Options::default()
+        ..configured("")
     });
     sd.wait_for(PATIENCE, |m| m.starts_with("STATUS="));
     // A later line: every line before it, the check's included, is in the log.
@@ -1210,10 +1291,7 @@ fn a_daemon_that_lost_no_datagram_never_warns_of_kernel_drops() {
 #[test]
 fn an_idle_daemon_does_not_spin() {
     // Checkpoints every second, so that the window below comes after one.
-    let d = Daemon::start_with(Options {
-        config: Some("[history]\ncheckpoint_secs = 1\n".into()),
-        ..Options::default()
-    });
+    let d = Daemon::start_with(configured("[history]\ncheckpoint_secs = 1\n"));
     let (alice, bob) = room_of_two(&d, "idle");
     chat_flows(&alice, &bob, "then silence");
     create(&d, "other", "carol");
@@ -1294,11 +1372,7 @@ fn kernel_drops_are_counted_under_proc_subset_pid() {
 #[test]
 fn check_config_accepts_the_shipped_file_and_prints_toml() {
     let shipped = repo_root().join("config/ocmd.toml");
-    let out = ocmd(&[
-        "--check-config".as_ref(),
-        "--config".as_ref(),
-        shipped.as_os_str(),
-    ]);
+    let out = check_config_file(&shipped);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("configuration OK"));
     let printed: ocm_server::Config =
@@ -1350,11 +1424,7 @@ fn bad_configs_name_the_key_and_the_file() {
     for (what, body, key) in cases {
         let path = dir.path().join(format!("{}.toml", what.replace(' ', "-")));
         std::fs::write(&path, body).unwrap();
-        let out = ocmd(&[
-            "--check-config".as_ref(),
-            "--config".as_ref(),
-            path.as_os_str(),
-        ]);
+        let out = check_config_file(&path);
         let err = text(&out.stderr);
         assert!(!out.status.success(), "{what}: accepted");
         assert_eq!(out.status.code(), Some(2), "{what}: {err}");
@@ -1367,23 +1437,14 @@ fn bad_configs_name_the_key_and_the_file() {
     }
     // A missing file is an error too, naming it.
     let missing = dir.path().join("missing.toml");
-    let out = ocmd(&[
-        "--check-config".as_ref(),
-        "--config".as_ref(),
-        missing.as_os_str(),
-    ]);
+    let out = check_config_file(&missing);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains(&missing.display().to_string()));
     // The daemon itself refuses to start on a bad file, before it listens.
-    let err = Daemon::spawn(
+    let err = refused_start(
         Arc::new(tempfile::tempdir().unwrap()),
-        Options {
-            config: Some("[limits]\nhandshake_timeout_secs = 0\n".into()),
-            ..Options::default()
-        },
-    )
-    .err()
-    .expect("ocmd refuses a bad config");
+        configured("[limits]\nhandshake_timeout_secs = 0\n"),
+    );
     assert!(err.contains("limits.handshake_timeout_secs"), "{err}");
 }
 
@@ -1415,9 +1476,8 @@ fn command_line_flags_override_the_file() {
 
     // The harness passes --tcp/--udp/--state/--metrics: the daemon starts, on loopback.
     let d = Daemon::start_with(Options {
-        config: Some(file.into()),
         metrics: true,
-        ..Options::default()
+        ..configured(file)
     });
     assert!(d.tcp.ip().is_loopback() && d.tcp.port() != 9, "{}", d.tcp);
     assert!(d.log().contains(&format!("listening tcp={}", d.tcp)));
@@ -1438,24 +1498,14 @@ fn a_listen_address_that_does_not_parse_says_why() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ocmd.toml");
     std::fs::write(&path, "[listen]\nudp = \"127.0.0.1:70000\"\n").unwrap();
-    let out = ocmd(&[
-        "--check-config".as_ref(),
-        "--config".as_ref(),
-        path.as_os_str(),
-    ]);
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let out = check_config_file(&path);
+    let err = assert_exit_code(&out, 2);
     assert!(
         err.contains("line 2") && err.contains("the port must be a number from 0 to 65535"),
         "{err}"
     );
-    let out = ocmd(&[
-        "--check-config".as_ref(),
-        "--tcp".as_ref(),
-        "localhost:9090".as_ref(),
-    ]);
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let out = ocmd(&["--check-config", "--tcp", "localhost:9090"]);
+    let err = assert_exit_code(&out, 2);
     assert!(err.contains("host names are not looked up"), "{err}");
 }
 
@@ -1470,13 +1520,8 @@ fn listeners_that_clash_are_a_config_error() {
         "[listen]\ntcp = \"0.0.0.0:9090\"\nmetrics = \"127.0.0.1:9090\"\n",
     )
     .unwrap();
-    let out = ocmd(&[
-        "--check-config".as_ref(),
-        "--config".as_ref(),
-        path.as_os_str(),
-    ]);
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let out = check_config_file(&path);
+    let err = assert_exit_code(&out, 2);
     for part in [
         "listen.tcp",
         "listen.metrics",
@@ -1510,11 +1555,11 @@ fn listeners_that_clash_are_a_config_error() {
     assert!(!state.exists(), "the refused start wrote state");
     // The UDP socket may share the port number: another protocol.
     let out = ocmd(&[
-        "--tcp".as_ref(),
-        "127.0.0.1:9090".as_ref(),
-        "--udp".as_ref(),
-        "127.0.0.1:9090".as_ref(),
-        "--check-config".as_ref(),
+        "--tcp",
+        "127.0.0.1:9090",
+        "--udp",
+        "127.0.0.1:9090",
+        "--check-config",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
@@ -1528,19 +1573,11 @@ fn reload_of_a_file_whose_listeners_clash_keeps_the_running_configuration() {
         "[listen]\ntcp = \"127.0.0.1:9093\"\nudp = \"127.0.0.1:0\"\nmetrics = \"[::]:9093\"\n",
     );
     d.signal(libc::SIGHUP);
-    wait_until("the reload is refused", || {
-        d.log
-            .lock()
-            .unwrap()
-            .contains("keeping the running configuration")
-    });
+    d.wait_for_log("keeping the running configuration");
     let r = d.request(Operation::CreateRoom, "still", "here");
     assert!(r.token.is_some(), "still serving");
     let log = d.stop();
-    let line = log
-        .lines()
-        .find(|l| l.contains("SIGHUP: config file"))
-        .unwrap_or_else(|| panic!("no reload error line:\n{log}"));
+    let line = line_with(&log, "SIGHUP: config file");
     assert!(
         line.contains("listen.tcp (127.0.0.1:9093) and listen.metrics ([::]:9093) clash"),
         "{line}"
@@ -1554,9 +1591,8 @@ fn reload_of_a_file_whose_listeners_clash_keeps_the_running_configuration() {
 #[test]
 fn reload_applies_rate_limits_without_dropping_anyone() {
     let d = Daemon::start_with(Options {
-        config: Some("[rate]\nrequests_per_sec = 0.0\n".into()),
         metrics: true,
-        ..Options::default()
+        ..configured("[rate]\nrequests_per_sec = 0.0\n")
     });
     let (alice, bob) = room_of_two(&d, "r");
     // Unlimited: a burst of joins from one IP all succeed.
@@ -1597,10 +1633,7 @@ fn reload_applies_rate_limits_without_dropping_anyone() {
 
 #[test]
 fn reload_of_a_setting_fixed_at_start_says_restart() {
-    let d = Daemon::start_with(Options {
-        config: Some(String::new()),
-        ..Options::default()
-    });
+    let d = Daemon::start_with(configured(""));
     let (alice, bob) = room_of_two(&d, "r");
     // A restart-only key that no flag overrides.
     rewrite_config(
@@ -1657,10 +1690,9 @@ fn a_kernel_that_segments_sends_is_not_said_to_lack_it() {
 /// raise, and one it grants is not.
 #[test]
 fn a_udp_buffer_the_kernel_caps_is_reported_at_start() {
-    let d = Daemon::start_with(Options {
-        config: Some("[udp]\nrecv_buffer_bytes = 536870912\nsend_buffer_bytes = 4096\n".into()),
-        ..Options::default()
-    });
+    let d = Daemon::start_with(configured(
+        "[udp]\nrecv_buffer_bytes = 536870912\nsend_buffer_bytes = 4096\n",
+    ));
     d.wait_for_log("listening");
     let log = d.log();
     assert!(
@@ -1676,10 +1708,7 @@ fn a_udp_buffer_the_kernel_caps_is_reported_at_start() {
 /// changing nothing in silence (the harness sets `RUST_LOG`).
 #[test]
 fn reload_of_the_log_level_under_rust_log_says_rust_log_wins() {
-    let d = Daemon::start_with(Options {
-        config: Some("[log]\nlevel = \"info\"\n".into()),
-        ..Options::default()
-    });
+    let d = Daemon::start_with(configured("[log]\nlevel = \"info\"\n"));
     rewrite_config(&d, "[log]\nlevel = \"warn\"\n");
     d.signal(libc::SIGHUP);
     d.wait_for_log("configuration reloaded");
@@ -1699,9 +1728,7 @@ fn reload_of_a_changed_listen_address_says_restart_until_it_is_the_running_one_a
     let d = RawDaemon::spawn_listening_from_file(listen);
     let moved = "[listen]\ntcp = \"127.0.0.1:1\"\nudp = \"127.0.0.1:0\"\nmetrics = \"off\"\n";
     let warnings = || {
-        d.log
-            .lock()
-            .unwrap()
+        d.log()
             .lines()
             .filter(|l| {
                 l.contains("WARN")
@@ -1731,10 +1758,9 @@ fn reload_of_a_changed_listen_address_says_restart_until_it_is_the_running_one_a
 /// reported as changing them.
 #[test]
 fn reload_of_an_unchanged_file_warns_about_nothing() {
-    let d = Daemon::start_with(Options {
-        config: Some("[state]\npath = \"room_manager.json\"\n[rate]\nchat_per_sec = 10.0\n".into()),
-        ..Options::default()
-    });
+    let d = Daemon::start_with(configured(
+        "[state]\npath = \"room_manager.json\"\n[rate]\nchat_per_sec = 10.0\n",
+    ));
     d.signal(libc::SIGHUP);
     d.wait_for_log("configuration reloaded");
     assert!(
@@ -1766,13 +1792,13 @@ fn reload_with_every_restart_only_setting_in_the_file_warns_only_about_what_chan
     let d = RawDaemon::spawn_all_from_file(&file("room_manager.json", "off"));
     d.signal(libc::SIGHUP);
     d.wait_for_reloads(1);
-    let log = d.log.lock().unwrap().clone();
+    let log = d.log();
     assert!(!log.contains("SIGHUP: listen."), "{log}");
     assert!(!log.contains("SIGHUP: state."), "{log}");
     d.rewrite_config(&file("moved.json", "127.0.0.1:0"));
     d.signal(libc::SIGHUP);
     d.wait_for_reloads(2);
-    let log = d.log.lock().unwrap().clone();
+    let log = d.log();
     for key in ["state.path", "listen.metrics"] {
         assert!(
             log.lines().any(|l| l.contains("WARN")
@@ -1795,9 +1821,8 @@ fn reload_with_every_restart_only_setting_in_the_file_warns_only_about_what_chan
 #[test]
 fn reload_of_a_broken_file_keeps_the_running_settings() {
     let d = Daemon::start_with(Options {
-        config: Some("[rate]\nrequests_per_sec = 1.0\nrequests_burst = 1.0\n".into()),
         metrics: true,
-        ..Options::default()
+        ..configured("[rate]\nrequests_per_sec = 1.0\nrequests_burst = 1.0\n")
     });
     let host = create(&d, "r", "alice");
     let alice = Member::joined(&d, "r", &host);
@@ -1822,10 +1847,7 @@ fn reload_of_a_broken_file_keeps_the_running_settings() {
     d.wait_for_log("keeping the running configuration");
     let log = d.log();
     let file = d.dir.path().join("ocmd.toml").display().to_string();
-    let line = log
-        .lines()
-        .find(|l| l.contains("SIGHUP: config file"))
-        .unwrap_or_else(|| panic!("no reload error line:\n{log}"));
+    let line = line_with(&log, "SIGHUP: config file");
     assert!(line.contains("ERROR"), "logged as an error: {line}");
     assert!(line.contains(&file), "names the file: {line}");
     // The TOML error spans lines (the line quoted, a caret under the column): each carries
@@ -1874,15 +1896,20 @@ struct RawDaemon {
 }
 
 impl RawDaemon {
+    /// What the daemon has logged so far.
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the log holds `needle`.
+    fn wait_for_log(&self, needle: &str) {
+        wait_until(needle, || self.log.lock().unwrap().contains(needle));
+    }
+
     /// Waits until the log holds `n` "configuration reloaded" lines.
     fn wait_for_reloads(&self, n: usize) {
         wait_until("reload", || {
-            self.log
-                .lock()
-                .unwrap()
-                .matches("configuration reloaded")
-                .count()
-                >= n
+            self.log().matches("configuration reloaded").count() >= n
         });
     }
 
@@ -2038,20 +2065,12 @@ impl RawDaemon {
         self.signal(libc::SIGTERM);
         wait_for_exit(&mut self.child, "ocmd on SIGTERM");
         // The reader thread ends at EOF; give it the deadline to get there.
-        wait_until("log complete", || {
-            self.log.lock().unwrap().contains("stopped:")
-        });
-        let log = self.log.lock().unwrap().clone();
-        log
+        self.wait_for_log("stopped:");
+        self.log()
     }
 
     fn request(&self, op: Operation, room: &str, name: &str) -> Reply {
-        let mut s = TcpStream::connect(self.tcp).unwrap();
-        s.set_read_timeout(Some(PATIENCE)).unwrap();
-        exchange(
-            &mut s,
-            &request_bytes(op, room, format!("\"{name}\"").as_bytes()),
-        )
+        request_at(self.tcp, op, room, name)
     }
 
     fn member(&self, room: &str, token: &str) -> Member {
@@ -2197,8 +2216,7 @@ fn journald_a_failed_start_is_logged_once_at_error_priority() {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocmd"));
     cmd.args(["--tcp", "nonsense"]).env_remove("NOTIFY_SOCKET");
     let out = run_under_journald(cmd);
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = assert_exit_code(&out, 2);
     assert!(err.contains("invalid value 'nonsense'"), "{err}");
     for line in err.lines() {
         assert!(line.starts_with("<3>"), "{line:?} is not at error priority");
@@ -2210,8 +2228,7 @@ fn journald_a_failed_start_is_logged_once_at_error_priority() {
         .env("JOURNAL_STREAM", "8:1234")
         .env_remove("NOTIFY_SOCKET");
     let out = run_with_deadline(cmd);
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = assert_exit_code(&out, 2);
     assert!(err.starts_with("ocmd: ") && !err.contains("<3>"), "{err}");
 }
 
@@ -2220,18 +2237,9 @@ fn journald_a_failed_start_is_logged_once_at_error_priority() {
 #[test]
 fn journald_a_failed_reload_is_logged_on_lines_with_priorities() {
     let d = RawDaemon::spawn("", &[("JOURNAL_STREAM", JOURNALD)]);
-    std::fs::write(
-        d.dir.path().join("ocmd.toml"),
-        "[rate\nrequests_per_sec = \n",
-    )
-    .unwrap();
+    d.rewrite_config("[rate\nrequests_per_sec = \n");
     d.signal(libc::SIGHUP);
-    wait_until("reload error logged", || {
-        d.log
-            .lock()
-            .unwrap()
-            .contains("keeping the running configuration")
-    });
+    d.wait_for_log("keeping the running configuration");
     let log = d.stop();
     for line in log.lines() {
         assert!(
@@ -2249,10 +2257,7 @@ fn without_journal_stream_lines_have_timestamps_and_info_is_the_default() {
         .token
         .expect("created");
     let log = d.stop();
-    let listening = log
-        .lines()
-        .find(|l| l.contains("listening tcp="))
-        .expect("listening line");
+    let listening = line_with(&log, "listening tcp=");
     assert!(
         listening.starts_with("[20") && listening.contains(" INFO "),
         "{listening}"
@@ -2277,14 +2282,7 @@ fn log_with_rust_log(rust_log: &std::ffi::OsStr) -> String {
         .arg(&config)
         .arg("--state")
         .arg(dir.path().join("room_manager.json"))
-        .args([
-            "--tcp",
-            "127.0.0.1:0",
-            "--udp",
-            "127.0.0.1:0",
-            "--metrics",
-            "off",
-        ])
+        .args(LOOPBACK_LISTENERS)
         .env("RUST_LOG", rust_log)
         .env(key, value)
         .env("WATCHDOG_USEC", "0")
@@ -2464,7 +2462,7 @@ fn the_unit_file_is_valid_and_sandboxed() {
     );
 }
 
-fn install_sh(args: &[&std::ffi::OsStr]) -> Output {
+fn install_sh(args: &[impl AsRef<std::ffi::OsStr>]) -> Output {
     let mut cmd = Command::new(repo_root().join("scripts/install.sh"));
     cmd.args(args);
     run_with_deadline(cmd)
@@ -2559,7 +2557,7 @@ fn install_dry_run_plans_every_action_and_does_none() {
         assert!(text(&out.stderr).contains("cargo not found"));
     }
 
-    let out = install_sh(&["--help".as_ref()]);
+    let out = install_sh(&["--help"]);
     assert!(out.status.success());
     for flag in [
         "--prefix",
@@ -2570,7 +2568,7 @@ fn install_dry_run_plans_every_action_and_does_none() {
     ] {
         assert!(text(&out.stdout).contains(flag), "--help lacks {flag}");
     }
-    let out = install_sh(&["--frobnicate".as_ref()]);
+    let out = install_sh(&["--frobnicate"]);
     assert_eq!(out.status.code(), Some(2));
 }
 
@@ -2678,8 +2676,8 @@ fn a_sighup_while_the_state_loads_does_not_kill_ocmd() {
     // Killed and reaped however the test ends (a failed assertion included).
     let mut guard = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_ocmd"))
-            .args(["--tcp", "127.0.0.1:0", "--udp", "127.0.0.1:0"])
-            .args(["--metrics", "off", "--state"])
+            .args(LOOPBACK_LISTENERS)
+            .arg("--state")
             .arg(&state)
             .env_remove("RUST_LOG")
             .env_remove("NOTIFY_SOCKET")
@@ -2691,13 +2689,7 @@ fn a_sighup_while_the_state_loads_does_not_kill_ocmd() {
             .expect("spawn ocmd"),
     );
     let child = &mut guard.0;
-    let (tx, lines) = mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let lines = stderr_lines(child);
     // The lock is taken after the handlers are installed; the load then waits on the FIFO.
     let lock = dir.path().join("room_manager.json.lock");
     wait_until("the state lock taken", || {
@@ -2801,32 +2793,33 @@ fn fdatasync_failer(dir: &Path) -> PathBuf {
     )
 }
 
+/// Runs `meanwhile` while a create (room "during", by bob) waits for a disk that fails while
+/// `fail` exists; then removes `fail` and waits until that create is answered.
+fn while_a_create_waits_for_the_disk(d: &Daemon, fail: &Path, meanwhile: impl FnOnce()) {
+    thread::scope(|s| {
+        let joining = s.spawn(|| create(d, "during", "bob"));
+        meanwhile();
+        std::fs::remove_file(fail).unwrap();
+        joining
+            .join()
+            .expect("the create is answered once the disk takes it");
+    });
+}
+
 /// A journal that cannot be written (a full disk) holds every create and join until it can,
 /// and nothing else showed it: `/healthz` answers, and the write counters only move once a
 /// write succeeds. `ocm_state_write_failures_total` counts each failed try while it lasts.
 #[test]
 fn journal_write_failures_are_counted_while_they_last() {
-    let (d, fail, _library) = spawn_preloaded(
-        fdatasync_failer,
-        FAIL_FDATASYNC,
-        Options {
-            metrics: true,
-            ..Options::default()
-        },
-    );
+    let (d, fail, _library) = spawn_preloaded(fdatasync_failer, FAIL_FDATASYNC, metrics_on());
     create(&d, "before", "alice");
     assert_eq!(d.metric("ocm_state_write_failures_total"), 0.0);
     std::fs::write(&fail, b"").unwrap();
-    thread::scope(|s| {
-        let joining = s.spawn(|| create(&d, "during", "bob"));
+    while_a_create_waits_for_the_disk(&d, &fail, || {
         // Retried every second: two failures take about two seconds.
         wait_until("failed journal writes are counted", || {
             d.metric("ocm_state_write_failures_total") >= 2.0
         });
-        std::fs::remove_file(&fail).unwrap();
-        joining
-            .join()
-            .expect("the create is answered once the disk takes it");
     });
     let failures = d.metric("ocm_state_write_failures_total");
     create(&d, "after", "carol");
@@ -2843,25 +2836,13 @@ fn journal_write_failures_are_counted_while_they_last() {
 /// stop, which reads the same as a daemon that died or a log that stopped.
 #[test]
 fn a_journal_that_cannot_be_written_is_logged_once_and_so_is_its_recovery() {
-    let (d, fail, _library) = spawn_preloaded(
-        fdatasync_failer,
-        FAIL_FDATASYNC,
-        Options {
-            metrics: true,
-            ..Options::default()
-        },
-    );
+    let (d, fail, _library) = spawn_preloaded(fdatasync_failer, FAIL_FDATASYNC, metrics_on());
     create(&d, "before", "alice");
     std::fs::write(&fail, b"").unwrap();
-    thread::scope(|s| {
-        let joining = s.spawn(|| create(&d, "during", "bob"));
+    while_a_create_waits_for_the_disk(&d, &fail, || {
         wait_until("four failed journal writes", || {
             d.metric("ocm_state_write_failures_total") >= 4.0
         });
-        std::fs::remove_file(&fail).unwrap();
-        joining
-            .join()
-            .expect("the create is answered once the disk takes it");
     });
     d.wait_for_log("takes writes again");
     let log = d.log();
@@ -2875,10 +2856,7 @@ fn a_journal_that_cannot_be_written_is_logged_once_and_so_is_its_recovery() {
         "one line for the failure, not one a retry:\n{log}"
     );
     assert!(errors[0].contains("ERROR"), "{log}");
-    let recovered = log
-        .lines()
-        .find(|l| l.contains("takes writes again"))
-        .unwrap();
+    let recovered = line_with(&log, "takes writes again");
     assert!(
         recovered.contains("WARN")
             && recovered.contains(&d.state.with_extension("json.journal").display().to_string())
@@ -2893,10 +2871,7 @@ fn a_journal_that_cannot_be_written_is_logged_once_and_so_is_its_recovery() {
 /// file (the `.new` beside it, a copy elsewhere) as after the intended one.
 #[test]
 fn reload_says_which_settings_it_changed() {
-    let d = Daemon::start_with(Options {
-        config: Some("[rate]\nchat_per_sec = 50.0\n".into()),
-        ..Options::default()
-    });
+    let d = Daemon::start_with(configured("[rate]\nchat_per_sec = 50.0\n"));
     d.reload("[rate]\nchat_per_sec = 20.0\n[history]\nmessages = 7\n");
     let line = |n: usize| {
         d.log()
@@ -2931,10 +2906,7 @@ fn a_dropped_datagram_is_logged_with_its_room_and_token() {
     elsewhere.send("hello?");
     d.wait_for_log("datagram dropped (address_mismatch)");
     let log = d.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("datagram dropped (address_mismatch)"))
-        .unwrap();
+    let line = line_with(&log, "datagram dropped (address_mismatch)");
     assert!(
         line.contains(&elsewhere.addr().to_string())
             && line.contains("room \"lobby\"")
@@ -2950,9 +2922,8 @@ fn a_dropped_datagram_is_logged_with_its_room_and_token() {
 #[test]
 fn a_listen_address_without_its_ip_says_the_address_is_missing() {
     for given in ["9090", ":9090", "*:9090"] {
-        let out = ocmd(&["--check-config".as_ref(), "--tcp".as_ref(), given.as_ref()]);
-        let err = text(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{err}");
+        let out = ocmd(&["--check-config", "--tcp", given]);
+        let err = assert_exit_code(&out, 2);
         assert!(
             err.contains("the IP address is missing")
                 && err.contains("0.0.0.0:9090")
@@ -2967,37 +2938,38 @@ fn a_listen_address_without_its_ip_says_the_address_is_missing() {
 // ---------------------------------------------------------------------------------------------
 // The open-file limit
 
-/// Starts `ocmd` with the open-file limit set to `soft` and `hard` and the config `toml`;
-/// returns it (killed on drop), its TCP address, and its stderr so far (after the `listening`
-/// line; more arrives on the receiver).
-fn spawn_with_open_files(
-    dir: &Path,
-    soft: u64,
-    hard: u64,
-    toml: &str,
-) -> (KillOnDrop, SocketAddr, String, Receiver<String>) {
+/// `ocmd` under an open-file limit ([`spawn_with_open_files`]), killed on drop.
+struct LimitedDaemon {
+    process: KillOnDrop,
+    tcp: SocketAddr,
+    /// Its standard error up to the `listening` line.
+    log: String,
+    /// The lines after it, as they come.
+    _more: Receiver<String>,
+    /// Its config and state; removed once the process is gone.
+    _dir: tempfile::TempDir,
+}
+
+/// Starts `ocmd` in a directory of its own with the open-file limit set to `soft` and `hard`
+/// and the config `toml`.
+fn spawn_with_open_files(soft: u64, hard: u64, toml: &str) -> LimitedDaemon {
     use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let config = dir.join("ocmd.toml");
     std::fs::write(&config, toml).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocmd"));
-    cmd.args([
-        "--tcp",
-        "127.0.0.1:0",
-        "--udp",
-        "127.0.0.1:0",
-        "--metrics",
-        "off",
-    ])
-    .arg("--state")
-    .arg(dir.join("room_manager.json"))
-    .arg("--config")
-    .arg(&config)
-    .env("RUST_LOG", "info")
-    .env_remove("NOTIFY_SOCKET")
-    .env_remove("JOURNAL_STREAM")
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
+    cmd.args(LOOPBACK_LISTENERS)
+        .arg("--state")
+        .arg(dir.join("room_manager.json"))
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     // SAFETY: setrlimit(2) only, between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -3012,13 +2984,7 @@ fn spawn_with_open_files(
         });
     }
     let mut guard = KillOnDrop(cmd.spawn().expect("spawn ocmd"));
-    let (tx, lines) = mpsc::channel();
-    let stderr = guard.0.stderr.take().unwrap();
-    thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let lines = stderr_lines(&mut guard.0);
     let mut log = String::new();
     let deadline = Instant::now() + PATIENCE;
     loop {
@@ -3030,7 +2996,13 @@ fn spawn_with_open_files(
         log.push('\n');
         if let Some(rest) = line.split("listening tcp=").nth(1) {
             let tcp = rest.split_whitespace().next().unwrap().parse().unwrap();
-            return (guard, tcp, log, lines);
+            return LimitedDaemon {
+                process: guard,
+                tcp,
+                log,
+                _more: lines,
+                _dir: tmp,
+            };
         }
     }
 }
@@ -3053,29 +3025,24 @@ fn soft_open_files(pid: u32) -> u64 {
 /// 9.6 s with 80 idle connections under `ulimit -n 64`).
 #[test]
 fn a_soft_open_file_limit_below_max_connections_is_raised() {
-    let dir = tempfile::tempdir().unwrap();
     let toml = "[limits]\nmax_connections = 100\nhandshake_timeout_secs = 60\n";
-    let (guard, tcp, log, _lines) = spawn_with_open_files(dir.path(), 64, 4096, toml);
+    let d = spawn_with_open_files(64, 4096, toml);
     assert!(
-        soft_open_files(guard.0.id()) > 100 + 16,
-        "the soft limit stayed at {}:\n{log}",
-        soft_open_files(guard.0.id())
+        soft_open_files(d.process.0.id()) > 100 + 16,
+        "the soft limit stayed at {}:\n{}",
+        soft_open_files(d.process.0.id()),
+        d.log
     );
     // More idle connections than max_connections: the newest request makes room at once.
-    assert_a_create_is_served_past_idle_connections(tcp, 110);
+    assert_a_create_is_served_past_idle_connections(d.tcp, 110);
 }
 
 /// A hard open-file limit too low for `limits.max_connections` is said at start, with both
 /// numbers and what to change.
 #[test]
 fn a_hard_open_file_limit_below_max_connections_is_reported_at_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_guard, _tcp, log, _lines) =
-        spawn_with_open_files(dir.path(), 200, 200, "[limits]\nmax_connections = 4096\n");
-    let warning = log
-        .lines()
-        .find(|l| l.contains("open files"))
-        .unwrap_or_else(|| panic!("no warning about the open-file limit:\n{log}"));
+    let d = spawn_with_open_files(200, 200, "[limits]\nmax_connections = 4096\n");
+    let warning = line_with(&d.log, "open files");
     assert!(
         warning.contains("WARN")
             && warning.contains("limits.max_connections = 4096")
@@ -3092,15 +3059,15 @@ fn a_hard_open_file_limit_below_max_connections_is_reported_at_start() {
 /// 4,012 connections open, a new client's request unanswered after 4 s.
 #[test]
 fn a_hard_open_file_limit_lowers_the_connection_cap_so_idle_connections_make_room() {
-    let dir = tempfile::tempdir().unwrap();
     let toml = "[limits]\nhandshake_timeout_secs = 60\n";
-    let (_guard, tcp, log, _lines) = spawn_with_open_files(dir.path(), 200, 200, toml);
+    let d = spawn_with_open_files(200, 200, toml);
     assert!(
-        log.contains("at most 120 handshake connections"),
-        "the lowered cap is not said:\n{log}"
+        d.log.contains("at most 120 handshake connections"),
+        "the lowered cap is not said:\n{}",
+        d.log
     );
     // More idle connections than the descriptors hold.
-    assert_a_create_is_served_past_idle_connections(tcp, 200);
+    assert_a_create_is_served_past_idle_connections(d.tcp, 200);
 }
 
 /// Opens `idle` connections to `tcp` that send nothing, then a create on one more: it is
@@ -3111,12 +3078,7 @@ fn assert_a_create_is_served_past_idle_connections(tcp: SocketAddr, idle: usize)
         .map(|_| TcpStream::connect(tcp).unwrap())
         .collect();
     let started = Instant::now();
-    let mut s = TcpStream::connect(tcp).unwrap();
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
-    let reply = exchange(
-        &mut s,
-        &request_bytes(Operation::CreateRoom, "r", b"\"alice\""),
-    );
+    let reply = request_at(tcp, Operation::CreateRoom, "r", "alice");
     assert!(reply.token.is_some(), "{reply:?}");
     assert!(
         started.elapsed() < Duration::from_secs(5),
@@ -3139,10 +3101,7 @@ fn a_notify_socket_that_does_not_exist_is_named_in_the_warning() {
     });
     d.wait_for_log("cannot notify the service manager");
     let log = d.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("cannot notify the service manager"))
-        .unwrap();
+    let line = line_with(&log, "cannot notify the service manager");
     assert!(line.contains(&missing.display().to_string()), "{line}");
 }
 
@@ -3153,12 +3112,12 @@ fn a_notify_socket_that_does_not_exist_is_named_in_the_warning() {
 #[test]
 fn install_into_a_directory_the_unit_hides_says_so() {
     let out = install_sh(&[
-        "--dry-run".as_ref(),
-        "--no-build".as_ref(),
-        "--prefix".as_ref(),
-        "/home/ocm-install-test/usr".as_ref(),
-        "--config-dir".as_ref(),
-        "/tmp/ocm-install-test/etc".as_ref(),
+        "--dry-run",
+        "--no-build",
+        "--prefix",
+        "/home/ocm-install-test/usr",
+        "--config-dir",
+        "/tmp/ocm-install-test/etc",
     ]);
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{}{stderr}", text(&out.stdout));
@@ -3171,7 +3130,7 @@ fn install_into_a_directory_the_unit_hides_says_so() {
         "{stderr}"
     );
     // The default places are visible to the service: nothing to say.
-    let out = install_sh(&["--dry-run".as_ref(), "--no-build".as_ref()]);
+    let out = install_sh(&["--dry-run", "--no-build"]);
     let stderr = text(&out.stderr);
     assert!(
         !stderr.contains("ProtectHome") && !stderr.contains("PrivateTmp"),
@@ -3206,10 +3165,9 @@ fn a_compaction_that_keeps_failing_is_logged_once_and_so_is_its_recovery() {
         file_fsync_failer,
         FAIL_FILE_FSYNC,
         Options {
-            // Every append is past the threshold: a compaction is due at each one.
-            config: Some("[state]\ncompact_journal_bytes = 1\n".into()),
             metrics: true,
-            ..Options::default()
+            // Every append is past the threshold: a compaction is due at each one.
+            ..configured("[state]\ncompact_journal_bytes = 1\n")
         },
     );
     std::fs::write(&fail, b"").unwrap();
@@ -3240,10 +3198,7 @@ fn a_compaction_that_keeps_failing_is_logged_once_and_so_is_its_recovery() {
         errors, 1,
         "one line for the failure, not one a retry:\n{log}"
     );
-    let recovered = log
-        .lines()
-        .find(|l| l.contains("compaction works again"))
-        .unwrap();
+    let recovered = line_with(&log, "compaction works again");
     assert!(
         recovered.contains("WARN") && recovered.contains("2 failed attempts"),
         "{recovered}"
@@ -3257,14 +3212,7 @@ fn a_compaction_that_keeps_failing_is_logged_once_and_so_is_its_recovery() {
 /// must still be whole then, and once the state file is written it must hold every join.
 #[test]
 fn a_copy_of_the_journal_put_back_at_its_name_is_kept_until_the_state_file_holds_it() {
-    let (d, fail, _library) = spawn_preloaded(
-        file_fsync_failer,
-        FAIL_FILE_FSYNC,
-        Options {
-            metrics: true,
-            ..Options::default()
-        },
-    );
+    let (d, fail, _library) = spawn_preloaded(file_fsync_failer, FAIL_FILE_FSYNC, metrics_on());
     let tokens = [create(&d, "copied", "alice"), join(&d, "copied", "bob")];
     let journal = d.dir.path().join("room_manager.json.journal");
     let elsewhere = d.dir.path().join("elsewhere");
@@ -3320,21 +3268,13 @@ fn a_state_file_that_is_a_symbolic_link_is_refused() {
     let link = dir.path().join("room_manager.json");
     std::os::unix::fs::symlink(&target, &link).unwrap();
     // `--check-config` says so too, as the operator's check before a restart.
-    let out = ocmd(&[
-        "--check-config".as_ref(),
-        "--state".as_ref(),
-        link.as_os_str(),
-    ]);
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let out = check_config_state(&link);
+    let err = assert_exit_code(&out, 2);
     assert!(
         err.contains("symbolic link") && err.contains(&target.display().to_string()),
         "{err}"
     );
-    let log = match Daemon::spawn(Arc::clone(&dir), Options::default()) {
-        Ok(_) => panic!("ocmd started on a state file that is a symbolic link"),
-        Err(log) => log,
-    };
+    let log = refused_start(Arc::clone(&dir), Options::default());
     assert!(
         log.contains("symbolic link")
             && log.contains(&link.display().to_string())
@@ -3361,21 +3301,14 @@ fn a_state_file_or_journal_with_a_second_name_is_refused() {
         let dir = Arc::new(tempfile::tempdir().unwrap());
         let other = dir.path().join(file);
         std::fs::hard_link(first_dir.path().join(file), &other).unwrap();
-        let out = ocmd(&[
-            "--check-config".as_ref(),
-            "--state".as_ref(),
-            dir.path().join("room_manager.json").as_os_str(),
-        ]);
+        let out = check_config_state(&dir.path().join("room_manager.json"));
         let err = text(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{file}: {err}");
         assert!(
             err.contains("hard link") && err.contains(&other.display().to_string()),
             "{file}: {err}"
         );
-        let log = match Daemon::spawn(Arc::clone(&dir), Options::default()) {
-            Ok(_) => panic!("a second ocmd started on another name of {file}"),
-            Err(log) => log,
-        };
+        let log = refused_start(Arc::clone(&dir), Options::default());
         assert!(
             log.contains("hard link") && log.contains(&other.display().to_string()),
             "{file}: {log}"
@@ -3407,19 +3340,12 @@ fn a_state_path_that_is_not_a_file_is_refused_saying_what_it_is() {
         } else {
             Some(std::os::unix::net::UnixListener::bind(&path).unwrap())
         };
-        let out = ocmd(&[
-            "--check-config".as_ref(),
-            "--state".as_ref(),
-            dir.path().join("room_manager.json").as_os_str(),
-        ]);
+        let out = check_config_state(&dir.path().join("room_manager.json"));
         let err = text(&out.stderr);
         let said = format!("{} is {kind}, not a file", path.display());
         assert_eq!(out.status.code(), Some(2), "{file}: {err}");
         assert!(err.contains(&said) && !err.contains("hard link"), "{err}");
-        let log = match Daemon::spawn(Arc::clone(&dir), Options::default()) {
-            Ok(_) => panic!("ocmd started on {kind}"),
-            Err(log) => log,
-        };
+        let log = refused_start(Arc::clone(&dir), Options::default());
         assert!(log.contains(&said) && !log.contains("hard link"), "{log}");
     }
 }
@@ -3441,8 +3367,7 @@ fn a_state_directory_that_does_not_exist_is_named_as_missing() {
         "--metrics".as_ref(),
         "off".as_ref(),
     ]);
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let err = assert_exit_code(&out, 1);
     assert!(
         err.contains(&format!(
             "state directory {} does not exist",
@@ -3465,11 +3390,7 @@ fn readyz_says_a_state_file_or_journal_has_a_second_name_while_it_has() {
         br#"{"rooms": {}, "tokens": {}}"#,
     )
     .unwrap();
-    let options = Options {
-        metrics: true,
-        ..Options::default()
-    };
-    let d = Daemon::spawn(dir, options).expect("ocmd starts");
+    let d = Daemon::spawn(dir, metrics_on()).expect("ocmd starts");
     create(&d, "lobby", "alice");
     assert_eq!(d.http_get("/readyz"), "ready\n");
     for (what, file) in [
@@ -3531,9 +3452,8 @@ fn readyz_says_a_state_file_or_journal_has_a_second_name_while_it_has() {
 #[test]
 fn server_full_is_warned_about_with_the_cap_reached() {
     let d = Daemon::start_with(Options {
-        config: Some("[limits]\nmax_rooms = 2\n".into()),
         env: vec![("RUST_LOG".into(), "info".into())],
-        ..Options::default()
+        ..configured("[limits]\nmax_rooms = 2\n")
     });
     create(&d, "a", "alice");
     create(&d, "b", "bob");
@@ -3603,15 +3523,13 @@ fn status_says_when_the_journal_cannot_be_written() {
         fdatasync_failer,
         FAIL_FDATASYNC,
         Options {
-            metrics: true,
-            env: vec![sd.env(), ("WATCHDOG_USEC".into(), "0".into())],
-            ..Options::default()
+            env: sd.env_with_watchdog_usec("0"),
+            ..metrics_on()
         },
     );
     create(&d, "before", "alice");
     std::fs::write(&fail, b"").unwrap();
-    thread::scope(|s| {
-        let joining = s.spawn(|| create(&d, "during", "bob"));
+    while_a_create_waits_for_the_disk(&d, &fail, || {
         // STATUS= comes every 5 s.
         let status = sd.wait_for(Duration::from_secs(15), |m| {
             m.starts_with("STATUS=") && m.contains("journal")
@@ -3620,10 +3538,6 @@ fn status_says_when_the_journal_cannot_be_written() {
             status.contains("the journal cannot be written") && status.contains("wait"),
             "{status}"
         );
-        std::fs::remove_file(&fail).unwrap();
-        joining
-            .join()
-            .expect("the create is answered once the disk takes it");
     });
     let status = sd.wait_for(Duration::from_secs(15), |m| {
         m.starts_with("STATUS=") && !m.contains("journal")
@@ -3636,35 +3550,24 @@ fn status_says_when_the_journal_cannot_be_written() {
 /// the disk takes the journal.
 #[test]
 fn readyz_says_when_creates_and_joins_wait_for_the_disk() {
-    let (d, fail, _library) = spawn_preloaded(
-        fdatasync_failer,
-        FAIL_FDATASYNC,
-        Options {
-            metrics: true,
-            ..Options::default()
-        },
-    );
+    let (d, fail, _library) = spawn_preloaded(fdatasync_failer, FAIL_FDATASYNC, metrics_on());
     let addr = d.metrics.expect("metrics on");
-    assert_eq!(
-        http(addr, "GET /readyz HTTP/1.0\r\n\r\n").0,
-        "HTTP/1.1 200 OK"
-    );
+    assert_eq!(readyz_over_http_1_0(addr).0, "HTTP/1.1 200 OK");
     assert_eq!(d.http_get("/readyz"), "ready\n");
     create(&d, "before", "alice");
     std::fs::write(&fail, b"").unwrap();
-    thread::scope(|s| {
-        // Before the spawn: the daemon's wait starts no sooner.
-        let started = Instant::now();
-        let joining = s.spawn(|| create(&d, "during", "bob"));
+    // Before the create: the daemon's wait starts no sooner.
+    let started = Instant::now();
+    while_a_create_waits_for_the_disk(&d, &fail, || {
         wait_until("/readyz to say not ready", || {
-            http(addr, "GET /readyz HTTP/1.0\r\n\r\n").0 != "HTTP/1.1 200 OK"
+            readyz_over_http_1_0(addr).0 != "HTTP/1.1 200 OK"
         });
         assert!(
             started.elapsed() > Duration::from_secs(5),
             "not ready after {:?}, under the 5 s a batch may wait",
             started.elapsed()
         );
-        let answer = http(addr, "GET /readyz HTTP/1.0\r\n\r\n");
+        let answer = readyz_over_http_1_0(addr);
         assert_eq!(answer.0, "HTTP/1.1 503 Service Unavailable", "{answer:?}");
         assert!(
             answer
@@ -3674,10 +3577,6 @@ fn readyz_says_when_creates_and_joins_wait_for_the_disk() {
             "{answer:?}"
         );
         assert_eq!(d.http_get("/healthz"), "ok\n", "the loop runs all along");
-        std::fs::remove_file(&fail).unwrap();
-        joining
-            .join()
-            .expect("the create is answered once the disk takes it");
     });
     assert_eq!(d.http_get("/readyz"), "ready\n");
     assert!(d.metric("ocm_http_responses_total{code=\"503\"}") >= 1.0);
@@ -3688,17 +3587,14 @@ fn readyz_says_when_creates_and_joins_wait_for_the_disk() {
 /// create or join has waited 5 s for them; and ready again once they are back.
 #[test]
 fn readyz_says_not_ready_while_the_state_directory_is_gone() {
-    let d = Daemon::start_with(Options {
-        metrics: true,
-        ..Options::default()
-    });
+    let d = Daemon::start_with(metrics_on());
     create(&d, "gone", "alice");
     assert_eq!(d.http_get("/readyz"), "ready\n");
     let dir = d.dir.path().to_owned();
     std::fs::remove_dir_all(&dir).unwrap();
     d.wait_for_log("cannot open a fresh journal");
     let addr = d.metrics.expect("metrics on");
-    let answer = http(addr, "GET /readyz HTTP/1.0\r\n\r\n");
+    let answer = readyz_over_http_1_0(addr);
     assert_eq!(answer.0, "HTTP/1.1 503 Service Unavailable", "{answer:?}");
     assert!(
         answer
@@ -3716,24 +3612,15 @@ fn readyz_says_not_ready_while_the_state_directory_is_gone() {
 /// have, with nothing naming the flag actually given.
 #[test]
 fn a_bad_metrics_flag_is_named_as_the_flag() {
-    let out = ocmd(&[
-        "--check-config".as_ref(),
-        "--metrics".as_ref(),
-        "garbage".as_ref(),
-    ]);
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let out = ocmd(&["--check-config", "--metrics", "garbage"]);
+    let err = assert_exit_code(&out, 2);
     assert!(
         err.contains("'--metrics <ADDR:PORT|off>'") && err.contains("\"garbage\""),
         "{err}"
     );
     // Every spelling of "off" still works.
     for off in ["off", "none", "false", ""] {
-        let out = ocmd(&[
-            "--check-config".as_ref(),
-            "--metrics".as_ref(),
-            off.as_ref(),
-        ]);
+        let out = ocmd(&["--check-config", "--metrics", off]);
         assert_eq!(out.status.code(), Some(0), "{off:?}: {}", text(&out.stderr));
     }
 }
@@ -3786,10 +3673,7 @@ fn the_tcp_listen_backlog_is_limits_listen_backlog_and_a_reload_changes_it() {
         ));
         return;
     }
-    let d = Daemon::start_with(Options {
-        config: Some(String::new()),
-        ..Options::default()
-    });
+    let d = Daemon::start_with(configured(""));
     let Some(backlog) = listen_backlog(d.tcp) else {
         skipped("ss is not installed (apt-get install iproute2): the listen backlog");
         return;
@@ -3828,10 +3712,7 @@ fn a_listen_backlog_capped_at_start_is_asked_for_again_at_a_reload_once_somaxcon
             return;
         }
         let config = "[limits]\nlisten_backlog = 1000\n";
-        let d = Daemon::start_with(Options {
-            config: Some(config.into()),
-            ..Options::default()
-        });
+        let d = Daemon::start_with(configured(config));
         let Some(backlog) = listen_backlog(d.tcp) else {
             skipped("ss is not installed (apt-get install iproute2): the listen backlog");
             return;
@@ -3859,8 +3740,7 @@ fn the_metrics_listen_backlog_is_64_whatever_limits_listen_backlog_says() {
     }
     let d = Daemon::start_with(Options {
         metrics: true,
-        config: Some("[limits]\nlisten_backlog = 100\n".into()),
-        ..Options::default()
+        ..configured("[limits]\nlisten_backlog = 100\n")
     });
     let metrics = d.metrics.expect("metrics on");
     let Some(backlog) = listen_backlog(metrics) else {
@@ -3883,19 +3763,19 @@ fn the_metrics_listen_backlog_is_64_whatever_limits_listen_backlog_says() {
 /// other kind: on standard error, status 2, nothing on standard output.
 #[test]
 fn help_and_version_are_printed_on_standard_output_with_status_0() {
-    let out = ocmd(&["--help".as_ref()]);
+    let out = ocmd(&["--help"]);
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "--help: {stderr}");
     assert!(
         stdout.contains("--check-config") && stderr.is_empty(),
         "--help:\n{stdout}\nstandard error:\n{stderr}"
     );
-    let out = ocmd(&["--version".as_ref()]);
+    let out = ocmd(&["--version"]);
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "--version: {stderr}");
     assert_eq!(stdout, format!("ocmd {}\n", env!("CARGO_PKG_VERSION")));
     assert!(stderr.is_empty(), "--version: {stderr}");
-    let out = ocmd(&["--no-such-flag".as_ref()]);
+    let out = ocmd(&["--no-such-flag"]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
@@ -3962,17 +3842,12 @@ fn a_journal_stream_with_only_the_device_or_only_the_inode_of_standard_error_is_
 /// cap, and a second idle connection does not close the first to make room.
 #[test]
 fn a_soft_open_file_limit_raised_to_fit_leaves_the_connection_cap_whole() {
-    let dir = tempfile::tempdir().unwrap();
     let toml = "[limits]\nmax_connections = 100\nhandshake_timeout_secs = 60\n";
-    let (_guard, tcp, log, _lines) = spawn_with_open_files(dir.path(), 64, 4096, toml);
-    assert!(!log.contains("handshake connections"), "{log}");
-    let mut first = TcpStream::connect(tcp).unwrap();
-    let mut second = TcpStream::connect(tcp).unwrap();
-    second.set_read_timeout(Some(PATIENCE)).unwrap();
-    let reply = exchange(
-        &mut second,
-        &request_bytes(Operation::CreateRoom, "r", b"\"alice\""),
-    );
+    let d = spawn_with_open_files(64, 4096, toml);
+    assert!(!d.log.contains("handshake connections"), "{}", d.log);
+    let mut first = TcpStream::connect(d.tcp).unwrap();
+    // The create, on a second connection.
+    let reply = request_at(d.tcp, Operation::CreateRoom, "r", "alice");
     assert!(reply.token.is_some(), "{reply:?}");
     // A connection closed to make room would have been closed before the second was read.
     first.set_nonblocking(true).unwrap();
@@ -3987,13 +3862,8 @@ fn a_soft_open_file_limit_raised_to_fit_leaves_the_connection_cap_whole() {
 /// at level info, not as a warning at every start.
 #[test]
 fn a_hard_open_file_limit_equal_to_max_connections_is_said_at_info_not_warned() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_guard, _tcp, log, _lines) =
-        spawn_with_open_files(dir.path(), 200, 200, "[limits]\nmax_connections = 200\n");
-    let line = log
-        .lines()
-        .find(|l| l.contains("open files"))
-        .unwrap_or_else(|| panic!("nothing said about the open-file limit:\n{log}"));
+    let d = spawn_with_open_files(200, 200, "[limits]\nmax_connections = 200\n");
+    let line = line_with(&d.log, "open files");
     assert!(
         line.contains("INFO") && line.contains("limits.max_connections = 200 is taken as 120"),
         "{line}"
@@ -4014,8 +3884,7 @@ fn only_a_listen_backlog_the_kernel_caps_is_warned_about() {
         }
         let granted = Daemon::start_with(Options {
             metrics: true,
-            config: Some("[limits]\nlisten_backlog = 100\n".into()),
-            ..Options::default()
+            ..configured("[limits]\nlisten_backlog = 100\n")
         });
         let log = granted.log();
         assert!(log.contains("listening tcp="), "{log}");
@@ -4023,8 +3892,7 @@ fn only_a_listen_backlog_the_kernel_caps_is_warned_about() {
         assert!(set_somaxconn(32), "net.core.somaxconn set once already");
         let capped = Daemon::start_with(Options {
             metrics: true,
-            config: Some("[limits]\nlisten_backlog = 32\n".into()),
-            ..Options::default()
+            ..configured("[limits]\nlisten_backlog = 32\n")
         });
         capped.wait_for_log(
             "metrics listen backlog: ocmd asks for 64, the kernel allows 32 (net.core.somaxconn \
