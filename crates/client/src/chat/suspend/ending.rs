@@ -52,8 +52,8 @@ pub(in crate::chat) fn watch_for_the_end() {
 /// `client_terminal::waiting_in_the_background_after_a_sigstop_and_killed_it_draws_nothing_and_exits`).
 fn wait_for_the_end_or_the_foreground() {
     // Held back while the handler runs, which makes no call on the terminal itself: a stop
-    // (`kill -TSTP`) is not made inside the wait, by a handler of its own, but by the wait
-    // itself, which looks for one pending (see `super::waiting_in_the_background`).
+    // (`kill -TSTP`) is not made inside the wait, by a handler of its own, but by the wait's
+    // caller once the wait sees it pending (see `super::waiting_in_the_background`).
     let mut held = SigSet::empty();
     for signal in [Signal::SIGTTIN, Signal::SIGTTOU, Signal::SIGTSTP] {
         held.add(signal);
@@ -66,7 +66,8 @@ fn wait_for_the_end_or_the_foreground() {
     for signal in [Signal::SIGTTIN, Signal::SIGTTOU] {
         // SAFETY: the handler does only what is async-signal-safe (pthread_sigmask,
         // sigpending, sigismember, poll, pause, clock_gettime, tcgetpgrp, getpgrp, getpid,
-        // getppid, getsid, sigaction, kill; errno saved and put back).
+        // getppid, getsid, sigaction, kill, and those of `super::stop_as_asked`; errno saved
+        // and put back).
         if let Err(e) = unsafe { signal::sigaction(signal, &action) } {
             debug!("cannot wait for the end or the foreground in the background: {e}");
         }
@@ -107,8 +108,12 @@ extern "C" fn on_terminal_from_the_background(_: libc::c_int) {
         true
     };
     let brought_back = || !super::in_background();
+    // A stop is the editor's thread's to make, as it alone takes SIGTSTP: another thread
+    // waiting here (a stderr writer started before the chat) making one too would change
+    // the process's SIGTSTP action under the first.
+    let stop_asked = || super::on_the_editors_thread() && a_stop_asked();
     let waited = super::waiting_in_the_background(|| {
-        wait_in_the_background(brought_back, a_stop_asked, let_through, sleep_a_step)
+        wait_in_the_background(brought_back, stop_asked, let_through, sleep_a_step)
     });
     match waited {
         Waited::Foreground => super::foreground_regained(),

@@ -121,7 +121,10 @@ pub(super) fn wait_for_the_terminal() -> bool {
 static EDITOR_THREAD: Mutex<Option<libc::pthread_t>> = Mutex::new(None);
 
 /// How the last stop came, as the SIGTSTP handler saw it ([`Stop`]); forgotten on the
-/// SIGCONT that finds the terminal ours.
+/// SIGCONT that finds the terminal ours. A stop asked from elsewhere while a handler waits
+/// in the background ([`stop_as_asked`]) leaves it as it was: it is still how the terminal
+/// was left, and so whether the handler turned the editor's bracketed paste off since the
+/// editor last turned it on (not [`Stop::Unseen`]), which [`leaving_the_prompt_line`] reads.
 static LAST_STOP: AtomicU8 = AtomicU8::new(Stop::Unseen as u8);
 
 /// How the process was stopped, for what to do once it is continued.
@@ -348,12 +351,17 @@ extern "C" fn on_sigtstp(_: libc::c_int) {
 /// after a stop the handler saw, it turned it off itself, and turned off again it would be
 /// bash's own, for the prompt bash shows.
 pub(super) fn leaving_the_prompt_line() -> &'static [u8] {
+    farewell_to_the_prompt_line(in_background(), Stop::last())
+}
+
+/// [`leaving_the_prompt_line`], given whether the chat is in the background and how the
+/// last stop came.
+fn farewell_to_the_prompt_line(in_background: bool, last_stop: Stop) -> &'static [u8] {
     /// [`BRACKETED_PASTE_OFF`], then a new line.
     const AND_A_NEW_LINE: &[u8] = b"\x1b[?2004l\n";
-    if !in_background() {
-        return AND_A_NEW_LINE;
-    }
-    if Stop::last() == Stop::Unseen {
+    if !in_background {
+        AND_A_NEW_LINE
+    } else if last_stop == Stop::Unseen {
         BRACKETED_PASTE_OFF
     } else {
         b""
@@ -396,7 +404,7 @@ fn waiting_in_the_background(wait: impl Fn() -> Waited) -> Waited {
     WAITING_IN_THE_BACKGROUND.store(true, Ordering::SeqCst);
     let waited = loop {
         match wait() {
-            Waited::StopAsked => stop(),
+            Waited::StopAsked => stop_as_asked(),
             waited => break waited,
         }
     };
@@ -496,19 +504,29 @@ pub(super) fn discard_unread_input() {
 }
 
 /// SIGTSTP's default action, from its handler: the signal is blocked while the handler
-/// runs, so raised with the default action it waits until unblocked, and stops the process
-/// there; continued, the signal is blocked again and the handler put back. An end that came
-/// since the stop was decided ([`ending::ending`], looked at once more between the raise and
-/// the unblock) discards it instead: the SIGCONT that would undo it (see
-/// `ending::start_the_continuer`) may be the one a stop made now would discard.
+/// runs, so raised it waits until unblocked, and then, the default action put in place
+/// meanwhile ([`stop_as_asked`]), stops the process; continued, the signal is blocked again
+/// and the handler put back. An end that came since the stop was decided ([`ending::ending`],
+/// looked at once more between the raise and the unblock) discards it instead: the SIGCONT
+/// that would undo it (see `ending::start_the_continuer`) may be the one a stop made now
+/// would discard.
 fn stop() {
+    let _ = signal::raise(Signal::SIGTSTP);
+    stop_as_asked();
+}
+
+/// The stop a SIGTSTP pending on the editor's thread asks for, made with SIGTSTP's default
+/// action as [`stop`] makes its own, from a handler that holds the signal back (SIGTSTP's,
+/// or SIGTTIN's and SIGTTOU's in the background: `kill -TSTP` while it waits there). Nothing
+/// is raised: a SIGCONT since the stop was seen pending discarded it, and none is made.
+/// Async-signal-safe.
+fn stop_as_asked() {
     let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
     let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
-    // SAFETY: the default action, then this handler again; both async-signal-safe. Ignoring
-    // a signal discards it where it is pending.
+    // SAFETY: the default action, then the SIGTSTP handler again; both async-signal-safe.
+    // Ignoring a signal discards it where it is pending.
     unsafe {
         let _ = signal::sigaction(Signal::SIGTSTP, &default);
-        let _ = signal::raise(Signal::SIGTSTP);
         if ending::ending() {
             let _ = signal::sigaction(Signal::SIGTSTP, &ignore);
         } else {
@@ -526,6 +544,11 @@ thread_local! {
     static ON_THE_EDITORS_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Whether the calling thread is the editor's ([`ON_THE_EDITORS_THREAD`]). Async-signal-safe.
+fn on_the_editors_thread() -> bool {
+    ON_THE_EDITORS_THREAD.with(std::cell::Cell::get)
+}
+
 /// Once the chat is told to end, keeps the editor's thread, in one of its signal handlers,
 /// from going back to the editor: returned to, the editor would set the terminal's mode
 /// again (its raw mode after its own Ctrl+Z, the mode it found when a read let through by the
@@ -534,7 +557,7 @@ thread_local! {
 /// loop end the chat and the process (within the watcher's grace). Does nothing on any other
 /// thread, or before the end. Async-signal-safe.
 fn park_the_editor_at_the_end() {
-    if !ON_THE_EDITORS_THREAD.with(std::cell::Cell::get) || !ending::ending() {
+    if !on_the_editors_thread() || !ending::ending() {
         return;
     }
     let_the_end_through();

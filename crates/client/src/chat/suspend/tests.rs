@@ -427,6 +427,7 @@ fn the_last_stop_is_read_back_as_noted() {
 /// on each look (given its number, from 1), a stop asked as [`a_stop_asked`] says, never let
 /// through, with `step` run at each of its sleeps (given the step's number, from 1) in place
 /// of the sleep; returns how it ended, the looks at the foreground and the sleeps asked for.
+/// Fails past 10,000 sleeps (a wait that would never end).
 fn wait_given(
     foreground: impl Fn(u32) -> bool,
     step: impl Fn(u32),
@@ -442,7 +443,9 @@ fn wait_given(
         || false,
         |sleep| {
             sleeps.borrow_mut().push(sleep);
-            step(u32::try_from(sleeps.borrow().len()).unwrap_or(u32::MAX));
+            let taken = sleeps.borrow().len();
+            assert!(taken <= 10_000, "the wait never ended");
+            step(u32::try_from(taken).unwrap_or(u32::MAX));
         },
     );
     (waited, looks.get(), sleeps.into_inner())
@@ -550,6 +553,23 @@ fn a_stop_pending_ends_the_wait_for_its_caller_to_make() {
     .join()
     .expect("the waiting thread");
     assert_eq!(ended, (Waited::StopAsked, 4, 3));
+}
+
+/// At the end of a chat that was reading a line, the terminal guard leaves the prompt line
+/// with bracketed paste off and a new line in the foreground; in the background, where the
+/// shell's prompt stands, with no new line, and with paste off only after a stop no handler
+/// saw (which left the editor's on).
+#[test]
+fn the_prompt_line_is_left_with_a_new_line_only_in_the_foreground() {
+    for stop in [Stop::Unseen, Stop::InEditor, Stop::Elsewhere] {
+        assert_eq!(farewell_to_the_prompt_line(false, stop), b"\x1b[?2004l\n");
+    }
+    assert_eq!(
+        farewell_to_the_prompt_line(true, Stop::Unseen),
+        BRACKETED_PASTE_OFF
+    );
+    assert_eq!(farewell_to_the_prompt_line(true, Stop::InEditor), b"");
+    assert_eq!(farewell_to_the_prompt_line(true, Stop::Elsewhere), b"");
 }
 
 /// Let through (an orphaned process group, where no `fg` can come), the wait ends at once,
