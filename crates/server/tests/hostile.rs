@@ -4,7 +4,7 @@
 //! Each test sends one class of bad input to the real daemon, then checks (a) the refusal,
 //! close or counted drop, (b) that a well-behaved client can still create, join and chat
 //! ([`assert_still_serves`]), and (c) that the state file is intact after a clean stop
-//! ([`assert_state_intact`]).
+//! ([`assert_state_intact`]); [`assert_serves_then_state_intact`] checks both.
 
 mod common;
 
@@ -43,6 +43,30 @@ fn closed(d: &Daemon, reason: &str) -> f64 {
     ))
 }
 
+/// Connections refused at the accept for `reason` (a cap they were over).
+fn rejected(d: &Daemon, reason: &str) -> f64 {
+    d.metric(&format!(
+        "ocm_tcp_connections_rejected_total{{reason=\"{reason}\"}}"
+    ))
+}
+
+/// Waits until the metric `sample` is at least `at_least`.
+fn wait_for_metric(d: &Daemon, sample: &str, at_least: f64) {
+    wait_until(&format!("{sample} >= {at_least}"), || {
+        d.metric(sample) >= at_least
+    });
+}
+
+/// Waits until `count` connections closed as `reason` are counted, then checks that no more
+/// were.
+#[track_caller]
+fn assert_closes_counted(d: &Daemon, reason: &str, count: f64) {
+    wait_until(&format!("{count} closes counted as {reason}"), || {
+        closed(d, reason) >= count
+    });
+    assert_eq!(closed(d, reason), count);
+}
+
 /// The sum of every `ocm_datagrams_dropped_total{reason=...}` sample.
 fn dropped_total(d: &Daemon) -> f64 {
     d.http_get("/metrics")
@@ -54,6 +78,7 @@ fn dropped_total(d: &Daemon) -> f64 {
 
 /// A well-behaved client can still create a fresh room, join it, register two members and
 /// relay a message. Returns the room's name.
+#[track_caller]
 fn assert_still_serves(d: &Daemon) -> String {
     static ROOMS: AtomicUsize = AtomicUsize::new(0);
     let room = format!("good-{}", ROOMS.fetch_add(1, Ordering::SeqCst));
@@ -65,6 +90,7 @@ fn assert_still_serves(d: &Daemon) -> String {
 
 /// Stops the daemon with SIGTERM (exit 0) and checks that the state file parses and holds
 /// `rooms`.
+#[track_caller]
 fn assert_state_intact(mut d: Daemon, rooms: &[String]) {
     let (status, took) = d.terminate();
     assert!(status.success(), "SIGTERM exit status: {status:?}");
@@ -80,6 +106,54 @@ fn assert_state_intact(mut d: Daemon, rooms: &[String]) {
     }
 }
 
+/// [`assert_still_serves`], then [`assert_state_intact`] with the room it made and `rooms`:
+/// (b) and (c) of every test.
+#[track_caller]
+fn assert_serves_then_state_intact(d: Daemon, rooms: &[&str]) {
+    let room = assert_still_serves(&d);
+    let mut all = vec![room];
+    all.extend(rooms.iter().map(|r| r.to_string()));
+    assert_state_intact(d, &all);
+}
+
+/// The bytes of one join to `room` per `i` in `members`, as member `m{i}`, back to back.
+fn pipelined_joins(room: &str, members: std::ops::Range<usize>) -> Vec<u8> {
+    members
+        .flat_map(|i| request_bytes(Operation::JoinRoom, room, format!("\"m{i}\"").as_bytes()))
+        .collect()
+}
+
+/// Sends a room-list request on `s`, leaving its reply unread.
+fn ask_for_rooms(s: &mut TcpStream) {
+    s.write_all(&request_bytes(Operation::ListRooms, "", b"{}"))
+        .unwrap();
+}
+
+/// Reads the next frame on `s` with `frames`: a COMPLIANCE that says success (`what` names
+/// the reply in a failure).
+#[track_caller]
+fn expect_success(frames: &mut FrameReader, s: &mut TcpStream, what: &str) {
+    let Some((state, body)) = frames.next(s) else {
+        panic!("{what}: no COMPLIANCE before the end")
+    };
+    assert_eq!(state, State::Compliance, "{what}");
+    assert_eq!(
+        payload::parse_compliance(&body),
+        Ok(Compliance::Success),
+        "{what}"
+    );
+}
+
+/// Reads the whole reply to a room list on `s`: a COMPLIANCE that says success, then the
+/// COMPLETE with the list (`what` names the reply in a failure).
+#[track_caller]
+fn read_room_list(s: &mut TcpStream, what: &str) {
+    let mut frames = FrameReader::default();
+    expect_success(&mut frames, s, what);
+    let (state, _) = frames.next(s).expect("the room list");
+    assert_eq!(state, State::Complete, "{what}");
+}
+
 /// Reads until EOF or reset; returns what arrived before it. Panics after [`PATIENCE`].
 fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
     s.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -92,6 +166,49 @@ fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
             Err(e) if e.kind() == ErrorKind::ConnectionReset => return got,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => panic!("expected the daemon to close the connection, got {e}"),
+        }
+    }
+}
+
+/// How many COMPLETE frames there are among the whole TCRP frames at the start of `bytes`,
+/// and the bytes left after the last of them (a torn frame).
+fn complete_frames(bytes: &[u8]) -> (usize, &[u8]) {
+    let mut rest = bytes;
+    let mut complete = 0;
+    while let Some((frame, used)) = tcrp::decode(rest, 1 << 20).expect("valid frames") {
+        if frame.state == State::Complete {
+            complete += 1;
+        }
+        rest = &rest[used..];
+    }
+    (complete, rest)
+}
+
+/// Sends `frame` on `s` over and over, reading what comes back (waiting 200 ms at most each
+/// time), until the daemon ends the connection; returns how many reads brought replies.
+/// Fails if it is still open after 3 × [`PATIENCE`].
+#[track_caller]
+fn send_until_closed(s: &mut TcpStream, frame: &[u8]) -> usize {
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let started = Instant::now();
+    let mut replies = 0;
+    let mut chunk = [0u8; 4096];
+    loop {
+        assert!(
+            started.elapsed() < 3 * PATIENCE,
+            "still open after {:?} of sending the same frame",
+            started.elapsed()
+        );
+        if s.write_all(frame).is_err() {
+            return replies;
+        }
+        match uninterrupted(|| s.read(&mut chunk)) {
+            Ok(0) => return replies,
+            Ok(_) => replies += 1,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return replies,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => panic!("read: {e}"),
         }
     }
 }
@@ -161,6 +278,23 @@ fn connect_from(from: Ipv4Addr, to: SocketAddr, rcvbuf: Option<i32>) -> TcpStrea
     }
 }
 
+/// A connection from `from` to `to` that has sent one request, its reply left unread.
+fn sent_from(from: Ipv4Addr, to: SocketAddr, op: Operation, room: &str, body: &[u8]) -> TcpStream {
+    let mut s = connect_from(from, to, None);
+    s.write_all(&request_bytes(op, room, body)).unwrap();
+    s
+}
+
+/// How many of `replies` gave a token, and how many were refused as `rate_limited`.
+fn tokens_and_rate_limited(replies: &[Reply]) -> (usize, usize) {
+    let tokens = replies.iter().filter(|r| r.token.is_some()).count();
+    let limited = replies
+        .iter()
+        .filter(|r| refused(r) == Some(ErrorCode::RateLimited))
+        .count();
+    (tokens, limited)
+}
+
 /// Raises this process's open-file limit to at least `want` (up to the hard limit).
 fn raise_fd_limit(want: u64) {
     let mut lim = libc::rlimit {
@@ -182,6 +316,29 @@ fn raise_fd_limit(want: u64) {
     );
 }
 
+/// A health check's request, head and all.
+const HEALTH_CHECK: &[u8] = b"GET /healthz HTTP/1.1\r\n\r\n";
+
+/// A connection to the daemon's metrics listener.
+fn metrics_connection(d: &Daemon) -> TcpStream {
+    TcpStream::connect(d.metrics.expect("metrics on")).unwrap()
+}
+
+/// What the daemon sends on `s` until its end (or a read error, or [`PATIENCE`] of
+/// silence), as text.
+fn answer_on(s: &mut TcpStream) -> String {
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text
+}
+
+/// Sends a health check on the metrics connection `s`; returns the answer ([`answer_on`]).
+fn health_check_on(s: &mut TcpStream) -> String {
+    s.write_all(HEALTH_CHECK).unwrap();
+    answer_on(s)
+}
+
 // ---- TCP framing ----
 
 #[test]
@@ -191,10 +348,8 @@ fn a_truncated_header_then_close_is_closed_without_a_reply() {
     s.write_all(&header(5, 1, 0, 7)[..10]).unwrap();
     s.shutdown(Shutdown::Write).unwrap();
     assert_eq!(read_until_closed(&mut s), b"", "no reply to half a header");
-    wait_until("the close is counted", || closed(&d, "peer_closed") >= 1.0);
-    assert_eq!(closed(&d, "peer_closed"), 1.0);
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room]);
+    assert_closes_counted(&d, "peer_closed", 1.0);
+    assert_serves_then_state_intact(d, &[]);
 }
 
 /// The daemon stops reading at a short read and relies on the next readiness edge; a FIN
@@ -215,26 +370,15 @@ fn requests_sent_with_a_fin_are_all_answered_then_the_connection_closes() {
         s.write_all(&bytes).unwrap();
         s.shutdown(Shutdown::Write).unwrap();
         let got = read_until_closed(&mut s);
-        let mut rest = &got[..];
-        let mut tokens = 0;
-        while let Some((frame, used)) = tcrp::decode(rest, 1 << 20).expect("valid frames") {
-            if frame.state == State::Complete {
-                tokens += 1;
-            }
-            rest = &rest[used..];
-        }
+        let (tokens, rest) = complete_frames(&got);
         assert!(rest.is_empty(), "round {round}: a torn reply: {rest:?}");
         assert_eq!(
             tokens, 3,
             "round {round}: every request answered before the close"
         );
     }
-    wait_until("every close is counted", || {
-        closed(&d, "peer_closed") >= ROUNDS as f64
-    });
-    assert_eq!(closed(&d, "peer_closed"), ROUNDS as f64);
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room, "fin-19-2".to_owned()]);
+    assert_closes_counted(&d, "peer_closed", ROUNDS as f64);
+    assert_serves_then_state_intact(d, &["fin-19-2"]);
 }
 
 /// A request and the FIN behind it that wait together for a daemon busy elsewhere (here
@@ -244,9 +388,7 @@ fn requests_sent_with_a_fin_are_all_answered_then_the_connection_closes() {
 fn a_request_and_its_fin_that_wait_together_are_answered_and_the_connection_closed_at_once() {
     let d = daemon("[limits]\nhandshake_timeout_secs = 600\n");
     let mut s = connect(&d);
-    wait_until("the connection is accepted", || {
-        d.metric("ocm_tcp_connections_accepted_total") >= 1.0
-    });
+    wait_for_metric(&d, "ocm_tcp_connections_accepted_total", 1.0);
     d.stop();
     s.write_all(&request_bytes(Operation::CreateRoom, "fin", b"\"host\""))
         .unwrap();
@@ -257,8 +399,7 @@ fn a_request_and_its_fin_that_wait_together_are_answered_and_the_connection_clos
     assert_eq!(read_until_closed(&mut s), b"", "closed after the reply");
     wait_until("the close is counted", || closed(&d, "peer_closed") >= 1.0);
     assert_eq!(closed(&d, "timeout"), 0.0);
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room, "fin".to_owned()]);
+    assert_serves_then_state_intact(d, &["fin"]);
 }
 
 /// A copy of the daemon's descriptor for the TCP connection whose peer is `peer`, taken
@@ -305,18 +446,29 @@ fn daemon_side_of(d: &Daemon, peer: SocketAddr) -> Option<TcpStream> {
     None
 }
 
+/// The daemon's side of our connection `s` ([`daemon_side_of`]).
+fn daemon_end_of(d: &Daemon, s: &TcpStream) -> TcpStream {
+    daemon_side_of(d, s.local_addr().unwrap()).expect("the daemon's side of our connection")
+}
+
+/// A connection on which the daemon has created `room` for a host: the reply proves it
+/// accepted the connection, which stays open until dropped.
+#[track_caller]
+fn answered_connection(d: &Daemon, room: &str) -> TcpStream {
+    let mut s = connect(d);
+    let reply = exchange(
+        &mut s,
+        &request_bytes(Operation::CreateRoom, room, b"\"host\""),
+    );
+    assert!(reply.token.is_some(), "{reply:?}");
+    s
+}
+
 #[test]
 fn handshake_connections_have_tcp_nodelay_in_the_daemon() {
     let d = daemon("");
-    let mut s = connect(&d);
-    // The reply proves the daemon accepted the connection; it stays open until we close.
-    let reply = exchange(
-        &mut s,
-        &request_bytes(Operation::CreateRoom, "nodelay", b"\"host\""),
-    );
-    assert!(reply.token.is_some(), "{reply:?}");
-    let ours = s.local_addr().unwrap();
-    let theirs = daemon_side_of(&d, ours).expect("the daemon's side of our connection");
+    let s = answered_connection(&d, "nodelay");
+    let theirs = daemon_end_of(&d, &s);
     assert!(
         theirs.nodelay().unwrap(),
         "TCP_NODELAY off on the daemon's socket"
@@ -330,24 +482,17 @@ fn handshake_connections_have_tcp_nodelay_in_the_daemon() {
 #[test]
 fn handshake_connections_have_a_user_timeout_of_twice_the_handshake_timeout() {
     let d = daemon("[limits]\nhandshake_timeout_secs = 3\n");
-    // A connection the daemon answered, so accepted; it stays open until we close.
-    let answered = |room: &str| {
-        let mut s = connect(&d);
-        let reply = exchange(
-            &mut s,
-            &request_bytes(Operation::CreateRoom, room, b"\"host\""),
-        );
-        assert!(reply.token.is_some(), "{reply:?}");
-        s
-    };
     let user_timeout_ms = |s: &TcpStream| {
-        let theirs = daemon_side_of(&d, s.local_addr().unwrap())
-            .expect("the daemon's side of our connection");
-        int_option(&theirs, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT).unwrap()
+        int_option(
+            &daemon_end_of(&d, s),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+        )
+        .unwrap()
     };
     // A metrics connection the daemon took, waiting for the end of its request's head.
     let scraping = || {
-        let mut s = TcpStream::connect(d.metrics.expect("a metrics listener")).unwrap();
+        let mut s = metrics_connection(&d);
         s.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
         let ours = s.local_addr().unwrap();
         wait_until("the daemon to take the metrics connection", || {
@@ -355,12 +500,12 @@ fn handshake_connections_have_a_user_timeout_of_twice_the_handshake_timeout() {
         });
         s
     };
-    let before = answered("user-timeout-1");
+    let before = answered_connection(&d, "user-timeout-1");
     assert_eq!(user_timeout_ms(&before), 6_000);
     let scraper_before = scraping();
     assert_eq!(user_timeout_ms(&scraper_before), 6_000, "metrics too");
     d.reload("[limits]\nhandshake_timeout_secs = 5\n");
-    let after = answered("user-timeout-2");
+    let after = answered_connection(&d, "user-timeout-2");
     assert_eq!(user_timeout_ms(&after), 10_000);
     assert_eq!(user_timeout_ms(&before), 6_000, "an open one keeps its own");
     assert_eq!(user_timeout_ms(&scraping()), 10_000, "metrics too");
@@ -413,14 +558,8 @@ fn handshake_connections_have_tcp_nodelay_when_the_listener_refused_it() {
     assert!(mark.exists(), "setsockopt(TCP_NODELAY) was not refused");
     d.wait_for_log("TCP_NODELAY on the listener refused");
     for i in 0..2 {
-        let mut s = connect(&d);
-        let reply = exchange(
-            &mut s,
-            &request_bytes(Operation::CreateRoom, &format!("nodelay-{i}"), b"\"host\""),
-        );
-        assert!(reply.token.is_some(), "{reply:?}");
-        let ours = s.local_addr().unwrap();
-        let theirs = daemon_side_of(&d, ours).expect("the daemon's side of our connection");
+        let s = answered_connection(&d, &format!("nodelay-{i}"));
+        let theirs = daemon_end_of(&d, &s);
         assert!(
             theirs.nodelay().unwrap(),
             "TCP_NODELAY off on the daemon's socket of connection {i}"
@@ -453,10 +592,8 @@ fn urgent_data_in_a_request_ends_at_the_handshake_timeout() {
         b"",
         "no reply to a frame missing a byte"
     );
-    wait_until("the timeout is counted", || closed(&d, "timeout") >= 1.0);
-    assert_eq!(closed(&d, "timeout"), 1.0);
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room]);
+    assert_closes_counted(&d, "timeout", 1.0);
+    assert_serves_then_state_intact(d, &[]);
 }
 
 #[test]
@@ -481,10 +618,8 @@ fn a_truncated_header_then_silence_is_closed_at_the_handshake_timeout() {
         waited < Duration::from_secs(3),
         "closed after {waited:?}, late for a 1 s timeout"
     );
-    wait_until("the timeout is counted", || closed(&d, "timeout") >= 1.0);
-    assert_eq!(closed(&d, "timeout"), 1.0);
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room]);
+    assert_closes_counted(&d, "timeout", 1.0);
+    assert_serves_then_state_intact(d, &[]);
 }
 
 /// The message of the `malformed_request` refusal that must come next on `s`.
@@ -498,6 +633,24 @@ fn malformed_request_message(s: &mut TcpStream) -> String {
         } => m,
         other => panic!("not a malformed_request refusal: {other:?}"),
     }
+}
+
+/// A connection that sent a header announcing 1 GiB of payload and read the final refusal
+/// it drew (`malformed_request`, naming the size); the daemon then waits for our end.
+#[track_caller]
+fn finally_refused(d: &Daemon) -> TcpStream {
+    let mut s = connect(d);
+    s.write_all(&header(1, 1, 0, 1 << 30)).unwrap();
+    let message = malformed_request_message(&mut s);
+    assert!(message.contains(&(1u64 << 30).to_string()), "{message}");
+    s
+}
+
+/// A create request (room `x`) whose header announces 1 GiB of payload: refused for good.
+fn oversized_request() -> Vec<u8> {
+    let mut bytes = request_bytes(Operation::CreateRoom, "x", b"");
+    bytes[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
+    bytes
 }
 
 #[test]
@@ -531,8 +684,7 @@ fn a_huge_payload_size_is_refused_at_once_and_the_connection_closed() {
         d.metric("ocm_handshakes_total{operation=\"create_room\",result=\"malformed_request\"}"),
         4.0
     );
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room]);
+    assert_serves_then_state_intact(d, &[]);
 }
 
 /// The largest request the limits allow, a 255-byte room name and a payload of exactly
@@ -583,8 +735,7 @@ fn an_unknown_operation_is_refused_and_the_connection_stays_usable() {
         reply.token.is_some(),
         "same connection, next request: {reply:?}"
     );
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room, "lobby".into()]);
+    assert_serves_then_state_intact(d, &["lobby"]);
 }
 
 #[test]
@@ -613,8 +764,7 @@ fn a_request_with_a_reply_state_or_an_unknown_state_is_malformed() {
     assert_eq!(read_until_closed(&mut s), b"");
     // Nothing was created by any of them.
     assert_eq!(d.metric("ocm_rooms"), 0.0);
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room]);
+    assert_serves_then_state_intact(d, &[]);
 }
 
 #[test]
@@ -636,8 +786,7 @@ fn invalid_utf8_in_the_room_name_or_payload_is_refused() {
         }
     }
     assert_eq!(d.metric("ocm_rooms"), 0.0);
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room]);
+    assert_serves_then_state_intact(d, &[]);
 }
 
 fn request_raw(d: &Daemon, bytes: &[u8]) -> Reply {
@@ -709,8 +858,7 @@ fn garbage_datagrams_are_dropped_counted_and_never_answered() {
     sock.set_nonblocking(true).unwrap();
     let mut buf = [0u8; 64];
     assert!(sock.recv_from(&mut buf).is_err(), "no reply to garbage");
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room]);
+    assert_serves_then_state_intact(d, &[]);
 }
 
 #[test]
@@ -855,8 +1003,7 @@ fn spoofed_and_foreign_tokens_are_dropped_and_the_room_stays_open() {
         let mut buf = [0u8; 64];
         assert!(m.socket.recv_from(&mut buf).is_err(), "no reply to a spoof");
     }
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room, "a".into(), "b".into()]);
+    assert_serves_then_state_intact(d, &["a", "b"]);
 }
 
 #[test]
@@ -933,11 +1080,64 @@ fn a_chat_flood_is_rate_limited_per_member() {
         d.metric("ocm_rate_limited_total{kind=\"chat\"}"),
         limited as f64
     );
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room, "loud".into()]);
+    assert_serves_then_state_intact(d, &["loud"]);
 }
 
 // ---- TCP floods and caps ----
+
+/// Creates `count` rooms with a host `h` each, room `i` named `name(i)`.
+fn create_rooms(d: &Daemon, count: usize, name: impl Fn(usize) -> String) {
+    for i in 0..count {
+        create(d, &name(i), "h");
+    }
+}
+
+/// The name of room `i` among rooms whose list is long (several KiB for 200 of them).
+fn long_room_name(i: usize) -> String {
+    format!("a-room-with-a-rather-long-name-{i:03}")
+}
+
+/// The payload of a create with a password: host `h`, password `pw`.
+const PASSWORD_ROOM: &[u8] = br#"{"username": "h", "password": "pw"}"#;
+
+/// How many lines the daemon has logged about a password check queued for `source`
+/// (`"IP:"`).
+fn checks_queued(d: &Daemon, source: &str) -> usize {
+    d.log()
+        .lines()
+        .filter(|l| l.contains(source) && l.contains("password check queued"))
+        .count()
+}
+
+/// Keeps the daemon's one hashing thread busy (tens of milliseconds a hash): two password
+/// rooms created from each source 127.0.0.`last`, `last` in `lasts`, each on a thread and a
+/// connection of its own; waits until every check is logged as queued. Returns the threads,
+/// each giving its reply.
+fn keep_the_hasher_busy(d: &Daemon, lasts: std::ops::Range<u8>) -> Vec<thread::JoinHandle<Reply>> {
+    let ahead: Vec<_> = lasts
+        .clone()
+        .flat_map(|last| (0..2).map(move |n| (last, n)))
+        .map(|(last, n)| {
+            let tcp = d.tcp;
+            thread::spawn(move || {
+                let mut s = connect_from(Ipv4Addr::new(127, 0, 0, last), tcp, None);
+                let room = format!("busy-{last}-{n}");
+                exchange(
+                    &mut s,
+                    &request_bytes(Operation::CreateRoom, &room, PASSWORD_ROOM),
+                )
+            })
+        })
+        .collect();
+    wait_until(&format!("{} hashes queued ahead", ahead.len()), || {
+        lasts
+            .clone()
+            .map(|last| checks_queued(d, &format!("127.0.0.{last}:")))
+            .sum::<usize>()
+            == ahead.len()
+    });
+    ahead
+}
 
 /// Creates room "vault" with the password "right".
 fn create_vault(d: &Daemon) {
@@ -1031,15 +1231,8 @@ fn parallel_joins(d: &Daemon, from: Ipv4Addr, passwords: &[&str]) -> Vec<Option<
         .iter()
         .enumerate()
         .map(|(i, pw)| {
-            let mut s = connect_from(from, d.tcp, None);
             let body = format!(r#"{{"username": "guess{i}", "password": "{pw}"}}"#);
-            s.write_all(&request_bytes(
-                Operation::JoinRoom,
-                "vault",
-                body.as_bytes(),
-            ))
-            .unwrap();
-            s
+            sent_from(from, d.tcp, Operation::JoinRoom, "vault", body.as_bytes())
         })
         .collect();
     conns
@@ -1094,8 +1287,7 @@ fn parallel_wrong_passwords_cannot_outrun_the_failure_allowance() {
         vec![None],
         "one token was left"
     );
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room, "vault".into()]);
+    assert_serves_then_state_intact(d, &["vault"]);
 }
 
 #[test]
@@ -1104,27 +1296,18 @@ fn a_flood_of_password_rooms_from_one_source_is_refused_past_its_share_of_the_ha
     // 20 creates of password rooms at once from one IP: each needs an argon2 hash (tens of
     // milliseconds, one at a time), and a source may have 8 queued.
     const CREATES: usize = 20;
+    let from = Ipv4Addr::new(127, 0, 0, 12);
     let mut conns: Vec<TcpStream> = (0..CREATES)
         .map(|i| {
-            let mut s = connect_from(Ipv4Addr::new(127, 0, 0, 12), d.tcp, None);
-            s.write_all(&request_bytes(
-                Operation::CreateRoom,
-                &format!("locked-{i}"),
-                br#"{"username": "h", "password": "pw"}"#,
-            ))
-            .unwrap();
-            s
+            let room = format!("locked-{i}");
+            sent_from(from, d.tcp, Operation::CreateRoom, &room, PASSWORD_ROOM)
         })
         .collect();
     let replies: Vec<Reply> = conns
         .iter_mut()
         .map(|s| FrameReader::default().reply(s))
         .collect();
-    let created = replies.iter().filter(|r| r.token.is_some()).count();
-    let busy = replies
-        .iter()
-        .filter(|r| refused(r) == Some(ErrorCode::RateLimited))
-        .count();
+    let (created, busy) = tokens_and_rate_limited(&replies);
     eprintln!("{created} created, {busy} refused as busy");
     assert_eq!(created + busy, CREATES, "{replies:?}");
     assert!(created >= 8, "the source's share was not served: {created}");
@@ -1135,12 +1318,7 @@ fn a_flood_of_password_rooms_from_one_source_is_refused_past_its_share_of_the_ha
         "counted apart from the request limit"
     );
     // Another source is served meanwhile and after.
-    let r = request(
-        &d,
-        Operation::CreateRoom,
-        "other",
-        br#"{"username": "h", "password": "pw"}"#,
-    );
+    let r = request(&d, Operation::CreateRoom, "other", PASSWORD_ROOM);
     assert!(r.token.is_some(), "{:?}", r.compliance);
 }
 
@@ -1167,7 +1345,7 @@ fn on_a_dual_stack_listener_one_ipv4_source_cannot_take_every_ipv4_clients_share
                 bytes.extend(request_bytes(
                     Operation::CreateRoom,
                     &format!("locked-{c}-{i}"),
-                    br#"{"username": "h", "password": "pw"}"#,
+                    PASSWORD_ROOM,
                 ));
             }
             s.write_all(&bytes).unwrap();
@@ -1178,14 +1356,8 @@ fn on_a_dual_stack_listener_one_ipv4_source_cannot_take_every_ipv4_clients_share
     let first = FrameReader::default().reply(&mut flood[0]);
     assert!(first.token.is_some(), "{:?}", first.compliance);
     // Another IPv4 address asks for one hash.
-    let mut bystander = connect_from(Ipv4Addr::new(127, 0, 0, 15), to, None);
-    bystander
-        .write_all(&request_bytes(
-            Operation::CreateRoom,
-            "bystander",
-            br#"{"username": "h", "password": "pw"}"#,
-        ))
-        .unwrap();
+    let from = Ipv4Addr::new(127, 0, 0, 15);
+    let mut bystander = sent_from(from, to, Operation::CreateRoom, "bystander", PASSWORD_ROOM);
     let reply = FrameReader::default().reply(&mut bystander);
     assert!(
         reply.token.is_some(),
@@ -1203,6 +1375,7 @@ fn password_creates_that_would_be_refused_anyway_are_refused_without_a_hash() {
     // away, and would fill the source's share of the hasher (8) so that the rest came back
     // as busy instead of with the real reason.
     const CREATES: usize = 20;
+    let from = Ipv4Addr::new(127, 0, 0, 13);
     let mut conns: Vec<TcpStream> = (0..CREATES)
         .map(|i| {
             let room = if i == 0 {
@@ -1210,14 +1383,7 @@ fn password_creates_that_would_be_refused_anyway_are_refused_without_a_hash() {
             } else {
                 format!("locked-{i}")
             };
-            let mut s = connect_from(Ipv4Addr::new(127, 0, 0, 13), d.tcp, None);
-            s.write_all(&request_bytes(
-                Operation::CreateRoom,
-                &room,
-                br#"{"username": "h", "password": "pw"}"#,
-            ))
-            .unwrap();
-            s
+            sent_from(from, d.tcp, Operation::CreateRoom, &room, PASSWORD_ROOM)
         })
         .collect();
     let refusals: Vec<Option<ErrorCode>> = conns
@@ -1246,62 +1412,34 @@ fn a_right_password_whose_connection_closed_does_not_spend_the_allowance() {
     // Sixteen password rooms created from eight other sources keep the (one) hashing thread
     // busy for a good while (tens of milliseconds a hash), so that the join below waits in
     // its queue long enough for the reset to arrive first.
-    let busy = thread::scope(|scope| {
-        let d = &d;
-        let ahead: Vec<_> = (7..15u8)
-            .flat_map(|last| (0..2).map(move |n| (last, n)))
-            .map(|(last, n)| {
-                scope.spawn(move || {
-                    let mut s = connect_from(Ipv4Addr::new(127, 0, 0, last), d.tcp, None);
-                    let room = format!("busy-{last}-{n}");
-                    let body = br#"{"username": "h", "password": "pw"}"#;
-                    exchange(&mut s, &request_bytes(Operation::CreateRoom, &room, body))
-                })
-            })
-            .collect();
-        let queued = |source: &str| {
-            d.log()
-                .lines()
-                .filter(|l| l.contains(source) && l.contains("password check queued"))
-                .count()
-        };
-        wait_until("sixteen hashes queued ahead", || {
-            (7..15)
-                .map(|last| queued(&format!("127.0.0.{last}:")))
-                .sum::<usize>()
-                == 16
-        });
-        // The join goes out, then the connection is reset (SO_LINGER 0) while its check
-        // waits: the daemon closes its side at once (after a plain FIN it would still answer).
-        let mut s = connect_from(from, d.tcp, None);
-        s.write_all(&request_bytes(
-            Operation::JoinRoom,
-            "vault",
-            br#"{"username": "gone", "password": "right"}"#,
-        ))
-        .unwrap();
-        wait_until("the join's check is queued", || queued("127.0.0.6:") == 1);
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: setsockopt reads the struct we own, for the socket we own.
-        let rc = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&s),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&linger as *const libc::linger).cast(),
-                std::mem::size_of::<libc::linger>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
-        drop(s);
-        ahead
-            .into_iter()
-            .map(|t| t.join().unwrap().token.is_some())
-            .collect::<Vec<_>>()
+    let ahead = keep_the_hasher_busy(&d, 7..15);
+    // The join goes out, then the connection is reset (SO_LINGER 0) while its check
+    // waits: the daemon closes its side at once (after a plain FIN it would still answer).
+    let body = br#"{"username": "gone", "password": "right"}"#;
+    let s = sent_from(from, d.tcp, Operation::JoinRoom, "vault", body);
+    wait_until("the join's check is queued", || {
+        checks_queued(&d, "127.0.0.6:") == 1
     });
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads the struct we own, for the socket we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    drop(s);
+    let busy: Vec<bool> = ahead
+        .into_iter()
+        .map(|t| t.join().unwrap().token.is_some())
+        .collect();
     assert_eq!(busy, vec![true; 16], "the rooms ahead were created");
     d.wait_for_log("127.0.0.6: right password for a closed connection: token given back");
     assert_eq!(
@@ -1318,52 +1456,24 @@ fn a_right_password_whose_connection_closed_does_not_spend_the_allowance() {
 fn a_request_behind_a_waiting_password_check_does_not_queue_it_again() {
     let d = daemon("");
     create_vault(&d);
-    let queued = |source: &str| {
-        d.log()
-            .lines()
-            .filter(|l| l.contains(source) && l.contains("password check queued"))
-            .count()
-    };
     // Password rooms created from four other sources keep the one hashing thread busy (tens
     // of milliseconds a hash), so that the join below is still waiting when more comes.
-    let ahead: Vec<_> = (20..24u8)
-        .flat_map(|last| (0..2).map(move |n| (last, n)))
-        .map(|(last, n)| {
-            let tcp = d.tcp;
-            thread::spawn(move || {
-                let mut s = connect_from(Ipv4Addr::new(127, 0, 0, last), tcp, None);
-                let body = br#"{"username": "h", "password": "pw"}"#;
-                let room = format!("busy-{last}-{n}");
-                exchange(&mut s, &request_bytes(Operation::CreateRoom, &room, body))
-            })
-        })
-        .collect();
-    wait_until("eight hashes queued ahead", || {
-        (20..24)
-            .map(|last| queued(&format!("127.0.0.{last}:")))
-            .sum::<usize>()
-            == 8
+    let ahead = keep_the_hasher_busy(&d, 20..24);
+    let body = br#"{"username": "g", "password": "right"}"#;
+    let from = Ipv4Addr::new(127, 0, 0, 25);
+    let mut s = sent_from(from, d.tcp, Operation::JoinRoom, "vault", body);
+    wait_until("the join's check is queued", || {
+        checks_queued(&d, "127.0.0.25:") >= 1
     });
-    let mut s = connect_from(Ipv4Addr::new(127, 0, 0, 25), d.tcp, None);
-    s.write_all(&request_bytes(
-        Operation::JoinRoom,
-        "vault",
-        br#"{"username": "g", "password": "right"}"#,
-    ))
-    .unwrap();
-    wait_until("the join's check is queued", || queued("127.0.0.25:") >= 1);
-    s.write_all(&request_bytes(Operation::ListRooms, "", b"{}"))
-        .unwrap();
+    ask_for_rooms(&mut s);
     let mut frames = FrameReader::default();
     let joined = frames.reply(&mut s);
     assert!(joined.token.is_some(), "{joined:?}");
-    let (state, body) = frames.next(&mut s).expect("the list's COMPLIANCE");
-    assert_eq!(state, State::Compliance);
-    assert_eq!(payload::parse_compliance(&body), Ok(Compliance::Success));
+    expect_success(&mut frames, &mut s, "the list");
     for t in ahead {
         assert!(t.join().unwrap().token.is_some());
     }
-    assert_eq!(queued("127.0.0.25:"), 1, "{}", d.log());
+    assert_eq!(checks_queued(&d, "127.0.0.25:"), 1, "{}", d.log());
 }
 
 /// More connections than one pass of the loop accepts (64) wait in the listener's queue
@@ -1386,11 +1496,8 @@ fn a_backlog_larger_than_one_pass_takes_is_answered_whole() {
         .collect();
     d.signal(libc::SIGCONT);
     for (i, s) in waiting.iter_mut().enumerate() {
-        let (state, body) = FrameReader::default()
-            .next(s)
-            .unwrap_or_else(|| panic!("connection {i} of {QUEUED} got no answer"));
-        assert_eq!(state, State::Compliance, "connection {i}");
-        assert_eq!(payload::parse_compliance(&body), Ok(Compliance::Success));
+        let what = format!("connection {i} of {QUEUED}");
+        expect_success(&mut FrameReader::default(), s, &what);
     }
 }
 
@@ -1413,11 +1520,7 @@ fn a_request_flood_from_one_ip_is_rate_limited_and_others_are_served() {
     let mut reader = FrameReader::default();
     let replies: Vec<Reply> = (0..FLOOD).map(|_| reader.reply(&mut s)).collect();
     let took = t.elapsed();
-    let ok = replies.iter().filter(|r| r.token.is_some()).count();
-    let limited = replies
-        .iter()
-        .filter(|r| refused(r) == Some(ErrorCode::RateLimited))
-        .count();
+    let (ok, limited) = tokens_and_rate_limited(&replies);
     eprintln!("{ok} created, {limited} rate limited in {took:?}");
     assert_eq!(ok + limited, FLOOD, "only successes and rate_limited");
     assert!(ok >= 5, "the burst is served: {ok}");
@@ -1431,8 +1534,7 @@ fn a_request_flood_from_one_ip_is_rate_limited_and_others_are_served() {
         limited as f64
     );
     // 127.0.0.1 has its own budget.
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room]);
+    assert_serves_then_state_intact(d, &[]);
 }
 
 /// One source's connections, each with thousands of requests pipelined, are answered a few
@@ -1468,8 +1570,7 @@ fn pipelined_floods_on_many_connections_do_not_hold_up_a_newcomer() {
         "the newcomer waited for {answered} of {sent} pipelined requests ({took:?})"
     );
     drop(floods);
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room]);
+    assert_serves_then_state_intact(d, &[]);
 }
 
 #[test]
@@ -1507,8 +1608,7 @@ fn a_64_member_room_joining_at_once_is_normal_use() {
         Member::new(&d, "party", token).registered_with(&hostm, name);
     }
     let d = Arc::into_inner(d).expect("threads are done");
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room, "party".into()]);
+    assert_serves_then_state_intact(d, &["party"]);
 }
 
 #[test]
@@ -1530,9 +1630,7 @@ fn five_hundred_slow_connections_do_not_stop_a_good_client() {
             s.write_all(&[5]).unwrap();
             slow.push(s);
         }
-        wait_until("the slow connections are accepted", || {
-            d.metric("ocm_tcp_connections_accepted_total") >= slow.len() as f64
-        });
+        wait_for_metric(&d, "ocm_tcp_connections_accepted_total", slow.len() as f64);
     }
     let opened_in = t.elapsed();
     let open = d.metric("ocm_tcp_connections_open");
@@ -1544,10 +1642,7 @@ fn five_hundred_slow_connections_do_not_stop_a_good_client() {
     // Well under the 5 s timeout: served while the slow ones are still open, not after they
     // time out.
     assert!(took < Duration::from_secs(3), "good client took {took:?}");
-    wait_until("every slow connection timed out", || {
-        closed(&d, "timeout") >= SLOW as f64
-    });
-    assert_eq!(closed(&d, "timeout"), SLOW as f64);
+    assert_closes_counted(&d, "timeout", SLOW as f64);
     for s in &mut slow {
         assert_eq!(read_until_closed(s), b"", "closed without a reply");
     }
@@ -1563,9 +1658,7 @@ fn a_connection_waiting_for_its_peers_end_leaves_its_per_ip_share() {
     let d = daemon("[limits]\nmax_connections_per_ip = 1\n");
     let mut old = connect(&d);
     // A frame that announces 1 GiB of payload: refused, and the connection ends.
-    let mut header = request_bytes(Operation::CreateRoom, "x", b"");
-    header[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
-    old.write_all(&header).unwrap();
+    old.write_all(&oversized_request()).unwrap();
     let refusal = FrameReader::default().reply(&mut old);
     assert!(refusal.token.is_none(), "{refusal:?}");
     wait_until("the daemon's end of the refused connection", || {
@@ -1575,10 +1668,7 @@ fn a_connection_waiting_for_its_peers_end_leaves_its_per_ip_share() {
     // The old socket is still open on our side: the new connection is served anyway.
     let token = create(&d, "after", "bob");
     assert!(!token.is_empty());
-    assert_eq!(
-        d.metric("ocm_tcp_connections_rejected_total{reason=\"max_connections_per_ip\"}"),
-        0.0
-    );
+    assert_eq!(rejected(&d, "max_connections_per_ip"), 0.0);
     drop(old);
     wait_until("the refused connection closed as protocol", || {
         closed(&d, "protocol") >= 1.0
@@ -1590,17 +1680,12 @@ fn a_connection_waiting_for_its_peers_end_leaves_its_per_ip_share() {
 fn connections_over_the_per_ip_cap_are_closed_at_once() {
     let d = daemon("[limits]\nmax_connections_per_ip = 3\n");
     let mut held: Vec<TcpStream> = (0..3).map(|_| connect(&d)).collect();
-    wait_until("three connections accepted", || {
-        d.metric("ocm_tcp_connections_accepted_total") >= 3.0
-    });
+    wait_for_metric(&d, "ocm_tcp_connections_accepted_total", 3.0);
     let mut fourth = connect(&d);
     // Whatever it sends, it is closed without an answer.
     let _ = fourth.write_all(&request_bytes(Operation::CreateRoom, "x", b"\"y\""));
     assert_eq!(read_until_closed(&mut fourth), b"");
-    assert_eq!(
-        d.metric("ocm_tcp_connections_rejected_total{reason=\"max_connections_per_ip\"}"),
-        1.0
-    );
+    assert_eq!(rejected(&d, "max_connections_per_ip"), 1.0);
     // The three held connections still work.
     for (i, s) in held.iter_mut().enumerate() {
         let r = exchange(
@@ -1613,20 +1698,23 @@ fn connections_over_the_per_ip_cap_are_closed_at_once() {
     wait_until("the held connections are closed", || {
         closed(&d, "peer_closed") >= 3.0
     });
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room, "held-0".into()]);
+    assert_serves_then_state_intact(d, &["held-0"]);
 }
 
 /// Asks for the room list on `s` and reads the whole reply (`which` names it in a failure).
+#[track_caller]
 fn list_rooms_on(s: &mut TcpStream, which: u8) {
-    s.write_all(&request_bytes(Operation::ListRooms, "", b"{}"))
-        .unwrap();
-    let mut frames = FrameReader::default();
-    let (state, body) = frames.next(s).expect("COMPLIANCE");
-    assert_eq!(state, State::Compliance, "connection {which}");
-    assert_eq!(payload::parse_compliance(&body), Ok(Compliance::Success));
-    let (state, _) = frames.next(s).expect("the room list");
-    assert_eq!(state, State::Complete, "connection {which}");
+    ask_for_rooms(s);
+    read_room_list(s, &format!("connection {which}"));
+}
+
+/// A connection from `from` that has asked for the room list and read the whole reply
+/// ([`list_rooms_on`], `which` naming it in a failure), then left idle.
+#[track_caller]
+fn answered_from(d: &Daemon, from: Ipv4Addr, which: u8) -> TcpStream {
+    let mut s = connect_from(from, d.tcp, None);
+    list_rooms_on(&mut s, which);
+    s
 }
 
 /// A full connection table makes room: the connection idle the longest (answered, then
@@ -1639,23 +1727,15 @@ fn a_full_connection_table_closes_the_longest_idle_connection_for_a_new_one() {
     );
     // Eight connections from two other sources, each answered once and then idle, oldest
     // first.
-    let mut held: Vec<TcpStream> = Vec::new();
-    for i in 0..8u8 {
-        let mut s = connect_from(Ipv4Addr::new(127, 0, 0, 2 + i / 4), d.tcp, None);
-        list_rooms_on(&mut s, i);
-        held.push(s);
-    }
-    wait_until("eight connections open", || {
-        d.metric("ocm_tcp_connections_open") >= 8.0
-    });
+    let mut held: Vec<TcpStream> = (0..8u8)
+        .map(|i| answered_from(&d, Ipv4Addr::new(127, 0, 0, 2 + i / 4), i))
+        .collect();
+    wait_for_metric(&d, "ocm_tcp_connections_open", 8.0);
     // A ninth client is served: the oldest holder made room.
     let token = create(&d, "made-room", "h");
     assert!(!token.is_empty());
     assert_eq!(closed(&d, "evicted"), 1.0);
-    assert_eq!(
-        d.metric("ocm_tcp_connections_rejected_total{reason=\"max_connections\"}"),
-        0.0
-    );
+    assert_eq!(rejected(&d, "max_connections"), 0.0);
     assert_eq!(
         read_until_closed(&mut held[0]),
         b"",
@@ -1665,8 +1745,7 @@ fn a_full_connection_table_closes_the_longest_idle_connection_for_a_new_one() {
     for (i, s) in held.iter_mut().enumerate().skip(1) {
         list_rooms_on(s, i as u8);
     }
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room, "made-room".into()]);
+    assert_serves_then_state_intact(d, &["made-room"]);
 }
 
 /// A full table of exactly as many connections as one pass picks (64) makes room like any
@@ -1686,9 +1765,7 @@ fn a_full_table_of_exactly_one_pass_of_picks_closes_the_longest_idle_connection(
         list_rooms_on(&mut s, i as u8);
         held.push(s);
     }
-    wait_until("the table is full", || {
-        d.metric("ocm_tcp_connections_open") >= PICKS as f64
-    });
+    wait_for_metric(&d, "ocm_tcp_connections_open", PICKS as f64);
     let token = create(&d, "made-room", "h");
     assert!(!token.is_empty());
     assert_eq!(closed(&d, "evicted"), 1.0);
@@ -1698,8 +1775,7 @@ fn a_full_table_of_exactly_one_pass_of_picks_closes_the_longest_idle_connection(
         "the oldest was closed"
     );
     list_rooms_on(&mut held[1], 1);
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room, "made-room".into()]);
+    assert_serves_then_state_intact(d, &["made-room"]);
 }
 
 /// The connections picked to make room are checked again before each is closed: one that
@@ -1709,18 +1785,12 @@ fn a_connection_answered_since_the_table_filled_is_not_the_next_one_closed() {
     let d = daemon(
         "[limits]\nmax_connections = 4\nmax_connections_per_ip = 4\nhandshake_timeout_secs = 600\n",
     );
-    let mut held: Vec<TcpStream> = Vec::new();
-    for i in 0..4u8 {
-        let mut s = connect_from(Ipv4Addr::new(127, 0, 0, 2 + i), d.tcp, None);
-        list_rooms_on(&mut s, i);
-        held.push(s);
-    }
-    wait_until("four connections open", || {
-        d.metric("ocm_tcp_connections_open") >= 4.0
-    });
+    let mut held: Vec<TcpStream> = (0..4u8)
+        .map(|i| answered_from(&d, Ipv4Addr::new(127, 0, 0, 2 + i), i))
+        .collect();
+    wait_for_metric(&d, "ocm_tcp_connections_open", 4.0);
     // A newcomer, which stays, closes the longest idle (0); the others stay picked, 1 first.
-    let mut newcomer = connect_from(Ipv4Addr::new(127, 0, 0, 6), d.tcp, None);
-    list_rooms_on(&mut newcomer, 4);
+    let mut newcomer = answered_from(&d, Ipv4Addr::new(127, 0, 0, 6), 4);
     assert_eq!(closed(&d, "evicted"), 1.0);
     assert_eq!(read_until_closed(&mut held[0]), b"", "0 was closed");
     // 1 asks again: it is now the most recently answered but for the newcomer.
@@ -1740,13 +1810,10 @@ fn a_connection_answered_since_the_table_filled_is_not_the_next_one_closed() {
 fn a_full_handshake_table_does_not_close_a_metrics_connection_for_a_newcomer() {
     let d = daemon("[limits]\nmax_connections = 2\nhandshake_timeout_secs = 600\n");
     // Idle since before any handshake connection.
-    let mut scraper = TcpStream::connect(d.metrics.expect("metrics on")).unwrap();
-    let mut held: Vec<TcpStream> = Vec::new();
-    for i in 0..2u8 {
-        let mut s = connect_from(Ipv4Addr::new(127, 0, 0, 2 + i), d.tcp, None);
-        list_rooms_on(&mut s, i);
-        held.push(s);
-    }
+    let mut scraper = metrics_connection(&d);
+    let mut held: Vec<TcpStream> = (0..2u8)
+        .map(|i| answered_from(&d, Ipv4Addr::new(127, 0, 0, 2 + i), i))
+        .collect();
     create(&d, "newcomer", "n");
     assert_eq!(closed(&d, "evicted"), 1.0);
     assert_eq!(
@@ -1755,10 +1822,7 @@ fn a_full_handshake_table_does_not_close_a_metrics_connection_for_a_newcomer() {
         "the oldest handshake connection was closed"
     );
     // The scraper's connection is still open, and answered.
-    scraper.set_read_timeout(Some(PATIENCE)).unwrap();
-    scraper.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
-    let mut text = String::new();
-    let _ = scraper.read_to_string(&mut text);
+    let text = health_check_on(&mut scraper);
     assert!(text.ends_with("\r\n\r\nok\n"), "{text:?}");
 }
 
@@ -1774,16 +1838,12 @@ fn a_table_of_two_with_a_paused_connection() -> (Daemon, TcpStream) {
          [rate]\nrequests_per_sec = 0\n",
     );
     // The rooms are made before the table is filled.
-    for i in 0..200 {
-        create(&d, &format!("a-room-with-a-rather-long-name-{i:03}"), "h");
-    }
+    create_rooms(&d, 200, long_room_name);
     let mut paused = connect_from(Ipv4Addr::new(127, 0, 0, 2), d.tcp, Some(4096));
     paused
         .write_all(&request_bytes(Operation::ListRooms, "", b"{}").repeat(ROOM_LISTS_ASKED))
         .unwrap();
-    wait_until("the connection is paused", || {
-        d.metric("ocm_tcp_output_pauses_total") >= 1.0
-    });
+    wait_for_metric(&d, "ocm_tcp_output_pauses_total", 1.0);
     (d, paused)
 }
 
@@ -1804,11 +1864,8 @@ fn read_room_lists(s: &mut TcpStream, asked: usize) {
 fn a_full_table_closes_an_idle_connection_before_a_paused_one() {
     let (d, mut paused) = a_table_of_two_with_a_paused_connection();
     // The idle one, answered after it.
-    let mut idle = connect_from(Ipv4Addr::new(127, 0, 0, 3), d.tcp, None);
-    list_rooms_on(&mut idle, 1);
-    wait_until("two connections open", || {
-        d.metric("ocm_tcp_connections_open") >= 2.0
-    });
+    let mut idle = answered_from(&d, Ipv4Addr::new(127, 0, 0, 3), 1);
+    wait_for_metric(&d, "ocm_tcp_connections_open", 2.0);
     // A newcomer makes the idle one go.
     create(&d, "newcomer", "n");
     assert_eq!(closed(&d, "evicted"), 1.0);
@@ -1823,8 +1880,7 @@ fn a_full_table_closes_an_idle_connection_before_a_paused_one() {
 #[test]
 fn a_table_full_again_chooses_afresh_and_closes_an_idle_connection_before_a_paused_one() {
     let (d, mut paused) = a_table_of_two_with_a_paused_connection();
-    let mut first_idle = connect_from(Ipv4Addr::new(127, 0, 0, 3), d.tcp, None);
-    list_rooms_on(&mut first_idle, 1);
+    let mut first_idle = answered_from(&d, Ipv4Addr::new(127, 0, 0, 3), 1);
     // The table is full: the first newcomer's pass picks the idle one, then the paused one.
     create(&d, "first-newcomer", "n");
     assert_eq!(closed(&d, "evicted"), 1.0);
@@ -1838,8 +1894,7 @@ fn a_table_full_again_chooses_afresh_and_closes_an_idle_connection_before_a_paus
         d.metric("ocm_tcp_connections_open") <= 2.0
     });
     // Another idle one fills the table again; the next newcomer makes it go.
-    let mut second_idle = connect_from(Ipv4Addr::new(127, 0, 0, 4), d.tcp, None);
-    list_rooms_on(&mut second_idle, 2);
+    let mut second_idle = answered_from(&d, Ipv4Addr::new(127, 0, 0, 4), 2);
     create(&d, "second-newcomer", "n");
     assert_eq!(closed(&d, "evicted"), 2.0);
     assert_eq!(
@@ -1861,9 +1916,7 @@ fn more_bytes_from_a_paused_peer_do_not_count_as_more_pauses() {
         "[limits]\nmax_output_bytes = 1024\nhandshake_timeout_secs = 600\n\
          [rate]\nrequests_per_sec = 0\n",
     );
-    for i in 0..200 {
-        create(&d, &format!("a-room-with-a-rather-long-name-{i:03}"), "h");
-    }
+    create_rooms(&d, 200, long_room_name);
     let pauses = || d.metric("ocm_tcp_output_pauses_total");
     let mut paused = connect_from(Ipv4Addr::new(127, 0, 0, 2), d.tcp, Some(4096));
     const ASKED: usize = 1000;
@@ -1895,13 +1948,7 @@ fn more_bytes_from_a_paused_peer_do_not_count_as_more_pauses() {
         "{MORE} requests to a paused connection counted {} more pauses",
         after - settled
     );
-    let mut frames = FrameReader::default();
-    for i in 0..ASKED + MORE {
-        let (state, _) = frames.next(&mut paused).expect("COMPLIANCE, not EOF");
-        assert_eq!(state, State::Compliance, "reply {i}");
-        let (state, _) = frames.next(&mut paused).expect("the room list");
-        assert_eq!(state, State::Complete, "reply {i}");
-    }
+    read_room_lists(&mut paused, ASKED + MORE);
 }
 
 /// Frames refused before the request limit (here COMPLIANCE headers, which a server never
@@ -1911,35 +1958,14 @@ fn more_bytes_from_a_paused_peer_do_not_count_as_more_pauses() {
 fn junk_frames_do_not_keep_a_connection_open() {
     let d = daemon("[limits]\nhandshake_timeout_secs = 1\n");
     let mut s = connect(&d);
-    s.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
     let junk = header(0, 1, 1, 0);
     let started = Instant::now();
-    let mut replies = 0;
-    let mut chunk = [0u8; 4096];
-    let closed_after = loop {
-        assert!(
-            started.elapsed() < 3 * PATIENCE,
-            "still open after {:?} of junk",
-            started.elapsed()
-        );
-        if s.write_all(&junk).is_err() {
-            break started.elapsed();
-        }
-        match uninterrupted(|| s.read(&mut chunk)) {
-            Ok(0) => break started.elapsed(),
-            Ok(_) => replies += 1,
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => break started.elapsed(),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) => panic!("read: {e}"),
-        }
-    };
+    let replies = send_until_closed(&mut s, &junk);
+    let closed_after = started.elapsed();
     eprintln!("closed after {closed_after:?}, {replies} refusals read");
     assert!(replies >= 1, "the junk was answered");
-    wait_until("the timeout is counted", || closed(&d, "timeout") >= 1.0);
-    assert_eq!(closed(&d, "timeout"), 1.0);
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room]);
+    assert_closes_counted(&d, "timeout", 1.0);
+    assert_serves_then_state_intact(d, &[]);
 }
 
 /// An answered request restarts the handshake timer: a client that keeps asking on one
@@ -1968,12 +1994,7 @@ fn answered_requests_keep_a_connection_open_past_the_handshake_timeout() {
 #[test]
 fn a_client_may_ask_again_after_a_reply_that_waited_for_the_disk() {
     let d = daemon("[limits]\nhandshake_timeout_secs = 2\n");
-    let mut s = connect(&d);
-    let created = exchange(
-        &mut s,
-        &request_bytes(Operation::CreateRoom, "durable", b"\"host\""),
-    );
-    assert!(created.token.is_some(), "{created:?}");
+    let mut s = answered_connection(&d, "durable");
     // Pacing, not a wait for anything: a client that reads, then asks half a second later.
     thread::sleep(Duration::from_millis(500));
     list_rooms_on(&mut s, 1);
@@ -1984,7 +2005,7 @@ fn a_client_may_ask_again_after_a_reply_that_waited_for_the_disk() {
 fn metrics_connections_do_not_use_up_the_per_ip_handshake_cap() {
     let d = daemon("[limits]\nmax_connections_per_ip = 1\n");
     // A scraper's connection, open and idle (it has not sent its request yet).
-    let _scraper = TcpStream::connect(d.metrics.expect("metrics on")).unwrap();
+    let _scraper = metrics_connection(&d);
     wait_until("the scraper's connection is accepted", || {
         // This query's own connection is open too while it is answered.
         d.metric("ocm_tcp_connections_open") >= 2.0
@@ -1997,7 +2018,7 @@ fn metrics_connections_do_not_use_up_the_per_ip_handshake_cap() {
     assert!(
         matches!(answered, Ok(1)),
         "the only handshake connection from 127.0.0.1 was refused ({answered:?}); rejected: {}",
-        d.metric("ocm_tcp_connections_rejected_total{reason=\"max_connections_per_ip\"}")
+        rejected(&d, "max_connections_per_ip")
     );
 }
 
@@ -2008,10 +2029,8 @@ fn metrics_connections_do_not_use_up_the_per_ip_handshake_cap() {
 fn a_closed_metrics_connection_frees_no_share_of_the_per_ip_handshake_cap() {
     let d = daemon("[limits]\nmax_connections_per_ip = 2\n");
     let held: Vec<TcpStream> = (0..2).map(|_| connect(&d)).collect();
-    let idle = TcpStream::connect(d.metrics.expect("metrics on")).unwrap();
-    wait_until("every connection accepted", || {
-        d.metric("ocm_tcp_connections_accepted_total") >= 3.0
-    });
+    let idle = metrics_connection(&d);
+    wait_for_metric(&d, "ocm_tcp_connections_accepted_total", 3.0);
     drop(idle);
     wait_until("the idle metrics connection closed", || {
         closed(&d, "peer_closed") >= 1.0
@@ -2019,10 +2038,7 @@ fn a_closed_metrics_connection_frees_no_share_of_the_per_ip_handshake_cap() {
     let mut third = connect(&d);
     let _ = third.write_all(&request_bytes(Operation::CreateRoom, "x", b"\"y\""));
     assert_eq!(read_until_closed(&mut third), b"", "a third was served");
-    assert_eq!(
-        d.metric("ocm_tcp_connections_rejected_total{reason=\"max_connections_per_ip\"}"),
-        1.0
-    );
+    assert_eq!(rejected(&d, "max_connections_per_ip"), 1.0);
     drop(held);
 }
 
@@ -2033,27 +2049,20 @@ fn a_closed_metrics_connection_frees_no_share_of_the_per_ip_handshake_cap() {
 fn a_connection_that_waited_for_its_peers_end_gives_its_share_back_once() {
     let d = daemon("[limits]\nmax_connections_per_ip = 2\n");
     let mut refused = connect(&d);
-    let mut header = request_bytes(Operation::CreateRoom, "x", b"");
-    header[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
-    refused.write_all(&header).unwrap();
+    refused.write_all(&oversized_request()).unwrap();
     let refusal = FrameReader::default().reply(&mut refused);
     assert!(refusal.token.is_none(), "{refusal:?}");
     assert_eq!(read_until_closed(&mut refused), b"");
     // Two more, the cap, while it waits; then its end.
     let held: Vec<TcpStream> = (0..2).map(|_| connect(&d)).collect();
-    wait_until("three handshake connections accepted", || {
-        d.metric("ocm_tcp_connections_accepted_total") >= 3.0
-    });
+    wait_for_metric(&d, "ocm_tcp_connections_accepted_total", 3.0);
     let local = refused.local_addr().unwrap();
     drop(refused);
     d.wait_for_log(&format!("{local}: closed (protocol)"));
     let mut another = connect(&d);
     let _ = another.write_all(&request_bytes(Operation::CreateRoom, "y", b"\"y\""));
     assert_eq!(read_until_closed(&mut another), b"", "a third was served");
-    assert_eq!(
-        d.metric("ocm_tcp_connections_rejected_total{reason=\"max_connections_per_ip\"}"),
-        1.0
-    );
+    assert_eq!(rejected(&d, "max_connections_per_ip"), 1.0);
     drop(held);
 }
 
@@ -2064,10 +2073,9 @@ const MAX_METRICS_CONNECTIONS: usize = 16;
 fn idle_metrics_connections_neither_fill_the_connection_table_nor_lock_out_health_checks() {
     // The handshake timer would close the idle connections; it must not run out mid-test.
     let d = daemon("[limits]\nmax_connections = 4\nhandshake_timeout_secs = 600\n");
-    let metrics = d.metrics.expect("metrics on");
     // Idle connections fill the metrics allowance, not the handshake table.
     let mut idle: Vec<TcpStream> = (0..MAX_METRICS_CONNECTIONS)
-        .map(|_| TcpStream::connect(metrics).unwrap())
+        .map(|_| metrics_connection(&d))
         .collect();
     // A health check is answered: the oldest idle connection (accepted first, the backlog
     // being in order) is closed to make room for it.
@@ -2088,10 +2096,7 @@ fn idle_metrics_connections_neither_fill_the_connection_table_nor_lock_out_healt
     );
     // This scrape fits without closing another: the health check's connection is gone.
     assert_eq!(closed(&d, "evicted"), 1.0);
-    assert_eq!(
-        d.metric("ocm_tcp_connections_rejected_total{reason=\"max_metrics_connections\"}"),
-        0.0
-    );
+    assert_eq!(rejected(&d, "max_metrics_connections"), 0.0);
     let room = assert_still_serves(&d);
     drop(idle);
     assert_state_intact(d, &[room]);
@@ -2105,16 +2110,13 @@ fn idle_metrics_connections_neither_fill_the_connection_table_nor_lock_out_healt
 #[test]
 fn a_full_metrics_table_closes_an_answered_connection_before_an_idle_one() {
     let d = daemon("");
-    let metrics = d.metrics.expect("metrics on");
     let mut idle: Vec<TcpStream> = (0..MAX_METRICS_CONNECTIONS - 1)
-        .map(|_| TcpStream::connect(metrics).unwrap())
+        .map(|_| metrics_connection(&d))
         .collect();
     // Answered, then kept open: the daemon waits for its end. Accepted after the idle ones.
-    let mut answered = TcpStream::connect(metrics).unwrap();
+    let mut answered = metrics_connection(&d);
     answered.set_read_timeout(Some(PATIENCE)).unwrap();
-    answered
-        .write_all(b"GET /healthz HTTP/1.1\r\n\r\n")
-        .unwrap();
+    answered.write_all(HEALTH_CHECK).unwrap();
     let mut text = String::new();
     answered
         .read_to_string(&mut text)
@@ -2125,10 +2127,7 @@ fn a_full_metrics_table_closes_an_answered_connection_before_an_idle_one() {
     assert_eq!(closed(&d, "evicted"), 0.0, "no idle connection was evicted");
     // Every idle connection is still there, and answered.
     for (i, s) in idle.iter_mut().enumerate() {
-        s.set_read_timeout(Some(PATIENCE)).unwrap();
-        s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
-        let mut text = String::new();
-        let _ = s.read_to_string(&mut text);
+        let text = health_check_on(s);
         assert!(text.ends_with("\r\n\r\nok\n"), "idle {i}: {text:?}");
     }
     drop(answered);
@@ -2140,39 +2139,29 @@ fn a_full_metrics_table_closes_an_answered_connection_before_an_idle_one() {
 #[test]
 fn a_full_metrics_table_that_frees_a_slot_by_answering_evicts_nobody() {
     let d = daemon("");
-    let metrics = d.metrics.expect("metrics on");
     let mut idle: Vec<TcpStream> = (0..MAX_METRICS_CONNECTIONS - 1)
-        .map(|_| TcpStream::connect(metrics).unwrap())
+        .map(|_| metrics_connection(&d))
         .collect();
-    wait_until("the idle connections are accepted", || {
-        d.metric("ocm_tcp_connections_accepted_total") >= idle.len() as f64
-    });
+    wait_for_metric(&d, "ocm_tcp_connections_accepted_total", idle.len() as f64);
     // Stopped, the daemon reads nothing: the last slot's request and end, then a newcomer,
     // arrive together and are accepted in one go, before either is read.
     d.stop();
-    let mut done = TcpStream::connect(metrics).unwrap();
-    done.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+    let mut done = metrics_connection(&d);
+    done.write_all(HEALTH_CHECK).unwrap();
     done.shutdown(Shutdown::Write).unwrap();
-    let mut newcomer = TcpStream::connect(metrics).unwrap();
-    newcomer
-        .write_all(b"GET /healthz HTTP/1.1\r\n\r\n")
-        .unwrap();
+    let mut newcomer = metrics_connection(&d);
+    newcomer.write_all(HEALTH_CHECK).unwrap();
     d.signal(libc::SIGCONT);
     for (which, s) in [
         ("the finished one", &mut done),
         ("the newcomer", &mut newcomer),
     ] {
-        s.set_read_timeout(Some(PATIENCE)).unwrap();
-        let mut text = String::new();
-        let _ = s.read_to_string(&mut text);
+        let text = answer_on(s);
         assert!(text.ends_with("\r\n\r\nok\n"), "{which}: {text:?}");
     }
     assert_eq!(closed(&d, "evicted"), 0.0);
     for (i, s) in idle.iter_mut().enumerate() {
-        s.set_read_timeout(Some(PATIENCE)).unwrap();
-        s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
-        let mut text = String::new();
-        let _ = s.read_to_string(&mut text);
+        let text = health_check_on(s);
         assert!(text.ends_with("\r\n\r\nok\n"), "idle {i}: {text:?}");
     }
 }
@@ -2180,11 +2169,10 @@ fn a_full_metrics_table_that_frees_a_slot_by_answering_evicts_nobody() {
 #[test]
 fn a_burst_of_metrics_requests_past_the_allowance_is_answered_whole() {
     let d = daemon("");
-    let metrics = d.metrics.expect("metrics on");
     d.stop();
     let mut scrapes: Vec<TcpStream> = (0..MAX_METRICS_CONNECTIONS + 4)
         .map(|_| {
-            let mut s = TcpStream::connect(metrics).unwrap();
+            let mut s = metrics_connection(&d);
             s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
                 .unwrap();
             s
@@ -2192,16 +2180,11 @@ fn a_burst_of_metrics_requests_past_the_allowance_is_answered_whole() {
         .collect();
     d.signal(libc::SIGCONT);
     for (i, s) in scrapes.iter_mut().enumerate() {
-        s.set_read_timeout(Some(PATIENCE)).unwrap();
-        let mut answer = String::new();
-        let _ = s.read_to_string(&mut answer);
+        let answer = answer_on(s);
         assert!(answer.ends_with("\r\n\r\nok\n"), "scrape {i}: {answer:?}");
     }
     assert_eq!(closed(&d, "evicted"), 0.0);
-    assert_eq!(
-        d.metric("ocm_tcp_connections_rejected_total{reason=\"max_metrics_connections\"}"),
-        0.0
-    );
+    assert_eq!(rejected(&d, "max_metrics_connections"), 0.0);
 }
 
 /// The daemon's CPU time while `rounds` metrics connections are opened one after another,
@@ -2209,13 +2192,12 @@ fn a_burst_of_metrics_requests_past_the_allowance_is_answered_whole() {
 /// one finds the metrics table full and closes the oldest to make room.
 fn cpu_for_unfinished_metrics_requests(head: usize, rounds: usize) -> Duration {
     let d = daemon("[limits]\nhandshake_timeout_secs = 600\n");
-    let metrics = d.metrics.expect("metrics on");
     let junk = vec![b'a'; head];
     let before = cpu_time(d.pid());
     // Kept open: a client's end would free its slot, and its newcomer would evict nobody.
     let open: Vec<TcpStream> = (0..rounds)
         .map(|_| {
-            let mut s = TcpStream::connect(metrics).unwrap();
+            let mut s = metrics_connection(&d);
             s.write_all(&junk).unwrap();
             s
         })
@@ -2307,11 +2289,8 @@ fn set_open_files_limit(d: &Daemon, limit: usize) {
 /// at the handshake timeout), unlike idle handshake connections, which a failed accept
 /// closes to make room.
 fn hold_every_descriptor_with_metrics_connections(d: &Daemon, n: usize) -> Vec<TcpStream> {
-    let metrics = d.metrics.expect("metrics on");
     let base = open_sockets(d.pid());
-    let holders: Vec<TcpStream> = (0..n)
-        .map(|_| TcpStream::connect(metrics).unwrap())
-        .collect();
+    let holders: Vec<TcpStream> = (0..n).map(|_| metrics_connection(d)).collect();
     wait_until("the metrics connections are accepted", || {
         open_sockets(d.pid()) >= base + n
     });
@@ -2328,19 +2307,13 @@ fn connections_left_in_the_backlog_at_emfile_are_served_once_descriptors_free_up
     let holders = hold_every_descriptor_with_metrics_connections(&d, 3);
     let mut waiting: Vec<TcpStream> = (0..2).map(|_| connect(&d)).collect();
     for s in &mut waiting {
-        s.write_all(&request_bytes(Operation::ListRooms, "", b"{}"))
-            .unwrap();
+        ask_for_rooms(s);
     }
     d.wait_for_log("accept failed");
     // Free the descriptors; no new connection arrives to raise another edge on the listener.
     drop(holders);
     for s in &mut waiting {
-        let mut frames = FrameReader::default();
-        let (state, body) = frames.next(s).expect("a reply, not EOF");
-        assert_eq!(state, State::Compliance);
-        assert_eq!(payload::parse_compliance(&body), Ok(Compliance::Success));
-        let (state, _) = frames.next(s).expect("the room list");
-        assert_eq!(state, State::Complete);
+        read_room_list(s, "a connection left in the backlog");
     }
     assert!(d.metric("ocm_tcp_accept_errors_total") >= 1.0);
 }
@@ -2424,8 +2397,7 @@ fn at_emfile_a_source_at_its_cap_costs_one_closing_not_one_per_attempt() {
     assert_eq!(closed_by_daemon(&mut others), [true, false, false]);
     assert_eq!(closed_by_daemon(&mut held), [false, false]);
     // The descriptor freed by the last refusal takes a newcomer from another source.
-    let mut newcomer = connect_from(Ipv4Addr::new(127, 0, 0, 6), d.tcp, None);
-    list_rooms_on(&mut newcomer, 9);
+    let _newcomer = answered_from(&d, Ipv4Addr::new(127, 0, 0, 6), 9);
     assert_eq!(closed_by_daemon(&mut others), [true, false, false]);
 }
 
@@ -2453,11 +2425,10 @@ fn closed_by_daemon(conns: &mut [TcpStream]) -> Vec<bool> {
 #[test]
 fn at_emfile_a_scrape_to_a_full_metrics_allowance_closes_no_handshake_connection() {
     let d = daemon("[rate]\ndrop_logs_per_sec = 0\n[limits]\nhandshake_timeout_secs = 60\n");
-    let metrics = d.metrics.expect("metrics on");
     let base = open_sockets(d.pid());
     let mut idle: Vec<TcpStream> = (0..3).map(|_| connect(&d)).collect();
     let _silent: Vec<TcpStream> = (0..MAX_METRICS_CONNECTIONS)
-        .map(|_| TcpStream::connect(metrics).unwrap())
+        .map(|_| metrics_connection(&d))
         .collect();
     wait_until("the idle connections are accepted", || {
         open_sockets(d.pid()) >= base + 3 + MAX_METRICS_CONNECTIONS
@@ -2468,8 +2439,8 @@ fn at_emfile_a_scrape_to_a_full_metrics_allowance_closes_no_handshake_connection
     let mut filler = connect(&d);
     list_rooms_on(&mut filler, 0);
     let before = closed_by_daemon(&mut idle);
-    let mut scrape = TcpStream::connect(metrics).unwrap();
-    scrape.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+    let mut scrape = metrics_connection(&d);
+    scrape.write_all(HEALTH_CHECK).unwrap();
     let answer = String::from_utf8_lossy(&read_until_closed(&mut scrape)).into_owned();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
     d.wait_for_log("accept failed");
@@ -2490,15 +2461,7 @@ fn a_pipelining_peer_is_paused_until_its_replies_drain_and_gets_every_one() {
     // so that the per-IP request budget of 127.0.0.1 stays for the good client.)
     let host = create(&d, "deaf", "host");
     let mut s = connect_from(Ipv4Addr::new(127, 0, 0, 2), d.tcp, None);
-    let mut bytes = Vec::new();
-    for i in 0..200 {
-        bytes.extend(request_bytes(
-            Operation::JoinRoom,
-            "deaf",
-            format!("\"m{i}\"").as_bytes(),
-        ));
-    }
-    s.write_all(&bytes).unwrap();
+    s.write_all(&pipelined_joins("deaf", 0..200)).unwrap();
     let mut frames = FrameReader::default();
     let mut tokens = std::collections::HashSet::new();
     for i in 0..200 {
@@ -2523,17 +2486,13 @@ fn a_pipelining_peer_that_reads_late_is_paused_and_then_gets_every_reply() {
     // No request limit: a thousand requests in one write.
     let d = daemon("[limits]\nmax_output_bytes = 1024\n[rate]\nrequests_per_sec = 0\n");
     // Room lists of several KiB each: a thousand of them is more than any socket buffer.
-    for i in 0..200 {
-        create(&d, &format!("a-room-with-a-rather-long-name-{i:03}"), "h");
-    }
+    create_rooms(&d, 200, long_room_name);
     let mut s = connect_from(Ipv4Addr::new(127, 0, 0, 2), d.tcp, Some(4096));
     const ASKED: usize = 1000;
     s.write_all(&request_bytes(Operation::ListRooms, "", b"{}").repeat(ASKED))
         .unwrap();
     // It reads nothing until the daemon has stopped answering it.
-    wait_until("the connection is paused", || {
-        d.metric("ocm_tcp_output_pauses_total") >= 1.0
-    });
+    wait_for_metric(&d, "ocm_tcp_output_pauses_total", 1.0);
     // Paused, the connection is not read (its requests wait in the kernel), nor revisited:
     // the daemon idles until the peer reads.
     let before = cpu_time(d.pid());
@@ -2544,16 +2503,13 @@ fn a_pipelining_peer_that_reads_late_is_paused_and_then_gets_every_reply() {
     assert!(used < window / 4, "{used:?} of CPU in {window:?} paused");
     let mut frames = FrameReader::default();
     for i in 0..ASKED {
-        let (state, body) = frames.next(&mut s).expect("COMPLIANCE, not EOF");
-        assert_eq!(state, State::Compliance, "reply {i}");
-        assert_eq!(payload::parse_compliance(&body), Ok(Compliance::Success));
+        expect_success(&mut frames, &mut s, &format!("reply {i}"));
         let (state, list) = frames.next(&mut s).expect("the room list");
         assert_eq!(state, State::Complete, "reply {i}");
         assert!(list.len() > 1024, "reply {i} is {} bytes", list.len());
     }
     assert_eq!(closed(&d, "output_overflow"), 0.0);
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room, "a-room-with-a-rather-long-name-000".into()]);
+    assert_serves_then_state_intact(d, &["a-room-with-a-rather-long-name-000"]);
 }
 
 /// The output cap counts what the kernel would not take: a client that pipelines requests
@@ -2562,17 +2518,8 @@ fn a_pipelining_peer_that_reads_late_is_paused_and_then_gets_every_reply() {
 fn pipelined_replies_over_the_output_cap_all_reach_a_peer_that_reads() {
     let d = daemon("[limits]\nmax_output_bytes = 256\n");
     let mut s = connect(&d);
-    let mut bytes = Vec::new();
     // Each refusal is over 100 bytes: five of them are twice the cap.
-    for i in 0..5 {
-        let payload = format!("\"m{i}\"");
-        bytes.extend(request_bytes(
-            Operation::JoinRoom,
-            "nope",
-            payload.as_bytes(),
-        ));
-    }
-    s.write_all(&bytes).unwrap();
+    s.write_all(&pipelined_joins("nope", 0..5)).unwrap();
     let mut frames = FrameReader::default();
     let mut refused = 0;
     for _ in 0..5 {
@@ -2674,8 +2621,7 @@ fn a_peer_that_writes_without_reading_is_cut_off_and_others_stay_served() {
         grew < 8 << 20,
         "the daemon's memory grew by {grew} bytes for one peer with max_output_bytes = 1024"
     );
-    let good = assert_still_serves(&d);
-    assert_state_intact(d, &[good]);
+    assert_serves_then_state_intact(d, &[]);
 }
 
 #[test]
@@ -2689,8 +2635,7 @@ fn room_and_member_caps_answer_server_full() {
     let h1 = Member::joined(&d, "one", &first);
     h1.send("__LEAVE__");
     wait_until("room one closes", || d.metric("ocm_rooms") == 1.0);
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room, "two".into()]);
+    assert_serves_then_state_intact(d, &["two"]);
 
     let d = daemon("[limits]\nmax_members_per_room = 2\n");
     create(&d, "pair", "h");
@@ -2703,8 +2648,7 @@ fn room_and_member_caps_answer_server_full() {
             if m.starts_with("room \"pair\" is full (2 members")),
         "{r:?}"
     );
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room, "pair".into()]);
+    assert_serves_then_state_intact(d, &["pair"]);
 }
 
 #[test]
@@ -2732,8 +2676,7 @@ fn deeply_nested_json_payloads_are_refused_without_harm() {
         assert_eq!(reply.token, None, "{} bytes: {reply:?}", body.len());
     }
     assert_eq!(d.metric("ocm_rooms"), 0.0);
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room]);
+    assert_serves_then_state_intact(d, &[]);
 }
 
 /// Datagrams the per-wakeup budget left in the socket are read in the next pass at once,
@@ -2855,15 +2798,7 @@ fn chat_fanned_out_to_a_large_room_does_not_hold_up_handshakes() {
     let host = create(&d, "wide", "host");
     // Joined on one connection, pipelined: one journal write for most of them.
     let mut s = connect(&d);
-    let mut joins = Vec::new();
-    for i in 1..MEMBERS {
-        joins.extend(request_bytes(
-            Operation::JoinRoom,
-            "wide",
-            format!("\"m{i}\"").as_bytes(),
-        ));
-    }
-    s.write_all(&joins).unwrap();
+    s.write_all(&pipelined_joins("wide", 1..MEMBERS)).unwrap();
     let mut reader = FrameReader::default();
     let members: Vec<Member> = (1..MEMBERS)
         .map(|_| {
@@ -2883,7 +2818,7 @@ fn chat_fanned_out_to_a_large_room_does_not_hold_up_handshakes() {
     let mut list = connect(&d);
     list.write_all(&request_bytes(Operation::ListRooms, "", b""))
         .unwrap();
-    let mut scrape = TcpStream::connect(d.metrics.unwrap()).unwrap();
+    let mut scrape = metrics_connection(&d);
     scrape.set_read_timeout(Some(PATIENCE)).unwrap();
     scrape
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -2911,8 +2846,7 @@ fn chat_fanned_out_to_a_large_room_does_not_hold_up_handshakes() {
         d.metric("ocm_messages_relayed_total") >= CHATS as f64
     });
     drop(members);
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room, "wide".into()]);
+    assert_serves_then_state_intact(d, &["wide"]);
 }
 
 /// The line of `/proc/<pid>/net/tcp` for the daemon's TCP socket at `local` whose peer is
@@ -2958,17 +2892,13 @@ fn daemon_side(pid: u32, local: SocketAddr, remote: SocketAddr) -> Option<(Strin
 fn a_peer_that_never_reads_holds_little_kernel_memory_and_none_once_closed() {
     let d = daemon("[limits]\nhandshake_timeout_secs = 2\n");
     // Room lists of about 15 KiB.
-    for i in 0..60 {
-        create(&d, &format!("{i:02}{}", "x".repeat(240)), "h");
-    }
+    create_rooms(&d, 60, |i| format!("{i:02}{}", "x".repeat(240)));
     let mut peer = connect_from(Ipv4Addr::new(127, 0, 0, 2), d.tcp, Some(2048));
     let local = peer.local_addr().unwrap();
     // 150 lists (2.2 MB of replies) within the source's burst of 200 requests.
     peer.write_all(&request_bytes(Operation::ListRooms, "", b"").repeat(150))
         .unwrap();
-    wait_until("the daemon pauses the connection", || {
-        d.metric("ocm_tcp_output_pauses_total") >= 1.0
-    });
+    wait_for_metric(&d, "ocm_tcp_output_pauses_total", 1.0);
     let (_, queued) = daemon_side(d.pid(), d.tcp, local).expect("the daemon's side");
     eprintln!("{queued} bytes queued in the kernel for a peer that does not read");
     assert!(
@@ -2996,8 +2926,7 @@ fn a_peer_that_never_reads_holds_little_kernel_memory_and_none_once_closed() {
         || daemon_side(d.pid(), d.tcp, quiet_local).is_none(),
     );
     drop((peer, quiet));
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room]);
+    assert_serves_then_state_intact(d, &[]);
 }
 
 /// A peer that sends its requests and its end (FIN) together and then never reads is answered
@@ -3012,9 +2941,7 @@ fn a_peer_that_never_reads_holds_little_kernel_memory_and_none_once_closed() {
 fn replies_left_unread_after_the_peers_end_are_let_go_after_a_bound() {
     let d = daemon("[limits]\nhandshake_timeout_secs = 2\n");
     // Room lists of about 15 KiB.
-    for i in 0..60 {
-        create(&d, &format!("{i:02}{}", "x".repeat(240)), "h");
-    }
+    create_rooms(&d, 60, |i| format!("{i:02}{}", "x".repeat(240)));
     // Four lists (60 KB) fit in the kernel's send buffer, so the daemon has none left to
     // send once the peer's end has come (six do not: see the test above).
     const LISTS: usize = 4;
@@ -3038,14 +2965,7 @@ fn replies_left_unread_after_the_peers_end_are_let_go_after_a_bound() {
     let closed_at = Instant::now();
 
     let got = read_until_closed(&mut late);
-    let mut rest = &got[..];
-    let mut complete = 0;
-    while let Some((frame, used)) = tcrp::decode(rest, 1 << 20).expect("valid frames") {
-        if frame.state == State::Complete {
-            complete += 1;
-        }
-        rest = &rest[used..];
-    }
+    let (complete, rest) = complete_frames(&got);
     assert!(rest.is_empty(), "a torn reply: {} bytes left", rest.len());
     assert_eq!(complete, LISTS, "every list reaches a peer that reads late");
 
@@ -3054,8 +2974,7 @@ fn replies_left_unread_after_the_peers_end_are_let_go_after_a_bound() {
     });
     eprintln!("let go {:?} after the daemon closed", closed_at.elapsed());
     drop(never);
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room]);
+    assert_serves_then_state_intact(d, &[]);
 }
 
 /// The daemon-side queue length of a TCP socket of the daemon, from `/proc/<pid>/net/tcp`:
@@ -3217,10 +3136,7 @@ fn a_register_forged_from_the_daemons_own_address_is_dropped() {
 #[test]
 fn bytes_after_a_final_refusal_are_thrown_away_until_the_peers_end() {
     let d = daemon("");
-    let mut s = connect(&d);
-    s.write_all(&header(1, 1, 0, 1 << 30)).unwrap();
-    let message = malformed_request_message(&mut s);
-    assert!(message.contains(&(1u64 << 30).to_string()), "{message}");
+    let mut s = finally_refused(&d);
     // The daemon has shut its side: it waits for ours now.
     assert_eq!(read_until_closed(&mut s), b"");
     s.write_all(&[b'x'; 1024]).unwrap();
@@ -3232,8 +3148,7 @@ fn bytes_after_a_final_refusal_are_thrown_away_until_the_peers_end() {
         uninterrupted(|| s.read(&mut rest)).map_err(|e| e.kind()),
         Ok(0)
     );
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room]);
+    assert_serves_then_state_intact(d, &[]);
 }
 
 /// The wait for the peer's end after a final refusal lasts up to 2 s (`LINGER`): a peer
@@ -3242,10 +3157,7 @@ fn bytes_after_a_final_refusal_are_thrown_away_until_the_peers_end() {
 #[test]
 fn a_peer_that_ends_half_a_second_after_a_final_refusal_is_still_waited_for() {
     let d = daemon("");
-    let mut s = connect(&d);
-    s.write_all(&header(1, 1, 0, 1 << 30)).unwrap();
-    let message = malformed_request_message(&mut s);
-    assert!(message.contains(&(1u64 << 30).to_string()), "{message}");
+    let mut s = finally_refused(&d);
     assert_eq!(read_until_closed(&mut s), b"");
     // Pacing, not a wait for anything: a peer slow to close, well within the 2 s.
     thread::sleep(Duration::from_millis(500));
@@ -3275,10 +3187,7 @@ fn a_peer_that_ends_half_a_second_after_a_final_refusal_is_still_waited_for() {
 fn a_peer_that_keeps_sending_after_a_final_refusal_is_cut_off_after_256_kib() {
     const ENOUGH: usize = 64 << 20;
     let d = daemon("");
-    let mut s = connect(&d);
-    s.write_all(&header(1, 1, 0, 1 << 30)).unwrap();
-    let message = malformed_request_message(&mut s);
-    assert!(message.contains(&(1u64 << 30).to_string()), "{message}");
+    let mut s = finally_refused(&d);
     s.set_write_timeout(Some(PATIENCE)).unwrap();
     let chunk = vec![b'x'; 64 * 1024];
     let mut sent = 0usize;
@@ -3298,8 +3207,7 @@ fn a_peer_that_keeps_sending_after_a_final_refusal_is_cut_off_after_256_kib() {
         "still reading after {sent} bytes past the refusal"
     );
     wait_until("the close is counted", || closed(&d, "protocol") >= 1.0);
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room]);
+    assert_serves_then_state_intact(d, &[]);
 }
 
 /// A connection that sends only requests over its source's request allowance is closed at
@@ -3318,30 +3226,9 @@ fn requests_over_the_allowance_do_not_keep_a_connection_open() {
     );
     assert!(first.token.is_some(), "{first:?}");
     let list = request_bytes(Operation::ListRooms, "", b"{}");
-    s.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let started = Instant::now();
-    let mut chunk = [0u8; 4096];
-    loop {
-        assert!(
-            started.elapsed() < 3 * PATIENCE,
-            "still open after {:?} of refused requests",
-            started.elapsed()
-        );
-        if s.write_all(&list).is_err() {
-            break;
-        }
-        match uninterrupted(|| s.read(&mut chunk)) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) => panic!("read: {e}"),
-        }
-    }
+    send_until_closed(&mut s, &list);
     assert!(d.metric("ocm_rate_limited_total{kind=\"request\"}") >= 1.0);
-    wait_until("the timeout is counted", || closed(&d, "timeout") >= 1.0);
-    assert_eq!(closed(&d, "timeout"), 1.0);
+    assert_closes_counted(&d, "timeout", 1.0);
 }
 
 /// With `drop_logs_per_sec = 0`, connections refused at a cap and malformed TCRP frames are
@@ -3350,17 +3237,12 @@ fn requests_over_the_allowance_do_not_keep_a_connection_open() {
 fn with_drop_logs_off_refused_connections_and_bad_frames_are_counted_not_logged() {
     let d = daemon("[limits]\nmax_connections_per_ip = 1\n[rate]\ndrop_logs_per_sec = 0\n");
     let held = connect(&d);
-    wait_until("the first connection is accepted", || {
-        d.metric("ocm_tcp_connections_accepted_total") >= 1.0
-    });
+    wait_for_metric(&d, "ocm_tcp_connections_accepted_total", 1.0);
     for _ in 0..10 {
         let mut s = connect(&d);
         assert_eq!(read_until_closed(&mut s), b"");
     }
-    assert_eq!(
-        d.metric("ocm_tcp_connections_rejected_total{reason=\"max_connections_per_ip\"}"),
-        10.0
-    );
+    assert_eq!(rejected(&d, "max_connections_per_ip"), 10.0);
     drop(held);
     wait_until("the held connection is closed", || {
         closed(&d, "peer_closed") >= 1.0
@@ -3467,9 +3349,7 @@ fn newcomer_while_out_of_files(
 ) -> TcpStream {
     std::fs::write(out_of_files, b"").unwrap();
     let mut newcomer = connect(d);
-    newcomer
-        .write_all(&request_bytes(Operation::ListRooms, "", b"{}"))
-        .unwrap();
+    ask_for_rooms(&mut newcomer);
     wait_until(&format!("{failures} accept failures logged"), || {
         d.log().matches("accept failed").count() >= failures
     });
@@ -3502,10 +3382,7 @@ fn out_of_files_system_wide_closes_one_idle_connection_not_one_per_retry() {
         "idle connections closed for a newcomer never taken"
     );
     std::fs::remove_file(&out_of_files).unwrap();
-    let mut frames = FrameReader::default();
-    let (state, body) = frames.next(&mut newcomer).expect("a reply, not EOF");
-    assert_eq!(state, State::Compliance);
-    assert_eq!(payload::parse_compliance(&body), Ok(Compliance::Success));
+    expect_success(&mut FrameReader::default(), &mut newcomer, "the newcomer");
     assert_eq!(closed(&d, "evicted"), 1.0);
 }
 
@@ -3541,11 +3418,8 @@ fn after_futile_closing_at_enfile_an_emfile_closes_an_idle_connection_again() {
     limit_to_open_descriptors(&d);
     std::fs::remove_file(&out_of_files).unwrap();
     let started = Instant::now();
-    let mut frames = FrameReader::default();
-    let (state, body) = frames.next(&mut newcomer).expect("a reply, not EOF");
+    expect_success(&mut FrameReader::default(), &mut newcomer, "the newcomer");
     let waited = started.elapsed();
-    assert_eq!(state, State::Compliance);
-    assert_eq!(payload::parse_compliance(&body), Ok(Compliance::Success));
     assert!(
         waited < Duration::from_secs(5),
         "answered after {waited:?}, with a handshake timeout of 60 s"
@@ -3577,8 +3451,7 @@ fn an_interrupted_accept_is_retried_at_once_and_not_counted_as_failed() {
     assert_eq!(d.metric("ocm_tcp_accept_errors_total"), 0.0);
     let log = d.log();
     assert!(!log.contains("accept failed"), "{log}");
-    let room = assert_still_serves(&d);
-    assert_state_intact(d, &[room]);
+    assert_serves_then_state_intact(d, &[]);
 }
 
 /// A failed `accept` (EMFILE) is retried every 50 ms while connections wait in the backlog,
@@ -3740,9 +3613,7 @@ fn a_silent_peer_whose_replies_wait_only_in_the_kernel_is_reset_at_its_timeout()
     let d = daemon("[limits]\nhandshake_timeout_secs = 2\n");
     // A room list of about 7 KB: more than the peer's receive buffer takes, far less than
     // the kernel's send buffer for the connection (128 KiB).
-    for i in 0..30 {
-        create(&d, &format!("{i:02}{}", "x".repeat(240)), "h");
-    }
+    create_rooms(&d, 30, |i| format!("{i:02}{}", "x".repeat(240)));
     let mut peer = connect_from(Ipv4Addr::new(127, 0, 0, 7), d.tcp, Some(2048));
     let local = peer.local_addr().unwrap();
     peer.write_all(&request_bytes(Operation::ListRooms, "", b""))
@@ -3790,16 +3661,10 @@ fn a_request_answered_at_once_and_its_fin_on_one_edge_close_the_connection_at_on
         open_sockets(d.pid()) > base
     });
     d.stop();
-    s.write_all(&request_bytes(Operation::ListRooms, "", b"{}"))
-        .unwrap();
+    ask_for_rooms(&mut s);
     s.shutdown(Shutdown::Write).unwrap();
     d.signal(libc::SIGCONT);
-    let mut frames = FrameReader::default();
-    let (state, body) = frames.next(&mut s).expect("COMPLIANCE");
-    assert_eq!(state, State::Compliance);
-    assert_eq!(payload::parse_compliance(&body), Ok(Compliance::Success));
-    let (state, _) = frames.next(&mut s).expect("the room list");
-    assert_eq!(state, State::Complete);
+    read_room_list(&mut s, "the list");
     assert_eq!(read_until_closed(&mut s), b"", "closed after the reply");
     wait_until("the close is counted", || closed(&d, "peer_closed") >= 1.0);
     assert_eq!(closed(&d, "timeout"), 0.0);
@@ -3846,8 +3711,8 @@ fn at_emfile_a_handshake_newcomer_closes_no_metrics_connection_but_a_scrape_does
         [false, false, false],
         "a metrics connection was closed for a handshake newcomer"
     );
-    let mut scrape = TcpStream::connect(d.metrics.expect("metrics on")).unwrap();
-    scrape.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+    let mut scrape = metrics_connection(&d);
+    scrape.write_all(HEALTH_CHECK).unwrap();
     let answer = String::from_utf8_lossy(&read_until_closed(&mut scrape)).into_owned();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
     assert_eq!(closed_by_daemon(&mut holders), [true, false, false]);
@@ -3862,9 +3727,7 @@ fn a_failed_accept_is_retried_after_50_ms_not_at_once() {
     let started = Instant::now();
     let holders = hold_every_descriptor_with_metrics_connections(&d, 3);
     let mut waiting = connect(&d);
-    waiting
-        .write_all(&request_bytes(Operation::ListRooms, "", b"{}"))
-        .unwrap();
+    ask_for_rooms(&mut waiting);
     // Two lines a second apart: about 20 retries failed in between.
     wait_until("two accept failures logged", || {
         d.log().matches("accept failed").count() >= 2
