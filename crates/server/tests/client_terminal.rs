@@ -123,6 +123,12 @@ impl Terminal {
         self.type_bytes(keys.as_bytes());
     }
 
+    /// Types `keys` and waits until the terminal shows them.
+    fn type_shown(&mut self, keys: &str) {
+        self.type_keys(keys);
+        self.wait_for(keys);
+    }
+
     /// Types `bytes`, UTF-8 or not (a terminal set to Latin-1, for one).
     fn type_bytes(&mut self, bytes: &[u8]) {
         let master = self.master.as_mut().expect("not hung up");
@@ -158,6 +164,26 @@ impl Terminal {
         });
     }
 
+    /// Waits until the editor reads: its prompt drawn and its raw mode taken.
+    fn wait_for_the_editor(&self) {
+        self.wait_for("> ");
+        self.wait_for_the_editors_raw_mode();
+    }
+
+    /// Waits until the terminal's local modes (`c_lflag`) are the editor's, `editors`, again.
+    fn wait_for_the_editors_mode_again(&self, editors: &libc::termios) {
+        wait_until("the editor's mode again", || {
+            self.mode().c_lflag == editors.c_lflag
+        });
+    }
+
+    /// Waits until the shell in this terminal, after the first `from` bytes it showed, tells
+    /// of a stop and shows its prompt again.
+    fn wait_for_the_stop_after(&self, from: usize) {
+        self.wait_for_after(from, "Stopped");
+        self.wait_for_after(from, "$ ");
+    }
+
     /// Waits until the terminal shows `needle` after the first `from` bytes it showed.
     fn wait_for_after(&self, from: usize, needle: &str) {
         let deadline = Instant::now() + PATIENCE;
@@ -169,6 +195,11 @@ impl Terminal {
             );
             thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The process id of the terminal's process (`ocm`, or the shell).
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
     }
 
     /// What the terminal shows so far, escape sequences and all.
@@ -291,10 +322,41 @@ fn quit_to_the_shell(term: &mut Terminal, keys: &str) {
 
 /// Sends `signal` to the `ocm` run from the shell in `term` (the shell's one child), as
 /// `kill` from another terminal would.
+#[track_caller]
 fn signal_ocm_run_from(term: &Terminal, signal: i32) {
-    let ocm = only_child(term.child.id() as i32);
-    // SAFETY: a signal to the shell's child, which the shell has not reaped: it waits for it.
-    assert_eq!(unsafe { libc::kill(ocm, signal) }, 0);
+    send(ocm_run_from(term), signal);
+}
+
+/// The process id of the `ocm` run from the shell in `term`: the shell's one child.
+fn ocm_run_from(term: &Terminal) -> i32 {
+    only_child(term.pid())
+}
+
+/// Sends `signal` to process `pid` (the test's child, or a process of its shell's), which
+/// nothing has reaped yet, and checks that it was sent.
+#[track_caller]
+fn send(pid: i32, signal: i32) {
+    // SAFETY: a signal to a process not reaped yet (its parent, the test or its shell, waits
+    // for it), whose pid no other process can have taken.
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+}
+
+/// Stops the chat run from the shell in `term` with `stop`, and waits until the shell tells
+/// of the stop and shows its prompt again.
+fn stopped_by(term: &mut Terminal, stop: impl FnOnce(&mut Terminal)) {
+    let shown = term.text().len();
+    stop(term);
+    term.wait_for_the_stop_after(shown);
+}
+
+/// Sends the chat stopped in `term` on with `bg` (ended by `enter`: `\r`, or `\n` for a
+/// shell that reads a terminal left in a raw mode), and waits for the shell's prompt; returns
+/// where the terminal's text stood before `bg`.
+fn sent_on_with_bg(term: &mut Terminal, enter: &str) -> usize {
+    let shown = term.text().len();
+    term.type_keys(&format!("bg{enter}"));
+    term.wait_for_after(shown, "$ ");
+    shown
 }
 
 /// The one child of process `pid`.
@@ -326,8 +388,46 @@ fn bob_quits_and_both_exit(term: &mut Terminal, alice: &mut Ocm) {
 fn the_shell_and_the_host_exit(term: &mut Terminal, alice: &mut Ocm) {
     term.type_keys("exit 0\r");
     assert!(term.wait().success());
+    the_host_quits(alice);
+}
+
+/// Ends the chat of the host `alice` with `/quit`; it must exit cleanly.
+#[track_caller]
+fn the_host_quits(alice: &mut Ocm) {
     alice.type_line("/quit");
     assert!(alice.wait().success());
+}
+
+/// Checks that the host `alice` hears `line` next, within [`PATIENCE`] (saying what bob's
+/// terminal `bob` shows if not).
+#[track_caller]
+fn alice_hears(alice: &Ocm, line: &str, bob: &Terminal) {
+    assert_eq!(
+        alice.line_within(PATIENCE).as_deref(),
+        Some(line),
+        "bob's terminal: {:?}",
+        bob.text()
+    );
+}
+
+/// Has the host `alice` say `said`, and waits until bob's terminal `bob` shows it.
+fn alice_says_and_bob_sees(alice: &mut Ocm, said: &str, bob: &Terminal) {
+    alice.type_line(said);
+    bob.wait_for(&format!("alice: {said}"));
+}
+
+/// Types ` done` and Enter after the `half` typed in bob's `term`, and checks that the host
+/// `alice` gets the line whole: `bob: half done`.
+#[track_caller]
+fn the_half_line_finished_is_sent_whole(term: &mut Terminal, alice: &Ocm) {
+    term.type_keys(" done\r");
+    assert_eq!(alice.line(), "bob: half done");
+}
+
+/// Checks that `after_fg`, what the terminal showed after `fg`, draws the line `> half` once.
+#[track_caller]
+fn the_half_line_drawn_once(after_fg: &str) {
+    assert_eq!(after_fg.matches("> half").count(), 1, "{after_fg:?}");
 }
 
 /// Ends the chat of `bob` (in a terminal) with `/quit`, then the host `alice`'s; both must
@@ -335,8 +435,7 @@ fn the_shell_and_the_host_exit(term: &mut Terminal, alice: &mut Ocm) {
 fn both_quit(bob: &mut Terminal, alice: &mut Ocm) {
     bob.type_keys("/quit\r");
     assert!(bob.wait().success(), "{:?}", bob.text());
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    the_host_quits(alice);
 }
 
 /// A host on pipes and `bob` in a terminal, live in `lobby`.
@@ -356,13 +455,7 @@ fn lines_typed_ahead_are_all_sent() {
     let (mut alice, mut bob) = host_and_terminal(&d);
     bob.type_keys("one\rtwo\rthree\r");
     for text in ["one", "two", "three"] {
-        let line = alice.line_within(PATIENCE);
-        assert_eq!(
-            line.as_deref(),
-            Some(format!("bob: {text}").as_str()),
-            "bob's terminal: {:?}",
-            bob.text()
-        );
+        alice_hears(&alice, &format!("bob: {text}"), &bob);
     }
     both_quit(&mut bob, &mut alice);
 }
@@ -378,13 +471,7 @@ fn a_pasted_block_of_lines_is_sent_line_by_line() {
     bob.wait_for("second line");
     bob.type_keys("\r");
     for text in ["first line", "second line"] {
-        let line = alice.line_within(PATIENCE);
-        assert_eq!(
-            line.as_deref(),
-            Some(format!("bob: {text}").as_str()),
-            "bob's terminal: {:?}",
-            bob.text()
-        );
+        alice_hears(&alice, &format!("bob: {text}"), &bob);
     }
     both_quit(&mut bob, &mut alice);
 }
@@ -402,8 +489,7 @@ fn bracketed_paste_left_on(screen: &str) -> bool {
 fn a_closed_room_leaves_bracketed_paste_off() {
     let d = Daemon::start();
     let (mut alice, mut bob) = host_and_terminal(&d);
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    the_host_quits(&mut alice);
     bob.wait_for("* room lobby was closed");
     assert_eq!(bob.wait().code(), Some(OCM_ROOM_ENDED));
     assert!(!bracketed_paste_left_on(&bob.text()), "{:?}", bob.text());
@@ -414,18 +500,12 @@ fn a_closed_room_leaves_bracketed_paste_off() {
 fn a_signal_leaves_bracketed_paste_off() {
     let d = Daemon::start();
     let (mut alice, mut bob) = host_and_terminal(&d);
-    bob.type_keys("half a line");
-    bob.wait_for("half a line");
-    // SAFETY: a signal to our own child, which has not been reaped.
-    assert_eq!(
-        unsafe { libc::kill(bob.child.id() as i32, libc::SIGTERM) },
-        0
-    );
+    bob.type_shown("half a line");
+    send(bob.pid(), libc::SIGTERM);
     assert!(bob.wait().success());
     assert_eq!(alice.line(), "* bob left");
     assert!(!bracketed_paste_left_on(&bob.text()), "{:?}", bob.text());
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    the_host_quits(&mut alice);
 }
 
 /// With standard error redirected (`2>ocm.log`), the room closing while bob has half a
@@ -445,10 +525,8 @@ fn with_stderr_redirected_the_closing_line_starts_a_line_of_its_own() {
     assert_eq!(alice.line(), "* bob joined");
     let logged = || std::fs::read_to_string(&log).expect("bob's log");
     wait_until("bob live", || logged().contains("* --- live ---"));
-    bob.type_keys("half typed");
-    bob.wait_for("half typed");
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    bob.type_shown("half typed");
+    the_host_quits(&mut alice);
     assert_eq!(bob.wait().code(), Some(OCM_ROOM_ENDED));
     bob.wait_for("* room lobby was closed");
     let shown = bob.text();
@@ -468,8 +546,7 @@ fn after_ctrl_z_and_fg_the_editor_still_owns_the_line() {
     term.wait_for("Stopped");
     // bob is back once the editor has redrawn its prompt after `fg`.
     term.fg("> ");
-    term.type_keys("half");
-    term.wait_for("half");
+    term.type_shown("half");
     alice.type_line("while you typed");
     term.wait_for("alice: while you typed\r\n> half");
     term.type_keys("\r");
@@ -485,14 +562,8 @@ fn after_ctrl_z_and_fg_the_editor_still_owns_the_line() {
 #[test]
 fn ctrl_z_leaves_the_terminal_as_before_the_chat_even_in_dash() {
     let d = Daemon::start();
-    let mut alice = alice_hosts_lobby(&d);
-    let mut term = shell_terminal("dash", &["-i"]);
-    let before = term.mode();
-    join_from_shell(&mut term, &d);
-    assert_eq!(alice.line(), "* bob joined");
-    let stopped_as_before = |term: &mut Terminal, shown: usize| {
-        term.wait_for_after(shown, "Stopped");
-        term.wait_for_after(shown, "$ ");
+    let (mut alice, mut term, before) = host_and_shell_and_its_mode(&d, "dash", &["-i"]);
+    let stopped_as_before = |term: &mut Terminal| {
         let mode = term.mode();
         assert_eq!(
             (mode.c_lflag, mode.c_iflag),
@@ -511,23 +582,17 @@ fn ctrl_z_leaves_the_terminal_as_before_the_chat_even_in_dash() {
     };
 
     // In the editor: its Ctrl+Z.
-    let shown = term.text().len();
-    term.type_keys("\x1a");
-    stopped_as_before(&mut term, shown);
+    stopped_by(&mut term, |term| term.type_keys("\x1a"));
+    stopped_as_before(&mut term);
     term.type_keys("half\r");
     assert_eq!(alice.line(), "bob: half");
 
     // Between two lines, while a paste waits for the chat's pace (see
     // `keys_typed_between_two_lines_are_not_echoed_raw`): the terminal's own SIGTSTP, which
     // also drops what the editor had not read yet.
-    let lines: Vec<String> = (0..300).map(|i| format!("l{i}")).collect();
-    term.type_keys(&lines.iter().map(|l| format!("{l}\r")).collect::<String>());
-    for line in &lines[..120] {
-        assert_eq!(alice.line(), format!("bob: {line}"));
-    }
-    let shown = term.text().len();
-    term.type_keys("\x1a");
-    stopped_as_before(&mut term, shown);
+    start_a_paste_past_the_pace(&mut term, &alice);
+    stopped_by(&mut term, |term| term.type_keys("\x1a"));
+    stopped_as_before(&mut term);
     // A line cut short by the drop is ended before this one.
     term.type_keys("\rafter\r");
     let rest = alice.lines_until("bob: after");
@@ -545,18 +610,13 @@ fn ctrl_z_leaves_the_terminal_as_before_the_chat_even_in_dash() {
 fn after_a_stop_from_elsewhere_and_fg_the_line_is_drawn_again() {
     let d = Daemon::start();
     let (mut alice, mut term) = host_and_dash(&d);
-    term.type_keys("half");
-    term.wait_for("half");
-    let shown = term.text().len();
-    signal_ocm_run_from(&term, libc::SIGTSTP);
-    term.wait_for_after(shown, "Stopped");
-    term.wait_for_after(shown, "$ ");
+    term.type_shown("half");
+    stopped_by(&mut term, |term| signal_ocm_run_from(term, libc::SIGTSTP));
     assert!(!bracketed_paste_left_on(&term.text()), "{:?}", term.text());
     let shown = term.fg("> half");
     assert!(bracketed_paste_left_on(&term.text()), "{:?}", term.text());
-    term.type_keys(" done\r");
-    assert_eq!(alice.line(), "bob: half done");
-    assert_eq!(term.text()[shown..].matches("> half").count(), 1);
+    the_half_line_finished_is_sent_whole(&mut term, &alice);
+    the_half_line_drawn_once(&term.text()[shown..]);
     bob_quits_and_both_exit(&mut term, &mut alice);
 }
 
@@ -574,20 +634,15 @@ fn stopped_sent_to_the_background_and_brought_back(
 ) -> String {
     let d = Daemon::start();
     let (mut alice, mut term, editors) = stopped_with_half_a_line_in(&d, shell, stop);
-    let ocm = only_child(term.child.id() as i32);
-    let shown = term.text().len();
-    term.type_keys("bg\r");
-    term.wait_for_after(shown, "$ ");
+    let ocm = ocm_run_from(&term);
+    let shown = sent_on_with_bg(&mut term, "\r");
     waiting_in_the_background(ocm, "input", libc::SIGTSTP);
     said_while_away(&mut alice, ocm, &term, shown);
     assert!(!term.text()[shown..].contains("half"), "{:?}", term.text());
     let shown = term.fg("> half");
     held_line_and_redraw_drawn(&term, shown, redraw_asked);
-    wait_until("the editor's mode again", || {
-        term.mode().c_lflag == editors.c_lflag
-    });
-    term.type_keys(" done\r");
-    assert_eq!(alice.line(), "bob: half done");
+    term.wait_for_the_editors_mode_again(&editors);
+    the_half_line_finished_is_sent_whole(&mut term, &alice);
     let after_fg = term.text()[shown..].to_owned();
     drawn_once_and_below_the_line_held(&after_fg, redraw_asked);
     bob_quits_and_both_exit(&mut term, &mut alice);
@@ -613,10 +668,8 @@ fn stopped_and_killed_from_the_shell_it_leaves_and_exits() {
 fn sent_on_with_bg_and_killed_from_the_shell_it_leaves_and_exits() {
     let d = Daemon::start();
     let (mut alice, mut term, _) = stopped_with_half_a_line(&d, |term| term.type_keys("\x1a"));
-    let ocm = only_child(term.child.id() as i32);
-    let shown = term.text().len();
-    term.type_keys("bg\r");
-    term.wait_for_after(shown, "$ ");
+    let ocm = ocm_run_from(&term);
+    sent_on_with_bg(&mut term, "\r");
     waiting_in_the_background(ocm, "input", libc::SIGTSTP);
     killed_from_the_shell_it_leaves_draws_nothing_and_exits(&mut term, &mut alice, true);
 }
@@ -631,15 +684,10 @@ fn killed_from_the_shell_it_leaves_draws_nothing_and_exits(
     alice: &mut Ocm,
     stop_seen: bool,
 ) {
-    let ocm = only_child(term.child.id() as i32);
+    let ocm = ocm_run_from(term);
     let shown = term.text().len();
     term.type_keys("kill %1\r");
-    assert_eq!(
-        alice.line_within(PATIENCE).as_deref(),
-        Some("* bob left"),
-        "{:?}",
-        term.text()
-    );
+    alice_hears(alice, "* bob left", term);
     // The chat ends on its own, with no `fg`. Waited for in /proc rather than through
     // bash's "Done", so that a chat that never ends says how it stands: stopped again ('T',
     // the fault this test is for) or still running. (Its bash runs with -b and tells of the
@@ -661,8 +709,7 @@ fn killed_from_the_shell_it_leaves_draws_nothing_and_exits(
     }
     term.type_keys("exit\r");
     assert!(term.wait().success(), "{:?}", term.text());
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    the_host_quits(alice);
 }
 
 /// Waits until `condition` holds for the chat `ocm` run in `term`; past [`PATIENCE`], fails
@@ -796,17 +843,12 @@ fn stopped_with_ctrl_z_sent_to_the_background_and_brought_back() {
 fn after_its_own_ctrl_z_the_editor_draws_its_line_once() {
     let d = Daemon::start();
     let (mut alice, mut term) = host_and_dash(&d);
-    term.type_keys("half");
-    term.wait_for("half");
-    let shown = term.text().len();
-    term.type_keys("\x1a");
-    term.wait_for_after(shown, "Stopped");
-    term.wait_for_after(shown, "$ ");
+    term.type_shown("half");
+    stopped_by(&mut term, |term| term.type_keys("\x1a"));
     let shown = term.fg("> half");
-    term.type_keys(" done\r");
-    assert_eq!(alice.line(), "bob: half done");
+    the_half_line_finished_is_sent_whole(&mut term, &alice);
     let after_fg = &term.text()[shown..];
-    assert_eq!(after_fg.matches("> half").count(), 1, "{after_fg:?}");
+    the_half_line_drawn_once(after_fg);
     assert!(!after_fg.contains("\x1b[A"), "{after_fg:?}");
     bob_quits_and_both_exit(&mut term, &mut alice);
 }
@@ -818,7 +860,7 @@ fn after_its_own_ctrl_z_the_editor_draws_its_line_once() {
 /// there, in the handler of SIGTTOU, which holds SIGTTIN back); then has alice say a line,
 /// which the chat holds ([`said_while_away`]). Returns where the terminal's text stood before.
 fn continued_in_the_background_it_waits(term: &mut Terminal, alice: &mut Ocm) -> usize {
-    let ocm = only_child(term.child.id() as i32);
+    let ocm = ocm_run_from(term);
     let shown = term.text().len();
     signal_ocm_run_from(term, libc::SIGCONT);
     term.type_keys("echo DONE-$((6*7))\r");
@@ -937,17 +979,10 @@ fn killed_as_it_is_continued_in_the_background_it_leaves_dash_the_terminal_as_be
 /// terminal in its mode from before the chat.
 fn killed_in_the_background_from_dash(waits: bool) {
     let d = Daemon::start();
-    let mut alice = alice_hosts_lobby(&d);
-    let mut term = shell_terminal("dash", &["-i"]);
-    let before = term.mode();
-    join_from_shell(&mut term, &d);
-    assert_eq!(alice.line(), "* bob joined");
+    let (mut alice, mut term, before) = host_and_shell_and_its_mode(&d, "dash", &["-i"]);
     term.wait_for_the_editors_raw_mode();
-    let ocm = only_child(term.child.id() as i32);
-    let shown = term.text().len();
-    signal_ocm_run_from(&term, libc::SIGSTOP);
-    term.wait_for_after(shown, "Stopped");
-    term.wait_for_after(shown, "$ ");
+    let ocm = ocm_run_from(&term);
+    stopped_by(&mut term, |term| signal_ocm_run_from(term, libc::SIGSTOP));
     let shown = term.text().len();
     signal_ocm_run_from(&term, libc::SIGCONT);
     if waits {
@@ -974,8 +1009,7 @@ fn killed_in_the_background_from_dash(waits: bool) {
         &term.text()[shown..]
     );
     exited_leaving_dash_its_mode(&mut term, ocm, &before, shown);
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    the_host_quits(&mut alice);
 }
 
 /// Waits for `ocm`'s exit, checks that it left the terminal in `before`, dash's mode before
@@ -1023,13 +1057,7 @@ fn dash_exits(term: &mut Terminal) {
 #[test]
 fn started_in_the_background_it_waits_and_at_fg_draws_its_prompt() {
     let d = Daemon::start();
-    let mut alice = alice_hosts_lobby(&d);
-    let mut term = bash_terminal();
-    let shown = term.text().len();
-    term.type_keys(&format!("{} &\r", bob_joins_line(&d)));
-    assert_eq!(alice.line(), "* bob joined");
-    let ocm = only_child(term.child.id() as i32);
-    waiting_in_the_background(ocm, "input", libc::SIGTTIN);
+    let (mut alice, mut term, _, shown) = bob_started_in_the_background(&d);
     alice.type_line("while away");
     assert!(!term.text()[shown..].contains("> "), "{:?}", term.text());
     let shown = term.fg("* --- live ---");
@@ -1038,6 +1066,20 @@ fn started_in_the_background_it_waits_and_at_fg_draws_its_prompt() {
     term.type_keys("hi\r");
     assert_eq!(alice.line(), "bob: hi");
     bob_quits_and_both_exit(&mut term, &mut alice);
+}
+
+/// Alice hosting `lobby` on `d`, and bob's chat started from bash in the background (`ocm ...
+/// &`), once it waits there, running, in the handler of SIGTTIN. Returns alice, the
+/// terminal, the chat's pid, and where the terminal's text stood before the command.
+fn bob_started_in_the_background(d: &Daemon) -> (Ocm, Terminal, i32, usize) {
+    let alice = alice_hosts_lobby(d);
+    let mut term = bash_terminal();
+    let shown = term.text().len();
+    term.type_keys(&format!("{} &\r", bob_joins_line(d)));
+    assert_eq!(alice.line(), "* bob joined");
+    let ocm = ocm_run_from(&term);
+    waiting_in_the_background(ocm, "input", libc::SIGTTIN);
+    (alice, term, ocm, shown)
 }
 
 /// A chat stopped with Ctrl+Z and sent on with `bg` waits in the background, running, and
@@ -1062,12 +1104,11 @@ fn a_room_closed_while_the_chat_waits_in_the_background_ends_it() {
     ));
     assert_eq!(alice.line(), "* bob joined");
     term.wait_for_the_editors_raw_mode();
-    let ocm = only_child(term.child.id() as i32);
+    let ocm = ocm_run_from(&term);
     let shown = stopped_with_ctrl_z_and_sent_on(&mut term, "\n");
     waiting_in_the_background(ocm, "input", libc::SIGTSTP);
     said_while_away(&mut alice, ocm, &term, shown);
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    the_host_quits(&mut alice);
     wait_until("the chat over, waiting for the terminal", || {
         log.text().contains("waiting for the terminal")
     });
@@ -1108,8 +1149,7 @@ fn after_a_sigstop_and_fg_the_editor_takes_its_mode_and_draws_its_line_again() {
     let mode = term.mode();
     let parts = |m: libc::termios| (m.c_iflag, m.c_oflag, m.c_cflag, m.c_lflag, m.c_cc);
     assert_eq!(parts(mode), parts(editors), "{:?}", term.text());
-    term.type_keys(" done\r");
-    assert_eq!(alice.line(), "bob: half done");
+    the_half_line_finished_is_sent_whole(&mut term, &alice);
     let after_fg = &term.text()[shown..];
     drawn_once_and_below_the_line_held(after_fg, true);
     bob_quits_and_both_exit(&mut term, &mut alice);
@@ -1203,8 +1243,7 @@ fn a_line_that_is_not_utf8_is_dropped_and_the_chat_goes_on() {
     bob.type_bytes(b"caf\xe9\r");
     bob.wait_for("* the terminal sent a byte that is not UTF-8");
     bob.type_keys("still here\r");
-    let line = alice.line_within(PATIENCE);
-    assert_eq!(line.as_deref(), Some("bob: still here"), "{:?}", bob.text());
+    alice_hears(&alice, "bob: still here", &bob);
     both_quit(&mut bob, &mut alice);
 }
 
@@ -1222,8 +1261,7 @@ fn a_dumb_terminal_gets_plain_lines_without_a_warning() {
     assert_eq!(alice.line(), "* bob joined");
     bob.type_keys("plain\r");
     assert_eq!(alice.line(), "bob: plain");
-    alice.type_line("hello");
-    bob.wait_for("alice: hello");
+    alice_says_and_bob_sees(&mut alice, "hello", &bob);
     bob.type_keys("/quit\r");
     assert!(bob.wait().success());
     let shown = bob.text();
@@ -1231,8 +1269,7 @@ fn a_dumb_terminal_gets_plain_lines_without_a_warning() {
         !shown.contains("WARN") && !shown.contains("ENOTTY"),
         "{shown:?}"
     );
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    the_host_quits(&mut alice);
 }
 
 /// Closing the terminal (its window, an SSH connection lost) leaves the room as any signal
@@ -1241,14 +1278,12 @@ fn a_dumb_terminal_gets_plain_lines_without_a_warning() {
 fn a_terminal_hung_up_leaves_the_room_as_a_signal_does() {
     let d = Daemon::start();
     let (mut alice, mut bob) = host_and_terminal(&d);
-    bob.type_keys("half");
-    bob.wait_for("half");
+    bob.type_shown("half");
     bob.hang_up();
     let status = bob.wait();
     assert_eq!(alice.line(), "* bob left");
     assert!(status.success(), "{status:?}");
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    the_host_quits(&mut alice);
 }
 
 /// A terminal that is not `ocm`'s controlling one (a program gave `ocm` a pseudo-terminal
@@ -1260,9 +1295,7 @@ fn a_terminal_hung_up_leaves_the_room_as_a_signal_does() {
 #[test]
 fn a_terminal_closed_without_a_sighup_ends_the_input() {
     let d = Daemon::start();
-    let mut alice = alice_hosts_lobby(&d);
-    let log = BobsLog::new(&d);
-    let mut bob = Terminal::spawn_with(bob_joins(&d), None, Some(log.stderr()), false);
+    let (mut alice, log, mut bob) = host_and_bob_not_controlled_by(&d, bob_joins(&d), None);
     bob_types_half_a_character(&mut bob, &mut alice, &log, |bob, keys| bob.type_bytes(keys));
     bob.hang_up();
     the_input_ended(&mut bob, &mut alice, &log);
@@ -1275,20 +1308,11 @@ fn a_terminal_closed_without_a_sighup_ends_the_input() {
 #[test]
 fn ctrl_z_on_a_terminal_that_is_not_the_controlling_one_leaves_the_chat_going() {
     let d = Daemon::start();
-    let mut alice = alice_hosts_lobby(&d);
-    let log = BobsLog::new(&d);
-    let mut bob = Terminal::spawn_with(bob_joins(&d), None, Some(log.stderr()), false);
-    assert_eq!(alice.line(), "* bob joined");
-    wait_until("bob live", || log.text().contains("* --- live ---"));
-    assert_eq!(
-        controlling_terminal(bob.child.id()),
-        0,
-        "bob has a controlling terminal"
-    );
+    let (mut alice, log, mut bob) = host_and_bob_not_controlled_by(&d, bob_joins(&d), None);
+    bob_live_without_a_controlling_terminal(&bob, &alice, &log);
     // The editor reads (its prompt drawn, its raw mode taken): the Ctrl+Z is its key, not the
     // terminal's, which would take it itself and stop nothing without a foreground group.
-    bob.wait_for("> ");
-    bob.wait_for_the_editors_raw_mode();
+    bob.wait_for_the_editor();
     // The stop discards what was typed before it (as the terminal's own Ctrl+Z does): the
     // next line is typed once the editor has drawn its prompt again.
     let shown = bob.text().len();
@@ -1346,26 +1370,21 @@ fn stop_and_continue_after_a_ctrl_z_redraw_the_line(
     command: Command,
     ocm: impl Fn(i32) -> i32,
 ) {
-    let mut alice = alice_hosts_lobby(d);
-    let log = BobsLog::new(d);
-    let mut bob = Terminal::spawn_with(command, None, Some(log.stderr()), false);
+    let (mut alice, log, mut bob) = host_and_bob_not_controlled_by(d, command, None);
     assert_eq!(alice.line(), "* bob joined");
-    bob.wait_for("> ");
-    bob.wait_for_the_editors_raw_mode();
+    bob.wait_for_the_editor();
     let shown = bob.text().len();
     bob.type_keys("\x1a");
     bob.wait_for_after(shown, "> ");
     bob.type_keys("half");
     bob.wait_for_after(shown, "half");
     let shown = bob.text().len();
-    let ocm = ocm(bob.child.id() as i32);
-    // SAFETY: signals to bob's `ocm`, which nothing has reaped.
-    assert_eq!(unsafe { libc::kill(ocm, libc::SIGSTOP) }, 0);
+    let ocm = ocm(bob.pid());
+    send(ocm, libc::SIGSTOP);
     wait_until("bob stopped", || state(ocm) == Some('T'));
-    assert_eq!(unsafe { libc::kill(ocm, libc::SIGCONT) }, 0);
+    send(ocm, libc::SIGCONT);
     bob.wait_for_after(shown, "> half");
-    bob.type_keys(" done\r");
-    assert_eq!(alice.line(), "bob: half done");
+    the_half_line_finished_is_sent_whole(&mut bob, &alice);
     bob_quits_and_both_exit_cleanly(&mut bob, &mut alice, &log);
 }
 
@@ -1393,12 +1412,10 @@ fn on_a_terminal_that_is_not_the_controlling_one_a_stop_after_a_ctrl_z_is_drawn_
         p = path.display()
     ));
     assert_eq!(alice.line(), "* bob joined");
-    other.wait_for("> ");
-    other.wait_for_the_editors_raw_mode();
+    other.wait_for_the_editor();
     let on_shell = shell.text().len();
     other.type_keys("\x1a");
-    shell.wait_for_after(on_shell, "Stopped");
-    shell.wait_for_after(on_shell, "$ ");
+    shell.wait_for_the_stop_after(on_shell);
     let shown = other.text().len();
     shell.type_keys("fg\r");
     other.wait_for_after(shown, "> ");
@@ -1406,12 +1423,10 @@ fn on_a_terminal_that_is_not_the_controlling_one_a_stop_after_a_ctrl_z_is_drawn_
     other.wait_for_after(shown, "half");
     let (shown, on_shell) = (other.text().len(), shell.text().len());
     signal_ocm_run_from(&shell, libc::SIGSTOP);
-    shell.wait_for_after(on_shell, "Stopped");
-    shell.wait_for_after(on_shell, "$ ");
+    shell.wait_for_the_stop_after(on_shell);
     shell.type_keys("fg\r");
     other.wait_for_after(shown, "> half");
-    other.type_keys(" done\r");
-    assert_eq!(alice.line(), "bob: half done");
+    the_half_line_finished_is_sent_whole(&mut other, &alice);
     let on_shell = shell.text().len();
     other.type_keys("/quit\r");
     assert_eq!(alice.line(), "* bob left");
@@ -1440,17 +1455,16 @@ fn a_chat_orphaned_in_the_background_and_sent_a_stop_leaves_at_the_next_line() {
     assert_eq!(alice.line(), "* bob joined");
     term.wait_for("* --- live ---");
     term.wait_for_the_editors_raw_mode();
-    let bash = term.child.id() as i32;
+    let bash = term.pid();
     let subshell = only_child(bash);
     let ocm = only_child(subshell);
     let _cleanup = KillOnDrop(ocm);
-    // SAFETY: signals to the shell's child and grandchild, not reaped yet.
-    assert_eq!(unsafe { libc::kill(subshell, libc::SIGKILL) }, 0);
+    send(subshell, libc::SIGKILL);
     wait_until("the sleep in the foreground", || {
         ![0, bash, subshell].contains(&terminal_foreground(ocm))
     });
     assert_ne!(parent(ocm), subshell, "ocm was taken in");
-    assert_eq!(unsafe { libc::kill(ocm, libc::SIGTSTP) }, 0);
+    send(ocm, libc::SIGTSTP);
     wait_until("the stop taken by the chat", || {
         !pending_in_the_process(ocm, libc::SIGTSTP)
     });
@@ -1520,7 +1534,7 @@ fn bob_in_a_subshell(d: &Daemon, then: &str) -> (Ocm, BobsLog, Terminal, i32, i3
         log.0.display()
     ));
     assert_eq!(alice.line(), "* bob joined");
-    let subshell = only_child(term.child.id() as i32);
+    let subshell = only_child(term.pid());
     let ocm = only_child(subshell);
     (alice, log, term, subshell, ocm)
 }
@@ -1536,8 +1550,7 @@ fn orphaned_it_leaves_at_the_end_of_its_input(
     mut term: Terminal,
     mut alice: Ocm,
 ) {
-    // SAFETY: a signal to the shell's child, not reaped yet.
-    assert_eq!(unsafe { libc::kill(subshell, libc::SIGKILL) }, 0);
+    send(subshell, libc::SIGKILL);
     assert_eq!(alice.line(), "* bob left");
     wait_until("ocm's exit", || !alive(ocm));
     let told = log.text();
@@ -1580,8 +1593,7 @@ fn signal_in_mask(text: &str, field: &str, signal: i32) -> bool {
 fn a_chat_orphaned_while_it_waits_after_bg_leaves() {
     let d = Daemon::start();
     let (alice, log, mut term, subshell, ocm) = bob_in_a_subshell(&d, "");
-    term.wait_for("> ");
-    term.wait_for_the_editors_raw_mode();
+    term.wait_for_the_editor();
     let _cleanup = KillOnDrop(ocm);
     stopped_with_ctrl_z_and_sent_on(&mut term, "\r");
     // The handler holds SIGTSTP back on the input thread while it runs (every other thread
@@ -1595,14 +1607,8 @@ fn a_chat_orphaned_while_it_waits_after_bg_leaves() {
 /// a terminal left in a raw mode); returns where the terminal's text stood before `bg`, once
 /// the shell shows its prompt again.
 fn stopped_with_ctrl_z_and_sent_on(term: &mut Terminal, enter: &str) -> usize {
-    let shown = term.text().len();
-    term.type_keys("\x1a");
-    term.wait_for_after(shown, "Stopped");
-    term.wait_for_after(shown, "$ ");
-    let shown = term.text().len();
-    term.type_keys(&format!("bg{enter}"));
-    term.wait_for_after(shown, "$ ");
-    shown
+    stopped_by(term, |term| term.type_keys("\x1a"));
+    sent_on_with_bg(term, enter)
 }
 
 /// A chat taken for orphaned when it is not: `ocm` in a pipeline whose subshell around it
@@ -1628,14 +1634,13 @@ fn a_chat_wrongly_taken_for_orphaned_still_waits_in_the_background() {
     term.wait_for("* --- live ---");
     term.wait_for_the_editors_raw_mode();
     // bash's children: the `sleep`, and the subshell, whose child is `ocm`.
-    let (subshells, sleeps): (Vec<i32>, Vec<i32>) = children(term.child.id() as i32)
+    let (subshells, sleeps): (Vec<i32>, Vec<i32>) = children(term.pid())
         .into_iter()
         .partition(|&pid| !children(pid).is_empty());
     let (subshell, sleep) = (subshells[0], sleeps[0]);
     let ocm = only_child(subshell);
     let _cleanup = (KillOnDrop(ocm), KillOnDrop(sleep));
-    // SAFETY: a signal to bash's child, not reaped yet.
-    assert_eq!(unsafe { libc::kill(subshell, libc::SIGKILL) }, 0);
+    send(subshell, libc::SIGKILL);
     wait_until("ocm taken in", || parent(ocm) != subshell);
     stopped_with_ctrl_z_and_sent_on(&mut term, "\r");
     // A line for the chat to read from the background, typed while a `sleep` has the
@@ -1646,7 +1651,7 @@ fn a_chat_wrongly_taken_for_orphaned_still_waits_in_the_background() {
             .and_then(|fields| fields.split_whitespace().nth(2)?.parse().ok())
             .unwrap_or(0)
     };
-    let bash = term.child.id() as i32;
+    let bash = term.pid();
     wait_until("the new sleep in the foreground", || {
         ![0, group(bash), group(ocm)].contains(&terminal_foreground(ocm))
     });
@@ -1732,12 +1737,10 @@ fn fields_of_stat(path: impl AsRef<std::path::Path>) -> Option<String> {
 fn a_stop_sent_to_a_chat_that_leads_its_own_session_leaves_the_terminal_alone() {
     let d = Daemon::start();
     let (mut alice, mut bob) = host_and_terminal(&d);
-    bob.wait_for("> ");
-    bob.wait_for_the_editors_raw_mode();
+    bob.wait_for_the_editor();
     let shown = bob.text().len();
-    let ocm = bob.child.id() as i32;
-    // SAFETY: a signal to bob's `ocm`, which the test has not reaped.
-    assert_eq!(unsafe { libc::kill(ocm, libc::SIGTSTP) }, 0);
+    let ocm = bob.pid();
+    send(ocm, libc::SIGTSTP);
     // Taken: the handler runs on the thread that reads the keys, before it reads these.
     wait_until("the stop taken by the chat", || {
         !pending_in_the_process(ocm, libc::SIGTSTP)
@@ -1758,15 +1761,9 @@ fn a_stop_sent_to_a_chat_that_leads_its_own_session_leaves_the_terminal_alone() 
 #[test]
 fn input_from_a_terminal_closed_without_a_sighup_ends_there() {
     let d = Daemon::start();
-    let mut alice = alice_hosts_lobby(&d);
-    let log = BobsLog::new(&d);
     let (mut keys, input) = open_pty();
-    let mut bob = Terminal::spawn_with(
-        bob_joins(&d),
-        Some(Stdio::from(input)),
-        Some(log.stderr()),
-        false,
-    );
+    let (mut alice, log, mut bob) =
+        host_and_bob_not_controlled_by(&d, bob_joins(&d), Some(Stdio::from(input)));
     bob_types_half_a_character(&mut bob, &mut alice, &log, |_, typed| {
         keys.write_all(typed).expect("type")
     });
@@ -1781,8 +1778,7 @@ fn bob_quits_and_both_exit_cleanly(bob: &mut Terminal, alice: &mut Ocm, log: &Bo
     bob.type_keys("/quit\r");
     assert!(bob.wait().success(), "bob's log: {:?}", log.text());
     assert_eq!(alice.line(), "* bob left");
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    the_host_quits(alice);
 }
 
 /// What `ocm` (bob) writes to standard error, kept in a file: remarks go there when it is
@@ -1804,6 +1800,33 @@ impl BobsLog {
     }
 }
 
+/// Alice hosting `lobby` on `d`, on pipes, and bob's `command` run on a terminal that is not
+/// its controlling one (with standard input `stdin` if given), its standard error in a log.
+/// Returns alice, the log and bob's terminal.
+fn host_and_bob_not_controlled_by(
+    d: &Daemon,
+    command: Command,
+    stdin: Option<Stdio>,
+) -> (Ocm, BobsLog, Terminal) {
+    let alice = alice_hosts_lobby(d);
+    let log = BobsLog::new(d);
+    let bob = Terminal::spawn_with(command, stdin, Some(log.stderr()), false);
+    (alice, log, bob)
+}
+
+/// Checks that the host `alice` hears bob join, waits until bob's `log` says he is live, and
+/// checks that bob (in `bob`) has no controlling terminal.
+#[track_caller]
+fn bob_live_without_a_controlling_terminal(bob: &Terminal, alice: &Ocm, log: &BobsLog) {
+    assert_eq!(alice.line(), "* bob joined");
+    wait_until("bob live", || log.text().contains("* --- live ---"));
+    assert_eq!(
+        controlling_terminal(bob.child.id()),
+        0,
+        "bob has a controlling terminal"
+    );
+}
+
 /// `ocm` joining `lobby` on `d` as bob, in an editable terminal.
 fn bob_joins(d: &Daemon) -> Command {
     ocm_command(d, &["join", "lobby", "--name", "bob"], "xterm")
@@ -1819,14 +1842,8 @@ fn bob_types_half_a_character(
     log: &BobsLog,
     mut type_bytes: impl FnMut(&mut Terminal, &[u8]),
 ) {
-    assert_eq!(alice.line(), "* bob joined");
-    wait_until("bob live", || log.text().contains("* --- live ---"));
+    bob_live_without_a_controlling_terminal(bob, alice, log);
     let pid = bob.child.id();
-    assert_eq!(
-        controlling_terminal(pid),
-        0,
-        "bob has a controlling terminal"
-    );
     type_bytes(bob, b"caf");
     bob.wait_for("caf");
     assert!(bob.text().contains("> "), "no prompt: {:?}", bob.text());
@@ -1844,8 +1861,7 @@ fn the_input_ended(bob: &mut Terminal, alice: &mut Ocm, log: &BobsLog) {
     assert!(status.success(), "{status:?}; bob's log: {:?}", log.text());
     assert!(!log.text().contains("not UTF-8"), "{:?}", log.text());
     assert!(!bob.text().contains("not UTF-8"), "{:?}", bob.text());
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    the_host_quits(alice);
 }
 
 /// The controlling terminal of process `pid` (Linux: `tty_nr` in `/proc/PID/stat`), 0 for
@@ -1896,16 +1912,9 @@ fn ctrl_r_recalls_a_line_while_messages_keep_showing() {
     }
     // The earlier line starting with what is typed.
     bob.type_keys("hel\x12");
-    alice.type_line("while bob searched");
-    bob.wait_for("alice: while bob searched");
+    alice_says_and_bob_sees(&mut alice, "while bob searched", &bob);
     bob.type_keys("\r");
-    let line = alice.line_within(PATIENCE);
-    assert_eq!(
-        line.as_deref(),
-        Some("bob: hello there"),
-        "{:?}",
-        bob.text()
-    );
+    alice_hears(&alice, "bob: hello there", &bob);
     both_quit(&mut bob, &mut alice);
 }
 
@@ -1916,25 +1925,10 @@ fn ctrl_r_recalls_a_line_while_messages_keep_showing() {
 #[test]
 fn a_network_gone_is_told_once_above_the_line_being_typed() {
     in_private_network(|| {
-        let address = format!("{PRIVATE_ADDRESS}:0").parse().unwrap();
-        let d = Daemon::start_with(Options {
-            tcp: Some(address),
-            udp: Some(address),
-            ..Options::default()
-        });
-        let mut alice =
-            Ocm::start_via(&d, PRIVATE_ADDRESS, &["create", "lobby", "--name", "alice"]);
-        alice.wait_stderr("* created lobby as alice");
-        let mut bob = Terminal::start(&d, &["join", "lobby", "--name", "bob", "--keepalive", "1"]);
-        bob.wait_for("* --- live ---");
-        assert_eq!(alice.line(), "* bob joined");
-        bob.type_keys("half typed");
-        bob.wait_for("half typed");
-        let cut = format!("{PRIVATE_ADDRESS}/8");
-        assert!(
-            ip(&["addr", "del", &cut, "dev", "lo"]),
-            "the address taken away"
-        );
+        let (d, mut alice, mut bob) =
+            host_and_terminal_on_the_private_address(&["--keepalive", "1"]);
+        bob.type_shown("half typed");
+        change_the_private_address("del", "the address taken away");
         let told = format!("* cannot send to the server at {}: ", d.udp);
         bob.wait_for(&format!("{told}Network is unreachable"));
         // The remark came above the line being typed, which is drawn again under it (a
@@ -1945,17 +1939,13 @@ fn a_network_gone_is_told_once_above_the_line_being_typed() {
         // What is sent meanwhile is said lost; the keepalives' failure is not said again.
         bob.type_keys(" more\r");
         bob.wait_for("* message not sent: Network is unreachable");
-        assert!(
-            ip(&["addr", "add", &cut, "dev", "lo"]),
-            "the address given back"
-        );
+        change_the_private_address("add", "the address given back");
         bob.type_keys("/quit\r");
         assert!(bob.wait().success());
         let shown = bob.text();
         assert_eq!(shown.matches(&told).count(), 1, "{shown:?}");
         assert!(!shown.contains("WARN"), "{shown:?}");
-        alice.type_line("/quit");
-        assert!(alice.wait().success());
+        the_host_quits(&mut alice);
     });
 }
 
@@ -1965,30 +1955,10 @@ fn a_network_gone_is_told_once_above_the_line_being_typed() {
 #[test]
 fn a_leave_that_cannot_be_sent_is_said_on_a_line_of_its_own() {
     in_private_network(|| {
-        let address = format!("{PRIVATE_ADDRESS}:0").parse().unwrap();
-        let d = Daemon::start_with(Options {
-            tcp: Some(address),
-            udp: Some(address),
-            ..Options::default()
-        });
-        let mut alice =
-            Ocm::start_via(&d, PRIVATE_ADDRESS, &["create", "lobby", "--name", "alice"]);
-        alice.wait_stderr("* created lobby as alice");
-        let mut bob = Terminal::start(&d, &["join", "lobby", "--name", "bob"]);
-        bob.wait_for("* --- live ---");
-        assert_eq!(alice.line(), "* bob joined");
-        bob.type_keys("half typed");
-        bob.wait_for("half typed");
-        let cut = format!("{PRIVATE_ADDRESS}/8");
-        assert!(
-            ip(&["addr", "del", &cut, "dev", "lo"]),
-            "the address taken away"
-        );
-        // SAFETY: a signal to our own child, which has not been reaped.
-        assert_eq!(
-            unsafe { libc::kill(bob.child.id() as i32, libc::SIGTERM) },
-            0
-        );
+        let (_d, mut alice, mut bob) = host_and_terminal_on_the_private_address(&[]);
+        bob.type_shown("half typed");
+        change_the_private_address("del", "the address taken away");
+        send(bob.pid(), libc::SIGTERM);
         assert!(bob.wait().success());
         let shown = bob.text();
         let said = shown
@@ -1997,13 +1967,34 @@ fn a_leave_that_cannot_be_sent_is_said_on_a_line_of_its_own() {
         let line = &shown[shown[..said].rfind('\n').unwrap_or(0)..said];
         assert!(!line.contains("half typed"), "{shown:?}");
         assert!(!bracketed_paste_left_on(&shown), "{shown:?}");
-        assert!(
-            ip(&["addr", "add", &cut, "dev", "lo"]),
-            "the address given back"
-        );
-        alice.type_line("/quit");
-        assert!(alice.wait().success());
+        change_the_private_address("add", "the address given back");
+        the_host_quits(&mut alice);
     });
+}
+
+/// A daemon serving on [`PRIVATE_ADDRESS`], alice hosting `lobby` there on pipes, and bob
+/// joined (`join lobby --name bob` and `args`) in a terminal, live. Returns all three.
+fn host_and_terminal_on_the_private_address(args: &[&str]) -> (Daemon, Ocm, Terminal) {
+    let address = format!("{PRIVATE_ADDRESS}:0").parse().unwrap();
+    let d = Daemon::start_with(Options {
+        tcp: Some(address),
+        udp: Some(address),
+        ..Options::default()
+    });
+    let alice = Ocm::start_via(&d, PRIVATE_ADDRESS, &["create", "lobby", "--name", "alice"]);
+    alice.wait_stderr("* created lobby as alice");
+    let bob = Terminal::start(&d, &[&["join", "lobby", "--name", "bob"], args].concat());
+    bob.wait_for("* --- live ---");
+    assert_eq!(alice.line(), "* bob joined");
+    (d, alice, bob)
+}
+
+/// Takes [`PRIVATE_ADDRESS`] away from the loopback interface (`ip addr del`: the network
+/// gone) or gives it back (`add`), as `what` says; checks that `ip` did.
+#[track_caller]
+fn change_the_private_address(change: &str, what: &str) {
+    let cut = format!("{PRIVATE_ADDRESS}/8");
+    assert!(ip(&["addr", change, &cut, "dev", "lo"]), "{what}");
 }
 
 /// Ctrl+V and Ctrl+Q do nothing. They were rustyline's quoted insert, which reads the next
@@ -2015,15 +2006,13 @@ fn ctrl_v_and_ctrl_q_neither_hold_messages_nor_quote_the_next_key() {
     let d = Daemon::start();
     let (mut alice, mut bob) = host_and_terminal(&d);
     bob.type_keys("\x16");
-    alice.type_line("after ctrl-v");
-    bob.wait_for("alice: after ctrl-v");
+    alice_says_and_bob_sees(&mut alice, "after ctrl-v", &bob);
     bob.type_keys("\x1b[200~pasted\x1b[201~\r");
     assert_eq!(alice.line(), "bob: pasted");
     bob.type_keys("\x11\r/quit\r");
     assert!(bob.wait().success(), "{:?}", bob.text());
     assert_eq!(alice.line(), "* bob left");
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    the_host_quits(&mut alice);
 }
 
 /// Ctrl+X and Ctrl+] do nothing either. They were prefixes that read a second key alone
@@ -2034,8 +2023,7 @@ fn ctrl_x_and_ctrl_bracket_wait_for_no_second_key() {
     let d = Daemon::start();
     let (mut alice, mut bob) = host_and_terminal(&d);
     bob.type_keys("hi\x18");
-    alice.type_line("after ctrl-x");
-    bob.wait_for("alice: after ctrl-x");
+    alice_says_and_bob_sees(&mut alice, "after ctrl-x", &bob);
     bob.type_keys("\r");
     assert_eq!(alice.line(), "bob: hi");
     bob.type_keys("\x1dyo\r");
@@ -2051,8 +2039,7 @@ fn a_lone_escape_holds_nothing_back_and_takes_no_key() {
     let d = Daemon::start();
     let (mut alice, mut bob) = host_and_terminal(&d);
     bob.type_keys("abc\x1b");
-    alice.type_line("after escape");
-    bob.wait_for("alice: after escape");
+    alice_says_and_bob_sees(&mut alice, "after escape", &bob);
     bob.type_keys("d\r");
     assert_eq!(alice.line(), "bob: abcd");
     // Keys sent as escape sequences still are: Up recalls the line.
@@ -2206,8 +2193,7 @@ fn a_slow_answer_to_who_or_history_leaves_the_editor_the_terminal() {
         relay.release();
         bob.wait_for(answer);
         bob.type_keys("\r");
-        let line = alice.line_within(PATIENCE);
-        assert_eq!(line.as_deref(), Some("bob: half"), "{:?}", bob.text());
+        alice_hears(&alice, "bob: half", &bob);
     }
     both_quit(&mut bob, &mut alice);
 }
@@ -2252,8 +2238,7 @@ fn the_history_on_joining_comes_while_the_editor_reads() {
     // by bob's screen as it came live, not shown twice.
     alice.type_line("while bob joined");
     carol.recv_until("alice: while bob joined");
-    bob.type_keys("early");
-    bob.wait_for("early");
+    bob.type_shown("early");
     let typed = bob.text();
     let prompt = typed.find("> ");
     assert!(
@@ -2283,8 +2268,7 @@ fn the_history_on_joining_comes_while_the_editor_reads() {
         "{shown:?}"
     );
     bob.type_keys("\r");
-    let line = alice.line_within(PATIENCE);
-    assert_eq!(line.as_deref(), Some("bob: early"), "{:?}", bob.text());
+    alice_hears(&alice, "bob: early", &bob);
     both_quit(&mut bob, &mut alice);
 }
 
@@ -2299,18 +2283,13 @@ fn keys_typed_between_two_lines_are_not_echoed_raw() {
     let (mut alice, mut bob) = host_and_terminal(&d);
     // More lines than the chat's burst (90) and the events waiting (64) take: the input
     // thread waits to hand one over, between two lines, for a few seconds.
-    let lines: Vec<String> = (0..300).map(|i| format!("l{i}")).collect();
-    bob.type_keys(&lines.iter().map(|l| format!("{l}\r")).collect::<String>());
-    for line in &lines[..120] {
-        assert_eq!(alice.line(), format!("bob: {line}"));
-    }
+    start_a_paste_past_the_pace(&mut bob, &alice);
     bob.type_keys("\x1dgap");
     bob.type_keys("\r");
-    for line in &lines[120..] {
-        assert_eq!(alice.line(), format!("bob: {line}"));
+    for i in 120..300 {
+        assert_eq!(alice.line(), format!("bob: l{i}"));
     }
-    let line = alice.line_within(PATIENCE);
-    assert_eq!(line.as_deref(), Some("bob: gap"), "{:?}", bob.text());
+    alice_hears(&alice, "bob: gap", &bob);
     assert!(!bob.text().contains("^]"), "echoed raw: {:?}", bob.text());
     both_quit(&mut bob, &mut alice);
 }
@@ -2335,13 +2314,9 @@ fn stopped_with_half_a_line_in(
     stop: impl FnOnce(&mut Terminal),
 ) -> (Ocm, Terminal, libc::termios) {
     let (alice, mut term) = host_and_shell(d, shell[0], &shell[1..]);
-    term.type_keys("half");
-    term.wait_for("half");
+    term.type_shown("half");
     let editors = term.mode();
-    let shown = term.text().len();
-    stop(&mut term);
-    term.wait_for_after(shown, "Stopped");
-    term.wait_for_after(shown, "$ ");
+    stopped_by(&mut term, stop);
     (alice, term, editors)
 }
 
@@ -2360,11 +2335,22 @@ fn host_and_dash(d: &Daemon) -> (Ocm, Terminal) {
 /// Alice hosting `lobby` on pipes, and bob joined from `shell` (run with `args`) in a
 /// terminal.
 fn host_and_shell(d: &Daemon, shell: &str, args: &[&str]) -> (Ocm, Terminal) {
+    let (alice, term, _) = host_and_shell_and_its_mode(d, shell, args);
+    (alice, term)
+}
+
+/// [`host_and_shell`], with the terminal's mode from before the chat (the shell's own).
+fn host_and_shell_and_its_mode(
+    d: &Daemon,
+    shell: &str,
+    args: &[&str],
+) -> (Ocm, Terminal, libc::termios) {
     let alice = alice_hosts_lobby(d);
     let mut term = shell_terminal(shell, args);
+    let before = term.mode();
     join_from_shell(&mut term, d);
     assert_eq!(alice.line(), "* bob joined");
-    (alice, term)
+    (alice, term, before)
 }
 
 /// Pastes, in bob's `term`, more lines than the chat takes at once, so that the input
@@ -2436,17 +2422,26 @@ fn a_paste_longer_than_the_terminal_holds_is_not_run_by_the_shell_when_the_chat_
     a_paste_left_unread_is_not_run_when_the_chat_ends(paste_past_what_the_terminal_holds);
 }
 
+/// Alice hosting `lobby` on `d`, and bob joined from dash, who pastes with `paste` in his
+/// terminal. Returns them and `trace`, the file the paste's last command creates if run.
+fn bob_pastes_in_dash(
+    d: &Daemon,
+    paste: fn(&mut Terminal, &Ocm, &std::path::Path),
+) -> (Ocm, Terminal, std::path::PathBuf) {
+    let (alice, mut term) = host_and_dash(d);
+    let trace = d.dir.path().join("pasted-ran");
+    paste(&mut term, &alice, &trace);
+    (alice, term, trace)
+}
+
 /// Pastes with `paste` in the terminal of bob, joined from dash, has the host close the room
 /// and checks that the shell ran none of the paste. Both exit cleanly.
 fn a_paste_left_unread_is_not_run_when_the_chat_ends(
     paste: fn(&mut Terminal, &Ocm, &std::path::Path),
 ) {
     let d = Daemon::start();
-    let (mut alice, mut term) = host_and_dash(&d);
-    let trace = d.dir.path().join("pasted-ran");
-    paste(&mut term, &alice, &trace);
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    let (mut alice, mut term, trace) = bob_pastes_in_dash(&d, paste);
+    the_host_quits(&mut alice);
     term.wait_for("* room lobby was closed");
     assert_the_shell_ran_no_paste(&mut term, &trace);
     term.type_keys("exit\r");
@@ -2477,9 +2472,7 @@ fn a_paste_left_unread_is_not_run_when_the_chat_stops(
     paste: fn(&mut Terminal, &Ocm, &std::path::Path),
 ) {
     let d = Daemon::start();
-    let (mut alice, mut term) = host_and_dash(&d);
-    let trace = d.dir.path().join("pasted-ran");
-    paste(&mut term, &alice, &trace);
+    let (mut alice, mut term, trace) = bob_pastes_in_dash(&d, paste);
     let shown = term.text().len();
     signal_ocm_run_from(&term, libc::SIGTSTP);
     term.wait_for_after(shown, "Stopped");
@@ -2491,8 +2484,7 @@ fn a_paste_left_unread_is_not_run_when_the_chat_stops(
     assert!(rest.iter().all(|l| l.starts_with("bob: l")), "{rest:?}");
     term.type_keys("exit\r");
     assert!(term.wait().success());
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    the_host_quits(&mut alice);
 }
 
 /// Stopped by a SIGSTOP, continued in the background (`kill -CONT`), where it waits for the
@@ -2504,19 +2496,11 @@ fn stopped_from_elsewhere_while_it_waits_in_the_background_it_stops_at_once() {
     let d = Daemon::start();
     let (mut alice, mut term, editors) =
         stopped_with_half_a_line(&d, |term| signal_ocm_run_from(term, libc::SIGSTOP));
-    let ocm = only_child(term.child.id() as i32);
+    let ocm = ocm_run_from(&term);
     signal_ocm_run_from(&term, libc::SIGCONT);
     waits_in_the_background_after_a_sigstop(ocm);
     stopped_from_elsewhere_at_once(&mut term, ocm);
-    let shown = term.fg("> half");
-    wait_until("the editor's mode again", || {
-        term.mode().c_lflag == editors.c_lflag
-    });
-    term.type_keys(" done\r");
-    assert_eq!(alice.line(), "bob: half done");
-    let after_fg = &term.text()[shown..];
-    assert_eq!(after_fg.matches("> half").count(), 1, "{after_fg:?}");
-    bob_quits_and_both_exit(&mut term, &mut alice);
+    at_fg_it_takes_its_mode_and_draws_its_line_once(&mut term, &mut alice, &editors);
 }
 
 /// Stopped with Ctrl+Z and sent on with `bg`, the chat waits in the background in its
@@ -2529,21 +2513,27 @@ fn sent_on_with_bg_and_stopped_from_elsewhere_it_stops_at_once() {
     let d = Daemon::start();
     let (mut alice, mut term, editors) =
         stopped_with_half_a_line(&d, |term| term.type_keys("\x1a"));
-    let ocm = only_child(term.child.id() as i32);
-    let shown = term.text().len();
-    term.type_keys("bg\r");
-    term.wait_for_after(shown, "$ ");
+    let ocm = ocm_run_from(&term);
+    sent_on_with_bg(&mut term, "\r");
     waiting_in_the_background(ocm, "input", libc::SIGTSTP);
     stopped_from_elsewhere_at_once(&mut term, ocm);
+    at_fg_it_takes_its_mode_and_draws_its_line_once(&mut term, &mut alice, &editors);
+}
+
+/// Brings bob's chat, stopped in `term` with `half` typed, back with `fg`, and checks that the
+/// editor takes its mode `editors` again, draws its line once and sends it, typed on, whole.
+/// Then bob quits, and the shell and the host `alice` exit.
+#[track_caller]
+fn at_fg_it_takes_its_mode_and_draws_its_line_once(
+    term: &mut Terminal,
+    alice: &mut Ocm,
+    editors: &libc::termios,
+) {
     let shown = term.fg("> half");
-    wait_until("the editor's mode again", || {
-        term.mode().c_lflag == editors.c_lflag
-    });
-    term.type_keys(" done\r");
-    assert_eq!(alice.line(), "bob: half done");
-    let after_fg = &term.text()[shown..];
-    assert_eq!(after_fg.matches("> half").count(), 1, "{after_fg:?}");
-    bob_quits_and_both_exit(&mut term, &mut alice);
+    term.wait_for_the_editors_mode_again(editors);
+    the_half_line_finished_is_sent_whole(term, alice);
+    the_half_line_drawn_once(&term.text()[shown..]);
+    bob_quits_and_both_exit(term, alice);
 }
 
 /// Started in the background, the chat waits there in the handler of its first call on the
@@ -2553,12 +2543,7 @@ fn sent_on_with_bg_and_stopped_from_elsewhere_it_stops_at_once() {
 #[test]
 fn started_in_the_background_and_stopped_from_elsewhere_it_stops_at_once() {
     let d = Daemon::start();
-    let mut alice = alice_hosts_lobby(&d);
-    let mut term = bash_terminal();
-    term.type_keys(&format!("{} &\r", bob_joins_line(&d)));
-    assert_eq!(alice.line(), "* bob joined");
-    let ocm = only_child(term.child.id() as i32);
-    waiting_in_the_background(ocm, "input", libc::SIGTTIN);
+    let (mut alice, mut term, ocm, _) = bob_started_in_the_background(&d);
     stopped_from_elsewhere_at_once(&mut term, ocm);
     let shown = term.fg("* --- live ---");
     term.wait_for_after(shown, "> ");
