@@ -11,6 +11,46 @@ use common::*;
 use tcrp::payload::{Compliance, ErrorCode};
 use tcrp::Operation;
 
+/// The `/metrics` sample counting `ocm`'s reach-check looks (answered Presence requests).
+const PRESENCE_LOOKS: &str = "ocm_handshakes_total{operation=\"presence\",result=\"ok\"}";
+
+/// A daemon with default settings and metrics on.
+fn daemon_with_metrics() -> Daemon {
+    Daemon::start_with(Options {
+        metrics: true,
+        ..Options::default()
+    })
+}
+
+/// Starts `ocm create ROOM --name alice` and waits until it says it created the room.
+fn alice_hosting(d: &Daemon, room: &str) -> Ocm {
+    let alice = Ocm::start(d, &["create", room, "--name", "alice"]);
+    alice.wait_stderr(&format!("* created {room} as alice"));
+    alice
+}
+
+/// Everything `ocm` has written to standard error so far.
+fn stderr_of(ocm: &Ocm) -> String {
+    ocm.stderr.lock().unwrap().clone()
+}
+
+/// Waits for `ocm` to exit; its exit status and everything it wrote to standard error.
+fn exit_and_stderr(ocm: &mut Ocm) -> (std::process::ExitStatus, String) {
+    let status = ocm.wait();
+    (status, stderr_of(ocm))
+}
+
+/// Waits for `ocm` to exit and checks that it exited successfully without a word about its
+/// standard output.
+#[track_caller]
+fn assert_exits_quietly(ocm: &mut Ocm) {
+    let (status, err) = exit_and_stderr(ocm);
+    assert!(
+        status.success() && !err.contains("standard output"),
+        "{status}: {err}"
+    );
+}
+
 #[test]
 fn original_client_bytes_get_original_reply_bytes() {
     let d = Daemon::start();
@@ -185,16 +225,9 @@ fn several_requests_on_one_connection_are_answered_in_order() {
 
 #[test]
 fn bad_tokens_rooms_and_addresses_are_dropped_and_counted() {
-    let d = Daemon::start_with(Options {
-        metrics: true,
-        ..Options::default()
-    });
-    let host = create(&d, "a", "host");
-    let bob_token = join(&d, "a", "bob");
+    let d = daemon_with_metrics();
+    let (alice, bob) = host_and_member(&d, "a", "host", "bob");
     let other_host = create(&d, "b", "other");
-    let alice = Member::joined(&d, "a", &host);
-    let bob = Member::new(&d, "a", &bob_token);
-    bob.registered_with(&alice, "bob");
 
     // Wrong token, token of another room, right token from a foreign address, a member that
     // never registered: none of these may reach alice.
@@ -202,7 +235,7 @@ fn bad_tokens_rooms_and_addresses_are_dropped_and_counted() {
     intruder.send("spoof 1");
     let cross = Member::new(&d, "a", &other_host);
     cross.send("spoof 2");
-    let thief = Member::new(&d, "a", &bob_token);
+    let thief = Member::new(&d, "a", &bob.token);
     thief.send("spoof 3");
     let carol_token = join(&d, "a", "carol");
     let carol = Member::new(&d, "a", &carol_token);
@@ -353,6 +386,12 @@ int sendmmsg(int fd, struct mmsghdr *msgs, unsigned int n, int flags) {
     preload_library(dir, name, &source)
 }
 
+/// How many sends a [`refusing_sendmmsg`] library switched on by the file `switch` has
+/// refused so far (one byte each in the switch's name plus `.refused`).
+fn refusals(switch: &Path) -> u64 {
+    std::fs::metadata(switch.with_extension("refused")).map_or(0, |m| m.len())
+}
+
 /// Starts `ocmd`, with metrics, under a [`refusing_sendmmsg`] library for `refusal`; returns
 /// what [`spawn_preloaded`] does.
 fn spawn_refusing(refusal: Refusal) -> (Daemon, PathBuf, tempfile::TempDir) {
@@ -374,11 +413,7 @@ fn spawn_refusing(refusal: Refusal) -> (Daemon, PathBuf, tempfile::TempDir) {
 #[test]
 fn a_full_send_buffer_when_the_host_leaves_delays_room_closed_but_loses_it_for_nobody() {
     let (d, full, _library) = spawn_refusing(Refusal::FullSendBuffer);
-    let refused_calls = full.with_extension("refused");
-    let refusals = || std::fs::metadata(&refused_calls).map_or(0, |m| m.len());
-    let host = Member::joined(&d, "r", &create(&d, "r", "host"));
-    let m1 = Member::new(&d, "r", &join(&d, "r", "m1"));
-    m1.registered_with(&host, "m1");
+    let (host, m1) = host_and_member(&d, "r", "host", "m1");
     let m2 = Member::new(&d, "r", &join(&d, "r", "m2"));
     m2.registered_with(&host, "m2");
     m1.recv_until("m2: probe from m2");
@@ -388,11 +423,11 @@ fn a_full_send_buffer_when_the_host_leaves_delays_room_closed_but_loses_it_for_n
     m1.send("lost");
     let would_block = r#"ocm_send_errors_total{reason="would_block"}"#;
     wait_until("the chat to be dropped", || d.metric(would_block) == 2.0);
-    let before_close = refusals();
+    let before_close = refusals(&full);
     host.send("__LEAVE__");
     d.wait_for_log(r#"room "r" closed: host left; 2 members told"#);
     wait_until("the close to find the buffer full", || {
-        refusals() > before_close
+        refusals(&full) > before_close
     });
     std::fs::remove_file(&full).unwrap();
 
@@ -414,9 +449,7 @@ fn a_full_send_buffer_when_the_host_leaves_delays_room_closed_but_loses_it_for_n
 /// The held-close tests' rooms: `host` hosting "r" with `m1` registered, and `other`
 /// hosting "s".
 fn host_and_m1_in_r_other_in_s(d: &Daemon) -> (Member, Member, Member) {
-    let host = Member::joined(d, "r", &create(d, "r", "host"));
-    let m1 = Member::new(d, "r", &join(d, "r", "m1"));
-    m1.registered_with(&host, "m1");
+    let (host, m1) = host_and_member(d, "r", "host", "m1");
     let other_host = Member::joined(d, "s", &create(d, "s", "other"));
     (host, m1, other_host)
 }
@@ -538,18 +571,13 @@ fn a_room_closed_is_not_overtaken_by_chat_packed_around_it() {
 #[test]
 fn restart_keeps_rooms_tokens_and_addresses() {
     let mut d = Daemon::start();
-    let host_token = create(&d, "keep", "host");
-    let bob_token = join(&d, "keep", "bob");
-    let host = Member::joined(&d, "keep", &host_token);
-    let bob = Member::new(&d, "keep", &bob_token);
-    bob.registered_with(&host, "bob");
+    let (host, bob) = host_and_member(&d, "keep", "host", "bob");
 
-    let (status, took) = d.terminate();
-    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+    let took = d.stop_cleanly();
     assert_stopped_promptly(&d, took);
     let saved = std::fs::read_to_string(&d.state).expect("state file written on shutdown");
     assert!(
-        saved.contains("\"keep\"") && saved.contains(&host_token) && saved.contains(&bob_token)
+        saved.contains("\"keep\"") && saved.contains(&host.token) && saved.contains(&bob.token)
     );
 
     d.restart();
@@ -596,10 +624,7 @@ fn a_register_queued_before_a_join_binds_its_member_before_the_join_notice() {
 /// then says so, and the chat goes on.
 #[test]
 fn ocm_warns_when_the_server_never_hears_its_datagrams() {
-    let d = Daemon::start_with(Options {
-        metrics: true,
-        ..Options::default()
-    });
+    let d = daemon_with_metrics();
     let sink = std::net::UdpSocket::bind("127.0.0.1:0").expect("a UDP port");
     let mut alice = Ocm::start_at(
         d.tcp.port(),
@@ -611,7 +636,7 @@ fn ocm_warns_when_the_server_never_hears_its_datagrams() {
     assert!(alice.stderr.lock().unwrap().contains("--udp-port"));
     // It looked twice, both times with alice listed and unregistered, and registered again
     // in between: the sink got two __REGISTER__s.
-    let looks = d.metric("ocm_handshakes_total{operation=\"presence\",result=\"ok\"}");
+    let looks = d.metric(PRESENCE_LOOKS);
     assert_eq!(looks, 2.0);
     sink.set_read_timeout(Some(PATIENCE)).unwrap();
     let mut buf = [0u8; 4096];
@@ -620,8 +645,7 @@ fn ocm_warns_when_the_server_never_hears_its_datagrams() {
         let datagram = ucrp::datagram::parse(&buf[..len]).expect("a client datagram");
         assert_eq!(datagram.message, ucrp::datagram::Message::Register);
     }
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    alice.quit_cleanly();
 }
 
 /// When the server hears it, `ocm` looks once and says nothing.
@@ -638,17 +662,13 @@ fn host_logging_its_reach_check(tcp: u16, udp: u16) -> Ocm {
 
 #[test]
 fn ocm_says_nothing_when_the_server_hears_it() {
-    let d = Daemon::start_with(Options {
-        metrics: true,
-        ..Options::default()
-    });
+    let d = daemon_with_metrics();
     let mut alice = host_logging_its_reach_check(d.tcp.port(), d.udp.port());
     alice.wait_stderr("the server hears this client");
-    let looks = d.metric("ocm_handshakes_total{operation=\"presence\",result=\"ok\"}");
+    let looks = d.metric(PRESENCE_LOOKS);
     assert_eq!(looks, 1.0);
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
-    let stderr = alice.stderr.lock().unwrap().clone();
+    alice.quit_cleanly();
+    let stderr = stderr_of(&alice);
     assert!(
         !stderr.contains("has not heard"),
         "a warning from a client the server hears:\n{stderr}"
@@ -659,10 +679,7 @@ fn ocm_says_nothing_when_the_server_hears_it() {
 /// A relay between `ocm` and the daemon drops the first datagram and forwards the rest.
 #[test]
 fn ocm_registers_again_when_its_first_register_is_lost_and_says_nothing() {
-    let d = Daemon::start_with(Options {
-        metrics: true,
-        ..Options::default()
-    });
+    let d = daemon_with_metrics();
     let relay = std::net::UdpSocket::bind("127.0.0.1:0").expect("a UDP port");
     let relay_port = relay.local_addr().unwrap().port();
     let daemon_udp = d.udp;
@@ -681,17 +698,15 @@ fn ocm_registers_again_when_its_first_register_is_lost_and_says_nothing() {
     });
     let mut alice = host_logging_its_reach_check(d.tcp.port(), relay_port);
     alice.wait_stderr("the server hears us on the second look: Yes");
-    let looks = d.metric("ocm_handshakes_total{operation=\"presence\",result=\"ok\"}");
+    let looks = d.metric(PRESENCE_LOOKS);
     assert_eq!(looks, 2.0);
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    alice.quit_cleanly();
 }
 
 #[test]
 fn ocm_clients_chat_and_the_host_closes_the_room() {
     let d = Daemon::start();
-    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
+    let mut alice = alice_hosting(&d, "lobby");
     // A keepalive far beyond the test: a keepalive's answer from the dead token (which also
     // says the room closed) cannot stand in for the host's close notice below.
     let mut bob = Ocm::start(
@@ -709,8 +724,7 @@ fn ocm_clients_chat_and_the_host_closes_the_room() {
     assert_eq!(bob.line(), "alice: hello");
     bob.type_line("hi alice");
     alice.lines_until("bob: hi alice");
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    alice.quit_cleanly();
     bob.lines_until("* room lobby was closed");
     assert_eq!(
         bob.wait().code(),
@@ -725,11 +739,9 @@ fn ocm_clients_chat_and_the_host_closes_the_room() {
 #[test]
 fn ocm_ends_quietly_when_its_output_is_closed_and_leaves_the_room() {
     let d = Daemon::start();
-    let mut alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
+    let mut alice = alice_hosting(&d, "lobby");
     let mut lister = Ocm::start_output_closed(&d, &["rooms"]);
-    let status = lister.wait();
-    let err = lister.stderr.lock().unwrap().clone();
+    let (status, err) = exit_and_stderr(&mut lister);
     assert!(status.success() && err.is_empty(), "{status}: {err}");
 
     let mut bob = Ocm::start_output_closed(
@@ -741,12 +753,7 @@ fn ocm_ends_quietly_when_its_output_is_closed_and_leaves_the_room() {
     // Bob's ocm cannot print it (live or in the history): it leaves.
     alice.type_line("hello");
     assert_eq!(alice.line(), "* bob left");
-    let status = bob.wait();
-    let err = bob.stderr.lock().unwrap().clone();
-    assert!(
-        status.success() && !err.contains("standard output"),
-        "{status}: {err}"
-    );
+    assert_exits_quietly(&mut bob);
 }
 
 /// `ocm join lobby | head -1` in a quiet room: once the reader took its line and went away,
@@ -756,8 +763,7 @@ fn ocm_ends_quietly_when_its_output_is_closed_and_leaves_the_room() {
 fn ocm_whose_reader_took_its_line_and_went_leaves_a_quiet_room() {
     use std::io::BufRead;
     let d = Daemon::start();
-    let mut alice = Ocm::start(&d, &["create", "quiet", "--name", "alice"]);
-    alice.wait_stderr("* created quiet as alice");
+    let mut alice = alice_hosting(&d, "quiet");
     let (reader, writer) = std::io::pipe().expect("a pipe");
     let mut bob = Ocm::start_with_stdout(&d, &["join", "quiet", "--name", "bob"], writer.into());
     // `head -1`: one line, then the reader goes.
@@ -774,12 +780,7 @@ fn ocm_whose_reader_took_its_line_and_went_leaves_a_quiet_room() {
     assert_eq!(line, "alice: the only line\n");
     // Nothing more is said in the room.
     alice.lines_until("* bob left");
-    let status = bob.wait();
-    let err = bob.stderr.lock().unwrap().clone();
-    assert!(
-        status.success() && !err.contains("standard output"),
-        "{status}: {err}"
-    );
+    assert_exits_quietly(&mut bob);
 }
 
 /// With `--original` the closing line is printed as the notice comes (no closure check). A
@@ -791,8 +792,7 @@ fn ocm_whose_reader_took_its_line_and_went_leaves_a_quiet_room() {
 #[test]
 fn an_original_member_whose_output_is_gone_still_exits_as_the_room_ended() {
     let d = Daemon::start();
-    let mut alice = Ocm::start(&d, &["create", "shut", "--name", "alice"]);
-    alice.wait_stderr("* created shut as alice");
+    let mut alice = alice_hosting(&d, "shut");
     let (output, far) = std::os::unix::net::UnixStream::pair().expect("a socket pair");
     far.shutdown(std::net::Shutdown::Read)
         .expect("shut the far end for reading");
@@ -811,10 +811,8 @@ fn an_original_member_whose_output_is_gone_still_exits_as_the_room_ended() {
     );
     bob.wait_stderr("* joined shut as bob");
     assert_eq!(alice.line(), "* bob joined");
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
-    let status = bob.wait();
-    let err = bob.stderr.lock().unwrap().clone();
+    alice.quit_cleanly();
+    let (status, err) = exit_and_stderr(&mut bob);
     assert_eq!(status.code(), Some(OCM_ROOM_ENDED), "bob: {err}");
     assert!(!err.contains("standard output"), "{err}");
     drop(far);
@@ -833,8 +831,7 @@ const EXIT_WITH_STDERR_STUCK: std::time::Duration = std::time::Duration::from_se
 fn ocm_whose_stderr_is_not_read_chats_and_leaves_at_the_end_of_input() {
     use std::io::BufRead;
     let d = Daemon::start();
-    let alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
+    let alice = alice_hosting(&d, "lobby");
     let (reader, writer) = full_pipe();
     let mut bob = Ocm::start_with_stderr(&d, &["join", "lobby", "--name", "bob"], writer.into());
     assert_eq!(alice.line(), "* bob joined");
@@ -901,8 +898,7 @@ fn ocm_whose_stderr_is_not_read_chats_and_leaves_at_the_end_of_input() {
 #[test]
 fn ocm_whose_stderr_is_never_read_leaves_at_quit_and_at_a_signal() {
     let d = Daemon::start();
-    let alice = Ocm::start(&d, &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
+    let alice = alice_hosting(&d, "lobby");
     for by_signal in [false, true] {
         let (reader, writer) = full_pipe();
         let mut bob =
@@ -976,17 +972,13 @@ fn members_keep_their_addresses_across_restarts_between_ipv4_and_dual_stack() {
     if !dual_stack("[::]:0".parse().unwrap()) {
         return;
     }
-    let mut d = Daemon::start_with(Options {
-        metrics: true,
-        ..Options::default()
-    });
+    let mut d = daemon_with_metrics();
     let ipv4 = d.udp;
     let (alice, bob) = room_of_two(&d, "lobby");
     let carol_token = join(&d, "lobby", "carol");
     let mut carol = None;
     for udp in [SocketAddr::from(([0u16; 8], ipv4.port())), ipv4] {
-        let (status, _) = d.terminate();
-        assert!(status.success(), "{status:?}");
+        d.stop_cleanly();
         d.restart_on_udp(udp);
         // Both sockets reach IPv4 members: no start warns that they cannot.
         let log = d.log();
@@ -1017,8 +1009,7 @@ fn members_keep_their_addresses_across_restarts_between_ipv4_and_dual_stack() {
         );
     }
     // The state a clean stop folds names every member by its IPv4 address, Carol's too.
-    let (status, _) = d.terminate();
-    assert!(status.success(), "{status:?}");
+    d.stop_cleanly();
     let text = std::fs::read_to_string(&d.state).unwrap();
     let state: serde_json::Value = serde_json::from_str(&text).unwrap();
     let carol_port = carol.map(|m| m.addr().port()).unwrap();
@@ -1075,6 +1066,16 @@ fn lobby_member(token: &str, at: SocketAddr, server: SocketAddr) -> Member {
     }
 }
 
+/// Creates "lobby" as alice and joins it as bob, both [`lobby_member`]s with sockets bound to
+/// `at`, bob registered and heard by alice; returns the two.
+fn lobby_of_two_at(d: &Daemon, at: SocketAddr) -> (Member, Member) {
+    let alice = lobby_member(&create(d, "lobby", "alice"), at, d.udp);
+    let bob = lobby_member(&join(d, "lobby", "bob"), at, d.udp);
+    alice.send("__REGISTER__");
+    bob.registered_with(&alice, "bob");
+    (alice, bob)
+}
+
 /// A state whose members registered from IPv6 addresses, started behind an IPv4 socket that
 /// cannot send to them: the daemon says so at start, and keeps their tokens.
 #[test]
@@ -1082,13 +1083,8 @@ fn members_behind_ipv6_that_an_ipv4_socket_cannot_reach_are_reported_at_start() 
     let Some((mut d, loopback6)) = daemon_on_ipv6_loopback(Options::default()) else {
         return;
     };
-    let ipv6 = |token: &str| lobby_member(token, loopback6, d.udp);
-    let alice = ipv6(&create(&d, "lobby", "alice"));
-    let bob = ipv6(&join(&d, "lobby", "bob"));
-    alice.send("__REGISTER__");
-    bob.registered_with(&alice, "bob");
-    let (status, _) = d.terminate();
-    assert!(status.success(), "{status:?}");
+    let (_alice, _bob) = lobby_of_two_at(&d, loopback6);
+    d.stop_cleanly();
     d.restart_on_udp(SocketAddr::from(([127, 0, 0, 1], d.udp.port())));
     d.wait_for_log(&format!(
         "2 members registered from IPv6 addresses, which the UDP socket ({}, IPv4 only) cannot \
@@ -1108,8 +1104,7 @@ fn members_behind_ipv4_that_an_ipv6_only_socket_cannot_reach_are_reported_at_sta
     };
     let mut d = Daemon::start();
     let (_alice, _bob) = room_of_two(&d, "lobby");
-    let (status, _) = d.terminate();
-    assert!(status.success(), "{status:?}");
+    d.stop_cleanly();
     d.restart_on_udp(SocketAddr::new(loopback6.ip(), d.udp.port()));
     d.wait_for_log("2 tokens loaded");
     d.wait_for_log(&format!(
@@ -1136,8 +1131,7 @@ fn members_behind_ipv4_are_reachable_behind_an_ipv4_mapped_address() {
 /// `alice`'s and `bob`'s tokens without warning that it cannot reach a member, and that they
 /// chat.
 fn restart_and_find_both_reachable(d: &mut Daemon, udp: SocketAddr, alice: &Member, bob: &Member) {
-    let (status, _) = d.terminate();
-    assert!(status.success(), "{status:?}");
+    d.stop_cleanly();
     d.restart_on_udp(udp);
     let log = d.log();
     assert!(log.contains("2 tokens loaded"), "{log}");
@@ -1153,12 +1147,7 @@ fn members_behind_ipv6_are_not_reported_by_a_start_on_ipv6() {
     let Some((mut d, loopback6)) = daemon_on_ipv6_loopback(Options::default()) else {
         return;
     };
-    let alice_token = create(&d, "lobby", "alice");
-    let bob_token = join(&d, "lobby", "bob");
-    let alice = lobby_member(&alice_token, loopback6, d.udp);
-    let bob = lobby_member(&bob_token, loopback6, d.udp);
-    alice.send("__REGISTER__");
-    bob.registered_with(&alice, "bob");
+    let (alice, bob) = lobby_of_two_at(&d, loopback6);
     let udp = d.udp;
     restart_and_find_both_reachable(&mut d, udp, &alice, &bob);
 }
@@ -1176,23 +1165,50 @@ fn behind_the_join_ip_guard_ipv6_members_are_told_to_join_again() {
     }) else {
         return;
     };
-    let alice_token = create(&d, "lobby", "alice");
-    let bob_token = join(&d, "lobby", "bob");
-    let alice = lobby_member(&alice_token, loopback6, d.udp);
-    let bob = lobby_member(&bob_token, loopback6, d.udp);
-    alice.send("__REGISTER__");
-    bob.registered_with(&alice, "bob");
-    let (status, _) = d.terminate();
-    assert!(status.success(), "{status:?}");
+    let (_alice, bob) = lobby_of_two_at(&d, loopback6);
+    d.stop_cleanly();
     let ipv4 = SocketAddr::from(([127, 0, 0, 1], d.udp.port()));
     d.restart_on_udp(ipv4);
     d.wait_for_log("2 members registered from IPv6 addresses, which the UDP socket (127.0.0.1:");
     d.wait_for_log("they hear nothing until they join again");
-    let bob = lobby_member(&bob_token, SocketAddr::from(([127, 0, 0, 1], 0)), ipv4);
+    let bob = lobby_member(&bob.token, SocketAddr::from(([127, 0, 0, 1], 0)), ipv4);
     bob.send("__REGISTER__");
     wait_until("bob's REGISTER from IPv4 dropped by the guard", || {
         d.metric("ocm_datagrams_dropped_total{reason=\"not_join_ip\"}") >= 1.0
     });
+}
+
+/// A daemon with metrics, its TCRP socket on 127.0.0.2 and its UCRP socket bound to `udp`.
+fn daemon_at_127_0_0_2(udp: SocketAddr) -> Daemon {
+    Daemon::start_with(Options {
+        tcp: Some("127.0.0.2:0".parse().unwrap()),
+        udp: Some(udp),
+        metrics: true,
+        ..Options::default()
+    })
+}
+
+/// Starts `ocm create lobby --name alice ALICE_EXTRA...`, then `ocm join lobby --name bob
+/// --keepalive 3600`, both talking to `d` at 127.0.0.2; returns them once bob has gone live.
+fn alice_and_bob_via_127_0_0_2(d: &Daemon, alice_extra: &[&str]) -> (Ocm, Ocm) {
+    let alice_args = [&["create", "lobby", "--name", "alice"][..], alice_extra].concat();
+    let alice = Ocm::start_via(d, "127.0.0.2", &alice_args);
+    alice.wait_stderr("* created lobby as alice");
+    let bob_args = ["join", "lobby", "--name", "bob", "--keepalive", "3600"];
+    let bob = Ocm::start_via(d, "127.0.0.2", &bob_args);
+    bob.wait_stderr("* joined lobby as bob");
+    bob.wait_live();
+    (alice, bob)
+}
+
+/// Checks that no `ocm` of `ocms` said it was ignoring datagrams (from an address it does
+/// not talk to).
+#[track_caller]
+fn assert_no_datagrams_ignored(ocms: &[&Ocm]) {
+    for ocm in ocms {
+        let err = stderr_of(ocm);
+        assert!(!err.contains("ignoring datagrams"), "{err}");
+    }
 }
 
 /// Where each member's datagrams came to is saved with it: after `kill -9` and a start on the
@@ -1201,20 +1217,8 @@ fn behind_the_join_ip_guard_ipv6_members_are_told_to_join_again() {
 /// would teach the restarted daemon her address.)
 #[test]
 fn after_a_crash_a_wildcard_bound_daemon_still_answers_from_the_address_members_sent_to() {
-    let mut d = Daemon::start_with(Options {
-        tcp: Some("127.0.0.2:0".parse().unwrap()),
-        udp: Some("0.0.0.0:0".parse().unwrap()),
-        metrics: true,
-        ..Options::default()
-    });
-    let hour = ["--keepalive", "3600"];
-    let args =
-        |op: &'static str, name: &'static str| [op, "lobby", "--name", name, hour[0], hour[1]];
-    let mut alice = Ocm::start_via(&d, "127.0.0.2", &args("create", "alice"));
-    alice.wait_stderr("* created lobby as alice");
-    let mut bob = Ocm::start_via(&d, "127.0.0.2", &args("join", "bob"));
-    bob.wait_stderr("* joined lobby as bob");
-    bob.wait_live();
+    let mut d = daemon_at_127_0_0_2("0.0.0.0:0".parse().unwrap());
+    let (mut alice, mut bob) = alice_and_bob_via_127_0_0_2(&d, &["--keepalive", "3600"]);
     assert_eq!(alice.line(), "* bob joined");
     // Both registrations, with the address they came to, are on disk before the kill.
     let journal = d.state.with_extension("json.journal");
@@ -1230,10 +1234,7 @@ fn after_a_crash_a_wildcard_bound_daemon_still_answers_from_the_address_members_
     bob.type_line("yes");
     assert_eq!(alice.line(), "bob: yes");
     assert_eq!(d.metric("ocm_udp_local_addresses"), 1.0);
-    for ocm in [&alice, &bob] {
-        let err = ocm.stderr.lock().unwrap().clone();
-        assert!(!err.contains("ignoring datagrams"), "{err}");
-    }
+    assert_no_datagrams_ignored(&[&alice, &bob]);
 }
 
 /// A keepalive that comes to another of our addresses moves what the member hears there, and
@@ -1267,31 +1268,14 @@ fn a_source_moved_by_a_keepalive_is_saved_at_the_checkpoint_and_survives_a_crash
 }
 
 fn members_talking_to_127_0_0_2_chat_through(udp: SocketAddr) {
-    let d = Daemon::start_with(Options {
-        tcp: Some("127.0.0.2:0".parse().unwrap()),
-        udp: Some(udp),
-        metrics: true,
-        ..Options::default()
-    });
-    let mut alice = Ocm::start_via(&d, "127.0.0.2", &["create", "lobby", "--name", "alice"]);
-    alice.wait_stderr("* created lobby as alice");
-    let mut bob = Ocm::start_via(
-        &d,
-        "127.0.0.2",
-        &["join", "lobby", "--name", "bob", "--keepalive", "3600"],
-    );
-    bob.wait_stderr("* joined lobby as bob");
-    bob.wait_live();
+    let d = daemon_at_127_0_0_2(udp);
+    let (mut alice, mut bob) = alice_and_bob_via_127_0_0_2(&d, &[]);
     assert_eq!(alice.line(), "* bob joined");
     alice.type_line("hello");
     assert_eq!(bob.line(), "alice: hello");
-    bob.type_line("/quit");
-    assert!(bob.wait().success());
+    bob.quit_cleanly();
     assert_eq!(alice.line(), "* bob left");
-    for ocm in [&alice, &bob] {
-        let err = ocm.stderr.lock().unwrap().clone();
-        assert!(!err.contains("ignoring datagrams"), "{err}");
-    }
+    assert_no_datagrams_ignored(&[&alice, &bob]);
     assert_eq!(d.metric("ocm_udp_local_addresses"), 1.0);
     assert_eq!(d.metric("ocm_udp_sources_retired_total"), 0.0);
 }
@@ -1302,7 +1286,7 @@ fn ocm_reports_a_refused_join_and_exits_non_zero() {
     let mut ocm = Ocm::start(&d, &["join", "ghost-town", "--name", "bob"]);
     let status = ocm.wait();
     assert!(!status.success());
-    let err = ocm.stderr.lock().unwrap().clone();
+    let err = stderr_of(&ocm);
     assert!(
         err.contains("ghost-town") && err.contains("does not exist"),
         "{err}"
@@ -1327,21 +1311,17 @@ fn a_held_room_closed_is_tried_again_on_its_own_timer() {
             ..Options::default()
         },
     );
-    let refused_calls = full.with_extension("refused");
-    let refusals = || std::fs::metadata(&refused_calls).map_or(0, |m| m.len());
-    let host = Member::joined(&d, "r", &create(&d, "r", "host"));
-    let m1 = Member::new(&d, "r", &join(&d, "r", "m1"));
-    m1.registered_with(&host, "m1");
+    let (host, m1) = host_and_member(&d, "r", "host", "m1");
 
     std::fs::write(&full, b"").unwrap();
     host.send("__LEAVE__");
     d.wait_for_log(r#"room "r" closed: host left; 1 member told"#);
-    wait_until("the close to find the buffer full", || refusals() > 0);
+    wait_until("the close to find the buffer full", || refusals(&full) > 0);
     // Only the retry timer wakes the daemon now; the 5 s status line at most once more
     // within the wait.
-    let first = refusals();
+    let first = refusals(&full);
     wait_until("the held close to be tried five more times", || {
-        refusals() >= first + 5
+        refusals(&full) >= first + 5
     });
     std::fs::remove_file(&full).unwrap();
     assert_eq!(m1.recv_raw(), b"__ROOM_CLOSED__");

@@ -32,13 +32,28 @@ const NO_REQUEST_LIMIT: &str = "[rate]\nrequests_per_sec = 0.0\n";
 /// A journal threshold so small that a join storm rotates and compacts it over and over.
 const TINY_COMPACTION: &str = "[state]\ncompact_journal_bytes = 4096\n";
 
-/// A daemon with metrics that rotates and compacts its journal every few records.
-fn compacting_daemon() -> Daemon {
-    Daemon::start_with(Options {
-        config: Some(format!("{NO_REQUEST_LIMIT}{TINY_COMPACTION}")),
+/// Options with metrics on and `config` as the configuration file.
+fn metrics_and_config(config: impl Into<String>) -> Options {
+    Options {
+        config: Some(config.into()),
         metrics: true,
         ..Options::default()
-    })
+    }
+}
+
+/// Options with metrics on and nothing else changed.
+fn metrics_only() -> Options {
+    Options {
+        metrics: true,
+        ..Options::default()
+    }
+}
+
+/// A daemon with metrics that rotates and compacts its journal every few records.
+fn compacting_daemon() -> Daemon {
+    Daemon::start_with(metrics_and_config(format!(
+        "{NO_REQUEST_LIMIT}{TINY_COMPACTION}"
+    )))
 }
 
 /// One request on its own connection that never panics: `None` when the daemon went away
@@ -99,9 +114,6 @@ struct Received {
 /// Members joined after each create in a storm.
 const STORM_MEMBERS: usize = 3;
 
-/// Starts `threads` clients that create rooms `PREFIX-tN-K` and join them with
-/// [`STORM_MEMBERS`] members, each request on a fresh connection, until `stop` is set or the
-/// daemon goes away. Every token received lands in `got`.
 /// A storm's stop flag and the tokens it received.
 type StormState = (Arc<AtomicBool>, Arc<Mutex<Vec<Received>>>);
 
@@ -113,6 +125,9 @@ fn storm_state() -> StormState {
     )
 }
 
+/// Starts `threads` clients that create rooms `PREFIX-tN-K` and join them with
+/// [`STORM_MEMBERS`] members, each request on a fresh connection, until `stop` is set or the
+/// daemon goes away. Every token received lands in `got`.
 fn start_storm(
     addr: SocketAddr,
     threads: usize,
@@ -169,10 +184,18 @@ fn start_storm(
         .collect()
 }
 
-fn join_storm(handles: Vec<thread::JoinHandle<()>>) {
-    for h in handles {
-        h.join().expect("storm client panicked");
+/// Sets the storm's `stop` flag, waits for its clients to end, and returns (and empties) the
+/// tokens they received.
+fn end_storm(
+    stop: &AtomicBool,
+    storm: Vec<thread::JoinHandle<()>>,
+    got: &Mutex<Vec<Received>>,
+) -> Vec<Received> {
+    stop.store(true, Ordering::SeqCst);
+    for client in storm {
+        client.join().expect("storm client panicked");
     }
+    std::mem::take(&mut *got.lock().unwrap())
 }
 
 /// Checks that every received token works on the running daemon: each registers (the count
@@ -228,6 +251,13 @@ fn assert_clean_start(log: &str) {
     }
 }
 
+/// Checks that the daemon's log so far contains `needle`; the failure shows the log.
+#[track_caller]
+fn assert_logged(d: &Daemon, needle: &str) {
+    let log = d.log();
+    assert!(log.contains(needle), "{needle:?} not in the log:\n{log}");
+}
+
 /// Asserts that every acknowledged token is in the state file (read after a stop).
 fn assert_all_saved(d: &Daemon, received: &[Received]) {
     let saved = saved_tokens(d);
@@ -239,12 +269,31 @@ fn assert_all_saved(d: &Daemon, received: &[Received]) {
     }
 }
 
+/// Starts the stopped daemon again on its state and checks that the start was clean.
+#[track_caller]
+fn restart_cleanly(d: &mut Daemon) {
+    d.restart();
+    assert_clean_start(&d.log());
+}
+
 /// Restarts the stopped daemon on its state, checks the start was clean, and that every
 /// acknowledged token still registers and relays.
 fn restart_and_verify(d: &mut Daemon, received: &[Received]) {
-    d.restart();
-    assert_clean_start(&d.log());
+    restart_cleanly(d);
     verify_tokens(d, received);
+}
+
+/// Checks that each of `tokens` is in the state file (read after a stop); `what` names the
+/// case in the failure.
+#[track_caller]
+fn assert_tokens_saved(d: &Daemon, tokens: &[String], what: &str) {
+    let saved = saved_tokens(d);
+    for (n, token) in tokens.iter().enumerate() {
+        assert!(
+            saved.contains(token),
+            "{what}: acknowledged token {n} ({token}) not in the state file"
+        );
+    }
 }
 
 /// The state file's tokens after a clean stop.
@@ -264,11 +313,7 @@ fn sigkill_during_a_join_storm_loses_no_acknowledged_token() {
     const ROUNDS: usize = 20;
     let started = Instant::now();
     let mut rng = StdRng::seed_from_u64(seed());
-    let mut d = Daemon::start_with(Options {
-        config: Some(NO_REQUEST_LIMIT.into()),
-        metrics: true,
-        ..Options::default()
-    });
+    let mut d = Daemon::start_with(metrics_and_config(NO_REQUEST_LIMIT));
     let mut all = Vec::new();
     for round in 0..ROUNDS {
         let (stop, got) = storm_state();
@@ -276,9 +321,7 @@ fn sigkill_during_a_join_storm_loses_no_acknowledged_token() {
         let storm = start_storm(d.tcp, 4, &format!("r{round}"), &stop, &got);
         thread::sleep(delay); // the random kill moment, not a wait for correctness
         d.kill9();
-        stop.store(true, Ordering::SeqCst);
-        join_storm(storm);
-        let received = std::mem::take(&mut *got.lock().unwrap());
+        let received = end_storm(&stop, storm, &got);
         eprintln!(
             "round {round}: killed after {delay:?}; {} tokens received",
             received.len()
@@ -291,8 +334,7 @@ fn sigkill_during_a_join_storm_loses_no_acknowledged_token() {
         "the storms got no token at all: the test proved nothing"
     );
     // A clean stop folds everything into the state file: every token is in it.
-    let (status, _) = d.terminate();
-    assert!(status.success());
+    d.stop_cleanly();
     assert_all_saved(&d, &all);
     eprintln!(
         "{ROUNDS} crash rounds, {} tokens, in {:?}",
@@ -338,9 +380,7 @@ fn sigkill_while_the_journal_is_rotated_and_compacted_loses_no_acknowledged_toke
         let delay = Duration::from_millis(rng.random_range(0..=200));
         thread::sleep(delay); // the random kill moment, not a wait for correctness
         d.kill9();
-        stop.store(true, Ordering::SeqCst);
-        join_storm(storm);
-        let received = std::mem::take(&mut *got.lock().unwrap());
+        let received = end_storm(&stop, storm, &got);
         let compacted = compactions_while_serving(&d.log());
         compactions += compacted;
         eprintln!(
@@ -349,8 +389,7 @@ fn sigkill_while_the_journal_is_rotated_and_compacted_loses_no_acknowledged_toke
             received.len()
         );
         restart_and_verify(&mut d, &received);
-        let (status, _) = d.terminate();
-        assert!(status.success());
+        d.stop_cleanly();
         assert_folded(&d);
         assert_all_saved(&d, &received);
     }
@@ -367,12 +406,10 @@ fn a_clean_stop_during_compactions_leaves_no_old_journal_and_an_empty_journal() 
     let storm = start_storm(d.tcp, 4, "clean", &stop, &got);
     wait_until("the storm got tokens", || got.lock().unwrap().len() >= 200);
     let (status, took) = d.terminate();
-    stop.store(true, Ordering::SeqCst);
-    join_storm(storm);
+    let received = end_storm(&stop, storm, &got);
     assert!(status.success(), "SIGTERM exit status: {status:?}");
     assert!(took < STOP_LIMIT, "stopped in {took:?}");
     assert_folded(&d);
-    let received = std::mem::take(&mut *got.lock().unwrap());
     assert_all_saved(&d, &received);
     restart_and_verify(&mut d, &received);
 }
@@ -380,22 +417,16 @@ fn a_clean_stop_during_compactions_leaves_no_old_journal_and_an_empty_journal() 
 #[test]
 fn sigterm_during_a_join_storm_exits_cleanly_and_keeps_every_token() {
     let mut rng = StdRng::seed_from_u64(seed());
-    let mut d = Daemon::start_with(Options {
-        config: Some(NO_REQUEST_LIMIT.into()),
-        metrics: true,
-        ..Options::default()
-    });
+    let mut d = Daemon::start_with(metrics_and_config(NO_REQUEST_LIMIT));
     for round in 0..3 {
         let (stop, got) = storm_state();
         let delay = Duration::from_millis(rng.random_range(20..=80));
         let storm = start_storm(d.tcp, 4, &format!("t{round}"), &stop, &got);
         thread::sleep(delay); // the random stop moment, not a wait for correctness
         let (status, took) = d.terminate();
-        stop.store(true, Ordering::SeqCst);
-        join_storm(storm);
+        let received = end_storm(&stop, storm, &got);
         assert!(status.success(), "SIGTERM exit status: {status:?}");
         assert!(took < STOP_LIMIT, "stopped in {took:?}");
-        let received = std::mem::take(&mut *got.lock().unwrap());
         eprintln!(
             "round {round}: stopped after {delay:?} in {took:?}; {} tokens received",
             received.len()
@@ -514,10 +545,7 @@ fn a_stop_waiting_for_the_disk_refuses_health_checks_at_once() {
         _library,
         joining,
         ..
-    } = a_join_stuck_in_fdatasync_with(Options {
-        metrics: true,
-        ..Options::default()
-    });
+    } = a_join_stuck_in_fdatasync_with(metrics_only());
     let metrics = d.metrics.expect("a metrics listener");
     d.signal(libc::SIGTERM);
     d.wait_for_log("stopping: flushing state");
@@ -600,8 +628,7 @@ fn a_clean_stop_whose_last_writes_never_reach_the_disk_exits_and_says_so() {
     );
     std::fs::remove_file(&hold).unwrap();
     d.restart();
-    let (status, _) = d.terminate();
-    assert!(status.success(), "{status:?}");
+    d.stop_cleanly();
     let saved = saved_tokens(&d);
     assert!(saved.contains(&host), "the host's token is kept: {saved:?}");
 }
@@ -612,11 +639,7 @@ fn a_clean_stop_whose_last_writes_never_reach_the_disk_exits_and_says_so() {
 /// saved by a later one.
 #[test]
 fn checkpoints_are_deferred_and_counted_while_the_last_one_waits_for_the_disk() {
-    let options = Options {
-        config: Some("[history]\ncheckpoint_secs = 1\n".into()),
-        metrics: true,
-        ..Options::default()
-    };
+    let options = metrics_and_config("[history]\ncheckpoint_secs = 1\n");
     let (d, hold, _library) = spawn_preloaded(fdatasync_holder, HOLD_FDATASYNC, options);
     let held = hold.with_extension("held");
     let (alice, bob) = room_of_two(&d, "stuck");
@@ -642,11 +665,8 @@ fn checkpoints_are_deferred_and_counted_while_the_last_one_waits_for_the_disk() 
 /// gets its token once the disk comes back.
 #[test]
 fn a_full_table_does_not_close_a_connection_whose_reply_waits_for_the_disk() {
-    let options = Options {
-        config: Some("[limits]\nmax_connections = 2\nhandshake_timeout_secs = 600\n".into()),
-        metrics: true,
-        ..Options::default()
-    };
+    let options =
+        metrics_and_config("[limits]\nmax_connections = 2\nhandshake_timeout_secs = 600\n");
     let (d, hold, _library) = spawn_preloaded(fdatasync_holder, HOLD_FDATASYNC, options);
     let held = hold.with_extension("held");
     let host = create(&d, "stuck", "alice");
@@ -689,22 +709,26 @@ fn a_full_table_does_not_close_a_connection_whose_reply_waits_for_the_disk() {
     assert_ne!(bob, host);
 }
 
+/// Starts `ocm VERB ROOM --name NAME --keepalive 1` (`verb` is `create` or `join`) and waits
+/// until it says it created or joined the room.
+fn ocm_keeping_alive(d: &Daemon, verb: &str, room: &str, name: &str) -> Ocm {
+    let ocm = Ocm::start(d, &[verb, room, "--name", name, "--keepalive", "1"]);
+    let done = if verb == "create" {
+        "created"
+    } else {
+        "joined"
+    };
+    ocm.wait_stderr(&format!("* {done} {room} as {name}"));
+    ocm
+}
+
 #[test]
 fn a_crashed_ocm_host_closes_its_room_and_a_crashed_member_times_out() {
-    let d = Daemon::start_with(Options {
-        config: Some(FAST_LIVENESS.into()),
-        metrics: true,
-        ..Options::default()
-    });
+    let d = Daemon::start_with(metrics_and_config(FAST_LIVENESS));
 
     // The host crashes: the member hears that it timed out, then the room close, and exits 0.
-    let mut alice = Ocm::start(
-        &d,
-        &["create", "crash1", "--name", "alice", "--keepalive", "1"],
-    );
-    alice.wait_stderr("* created crash1 as alice");
-    let mut bob = Ocm::start(&d, &["join", "crash1", "--name", "bob", "--keepalive", "1"]);
-    bob.wait_stderr("* joined crash1 as bob");
+    let mut alice = ocm_keeping_alive(&d, "create", "crash1", "alice");
+    let mut bob = ocm_keeping_alive(&d, "join", "crash1", "bob");
     assert_eq!(alice.line(), "* bob joined");
     alice.kill9();
     bob.lines_until("* alice timed out");
@@ -716,22 +740,13 @@ fn a_crashed_ocm_host_closes_its_room_and_a_crashed_member_times_out() {
     );
 
     // A silent member crashes: the host hears it timed out.
-    let mut carol = Ocm::start(
-        &d,
-        &["create", "crash2", "--name", "carol", "--keepalive", "1"],
-    );
-    carol.wait_stderr("* created crash2 as carol");
-    let mut dave = Ocm::start(
-        &d,
-        &["join", "crash2", "--name", "dave", "--keepalive", "1"],
-    );
-    dave.wait_stderr("* joined crash2 as dave");
+    let mut carol = ocm_keeping_alive(&d, "create", "crash2", "carol");
+    let mut dave = ocm_keeping_alive(&d, "join", "crash2", "dave");
     assert_eq!(carol.line(), "* dave joined");
     dave.kill9();
     carol.lines_until("* dave timed out");
     assert!(d.metric("ocm_keepalive_expiries_total") >= 2.0);
-    carol.type_line("/quit");
-    assert!(carol.wait().success());
+    carol.quit_cleanly();
 }
 
 /// A laptop that slept through its keepalives: the member is expired, and when it wakes its
@@ -743,10 +758,8 @@ fn an_ocm_member_that_slept_past_its_timeout_is_told_and_exits() {
         config: Some(FAST_LIVENESS.into()),
         ..Options::default()
     });
-    let mut host = Ocm::start(&d, &["create", "nap", "--name", "host", "--keepalive", "1"]);
-    host.wait_stderr("* created nap as host");
-    let mut sleepy = Ocm::start(&d, &["join", "nap", "--name", "sleepy", "--keepalive", "1"]);
-    sleepy.wait_stderr("* joined nap as sleepy");
+    let mut host = ocm_keeping_alive(&d, "create", "nap", "host");
+    let mut sleepy = ocm_keeping_alive(&d, "join", "nap", "sleepy");
     assert_eq!(host.line(), "* sleepy joined");
     // Asleep while chatting: stopped before it had its join's history, `ocm` asks for it on
     // waking, and that request's refusal (no longer a member: "* you are no longer in room
@@ -767,21 +780,13 @@ fn an_ocm_member_that_slept_past_its_timeout_is_told_and_exits() {
         "sleepy was removed"
     );
     // The room lives on for the host.
-    host.type_line("/quit");
-    assert!(host.wait().success());
+    host.quit_cleanly();
 }
 
 #[test]
 fn original_members_are_never_expired_for_silence() {
-    let d = Daemon::start_with(Options {
-        config: Some(FAST_LIVENESS.into()),
-        metrics: true,
-        ..Options::default()
-    });
-    let host_token = create(&d, "quiet", "host");
-    let host = Member::joined(&d, "quiet", &host_token);
-    let orig = Member::new(&d, "quiet", &join(&d, "quiet", "orig"));
-    orig.registered_with(&host, "orig");
+    let d = Daemon::start_with(metrics_and_config(FAST_LIVENESS));
+    let (host, orig) = host_and_member(&d, "quiet", "host", "orig");
     // A member that promises keepalives every second, registers once and goes silent.
     let r = request(
         &d,
@@ -814,21 +819,16 @@ fn original_members_are_never_expired_for_silence() {
 /// `__LEAVE__`. A room where someone is heard from stays.
 #[test]
 fn a_room_nobody_is_heard_from_closes_after_room_idle_secs_and_stays_closed() {
-    let mut d = Daemon::start_with(Options {
-        config: Some(format!("{FAST_LIVENESS}room_idle_secs = 2\n")),
-        metrics: true,
-        ..Options::default()
-    });
+    let mut d = Daemon::start_with(metrics_and_config(format!(
+        "{FAST_LIVENESS}room_idle_secs = 2\n"
+    )));
     let host_token = create(&d, "ghost", "host");
     let host = Member::joined(&d, "ghost", &host_token);
     let orig = Member::new(&d, "ghost", &join(&d, "ghost", "orig"));
     // Before the room's last datagram: the daemon times the silence from its arrival.
     let silent_since = Instant::now();
     orig.registered_with(&host, "orig");
-    let live_token = create(&d, "live", "talker");
-    let talker = Member::joined(&d, "live", &live_token);
-    let listener = Member::new(&d, "live", &join(&d, "live", "listener"));
-    listener.registered_with(&talker, "listener");
+    let (talker, listener) = host_and_member(&d, "live", "talker", "listener");
     // The original host vanished without a __LEAVE__; its member hears the room close.
     let mut spoke = Instant::now();
     wait_until("the idle room closes", || {
@@ -850,19 +850,16 @@ fn a_room_nobody_is_heard_from_closes_after_room_idle_secs_and_stays_closed() {
     assert!(silent_since.elapsed() >= Duration::from_secs(2));
     assert_eq!(d.metric("ocm_idle_rooms_closed_total"), 1.0);
     assert_eq!(d.metric("ocm_rooms"), 1.0, "the room heard from stays");
-    assert!(
-        d.log()
-            .contains("room \"ghost\" closed: nobody heard from for 2 s; 2 members told"),
-        "{}",
-        d.log()
+    assert_logged(
+        &d,
+        "room \"ghost\" closed: nobody heard from for 2 s; 2 members told",
     );
     // The close was journaled: after a restart the name is free, the other room still there
     // (read from the load's log line: with the same limit, the restarted daemon closes the
     // silent "live" room 2 s later).
-    let (status, _) = d.terminate();
-    assert!(status.success(), "SIGTERM exit status: {status:?}");
+    d.stop_cleanly();
     d.restart();
-    assert!(d.log().contains(": 1 room, 2 tokens loaded"), "{}", d.log());
+    assert_logged(&d, ": 1 room, 2 tokens loaded");
     let r = request(&d, Operation::JoinRoom, "ghost", b"\"late\"");
     assert_eq!(refused(&r), Some(ErrorCode::RoomNotFound));
 }
@@ -886,26 +883,19 @@ fn a_chat_says_when_its_server_answers_again_after_a_restart() {
         ],
     );
     alice.wait_stderr("* created back as alice");
-    let (status, _) = d.terminate();
-    assert!(status.success(), "{status:?}");
+    d.stop_cleanly();
     alice.type_line("into the void");
     alice.wait_stderr("* cannot reach the server");
     d.restart();
     alice.wait_stderr("* the server answers again");
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    alice.quit_cleanly();
 }
 
 #[test]
 fn a_live_ocm_chat_survives_a_daemon_restart() {
     let mut d = Daemon::start();
-    let mut alice = Ocm::start(
-        &d,
-        &["create", "live", "--name", "alice", "--keepalive", "1"],
-    );
-    alice.wait_stderr("* created live as alice");
-    let mut bob = Ocm::start(&d, &["join", "live", "--name", "bob", "--keepalive", "1"]);
-    bob.wait_stderr("* joined live as bob");
+    let mut alice = ocm_keeping_alive(&d, "create", "live", "alice");
+    let mut bob = ocm_keeping_alive(&d, "join", "live", "bob");
     bob.wait_live();
     assert_eq!(alice.line(), "* bob joined");
 
@@ -926,14 +916,12 @@ fn a_live_ocm_chat_survives_a_daemon_restart() {
     }
 
     deliver(&mut alice, &bob, "alice", "first");
-    let (status, took) = d.terminate();
-    assert!(status.success(), "SIGTERM exit status: {status:?}");
+    let took = d.stop_cleanly();
     assert_stopped_promptly(&d, took);
     d.restart();
     deliver(&mut bob, &alice, "bob", "second");
     deliver(&mut alice, &bob, "alice", "third");
-    alice.type_line("/quit");
-    assert!(alice.wait().success());
+    alice.quit_cleanly();
     assert_eq!(
         bob.wait().code(),
         Some(OCM_ROOM_ENDED),
@@ -941,8 +929,24 @@ fn a_live_ocm_chat_survives_a_daemon_restart() {
     );
 }
 
+/// A fresh temporary state directory, to start daemons on with [`spawn_on`].
+fn fresh_dir() -> Arc<tempfile::TempDir> {
+    Arc::new(tempfile::tempdir().unwrap())
+}
+
+/// Starts `ocmd` with default options on `dir`; its stderr if it exits before listening.
 fn spawn_on(dir: &Arc<tempfile::TempDir>) -> Result<Daemon, String> {
     Daemon::spawn(Arc::clone(dir), Options::default())
+}
+
+/// Starts `ocmd` on `dir` expecting it to refuse; returns the refusal's log. Panics with
+/// `started` if it started after all.
+#[track_caller]
+fn refused_start(dir: &Arc<tempfile::TempDir>, started: &str) -> String {
+    match spawn_on(dir) {
+        Ok(_) => panic!("{started}"),
+        Err(log) => log,
+    }
 }
 
 /// Tokens and password hashes are secrets: a state file left readable by others (the
@@ -951,35 +955,26 @@ fn spawn_on(dir: &Arc<tempfile::TempDir>) -> Result<Daemon, String> {
 #[test]
 fn a_state_file_readable_by_others_is_narrowed_to_its_owner_at_start() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let dir = fresh_dir();
     let mut d = spawn_on(&dir).expect("ocmd starts");
     create(&d, "r", "host");
-    let (status, _) = d.terminate();
-    assert!(status.success(), "SIGTERM exit status: {status:?}");
+    d.stop_cleanly();
     drop(d);
     let state = dir.path().join("room_manager.json");
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o644)).unwrap();
     let d = spawn_on(&dir).expect("ocmd restarts");
     let mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "{}", d.log());
-    assert!(
-        d.log()
-            .contains("was readable by others (mode 644); now 600"),
-        "{}",
-        d.log()
-    );
+    assert_logged(&d, "was readable by others (mode 644); now 600");
 }
 
 #[test]
 fn a_corrupt_state_file_stops_the_start_and_is_left_untouched() {
-    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let dir = fresh_dir();
     let state = dir.path().join("room_manager.json");
     let garbage = b"{\"rooms\": {\"lobby\": \x00\xff garbage".to_vec();
     std::fs::write(&state, &garbage).unwrap();
-    let log = match spawn_on(&dir) {
-        Ok(_) => panic!("ocmd started on a corrupt state file"),
-        Err(log) => log,
-    };
+    let log = refused_start(&dir, "ocmd started on a corrupt state file");
     assert!(
         log.contains("cannot parse state file") && log.contains(&state.display().to_string()),
         "the refusal names the file:\n{log}"
@@ -997,7 +992,7 @@ fn a_state_file_of_the_wrong_shape_stops_the_start_and_is_left_untouched() {
         "null",
         "\"x\"",
     ] {
-        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let dir = fresh_dir();
         let state = dir.path().join("room_manager.json");
         std::fs::write(&state, text).unwrap();
         match spawn_on(&dir) {
@@ -1059,13 +1054,10 @@ fn a_state_file_that_would_lose_data_stops_the_start_and_is_left_untouched() {
         ),
         ("a newer format", newer, "written by a newer ocmd"),
     ] {
-        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let dir = fresh_dir();
         let state = dir.path().join("room_manager.json");
         std::fs::write(&state, &text).unwrap();
-        let log = match spawn_on(&dir) {
-            Ok(_) => panic!("ocmd started on {what}"),
-            Err(log) => log,
-        };
+        let log = refused_start(&dir, &format!("ocmd started on {what}"));
         assert!(
             log.contains(&state.display().to_string()) && log.contains(reason),
             "{what}: the refusal names the file and says {reason:?}:\n{log}"
@@ -1090,40 +1082,69 @@ fn journal_data(journal: &std::path::Path) -> Vec<u8> {
     bytes
 }
 
+/// The journal in the state directory `dir`.
+fn journal_in(dir: &Path) -> PathBuf {
+    dir.join("room_manager.json.journal")
+}
+
+/// The journal's records (before the space laid ahead), each a line with its `\n`.
+fn journal_lines(journal: &Path) -> Vec<Vec<u8>> {
+    journal_data(journal)
+        .split_inclusive(|&b| b == b'\n')
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
 /// The space `ocmd` lays down ahead of its journal appends, as the tests write it back.
 const SPACE_AHEAD: usize = 1024 * 1024;
 
 /// A daemon on `dir` that created `journal` and joined `m1`, `m2`, then was killed, so the
 /// records are only in the journal. Returns the tokens.
 fn journal_only_state(dir: &Arc<tempfile::TempDir>) -> Vec<String> {
+    killed_after_joins(dir, "journal", &["m1", "m2"])
+}
+
+/// A daemon on `dir` that created `room` as `host` and joined `members` to it, then was
+/// killed, so the records are only in the journal. Returns the tokens, the host's first.
+fn killed_after_joins(dir: &Arc<tempfile::TempDir>, room: &str, members: &[&str]) -> Vec<String> {
     let mut d = spawn_on(dir).expect("ocmd starts");
-    let tokens = vec![
-        create(&d, "journal", "host"),
-        join(&d, "journal", "m1"),
-        join(&d, "journal", "m2"),
-    ];
+    let mut tokens = vec![create(&d, room, "host")];
+    for name in members {
+        tokens.push(join(&d, room, name));
+    }
     d.kill9();
     tokens
 }
 
+/// Checks that the host's token (`tokens[0]`) of `room` registers and that each member named
+/// in `names`, holding the token after it, registers and is heard by the host.
+#[track_caller]
+fn assert_members_relay(d: &Daemon, room: &str, tokens: &[String], names: &[&str]) {
+    assert_eq!(
+        tokens.len(),
+        names.len() + 1,
+        "a token for the host and each name"
+    );
+    let host = Member::joined(d, room, &tokens[0]);
+    for (name, token) in names.iter().zip(&tokens[1..]) {
+        Member::new(d, room, token).registered_with(&host, name);
+    }
+}
+
 #[test]
 fn a_corrupt_journal_line_stops_the_start_and_is_left_untouched() {
-    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let dir = fresh_dir();
     journal_only_state(&dir);
-    let journal = dir.path().join("room_manager.json.journal");
-    let text = journal_data(&journal);
-    let lines: Vec<&[u8]> = text.split_inclusive(|&b| b == b'\n').collect();
+    let journal = journal_in(dir.path());
+    let lines = journal_lines(&journal);
     assert_eq!(lines.len(), 3, "one line per record");
-    let mut corrupt = lines[0].to_vec();
+    let mut corrupt = lines[0].clone();
     corrupt.extend_from_slice(b"{\"n\": 2, \"op\": \x01 not a record\n");
-    corrupt.extend_from_slice(lines[1]);
-    corrupt.extend_from_slice(lines[2]);
+    corrupt.extend_from_slice(&lines[1]);
+    corrupt.extend_from_slice(&lines[2]);
     std::fs::write(&journal, &corrupt).unwrap();
     let state_before = std::fs::read(dir.path().join("room_manager.json")).ok();
-    let log = match spawn_on(&dir) {
-        Ok(_) => panic!("ocmd started on a corrupt journal"),
-        Err(log) => log,
-    };
+    let log = refused_start(&dir, "ocmd started on a corrupt journal");
     assert!(
         log.contains(&journal.display().to_string()) && log.contains("line 2"),
         "the refusal names the journal and the line:\n{log}"
@@ -1142,25 +1163,18 @@ fn a_corrupt_journal_line_stops_the_start_and_is_left_untouched() {
 
 #[test]
 fn a_torn_final_journal_line_is_ignored() {
-    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let dir = fresh_dir();
     let tokens = journal_only_state(&dir);
-    let journal = dir.path().join("room_manager.json.journal");
+    let journal = journal_in(dir.path());
     // The append of record 4 was cut short: its first bytes reached the space ahead.
     let mut torn = journal_data(&journal);
     torn.extend_from_slice(br#"{"n":4,"op":"join","room":"journal","member":{"tok"#);
     torn.resize(torn.len() + SPACE_AHEAD, 0);
     std::fs::write(&journal, &torn).unwrap();
     let d = spawn_on(&dir).expect("ocmd starts despite a torn last line");
-    assert!(
-        d.log().contains("torn final line was ignored"),
-        "{}",
-        d.log()
-    );
+    assert_logged(&d, "torn final line was ignored");
     // Every acknowledged record survived: all three tokens relay.
-    let host = Member::joined(&d, "journal", &tokens[0]);
-    for (name, token) in ["m1", "m2"].iter().zip(&tokens[1..]) {
-        Member::new(&d, "journal", token).registered_with(&host, name);
-    }
+    assert_members_relay(&d, "journal", &tokens, &["m1", "m2"]);
     let r = request(&d, Operation::JoinRoom, "journal", b"\"m2\"");
     assert_eq!(r.token, None, "m2 is still taken");
 }
@@ -1170,30 +1184,20 @@ fn a_torn_final_journal_line_is_ignored() {
 /// record or holds nothing after it, until the operator cuts journal.old as documented.
 #[test]
 fn a_journal_old_cut_short_before_later_records_stops_the_start_untouched() {
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    let mut d = spawn_on(&dir).expect("ocmd starts");
-    create(&d, "cut", "host");
-    for name in ["m1", "m2", "m3"] {
-        join(&d, "cut", name);
-    }
-    d.kill9();
-    drop(d);
+    let dir = fresh_dir();
+    killed_after_joins(&dir, "cut", &["m1", "m2", "m3"]);
     // As if a compaction had rotated the first three records to journal.old, and the disk
     // had then lost the third: journal.old ends in a zero-filled hole, and the journal goes
     // on with record 4.
-    let journal = dir.path().join("room_manager.json.journal");
+    let journal = journal_in(dir.path());
     let old = dir.path().join("room_manager.json.journal.old");
-    let text = journal_data(&journal);
-    let lines: Vec<&[u8]> = text.split_inclusive(|&b| b == b'\n').collect();
+    let lines = journal_lines(&journal);
     assert_eq!(lines.len(), 4, "one line per record");
     let mut cut = lines[..2].concat();
     cut.extend_from_slice(&vec![0; lines[2].len()]);
     std::fs::write(&old, &cut).unwrap();
-    std::fs::write(&journal, lines[3]).unwrap();
-    let log = match spawn_on(&dir) {
-        Ok(_) => panic!("ocmd replayed the journal across the lost record"),
-        Err(log) => log,
-    };
+    std::fs::write(&journal, &lines[3]).unwrap();
+    let log = refused_start(&dir, "ocmd replayed the journal across the lost record");
     assert!(
         log.contains("is cut short at line 3") && log.contains("acknowledged records"),
         "{log}"
@@ -1208,10 +1212,7 @@ fn a_journal_old_cut_short_before_later_records_stops_the_start_untouched() {
     // in nothing but NULs, journal.old looks as a live journal moved to its name would, and
     // the refusal says both.
     std::fs::rename(&journal, dir.path().join("journal.aside")).unwrap();
-    let log = match spawn_on(&dir) {
-        Ok(_) => panic!("ocmd folded journal.old's hole away"),
-        Err(log) => log,
-    };
+    let log = refused_start(&dir, "ocmd folded journal.old's hole away");
     let nuls = format!("ends in {} NUL bytes from line 3", lines[2].len());
     assert!(
         log.contains(&nuls) && log.contains("or the disk lost synced records there"),
@@ -1221,7 +1222,7 @@ fn a_journal_old_cut_short_before_later_records_stops_the_start_untouched() {
     // The documented way out: cut journal.old before the line named, the journal aside.
     std::fs::write(&old, lines[..2].concat()).unwrap();
     let d = spawn_on(&dir).expect("ocmd starts on the cut journal.old");
-    assert!(d.log().contains(": 1 room, 2 tokens loaded"), "{}", d.log());
+    assert_logged(&d, ": 1 room, 2 tokens loaded");
 }
 
 /// Records are numbered one by one from the state file's `journal_seq`: a journal that starts
@@ -1230,12 +1231,11 @@ fn a_journal_old_cut_short_before_later_records_stops_the_start_untouched() {
 /// back, every token is there.
 #[test]
 fn a_journal_that_skips_records_after_the_state_file_stops_the_start_untouched() {
-    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let dir = fresh_dir();
     let mut d = spawn_on(&dir).expect("ocmd starts");
     create(&d, "gap", "host");
     join(&d, "gap", "m1");
-    let (status, _) = d.terminate();
-    assert!(status.success(), "SIGTERM exit status: {status:?}");
+    d.stop_cleanly();
     drop(d);
     // Records 1 and 2 are folded into the state file; 3 and 4 stay in the journal.
     let mut d = spawn_on(&dir).expect("ocmd restarts");
@@ -1245,13 +1245,13 @@ fn a_journal_that_skips_records_after_the_state_file_stops_the_start_untouched()
     drop(d);
     let state = dir.path().join("room_manager.json");
     let aside = dir.path().join("state.aside");
-    let journal = dir.path().join("room_manager.json.journal");
+    let journal = journal_in(dir.path());
     let journal_bytes = std::fs::read(&journal).unwrap();
     std::fs::rename(&state, &aside).unwrap();
-    let log = match spawn_on(&dir) {
-        Ok(_) => panic!("ocmd started on a journal without the state file it follows"),
-        Err(log) => log,
-    };
+    let log = refused_start(
+        &dir,
+        "ocmd started on a journal without the state file it follows",
+    );
     assert!(
         log.contains("holds record 3 where record 1 was due")
             && log.contains("records 1 to 2 are missing")
@@ -1266,7 +1266,7 @@ fn a_journal_that_skips_records_after_the_state_file_stops_the_start_untouched()
     assert!(!state.exists(), "no state file written in its place");
     std::fs::rename(&aside, &state).unwrap();
     let d = spawn_on(&dir).expect("ocmd starts with its state file back");
-    assert!(d.log().contains(": 1 room, 4 tokens loaded"), "{}", d.log());
+    assert_logged(&d, ": 1 room, 4 tokens loaded");
 }
 
 /// A power cut during an append that no `fdatasync` completed for can leave it as a
@@ -1275,19 +1275,10 @@ fn a_journal_that_skips_records_after_the_state_file_stops_the_start_untouched()
 /// and folds the journal away.
 #[test]
 fn a_zero_filled_hole_in_the_journal_ends_it_as_a_torn_tail() {
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    let mut d = spawn_on(&dir).expect("ocmd starts");
-    let tokens = [
-        create(&d, "journal", "host"),
-        join(&d, "journal", "m1"),
-        join(&d, "journal", "m2"),
-        join(&d, "journal", "m3"),
-    ];
-    d.kill9();
-    drop(d);
-    let journal = dir.path().join("room_manager.json.journal");
-    let text = journal_data(&journal);
-    let lines: Vec<&[u8]> = text.split_inclusive(|&b| b == b'\n').collect();
+    let dir = fresh_dir();
+    let tokens = killed_after_joins(&dir, "journal", &["m1", "m2", "m3"]);
+    let journal = journal_in(dir.path());
+    let lines = journal_lines(&journal);
     assert_eq!(lines.len(), 4, "one line per record");
     // m2's join was being appended when the power went: the block holding its first half
     // reads as zeros, while its second half and m3's join, written later, reached the disk.
@@ -1295,7 +1286,7 @@ fn a_zero_filled_hole_in_the_journal_ends_it_as_a_torn_tail() {
     let mut holed = lines[..2].concat();
     holed.extend_from_slice(&vec![0; half]);
     holed.extend_from_slice(&lines[2][half..]);
-    holed.extend_from_slice(lines[3]);
+    holed.extend_from_slice(&lines[3]);
     holed.resize(holed.len() + SPACE_AHEAD, 0);
     std::fs::write(&journal, &holed).unwrap();
     let d = spawn_on(&dir).expect("ocmd starts despite a zero-filled hole");
@@ -1312,8 +1303,7 @@ fn a_zero_filled_hole_in_the_journal_ends_it_as_a_torn_tail() {
     );
     assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0, "folded");
     // Everything before the hole: the host and m1 relay.
-    let host = Member::joined(&d, "journal", &tokens[0]);
-    Member::new(&d, "journal", &tokens[1]).registered_with(&host, "m1");
+    assert_members_relay(&d, "journal", &tokens[..2], &["m1"]);
     // The joins after it were never acknowledged: their names are free again.
     for name in ["m2", "m3"] {
         let r = request(
@@ -1331,14 +1321,14 @@ fn a_zero_filled_hole_in_the_journal_ends_it_as_a_torn_tail() {
 /// without a word about a torn tail, and the fold empties the journal.
 #[test]
 fn a_kill_with_space_laid_ahead_of_the_journal_restarts_with_every_record_and_no_tear() {
-    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let dir = fresh_dir();
     let mut d = spawn_on(&dir).expect("ocmd starts");
     let tokens = [
         create(&d, "ahead", "host"),
         join(&d, "ahead", "m1"),
         join(&d, "ahead", "m2"),
     ];
-    let journal = dir.path().join("room_manager.json.journal");
+    let journal = journal_in(dir.path());
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let size = std::fs::metadata(&journal).unwrap().len();
@@ -1353,9 +1343,7 @@ fn a_kill_with_space_laid_ahead_of_the_journal_restarts_with_every_record_and_no
     }
     d.kill9();
     drop(d);
-    let records = journal_data(&journal)
-        .split_inclusive(|&b| b == b'\n')
-        .count();
+    let records = journal_lines(&journal).len();
     assert_eq!(records, 3, "one line per record");
     let d = spawn_on(&dir).expect("ocmd restarts");
     let log = d.log();
@@ -1365,10 +1353,7 @@ fn a_kill_with_space_laid_ahead_of_the_journal_restarts_with_every_record_and_no
         "{log}"
     );
     assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0, "folded");
-    let host = Member::joined(&d, "ahead", &tokens[0]);
-    for (name, token) in ["m1", "m2"].iter().zip(&tokens[1..]) {
-        Member::new(&d, "ahead", token).registered_with(&host, name);
-    }
+    assert_members_relay(&d, "ahead", &tokens, &["m1", "m2"]);
 }
 
 /// A journal of nothing but space laid down ahead (a stop right after a rotation leaves one
@@ -1377,13 +1362,12 @@ fn a_kill_with_space_laid_ahead_of_the_journal_restarts_with_every_record_and_no
 /// it empty.
 #[test]
 fn a_journal_of_only_space_ahead_starts_quietly_and_a_clean_stop_empties_it() {
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    let journal = dir.path().join("room_manager.json.journal");
+    let dir = fresh_dir();
+    let journal = journal_in(dir.path());
     // Stopped with nothing to fold: the space goes, and no state file is written.
     std::fs::write(&journal, vec![0; SPACE_AHEAD]).unwrap();
     let mut d = spawn_on(&dir).expect("ocmd starts");
-    let (status, _) = d.terminate();
-    assert!(status.success(), "{status:?}");
+    d.stop_cleanly();
     assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0, "{}", d.log());
     assert!(!d.state.exists());
     drop(d);
@@ -1401,8 +1385,7 @@ fn a_journal_of_only_space_ahead_starts_quietly_and_a_clean_stop_empties_it() {
         std::fs::read(&journal).unwrap().starts_with(b"{\"n\":1,"),
         "the first record at the journal's first byte"
     );
-    let (status, _) = d.terminate();
-    assert!(status.success(), "{status:?}");
+    d.stop_cleanly();
     assert_folded(&d);
     assert!(saved_tokens(&d).contains(&token));
 }
@@ -1413,30 +1396,24 @@ fn a_journal_of_only_space_ahead_starts_quietly_and_a_clean_stop_empties_it() {
 /// a torn tail would have been folded away with those records.
 #[test]
 fn a_zero_filled_hole_with_synced_records_after_it_stops_the_start() {
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    let mut d = spawn_on(&dir).expect("ocmd starts");
-    create(&d, "journal", "host");
-    join(&d, "journal", "m1");
-    join(&d, "journal", "m2");
-    d.kill9();
-    drop(d);
-    let journal = dir.path().join("room_manager.json.journal");
-    let text = journal_data(&journal);
-    let lines: Vec<&[u8]> = text.split_inclusive(|&b| b == b'\n').collect();
+    let dir = fresh_dir();
+    journal_only_state(&dir);
+    let journal = journal_in(dir.path());
+    let lines = journal_lines(&journal);
     assert_eq!(lines.len(), 3, "one line per record");
     // m1's join reads as zeros; more than 64 KiB of lines follow (their content is not
     // looked at: the hole alone stops the load).
-    let mut holed = lines[0].to_vec();
+    let mut holed = lines[0].clone();
     holed.extend_from_slice(&vec![0; lines[1].len()]);
     while holed.len() < 70 * 1024 {
-        holed.extend_from_slice(lines[2]);
+        holed.extend_from_slice(&lines[2]);
     }
     holed.resize(holed.len() + SPACE_AHEAD, 0);
     std::fs::write(&journal, &holed).unwrap();
-    let log = match spawn_on(&dir) {
-        Ok(_) => panic!("ocmd started on a journal with acknowledged records behind a hole"),
-        Err(log) => log,
-    };
+    let log = refused_start(
+        &dir,
+        "ocmd started on a journal with acknowledged records behind a hole",
+    );
     assert!(
         log.contains(&journal.display().to_string())
             && log.contains("line 2")
@@ -1471,8 +1448,7 @@ fn a_clean_stop_stuck_in_its_final_fold_exits_without_it_and_loses_nothing() {
     std::fs::remove_file(&hold).unwrap();
     d.restart();
     d.wait_for_log("state: folded 1 journal record");
-    let (status, _) = d.terminate();
-    assert!(status.success(), "{status:?}");
+    d.stop_cleanly();
     assert!(saved_tokens(&d).contains(&host), "the host's token is kept");
 }
 
@@ -1522,7 +1498,7 @@ fn a_failed_directory_fsync_while_serving_stops_ocmd_and_loses_no_acknowledged_t
 }
 
 fn a_failed_directory_fsync_stops_ocmd(library: &std::path::Path, skip: u32, when: &str) {
-    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let dir = fresh_dir();
     let flag = dir.path().join("fail-directory-fsyncs");
     let options = Options {
         config: Some(format!("{NO_REQUEST_LIMIT}{TINY_COMPACTION}")),
@@ -1561,14 +1537,9 @@ fn a_failed_directory_fsync_stops_ocmd(library: &std::path::Path, skip: u32, whe
         "{when}: {log}"
     );
     std::fs::remove_file(&flag).unwrap();
-    d.restart();
-    assert_clean_start(&d.log());
-    let (status, _) = d.terminate();
-    assert!(status.success(), "{status:?}");
-    let saved = saved_tokens(&d);
-    for (n, token) in tokens.iter().enumerate() {
-        assert!(saved.contains(token), "{when}: acknowledged token {n} lost");
-    }
+    restart_cleanly(&mut d);
+    d.stop_cleanly();
+    assert_tokens_saved(&d, &tokens, when);
 }
 
 /// A daemon killed in the middle of a compaction leaves the older records in `journal.old`
@@ -1576,42 +1547,34 @@ fn a_failed_directory_fsync_stops_ocmd(library: &std::path::Path, skip: u32, whe
 /// them into the state file.
 #[test]
 fn a_kill_between_rotation_and_compaction_loses_nothing() {
-    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let dir = fresh_dir();
     let tokens = journal_only_state(&dir);
-    let journal = dir.path().join("room_manager.json.journal");
+    let journal = journal_in(dir.path());
     let old = dir.path().join("room_manager.json.journal.old");
-    let text = journal_data(&journal);
-    let lines: Vec<&[u8]> = text.split_inclusive(|&b| b == b'\n').collect();
+    let lines = journal_lines(&journal);
     assert_eq!(lines.len(), 3, "one line per record");
     // The create is in journal.old: the joins replay only if it comes first.
-    std::fs::write(&old, lines[0]).unwrap();
+    std::fs::write(&old, &lines[0]).unwrap();
     std::fs::write(&journal, lines[1..].concat()).unwrap();
     let d = spawn_on(&dir).expect("ocmd starts");
     assert_clean_start(&d.log());
     assert!(!old.exists(), "journal.old folded at start");
     assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0);
-    let host = Member::joined(&d, "journal", &tokens[0]);
-    for (name, token) in ["m1", "m2"].iter().zip(&tokens[1..]) {
-        Member::new(&d, "journal", token).registered_with(&host, name);
-    }
+    assert_members_relay(&d, "journal", &tokens, &["m1", "m2"]);
 }
 
 #[test]
 fn a_second_daemon_on_the_same_state_refuses_and_names_the_holder() {
     let first = Daemon::start();
     let token = create(&first, "mine", "host");
-    let log = match Daemon::spawn(Arc::clone(&first.dir), Options::default()) {
-        Ok(_) => panic!("a second ocmd started on the same state file"),
-        Err(log) => log,
-    };
+    let log = refused_start(&first.dir, "a second ocmd started on the same state file");
     assert!(
         log.contains("in use by another ocmd") && log.contains(&format!("pid {}", first.pid())),
         "the refusal names the holder:\n{log}"
     );
     // The first one is unharmed.
     let bob = join(&first, "mine", "bob");
-    let host = Member::joined(&first, "mine", &token);
-    Member::new(&first, "mine", &bob).registered_with(&host, "bob");
+    assert_members_relay(&first, "mine", &[token, bob], &["bob"]);
 }
 
 /// The state directory removed whole while the daemon runs, then made again (by hand, or by
@@ -1628,10 +1591,10 @@ fn a_state_directory_removed_while_serving_is_filled_again_with_its_lock() {
     std::fs::create_dir(&dir).unwrap();
     d.wait_for_log("was deleted while in use: taken again");
     tokens.push(join(&d, "gone", "carol"));
-    let log = match Daemon::spawn(Arc::clone(&d.dir), Options::default()) {
-        Ok(_) => panic!("a second ocmd started on a state directory made again"),
-        Err(log) => log,
-    };
+    let log = refused_start(
+        &d.dir,
+        "a second ocmd started on a state directory made again",
+    );
     assert!(
         log.contains("in use by another ocmd") && log.contains(&format!("pid {}", d.pid())),
         "the refusal names the holder:\n{log}"
@@ -1666,10 +1629,7 @@ fn a_stop_that_cannot_write_the_state_again_fails() {
 /// Returns the daemon, the other process's file (its lock held until dropped), and the
 /// lock file's path.
 fn serving_with_its_lock_taken() -> (Daemon, std::fs::File, PathBuf) {
-    let d = Daemon::start_with(Options {
-        metrics: true,
-        ..Options::default()
-    });
+    let d = Daemon::start_with(metrics_only());
     create(&d, "locked", "alice");
     let lock = d.dir.path().join("room_manager.json.lock");
     let taken = d.dir.path().join("other.lock");
@@ -1758,7 +1718,7 @@ fn readyz_says_a_lock_that_cannot_be_taken_again_after_another_process_let_it_go
 /// tell whether another ocmd could start on the state.
 #[test]
 fn readyz_says_a_lock_file_that_cannot_be_examined() {
-    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let dir = fresh_dir();
     // The state is reached through `via`, a link to the directory, which the test turns into a
     // loop and back, each in one rename, so that no check comes between.
     let via = dir.path().join("via");
@@ -1817,19 +1777,11 @@ fn tombstones_answer_a_few_times_per_interval_and_never_for_unknown_tokens() {
     // Three times the default interval, so that the five datagrams below fall in one
     // interval even when a loaded machine stalls the test for a second or two.
     const INTERVAL: Duration = Duration::from_secs(3);
-    let d = Daemon::start_with(Options {
-        metrics: true,
-        config: Some(format!(
-            "[liveness]\nclosed_reply_interval_ms = {}\n",
-            INTERVAL.as_millis()
-        )),
-        ..Options::default()
-    });
-    let host_token = create(&d, "tomb", "host");
-    let bob_token = join(&d, "tomb", "bob");
-    let host = Member::joined(&d, "tomb", &host_token);
-    let bob = Member::new(&d, "tomb", &bob_token);
-    bob.registered_with(&host, "bob");
+    let d = Daemon::start_with(metrics_and_config(format!(
+        "[liveness]\nclosed_reply_interval_ms = {}\n",
+        INTERVAL.as_millis()
+    )));
+    let (host, bob) = host_and_member(&d, "tomb", "host", "bob");
     host.send("__LEAVE__");
     assert_eq!(bob.recv_raw(), b"__ROOM_CLOSED__");
 
@@ -1897,27 +1849,9 @@ fn refusal_codes_survive_restart() {
     d.kill9();
     d.restart();
     let r = request(&d, Operation::JoinRoom, "keep", b"\"bob\"");
-    assert!(
-        matches!(
-            r.compliance,
-            Compliance::Failure {
-                code: Some(ErrorCode::NameTaken),
-                ..
-            }
-        ),
-        "{r:?}"
-    );
+    assert_eq!(refused(&r), Some(ErrorCode::NameTaken), "{r:?}");
     let r = request(&d, Operation::CreateRoom, "keep", b"\"x\"");
-    assert!(
-        matches!(
-            r.compliance,
-            Compliance::Failure {
-                code: Some(ErrorCode::RoomExists),
-                ..
-            }
-        ),
-        "{r:?}"
-    );
+    assert_eq!(refused(&r), Some(ErrorCode::RoomExists), "{r:?}");
 }
 
 /// Usernames that look like JSON strings: `"\n"` (four characters: quote, backslash, n,
@@ -1952,14 +1886,9 @@ fn quoted_names_room_works(d: &Daemon, tokens: &[String]) {
     }
     for name in QUOTED_NAMES {
         let r = request(d, Operation::JoinRoom, "r", &named(name));
-        assert!(
-            matches!(
-                r.compliance,
-                Compliance::Failure {
-                    code: Some(ErrorCode::NameTaken),
-                    ..
-                }
-            ),
+        assert_eq!(
+            refused(&r),
+            Some(ErrorCode::NameTaken),
             "{name:?} is no longer taken: {r:?}"
         );
     }
@@ -1995,15 +1924,12 @@ fn names_that_look_like_json_strings_survive_compactions_and_restarts() {
         compactions_while_serving(&d.log()) > 0
     });
     d.kill9();
-    d.restart();
-    assert_clean_start(&d.log());
+    restart_cleanly(&mut d);
     quoted_names_room_works(&d, &tokens);
     for restart in 0..2 {
-        let (status, _) = d.terminate();
-        assert!(status.success());
+        d.stop_cleanly();
         assert_folded(&d);
-        d.restart();
-        assert_clean_start(&d.log());
+        restart_cleanly(&mut d);
         let loaded = format!(
             ": {} rooms, {} tokens loaded",
             k + 1,
@@ -2016,13 +1942,9 @@ fn names_that_look_like_json_strings_survive_compactions_and_restarts() {
 
 #[test]
 fn sigterm_under_hostile_load_still_stops_before_systemd_would_kill_it() {
-    let mut d = Daemon::start_with(Options {
-        config: Some(format!(
-            "{NO_REQUEST_LIMIT}[limits]\nmax_output_bytes = 4096\n"
-        )),
-        metrics: true,
-        ..Options::default()
-    });
+    let mut d = Daemon::start_with(metrics_and_config(format!(
+        "{NO_REQUEST_LIMIT}[limits]\nmax_output_bytes = 4096\n"
+    )));
     // Half-open connections that never finish a frame.
     let mut slow = Vec::new();
     while slow.len() < 200 {
@@ -2070,14 +1992,12 @@ fn sigterm_under_hostile_load_still_stops_before_systemd_would_kill_it() {
     let storm = start_storm(d.tcp, 2, "hostile", &stop, &got);
     wait_until("the storm got tokens", || got.lock().unwrap().len() >= 8);
     let (status, took) = d.terminate();
-    stop.store(true, Ordering::SeqCst);
-    join_storm(storm);
+    let received = end_storm(&stop, storm, &got);
     flood.join().unwrap();
     deaf.join().unwrap();
     drop(slow);
     assert!(status.success(), "SIGTERM exit status: {status:?}");
     assert!(took < STOP_LIMIT, "stopped in {took:?}");
-    let received = std::mem::take(&mut *got.lock().unwrap());
     assert_all_saved(&d, &received);
     restart_and_verify(&mut d, &received);
 }
@@ -2089,7 +2009,7 @@ fn sigterm_under_hostile_load_still_stops_before_systemd_would_kill_it() {
 /// a live member of "dup", gone after a clean restart (found by a review).
 #[test]
 fn a_room_created_over_one_skipped_at_load_does_not_cost_another_room_a_member() {
-    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let dir = fresh_dir();
     let state = dir.path().join("room_manager.json");
     std::fs::write(
         &state,
@@ -2109,8 +2029,7 @@ fn a_room_created_over_one_skipped_at_load_does_not_cost_another_room_a_member()
     d.wait_for_log("lists a token whose entry is in room \"dup\"");
     // "zz" was left out at load: its name is free, and a client takes it.
     create(&d, "zz", "new");
-    let (status, _) = d.terminate();
-    assert!(status.success());
+    d.stop_cleanly();
     d.restart();
     assert_eq!(members(&d), ["b", "c"], "log:\n{}", d.log());
     assert_eq!(presence_of(&d, "zz", b"{}").members.len(), 1);
@@ -2118,7 +2037,7 @@ fn a_room_created_over_one_skipped_at_load_does_not_cost_another_room_a_member()
 
 /// The `register` records in `dir`'s journal.
 fn register_records(dir: &Path) -> usize {
-    let journal = journal_data(&dir.join("room_manager.json.journal"));
+    let journal = journal_data(&journal_in(dir));
     String::from_utf8_lossy(&journal)
         .lines()
         .filter(|line| line.contains(r#""op":"register""#))
@@ -2132,13 +2051,9 @@ fn register_records(dir: &Path) -> usize {
 /// every record emitted before it, so each count is read behind one.
 #[test]
 fn keepalive_registers_from_an_unchanged_address_write_no_journal_record() {
-    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let dir = fresh_dir();
     let d = spawn_on(&dir).expect("ocmd starts");
-    let host_token = create(&d, "keep", "host");
-    let m1_token = join(&d, "keep", "m1");
-    let host = Member::joined(&d, "keep", &host_token);
-    let m1 = Member::new(&d, "keep", &m1_token);
-    m1.registered_with(&host, "m1");
+    let (host, m1) = host_and_member(&d, "keep", "host", "m1");
     join(&d, "keep", "after-first-registers");
     assert_eq!(register_records(dir.path()), 2, "one record per member");
 
@@ -2156,7 +2071,7 @@ fn keepalive_registers_from_an_unchanged_address_write_no_journal_record() {
         "REGISTERs from unchanged addresses wrote records"
     );
 
-    let moved = Member::new(&d, "keep", &m1_token);
+    let moved = Member::new(&d, "keep", &m1.token);
     moved.registered_with(&host, "m1");
     join(&d, "keep", "after-the-move");
     assert_eq!(
@@ -2168,16 +2083,12 @@ fn keepalive_registers_from_an_unchanged_address_write_no_journal_record() {
 
 /// Kills the daemon with SIGKILL, starts it again on what is on disk, stops it cleanly, and
 /// checks that every acknowledged token in `tokens` is in the state file it leaves.
+#[track_caller]
 fn assert_kept_through_a_kill(d: &mut Daemon, tokens: &[String]) {
     d.kill9();
-    d.restart();
-    assert_clean_start(&d.log());
-    let (status, _) = d.terminate();
-    assert!(status.success(), "{status:?}");
-    let saved = saved_tokens(d);
-    for token in tokens {
-        assert!(saved.contains(token), "{token} acknowledged, then lost");
-    }
+    restart_cleanly(d);
+    d.stop_cleanly();
+    assert_tokens_saved(d, tokens, "after a kill -9 and a restart");
 }
 
 /// A journal deleted while the daemon runs (a cleaner let loose, an `rm` in the wrong
@@ -2188,12 +2099,9 @@ fn assert_kept_through_a_kill(d: &mut Daemon, tokens: &[String]) {
 /// a `kill -9` and a start on what is left on disk.
 #[test]
 fn state_files_deleted_while_serving_are_written_again_and_lose_no_join() {
-    let mut d = Daemon::start_with(Options {
-        metrics: true,
-        ..Options::default()
-    });
+    let mut d = Daemon::start_with(metrics_only());
     let mut tokens = vec![create(&d, "gone", "alice"), join(&d, "gone", "bob")];
-    std::fs::remove_file(d.dir.path().join("room_manager.json.journal")).unwrap();
+    std::fs::remove_file(journal_in(d.dir.path())).unwrap();
     tokens.push(join(&d, "gone", "carol"));
     assert!(
         d.log().contains("replaced and state file"),
@@ -2206,8 +2114,7 @@ fn state_files_deleted_while_serving_are_written_again_and_lose_no_join() {
     );
     assert_eq!(d.metric("ocm_state_files_restored_total"), 1.0);
     d.kill9();
-    d.restart();
-    assert_clean_start(&d.log());
+    restart_cleanly(&mut d);
 
     tokens.push(join(&d, "gone", "dave"));
     std::fs::remove_file(&d.state).unwrap();
@@ -2230,12 +2137,9 @@ fn state_files_deleted_while_serving_are_written_again_and_lose_no_join() {
 /// one made in the window among them, and by a `kill -9` and a start on what is left on disk.
 /// The moved file is left alone.
 fn assert_a_journal_moved_away_is_replaced(how: &str, move_away: impl FnOnce(&Path, &Path)) {
-    let mut d = Daemon::start_with(Options {
-        metrics: true,
-        ..Options::default()
-    });
+    let mut d = Daemon::start_with(metrics_only());
     let mut tokens = vec![create(&d, "moved", "alice"), join(&d, "moved", "bob")];
-    let journal = d.dir.path().join("room_manager.json.journal");
+    let journal = journal_in(d.dir.path());
     let elsewhere = d.dir.path().join("elsewhere");
     let moved = Instant::now();
     move_away(&journal, &elsewhere);
@@ -2250,18 +2154,12 @@ fn assert_a_journal_moved_away_is_replaced(how: &str, move_away: impl FnOnce(&Pa
         "noticed after {took:?}, not at the writer's check a second later"
     );
     d.wait_for_log("replaced and state file");
-    assert!(
-        d.log().contains(
-            "room_manager.json.journal is no longer the file at its name (renamed away, or that \
-             name removed while the file had another, a hard link)"
-        ),
-        "{}",
-        d.log()
+    assert_logged(
+        &d,
+        "room_manager.json.journal is no longer the file at its name (renamed away, or that \
+         name removed while the file had another, a hard link)",
     );
-    let saved = saved_tokens(&d);
-    for token in &tokens {
-        assert!(saved.contains(token), "{token} not in the state file");
-    }
+    assert_tokens_saved(&d, &tokens, how);
     assert_eq!(d.metric("ocm_state_files_restored_total"), 1.0);
     assert_eq!(d.http_get("/readyz"), "ready\n");
     assert!(elsewhere.exists(), "the moved file was left alone");
@@ -2329,14 +2227,10 @@ __attribute__((constructor)) static void refuse_statx(void) {
 #[test]
 fn creates_and_joins_are_acknowledged_where_statx_is_refused() {
     for errno in ["EPERM", "ENOSYS", "EACCES"] {
-        let options = Options {
-            metrics: true,
-            ..Options::default()
-        };
         let (mut d, _, _library) = spawn_preloaded(
             |dir| statx_refuser(dir, errno),
             ("OCM_UNUSED", "unused"),
-            options,
+            metrics_only(),
         );
         let created = try_request(d.tcp, Operation::CreateRoom, "nostatx", b"\"alice\"");
         assert!(

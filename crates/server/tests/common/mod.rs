@@ -588,6 +588,14 @@ impl Daemon {
         (status, t.elapsed())
     }
 
+    /// SIGTERM, checking that the daemon exited successfully; returns how long the stop took.
+    #[track_caller]
+    pub fn stop_cleanly(&mut self) -> Duration {
+        let (status, took) = self.terminate();
+        assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+        took
+    }
+
     /// Starts a new daemon on the same state directory and the same ports (the old one
     /// must have exited).
     pub fn restart(&mut self) {
@@ -912,12 +920,18 @@ pub fn join(daemon: &Daemon, room: &str, name: &str) -> String {
 
 /// A room with a host `alice` and a member `bob`, both registered and heard.
 pub fn room_of_two(d: &Daemon, room: &str) -> (Member, Member) {
-    let host_token = create(d, room, "alice");
-    let bob_token = join(d, room, "bob");
-    let alice = Member::joined(d, room, &host_token);
-    let bob = Member::new(d, room, &bob_token);
-    bob.registered_with(&alice, "bob");
-    (alice, bob)
+    host_and_member(d, room, "alice", "bob")
+}
+
+/// Creates `room` as `host` and joins it as `member`, each from a fresh socket, the member
+/// registered and heard by the host; returns the two.
+pub fn host_and_member(d: &Daemon, room: &str, host: &str, member: &str) -> (Member, Member) {
+    let host_token = create(d, room, host);
+    let member_token = join(d, room, member);
+    let host = Member::joined(d, room, &host_token);
+    let joined = Member::new(d, room, &member_token);
+    joined.registered_with(&host, member);
+    (host, joined)
 }
 
 /// A chat participant speaking raw UCRP from its own UDP socket.
@@ -1180,6 +1194,13 @@ impl Ocm {
         let stdin = self.stdin.as_mut().expect("stdin open");
         writeln!(stdin, "{line}").expect("write to ocm");
         stdin.flush().unwrap();
+    }
+
+    /// Types `/quit` and checks that `ocm` exits successfully.
+    #[track_caller]
+    pub fn quit_cleanly(&mut self) {
+        self.type_line("/quit");
+        assert!(self.wait().success());
     }
 
     /// Hands standard input over (to feed it from another thread).
