@@ -61,13 +61,21 @@ impl Terminal {
             .stdin(stdin.unwrap_or_else(|| Stdio::from(slave.try_clone().expect("dup"))))
             .stdout(Stdio::from(slave.try_clone().expect("dup")))
             .stderr(stderr.unwrap_or_else(|| Stdio::from(slave)));
-        // SAFETY: setsid and ioctl are async-signal-safe; the child gets a session of its
-        // own whose controlling terminal, if any, is the pseudo-terminal on its standard
+        // SAFETY: setsid, ioctl and signal are async-signal-safe; the child gets a session of
+        // its own whose controlling terminal, if any, is the pseudo-terminal on its standard
         // input.
         unsafe {
             command.pre_exec(move || {
                 if libc::setsid() < 0 || (controlling && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0) {
                     return Err(std::io::Error::last_os_error());
+                }
+                // The signals the terminal sends, at their default actions, as a terminal
+                // emulator starts a session, whatever the tests were started under: a test
+                // binary run as a background job of a script (`scripts/test-under-stops`)
+                // ignores SIGINT and SIGQUIT, and a shell passes what it found ignored on to
+                // its jobs, so the `sleep` a test's Ctrl+C ends went on, and no prompt came.
+                for signal in [libc::SIGINT, libc::SIGQUIT, libc::SIGTSTP, libc::SIGHUP] {
+                    libc::signal(signal, libc::SIG_DFL);
                 }
                 Ok(())
             });
