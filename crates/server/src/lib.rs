@@ -48,8 +48,10 @@ pub mod udp;
 pub mod wall_clock;
 
 /// Test helpers shared with the integration tests: skipped checks reported as they report
-/// them, a full notification queue, and waits tried again after EINTR.
+/// them, a full notification queue, and waits that a stop of the process interrupts. (Some
+/// serve the integration tests alone.)
 #[cfg(test)]
+#[allow(dead_code)]
 #[path = "../tests/common/shared.rs"]
 mod test_shared;
 

@@ -265,9 +265,9 @@ mod tests {
         let mut outcomes = Vec::new();
         while outcomes.len() < 2 {
             assert!(Instant::now() < deadline, "timed out with {outcomes:?}");
-            crate::test_shared::uninterrupted(|| {
-                poll.poll(&mut events, Some(Duration::from_secs(1)))
-            })
+            crate::test_shared::woken_or_interrupted(
+                poll.poll(&mut events, Some(Duration::from_secs(1))),
+            )
             .unwrap();
             // Outcomes are only looked for once the worker has woken the loop.
             if !events.is_empty() {

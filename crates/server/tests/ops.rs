@@ -207,11 +207,13 @@ impl NotifyListener {
     /// The next notification, within `wait`. Only the timeout ends the wait empty-handed: any
     /// other error fails the test, named.
     fn next_within(&mut self, wait: Duration) -> Option<String> {
-        self.socket
-            .set_read_timeout(Some(wait.max(Duration::from_millis(1))))
-            .unwrap();
         let mut buf = [0u8; 4096];
-        match uninterrupted(|| self.socket.recv(&mut buf)) {
+        let socket = &self.socket;
+        let received = uninterrupted_within(wait.max(Duration::from_millis(1)), |left| {
+            socket.set_read_timeout(Some(left))?;
+            socket.recv(&mut buf)
+        });
+        match received {
             Ok(n) => {
                 let msg = text(&buf[..n]);
                 self.seen.push(msg.clone());

@@ -173,10 +173,10 @@ impl Driver {
                 return;
             }
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            crate::test_shared::uninterrupted(|| {
+            crate::test_shared::woken_or_interrupted(
                 self.poll
-                    .poll(&mut self.events, Some(Duration::from_millis(50)))
-            })
+                    .poll(&mut self.events, Some(Duration::from_millis(50))),
+            )
             .unwrap();
         }
     }
@@ -692,9 +692,9 @@ fn batches_handed_over_without_waiting_become_durable_in_order_and_none_early() 
             reported.push(done.batch);
             records += done.records;
         }
-        crate::test_shared::uninterrupted(|| {
-            d.poll.poll(&mut d.events, Some(Duration::from_millis(50)))
-        })
+        crate::test_shared::woken_or_interrupted(
+            d.poll.poll(&mut d.events, Some(Duration::from_millis(50))),
+        )
         .unwrap();
     }
     // However the writer grouped them, every report names a later batch than the one

@@ -7,7 +7,9 @@
 
 mod shared;
 #[allow(unused_imports)]
-pub use shared::{fill_datagram_queue, skipped, uninterrupted};
+pub use shared::{
+    fill_datagram_queue, skipped, uninterrupted, uninterrupted_within, woken_or_interrupted,
+};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};

@@ -65,3 +65,37 @@ pub fn uninterrupted<T>(mut call: impl FnMut() -> std::io::Result<T>) -> std::io
         }
     }
 }
+
+/// The result of one step of a wait that a loop with a deadline of its own repeats (a
+/// `mio::Poll::poll` with a timeout between two looks at a condition), an interruption
+/// taken for a wake-up: the loop looks again, and its deadline holds. ([`uninterrupted`]
+/// there waited the whole timeout again at each stop, and under a stop every 30 ms, as
+/// `scripts/test-under-stops` makes, a step of 50 ms never ended.)
+pub fn woken_or_interrupted(result: std::io::Result<()>) -> std::io::Result<()> {
+    match result {
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(()),
+        result => result,
+    }
+}
+
+/// [`uninterrupted`] for a wait whose end is the point (nothing more comes within `wait`):
+/// `call` is given what is left of `wait` to wait at most, and made again, with what is
+/// left then, when it was interrupted; past `wait` the result is a `TimedOut` error. Each
+/// try waiting the whole timeout again, a wait that stops (a stop every 30 ms, as
+/// `scripts/test-under-stops` makes) cut shorter than it never ended.
+pub fn uninterrupted_within<T>(
+    wait: std::time::Duration,
+    mut call: impl FnMut(std::time::Duration) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        match call(left) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            done => return done,
+        }
+    }
+}
