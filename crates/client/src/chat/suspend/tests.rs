@@ -477,29 +477,10 @@ fn an_end_signal_pending_ends_the_wait() {
     let _serial = serial();
     let mut ended = None;
     let after = with_default_background_actions(|| {
-        ended = Some(
-            thread::spawn(|| {
-                let mut hup = SigSet::empty();
-                hup.add(Signal::SIGHUP);
-                hup.thread_block().expect("SIGHUP blocked");
-                assert!(!ending(), "nothing is pending yet");
-                let (waited, looks, sleeps) = wait_given(
-                    |_| false,
-                    |sleep| {
-                        if sleep == 3 {
-                            // SAFETY: a signal to this very thread, which blocks it.
-                            unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGHUP) };
-                        }
-                    },
-                );
-                // Taken, so that it goes nowhere else.
-                assert_eq!(hup.wait(), Ok(Signal::SIGHUP));
-                assert!(!ending());
-                (waited, looks, sleeps.len())
-            })
-            .join()
-            .expect("the waiting thread"),
-        );
+        ended = Some(wait_with_a_signal_at_the_third_sleep(
+            Signal::SIGHUP,
+            ending,
+        ));
     });
     assert_eq!(ended, Some((Waited::Ended, 3, 3)));
     assert!(after
@@ -532,27 +513,38 @@ fn an_end_handled_on_another_thread_ends_the_wait_at_once() {
 #[test]
 fn a_stop_pending_ends_the_wait_for_its_caller_to_make() {
     let _serial = serial();
-    let ended = thread::spawn(|| {
-        let tstp = super::tstp();
-        tstp.thread_block().expect("SIGTSTP blocked");
-        assert!(!a_stop_asked(), "nothing is pending yet");
+    let ended = wait_with_a_signal_at_the_third_sleep(Signal::SIGTSTP, a_stop_asked);
+    assert_eq!(ended, (Waited::StopAsked, 4, 3));
+}
+
+/// Runs [`wait_given`], never in the foreground, on a thread of its own that blocks `signal`
+/// and sends it to itself at the third sleep; checks that `pending` says none is there
+/// before the wait and once the signal is taken (so that it goes nowhere else); returns how
+/// the wait ended, its looks at the foreground and its sleeps.
+fn wait_with_a_signal_at_the_third_sleep(
+    signal: Signal,
+    pending: fn() -> bool,
+) -> (Waited, u32, usize) {
+    thread::spawn(move || {
+        let mut blocked = SigSet::empty();
+        blocked.add(signal);
+        blocked.thread_block().expect("the signal blocked");
+        assert!(!pending(), "nothing is pending yet");
         let (waited, looks, sleeps) = wait_given(
             |_| false,
             |sleep| {
                 if sleep == 3 {
                     // SAFETY: a signal to this very thread, which blocks it.
-                    unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGTSTP) };
+                    unsafe { libc::pthread_kill(libc::pthread_self(), signal as libc::c_int) };
                 }
             },
         );
-        // Taken, so that it stops nothing.
-        assert_eq!(tstp.wait(), Ok(Signal::SIGTSTP));
-        assert!(!a_stop_asked());
+        assert_eq!(blocked.wait(), Ok(signal));
+        assert!(!pending());
         (waited, looks, sleeps.len())
     })
     .join()
-    .expect("the waiting thread");
-    assert_eq!(ended, (Waited::StopAsked, 4, 3));
+    .expect("the waiting thread")
 }
 
 /// At the end of a chat that was reading a line, the terminal guard leaves the prompt line
