@@ -395,11 +395,11 @@ const REGAINED_WINDOW: Duration = Duration::from_millis(500);
 
 /// Runs `wait` (a wait in the background, in a handler on the editor's thread) with
 /// [`WAITING_IN_THE_BACKGROUND`] set, and again after each stop asked meanwhile, which it
-/// makes ([`stop`]: the handler holds SIGTSTP back, so a `kill -TSTP` waits for it; the
-/// terminal, not ours, is left as it is, and a SIGCONT for the stop is left to the wait, as
-/// any while it runs); once it ends with the terminal ours again, notes the regain for the
-/// resume thread before the flag is cleared ([`foreground_regained`]). Never returns
-/// [`Waited::StopAsked`]. Async-signal-safe, given a `wait` that is.
+/// makes ([`stop_as_asked`]: the handler holds SIGTSTP back, so a `kill -TSTP` waits for
+/// it; the terminal, not ours, is left as it is, and a SIGCONT for the stop is left to the
+/// wait, as any while it runs); once it ends with the terminal ours again, notes the regain
+/// for the resume thread before the flag is cleared ([`foreground_regained`]). Never
+/// returns [`Waited::StopAsked`]. Async-signal-safe, given a `wait` that is.
 fn waiting_in_the_background(wait: impl Fn() -> Waited) -> Waited {
     WAITING_IN_THE_BACKGROUND.store(true, Ordering::SeqCst);
     let waited = loop {
