@@ -208,8 +208,14 @@ pub fn run(launcher: &Launcher, plan: &Plan) -> Result<Results> {
     let started = std::time::Instant::now();
     let loadavg_before = loadavg();
     let busy_before_pct = machine_busy_pct(Duration::from_secs(2));
+    // On the idle machine, before the runs: it times a system call.
+    let machine = Machine::probe();
     println!(
-        "matrix: machine busy {busy_before_pct:.0}% before start, loadavg {loadavg_before:.2}"
+        "matrix: machine busy {busy_before_pct:.0}% before start, loadavg {loadavg_before:.2}; \
+         a null system call {}",
+        machine
+            .null_syscall_ns
+            .map_or_else(|| "not timed".to_owned(), |ns| format!("{ns:.0} ns"))
     );
     let rows = SIZES
         .into_iter()
@@ -222,7 +228,7 @@ pub fn run(launcher: &Launcher, plan: &Plan) -> Result<Results> {
     memory.print();
     Ok(Results {
         date,
-        machine: Machine::probe(),
+        machine,
         revision,
         command: plan.command.clone(),
         busy_before_pct,

@@ -1,7 +1,7 @@
 //! Result summaries shared by the modes: percentiles, rate windows, loss attribution from the
 //! daemon's metrics, and facts about the machine and its load.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
@@ -222,13 +222,66 @@ pub struct Machine {
     /// reports from before it was recorded.
     #[serde(default)]
     pub halt_poll_ns: Option<String>,
+    /// What a system call that does nothing costs on this machine, nanoseconds
+    /// ([`null_syscall_ns`]): the daemon's loopback work is mostly system calls, and the
+    /// hosts the VM has landed on differed up to threefold in the `sendto` ceiling and a
+    /// join's CPU. `None` in reports from before it was recorded.
+    #[serde(default)]
+    pub null_syscall_ns: Option<f64>,
+    /// What the kernel says of each CPU vulnerability it reports other than "Not affected"
+    /// (`/sys/devices/system/cpu/vulnerabilities`, as `name: status`): the mitigations that
+    /// tax kernel entries and returns. `None` in reports from before it was recorded.
+    #[serde(default)]
+    pub cpu_vulnerabilities: Option<Vec<String>>,
 }
 
 /// `cpuidle-haltpoll`'s knob (see [`Machine::halt_poll_ns`]).
 pub const HALT_POLL_NS: &str = "/sys/module/haltpoll/parameters/guest_halt_poll_ns";
 
+/// Where the kernel reports the CPU's vulnerabilities, one file each.
+const VULNERABILITIES: &str = "/sys/devices/system/cpu/vulnerabilities";
+
+/// Calls timed per batch in [`null_syscall_ns`].
+const NULL_SYSCALLS_PER_BATCH: u32 = 100_000;
+/// Batches timed in [`null_syscall_ns`]; the quickest counts.
+const NULL_SYSCALL_BATCHES: usize = 5;
+
+/// The cost of one `getppid` system call, nanoseconds: the quickest of
+/// [`NULL_SYSCALL_BATCHES`] batches of [`NULL_SYSCALLS_PER_BATCH`] (about 10–40 ms each), so
+/// a batch that the scheduler or the hypervisor interrupted does not count. Made through
+/// `syscall(2)`, so that no C library can answer from a cache.
+pub fn null_syscall_ns() -> f64 {
+    (0..NULL_SYSCALL_BATCHES)
+        .map(|_| {
+            let start = Instant::now();
+            for _ in 0..NULL_SYSCALLS_PER_BATCH {
+                // SAFETY: getppid takes no arguments, touches no memory and cannot fail.
+                std::hint::black_box(unsafe { libc::syscall(libc::SYS_getppid) });
+            }
+            start.elapsed().as_nanos() as f64 / f64::from(NULL_SYSCALLS_PER_BATCH)
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// `name: status` for each vulnerability in `dir` whose status is not "Not affected", by
+/// name; `None` where the directory cannot be read (an older kernel, a sandbox).
+fn cpu_vulnerabilities(dir: &std::path::Path) -> Option<Vec<String>> {
+    let mut found: Vec<String> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let status = std::fs::read_to_string(entry.path()).ok()?;
+            let status = status.trim();
+            (status != "Not affected")
+                .then(|| format!("{}: {status}", entry.file_name().to_string_lossy()))
+        })
+        .collect();
+    found.sort();
+    Some(found)
+}
+
 impl Machine {
-    /// Reads /proc.
+    /// Reads /proc and /sys, and times a system call: on an idle machine, before the runs.
     pub fn probe() -> Machine {
         let read = |p: &str| {
             std::fs::read_to_string(p)
@@ -249,6 +302,8 @@ impl Machine {
             halt_poll_ns: std::fs::read_to_string(HALT_POLL_NS)
                 .ok()
                 .map(|s| s.trim().to_owned()),
+            null_syscall_ns: Some(null_syscall_ns()),
+            cpu_vulnerabilities: cpu_vulnerabilities(std::path::Path::new(VULNERABILITIES)),
         }
     }
 }
@@ -325,6 +380,39 @@ mod tests {
         let new = r#"{"cpus":2,"cpu_model":"x","kernel":"6.1","rmem_max":"1","wmem_max":"2","halt_poll_ns":"200000"}"#;
         let machine: Machine = serde_json::from_str(new).unwrap();
         assert_eq!(machine.halt_poll_ns.as_deref(), Some("200000"));
+        assert_eq!(machine.null_syscall_ns, None);
+        assert_eq!(machine.cpu_vulnerabilities, None);
+    }
+
+    #[test]
+    fn a_null_system_call_is_timed_in_nanoseconds() {
+        let ns = null_syscall_ns();
+        // A system call costs tens to hundreds of nanoseconds on any machine this runs on;
+        // a figure outside (0, 100 µs) would be a unit or arithmetic slip, not a slow host.
+        assert!(ns.is_finite() && ns > 0.0 && ns < 100_000.0, "{ns}");
+    }
+
+    #[test]
+    fn vulnerabilities_not_affected_are_left_out_and_the_rest_sorted() {
+        let dir = std::env::temp_dir().join(format!("ocm-bench-vuln-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, status) in [
+            ("spectre_v2", "Mitigation: Retpolines\n"),
+            ("meltdown", "Not affected\n"),
+            ("retbleed", "Vulnerable\n"),
+        ] {
+            std::fs::write(dir.join(name), status).unwrap();
+        }
+        let found = cpu_vulnerabilities(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            found,
+            Some(vec![
+                "retbleed: Vulnerable".to_owned(),
+                "spectre_v2: Mitigation: Retpolines".to_owned()
+            ])
+        );
+        assert_eq!(cpu_vulnerabilities(&dir), None, "a directory that is gone");
     }
 
     #[test]

@@ -43,6 +43,23 @@ fn write_machine(w: &mut String, r: &Results) {
     let _ = writeln!(w, "- date: {}; revision: {}", r.date, r.revision);
     let _ = writeln!(w, "- CPUs (`nproc`): {}; model: {}", m.cpus, m.cpu_model);
     let _ = writeln!(w, "- kernel: {}", m.kernel);
+    if let Some(ns) = m.null_syscall_ns {
+        let _ = writeln!(
+            w,
+            "- a system call that does nothing (`getppid`) took {ns:.0} ns, the quickest of five batches of 100,000 before the runs: the daemon's and the generator's loopback work is mostly system calls, so this says much of how fast a host runs them (the hosts this VM has landed on differed up to threefold: see \"The phases are hosts\" in the notes below)"
+        );
+    }
+    if let Some(found) = &m.cpu_vulnerabilities {
+        let listed = if found.is_empty() {
+            "none".to_owned()
+        } else {
+            found.join("; ")
+        };
+        let _ = writeln!(
+            w,
+            "- CPU vulnerabilities the kernel reports other than \"Not affected\" (their mitigations tax kernel entries and returns): {listed}"
+        );
+    }
     let _ = writeln!(
         w,
         "- net.core.rmem_max = {}, wmem_max = {} (`scripts/bench` raises them with `sysctl -w` when it can; the daemon's 16 MiB socket buffers are capped there otherwise)",
@@ -639,6 +656,8 @@ mod tests {
     fn variant() -> Value {
         let mut v = fixture();
         v["machine"]["halt_poll_ns"] = Value::Null;
+        v["machine"]["null_syscall_ns"] = Value::Null;
+        v["machine"]["cpu_vulnerabilities"] = json!([]);
         v["receivers"] = json!(1);
         v["receiver_poll_us"] = json!(0);
         v["daemon_nice"] = json!(5);
