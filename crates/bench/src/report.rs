@@ -247,7 +247,7 @@ const NULL_SYSCALLS_PER_BATCH: u32 = 100_000;
 const NULL_SYSCALL_BATCHES: usize = 5;
 
 /// The cost of one `getppid` system call, nanoseconds: the quickest of
-/// [`NULL_SYSCALL_BATCHES`] batches of [`NULL_SYSCALLS_PER_BATCH`] (about 10–40 ms each), so
+/// [`NULL_SYSCALL_BATCHES`] batches of [`NULL_SYSCALLS_PER_BATCH`] (7 ms each at 66 ns), so
 /// a batch that the scheduler or the hypervisor interrupted does not count. Made through
 /// `syscall(2)`, so that no C library can answer from a cache.
 pub fn null_syscall_ns() -> f64 {
