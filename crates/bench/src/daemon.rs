@@ -244,10 +244,52 @@ fn read_stderr(stderr: impl Read, log: &Mutex<VecDeque<String>>, listening: &mps
     }
 }
 
+/// What the scheduler says of one thread, or of the threads of one name, so far
+/// (`/proc/PID/task/TID/schedstat`): time on a CPU and time runnable but waiting for one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ThreadTimes {
+    /// Nanoseconds on a CPU.
+    pub run_ns: u64,
+    /// Nanoseconds runnable and waiting for a CPU (the run queue).
+    pub wait_ns: u64,
+}
+
+/// Each thread's [`ThreadTimes`] in the process whose `/proc` directory is `proc_dir`, summed
+/// by thread name (`comm`); empty where the kernel keeps no schedstat (`CONFIG_SCHED_INFO`
+/// off) or the process is gone. Threads that end between two reads drop out of the second.
+pub fn thread_times_of(proc_dir: &Path) -> BTreeMap<String, ThreadTimes> {
+    let mut by_name = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(proc_dir.join("task")) else {
+        return by_name;
+    };
+    for task in tasks.flatten() {
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(task.path().join("comm")),
+            std::fs::read_to_string(task.path().join("schedstat")),
+        ) else {
+            continue;
+        };
+        let mut fields = stat.split_whitespace().map(str::parse::<u64>);
+        let (Some(Ok(run_ns)), Some(Ok(wait_ns))) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let sum: &mut ThreadTimes = by_name.entry(comm.trim().to_owned()).or_default();
+        sum.run_ns += run_ns;
+        sum.wait_ns += wait_ns;
+    }
+    by_name
+}
+
 impl Daemon {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Its threads' times on and waiting for a CPU so far, by thread name
+    /// ([`thread_times_of`]).
+    pub fn thread_times(&self) -> BTreeMap<String, ThreadTimes> {
+        thread_times_of(&PathBuf::from(format!("/proc/{}", self.pid())))
     }
 
     /// Fails if the daemon has exited.
@@ -516,5 +558,52 @@ mod tests {
         // Raising the niceness needs no privilege, so the probe must say it can be done.
         assert_eq!(settable_nice(before + 3), Ok(before + 3));
         assert_eq!(own(), before, "the probe ran on its own thread");
+    }
+
+    #[test]
+    fn thread_times_are_summed_by_name_and_unreadable_tasks_skipped() {
+        let dir = std::env::temp_dir().join(format!("ocm-bench-tasks-{}", std::process::id()));
+        for (tid, comm, schedstat) in [
+            ("10", "ocmd\n", "1000 200 5\n"),
+            ("11", "ocmd-writer\n", "300 40 7\n"),
+            ("12", "ocmd-writer\n", "30 4 1\n"),
+            ("13", "ocmd-compactor\n", "not numbers\n"),
+        ] {
+            let task = dir.join("task").join(tid);
+            std::fs::create_dir_all(&task).unwrap();
+            std::fs::write(task.join("comm"), comm).unwrap();
+            std::fs::write(task.join("schedstat"), schedstat).unwrap();
+        }
+        let times = thread_times_of(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let expected = BTreeMap::from([
+            (
+                "ocmd".to_owned(),
+                ThreadTimes {
+                    run_ns: 1000,
+                    wait_ns: 200,
+                },
+            ),
+            (
+                "ocmd-writer".to_owned(),
+                ThreadTimes {
+                    run_ns: 330,
+                    wait_ns: 44,
+                },
+            ),
+        ]);
+        assert_eq!(times, expected);
+        assert!(thread_times_of(&dir).is_empty(), "a process that is gone");
+    }
+
+    #[test]
+    fn this_process_has_run_by_its_schedstat() {
+        let times = thread_times_of(Path::new("/proc/self"));
+        if times.is_empty() {
+            // A kernel without CONFIG_SCHED_INFO keeps no schedstat: nothing to read here.
+            assert!(!Path::new("/proc/self/schedstat").exists());
+            return;
+        }
+        assert!(times.values().any(|t| t.run_ns > 0), "{times:?}");
     }
 }

@@ -1,6 +1,7 @@
 //! The TCRP client (one TCP connection per request, as the original client does: connect,
 //! REQUEST, read COMPLIANCE then COMPLETE, close) and the handshake-throughput mode.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -12,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use tcrp::payload::{self, Caps, Compliance, Request, RequestForm};
 use tcrp::{Frame, Operation, State};
 
+use crate::daemon::ThreadTimes;
 use crate::error::{Context, Error, Result};
 use crate::inflight::{self, Clients, Finished, Job};
 use crate::report::{DaemonDelay, Percentiles, RateWindows};
@@ -361,6 +363,11 @@ pub struct HandshakeResult {
     /// generator (all its threads).
     #[serde(default)]
     pub cpu_us_per_join: Option<CpuPerJoin>,
+    /// Each of the daemon's threads over the joins, per join: on a CPU and waiting for one
+    /// (`/proc/PID/task/TID/schedstat`); `None` in results from before it was kept, empty
+    /// where the kernel keeps no schedstat.
+    #[serde(default)]
+    pub daemon_threads_per_join: Option<Vec<ThreadPerJoin>>,
     /// Whether the state dir is on tmpfs (then fsync costs nothing).
     pub state_on_tmpfs: bool,
     /// joins/s of every round, in order (`creates`/`joins` are the median round's).
@@ -373,6 +380,22 @@ pub struct HandshakeResult {
     /// `joins`); `None` in results from before they were kept.
     #[serde(default)]
     pub join_latency_all_rounds_us: Option<Percentiles>,
+}
+
+/// `ocmd 23.1 µs on a CPU + 8.5 waiting for one, ocmd-writer …`: the threads that took at
+/// least 0.05 µs a join either way.
+pub fn thread_summary(threads: &[ThreadPerJoin]) -> String {
+    let shown: Vec<String> = threads
+        .iter()
+        .filter(|t| t.run_us >= 0.05 || t.wait_us >= 0.05)
+        .map(|t| {
+            format!(
+                "{} {:.1} µs on a CPU + {:.1} waiting for one",
+                t.thread, t.run_us, t.wait_us
+            )
+        })
+        .collect();
+    shown.join(", ")
 }
 
 /// R creates, then R×K joins, over C threads, after an optional preload; `repeat` rounds
@@ -420,11 +443,48 @@ pub fn run(
         journal_write_seconds: journal.seconds,
         durable_wait: journal.durable_wait,
         cpu_us_per_join: Some(journal.cpu),
+        daemon_threads_per_join: Some(journal.threads),
         state_on_tmpfs,
         join_rates,
         errors_all_rounds,
         join_latency_all_rounds_us: Some(Percentiles::of(&all_joins)),
     })
+}
+
+/// One of the daemon's threads (those of one name together) over the joins, per join, µs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ThreadPerJoin {
+    /// The thread's name (`comm`): `ocmd` is the event loop, `ocmd-writer` the journal's
+    /// writer, `ocmd-compactor` the compactor.
+    pub thread: String,
+    /// Time on a CPU.
+    pub run_us: f64,
+    /// Time runnable but waiting for a CPU: the thread was ready and the machine's cores were
+    /// taken (by the daemon's other threads or the generator).
+    pub wait_us: f64,
+}
+
+/// [`ThreadPerJoin`] for every thread name in `after`, from the [`ThreadTimes`] read before
+/// and after `joins` joins (a thread started meanwhile counts from zero), heaviest first.
+fn threads_per_join(
+    before: &BTreeMap<String, ThreadTimes>,
+    after: &BTreeMap<String, ThreadTimes>,
+    joins: f64,
+) -> Vec<ThreadPerJoin> {
+    let per_join = |ns: u64| ns as f64 / 1e3 / joins.max(1.0);
+    let mut threads: Vec<ThreadPerJoin> = after
+        .iter()
+        .map(|(name, now)| {
+            let then = before.get(name).copied().unwrap_or_default();
+            ThreadPerJoin {
+                thread: name.clone(),
+                run_us: per_join(now.run_ns.saturating_sub(then.run_ns)),
+                wait_us: per_join(now.wait_ns.saturating_sub(then.wait_ns)),
+            }
+        })
+        .collect();
+    threads.sort_by(|a, b| b.run_us.total_cmp(&a.run_us));
+    threads
 }
 
 /// CPU time per join, µs.
@@ -444,6 +504,7 @@ struct Journal {
     seconds: f64,
     durable_wait: Option<DaemonDelay>,
     cpu: CpuPerJoin,
+    threads: Vec<ThreadPerJoin>,
 }
 
 /// One round: R creates of rooms named `{prefix}{r}`, then R×K joins. Returns the two phases,
@@ -461,6 +522,7 @@ fn round(
     let creates = phase(inflight::run(tcp, rooms, clients, &create, &|_, _| {}));
     let before = daemon.scrape()?;
     let cpu_before = (daemon.cpu_time(), crate::daemon::own_cpu_time());
+    let threads_before = daemon.thread_times();
     // Spread consecutive joins over rooms so concurrent requests rarely share one.
     let join = |i: usize| {
         let (r, k) = (i % rooms.max(1), i / rooms.max(1));
@@ -474,6 +536,7 @@ fn round(
         &|_, _| {},
     ));
     let cpu_after = (daemon.cpu_time(), crate::daemon::own_cpu_time());
+    let threads_after = daemon.thread_times();
     let after = daemon.scrape()?;
     let per_join = |a: Duration, b: Duration| {
         1e6 * b.saturating_sub(a).as_secs_f64() / (joins_phase.ok as f64).max(1.0)
@@ -490,6 +553,7 @@ fn round(
             daemon: per_join(cpu_before.0, cpu_after.0),
             bench: per_join(cpu_before.1, cpu_after.1),
         },
+        threads: threads_per_join(&threads_before, &threads_after, joins_phase.ok as f64),
     };
     Ok((creates, joins_phase, journal, join_latencies))
 }
@@ -568,5 +632,59 @@ impl HandshakeResult {
                 cpu.daemon, cpu.bench
             );
         }
+        if let Some(threads) = self
+            .daemon_threads_per_join
+            .as_deref()
+            .filter(|t| !t.is_empty())
+        {
+            println!("  ocmd's threads per join: {}", thread_summary(threads));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn times(run_ns: u64, wait_ns: u64) -> ThreadTimes {
+        ThreadTimes { run_ns, wait_ns }
+    }
+
+    #[test]
+    fn threads_per_join_divide_the_growth_and_put_the_heaviest_first() {
+        let before = BTreeMap::from([
+            ("ocmd".to_owned(), times(1_000_000, 500_000)),
+            ("ocmd-writer".to_owned(), times(2_000_000, 0)),
+        ]);
+        let after = BTreeMap::from([
+            (
+                "ocmd".to_owned(),
+                times(1_000_000 + 46_200_000, 500_000 + 17_000_000),
+            ),
+            (
+                "ocmd-writer".to_owned(),
+                times(2_000_000 + 11_600_000, 2_000_000),
+            ),
+            // Started during the joins: counted from zero.
+            ("ocmd-compactor".to_owned(), times(1_800_000, 0)),
+        ]);
+        let per_join = threads_per_join(&before, &after, 2000.0);
+        let summary: Vec<(&str, f64, f64)> = per_join
+            .iter()
+            .map(|t| (t.thread.as_str(), t.run_us, t.wait_us))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("ocmd", 23.1, 8.5),
+                ("ocmd-writer", 5.8, 1.0),
+                ("ocmd-compactor", 0.9, 0.0)
+            ]
+        );
+        assert_eq!(
+            thread_summary(&per_join),
+            "ocmd 23.1 µs on a CPU + 8.5 waiting for one, ocmd-writer 5.8 µs on a CPU + 1.0 \
+             waiting for one, ocmd-compactor 0.9 µs on a CPU + 0.0 waiting for one"
+        );
     }
 }

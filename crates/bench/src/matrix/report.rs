@@ -402,11 +402,11 @@ fn write_handshakes(w: &mut String, h0: &HandshakeResult, hp: &HandshakeResult) 
         "## Handshakes (durable: the daemon fsyncs its journal before replying)\n"
     );
     let driver = handshake_driver(h0.client_threads);
-    let _ = writeln!(w, "R = {} rooms created, then R × K = {} joins with C = {} requests in flight, one TCP connection per request, each from its own 127.0.0.0/8 source address, {driver}; {} rounds on each daemon (fresh rooms each), the round with the median join rate shown (`p99 µs, all rounds`: the joins of every round together). The creates are not in the joins' figures. `CPU µs per join`: each process's user and system time over the joins, all its threads, divided by the joins. State under the target directory (tmpfs: {}).\n", h0.rooms, grouped(h0.rooms * h0.joins_per_room), h0.concurrency, h0.join_rates.len().max(1), h0.state_on_tmpfs);
-    let _ = writeln!(w, "| state before | joins/s (median round) | every round's joins/s | first 10% /s | last 10% /s | p50 µs | p90 µs | p99 µs | max µs | p99 µs, all rounds | creates/s | records per fsync | write + fsync µs | CPU µs per join: ocmd / bench | errors, all rounds |");
+    let _ = writeln!(w, "R = {} rooms created, then R × K = {} joins with C = {} requests in flight, one TCP connection per request, each from its own 127.0.0.0/8 source address, {driver}; {} rounds on each daemon (fresh rooms each), the round with the median join rate shown (`p99 µs, all rounds`: the joins of every round together). The creates are not in the joins' figures. `CPU µs per join`: each process's user and system time over the joins, all its threads, divided by the joins. `ocmd's threads per join`: each of the daemon's threads over the joins (`/proc/PID/task/TID/schedstat`), µs on a CPU + µs runnable but waiting for one, per join: `ocmd` is the event loop, `ocmd-writer` the journal's writer (a write and `fdatasync` per group commit), `ocmd-compactor` the thread that folds the journal into the state file. State under the target directory (tmpfs: {}).\n", h0.rooms, grouped(h0.rooms * h0.joins_per_room), h0.concurrency, h0.join_rates.len().max(1), h0.state_on_tmpfs);
+    let _ = writeln!(w, "| state before | joins/s (median round) | every round's joins/s | first 10% /s | last 10% /s | p50 µs | p90 µs | p99 µs | max µs | p99 µs, all rounds | creates/s | records per fsync | write + fsync µs | CPU µs per join: ocmd / bench | ocmd's threads per join, µs on a CPU + waiting | errors, all rounds |");
     let _ = writeln!(
         w,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for h in [h0, hp] {
         write_handshake_row(w, h);
@@ -430,7 +430,7 @@ fn write_handshake_row(w: &mut String, h: &HandshakeResult) {
     let rounds: Vec<String> = h.join_rates.iter().map(|r| format!("{r:.0}")).collect();
     let _ = writeln!(
         w,
-        "| {} tokens | {:.0} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {:.1} | {} | {} | {} |",
+        "| {} tokens | {:.0} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {:.1} | {} | {} | {} | {} |",
         h.preload,
         h.joins.per_sec,
         rounds.join(", "),
@@ -447,8 +447,26 @@ fn write_handshake_row(w: &mut String, h: &HandshakeResult) {
         journal_write_cell(h),
         h.cpu_us_per_join
             .map_or("–".into(), |c| format!("{:.0} / {:.0}", c.daemon, c.bench)),
+        threads_cell(h),
         (h.joins.errors + h.creates.errors).max(h.errors_all_rounds)
     );
+}
+
+/// `ocmd 23.1 + 8.5; ocmd-writer 5.8 + 1.0`: each thread that took at least 0.05 µs a join,
+/// on a CPU + waiting for one; `–` when the results have none.
+fn threads_cell(h: &HandshakeResult) -> String {
+    let shown: Vec<String> = h
+        .daemon_threads_per_join
+        .iter()
+        .flatten()
+        .filter(|t| t.run_us >= 0.05 || t.wait_us >= 0.05)
+        .map(|t| format!("{} {:.1} + {:.1}", t.thread, t.run_us, t.wait_us))
+        .collect();
+    if shown.is_empty() {
+        "–".into()
+    } else {
+        shown.join("; ")
+    }
 }
 
 /// Microseconds per journal write + fsync, or `–` when the daemon reported no write time.
@@ -687,6 +705,8 @@ mod tests {
         v["handshakes_preloaded"]["client_threads"] = json!(4);
         v["handshakes_preloaded"]["preload_joins"] = Value::Null;
         v["handshakes_preloaded"]["cpu_us_per_join"] = Value::Null;
+        v["handshakes_preloaded"]["daemon_threads_per_join"] = Value::Null;
+        v["handshakes"]["daemon_threads_per_join"] = json!([]);
         v["memory"]["rss_restarted_kib"] = json!(0);
         v["memory"]["idle_cpu_ms_per_sec"] = Value::Null;
         v["memory"]["registered"] = json!(50_000.0);
