@@ -382,12 +382,12 @@ pub struct HandshakeResult {
     pub join_latency_all_rounds_us: Option<Percentiles>,
 }
 
-/// `ocmd 23.1 µs on a CPU + 8.5 waiting for one, ocmd-writer …`: the threads that took at
-/// least 0.05 µs a join either way.
+/// `ocmd 23.1 µs on a CPU + 8.5 waiting for one, ocmd-writer …`: the threads
+/// [worth showing](ThreadPerJoin::worth_showing).
 pub fn thread_summary(threads: &[ThreadPerJoin]) -> String {
     let shown: Vec<String> = threads
         .iter()
-        .filter(|t| t.run_us >= 0.05 || t.wait_us >= 0.05)
+        .filter(|t| t.worth_showing())
         .map(|t| {
             format!(
                 "{} {:.1} µs on a CPU + {:.1} waiting for one",
@@ -462,6 +462,14 @@ pub struct ThreadPerJoin {
     /// Time runnable but waiting for a CPU: the thread was ready and the machine's cores were
     /// taken (by the daemon's other threads or the generator).
     pub wait_us: f64,
+}
+
+impl ThreadPerJoin {
+    /// Whether it took at least 0.05 µs a join on a CPU or waiting for one: what rounds to
+    /// 0.0 either way is left out of the reports.
+    pub fn worth_showing(&self) -> bool {
+        self.run_us >= 0.05 || self.wait_us >= 0.05
+    }
 }
 
 /// [`ThreadPerJoin`] for every thread name in `after`, from the [`ThreadTimes`] read before

@@ -452,14 +452,15 @@ fn write_handshake_row(w: &mut String, h: &HandshakeResult) {
     );
 }
 
-/// `ocmd 23.1 + 8.5; ocmd-writer 5.8 + 1.0`: each thread that took at least 0.05 µs a join,
-/// on a CPU + waiting for one; `–` when the results have none.
+/// `ocmd 23.1 + 8.5; ocmd-writer 5.8 + 1.0`: each thread
+/// [worth showing](crate::handshake::ThreadPerJoin::worth_showing), on a CPU + waiting for
+/// one; `–` when the results have none.
 fn threads_cell(h: &HandshakeResult) -> String {
     let shown: Vec<String> = h
         .daemon_threads_per_join
         .iter()
         .flatten()
-        .filter(|t| t.run_us >= 0.05 || t.wait_us >= 0.05)
+        .filter(|t| t.worth_showing())
         .map(|t| format!("{} {:.1} + {:.1}", t.thread, t.run_us, t.wait_us))
         .collect();
     if shown.is_empty() {
