@@ -258,7 +258,9 @@ pub enum Mode {
     },
     /// A short run of every mode with small sizes (a 3 s soak included), for CI: fails only
     /// if the daemon fails, nothing is delivered, a fan-out counts datagrams it could not read,
-    /// from an earlier run or beyond those owed, no handshake completes or the soak fails.
+    /// from an earlier run or beyond those owed, no handshake completes, the daemon's threads
+    /// show no event loop on a CPU over the joins (where the kernel keeps schedstat) or the
+    /// soak fails.
     Smoke,
     /// The standard matrix; writes the Markdown report and the SVG chart.
     Matrix {

@@ -182,8 +182,8 @@ fn check_counting(r: &fanout::FanoutResult) -> Result<()> {
 }
 
 /// Fails the smoke run when nothing was delivered, no handshake completed, the handshake
-/// rounds were not the 2 × 20 joins asked for, or the latencies over all rounds are not of
-/// all 40.
+/// rounds were not the 2 × 20 joins asked for, the latencies over all rounds are not of all
+/// 40, or the daemon's threads over the joins show no event loop ([`check_threads`]).
 fn check_counts(deliveries: u64, handshakes: usize, h: &HandshakeResult) -> Result<()> {
     if deliveries == 0 {
         return Err(Error::Smoke("nothing was delivered".into()));
@@ -201,6 +201,21 @@ fn check_counts(deliveries: u64, handshakes: usize, h: &HandshakeResult) -> Resu
     if pooled != Some(40) {
         return Err(Error::Smoke(format!(
             "the join latencies over all rounds counted {pooled:?} joins, not 40"
+        )));
+    }
+    check_threads(h)
+}
+
+/// Fails unless the daemon's event loop (`ocmd`) shows time on a CPU among its threads over
+/// the joins, where the kernel keeps schedstat at all.
+fn check_threads(h: &HandshakeResult) -> Result<()> {
+    if !std::path::Path::new("/proc/self/schedstat").exists() {
+        return Ok(());
+    }
+    let threads = h.daemon_threads_per_join.as_deref().unwrap_or_default();
+    if !threads.iter().any(|t| t.thread == "ocmd" && t.run_us > 0.0) {
+        return Err(Error::Smoke(format!(
+            "the daemon's threads over the joins show no event loop on a CPU: {threads:?}"
         )));
     }
     Ok(())
