@@ -58,14 +58,15 @@ pub enum Input<'a> {
     Unknown(&'a str),
     /// One of the protocol's control words, which is not sent.
     Reserved,
-    /// An empty line: nothing to do.
+    /// An empty line, or one of whitespace alone: nothing to do.
     Empty,
 }
 
 /// Classifies one line as read, with or without its line ending.
 pub fn classify(line: &str) -> Input<'_> {
     let line = line.trim_end_matches(['\n', '\r']);
-    if line.is_empty() {
+    // A line of spaces or tabs alone would show the others a sender and nothing after it.
+    if line.trim().is_empty() {
         return Input::Empty;
     }
     if line.starts_with("//") {
@@ -118,7 +119,7 @@ mod tests {
         assert_eq!(classify("hello\r\n"), Input::Send("hello"));
         assert_eq!(classify("  spaced out  \n"), Input::Send("  spaced out  "));
         assert_eq!(classify("no newline"), Input::Send("no newline"));
-        assert_eq!(classify(" \n"), Input::Send(" "));
+        assert_eq!(classify(" x\n"), Input::Send(" x"));
     }
 
     #[test]
@@ -126,6 +127,10 @@ mod tests {
         assert_eq!(classify("\n"), Input::Empty);
         assert_eq!(classify("\r\n"), Input::Empty);
         assert_eq!(classify(""), Input::Empty);
+        // Whitespace alone is empty too, whichever kind. (Hand mutant: `trim()` dropped.)
+        for blank in [" \n", "   ", "\t\r\n", " \u{3000}\u{a0}\n"] {
+            assert_eq!(classify(blank), Input::Empty, "{blank:?}");
+        }
     }
 
     #[test]

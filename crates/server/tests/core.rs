@@ -733,6 +733,23 @@ fn ocm_clients_chat_and_the_host_closes_the_room() {
     );
 }
 
+/// A line of whitespace alone is not sent, whichever kind: the next line bob types with text
+/// in it is the next alice sees. (Such a line used to show the others `bob: ` and nothing.)
+#[test]
+fn ocm_sends_no_line_of_whitespace_alone() {
+    let d = Daemon::start();
+    let alice = alice_hosting(&d, "lobby");
+    let mut bob = Ocm::start(&d, &["join", "lobby", "--name", "bob"]);
+    assert_eq!(alice.line(), "* bob joined");
+    for blank in ["", "   ", "\t", " \t\u{a0}"] {
+        bob.type_line(blank);
+    }
+    bob.type_line("after the blanks");
+    assert_eq!(alice.line(), "bob: after the blanks");
+    bob.quit_cleanly();
+    assert_eq!(alice.line(), "* bob left");
+}
+
 /// A reader of `ocm`'s output that went away (`ocm rooms | head -1`, a chat piped into a
 /// program that quit) ends it quietly, with exit status 0 and no error; a member in a chat
 /// leaves the room first, as at the end of input.

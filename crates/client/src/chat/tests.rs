@@ -189,7 +189,7 @@ fn chat_and_quit_go_to_the_main_loop_and_the_rest_is_answered_here() {
     let dead = DeadTcp::new();
     let (mut commands, inbox) = commands(dead.addr, &screen);
     let mut input =
-        io::Cursor::new("/help\n__LEAVE__\nhello\n\n/shrug\n/history 0\n/quit\nnever sent\n");
+        io::Cursor::new("/help\n__LEAVE__\nhello\n\n \t \n/shrug\n/history 0\n/quit\nnever sent\n");
     assert!(read_lines(&mut commands, &mut input).is_none());
     let events: Vec<Event> = inbox.try_iter().collect();
     assert!(
