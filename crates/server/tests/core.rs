@@ -83,6 +83,22 @@ fn original_client_bytes_get_original_reply_bytes() {
     assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
 }
 
+/// The original client's name read from bytes that were not UTF-8 in its locale, which
+/// `json.dumps` writes as lone-surrogate escapes, is the name with U+FFFD for each: so the
+/// others see it in chat (it was once the JSON text, quotes and escapes included), and
+/// another byte there makes the same name, taken.
+#[test]
+fn an_original_name_with_lone_surrogates_shows_a_replacement_character_for_each() {
+    let d = Daemon::start();
+    let host_token = create(&d, "lobby", "alice");
+    let eve_token = join(&d, "lobby", r"\udce9ve");
+    let host = Member::joined(&d, "lobby", &host_token);
+    let eve = Member::new(&d, "lobby", &eve_token);
+    eve.registered_with(&host, "\u{fffd}ve");
+    let again = request(&d, Operation::JoinRoom, "lobby", br#""\udcffve""#);
+    assert_eq!(refused(&again), Some(ErrorCode::NameTaken));
+}
+
 #[test]
 fn chat_is_relayed_both_ways_and_never_echoed() {
     let d = Daemon::start();

@@ -1,7 +1,9 @@
 //! The JSON payloads carried in TCRP frames.
 //!
 //! REQUEST payload, three accepted forms, tried in this order:
-//! 1. a JSON string, `"alice"`: what the original Python client sends (`json.dumps(name)`);
+//! 1. a JSON string, `"alice"`: what the original Python client sends (`json.dumps(name)`),
+//!    each `\u` escape of a lone surrogate in it read as U+FFFD (Python writes one for each
+//!    byte of a name that was not UTF-8 in the client's locale);
 //! 2. a JSON object, `{"username": "alice", "keepalive": 10, "caps": ["seq"]}`: the door for
 //!    ocm extensions; unknown keys are ignored so later clients stay compatible;
 //! 3. failing both, the payload's UTF-8 text, taken whole as the username; but a payload

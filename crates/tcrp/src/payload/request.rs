@@ -313,10 +313,71 @@ pub fn parse_request(payload: &[u8]) -> Result<Request, Error> {
                 ),
             });
         }
-        _ => {
-            request.username = text.to_owned();
-            request.form = RequestForm::Text;
-        }
+        _ => match json_string_with_lone_surrogates(text) {
+            Some(name) => request.username = name,
+            None => {
+                request.username = text.to_owned();
+                request.form = RequestForm::Text;
+            }
+        },
     }
     Ok(request)
+}
+
+/// A JSON string that a strict parser refuses only for a `\u` escape of a lone surrogate
+/// (`"\udce9t\u00e9"`), with each such surrogate read as U+FFFD; `None` for anything else.
+/// That is what the original client sends for a name it read from bytes that were not UTF-8
+/// in its locale: Python keeps each such byte as a lone surrogate (`surrogateescape`), and
+/// `json.dumps` writes it as an escape. Such a name shows as `ocm` shows such bytes in chat,
+/// rather than as its JSON text, quotes and escapes included.
+fn json_string_with_lone_surrogates(text: &str) -> Option<String> {
+    let mut parser = serde_json::Deserializer::from_str(text);
+    // serde_json reads a string as bytes in WTF-8: a lone surrogate as its three bytes.
+    let wtf8 = serde::Deserializer::deserialize_bytes(&mut parser, BytesVisitor).ok()?;
+    parser.end().ok()?;
+    Some(wtf8_lossy(&wtf8))
+}
+
+/// Reads a JSON string as bytes; any other JSON value is refused.
+struct BytesVisitor;
+
+impl<'de> serde::de::Visitor<'de> for BytesVisitor {
+    type Value = Vec<u8>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON string")
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<Vec<u8>, E> {
+        Ok(bytes.to_vec())
+    }
+
+    fn visit_byte_buf<E: serde::de::Error>(self, bytes: Vec<u8>) -> Result<Vec<u8>, E> {
+        Ok(bytes)
+    }
+}
+
+/// UTF-8 from WTF-8: each surrogate's three bytes (`ED A0..BF 80..BF`) become one U+FFFD,
+/// as does any other sequence that is not UTF-8 (none comes from a JSON parser).
+fn wtf8_lossy(mut bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    loop {
+        match std::str::from_utf8(bytes) {
+            Ok(rest) => {
+                out.push_str(rest);
+                return out;
+            }
+            Err(e) => {
+                let (valid, bad) = bytes.split_at(e.valid_up_to());
+                // `valid` is UTF-8 up to the error, by from_utf8's word.
+                out.push_str(std::str::from_utf8(valid).unwrap_or_default());
+                out.push(char::REPLACEMENT_CHARACTER);
+                let skip = match bad {
+                    [0xED, 0xA0..=0xBF, 0x80..=0xBF, ..] => 3,
+                    _ => e.error_len().unwrap_or(bad.len()),
+                };
+                bytes = &bad[skip..];
+            }
+        }
+    }
 }

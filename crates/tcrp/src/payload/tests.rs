@@ -11,6 +11,37 @@ fn original_json_string_request() {
     assert_eq!(parse_request(b"\"\\u00e9mile\"").unwrap().username, "émile");
 }
 
+/// The original client's name read from bytes that were not UTF-8 in its locale: Python
+/// keeps each as a lone surrogate and `json.dumps` escapes it. Each lone surrogate is read as
+/// U+FFFD and the rest of the string as written; the request keeps the JSON-string form,
+/// where it was once taken as text, quotes and escapes included.
+#[test]
+fn a_json_string_with_lone_surrogates_is_the_name_with_replacement_characters() {
+    for (payload, name) in [
+        (r#""\udce9t\u00e9""#, "\u{fffd}t\u{e9}"),
+        (r#""\ud800""#, "\u{fffd}"),
+        (r#" "a\udcff\udcfeb" "#, "a\u{fffd}\u{fffd}b"),
+        // A trailing surrogate first, then a leading one with no pair: each alone.
+        (r#""\udc00\ud800x""#, "\u{fffd}\u{fffd}x"),
+        // A lone surrogate beside a real pair: the pair is still its character.
+        (r#""\ud83d\ude00\ud83d""#, "\u{1f600}\u{fffd}"),
+    ] {
+        let r = parse_request(payload.as_bytes()).unwrap();
+        assert_eq!(r.username, name, "{payload}");
+        assert_eq!(r.form, RequestForm::JsonString, "{payload}");
+    }
+    // Anything but one JSON string stays text, as before: more after it, an array.
+    for text in [
+        r#""\ud800" x"#,
+        r#"["\ud800"]"#,
+        r#""\ud800"#,
+        r#""\uzzzz""#,
+    ] {
+        let r = parse_request(text.as_bytes()).unwrap();
+        assert_eq!((r.username.as_str(), r.form), (text, RequestForm::Text));
+    }
+}
+
 #[test]
 fn json_object_request_with_extensions() {
     let r = parse_request(
