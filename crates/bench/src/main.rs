@@ -190,6 +190,7 @@ fn draining(common: &Common) -> Draining {
     Draining {
         threads: common.receivers,
         poll: Duration::from_micros(common.receiver_poll_us),
+        sweep: common.receiver_sweep,
         // Turned on by the paced fan-out runs, which report the read lag.
         stamp_arrivals: false,
     }

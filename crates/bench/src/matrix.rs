@@ -88,6 +88,10 @@ pub struct Results {
     /// (absent from reports made before the option: they slept at once).
     #[serde(default)]
     pub receiver_poll_us: u64,
+    /// Whether a polling receiver read every socket in turn rather than ask epoll
+    /// (`--receiver-sweep`; absent from reports made before the option: they asked epoll).
+    #[serde(default)]
+    pub receiver_sweep: bool,
     /// The niceness `ocmd` ran at (the load generator runs at 0).
     #[serde(default)]
     pub daemon_nice: i32,
@@ -237,6 +241,7 @@ pub fn run(launcher: &Launcher, plan: &Plan) -> Result<Results> {
         seconds: started.elapsed().as_secs_f64(),
         receivers: plan.draining.threads,
         receiver_poll_us: u64::try_from(plan.draining.poll.as_micros()).unwrap_or(u64::MAX),
+        receiver_sweep: plan.draining.sweep,
         daemon_nice: launcher.nice,
         paced_senders_realtime: paced_senders_realtime(&sweeps, batch_at_3m.as_ref()),
         paced_catch_up_ms: Some(crate::fanout::catch_up_ms()),

@@ -1,9 +1,11 @@
 //! Receiver threads: each owns an epoll set over a share of the members' sockets and drains
 //! ready sockets with `recvmmsg` (64 datagrams per call) until `EAGAIN`, decoding deliveries
 //! and batch frames with `ucrp` and recording latency from the send time carried in the text.
-//! After the last datagram a thread keeps polling its set for [`Draining::poll`] before it
-//! sleeps in `epoll_wait`: on loopback the sender's system call wakes a sleeping receiver
-//! itself, a cost that remote members would never put on the daemon (see [`Draining`]).
+//! After the last datagram a thread keeps polling for [`Draining::poll`] before it sleeps in
+//! `epoll_wait`: on loopback the sender's system call wakes a sleeping receiver itself, a
+//! cost that remote members would never put on the daemon (see [`Draining`]). While it
+//! polls, it reads every socket in turn rather than asking epoll which are ready
+//! ([`Draining::sweep`]).
 //!
 //! The text of every benchmark message is `t<nanos> s<sender> <seq> ` padded with `x`, where
 //! `nanos` is the send time since the process-wide [`Clock`] origin (`CLOCK_MONOTONIC` via
@@ -47,6 +49,15 @@ pub struct Draining {
     pub threads: usize,
     /// How long a thread polls after its last datagram before it sleeps; zero sleeps at once.
     pub poll: Duration,
+    /// Whether a polling thread reads every socket in turn (`recvmmsg` on each, an empty one
+    /// answering `EAGAIN`) instead of asking `epoll_wait` which are ready. A relay's pass
+    /// sends to every member, so while datagrams flow most sockets hold one, and epoll's
+    /// check of each ready socket (a fifth of the receiver's time in `perf`) buys nothing;
+    /// read in the order the sockets were joined, which is the order the daemon sends in,
+    /// the sweep follows the pass. The notes measure it ("A receiver that sweeps its
+    /// sockets while it polls"). Off, it asks epoll, as every run before 2026-12-07 03:00
+    /// UTC did.
+    pub sweep: bool,
     /// Whether the sockets have the kernel stamp each datagram's arrival, for the read lag
     /// ([`Received::read_lag_ns`]). Paced fan-out runs only: the stamp and its control
     /// message cost the receiver about 2.6% of the datagrams it reads per second (the
@@ -294,7 +305,10 @@ impl Receivers {
             let (stop, progress) = (Arc::clone(&stop), Arc::clone(&progress));
             let handle = thread::Builder::new()
                 .name(format!("recv-{t}"))
-                .spawn(move || receive_loop(&mine, &stop, &progress, clock, since_ns, poll_ns))
+                .spawn(move || {
+                    let sweep = draining.sweep;
+                    receive_loop(&mine, &stop, &progress, clock, since_ns, poll_ns, sweep)
+                })
                 .ctx("spawn receiver thread")?;
             handles.push(handle);
         }
@@ -448,6 +462,9 @@ fn wall_ns() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
+/// One receiver thread until `stop`: asleep in `epoll_wait` until a socket is ready, then,
+/// for `poll_ns` after the last datagram, polling, by sweeps of every socket (`sweep`) or by
+/// `epoll_wait` with no timeout.
 fn receive_loop(
     sockets: &[Arc<UdpSocket>],
     stop: &AtomicBool,
@@ -455,52 +472,75 @@ fn receive_loop(
     clock: Clock,
     since_ns: u64,
     poll_ns: u64,
+    sweep: bool,
 ) -> Result<Received> {
     let epoll = Epoll::new()?;
     for (i, socket) in sockets.iter().enumerate() {
         epoll.add_readable(socket.as_raw_fd(), i as u64)?;
     }
-    let mut batch = Batch::new();
-    let mut seen = Received::new(since_ns);
+    let mut reader = Reader {
+        batch: Batch::new(),
+        seen: Received::new(since_ns),
+        last_ready_ns: 0,
+    };
     let mut events = epoll::events(sockets.len());
-    let mut last_ready_ns = 0;
     while !stop.load(Ordering::Relaxed) {
-        let polling = poll_ns > 0 && clock.nanos().saturating_sub(last_ready_ns) < poll_ns;
+        let polling = poll_ns > 0 && clock.nanos().saturating_sub(reader.last_ready_ns) < poll_ns;
+        reader.seen.polls += u64::from(polling);
+        if polling && sweep {
+            // Every socket, in the order they joined: the order a relay's pass sends in.
+            for socket in sockets {
+                reader.drain(socket.as_raw_fd(), clock, progress);
+            }
+            continue;
+        }
         let timeout = if polling { 0 } else { EPOLL_TIMEOUT_MS };
-        seen.polls += u64::from(polling);
         for key in epoll.wait(&mut events, timeout) {
-            let Some(socket) = sockets.get(key as usize) else {
-                continue;
-            };
-            let fd = socket.as_raw_fd();
-            loop {
-                let got = batch.recv(fd);
-                if got == 0 {
-                    break;
-                }
-                let now = clock.nanos();
-                let wall = wall_ns();
-                // The polling window runs from the last datagram, not from the wake-up.
-                last_ready_ns = now;
-                let before = seen.deliveries;
-                for i in 0..got {
-                    let earlier = seen.deliveries;
-                    seen.handle(batch.datagram(i), now);
-                    // Weighted by its deliveries, as the latency is.
-                    let carried = seen.deliveries - earlier;
-                    if let (Some(arrived), true) = (batch.arrived_ns(i), carried > 0) {
-                        let lag = wall.saturating_sub(arrived).max(1);
-                        let _ = seen.read_lag_ns.record_n(lag, carried);
-                    }
-                }
-                progress.fetch_add(seen.deliveries - before, Ordering::Relaxed);
-                if got < RECV_BATCH {
-                    break;
-                }
+            if let Some(socket) = sockets.get(key as usize) {
+                reader.drain(socket.as_raw_fd(), clock, progress);
             }
         }
     }
-    Ok(seen)
+    Ok(reader.seen)
+}
+
+/// One receiver thread's buffers and tallies.
+struct Reader {
+    batch: Batch,
+    seen: Received,
+    /// When a datagram was last read, on the run's clock: the polling window runs from it.
+    last_ready_ns: u64,
+}
+
+impl Reader {
+    /// Reads `fd` until it holds nothing more, recording each delivery.
+    fn drain(&mut self, fd: RawFd, clock: Clock, progress: &AtomicU64) {
+        loop {
+            let got = self.batch.recv(fd);
+            if got == 0 {
+                return;
+            }
+            let now = clock.nanos();
+            let wall = wall_ns();
+            // The polling window runs from the last datagram, not from the wake-up.
+            self.last_ready_ns = now;
+            let before = self.seen.deliveries;
+            for i in 0..got {
+                let earlier = self.seen.deliveries;
+                self.seen.handle(self.batch.datagram(i), now);
+                // Weighted by its deliveries, as the latency is.
+                let carried = self.seen.deliveries - earlier;
+                if let (Some(arrived), true) = (self.batch.arrived_ns(i), carried > 0) {
+                    let lag = wall.saturating_sub(arrived).max(1);
+                    let _ = self.seen.read_lag_ns.record_n(lag, carried);
+                }
+            }
+            progress.fetch_add(self.seen.deliveries - before, Ordering::Relaxed);
+            if got < RECV_BATCH {
+                return;
+            }
+        }
+    }
 }
 
 /// Sum of the kernel's drop counters (full receive buffer) of these sockets, from
@@ -661,13 +701,17 @@ mod tests {
         }
     }
 
+    /// Whether they sleep at once, poll a while or all the time, asking epoll or sweeping.
+    /// (A thread with a window of 60 s polls from its start, the run's clock being younger:
+    /// with `sweep` it reads by sweeps alone, so a sweep that missed a socket would fail.)
     #[test]
     fn receivers_drain_every_burst_and_stop_whether_they_poll_or_sleep() {
-        for poll in [
+        let polls = [
             Duration::ZERO,
             Duration::from_micros(20),
             Duration::from_secs(60),
-        ] {
+        ];
+        for (poll, sweep) in polls.into_iter().flat_map(|p| [(p, false), (p, true)]) {
             let sockets = crate::fanout::bind_sockets(4, 1 << 20).unwrap();
             let targets: Vec<_> = sockets.iter().map(|s| s.local_addr().unwrap()).collect();
             let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -675,6 +719,7 @@ mod tests {
             let draining = Draining {
                 threads: 2,
                 poll,
+                sweep,
                 stamp_arrivals: true,
             };
             let receivers = Receivers::spawn(&sockets, draining, clock, clock.nanos()).unwrap();
@@ -684,13 +729,21 @@ mod tests {
             while receivers.progress() < 200 && Instant::now() < deadline {
                 thread::sleep(Duration::from_millis(1));
             }
-            assert_eq!(receivers.progress(), 200, "first burst with poll {poll:?}");
+            assert_eq!(
+                receivers.progress(),
+                200,
+                "first burst with poll {poll:?}, sweep {sweep}"
+            );
             send_messages(&sender, &targets, 300);
             let started = Instant::now();
             let got = receivers
                 .finish(500, Duration::from_secs(5), Duration::from_secs(10))
                 .unwrap();
-            assert_eq!((got.deliveries, got.undecodable), (500, 0), "poll {poll:?}");
+            assert_eq!(
+                (got.deliveries, got.undecodable),
+                (500, 0),
+                "poll {poll:?}, sweep {sweep}"
+            );
             assert_eq!(got.latency_ns.len(), 500);
             assert_eq!(got.read_lag_ns.len(), 500, "a read lag per delivery");
             // Only a receiver with a window polls; one of 60 s polls after every datagram.
@@ -698,10 +751,13 @@ mod tests {
             if poll.is_zero() {
                 assert_eq!(got.polls, 0);
             } else if poll >= Duration::from_secs(1) {
-                assert!(got.polls > 0, "poll {poll:?}");
+                assert!(got.polls > 0, "poll {poll:?}, sweep {sweep}");
             }
             // A thread still inside its polling window sees the stop flag too.
-            assert!(started.elapsed() < Duration::from_secs(5), "poll {poll:?}");
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "poll {poll:?}, sweep {sweep}"
+            );
         }
     }
 

@@ -87,7 +87,11 @@ fn write_machine(w: &mut String, r: &Results) {
         if r.receivers == 1 { "" } else { "s" },
         m.cpus
     );
-    let _ = writeln!(w, "- {}", draining_note(r.receiver_poll_us));
+    let _ = writeln!(
+        w,
+        "- {}",
+        draining_note(r.receiver_poll_us, r.receiver_sweep)
+    );
     let _ = writeln!(
         w,
         "- paced senders ran {}; one held up sent up to {} ms of its schedule late (`--catch-up-ms`), each message stamped with its slot's due time, and skipped the slots it missed beyond that, counted as loss",
@@ -107,12 +111,16 @@ fn daemon_nice_note(nice: i32) -> String {
 }
 
 /// How the receivers drained the sockets, as the report says it.
-fn draining_note(poll_us: u64) -> String {
+fn draining_note(poll_us: u64, sweep: bool) -> String {
     if poll_us == 0 {
-        "receivers slept in `epoll_wait` as soon as their sockets were empty, so every send on loopback also paid for waking them".to_string()
-    } else {
-        format!("receivers kept polling for {poll_us} µs after their last datagram before sleeping (`--receiver-poll-us`), so a send on loopback rarely pays for waking a sleeping receiver, as a send to a remote member never does; the ceiling is drained the same way")
+        return "receivers slept in `epoll_wait` as soon as their sockets were empty, so every send on loopback also paid for waking them".to_string();
     }
+    let how = if sweep {
+        "read every socket in turn, in the order the daemon sends to them, rather than ask epoll which were ready (`--receiver-sweep`)"
+    } else {
+        "asked `epoll_wait` which sockets were ready"
+    };
+    format!("receivers kept polling for {poll_us} µs after their last datagram before sleeping (`--receiver-poll-us`), so a send on loopback rarely pays for waking a sleeping receiver, as a send to a remote member never does; while polling they {how}; the ceiling is drained the same way")
 }
 
 /// The targets table: each target, what was measured and the verdict.
@@ -730,6 +738,19 @@ mod tests {
         assert_eq!(
             markdown(&results(variant())),
             include_str!("../testdata/matrix-report-variant.md")
+        );
+    }
+
+    /// The receivers' note says how a polling receiver read: by sweeps, or by asking epoll
+    /// (the fixture's run, made before the option); of receivers that slept at once, neither.
+    #[test]
+    fn the_draining_note_says_how_polling_receivers_read() {
+        assert!(super::draining_note(20, true).contains("read every socket in turn"));
+        assert!(super::draining_note(20, false).contains("asked `epoll_wait` which sockets"));
+        let asleep = super::draining_note(0, true);
+        assert!(
+            asleep.contains("slept") && !asleep.contains("in turn"),
+            "{asleep}"
         );
     }
 
