@@ -48,7 +48,7 @@ pub struct Common {
     #[arg(long, global = true, default_value_t = 20, value_name = "MICROS")]
     pub receiver_poll_us: u64,
     /// Whether a polling receiver reads every socket in turn (true) or asks `epoll_wait`
-    /// which are ready (false, as every run before 2026-12-07 03:00 UTC did). Sweeping read
+    /// which are ready (false, as every run before 2026-12-07 02:30 UTC did). Sweeping read
     /// sooner under load here (the read lag's p50 a third at M = 64 and 3M batch deliveries/s)
     /// and raised the sendto ceiling 8%; with many sockets and a light load it reads later.
     #[arg(

@@ -55,7 +55,7 @@ pub struct Draining {
     /// check of each ready socket (a fifth of the receiver's time in `perf`) buys nothing;
     /// read in the order the sockets were joined, which is the order the daemon sends in,
     /// the sweep follows the pass. The notes measure it ("A receiver that sweeps its
-    /// sockets while it polls"). Off, it asks epoll, as every run before 2026-12-07 03:00
+    /// sockets while it polls"). Off, it asks epoll, as every run before 2026-12-07 02:30
     /// UTC did.
     pub sweep: bool,
     /// Whether the sockets have the kernel stamp each datagram's arrival, for the read lag
