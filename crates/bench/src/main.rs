@@ -99,6 +99,7 @@ fn run(cli: Cli) -> Result<()> {
     let common = &cli.common;
     fanout::set_paced_senders_realtime(common.sender_priority == SenderPriority::Realtime);
     fanout::set_catch_up(Duration::from_millis(common.catch_up_ms));
+    fanout::set_segmented_sends(common.sender_segments);
     let draining = draining(common);
     match cli.mode {
         Mode::Ceiling {

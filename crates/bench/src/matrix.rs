@@ -103,6 +103,10 @@ pub struct Results {
     /// (`--catch-up-ms`); `None` in reports made before the option (2 ms).
     #[serde(default)]
     pub paced_catch_up_ms: Option<u64>,
+    /// Whether the senders made segmented sends (`--sender-segments`; absent from reports
+    /// made before the option: one datagram at a time).
+    #[serde(default)]
+    pub sender_segments: bool,
     /// Fan-out rows.
     pub rows: Vec<SizeRow>,
     /// Sweeps at M = 64: plain, batch4k, batch.
@@ -245,6 +249,7 @@ pub fn run(launcher: &Launcher, plan: &Plan) -> Result<Results> {
         daemon_nice: launcher.nice,
         paced_senders_realtime: paced_senders_realtime(&sweeps, batch_at_3m.as_ref()),
         paced_catch_up_ms: Some(crate::fanout::catch_up_ms()),
+        sender_segments: crate::fanout::segmented_sends(),
         rows,
         sweeps,
         batch_at_3m,

@@ -26,7 +26,10 @@ use crate::members::Room;
 use crate::receivers::{kernel_drops, Clock, Draining, Receivers};
 use crate::report::{histogram, si, steal_time, CpuUse, DaemonDelay, LossAttribution, Percentiles};
 use crate::stalls::{StallMeter, Stalls};
-pub use senders::{catch_up_ms, senders_priority_note, set_catch_up, set_paced_senders_realtime};
+pub use senders::{
+    catch_up_ms, segmented_sends, senders_priority_note, set_catch_up, set_paced_senders_realtime,
+    set_segmented_sends,
+};
 use senders::{send_loop, sender_threads, Lane, Sent};
 pub use sweep::{sweep, SweepResult};
 

@@ -74,11 +74,40 @@ pub(super) fn slot_due_ns(k: u64, rate: f64) -> u64 {
     (k as f64 * 1e9 / rate) as u64
 }
 
+/// Whether a sender hands the kernel a member's messages of one turn as one segmented send
+/// (`UDP_SEGMENT`) rather than as a `sendmmsg` entry each (`--sender-segments`, set once at
+/// start; see [`set_segmented_sends`]).
+static SEGMENTED_SENDS: AtomicBool = AtomicBool::new(true);
+
+/// Sets whether senders hand a member's messages of one turn to the kernel as one segmented
+/// send (the default) or one datagram at a time.
+///
+/// The senders stand for members on other machines, whose sending costs this one nothing. On
+/// loopback the kernel splits a segmented send into the same datagrams before `ocmd`'s socket
+/// (which does not ask for `UDP_GRO`), so the daemon reads exactly what it read before, but
+/// the sender pays its per-datagram route and socket work once a send: at 8M batch
+/// deliveries/s the sender thread took 23–24% of a vCPU instead of 29%, left to the receiver
+/// and the loop (crates/bench/NOTES.md, "Segmented sends for the generator's senders").
+pub fn set_segmented_sends(on: bool) {
+    SEGMENTED_SENDS.store(on, Ordering::Relaxed);
+}
+
+/// Whether senders make segmented sends ([`set_segmented_sends`]).
+pub fn segmented_sends() -> bool {
+    SEGMENTED_SENDS.load(Ordering::Relaxed)
+}
+
+/// The most payload one segmented send may carry: a UDP datagram's over IPv4.
+const MAX_SEGMENTED_BYTES: usize = 65_507;
+
 /// `sendmmsg` scratch for one connected socket.
 struct SendBatch {
     slot: usize,
     bufs: Vec<u8>,
     lens: [usize; SEND_BATCH],
+    /// Whether a turn's messages of equal length go as one segmented send: on when asked
+    /// ([`segmented_sends`]), off for good once the kernel refuses one.
+    segmenting: bool,
 }
 
 impl SendBatch {
@@ -93,6 +122,7 @@ impl SendBatch {
             slot,
             bufs,
             lens: [0; SEND_BATCH],
+            segmenting: segmented_sends(),
         }
     }
 
@@ -104,8 +134,72 @@ impl SendBatch {
         self.lens[i] = prefix_len + len;
     }
 
-    /// Sends the first `n` messages; returns how many the kernel took.
+    /// Sends the first `n` messages; returns how many the kernel took. Several of one length
+    /// go as one segmented send when [`SendBatch::segmenting`]; the kernel takes them all or
+    /// none. One it refuses as such (an old kernel, a socket option in the way) turns
+    /// segmenting off and goes one datagram per message.
     fn send(&mut self, fd: i32, n: usize) -> std::io::Result<usize> {
+        if let Some(len) = self.segment_len(n) {
+            match self.send_segmented(fd, n, len) {
+                Err(e) if segments_refused(&e) => self.segmenting = false,
+                other => return other,
+            }
+        }
+        self.send_each(fd, n)
+    }
+
+    /// The length of the first `n` messages when they can go as one segmented send: several,
+    /// all of one length, within a datagram's payload in all.
+    fn segment_len(&self, n: usize) -> Option<u16> {
+        let len = *self.lens.first()?;
+        let fits = n
+            .checked_mul(len)
+            .is_some_and(|total| total <= MAX_SEGMENTED_BYTES);
+        let equal = self.lens[..n].iter().all(|&l| l == len);
+        (self.segmenting && n > 1 && fits && equal).then(|| u16::try_from(len).ok())?
+    }
+
+    /// Sends the first `n` messages, `len` bytes each, as one segmented send.
+    fn send_segmented(&mut self, fd: i32, n: usize, len: u16) -> std::io::Result<usize> {
+        let base = self.bufs.as_mut_ptr();
+        let mut iovecs = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; SEND_BATCH];
+        for (i, iov) in iovecs.iter_mut().enumerate().take(n) {
+            // SAFETY: i * slot is within bufs (SEND_BATCH slots).
+            iov.iov_base = unsafe { base.add(i * self.slot) }.cast();
+            iov.iov_len = self.lens[i];
+        }
+        // One cmsghdr and a u16, in words so that the header is aligned.
+        let mut control = [0u64; 4];
+        // SAFETY: msghdr is plain data; all-zero is a valid (empty) value.
+        let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+        hdr.msg_iov = iovecs.as_mut_ptr();
+        hdr.msg_iovlen = n as _; // size_t on glibc, c_int on musl
+        hdr.msg_control = control.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE only computes a size.
+        hdr.msg_controllen = unsafe { libc::CMSG_SPACE(2) } as _;
+        // SAFETY: the control buffer (32 bytes) holds CMSG_SPACE(2) (24 bytes on 64-bit
+        // Linux), so CMSG_FIRSTHDR is non-null and its data has room for the u16.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&hdr);
+            (*cmsg).cmsg_level = libc::SOL_UDP;
+            (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(2) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), len);
+        }
+        // SAFETY: the header points at iovecs into bufs and at `control`, all alive for the
+        // call; the socket is connected, so no address is needed.
+        let rc = unsafe { libc::sendmsg(fd, &hdr, 0) };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n)
+    }
+
+    /// Sends the first `n` messages as one `sendmmsg` entry each.
+    fn send_each(&mut self, fd: i32, n: usize) -> std::io::Result<usize> {
         let base = self.bufs.as_mut_ptr();
         let mut iovecs: [libc::iovec; SEND_BATCH] = [libc::iovec {
             iov_base: std::ptr::null_mut(),
@@ -128,6 +222,14 @@ impl SendBatch {
         }
         Ok(rc as usize)
     }
+}
+
+/// Whether the kernel refused a segmented send as such, rather than for want of room.
+fn segments_refused(err: &std::io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EINVAL | libc::EIO | libc::EOPNOTSUPP | libc::ENOPROTOOPT | libc::EMSGSIZE)
+    )
 }
 
 /// The shortest sleep of a paced sender (its timer slack is set to 1 µs, so sleeps are
@@ -367,5 +469,66 @@ pub(super) fn sender_threads(senders: usize, pace: Pace) -> usize {
     match pace {
         Pace::Max => senders,
         Pace::Rate(_) => senders.min(1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A turn's messages arrive as the same datagrams, in order, whether they left as one
+    /// segmented send (several of one length) or one at a time (lengths that differ, or
+    /// segmenting off).
+    #[test]
+    fn a_turns_messages_arrive_as_the_same_datagrams_segmented_or_not() {
+        let prefix = b"PFX:";
+        for (segmenting, equal) in [(true, true), (true, false), (false, true)] {
+            let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
+            receiver
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+            sender.connect(receiver.local_addr().unwrap()).unwrap();
+            let mut batch = SendBatch::new(prefix, 40);
+            batch.segmenting = segmenting;
+            let texts: Vec<Vec<u8>> = (0..5u8)
+                .map(|i| {
+                    let len = if equal { 40 } else { 30 + usize::from(i) };
+                    vec![b'a' + i; len]
+                })
+                .collect();
+            for (i, text) in texts.iter().enumerate() {
+                batch.fill(i, prefix.len(), text);
+            }
+            assert_eq!(
+                batch.segment_len(texts.len()).is_some(),
+                segmenting && equal,
+                "segmenting {segmenting}, equal {equal}"
+            );
+            assert_eq!(batch.send(sender.as_raw_fd(), texts.len()).unwrap(), 5);
+            assert_eq!(
+                batch.segmenting, segmenting,
+                "the kernel took the segmented send"
+            );
+            let mut buf = [0u8; 256];
+            for text in &texts {
+                let n = receiver.recv(&mut buf).unwrap();
+                assert_eq!(&buf[..prefix.len()], prefix);
+                assert_eq!(&buf[prefix.len()..n], &text[..], "{segmenting} {equal}");
+            }
+        }
+    }
+
+    /// One message, or more than a datagram's payload in all, goes one datagram at a time.
+    #[test]
+    fn only_several_messages_within_a_datagrams_payload_are_segmented() {
+        let mut batch = SendBatch::new(b"", 4000);
+        batch.segmenting = true;
+        batch.lens = [4000; SEND_BATCH];
+        assert_eq!(batch.segment_len(1), None, "one message");
+        assert_eq!(batch.segment_len(16), Some(4000), "64,000 bytes");
+        assert_eq!(batch.segment_len(17), None, "68,000 bytes");
+        batch.segmenting = false;
+        assert_eq!(batch.segment_len(16), None, "off");
     }
 }

@@ -98,7 +98,17 @@ fn write_machine(w: &mut String, r: &Results) {
         senders_priority_note(r.paced_senders_realtime.unwrap_or(false)),
         r.paced_catch_up_ms.unwrap_or(2)
     );
+    let _ = writeln!(w, "- {}", sender_segments_note(r.sender_segments));
     let _ = writeln!(w, "- {}\n", daemon_nice_note(r.daemon_nice));
+}
+
+/// How the senders handed their datagrams to the kernel, as the report says it.
+fn sender_segments_note(segmented: bool) -> &'static str {
+    if segmented {
+        "senders handed each member's messages of one turn to the kernel as one segmented send (`UDP_SEGMENT`, `--sender-segments`), which loopback splits into the same datagrams before the daemon's socket: remote members' sending costs this machine nothing, and this costs it less"
+    } else {
+        "senders handed the kernel one datagram per message (`sendmmsg`)"
+    }
 }
 
 /// The niceness `ocmd` ran at, as the report says it.
@@ -751,6 +761,18 @@ mod tests {
         assert!(
             asleep.contains("slept") && !asleep.contains("in turn"),
             "{asleep}"
+        );
+    }
+
+    /// The senders' note says whether they made segmented sends; reports made before the
+    /// option did not.
+    #[test]
+    fn the_senders_note_says_whether_they_made_segmented_sends() {
+        assert!(super::sender_segments_note(true).contains("one segmented send"));
+        assert!(super::sender_segments_note(false).contains("one datagram per message"));
+        assert!(
+            !results(fixture()).sender_segments,
+            "a report before the option"
         );
     }
 
