@@ -161,16 +161,7 @@ impl SendBatch {
 
     /// Sends the first `n` messages, `len` bytes each, as one segmented send.
     fn send_segmented(&mut self, fd: i32, n: usize, len: u16) -> std::io::Result<usize> {
-        let base = self.bufs.as_mut_ptr();
-        let mut iovecs = [libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        }; SEND_BATCH];
-        for (i, iov) in iovecs.iter_mut().enumerate().take(n) {
-            // SAFETY: i * slot is within bufs (SEND_BATCH slots).
-            iov.iov_base = unsafe { base.add(i * self.slot) }.cast();
-            iov.iov_len = self.lens[i];
-        }
+        let mut iovecs = self.iovecs(n);
         // One cmsghdr and a u16, in words so that the header is aligned.
         let mut control = [0u64; 4];
         // SAFETY: msghdr is plain data; all-zero is a valid (empty) value.
@@ -198,21 +189,30 @@ impl SendBatch {
         Ok(n)
     }
 
-    /// Sends the first `n` messages as one `sendmmsg` entry each.
-    fn send_each(&mut self, fd: i32, n: usize) -> std::io::Result<usize> {
+    /// Byte runs over the first `n` messages, in order (the rest empty): what either send
+    /// hands the kernel.
+    fn iovecs(&mut self, n: usize) -> [libc::iovec; SEND_BATCH] {
         let base = self.bufs.as_mut_ptr();
-        let mut iovecs: [libc::iovec; SEND_BATCH] = [libc::iovec {
+        let mut iovecs = [libc::iovec {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,
         }; SEND_BATCH];
+        for (i, iov) in iovecs.iter_mut().enumerate().take(n) {
+            // SAFETY: i * slot is within bufs (SEND_BATCH slots).
+            iov.iov_base = unsafe { base.add(i * self.slot) }.cast();
+            iov.iov_len = self.lens[i];
+        }
+        iovecs
+    }
+
+    /// Sends the first `n` messages as one `sendmmsg` entry each.
+    fn send_each(&mut self, fd: i32, n: usize) -> std::io::Result<usize> {
+        let mut iovecs = self.iovecs(n);
         // SAFETY: mmsghdr is plain data; all-zero is valid.
         let mut headers: [libc::mmsghdr; SEND_BATCH] = unsafe { std::mem::zeroed() };
-        for i in 0..n {
-            // SAFETY: i * slot is within bufs (SEND_BATCH slots).
-            iovecs[i].iov_base = unsafe { base.add(i * self.slot) }.cast();
-            iovecs[i].iov_len = self.lens[i];
-            headers[i].msg_hdr.msg_iov = &mut iovecs[i];
-            headers[i].msg_hdr.msg_iovlen = 1;
+        for (header, iov) in headers.iter_mut().zip(iovecs.iter_mut()).take(n) {
+            header.msg_hdr.msg_iov = iov;
+            header.msg_hdr.msg_iovlen = 1;
         }
         // SAFETY: the headers point at iovecs into bufs, all alive for the call; the socket is
         // connected, so no address is needed.
