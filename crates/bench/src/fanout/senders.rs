@@ -476,6 +476,50 @@ pub(super) fn sender_threads(senders: usize, pace: Pace) -> usize {
 mod tests {
     use super::*;
 
+    /// A connected sender and its receiver on loopback (the receiver gives up after 10 s).
+    fn socket_pair() -> (UdpSocket, UdpSocket) {
+        let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
+        receiver
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sender.connect(receiver.local_addr().unwrap()).unwrap();
+        (sender, receiver)
+    }
+
+    /// Fills five texts into `batch` behind a prefix of `prefix_len` bytes, all of one length
+    /// or each of its own; returns them.
+    fn fill_five(batch: &mut SendBatch, prefix_len: usize, equal: bool) -> Vec<Vec<u8>> {
+        let texts: Vec<Vec<u8>> = (0..5u8)
+            .map(|i| {
+                let len = if equal { 40 } else { 30 + usize::from(i) };
+                vec![b'a' + i; len]
+            })
+            .collect();
+        for (i, text) in texts.iter().enumerate() {
+            batch.fill(i, prefix_len, text);
+        }
+        texts
+    }
+
+    /// Sends the texts filled in `batch` and checks that they arrive as as many datagrams,
+    /// in order, each `prefix` and its text.
+    fn send_and_read(
+        batch: &mut SendBatch,
+        prefix: &[u8],
+        texts: &[Vec<u8>],
+        (sender, receiver): &(UdpSocket, UdpSocket),
+    ) {
+        let sent = batch.send(sender.as_raw_fd(), texts.len()).unwrap();
+        assert_eq!(sent, texts.len());
+        let mut buf = [0u8; 256];
+        for text in texts {
+            let n = receiver.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..prefix.len()], prefix);
+            assert_eq!(&buf[prefix.len()..n], &text[..]);
+        }
+    }
+
     /// A turn's messages arrive as the same datagrams, in order, whether they left as one
     /// segmented send (several of one length) or one at a time (lengths that differ, or
     /// segmenting off).
@@ -483,40 +527,56 @@ mod tests {
     fn a_turns_messages_arrive_as_the_same_datagrams_segmented_or_not() {
         let prefix = b"PFX:";
         for (segmenting, equal) in [(true, true), (true, false), (false, true)] {
-            let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
-            receiver
-                .set_read_timeout(Some(Duration::from_secs(10)))
-                .unwrap();
-            let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
-            sender.connect(receiver.local_addr().unwrap()).unwrap();
+            let pair = socket_pair();
             let mut batch = SendBatch::new(prefix, 40);
             batch.segmenting = segmenting;
-            let texts: Vec<Vec<u8>> = (0..5u8)
-                .map(|i| {
-                    let len = if equal { 40 } else { 30 + usize::from(i) };
-                    vec![b'a' + i; len]
-                })
-                .collect();
-            for (i, text) in texts.iter().enumerate() {
-                batch.fill(i, prefix.len(), text);
-            }
+            let texts = fill_five(&mut batch, prefix.len(), equal);
             assert_eq!(
                 batch.segment_len(texts.len()).is_some(),
                 segmenting && equal,
                 "segmenting {segmenting}, equal {equal}"
             );
-            assert_eq!(batch.send(sender.as_raw_fd(), texts.len()).unwrap(), 5);
+            send_and_read(&mut batch, prefix, &texts, &pair);
             assert_eq!(
                 batch.segmenting, segmenting,
                 "the kernel took the segmented send"
             );
-            let mut buf = [0u8; 256];
-            for text in &texts {
-                let n = receiver.recv(&mut buf).unwrap();
-                assert_eq!(&buf[..prefix.len()], prefix);
-                assert_eq!(&buf[prefix.len()..n], &text[..], "{segmenting} {equal}");
-            }
         }
+    }
+
+    /// A socket whose segmented send the kernel refuses (here one told to send without UDP
+    /// checksums, `SO_NO_CHECK`, which segmentation offload cannot honour: `EINVAL`) still
+    /// delivers the turn, one datagram per message, and makes no segmented send again.
+    #[test]
+    fn a_refused_segmented_send_goes_one_datagram_per_message_from_then_on() {
+        let prefix = b"PFX:";
+        let pair = socket_pair();
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt reads one c_int from a live local, for a socket `pair` owns.
+        let rc = unsafe {
+            libc::setsockopt(
+                pair.0.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_NO_CHECK,
+                std::ptr::addr_of!(on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_NO_CHECK: {}", std::io::Error::last_os_error());
+        let mut batch = SendBatch::new(prefix, 40);
+        batch.segmenting = true;
+        let texts = fill_five(&mut batch, prefix.len(), true);
+        let len = batch
+            .segment_len(texts.len())
+            .expect("a segmented send is due");
+        let refusal = batch
+            .send_segmented(pair.0.as_raw_fd(), texts.len(), len)
+            .expect_err("the kernel refuses a segmented send without checksums");
+        assert!(segments_refused(&refusal), "refused as such: {refusal}");
+        send_and_read(&mut batch, prefix, &texts, &pair);
+        assert!(!batch.segmenting, "the refusal turned segmenting off");
+        assert_eq!(batch.segment_len(texts.len()), None, "and it stays off");
+        send_and_read(&mut batch, prefix, &texts, &pair);
     }
 
     /// One message, or more than a datagram's payload in all, goes one datagram at a time.
