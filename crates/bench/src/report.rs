@@ -224,7 +224,7 @@ pub struct Machine {
     pub halt_poll_ns: Option<String>,
     /// What a system call that does nothing costs on this machine, nanoseconds
     /// ([`null_syscall_ns`]): the daemon's loopback work is mostly system calls, and the
-    /// hosts the VM has landed on differed 2.6 times in the `sendto` ceiling at the median,
+    /// hosts the VM has landed on differed more than twofold in the `sendto` ceiling,
     /// and about twice in a join's CPU. `None` in reports from before it was recorded.
     #[serde(default)]
     pub null_syscall_ns: Option<f64>,

@@ -46,7 +46,7 @@ fn write_machine(w: &mut String, r: &Results) {
     if let Some(ns) = m.null_syscall_ns {
         let _ = writeln!(
             w,
-            "- a system call that does nothing (`getppid`) took {ns:.0} ns, the quickest of five batches of 100,000 before the runs: the daemon's and the generator's loopback work is mostly system calls, so this says much of how fast a host runs them (the hosts this VM has landed on differed 2.6 times in the `sendto` ceiling at the median: see \"The phases are hosts\" in the notes below)"
+            "- a system call that does nothing (`getppid`) took {ns:.0} ns, the quickest of five batches of 100,000 before the runs: the daemon's and the generator's loopback work is mostly system calls, so this says much of how fast a host runs them (the hosts this VM has landed on differed more than twofold in the `sendto` ceiling: see \"The phases are hosts\" in the notes below)"
         );
     }
     if let Some(found) = &m.cpu_vulnerabilities {
