@@ -584,6 +584,26 @@ fn a_room_closed_is_not_overtaken_by_chat_packed_around_it() {
     }
 }
 
+/// The ports picked for a daemon stay claimed while it is down for a restart, so that no
+/// other test's daemon picks them meanwhile, and are let go with it.
+#[test]
+fn picked_ports_stay_claimed_across_a_restart_and_are_let_go_after() {
+    let mut d = Daemon::start();
+    let (tcp, udp) = (d.tcp.port(), d.udp.port());
+    d.stop_cleanly();
+    assert!(
+        PortClaim::held_elsewhere(tcp) && PortClaim::held_elsewhere(udp),
+        "ports {tcp} and {udp} unclaimed while the daemon is down"
+    );
+    d.restart();
+    assert_eq!((d.tcp.port(), d.udp.port()), (tcp, udp));
+    drop(d);
+    assert!(
+        !PortClaim::held_elsewhere(tcp) && !PortClaim::held_elsewhere(udp),
+        "ports {tcp} and {udp} still claimed after the daemon's end"
+    );
+}
+
 #[test]
 fn restart_keeps_rooms_tokens_and_addresses() {
     let mut d = Daemon::start();
