@@ -1468,8 +1468,12 @@ fn a_chat_orphaned_in_the_background_and_sent_a_stop_leaves_at_the_next_line() {
     let ocm = only_child(subshell);
     let _cleanup = KillOnDrop(ocm);
     send(subshell, libc::SIGKILL);
+    // The `sleep` itself, not bash's child before its exec: it takes the terminal first, and
+    // a ^C that came before the exec went to bash's handler there and was lost with it (no
+    // prompt after the ^C below: 22 times in 1,500 runs beside two busy loops).
     wait_until("the sleep in the foreground", || {
-        ![0, bash, subshell].contains(&terminal_foreground(ocm))
+        let foreground = terminal_foreground(ocm);
+        ![0, bash, subshell].contains(&foreground) && command(foreground) == "sleep"
     });
     assert_ne!(parent(ocm), subshell, "ocm was taken in");
     send(ocm, libc::SIGTSTP);
@@ -1483,25 +1487,7 @@ fn a_chat_orphaned_in_the_background_and_sent_a_stop_leaves_at_the_next_line() {
     wait_until("ocm's exit", || !alive(ocm));
     let shown = term.text().len();
     term.type_keys("\x03");
-    // Seen twice in some 150 runs beside busy loops, not explained: no prompt after the ^C.
-    // Should it come again, say how the shell, its jobs and the terminal stood.
-    let deadline = Instant::now() + PATIENCE;
-    while !term.text()[shown..].contains("$ ") {
-        assert!(
-            Instant::now() < deadline,
-            "no prompt after ^C: the terminal's foreground group {}, ISIG {}; bash {:?} and \
-             its children {:?}; {:?}",
-            terminal_foreground(bash),
-            term.mode().c_lflag & libc::ISIG != 0,
-            stat_fields(bash),
-            children(bash)
-                .into_iter()
-                .map(|child| (child, stat_fields(child)))
-                .collect::<Vec<_>>(),
-            term.text()
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
+    term.wait_for_after(shown, "$ ");
     the_shell_and_the_host_exit(&mut term, &mut alice);
 }
 
@@ -1687,6 +1673,14 @@ impl Drop for KillOnDrop {
         // possible once it is reaped, long after the test.
         unsafe { libc::kill(self.0, libc::SIGKILL) };
     }
+}
+
+/// The command name of process `pid` (`/proc/PID/comm`: the program's, from its exec on),
+/// empty once it is gone.
+fn command(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// The parent of process `pid` (`/proc/PID/stat`), 0 once it is gone.
