@@ -320,8 +320,8 @@ fn wait_readable(fd: RawFd) {
 }
 
 /// A port picked for a daemon, held for as long as its [`Daemon`] is, across the daemon's
-/// restarts: a write lock on byte `port` of one file that every test process opens
-/// ([`PORT_CLAIMS`] in the temporary directory). A pick that finds its port claimed picks
+/// restarts: a write lock on byte `port` of one file that every test process of this user
+/// opens ([`PortClaim::file`]). A pick that finds its port claimed picks
 /// again, so no test's daemon takes a port while another's is down for a restart (a restart
 /// found its port taken in about 1 of 22,000 runs before). The lock belongs to the open file
 /// description (`F_OFD_SETLK`), so two claims in one process exclude each other too (a
@@ -331,21 +331,24 @@ pub struct PortClaim {
     _lock: std::fs::File,
 }
 
-/// The file whose bytes the claims lock, in `std::env::temp_dir()`. It stays empty: a lock
-/// may cover bytes past a file's end.
-pub const PORT_CLAIMS: &str = "ocm-test-ports.lock";
-
 impl PortClaim {
+    /// The file whose bytes the claims lock: one per user in `std::env::temp_dir()` (another
+    /// user's could not be opened for writing). It stays empty: a lock may cover bytes past
+    /// a file's end.
+    pub fn file() -> PathBuf {
+        // SAFETY: getuid has no preconditions and cannot fail.
+        let user = unsafe { libc::getuid() };
+        std::env::temp_dir().join(format!("ocm-test-ports-{user}.lock"))
+    }
+
     /// Claims `port`: `Ok(None)` when another claim holds it; an error when the file cannot
-    /// be opened or locked (another user's, say).
+    /// be opened or locked.
     pub fn try_claim(port: u16) -> std::io::Result<Option<PortClaim>> {
-        use std::os::unix::fs::OpenOptionsExt;
         let lock = std::fs::OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(false)
-            .mode(0o666)
-            .open(std::env::temp_dir().join(PORT_CLAIMS))?;
+            .open(PortClaim::file())?;
         // SAFETY: an all-zero `flock` is a valid value of the C struct (l_pid must be 0
         // for an open file description's lock); the fields that matter are set below.
         let mut byte: libc::flock = unsafe { std::mem::zeroed() };
@@ -368,6 +371,18 @@ impl PortClaim {
     pub fn held_elsewhere(port: u16) -> bool {
         matches!(PortClaim::try_claim(port), Ok(None))
     }
+
+    /// Why no port can be claimed here, if none can: no range to pick from
+    /// ([`unhanded_port`]), or no file to lock.
+    pub fn unavailable() -> Option<String> {
+        if unhanded_port().is_none() {
+            return Some("fewer than 1000 ports below the ephemeral range to pick from".into());
+        }
+        // Byte 0: no claim is ever made on port 0.
+        PortClaim::try_claim(0)
+            .err()
+            .map(|error| format!("{}: {error}", PortClaim::file().display()))
+    }
 }
 
 /// A port [`unhanded_port`] picks and no other test has claimed, with this test's claim on
@@ -380,7 +395,10 @@ fn claimed_unhanded_port() -> Option<(u16, Option<PortClaim>)> {
             Ok(Some(claim)) => return Some((port, Some(claim))),
             Ok(None) => {}
             Err(error) => {
-                eprintln!("cannot claim test ports ({error}): this pick goes unclaimed");
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    eprintln!("cannot claim test ports ({error}): picks go unclaimed");
+                });
                 return Some((port, None));
             }
         }
@@ -418,22 +436,27 @@ impl Daemon {
     }
 
     /// Starts `ocmd` on `dir`; returns its stderr if it exits before listening. The TCP and
-    /// UDP ports `options` leaves open are picked among those the kernel never hands out on
+    /// UDP ports `options` leaves open (no address, or port 0) are picked among those the
+    /// kernel never hands out on
     /// its own ([`unhanded_port`]) and claimed for as long as the daemon is kept
     /// ([`PortClaim`]), so that a [`Daemon::restart`] finds them free: a port from the
     /// ephemeral range, left free while the daemon is down, may be given meanwhile to any
     /// socket bound to port 0 or connecting, by any test, and one not claimed may be picked
     /// by another test. Another program may hold a port picked: another pick then.
     pub fn spawn(dir: Arc<tempfile::TempDir>, options: Options) -> Result<Daemon, String> {
-        let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
         for _ in 0..20 {
             let mut claims = Vec::new();
-            let mut pick = |fixed: Option<SocketAddr>| {
-                fixed.or_else(|| {
-                    let (port, claim) = claimed_unhanded_port()?;
+            // An address with port 0 (or none: 127.0.0.1) gets a claimed port on its IP.
+            let mut pick = |given: Option<SocketAddr>| match given {
+                Some(fixed) if fixed.port() != 0 => Some(fixed),
+                given => {
+                    let ip = given.map_or(std::net::Ipv4Addr::LOCALHOST.into(), |a| a.ip());
+                    let Some((port, claim)) = claimed_unhanded_port() else {
+                        return given;
+                    };
                     claims.extend(claim);
-                    Some(loopback(port))
-                })
+                    Some(SocketAddr::new(ip, port))
+                }
             };
             let picked = Options {
                 tcp: pick(options.tcp),
