@@ -321,9 +321,9 @@ fn wait_readable(fd: RawFd) {
 
 /// A port picked for a daemon, held for as long as its [`Daemon`] is, across the daemon's
 /// restarts: a write lock on byte `port` of one file that every test process of this user
-/// opens ([`PortClaim::file`]). A pick that finds its port claimed picks
-/// again, so no test's daemon takes a port while another's is down for a restart (a restart
-/// found its port taken in about 1 of 22,000 runs before). The lock belongs to the open file
+/// opens ([`PortClaim::file`]). A pick that finds its port claimed picks again, so no test's
+/// daemon takes a port while another's is down for a restart (a restart found its port
+/// taken in about 1 of 22,000 runs before). The lock belongs to the open file
 /// description (`F_OFD_SETLK`), so two claims in one process exclude each other too (a
 /// process's plain `fcntl` locks would not), the descriptor is closed on exec (no daemon
 /// inherits it), and the kernel lets the claim go with it, however the test ends.
@@ -437,12 +437,11 @@ impl Daemon {
 
     /// Starts `ocmd` on `dir`; returns its stderr if it exits before listening. The TCP and
     /// UDP ports `options` leaves open (no address, or port 0) are picked among those the
-    /// kernel never hands out on
-    /// its own ([`unhanded_port`]) and claimed for as long as the daemon is kept
-    /// ([`PortClaim`]), so that a [`Daemon::restart`] finds them free: a port from the
-    /// ephemeral range, left free while the daemon is down, may be given meanwhile to any
-    /// socket bound to port 0 or connecting, by any test, and one not claimed may be picked
-    /// by another test. Another program may hold a port picked: another pick then.
+    /// kernel never hands out on its own ([`unhanded_port`]) and claimed for as long as the
+    /// daemon is kept ([`PortClaim`]), so that a [`Daemon::restart`] finds them free: a port
+    /// from the ephemeral range, left free while the daemon is down, may be given meanwhile
+    /// to any socket bound to port 0 or connecting, by any test, and one not claimed may be
+    /// picked by another test. Another program may hold a port picked: another pick then.
     pub fn spawn(dir: Arc<tempfile::TempDir>, options: Options) -> Result<Daemon, String> {
         for _ in 0..20 {
             let mut claims = Vec::new();
