@@ -219,7 +219,7 @@ impl Metrics {
 
     /// The counters without labels (the registry's retired sources among them).
     fn render_counters(&self, stats: &Stats, out: &mut String) {
-        let counters: [(&str, &str, f64); 24] = [
+        let counters: [(&str, &str, f64); 26] = [
             (
                 "ocm_tcp_connections_accepted_total",
                 "TCP connections accepted.",
@@ -331,6 +331,16 @@ impl Metrics {
                 self.compactions.seconds,
             ),
             (
+                "ocm_state_backups_total",
+                "Backup files (room_manager.json.backup) written on SIGUSR1.",
+                self.compactions.backups as f64,
+            ),
+            (
+                "ocm_state_backup_failures_total",
+                "Backups asked for with SIGUSR1 that could not be written (each logged at error).",
+                self.compactions.backups_failed as f64,
+            ),
+            (
                 "ocm_udp_sources_retired_total",
                 "Times an address members were sent from was no longer taken as a source by the kernel.",
                 stats.sources_retired as f64,
@@ -439,6 +449,8 @@ mod tests {
             files_missing: false,
             lock: LockState::Held,
             hard_links: HardLinks::default(),
+            backups: 0,
+            backups_failed: 0,
         });
         let text = m.render(Stats {
             rooms: 2,
@@ -611,6 +623,8 @@ mod tests {
             max_seconds: 126.5,
             write_failures: 127,
             files_restored: 128,
+            backups: 129,
+            backups_failed: 130,
             ..Compactions::default()
         };
         m.tcp_rejected.insert("max_connections", 131);
@@ -666,6 +680,8 @@ mod tests {
             ("ocm_state_compaction_seconds_total", 124.5),
             ("ocm_state_write_failures_total", 127.0),
             ("ocm_state_files_restored_total", 128.0),
+            ("ocm_state_backups_total", 129.0),
+            ("ocm_state_backup_failures_total", 130.0),
             ("ocm_udp_sources_retired_total", 146.0),
             (
                 "ocm_tcp_connections_rejected_total{reason=\"max_connections\"}",

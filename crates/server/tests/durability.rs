@@ -436,6 +436,96 @@ fn sigterm_during_a_join_storm_exits_cleanly_and_keeps_every_token() {
     }
 }
 
+/// A backup asked for with SIGUSR1 in the middle of a join storm, while the journal is
+/// rotated and compacted over and over: put alone in a fresh directory as the state file (a
+/// restore), it starts a daemon on which every token acknowledged before the signal works.
+/// The daemon goes on serving meanwhile, and a second signal writes the backup again: the
+/// second time the old file is removed first and the new one copied the moment it exists, as
+/// docs/OPERATIONS.md tells operators to do.
+#[test]
+fn a_backup_taken_during_a_join_storm_restores_every_token_acknowledged_before_it() {
+    let d = compacting_daemon();
+    let backup = d.state.with_extension("json.backup");
+    let copy = tempfile::tempdir().unwrap();
+    let copied = copy.path().join("room_manager.json");
+    let mut before = Vec::new();
+    for round in 1..=2 {
+        let (stop, got) = storm_state();
+        let storm = start_storm(d.tcp, 4, &format!("b{round}"), &stop, &got);
+        wait_until("tokens received in the storm", || {
+            got.lock().unwrap().len() >= 40
+        });
+        before.extend(got.lock().unwrap().iter().cloned());
+        if round == 1 {
+            d.signal(libc::SIGUSR1);
+            wait_until("the backup written", || {
+                d.metric("ocm_state_backups_total") >= 1.0
+            });
+        } else {
+            std::fs::remove_file(&backup).unwrap();
+            d.signal(libc::SIGUSR1);
+            wait_until("the backup file there", || backup.exists());
+            std::fs::copy(&backup, &copied).unwrap();
+        }
+        let after = end_storm(&stop, storm, &got);
+        assert!(after.len() > 40, "the storm stopped at the backup");
+    }
+    assert_eq!(d.metric("ocm_state_backups_total"), 2.0);
+    assert_eq!(d.metric("ocm_state_backup_failures_total"), 0.0);
+    assert_logged(&d, "SIGUSR1: writing a backup of the state");
+    assert_logged(&d, "state: backup written to ");
+    assert!(
+        compactions_while_serving(&d.log()) > 0,
+        "no compaction ran beside the backups"
+    );
+
+    let restored = fresh_dir();
+    std::fs::copy(&copied, restored.path().join("room_manager.json")).unwrap();
+    let r = Daemon::spawn(restored, metrics_only()).expect("ocmd starts on the backup");
+    assert_clean_start(&r.log());
+    verify_tokens(&r, &before);
+    eprintln!(
+        "{} tokens acknowledged before the backups, all restored",
+        before.len()
+    );
+}
+
+/// A backup that cannot be written is logged at error and counted, and nothing else changes:
+/// joins go on being acknowledged and kept; the next signal, once the way is clear, writes it.
+#[test]
+fn a_backup_that_cannot_be_written_says_so_and_the_daemon_serves_on() {
+    let mut d = Daemon::start_with(metrics_only());
+    let host = create(&d, "r", "host");
+    // The backup's temporary name taken by a directory: its creation fails.
+    let blocker = d.state.with_extension("json.backup.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    d.signal(libc::SIGUSR1);
+    wait_until("the failed backup counted", || {
+        d.metric("ocm_state_backup_failures_total") >= 1.0
+    });
+    assert_logged(&d, "ERROR");
+    assert_logged(&d, "not written: ");
+    assert!(!d.state.with_extension("json.backup").exists());
+    let member = join(&d, "r", "m");
+
+    std::fs::remove_dir(&blocker).unwrap();
+    d.signal(libc::SIGUSR1);
+    wait_until("the backup written", || {
+        d.metric("ocm_state_backups_total") >= 1.0
+    });
+    assert_eq!(d.metric("ocm_state_backup_failures_total"), 1.0);
+    let backup = std::fs::read(d.state.with_extension("json.backup")).unwrap();
+    let backup: serde_json::Value = serde_json::from_slice(&backup).expect("a JSON state file");
+    for token in [&host, &member] {
+        assert!(
+            backup["tokens"].get(token).is_some(),
+            "{token} not in {backup}"
+        );
+    }
+    d.stop_cleanly();
+    assert_tokens_saved(&d, &[host, member], "after a failed backup");
+}
+
 /// The variable and file that switch [`fdatasync_holder`] on: the journal's appends stick.
 const HOLD_FDATASYNC: (&str, &str) = ("OCM_TEST_HOLD_FDATASYNC", "hold-fdatasync");
 /// The variable and file that switch [`fsync_holder`] on: the state file's writes stick.

@@ -1,7 +1,10 @@
 //! The hand-off of records to the writer: new records as they come, the periodic history
-//! checkpoint, and the replies released once the batches they waited for are durable.
+//! checkpoint, the replies released once the batches they waited for are durable, and
+//! backups on request.
 
 use std::time::{Duration, Instant};
+
+use log::info;
 
 use super::{Server, HISTORY_CHECKPOINT_BYTES, SOURCES_PER_CHECKPOINT};
 
@@ -35,6 +38,21 @@ impl Server {
             persister.submit(self.registry.take_records());
         }
         persister.pump();
+    }
+
+    /// SIGUSR1: a backup of the state as it is now ([`Persister::backup`](crate::persist::Persister::backup)),
+    /// with the rooms' history as a checkpoint now would save it (unless the last checkpoint
+    /// still waits for the disk). Written off the loop; the compactor logs the result.
+    pub(super) fn back_up(&mut self) {
+        self.checkpoint();
+        let Some(persister) = self.persister.as_mut() else {
+            return;
+        };
+        if self.registry.has_records() {
+            persister.submit(self.registry.take_records());
+        }
+        info!("SIGUSR1: writing a backup of the state");
+        persister.backup();
     }
 
     /// The writer finished batches: release the replies that waited for them.

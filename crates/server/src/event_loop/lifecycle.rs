@@ -1,12 +1,12 @@
-//! The daemon's lifecycle inside the loop: signals, configuration reload (SIGHUP) and the
-//! orderly shutdown (SIGTERM, SIGINT).
+//! The daemon's lifecycle inside the loop: signals, configuration reload (SIGHUP), backups
+//! (SIGUSR1) and the orderly shutdown (SIGTERM, SIGINT).
 
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 
 use super::setup::{fit_open_files, segmentation, set_listen_backlog, set_user_timeout};
 use super::{ConnId, Server};
@@ -25,6 +25,7 @@ impl Server {
         for signal in pending {
             match signal {
                 SIGHUP => self.reload(),
+                SIGUSR1 => self.back_up(),
                 SIGTERM | SIGINT => stop = true,
                 _ => {}
             }

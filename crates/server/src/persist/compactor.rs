@@ -1,5 +1,6 @@
 //! The compactor thread: keeps the state with every durable record applied and, when the
-//! writer asks, writes it as the state file and removes `journal.old`.
+//! writer asks, writes it as the state file and removes `journal.old`, or writes it as a
+//! backup for the operator.
 
 use std::fs;
 use std::io;
@@ -63,6 +64,13 @@ fn compact_loop(
     while let Ok(job) = jobs.recv() {
         match job {
             Job::Apply(records) => records.iter().for_each(|r| state.apply(r)),
+            Job::Backup { journal_seq } => {
+                back_up(paths, &mut state, journal_seq, stats);
+                // Let the loop update its metrics.
+                if let Err(e) = waker.wake() {
+                    error!("cannot wake the event loop: {e}");
+                }
+            }
             Job::Compact { journal_seq } => {
                 let started = Instant::now();
                 let result = write_snapshot(paths, &mut state, journal_seq)
@@ -139,6 +147,40 @@ pub(super) fn write_snapshot(
             source,
         }
     })
+}
+
+/// Writes `state`, stamped as holding every record up to `journal_seq`, as the backup file
+/// (as a state file is written: temporary file, fsync, rename, directory fsync), and logs and
+/// counts how that went. A state file in every respect: restored by putting it in the state
+/// file's place. A failed directory `fsync` stops the daemon as a compaction's does: the
+/// directory is the state's, and the kernel reports such an error once.
+fn back_up(paths: &Paths, state: &mut State, journal_seq: u64, stats: &Mutex<Compactions>) {
+    let started = Instant::now();
+    state.journal_seq = journal_seq;
+    let now = SystemTime::now();
+    match store::write_atomic_with(&paths.backup, |file| state.write_file(now, file)) {
+        Ok(bytes) => {
+            counters(stats).backups += 1;
+            info!(
+                "state: backup written to {} ({}, {}, {}, journal record {journal_seq}) in {:?}",
+                paths.backup.display(),
+                Count(state.rooms.len(), "room"),
+                Count(state.tokens.len(), "token"),
+                Count(usize::try_from(bytes).unwrap_or(usize::MAX), "byte"),
+                started.elapsed()
+            );
+        }
+        Err(e) if store::is_failed_dir_sync(&e) => {
+            super::stop_after_failed_dir_sync(&format!("backup {}", paths.backup.display()), &e)
+        }
+        Err(e) => {
+            counters(stats).backups_failed += 1;
+            error!(
+                "state: backup {} not written: {e}; the state and its journal are as they were",
+                paths.backup.display()
+            );
+        }
+    }
 }
 
 /// Removes `journal.old` (whose records a state file now holds), durably.

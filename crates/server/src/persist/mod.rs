@@ -164,6 +164,10 @@ pub struct Compactions {
     /// The state file's and the journal's names as the writer's latest check counted them,
     /// each only while it has more than one.
     pub hard_links: HardLinks,
+    /// Backup files written on request ([`Persister::backup`]).
+    pub backups: u64,
+    /// Backups that could not be written (each logged at error).
+    pub backups_failed: u64,
 }
 
 /// A state file or journal given a second name (a hard link) while the daemon serves, as the
@@ -266,7 +270,12 @@ fn counters(stats: &Mutex<Compactions>) -> MutexGuard<'_, Compactions> {
 }
 
 enum Command {
-    Append { batch: u64, records: Vec<Record> },
+    Append {
+        batch: u64,
+        records: Vec<Record>,
+    },
+    /// Write a backup holding every record handed over before this command.
+    Backup,
     Shutdown,
 }
 
@@ -277,6 +286,8 @@ enum Job {
     /// Write the state, which holds every record up to `journal_seq`, as the state file, then
     /// remove `journal.old`.
     Compact { journal_seq: u64 },
+    /// Write the state, which holds every record up to `journal_seq`, as the backup file.
+    Backup { journal_seq: u64 },
 }
 
 /// The compactor's answer to [`Job::Compact`]: the new state file's size, or `None` when the
@@ -400,6 +411,21 @@ impl Persister {
         } else {
             self.dropped = true;
             error!("state writer thread is gone; changes are no longer persisted");
+        }
+    }
+
+    /// Asks for a backup: the state, with every record submitted so far (every change
+    /// acknowledged among them), written as `room_manager.json.backup` beside the state file
+    /// (temporary file, fsync, rename, directory fsync), off the loop. The records still queued
+    /// go to the writer first, and the writer hands the backup to the compactor once they are
+    /// durable, so the backup holds each of them. The result is logged and counted
+    /// ([`Compactions::backups`], [`Compactions::backups_failed`]); the compactor wakes the loop
+    /// when it is done.
+    pub fn backup(&mut self) {
+        self.pump();
+        if self.tx.send(Command::Backup).is_err() {
+            counters(&self.compactions).backups_failed += 1;
+            error!("backup not written: the state writer thread is gone");
         }
     }
 

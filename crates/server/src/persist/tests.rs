@@ -13,7 +13,7 @@ use std::time::{Instant, SystemTime};
 
 use super::statx::{identity_at, identity_of, link_count};
 use super::writer::{
-    append_durably, free_bytes, lay_space_ahead, open_journal, take_queued, JournalDeleted,
+    append_durably, free_bytes, lay_space_ahead, open_journal, take_queued, After, JournalDeleted,
     JournalFile,
 };
 use super::*;
@@ -617,7 +617,7 @@ fn the_writer_takes_every_queued_batch_in_one_write_and_stops_at_a_shutdown() {
     .unwrap();
 
     let (last, records, stop) = take_queued(&rx, 1, vec![leave("a")]);
-    assert_eq!((last, stop), (3, true));
+    assert_eq!((last, stop), (3, After::Shutdown));
     let tokens: Vec<&str> = records
         .iter()
         .map(|r| match r {
@@ -634,6 +634,32 @@ fn the_writer_takes_every_queued_batch_in_one_write_and_stops_at_a_shutdown() {
     assert!(
         matches!(rx.try_recv(), Ok(Command::Append { batch: 4, .. })),
         "what follows the shutdown stays queued"
+    );
+}
+
+/// A backup asked for behind batches ends their group: it is carried out once they are
+/// durable, and the batches queued behind it wait for the next group.
+#[test]
+fn a_backup_queued_behind_batches_ends_their_group() {
+    let leave = |t: &str| Record::Leave { token: t.into() };
+    let (tx, rx) = mpsc::channel();
+    tx.send(Command::Append {
+        batch: 2,
+        records: vec![leave("b")],
+    })
+    .unwrap();
+    tx.send(Command::Backup).unwrap();
+    tx.send(Command::Append {
+        batch: 3,
+        records: vec![leave("c")],
+    })
+    .unwrap();
+
+    let (last, records, after) = take_queued(&rx, 1, vec![leave("a")]);
+    assert_eq!((last, records.len(), after), (2, 2, After::Backup));
+    assert!(
+        matches!(rx.try_recv(), Ok(Command::Append { batch: 3, .. })),
+        "what follows the backup stays queued"
     );
 }
 
@@ -659,7 +685,7 @@ fn group_commit_takes_whole_batches_up_to_its_cap() {
         .unwrap();
     }
     let (last, records, stop) = take_queued(&rx, 1, leaves(third));
-    assert_eq!((last, records.len(), stop), (3, 3 * third, false));
+    assert_eq!((last, records.len(), stop), (3, 3 * third, After::Nothing));
     // The writer's next receive, as in `Writer::run`.
     let Ok(Command::Append { batch, records }) = rx.recv() else {
         panic!("batch 4 stays queued")
@@ -950,6 +976,72 @@ fn a_failed_compaction_keeps_the_old_journal_and_is_retried() {
     let loaded = load_complete(&d.paths);
     assert_eq!(loaded.replayed, 0);
     assert_eq!(loaded.last_seq, last);
+}
+
+/// The backup file of `paths`, loaded alone as the state file of a fresh directory (as a
+/// restore puts it): checked to hold the history exactly up to its `journal_seq`.
+fn load_backup(paths: &Paths) -> Loaded {
+    let restore = tempfile::tempdir().unwrap();
+    let restored = Paths::new(&restore.path().join("s.json"));
+    fs::copy(&paths.backup, &restored.state).unwrap();
+    let loaded = store::load(&restored).unwrap();
+    assert_eq!(loaded.replayed, 0, "a backup is a state file alone");
+    assert_holds_exactly(&loaded, loaded.last_seq);
+    loaded
+}
+
+/// A backup holds every record handed to the persister before it was asked for, durable or
+/// not yet, and none after; it loads alone as a state file, and is written again at the next
+/// request. The journal and the state file are left as they were.
+#[test]
+fn a_backup_holds_every_record_handed_over_before_it_and_loads_alone() {
+    let (_dir, mut d) = temp_driver(Options::default());
+    d.write(40);
+    // Not waited for: still in flight when the backup is asked for.
+    let records = (d.next_n..d.next_n + 9).map(record).collect();
+    d.next_n += 9;
+    d.hand_over(records);
+    d.persister.backup();
+    let asked_at = d.next_n - 1;
+    d.write(5);
+    d.wait("the backup", |p| p.compactions().backups == 1);
+    let loaded = load_backup(&d.paths);
+    assert_eq!(
+        loaded.last_seq, asked_at,
+        "every record before the backup, none after"
+    );
+    assert_eq!(loaded.state.journal_seq, asked_at);
+    assert!(!d.paths.state.exists(), "no state file written for it");
+    assert_eq!(load_complete(&d.paths).last_seq, asked_at + 5);
+
+    let last = d.write(3);
+    d.persister.backup();
+    d.wait("the second backup", |p| p.compactions().backups == 2);
+    assert_eq!(load_backup(&d.paths).last_seq, last);
+    assert_eq!(d.persister.compactions().backups_failed, 0);
+    assert_eq!(d.persister.shutdown(), Stopped::Folded);
+}
+
+/// A backup that cannot be written is counted and changes nothing else: appends go on, and
+/// the next backup, once the way is clear, is written.
+#[test]
+fn a_backup_that_cannot_be_written_is_counted_and_the_next_one_is_written() {
+    let (dir, mut d) = temp_driver(Options::default());
+    let blocker = dir.path().join("s.json.backup.tmp");
+    fs::create_dir(&blocker).unwrap();
+    d.write(10);
+    d.persister.backup();
+    d.wait("the failed backup", |p| p.compactions().backups_failed == 1);
+    assert!(!d.paths.backup.exists());
+    assert_eq!(d.persister.compactions().backups, 0);
+    let last = d.write(4);
+    assert_eq!(load_complete(&d.paths).last_seq, last);
+
+    fs::remove_dir(&blocker).unwrap();
+    d.persister.backup();
+    d.wait("the backup", |p| p.compactions().backups == 1);
+    assert_eq!(load_backup(&d.paths).last_seq, last);
+    assert_eq!(d.persister.shutdown(), Stopped::Folded);
 }
 
 /// After a failure, compaction waits for `compact_retry`: a disk that keeps failing is not

@@ -23,6 +23,9 @@ pub struct Paths {
     pub journal_old: PathBuf,
     /// `room_manager.json.lock`.
     pub lock: PathBuf,
+    /// `room_manager.json.backup`: a state file written on request (SIGUSR1) for the operator
+    /// to copy; never read by the daemon.
+    pub backup: PathBuf,
 }
 
 impl Paths {
@@ -38,6 +41,7 @@ impl Paths {
             journal: with(".journal"),
             journal_old: with(".journal.old"),
             lock: with(".lock"),
+            backup: with(".backup"),
         }
     }
 }

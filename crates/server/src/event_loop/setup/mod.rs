@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use mio::net::{TcpListener, UdpSocket};
 use mio::{Interest, Poll, Waker};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
@@ -227,7 +227,8 @@ struct Parts {
 /// script, an early reload) or a SIGTERM during a long load would otherwise kill the process
 /// with its default action. They wait in the handle and are acted on once the loop runs.
 fn hold_signals() -> Result<Signals, Error> {
-    Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(io_err("cannot install signal handlers"))
+    Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1])
+        .map_err(io_err("cannot install signal handlers"))
 }
 
 /// Reads the state (whose lock the caller holds) and builds the registry from it, saying what

@@ -1,6 +1,6 @@
 //! The writer's side of compaction: handing durable records to the compactor in lots, asking
 //! it for a state file once the journal has outgrown the last one, rotating the journal to
-//! `journal.old` for it, and taking its reports.
+//! `journal.old` for it, and taking its reports; and asking it for a backup.
 
 use std::fs;
 use std::io;
@@ -25,6 +25,24 @@ impl Writer {
         };
         if !records.is_empty() && compactor.jobs.send(Job::Apply(records)).is_err() {
             self.compactor_gone();
+        }
+    }
+
+    /// Asks the compactor for a backup holding every durable record: those not handed over
+    /// yet go first, so its state is exactly as far as the journal when it takes the job.
+    pub(super) fn backup(&mut self) {
+        self.hand_over();
+        let journal_seq = self.next_n - 1;
+        let sent = self
+            .compactor
+            .as_ref()
+            .map(|compactor| compactor.jobs.send(Job::Backup { journal_seq }).is_ok());
+        if sent != Some(true) {
+            counters(&self.stats).backups_failed += 1;
+            error!("backup not written: the state compactor thread is gone");
+            if sent == Some(false) {
+                self.compactor_gone();
+            }
         }
     }
 

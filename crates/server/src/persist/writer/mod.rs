@@ -125,18 +125,28 @@ pub(super) const MAX_GROUP_RECORDS: usize = 4096;
 /// checkpoint, a group after a stall) is given back.
 const LINE_KEEP_BYTES: usize = 1024 * 1024;
 
+/// What ended a group commit other than its cap or an empty queue: a command queued behind
+/// its batches, carried out once their records are durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum After {
+    Nothing,
+    Backup,
+    Shutdown,
+}
+
 /// Group commit: adds the batches already queued behind `first` to its records, until they
-/// hold [`MAX_GROUP_RECORDS`]. Returns the last batch taken, the records, and whether a
-/// shutdown was queued behind them.
+/// hold [`MAX_GROUP_RECORDS`] or another command comes. Returns the last batch taken, the
+/// records, and the command that ended the group, if one did (the batches behind it stay
+/// queued).
 pub(super) fn take_queued(
     rx: &Receiver<Command>,
     first: u64,
     mut records: Vec<Record>,
-) -> (u64, Vec<Record>, bool) {
+) -> (u64, Vec<Record>, After) {
     let mut last = first;
     loop {
         if records.len() >= MAX_GROUP_RECORDS {
-            return (last, records, false);
+            return (last, records, After::Nothing);
         }
         match rx.try_recv() {
             Ok(Command::Append {
@@ -146,8 +156,9 @@ pub(super) fn take_queued(
                 last = batch;
                 records.extend(more);
             }
-            Ok(Command::Shutdown) => return (last, records, true),
-            Err(_) => return (last, records, false),
+            Ok(Command::Backup) => return (last, records, After::Backup),
+            Ok(Command::Shutdown) => return (last, records, After::Shutdown),
+            Err(_) => return (last, records, After::Nothing),
         }
     }
 }
@@ -246,7 +257,7 @@ impl Writer {
             match command {
                 Command::Append { batch, records } => {
                     let started = Instant::now();
-                    let (last, records, stop) = take_queued(&rx, batch, records);
+                    let (last, records, after) = take_queued(&rx, batch, records);
                     self.append(&records);
                     let report = Done {
                         batch: last,
@@ -260,13 +271,16 @@ impl Writer {
                         error!("cannot wake the event loop: {e}");
                     }
                     self.forward(records);
-                    if stop {
-                        return self.finish();
+                    match after {
+                        After::Shutdown => return self.finish(),
+                        After::Backup => self.backup(),
+                        After::Nothing => {}
                     }
                     self.maybe_compact();
                     self.keep_space_ahead();
                     self.check_files_when_due(Instant::now());
                 }
+                Command::Backup => self.backup(),
                 Command::Shutdown => return self.finish(),
             }
         }
