@@ -470,6 +470,10 @@ fn a_backup_taken_during_a_join_storm_restores_every_token_acknowledged_before_i
         let after = end_storm(&stop, storm, &got);
         assert!(after.len() > 40, "the storm stopped at the backup");
     }
+    // Counted after the rename's directory fsync, which may come after the file shows.
+    wait_until("the second backup counted", || {
+        d.metric("ocm_state_backups_total") >= 2.0
+    });
     assert_eq!(d.metric("ocm_state_backups_total"), 2.0);
     assert_eq!(d.metric("ocm_state_backup_failures_total"), 0.0);
     assert_logged(&d, "SIGUSR1: writing a backup of the state");
@@ -500,11 +504,11 @@ fn a_backup_that_cannot_be_written_says_so_and_the_daemon_serves_on() {
     let blocker = d.state.with_extension("json.backup.tmp");
     std::fs::create_dir(&blocker).unwrap();
     d.signal(libc::SIGUSR1);
+    d.wait_for_log("not written: ");
     wait_until("the failed backup counted", || {
         d.metric("ocm_state_backup_failures_total") >= 1.0
     });
     assert_logged(&d, "ERROR");
-    assert_logged(&d, "not written: ");
     assert!(!d.state.with_extension("json.backup").exists());
     let member = join(&d, "r", "m");
 
@@ -524,6 +528,31 @@ fn a_backup_that_cannot_be_written_says_so_and_the_daemon_serves_on() {
     }
     d.stop_cleanly();
     assert_tokens_saved(&d, &[host, member], "after a failed backup");
+}
+
+/// A backup holds the rooms' history as said before the signal, though the periodic
+/// checkpoint that would save it is far off: the signal checkpoints it first.
+#[test]
+fn a_backup_holds_the_history_said_before_it() {
+    let d = Daemon::start_with(metrics_and_config("[history]\ncheckpoint_secs = 3600\n"));
+    let (host, member) = host_and_member(&d, "r", "host", "m");
+    member.send("said before the backup");
+    host.recv_until("m: said before the backup");
+    d.signal(libc::SIGUSR1);
+    wait_until("the backup written", || {
+        d.metric("ocm_state_backups_total") >= 1.0
+    });
+    let backup = std::fs::read(d.state.with_extension("json.backup")).unwrap();
+    let backup: serde_json::Value = serde_json::from_slice(&backup).expect("a JSON state file");
+    let history = backup["rooms"]["r"]["history"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no history for room r in {backup}"));
+    assert!(
+        history
+            .iter()
+            .any(|m| m["sender"] == "m" && m["text"] == "said before the backup"),
+        "{history:?}"
+    );
 }
 
 /// The variable and file that switch [`fdatasync_holder`] on: the journal's appends stick.
@@ -1542,6 +1571,38 @@ fn a_clean_stop_stuck_in_its_final_fold_exits_without_it_and_loses_nothing() {
     assert!(saved_tokens(&d).contains(&host), "the host's token is kept");
 }
 
+/// A backup still queued when the daemon stops is skipped, so that the stop's final fold
+/// (the same state) does not wait for it: the first backup is held in `fsync`, a second is
+/// asked for behind it, then SIGTERM. Once the disk answers, the first is written, the second
+/// is said to be skipped, and the stop folds every change.
+#[test]
+fn a_backup_still_queued_at_a_stop_is_skipped() {
+    let (mut d, hold, _library) = spawn_preloaded(fsync_holder, HOLD_FSYNC, Options::default());
+    let held = hold.with_extension("held");
+    let host = create(&d, "r", "alice");
+    std::fs::write(&hold, b"").unwrap();
+    d.signal(libc::SIGUSR1);
+    wait_until("the first backup waits in fsync", || held.exists());
+    d.signal(libc::SIGUSR1);
+    wait_until("the second backup asked for", || {
+        d.log().matches("SIGUSR1: writing a backup").count() == 2
+    });
+    d.signal(libc::SIGTERM);
+    // Backups are skipped from the stop's first line on.
+    d.wait_for_log("stopping: flushing state");
+    std::fs::remove_file(&hold).unwrap();
+    let status = d.wait_exit();
+    assert!(status.success(), "{status:?}");
+    let log = d.log();
+    assert_eq!(log.matches("state: backup written to ").count(), 1, "{log}");
+    assert!(
+        log.contains("not written: the daemon is stopping, and the state file it writes at the stop holds every change"),
+        "{log}"
+    );
+    assert!(log.contains("stopped: 1 room, 1 member saved"), "{log}");
+    assert!(saved_tokens(&d).contains(&host), "the host's token is kept");
+}
+
 /// Builds a shared library for `LD_PRELOAD` that makes `fsync` of a directory fail with `EIO`
 /// while the file named by `OCM_TEST_FAIL_DIR_FSYNC` exists, past the first
 /// `OCM_TEST_FAIL_DIR_FSYNC_SKIP` such calls (every other `fsync` goes through), in `dir`.
@@ -1630,6 +1691,45 @@ fn a_failed_directory_fsync_stops_ocmd(library: &std::path::Path, skip: u32, whe
     restart_cleanly(&mut d);
     d.stop_cleanly();
     assert_tokens_saved(&d, &tokens, when);
+}
+
+/// A backup whose rename's directory `fsync` fails stops `ocmd` as a compaction's does (the
+/// kernel reports the error once, and the journal's entries share the directory), and loses
+/// no acknowledged token.
+#[test]
+fn a_failed_directory_fsync_after_a_backup_stops_ocmd_and_loses_nothing() {
+    let build = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let library = directory_fsync_failer(build.path());
+    let dir = fresh_dir();
+    let flag = dir.path().join("fail-directory-fsyncs");
+    let options = Options {
+        env: vec![
+            ("LD_PRELOAD".into(), library.display().to_string()),
+            ("OCM_TEST_FAIL_DIR_FSYNC".into(), flag.display().to_string()),
+        ],
+        ..Options::default()
+    };
+    let mut d = Daemon::spawn(Arc::clone(&dir), options).expect("ocmd starts");
+    d.assert_loaded(&library);
+    let tokens = vec![create(&d, "r", "host"), join(&d, "r", "m")];
+    // An idle daemon: the backup's is the next directory fsync.
+    std::fs::write(&flag, b"").unwrap();
+    d.signal(libc::SIGUSR1);
+    let status = d.wait_exit();
+    assert_eq!(status.code(), Some(1), "{status:?}: {}", d.log());
+    let backup = d.state.with_extension("json.backup");
+    assert_logged(
+        &d,
+        &format!(
+            "backup {}: fsync of the directory failed: Input/output error (os error 5); \
+             stopping: after a failed directory fsync no retry can be trusted",
+            backup.display()
+        ),
+    );
+    std::fs::remove_file(&flag).unwrap();
+    restart_cleanly(&mut d);
+    d.stop_cleanly();
+    assert_tokens_saved(&d, &tokens, "after a backup's failed directory fsync");
 }
 
 /// A daemon killed in the middle of a compaction leaves the older records in `journal.old`

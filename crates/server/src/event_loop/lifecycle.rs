@@ -225,6 +225,9 @@ impl Server {
     /// Stops accepting, answers what can be answered, makes every change durable, and folds
     /// the journal into the state file; says how far it got with the state.
     pub(super) fn shutdown(&mut self) -> Stopped {
+        if let Some(persister) = &self.persister {
+            persister.skip_backups();
+        }
         info!("stopping: flushing state");
         self.notifier.send("STOPPING=1");
         if let Some(mut tcp) = self.tcp.take() {

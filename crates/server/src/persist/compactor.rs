@@ -4,6 +4,7 @@
 
 use std::fs;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -22,6 +23,9 @@ pub(super) struct Compactor {
     pub(super) jobs: Sender<Job>,
     pub(super) reports: Receiver<Report>,
     pub(super) thread: JoinHandle<State>,
+    /// Set when the daemon stops: backups still queued are skipped, so that the stop's final
+    /// fold, which writes the same state, does not wait for them.
+    pub(super) stopping: Arc<AtomicBool>,
 }
 
 impl Compactor {
@@ -33,9 +37,15 @@ impl Compactor {
     ) -> Result<Compactor, StoreError> {
         let (jobs, job_rx) = mpsc::channel();
         let (report_tx, reports) = mpsc::channel();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let threads = Threads {
+            stats,
+            waker,
+            stopping: Arc::clone(&stopping),
+        };
         let thread = thread::Builder::new()
             .name("ocmd-compactor".into())
-            .spawn(move || compact_loop(&paths, state, &job_rx, &report_tx, &stats, &waker))
+            .spawn(move || compact_loop(&paths, state, &job_rx, &report_tx, &threads))
             .map_err(|source| StoreError::Write {
                 path: "compactor thread".into(),
                 source,
@@ -44,8 +54,17 @@ impl Compactor {
             jobs,
             reports,
             thread,
+            stopping,
         })
     }
+}
+
+/// What the compactor thread shares with the others: the counters, the loop's waker, and
+/// the stop's flag.
+struct Threads {
+    stats: Arc<Mutex<Compactions>>,
+    waker: Arc<mio::Waker>,
+    stopping: Arc<AtomicBool>,
 }
 
 /// The compactor thread: applies every durable record to its state and, when asked, writes
@@ -55,9 +74,13 @@ fn compact_loop(
     mut state: State,
     jobs: &Receiver<Job>,
     reports: &Sender<Report>,
-    stats: &Mutex<Compactions>,
-    waker: &mio::Waker,
+    threads: &Threads,
 ) -> State {
+    let Threads {
+        stats,
+        waker,
+        stopping,
+    } = threads;
     // A compaction that keeps failing (a full disk) is retried every few seconds: logged at
     // its first failure, then once a minute, and once it works again.
     let mut failing = Failing::default();
@@ -65,6 +88,15 @@ fn compact_loop(
         match job {
             Job::Apply(records) => records.iter().for_each(|r| state.apply(r)),
             Job::Backup { journal_seq } => {
+                if stopping.load(Ordering::Relaxed) {
+                    counters(stats).backups_failed += 1;
+                    warn!(
+                        "state: backup {} not written: the daemon is stopping, and the state \
+                         file it writes at the stop holds every change",
+                        paths.backup.display()
+                    );
+                    continue;
+                }
                 back_up(paths, &mut state, journal_seq, stats);
                 // Let the loop update its metrics.
                 if let Err(e) = waker.wake() {

@@ -42,6 +42,7 @@ mod writer;
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -313,6 +314,8 @@ pub struct Persister {
     /// file.
     thread: Option<JoinHandle<bool>>,
     compactions: Arc<Mutex<Compactions>>,
+    /// Shared with the compactor: set, backups still queued are skipped.
+    stopping: Arc<AtomicBool>,
     pending: Vec<Record>,
     /// The number the next batch handed to the writer gets; every lower one was handed over.
     next_batch: u64,
@@ -342,6 +345,7 @@ impl Persister {
             Arc::clone(&compactions),
             Arc::clone(&waker),
         )?;
+        let stopping = writer.stopping_flag();
         let (tx, rx) = mpsc::channel();
         let (done_tx, done_rx) = mpsc::channel();
         let thread = thread::Builder::new()
@@ -356,6 +360,7 @@ impl Persister {
             done_rx,
             thread: Some(thread),
             compactions,
+            stopping,
             pending: Vec::new(),
             next_batch: 1,
             durable: 0,
@@ -425,8 +430,15 @@ impl Persister {
         self.pump();
         if self.tx.send(Command::Backup).is_err() {
             counters(&self.compactions).backups_failed += 1;
-            error!("backup not written: the state writer thread is gone");
+            error!("state: backup not written: the state writer thread is gone");
         }
+    }
+
+    /// Skips the backups asked for and not yet begun, and any asked for later: for a stop,
+    /// whose final fold writes the same state and should not wait for them. Each is logged
+    /// and counted as not written.
+    pub fn skip_backups(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
     }
 
     /// Collects finished writes (after the waker fired) and hands over what queued meanwhile.

@@ -1022,6 +1022,22 @@ fn a_backup_holds_every_record_handed_over_before_it_and_loads_alone() {
     assert_eq!(d.persister.shutdown(), Stopped::Folded);
 }
 
+/// Records submitted and not yet handed to the writer when the backup is asked for (the
+/// loop's pass that took the signal) are in it too.
+#[test]
+fn a_backup_holds_the_records_submitted_with_it() {
+    let (_dir, mut d) = temp_driver(Options::default());
+    d.write(12);
+    let records = (d.next_n..d.next_n + 6).map(record).collect();
+    d.next_n += 6;
+    let batch = d.persister.submit(records);
+    d.persister.backup();
+    d.wait("the backup", |p| p.compactions().backups == 1);
+    assert!(d.persister.durable() >= batch, "made durable before it");
+    assert_eq!(load_backup(&d.paths).last_seq, d.next_n - 1);
+    assert_eq!(d.persister.shutdown(), Stopped::Folded);
+}
+
 /// A backup that cannot be written is counted and changes nothing else: appends go on, and
 /// the next backup, once the way is clear, is written.
 #[test]

@@ -223,9 +223,10 @@ struct Parts {
     connection_cap: usize,
 }
 
-/// Installs the handlers for SIGTERM, SIGINT and SIGHUP. Done first: a SIGHUP (a log rotation
-/// script, an early reload) or a SIGTERM during a long load would otherwise kill the process
-/// with its default action. They wait in the handle and are acted on once the loop runs.
+/// Installs the handlers for SIGTERM, SIGINT, SIGHUP and SIGUSR1. Done first: a SIGHUP (a log
+/// rotation script, an early reload), a SIGUSR1 (an early backup) or a SIGTERM during a long
+/// load would otherwise kill the process with its default action. They wait in the handle and
+/// are acted on once the loop runs.
 fn hold_signals() -> Result<Signals, Error> {
     Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1])
         .map_err(io_err("cannot install signal handlers"))

@@ -4,7 +4,9 @@
 
 use std::fs;
 use std::io;
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::TryRecvError;
+use std::sync::Arc;
 use std::thread;
 use std::time::Instant;
 
@@ -39,11 +41,24 @@ impl Writer {
             .map(|compactor| compactor.jobs.send(Job::Backup { journal_seq }).is_ok());
         if sent != Some(true) {
             counters(&self.stats).backups_failed += 1;
-            error!("backup not written: the state compactor thread is gone");
+            error!(
+                "state: backup {} not written: the state compactor thread is gone",
+                self.paths.backup.display()
+            );
             if sent == Some(false) {
                 self.compactor_gone();
             }
         }
+    }
+
+    /// The flag that makes the compactor skip backups ([`Persister::skip_backups`]); a flag
+    /// of its own when the compactor is gone.
+    ///
+    /// [`Persister::skip_backups`]: crate::persist::Persister::skip_backups
+    pub(in crate::persist) fn stopping_flag(&self) -> Arc<AtomicBool> {
+        self.compactor
+            .as_ref()
+            .map_or_else(Arc::default, |compactor| Arc::clone(&compactor.stopping))
     }
 
     pub(super) fn compactor_gone(&mut self) {
@@ -245,6 +260,7 @@ mod tests {
             jobs,
             reports,
             thread: thread::spawn(State::default),
+            stopping: Arc::default(),
         };
         // The real compactor ends once its jobs' sender is dropped.
         drop(writer.compactor.replace(gone));

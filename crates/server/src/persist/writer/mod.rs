@@ -364,12 +364,15 @@ impl Writer {
             jobs,
             reports,
             thread,
+            stopping,
         }) = self.compactor.take()
         else {
             error!("no final state file (the compactor is gone); the journals keep every change");
             return false;
         };
-        // The compactor applies what is queued, finishes, and hands its state back.
+        // The compactor applies what is queued, skipping backups (the fold below writes the
+        // same state), finishes, and hands its state back.
+        stopping.store(true, std::sync::atomic::Ordering::Relaxed);
         drop(jobs);
         let joined = thread.join();
         while let Ok(report) = reports.try_recv() {
