@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds and installs ocmd and ocm, the systemd unit and the example configuration.
+# Builds and installs ocmd and ocm, the systemd units and the example configuration.
 # Run `scripts/install.sh --help` for the options; docs/OPERATIONS.md for what comes next.
 set -euo pipefail
 
@@ -23,6 +23,7 @@ Builds ocmd and ocm (cargo build --release --locked) and installs:
                                              which it refers to
   UNIT_DIR/ocmd.service                      mode 0644 (ExecStart= follows PREFIX and
                                              CONFIG_DIR)
+  UNIT_DIR/ocmd.socket                       mode 0644, for socket activation; not enabled
   CONFIG_DIR/ocmd.toml                       mode 0644, never overwritten: when a different
                                              one exists, the new one goes to ocmd.toml.new
 
@@ -136,6 +137,9 @@ sed -e "s#^ExecStart=/usr/local/bin/ocmd #ExecStart=$prefix/bin/ocmd #" \
   -e "s# --config /etc/ocmd/ocmd.toml # --config $config_dir/ocmd.toml #" \
   -e "s#^Documentation=file:/usr/local/share/doc/ocmd/#Documentation=file:$prefix/share/doc/ocmd/#" \
   "$root/config/ocmd.service" | write_file 0644 "$unit_dir/ocmd.service"
+# The socket unit, for socket activation (docs/OPERATIONS.md): installed, not enabled.
+sed -e "s#^Documentation=file:/usr/local/share/doc/ocmd/#Documentation=file:$prefix/share/doc/ocmd/#" \
+  "$root/config/ocmd.socket" | write_file 0644 "$unit_dir/ocmd.socket"
 
 # The configuration is the operator's: never overwritten. Its [state] path is set to the
 # one the unit passes with --state, so that the file tells the truth and a reload does not
@@ -165,5 +169,7 @@ $(if [[ $dry_run -eq 1 ]]; then echo "Dry run: nothing was changed. After a real
        systemctl daemon-reload && systemctl enable --now ocmd
   3. watch it:
        systemctl status ocmd; journalctl -u ocmd -f; curl -s http://127.0.0.1:9092/metrics
+  optionally, let systemd hold the ports across restarts (its addresses win over [listen]):
+       systemctl enable --now ocmd.socket && systemctl restart ocmd
 See $prefix/share/doc/ocmd/OPERATIONS.md.
 EOF

@@ -199,6 +199,9 @@ pub enum Error {
     /// The state could not be loaded or saved.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Sockets passed by systemd that cannot be used.
+    #[error(transparent)]
+    Activation(#[from] crate::activation::ActivationError),
     /// The configuration is invalid.
     #[error("{0}")]
     Config(String),

@@ -14,10 +14,12 @@
 //!   loop does with its sockets;
 //! - [`wall_clock`]: the wall clock that datagram ages are measured on;
 //! - [`config`], [`metrics`], [`delay`], [`notify`], [`http`], [`plural`]: what operators see;
+//! - [`activation`]: sockets passed by systemd's socket activation;
 //! - [`error`]: what can stop start-up, and what can fail in the store.
 //!
 //! Wire formats live in the `tcrp` and `ucrp` crates, which know nothing of sockets.
 
+pub mod activation;
 pub mod config;
 pub mod conn;
 pub mod delay;

@@ -41,6 +41,7 @@ impl Args {
             udp: self.udp,
             state: self.state.clone(),
             metrics: self.metrics.clone(),
+            ..Overrides::default()
         }
     }
 }

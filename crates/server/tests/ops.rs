@@ -11,6 +11,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -2462,6 +2463,56 @@ fn the_unit_file_is_valid_and_sandboxed() {
         "{}",
         text(&out.stderr)
     );
+    // The socket unit is checked too.
+    let socket = std::fs::read_to_string(repo_root().join("config/ocmd.socket")).unwrap();
+    let broken = dir.path().join("ocmd.socket");
+    std::fs::write(&broken, socket.replace("Backlog=", "Backlogg=")).unwrap();
+    let mut cmd = Command::new(repo_root().join("scripts/check-unit"));
+    cmd.arg(env!("CARGO_BIN_EXE_ocmd"))
+        .env("OCMD_SOCKET_UNIT", &broken);
+    let out = run_with_deadline(cmd);
+    assert!(
+        !out.status.success(),
+        "a misspelt key in the socket unit passed"
+    );
+    assert!(
+        text(&out.stderr).contains("Backlogg"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// config/ocmd.socket listens where config/ocmd.toml does (its addresses win over the file's
+/// when it is enabled, so the two shipped files must agree), with the TCRP listen backlog the
+/// file asks for.
+#[test]
+fn the_socket_unit_listens_where_the_example_configuration_does() {
+    let socket = std::fs::read_to_string(repo_root().join("config/ocmd.socket")).unwrap();
+    let value = |key: &str| -> Vec<String> {
+        socket
+            .lines()
+            .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .map(str::to_owned)
+            .collect()
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_ocmd"))
+        .args(["--check-config", "--config"])
+        .arg(repo_root().join("config/ocmd.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let effective = text(&out.stdout);
+    let setting = |key: &str| -> String {
+        effective
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key} = ")))
+            .unwrap_or_else(|| panic!("{key} in:\n{effective}"))
+            .trim_matches('"')
+            .to_owned()
+    };
+    assert_eq!(value("ListenStream"), [setting("tcp")]);
+    assert_eq!(value("ListenDatagram"), [setting("udp")]);
+    assert_eq!(value("Backlog"), [setting("listen_backlog")]);
 }
 
 fn install_sh(args: &[impl AsRef<std::ffi::OsStr>]) -> Output {
@@ -2532,6 +2583,10 @@ fn install_dry_run_plans_every_action_and_does_none() {
     );
     planned_line(
         "would write: /etc/systemd/system/ocmd.service (mode 0644)",
+        "",
+    );
+    planned_line(
+        "would write: /etc/systemd/system/ocmd.socket (mode 0644)",
         "",
     );
     planned_line("would write: /etc/ocmd/ocmd.toml (mode 0644)", "");
@@ -2630,6 +2685,16 @@ fn install_puts_files_in_place_and_keeps_a_changed_config() {
             etc.join("ocmd.toml").display()
         )),
         "ExecStart follows --prefix and --config-dir:\n{unit}"
+    );
+    let socket_path = units.join("ocmd.socket");
+    assert_eq!(mode(&socket_path), 0o644);
+    let socket = std::fs::read_to_string(&socket_path).unwrap();
+    assert!(
+        socket.contains(&format!(
+            "Documentation=file:{}/share/doc/ocmd/OPERATIONS.md",
+            prefix.display()
+        )),
+        "Documentation follows --prefix:\n{socket}"
     );
     let config_path = etc.join("ocmd.toml");
     assert_eq!(mode(&config_path), 0o644);
@@ -3906,4 +3971,223 @@ fn only_a_listen_backlog_the_kernel_caps_is_warned_about() {
             capped.log()
         );
     });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Socket activation
+
+/// Sockets bound by the test, as a systemd socket unit binds them, and handed to each `ocmd`
+/// started with them at descriptors 3, 4 and 5 with `LISTEN_PID`, `LISTEN_FDS` and
+/// `LISTEN_FDNAMES`. The test keeps them open across a daemon's restart, as systemd does.
+struct SocketUnit {
+    udp: UdpSocket,
+    tcp: std::net::TcpListener,
+    metrics: std::net::TcpListener,
+    dir: tempfile::TempDir,
+    starts: usize,
+}
+
+impl SocketUnit {
+    fn bind() -> SocketUnit {
+        SocketUnit {
+            udp: UdpSocket::bind("127.0.0.1:0").expect("a UDP socket"),
+            tcp: std::net::TcpListener::bind("127.0.0.1:0").expect("a TCP listener"),
+            metrics: std::net::TcpListener::bind("127.0.0.1:0").expect("a metrics listener"),
+            dir: tempfile::tempdir().expect("a state directory"),
+            starts: 0,
+        }
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("room_manager.json")
+    }
+
+    /// Starts `ocmd` with the three sockets passed (the UDP socket and the TCRP listener
+    /// named after their unit, as one socket unit names them; the metrics listener named
+    /// `metrics`, as its own unit would), `--tcp` and `--udp` pointing elsewhere (a passed
+    /// socket wins), its log in a file of its own; returns it and the log's path.
+    fn start(&mut self) -> (KillOnDrop, PathBuf) {
+        self.starts += 1;
+        let log = self.dir.path().join(format!("ocmd-{}.log", self.starts));
+        let passed = [
+            self.udp.as_raw_fd(),
+            self.tcp.as_raw_fd(),
+            self.metrics.as_raw_fd(),
+        ];
+        // Out of the way of 3, 4 and 5, and closed at exec: only their copies there are passed.
+        let high: Vec<std::os::fd::OwnedFd> = passed
+            .iter()
+            .map(|&fd| {
+                let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100) };
+                assert!(copy >= 100, "F_DUPFD_CLOEXEC");
+                unsafe { std::os::fd::OwnedFd::from_raw_fd(copy) }
+            })
+            .collect();
+        let sources: Vec<i32> = high.iter().map(|fd| fd.as_raw_fd()).collect();
+        let mut command = Command::new("sh");
+        command
+            .args(["-c", "LISTEN_PID=$$ exec \"$0\" \"$@\""])
+            .arg(env!("CARGO_BIN_EXE_ocmd"))
+            .arg("--state")
+            .arg(self.state())
+            .args(["--tcp", "127.0.0.1:1", "--udp", "127.0.0.1:1"])
+            .env("LISTEN_FDS", "3")
+            .env("LISTEN_FDNAMES", "ocmd.socket:ocmd.socket:metrics")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("a log file"));
+        // SAFETY: dup2(2) only, which is async-signal-safe, between fork and exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            command.pre_exec(move || {
+                for (target, &source) in (3..).zip(&sources) {
+                    if libc::dup2(source, target) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = KillOnDrop(command.spawn().expect("ocmd starts"));
+        drop(high);
+        wait_until("ocmd listening", || {
+            read_log(&log).contains("listening tcp=")
+        });
+        (child, log)
+    }
+}
+
+fn read_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Sends SIGTERM to `ocmd` and checks that it stopped cleanly.
+fn terminate(child: &mut KillOnDrop) {
+    let rc = unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let status = wait_for_exit(&mut child.0, "ocmd after SIGTERM");
+    assert!(status.success(), "{status:?}");
+}
+
+/// With sockets passed by systemd, `ocmd` serves on them rather than binding its own (the
+/// configuration's addresses are moot), and what comes while it restarts waits in them: a
+/// chat sent while no daemon runs is relayed by the next one, and a join asked for then is
+/// answered by it.
+#[test]
+fn sockets_passed_by_systemd_are_served_and_hold_what_comes_during_a_restart() {
+    let mut unit = SocketUnit::bind();
+    let tcp = unit.tcp.local_addr().unwrap();
+    let udp = unit.udp.local_addr().unwrap();
+    let metrics = unit.metrics.local_addr().unwrap();
+    let (mut first, log) = unit.start();
+    let text = read_log(&log);
+    assert!(
+        text.contains(&format!(
+            "socket activation: systemd passed tcp={tcp} udp={udp} metrics={metrics}; they \
+             win over the configuration"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("listening tcp={tcp} udp={udp} metrics={metrics}")),
+        "{text}"
+    );
+    let ask = |op: Operation, room: &str, name: &str| -> String {
+        let mut stream = TcpStream::connect(tcp).expect("connect");
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let body = format!("\"{name}\"");
+        exchange(&mut stream, &request_bytes(op, room, body.as_bytes()))
+            .token
+            .unwrap_or_else(|| panic!("{op:?} {room} as {name} refused"))
+    };
+    let member = |token: &str| {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        socket.set_read_timeout(Some(PATIENCE)).unwrap();
+        Member {
+            socket,
+            server: udp,
+            room: "r".into(),
+            token: token.to_owned(),
+        }
+    };
+    let host = member(&ask(Operation::CreateRoom, "r", "host"));
+    host.send("__REGISTER__");
+    let bob = member(&ask(Operation::JoinRoom, "r", "bob"));
+    bob.registered_with(&host, "bob");
+    let (status, body) = {
+        let mut stream = TcpStream::connect(metrics).expect("metrics");
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        (answer.lines().next().unwrap_or("").to_owned(), answer)
+    };
+    assert!(status.contains("200"), "{body}");
+
+    terminate(&mut first);
+    // No daemon: the kernel keeps the chat in the passed socket, and the join's connection
+    // in the listener's backlog.
+    bob.send("said while ocmd restarted");
+    let join = thread::spawn(move || {
+        let mut stream = TcpStream::connect(tcp).expect("connect while down");
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        exchange(
+            &mut stream,
+            &request_bytes(Operation::JoinRoom, "r", b"\"carol\""),
+        )
+    });
+    let (mut second, log) = unit.start();
+    host.recv_until("bob: said while ocmd restarted");
+    let reply = join.join().expect("the join's thread");
+    assert!(reply.token.is_some(), "{reply:?}: {}", read_log(&log));
+    terminate(&mut second);
+}
+
+/// A descriptor systemd passed that `ocmd` cannot use stops the start, naming it and why:
+/// a socket left unserved would keep its clients waiting.
+#[test]
+fn a_passed_descriptor_that_is_no_listening_socket_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("ocmd.log");
+    let file = std::fs::File::create(dir.path().join("not-a-socket")).unwrap();
+    let source = file.as_raw_fd();
+    let mut command = Command::new("sh");
+    command
+        .args(["-c", "LISTEN_PID=$$ exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_ocmd"))
+        .arg("--state")
+        .arg(dir.path().join("room_manager.json"))
+        .args([
+            "--tcp",
+            "127.0.0.1:0",
+            "--udp",
+            "127.0.0.1:0",
+            "--metrics",
+            "off",
+        ])
+        .env("LISTEN_FDS", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    // SAFETY: dup2(2) only, between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(move || {
+            if libc::dup2(source, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = KillOnDrop(command.spawn().expect("ocmd starts"));
+    let status = wait_for_exit(&mut child.0, "ocmd on a file");
+    assert_eq!(status.code(), Some(1), "{}", read_log(&log));
+    assert!(
+        read_log(&log).contains("socket activation: descriptor 3: not an open socket"),
+        "{}",
+        read_log(&log)
+    );
 }

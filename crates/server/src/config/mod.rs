@@ -25,7 +25,7 @@ use crate::error::Error;
 use crate::handshake::RequestLimits;
 use crate::persist::DEFAULT_COMPACT_JOURNAL_BYTES;
 use crate::rooms::Limits;
-pub use overrides::Overrides;
+pub use overrides::{overrider, FromSystemd, Overrides};
 
 /// Largest `history.messages` accepted.
 pub const MAX_HISTORY: usize = 10_000;

@@ -17,6 +17,30 @@ pub struct Overrides {
     pub state: Option<PathBuf>,
     /// `--metrics`
     pub metrics: Option<String>,
+    /// Which of `tcp`, `udp` and `metrics` are the addresses of sockets passed by systemd
+    /// (socket activation), set in their place: they win over the file as a flag does.
+    pub from_systemd: FromSystemd,
+}
+
+/// Which listening sockets systemd passed ([`crate::activation`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FromSystemd {
+    /// The TCRP listener.
+    pub tcp: bool,
+    /// The UCRP socket.
+    pub udp: bool,
+    /// The metrics listener.
+    pub metrics: bool,
+}
+
+/// What overrides a listening address or the state path in the file: a command-line flag, a
+/// socket passed by systemd, or nothing; for the reload's warnings.
+pub fn overrider(flag: bool, from_systemd: bool) -> Option<&'static str> {
+    match (flag, from_systemd) {
+        (_, true) => Some("a socket passed by systemd"),
+        (true, false) => Some("a command-line flag"),
+        (false, false) => None,
+    }
 }
 
 impl Overrides {

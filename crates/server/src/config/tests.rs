@@ -517,6 +517,7 @@ fn overrides_replace_only_what_they_name() {
         udp: Some("127.0.0.1:7".parse().unwrap()),
         state: Some(PathBuf::from("/tmp/elsewhere.json")),
         metrics: Some("off".into()),
+        ..Overrides::default()
     };
     let c = file.with_overrides(&all).unwrap();
     assert_eq!(c.listen.tcp, "127.0.0.1:0".parse().unwrap());

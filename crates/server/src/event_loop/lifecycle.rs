@@ -134,60 +134,62 @@ impl Server {
     fn warn_of_fixed_settings(&self, path: &Path, file: &Config, new: &Config) {
         let old = &self.file_config;
         let running = &self.config;
+        let o = &self.overrides;
+        let systemd = o.from_systemd;
         // Each: the key, whether `new` differs from the running value, whether the file
-        // changed it, and whether a flag overrides it.
+        // changed it, and what overrides it (a flag, a socket from systemd).
         let fixed = [
             (
                 "listen.tcp",
                 new.listen.tcp != running.listen.tcp,
                 file.listen.tcp != old.listen.tcp,
-                self.overrides.tcp.is_some(),
+                config::overrider(o.tcp.is_some(), systemd.tcp),
             ),
             (
                 "listen.udp",
                 new.listen.udp != running.listen.udp,
                 file.listen.udp != old.listen.udp,
-                self.overrides.udp.is_some(),
+                config::overrider(o.udp.is_some(), systemd.udp),
             ),
             (
                 "listen.metrics",
                 // "off" and "none" are one setting, as are two spellings of an address.
                 new.metrics_addr().ok() != running.metrics_addr().ok(),
                 file.listen.metrics != old.listen.metrics,
-                self.overrides.metrics.is_some(),
+                config::overrider(o.metrics.is_some(), systemd.metrics),
             ),
             (
                 "state.path",
                 new.state.path != running.state.path,
                 file.state.path != old.state.path,
-                self.overrides.state.is_some(),
+                config::overrider(o.state.is_some(), false),
             ),
             (
                 "state.compact_journal_bytes",
                 new.state.compact_journal_bytes != running.state.compact_journal_bytes,
                 false,
-                false,
+                None,
             ),
             (
                 "udp.recv_buffer_bytes",
                 new.udp.recv_buffer_bytes != running.udp.recv_buffer_bytes,
                 false,
-                false,
+                None,
             ),
             (
                 "udp.send_buffer_bytes",
                 new.udp.send_buffer_bytes != running.udp.send_buffer_bytes,
                 false,
-                false,
+                None,
             ),
         ];
         for (key, not_running, file_changed, overridden) in fixed {
-            if overridden && file_changed {
+            if let Some(by) = overridden.filter(|_| file_changed) {
                 warn!(
-                    "SIGHUP: {key} changed in {}, but a command-line flag overrides it",
+                    "SIGHUP: {key} changed in {}, but {by} overrides it",
                     path.display()
                 );
-            } else if !overridden && not_running {
+            } else if overridden.is_none() && not_running {
                 warn!(
                     "SIGHUP: {key} in {} differs from the running value; it takes \
                      effect only after a restart",
@@ -332,6 +334,7 @@ mod tests {
             udp: Some("127.0.0.1:0".parse().expect("an address")),
             state: Some(dir.join("room_manager.json")),
             metrics: Some("off".into()),
+            ..config::Overrides::default()
         };
         let server = Server::bind(file, Some(path.clone()), overrides).expect("a server");
         (server, path)

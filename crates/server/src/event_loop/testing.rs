@@ -16,6 +16,7 @@ pub(super) fn on_loopback(dir: &Path, config: Config) -> Server {
         udp: Some("127.0.0.1:0".parse().expect("an address")),
         state: Some(dir.join("room_manager.json")),
         metrics: Some("off".into()),
+        ..Overrides::default()
     };
     Server::bind(config, None, overrides).expect("a server on loopback")
 }

@@ -40,7 +40,7 @@ use crate::rate::{KeyedLimiter, TokenBucket};
 use crate::rooms::Registry;
 use crate::store::{self, Paths};
 use crate::wall_clock::WallClock;
-use crate::{mmsg, password, sockopt, udp};
+use crate::{activation, mmsg, password, sockopt, udp};
 pub(super) use open_files::{fit_open_files, nofile_limit};
 use sockets::{
     bind_metrics, bind_tcp, bind_udp, enable_arrival_addresses, enable_arrival_timestamps,
@@ -58,6 +58,9 @@ impl Server {
         config_path: Option<PathBuf>,
         overrides: Overrides,
     ) -> Result<Server, Error> {
+        // First: the variables are read and unset, before any thread starts.
+        let inherited = activation::take()?;
+        let overrides = with_inherited_addresses(overrides, &inherited)?;
         let config = file_config
             .with_overrides(&overrides)
             .map_err(Error::Config)?;
@@ -67,8 +70,8 @@ impl Server {
         let (loaded, mut registry, now) = load_registry(&paths, &config)?;
         let connection_cap = fit_open_files(&config);
         let poll = Poll::new().map_err(io_err("cannot create poll"))?;
-        let (mut tcp, nodelay_inherited) = bind_tcp(&config)?;
-        let mut udp = bind_udp(&config)?;
+        let (mut tcp, nodelay_inherited) = bind_tcp(&config, inherited.tcp)?;
+        let mut udp = bind_udp(&config, inherited.udp)?;
         warn_of_unreachable_members(registry.registered_addresses(), &config, udp.as_raw_fd());
         let sender = udp_sender(&config, udp.as_raw_fd());
         enable_arrival_timestamps(udp.as_raw_fd());
@@ -77,7 +80,7 @@ impl Server {
             // in the state file for a start that can use them.
             registry.forget_arrival_addresses();
         }
-        let mut metrics_listener = bind_metrics(&config)?;
+        let mut metrics_listener = bind_metrics(&config, inherited.metrics)?;
         let waker = register_sources(
             &poll,
             &mut tcp,
@@ -221,6 +224,45 @@ struct Parts {
     now: Instant,
     /// Handshake connections open at most (see [`fit_open_files`]).
     connection_cap: usize,
+}
+
+/// `overrides` with the addresses of the sockets systemd passed in place of the flags' (which
+/// a passed socket makes moot: it is bound already); says which were passed.
+fn with_inherited_addresses(
+    mut overrides: Overrides,
+    inherited: &activation::Inherited,
+) -> Result<Overrides, Error> {
+    let address = |local: std::io::Result<std::net::SocketAddr>| {
+        local.map_err(io_err(
+            "socket activation: a passed socket has no local address",
+        ))
+    };
+    let mut passed = Vec::new();
+    if let Some(tcp) = &inherited.tcp {
+        let addr = address(tcp.local_addr())?;
+        overrides.tcp = Some(addr);
+        overrides.from_systemd.tcp = true;
+        passed.push(format!("tcp={addr}"));
+    }
+    if let Some(udp) = &inherited.udp {
+        let addr = address(udp.local_addr())?;
+        overrides.udp = Some(addr);
+        overrides.from_systemd.udp = true;
+        passed.push(format!("udp={addr}"));
+    }
+    if let Some(metrics) = &inherited.metrics {
+        let addr = address(metrics.local_addr())?;
+        overrides.metrics = Some(addr.to_string());
+        overrides.from_systemd.metrics = true;
+        passed.push(format!("metrics={addr}"));
+    }
+    if !passed.is_empty() {
+        info!(
+            "socket activation: systemd passed {}; they win over the configuration",
+            passed.join(" ")
+        );
+    }
+    Ok(overrides)
 }
 
 /// Installs the handlers for SIGTERM, SIGINT, SIGHUP and SIGUSR1. Done first: a SIGHUP (a log

@@ -1,6 +1,6 @@
-//! The daemon's sockets, bound and tuned: the TCRP listener (backlog, send buffer, user
-//! timeout, TCP_NODELAY), the UDP socket (buffers, arrival timestamps and addresses,
-//! segmented sends) and the metrics listener.
+//! The daemon's sockets, bound (or taken from systemd) and tuned: the TCRP listener
+//! (backlog, send buffer, user timeout, TCP_NODELAY), the UDP socket (buffers, arrival
+//! timestamps and addresses, segmented sends) and the metrics listener.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
@@ -20,17 +20,23 @@ use crate::{mmsg, sockopt, udp};
 /// daemon holds up to `limits.max_output_bytes` more before it pauses the connection.
 const TCRP_SEND_BUFFER_BYTES: libc::c_int = 64 * 1024;
 
-/// Binds the TCRP listener, sets its backlog (`limits.listen_backlog`), its connections'
+/// Binds the TCRP listener (or takes the one systemd passed, `inherited`), sets its backlog (`limits.listen_backlog`), its connections'
 /// send buffer ([`TCRP_SEND_BUFFER_BYTES`]) and user timeout ([`set_user_timeout`]), and asks
 /// it for TCP_NODELAY. Also returns what `nodelay_inherited` starts as: `None` (to be checked
 /// on the first connection) when the listener took the option, `Some(false)` (each
 /// connection sets it) when it refused.
-pub(super) fn bind_tcp(config: &Config) -> Result<(TcpListener, Option<bool>), Error> {
-    let tcp = TcpListener::bind(config.listen.tcp).map_err(|source| Error::Bind {
-        what: "TCP",
-        addr: config.listen.tcp,
-        source,
-    })?;
+pub(super) fn bind_tcp(
+    config: &Config,
+    inherited: Option<std::net::TcpListener>,
+) -> Result<(TcpListener, Option<bool>), Error> {
+    let tcp = match inherited {
+        Some(listener) => TcpListener::from_std(listener),
+        None => TcpListener::bind(config.listen.tcp).map_err(|source| Error::Bind {
+            what: "TCP",
+            addr: config.listen.tcp,
+            source,
+        })?,
+    };
     set_listen_backlog(&tcp, config.limits.listen_backlog)
         .map_err(io_err("cannot set the TCP listen backlog"))?;
     // Accepted connections inherit the send buffer size: without it, Linux grows each one's
@@ -125,14 +131,20 @@ pub(super) fn listen_again(listener: &TcpListener, backlog: u32) -> std::io::Res
     })
 }
 
-/// Binds the UCRP socket and sizes its buffers as `[udp]` asks, warning when the kernel
-/// granted less.
-pub(super) fn bind_udp(config: &Config) -> Result<UdpSocket, Error> {
-    let udp = UdpSocket::bind(config.listen.udp).map_err(|source| Error::Bind {
-        what: "UDP",
-        addr: config.listen.udp,
-        source,
-    })?;
+/// Binds the UCRP socket (or takes the one systemd passed, `inherited`) and sizes its
+/// buffers as `[udp]` asks, warning when the kernel granted less.
+pub(super) fn bind_udp(
+    config: &Config,
+    inherited: Option<std::net::UdpSocket>,
+) -> Result<UdpSocket, Error> {
+    let udp = match inherited {
+        Some(socket) => UdpSocket::from_std(socket),
+        None => UdpSocket::bind(config.listen.udp).map_err(|source| Error::Bind {
+            what: "UDP",
+            addr: config.listen.udp,
+            source,
+        })?,
+    };
     let (rcvbuf, sndbuf) = udp::size_buffers(
         &udp,
         config.udp.recv_buffer_bytes,
@@ -198,17 +210,22 @@ pub(super) fn enable_arrival_addresses(config: &Config, fd: RawFd) -> bool {
         }
 }
 
-/// Binds the metrics listener, when `listen.metrics` asks for one, with a backlog of
-/// [`METRICS_LISTEN_BACKLOG`], warning when the kernel granted less.
-pub(super) fn bind_metrics(config: &Config) -> Result<Option<TcpListener>, Error> {
-    let Some(addr) = config.metrics_addr().map_err(Error::Config)? else {
-        return Ok(None);
+/// Binds the metrics listener, when `listen.metrics` asks for one (or takes the one systemd
+/// passed, `inherited`), with a backlog of [`METRICS_LISTEN_BACKLOG`], warning when the
+/// kernel granted less.
+pub(super) fn bind_metrics(
+    config: &Config,
+    inherited: Option<std::net::TcpListener>,
+) -> Result<Option<TcpListener>, Error> {
+    let listener = match (inherited, config.metrics_addr().map_err(Error::Config)?) {
+        (Some(listener), _) => TcpListener::from_std(listener),
+        (None, None) => return Ok(None),
+        (None, Some(addr)) => TcpListener::bind(addr).map_err(|source| Error::Bind {
+            what: "metrics",
+            addr,
+            source,
+        })?,
     };
-    let listener = TcpListener::bind(addr).map_err(|source| Error::Bind {
-        what: "metrics",
-        addr,
-        source,
-    })?;
     let granted = listen_again(&listener, METRICS_LISTEN_BACKLOG)
         .map_err(io_err("cannot set the metrics listen backlog"))?;
     report_backlog("metrics", "ocmd", METRICS_LISTEN_BACKLOG, granted);

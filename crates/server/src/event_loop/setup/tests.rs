@@ -84,9 +84,9 @@ fn the_metrics_listener_is_bound_when_asked_for_with_its_own_backlog() {
     let mut config = Config::default();
     config.limits.listen_backlog = 1000;
     config.listen.metrics = "off".into();
-    assert!(bind_metrics(&config).expect("no listener").is_none());
+    assert!(bind_metrics(&config, None).expect("no listener").is_none());
     config.listen.metrics = "127.0.0.1:0".into();
-    let l = bind_metrics(&config)
+    let l = bind_metrics(&config, None)
         .expect("a listener")
         .expect("one is asked for");
     let queue = sockopt::accept_queue(l.as_raw_fd()).expect("TCP_INFO");
@@ -152,6 +152,7 @@ fn a_new_servers_timers_start_their_intervals_after_it_was_built() {
         udp: Some("127.0.0.1:0".parse().expect("an address")),
         state: Some(dir.path().join("room_manager.json")),
         metrics: Some("off".into()),
+        ..Overrides::default()
     };
     let before = Instant::now();
     let s = Server::bind(config.clone(), None, overrides).expect("the server binds");
@@ -187,7 +188,7 @@ fn the_tcrp_listener_gets_its_backlog_send_buffer_and_nodelay() {
     let mut config = Config::default();
     config.listen.tcp = "127.0.0.1:0".parse().expect("an address");
     config.limits.listen_backlog = 77;
-    let (l, nodelay_inherited) = bind_tcp(&config).expect("a listener");
+    let (l, nodelay_inherited) = bind_tcp(&config, None).expect("a listener");
     assert_eq!(nodelay_inherited, None, "the listener took TCP_NODELAY");
     let fd = l.as_raw_fd();
     assert_eq!(sockopt::accept_queue(fd).expect("TCP_INFO").backlog, 77);
