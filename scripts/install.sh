@@ -170,6 +170,6 @@ $(if [[ $dry_run -eq 1 ]]; then echo "Dry run: nothing was changed. After a real
   3. watch it:
        systemctl status ocmd; journalctl -u ocmd -f; curl -s http://127.0.0.1:9092/metrics
   optionally, let systemd hold the ports across restarts (its addresses win over [listen]):
-       systemctl enable --now ocmd.socket && systemctl restart ocmd
+       systemctl enable ocmd.socket && systemctl stop ocmd && systemctl start ocmd.socket ocmd
 See $prefix/share/doc/ocmd/OPERATIONS.md.
 EOF

@@ -275,7 +275,12 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             log_fatal(&e);
-            return ExitCode::FAILURE;
+            // Sockets passed by systemd that cannot be used are a mistake in the socket
+            // units, which a restart cannot mend (the unit's RestartPreventExitStatus=2).
+            return match e {
+                ocm_server::Error::Activation(_) => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            };
         }
     };
     match server.run() {

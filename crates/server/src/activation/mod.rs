@@ -18,8 +18,8 @@ use crate::sockopt;
 /// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
 const FIRST_FD: RawFd = 3;
 
-/// More descriptors than this is a mistake, not a configuration: `ocmd` takes three at most.
-const MAX_FDS: usize = 16;
+/// `ocmd` takes three sockets at most; more is a mistake in the socket units.
+const MAX_FDS: usize = 3;
 
 /// The sockets passed, each at most once.
 #[derive(Debug, Default)]
@@ -132,7 +132,7 @@ pub fn passed(
         .map_err(|_| ActivationError::Variables(format!("LISTEN_FDS={fds:?} is not a count")))?;
     if count > MAX_FDS {
         return Err(ActivationError::Variables(format!(
-            "LISTEN_FDS={count}: ocmd takes at most 3 sockets (TCRP, UCRP, metrics)"
+            "LISTEN_FDS={count}: ocmd takes at most {MAX_FDS} sockets (TCRP, UCRP, metrics)"
         )));
     }
     let mut names = names.map(|names| names.split(':'));
@@ -197,8 +197,12 @@ pub fn roles(
 /// What the descriptor `fd` is: a listening TCP socket, a UDP socket (IPv4 or IPv6 both), or
 /// why it is neither.
 pub fn kind_of(fd: RawFd) -> Kind {
-    let Ok(kind) = sockopt::get_int(fd, libc::SOL_SOCKET, libc::SO_TYPE) else {
-        return Kind::Unusable("not an open socket");
+    let kind = match sockopt::get_int(fd, libc::SOL_SOCKET, libc::SO_TYPE) {
+        Ok(kind) => kind,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => {
+            return Kind::Unusable("not a socket")
+        }
+        Err(_) => return Kind::Unusable("not an open descriptor"),
     };
     match sockopt::get_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) {
         Ok(libc::AF_INET | libc::AF_INET6) => {}
@@ -238,9 +242,13 @@ pub fn take() -> Result<Inherited, ActivationError> {
         .collect();
     let mut inherited = Inherited::default();
     for (fd, role) in roles(&kinds)? {
+        let name = kinds
+            .iter()
+            .find(|(passed, _, _)| *passed == fd)
+            .and_then(|(_, name, _)| name.clone());
         let adopt_error = |e: std::io::Error| ActivationError::Descriptor {
             fd,
-            name: None,
+            name: name.clone(),
             why: e.to_string(),
         };
         set_close_on_exec(fd).map_err(adopt_error)?;

@@ -41,8 +41,11 @@ fn variables_that_are_not_numbers_or_too_many_descriptors_are_errors() {
         e.to_string(),
         "socket activation: LISTEN_FDS=\"-1\" is not a count"
     );
-    let e = passed(Some("42"), Some("17"), None, 42).unwrap_err();
-    assert!(e.to_string().contains("at most 3 sockets"), "{e}");
+    let e = passed(Some("42"), Some("4"), None, 42).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "socket activation: LISTEN_FDS=4: ocmd takes at most 3 sockets (TCRP, UCRP, metrics)"
+    );
 }
 
 fn d(fd: RawFd, name: Option<&str>, kind: Kind) -> (RawFd, Option<String>, Kind) {
@@ -87,10 +90,10 @@ fn a_role_taken_twice_a_name_on_the_wrong_kind_or_an_unusable_descriptor_is_an_e
     assert!(e
         .to_string()
         .ends_with("named for the UCRP socket, but a listening TCP socket"));
-    let e = roles(&[d(5, None, Kind::Unusable("not an open socket"))]).unwrap_err();
+    let e = roles(&[d(5, None, Kind::Unusable("not a socket"))]).unwrap_err();
     assert_eq!(
         e.to_string(),
-        "socket activation: descriptor 5: not an open socket"
+        "socket activation: descriptor 5: not a socket"
     );
 }
 
@@ -105,10 +108,8 @@ fn the_kind_of_a_descriptor_is_read_from_the_kernel() {
         matches!(kind_of(connected.as_raw_fd()), Kind::Unusable(why) if why.contains("not listening"))
     );
     let file = tempfile::tempfile().unwrap();
-    assert_eq!(
-        kind_of(file.as_raw_fd()),
-        Kind::Unusable("not an open socket")
-    );
+    assert_eq!(kind_of(file.as_raw_fd()), Kind::Unusable("not a socket"));
+    assert_eq!(kind_of(9999), Kind::Unusable("not an open descriptor"));
     let (unix, _) = std::os::unix::net::UnixStream::pair().unwrap();
     assert_eq!(
         kind_of(unix.as_raw_fd()),

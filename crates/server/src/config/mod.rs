@@ -430,7 +430,10 @@ impl Config {
         let mut config = self.clone();
         overrides.apply(&mut config);
         config.validate()?;
-        config.check_listeners()?;
+        // Two listeners systemd passed are bound already: they cannot clash.
+        if !(overrides.from_systemd.tcp && overrides.from_systemd.metrics) {
+            config.check_listeners()?;
+        }
         Ok(config)
     }
 

@@ -321,6 +321,26 @@ fn listeners_are_checked_with_the_flags_applied() {
         err.contains("127.0.0.1:9093") && err.contains("0.0.0.0:9093"),
         "{err}"
     );
+    // Two listeners systemd passed are bound already (on a host where the check's reading of
+    // the system's settings may not be theirs): not checked against each other. One passed
+    // and one to bind still are.
+    let passed = |tcp: bool, metrics: bool| Overrides {
+        from_systemd: crate::config::FromSystemd {
+            tcp,
+            metrics,
+            udp: false,
+        },
+        ..onto.clone()
+    };
+    assert!(Config::default()
+        .with_overrides(&passed(true, true))
+        .is_ok());
+    assert!(Config::default()
+        .with_overrides(&passed(true, false))
+        .is_err());
+    assert!(Config::default()
+        .with_overrides(&passed(false, true))
+        .is_err());
 }
 
 /// A file is read and checked as its text would be, and one that cannot be read or

@@ -28,7 +28,7 @@ use super::{
     io_err, unix_now, Bound, Server, DEADLINE_CHECK, DROP_LOG_BURST, LIMITER_KEYS,
     METRICS_LISTENER, RECV_BUF_LEN, SIGNALS, TCP_LISTENER, UDP_SOCKET, WAKER,
 };
-use crate::config::{Config, Overrides};
+use crate::config::{self, Config, Overrides};
 use crate::error::Error;
 use crate::local;
 use crate::metrics::Metrics;
@@ -60,7 +60,7 @@ impl Server {
     ) -> Result<Server, Error> {
         // First: the variables are read and unset, before any thread starts.
         let inherited = activation::take()?;
-        let overrides = with_inherited_addresses(overrides, &inherited)?;
+        let overrides = with_inherited_addresses(overrides, &inherited, &file_config)?;
         let config = file_config
             .with_overrides(&overrides)
             .map_err(Error::Config)?;
@@ -227,31 +227,57 @@ struct Parts {
 }
 
 /// `overrides` with the addresses of the sockets systemd passed in place of the flags' (which
-/// a passed socket makes moot: it is bound already); says which were passed.
+/// a passed socket makes moot: it is bound already); says which were passed, and warns of
+/// each that differs from what the flags or `file` ask for, which it overrides.
 fn with_inherited_addresses(
     mut overrides: Overrides,
     inherited: &activation::Inherited,
+    file: &Config,
 ) -> Result<Overrides, Error> {
-    let address = |local: std::io::Result<std::net::SocketAddr>| {
+    let address = |local: std::io::Result<SocketAddr>| {
         local.map_err(io_err(
             "socket activation: a passed socket has no local address",
         ))
     };
+    let differs = |key: &str, passed: SocketAddr, asked: Option<SocketAddr>| {
+        if let Some(asked) = asked.filter(|&asked| asked != passed) {
+            warn!(
+                "socket activation: systemd passed {passed} where {key} asks for {asked}; \
+                 {passed} is served (change the socket unit or the setting to agree)"
+            );
+        }
+    };
     let mut passed = Vec::new();
     if let Some(tcp) = &inherited.tcp {
         let addr = address(tcp.local_addr())?;
+        differs(
+            "listen.tcp",
+            addr,
+            Some(overrides.tcp.unwrap_or(file.listen.tcp)),
+        );
         overrides.tcp = Some(addr);
         overrides.from_systemd.tcp = true;
         passed.push(format!("tcp={addr}"));
     }
     if let Some(udp) = &inherited.udp {
         let addr = address(udp.local_addr())?;
+        differs(
+            "listen.udp",
+            addr,
+            Some(overrides.udp.unwrap_or(file.listen.udp)),
+        );
         overrides.udp = Some(addr);
         overrides.from_systemd.udp = true;
         passed.push(format!("udp={addr}"));
     }
     if let Some(metrics) = &inherited.metrics {
         let addr = address(metrics.local_addr())?;
+        let asked = overrides.metrics.as_deref().unwrap_or(&file.listen.metrics);
+        differs(
+            "listen.metrics",
+            addr,
+            config::parse_metrics(asked).ok().flatten(),
+        );
         overrides.metrics = Some(addr.to_string());
         overrides.from_systemd.metrics = true;
         passed.push(format!("metrics={addr}"));

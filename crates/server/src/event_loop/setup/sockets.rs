@@ -132,11 +132,14 @@ pub(super) fn listen_again(listener: &TcpListener, backlog: u32) -> std::io::Res
 }
 
 /// Binds the UCRP socket (or takes the one systemd passed, `inherited`) and sizes its
-/// buffers as `[udp]` asks, warning when the kernel granted less.
+/// buffers as `[udp]` asks, warning when the kernel granted less. A passed socket's buffers
+/// are only raised: one its unit made larger (`ReceiveBuffer=`, which systemd may set past
+/// `net.core.rmem_max`) keeps its size.
 pub(super) fn bind_udp(
     config: &Config,
     inherited: Option<std::net::UdpSocket>,
 ) -> Result<UdpSocket, Error> {
+    let passed = inherited.is_some();
     let udp = match inherited {
         Some(socket) => UdpSocket::from_std(socket),
         None => UdpSocket::bind(config.listen.udp).map_err(|source| Error::Bind {
@@ -145,10 +148,21 @@ pub(super) fn bind_udp(
             source,
         })?,
     };
+    let asked = |option, bytes: usize| {
+        // Linux reports twice the room it grants.
+        let larger = passed
+            && sockopt::get_int(udp.as_raw_fd(), libc::SOL_SOCKET, option)
+                .is_ok_and(|now| usize::try_from(now).unwrap_or(0) >= bytes.saturating_mul(2));
+        if larger {
+            0
+        } else {
+            bytes
+        }
+    };
     let (rcvbuf, sndbuf) = udp::size_buffers(
         &udp,
-        config.udp.recv_buffer_bytes,
-        config.udp.send_buffer_bytes,
+        asked(libc::SO_RCVBUF, config.udp.recv_buffer_bytes),
+        asked(libc::SO_SNDBUF, config.udp.send_buffer_bytes),
     );
     debug!("UDP buffers: receive {rcvbuf} bytes, send {sndbuf} bytes");
     warn_if_capped(
