@@ -11,7 +11,7 @@ use ocm_server::{Config, Server};
 
 /// The Online Chat Messenger daemon: TCRP handshakes over TCP, chat relay over UDP.
 #[derive(Debug, Parser)]
-#[command(name = "ocmd", version)]
+#[command(name = "ocmd", version, after_help = AFTER_HELP)]
 struct Args {
     /// TOML configuration file (every key has an embedded default).
     #[arg(long, value_name = "PATH")]
@@ -220,6 +220,17 @@ fn map_large_allocations() {
         }
     }
 }
+
+/// What `--help` says after the flags: what the daemon does on signals and with sockets
+/// passed by systemd, which no flag shows.
+const AFTER_HELP: &str = "\
+Signals:
+  SIGHUP           re-read the --config file (settings fixed at start are logged as such)
+  SIGUSR1          write a backup of the state, STATE.backup, while serving
+  SIGTERM, SIGINT  stop cleanly: flush the journal and fold it into the state file
+
+Sockets passed by systemd (LISTEN_FDS, a socket unit) are served instead of binding --tcp,
+--udp and, when named \"metrics\", --metrics. docs/OPERATIONS.md has the details.";
 
 fn main() -> ExitCode {
     let args = match Args::try_parse() {

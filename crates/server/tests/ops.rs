@@ -3837,6 +3837,13 @@ fn help_and_version_are_printed_on_standard_output_with_status_0() {
         stdout.contains("--check-config") && stderr.is_empty(),
         "--help:\n{stdout}\nstandard error:\n{stderr}"
     );
+    // What no flag shows: the signals and socket activation.
+    for told in ["SIGHUP", "SIGUSR1", "STATE.backup", "SIGTERM", "LISTEN_FDS"] {
+        assert!(
+            stdout.contains(told),
+            "--help does not mention {told}:\n{stdout}"
+        );
+    }
     let out = ocmd(&["--version"]);
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "--version: {stderr}");
