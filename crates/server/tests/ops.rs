@@ -4158,22 +4158,28 @@ fn sockets_passed_by_systemd_are_served_and_hold_what_comes_during_a_restart() {
     host.send("__REGISTER__");
     let bob = member(&ask(Operation::JoinRoom, "r", "bob"));
     bob.registered_with(&host, "bob");
-    let (status, body) = {
+    let get = |path: &str| -> String {
         let mut stream = TcpStream::connect(metrics).expect("metrics");
-        stream
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).unwrap();
         stream.set_read_timeout(Some(PATIENCE)).unwrap();
         let mut answer = String::new();
         stream.read_to_string(&mut answer).unwrap();
-        (answer.lines().next().unwrap_or("").to_owned(), answer)
+        answer
     };
-    assert!(status.contains("200"), "{body}");
+    let health = get("/healthz");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
 
     terminate(&mut first);
     // No daemon: the kernel keeps the chat in the passed socket, and the join's connection
     // in the listener's backlog.
     bob.send("said while ocmd restarted");
+    // Then more than the socket holds: the kernel drops the rest, and the next daemon counts
+    // the drops made while none ran (its counter starts from the socket's).
+    let flood = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for _ in 0..2000 {
+        flood.send_to(&[b'x'; 1000], udp).unwrap();
+    }
     let join = thread::spawn(move || {
         let mut stream = TcpStream::connect(tcp).expect("connect while down");
         stream.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -4186,6 +4192,17 @@ fn sockets_passed_by_systemd_are_served_and_hold_what_comes_during_a_restart() {
     host.recv_until("bob: said while ocmd restarted");
     let reply = join.join().expect("the join's thread");
     assert!(reply.token.is_some(), "{reply:?}: {}", read_log(&log));
+    // A scrape reads the kernel's count.
+    let scraped = get("/metrics");
+    let drops: f64 = scraped
+        .lines()
+        .find_map(|l| l.strip_prefix("ocm_udp_receive_buffer_drops_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no drop count in:\n{scraped}"));
+    assert!(
+        drops > 0.0,
+        "the flood's drops while no ocmd ran are not counted"
+    );
     terminate(&mut second);
 }
 
