@@ -9,9 +9,10 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -4016,61 +4017,72 @@ impl SocketUnit {
     fn start(&mut self) -> (KillOnDrop, PathBuf) {
         self.starts += 1;
         let log = self.dir.path().join(format!("ocmd-{}.log", self.starts));
-        let passed = [
-            self.udp.as_raw_fd(),
-            self.tcp.as_raw_fd(),
-            self.metrics.as_raw_fd(),
-        ];
-        // Out of the way of 3, 4 and 5, and closed at exec: only their copies there are passed.
-        let high: Vec<std::os::fd::OwnedFd> = passed
-            .iter()
-            .map(|&fd| {
-                let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100) };
-                assert!(copy >= 100, "F_DUPFD_CLOEXEC");
-                unsafe { std::os::fd::OwnedFd::from_raw_fd(copy) }
-            })
-            .collect();
-        let sources: Vec<i32> = high.iter().map(|fd| fd.as_raw_fd()).collect();
         let config = self.dir.path().join("ocmd.toml");
         std::fs::write(
             &config,
             format!("[udp]\nrecv_buffer_bytes = {UNIT_RECV_BUFFER}\n"),
         )
         .unwrap();
-        let mut command = Command::new("sh");
-        command
-            .args(["-c", "LISTEN_PID=$$ exec \"$0\" \"$@\""])
-            .arg(env!("CARGO_BIN_EXE_ocmd"))
-            .arg("--config")
-            .arg(&config)
-            .arg("--state")
-            .arg(self.state())
-            .args(["--tcp", "127.0.0.1:1", "--udp", "127.0.0.1:1"])
-            .env("LISTEN_FDS", "3")
-            .env("LISTEN_FDNAMES", "ocmd.socket:ocmd.socket:metrics")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("a log file"));
-        // SAFETY: dup2(2) only, which is async-signal-safe, between fork and exec.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            command.pre_exec(move || {
-                for (target, &source) in (3..).zip(&sources) {
-                    if libc::dup2(source, target) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
-        let child = KillOnDrop(command.spawn().expect("ocmd starts"));
-        drop(high);
+        let mut args = vec![OsString::from("--config"), config.into()];
+        args.extend(["--state".into(), self.state().into()]);
+        args.extend(["--tcp", "127.0.0.1:1", "--udp", "127.0.0.1:1"].map(OsString::from));
+        let child = spawn_passing(
+            &[
+                (self.udp.as_raw_fd(), "ocmd.socket"),
+                (self.tcp.as_raw_fd(), "ocmd.socket"),
+                (self.metrics.as_raw_fd(), "metrics"),
+            ],
+            &args,
+            &log,
+        );
         wait_until("ocmd listening", || {
             read_log(&log).contains("listening tcp=")
         });
         (child, log)
     }
+}
+
+/// Starts `ocmd` with `args`, its log in `log`, with `passed` (descriptors and their names)
+/// at descriptors 3, 4, … and `LISTEN_PID`, `LISTEN_FDS` and `LISTEN_FDNAMES` set, as systemd
+/// passes a socket unit's sockets: `LISTEN_PID` must be the daemon's own pid, so a shell
+/// sets it and execs `ocmd` in its place.
+fn spawn_passing(passed: &[(RawFd, &str)], args: &[OsString], log: &Path) -> KillOnDrop {
+    // Out of the way of 3, 4, … (a dup2 onto itself would keep close-on-exec), and closed at
+    // exec: only their copies there are passed.
+    let high: Vec<OwnedFd> = passed
+        .iter()
+        .map(|&(fd, _)| {
+            let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100) };
+            assert!(copy >= 100, "F_DUPFD_CLOEXEC");
+            unsafe { OwnedFd::from_raw_fd(copy) }
+        })
+        .collect();
+    let sources: Vec<RawFd> = high.iter().map(AsRawFd::as_raw_fd).collect();
+    let names: Vec<&str> = passed.iter().map(|&(_, name)| name).collect();
+    let mut command = Command::new("sh");
+    command
+        .args(["-c", "LISTEN_PID=$$ exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_ocmd"))
+        .args(args)
+        .env("LISTEN_FDS", passed.len().to_string())
+        .env("LISTEN_FDNAMES", names.join(":"))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("a log file"));
+    // SAFETY: dup2(2) only, which is async-signal-safe, between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(move || {
+            for (target, &source) in (3..).zip(&sources) {
+                if libc::dup2(source, target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    KillOnDrop(command.spawn().expect("ocmd starts"))
 }
 
 /// `[udp] recv_buffer_bytes` for the daemons [`SocketUnit`] starts: small, so that a passed
@@ -4213,45 +4225,27 @@ fn a_passed_descriptor_that_is_no_listening_socket_stops_the_start() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("ocmd.log");
     let file = std::fs::File::create(dir.path().join("not-a-socket")).unwrap();
-    // Out of the way of 3 (a dup2 onto itself would keep it close-on-exec), and closed at
-    // exec: only its copy at 3 is passed.
-    let source = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100) };
-    assert!(source >= 100, "F_DUPFD_CLOEXEC");
-    let _copy = unsafe { std::os::fd::OwnedFd::from_raw_fd(source) };
-    let mut command = Command::new("sh");
-    command
-        .args(["-c", "LISTEN_PID=$$ exec \"$0\" \"$@\""])
-        .arg(env!("CARGO_BIN_EXE_ocmd"))
-        .arg("--state")
-        .arg(dir.path().join("room_manager.json"))
-        .args([
+    let mut args = vec![
+        OsString::from("--state"),
+        dir.path().join("room_manager.json").into(),
+    ];
+    args.extend(
+        [
             "--tcp",
             "127.0.0.1:0",
             "--udp",
             "127.0.0.1:0",
             "--metrics",
             "off",
-        ])
-        .env("LISTEN_FDS", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
-    // SAFETY: dup2(2) only, between fork and exec.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        command.pre_exec(move || {
-            if libc::dup2(source, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = KillOnDrop(command.spawn().expect("ocmd starts"));
+        ]
+        .map(OsString::from),
+    );
+    let mut child = spawn_passing(&[(file.as_raw_fd(), "ucrp")], &args, &log);
     let status = wait_for_exit(&mut child.0, "ocmd on a file");
     // Not restarted by systemd (RestartPreventExitStatus=2): a restart would pass it again.
     assert_eq!(status.code(), Some(2), "{}", read_log(&log));
     assert!(
-        read_log(&log).contains("socket activation: descriptor 3: not a socket"),
+        read_log(&log).contains("socket activation: descriptor 3 (\"ucrp\"): not a socket"),
         "{}",
         read_log(&log)
     );
