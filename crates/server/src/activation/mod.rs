@@ -77,7 +77,7 @@ fn named(name: &Option<String>) -> String {
 
 /// What a passed descriptor is, as far as its role goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     /// A listening TCP socket.
     Listener,
     /// A UDP socket.
@@ -88,7 +88,7 @@ pub enum Kind {
 
 /// A role a descriptor takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
+pub(crate) enum Role {
     /// The TCRP listener.
     Tcrp,
     /// The UCRP socket.
@@ -110,7 +110,7 @@ impl Role {
 /// The descriptors passed to the process `our_pid`, with their names, from the variables'
 /// values: none when `LISTEN_PID` is unset or names another process (the variables were
 /// meant for a parent, and were inherited).
-pub fn passed(
+pub(crate) fn passed(
     pid: Option<&str>,
     fds: Option<&str>,
     names: Option<&str>,
@@ -150,7 +150,7 @@ pub fn passed(
 }
 
 /// The role of each descriptor, in order, from its name and kind (see the module docs).
-pub fn roles(
+pub(crate) fn roles(
     descriptors: &[(RawFd, Option<String>, Kind)],
 ) -> Result<Vec<(RawFd, Role)>, ActivationError> {
     let mut taken: Vec<(RawFd, Role)> = Vec::new();
@@ -196,7 +196,7 @@ pub fn roles(
 
 /// What the descriptor `fd` is: a listening TCP socket, a UDP socket (IPv4 or IPv6 both), or
 /// why it is neither.
-pub fn kind_of(fd: RawFd) -> Kind {
+pub(crate) fn kind_of(fd: RawFd) -> Kind {
     let kind = match sockopt::get_int(fd, libc::SOL_SOCKET, libc::SO_TYPE) {
         Ok(kind) => kind,
         Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => {
