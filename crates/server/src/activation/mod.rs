@@ -32,13 +32,6 @@ pub struct Inherited {
     pub metrics: Option<TcpListener>,
 }
 
-impl Inherited {
-    /// Whether any socket was passed.
-    pub fn any(&self) -> bool {
-        self.tcp.is_some() || self.udp.is_some() || self.metrics.is_some()
-    }
-}
-
 /// Why the sockets passed cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ActivationError {
