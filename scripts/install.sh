@@ -169,7 +169,8 @@ $(if [[ $dry_run -eq 1 ]]; then echo "Dry run: nothing was changed. After a real
        systemctl daemon-reload && systemctl enable --now ocmd
   3. watch it:
        systemctl status ocmd; journalctl -u ocmd -f; curl -s http://127.0.0.1:9092/metrics
-  optionally, let systemd hold the ports across restarts (its addresses win over [listen]):
+  optionally, let systemd hold the ports across restarts (its addresses win over [listen]:
+  give it the same ones first with systemctl edit ocmd.socket):
        systemctl enable ocmd.socket && systemctl stop ocmd && systemctl start ocmd.socket ocmd
 See $prefix/share/doc/ocmd/OPERATIONS.md.
 EOF
