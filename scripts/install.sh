@@ -20,7 +20,12 @@ Builds ocmd and ocm (cargo build --release --locked) and installs:
   PREFIX/share/doc/ocmd/OPERATIONS.md        mode 0644, with PROTOCOL.md, SECURITY.md,
                                              PERSISTENCE.md, BENCHMARKS.md (with its
                                              chart, bench.svg) and BENCHMARK-RUNS.md,
-                                             which it refers to
+                                             which it refers to, and CLIENT.md
+  PREFIX/share/man/man8/ocmd.8               mode 0644: ocmd(8), ocm(1) and a page for
+  PREFIX/share/man/man1/ocm.1, ocm-*.1       each of ocm's commands
+  PREFIX/share/bash-completion/completions/ocm, PREFIX/share/zsh/site-functions/_ocm,
+  PREFIX/share/fish/vendor_completions.d/ocm.fish
+                                             mode 0644: ocm's shell completions
   UNIT_DIR/ocmd.service                      mode 0644 (ExecStart= follows PREFIX and
                                              CONFIG_DIR)
   UNIT_DIR/ocmd.socket                       mode 0644, for socket activation; not enabled
@@ -124,11 +129,43 @@ done
 run install -d -m 0755 "$prefix/bin" "$prefix/share/doc/ocmd"
 run install -m 0755 "$build_dir/ocmd" "$prefix/bin/ocmd"
 run install -m 0755 "$build_dir/ocm" "$prefix/bin/ocm"
-for doc in OPERATIONS PROTOCOL SECURITY PERSISTENCE BENCHMARKS BENCHMARK-RUNS; do
+for doc in OPERATIONS PROTOCOL SECURITY PERSISTENCE BENCHMARKS BENCHMARK-RUNS CLIENT; do
   run install -m 0644 "$root/docs/$doc.md" "$prefix/share/doc/ocmd/$doc.md"
 done
 # The chart BENCHMARKS.md shows.
 run install -m 0644 "$root/docs/bench.svg" "$prefix/share/doc/ocmd/bench.svg"
+
+# Manual pages and ocm's shell completions, written by the binaries themselves from the
+# definitions behind their --help (so they cannot drift from the flags).
+man_dir="$prefix/share/man"
+bash_dir="$prefix/share/bash-completion/completions"
+zsh_dir="$prefix/share/zsh/site-functions"
+fish_dir="$prefix/share/fish/vendor_completions.d"
+run install -d -m 0755 "$man_dir/man1" "$man_dir/man8" "$bash_dir" "$zsh_dir" "$fish_dir"
+# generated DEST COMMAND...: COMMAND's standard output becomes DEST (mode 0644).
+generated() {
+  local dest="$1"
+  shift
+  if [[ $dry_run -eq 1 ]]; then
+    echo "would write: $dest (mode 0644), from: $*"
+    return
+  fi
+  "$@" | write_file 0644 "$dest"
+}
+generated "$man_dir/man8/ocmd.8" "$build_dir/ocmd" --generate-man
+if [[ $dry_run -eq 1 ]]; then
+  echo "would write: $man_dir/man1/ocm.1 and ocm-COMMAND.1 for each command (mode 0644), from: $build_dir/ocm generate man DIR"
+else
+  pages="$(mktemp -d)"
+  "$build_dir/ocm" generate man "$pages" >/dev/null
+  for page in "$pages"/*.1; do
+    run install -m 0644 "$page" "$man_dir/man1/${page##*/}"
+  done
+  rm -rf "$pages"
+fi
+generated "$bash_dir/ocm" "$build_dir/ocm" generate completions bash
+generated "$zsh_dir/_ocm" "$build_dir/ocm" generate completions zsh
+generated "$fish_dir/ocm.fish" "$build_dir/ocm" generate completions fish
 
 # The unit, pointed at this prefix and config directory. It is ours and is replaced on every install; local
 # changes belong in a drop-in (systemctl edit ocmd).
@@ -172,5 +209,5 @@ $(if [[ $dry_run -eq 1 ]]; then echo "Dry run: nothing was changed. After a real
   optionally, let systemd hold the ports across restarts (its addresses win over [listen]:
   give it the same ones first with systemctl edit ocmd.socket):
        systemctl enable ocmd.socket && systemctl stop ocmd && systemctl start ocmd.socket ocmd
-See $prefix/share/doc/ocmd/OPERATIONS.md.
+See man ocmd, man ocm and $prefix/share/doc/ocmd/OPERATIONS.md.
 EOF

@@ -39,6 +39,7 @@ mod error;
 #[cfg(test)]
 mod fake_server;
 mod feed;
+mod generate;
 mod handshake;
 mod input;
 mod listing;
@@ -73,17 +74,7 @@ const PASSWORD_ENV: &str = "OCM_PASSWORD";
 
 /// Terminal client for the ocmd chat daemon.
 #[derive(Debug, Parser)]
-#[command(
-    name = "ocm",
-    version,
-    after_help = "Exit status: 0 after leaving (/quit, end of input, a signal, the reader of \
-                  the output gone) or an answer to rooms/who; 3 when the room ended the chat \
-                  (closed, or the server no longer holds you: at once, input lines still \
-                  waiting not sent); 2 for a bad command line or a \
-                  refusal; 1 when the server cannot be reached or misbehaves, when reading \
-                  the input or writing the output fails, or when a signal could not end the \
-                  chat within 3 s."
-)]
+#[command(name = "ocm", version)]
 struct Cli {
     /// Host name or IP address of the daemon (an IPv6 address with or without brackets); the
     /// ports are --tcp-port and --udp-port.
@@ -151,6 +142,29 @@ enum Command {
     Rooms,
     /// Show who hosts a room and who is in it.
     Who(WhoArgs),
+    /// Write the manual pages or a shell's completions (for scripts/install.sh and packagers).
+    #[command(hide = true, subcommand)]
+    Generate(Generated),
+}
+
+#[derive(Debug, Subcommand)]
+enum Generated {
+    /// ocm.1 and a page for each command (ocm-create.1, ...), into DIR.
+    Man {
+        /// The directory the pages go to.
+        dir: PathBuf,
+    },
+    /// The completions for SHELL, to standard output.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `ocm`'s command line: the flags of [`Cli`], and after them the exit statuses.
+fn cli_command() -> clap::Command {
+    use clap::CommandFactory;
+    Cli::command().after_help(generate::exit_status_help())
 }
 
 #[derive(Debug, clap::Args)]
@@ -279,7 +293,8 @@ fn read_password_file(path: &Path) -> Result<String, ClientError> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::FromArgMatches;
+    let cli = Cli::from_arg_matches(&cli_command().get_matches()).unwrap_or_else(|e| e.exit());
     start_logger();
     let code = match run(cli) {
         Ok(Ending::Left) => ExitCode::SUCCESS,
@@ -342,6 +357,24 @@ fn run(cli: Cli) -> Result<Ending, ClientError> {
             !args.unlisted,
         ),
         Command::Join(args) => chat(&server, tcp_port, udp_port, Verb::Join, &args, true),
+        Command::Generate(Generated::Man { dir }) => {
+            let written = generate::man_pages(cli_command(), &dir)
+                .map_err(ClientError::io("writing the manual pages"))?;
+            let lines: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+            print_lines(&lines).map(|()| Ending::Left)
+        }
+        Command::Generate(Generated::Completions { shell }) => {
+            generate::completions(&cli_command(), shell, &mut io::stdout().lock())
+                .or_else(|e| {
+                    if chat::output_gone(&e) {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })
+                .map_err(ClientError::io("writing to standard output"))
+                .map(|()| Ending::Left)
+        }
     }
 }
 

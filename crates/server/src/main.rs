@@ -1,17 +1,19 @@
 //! `ocmd`: flags, logging, and start-up. Everything else is in the library.
 
+mod man_page;
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use ocm_server::config::{self, Overrides};
 use ocm_server::{Config, Server};
 
 /// The Online Chat Messenger daemon: TCRP handshakes over TCP, chat relay over UDP.
 #[derive(Debug, Parser)]
-#[command(name = "ocmd", version, after_help = AFTER_HELP)]
+#[command(name = "ocmd", version)]
 struct Args {
     /// TOML configuration file (every key has an embedded default).
     #[arg(long, value_name = "PATH")]
@@ -32,6 +34,24 @@ struct Args {
     /// Validate the configuration, print the effective settings and exit.
     #[arg(long)]
     check_config: bool,
+    /// Print the ocmd(8) manual page (roff) and exit: for scripts/install.sh and packagers.
+    #[arg(long, hide = true, exclusive = true)]
+    generate_man: bool,
+}
+
+/// ocmd's command line: the flags of [`Args`], and after them what the daemon does on
+/// signals and with sockets passed by systemd, which no flag shows.
+fn command() -> clap::Command {
+    let mut after = String::from("Signals:\n");
+    for (signal, effect) in man_page::SIGNALS {
+        after.push_str(&format!("  {signal:<16} {effect}\n"));
+    }
+    after.push_str(
+        "\nSockets passed by systemd (LISTEN_FDS, a socket unit) are served instead of binding \
+         --tcp,\n--udp and, when named \"metrics\", --metrics. docs/OPERATIONS.md has the \
+         details; man ocmd has\nthe exit statuses, the environment and the files.",
+    );
+    Args::command().after_help(after)
 }
 
 impl Args {
@@ -221,19 +241,11 @@ fn map_large_allocations() {
     }
 }
 
-/// What `--help` says after the flags: what the daemon does on signals and with sockets
-/// passed by systemd, which no flag shows.
-const AFTER_HELP: &str = "\
-Signals:
-  SIGHUP           re-read the --config file (settings fixed at start are logged as such)
-  SIGUSR1          write a backup of the state, STATE.backup, while serving
-  SIGTERM, SIGINT  stop cleanly: flush the journal and fold it into the state file
-
-Sockets passed by systemd (LISTEN_FDS, a socket unit) are served instead of binding --tcp,
---udp and, when named \"metrics\", --metrics. docs/OPERATIONS.md has the details.";
-
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
+    let args = match command()
+        .try_get_matches()
+        .and_then(|matches| Args::from_arg_matches(&matches))
+    {
         Ok(args) => args,
         // --help and --version: to standard output, as clap would.
         Err(e) if !e.use_stderr() => {
@@ -247,6 +259,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.generate_man {
+        let mut stdout = std::io::stdout().lock();
+        return match man_page::write(command(), &mut stdout).and_then(|()| stdout.flush()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                print_fatal(&format!("cannot write the manual page: {e}"));
+                ExitCode::FAILURE
+            }
+        };
+    }
     let (file_config, config) = match load_config(&args) {
         Ok(c) => c,
         Err(e) => {

@@ -33,16 +33,6 @@ fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// Whether `program` is on `PATH`.
-fn installed(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| {
-            std::fs::metadata(dir.join(program))
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-    })
-}
-
 /// Stands for journald's stream in a test's environment: the spawn replaces it with the
 /// `dev:ino` of the pipe it gives the daemon as standard error, as systemd does.
 const JOURNALD: &str = "journald";
@@ -2530,13 +2520,28 @@ fn build_dir() -> PathBuf {
 }
 
 /// The documents `scripts/install.sh` puts beside the operations guide, which refers to them.
-const INSTALLED_DOCS: [&str; 6] = [
+const INSTALLED_DOCS: [&str; 7] = [
     "OPERATIONS",
     "PROTOCOL",
     "SECURITY",
     "PERSISTENCE",
     "BENCHMARKS",
     "BENCHMARK-RUNS",
+    "CLIENT",
+];
+
+/// The manual pages and completions `scripts/install.sh` writes under the prefix, from the
+/// binaries (tests/manuals.rs checks what they hold).
+const INSTALLED_GENERATED: [&str; 9] = [
+    "share/man/man8/ocmd.8",
+    "share/man/man1/ocm.1",
+    "share/man/man1/ocm-create.1",
+    "share/man/man1/ocm-join.1",
+    "share/man/man1/ocm-rooms.1",
+    "share/man/man1/ocm-who.1",
+    "share/bash-completion/completions/ocm",
+    "share/zsh/site-functions/_ocm",
+    "share/fish/vendor_completions.d/ocm.fish",
 ];
 
 #[test]
@@ -2582,6 +2587,24 @@ fn install_dry_run_plans_every_action_and_does_none() {
         "would run: install -m 0644 ",
         &format!("docs/bench.svg {p}/share/doc/ocmd/bench.svg"),
     );
+    planned_line(
+        &format!("would write: {p}/share/man/man8/ocmd.8 (mode 0644), from: "),
+        "/release/ocmd --generate-man",
+    );
+    planned_line(
+        &format!("would write: {p}/share/man/man1/ocm.1 and ocm-COMMAND.1"),
+        "/release/ocm generate man DIR",
+    );
+    for (path, shell) in [
+        ("bash-completion/completions/ocm", "bash"),
+        ("zsh/site-functions/_ocm", "zsh"),
+        ("fish/vendor_completions.d/ocm.fish", "fish"),
+    ] {
+        planned_line(
+            &format!("would write: {p}/share/{path} (mode 0644), from: "),
+            &format!("/release/ocm generate completions {shell}"),
+        );
+    }
     planned_line(
         "would write: /etc/systemd/system/ocmd.service (mode 0644)",
         "",
@@ -2676,6 +2699,16 @@ fn install_puts_files_in_place_and_keeps_a_changed_config() {
         );
     }
     assert_eq!(mode(&prefix.join("share/doc/ocmd/bench.svg")), 0o644);
+    for generated in INSTALLED_GENERATED {
+        assert_eq!(mode(&prefix.join(generated)), 0o644, "{generated}");
+    }
+    let page = Command::new(&ocmd).arg("--generate-man").output().unwrap();
+    assert!(page.status.success());
+    assert_eq!(
+        std::fs::read(prefix.join("share/man/man8/ocmd.8")).unwrap(),
+        page.stdout,
+        "ocmd.8 is what the installed ocmd writes"
+    );
     let unit_path = units.join("ocmd.service");
     assert_eq!(mode(&unit_path), 0o644);
     let unit = std::fs::read_to_string(&unit_path).unwrap();

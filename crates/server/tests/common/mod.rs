@@ -55,6 +55,17 @@ pub fn assert_stopped_promptly(d: &Daemon, took: Duration) {
 /// input (0).
 pub const OCM_ROOM_ENDED: i32 = 3;
 
+/// Whether `program` is on `PATH`.
+pub fn installed(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            std::fs::metadata(dir.join(program))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
 /// Path of a binary built beside `ocmd` (e.g. `ocm`).
 pub fn sibling_binary(name: &str) -> PathBuf {
     let ocmd = Path::new(env!("CARGO_BIN_EXE_ocmd"));

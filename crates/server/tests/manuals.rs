@@ -1,0 +1,331 @@
+//! The manual pages and shell completions the real binaries write (`ocmd --generate-man`,
+//! `ocm generate`), which `scripts/install.sh` installs: each page names every flag its
+//! `--help` shows and says what no flag shows; the completions complete. Rendered by `man`,
+//! and the zsh and fish completions checked by their shells, where those are installed.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+
+fn run(program: &Path, args: &[&str]) -> Output {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", program.display()));
+    assert!(
+        out.status.success(),
+        "{} {args:?}: {}\n{}",
+        program.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn stdout(program: &Path, args: &[&str]) -> String {
+    String::from_utf8(run(program, args).stdout).expect("UTF-8")
+}
+
+/// The long flags a `--help` text offers (`--name`, `--check-config`...), each once.
+fn long_flags(help: &str) -> Vec<String> {
+    let mut flags: Vec<String> = help
+        .lines()
+        .filter_map(|line| {
+            line.trim_start()
+                .split([',', ' '])
+                .find(|w| w.starts_with("--"))
+        })
+        .map(|flag| flag.split(['=', '<']).next().unwrap_or(flag).to_owned())
+        .collect();
+    flags.dedup();
+    flags
+}
+
+/// The roff source with its escapes for `-` undone, as the flags read on the page.
+fn unescaped(roff: &str) -> String {
+    roff.replace("\\-", "-")
+}
+
+/// A page rendered by `man` as plain text, with the warnings `man --warnings` gave; `None`
+/// (a recorded skip) where `man` is not installed.
+fn rendered(page: &Path) -> Option<(String, String)> {
+    if !installed("man") {
+        skipped("man not installed: pages checked as roff source only");
+        return None;
+    }
+    let out = Command::new("man")
+        .args(["--warnings", "-l"])
+        .arg(page)
+        .env("MANWIDTH", "100")
+        .env("MANPAGER", "cat")
+        .env("PAGER", "cat")
+        .output()
+        .expect("run man");
+    assert!(
+        out.status.success(),
+        "man -l {}: {}",
+        page.display(),
+        out.status
+    );
+    Some((
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[test]
+fn ocmd_page_names_every_flag_and_what_no_flag_shows() {
+    let ocmd = Path::new(env!("CARGO_BIN_EXE_ocmd"));
+    let help = stdout(ocmd, &["--help"]);
+    assert!(
+        !help.contains("generate-man"),
+        "the page's own flag is hidden:\n{help}"
+    );
+    let page = stdout(ocmd, &["--generate-man"]);
+    assert!(page.contains(".TH ocmd 8 "), "{page}");
+    let source = unescaped(&page);
+    let flags = long_flags(&help);
+    assert!(flags.len() >= 6, "{flags:?} from:\n{help}");
+    for flag in &flags {
+        assert!(source.contains(flag.as_str()), "ocmd(8) lacks {flag}");
+    }
+    // The signals --help lists after the flags, from the same table.
+    for signal in ["SIGHUP", "SIGUSR1", "SIGTERM, SIGINT"] {
+        assert!(help.contains(signal), "--help lacks {signal}");
+        assert!(source.contains(signal), "ocmd(8) lacks {signal}");
+    }
+    for section in [
+        "SIGNALS",
+        "SOCKET ACTIVATION",
+        "EXIT STATUS",
+        "ENVIRONMENT",
+        "FILES",
+        "SEE ALSO",
+    ] {
+        assert!(
+            source.contains(&format!(".SH \"{section}\""))
+                || source.contains(&format!(".SH {section}\n")),
+            "ocmd(8) lacks the section {section}"
+        );
+    }
+    for told in [
+        "RestartPreventExitStatus=2",
+        "LISTEN_FDNAMES",
+        ".journal",
+        ".backup",
+    ] {
+        assert!(source.contains(told), "ocmd(8) does not say {told}");
+    }
+
+    // A page that cannot be written is an error, not a panic: exit status 1.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("open /dev/full");
+    let out = Command::new(ocmd)
+        .arg("--generate-man")
+        .stdout(full)
+        .output()
+        .expect("run ocmd");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot write the manual page"),
+        "{out:?}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ocmd.8");
+    std::fs::write(&path, &page).unwrap();
+    if let Some((text, warnings)) = rendered(&path) {
+        assert!(warnings.is_empty(), "man warns about ocmd(8):\n{warnings}");
+        assert!(
+            text.contains("EXIT STATUS") && text.contains("--check-config"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn ocm_pages_name_every_flag_of_every_command() {
+    let ocm = sibling_binary("ocm");
+    let help = stdout(&ocm, &["--help"]);
+    assert!(!help.contains("generate"), "`generate` is hidden:\n{help}");
+    let dir = tempfile::tempdir().unwrap();
+    let listed = stdout(&ocm, &["generate", "man", dir.path().to_str().unwrap()]);
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "ocm-create.1",
+            "ocm-join.1",
+            "ocm-rooms.1",
+            "ocm-who.1",
+            "ocm.1"
+        ],
+        "the pages written"
+    );
+    for name in &names {
+        assert!(
+            listed.contains(name.as_str()),
+            "{name} not listed in:\n{listed}"
+        );
+    }
+
+    // ocm(1): the top-level flags, the commands, the exit statuses of --help.
+    let top = unescaped(&std::fs::read_to_string(dir.path().join("ocm.1")).unwrap());
+    for flag in long_flags(&help) {
+        assert!(top.contains(&flag), "ocm(1) lacks {flag}");
+    }
+    for command in ["ocm-create(1)", "ocm-join(1)", "ocm-rooms(1)", "ocm-who(1)"] {
+        assert!(top.contains(command), "ocm(1) does not refer to {command}");
+    }
+    assert!(!top.contains("generate"), "ocm(1) shows the hidden command");
+    let exit_status = top
+        .split("EXIT STATUS")
+        .nth(1)
+        .expect("an EXIT STATUS section");
+    for code in ["0", "1", "2", "3"] {
+        assert!(
+            exit_status.contains(&format!(".TP\n\\fB{code}\\fR")),
+            "ocm(1) lacks exit status {code}:\n{exit_status}"
+        );
+        assert!(
+            help.contains(&format!("{code} ")),
+            "--help lacks exit status {code}"
+        );
+    }
+    assert!(top.contains("OCM_PASSWORD"), "ocm(1) lacks OCM_PASSWORD");
+
+    // A page a command: every flag its --help shows (the global ones included).
+    for command in ["create", "join", "rooms", "who"] {
+        let command_help = stdout(&ocm, &[command, "--help"]);
+        let page = unescaped(
+            &std::fs::read_to_string(dir.path().join(format!("ocm-{command}.1"))).unwrap(),
+        );
+        assert!(page.contains(&format!(".TH ocm-{command} 1 ")), "{page}");
+        for flag in long_flags(&command_help) {
+            assert!(page.contains(&flag), "ocm-{command}(1) lacks {flag}");
+        }
+        assert!(
+            !page.contains("idle-check"),
+            "ocm-{command}(1) shows a hidden flag"
+        );
+    }
+    for name in &names {
+        if let Some((text, warnings)) = rendered(&dir.path().join(name)) {
+            assert!(warnings.is_empty(), "man warns about {name}:\n{warnings}");
+            assert!(text.contains("SYNOPSIS"), "{name}:\n{text}");
+        }
+    }
+
+    // A directory that cannot be written: a clear error, exit status 1.
+    let out = Command::new(&ocm)
+        .args(["generate", "man"])
+        .arg(dir.path().join("missing/dir"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with("ocm: writing the manual pages: "),
+        "{out:?}"
+    );
+}
+
+/// Asks bash's completion function for the words that complete `line` (a command line up
+/// to the cursor, words split at spaces).
+fn bash_completes(script: &Path, line: &str) -> Vec<String> {
+    let words: Vec<&str> = line.split(' ').collect();
+    let quoted: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
+    let program = format!(
+        "source '{}'\nCOMP_WORDS=({})\nCOMP_CWORD={}\nCOMP_LINE='{line}'\nCOMP_POINT={}\n\
+         _ocm ocm '{}' '{}'\nprintf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        script.display(),
+        quoted.join(" "),
+        words.len() - 1,
+        line.len(),
+        words[words.len() - 1],
+        words[words.len().saturating_sub(2)],
+    );
+    let out = Command::new("bash")
+        .args(["--norc", "-c", &program])
+        .output()
+        .expect("run bash");
+    assert!(
+        out.status.success(),
+        "{program}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
+#[test]
+fn ocm_completions_complete_its_commands_and_flags() {
+    let ocm = sibling_binary("ocm");
+    let dir = tempfile::tempdir().unwrap();
+    let bash = dir.path().join("ocm.bash");
+    std::fs::write(&bash, stdout(&ocm, &["generate", "completions", "bash"])).unwrap();
+
+    let commands = bash_completes(&bash, "ocm cr");
+    assert_eq!(commands, ["create"], "ocm cr<TAB>");
+    let all = bash_completes(&bash, "ocm ");
+    for command in ["create", "join", "rooms", "who"] {
+        assert!(
+            all.iter().any(|w| w == command),
+            "{command} not offered: {all:?}"
+        );
+    }
+    assert!(
+        !all.iter().any(|w| w == "generate"),
+        "hidden command offered: {all:?}"
+    );
+    let flags = bash_completes(&bash, "ocm join lobby --pass");
+    assert_eq!(
+        flags,
+        ["--password", "--password-file"],
+        "ocm join lobby --pass<TAB>"
+    );
+
+    // The other shells: their own syntax check, where they are installed.
+    for (shell, check) in [
+        ("zsh", ["-n"].as_slice()),
+        ("fish", ["--no-execute"].as_slice()),
+    ] {
+        let script = stdout(&ocm, &["generate", "completions", shell]);
+        assert!(script.contains("create") && script.contains("--password-file"));
+        if !installed(shell) {
+            skipped(&format!(
+                "{shell} not installed: its completions unchecked by it"
+            ));
+            continue;
+        }
+        let path = dir.path().join(format!("ocm.{shell}"));
+        std::fs::write(&path, &script).unwrap();
+        let out = Command::new(shell).args(check).arg(&path).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{shell} {check:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    let out = Command::new(&ocm)
+        .args(["generate", "completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+}
