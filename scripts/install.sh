@@ -52,6 +52,12 @@ die() {
   exit 2
 }
 
+# A step that failed after others were carried out: what is installed stays as it was.
+fail() {
+  echo "install.sh: $*" >&2
+  exit 1
+}
+
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --prefix) [[ $# -ge 2 ]] || die "--prefix needs a directory"; prefix="$2"; shift 2 ;;
@@ -142,7 +148,11 @@ bash_dir="$prefix/share/bash-completion/completions"
 zsh_dir="$prefix/share/zsh/site-functions"
 fish_dir="$prefix/share/fish/vendor_completions.d"
 run install -d -m 0755 "$man_dir/man1" "$man_dir/man8" "$bash_dir" "$zsh_dir" "$fish_dir"
-# generated DEST COMMAND...: COMMAND's standard output becomes DEST (mode 0644).
+# Made in a temporary directory first: a generator that fails replaces nothing.
+scratch="$(mktemp -d)"
+trap 'rm -rf "$scratch"' EXIT
+# generated DEST COMMAND...: COMMAND's standard output becomes DEST (mode 0644), once
+# COMMAND has succeeded.
 generated() {
   local dest="$1"
   shift
@@ -150,18 +160,20 @@ generated() {
     echo "would write: $dest (mode 0644), from: $*"
     return
   fi
-  "$@" | write_file 0644 "$dest"
+  "$@" >"$scratch/out" || fail "$* failed (exit status $?); $dest is unchanged"
+  write_file 0644 "$dest" <"$scratch/out"
 }
 generated "$man_dir/man8/ocmd.8" "$build_dir/ocmd" --generate-man
 if [[ $dry_run -eq 1 ]]; then
   echo "would write: $man_dir/man1/ocm.1 and ocm-COMMAND.1 for each command (mode 0644), from: $build_dir/ocm generate man DIR"
 else
-  pages="$(mktemp -d)"
-  "$build_dir/ocm" generate man "$pages" >/dev/null
-  for page in "$pages"/*.1; do
+  mkdir "$scratch/man1"
+  echo "+ $build_dir/ocm generate man $scratch/man1"
+  "$build_dir/ocm" generate man "$scratch/man1" >/dev/null \
+    || fail "$build_dir/ocm generate man failed; the pages in $man_dir/man1 are unchanged"
+  for page in "$scratch/man1"/*.1; do
     run install -m 0644 "$page" "$man_dir/man1/${page##*/}"
   done
-  rm -rf "$pages"
 fi
 generated "$bash_dir/ocm" "$build_dir/ocm" generate completions bash
 generated "$zsh_dir/_ocm" "$build_dir/ocm" generate completions zsh

@@ -186,6 +186,14 @@ pub enum ClientError {
         /// The token's length in bytes.
         len: usize,
     },
+    /// A file that could not be written (`ocm generate man`).
+    #[error("cannot write {}: {source}", .path.display())]
+    WriteFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
     /// An I/O error on a socket, on standard input or output, or while setting up signals.
     #[error("{context}: {source}")]
     Io {

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use clap_mangen::roff::{bold, roman, Inline, Roff};
 use clap_mangen::Man;
 
+use crate::error::{ClientError, EXIT_FAILURE, EXIT_REFUSED, EXIT_ROOM_ENDED};
+
 /// The date the pages show: that of the last change to their text here (the flags' text
 /// changes with main.rs; bump this with either).
 const PAGE_DATE: &str = "2026-12-07";
@@ -21,15 +23,15 @@ pub const EXIT_STATUSES: [(u8, &str); 4] = [
          answer to rooms/who",
     ),
     (
-        3,
-        "when the room ended the chat (closed, or the server no longer holds you: at once, \
-         input lines still waiting not sent)",
-    ),
-    (2, "for a bad command line or a refusal"),
-    (
-        1,
+        EXIT_FAILURE,
         "when the server cannot be reached or misbehaves, when reading the input or writing \
          the output fails, or when a signal could not end the chat within 3 s",
+    ),
+    (EXIT_REFUSED, "for a bad command line or a refusal"),
+    (
+        EXIT_ROOM_ENDED,
+        "when the room ended the chat (closed, or the server no longer holds you: at once, \
+         input lines still waiting not sent)",
     ),
 ];
 
@@ -43,7 +45,7 @@ pub fn exit_status_help() -> String {
 }
 
 /// Writes ocm.1 and a page for each visible command into `dir`; returns the paths written.
-pub fn man_pages(cmd: clap::Command, dir: &Path) -> io::Result<Vec<PathBuf>> {
+pub fn man_pages(cmd: clap::Command, dir: &Path) -> Result<Vec<PathBuf>, ClientError> {
     // Built, the commands carry the global flags and their display names (ocm-create).
     let mut cmd = cmd.disable_help_subcommand(true);
     cmd.build();
@@ -80,14 +82,19 @@ fn write_page(
     dir: &Path,
     man: &Man,
     render: impl FnOnce(&mut dyn Write) -> io::Result<()>,
-) -> io::Result<PathBuf> {
+) -> Result<PathBuf, ClientError> {
     let path = dir.join(man.get_filename());
-    let mut file = io::BufWriter::new(std::fs::File::create(&path)?);
-    render(&mut file)?;
-    file.into_inner()
-        .map_err(io::IntoInnerError::into_error)?
-        .sync_all()?;
-    Ok(path)
+    let written = std::fs::File::create(&path).and_then(|file| {
+        let mut out = io::BufWriter::new(file);
+        render(&mut out)?;
+        out.into_inner()
+            .map_err(io::IntoInnerError::into_error)?
+            .sync_all()
+    });
+    match written {
+        Ok(()) => Ok(path),
+        Err(source) => Err(ClientError::WriteFile { path, source }),
+    }
 }
 
 /// The sections of ocm(1) that no flag shows.
@@ -95,14 +102,21 @@ fn top_page_sections() -> Roff {
     let mut page = Roff::new();
     page.control("SH", ["EXIT STATUS"]);
     for (code, when) in EXIT_STATUSES {
-        item(&mut page, [bold(code.to_string())], &capitalized(when));
+        item(&mut page, [bold(code.to_string())], &as_sentence(when));
     }
     page.control("SH", ["ENVIRONMENT"]);
     item(
         &mut page,
         [bold("OCM_PASSWORD")],
-        "The room's password for create, join and who when neither --password nor \
-         --password-file gives one (unlike a flag, it does not show in ps).",
+        "The room's password for create, join (both without --original) and who when \
+         neither --password nor --password-file gives one (unlike a flag, it does not show in \
+         ps).",
+    );
+    item(
+        &mut page,
+        [bold("TERM")],
+        "dumb, emacs or cons25: plain lines instead of the line editor, which otherwise runs \
+         when standard input and output are a terminal.",
     );
     item(
         &mut page,
@@ -128,19 +142,34 @@ pub fn completions(
     shell: clap_complete::Shell,
     out: &mut dyn Write,
 ) -> io::Result<()> {
-    // clap_complete's bash script offers hidden commands too: `generate` is left out here.
-    let visible = cmd
-        .get_subcommands()
-        .filter(|sub| !sub.is_hide_set())
-        .cloned();
-    let mut offered = clap::Command::new("ocm")
-        .version(env!("CARGO_PKG_VERSION"))
-        .args(cmd.get_arguments().cloned())
-        .subcommands(visible);
+    let mut offered = visible(cmd);
     let mut buffer = Vec::new();
     clap_complete::generate(shell, &mut offered, "ocm", &mut buffer);
     out.write_all(&buffer)?;
     out.flush()
+}
+
+/// `cmd` with only what `--help` shows: clap_complete offers hidden commands and flags too
+/// (`generate`, `--idle-check`).
+fn visible(cmd: &clap::Command) -> clap::Command {
+    let mut shown = clap::Command::new(cmd.get_name().to_owned())
+        .args(
+            cmd.get_arguments()
+                .filter(|arg| !arg.is_hide_set())
+                .cloned(),
+        )
+        .subcommands(
+            cmd.get_subcommands()
+                .filter(|sub| !sub.is_hide_set())
+                .map(visible),
+        );
+    if let Some(about) = cmd.get_about() {
+        shown = shown.about(about.clone());
+    }
+    if let Some(version) = cmd.get_version() {
+        shown = shown.version(version.to_owned());
+    }
+    shown
 }
 
 /// A tagged paragraph: `tag` on its own line, `body` indented below it.
@@ -151,7 +180,7 @@ fn item(page: &mut Roff, tag: impl Into<Vec<Inline>>, body: &str) {
 }
 
 /// `when` as a sentence: its first letter capitalized, a full stop at the end.
-fn capitalized(when: &str) -> String {
+fn as_sentence(when: &str) -> String {
     let mut chars = when.chars();
     let first = chars.next().map(|c| c.to_uppercase().to_string());
     format!("{}{}.", first.unwrap_or_default(), chars.as_str())

@@ -144,11 +144,12 @@ enum Command {
     Who(WhoArgs),
     /// Write the manual pages or a shell's completions (for scripts/install.sh and packagers).
     #[command(hide = true, subcommand)]
-    Generate(Generated),
+    Generate(Artifact),
 }
 
+/// What `ocm generate` writes.
 #[derive(Debug, Subcommand)]
-enum Generated {
+enum Artifact {
     /// ocm.1 and a page for each command (ocm-create.1, ...), into DIR.
     Man {
         /// The directory the pages go to.
@@ -357,13 +358,12 @@ fn run(cli: Cli) -> Result<Ending, ClientError> {
             !args.unlisted,
         ),
         Command::Join(args) => chat(&server, tcp_port, udp_port, Verb::Join, &args, true),
-        Command::Generate(Generated::Man { dir }) => {
-            let written = generate::man_pages(cli_command(), &dir)
-                .map_err(ClientError::io("writing the manual pages"))?;
+        Command::Generate(Artifact::Man { dir }) => {
+            let written = generate::man_pages(cli_command(), &dir)?;
             let lines: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
             print_lines(&lines).map(|()| Ending::Left)
         }
-        Command::Generate(Generated::Completions { shell }) => {
+        Command::Generate(Artifact::Completions { shell }) => {
             generate::completions(&cli_command(), shell, &mut io::stdout().lock())
                 .or_else(|e| {
                     if chat::output_gone(&e) {

@@ -263,6 +263,8 @@ fn main() -> ExitCode {
         let mut stdout = std::io::stdout().lock();
         return match man_page::write(command(), &mut stdout).and_then(|()| stdout.flush()) {
             Ok(()) => ExitCode::SUCCESS,
+            // A reader that stopped early (`| head`) had what it wanted.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
             Err(e) => {
                 print_fatal(&format!("cannot write the manual page: {e}"));
                 ExitCode::FAILURE

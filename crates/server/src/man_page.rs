@@ -67,18 +67,21 @@ fn sections() -> Roff {
     item(
         &mut page,
         [bold("0")],
-        "A clean stop with every change saved; --check-config, --help and --version.",
+        "A clean stop with every change saved; a configuration --check-config passed; \
+         --help and --version.",
     );
     item(
         &mut page,
         [bold("1")],
         "A start that failed (an address taken, the state file locked by another ocmd or \
-         unreadable), or a stop that could not save every change.",
+         unreadable), a stop that could not save every change, or --check-config's settings \
+         that could not be written to standard output.",
     );
     item(
         &mut page,
         [bold("2")],
-        "A bad command line or configuration, or sockets passed by systemd that cannot be \
+        "A bad command line or configuration (--check-config included, which also refuses a \
+         state path that is a symbolic link), or sockets passed by systemd that cannot be \
          used: a restart would fail the same way (the unit's RestartPreventExitStatus=2).",
     );
     item(

@@ -29,15 +29,14 @@ fn stdout(program: &Path, args: &[&str]) -> String {
     String::from_utf8(run(program, args).stdout).expect("UTF-8")
 }
 
-/// The long flags a `--help` text offers (`--name`, `--check-config`...), each once.
+/// The long flags a `--help` text offers (`--name`, `--check-config`...), each once: from
+/// the lines that start with a flag (`  -h, --help  Print help`), not from the prose.
 fn long_flags(help: &str) -> Vec<String> {
     let mut flags: Vec<String> = help
         .lines()
-        .filter_map(|line| {
-            line.trim_start()
-                .split([',', ' '])
-                .find(|w| w.starts_with("--"))
-        })
+        .map(str::trim_start)
+        .filter(|line| line.starts_with('-'))
+        .filter_map(|line| line.split([',', ' ']).find(|w| w.starts_with("--")))
         .map(|flag| flag.split(['=', '<']).next().unwrap_or(flag).to_owned())
         .collect();
     flags.dedup();
@@ -47,6 +46,18 @@ fn long_flags(help: &str) -> Vec<String> {
 /// The roff source with its escapes for `-` undone, as the flags read on the page.
 fn unescaped(roff: &str) -> String {
     roff.replace("\\-", "-")
+}
+
+/// The OPTIONS section of a page's (unescaped) source: where each flag is described.
+fn options_section(page: &str) -> &str {
+    let start = page.find(".SH OPTIONS\n").expect("an OPTIONS section");
+    let rest = &page[start + ".SH OPTIONS\n".len()..];
+    &rest[..rest.find("\n.SH ").unwrap_or(rest.len())]
+}
+
+/// Whether the OPTIONS section describes `flag` (in bold, as a tag of its own).
+fn describes(page: &str, flag: &str) -> bool {
+    options_section(page).contains(&format!("\\fB{flag}\\fR"))
 }
 
 /// A page rendered by `man` as plain text, with the warnings `man --warnings` gave; `None`
@@ -90,8 +101,12 @@ fn ocmd_page_names_every_flag_and_what_no_flag_shows() {
     let flags = long_flags(&help);
     assert!(flags.len() >= 6, "{flags:?} from:\n{help}");
     for flag in &flags {
-        assert!(source.contains(flag.as_str()), "ocmd(8) lacks {flag}");
+        assert!(describes(&source, flag), "ocmd(8) does not describe {flag}");
     }
+    assert!(
+        !source.contains("generate-man"),
+        "ocmd(8) shows its hidden flag"
+    );
     // The signals --help lists after the flags, from the same table.
     for signal in ["SIGHUP", "SIGUSR1", "SIGTERM, SIGINT"] {
         assert!(help.contains(signal), "--help lacks {signal}");
@@ -119,6 +134,16 @@ fn ocmd_page_names_every_flag_and_what_no_flag_shows() {
     ] {
         assert!(source.contains(told), "ocmd(8) does not say {told}");
     }
+
+    // A reader that stops early (`| head -1`) had what it wanted: exit status 0.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(ocmd)
+        .arg("--generate-man")
+        .stdout(writer)
+        .output()
+        .expect("run ocmd");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
 
     // A page that cannot be written is an error, not a panic: exit status 1.
     let full = std::fs::OpenOptions::new()
@@ -181,7 +206,7 @@ fn ocm_pages_name_every_flag_of_every_command() {
     // ocm(1): the top-level flags, the commands, the exit statuses of --help.
     let top = unescaped(&std::fs::read_to_string(dir.path().join("ocm.1")).unwrap());
     for flag in long_flags(&help) {
-        assert!(top.contains(&flag), "ocm(1) lacks {flag}");
+        assert!(describes(&top, &flag), "ocm(1) does not describe {flag}");
     }
     for command in ["ocm-create(1)", "ocm-join(1)", "ocm-rooms(1)", "ocm-who(1)"] {
         assert!(top.contains(command), "ocm(1) does not refer to {command}");
@@ -191,17 +216,27 @@ fn ocm_pages_name_every_flag_of_every_command() {
         .split("EXIT STATUS")
         .nth(1)
         .expect("an EXIT STATUS section");
-    for code in ["0", "1", "2", "3"] {
+    // The exit statuses in order, each with what --help says of it.
+    let mut at = 0;
+    for (code, said) in [
+        ("0", "Exit status: 0 after leaving"),
+        ("1", "; 1 when the server cannot be reached"),
+        ("2", "; 2 for a bad command line"),
+        ("3", "; 3 when the room ended the chat"),
+    ] {
+        let tag = format!(".TP\n\\fB{code}\\fR");
+        let Some(found) = exit_status[at..].find(&tag) else {
+            panic!("ocm(1) lacks exit status {code} after the one before:\n{exit_status}");
+        };
+        at += found + tag.len();
+        assert!(help.contains(said), "--help lacks {said:?}:\n{help}");
+    }
+    for variable in ["OCM_PASSWORD", "TERM", "RUST_LOG"] {
         assert!(
-            exit_status.contains(&format!(".TP\n\\fB{code}\\fR")),
-            "ocm(1) lacks exit status {code}:\n{exit_status}"
-        );
-        assert!(
-            help.contains(&format!("{code} ")),
-            "--help lacks exit status {code}"
+            top.contains(&format!("\\fB{variable}\\fR")),
+            "ocm(1) lacks {variable}"
         );
     }
-    assert!(top.contains("OCM_PASSWORD"), "ocm(1) lacks OCM_PASSWORD");
 
     // A page a command: every flag its --help shows (the global ones included).
     for command in ["create", "join", "rooms", "who"] {
@@ -211,7 +246,10 @@ fn ocm_pages_name_every_flag_of_every_command() {
         );
         assert!(page.contains(&format!(".TH ocm-{command} 1 ")), "{page}");
         for flag in long_flags(&command_help) {
-            assert!(page.contains(&flag), "ocm-{command}(1) lacks {flag}");
+            assert!(
+                describes(&page, &flag),
+                "ocm-{command}(1) does not describe {flag}"
+            );
         }
         assert!(
             !page.contains("idle-check"),
@@ -233,7 +271,10 @@ fn ocm_pages_name_every_flag_of_every_command() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(
-        String::from_utf8_lossy(&out.stderr).starts_with("ocm: writing the manual pages: "),
+        String::from_utf8_lossy(&out.stderr).starts_with(&format!(
+            "ocm: cannot write {}: ",
+            dir.path().join("missing/dir/ocm-create.1").display()
+        )),
         "{out:?}"
     );
 }
@@ -295,6 +336,15 @@ fn ocm_completions_complete_its_commands_and_flags() {
         ["--password", "--password-file"],
         "ocm join lobby --pass<TAB>"
     );
+    // A global flag is offered after the command too; a hidden one never.
+    let flags = bash_completes(&bash, "ocm join lobby --se");
+    assert_eq!(flags, ["--server"], "ocm join lobby --se<TAB>");
+    let flags = bash_completes(&bash, "ocm join lobby --");
+    assert!(flags.iter().any(|f| f == "--keepalive"), "{flags:?}");
+    assert!(
+        !flags.iter().any(|f| f == "--idle-check"),
+        "hidden flag offered: {flags:?}"
+    );
 
     // The other shells: their own syntax check, where they are installed.
     for (shell, check) in [
@@ -302,7 +352,11 @@ fn ocm_completions_complete_its_commands_and_flags() {
         ("fish", ["--no-execute"].as_slice()),
     ] {
         let script = stdout(&ocm, &["generate", "completions", shell]);
-        assert!(script.contains("create") && script.contains("--password-file"));
+        assert!(script.contains("create") && script.contains("password-file"));
+        assert!(
+            !script.contains("idle-check") && !script.contains("generate"),
+            "{shell}'s completions offer what --help hides"
+        );
         if !installed(shell) {
             skipped(&format!(
                 "{shell} not installed: its completions unchecked by it"

@@ -2702,13 +2702,57 @@ fn install_puts_files_in_place_and_keeps_a_changed_config() {
     for generated in INSTALLED_GENERATED {
         assert_eq!(mode(&prefix.join(generated)), 0o644, "{generated}");
     }
-    let page = Command::new(&ocmd).arg("--generate-man").output().unwrap();
-    assert!(page.status.success());
-    assert_eq!(
-        std::fs::read(prefix.join("share/man/man8/ocmd.8")).unwrap(),
-        page.stdout,
-        "ocmd.8 is what the installed ocmd writes"
-    );
+    // Each is what the installed binaries write, and nothing else is in man1.
+    let generated_by = |program: &Path, args: &[&str]| {
+        let out = Command::new(program).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        out.stdout
+    };
+    let ocm = prefix.join("bin/ocm");
+    for (installed, program, args) in [
+        ("share/man/man8/ocmd.8", &ocmd, &["--generate-man"][..]),
+        (
+            "share/bash-completion/completions/ocm",
+            &ocm,
+            &["generate", "completions", "bash"][..],
+        ),
+        (
+            "share/zsh/site-functions/_ocm",
+            &ocm,
+            &["generate", "completions", "zsh"][..],
+        ),
+        (
+            "share/fish/vendor_completions.d/ocm.fish",
+            &ocm,
+            &["generate", "completions", "fish"][..],
+        ),
+    ] {
+        assert_eq!(
+            std::fs::read(prefix.join(installed)).unwrap(),
+            generated_by(program, args),
+            "{installed} is what `{} {args:?}` writes",
+            program.display()
+        );
+    }
+    let pages = tempfile::tempdir().unwrap();
+    generated_by(&ocm, &["generate", "man", pages.path().to_str().unwrap()]);
+    let listing = |dir: &Path| {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let man1 = prefix.join("share/man/man1");
+    assert_eq!(listing(&man1), listing(pages.path()));
+    for name in listing(&man1) {
+        assert_eq!(
+            std::fs::read(man1.join(&name)).unwrap(),
+            std::fs::read(pages.path().join(&name)).unwrap(),
+            "{name}"
+        );
+    }
     let unit_path = units.join("ocmd.service");
     assert_eq!(mode(&unit_path), 0o644);
     let unit = std::fs::read_to_string(&unit_path).unwrap();
@@ -3204,6 +3248,62 @@ fn a_notify_socket_that_does_not_exist_is_named_in_the_warning() {
     let log = d.log();
     let line = line_with(&log, "cannot notify the service manager");
     assert!(line.contains(&missing.display().to_string()), "{line}");
+}
+
+/// A generator that fails (a broken `ocm` in the build directory) stops the install with a
+/// message naming it and exit status 1; the completion it would have written is left as it
+/// was, and its temporary files are gone.
+#[test]
+fn install_with_a_failing_generator_replaces_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let build = tmp.path().join("build");
+    std::fs::create_dir(&build).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_ocmd"), build.join("ocmd")).unwrap();
+    let broken = build.join("ocm");
+    std::fs::write(
+        &broken,
+        "#!/bin/sh\n[ \"$1\" = generate ] && [ \"$2\" = completions ] && { echo partial; exit 1; }\n\
+         exec \"$OCM_REAL\" \"$@\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let prefix = tmp.path().join("usr");
+    let bash_completion = prefix.join("share/bash-completion/completions/ocm");
+    std::fs::create_dir_all(bash_completion.parent().unwrap()).unwrap();
+    std::fs::write(&bash_completion, "# the one installed before\n").unwrap();
+    let scratch = tmp.path().join("tmp");
+    std::fs::create_dir(&scratch).unwrap();
+    let mut cmd = Command::new(repo_root().join("scripts/install.sh"));
+    cmd.args(["--no-build", "--prefix"])
+        .arg(&prefix)
+        .arg("--unit-dir")
+        .arg(tmp.path().join("units"))
+        .arg("--config-dir")
+        .arg(tmp.path().join("etc"))
+        .arg("--build-dir")
+        .arg(&build)
+        .env("OCM_REAL", sibling_binary("ocm"))
+        .env("TMPDIR", &scratch);
+    let out = run_with_deadline(cmd);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}{stderr}", text(&out.stdout));
+    assert!(
+        stderr.contains("generate completions bash failed (exit status 1)")
+            && stderr.contains("is unchanged"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&bash_completion).unwrap(),
+        "# the one installed before\n"
+    );
+    // The steps before it were done (the pages), those after it were not (the unit).
+    assert!(prefix.join("share/man/man1/ocm.1").exists());
+    assert!(!tmp.path().join("units/ocmd.service").exists());
+    assert_eq!(
+        std::fs::read_dir(&scratch).unwrap().count(),
+        0,
+        "temporary files left in TMPDIR"
+    );
 }
 
 /// `scripts/install.sh` says so when it installs where the unit's sandbox hides things from
