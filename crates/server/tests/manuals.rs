@@ -135,6 +135,15 @@ fn ocmd_page_names_every_flag_and_what_no_flag_shows() {
         assert!(source.contains(told), "ocmd(8) does not say {told}");
     }
 
+    // The page is all it does: beside another flag it is a usage error (status 2), and
+    // nothing is printed or started.
+    let out = Command::new(ocmd)
+        .args(["--generate-man", "--check-config"])
+        .output()
+        .expect("run ocmd");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+
     // A reader that stops early (`| head -1`) had what it wanted: exit status 0.
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
