@@ -8,6 +8,7 @@ prefix=/usr/local
 unit_dir=/etc/systemd/system
 config_dir=/etc/ocmd
 build_dir=""
+destdir=""
 dry_run=0
 build=1
 
@@ -39,6 +40,9 @@ Options:
   --build-dir DIR   where the built ocmd and ocm are [default: \$CARGO_TARGET_DIR/release,
                     else target/release]
   --no-build        do not run cargo; install the binaries already built
+  --destdir DIR     stage the files under DIR (DIR/PREFIX/bin/ocmd, DIR/UNIT_DIR/...) for a
+                    package to take (scripts/package-deb); the paths written into the unit
+                    and the configuration stay PREFIX, UNIT_DIR and CONFIG_DIR themselves
   --dry-run         print every action without doing any of it
   -h, --help        this text
 
@@ -68,6 +72,8 @@ while [[ $# -gt 0 ]]; do
     --config-dir=*) config_dir="${1#*=}"; shift ;;
     --build-dir) [[ $# -ge 2 ]] || die "--build-dir needs a directory"; build_dir="$2"; shift 2 ;;
     --build-dir=*) build_dir="${1#*=}"; shift ;;
+    --destdir) [[ $# -ge 2 ]] || die "--destdir needs a directory"; destdir="$2"; shift 2 ;;
+    --destdir=*) destdir="${1#*=}"; shift ;;
     --no-build) build=0; shift ;;
     --dry-run) dry_run=1; shift ;;
     -h | --help) usage; exit 0 ;;
@@ -77,6 +83,14 @@ done
 for d in "$prefix" "$unit_dir" "$config_dir"; do
   [[ "$d" == /* ]] || die "directories must be absolute: $d"
 done
+if [[ -n "$destdir" ]]; then
+  [[ "$destdir" == /* ]] || die "--destdir must be absolute: $destdir"
+  destdir="${destdir%/}"
+fi
+# Where the files are written: the final places, or their copies under --destdir.
+to_prefix="$destdir$prefix"
+to_unit_dir="$destdir$unit_dir"
+to_config_dir="$destdir$config_dir"
 # The unit's sandbox hides some places from the service: a unit whose ExecStart= or --config
 # points there cannot start (203/EXEC, or a missing configuration file).
 for d in "$prefix" "$config_dir"; do
@@ -132,21 +146,21 @@ for bin in ocmd ocm; do
 done
 
 # Binaries, the operations guide and the documents it refers to.
-run install -d -m 0755 "$prefix/bin" "$prefix/share/doc/ocmd"
-run install -m 0755 "$build_dir/ocmd" "$prefix/bin/ocmd"
-run install -m 0755 "$build_dir/ocm" "$prefix/bin/ocm"
+run install -d -m 0755 "$to_prefix/bin" "$to_prefix/share/doc/ocmd"
+run install -m 0755 "$build_dir/ocmd" "$to_prefix/bin/ocmd"
+run install -m 0755 "$build_dir/ocm" "$to_prefix/bin/ocm"
 for doc in OPERATIONS PROTOCOL SECURITY PERSISTENCE BENCHMARKS BENCHMARK-RUNS CLIENT; do
-  run install -m 0644 "$root/docs/$doc.md" "$prefix/share/doc/ocmd/$doc.md"
+  run install -m 0644 "$root/docs/$doc.md" "$to_prefix/share/doc/ocmd/$doc.md"
 done
 # The chart BENCHMARKS.md shows.
-run install -m 0644 "$root/docs/bench.svg" "$prefix/share/doc/ocmd/bench.svg"
+run install -m 0644 "$root/docs/bench.svg" "$to_prefix/share/doc/ocmd/bench.svg"
 
 # Manual pages and ocm's shell completions, written by the binaries themselves from the
 # definitions behind their --help (so they cannot drift from the flags).
-man_dir="$prefix/share/man"
-bash_dir="$prefix/share/bash-completion/completions"
-zsh_dir="$prefix/share/zsh/site-functions"
-fish_dir="$prefix/share/fish/vendor_completions.d"
+man_dir="$to_prefix/share/man"
+bash_dir="$to_prefix/share/bash-completion/completions"
+zsh_dir="$to_prefix/share/zsh/site-functions"
+fish_dir="$to_prefix/share/fish/vendor_completions.d"
 run install -d -m 0755 "$man_dir/man1" "$man_dir/man8" "$bash_dir" "$zsh_dir" "$fish_dir"
 # Made in a temporary directory first: a generator that fails replaces nothing.
 scratch="$(mktemp -d)"
@@ -181,21 +195,21 @@ generated "$fish_dir/ocm.fish" "$build_dir/ocm" generate completions fish
 
 # The unit, pointed at this prefix and config directory. It is ours and is replaced on every install; local
 # changes belong in a drop-in (systemctl edit ocmd).
-run install -d -m 0755 "$unit_dir"
+run install -d -m 0755 "$to_unit_dir"
 sed -e "s#^ExecStart=/usr/local/bin/ocmd #ExecStart=$prefix/bin/ocmd #" \
   -e "s# --config /etc/ocmd/ocmd.toml # --config $config_dir/ocmd.toml #" \
   -e "s#^Documentation=file:/usr/local/share/doc/ocmd/#Documentation=file:$prefix/share/doc/ocmd/#" \
-  "$root/config/ocmd.service" | write_file 0644 "$unit_dir/ocmd.service"
+  "$root/config/ocmd.service" | write_file 0644 "$to_unit_dir/ocmd.service"
 # The socket unit, for socket activation (docs/OPERATIONS.md): installed, not enabled.
 sed -e "s#^Documentation=file:/usr/local/share/doc/ocmd/#Documentation=file:$prefix/share/doc/ocmd/#" \
-  "$root/config/ocmd.socket" | write_file 0644 "$unit_dir/ocmd.socket"
+  "$root/config/ocmd.socket" | write_file 0644 "$to_unit_dir/ocmd.socket"
 
 # The configuration is the operator's: never overwritten. Its [state] path is set to the
 # one the unit passes with --state, so that the file tells the truth and a reload does not
 # see a difference. Mode 0644: the unit's dynamic user must read it, and it holds no secret.
-run install -d -m 0755 "$config_dir"
+run install -d -m 0755 "$to_config_dir"
 config_text="$(sed 's#^path = "room_manager.json"#path = "/var/lib/ocmd/room_manager.json"#' "$root/config/ocmd.toml")"
-config_dest="$config_dir/ocmd.toml"
+config_dest="$to_config_dir/ocmd.toml"
 if [[ -e "$config_dest" ]]; then
   if [[ "$(cat "$config_dest")" == "$config_text" ]]; then
     echo "keep: $config_dest (already the shipped example)"
@@ -211,7 +225,13 @@ fi
 
 cat <<EOF
 
-$(if [[ $dry_run -eq 1 ]]; then echo "Dry run: nothing was changed. After a real run, the next steps are:"; else echo "Installed. Next steps:"; fi)
+$(if [[ $dry_run -eq 1 ]]; then
+  echo "Dry run: nothing was changed. After a real run, the next steps are:"
+elif [[ -n "$destdir" ]]; then
+  echo "Staged under $destdir. Once installed from there, the next steps are:"
+else
+  echo "Installed. Next steps:"
+fi)
   1. edit $config_dir/ocmd.toml ([listen] addresses, limits), then check it:
        $prefix/bin/ocmd --config $config_dir/ocmd.toml --check-config
   2. start the service now and at every boot:

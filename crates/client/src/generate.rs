@@ -129,7 +129,8 @@ fn top_page_sections() -> Roff {
         bold("ocmd"),
         roman(
             "(8). CLIENT.md in ocmd's documentation directory (/usr/local/share/doc/ocmd \
-               by default, or docs/ in the source) describes the chat's commands and what \
+               from scripts/install.sh, /usr/share/doc/ocmd from the Debian package, or docs/ \
+               in the source) describes the chat's commands and what \
                each line on the screen means.",
         ),
     ]);

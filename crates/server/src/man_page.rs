@@ -167,8 +167,9 @@ fn sections() -> Roff {
         bold("sd_notify"),
         roman(
             "(3). OPERATIONS.md in ocmd's documentation directory \
-               (/usr/local/share/doc/ocmd by default) covers configuration, the unit and \
-               its sandbox, metrics, logs, backups and upgrades.",
+               (/usr/local/share/doc/ocmd from scripts/install.sh, /usr/share/doc/ocmd from \
+               the Debian package) covers configuration, the unit and its sandbox, metrics, \
+               logs, backups and upgrades.",
         ),
     ]);
     page

@@ -1,6 +1,7 @@
 //! Operating `ocmd`: the systemd notify protocol and watchdog, `/metrics` and `/healthz`,
 //! configuration checks and precedence, SIGHUP reloads, journald-style logs, the systemd
-//! unit (`scripts/check-unit`) and `scripts/install.sh`.
+//! unit (`scripts/check-unit`), `scripts/install.sh` and the Debian package
+//! (`scripts/package-deb`).
 //!
 //! Like every integration test here, these drive the real binary with deadlines, never fixed
 //! ports or bare sleeps. Checks that need outside tools (`systemd-analyze`, `promtool`,
@@ -2646,6 +2647,7 @@ fn install_dry_run_plans_every_action_and_does_none() {
         "--no-build",
         "--unit-dir",
         "--config-dir",
+        "--destdir",
     ] {
         assert!(text(&out.stdout).contains(flag), "--help lacks {flag}");
     }
@@ -3337,6 +3339,298 @@ fn install_into_a_directory_the_unit_hides_says_so() {
         !stderr.contains("ProtectHome") && !stderr.contains("PrivateTmp"),
         "{stderr}"
     );
+}
+
+/// `--destdir` stages every file under a directory, for a package to take, while the paths
+/// written into the unit and the configuration name the final places.
+#[test]
+fn install_with_destdir_stages_files_that_name_the_final_places() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stage = tmp.path().join("stage");
+    let build = build_dir();
+    let out = install_sh(&[
+        "--no-build".as_ref(),
+        "--build-dir".as_ref(),
+        build.as_os_str(),
+        "--destdir".as_ref(),
+        stage.as_os_str(),
+        "--prefix".as_ref(),
+        "/usr".as_ref(),
+        "--unit-dir".as_ref(),
+        "/usr/lib/systemd/system".as_ref(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains(&format!("Staged under {}", stage.display())),
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::read(stage.join("usr/bin/ocmd")).unwrap(),
+        std::fs::read(env!("CARGO_BIN_EXE_ocmd")).unwrap()
+    );
+    for generated in INSTALLED_GENERATED {
+        assert!(stage.join("usr").join(generated).is_file(), "{generated}");
+    }
+    let unit = std::fs::read_to_string(stage.join("usr/lib/systemd/system/ocmd.service")).unwrap();
+    assert!(
+        unit.contains(
+            "ExecStart=/usr/bin/ocmd --config /etc/ocmd/ocmd.toml --state /var/lib/ocmd/room_manager.json"
+        ) && unit.contains("Documentation=file:/usr/share/doc/ocmd/OPERATIONS.md"),
+        "{unit}"
+    );
+    assert!(stage.join("etc/ocmd/ocmd.toml").is_file());
+    // The next steps name the final places too.
+    assert!(
+        stdout.contains("/usr/bin/ocmd --config /etc/ocmd/ocmd.toml --check-config"),
+        "{stdout}"
+    );
+
+    let out = install_sh(&["--no-build", "--destdir", "relative/stage"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("--destdir must be absolute"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// Every shell script of the repository (the scripts, the maintainer scripts of the package
+/// and CI's entry point) passes shellcheck, which finds quoting and exit-status mistakes that
+/// a test of the happy path does not.
+#[test]
+fn the_shell_scripts_pass_shellcheck() {
+    if !installed("shellcheck") {
+        skipped("shellcheck not installed (apt-get install shellcheck)");
+        return;
+    }
+    let root = repo_root();
+    let mut scripts = vec![root.join(".ci/run")];
+    for dir in ["scripts", "config/debian"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            let head = std::fs::read(&path).unwrap_or_default();
+            if head.starts_with(b"#!/bin/sh") || head.starts_with(b"#!/usr/bin/env bash") {
+                scripts.push(path);
+            }
+        }
+    }
+    assert!(scripts.len() >= 12, "too few scripts found: {scripts:?}");
+    let mut cmd = Command::new("shellcheck");
+    cmd.args(&scripts);
+    let out = run_with_deadline(cmd);
+    assert!(
+        out.status.success(),
+        "shellcheck:\n{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+fn package_deb(args: &[impl AsRef<std::ffi::OsStr>]) -> Output {
+    let mut cmd = Command::new(repo_root().join("scripts/package-deb"));
+    cmd.args(args);
+    run_with_deadline(cmd)
+}
+
+/// `scripts/package-deb --fast` of the test build into `out`; the package's path.
+fn built_package(out: &Path) -> PathBuf {
+    let build = build_dir();
+    let result = package_deb(&[
+        "--no-build".as_ref(),
+        "--fast".as_ref(),
+        "--build-dir".as_ref(),
+        build.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+    ]);
+    let stdout = text(&result.stdout);
+    assert!(result.status.success(), "{stdout}{}", text(&result.stderr));
+    let deb = PathBuf::from(stdout.lines().last().unwrap_or_default());
+    assert_eq!(deb.parent(), Some(out), "{stdout}");
+    deb
+}
+
+/// `dpkg-deb ARGS...`'s standard output, which must succeed.
+fn dpkg_deb(args: &[impl AsRef<std::ffi::OsStr>]) -> String {
+    let out = Command::new("dpkg-deb").args(args).output().unwrap();
+    assert!(out.status.success(), "dpkg-deb: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// The Debian package holds what `scripts/install.sh` installs, where Debian puts it: the
+/// programs stripped and working, the units naming /usr/bin/ocmd, the manual pages
+/// compressed, ocmd.toml a configuration file, the maintainer scripts of config/debian, and
+/// dependencies read from the binaries. Two builds are the same bytes, and lintian (when
+/// installed) has nothing to say. scripts/systemd-trial installs, upgrades, removes and
+/// purges it under a real systemd.
+#[test]
+fn package_deb_builds_a_package_debian_accepts() {
+    for tool in ["dpkg-deb", "dpkg-shlibdeps"] {
+        if !installed(tool) {
+            skipped(&format!("{tool} not installed (apt-get install dpkg-dev)"));
+            return;
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let deb = built_package(&tmp.path().join("one"));
+    let name = deb.file_name().unwrap().to_string_lossy().into_owned();
+    let version = env!("CARGO_PKG_VERSION");
+    assert!(name.starts_with(&format!("ocmd_{version}_")), "{name}");
+
+    let field = |name: &str| {
+        dpkg_deb(&["--field".as_ref(), deb.as_os_str(), name.as_ref()])
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(field("Package"), "ocmd");
+    assert_eq!(field("Version"), version);
+    assert!(
+        field("Depends").contains("libc6 (>= "),
+        "{}",
+        field("Depends")
+    );
+    assert_eq!(
+        dpkg_deb(&["--info".as_ref(), deb.as_os_str(), "conffiles".as_ref()]),
+        "/etc/ocmd/ocmd.toml\n"
+    );
+
+    let contents = dpkg_deb(&["--contents".as_ref(), deb.as_os_str()]);
+    let entry = |path: &str| {
+        contents
+            .lines()
+            .find(|l| l.ends_with(&format!(" ./{path}")))
+            .unwrap_or_else(|| panic!("no {path} in:\n{contents}"))
+    };
+    for program in ["usr/bin/ocmd", "usr/bin/ocm"] {
+        assert!(
+            entry(program).starts_with("-rwxr-xr-x root/root "),
+            "{}",
+            entry(program)
+        );
+    }
+    for doc in INSTALLED_DOCS {
+        entry(&format!("usr/share/doc/ocmd/{doc}.md"));
+    }
+    for file in [
+        "usr/share/doc/ocmd/copyright",
+        "usr/share/doc/ocmd/changelog.gz",
+        "usr/lib/systemd/system/ocmd.service",
+        "usr/lib/systemd/system/ocmd.socket",
+        "etc/ocmd/ocmd.toml",
+    ] {
+        assert!(
+            entry(file).starts_with("-rw-r--r-- root/root "),
+            "{}",
+            entry(file)
+        );
+    }
+    for generated in INSTALLED_GENERATED {
+        if generated.starts_with("share/man/") {
+            entry(&format!("usr/{generated}.gz"));
+        } else {
+            entry(&format!("usr/{generated}"));
+        }
+    }
+    assert!(
+        !contents
+            .lines()
+            .any(|l| l.ends_with(".1") || l.ends_with(".8")),
+        "an uncompressed manual page:\n{contents}"
+    );
+
+    // Unpacked: the programs work and the unit and the configuration agree.
+    let root = tmp.path().join("root");
+    dpkg_deb(&["-x".as_ref(), deb.as_os_str(), root.as_os_str()]);
+    let unit = std::fs::read_to_string(root.join("usr/lib/systemd/system/ocmd.service")).unwrap();
+    assert!(
+        unit.contains("\nExecStart=/usr/bin/ocmd --config /etc/ocmd/ocmd.toml "),
+        "{unit}"
+    );
+    let out = Command::new(root.join("usr/bin/ocmd"))
+        .arg("--check-config")
+        .arg("--config")
+        .arg(root.join("etc/ocmd/ocmd.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("path = \"/var/lib/ocmd/room_manager.json\""));
+    let out = Command::new(root.join("usr/bin/ocm"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let control = tmp.path().join("control");
+    dpkg_deb(&["-e".as_ref(), deb.as_os_str(), control.as_os_str()]);
+    for script in ["postinst", "prerm", "postrm"] {
+        let packaged = control.join(script);
+        assert_eq!(
+            std::fs::read(&packaged).unwrap(),
+            std::fs::read(repo_root().join("config/debian").join(script)).unwrap(),
+            "{script}"
+        );
+        let mode = std::fs::metadata(&packaged).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o755, "{script}");
+    }
+
+    // Reproducible: the same binaries make the same bytes.
+    let again = built_package(&tmp.path().join("two"));
+    assert!(
+        std::fs::read(&deb).unwrap() == std::fs::read(&again).unwrap(),
+        "two builds of the same binaries differ: {} and {}",
+        deb.display(),
+        again.display()
+    );
+
+    if !installed("lintian") {
+        skipped("lintian not installed (apt-get install lintian): the package's lint");
+        return;
+    }
+    let out = Command::new("lintian")
+        .arg("--pedantic")
+        .arg(&deb)
+        .output()
+        .unwrap();
+    let said: Vec<String> = text(&out.stdout)
+        .lines()
+        .chain(text(&out.stderr).lines())
+        .filter(|l| !l.contains("running with root privileges"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        out.status.success() && said.is_empty(),
+        "lintian: {said:#?}"
+    );
+}
+
+#[test]
+fn package_deb_says_how_it_is_used() {
+    let out = package_deb(&["--help"]);
+    assert!(out.status.success());
+    for flag in ["--build-dir", "--no-build", "--out", "--fast"] {
+        assert!(text(&out.stdout).contains(flag), "--help lacks {flag}");
+    }
+    let out = package_deb(&["--frobnicate"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("unknown argument: --frobnicate"));
+    // A build directory without the programs: nothing is made, and the reason is given.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = package_deb(&[
+        "--no-build".as_ref(),
+        "--build-dir".as_ref(),
+        tmp.path().as_os_str(),
+        "--out".as_ref(),
+        tmp.path().join("out").as_os_str(),
+    ]);
+    let stderr = text(&out.stderr);
+    if !installed("dpkg-shlibdeps") {
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("ocmd is missing"), "{stderr}");
+    assert!(!tmp.path().join("out").exists());
 }
 
 /// The variable and file that switch [`file_fsync_failer`] on.
