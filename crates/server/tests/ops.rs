@@ -3348,6 +3348,10 @@ fn install_with_destdir_stages_files_that_name_the_final_places() {
     let tmp = tempfile::tempdir().unwrap();
     let stage = tmp.path().join("stage");
     let build = build_dir();
+    // Final places that do not exist on this machine, so that a file written there instead of
+    // under --destdir shows (the tests may run as root).
+    let place = PathBuf::from(format!("/ocm-destdir-test-{}", std::process::id()));
+    let (prefix, units, etc) = (place.join("usr"), place.join("units"), place.join("etc"));
     let out = install_sh(&[
         "--no-build".as_ref(),
         "--build-dir".as_ref(),
@@ -3355,34 +3359,51 @@ fn install_with_destdir_stages_files_that_name_the_final_places() {
         "--destdir".as_ref(),
         stage.as_os_str(),
         "--prefix".as_ref(),
-        "/usr".as_ref(),
+        prefix.as_os_str(),
         "--unit-dir".as_ref(),
-        "/usr/lib/systemd/system".as_ref(),
+        units.as_os_str(),
+        "--config-dir".as_ref(),
+        etc.as_os_str(),
     ]);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
     assert!(
+        !place.exists(),
+        "{} was written outside --destdir",
+        place.display()
+    );
+    assert!(
         stdout.contains(&format!("Staged under {}", stage.display())),
         "{stdout}"
     );
+    let staged = |path: &Path| stage.join(path.strip_prefix("/").unwrap());
     assert_eq!(
-        std::fs::read(stage.join("usr/bin/ocmd")).unwrap(),
+        std::fs::read(staged(&prefix.join("bin/ocmd"))).unwrap(),
         std::fs::read(env!("CARGO_BIN_EXE_ocmd")).unwrap()
     );
     for generated in INSTALLED_GENERATED {
-        assert!(stage.join("usr").join(generated).is_file(), "{generated}");
+        assert!(staged(&prefix.join(generated)).is_file(), "{generated}");
     }
-    let unit = std::fs::read_to_string(stage.join("usr/lib/systemd/system/ocmd.service")).unwrap();
+    let (p, e) = (prefix.display(), etc.display());
+    let unit = std::fs::read_to_string(staged(&units.join("ocmd.service"))).unwrap();
     assert!(
-        unit.contains(
-            "ExecStart=/usr/bin/ocmd --config /etc/ocmd/ocmd.toml --state /var/lib/ocmd/room_manager.json"
-        ) && unit.contains("Documentation=file:/usr/share/doc/ocmd/OPERATIONS.md"),
+        unit.contains(&format!(
+            "ExecStart={p}/bin/ocmd --config {e}/ocmd.toml --state /var/lib/ocmd/room_manager.json"
+        )) && unit.contains(&format!(
+            "Documentation=file:{p}/share/doc/ocmd/OPERATIONS.md"
+        )) && unit.contains(&format!(
+            "# Installed by scripts/install.sh as {}/ocmd.service.",
+            units.display()
+        )),
         "{unit}"
     );
-    assert!(stage.join("etc/ocmd/ocmd.toml").is_file());
+    assert!(!unit.contains(&stage.display().to_string()), "{unit}");
+    assert!(staged(&etc.join("ocmd.toml")).is_file());
     // The next steps name the final places too.
     assert!(
-        stdout.contains("/usr/bin/ocmd --config /etc/ocmd/ocmd.toml --check-config"),
+        stdout.contains(&format!(
+            "{p}/bin/ocmd --config {e}/ocmd.toml --check-config"
+        )),
         "{stdout}"
     );
 
@@ -3433,17 +3454,18 @@ fn package_deb(args: &[impl AsRef<std::ffi::OsStr>]) -> Output {
     run_with_deadline(cmd)
 }
 
-/// `scripts/package-deb --fast` of the test build into `out`; the package's path.
-fn built_package(out: &Path) -> PathBuf {
-    let build = build_dir();
-    let result = package_deb(&[
-        "--no-build".as_ref(),
-        "--fast".as_ref(),
-        "--build-dir".as_ref(),
-        build.as_os_str(),
-        "--out".as_ref(),
-        out.as_os_str(),
-    ]);
+/// `scripts/package-deb --fast` of the test build into `out`, its work files in `tmpdir`
+/// when given; the package's path.
+fn built_package(out: &Path, tmpdir: Option<&Path>) -> PathBuf {
+    let mut cmd = Command::new(repo_root().join("scripts/package-deb"));
+    cmd.args(["--no-build", "--fast", "--build-dir"])
+        .arg(build_dir())
+        .arg("--out")
+        .arg(out);
+    if let Some(dir) = tmpdir {
+        cmd.env("TMPDIR", dir);
+    }
+    let result = run_with_deadline(cmd);
     let stdout = text(&result.stdout);
     assert!(result.status.success(), "{stdout}{}", text(&result.stderr));
     let deb = PathBuf::from(stdout.lines().last().unwrap_or_default());
@@ -3473,10 +3495,8 @@ fn package_deb_builds_a_package_debian_accepts() {
         }
     }
     let tmp = tempfile::tempdir().unwrap();
-    let deb = built_package(&tmp.path().join("one"));
+    let deb = built_package(&tmp.path().join("one"), None);
     let name = deb.file_name().unwrap().to_string_lossy().into_owned();
-    let version = env!("CARGO_PKG_VERSION");
-    assert!(name.starts_with(&format!("ocmd_{version}_")), "{name}");
 
     let field = |name: &str| {
         dpkg_deb(&["--field".as_ref(), deb.as_os_str(), name.as_ref()])
@@ -3484,7 +3504,27 @@ fn package_deb_builds_a_package_debian_accepts() {
             .to_owned()
     };
     assert_eq!(field("Package"), "ocmd");
-    assert_eq!(field("Version"), version);
+    // The workspace's version, then the commit's time and hash: a later commit is an upgrade.
+    let version = field("Version");
+    let cargo_version = env!("CARGO_PKG_VERSION");
+    assert!(
+        version.starts_with(&format!("{cargo_version}+git")),
+        "{version}"
+    );
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    let commit = text(&commit.stdout).trim().to_owned();
+    assert!(
+        commit.len() == 12 && version.contains(&format!(".{commit}")),
+        "{version} names commit {commit}"
+    );
+    assert_eq!(
+        name,
+        format!("ocmd_{version}_{}.deb", field("Architecture"))
+    );
     assert!(
         field("Depends").contains("libc6 (>= "),
         "{}",
@@ -3574,8 +3614,17 @@ fn package_deb_builds_a_package_debian_accepts() {
         assert_eq!(mode & 0o777, 0o755, "{script}");
     }
 
-    // Reproducible: the same binaries make the same bytes.
-    let again = built_package(&tmp.path().join("two"));
+    // The copyright file names the crates built in, and gives the MIT licence's text.
+    let copyright = std::fs::read_to_string(root.join("usr/share/doc/ocmd/copyright")).unwrap();
+    assert!(
+        copyright.contains("\n mio v") && copyright.contains("\nLicense: MIT\n Permission is"),
+        "{copyright}"
+    );
+
+    // Reproducible: the same binaries make the same bytes, built on another file system
+    // (/dev/shm, a tmpfs, where there is one) too.
+    let shm = Path::new("/dev/shm");
+    let again = built_package(&tmp.path().join("two"), shm.is_dir().then_some(shm));
     assert!(
         std::fs::read(&deb).unwrap() == std::fs::read(&again).unwrap(),
         "two builds of the same binaries differ: {} and {}",
@@ -3614,6 +3663,16 @@ fn package_deb_says_how_it_is_used() {
     let out = package_deb(&["--frobnicate"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("unknown argument: --frobnicate"));
+    // A hyphen would start a Debian revision, which a native package has none of.
+    let out = package_deb(&["--no-build", "--version", "1.0-1"]);
+    if installed("dpkg-shlibdeps") {
+        assert_eq!(out.status.code(), Some(2));
+        assert!(
+            text(&out.stderr).contains("not a version for this package: '1.0-1'"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
     // A build directory without the programs: nothing is made, and the reason is given.
     let tmp = tempfile::tempdir().unwrap();
     let out = package_deb(&[
