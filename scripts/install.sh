@@ -21,7 +21,8 @@ Builds ocmd and ocm (cargo build --release --locked) and installs:
   PREFIX/share/doc/ocmd/OPERATIONS.md        mode 0644, with PROTOCOL.md, SECURITY.md,
                                              PERSISTENCE.md, BENCHMARKS.md (with its
                                              chart, bench.svg) and BENCHMARK-RUNS.md,
-                                             which it refers to, and CLIENT.md
+                                             which it refers to, CLIENT.md, and
+                                             ocmd-alerts.yml, Prometheus alerting rules
   PREFIX/share/man/man8/ocmd.8               mode 0644: ocmd(8), ocm(1) and a page for
   PREFIX/share/man/man1/ocm.1, ocm-*.1       each of ocm's commands
   PREFIX/share/bash-completion/completions/ocm, PREFIX/share/zsh/site-functions/_ocm,
@@ -152,8 +153,9 @@ run install -m 0755 "$build_dir/ocm" "$to_prefix/bin/ocm"
 for doc in OPERATIONS PROTOCOL SECURITY PERSISTENCE BENCHMARKS BENCHMARK-RUNS CLIENT; do
   run install -m 0644 "$root/docs/$doc.md" "$to_prefix/share/doc/ocmd/$doc.md"
 done
-# The chart BENCHMARKS.md shows.
+# The chart BENCHMARKS.md shows, and the example alerting rules OPERATIONS.md describes.
 run install -m 0644 "$root/docs/bench.svg" "$to_prefix/share/doc/ocmd/bench.svg"
+run install -m 0644 "$root/config/ocmd-alerts.yml" "$to_prefix/share/doc/ocmd/ocmd-alerts.yml"
 
 # Manual pages and ocm's shell completions, written by the binaries themselves from the
 # definitions behind their --help (so they cannot drift from the flags).

@@ -2589,6 +2589,10 @@ fn install_dry_run_plans_every_action_and_does_none() {
         &format!("docs/bench.svg {p}/share/doc/ocmd/bench.svg"),
     );
     planned_line(
+        "would run: install -m 0644 ",
+        &format!("config/ocmd-alerts.yml {p}/share/doc/ocmd/ocmd-alerts.yml"),
+    );
+    planned_line(
         &format!("would write: {p}/share/man/man8/ocmd.8 (mode 0644), from: "),
         "/release/ocmd --generate-man",
     );
@@ -2701,6 +2705,10 @@ fn install_puts_files_in_place_and_keeps_a_changed_config() {
         );
     }
     assert_eq!(mode(&prefix.join("share/doc/ocmd/bench.svg")), 0o644);
+    assert_eq!(
+        std::fs::read(prefix.join("share/doc/ocmd/ocmd-alerts.yml")).unwrap(),
+        std::fs::read(repo_root().join("config/ocmd-alerts.yml")).unwrap()
+    );
     for generated in INSTALLED_GENERATED {
         assert_eq!(mode(&prefix.join(generated)), 0o644, "{generated}");
     }
@@ -3448,6 +3456,108 @@ fn the_shell_scripts_pass_shellcheck() {
     );
 }
 
+/// The example alerting rules (config/ocmd-alerts.yml) load, and their unit tests pass: each
+/// alert fires on the series meant to raise it, stays quiet beside it, and renders its text.
+#[test]
+fn the_alert_rules_load_and_pass_their_unit_tests() {
+    if !installed("promtool") {
+        skipped("promtool not installed (apt-get install prometheus): the alert rules");
+        return;
+    }
+    let root = repo_root();
+    for args in [
+        ["check", "rules", "config/ocmd-alerts.yml"],
+        [
+            "test",
+            "rules",
+            "crates/server/tests/data/ocmd-alerts.test.yml",
+        ],
+    ] {
+        let mut cmd = Command::new("promtool");
+        cmd.args(args).current_dir(&root);
+        let out = run_with_deadline(cmd);
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    }
+}
+
+/// Every metric the alerting rules read is one `ocmd` serves (tests/data/metrics_fresh.prom,
+/// its full render), every label value they match on is one docs/OPERATIONS.md documents for
+/// that metric, and every alert has a unit test and a line in the guide's "Alerts".
+#[test]
+fn the_alert_rules_read_what_ocmd_serves_and_are_each_tested_and_documented() {
+    let root = repo_root();
+    let read = |path: &str| std::fs::read_to_string(root.join(path)).unwrap();
+    let rules = read("config/ocmd-alerts.yml");
+    let served = read("crates/server/tests/data/metrics_fresh.prom");
+    let guide = read("docs/OPERATIONS.md");
+    let unit_tests = read("crates/server/tests/data/ocmd-alerts.test.yml");
+
+    let mut selectors = 0;
+    for expr_line in rules.lines().filter(|l| !l.trim_start().starts_with('#')) {
+        let mut rest = expr_line;
+        while let Some(at) = rest.find("ocm_") {
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            let name = &tail[..end];
+            rest = &tail[end..];
+            // Names in descriptions are plain text; the ones in expressions have a selector.
+            let Some(matchers) = rest.strip_prefix('{') else {
+                continue;
+            };
+            selectors += 1;
+            let family = name.strip_suffix("_bucket").unwrap_or(name);
+            assert!(
+                served.contains(&format!("# TYPE {family} ")),
+                "{family} (in the rules) is not among the metrics ocmd serves"
+            );
+            let row = guide
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{family}` |")))
+                .unwrap_or_else(|| panic!("{family} has no row in docs/OPERATIONS.md"));
+            let matchers = &matchers[..matchers.find('}').expect("a closed selector")];
+            for matcher in matchers.split(", ") {
+                let (key, values) = matcher
+                    .split_once("=~")
+                    .or_else(|| matcher.split_once('='))
+                    .unwrap_or_else(|| panic!("matcher {matcher}"));
+                if key == "job" {
+                    continue;
+                }
+                for value in values.trim_matches('"').split('|') {
+                    assert!(
+                        row.contains(&format!("`{value}`")),
+                        "{family}{{{key}=\"{value}\"}}: docs/OPERATIONS.md documents no such {key}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(selectors >= 10, "only {selectors} metric selectors found");
+
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("- alert: "))
+        .collect();
+    assert!(alerts.len() >= 10, "{alerts:?}");
+    for alert in alerts {
+        assert!(
+            unit_tests.contains(&format!("alertname: {alert}\n")),
+            "{alert} has no unit test"
+        );
+        assert!(
+            guide.contains(&format!("| `{alert}` |")),
+            "{alert} is not in docs/OPERATIONS.md, \"Alerts\""
+        );
+    }
+}
+
 fn package_deb(args: &[impl AsRef<std::ffi::OsStr>]) -> Output {
     let mut cmd = Command::new(repo_root().join("scripts/package-deb"));
     cmd.args(args);
@@ -3555,6 +3665,7 @@ fn package_deb_builds_a_package_debian_accepts() {
     for file in [
         "usr/share/doc/ocmd/copyright",
         "usr/share/doc/ocmd/changelog.gz",
+        "usr/share/doc/ocmd/ocmd-alerts.yml",
         "usr/lib/systemd/system/ocmd.service",
         "usr/lib/systemd/system/ocmd.socket",
         "etc/ocmd/ocmd.toml",
