@@ -201,11 +201,11 @@ run install -d -m 0755 "$to_unit_dir"
 sed -e "s#^\# Installed by scripts/install.sh as /etc/systemd/system/ocmd.service#\# Installed by scripts/install.sh as $unit_dir/ocmd.service#" \
   -e "s#^ExecStart=/usr/local/bin/ocmd #ExecStart=$prefix/bin/ocmd #" \
   -e "s# --config /etc/ocmd/ocmd.toml # --config $config_dir/ocmd.toml #" \
-  -e "s#^Documentation=file:/usr/local/share/doc/ocmd/#Documentation=file:$prefix/share/doc/ocmd/#" \
+  -e "/^Documentation=/s# file:/usr/local/share/doc/ocmd/# file:$prefix/share/doc/ocmd/#" \
   "$root/config/ocmd.service" | write_file 0644 "$to_unit_dir/ocmd.service"
 # The socket unit, for socket activation (docs/OPERATIONS.md): installed, not enabled.
 sed -e "s#^\# scripts/install.sh as /etc/systemd/system/ocmd.socket, not enabled#\# scripts/install.sh as $unit_dir/ocmd.socket, not enabled#" \
-  -e "s#^Documentation=file:/usr/local/share/doc/ocmd/#Documentation=file:$prefix/share/doc/ocmd/#" \
+  -e "/^Documentation=/s# file:/usr/local/share/doc/ocmd/# file:$prefix/share/doc/ocmd/#" \
   "$root/config/ocmd.socket" | write_file 0644 "$to_unit_dir/ocmd.socket"
 
 # The configuration is the operator's: never overwritten. Its [state] path is set to the

@@ -2779,7 +2779,7 @@ fn install_puts_files_in_place_and_keeps_a_changed_config() {
     let socket = std::fs::read_to_string(&socket_path).unwrap();
     assert!(
         socket.contains(&format!(
-            "Documentation=file:{}/share/doc/ocmd/OPERATIONS.md",
+            "Documentation=man:ocmd(8) file:{}/share/doc/ocmd/OPERATIONS.md",
             prefix.display()
         )),
         "Documentation follows --prefix:\n{socket}"
@@ -3398,7 +3398,7 @@ fn install_with_destdir_stages_files_that_name_the_final_places() {
         unit.contains(&format!(
             "ExecStart={p}/bin/ocmd --config {e}/ocmd.toml --state /var/lib/ocmd/room_manager.json"
         )) && unit.contains(&format!(
-            "Documentation=file:{p}/share/doc/ocmd/OPERATIONS.md"
+            "Documentation=man:ocmd(8) file:{p}/share/doc/ocmd/OPERATIONS.md"
         )) && unit.contains(&format!(
             "# Installed by scripts/install.sh as {}/ocmd.service.",
             units.display()
