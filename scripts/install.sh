@@ -21,8 +21,9 @@ Builds ocmd and ocm (cargo build --release --locked) and installs:
   PREFIX/share/doc/ocmd/OPERATIONS.md        mode 0644, with PROTOCOL.md, SECURITY.md,
                                              PERSISTENCE.md, BENCHMARKS.md (with its
                                              chart, bench.svg) and BENCHMARK-RUNS.md,
-                                             which it refers to, CLIENT.md, and
-                                             ocmd-alerts.yml, Prometheus alerting rules
+                                             which it refers to, CLIENT.md,
+                                             ocmd-alerts.yml (Prometheus alerting rules)
+                                             and ocmd-dashboard.json (a Grafana dashboard)
   PREFIX/share/man/man8/ocmd.8               mode 0644: ocmd(8), ocm(1) and a page for
   PREFIX/share/man/man1/ocm.1, ocm-*.1       each of ocm's commands
   PREFIX/share/bash-completion/completions/ocm, PREFIX/share/zsh/site-functions/_ocm,
@@ -153,9 +154,11 @@ run install -m 0755 "$build_dir/ocm" "$to_prefix/bin/ocm"
 for doc in OPERATIONS PROTOCOL SECURITY PERSISTENCE BENCHMARKS BENCHMARK-RUNS CLIENT; do
   run install -m 0644 "$root/docs/$doc.md" "$to_prefix/share/doc/ocmd/$doc.md"
 done
-# The chart BENCHMARKS.md shows, and the example alerting rules OPERATIONS.md describes.
+# The chart BENCHMARKS.md shows, and the alerting rules and dashboard OPERATIONS.md describes.
 run install -m 0644 "$root/docs/bench.svg" "$to_prefix/share/doc/ocmd/bench.svg"
-run install -m 0644 "$root/config/ocmd-alerts.yml" "$to_prefix/share/doc/ocmd/ocmd-alerts.yml"
+for example in ocmd-alerts.yml ocmd-dashboard.json; do
+  run install -m 0644 "$root/config/$example" "$to_prefix/share/doc/ocmd/$example"
+done
 
 # Manual pages and ocm's shell completions, written by the binaries themselves from the
 # definitions behind their --help (so they cannot drift from the flags).

@@ -2588,10 +2588,12 @@ fn install_dry_run_plans_every_action_and_does_none() {
         "would run: install -m 0644 ",
         &format!("docs/bench.svg {p}/share/doc/ocmd/bench.svg"),
     );
-    planned_line(
-        "would run: install -m 0644 ",
-        &format!("config/ocmd-alerts.yml {p}/share/doc/ocmd/ocmd-alerts.yml"),
-    );
+    for example in ["ocmd-alerts.yml", "ocmd-dashboard.json"] {
+        planned_line(
+            "would run: install -m 0644 ",
+            &format!("config/{example} {p}/share/doc/ocmd/{example}"),
+        );
+    }
     planned_line(
         &format!("would write: {p}/share/man/man8/ocmd.8 (mode 0644), from: "),
         "/release/ocmd --generate-man",
@@ -2705,10 +2707,13 @@ fn install_puts_files_in_place_and_keeps_a_changed_config() {
         );
     }
     assert_eq!(mode(&prefix.join("share/doc/ocmd/bench.svg")), 0o644);
-    assert_eq!(
-        std::fs::read(prefix.join("share/doc/ocmd/ocmd-alerts.yml")).unwrap(),
-        std::fs::read(repo_root().join("config/ocmd-alerts.yml")).unwrap()
-    );
+    for example in ["ocmd-alerts.yml", "ocmd-dashboard.json"] {
+        assert_eq!(
+            std::fs::read(prefix.join("share/doc/ocmd").join(example)).unwrap(),
+            std::fs::read(repo_root().join("config").join(example)).unwrap(),
+            "{example}"
+        );
+    }
     for generated in INSTALLED_GENERATED {
         assert_eq!(mode(&prefix.join(generated)), 0o644, "{generated}");
     }
@@ -3485,60 +3490,91 @@ fn the_alert_rules_load_and_pass_their_unit_tests() {
     }
 }
 
-/// Every metric the alerting rules read is one `ocmd` serves (tests/data/metrics_fresh.prom,
-/// its full render), every label value they match on is one docs/OPERATIONS.md documents for
-/// that metric, and every alert has a unit test and a line in the guide's "Alerts".
+/// The metric selectors (`ocm_name{key="value", ...}`) in PromQL text, each as its metric
+/// family (a histogram's `_bucket` series are its family's) and its label matchers, a
+/// regular expression's alternatives (`=~"a|b"`) split. Names without a selector are
+/// prose and are passed over.
+fn promql_selectors(promql: &str) -> Vec<(String, Vec<(String, Vec<String>)>)> {
+    let mut found = Vec::new();
+    let mut rest = promql;
+    while let Some(at) = rest.find("ocm_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        rest = &tail[end..];
+        let Some(after) = rest.strip_prefix('{') else {
+            continue;
+        };
+        let close = after.find('}').expect("a closed selector");
+        let matchers = after[..close]
+            .split(',')
+            .map(str::trim)
+            .map(|m| {
+                let (key, values) = m
+                    .split_once("=~")
+                    .or_else(|| m.split_once('='))
+                    .unwrap_or_else(|| panic!("matcher {m}"));
+                let values = values.trim_matches('"').split('|').map(str::to_owned);
+                (key.to_owned(), values.collect())
+            })
+            .collect();
+        let family = name.strip_suffix("_bucket").unwrap_or(name);
+        found.push((family.to_owned(), matchers));
+    }
+    found
+}
+
+/// Every selector in `promql` (from `source`) reads a metric `ocmd` serves
+/// (tests/data/metrics_fresh.prom, its full render), and every label value it matches on
+/// other than `job` and `instance` is one docs/OPERATIONS.md documents for that metric.
+/// Returns how many selectors there were.
+fn assert_reads_what_ocmd_serves(promql: &str, source: &str) -> usize {
+    let root = repo_root();
+    let served =
+        std::fs::read_to_string(root.join("crates/server/tests/data/metrics_fresh.prom")).unwrap();
+    let guide = std::fs::read_to_string(root.join("docs/OPERATIONS.md")).unwrap();
+    let selectors = promql_selectors(promql);
+    for (family, matchers) in &selectors {
+        assert!(
+            served.contains(&format!("# TYPE {family} ")),
+            "{family} (in {source}) is not among the metrics ocmd serves"
+        );
+        let row = guide
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{family}` |")))
+            .unwrap_or_else(|| panic!("{family} has no row in docs/OPERATIONS.md"));
+        for (key, values) in matchers {
+            if key == "job" || key == "instance" {
+                continue;
+            }
+            for value in values {
+                assert!(
+                    row.contains(&format!("`{value}`")),
+                    "{family}{{{key}=\"{value}\"}} in {source}: docs/OPERATIONS.md documents no such {key}"
+                );
+            }
+        }
+    }
+    selectors.len()
+}
+
+/// Every metric and label value the alerting rules read is one `ocmd` serves and the guide
+/// documents, and every alert has a unit test and a line in the guide's "Alerts".
 #[test]
 fn the_alert_rules_read_what_ocmd_serves_and_are_each_tested_and_documented() {
     let root = repo_root();
     let read = |path: &str| std::fs::read_to_string(root.join(path)).unwrap();
     let rules = read("config/ocmd-alerts.yml");
-    let served = read("crates/server/tests/data/metrics_fresh.prom");
     let guide = read("docs/OPERATIONS.md");
     let unit_tests = read("crates/server/tests/data/ocmd-alerts.test.yml");
-
-    let mut selectors = 0;
-    for expr_line in rules.lines().filter(|l| !l.trim_start().starts_with('#')) {
-        let mut rest = expr_line;
-        while let Some(at) = rest.find("ocm_") {
-            let tail = &rest[at..];
-            let end = tail
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .unwrap_or(tail.len());
-            let name = &tail[..end];
-            rest = &tail[end..];
-            // Names in descriptions are plain text; the ones in expressions have a selector.
-            let Some(matchers) = rest.strip_prefix('{') else {
-                continue;
-            };
-            selectors += 1;
-            let family = name.strip_suffix("_bucket").unwrap_or(name);
-            assert!(
-                served.contains(&format!("# TYPE {family} ")),
-                "{family} (in the rules) is not among the metrics ocmd serves"
-            );
-            let row = guide
-                .lines()
-                .find(|l| l.starts_with(&format!("| `{family}` |")))
-                .unwrap_or_else(|| panic!("{family} has no row in docs/OPERATIONS.md"));
-            let matchers = &matchers[..matchers.find('}').expect("a closed selector")];
-            for matcher in matchers.split(", ") {
-                let (key, values) = matcher
-                    .split_once("=~")
-                    .or_else(|| matcher.split_once('='))
-                    .unwrap_or_else(|| panic!("matcher {matcher}"));
-                if key == "job" {
-                    continue;
-                }
-                for value in values.trim_matches('"').split('|') {
-                    assert!(
-                        row.contains(&format!("`{value}`")),
-                        "{family}{{{key}=\"{value}\"}}: docs/OPERATIONS.md documents no such {key}"
-                    );
-                }
-            }
-        }
-    }
+    let expressions: String = rules
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let selectors = assert_reads_what_ocmd_serves(&expressions, "config/ocmd-alerts.yml");
     assert!(selectors >= 10, "only {selectors} metric selectors found");
 
     let alerts: Vec<&str> = rules
@@ -3556,6 +3592,83 @@ fn the_alert_rules_read_what_ocmd_serves_and_are_each_tested_and_documented() {
             "{alert} is not in docs/OPERATIONS.md, \"Alerts\""
         );
     }
+}
+
+/// The Grafana dashboard (config/ocmd-dashboard.json) is JSON Grafana can import: panels with
+/// unique ids, a title, a description and queries, laid out on the 24-column grid without
+/// overlapping; and every query reads what `ocmd` serves, with label values the guide
+/// documents.
+#[test]
+fn the_dashboard_reads_what_ocmd_serves_and_its_panels_do_not_overlap() {
+    let path = repo_root().join("config/ocmd-dashboard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).expect("valid JSON");
+    assert_eq!(dashboard["uid"], "ocmd");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let mut ids = std::collections::BTreeSet::new();
+    let mut boxes: Vec<(String, [u64; 4])> = Vec::new();
+    let mut exprs = Vec::new();
+    for panel in panels {
+        let title = panel["title"].as_str().expect("a title").to_owned();
+        assert!(
+            ids.insert(panel["id"].as_u64().expect("an id")),
+            "{title}: id used twice"
+        );
+        let grid = &panel["gridPos"];
+        let [x, y, w, h] = ["x", "y", "w", "h"].map(|k| grid[k].as_u64().expect("gridPos"));
+        assert!(x + w <= 24 && w > 0 && h > 0, "{title}: {grid}");
+        for (other, [ox, oy, ow, oh]) in &boxes {
+            let apart = x + w <= *ox || ox + ow <= x || y + h <= *oy || oy + oh <= y;
+            assert!(apart, "{title} overlaps {other}");
+        }
+        boxes.push((title.clone(), [x, y, w, h]));
+        if panel["type"] == "row" {
+            continue;
+        }
+        assert!(
+            panel["description"].as_str().is_some_and(|d| !d.is_empty()),
+            "{title}: no description"
+        );
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{title}: no query");
+        for target in targets {
+            let expr = target["expr"].as_str().expect("expr");
+            let selectors = assert_reads_what_ocmd_serves(expr, &format!("the panel {title}"));
+            assert!(selectors > 0, "{title}: {expr} reads no ocm_ metric");
+            assert!(expr.contains(r#"instance=~"$instance""#), "{title}: {expr}");
+            exprs.push((title.clone(), expr.to_owned()));
+        }
+    }
+    assert!(exprs.len() >= 15, "{} queries", exprs.len());
+
+    // The queries parse: promtool checks them as recording rules, Grafana's variables
+    // replaced by what they stand for.
+    if !installed("promtool") {
+        skipped("promtool not installed (apt-get install prometheus): the dashboard's PromQL");
+        return;
+    }
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, (title, expr)) in exprs.iter().enumerate() {
+        let expr = expr
+            .replace("$__rate_interval", "5m")
+            .replace("$__range", "1h")
+            .replace("$instance", ".*");
+        rules += &format!(
+            "      # {title}\n      - record: dashboard_query_{i}\n        expr: {}\n",
+            serde_json::Value::String(expr)
+        );
+    }
+    let file = tempfile::Builder::new().suffix(".yml").tempfile().unwrap();
+    std::fs::write(file.path(), rules).unwrap();
+    let mut cmd = Command::new("promtool");
+    cmd.args(["check", "rules"]).arg(file.path());
+    let out = run_with_deadline(cmd);
+    assert!(
+        out.status.success(),
+        "promtool check rules on the dashboard's queries:\n{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
 }
 
 fn package_deb(args: &[impl AsRef<std::ffi::OsStr>]) -> Output {
@@ -3666,6 +3779,7 @@ fn package_deb_builds_a_package_debian_accepts() {
         "usr/share/doc/ocmd/copyright",
         "usr/share/doc/ocmd/changelog.gz",
         "usr/share/doc/ocmd/ocmd-alerts.yml",
+        "usr/share/doc/ocmd/ocmd-dashboard.json",
         "usr/lib/systemd/system/ocmd.service",
         "usr/lib/systemd/system/ocmd.socket",
         "etc/ocmd/ocmd.toml",
