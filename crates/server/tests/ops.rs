@@ -3490,11 +3490,18 @@ fn the_alert_rules_load_and_pass_their_unit_tests() {
     }
 }
 
-/// The metric selectors (`ocm_name{key="value", ...}`) in PromQL text, each as its metric
-/// family (a histogram's `_bucket` series are its family's) and its label matchers, a
-/// regular expression's alternatives (`=~"a|b"`) split. Names without a selector are
-/// prose and are passed over.
-fn promql_selectors(promql: &str) -> Vec<(String, Vec<(String, Vec<String>)>)> {
+/// A metric selector in PromQL, `ocm_name{key="value", key=~"a|b"}`.
+struct Selector {
+    /// The metric family (a histogram's `_bucket` series are its family's).
+    family: String,
+    /// Each label matcher's key and the values it matches (a regular expression's
+    /// alternatives split).
+    matchers: Vec<(String, Vec<String>)>,
+}
+
+/// The metric selectors in PromQL text. Names without a selector are prose and are passed
+/// over.
+fn promql_selectors(promql: &str) -> Vec<Selector> {
     let mut found = Vec::new();
     let mut rest = promql;
     while let Some(at) = rest.find("ocm_") {
@@ -3520,8 +3527,8 @@ fn promql_selectors(promql: &str) -> Vec<(String, Vec<(String, Vec<String>)>)> {
                 (key.to_owned(), values.collect())
             })
             .collect();
-        let family = name.strip_suffix("_bucket").unwrap_or(name);
-        found.push((family.to_owned(), matchers));
+        let family = name.strip_suffix("_bucket").unwrap_or(name).to_owned();
+        found.push(Selector { family, matchers });
     }
     found
 }
@@ -3536,7 +3543,7 @@ fn assert_reads_what_ocmd_serves(promql: &str, source: &str) -> usize {
         std::fs::read_to_string(root.join("crates/server/tests/data/metrics_fresh.prom")).unwrap();
     let guide = std::fs::read_to_string(root.join("docs/OPERATIONS.md")).unwrap();
     let selectors = promql_selectors(promql);
-    for (family, matchers) in &selectors {
+    for Selector { family, matchers } in &selectors {
         assert!(
             served.contains(&format!("# TYPE {family} ")),
             "{family} (in {source}) is not among the metrics ocmd serves"
