@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tcrp::Operation;
 
+use crate::conn::CloseReason;
 use crate::persist::Compactions;
 use crate::rooms::{DropReason, Stats};
 
@@ -102,6 +103,30 @@ pub fn operation_label(op: Operation) -> &'static str {
     }
 }
 
+/// Reasons a TCP connection is refused at accept (`ocm_tcp_connections_rejected_total`).
+const TCP_REJECT_REASONS: [&str; 4] = [
+    "max_connections",
+    "max_connections_per_ip",
+    "max_metrics_connections",
+    "poll_register",
+];
+
+/// Reasons a datagram's send fails (`ocm_send_errors_total`).
+const SEND_ERROR_REASONS: [&str; 4] = [
+    "would_block",
+    "last_words_full",
+    "last_words_expired",
+    "other",
+];
+
+/// Results of a SIGHUP reload (`ocm_config_reloads_total`).
+const RELOAD_RESULTS: [&str; 3] = ["ok", "error", "no_file"];
+
+/// A labelled counter with each of `labels` at 0.
+fn at_zero(labels: impl IntoIterator<Item = &'static str>) -> BTreeMap<&'static str, u64> {
+    labels.into_iter().map(|label| (label, 0)).collect()
+}
+
 impl Metrics {
     /// Fresh counters stamped with the start time.
     pub fn new() -> Metrics {
@@ -110,14 +135,18 @@ impl Metrics {
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or(Duration::ZERO)
                 .as_secs_f64(),
-            // Every reason the registry may drop for shows from the start, at 0, so that
-            // `rate()` and alerts see the series before the first drop. (The codec's parse
-            // failures show once they happen, and so does every other labelled counter's
-            // series: docs/OPERATIONS.md says which.)
-            datagrams_dropped: DropReason::REGISTRY
-                .iter()
-                .map(|reason| (reason.label(), 0))
-                .collect(),
+            // What the alerts (config/ocmd-alerts.yml) and most dashboards read shows from
+            // the start, at 0, so that `increase()` and `rate()` see a series before its
+            // first event: a series born at 1 shows no increase. That is every reason the
+            // registry may drop for, every reason a connection is refused or closed or a
+            // send fails, and every reload result. (The codec's parse failures, the rate
+            // limits' kinds, the handshakes and the HTTP codes show once they happen:
+            // docs/OPERATIONS.md says which.)
+            datagrams_dropped: at_zero(DropReason::REGISTRY.iter().map(|r| r.label())),
+            tcp_rejected: at_zero(TCP_REJECT_REASONS),
+            tcp_closed: at_zero(CloseReason::ALL.iter().map(|r| r.label())),
+            send_errors: at_zero(SEND_ERROR_REASONS),
+            reloads: at_zero(RELOAD_RESULTS),
             ..Metrics::default()
         }
     }
@@ -537,25 +566,46 @@ mod tests {
     #[test]
     fn fresh_metrics_show_the_labelled_series_the_docs_say() {
         let text = Metrics::new().render(Stats::default());
-        let labelled: Vec<&str> = text
+        let doc = documented_start();
+        let mut families = std::collections::BTreeSet::new();
+        for line in text
             .lines()
             .filter(|l| !l.starts_with('#') && l.contains('{') && !l.contains("_bucket{"))
-            .collect();
-        // Only the registry's drop reasons, each at 0 (in label order, as rendered).
-        let mut expected: Vec<String> = DropReason::REGISTRY
-            .iter()
-            .map(|r| format!("ocm_datagrams_dropped_total{{reason=\"{}\"}} 0", r.label()))
-            .collect();
-        expected.sort();
-        assert_eq!(labelled, expected);
-        let doc = documented_start();
-        for reason in DropReason::REGISTRY {
-            assert!(
-                doc.contains(&format!("`{}`", reason.label())),
-                "{reason:?}: {doc}"
-            );
+        {
+            let (family, rest) = line.split_once('{').unwrap_or_default();
+            let value = rest.split('"').nth(1).unwrap_or_default();
+            assert!(line.ends_with("} 0"), "{line}: a fresh series is at 0");
+            assert!(doc.contains(&format!("`{family}`")), "{family}: {doc}");
+            assert!(doc.contains(&format!("`{value}`")), "{line}: {doc}");
+            families.insert(family);
         }
-        // So every other labelled counter starts with no series: the docs name each.
+        // What the alerts read (config/ocmd-alerts.yml; tests/ops.rs checks that they read
+        // only series a fresh daemon shows) and the registry's drop reasons.
+        assert_eq!(
+            families.into_iter().collect::<Vec<_>>(),
+            [
+                "ocm_config_reloads_total",
+                "ocm_datagrams_dropped_total",
+                "ocm_send_errors_total",
+                "ocm_tcp_connections_closed_total",
+                "ocm_tcp_connections_rejected_total",
+            ]
+        );
+        for reason in DropReason::REGISTRY {
+            let series = format!(
+                "ocm_datagrams_dropped_total{{reason=\"{}\"}} 0",
+                reason.label()
+            );
+            assert!(text.contains(&series), "{series}");
+        }
+        for reason in CloseReason::ALL {
+            let series = format!(
+                "ocm_tcp_connections_closed_total{{reason=\"{}\"}} 0",
+                reason.label()
+            );
+            assert!(text.contains(&series), "{series}");
+        }
+        // Every other labelled counter starts with no series: the docs name each.
         let labelled_families = text
             .lines()
             .filter_map(|l| l.strip_prefix("# TYPE "))

@@ -3519,9 +3519,9 @@ fn promql_selectors(promql: &str) -> Vec<Selector> {
             .split(',')
             .map(str::trim)
             .map(|m| {
-                let (key, values) = m
-                    .split_once("=~")
-                    .or_else(|| m.split_once('='))
+                let (key, values) = ["=~", "!~", "!=", "="]
+                    .iter()
+                    .find_map(|op| m.split_once(op))
                     .unwrap_or_else(|| panic!("matcher {m}"));
                 let values = values.trim_matches('"').split('|').map(str::to_owned);
                 (key.to_owned(), values.collect())
@@ -3534,10 +3534,12 @@ fn promql_selectors(promql: &str) -> Vec<Selector> {
 }
 
 /// Every selector in `promql` (from `source`) reads a metric `ocmd` serves
-/// (tests/data/metrics_fresh.prom, its full render), and every label value it matches on
-/// other than `job` and `instance` is one docs/OPERATIONS.md documents for that metric.
-/// Returns how many selectors there were.
-fn assert_reads_what_ocmd_serves(promql: &str, source: &str) -> usize {
+/// (tests/data/metrics_fresh.prom, its full render), and every label it matches on other than
+/// `job` and `instance`, and each of its values, is one docs/OPERATIONS.md documents for that
+/// metric. With `from_start`, each counter series it reads is in a fresh daemon's render
+/// already (at 0), so that `increase()` sees its first event. Returns how many selectors
+/// there were.
+fn assert_reads_what_ocmd_serves(promql: &str, source: &str, from_start: bool) -> usize {
     let root = repo_root();
     let served =
         std::fs::read_to_string(root.join("crates/server/tests/data/metrics_fresh.prom")).unwrap();
@@ -3552,14 +3554,42 @@ fn assert_reads_what_ocmd_serves(promql: &str, source: &str) -> usize {
             .lines()
             .find(|l| l.starts_with(&format!("| `{family}` |")))
             .unwrap_or_else(|| panic!("{family} has no row in docs/OPERATIONS.md"));
-        for (key, values) in matchers {
-            if key == "job" || key == "instance" {
-                continue;
-            }
+        let labels: Vec<_> = matchers
+            .iter()
+            .filter(|(key, _)| key != "job" && key != "instance")
+            .collect();
+        for (key, values) in &labels {
+            assert!(
+                row.contains(&format!("`{key}`:")),
+                "{family}{{{key}=…}} in {source}: docs/OPERATIONS.md documents no label {key}"
+            );
             for value in values {
                 assert!(
                     row.contains(&format!("`{value}`")),
                     "{family}{{{key}=\"{value}\"}} in {source}: docs/OPERATIONS.md documents no such {key}"
+                );
+            }
+        }
+        if !from_start || !served.contains(&format!("# TYPE {family} counter")) {
+            continue;
+        }
+        if labels.is_empty() {
+            // Unlabelled, or every series of a labelled family (served at 0 from the start
+            // when the family is: tests of metrics.rs check that).
+            assert!(
+                served.contains(&format!("\n{family} 0\n"))
+                    || served.contains(&format!("\n{family}{{")),
+                "{family} (in {source}) is not served at 0 from the start"
+            );
+        }
+        for (key, values) in labels {
+            for value in values {
+                let series = format!("\n{family}{{{key}=\"{value}\"}} 0\n");
+                assert!(
+                    served.contains(&series),
+                    "{} (in {source}) is not served at 0 from the start: a series born at 1 \
+                     shows no increase",
+                    series.trim()
                 );
             }
         }
@@ -3581,7 +3611,7 @@ fn the_alert_rules_read_what_ocmd_serves_and_are_each_tested_and_documented() {
         .filter(|l| !l.trim_start().starts_with('#'))
         .collect::<Vec<_>>()
         .join("\n");
-    let selectors = assert_reads_what_ocmd_serves(&expressions, "config/ocmd-alerts.yml");
+    let selectors = assert_reads_what_ocmd_serves(&expressions, "config/ocmd-alerts.yml", true);
     assert!(selectors >= 10, "only {selectors} metric selectors found");
 
     let alerts: Vec<&str> = rules
@@ -3640,13 +3670,29 @@ fn the_dashboard_reads_what_ocmd_serves_and_its_panels_do_not_overlap() {
         assert!(!targets.is_empty(), "{title}: no query");
         for target in targets {
             let expr = target["expr"].as_str().expect("expr");
-            let selectors = assert_reads_what_ocmd_serves(expr, &format!("the panel {title}"));
+            let selectors =
+                assert_reads_what_ocmd_serves(expr, &format!("the panel {title}"), false);
             assert!(selectors > 0, "{title}: {expr} reads no ocm_ metric");
             assert!(expr.contains(r#"instance=~"$instance""#), "{title}: {expr}");
             exprs.push((title.clone(), expr.to_owned()));
         }
     }
     assert!(exprs.len() >= 15, "{} queries", exprs.len());
+    // Each alert is named on the panel that shows what it watches.
+    let descriptions: String = panels
+        .iter()
+        .filter_map(|p| p["description"].as_str())
+        .collect();
+    let rules = std::fs::read_to_string(repo_root().join("config/ocmd-alerts.yml")).unwrap();
+    for alert in rules
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("- alert: "))
+    {
+        assert!(
+            descriptions.contains(alert),
+            "no panel's description names {alert}"
+        );
+    }
 
     // The queries parse: promtool checks them as recording rules, Grafana's variables
     // replaced by what they stand for.
