@@ -130,6 +130,19 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Runs a check (a script, an outside tool) to completion and fails the test with its output,
+/// headed by `what`, when it does not pass. Its output, for more checks.
+fn assert_passes(cmd: Command, what: &str) -> Output {
+    let out = run_with_deadline(cmd);
+    assert!(
+        out.status.success(),
+        "{what}:\n{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    out
+}
+
 /// `ocmd ARGS...` to completion (for `--check-config`).
 fn ocmd(args: &[impl AsRef<std::ffi::OsStr>]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ocmd"));
@@ -2429,13 +2442,7 @@ fn the_unit_file_is_valid_and_sandboxed() {
     }
     let mut cmd = Command::new(repo_root().join("scripts/check-unit"));
     cmd.arg(env!("CARGO_BIN_EXE_ocmd"));
-    let out = run_with_deadline(cmd);
-    assert!(
-        out.status.success(),
-        "scripts/check-unit:\n{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    let out = assert_passes(cmd, "scripts/check-unit");
     assert!(text(&out.stdout).contains("check-unit: OK"));
     // And the check has teeth: a misspelt key fails it.
     let dir = tempfile::tempdir().unwrap();
@@ -3452,13 +3459,7 @@ fn the_shell_scripts_pass_shellcheck() {
     assert!(scripts.len() >= 12, "too few scripts found: {scripts:?}");
     let mut cmd = Command::new("shellcheck");
     cmd.args(&scripts);
-    let out = run_with_deadline(cmd);
-    assert!(
-        out.status.success(),
-        "shellcheck:\n{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    assert_passes(cmd, "shellcheck");
 }
 
 /// The example alerting rules (config/ocmd-alerts.yml) load, and their unit tests pass: each
@@ -3480,13 +3481,7 @@ fn the_alert_rules_load_and_pass_their_unit_tests() {
     ] {
         let mut cmd = Command::new("promtool");
         cmd.args(args).current_dir(&root);
-        let out = run_with_deadline(cmd);
-        assert!(
-            out.status.success(),
-            "promtool {args:?}:\n{}{}",
-            text(&out.stdout),
-            text(&out.stderr)
-        );
+        assert_passes(cmd, &format!("promtool {args:?}"));
     }
 }
 
@@ -3715,13 +3710,7 @@ fn the_dashboard_reads_what_ocmd_serves_and_its_panels_do_not_overlap() {
     std::fs::write(file.path(), rules).unwrap();
     let mut cmd = Command::new("promtool");
     cmd.args(["check", "rules"]).arg(file.path());
-    let out = run_with_deadline(cmd);
-    assert!(
-        out.status.success(),
-        "promtool check rules on the dashboard's queries:\n{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    assert_passes(cmd, "promtool check rules on the dashboard's queries");
 }
 
 fn package_deb(args: &[impl AsRef<std::ffi::OsStr>]) -> Output {
