@@ -29,8 +29,8 @@ Builds ocmd and ocm (cargo build --release --locked) and installs:
   PREFIX/share/bash-completion/completions/ocm, PREFIX/share/zsh/site-functions/_ocm,
   PREFIX/share/fish/vendor_completions.d/ocm.fish
                                              mode 0644: ocm's shell completions
-  UNIT_DIR/ocmd.service                      mode 0644 (ExecStart= follows PREFIX and
-                                             CONFIG_DIR)
+  UNIT_DIR/ocmd.service                      mode 0644 (ExecStart= and Documentation=
+                                             follow PREFIX, --config CONFIG_DIR)
   UNIT_DIR/ocmd.socket                       mode 0644, for socket activation; not enabled
   CONFIG_DIR/ocmd.toml                       mode 0644, never overwritten: when a different
                                              one exists, the new one goes to ocmd.toml.new
@@ -43,8 +43,8 @@ Options:
                     else target/release]
   --no-build        do not run cargo; install the binaries already built
   --destdir DIR     stage the files under DIR (DIR/PREFIX/bin/ocmd, DIR/UNIT_DIR/...) for a
-                    package to take (scripts/package-deb); the paths written into the unit
-                    and the configuration stay PREFIX, UNIT_DIR and CONFIG_DIR themselves
+                    package to take (scripts/package-deb); the paths written into the units
+                    stay PREFIX, UNIT_DIR and CONFIG_DIR themselves; DIR must be absolute
   --dry-run         print every action without doing any of it
   -h, --help        this text
 
