@@ -3528,17 +3528,25 @@ fn promql_selectors(promql: &str) -> Vec<Selector> {
     found
 }
 
-/// Every selector in `promql` (from `source`) reads a metric `ocmd` serves
-/// (tests/data/metrics_fresh.prom, its full render), and every label it matches on other than
-/// `job` and `instance`, and each of its values, is one docs/OPERATIONS.md documents for that
-/// metric. With `from_start`, each counter series it reads is in a fresh daemon's render
-/// already (at 0), so that `increase()` sees its first event. Returns how many selectors
-/// there were.
-fn assert_reads_what_ocmd_serves(promql: &str, source: &str, from_start: bool) -> usize {
-    let root = repo_root();
-    let served =
-        std::fs::read_to_string(root.join("crates/server/tests/data/metrics_fresh.prom")).unwrap();
-    let guide = std::fs::read_to_string(root.join("docs/OPERATIONS.md")).unwrap();
+/// A fresh daemon's full render (tests/data/metrics_fresh.prom, which the unit tests of
+/// metrics.rs keep true).
+fn fresh_render() -> String {
+    std::fs::read_to_string(repo_root().join("crates/server/tests/data/metrics_fresh.prom"))
+        .unwrap()
+}
+
+/// Every selector in `promql` (from `source`) reads a metric in `served` (a render of
+/// `ocmd`'s), and every label it matches on other than `job` and `instance`, and each of its
+/// values, is one docs/OPERATIONS.md documents for that metric. With `from_start` (and a
+/// fresh daemon's render), each counter series it reads is there already, at 0, so that
+/// `increase()` sees its first event. Returns how many selectors there were.
+fn assert_reads_what_ocmd_serves(
+    promql: &str,
+    source: &str,
+    served: &str,
+    from_start: bool,
+) -> usize {
+    let guide = std::fs::read_to_string(repo_root().join("docs/OPERATIONS.md")).unwrap();
     let selectors = promql_selectors(promql);
     for Selector { family, matchers } in &selectors {
         assert!(
@@ -3601,12 +3609,13 @@ fn the_alert_rules_read_what_ocmd_serves_and_are_each_tested_and_documented() {
     let rules = read("config/ocmd-alerts.yml");
     let guide = read("docs/OPERATIONS.md");
     let unit_tests = read("crates/server/tests/data/ocmd-alerts.test.yml");
-    let expressions: String = rules
-        .lines()
-        .filter(|l| !l.trim_start().starts_with('#'))
-        .collect::<Vec<_>>()
-        .join("\n");
-    let selectors = assert_reads_what_ocmd_serves(&expressions, "config/ocmd-alerts.yml", true);
+    let expressions = alert_expressions();
+    let selectors = assert_reads_what_ocmd_serves(
+        &expressions,
+        "config/ocmd-alerts.yml",
+        &fresh_render(),
+        true,
+    );
     assert!(selectors >= 10, "only {selectors} metric selectors found");
 
     let alerts: Vec<&str> = rules
@@ -3626,6 +3635,29 @@ fn the_alert_rules_read_what_ocmd_serves_and_are_each_tested_and_documented() {
     }
 }
 
+/// The alert rules (config/ocmd-alerts.yml) without their comments, which name metrics in
+/// prose.
+fn alert_expressions() -> String {
+    let rules = std::fs::read_to_string(repo_root().join("config/ocmd-alerts.yml")).unwrap();
+    rules
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A real daemon that has seen nothing serves every counter series the alert rules read,
+/// at 0, as tests/data/metrics_fresh.prom says: an alert sees the first event of each (a
+/// series born at 1 shows no increase).
+#[test]
+fn a_fresh_daemon_serves_every_series_the_alerts_read_at_zero() {
+    let d = Daemon::start_with(metrics_on());
+    let served = d.http_get("/metrics");
+    let expressions = alert_expressions();
+    let selectors = assert_reads_what_ocmd_serves(&expressions, "a fresh ocmd", &served, true);
+    assert!(selectors >= 10, "only {selectors} metric selectors found");
+}
+
 /// The Grafana dashboard (config/ocmd-dashboard.json) is JSON Grafana can import: panels with
 /// unique ids, a title, a description and queries, laid out on the 24-column grid without
 /// overlapping; and every query reads what `ocmd` serves, with label values the guide
@@ -3640,6 +3672,7 @@ fn the_dashboard_reads_what_ocmd_serves_and_its_panels_do_not_overlap() {
     let mut ids = std::collections::BTreeSet::new();
     let mut boxes: Vec<(String, [u64; 4])> = Vec::new();
     let mut exprs = Vec::new();
+    let served = fresh_render();
     for panel in panels {
         let title = panel["title"].as_str().expect("a title").to_owned();
         assert!(
@@ -3666,7 +3699,7 @@ fn the_dashboard_reads_what_ocmd_serves_and_its_panels_do_not_overlap() {
         for target in targets {
             let expr = target["expr"].as_str().expect("expr");
             let selectors =
-                assert_reads_what_ocmd_serves(expr, &format!("the panel {title}"), false);
+                assert_reads_what_ocmd_serves(expr, &format!("the panel {title}"), &served, false);
             assert!(selectors > 0, "{title}: {expr} reads no ocm_ metric");
             assert!(expr.contains(r#"instance=~"$instance""#), "{title}: {expr}");
             exprs.push((title.clone(), expr.to_owned()));
