@@ -85,11 +85,20 @@ pub struct Common {
         allow_negative_numbers = true
     )]
     pub daemon_nice: i32,
-    /// Priority of the paced senders' thread. `realtime` (`SCHED_FIFO` 1, when this process
-    /// may set it) sends each slot on time as a remote member would, whatever the daemon and
-    /// the receivers take of the two cores; `normal` leaves it level with them, where it
-    /// skipped 0.006–0.22% of its slots in 5 of 8 runs at 567k–6.3M deliveries/s (counted as
-    /// loss). Flat-out senders always run at normal priority.
+    /// Which thread sends the paced members' messages. `receiver`: the first receiver thread,
+    /// between its reads, looking at the schedule every 8 sockets and sleeping no later than
+    /// the next slot, so that the generator is one busy thread beside the daemon's loop on the
+    /// two cores instead of two. `own`: a thread of their own that sleeps between slots (in
+    /// ticks of 100 µs at high rates), at `--sender-priority`, as every run before 2026-12-07
+    /// 17:00 UTC did. Flat-out senders always have a thread each.
+    #[arg(long, global = true, value_enum, default_value_t = PacerThread::Receiver)]
+    pub pacer: PacerThread,
+    /// Priority of the paced senders' own thread (`--pacer own`). `realtime` (`SCHED_FIFO` 1,
+    /// when this process may set it) sends each slot on time as a remote member would,
+    /// whatever the daemon and the receivers take of the two cores; `normal` leaves it level
+    /// with them, where it skipped 0.006–0.22% of its slots in 5 of 8 runs at 567k–6.3M
+    /// deliveries/s (counted as loss). Flat-out senders, and a receiver that paces them,
+    /// always run at normal priority.
     #[arg(long, global = true, value_enum, default_value_t = SenderPriority::Realtime)]
     pub sender_priority: SenderPriority,
     /// How much of its schedule a held-up paced sender still sends late, milliseconds (each
@@ -101,6 +110,15 @@ pub struct Common {
     /// Also print each result as one JSON line.
     #[arg(long, global = true)]
     pub json: bool,
+}
+
+/// See `--pacer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PacerThread {
+    /// The first receiver thread, between its reads.
+    Receiver,
+    /// A thread of their own, asleep between slots.
+    Own,
 }
 
 /// See `--sender-priority`.

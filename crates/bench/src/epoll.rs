@@ -72,6 +72,32 @@ impl Epoll {
         let n = usize::try_from(n).unwrap_or(0);
         events[..n].iter().map(|event| event.u64)
     }
+
+    /// Like [`Epoll::wait`], with a timeout to the nanosecond (`epoll_pwait2`), for a thread
+    /// that must wake on time (a receiver that also paces senders); where the kernel lacks
+    /// it, rounded up to a millisecond.
+    pub fn wait_precise<'e>(
+        &self,
+        events: &'e mut [libc::epoll_event],
+        timeout: std::time::Duration,
+    ) -> impl Iterator<Item = u64> + 'e {
+        let room = i32::try_from(events.len()).unwrap_or(i32::MAX);
+        let spec = libc::timespec {
+            tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_nsec: timeout.subsec_nanos().into(),
+        };
+        // SAFETY: events has room for the count passed; spec is a valid timespec; no mask.
+        let mut n = unsafe {
+            libc::epoll_pwait2(self.0, events.as_mut_ptr(), room, &spec, std::ptr::null())
+        };
+        if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+            let ms = i32::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
+            // SAFETY: as in `wait`.
+            n = unsafe { libc::epoll_wait(self.0, events.as_mut_ptr(), room, ms) };
+        }
+        let n = usize::try_from(n).unwrap_or(0);
+        events[..n].iter().map(|event| event.u64)
+    }
 }
 
 impl Drop for Epoll {

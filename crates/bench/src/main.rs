@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::cli::{CapsArg, Cli, Common, FanoutArgs, Mode, SenderPriority};
+use crate::cli::{CapsArg, Cli, Common, FanoutArgs, Mode, PacerThread, SenderPriority};
 use crate::daemon::{is_tmpfs, Launcher, StateDir};
 use crate::error::{Error, Result};
 use crate::fanout::Pace;
@@ -98,6 +98,7 @@ fn secs(s: f64) -> Duration {
 fn run(cli: Cli) -> Result<()> {
     let common = &cli.common;
     fanout::set_paced_senders_realtime(common.sender_priority == SenderPriority::Realtime);
+    fanout::set_paced_by_receiver(common.pacer == PacerThread::Receiver);
     fanout::set_catch_up(Duration::from_millis(common.catch_up_ms));
     fanout::set_segmented_sends(common.sender_segments);
     let draining = draining(common);

@@ -99,6 +99,10 @@ pub struct Results {
     /// `None` in reports made before the option (normal priority).
     #[serde(default)]
     pub paced_senders_realtime: Option<bool>,
+    /// Whether every paced step's senders were driven by the first receiver thread
+    /// (`--pacer receiver`); `None` in reports made before the option (a thread of their own).
+    #[serde(default)]
+    pub paced_by_receiver: Option<bool>,
     /// How much of its schedule a held-up paced sender sent late, milliseconds
     /// (`--catch-up-ms`); `None` in reports made before the option (2 ms).
     #[serde(default)]
@@ -247,7 +251,10 @@ pub fn run(launcher: &Launcher, plan: &Plan) -> Result<Results> {
         receiver_poll_us: u64::try_from(plan.draining.poll.as_micros()).unwrap_or(u64::MAX),
         receiver_sweep: plan.draining.sweep,
         daemon_nice: launcher.nice,
-        paced_senders_realtime: paced_senders_realtime(&sweeps, batch_at_3m.as_ref()),
+        paced_senders_realtime: every_paced_run(&sweeps, batch_at_3m.as_ref(), |r| {
+            r.paced_senders_realtime
+        }),
+        paced_by_receiver: every_paced_run(&sweeps, batch_at_3m.as_ref(), |r| r.paced_by_receiver),
         paced_catch_up_ms: Some(crate::fanout::catch_up_ms()),
         sender_segments: crate::fanout::segmented_sends(),
         rows,
@@ -387,17 +394,18 @@ fn measure_handshakes(launcher: &Launcher, preload: usize) -> Result<HandshakeRe
     Ok(h)
 }
 
-/// Whether every paced run (sweep steps, runs at half, the 3M run) had real-time senders;
-/// `None` when any result predates the option.
-fn paced_senders_realtime(
+/// Whether `how` holds of every paced run (sweep steps, runs at half, the 3M run): real-time
+/// senders, senders driven by the receiver; `None` when any result predates the option.
+fn every_paced_run(
     sweeps: &[SweepResult],
     batch_at_3m: Option<&FanoutResult>,
+    how: impl Fn(&FanoutResult) -> Option<bool>,
 ) -> Option<bool> {
     sweeps
         .iter()
         .flat_map(|s| s.steps.iter().chain(&s.half))
         .chain(batch_at_3m)
-        .map(|r| r.paced_senders_realtime)
+        .map(how)
         .collect::<Option<Vec<bool>>>()
         .map(|all| all.iter().all(|&on| on))
 }

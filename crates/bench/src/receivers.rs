@@ -13,11 +13,15 @@
 //! that a receiver reads it at a fixed place, eight digits at a time. Messages sent before a
 //! measurement began (a backlog still draining from an earlier step) are counted apart as
 //! stale.
+//!
+//! The first thread may also drive the paced senders' schedule ([`Pacing`]): it looks at the
+//! schedule every [`PACE_EVERY`] sockets it reads and before it waits, and sleeps no later
+//! than the next slot's due time.
 
 use std::net::UdpSocket;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -26,6 +30,7 @@ use ucrp::delivery::{self, Delivery};
 
 use crate::epoll::{self, Epoll};
 use crate::error::{Context, Result};
+use crate::fanout::{Pacer, Sent, Turn};
 use crate::report::histogram;
 
 /// Datagrams per `recvmmsg` call.
@@ -33,7 +38,7 @@ const RECV_BATCH: usize = 64;
 /// Room for the largest UDP datagram: batch members announce `max_datagram` 65507.
 const DATAGRAM_BUF_LEN: usize = 65536;
 /// epoll_wait timeout, so the stop flag is seen promptly.
-const EPOLL_TIMEOUT_MS: i32 = 20;
+const EPOLL_TIMEOUT: Duration = Duration::from_millis(20);
 
 /// How the receiver threads drain the members' sockets.
 ///
@@ -276,6 +281,15 @@ pub struct Receivers {
     handles: Vec<JoinHandle<Result<Received>>>,
 }
 
+/// A paced schedule for the first receiver thread to drive between its reads, instead of a
+/// sender thread of its own, and where to hand over what was sent once it is done.
+pub struct Pacing {
+    /// The schedule; it starts at the thread's first look.
+    pub(crate) pacer: Pacer,
+    /// Gets what was sent, once every slot due within the step is sent, tried or skipped.
+    pub(crate) done: mpsc::Sender<Sent>,
+}
+
 impl Receivers {
     /// Starts `draining.threads` receivers over `sockets` (split round-robin); messages sent
     /// before `since_ns` on `clock` count as stale.
@@ -285,10 +299,20 @@ impl Receivers {
         clock: Clock,
         since_ns: u64,
     ) -> Result<Receivers> {
+        Receivers::spawn_pacing(sockets, draining, clock, since_ns, None)
+    }
+
+    /// Like [`Receivers::spawn`], the first thread also driving `pacing`.
+    pub fn spawn_pacing(
+        sockets: &[Arc<UdpSocket>],
+        draining: Draining,
+        clock: Clock,
+        since_ns: u64,
+        mut pacing: Option<Pacing>,
+    ) -> Result<Receivers> {
         let stop = Arc::new(AtomicBool::new(false));
         let progress = Arc::new(AtomicU64::new(0));
         let threads = draining.threads.clamp(1, sockets.len().max(1));
-        let poll_ns = u64::try_from(draining.poll.as_nanos()).unwrap_or(u64::MAX);
         for socket in sockets.iter().filter(|_| draining.stamp_arrivals) {
             // Before any thread reads, so that every datagram from now on is stamped as it
             // lands. Without stamps the read lag just goes unmeasured.
@@ -303,11 +327,14 @@ impl Receivers {
                 .map(Arc::clone)
                 .collect();
             let (stop, progress) = (Arc::clone(&stop), Arc::clone(&progress));
+            let pacing = pacing.take();
             let handle = thread::Builder::new()
                 .name(format!("recv-{t}"))
                 .spawn(move || {
-                    let sweep = draining.sweep;
-                    receive_loop(&mine, &stop, &progress, clock, since_ns, poll_ns, sweep)
+                    let mut pacer = DrivenPacer::new(pacing);
+                    receive_loop(
+                        &mine, &stop, &progress, clock, since_ns, draining, &mut pacer,
+                    )
                 })
                 .ctx("spawn receiver thread")?;
             handles.push(handle);
@@ -462,18 +489,20 @@ fn wall_ns() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
-/// One receiver thread until `stop`: asleep in `epoll_wait` until a socket is ready, then,
-/// for `poll_ns` after the last datagram, polling, by sweeps of every socket (`sweep`) or by
-/// `epoll_wait` with no timeout.
+/// One receiver thread until `stop`: asleep in `epoll_wait` until a socket is ready (or, when
+/// it paces senders, until their next slot), then, for `draining.poll` after the last
+/// datagram, polling, by sweeps of every socket (`draining.sweep`) or by `epoll_wait` with no
+/// timeout.
 fn receive_loop(
     sockets: &[Arc<UdpSocket>],
     stop: &AtomicBool,
     progress: &AtomicU64,
     clock: Clock,
     since_ns: u64,
-    poll_ns: u64,
-    sweep: bool,
+    draining: Draining,
+    pacer: &mut DrivenPacer,
 ) -> Result<Received> {
+    let poll_ns = u64::try_from(draining.poll.as_nanos()).unwrap_or(u64::MAX);
     let epoll = Epoll::new()?;
     for (i, socket) in sockets.iter().enumerate() {
         epoll.add_readable(socket.as_raw_fd(), i as u64)?;
@@ -485,23 +514,70 @@ fn receive_loop(
     };
     let mut events = epoll::events(sockets.len());
     while !stop.load(Ordering::Relaxed) {
+        let until_due = pacer.pace();
         let polling = poll_ns > 0 && clock.nanos().saturating_sub(reader.last_ready_ns) < poll_ns;
         reader.seen.polls += u64::from(polling);
-        if polling && sweep {
+        if polling && draining.sweep {
             // Every socket, in the order they joined: the order a relay's pass sends in.
-            for socket in sockets {
+            for (i, socket) in sockets.iter().enumerate() {
                 reader.drain(socket.as_raw_fd(), clock, progress);
+                if i % PACE_EVERY == PACE_EVERY - 1 {
+                    pacer.pace();
+                }
             }
             continue;
         }
-        let timeout = if polling { 0 } else { EPOLL_TIMEOUT_MS };
-        for key in epoll.wait(&mut events, timeout) {
+        // To the nanosecond, so that a slot due before the timeout leaves on time.
+        let timeout = match until_due {
+            _ if polling => Duration::ZERO,
+            Some(due) => due.min(EPOLL_TIMEOUT),
+            None => EPOLL_TIMEOUT,
+        };
+        for (i, key) in epoll.wait_precise(&mut events, timeout).enumerate() {
             if let Some(socket) = sockets.get(key as usize) {
                 reader.drain(socket.as_raw_fd(), clock, progress);
+            }
+            if i % PACE_EVERY == PACE_EVERY - 1 {
+                pacer.pace();
             }
         }
     }
     Ok(reader.seen)
+}
+
+/// How many sockets a receiver that paces senders reads between two looks at their
+/// schedule: a look reads the clock (about 20 ns), a socket's `recvmmsg` takes 0.5 µs or more.
+const PACE_EVERY: usize = 8;
+
+/// The schedule a receiver thread drives, if it drives one (until it is done).
+struct DrivenPacer(Option<Pacing>);
+
+impl DrivenPacer {
+    /// Called on the thread that drives it (its timers made precise).
+    fn new(pacing: Option<Pacing>) -> DrivenPacer {
+        if pacing.is_some() {
+            crate::fanout::precise_timers();
+        }
+        DrivenPacer(pacing)
+    }
+
+    /// Sends what is due (all of it: a backlog after a stall goes out within the catch-up
+    /// window, as a thread of its own would send it) and says how long until the next slot;
+    /// `None` without a schedule, or once it is done and handed over.
+    fn pace(&mut self) -> Option<Duration> {
+        let pacing = self.0.as_mut()?;
+        loop {
+            match pacing.pacer.turn() {
+                Turn::Wait(wait) if wait.is_zero() => {}
+                Turn::Wait(wait) => return Some(wait),
+                Turn::Done => {
+                    let Pacing { pacer, done } = self.0.take()?;
+                    let _ = done.send(pacer.finish());
+                    return None;
+                }
+            }
+        }
+    }
 }
 
 /// One receiver thread's buffers and tallies.
@@ -699,6 +775,58 @@ mod tests {
             let to = targets[seq as usize % targets.len()];
             from.send_to(&chat, to).unwrap();
         }
+    }
+
+    /// A receiver thread that paces two senders sends every slot of their schedule, wakes for
+    /// each slot while nothing arrives (500 µs apart, against its 20 ms wait), and still reads
+    /// what arrives: here the senders' own datagrams, framed as deliveries, which land in the
+    /// sockets it reads. It hands the schedule back once done.
+    #[test]
+    fn a_receiver_that_paces_senders_sends_every_slot_on_time_and_reads_them() {
+        use crate::fanout::{Lane, Pacer};
+        let sockets = crate::fanout::bind_sockets(2, 1 << 20).unwrap();
+        let mut prefix = Vec::new();
+        delivery::encode_chat("m0", b"", &mut prefix).unwrap();
+        let lanes = sockets
+            .iter()
+            .enumerate()
+            .map(|(i, to)| {
+                let from = UdpSocket::bind("127.0.0.1:0").unwrap();
+                from.connect(to.local_addr().unwrap()).unwrap();
+                Lane::new(Arc::new(from), &prefix, i, 64)
+            })
+            .collect();
+        let (rate, step, slots) = (2_000.0, Duration::from_millis(200), 400);
+        let clock = Clock::new();
+        let (done, handed_back) = mpsc::channel();
+        let pacer = Pacer::new(lanes, 64, rate, step, clock);
+        let draining = Draining {
+            threads: 1,
+            poll: Duration::from_micros(20),
+            sweep: true,
+            stamp_arrivals: true,
+        };
+        let pacing = Some(Pacing { pacer, done });
+        let receivers =
+            Receivers::spawn_pacing(&sockets, draining, clock, clock.nanos(), pacing).unwrap();
+        let sent = handed_back
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the schedule is handed back once done");
+        assert_eq!(sent.messages + sent.skipped, slots, "{sent:?}");
+        assert_eq!(sent.errors, 0, "{sent:?}");
+        assert_eq!(sent.lateness_ns.len(), slots, "each slot's lateness, once");
+        // Woken by its 20 ms timeout instead of the next slot, half would be ~10 ms late.
+        let median = sent.lateness_ns.value_at_quantile(0.5);
+        assert!(median < 5_000_000, "median lateness {median} ns");
+        let got = receivers
+            .finish(
+                sent.messages,
+                Duration::from_secs(5),
+                Duration::from_secs(20),
+            )
+            .unwrap();
+        assert_eq!(got.deliveries, sent.messages, "every datagram read back");
+        assert_eq!((got.undecodable, got.stale), (0, 0));
     }
 
     /// Whether they sleep at once, poll a while or all the time, asking epoll or sweeping.

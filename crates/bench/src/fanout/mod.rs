@@ -13,7 +13,7 @@ mod tests;
 
 use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -23,20 +23,24 @@ use crate::cli::CapsArg;
 use crate::daemon::{own_cpu_time, Daemon};
 use crate::error::{Context, Error, Result};
 use crate::members::Room;
-use crate::receivers::{kernel_drops, Clock, Draining, Receivers};
+use crate::receivers::{kernel_drops, Clock, Draining, Pacing, Receivers};
 use crate::report::{histogram, si, steal_time, CpuUse, DaemonDelay, LossAttribution, Percentiles};
 use crate::stalls::{StallMeter, Stalls};
 pub use senders::{
-    catch_up_ms, segmented_sends, senders_priority_note, set_catch_up, set_paced_senders_realtime,
-    set_segmented_sends,
+    catch_up_ms, paced_by_receiver, paced_senders_note, segmented_sends, set_catch_up,
+    set_paced_by_receiver, set_paced_senders_realtime, set_segmented_sends,
 };
-use senders::{send_loop, sender_threads, Lane, Sent};
+pub(crate) use senders::{precise_timers, Lane, Pacer, Sent, Turn};
+use senders::{send_loop, sender_threads};
 pub use sweep::{sweep, SweepResult};
 
 /// Messages per `sendmmsg` call.
 const SEND_BATCH: usize = 32;
 /// Nothing received for this long after the senders stop ends the drain.
 const DRAIN_QUIET: Duration = Duration::from_millis(300);
+/// How long past its step a receiver that paces the senders may take to hand back what they
+/// sent before the run gives up on it (its last slots are due by the step's end).
+const PACED_BY_RECEIVER_SLACK: Duration = Duration::from_secs(60);
 /// The drain never takes longer than this.
 const DRAIN_MAX: Duration = Duration::from_secs(30);
 /// The daemon counts as idle once its sent counter holds still this long.
@@ -174,6 +178,11 @@ pub struct FanoutResult {
     /// ([`set_paced_senders_realtime`]); `None` flat out, and in results recorded before.
     #[serde(default)]
     pub paced_senders_realtime: Option<bool>,
+    /// Paced runs: whether the first receiver thread drove the senders' schedule
+    /// ([`set_paced_by_receiver`]); `None` flat out, and in results recorded before the
+    /// option (a thread of their own).
+    #[serde(default)]
+    pub paced_by_receiver: Option<bool>,
 }
 
 impl FanoutResult {
@@ -324,7 +333,11 @@ impl FanoutResult {
             println!("  {}", stalls.line());
         }
         if let Some(realtime) = self.paced_senders_realtime {
-            println!("  paced senders: {}", senders_priority_note(realtime));
+            let by_receiver = self.paced_by_receiver.unwrap_or(false);
+            println!(
+                "  paced senders: {}",
+                paced_senders_note(by_receiver, realtime)
+            );
         }
     }
 }
@@ -356,7 +369,6 @@ pub fn measure(
         stamp_arrivals: matches!(pace, Pace::Rate(_)),
         ..draining
     };
-    let receivers = Receivers::spawn(&sockets, draining, clock, clock.nanos())?;
     let prefixes: Vec<Vec<u8>> = (0..senders)
         .map(|s| room.prefix(s))
         .collect::<Result<_>>()?;
@@ -364,25 +376,38 @@ pub fn measure(
         Pace::Max => None,
         Pace::Rate(r) => Some(r / senders as f64),
     };
+    let lanes = |members: &[usize]| -> Vec<Lane> {
+        members
+            .iter()
+            .map(|&i| Lane::new(Arc::clone(&room.members[i].socket), &prefixes[i], i, bytes))
+            .collect()
+    };
+    let by_receiver = per_sender.is_some() && paced_by_receiver();
+    // Driven by the first receiver, the schedule comes back over this channel once done.
+    let (pacing, schedule_done) = match pace {
+        Pace::Rate(rate) if by_receiver => {
+            let (done, sent) = mpsc::channel();
+            let every: Vec<usize> = (0..senders).collect();
+            let pacer = Pacer::new(lanes(&every), bytes, rate, duration, clock);
+            (Some(Pacing { pacer, done }), Some(sent))
+        }
+        _ => (None, None),
+    };
     let cpu0 = (daemon.cpu_time(), own_cpu_time());
     let steal0 = steal_time();
     let meter = StallMeter::start().ctx("spawn the stall meter")?;
     let send_start = clock.nanos();
     let t0 = Instant::now();
-    let threads = sender_threads(senders, pace);
-    let sent: Vec<Sent> = thread::scope(|s| {
+    // Inside the window: a receiver that paces starts its schedule as it starts.
+    let receivers = Receivers::spawn_pacing(&sockets, draining, clock, send_start, pacing)?;
+    let threads = sender_threads(senders, pace, by_receiver);
+    let mut sent: Vec<Sent> = thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let members: Vec<usize> = (t..senders).step_by(threads).collect();
                 let rate = per_sender.map(|r| r * members.len() as f64);
-                let (room, prefixes) = (&room, &prefixes);
-                s.spawn(move || {
-                    let mut lanes: Vec<Lane<'_>> = members
-                        .iter()
-                        .map(|&i| Lane::new(&room.members[i].socket, &prefixes[i], i, bytes))
-                        .collect();
-                    send_loop(&mut lanes, bytes, rate, duration, clock)
-                })
+                let lanes = lanes(&members);
+                s.spawn(move || send_loop(lanes, bytes, rate, duration, clock))
             })
             .collect();
         handles
@@ -390,7 +415,22 @@ pub fn measure(
             .map(|h| h.join().unwrap_or_default())
             .collect()
     });
-    let wall = t0.elapsed();
+    if let Some(done) = schedule_done {
+        let paced = done
+            .recv_timeout(duration + PACED_BY_RECEIVER_SLACK)
+            .map_err(|e| Error::Io {
+                context: "the paced senders on the receiver thread".into(),
+                source: std::io::Error::other(e),
+            })?;
+        sent.push(paced);
+    }
+    // Paced, the schedules' own span: the main thread may wait for a core before it sees
+    // the last one end (12–15 ms at 2 s and 5 s, the receiver pacing, both vCPUs busy).
+    let wall = sent
+        .iter()
+        .filter_map(|s| s.elapsed)
+        .max()
+        .unwrap_or_else(|| t0.elapsed());
     let stalls = meter.finish();
     let cpu1 = (daemon.cpu_time(), own_cpu_time());
     let offered: u64 = sent.iter().map(|s| s.messages).sum();
@@ -447,6 +487,7 @@ pub fn measure(
         receiver_lag_us: (!got.read_lag_ns.is_empty())
             .then(|| Percentiles::scaled(&got.read_lag_ns, 1e3)),
         paced_senders_realtime: per_sender.map(|_| sent.iter().all(|s| s.realtime)),
+        paced_by_receiver: per_sender.map(|_| by_receiver),
         daemon_delay: DaemonDelay::from_buckets(
             &after.histogram_delta(&before, "ocm_relay_delay_seconds"),
         ),

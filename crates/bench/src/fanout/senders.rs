@@ -1,10 +1,12 @@
-//! The sending members' threads: flat out, or paced on one schedule of slots (each message
-//! stamped with its slot's due time, a held-up sender catching up within a window and
-//! skipping the rest, counted as loss), at real-time priority unless told otherwise.
+//! The sending members: flat out, a thread each; or paced on one schedule of slots (each
+//! message stamped with its slot's due time, a held-up sender catching up within a window and
+//! skipping the rest, counted as loss), driven between the first receiver thread's reads
+//! ([`Pacer`], the default) or by a sleeping thread of its own at real-time priority.
 
 use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -18,7 +20,8 @@ use crate::stalls::become_realtime;
 /// Whether paced senders ask for real-time priority (`--sender-priority`, set once at start).
 static PACED_SENDERS_REALTIME: AtomicBool = AtomicBool::new(true);
 
-/// Sets whether paced senders run at `SCHED_FIFO` 1 (the default) or at normal priority.
+/// Sets whether paced senders on a thread of their own run at `SCHED_FIFO` 1 (the default)
+/// or at normal priority.
 ///
 /// The senders stand for members on other machines, whose messages leave on time whatever
 /// the daemon is doing. At normal priority on two vCPUs that the daemon and the receivers
@@ -26,33 +29,62 @@ static PACED_SENDERS_REALTIME: AtomicBool = AtomicBool::new(true);
 /// (counted as loss): 5 of 8 normal-priority runs at 567k–6.3M deliveries/s skipped
 /// 0.006–0.22% of their schedule, none of 12 real-time runs did (crates/bench/NOTES.md,
 /// "Paced senders at real-time priority"). Flat-out senders never ask: they never sleep,
-/// and would take a core outright.
+/// and would take a core outright. Nor does a receiver that paces them ([`set_paced_by_receiver`]):
+/// it polls while datagrams come, and at real-time priority it would keep the daemon off
+/// its core ("Receivers at real-time priority").
 pub fn set_paced_senders_realtime(on: bool) {
     PACED_SENDERS_REALTIME.store(on, Ordering::Relaxed);
 }
 
-/// How the paced senders ran, in words for the reports.
-pub fn senders_priority_note(realtime: bool) -> &'static str {
-    if realtime {
-        "at real-time priority (`SCHED_FIFO` 1), so they leave on schedule as remote members would, whatever the daemon and receivers take (`--sender-priority`)"
-    } else {
-        "at normal priority, level with the daemon, which can hold them up past their slots (`--sender-priority normal`, or not permitted to raise it)"
+/// Whether the first receiver thread drives the paced senders' schedule (`--pacer`, set once
+/// at start).
+static PACED_BY_RECEIVER: AtomicBool = AtomicBool::new(true);
+
+/// Sets whether the paced senders' schedule is driven by the first receiver thread between
+/// its reads (the default) or by a thread of its own that sleeps between slots.
+///
+/// A thread of its own wakes every 100 µs at the high rates, at real-time priority, and
+/// takes its vCPU from the daemon's loop or the receiver at each wake-up: with the loop and
+/// the receiver busy all the time, the three ask for more than the two vCPUs ("Who waits for
+/// a vCPU at the batch rates"). Driven by the receiver, which polls anyway while datagrams
+/// come, the generator is one busy thread, and each slot leaves within a few microseconds
+/// of its due time instead of at the next tick (crates/bench/NOTES.md, "Paced senders on
+/// the receiver's thread").
+pub fn set_paced_by_receiver(on: bool) {
+    PACED_BY_RECEIVER.store(on, Ordering::Relaxed);
+}
+
+/// Whether the first receiver thread drives the paced senders ([`set_paced_by_receiver`]).
+pub fn paced_by_receiver() -> bool {
+    PACED_BY_RECEIVER.load(Ordering::Relaxed)
+}
+
+/// How the paced senders ran, in words for the reports: driven by the receiver, or on a
+/// thread of their own at real-time priority or not.
+pub fn paced_senders_note(by_receiver: bool, realtime: bool) -> &'static str {
+    match (by_receiver, realtime) {
+        (true, _) => "from the receiver thread, between its reads, at normal priority (`--pacer receiver`): the generator keeps one busy thread beside the daemon's loop, as remote members would keep none, and each slot leaves as soon as the thread looks again, within microseconds while it polls",
+        (false, true) => "on a thread of their own at real-time priority (`SCHED_FIFO` 1), so they leave on schedule as remote members would, whatever the daemon and receivers take (`--pacer own`, `--sender-priority`)",
+        (false, false) => "on a thread of their own at normal priority, level with the daemon, which can hold them up past their slots (`--pacer own`, `--sender-priority normal`, or not permitted to raise it)",
     }
 }
 
 /// What one sender thread did.
 #[derive(Debug, Clone)]
-pub(super) struct Sent {
-    pub(super) messages: u64,
-    pub(super) errors: u64,
+pub(crate) struct Sent {
+    pub(crate) messages: u64,
+    pub(crate) errors: u64,
     /// Paced: schedule slots skipped after the thread was held up (see `send_loop`).
-    pub(super) skipped: u64,
+    pub(crate) skipped: u64,
     /// Paced: how late each skipped slot already was when it was skipped, nanoseconds.
-    pub(super) skipped_late_ns: Vec<u64>,
+    pub(crate) skipped_late_ns: Vec<u64>,
     /// Paced: how late each slot left (sent or skipped), nanoseconds.
-    pub(super) lateness_ns: Histogram<u64>,
+    pub(crate) lateness_ns: Histogram<u64>,
     /// Paced: the thread ran at real-time priority.
-    pub(super) realtime: bool,
+    pub(crate) realtime: bool,
+    /// Paced: from the schedule's first turn to the turn that found it done, the time the
+    /// offered rate is over (the thread that drove it may go on with other work after).
+    pub(crate) elapsed: Option<Duration>,
 }
 
 impl Default for Sent {
@@ -64,6 +96,7 @@ impl Default for Sent {
             skipped_late_ns: Vec::new(),
             lateness_ns: histogram(),
             realtime: false,
+            elapsed: None,
         }
     }
 }
@@ -310,17 +343,16 @@ pub(super) fn owed(
 
 /// Sets this thread's timer slack to 1 µs (the default 50 µs would make every paced sleep
 /// late by up to that much).
-pub(super) fn precise_timers() {
+pub(crate) fn precise_timers() {
     // SAFETY: PR_SET_TIMERSLACK takes a plain integer and affects only this thread.
     unsafe {
         libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
     }
 }
 
-/// One sending member driven by a sender thread: its connected socket and its `sendmmsg`
-/// scratch.
-pub(super) struct Lane<'a> {
-    socket: &'a UdpSocket,
+/// One sending member: its connected socket and its `sendmmsg` scratch.
+pub(crate) struct Lane {
+    socket: Arc<UdpSocket>,
     prefix_len: usize,
     /// The member's index, written into every text.
     sender: usize,
@@ -330,13 +362,13 @@ pub(super) struct Lane<'a> {
     filled: usize,
 }
 
-impl<'a> Lane<'a> {
-    pub(super) fn new(
-        socket: &'a UdpSocket,
+impl Lane {
+    pub(crate) fn new(
+        socket: Arc<UdpSocket>,
         prefix: &[u8],
         sender: usize,
         text_len: usize,
-    ) -> Lane<'a> {
+    ) -> Lane {
         Lane {
             socket,
             prefix_len: prefix.len(),
@@ -348,126 +380,239 @@ impl<'a> Lane<'a> {
     }
 }
 
+/// Fills the messages of slots `first..first + n` into their lanes (slot `k` is lane
+/// `k % lanes`'s message `k / lanes`), each stamped with `stamp(slot)`.
+fn fill(
+    lanes: &mut [Lane],
+    text: &mut Vec<u8>,
+    text_len: usize,
+    first: u64,
+    n: u64,
+    stamp: impl Fn(u64) -> u64,
+) {
+    let count = lanes.len() as u64;
+    for slot in first..first + n {
+        let lane = &mut lanes[(slot % count) as usize];
+        text.clear();
+        write_text(text, lane.sender, slot / count, stamp(slot), text_len);
+        let i = lane.filled;
+        lane.batch.fill(i, lane.prefix_len, text);
+        lane.slots[i] = slot;
+        lane.filled += 1;
+    }
+}
+
+/// Hands every lane's filled messages to the kernel and counts them into `sent`; paced
+/// (`schedule`: the rate and the step's start), each message's lateness too.
+fn flush(lanes: &mut [Lane], sent: &mut Sent, schedule: Option<(f64, u64)>, clock: Clock) {
+    for lane in lanes.iter_mut().filter(|lane| lane.filled > 0) {
+        let filled = std::mem::take(&mut lane.filled);
+        let result = loop {
+            match lane.batch.send(lane.socket.as_raw_fd(), filled) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        };
+        match result {
+            Ok(k) => {
+                sent.messages += k as u64;
+                sent.errors += (filled - k) as u64;
+                if let Some((r, start_ns)) = schedule {
+                    let left = clock.nanos();
+                    for &slot in &lane.slots[..k] {
+                        let due = start_ns + slot_due_ns(slot, r);
+                        let _ = sent.lateness_ns.record(left.saturating_sub(due).max(1));
+                    }
+                }
+            }
+            // Refused: pacing never retries a slot.
+            Err(_) => sent.errors += filled as u64,
+        }
+    }
+}
+
+/// What a [`Pacer`] asks of its driver after a turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Turn {
+    /// Come back in this long, when the next slot is due (zero: more is due now).
+    Wait(Duration),
+    /// Every slot due within the step was sent, tried or skipped.
+    Done,
+}
+
+/// Members sending on one paced schedule (`rate` messages/s in all, for `duration`): slot
+/// `k` is lane `k % lanes`'s message `k / lanes`, due `k / rate` after the schedule's first
+/// turn, and every slot due within the step is sent, tried or skipped ([`owed`]). Driven
+/// turn by turn: between a receiver's reads ([`crate::receivers::Pacing`]), or by a thread
+/// of its own that sleeps until the next slot ([`send_loop`]).
+pub(crate) struct Pacer {
+    lanes: Vec<Lane>,
+    text: Vec<u8>,
+    text_len: usize,
+    rate: f64,
+    duration: Duration,
+    clock: Clock,
+    catch_up: u64,
+    /// When the schedule started (its first turn), on the monotonic clock and on `clock`.
+    started: Option<(Instant, u64)>,
+    /// Slots sent or tried; the next slot is this plus those skipped.
+    attempted: u64,
+    sent: Sent,
+}
+
+impl Pacer {
+    /// A schedule that starts at its first turn.
+    pub(crate) fn new(
+        lanes: Vec<Lane>,
+        text_len: usize,
+        rate: f64,
+        duration: Duration,
+        clock: Clock,
+    ) -> Pacer {
+        let catch_up_secs = CATCH_UP_US.load(Ordering::Relaxed) as f64 / 1e6;
+        Pacer {
+            lanes,
+            text: Vec::with_capacity(text_len + 64),
+            text_len,
+            rate,
+            duration,
+            clock,
+            catch_up: slots_caught_up(rate, catch_up_secs),
+            started: None,
+            attempted: 0,
+            sent: Sent::default(),
+        }
+    }
+
+    /// Skips what is owed beyond the catch-up window, sends up to a `sendmmsg` per lane of
+    /// what is due, and says when to come back.
+    pub(crate) fn turn(&mut self) -> Turn {
+        let clock = self.clock;
+        let (start, start_ns) = *self
+            .started
+            .get_or_insert_with(|| (Instant::now(), clock.nanos()));
+        let elapsed = start.elapsed();
+        let over = elapsed >= self.duration;
+        if self.lanes.is_empty() {
+            return Turn::Done;
+        }
+        let (r, sent) = (self.rate, &mut self.sent);
+        let Owed { skip, send } = owed(
+            elapsed,
+            self.duration,
+            r,
+            self.attempted + sent.skipped,
+            self.catch_up,
+        );
+        if skip > 0 {
+            // Not sent, but not left out of the latency either: each skipped slot counts as
+            // deliveries at least as late as it is now.
+            let now = self.clock.nanos();
+            let first = self.attempted + sent.skipped;
+            for slot in first..first + skip {
+                let late = now.saturating_sub(start_ns + slot_due_ns(slot, r));
+                sent.skipped_late_ns.push(late);
+                let _ = sent.lateness_ns.record(late.max(1));
+            }
+            sent.skipped += skip;
+        }
+        if send == 0 {
+            if over {
+                sent.elapsed = Some(start.elapsed());
+                return Turn::Done;
+            }
+            let next = Duration::from_secs_f64((self.attempted + sent.skipped) as f64 / r);
+            return Turn::Wait(
+                next.saturating_sub(start.elapsed())
+                    .max(Duration::from_nanos(1)),
+            );
+        }
+        let n = send.min(SEND_BATCH as u64 * self.lanes.len() as u64);
+        let first = self.attempted + sent.skipped;
+        // A paced message carries the time its slot was due, not the time it left: a sender
+        // held up (by the daemon or by anything else on the machine) then shows as latency
+        // instead of hiding it (coordinated omission).
+        fill(
+            &mut self.lanes,
+            &mut self.text,
+            self.text_len,
+            first,
+            n,
+            |slot| start_ns + slot_due_ns(slot, r),
+        );
+        flush(&mut self.lanes, sent, Some((r, start_ns)), self.clock);
+        // Slots advance for every attempt so pacing does not retry forever.
+        self.attempted += n;
+        Turn::Wait(Duration::ZERO)
+    }
+
+    /// What the schedule's members sent.
+    pub(crate) fn finish(self) -> Sent {
+        self.sent
+    }
+
+    /// Asks for real-time priority for the calling thread, its own, when paced senders should
+    /// have it ([`set_paced_senders_realtime`]), and records whether it was granted.
+    fn claim_priority(&mut self) {
+        self.sent.realtime = PACED_SENDERS_REALTIME.load(Ordering::Relaxed) && become_realtime();
+    }
+}
+
 /// Sends from the members of `lanes` until `duration` is over, flat out or paced at `rate`
-/// msgs/s in all. Paced, the lanes share one schedule: slot `k` is lane `k % lanes`'s
-/// message number `k / lanes`, so one thread's wake-up sends what is due from every lane;
-/// every slot due within `duration` is sent, tried or skipped ([`owed`]).
+/// msgs/s in all ([`Pacer`], this thread asleep between its turns).
 pub(super) fn send_loop(
-    lanes: &mut [Lane<'_>],
+    lanes: Vec<Lane>,
     text_len: usize,
     rate: Option<f64>,
     duration: Duration,
     clock: Clock,
 ) -> Sent {
-    let count = lanes.len() as u64;
-    let mut sent = Sent::default();
-    let catch_up_secs = CATCH_UP_US.load(Ordering::Relaxed) as f64 / 1e6;
-    if rate.is_some() {
-        precise_timers();
-        sent.realtime = PACED_SENDERS_REALTIME.load(Ordering::Relaxed) && become_realtime();
-    }
-    let mut text = Vec::with_capacity(text_len + 64);
-    // Slots sent or tried (`attempted`) and skipped: the next slot is their sum.
-    let mut attempted = 0u64;
-    let start_ns = clock.nanos();
-    let start = Instant::now();
+    let Some(rate) = rate else {
+        return send_flat_out(lanes, text_len, duration, clock);
+    };
+    precise_timers();
+    let mut pacer = Pacer::new(lanes, text_len, rate, duration, clock);
+    pacer.claim_priority();
     loop {
-        let elapsed = start.elapsed();
-        let over = elapsed >= duration;
-        if count == 0 || (over && rate.is_none()) {
-            break;
+        match pacer.turn() {
+            Turn::Done => return pacer.finish(),
+            Turn::Wait(wait) if wait.is_zero() => {}
+            // Sleep, never spin: a spinning pacer takes a core the daemon needs. Above
+            // 1 / PACING_TICK msgs/s the due messages leave together once a tick, in one
+            // sendmmsg per lane.
+            Turn::Wait(wait) => thread::sleep(wait.max(PACING_TICK)),
         }
-        let due = match rate {
-            None => SEND_BATCH as u64 * count,
-            Some(r) => {
-                let catch_up = slots_caught_up(r, catch_up_secs);
-                let Owed { skip, send } =
-                    owed(elapsed, duration, r, attempted + sent.skipped, catch_up);
-                if skip > 0 {
-                    // Not sent, but not left out of the latency either: each skipped slot
-                    // counts as deliveries at least as late as it is now.
-                    let now = clock.nanos();
-                    let first = attempted + sent.skipped;
-                    for slot in first..first + skip {
-                        let late = now.saturating_sub(start_ns + slot_due_ns(slot, r));
-                        sent.skipped_late_ns.push(late);
-                        let _ = sent.lateness_ns.record(late.max(1));
-                    }
-                    sent.skipped += skip;
-                }
-                if send == 0 && over {
-                    break;
-                }
-                if send == 0 {
-                    // Sleep, never spin: a spinning pacer takes a core the daemon needs.
-                    // Above 1 / PACING_TICK msgs/s the due messages leave together once a
-                    // tick, in one sendmmsg per lane.
-                    let next = Duration::from_secs_f64((attempted + sent.skipped) as f64 / r);
-                    let wait = next.saturating_sub(start.elapsed());
-                    thread::sleep(wait.max(PACING_TICK));
-                    continue;
-                }
-                send
-            }
-        };
-        let n = due.min(SEND_BATCH as u64 * count);
+    }
+}
+
+/// Sends from the members of `lanes` as fast as their sockets take it until `duration` is
+/// over, each message stamped with the time it is filled.
+fn send_flat_out(mut lanes: Vec<Lane>, text_len: usize, duration: Duration, clock: Clock) -> Sent {
+    let mut sent = Sent::default();
+    let mut text = Vec::with_capacity(text_len + 64);
+    let mut next = 0u64;
+    let start = Instant::now();
+    while !lanes.is_empty() && start.elapsed() < duration {
+        let n = SEND_BATCH as u64 * lanes.len() as u64;
         let now = clock.nanos();
-        let first = attempted + sent.skipped;
-        for slot in first..first + n {
-            let lane = &mut lanes[(slot % count) as usize];
-            // A paced message carries the time its slot was due, not the time it left: a
-            // sender held up (by the daemon or by anything else on the machine) then shows as
-            // latency instead of hiding it (coordinated omission).
-            let stamp = match rate {
-                Some(r) => start_ns + slot_due_ns(slot, r),
-                None => now,
-            };
-            text.clear();
-            write_text(&mut text, lane.sender, slot / count, stamp, text_len);
-            let i = lane.filled;
-            lane.batch.fill(i, lane.prefix_len, &text);
-            lane.slots[i] = slot;
-            lane.filled += 1;
-        }
-        for lane in lanes.iter_mut().filter(|lane| lane.filled > 0) {
-            let filled = std::mem::take(&mut lane.filled);
-            let result = loop {
-                match lane.batch.send(lane.socket.as_raw_fd(), filled) {
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    other => break other,
-                }
-            };
-            match result {
-                Ok(k) => {
-                    sent.messages += k as u64;
-                    sent.errors += (filled - k) as u64;
-                    if let Some(r) = rate {
-                        let left = clock.nanos();
-                        for &slot in &lane.slots[..k] {
-                            let due = start_ns + slot_due_ns(slot, r);
-                            let _ = sent.lateness_ns.record(left.saturating_sub(due).max(1));
-                        }
-                    }
-                }
-                // Refused: pacing never retries a slot.
-                Err(_) => sent.errors += filled as u64,
-            }
-        }
-        // Slots advance for every attempt so pacing does not retry forever.
-        attempted += n;
+        fill(&mut lanes, &mut text, text_len, next, n, |_| now);
+        flush(&mut lanes, &mut sent, None, clock);
+        next += n;
     }
     sent
 }
 
-/// How many threads send for `senders` members: flat out, one each (each sends as fast as
-/// its socket takes); paced, one for all, on one schedule. Each paced thread wakes every
-/// [`PACING_TICK`] at high rates, and every wake-up can switch the daemon's loop out: with
-/// the two senders of the standard matrix on one thread instead of two (2026-12-04, 19:00
-/// UTC, batch members at 3M and 6.3M deliveries/s, alternating pairs), the generator took
-/// 5–10% of a core less and the p50 and p90 came out lower in every pair.
-pub(super) fn sender_threads(senders: usize, pace: Pace) -> usize {
+/// How many threads of their own send for `senders` members: flat out, one each (each sends
+/// as fast as its socket takes); paced, none when the receiver drives them (`by_receiver`),
+/// else one for all, on one schedule. Each paced thread wakes every [`PACING_TICK`] at high
+/// rates, and every wake-up can switch the daemon's loop out: with the two senders of the
+/// standard matrix on one thread instead of two (2026-12-04, 19:00 UTC, batch members at 3M
+/// and 6.3M deliveries/s, alternating pairs), the generator took 5–10% of a core less and the
+/// p50 and p90 came out lower in every pair.
+pub(super) fn sender_threads(senders: usize, pace: Pace, by_receiver: bool) -> usize {
     match pace {
         Pace::Max => senders,
+        Pace::Rate(_) if by_receiver => 0,
         Pace::Rate(_) => senders.min(1),
     }
 }

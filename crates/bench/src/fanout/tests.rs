@@ -21,11 +21,11 @@ const PUBLISHED_STEP: &str = r#"{"members": 64, "senders": 2, "bytes": 128, "cap
     "loadavg": 1.68, "client_rcvbuf": 8388608, "paced_skips": 1181}"#;
 
 /// A socket nobody reads, and a sending member's socket connected to it.
-fn sink_and_sender() -> (UdpSocket, UdpSocket) {
+fn sink_and_sender() -> (UdpSocket, Arc<UdpSocket>) {
     let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
     let from = UdpSocket::bind("127.0.0.1:0").unwrap();
     from.connect(sink.local_addr().unwrap()).unwrap();
-    (sink, from)
+    (sink, Arc::new(from))
 }
 
 /// Slots a held-up sender skipped never reach a member: they are loss, and the pace test's
@@ -120,9 +120,9 @@ fn a_paced_sender_reports_the_priority_it_really_ran_at() {
     // Its own thread: the policy stays with the thread that asked for it.
     let (sent, policy) = thread::scope(|s| {
         s.spawn(|| {
-            let mut lanes = vec![Lane::new(&from, b"h:", 1, 64)];
+            let lanes = vec![Lane::new(Arc::clone(&from), b"h:", 1, 64)];
             let sent = send_loop(
-                &mut lanes,
+                lanes,
                 64,
                 Some(1_000.0),
                 Duration::from_millis(20),
@@ -205,9 +205,9 @@ fn a_sender_held_up_at_the_end_of_its_step_owes_what_was_due_within_it() {
 fn a_sender_behind_at_the_end_of_its_step_still_handles_every_slot_due() {
     let _window = CatchUp::lock();
     let (_sink, from) = sink_and_sender();
-    let mut lanes = vec![Lane::new(&from, b"h:", 1, 16)];
+    let lanes = vec![Lane::new(Arc::clone(&from), b"h:", 1, 16)];
     let sent = send_loop(
-        &mut lanes,
+        lanes,
         16,
         Some(10_000_000.0),
         Duration::from_millis(5),
@@ -258,7 +258,7 @@ fn a_sender_behind_by_more_than_its_window_skips_the_rest_and_counts_how_late() 
     let _window = CatchUp::lock();
     set_catch_up(Duration::ZERO);
     let (_sink, from) = sink_and_sender();
-    let mut lanes = vec![Lane::new(&from, b"h:", 1, 16)];
+    let lanes = vec![Lane::new(Arc::clone(&from), b"h:", 1, 16)];
     let clock = Clock::new();
     // The step starts well after the clock's origin, so that no slot is due at its 0.
     while clock.nanos() < 1_000_000 {
@@ -266,7 +266,7 @@ fn a_sender_behind_by_more_than_its_window_skips_the_rest_and_counts_how_late() 
     }
     let before = clock.nanos();
     let sent = send_loop(
-        &mut lanes,
+        lanes,
         16,
         Some(10_000_000.0),
         Duration::from_millis(5),
@@ -304,8 +304,8 @@ fn a_flat_out_sender_stops_when_its_step_is_over() {
     let (done, finished) = std::sync::mpsc::channel();
     // Its own thread, so that a loop that never stops fails the test instead of hanging it.
     thread::spawn(move || {
-        let mut lanes = vec![Lane::new(&from, b"h:", 1, 16)];
-        let sent = send_loop(&mut lanes, 16, None, Duration::from_millis(5), Clock::new());
+        let lanes = vec![Lane::new(Arc::clone(&from), b"h:", 1, 16)];
+        let sent = send_loop(lanes, 16, None, Duration::from_millis(5), Clock::new());
         let _ = done.send(sent);
     });
     let sent = finished
@@ -325,11 +325,11 @@ fn a_flat_out_sender_stops_when_its_step_is_over() {
 #[test]
 fn paced_messages_carry_their_slot_times() {
     let to = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let members: Vec<UdpSocket> = (0..2)
+    let members: Vec<Arc<UdpSocket>> = (0..2)
         .map(|_| {
             let from = UdpSocket::bind("127.0.0.1:0").unwrap();
             from.connect(to.local_addr().unwrap()).unwrap();
-            from
+            Arc::new(from)
         })
         .collect();
     to.set_read_timeout(Some(Duration::from_millis(100)))
@@ -357,12 +357,12 @@ fn paced_messages_carry_their_slot_times() {
                 }
             }
         });
-        let mut lanes = vec![
-            Lane::new(&members[0], prefix, 3, 64),
-            Lane::new(&members[1], prefix, 5, 64),
+        let lanes = vec![
+            Lane::new(Arc::clone(&members[0]), prefix, 3, 64),
+            Lane::new(Arc::clone(&members[1]), prefix, 5, 64),
         ];
         let sent = send_loop(
-            &mut lanes,
+            lanes,
             64,
             Some(rate),
             Duration::from_millis(200),
@@ -375,6 +375,9 @@ fn paced_messages_carry_their_slot_times() {
     assert!(sent.messages >= 3, "{sent:?}");
     // 200 ms at 2,000 msg/s: slots 0 to 399.
     assert_eq!(sent.messages + sent.errors + sent.skipped, 400, "{sent:?}");
+    // The offered rate is over the schedule's own span, which ends once the step is over.
+    let span = sent.elapsed.expect("a paced schedule records its span");
+    assert!(span >= Duration::from_millis(200), "{span:?}");
     assert_eq!(stamps.len() as u64, sent.messages);
     assert_eq!(sent.skipped as usize, sent.skipped_late_ns.len());
     assert_eq!(sent.lateness_ns.len(), sent.messages + sent.skipped);

@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 
 use crate::cli::CapsArg;
-use crate::fanout::{senders_priority_note, FanoutResult, Pace, SweepResult};
+use crate::fanout::{paced_senders_note, FanoutResult, Pace, SweepResult};
 use crate::handshake::HandshakeResult;
 use crate::memory::MemoryResult;
 use crate::report::{micros, si};
@@ -95,7 +95,10 @@ fn write_machine(w: &mut String, r: &Results) {
     let _ = writeln!(
         w,
         "- paced senders ran {}; one held up sent up to {} ms of its schedule late (`--catch-up-ms`), each message stamped with its slot's due time, and skipped the slots it missed beyond that, counted as loss",
-        senders_priority_note(r.paced_senders_realtime.unwrap_or(false)),
+        paced_senders_note(
+            r.paced_by_receiver.unwrap_or(false),
+            r.paced_senders_realtime.unwrap_or(false)
+        ),
         r.paced_catch_up_ms.unwrap_or(2)
     );
     let _ = writeln!(w, "- {}", sender_segments_note(r.sender_segments));
@@ -774,6 +777,23 @@ mod tests {
             !results(fixture()).sender_segments,
             "a report before the option"
         );
+    }
+
+    /// A report says which thread sent the paced members' messages: the receiver's, or one
+    /// of their own (and at which priority), as every report did before the option.
+    #[test]
+    fn the_report_says_which_thread_paced_the_senders() {
+        let mut by_receiver = fixture();
+        by_receiver["paced_by_receiver"] = json!(true);
+        let text = markdown(&results(by_receiver));
+        assert!(text.contains("paced senders ran from the receiver thread, between its reads"));
+        assert!(!text.contains("on a thread of their own"));
+        let before = markdown(&results(fixture()));
+        assert!(before.contains(
+            "paced senders ran on a thread of their own at real-time priority (`SCHED_FIFO` 1)"
+        ));
+        let normal = markdown(&results(variant()));
+        assert!(normal.contains("paced senders ran on a thread of their own at normal priority"));
     }
 
     /// Writes the expected reports; run once by hand with `--ignored` to record them.
