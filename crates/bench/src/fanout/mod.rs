@@ -38,11 +38,11 @@ pub use sweep::{sweep, SweepResult};
 const SEND_BATCH: usize = 32;
 /// Nothing received for this long after the senders stop ends the drain.
 const DRAIN_QUIET: Duration = Duration::from_millis(300);
+/// The drain never takes longer than this.
+const DRAIN_MAX: Duration = Duration::from_secs(30);
 /// How long past its step a receiver that paces the senders may take to hand back what they
 /// sent before the run gives up on it (its last slots are due by the step's end).
 const PACED_BY_RECEIVER_SLACK: Duration = Duration::from_secs(60);
-/// The drain never takes longer than this.
-const DRAIN_MAX: Duration = Duration::from_secs(30);
 /// The daemon counts as idle once its sent counter holds still this long.
 const SETTLE_QUIET: Duration = Duration::from_millis(300);
 /// Waiting for an idle daemon gives up after this long.
