@@ -86,9 +86,9 @@ pub struct Common {
     )]
     pub daemon_nice: i32,
     /// Which thread sends the paced members' messages. `receiver`: the first receiver thread,
-    /// between its reads, looking at the schedule every 8 sockets and sleeping no later than
-    /// the next slot, so that the generator is one busy thread beside the daemon's loop on the
-    /// two cores instead of two. `own`: a thread of their own that sleeps between slots (in
+    /// between its reads, looking at the schedule every 8 sockets (and after each full read of
+    /// one with a backlog) and sleeping no later than the next slot, so that the generator is
+    /// one busy thread beside the daemon's loop on the two cores instead of two. `own`: a thread of their own that sleeps between slots (in
     /// ticks of 100 µs at high rates), at `--sender-priority`, as every run before 2026-12-07
     /// 17:00 UTC did. Flat-out senders always have a thread each.
     #[arg(long, global = true, value_enum, default_value_t = PacerThread::Receiver)]

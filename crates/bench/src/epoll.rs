@@ -2,6 +2,7 @@
 //! sockets (the receivers, the handshake driver). Each descriptor carries a caller's key.
 
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Context, Result};
 
@@ -73,24 +74,44 @@ impl Epoll {
         events[..n].iter().map(|event| event.u64)
     }
 
-    /// Like [`Epoll::wait`], with a timeout to the nanosecond (`epoll_pwait2`), for a thread
-    /// that must wake on time (a receiver that also paces senders); where the kernel lacks
-    /// it, rounded up to a millisecond.
+    /// Like [`Epoll::wait`], with a timeout to the nanosecond (`epoll_pwait2`, Linux 5.11),
+    /// for a thread that must wake on time (a receiver that also paces senders). Where the
+    /// kernel refuses the call (too old, or a seccomp filter that does not know it), this and
+    /// every later wait use `epoll_wait`, the timeout rounded up to a millisecond.
     pub fn wait_precise<'e>(
         &self,
         events: &'e mut [libc::epoll_event],
         timeout: std::time::Duration,
     ) -> impl Iterator<Item = u64> + 'e {
+        static REFUSED: AtomicBool = AtomicBool::new(false);
         let room = i32::try_from(events.len()).unwrap_or(i32::MAX);
-        let spec = libc::timespec {
-            tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
-            tv_nsec: timeout.subsec_nanos().into(),
-        };
-        // SAFETY: events has room for the count passed; spec is a valid timespec; no mask.
-        let mut n = unsafe {
-            libc::epoll_pwait2(self.0, events.as_mut_ptr(), room, &spec, std::ptr::null())
-        };
-        if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+        let mut n = -1;
+        if !REFUSED.load(Ordering::Relaxed) {
+            let spec = libc::timespec {
+                tv_sec: timeout.as_secs().try_into().unwrap_or(libc::time_t::MAX),
+                tv_nsec: timeout.subsec_nanos() as _,
+            };
+            // SAFETY: the raw system call (glibc wraps it only from 2.35): events has room for
+            // the count passed, spec is a valid timespec, no signal mask (null, size 0).
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_epoll_pwait2,
+                    self.0,
+                    events.as_mut_ptr(),
+                    room,
+                    &spec as *const libc::timespec,
+                    std::ptr::null::<libc::sigset_t>(),
+                    0usize,
+                )
+            };
+            n = rc as i32;
+            let refused =
+                rc < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR);
+            if refused {
+                REFUSED.store(true, Ordering::Relaxed);
+            }
+        }
+        if REFUSED.load(Ordering::Relaxed) && n < 0 {
             let ms = i32::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
             // SAFETY: as in `wait`.
             n = unsafe { libc::epoll_wait(self.0, events.as_mut_ptr(), room, ms) };
@@ -112,4 +133,26 @@ impl Drop for Epoll {
 /// Scratch for `n` ready events.
 pub fn events(n: usize) -> Vec<libc::epoll_event> {
     vec![libc::epoll_event { events: 0, u64: 0 }; n.max(1)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// A precise wait on nothing waits out its timeout (a broken one would return at once),
+    /// and wakes for it rather than sleeping on.
+    #[test]
+    fn a_precise_wait_on_nothing_lasts_its_timeout() {
+        let epoll = Epoll::new().unwrap();
+        let mut events = events(1);
+        let started = Instant::now();
+        let ready = epoll
+            .wait_precise(&mut events, Duration::from_millis(2))
+            .count();
+        let took = started.elapsed();
+        assert_eq!(ready, 0);
+        assert!(took >= Duration::from_millis(2), "{took:?}");
+        assert!(took < Duration::from_secs(1), "{took:?}");
+    }
 }

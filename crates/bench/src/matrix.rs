@@ -95,8 +95,9 @@ pub struct Results {
     /// The niceness `ocmd` ran at (the load generator runs at 0).
     #[serde(default)]
     pub daemon_nice: i32,
-    /// Whether every paced step ran its senders at real-time priority (`--sender-priority`);
-    /// `None` in reports made before the option (normal priority).
+    /// Whether every paced step ran its senders at real-time priority (`--sender-priority`;
+    /// false when the receiver paced them, at normal priority); `None` in reports made before
+    /// the option (normal priority).
     #[serde(default)]
     pub paced_senders_realtime: Option<bool>,
     /// Whether every paced step's senders were driven by the first receiver thread

@@ -2,9 +2,10 @@
 //! drained, and deliveries, loss and latency are counted. Also the sweep for the highest
 //! rate with loss under a threshold.
 //!
-//! This module runs one measurement (`measure`); `senders` are the sending members' threads,
-//! flat out or paced on a schedule, and `sweep` the search for the highest rate with loss
-//! under the threshold.
+//! This module runs one measurement (`measure`); `senders` are the sending members, flat out
+//! on a thread each or paced on one schedule (driven by the first receiver thread, or by a
+//! thread of its own), and `sweep` the search for the highest rate with loss under the
+//! threshold.
 
 mod senders;
 mod sweep;
@@ -175,7 +176,9 @@ pub struct FanoutResult {
     #[serde(default)]
     pub receiver_lag_us: Option<Percentiles>,
     /// Paced runs: whether every sender thread ran at `SCHED_FIFO` 1
-    /// ([`set_paced_senders_realtime`]); `None` flat out, and in results recorded before.
+    /// ([`set_paced_senders_realtime`]); `Some(false)` when the receiver paced them (at normal
+    /// priority, [`FanoutResult::paced_by_receiver`]); `None` flat out, and in results
+    /// recorded before.
     #[serde(default)]
     pub paced_senders_realtime: Option<bool>,
     /// Paced runs: whether the first receiver thread drove the senders' schedule
@@ -393,13 +396,14 @@ pub fn measure(
         }
         _ => (None, None),
     };
+    // A receiver that paces starts the schedule at its first look, as it starts.
+    let receivers = Receivers::spawn_pacing(&sockets, draining, clock, clock.nanos(), pacing)?;
     let cpu0 = (daemon.cpu_time(), own_cpu_time());
+    let cpu_from = Instant::now();
     let steal0 = steal_time();
     let meter = StallMeter::start().ctx("spawn the stall meter")?;
     let send_start = clock.nanos();
     let t0 = Instant::now();
-    // Inside the window: a receiver that paces starts its schedule as it starts.
-    let receivers = Receivers::spawn_pacing(&sockets, draining, clock, send_start, pacing)?;
     let threads = sender_threads(senders, pace, by_receiver);
     let mut sent: Vec<Sent> = thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
@@ -416,13 +420,22 @@ pub fn measure(
             .collect()
     });
     if let Some(done) = schedule_done {
-        let paced = done
-            .recv_timeout(duration + PACED_BY_RECEIVER_SLACK)
-            .map_err(|e| Error::Io {
-                context: "the paced senders on the receiver thread".into(),
-                source: std::io::Error::other(e),
-            })?;
-        sent.push(paced);
+        match done.recv_timeout(duration + PACED_BY_RECEIVER_SLACK) {
+            Ok(paced) => sent.push(paced),
+            Err(lost) => {
+                // The receiver stopped (its own error says why) or never finished: stop the
+                // threads before giving up on the run.
+                meter.finish();
+                let lost = Error::Io {
+                    context: "the paced senders on the receiver thread".into(),
+                    source: std::io::Error::other(lost),
+                };
+                return Err(receivers
+                    .finish(0, Duration::ZERO, Duration::ZERO)
+                    .err()
+                    .unwrap_or(lost));
+            }
+        }
     }
     // Paced, the schedules' own span: the main thread may wait for a core before it sees
     // the last one end (12–15 ms at 2 s and 5 s, the receiver pacing, both vCPUs busy).
@@ -433,6 +446,7 @@ pub fn measure(
         .unwrap_or_else(|| t0.elapsed());
     let stalls = meter.finish();
     let cpu1 = (daemon.cpu_time(), own_cpu_time());
+    let cpu_span = cpu_from.elapsed();
     let offered: u64 = sent.iter().map(|s| s.messages).sum();
     let client_send_errors = sent.iter().map(|s| s.errors).sum();
     let paced_skips = sent.iter().map(|s| s.skipped).sum();
@@ -452,7 +466,13 @@ pub fn measure(
     daemon.check_alive()?;
     let after = daemon.scrape()?;
     let drops = kernel_drops(&sockets).saturating_sub(drops_before);
-    let window_ns = got.last_at_ns.saturating_sub(send_start).max(1);
+    // Paced, from the schedules' start; flat out, from the senders' start.
+    let window_start = sent
+        .iter()
+        .filter_map(|s| s.started_ns)
+        .min()
+        .unwrap_or(send_start);
+    let window_ns = got.last_at_ns.saturating_sub(window_start).max(1);
     Ok(FanoutResult {
         members: m,
         senders,
@@ -476,7 +496,7 @@ pub fn measure(
         deliveries_per_sec: got.deliveries as f64 * 1e9 / window_ns as f64,
         latency_us: Percentiles::scaled(&got.latency_ns, 1e3),
         loss: LossAttribution::between(&before, &after, drops),
-        cpu: CpuUse::of((cpu0.0, cpu1.0), (cpu0.1, cpu1.1), wall),
+        cpu: CpuUse::of((cpu0.0, cpu1.0), (cpu0.1, cpu1.1), cpu_span),
         ceiling_per_sec: None,
         loadavg,
         client_rcvbuf: room.rcvbuf,

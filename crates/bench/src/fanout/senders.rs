@@ -69,12 +69,12 @@ pub fn paced_senders_note(by_receiver: bool, realtime: bool) -> &'static str {
     }
 }
 
-/// What one sender thread did.
+/// What the senders of one thread, or of one schedule, did.
 #[derive(Debug, Clone)]
 pub(crate) struct Sent {
     pub(crate) messages: u64,
     pub(crate) errors: u64,
-    /// Paced: schedule slots skipped after the thread was held up (see `send_loop`).
+    /// Paced: schedule slots skipped after the sender was held up (see [`Pacer::turn`]).
     pub(crate) skipped: u64,
     /// Paced: how late each skipped slot already was when it was skipped, nanoseconds.
     pub(crate) skipped_late_ns: Vec<u64>,
@@ -85,6 +85,9 @@ pub(crate) struct Sent {
     /// Paced: from the schedule's first turn to the turn that found it done, the time the
     /// offered rate is over (the thread that drove it may go on with other work after).
     pub(crate) elapsed: Option<Duration>,
+    /// Paced: when the schedule started (its first turn), on the run's clock: where the
+    /// deliveries' window starts.
+    pub(crate) started_ns: Option<u64>,
 }
 
 impl Default for Sent {
@@ -97,6 +100,7 @@ impl Default for Sent {
             lateness_ns: histogram(),
             realtime: false,
             elapsed: None,
+            started_ns: None,
         }
     }
 }
@@ -265,12 +269,12 @@ fn segments_refused(err: &std::io::Error) -> bool {
     )
 }
 
-/// The shortest sleep of a paced sender (its timer slack is set to 1 µs, so sleeps are
+/// The shortest sleep of a paced sender on a thread of its own (`--pacer own`; its timer slack is set to 1 µs, so sleeps are
 /// close to exact).
 const PACING_TICK: Duration = Duration::from_micros(100);
 
 /// How much of its schedule, in microseconds, a paced sender that was held up still sends
-/// late (see `send_loop`; `--catch-up-ms`, set once at start): 20 ms, past the vCPU stalls of
+/// late (see [`Pacer::turn`]; `--catch-up-ms`, set once at start): 20 ms, past the vCPU stalls of
 /// a few ms that the real-time senders still meet (crates/bench/NOTES.md, "A catch-up window
 /// past the short stalls").
 static CATCH_UP_US: AtomicU64 = AtomicU64::new(20_000);
@@ -547,7 +551,8 @@ impl Pacer {
     }
 
     /// What the schedule's members sent.
-    pub(crate) fn finish(self) -> Sent {
+    pub(crate) fn finish(mut self) -> Sent {
+        self.sent.started_ns = self.started.map(|(_, at_ns)| at_ns);
         self.sent
     }
 
@@ -722,6 +727,14 @@ mod tests {
         assert!(!batch.segmenting, "the refusal turned segmenting off");
         assert_eq!(batch.segment_len(texts.len()), None, "and it stays off");
         send_and_read(&mut batch, prefix, &texts, &pair);
+    }
+
+    /// Flat out, a thread per sender; paced, one for all, or none when the receiver paces.
+    #[test]
+    fn paced_senders_get_one_thread_or_none_when_the_receiver_paces() {
+        assert_eq!(sender_threads(3, Pace::Max, true), 3);
+        assert_eq!(sender_threads(3, Pace::Rate(100.0), false), 1);
+        assert_eq!(sender_threads(3, Pace::Rate(100.0), true), 0);
     }
 
     /// One message, or more than a datagram's payload in all, goes one datagram at a time.
