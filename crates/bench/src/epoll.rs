@@ -14,7 +14,12 @@ pub enum Watch {
 }
 
 /// An epoll set that closes itself.
-pub struct Epoll(RawFd);
+pub struct Epoll {
+    fd: RawFd,
+    /// Set once the kernel refused `epoll_pwait2` on this set: its precise waits then use
+    /// `epoll_wait` ([`Epoll::wait_precise`]).
+    precise_refused: AtomicBool,
+}
 
 impl Epoll {
     /// An empty set.
@@ -24,7 +29,10 @@ impl Epoll {
         if fd < 0 {
             return Err(std::io::Error::last_os_error()).ctx("epoll_create1");
         }
-        Ok(Epoll(fd))
+        Ok(Epoll {
+            fd,
+            precise_refused: AtomicBool::new(false),
+        })
     }
 
     /// Watches `fd` for reading (level-triggered); ready events carry `key`. A descriptor
@@ -53,7 +61,7 @@ impl Epoll {
             u64: key,
         };
         // SAFETY: both descriptors are live; event is a valid epoll_event.
-        let rc = unsafe { libc::epoll_ctl(self.0, op, fd, &mut event) };
+        let rc = unsafe { libc::epoll_ctl(self.fd, op, fd, &mut event) };
         if rc < 0 {
             return Err(std::io::Error::last_os_error()).ctx("epoll_ctl");
         }
@@ -69,7 +77,7 @@ impl Epoll {
     ) -> impl Iterator<Item = u64> + 'e {
         let room = i32::try_from(events.len()).unwrap_or(i32::MAX);
         // SAFETY: events has room for the count passed.
-        let n = unsafe { libc::epoll_wait(self.0, events.as_mut_ptr(), room, timeout_ms) };
+        let n = unsafe { libc::epoll_wait(self.fd, events.as_mut_ptr(), room, timeout_ms) };
         let n = usize::try_from(n).unwrap_or(0);
         events[..n].iter().map(|event| event.u64)
     }
@@ -77,16 +85,16 @@ impl Epoll {
     /// Like [`Epoll::wait`], with a timeout to the nanosecond (`epoll_pwait2`, Linux 5.11),
     /// for a thread that must wake on time (a receiver that also paces senders). Where the
     /// kernel refuses the call (too old, or a seccomp filter that does not know it), this and
-    /// every later wait use `epoll_wait`, the timeout rounded up to a millisecond.
+    /// every later precise wait on this set use `epoll_wait`, the timeout rounded up to a
+    /// millisecond, and [`Epoll::precise_refused`] says so.
     pub fn wait_precise<'e>(
         &self,
         events: &'e mut [libc::epoll_event],
         timeout: std::time::Duration,
     ) -> impl Iterator<Item = u64> + 'e {
-        static REFUSED: AtomicBool = AtomicBool::new(false);
         let room = i32::try_from(events.len()).unwrap_or(i32::MAX);
         let mut n = -1;
-        if !REFUSED.load(Ordering::Relaxed) {
+        if !self.precise_refused() {
             let spec = libc::timespec {
                 tv_sec: timeout.as_secs().try_into().unwrap_or(libc::time_t::MAX),
                 tv_nsec: timeout.subsec_nanos() as _,
@@ -96,7 +104,7 @@ impl Epoll {
             let rc = unsafe {
                 libc::syscall(
                     libc::SYS_epoll_pwait2,
-                    self.0,
+                    self.fd,
                     events.as_mut_ptr(),
                     room,
                     &spec as *const libc::timespec,
@@ -108,16 +116,22 @@ impl Epoll {
             let refused =
                 rc < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR);
             if refused {
-                REFUSED.store(true, Ordering::Relaxed);
+                self.precise_refused.store(true, Ordering::Relaxed);
             }
         }
-        if REFUSED.load(Ordering::Relaxed) && n < 0 {
+        if n < 0 && self.precise_refused() {
             let ms = i32::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
             // SAFETY: as in `wait`.
-            n = unsafe { libc::epoll_wait(self.0, events.as_mut_ptr(), room, ms) };
+            n = unsafe { libc::epoll_wait(self.fd, events.as_mut_ptr(), room, ms) };
         }
         let n = usize::try_from(n).unwrap_or(0);
         events[..n].iter().map(|event| event.u64)
+    }
+
+    /// Whether the kernel refused `epoll_pwait2` on this set, so that its precise waits were
+    /// rounded up to a millisecond.
+    pub fn precise_refused(&self) -> bool {
+        self.precise_refused.load(Ordering::Relaxed)
     }
 }
 
@@ -125,7 +139,7 @@ impl Drop for Epoll {
     fn drop(&mut self) {
         // SAFETY: we own this descriptor.
         unsafe {
-            libc::close(self.0);
+            libc::close(self.fd);
         }
     }
 }
@@ -138,6 +152,7 @@ pub fn events(n: usize) -> Vec<libc::epoll_event> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
     use std::time::{Duration, Instant};
 
     /// A precise wait on nothing waits out its timeout (a broken one would return at once),
@@ -154,5 +169,111 @@ mod tests {
         assert_eq!(ready, 0);
         assert!(took >= Duration::from_millis(2), "{took:?}");
         assert!(took < Duration::from_secs(1), "{took:?}");
+        assert!(!epoll.precise_refused());
+    }
+
+    /// Has the kernel answer `epoll_pwait2` with `errno` on the calling thread, and on it
+    /// only: a seccomp filter installed without `SECCOMP_FILTER_FLAG_TSYNC`, after
+    /// `no_new_privs` (which an unprivileged filter needs, and which is per thread too).
+    fn refuse_precise_waits_on_this_thread(errno: i32) {
+        let statement = |code: u32, k: u32| libc::sock_filter {
+            code: code as u16,
+            jt: 0,
+            jf: 0,
+            k,
+        };
+        let mut filter = [
+            // The system call's number: the first field of `seccomp_data` (this test runs
+            // its native architecture only, so the number needs no check of `arch`).
+            statement(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0),
+            // epoll_pwait2: go on to the refusal; anything else: skip it.
+            libc::sock_filter {
+                code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+                jt: 0,
+                jf: 1,
+                k: libc::SYS_epoll_pwait2 as u32,
+            },
+            statement(
+                libc::BPF_RET | libc::BPF_K,
+                libc::SECCOMP_RET_ERRNO | (errno as u32 & libc::SECCOMP_RET_DATA),
+            ),
+            statement(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+        ];
+        let program = libc::sock_fprog {
+            len: filter.len() as u16,
+            filter: filter.as_mut_ptr(),
+        };
+        // SAFETY: prctl with integer arguments, then with a pointer to a valid program that
+        // outlives the call (the kernel copies it).
+        unsafe {
+            assert_eq!(
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
+                0,
+                "no_new_privs: {}",
+                std::io::Error::last_os_error()
+            );
+            assert_eq!(
+                libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &program as *const libc::sock_fprog
+                ),
+                0,
+                "seccomp filter: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+
+    /// Where the kernel refuses `epoll_pwait2` (a seccomp filter on the test's own thread
+    /// answers `EPERM`, as a filter that does not know the call may, or `ENOSYS`, as a kernel
+    /// before 5.11 does), a precise wait falls back to `epoll_wait`: it still waits out its
+    /// timeout, still reports a ready socket, and the set remembers the refusal.
+    #[test]
+    fn a_refused_precise_wait_falls_back_to_epoll_wait() {
+        for errno in [libc::EPERM, libc::ENOSYS] {
+            std::thread::spawn(move || {
+                refuse_precise_waits_on_this_thread(errno);
+                let epoll = Epoll::new().unwrap();
+                let mut events = events(4);
+                let started = Instant::now();
+                let ready = epoll
+                    .wait_precise(&mut events, Duration::from_micros(1500))
+                    .count();
+                let took = started.elapsed();
+                assert_eq!(ready, 0, "errno {errno}");
+                // Rounded up to 2 ms; without the fallback it returns at once.
+                assert!(took >= Duration::from_millis(2), "errno {errno}: {took:?}");
+                assert!(epoll.precise_refused(), "errno {errno}");
+
+                let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                epoll.add_readable(socket.as_raw_fd(), 7).unwrap();
+                socket.send_to(b"x", socket.local_addr().unwrap()).unwrap();
+                let keys: Vec<u64> = epoll
+                    .wait_precise(&mut events, Duration::from_secs(5))
+                    .collect();
+                assert_eq!(keys, [7], "errno {errno}");
+            })
+            .join()
+            .unwrap();
+        }
+    }
+
+    /// An interrupted precise wait (`EINTR`, here from a seccomp filter) is not a refusal:
+    /// it returns with nothing ready, and the next wait is precise again.
+    #[test]
+    fn an_interrupted_precise_wait_is_not_a_refusal() {
+        std::thread::spawn(|| {
+            refuse_precise_waits_on_this_thread(libc::EINTR);
+            let epoll = Epoll::new().unwrap();
+            let mut events = events(1);
+            let ready = epoll
+                .wait_precise(&mut events, Duration::from_secs(5))
+                .count();
+            assert_eq!(ready, 0);
+            assert!(!epoll.precise_refused());
+        })
+        .join()
+        .unwrap();
     }
 }

@@ -553,6 +553,12 @@ fn receive_loop(
             }
         }
     }
+    if epoll.precise_refused() {
+        eprintln!(
+            "ocm-bench: warning: the kernel refused epoll_pwait2, so the receiver that paced \
+             the senders woke for their slots to the millisecond, not the microsecond"
+        );
+    }
     Ok(reader.seen)
 }
 
