@@ -12,7 +12,8 @@ use clap_mangen::Man;
 use crate::error::{ClientError, EXIT_FAILURE, EXIT_REFUSED, EXIT_ROOM_ENDED};
 
 /// The date the pages show: that of the last change to their text here (the flags' text
-/// changes with main.rs; bump this with either).
+/// changes with main.rs; bump this with either). `crates/server/tests/manuals.rs` keeps
+/// each page as last recorded and fails on a change of text that keeps this date.
 const PAGE_DATE: &str = "2026-12-07";
 
 /// `ocm`'s exit statuses and when each is given: `--help` and ocm(1) both print this table.

@@ -10,7 +10,8 @@ use clap_mangen::roff::{bold, italic, roman, Inline, Roff};
 use clap_mangen::Man;
 
 /// The date the page shows: that of the last change to its text here (the flags' text
-/// changes with main.rs; bump this with either).
+/// changes with main.rs; bump this with either). `crates/server/tests/manuals.rs` keeps
+/// the page as last recorded and fails on a change of text that keeps this date.
 const PAGE_DATE: &str = "2026-12-07";
 
 /// What `ocmd` does on each signal: `--help` and the manual page both print this table.

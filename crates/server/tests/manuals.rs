@@ -1,7 +1,8 @@
 //! The manual pages and shell completions the real binaries write (`ocmd --generate-man`,
 //! `ocm generate`), which `scripts/install.sh` installs: each page names every flag its
-//! `--help` shows and says what no flag shows; the completions complete. Rendered by `man`,
-//! and the zsh and fish completions checked by their shells, where those are installed.
+//! `--help` shows and says what no flag shows; each page's date follows its text (the pages
+//! as last recorded are in `tests/data/manuals`); the completions complete. Rendered by
+//! `man`, and the zsh and fish completions checked by their shells, where those are installed.
 
 mod common;
 
@@ -285,6 +286,82 @@ fn ocm_pages_name_every_flag_of_every_command() {
             dir.path().join("missing/dir/ocm-create.1").display()
         )),
         "{out:?}"
+    );
+}
+
+/// A page's date (the third word of its `.TH` title line) and its text without that line,
+/// which also carries the version.
+fn dated(page: &str) -> (Option<&str>, String) {
+    let mut date = None;
+    let mut body = String::with_capacity(page.len());
+    for line in page.lines() {
+        if line.starts_with(".TH ") {
+            date = line.split_whitespace().nth(3);
+        } else {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    (date, body)
+}
+
+/// Each page carries the date of its text's last change (`PAGE_DATE`, kept by hand in the
+/// source that writes it): the pages are recorded in `tests/data/manuals`, and a page whose
+/// text differs from its record must differ in its date too. `OCM_BLESS=1` records the
+/// pages again once their date is new; a stale record fails until then.
+#[test]
+fn each_page_is_dated_by_its_last_change() {
+    let ocmd = Path::new(env!("CARGO_BIN_EXE_ocmd"));
+    let written = tempfile::tempdir().unwrap();
+    run(
+        &sibling_binary("ocm"),
+        &["generate", "man", written.path().to_str().unwrap()],
+    );
+    let mut pages = vec![(
+        "ocmd.8".to_owned(),
+        stdout(ocmd, &["--generate-man"]),
+        "crates/server/src/man_page.rs",
+    )];
+    let mut names: Vec<String> = std::fs::read_dir(written.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for name in names {
+        let page = std::fs::read_to_string(written.path().join(&name)).unwrap();
+        pages.push((name, page, "crates/client/src/generate.rs"));
+    }
+    assert_eq!(pages.len(), 6, "ocmd(8), ocm(1) and a page a command");
+
+    let records = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/manuals");
+    let bless = std::env::var_os("OCM_BLESS").is_some();
+    let mut stale = Vec::new();
+    for (name, page, source) in &pages {
+        let path = records.join(name);
+        let recorded = std::fs::read_to_string(&path).unwrap_or_default();
+        let (date, body) = dated(page);
+        assert!(date.is_some(), "{name} has no date:\n{page}");
+        let (recorded_date, recorded_body) = dated(&recorded);
+        assert!(
+            body == recorded_body || date != recorded_date,
+            "{name}'s text differs from {} but its date is the same ({}): bump PAGE_DATE \
+             in {source}, then record the pages with OCM_BLESS=1",
+            path.display(),
+            date.unwrap_or_default(),
+        );
+        if *page != recorded {
+            if bless {
+                std::fs::create_dir_all(&records).unwrap();
+                std::fs::write(&path, page).unwrap();
+            } else {
+                stale.push(name.as_str());
+            }
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "{stale:?} differ from their records in {}: record them with OCM_BLESS=1",
+        records.display()
     );
 }
 
