@@ -3914,11 +3914,47 @@ fn package_deb_builds_a_package_debian_accepts() {
         assert_eq!(mode & 0o777, 0o755, "{script}");
     }
 
-    // The copyright file names the crates built in, and gives the MIT licence's text.
+    // The copyright file names the crates built in ("name vVERSION: licence"), and after them
+    // the licence files each ships ("name VERSION: file"): the texts, each once, but for the
+    // Apache License's standard terms, which Debian keeps in /usr/share/common-licenses.
     let copyright = std::fs::read_to_string(root.join("usr/share/doc/ocmd/copyright")).unwrap();
     assert!(
-        copyright.contains("\n mio v") && copyright.contains("\nLicense: MIT\n Permission is"),
+        copyright.contains("\nLicense: MIT\n Permission is"),
         "{copyright}"
+    );
+    let built_in: Vec<(&str, &str)> = copyright
+        .lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix(' ')?.split_once(" v")?;
+            let (version, _licence) = rest.split_once(": ")?;
+            let is_name = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+            (name.chars().all(is_name) && version.starts_with(|c: char| c.is_ascii_digit()))
+                .then_some((name, version))
+        })
+        .collect();
+    assert!(
+        built_in.len() >= 40 && built_in.iter().any(|(name, _)| *name == "mio"),
+        "{built_in:?}"
+    );
+    for (name, version) in &built_in {
+        assert!(
+            copyright.contains(&format!("{name} {version}: ")),
+            "no licence file of {name} {version} in the copyright file"
+        );
+    }
+    let mio = copyright
+        .split("\n == ")
+        .find(|text| {
+            let shipped_by = text.lines().next().unwrap_or_default();
+            shipped_by
+                .split("; ")
+                .any(|label| label.starts_with("mio "))
+        })
+        .unwrap_or_else(|| panic!("no licence text of mio:\n{copyright}"));
+    assert!(mio.contains("Permission is hereby granted"), "{mio}");
+    assert!(
+        !copyright.contains("TERMS AND CONDITIONS FOR USE, REPRODUCTION"),
+        "the Apache License's text in full"
     );
 
     // Reproducible: the same binaries make the same bytes, built on another file system
