@@ -84,43 +84,59 @@ impl Epoll {
 
     /// Like [`Epoll::wait`], with a timeout to the nanosecond (`epoll_pwait2`, Linux 5.11),
     /// for a thread that must wake on time (a receiver that also paces senders). Where the
-    /// kernel refuses the call (too old, or a seccomp filter that does not know it), this and
-    /// every later precise wait on this set use `epoll_wait`, the timeout rounded up to a
-    /// millisecond, and [`Epoll::precise_refused`] says so.
+    /// kernel refuses the call (`ENOSYS` from a kernel too old, `EPERM` or `EACCES` from a
+    /// seccomp filter that does not know it), this and every later precise wait on this set
+    /// use `epoll_wait`, the timeout rounded up to a millisecond, and
+    /// [`Epoll::precise_refused`] says so. Another error falls back for this wait only, and an
+    /// interrupted wait returns nothing.
     pub fn wait_precise<'e>(
         &self,
         events: &'e mut [libc::epoll_event],
         timeout: std::time::Duration,
     ) -> impl Iterator<Item = u64> + 'e {
+        /// The kernel's `__kernel_timespec`: two 64-bit fields on every architecture, where a
+        /// 32-bit C library's `timespec` has a 32-bit `time_t`.
+        #[repr(C)]
+        struct KernelTimespec {
+            tv_sec: i64,
+            tv_nsec: i64,
+        }
         let room = i32::try_from(events.len()).unwrap_or(i32::MAX);
         let mut n = -1;
-        if !self.precise_refused() {
-            let spec = libc::timespec {
-                tv_sec: timeout.as_secs().try_into().unwrap_or(libc::time_t::MAX),
-                tv_nsec: timeout.subsec_nanos() as _,
+        let mut fall_back = self.precise_refused();
+        if !fall_back {
+            let spec = KernelTimespec {
+                tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+                tv_nsec: i64::from(timeout.subsec_nanos()),
             };
             // SAFETY: the raw system call (glibc wraps it only from 2.35): events has room for
-            // the count passed, spec is a valid timespec, no signal mask (null, size 0).
+            // the count passed, spec is a valid `__kernel_timespec`, no signal mask (null,
+            // size 0).
             let rc = unsafe {
                 libc::syscall(
                     libc::SYS_epoll_pwait2,
                     self.fd,
                     events.as_mut_ptr(),
                     room,
-                    &spec as *const libc::timespec,
+                    &spec as *const KernelTimespec,
                     std::ptr::null::<libc::sigset_t>(),
                     0usize,
                 )
             };
-            n = rc as i32;
-            let refused =
-                rc < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR);
-            if refused {
-                self.precise_refused.store(true, Ordering::Relaxed);
+            n = i32::try_from(rc).unwrap_or(-1);
+            if rc < 0 {
+                match std::io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EINTR) => {}
+                    Some(libc::ENOSYS | libc::EPERM | libc::EACCES) => {
+                        self.precise_refused.store(true, Ordering::Relaxed);
+                        fall_back = true;
+                    }
+                    _ => fall_back = true,
+                }
             }
         }
-        if n < 0 && self.precise_refused() {
-            let ms = i32::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
+        if n < 0 && fall_back {
+            let ms = i32::try_from(timeout.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX);
             // SAFETY: as in `wait`.
             n = unsafe { libc::epoll_wait(self.fd, events.as_mut_ptr(), room, ms) };
         }
@@ -169,7 +185,6 @@ mod tests {
         assert_eq!(ready, 0);
         assert!(took >= Duration::from_millis(2), "{took:?}");
         assert!(took < Duration::from_secs(1), "{took:?}");
-        assert!(!epoll.precise_refused());
     }
 
     /// Has the kernel answer `epoll_pwait2` with `errno` on the calling thread, and on it
@@ -206,8 +221,9 @@ mod tests {
         // SAFETY: prctl with integer arguments, then with a pointer to a valid program that
         // outlives the call (the kernel copies it).
         unsafe {
+            let (one, zero): (libc::c_ulong, libc::c_ulong) = (1, 0);
             assert_eq!(
-                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, one, zero, zero, zero),
                 0,
                 "no_new_privs: {}",
                 std::io::Error::last_os_error()
@@ -215,7 +231,7 @@ mod tests {
             assert_eq!(
                 libc::prctl(
                     libc::PR_SET_SECCOMP,
-                    libc::SECCOMP_MODE_FILTER,
+                    libc::c_ulong::from(libc::SECCOMP_MODE_FILTER),
                     &program as *const libc::sock_fprog
                 ),
                 0,
@@ -259,10 +275,11 @@ mod tests {
         }
     }
 
-    /// An interrupted precise wait (`EINTR`, here from a seccomp filter) is not a refusal:
-    /// it returns with nothing ready, and the next wait is precise again.
+    /// Errors that are not a refusal (here from a seccomp filter) leave the set precise: an
+    /// interrupted wait (`EINTR`) returns with nothing ready, and another error (`EINVAL`)
+    /// falls back to `epoll_wait` for that wait only, which still lasts its timeout.
     #[test]
-    fn an_interrupted_precise_wait_is_not_a_refusal() {
+    fn errors_that_are_not_refusals_leave_the_set_precise() {
         std::thread::spawn(|| {
             refuse_precise_waits_on_this_thread(libc::EINTR);
             let epoll = Epoll::new().unwrap();
@@ -271,6 +288,21 @@ mod tests {
                 .wait_precise(&mut events, Duration::from_secs(5))
                 .count();
             assert_eq!(ready, 0);
+            assert!(!epoll.precise_refused());
+        })
+        .join()
+        .unwrap();
+        std::thread::spawn(|| {
+            refuse_precise_waits_on_this_thread(libc::EINVAL);
+            let epoll = Epoll::new().unwrap();
+            let mut events = events(1);
+            let started = Instant::now();
+            let ready = epoll
+                .wait_precise(&mut events, Duration::from_micros(1500))
+                .count();
+            let took = started.elapsed();
+            assert_eq!(ready, 0);
+            assert!(took >= Duration::from_millis(2), "{took:?}");
             assert!(!epoll.precise_refused());
         })
         .join()
