@@ -171,17 +171,21 @@ mod tests {
     use std::os::fd::AsRawFd;
     use std::time::{Duration, Instant};
 
+    /// A precise wait on `epoll` for `timeout`: how many descriptors were ready, and how long
+    /// it took.
+    fn time_a_precise_wait(epoll: &Epoll, timeout: Duration) -> (usize, Duration) {
+        let mut events = events(4);
+        let started = Instant::now();
+        let ready = epoll.wait_precise(&mut events, timeout).count();
+        (ready, started.elapsed())
+    }
+
     /// A precise wait on nothing waits out its timeout (a broken one would return at once),
     /// and wakes for it rather than sleeping on.
     #[test]
     fn a_precise_wait_on_nothing_lasts_its_timeout() {
         let epoll = Epoll::new().unwrap();
-        let mut events = events(1);
-        let started = Instant::now();
-        let ready = epoll
-            .wait_precise(&mut events, Duration::from_millis(2))
-            .count();
-        let took = started.elapsed();
+        let (ready, took) = time_a_precise_wait(&epoll, Duration::from_millis(2));
         assert_eq!(ready, 0);
         assert!(took >= Duration::from_millis(2), "{took:?}");
         assert!(took < Duration::from_secs(1), "{took:?}");
@@ -251,12 +255,7 @@ mod tests {
             std::thread::spawn(move || {
                 refuse_precise_waits_on_this_thread(errno);
                 let epoll = Epoll::new().unwrap();
-                let mut events = events(4);
-                let started = Instant::now();
-                let ready = epoll
-                    .wait_precise(&mut events, Duration::from_micros(1500))
-                    .count();
-                let took = started.elapsed();
+                let (ready, took) = time_a_precise_wait(&epoll, Duration::from_micros(1500));
                 assert_eq!(ready, 0, "errno {errno}");
                 // Rounded up to 2 ms; without the fallback it returns at once.
                 assert!(took >= Duration::from_millis(2), "errno {errno}: {took:?}");
@@ -265,6 +264,7 @@ mod tests {
                 let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
                 epoll.add_readable(socket.as_raw_fd(), 7).unwrap();
                 socket.send_to(b"x", socket.local_addr().unwrap()).unwrap();
+                let mut events = events(4);
                 let keys: Vec<u64> = epoll
                     .wait_precise(&mut events, Duration::from_secs(5))
                     .collect();
@@ -295,12 +295,7 @@ mod tests {
         std::thread::spawn(|| {
             refuse_precise_waits_on_this_thread(libc::EINVAL);
             let epoll = Epoll::new().unwrap();
-            let mut events = events(1);
-            let started = Instant::now();
-            let ready = epoll
-                .wait_precise(&mut events, Duration::from_micros(1500))
-                .count();
-            let took = started.elapsed();
+            let (ready, took) = time_a_precise_wait(&epoll, Duration::from_micros(1500));
             assert_eq!(ready, 0);
             assert!(took >= Duration::from_millis(2), "{took:?}");
             assert!(!epoll.precise_refused());
