@@ -3994,6 +3994,93 @@ fn package_deb_builds_a_package_debian_accepts() {
     );
 }
 
+/// A crate whose licence the package cannot give stops the build with its name: none in its
+/// sources, or one that is not UTF-8. The crates come from a cargo home of links to the real
+/// registry's, but for mio, a copy whose licence file is taken away, then spoiled.
+#[test]
+fn package_deb_stops_on_a_crate_whose_licence_it_cannot_give() {
+    for tool in ["dpkg-deb", "dpkg-shlibdeps"] {
+        if !installed(tool) {
+            skipped(&format!("{tool} not installed (apt-get install dpkg-dev)"));
+            return;
+        }
+    }
+    let real_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cargo"));
+    let real = real_home.join("registry");
+    let home = tempfile::tempdir().unwrap();
+    let registry = home.path().join("registry");
+    std::fs::create_dir_all(registry.join("src")).unwrap();
+    for shared in ["index", "cache"] {
+        std::os::unix::fs::symlink(real.join(shared), registry.join(shared)).unwrap();
+    }
+    let mut mios = Vec::new();
+    for index in std::fs::read_dir(real.join("src")).unwrap() {
+        let index = index.unwrap().path();
+        let ours = registry.join("src").join(index.file_name().unwrap());
+        std::fs::create_dir(&ours).unwrap();
+        for krate in std::fs::read_dir(&index).unwrap() {
+            let krate = krate.unwrap().path();
+            let name = krate.file_name().unwrap().to_string_lossy().into_owned();
+            let copy = ours.join(&name);
+            if name.starts_with("mio-") && name[4..].starts_with(|c: char| c.is_ascii_digit()) {
+                std::fs::create_dir(&copy).unwrap();
+                for file in std::fs::read_dir(&krate).unwrap() {
+                    let file = file.unwrap().path();
+                    let to = copy.join(file.file_name().unwrap());
+                    if file.is_dir() {
+                        std::os::unix::fs::symlink(&file, &to).unwrap();
+                    } else if !file
+                        .file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .starts_with("LICENSE")
+                    {
+                        std::fs::copy(&file, &to).unwrap();
+                    }
+                }
+                mios.push(copy);
+            } else {
+                std::os::unix::fs::symlink(&krate, &copy).unwrap();
+            }
+        }
+    }
+    assert!(!mios.is_empty(), "no mio in {}", real.display());
+    let package = |what: &str| {
+        let mut cmd = Command::new(repo_root().join("scripts/package-deb"));
+        cmd.args(["--no-build", "--fast", "--build-dir"])
+            .arg(build_dir())
+            .arg("--out")
+            .arg(home.path().join("out"))
+            .env("CARGO_HOME", home.path());
+        let out = run_with_deadline(cmd);
+        assert_eq!(out.status.code(), Some(1), "{what}: {}", text(&out.stderr));
+        text(&out.stderr)
+    };
+    let stderr = package("no licence file");
+    assert!(
+        stderr.contains("package-deb: the crate mio ") && stderr.contains(" ships no licence file"),
+        "{stderr}"
+    );
+    for mio in &mios {
+        std::fs::write(mio.join("LICENSE"), b"Copyright \xe9 Latin-1\n").unwrap();
+    }
+    let stderr = package("a licence file not in UTF-8");
+    assert!(
+        stderr.contains("mio-") && stderr.contains("/LICENSE is not UTF-8 text"),
+        "{stderr}"
+    );
+    assert!(
+        !home.path().join("out").exists()
+            || std::fs::read_dir(home.path().join("out"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "a package was made"
+    );
+}
+
 #[test]
 fn package_deb_says_how_it_is_used() {
     let out = package_deb(&["--help"]);
