@@ -3746,6 +3746,17 @@ fn the_dashboard_reads_what_ocmd_serves_and_its_panels_do_not_overlap() {
     assert_passes(cmd, "promtool check rules on the dashboard's queries");
 }
 
+/// Whether the tools that make a Debian package are here; a recorded skip where they are not.
+fn dpkg_tools_installed() -> bool {
+    for tool in ["dpkg-deb", "dpkg-shlibdeps"] {
+        if !installed(tool) {
+            skipped(&format!("{tool} not installed (apt-get install dpkg-dev)"));
+            return false;
+        }
+    }
+    true
+}
+
 fn package_deb(args: &[impl AsRef<std::ffi::OsStr>]) -> Output {
     let mut cmd = Command::new(repo_root().join("scripts/package-deb"));
     cmd.args(args);
@@ -3786,11 +3797,8 @@ fn dpkg_deb(args: &[impl AsRef<std::ffi::OsStr>]) -> String {
 /// purges it under a real systemd.
 #[test]
 fn package_deb_builds_a_package_debian_accepts() {
-    for tool in ["dpkg-deb", "dpkg-shlibdeps"] {
-        if !installed(tool) {
-            skipped(&format!("{tool} not installed (apt-get install dpkg-dev)"));
-            return;
-        }
+    if !dpkg_tools_installed() {
+        return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let deb = built_package(&tmp.path().join("one"), None);
@@ -3999,11 +4007,8 @@ fn package_deb_builds_a_package_debian_accepts() {
 /// registry's, but for mio, a copy whose licence file is taken away, then spoiled.
 #[test]
 fn package_deb_stops_on_a_crate_whose_licence_it_cannot_give() {
-    for tool in ["dpkg-deb", "dpkg-shlibdeps"] {
-        if !installed(tool) {
-            skipped(&format!("{tool} not installed (apt-get install dpkg-dev)"));
-            return;
-        }
+    if !dpkg_tools_installed() {
+        return;
     }
     let real_home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
