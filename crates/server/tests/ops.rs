@@ -3955,15 +3955,7 @@ fn package_deb_builds_a_package_debian_accepts() {
             "no licence file of {name} {version} in the copyright file"
         );
     }
-    let mio = copyright
-        .split("\n == ")
-        .find(|text| {
-            let shipped_by = text.lines().next().unwrap_or_default();
-            shipped_by
-                .split("; ")
-                .any(|label| label.starts_with("mio "))
-        })
-        .unwrap_or_else(|| panic!("no licence text of mio:\n{copyright}"));
+    let mio = licence_text(&copyright, "mio");
     assert!(mio.contains("Permission is hereby granted"), "{mio}");
     assert!(
         !copyright.contains("TERMS AND CONDITIONS FOR USE, REPRODUCTION"),
@@ -4002,20 +3994,30 @@ fn package_deb_builds_a_package_debian_accepts() {
     );
 }
 
-/// A crate whose licence the package cannot give stops the build with its name: none in its
-/// sources, or one that is not UTF-8. The crates come from a cargo home of links to the real
-/// registry's, but for mio, a copy whose licence file is taken away, then spoiled.
-#[test]
-fn package_deb_stops_on_a_crate_whose_licence_it_cannot_give() {
-    if !dpkg_tools_installed() {
-        return;
-    }
+/// The licence text a copyright file of the package gives after the crates that ship it, the
+/// crate `name` (of any version) among them.
+fn licence_text<'a>(copyright: &'a str, name: &str) -> &'a str {
+    copyright
+        .split("\n == ")
+        .find(|text| {
+            let shipped_by = text.lines().next().unwrap_or_default();
+            shipped_by
+                .split("; ")
+                .any(|label| label.starts_with(&format!("{name} ")))
+        })
+        .unwrap_or_else(|| panic!("no licence text of {name}:\n{copyright}"))
+}
+
+/// A cargo home in `home` of links to the real one's registry (`$CARGO_HOME`'s, else
+/// ~/.cargo's): its index and cache, and in each of its directories of sources a link to each
+/// crate's, so that what cargo unpacks goes to `home`. The links to mio's sources (one a
+/// version), for a test to put something else in their place.
+fn cargo_home_of_links(home: &Path) -> Vec<PathBuf> {
     let real_home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cargo"));
     let real = real_home.join("registry");
-    let home = tempfile::tempdir().unwrap();
-    let registry = home.path().join("registry");
+    let registry = home.join("registry");
     std::fs::create_dir_all(registry.join("src")).unwrap();
     for shared in ["index", "cache"] {
         std::os::unix::fs::symlink(real.join(shared), registry.join(shared)).unwrap();
@@ -4028,38 +4030,61 @@ fn package_deb_stops_on_a_crate_whose_licence_it_cannot_give() {
         for krate in std::fs::read_dir(&index).unwrap() {
             let krate = krate.unwrap().path();
             let name = krate.file_name().unwrap().to_string_lossy().into_owned();
-            let copy = ours.join(&name);
+            let link = ours.join(&name);
+            std::os::unix::fs::symlink(&krate, &link).unwrap();
             if name.starts_with("mio-") && name[4..].starts_with(|c: char| c.is_ascii_digit()) {
-                std::fs::create_dir(&copy).unwrap();
-                for file in std::fs::read_dir(&krate).unwrap() {
-                    let file = file.unwrap().path();
-                    let to = copy.join(file.file_name().unwrap());
-                    if file.is_dir() {
-                        std::os::unix::fs::symlink(&file, &to).unwrap();
-                    } else if !file
-                        .file_name()
-                        .unwrap()
-                        .to_string_lossy()
-                        .starts_with("LICENSE")
-                    {
-                        std::fs::copy(&file, &to).unwrap();
-                    }
-                }
-                mios.push(copy);
-            } else {
-                std::os::unix::fs::symlink(&krate, &copy).unwrap();
+                mios.push(link);
             }
         }
     }
     assert!(!mios.is_empty(), "no mio in {}", real.display());
+    mios
+}
+
+/// A copy in `to` of the crate's sources in `from` but for its licence files (LICENSE*): its
+/// files copied, its directories linked.
+fn copy_but_licences(from: &Path, to: &Path) {
+    std::fs::create_dir(to).unwrap();
+    for file in std::fs::read_dir(from).unwrap() {
+        let file = file.unwrap().path();
+        let name = file.file_name().unwrap();
+        if file.is_dir() {
+            std::os::unix::fs::symlink(&file, to.join(name)).unwrap();
+        } else if !name.to_string_lossy().starts_with("LICENSE") {
+            std::fs::copy(&file, to.join(name)).unwrap();
+        }
+    }
+}
+
+/// `scripts/package-deb --fast` of the test build with the cargo home `home`, into
+/// `home`/out.
+fn package_deb_with_cargo_home(home: &Path) -> Output {
+    let mut cmd = Command::new(repo_root().join("scripts/package-deb"));
+    cmd.args(["--no-build", "--fast", "--build-dir"])
+        .arg(build_dir())
+        .arg("--out")
+        .arg(home.join("out"))
+        .env("CARGO_HOME", home);
+    run_with_deadline(cmd)
+}
+
+/// A crate whose licence the package cannot give stops the build with its name: none in its
+/// sources, or one that is not UTF-8. The crates come from a cargo home of links to the real
+/// registry's, but for mio, a copy whose licence file is taken away, then spoiled.
+#[test]
+fn package_deb_stops_on_a_crate_whose_licence_it_cannot_give() {
+    if !dpkg_tools_installed() {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let mios = cargo_home_of_links(home.path());
+    for mio in &mios {
+        let real = std::fs::read_link(mio).unwrap();
+        std::fs::remove_file(mio).unwrap();
+        copy_but_licences(&real, mio);
+    }
     let package = |what: &str| {
-        let mut cmd = Command::new(repo_root().join("scripts/package-deb"));
-        cmd.args(["--no-build", "--fast", "--build-dir"])
-            .arg(build_dir())
-            .arg("--out")
-            .arg(home.path().join("out"))
-            .env("CARGO_HOME", home.path());
-        let out = run_with_deadline(cmd);
+        let out = package_deb_with_cargo_home(home.path());
         assert_eq!(out.status.code(), Some(1), "{what}: {}", text(&out.stderr));
         text(&out.stderr)
     };
@@ -4084,6 +4109,54 @@ fn package_deb_stops_on_a_crate_whose_licence_it_cannot_give() {
                 .is_none(),
         "a package was made"
     );
+}
+
+/// The licence files are read from the sources cargo builds from, as cargo metadata names
+/// them: not from another copy of a crate of the same name and version that the directory of
+/// another index holds (a mirror's, say), even one listed before cargo's own.
+#[test]
+fn package_deb_reads_the_licences_of_the_sources_cargo_builds_from() {
+    if !dpkg_tools_installed() {
+        return;
+    }
+    const DECOY: &str = "Not mio's licence: a copy of mio in another index's directory.";
+    let home = tempfile::tempdir().unwrap();
+    let mios = cargo_home_of_links(home.path());
+    let src = home.path().join("registry/src");
+    let mirror = src.join("10.0.0.1-0123456789abcdef");
+    for index in std::fs::read_dir(&src).unwrap() {
+        let index = index.unwrap().file_name();
+        assert!(
+            mirror.file_name().unwrap().as_encoded_bytes() < index.as_encoded_bytes(),
+            "{} sorts after {index:?}",
+            mirror.display()
+        );
+    }
+    std::fs::create_dir(&mirror).unwrap();
+    for mio in &mios {
+        let copy = mirror.join(mio.file_name().unwrap());
+        copy_but_licences(&std::fs::read_link(mio).unwrap(), &copy);
+        std::fs::write(copy.join("LICENSE"), format!("{DECOY}\n")).unwrap();
+    }
+    let out = package_deb_with_cargo_home(home.path());
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    let deb = PathBuf::from(stdout.lines().last().unwrap_or_default());
+    let root = home.path().join("root");
+    dpkg_deb(&["-x".as_ref(), deb.as_os_str(), root.as_os_str()]);
+    let copyright = std::fs::read_to_string(root.join("usr/share/doc/ocmd/copyright")).unwrap();
+    assert!(!copyright.contains(DECOY), "{copyright}");
+    // mio's own text, line for line, whichever of its versions is built in.
+    let mio = licence_text(&copyright, "mio");
+    let own = mios.iter().any(|link| {
+        let real = std::fs::read_to_string(std::fs::read_link(link).unwrap().join("LICENSE"));
+        real.is_ok_and(|real| {
+            real.lines()
+                .filter(|line| !line.trim().is_empty())
+                .all(|line| mio.lines().any(|l| l == format!(" {}", line.trim_end())))
+        })
+    });
+    assert!(own, "not mio's own licence:\n{mio}");
 }
 
 #[test]
