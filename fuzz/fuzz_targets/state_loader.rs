@@ -107,8 +107,8 @@ fn drive(state: &State, now: Instant) {
                 let _ = reg.handle_datagram(src, None, &d, now, &mut out);
             }
         }
-        for send in &out.sends {
-            let _ = out.bytes_of(send);
+        for send in out.sends() {
+            let _ = out.bytes_of(&send);
         }
         out.clear();
     }

@@ -1,11 +1,14 @@
 //! The send list the registry fills and the UDP shell drains.
 //!
-//! A relayed message is encoded once into the outbox's bytes; each recipient gets a [`QueuedSend`]
-//! that points at those bytes, so fan-out to 256 members copies nothing. Each payload lies
-//! behind its batch entry prefix (its length), so that a batch frame for a member is the batch
-//! header followed by runs of these bytes, handed to the kernel where they lie: packing
-//! messages into batches copies nothing either. The shell sends the list after each pass over
-//! the socket, batching where it can (see `udp`).
+//! A relayed message is encoded once into the outbox's bytes, and queued once for its whole
+//! room: a [`Fanout`] names the message's bytes and an audience, the room's registered
+//! members as the relay found them, which every message of the room in the same pass shares
+//! while its members stay as they were. Anything else (a notice, a reply, a last word) is a
+//! [`QueuedSend`] to one destination that points at its bytes. Either way, fan-out to 256
+//! members copies nothing. Each payload lies behind its batch entry prefix (its length), so
+//! that a batch frame for a member is the batch header followed by runs of these bytes, handed
+//! to the kernel where they lie: packing messages into batches copies nothing either. The
+//! shell sends the list after each pass over the socket, batching where it can (see `udp`).
 
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -36,14 +39,94 @@ pub struct QueuedSend {
     pub last_word: bool,
 }
 
+/// One registered member of an audience: where it is sent to and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recipient {
+    /// Its address.
+    pub to: SocketAddr,
+    /// Which of our addresses it hears from.
+    pub from: LocalId,
+    /// Its member slot in the registry.
+    pub member: u32,
+    /// The largest batch frame it accepts, in bytes; 0 when it accepts none.
+    pub batch_limit: u16,
+    /// Whether it gets sequenced frames (`Caps::SEQ`) rather than plain ones.
+    pub sequenced: bool,
+}
+
+/// A room's registered members as a relay found them, in join order: the recipients of each
+/// [`Fanout`] that names it (but the message's sender).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Audience {
+    /// What the registry keyed it with: while a relay in the same room finds the same key,
+    /// nothing in the room changed since, and this audience is still its room's.
+    key: AudienceKey,
+    /// Its recipients in [`Outbox::recipients`].
+    recipients: Range<usize>,
+}
+
+/// The registry's name for a room's audience as of one state of its members: the room's
+/// index, and a count the registry bumps whenever any member joins, leaves, registers or
+/// moves to another of our addresses.
+pub type AudienceKey = (usize, u64);
+
+/// One message for every member of an audience but its sender.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fanout {
+    /// The audience's index in the outbox.
+    audience: usize,
+    /// The sender's member slot: it is not sent its own message.
+    except: u32,
+    /// The plain frame, for recipients without `sequenced` (empty when none needs it).
+    plain: Range<usize>,
+    /// The sequenced frame, for recipients with `sequenced` (empty when none needs it).
+    sequenced: Range<usize>,
+}
+
+impl Fanout {
+    /// The index of its audience in the outbox.
+    pub fn audience(&self) -> usize {
+        self.audience
+    }
+
+    /// Its sender's member slot: the one recipient of the audience it is not for.
+    pub fn except(&self) -> u32 {
+        self.except
+    }
+
+    /// The frame `recipient` gets: its payload's range in the outbox's bytes.
+    pub fn bytes_for(&self, recipient: &Recipient) -> &Range<usize> {
+        if recipient.sequenced {
+            &self.sequenced
+        } else {
+            &self.plain
+        }
+    }
+}
+
+/// An entry of the send list, in the order decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Queued {
+    /// One datagram.
+    One(QueuedSend),
+    /// One message to a room.
+    Fanout(Fanout),
+}
+
 /// Encoded payloads and the datagrams that carry them.
 #[derive(Debug, Default)]
 #[must_use = "an outbox holds datagrams that must be sent"]
 pub struct Outbox {
     /// Every payload, back to back, each behind its batch entry prefix.
     bytes: Vec<u8>,
-    /// Datagrams in the order they were decided.
-    pub sends: Vec<QueuedSend>,
+    /// Sends and fan-outs in the order they were decided.
+    queued: Vec<Queued>,
+    /// The recipients of every audience, each audience's back to back.
+    recipients: Vec<Recipient>,
+    /// The audiences the fan-outs name.
+    audiences: Vec<Audience>,
+    /// Datagrams queued (before any batching): one per send, one per recipient of a fan-out.
+    datagrams: usize,
 }
 
 /// Bytes in front of each payload: its length as a batch entry prefix.
@@ -76,15 +159,27 @@ impl Outbox {
     /// Where the batch entry of one send lies: its payload with the length prefix in front.
     /// `None` when the payload is too long to be a batch entry.
     pub fn entry_of(&self, send: &QueuedSend) -> Option<Range<usize>> {
-        let Range { start, end } = send.bytes;
+        self.entry_at(&send.bytes)
+    }
+
+    /// Where the batch entry of the payload at `bytes` (a range [`Outbox::payload`] returned)
+    /// lies; `None` when the payload is too long to be a batch entry.
+    pub fn entry_at(&self, bytes: &Range<usize>) -> Option<Range<usize>> {
+        let Range { start, end } = *bytes;
         delivery::batch_entry_prefix(end.checked_sub(start)?)?;
         Some(start.checked_sub(PREFIX_LEN)?..end)
+    }
+
+    /// Queues `send`.
+    fn push(&mut self, send: QueuedSend) {
+        self.datagrams += 1;
+        self.queued.push(Queued::One(send));
     }
 
     /// Queues `bytes` (a range returned by [`Outbox::payload`]) for `to`, from our address
     /// `from`, alone in its datagram.
     pub fn queue(&mut self, to: SocketAddr, from: LocalId, bytes: Range<usize>) {
-        self.sends.push(QueuedSend {
+        self.push(QueuedSend {
             to,
             from,
             bytes,
@@ -104,7 +199,7 @@ impl Outbox {
         member: u32,
         batch_limit: u16,
     ) {
-        self.sends.push(QueuedSend {
+        self.push(QueuedSend {
             to,
             from,
             bytes,
@@ -124,7 +219,7 @@ impl Outbox {
         bytes: Range<usize>,
         member: u32,
     ) {
-        self.sends.push(QueuedSend {
+        self.push(QueuedSend {
             to,
             from,
             bytes,
@@ -134,6 +229,103 @@ impl Outbox {
         });
     }
 
+    /// The audience last added, if the registry keyed it `key`: the room's members are as it
+    /// found them then, so a message to the room may name it again.
+    pub fn audience(&self, key: AudienceKey) -> Option<usize> {
+        let last = self.audiences.len().checked_sub(1)?;
+        (self.audiences[last].key == key).then_some(last)
+    }
+
+    /// Adds an audience of `recipients`, keyed `key` ([`Outbox::audience`]); returns its index.
+    pub fn add_audience(
+        &mut self,
+        key: AudienceKey,
+        recipients: impl IntoIterator<Item = Recipient>,
+    ) -> usize {
+        let start = self.recipients.len();
+        self.recipients.extend(recipients);
+        self.audiences.push(Audience {
+            key,
+            recipients: start..self.recipients.len(),
+        });
+        self.audiences.len() - 1
+    }
+
+    /// The recipients of audience `audience` (an index [`Outbox::add_audience`] returned).
+    pub fn recipients(&self, audience: usize) -> &[Recipient] {
+        let range = self.audiences.get(audience).map(|a| a.recipients.clone());
+        debug_assert!(range.is_some(), "no audience {audience}");
+        self.recipients
+            .get(range.unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    /// Queues a message for every recipient of `audience` but the member in slot `except`,
+    /// its sender, which must be one of them: `plain` for those without sequenced frames,
+    /// `sequenced` for the others (a range may be empty when no recipient needs it). Returns
+    /// the deliveries queued.
+    pub fn queue_fanout(
+        &mut self,
+        audience: usize,
+        except: u32,
+        plain: Range<usize>,
+        sequenced: Range<usize>,
+    ) -> usize {
+        let recipients = self.recipients(audience);
+        debug_assert!(
+            recipients.iter().any(|r| r.member == except),
+            "the sender is one of its audience"
+        );
+        let deliveries = recipients.len().saturating_sub(1);
+        if deliveries > 0 {
+            self.datagrams += deliveries;
+            self.queued.push(Queued::Fanout(Fanout {
+                audience,
+                except,
+                plain,
+                sequenced,
+            }));
+        }
+        deliveries
+    }
+
+    /// Sends and fan-outs, in the order they were decided.
+    pub fn queued(&self) -> &[Queued] {
+        &self.queued
+    }
+
+    /// The datagrams of one fan-out, one per recipient, in its audience's order.
+    pub fn sends_of<'a>(&'a self, fanout: &'a Fanout) -> impl Iterator<Item = QueuedSend> + 'a {
+        self.recipients(fanout.audience)
+            .iter()
+            .filter(|r| r.member != fanout.except)
+            .map(|r| QueuedSend {
+                to: r.to,
+                from: r.from,
+                bytes: fanout.bytes_for(r).clone(),
+                member: Some(r.member),
+                batch_limit: r.batch_limit,
+                last_word: false,
+            })
+    }
+
+    /// Every datagram queued, one per send and one per recipient of a fan-out, in order.
+    pub fn sends(&self) -> impl Iterator<Item = QueuedSend> + '_ {
+        self.queued.iter().flat_map(|queued| {
+            let (one, fanout) = match queued {
+                Queued::One(send) => (Some(send.clone()), None),
+                Queued::Fanout(fanout) => (None, Some(self.sends_of(fanout))),
+            };
+            one.into_iter().chain(fanout.into_iter().flatten())
+        })
+    }
+
+    /// Datagrams queued, counted before batching: one per send, one per recipient of a
+    /// fan-out.
+    pub fn datagrams(&self) -> usize {
+        self.datagrams
+    }
+
     /// The bytes of one send.
     pub fn bytes_of(&self, send: &QueuedSend) -> &[u8] {
         self.get(send.bytes.clone())
@@ -141,13 +333,32 @@ impl Outbox {
 
     /// Whether nothing is queued.
     pub fn is_empty(&self) -> bool {
-        self.sends.is_empty()
+        self.queued.is_empty()
     }
 
     /// Forgets everything, keeping the allocations.
     pub fn clear(&mut self) {
         self.bytes.clear();
-        self.sends.clear();
+        self.queued.clear();
+        self.recipients.clear();
+        self.audiences.clear();
+        self.datagrams = 0;
+    }
+}
+
+#[cfg(test)]
+impl Outbox {
+    /// A copy of this outbox, its bytes where they are, with each fan-out replaced by its
+    /// datagrams, one send apiece: what the fan-outs stand for.
+    pub fn expanded(&self) -> Outbox {
+        let mut copy = Outbox {
+            bytes: self.bytes.clone(),
+            ..Outbox::default()
+        };
+        for send in self.sends() {
+            copy.push(send);
+        }
+        copy
     }
 }
 
@@ -171,9 +382,9 @@ mod tests {
                 None => out.queue(to(), LocalId::ANY, range),
             }
         }
-        assert_eq!(out.bytes_of(&out.sends[0]), b"\x01aone");
-        let entries: Vec<&[u8]> = out
-            .sends
+        let sends: Vec<QueuedSend> = out.sends().collect();
+        assert_eq!(out.bytes_of(&sends[0]), b"\x01aone");
+        let entries: Vec<&[u8]> = sends
             .iter()
             .map(|s| out.get(out.entry_of(s).unwrap()))
             .collect();
@@ -185,11 +396,9 @@ mod tests {
         let mut built = Vec::new();
         delivery::begin_batch(&mut built);
         delivery::push_batch_entry(out.get(a), &mut built).unwrap();
-        delivery::push_batch_entry(out.bytes_of(&out.sends[1]), &mut built).unwrap();
+        delivery::push_batch_entry(out.bytes_of(&sends[1]), &mut built).unwrap();
         let mut laid = delivery::BATCH_HEADER.to_vec();
-        laid.extend_from_slice(
-            out.get(out.entry_of(&out.sends[0]).unwrap().start..out.sends[1].bytes.end),
-        );
+        laid.extend_from_slice(out.get(out.entry_of(&sends[0]).unwrap().start..sends[1].bytes.end));
         assert_eq!(laid, built);
     }
 
@@ -208,6 +417,98 @@ mod tests {
         assert!(!out.is_empty());
     }
 
+    fn recipient(port: u16, member: u32, sequenced: bool) -> Recipient {
+        Recipient {
+            to: SocketAddr::from(([127, 0, 0, 1], port)),
+            from: LocalId::ANY,
+            member,
+            batch_limit: 4096,
+            sequenced,
+        }
+    }
+
+    /// A fan-out stands for one send to each recipient of its audience but its sender, each
+    /// with the frame of its kind, in the audience's order, between the sends queued before
+    /// and after it; it counts as those datagrams.
+    #[test]
+    fn a_fanout_is_a_send_to_each_recipient_but_its_sender() {
+        let mut out = Outbox::default();
+        let notice = out.payload(|b| b.push(9));
+        out.queue_to_member(to(), LocalId::ANY, notice.clone(), 7, 0);
+        let key = (3, 1);
+        let audience = out.add_audience(
+            key,
+            [
+                recipient(1, 10, false),
+                recipient(2, 11, true),
+                recipient(3, 12, false),
+            ],
+        );
+        let plain = out.payload(|b| b.push(1));
+        let sequenced = out.payload(|b| b.push(2));
+        assert_eq!(
+            out.queue_fanout(audience, 11, plain.clone(), sequenced.clone()),
+            2
+        );
+        assert_eq!(
+            out.queue_fanout(audience, 10, plain.clone(), sequenced.clone()),
+            2
+        );
+        out.queue(to(), LocalId::ANY, notice.clone());
+        assert_eq!(out.datagrams(), 6);
+        let sends: Vec<(u16, Option<u32>, Range<usize>)> = out
+            .sends()
+            .map(|s| (s.to.port(), s.member, s.bytes))
+            .collect();
+        assert_eq!(
+            sends,
+            vec![
+                (9, Some(7), notice.clone()),
+                (1, Some(10), plain.clone()),
+                (3, Some(12), plain.clone()),
+                (2, Some(11), sequenced),
+                (3, Some(12), plain),
+                (9, None, notice),
+            ]
+        );
+        let expanded = out.expanded();
+        assert_eq!(
+            expanded.sends().collect::<Vec<_>>(),
+            out.sends().collect::<Vec<_>>()
+        );
+        assert_eq!(expanded.datagrams(), 6);
+        assert_eq!(
+            expanded.get(0..1),
+            out.get(0..1),
+            "the bytes where they were"
+        );
+    }
+
+    /// Only the last audience added is found again, and only by its own key: a change of the
+    /// room's members (a new key) or a message to another room (another audience added since)
+    /// makes a new one. A fan-out whose sender is its audience's only recipient queues
+    /// nothing; a cleared outbox has no audience.
+    #[test]
+    fn an_audience_is_found_again_by_its_key_while_it_is_the_last() {
+        let mut out = Outbox::default();
+        assert_eq!(out.audience((0, 0)), None);
+        let a = out.add_audience((0, 5), [recipient(1, 1, false), recipient(2, 2, false)]);
+        assert_eq!(out.audience((0, 5)), Some(a));
+        assert_eq!(out.audience((0, 6)), None, "the room's members changed");
+        assert_eq!(out.audience((1, 5)), None, "another room");
+        let b = out.add_audience((1, 5), [recipient(3, 3, false)]);
+        assert_ne!(a, b);
+        assert_eq!(out.audience((0, 5)), None, "no longer the last");
+        assert_eq!(out.recipients(a).len(), 2);
+        assert_eq!(out.recipients(b), &[recipient(3, 3, false)]);
+        let text = out.payload(|b| b.push(1));
+        assert_eq!(out.queue_fanout(b, 3, text, 0..0), 0);
+        assert!(out.is_empty(), "nobody to send to");
+        assert_eq!(out.datagrams(), 0);
+        out.clear();
+        assert_eq!(out.audience((1, 5)), None);
+    }
+
     #[test]
     fn a_payload_too_long_for_a_prefix_is_no_batch_entry() {
         let mut out = Outbox::default();
@@ -215,9 +516,10 @@ mod tests {
         let fits = out.payload(|b| b.resize(b.len() + 65_535, 0));
         out.queue_to_member(to(), LocalId::ANY, huge, 0, u16::MAX);
         out.queue_to_member(to(), LocalId::ANY, fits.clone(), 0, u16::MAX);
-        assert_eq!(out.entry_of(&out.sends[0]), None);
-        assert_eq!(out.entry_of(&out.sends[1]), Some(fits.start - 2..fits.end));
-        assert_eq!(out.bytes_of(&out.sends[0]).len(), 65_536);
+        let sends: Vec<QueuedSend> = out.sends().collect();
+        assert_eq!(out.entry_of(&sends[0]), None);
+        assert_eq!(out.entry_of(&sends[1]), Some(fits.start - 2..fits.end));
+        assert_eq!(out.bytes_of(&sends[0]).len(), 65_536);
         out.clear();
         assert!(out.is_empty());
         // Cleared: the next payload starts over, behind its prefix.

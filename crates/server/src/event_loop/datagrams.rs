@@ -56,7 +56,7 @@ impl Server {
                 self.udp_unhandled = 0..count;
             }
             let handled = self.handle_read(now, sent);
-            sent += self.outbox.sends.len();
+            sent += self.outbox.datagrams();
             // Send what this batch produced before reading the next: latency stays low and
             // the outbox small.
             self.flush_outbox(now);
@@ -105,7 +105,7 @@ impl Server {
                 handled,
                 now,
             );
-            if sent + self.outbox.sends.len() >= SENDS_PER_WAKEUP {
+            if sent + self.outbox.datagrams() >= SENDS_PER_WAKEUP {
                 break;
             }
         }

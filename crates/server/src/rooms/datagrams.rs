@@ -203,6 +203,7 @@ impl Registry {
             local: self.locals.get(local),
         };
         self.record(change);
+        self.members_changed();
         Handled::Registered { changed }
     }
 
@@ -222,6 +223,7 @@ impl Registry {
         if !std::mem::replace(&mut member.source_queued, true) {
             self.sources_unsaved.push_back((id, member.serial));
         }
+        self.members_changed();
     }
 
     /// The address of ours that what the member with `token` hears leaves from, if one was

@@ -86,6 +86,7 @@ impl Registry {
     /// leaves again costs the members that joined after it, not a pass over the whole room
     /// (28 µs at 100,000 members).
     fn take_out(&mut self, room: RoomId, id: MemberId, takes_notices: bool) {
+        self.members_changed();
         let room = &mut self.rooms[room.0];
         let takers = takes_notices.then_some(&mut room.notice_takers);
         for list in std::iter::once(&mut room.members).chain(takers) {

@@ -63,6 +63,7 @@ impl Registry {
     pub(super) fn insert_member(&mut self, mut member: Member) -> MemberId {
         member.serial = self.next_serial;
         self.next_serial = self.next_serial.wrapping_add(1);
+        self.members_changed();
         let keepalive = member
             .keepalive
             .map(|interval| (interval, member.last_seen, member.serial));
@@ -125,6 +126,7 @@ impl Registry {
     /// Takes a member out of the slab, the token, name and look-alike indexes.
     pub(super) fn unlink(&mut self, id: MemberId) -> Member {
         self.unfile_member(id);
+        self.members_changed();
         let member = self.members.remove(id.0);
         let hash = self.hasher.hash_one(member.token.as_str().as_bytes());
         if let Ok(entry) = self.token_index.find_entry(hash, |e| e.id == id) {

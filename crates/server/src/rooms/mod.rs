@@ -336,6 +336,10 @@ pub struct Registry {
     deadlines: Deadlines,
     /// The serial of the next member inserted (see [`Deadlines`]).
     next_serial: u32,
+    /// Bumped whenever a member joins, leaves, registers or moves to another of our
+    /// addresses: a relay's audience in the outbox is its room's while this is unchanged
+    /// ([`Outbox::audience`](crate::outbox::Outbox::audience)).
+    members_changes: u64,
     /// Members with keepalives.
     keepalive_members: usize,
     /// When the rooms are next looked at for idleness (see [`Registry::close_idle_rooms`]).
@@ -379,6 +383,7 @@ impl Registry {
             sources_unsaved: VecDeque::new(),
             deadlines: Deadlines::default(),
             next_serial: 0,
+            members_changes: 0,
             keepalive_members: 0,
             next_idle_check: None,
             own_udp: None,
@@ -436,6 +441,7 @@ impl Registry {
         for (_, member) in &mut self.members {
             member.local = LocalId::ANY;
         }
+        self.members_changed();
         self.locals = Locals::default();
     }
 

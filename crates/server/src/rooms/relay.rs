@@ -1,5 +1,8 @@
 //! Chat and notices queued for the other registered members of a room: each frame encoded
-//! once per kind of member, its bytes shared by every send.
+//! once per kind of member, its bytes shared by every send. Chat is queued once for the room
+//! (a fan-out), to its registered members as the first relay of the pass found them: the
+//! messages after it in the pass name the same audience while no member joins, leaves,
+//! registers or moves, so a message costs the relay the same in a room of 2 or 256.
 
 use std::time::Instant;
 
@@ -7,10 +10,16 @@ use tcrp::payload::Caps;
 use ucrp::delivery::{self, Notice};
 
 use super::{MemberId, Registry, RoomId};
-use crate::outbox::Outbox;
+use crate::outbox::{AudienceKey, Outbox, Recipient};
 use crate::record::HistoryEntry;
 
 impl Registry {
+    /// Notes that a member joined, left, registered or moved to another of our addresses:
+    /// the audiences in the outbox are no longer their rooms'.
+    pub(super) fn members_changed(&mut self) {
+        self.members_changes = self.members_changes.wrapping_add(1);
+    }
+
     /// Queues `text` from `from` to every other registered member; returns the count.
     pub(super) fn relay(
         &mut self,
@@ -21,8 +30,10 @@ impl Registry {
     ) -> usize {
         let at = self.unix_time(now);
         let keep = self.limits.history;
+        let room_id = self.members[from.0].room;
+        let audience = self.audience(room_id, out);
         let sender = &self.members[from.0];
-        let room = &mut self.rooms[sender.room.0];
+        let room = &mut self.rooms[room_id.0];
         let seq = room.next_seq;
         // Saturating: the number may come from a state file.
         room.next_seq = room.next_seq.saturating_add(1);
@@ -37,37 +48,57 @@ impl Registry {
             room.history_unsaved = (room.history_unsaved + 1).min(room.history.len());
         }
         let text = message.as_bytes();
-        let mut plain = None;
-        let mut sequenced = None;
-        let mut deliveries = 0;
-        for &m in &room.members {
-            if m == from {
-                continue;
-            }
-            let member = &self.members[m.0];
-            let Some(to) = member.address else { continue };
-            let bytes = if member.caps.contains(Caps::SEQ) {
-                sequenced
-                    .get_or_insert_with(|| {
-                        out.payload(|b| {
-                            // Usernames are checked to fit the size byte at join.
-                            let _ = delivery::encode_sequenced(seq, &sender.username, text, b);
-                        })
-                    })
-                    .clone()
-            } else {
-                plain
-                    .get_or_insert_with(|| {
-                        out.payload(|b| {
-                            let _ = delivery::encode_chat(&sender.username, text, b);
-                        })
-                    })
-                    .clone()
-            };
-            out.queue_to_member(to, member.local, bytes, m.slot(), member.batch_limit());
-            deliveries += 1;
+        // Each kind of frame is encoded when a recipient other than the sender takes it.
+        let recipients = out.recipients(audience);
+        let sender_sequenced = sender.caps.contains(Caps::SEQ);
+        let sequenced_takers = (recipients.iter().filter(|r| r.sequenced).count())
+            .saturating_sub(usize::from(sender_sequenced));
+        let plain_takers = (recipients.len().saturating_sub(1)).saturating_sub(sequenced_takers);
+        let plain = if plain_takers > 0 {
+            out.payload(|b| {
+                let _ = delivery::encode_chat(&sender.username, text, b);
+            })
+        } else {
+            0..0
+        };
+        let sequenced = if sequenced_takers > 0 {
+            out.payload(|b| {
+                // Usernames are checked to fit the size byte at join.
+                let _ = delivery::encode_sequenced(seq, &sender.username, text, b);
+            })
+        } else {
+            0..0
+        };
+        out.queue_fanout(audience, from.slot(), plain, sequenced)
+    }
+
+    /// The outbox's audience for `room`: the last one added, while the room's members are as
+    /// they were then, else a new one of its registered members.
+    fn audience(&self, room: RoomId, out: &mut Outbox) -> usize {
+        let key: AudienceKey = (room.0, self.members_changes);
+        if let Some(audience) = out.audience(key) {
+            debug_assert!(
+                self.recipients(room)
+                    .eq(out.recipients(audience).iter().copied()),
+                "an audience outlived a change of its room's members"
+            );
+            return audience;
         }
-        deliveries
+        out.add_audience(key, self.recipients(room))
+    }
+
+    /// The registered members of `room`, in join order, as recipients of its chat.
+    fn recipients(&self, room: RoomId) -> impl Iterator<Item = Recipient> + '_ {
+        self.rooms[room.0].members.iter().filter_map(|&m| {
+            let member = &self.members[m.0];
+            Some(Recipient {
+                to: member.address?,
+                from: member.local,
+                member: m.slot(),
+                batch_limit: member.batch_limit(),
+                sequenced: member.caps.contains(Caps::SEQ),
+            })
+        })
     }
 
     /// Sends a notice about `subject` to the room's notice-capable registered members: reads

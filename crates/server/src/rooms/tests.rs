@@ -131,10 +131,9 @@ fn join_registered(
 
 /// The sends of an outbox as (destination, decoded delivery) pairs, rendered as text.
 fn sent(out: &Outbox) -> Vec<(SocketAddr, String)> {
-    out.sends
-        .iter()
+    out.sends()
         .map(|s| {
-            let text = match ucrp::delivery::parse(out.bytes_of(s)).unwrap() {
+            let text = match ucrp::delivery::parse(out.bytes_of(&s)).unwrap() {
                 Delivery::Chat { sender, message } => format!("{sender}: {message}"),
                 Delivery::Sequenced {
                     seq,
@@ -476,7 +475,8 @@ fn chat_is_relayed_to_the_others_and_not_echoed() {
         ]
     );
     // One encoding shared by both sends.
-    assert_eq!(out.sends[0].bytes, out.sends[1].bytes);
+    let sends: Vec<_> = out.sends().collect();
+    assert_eq!(sends[0].bytes, sends[1].bytes);
 }
 
 /// Every send to a member names that member's slot in the registry, the same for a relay
@@ -509,8 +509,8 @@ fn every_send_to_a_member_names_that_members_own_slot() {
     }
     let h = leave(&mut t.reg, addr(1), &t.host, t.now, &mut out);
     assert_eq!(h, Handled::Closed { notified: 2 });
-    assert_eq!(out.sends.len(), 8);
-    for send in &out.sends {
+    assert_eq!(out.sends().count(), 8);
+    for send in out.sends() {
         assert_eq!(send.member, slots[&send.to], "send to {}", send.to);
     }
 }
@@ -527,8 +527,8 @@ fn chat_that_would_relay_past_4096_bytes_is_dropped_not_cut() {
     let fits = "x".repeat(3995);
     let h = chat(&mut t.reg, addr(4), &token, &fits, t.now, &mut out);
     assert_eq!(h, Handled::Relayed { deliveries: 3 });
-    assert_eq!(out.sends.len(), 3);
-    assert!(out.sends.iter().all(|s| out.bytes_of(s).len() == 4096));
+    assert_eq!(out.sends().count(), 3);
+    assert!(out.sends().all(|s| out.bytes_of(&s).len() == 4096));
     let mut out = Outbox::default();
     let over = "x".repeat(3996);
     let h = chat(&mut t.reg, addr(4), &token, &over, t.now, &mut out);
@@ -794,8 +794,7 @@ fn ours(last: u8) -> Option<LocalAddr> {
 /// Each send's destination port and the IP of ours it leaves from (`None`: the kernel's
 /// choice).
 fn sources(reg: &mut Registry, out: &Outbox) -> Vec<(u16, Option<IpAddr>)> {
-    out.sends
-        .iter()
+    out.sends()
         .map(|s| (s.to.port(), reg.locals_mut().get(s.from).map(|l| l.ip)))
         .collect()
 }
@@ -933,14 +932,14 @@ fn the_address_a_member_sends_to_survives_a_restart() {
     let mut bound = state.clone();
     bound.forget_local_addresses();
     let (mut reg, out) = restored(&bound);
-    assert!(out.sends.iter().all(|s| s.from == LocalId::ANY));
+    assert!(out.sends().all(|s| s.from == LocalId::ANY));
     assert_eq!(reg.locals_mut().len(), 0);
     // So does a registry told so (the kernel would not say where datagrams arrive).
     let (mut reg, _) = restored(&state);
     reg.forget_arrival_addresses();
     let mut out = Outbox::default();
     chat(&mut reg, addr(1), &host, "hi", now, &mut out);
-    assert!(out.sends.iter().all(|s| s.from == LocalId::ANY));
+    assert!(out.sends().all(|s| s.from == LocalId::ANY));
     assert_eq!(reg.locals_mut().len(), 0);
 }
 
@@ -1208,7 +1207,7 @@ fn tombstoned_token_gets_room_closed_a_few_times_per_interval() {
         Handled::ClosedReply
     );
     assert_eq!(sent(&out), vec![(addr(2), "CLOSED".into())]);
-    assert!(out.sends[0].bytes.len() <= late.len());
+    assert!(out.sends().next().unwrap().bytes.len() <= late.len());
     // The same source (any port) is told a few times per interval, then not.
     let soon = t.now + Duration::from_millis(500);
     let told = (0..10)
@@ -1311,7 +1310,7 @@ fn rooms_nobody_is_heard_from_close_once_idle_and_activity_of_any_member_keeps_t
     reg.handle_datagram(addr(2), None, &dgram("r", &guest, "hi"), at(60), &mut out);
     out.clear();
     assert_eq!(reg.close_idle_rooms(at(101), &mut out), 1, "'quiet' only");
-    assert!(out.sends.is_empty(), "nobody registered in 'quiet'");
+    assert_eq!(out.sends().count(), 0, "nobody registered in 'quiet'");
     // Looked at again only a tenth of the limit later: 'quiet2', idle since 103 s, waits.
     assert_eq!(reg.close_idle_rooms(at(105), &mut out), 0);
     assert_eq!(reg.close_idle_rooms(at(111), &mut out), 1, "'quiet2'");
@@ -2550,11 +2549,7 @@ fn batch_limits_follow_max_datagram_and_survive_a_reload_checked() {
     let limits = |reg: &mut Registry| {
         let mut out = Outbox::default();
         chat(reg, addr(1), &host, "hi", now, &mut out);
-        let mut l: Vec<(u16, u16)> = out
-            .sends
-            .iter()
-            .map(|s| (s.to.port(), s.batch_limit))
-            .collect();
+        let mut l: Vec<(u16, u16)> = out.sends().map(|s| (s.to.port(), s.batch_limit)).collect();
         l.sort_unstable();
         l
     };

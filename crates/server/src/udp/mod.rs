@@ -29,7 +29,7 @@ use crate::metrics::Metrics;
 use crate::mmsg::{self, Fate};
 use crate::outbox::Outbox;
 use crate::peer;
-use destinations::LastPlanned;
+use destinations::{Distinct, LastPlanned};
 pub use plan::MAX_SEGMENT_BYTES;
 use plan::{keep_pooled, Batch, Bytes, Planned, Segments};
 pub use socket::{kernel_drops, size_buffers, KernelDrops};
@@ -88,6 +88,8 @@ pub struct Sender {
     last_to: LastPlanned,
     /// Slots set in `open` during this pass, to reset them after.
     touched: Vec<u32>,
+    /// Checks that an audience's members are at distinct addresses.
+    distinct: Distinct,
     /// Each planned datagram's runs in the list of byte runs handed to the kernel; kept
     /// between passes (the runs themselves borrow the outbox, so they are not).
     datagrams: Vec<mmsg::Outgoing>,

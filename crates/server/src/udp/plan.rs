@@ -7,13 +7,14 @@
 use std::mem;
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::time::Instant;
 
 use ucrp::delivery;
 
 use super::Sender;
 use crate::local::LocalId;
 use crate::mmsg;
-use crate::outbox::{Outbox, QueuedSend};
+use crate::outbox::{Fanout, Outbox, Queued, QueuedSend, Recipient};
 
 /// Bytes of batch plans kept for reuse between passes (beyond that they are freed).
 pub(super) const POOLED_BATCH_BYTES: usize = 1024 * 1024;
@@ -154,35 +155,139 @@ impl Sender {
             }
         }
         let now = self.unsegmented.now();
-        for send in &outbox.sends {
-            let limit = usize::from(send.batch_limit).min(self.max_batch);
-            match (send.member, outbox.entry_of(send)) {
-                // A last word leaves alone, so that it can be held alone when the kernel has
-                // no room for it, and after whatever is packed for its member or its address.
-                (member, _) if send.last_word => {
-                    if let Some(slot) = member {
-                        self.close_open(slot);
-                    }
-                    self.push(Planned::alone(send));
+        let mut queued = outbox.queued();
+        while let Some(first) = queued.first() {
+            let block = match first {
+                Queued::One(send) => {
+                    self.plan_send(send, outbox, now);
+                    1
                 }
-                (Some(slot), Some(entry)) if limit > 0 => {
-                    self.plan_batched(send, slot, entry, limit)
+                Queued::Fanout(fanout) => {
+                    let audience = fanout.audience();
+                    let block = queued
+                        .iter()
+                        .take_while(|q| matches!(q, Queued::Fanout(f) if f.audience() == audience))
+                        .count();
+                    self.plan_fanouts(&queued[..block], audience, outbox, now);
+                    block
                 }
-                (Some(slot), _)
-                    if self.segmenting
-                        && send.batch_limit == 0
-                        && (1..=MAX_SEGMENT_BYTES).contains(&send.bytes.len())
-                        && !self.unsegmented.keeps(&send.to.ip(), now) =>
-                {
-                    self.plan_segmented(send, slot)
+            };
+            queued = &queued[block..];
+        }
+    }
+
+    /// Plans `block`, consecutive fan-outs to `audience`. When its recipients are at distinct
+    /// addresses, the batch-capable ones are planned one after the other, each for the whole
+    /// block: nothing else in the block goes to their addresses, so each gets what it would
+    /// get message by message, in the same order, for a few nanoseconds a delivery. The
+    /// others, and a block whose audience shares an address, are planned message by message.
+    fn plan_fanouts(
+        &mut self,
+        block: &[Queued],
+        audience: usize,
+        outbox: &Outbox,
+        now: Option<Instant>,
+    ) {
+        let fanouts = || {
+            block.iter().filter_map(|q| match q {
+                Queued::Fanout(fanout) => Some(fanout),
+                Queued::One(_) => None,
+            })
+        };
+        let recipients = outbox.recipients(audience);
+        let by_recipient = block.len() > 1 && self.distinct.all(recipients.iter().map(|r| r.to));
+        let max_batch = self.max_batch;
+        let planned_apart =
+            |batch_limit: u16| by_recipient && batch_cap(batch_limit, max_batch) > 0;
+        for r in recipients.iter().filter(|r| planned_apart(r.batch_limit)) {
+            self.plan_batches_for(r, fanouts(), outbox);
+        }
+        for fanout in fanouts() {
+            for send in outbox.sends_of(fanout) {
+                if !planned_apart(send.batch_limit) {
+                    self.plan_send(&send, outbox, now);
                 }
-                // After whatever is packed for its member or its address.
-                (member, _) => {
-                    if let Some(slot) = member {
-                        self.close_open(slot);
-                    }
-                    self.push(Planned::alone(send));
+            }
+        }
+    }
+
+    /// Plans `fanouts` for the batch-capable `recipient` (all but those it sent), as
+    /// [`Sender::plan_send`] would one by one: into the batch open for it, or new ones.
+    fn plan_batches_for<'a>(
+        &mut self,
+        recipient: &Recipient,
+        fanouts: impl Iterator<Item = &'a Fanout>,
+        outbox: &Outbox,
+    ) {
+        let (slot, limit) = (
+            recipient.member,
+            batch_cap(recipient.batch_limit, self.max_batch),
+        );
+        let batch_of = |plan: &[Planned], p: usize| match plan[p].bytes {
+            Bytes::Batch(i) => Some((p, i)),
+            _ => None,
+        };
+        let mut open = self
+            .open_for(slot, recipient.to, recipient.from)
+            .and_then(|p| batch_of(&self.plan, p));
+        for fanout in fanouts.filter(|f| f.except() != slot) {
+            let bytes = fanout.bytes_for(recipient);
+            let Some(entry) = outbox.entry_at(bytes) else {
+                // Too long for a batch: alone, after whatever is packed for the member.
+                self.close_open(slot);
+                self.push(Planned::empty(
+                    recipient.to,
+                    recipient.from,
+                    Bytes::Outbox(bytes.clone()),
+                    1,
+                ));
+                open = None;
+                continue;
+            };
+            let (p, i) = match open {
+                Some((p, i)) if self.batches[i].takes(&entry, limit) => (p, i),
+                _ => {
+                    let (index, batch) = next_pooled(&mut self.batches, &mut self.used_batches);
+                    batch.runs.clear();
+                    batch.len = delivery::BATCH_HEADER_LEN;
+                    let planned =
+                        Planned::empty(recipient.to, recipient.from, Bytes::Batch(index), 0);
+                    (self.open_new(slot, planned), index)
                 }
+            };
+            self.batches[i].push(entry);
+            self.plan[p].messages += 1;
+            open = Some((p, i));
+        }
+    }
+
+    /// Plans one datagram of the outbox's, as of `now` (see [`Unsegmented::now`](super::unsegmented::Unsegmented::now)).
+    fn plan_send(&mut self, send: &QueuedSend, outbox: &Outbox, now: Option<Instant>) {
+        let limit = batch_cap(send.batch_limit, self.max_batch);
+        match (send.member, outbox.entry_of(send)) {
+            // A last word leaves alone, so that it can be held alone when the kernel has
+            // no room for it, and after whatever is packed for its member or its address.
+            (member, _) if send.last_word => {
+                if let Some(slot) = member {
+                    self.close_open(slot);
+                }
+                self.push(Planned::alone(send));
+            }
+            (Some(slot), Some(entry)) if limit > 0 => self.plan_batched(send, slot, entry, limit),
+            (Some(slot), _)
+                if self.segmenting
+                    && send.batch_limit == 0
+                    && (1..=MAX_SEGMENT_BYTES).contains(&send.bytes.len())
+                    && !self.unsegmented.keeps(&send.to.ip(), now) =>
+            {
+                self.plan_segmented(send, slot)
+            }
+            // After whatever is packed for its member or its address.
+            (member, _) => {
+                if let Some(slot) = member {
+                    self.close_open(slot);
+                }
+                self.push(Planned::alone(send));
             }
         }
     }
@@ -245,11 +350,16 @@ pub(super) struct Planned {
 impl Planned {
     /// An entry for `send`'s destination and source carrying nothing yet.
     fn new(send: &QueuedSend, bytes: Bytes) -> Planned {
+        Planned::empty(send.to, send.from, bytes, 0)
+    }
+
+    /// An entry to `to` from `from` of `bytes`, `messages` of them so far, not a last word.
+    fn empty(to: SocketAddr, from: LocalId, bytes: Bytes, messages: usize) -> Planned {
         Planned {
-            to: send.to,
-            from: send.from,
+            to,
+            from,
             bytes,
-            messages: 0,
+            messages,
             last_word: false,
             sealed: false,
         }
@@ -274,6 +384,12 @@ impl Planned {
             Bytes::Outbox(_) | Bytes::Batch(_) => 1,
         }
     }
+}
+
+/// The largest batch frame for a member whose limit is `batch_limit` (0: it takes none), under
+/// the daemon's cap `max_batch`, in bytes.
+fn batch_cap(batch_limit: u16, max_batch: usize) -> usize {
+    usize::from(batch_limit).min(max_batch)
 }
 
 /// The next plan of `pool` not yet `used` in this pass (a new one when all are), and its index.

@@ -1383,7 +1383,10 @@ fn a_destination_is_kept_from_segmented_sends_for_ten_minutes() {
 
 /// The plan against the batch encoder, on random outboxes.
 mod planned_against_push_batch_entry {
+    use std::collections::BTreeMap;
+
     use super::*;
+    use crate::outbox::{Queued, Recipient};
     use rand::{rngs::StdRng, RngExt, SeedableRng};
     use ucrp::delivery::Delivery;
 
@@ -1487,6 +1490,151 @@ mod planned_against_push_batch_entry {
         assert!(
             segmented_sends > 100,
             "only {segmented_sends} segmented sends"
+        );
+    }
+
+    /// Each address's datagrams in the order planned: their bytes and segment size.
+    fn by_address(sender: &mut Sender, out: &Outbox) -> BTreeMap<SocketAddr, Vec<(Vec<u8>, u16)>> {
+        sender.plan(out);
+        let parts = sender.gather(out, &Locals::default(), 0);
+        let mut datagrams: BTreeMap<SocketAddr, Vec<(Vec<u8>, u16)>> = BTreeMap::new();
+        for datagram in &sender.datagrams {
+            let bytes = datagram_bytes(&parts, &datagram.runs);
+            datagrams
+                .entry(datagram.to)
+                .or_default()
+                .push((bytes, datagram.segment));
+        }
+        datagrams
+    }
+
+    /// Random outboxes of fan-outs (audiences of members with and without batches and
+    /// sequenced frames, some with two members at one address, some with a member moved),
+    /// sends to one member, last words and datagrams for no member, payloads short, long and
+    /// too long for a batch entry; segmenting on for odd seeds: each address gets exactly the
+    /// datagrams it would get were every fan-out queued as its sends, one by one.
+    #[test]
+    fn random_fanouts_plan_what_their_sends_would() {
+        let (mut apart, mut shared) = (0, 0);
+        for seed in 0..400u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut out = Outbox::default();
+            let members = 8u32;
+            let limits: Vec<u16> = (0..members)
+                .map(|_| [0u16, 600, 4096, 65507][rng.random_range(0..4)])
+                .collect();
+            let sequenced: Vec<bool> = (0..members).map(|_| rng.random_bool(0.3)).collect();
+            // Members 0 and 7 share a socket in a third of the outboxes.
+            let sharing = seed % 3 == 0;
+            let home = |m: u32| 300 + if sharing && m == 7 { 0 } else { m as u16 };
+            let mut audiences: Vec<(usize, bool)> = Vec::new();
+            let payload = |out: &mut Outbox, rng: &mut StdRng, tag: u8| {
+                let len = match rng.random_range(0..400) {
+                    0 => 70_000,
+                    1..=30 => rng.random_range(1000..3000),
+                    _ => rng.random_range(1..40),
+                };
+                out.payload(|b| b.extend((0..len).map(|j| (j as u8 ^ tag) | 1)))
+            };
+            let mut last_audience = None;
+            for i in 0..rng.random_range(0..300) {
+                let tag = i as u8;
+                match rng.random_range(0..100) {
+                    0..=74 => {
+                        let reuse = last_audience.filter(|_| rng.random_range(0..10) > 0);
+                        let (audience, distinct) = reuse.unwrap_or_else(|| {
+                            let mut picked: Vec<u32> = (0..members).collect();
+                            picked.retain(|_| rng.random_bool(0.6));
+                            if picked.is_empty() {
+                                picked.push(rng.random_range(0..members));
+                            }
+                            let recipients: Vec<Recipient> = picked
+                                .iter()
+                                .map(|&m| {
+                                    let moved = rng.random_range(0..20) == 0;
+                                    let port = if moved { 320 + m as u16 } else { home(m) };
+                                    Recipient {
+                                        to: SocketAddr::from(([127, 0, 0, 1], port)),
+                                        from: LocalId::ANY,
+                                        member: m,
+                                        batch_limit: limits[m as usize],
+                                        sequenced: sequenced[m as usize],
+                                    }
+                                })
+                                .collect();
+                            let ports: std::collections::HashSet<SocketAddr> =
+                                recipients.iter().map(|r| r.to).collect();
+                            let distinct = ports.len() == recipients.len();
+                            let key = (audiences.len(), 0);
+                            let audience = out.add_audience(key, recipients);
+                            audiences.push((audience, distinct));
+                            (audience, distinct)
+                        });
+                        last_audience = Some((audience, distinct));
+                        let recipients = out.recipients(audience).to_vec();
+                        let sender = recipients[rng.random_range(0..recipients.len())].member;
+                        let plain = payload(&mut out, &mut rng, tag);
+                        let seq = payload(&mut out, &mut rng, tag ^ 0x80);
+                        let before = out.queued().len();
+                        out.queue_fanout(audience, sender, plain, seq);
+                        let follows = before > 0
+                            && matches!(&out.queued()[before - 1],
+                                Queued::Fanout(f) if f.audience() == audience);
+                        if follows && out.queued().len() > before {
+                            if distinct {
+                                apart += 1;
+                            } else {
+                                shared += 1;
+                            }
+                        }
+                    }
+                    roll => {
+                        let m = rng.random_range(0..members);
+                        let to = SocketAddr::from(([127, 0, 0, 1], home(m)));
+                        let p = payload(&mut out, &mut rng, tag);
+                        match roll {
+                            75..=89 => {
+                                out.queue_to_member(to, LocalId::ANY, p, m, limits[m as usize])
+                            }
+                            90..=94 => out.queue_last_word(to, LocalId::ANY, p, m),
+                            _ => out.queue(to, LocalId::ANY, p),
+                        }
+                    }
+                }
+            }
+            let cap = [512usize, 1472, 4096, 65507][rng.random_range(0..4)];
+            let sender = || {
+                let mut sender = Sender::new(cap);
+                sender.set_segmentation(seed % 2 == 1);
+                sender
+            };
+            let got = by_address(&mut sender(), &out);
+            let want = by_address(&mut sender(), &out.expanded());
+            assert_eq!(
+                got.keys().collect::<Vec<_>>(),
+                want.keys().collect::<Vec<_>>(),
+                "seed {seed}"
+            );
+            for (to, want) in &want {
+                let got = &got[to];
+                let brief = |d: &[(Vec<u8>, u16)]| -> Vec<(usize, u16)> {
+                    d.iter().map(|(b, s)| (b.len(), *s)).collect()
+                };
+                assert!(
+                    got == want,
+                    "seed {seed} to {to}: planned {:?}, one by one {:?}",
+                    brief(got),
+                    brief(want)
+                );
+            }
+        }
+        assert!(
+            apart > 1000,
+            "only {apart} fan-outs after one to the same distinct audience"
+        );
+        assert!(
+            shared > 200,
+            "only {shared} after one to the same audience sharing an address"
         );
     }
 
