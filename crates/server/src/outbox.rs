@@ -2,8 +2,8 @@
 //!
 //! A relayed message is encoded once into the outbox's bytes, and queued once for its whole
 //! room: a [`Fanout`] names the message's bytes and an audience, the room's registered
-//! members as the relay found them, which every message of the room in the same pass shares
-//! while its members stay as they were. Anything else (a notice, a reply, a last word) is a
+//! members as the relay found them, which the next messages to the room name again while the
+//! registry's members stay as they were. Anything else (a notice, a reply, a last word) is a
 //! [`QueuedSend`] to one destination that points at its bytes. Either way, fan-out to 256
 //! members copies nothing. Each payload lies behind its batch entry prefix (its length), so
 //! that a batch frame for a member is the batch header followed by runs of these bytes, handed
@@ -63,6 +63,20 @@ struct Audience {
     key: AudienceKey,
     /// Its recipients in [`Outbox::recipients`].
     recipients: Range<usize>,
+    /// How many of them take sequenced frames.
+    sequenced: usize,
+    /// Whether a fan-out names it.
+    named: bool,
+}
+
+/// The recipients of a message to an audience, but its sender: how many take each kind of
+/// frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Takers {
+    /// Those that take plain frames.
+    pub plain: usize,
+    /// Those that take sequenced frames.
+    pub sequenced: usize,
 }
 
 /// The registry's name for a room's audience as of one state of its members: the room's
@@ -92,6 +106,18 @@ impl Fanout {
     /// Its sender's member slot: the one recipient of the audience it is not for.
     pub fn except(&self) -> u32 {
         self.except
+    }
+
+    /// The datagram of it to `recipient`.
+    pub fn send_to(&self, recipient: &Recipient) -> QueuedSend {
+        QueuedSend {
+            to: recipient.to,
+            from: recipient.from,
+            bytes: self.bytes_for(recipient).clone(),
+            member: Some(recipient.member),
+            batch_limit: recipient.batch_limit,
+            last_word: false,
+        }
     }
 
     /// The frame `recipient` gets: its payload's range in the outbox's bytes.
@@ -244,11 +270,34 @@ impl Outbox {
     ) -> usize {
         let start = self.recipients.len();
         self.recipients.extend(recipients);
+        let added = &self.recipients[start..];
+        let sequenced = added.iter().filter(|r| r.sequenced).count();
         self.audiences.push(Audience {
             key,
             recipients: start..self.recipients.len(),
+            sequenced,
+            named: false,
         });
         self.audiences.len() - 1
+    }
+
+    /// Who of `audience` takes a message but its sender: `sender_sequenced` says whether the
+    /// sender takes sequenced frames when it is one of the audience (a registered member), and
+    /// is `None` when it is not.
+    pub fn takers(&self, audience: usize, sender_sequenced: Option<bool>) -> Takers {
+        let Some(a) = self.audiences.get(audience) else {
+            return Takers {
+                plain: 0,
+                sequenced: 0,
+            };
+        };
+        Takers {
+            plain: (a.recipients.len() - a.sequenced)
+                .saturating_sub(usize::from(sender_sequenced == Some(false))),
+            sequenced: a
+                .sequenced
+                .saturating_sub(usize::from(sender_sequenced == Some(true))),
+        }
     }
 
     /// The recipients of audience `audience` (an index [`Outbox::add_audience`] returned).
@@ -261,32 +310,52 @@ impl Outbox {
     }
 
     /// Queues a message for every recipient of `audience` but the member in slot `except`,
-    /// its sender, which must be one of them: `plain` for those without sequenced frames,
-    /// `sequenced` for the others (a range may be empty when no recipient needs it). Returns
-    /// the deliveries queued.
+    /// its sender: `plain` for those without sequenced frames, `sequenced` for the others (a
+    /// range may be empty when nobody takes it); `takers` counts them
+    /// ([`Outbox::takers`]). Returns the deliveries queued. An audience nobody takes a message
+    /// from (its sender alone) is forgotten, unless a fan-out names it already: an outbox that
+    /// queues no datagram is not sent, nor cleared.
     pub fn queue_fanout(
         &mut self,
         audience: usize,
         except: u32,
-        plain: Range<usize>,
-        sequenced: Range<usize>,
+        (plain, sequenced): (Range<usize>, Range<usize>),
+        takers: Takers,
     ) -> usize {
-        let recipients = self.recipients(audience);
-        debug_assert!(
-            recipients.iter().any(|r| r.member == except),
-            "the sender is one of its audience"
-        );
-        let deliveries = recipients.len().saturating_sub(1);
-        if deliveries > 0 {
-            self.datagrams += deliveries;
-            self.queued.push(Queued::Fanout(Fanout {
-                audience,
-                except,
-                plain,
-                sequenced,
-            }));
+        let deliveries = takers.plain + takers.sequenced;
+        if deliveries == 0 {
+            if audience + 1 == self.audiences.len() && !self.audiences[audience].named {
+                if let Some(unnamed) = self.audiences.pop() {
+                    self.recipients.truncate(unnamed.recipients.start);
+                }
+            }
+            return 0;
         }
+        debug_assert_eq!(
+            deliveries,
+            self.recipients(audience)
+                .iter()
+                .filter(|r| r.member != except)
+                .count(),
+            "takers of audience {audience} but {except}"
+        );
+        if let Some(a) = self.audiences.get_mut(audience) {
+            a.named = true;
+        }
+        self.datagrams += deliveries;
+        self.queued.push(Queued::Fanout(Fanout {
+            audience,
+            except,
+            plain,
+            sequenced,
+        }));
         deliveries
+    }
+
+    /// Recipients kept in audiences, for tests.
+    #[cfg(test)]
+    pub fn recipients_kept(&self) -> usize {
+        self.recipients.len()
     }
 
     /// Sends and fan-outs, in the order they were decided.
@@ -299,14 +368,7 @@ impl Outbox {
         self.recipients(fanout.audience)
             .iter()
             .filter(|r| r.member != fanout.except)
-            .map(|r| QueuedSend {
-                to: r.to,
-                from: r.from,
-                bytes: fanout.bytes_for(r).clone(),
-                member: Some(r.member),
-                batch_limit: r.batch_limit,
-                last_word: false,
-            })
+            .map(|r| fanout.send_to(r))
     }
 
     /// Every datagram queued, one per send and one per recipient of a fan-out, in order.
@@ -446,14 +508,25 @@ mod tests {
         );
         let plain = out.payload(|b| b.push(1));
         let sequenced = out.payload(|b| b.push(2));
+        let frames = (plain.clone(), sequenced.clone());
+        let takers = out.takers(audience, Some(true));
         assert_eq!(
-            out.queue_fanout(audience, 11, plain.clone(), sequenced.clone()),
-            2
+            takers,
+            Takers {
+                plain: 2,
+                sequenced: 0
+            }
         );
+        assert_eq!(out.queue_fanout(audience, 11, frames.clone(), takers), 2);
+        let takers = out.takers(audience, Some(false));
         assert_eq!(
-            out.queue_fanout(audience, 10, plain.clone(), sequenced.clone()),
-            2
+            takers,
+            Takers {
+                plain: 1,
+                sequenced: 1
+            }
         );
+        assert_eq!(out.queue_fanout(audience, 10, frames, takers), 2);
         out.queue(to(), LocalId::ANY, notice.clone());
         assert_eq!(out.datagrams(), 6);
         let sends: Vec<(u16, Option<u32>, Range<usize>)> = out
@@ -501,12 +574,55 @@ mod tests {
         assert_eq!(out.audience((0, 5)), None, "no longer the last");
         assert_eq!(out.recipients(a).len(), 2);
         assert_eq!(out.recipients(b), &[recipient(3, 3, false)]);
-        let text = out.payload(|b| b.push(1));
-        assert_eq!(out.queue_fanout(b, 3, text, 0..0), 0);
-        assert!(out.is_empty(), "nobody to send to");
-        assert_eq!(out.datagrams(), 0);
         out.clear();
         assert_eq!(out.audience((1, 5)), None);
+    }
+
+    /// A message its sender alone would get queues nothing, and its audience is forgotten at
+    /// once unless a fan-out names it: an outbox that queues no datagram is never sent, so
+    /// never cleared, and lone members chatting in turn in two rooms would fill it.
+    #[test]
+    fn an_audience_nobody_takes_from_is_forgotten() {
+        let mut out = Outbox::default();
+        for turn in 0..100 {
+            let key = (turn % 2, 0);
+            let port = 1 + key.0 as u16;
+            let audience = out
+                .audience(key)
+                .unwrap_or_else(|| out.add_audience(key, [recipient(port, 1, false)]));
+            let takers = out.takers(audience, Some(false));
+            assert_eq!(
+                takers,
+                Takers {
+                    plain: 0,
+                    sequenced: 0
+                }
+            );
+            assert_eq!(out.queue_fanout(audience, 1, (0..0, 0..0), takers), 0);
+        }
+        assert!(out.is_empty(), "nobody to send to");
+        assert_eq!(out.datagrams(), 0);
+        assert_eq!(out.recipients_kept(), 0, "no audience kept");
+        // An unregistered sender (not in its audience) is no exception; an audience a fan-out
+        // names is kept, though its next message, from its only member, goes to nobody.
+        let audience = out.add_audience((7, 0), [recipient(1, 1, true)]);
+        let takers = out.takers(audience, None);
+        assert_eq!(
+            takers,
+            Takers {
+                plain: 0,
+                sequenced: 1
+            }
+        );
+        let seq = out.payload(|b| b.push(3));
+        assert_eq!(
+            out.queue_fanout(audience, 2, (0..0, seq.clone()), takers),
+            1
+        );
+        let takers = out.takers(audience, Some(true));
+        assert_eq!(out.queue_fanout(audience, 1, (0..0, seq), takers), 0);
+        assert_eq!(out.audience((7, 0)), Some(audience));
+        assert_eq!(out.sends().count(), 1);
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Chat and notices queued for the other registered members of a room: each frame encoded
 //! once per kind of member, its bytes shared by every send. Chat is queued once for the room
-//! (a fan-out), to its registered members as the first relay of the pass found them: the
-//! messages after it in the pass name the same audience while no member joins, leaves,
-//! registers or moves, so a message costs the relay the same in a room of 2 or 256.
+//! (a fan-out) to an audience, the room's registered members copied into the outbox. The next
+//! message to the same room names that audience again while no member anywhere has joined,
+//! left, registered or moved since (the registry counts such changes): a run of messages to
+//! one room walks its members once, not once per message.
 
 use std::time::Instant;
 
@@ -48,20 +49,21 @@ impl Registry {
             room.history_unsaved = (room.history_unsaved + 1).min(room.history.len());
         }
         let text = message.as_bytes();
-        // Each kind of frame is encoded when a recipient other than the sender takes it.
-        let recipients = out.recipients(audience);
-        let sender_sequenced = sender.caps.contains(Caps::SEQ);
-        let sequenced_takers = (recipients.iter().filter(|r| r.sequenced).count())
-            .saturating_sub(usize::from(sender_sequenced));
-        let plain_takers = (recipients.len().saturating_sub(1)).saturating_sub(sequenced_takers);
-        let plain = if plain_takers > 0 {
+        // Each kind of frame is encoded when a recipient other than the sender takes it. The
+        // sender is one of the audience when registered (as it is to chat).
+        let sender_kind = sender
+            .address
+            .is_some()
+            .then_some(sender.caps.contains(Caps::SEQ));
+        let takers = out.takers(audience, sender_kind);
+        let plain = if takers.plain > 0 {
             out.payload(|b| {
                 let _ = delivery::encode_chat(&sender.username, text, b);
             })
         } else {
             0..0
         };
-        let sequenced = if sequenced_takers > 0 {
+        let sequenced = if takers.sequenced > 0 {
             out.payload(|b| {
                 // Usernames are checked to fit the size byte at join.
                 let _ = delivery::encode_sequenced(seq, &sender.username, text, b);
@@ -69,7 +71,7 @@ impl Registry {
         } else {
             0..0
         };
-        out.queue_fanout(audience, from.slot(), plain, sequenced)
+        out.queue_fanout(audience, from.slot(), (plain, sequenced), takers)
     }
 
     /// The outbox's audience for `room`: the last one added, while the room's members are as

@@ -479,6 +479,178 @@ fn chat_is_relayed_to_the_others_and_not_echoed() {
     assert_eq!(sends[0].bytes, sends[1].bytes);
 }
 
+/// Chat relayed in one pass (one outbox) reaches the room as it is at each message: a member
+/// that registers, registers from a new address, moves to another of our addresses or leaves
+/// between two messages is in or out from the next one on, at its new address; messages with
+/// nothing between them name one audience. (Debug builds also check each reuse of an audience
+/// against the room.)
+#[test]
+fn each_message_of_a_pass_reaches_the_room_as_it_is_then() {
+    let mut t = room_of_three();
+    let mut out = Outbox::default();
+    let now = t.now;
+    let relayed = |reg: &mut Registry, port: u16, token: &Token, text: &str, out: &mut Outbox| {
+        let h = chat(reg, addr(port), token, text, now, out);
+        assert!(matches!(h, Handled::Relayed { .. }), "{text}: {h:?}");
+    };
+    relayed(&mut t.reg, 2, &t.bob, "one", &mut out);
+    relayed(&mut t.reg, 3, &t.cy, "two", &mut out);
+    let dee = join(&mut t.reg, &Request::original("dee"), now, &mut out);
+    relayed(&mut t.reg, 2, &t.bob, "three", &mut out);
+    register(&mut t.reg, addr(4), &dee, now, &mut out);
+    relayed(&mut t.reg, 2, &t.bob, "four", &mut out);
+    let moved = register(&mut t.reg, addr(5), &t.cy, now, &mut out);
+    assert_eq!(moved, Handled::Registered { changed: true });
+    relayed(&mut t.reg, 2, &t.bob, "five", &mut out);
+    // cy's chat comes to another of our addresses: what it hears leaves from there.
+    let text = dgram("r", &t.cy, "six");
+    let h = t
+        .reg
+        .handle_datagram(addr(5), ours(2), &text, now, &mut out);
+    assert_eq!(h, Handled::Relayed { deliveries: 3 });
+    relayed(&mut t.reg, 2, &t.bob, "seven", &mut out);
+    assert_eq!(
+        leave(&mut t.reg, addr(4), &dee, now, &mut out),
+        Handled::Left
+    );
+    relayed(&mut t.reg, 2, &t.bob, "eight", &mut out);
+    let line = |port: u16, text: &str| (addr(port), text.to_owned());
+    assert_eq!(
+        sent(&out),
+        vec![
+            line(1, "bob: one"),
+            line(3, "bob: one"),
+            line(1, "cy: two"),
+            line(2, "cy: two"),
+            line(1, "bob: three"),
+            line(3, "bob: three"),
+            line(1, "bob: four"),
+            line(3, "bob: four"),
+            line(4, "bob: four"),
+            line(1, "bob: five"),
+            line(5, "bob: five"),
+            line(4, "bob: five"),
+            line(1, "cy: six"),
+            line(2, "cy: six"),
+            line(4, "cy: six"),
+            line(1, "bob: seven"),
+            line(5, "bob: seven"),
+            line(4, "bob: seven"),
+            line(1, "bob: eight"),
+            line(5, "bob: eight"),
+        ]
+    );
+    // cy hears "seven" and "eight" from the address its chat came to, the others from the
+    // kernel's choice.
+    let from: Vec<(u16, Option<IpAddr>)> = sources(&mut t.reg, &out).into_iter().skip(15).collect();
+    let ours2 = ours(2).map(|l| l.ip);
+    assert_eq!(
+        from,
+        vec![(1, None), (5, ours2), (4, None), (1, None), (5, ours2)]
+    );
+    let audiences: Vec<usize> = out
+        .queued()
+        .iter()
+        .filter_map(|q| match q {
+            crate::outbox::Queued::Fanout(f) => Some(f.audience()),
+            crate::outbox::Queued::One(_) => None,
+        })
+        .collect();
+    assert_eq!(audiences.len(), 8);
+    assert_eq!(
+        audiences[0], audiences[1],
+        "nothing changed between one and two"
+    );
+    assert_eq!(audiences[5], audiences[6], "nor between six and seven");
+    let mut distinct = audiences.clone();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        6,
+        "a new audience after each change: {audiences:?}"
+    );
+}
+
+/// A member that leaves and one that joins in its slot between two messages of one pass: the
+/// second message goes to the newcomer only once it registers, with its own kind of frame,
+/// batch limit and slot.
+#[test]
+fn a_slot_taken_again_within_a_pass_is_the_newcomers() {
+    let mut t = room_of_three();
+    let mut out = Outbox::default();
+    let now = t.now;
+    chat(&mut t.reg, addr(2), &t.bob, "one", now, &mut out);
+    let cy_slot = t.reg.find_token(t.cy.as_str().as_bytes()).unwrap().slot();
+    assert_eq!(
+        leave(&mut t.reg, addr(3), &t.cy, now, &mut out),
+        Handled::Left
+    );
+    let dee = Request {
+        caps: Caps::SEQ.with(Caps::BATCH),
+        max_datagram: Some(1200),
+        ..Request::original("dee")
+    };
+    let dee = join(&mut t.reg, &dee, now, &mut out);
+    let dee_slot = t.reg.find_token(dee.as_str().as_bytes()).unwrap().slot();
+    assert_eq!(dee_slot, cy_slot, "the test needs the slot taken again");
+    let h = chat(&mut t.reg, addr(2), &t.bob, "two", now, &mut out);
+    assert_eq!(h, Handled::Relayed { deliveries: 1 });
+    register(&mut t.reg, addr(3), &dee, now, &mut out);
+    let h = chat(&mut t.reg, addr(2), &t.bob, "three", now, &mut out);
+    assert_eq!(h, Handled::Relayed { deliveries: 2 });
+    let line = |port: u16, text: &str| (addr(port), text.to_owned());
+    assert_eq!(
+        sent(&out),
+        vec![
+            line(1, "bob: one"),
+            line(3, "bob: one"),
+            line(1, "bob: two"),
+            line(1, "bob: three"),
+            line(3, "#3 bob: three"),
+        ]
+    );
+    let last = out.sends().last().unwrap();
+    assert_eq!((last.member, last.batch_limit), (Some(dee_slot), 1200));
+}
+
+/// Messages to two rooms in turn, in one pass, each reach their own room's members.
+#[test]
+fn rooms_in_turn_within_a_pass_each_reach_their_own_members() {
+    let (mut reg, now, mut out, host) = room_r();
+    register(&mut reg, addr(1), &host, now, &mut out);
+    let bob = join_registered(&mut reg, &Request::original("bob"), 2, now, &mut out);
+    let other = reg
+        .create_room("s", &Request::original("sam"), HERE, None, now, 1.0)
+        .unwrap()
+        .token;
+    let sue = reg
+        .join_room("s", &Request::original("sue"), HERE, now, &mut out)
+        .unwrap()
+        .token;
+    for (port, token) in [(11, &other), (12, &sue)] {
+        let register = dgram("s", token, "__REGISTER__");
+        reg.handle_datagram(addr(port), None, &register, now, &mut out);
+    }
+    let in_s = |reg: &mut Registry, text: &str, out: &mut Outbox| {
+        let d = dgram("s", &sue, text);
+        reg.handle_datagram(addr(12), None, &d, now, out)
+    };
+    chat(&mut reg, addr(1), &host, "r1", now, &mut out);
+    in_s(&mut reg, "s1", &mut out);
+    chat(&mut reg, addr(2), &bob, "r2", now, &mut out);
+    in_s(&mut reg, "s2", &mut out);
+    let line = |port: u16, text: &str| (addr(port), text.to_owned());
+    assert_eq!(
+        sent(&out),
+        vec![
+            line(2, "host: r1"),
+            line(11, "sue: s1"),
+            line(1, "bob: r2"),
+            line(11, "sue: s2"),
+        ]
+    );
+}
+
 /// Every send to a member names that member's slot in the registry, the same for a relay
 /// and for the room's closing `__ROOM_CLOSED__`, and no two members share one: the UDP shell
 /// groups a member's datagrams into its batches by that number alone. Kills the

@@ -90,6 +90,8 @@ pub struct Sender {
     touched: Vec<u32>,
     /// Checks that an audience's members are at distinct addresses.
     distinct: Distinct,
+    /// Frames worked out ahead for a run of fan-outs, reused between passes.
+    pending: Vec<plan::Pending>,
     /// Each planned datagram's runs in the list of byte runs handed to the kernel; kept
     /// between passes (the runs themselves borrow the outbox, so they are not).
     datagrams: Vec<mmsg::Outgoing>,

@@ -176,11 +176,14 @@ impl Sender {
         }
     }
 
-    /// Plans `block`, consecutive fan-outs to `audience`. When its recipients are at distinct
-    /// addresses, the batch-capable ones are planned one after the other, each for the whole
-    /// block: nothing else in the block goes to their addresses, so each gets what it would
-    /// get message by message, in the same order, for a few nanoseconds a delivery. The
-    /// others, and a block whose audience shares an address, are planned message by message.
+    /// Plans `block`, consecutive fan-outs to `audience`, as [`Sender::plan_send`] would plan
+    /// their datagrams one by one, message by message, recipient by recipient. When the
+    /// audience's addresses are distinct, nothing in the block to one of them bears on
+    /// another's, so each batch-capable recipient's frames are worked out for the whole block
+    /// at once, a few nanoseconds a delivery, then put in the plan where the one-by-one plan
+    /// would have opened them: the plan is the same, entry for entry, and a send buffer that
+    /// fills drops the same datagrams. The other recipients, and a block whose audience shares
+    /// an address, are planned one by one.
     fn plan_fanouts(
         &mut self,
         block: &[Queued],
@@ -195,69 +198,118 @@ impl Sender {
             })
         };
         let recipients = outbox.recipients(audience);
-        let by_recipient = block.len() > 1 && self.distinct.all(recipients.iter().map(|r| r.to));
         let max_batch = self.max_batch;
-        let planned_apart =
-            |batch_limit: u16| by_recipient && batch_cap(batch_limit, max_batch) > 0;
-        for r in recipients.iter().filter(|r| planned_apart(r.batch_limit)) {
-            self.plan_batches_for(r, fanouts(), outbox);
+        let batched = |r: &Recipient| batch_cap(r.batch_limit, max_batch) > 0;
+        let at_once = block.len() > 1
+            && recipients.iter().any(batched)
+            && self.distinct.all(recipients.iter().map(|r| r.to));
+        let mut pending = mem::take(&mut self.pending);
+        pending.clear();
+        if at_once {
+            for (place, r) in recipients.iter().enumerate().filter(|(_, r)| batched(r)) {
+                self.frames_for(place, r, fanouts(), outbox, &mut pending);
+            }
+            // Where the one-by-one plan opened them: by message, then by recipient.
+            pending.sort_unstable_by_key(|frame| frame.opened);
         }
-        for fanout in fanouts() {
-            for send in outbox.sends_of(fanout) {
-                if !planned_apart(send.batch_limit) {
-                    self.plan_send(&send, outbox, now);
+        let mut frames = pending.drain(..).peekable();
+        let one_by_one = |r: &Recipient| !(at_once && batched(r));
+        if recipients.iter().any(one_by_one) {
+            for (message, fanout) in fanouts().enumerate() {
+                for (place, r) in recipients.iter().enumerate() {
+                    if !one_by_one(r) || r.member == fanout.except() {
+                        continue;
+                    }
+                    while let Some(frame) = frames.next_if(|f| f.opened < (message, place)) {
+                        self.place(frame);
+                    }
+                    self.plan_send(&fanout.send_to(r), outbox, now);
                 }
             }
         }
+        for frame in frames {
+            self.place(frame);
+        }
+        self.pending = pending;
     }
 
-    /// Plans `fanouts` for the batch-capable `recipient` (all but those it sent), as
-    /// [`Sender::plan_send`] would one by one: into the batch open for it, or new ones.
-    fn plan_batches_for<'a>(
+    /// Works out the frames the batch-capable `recipient`, at `place` in its audience, gets of
+    /// `fanouts` (all but those it sent), as [`Sender::plan_send`] would one by one: into the
+    /// batch open for it in the plan, then new ones, which go to `pending` with where they
+    /// were opened.
+    fn frames_for<'a>(
         &mut self,
+        place: usize,
         recipient: &Recipient,
         fanouts: impl Iterator<Item = &'a Fanout>,
         outbox: &Outbox,
+        pending: &mut Vec<Pending>,
     ) {
         let (slot, limit) = (
             recipient.member,
             batch_cap(recipient.batch_limit, self.max_batch),
         );
-        let batch_of = |plan: &[Planned], p: usize| match plan[p].bytes {
-            Bytes::Batch(i) => Some((p, i)),
-            _ => None,
-        };
+        // The batch messages go into: its entry in the plan or in `pending`, and its index.
         let mut open = self
             .open_for(slot, recipient.to, recipient.from)
-            .and_then(|p| batch_of(&self.plan, p));
-        for fanout in fanouts.filter(|f| f.except() != slot) {
+            .and_then(|p| match self.plan[p].bytes {
+                Bytes::Batch(i) => Some((Entry::Planned(p), i)),
+                _ => None,
+            });
+        for (message, fanout) in fanouts.enumerate() {
+            if fanout.except() == slot {
+                continue;
+            }
             let bytes = fanout.bytes_for(recipient);
-            let Some(entry) = outbox.entry_at(bytes) else {
+            let opened = (message, place);
+            let Some(run) = outbox.entry_at(bytes) else {
                 // Too long for a batch: alone, after whatever is packed for the member.
-                self.close_open(slot);
-                self.push(Planned::empty(
-                    recipient.to,
-                    recipient.from,
-                    Bytes::Outbox(bytes.clone()),
-                    1,
-                ));
+                let alone = Bytes::Outbox(bytes.clone());
+                let planned = Planned::empty(recipient.to, recipient.from, alone, 1);
+                pending.push(Pending {
+                    opened,
+                    slot,
+                    planned,
+                });
                 open = None;
                 continue;
             };
-            let (p, i) = match open {
-                Some((p, i)) if self.batches[i].takes(&entry, limit) => (p, i),
+            let (entry, i) = match open {
+                Some((entry, i)) if self.batches[i].takes(&run, limit) => (entry, i),
                 _ => {
                     let (index, batch) = next_pooled(&mut self.batches, &mut self.used_batches);
                     batch.runs.clear();
                     batch.len = delivery::BATCH_HEADER_LEN;
-                    let planned =
-                        Planned::empty(recipient.to, recipient.from, Bytes::Batch(index), 0);
-                    (self.open_new(slot, planned), index)
+                    let batch = Bytes::Batch(index);
+                    let planned = Planned::empty(recipient.to, recipient.from, batch, 0);
+                    pending.push(Pending {
+                        opened,
+                        slot,
+                        planned,
+                    });
+                    (Entry::Pending(pending.len() - 1), index)
                 }
             };
-            self.batches[i].push(entry);
-            self.plan[p].messages += 1;
-            open = Some((p, i));
+            self.batches[i].push(run);
+            match entry {
+                Entry::Planned(p) => self.plan[p].messages += 1,
+                Entry::Pending(q) => pending[q].planned.messages += 1,
+            }
+            open = Some((entry, i));
+        }
+    }
+
+    /// Puts a frame worked out ahead in the plan: a batch as the one open for its member, a
+    /// datagram alone after whatever is packed for it.
+    fn place(&mut self, frame: Pending) {
+        match frame.planned.bytes {
+            Bytes::Batch(_) => {
+                self.open_new(frame.slot, frame.planned);
+            }
+            Bytes::Outbox(_) | Bytes::Segments(_) => {
+                self.close_open(frame.slot);
+                self.push(frame.planned);
+            }
         }
     }
 
@@ -331,6 +383,26 @@ impl Sender {
             self.plan[p].messages += 1;
         }
     }
+}
+
+/// A frame worked out ahead for a member of an audience ([`Sender::plan_fanouts`]), waiting
+/// for its place in the plan.
+pub(super) struct Pending {
+    /// Where the one-by-one plan would have opened it: the message of its block, then the
+    /// member's place in the audience.
+    opened: (usize, usize),
+    /// The member's slot.
+    slot: u32,
+    planned: Planned,
+}
+
+/// Where the messages of a frame being worked out are counted.
+#[derive(Clone, Copy)]
+enum Entry {
+    /// An entry of the plan (a batch opened before the block).
+    Planned(usize),
+    /// An entry of the frames worked out ahead.
+    Pending(usize),
 }
 
 /// One entry of a send plan: a datagram, or a segmented send of several.
