@@ -91,10 +91,11 @@ pub struct Fanout {
     audience: usize,
     /// The sender's member slot: it is not sent its own message.
     except: u32,
-    /// The plain frame, for recipients without `sequenced` (empty when none needs it).
-    plain: Range<usize>,
-    /// The sequenced frame, for recipients with `sequenced` (empty when none needs it).
-    sequenced: Range<usize>,
+    /// The plain frame, for recipients without `sequenced` (`None` when it was not encoded,
+    /// nobody but the sender taking it).
+    plain: Option<Range<usize>>,
+    /// The sequenced frame, for recipients with `sequenced` (`None` when not encoded).
+    sequenced: Option<Range<usize>>,
 }
 
 impl Fanout {
@@ -108,24 +109,26 @@ impl Fanout {
         self.except
     }
 
-    /// The datagram of it to `recipient`.
-    pub fn send_to(&self, recipient: &Recipient) -> QueuedSend {
-        QueuedSend {
+    /// The datagram of it to `recipient`; `None` when its kind of frame was not encoded (it
+    /// is the sender, or the registry counted the takers wrong: nothing is sent rather than an
+    /// empty datagram).
+    pub fn send_to(&self, recipient: &Recipient) -> Option<QueuedSend> {
+        Some(QueuedSend {
             to: recipient.to,
             from: recipient.from,
-            bytes: self.bytes_for(recipient).clone(),
+            bytes: self.bytes_for(recipient)?.clone(),
             member: Some(recipient.member),
             batch_limit: recipient.batch_limit,
             last_word: false,
-        }
+        })
     }
 
     /// The frame `recipient` gets: its payload's range in the outbox's bytes.
-    pub fn bytes_for(&self, recipient: &Recipient) -> &Range<usize> {
+    pub fn bytes_for(&self, recipient: &Recipient) -> Option<&Range<usize>> {
         if recipient.sequenced {
-            &self.sequenced
+            self.sequenced.as_ref()
         } else {
-            &self.plain
+            self.plain.as_ref()
         }
     }
 }
@@ -271,6 +274,15 @@ impl Outbox {
         let start = self.recipients.len();
         self.recipients.extend(recipients);
         let added = &self.recipients[start..];
+        // The plan works out a member's frames by its slot (`udp::plan`).
+        debug_assert!(
+            {
+                let mut slots: Vec<u32> = added.iter().map(|r| r.member).collect();
+                slots.sort_unstable();
+                slots.windows(2).all(|pair| pair[0] != pair[1])
+            },
+            "a member twice in one audience"
+        );
         let sequenced = added.iter().filter(|r| r.sequenced).count();
         self.audiences.push(Audience {
             key,
@@ -310,8 +322,8 @@ impl Outbox {
     }
 
     /// Queues a message for every recipient of `audience` but the member in slot `except`,
-    /// its sender: `plain` for those without sequenced frames, `sequenced` for the others (a
-    /// range may be empty when nobody takes it); `takers` counts them
+    /// its sender: `plain` for those without sequenced frames, `sequenced` for the others
+    /// (`None` when nobody takes it); `takers` counts them
     /// ([`Outbox::takers`]). Returns the deliveries queued. An audience nobody takes a message
     /// from (its sender alone) is forgotten, unless a fan-out names it already: an outbox that
     /// queues no datagram is not sent, nor cleared.
@@ -319,12 +331,13 @@ impl Outbox {
         &mut self,
         audience: usize,
         except: u32,
-        (plain, sequenced): (Range<usize>, Range<usize>),
+        (plain, sequenced): (Option<Range<usize>>, Option<Range<usize>>),
         takers: Takers,
     ) -> usize {
         let deliveries = takers.plain + takers.sequenced;
         if deliveries == 0 {
-            if audience + 1 == self.audiences.len() && !self.audiences[audience].named {
+            let last = self.audiences.len().checked_sub(1) == Some(audience);
+            if last && !self.audiences[audience].named {
                 if let Some(unnamed) = self.audiences.pop() {
                     self.recipients.truncate(unnamed.recipients.start);
                 }
@@ -368,7 +381,7 @@ impl Outbox {
         self.recipients(fanout.audience)
             .iter()
             .filter(|r| r.member != fanout.except)
-            .map(|r| fanout.send_to(r))
+            .filter_map(|r| fanout.send_to(r))
     }
 
     /// Every datagram queued, one per send and one per recipient of a fan-out, in order.
@@ -508,7 +521,7 @@ mod tests {
         );
         let plain = out.payload(|b| b.push(1));
         let sequenced = out.payload(|b| b.push(2));
-        let frames = (plain.clone(), sequenced.clone());
+        let frames = (Some(plain.clone()), Some(sequenced.clone()));
         let takers = out.takers(audience, Some(true));
         assert_eq!(
             takers,
@@ -598,7 +611,7 @@ mod tests {
                     sequenced: 0
                 }
             );
-            assert_eq!(out.queue_fanout(audience, 1, (0..0, 0..0), takers), 0);
+            assert_eq!(out.queue_fanout(audience, 1, (None, None), takers), 0);
         }
         assert!(out.is_empty(), "nobody to send to");
         assert_eq!(out.datagrams(), 0);
@@ -616,11 +629,11 @@ mod tests {
         );
         let seq = out.payload(|b| b.push(3));
         assert_eq!(
-            out.queue_fanout(audience, 2, (0..0, seq.clone()), takers),
+            out.queue_fanout(audience, 2, (None, Some(seq.clone())), takers),
             1
         );
         let takers = out.takers(audience, Some(true));
-        assert_eq!(out.queue_fanout(audience, 1, (0..0, seq), takers), 0);
+        assert_eq!(out.queue_fanout(audience, 1, (None, Some(seq)), takers), 0);
         assert_eq!(out.audience((7, 0)), Some(audience));
         assert_eq!(out.sends().count(), 1);
     }

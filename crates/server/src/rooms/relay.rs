@@ -56,21 +56,17 @@ impl Registry {
             .is_some()
             .then_some(sender.caps.contains(Caps::SEQ));
         let takers = out.takers(audience, sender_kind);
-        let plain = if takers.plain > 0 {
+        let plain = (takers.plain > 0).then(|| {
             out.payload(|b| {
                 let _ = delivery::encode_chat(&sender.username, text, b);
             })
-        } else {
-            0..0
-        };
-        let sequenced = if takers.sequenced > 0 {
+        });
+        let sequenced = (takers.sequenced > 0).then(|| {
             out.payload(|b| {
                 // Usernames are checked to fit the size byte at join.
                 let _ = delivery::encode_sequenced(seq, &sender.username, text, b);
             })
-        } else {
-            0..0
-        };
+        });
         out.queue_fanout(audience, from.slot(), (plain, sequenced), takers)
     }
 

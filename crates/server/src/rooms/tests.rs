@@ -651,6 +651,48 @@ fn rooms_in_turn_within_a_pass_each_reach_their_own_members() {
     );
 }
 
+/// A message from a room's lone member between two messages to another room leaves nothing
+/// behind in the outbox, and the other room's audience is found again.
+#[test]
+fn a_lone_members_message_between_two_to_a_room_leaves_nothing_behind() {
+    let (mut reg, now, mut out, host) = room_r();
+    register(&mut reg, addr(1), &host, now, &mut out);
+    let bob = join_registered(&mut reg, &Request::original("bob"), 2, now, &mut out);
+    let sam = reg
+        .create_room("s", &Request::original("sam"), HERE, None, now, 1.0)
+        .unwrap()
+        .token;
+    reg.handle_datagram(
+        addr(11),
+        None,
+        &dgram("s", &sam, "__REGISTER__"),
+        now,
+        &mut out,
+    );
+    assert!(out.is_empty());
+    let h = chat(&mut reg, addr(2), &bob, "one", now, &mut out);
+    assert_eq!(h, Handled::Relayed { deliveries: 1 });
+    let alone = reg.handle_datagram(addr(11), None, &dgram("s", &sam, "two"), now, &mut out);
+    assert_eq!(alone, Handled::Relayed { deliveries: 0 });
+    let h = chat(&mut reg, addr(1), &host, "three", now, &mut out);
+    assert_eq!(h, Handled::Relayed { deliveries: 1 });
+    let line = |port: u16, text: &str| (addr(port), text.to_owned());
+    assert_eq!(
+        sent(&out),
+        vec![line(1, "bob: one"), line(2, "host: three")]
+    );
+    let audiences: Vec<usize> = out
+        .queued()
+        .iter()
+        .filter_map(|q| match q {
+            crate::outbox::Queued::Fanout(f) => Some(f.audience()),
+            crate::outbox::Queued::One(_) => None,
+        })
+        .collect();
+    assert_eq!(audiences, vec![0, 0], "room r's audience, found again");
+    assert_eq!(out.recipients_kept(), 2, "room s's audience is not kept");
+}
+
 /// Every send to a member names that member's slot in the registry, the same for a relay
 /// and for the room's closing `__ROOM_CLOSED__`, and no two members share one: the UDP shell
 /// groups a member's datagrams into its batches by that number alone. Kills the

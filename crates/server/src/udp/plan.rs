@@ -181,8 +181,10 @@ impl Sender {
     /// audience's addresses are distinct, nothing in the block to one of them bears on
     /// another's, so each batch-capable recipient's frames are worked out for the whole block
     /// at once, a few nanoseconds a delivery, then put in the plan where the one-by-one plan
-    /// would have opened them: the plan is the same, entry for entry, and a send buffer that
-    /// fills drops the same datagrams. The other recipients, and a block whose audience shares
+    /// would have opened them: the plan is the same, entry for entry (which pooled batch holds
+    /// which frame aside), and a send buffer that fills drops the same datagrams. The audience
+    /// names each member once (`Outbox::add_audience` checks it in debug builds): its frames
+    /// are worked out by its slot. The other recipients, and a block whose audience shares
     /// an address, are planned one by one.
     fn plan_fanouts(
         &mut self,
@@ -223,7 +225,9 @@ impl Sender {
                     while let Some(frame) = frames.next_if(|f| f.opened < (message, place)) {
                         self.place(frame);
                     }
-                    self.plan_send(&fanout.send_to(r), outbox, now);
+                    if let Some(send) = fanout.send_to(r) {
+                        self.plan_send(&send, outbox, now);
+                    }
                 }
             }
         }
@@ -260,7 +264,9 @@ impl Sender {
             if fanout.except() == slot {
                 continue;
             }
-            let bytes = fanout.bytes_for(recipient);
+            let Some(bytes) = fanout.bytes_for(recipient) else {
+                continue;
+            };
             let opened = (message, place);
             let Some(run) = outbox.entry_at(bytes) else {
                 // Too long for a batch: alone, after whatever is packed for the member.

@@ -1491,43 +1491,47 @@ mod planned_against_push_batch_entry {
         );
     }
 
-    /// The plan of `out`, entry by entry: destination, source, bytes, segment size and
-    /// messages carried.
-    fn plan_entries(
-        sender: &mut Sender,
-        out: &Outbox,
-    ) -> Vec<(SocketAddr, LocalId, Vec<u8>, u16, usize)> {
+    /// One entry of a plan: destination, source, bytes, segment size, messages carried,
+    /// whether it is sealed, whether it is a last word.
+    type PlanEntry = (SocketAddr, LocalId, Vec<u8>, u16, usize, bool, bool);
+
+    /// The plan of `out`, entry by entry, and the batch and segment plans it used.
+    fn plan_entries(sender: &mut Sender, out: &Outbox) -> (Vec<PlanEntry>, usize, usize) {
         sender.plan(out);
         let parts = sender.gather(out, &Locals::default(), 0);
-        sender
+        let entries = sender
             .datagrams
             .iter()
             .zip(&sender.plan)
             .map(|(datagram, planned)| {
                 let bytes = datagram_bytes(&parts, &datagram.runs);
+                let (to, from, n) = (planned.to, planned.from, planned.messages);
                 (
-                    planned.to,
-                    planned.from,
+                    to,
+                    from,
                     bytes,
                     datagram.segment,
-                    planned.messages,
+                    n,
+                    planned.sealed,
+                    planned.last_word,
                 )
             })
-            .collect()
+            .collect();
+        (entries, sender.used_batches, sender.used_groups)
     }
 
     /// Random outboxes of fan-outs (audiences of members with and without batches and
-    /// sequenced frames, some with two members at one address, some with a member moved),
-    /// sends to one member, last words and datagrams for no member, payloads short, long and
-    /// too long for a batch entry, members heard from either of two addresses of ours;
-    /// segmenting on for odd seeds): the plan is exactly the one of every fan-out queued as its
-    /// sends, one by one, entry for entry.
+    /// sequenced frames, some with two members at one address, some with a member moved,
+    /// senders in the audience or not), sends to one member, last words and datagrams for no
+    /// member, payloads short, long and too long for a batch entry, members heard from either
+    /// of two addresses of ours; segmenting on for odd seeds; two passes on the same senders):
+    /// the plan is exactly the one of every fan-out queued as its sends, one by one, entry for
+    /// entry, and uses as many batch and segment plans.
     #[test]
     fn random_fanouts_plan_what_their_sends_would() {
         let (mut apart, mut shared) = (0, 0);
-        for seed in 0..400u64 {
+        for seed in 0..300u64 {
             let mut rng = StdRng::seed_from_u64(seed);
-            let mut out = Outbox::default();
             let members = 8u32;
             let limits: Vec<u16> = (0..members)
                 .map(|_| [0u16, 600, 4096, 65507][rng.random_range(0..4)])
@@ -1545,105 +1549,126 @@ mod planned_against_push_batch_entry {
                 };
                 out.payload(|b| b.extend((0..len).map(|j| (j as u8 ^ tag) | 1)))
             };
-            let mut last_audience = None;
             let mut locals = Locals::default();
             let sources = [
                 LocalId::ANY,
                 source(&mut locals, "192.0.2.1".parse().unwrap()),
                 source(&mut locals, "192.0.2.2".parse().unwrap()),
             ];
-            for i in 0..rng.random_range(0..300) {
-                let tag = i as u8;
-                match rng.random_range(0..100) {
-                    0..=74 => {
-                        // Found again by its key, as the registry finds it (an audience
-                        // only its sender was in is forgotten).
-                        let reuse = last_audience
-                            .filter(|_| rng.random_range(0..10) > 0)
-                            .and_then(|(key, distinct)| Some((out.audience(key)?, distinct, key)));
-                        let (audience, distinct, key) = reuse.unwrap_or_else(|| {
-                            let mut picked: Vec<u32> = (0..members).collect();
-                            picked.retain(|_| rng.random_bool(0.6));
-                            if picked.is_empty() {
-                                picked.push(rng.random_range(0..members));
-                            }
-                            let recipients: Vec<Recipient> = picked
-                                .iter()
-                                .map(|&m| {
-                                    let moved = rng.random_range(0..20) == 0;
-                                    let port = if moved { 320 + m as u16 } else { home(m) };
-                                    Recipient {
-                                        to: SocketAddr::from(([127, 0, 0, 1], port)),
-                                        from: sources[rng.random_range(0..3)],
-                                        member: m,
-                                        batch_limit: limits[m as usize],
-                                        sequenced: sequenced[m as usize],
-                                    }
-                                })
-                                .collect();
-                            let ports: std::collections::HashSet<SocketAddr> =
-                                recipients.iter().map(|r| r.to).collect();
-                            let distinct = ports.len() == recipients.len();
-                            let key = (keys, 0);
-                            keys += 1;
-                            let audience = out.add_audience(key, recipients);
-                            (audience, distinct, key)
-                        });
-                        last_audience = Some((key, distinct));
-                        let recipients = out.recipients(audience).to_vec();
-                        let sender = recipients[rng.random_range(0..recipients.len())];
-                        let plain = payload(&mut out, &mut rng, tag);
-                        let seq = payload(&mut out, &mut rng, tag ^ 0x80);
-                        let before = out.queued().len();
-                        let takers = out.takers(audience, Some(sender.sequenced));
-                        out.queue_fanout(audience, sender.member, (plain, seq), takers);
-                        let follows = before > 0
-                            && matches!(&out.queued()[before - 1],
-                                Queued::Fanout(f) if f.audience() == audience);
-                        if follows && out.queued().len() > before {
-                            if distinct {
-                                apart += 1;
-                            } else {
-                                shared += 1;
-                            }
-                        }
-                    }
-                    roll => {
-                        let m = rng.random_range(0..members);
-                        let to = SocketAddr::from(([127, 0, 0, 1], home(m)));
-                        let p = payload(&mut out, &mut rng, tag);
-                        match roll {
-                            75..=89 => {
-                                out.queue_to_member(to, LocalId::ANY, p, m, limits[m as usize])
-                            }
-                            90..=94 => out.queue_last_word(to, LocalId::ANY, p, m),
-                            _ => out.queue(to, LocalId::ANY, p),
-                        }
-                    }
-                }
-            }
             let cap = [512usize, 1472, 4096, 65507][rng.random_range(0..4)];
             let sender = || {
                 let mut sender = Sender::new(cap);
                 sender.set_segmentation(seed % 2 == 1);
                 sender
             };
-            let got = plan_entries(&mut sender(), &out);
-            let want = plan_entries(&mut sender(), &out.expanded());
-            if got != want {
-                let brief = |plan: &[(SocketAddr, LocalId, Vec<u8>, u16, usize)]| {
-                    plan.iter()
-                        .map(|(to, from, bytes, segment, n)| {
-                            format!("{}/{from:?}:{}b/{segment}/{n}", to.port(), bytes.len())
-                        })
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                };
-                panic!(
-                    "seed {seed}: planned\n{}\none by one\n{}",
-                    brief(&got),
-                    brief(&want)
-                );
+            let (mut by_fanouts, mut one_by_one) = (sender(), sender());
+            for pass in 0..2 {
+                let mut out = Outbox::default();
+                let mut last_audience = None;
+                for i in 0..rng.random_range(0..300) {
+                    let tag = i as u8;
+                    match rng.random_range(0..100) {
+                        0..=74 => {
+                            // Found again by its key, as the registry finds it (an audience
+                            // only its sender was in is forgotten).
+                            let reuse = last_audience
+                                .filter(|_| rng.random_range(0..10) > 0)
+                                .and_then(|(key, distinct)| {
+                                    Some((out.audience(key)?, distinct, key))
+                                });
+                            let (audience, distinct, key) = reuse.unwrap_or_else(|| {
+                                let mut picked: Vec<u32> = (0..members).collect();
+                                picked.retain(|_| rng.random_bool(0.6));
+                                if picked.is_empty() {
+                                    picked.push(rng.random_range(0..members));
+                                }
+                                let recipients: Vec<Recipient> = picked
+                                    .iter()
+                                    .map(|&m| {
+                                        let moved = rng.random_range(0..20) == 0;
+                                        let port = if moved { 320 + m as u16 } else { home(m) };
+                                        Recipient {
+                                            to: SocketAddr::from(([127, 0, 0, 1], port)),
+                                            from: sources[rng.random_range(0..3)],
+                                            member: m,
+                                            batch_limit: limits[m as usize],
+                                            sequenced: sequenced[m as usize],
+                                        }
+                                    })
+                                    .collect();
+                                let ports: std::collections::HashSet<SocketAddr> =
+                                    recipients.iter().map(|r| r.to).collect();
+                                let distinct = ports.len() == recipients.len();
+                                let key = (keys, 0);
+                                keys += 1;
+                                let audience = out.add_audience(key, recipients);
+                                (audience, distinct, key)
+                            });
+                            last_audience = Some((key, distinct));
+                            // Mostly one of the audience; now and then any member (one not
+                            // registered is in no audience).
+                            let recipients = out.recipients(audience).to_vec();
+                            let sender = if rng.random_range(0..10) == 0 {
+                                rng.random_range(0..members + 2)
+                            } else {
+                                recipients[rng.random_range(0..recipients.len())].member
+                            };
+                            let among = recipients.iter().find(|r| r.member == sender);
+                            let takers = out.takers(audience, among.map(|r| r.sequenced));
+                            let plain = payload(&mut out, &mut rng, tag);
+                            let seq = payload(&mut out, &mut rng, tag ^ 0x80);
+                            let before = out.queued().len();
+                            out.queue_fanout(audience, sender, (Some(plain), Some(seq)), takers);
+                            let follows = before > 0
+                                && matches!(&out.queued()[before - 1],
+                                    Queued::Fanout(f) if f.audience() == audience);
+                            if follows && out.queued().len() > before {
+                                if distinct {
+                                    apart += 1;
+                                } else {
+                                    shared += 1;
+                                }
+                            }
+                        }
+                        roll => {
+                            let m = rng.random_range(0..members);
+                            let to = SocketAddr::from(([127, 0, 0, 1], home(m)));
+                            let p = payload(&mut out, &mut rng, tag);
+                            let limit = limits[m as usize];
+                            match roll {
+                                75..=89 => out.queue_to_member(to, LocalId::ANY, p, m, limit),
+                                90..=94 => out.queue_last_word(to, LocalId::ANY, p, m),
+                                _ => out.queue(to, LocalId::ANY, p),
+                            }
+                        }
+                    }
+                }
+                let got = plan_entries(&mut by_fanouts, &out);
+                let want = plan_entries(&mut one_by_one, &out.expanded());
+                if got != want {
+                    let brief = |plan: &(Vec<PlanEntry>, usize, usize)| {
+                        let entries: Vec<String> = plan
+                            .0
+                            .iter()
+                            .map(|(to, from, bytes, segment, n, sealed, last)| {
+                                let port = to.port();
+                                let len = bytes.len();
+                                format!("{port}/{from:?}:{len}b/{segment}/{n}/{sealed}/{last}")
+                            })
+                            .collect();
+                        format!(
+                            "{} (batches {}, groups {})",
+                            entries.join(" "),
+                            plan.1,
+                            plan.2
+                        )
+                    };
+                    panic!(
+                        "seed {seed} pass {pass}: planned\n{}\none by one\n{}",
+                        brief(&got),
+                        brief(&want)
+                    );
+                }
             }
         }
         assert!(
