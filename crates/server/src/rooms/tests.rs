@@ -129,6 +129,11 @@ fn join_registered(
     token
 }
 
+/// A send as [`sent`] renders it: `text` to port `port`.
+fn line(port: u16, text: &str) -> (SocketAddr, String) {
+    (addr(port), text.to_owned())
+}
+
 /// The sends of an outbox as (destination, decoded delivery) pairs, rendered as text.
 fn sent(out: &Outbox) -> Vec<(SocketAddr, String)> {
     out.sends()
@@ -514,7 +519,6 @@ fn each_message_of_a_pass_reaches_the_room_as_it_is_then() {
         Handled::Left
     );
     relayed(&mut t.reg, 2, &t.bob, "eight", &mut out);
-    let line = |port: u16, text: &str| (addr(port), text.to_owned());
     assert_eq!(
         sent(&out),
         vec![
@@ -548,14 +552,7 @@ fn each_message_of_a_pass_reaches_the_room_as_it_is_then() {
         from,
         vec![(1, None), (5, ours2), (4, None), (1, None), (5, ours2)]
     );
-    let audiences: Vec<usize> = out
-        .queued()
-        .iter()
-        .filter_map(|q| match q {
-            crate::outbox::Queued::Fanout(f) => Some(f.audience()),
-            crate::outbox::Queued::One(_) => None,
-        })
-        .collect();
+    let audiences = fanout_audiences(&out);
     assert_eq!(audiences.len(), 8);
     assert_eq!(
         audiences[0], audiences[1],
@@ -598,7 +595,6 @@ fn a_slot_taken_again_within_a_pass_is_the_newcomers() {
     register(&mut t.reg, addr(3), &dee, now, &mut out);
     let h = chat(&mut t.reg, addr(2), &t.bob, "three", now, &mut out);
     assert_eq!(h, Handled::Relayed { deliveries: 2 });
-    let line = |port: u16, text: &str| (addr(port), text.to_owned());
     assert_eq!(
         sent(&out),
         vec![
@@ -613,24 +609,48 @@ fn a_slot_taken_again_within_a_pass_is_the_newcomers() {
     assert_eq!((last.member, last.batch_limit), (Some(dee_slot), 1200));
 }
 
-/// Messages to two rooms in turn, in one pass, each reach their own room's members.
-#[test]
-fn rooms_in_turn_within_a_pass_each_reach_their_own_members() {
+/// Room "r" with its host and bob registered from ports 1 and 2, and room "s" with its host
+/// sam registered from port 11: the registry, the time, an empty outbox and the three tokens.
+fn rooms_r_and_s() -> (Registry, Instant, Outbox, [Token; 3]) {
     let (mut reg, now, mut out, host) = room_r();
     register(&mut reg, addr(1), &host, now, &mut out);
     let bob = join_registered(&mut reg, &Request::original("bob"), 2, now, &mut out);
-    let other = reg
+    let sam = reg
         .create_room("s", &Request::original("sam"), HERE, None, now, 1.0)
         .unwrap()
         .token;
+    reg.handle_datagram(
+        addr(11),
+        None,
+        &dgram("s", &sam, "__REGISTER__"),
+        now,
+        &mut out,
+    );
+    assert!(out.is_empty(), "original clients get no notices");
+    (reg, now, out, [host, bob, sam])
+}
+
+/// The audience each fan-out in `out` names, in order.
+fn fanout_audiences(out: &Outbox) -> Vec<usize> {
+    out.queued()
+        .iter()
+        .filter_map(|q| match q {
+            crate::outbox::Queued::Fanout(f) => Some(f.audience()),
+            crate::outbox::Queued::One(_) => None,
+        })
+        .collect()
+}
+
+/// Messages to two rooms in turn, in one pass, each reach their own room's members.
+#[test]
+fn rooms_in_turn_within_a_pass_each_reach_their_own_members() {
+    let (mut reg, now, mut out, [host, bob, _sam]) = rooms_r_and_s();
     let sue = reg
         .join_room("s", &Request::original("sue"), HERE, now, &mut out)
         .unwrap()
         .token;
-    for (port, token) in [(11, &other), (12, &sue)] {
-        let register = dgram("s", token, "__REGISTER__");
-        reg.handle_datagram(addr(port), None, &register, now, &mut out);
-    }
+    let register = dgram("s", &sue, "__REGISTER__");
+    reg.handle_datagram(addr(12), None, &register, now, &mut out);
     let in_s = |reg: &mut Registry, text: &str, out: &mut Outbox| {
         let d = dgram("s", &sue, text);
         reg.handle_datagram(addr(12), None, &d, now, out)
@@ -639,7 +659,6 @@ fn rooms_in_turn_within_a_pass_each_reach_their_own_members() {
     in_s(&mut reg, "s1", &mut out);
     chat(&mut reg, addr(2), &bob, "r2", now, &mut out);
     in_s(&mut reg, "s2", &mut out);
-    let line = |port: u16, text: &str| (addr(port), text.to_owned());
     assert_eq!(
         sent(&out),
         vec![
@@ -655,40 +674,18 @@ fn rooms_in_turn_within_a_pass_each_reach_their_own_members() {
 /// behind in the outbox, and the other room's audience is found again.
 #[test]
 fn a_lone_members_message_between_two_to_a_room_leaves_nothing_behind() {
-    let (mut reg, now, mut out, host) = room_r();
-    register(&mut reg, addr(1), &host, now, &mut out);
-    let bob = join_registered(&mut reg, &Request::original("bob"), 2, now, &mut out);
-    let sam = reg
-        .create_room("s", &Request::original("sam"), HERE, None, now, 1.0)
-        .unwrap()
-        .token;
-    reg.handle_datagram(
-        addr(11),
-        None,
-        &dgram("s", &sam, "__REGISTER__"),
-        now,
-        &mut out,
-    );
-    assert!(out.is_empty());
+    let (mut reg, now, mut out, [host, bob, sam]) = rooms_r_and_s();
     let h = chat(&mut reg, addr(2), &bob, "one", now, &mut out);
     assert_eq!(h, Handled::Relayed { deliveries: 1 });
     let alone = reg.handle_datagram(addr(11), None, &dgram("s", &sam, "two"), now, &mut out);
     assert_eq!(alone, Handled::Relayed { deliveries: 0 });
     let h = chat(&mut reg, addr(1), &host, "three", now, &mut out);
     assert_eq!(h, Handled::Relayed { deliveries: 1 });
-    let line = |port: u16, text: &str| (addr(port), text.to_owned());
     assert_eq!(
         sent(&out),
         vec![line(1, "bob: one"), line(2, "host: three")]
     );
-    let audiences: Vec<usize> = out
-        .queued()
-        .iter()
-        .filter_map(|q| match q {
-            crate::outbox::Queued::Fanout(f) => Some(f.audience()),
-            crate::outbox::Queued::One(_) => None,
-        })
-        .collect();
+    let audiences = fanout_audiences(&out);
     assert_eq!(audiences, vec![0, 0], "room r's audience, found again");
     assert_eq!(out.recipients_kept(), 2, "room s's audience is not kept");
 }
