@@ -1248,6 +1248,96 @@ fn burst(
         .collect()
 }
 
+/// A burst from two senders, relayed in one pass, to a room of every kind of member: each
+/// gets every message of the others once, in the order the daemon read them, in the frames it
+/// asked for: batches for batch members (sequenced frames numbered in the room's order for
+/// the one that asked for both), one datagram per message for the original clients.
+#[test]
+fn a_burst_from_two_senders_reaches_every_kind_of_member_whole_and_in_order() {
+    let d = Daemon::start_with(Options {
+        config: Some("[rate]\nchat_per_sec = 0.0\n".into()),
+        ..Options::default()
+    });
+    let room = "mixed";
+    let joined = |fields: &str| roomy(Member::new(&d, room, &join_with(&d, room, fields)));
+    let host = roomy(Member::new(&d, room, &create(&d, room, "host")));
+    let bat = joined(r#""username": "bat", "caps": ["batch"]"#);
+    let seq = joined(r#""username": "seq", "caps": ["seq", "batch"]"#);
+    let plain = roomy(Member::new(&d, room, &join(&d, room, "plain")));
+    host.send("__REGISTER__");
+    bat.registered_with(&host, "bat");
+    seq.registered_with(&host, "seq");
+    plain.registered_with(&host, "plain");
+    // Both senders' messages wait in the daemon's socket, interleaved, and go out in one pass.
+    let count = 40;
+    d.stop();
+    let mut sent = Vec::new();
+    for i in 0..count {
+        for (name, member) in [("host", &host), ("bat", &bat)] {
+            let text = format!("m{i:03}");
+            member.send(&text);
+            sent.push(format!("{name}: {text}"));
+        }
+    }
+    d.signal(libc::SIGCONT);
+    // What a member gets of the burst (the probes of later registrations aside), and in how
+    // many datagrams.
+    let received = |member: &Member, expected: usize| {
+        let (mut texts, mut datagrams) = (Vec::new(), 0);
+        while texts.len() < expected {
+            let bytes = member.recv_raw();
+            let ours: Vec<String> = render(&bytes)
+                .split(" | ")
+                .filter(|text| !text.contains("probe from"))
+                .map(str::to_owned)
+                .collect();
+            datagrams += usize::from(!ours.is_empty());
+            texts.extend(ours);
+        }
+        (texts, datagrams)
+    };
+    let others = |name: &str| -> Vec<String> {
+        let own = format!("{name}: ");
+        sent.iter()
+            .filter(|t| !t.starts_with(&own))
+            .cloned()
+            .collect()
+    };
+    let (host_got, host_datagrams) = received(&host, count);
+    assert_eq!(host_got, others("host"), "the original host, bat's");
+    assert_eq!(host_datagrams, count, "one datagram per message");
+    let (bat_got, bat_datagrams) = received(&bat, count);
+    assert_eq!(bat_got, others("bat"), "the batch member, the host's");
+    assert!(bat_datagrams < count / 2, "{bat_datagrams} datagrams");
+    let (plain_got, plain_datagrams) = received(&plain, 2 * count);
+    assert_eq!(plain_got, others("plain"), "the original member, both");
+    assert_eq!(plain_datagrams, 2 * count);
+    let (seq_got, seq_datagrams) = received(&seq, 2 * count);
+    assert!(seq_datagrams < count, "{seq_datagrams} datagrams");
+    // Numbered in the room's order, one after the other.
+    let numbers: Vec<u64> = seq_got
+        .iter()
+        .map(|t| t[1..t.find(' ').unwrap()].parse().unwrap())
+        .collect();
+    assert!(
+        numbers.windows(2).all(|pair| pair[1] == pair[0] + 1),
+        "{numbers:?}"
+    );
+    let unnumbered: Vec<String> = seq_got
+        .iter()
+        .map(|t| t[t.find(' ').unwrap() + 1..].to_owned())
+        .collect();
+    assert_eq!(unnumbered, others("seq"), "the member with both, both");
+    // Nothing more of the burst: what each hears next is a message sent after it.
+    plain.send("end");
+    for member in [&host, &bat] {
+        assert_eq!(member.recv(), "plain: end");
+    }
+    assert!(seq.recv().ends_with(" plain: end"));
+    host.send("end");
+    assert_eq!(plain.recv(), "host: end");
+}
+
 #[test]
 fn batch_frames_respect_each_members_max_datagram_and_the_daemons_cap() {
     let mut d = Daemon::start_with(Options {
