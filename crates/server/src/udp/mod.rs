@@ -73,6 +73,9 @@ pub struct Sender {
     /// Segmented sends the kernel refused, for tests.
     #[cfg(test)]
     refused_calls: usize,
+    /// Members whose frames of a run of fan-outs were worked out ahead, for tests.
+    #[cfg(test)]
+    worked_ahead: usize,
     /// Datagrams to send, in order.
     plan: Vec<Planned>,
     /// Batch frames being planned, reused between passes.

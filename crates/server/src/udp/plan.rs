@@ -210,6 +210,10 @@ impl Sender {
         if at_once {
             for (place, r) in recipients.iter().enumerate().filter(|(_, r)| batched(r)) {
                 self.frames_for(place, r, fanouts(), outbox, &mut pending);
+                #[cfg(test)]
+                {
+                    self.worked_ahead += 1;
+                }
             }
             // Where the one-by-one plan opened them: by message, then by recipient.
             pending.sort_unstable_by_key(|frame| frame.opened);

@@ -1381,6 +1381,52 @@ fn a_destination_is_kept_from_segmented_sends_for_ten_minutes() {
     assert!(!kept.keeps(&ip, Some(ten_minutes)));
 }
 
+/// Which runs of fan-outs the plan works out member by member, ahead (the same plan, sooner;
+/// `random_fanouts_plan_what_their_sends_would` checks the sameness): a run of two or more to
+/// an audience at distinct addresses, for its members with batches; not one fan-out alone, not
+/// an audience without batch members (nor with batches capped to nothing by the daemon), not
+/// one with two members at one address.
+#[test]
+fn runs_of_fanouts_to_distinct_batch_members_are_worked_out_ahead() {
+    let recipient = |port: u16, member: u32, batch_limit: u16| crate::outbox::Recipient {
+        to: addr(port),
+        from: LocalId::ANY,
+        member,
+        batch_limit,
+        sequenced: false,
+    };
+    // Members planned ahead for `messages` fan-outs from member 0 to `audience`, with the
+    // daemon's cap on batches at `cap`.
+    let ahead = |audience: &[crate::outbox::Recipient], messages: usize, cap: usize| {
+        let mut out = Outbox::default();
+        let a = out.add_audience((0, 0), audience.iter().copied());
+        for i in 0..messages {
+            let frame = chat(&mut out, &format!("m{i}"));
+            let takers = out.takers(a, Some(false));
+            out.queue_fanout(a, 0, (Some(frame), None), takers);
+        }
+        let mut sender = Sender::new(cap);
+        sender.plan(&out);
+        sender.worked_ahead
+    };
+    let mixed = [
+        recipient(1, 0, 4096),
+        recipient(2, 1, 4096),
+        recipient(3, 2, 0),
+    ];
+    assert_eq!(ahead(&mixed, 2, 65507), 2, "the two with batches");
+    assert_eq!(ahead(&mixed, 1, 65507), 0, "one fan-out alone");
+    assert_eq!(ahead(&mixed, 2, 0), 0, "batches capped to nothing");
+    let plain = [recipient(1, 0, 0), recipient(2, 1, 0)];
+    assert_eq!(ahead(&plain, 3, 65507), 0, "no batch member");
+    let shared = [
+        recipient(1, 0, 4096),
+        recipient(2, 1, 4096),
+        recipient(2, 2, 4096),
+    ];
+    assert_eq!(ahead(&shared, 3, 65507), 0, "two members at one address");
+}
+
 /// The plan against the batch encoder, on random outboxes.
 mod planned_against_push_batch_entry {
     use super::*;
