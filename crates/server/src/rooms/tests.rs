@@ -690,6 +690,49 @@ fn a_lone_members_message_between_two_to_a_room_leaves_nothing_behind() {
     assert_eq!(out.recipients_kept(), 2, "room s's audience is not kept");
 }
 
+/// A lone registered member's chat encodes no frame: its outbox queues nothing, so it is never
+/// sent nor cleared, and a frame encoded for nobody would stay in it.
+#[test]
+fn a_lone_members_chat_encodes_nothing() {
+    let (mut reg, now, mut out, host) = room_r();
+    register(&mut reg, addr(1), &host, now, &mut out);
+    out.clear();
+    for text in ["one", "two", "three"] {
+        let h = chat(&mut reg, addr(1), &host, text, now, &mut out);
+        assert_eq!(h, Handled::Relayed { deliveries: 0 });
+    }
+    assert!(out.is_empty());
+    assert_eq!(out.recipients_kept(), 0);
+    assert_eq!(
+        out.payload(|b| b.push(7)),
+        2..3,
+        "no frame encoded for nobody"
+    );
+}
+
+/// Chat after the registry forgets the addresses of ours members were heard at, in the same
+/// outbox as chat before, leaves from the kernel's choice.
+#[test]
+fn chat_after_arrival_addresses_are_forgotten_leaves_from_the_kernels_choice() {
+    let mut t = room_of_three();
+    let mut out = Outbox::default();
+    let now = t.now;
+    let text = dgram("r", &t.cy, "here");
+    t.reg
+        .handle_datagram(addr(3), ours(2), &text, now, &mut out);
+    chat(&mut t.reg, addr(2), &t.bob, "one", now, &mut out);
+    assert!(
+        out.sends().any(|s| s.from != LocalId::ANY),
+        "cy hears from ours(2) first"
+    );
+    t.reg.forget_arrival_addresses();
+    let before = out.sends().count();
+    chat(&mut t.reg, addr(2), &t.bob, "two", now, &mut out);
+    let after: Vec<_> = out.sends().skip(before).collect();
+    assert_eq!(after.len(), 2);
+    assert!(after.iter().all(|s| s.from == LocalId::ANY), "{after:?}");
+}
+
 /// Every send to a member names that member's slot in the registry, the same for a relay
 /// and for the room's closing `__ROOM_CLOSED__`, and no two members share one: the UDP shell
 /// groups a member's datagrams into its batches by that number alone. Kills the
