@@ -323,7 +323,8 @@ impl Sender {
         }
     }
 
-    /// Plans one datagram of the outbox's, as of `now` (see [`Unsegmented::now`](super::unsegmented::Unsegmented::now)).
+    /// Plans one datagram of the outbox's, as of `now` (see
+    /// [`Unsegmented::now`](super::unsegmented::Unsegmented::now)).
     fn plan_send(&mut self, send: &QueuedSend, outbox: &Outbox, now: Option<Instant>) {
         let limit = batch_cap(send.batch_limit, self.max_batch);
         match (send.member, outbox.entry_of(send)) {
