@@ -2,7 +2,9 @@
 //! the event loop would, with small caps so that refusals happen too.
 //!
 //! Input: the first byte sets the options (bit 0: `[names] refuse_invisible`, bit 1:
-//! `refuse_lookalike_usernames`, bit 2: `refuse_lookalike_room_names`); then steps,
+//! `refuse_lookalike_usernames`, bit 2: `refuse_lookalike_room_names`, bit 3: segmented
+//! sends, bits 4–5: the daemon's cap on batch frames, bit 6: rooms of up to 8 members rather
+//! than 3); then steps,
 //! each a length byte and that many bytes. A step's first byte picks what it is:
 //! - a request: the operation byte, a room name of 0–3 bytes, then the payload, framed as a
 //!   REQUEST (password checks are answered without hashing: the payload's last byte says
@@ -15,6 +17,10 @@
 //!   then the message;
 //! - time passing (up to 4 s), then expiry, a history checkpoint and the moved sources saved.
 //!
+//! What the steps queue stays in one outbox, as datagrams read in one pass do, until time
+//! passes, the outbox holds over 256 datagrams, or the session ends; it is then planned and
+//! cleared.
+//!
 //! Properties:
 //! - every reply is a COMPLIANCE that parses; a success of a create or join carries a COMPLETE
 //!   whose token is a member of that room and is the only case that needs durability; a
@@ -24,6 +30,10 @@
 //!   flag; Presence's room, host and members with their registrations, host first, and `you`
 //!   exactly when the request carried a token of the room; History's page as
 //!   `Registry::history_page` gives it, with its `more`);
+//! - the plan of each outbox, chat queued once per room for its audience, is the plan of the
+//!   same outbox with every fan-out queued as its sends one by one, datagram for datagram
+//!   (`Sender::dry_run`, `Outbox::expanded`); and, as debug assertions are on, an audience
+//!   found again for a room is the one built afresh (`Registry`'s relay checks it);
 //! - the registry's records, each through its journal line's JSON, keep the state model's
 //!   rooms and tokens in step (each room lists exactly the tokens that name it);
 //! - at the end, the registry rebuilt from that model has the same rooms, members and
@@ -46,6 +56,7 @@ use ocm_server::rate::KeyedLimiter;
 use ocm_server::record::Record;
 use ocm_server::rooms::{Limits, Registry};
 use ocm_server::store::State;
+use ocm_server::udp::Sender;
 use rand::SeedableRng;
 use tcrp::payload::{self, Compliance, HistoryPage, RoomList, RoomPresence};
 use tcrp::{Frame, Operation, State as FrameState};
@@ -53,15 +64,20 @@ use tcrp::{Frame, Operation, State as FrameState};
 /// A PHC string of the right shape; never checked (password outcomes are made up).
 const FAKE_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo";
 
-fn small_limits() -> Limits {
+/// Small caps, so that refusals happen; `roomy`: rooms of up to 8 members, for audiences
+/// worth planning member by member.
+fn small_limits(roomy: bool) -> Limits {
     Limits {
         max_rooms: 3,
-        max_members_per_room: 3,
-        max_tokens: 7,
+        max_members_per_room: if roomy { 8 } else { 3 },
+        max_tokens: if roomy { 16 } else { 7 },
         history: 4,
         ..Limits::default()
     }
 }
+
+/// Datagrams an outbox holds at most before it is planned: a pass's worth.
+const PASS_DATAGRAMS: usize = 256;
 
 fn source(i: u8) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 40_000 + u16::from(i % 4)))
@@ -100,6 +116,10 @@ struct Session {
     limiter: KeyedLimiter<IpAddr>,
     failures: KeyedLimiter<IpAddr>,
     out: Outbox,
+    /// Plans the outbox as it is queued.
+    by_fanouts: Sender,
+    /// Plans it with every fan-out expanded to its sends: the reference.
+    one_by_one: Sender,
     now: Instant,
     names: Names,
     /// Tokens issued, with their rooms.
@@ -309,6 +329,7 @@ impl Session {
     }
 
     fn time_passes(&mut self, step: &[u8]) {
+        self.flush();
         let millis = step.iter().map(|&b| u64::from(b)).sum::<u64>() * 16;
         self.now += Duration::from_millis(millis.min(4_000));
         self.registry.poll_expired(self.now, &mut self.out);
@@ -316,8 +337,21 @@ impl Session {
         self.registry.save_sources_within(2);
     }
 
-    fn persist(&mut self) {
+    /// Plans the outbox both ways, checks the plans agree, and clears it.
+    fn flush(&mut self) {
+        let planned = self.by_fanouts.dry_run(&self.out);
+        let reference = self.one_by_one.dry_run(&self.out.expanded());
+        assert_eq!(
+            planned, reference,
+            "fan-outs planned as their sends would be"
+        );
         self.out.clear();
+    }
+
+    fn persist(&mut self) {
+        if self.out.datagrams() > PASS_DATAGRAMS {
+            self.flush();
+        }
         for record in self.registry.take_records() {
             let line = serde_json::to_string(&record).expect("a record serializes");
             let again: Record = serde_json::from_str(&line).expect("a record line parses");
@@ -328,19 +362,32 @@ impl Session {
 }
 
 fuzz_target!(|data: &[u8]| {
+    assert!(
+        cfg!(debug_assertions),
+        "the relay checks the audiences it finds again only with debug assertions"
+    );
     let Some((&options, mut rest)) = data.split_first() else {
         return;
+    };
+    let roomy = options & 64 == 64;
+    let cap = [512, 1472, 4096, 65507][usize::from(options >> 4) & 3];
+    let sender = || {
+        let mut sender = Sender::new(cap);
+        sender.set_segmentation(options & 8 == 8);
+        sender
     };
     let now = Instant::now();
     let mut s = Session {
         registry: Registry::new(
-            small_limits(),
+            small_limits(roomy),
             Box::new(rand::rngs::StdRng::seed_from_u64(1)),
         ),
         state: State::default(),
         limiter: KeyedLimiter::new(8),
         failures: KeyedLimiter::new(8),
         out: Outbox::default(),
+        by_fanouts: sender(),
+        one_by_one: sender(),
         now,
         names: Names {
             refuse_invisible: options & 1 == 1,
@@ -361,11 +408,12 @@ fuzz_target!(|data: &[u8]| {
         }
         s.persist();
     }
+    s.flush();
     s.registry.save_sources();
     s.persist();
     let rebuilt = Registry::from_state(
         &s.state,
-        small_limits(),
+        small_limits(roomy),
         Box::new(rand::rngs::StdRng::seed_from_u64(2)),
         s.now,
     );

@@ -419,12 +419,11 @@ impl Outbox {
         self.audiences.clear();
         self.datagrams = 0;
     }
-}
 
-#[cfg(test)]
-impl Outbox {
     /// A copy of this outbox, its bytes where they are, with each fan-out replaced by its
-    /// datagrams, one send apiece: what the fan-outs stand for.
+    /// datagrams, one send apiece: what the fan-outs stand for. The plan of a fan-out must be
+    /// this copy's, entry for entry; tests and the relay's fuzz target check it
+    /// ([`Sender::dry_run`](crate::udp::Sender::dry_run)).
     pub fn expanded(&self) -> Outbox {
         let mut copy = Outbox {
             bytes: self.bytes.clone(),

@@ -3,10 +3,12 @@
 //! kernel has no room for, `sendmmsg` underneath), and reading the kernel's drop count.
 //!
 //! Its parts: `plan` decides the datagrams of a pass (batch frames, segmented sends, plain
-//! datagrams), `unsegmented` remembers the destinations kept from segmented sends, and
-//! `socket` sizes the socket's buffers and reads the kernel's drop count.
+//! datagrams), `dry_run` shows them without sending, `unsegmented` remembers the destinations
+//! kept from segmented sends, and `socket` sizes the socket's buffers and reads the kernel's
+//! drop count.
 
 mod destinations;
+mod dry_run;
 mod plan;
 mod socket;
 #[cfg(test)]
@@ -30,6 +32,7 @@ use crate::mmsg::{self, Fate};
 use crate::outbox::Outbox;
 use crate::peer;
 use destinations::{Distinct, LastPlanned};
+pub use dry_run::{DryRun, PlannedDatagram};
 pub use plan::MAX_SEGMENT_BYTES;
 use plan::{keep_pooled, Batch, Bytes, Planned, Segments};
 pub use socket::{kernel_drops, size_buffers, KernelDrops};

@@ -79,19 +79,13 @@ fn planned_to_port_1(bytes: Bytes, messages: usize, last_word: bool) -> Planned 
     }
 }
 
-/// Plans `out` and gathers each planned datagram's runs: destination, the bytes the
-/// kernel would send, messages carried.
+/// Plans `out`: each planned datagram's destination, the bytes the kernel would send,
+/// messages carried.
 fn planned(sender: &mut Sender, out: &Outbox) -> Vec<(SocketAddr, Vec<u8>, usize)> {
-    sender.plan(out);
-    let parts = sender.gather(out, &Locals::default(), 0);
-    sender
-        .datagrams
-        .iter()
-        .zip(&sender.plan)
-        .map(|(datagram, planned)| {
-            let bytes = datagram_bytes(&parts, &datagram.runs);
-            (datagram.to, bytes, planned.messages)
-        })
+    let run = sender.dry_run(out);
+    run.datagrams
+        .into_iter()
+        .map(|d| (d.to, d.bytes, d.messages))
         .collect()
 }
 
@@ -1537,35 +1531,6 @@ mod planned_against_push_batch_entry {
         );
     }
 
-    /// One entry of a plan: destination, source, bytes, segment size, messages carried,
-    /// whether it is sealed, whether it is a last word.
-    type PlanEntry = (SocketAddr, LocalId, Vec<u8>, u16, usize, bool, bool);
-
-    /// The plan of `out`, entry by entry, and the batch and segment plans it used.
-    fn plan_entries(sender: &mut Sender, out: &Outbox) -> (Vec<PlanEntry>, usize, usize) {
-        sender.plan(out);
-        let parts = sender.gather(out, &Locals::default(), 0);
-        let entries = sender
-            .datagrams
-            .iter()
-            .zip(&sender.plan)
-            .map(|(datagram, planned)| {
-                let bytes = datagram_bytes(&parts, &datagram.runs);
-                let (to, from, n) = (planned.to, planned.from, planned.messages);
-                (
-                    to,
-                    from,
-                    bytes,
-                    datagram.segment,
-                    n,
-                    planned.sealed,
-                    planned.last_word,
-                )
-            })
-            .collect();
-        (entries, sender.used_batches, sender.used_groups)
-    }
-
     /// Random outboxes of fan-outs (audiences of members with and without batches and
     /// sequenced frames, some with two members at one address, some with a member moved,
     /// senders in the audience or not), sends to one member, last words and datagrams for no
@@ -1689,24 +1654,25 @@ mod planned_against_push_batch_entry {
                         }
                     }
                 }
-                let got = plan_entries(&mut by_fanouts, &out);
-                let want = plan_entries(&mut one_by_one, &out.expanded());
+                let got = by_fanouts.dry_run(&out);
+                let want = one_by_one.dry_run(&out.expanded());
                 if got != want {
-                    let brief = |plan: &(Vec<PlanEntry>, usize, usize)| {
+                    let brief = |plan: &DryRun| {
                         let entries: Vec<String> = plan
-                            .0
+                            .datagrams
                             .iter()
-                            .map(|(to, from, bytes, segment, n, sealed, last)| {
-                                let port = to.port();
-                                let len = bytes.len();
+                            .map(|d| {
+                                let (port, from, len) = (d.to.port(), d.from, d.bytes.len());
+                                let (segment, n) = (d.segment, d.messages);
+                                let (sealed, last) = (d.sealed, d.last_word);
                                 format!("{port}/{from:?}:{len}b/{segment}/{n}/{sealed}/{last}")
                             })
                             .collect();
                         format!(
                             "{} (batches {}, groups {})",
                             entries.join(" "),
-                            plan.1,
-                            plan.2
+                            plan.batches,
+                            plan.segmented_sends
                         )
                     };
                     panic!(
