@@ -4159,6 +4159,175 @@ fn package_deb_reads_the_licences_of_the_sources_cargo_builds_from() {
     assert!(own, "not mio's own licence:\n{mio}");
 }
 
+/// Where `program` is on `PATH`, as a shell finds it: the first file of that name that may be
+/// run, its path made absolute but its links kept (a rustup proxy is named for its tool).
+fn on_path(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    let file = std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|file| {
+            std::fs::metadata(file)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })?;
+    std::path::absolute(file).ok()
+}
+
+/// The version of the crate `name` that Cargo.lock locks, which must be the only one.
+fn locked_version(name: &str) -> String {
+    let lock = std::fs::read_to_string(repo_root().join("Cargo.lock")).unwrap();
+    let versions: Vec<&str> = lock
+        .split("[[package]]\n")
+        .filter_map(|package| {
+            let mut lines = package.lines();
+            if lines.next()? != format!("name = \"{name}\"") {
+                return None;
+            }
+            lines
+                .next()?
+                .strip_prefix("version = \"")?
+                .strip_suffix('"')
+        })
+        .collect();
+    assert_eq!(versions.len(), 1, "{name} in Cargo.lock: {versions:?}");
+    versions[0].to_owned()
+}
+
+/// A `cargo` that runs the real one (`$OCM_REAL_CARGO`), but passes the standard output of
+/// `cargo metadata` and `cargo tree` through a test's perl code: `@METADATA@` changes
+/// `$metadata`, the JSON decoded, and `@TREE@` changes `$_`, the text. Perl with JSON::PP,
+/// which the script needs too.
+const CARGO_SHIM: &str = r##"#!/usr/bin/env perl
+use strict;
+use warnings;
+use JSON::PP;
+my $real = $ENV{OCM_REAL_CARGO} // die "cargo shim: OCM_REAL_CARGO is not set\n";
+my $subcommand = $ARGV[0] // "";
+if ($subcommand ne "metadata" && $subcommand ne "tree") {
+  exec { $real } $real, @ARGV or die "cargo shim: $real: $!\n";
+}
+open my $cargo, "-|", $real, @ARGV or die "cargo shim: $real: $!\n";
+local $_ = do { local $/; <$cargo> };
+close $cargo or exit(($? >> 8) || 1);
+if ($subcommand eq "metadata") {
+  my $metadata = JSON::PP->new->utf8->decode($_);
+  @METADATA@
+  $_ = JSON::PP->new->utf8->encode($metadata);
+} else {
+  @TREE@
+}
+print;
+"##;
+
+/// `scripts/package-deb --no-build --fast` of the test build into `dir`/out (made empty
+/// first), with [`CARGO_SHIM`] as `cargo`, first on `PATH`, changing what cargo metadata and
+/// cargo tree say with the perl code `metadata` and `tree`.
+fn package_deb_with_cargo_saying(dir: &Path, metadata: &str, tree: &str) -> Output {
+    // Looked up before the shim goes first on PATH.
+    let real = on_path("cargo").expect("cargo on PATH");
+    let bin = dir.join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let shim = bin.join("cargo");
+    std::fs::write(
+        &shim,
+        CARGO_SHIM
+            .replace("@METADATA@", metadata)
+            .replace("@TREE@", tree),
+    )
+    .unwrap();
+    std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let path =
+        std::env::join_paths(std::iter::once(bin).chain(std::env::split_paths(&path))).unwrap();
+    std::fs::create_dir(dir.join("out")).unwrap();
+    let mut cmd = Command::new(repo_root().join("scripts/package-deb"));
+    cmd.args(["--no-build", "--fast", "--build-dir"])
+        .arg(build_dir())
+        .arg("--out")
+        .arg(dir.join("out"))
+        .env("PATH", path)
+        .env("OCM_REAL_CARGO", real);
+    run_with_deadline(cmd)
+}
+
+/// The platform cargo builds for by default (`cargo -vV`'s `host:`).
+fn cargo_host() -> String {
+    let version = Command::new("cargo").arg("-vV").output().unwrap();
+    text(&version.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix("host: ").map(str::to_owned))
+        .expect("cargo -vV names the host")
+}
+
+/// Checks that package-deb refused: its `fail` exit status (1), `message` its last word on
+/// standard error, no package's path printed and nothing left in `dir`/out.
+fn assert_package_deb_refused(out: &Output, dir: &Path, message: &str) {
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().last(), Some(message), "{stderr}");
+    assert_eq!(text(&out.stdout), "");
+    let left: Vec<_> = std::fs::read_dir(dir.join("out"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "a package was made: {left:?}");
+}
+
+/// A crate cargo tree names but cargo metadata does not list (mio, taken out of its JSON)
+/// stops the build, named with its version, before a package is made.
+#[test]
+fn package_deb_stops_on_a_crate_cargo_metadata_does_not_list() {
+    if !dpkg_tools_installed() {
+        return;
+    }
+    let host = cargo_host();
+    let dir = tempfile::tempdir().unwrap();
+    let out = package_deb_with_cargo_saying(
+        dir.path(),
+        r#"$metadata->{packages} = [grep { $_->{name} ne "mio" } @{ $metadata->{packages} }];"#,
+        "",
+    );
+    let mio = locked_version("mio");
+    assert_package_deb_refused(
+        &out,
+        dir.path(),
+        &format!(
+            "package-deb: cargo metadata (for {host}) lists no package of the crate mio {mio} \
+             that cargo tree names, for its licence"
+        ),
+    );
+}
+
+/// A crate from outside crates.io (mio, from a git repository as cargo tree and cargo metadata
+/// are made to say) of which cargo metadata lists two packages, from two repositories, stops
+/// the build: which one's licence goes with the binaries is not known.
+#[test]
+fn package_deb_stops_on_a_crate_from_two_sources_outside_crates_io() {
+    if !dpkg_tools_installed() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = package_deb_with_cargo_saying(
+        dir.path(),
+        r#"$metadata->{packages} = [map {
+    my $package = $_;
+    $package->{name} ne "mio" ? $package : map {
+      my $source = "git+$_?tag=v$package->{version}#0123456789abcdef0123456789abcdef01234567";
+      +{ %$package, id => "$source#mio\@$package->{version}", source => $source };
+    } "https://github.com/tokio-rs/mio", "https://example.org/a-fork-of/mio";
+  } @{ $metadata->{packages} }];"#,
+        r#"s{^mio v(\S+):}{mio v$1 (https://github.com/tokio-rs/mio?tag=v$1#01234567):}mg;"#,
+    );
+    let (host, mio) = (cargo_host(), locked_version("mio"));
+    assert_package_deb_refused(
+        &out,
+        dir.path(),
+        &format!(
+            "package-deb: cargo metadata (for {host}) lists 2 packages of the crate mio {mio} \
+             not from crates.io: which one is built in is not known, for its licence"
+        ),
+    );
+}
+
 #[test]
 fn package_deb_says_how_it_is_used() {
     let out = package_deb(&["--help"]);
