@@ -2,14 +2,15 @@
 //!
 //! A relayed message is encoded once into the outbox's bytes, and queued once for its whole
 //! room: a [`Fanout`] names the message's bytes and an audience, the room's registered
-//! members as the relay found them, which the next messages to the room name again while the
-//! registry's members stay as they were. Anything else (a notice, a reply, a last word) is a
+//! members as the relay found them, which the next messages to the room name again (whatever
+//! other rooms' come between) while the registry's members stay as they were. Anything else (a notice, a reply, a last word) is a
 //! [`QueuedSend`] to one destination that points at its bytes. Either way, fan-out to 256
 //! members copies nothing. Each payload lies behind its batch entry prefix (its length), so
 //! that a batch frame for a member is the batch header followed by runs of these bytes, handed
 //! to the kernel where they lie: packing messages into batches copies nothing either. The
 //! shell sends the list after each pass over the socket, batching where it can (see `udp`).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Range;
 
@@ -154,6 +155,9 @@ pub struct Outbox {
     recipients: Vec<Recipient>,
     /// The audiences the fan-outs name.
     audiences: Vec<Audience>,
+    /// Each audience's index by its key: a pass whose messages go to several rooms in turn
+    /// finds each room's again. Hashed once per relayed message, not per recipient.
+    by_key: HashMap<AudienceKey, usize>,
     /// Datagrams queued (before any batching): one per send, one per recipient of a fan-out.
     datagrams: usize,
 }
@@ -258,11 +262,10 @@ impl Outbox {
         });
     }
 
-    /// The audience last added, if the registry keyed it `key`: the room's members are as it
-    /// found them then, so a message to the room may name it again.
+    /// The audience the registry keyed `key`, if this outbox holds one: the room's members
+    /// are as it found them then, so a message to the room may name it again.
     pub fn audience(&self, key: AudienceKey) -> Option<usize> {
-        let last = self.audiences.len().checked_sub(1)?;
-        (self.audiences[last].key == key).then_some(last)
+        self.by_key.get(&key).copied()
     }
 
     /// Adds an audience of `recipients`, keyed `key` ([`Outbox::audience`]); returns its index.
@@ -284,13 +287,15 @@ impl Outbox {
             "a member twice in one audience"
         );
         let sequenced = added.iter().filter(|r| r.sequenced).count();
+        let index = self.audiences.len();
         self.audiences.push(Audience {
             key,
             recipients: start..self.recipients.len(),
             sequenced,
             named: false,
         });
-        self.audiences.len() - 1
+        self.by_key.insert(key, index);
+        index
     }
 
     /// Who of `audience` takes a message but its sender: `sender_sequenced` says whether the
@@ -340,6 +345,7 @@ impl Outbox {
             if last && !self.audiences[audience].named {
                 if let Some(unnamed) = self.audiences.pop() {
                     self.recipients.truncate(unnamed.recipients.start);
+                    self.by_key.remove(&unnamed.key);
                 }
             }
             return 0;
@@ -417,6 +423,7 @@ impl Outbox {
         self.queued.clear();
         self.recipients.clear();
         self.audiences.clear();
+        self.by_key.clear();
         self.datagrams = 0;
     }
 
@@ -569,12 +576,11 @@ mod tests {
         );
     }
 
-    /// Only the last audience added is found again, and only by its own key: a change of the
-    /// room's members (a new key) or a message to another room (another audience added since)
-    /// makes a new one. A fan-out whose sender is its audience's only recipient queues
-    /// nothing; a cleared outbox has no audience.
+    /// An audience is found again by its own key only, after others were added too (a message
+    /// to another room between two to its room): a change of the room's members (a new key)
+    /// makes a new one. A cleared outbox has no audience.
     #[test]
-    fn an_audience_is_found_again_by_its_key_while_it_is_the_last() {
+    fn an_audience_is_found_again_by_its_key() {
         let mut out = Outbox::default();
         assert_eq!(out.audience((0, 0)), None);
         let a = out.add_audience((0, 5), [recipient(1, 1, false), recipient(2, 2, false)]);
@@ -583,7 +589,8 @@ mod tests {
         assert_eq!(out.audience((1, 5)), None, "another room");
         let b = out.add_audience((1, 5), [recipient(3, 3, false)]);
         assert_ne!(a, b);
-        assert_eq!(out.audience((0, 5)), None, "no longer the last");
+        assert_eq!(out.audience((0, 5)), Some(a), "found again after another");
+        assert_eq!(out.audience((1, 5)), Some(b));
         assert_eq!(out.recipients(a).len(), 2);
         assert_eq!(out.recipients(b), &[recipient(3, 3, false)]);
         out.clear();
@@ -615,6 +622,8 @@ mod tests {
         assert!(out.is_empty(), "nobody to send to");
         assert_eq!(out.datagrams(), 0);
         assert_eq!(out.recipients_kept(), 0, "no audience kept");
+        assert_eq!(out.audience((0, 0)), None, "nor found again");
+        assert_eq!(out.audience((1, 0)), None);
         // An unregistered sender (not in its audience) is no exception; an audience a fan-out
         // names is kept, though its next message, from its only member, goes to nobody.
         let audience = out.add_audience((7, 0), [recipient(1, 1, true)]);

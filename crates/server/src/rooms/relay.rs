@@ -70,8 +70,9 @@ impl Registry {
         out.queue_fanout(audience, from.slot(), (plain, sequenced), takers)
     }
 
-    /// The outbox's audience for `room`: the last one added, while the room's members are as
-    /// they were then, else a new one of its registered members.
+    /// The outbox's audience for `room`: the one added for it this pass, while no member
+    /// anywhere changed since (so messages to several rooms in turn each find their room's),
+    /// else a new one of its registered members.
     fn audience(&self, room: RoomId, out: &mut Outbox) -> usize {
         let key: AudienceKey = (room.0, self.members_changes);
         if let Some(audience) = out.audience(key) {

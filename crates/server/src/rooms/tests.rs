@@ -641,7 +641,8 @@ fn fanout_audiences(out: &Outbox) -> Vec<usize> {
         .collect()
 }
 
-/// Messages to two rooms in turn, in one pass, each reach their own room's members.
+/// Messages to two rooms in turn, in one pass, each reach their own room's members, and each
+/// room's audience is found again rather than built anew.
 #[test]
 fn rooms_in_turn_within_a_pass_each_reach_their_own_members() {
     let (mut reg, now, mut out, [host, bob, _sam]) = rooms_r_and_s();
@@ -668,6 +669,8 @@ fn rooms_in_turn_within_a_pass_each_reach_their_own_members() {
             line(11, "sue: s2"),
         ]
     );
+    assert_eq!(fanout_audiences(&out), vec![0, 1, 0, 1]);
+    assert_eq!(out.recipients_kept(), 4, "two audiences of two");
 }
 
 /// A message from a room's lone member between two messages to another room leaves nothing

@@ -79,6 +79,9 @@ pub struct Sender {
     /// Members whose frames of a run of fan-outs were worked out ahead, for tests.
     #[cfg(test)]
     worked_ahead: usize,
+    /// Runs of fan-outs to several audiences worked out ahead, for tests.
+    #[cfg(test)]
+    mixed_ahead: usize,
     /// Datagrams to send, in order.
     plan: Vec<Planned>,
     /// Batch frames being planned, reused between passes.
@@ -94,8 +97,10 @@ pub struct Sender {
     last_to: LastPlanned,
     /// Slots set in `open` during this pass, to reset them after.
     touched: Vec<u32>,
-    /// Checks that an audience's members are at distinct addresses.
+    /// Checks that the members of a block's audiences are at distinct addresses and slots.
     distinct: Distinct,
+    /// A block's fan-outs as (audience, message) pairs, sorted, reused between passes.
+    by_audience: Vec<(usize, usize)>,
     /// Frames worked out ahead for a run of fan-outs, reused between passes.
     pending: Vec<plan::Pending>,
     /// Each planned datagram's runs in the list of byte runs handed to the kernel; kept

@@ -162,13 +162,12 @@ impl Sender {
                     self.plan_send(send, outbox, now);
                     1
                 }
-                Queued::Fanout(fanout) => {
-                    let audience = fanout.audience();
+                Queued::Fanout(_) => {
                     let block = queued
                         .iter()
-                        .take_while(|q| matches!(q, Queued::Fanout(f) if f.audience() == audience))
+                        .take_while(|q| matches!(q, Queued::Fanout(_)))
                         .count();
-                    self.plan_fanouts(&queued[..block], audience, outbox, now);
+                    self.plan_fanouts(&queued[..block], outbox, now);
                     block
                 }
             };
@@ -176,53 +175,85 @@ impl Sender {
         }
     }
 
-    /// Plans `block`, consecutive fan-outs to `audience`, as [`Sender::plan_send`] would plan
-    /// their datagrams one by one, message by message, recipient by recipient. When the
-    /// audience's addresses are distinct, nothing in the block to one of them bears on
-    /// another's, so each batch-capable recipient's frames are worked out for the whole block
-    /// at once, a few nanoseconds a delivery, then put in the plan where the one-by-one plan
-    /// would have opened them: the plan is the same, entry for entry (which pooled batch holds
-    /// which frame aside), and a send buffer that fills drops the same datagrams. The audience
-    /// names each member once (`Outbox::add_audience` checks it in debug builds): its frames
-    /// are worked out by its slot. The other recipients, and a block whose audience shares
-    /// an address, are planned one by one.
-    fn plan_fanouts(
-        &mut self,
-        block: &[Queued],
-        audience: usize,
-        outbox: &Outbox,
-        now: Option<Instant>,
-    ) {
-        let fanouts = || {
-            block.iter().filter_map(|q| match q {
-                Queued::Fanout(fanout) => Some(fanout),
-                Queued::One(_) => None,
-            })
+    /// Plans `block`, consecutive fan-outs (to one room's audience, or to several rooms' in
+    /// turn), as [`Sender::plan_send`] would plan their datagrams one by one, message by
+    /// message, recipient by recipient. When the block names an audience more than once and
+    /// its audiences' members are at distinct addresses and slots, nothing in the block to one
+    /// of them bears on another's, so each batch-capable recipient's frames are worked out for
+    /// the whole block at once, a few nanoseconds a delivery, then put in the plan where the
+    /// one-by-one plan would have opened them: the plan is the same, entry for entry (which
+    /// pooled batch holds which frame aside), and a send buffer that fills drops the same
+    /// datagrams. The other recipients, and a block whose audiences share an address (one
+    /// socket in two rooms, or in a room twice) or a member (its room's audience built again
+    /// after it moved, or its slot taken again by a newcomer in another room), are planned one
+    /// by one. A block in which each audience's messages come together is planned audience
+    /// by audience: sorting the frames of many audiences into place at once costs more than it
+    /// saves.
+    fn plan_fanouts(&mut self, block: &[Queued], outbox: &Outbox, now: Option<Instant>) {
+        let fanout = |message: usize| match block.get(message) {
+            Some(Queued::Fanout(fanout)) => Some(fanout),
+            _ => None,
         };
-        let recipients = outbox.recipients(audience);
+        let same_audience = |a: &Queued, b: &Queued| match (a, b) {
+            (Queued::Fanout(a), Queued::Fanout(b)) => a.audience() == b.audience(),
+            _ => false,
+        };
+        let segments = block.chunk_by(same_audience).count();
+        // The block's messages by audience, each audience's in order.
+        let mut by_audience = mem::take(&mut self.by_audience);
+        by_audience.clear();
+        by_audience.extend((0..block.len()).filter_map(|m| Some((fanout(m)?.audience(), m))));
+        if segments > 1 {
+            by_audience.sort_unstable();
+        }
+        let audiences = || {
+            by_audience
+                .chunk_by(|a, b| a.0 == b.0)
+                .map(|run| (run[0].0, run))
+        };
+        let named = if segments > 1 { audiences().count() } else { 1 };
+        if named > 1 && segments == named {
+            self.by_audience = by_audience;
+            for run in block.chunk_by(same_audience) {
+                self.plan_fanouts(run, outbox, now);
+            }
+            return;
+        }
+        let recipients = || audiences().flat_map(|(a, _)| outbox.recipients(a));
         let max_batch = self.max_batch;
         let batched = |r: &Recipient| batch_cap(r.batch_limit, max_batch) > 0;
-        let at_once = block.len() > 1
-            && recipients.iter().any(batched)
-            && self.distinct.all(recipients.iter().map(|r| r.to));
+        let at_once = block.len() > named
+            && recipients().any(batched)
+            && self.distinct.all(recipients().map(|r| r.to))
+            // One audience names each member once (`Outbox::add_audience` checks it in debug
+            // builds): its frames are worked out by its slot.
+            && (named == 1 || self.distinct.all_slots(recipients().map(|r| r.member)));
         let mut pending = mem::take(&mut self.pending);
         pending.clear();
         if at_once {
-            for (place, r) in recipients.iter().enumerate().filter(|(_, r)| batched(r)) {
-                self.frames_for(place, r, fanouts(), outbox, &mut pending);
-                #[cfg(test)]
-                {
-                    self.worked_ahead += 1;
+            for (audience, run) in audiences() {
+                let fanouts = run.iter().filter_map(|&(_, m)| Some((m, fanout(m)?)));
+                let members = outbox.recipients(audience).iter().enumerate();
+                for (place, r) in members.filter(|(_, r)| batched(r)) {
+                    self.frames_for(place, r, fanouts.clone(), outbox, &mut pending);
+                    #[cfg(test)]
+                    {
+                        self.worked_ahead += 1;
+                    }
                 }
             }
             // Where the one-by-one plan opened them: by message, then by recipient.
             pending.sort_unstable_by_key(|frame| frame.opened);
+            #[cfg(test)]
+            {
+                self.mixed_ahead += usize::from(named > 1);
+            }
         }
         let mut frames = pending.drain(..).peekable();
         let one_by_one = |r: &Recipient| !(at_once && batched(r));
-        if recipients.iter().any(one_by_one) {
-            for (message, fanout) in fanouts().enumerate() {
-                for (place, r) in recipients.iter().enumerate() {
+        if recipients().any(one_by_one) {
+            for (message, fanout) in (0..block.len()).filter_map(|m| Some((m, fanout(m)?))) {
+                for (place, r) in outbox.recipients(fanout.audience()).iter().enumerate() {
                     if !one_by_one(r) || r.member == fanout.except() {
                         continue;
                     }
@@ -239,17 +270,18 @@ impl Sender {
             self.place(frame);
         }
         self.pending = pending;
+        self.by_audience = by_audience;
     }
 
     /// Works out the frames the batch-capable `recipient`, at `place` in its audience, gets of
-    /// `fanouts` (all but those it sent), as [`Sender::plan_send`] would one by one: into the
-    /// batch open for it in the plan, then new ones, which go to `pending` with where they
-    /// were opened.
+    /// `fanouts` (each with its message's place in the block; all but those it sent), as
+    /// [`Sender::plan_send`] would one by one: into the batch open for it in the plan, then
+    /// new ones, which go to `pending` with where they were opened.
     fn frames_for<'a>(
         &mut self,
         place: usize,
         recipient: &Recipient,
-        fanouts: impl Iterator<Item = &'a Fanout>,
+        fanouts: impl Iterator<Item = (usize, &'a Fanout)>,
         outbox: &Outbox,
         pending: &mut Vec<Pending>,
     ) {
@@ -264,7 +296,7 @@ impl Sender {
                 Bytes::Batch(i) => Some((Entry::Planned(p), i)),
                 _ => None,
             });
-        for (message, fanout) in fanouts.enumerate() {
+        for (message, fanout) in fanouts {
             if fanout.except() == slot {
                 continue;
             }

@@ -1377,9 +1377,10 @@ fn a_destination_is_kept_from_segmented_sends_for_ten_minutes() {
 
 /// Which runs of fan-outs the plan works out member by member, ahead (the same plan, sooner;
 /// `random_fanouts_plan_what_their_sends_would` checks the sameness): a run of two or more to
-/// an audience at distinct addresses, for its members with batches; not one fan-out alone, not
-/// an audience without batch members (nor with batches capped to nothing by the daemon), not
-/// one with two members at one address.
+/// an audience at distinct addresses, for its members with batches, or to several rooms'
+/// audiences in turn, at distinct addresses and slots; not one fan-out alone, nor one to each
+/// audience, not an audience without batch members (nor with batches capped to nothing by the
+/// daemon), not one with two members at one address, nor two audiences sharing one.
 #[test]
 fn runs_of_fanouts_to_distinct_batch_members_are_worked_out_ahead() {
     let recipient = |port: u16, member: u32, batch_limit: u16| crate::outbox::Recipient {
@@ -1419,6 +1420,34 @@ fn runs_of_fanouts_to_distinct_batch_members_are_worked_out_ahead() {
         recipient(2, 2, 4096),
     ];
     assert_eq!(ahead(&shared, 3, 65507), 0, "two members at one address");
+    // Rooms in turn: `messages` fan-outs from the first member of each audience, to each
+    // audience in turn.
+    let in_turn = |audiences: &[&[crate::outbox::Recipient]], messages: usize| {
+        let mut out = Outbox::default();
+        let keys: Vec<usize> = (0..audiences.len())
+            .map(|room| out.add_audience((room, 0), audiences[room].iter().copied()))
+            .collect();
+        for i in 0..messages {
+            let (a, members) = (keys[i % keys.len()], audiences[i % keys.len()]);
+            let frame = chat(&mut out, &format!("m{i}"));
+            let takers = out.takers(a, Some(false));
+            out.queue_fanout(a, members[0].member, (Some(frame), None), takers);
+        }
+        let mut sender = Sender::new(65507);
+        sender.plan(&out);
+        (sender.worked_ahead, sender.mixed_ahead)
+    };
+    let other = [recipient(4, 3, 4096), recipient(5, 4, 0)];
+    assert_eq!(in_turn(&[&mixed, &other], 4), (3, 1), "two rooms in turn");
+    assert_eq!(in_turn(&[&mixed, &other], 2), (0, 0), "a message to each");
+    let same_slot = [recipient(4, 3, 4096), recipient(5, 1, 4096)];
+    assert_eq!(in_turn(&[&mixed, &same_slot], 4), (0, 0), "a slot in both");
+    let same_address = [recipient(4, 3, 4096), recipient(2, 4, 4096)];
+    assert_eq!(
+        in_turn(&[&mixed, &same_address], 4),
+        (0, 0),
+        "an address in both"
+    );
 }
 
 /// The plan against the batch encoder, on random outboxes.
@@ -1540,15 +1569,16 @@ mod planned_against_push_batch_entry {
     /// entry, and uses as many batch and segment plans.
     #[test]
     fn random_fanouts_plan_what_their_sends_would() {
-        let (mut apart, mut shared) = (0, 0);
+        let (mut apart, mut shared, mut rooms_in_turn) = (0, 0, 0);
         for seed in 0..300u64 {
             let mut rng = StdRng::seed_from_u64(seed);
-            let members = 8u32;
+            // Two rooms of six: members 0–5 and 6–11.
+            let members = 12u32;
             let limits: Vec<u16> = (0..members)
                 .map(|_| [0u16, 600, 4096, 65507][rng.random_range(0..4)])
                 .collect();
             let sequenced: Vec<bool> = (0..members).map(|_| rng.random_bool(0.3)).collect();
-            // Members 0 and 7 share a socket in a third of the outboxes.
+            // Members 0 and 7, of the two rooms, share a socket in a third of the outboxes.
             let sharing = seed % 3 == 0;
             let home = |m: u32| 300 + if sharing && m == 7 { 0 } else { m as u16 };
             let mut keys = 0;
@@ -1575,20 +1605,31 @@ mod planned_against_push_batch_entry {
             let (mut by_fanouts, mut one_by_one) = (sender(), sender());
             for pass in 0..2 {
                 let mut out = Outbox::default();
-                let mut last_audience = None;
+                let mut made = Vec::new();
                 for i in 0..rng.random_range(0..300) {
                     let tag = i as u8;
                     match rng.random_range(0..100) {
                         0..=74 => {
                             // Found again by its key, as the registry finds it (an audience
-                            // only its sender was in is forgotten).
-                            let reuse = last_audience
-                                .filter(|_| rng.random_range(0..10) > 0)
+                            // only its sender was in is forgotten): mostly the last one's, or
+                            // another room's, as when rooms take turns.
+                            let reuse = (!made.is_empty() && rng.random_range(0..10) > 0)
+                                .then(|| match rng.random_range(0..3) {
+                                    0 => made[rng.random_range(0..made.len())],
+                                    _ => made[made.len() - 1],
+                                })
                                 .and_then(|(key, distinct)| {
                                     Some((out.audience(key)?, distinct, key))
                                 });
                             let (audience, distinct, key) = reuse.unwrap_or_else(|| {
-                                let mut picked: Vec<u32> = (0..members).collect();
+                                // One room's members; now and then both rooms' (a slot in two
+                                // audiences, as after a member left and a newcomer to the other
+                                // room took its slot).
+                                let room = rng.random_range(0..2u32);
+                                let mut picked: Vec<u32> = match rng.random_range(0..5) {
+                                    0 => (0..members).collect(),
+                                    _ => (room * 6..room * 6 + 6).collect(),
+                                };
                                 picked.retain(|_| rng.random_bool(0.6));
                                 if picked.is_empty() {
                                     picked.push(rng.random_range(0..members));
@@ -1615,7 +1656,9 @@ mod planned_against_push_batch_entry {
                                 let audience = out.add_audience(key, recipients);
                                 (audience, distinct, key)
                             });
-                            last_audience = Some((key, distinct));
+                            if made.last() != Some(&(key, distinct)) {
+                                made.push((key, distinct));
+                            }
                             // Mostly one of the audience; now and then any member (one not
                             // registered is in no audience).
                             let recipients = out.recipients(audience).to_vec();
@@ -1654,7 +1697,9 @@ mod planned_against_push_batch_entry {
                         }
                     }
                 }
+                let mixed = by_fanouts.mixed_ahead;
                 let got = by_fanouts.dry_run(&out);
+                rooms_in_turn += by_fanouts.mixed_ahead - mixed;
                 let want = one_by_one.dry_run(&out.expanded());
                 if got != want {
                     let brief = |plan: &DryRun| {
@@ -1690,6 +1735,10 @@ mod planned_against_push_batch_entry {
         assert!(
             shared > 200,
             "only {shared} after one to the same audience sharing an address"
+        );
+        assert!(
+            rooms_in_turn > 100,
+            "only {rooms_in_turn} runs to several audiences worked out ahead"
         );
     }
 
