@@ -3,8 +3,9 @@
 //! A relayed message is encoded once into the outbox's bytes, and queued once for its whole
 //! room: a [`Fanout`] names the message's bytes and an audience, the room's registered
 //! members as the relay found them, which the next messages to the room name again (whatever
-//! other rooms' come between) while the registry's members stay as they were. Anything else (a notice, a reply, a last word) is a
-//! [`QueuedSend`] to one destination that points at its bytes. Either way, fan-out to 256
+//! other rooms' come between) while the registry's members stay as they were. Anything else
+//! (a notice, a reply, a last word) is a [`QueuedSend`] to one destination that points at its
+//! bytes. Either way, fan-out to 256
 //! members copies nothing. Each payload lies behind its batch entry prefix (its length), so
 //! that a batch frame for a member is the batch header followed by runs of these bytes, handed
 //! to the kernel where they lie: packing messages into batches copies nothing either. The
@@ -265,7 +266,12 @@ impl Outbox {
     /// The audience the registry keyed `key`, if this outbox holds one: the room's members
     /// are as it found them then, so a message to the room may name it again.
     pub fn audience(&self, key: AudienceKey) -> Option<usize> {
-        self.by_key.get(&key).copied()
+        // Most often the last added (a run of messages to one room), found without hashing.
+        let last = self.audiences.len().checked_sub(1);
+        match last {
+            Some(last) if self.audiences[last].key == key => Some(last),
+            _ => self.by_key.get(&key).copied(),
+        }
     }
 
     /// Adds an audience of `recipients`, keyed `key` ([`Outbox::audience`]); returns its index.
@@ -288,6 +294,10 @@ impl Outbox {
         );
         let sequenced = added.iter().filter(|r| r.sequenced).count();
         let index = self.audiences.len();
+        debug_assert!(
+            !self.by_key.contains_key(&key),
+            "two audiences keyed {key:?}"
+        );
         self.audiences.push(Audience {
             key,
             recipients: start..self.recipients.len(),

@@ -47,8 +47,8 @@ pub use unsegmented::UNSEGMENTED_FOR;
 /// to one address leaves in the order it was queued, whichever of the members there it is
 /// for (one socket may be in several rooms). Nothing is copied: a batch frame is the batch
 /// header followed by its entries where the outbox laid them out (each frame behind its
-/// length prefix), and the kernel gathers them (`sendmmsg` with several iovecs per datagram, [`mmsg::BATCH`]
-/// datagrams per system call). A member that gets every message of a pass but its own gets
+/// length prefix), and the kernel gathers them (`sendmmsg` with several iovecs per datagram,
+/// [`mmsg::BATCH`] datagrams per system call). A member that gets every message of a pass but its own gets
 /// them as one or two runs of bytes, however many there are.
 ///
 /// Members without batches still get one datagram per message, but when segmentation is on
@@ -99,7 +99,8 @@ pub struct Sender {
     touched: Vec<u32>,
     /// Checks that the members of a block's audiences are at distinct addresses and slots.
     distinct: Distinct,
-    /// A block's fan-outs as (audience, message) pairs, sorted, reused between passes.
+    /// A block's fan-outs as (audience, message) pairs, sorted when they name several
+    /// audiences in turn, reused between passes.
     by_audience: Vec<(usize, usize)>,
     /// Frames worked out ahead for a run of fan-outs, reused between passes.
     pending: Vec<plan::Pending>,

@@ -178,18 +178,24 @@ impl Sender {
     /// Plans `block`, consecutive fan-outs (to one room's audience, or to several rooms' in
     /// turn), as [`Sender::plan_send`] would plan their datagrams one by one, message by
     /// message, recipient by recipient. When the block names an audience more than once and
-    /// its audiences' members are at distinct addresses and slots, nothing in the block to one
-    /// of them bears on another's, so each batch-capable recipient's frames are worked out for
-    /// the whole block at once, a few nanoseconds a delivery, then put in the plan where the
-    /// one-by-one plan would have opened them: the plan is the same, entry for entry (which
-    /// pooled batch holds which frame aside), and a send buffer that fills drops the same
-    /// datagrams. The other recipients, and a block whose audiences share an address (one
-    /// socket in two rooms, or in a room twice) or a member (its room's audience built again
-    /// after it moved, or its slot taken again by a newcomer in another room), are planned one
-    /// by one. A block in which each audience's messages come together is planned audience
-    /// by audience: sorting the frames of many audiences into place at once costs more than it
-    /// saves.
+    /// its audiences' members are at distinct addresses, and at distinct slots when it names
+    /// several (one audience names each member once, which `Outbox::add_audience` checks in
+    /// debug builds), nothing in the block to one of them bears on another's: each
+    /// batch-capable recipient's frames are worked out for the whole block at once, by its
+    /// slot, a few nanoseconds a delivery, then put in the plan where the one-by-one plan would
+    /// have opened them. The plan is the same, entry for entry (which pooled batch holds which
+    /// frame aside), and a send buffer that fills drops the same datagrams. The recipients
+    /// without batches are planned one by one, in their places.
+    ///
+    /// A block of several audiences is planned turn by turn (each run of messages to one
+    /// audience as a block of its own) when each audience's messages come together (sorting
+    /// many audiences' frames into place at once costs more than it saves), and when its
+    /// audiences share an address (one socket in two rooms) or a slot (a room's audience built
+    /// again after a change of members within the pass, or a leaver's slot taken by a newcomer
+    /// to another room). A block of one audience that shares an address (one socket in a room
+    /// twice) is planned one by one.
     fn plan_fanouts(&mut self, block: &[Queued], outbox: &Outbox, now: Option<Instant>) {
+        // Every message of the block is a fan-out (`plan` makes blocks of them only).
         let fanout = |message: usize| match block.get(message) {
             Some(Queued::Fanout(fanout)) => Some(fanout),
             _ => None,
@@ -198,12 +204,13 @@ impl Sender {
             (Queued::Fanout(a), Queued::Fanout(b)) => a.audience() == b.audience(),
             _ => false,
         };
-        let segments = block.chunk_by(same_audience).count();
+        // Runs of messages to one audience.
+        let turns = block.chunk_by(same_audience).count();
         // The block's messages by audience, each audience's in order.
         let mut by_audience = mem::take(&mut self.by_audience);
         by_audience.clear();
         by_audience.extend((0..block.len()).filter_map(|m| Some((fanout(m)?.audience(), m))));
-        if segments > 1 {
+        if turns > 1 {
             by_audience.sort_unstable();
         }
         let audiences = || {
@@ -211,23 +218,22 @@ impl Sender {
                 .chunk_by(|a, b| a.0 == b.0)
                 .map(|run| (run[0].0, run))
         };
-        let named = if segments > 1 { audiences().count() } else { 1 };
-        if named > 1 && segments == named {
-            self.by_audience = by_audience;
-            for run in block.chunk_by(same_audience) {
-                self.plan_fanouts(run, outbox, now);
-            }
-            return;
-        }
+        let named = if turns > 1 { audiences().count() } else { 1 };
         let recipients = || audiences().flat_map(|(a, _)| outbox.recipients(a));
         let max_batch = self.max_batch;
         let batched = |r: &Recipient| batch_cap(r.batch_limit, max_batch) > 0;
-        let at_once = block.len() > named
+        let at_once = !(named > 1 && turns == named)
+            && block.len() > named
             && recipients().any(batched)
             && self.distinct.all(recipients().map(|r| r.to))
-            // One audience names each member once (`Outbox::add_audience` checks it in debug
-            // builds): its frames are worked out by its slot.
             && (named == 1 || self.distinct.all_slots(recipients().map(|r| r.member)));
+        if named > 1 && !at_once {
+            self.by_audience = by_audience;
+            for turn in block.chunk_by(same_audience) {
+                self.plan_fanouts(turn, outbox, now);
+            }
+            return;
+        }
         let mut pending = mem::take(&mut self.pending);
         pending.clear();
         if at_once {

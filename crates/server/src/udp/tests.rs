@@ -1380,7 +1380,8 @@ fn a_destination_is_kept_from_segmented_sends_for_ten_minutes() {
 /// an audience at distinct addresses, for its members with batches, or to several rooms'
 /// audiences in turn, at distinct addresses and slots; not one fan-out alone, nor one to each
 /// audience, not an audience without batch members (nor with batches capped to nothing by the
-/// daemon), not one with two members at one address, nor two audiences sharing one.
+/// daemon), not one with two members at one address. Rooms whose messages come together, or
+/// that share an address, are worked out turn by turn.
 #[test]
 fn runs_of_fanouts_to_distinct_batch_members_are_worked_out_ahead() {
     let recipient = |port: u16, member: u32, batch_limit: u16| crate::outbox::Recipient {
@@ -1420,33 +1421,48 @@ fn runs_of_fanouts_to_distinct_batch_members_are_worked_out_ahead() {
         recipient(2, 2, 4096),
     ];
     assert_eq!(ahead(&shared, 3, 65507), 0, "two members at one address");
-    // Rooms in turn: `messages` fan-outs from the first member of each audience, to each
-    // audience in turn.
-    let in_turn = |audiences: &[&[crate::outbox::Recipient]], messages: usize| {
+    // Rooms in turn: fan-outs from the first member of each audience, to the audiences
+    // `order` names, one message each.
+    let in_turn = |audiences: &[&[crate::outbox::Recipient]], order: &[usize]| {
         let mut out = Outbox::default();
         let keys: Vec<usize> = (0..audiences.len())
             .map(|room| out.add_audience((room, 0), audiences[room].iter().copied()))
             .collect();
-        for i in 0..messages {
-            let (a, members) = (keys[i % keys.len()], audiences[i % keys.len()]);
+        for (i, &room) in order.iter().enumerate() {
             let frame = chat(&mut out, &format!("m{i}"));
-            let takers = out.takers(a, Some(false));
-            out.queue_fanout(a, members[0].member, (Some(frame), None), takers);
+            let takers = out.takers(keys[room], Some(false));
+            let sender = audiences[room][0].member;
+            out.queue_fanout(keys[room], sender, (Some(frame), None), takers);
         }
         let mut sender = Sender::new(65507);
         sender.plan(&out);
         (sender.worked_ahead, sender.mixed_ahead)
     };
     let other = [recipient(4, 3, 4096), recipient(5, 4, 0)];
-    assert_eq!(in_turn(&[&mixed, &other], 4), (3, 1), "two rooms in turn");
-    assert_eq!(in_turn(&[&mixed, &other], 2), (0, 0), "a message to each");
-    let same_slot = [recipient(4, 3, 4096), recipient(5, 1, 4096)];
-    assert_eq!(in_turn(&[&mixed, &same_slot], 4), (0, 0), "a slot in both");
-    let same_address = [recipient(4, 3, 4096), recipient(2, 4, 4096)];
+    let rooms = [&mixed[..], &other[..]];
+    assert_eq!(in_turn(&rooms, &[0, 1, 0, 1]), (3, 1), "two rooms in turn");
+    assert_eq!(in_turn(&rooms, &[0, 1]), (0, 0), "a message to each");
     assert_eq!(
-        in_turn(&[&mixed, &same_address], 4),
-        (0, 0),
-        "an address in both"
+        in_turn(&rooms, &[0, 0, 1, 1]),
+        (3, 0),
+        "each room's together"
+    );
+    let same_slot = [recipient(4, 3, 4096), recipient(5, 1, 4096)];
+    let rooms = [&mixed[..], &same_slot[..]];
+    assert_eq!(in_turn(&rooms, &[0, 1, 0, 1]), (0, 0), "a slot in both");
+    let same_address = [recipient(4, 3, 4096), recipient(2, 4, 4096)];
+    let rooms = [&mixed[..], &same_address[..]];
+    assert_eq!(in_turn(&rooms, &[0, 1, 0, 1]), (0, 0), "an address in both");
+    // Turn by turn then, as each room's messages together.
+    assert_eq!(
+        in_turn(&rooms, &[0, 0, 1, 1]),
+        (4, 0),
+        "together, an address in both"
+    );
+    assert_eq!(
+        in_turn(&rooms, &[0, 0, 1, 0, 0]),
+        (4, 0),
+        "around another's, one in both"
     );
 }
 
