@@ -48,8 +48,8 @@ pub use unsegmented::UNSEGMENTED_FOR;
 /// for (one socket may be in several rooms). Nothing is copied: a batch frame is the batch
 /// header followed by its entries where the outbox laid them out (each frame behind its
 /// length prefix), and the kernel gathers them (`sendmmsg` with several iovecs per datagram,
-/// [`mmsg::BATCH`] datagrams per system call). A member that gets every message of a pass but its own gets
-/// them as one or two runs of bytes, however many there are.
+/// [`mmsg::BATCH`] datagrams per system call). A member that gets every message of a pass but
+/// its own gets them as one or two runs of bytes, however many there are.
 ///
 /// Members without batches still get one datagram per message, but when segmentation is on
 /// ([`Sender::set_segmentation`]) a member's messages of one pass that are of equal length
