@@ -1248,6 +1248,23 @@ fn burst(
         .collect()
 }
 
+/// The first `expected` texts a member gets of a burst (the probes of later registrations
+/// aside), and in how many datagrams.
+fn burst_received(member: &Member, expected: usize) -> (Vec<String>, usize) {
+    let (mut texts, mut datagrams) = (Vec::new(), 0);
+    while texts.len() < expected {
+        let bytes = member.recv_raw();
+        let ours: Vec<String> = render(&bytes)
+            .split(" | ")
+            .filter(|text| !text.contains("probe from"))
+            .map(str::to_owned)
+            .collect();
+        datagrams += usize::from(!ours.is_empty());
+        texts.extend(ours);
+    }
+    (texts, datagrams)
+}
+
 /// A burst from two senders, relayed in one pass, to a room of every kind of member: each
 /// gets every message of the others once, in the order the daemon read them, in the frames it
 /// asked for: batches for batch members (sequenced frames numbered in the room's order for
@@ -1280,22 +1297,7 @@ fn a_burst_from_two_senders_reaches_every_kind_of_member_whole_and_in_order() {
         }
     }
     d.signal(libc::SIGCONT);
-    // What a member gets of the burst (the probes of later registrations aside), and in how
-    // many datagrams.
-    let received = |member: &Member, expected: usize| {
-        let (mut texts, mut datagrams) = (Vec::new(), 0);
-        while texts.len() < expected {
-            let bytes = member.recv_raw();
-            let ours: Vec<String> = render(&bytes)
-                .split(" | ")
-                .filter(|text| !text.contains("probe from"))
-                .map(str::to_owned)
-                .collect();
-            datagrams += usize::from(!ours.is_empty());
-            texts.extend(ours);
-        }
-        (texts, datagrams)
-    };
+    let received = burst_received;
     let others = |name: &str| -> Vec<String> {
         let own = format!("{name}: ");
         sent.iter()
@@ -1336,6 +1338,86 @@ fn a_burst_from_two_senders_reaches_every_kind_of_member_whole_and_in_order() {
     assert!(seq.recv().ends_with(" plain: end"));
     host.send("end");
     assert_eq!(plain.recv(), "host: end");
+}
+
+/// Chat to two rooms in turn, stopped in the daemon's socket and relayed in one pass: each
+/// member gets the messages of the others in its own room once, in order, and nothing of the
+/// other room's; batch members get theirs in batches though the rooms' messages alternate,
+/// original members one datagram per message.
+#[test]
+fn two_rooms_in_turn_within_a_pass_each_get_their_own_whole_and_in_order() {
+    let d = Daemon::start_with(Options {
+        config: Some("[rate]\nchat_per_sec = 0.0\n".into()),
+        ..Options::default()
+    });
+    // Host (original), two batch members, an original member.
+    let room_of = |room: &str, p: &str| {
+        let host = roomy(Member::new(
+            &d,
+            room,
+            &create(&d, room, &format!("{p}host")),
+        ));
+        let joined = |name: &str| {
+            let fields = format!(r#""username": "{p}{name}", "caps": ["batch"]"#);
+            roomy(Member::new(&d, room, &join_with(&d, room, &fields)))
+        };
+        let (bat, bit) = (joined("bat"), joined("bit"));
+        let plain = roomy(Member::new(&d, room, &join(&d, room, &format!("{p}plain"))));
+        host.send("__REGISTER__");
+        for (member, name) in [(&bat, "bat"), (&bit, "bit"), (&plain, "plain")] {
+            member.registered_with(&host, &format!("{p}{name}"));
+        }
+        [host, bat, bit, plain]
+    };
+    let east = room_of("east", "e");
+    let west = room_of("west", "w");
+    let count = 30;
+    d.stop();
+    // What each room's members sent, east's and west's.
+    let mut sent: [Vec<String>; 2] = Default::default();
+    for i in 0..count {
+        for (member, name, room) in [
+            (&east[0], "ehost", 0),
+            (&west[0], "whost", 1),
+            (&east[1], "ebat", 0),
+            (&west[1], "wbat", 1),
+        ] {
+            let text = format!("m{i:03}");
+            member.send(&text);
+            sent[room].push(format!("{name}: {text}"));
+        }
+    }
+    d.signal(libc::SIGCONT);
+    for (room, sent, p) in [(&east, &sent[0], "e"), (&west, &sent[1], "w")] {
+        let others = |name: &str| -> Vec<String> {
+            let own = format!("{p}{name}: ");
+            sent.iter()
+                .filter(|t| !t.starts_with(&own))
+                .cloned()
+                .collect()
+        };
+        let [host, bat, bit, plain] = room;
+        let (got, datagrams) = burst_received(host, count);
+        assert_eq!(got, others("host"), "{p}host");
+        assert_eq!(datagrams, count, "{p}host: one datagram per message");
+        let (got, datagrams) = burst_received(bat, count);
+        assert_eq!(got, others("bat"), "{p}bat");
+        assert!(datagrams < count / 2, "{p}bat: {datagrams} datagrams");
+        let (got, datagrams) = burst_received(bit, 2 * count);
+        assert_eq!(got, others("bit"), "{p}bit");
+        assert!(datagrams < count / 2, "{p}bit: {datagrams} datagrams");
+        let (got, datagrams) = burst_received(plain, 2 * count);
+        assert_eq!(got, others("plain"), "{p}plain");
+        assert_eq!(datagrams, 2 * count, "{p}plain");
+    }
+    // Nothing more of the burst, nor of the other room: what each hears next is its room's
+    // message sent after it.
+    for (room, p) in [(&east, "e"), (&west, "w")] {
+        room[3].send("end");
+        for member in &room[..3] {
+            assert_eq!(member.recv(), format!("{p}plain: end"));
+        }
+    }
 }
 
 #[test]
