@@ -1265,6 +1265,15 @@ fn burst_received(member: &Member, expected: usize) -> (Vec<String>, usize) {
     (texts, datagrams)
 }
 
+/// The lines of `sent` (each `name: text`) that `name` did not send: what it should hear.
+fn sent_by_others(sent: &[String], name: &str) -> Vec<String> {
+    let own = format!("{name}: ");
+    sent.iter()
+        .filter(|line| !line.starts_with(&own))
+        .cloned()
+        .collect()
+}
+
 /// A burst from two senders, relayed in one pass, to a room of every kind of member: each
 /// gets every message of the others once, in the order the daemon read them, in the frames it
 /// asked for: batches for batch members (sequenced frames numbered in the room's order for
@@ -1298,13 +1307,7 @@ fn a_burst_from_two_senders_reaches_every_kind_of_member_whole_and_in_order() {
     }
     d.signal(libc::SIGCONT);
     let received = burst_received;
-    let others = |name: &str| -> Vec<String> {
-        let own = format!("{name}: ");
-        sent.iter()
-            .filter(|t| !t.starts_with(&own))
-            .cloned()
-            .collect()
-    };
+    let others = |name: &str| sent_by_others(&sent, name);
     let (host_got, host_datagrams) = received(&host, count);
     assert_eq!(host_got, others("host"), "the original host, bat's");
     assert_eq!(host_datagrams, count, "one datagram per message");
@@ -1389,13 +1392,7 @@ fn two_rooms_in_turn_within_a_pass_each_get_their_own_whole_and_in_order() {
     }
     d.signal(libc::SIGCONT);
     for (room, sent, p) in [(&east, &sent[0], "e"), (&west, &sent[1], "w")] {
-        let others = |name: &str| -> Vec<String> {
-            let own = format!("{p}{name}: ");
-            sent.iter()
-                .filter(|t| !t.starts_with(&own))
-                .cloned()
-                .collect()
-        };
+        let others = |name: &str| sent_by_others(sent, &format!("{p}{name}"));
         let [host, bat, bit, plain] = room;
         let (got, datagrams) = burst_received(host, count);
         assert_eq!(got, others("host"), "{p}host");
