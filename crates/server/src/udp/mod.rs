@@ -19,6 +19,7 @@ use std::collections::HashSet;
 use std::io::{self, IoSlice};
 use std::mem;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
@@ -82,6 +83,9 @@ pub struct Sender {
     /// Runs of fan-outs to several audiences worked out ahead, for tests.
     #[cfg(test)]
     mixed_ahead: usize,
+    /// Frames copied from another member's, worked out ahead for a run of fan-outs, for tests.
+    #[cfg(test)]
+    copied_ahead: usize,
     /// Datagrams to send, in order.
     plan: Vec<Planned>,
     /// Batch frames being planned, reused between passes.
@@ -104,6 +108,11 @@ pub struct Sender {
     by_audience: Vec<(usize, usize)>,
     /// Frames worked out ahead for a run of fan-outs, reused between passes.
     pending: Vec<plan::Pending>,
+    /// The senders of a run of fan-outs to one audience, sorted, reused between passes.
+    senders: Vec<u32>,
+    /// The frames worked out for the first member of each kind (sequenced or not, and batch
+    /// limit) that sent none of a run, in `pending`: the others of its kind get copies.
+    listeners: Vec<((bool, usize), Range<usize>)>,
     /// Each planned datagram's runs in the list of byte runs handed to the kernel; kept
     /// between passes (the runs themselves borrow the outbox, so they are not).
     datagrams: Vec<mmsg::Outgoing>,

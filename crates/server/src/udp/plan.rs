@@ -67,7 +67,7 @@ impl Segments {
 }
 
 /// A batch frame being planned: where its entries lie in the outbox.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(super) struct Batch {
     /// Runs of the outbox's bytes, in order, each one or more whole entries (length prefix
     /// and frame) that lie back to back.
@@ -184,8 +184,11 @@ impl Sender {
     /// batch-capable recipient's frames are worked out for the whole block at once, by its
     /// slot, a few nanoseconds a delivery, then put in the plan where the one-by-one plan would
     /// have opened them. The plan is the same, entry for entry (which pooled batch holds which
-    /// frame aside), and a send buffer that fills drops the same datagrams. The recipients
-    /// without batches are planned one by one, in their places.
+    /// frame aside), and a send buffer that fills drops the same datagrams. Most members of a
+    /// room sent nothing in a pass and get every message of it: one of them of each kind
+    /// (sequenced or not, and batch limit) with no batch open is worked out, and the others of
+    /// its kind get copies of its frames, a step per frame rather than per message. The
+    /// recipients without batches are planned one by one, in their places.
     ///
     /// A block of several audiences is planned turn by turn (each run of messages to one
     /// audience as a block of its own) when each audience's messages come together (sorting
@@ -237,17 +240,40 @@ impl Sender {
         let mut pending = mem::take(&mut self.pending);
         pending.clear();
         if at_once {
+            let mut senders = mem::take(&mut self.senders);
+            let mut listeners = mem::take(&mut self.listeners);
             for (audience, run) in audiences() {
                 let fanouts = run.iter().filter_map(|&(_, m)| Some((m, fanout(m)?)));
+                senders.clear();
+                senders.extend(fanouts.clone().map(|(_, f)| f.except()));
+                senders.sort_unstable();
+                listeners.clear();
                 let members = outbox.recipients(audience).iter().enumerate();
                 for (place, r) in members.filter(|(_, r)| batched(r)) {
-                    self.frames_for(place, r, fanouts.clone(), outbox, &mut pending);
                     #[cfg(test)]
                     {
                         self.worked_ahead += 1;
                     }
+                    let open = self.open_batch(r);
+                    // A member that sent none of the run and has no batch open gets the same
+                    // frames as any other such with its kind of frame and its limit.
+                    let listens = open.is_none() && senders.binary_search(&r.member).is_err();
+                    let kind = (r.sequenced, batch_cap(r.batch_limit, self.max_batch));
+                    if listens {
+                        if let Some((_, frames)) = listeners.iter().find(|(k, _)| *k == kind) {
+                            self.copy_frames(frames.clone(), place, r, &mut pending);
+                            continue;
+                        }
+                    }
+                    let start = pending.len();
+                    self.frames_for(place, r, open, fanouts.clone(), outbox, &mut pending);
+                    if listens {
+                        listeners.push((kind, start..pending.len()));
+                    }
                 }
             }
+            self.senders = senders;
+            self.listeners = listeners;
             // Where the one-by-one plan opened them: by message, then by recipient.
             pending.sort_unstable_by_key(|frame| frame.opened);
             #[cfg(test)]
@@ -287,6 +313,7 @@ impl Sender {
         &mut self,
         place: usize,
         recipient: &Recipient,
+        open: Option<(usize, usize)>,
         fanouts: impl Iterator<Item = (usize, &'a Fanout)>,
         outbox: &Outbox,
         pending: &mut Vec<Pending>,
@@ -296,12 +323,7 @@ impl Sender {
             batch_cap(recipient.batch_limit, self.max_batch),
         );
         // The batch messages go into: its entry in the plan or in `pending`, and its index.
-        let mut open = self
-            .open_for(slot, recipient.to, recipient.from)
-            .and_then(|p| match self.plan[p].bytes {
-                Bytes::Batch(i) => Some((Entry::Planned(p), i)),
-                _ => None,
-            });
+        let mut open = open.map(|(p, i)| (Entry::Planned(p), i));
         for (message, fanout) in fanouts {
             if fanout.except() == slot {
                 continue;
@@ -344,6 +366,56 @@ impl Sender {
                 Entry::Pending(q) => pending[q].planned.messages += 1,
             }
             open = Some((entry, i));
+        }
+    }
+
+    /// The batch open in the plan for `recipient` that may take more of its messages, if any:
+    /// its plan entry and its index in [`Sender::batches`].
+    fn open_batch(&mut self, recipient: &Recipient) -> Option<(usize, usize)> {
+        let p = self.open_for(recipient.member, recipient.to, recipient.from)?;
+        match self.plan[p].bytes {
+            Bytes::Batch(i) => Some((p, i)),
+            _ => None,
+        }
+    }
+
+    /// Gives the batch-capable `recipient`, at `place` in its audience, copies of `frames` of
+    /// `pending`: those worked out for another member that gets the same ones (neither sent
+    /// any of the run, nor has a batch open, and both take the same kind of frame under the
+    /// same limit). A copy costs a few runs of the outbox, where working them out again costs a
+    /// step per message.
+    fn copy_frames(
+        &mut self,
+        frames: Range<usize>,
+        place: usize,
+        recipient: &Recipient,
+        pending: &mut Vec<Pending>,
+    ) {
+        for f in frames {
+            let Some(frame) = pending.get(f) else {
+                continue;
+            };
+            let (message, messages) = (frame.opened.0, frame.planned.messages);
+            let bytes = match frame.planned.bytes {
+                Bytes::Batch(i) => {
+                    let (index, _) = next_pooled(&mut self.batches, &mut self.used_batches);
+                    if let Ok([from, to]) = self.batches.get_disjoint_mut([i, index]) {
+                        to.clone_from(from);
+                    }
+                    Bytes::Batch(index)
+                }
+                ref alone => alone.clone(),
+            };
+            let planned = Planned::empty(recipient.to, recipient.from, bytes, messages);
+            pending.push(Pending {
+                opened: (message, place),
+                slot: recipient.member,
+                planned,
+            });
+            #[cfg(test)]
+            {
+                self.copied_ahead += 1;
+            }
         }
     }
 

@@ -1466,6 +1466,71 @@ fn runs_of_fanouts_to_distinct_batch_members_are_worked_out_ahead() {
     );
 }
 
+#[test]
+fn members_that_sent_none_of_a_run_get_copies_of_one_such_members_frames() {
+    let recipient = |member: u32, batch_limit: u16| crate::outbox::Recipient {
+        to: addr(400 + member as u16),
+        from: LocalId::ANY,
+        member,
+        batch_limit,
+        sequenced: false,
+    };
+    // Members 1–2 and 3–4 take frames of two limits; 5 takes no batches.
+    let audience = [
+        recipient(0, 4096),
+        recipient(1, 4096),
+        recipient(2, 4096),
+        recipient(3, 600),
+        recipient(4, 600),
+        recipient(5, 0),
+    ];
+    // Frames copied for 40 fan-outs of 40-byte texts from `senders` in turn, after a message
+    // alone to each member of `before`; the plan must be the one-by-one plan.
+    let copied = |senders: &[u32], before: &[u32]| {
+        let mut out = Outbox::default();
+        for &m in before {
+            let alone = chat(&mut out, "before");
+            out.queue_to_member(addr(400 + m as u16), LocalId::ANY, alone, m, 4096);
+        }
+        let a = out.add_audience((0, 0), audience);
+        for i in 0..40 {
+            let frame = chat(&mut out, &format!("{i:>40}"));
+            let takers = out.takers(a, Some(false));
+            out.queue_fanout(a, senders[i % senders.len()], (Some(frame), None), takers);
+        }
+        let mut sender = Sender::new(65507);
+        let planned = sender.dry_run(&out);
+        assert_eq!(planned, Sender::new(65507).dry_run(&out.expanded()));
+        let frames_to = |port: u16| {
+            let to_member = planned.datagrams.iter().filter(|d| d.to.port() == port);
+            to_member.count()
+        };
+        let limit_600 = frames_to(403);
+        assert!(limit_600 > 1, "{limit_600} frames under 600 bytes");
+        (sender.copied_ahead, limit_600)
+    };
+    let (n, limit_600) = copied(&[0], &[]);
+    assert_eq!(
+        n,
+        1 + limit_600,
+        "member 2's of member 1, member 4's of member 3"
+    );
+    let (n, limit_600) = copied(&[0, 3], &[]);
+    assert_eq!(n, 1, "member 3 sent: only member 2's copied");
+    assert!(limit_600 > 1);
+    let (n, limit_600) = copied(&[0], &[1, 3]);
+    assert_eq!(
+        n, 0,
+        "members 1 and 3 had a batch open, so 2 and 4 were worked out"
+    );
+    assert!(limit_600 > 1);
+    let (n, limit_600) = copied(&[0], &[1]);
+    assert_eq!(
+        n, limit_600,
+        "member 1 had a batch open: only member 4's copied"
+    );
+}
+
 /// The plan against the batch encoder, on random outboxes.
 mod planned_against_push_batch_entry {
     use super::*;
@@ -1586,6 +1651,7 @@ mod planned_against_push_batch_entry {
     #[test]
     fn random_fanouts_plan_what_their_sends_would() {
         let (mut apart, mut shared, mut rooms_in_turn) = (0, 0, 0);
+        let mut copied = 0;
         for seed in 0..300u64 {
             let mut rng = StdRng::seed_from_u64(seed);
             // Two rooms of six: members 0–5 and 6–11.
@@ -1713,9 +1779,10 @@ mod planned_against_push_batch_entry {
                         }
                     }
                 }
-                let mixed = by_fanouts.mixed_ahead;
+                let (mixed, copies) = (by_fanouts.mixed_ahead, by_fanouts.copied_ahead);
                 let got = by_fanouts.dry_run(&out);
                 rooms_in_turn += by_fanouts.mixed_ahead - mixed;
+                copied += by_fanouts.copied_ahead - copies;
                 let want = one_by_one.dry_run(&out.expanded());
                 if got != want {
                     let brief = |plan: &DryRun| {
@@ -1755,6 +1822,10 @@ mod planned_against_push_batch_entry {
         assert!(
             rooms_in_turn > 100,
             "only {rooms_in_turn} runs to several audiences worked out ahead"
+        );
+        assert!(
+            copied > 1000,
+            "only {copied} frames copied from another member's"
         );
     }
 
