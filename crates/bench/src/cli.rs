@@ -173,13 +173,18 @@ pub struct FanoutArgs {
     /// Members in the room, host included.
     #[arg(long, default_value_t = 64)]
     pub members: usize,
-    /// Members that send.
+    /// Members that send, in each room.
     #[arg(long, default_value_t = 2)]
     pub senders: usize,
+    /// Rooms of --members each, their senders taking turns room by room, so that the daemon
+    /// relays to several rooms in one pass; the ceiling sends to all their members.
+    #[arg(long, default_value_t = 1,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
+    pub rooms: usize,
     /// Chat text size per message, bytes (the delivery datagram adds 1 + sender name).
     #[arg(long, default_value_t = 128)]
     pub bytes: usize,
-    /// Total offered messages per second over all senders.
+    /// Total offered messages per second over all senders (of all rooms).
     #[arg(long, conflicts_with = "max")]
     pub rate: Option<f64>,
     /// Send as fast as possible (the default when no --rate is given).
@@ -199,7 +204,7 @@ pub struct FanoutArgs {
 /// The modes.
 #[derive(Debug, Subcommand)]
 pub enum Mode {
-    /// Fan-out throughput and latency of one room.
+    /// Fan-out throughput and latency of one room (or of several in turn, --rooms).
     Fanout(FanoutArgs),
     /// The machine's ceiling: one thread, plain sendto round-robin to M loopback sockets.
     Ceiling {

@@ -218,24 +218,27 @@ fn run_ceiling(
     Ok(())
 }
 
-/// `fanout`: one room at one pace, beside the ceiling unless `--no-ceiling`.
+/// `fanout`: one room (or `--rooms` of them) at one pace, beside the ceiling unless
+/// `--no-ceiling`.
 fn run_fanout(common: &Common, draining: Draining, args: &FanoutArgs) -> Result<()> {
     let launcher = launcher(common)?;
     let ceiling = fanout_ceiling(common, draining, args)?;
     let dir = StateDir::new(&launcher.state_root)?;
     let mut daemon = launcher.spawn(&dir)?;
-    let room = members::build_room(
-        daemon.tcp,
-        daemon.udp,
-        "bench",
-        args.members,
-        args.caps,
-        common.client_rcvbuf,
-    )?;
+    let rooms = (0..args.rooms)
+        .map(|i| {
+            let name = match i {
+                0 => "bench".to_owned(),
+                i => format!("bench-{i}"),
+            };
+            let (tcp, udp, rcvbuf) = (daemon.tcp, daemon.udp, common.client_rcvbuf);
+            members::build_room(tcp, udp, &name, args.members, args.caps, rcvbuf)
+        })
+        .collect::<Result<Vec<_>>>()?;
     let pace = args.rate.map_or(Pace::Max, Pace::Rate);
-    let mut r = fanout::measure(
+    let mut r = fanout::measure_rooms(
         &mut daemon,
-        &room,
+        &rooms,
         args.senders,
         args.bytes,
         args.caps,
@@ -256,7 +259,7 @@ fn fanout_ceiling(common: &Common, draining: Draining, args: &FanoutArgs) -> Res
         return Ok(None);
     }
     let c = ceiling::run(
-        args.members,
+        args.members * args.rooms,
         args.bytes,
         secs(args.duration.min(3.0)),
         draining,

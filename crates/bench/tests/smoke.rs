@@ -82,3 +82,62 @@ fn a_preload_that_falls_short_is_an_error() {
         "{stderr}"
     );
 }
+
+/// A fan-out run in three rooms against the debug `ocmd`: every message a sender of any room
+/// offered reaches the other members of its room, once. No timing is asserted.
+#[test]
+fn a_fanout_in_several_rooms_delivers_each_rooms_messages_to_its_members() {
+    let bench = Path::new(env!("CARGO_BIN_EXE_ocm-bench"));
+    let ocmd = bench.with_file_name("ocmd");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let output = Command::new(bench)
+        .arg("--ocmd")
+        .arg(&ocmd)
+        .arg("--config")
+        .arg(workspace.join("config/bench.toml"))
+        .args([
+            "--json",
+            "fanout",
+            "--members",
+            "4",
+            "--rooms",
+            "3",
+            "--senders",
+            "2",
+        ])
+        .args([
+            "--rate",
+            "600",
+            "--duration",
+            "1",
+            "--caps",
+            "batch",
+            "--no-ceiling",
+        ])
+        .output()
+        .expect("run ocm-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "ocm-bench fanout failed ({})\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+        output.status
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON line\n{stdout}"));
+    let json: serde_json::Value = serde_json::from_str(line).expect("a JSON result");
+    let result = &json["result"];
+    let count = |key: &str| {
+        result[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {key} in {result}"))
+    };
+    assert_eq!((count("rooms"), count("members")), (3, 4), "{result}");
+    assert!(count("offered") > 0, "{result}");
+    assert_eq!(count("expected"), count("offered") * 3, "{result}");
+    assert_eq!(count("received"), count("expected"), "{result}");
+    assert_eq!((count("undecodable"), count("stale")), (0, 0), "{result}");
+    assert!(stdout.contains("rooms=3"), "{stdout}");
+}

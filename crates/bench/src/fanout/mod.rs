@@ -108,9 +108,13 @@ pub enum Pace {
 /// One fan-out measurement.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FanoutResult {
-    /// Members in the room.
+    /// Members in each room.
     pub members: usize,
-    /// Sending members.
+    /// Rooms, each of `members`, sent to in turn (1 in results recorded before there could be
+    /// more).
+    #[serde(default = "one_room")]
+    pub rooms: usize,
+    /// Sending members of each room.
     pub senders: usize,
     /// Text bytes per message.
     pub bytes: usize,
@@ -186,6 +190,11 @@ pub struct FanoutResult {
     /// option (a thread of their own).
     #[serde(default)]
     pub paced_by_receiver: Option<bool>,
+}
+
+/// The rooms of a result recorded before there could be more than one.
+fn one_room() -> usize {
+    1
 }
 
 impl FanoutResult {
@@ -272,8 +281,12 @@ impl FanoutResult {
             Pace::Max => "max".to_owned(),
             Pace::Rate(r) => format!("{r:.0} msg/s"),
         };
+        let rooms = match self.rooms {
+            1 => String::new(),
+            n => format!(" rooms={n}"),
+        };
         println!(
-            "fanout M={} S={} B={} caps={} pace={} {:.1}s",
+            "fanout M={} S={} B={} caps={} pace={} {:.1}s{rooms}",
             self.members, self.senders, self.bytes, self.caps, pace, self.seconds
         );
         println!(
@@ -357,11 +370,41 @@ pub fn measure(
     duration: Duration,
     draining: Draining,
 ) -> Result<FanoutResult> {
-    let m = room.members.len();
+    let rooms = std::slice::from_ref(room);
+    measure_rooms(
+        daemon, rooms, senders, bytes, caps, pace, duration, draining,
+    )
+}
+
+/// Runs one measurement in already registered rooms of equal size, `senders` of each room's
+/// members sending; a paced rate is the total over all rooms. The senders take turns in the
+/// schedule room by room, so that a pass of the daemon's loop holds messages to several
+/// rooms in turn.
+#[allow(clippy::too_many_arguments)]
+pub fn measure_rooms(
+    daemon: &mut Daemon,
+    rooms: &[Room],
+    senders: usize,
+    bytes: usize,
+    caps: CapsArg,
+    pace: Pace,
+    duration: Duration,
+    draining: Draining,
+) -> Result<FanoutResult> {
+    let m = rooms.first().map_or(0, |room| room.members.len());
     if senders == 0 || senders > m {
         return Err(Error::Usage(format!("--senders must be 1..={m}")));
     }
-    let sockets = room.sockets();
+    if rooms.iter().any(|room| room.members.len() != m) {
+        return Err(Error::Usage("the rooms must be of one size".into()));
+    }
+    let (in_room, r) = (senders, rooms.len());
+    let member = |k: usize| {
+        let (room, place) = seat(k, r);
+        &rooms[room].members[place]
+    };
+    let senders = in_room * r;
+    let sockets: Vec<Arc<UdpSocket>> = rooms.iter().flat_map(Room::sockets).collect();
     settle(daemon)?;
     discard_backlog(&sockets);
     let loadavg = crate::report::loadavg();
@@ -373,7 +416,10 @@ pub fn measure(
         ..draining
     };
     let prefixes: Vec<Vec<u8>> = (0..senders)
-        .map(|s| room.prefix(s))
+        .map(|k| {
+            let (room, place) = seat(k, r);
+            rooms[room].prefix(place)
+        })
         .collect::<Result<_>>()?;
     let per_sender = match pace {
         Pace::Max => None,
@@ -382,7 +428,7 @@ pub fn measure(
     let lanes = |members: &[usize]| -> Vec<Lane> {
         members
             .iter()
-            .map(|&i| Lane::new(Arc::clone(&room.members[i].socket), &prefixes[i], i, bytes))
+            .map(|&k| Lane::new(Arc::clone(&member(k).socket), &prefixes[k], k, bytes))
             .collect()
     };
     let by_receiver = per_sender.is_some() && paced_by_receiver();
@@ -475,7 +521,8 @@ pub fn measure(
     let window_ns = got.last_at_ns.saturating_sub(window_start).max(1);
     Ok(FanoutResult {
         members: m,
-        senders,
+        rooms: rooms.len(),
+        senders: in_room,
         bytes,
         caps,
         pace,
@@ -499,7 +546,7 @@ pub fn measure(
         cpu: CpuUse::of((cpu0.0, cpu1.0), (cpu0.1, cpu1.1), cpu_span),
         ceiling_per_sec: None,
         loadavg,
-        client_rcvbuf: room.rcvbuf,
+        client_rcvbuf: rooms[0].rcvbuf,
         steal_ms: steal.as_secs_f64() * 1e3,
         stalls: Some(stalls),
         paced_skips,
@@ -512,6 +559,13 @@ pub fn measure(
             &after.histogram_delta(&before, "ocm_relay_delay_seconds"),
         ),
     })
+}
+
+/// Where sender `k` of a run in `rooms` rooms sits: its room, and its place among the room's
+/// members. The senders go from room to room (room 0's first, room 1's first, ..., room 0's
+/// second), so the schedule does, and so do a sender thread's lanes.
+fn seat(k: usize, rooms: usize) -> (usize, usize) {
+    (k % rooms, k / rooms)
 }
 
 /// Receivers' sockets for the ceiling: `count` sockets bound on loopback.

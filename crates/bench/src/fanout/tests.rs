@@ -468,3 +468,16 @@ fn the_sweep_bisects_on_while_its_bounds_are_three_percent_apart() {
     search.record(98.5, true);
     assert!(search.done(), "{search:?}");
 }
+
+#[test]
+fn senders_of_several_rooms_take_turns_room_by_room() {
+    let seats = |senders: usize, rooms: usize| -> Vec<(usize, usize)> {
+        (0..senders * rooms).map(|k| seat(k, rooms)).collect()
+    };
+    assert_eq!(seats(3, 1), [(0, 0), (0, 1), (0, 2)]);
+    assert_eq!(seats(2, 2), [(0, 0), (1, 0), (0, 1), (1, 1)]);
+    assert_eq!(
+        seats(2, 3),
+        [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]
+    );
+}
