@@ -15,22 +15,7 @@ fn smoke_delivers_and_handshakes() {
         "{} is missing: build every binary first (cargo build --workspace --bins, as scripts/test does)",
         ocmd.display()
     );
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let output = Command::new(bench)
-        .arg("--ocmd")
-        .arg(&ocmd)
-        .arg("--config")
-        .arg(workspace.join("config/bench.toml"))
-        .arg("smoke")
-        .output()
-        .expect("run ocm-bench");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "ocm-bench smoke failed ({})\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
-        output.status
-    );
+    let stdout = run_with_bench_config(&ocmd, &["smoke"]);
     let summary = stdout
         .lines()
         .rev()
@@ -87,42 +72,10 @@ fn a_preload_that_falls_short_is_an_error() {
 /// offered reaches the other members of its room, once. No timing is asserted.
 #[test]
 fn a_fanout_in_several_rooms_delivers_each_rooms_messages_to_its_members() {
-    let bench = Path::new(env!("CARGO_BIN_EXE_ocm-bench"));
-    let ocmd = bench.with_file_name("ocmd");
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let output = Command::new(bench)
-        .arg("--ocmd")
-        .arg(&ocmd)
-        .arg("--config")
-        .arg(workspace.join("config/bench.toml"))
-        .args([
-            "--json",
-            "fanout",
-            "--members",
-            "4",
-            "--rooms",
-            "3",
-            "--senders",
-            "2",
-        ])
-        .args([
-            "--rate",
-            "600",
-            "--duration",
-            "1",
-            "--caps",
-            "batch",
-            "--no-ceiling",
-        ])
-        .output()
-        .expect("run ocm-bench");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "ocm-bench fanout failed ({})\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
-        output.status
-    );
+    let ocmd = Path::new(env!("CARGO_BIN_EXE_ocm-bench")).with_file_name("ocmd");
+    let args = "--json fanout --members 4 --rooms 3 --senders 2 --rate 600 --duration 1 \
+                --caps batch --no-ceiling";
+    let stdout = run_with_bench_config(&ocmd, &args.split_whitespace().collect::<Vec<_>>());
     let line = stdout
         .lines()
         .find(|l| l.starts_with('{'))
@@ -140,4 +93,26 @@ fn a_fanout_in_several_rooms_delivers_each_rooms_messages_to_its_members() {
     assert_eq!(count("received"), count("expected"), "{result}");
     assert_eq!((count("undecodable"), count("stale")), (0, 0), "{result}");
     assert!(stdout.contains("rooms=3"), "{stdout}");
+}
+
+/// Runs `ocm-bench` with `ocmd` and config/bench.toml, then `args`; returns its stdout once
+/// it succeeded (a failure shows both streams).
+fn run_with_bench_config(ocmd: &Path, args: &[&str]) -> String {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let output = Command::new(env!("CARGO_BIN_EXE_ocm-bench"))
+        .arg("--ocmd")
+        .arg(ocmd)
+        .arg("--config")
+        .arg(workspace.join("config/bench.toml"))
+        .args(args)
+        .output()
+        .expect("run ocm-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "ocm-bench {args:?} failed ({})\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+        output.status
+    );
+    stdout
 }
